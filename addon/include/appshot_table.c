@@ -1,0 +1,495 @@
+/*
+ * appshot translation tables: see appshot_table.h for the model.
+ *
+ * This file is compiled into the preload library (inside other people's
+ * programs), the init process and the Node addon. Rules that follow from
+ * that: no allocation, no stdio, no global constructors, and every lookup
+ * path must stay async-signal-safe.
+ */
+#define _GNU_SOURCE
+#include "appshot_table.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+static const char *const kind_names[APPSHOT_KINDS] = {
+    "pid", "semid", "shmid", "msgid", "semkey", "shmkey", "msgkey"};
+
+const char *appshot_kind_name(enum appshot_kind kind) {
+  return (unsigned)kind < APPSHOT_KINDS ? kind_names[kind] : "?";
+}
+
+static inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+static inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+static inline uint64_t make_pair(int32_t vid, int32_t sid) {
+  return ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid;
+}
+static inline int32_t pair_vid(uint64_t p) { return (int32_t)(uint32_t)(p >> 32); }
+static inline int32_t pair_sid(uint64_t p) { return (int32_t)(uint32_t)p; }
+
+static inline struct appshot_entry *entries_of(const struct appshot_header *h,
+                                               const struct appshot_table *t) {
+  return (struct appshot_entry *)((char *)h + t->entries_off);
+}
+static inline uint32_t *vindex_of(const struct appshot_header *h,
+                                  const struct appshot_table *t, uint32_t gen) {
+  return (uint32_t *)((char *)h + t->vindex_off[gen]);
+}
+static inline uint32_t *sindex_of(const struct appshot_header *h,
+                                  const struct appshot_table *t, uint32_t gen) {
+  return (uint32_t *)((char *)h + t->sindex_off[gen]);
+}
+
+/* --- Layout -------------------------------------------------------------- */
+
+static uint32_t capacity_of(enum appshot_kind kind) {
+  return kind == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
+}
+
+static uint64_t layout(struct appshot_header *h) {
+  uint64_t off = (sizeof(*h) + 63) & ~63ull;
+  for (int k = 0; k < APPSHOT_KINDS; k++) {
+    uint32_t cap = capacity_of((enum appshot_kind)k);
+    uint32_t cells = cap * 2;
+    if (h) {
+      struct appshot_table *t = &h->tables[k];
+      t->kind = (uint32_t)k;
+      t->capacity = cap;
+      t->index_size = cells;
+      t->entries_off = off;
+    }
+    off += (uint64_t)cap * sizeof(struct appshot_entry);
+    for (int gen = 0; gen < 2; gen++) {
+      if (h) h->tables[k].vindex_off[gen] = off;
+      off += (uint64_t)cells * sizeof(uint32_t);
+      if (h) h->tables[k].sindex_off[gen] = off;
+      off += (uint64_t)cells * sizeof(uint32_t);
+    }
+  }
+  return (off + 4095) & ~4095ull;
+}
+
+/* Virtual id ranges. PIDs: 1 is the application's init (bound, not
+ * allocated); the rest cycle like the kernel's, so a freed id is not handed
+ * out again soon. IPC ids start at 0 as the kernel's do. Keys are never
+ * allocated: the application chooses them. */
+static void virtual_range(enum appshot_kind kind, int32_t *vmin, int32_t *vmax) {
+  switch (kind) {
+    case APPSHOT_PID: *vmin = 2; *vmax = 4194303; break; /* PID_MAX_LIMIT - 1 */
+    case APPSHOT_SEMID:
+    case APPSHOT_SHMID:
+    case APPSHOT_MSGID: *vmin = 0; *vmax = 0x3fffffff; break;
+    default: *vmin = 0; *vmax = -1; break;
+  }
+}
+
+struct appshot_header *appshot_table_create(const char *path, const char *aid,
+                                            uint64_t key_salt) {
+  size_t aid_len = strlen(aid);
+  if (aid_len == 0 || aid_len > APPSHOT_AID_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return NULL;
+  uint64_t size = layout(NULL);
+  if (ftruncate(fd, (off_t)size) != 0) goto fail;
+  struct appshot_header *h =
+      mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (h == MAP_FAILED) goto fail;
+  close(fd);
+
+  /* The file is all zeroes: every index cell is already EMPTY. */
+  layout(h);
+  memcpy(h->aid, aid, aid_len);
+  h->key_salt = key_salt;
+  h->size = (uint32_t)size;
+  for (int k = 0; k < APPSHOT_KINDS; k++) {
+    struct appshot_table *t = &h->tables[k];
+    virtual_range((enum appshot_kind)k, &t->vmin, &t->vmax);
+    t->vnext = t->vmin;
+    struct appshot_entry *e = entries_of(h, t);
+    for (uint32_t i = 0; i < t->capacity; i++) e[i].pair = APPSHOT_PAIR_FREE;
+  }
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutex_init(&h->lock, &attr);
+  pthread_mutexattr_destroy(&attr);
+  h->version = APPSHOT_TABLE_VERSION;
+  STORE(&h->magic, APPSHOT_TABLE_MAGIC); /* last: the file is ready */
+  return h;
+
+fail: {
+  int saved = errno;
+  close(fd);
+  unlink(path);
+  errno = saved;
+  return NULL;
+}
+}
+
+struct appshot_header *appshot_table_open(const char *path) {
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return NULL;
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return NULL;
+  }
+  uint64_t size = layout(NULL);
+  if ((uint64_t)st.st_size != size) {
+    close(fd);
+    errno = EPROTO;
+    return NULL;
+  }
+  struct appshot_header *h =
+      mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (h == MAP_FAILED) return NULL;
+  if (LOAD(&h->magic) != APPSHOT_TABLE_MAGIC ||
+      h->version != APPSHOT_TABLE_VERSION || h->size != size) {
+    munmap(h, size);
+    errno = EPROTO;
+    return NULL;
+  }
+  return h;
+}
+
+void appshot_table_close(struct appshot_header *h) {
+  if (h) munmap(h, h->size);
+}
+
+/* --- Lookups ------------------------------------------------------------- */
+
+/* Walks one index for `id`; `by_sid` says which half of the pair to compare.
+ * Returns the entry's pair, or FREE. */
+static uint64_t probe(const struct appshot_header *h,
+                      const struct appshot_table *t, int by_sid, int32_t id,
+                      uint32_t *cell_out) {
+  uint32_t gen = LOAD(&t->active);
+  const uint32_t *idx = by_sid ? sindex_of(h, t, gen) : vindex_of(h, t, gen);
+  const struct appshot_entry *e = entries_of(h, t);
+  uint32_t mask = t->index_size - 1;
+  uint32_t i = mix32((uint32_t)id) & mask;
+  for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
+    uint32_t c = LOAD(&idx[i]);
+    if (c == APPSHOT_CELL_EMPTY) break;
+    if (c == APPSHOT_CELL_TOMB || c > t->capacity) continue;
+    uint64_t p = LOAD(&e[c - 1].pair);
+    if (p == APPSHOT_PAIR_FREE) continue;
+    if ((by_sid ? pair_sid(p) : pair_vid(p)) == id) {
+      if (cell_out) *cell_out = i;
+      return p;
+    }
+  }
+  return APPSHOT_PAIR_FREE;
+}
+
+int appshot_v2s(const struct appshot_header *h, enum appshot_kind kind,
+                int32_t vid, int32_t *out) {
+  uint64_t p = probe(h, &h->tables[kind], 0, vid, NULL);
+  if (p == APPSHOT_PAIR_FREE) return 0;
+  *out = pair_sid(p);
+  return 1;
+}
+
+int appshot_s2v(const struct appshot_header *h, enum appshot_kind kind,
+                int32_t sid, int32_t *out) {
+  uint64_t p = probe(h, &h->tables[kind], 1, sid, NULL);
+  if (p == APPSHOT_PAIR_FREE) return 0;
+  *out = pair_vid(p);
+  return 1;
+}
+
+int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
+                     uint32_t slot, int32_t *vid, int32_t *sid,
+                     uint32_t *flags, int32_t *owner) {
+  const struct appshot_table *t = &h->tables[kind];
+  if (slot >= t->capacity) return 0;
+  const struct appshot_entry *e = &entries_of(h, t)[slot];
+  uint64_t p = LOAD(&e->pair);
+  if (p == APPSHOT_PAIR_FREE) return 0;
+  *vid = pair_vid(p);
+  *sid = pair_sid(p);
+  if (flags) *flags = LOAD(&e->flags);
+  if (owner) *owner = LOAD(&e->owner);
+  return 1;
+}
+
+/* --- Locking and repair -------------------------------------------------- */
+
+/* Fills generation `gen` of both indexes of a table from its entries. */
+static void fill_indexes(struct appshot_header *h, struct appshot_table *t,
+                         uint32_t gen) {
+  uint32_t *vi = vindex_of(h, t, gen), *si = sindex_of(h, t, gen);
+  memset(vi, 0, t->index_size * sizeof(uint32_t));
+  memset(si, 0, t->index_size * sizeof(uint32_t));
+  struct appshot_entry *e = entries_of(h, t);
+  uint32_t mask = t->index_size - 1, live = 0;
+  for (uint32_t s = 0; s < t->capacity; s++) {
+    uint64_t p = e[s].pair;
+    if (p == APPSHOT_PAIR_FREE) continue;
+    live++;
+    uint32_t i = mix32((uint32_t)pair_vid(p)) & mask;
+    while (vi[i] != APPSHOT_CELL_EMPTY) i = (i + 1) & mask;
+    vi[i] = s + 1;
+    i = mix32((uint32_t)pair_sid(p)) & mask;
+    while (si[i] != APPSHOT_CELL_EMPTY) i = (i + 1) & mask;
+    si[i] = s + 1;
+  }
+  t->live = live;
+}
+
+/* Rebuilds a table's indexes into the idle generation, then publishes it.
+ * Readers in the old generation finish their walk undisturbed. */
+static void rebuild(struct appshot_header *h, struct appshot_table *t) {
+  uint32_t idle = t->active ^ 1u;
+  fill_indexes(h, t, idle);
+  t->tombs = 0;
+  STORE(&t->active, idle);
+}
+
+void appshot_lock(struct appshot_header *h, sigset_t *saved) {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, saved);
+  int rc = pthread_mutex_lock(&h->lock);
+  if (rc == EOWNERDEAD) {
+    /* A writer died inside its critical section. The entry arrays are
+     * written before the indexes, so they are the truth: rebuild every
+     * index from them. */
+    for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
+    h->repairs++;
+    pthread_mutex_consistent(&h->lock);
+  }
+}
+
+void appshot_unlock(struct appshot_header *h, const sigset_t *saved) {
+  pthread_mutex_unlock(&h->lock);
+  pthread_sigmask(SIG_SETMASK, saved, NULL);
+}
+
+/* --- Writes (lock held) -------------------------------------------------- */
+
+static void index_insert(struct appshot_table *t, uint32_t *idx, int32_t id,
+                         uint32_t slot) {
+  uint32_t mask = t->index_size - 1;
+  uint32_t i = mix32((uint32_t)id) & mask;
+  while (idx[i] != APPSHOT_CELL_EMPTY && idx[i] != APPSHOT_CELL_TOMB)
+    i = (i + 1) & mask;
+  if (idx[i] == APPSHOT_CELL_TOMB) t->tombs--;
+  STORE(&idx[i], slot + 1);
+}
+
+/* Finds the cell of `slot` in an index by walking from id's hash. */
+static void index_remove(struct appshot_table *t, uint32_t *idx, int32_t id,
+                         uint32_t slot) {
+  uint32_t mask = t->index_size - 1;
+  uint32_t i = mix32((uint32_t)id) & mask;
+  for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
+    if (idx[i] == APPSHOT_CELL_EMPTY) return;
+    if (idx[i] == slot + 1) {
+      STORE(&idx[i], APPSHOT_CELL_TOMB);
+      t->tombs++;
+      return;
+    }
+  }
+}
+
+static int insert_locked(struct appshot_header *h, struct appshot_table *t,
+                         int32_t vid, int32_t sid, uint32_t flags,
+                         int32_t owner) {
+  if (t->live >= t->capacity) {
+    errno = ENOSPC;
+    return -1;
+  }
+  /* Tombstones make misses walk further; clear them out well before the
+   * index fills up. The indexes are twice the capacity, so live entries
+   * alone never load them past one half. */
+  if (t->tombs > t->index_size / 4) rebuild(h, t);
+
+  struct appshot_entry *e = entries_of(h, t);
+  uint32_t slot = t->slot_hint % t->capacity;
+  while (e[slot].pair != APPSHOT_PAIR_FREE) slot = (slot + 1) % t->capacity;
+  t->slot_hint = slot + 1;
+
+  /* Entry first, then the indexes: a writer that dies in between leaves an
+   * entry that the repair re-indexes, never an index cell to nothing. */
+  STORE(&e[slot].flags, flags);
+  STORE(&e[slot].owner, owner);
+  STORE(&e[slot].pair, make_pair(vid, sid));
+  uint32_t gen = t->active;
+  index_insert(t, vindex_of(h, t, gen), vid, slot);
+  index_insert(t, sindex_of(h, t, gen), sid, slot);
+  t->live++;
+  return 0;
+}
+
+static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t,
+                               uint32_t slot) {
+  struct appshot_entry *e = &entries_of(h, t)[slot];
+  uint64_t p = e->pair;
+  if (p == APPSHOT_PAIR_FREE) return;
+  uint32_t gen = t->active;
+  index_remove(t, vindex_of(h, t, gen), pair_vid(p), slot);
+  index_remove(t, sindex_of(h, t, gen), pair_sid(p), slot);
+  STORE(&e->pair, APPSHOT_PAIR_FREE);
+  t->live--;
+}
+
+static int slot_of_sid(const struct appshot_header *h,
+                       const struct appshot_table *t, int32_t sid,
+                       uint32_t *slot) {
+  uint32_t cell;
+  if (probe(h, t, 1, sid, &cell) == APPSHOT_PAIR_FREE) return 0;
+  *slot = sindex_of(h, t, t->active)[cell] - 1;
+  return 1;
+}
+
+static int unmap_locked(struct appshot_header *h, struct appshot_table *t,
+                        int32_t sid) {
+  uint32_t slot;
+  if (!slot_of_sid(h, t, sid, &slot)) return 0;
+  struct appshot_entry *e = entries_of(h, t);
+  uint32_t flags = e[slot].flags;
+  remove_slot_locked(h, t, slot);
+  if (t->kind == APPSHOT_PID && (flags & APPSHOT_F_THREADS)) {
+    /* The process is gone, so are its threads: their TIDs are free in the
+     * system again and must not stay reachable through old virtual ids. */
+    for (uint32_t s = 0; s < t->capacity; s++)
+      if (e[s].pair != APPSHOT_PAIR_FREE && (e[s].flags & APPSHOT_F_THREAD) &&
+          e[s].owner == sid)
+        remove_slot_locked(h, t, s);
+  }
+  return 1;
+}
+
+static int32_t allocate_vid(const struct appshot_header *h,
+                            struct appshot_table *t) {
+  int64_t span = (int64_t)t->vmax - t->vmin + 1;
+  for (int64_t n = 0; n < span; n++) {
+    int32_t v = t->vnext;
+    t->vnext = (v >= t->vmax) ? t->vmin : v + 1;
+    if (probe(h, t, 0, v, NULL) == APPSHOT_PAIR_FREE) return v;
+  }
+  errno = ENOSPC;
+  return -1;
+}
+
+int32_t appshot_map_system_locked(struct appshot_header *h,
+                                  enum appshot_kind kind, int32_t sid,
+                                  int fresh, uint32_t flags, int32_t owner) {
+  struct appshot_table *t = &h->tables[kind];
+  uint64_t p = probe(h, t, 1, sid, NULL);
+  if (p != APPSHOT_PAIR_FREE) {
+    if (!fresh) return pair_vid(p);
+    unmap_locked(h, t, sid); /* the system reused the id: the old one died */
+  }
+  int32_t vid = allocate_vid(h, t);
+  if (vid < 0) return -1;
+  if (insert_locked(h, t, vid, sid, flags, owner) != 0) return -1;
+  return vid;
+}
+
+int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
+                        int32_t vid, int32_t sid, uint32_t flags,
+                        int32_t owner) {
+  struct appshot_table *t = &h->tables[kind];
+  if (probe(h, t, 0, vid, NULL) != APPSHOT_PAIR_FREE ||
+      probe(h, t, 1, sid, NULL) != APPSHOT_PAIR_FREE) {
+    errno = EEXIST;
+    return -1;
+  }
+  return insert_locked(h, t, vid, sid, flags, owner);
+}
+
+/* --- Writes (taking the lock) ------------------------------------------- */
+
+int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
+                           int32_t sid, int fresh, uint32_t flags,
+                           int32_t owner) {
+  /* Fast path: most callers find the id mapped already. */
+  if (!fresh) {
+    int32_t vid;
+    if (appshot_s2v(h, kind, sid, &vid)) return vid;
+  }
+  sigset_t saved;
+  appshot_lock(h, &saved);
+  int32_t vid = appshot_map_system_locked(h, kind, sid, fresh, flags, owner);
+  int err = errno;
+  appshot_unlock(h, &saved);
+  errno = err;
+  return vid;
+}
+
+int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
+                 int32_t vid, int32_t sid, uint32_t flags, int32_t owner) {
+  sigset_t saved;
+  appshot_lock(h, &saved);
+  int rc = appshot_bind_locked(h, kind, vid, sid, flags, owner);
+  int err = errno;
+  appshot_unlock(h, &saved);
+  errno = err;
+  return rc;
+}
+
+int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
+                         int32_t sid) {
+  sigset_t saved;
+  appshot_lock(h, &saved);
+  int rc = unmap_locked(h, &h->tables[kind], sid);
+  appshot_unlock(h, &saved);
+  return rc;
+}
+
+void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
+                       int32_t sid, uint32_t flags) {
+  sigset_t saved;
+  appshot_lock(h, &saved);
+  struct appshot_table *t = &h->tables[kind];
+  uint32_t slot;
+  if (slot_of_sid(h, t, sid, &slot)) {
+    struct appshot_entry *e = &entries_of(h, t)[slot];
+    STORE(&e->flags, e->flags | flags);
+  }
+  appshot_unlock(h, &saved);
+}
+
+int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
+                           uint32_t attempt) {
+  uint64_t x = mix64(h->key_salt ^ ((uint64_t)(uint32_t)vkey << 20) ^
+                     ((uint64_t)attempt * 0x9e3779b97f4a7c15ull));
+  int32_t k = (int32_t)(uint32_t)x;
+  /* IPC_PRIVATE (0) means "no key" and -1 is our free marker. */
+  if (k == 0 || k == -1) k = 0x41505053; /* unlikely; the caller retries */
+  return k;
+}

@@ -1,0 +1,179 @@
+/*
+ * appshot translation tables: the layout shared by the preload library, the
+ * init process and the Node addon.
+ *
+ * One file in /dev/shm per application (AID). Every process of the
+ * application maps it MAP_SHARED. It holds one table per resource kind; each
+ * table maps a virtual id (what the application sees) to a system id (what
+ * the kernel knows), one to one.
+ *
+ * Concurrency model
+ *  - Lookups (the hot path: getppid, kill, semop...) take no lock. An entry's
+ *    (virtual, system) pair lives in one 64-bit word written atomically, so a
+ *    reader never sees half of one mapping and half of another.
+ *  - Inserts and removals take one process-shared *robust* mutex per file.
+ *    If a process dies while holding it, the kernel hands the next locker
+ *    EOWNERDEAD; that locker rebuilds the hash indexes from the entry arrays
+ *    (the arrays are the truth, the indexes are derived), marks the mutex
+ *    consistent and goes on. No lock can stay held by a dead process.
+ *  - Each table has two generations of hash indexes. A rebuild (after a
+ *    dead writer, or when tombstones pile up) fills the idle generation from
+ *    the entry array and then flips `active`, so a lock-free reader never
+ *    walks an index that is being rewritten under it.
+ *  - Writers block signals while they hold the mutex, so a signal handler
+ *    that forks or creates a semaphore cannot deadlock against its own
+ *    thread.
+ *
+ * Bump APPSHOT_TABLE_VERSION whenever this layout changes: a process of an
+ * older build refuses a newer file instead of misreading it.
+ */
+#ifndef APPSHOT_TABLE_H
+#define APPSHOT_TABLE_H
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
+#define APPSHOT_TABLE_VERSION 1u
+#define APPSHOT_AID_MAX 64
+
+/* Resource kinds. Keys are per kind because the kernel keeps one key
+ * namespace per IPC kind: semaphore key 7 and segment key 7 are unrelated. */
+enum appshot_kind {
+  APPSHOT_PID = 0, /* processes and threads (they share the PID space) */
+  APPSHOT_SEMID,   /* SysV semaphore set ids */
+  APPSHOT_SHMID,   /* SysV shared memory segment ids */
+  APPSHOT_MSGID,   /* SysV message queue ids */
+  APPSHOT_SEMKEY,  /* IPC keys passed to semget */
+  APPSHOT_SHMKEY,  /* IPC keys passed to shmget */
+  APPSHOT_MSGKEY,  /* IPC keys passed to msgget */
+  APPSHOT_KINDS
+};
+
+/* Capacity of each table (live entries). Powers of two. */
+#define APPSHOT_PID_CAPACITY 8192u
+#define APPSHOT_IPC_CAPACITY 2048u
+
+/* Entry flags (appshot_entry.flags). */
+#define APPSHOT_F_INIT 0x1u    /* PID: the application's init (virtual PID 1) */
+#define APPSHOT_F_THREAD 0x2u  /* PID: a thread that is not a group leader */
+#define APPSHOT_F_THREADS 0x4u /* PID: this process has thread entries */
+
+/* An unused entry's pair. Neither ids nor keys we hand out are ever -1. */
+#define APPSHOT_PAIR_FREE UINT64_MAX
+
+/* Hash index cells: 0 = never used, TOMB = was used, else slot + 1. */
+#define APPSHOT_CELL_EMPTY 0u
+#define APPSHOT_CELL_TOMB UINT32_MAX
+
+struct appshot_entry {
+  uint64_t pair;  /* (uint32)virtual << 32 | (uint32)system; FREE if unused */
+  uint32_t flags; /* APPSHOT_F_* */
+  int32_t owner;  /* PID: for a thread, the system PID of its process */
+};
+
+/* One table. Its arrays follow the header in the file at the given offsets
+ * (offsets, not pointers: every process maps the file at its own address). */
+struct appshot_table {
+  uint32_t kind;
+  uint32_t capacity;     /* entries */
+  uint32_t index_size;   /* cells in each hash index: 2 * capacity */
+  uint32_t live;         /* entries in use (written under the lock) */
+  int32_t vmin, vmax;    /* range virtual ids are allocated from */
+  int32_t vnext;         /* allocation cursor: ids are not reused soon */
+  uint32_t tombs;        /* tombstones in the active indexes */
+  uint32_t active;       /* which generation of indexes readers use: 0/1 */
+  uint32_t slot_hint;    /* where to start looking for a free entry */
+  uint64_t entries_off;  /* struct appshot_entry[capacity] */
+  uint64_t vindex_off[2]; /* uint32_t[index_size], hashed by virtual id */
+  uint64_t sindex_off[2]; /* uint32_t[index_size], hashed by system id */
+};
+
+struct appshot_header {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t size;          /* bytes of the whole file */
+  char aid[APPSHOT_AID_MAX + 1];
+  uint8_t pad[7];
+  uint64_t key_salt;      /* makes this AID's system IPC keys its own */
+  int32_t init_pid;       /* system PID of the application's init */
+  uint32_t repairs;       /* times a dead writer's mutex was recovered */
+  pthread_mutex_t lock;   /* robust, process-shared */
+  struct appshot_table tables[APPSHOT_KINDS];
+};
+
+/* --- Creating and mapping ----------------------------------------------- */
+
+/* Creates the table file at path (O_EXCL) and maps it. Returns NULL and sets
+ * errno on failure; nothing is left behind then. */
+struct appshot_header *appshot_table_create(const char *path, const char *aid,
+                                            uint64_t key_salt);
+/* Maps an existing table file. Returns NULL and sets errno (EPROTO for a
+ * file of another layout). */
+struct appshot_header *appshot_table_open(const char *path);
+void appshot_table_close(struct appshot_header *h);
+
+/* --- Lookups: lock-free, async-signal-safe ------------------------------ */
+
+/* Returns 1 and sets *out when found, 0 when the table holds no such id. */
+int appshot_v2s(const struct appshot_header *h, enum appshot_kind kind,
+                int32_t vid, int32_t *out);
+int appshot_s2v(const struct appshot_header *h, enum appshot_kind kind,
+                int32_t sid, int32_t *out);
+/* Reads entry `slot` of a table; returns 0 when the slot is free. */
+int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
+                     uint32_t slot, int32_t *vid, int32_t *sid,
+                     uint32_t *flags, int32_t *owner);
+
+/* --- Writes: take the robust mutex ------------------------------------- */
+
+/* Maps sid to a newly allocated virtual id, or returns the one it already
+ * has. With `fresh`, sid is known to name a new object (fork just returned
+ * it), so an old mapping of the same sid is stale (the system reused the id)
+ * and is replaced. Returns the virtual id, or -1 with errno (ENOSPC when the
+ * table is full). */
+int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
+                           int32_t sid, int fresh, uint32_t flags,
+                           int32_t owner);
+/* Binds a given virtual id to a given system id (restore, init, keys).
+ * Fails with EEXIST when either id is mapped already. */
+int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
+                 int32_t vid, int32_t sid, uint32_t flags, int32_t owner);
+/* Removes the mapping of a system id; returns 1 if there was one. For a
+ * PID that has thread entries, the threads' entries go too. */
+int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
+                         int32_t sid);
+/* Sets flag bits on the entry of a system id. */
+void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
+                       int32_t sid, uint32_t flags);
+
+/* The robust lock, for callers that must make a check-then-create atomic
+ * (semget of a key the application has not used yet). Signals stay blocked
+ * from lock to unlock; `saved` receives the old mask. The _locked variants
+ * of the writers are for use between these two calls. */
+void appshot_lock(struct appshot_header *h, sigset_t *saved);
+void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
+int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
+                        int32_t vid, int32_t sid, uint32_t flags, int32_t owner);
+int32_t appshot_map_system_locked(struct appshot_header *h,
+                                  enum appshot_kind kind, int32_t sid,
+                                  int fresh, uint32_t flags, int32_t owner);
+
+/* A system IPC key for this AID's virtual key, try number `attempt`.
+ * Never IPC_PRIVATE and never -1. */
+int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
+                           uint32_t attempt);
+
+const char *appshot_kind_name(enum appshot_kind kind);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
