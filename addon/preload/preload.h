@@ -1,0 +1,194 @@
+/*
+ * Internal declarations of the appshot preload library.
+ *
+ * The library lives inside every process of an application and shows it
+ * virtual ids (PIDs, TIDs, SysV ids and keys) through the translation tables
+ * of appshot_table.h. Without APPSHOT_TABLES, or when the tables cannot be
+ * mapped, every wrapper is a plain call of the real function.
+ *
+ * Rules for every file here: no allocation and no stdio (we run inside
+ * signal handlers, between fork and exec, before malloc is usable), and a
+ * wrapper must work before our constructor ran (ensure_init).
+ */
+#ifndef APPSHOT_PRELOAD_H
+#define APPSHOT_PRELOAD_H
+
+/* Fortified headers turn open() & co. into inline functions, which would
+ * clash with our definitions of the same names. */
+#undef _FORTIFY_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h> /* types of fopen & co. only */
+#include <sys/msg.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The caller defines it (the kernel's ABI), glibc does not. */
+union semun {
+  int val;
+  struct semid_ds *buf;
+  unsigned short *array;
+  struct seminfo *__buf;
+};
+
+#include "appshot_table.h"
+
+#define API __attribute__((visibility("default")))
+#define HIDDEN __attribute__((visibility("hidden")))
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define TLS_IE __attribute__((tls_model("initial-exec")))
+
+/* --- State (preload_core.c) ---------------------------------------------- */
+
+/* The tables, or NULL: pass-through. */
+extern struct appshot_header *g_h HIDDEN;
+/* This process: system PID and virtual PID. Valid while !g_nocache. */
+extern int32_t g_spid HIDDEN, g_vpid HIDDEN;
+/* Set for good once the process shared its memory with another process
+ * (clone with CLONE_VM but not CLONE_THREAD): the caches would then be
+ * written by both, so getpid/gettid ask the kernel each time. */
+extern int g_nocache HIDDEN;
+/* The calling thread's TIDs; 0 = not known yet. */
+extern __thread int32_t t_stid TLS_IE HIDDEN, t_vtid TLS_IE HIDDEN;
+
+/* The state of init: 2 once done. */
+extern int g_init_state HIDDEN;
+HIDDEN void init_slow(void);
+static inline void ensure_init(void) {
+  if (UNLIKELY(__atomic_load_n(&g_init_state, __ATOMIC_ACQUIRE) != 2))
+    init_slow();
+}
+
+/* Real libc functions, resolved once with dlsym(RTLD_NEXT) at init. Used
+ * where a bare system call would not do: fork must run the atfork handlers,
+ * exec and spawn must be glibc's, stdio and dirent build objects, and the
+ * blocking calls are pthread cancellation points. Simple id calls go
+ * straight to the kernel (sys6). */
+#define REAL_FUNCS(X)                                                       \
+  X(fork) X(clone) X(execve) X(execvpe) X(fexecve) X(posix_spawn)          \
+  X(posix_spawnp) X(posix_spawnattr_setpgroup) X(wait4) X(waitid)          \
+  X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
+  X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
+  X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
+  X(__openat64_2) X(creat) X(fopen) X(fopen64) X(opendir) X(stat)          \
+  X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
+  X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir)
+
+enum {
+#define X(n) R_##n,
+  REAL_FUNCS(X)
+#undef X
+  R_COUNT
+};
+extern void *real_fn[R_COUNT] HIDDEN;
+#define REAL(n) ((__typeof__(&n))real_fn[R_##n])
+
+/* Only declared by the fortified headers, which we turn off. */
+int __open_2(const char *, int);
+int __open64_2(const char *, int);
+int __openat_2(int, const char *, int);
+int __openat64_2(int, const char *, int);
+
+/* --- System calls without libc (preload_core.c) -------------------------- */
+
+/* A raw system call: the kernel's result, -errno on failure. Used instead of
+ * libc for the simple id calls: it is async-signal-safe, needs no
+ * resolution before init, and never lands in one of our own wrappers. */
+HIDDEN long sys6(long nr, long a, long b, long c, long d, long e, long f);
+#define SYS0(n) sys6(SYS_##n, 0, 0, 0, 0, 0, 0)
+#define SYS1(n, a) sys6(SYS_##n, (long)(a), 0, 0, 0, 0, 0)
+#define SYS2(n, a, b) sys6(SYS_##n, (long)(a), (long)(b), 0, 0, 0, 0)
+#define SYS3(n, a, b, c) sys6(SYS_##n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define SYS4(n, a, b, c, d) \
+  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+#define SYS5(n, a, b, c, d, e) \
+  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+
+/* Turns a raw result into the libc convention: -1 and errno. */
+static inline long libc_ret(long r) {
+  if (UNLIKELY(r < 0 && r > -4096)) {
+    errno = (int)-r;
+    return -1;
+  }
+  return r;
+}
+static inline long fail(int err) {
+  errno = err;
+  return -1;
+}
+
+/* --- Id helpers (preload_core.c) ----------------------------------------- */
+
+/* Virtual -> system; 0 when the table has no such id. vid must be > 0. */
+static inline int v2s_pid(pid_t vid, pid_t *sid) {
+  int32_t s;
+  if (!appshot_v2s(g_h, APPSHOT_PID, vid, &s)) return 0;
+  *sid = s;
+  return 1;
+}
+/* System -> virtual, 0 for a process outside the application (as a PID
+ * namespace shows a parent that lives outside it). */
+static inline pid_t s2v_or0(enum appshot_kind kind, int32_t sid) {
+  int32_t v;
+  return appshot_s2v(g_h, kind, sid, &v) ? v : 0;
+}
+/* A pid argument of the kill/getpgid kind: 0 stays 0 (the caller itself),
+ * a negative one names a process group. Returns 0 and sets *sid, or an
+ * errno for the caller to fail with. */
+HIDDEN int pid_arg(pid_t vid, pid_t *sid, int err);
+HIDDEN pid_t self_vpid(void);
+HIDDEN pid_t self_vtid(void);
+/* After fork or clone, in the child: our ids are those of the new process. */
+HIDDEN void child_reset_ids(int32_t vid);
+
+/* --- Cross-file entry points (libc convention: -1 and errno) ------------- */
+
+/* preload_pid.c */
+HIDDEN void pid_atfork_child(void);
+HIDDEN long do_kill(pid_t pid, int sig);
+HIDDEN long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig);
+HIDDEN long do_wait4(pid_t pid, int *status, int options, struct rusage *ru);
+HIDDEN long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
+                      struct rusage *ru);
+HIDDEN long do_getppid(void);
+HIDDEN long do_getpgid(pid_t pid);
+HIDDEN long do_getsid(pid_t pid);
+HIDDEN long do_setpgid(pid_t pid, pid_t pgid);
+HIDDEN long do_setsid(void);
+HIDDEN long do_pid_first(long nr, long pid, long b, long c, long d, long e,
+                         long f);
+HIDDEN long do_prio(long nr, long which, long who, long prio);
+HIDDEN long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
+                            siginfo_t *info);
+
+/* preload_ipc.c */
+HIDDEN long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b);
+HIDDEN long do_semtimedop(int id, struct sembuf *ops, size_t n,
+                          const struct timespec *timeout);
+HIDDEN long do_semctl(int id, int num, int cmd, union semun arg);
+HIDDEN long do_shmat(int id, const void *addr, int flags);
+HIDDEN long do_shmctl(int id, int cmd, struct shmid_ds *buf);
+HIDDEN long do_msgsnd(int id, const void *msg, size_t size, int flags);
+HIDDEN long do_msgrcv(int id, void *msg, size_t size, long type, int flags);
+HIDDEN long do_msgctl(int id, int cmd, struct msqid_ds *buf);
+
+/* preload_exec.c */
+HIDDEN void exec_capture_env(void);
+
+#endif

@@ -1,0 +1,162 @@
+/*
+ * Init, real-function resolution and the id helpers shared by every file.
+ */
+#include "preload.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct appshot_header *g_h;
+int32_t g_spid, g_vpid;
+int g_nocache;
+__thread int32_t t_stid, t_vtid;
+int g_init_state;
+void *real_fn[R_COUNT];
+
+static pid_t g_init_tid;
+static pthread_key_t g_thread_key;
+static int g_thread_key_ok;
+
+long sys6(long nr, long a, long b, long c, long d, long e, long f) {
+#if defined(__x86_64__)
+  register long r10 __asm__("r10") = d;
+  register long r8 __asm__("r8") = e;
+  register long r9 __asm__("r9") = f;
+  long ret;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8),
+                     "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "sys6: only x86-64 is supported"
+#endif
+}
+
+/* A thread's entry must go when the thread does: its TID is free in the
+ * system from then on, and the next thread to get it is someone else. */
+static void thread_gone(void *value) {
+  int32_t stid = (int32_t)(intptr_t)value;
+  if (g_h && stid > 0) appshot_unmap_system(g_h, APPSHOT_PID, stid);
+}
+
+static void resolve_real(void) {
+  static const char *const names[R_COUNT] = {
+#define X(n) #n,
+      REAL_FUNCS(X)
+#undef X
+  };
+  for (int i = 0; i < R_COUNT; i++) real_fn[i] = dlsym(RTLD_NEXT, names[i]);
+}
+
+static void init_tables(void) {
+  const char *path = getenv("APPSHOT_TABLES");
+  const char *aid = getenv("APPSHOT_AID");
+  if (!path || !*path || !aid || !*aid) return;
+  struct appshot_header *h = appshot_table_open(path);
+  if (!h) return;
+  /* A table file of another application (stale variables, a reused path)
+   * would hand us someone else's ids: stay out of it. */
+  if (strncmp(h->aid, aid, sizeof h->aid) != 0) {
+    appshot_table_close(h);
+    return;
+  }
+  int32_t spid = (int32_t)SYS0(getpid);
+  int32_t vpid = appshot_map_system(h, APPSHOT_PID, spid, 0, 0, 0);
+  if (vpid < 0) { /* table full: better real ids than wrong ones */
+    appshot_table_close(h);
+    return;
+  }
+  g_spid = spid;
+  g_vpid = vpid;
+  g_thread_key_ok = pthread_key_create(&g_thread_key, thread_gone) == 0;
+  pthread_atfork(NULL, NULL, pid_atfork_child);
+  __atomic_store_n(&g_h, h, __ATOMIC_RELEASE);
+}
+
+/* Runs once, from the constructor or from whichever wrapper is called first
+ * (another library's constructor may run before ours). */
+void init_slow(void) {
+  int expected = 0;
+  pid_t tid = (pid_t)SYS0(gettid);
+  if (__atomic_compare_exchange_n(&g_init_state, &expected, 1, 0,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    __atomic_store_n(&g_init_tid, tid, __ATOMIC_RELEASE);
+    resolve_real();
+    exec_capture_env();
+    init_tables();
+    __atomic_store_n(&g_init_state, 2, __ATOMIC_RELEASE);
+    return;
+  }
+  /* Init itself calls open, mmap...: on its own thread that re-entry runs
+   * pass-through (g_h is not set yet). Other threads wait for it. */
+  if (__atomic_load_n(&g_init_tid, __ATOMIC_ACQUIRE) == tid) return;
+  while (__atomic_load_n(&g_init_state, __ATOMIC_ACQUIRE) != 2)
+    SYS0(sched_yield);
+}
+
+__attribute__((constructor)) static void preload_ctor(void) { ensure_init(); }
+
+int pid_arg(pid_t vid, pid_t *sid, int err) {
+  if (vid == 0 || vid == -1) {
+    *sid = vid;
+    return 0;
+  }
+  if (vid == INT32_MIN) return err;
+  pid_t s;
+  if (!v2s_pid(vid < 0 ? -vid : vid, &s)) return err;
+  *sid = vid < 0 ? -s : s;
+  return 0;
+}
+
+static pid_t map_self(int32_t spid) {
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0, 0);
+  /* Only a full table gets here. The system id is the least harmful answer:
+   * 0 or -1 would make kill(getpid(), sig) signal a whole group. */
+  return v >= 0 ? v : spid;
+}
+
+pid_t self_vpid(void) {
+  if (LIKELY(!__atomic_load_n(&g_nocache, __ATOMIC_RELAXED))) return g_vpid;
+  return map_self((int32_t)SYS0(getpid));
+}
+
+pid_t self_vtid(void) {
+  int nocache = __atomic_load_n(&g_nocache, __ATOMIC_RELAXED);
+  if (LIKELY(t_vtid && !nocache)) return t_vtid;
+  int32_t stid = (int32_t)SYS0(gettid);
+  int32_t spid = nocache ? (int32_t)SYS0(getpid) : g_spid;
+  if (stid == spid) {
+    pid_t v = self_vpid();
+    if (!nocache) t_stid = stid, t_vtid = v;
+    return v;
+  }
+  /* A new thread is the only one that maps its own TID, so an entry that
+   * is already there belongs to a dead thread that had the same TID. Not so
+   * once memory is shared with a clone child (nocache): then both sides may
+   * map the same id and must agree on one entry. */
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, stid, !nocache,
+                                 APPSHOT_F_THREAD, spid);
+  if (v < 0) return stid;
+  appshot_set_flags(g_h, APPSHOT_PID, spid, APPSHOT_F_THREADS);
+  if (!nocache) {
+    t_stid = stid;
+    t_vtid = v;
+    if (g_thread_key_ok)
+      pthread_setspecific(g_thread_key, (void *)(intptr_t)stid);
+  }
+  return v;
+}
+
+void child_reset_ids(int32_t vid) {
+  g_spid = (int32_t)SYS0(getpid);
+  g_vpid = vid;
+  t_stid = g_spid;
+  t_vtid = vid;
+  /* A fork from a secondary thread: the child's only thread is a main
+   * thread, whose entry must not be dropped as a thread's on its exit. */
+  if (g_thread_key_ok) pthread_setspecific(g_thread_key, NULL);
+}

@@ -1,0 +1,240 @@
+/*
+ * exec and posix_spawn: the new program must stay in the application.
+ *
+ * An application that builds its own environment (execle, a daemon that
+ * clears it, a shell's `env -i`) would otherwise drop LD_PRELOAD or the
+ * APPSHOT_* variables, and its next program would see real ids: an escape
+ * from the application. So each exec gets our three variables, as they were
+ * when this process started.
+ */
+#include "preload.h"
+
+#include <alloca.h>
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+extern char **environ;
+
+static char g_lib[PATH_MAX];             /* this library's path */
+static char g_env_ld[PATH_MAX * 2 + 12]; /* "LD_PRELOAD=..." */
+static char g_env_tables[PATH_MAX + 16]; /* "APPSHOT_TABLES=..." */
+static char g_env_aid[APPSHOT_AID_MAX + 16];
+
+#define ENV_STACK_MAX (256 * 1024) /* beyond: mmap, not the stack */
+
+static int copy_str(char *dst, size_t cap, const char *a, const char *b,
+                    const char *c) {
+  size_t la = strlen(a), lb = strlen(b), lc = c ? strlen(c) : 0;
+  if (la + lb + lc + 1 > cap) return 0;
+  memcpy(dst, a, la);
+  memcpy(dst + la, b, lb);
+  if (c) memcpy(dst + la + lb, c, lc);
+  dst[la + lb + lc] = '\0';
+  return 1;
+}
+
+/* Called by init (before the tables are mapped, so that exec works the same
+ * even if mapping fails: then nothing is added). */
+void exec_capture_env(void) {
+  Dl_info info;
+  if (!dladdr((void *)&exec_capture_env, &info) || !info.dli_fname ||
+      !copy_str(g_lib, sizeof g_lib, info.dli_fname, "", NULL))
+    g_lib[0] = '\0';
+  const char *tables = getenv("APPSHOT_TABLES"), *aid = getenv("APPSHOT_AID");
+  const char *ld = getenv("LD_PRELOAD");
+  if (!tables || !aid || !g_lib[0] ||
+      !copy_str(g_env_tables, sizeof g_env_tables, "APPSHOT_TABLES=", tables,
+                NULL) ||
+      !copy_str(g_env_aid, sizeof g_env_aid, "APPSHOT_AID=", aid, NULL))
+    goto off;
+  if (ld && strstr(ld, g_lib)) {
+    if (!copy_str(g_env_ld, sizeof g_env_ld, "LD_PRELOAD=", ld, NULL)) goto off;
+  } else if (!copy_str(g_env_ld, sizeof g_env_ld, "LD_PRELOAD=", g_lib, NULL)) {
+    goto off;
+  }
+  return;
+off:
+  g_env_tables[0] = '\0';
+}
+
+static int starts(const char *s, const char *prefix) {
+  return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* Bytes app_env_build needs for envp, or 0 when envp keeps us in already. */
+static size_t app_env_size(char *const *envp) {
+  if (!g_h || !g_env_tables[0]) return 0;
+  size_t n = 0;
+  int tables = 0, aid = 0;
+  const char *ld = NULL;
+  for (; envp && envp[n]; n++) {
+    if (strcmp(envp[n], g_env_tables) == 0) tables = 1;
+    else if (strcmp(envp[n], g_env_aid) == 0) aid = 1;
+    else if (!ld && starts(envp[n], "LD_PRELOAD=")) ld = envp[n];
+  }
+  if (tables && aid && ld && strstr(ld, g_lib)) return 0;
+  /* Room for the pointers plus a merged "LD_PRELOAD=ours theirs". */
+  return (n + 4) * sizeof(char *) + sizeof g_env_ld + (ld ? strlen(ld) : 0) + 1;
+}
+
+/* The environment to exec with: envp minus our variables (and a LD_PRELOAD
+ * that lacks us) plus ours. A LD_PRELOAD of the application's own is kept,
+ * after our library. */
+static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
+  if (!mem) return envp; /* no memory: the best we can do */
+  char **out = mem, *ld_buf = (char *)mem + need - sizeof g_env_ld;
+  size_t n = 0;
+  const char *ld = g_env_ld;
+  int seen_ld = 0; /* a second LD_PRELOAD is dead weight: getenv sees one */
+  for (size_t i = 0; envp && envp[i]; i++) {
+    const char *e = envp[i];
+    if (starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_AID=")) continue;
+    if (starts(e, "LD_PRELOAD=")) {
+      if (seen_ld++) continue;
+      if (strstr(e, g_lib)) ld = e;
+      else if (e[11]) {
+        ld_buf -= strlen(e) + 1;
+        copy_str(ld_buf, strlen(e) + sizeof g_env_ld, g_env_ld, " ", e + 11);
+        ld = ld_buf;
+      }
+      continue;
+    }
+    out[n++] = (char *)e;
+  }
+  out[n++] = (char *)ld;
+  out[n++] = g_env_tables;
+  out[n++] = g_env_aid;
+  out[n] = NULL;
+  return out;
+}
+
+static void *app_env_mmap(size_t need) {
+  long p = sys6(SYS_mmap, 0, (long)need, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p < 0 && p > -4096 ? NULL : (void *)p;
+}
+
+/* Declares `var`: envp fixed up, on the caller's stack (alloca must live in
+ * the frame that execs). */
+#define APP_ENV(var, envp)                                                  \
+  size_t var##_need = app_env_size(envp);                                       \
+  char *const *var = (envp);                                                \
+  if (var##_need)                                                           \
+  var = app_env_build((envp),                                                   \
+                  var##_need <= ENV_STACK_MAX ? alloca(var##_need)          \
+                                              : app_env_mmap(var##_need),       \
+                  var##_need)
+
+API int execve(const char *path, char *const argv[], char *const envp[]) {
+  ensure_init();
+  APP_ENV(env, envp);
+  return REAL(execve)(path, argv, env);
+}
+
+API int execvpe(const char *file, char *const argv[], char *const envp[]) {
+  ensure_init();
+  APP_ENV(env, envp);
+  return REAL(execvpe)(file, argv, env);
+}
+
+API int fexecve(int fd, char *const argv[], char *const envp[]) {
+  ensure_init();
+  APP_ENV(env, envp);
+  return REAL(fexecve)(fd, argv, env);
+}
+
+API int execv(const char *path, char *const argv[]) {
+  return execve(path, argv, environ);
+}
+
+API int execvp(const char *file, char *const argv[]) {
+  return execvpe(file, argv, environ);
+}
+
+/* execl and co.: the variadic list as an argv on the stack. */
+#define ARGV_MAX (128 * 1024)
+#define COLLECT_ARGV(argv, arg0, envp_out)                         \
+  size_t argc_ = 1;                                                \
+  va_list ap;                                                      \
+  va_start(ap, arg0);                                              \
+  while (va_arg(ap, const char *)) argc_++;                        \
+  va_end(ap);                                                      \
+  if (argc_ >= ARGV_MAX) {                                         \
+    errno = E2BIG;                                                 \
+    return -1;                                                     \
+  }                                                                \
+  char **argv = alloca((argc_ + 1) * sizeof(char *));              \
+  argv[0] = (char *)arg0;                                          \
+  va_start(ap, arg0);                                              \
+  for (size_t i_ = 1; i_ <= argc_; i_++)                           \
+    argv[i_] = va_arg(ap, char *);                                 \
+  envp_out;                                                        \
+  va_end(ap)
+
+API int execl(const char *path, const char *arg0, ...) {
+  COLLECT_ARGV(argv, arg0, (void)0);
+  return execve(path, argv, environ);
+}
+
+API int execlp(const char *file, const char *arg0, ...) {
+  COLLECT_ARGV(argv, arg0, (void)0);
+  return execvpe(file, argv, environ);
+}
+
+API int execle(const char *path, const char *arg0, ...) {
+  char *const *envp;
+  COLLECT_ARGV(argv, arg0, envp = va_arg(ap, char *const *));
+  return execve(path, argv, envp);
+}
+
+/* --- posix_spawn ----------------------------------------------------------
+ *
+ * The child is mapped with fresh=0, like the new program maps itself at
+ * start: the two may come in either order and must land on one entry. (A
+ * fork child instead waits for its parent, see preload_pid.c; a spawned
+ * program has no such channel.) */
+
+static char *const empty_env[] = {NULL};
+
+static int spawned(int rc, pid_t spid, pid_t *pid) {
+  if (rc == 0 && g_h) {
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0, 0);
+    spid = v >= 0 ? v : spid;
+  }
+  if (rc == 0 && pid) *pid = spid;
+  return rc;
+}
+
+API int posix_spawn(pid_t *restrict pid, const char *restrict path,
+                    const posix_spawn_file_actions_t *fa,
+                    const posix_spawnattr_t *restrict attr,
+                    char *const argv[restrict], char *const envp[restrict]) {
+  ensure_init();
+  pid_t spid = 0;
+  APP_ENV(env, envp ? envp : empty_env);
+  int rc = REAL(posix_spawn)(&spid, path, fa, attr, argv, env);
+  return spawned(rc, spid, pid);
+}
+
+API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
+                     const posix_spawn_file_actions_t *fa,
+                     const posix_spawnattr_t *restrict attr,
+                     char *const argv[restrict], char *const envp[restrict]) {
+  ensure_init();
+  pid_t spid = 0;
+  APP_ENV(env, envp ? envp : empty_env);
+  int rc = REAL(posix_spawnp)(&spid, file, fa, attr, argv, env);
+  return spawned(rc, spid, pid);
+}
+
+/* The group is stored now and used by the child's setpgid, which knows no
+ * virtual ids. Unknown: EPERM, what that setpgid would say. */
+API int posix_spawnattr_setpgroup(posix_spawnattr_t *attr, pid_t pgroup) {
+  ensure_init();
+  pid_t sid = pgroup;
+  if (g_h && pgroup > 0 && !v2s_pid(pgroup, &sid)) return EPERM;
+  return REAL(posix_spawnattr_setpgroup)(attr, sid);
+}

@@ -1,0 +1,334 @@
+/*
+ * SysV semaphores, shared memory and message queues: ids and keys.
+ *
+ * Ids: the kernel's ids are mapped to virtual ones when a get returns them;
+ * a call naming an id the table does not know fails with EINVAL, as the
+ * kernel answers for an id that does not exist. That also keeps the
+ * application away from other applications' objects and the system's.
+ *
+ * Keys: a virtual key k is bound to a system key of this application (a
+ * salted hash of k, see appshot_system_key) the first time k is created, so
+ * two applications using the same key do not meet. IPC_PRIVATE is never
+ * translated.
+ */
+#include "preload.h"
+
+struct ipc_kind {
+  long get_nr;           /* SYS_semget... */
+  enum appshot_kind id;  /* APPSHOT_SEMID... */
+  enum appshot_kind key; /* APPSHOT_SEMKEY... */
+};
+
+static const struct ipc_kind SEM = {SYS_semget, APPSHOT_SEMID, APPSHOT_SEMKEY};
+static const struct ipc_kind SHM = {SYS_shmget, APPSHOT_SHMID, APPSHOT_SHMKEY};
+static const struct ipc_kind MSG = {SYS_msgget, APPSHOT_MSGID, APPSHOT_MSGKEY};
+
+/* Raw get: semget(key, nsems, flags), shmget(key, size, flags),
+ * msgget(key, flags). */
+static long raw_get(const struct ipc_kind *k, key_t key, long size, int flags) {
+  return k->get_nr == SYS_msgget ? SYS2(msgget, key, flags)
+                                 : sys6(k->get_nr, key, size, flags, 0, 0, 0);
+}
+
+static void raw_rmid(const struct ipc_kind *k, int sid) {
+  if (k->get_nr == SYS_semget) SYS3(semctl, sid, 0, IPC_RMID);
+  else if (k->get_nr == SYS_shmget) SYS3(shmctl, sid, IPC_RMID, 0);
+  else SYS3(msgctl, sid, IPC_RMID, 0);
+}
+
+/* First use of a virtual key with IPC_CREAT: find a system key of ours
+ * that no one outside uses and bind it, atomically with respect to the
+ * application's other processes (they may race for the same key). */
+static long create_keyed(const struct ipc_kind *k, key_t key, long size,
+                         int flags, int32_t *vid) {
+  sigset_t saved;
+  appshot_lock(g_h, &saved);
+  int32_t skey;
+  long r;
+  if (appshot_v2s(g_h, k->key, key, &skey)) {
+    r = raw_get(k, skey, size, flags); /* another process won the race */
+  } else {
+    r = -ENOSPC; /* 64 taken keys in a row: the key space is crowded */
+    for (uint32_t attempt = 0; attempt < 64; attempt++) {
+      skey = appshot_system_key(g_h, key, attempt);
+      r = raw_get(k, skey, size, flags | IPC_CREAT | IPC_EXCL);
+      if (r == -EEXIST) continue; /* someone outside the application's */
+      if (r >= 0 && appshot_bind_locked(g_h, k->key, key, skey, 0, 0) != 0) {
+        raw_rmid(k, (int)r);
+        r = -errno;
+      }
+      break;
+    }
+  }
+  *vid = -1;
+  if (r >= 0) {
+    *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0, 0);
+    if (*vid < 0) r = -errno;
+  }
+  appshot_unlock(g_h, &saved);
+  return r;
+}
+
+static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
+  int32_t skey = key, vid;
+  long r;
+  if (key != IPC_PRIVATE && !appshot_v2s(g_h, k->key, key, &skey)) {
+    if (!(flags & IPC_CREAT)) return fail(ENOENT);
+    r = create_keyed(k, key, size, flags, &vid);
+    return r < 0 ? libc_ret(r) : vid;
+  }
+  r = raw_get(k, skey, size, flags);
+  if (r < 0) return libc_ret(r);
+  vid = appshot_map_system(g_h, k->id, (int32_t)r, 0, 0, 0);
+  if (vid < 0) {
+    /* A private object nobody could name would only leak. */
+    if (key == IPC_PRIVATE) raw_rmid(k, (int)r);
+    return fail(ENOSPC);
+  }
+  return vid;
+}
+
+long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b) {
+  switch (kind) {
+    case APPSHOT_SEMID: return do_get(&SEM, key, a, (int)b);
+    case APPSHOT_SHMID: return do_get(&SHM, key, a, (int)b);
+    default: return do_get(&MSG, key, 0, (int)a);
+  }
+}
+
+API int semget(key_t key, int nsems, int flags) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS3(semget, key, nsems, flags));
+  return (int)do_get(&SEM, key, nsems, flags);
+}
+
+API int shmget(key_t key, size_t size, int flags) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS3(shmget, key, size, flags));
+  return (int)do_get(&SHM, key, (long)size, flags);
+}
+
+API int msgget(key_t key, int flags) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(msgget, key, flags));
+  return (int)do_get(&MSG, key, 0, flags);
+}
+
+/* --- Ids --------------------------------------------------------------- */
+
+/* The system id for a virtual one; pass-through leaves it alone. */
+static int id_arg(enum appshot_kind kind, int vid, int *sid) {
+  ensure_init();
+  *sid = vid;
+  if (!g_h) return 1;
+  int32_t s;
+  if (vid < 0 || !appshot_v2s(g_h, kind, vid, &s)) {
+    errno = EINVAL;
+    return 0;
+  }
+  *sid = s;
+  return 1;
+}
+
+/* A system key back to the virtual key the application used. Keys not in
+ * the table (IPC_PRIVATE, objects made outside) stay as they are. */
+static key_t vkey(enum appshot_kind kind, key_t skey) {
+  int32_t v;
+  return skey != IPC_PRIVATE && appshot_s2v(g_h, kind, skey, &v) ? v : skey;
+}
+
+/* The *_STAT commands that take an index and return a system id: an
+ * object that is not the application's does not exist for it. */
+static long stat_index_result(enum appshot_kind kind, long sid) {
+  int32_t v;
+  if (sid < 0) return sid;
+  return appshot_s2v(g_h, kind, (int32_t)sid, &v) ? v : fail(EINVAL);
+}
+
+/* After IPC_RMID: the key names nothing any more. */
+static void unmap_key(enum appshot_kind kind, key_t skey) {
+  int32_t v;
+  if (skey != IPC_PRIVATE && appshot_s2v(g_h, kind, skey, &v))
+    appshot_unmap_system(g_h, kind, skey);
+}
+
+long do_semtimedop(int id, struct sembuf *ops, size_t n,
+                   const struct timespec *timeout) {
+  int sid;
+  if (!id_arg(APPSHOT_SEMID, id, &sid)) return -1;
+  return REAL(semtimedop)(sid, ops, n, timeout);
+}
+
+API int semop(int id, struct sembuf *ops, size_t n) {
+  return (int)do_semtimedop(id, ops, n, NULL);
+}
+
+API int semtimedop(int id, struct sembuf *ops, size_t n,
+                   const struct timespec *timeout) {
+  return (int)do_semtimedop(id, ops, n, timeout);
+}
+
+long do_semctl(int id, int num, int cmd, union semun arg) {
+  ensure_init();
+  if (!g_h) return REAL(semctl)(id, num, cmd, arg);
+  long r;
+  switch (cmd) {
+    case IPC_INFO:
+    case SEM_INFO:
+      return REAL(semctl)(id, num, cmd, arg);
+    case SEM_STAT:
+    case SEM_STAT_ANY:
+      r = stat_index_result(APPSHOT_SEMID, REAL(semctl)(id, num, cmd, arg));
+      if (r >= 0) arg.buf->sem_perm.__key = vkey(APPSHOT_SEMKEY, arg.buf->sem_perm.__key);
+      return r;
+  }
+  int sid;
+  if (!id_arg(APPSHOT_SEMID, id, &sid)) return -1;
+  if (cmd == IPC_RMID) {
+    struct semid_ds ds;
+    key_t skey = REAL(semctl)(sid, 0, IPC_STAT, &ds) == 0 ? ds.sem_perm.__key
+                                                          : IPC_PRIVATE;
+    r = REAL(semctl)(sid, num, cmd, arg);
+    if (r == 0) {
+      appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
+      unmap_key(APPSHOT_SEMKEY, skey);
+    }
+    return r;
+  }
+  r = REAL(semctl)(sid, num, cmd, arg);
+  if (r >= 0 && cmd == IPC_STAT)
+    arg.buf->sem_perm.__key = vkey(APPSHOT_SEMKEY, arg.buf->sem_perm.__key);
+  if (r > 0 && cmd == GETPID) r = s2v_or0(APPSHOT_PID, (int32_t)r);
+  return r;
+}
+
+API int semctl(int id, int num, int cmd, ...) {
+  union semun arg = {0};
+  switch (cmd) {
+    case IPC_STAT: case IPC_SET: case IPC_INFO: case SEM_INFO: case SEM_STAT:
+    case SEM_STAT_ANY: case GETALL: case SETALL: case SETVAL: {
+      va_list ap;
+      va_start(ap, cmd);
+      arg = va_arg(ap, union semun);
+      va_end(ap);
+    }
+  }
+  return (int)do_semctl(id, num, cmd, arg);
+}
+
+/* --- Shared memory ----------------------------------------------------- */
+
+long do_shmat(int id, const void *addr, int flags) {
+  int sid;
+  if (!id_arg(APPSHOT_SHMID, id, &sid)) return -1;
+  return (long)REAL(shmat)(sid, addr, flags);
+}
+
+API void *shmat(int id, const void *addr, int flags) {
+  return (void *)do_shmat(id, addr, flags);
+}
+
+static void shm_stat_out(struct shmid_ds *ds) {
+  ds->shm_perm.__key = vkey(APPSHOT_SHMKEY, ds->shm_perm.__key);
+  ds->shm_cpid = s2v_or0(APPSHOT_PID, ds->shm_cpid);
+  ds->shm_lpid = s2v_or0(APPSHOT_PID, ds->shm_lpid);
+}
+
+long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
+  ensure_init();
+  if (!g_h) return REAL(shmctl)(id, cmd, buf);
+  long r;
+  switch (cmd) {
+    case IPC_INFO:
+    case SHM_INFO:
+      return REAL(shmctl)(id, cmd, buf);
+    case SHM_STAT:
+    case SHM_STAT_ANY:
+      r = stat_index_result(APPSHOT_SHMID, REAL(shmctl)(id, cmd, buf));
+      if (r >= 0) shm_stat_out(buf);
+      return r;
+  }
+  int sid;
+  if (!id_arg(APPSHOT_SHMID, id, &sid)) return -1;
+  if (cmd == IPC_RMID) {
+    struct shmid_ds ds;
+    key_t skey = REAL(shmctl)(sid, IPC_STAT, &ds) == 0 ? ds.shm_perm.__key
+                                                       : IPC_PRIVATE;
+    r = REAL(shmctl)(sid, cmd, buf);
+    /* The id mapping stays: Linux keeps a removed segment alive, and
+     * usable by id, while it is attached. Init drops it once it is gone. */
+    if (r == 0) unmap_key(APPSHOT_SHMKEY, skey);
+    return r;
+  }
+  r = REAL(shmctl)(sid, cmd, buf);
+  if (r == 0 && cmd == IPC_STAT) shm_stat_out(buf);
+  return r;
+}
+
+API int shmctl(int id, int cmd, struct shmid_ds *buf) {
+  return (int)do_shmctl(id, cmd, buf);
+}
+
+/* --- Message queues ---------------------------------------------------- */
+
+long do_msgsnd(int id, const void *msg, size_t size, int flags) {
+  int sid;
+  if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
+  return REAL(msgsnd)(sid, msg, size, flags);
+}
+
+long do_msgrcv(int id, void *msg, size_t size, long type, int flags) {
+  int sid;
+  if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
+  return REAL(msgrcv)(sid, msg, size, type, flags);
+}
+
+API int msgsnd(int id, const void *msg, size_t size, int flags) {
+  return (int)do_msgsnd(id, msg, size, flags);
+}
+
+API ssize_t msgrcv(int id, void *msg, size_t size, long type, int flags) {
+  return do_msgrcv(id, msg, size, type, flags);
+}
+
+static void msg_stat_out(struct msqid_ds *ds) {
+  ds->msg_perm.__key = vkey(APPSHOT_MSGKEY, ds->msg_perm.__key);
+  ds->msg_lspid = s2v_or0(APPSHOT_PID, ds->msg_lspid);
+  ds->msg_lrpid = s2v_or0(APPSHOT_PID, ds->msg_lrpid);
+}
+
+long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
+  ensure_init();
+  if (!g_h) return REAL(msgctl)(id, cmd, buf);
+  long r;
+  switch (cmd) {
+    case IPC_INFO:
+    case MSG_INFO:
+      return REAL(msgctl)(id, cmd, buf);
+    case MSG_STAT:
+    case MSG_STAT_ANY:
+      r = stat_index_result(APPSHOT_MSGID, REAL(msgctl)(id, cmd, buf));
+      if (r >= 0) msg_stat_out(buf);
+      return r;
+  }
+  int sid;
+  if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
+  if (cmd == IPC_RMID) {
+    struct msqid_ds ds;
+    key_t skey = REAL(msgctl)(sid, IPC_STAT, &ds) == 0 ? ds.msg_perm.__key
+                                                       : IPC_PRIVATE;
+    r = REAL(msgctl)(sid, cmd, buf);
+    if (r == 0) {
+      appshot_unmap_system(g_h, APPSHOT_MSGID, sid);
+      unmap_key(APPSHOT_MSGKEY, skey);
+    }
+    return r;
+  }
+  r = REAL(msgctl)(sid, cmd, buf);
+  if (r == 0 && cmd == IPC_STAT) msg_stat_out(buf);
+  return r;
+}
+
+API int msgctl(int id, int cmd, struct msqid_ds *buf) {
+  return (int)do_msgctl(id, cmd, buf);
+}

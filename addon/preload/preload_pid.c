@@ -1,0 +1,606 @@
+/*
+ * Process and thread ids: getpid/gettid/getppid, fork/vfork/clone, the wait
+ * family, signals, process groups and sessions, and the calls that name a
+ * process to act on (sched_*, priorities, prlimit, pidfd, process_vm_*).
+ *
+ * The model is that of a PID namespace: the application's init is virtual
+ * PID 1, processes outside the application show up as 0, and a process
+ * cannot be reached by an id the application was not given.
+ */
+#include "preload.h"
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/pidfd.h>
+#include <sys/resource.h>
+#include <sys/uio.h>
+#include <termios.h>
+
+#define VINIT 1 /* the application's init */
+
+static inline int raw_err(long r) { return r < 0 && r > -4096; }
+static inline pid_t self_spid(void) {
+  return __atomic_load_n(&g_nocache, __ATOMIC_RELAXED) ? (pid_t)SYS0(getpid)
+                                                       : g_spid;
+}
+
+/* A system PID that the caller just learned from the kernel (a waited-for
+ * child, a new child of an unwrapped spawn): it is ours by definition. */
+static pid_t adopt(pid_t sid) {
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, sid, 0, 0, 0);
+  return v >= 0 ? v : sid;
+}
+
+/* The id of a process to act on (getpgid, sched_*, prlimit...): 0 is the
+ * caller, a negative id is the kernel's to refuse. */
+static int proc_arg(pid_t vid, pid_t *sid, int err) {
+  if (vid <= 0) {
+    *sid = vid;
+    return 0;
+  }
+  return v2s_pid(vid, sid) ? 0 : err;
+}
+
+/* --- The id hand-over between parent and child --------------------------
+ *
+ * The parent maps a new child with fresh=1 (an old entry for the same system
+ * PID is a dead process's), and the child must end up with that very entry.
+ * If both sides simply mapped, a child that ran first would insert an entry
+ * that the parent's fresh mapping then replaces, and the child's cached
+ * getpid would name nobody. So the parent alone maps, and hands the virtual
+ * id over through a shared page the child waits on. */
+struct fork_sync {
+  int32_t state; /* 0: pending, 1: vid is set */
+  int32_t vid;
+};
+
+static __thread struct fork_sync *t_sync TLS_IE;
+static __thread pid_t t_fork_parent TLS_IE;
+static __thread int t_in_fork TLS_IE;
+
+static struct fork_sync *sync_new(void) {
+  long p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE,
+                MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  return raw_err(p) ? NULL : (struct fork_sync *)p;
+}
+
+static void sync_free(struct fork_sync *s) {
+  if (s) SYS2(munmap, s, 4096);
+}
+
+/* Parent side. Without a page (mmap failed) both sides map with fresh=0,
+ * which at least makes them agree. */
+static pid_t sync_parent(struct fork_sync *s, pid_t child, uint32_t flags,
+                         pid_t owner) {
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, child, s != NULL, flags,
+                                 owner);
+  if (s) {
+    s->vid = v;
+    __atomic_store_n(&s->state, 1, __ATOMIC_RELEASE);
+    SYS3(futex, &s->state, FUTEX_WAKE, 1);
+  }
+  return v;
+}
+
+/* Child side: our virtual PID, as the parent mapped it. */
+static int32_t sync_child(struct fork_sync *s, pid_t parent) {
+  pid_t spid = (pid_t)SYS0(getpid);
+  int fresh = 0;
+  if (s) {
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    while (!__atomic_load_n(&s->state, __ATOMIC_ACQUIRE)) {
+      long r = SYS4(futex, &s->state, FUTEX_WAIT, 0, &ts);
+      /* The parent died before it could map us: nobody else will. */
+      if (r == -ETIMEDOUT && SYS2(kill, parent, 0) == -ESRCH) {
+        fresh = 1;
+        break;
+      }
+    }
+    if (!fresh && s->vid >= 0) return s->vid;
+  }
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, fresh, 0, 0);
+  return v >= 0 ? v : spid;
+}
+
+/* Registered with pthread_atfork at init, so that it runs right after
+ * glibc's own fork work: before the child's other atfork handlers (most of
+ * them) and before fork() returns, whoever called it. */
+void pid_atfork_child(void) {
+  if (!g_h) return;
+  int32_t v;
+  if (t_in_fork) {
+    v = sync_child(t_sync, t_fork_parent);
+  } else {
+    /* A fork that did not go through our wrapper (glibc's daemon(),
+     * forkpty()): its parent will not map us, so we do, as a new process. */
+    pid_t spid = (pid_t)SYS0(getpid);
+    v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
+    if (v < 0) v = spid;
+  }
+  t_in_fork = 0;
+  /* The child's memory is its own, whatever the parent shared. */
+  __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+  child_reset_ids(v);
+}
+
+static pid_t do_fork(void) {
+  ensure_init();
+  if (!g_h) return REAL(fork)();
+  /* Signals stay blocked until the child is mapped: a handler that forks
+   * (allowed) would reuse t_sync, one that waits for the child would wait
+   * for a child still waiting for us. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  struct fork_sync *s = sync_new();
+  t_sync = s;
+  t_fork_parent = self_spid();
+  t_in_fork = 1;
+  pid_t pid = REAL(fork)();
+  int err = errno;
+  t_in_fork = 0;
+  pid_t ret = pid;
+  if (pid > 0) {
+    ret = sync_parent(s, pid, 0, 0);
+    if (ret < 0) {
+      /* Not mappable (table full): a child the application cannot name
+       * would be worse than a failed fork. */
+      SYS2(kill, pid, SIGKILL);
+      SYS4(wait4, pid, NULL, __WALL, NULL);
+      appshot_unmap_system(g_h, APPSHOT_PID, pid);
+      err = EAGAIN;
+    }
+  }
+  sync_free(s);
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  errno = err;
+  return ret;
+}
+
+API pid_t fork(void) { return do_fork(); }
+
+/* vfork is fork here. A vfork child borrows the parent's memory until it
+ * execs, and our code runs in it (the child's ids are learned, the table
+ * lock may be taken): it would overwrite the parent's getpid cache and TLS.
+ * A program cannot tell the difference, except that it is a little slower. */
+API pid_t vfork(void) { return do_fork(); }
+
+/* --- clone ---------------------------------------------------------------- */
+
+/* Lives at the top of the child's stack, so the child can read it with or
+ * without CLONE_VM. */
+struct clone_tramp {
+  int (*fn)(void *);
+  void *arg;
+  struct fork_sync *sync;
+  sigset_t mask;
+  pid_t parent;
+  int flags;
+};
+
+static int clone_child(void *p) {
+  struct clone_tramp *t = p;
+  int32_t v;
+  if (t->flags & CLONE_VFORK) {
+    /* The parent sleeps until we exec or exit: we map ourselves. */
+    pid_t spid = (pid_t)SYS0(getpid);
+    v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
+    if (v < 0) v = spid;
+  } else {
+    v = sync_child(t->sync, t->parent);
+  }
+  /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
+  if (!(t->flags & CLONE_VM)) {
+    __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+    child_reset_ids(v);
+  }
+  pthread_sigmask(SIG_SETMASK, &t->mask, NULL);
+  return t->fn(t->arg);
+}
+
+API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
+  va_list ap;
+  va_start(ap, arg);
+  pid_t *ptid = va_arg(ap, pid_t *);
+  void *tls = va_arg(ap, void *);
+  pid_t *ctid = va_arg(ap, pid_t *);
+  va_end(ap);
+  ensure_init();
+  if (!g_h || !fn || !stack)
+    return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
+
+  pid_t parent = self_spid();
+  if (flags & CLONE_VM)
+    __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  if (flags & CLONE_THREAD) {
+    /* A raw thread: its TLS is not ours to cache in, and both sides may map
+     * its TID, hence nocache (set above: CLONE_THREAD implies CLONE_VM). */
+    pid_t tid = REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
+    if (tid <= 0) return tid;
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, 0, APPSHOT_F_THREAD,
+                                   parent);
+    if (v < 0) return tid;
+    appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+    return v;
+  }
+
+  struct clone_tramp *t =
+      (struct clone_tramp *)(((uintptr_t)stack - sizeof *t) & ~(uintptr_t)15);
+  t->fn = fn;
+  t->arg = arg;
+  t->flags = flags;
+  t->parent = parent;
+  t->sync = (flags & CLONE_VFORK) ? NULL : sync_new();
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &t->mask);
+  sigset_t saved = t->mask; /* the child may reuse its stack top */
+  struct fork_sync *s = t->sync;
+  pid_t pid = REAL(clone)(clone_child, t, flags, t, ptid, tls, ctid);
+  int err = errno;
+  pid_t ret = pid;
+  if (pid > 0) {
+    if (flags & CLONE_VFORK) {
+      ret = adopt(pid);
+    } else {
+      ret = sync_parent(s, pid, 0, 0);
+      if (ret < 0) ret = pid;
+    }
+    if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
+      *ptid = ret;
+  }
+  sync_free(s);
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  errno = err;
+  return ret;
+}
+
+/* --- Own ids -------------------------------------------------------------- */
+
+API pid_t getpid(void) {
+  ensure_init();
+  if (UNLIKELY(!g_h)) return (pid_t)SYS0(getpid);
+  return self_vpid();
+}
+
+API pid_t gettid(void) {
+  ensure_init();
+  if (UNLIKELY(!g_h)) return (pid_t)SYS0(gettid);
+  return self_vtid();
+}
+
+long do_getppid(void) {
+  return s2v_or0(APPSHOT_PID, (int32_t)SYS0(getppid));
+}
+
+API pid_t getppid(void) {
+  ensure_init();
+  if (!g_h) return (pid_t)SYS0(getppid);
+  return (pid_t)do_getppid();
+}
+
+/* --- Waiting -------------------------------------------------------------- */
+
+/* The virtual id of a child that a wait call returned; the entry goes if
+ * the call reaped it (the system PID is free from now on). */
+static pid_t waited(pid_t sid, int reaped) {
+  pid_t v = adopt(sid);
+  if (reaped) appshot_unmap_system(g_h, APPSHOT_PID, sid);
+  return v;
+}
+
+long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
+  pid_t sid;
+  int e = pid_arg(pid, &sid, ECHILD);
+  if (e) return fail(e);
+  int st;
+  pid_t r = REAL(wait4)(sid, status ? status : &st, options, ru);
+  if (r <= 0) return r;
+  int s = status ? *status : st;
+  return waited(r, WIFEXITED(s) || WIFSIGNALED(s));
+}
+
+API pid_t wait4(pid_t pid, int *status, int options, struct rusage *ru) {
+  ensure_init();
+  if (!g_h) return REAL(wait4)(pid, status, options, ru);
+  return (pid_t)do_wait4(pid, status, options, ru);
+}
+
+API pid_t waitpid(pid_t pid, int *status, int options) {
+  return wait4(pid, status, options, NULL);
+}
+
+API pid_t wait(int *status) { return wait4(-1, status, 0, NULL); }
+
+API pid_t wait3(int *status, int options, struct rusage *ru) {
+  return wait4(-1, status, options, ru);
+}
+
+long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
+               struct rusage *ru) {
+  pid_t sid = (pid_t)id;
+  if ((idtype == P_PID || idtype == P_PGID) && (pid_t)id > 0 &&
+      !v2s_pid((pid_t)id, &sid))
+    return fail(ECHILD);
+  siginfo_t local;
+  if (!info) info = &local;
+  info->si_pid = 0;
+  int r;
+  if (ru) /* glibc's waitid has no rusage: only the raw syscall gets here */
+    r = (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru));
+  else
+    r = REAL(waitid)(idtype, (id_t)sid, info, options);
+  if (r != 0 || info->si_pid == 0) return r;
+  int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
+               (info->si_code == CLD_EXITED || info->si_code == CLD_KILLED ||
+                info->si_code == CLD_DUMPED);
+  info->si_pid = waited(info->si_pid, reaped);
+  return 0;
+}
+
+API int waitid(idtype_t idtype, id_t id, siginfo_t *info, int options) {
+  ensure_init();
+  if (!g_h) return REAL(waitid)(idtype, id, info, options);
+  return (int)do_waitid(idtype, id, info, options, NULL);
+}
+
+/* si_pid means a sender or a child only for these codes; for the others
+ * the same bytes hold a timer id or a band. */
+static void translate_si_pid(siginfo_t *info) {
+  int c = info->si_code;
+  if (c == SI_USER || c == SI_QUEUE || c == SI_TKILL || c == SI_MESGQ ||
+      (info->si_signo == SIGCHLD && c > 0))
+    info->si_pid = s2v_or0(APPSHOT_PID, info->si_pid);
+}
+
+API int sigtimedwait(const sigset_t *set, siginfo_t *info,
+                     const struct timespec *timeout) {
+  ensure_init();
+  int r = REAL(sigtimedwait)(set, info, timeout);
+  if (r > 0 && info && g_h) translate_si_pid(info);
+  return r;
+}
+
+API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
+  ensure_init();
+  int r = REAL(sigwaitinfo)(set, info);
+  if (r > 0 && info && g_h) translate_si_pid(info);
+  return r;
+}
+
+/* --- Signals -------------------------------------------------------------- */
+
+/* The init is the application's supervisor: it may be asked whether it is
+ * there, not told what to do. */
+static int init_refuses(pid_t vid, int sig) { return vid == VINIT && sig != 0; }
+
+/* kill(-1): every process of the application, not every one of the user. */
+static long kill_application(int sig) {
+  pid_t self = self_spid();
+  int32_t vid, sid;
+  uint32_t flags;
+  int sent = 0;
+  for (uint32_t s = 0; s < g_h->tables[APPSHOT_PID].capacity; s++)
+    if (appshot_entry_at(g_h, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+        !(flags & (APPSHOT_F_THREAD | APPSHOT_F_INIT)) && sid != self &&
+        SYS2(kill, sid, sig) == 0)
+      sent = 1;
+  return sent ? 0 : fail(ESRCH);
+}
+
+long do_kill(pid_t pid, int sig) {
+  if (pid == -1) return kill_application(sig);
+  pid_t sid;
+  int e = pid_arg(pid, &sid, ESRCH);
+  if (e) return fail(e);
+  if (init_refuses(pid, sig)) return fail(EPERM);
+  return libc_ret(SYS2(kill, sid, sig));
+}
+
+API int kill(pid_t pid, int sig) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(kill, pid, sig));
+  return (int)do_kill(pid, sig);
+}
+
+API int killpg(pid_t pgrp, int sig) {
+  if (pgrp < 0) return (int)fail(EINVAL);
+  return kill(-pgrp, sig);
+}
+
+long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig) {
+  pid_t stgid = 0, stid;
+  if (nr == SYS_tgkill && proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
+  if (proc_arg(tid, &stid, ESRCH)) return fail(ESRCH);
+  if (init_refuses(tid, sig)) return fail(EPERM);
+  return nr == SYS_tgkill ? libc_ret(SYS3(tgkill, stgid, stid, sig))
+                          : libc_ret(SYS2(tkill, stid, sig));
+}
+
+API int tgkill(pid_t tgid, pid_t tid, int sig) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS3(tgkill, tgid, tid, sig));
+  return (int)do_tgkill(SYS_tgkill, tgid, tid, sig);
+}
+
+API int sigqueue(pid_t pid, int sig, const union sigval val) {
+  ensure_init();
+  pid_t sid = pid;
+  if (g_h) {
+    if (proc_arg(pid, &sid, ESRCH)) return (int)fail(ESRCH);
+    if (init_refuses(pid, sig)) return (int)fail(EPERM);
+  }
+  return REAL(sigqueue)(sid, sig, val);
+}
+
+long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
+                     siginfo_t *info) {
+  pid_t stgid, stid = 0;
+  if (proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
+  if (nr == SYS_rt_tgsigqueueinfo && proc_arg(tid, &stid, ESRCH))
+    return fail(ESRCH);
+  if (init_refuses(nr == SYS_rt_tgsigqueueinfo ? tid : tgid, sig))
+    return fail(EPERM);
+  return nr == SYS_rt_tgsigqueueinfo
+             ? libc_ret(SYS4(rt_tgsigqueueinfo, stgid, stid, sig, info))
+             : libc_ret(SYS3(rt_sigqueueinfo, stgid, sig, info));
+}
+
+API int pidfd_open(pid_t pid, unsigned int flags) {
+  ensure_init();
+  pid_t sid = pid;
+  if (g_h && proc_arg(pid, &sid, ESRCH)) return (int)fail(ESRCH);
+  return (int)libc_ret(SYS2(pidfd_open, sid, flags));
+}
+
+/* --- Process groups and sessions ------------------------------------------ */
+
+long do_getpgid(pid_t pid) {
+  pid_t sid;
+  if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
+  long r = libc_ret(SYS1(getpgid, sid));
+  return r < 0 ? r : s2v_or0(APPSHOT_PID, (int32_t)r);
+}
+
+long do_getsid(pid_t pid) {
+  pid_t sid;
+  if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
+  long r = libc_ret(SYS1(getsid, sid));
+  return r < 0 ? r : s2v_or0(APPSHOT_PID, (int32_t)r);
+}
+
+long do_setpgid(pid_t pid, pid_t pgid) {
+  pid_t spid, spgid;
+  if (proc_arg(pid, &spid, ESRCH)) return fail(ESRCH);
+  if (proc_arg(pgid, &spgid, EPERM)) return fail(EPERM);
+  return libc_ret(SYS2(setpgid, spid, spgid));
+}
+
+long do_setsid(void) {
+  long r = libc_ret(SYS0(setsid));
+  return r < 0 ? r : self_vpid();
+}
+
+API pid_t getpgid(pid_t pid) {
+  ensure_init();
+  if (!g_h) return (pid_t)libc_ret(SYS1(getpgid, pid));
+  return (pid_t)do_getpgid(pid);
+}
+
+API pid_t getsid(pid_t pid) {
+  ensure_init();
+  if (!g_h) return (pid_t)libc_ret(SYS1(getsid, pid));
+  return (pid_t)do_getsid(pid);
+}
+
+API pid_t getpgrp(void) { return getpgid(0); }
+
+API int setpgid(pid_t pid, pid_t pgid) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(setpgid, pid, pgid));
+  return (int)do_setpgid(pid, pgid);
+}
+
+API pid_t setsid(void) {
+  ensure_init();
+  if (!g_h) return (pid_t)libc_ret(SYS0(setsid));
+  return (pid_t)do_setsid();
+}
+
+static pid_t tty_id(int fd, unsigned long req) {
+  ensure_init();
+  pid_t id;
+  if (libc_ret(SYS3(ioctl, fd, req, &id)) < 0) return -1;
+  return g_h ? s2v_or0(APPSHOT_PID, id) : id;
+}
+
+API pid_t tcgetpgrp(int fd) { return tty_id(fd, TIOCGPGRP); }
+API pid_t tcgetsid(int fd) { return tty_id(fd, TIOCGSID); }
+
+API int tcsetpgrp(int fd, pid_t pgrp) {
+  ensure_init();
+  pid_t sid = pgrp;
+  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)fail(EPERM);
+  return (int)libc_ret(SYS3(ioctl, fd, TIOCSPGRP, &sid));
+}
+
+/* --- Calls that name a process to act on ---------------------------------- */
+
+/* Any system call whose first argument is a PID (0 = the caller). */
+long do_pid_first(long nr, long pid, long b, long c, long d, long e, long f) {
+  pid_t sid = (pid_t)pid;
+  if (g_h && proc_arg((pid_t)pid, &sid, ESRCH)) return fail(ESRCH);
+  return libc_ret(sys6(nr, sid, b, c, d, e, f));
+}
+
+#define PID_FIRST(ret, name, params, ...)                     \
+  API ret name params {                                       \
+    ensure_init();                                            \
+    return (ret)do_pid_first(SYS_##name, pid, __VA_ARGS__);   \
+  }
+#define L(x) ((long)(x))
+
+PID_FIRST(int, sched_setaffinity, (pid_t pid, size_t n, const cpu_set_t *set),
+          L(n), L(set), 0, 0, 0)
+PID_FIRST(int, sched_setscheduler,
+          (pid_t pid, int policy, const struct sched_param *p), policy, L(p),
+          0, 0, 0)
+PID_FIRST(int, sched_getscheduler, (pid_t pid), 0, 0, 0, 0, 0)
+PID_FIRST(int, sched_setparam, (pid_t pid, const struct sched_param *p), L(p),
+          0, 0, 0, 0)
+PID_FIRST(int, sched_getparam, (pid_t pid, struct sched_param *p), L(p), 0, 0,
+          0, 0)
+PID_FIRST(int, sched_rr_get_interval, (pid_t pid, struct timespec *t), L(t), 0,
+          0, 0, 0)
+PID_FIRST(ssize_t, process_vm_readv,
+          (pid_t pid, const struct iovec *l, unsigned long nl,
+           const struct iovec *r, unsigned long nr, unsigned long flags),
+          L(l), L(nl), L(r), L(nr), L(flags))
+PID_FIRST(ssize_t, process_vm_writev,
+          (pid_t pid, const struct iovec *l, unsigned long nl,
+           const struct iovec *r, unsigned long nr, unsigned long flags),
+          L(l), L(nl), L(r), L(nr), L(flags))
+
+API int prlimit(pid_t pid, enum __rlimit_resource res, const struct rlimit *nl,
+                struct rlimit *ol) {
+  ensure_init();
+  return (int)do_pid_first(SYS_prlimit64, pid, res, L(nl), L(ol), 0, 0);
+}
+
+API int prlimit64(pid_t pid, enum __rlimit_resource res,
+                  const struct rlimit64 *nl, struct rlimit64 *ol) {
+  ensure_init();
+  return (int)do_pid_first(SYS_prlimit64, pid, res, L(nl), L(ol), 0, 0);
+}
+
+API int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
+  ensure_init();
+  long r = do_pid_first(SYS_sched_getaffinity, pid, L(size), L(set), 0, 0, 0);
+  if (r < 0) return -1;
+  /* As glibc: the kernel fills only its own mask size, the rest is 0. */
+  memset((char *)set + r, 0, size - (size_t)r);
+  return 0;
+}
+
+/* Raw kernel convention for getpriority (20 - nice); libc converts. */
+long do_prio(long nr, long which, long who, long prio) {
+  pid_t sid = (pid_t)who;
+  if (g_h && (which == PRIO_PROCESS || which == PRIO_PGRP) &&
+      proc_arg((pid_t)who, &sid, ESRCH))
+    return fail(ESRCH);
+  return libc_ret(sys6(nr, which, sid, prio, 0, 0, 0));
+}
+
+API int getpriority(__priority_which_t which, id_t who) {
+  ensure_init();
+  long r = do_prio(SYS_getpriority, which, who, 0);
+  return r < 0 ? -1 : 20 - (int)r;
+}
+
+API int setpriority(__priority_which_t which, id_t who, int prio) {
+  ensure_init();
+  return (int)do_prio(SYS_setpriority, which, who, prio);
+}

@@ -1,0 +1,78 @@
+/*
+ * syscall(): programs that make id system calls through it (gettid before
+ * glibc 2.30, tgkill, pidfd_open, sched_setattr...) get the same
+ * translation as through the libc functions. The kernel's conventions are
+ * kept where they differ from libc's (getpriority returns 20 - nice);
+ * errors are -1 and errno, as syscall() reports them.
+ */
+#include "preload.h"
+
+#include <stdarg.h>
+
+API long syscall(long nr, ...) {
+  va_list ap;
+  va_start(ap, nr);
+  long a = va_arg(ap, long), b = va_arg(ap, long), c = va_arg(ap, long);
+  long d = va_arg(ap, long), e = va_arg(ap, long), f = va_arg(ap, long);
+  va_end(ap);
+  ensure_init();
+  if (!g_h) return libc_ret(sys6(nr, a, b, c, d, e, f));
+  switch (nr) {
+    case SYS_getpid: return self_vpid();
+    case SYS_gettid: return self_vtid();
+    case SYS_getppid: return do_getppid();
+    case SYS_kill: return do_kill((pid_t)a, (int)b);
+    case SYS_tkill: return do_tgkill(nr, 0, (pid_t)a, (int)b);
+    case SYS_tgkill: return do_tgkill(nr, (pid_t)a, (pid_t)b, (int)c);
+    case SYS_rt_sigqueueinfo:
+      return do_sigqueueinfo(nr, (pid_t)a, 0, (int)b, (siginfo_t *)c);
+    case SYS_rt_tgsigqueueinfo:
+      return do_sigqueueinfo(nr, (pid_t)a, (pid_t)b, (int)c, (siginfo_t *)d);
+    case SYS_wait4:
+      return do_wait4((pid_t)a, (int *)b, (int)c, (struct rusage *)d);
+    case SYS_waitid:
+      return do_waitid((idtype_t)a, (id_t)b, (siginfo_t *)c, (int)d,
+                       (struct rusage *)e);
+    case SYS_getpgid: return do_getpgid((pid_t)a);
+    case SYS_getpgrp: return do_getpgid(0);
+    case SYS_getsid: return do_getsid((pid_t)a);
+    case SYS_setpgid: return do_setpgid((pid_t)a, (pid_t)b);
+    case SYS_setsid: return do_setsid();
+    case SYS_getpriority:
+    case SYS_setpriority: return do_prio(nr, a, b, c);
+    case SYS_pidfd_open:
+    case SYS_sched_setaffinity:
+    case SYS_sched_getaffinity:
+    case SYS_sched_setscheduler:
+    case SYS_sched_getscheduler:
+    case SYS_sched_setparam:
+    case SYS_sched_getparam:
+    case SYS_sched_rr_get_interval:
+    case SYS_sched_setattr:
+    case SYS_sched_getattr:
+    case SYS_prlimit64:
+    case SYS_process_vm_readv:
+    case SYS_process_vm_writev: return do_pid_first(nr, a, b, c, d, e, f);
+    case SYS_semget: return do_ipc_get(APPSHOT_SEMID, (key_t)a, b, c);
+    case SYS_shmget: return do_ipc_get(APPSHOT_SHMID, (key_t)a, b, c);
+    case SYS_msgget: return do_ipc_get(APPSHOT_MSGID, (key_t)a, b, 0);
+    case SYS_semop:
+      return do_semtimedop((int)a, (struct sembuf *)b, (size_t)c, NULL);
+    case SYS_semtimedop:
+      return do_semtimedop((int)a, (struct sembuf *)b, (size_t)c,
+                           (const struct timespec *)d);
+    case SYS_semctl: {
+      union semun u;
+      u.__buf = (struct seminfo *)d; /* the kernel takes it by register */
+      return do_semctl((int)a, (int)b, (int)c, u);
+    }
+    case SYS_shmat: return do_shmat((int)a, (const void *)b, (int)c);
+    case SYS_shmctl: return do_shmctl((int)a, (int)b, (struct shmid_ds *)c);
+    case SYS_msgsnd:
+      return do_msgsnd((int)a, (const void *)b, (size_t)c, (int)d);
+    case SYS_msgrcv:
+      return do_msgrcv((int)a, (void *)b, (size_t)c, d, (int)e);
+    case SYS_msgctl: return do_msgctl((int)a, (int)b, (struct msqid_ds *)c);
+  }
+  return libc_ret(sys6(nr, a, b, c, d, e, f));
+}

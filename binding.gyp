@@ -1,0 +1,40 @@
+{
+  # Three products, all built by `npm install` (node-gyp):
+  #  - appshot.node: the Node addon (tables today; ptrace tomorrow)
+  #  - appshot_preload.so: the LD_PRELOAD library, plain C, which lives
+  #    inside the user's programs and so must not drag in libstdc++
+  #  - appshot-init: each application's supervisor (virtual PID 1)
+  "target_defaults": {
+    "include_dirs": ["addon/include"],
+    "cflags": ["-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+  },
+  "targets": [
+    {
+      "target_name": "appshot",
+      "sources": ["addon/src/addon.cc", "addon/include/appshot_table.c"],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
+      "cflags_cc": ["-std=c++17"]
+    },
+    {
+      "target_name": "appshot_preload",
+      "type": "shared_library",
+      "product_name": "appshot_preload",
+      "sources": ["<!@(ls -1 addon/preload/*.c)", "addon/include/appshot_table.c"],
+      # Node's common.gypi asks for 64-bit file offsets, which renames open,
+      # stat, prlimit... to their *64 twins. The preload library defines both
+      # names of each itself, so it is compiled without that renaming.
+      "defines!": ["_FILE_OFFSET_BITS=64", "_LARGEFILE_SOURCE"],
+      "cflags": ["-fPIC", "-fvisibility=hidden", "-ftls-model=initial-exec"],
+      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now"],
+      "libraries": ["-ldl", "-lpthread"]
+    },
+    {
+      "target_name": "appshot-init",
+      "type": "executable",
+      "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c"],
+      "ldflags": ["-Wl,--as-needed"],
+      "libraries": ["-lpthread"]
+    }
+  ]
+}
