@@ -1,0 +1,315 @@
+/*
+ * appshot-init: the supervisor of one application, its virtual PID 1.
+ *
+ *   appshot-init --tables PATH --state-dir DIR --preload LIB --aid A
+ *                [--status-fd N] -- cmd args...
+ *
+ * Why a separate C process rather than the Node CLI:
+ *  - It is a child subreaper, so every process that daemonizes (double
+ *    fork, setsid) is reparented here and stays inside the application, and
+ *    it sees getppid() == 1 exactly as under a container's init.
+ *  - It must outlive `appshot run` when the first process exits but daemons
+ *    remain, and a resident Node process would cost ~40 MB per application.
+ *  - Knowing when the last process of the application is gone is simple
+ *    here: waitpid(-1) answers ECHILD only when no descendant is left.
+ *
+ * It reports to the CLI over --status-fd, one line per event:
+ *   "S <vpid> <pid>"   the command was exec'd
+ *   "E <errno>"        the command could not be exec'd
+ *   "X <code>"         the first process ended (exit code, or 128 + signal)
+ *
+ * When the last process ends it removes what the application owned: its
+ * SysV objects, its translation tables and its registry directory.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/msg.h>
+#include <sys/prctl.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "appshot_table.h"
+
+/* How often stale entries are swept out of the tables. The kernel hands out
+ * PIDs cyclically, so a dead process's PID is not reused for a long while;
+ * this only bounds how long a dead id stays visible in `appshot table`. */
+#define SWEEP_SECONDS 2
+
+static struct appshot_header *tables;
+static const char *tables_path, *state_dir, *preload_lib, *aid;
+static int status_fd = -1;
+
+static void die(const char *what) {
+  fprintf(stderr, "appshot-init: %s: %s\n", what, strerror(errno));
+  exit(125);
+}
+
+static void report(const char *fmt, long a, long b) {
+  if (status_fd < 0) return;
+  char line[64];
+  int n = snprintf(line, sizeof line, fmt, a, b);
+  if (write(status_fd, line, (size_t)n) < 0) {
+    /* The CLI went away (detached run, or it was killed): stop reporting. */
+    close(status_fd);
+    status_fd = -1;
+  }
+}
+
+static int exit_code_of(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return 125;
+}
+
+/* The environment of the application: ours plus the three variables that
+ * make the preload library translate through this application's tables. */
+static void set_app_env(void) {
+  const char *old = getenv("LD_PRELOAD");
+  if (old && *old) {
+    size_t n = strlen(preload_lib) + strlen(old) + 2;
+    char *both = malloc(n);
+    if (!both) die("malloc");
+    snprintf(both, n, "%s %s", preload_lib, old);
+    setenv("LD_PRELOAD", both, 1);
+  } else {
+    setenv("LD_PRELOAD", preload_lib, 1);
+  }
+  setenv("APPSHOT_TABLES", tables_path, 1);
+  setenv("APPSHOT_AID", aid, 1);
+}
+
+/* Forks and execs the command; returns its PID, or -errno if exec failed. */
+static pid_t launch(char **argv, const sigset_t *orig_mask) {
+  int pipefd[2];
+  if (pipe2(pipefd, O_CLOEXEC) != 0) die("pipe");
+  pid_t pid = fork();
+  if (pid < 0) die("fork");
+  if (pid == 0) {
+    close(pipefd[0]);
+    if (status_fd >= 0) close(status_fd);
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, orig_mask, NULL);
+    set_app_env();
+    execvp(argv[0], argv);
+    int err = errno;
+    if (write(pipefd[1], &err, sizeof err) < 0) _exit(127);
+    _exit(err == ENOENT ? 127 : 126);
+  }
+  close(pipefd[1]);
+  /* Bind it now, not only when its preload library starts: a static binary
+   * or a shell script's interpreter must be in the table as well. */
+  appshot_map_system(tables, APPSHOT_PID, pid, 1, 0, 0);
+  int err = 0;
+  ssize_t n;
+  do n = read(pipefd[0], &err, sizeof err);
+  while (n < 0 && errno == EINTR);
+  close(pipefd[0]);
+  if (n == (ssize_t)sizeof err) {
+    waitpid(pid, NULL, 0);
+    appshot_unmap_system(tables, APPSHOT_PID, pid);
+    return -err;
+  }
+  return pid;
+}
+
+/* Signals every process of the application but init itself. */
+static void signal_application(int sig) {
+  int32_t vid, sid;
+  uint32_t flags;
+  for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
+    if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+        !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)))
+      kill(sid, sig);
+}
+
+static int ipc_gone(enum appshot_kind kind, int32_t sid) {
+  int rc;
+  switch (kind) {
+    case APPSHOT_SEMID: {
+      struct semid_ds ds;
+      rc = semctl(sid, 0, IPC_STAT, &ds);
+      break;
+    }
+    case APPSHOT_SHMID: {
+      struct shmid_ds ds;
+      rc = shmctl(sid, IPC_STAT, &ds);
+      break;
+    }
+    case APPSHOT_MSGID: {
+      struct msqid_ds ds;
+      rc = msgctl(sid, IPC_STAT, &ds);
+      break;
+    }
+    default: return 0;
+  }
+  return rc != 0 && (errno == EINVAL || errno == EIDRM);
+}
+
+/* Drops entries whose object no longer exists: processes reaped by a parent
+ * that does not run our library (or that ignores SIGCHLD), threads that died
+ * with their process, IPC objects removed from outside. */
+static void sweep(void) {
+  int32_t vid, sid;
+  uint32_t flags;
+  for (int k = 0; k <= APPSHOT_MSGID; k++)
+    for (uint32_t s = 0; s < tables->tables[k].capacity; s++) {
+      if (!appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid,
+                            &flags, NULL))
+        continue;
+      int gone = k == APPSHOT_PID
+                     ? !(flags & APPSHOT_F_INIT) && kill(sid, 0) != 0 &&
+                           errno == ESRCH
+                     : ipc_gone((enum appshot_kind)k, sid);
+      if (gone) appshot_unmap_system(tables, (enum appshot_kind)k, sid);
+    }
+}
+
+/* The application's SysV objects go with it, as with a container's IPC
+ * namespace: once the tables are gone, nothing could reach them by the keys
+ * the application used anyway. */
+static void remove_ipc_objects(void) {
+  int32_t vid, sid;
+  for (uint32_t s = 0; s < tables->tables[APPSHOT_SEMID].capacity; s++)
+    if (appshot_entry_at(tables, APPSHOT_SEMID, s, &vid, &sid, NULL, NULL))
+      semctl(sid, 0, IPC_RMID);
+  for (uint32_t s = 0; s < tables->tables[APPSHOT_SHMID].capacity; s++)
+    if (appshot_entry_at(tables, APPSHOT_SHMID, s, &vid, &sid, NULL, NULL))
+      shmctl(sid, IPC_RMID, NULL);
+  for (uint32_t s = 0; s < tables->tables[APPSHOT_MSGID].capacity; s++)
+    if (appshot_entry_at(tables, APPSHOT_MSGID, s, &vid, &sid, NULL, NULL))
+      msgctl(sid, IPC_RMID, NULL);
+}
+
+static void remove_state_dir(void) {
+  DIR *d = opendir(state_dir);
+  if (d) {
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+      if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+        unlinkat(dirfd(d), de->d_name, 0);
+    closedir(d);
+  }
+  rmdir(state_dir);
+}
+
+static void clean_up(void) {
+  remove_ipc_objects();
+  unlink(tables_path);
+  remove_state_dir();
+}
+
+static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
+                                SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+
+int main(int argc, char **argv) {
+  int i = 1;
+  for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+    const char *opt = argv[i];
+    if (i + 1 >= argc) break;
+    const char *val = argv[++i];
+    if (!strcmp(opt, "--tables")) tables_path = val;
+    else if (!strcmp(opt, "--state-dir")) state_dir = val;
+    else if (!strcmp(opt, "--preload")) preload_lib = val;
+    else if (!strcmp(opt, "--aid")) aid = val;
+    else if (!strcmp(opt, "--status-fd")) status_fd = atoi(val);
+    else {
+      fprintf(stderr, "appshot-init: unknown option %s\n", opt);
+      return 125;
+    }
+  }
+  if (!tables_path || !state_dir || !preload_lib || !aid || i + 1 >= argc) {
+    fprintf(stderr,
+            "usage: appshot-init --tables PATH --state-dir DIR --preload LIB "
+            "--aid A [--status-fd N] -- cmd args...\n");
+    return 125;
+  }
+  char **cmd = &argv[i + 1];
+  if (status_fd >= 0) fcntl(status_fd, F_SETFD, FD_CLOEXEC);
+
+  tables = appshot_table_open(tables_path);
+  if (!tables) die(tables_path);
+  if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
+  tables->init_pid = getpid();
+  if (appshot_bind(tables, APPSHOT_PID, 1, getpid(), APPSHOT_F_INIT, 0) != 0)
+    die("binding virtual PID 1");
+
+  sigset_t waited, orig;
+  sigemptyset(&waited);
+  sigaddset(&waited, SIGCHLD);
+  for (size_t k = 0; k < sizeof forwarded / sizeof forwarded[0]; k++)
+    sigaddset(&waited, forwarded[k]);
+  sigprocmask(SIG_BLOCK, &waited, &orig);
+  signal(SIGPIPE, SIG_IGN);
+
+  pid_t first = launch(cmd, &orig);
+  if (first < 0) {
+    report("E %ld\n", -first, 0);
+    clean_up();
+    return -first == ENOENT ? 127 : 126;
+  }
+  int32_t first_vid = 0;
+  appshot_s2v(tables, APPSHOT_PID, first, &first_vid);
+  report("S %ld %ld\n", first_vid, first);
+
+  int first_alive = 1, code = 0;
+  for (;;) {
+    struct timespec timeout = {SWEEP_SECONDS, 0};
+    siginfo_t si;
+    int sig = sigtimedwait(&waited, &si, &timeout);
+    if (sig < 0) {
+      if (errno == EAGAIN) sweep();
+      continue;
+    }
+    if (sig != SIGCHLD) {
+      /* A terminal's Ctrl-C or Ctrl-\ already reached the whole foreground
+       * process group, the application included: passing it on would
+       * deliver it twice. */
+      if ((sig == SIGINT || sig == SIGQUIT) && si.si_code == SI_KERNEL)
+        continue;
+      if (first_alive) kill(first, sig);
+      else signal_application(sig);
+      continue;
+    }
+    for (;;) {
+      int status;
+      pid_t pid = waitpid(-1, &status, WNOHANG);
+      if (pid > 0) {
+        appshot_unmap_system(tables, APPSHOT_PID, pid);
+        if (pid == first) {
+          first_alive = 0;
+          code = exit_code_of(status);
+          report("X %ld\n", code, 0);
+          if (status_fd >= 0) close(status_fd);
+          status_fd = -1;
+          /* Daemons may live on. Leave the terminal's session, so that
+           * closing it does not hang them up through us, and let go of the
+           * harness's stdio, so that whoever reads it sees it end. */
+          setsid();
+          int null = open("/dev/null", O_RDWR);
+          if (null >= 0) {
+            dup2(null, 0);
+            dup2(null, 1);
+            dup2(null, 2);
+            if (null > 2) close(null);
+          }
+        }
+        continue;
+      }
+      if (pid < 0 && errno == ECHILD) {
+        clean_up();
+        return code;
+      }
+      break;
+    }
+  }
+}

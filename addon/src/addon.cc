@@ -1,0 +1,198 @@
+// appshot's Node addon: the native primitives the TypeScript drivers use.
+//
+// Today: reading and writing an application's translation tables (the layout
+// lives in appshot_table.h, shared with the preload library and init).
+// Every function is synchronous and runs on the JS thread. That is on
+// purpose: ptrace, which joins this addon next, belongs to the thread that
+// attached, so the drivers must keep to one OS thread.
+#include <napi.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include <sys/msg.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+
+extern "C" {
+#include "appshot_table.h"
+}
+
+namespace {
+
+// Throws a JS Error carrying the errno name as `code`, like Node's own fs
+// errors, so the CLI can turn it into one clear message.
+void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
+  Napi::Error e = Napi::Error::New(env, what + ": " + std::strerror(err));
+  const char* name = strerrorname_np(err);
+  e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.ThrowAsJavaScriptException();
+}
+
+bool ParseKind(const Napi::Env& env, const Napi::Value& v, appshot_kind* out) {
+  std::string name = v.As<Napi::String>().Utf8Value();
+  for (int k = 0; k < APPSHOT_KINDS; k++)
+    if (name == appshot_kind_name(static_cast<appshot_kind>(k))) {
+      *out = static_cast<appshot_kind>(k);
+      return true;
+    }
+  Napi::TypeError::New(env, "unknown resource kind: " + name)
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
+// Opens a table file for the length of one call.
+class OpenTables {
+ public:
+  explicit OpenTables(const std::string& path)
+      : h_(appshot_table_open(path.c_str())), err_(errno) {}
+  ~OpenTables() { appshot_table_close(h_); }
+  appshot_header* get() const { return h_; }
+  int err() const { return err_; }
+
+ private:
+  appshot_header* h_;
+  int err_;
+};
+
+// createTables(path, aid, salt: bigint)
+Napi::Value CreateTables(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string aid = info[1].As<Napi::String>().Utf8Value();
+  bool lossless;
+  uint64_t salt = info[2].As<Napi::BigInt>().Uint64Value(&lossless);
+  appshot_header* h = appshot_table_create(path.c_str(), aid.c_str(), salt);
+  if (!h) {
+    ThrowErrno(env, "creating tables " + path, errno);
+    return env.Undefined();
+  }
+  appshot_table_close(h);
+  return env.Undefined();
+}
+
+// readTables(path) -> { aid, initPid, repairs, tables: { kind: [entry] } }
+Napi::Value ReadTables(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  appshot_header* h = t.get();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("aid", Napi::String::New(env, h->aid));
+  out.Set("initPid", Napi::Number::New(env, h->init_pid));
+  out.Set("repairs", Napi::Number::New(env, h->repairs));
+  Napi::Object tables = Napi::Object::New(env);
+  for (int k = 0; k < APPSHOT_KINDS; k++) {
+    auto kind = static_cast<appshot_kind>(k);
+    Napi::Array rows = Napi::Array::New(env);
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < h->tables[k].capacity; s++) {
+      int32_t vid, sid, owner;
+      uint32_t flags;
+      if (!appshot_entry_at(h, kind, s, &vid, &sid, &flags, &owner)) continue;
+      Napi::Object row = Napi::Object::New(env);
+      row.Set("virtual", Napi::Number::New(env, vid));
+      row.Set("system", Napi::Number::New(env, sid));
+      row.Set("flags", Napi::Number::New(env, flags));
+      row.Set("owner", Napi::Number::New(env, owner));
+      rows.Set(n++, row);
+    }
+    tables.Set(appshot_kind_name(kind), rows);
+  }
+  out.Set("tables", tables);
+  return out;
+}
+
+// bind(path, kind, virtual, system, flags?)
+Napi::Value Bind(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  appshot_kind kind;
+  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
+  OpenTables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables", t.err());
+    return env.Undefined();
+  }
+  int32_t vid = info[2].As<Napi::Number>().Int32Value();
+  int32_t sid = info[3].As<Napi::Number>().Int32Value();
+  uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
+  if (appshot_bind(t.get(), kind, vid, sid, flags, 0) != 0)
+    ThrowErrno(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid), errno);
+  return env.Undefined();
+}
+
+// mapSystem(path, kind, system) -> virtual: the virtual id of a system id,
+// allocated now if the table has none (the "first sight" rule).
+Napi::Value MapSystem(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  appshot_kind kind;
+  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
+  OpenTables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables", t.err());
+    return env.Undefined();
+  }
+  int32_t sid = info[2].As<Napi::Number>().Int32Value();
+  int32_t vid = appshot_map_system(t.get(), kind, sid, 0, 0, 0);
+  if (vid < 0) {
+    ThrowErrno(env, "mapping " + std::to_string(sid), errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, vid);
+}
+
+// unmapSystem(path, kind, system) -> boolean
+Napi::Value UnmapSystem(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  appshot_kind kind;
+  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
+  OpenTables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables", t.err());
+    return env.Undefined();
+  }
+  int32_t sid = info[2].As<Napi::Number>().Int32Value();
+  return Napi::Boolean::New(env, appshot_unmap_system(t.get(), kind, sid) != 0);
+}
+
+// removeIpcObject(kind, system) -> boolean: IPC_RMID on a system id. Used
+// when an application's supervisor died before it could clean up.
+Napi::Value RemoveIpcObject(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  appshot_kind kind;
+  if (!ParseKind(env, info[0], &kind)) return env.Undefined();
+  int32_t sid = info[1].As<Napi::Number>().Int32Value();
+  int rc = -1;
+  switch (kind) {
+    case APPSHOT_SEMID: rc = semctl(sid, 0, IPC_RMID); break;
+    case APPSHOT_SHMID: rc = shmctl(sid, IPC_RMID, nullptr); break;
+    case APPSHOT_MSGID: rc = msgctl(sid, IPC_RMID, nullptr); break;
+    default: break;
+  }
+  return Napi::Boolean::New(env, rc == 0);
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
+  exports.Set("createTables", Napi::Function::New(env, CreateTables));
+  exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  exports.Set("bind", Napi::Function::New(env, Bind));
+  exports.Set("mapSystem", Napi::Function::New(env, MapSystem));
+  exports.Set("unmapSystem", Napi::Function::New(env, UnmapSystem));
+  Napi::Object flags = Napi::Object::New(env);
+  flags.Set("INIT", Napi::Number::New(env, APPSHOT_F_INIT));
+  flags.Set("THREAD", Napi::Number::New(env, APPSHOT_F_THREAD));
+  flags.Set("THREADS", Napi::Number::New(env, APPSHOT_F_THREADS));
+  exports.Set("flags", flags);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(appshot, Init)
