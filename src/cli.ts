@@ -1,0 +1,177 @@
+/**
+ * appshot's command line. Each command is a thin layer over a module; this
+ * file owns only argument parsing, output format and exit codes.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { createReadStream, existsSync, statSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { AppshotError, ExitCode } from './errors.js';
+import { execIn, run } from './harness.js';
+import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
+import { LocalRegistry, checkAid } from './registry.js';
+
+const program = new Command();
+const registry = () => new LocalRegistry();
+const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+
+program
+  .name('appshot')
+  .description(
+    'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
+      'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
+  )
+  .version('0.1.0')
+  .showHelpAfterError('(run with --help for usage)')
+  .exitOverride();
+
+program
+  .command('run')
+  .description('register an application id (AID) and run a command as that application')
+  .option('--aid <name>', 'the AID to register (default: a generated one, printed)')
+  .option('-d, --detach', 'run in the background; output goes to the log (appshot logs AID)', false)
+  .option('--json', 'with --detach: print {aid, vpid, pid} as JSON', false)
+  .argument('<command...>', 'the command and its arguments (put them after --)')
+  .addHelpText(
+    'after',
+    '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n\n' +
+      'The exit status is the command\'s own (128 + N if it was killed by signal N); 127 if it\n' +
+      'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
+      'inside the application after `appshot run` returns.',
+  )
+  .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean }) => {
+    if (opts.aid !== undefined) checkAid(opts.aid);
+    const code = await run(registry(), command, {
+      aid: opts.aid,
+      detach: opts.detach,
+      onStarted: (record, vpid, pid) => {
+        if (opts.detach) {
+          if (opts.json) json({ aid: record.aid, vpid, pid });
+          else process.stdout.write(record.aid + '\n');
+        } else if (!opts.aid) {
+          process.stderr.write(`appshot: running as AID ${record.aid}\n`);
+        }
+      },
+    });
+    process.exitCode = code;
+  });
+
+program
+  .command('ps')
+  .description('list applications and their processes, with virtual and system PIDs')
+  .argument('[aid]', 'only this application')
+  .option('--json', 'machine-readable output', false)
+  .action((aid: string | undefined, opts: { json: boolean }) => {
+    const reg = registry();
+    const records = aid ? [reg.require(aid)] : reg.list();
+    const rows = listProcesses(reg, records);
+    if (opts.json) {
+      json(records.map((r) => ({ aid: r.aid, command: r.command, detached: r.detached, createdAt: r.createdAt, processes: rows.filter((p) => p.aid === r.aid) })));
+      return;
+    }
+    printColumns(
+      ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
+      rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
+    );
+  });
+
+program
+  .command('table')
+  .description("print an application's translation tables (every resource kind, virtual <-> system)")
+  .argument('<aid>', 'the application')
+  .option('--json', 'machine-readable output', false)
+  .action((aid: string, opts: { json: boolean }) => {
+    const reg = registry();
+    const record = reg.require(aid);
+    const tables = reg.readTables(record);
+    if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
+    const rows = tableRows(tables);
+    if (opts.json) {
+      json({ aid, tables: tables.tables, repairs: tables.repairs });
+      return;
+    }
+    printColumns(
+      ['KIND', 'VIRTUAL', 'SYSTEM', 'NOTE'],
+      rows.map((r) => [r.kind, formatId(r.kind, r.virtual), formatId(r.kind, r.system), r.note]),
+    );
+  });
+
+program
+  .command('exec')
+  .description("run a command inside an application's virtual view (e.g. kill -HUP <vpid>)")
+  .argument('<aid>', 'the application')
+  .argument('<command...>', 'the command and its arguments (put them after --)')
+  .action(async (aid: string, command: string[]) => {
+    process.exitCode = await execIn(registry(), aid, command);
+  });
+
+program
+  .command('logs')
+  .description('print the output of an application started with run --detach')
+  .argument('<aid>', 'the application')
+  .option('-f, --follow', 'keep printing new output until the application ends', false)
+  .action(async (aid: string, opts: { follow: boolean }) => {
+    const record = registry().require(aid);
+    if (!record.logPath)
+      throw new AppshotError(`'${aid}' runs in the foreground: its output goes to the terminal of 'appshot run'`, ExitCode.usage);
+    let offset = 0;
+    const pump = async () => {
+      if (!existsSync(record.logPath!)) return false;
+      const size = statSync(record.logPath!).size;
+      if (size > offset) {
+        await new Promise<void>((resolve, reject) =>
+          createReadStream(record.logPath!, { start: offset, end: size - 1 })
+            .on('end', resolve)
+            .on('error', reject)
+            .pipe(process.stdout, { end: false }),
+        );
+        offset = size;
+      }
+      return true;
+    };
+    await pump();
+    while (opts.follow && (await pump())) await sleep(200);
+  });
+
+program
+  .command('stop')
+  .description('send a signal (default SIGTERM) to every process of an application')
+  .argument('<aid>', 'the application')
+  .addOption(new Option('-s, --signal <name>', 'signal to send').default('SIGTERM'))
+  .action((aid: string, opts: { signal: string }) => {
+    const record = registry().require(aid);
+    const sig = opts.signal.toUpperCase().startsWith('SIG') ? opts.signal.toUpperCase() : `SIG${opts.signal.toUpperCase()}`;
+    try {
+      // init passes it to the first process, or to all once that is gone.
+      process.kill(record.initPid!, sig as NodeJS.Signals);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ERR_UNKNOWN_SIGNAL') throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
+      throw new AppshotError(`cannot signal '${aid}': ${code}`);
+    }
+  });
+
+async function main(): Promise<void> {
+  try {
+    await program.parseAsync(process.argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // Help and version end here too, with exit code 0.
+      process.exitCode = e.exitCode === 0 ? 0 : ExitCode.usage;
+      return;
+    }
+    if (e instanceof AppshotError) {
+      process.stderr.write(`appshot: ${e.message}\n`);
+      process.exitCode = e.exitCode;
+      return;
+    }
+    const err = e as NodeJS.ErrnoException;
+    if (err && typeof err.code === 'string' && err.syscall) {
+      process.stderr.write(`appshot: ${err.message}\n`);
+      process.exitCode = ExitCode.failure;
+      return;
+    }
+    throw e;
+  }
+}
+
+await main();

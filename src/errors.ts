@@ -1,0 +1,24 @@
+/**
+ * Errors the CLI reports as one line and a meaningful exit code, never as a
+ * stack trace. Anything else that escapes is a bug and is shown as such.
+ */
+export const ExitCode = {
+  ok: 0,
+  failure: 1,
+  usage: 2,
+  notFound: 3,
+  conflict: 4,
+  /** The command given to `run` or `exec` could not be executed (as in sh). */
+  notExecutable: 126,
+  commandNotFound: 127,
+} as const;
+
+export class AppshotError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number = ExitCode.failure,
+  ) {
+    super(message);
+    this.name = 'AppshotError';
+  }
+}

@@ -1,0 +1,181 @@
+/**
+ * The harness (the specification's process_x, FIG. 10): registers the AID,
+ * creates its tables and launches the command under the application's
+ * supervisor, appshot-init, with the preload library in its environment.
+ *
+ *   appshot (this)  ── spawns ──>  appshot-init (virtual PID 1, subreaper)
+ *                                       └── the command (virtual PID 2) ...
+ *
+ * init reports over a pipe (fd 3): S when the command was exec'd, E when it
+ * could not be, X with the exit code of the first process. The harness exits
+ * with that code, like a foreground runner; init stays as long as any
+ * process of the application does (daemons) and then cleans up.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import { createInterface } from 'node:readline';
+import { isatty } from 'node:tty';
+import { join } from 'node:path';
+import { AppshotError, ExitCode } from './errors.js';
+import { paths } from './native.js';
+import { readStat } from './procfs.js';
+import { type AppRecord, type Registry } from './registry.js';
+
+export interface RunOptions {
+  aid?: string;
+  detach: boolean;
+  rules?: string;
+  /** Called once the command runs, with its record. */
+  onStarted?: (record: AppRecord, vpid: number, pid: number) => void;
+}
+
+/** Signals the harness passes on to the application. SIGINT and SIGQUIT from
+ * a terminal reach the whole foreground process group, the application
+ * included, so they are only passed on when there is no terminal. */
+/** The shell's convention for a process killed by a signal: 128 + its number. */
+export function exitCodeOf(code: number | null, signal: NodeJS.Signals | null): number {
+  if (code !== null) return code;
+  return 128 + ((signal && (osConstants.signals as Record<string, number>)[signal]) || 0);
+}
+
+const FORWARDED: NodeJS.Signals[] = ['SIGTERM', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'];
+const TERMINAL_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGQUIT'];
+
+/** Passes signals sent to appshot on to `send`; returns the undo. */
+function forwardSignals(send: (sig: NodeJS.Signals) => void): () => void {
+  // Not process.stdin.isTTY: touching process.stdin opens fd 0 as a libuv
+  // stream, which sets O_NONBLOCK on the file description the application
+  // shares, and its blocking reads would then fail with EAGAIN.
+  const terminal = isatty(0);
+  const handlers = new Map<NodeJS.Signals, () => void>();
+  for (const sig of [...FORWARDED, ...TERMINAL_SIGNALS]) {
+    // Installed even when it does nothing: it stops Node's default of dying.
+    const h = TERMINAL_SIGNALS.includes(sig) && terminal ? () => {} : () => send(sig);
+    handlers.set(sig, h);
+    process.on(sig, h);
+  }
+  return () => {
+    for (const [sig, h] of handlers) process.off(sig, h);
+  };
+}
+
+/** Environment variables that put a process inside an application. */
+export function applicationEnv(record: AppRecord, base: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  const others = (base.LD_PRELOAD ?? '').split(/[ :]/).filter((p) => p && p !== paths.preload);
+  return {
+    ...base,
+    LD_PRELOAD: [paths.preload, ...others].join(' '),
+    APPSHOT_TABLES: record.tables,
+    APPSHOT_AID: record.aid,
+  };
+}
+
+function execFailure(command: string, errno: number): AppshotError {
+  const reason = errno === 2 ? 'command not found' : errno === 13 ? 'permission denied' : `error ${errno}`;
+  return new AppshotError(
+    `cannot run '${command}': ${reason}`,
+    errno === 2 ? ExitCode.commandNotFound : ExitCode.notExecutable,
+  );
+}
+
+export async function run(registry: Registry, command: string[], opts: RunOptions): Promise<number> {
+  if (command.length === 0) throw new AppshotError('no command given: appshot run [--aid A] -- cmd args...', ExitCode.usage);
+  const fill = (stateDir: string) => ({
+    command,
+    cwd: process.cwd(),
+    createdAt: new Date().toISOString(),
+    detached: opts.detach,
+    ...(opts.detach ? { logPath: join(stateDir, 'log') } : {}),
+  });
+  const record = opts.aid ? registry.register(opts.aid, fill) : registry.registerGenerated(fill);
+
+  let init: ChildProcess;
+  let logFd: number | undefined;
+  try {
+    if (record.logPath) logFd = openSync(record.logPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_APPEND, 0o600);
+    const stdio = logFd === undefined ? (['inherit', 'inherit', 'inherit', 'pipe'] as const) : (['ignore', logFd, logFd, 'pipe'] as const);
+    init = spawn(
+      paths.init,
+      ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--', ...command],
+      { stdio: [...stdio], detached: opts.detach },
+    );
+    if (init.pid === undefined) throw new AppshotError(`cannot start ${paths.init}`);
+    record.initPid = init.pid;
+    record.initStartTime = readStat(init.pid)?.startTime;
+    // init removes the registration itself when the command cannot be
+    // exec'd, and it may have done so already: its report says why.
+    try {
+      registry.update(record);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+  } catch (e) {
+    registry.release(record);
+    throw e;
+  } finally {
+    if (logFd !== undefined) closeSync(logFd);
+  }
+
+  const exited = new Promise<number>((resolve) =>
+    init.on('exit', (code, signal) => resolve(exitCodeOf(code, signal))),
+  );
+  const stopForwarding = forwardSignals((sig) => {
+    try {
+      process.kill(init.pid!, sig);
+    } catch {
+      /* init already gone */
+    }
+  });
+
+  const status = init.stdio[3] as NodeJS.ReadableStream;
+  const lines = createInterface({ input: status });
+  for await (const line of lines) {
+    const [tag, a, b] = line.split(' ');
+    if (tag === 'E') {
+      await exited;
+      throw execFailure(command[0], Number(a));
+    }
+    if (tag === 'S') {
+      opts.onStarted?.(record, Number(a), Number(b));
+      if (opts.detach) {
+        lines.close();
+        status.removeAllListeners();
+        (status as unknown as { destroy(): void }).destroy();
+        init.unref();
+        stopForwarding();
+        return ExitCode.ok;
+      }
+    }
+    if (tag === 'X') {
+      // The first process ended. Daemons it left behind stay with init.
+      lines.close();
+      init.unref();
+      stopForwarding();
+      return Number(a);
+    }
+  }
+  // The pipe closed without a verdict: init itself died (SIGKILL, say).
+  const code = await exited;
+  const current = registry.get(record.aid);
+  if (current && current.initPid === record.initPid) registry.release(current);
+  stopForwarding();
+  throw new AppshotError(`the supervisor of '${record.aid}' died (exit ${code})`, code || ExitCode.failure);
+}
+
+/** `appshot exec A -- cmd`: runs cmd inside A's virtual view. */
+export async function execIn(registry: Registry, aid: string, command: string[]): Promise<number> {
+  if (command.length === 0) throw new AppshotError('no command given: appshot exec A -- cmd args...', ExitCode.usage);
+  const record = registry.require(aid);
+  const child = spawn(command[0], command.slice(1), { stdio: 'inherit', env: applicationEnv(record) });
+  const stopForwarding = forwardSignals((sig) => child.kill(sig));
+  return await new Promise<number>((resolve, reject) => {
+    child.on('error', (e: NodeJS.ErrnoException) =>
+      reject(execFailure(command[0], e.code === 'ENOENT' ? 2 : e.code === 'EACCES' ? 13 : (e.errno ?? 0))),
+    );
+    child.on('exit', (code, signal) => {
+      stopForwarding();
+      resolve(exitCodeOf(code, signal));
+    });
+  });
+}

@@ -1,0 +1,77 @@
+/** What `appshot ps` and `appshot table` show: an application's processes
+ * and translation tables, read from its tables and /proc. */
+import { kinds, type Kind, type TablesSnapshot } from './native.js';
+import { readCmdline, readStat } from './procfs.js';
+import { type AppRecord, type LocalRegistry } from './registry.js';
+
+export interface ProcessRow {
+  aid: string;
+  vpid: number;
+  pid: number;
+  /** Virtual PID of the parent; 0 when the parent is outside the app. */
+  vppid: number;
+  state: string;
+  threads: number;
+  init: boolean;
+  command: string;
+}
+
+const INIT_FLAG = 0x1;
+const THREAD_FLAG = 0x2;
+
+export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
+  const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
+  const rows: ProcessRow[] = [];
+  for (const e of tables.tables.pid) {
+    if (e.flags & THREAD_FLAG) continue;
+    const st = readStat(e.system);
+    if (!st) continue; // died a moment ago; its entry goes at the next reap
+    const init = (e.flags & INIT_FLAG) !== 0;
+    rows.push({
+      aid: record.aid,
+      vpid: e.virtual,
+      pid: e.system,
+      vppid: init ? 0 : (toVirtual.get(st.ppid) ?? 0),
+      state: st.state,
+      threads: st.threads,
+      init,
+      command: init ? '[appshot-init]' : readCmdline(e.system).join(' ') || `[${st.comm}]`,
+    });
+  }
+  return rows.sort((a, b) => a.vpid - b.vpid);
+}
+
+export function listProcesses(registry: LocalRegistry, records: AppRecord[]): ProcessRow[] {
+  return records.flatMap((r) => {
+    const t = registry.readTables(r);
+    return t ? processesOf(r, t) : [];
+  });
+}
+
+const KEY_KINDS: Kind[] = ['semkey', 'shmkey', 'msgkey'];
+
+/** IPC keys read best in hex, as ipcs prints them. */
+export function formatId(kind: Kind, id: number): string {
+  return KEY_KINDS.includes(kind) ? `0x${(id >>> 0).toString(16).padStart(8, '0')}` : String(id);
+}
+
+export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number; system: number; note: string }[] {
+  return kinds.flatMap((kind) =>
+    [...tables.tables[kind]]
+      .sort((a, b) => a.virtual - b.virtual)
+      .map((e) => ({
+        kind,
+        virtual: e.virtual,
+        system: e.system,
+        note: e.flags & INIT_FLAG ? 'init' : e.flags & THREAD_FLAG ? `thread of ${e.owner}` : '',
+      })),
+  );
+}
+
+/** Prints rows as aligned columns under a header. */
+export function printColumns(header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ').trimEnd();
+  process.stdout.write([line(header), ...rows.map(line)].join('\n') + '\n');
+}

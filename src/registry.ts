@@ -1,0 +1,234 @@
+/**
+ * The AID registry (the specification's AID generator): which applications
+ * exist on this node and where their tables and state live.
+ *
+ * `Registry` is the interface the rest of appshot uses; `LocalRegistry` keeps
+ * it in a state directory, one directory per AID. Registration is atomic
+ * because mkdir(2) is: of two `appshot run --aid X` at once, exactly one
+ * creates apps/X. A farm-wide backend on a distributed store implements the
+ * same interface later.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { AppshotError, ExitCode } from './errors.js';
+import { addon, type TablesSnapshot } from './native.js';
+import { isSameProcess } from './procfs.js';
+
+export interface AppRecord {
+  aid: string;
+  /** Path of the translation tables in /dev/shm. */
+  tables: string;
+  /** This AID's directory in the state directory. */
+  stateDir: string;
+  command: string[];
+  cwd: string;
+  createdAt: string;
+  detached: boolean;
+  /** Output of a detached application. */
+  logPath?: string;
+  /** The application's supervisor, virtual PID 1. */
+  initPid?: number;
+  initStartTime?: number;
+}
+
+export interface Registry {
+  /** Claims an AID; throws (ExitCode.conflict) if it is taken. */
+  register(aid: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord;
+  /** Claims a fresh generated AID. */
+  registerGenerated(fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord;
+  update(record: AppRecord): void;
+  get(aid: string): AppRecord | undefined;
+  /** Like get, but a missing AID is an error naming it. */
+  require(aid: string): AppRecord;
+  list(): AppRecord[];
+  /** Removes everything an application left: IPC objects, tables, state. */
+  release(record: AppRecord): void;
+}
+
+const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+export function checkAid(aid: string): void {
+  if (!AID_PATTERN.test(aid))
+    throw new AppshotError(
+      `invalid AID '${aid}': use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+      ExitCode.usage,
+    );
+}
+
+export function defaultHome(): string {
+  if (process.env.APPSHOT_HOME) return process.env.APPSHOT_HOME;
+  if (process.getuid?.() === 0) return '/var/lib/appshot';
+  const state = process.env.XDG_STATE_HOME || join(homedir(), '.local', 'state');
+  return join(state, 'appshot');
+}
+
+export class LocalRegistry implements Registry {
+  readonly home: string;
+  private readonly appsDir: string;
+  /** Distinguishes this registry's tables in /dev/shm from another's
+   * (root's and each user's, or a test's private APPSHOT_HOME). */
+  private readonly tag: string;
+
+  constructor(home = defaultHome()) {
+    this.appsDir = join(home, 'apps');
+    mkdirSync(this.appsDir, { recursive: true, mode: 0o755 });
+    this.home = realpathSync(home);
+    this.tag = createHash('sha256').update(this.home).digest('hex').slice(0, 8);
+  }
+
+  private tablesPath(aid: string): string {
+    return `/dev/shm/appshot-${this.tag}-${aid}`;
+  }
+
+  register(aid: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+    checkAid(aid);
+    const stateDir = join(this.appsDir, aid);
+    if (!this.claim(stateDir)) {
+      const existing = this.get(aid);
+      // A registration whose supervisor and processes are all gone (it was
+      // killed with SIGKILL) is reclaimed rather than blocking the name.
+      if (existing && this.isStale(existing)) {
+        this.release(existing);
+        if (this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
+      }
+      throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
+    }
+    return this.finishRegistration(aid, stateDir, fill);
+  }
+
+  registerGenerated(fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+    for (;;) {
+      const aid = `app-${randomBytes(4).toString('hex')}`;
+      const stateDir = join(this.appsDir, aid);
+      if (this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
+    }
+  }
+
+  private claim(stateDir: string): boolean {
+    try {
+      mkdirSync(stateDir, { mode: 0o700 });
+      return true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+      throw e;
+    }
+  }
+
+  private finishRegistration(aid: string, stateDir: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+    const tables = this.tablesPath(aid);
+    try {
+      const record: AppRecord = { aid, stateDir, tables, ...fill(stateDir, tables) };
+      // A leftover of a registration that was killed between its mkdir and
+      // its tables: the name is ours now, so is the file.
+      if (existsSync(tables)) unlinkSync(tables);
+      addon().createTables(tables, aid, randomBytes(8).readBigUInt64LE());
+      this.update(record);
+      return record;
+    } catch (e) {
+      rmSync(stateDir, { recursive: true, force: true });
+      rmSync(tables, { force: true });
+      throw e;
+    }
+  }
+
+  update(record: AppRecord): void {
+    const file = join(record.stateDir, 'app.json');
+    writeFileSync(`${file}.tmp`, JSON.stringify(record, null, 2));
+    renameSync(`${file}.tmp`, file);
+  }
+
+  get(aid: string): AppRecord | undefined {
+    if (!AID_PATTERN.test(aid)) return undefined;
+    const stateDir = join(this.appsDir, aid);
+    try {
+      return JSON.parse(readFileSync(join(stateDir, 'app.json'), 'utf8')) as AppRecord;
+    } catch {
+      // Registered this instant but not written yet, or half-removed by a
+      // supervisor that is cleaning up: either way, not an app to act on.
+      return undefined;
+    }
+  }
+
+  require(aid: string): AppRecord {
+    checkAid(aid);
+    const record = this.get(aid);
+    if (!record || this.isStale(record)) {
+      if (record) this.release(record);
+      throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
+    }
+    return record;
+  }
+
+  list(): AppRecord[] {
+    const out: AppRecord[] = [];
+    for (const aid of readdirSync(this.appsDir).sort()) {
+      const record = this.get(aid);
+      if (!record) {
+        this.dropOrphanDir(aid);
+        continue;
+      }
+      if (this.isStale(record)) this.release(record);
+      else out.push(record);
+    }
+    return out;
+  }
+
+  /** Reads an application's tables, or undefined if they are gone. */
+  readTables(record: AppRecord): TablesSnapshot | undefined {
+    try {
+      return addon().readTables(record.tables);
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Dead when its supervisor is gone and no process of its table lives. */
+  isStale(record: AppRecord): boolean {
+    if (record.initPid === undefined) {
+      // Registered but never started: stale only once its creator is gone,
+      // which a registration older than a minute surely is.
+      return Date.now() - Date.parse(record.createdAt) > 60_000;
+    }
+    if (isSameProcess(record.initPid, record.initStartTime)) return false;
+    const t = this.readTables(record);
+    return !t || t.tables.pid.every((e) => !isSameProcess(e.system, undefined) || e.system === record.initPid);
+  }
+
+  release(record: AppRecord): void {
+    const t = this.readTables(record);
+    if (t) {
+      const native = addon();
+      for (const kind of ['semid', 'shmid', 'msgid'] as const)
+        for (const e of t.tables[kind]) native.removeIpcObject(kind, e.system);
+    }
+    rmSync(record.tables, { force: true });
+    rmSync(record.stateDir, { recursive: true, force: true });
+  }
+
+  private dropOrphanDir(aid: string): void {
+    // A directory without app.json: being registered right now (leave it),
+    // or left by a registration killed before it wrote app.json.
+    const dir = join(this.appsDir, aid);
+    try {
+      if (Date.now() - statSync(dir).mtimeMs > 60_000) {
+        rmSync(dir, { recursive: true, force: true });
+        rmSync(this.tablesPath(aid), { force: true });
+      }
+    } catch {
+      /* already gone */
+    }
+  }
+}
