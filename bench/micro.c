@@ -1,0 +1,51 @@
+/* The per-call cost of the id-carrying calls appshot intercepts. Prints one
+ * JSON object of nanoseconds per call. Run it natively and under
+ * `appshot run` in the same session and compare (bench/run.js does). */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/ipc.h>
+#include <sys/sem.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile long sink;
+
+static double now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+#define TIME(label, n, body)                          \
+  do {                                                \
+    double t0 = now_ns();                             \
+    for (long i = 0; i < (n); i++) { body; }          \
+    printf("%s\"%s\":%.2f", first ? "" : ",", label, (now_ns() - t0) / (n)); \
+    first = 0;                                        \
+  } while (0)
+
+int main(int argc, char **argv) {
+  long n = argc > 1 ? atol(argv[1]) : 2000000;
+  long forks = argc > 2 ? atol(argv[2]) : 2000;
+  int first = 1;
+  int sem = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
+  if (sem < 0) { perror("semget"); return 1; }
+  struct sembuf up = {0, 1, 0}, down = {0, -1, 0};
+  pid_t self = getpid();
+  printf("{");
+  TIME("getpid", n, sink += getpid());
+  TIME("getppid", n, sink += getppid());
+  TIME("kill(self,0)", n, sink += kill(self, 0));
+  TIME("semop", n, sink += semop(sem, (i & 1) ? &down : &up, 1));
+  TIME("fork+wait", forks, {
+    pid_t c = fork();
+    if (c == 0) _exit(0);
+    int st;
+    sink += waitpid(c, &st, 0);
+  });
+  printf("}\n");
+  semctl(sem, 0, IPC_RMID);
+  return 0;
+}

@@ -1,0 +1,151 @@
+/**
+ * Test helpers: run the real appshot CLI on real programs. Each test file
+ * gets its own APPSHOT_HOME, so files can run in parallel and leave nothing
+ * in the developer's registry.
+ */
+import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { createInterface, type Interface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+export const cli = join(root, 'bin', 'appshot.js');
+export const fixture = (name: string) => join(root, 'test', 'fixtures', 'bin', name);
+
+export interface Result {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export class Sandbox {
+  readonly home = mkdtempSync(join(tmpdir(), 'appshot-test-'));
+  readonly env = { ...process.env, APPSHOT_HOME: this.home };
+  private readonly started: ChildProcessWithoutNullStreams[] = [];
+
+  /** Runs `appshot args...` to completion. */
+  run(args: string[], input?: string): Result {
+    const r = spawnSync(process.execPath, [cli, ...args], { env: this.env, input, encoding: 'utf8', timeout: 50_000 });
+    return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
+  }
+
+  json<T = unknown>(args: string[]): T {
+    const r = this.run([...args, '--json']);
+    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout) as T;
+  }
+
+  /** Starts `appshot args...` and returns a handle to talk to it. */
+  start(args: string[]): Running {
+    const child = spawn(process.execPath, [cli, ...args], { env: this.env });
+    this.started.push(child);
+    return new Running(child);
+  }
+
+  /** The AIDs registered in this sandbox. */
+  aids(): string[] {
+    try {
+      return readdirSync(join(this.home, 'apps'));
+    } catch {
+      return [];
+    }
+  }
+
+  /** Table files of this sandbox's registry still in /dev/shm (named by a
+   * hash of the registry's real path, as the registry does). */
+  shmFiles(): string[] {
+    const tag = createHash('sha256').update(realpathSync(this.home)).digest('hex').slice(0, 8);
+    return readdirSync('/dev/shm').filter((f) => f.startsWith(`appshot-${tag}-`));
+  }
+
+  async dispose(): Promise<void> {
+    for (const aid of this.aids()) this.run(['stop', aid, '--signal', 'KILL']);
+    for (const c of this.started) if (c.exitCode === null) c.kill('SIGKILL');
+    await waitFor(() => this.aids().length === 0, 10_000).catch(() => undefined);
+    rmSync(this.home, { recursive: true, force: true });
+  }
+}
+
+export class Running {
+  private readonly lines: string[] = [];
+  private readonly waiters: (() => void)[] = [];
+  private readonly out: Interface;
+  stderr = '';
+  readonly exited: Promise<Result>;
+
+  constructor(readonly child: ChildProcessWithoutNullStreams) {
+    this.out = createInterface({ input: child.stdout });
+    this.out.on('line', (l) => {
+      this.lines.push(l);
+      for (const w of this.waiters.splice(0)) w();
+    });
+    child.stderr.on('data', (d) => (this.stderr += d));
+    this.exited = new Promise((resolve) =>
+      child.on('close', (code, signal) => resolve({ code, signal, stdout: this.lines.join('\n'), stderr: this.stderr })),
+    );
+  }
+
+  /** Resolves with the first line matching `re` (already seen or to come). */
+  async line(re: RegExp, timeoutMs = 20_000): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      for (const l of this.lines) {
+        const m = l.match(re);
+        if (m) return m;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0 || this.child.exitCode !== null)
+        throw new Error(`no line matching ${re}; output so far:\n${this.lines.join('\n')}\nstderr: ${this.stderr}`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, Math.min(left, 200));
+        this.waiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+
+  output(): string[] {
+    return [...this.lines];
+  }
+
+  send(text: string): void {
+    this.child.stdin.write(text);
+  }
+}
+
+export async function waitFor(cond: () => boolean, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Whether a system PID names a live (non-zombie) process. */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  const r = spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' });
+  return r.status === 0 && !r.stdout.trim().startsWith('Z');
+}
+
+/** System ids of the SysV objects that exist now, by kind. */
+export function systemIpcIds(): { sem: number[]; shm: number[]; msg: number[] } {
+  const read = (f: string) => {
+    return readFileSync(`/proc/sysvipc/${f}`, 'utf8')
+      .split('\n')
+      .slice(1)
+      .filter((l: string) => l.trim())
+      .map((l: string) => Number(l.trim().split(/\s+/)[1]));
+  };
+  return { sem: read('sem'), shm: read('shm'), msg: read('msg') };
+}

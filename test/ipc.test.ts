@@ -1,0 +1,57 @@
+// SysV semaphores, shared memory and message queues through virtual ids
+// and virtual keys.
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, systemIpcIds } from './helpers.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+interface Entry {
+  virtual: number;
+  system: number;
+}
+type Tables = Record<'semid' | 'shmid' | 'msgid' | 'semkey' | 'shmkey' | 'msgkey', Entry[]>;
+
+describe('SysV IPC', () => {
+  it('lets two processes share a set, a segment and a queue by virtual id, with virtual PIDs in IPC_STAT and GETPID', async () => {
+    const app = sb.start(['run', '--aid', 'ipc', '--', fixture('ipc'), 'hold']);
+    await app.line(/^READY$/);
+    const ids = JSON.parse(app.output().find((l) => l.startsWith('{'))!);
+    const t = sb.json<{ tables: Tables }>(['table', 'ipc']).tables;
+    const system = systemIpcIds();
+    const check = (kind: 'semid' | 'shmid' | 'msgid', vid: number, live: number[]) => {
+      expect(t[kind]).toHaveLength(1);
+      expect(t[kind][0].virtual).toBe(vid);
+      expect(live).toContain(t[kind][0].system);
+    };
+    check('semid', ids.semid, system.sem);
+    check('shmid', ids.shmid, system.shm);
+    check('msgid', ids.msqid, system.msg);
+    // The keys the app used are virtual: the system objects carry others.
+    expect(t.semkey).toEqual([{ virtual: 0x5432, system: expect.any(Number), flags: 0, owner: 0 }]);
+    expect(t.semkey[0].system).not.toBe(0x5432);
+    expect(t.shmkey[0].virtual).toBe(0x5433);
+    expect(t.msgkey[0].virtual).toBe(0x5434);
+    app.child.stdin.end();
+    const r = await app.exited;
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/\nOK\nREADY$/);
+  });
+
+  it('gives two applications that use the same key different system objects', async () => {
+    const a = sb.start(['run', '--aid', 'ka', '--', fixture('ipc'), 'hold']);
+    const b = sb.start(['run', '--aid', 'kb', '--', fixture('ipc'), 'hold']);
+    await a.line(/^READY$/);
+    await b.line(/^READY$/);
+    const ta = sb.json<{ tables: Tables }>(['table', 'ka']).tables;
+    const tb = sb.json<{ tables: Tables }>(['table', 'kb']).tables;
+    // Both created key 0x5432 with IPC_EXCL and succeeded: no collision.
+    expect(ta.semkey[0].virtual).toBe(tb.semkey[0].virtual);
+    expect(ta.semkey[0].system).not.toBe(tb.semkey[0].system);
+    expect(ta.semid[0].system).not.toBe(tb.semid[0].system);
+    a.child.stdin.end();
+    b.child.stdin.end();
+    expect((await a.exited).code).toBe(0);
+    expect((await b.exited).code).toBe(0);
+  });
+});

@@ -1,0 +1,55 @@
+// Virtual PIDs: translation in both directions for real process trees.
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, fixture, Sandbox } from './helpers.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+interface Entry {
+  virtual: number;
+  system: number;
+  flags: number;
+}
+
+describe('virtual PIDs', () => {
+  it('gives a tree of 65 concurrently forking processes unique ids and a consistent table', async () => {
+    const app = sb.start(['run', '--aid', 'tree', '--', fixture('forktree'), '8', '7']);
+    const ready = await app.line(/^READY (\d+)$/);
+    const rootVpid = Number(ready[1]);
+    const reports = app
+      .output()
+      .filter((l) => /^\d+ \d+ \d+$/.test(l))
+      .map((l) => l.split(' ').map(Number));
+    expect(reports).toHaveLength(64);
+    const table = sb.json<{ tables: { pid: Entry[] } }>(['table', 'tree']).tables.pid;
+    const byVirtual = new Map(table.map((e) => [e.virtual, e.system]));
+    const vpids = new Set<number>();
+    for (const [vpid, vppid, sysPid] of reports) {
+      vpids.add(vpid);
+      // What the process saw is what the table says, and the system agrees.
+      expect(byVirtual.get(vpid)).toBe(sysPid);
+      expect(alive(sysPid)).toBe(true);
+      // Its parent is the root or one of the reported children.
+      expect(vppid === rootVpid || reports.some((r) => r[0] === vppid)).toBe(true);
+    }
+    expect(vpids.size).toBe(64);
+    // One to one: no system PID appears twice either.
+    expect(new Set(table.map((e) => e.system)).size).toBe(table.length);
+    app.send('go\n');
+    const r = await app.exited;
+    expect(r.stdout).toMatch(/\nOK$/);
+    expect(r.code).toBe(0);
+  });
+
+  it('reaches the right processes with kill, waitpid, killpg, sigqueue, waitid, tgkill and /proc/<vpid>', () => {
+    const r = sb.run(['run', '--', fixture('signals')]);
+    expect(r.stdout).toBe('OK\n');
+    expect(r.code).toBe(0);
+  });
+
+  it('puts children of posix_spawn, vfork and system() in the application', () => {
+    const r = sb.run(['run', '--', fixture('spawn'), fixture('ids')]);
+    expect(r.stdout).toBe('OK\n');
+    expect(r.code).toBe(0);
+  });
+});
