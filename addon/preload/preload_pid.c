@@ -191,6 +191,9 @@ static int clone_child(void *p) {
     if (v < 0) v = spid;
   } else {
     v = sync_child(t->sync, t->parent);
+    /* Shared address space: the page is gone for both once we drop it,
+     * so the parent leaves that to us (see clone()). */
+    if (t->flags & CLONE_VM) sync_free(t->sync);
   }
   /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
   if (!(t->flags & CLONE_VM)) {
@@ -252,7 +255,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
       *ptid = ret;
   }
-  sync_free(s);
+  if (!(flags & CLONE_VM) || pid <= 0) sync_free(s);
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
   return ret;
