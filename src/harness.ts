@@ -86,12 +86,24 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     cwd: process.cwd(),
     createdAt: new Date().toISOString(),
     detached: opts.detach,
+    harnessPid: process.pid,
+    harnessStartTime: readStat(process.pid)?.startTime,
     ...(opts.detach ? { logPath: join(stateDir, 'log') } : {}),
   });
   const record = opts.aid ? registry.register(opts.aid, fill) : registry.registerGenerated(fill);
 
-  let init: ChildProcess;
+  let init: ChildProcess | undefined;
   let logFd: number | undefined;
+  // Installed before init exists: the application may be up and reporting
+  // before this function reaches its first await, and a signal that came in
+  // the meantime must be passed on, not kill the harness.
+  const stopForwarding = forwardSignals((sig) => {
+    try {
+      if (init?.pid) process.kill(init.pid, sig);
+    } catch {
+      /* init already gone */
+    }
+  });
   try {
     if (record.logPath) logFd = openSync(record.logPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_APPEND, 0o600);
     const stdio = logFd === undefined ? (['inherit', 'inherit', 'inherit', 'pipe'] as const) : (['ignore', logFd, logFd, 'pipe'] as const);
@@ -111,6 +123,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
     }
   } catch (e) {
+    stopForwarding();
     registry.release(record);
     throw e;
   } finally {
@@ -120,13 +133,6 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   const exited = new Promise<number>((resolve) =>
     init.on('exit', (code, signal) => resolve(exitCodeOf(code, signal))),
   );
-  const stopForwarding = forwardSignals((sig) => {
-    try {
-      process.kill(init.pid!, sig);
-    } catch {
-      /* init already gone */
-    }
-  });
 
   const status = init.stdio[3] as NodeJS.ReadableStream;
   const lines = createInterface({ input: status });

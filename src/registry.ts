@@ -22,7 +22,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
@@ -39,16 +39,22 @@ export interface AppRecord {
   detached: boolean;
   /** Output of a detached application. */
   logPath?: string;
+  /** The `appshot run` that registered it, until the supervisor is known. */
+  harnessPid: number;
+  harnessStartTime?: number;
   /** The application's supervisor, virtual PID 1. */
   initPid?: number;
   initStartTime?: number;
 }
 
+/** Fills in a new registration, given where its state and tables go. */
+export type RecordFill = (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>;
+
 export interface Registry {
   /** Claims an AID; throws (ExitCode.conflict) if it is taken. */
-  register(aid: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord;
+  register(aid: string, fill: RecordFill): AppRecord;
   /** Claims a fresh generated AID. */
-  registerGenerated(fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord;
+  registerGenerated(fill: RecordFill): AppRecord;
   update(record: AppRecord): void;
   get(aid: string): AppRecord | undefined;
   /** Like get, but a missing AID is an error naming it. */
@@ -66,6 +72,21 @@ export function checkAid(aid: string): void {
       `invalid AID '${aid}': use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit`,
       ExitCode.usage,
     );
+}
+
+/** Removes an AID's directory so that no one ever sees it half-removed:
+ * renamed first (atomic) to a hidden name that is no AID, then deleted. A
+ * remover killed in between leaves only the hidden name, which the next
+ * listing sweeps away. appshot-init removes it the same way. */
+function removeDir(dir: string): void {
+  const doomed = join(dirname(dir), `.${basename(dir)}.removed-${process.pid}`);
+  try {
+    renameSync(dir, doomed);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  rmSync(doomed, { recursive: true, force: true });
 }
 
 export function defaultHome(): string {
@@ -93,7 +114,7 @@ export class LocalRegistry implements Registry {
     return `/dev/shm/appshot-${this.tag}-${aid}`;
   }
 
-  register(aid: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+  register(aid: string, fill: RecordFill): AppRecord {
     checkAid(aid);
     const stateDir = join(this.appsDir, aid);
     if (!this.claim(stateDir)) {
@@ -109,7 +130,7 @@ export class LocalRegistry implements Registry {
     return this.finishRegistration(aid, stateDir, fill);
   }
 
-  registerGenerated(fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+  registerGenerated(fill: RecordFill): AppRecord {
     for (;;) {
       const aid = `app-${randomBytes(4).toString('hex')}`;
       const stateDir = join(this.appsDir, aid);
@@ -127,7 +148,7 @@ export class LocalRegistry implements Registry {
     }
   }
 
-  private finishRegistration(aid: string, stateDir: string, fill: (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>): AppRecord {
+  private finishRegistration(aid: string, stateDir: string, fill: RecordFill): AppRecord {
     const tables = this.tablesPath(aid);
     try {
       const record: AppRecord = { aid, stateDir, tables, ...fill(stateDir, tables) };
@@ -138,7 +159,7 @@ export class LocalRegistry implements Registry {
       this.update(record);
       return record;
     } catch (e) {
-      rmSync(stateDir, { recursive: true, force: true });
+      removeDir(stateDir);
       rmSync(tables, { force: true });
       throw e;
     }
@@ -175,6 +196,11 @@ export class LocalRegistry implements Registry {
   list(): AppRecord[] {
     const out: AppRecord[] = [];
     for (const aid of readdirSync(this.appsDir).sort()) {
+      if (aid.startsWith('.')) {
+        // A removal that was killed half-way (see removeDir).
+        rmSync(join(this.appsDir, aid), { recursive: true, force: true });
+        continue;
+      }
       const record = this.get(aid);
       if (!record) {
         this.dropOrphanDir(aid);
@@ -195,16 +221,19 @@ export class LocalRegistry implements Registry {
     }
   }
 
-  /** Dead when its supervisor is gone and no process of its table lives. */
+  /** Dead when its supervisor is gone and no process of its table lives.
+   * The supervisor's PID is in the tables as soon as it runs, and in
+   * app.json a moment later: a harness killed in between must not leave a
+   * registration that looks alive. */
   isStale(record: AppRecord): boolean {
-    if (record.initPid === undefined) {
-      // Registered but never started: stale only once its creator is gone,
-      // which a registration older than a minute surely is.
-      return Date.now() - Date.parse(record.createdAt) > 60_000;
-    }
-    if (isSameProcess(record.initPid, record.initStartTime)) return false;
     const t = this.readTables(record);
-    return !t || t.tables.pid.every((e) => !isSameProcess(e.system, undefined) || e.system === record.initPid);
+    const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
+    if (initPid === undefined) {
+      // No supervisor yet: alive while the harness that registered it is.
+      return !isSameProcess(record.harnessPid, record.harnessStartTime);
+    }
+    if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
+    return !t || t.tables.pid.every((e) => e.system === initPid || !isSameProcess(e.system, undefined));
   }
 
   release(record: AppRecord): void {
@@ -215,7 +244,7 @@ export class LocalRegistry implements Registry {
         for (const e of t.tables[kind]) native.removeIpcObject(kind, e.system);
     }
     rmSync(record.tables, { force: true });
-    rmSync(record.stateDir, { recursive: true, force: true });
+    removeDir(record.stateDir);
   }
 
   private dropOrphanDir(aid: string): void {
@@ -224,7 +253,7 @@ export class LocalRegistry implements Registry {
     const dir = join(this.appsDir, aid);
     try {
       if (Date.now() - statSync(dir).mtimeMs > 60_000) {
-        rmSync(dir, { recursive: true, force: true });
+        removeDir(dir);
         rmSync(this.tablesPath(aid), { force: true });
       }
     } catch {

@@ -6,7 +6,9 @@
  * that: no allocation, no stdio, no global constructors, and every lookup
  * path must stay async-signal-safe.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include "appshot_table.h"
 
 #include <errno.h>
@@ -278,7 +280,7 @@ static void rebuild(struct appshot_header *h, struct appshot_table *t) {
   STORE(&t->active, idle);
 }
 
-void appshot_lock(struct appshot_header *h, sigset_t *saved) {
+int appshot_lock(struct appshot_header *h, sigset_t *saved) {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, saved);
@@ -290,7 +292,15 @@ void appshot_lock(struct appshot_header *h, sigset_t *saved) {
     for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
     h->repairs++;
     pthread_mutex_consistent(&h->lock);
+    rc = 0;
   }
+  if (rc != 0) {
+    /* ENOTRECOVERABLE or EDEADLK: not ours to write under. */
+    pthread_sigmask(SIG_SETMASK, saved, NULL);
+    errno = rc;
+    return -1;
+  }
+  return 0;
 }
 
 void appshot_unlock(struct appshot_header *h, const sigset_t *saved) {
@@ -408,11 +418,18 @@ static int32_t allocate_vid(const struct appshot_header *h,
 int32_t appshot_map_system_locked(struct appshot_header *h,
                                   enum appshot_kind kind, int32_t sid,
                                   int fresh, uint32_t flags, int32_t owner) {
+  (void)fresh;
   struct appshot_table *t = &h->tables[kind];
-  uint64_t p = probe(h, t, 1, sid, NULL);
-  if (p != APPSHOT_PAIR_FREE) {
-    if (!fresh) return pair_vid(p);
-    unmap_locked(h, t, sid); /* the system reused the id: the old one died */
+  uint32_t slot;
+  if (slot_of_sid(h, t, sid, &slot)) {
+    /* Mapped already: by the object itself (a child that registered before
+     * its parent's fork() returned), or by an object that died and whose id
+     * the system handed out again; the new one then simply inherits the
+     * virtual id, as a reused PID does in the kernel. Only a thread entry
+     * found for a process, or the reverse, proves the entry stale. */
+    const struct appshot_entry *e = &entries_of(h, t)[slot];
+    if (!((e->flags ^ flags) & APPSHOT_F_THREAD)) return pair_vid(e->pair);
+    unmap_locked(h, t, sid);
   }
   int32_t vid = allocate_vid(h, t);
   if (vid < 0) return -1;
@@ -438,12 +455,16 @@ int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
                            int32_t sid, int fresh, uint32_t flags,
                            int32_t owner) {
   /* Fast path: most callers find the id mapped already. */
-  if (!fresh) {
-    int32_t vid;
-    if (appshot_s2v(h, kind, sid, &vid)) return vid;
+  uint32_t slot;
+  if (slot_of_sid(h, &h->tables[kind], sid, &slot)) {
+    const struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
+    uint64_t p = LOAD(&e->pair);
+    if (p != APPSHOT_PAIR_FREE && pair_sid(p) == sid &&
+        !((LOAD(&e->flags) ^ flags) & APPSHOT_F_THREAD))
+      return pair_vid(p);
   }
   sigset_t saved;
-  appshot_lock(h, &saved);
+  if (appshot_lock(h, &saved) != 0) return -1;
   int32_t vid = appshot_map_system_locked(h, kind, sid, fresh, flags, owner);
   int err = errno;
   appshot_unlock(h, &saved);
@@ -454,7 +475,7 @@ int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
 int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
                  int32_t vid, int32_t sid, uint32_t flags, int32_t owner) {
   sigset_t saved;
-  appshot_lock(h, &saved);
+  if (appshot_lock(h, &saved) != 0) return -1;
   int rc = appshot_bind_locked(h, kind, vid, sid, flags, owner);
   int err = errno;
   appshot_unlock(h, &saved);
@@ -465,7 +486,7 @@ int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
 int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
                          int32_t sid) {
   sigset_t saved;
-  appshot_lock(h, &saved);
+  if (appshot_lock(h, &saved) != 0) return 0;
   int rc = unmap_locked(h, &h->tables[kind], sid);
   appshot_unlock(h, &saved);
   return rc;
@@ -474,7 +495,7 @@ int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
                        int32_t sid, uint32_t flags) {
   sigset_t saved;
-  appshot_lock(h, &saved);
+  if (appshot_lock(h, &saved) != 0) return;
   struct appshot_table *t = &h->tables[kind];
   uint32_t slot;
   if (slot_of_sid(h, t, sid, &slot)) {

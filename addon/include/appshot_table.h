@@ -134,10 +134,11 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
 /* --- Writes: take the robust mutex ------------------------------------- */
 
 /* Maps sid to a newly allocated virtual id, or returns the one it already
- * has. With `fresh`, sid is known to name a new object (fork just returned
- * it), so an old mapping of the same sid is stale (the system reused the id)
- * and is replaced. Returns the virtual id, or -1 with errno (ENOSPC when the
- * table is full). */
+ * has. An existing PID entry whose APPSHOT_F_THREAD bit differs from
+ * `flags` is stale (a thread's TID now names a process, or the reverse) and
+ * is replaced. `fresh` is accepted for callers that know sid was just
+ * created; it does not change the outcome. Returns the virtual id, or -1
+ * with errno (ENOSPC when the table is full). */
 int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
                            int32_t sid, int fresh, uint32_t flags,
                            int32_t owner);
@@ -156,8 +157,9 @@ void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
 /* The robust lock, for callers that must make a check-then-create atomic
  * (semget of a key the application has not used yet). Signals stay blocked
  * from lock to unlock; `saved` receives the old mask. The _locked variants
- * of the writers are for use between these two calls. */
-void appshot_lock(struct appshot_header *h, sigset_t *saved);
+ * of the writers are for use between these two calls. Returns 0, or -1 with
+ * errno (ENOTRECOVERABLE) and nothing held. */
+int appshot_lock(struct appshot_header *h, sigset_t *saved);
 void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
 int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);

@@ -190,8 +190,17 @@ static void remove_ipc_objects(void) {
       msgctl(sid, IPC_RMID, NULL);
 }
 
+/* Renamed first, then emptied and removed: a registration is either whole
+ * or gone, even if we are killed half-way (the CLI sweeps the hidden
+ * leftover; see removeDir in src/registry.ts). */
 static void remove_state_dir(void) {
-  DIR *d = opendir(state_dir);
+  char doomed[4096];
+  const char *slash = strrchr(state_dir, '/');
+  if (!slash) return;
+  snprintf(doomed, sizeof doomed, "%.*s/.%s.removed-%d",
+           (int)(slash - state_dir), state_dir, slash + 1, (int)getpid());
+  if (rename(state_dir, doomed) != 0) return;
+  DIR *d = opendir(doomed);
   if (d) {
     struct dirent *de;
     while ((de = readdir(d)) != NULL)
@@ -199,7 +208,7 @@ static void remove_state_dir(void) {
         unlinkat(dirfd(d), de->d_name, 0);
     closedir(d);
   }
-  rmdir(state_dir);
+  rmdir(doomed);
 }
 
 static void clean_up(void) {
@@ -280,6 +289,7 @@ int main(int argc, char **argv) {
       else signal_application(sig);
       continue;
     }
+    int first_ended = 0;
     for (;;) {
       int status;
       pid_t pid = waitpid(-1, &status, WNOHANG);
@@ -287,29 +297,35 @@ int main(int argc, char **argv) {
         appshot_unmap_system(tables, APPSHOT_PID, pid);
         if (pid == first) {
           first_alive = 0;
+          first_ended = 1;
           code = exit_code_of(status);
-          report("X %ld\n", code, 0);
-          if (status_fd >= 0) close(status_fd);
-          status_fd = -1;
-          /* Daemons may live on. Leave the terminal's session, so that
-           * closing it does not hang them up through us, and let go of the
-           * harness's stdio, so that whoever reads it sees it end. */
-          setsid();
-          int null = open("/dev/null", O_RDWR);
-          if (null >= 0) {
-            dup2(null, 0);
-            dup2(null, 1);
-            dup2(null, 2);
-            if (null > 2) close(null);
-          }
         }
         continue;
       }
       if (pid < 0 && errno == ECHILD) {
+        /* The last process is gone. Clean up before reporting, so that
+         * when `appshot run` returns the AID is free again. */
         clean_up();
+        report("X %ld\n", code, 0);
         return code;
       }
       break;
+    }
+    if (first_ended) {
+      /* Daemons live on. Report, leave the terminal's session so that
+       * closing it does not hang them up through us, and let go of the
+       * harness's stdio so that whoever reads it sees it end. */
+      report("X %ld\n", code, 0);
+      if (status_fd >= 0) close(status_fd);
+      status_fd = -1;
+      setsid();
+      int null = open("/dev/null", O_RDWR);
+      if (null >= 0) {
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+        if (null > 2) close(null);
+      }
     }
   }
 }

@@ -42,7 +42,8 @@ static void raw_rmid(const struct ipc_kind *k, int sid) {
 static long create_keyed(const struct ipc_kind *k, key_t key, long size,
                          int flags, int32_t *vid) {
   sigset_t saved;
-  appshot_lock(g_h, &saved);
+  *vid = -1;
+  if (appshot_lock(g_h, &saved) != 0) return -errno;
   int32_t skey;
   long r;
   if (appshot_v2s(g_h, k->key, key, &skey)) {

@@ -44,83 +44,29 @@ static int proc_arg(pid_t vid, pid_t *sid, int err) {
   return v2s_pid(vid, sid) ? 0 : err;
 }
 
-/* --- The id hand-over between parent and child --------------------------
+/* --- Parent and child agree on the child's virtual PID ------------------
  *
- * The parent maps a new child with fresh=1 (an old entry for the same system
- * PID is a dead process's), and the child must end up with that very entry.
- * If both sides simply mapped, a child that ran first would insert an entry
- * that the parent's fresh mapping then replaces, and the child's cached
- * getpid would name nobody. So the parent alone maps, and hands the virtual
- * id over through a shared page the child waits on. */
-struct fork_sync {
-  int32_t state; /* 0: pending, 1: vid is set */
-  int32_t vid;
-};
+ * Both sides map the child's system PID: the parent when fork() returns,
+ * the child in its atfork handler, before fork() returns there. Whichever
+ * comes first allocates the entry under the table lock and the other finds
+ * it (appshot_map_system reuses an existing mapping), so both end up with
+ * the same virtual id and neither waits for the other: a hand-over where the
+ * child waits for its parent costs a cross-CPU wake-up on every fork. */
 
-static __thread struct fork_sync *t_sync TLS_IE;
-static __thread pid_t t_fork_parent TLS_IE;
-static __thread int t_in_fork TLS_IE;
-
-static struct fork_sync *sync_new(void) {
-  long p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE,
-                MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  return raw_err(p) ? NULL : (struct fork_sync *)p;
-}
-
-static void sync_free(struct fork_sync *s) {
-  if (s) SYS2(munmap, s, 4096);
-}
-
-/* Parent side. Without a page (mmap failed) both sides map with fresh=0,
- * which at least makes them agree. */
-static pid_t sync_parent(struct fork_sync *s, pid_t child, uint32_t flags,
-                         pid_t owner) {
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, child, s != NULL, flags,
-                                 owner);
-  if (s) {
-    s->vid = v;
-    __atomic_store_n(&s->state, 1, __ATOMIC_RELEASE);
-    SYS3(futex, &s->state, FUTEX_WAKE, 1);
-  }
-  return v;
-}
-
-/* Child side: our virtual PID, as the parent mapped it. */
-static int32_t sync_child(struct fork_sync *s, pid_t parent) {
+/* In a new process: our own virtual PID. */
+static int32_t map_self(void) {
   pid_t spid = (pid_t)SYS0(getpid);
-  int fresh = 0;
-  if (s) {
-    struct timespec ts = {0, 50 * 1000 * 1000};
-    while (!__atomic_load_n(&s->state, __ATOMIC_ACQUIRE)) {
-      long r = SYS4(futex, &s->state, FUTEX_WAIT, 0, &ts);
-      /* The parent died before it could map us: nobody else will. */
-      if (r == -ETIMEDOUT && SYS2(kill, parent, 0) == -ESRCH) {
-        fresh = 1;
-        break;
-      }
-    }
-    if (!fresh && s->vid >= 0) return s->vid;
-  }
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, fresh, 0, 0);
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
   return v >= 0 ? v : spid;
 }
 
 /* Registered with pthread_atfork at init, so that it runs right after
  * glibc's own fork work: before the child's other atfork handlers (most of
- * them) and before fork() returns, whoever called it. */
+ * them) and before fork() returns, whoever called it (our wrapper, or
+ * glibc's daemon() and forkpty(), which skip it). */
 void pid_atfork_child(void) {
   if (!g_h) return;
-  int32_t v;
-  if (t_in_fork) {
-    v = sync_child(t_sync, t_fork_parent);
-  } else {
-    /* A fork that did not go through our wrapper (glibc's daemon(),
-     * forkpty()): its parent will not map us, so we do, as a new process. */
-    pid_t spid = (pid_t)SYS0(getpid);
-    v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
-    if (v < 0) v = spid;
-  }
-  t_in_fork = 0;
+  int32_t v = map_self();
   /* The child's memory is its own, whatever the parent shared. */
   __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
   child_reset_ids(v);
@@ -129,35 +75,19 @@ void pid_atfork_child(void) {
 static pid_t do_fork(void) {
   ensure_init();
   if (!g_h) return REAL(fork)();
-  /* Signals stay blocked until the child is mapped: a handler that forks
-   * (allowed) would reuse t_sync, one that waits for the child would wait
-   * for a child still waiting for us. */
-  sigset_t all, saved;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &saved);
-  struct fork_sync *s = sync_new();
-  t_sync = s;
-  t_fork_parent = self_spid();
-  t_in_fork = 1;
   pid_t pid = REAL(fork)();
-  int err = errno;
-  t_in_fork = 0;
-  pid_t ret = pid;
-  if (pid > 0) {
-    ret = sync_parent(s, pid, 0, 0);
-    if (ret < 0) {
-      /* Not mappable (table full): a child the application cannot name
-       * would be worse than a failed fork. */
-      SYS2(kill, pid, SIGKILL);
-      SYS4(wait4, pid, NULL, __WALL, NULL);
-      appshot_unmap_system(g_h, APPSHOT_PID, pid);
-      err = EAGAIN;
-    }
+  if (pid <= 0) return pid;
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, pid, 1, 0, 0);
+  if (v < 0) {
+    /* Not mappable (table full): a child the application cannot name
+     * would be worse than a failed fork. */
+    SYS2(kill, pid, SIGKILL);
+    SYS4(wait4, pid, NULL, __WALL, NULL);
+    appshot_unmap_system(g_h, APPSHOT_PID, pid);
+    errno = EAGAIN;
+    return -1;
   }
-  sync_free(s);
-  pthread_sigmask(SIG_SETMASK, &saved, NULL);
-  errno = err;
-  return ret;
+  return v;
 }
 
 API pid_t fork(void) { return do_fork(); }
@@ -175,26 +105,13 @@ API pid_t vfork(void) { return do_fork(); }
 struct clone_tramp {
   int (*fn)(void *);
   void *arg;
-  struct fork_sync *sync;
   sigset_t mask;
-  pid_t parent;
   int flags;
 };
 
 static int clone_child(void *p) {
   struct clone_tramp *t = p;
-  int32_t v;
-  if (t->flags & CLONE_VFORK) {
-    /* The parent sleeps until we exec or exit: we map ourselves. */
-    pid_t spid = (pid_t)SYS0(getpid);
-    v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
-    if (v < 0) v = spid;
-  } else {
-    v = sync_child(t->sync, t->parent);
-    /* Shared address space: the page is gone for both once we drop it,
-     * so the parent leaves that to us (see clone()). */
-    if (t->flags & CLONE_VM) sync_free(t->sync);
-  }
+  int32_t v = map_self();
   /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
   if (!(t->flags & CLONE_VM)) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
@@ -235,27 +152,18 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   t->fn = fn;
   t->arg = arg;
   t->flags = flags;
-  t->parent = parent;
-  t->sync = (flags & CLONE_VFORK) ? NULL : sync_new();
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &t->mask);
   sigset_t saved = t->mask; /* the child may reuse its stack top */
-  struct fork_sync *s = t->sync;
   pid_t pid = REAL(clone)(clone_child, t, flags, t, ptid, tls, ctid);
   int err = errno;
   pid_t ret = pid;
   if (pid > 0) {
-    if (flags & CLONE_VFORK) {
-      ret = adopt(pid);
-    } else {
-      ret = sync_parent(s, pid, 0, 0);
-      if (ret < 0) ret = pid;
-    }
+    ret = adopt(pid);
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
       *ptid = ret;
   }
-  if (!(flags & CLONE_VM) || pid <= 0) sync_free(s);
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
   return ret;
