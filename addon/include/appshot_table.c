@@ -328,8 +328,22 @@ static void index_remove(struct appshot_table *t, uint32_t *idx, int32_t id,
   for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
     if (idx[i] == APPSHOT_CELL_EMPTY) return;
     if (idx[i] == slot + 1) {
-      STORE(&idx[i], APPSHOT_CELL_TOMB);
-      t->tombs++;
+      if (idx[(i + 1) & mask] != APPSHOT_CELL_EMPTY) {
+        STORE(&idx[i], APPSHOT_CELL_TOMB);
+        t->tombs++;
+        return;
+      }
+      /* The walk of every id through here ends at the next cell, so this
+       * one, and the tombstones just before it, can end it instead: no
+       * reader, even one walking now, could find anything past them.
+       * Without this, each fork and reap leaves tombstones that every
+       * lookup of an id not in the table (a new child) must walk. */
+      STORE(&idx[i], APPSHOT_CELL_EMPTY);
+      for (uint32_t j = (i - 1) & mask; idx[j] == APPSHOT_CELL_TOMB;
+           j = (j - 1) & mask) {
+        STORE(&idx[j], APPSHOT_CELL_EMPTY);
+        t->tombs--;
+      }
       return;
     }
   }

@@ -110,7 +110,23 @@ int __openat64_2(int, const char *, int);
 /* A raw system call: the kernel's result, -errno on failure. Used instead of
  * libc for the simple id calls: it is async-signal-safe, needs no
  * resolution before init, and never lands in one of our own wrappers. */
-HIDDEN long sys6(long nr, long a, long b, long c, long d, long e, long f);
+static inline long sys6(long nr, long a, long b, long c, long d, long e,
+                        long f) {
+#if defined(__x86_64__)
+  register long r10 __asm__("r10") = d;
+  register long r8 __asm__("r8") = e;
+  register long r9 __asm__("r9") = f;
+  long ret;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8),
+                     "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "sys6: only x86-64 is supported"
+#endif
+}
 #define SYS0(n) sys6(SYS_##n, 0, 0, 0, 0, 0, 0)
 #define SYS1(n, a) sys6(SYS_##n, (long)(a), 0, 0, 0, 0, 0)
 #define SYS2(n, a, b) sys6(SYS_##n, (long)(a), (long)(b), 0, 0, 0, 0)
@@ -154,7 +170,8 @@ static inline pid_t s2v_or0(enum appshot_kind kind, int32_t sid) {
 HIDDEN int pid_arg(pid_t vid, pid_t *sid, int err);
 HIDDEN pid_t self_vpid(void);
 HIDDEN pid_t self_vtid(void);
-/* After fork or clone, in the child: our ids are those of the new process. */
+/* After fork or clone, in the child: our ids are those of the new process
+ * (vid 0: not known yet, learned when first asked). */
 HIDDEN void child_reset_ids(int32_t vid);
 
 /* --- Cross-file entry points (libc convention: -1 and errno) ------------- */

@@ -19,23 +19,6 @@ static pid_t g_init_tid;
 static pthread_key_t g_thread_key;
 static int g_thread_key_ok;
 
-long sys6(long nr, long a, long b, long c, long d, long e, long f) {
-#if defined(__x86_64__)
-  register long r10 __asm__("r10") = d;
-  register long r8 __asm__("r8") = e;
-  register long r9 __asm__("r9") = f;
-  long ret;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8),
-                     "r"(r9)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "sys6: only x86-64 is supported"
-#endif
-}
-
 /* A thread's entry must go when the thread does: its TID is free in the
  * system from then on, and the next thread to get it is someone else. */
 static void thread_gone(void *value) {
@@ -120,8 +103,16 @@ static pid_t map_self(int32_t spid) {
 }
 
 pid_t self_vpid(void) {
-  if (LIKELY(!__atomic_load_n(&g_nocache, __ATOMIC_RELAXED))) return g_vpid;
-  return map_self((int32_t)SYS0(getpid));
+  if (UNLIKELY(__atomic_load_n(&g_nocache, __ATOMIC_RELAXED)))
+    return map_self((int32_t)SYS0(getpid));
+  int32_t v = g_vpid;
+  if (LIKELY(v)) return v;
+  /* A fork child learns its virtual PID when first asked (see
+   * pid_atfork_child). Any thread or handler that races here computes the
+   * same value: the table holds one entry per system PID. */
+  v = map_self(g_spid);
+  g_vpid = v;
+  return v;
 }
 
 pid_t self_vtid(void) {

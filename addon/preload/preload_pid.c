@@ -44,6 +44,14 @@ static int proc_arg(pid_t vid, pid_t *sid, int err) {
   return v2s_pid(vid, sid) ? 0 : err;
 }
 
+/* The last answer, keyed by the parent's system PID. A parent's PID cannot
+ * name another process while we are its child (it is not freed until we
+ * are reparented, which changes our parent's PID), so while the kernel
+ * reports the same parent the virtual answer stands. Only found parents
+ * are remembered: a parent not mapped yet may be mapped a moment later.
+ * One 64-bit word, so a signal handler never reads half of an update. */
+static uint64_t g_ppid_cache;
+
 /* --- Parent and child agree on the child's virtual PID ------------------
  *
  * Both sides map the child's system PID: the parent when fork() returns,
@@ -54,28 +62,48 @@ static int proc_arg(pid_t vid, pid_t *sid, int err) {
  * child waits for its parent costs a cross-CPU wake-up on every fork. */
 
 /* In a new process: our own virtual PID. */
-static int32_t map_self(void) {
+static int32_t map_self_now(void) {
   pid_t spid = (pid_t)SYS0(getpid);
   int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
   return v >= 0 ? v : spid;
 }
 
+/* Set around our fork wrapper's call of the real fork: the child inherits
+ * it and so knows its parent is mapping it. */
+static __thread int t_in_fork TLS_IE;
+
 /* Registered with pthread_atfork at init, so that it runs right after
  * glibc's own fork work: before the child's other atfork handlers (most of
- * them) and before fork() returns, whoever called it (our wrapper, or
- * glibc's daemon() and forkpty(), which skip it). */
+ * them) and before fork() returns, whoever called it. */
 void pid_atfork_child(void) {
   if (!g_h) return;
-  int32_t v = map_self();
-  /* The child's memory is its own, whatever the parent shared. */
-  __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
-  child_reset_ids(v);
+  /* Each page the child writes here is a copy-on-write fault on every
+   * fork, so write only what must change. The child's memory is its own,
+   * whatever the parent shared (nocache is rarely set). The getppid cache
+   * needs no reset: it is keyed by the parent's system PID, which differs
+   * in the child. */
+  if (__atomic_load_n(&g_nocache, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+  if (t_in_fork) {
+    /* Our wrapper's parent maps us. Asking for the table lock now, at the
+     * very moment the parent holds it to do so, would cost a futex sleep
+     * and wake-up on most forks: learn our virtual PID when first asked
+     * (most children exec or exit before they ask). */
+    t_in_fork = 0;
+    child_reset_ids(0);
+  } else {
+    /* glibc's daemon() and forkpty() fork without our wrapper: nobody else
+     * will map us. */
+    child_reset_ids(map_self_now());
+  }
 }
 
 static pid_t do_fork(void) {
   ensure_init();
   if (!g_h) return REAL(fork)();
+  t_in_fork = 1;
   pid_t pid = REAL(fork)();
+  t_in_fork = 0;
   if (pid <= 0) return pid;
   int32_t v = appshot_map_system(g_h, APPSHOT_PID, pid, 1, 0, 0);
   if (v < 0) {
@@ -111,7 +139,7 @@ struct clone_tramp {
 
 static int clone_child(void *p) {
   struct clone_tramp *t = p;
-  int32_t v = map_self();
+  int32_t v = map_self_now();
   /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
   if (!(t->flags & CLONE_VM)) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
@@ -183,8 +211,16 @@ API pid_t gettid(void) {
   return self_vtid();
 }
 
+
 long do_getppid(void) {
-  return s2v_or0(APPSHOT_PID, (int32_t)SYS0(getppid));
+  int32_t sppid = (int32_t)SYS0(getppid);
+  uint64_t c = __atomic_load_n(&g_ppid_cache, __ATOMIC_RELAXED);
+  if (LIKELY(c && (int32_t)(uint32_t)c == sppid)) return (int32_t)(c >> 32);
+  int32_t v;
+  if (!appshot_s2v(g_h, APPSHOT_PID, sppid, &v)) return 0;
+  __atomic_store_n(&g_ppid_cache, ((uint64_t)(uint32_t)v << 32) | (uint32_t)sppid,
+                   __ATOMIC_RELAXED);
+  return v;
 }
 
 API pid_t getppid(void) {
