@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -193,25 +194,30 @@ void appshot_table_close(struct appshot_header *h) {
 /* --- Lookups ------------------------------------------------------------- */
 
 /* Walks one index for `id`; `by_sid` says which half of the pair to compare.
- * Returns the entry's pair, or FREE. */
+ * Returns the entry's pair, or FREE; *slot_out gets the entry's slot. A
+ * miss is only believed if no rebuild happened during the walk. */
 static uint64_t probe(const struct appshot_header *h,
                       const struct appshot_table *t, int by_sid, int32_t id,
-                      uint32_t *cell_out) {
-  uint32_t gen = LOAD(&t->active);
-  const uint32_t *idx = by_sid ? sindex_of(h, t, gen) : vindex_of(h, t, gen);
+                      uint32_t *slot_out) {
   const struct appshot_entry *e = entries_of(h, t);
   uint32_t mask = t->index_size - 1;
-  uint32_t i = mix32((uint32_t)id) & mask;
-  for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
-    uint32_t c = LOAD(&idx[i]);
-    if (c == APPSHOT_CELL_EMPTY) break;
-    if (c == APPSHOT_CELL_TOMB || c > t->capacity) continue;
-    uint64_t p = LOAD(&e[c - 1].pair);
-    if (p == APPSHOT_PAIR_FREE) continue;
-    if ((by_sid ? pair_sid(p) : pair_vid(p)) == id) {
-      if (cell_out) *cell_out = i;
-      return p;
+  for (int attempt = 0; attempt < 8; attempt++) {
+    uint32_t flips = LOAD(&t->flips);
+    const uint32_t *idx = by_sid ? sindex_of(h, t, flips & 1u)
+                                 : vindex_of(h, t, flips & 1u);
+    uint32_t i = mix32((uint32_t)id) & mask;
+    for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
+      uint32_t c = LOAD(&idx[i]);
+      if (c == APPSHOT_CELL_EMPTY) break;
+      if (c == APPSHOT_CELL_TOMB || c > t->capacity) continue;
+      uint64_t p = LOAD(&e[c - 1].pair);
+      if (p == APPSHOT_PAIR_FREE) continue;
+      if ((by_sid ? pair_sid(p) : pair_vid(p)) == id) {
+        if (slot_out) *slot_out = c - 1;
+        return p;
+      }
     }
+    if (LOAD(&t->flips) == flips) break;
   }
   return APPSHOT_PAIR_FREE;
 }
@@ -274,10 +280,9 @@ static void fill_indexes(struct appshot_header *h, struct appshot_table *t,
 /* Rebuilds a table's indexes into the idle generation, then publishes it.
  * Readers in the old generation finish their walk undisturbed. */
 static void rebuild(struct appshot_header *h, struct appshot_table *t) {
-  uint32_t idle = t->active ^ 1u;
-  fill_indexes(h, t, idle);
+  fill_indexes(h, t, (t->flips + 1u) & 1u);
   t->tombs = 0;
-  STORE(&t->active, idle);
+  STORE(&t->flips, t->flips + 1u);
 }
 
 int appshot_lock(struct appshot_header *h, sigset_t *saved) {
@@ -371,7 +376,7 @@ static int insert_locked(struct appshot_header *h, struct appshot_table *t,
   STORE(&e[slot].flags, flags);
   STORE(&e[slot].owner, owner);
   STORE(&e[slot].pair, make_pair(vid, sid));
-  uint32_t gen = t->active;
+  uint32_t gen = t->flips & 1u;
   index_insert(t, vindex_of(h, t, gen), vid, slot);
   index_insert(t, sindex_of(h, t, gen), sid, slot);
   t->live++;
@@ -383,7 +388,7 @@ static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t
   struct appshot_entry *e = &entries_of(h, t)[slot];
   uint64_t p = e->pair;
   if (p == APPSHOT_PAIR_FREE) return;
-  uint32_t gen = t->active;
+  uint32_t gen = t->flips & 1u;
   index_remove(t, vindex_of(h, t, gen), pair_vid(p), slot);
   index_remove(t, sindex_of(h, t, gen), pair_sid(p), slot);
   STORE(&e->pair, APPSHOT_PAIR_FREE);
@@ -393,10 +398,7 @@ static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t
 static int slot_of_sid(const struct appshot_header *h,
                        const struct appshot_table *t, int32_t sid,
                        uint32_t *slot) {
-  uint32_t cell;
-  if (probe(h, t, 1, sid, &cell) == APPSHOT_PAIR_FREE) return 0;
-  *slot = sindex_of(h, t, t->active)[cell] - 1;
-  return 1;
+  return probe(h, t, 1, sid, slot) != APPSHOT_PAIR_FREE;
 }
 
 static int unmap_locked(struct appshot_header *h, struct appshot_table *t,
@@ -504,6 +506,29 @@ int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
   int rc = unmap_locked(h, &h->tables[kind], sid);
   appshot_unlock(h, &saved);
   return rc;
+}
+
+/* kill(2) straight to the kernel. Inside the preload library, kill() and
+ * syscall() are its own wrappers, which take a virtual id. */
+static long raw_kill(long pid, long sig) {
+#if defined(__x86_64__)
+  long ret;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"((long)SYS_kill), "D"(pid), "S"(sig)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "raw_kill: only x86-64 is supported"
+#endif
+}
+
+int appshot_forget_process(struct appshot_header *h, int32_t sid) {
+  /* kill(-pgid, 0) answers whether any process is still in that group
+   * (EPERM: there is one, just not ours to signal). */
+  long r = raw_kill(-(long)sid, 0);
+  if (r == 0 || r == -EPERM) return 0;
+  return appshot_unmap_system(h, APPSHOT_PID, sid);
 }
 
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,

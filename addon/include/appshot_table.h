@@ -18,8 +18,10 @@
  *    consistent and goes on. No lock can stay held by a dead process.
  *  - Each table has two generations of hash indexes. A rebuild (after a
  *    dead writer, or when tombstones pile up) fills the idle generation from
- *    the entry array and then flips `active`, so a lock-free reader never
- *    walks an index that is being rewritten under it.
+ *    the entry array and then publishes it by bumping `flips`. A reader
+ *    that misses re-reads `flips` and walks again if a rebuild happened
+ *    meanwhile (two rebuilds during one walk would clear the very index it
+ *    is walking).
  *  - Writers block signals while they hold the mutex, so a signal handler
  *    that forks or creates a semaphore cannot deadlock against its own
  *    thread.
@@ -40,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 1u
+#define APPSHOT_TABLE_VERSION 2u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -88,7 +90,7 @@ struct appshot_table {
   int32_t vmin, vmax;    /* range virtual ids are allocated from */
   int32_t vnext;         /* allocation cursor: ids are not reused soon */
   uint32_t tombs;        /* tombstones in the active indexes */
-  uint32_t active;       /* which generation of indexes readers use: 0/1 */
+  uint32_t flips;        /* rebuilds so far; readers use indexes flips & 1 */
   uint32_t slot_hint;    /* where to start looking for a free entry */
   uint64_t entries_off;  /* struct appshot_entry[capacity] */
   uint64_t vindex_off[2]; /* uint32_t[index_size], hashed by virtual id */
@@ -150,6 +152,12 @@ int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
  * PID that has thread entries, the threads' entries go too. */
 int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
                          int32_t sid);
+/* A process was reaped: drops its PID entry, unless the PID lives on as
+ * the id of a process group that still has members (its leader exited
+ * first, as a pipeline's often does): kill(-pgid), setpgid and tcsetpgrp
+ * must still reach that group by its virtual id, and the kernel does not
+ * hand the number out again meanwhile. Returns 1 if the entry went. */
+int appshot_forget_process(struct appshot_header *h, int32_t sid);
 /* Sets flag bits on the entry of a system id. */
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
                        int32_t sid, uint32_t flags);
