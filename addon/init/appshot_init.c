@@ -166,12 +166,25 @@ static void sweep(void) {
       if (!appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid,
                             &flags, NULL))
         continue;
-      int gone = k == APPSHOT_PID
-                     ? !(flags & APPSHOT_F_INIT) && kill(sid, 0) != 0 &&
-                           errno == ESRCH
-                     : ipc_gone((enum appshot_kind)k, sid);
-      if (gone) appshot_unmap_system(tables, (enum appshot_kind)k, sid);
+      if (k == APPSHOT_PID) {
+        if (!(flags & APPSHOT_F_INIT) && kill(sid, 0) != 0 && errno == ESRCH)
+          appshot_forget_process(tables, sid);
+      } else if (ipc_gone((enum appshot_kind)k, sid)) {
+        appshot_unmap_system(tables, (enum appshot_kind)k, sid);
+      }
     }
+}
+
+/* Whether a process of the application lives that is not our descendant:
+ * one started with `appshot exec`, whose parent is the CLI. */
+static int others_alive(void) {
+  int32_t vid, sid;
+  uint32_t flags;
+  for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
+    if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+        !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0)
+      return 1;
+  return 0;
 }
 
 /* The application's SysV objects go with it, as with a container's IPC
@@ -271,14 +284,25 @@ int main(int argc, char **argv) {
   report("S %ld %ld\n", first_vid, first);
 
   int first_alive = 1, code = 0;
+  time_t next_sweep = time(NULL) + SWEEP_SECONDS;
   for (;;) {
-    struct timespec timeout = {SWEEP_SECONDS, 0};
+    /* Sweep on a clock of its own: a steady stream of signals (orphans
+     * exiting) must not put it off for ever. */
+    time_t now = time(NULL);
+    if (now >= next_sweep) {
+      sweep();
+      next_sweep = now + SWEEP_SECONDS;
+      /* Out of descendants, waiting for `appshot exec` processes. */
+      if (!first_alive && waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD &&
+          !others_alive()) {
+        clean_up();
+        return code;
+      }
+    }
+    struct timespec timeout = {next_sweep - now, 0};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
-    if (sig < 0) {
-      if (errno == EAGAIN) sweep();
-      continue;
-    }
+    if (sig < 0) continue;
     if (sig != SIGCHLD) {
       /* A terminal's Ctrl-C or Ctrl-\ already reached the whole foreground
        * process group, the application included: passing it on would
@@ -289,12 +313,12 @@ int main(int argc, char **argv) {
       else signal_application(sig);
       continue;
     }
-    int first_ended = 0;
+    int first_ended = 0, last = 0;
     for (;;) {
       int status;
       pid_t pid = waitpid(-1, &status, WNOHANG);
       if (pid > 0) {
-        appshot_unmap_system(tables, APPSHOT_PID, pid);
+        appshot_forget_process(tables, pid);
         if (pid == first) {
           first_alive = 0;
           first_ended = 1;
@@ -302,18 +326,19 @@ int main(int argc, char **argv) {
         }
         continue;
       }
-      if (pid < 0 && errno == ECHILD) {
-        /* The last process is gone. Clean up before reporting, so that
-         * when `appshot run` returns the AID is free again. */
-        clean_up();
-        report("X %ld\n", code, 0);
-        return code;
-      }
+      last = pid < 0 && errno == ECHILD && !others_alive();
       break;
     }
+    if (last) {
+      /* The last process is gone. Clean up before reporting, so that when
+       * `appshot run` returns the AID is free again. */
+      clean_up();
+      report("X %ld\n", code, 0);
+      return code;
+    }
     if (first_ended) {
-      /* Daemons live on. Report, leave the terminal's session so that
-       * closing it does not hang them up through us, and let go of the
+      /* Other processes live on. Report, leave the terminal's session so
+       * that closing it does not hang them up through us, and let go of the
        * harness's stdio so that whoever reads it sees it end. */
       report("X %ld\n", code, 0);
       if (status_fd >= 0) close(status_fd);

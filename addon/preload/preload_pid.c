@@ -101,21 +101,31 @@ void pid_atfork_child(void) {
 static pid_t do_fork(void) {
   ensure_init();
   if (!g_h) return REAL(fork)();
+  /* Signals stay blocked until the child is mapped: a SIGCHLD handler that
+   * reaped it first would map and unmap it under one virtual id, and we
+   * would then return another. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
   t_in_fork = 1;
   pid_t pid = REAL(fork)();
+  int err = errno;
   t_in_fork = 0;
-  if (pid <= 0) return pid;
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, pid, 1, 0, 0);
-  if (v < 0) {
-    /* Not mappable (table full): a child the application cannot name
-     * would be worse than a failed fork. */
-    SYS2(kill, pid, SIGKILL);
-    SYS4(wait4, pid, NULL, __WALL, NULL);
-    appshot_unmap_system(g_h, APPSHOT_PID, pid);
-    errno = EAGAIN;
-    return -1;
+  pid_t ret = pid;
+  if (pid > 0) {
+    ret = appshot_map_system(g_h, APPSHOT_PID, pid, 1, 0, 0);
+    if (ret < 0) {
+      /* Not mappable (table full): a child the application cannot name
+       * would be worse than a failed fork. */
+      SYS2(kill, pid, SIGKILL);
+      SYS4(wait4, pid, NULL, __WALL, NULL);
+      appshot_unmap_system(g_h, APPSHOT_PID, pid);
+      err = EAGAIN;
+    }
   }
-  return v;
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  errno = err;
+  return ret;
 }
 
 API pid_t fork(void) { return do_fork(); }
@@ -235,7 +245,7 @@ API pid_t getppid(void) {
  * the call reaped it (the system PID is free from now on). */
 static pid_t waited(pid_t sid, int reaped) {
   pid_t v = adopt(sid);
-  if (reaped) appshot_unmap_system(g_h, APPSHOT_PID, sid);
+  if (reaped) appshot_forget_process(g_h, sid);
   return v;
 }
 
