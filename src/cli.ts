@@ -4,10 +4,11 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { createReadStream, existsSync, statSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
-import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
+import { formatId, listProcesses, printColumns, processesOf, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
 
 const program = new Command();
@@ -138,15 +139,31 @@ program
   .argument('<aid>', 'the application')
   .addOption(new Option('-s, --signal <name>', 'signal to send').default('SIGTERM'))
   .action((aid: string, opts: { signal: string }) => {
-    const record = registry().require(aid);
-    const sig = opts.signal.toUpperCase().startsWith('SIG') ? opts.signal.toUpperCase() : `SIG${opts.signal.toUpperCase()}`;
+    const reg = registry();
+    const record = reg.require(aid);
+    const upper = opts.signal.toUpperCase();
+    const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
+    if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
+    if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
+      // These cannot be caught, so init cannot pass them on: they would
+      // stop init itself. Send them to the processes directly; init sees
+      // them go and cleans up.
+      const t = reg.readTables(record);
+      for (const p of t ? processesOf(record, t) : []) {
+        if (p.init) continue;
+        try {
+          process.kill(p.pid, sig);
+        } catch {
+          /* already gone */
+        }
+      }
+      return;
+    }
     try {
       // init passes it to the first process, or to all once that is gone.
-      process.kill(record.initPid!, sig as NodeJS.Signals);
+      process.kill(record.initPid!, sig);
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ERR_UNKNOWN_SIGNAL') throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
-      throw new AppshotError(`cannot signal '${aid}': ${code}`);
+      throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
     }
   });
 

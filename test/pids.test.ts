@@ -47,6 +47,12 @@ describe('virtual PIDs', () => {
     expect(r.code).toBe(0);
   });
 
+  it('reaches the right process with priority, affinity, rlimit, pidfd and group calls', () => {
+    const r = sb.run(['run', '--', fixture('procctl')]);
+    expect(r.stdout).toBe('OK\n');
+    expect(r.code).toBe(0);
+  });
+
   it('puts children of posix_spawn, vfork and system() in the application', () => {
     const r = sb.run(['run', '--', fixture('spawn'), fixture('ids')]);
     expect(r.stdout).toBe('OK\n');
