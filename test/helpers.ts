@@ -15,6 +15,14 @@ export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 export const cli = join(root, 'bin', 'appshot.js');
 export const fixture = (name: string) => join(root, 'test', 'fixtures', 'bin', name);
 
+/** One row of `appshot table --json`. */
+export interface Entry {
+  virtual: number;
+  system: number;
+  flags: number;
+  owner: number;
+}
+
 export interface Result {
   code: number | null;
   signal: NodeJS.Signals | null;

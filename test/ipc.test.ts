@@ -1,15 +1,11 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, systemIpcIds } from './helpers.js';
+import { type Entry, fixture, Sandbox, systemIpcIds } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
-interface Entry {
-  virtual: number;
-  system: number;
-}
 type Tables = Record<'semid' | 'shmid' | 'msgid' | 'semkey' | 'shmkey' | 'msgkey', Entry[]>;
 
 describe('SysV IPC', () => {

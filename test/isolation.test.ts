@@ -1,15 +1,11 @@
 // An application cannot reach another application's processes and IPC
 // objects, nor the system's, by id.
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox } from './helpers.js';
+import { type Entry, fixture, Sandbox } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
-interface Entry {
-  virtual: number;
-  system: number;
-}
 
 describe('isolation between applications', () => {
   it('refuses ids that are not in the caller application', async () => {

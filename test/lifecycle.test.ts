@@ -2,16 +2,11 @@
 // nothing left behind however the application ends.
 import { spawn } from 'node:child_process';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, cli, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { alive, cli, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
-interface Entry {
-  virtual: number;
-  system: number;
-  flags: number;
-}
 
 
 async function startIpcApp(aid: string) {

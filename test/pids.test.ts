@@ -1,15 +1,10 @@
 // Virtual PIDs: translation in both directions for real process trees.
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, Sandbox } from './helpers.js';
+import { alive, type Entry, fixture, Sandbox } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
-interface Entry {
-  virtual: number;
-  system: number;
-  flags: number;
-}
 
 describe('virtual PIDs', () => {
   it('gives a tree of 65 concurrently forking processes unique ids and a consistent table', async () => {

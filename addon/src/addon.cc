@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include <sys/msg.h>
@@ -56,6 +57,20 @@ class OpenTables {
   appshot_header* h_;
   int err_;
 };
+
+// The writers' common arguments: (path, kind, ...). Opens the tables for one
+// call; on failure throws and returns null.
+std::unique_ptr<OpenTables> OpenWithKind(const Napi::CallbackInfo& info,
+                                         appshot_kind* kind) {
+  Napi::Env env = info.Env();
+  if (!ParseKind(env, info[1], kind)) return nullptr;
+  auto t = std::make_unique<OpenTables>(info[0].As<Napi::String>().Utf8Value());
+  if (!t->get()) {
+    ThrowErrno(env, "opening tables", t->err());
+    return nullptr;
+  }
+  return t;
+}
 
 // createTables(path, aid, salt: bigint)
 Napi::Value CreateTables(const Napi::CallbackInfo& info) {
@@ -113,16 +128,12 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
 Napi::Value Bind(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
-  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
-  OpenTables t(info[0].As<Napi::String>().Utf8Value());
-  if (!t.get()) {
-    ThrowErrno(env, "opening tables", t.err());
-    return env.Undefined();
-  }
+  auto t = OpenWithKind(info, &kind);
+  if (!t) return env.Undefined();
   int32_t vid = info[2].As<Napi::Number>().Int32Value();
   int32_t sid = info[3].As<Napi::Number>().Int32Value();
   uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
-  if (appshot_bind(t.get(), kind, vid, sid, flags, 0) != 0)
+  if (appshot_bind(t->get(), kind, vid, sid, flags, 0) != 0)
     ThrowErrno(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid), errno);
   return env.Undefined();
 }
@@ -132,14 +143,10 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
 Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
-  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
-  OpenTables t(info[0].As<Napi::String>().Utf8Value());
-  if (!t.get()) {
-    ThrowErrno(env, "opening tables", t.err());
-    return env.Undefined();
-  }
+  auto t = OpenWithKind(info, &kind);
+  if (!t) return env.Undefined();
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  int32_t vid = appshot_map_system(t.get(), kind, sid, 0, 0, 0);
+  int32_t vid = appshot_map_system(t->get(), kind, sid, 0, 0, 0);
   if (vid < 0) {
     ThrowErrno(env, "mapping " + std::to_string(sid), errno);
     return env.Undefined();
@@ -151,14 +158,10 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
 Napi::Value UnmapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
-  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
-  OpenTables t(info[0].As<Napi::String>().Utf8Value());
-  if (!t.get()) {
-    ThrowErrno(env, "opening tables", t.err());
-    return env.Undefined();
-  }
+  auto t = OpenWithKind(info, &kind);
+  if (!t) return env.Undefined();
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  return Napi::Boolean::New(env, appshot_unmap_system(t.get(), kind, sid) != 0);
+  return Napi::Boolean::New(env, appshot_unmap_system(t->get(), kind, sid) != 0);
 }
 
 // removeIpcObject(kind, system) -> boolean: IPC_RMID on a system id. Used
