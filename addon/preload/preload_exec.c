@@ -213,6 +213,7 @@ API int posix_spawn(pid_t *restrict pid, const char *restrict path,
                     const posix_spawnattr_t *restrict attr,
                     char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
+  if (g_h) self_vpid(); /* mapped before the child looks for us */
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
   int rc = REAL(posix_spawn)(&spid, path, fa, attr, argv, env);
@@ -224,6 +225,7 @@ API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
                      const posix_spawnattr_t *restrict attr,
                      char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
+  if (g_h) self_vpid(); /* mapped before the child looks for us */
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
   int rc = REAL(posix_spawnp)(&spid, file, fa, attr, argv, env);

@@ -104,6 +104,10 @@ static pid_t do_fork(void) {
   /* Signals stay blocked until the child is mapped: a SIGCHLD handler that
    * reaped it first would map and unmap it under one virtual id, and we
    * would then return another. */
+  /* A fork child learns its own virtual PID lazily; before it makes
+   * children of its own it must be mapped, or their getppid() would find
+   * no parent. (A cached read once it is.) */
+  self_vpid();
   sigset_t all, saved;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &saved);
@@ -171,6 +175,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
     return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
 
   pid_t parent = self_spid();
+  self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM)
     __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
   if (flags & CLONE_THREAD) {
