@@ -433,8 +433,7 @@ static int32_t allocate_vid(const struct appshot_header *h,
 
 int32_t appshot_map_system_locked(struct appshot_header *h,
                                   enum appshot_kind kind, int32_t sid,
-                                  int fresh, uint32_t flags, int32_t owner) {
-  (void)fresh;
+                                  uint32_t flags, int32_t owner) {
   struct appshot_table *t = &h->tables[kind];
   uint32_t slot;
   if (slot_of_sid(h, t, sid, &slot)) {
@@ -468,8 +467,7 @@ int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
 /* --- Writes (taking the lock) ------------------------------------------- */
 
 int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
-                           int32_t sid, int fresh, uint32_t flags,
-                           int32_t owner) {
+                           int32_t sid, uint32_t flags, int32_t owner) {
   /* Fast path: most callers find the id mapped already. */
   uint32_t slot;
   if (slot_of_sid(h, &h->tables[kind], sid, &slot)) {
@@ -481,7 +479,7 @@ int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
   }
   sigset_t saved;
   if (appshot_lock(h, &saved) != 0) return -1;
-  int32_t vid = appshot_map_system_locked(h, kind, sid, fresh, flags, owner);
+  int32_t vid = appshot_map_system_locked(h, kind, sid, flags, owner);
   int err = errno;
   appshot_unlock(h, &saved);
   errno = err;

@@ -138,12 +138,10 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
 /* Maps sid to a newly allocated virtual id, or returns the one it already
  * has. An existing PID entry whose APPSHOT_F_THREAD bit differs from
  * `flags` is stale (a thread's TID now names a process, or the reverse) and
- * is replaced. `fresh` is accepted for callers that know sid was just
- * created; it does not change the outcome. Returns the virtual id, or -1
- * with errno (ENOSPC when the table is full). */
+ * is replaced. Returns the virtual id, or -1 with errno (ENOSPC when the
+ * table is full). */
 int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
-                           int32_t sid, int fresh, uint32_t flags,
-                           int32_t owner);
+                           int32_t sid, uint32_t flags, int32_t owner);
 /* Binds a given virtual id to a given system id (restore, init, keys).
  * Fails with EEXIST when either id is mapped already. */
 int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
@@ -173,7 +171,7 @@ int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);
 int32_t appshot_map_system_locked(struct appshot_header *h,
                                   enum appshot_kind kind, int32_t sid,
-                                  int fresh, uint32_t flags, int32_t owner);
+                                  uint32_t flags, int32_t owner);
 
 /* A system IPC key for this AID's virtual key, try number `attempt`.
  * Never IPC_PRIVATE and never -1. */

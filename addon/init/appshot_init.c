@@ -108,7 +108,7 @@ static pid_t launch(char **argv, const sigset_t *orig_mask) {
   close(pipefd[1]);
   /* Bind it now, not only when its preload library starts: a static binary
    * or a shell script's interpreter must be in the table as well. */
-  appshot_map_system(tables, APPSHOT_PID, pid, 1, 0, 0);
+  appshot_map_system(tables, APPSHOT_PID, pid, 0, 0);
   int err = 0;
   ssize_t n;
   do n = read(pipefd[0], &err, sizeof err);

@@ -48,7 +48,7 @@ static void init_tables(void) {
     return;
   }
   int32_t spid = (int32_t)SYS0(getpid);
-  int32_t vpid = appshot_map_system(h, APPSHOT_PID, spid, 0, 0, 0);
+  int32_t vpid = appshot_map_system(h, APPSHOT_PID, spid, 0, 0);
   if (vpid < 0) { /* table full: better real ids than wrong ones */
     appshot_table_close(h);
     return;
@@ -96,7 +96,7 @@ int pid_arg(pid_t vid, pid_t *sid, int err) {
 }
 
 static pid_t map_self(int32_t spid) {
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0, 0);
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0);
   /* Only a full table gets here. The system id is the least harmful answer:
    * 0 or -1 would make kill(getpid(), sig) signal a whole group. */
   return v >= 0 ? v : spid;
@@ -125,11 +125,11 @@ pid_t self_vtid(void) {
     if (!nocache) t_stid = stid, t_vtid = v;
     return v;
   }
-  /* A new thread is the only one that maps its own TID, so an entry that
-   * is already there belongs to a dead thread that had the same TID. Not so
-   * once memory is shared with a clone child (nocache): then both sides may
-   * map the same id and must agree on one entry. */
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, stid, !nocache,
+  /* An entry already there for this TID is reused (a dead thread's, whose
+   * TID the kernel handed out again, as a reused PID would be), and once
+   * memory is shared with a clone child (nocache) both sides may map the
+   * same id and must agree on one entry. */
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, stid,
                                  APPSHOT_F_THREAD, spid);
   if (v < 0) return stid;
   appshot_set_flags(g_h, APPSHOT_PID, spid, APPSHOT_F_THREADS);

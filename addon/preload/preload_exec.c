@@ -192,16 +192,15 @@ API int execle(const char *path, const char *arg0, ...) {
 
 /* --- posix_spawn ----------------------------------------------------------
  *
- * The child is mapped with fresh=0, like the new program maps itself at
- * start: the two may come in either order and must land on one entry. (A
- * fork child instead waits for its parent, see preload_pid.c; a spawned
- * program has no such channel.) */
+ * The parent maps the child, and the new program maps itself at start: the
+ * two may come in either order, and the table lands them on one entry, as
+ * with fork (see preload_pid.c). */
 
 static char *const empty_env[] = {NULL};
 
 static int spawned(int rc, pid_t spid, pid_t *pid) {
   if (rc == 0 && g_h) {
-    int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0, 0);
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0);
     spid = v >= 0 ? v : spid;
   }
   if (rc == 0 && pid) *pid = spid;

@@ -63,7 +63,7 @@ static long create_keyed(const struct ipc_kind *k, key_t key, long size,
   }
   *vid = -1;
   if (r >= 0) {
-    *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0, 0);
+    *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
     if (*vid < 0) r = -errno;
   }
   appshot_unlock(g_h, &saved);
@@ -80,7 +80,7 @@ static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
   }
   r = raw_get(k, skey, size, flags);
   if (r < 0) return libc_ret(r);
-  vid = appshot_map_system(g_h, k->id, (int32_t)r, 0, 0, 0);
+  vid = appshot_map_system(g_h, k->id, (int32_t)r, 0, 0);
   if (vid < 0) {
     /* A private object nobody could name would only leak. */
     if (key == IPC_PRIVATE) raw_rmid(k, (int)r);

@@ -30,7 +30,7 @@ static inline pid_t self_spid(void) {
 /* A system PID that the caller just learned from the kernel (a waited-for
  * child, a new child of an unwrapped spawn): it is ours by definition. */
 static pid_t adopt(pid_t sid) {
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, sid, 0, 0, 0);
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, sid, 0, 0);
   return v >= 0 ? v : sid;
 }
 
@@ -64,7 +64,7 @@ static uint64_t g_ppid_cache;
 /* In a new process: our own virtual PID. */
 static int32_t map_self_now(void) {
   pid_t spid = (pid_t)SYS0(getpid);
-  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 1, 0, 0);
+  int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0);
   return v >= 0 ? v : spid;
 }
 
@@ -117,7 +117,7 @@ static pid_t do_fork(void) {
   t_in_fork = 0;
   pid_t ret = pid;
   if (pid > 0) {
-    ret = appshot_map_system(g_h, APPSHOT_PID, pid, 1, 0, 0);
+    ret = appshot_map_system(g_h, APPSHOT_PID, pid, 0, 0);
     if (ret < 0) {
       /* Not mappable (table full): a child the application cannot name
        * would be worse than a failed fork. */
@@ -183,7 +183,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
      * its TID, hence nocache (set above: CLONE_THREAD implies CLONE_VM). */
     pid_t tid = REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
     if (tid <= 0) return tid;
-    int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, 0, APPSHOT_F_THREAD,
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, APPSHOT_F_THREAD,
                                    parent);
     if (v < 0) return tid;
     appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);

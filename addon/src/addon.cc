@@ -146,7 +146,7 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   auto t = OpenWithKind(info, &kind);
   if (!t) return env.Undefined();
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  int32_t vid = appshot_map_system(t->get(), kind, sid, 0, 0, 0);
+  int32_t vid = appshot_map_system(t->get(), kind, sid, 0, 0);
   if (vid < 0) {
     ThrowErrno(env, "mapping " + std::to_string(sid), errno);
     return env.Undefined();
