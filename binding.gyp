@@ -1,6 +1,6 @@
 {
   # Three products, all built by `npm install` (node-gyp):
-  #  - appshot.node: the Node addon (tables today; ptrace tomorrow)
+  #  - appshot.node: the Node addon (tables, ptrace, page data)
   #  - appshot_preload.so: the LD_PRELOAD library, plain C, which lives
   #    inside the user's programs and so must not drag in libstdc++
   #  - appshot-init: each application's supervisor (virtual PID 1)
@@ -11,7 +11,8 @@
   "targets": [
     {
       "target_name": "appshot",
-      "sources": ["addon/src/addon.cc", "addon/include/appshot_table.c"],
+      "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/trace.c",
+                  "addon/src/pages.c", "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17"]

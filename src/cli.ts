@@ -10,6 +10,9 @@ import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
 import { formatId, listProcesses, printColumns, processesOf, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
+import { loadImage } from './image/format.js';
+import { imageJson, printImage } from './image/show.js';
+import { snapshot } from './snapshot/driver.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -164,6 +167,65 @@ program
       process.kill(record.initPid!, sig);
     } catch (e) {
       throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
+    }
+  });
+
+program
+  .command('snapshot')
+  .description("freeze every process of an application and write its image (FIG. 5)")
+  .argument('[aid]', 'the application (or --aid)')
+  .option('--aid <name>', 'the application')
+  .option('-o, --output <path>', "image directory to create, or '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
+  .option('--leave-running', 'resume the application afterwards instead of ending it; the next snapshot is incremental', false)
+  .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
+  .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
+  .option('--json', 'print what was written as JSON', false)
+  .addHelpText(
+    'after',
+    '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
+      'removed. A snapshot that fails leaves the application running and no image. Resources that\n' +
+      'cannot be captured yet (an established TCP connection, inotify...) are refused by name.\n\n' +
+      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
+      '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
+  )
+  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; timeout: string; json: boolean }) => {
+    const aid = opts.aid ?? aidArg;
+    if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
+    const timeout = Number(opts.timeout);
+    if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
+    const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
+    const result = await snapshot(registry(), aid, {
+      output: opts.output ?? `${aid}-${stamp}.appshot`,
+      leaveRunning: opts.leaveRunning,
+      full: opts.full,
+      timeoutMs: timeout * 1000,
+    });
+    if (opts.json) {
+      if (result.image === '-') process.stderr.write(JSON.stringify(result) + '\n');
+      else json(result);
+    } else if (result.image !== '-') {
+      process.stdout.write(result.image + '\n');
+      process.stderr.write(
+        `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
+          (result.parent ? ` (incremental: ${result.pagesFromParent} pages unchanged)` : '') +
+          `; frozen ${result.frozenMs.toFixed(1)} ms, ${result.totalMs.toFixed(0)} ms in all` +
+          (result.leftRunning ? '; still running' : '; ended') + '\n',
+      );
+    }
+  });
+
+program
+  .command('inspect')
+  .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
+  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .option('--json', 'the whole image as JSON', false)
+  .action(async (path: string, opts: { json: boolean }) => {
+    const loaded = await loadImage(path);
+    try {
+      if (opts.json) json(imageJson(loaded.manifest, loaded.image));
+      else printImage(loaded.manifest, loaded.image);
+    } finally {
+      loaded.dispose();
     }
   });
 

@@ -69,9 +69,9 @@ export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number
 }
 
 /** Prints rows as aligned columns under a header. */
-export function printColumns(header: string[], rows: string[][]): void {
+export function printColumns(header: string[], rows: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) =>
     cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ').trimEnd();
-  process.stdout.write([line(header), ...rows.map(line)].join('\n') + '\n');
+  out([line(header), ...rows.map(line)].join('\n') + '\n');
 }

@@ -36,11 +36,93 @@ export interface TablesSnapshot {
   tables: Record<Kind, TableEntry[]>;
 }
 
+/** What one wait on the tracees reported (addon/src/trace.h). */
+export interface TraceReport {
+  kind: 'stop' | 'group-stop' | 'signal' | 'event' | 'syscall' | 'exited';
+  tid: number;
+  sig: number;
+  event: number;
+  msg: number;
+  status: number;
+}
+
+/** Pages of one mapping as stored: (first page, count) pairs. */
+export interface DumpedPages {
+  offset: number;
+  runs: Uint32Array;
+  same: Uint32Array;
+  pages: number;
+}
+
+export interface ParentPages {
+  index: Uint32Array;
+  file: Uint32Array;
+  offset: BigUint64Array;
+}
+
+/** An image's page file, written unnamed (O_TMPFILE) and named at the end. */
+export interface PageWriter {
+  dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages): DumpedPages;
+  append(data: Buffer): number;
+  appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
+  finish(): { size: number; crc: number };
+  link(path: string): void;
+  fd(): number;
+  abort(): void;
+}
+
+export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2 } as const;
+
+interface IpcPerm {
+  key: number;
+  uid: number;
+  gid: number;
+  cuid: number;
+  cgid: number;
+  mode: number;
+}
+
 interface Addon {
+  seize(tid: number): void;
+  interrupt(tid: number): void;
+  cont(tid: number, sig: number): void;
+  detach(tid: number, sig: number): void;
+  wait(tid: number, timeoutMs: number): TraceReport | null;
+  getRegs(tid: number): Buffer;
+  setRegs(tid: number, regs: Buffer): void;
+  rewind(regs: Buffer): Buffer | null;
+  getXstate(tid: number): Buffer;
+  setXstate(tid: number, xstate: Buffer): void;
+  getSigmask(tid: number): bigint;
+  setSigmask(tid: number, mask: bigint): void;
+  getSiginfo(tid: number): Buffer;
+  peekSiginfo(tid: number, shared: boolean): Buffer;
+  getRseq(tid: number): { pointer: bigint; size: number; signature: number; flags: number };
+  getRobustList(tid: number): { head: bigint; length: number };
+  inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[]): bigint;
+  readMemory(pid: number, addr: bigint, length: number): Buffer;
+  writeMemory(pid: number, addr: bigint, data: Buffer): void;
+  sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
+  crc32c(data: Buffer, seed?: number): number;
+  crc32cFile(path: string): { size: number; crc: number };
+  getFd(pid: number, fd: number): number;
+  peekPipe(fd: number): Buffer;
+  prlimits(pid: number): [bigint, bigint][];
+  semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
+  shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; data: Buffer };
+  msgRead(msqid: number): {
+    perm: IpcPerm;
+    qbytes: number;
+    lspid: number;
+    lrpid: number;
+    messages: { type: number; data: Buffer }[];
+  };
+  PageWriter: new (dir: string, parents: string[]) => PageWriter;
+
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
   bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number): void;
-  mapSystem(path: string, kind: Kind, systemId: number): number;
+  mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;
   removeIpcObject(kind: Kind, systemId: number): boolean;
   flags: { INIT: number; THREAD: number; THREADS: number };

@@ -45,6 +45,9 @@ export interface AppRecord {
   /** The application's supervisor, virtual PID 1. */
   initPid?: number;
   initStartTime?: number;
+  /** The last image taken with --leave-running: the next snapshot is
+   * incremental against it. */
+  lastImage?: { path: string; id: string };
 }
 
 /** Fills in a new registration, given where its state and tables go. */

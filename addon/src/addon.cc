@@ -1,10 +1,11 @@
 // appshot's Node addon: the native primitives the TypeScript drivers use.
 //
-// Today: reading and writing an application's translation tables (the layout
-// lives in appshot_table.h, shared with the preload library and init).
+// This file: reading and writing an application's translation tables (the
+// layout lives in appshot_table.h, shared with the preload library and init).
+// addon_trace.cc: ptrace, page data and kernel-state readers.
 // Every function is synchronous and runs on the JS thread. That is on
-// purpose: ptrace, which joins this addon next, belongs to the thread that
-// attached, so the drivers must keep to one OS thread.
+// purpose: ptrace belongs to the thread that attached, so the drivers must
+// keep to one OS thread.
 #include <napi.h>
 
 #include <cerrno>
@@ -16,14 +17,14 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 
+#include "addon.h"
+
 extern "C" {
 #include "appshot_table.h"
 }
 
-namespace {
+namespace appshot {
 
-// Throws a JS Error carrying the errno name as `code`, like Node's own fs
-// errors, so the CLI can turn it into one clear message.
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
   Napi::Error e = Napi::Error::New(env, what + ": " + std::strerror(err));
   const char* name = strerrorname_np(err);
@@ -31,6 +32,12 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
   e.Set("errno", Napi::Number::New(env, err));
   e.ThrowAsJavaScriptException();
 }
+
+}  // namespace appshot
+
+namespace {
+
+using appshot::ThrowErrno;
 
 bool ParseKind(const Napi::Env& env, const Napi::Value& v, appshot_kind* out) {
   std::string name = v.As<Napi::String>().Utf8Value();
@@ -138,7 +145,7 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// mapSystem(path, kind, system) -> virtual: the virtual id of a system id,
+// mapSystem(path, kind, system, flags?, owner?) -> virtual: the virtual id of a system id,
 // allocated now if the table has none (the "first sight" rule).
 Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -146,7 +153,9 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   auto t = OpenWithKind(info, &kind);
   if (!t) return env.Undefined();
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  int32_t vid = appshot_map_system(t->get(), kind, sid, 0, 0);
+  uint32_t flags = info.Length() > 3 ? info[3].As<Napi::Number>().Uint32Value() : 0;
+  int32_t owner = info.Length() > 4 ? info[4].As<Napi::Number>().Int32Value() : 0;
+  int32_t vid = appshot_map_system(t->get(), kind, sid, flags, owner);
   if (vid < 0) {
     ThrowErrno(env, "mapping " + std::to_string(sid), errno);
     return env.Undefined();
@@ -193,6 +202,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   flags.Set("THREAD", Napi::Number::New(env, APPSHOT_F_THREAD));
   flags.Set("THREADS", Napi::Number::New(env, APPSHOT_F_THREADS));
   exports.Set("flags", flags);
+  appshot::RegisterTrace(env, exports);
   return exports;
 }
 

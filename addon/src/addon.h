@@ -1,0 +1,14 @@
+// Shared by the addon's translation units.
+#ifndef APPSHOT_ADDON_H
+#define APPSHOT_ADDON_H
+#include <napi.h>
+#include <string>
+
+namespace appshot {
+// Throws a JS Error carrying the errno name as `code`, like Node's own fs
+// errors, so the CLI can turn it into one clear message.
+void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
+// The ptrace, page-data and kernel-state readers (addon_trace.cc).
+void RegisterTrace(Napi::Env env, Napi::Object exports);
+}  // namespace appshot
+#endif

@@ -1,0 +1,674 @@
+// The addon's face for the drivers: ptrace (trace.c), page data (pages.c),
+// and the small readers of kernel state that need a system call Node does
+// not offer (pidfd_getfd, tee, prlimit, SysV). Synchronous, on the JS thread:
+// ptrace belongs to the thread that attached.
+#include <napi.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/msg.h>
+#include <sys/resource.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "addon.h"
+
+extern "C" {
+#include "pages.h"
+#include "trace.h"
+}
+
+namespace {
+
+using appshot::ThrowErrno;
+
+pid_t Tid(const Napi::CallbackInfo& info, size_t i = 0) {
+  return info[i].As<Napi::Number>().Int32Value();
+}
+
+uint64_t U64(const Napi::Value& v) {
+  bool lossless;
+  if (v.IsBigInt()) return v.As<Napi::BigInt>().Uint64Value(&lossless);
+  return static_cast<uint64_t>(v.As<Napi::Number>().Int64Value());
+}
+
+// Returns true if rc is an error, after throwing it.
+bool Failed(const Napi::Env& env, int rc, const std::string& what) {
+  if (rc >= 0) return false;
+  ThrowErrno(env, what, -rc);
+  return true;
+}
+
+Napi::Value Seize(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_seize(Tid(info)), "ptrace seize " + std::to_string(Tid(info)));
+  return info.Env().Undefined();
+}
+
+Napi::Value Interrupt(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_interrupt(Tid(info)), "ptrace interrupt");
+  return info.Env().Undefined();
+}
+
+Napi::Value Cont(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_cont(Tid(info), info[1].As<Napi::Number>().Int32Value()), "ptrace cont");
+  return info.Env().Undefined();
+}
+
+Napi::Value Detach(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_detach(Tid(info), info[1].As<Napi::Number>().Int32Value()),
+         "ptrace detach");
+  return info.Env().Undefined();
+}
+
+// wait(tid | -1, timeoutMs) -> null | { kind, tid, sig, event, msg, status }
+Napi::Value Wait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  trace_report r;
+  int rc = trace_wait(Tid(info), info[1].As<Napi::Number>().Int32Value(), &r);
+  if (rc == -ECHILD) return env.Null();
+  if (Failed(env, rc, "waiting for tracees")) return env.Undefined();
+  if (r.kind == TRACE_NONE) return env.Null();
+  static const char* names[] = {"none", "stop", "group-stop", "signal", "event", "syscall", "exited"};
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("kind", names[r.kind]);
+  o.Set("tid", r.tid);
+  o.Set("sig", r.sig);
+  o.Set("event", r.event);
+  o.Set("msg", Napi::Number::New(env, static_cast<double>(r.msg)));
+  o.Set("status", r.status);
+  return o;
+}
+
+Napi::Value GetRegs(const Napi::CallbackInfo& info) {
+  struct user_regs_struct regs;
+  if (Failed(info.Env(), trace_get_regs(Tid(info), &regs), "reading registers"))
+    return info.Env().Undefined();
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<uint8_t*>(&regs), sizeof regs);
+}
+
+Napi::Value SetRegs(const Napi::CallbackInfo& info) {
+  auto b = info[1].As<Napi::Buffer<uint8_t>>();
+  struct user_regs_struct regs;
+  if (b.Length() != sizeof regs) {
+    Napi::TypeError::New(info.Env(), "registers: wrong size").ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  std::memcpy(&regs, b.Data(), sizeof regs);
+  Failed(info.Env(), trace_set_regs(Tid(info), &regs), "writing registers");
+  return info.Env().Undefined();
+}
+
+// rewind(regs: Buffer) -> Buffer | null: the registers that restart an
+// interrupted system call, or null if the thread was not in one.
+Napi::Value Rewind(const Napi::CallbackInfo& info) {
+  auto b = info[0].As<Napi::Buffer<uint8_t>>();
+  struct user_regs_struct regs;
+  if (b.Length() != sizeof regs) return info.Env().Null();
+  std::memcpy(&regs, b.Data(), sizeof regs);
+  if (!trace_rewind(&regs)) return info.Env().Null();
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<uint8_t*>(&regs), sizeof regs);
+}
+
+Napi::Value GetXstate(const Napi::CallbackInfo& info) {
+  std::vector<uint8_t> buf(1 << 14);
+  int n = trace_get_xstate(Tid(info), buf.data(), buf.size());
+  if (Failed(info.Env(), n, "reading FPU state")) return info.Env().Undefined();
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), n);
+}
+
+Napi::Value SetXstate(const Napi::CallbackInfo& info) {
+  auto b = info[1].As<Napi::Buffer<uint8_t>>();
+  Failed(info.Env(), trace_set_xstate(Tid(info), b.Data(), b.Length()), "writing FPU state");
+  return info.Env().Undefined();
+}
+
+Napi::Value GetSigmask(const Napi::CallbackInfo& info) {
+  uint64_t mask = 0;
+  if (Failed(info.Env(), trace_get_sigmask(Tid(info), &mask), "reading signal mask"))
+    return info.Env().Undefined();
+  return Napi::BigInt::New(info.Env(), mask);
+}
+
+Napi::Value SetSigmask(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_set_sigmask(Tid(info), U64(info[1])), "writing signal mask");
+  return info.Env().Undefined();
+}
+
+Napi::Value GetSiginfo(const Napi::CallbackInfo& info) {
+  uint8_t si[128];
+  if (Failed(info.Env(), trace_get_siginfo(Tid(info), si), "reading siginfo"))
+    return info.Env().Undefined();
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), si, sizeof si);
+}
+
+// peekSiginfo(tid, shared) -> Buffer of 128-byte siginfos, in queue order.
+Napi::Value PeekSiginfo(const Napi::CallbackInfo& info) {
+  std::vector<uint8_t> buf(128 * 256);
+  int n = trace_peek_siginfo(Tid(info), info[1].As<Napi::Boolean>(), buf.data(), 256);
+  if (Failed(info.Env(), n, "reading pending signals")) return info.Env().Undefined();
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), static_cast<size_t>(n) * 128);
+}
+
+Napi::Value GetRseq(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  trace_rseq r;
+  if (Failed(env, trace_get_rseq(Tid(info), &r), "reading rseq")) return env.Undefined();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pointer", Napi::BigInt::New(env, r.rseq_abi_pointer));
+  o.Set("size", r.rseq_abi_size);
+  o.Set("signature", r.signature);
+  o.Set("flags", r.flags);
+  return o;
+}
+
+Napi::Value GetRobustList(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t head, len;
+  if (Failed(env, trace_get_robust_list(Tid(info), &head, &len), "reading robust list"))
+    return env.Undefined();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("head", Napi::BigInt::New(env, head));
+  o.Set("length", Napi::Number::New(env, static_cast<double>(len)));
+  return o;
+}
+
+// inject(tid, syscallInsn: bigint, nr, args: bigint[]) -> bigint (the raw
+// return value; -4095..-1 is -errno).
+Napi::Value Inject(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  long args[6] = {0, 0, 0, 0, 0, 0};
+  auto a = info[3].As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length() && i < 6; i++) args[i] = static_cast<long>(U64(a.Get(i)));
+  long ret = 0;
+  int rc = trace_inject(Tid(info), U64(info[1]), info[2].As<Napi::Number>().Int64Value(), args, &ret);
+  if (Failed(env, rc, "running a system call in thread " + std::to_string(Tid(info))))
+    return env.Undefined();
+  return Napi::BigInt::New(env, static_cast<int64_t>(ret));
+}
+
+// readMemory(pid, addr: bigint, length) -> Buffer
+Napi::Value ReadMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t len = info[2].As<Napi::Number>().Uint32Value();
+  auto out = Napi::Buffer<uint8_t>::New(env, len);
+  struct iovec local = {out.Data(), len}, remote = {reinterpret_cast<void*>(U64(info[1])), len};
+  ssize_t n = process_vm_readv(Tid(info), &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(len)) {
+    ThrowErrno(env, "reading process memory", n < 0 ? errno : EIO);
+    return env.Undefined();
+  }
+  return out;
+}
+
+// writeMemory(pid, addr: bigint, data: Buffer)
+Napi::Value WriteMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto b = info[2].As<Napi::Buffer<uint8_t>>();
+  struct iovec local = {b.Data(), b.Length()},
+               remote = {reinterpret_cast<void*>(U64(info[1])), b.Length()};
+  ssize_t n = process_vm_writev(Tid(info), &local, 1, &remote, 1, 0);
+  if (n != static_cast<ssize_t>(b.Length()))
+    ThrowErrno(env, "writing process memory", n < 0 ? errno : EIO);
+  return env.Undefined();
+}
+
+// sockInfo(fd) -> { family, type, listening, reuseaddr, reuseport, v6only }
+Napi::Value SockInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  auto get = [&](int level, int name) {
+    int v = 0;
+    socklen_t len = sizeof v;
+    if (getsockopt(fd, level, name, &v, &len)) return -1;
+    return v;
+  };
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("family", get(SOL_SOCKET, SO_DOMAIN));
+  o.Set("type", get(SOL_SOCKET, SO_TYPE));
+  o.Set("listening", get(SOL_SOCKET, SO_ACCEPTCONN) == 1);
+  o.Set("reuseaddr", get(SOL_SOCKET, SO_REUSEADDR) == 1);
+  o.Set("reuseport", get(SOL_SOCKET, SO_REUSEPORT) == 1);
+  o.Set("v6only", get(IPPROTO_IPV6, IPV6_V6ONLY) == 1);
+  return o;
+}
+
+// ---- PageWriter
+
+Napi::Uint32Array Pairs(const Napi::Env& env, const uint32_t* p, size_t n) {
+  auto a = Napi::Uint32Array::New(env, n * 2);
+  if (n) std::memcpy(a.Data(), p, n * 2 * sizeof *p);
+  return a;
+}
+
+class PageWriter : public Napi::ObjectWrap<PageWriter> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "PageWriter",
+                       {InstanceMethod("dump", &PageWriter::Dump),
+                        InstanceMethod("append", &PageWriter::Append),
+                        InstanceMethod("appendFd", &PageWriter::AppendFd),
+                        InstanceMethod("finish", &PageWriter::Finish),
+                        InstanceMethod("link", &PageWriter::Link),
+                        InstanceMethod("fd", &PageWriter::Fd),
+                        InstanceMethod("abort", &PageWriter::Abort)});
+  }
+
+  // new PageWriter(dir, parentPaths: string[]): an unnamed file in dir.
+  explicit PageWriter(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageWriter>(info) {
+    Napi::Env env = info.Env();
+    std::string path = info[0].As<Napi::String>().Utf8Value();
+    if (info.Length() > 1 && info[1].IsArray()) {
+      auto parents = info[1].As<Napi::Array>();
+      for (uint32_t i = 0; i < parents.Length(); i++) {
+        std::string p = parents.Get(i).As<Napi::String>().Utf8Value();
+        int fd = open(p.c_str(), O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st)) {
+          ThrowErrno(env, "opening parent page data " + p, errno);
+          if (fd >= 0) close(fd);
+          return;
+        }
+        void* m = st.st_size ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
+        close(fd);
+        if (m == MAP_FAILED) {
+          ThrowErrno(env, "mapping parent page data " + p, errno);
+          return;
+        }
+        maps_.push_back(static_cast<const uint8_t*>(m));
+        sizes_.push_back(st.st_size);
+      }
+    }
+    int rc = pw_open(&w_, path.c_str());
+    if (rc) {
+      ThrowErrno(env, "creating " + path, -rc);
+      return;
+    }
+    open_ = true;
+    w_.parents = maps_.data();
+    w_.parent_sizes = sizes_.data();
+    w_.nparents = maps_.size();
+  }
+
+  ~PageWriter() override {
+    if (open_) pw_abort(&w_);
+    Unmap();
+  }
+
+ private:
+  void Unmap() {
+    for (size_t i = 0; i < maps_.size(); i++)
+      if (maps_[i]) munmap(const_cast<uint8_t*>(maps_[i]), sizes_[i]);
+    maps_.clear();
+    sizes_.clear();
+  }
+
+  bool Check(const Napi::Env& env) {
+    if (!open_) Napi::Error::New(env, "page writer is closed").ThrowAsJavaScriptException();
+    return open_;
+  }
+
+  // dump(pid, pagemapFd, start, end, mode, parent?) -> { offset, runs, same, pages }
+  Napi::Value Dump(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env) || !w_.buf) return env.Undefined();
+    pages_parent parent{};
+    bool has_parent = info.Length() > 5 && info[5].IsObject();
+    if (has_parent) {
+      auto o = info[5].As<Napi::Object>();
+      auto idx = o.Get("index").As<Napi::Uint32Array>();
+      auto file = o.Get("file").As<Napi::Uint32Array>();
+      auto off = o.Get("offset").As<Napi::BigUint64Array>();
+      parent.index = idx.Data();
+      parent.file = file.Data();
+      parent.offset = off.Data();
+      parent.count = idx.ElementLength();
+    }
+    pages_result r;
+    int rc = pw_dump(&w_, Tid(info), info[1].As<Napi::Number>().Int32Value(), U64(info[2]),
+                     U64(info[3]), static_cast<pages_mode>(info[4].As<Napi::Number>().Int32Value()),
+                     has_parent ? &parent : nullptr, &r);
+    Napi::Value result = env.Undefined();
+    if (!Failed(env, rc, "copying memory of process " + std::to_string(Tid(info)))) {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("offset", Napi::Number::New(env, static_cast<double>(r.data_offset)));
+      o.Set("runs", Pairs(env, r.runs, r.nruns));
+      o.Set("same", Pairs(env, r.same, r.nsame));
+      o.Set("pages", Napi::Number::New(env, static_cast<double>(r.pages_written)));
+      result = o;
+    }
+    free(r.runs);
+    free(r.same);
+    return result;
+  }
+
+  // append(buffer) -> offset
+  Napi::Value Append(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env)) return env.Undefined();
+    auto b = info[0].As<Napi::Buffer<uint8_t>>();
+    uint64_t off;
+    if (Failed(env, pw_append(&w_, b.Data(), b.Length(), &off), "writing page data"))
+      return env.Undefined();
+    return Napi::Number::New(env, static_cast<double>(off));
+  }
+
+  // appendFd(fd, length) -> { offset, runs }
+  Napi::Value AppendFd(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env)) return env.Undefined();
+    uint32_t* runs = nullptr;
+    size_t nruns = 0;
+    uint64_t off;
+    int rc = pw_append_fd(&w_, info[0].As<Napi::Number>().Int32Value(), U64(info[1]), &runs,
+                          &nruns, &off);
+    Napi::Value result = env.Undefined();
+    if (!Failed(env, rc, "copying shared memory")) {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("offset", Napi::Number::New(env, static_cast<double>(off)));
+      o.Set("runs", Pairs(env, runs, nruns));
+      result = o;
+    }
+    free(runs);
+    return result;
+  }
+
+  // finish() -> { size, crc }: flushed and synced; still unnamed.
+  Napi::Value Finish(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env)) return env.Undefined();
+    int rc = pw_finish(&w_);
+    Unmap();
+    if (Failed(env, rc, "writing page data")) return env.Undefined();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("size", Napi::Number::New(env, static_cast<double>(w_.size)));
+    o.Set("crc", Napi::Number::New(env, w_.crc));
+    return o;
+  }
+
+  // link(path): names the finished file.
+  Napi::Value Link(const Napi::CallbackInfo& info) {
+    std::string path = info[0].As<Napi::String>().Utf8Value();
+    Failed(info.Env(), pw_link(&w_, path.c_str()), "naming " + path);
+    return info.Env().Undefined();
+  }
+
+  // fd(): the file's descriptor, for streaming it out.
+  Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), w_.fd); }
+
+  // abort(): closes the file (which vanishes if it was never linked).
+  Napi::Value Abort(const Napi::CallbackInfo& info) {
+    if (open_) pw_abort(&w_);
+    open_ = false;
+    Unmap();
+    return info.Env().Undefined();
+  }
+
+  page_writer w_{};
+  bool open_ = false;
+  std::vector<const uint8_t*> maps_;
+  std::vector<uint64_t> sizes_;
+};
+
+// crc32c(buffer, seed = 0) -> number
+Napi::Value Crc32c(const Napi::CallbackInfo& info) {
+  auto b = info[0].As<Napi::Buffer<uint8_t>>();
+  uint32_t seed = info.Length() > 1 ? info[1].As<Napi::Number>().Uint32Value() : 0;
+  return Napi::Number::New(info.Env(), pages_crc32c(seed, b.Data(), b.Length()));
+}
+
+// crc32cFile(path) -> { size, crc }
+Napi::Value Crc32cFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    ThrowErrno(env, "opening " + path, errno);
+    return env.Undefined();
+  }
+  std::vector<uint8_t> buf(4 << 20);
+  uint32_t crc = 0;
+  uint64_t size = 0;
+  for (;;) {
+    ssize_t n = read(fd, buf.data(), buf.size());
+    if (n < 0) {
+      int e = errno;
+      close(fd);
+      ThrowErrno(env, "reading " + path, e);
+      return env.Undefined();
+    }
+    if (n == 0) break;
+    crc = pages_crc32c(crc, buf.data(), n);
+    size += n;
+  }
+  close(fd);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("size", Napi::Number::New(env, static_cast<double>(size)));
+  o.Set("crc", Napi::Number::New(env, crc));
+  return o;
+}
+
+// ---- descriptors
+
+// getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
+Napi::Value GetFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, Tid(info), 0));
+  if (pidfd < 0) {
+    ThrowErrno(env, "pidfd_open", errno);
+    return env.Undefined();
+  }
+  int fd = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, info[1].As<Napi::Number>().Int32Value(), 0));
+  int e = errno;
+  close(pidfd);
+  if (fd < 0) {
+    ThrowErrno(env, "pidfd_getfd", e);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
+// peekPipe(fd) -> Buffer: what the pipe holds, copied with tee(2) so the
+// owner still reads all of it. The pipe's writers are stopped meanwhile.
+Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int src = info[0].As<Napi::Number>().Int32Value();
+  int p[2];
+  if (pipe2(p, O_CLOEXEC | O_NONBLOCK)) {
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
+  int size = fcntl(src, F_GETPIPE_SZ);
+  if (size > 0) fcntl(p[1], F_SETPIPE_SZ, size);
+  std::vector<uint8_t> data;
+  ssize_t n = tee(src, p[1], static_cast<size_t>(size > 0 ? size : 65536), SPLICE_F_NONBLOCK);
+  int e = errno;
+  if (n > 0) {
+    data.resize(n);
+    size_t got = 0;
+    while (got < static_cast<size_t>(n)) {
+      ssize_t r = read(p[0], data.data() + got, n - got);
+      if (r <= 0) break;
+      got += r;
+    }
+    data.resize(got);
+  }
+  close(p[0]);
+  close(p[1]);
+  if (n < 0 && e != EAGAIN) {
+    ThrowErrno(env, "tee", e);
+    return env.Undefined();
+  }
+  return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
+}
+
+// prlimits(pid) -> [[cur, max] as bigint, ...] for RLIMIT 0..15
+Napi::Value Prlimits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  for (int r = 0; r < RLIM_NLIMITS; r++) {
+    struct rlimit64 lim;
+    if (prlimit64(Tid(info), static_cast<__rlimit_resource>(r), nullptr, &lim)) {
+      ThrowErrno(env, "prlimit", errno);
+      return env.Undefined();
+    }
+    Napi::Array pair = Napi::Array::New(env, 2);
+    pair.Set(0u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_cur)));
+    pair.Set(1u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_max)));
+    out.Set(r, pair);
+  }
+  return out;
+}
+
+// ---- SysV objects, read without changing them
+
+Napi::Object Perm(const Napi::Env& env, const struct ipc_perm& p) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("key", Napi::Number::New(env, p.__key));
+  o.Set("uid", Napi::Number::New(env, p.uid));
+  o.Set("gid", Napi::Number::New(env, p.gid));
+  o.Set("cuid", Napi::Number::New(env, p.cuid));
+  o.Set("cgid", Napi::Number::New(env, p.cgid));
+  o.Set("mode", Napi::Number::New(env, p.mode & 0777));
+  return o;
+}
+
+// semRead(semid) -> { perm, values: number[] }
+Napi::Value SemRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int id = info[0].As<Napi::Number>().Int32Value();
+  struct semid_ds ds;
+  union semun { int val; struct semid_ds* buf; unsigned short* array; } arg;
+  arg.buf = &ds;
+  if (semctl(id, 0, IPC_STAT, arg)) {
+    ThrowErrno(env, "semctl IPC_STAT " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  std::vector<unsigned short> vals(ds.sem_nsems);
+  arg.array = vals.data();
+  if (semctl(id, 0, GETALL, arg)) {
+    ThrowErrno(env, "semctl GETALL", errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("perm", Perm(env, ds.sem_perm));
+  Napi::Array values = Napi::Array::New(env, vals.size());
+  Napi::Array pids = Napi::Array::New(env, vals.size());
+  for (size_t i = 0; i < vals.size(); i++) {
+    values.Set(static_cast<uint32_t>(i), vals[i]);
+    pids.Set(static_cast<uint32_t>(i), semctl(id, static_cast<int>(i), GETPID));
+  }
+  o.Set("values", values);
+  o.Set("pids", pids);
+  return o;
+}
+
+// shmRead(shmid) -> { perm, size, cpid, lpid, data: Buffer }
+Napi::Value ShmRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int id = info[0].As<Napi::Number>().Int32Value();
+  struct shmid_ds ds;
+  if (shmctl(id, IPC_STAT, &ds)) {
+    ThrowErrno(env, "shmctl IPC_STAT " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  void* at = shmat(id, nullptr, SHM_RDONLY);
+  if (at == reinterpret_cast<void*>(-1)) {
+    ThrowErrno(env, "shmat " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("perm", Perm(env, ds.shm_perm));
+  o.Set("size", Napi::Number::New(env, static_cast<double>(ds.shm_segsz)));
+  o.Set("cpid", ds.shm_cpid);
+  o.Set("lpid", ds.shm_lpid);
+  o.Set("data", Napi::Buffer<uint8_t>::Copy(env, static_cast<uint8_t*>(at), ds.shm_segsz));
+  shmdt(at);
+  return o;
+}
+
+// msgRead(msqid) -> { perm, qbytes, lspid, lrpid, messages: [{type, data}] }
+// MSG_COPY reads the n-th message and leaves the queue as it was.
+Napi::Value MsgRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int id = info[0].As<Napi::Number>().Int32Value();
+  struct msqid_ds ds;
+  if (msgctl(id, IPC_STAT, &ds)) {
+    ThrowErrno(env, "msgctl IPC_STAT " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("perm", Perm(env, ds.msg_perm));
+  o.Set("qbytes", Napi::Number::New(env, static_cast<double>(ds.msg_qbytes)));
+  o.Set("lspid", ds.msg_lspid);
+  o.Set("lrpid", ds.msg_lrpid);
+  Napi::Array messages = Napi::Array::New(env);
+  std::vector<uint8_t> buf(sizeof(long) + 65536);
+  for (unsigned long i = 0; i < ds.msg_qnum; i++) {
+    ssize_t n = msgrcv(id, buf.data(), 65536, static_cast<long>(i),
+                       IPC_NOWAIT | MSG_COPY | MSG_NOERROR);
+    if (n < 0) {
+      ThrowErrno(env, "msgrcv MSG_COPY", errno);
+      return env.Undefined();
+    }
+    long type;
+    std::memcpy(&type, buf.data(), sizeof type);
+    Napi::Object m = Napi::Object::New(env);
+    m.Set("type", Napi::Number::New(env, static_cast<double>(type)));
+    m.Set("data", Napi::Buffer<uint8_t>::Copy(env, buf.data() + sizeof(long), n));
+    messages.Set(static_cast<uint32_t>(i), m);
+  }
+  o.Set("messages", messages);
+  return o;
+}
+
+}  // namespace
+
+namespace appshot {
+
+void RegisterTrace(Napi::Env env, Napi::Object exports) {
+  auto fn = [&](const char* name, Napi::Value (*f)(const Napi::CallbackInfo&)) {
+    exports.Set(name, Napi::Function::New(env, f, name));
+  };
+  fn("seize", Seize);
+  fn("interrupt", Interrupt);
+  fn("cont", Cont);
+  fn("detach", Detach);
+  fn("wait", Wait);
+  fn("getRegs", GetRegs);
+  fn("setRegs", SetRegs);
+  fn("rewind", Rewind);
+  fn("getXstate", GetXstate);
+  fn("setXstate", SetXstate);
+  fn("getSigmask", GetSigmask);
+  fn("setSigmask", SetSigmask);
+  fn("getSiginfo", GetSiginfo);
+  fn("peekSiginfo", PeekSiginfo);
+  fn("getRseq", GetRseq);
+  fn("getRobustList", GetRobustList);
+  fn("inject", Inject);
+  fn("readMemory", ReadMemory);
+  fn("writeMemory", WriteMemory);
+  fn("sockInfo", SockInfo);
+  fn("crc32c", Crc32c);
+  fn("crc32cFile", Crc32cFile);
+  fn("getFd", GetFd);
+  fn("peekPipe", PeekPipe);
+  fn("prlimits", Prlimits);
+  fn("semRead", SemRead);
+  fn("shmRead", ShmRead);
+  fn("msgRead", MsgRead);
+  exports.Set("PageWriter", PageWriter::Define(env));
+}
+
+}  // namespace appshot

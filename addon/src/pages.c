@@ -1,0 +1,314 @@
+#define _GNU_SOURCE
+#include "pages.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+#define PM_PRESENT (1ull << 63)
+#define PM_SWAPPED (1ull << 62)
+#define PM_FILE_OR_SHARED (1ull << 61)
+/* Pagemap entries read per pread: 512 KiB covers 256 MiB of address space. */
+#define PM_CHUNK 65536u
+#define WRITE_BUFFER (8u << 20)
+
+/* ---- CRC-32C (Castagnoli): the SSE4.2 instruction where the CPU has it,
+ * a table otherwise. One checksum per image part; a flipped bit anywhere
+ * changes it. */
+
+static uint32_t crc_table[256];
+
+static void crc_table_init(void) {
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1)));
+    crc_table[i] = c;
+  }
+}
+
+static uint32_t crc_soft(uint32_t crc, const uint8_t* p, size_t n) {
+  if (!crc_table[1]) crc_table_init();
+  while (n--) crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+  return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uint8_t* p,
+                                                          size_t n) {
+  uint64_t c = crc;
+  while (n && ((uintptr_t)p & 7)) {
+    c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    n--;
+  }
+  while (n >= 8) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    c = __builtin_ia32_crc32di(c, v);
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+  return (uint32_t)c;
+}
+#endif
+
+uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len) {
+  crc = ~crc;
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("sse4.2")) return ~crc_hw(crc, data, len);
+#endif
+  return ~crc_soft(crc, data, len);
+}
+
+/* ---- the writer */
+
+int pw_open(page_writer* w, const char* dir) {
+  memset(w, 0, sizeof *w);
+  w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
+  if (!w->buf) return -ENOMEM;
+  w->buf_size = WRITE_BUFFER;
+  w->fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
+  if (w->fd < 0) {
+    int e = errno;
+    free(w->buf);
+    w->buf = NULL;
+    return -e;
+  }
+  return 0;
+}
+
+static int flush(page_writer* w) {
+  size_t done = 0;
+  while (done < w->buf_used) {
+    ssize_t n = write(w->fd, w->buf + done, w->buf_used - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    done += (size_t)n;
+  }
+  w->crc = pages_crc32c(w->crc, w->buf, w->buf_used);
+  w->size += w->buf_used;
+  w->buf_used = 0;
+  return 0;
+}
+
+static uint64_t position(const page_writer* w) { return w->size + w->buf_used; }
+
+static int push_pair(uint32_t** arr, size_t* n, size_t* cap, uint32_t first, uint32_t count) {
+  /* Extend the last run when this one continues it. */
+  if (*n && (*arr)[2 * *n - 2] + (*arr)[2 * *n - 1] == first) {
+    (*arr)[2 * *n - 1] += count;
+    return 0;
+  }
+  if (*n == *cap) {
+    size_t ncap = *cap ? *cap * 2 : 64;
+    uint32_t* grown = realloc(*arr, ncap * 2 * sizeof **arr);
+    if (!grown) return -ENOMEM;
+    *arr = grown;
+    *cap = ncap;
+  }
+  (*arr)[2 * *n] = first;
+  (*arr)[2 * *n + 1] = count;
+  (*n)++;
+  return 0;
+}
+
+/* Reads `len` bytes at `addr` of `pid` into `dst`. process_vm_readv copies
+ * once; a mapping the process itself cannot read (PROT_NONE) is read
+ * through /proc/PID/mem, which may. */
+static int read_remote(pid_t pid, uint64_t addr, void* dst, size_t len) {
+  struct iovec local = {dst, len}, remote = {(void*)(uintptr_t)addr, len};
+  ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (n == (ssize_t)len) return 0;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/mem", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread(fd, (uint8_t*)dst + done, len - done, (off_t)(addr + done));
+    if (r <= 0) {
+      int e = r < 0 ? errno : EIO;
+      close(fd);
+      return -e;
+    }
+    done += (size_t)r;
+  }
+  close(fd);
+  return 0;
+}
+
+static int wanted(uint64_t pm, pages_mode mode) {
+  switch (mode) {
+    case PAGES_ANON: return (pm & (PM_PRESENT | PM_SWAPPED)) != 0;
+    case PAGES_PRIVATE_FILE:
+      /* A swapped page of a private file mapping can only be a written one. */
+      return (pm & PM_SWAPPED) || ((pm & PM_PRESENT) && !(pm & PM_FILE_OR_SHARED));
+    case PAGES_ALL_PRESENT: return (pm & (PM_PRESENT | PM_SWAPPED)) != 0;
+  }
+  return 0;
+}
+
+/* The parent's copy of page `idx`, if it has one; `cursor` walks the sorted
+ * index as pages are visited in ascending order. */
+static const uint8_t* parent_page(const page_writer* w, const pages_parent* p, size_t* cursor,
+                                  uint32_t idx) {
+  if (!p) return NULL;
+  while (*cursor < p->count && p->index[*cursor] < idx) (*cursor)++;
+  if (*cursor >= p->count || p->index[*cursor] != idx) return NULL;
+  uint32_t f = p->file[*cursor];
+  uint64_t off = p->offset[*cursor];
+  if (f >= w->nparents || off + PAGE > w->parent_sizes[f]) return NULL;
+  return w->parents[f] + off;
+}
+
+/* Copies pages [first, first+count) of the mapping into the buffer, drops
+ * those the parent already holds unchanged, and records both kinds of run. */
+static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, uint32_t count,
+                    const pages_parent* parent, size_t* cursor, pages_result* out) {
+  while (count) {
+    if (w->buf_used == w->buf_size) {
+      int rc = flush(w);
+      if (rc) return rc;
+    }
+    uint32_t room = (uint32_t)((w->buf_size - w->buf_used) / PAGE);
+    uint32_t n = count < room ? count : room;
+    uint8_t* dst = w->buf + w->buf_used;
+    int rc = read_remote(pid, start + (uint64_t)first * PAGE, dst, (size_t)n * PAGE);
+    if (rc) return rc;
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < n; i++) {
+      uint8_t* page = dst + (size_t)i * PAGE;
+      const uint8_t* old = parent_page(w, parent, cursor, first + i);
+      if (old && memcmp(old, page, PAGE) == 0) {
+        if ((rc = push_pair(&out->same, &out->nsame, &out->same_cap, first + i, 1))) return rc;
+        continue;
+      }
+      if (kept != i) memmove(dst + (size_t)kept * PAGE, page, PAGE);
+      kept++;
+      if ((rc = push_pair(&out->runs, &out->nruns, &out->runs_cap, first + i, 1))) return rc;
+    }
+    w->buf_used += (size_t)kept * PAGE;
+    out->pages_written += kept;
+    first += n;
+    count -= n;
+  }
+  return 0;
+}
+
+int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
+            pages_mode mode, const pages_parent* parent, pages_result* out) {
+  memset(out, 0, sizeof *out);
+  out->data_offset = position(w);
+  uint64_t* pm = malloc(PM_CHUNK * sizeof *pm);
+  if (!pm) return -ENOMEM;
+  uint32_t npages = (uint32_t)((end - start) / PAGE);
+  size_t cursor = 0;
+  int rc = 0;
+  for (uint32_t base = 0; base < npages && !rc; base += PM_CHUNK) {
+    uint32_t n = npages - base < PM_CHUNK ? npages - base : PM_CHUNK;
+    off_t off = (off_t)((start / PAGE + base) * sizeof *pm);
+    ssize_t got = pread(pagemap_fd, pm, n * sizeof *pm, off);
+    if (got != (ssize_t)(n * sizeof *pm)) {
+      rc = got < 0 ? -errno : -EIO;
+      break;
+    }
+    uint32_t i = 0;
+    while (i < n && !rc) {
+      if (!wanted(pm[i], mode)) {
+        i++;
+        continue;
+      }
+      uint32_t j = i + 1;
+      while (j < n && wanted(pm[j], mode)) j++;
+      rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out);
+      i = j;
+    }
+  }
+  free(pm);
+  return rc;
+}
+
+int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset) {
+  *offset = position(w);
+  const uint8_t* p = data;
+  size_t padded = (len + PAGE - 1) / PAGE * PAGE;
+  for (size_t done = 0; done < padded;) {
+    if (w->buf_used == w->buf_size) {
+      int rc = flush(w);
+      if (rc) return rc;
+    }
+    size_t n = w->buf_size - w->buf_used;
+    if (n > padded - done) n = padded - done;
+    size_t real = done < len ? (len - done < n ? len - done : n) : 0;
+    memcpy(w->buf + w->buf_used, p + done, real);
+    memset(w->buf + w->buf_used + real, 0, n - real);
+    w->buf_used += n;
+    done += n;
+  }
+  return 0;
+}
+
+int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_t* nruns,
+                 uint64_t* offset) {
+  *offset = position(w);
+  *runs = NULL;
+  *nruns = 0;
+  size_t cap = 0;
+  off_t pos = 0;
+  while ((uint64_t)pos < length) {
+    off_t data = lseek(fd, pos, SEEK_DATA);
+    if (data < 0 || (uint64_t)data >= length) break;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole > length) hole = (off_t)length;
+    data = data / PAGE * PAGE;
+    for (off_t at = data; at < hole;) {
+      if (w->buf_used == w->buf_size) {
+        int rc = flush(w);
+        if (rc) return rc;
+      }
+      size_t n = w->buf_size - w->buf_used;
+      if ((uint64_t)n > (uint64_t)(hole - at)) n = (size_t)(hole - at);
+      n = (n + PAGE - 1) / PAGE * PAGE;
+      ssize_t r = pread(fd, w->buf + w->buf_used, n, at);
+      if (r < 0) return -errno;
+      memset(w->buf + w->buf_used + r, 0, n - (size_t)r);
+      int rc = push_pair(runs, nruns, &cap, (uint32_t)(at / PAGE), (uint32_t)(n / PAGE));
+      if (rc) return rc;
+      w->buf_used += n;
+      at += (off_t)n;
+    }
+    pos = hole;
+  }
+  return 0;
+}
+
+int pw_finish(page_writer* w) {
+  int rc = flush(w);
+  if (!rc && fsync(w->fd)) rc = -errno;
+  free(w->buf);
+  w->buf = NULL;
+  return rc;
+}
+
+int pw_link(page_writer* w, const char* path) {
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", w->fd);
+  /* Following the magic link names the unnamed file; this needs no
+   * privilege, unlike AT_EMPTY_PATH. */
+  if (linkat(AT_FDCWD, self, AT_FDCWD, path, AT_SYMLINK_FOLLOW)) return -errno;
+  return 0;
+}
+
+void pw_abort(page_writer* w) {
+  if (w->fd >= 0) close(w->fd);
+  w->fd = -1;
+  free(w->buf);
+  w->buf = NULL;
+}

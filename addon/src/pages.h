@@ -1,0 +1,71 @@
+/* Page data: which pages of a tracee's mapping exist, and copying them into
+ * an image's page file, page-aligned, so that a restore can map the file
+ * directly. Plain C; the addon wraps it. */
+#ifndef APPSHOT_PAGES_H
+#define APPSHOT_PAGES_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Which pages of a mapping hold state of the process's own. */
+typedef enum {
+  PAGES_ANON = 0,         /* private anonymous: every present or swapped page */
+  PAGES_PRIVATE_FILE = 1, /* private file mapping: only pages written (now anonymous) */
+  PAGES_ALL_PRESENT = 2,  /* any present page (shared memory read through the process) */
+} pages_mode;
+
+/* Where a page of an incremental snapshot's parent keeps its bytes. */
+typedef struct {
+  const uint32_t* index;  /* page index inside the mapping, ascending */
+  const uint32_t* file;   /* which parent page file (see page_writer.parents) */
+  const uint64_t* offset; /* byte offset in that file */
+  size_t count;
+} pages_parent;
+
+typedef struct {
+  int fd;
+  uint64_t size;  /* bytes written so far; always a multiple of the page size */
+  uint32_t crc;   /* CRC-32C of everything written so far */
+  uint8_t* buf;
+  size_t buf_used, buf_size;
+  /* Page files of the parent chain, mapped read-only, for comparing. */
+  const uint8_t** parents;
+  const uint64_t* parent_sizes;
+  size_t nparents;
+} page_writer;
+
+/* Result of dumping one mapping: runs of pages, as (first page, count)
+ * pairs relative to the mapping's start, in `runs`; and the same for pages
+ * identical to the parent's, in `same`. */
+typedef struct {
+  uint32_t* runs;
+  size_t nruns, runs_cap;
+  uint32_t* same;
+  size_t nsame, same_cap;
+  uint64_t pages_written;
+  uint64_t data_offset; /* where this mapping's pages start in the file */
+} pages_result;
+
+uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
+
+/* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
+ * pw_link, nothing is left behind. */
+int pw_open(page_writer* w, const char* dir);
+/* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
+ * tracee's /proc/PID/pagemap, opened by the caller once per process. */
+int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
+            pages_mode mode, const pages_parent* parent, pages_result* out);
+/* Appends bytes (a SysV segment, a deleted file), padded to a page. */
+int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset);
+/* Copies every data extent of an open file (holes stay holes), appending it
+ * page-aligned; used for shared memory objects read through map_files. */
+int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_t* nruns,
+                 uint64_t* offset);
+/* Flushes and syncs; the file stays open until pw_link or pw_abort. */
+int pw_finish(page_writer* w);
+/* Gives the finished file its name. */
+int pw_link(page_writer* w, const char* path);
+void pw_abort(page_writer* w);
+
+#endif

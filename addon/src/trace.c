@@ -1,0 +1,220 @@
+#define _GNU_SOURCE
+#include "trace.h"
+
+#include <elf.h>
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PTRACE_GET_RSEQ_CONFIGURATION
+#define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
+#endif
+
+/* Kernel-internal restart codes a stopped thread may hold in rax. */
+#define ERESTARTSYS 512
+#define ERESTARTNOINTR 513
+#define ERESTARTNOHAND 514
+#define ERESTART_RESTARTBLOCK 516
+
+/* New threads and children of a seized task are seized too, so a process
+ * cannot escape a snapshot by forking while it is being stopped. */
+#define SEIZE_OPTIONS \
+  (PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACESYSGOOD)
+
+static int fail(void) { return -errno; }
+
+int trace_seize(pid_t tid) {
+  return ptrace(PTRACE_SEIZE, tid, 0, (void*)(long)SEIZE_OPTIONS) ? fail() : 0;
+}
+
+int trace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0) ? fail() : 0; }
+
+int trace_cont(pid_t tid, int sig) {
+  return ptrace(PTRACE_CONT, tid, 0, (void*)(long)sig) ? fail() : 0;
+}
+
+int trace_detach(pid_t tid, int sig) {
+  return ptrace(PTRACE_DETACH, tid, 0, (void*)(long)sig) ? fail() : 0;
+}
+
+static void classify(pid_t tid, int status, trace_report* out) {
+  memset(out, 0, sizeof *out);
+  out->tid = tid;
+  out->status = status;
+  if (WIFEXITED(status) || WIFSIGNALED(status)) {
+    out->kind = TRACE_EXITED;
+    return;
+  }
+  int sig = WSTOPSIG(status);
+  int event = (unsigned)status >> 16;
+  out->sig = sig;
+  if (sig == (SIGTRAP | 0x80)) {
+    out->kind = TRACE_SYSCALL;
+  } else if (event == PTRACE_EVENT_STOP) {
+    /* SIGTRAP: our interrupt or a new task's first stop; a stop signal: the
+     * task entered a job-control stop. */
+    out->kind = (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU)
+                    ? TRACE_GROUP_STOP
+                    : TRACE_STOP;
+  } else if (event) {
+    out->kind = TRACE_EVENT;
+    out->event = event;
+    ptrace(PTRACE_GETEVENTMSG, tid, 0, &out->msg);
+  } else {
+    out->kind = TRACE_SIGNAL;
+  }
+}
+
+int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    int status;
+    pid_t got = waitpid(tid > 0 ? tid : -1, &status, __WALL | WNOHANG);
+    if (got < 0) return fail();
+    if (got > 0) {
+      classify(got, status, out);
+      return 0;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+    if (elapsed >= timeout_ms) {
+      memset(out, 0, sizeof *out);
+      out->kind = TRACE_NONE;
+      return 0;
+    }
+    /* Stops arrive within microseconds; a short nap keeps latency low
+     * without spinning a core for the whole timeout. */
+    struct timespec nap = {0, elapsed < 5 ? 20000 : 500000};
+    nanosleep(&nap, NULL);
+  }
+}
+
+int trace_get_regs(pid_t tid, struct user_regs_struct* regs) {
+  return ptrace(PTRACE_GETREGS, tid, 0, regs) ? fail() : 0;
+}
+
+int trace_set_regs(pid_t tid, const struct user_regs_struct* regs) {
+  return ptrace(PTRACE_SETREGS, tid, 0, regs) ? fail() : 0;
+}
+
+int trace_get_xstate(pid_t tid, void* buf, size_t size) {
+  struct iovec iov = {buf, size};
+  if (ptrace(PTRACE_GETREGSET, tid, (void*)NT_X86_XSTATE, &iov)) return fail();
+  return (int)iov.iov_len;
+}
+
+int trace_set_xstate(pid_t tid, void* buf, size_t size) {
+  struct iovec iov = {buf, size};
+  return ptrace(PTRACE_SETREGSET, tid, (void*)NT_X86_XSTATE, &iov) ? fail() : 0;
+}
+
+int trace_get_sigmask(pid_t tid, uint64_t* mask) {
+  return ptrace(PTRACE_GETSIGMASK, tid, (void*)sizeof *mask, mask) ? fail() : 0;
+}
+
+int trace_set_sigmask(pid_t tid, uint64_t mask) {
+  return ptrace(PTRACE_SETSIGMASK, tid, (void*)sizeof mask, &mask) ? fail() : 0;
+}
+
+int trace_get_siginfo(pid_t tid, void* info) {
+  return ptrace(PTRACE_GETSIGINFO, tid, 0, info) ? fail() : 0;
+}
+
+int trace_peek_siginfo(pid_t tid, int shared, void* buf, int max) {
+  struct {
+    uint64_t off;
+    uint32_t flags;
+    int32_t nr;
+  } args = {0, shared ? 1u /* PTRACE_PEEKSIGINFO_SHARED */ : 0u, max};
+  long n = ptrace(PTRACE_PEEKSIGINFO, tid, &args, buf);
+  return n < 0 ? fail() : (int)n;
+}
+
+int trace_get_rseq(pid_t tid, trace_rseq* out) {
+  memset(out, 0, sizeof *out);
+  long n = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, (void*)sizeof *out, out);
+  return n < 0 ? fail() : 0;
+}
+
+int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len) {
+  void* h = NULL;
+  size_t l = 0;
+  if (syscall(SYS_get_robust_list, tid, &h, &l)) return fail();
+  *head = (uint64_t)(uintptr_t)h;
+  *len = l;
+  return 0;
+}
+
+int trace_rewind(struct user_regs_struct* r) {
+  if ((long)r->orig_rax < 0) return 0;
+  switch (-(long)r->rax) {
+    case ERESTARTSYS:
+    case ERESTARTNOINTR:
+    case ERESTARTNOHAND:
+      r->rax = r->orig_rax;
+      r->rip -= 2;
+      return 1;
+    case ERESTART_RESTARTBLOCK:
+      r->rax = SYS_restart_syscall;
+      r->rip -= 2;
+      return 1;
+  }
+  return 0;
+}
+
+/* Resumes `tid` to its next syscall stop. Other reports for it (a signal
+ * that arrived meanwhile) are not expected while every thread of the
+ * application is stopped; one is an error rather than something to lose. */
+static int step_to_syscall_stop(pid_t tid) {
+  for (;;) {
+    if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
+    trace_report r;
+    int rc = trace_wait(tid, 10000, &r);
+    if (rc) return rc;
+    if (r.kind == TRACE_NONE) return -ETIMEDOUT;
+    if (r.kind == TRACE_EXITED) return -ESRCH;
+    if (r.kind == TRACE_SYSCALL) return 0;
+    /* A PTRACE_INTERRUPT that arrived while the thread was already stopped
+     * traps again as soon as it resumes, before it runs a single
+     * instruction: resume it once more. */
+    if (r.kind != TRACE_STOP) return -EINTR;
+  }
+}
+
+int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {
+  struct user_regs_struct saved, r;
+  int rc = trace_get_regs(tid, &saved);
+  if (rc) return rc;
+  r = saved;
+  r.rip = syscall_insn;
+  r.rax = nr;
+  /* orig_rax = -1: no restart logic may touch these registers when the
+   * thread leaves the stop it is in. */
+  r.orig_rax = (unsigned long)-1;
+  r.rdi = args[0];
+  r.rsi = args[1];
+  r.rdx = args[2];
+  r.r10 = args[3];
+  r.r8 = args[4];
+  r.r9 = args[5];
+  if ((rc = trace_set_regs(tid, &r))) return rc;
+  /* Entry, then exit: two stops, and no byte of the tracee is written. */
+  if ((rc = step_to_syscall_stop(tid)) == 0) rc = step_to_syscall_stop(tid);
+  if (rc == 0) {
+    struct user_regs_struct after;
+    rc = trace_get_regs(tid, &after);
+    if (rc == 0) *ret = (long)after.rax;
+  }
+  /* The thread now sits in a syscall-exit stop, from which the kernel does
+   * not restart an interrupted call: rewind it here instead. */
+  trace_rewind(&saved);
+  int rc2 = trace_set_regs(tid, &saved);
+  return rc ? rc : rc2;
+}

@@ -1,0 +1,75 @@
+/* ptrace primitives for the snapshot and restore drivers.
+ *
+ * Every function here must be called from the one OS thread that seized the
+ * tracee (ptrace belongs to the attaching thread); the addon calls them all
+ * from Node's main thread. Plain C so that a future restorer binary can use
+ * them too. Functions return 0 or a value, and -errno on failure. */
+#ifndef APPSHOT_TRACE_H
+#define APPSHOT_TRACE_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/user.h>
+
+/* What one waitpid() on the tracees reported. */
+typedef enum {
+  TRACE_NONE = 0,     /* nothing before the deadline */
+  TRACE_STOP,         /* a stop we asked for (PTRACE_INTERRUPT, new task) */
+  TRACE_GROUP_STOP,   /* the task is in a job-control stop (SIGSTOP &c) */
+  TRACE_SIGNAL,       /* signal-delivery-stop: `sig` is about to be delivered */
+  TRACE_EVENT,        /* fork/vfork/clone/exec event stop: `event`, `msg` */
+  TRACE_SYSCALL,      /* a syscall stop (only during injection) */
+  TRACE_EXITED,       /* the task is gone: `status` is its wait status */
+} trace_kind;
+
+typedef struct {
+  trace_kind kind;
+  pid_t tid;
+  int sig;
+  int event;
+  unsigned long msg;
+  int status;
+} trace_report;
+
+int trace_seize(pid_t tid);
+int trace_interrupt(pid_t tid);
+/* Waits for one report from any tracee, or from `tid` if > 0, for at most
+ * timeout_ms (0: do not wait). */
+int trace_wait(pid_t tid, int timeout_ms, trace_report* out);
+int trace_cont(pid_t tid, int sig);
+int trace_detach(pid_t tid, int sig);
+
+int trace_get_regs(pid_t tid, struct user_regs_struct* regs);
+int trace_set_regs(pid_t tid, const struct user_regs_struct* regs);
+/* The extended (XSAVE) state; returns its size. */
+int trace_get_xstate(pid_t tid, void* buf, size_t size);
+int trace_set_xstate(pid_t tid, void* buf, size_t size);
+int trace_get_sigmask(pid_t tid, uint64_t* mask);
+int trace_set_sigmask(pid_t tid, uint64_t mask);
+int trace_get_siginfo(pid_t tid, void* info /* 128 bytes */);
+/* Pending signals without dequeuing them: up to max siginfos (128 bytes
+ * each) of the thread's own queue, or the process's if shared. */
+int trace_peek_siginfo(pid_t tid, int shared, void* buf, int max);
+
+typedef struct {
+  uint64_t rseq_abi_pointer;
+  uint32_t rseq_abi_size;
+  uint32_t signature;
+  uint32_t flags;
+  uint32_t pad;
+} trace_rseq;
+int trace_get_rseq(pid_t tid, trace_rseq* out);
+int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len);
+
+/* Makes the stopped thread `tid` run one system call at `syscall_insn` (the
+ * address of a `syscall` instruction in the tracee) and stop again; its
+ * registers are restored afterwards, except that a system call the thread
+ * had been interrupted in is rewound to restart (see trace_rewind). */
+int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret);
+
+/* A thread interrupted inside a system call holds -ERESTART* in rax; these
+ * registers, set before it resumes, make it issue the call again as the
+ * kernel would have. Returns 1 if they changed. */
+int trace_rewind(struct user_regs_struct* regs);
+
+#endif

@@ -1,0 +1,97 @@
+/** `appshot inspect`: what an image holds, for people (like `crit show`)
+ * and, with --json, for scripts. */
+import { countPages } from '../resources/memory.js';
+import { printColumns } from '../inspect.js';
+import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
+import { toJson } from './format.js';
+
+const SYSCALL_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 7: 'poll', 23: 'select', 35: 'nanosleep', 61: 'wait4', 202: 'futex', 230: 'clock_nanosleep', 232: 'epoll_wait', 281: 'epoll_pwait', 43: 'accept', 288: 'accept4', 34: 'pause', 270: 'pselect6', 271: 'ppoll', 69: 'msgsnd', 70: 'msgrcv', 65: 'semop', 220: 'semtimedop', 247: 'waitid' };
+
+export function syscallName(nr: bigint): string {
+  if (nr < 0n) return '';
+  return SYSCALL_NAMES[Number(nr)] ?? `syscall ${nr}`;
+}
+
+const size = (bytes: bigint | number) => {
+  const b = Number(bytes);
+  if (b >= 1 << 30) return `${(b / (1 << 30)).toFixed(1)}G`;
+  if (b >= 1 << 20) return `${(b / (1 << 20)).toFixed(1)}M`;
+  return `${Math.round(b / 1024)}K`;
+};
+
+function describeFd(image: Image, fd: Fd): string {
+  switch (fdKindName[fd.kind]) {
+    case 'FILE':
+      return `${fd.path} pos=${fd.pos}`;
+    case 'PIPE':
+    case 'FIFO': {
+      const p = image.pipes[fd.pipe];
+      return `${fd.path} ${fd.writeEnd ? 'write' : 'read'} end, ${p?.data.length ?? 0} bytes buffered`;
+    }
+    case 'TCP_LISTEN':
+      return `listening ${fd.socket?.address}:${fd.socket?.port}`;
+    case 'UNIX_SOCKET':
+      return `listening unix ${fd.socket?.address}`;
+    case 'EVENTFD':
+      return `eventfd count=${fd.eventfdCount}`;
+    case 'EPOLL':
+      return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
+    default:
+      return fd.path;
+  }
+}
+
+/** The JSON form: the image itself, with derived sizes and names added. */
+export function imageJson(manifest: Manifest, image: Image): unknown {
+  return toJson({
+    manifest,
+    ...image,
+    processes: image.processes.map((p) => ({
+      ...p,
+      threads: p.threads.map((t) => ({ ...t, syscall: syscallName(t.inSyscall) })),
+      vmas: p.vmas.map((v) => ({ ...v, kindName: vmaKindName[v.kind], size: v.end - v.start, storedPages: countPages(v.pages?.runs ?? []), parentPages: countPages(v.pages?.fromParent ?? []) })),
+      fds: p.fds.map((f) => ({ ...f, kindName: fdKindName[f.kind] })),
+    })),
+  });
+}
+
+export function printImage(manifest: Manifest, image: Image, out: (s: string) => void = (s) => process.stdout.write(s)): void {
+  const s = image.stats;
+  out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
+  if (image.parent) out(`incremental: parent ${image.parent.imageId} at ${image.parent.path}\n`);
+  out(`${image.processes.length} processes, ${s.pages} pages stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
+  out(`command: ${image.command.join(' ')}\n\nprocesses:\n`);
+  printColumns(
+    ['VPID', 'VPPID', 'VPGID', 'VSID', 'THREADS', 'FDS', 'MEMORY', 'COMMAND'],
+    image.processes.map((p) => [String(p.vpid), String(p.vppid), String(p.vpgid), String(p.vsid), String(p.threads.length), String(p.fds.length), size(p.vmas.reduce((n, v) => n + countPages(v.pages?.runs ?? []) * 4096, 0)), p.argv.join(' ') || p.comm]),
+    out,
+  );
+  for (const p of image.processes) {
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers\n`);
+    printColumns(
+      ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK'],
+      p.threads.map((t) => [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16)]),
+      out,
+    );
+    printColumns(
+      ['START', 'END', 'PROT', 'KIND', 'SIZE', 'STORED', 'PATH'],
+      p.vmas.map((v) => [v.start.toString(16), v.end.toString(16), (v.prot & 1 ? 'r' : '-') + (v.prot & 2 ? 'w' : '-') + (v.prot & 4 ? 'x' : '-') + (v.shared ? 's' : 'p'), vmaKindName[v.kind], size(v.end - v.start), size(countPages(v.pages?.runs ?? []) * 4096), v.path]),
+      out,
+    );
+    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+  }
+  if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {
+    out('\nSysV IPC:\n');
+    printColumns(
+      ['KIND', 'VID', 'VKEY', 'MODE', 'CONTENTS'],
+      [
+        ...image.semaphores.map((x) => ['sem', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `values ${x.values.join(',')}`]),
+        ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `${x.size} bytes`]),
+        ...image.msgQueues.map((x) => ['msg', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `${x.messages.length} messages`]),
+      ],
+      out,
+    );
+  }
+  out('\ntables:\n');
+  printColumns(['KIND', 'VIRTUAL', 'SYSTEM'], image.tables.flatMap((t) => t.entries.map((e) => [t.kind, String(e.virtual), String(e.system)])), out);
+}

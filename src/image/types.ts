@@ -1,0 +1,303 @@
+/**
+ * The image's metadata as TypeScript sees it: one interface per message of
+ * proto/image.proto (same names, camelCase fields). 64-bit fields are
+ * bigint: addresses, masks, RLIM_INFINITY and nanosecond times do not fit a
+ * double.
+ */
+export interface Manifest {
+  magic: string;
+  formatVersion: number;
+  parts: Part[];
+  imageId: string;
+}
+
+export interface Part {
+  name: string;
+  size: bigint;
+  crc32c: number;
+}
+
+export interface Image {
+  aid: string;
+  created: string;
+  node: NodeInfo;
+  parent?: Parent;
+  processes: Process[];
+  sharedMemory: SharedMemory[];
+  semaphores: SemSet[];
+  shmSegments: ShmSegment[];
+  msgQueues: MsgQueue[];
+  tables: Table[];
+  pipes: Pipe[];
+  files: FileIdentity[];
+  stats: Stats;
+  command: string[];
+}
+
+export interface NodeInfo {
+  hostname: string;
+  arch: string;
+  kernel: string;
+  vdsoSize: bigint;
+  vvarSize: bigint;
+  pageSize: number;
+  xstateSize: number;
+}
+
+export interface Parent {
+  imageId: string;
+  path: string;
+}
+
+export interface Stats {
+  frozenUs: bigint;
+  pages: bigint;
+  pagesFromParent: bigint;
+  dumpUs: bigint;
+}
+
+export interface Process {
+  vpid: number;
+  vppid: number;
+  vpgid: number;
+  vsid: number;
+  pid: number;
+  comm: string;
+  argv: string[];
+  creds: Creds;
+  exe: string;
+  cwd: string;
+  root: string;
+  umask: number;
+  rlimits: Rlimit[];
+  sigactions: SigAction[];
+  sharedPending: Buffer;
+  threads: Thread[];
+  vmas: Vma[];
+  mm: MmFields;
+  fds: Fd[];
+  groupStopped: boolean;
+  personality: number;
+  dumpable: boolean;
+}
+
+export interface Creds {
+  uid: number[];
+  gid: number[];
+  groups: number[];
+  capEff: bigint;
+  capPrm: bigint;
+  capInh: bigint;
+  capBnd: bigint;
+  noNewPrivs: boolean;
+  seccomp: number;
+}
+
+export interface Rlimit {
+  resource: number;
+  cur: bigint;
+  max: bigint;
+}
+
+export interface SigAction {
+  signal: number;
+  handler: bigint;
+  flags: bigint;
+  restorer: bigint;
+  mask: bigint;
+}
+
+export interface Thread {
+  vtid: number;
+  tid: number;
+  regs: Buffer;
+  xstate: Buffer;
+  sigmask: bigint;
+  pending: Buffer;
+  tidAddress: bigint;
+  robustList: bigint;
+  robustListLen: bigint;
+  rseq?: Rseq;
+  altstack?: SigAltStack;
+  state: string;
+  inSyscall: bigint;
+  wchan: string;
+  comm: string;
+}
+
+export interface Rseq {
+  pointer: bigint;
+  size: number;
+  signature: number;
+}
+
+export interface SigAltStack {
+  sp: bigint;
+  size: bigint;
+  flags: number;
+}
+
+export interface MmFields {
+  startCode: bigint;
+  endCode: bigint;
+  startData: bigint;
+  endData: bigint;
+  startBrk: bigint;
+  brk: bigint;
+  startStack: bigint;
+  argStart: bigint;
+  argEnd: bigint;
+  envStart: bigint;
+  envEnd: bigint;
+  auxv: Buffer;
+}
+
+export const VmaKind = {
+  ANON: 0,
+  FILE_PRIVATE: 1,
+  FILE_SHARED: 2,
+  SHARED_ANON: 3,
+  SYSV_SHM: 4,
+  VDSO: 5,
+  VVAR: 6,
+  VSYSCALL: 7,
+} as const;
+export const vmaKindName = Object.fromEntries(Object.entries(VmaKind).map(([k, v]) => [v, k]));
+
+export interface Vma {
+  start: bigint;
+  end: bigint;
+  prot: number;
+  shared: boolean;
+  pgoff: bigint;
+  path: string;
+  kind: number;
+  special: string;
+  file: number;
+  sharedMemory: number;
+  shmVid: number;
+  vmFlags: string[];
+  pages?: PageRef;
+}
+
+export interface PageRef {
+  offset: bigint;
+  runs: number[];
+  fromParent: number[];
+}
+
+export interface FileIdentity {
+  path: string;
+  dev: bigint;
+  ino: bigint;
+  size: bigint;
+  mtimeNs: bigint;
+  mode: number;
+  deleted: boolean;
+  contents?: PageRef;
+  crc32c: number;
+}
+
+export interface SharedMemory {
+  dev: bigint;
+  ino: bigint;
+  size: bigint;
+  path: string;
+  pages?: PageRef;
+}
+
+export const FdKind = {
+  FILE: 0,
+  DEVICE: 1,
+  PIPE: 2,
+  FIFO: 3,
+  UNIX_SOCKET: 4,
+  TCP_LISTEN: 5,
+  EVENTFD: 6,
+  EPOLL: 7,
+} as const;
+export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
+
+export interface Fd {
+  fd: number;
+  cloexec: boolean;
+  flags: number;
+  pos: bigint;
+  kind: number;
+  path: string;
+  file: number;
+  pipe: number;
+  writeEnd: boolean;
+  socket?: Socket;
+  eventfdCount: bigint;
+  eventfdSemaphore: boolean;
+  epoll: EpollTarget[];
+  tty: boolean;
+}
+
+export interface Pipe {
+  ino: bigint;
+  data: Buffer;
+  capacity: number;
+  fifoPath: string;
+}
+
+export interface Socket {
+  ino: bigint;
+  family: number;
+  type: number;
+  address: string;
+  port: number;
+  listening: boolean;
+  backlog: number;
+  peerIno: bigint;
+  queued: Buffer;
+  reuseaddr: boolean;
+  reuseport: boolean;
+  v6only: boolean;
+}
+
+export interface EpollTarget {
+  fd: number;
+  events: number;
+  data: bigint;
+}
+
+export interface SemSet {
+  vid: number;
+  vkey: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  values: number[];
+  vpids: number[];
+}
+
+export interface ShmSegment {
+  vid: number;
+  vkey: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  size: bigint;
+  cvpid: number;
+  lvpid: number;
+  contents?: PageRef;
+}
+
+export interface MsgQueue {
+  vid: number;
+  vkey: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  qbytes: bigint;
+  messages: { type: bigint; data: Buffer }[];
+  lsvpid: number;
+  lrvpid: number;
+}
+
+export interface Table {
+  kind: string;
+  entries: { virtual: number; system: number; flags: number; owner: number }[];
+}

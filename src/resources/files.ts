@@ -1,0 +1,148 @@
+/**
+ * File descriptors: each at its number, with its open flags, offset and
+ * close-on-exec bit. Regular files (and a deleted file's contents),
+ * character devices (/dev/null, /dev/zero, /dev/urandom, ttys), pipes and
+ * FIFOs (both ends, with the data they hold, copied without consuming it),
+ * listening sockets (sockets.ts), eventfd and epoll. Anything else is
+ * refused by name.
+ */
+import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { addon } from '../native.js';
+import { type EpollTarget, type Fd, FdKind } from '../image/types.js';
+import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import type { SocketTable } from './sockets.js';
+
+const O_ACCMODE = 3;
+const O_WRONLY = 1;
+const O_CLOEXEC = 0o2000000;
+
+/** Character devices whose state is only their name. */
+const PLAIN_DEVICES = new Set(['/dev/null', '/dev/zero', '/dev/full', '/dev/random', '/dev/urandom', '/dev/tty', '/dev/ptmx', '/dev/console']);
+const TTY = /^\/dev\/(pts\/\d+|tty\w*|console)$/;
+
+function fdinfo(pid: number, fd: number): Map<string, string> {
+  const out = new Map<string, string>();
+  const text = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+  for (const line of text.split('\n')) {
+    const i = line.indexOf(':');
+    if (i > 0 && !out.has(line.slice(0, i))) out.set(line.slice(0, i), line.slice(i + 1).trim());
+  }
+  (out as Map<string, string> & { raw?: string }).raw = text;
+  return out;
+}
+
+function epollTargets(raw: string): EpollTarget[] {
+  const out: EpollTarget[] = [];
+  for (const m of raw.matchAll(/tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)/g))
+    out.push({ fd: Number(m[1]), events: parseInt(m[2], 16), data: BigInt('0x' + m[3]) });
+  return out;
+}
+
+function pipeOf(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string): number {
+  return ctx.pipe(ino, () => {
+    const dup = addon().getFd(pid, fd);
+    try {
+      // A write end can be read through /proc too, but the duplicate we
+      // hold has the same access mode as the process's: reopen to read.
+      let reader = dup;
+      let reopened = -1;
+      if ((fdinfoFlags(pid, fd) & O_ACCMODE) === O_WRONLY) {
+        reopened = openSync(`/proc/self/fd/${dup}`, 'r+');
+        reader = reopened;
+      }
+      try {
+        return { ino, data: addon().peekPipe(reader), capacity: 0, fifoPath };
+      } finally {
+        if (reopened >= 0) closeSync(reopened);
+      }
+    } finally {
+      closeSync(dup);
+    }
+  });
+}
+
+function fdinfoFlags(pid: number, fd: number): number {
+  return parseInt(fdinfo(pid, fd).get('flags') ?? '0', 8);
+}
+
+export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable): Fd[] {
+  const fds: Fd[] = [];
+  const numbers = readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
+  for (const n of numbers) {
+    let target: string;
+    let info: Map<string, string>;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${n}`);
+      info = fdinfo(pid, n);
+    } catch {
+      continue; // closed meanwhile (impossible while frozen, but cheap to allow)
+    }
+    const flags = parseInt(info.get('flags') ?? '0', 8);
+    const fd: Fd = {
+      fd: n,
+      cloexec: (flags & O_CLOEXEC) !== 0,
+      flags: flags & ~O_CLOEXEC,
+      pos: BigInt(info.get('pos') ?? '0'),
+      kind: FdKind.FILE,
+      path: target,
+      file: -1,
+      pipe: -1,
+      writeEnd: (flags & O_ACCMODE) === O_WRONLY,
+      eventfdCount: 0n,
+      eventfdSemaphore: false,
+      epoll: [],
+      tty: false,
+    };
+    const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
+    if (bracket && bracket[1] === 'pipe') {
+      fd.kind = FdKind.PIPE;
+      fd.pipe = pipeOf(ctx, pid, n, BigInt(bracket[2]), '');
+    } else if (bracket && bracket[1] === 'socket') {
+      fd.kind = FdKind.TCP_LISTEN;
+      fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what);
+      if (fd.socket.family === 1) fd.kind = FdKind.UNIX_SOCKET;
+    } else if (target === 'anon_inode:[eventfd]') {
+      fd.kind = FdKind.EVENTFD;
+      fd.eventfdCount = BigInt('0x' + (info.get('eventfd-count') ?? '0'));
+      fd.eventfdSemaphore = info.get('eventfd-semaphore') === '1';
+    } else if (target === 'anon_inode:[eventpoll]') {
+      fd.kind = FdKind.EPOLL;
+      fd.epoll = epollTargets((info as Map<string, string> & { raw: string }).raw);
+    } else if (target.startsWith('anon_inode:') || bracket) {
+      const kind = target.replace(/^anon_inode:/, '').replace(/[[\]]/g, '');
+      throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
+    } else {
+      const st = statSync(`/proc/${pid}/fd/${n}`);
+      const deleted = target.endsWith(' (deleted)');
+      if (st.isFIFO()) {
+        fd.kind = FdKind.FIFO;
+        fd.pipe = pipeOf(ctx, pid, n, BigInt(st.ino), target);
+      } else if (st.isCharacterDevice()) {
+        fd.kind = FdKind.DEVICE;
+        fd.tty = TTY.test(target);
+        if (!PLAIN_DEVICES.has(target) && !fd.tty) throw new Unsupported(`${what} fd ${n}: device ${target} cannot be captured yet`);
+      } else if (st.isFile() || st.isDirectory()) {
+        fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
+        if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
+      } else {
+        throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
+      }
+    }
+    fds.push(fd);
+  }
+  return fds;
+}
+
+/** A deleted file lives only as long as its last descriptor: the image
+ * keeps its bytes. */
+function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, index: number): void {
+  const id = ctx.image.files[index];
+  if (id.contents) return;
+  const f = openSync(`/proc/${pid}/fd/${fd}`, 'r');
+  try {
+    const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
+    id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
+  } finally {
+    closeSync(f);
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * The process as a whole: its place in the tree (virtual PID, parent,
+ * process group, session), credentials, executable, cwd, umask, rlimits and
+ * the mm fields that prctl(PR_SET_MM_MAP) restores.
+ */
+import { readFileSync, readlinkSync } from 'node:fs';
+import { addon } from '../native.js';
+import { readCmdline, readStat } from '../procfs.js';
+import type { Creds, MmFields, Process } from '../image/types.js';
+import type { DumpContext } from '../snapshot/context.js';
+import { type Injector, NR } from '../snapshot/inject.js';
+
+function statusFields(pid: number): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const line of readFileSync(`/proc/${pid}/status`, 'utf8').split('\n')) {
+    const i = line.indexOf(':');
+    if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
+  }
+  return out;
+}
+
+const nums = (s: string | undefined) => (s ? s.split(/\s+/).filter(Boolean).map(Number) : []);
+const hex = (s: string | undefined) => BigInt('0x' + (s || '0'));
+
+function creds(status: Map<string, string>): Creds {
+  return {
+    uid: nums(status.get('Uid')),
+    gid: nums(status.get('Gid')),
+    groups: nums(status.get('Groups')),
+    capEff: hex(status.get('CapEff')),
+    capPrm: hex(status.get('CapPrm')),
+    capInh: hex(status.get('CapInh')),
+    capBnd: hex(status.get('CapBnd')),
+    noNewPrivs: status.get('NoNewPrivs') === '1',
+    seccomp: Number(status.get('Seccomp') ?? 0),
+  };
+}
+
+/** Fields 26–28 and 45–51 of /proc/PID/stat, plus the exact brk, which
+ * only the process can tell (brk(0)). */
+function mmFields(pid: number, inj: Injector): MmFields {
+  const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  // f[i] is field i + 3 of proc(5).
+  const field = (n: number) => BigInt(f[n - 3]);
+  const brk = inj.call(NR.brk, [0]);
+  return {
+    startCode: field(26),
+    endCode: field(27),
+    startStack: field(28),
+    startData: field(45),
+    endData: field(46),
+    startBrk: field(47),
+    brk,
+    argStart: field(48),
+    argEnd: field(49),
+    envStart: field(50),
+    envEnd: field(51),
+    auxv: readFileSync(`/proc/${pid}/auxv`),
+  };
+}
+
+export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupStopped: boolean): Process {
+  const st = readStat(pid);
+  if (!st) throw new Error(`process ${pid} vanished`);
+  const status = statusFields(pid);
+  const exe = readlinkSync(`/proc/${pid}/exe`);
+  ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
+  let personality = 0;
+  try {
+    personality = parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
+  } catch {
+    /* readable by the owner only */
+  }
+  return {
+    vpid: ctx.virtual('pid', pid),
+    vppid: ctx.virtual('pid', st.ppid),
+    vpgid: ctx.virtual('pid', st.pgrp),
+    vsid: ctx.virtual('pid', st.session),
+    pid,
+    comm: st.comm,
+    argv: readCmdline(pid),
+    creds: creds(status),
+    exe,
+    cwd: readlinkSync(`/proc/${pid}/cwd`),
+    root: readlinkSync(`/proc/${pid}/root`),
+    umask: parseInt(status.get('Umask') ?? '22', 8),
+    rlimits: addon()
+      .prlimits(pid)
+      .map(([cur, max], resource) => ({ resource, cur, max })),
+    sigactions: [],
+    sharedPending: Buffer.alloc(0),
+    threads: [],
+    vmas: [],
+    mm: mmFields(pid, inj),
+    fds: [],
+    groupStopped,
+    personality,
+    dumpable: true,
+  };
+}

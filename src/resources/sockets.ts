@@ -1,0 +1,130 @@
+/**
+ * Sockets: listening TCP (IPv4 and IPv6) and listening unix sockets are
+ * captured with their address and options; a connected socket is refused
+ * by name, since its peer lives outside the image.
+ */
+import { closeSync, readFileSync } from 'node:fs';
+import { addon } from '../native.js';
+import type { Socket } from '../image/types.js';
+import { Unsupported } from '../snapshot/context.js';
+
+interface InetEntry {
+  family: number;
+  address: string;
+  port: number;
+  remote: string;
+  state: number;
+}
+
+interface UnixEntry {
+  flags: number;
+  type: number;
+  state: number;
+  path: string;
+}
+
+const AF_UNIX = 1;
+const AF_INET = 2;
+const AF_INET6 = 10;
+const TCP_LISTEN = 0x0a;
+const SO_ACCEPTCON = 0x10000;
+
+function ipv4(hex: string): string {
+  const n = parseInt(hex, 16);
+  return [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24].join('.');
+}
+
+function ipv6(hex: string): string {
+  // Four 32-bit words, each in host (little-endian) order.
+  const bytes: number[] = [];
+  for (let w = 0; w < 4; w++) {
+    const word = hex.slice(w * 8, w * 8 + 8);
+    for (let b = 3; b >= 0; b--) bytes.push(parseInt(word.slice(b * 2, b * 2 + 2), 16));
+  }
+  const groups: string[] = [];
+  for (let i = 0; i < 16; i += 2) groups.push(((bytes[i] << 8) | bytes[i + 1]).toString(16));
+  return groups.join(':').replace(/(^|:)0(:0)+(:|$)/, '::');
+}
+
+/** The sockets a process's network namespace knows, by inode. */
+export class SocketTable {
+  private inet = new Map<bigint, InetEntry>();
+  private unix = new Map<bigint, UnixEntry>();
+
+  constructor(pid: number) {
+    for (const [file, family] of [['tcp', AF_INET], ['tcp6', AF_INET6]] as const) {
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${pid}/net/${file}`, 'utf8');
+      } catch {
+        continue;
+      }
+      for (const line of text.split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length < 10) continue;
+        const [la, lp] = f[1].split(':');
+        const [ra, rp] = f[2].split(':');
+        const addr = family === AF_INET ? ipv4 : ipv6;
+        this.inet.set(BigInt(f[9]), {
+          family,
+          address: addr(la),
+          port: parseInt(lp, 16),
+          remote: `${addr(ra)}:${parseInt(rp, 16)}`,
+          state: parseInt(f[3], 16),
+        });
+      }
+    }
+    try {
+      for (const line of readFileSync(`/proc/${pid}/net/unix`, 'utf8').split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length < 7) continue;
+        this.unix.set(BigInt(f[6]), {
+          flags: parseInt(f[3], 16),
+          type: parseInt(f[4], 16),
+          state: parseInt(f[5], 16),
+          path: f[7] ?? '',
+        });
+      }
+    } catch {
+      /* no unix sockets */
+    }
+  }
+
+  /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
+   * be captured. */
+  describe(pid: number, fd: number, ino: bigint, what: string): Socket {
+    const dup = addon().getFd(pid, fd);
+    let opts;
+    try {
+      opts = addon().sockInfo(dup);
+    } finally {
+      closeSync(dup);
+    }
+    const base: Socket = {
+      ino,
+      family: opts.family,
+      type: opts.type,
+      address: '',
+      port: 0,
+      listening: opts.listening,
+      backlog: 0,
+      peerIno: 0n,
+      queued: Buffer.alloc(0),
+      reuseaddr: opts.reuseaddr,
+      reuseport: opts.reuseport,
+      v6only: opts.v6only,
+    };
+    if (opts.family === AF_UNIX) {
+      const u = this.unix.get(ino);
+      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true };
+      throw new Unsupported(`${what} fd ${fd}: a ${u?.path ? `unix socket connection on ${u.path}` : 'connected unix socket'} cannot be captured yet`);
+    }
+    if (opts.family === AF_INET || opts.family === AF_INET6) {
+      const e = this.inet.get(ino);
+      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true };
+      if (e) throw new Unsupported(`${what} fd ${fd}: an established TCP connection ${e.address}:${e.port} → ${e.remote} cannot be captured yet`);
+      throw new Unsupported(`${what} fd ${fd}: a ${opts.type === 2 ? 'UDP' : 'non-listening'} socket cannot be captured yet`);
+    }
+    throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
+  }
+}

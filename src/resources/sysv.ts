@@ -1,0 +1,68 @@
+/**
+ * SysV IPC, the application's global state (FIG. 5, step 278): semaphore
+ * sets with their values, shared memory segments with their contents and
+ * message queues with their messages (read with MSG_COPY, so the queue
+ * keeps them). Ids and keys are stored as the application sees them:
+ * virtual.
+ */
+import { addon } from '../native.js';
+import type { MsgQueue, SemSet, ShmSegment } from '../image/types.js';
+import type { DumpContext } from '../snapshot/context.js';
+
+export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[] } {
+  const a = addon();
+  const vkey = (kind: 'semkey' | 'shmkey' | 'msgkey', key: number) => (key === 0 ? 0 : ctx.virtual(kind, key));
+  const vpid = (pid: number) => (pid ? ctx.virtual('pid', pid) : 0);
+  const gone = (e: unknown) => ['EINVAL', 'EIDRM'].includes((e as NodeJS.ErrnoException).code ?? '');
+
+  const semaphores: SemSet[] = [];
+  for (const e of ctx.tables.tables.semid) {
+    try {
+      const s = a.semRead(e.system);
+      semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map(vpid) });
+    } catch (err) {
+      if (!gone(err)) throw err; // removed, its entry not yet forgotten
+    }
+  }
+  const shmSegments: ShmSegment[] = [];
+  for (const e of ctx.tables.tables.shmid) {
+    try {
+      const s = a.shmRead(e.system);
+      const offset = ctx.pages.append(s.data);
+      const pages = Math.ceil(s.size / 4096);
+      shmSegments.push({
+        vid: e.virtual,
+        vkey: vkey('shmkey', s.perm.key),
+        mode: s.perm.mode,
+        uid: s.perm.uid,
+        gid: s.perm.gid,
+        size: BigInt(s.size),
+        cvpid: vpid(s.cpid),
+        lvpid: vpid(s.lpid),
+        contents: { offset: BigInt(offset), runs: pages ? [0, pages] : [], fromParent: [] },
+      });
+    } catch (err) {
+      if (!gone(err)) throw err;
+    }
+  }
+  const msgQueues: MsgQueue[] = [];
+  for (const e of ctx.tables.tables.msgid) {
+    try {
+      const q = a.msgRead(e.system);
+      msgQueues.push({
+        vid: e.virtual,
+        vkey: vkey('msgkey', q.perm.key),
+        mode: q.perm.mode,
+        uid: q.perm.uid,
+        gid: q.perm.gid,
+        qbytes: BigInt(q.qbytes),
+        messages: q.messages.map((m) => ({ type: BigInt(m.type), data: m.data })),
+        lsvpid: vpid(q.lspid),
+        lrvpid: vpid(q.lrpid),
+      });
+    } catch (err) {
+      if (!gone(err)) throw err;
+    }
+  }
+  return { semaphores, shmSegments, msgQueues };
+}

@@ -1,0 +1,276 @@
+/**
+ * The snapshot driver (FIG. 5): quiesce every thread of the application,
+ * dump each resource kind through its module, write the image atomically,
+ * then end the application (default) or let it go on (--leave-running).
+ *
+ * Nothing half-done: until the image is renamed into place there is no
+ * image, and on any failure every thread is resumed where it was.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { hostname, release, tmpdir } from 'node:os';
+import { dirname, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { AppshotError, ExitCode } from '../errors.js';
+import { commitImageDir, type LoadedImage, loadImage, newImageId, removeStalePartials, streamImageTar } from '../image/format.js';
+import { type Image, type Process, VmaKind } from '../image/types.js';
+import { addon, kinds, type TablesSnapshot } from '../native.js';
+import { Progress } from '../progress.js';
+import { type AppRecord, type LocalRegistry } from '../registry.js';
+import { dumpFds } from '../resources/files.js';
+import { countPages, dumpMemory, readSmaps } from '../resources/memory.js';
+import { dumpProcess } from '../resources/process.js';
+import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
+import { SocketTable } from '../resources/sockets.js';
+import { dumpSysv } from '../resources/sysv.js';
+import { dumpThread } from '../resources/threads.js';
+import { DumpContext, nameProcess, Unsupported } from './context.js';
+import { Freezer } from './freezer.js';
+import { Injector } from './inject.js';
+import { ParentResolver } from './parent.js';
+
+const INIT_FLAG = 0x1;
+const THREAD_FLAG = 0x2;
+
+export interface SnapshotOptions {
+  /** A directory to create, or '-' for a tar stream on stdout. */
+  output: string;
+  leaveRunning: boolean;
+  timeoutMs: number;
+  /** Do not build on the application's previous image. */
+  full: boolean;
+}
+
+export interface SnapshotResult {
+  aid: string;
+  image: string;
+  imageId: string;
+  parent?: string;
+  processes: number;
+  threads: number;
+  pages: number;
+  pagesFromParent: number;
+  bytes: number;
+  frozenMs: number;
+  totalMs: number;
+  leftRunning: boolean;
+}
+
+const now = () => Number(process.hrtime.bigint() / 1000n);
+
+function nodeInfo(): Image['node'] {
+  let vdso = 0n;
+  let vvar = 0n;
+  for (const l of readSmaps(process.pid)) {
+    if (l.path === '[vdso]') vdso += l.end - l.start;
+    if (l.path === '[vvar]' || l.path === '[vvar_vclock]') vvar += l.end - l.start;
+  }
+  return { hostname: hostname(), arch: process.arch === 'x64' ? 'x86_64' : process.arch, kernel: release(), vdsoSize: vdso, vvarSize: vvar, pageSize: 4096, xstateSize: 0 };
+}
+
+/** The chain of images the next snapshot builds on, newest first, or
+ * undefined (with the reason on stderr) if it cannot. */
+async function parentChain(record: AppRecord): Promise<ParentResolver | undefined> {
+  if (!record.lastImage) return undefined;
+  const chain: LoadedImage[] = [];
+  let path: string | undefined = record.lastImage.path;
+  let expected = record.lastImage.id;
+  try {
+    while (path) {
+      const loaded = await loadImage(path);
+      chain.push(loaded);
+      if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);
+      path = loaded.image.parent?.path;
+      expected = loaded.image.parent?.imageId ?? '';
+    }
+    return new ParentResolver(chain);
+  } catch (e) {
+    for (const l of chain) l.dispose();
+    process.stderr.write(`appshot: taking a full snapshot: the previous image cannot be used (${(e as Error).message})\n`);
+    return undefined;
+  }
+}
+
+function emptyImage(record: AppRecord): Image {
+  return {
+    aid: record.aid,
+    created: new Date().toISOString(),
+    node: nodeInfo(),
+    processes: [],
+    sharedMemory: [],
+    semaphores: [],
+    shmSegments: [],
+    msgQueues: [],
+    tables: [],
+    pipes: [],
+    files: [],
+    stats: { frozenUs: 0n, pages: 0n, pagesFromParent: 0n, dumpUs: 0n },
+    command: record.command,
+  };
+}
+
+function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
+  const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
+  let done = 0;
+  for (const [pid, threads] of byProcess) {
+    const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
+    if (threads[0].tid !== pid) throw new AppshotError(`${what}: its main thread has exited; a process in that state cannot be captured`);
+    if (!ctx.virtual('pid', pid)) throw new AppshotError(`${what}: not in the application's tables (started by a raw system call?)`);
+    progress.update(`${what}`, done, byProcess.length);
+    // Registers first: running system calls in the process (below) leaves
+    // an interrupted call rewound, and the image keeps it as it was.
+    const regs = new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)]));
+    const vdso = readSmaps(pid).find((l) => l.path === '[vdso]');
+    let inj: Injector;
+    try {
+      inj = Injector.open(pid, pid, vdso);
+    } catch (e) {
+      throw new Unsupported(`${what}: ${(e as Error).message}`);
+    }
+    try {
+      const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop));
+      proc.threads = threads.map((t) => dumpThread(ctx, t, regs.get(t.tid)!, inj));
+      proc.sigactions = dumpSigactions(inj);
+      proc.sharedPending = dumpSharedPending(pid);
+      proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
+      inj.close();
+      // Memory last: the scratch area used above is back as it was.
+      proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);
+      ctx.image.processes.push(proc);
+      if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
+    } catch (e) {
+      try {
+        inj.close();
+      } catch {
+        /* the process is gone */
+      }
+      throw e;
+    }
+    done++;
+  }
+  progress.update('global state', done, byProcess.length);
+  Object.assign(ctx.image, dumpSysv(ctx));
+  ctx.image.tables = kinds.map((kind) => ({ kind, entries: ctx.tables.tables[kind] }));
+}
+
+function readComm(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '?';
+  }
+}
+
+/** Identity of every file beyond stat: a checksum of its contents (the
+ * first MiB and the last page of a big one). Run after the application
+ * was let go: it is not part of the frozen time. */
+function checksumFiles(image: Image): void {
+  for (const f of image.files) {
+    if (f.deleted || (Number(f.mode) & 0o170000) !== 0o100000) continue;
+    try {
+      f.crc32c = addon().crc32cFile(f.path).crc;
+    } catch {
+      f.crc32c = 0;
+    }
+  }
+}
+
+async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const r = reg.get(aid);
+    if (!r || reg.isStale(r)) return;
+    await sleep(25);
+  }
+}
+
+export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
+  const started = now();
+  const record = reg.require(aid);
+  const tables: TablesSnapshot | undefined = reg.readTables(record);
+  if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
+  const toStream = opts.output === '-';
+  const output = toStream ? '-' : resolve(opts.output);
+  if (!toStream) {
+    if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
+    if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
+    removeStalePartials(dirname(output));
+  }
+  const parent = opts.full ? undefined : await parentChain(record);
+  const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
+  const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? []);
+  const freezer = new Freezer(roots, record.initPid);
+  const progress = new Progress();
+  const image = emptyImage(record);
+  const imageId = newImageId();
+  let frozenAt = 0;
+  let thawedAt = 0;
+  try {
+    freezer.freeze(opts.timeoutMs);
+    frozenAt = now();
+    // Processes created while we were stopping the others mapped themselves.
+    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent);
+    if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
+    dumpAll(ctx, freezer, progress);
+    const dumpedAt = now();
+    image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
+    if (opts.leaveRunning) {
+      freezer.resume();
+      thawedAt = now();
+    }
+    const part = pages.finish();
+    let stored = 0;
+    let inherited = 0;
+    for (const p of image.processes)
+      for (const v of p.vmas) {
+        stored += countPages(v.pages?.runs ?? []);
+        inherited += countPages(v.pages?.fromParent ?? []);
+      }
+    image.stats.pages = BigInt(stored);
+    image.stats.pagesFromParent = BigInt(inherited);
+    if (!opts.leaveRunning) {
+      // The image is committed before anything is killed: if writing it
+      // fails, the application is still there.
+      image.stats.frozenUs = BigInt(now() - frozenAt);
+      checksumFiles(image);
+      if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
+      else commitImageDir(output, image, pages, part, imageId);
+      freezer.kill();
+      thawedAt = now();
+      await waitReleased(reg, aid);
+    } else {
+      image.stats.frozenUs = BigInt(thawedAt - frozenAt);
+      checksumFiles(image);
+      if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
+      else {
+        commitImageDir(output, image, pages, part, imageId);
+        const current = reg.get(aid);
+        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId } });
+      }
+    }
+    progress.done();
+    return {
+      aid,
+      image: output,
+      imageId,
+      parent: image.parent?.path,
+      processes: image.processes.length,
+      threads: image.processes.reduce((n, p) => n + p.threads.length, 0),
+      pages: stored,
+      pagesFromParent: inherited,
+      bytes: part.size,
+      frozenMs: Number(image.stats.frozenUs) / 1000,
+      totalMs: (now() - started) / 1000,
+      leftRunning: opts.leaveRunning,
+    };
+  } catch (e) {
+    progress.done();
+    pages.abort();
+    freezer.resume();
+    if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
+    if (e instanceof AppshotError) throw e;
+    throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
+  } finally {
+    for (const l of parent?.chain ?? []) l.dispose();
+  }
+}
+
+export { VmaKind };

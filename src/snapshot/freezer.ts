@@ -1,0 +1,288 @@
+/**
+ * Quiescing an application (FIG. 5, steps 252–262): every thread of every
+ * process is seized and interrupted with ptrace, including threads and
+ * children that appear while the others are being stopped (the seize
+ * options make the kernel seize those for us).
+ *
+ * A thread that does not stop (uninterruptible sleep, a vfork parent
+ * waiting for its child) makes the attempt fail: everything stopped so far
+ * is resumed exactly as it was, and the freezer tries again until the
+ * deadline. A thread that never stopped stays seized with an interrupt
+ * pending until this process exits, when the kernel lets it go; it is never
+ * left stopped.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
+import { addon, type TraceReport } from '../native.js';
+import { readStat } from '../procfs.js';
+
+export interface FrozenThread {
+  tid: number;
+  /** The thread group (process) it belongs to. */
+  pid: number;
+  stopped: boolean;
+  /** A signal caught on its way in (signal-delivery-stop): given back on
+   * resume, recorded as pending in the image. */
+  signal: number;
+  siginfo?: Buffer;
+  groupStop: boolean;
+  /** Interrupted in this attempt already: a second PTRACE_INTERRUPT would
+   * stay pending and trap again later. */
+  interrupted?: boolean;
+  /** Registers to set before it resumes (after a system call was injected). */
+  resumeRegs?: Buffer;
+}
+
+const ESRCH_LIKE = new Set(['ESRCH', 'EPERM']);
+const PTRACE_EVENT = { fork: 1, vfork: 2, clone: 3, exec: 4, vforkDone: 5 };
+
+function tasksOf(pid: number): number[] {
+  try {
+    return readdirSync(`/proc/${pid}/task`).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const tid of tasksOf(pid)) {
+    try {
+      const text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+      if (text) out.push(...text.split(' ').map(Number));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
+function tgidOf(tid: number): number {
+  try {
+    const m = /^Tgid:\s+(\d+)/m.exec(readFileSync(`/proc/${tid}/status`, 'utf8'));
+    return m ? Number(m[1]) : tid;
+  } catch {
+    return tid;
+  }
+}
+
+/** Why a thread would not stop, in words. */
+export function describeUnstopped(pid: number, tid: number): string {
+  const st = readStat(tid);
+  let wchan = '';
+  try {
+    wchan = readFileSync(`/proc/${pid}/task/${tid}/wchan`, 'utf8').trim();
+  } catch {
+    /* not readable */
+  }
+  const state =
+    st?.state === 'D'
+      ? 'uninterruptible sleep (D)'
+      : st?.state === 'Z'
+        ? 'exiting'
+        : `state ${st?.state ?? '?'}`;
+  const where = wchan && wchan !== '0' ? ` in ${wchan}` : '';
+  const why = wchan.includes('vfork') ? ' (a vfork in progress)' : '';
+  return `${state}${where}${why}`;
+}
+
+export class Freezer {
+  readonly threads = new Map<number, FrozenThread>();
+  /** Processes of the application, by system PID, excluding init. */
+  readonly processes = new Set<number>();
+  private readonly excluded: Set<number>;
+
+  /**
+   * @param roots   the application's processes as its tables know them
+   * @param initPid the application's init: never stopped, but its children
+   *                are the application's too
+   */
+  constructor(
+    private readonly roots: number[],
+    private readonly initPid: number,
+  ) {
+    this.excluded = new Set([initPid, process.pid]);
+  }
+
+  /** Stops everything, retrying until `timeoutMs`; throws (after resuming
+   * all) if some thread never settles. */
+  freeze(timeoutMs: number): void {
+    const deadline = Date.now() + timeoutMs;
+    let lastProblem = '';
+    for (let attempt = 0; ; attempt++) {
+      const settle = Math.min(Math.max(deadline - Date.now(), 0), 250 + attempt * 100);
+      const problem = this.attempt(settle);
+      if (!problem) return;
+      lastProblem = problem;
+      this.resume();
+      if (Date.now() >= deadline) break;
+      // A vfork child must run to exec for its parent to settle.
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    }
+    throw new AppshotError(`cannot stop the application within ${timeoutMs / 1000} s: ${lastProblem}; it was left running`);
+  }
+
+  private track(tid: number, pid: number): FrozenThread | undefined {
+    let t = this.threads.get(tid);
+    if (t) return t;
+    t = { tid, pid, stopped: false, signal: 0, groupStop: false };
+    try {
+      addon().seize(tid);
+    } catch (e) {
+      if (ESRCH_LIKE.has((e as NodeJS.ErrnoException).code ?? '')) return undefined; // exited
+      throw e;
+    }
+    this.threads.set(tid, t);
+    this.processes.add(pid);
+    return t;
+  }
+
+  /** Seizes every task not seized yet; returns how many were new. */
+  private discover(): number {
+    let found = 0;
+    const seen = new Set<number>();
+    const queue = [...this.roots, ...childrenOf(this.initPid), ...this.processes];
+    while (queue.length) {
+      const pid = queue.pop()!;
+      if (seen.has(pid) || this.excluded.has(pid)) continue;
+      seen.add(pid);
+      for (const tid of tasksOf(pid)) {
+        if (this.threads.has(tid)) continue;
+        if (this.track(tid, pid)) found++;
+      }
+      queue.push(...childrenOf(pid));
+    }
+    return found;
+  }
+
+  private handle(r: TraceReport): void {
+    let t = this.threads.get(r.tid);
+    if (!t) {
+      // A task the kernel seized for us (a new thread or child) can report
+      // before its creator's event does.
+      t = { tid: r.tid, pid: tgidOf(r.tid), stopped: false, signal: 0, groupStop: false };
+      this.threads.set(r.tid, t);
+      this.processes.add(t.pid);
+    }
+    switch (r.kind) {
+      case 'exited':
+        this.threads.delete(r.tid);
+        if (r.tid === t.pid) this.processes.delete(t.pid);
+        return;
+      case 'stop':
+        t.stopped = true;
+        return;
+      case 'group-stop':
+        t.stopped = true;
+        t.groupStop = true;
+        return;
+      case 'signal':
+        t.stopped = true;
+        t.signal = r.sig;
+        t.siginfo = addon().getSiginfo(r.tid);
+        return;
+      case 'event': {
+        // Mid-fork or mid-exec is no place to take a picture: let the call
+        // finish; the interrupt stops it right after.
+        if (r.event === PTRACE_EVENT.fork || r.event === PTRACE_EVENT.vfork || r.event === PTRACE_EVENT.clone) {
+          const child = r.msg;
+          if (!this.threads.has(child)) {
+            this.threads.set(child, {
+              tid: child,
+              pid: r.event === PTRACE_EVENT.clone ? t.pid : child,
+              stopped: false,
+              signal: 0,
+              groupStop: false,
+            });
+            this.processes.add(r.event === PTRACE_EVENT.clone ? t.pid : child);
+          }
+        }
+        addon().cont(r.tid, 0);
+        addon().interrupt(r.tid);
+        t.interrupted = true;
+        return;
+      }
+      case 'syscall':
+        addon().cont(r.tid, 0);
+        return;
+    }
+  }
+
+  /** One attempt; returns what went wrong, or '' when all is stopped. */
+  private attempt(settleMs: number): string {
+    const until = Date.now() + settleMs;
+    for (;;) {
+      this.discover();
+      for (const t of this.threads.values())
+        if (!t.stopped && !t.interrupted)
+          try {
+            addon().interrupt(t.tid);
+            t.interrupted = true;
+          } catch {
+            /* exited: reported below */
+          }
+      for (;;) {
+        const pending = [...this.threads.values()].some((t) => !t.stopped);
+        const r = addon().wait(-1, pending ? Math.max(until - Date.now(), 0) : 0);
+        if (!r) break;
+        this.handle(r);
+      }
+      const unstopped = [...this.threads.values()].filter((t) => !t.stopped);
+      if (unstopped.length) {
+        const t = unstopped[0];
+        return `process ${t.pid}${t.tid !== t.pid ? ` thread ${t.tid}` : ''} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
+      }
+      // Everything is stopped; a last look for tasks created just before.
+      if (this.discover() === 0) return '';
+      if (Date.now() >= until) return 'the application kept creating processes';
+    }
+  }
+
+  /** Lets every stopped thread go, exactly where it was (the signal it was
+   * about to take is given back). Threads that never stopped stay seized
+   * until this process exits. */
+  resume(): void {
+    for (const t of [...this.threads.values()]) {
+      if (!t.stopped) continue;
+      try {
+        if (t.resumeRegs) addon().setRegs(t.tid, t.resumeRegs);
+        addon().detach(t.tid, t.signal);
+      } catch {
+        /* it died meanwhile */
+      }
+      this.threads.delete(t.tid);
+    }
+    for (const pid of [...this.processes]) if (![...this.threads.values()].some((t) => t.pid === pid)) this.processes.delete(pid);
+  }
+
+  /** Kills every process while it is still stopped (the snapshot's default
+   * ending: the image is now the application). */
+  kill(): void {
+    for (const pid of this.processes)
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    for (const t of this.threads.values()) t.stopped = false;
+    // Reap the tracees' reports so none lingers as a ptrace zombie.
+    for (let i = 0; i < 1000 && this.threads.size; i++) {
+      const r = addon().wait(-1, 50);
+      if (!r) break;
+      if (r.kind === 'exited') this.threads.delete(r.tid);
+    }
+    this.threads.clear();
+    this.processes.clear();
+  }
+
+  /** Stopped threads by process, main thread first. */
+  byProcess(): Map<number, FrozenThread[]> {
+    const out = new Map<number, FrozenThread[]>();
+    for (const t of this.threads.values()) {
+      if (!out.has(t.pid)) out.set(t.pid, []);
+      out.get(t.pid)!.push(t);
+    }
+    for (const list of out.values()) list.sort((a, b) => (a.tid === a.pid ? -1 : b.tid === b.pid ? 1 : a.tid - b.tid));
+    return out;
+  }
+}

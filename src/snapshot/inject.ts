@@ -1,0 +1,68 @@
+/**
+ * Running system calls inside a stopped process, for the state only the
+ * process itself can ask the kernel for (signal handlers, its TID address,
+ * its alternate signal stack, the exact brk).
+ *
+ * No byte of the process's code is changed: the thread is pointed at a
+ * `syscall` instruction that already exists in its vDSO, stopped at the
+ * call's entry and exit, and put back. Out-parameters go to a scratch area
+ * below the thread's stack red zone, whose bytes are saved first and put
+ * back after.
+ */
+import { addon } from '../native.js';
+
+const REGS = { rsp: 19 * 8 };
+const RED_ZONE = 128n;
+const SCRATCH = 512;
+
+export class Injector {
+  private readonly scratch: bigint;
+  private readonly saved: Buffer;
+
+  private constructor(
+    readonly pid: number,
+    readonly tid: number,
+    private readonly insn: bigint,
+  ) {
+    const regs = addon().getRegs(tid);
+    const rsp = regs.readBigUInt64LE(REGS.rsp);
+    this.scratch = (rsp - RED_ZONE - BigInt(SCRATCH)) & ~63n;
+    this.saved = addon().readMemory(pid, this.scratch, SCRATCH);
+  }
+
+  /** An injector working through thread `tid` of `pid`, or an error naming
+   * why the process offers none (no vDSO). */
+  static open(pid: number, tid: number, vdso: { start: bigint; end: bigint } | undefined): Injector {
+    if (!vdso) throw new Error('the process has no vDSO to run system calls from');
+    const code = addon().readMemory(pid, vdso.start, Number(vdso.end - vdso.start));
+    const at = code.indexOf(Buffer.from([0x0f, 0x05]));
+    if (at < 0) throw new Error('no syscall instruction in the vDSO');
+    return new Injector(pid, tid, vdso.start + BigInt(at));
+  }
+
+  /** Runs `nr(args)` in the thread; returns the raw result (-errno on error). */
+  call(nr: number, args: (bigint | number)[], tid = this.tid): bigint {
+    return addon().inject(tid, this.insn, nr, args);
+  }
+
+  /** Runs a call whose result is written to memory, and returns that. The
+   * scratch area serves every thread: they share the address space, and
+   * all of them are stopped. */
+  callOut(nr: number, args: (bigint | number | 'out')[], outLength: number, tid = this.tid): { ret: bigint; out: Buffer } {
+    const real = args.map((a) => (a === 'out' ? this.scratch : a));
+    const ret = this.call(nr, real, tid);
+    return { ret, out: addon().readMemory(this.pid, this.scratch, outLength) };
+  }
+
+  close(): void {
+    addon().writeMemory(this.pid, this.scratch, this.saved);
+  }
+}
+
+export const NR = {
+  brk: 12,
+  rt_sigaction: 13,
+  sigaltstack: 131,
+  prctl: 157,
+} as const;
+export const PR_GET_TID_ADDRESS = 40;
