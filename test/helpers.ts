@@ -36,7 +36,7 @@ export class Sandbox {
   private readonly started: ChildProcessWithoutNullStreams[] = [];
 
   /** Runs `appshot args...` to completion. */
-  run(args: string[], input?: string): Result {
+  run(args: string[], input?: string | Buffer): Result {
     const r = spawnSync(process.execPath, [cli, ...args], { env: this.env, input, encoding: 'utf8', timeout: 50_000 });
     return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
   }

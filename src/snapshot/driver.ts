@@ -129,7 +129,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     try {
       const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop));
       proc.threads = threads.map((t) => dumpThread(ctx, t, regs.get(t.tid)!, inj));
-      proc.sigactions = dumpSigactions(inj);
+      proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
       inj.close();
@@ -149,7 +149,9 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   }
   progress.update('global state', done, byProcess.length);
   Object.assign(ctx.image, dumpSysv(ctx));
-  ctx.image.tables = kinds.map((kind) => ({ kind, entries: ctx.tables.tables[kind] }));
+  // Read again: threads never seen by name got their virtual TIDs above.
+  const tables = addon().readTables(ctx.tablesPath);
+  ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
 }
 
 function readComm(pid: number): string {
@@ -197,7 +199,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const parent = opts.full ? undefined : await parentChain(record);
   const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
   const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? []);
-  const freezer = new Freezer(roots, record.initPid);
+  const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
+  const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0);
   const progress = new Progress();
   const image = emptyImage(record);
   const imageId = newImageId();

@@ -82,7 +82,8 @@ export function describeUnstopped(pid: number, tid: number): string {
         ? 'exiting'
         : `state ${st?.state ?? '?'}`;
   const where = wchan && wchan !== '0' ? ` in ${wchan}` : '';
-  const why = wchan.includes('vfork') ? ' (a vfork in progress)' : '';
+  // A vfork parent waits in the clone call until its child execs or exits.
+  const why = /vfork|kernel_clone/.test(wchan) ? ' (a vfork in progress)' : '';
   return `${state}${where}${why}`;
 }
 
@@ -100,6 +101,8 @@ export class Freezer {
   constructor(
     private readonly roots: number[],
     private readonly initPid: number,
+    /** How messages name a process: by its virtual PID. */
+    private readonly vpidOf: (pid: number) => number = (pid) => pid,
   ) {
     this.excluded = new Set([initPid, process.pid]);
   }
@@ -230,7 +233,8 @@ export class Freezer {
       const unstopped = [...this.threads.values()].filter((t) => !t.stopped);
       if (unstopped.length) {
         const t = unstopped[0];
-        return `process ${t.pid}${t.tid !== t.pid ? ` thread ${t.tid}` : ''} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
+        const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
+        return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
       }
       // Everything is stopped; a last look for tasks created just before.
       if (this.discover() === 0) return '';

@@ -1,0 +1,316 @@
+/**
+ * The snapshot driver on real processes: what the image holds (read back
+ * with `appshot inspect --json`), that --leave-running leaves the
+ * application unharmed, and that every failure leaves it running and no
+ * image behind.
+ */
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { alive, cli, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-images-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+function tracerOf(pid: number): number {
+  return Number(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+}
+
+function threadStates(pid: number): string[] {
+  return readdirSync(`/proc/${pid}/task`).map((t) => readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8').split(') ')[1][0]);
+}
+
+function logOf(aid: string): string {
+  return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+}
+
+/** Waits until the application's log shows `n` more CHECK lines than now. */
+async function checksContinue(aid: string, n = 3): Promise<void> {
+  const count = () => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
+  const start = count();
+  await waitFor(() => count() >= start + n, 10_000, `${n} more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL/);
+}
+
+function startApp(aid: string, args: string[]): void {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...args]);
+  if (r.code !== 0) throw new Error(`appshot run failed: ${r.stderr}`);
+}
+
+describe('snapshot of a program with one of each resource', () => {
+  const aid = 'full';
+  let image: Json;
+  let ready: RegExpMatchArray;
+  let first: Json;
+
+  beforeAll(async () => {
+    startApp(aid, [fixture('snapfix'), '0', '4']);
+    await waitFor(() => /^CHECK 2$/m.test(logOf(aid)), 10_000, 'the fixture to settle');
+    ready = /READY port=(\d+) child=(\d+) altstack=(0x[0-9a-f]+)/.exec(logOf(aid))!;
+    first = sb.json(['snapshot', aid, '-o', join(out, 'full'), '--leave-running']);
+    image = sb.json(['inspect', join(out, 'full')]);
+  });
+
+  it('reports what it wrote and leaves the application running', async () => {
+    expect(first).toMatchObject({ aid, processes: 2, threads: 5, leftRunning: true });
+    expect(first.frozenMs).toBeGreaterThan(0);
+    await checksContinue(aid);
+    const [main] = sb.json<Json>(['ps', aid])[0].processes.filter((p: Json) => p.vpid === 2);
+    expect(tracerOf(main.pid)).toBe(0);
+    expect(threadStates(main.pid).every((s) => s !== 't')).toBe(true);
+  });
+
+  it('places the processes in the tree by virtual PID', () => {
+    const [parent, child] = image.processes;
+    expect(parent).toMatchObject({ vpid: 2, vppid: 1, vpgid: 1, vsid: 1 });
+    expect(child).toMatchObject({ vpid: Number(ready[2]), vppid: 2 });
+    expect(parent.exe).toBe(fixture('snapfix'));
+    expect(parent.argv).toEqual([fixture('snapfix'), '0', '4']);
+  });
+
+  it('captures process state: cwd, umask, rlimits, credentials, mm fields', () => {
+    const p = image.processes[0];
+    expect(p.cwd).toBe('/tmp');
+    expect(p.umask).toBe(0o027);
+    expect(p.rlimits.find((r: Json) => r.resource === 7).cur).toBe(777); // RLIMIT_NOFILE
+    expect(p.creds.uid).toEqual([process.getuid!(), process.getuid!(), process.getuid!(), process.getuid!()]);
+    expect(p.mm.brk).toBeGreaterThanOrEqual(p.mm.startBrk);
+    expect(p.mm.argEnd).toBeGreaterThan(p.mm.argStart);
+    expect(p.mm.auxv.bytes).toBeGreaterThan(0);
+  });
+
+  it('captures every thread, including those blocked in futex, read and nanosleep', () => {
+    const threads = image.processes[0].threads;
+    expect(threads).toHaveLength(4);
+    expect(threads.map((t: Json) => t.syscall).sort()).toEqual(['clock_nanosleep', 'clock_nanosleep', 'futex', 'read']);
+    for (const t of threads) {
+      expect(t.regs.bytes).toBe(27 * 8);
+      expect(t.xstate.bytes).toBeGreaterThanOrEqual(576);
+      expect(t.tidAddress).toBeGreaterThan(0);
+      expect(t.robustList).toBeGreaterThan(0);
+      expect(t.rseq?.pointer ?? 0).toBeGreaterThan(0);
+    }
+    expect(new Set(threads.map((t: Json) => t.vtid)).size).toBe(4);
+    expect(threads[0].vtid).toBe(2);
+  });
+
+  it('captures signal dispositions, masks, pending signals and the alternate stack', () => {
+    const p = image.processes[0];
+    const usr1 = p.sigactions.find((s: Json) => s.signal === 10);
+    expect(usr1.handler).toBeGreaterThan(1);
+    expect(usr1.flags & 0x10000000).toBeTruthy(); // SA_RESTART
+    const main = p.threads[0];
+    const bit = (sig: number) => 2 ** (sig - 1);
+    expect(Math.floor(main.sigmask / bit(12)) % 2).toBe(1); // SIGUSR2 blocked
+    // siginfo.si_signo is the first int of each 128-byte record.
+    expect(main.pending.bytes).toBe(128);
+    expect(parseInt(main.pending.hex.slice(0, 2), 16)).toBe(12);
+    expect(p.sharedPending.bytes).toBe(128);
+    expect(parseInt(p.sharedPending.hex.slice(0, 2), 16)).toBe(35); // SIGRTMIN+1
+    expect(BigInt(main.altstack.sp)).toBe(BigInt(ready[3]));
+    expect(main.altstack.size).toBe(65536);
+  });
+
+  it('captures the memory map and only the pages that exist', () => {
+    const vmas = image.processes[0].vmas;
+    for (const special of ['[heap]', '[stack]', '[vdso]', '[vvar]']) expect(vmas.some((v: Json) => v.path === special)).toBe(true);
+    // The 4 MiB buffer: every page touched, all stored.
+    const big = vmas.find((v: Json) => v.kindName === 'ANON' && v.size >= 4 << 20);
+    expect(big.storedPages).toBeGreaterThanOrEqual(1024);
+    // Library code is never stored: it is in the file.
+    const code = vmas.filter((v: Json) => v.kindName === 'FILE_PRIVATE' && v.prot & 4);
+    expect(code.length).toBeGreaterThan(0);
+    for (const v of code) expect(v.storedPages).toBe(0);
+    const libc = image.files.find((f: Json) => f.path.includes('libc.so'));
+    expect(libc).toMatchObject({ deleted: false });
+    expect(libc.size).toBeGreaterThan(0);
+    expect(libc.crc32c).not.toBe(0);
+  });
+
+  it('stores anonymous shared memory once for both processes', () => {
+    expect(image.sharedMemory).toHaveLength(1);
+    const [parent, child] = image.processes;
+    const idx = (p: Json) => p.vmas.filter((v: Json) => v.kindName === 'SHARED_ANON').map((v: Json) => v.sharedMemory);
+    expect(idx(parent)).toEqual([0]);
+    expect(idx(child)).toEqual([0]);
+    const pages = readFileSync(join(out, 'full', 'pages.img'));
+    const obj = image.sharedMemory[0];
+    const at = (page: number) => {
+      // Find the stored page among the runs.
+      let offset = obj.pages.offset;
+      for (let i = 0; i < obj.pages.runs.length; i += 2) {
+        const [first, count] = [obj.pages.runs[i], obj.pages.runs[i + 1]];
+        if (page >= first && page < first + count) return pages.subarray(offset + (page - first) * 4096, offset + (page - first) * 4096 + 16);
+        offset += count * 4096;
+      }
+      return Buffer.alloc(0);
+    };
+    expect(at(0).toString('latin1')).toContain('parent-page');
+    expect(at(3).toString('latin1')).toContain('child-page');
+  });
+
+  it('captures descriptors: files, deleted files, pipes with data in flight, sockets, eventfd, epoll', () => {
+    const [parent, child] = image.processes;
+    const fd = (p: Json, n: number) => p.fds.find((f: Json) => f.fd === n);
+    expect(fd(parent, 0)).toMatchObject({ kindName: 'DEVICE', path: '/dev/null' });
+    const deleted = fd(parent, 3);
+    expect(deleted).toMatchObject({ kindName: 'FILE', pos: 7 });
+    expect(image.files[deleted.file]).toMatchObject({ deleted: true, size: 21 });
+    const contents = image.files[deleted.file].contents;
+    const pages = readFileSync(join(out, 'full', 'pages.img'));
+    expect(pages.subarray(contents.offset, contents.offset + 21).toString()).toBe('deleted-file-contents');
+    expect(fd(parent, 5)).toMatchObject({ kindName: 'FILE', path: '/etc/hostname', pos: 1 });
+    // The pipe between parent (write end) and child (read end): one pipe, its data copied.
+    const w = fd(parent, 4);
+    const r = fd(child, 3);
+    expect(w).toMatchObject({ kindName: 'PIPE', writeEnd: true });
+    expect(r).toMatchObject({ kindName: 'PIPE', writeEnd: false, pipe: w.pipe });
+    expect(Buffer.from(image.pipes[w.pipe].data.hex, 'hex').toString()).toBe('in-flight-data');
+    const listen = fd(parent, 6);
+    expect(listen).toMatchObject({ kindName: 'TCP_LISTEN', socket: { address: '127.0.0.1', port: Number(ready[1]), listening: true, reuseaddr: true } });
+    expect(fd(parent, 7)).toMatchObject({ kindName: 'EVENTFD', eventfdCount: 5 });
+    const ep = fd(parent, 8);
+    expect(ep.kindName).toBe('EPOLL');
+    expect(ep.epoll.map((t: Json) => [t.fd, t.data]).sort()).toEqual([[6, 0x1234], [7, 0x5678]]);
+  });
+
+  it('captures SysV objects by virtual id and key, without consuming messages', async () => {
+    expect(image.semaphores).toEqual([expect.objectContaining({ vid: 0, vkey: 0x5151, mode: 0o600, values: [3, 7] })]);
+    const [seg] = image.shmSegments;
+    expect(seg).toMatchObject({ vid: 0, vkey: 0x5152, size: 8192, cvpid: 2 });
+    const pages = readFileSync(join(out, 'full', 'pages.img'));
+    const data = pages.subarray(seg.contents.offset, seg.contents.offset + 8192);
+    expect(data.subarray(0, 12).toString()).toBe('shm-contents');
+    expect(data.subarray(4096, 4108).toString()).toBe('shm-page-two');
+    const [q] = image.msgQueues;
+    expect(q).toMatchObject({ vid: 0, vkey: 0x5153, lsvpid: 2 });
+    expect(q.messages.map((m: Json) => [m.type, Buffer.from(m.data.hex, 'hex').toString()])).toEqual([
+      [1, 'first\0'],
+      [2, 'second\0'],
+    ]);
+    // The fixture checks msg_qnum == 2 itself; its checks go on passing.
+    await checksContinue(aid, 2);
+  });
+
+  it('includes the translation tables', () => {
+    const kinds = Object.fromEntries(image.tables.map((t: Json) => [t.kind, t.entries]));
+    expect(kinds.pid.map((e: Json) => e.virtual)).toEqual(expect.arrayContaining([1, 2, Number(ready[2])]));
+    expect(kinds.semkey).toEqual([expect.objectContaining({ virtual: 0x5151 })]);
+  });
+
+  it('takes an incremental snapshot next: only pages written since, with a parent', async () => {
+    const main = sb.json<Json>(['ps', aid])[0].processes.find((p: Json) => p.vpid === 2);
+    const before = (logOf(aid).match(/^DIRTIED/gm) ?? []).length;
+    process.kill(main.pid, 'SIGUSR1');
+    await waitFor(() => (logOf(aid).match(/^DIRTIED/gm) ?? []).length > before, 5000, 'the fixture to dirty pages');
+    const second = sb.json<Json>(['snapshot', aid, '-o', join(out, 'incr'), '--leave-running']);
+    expect(second.parent).toBe(join(out, 'full'));
+    const dirtied = Number(/^DIRTIED (\d+)/m.exec(logOf(aid))![1]);
+    expect(second.pagesFromParent).toBeGreaterThan(1000);
+    // The rewritten heap pages, plus the few the program touches anyway
+    // (its stacks, stdio buffer, counters).
+    expect(second.pages).toBeGreaterThanOrEqual(dirtied);
+    expect(second.pages).toBeLessThan(dirtied + 64);
+    const incr = sb.json<Json>(['inspect', join(out, 'incr')]);
+    expect(incr.parent.path).toBe(join(out, 'full'));
+    await checksContinue(aid);
+  });
+
+  it('writes a tar stream with -o -, which inspect reads from a file or stdin', async () => {
+    const tarPath = join(out, 'full.tar');
+    const r = await new Promise<number>((resolve) => {
+      const child = spawn(`${JSON.stringify(process.execPath)} ${JSON.stringify(cli)} snapshot ${aid} -o - --full --leave-running > ${JSON.stringify(tarPath)}`, { shell: true, env: sb.env, stdio: 'inherit' });
+      child.on('close', (code) => resolve(code ?? -1));
+    });
+    expect(r).toBe(0);
+    const fromFile = sb.json<Json>(['inspect', tarPath]);
+    expect(fromFile.processes).toHaveLength(2);
+    const viaStdin = sb.run(['inspect', '-', '--json'], readFileSync(tarPath));
+    expect(viaStdin.code).toBe(0);
+    await checksContinue(aid);
+  });
+
+  it('ends the application by default, removing its SysV objects', async () => {
+    const before = systemIpcIds();
+    const ids = sb.json<Json>(['table', aid]).tables;
+    const pids = sb.json<Json>(['ps', aid])[0].processes.map((p: Json) => p.pid);
+    const r = sb.run(['snapshot', aid, '-o', join(out, 'final')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(existsSync(join(out, 'final', 'pages.img'))).toBe(true);
+    for (const pid of pids) await waitFor(() => !alive(pid), 5000, `process ${pid} to end`);
+    expect(sb.aids()).not.toContain(aid);
+    const after = systemIpcIds();
+    expect(after.sem).not.toContain(ids.semid[0].system);
+    expect(after.shm).not.toContain(ids.shmid[0].system);
+    expect(after.msg).not.toContain(ids.msgid[0].system);
+    expect(before.sem).toContain(ids.semid[0].system);
+  });
+});
+
+describe('snapshot failures leave the application running and no image', () => {
+  it('refuses a resource it cannot capture, naming the process, fd and kind', async () => {
+    startApp('inot', [fixture('inotifier')]);
+    await waitFor(() => /READY fd=(\d+)/.test(logOf('inot')));
+    const fd = /READY fd=(\d+)/.exec(logOf('inot'))![1];
+    const r = sb.run(['snapshot', 'inot', '-o', join(out, 'inot')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(`process 2 (inotifier) fd ${fd}: inotify cannot be captured yet`);
+    expect(existsSync(join(out, 'inot'))).toBe(false);
+    const [p] = sb.json<Json>(['ps', 'inot'])[0].processes.filter((x: Json) => x.vpid === 2);
+    expect(tracerOf(p.pid)).toBe(0);
+    expect(threadStates(p.pid)).not.toContain('t');
+  });
+
+  it('gives up on a process that never settles (a vfork in progress) after --timeout, resuming all', async () => {
+    startApp('vfork', [fixture('vforker'), '60']);
+    await waitFor(() => /CHILD/.test(logOf('vfork')));
+    const started = Date.now();
+    const r = sb.run(['snapshot', 'vfork', '-o', join(out, 'vfork'), '--timeout', '1']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/cannot stop the application within 1 s: process 2 \(vforker\) did not stop: uninterruptible sleep \(D\).*vfork/);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
+    expect(existsSync(join(out, 'vfork'))).toBe(false);
+    const procs = sb.json<Json>(['ps', 'vfork'])[0].processes.filter((x: Json) => !x.init);
+    expect(procs).toHaveLength(2);
+    for (const p of procs) {
+      expect(tracerOf(p.pid)).toBe(0);
+      expect(threadStates(p.pid)).not.toContain('t');
+    }
+  });
+
+  it('survives kill -9 of appshot in the middle of a snapshot', async () => {
+    startApp('big', [fixture('snapfix'), '0', '768']);
+    await waitFor(() => /^CHECK 1$/m.test(logOf('big')), 20_000, 'the fixture to start');
+    const main = sb.json<Json>(['ps', 'big'])[0].processes.find((p: Json) => p.vpid === 2);
+    const dest = join(out, 'killed');
+    const snap = spawn(process.execPath, [cli, 'snapshot', 'big', '-o', dest], { env: sb.env, stdio: 'ignore' });
+    await waitFor(() => tracerOf(main.pid) !== 0, 10_000, 'the snapshot to seize the application');
+    snap.kill('SIGKILL');
+    await new Promise((r) => snap.on('close', r));
+    await waitFor(() => tracerOf(main.pid) === 0, 5000, 'the kernel to release the tracees');
+    expect(existsSync(dest)).toBe(false);
+    expect(readdirSync(out).filter((n) => n.includes('killed'))).toEqual([]);
+    await checksContinue('big');
+  });
+
+  it('refuses an output that exists and an application that does not', () => {
+    const exists = sb.run(['snapshot', 'big', '-o', out]);
+    expect(exists.code).toBe(4);
+    expect(exists.stderr).toContain('already exists');
+    const none = sb.run(['snapshot', 'nosuch', '-o', join(out, 'x')]);
+    expect(none.code).toBe(3);
+    expect(none.stderr).toContain("no application with AID 'nosuch'");
+    const usage = sb.run(['snapshot']);
+    expect(usage.code).toBe(2);
+  });
+});
