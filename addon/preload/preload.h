@@ -58,14 +58,17 @@ union semun {
 
 /* The tables, or NULL: pass-through. */
 extern struct appshot_header *g_h HIDDEN;
-/* This process: system PID and virtual PID. Valid while !g_nocache. */
-extern int32_t g_spid HIDDEN, g_vpid HIDDEN;
+/* This process's virtual PID (0 = not known yet); valid while !g_nocache.
+ * Only virtual ids are cached: they survive a snapshot and restore, where
+ * the system ids change under the process's feet. System ids are asked of
+ * the kernel on the (rare) paths that need them. */
+extern int32_t g_vpid HIDDEN;
 /* Set for good once the process shared its memory with another process
  * (clone with CLONE_VM but not CLONE_THREAD): the caches would then be
  * written by both, so getpid/gettid ask the kernel each time. */
 extern int g_nocache HIDDEN;
-/* The calling thread's TIDs; 0 = not known yet. */
-extern __thread int32_t t_stid TLS_IE HIDDEN, t_vtid TLS_IE HIDDEN;
+/* The calling thread's virtual TID; 0 = not known yet. */
+extern __thread int32_t t_vtid TLS_IE HIDDEN;
 
 /* The state of init: 2 once done. */
 extern int g_init_state HIDDEN;

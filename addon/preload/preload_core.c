@@ -9,9 +9,9 @@
 #include <string.h>
 
 struct appshot_header *g_h;
-int32_t g_spid, g_vpid;
+int32_t g_vpid;
 int g_nocache;
-__thread int32_t t_stid, t_vtid;
+__thread int32_t t_vtid;
 int g_init_state;
 void *real_fn[R_COUNT];
 
@@ -53,7 +53,6 @@ static void init_tables(void) {
     appshot_table_close(h);
     return;
   }
-  g_spid = spid;
   g_vpid = vpid;
   g_thread_key_ok = pthread_key_create(&g_thread_key, thread_gone) == 0;
   pthread_atfork(NULL, NULL, pid_atfork_child);
@@ -110,7 +109,7 @@ pid_t self_vpid(void) {
   /* A fork child learns its virtual PID when first asked (see
    * pid_atfork_child). Any thread or handler that races here computes the
    * same value: the table holds one entry per system PID. */
-  v = map_self(g_spid);
+  v = map_self((int32_t)SYS0(getpid));
   g_vpid = v;
   return v;
 }
@@ -119,10 +118,10 @@ pid_t self_vtid(void) {
   int nocache = __atomic_load_n(&g_nocache, __ATOMIC_RELAXED);
   if (LIKELY(t_vtid && !nocache)) return t_vtid;
   int32_t stid = (int32_t)SYS0(gettid);
-  int32_t spid = nocache ? (int32_t)SYS0(getpid) : g_spid;
+  int32_t spid = (int32_t)SYS0(getpid);
   if (stid == spid) {
     pid_t v = self_vpid();
-    if (!nocache) t_stid = stid, t_vtid = v;
+    if (!nocache) t_vtid = v;
     return v;
   }
   /* An entry already there for this TID is reused (a dead thread's, whose
@@ -134,7 +133,6 @@ pid_t self_vtid(void) {
   if (v < 0) return stid;
   appshot_set_flags(g_h, APPSHOT_PID, spid, APPSHOT_F_THREADS);
   if (!nocache) {
-    t_stid = stid;
     t_vtid = v;
     if (g_thread_key_ok)
       pthread_setspecific(g_thread_key, (void *)(intptr_t)stid);
@@ -143,9 +141,7 @@ pid_t self_vtid(void) {
 }
 
 void child_reset_ids(int32_t vid) {
-  g_spid = (int32_t)SYS0(getpid);
   g_vpid = vid;
-  t_stid = g_spid;
   t_vtid = vid;
   /* A fork from a secondary thread: the child's only thread is a main
    * thread, whose entry must not be dropped as a thread's on its exit. */

@@ -22,10 +22,7 @@
 #define VINIT 1 /* the application's init */
 
 static inline int raw_err(long r) { return r < 0 && r > -4096; }
-static inline pid_t self_spid(void) {
-  return __atomic_load_n(&g_nocache, __ATOMIC_RELAXED) ? (pid_t)SYS0(getpid)
-                                                       : g_spid;
-}
+static inline pid_t self_spid(void) { return (pid_t)SYS0(getpid); }
 
 /* A system PID that the caller just learned from the kernel (a waited-for
  * child, a new child of an unwrapped spawn): it is ours by definition. */
