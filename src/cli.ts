@@ -13,6 +13,7 @@ import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
 import { imageJson, printImage } from './image/show.js';
 import { snapshot } from './snapshot/driver.js';
+import { restore } from './restore/driver.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -226,6 +227,32 @@ program
       else printImage(loaded.manifest, loaded.image);
     } finally {
       loaded.dispose();
+    }
+  });
+
+program
+  .command('restore')
+  .description('bring an image back as a running application, here or on another node (FIG. 6)')
+  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .option('--aid <name>', "the AID to run it as (default: the image's own)")
+  .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
+  .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
+  .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
+  .addHelpText(
+    'after',
+    "\nThe image is verified first (checksums, format, this node's kernel and the files it maps);\n" +
+      'a restore that fails leaves no process, SysV object or table behind. The application runs\n' +
+      'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
+      "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
+      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -',
+  )
+  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean }) => {
+    if (opts.aid !== undefined) checkAid(opts.aid);
+    const result = await restore(registry(), image, { aid: opts.aid, lazy: opts.lazy });
+    if (opts.json) json(result);
+    else {
+      process.stdout.write(result.aid + '\n');
+      process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
     }
   });
 

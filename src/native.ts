@@ -118,10 +118,20 @@ interface Addon {
     messages: { type: number; data: Buffer }[];
   };
   PageWriter: new (dir: string, parents: string[]) => PageWriter;
+  pipe(): [number, number];
+  writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
+  eventfd(count: number, flags: number): number;
+  memfd(name: string, size: number): number;
+  lseek(fd: number, offset: number): number;
+  setStatusFlags(fd: number, flags: number): void;
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
+  restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
+  restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
+  restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
-  bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number): void;
+  bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number, owner?: number): void;
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;
   removeIpcObject(kind: Kind, systemId: number): boolean;

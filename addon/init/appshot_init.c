@@ -3,6 +3,7 @@
  *
  *   appshot-init --tables PATH --state-dir DIR --preload LIB --aid A
  *                [--status-fd N] -- cmd args...
+ *   appshot-init ... --seeds N      (for `appshot restore`)
  *
  * Why a separate C process rather than the Node CLI:
  *  - It is a child subreaper, so every process that daemonizes (double
@@ -17,6 +18,12 @@
  *   "S <vpid> <pid>"   the command was exec'd
  *   "E <errno>"        the command could not be exec'd
  *   "X <code>"         the first process ended (exit code, or 128 + signal)
+ *   "C <pid>"          a seed was forked (--seeds)
+ *
+ * With --seeds N it runs no command: it forks N seeds, children that wait
+ * in pause() for the restore driver to seize them and turn each into a
+ * process of the image. Restored processes are thus init's children, as
+ * the image's were, and init supervises them as any application's.
  *
  * When the last process ends it removes what the application owned: its
  * SysV objects, its translation tables and its registry directory.
@@ -118,6 +125,19 @@ static pid_t launch(char **argv, const sigset_t *orig_mask) {
     waitpid(pid, NULL, 0);
     appshot_unmap_system(tables, APPSHOT_PID, pid);
     return -err;
+  }
+  return pid;
+}
+
+/* A seed: a process that does nothing until the restore driver takes it
+ * over with ptrace. Its signals stay blocked: it must not die of one
+ * before its own dispositions and mask are restored. */
+static pid_t fork_seed(void) {
+  pid_t pid = fork();
+  if (pid < 0) die("fork");
+  if (pid == 0) {
+    if (status_fd >= 0) close(status_fd);
+    for (;;) pause();
   }
   return pid;
 }
@@ -234,7 +254,7 @@ static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
                                 SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 int main(int argc, char **argv) {
-  int i = 1;
+  int i = 1, seeds = -1;
   for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
     const char *opt = argv[i];
     if (i + 1 >= argc) break;
@@ -244,18 +264,19 @@ int main(int argc, char **argv) {
     else if (!strcmp(opt, "--preload")) preload_lib = val;
     else if (!strcmp(opt, "--aid")) aid = val;
     else if (!strcmp(opt, "--status-fd")) status_fd = atoi(val);
+    else if (!strcmp(opt, "--seeds")) seeds = atoi(val);
     else {
       fprintf(stderr, "appshot-init: unknown option %s\n", opt);
       return 125;
     }
   }
-  if (!tables_path || !state_dir || !preload_lib || !aid || i + 1 >= argc) {
+  if (!tables_path || !state_dir || !preload_lib || !aid || (seeds < 0 && i + 1 >= argc)) {
     fprintf(stderr,
             "usage: appshot-init --tables PATH --state-dir DIR --preload LIB "
-            "--aid A [--status-fd N] -- cmd args...\n");
+            "--aid A [--status-fd N] (-- cmd args... | --seeds N)\n");
     return 125;
   }
-  char **cmd = &argv[i + 1];
+  char **cmd = seeds < 0 ? &argv[i + 1] : NULL;
   if (status_fd >= 0) fcntl(status_fd, F_SETFD, FD_CLOEXEC);
 
   tables = appshot_table_open(tables_path);
@@ -273,17 +294,25 @@ int main(int argc, char **argv) {
   sigprocmask(SIG_BLOCK, &waited, &orig);
   signal(SIGPIPE, SIG_IGN);
 
-  pid_t first = launch(cmd, &orig);
-  if (first < 0) {
-    report("E %ld\n", -first, 0);
-    clean_up();
-    return -first == ENOENT ? 127 : 126;
-  }
-  int32_t first_vid = 0;
-  appshot_s2v(tables, APPSHOT_PID, first, &first_vid);
-  report("S %ld %ld\n", first_vid, first);
-
   int first_alive = 1, code = 0;
+  pid_t first = -1;
+  if (cmd) {
+    first = launch(cmd, &orig);
+    if (first < 0) {
+      report("E %ld\n", -first, 0);
+      clean_up();
+      return -first == ENOENT ? 127 : 126;
+    }
+    int32_t first_vid = 0;
+    appshot_s2v(tables, APPSHOT_PID, first, &first_vid);
+    report("S %ld %ld\n", first_vid, first);
+  } else {
+    /* Restored applications run in the background from the start. */
+    first_alive = 0;
+    for (int k = 0; k < seeds; k++) report("C %ld\n", fork_seed(), 0);
+    report("S 0 0\n", 0, 0);
+  }
+
   time_t next_sweep = time(NULL) + SWEEP_SECONDS;
   for (;;) {
     /* Sweep on a clock of its own: a steady stream of signals (orphans

@@ -131,7 +131,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// bind(path, kind, virtual, system, flags?)
+// bind(path, kind, virtual, system, flags?, owner?)
 Napi::Value Bind(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
@@ -140,7 +140,8 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
   int32_t vid = info[2].As<Napi::Number>().Int32Value();
   int32_t sid = info[3].As<Napi::Number>().Int32Value();
   uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
-  if (appshot_bind(t->get(), kind, vid, sid, flags, 0) != 0)
+  int32_t owner = info.Length() > 5 ? info[5].As<Napi::Number>().Int32Value() : 0;
+  if (appshot_bind(t->get(), kind, vid, sid, flags, owner) != 0)
     ThrowErrno(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid), errno);
   return env.Undefined();
 }
@@ -203,6 +204,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   flags.Set("THREADS", Napi::Number::New(env, APPSHOT_F_THREADS));
   exports.Set("flags", flags);
   appshot::RegisterTrace(env, exports);
+  appshot::RegisterRestore(env, exports);
   return exports;
 }
 

@@ -10,5 +10,7 @@ namespace appshot {
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
 // The ptrace, page-data and kernel-state readers (addon_trace.cc).
 void RegisterTrace(Napi::Env env, Napi::Object exports);
+// Objects the restore driver creates and hands over (addon_restore.cc).
+void RegisterRestore(Napi::Env env, Napi::Object exports);
 }  // namespace appshot
 #endif

@@ -183,8 +183,9 @@ static int step_to_syscall_stop(pid_t tid) {
     if (r.kind == TRACE_SYSCALL) return 0;
     /* A PTRACE_INTERRUPT that arrived while the thread was already stopped
      * traps again as soon as it resumes, before it runs a single
-     * instruction: resume it once more. */
-    if (r.kind != TRACE_STOP) return -EINTR;
+     * instruction; an injected fork or clone stops at its event before it
+     * returns (the new task reports on its own). Resume it once more. */
+    if (r.kind != TRACE_STOP && r.kind != TRACE_EVENT) return -EINTR;
   }
 }
 

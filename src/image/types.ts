@@ -32,6 +32,8 @@ export interface Image {
   files: FileIdentity[];
   stats: Stats;
   command: string[];
+  logPath: string;
+  tablesPath: string;
 }
 
 export interface NodeInfo {
@@ -79,6 +81,7 @@ export interface Process {
   groupStopped: boolean;
   personality: number;
   dumpable: boolean;
+  glibcTidOffset: number;
 }
 
 export interface Creds {

@@ -8,7 +8,8 @@
  */
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
-import { type EpollTarget, type Fd, FdKind } from '../image/types.js';
+import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
 import type { SocketTable } from './sockets.js';
 
@@ -144,5 +145,49 @@ function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, index: n
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
   } finally {
     closeSync(f);
+  }
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** Descriptions the driver makes in its own process and hands over. */
+export interface FileSources {
+  /** A descriptor of this process for image fd `fd` of process `p`. */
+  open(p: Process, fd: Fd): number;
+  /** Gives `fd` of this process to the remote one; its number there. */
+  transfer(r: RemoteProcess, fd: number): number;
+}
+
+const F_SETFD = 2;
+const EPOLL_CTL_ADD = 1;
+const EPOLL_CLOEXEC = 0o2000000;
+
+/** Every descriptor at its number, with its offset, flags and
+ * close-on-exec bit; epoll sets last, once their targets are in place. */
+export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void {
+  r.call('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
+  const place = (got: number, fd: Fd) => {
+    if (got !== fd.fd) {
+      r.call(`placing fd ${fd.fd}`, SYS.dup3, [got, fd.fd, fd.cloexec ? EPOLL_CLOEXEC : 0]);
+      r.call('closing', SYS.close, [got]);
+    } else if (!fd.cloexec) {
+      r.call(`clearing close-on-exec of fd ${fd.fd}`, SYS.fcntl, [fd.fd, F_SETFD, 0]);
+    }
+  };
+  for (const fd of p.fds) {
+    if (fd.kind === FdKind.EPOLL) continue;
+    place(src.transfer(r, src.open(p, fd)), fd);
+  }
+  for (const fd of p.fds) {
+    if (fd.kind !== FdKind.EPOLL) continue;
+    const ep = Number(r.call('epoll_create1', SYS.epoll_create1, [EPOLL_CLOEXEC]));
+    for (const t of fd.epoll) {
+      r.reset();
+      const ev = Buffer.alloc(12);
+      ev.writeUInt32LE(t.events, 0);
+      ev.writeBigUInt64LE(t.data, 4);
+      r.call(`adding fd ${t.fd} to epoll fd ${fd.fd}`, SYS.epoll_ctl, [ep, EPOLL_CTL_ADD, t.fd, r.put(ev)]);
+    }
+    place(ep, fd);
   }
 }

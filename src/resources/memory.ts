@@ -7,7 +7,7 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { closeSync, openSync, readFileSync, statSync } from 'node:fs';
-import { PAGES_MODE } from '../native.js';
+import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
 
@@ -155,4 +155,168 @@ export function countPages(runs: number[]): number {
   let n = 0;
   for (let i = 1; i < runs.length; i += 2) n += runs[i];
   return n;
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+const PROT_WRITE = 2;
+const MAP = { SHARED: 0x01, PRIVATE: 0x02, FIXED: 0x10, ANONYMOUS: 0x20, GROWSDOWN: 0x100, NORESERVE: 0x4000 } as const;
+const O_RDONLY = 0;
+const O_RDWR = 2;
+const MREMAP_MAYMOVE = 1;
+const MREMAP_FIXED = 2;
+
+interface Range {
+  start: bigint;
+  end: bigint;
+}
+
+/** An address where `size` bytes overlap none of `used`. */
+export function freeAddress(used: Range[], size: bigint): bigint {
+  for (const base of [0x100000000000n, 0x200000000000n, 0x300000000000n, 0x10000000n, 0x600000000000n]) {
+    const end = base + size;
+    if (!used.some((u) => u.start < end && base < u.end)) return base;
+  }
+  throw new Error('no free address range for the restore');
+}
+
+/** What memory restore needs from the driver. */
+export interface MemorySources {
+  /** Page files of the image chain, newest first, open in this process. */
+  pageFds: number[];
+  /** Their paths, for a lazy restore to map them into the process. */
+  pagePaths: string[];
+  lazy: boolean;
+  /** Per SharedMemory index: a memfd in this process holding it. */
+  sharedFd(index: number): number;
+  /** The new system shmid of a virtual one. */
+  shmSystemId(vid: number): number;
+  /** The application's old and new tables files. */
+  tables: { old: string; new: string };
+  /** Opens `fd` of this process inside the remote one; returns its number there. */
+  transfer(r: import('../restore/remote.js').RemoteProcess, fd: number): number;
+  /** Pages of `vpid` inherited from the parent chain, by address. */
+  inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
+}
+
+/** Runs of stored pages as [address, file offset, length] triples. */
+function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
+  const out: [bigint, bigint, bigint][] = [];
+  const ref = vma.pages;
+  if (!ref) return out;
+  let at = ref.offset;
+  for (let i = 0; i < ref.runs.length; i += 2) {
+    const len = BigInt(ref.runs[i + 1]) * PAGE;
+    out.push([vma.start + BigInt(ref.runs[i]) * PAGE, at, len]);
+    at += len;
+  }
+  return out;
+}
+
+/**
+ * Replaces the whole address space of the remote process (a seed) with the
+ * image's: everything of its own is unmapped but the vDSO, which is moved
+ * to where the image had it, then each VMA is mapped and filled.
+ */
+export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
+  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, open: 2, close: 3, shmat: 30 };
+  const current = readSmaps(r.pid);
+  const special = new Set(['[vdso]', '[vvar]', '[vvar_vclock]', '[vsyscall]']);
+  for (const m of current) {
+    if (special.has(m.path) || m.start === r.scratch) continue;
+    r.call(`unmapping ${m.path || 'memory'} of the seed`, SYS.munmap, [m.start, m.end - m.start]);
+  }
+
+  // The vDSO and its data pages move together, keeping their layout.
+  const moves = current.filter((m) => m.path === '[vdso]' || m.path === '[vvar]' || m.path === '[vvar_vclock]');
+  const targets = moves.map((m) => vmas.find((v) => v.path === m.path));
+  if (moves.some((m, i) => targets[i] && targets[i]!.start !== m.start)) {
+    const used: Range[] = [...vmas, ...current, { start: r.scratch, end: r.scratch + 0x10000n }];
+    let temp = freeAddress(used, 0x100000n) + 0x10000n;
+    const parked = moves.map((m) => {
+      const len = m.end - m.start;
+      const at = r.call(`moving ${m.path}`, SYS.mremap, [m.start, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, temp]);
+      temp += len;
+      // System calls run from an instruction in the vDSO: follow it.
+      if (m.path === '[vdso]') r.findSyscall();
+      return { path: m.path, start: at, len };
+    });
+    parked.forEach((p, i) => {
+      const t = targets[i];
+      if (!t) return;
+      if (t.end - t.start !== p.len) throw new Error(`${p.path} is ${p.len} bytes here but ${t.end - t.start} in the image`);
+      r.call(`moving ${p.path}`, SYS.mremap, [p.start, p.len, p.len, MREMAP_MAYMOVE | MREMAP_FIXED, t.start]);
+      if (p.path === '[vdso]') r.findSyscall();
+    });
+  }
+
+  const opened = new Map<string, number>();
+  const openInProcess = (path: string, flags: number): number => {
+    const key = `${flags}:${path}`;
+    let fd = opened.get(key);
+    if (fd === undefined) {
+      r.reset();
+      fd = Number(r.call(`opening ${path}`, SYS.open, [r.str(path), flags | 0o2000000, 0]));
+      opened.set(key, fd);
+    }
+    return fd;
+  };
+  const pageFdsInProcess: number[] = [];
+  const pageFdIn = (i: number) => (pageFdsInProcess[i] ??= openInProcess(src.pagePaths[i], O_RDONLY));
+  let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
+
+  for (const v of vmas) {
+    if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) continue;
+    const len = v.end - v.start;
+    const own = storedRuns(v);
+    const hasInherited = (v.pages?.fromParent.length ?? 0) > 0;
+    const needsWrite = (own.length > 0 && !(src.lazy && v.kind === VmaKind.ANON)) || hasInherited;
+    const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
+    const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
+    const growsdown = v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0;
+    switch (v.kind) {
+      case VmaKind.ANON:
+        r.call(what, SYS.mmap, [v.start, len, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
+        break;
+      case VmaKind.FILE_PRIVATE:
+      case VmaKind.FILE_SHARED: {
+        const shared = v.kind === VmaKind.FILE_SHARED;
+        const path = v.path === src.tables.old ? src.tables.new : v.path;
+        const fd = openInProcess(path, shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY);
+        r.call(what, SYS.mmap, [v.start, len, prot, (shared ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fd, v.pgoff]);
+        break;
+      }
+      case VmaKind.SHARED_ANON: {
+        const fd = src.transfer(r, src.sharedFd(v.sharedMemory));
+        r.call(what, SYS.mmap, [v.start, len, prot, MAP.SHARED | MAP.FIXED, fd, v.pgoff]);
+        r.call('closing', SYS.close, [fd]);
+        break;
+      }
+      case VmaKind.SYSV_SHM: {
+        const SHM_RDONLY = 0o10000;
+        r.call(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
+        break;
+      }
+    }
+    if (src.lazy && v.kind === VmaKind.ANON && !hasInherited) {
+      // Copy-on-write from the page file: nothing is read until touched.
+      const fd = pageFdIn(0);
+      for (const [addr, off, n] of own) r.call(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fd, off]);
+    } else {
+      for (const [addr, off, n] of own) addon().writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
+    }
+    if (hasInherited) {
+      inherited ??= src.inherited(vpid);
+      const from = v.pages!.fromParent;
+      for (let i = 0; i < from.length; i += 2)
+        for (let p = 0; p < from[i + 1]; p++) {
+          const addr = v.start + BigInt(from[i] + p) * PAGE;
+          const loc = inherited.get(addr);
+          if (!loc) throw new Error(`page 0x${addr.toString(16)} of process ${vpid} is in no image of the chain`);
+          addon().writePages(r.pid, src.pageFds[loc.file], Number(loc.offset), addr, Number(PAGE));
+        }
+    }
+    if (prot !== v.prot) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
+  }
+  for (const fd of opened.values()) r.call('closing', SYS.close, [fd]);
 }

@@ -9,6 +9,7 @@ import { readCmdline, readStat } from '../procfs.js';
 import type { Creds, MmFields, Process } from '../image/types.js';
 import type { DumpContext } from '../snapshot/context.js';
 import { type Injector, NR } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -97,5 +98,52 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     groupStopped,
     personality,
     dumpable: true,
+    glibcTidOffset: 0,
   };
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+const PR_SET_MM = 35;
+const PR_SET_MM_MAP = 14;
+
+/** The process-wide state: mm fields (brk, arg/env, auxv and, where
+ * allowed, the executable), cwd, umask and rlimits. */
+export function restoreProcessState(r: RemoteProcess, p: Process): void {
+  const SYS_open = 2;
+  r.reset();
+  let exeFd = -1;
+  try {
+    exeFd = Number(r.call(`opening ${p.exe}`, SYS_open, [r.str(p.exe.replace(/ \(deleted\)$/, '')), 0o2000000, 0]));
+  } catch {
+    /* a deleted executable: /proc/PID/exe keeps pointing at the seed */
+  }
+  const mm = p.mm;
+  const auxv = r.put(mm.auxv);
+  const map = Buffer.alloc(104);
+  const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd, auxv];
+  fields.forEach((v, i) => map.writeBigUInt64LE(v, i * 8));
+  map.writeUInt32LE(mm.auxv.length, 96);
+  map.writeInt32LE(exeFd, 100);
+  const at = r.put(map);
+  // Replacing the executable needs CAP_CHECKPOINT_RESTORE (or
+  // CAP_SYS_ADMIN): without it, everything else is still restored.
+  if (r.raw(SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, at, 104, 0]) !== 0n) {
+    map.writeInt32LE(-1, 100);
+    r.call('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, r.put(map), 104, 0]);
+  }
+  if (exeFd >= 0) r.call('closing', SYS.close, [exeFd]);
+  r.reset();
+  r.call(`changing directory to ${p.cwd}`, SYS.chdir, [r.str(p.cwd)]);
+  r.call('setting umask', SYS.umask, [p.umask]);
+  for (const lim of p.rlimits) {
+    r.reset();
+    const v = r.put(r.u64s([lim.cur, lim.max]));
+    // A hard limit above ours needs CAP_SYS_RESOURCE: keep ours then.
+    if (r.raw(SYS.prlimit64, [0, lim.resource, v, 0]) !== 0n) {
+      const ours = addon().prlimits(r.pid)[lim.resource];
+      const capped = r.put(r.u64s([lim.cur < ours[1] ? lim.cur : ours[1], ours[1]]));
+      r.raw(SYS.prlimit64, [0, lim.resource, capped, 0]);
+    }
+  }
 }

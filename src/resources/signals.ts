@@ -7,8 +7,10 @@ import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { SigAction } from '../image/types.js';
 import { type Injector, NR } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
 
 const SIGKILL = 9;
+const SYS_tgkill = 234;
 const SIGSTOP = 19;
 const NSIG = 64;
 
@@ -39,4 +41,41 @@ export function dumpSigactions(pid: number, inj: Injector): SigAction[] {
 
 export function dumpSharedPending(tid: number): Buffer {
   return addon().peekSiginfo(tid, true);
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** Every disposition as in the image; the seed's own (it ignores SIGPIPE,
+ * as init does) go back to the default. */
+export function restoreSigactions(r: RemoteProcess, actions: SigAction[]): void {
+  const bySignal = new Map(actions.map((a) => [a.signal, a]));
+  const seedOwn = nonDefault(r.pid);
+  for (let sig = 1; sig <= NSIG; sig++) {
+    if (sig === SIGKILL || sig === SIGSTOP) continue;
+    const a = bySignal.get(sig);
+    if (!a && !(seedOwn & (1n << BigInt(sig - 1)))) continue;
+    r.reset();
+    const act = r.put(r.u64s(a ? [a.handler, a.flags, a.restorer, a.mask] : [0n, 0n, 0n, 0n]));
+    r.call(`restoring the handler of signal ${sig}`, SYS.rt_sigaction, [sig, act, 0, 8]);
+  }
+}
+
+/** Queues signals again: 128-byte siginfos, for a thread or (tid 0) for the
+ * process. Run while every signal is blocked in the thread, so that none is
+ * delivered before the thread's registers are its own again. */
+export function requeueSignals(r: RemoteProcess, pending: Buffer, tid: number): void {
+  for (let at = 0; at + 128 <= pending.length; at += 128) {
+    const info = pending.subarray(at, at + 128);
+    const sig = info.readInt32LE(0);
+    r.reset();
+    const addr = r.put(info);
+    if (!tid) {
+      r.call(`requeueing signal ${sig}`, SYS.rt_sigqueueinfo, [r.pid, sig, addr]);
+      continue;
+    }
+    // The kernel takes a siginfo claiming a kernel or tgkill origin only
+    // from the thread it is for; another thread's gets a plain tgkill.
+    if (r.raw(SYS.rt_tgsigqueueinfo, [r.pid, tid, sig, addr], tid) !== 0n)
+      r.call(`requeueing signal ${sig}`, SYS_tgkill, [r.pid, tid, sig], tid);
+  }
 }

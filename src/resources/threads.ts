@@ -11,6 +11,7 @@ import type { Thread } from '../image/types.js';
 import type { DumpContext } from '../snapshot/context.js';
 import type { FrozenThread } from '../snapshot/freezer.js';
 import { type Injector, NR, PR_GET_TID_ADDRESS } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -60,4 +61,98 @@ export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, inj:
     wchan,
     comm: st?.comm ?? '',
   };
+}
+
+/**
+ * Where glibc keeps each thread's TID in its thread descriptor, as an
+ * offset from the thread pointer (fs_base): the offset at which every
+ * thread's descriptor holds that thread's own TID. glibc uses it in
+ * pthread_kill, raise and mutex ownership, so a restore writes the new TID
+ * there. 0 if there is no such offset (not glibc, or no TLS).
+ */
+export function findGlibcTidOffset(pid: number, threads: { tid: number; regs: Buffer }[]): number {
+  let common: number[] | undefined;
+  for (const t of threads) {
+    const fsBase = t.regs.readBigUInt64LE(REG.fsBase);
+    if (!fsBase) return 0;
+    let mem: Buffer | undefined;
+    for (const len of [0x1000, 0x800, 0x400])
+      try {
+        mem = addon().readMemory(pid, fsBase, len);
+        break;
+      } catch {
+        /* the descriptor ends sooner: read less */
+      }
+    if (!mem) return 0;
+    const found: number[] = [];
+    // The descriptor's first words (tcbhead_t) are pointers, never a TID.
+    for (let o = 0x40; o + 4 <= mem.length; o += 4) if (mem.readInt32LE(o) === t.tid) found.push(o);
+    common = common ? common.filter((o) => found.includes(o)) : found;
+  }
+  return common?.[0] ?? 0;
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+const CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000; // VM FS FILES SIGHAND THREAD SYSVSEM
+const RSEQ_FLAG_UNREGISTER = 1;
+const EINTR = 4n;
+
+/** A new thread in the process, made by clone run in its main thread. It
+ * is seized by the kernel for us and stops before its first instruction;
+ * its registers are set later. Returns its TID. */
+export function createThread(r: RemoteProcess): number {
+  const tid = Number(r.call('creating a thread', SYS.clone, [CLONE_THREAD_FLAGS, 0, 0, 0, 0]));
+  const report = addon().wait(tid, 10_000);
+  if (!report || report.kind !== 'stop') throw new Error(`new thread ${tid} did not stop (${report?.kind ?? 'timeout'})`);
+  return tid;
+}
+
+/** Drops the seed's rseq registration: its area is about to be unmapped,
+ * and the kernel writes to it on every preemption. */
+export function unregisterRseq(r: RemoteProcess, tid: number): void {
+  const cur = addon().getRseq(tid);
+  if (cur.pointer) r.call('unregistering rseq', SYS.rseq, [cur.pointer, cur.size, RSEQ_FLAG_UNREGISTER, cur.signature], tid);
+}
+
+/** The registers a thread resumes with: a system call the snapshot
+ * interrupted is restarted as the kernel would have, or (for calls whose
+ * restart needs kernel state that did not travel, like nanosleep's
+ * remaining time) returns EINTR, as after a signal. */
+export function resumeRegisters(regs: Buffer): Buffer {
+  const out = Buffer.from(regs);
+  const orig = out.readBigInt64LE(REG.origRax);
+  const rax = out.readBigInt64LE(REG.rax);
+  if (orig < 0n) return out;
+  if (rax === -512n || rax === -513n || rax === -514n) {
+    out.writeBigInt64LE(orig, REG.rax);
+    out.writeBigUInt64LE(out.readBigUInt64LE(REG.rip) - 2n, REG.rip);
+  } else if (rax === -516n) {
+    out.writeBigInt64LE(-EINTR, REG.rax);
+  }
+  return out;
+}
+
+/** Per-thread kernel state: TID address, robust list, rseq, alternate
+ * stack, FPU state, and glibc's cached TID made true again. */
+export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number): void {
+  if (t.tidAddress) r.call('set_tid_address', SYS.set_tid_address, [t.tidAddress], tid);
+  if (t.robustList) r.call('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen], tid);
+  if (t.rseq) r.call('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature], tid);
+  if (t.altstack) {
+    r.reset();
+    const ss = Buffer.alloc(24);
+    ss.writeBigUInt64LE(t.altstack.sp, 0);
+    ss.writeInt32LE(t.altstack.flags & ~1 /* SS_ONSTACK is a state, not a setting */, 8);
+    ss.writeBigUInt64LE(t.altstack.size, 16);
+    if (t.altstack.flags & 2 /* SS_DISABLE */) ss.writeInt32LE(2, 8);
+    r.call('sigaltstack', SYS.sigaltstack, [r.put(ss), 0], tid);
+  }
+  addon().setXstate(tid, t.xstate);
+  const fsBase = t.regs.readBigUInt64LE(REG.fsBase);
+  if (glibcTidOffset && fsBase) {
+    const b = Buffer.alloc(4);
+    b.writeInt32LE(tid);
+    addon().writeMemory(r.pid, fsBase + BigInt(glibcTidOffset), b);
+  }
 }

@@ -22,7 +22,7 @@ import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { SocketTable } from '../resources/sockets.js';
 import { dumpSysv } from '../resources/sysv.js';
-import { dumpThread } from '../resources/threads.js';
+import { dumpThread, findGlibcTidOffset } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
 import { Injector } from './inject.js';
@@ -105,6 +105,8 @@ function emptyImage(record: AppRecord): Image {
     files: [],
     stats: { frozenUs: 0n, pages: 0n, pagesFromParent: 0n, dumpUs: 0n },
     command: record.command,
+    logPath: record.logPath ?? '',
+    tablesPath: record.tables,
   };
 }
 
@@ -129,6 +131,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     try {
       const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop));
       proc.threads = threads.map((t) => dumpThread(ctx, t, regs.get(t.tid)!, inj));
+      proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));

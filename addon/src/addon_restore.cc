@@ -1,0 +1,337 @@
+// Kernel objects the restore driver creates in its own process and then
+// hands to the restored processes (pidfd_getfd, run inside them): pipes
+// with their data, eventfds, listening sockets, memfds for shared memory,
+// files at an offset. And the application's SysV objects, created under
+// new system ids and keys and bound to the image's virtual ones.
+#include <napi.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/msg.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "addon.h"
+
+extern "C" {
+#include "appshot_table.h"
+}
+
+namespace {
+
+using appshot::ThrowErrno;
+
+int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
+
+Napi::Value Pipe(const Napi::CallbackInfo& info) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC)) {
+    ThrowErrno(info.Env(), "pipe", errno);
+    return info.Env().Undefined();
+  }
+  Napi::Array a = Napi::Array::New(info.Env(), 2);
+  a.Set(0u, p[0]);
+  a.Set(1u, p[1]);
+  return a;
+}
+
+// eventfd(count, flags) -> fd
+Napi::Value EventFd(const Napi::CallbackInfo& info) {
+  int fd = eventfd(static_cast<unsigned>(info[0].As<Napi::Number>().Int64Value()),
+                   EFD_CLOEXEC | Int(info[1]));
+  if (fd < 0) ThrowErrno(info.Env(), "eventfd", errno);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// memfd(name, size) -> fd
+Napi::Value MemFd(const Napi::CallbackInfo& info) {
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+  if (fd < 0 || ftruncate(fd, static_cast<off_t>(info[1].As<Napi::Number>().Int64Value()))) {
+    ThrowErrno(info.Env(), "memfd", errno);
+    if (fd >= 0) close(fd);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// lseek(fd, offset) -> new offset
+Napi::Value Lseek(const Napi::CallbackInfo& info) {
+  off_t r = lseek(Int(info[0]), static_cast<off_t>(info[1].As<Napi::Number>().Int64Value()), SEEK_SET);
+  if (r < 0) ThrowErrno(info.Env(), "lseek", errno);
+  return Napi::Number::New(info.Env(), static_cast<double>(r));
+}
+
+// setStatusFlags(fd, flags): O_APPEND, O_NONBLOCK... of the description.
+Napi::Value SetStatusFlags(const Napi::CallbackInfo& info) {
+  if (fcntl(Int(info[0]), F_SETFL, Int(info[1]))) ThrowErrno(info.Env(), "fcntl F_SETFL", errno);
+  return info.Env().Undefined();
+}
+
+// listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only}) -> fd
+Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto o = info[0].As<Napi::Object>();
+  int family = Int(o.Get("family")), type = Int(o.Get("type"));
+  std::string address = o.Get("address").As<Napi::String>().Utf8Value();
+  int port = Int(o.Get("port")), backlog = Int(o.Get("backlog"));
+  int fd = socket(family, type | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    ThrowErrno(env, "socket", errno);
+    return env.Undefined();
+  }
+  int one = 1;
+  if (o.Get("reuseaddr").ToBoolean()) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (o.Get("reuseport").ToBoolean()) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  if (family == AF_INET6) {
+    int v6 = o.Get("v6only").ToBoolean() ? 1 : 0;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6, sizeof v6);
+  }
+  int rc;
+  std::string what = address + ":" + std::to_string(port);
+  if (family == AF_INET) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, address.c_str(), &a.sin_addr);
+    rc = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  } else if (family == AF_INET6) {
+    sockaddr_in6 a{};
+    a.sin6_family = AF_INET6;
+    a.sin6_port = htons(port);
+    inet_pton(AF_INET6, address.c_str(), &a.sin6_addr);
+    rc = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  } else {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    what = address;
+    // "@name" is an abstract address, as /proc/net/unix shows it.
+    std::string path = address;
+    if (!path.empty() && path[0] == '@') path[0] = '\0';
+    else unlink(path.c_str());  // the old socket file of the image's process
+    std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
+    rc = bind(fd, reinterpret_cast<sockaddr*>(&a),
+              static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
+  }
+  if (rc || listen(fd, backlog > 0 ? backlog : SOMAXCONN)) {
+    int e = errno;
+    close(fd);
+    ThrowErrno(env, "listening on " + what, e);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
+// --- SysV
+
+class Tables {
+ public:
+  explicit Tables(const std::string& path) : h_(appshot_table_open(path.c_str())) {}
+  ~Tables() { appshot_table_close(h_); }
+  appshot_header* h() const { return h_; }
+
+ private:
+  appshot_header* h_;
+};
+
+// Creates an object for a virtual key: a fresh system key of this AID's
+// (as the preload library would make), or IPC_PRIVATE. `get` is semget,
+// shmget or msgget with its size argument bound. Binds the key and the id.
+template <typename Get>
+int CreateBound(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, int32_t vid,
+                int32_t vkey, Get get) {
+  sigset_t saved;
+  if (appshot_lock(h, &saved)) return -1;
+  int sid = -1;
+  if (vkey == IPC_PRIVATE) {
+    sid = get(IPC_PRIVATE);
+  } else {
+    for (uint32_t attempt = 0; attempt < 64; attempt++) {
+      int32_t skey = appshot_system_key(h, vkey, attempt);
+      sid = get(skey);
+      if (sid < 0 && errno == EEXIST) continue;
+      if (sid >= 0 && appshot_bind_locked(h, key_kind, vkey, skey, 0, 0)) {
+        int e = errno;
+        appshot_unlock(h, &saved);
+        errno = e;
+        return -2 - sid;  // caller removes it
+      }
+      break;
+    }
+  }
+  if (sid >= 0 && appshot_bind_locked(h, id_kind, vid, sid, 0, 0)) {
+    int e = errno;
+    appshot_unlock(h, &saved);
+    errno = e;
+    return -2 - sid;
+  }
+  int e = errno;
+  appshot_unlock(h, &saved);
+  errno = e;
+  return sid;
+}
+
+// restoreSem(tablesPath, vid, vkey, mode, values[]) -> system id
+Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Tables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.h()) {
+    ThrowErrno(env, "opening tables", errno);
+    return env.Undefined();
+  }
+  int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
+  auto arr = info[4].As<Napi::Array>();
+  std::vector<unsigned short> values(arr.Length());
+  for (uint32_t i = 0; i < arr.Length(); i++) values[i] = static_cast<unsigned short>(Int(arr.Get(i)));
+  int sid = CreateBound(t.h(), APPSHOT_SEMID, APPSHOT_SEMKEY, vid, vkey, [&](key_t k) {
+    return semget(k, static_cast<int>(values.size()), IPC_CREAT | IPC_EXCL | mode);
+  });
+  if (sid < -1) {
+    semctl(-2 - sid, 0, IPC_RMID);
+    sid = -1;
+  }
+  union semun { int val; struct semid_ds* buf; unsigned short* array; } arg;
+  arg.array = values.data();
+  if (sid < 0 || (values.size() && semctl(sid, 0, SETALL, arg))) {
+    int e = errno;
+    if (sid >= 0) semctl(sid, 0, IPC_RMID);
+    ThrowErrno(env, "restoring semaphore set " + std::to_string(vid), e);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, sid);
+}
+
+// restoreShm(tablesPath, vid, vkey, mode, size, data: Buffer) -> system id
+Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Tables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.h()) {
+    ThrowErrno(env, "opening tables", errno);
+    return env.Undefined();
+  }
+  int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
+  size_t size = static_cast<size_t>(info[4].As<Napi::Number>().Int64Value());
+  auto data = info[5].As<Napi::Buffer<uint8_t>>();
+  int sid = CreateBound(t.h(), APPSHOT_SHMID, APPSHOT_SHMKEY, vid, vkey,
+                        [&](key_t k) { return shmget(k, size, IPC_CREAT | IPC_EXCL | mode); });
+  if (sid < -1) {
+    shmctl(-2 - sid, IPC_RMID, nullptr);
+    sid = -1;
+  }
+  void* at = sid >= 0 ? shmat(sid, nullptr, 0) : reinterpret_cast<void*>(-1);
+  if (at == reinterpret_cast<void*>(-1)) {
+    int e = errno;
+    if (sid >= 0) shmctl(sid, IPC_RMID, nullptr);
+    ThrowErrno(env, "restoring shared memory segment " + std::to_string(vid), e);
+    return env.Undefined();
+  }
+  std::memcpy(at, data.Data(), std::min(data.Length(), size));
+  shmdt(at);
+  return Napi::Number::New(env, sid);
+}
+
+// restoreMsg(tablesPath, vid, vkey, mode, qbytes, messages: [{type, data}]) -> system id
+Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Tables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.h()) {
+    ThrowErrno(env, "opening tables", errno);
+    return env.Undefined();
+  }
+  int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
+  int sid = CreateBound(t.h(), APPSHOT_MSGID, APPSHOT_MSGKEY, vid, vkey,
+                        [&](key_t k) { return msgget(k, IPC_CREAT | IPC_EXCL | mode); });
+  if (sid < -1) {
+    msgctl(-2 - sid, IPC_RMID, nullptr);
+    sid = -1;
+  }
+  auto fail = [&](const char* what) {
+    int e = errno;
+    if (sid >= 0) msgctl(sid, IPC_RMID, nullptr);
+    ThrowErrno(env, std::string(what) + " of message queue " + std::to_string(vid), e);
+    return env.Undefined();
+  };
+  if (sid < 0) return fail("creating");
+  struct msqid_ds ds;
+  if (msgctl(sid, IPC_STAT, &ds) == 0) {
+    ds.msg_qbytes = static_cast<msglen_t>(info[4].As<Napi::Number>().Int64Value());
+    msgctl(sid, IPC_SET, &ds);
+  }
+  auto messages = info[5].As<Napi::Array>();
+  for (uint32_t i = 0; i < messages.Length(); i++) {
+    auto m = messages.Get(i).As<Napi::Object>();
+    auto data = m.Get("data").As<Napi::Buffer<uint8_t>>();
+    std::vector<uint8_t> buf(sizeof(long) + data.Length());
+    long type = m.Get("type").As<Napi::Number>().Int64Value();
+    std::memcpy(buf.data(), &type, sizeof type);
+    std::memcpy(buf.data() + sizeof type, data.Data(), data.Length());
+    if (msgsnd(sid, buf.data(), data.Length(), IPC_NOWAIT)) return fail("refilling");
+  }
+  return Napi::Number::New(env, sid);
+}
+
+// writePages(pid, fd, fileOffset, addr, length): copies page data from an
+// image's page file into a stopped process. The file is mapped and handed
+// to process_vm_writev, so each byte is copied once, page cache to process.
+Napi::Value WritePages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t pid = Int(info[0]);
+  int fd = Int(info[1]);
+  bool lossless;
+  uint64_t off = static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value());
+  uint64_t addr = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  uint64_t len = static_cast<uint64_t>(info[4].As<Napi::Number>().Int64Value());
+  const uint64_t chunk = 64ull << 20;
+  for (uint64_t done = 0; done < len;) {
+    uint64_t n = std::min(chunk, len - done);
+    void* src = mmap(nullptr, n, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, static_cast<off_t>(off + done));
+    if (src == MAP_FAILED) {
+      ThrowErrno(env, "mapping page data", errno);
+      return env.Undefined();
+    }
+    struct iovec local = {src, n}, remote = {reinterpret_cast<void*>(addr + done), n};
+    ssize_t w = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+    int e = errno;
+    munmap(src, n);
+    if (w != static_cast<ssize_t>(n)) {
+      ThrowErrno(env, "writing memory of process " + std::to_string(pid), w < 0 ? e : EIO);
+      return env.Undefined();
+    }
+    done += n;
+  }
+  return env.Undefined();
+}
+
+}  // namespace
+
+namespace appshot {
+
+void RegisterRestore(Napi::Env env, Napi::Object exports) {
+  auto fn = [&](const char* name, Napi::Value (*f)(const Napi::CallbackInfo&)) {
+    exports.Set(name, Napi::Function::New(env, f, name));
+  };
+  fn("pipe", Pipe);
+  fn("writePages", WritePages);
+  fn("eventfd", EventFd);
+  fn("memfd", MemFd);
+  fn("lseek", Lseek);
+  fn("setStatusFlags", SetStatusFlags);
+  fn("listenSocket", ListenSocket);
+  fn("restoreSem", RestoreSem);
+  fn("restoreShm", RestoreShm);
+  fn("restoreMsg", RestoreMsg);
+}
+
+}  // namespace appshot

@@ -1,0 +1,449 @@
+/**
+ * The restore driver (FIG. 6): verify the image and this node, then
+ * recreate global state (SysV objects, shared memory), then the process
+ * tree, each process in isolation until all are ready, bind the virtual ids
+ * to the new system ids, and resume everything together.
+ *
+ * Processes are made from seeds: appshot-init forks one per process whose
+ * parent was init, and every other process is forked from its restored
+ * parent's seed, so parents, process groups and sessions come out as they
+ * were. Each seed is then emptied and refilled from the image with system
+ * calls run inside it. A failure at any step kills every process made so
+ * far; init then removes the tables, the SysV objects and the registration.
+ */
+import { spawn } from 'node:child_process';
+import { closeSync, constants as fs, fstatSync, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { AppshotError, ExitCode } from '../errors.js';
+import { type LoadedImage, loadImage, PARTS } from '../image/format.js';
+import { type Fd, FdKind, type Image, type Process } from '../image/types.js';
+import { addon, paths } from '../native.js';
+import { readStat } from '../procfs.js';
+import { type AppRecord, checkAid, type LocalRegistry } from '../registry.js';
+import { restoreFds } from '../resources/files.js';
+import { freeAddress, readSmaps, restoreMemory } from '../resources/memory.js';
+import { restoreProcessState } from '../resources/process.js';
+import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { createThread, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { resolveProcess } from '../snapshot/parent.js';
+import { RemoteProcess, SYS } from './remote.js';
+import { verifyImage } from './verify.js';
+
+const THREAD_FLAG = 0x2;
+const O_ACCMODE = 3;
+
+export interface RestoreOptions {
+  aid?: string;
+  lazy: boolean;
+}
+
+export interface RestoreResult {
+  aid: string;
+  image: string;
+  processes: number;
+  threads: number;
+  initPid: number;
+  /** The restore's own time: from the verified image to the resumed app. */
+  restoreMs: number;
+  verifyMs: number;
+  lazy: boolean;
+}
+
+const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
+
+/** The image and its parents, newest first. */
+async function loadChain(path: string): Promise<LoadedImage[]> {
+  const chain = [await loadImage(path)];
+  try {
+    for (;;) {
+      const parent = chain[chain.length - 1].image.parent;
+      if (!parent) return chain;
+      const loaded = await loadImage(parent.path).catch((e: Error) => {
+        throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
+      });
+      chain.push(loaded);
+      if (loaded.manifest.imageId !== parent.imageId)
+        throw new AppshotError(`the image's parent ${parent.path} is not the image it was taken against (it was replaced)`);
+    }
+  } catch (e) {
+    for (const l of chain) l.dispose();
+    throw e;
+  }
+}
+
+/** Starts the application's init with `count` seeds; returns their PIDs. */
+async function startInit(record: AppRecord, count: number): Promise<{ initPid: number; seeds: number[] }> {
+  const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
+  const init = spawn(paths.init, ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--seeds', String(count)], {
+    stdio: ['ignore', log, log, 'pipe'],
+    detached: true,
+  });
+  closeSync(log);
+  if (init.pid === undefined) throw new AppshotError(`cannot start ${paths.init}`);
+  const seeds: number[] = [];
+  const lines = createInterface({ input: init.stdio[3] as NodeJS.ReadableStream });
+  for await (const line of lines) {
+    const [tag, a] = line.split(' ');
+    if (tag === 'C') seeds.push(Number(a));
+    if (tag === 'S') break;
+  }
+  lines.close();
+  (init.stdio[3] as unknown as { destroy(): void }).destroy();
+  init.unref();
+  if (seeds.length !== count) throw new AppshotError('the application supervisor died while starting');
+  return { initPid: init.pid, seeds };
+}
+
+/** Descriptors made here and handed to the restored processes. */
+class Handover {
+  private readonly mine: number[] = [];
+  private readonly pipes = new Map<number, { read: number; write: number }>();
+  private readonly sockets = new Map<bigint, number>();
+  private readonly shared = new Map<number, number>();
+
+  constructor(
+    private readonly image: Image,
+    private readonly pagesFd: number,
+    private readonly logPath: string,
+  ) {}
+
+  private keep(fd: number): number {
+    this.mine.push(fd);
+    return fd;
+  }
+
+  /** Bytes of a PageRef's runs, each written at its page in `fd`. */
+  private copyRuns(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
+    if (!ref) return;
+    let at = Number(ref.offset);
+    const buf = Buffer.alloc(1 << 20);
+    for (let i = 0; i < ref.runs.length; i += 2) {
+      let pos = ref.runs[i] * 4096;
+      let left = ref.runs[i + 1] * 4096;
+      while (left > 0) {
+        const n = readSync(this.pagesFd, buf, 0, Math.min(left, buf.length), at);
+        if (n <= 0) throw new AppshotError('corrupt image: page data ends early');
+        writeSync(fd, buf, 0, n, pos);
+        at += n;
+        pos += n;
+        left -= n;
+      }
+    }
+  }
+
+  sharedMemory(index: number): number {
+    let fd = this.shared.get(index);
+    if (fd === undefined) {
+      const obj = this.image.sharedMemory[index];
+      fd = this.keep(addon().memfd(`appshot-shared-${index}`, Number(obj.size)));
+      this.copyRuns(fd, obj.pages);
+      this.shared.set(index, fd);
+    }
+    return fd;
+  }
+
+  private log(): number {
+    return this.keep(openSync(this.logPath, fs.O_WRONLY | fs.O_APPEND | fs.O_CREAT, 0o600));
+  }
+
+  private devNull(flags: number): number {
+    return this.keep(openSync('/dev/null', flags & O_ACCMODE));
+  }
+
+  private pipe(index: number, fd: Fd): number {
+    const users = this.image.processes.flatMap((p) => p.fds.filter((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
+    // A pipe whose other end was outside the application (the terminal's
+    // shell, a test harness) has no one there any more: its writers write
+    // to the application's log, its readers read nothing.
+    if (fd.writeEnd && !users.some((f) => !f.writeEnd)) return this.log();
+    if (!fd.writeEnd && !users.some((f) => f.writeEnd)) return this.devNull(fd.flags);
+    let p = this.pipes.get(index);
+    if (!p) {
+      const pipe = this.image.pipes[index];
+      if (pipe.fifoPath) {
+        const rw = this.keep(openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
+        p = { read: this.keep(openSync(`/proc/self/fd/${rw}`, fs.O_RDONLY | fs.O_NONBLOCK)), write: this.keep(openSync(`/proc/self/fd/${rw}`, fs.O_WRONLY | fs.O_NONBLOCK)) };
+      } else {
+        const [r, w] = addon().pipe();
+        p = { read: this.keep(r), write: this.keep(w) };
+      }
+      if (pipe.data.length) writeSync(p.write, pipe.data);
+      this.pipes.set(index, p);
+    }
+    const end = fd.writeEnd ? p.write : p.read;
+    addon().setStatusFlags(end, fd.flags);
+    return end;
+  }
+
+  private deletedFile(fd: Fd): number {
+    const id = this.image.files[fd.file];
+    const dir = dirname(id.path);
+    let path = join(dir, `.appshot-restored-${process.pid}-${fd.fd}`);
+    let tmp: number;
+    try {
+      tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
+    } catch {
+      path = join('/tmp', `.appshot-restored-${process.pid}-${fd.fd}`);
+      tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
+    }
+    try {
+      this.copyRuns(tmp, id.contents);
+      const f = this.keep(openSync(path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+      addon().lseek(f, 0);
+      return f;
+    } finally {
+      closeSync(tmp);
+      unlinkSync(path);
+    }
+  }
+
+  /** A descriptor of ours for image fd `fd` of process `p`. */
+  open(p: Process, fd: Fd): number {
+    const plain = fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC);
+    let got: number;
+    switch (fd.kind) {
+      case FdKind.FILE:
+        if (this.image.logPath && fd.path === this.image.logPath) got = this.log();
+        else if (this.image.files[fd.file]?.deleted) got = this.deletedFile(fd);
+        else got = this.keep(openSync(fd.path, plain));
+        if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
+        return got;
+      case FdKind.DEVICE:
+        // A terminal does not travel: output goes to the log.
+        if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? this.devNull(fd.flags) : this.log();
+        return this.keep(openSync(fd.path, plain));
+      case FdKind.PIPE:
+      case FdKind.FIFO:
+        return this.pipe(fd.pipe, fd);
+      case FdKind.TCP_LISTEN:
+      case FdKind.UNIX_SOCKET: {
+        const s = fd.socket!;
+        let sock = this.sockets.get(s.ino);
+        if (sock === undefined) {
+          try {
+            sock = this.keep(addon().listenSocket(s));
+          } catch (e) {
+            throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}`, ExitCode.conflict);
+          }
+          addon().setStatusFlags(sock, fd.flags);
+          this.sockets.set(s.ino, sock);
+        }
+        return sock;
+      }
+      case FdKind.EVENTFD: {
+        const e = this.keep(addon().eventfd(Number(fd.eventfdCount), fd.eventfdSemaphore ? 1 : 0));
+        addon().setStatusFlags(e, fd.flags);
+        return e;
+      }
+    }
+    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot restore a descriptor of kind ${fd.kind}`);
+  }
+
+  /** Gives our `fd` to the remote process: pidfd_getfd run inside it. */
+  transfer(r: RemoteProcess, fd: number): number {
+    const pidfd = Number(r.call('pidfd_open', SYS.pidfd_open, [process.pid, 0]));
+    try {
+      return Number(r.call('pidfd_getfd', SYS.pidfd_getfd, [pidfd, fd, 0]));
+    } finally {
+      r.call('closing', SYS.close, [pidfd]);
+    }
+  }
+
+  close(): void {
+    for (const fd of this.mine.splice(0))
+      try {
+        closeSync(fd);
+      } catch {
+        /* closed already */
+      }
+  }
+}
+
+interface Made {
+  proc: Process;
+  pid: number;
+  tids: number[];
+}
+
+export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
+  const started = now();
+  const chain = await loadChain(imagePath);
+  const { image, dir } = chain[0];
+  let record: AppRecord | undefined;
+  const made: Made[] = [];
+  const seeds: number[] = [];
+  const pageFds = chain.map((l) => openSync(join(l.dir, PARTS.pages), 'r'));
+  const handover = new Handover(image, pageFds[0], '');
+  let handoverLog: Handover = handover;
+  try {
+    verifyImage(image);
+    const verified = now();
+    const aid = opts.aid ?? image.aid;
+    checkAid(aid);
+    record = reg.register(aid, (stateDir) => ({
+      command: image.command,
+      cwd: image.processes[0]?.cwd ?? '/',
+      createdAt: new Date().toISOString(),
+      detached: true,
+      harnessPid: process.pid,
+      harnessStartTime: readStat(process.pid)?.startTime,
+      logPath: join(stateDir, 'log'),
+    }));
+    handoverLog = new Handover(image, pageFds[0], record.logPath!);
+    const tables = record.tables;
+
+    // Global state first (step 308).
+    const shmIds = new Map<number, number>();
+    for (const s of image.semaphores) addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values);
+    for (const s of image.shmSegments) {
+      const data = Buffer.alloc(Number(s.size));
+      if (s.contents?.runs.length) readSync(pageFds[0], data, 0, data.length, Number(s.contents.offset));
+      shmIds.set(s.vid, addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data));
+    }
+    for (const q of image.msgQueues)
+      addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data })));
+
+    // The tree: roots are the processes whose parent was init (or is gone).
+    const vpids = new Set(image.processes.map((p) => p.vpid));
+    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
+    const started2 = await startInit(record, roots.length);
+    seeds.push(...started2.seeds);
+    record.initPid = started2.initPid;
+    record.initStartTime = readStat(started2.initPid)?.startTime;
+    reg.update(record);
+
+    const seize = (pid: number) => {
+      addon().seize(pid);
+      addon().interrupt(pid);
+      const r = addon().wait(pid, 10_000);
+      if (!r || r.kind !== 'stop') throw new AppshotError(`seed ${pid} did not stop (${r?.kind ?? 'timeout'})`);
+    };
+    const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
+    for (const m of queue) seize(m.pid);
+    const xstate = addon().getXstate(queue[0].pid).length;
+    if (image.node.xstateSize && xstate !== image.node.xstateSize)
+      throw new AppshotError(`this CPU's FPU state is ${xstate} bytes, the image's ${image.node.xstateSize}: a different CPU model`);
+    const sysPid = new Map<number, number>();
+    while (queue.length) {
+      const m = queue.shift()!;
+      made.push(m);
+      sysPid.set(m.proc.vpid, m.pid);
+      addon().bind(tables, 'pid', m.proc.vpid, m.pid);
+      const r = new RemoteProcess(m.pid);
+      if (m.proc.vsid === m.proc.vpid) r.call('setsid', SYS.setsid, []);
+      else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
+      else if (sysPid.has(m.proc.vpgid)) r.call('setpgid', SYS.setpgid, [0, sysPid.get(m.proc.vpgid)!]);
+      for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) {
+        const pid = Number(r.call('fork', SYS.fork, []));
+        const rep = addon().wait(pid, 10_000);
+        if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
+        queue.push({ proc: child, pid, tids: [] });
+      }
+    }
+
+    const chainImages = chain.map((l) => l.image);
+    const memory = {
+      pageFds,
+      pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
+      lazy: opts.lazy,
+      sharedFd: (i: number) => handoverLog.sharedMemory(i),
+      shmSystemId: (vid: number) => {
+        const sid = shmIds.get(vid);
+        if (sid === undefined) throw new AppshotError(`the image maps SysV segment ${vid}, which it does not hold`);
+        return sid;
+      },
+      tables: { old: image.tablesPath, new: tables },
+      transfer: (r: RemoteProcess, fd: number) => handoverLog.transfer(r, fd),
+      inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+    };
+    for (const m of made) {
+      const p = m.proc;
+      const r = new RemoteProcess(m.pid);
+      unregisterRseq(r, m.pid);
+      const used = [...p.vmas, ...readSmaps(m.pid)];
+      r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      restoreMemory(r, p.vmas, p.vpid, memory);
+      restoreProcessState(r, p);
+      restoreSigactions(r, p.sigactions);
+      restoreFds(r, p, handoverLog);
+      // Every signal blocked until the registers are the thread's own.
+      addon().setSigmask(m.pid, ~0n);
+      m.tids = [m.pid];
+      for (let i = 1; i < p.threads.length; i++) {
+        const tid = createThread(r);
+        addon().setSigmask(tid, ~0n);
+        m.tids.push(tid);
+      }
+      p.threads.forEach((t, i) => {
+        const tid = m.tids[i];
+        if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
+        restoreThreadState(r, t, tid, p.glibcTidOffset);
+        requeueSignals(r, t.pending, tid);
+      });
+      requeueSignals(r, p.sharedPending, 0);
+      r.unmapScratch();
+      p.threads.forEach((t, i) => {
+        addon().setSigmask(m.tids[i], t.sigmask);
+        addon().setRegs(m.tids[i], resumeRegisters(t.regs));
+      });
+    }
+    handoverLog.close();
+
+    // Synchronized resume (steps 330–332): nothing of the restore remains
+    // in the processes; all go at once.
+    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    const done = now();
+    return {
+      aid,
+      image: imagePath,
+      processes: made.length,
+      threads: made.reduce((n, m) => n + m.tids.length, 0),
+      initPid: record.initPid,
+      restoreMs: done - verified,
+      verifyMs: verified - started,
+      lazy: opts.lazy,
+    };
+  } catch (e) {
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
+    handover.close();
+    handoverLog.close();
+    for (const m of made) try {
+      process.kill(m.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    for (const pid of seeds) try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    if (record) await waitGone(reg, record);
+    if (e instanceof AppshotError) throw new AppshotError(`cannot restore ${imagePath}: ${e.message}`, e.exitCode);
+    throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
+  } finally {
+    for (const fd of pageFds) closeSync(fd);
+    for (const l of chain) l.dispose();
+    void dir;
+    void fstatSync;
+  }
+}
+
+/** After a failure: init sees its last process go and removes the tables,
+ * SysV objects and registration; if init never started, do it here. */
+async function waitGone(reg: LocalRegistry, record: AppRecord): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    // Reap our tracees' exit reports.
+    while (addon().wait(-1, 0)) {
+      /* drain */
+    }
+    const r = reg.get(record.aid);
+    if (!r) return;
+    if (!r.initPid || reg.isStale(r)) {
+      reg.release(r);
+      return;
+    }
+    await sleep(25);
+  }
+}

@@ -1,0 +1,140 @@
+/**
+ * A process being restored, driven from outside: every change is a system
+ * call run inside it (trace.c injects them from a `syscall` instruction of
+ * its vDSO), with arguments that point into a scratch mapping of ours at an
+ * address the image does not use, unmapped again at the end.
+ */
+import { readFileSync } from 'node:fs';
+import { constants } from 'node:os';
+import { addon } from '../native.js';
+
+export const SYS = {
+  read: 0,
+  write: 1,
+  open: 2,
+  close: 3,
+  lseek: 8,
+  mmap: 9,
+  mprotect: 10,
+  munmap: 11,
+  brk: 12,
+  rt_sigaction: 13,
+  mremap: 25,
+  shmat: 30,
+  dup2: 33,
+  fork: 57,
+  clone: 56,
+  fcntl: 72,
+  chdir: 80,
+  umask: 95,
+  setpgid: 109,
+  setsid: 112,
+  rt_sigqueueinfo: 129,
+  sigaltstack: 131,
+  prctl: 157,
+  set_tid_address: 218,
+  epoll_ctl: 233,
+  set_robust_list: 273,
+  epoll_create1: 291,
+  dup3: 292,
+  rt_tgsigqueueinfo: 297,
+  prlimit64: 302,
+  rseq: 334,
+  pidfd_open: 434,
+  close_range: 436,
+  pidfd_getfd: 438,
+} as const;
+
+const errnoName = new Map(Object.entries(constants.errno).map(([k, v]) => [v, k]));
+
+export class SyscallError extends Error {
+  constructor(
+    readonly call: string,
+    readonly errno: number,
+  ) {
+    super(`${call} failed: ${errnoName.get(errno) ?? `errno ${errno}`}`);
+  }
+}
+
+const SCRATCH_SIZE = 1 << 16;
+
+export class RemoteProcess {
+  private insn = 0n;
+  scratch = 0n;
+  private used = 0;
+
+  constructor(readonly pid: number) {
+    this.findSyscall();
+  }
+
+  /** The `syscall` instruction to run calls from: in the vDSO, wherever it
+   * is now (it moves during a restore). */
+  findSyscall(): void {
+    const line = readFileSync(`/proc/${this.pid}/maps`, 'utf8')
+      .split('\n')
+      .find((l) => l.endsWith('[vdso]'));
+    if (!line) throw new Error(`process ${this.pid} has no vDSO`);
+    const [start, end] = line.split(' ')[0].split('-').map((x) => BigInt('0x' + x));
+    const code = addon().readMemory(this.pid, start, Number(end - start));
+    const at = code.indexOf(Buffer.from([0x0f, 0x05]));
+    if (at < 0) throw new Error('no syscall instruction in the vDSO');
+    this.insn = start + BigInt(at);
+  }
+
+  /** Runs a system call; returns its raw result. */
+  raw(nr: number, args: (bigint | number)[], tid = this.pid): bigint {
+    return addon().inject(tid, this.insn, nr, args);
+  }
+
+  /** Runs a system call and throws a SyscallError naming `what` on failure. */
+  call(what: string, nr: number, args: (bigint | number)[], tid = this.pid): bigint {
+    const r = this.raw(nr, args, tid);
+    if (r < 0n && r > -4096n) throw new SyscallError(what, Number(-r));
+    return r;
+  }
+
+  /** Maps the scratch area at `addr` (chosen free in the image and here). */
+  mapScratch(addr: bigint): void {
+    const PROT_RW = 3;
+    const MAP_PRIVATE_ANON_FIXED_NOREPLACE = 0x02 | 0x20 | 0x100000;
+    const got = this.call('mapping scratch memory', SYS.mmap, [addr, SCRATCH_SIZE, PROT_RW, MAP_PRIVATE_ANON_FIXED_NOREPLACE, -1, 0]);
+    this.scratch = got;
+    this.used = 0;
+  }
+
+  unmapScratch(): void {
+    if (this.scratch) this.call('unmapping scratch memory', SYS.munmap, [this.scratch, SCRATCH_SIZE]);
+    this.scratch = 0n;
+  }
+
+  /** Frees everything put so far. */
+  reset(): void {
+    this.used = 0;
+  }
+
+  /** Copies bytes into scratch memory; returns their address there. */
+  put(data: Buffer): bigint {
+    const at = (this.used + 15) & ~15;
+    if (at + data.length > SCRATCH_SIZE) throw new Error('scratch memory exhausted');
+    addon().writeMemory(this.pid, this.scratch + BigInt(at), data);
+    this.used = at + data.length;
+    return this.scratch + BigInt(at);
+  }
+
+  str(s: string): bigint {
+    return this.put(Buffer.from(s + '\0'));
+  }
+
+  u64s(values: bigint[]): Buffer {
+    const b = Buffer.alloc(values.length * 8);
+    values.forEach((v, i) => b.writeBigUInt64LE(BigInt.asUintN(64, v), i * 8));
+    return b;
+  }
+
+  /** Reads back `length` bytes at a scratch address. */
+  get(addr: bigint, length: number): Buffer {
+    return addon().readMemory(this.pid, addr, length);
+  }
+
+  static readonly scratchSize = SCRATCH_SIZE;
+}

@@ -1,0 +1,44 @@
+/**
+ * Can this node run the image (step 1 of a restore, before anything is
+ * touched)? The same architecture and vDSO layout, and every file the
+ * image maps identical to the one it mapped: a library that differs would
+ * run the restored code against the wrong bytes.
+ */
+import { existsSync, statSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
+import { FdKind, type Image, VmaKind } from '../image/types.js';
+import { addon } from '../native.js';
+import { readSmaps } from '../resources/memory.js';
+
+export function verifyImage(image: Image): void {
+  const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
+  if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
+  let vdso = 0n;
+  let vvar = 0n;
+  for (const l of readSmaps(process.pid)) {
+    if (l.path === '[vdso]') vdso += l.end - l.start;
+    if (l.path === '[vvar]' || l.path === '[vvar_vclock]') vvar += l.end - l.start;
+  }
+  if (vdso !== image.node.vdsoSize || vvar !== image.node.vvarSize)
+    throw new AppshotError(
+      `this kernel's vDSO layout (vdso ${vdso} bytes, vvar ${vvar}) differs from the image's (${image.node.vdsoSize}, ${image.node.vvarSize}): kernel ${image.node.kernel} is needed`,
+    );
+
+  const mapped = new Set<number>();
+  for (const p of image.processes) for (const v of p.vmas) if (v.file >= 0 && (v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED)) mapped.add(v.file);
+  for (const i of mapped) {
+    const f = image.files[i];
+    if (f.path === image.tablesPath) continue; // replaced by the new tables
+    if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
+    const st = statSync(f.path, { bigint: true });
+    if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
+    if (f.crc32c && addon().crc32cFile(f.path).crc !== f.crc32c)
+      throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
+  }
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (fd.kind !== FdKind.FILE || fd.path === image.logPath) continue;
+      const f = image.files[fd.file];
+      if (f && !f.deleted && !existsSync(f.path)) throw new AppshotError(`${f.path}, which process ${p.vpid} holds open as fd ${fd.fd}, is missing on this node`);
+    }
+}
