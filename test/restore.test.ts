@@ -1,0 +1,218 @@
+/**
+ * Round trips through snapshot and restore on real programs that check
+ * their own state and print a verdict, and restores that must fail
+ * cleanly. The fixture (snapfix.c) goes on checking itself after every
+ * restore: its counter, threads, shared memory, SysV objects, signals, file
+ * offsets and listening socket.
+ */
+import { connect } from 'node:net';
+import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+const logOf = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
+
+async function checksPass(aid: string, n = 12): Promise<void> {
+  const from = lastCheck(aid);
+  await waitFor(() => lastCheck(aid) >= from + n || /FAIL/.test(logOf(aid)), 15_000, `${n} more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+
+function start(aid: string, args: string[]): void {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...args]);
+  if (r.code !== 0) throw new Error(r.stderr);
+}
+
+function pidOf(aid: string, vpid: number): number {
+  return sb.json<Json>(['ps', aid])[0].processes.find((p: Json) => p.vpid === vpid).pid;
+}
+
+function snapshot(aid: string, name: string, extra: string[] = []): string {
+  const dest = join(out, name);
+  const r = sb.run(['snapshot', aid, '-o', dest, ...extra]);
+  if (r.code !== 0) throw new Error(`snapshot failed: ${r.stderr}`);
+  return dest;
+}
+
+function restore(image: string, extra: string[] = []): Json {
+  const r = sb.run(['restore', image, '--json', ...extra]);
+  if (r.code !== 0) throw new Error(`restore failed: ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+function hello(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = connect(port, '127.0.0.1');
+    let data = '';
+    s.on('data', (d) => (data += d));
+    s.on('end', () => resolve(data));
+    s.on('error', reject);
+  });
+}
+
+describe('snapshot → restore of a program with one of each resource', () => {
+  const aid = 'rt';
+  let port = 0;
+
+  it('continues where it was: counter, threads, memory, SysV, signals, files', async () => {
+    start(aid, [fixture('snapfix'), '0', '8']);
+    await waitFor(() => lastCheck(aid) >= 12, 10_000);
+    port = Number(/READY port=(\d+)/.exec(logOf(aid))![1]);
+    const before = lastCheck(aid);
+    const image = snapshot(aid, 'rt1');
+    expect(sb.aids()).not.toContain(aid);
+    const r = restore(image);
+    expect(r).toMatchObject({ aid, processes: 2, threads: 5 });
+    await checksPass(aid);
+    // The restored log goes on from the snapshot's count (taken a moment
+    // after `before` was read), not from 1.
+    const resumed = Number(/^CHECK (\d+)$/m.exec(logOf(aid))![1]);
+    expect(resumed).toBeGreaterThan(before);
+    expect(resumed).toBeLessThanOrEqual(before + 10);
+    const ps = sb.json<Json>(['ps', aid])[0].processes;
+    expect(ps.map((p: Json) => p.vpid).sort()).toEqual([1, 2, 3]);
+    expect(ps.find((p: Json) => p.vpid === 2).threads).toBe(4);
+  });
+
+  it('accepts connections on its listening socket again', async () => {
+    expect(await hello(port)).toBe('hello\n');
+  });
+
+  it('pthread_kill, raise and the SysV objects work through the same ids', async () => {
+    process.kill(pidOf(aid, 2), 'SIGHUP');
+    await waitFor(() => /EXERCISED/.test(logOf(aid)) || /FAIL/.test(logOf(aid)), 5000, 'the exercise');
+    expect(logOf(aid)).not.toMatch(/FAIL/);
+    await checksPass(aid, 3);
+  });
+
+  it('delivers the data that was in flight in the pipe between the processes', async () => {
+    process.kill(pidOf(aid, 3), 'SIGUSR1');
+    await waitFor(() => /CHILD GOT/.test(logOf(aid)), 5000, 'the child to read');
+    expect(logOf(aid)).toMatch(/^CHILD GOT in-flight-data$/m);
+  });
+
+  it('survives snapshot → restore five times in a row, and stays a normal application', async () => {
+    for (let i = 0; i < 5; i++) {
+      restore(snapshot(aid, `rt-round-${i}`));
+      await checksPass(aid, 3);
+    }
+    expect(await hello(port)).toBe('hello\n');
+    await checksPass(aid, 10);
+    // Incremental on top of a restored app, then restored.
+    snapshot(aid, 'rt-base', ['--leave-running']);
+    const incr = snapshot(aid, 'rt-incr');
+    expect(sb.json<Json>(['inspect', incr]).parent.path).toBe(join(out, 'rt-base'));
+    restore(incr);
+    await checksPass(aid);
+  });
+});
+
+describe('two restores of one image at once', () => {
+  it('run independently under two AIDs with their own ids', async () => {
+    start('twin', [fixture('snapfix'), '-1', '2']);
+    await waitFor(() => lastCheck('twin') >= 3, 10_000);
+    const image = snapshot('twin', 'twin', ['--leave-running']);
+    // The original keeps its system PIDs and IPC ids: the copies get new ones.
+    restore(image, ['--aid', 'twin-a']);
+    restore(image, ['--aid', 'twin-b']);
+    await Promise.all(['twin', 'twin-a', 'twin-b'].map((a) => checksPass(a, 5)));
+    const tables = ['twin', 'twin-a', 'twin-b'].map((a) => sb.json<Json>(['table', a]).tables);
+    const sems = tables.map((t) => t.semid[0]);
+    expect(new Set(sems.map((s: Json) => s.virtual)).size).toBe(1);
+    expect(new Set(sems.map((s: Json) => s.system)).size).toBe(3);
+    const mains = tables.map((t) => t.pid.find((e: Json) => e.virtual === 2).system);
+    expect(new Set(mains).size).toBe(3);
+    // One copy's SysV exercise does not disturb the others' checks.
+    process.kill(pidOf('twin-a', 2), 'SIGHUP');
+    await waitFor(() => /EXERCISED/.test(logOf('twin-a')), 5000);
+    await Promise.all(['twin', 'twin-a', 'twin-b'].map((a) => checksPass(a, 3)));
+  });
+});
+
+describe('restores that fail leave nothing behind', () => {
+  let image = '';
+
+  const nothingLeft = async (aid: string, ipcBefore: ReturnType<typeof systemIpcIds>) => {
+    await waitFor(() => !sb.aids().includes(aid), 5000, 'the registration to go');
+    expect(sb.shmFiles().some((f) => f.endsWith(`-${aid}`))).toBe(false);
+    const now = systemIpcIds();
+    for (const k of ['sem', 'shm', 'msg'] as const) expect(now[k].filter((id) => !ipcBefore[k].includes(id))).toEqual([]);
+  };
+
+  it('refuses a truncated image and one with a flipped byte, naming the part', async () => {
+    start('bad', [fixture('snapfix'), '-1', '2']);
+    await waitFor(() => lastCheck('bad') >= 2, 10_000);
+    image = snapshot('bad', 'bad');
+    const ipc = systemIpcIds();
+    const truncated = join(out, 'bad-truncated');
+    rmSync(truncated, { recursive: true, force: true });
+    mkdirSync(truncated);
+    for (const f of ['manifest.pb', 'image.pb', 'pages.img']) copyFileSync(join(image, f), join(truncated, f));
+    truncateSync(join(truncated, 'pages.img'), 8192);
+    const r1 = sb.run(['restore', truncated]);
+    expect(r1.code).toBe(1);
+    expect(r1.stderr).toMatch(/corrupt image: pages.img is 8192 bytes, expected \d+ \(truncated\?\)/);
+    const flipped = join(out, 'bad-flipped');
+    cpSync(image, flipped, { recursive: true });
+    const pages = readFileSync(join(flipped, 'pages.img'));
+    pages[pages.length >> 1] ^= 0x40;
+    writeFileSync(join(flipped, 'pages.img'), pages);
+    const r2 = sb.run(['restore', flipped]);
+    expect(r2.code).toBe(1);
+    expect(r2.stderr).toContain('corrupt image: checksum of pages.img does not match');
+    const r3 = sb.run(['restore', join(out, 'no-such-image')]);
+    expect(r3.code).toBe(3);
+    await nothingLeft('bad', ipc);
+  });
+
+  it('refuses an image whose mapped file changed on this node, naming it', async () => {
+    const exe = join(out, 'snapfix-copy');
+    copyFileSync(fixture('snapfix'), exe);
+    start('changed', [exe, '-1', '1']);
+    await waitFor(() => lastCheck('changed') >= 2, 10_000);
+    const img = snapshot('changed', 'changed');
+    appendFileSync(exe, 'x');
+    const ipc = systemIpcIds();
+    const r = sb.run(['restore', img]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(`${exe} differs from the one the image mapped`);
+    await nothingLeft('changed', ipc);
+  });
+
+  it('refuses an AID that is taken, and a port that is taken, leaving the running one alone', async () => {
+    start('taken', [fixture('snapfix'), '0', '1']);
+    await waitFor(() => lastCheck('taken') >= 2, 10_000);
+    const img = snapshot('taken', 'taken', ['--leave-running']);
+    const ipc = systemIpcIds();
+    const r = sb.run(['restore', img]);
+    expect(r.code).toBe(4);
+    expect(r.stderr).toContain("'taken'");
+    // Under another AID it gets as far as the listening socket, which the
+    // original still holds: everything made up to there is undone.
+    const r2 = sb.run(['restore', img, '--aid', 'taken-2']);
+    expect(r2.code).toBe(4);
+    expect(r2.stderr).toMatch(/listening on 127\.0\.0\.1:\d+: Address already in use/);
+    await nothingLeft('taken-2', ipc);
+    expect(alive(pidOf('taken', 2))).toBe(true);
+    await checksPass('taken', 3);
+  });
+});
