@@ -71,7 +71,7 @@ export interface PageWriter {
   abort(): void;
 }
 
-export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2 } as const;
+export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2, all: 3 } as const;
 
 interface IpcPerm {
   key: number;

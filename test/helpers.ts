@@ -9,6 +9,7 @@ import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'no
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface, type Interface } from 'node:readline';
+import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -156,4 +157,24 @@ export function systemIpcIds(): { sem: number[]; shm: number[]; msg: number[] } 
       .map((l: string) => Number(l.trim().split(/\s+/)[1]));
   };
   return { sem: read('sem'), shm: read('shm'), msg: read('msg') };
+}
+
+/** SysV ids that exist now, were not there `before`, and belong to no
+ * running application's tables (in any sandbox: test files run in
+ * parallel and create objects of their own meanwhile). */
+export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[] }): number[] {
+  const addon = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node')) as {
+    readTables(path: string): { tables: Record<string, Entry[]> };
+  };
+  const owned = new Set<number>();
+  for (const f of readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-'))) {
+    try {
+      const t = addon.readTables(join('/dev/shm', f)).tables;
+      for (const kind of ['semid', 'shmid', 'msgid']) for (const e of t[kind]) owned.add(e.system);
+    } catch {
+      /* removed meanwhile */
+    }
+  }
+  const now = systemIpcIds();
+  return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id)));
 }

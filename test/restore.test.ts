@@ -10,7 +10,7 @@ import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { alive, fixture, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -126,6 +126,18 @@ describe('snapshot → restore of a program with one of each resource', () => {
   });
 });
 
+describe('a program that is always receiving a signal', () => {
+  it('is snapshotted and restored whatever signal is pending, and its timer goes on', async () => {
+    start('ticker', [fixture('ticker')]);
+    const ticks = () => Math.max(0, ...[...logOf('ticker').matchAll(/^TICKS (\d+)$/gm)].map((m) => Number(m[1])));
+    await waitFor(() => ticks() >= 200, 10_000, 'ticks');
+    for (let i = 0; i < 3; i++) snapshot('ticker', `ticker-live-${i}`, ['--leave-running']);
+    restore(snapshot('ticker', 'ticker', ['--full']));
+    const after = ticks();
+    await waitFor(() => ticks() >= after + 300, 10_000, 'ticks after restore');
+  });
+});
+
 describe('two restores of one image at once', () => {
   it('run independently under two AIDs with their own ids', async () => {
     start('twin', [fixture('snapfix'), '-1', '2']);
@@ -154,8 +166,7 @@ describe('restores that fail leave nothing behind', () => {
   const nothingLeft = async (aid: string, ipcBefore: ReturnType<typeof systemIpcIds>) => {
     await waitFor(() => !sb.aids().includes(aid), 5000, 'the registration to go');
     expect(sb.shmFiles().some((f) => f.endsWith(`-${aid}`))).toBe(false);
-    const now = systemIpcIds();
-    for (const k of ['sem', 'shm', 'msg'] as const) expect(now[k].filter((id) => !ipcBefore[k].includes(id))).toEqual([]);
+    expect(strayIpcIds(ipcBefore)).toEqual([]);
   };
 
   it('refuses a truncated image and one with a flipped byte, naming the part', async () => {

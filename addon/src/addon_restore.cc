@@ -119,8 +119,19 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     what = address;
     // "@name" is an abstract address, as /proc/net/unix shows it.
     std::string path = address;
-    if (!path.empty() && path[0] == '@') path[0] = '\0';
-    else unlink(path.c_str());  // the old socket file of the image's process
+    if (!path.empty() && path[0] == '@') {
+      path[0] = '\0';
+    } else {
+      // The image's process left its socket file behind; a live socket
+      // there (the original still running) is not ours to take.
+      int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un p{};
+      p.sun_family = AF_UNIX;
+      std::memcpy(p.sun_path, path.data(), std::min(path.size(), sizeof p.sun_path - 1));
+      if (probe >= 0 && connect(probe, reinterpret_cast<sockaddr*>(&p), sizeof p) != 0 && errno == ECONNREFUSED)
+        unlink(path.c_str());
+      if (probe >= 0) close(probe);
+    }
     std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
     rc = bind(fd, reinterpret_cast<sockaddr*>(&a),
               static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
@@ -196,7 +207,7 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   std::vector<unsigned short> values(arr.Length());
   for (uint32_t i = 0; i < arr.Length(); i++) values[i] = static_cast<unsigned short>(Int(arr.Get(i)));
   int sid = CreateBound(t.h(), APPSHOT_SEMID, APPSHOT_SEMKEY, vid, vkey, [&](key_t k) {
-    return semget(k, static_cast<int>(values.size()), IPC_CREAT | IPC_EXCL | mode);
+    return semget(k, static_cast<int>(values.size()), IPC_CREAT | IPC_EXCL | 0600);
   });
   if (sid < -1) {
     semctl(-2 - sid, 0, IPC_RMID);
@@ -209,6 +220,13 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
     if (sid >= 0) semctl(sid, 0, IPC_RMID);
     ThrowErrno(env, "restoring semaphore set " + std::to_string(vid), e);
     return env.Undefined();
+  }
+  // Filled under 0600; its own mode (read-only, say) only now.
+  struct semid_ds ds;
+  arg.buf = &ds;
+  if (semctl(sid, 0, IPC_STAT, arg) == 0) {
+    ds.sem_perm.mode = mode;
+    semctl(sid, 0, IPC_SET, arg);
   }
   return Napi::Number::New(env, sid);
 }
@@ -225,7 +243,7 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   size_t size = static_cast<size_t>(info[4].As<Napi::Number>().Int64Value());
   auto data = info[5].As<Napi::Buffer<uint8_t>>();
   int sid = CreateBound(t.h(), APPSHOT_SHMID, APPSHOT_SHMKEY, vid, vkey,
-                        [&](key_t k) { return shmget(k, size, IPC_CREAT | IPC_EXCL | mode); });
+                        [&](key_t k) { return shmget(k, size, IPC_CREAT | IPC_EXCL | 0600); });
   if (sid < -1) {
     shmctl(-2 - sid, IPC_RMID, nullptr);
     sid = -1;
@@ -239,6 +257,11 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   }
   std::memcpy(at, data.Data(), std::min(data.Length(), size));
   shmdt(at);
+  struct shmid_ds ds;
+  if (shmctl(sid, IPC_STAT, &ds) == 0) {
+    ds.shm_perm.mode = mode;
+    shmctl(sid, IPC_SET, &ds);
+  }
   return Napi::Number::New(env, sid);
 }
 
@@ -252,7 +275,7 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
   int sid = CreateBound(t.h(), APPSHOT_MSGID, APPSHOT_MSGKEY, vid, vkey,
-                        [&](key_t k) { return msgget(k, IPC_CREAT | IPC_EXCL | mode); });
+                        [&](key_t k) { return msgget(k, IPC_CREAT | IPC_EXCL | 0600); });
   if (sid < -1) {
     msgctl(-2 - sid, IPC_RMID, nullptr);
     sid = -1;
@@ -278,6 +301,10 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
     std::memcpy(buf.data(), &type, sizeof type);
     std::memcpy(buf.data() + sizeof type, data.Data(), data.Length());
     if (msgsnd(sid, buf.data(), data.Length(), IPC_NOWAIT)) return fail("refilling");
+  }
+  if (msgctl(sid, IPC_STAT, &ds) == 0) {
+    ds.msg_perm.mode = mode;
+    msgctl(sid, IPC_SET, &ds);
   }
   return Napi::Number::New(env, sid);
 }

@@ -151,6 +151,7 @@ static int wanted(uint64_t pm, pages_mode mode) {
       /* A swapped page of a private file mapping can only be a written one. */
       return (pm & PM_SWAPPED) || ((pm & PM_PRESENT) && !(pm & PM_FILE_OR_SHARED));
     case PAGES_ALL_PRESENT: return (pm & (PM_PRESENT | PM_SWAPPED)) != 0;
+    case PAGES_ALL: return 1;
   }
   return 0;
 }

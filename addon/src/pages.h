@@ -13,6 +13,7 @@ typedef enum {
   PAGES_ANON = 0,         /* private anonymous: every present or swapped page */
   PAGES_PRIVATE_FILE = 1, /* private file mapping: only pages written (now anonymous) */
   PAGES_ALL_PRESENT = 2,  /* any present page (shared memory read through the process) */
+  PAGES_ALL = 3,          /* every page, present or not (a file that may not outlive us) */
 } pages_mode;
 
 /* Where a page of an incremental snapshot's parent keeps its bytes. */

@@ -3,6 +3,7 @@
 
 #include <elf.h>
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ptrace.h>
@@ -89,10 +90,17 @@ int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
       out->kind = TRACE_NONE;
       return 0;
     }
-    /* Stops arrive within microseconds; a short nap keeps latency low
-     * without spinning a core for the whole timeout. */
-    struct timespec nap = {0, elapsed < 5 ? 20000 : 500000};
-    nanosleep(&nap, NULL);
+    /* A stop usually arrives within microseconds (an injected system
+     * call, an interrupt): yield the CPU to the tracee for the first
+     * stretch rather than sleep, whose wake-up costs more than the wait;
+     * then nap, so a long timeout does not spin a core. */
+    long elapsed_us = (now.tv_sec - start.tv_sec) * 1000000 + (now.tv_nsec - start.tv_nsec) / 1000;
+    if (elapsed_us < 2000) {
+      sched_yield();
+    } else {
+      struct timespec nap = {0, 200000};
+      nanosleep(&nap, NULL);
+    }
   }
 }
 
@@ -205,9 +213,20 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
   r.r10 = args[3];
   r.r8 = args[4];
   r.r9 = args[5];
-  if ((rc = trace_set_regs(tid, &r))) return rc;
+  /* With every signal blocked, a signal that is pending (the kernel queues
+   * them while we hold the thread, ignored ones included) stays pending
+   * instead of being dequeued and stopping the thread mid-call. */
+  uint64_t mask, all = ~0ull;
+  if ((rc = trace_get_sigmask(tid, &mask))) return rc;
+  if ((rc = trace_set_sigmask(tid, all))) return rc;
+  if ((rc = trace_set_regs(tid, &r))) {
+    trace_set_sigmask(tid, mask);
+    return rc;
+  }
   /* Entry, then exit: two stops, and no byte of the tracee is written. */
   if ((rc = step_to_syscall_stop(tid)) == 0) rc = step_to_syscall_stop(tid);
+  int rc3 = trace_set_sigmask(tid, mask);
+  if (!rc) rc = rc3;
   if (rc == 0) {
     struct user_regs_struct after;
     rc = trace_get_regs(tid, &after);

@@ -82,6 +82,13 @@ export interface Process {
   personality: number;
   dumpable: boolean;
   glibcTidOffset: number;
+  itimers: ITimer[];
+}
+
+export interface ITimer {
+  which: number;
+  intervalUs: bigint;
+  valueUs: bigint;
 }
 
 export interface Creds {

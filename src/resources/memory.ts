@@ -131,6 +131,15 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
+      } else if (!shared && /\/pages\.img( \(deleted\))?$/.test(l.path)) {
+        // Memory a lazy restore mapped from an image's page file: the
+        // application's own, stored whole so the next image stands alone.
+        vma.kind = VmaKind.ANON;
+        vma.path = '';
+        const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all);
+        vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
+        vmas.push(vma);
+        continue;
       } else if (l.ino !== 0n && l.path.startsWith('/')) {
         vma.kind = shared ? VmaKind.FILE_SHARED : VmaKind.FILE_PRIVATE;
         const deleted = l.path.endsWith(' (deleted)');

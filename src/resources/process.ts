@@ -6,7 +6,8 @@
 import { readFileSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readCmdline, readStat } from '../procfs.js';
-import type { Creds, MmFields, Process } from '../image/types.js';
+import type { Creds, ITimer, MmFields, Process } from '../image/types.js';
+import { nameProcess, Unsupported } from '../snapshot/context.js';
 import type { DumpContext } from '../snapshot/context.js';
 import { type Injector, NR } from '../snapshot/inject.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
@@ -61,6 +62,43 @@ function mmFields(pid: number, inj: Injector): MmFields {
   };
 }
 
+/** Interval timers (setitimer): asked of the process, as nothing else
+ * shows them. POSIX timers (timer_create) are listed in /proc/PID/timers
+ * and cannot be captured yet. */
+function dumpItimers(pid: number, inj: Injector, what: string): ITimer[] {
+  let posix = '';
+  try {
+    posix = readFileSync(`/proc/${pid}/timers`, 'utf8').trim();
+  } catch {
+    /* no such file without CONFIG_CHECKPOINT_RESTORE */
+  }
+  if (posix) throw new Unsupported(`${what}: POSIX timers (timer_create) cannot be captured yet`);
+  const out: ITimer[] = [];
+  for (let which = 0; which < 3; which++) {
+    const { ret, out: tv } = inj.callOut(NR.getitimer, [which, 'out'], 32);
+    if (ret !== 0n) continue;
+    const us = (o: number) => tv.readBigInt64LE(o) * 1000000n + tv.readBigInt64LE(o + 8);
+    const timer = { which, intervalUs: us(0), valueUs: us(16) };
+    if (timer.intervalUs || timer.valueUs) out.push(timer);
+  }
+  return out;
+}
+
+/** Interval timers, set last: they start ticking at once. */
+export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
+  for (const t of timers) {
+    r.reset();
+    const tv = Buffer.alloc(32);
+    tv.writeBigInt64LE(t.intervalUs / 1000000n, 0);
+    tv.writeBigInt64LE(t.intervalUs % 1000000n, 8);
+    // A timer due at the snapshot fires at once, not never.
+    const value = t.valueUs || 1n;
+    tv.writeBigInt64LE(value / 1000000n, 16);
+    tv.writeBigInt64LE(value % 1000000n, 24);
+    r.call(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);
+  }
+}
+
 export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupStopped: boolean): Process {
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
@@ -99,6 +137,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     personality,
     dumpable: true,
     glibcTidOffset: 0,
+    itimers: dumpItimers(pid, inj, nameProcess(ctx.virtual('pid', pid), st.comm)),
   };
 }
 

@@ -24,7 +24,7 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry } from '../registry.js';
 import { restoreFds } from '../resources/files.js';
 import { freeAddress, readSmaps, restoreMemory } from '../resources/memory.js';
-import { restoreProcessState } from '../resources/process.js';
+import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { createThread, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
@@ -233,7 +233,14 @@ class Handover {
         return sock;
       }
       case FdKind.EVENTFD: {
-        const e = this.keep(addon().eventfd(Number(fd.eventfdCount), fd.eventfdSemaphore ? 1 : 0));
+        // Made at 0 and written: the counter is 64 bits, eventfd()'s
+        // initial value only 32.
+        const e = this.keep(addon().eventfd(0, fd.eventfdSemaphore ? 1 : 0));
+        if (fd.eventfdCount) {
+          const count = Buffer.alloc(8);
+          count.writeBigUInt64LE(fd.eventfdCount);
+          writeSync(e, count);
+        }
         addon().setStatusFlags(e, fd.flags);
         return e;
       }
@@ -274,6 +281,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let record: AppRecord | undefined;
   const made: Made[] = [];
   const seeds: number[] = [];
+  const forked: number[] = [];
   const pageFds = chain.map((l) => openSync(join(l.dir, PARTS.pages), 'r'));
   const handover = new Handover(image, pageFds[0], '');
   let handoverLog: Handover = handover;
@@ -337,6 +345,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       else if (sysPid.has(m.proc.vpgid)) r.call('setpgid', SYS.setpgid, [0, sysPid.get(m.proc.vpgid)!]);
       for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) {
         const pid = Number(r.call('fork', SYS.fork, []));
+        forked.push(pid); // killed on failure, whatever happens next
         const rep = addon().wait(pid, 10_000);
         if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
         queue.push({ proc: child, pid, tids: [] });
@@ -383,6 +392,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreItimers(r, p.itimers);
       r.unmapScratch();
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
@@ -394,6 +404,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
     for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    // Stopped by job control when it was taken: stopped again.
+    for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
     const done = now();
     return {
       aid,
@@ -414,7 +426,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     } catch {
       /* gone */
     }
-    for (const pid of seeds) try {
+    for (const pid of [...seeds, ...forked]) try {
       process.kill(pid, 'SIGKILL');
     } catch {
       /* gone */

@@ -22,6 +22,7 @@ export const SYS = {
   mremap: 25,
   shmat: 30,
   dup2: 33,
+  setitimer: 38,
   fork: 57,
   clone: 56,
   fcntl: 72,

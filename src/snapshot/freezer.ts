@@ -190,15 +190,15 @@ export class Freezer {
         if (r.event === PTRACE_EVENT.fork || r.event === PTRACE_EVENT.vfork || r.event === PTRACE_EVENT.clone) {
           const child = r.msg;
           if (!this.threads.has(child)) {
-            this.threads.set(child, {
-              tid: child,
-              pid: r.event === PTRACE_EVENT.clone ? t.pid : child,
-              stopped: false,
-              signal: 0,
-              groupStop: false,
-            });
-            this.processes.add(r.event === PTRACE_EVENT.clone ? t.pid : child);
+            // A clone may make a process too (clone3, another exit signal).
+            const pid = r.event === PTRACE_EVENT.clone ? tgidOf(child) : child;
+            this.threads.set(child, { tid: child, pid, stopped: false, signal: 0, groupStop: false });
+            this.processes.add(pid);
           }
+        } else if (r.event === PTRACE_EVENT.exec && r.msg !== r.tid) {
+          // A thread other than the leader exec'd: it took the leader's TID
+          // and its own is gone for good.
+          this.threads.delete(r.msg);
         }
         addon().cont(r.tid, 0);
         addon().interrupt(r.tid);

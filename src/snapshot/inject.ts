@@ -61,6 +61,7 @@ export class Injector {
 
 export const NR = {
   brk: 12,
+  getitimer: 36,
   rt_sigaction: 13,
   sigaltstack: 131,
   prctl: 157,
