@@ -316,7 +316,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The tree: roots are the processes whose parent was init (or is gone).
     const vpids = new Set(image.processes.map((p) => p.vpid));
     const roots = image.processes.filter((p) => !vpids.has(p.vppid));
+    const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${(now() - verified).toFixed(2)} ms: ${what}\n`);
+    phase('global state');
     const started2 = await startInit(record, roots.length);
+    phase('init started');
     seeds.push(...started2.seeds);
     record.initPid = started2.initPid;
     record.initStartTime = readStat(started2.initPid)?.startTime;
@@ -352,6 +355,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
     }
 
+    phase('tree made');
     const chainImages = chain.map((l) => l.image);
     const memory = {
       pageFds,
@@ -373,10 +377,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       unregisterRseq(r, m.pid);
       const used = [...p.vmas, ...readSmaps(m.pid)];
       r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      phase(`process ${p.vpid}`);
       restoreMemory(r, p.vmas, p.vpid, memory);
+      phase('memory');
       restoreProcessState(r, p);
       restoreSigactions(r, p.sigactions);
+      phase('state and signals');
       restoreFds(r, p, handoverLog);
+      phase('fds');
       // Every signal blocked until the registers are the thread's own.
       addon().setSigmask(m.pid, ~0n);
       m.tids = [m.pid];
@@ -400,6 +408,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
     }
     handoverLog.close();
+    phase('threads');
 
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
