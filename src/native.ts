@@ -119,6 +119,7 @@ interface Addon {
   };
   PageWriter: new (dir: string, parents: string[]) => PageWriter;
   pipe(): [number, number];
+  spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
   eventfd(count: number, flags: number): number;
   memfd(name: string, size: number): number;

@@ -91,6 +91,9 @@ describe('snapshot → restore of a program with one of each resource', () => {
     const ps = sb.json<Json>(['ps', aid])[0].processes;
     expect(ps.map((p: Json) => p.vpid).sort()).toEqual([1, 2, 3]);
     expect(ps.find((p: Json) => p.vpid === 2).threads).toBe(4);
+    // Its name and command line are its own, not the seed's it was made from.
+    expect(ps.find((p: Json) => p.vpid === 2).command).toBe(`${fixture('snapfix')} 0 8`);
+    expect(readFileSync(`/proc/${pidOf(aid, 2)}/comm`, 'utf8').trim()).toBe('snapfix');
   });
 
   it('accepts connections on its listening socket again', async () => {
@@ -110,9 +113,10 @@ describe('snapshot → restore of a program with one of each resource', () => {
     expect(logOf(aid)).toMatch(/^CHILD GOT in-flight-data$/m);
   });
 
-  it('survives snapshot → restore five times in a row, and stays a normal application', async () => {
+  it('survives snapshot → restore five times in a row (eager and --lazy), and stays a normal application', async () => {
     for (let i = 0; i < 5; i++) {
-      restore(snapshot(aid, `rt-round-${i}`));
+      const r = restore(snapshot(aid, `rt-round-${i}`), i % 2 ? ['--lazy'] : []);
+      expect(r.lazy).toBe(i % 2 === 1);
       await checksPass(aid, 3);
     }
     expect(await hello(port)).toBe('hello\n');

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <arpa/inet.h>
+#include <spawn.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/eventfd.h>
@@ -341,6 +342,60 @@ Napi::Value WritePages(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// spawnDetached(path, argv[], outFd) -> { pid, statusFd }: starts a program
+// in a session of its own with stdin /dev/null, stdout and stderr on outFd,
+// and a status pipe on fd 3 whose read end is returned. posix_spawn here
+// costs a fraction of child_process.spawn, and this is on a restore's
+// critical path (appshot-init with its seeds).
+Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto arr = info[1].As<Napi::Array>();
+  std::vector<std::string> args;
+  for (uint32_t i = 0; i < arr.Length(); i++) args.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int out = Int(info[2]);
+  int p[2];
+  if (pipe2(p, O_CLOEXEC)) {
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
+  // dup2 onto its own number would keep close-on-exec set.
+  int status_w = p[1];
+  if (status_w == 3) status_w = fcntl(p[1], F_DUPFD_CLOEXEC, 10);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_adddup2(&fa, out, 1);
+  posix_spawn_file_actions_adddup2(&fa, out, 2);
+  posix_spawn_file_actions_adddup2(&fa, status_w, 3);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &all);  // Node ignores SIGPIPE; init must not
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  pid_t pid;
+  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&attr);
+  close(p[1]);
+  if (status_w != p[1]) close(status_w);
+  if (rc) {
+    close(p[0]);
+    ThrowErrno(env, "starting " + path, rc);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pid", pid);
+  o.Set("statusFd", p[0]);
+  return o;
+}
+
 }  // namespace
 
 namespace appshot {
@@ -350,6 +405,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("pipe", Pipe);
+  fn("spawnDetached", SpawnDetached);
   fn("writePages", WritePages);
   fn("eventfd", EventFd);
   fn("memfd", MemFd);

@@ -230,10 +230,16 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
 export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, open: 2, close: 3, shmat: 30 };
   const current = readSmaps(r.pid);
-  const special = new Set(['[vdso]', '[vvar]', '[vvar_vclock]', '[vsyscall]']);
-  for (const m of current) {
-    if (special.has(m.path) || m.start === r.scratch) continue;
-    r.call(`unmapping ${m.path || 'memory'} of the seed`, SYS.munmap, [m.start, m.end - m.start]);
+  // Everything of the seed's goes but the vDSO, its data pages and our
+  // scratch area: one munmap per gap between those, not one per mapping.
+  const keep = current
+    .filter((m) => ['[vdso]', '[vvar]', '[vvar_vclock]'].includes(m.path) || m.start === r.scratch)
+    .sort((a, b) => (a.start < b.start ? -1 : 1));
+  const TASK_SIZE = 0x7ffffffff000n;
+  let from = 0x10000n; // mmap_min_addr
+  for (const k of [...keep, { start: TASK_SIZE, end: TASK_SIZE }]) {
+    if (k.start > from) r.call('unmapping the seed\'s memory', SYS.munmap, [from, k.start - from]);
+    from = k.end;
   }
 
   // The vDSO and its data pages move together, keeping their layout.
@@ -279,7 +285,10 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
     const len = v.end - v.start;
     const own = storedRuns(v);
     const hasInherited = (v.pages?.fromParent.length ?? 0) > 0;
-    const needsWrite = (own.length > 0 && !(src.lazy && v.kind === VmaKind.ANON)) || hasInherited;
+    // The stack stays anonymous even when lazy: /proc/PID/cmdline and
+    // environ are read only from anonymous memory (FOLL_ANON).
+    const lazy = src.lazy && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
+    const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
     const growsdown = v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0;
@@ -307,7 +316,7 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
         break;
       }
     }
-    if (src.lazy && v.kind === VmaKind.ANON && !hasInherited) {
+    if (lazy) {
       // Copy-on-write from the page file: nothing is read until touched.
       const fd = pageFdIn(0);
       for (const [addr, off, n] of own) r.call(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fd, off]);

@@ -134,7 +134,7 @@ export function resumeRegisters(regs: Buffer): Buffer {
 }
 
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
- * stack, FPU state, and glibc's cached TID made true again. */
+ * stack, name, FPU state, and glibc's cached TID made true again. */
 export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number): void {
   if (t.tidAddress) r.call('set_tid_address', SYS.set_tid_address, [t.tidAddress], tid);
   if (t.robustList) r.call('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen], tid);
@@ -147,6 +147,11 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     ss.writeBigUInt64LE(t.altstack.size, 16);
     if (t.altstack.flags & 2 /* SS_DISABLE */) ss.writeInt32LE(2, 8);
     r.call('sigaltstack', SYS.sigaltstack, [r.put(ss), 0], tid);
+  }
+  if (t.comm) {
+    const PR_SET_NAME = 15;
+    r.reset();
+    r.call('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))], tid);
   }
   addon().setXstate(tid, t.xstate);
   const fsBase = t.regs.readBigUInt64LE(REG.fsBase);

@@ -11,9 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
-import { spawn } from 'node:child_process';
 import { closeSync, constants as fs, fstatSync, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
-import { createInterface } from 'node:readline';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -73,27 +71,36 @@ async function loadChain(path: string): Promise<LoadedImage[]> {
   }
 }
 
-/** Starts the application's init with `count` seeds; returns their PIDs. */
-async function startInit(record: AppRecord, count: number): Promise<{ initPid: number; seeds: number[] }> {
+/** Starts the application's init with `count` seeds; returns their PIDs.
+ * Its reports are read synchronously: nothing else happens meanwhile. */
+function startInit(record: AppRecord, count: number): { initPid: number; seeds: number[] } {
   const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
-  const init = spawn(paths.init, ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--seeds', String(count)], {
-    stdio: ['ignore', log, log, 'pipe'],
-    detached: true,
-  });
-  closeSync(log);
-  if (init.pid === undefined) throw new AppshotError(`cannot start ${paths.init}`);
-  const seeds: number[] = [];
-  const lines = createInterface({ input: init.stdio[3] as NodeJS.ReadableStream });
-  for await (const line of lines) {
-    const [tag, a] = line.split(' ');
-    if (tag === 'C') seeds.push(Number(a));
-    if (tag === 'S') break;
+  let init: { pid: number; statusFd: number };
+  try {
+    init = addon().spawnDetached(paths.init, [paths.init, '--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--seeds', String(count)], log);
+  } finally {
+    closeSync(log);
   }
-  lines.close();
-  (init.stdio[3] as unknown as { destroy(): void }).destroy();
-  init.unref();
-  if (seeds.length !== count) throw new AppshotError('the application supervisor died while starting');
-  return { initPid: init.pid, seeds };
+  const seeds: number[] = [];
+  let pending = '';
+  const buf = Buffer.alloc(4096);
+  try {
+    for (;;) {
+      const n = readSync(init.statusFd, buf);
+      if (n === 0) break;
+      pending += buf.toString('latin1', 0, n);
+      const lines = pending.split('\n');
+      pending = lines.pop()!;
+      for (const line of lines) {
+        const [tag, a] = line.split(' ');
+        if (tag === 'C') seeds.push(Number(a));
+        if (tag === 'S') return { initPid: init.pid, seeds };
+      }
+    }
+  } finally {
+    closeSync(init.statusFd);
+  }
+  throw new AppshotError('the application supervisor died while starting');
 }
 
 /** Descriptors made here and handed to the restored processes. */
@@ -318,7 +325,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const roots = image.processes.filter((p) => !vpids.has(p.vppid));
     const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${(now() - verified).toFixed(2)} ms: ${what}\n`);
     phase('global state');
-    const started2 = await startInit(record, roots.length);
+    const started2 = startInit(record, roots.length);
     phase('init started');
     seeds.push(...started2.seeds);
     record.initPid = started2.initPid;
