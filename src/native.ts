@@ -58,6 +58,9 @@ export interface ParentPages {
   index: Uint32Array;
   file: Uint32Array;
   offset: BigUint64Array;
+  /** Pages written since the parent, from dirty tracking: the others the
+   * parent holds are not read at all. */
+  written?: Uint32Array;
 }
 
 /** An image's page file, written unnamed (O_TMPFILE) and named at the end. */
@@ -104,6 +107,7 @@ interface Addon {
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
   crc32c(data: Buffer, seed?: number): number;
+  scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
   getFd(pid: number, fd: number): number;
   peekPipe(fd: number): Buffer;

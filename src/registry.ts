@@ -47,7 +47,10 @@ export interface AppRecord {
   initStartTime?: number;
   /** The last image taken with --leave-running: the next snapshot is
    * incremental against it. */
-  lastImage?: { path: string; id: string };
+  lastImage?: { path: string; id: string; tracked?: boolean };
+  /** Descriptor numbers at which dirty tracking keeps a userfaultfd in the
+   * application's processes (never part of an image). */
+  trackingFds?: number[];
 }
 
 /** Fills in a new registration, given where its state and tables go. */

@@ -5,7 +5,7 @@
  * image behind.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -222,6 +222,17 @@ describe('snapshot of a program with one of each resource', () => {
     expect(second.pages).toBeLessThan(dirtied + 64);
     const incr = sb.json<Json>(['inspect', join(out, 'incr')]);
     expect(incr.parent.path).toBe(join(out, 'full'));
+    // Dirty tracking (userfaultfd write-protection, PAGEMAP_SCAN) keeps its
+    // descriptor in the process, and out of every image.
+    const tracking = readdirSync(`/proc/${main.pid}/fd`).filter((fd) => {
+      try {
+        return readlinkSync(`/proc/${main.pid}/fd/${fd}`) === 'anon_inode:[userfaultfd]';
+      } catch {
+        return false;
+      }
+    });
+    expect(tracking).toHaveLength(1);
+    expect(incr.processes[0].fds.map((f: Json) => f.fd)).not.toContain(Number(tracking[0]));
     await checksContinue(aid);
   });
 

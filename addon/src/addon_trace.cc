@@ -333,6 +333,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
       parent.file = file.Data();
       parent.offset = off.Data();
       parent.count = idx.ElementLength();
+      Napi::Value written = o.Get("written");
+      if (written.IsTypedArray()) {
+        auto w = written.As<Napi::Uint32Array>();
+        parent.written = w.Data();
+        parent.nwritten = w.ElementLength() / 2;
+      }
     }
     pages_result r;
     int rc = pw_dump(&w_, Tid(info), info[1].As<Napi::Number>().Int32Value(), U64(info[2]),
@@ -419,6 +425,24 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   std::vector<const uint8_t*> maps_;
   std::vector<uint64_t> sizes_;
 };
+
+// scanWritten(pagemapFd, start, end, reset) -> Uint32Array of (first page,
+// count) pairs written since the range was last write-protected, or null
+// when the range is not tracked (no userfaultfd-wp registration there).
+Napi::Value ScanWritten(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t* pairs = nullptr;
+  long n = pages_scan_written(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]),
+                              info[3].ToBoolean(), &pairs);
+  if (n < 0) {
+    if (n == -EPERM || n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
+    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  auto out = Pairs(env, pairs, static_cast<size_t>(n));
+  free(pairs);
+  return out;
+}
 
 // crc32c(buffer, seed = 0) -> number
 Napi::Value Crc32c(const Napi::CallbackInfo& info) {
@@ -661,6 +685,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);
   fn("crc32c", Crc32c);
+  fn("scanWritten", ScanWritten);
   fn("crc32cFile", Crc32cFile);
   fn("getFd", GetFd);
   fn("peekPipe", PeekPipe);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -169,10 +170,50 @@ static const uint8_t* parent_page(const page_writer* w, const pages_parent* p, s
   return w->parents[f] + off;
 }
 
+/* Whether page idx is in the tracked written pairs; `cursor` walks them. */
+static int was_written(const pages_parent* p, size_t* cursor, uint32_t idx) {
+  while (*cursor < p->nwritten && p->written[2 * *cursor] + p->written[2 * *cursor + 1] <= idx)
+    (*cursor)++;
+  return *cursor < p->nwritten && p->written[2 * *cursor] <= idx;
+}
+
 /* Copies pages [first, first+count) of the mapping into the buffer, drops
  * those the parent already holds unchanged, and records both kinds of run. */
 static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, uint32_t count,
                     const pages_parent* parent, size_t* cursor, pages_result* out) {
+  if (parent && parent->written) {
+    /* Tracked: unwritten pages the parent holds are not even read. */
+    size_t wc = 0;
+    uint32_t i = 0;
+    while (i < count) {
+      /* With no parent index given, tracking is trusted alone: a page not
+       * written since the parent is the parent's (or, if the parent did not
+       * have it, a page only ever read: zeros). */
+      int trust = parent->count == 0;
+      uint32_t idx = first + i;
+      int keep = !was_written(parent, &wc, idx) && (trust || parent_page(w, parent, cursor, idx));
+      uint32_t j = i + 1;
+      while (j < count) {
+        uint32_t k = first + j;
+        int k_keep = !was_written(parent, &wc, k) && (trust || parent_page(w, parent, cursor, k));
+        if (k_keep != keep) break;
+        j++;
+      }
+      int rc;
+      if (keep) {
+        rc = push_pair(&out->same, &out->nsame, &out->same_cap, idx, j - i);
+      } else {
+        pages_parent untracked = *parent;
+        untracked.written = NULL;
+        untracked.count = 0; /* written pages are stored, not compared */
+        size_t none = 0;
+        rc = copy_run(w, pid, start, idx, j - i, &untracked, &none, out);
+      }
+      if (rc) return rc;
+      i = j;
+    }
+    return 0;
+  }
   while (count) {
     if (w->buf_used == w->buf_size) {
       int rc = flush(w);
@@ -234,6 +275,56 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
   }
   free(pm);
   return rc;
+}
+
+/* linux/fs.h of the build machine may predate PAGEMAP_SCAN: its ABI here. */
+struct appshot_page_region {
+  uint64_t start, end, categories;
+};
+struct appshot_pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define APPSHOT_PAGEMAP_SCAN _IOWR('f', 16, struct appshot_pm_scan_arg)
+#define PM_SCAN_WP_MATCHING (1ull << 0)
+#define PM_SCAN_CHECK_WPASYNC (1ull << 1)
+#define PAGE_IS_WRITTEN (1ull << 1)
+
+long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset, uint32_t** out) {
+  enum { VEC = 512 };
+  struct appshot_page_region vec[VEC];
+  uint32_t* pairs = NULL;
+  size_t n = 0, cap = 0;
+  uint64_t at = start;
+  while (at < end) {
+    struct appshot_pm_scan_arg arg = {0};
+    arg.size = sizeof arg;
+    arg.flags = PM_SCAN_CHECK_WPASYNC | (reset ? PM_SCAN_WP_MATCHING : 0);
+    arg.start = at;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = VEC;
+    arg.category_mask = PAGE_IS_WRITTEN;
+    arg.return_mask = PAGE_IS_WRITTEN;
+    long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
+    if (got < 0) {
+      int e = errno;
+      free(pairs);
+      return -e;
+    }
+    for (long i = 0; i < got; i++) {
+      int rc = push_pair(&pairs, &n, &cap, (uint32_t)((vec[i].start - start) / PAGE),
+                         (uint32_t)((vec[i].end - vec[i].start) / PAGE));
+      if (rc) {
+        free(pairs);
+        return rc;
+      }
+    }
+    if (arg.walk_end <= at) break;
+    at = arg.walk_end;
+  }
+  *out = pairs;
+  return (long)n;
 }
 
 int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset) {

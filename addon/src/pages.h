@@ -22,7 +22,19 @@ typedef struct {
   const uint32_t* file;   /* which parent page file (see page_writer.parents) */
   const uint64_t* offset; /* byte offset in that file */
   size_t count;
+  /* With dirty tracking: (first page, count) pairs, ascending, of the pages
+   * written since the parent. A page outside them that the parent holds is
+   * the parent's, unread; without tracking (NULL) every page is compared. */
+  const uint32_t* written;
+  size_t nwritten;
 } pages_parent;
+
+/* PAGEMAP_SCAN (Linux 6.7): the pages of [start, end) written since they
+ * were last write-protected through userfaultfd (asynchronous mode), as
+ * (first page, count) pairs relative to start, in *out (malloc'd). With
+ * reset, they are write-protected again in the same pass. Returns the
+ * number of pairs, or -errno (EPERM: the range is not tracked). */
+long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset, uint32_t** out);
 
 typedef struct {
   int fd;

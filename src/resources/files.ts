@@ -78,6 +78,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } catch {
       continue; // closed meanwhile (impossible while frozen, but cheap to allow)
     }
+    if (target === 'anon_inode:[userfaultfd]' && ctx.trackingFds.includes(n)) continue; // appshot's own
     const flags = parseInt(info.get('flags') ?? '0', 8);
     const fd: Fd = {
       fd: n,

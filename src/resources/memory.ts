@@ -27,9 +27,12 @@ interface MapsLine {
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
-export function readSmaps(pid: number): MapsLine[] {
+/** The memory map from /proc/PID/maps: cheap, unlike smaps, which counts
+ * every mapping's pages. The one VmFlags bit that matters (grows down) is
+ * the stack's. */
+export function readMaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
-  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+  for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
     const m = HEADER.exec(line);
     if (m) {
       out.push({
@@ -41,10 +44,8 @@ export function readSmaps(pid: number): MapsLine[] {
         minor: parseInt(m[6], 16),
         ino: BigInt(m[7]),
         path: m[8],
-        vmFlags: [],
+        vmFlags: m[8] === '[stack]' ? ['gd'] : [],
       });
-    } else if (line.startsWith('VmFlags:') && out.length) {
-      out[out.length - 1].vmFlags = line.slice(8).trim().split(/\s+/);
     }
   }
   return out;
@@ -103,7 +104,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   const vmas: Vma[] = [];
   const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
   try {
-    for (const l of readSmaps(pid)) {
+    for (const l of readMaps(pid)) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
         start: l.start,
@@ -148,7 +149,13 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       }
       if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
         const mode = vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile;
-        const parent = ctx.parent?.pagesFor(vpid, l.start, l.end);
+        // With dirty tracking, a page not written since the parent is the
+        // parent's and is not even read; an untracked mapping (null) is
+        // compared page by page with the parent's copy.
+        const written = ctx.parent && ctx.tracked ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
+        const parent = written
+          ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
+          : ctx.parent?.pagesFor(vpid, l.start, l.end);
         const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent);
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
       }
@@ -229,7 +236,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  */
 export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, open: 2, close: 3, shmat: 30 };
-  const current = readSmaps(r.pid);
+  const current = readMaps(r.pid);
   // Everything of the seed's goes but the vDSO, its data pages and our
   // scratch area: one munmap per gap between those, not one per mapping.
   const keep = current
@@ -325,14 +332,30 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
     }
     if (hasInherited) {
       inherited ??= src.inherited(vpid);
+      // Pages next to each other in memory and in one page file go in one
+      // copy. A page no image of the chain holds was only ever read (dirty
+      // tracking vouches it was not written): zeros, as mapped.
+      let run: { addr: bigint; file: number; offset: bigint; len: bigint } | undefined;
+      const flush = () => {
+        if (run) addon().writePages(r.pid, src.pageFds[run.file], Number(run.offset), run.addr, Number(run.len));
+        run = undefined;
+      };
       const from = v.pages!.fromParent;
       for (let i = 0; i < from.length; i += 2)
         for (let p = 0; p < from[i + 1]; p++) {
           const addr = v.start + BigInt(from[i] + p) * PAGE;
           const loc = inherited.get(addr);
-          if (!loc) throw new Error(`page 0x${addr.toString(16)} of process ${vpid} is in no image of the chain`);
-          addon().writePages(r.pid, src.pageFds[loc.file], Number(loc.offset), addr, Number(PAGE));
+          if (!loc) {
+            flush();
+            continue;
+          }
+          if (run && run.file === loc.file && run.addr + run.len === addr && run.offset + run.len === loc.offset) run.len += PAGE;
+          else {
+            flush();
+            run = { addr, file: loc.file, offset: loc.offset, len: PAGE };
+          }
         }
+      flush();
     }
     if (prot !== v.prot) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
   }

@@ -46,12 +46,19 @@ function ipv6(hex: string): string {
   return groups.join(':').replace(/(^|:)0(:0)+(:|$)/, '::');
 }
 
-/** The sockets a process's network namespace knows, by inode. */
+/** The sockets a process's network namespace knows, by inode: read when
+ * the first socket is looked up, as most processes hold none. */
 export class SocketTable {
   private inet = new Map<bigint, InetEntry>();
   private unix = new Map<bigint, UnixEntry>();
+  private loaded = false;
 
-  constructor(pid: number) {
+  constructor(private readonly pid: number) {}
+
+  private load(): void {
+    if (this.loaded) return;
+    this.loaded = true;
+    const pid = this.pid;
     for (const [file, family] of [['tcp', AF_INET], ['tcp6', AF_INET6]] as const) {
       let text = '';
       try {
@@ -93,6 +100,7 @@ export class SocketTable {
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
   describe(pid: number, fd: number, ino: bigint, what: string): Socket {
+    this.load();
     const dup = addon().getFd(pid, fd);
     let opts;
     try {

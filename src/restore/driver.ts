@@ -21,7 +21,7 @@ import { addon, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry } from '../registry.js';
 import { restoreFds } from '../resources/files.js';
-import { freeAddress, readSmaps, restoreMemory } from '../resources/memory.js';
+import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { createThread, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -382,7 +382,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const p = m.proc;
       const r = new RemoteProcess(m.pid);
       unregisterRseq(r, m.pid);
-      const used = [...p.vmas, ...readSmaps(m.pid)];
+      const used = [...p.vmas, ...readMaps(m.pid)];
       r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${p.vpid}`);
       restoreMemory(r, p.vmas, p.vpid, memory);

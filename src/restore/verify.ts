@@ -8,14 +8,14 @@ import { existsSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { FdKind, type Image, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { readSmaps } from '../resources/memory.js';
+import { readMaps } from '../resources/memory.js';
 
 export function verifyImage(image: Image): void {
   const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
   if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
   let vdso = 0n;
   let vvar = 0n;
-  for (const l of readSmaps(process.pid)) {
+  for (const l of readMaps(process.pid)) {
     if (l.path === '[vdso]') vdso += l.end - l.start;
     if (l.path === '[vvar]' || l.path === '[vvar_vclock]') vvar += l.end - l.start;
   }

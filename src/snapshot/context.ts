@@ -21,6 +21,11 @@ export class DumpContext {
     readonly tablesPath: string,
     readonly pages: PageWriter,
     readonly parent: ParentResolver | undefined,
+    /** Descriptor numbers of the userfaultfds that dirty tracking put in
+     * the processes: not the application's, never in an image. */
+    readonly trackingFds: number[] = [],
+    /** Whether those track writes since `parent` (else pages are compared). */
+    readonly tracked = false,
   ) {
     for (const [kind, entries] of Object.entries(tables.tables))
       this.toVirtual.set(kind as Kind, new Map(entries.map((e) => [e.system, e.virtual])));

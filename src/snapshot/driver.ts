@@ -6,7 +6,7 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -17,7 +17,7 @@ import { addon, kinds, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpFds } from '../resources/files.js';
-import { countPages, dumpMemory, readSmaps } from '../resources/memory.js';
+import { countPages, dumpMemory, readMaps } from '../resources/memory.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { SocketTable } from '../resources/sockets.js';
@@ -27,6 +27,7 @@ import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
 import { Injector } from './inject.js';
 import { ParentResolver } from './parent.js';
+import { armTracking } from './tracking.js';
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
@@ -60,7 +61,7 @@ const now = () => Number(process.hrtime.bigint() / 1000n);
 function nodeInfo(): Image['node'] {
   let vdso = 0n;
   let vvar = 0n;
-  for (const l of readSmaps(process.pid)) {
+  for (const l of readMaps(process.pid)) {
     if (l.path === '[vdso]') vdso += l.end - l.start;
     if (l.path === '[vvar]' || l.path === '[vvar_vclock]') vvar += l.end - l.start;
   }
@@ -121,7 +122,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     // Registers first: running system calls in the process (below) leaves
     // an interrupted call rewound, and the image keeps it as it was.
     const regs = new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)]));
-    const vdso = readSmaps(pid).find((l) => l.path === '[vdso]');
+    const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
     let inj: Injector;
     try {
       inj = Injector.open(pid, pid, vdso);
@@ -155,6 +156,26 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   // Read again: threads never seen by name got their virtual TIDs above.
   const tables = addon().readTables(ctx.tablesPath);
   ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
+}
+
+/** Arms dirty tracking in every process (still frozen); returns the
+ * descriptor numbers its userfaultfds have, or undefined where the kernel
+ * refuses (then the next snapshot compares pages instead). */
+function armAll(freezer: Freezer, preferredFd: number | undefined): number[] | undefined {
+  const fds = new Set<number>();
+  for (const [pid] of freezer.byProcess()) {
+    const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
+    const inj = Injector.open(pid, pid, vdso);
+    const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+    try {
+      const fd = armTracking(inj, pid, pagemapFd, preferredFd);
+      if (fd !== undefined) fds.add(fd);
+    } finally {
+      closeSync(pagemapFd);
+      inj.close();
+    }
+  }
+  return fds.size ? [...fds] : undefined;
 }
 
 function readComm(pid: number): string {
@@ -209,15 +230,30 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const imageId = newImageId();
   let frozenAt = 0;
   let thawedAt = 0;
+  let armed: number[] | undefined;
   try {
     freezer.freeze(opts.timeoutMs);
     frozenAt = now();
+    const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${((now() - frozenAt) / 1000).toFixed(2)} ms frozen: ${what}\n`);
     // Processes created while we were stopping the others mapped themselves.
-    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent);
+    // Dirty tracking counts only against the image it was armed for.
+    const tracked = !!parent && !!record.lastImage?.tracked;
+    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, record.trackingFds ?? [], tracked);
     if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
+    phase('dumped');
     const dumpedAt = now();
     image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
+    // This image becomes the next one's parent: track writes from here.
+    const becomesParent = opts.leaveRunning && !toStream;
+    if (becomesParent) {
+      armed = armAll(freezer, record.trackingFds?.[0]);
+      // Known before anything else can fail: the next snapshot must skip
+      // these descriptors whatever happens to this one.
+      const current = reg.get(aid);
+      if (current && armed) reg.update({ ...current, trackingFds: [...new Set([...(current.trackingFds ?? []), ...armed])] });
+    }
+    phase('tracking armed');
     if (opts.leaveRunning) {
       freezer.resume();
       thawedAt = now();
@@ -249,7 +285,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       else {
         commitImageDir(output, image, pages, part, imageId);
         const current = reg.get(aid);
-        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId } });
+        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: !!armed } });
       }
     }
     progress.done();
@@ -271,6 +307,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     progress.done();
     pages.abort();
     freezer.resume();
+    // Tracking was re-armed for an image that does not exist: the next
+    // snapshot must not trust it.
+    if (armed) {
+      const current = reg.get(aid);
+      if (current) reg.update({ ...current, lastImage: undefined });
+    }
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);

@@ -45,6 +45,15 @@ export class Injector {
     return addon().inject(tid, this.insn, nr, args);
   }
 
+  /** Runs a call that reads `input` from memory and may write back into
+   * it ('buf' in args is its address); returns the result and the bytes. */
+  callWith(nr: number, args: (bigint | number | 'buf')[], input: Buffer, tid = this.tid): { ret: bigint; out: Buffer } {
+    if (input.length > SCRATCH) throw new Error('system call argument too large');
+    addon().writeMemory(this.pid, this.scratch, input);
+    const ret = this.call(nr, args.map((a) => (a === 'buf' ? this.scratch : a)), tid);
+    return { ret, out: addon().readMemory(this.pid, this.scratch, input.length) };
+  }
+
   /** Runs a call whose result is written to memory, and returns that. The
    * scratch area serves every thread: they share the address space, and
    * all of them are stopped. */
@@ -60,8 +69,12 @@ export class Injector {
 }
 
 export const NR = {
+  close: 3,
   brk: 12,
+  ioctl: 16,
   getitimer: 36,
+  fcntl: 72,
+  userfaultfd: 323,
   rt_sigaction: 13,
   sigaltstack: 131,
   prctl: 157,

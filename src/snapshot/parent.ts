@@ -26,7 +26,6 @@ type PageMap = Map<bigint, Located>;
 export class ParentResolver {
   /** Page files of the chain, newest first: PageWriter compares against them. */
   readonly paths: string[];
-  private readonly byVpid = new Map<number, { addrs: bigint[]; locs: Located[] }>();
 
   /** @param chain the parent image, then its parent, and so on */
   constructor(readonly chain: LoadedImage[]) {
@@ -37,37 +36,41 @@ export class ParentResolver {
     return this.chain[0];
   }
 
-  /** The process's parent pages sorted by address. */
-  private pagesOf(vpid: number): { addrs: bigint[]; locs: Located[] } {
-    let sorted = this.byVpid.get(vpid);
-    if (sorted) return sorted;
-    const map = resolveProcess(this.chain.map((l) => l.image), vpid);
-    const addrs = [...map.keys()].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
-    sorted = { addrs, locs: addrs.map((a) => map.get(a)!) };
-    this.byVpid.set(vpid, sorted);
-    return sorted;
-  }
-
-  /** The parent's pages inside [start, end) of process `vpid`. */
+  /** The parent's pages inside [start, end) of process `vpid`: only the
+   * mappings of the chain that overlap the range are looked at. */
   pagesFor(vpid: number, start: bigint, end: bigint): ParentPages | undefined {
-    const { addrs, locs } = this.pagesOf(vpid);
-    let lo = 0;
-    let hi = addrs.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (addrs[mid] < start) lo = mid + 1;
-      else hi = mid;
+    const images = this.chain.map((l) => l.image);
+    const found = new Map<bigint, Located>();
+    resolveRange(images, vpid, start, end, 0, found);
+    if (!found.size) return undefined;
+    const addrs = [...found.keys()].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+    return {
+      index: Uint32Array.from(addrs, (a) => Number((a - start) / PAGE)),
+      file: Uint32Array.from(addrs, (a) => found.get(a)!.file),
+      offset: BigUint64Array.from(addrs, (a) => found.get(a)!.offset),
+    };
+  }
+}
+
+/** Where the private pages of `vpid` in [start, end) live in the chain
+ * from `depth` on, following from_parent links; adds them to `out`. */
+function resolveRange(images: Image[], vpid: number, start: bigint, end: bigint, depth: number, out: Map<bigint, Located>): void {
+  const proc = images[depth]?.processes.find((p) => p.vpid === vpid);
+  if (!proc) return;
+  for (const vma of proc.vmas) {
+    if (vma.end <= start || vma.start >= end || !vma.pages) continue;
+    storedPages(vma.pages, (page, offset) => {
+      const addr = vma.start + BigInt(page) * PAGE;
+      if (addr >= start && addr < end) out.set(addr, { file: depth, offset });
+    });
+    const inherit = vma.pages.fromParent;
+    for (let i = 0; i < inherit.length; i += 2) {
+      const lo = vma.start + BigInt(inherit[i]) * PAGE;
+      const hi = lo + BigInt(inherit[i + 1]) * PAGE;
+      const a = lo > start ? lo : start;
+      const b = hi < end ? hi : end;
+      if (a < b) resolveRange(images, vpid, a, b, depth + 1, out);
     }
-    const index: number[] = [];
-    const file: number[] = [];
-    const offset: bigint[] = [];
-    for (let i = lo; i < addrs.length && addrs[i] < end; i++) {
-      index.push(Number((addrs[i] - start) / PAGE));
-      file.push(locs[i].file);
-      offset.push(locs[i].offset);
-    }
-    if (!index.length) return undefined;
-    return { index: Uint32Array.from(index), file: Uint32Array.from(file), offset: BigUint64Array.from(offset) };
   }
 }
 

@@ -1,0 +1,83 @@
+/**
+ * Dirty-page tracking for incremental and pre-copy snapshots: which pages a
+ * process wrote since the last snapshot, without reading its memory.
+ *
+ * This kernel has no soft-dirty bits; it has userfaultfd write-protection in
+ * asynchronous mode (Linux 6.7): a write to a protected page just clears the
+ * protection, with no fault handler, and PAGEMAP_SCAN, run from outside on
+ * /proc/PID/pagemap, lists the pages whose protection was cleared and can
+ * protect them again in the same pass. The userfaultfd lives in the
+ * process, at a high descriptor number recorded with the application; it is
+ * not part of the application's state, and images leave it out.
+ *
+ * Where the kernel refuses (an older kernel, a process that forked since:
+ * registrations are not inherited), the snapshot compares pages with the
+ * parent image instead, which is exact but reads all memory.
+ */
+import { readlinkSync } from 'node:fs';
+import { addon } from '../native.js';
+import { readMaps } from '../resources/memory.js';
+import { type Injector, NR } from './inject.js';
+
+const UFFD_USER_MODE_ONLY = 1;
+const O_CLOEXEC = 0o2000000;
+const UFFD_API = 0xaan;
+const UFFD_FEATURE_WP_UNPOPULATED = 1n << 13n;
+const UFFD_FEATURE_WP_ASYNC = 1n << 15n;
+const UFFDIO_API = 0xc018aa3f;
+const UFFDIO_REGISTER = 0xc020aa00;
+const UFFDIO_REGISTER_MODE_WP = 2n;
+const F_DUPFD_CLOEXEC = 1030;
+/** Where the userfaultfd is put: out of the way of the application's own. */
+export const TRACKING_FD_MIN = 900;
+
+const isErr = (r: bigint) => r < 0n && r > -4096n;
+
+/** Whether fd `fd` of `pid` is a userfaultfd. */
+export function isUserfaultfd(pid: number, fd: number): boolean {
+  try {
+    return readlinkSync(`/proc/${pid}/fd/${fd}`) === 'anon_inode:[userfaultfd]';
+  } catch {
+    return false;
+  }
+}
+
+/** The mappings worth tracking: private and writable ([heap], [stack] and
+ * anonymous memory, libraries' data), not the vDSO's. */
+function trackable(pid: number) {
+  return readMaps(pid).filter((m) => m.perms[1] === 'w' && m.perms[3] === 'p' && !m.path.startsWith('[v'));
+}
+
+/**
+ * Makes sure `pid` has a userfaultfd at `fd` (or makes one, returning its
+ * number) with every writable private mapping registered for
+ * write-protection, and protects all their pages now: from here on, writes
+ * are tracked. Returns undefined if the kernel does not allow it.
+ */
+export function armTracking(inj: Injector, pid: number, pagemapFd: number, fd: number | undefined): number | undefined {
+  if (fd === undefined || !isUserfaultfd(pid, fd)) {
+    const made = inj.call(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
+    if (isErr(made)) return undefined;
+    const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, fd ?? TRACKING_FD_MIN]);
+    inj.call(NR.close, [made]);
+    if (isErr(moved)) return undefined;
+    const api = Buffer.alloc(24);
+    api.writeBigUInt64LE(UFFD_API, 0);
+    api.writeBigUInt64LE(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 8);
+    if (isErr(inj.callWith(NR.ioctl, [moved, UFFDIO_API, 'buf'], api).ret)) {
+      inj.call(NR.close, [moved]);
+      return undefined;
+    }
+    fd = Number(moved);
+  }
+  for (const m of trackable(pid)) {
+    const reg = Buffer.alloc(32);
+    reg.writeBigUInt64LE(m.start, 0);
+    reg.writeBigUInt64LE(m.end - m.start, 8);
+    reg.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
+    // A mapping the kernel will not track (VM_PFNMAP, say) is compared.
+    if (isErr(inj.callWith(NR.ioctl, [fd, UFFDIO_REGISTER, 'buf'], reg).ret)) continue;
+    addon().scanWritten(pagemapFd, m.start, m.end, true);
+  }
+  return fd;
+}
