@@ -28,6 +28,7 @@ const UFFDIO_API = 0xc018aa3f;
 const UFFDIO_REGISTER = 0xc020aa00;
 const UFFDIO_REGISTER_MODE_WP = 2n;
 const F_DUPFD_CLOEXEC = 1030;
+const RLIMIT_NOFILE = 7;
 /** Where the userfaultfd is put: out of the way of the application's own. */
 export const TRACKING_FD_MIN = 900;
 
@@ -58,7 +59,10 @@ export function armTracking(inj: Injector, pid: number, pagemapFd: number, fd: n
   if (fd === undefined || !isUserfaultfd(pid, fd)) {
     const made = inj.call(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
     if (isErr(made)) return undefined;
-    const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, fd ?? TRACKING_FD_MIN]);
+    // High, but under the process's descriptor limit (snapfix sets 777).
+    const soft = Number(addon().prlimits(pid)[RLIMIT_NOFILE][0]);
+    const min = Math.max(10, Math.min(fd ?? TRACKING_FD_MIN, soft - 16));
+    const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
     inj.call(NR.close, [made]);
     if (isErr(moved)) return undefined;
     const api = Buffer.alloc(24);
