@@ -179,6 +179,7 @@ program
   .option('-o, --output <path>', "image directory to create, or '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
   .option('--leave-running', 'resume the application afterwards instead of ending it; the next snapshot is incremental', false)
   .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
+  .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
   .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
   .option('--json', 'print what was written as JSON', false)
   .addHelpText(
@@ -189,7 +190,7 @@ program
       'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
       '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
   )
-  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; timeout: string; json: boolean }) => {
+  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; json: boolean }) => {
     const aid = opts.aid ?? aidArg;
     if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
     const timeout = Number(opts.timeout);
@@ -199,6 +200,7 @@ program
       output: opts.output ?? `${aid}-${stamp}.appshot`,
       leaveRunning: opts.leaveRunning,
       full: opts.full,
+      preCopy: opts.preCopy,
       timeoutMs: timeout * 1000,
     });
     if (opts.json) {

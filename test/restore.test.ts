@@ -128,6 +128,21 @@ describe('snapshot → restore of a program with one of each resource', () => {
     restore(incr);
     await checksPass(aid);
   });
+
+  it('restores a --pre-copy image: memory copied while running, the rest frozen', async () => {
+    const main = pidOf(aid, 2);
+    process.kill(main, 'SIGUSR1'); // it rewrites heap pages meanwhile
+    const r = sb.run(['snapshot', aid, '-o', join(out, 'rt-pre'), '--pre-copy', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const result = JSON.parse(r.stdout);
+    expect(result.preCopyFrozenMs).toBeGreaterThan(0);
+    // Most memory comes from the copy made while it ran (base/).
+    expect(result.pagesFromParent).toBeGreaterThan(result.pages);
+    expect(sb.json<Json>(['inspect', join(out, 'rt-pre')]).parent.path).toBe('base');
+    restore(join(out, 'rt-pre'));
+    await checksPass(aid);
+    expect(await hello(port)).toBe('hello\n');
+  });
 });
 
 describe('a program that is always receiving a signal', () => {

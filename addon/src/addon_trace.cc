@@ -338,6 +338,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
         auto w = written.As<Napi::Uint32Array>();
         parent.written = w.Data();
         parent.nwritten = w.ElementLength() / 2;
+        parent.tracked = 1;
       }
     }
     pages_result r;

@@ -181,7 +181,7 @@ static int was_written(const pages_parent* p, size_t* cursor, uint32_t idx) {
  * those the parent already holds unchanged, and records both kinds of run. */
 static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, uint32_t count,
                     const pages_parent* parent, size_t* cursor, pages_result* out) {
-  if (parent && parent->written) {
+  if (parent && parent->tracked) {
     /* Tracked: unwritten pages the parent holds are not even read. */
     size_t wc = 0;
     uint32_t i = 0;
@@ -205,6 +205,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
       } else {
         pages_parent untracked = *parent;
         untracked.written = NULL;
+        untracked.tracked = 0;
         untracked.count = 0; /* written pages are stored, not compared */
         size_t none = 0;
         rc = copy_run(w, pid, start, idx, j - i, &untracked, &none, out);

@@ -27,6 +27,7 @@ typedef struct {
    * the parent's, unread; without tracking (NULL) every page is compared. */
   const uint32_t* written;
   size_t nwritten;
+  int tracked; /* `written` is meaningful (it may be empty) */
 } pages_parent;
 
 /* PAGEMAP_SCAN (Linux 6.7): the pages of [start, end) written since they

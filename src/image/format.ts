@@ -25,7 +25,7 @@ import {
   writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
@@ -157,12 +157,15 @@ export function removeStalePartials(dir: string): void {
   }
 }
 
-/** Writes a directory image at `dest` from the finished page file. */
-export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): void {
+/** Writes a directory image at `dest` from the finished page file.
+ * `subdirs` (name → a directory already written) move inside it: a
+ * pre-copy image carries its base this way. */
+export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
   const tmp = join(parent, `.${basename(dest)}.partial-${process.pid}`);
   mkdirSync(tmp);
   try {
+    for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
     writeSynced(join(tmp, PARTS.image), imageBytes);
@@ -222,6 +225,12 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
     throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${(e as Error).message})`);
   }
   return dir;
+}
+
+/** Where an image's parent is: a relative path is inside the image (a
+ * pre-copy image's base). */
+export function parentPath(imageDir: string, path: string): string {
+  return isAbsolute(path) ? path : join(imageDir, path);
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies every

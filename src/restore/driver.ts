@@ -15,7 +15,7 @@ import { closeSync, constants as fs, fstatSync, openSync, readSync, unlinkSync, 
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type LoadedImage, loadImage, PARTS } from '../image/format.js';
+import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
 import { type Fd, FdKind, type Image, type Process } from '../image/types.js';
 import { addon, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -56,9 +56,10 @@ async function loadChain(path: string): Promise<LoadedImage[]> {
   const chain = [await loadImage(path)];
   try {
     for (;;) {
-      const parent = chain[chain.length - 1].image.parent;
+      const child = chain[chain.length - 1];
+      const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parent.path).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path)).catch((e: Error) => {
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);

@@ -6,12 +6,12 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
-import { dirname, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { commitImageDir, type LoadedImage, loadImage, newImageId, removeStalePartials, streamImageTar } from '../image/format.js';
+import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
@@ -39,6 +39,9 @@ export interface SnapshotOptions {
   timeoutMs: number;
   /** Do not build on the application's previous image. */
   full: boolean;
+  /** Copy memory while the application runs first; freeze it only for
+   * the pages written meanwhile. */
+  preCopy?: boolean;
 }
 
 export interface SnapshotResult {
@@ -52,6 +55,9 @@ export interface SnapshotResult {
   pagesFromParent: number;
   bytes: number;
   frozenMs: number;
+  /** --pre-copy: the application was also frozen this long at the start,
+   * while dirty tracking was set up. */
+  preCopyFrozenMs?: number;
   totalMs: number;
   leftRunning: boolean;
 }
@@ -80,7 +86,7 @@ async function parentChain(record: AppRecord): Promise<ParentResolver | undefine
       const loaded = await loadImage(path);
       chain.push(loaded);
       if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);
-      path = loaded.image.parent?.path;
+      path = loaded.image.parent ? parentPath(loaded.dir, loaded.image.parent.path) : undefined;
       expected = loaded.image.parent?.imageId ?? '';
     }
     return new ParentResolver(chain);
@@ -158,6 +164,69 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
 }
 
+/**
+ * Pre-copy, first half: a brief freeze arms dirty tracking, then every
+ * process's memory is copied while the application runs, into a base image
+ * of memory only (`.NAME-base.partial-PID` beside the output, moved inside
+ * it at the end). The snapshot proper then freezes the application only to
+ * copy what was written meanwhile.
+ */
+async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], output: string, timeoutMs: number, vpidOf: (pid: number) => number): Promise<{ dir: string; id: string; frozenMs: number }> {
+  const freezer = new Freezer(roots, record.initPid!, vpidOf);
+  let armed: number[] | undefined;
+  let pids: number[];
+  let frozenMs = 0;
+  try {
+    freezer.freeze(timeoutMs);
+    const t0 = now();
+    pids = [...freezer.byProcess().keys()];
+    armed = armAll(freezer, record.trackingFds?.[0]);
+    frozenMs = (now() - t0) / 1000;
+  } finally {
+    freezer.resume();
+  }
+  if (armed) {
+    const current = reg.get(record.aid);
+    if (current) reg.update({ ...current, trackingFds: [...new Set([...(current.trackingFds ?? []), ...armed])] });
+  }
+  const dir = join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`);
+  mkdirSync(dir);
+  const pages = new (addon().PageWriter)(dir, []);
+  try {
+    const image = emptyImage(record);
+    const tables = addon().readTables(record.tables);
+    const ctx = new DumpContext(image, tables, record.tables, pages, undefined);
+    for (const pid of pids) {
+      const vpid = ctx.virtual('pid', pid);
+      image.processes.push({ ...memoryOnly(vpid, pid), vmas: dumpMemory(ctx, pid, vpid, nameProcess(vpid, readComm(pid))) });
+    }
+    const part = pages.finish();
+    const id = newImageId();
+    const final = join(dir, 'image');
+    commitImageDir(final, image, pages, part, id);
+    // The base is the directory itself: its parts, not a nested one.
+    for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
+    rmSync(final, { recursive: true });
+    return { dir, id, frozenMs };
+  } catch (e) {
+    pages.abort();
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+/** A process of a base image: its memory only. */
+function memoryOnly(vpid: number, pid: number): Process {
+  const none = 0n;
+  return {
+    vpid, vppid: 0, vpgid: 0, vsid: 0, pid, comm: '', argv: [], exe: '', cwd: '', root: '', umask: 0,
+    creds: { uid: [], gid: [], groups: [], capEff: none, capPrm: none, capInh: none, capBnd: none, noNewPrivs: false, seccomp: 0 },
+    rlimits: [], sigactions: [], sharedPending: Buffer.alloc(0), threads: [], vmas: [], fds: [],
+    mm: { startCode: none, endCode: none, startData: none, endData: none, startBrk: none, brk: none, startStack: none, argStart: none, argEnd: none, envStart: none, envEnd: none, auxv: Buffer.alloc(0) },
+    groupStopped: false, personality: 0, dumpable: true, glibcTidOffset: 0, itimers: [],
+  };
+}
+
 /** Arms dirty tracking in every process (still frozen); returns the
  * descriptor numbers its userfaultfds have, or undefined where the kernel
  * refuses (then the next snapshot compares pages instead). */
@@ -220,11 +289,25 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
     removeStalePartials(dirname(output));
   }
-  const parent = opts.full ? undefined : await parentChain(record);
   const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
+  const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
+  let base: { dir: string; id: string; frozenMs: number } | undefined;
+  if (opts.preCopy) {
+    if (toStream) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a path', ExitCode.usage);
+    base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf);
+    record.trackingFds = reg.get(aid)?.trackingFds;
+    record.lastImage = { path: base.dir, id: base.id, tracked: true };
+  }
+  let parent: ParentResolver | undefined;
+  try {
+    parent = opts.full && !base ? undefined : await parentChain(record);
+  } catch (e) {
+    if (base) rmSync(base.dir, { recursive: true, force: true });
+    throw e;
+  }
   const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? []);
   const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
-  const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0);
+  const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? vpidOf(pid));
   const progress = new Progress();
   const image = emptyImage(record);
   const imageId = newImageId();
@@ -239,7 +322,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Dirty tracking counts only against the image it was armed for.
     const tracked = !!parent && !!record.lastImage?.tracked;
     const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, record.trackingFds ?? [], tracked);
-    if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
+    if (base) image.parent = { imageId: base.id, path: 'base' };
+    else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
     phase('dumped');
     const dumpedAt = now();
@@ -274,7 +358,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       image.stats.frozenUs = BigInt(now() - frozenAt);
       checksumFiles(image);
       if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
-      else commitImageDir(output, image, pages, part, imageId);
+      else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
       freezer.kill();
       thawedAt = now();
       await waitReleased(reg, aid);
@@ -283,7 +367,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       checksumFiles(image);
       if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
       else {
-        commitImageDir(output, image, pages, part, imageId);
+        commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
         const current = reg.get(aid);
         if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: !!armed } });
       }
@@ -300,6 +384,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       pagesFromParent: inherited,
       bytes: part.size,
       frozenMs: Number(image.stats.frozenUs) / 1000,
+      ...(base ? { preCopyFrozenMs: base.frozenMs } : {}),
       totalMs: (now() - started) / 1000,
       leftRunning: opts.leaveRunning,
     };
@@ -309,10 +394,11 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     freezer.resume();
     // Tracking was re-armed for an image that does not exist: the next
     // snapshot must not trust it.
-    if (armed) {
+    if (armed || base) {
       const current = reg.get(aid);
       if (current) reg.update({ ...current, lastImage: undefined });
     }
+    if (base) rmSync(base.dir, { recursive: true, force: true });
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
