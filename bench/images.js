@@ -89,6 +89,13 @@ try {
       await waitLog(aid, /^DIRTIED/gm, i + 1);
       incr.push(appshot('snapshot', aid, '-o', join(work, `${aid}-incr-${i}`), '--leave-running'));
     }
+    const pre = [];
+    for (let i = 0; i < runs; i++) {
+      process.kill(mainPid(aid), 'SIGUSR1');
+      await waitLog(aid, /^DIRTIED/gm, runs + i + 1);
+      pre.push(appshot('snapshot', aid, '-o', join(work, `${aid}-pre-${i}`), '--leave-running', '--pre-copy'));
+      rmSync(join(work, `${aid}-pre-${i}`), { recursive: true });
+    }
     const image = join(work, `${aid}-final`);
     appshot('snapshot', aid, '-o', image, '--full');
     const bytes = statSync(join(image, 'pages.img')).size;
@@ -109,6 +116,8 @@ try {
       vs_cp: +(total / median(cp)).toFixed(2),
       incr_frozen_ms: +median(incr.map((r) => r.frozenMs)).toFixed(1),
       incr_pages: median(incr.map((r) => r.pages)),
+      precopy_frozen_ms: +median(pre.map((r) => r.frozenMs)).toFixed(1),
+      precopy_arm_ms: +median(pre.map((r) => r.preCopyFrozenMs)).toFixed(1),
       restore_ms: +median(restoreRuns.eager).toFixed(1),
       lazy_ms: +median(restoreRuns.lazy).toFixed(1),
       cold_start_ms: +median(cold).toFixed(1),

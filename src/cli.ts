@@ -259,6 +259,11 @@ program
   });
 
 async function main(): Promise<void> {
+  // `appshot inspect IMAGE | head`: a reader that goes away is not an error.
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw e;
+  });
   try {
     await program.parseAsync(process.argv);
   } catch (e) {

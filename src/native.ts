@@ -121,7 +121,7 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parents: string[]) => PageWriter;
+  PageWriter: new (dir: string, parents: string[], spool?: boolean) => PageWriter;
   pipe(): [number, number];
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;

@@ -264,7 +264,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
-  // new PageWriter(dir, parentPaths: string[]): an unnamed file in dir.
+  // new PageWriter(dir, parentPaths: string[], spool?): an unnamed file in
+  // dir; with spool, written through memory first (see pw_open).
   explicit PageWriter(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageWriter>(info) {
     Napi::Env env = info.Env();
     std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -289,7 +290,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
         sizes_.push_back(st.st_size);
       }
     }
-    int rc = pw_open(&w_, path.c_str());
+    bool spool = info.Length() > 2 && info[2].ToBoolean();
+    int rc = pw_open(&w_, path.c_str(), spool ? 1 : 0);
     if (rc) {
       ThrowErrno(env, "creating " + path, -rc);
       return;
@@ -411,7 +413,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   }
 
   // fd(): the file's descriptor, for streaming it out.
-  Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), w_.fd); }
+  Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), w_.file_fd); }
 
   // abort(): closes the file (which vanishes if it was never linked).
   Napi::Value Abort(const Napi::CallbackInfo& info) {

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -68,18 +70,21 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len) {
 
 /* ---- the writer */
 
-int pw_open(page_writer* w, const char* dir) {
+int pw_open(page_writer* w, const char* dir, int spool) {
   memset(w, 0, sizeof *w);
+  w->fd = w->file_fd = -1;
   w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
   if (!w->buf) return -ENOMEM;
   w->buf_size = WRITE_BUFFER;
-  w->fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
-  if (w->fd < 0) {
+  w->file_fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
+  if (w->file_fd < 0) {
     int e = errno;
     free(w->buf);
     w->buf = NULL;
     return -e;
   }
+  w->fd = spool ? memfd_create("appshot-spool", MFD_CLOEXEC) : w->file_fd;
+  if (w->fd < 0) w->fd = w->file_fd;
   return 0;
 }
 
@@ -384,7 +389,18 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
 
 int pw_finish(page_writer* w) {
   int rc = flush(w);
-  if (!rc && fsync(w->fd)) rc = -errno;
+  if (!rc && w->fd != w->file_fd) {
+    /* The spool reaches the file now, after the application was let go. */
+    off_t in = 0;
+    while (!rc && (uint64_t)in < w->size) {
+      ssize_t n = sendfile(w->file_fd, w->fd, &in, w->size - (uint64_t)in);
+      if (n < 0 && errno != EINTR) rc = -errno;
+      if (n == 0) rc = -EIO;
+    }
+    close(w->fd);
+    w->fd = w->file_fd;
+  }
+  if (!rc && fsync(w->file_fd)) rc = -errno;
   free(w->buf);
   w->buf = NULL;
   return rc;
@@ -392,7 +408,7 @@ int pw_finish(page_writer* w) {
 
 int pw_link(page_writer* w, const char* path) {
   char self[64];
-  snprintf(self, sizeof self, "/proc/self/fd/%d", w->fd);
+  snprintf(self, sizeof self, "/proc/self/fd/%d", w->file_fd);
   /* Following the magic link names the unnamed file; this needs no
    * privilege, unlike AT_EMPTY_PATH. */
   if (linkat(AT_FDCWD, self, AT_FDCWD, path, AT_SYMLINK_FOLLOW)) return -errno;
@@ -400,8 +416,9 @@ int pw_link(page_writer* w, const char* path) {
 }
 
 void pw_abort(page_writer* w) {
-  if (w->fd >= 0) close(w->fd);
-  w->fd = -1;
+  if (w->fd >= 0 && w->fd != w->file_fd) close(w->fd);
+  if (w->file_fd >= 0) close(w->file_fd);
+  w->fd = w->file_fd = -1;
   free(w->buf);
   w->buf = NULL;
 }

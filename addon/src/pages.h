@@ -38,7 +38,8 @@ typedef struct {
 long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset, uint32_t** out);
 
 typedef struct {
-  int fd;
+  int fd;         /* where writes go: the file, or the spool */
+  int file_fd;    /* the unnamed file in the image's directory */
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
   uint32_t crc;   /* CRC-32C of everything written so far */
   uint8_t* buf;
@@ -64,8 +65,10 @@ typedef struct {
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
- * pw_link, nothing is left behind. */
-int pw_open(page_writer* w, const char* dir);
+ * pw_link, nothing is left behind. With `spool`, pages go to memory (a
+ * memfd) first and reach the file in pw_finish: a dump while the
+ * application is frozen then runs at memory speed, not the disk's. */
+int pw_open(page_writer* w, const char* dir, int spool);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. */
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,

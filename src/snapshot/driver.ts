@@ -227,6 +227,20 @@ function memoryOnly(vpid: number, pid: number): Process {
   };
 }
 
+/** Whether the application's resident memory fits in half of what the
+ * machine has available: then a dump can be spooled in memory. */
+function fitsInMemory(pids: number[]): boolean {
+  let resident = 0;
+  for (const pid of pids)
+    try {
+      resident += Number(readFileSync(`/proc/${pid}/statm`, 'utf8').split(' ')[1]) * 4096;
+    } catch {
+      /* gone */
+    }
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+  return !!m && resident < (Number(m[1]) * 1024) / 2;
+}
+
 /** Arms dirty tracking in every process (still frozen); returns the
  * descriptor numbers its userfaultfds have, or undefined where the kernel
  * refuses (then the next snapshot compares pages instead). */
@@ -305,7 +319,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (base) rmSync(base.dir, { recursive: true, force: true });
     throw e;
   }
-  const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? []);
+  // With --leave-running, pages are spooled in memory while the
+  // application is frozen and written out after it goes on, when memory
+  // allows (the disk is often the slowest part).
+  const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], opts.leaveRunning && fitsInMemory(roots));
   const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
   const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? vpidOf(pid));
   const progress = new Progress();
