@@ -123,6 +123,7 @@ interface Addon {
   };
   PageWriter: new (dir: string, parents: string[], spool?: boolean) => PageWriter;
   pipe(): [number, number];
+  pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
   eventfd(count: number, flags: number): number;

@@ -175,6 +175,8 @@ describe('snapshot of a program with one of each resource', () => {
     expect(w).toMatchObject({ kindName: 'PIPE', writeEnd: true });
     expect(r).toMatchObject({ kindName: 'PIPE', writeEnd: false, pipe: w.pipe });
     expect(Buffer.from(image.pipes[w.pipe].data.hex, 'hex').toString()).toBe('in-flight-data');
+    // A pipe enlarged past the default 64 KiB keeps all it holds.
+    expect(image.pipes.some((p: Json) => p.data.bytes === 100000 && p.capacity === 256 * 1024)).toBe(true);
     const listen = fd(parent, 6);
     expect(listen).toMatchObject({ kindName: 'TCP_LISTEN', socket: { address: '127.0.0.1', port: Number(ready[1]), listening: true, reuseaddr: true } });
     expect(fd(parent, 7)).toMatchObject({ kindName: 'EVENTFD', eventfdCount: 5 });

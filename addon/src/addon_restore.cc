@@ -75,6 +75,16 @@ Napi::Value Lseek(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(r));
 }
 
+// pipeCapacity(fd, size?) -> capacity: F_GETPIPE_SZ, or F_SETPIPE_SZ first.
+Napi::Value PipeCapacity(const Napi::CallbackInfo& info) {
+  int fd = Int(info[0]);
+  if (info.Length() > 1 && fcntl(fd, F_SETPIPE_SZ, Int(info[1])) < 0) {
+    ThrowErrno(info.Env(), "F_SETPIPE_SZ", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), fcntl(fd, F_GETPIPE_SZ));
+}
+
 // setStatusFlags(fd, flags): O_APPEND, O_NONBLOCK... of the description.
 Napi::Value SetStatusFlags(const Napi::CallbackInfo& info) {
   if (fcntl(Int(info[0]), F_SETFL, Int(info[1]))) ThrowErrno(info.Env(), "fcntl F_SETFL", errno);
@@ -405,6 +415,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("pipe", Pipe);
+  fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);
   fn("writePages", WritePages);
   fn("eventfd", EventFd);

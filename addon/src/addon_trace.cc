@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/msg.h>
 #include <sys/resource.h>
@@ -534,6 +535,13 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   close(p[1]);
   if (n < 0 && e != EAGAIN) {
     ThrowErrno(env, "tee", e);
+    return env.Undefined();
+  }
+  // All of it or nothing: a copy cut short (our pipe could not be made as
+  // big as the process's) would restore a pipe with data missing.
+  int held = 0;
+  if (ioctl(src, FIONREAD, &held) == 0 && static_cast<size_t>(held) > data.size()) {
+    ThrowErrno(env, "copying a pipe's " + std::to_string(held) + " bytes in flight", EMSGSIZE);
     return env.Undefined();
   }
   return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());

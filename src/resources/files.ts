@@ -52,7 +52,7 @@ function pipeOf(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath
         reader = reopened;
       }
       try {
-        return { ino, data: addon().peekPipe(reader), capacity: 0, fifoPath };
+        return { ino, data: addon().peekPipe(reader), capacity: addon().pipeCapacity(reader), fifoPath };
       } finally {
         if (reopened >= 0) closeSync(reopened);
       }

@@ -177,7 +177,12 @@ class Handover {
         const [r, w] = addon().pipe();
         p = { read: this.keep(r), write: this.keep(w) };
       }
-      if (pipe.data.length) writeSync(p.write, pipe.data);
+      // The capacity first: more than the default 64 KiB may be in flight.
+      // The refill never blocks: data that does not fit is an error.
+      if (pipe.capacity) addon().pipeCapacity(p.write, Math.max(pipe.capacity, pipe.data.length));
+      addon().setStatusFlags(p.write, fs.O_WRONLY | fs.O_NONBLOCK);
+      if (pipe.data.length && writeSync(p.write, pipe.data) !== pipe.data.length)
+        throw new AppshotError(`a pipe's ${pipe.data.length} bytes in flight do not fit in it here`);
       this.pipes.set(index, p);
     }
     const end = fd.writeEnd ? p.write : p.read;
