@@ -47,10 +47,16 @@ export interface AppRecord {
   initStartTime?: number;
   /** The last image taken with --leave-running: the next snapshot is
    * incremental against it. */
-  lastImage?: { path: string; id: string; tracked?: boolean };
-  /** Descriptor numbers at which dirty tracking keeps a userfaultfd in the
-   * application's processes (never part of an image). */
-  trackingFds?: number[];
+  lastImage?: {
+    path: string;
+    id: string;
+    /** Processes (system PID:start time) whose writes since this image are
+     * tracked; the others are compared page by page. */
+    tracked?: string[];
+  };
+  /** Where dirty tracking keeps a userfaultfd in each process (system
+   * PID:start time → descriptor number); never part of an image. */
+  tracking?: Record<string, number>;
 }
 
 /** Fills in a new registration, given where its state and tables go. */

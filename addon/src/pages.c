@@ -182,10 +182,15 @@ static int was_written(const pages_parent* p, size_t* cursor, uint32_t idx) {
   return *cursor < p->nwritten && p->written[2 * *cursor] <= idx;
 }
 
+static const uint8_t zero_page[PAGE];
+
 /* Copies pages [first, first+count) of the mapping into the buffer, drops
- * those the parent already holds unchanged, and records both kinds of run. */
+ * those the parent already holds unchanged (and, for anonymous memory,
+ * those that are all zeros: absent is the same to a restore, and dirty
+ * tracking leaves markers that pagemap counts as swapped pages), and
+ * records both kinds of run. */
 static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, uint32_t count,
-                    const pages_parent* parent, size_t* cursor, pages_result* out) {
+                    const pages_parent* parent, size_t* cursor, pages_result* out, int drop_zero) {
   if (parent && parent->tracked) {
     /* Tracked: unwritten pages the parent holds are not even read. */
     size_t wc = 0;
@@ -213,7 +218,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
         untracked.tracked = 0;
         untracked.count = 0; /* written pages are stored, not compared */
         size_t none = 0;
-        rc = copy_run(w, pid, start, idx, j - i, &untracked, &none, out);
+        rc = copy_run(w, pid, start, idx, j - i, &untracked, &none, out, drop_zero);
       }
       if (rc) return rc;
       i = j;
@@ -233,6 +238,10 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
     uint32_t kept = 0;
     for (uint32_t i = 0; i < n; i++) {
       uint8_t* page = dst + (size_t)i * PAGE;
+      if (drop_zero && memcmp(page, zero_page, PAGE) == 0) {
+        parent_page(w, parent, cursor, first + i); /* keep the cursor in step */
+        continue;
+      }
       const uint8_t* old = parent_page(w, parent, cursor, first + i);
       if (old && memcmp(old, page, PAGE) == 0) {
         if ((rc = push_pair(&out->same, &out->nsame, &out->same_cap, first + i, 1))) return rc;
@@ -275,7 +284,7 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
       }
       uint32_t j = i + 1;
       while (j < n && wanted(pm[j], mode)) j++;
-      rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out);
+      rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out, mode == PAGES_ANON);
       i = j;
     }
   }

@@ -152,7 +152,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // With dirty tracking, a page not written since the parent is the
         // parent's and is not even read; an untracked mapping (null) is
         // compared page by page with the parent's copy.
-        const written = ctx.parent && ctx.tracked ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
+        const written = ctx.parent && ctx.trackedPids.has(pid) ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);

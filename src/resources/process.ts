@@ -175,7 +175,10 @@ export function restoreProcessState(r: RemoteProcess, p: Process): void {
   r.reset();
   r.call(`changing directory to ${p.cwd}`, SYS.chdir, [r.str(p.cwd)]);
   r.call('setting umask', SYS.umask, [p.umask]);
+  const seed = addon().prlimits(r.pid);
   for (const lim of p.rlimits) {
+    // Most limits are what the seed inherited already: one call saved each.
+    if (seed[lim.resource]?.[0] === lim.cur && seed[lim.resource]?.[1] === lim.max) continue;
     r.reset();
     const v = r.put(r.u64s([lim.cur, lim.max]));
     // A hard limit above ours needs CAP_SYS_RESOURCE: keep ours then.

@@ -24,8 +24,9 @@ export class DumpContext {
     /** Descriptor numbers of the userfaultfds that dirty tracking put in
      * the processes: not the application's, never in an image. */
     readonly trackingFds: number[] = [],
-    /** Whether those track writes since `parent` (else pages are compared). */
-    readonly tracked = false,
+    /** Processes (system PIDs) whose writes since `parent` are tracked;
+     * the others' pages are compared with the parent's. */
+    readonly trackedPids: Set<number> = new Set(),
   ) {
     for (const [kind, entries] of Object.entries(tables.tables))
       this.toVirtual.set(kind as Kind, new Map(entries.map((e) => [e.system, e.virtual])));

@@ -13,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
-import { addon, kinds, type TablesSnapshot } from '../native.js';
+import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpFds } from '../resources/files.js';
@@ -27,7 +27,7 @@ import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
 import { Injector } from './inject.js';
 import { ParentResolver } from './parent.js';
-import { armTracking } from './tracking.js';
+import { armTracking, processKey } from './tracking.js';
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
@@ -171,28 +171,25 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
  * it at the end). The snapshot proper then freezes the application only to
  * copy what was written meanwhile.
  */
-async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], output: string, timeoutMs: number, vpidOf: (pid: number) => number): Promise<{ dir: string; id: string; frozenMs: number }> {
+async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], output: string, timeoutMs: number, vpidOf: (pid: number) => number): Promise<Base> {
   const freezer = new Freezer(roots, record.initPid!, vpidOf);
-  let armed: number[] | undefined;
   let pids: number[];
   let frozenMs = 0;
+  let tracked: Set<number>;
   try {
     freezer.freeze(timeoutMs);
     const t0 = now();
     pids = [...freezer.byProcess().keys()];
-    armed = armAll(freezer, record.trackingFds?.[0]);
+    tracked = armAll(reg, record.aid, freezer);
     frozenMs = (now() - t0) / 1000;
   } finally {
     freezer.resume();
   }
-  if (armed) {
-    const current = reg.get(record.aid);
-    if (current) reg.update({ ...current, trackingFds: [...new Set([...(current.trackingFds ?? []), ...armed])] });
-  }
   const dir = join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`);
   mkdirSync(dir);
-  const pages = new (addon().PageWriter)(dir, []);
+  let pages: PageWriter | undefined;
   try {
+    pages = new (addon().PageWriter)(dir, []);
     const image = emptyImage(record);
     const tables = addon().readTables(record.tables);
     const ctx = new DumpContext(image, tables, record.tables, pages, undefined);
@@ -207,12 +204,20 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // The base is the directory itself: its parts, not a nested one.
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
     rmSync(final, { recursive: true });
-    return { dir, id, frozenMs };
+    return { dir, id, frozenMs, tracked };
   } catch (e) {
-    pages.abort();
+    pages?.abort();
     rmSync(dir, { recursive: true, force: true });
     throw e;
   }
+}
+
+interface Base {
+  dir: string;
+  id: string;
+  frozenMs: number;
+  /** System PIDs whose writes since the base are tracked. */
+  tracked: Set<number>;
 }
 
 /** A process of a base image: its memory only. */
@@ -241,24 +246,46 @@ function fitsInMemory(pids: number[]): boolean {
   return !!m && resident < (Number(m[1]) * 1024) / 2;
 }
 
-/** Arms dirty tracking in every process (still frozen); returns the
- * descriptor numbers its userfaultfds have, or undefined where the kernel
- * refuses (then the next snapshot compares pages instead). */
-function armAll(freezer: Freezer, preferredFd: number | undefined): number[] | undefined {
-  const fds = new Set<number>();
-  for (const [pid] of freezer.byProcess()) {
-    const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
-    const inj = Injector.open(pid, pid, vdso);
-    const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
-    try {
-      const fd = armTracking(inj, pid, pagemapFd, preferredFd);
-      if (fd !== undefined) fds.add(fd);
-    } finally {
-      closeSync(pagemapFd);
-      inj.close();
+/**
+ * Arms dirty tracking in every process (still frozen), and returns the
+ * system PIDs where it took (the others' pages will be compared).
+ *
+ * Order matters for a snapshot that fails: the previous image stops being
+ * trusted as a parent before any process's record of written pages is
+ * reset, and each userfaultfd is recorded as soon as it exists, so that
+ * images leave it out whatever happens next.
+ */
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> {
+  const before = reg.get(aid);
+  if (before) reg.update({ ...before, lastImage: undefined });
+  const previous = before?.tracking ?? {};
+  const strays = [...new Set(Object.values(previous))];
+  const tracking: Record<string, number> = {};
+  const tracked = new Set<number>();
+  try {
+    for (const [pid] of freezer.byProcess()) {
+      const key = processKey(pid);
+      const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
+      const inj = Injector.open(pid, pid, vdso);
+      const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+      try {
+        const fd = armTracking(inj, pid, pagemapFd, previous[key], strays);
+        if (fd !== undefined) {
+          tracking[key] = fd;
+          tracked.add(pid);
+        }
+      } finally {
+        closeSync(pagemapFd);
+        inj.close();
+      }
     }
+  } finally {
+    const current = reg.get(aid);
+    // Processes that are gone keep no entry; their numbers stay known as
+    // long as a live process might have inherited one.
+    if (current) reg.update({ ...current, tracking: { ...previous, ...tracking } });
   }
-  return fds.size ? [...fds] : undefined;
+  return tracked;
 }
 
 function readComm(pid: number): string {
@@ -305,24 +332,40 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   }
   const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
   const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
-  let base: { dir: string; id: string; frozenMs: number } | undefined;
-  if (opts.preCopy) {
-    if (toStream) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a path', ExitCode.usage);
-    base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf);
-    record.trackingFds = reg.get(aid)?.trackingFds;
-    record.lastImage = { path: base.dir, id: base.id, tracked: true };
-  }
+  if (opts.preCopy && toStream) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a path', ExitCode.usage);
+  let base: Base | undefined;
   let parent: ParentResolver | undefined;
+  // Processes whose writes since the parent are tracked (PID and start
+  // time, as recorded with the parent image, must still match).
+  let trackedPids = new Set<number>();
   try {
-    parent = opts.full && !base ? undefined : await parentChain(record);
+    if (opts.preCopy) {
+      base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf);
+      parent = await parentChain({ ...record, lastImage: { path: base.dir, id: base.id } });
+      trackedPids = base.tracked;
+    } else if (!opts.full) {
+      parent = await parentChain(record);
+      for (const key of parent ? (record.lastImage?.tracked ?? []) : []) {
+        const pid = Number(key.split(':')[0]);
+        if (processKey(pid) === key) trackedPids.add(pid);
+      }
+    }
   } catch (e) {
     if (base) rmSync(base.dir, { recursive: true, force: true });
-    throw e;
+    if (e instanceof AppshotError) throw e;
+    throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
   // With --leave-running, pages are spooled in memory while the
   // application is frozen and written out after it goes on, when memory
   // allows (the disk is often the slowest part).
-  const pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], opts.leaveRunning && fitsInMemory(roots));
+  let pages: PageWriter;
+  try {
+    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], opts.leaveRunning && fitsInMemory(roots));
+  } catch (e) {
+    if (base) rmSync(base.dir, { recursive: true, force: true });
+    for (const l of parent?.chain ?? []) l.dispose();
+    throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
+  }
   const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
   const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? vpidOf(pid));
   const progress = new Progress();
@@ -330,15 +373,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const imageId = newImageId();
   let frozenAt = 0;
   let thawedAt = 0;
-  let armed: number[] | undefined;
+  let armed: string[] | undefined;
   try {
     freezer.freeze(opts.timeoutMs);
     frozenAt = now();
     const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${((now() - frozenAt) / 1000).toFixed(2)} ms frozen: ${what}\n`);
     // Processes created while we were stopping the others mapped themselves.
-    // Dirty tracking counts only against the image it was armed for.
-    const tracked = !!parent && !!record.lastImage?.tracked;
-    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, record.trackingFds ?? [], tracked);
+    const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
+    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, trackingFds, trackedPids);
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
@@ -347,13 +389,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
     // This image becomes the next one's parent: track writes from here.
     const becomesParent = opts.leaveRunning && !toStream;
-    if (becomesParent) {
-      armed = armAll(freezer, record.trackingFds?.[0]);
-      // Known before anything else can fail: the next snapshot must skip
-      // these descriptors whatever happens to this one.
-      const current = reg.get(aid);
-      if (current && armed) reg.update({ ...current, trackingFds: [...new Set([...(current.trackingFds ?? []), ...armed])] });
-    }
+    if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
     phase('tracking armed');
     if (opts.leaveRunning) {
       freezer.resume();
@@ -386,7 +422,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       else {
         commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
         const current = reg.get(aid);
-        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: !!armed } });
+        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: armed } });
       }
     }
     progress.done();
@@ -409,12 +445,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     progress.done();
     pages.abort();
     freezer.resume();
-    // Tracking was re-armed for an image that does not exist: the next
-    // snapshot must not trust it.
-    if (armed || base) {
-      const current = reg.get(aid);
-      if (current) reg.update({ ...current, lastImage: undefined });
-    }
+    // armAll already stopped trusting the previous image before it reset
+    // anything; the base of a failed pre-copy goes.
     if (base) rmSync(base.dir, { recursive: true, force: true });
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;

@@ -17,6 +17,7 @@
 import { readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readMaps } from '../resources/memory.js';
+import { readStat } from '../procfs.js';
 import { type Injector, NR } from './inject.js';
 
 const UFFD_USER_MODE_ONLY = 1;
@@ -28,6 +29,7 @@ const UFFDIO_API = 0xc018aa3f;
 const UFFDIO_REGISTER = 0xc020aa00;
 const UFFDIO_REGISTER_MODE_WP = 2n;
 const F_DUPFD_CLOEXEC = 1030;
+const EBUSY = -16n;
 const RLIMIT_NOFILE = 7;
 /** Where the userfaultfd is put: out of the way of the application's own. */
 export const TRACKING_FD_MIN = 900;
@@ -43,25 +45,37 @@ export function isUserfaultfd(pid: number, fd: number): boolean {
   }
 }
 
-/** The mappings worth tracking: private and writable ([heap], [stack] and
- * anonymous memory, libraries' data), not the vDSO's. */
+/** The mappings worth tracking: private, writable and anonymous ([heap],
+ * [stack] and the rest). Not private file mappings: a page of theirs
+ * dropped with MADV_DONTNEED reads the file again, but leaves a marker that
+ * PAGEMAP_SCAN does not call written; those are compared instead. */
 function trackable(pid: number) {
-  return readMaps(pid).filter((m) => m.perms[1] === 'w' && m.perms[3] === 'p' && !m.path.startsWith('[v'));
+  return readMaps(pid).filter((m) => m.perms[1] === 'w' && m.perms[3] === 'p' && m.ino === 0n && !m.path.startsWith('[v'));
+}
+
+/** "PID:start time": names one process for good, as a PID alone does not. */
+export function processKey(pid: number): string {
+  return `${pid}:${readStat(pid)?.startTime ?? 0}`;
 }
 
 /**
- * Makes sure `pid` has a userfaultfd at `fd` (or makes one, returning its
- * number) with every writable private mapping registered for
- * write-protection, and protects all their pages now: from here on, writes
- * are tracked. Returns undefined if the kernel does not allow it.
+ * Makes sure `pid` has a userfaultfd of its own (at `own`, the one made for
+ * it before, or a new one; userfaultfds at the numbers in `strays`,
+ * inherited from a parent or left by an earlier failure, are closed), with
+ * every writable anonymous mapping registered for write-protection, and
+ * protects all their pages now: from here on, writes are tracked. Returns
+ * the descriptor, or undefined if the process cannot be tracked (then its
+ * pages are compared).
  */
-export function armTracking(inj: Injector, pid: number, pagemapFd: number, fd: number | undefined): number | undefined {
-  if (fd === undefined || !isUserfaultfd(pid, fd)) {
+export function armTracking(inj: Injector, pid: number, pagemapFd: number, own: number | undefined, strays: number[]): number | undefined {
+  let fd = own !== undefined && isUserfaultfd(pid, own) ? own : undefined;
+  for (const n of strays) if (n !== fd && isUserfaultfd(pid, n)) inj.call(NR.close, [n]);
+  if (fd === undefined) {
     const made = inj.call(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
     if (isErr(made)) return undefined;
     // High, but under the process's descriptor limit (snapfix sets 777).
     const soft = Number(addon().prlimits(pid)[RLIMIT_NOFILE][0]);
-    const min = Math.max(10, Math.min(fd ?? TRACKING_FD_MIN, soft - 16));
+    const min = Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
     const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
     inj.call(NR.close, [made]);
     if (isErr(moved)) return undefined;
@@ -79,8 +93,13 @@ export function armTracking(inj: Injector, pid: number, pagemapFd: number, fd: n
     reg.writeBigUInt64LE(m.start, 0);
     reg.writeBigUInt64LE(m.end - m.start, 8);
     reg.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
-    // A mapping the kernel will not track (VM_PFNMAP, say) is compared.
-    if (isErr(inj.callWith(NR.ioctl, [fd, UFFDIO_REGISTER, 'buf'], reg).ret)) continue;
+    const r = inj.callWith(NR.ioctl, [fd, UFFDIO_REGISTER, 'buf'], reg).ret;
+    // Registered with another userfaultfd: its writes would be reset by no
+    // one. The process is not tracked.
+    if (r === -EBUSY) return undefined;
+    // A mapping the kernel will not track (VM_PFNMAP, say) is compared:
+    // the scan finds it unregistered.
+    if (isErr(r)) continue;
     addon().scanWritten(pagemapFd, m.start, m.end, true);
   }
   return fd;
