@@ -48,7 +48,14 @@ function pipeOf(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath
       let reader = dup;
       let reopened = -1;
       if ((fdinfoFlags(pid, fd) & O_ACCMODE) === O_WRONLY) {
-        reopened = openSync(`/proc/self/fd/${dup}`, 'r+');
+        try {
+          reopened = openSync(`/proc/self/fd/${dup}`, 'r+');
+        } catch {
+          // A pipe someone else made (inherited from outside, another
+          // user's): its data is its outside reader's, and a restore sends
+          // this end to the log anyway.
+          return { ino, data: Buffer.alloc(0), capacity: addon().pipeCapacity(dup), fifoPath };
+        }
         reader = reopened;
       }
       try {

@@ -1,0 +1,61 @@
+/**
+ * An ordinary user on their own processes: run, snapshot, restore and an
+ * incremental snapshot, with no capability at all. As root (CI) the test
+ * drops to uid/gid 65534 with setpriv; as anyone else it is that already.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cli, fixture, waitFor } from './helpers.js';
+
+const NOBODY = 65534;
+const root = process.getuid!() === 0;
+const home = mkdtempSync(join(tmpdir(), 'appshot-user-'));
+if (root) chownSync(home, NOBODY, NOBODY);
+chmodSync(home, 0o755);
+
+function appshot(...args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const env = { ...process.env, APPSHOT_HOME: join(home, 'state') };
+  const argv = [process.execPath, cli, ...args];
+  const r = root
+    ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
+    : spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: home });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+const log = () => {
+  try {
+    return readFileSync(join(home, 'state', 'apps', 'mine', 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+
+afterAll(async () => {
+  appshot('stop', 'mine', '-s', 'KILL');
+  await waitFor(() => appshot('ps', 'mine').code !== 0, 10_000).catch(() => undefined);
+  rmSync(home, { recursive: true, force: true });
+});
+
+describe('without privileges', () => {
+  it('snapshots and restores its own application, incrementally too', async () => {
+    const run = appshot('run', '-d', '--aid', 'mine', '--', fixture('snapfix'), '-1', '2');
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => checks() >= 3, 10_000, 'the app to check itself');
+    const first = appshot('snapshot', 'mine', '-o', join(home, 'one'), '--leave-running');
+    expect(first.code, first.stderr).toBe(0);
+    const second = appshot('snapshot', 'mine', '-o', join(home, 'two'), '--json');
+    expect(second.code, second.stderr).toBe(0);
+    expect(JSON.parse(second.stdout).parent).toBe(join(home, 'one'));
+    const restored = appshot('restore', join(home, 'two'));
+    expect(restored.code, restored.stderr).toBe(0);
+    const before = checks();
+    await waitFor(() => checks() >= before + 5 || /FAIL/.test(log()), 10_000, 'the restored app to check itself');
+    expect(log()).not.toMatch(/FAIL/);
+    const ps = JSON.parse(appshot('ps', 'mine', '--json').stdout)[0].processes;
+    for (const p of ps) expect(Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${p.pid}/status`, 'utf8'))![1])).toBe(root ? NOBODY : process.getuid!());
+  });
+});
