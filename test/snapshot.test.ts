@@ -316,6 +316,22 @@ describe('snapshot failures leave the application running and no image', () => {
     await checksContinue('big');
   });
 
+  it('refuses an application that a debugger (or another snapshot) is tracing', async () => {
+    startApp('traced', [fixture('waiter')]);
+    await waitFor(() => sb.json<Json>(['ps', 'traced'])[0].processes.length === 2, 5000);
+    const main = sb.json<Json>(['ps', 'traced'])[0].processes.find((p: Json) => p.vpid === 2);
+    const debuggerProc = spawn(fixture('tracer'), [String(main.pid)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise((resolve) => debuggerProc.stdout.once('data', resolve));
+      const r = sb.run(['snapshot', 'traced', '-o', join(out, 'traced')]);
+      expect(r.code).toBe(4);
+      expect(r.stderr).toContain(`process 2 is being traced by process ${debuggerProc.pid} (a debugger, or another snapshot)`);
+      expect(existsSync(join(out, 'traced'))).toBe(false);
+    } finally {
+      debuggerProc.kill('SIGKILL');
+    }
+  });
+
   it('refuses an output that exists and an application that does not', () => {
     const exists = sb.run(['snapshot', 'big', '-o', out]);
     expect(exists.code).toBe(4);

@@ -11,8 +11,8 @@
  * pending until this process exits, when the kernel lets it go; it is never
  * left stopped.
  */
-import { readdirSync, readFileSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
 import { readStat } from '../procfs.js';
 
@@ -33,7 +33,14 @@ export interface FrozenThread {
   resumeRegs?: Buffer;
 }
 
-const ESRCH_LIKE = new Set(['ESRCH', 'EPERM']);
+/** The PID tracing `tid`, or 0. */
+function tracerOf(tid: number): number {
+  try {
+    return Number(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${tid}/status`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
 const PTRACE_EVENT = { fork: 1, vfork: 2, clone: 3, exec: 4, vforkDone: 5 };
 
 function tasksOf(pid: number): number[] {
@@ -132,7 +139,13 @@ export class Freezer {
     try {
       addon().seize(tid);
     } catch (e) {
-      if (ESRCH_LIKE.has((e as NodeJS.ErrnoException).code ?? '')) return undefined; // exited
+      const code = (e as NodeJS.ErrnoException).code ?? '';
+      if (code === 'ESRCH') return undefined; // exited
+      // EPERM: gone too, or traced already (a debugger, another snapshot).
+      const tracer = tracerOf(tid);
+      if (code === 'EPERM' && tracer)
+        throw new AppshotError(`process ${this.vpidOf(pid) || `(system PID ${pid})`} is being traced by process ${tracer} (a debugger, or another snapshot); the application was left running`, ExitCode.conflict);
+      if (code === 'EPERM' && !existsSync(`/proc/${tid}`)) return undefined;
       throw e;
     }
     this.threads.set(tid, t);
