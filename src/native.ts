@@ -123,6 +123,10 @@ interface Addon {
   };
   PageWriter: new (dir: string, parents: string[], spool?: boolean) => PageWriter;
   pipe(): [number, number];
+  socketPair(type: number): [number, number];
+  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number }[];
+  tcpListeners(family: number): { ino: number; backlog: number }[];
+  peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;

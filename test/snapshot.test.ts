@@ -179,6 +179,12 @@ describe('snapshot of a program with one of each resource', () => {
     expect(image.pipes.some((p: Json) => p.data.bytes === 100000 && p.capacity === 256 * 1024)).toBe(true);
     const listen = fd(parent, 6);
     expect(listen).toMatchObject({ kindName: 'TCP_LISTEN', socket: { address: '127.0.0.1', port: Number(ready[1]), listening: true, reuseaddr: true } });
+    // A unix socket pair inside the process, with its queued data.
+    const ends = parent.fds.filter((f: Json) => f.kindName === 'UNIX_SOCKET');
+    expect(ends).toHaveLength(2);
+    expect(ends[0].socket.peerIno).toBe(ends[1].socket.ino);
+    expect(ends.map((e: Json) => Buffer.from(e.socket.queued.hex, 'hex').toString()).sort()).toEqual(['', 'pair-data']);
+    expect(listen.socket.backlog).toBe(16);
     expect(fd(parent, 7)).toMatchObject({ kindName: 'EVENTFD', eventfdCount: 5 });
     const ep = fd(parent, 8);
     expect(ep.kindName).toBe('EPOLL');

@@ -75,6 +75,19 @@ Napi::Value Lseek(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(r));
 }
 
+// socketPair(type) -> [fd, fd]: a connected unix pair, close-on-exec.
+Napi::Value SocketPair(const Napi::CallbackInfo& info) {
+  int p[2];
+  if (socketpair(AF_UNIX, Int(info[0]) | SOCK_CLOEXEC, 0, p)) {
+    ThrowErrno(info.Env(), "socketpair", errno);
+    return info.Env().Undefined();
+  }
+  Napi::Array a = Napi::Array::New(info.Env(), 2);
+  a.Set(0u, p[0]);
+  a.Set(1u, p[1]);
+  return a;
+}
+
 // pipeCapacity(fd, size?) -> capacity: F_GETPIPE_SZ, or F_SETPIPE_SZ first.
 Napi::Value PipeCapacity(const Napi::CallbackInfo& info) {
   int fd = Int(info[0]);
@@ -415,6 +428,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("pipe", Pipe);
+  fn("socketPair", SocketPair);
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);
   fn("writePages", WritePages);

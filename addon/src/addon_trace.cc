@@ -27,6 +27,7 @@
 
 extern "C" {
 #include "pages.h"
+#include "sockdiag.h"
 #include "trace.h"
 }
 
@@ -222,6 +223,68 @@ Napi::Value WriteMemory(const Napi::CallbackInfo& info) {
   if (n != static_cast<ssize_t>(b.Length()))
     ThrowErrno(env, "writing process memory", n < 0 ? errno : EIO);
   return env.Undefined();
+}
+
+// unixSockets() -> [{ ino, peer, type, state, rqueue, wqueue }]: every unix
+// socket of this network namespace (sock_diag), for peers and backlogs.
+Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sockdiag_unix* all = nullptr;
+  long n = sockdiag_unix_all(&all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (unix)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ino", Napi::Number::New(env, all[i].ino));
+    o.Set("peer", Napi::Number::New(env, all[i].peer));
+    o.Set("type", all[i].type);
+    o.Set("state", all[i].state);
+    o.Set("rqueue", Napi::Number::New(env, all[i].rqueue));
+    o.Set("wqueue", Napi::Number::New(env, all[i].wqueue));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  free(all);
+  return out;
+}
+
+// tcpListeners(family) -> [{ ino, backlog }]
+Napi::Value TcpListeners(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sockdiag_listener* all = nullptr;
+  long n = sockdiag_tcp_listeners(info[0].As<Napi::Number>().Int32Value(), &all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ino", Napi::Number::New(env, all[i].ino));
+    o.Set("backlog", Napi::Number::New(env, all[i].backlog));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  free(all);
+  return out;
+}
+
+// peekSocket(fd, max) -> Buffer: what is queued for reading, left queued.
+Napi::Value PeekSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  size_t max = info[1].As<Napi::Number>().Uint32Value();
+  std::vector<uint8_t> buf(max ? max : 1);
+  ssize_t n = recv(fd, buf.data(), max, MSG_PEEK | MSG_DONTWAIT);
+  if (n < 0) {
+    if (errno == EAGAIN) n = 0;
+    else {
+      ThrowErrno(env, "peeking at a socket", errno);
+      return env.Undefined();
+    }
+  }
+  return Napi::Buffer<uint8_t>::Copy(env, buf.data(), n);
 }
 
 // sockInfo(fd) -> { family, type, listening, reuseaddr, reuseport, v6only }
@@ -695,6 +758,9 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("readMemory", ReadMemory);
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);
+  fn("unixSockets", UnixSockets);
+  fn("tcpListeners", TcpListeners);
+  fn("peekSocket", PeekSocket);
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);
   fn("crc32cFile", Crc32cFile);

@@ -1,7 +1,10 @@
 /**
- * Sockets: listening TCP (IPv4 and IPv6) and listening unix sockets are
- * captured with their address and options; a connected socket is refused
- * by name, since its peer lives outside the image.
+ * Sockets: listening TCP (IPv4 and IPv6) and listening unix sockets with
+ * their address, options and backlog; connected unix stream sockets whose
+ * peer is in the application too (socketpair, or a connection between two
+ * of its processes) with the data queued in them, read with MSG_PEEK. A
+ * socket whose other end is outside the application (an established TCP
+ * connection, say) is refused by name.
  */
 import { closeSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -28,6 +31,7 @@ const AF_INET = 2;
 const AF_INET6 = 10;
 const TCP_LISTEN = 0x0a;
 const SO_ACCEPTCON = 0x10000;
+const SOCK_STREAM = 1;
 
 function ipv4(hex: string): string {
   const n = parseInt(hex, 16);
@@ -51,6 +55,8 @@ function ipv6(hex: string): string {
 export class SocketTable {
   private inet = new Map<bigint, InetEntry>();
   private unix = new Map<bigint, UnixEntry>();
+  private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number }>();
+  private backlog = new Map<bigint, number>();
   private loaded = false;
 
   constructor(private readonly pid: number) {}
@@ -59,6 +65,10 @@ export class SocketTable {
     if (this.loaded) return;
     this.loaded = true;
     const pid = this.pid;
+    // sock_diag answers for the caller's network namespace, which is the
+    // application's (appshot does not move it into another).
+    for (const u of addon().unixSockets()) this.diag.set(BigInt(u.ino), u);
+    for (const family of [AF_INET, AF_INET6]) for (const l of addon().tcpListeners(family)) this.backlog.set(BigInt(l.ino), l.backlog);
     for (const [file, family] of [['tcp', AF_INET], ['tcp6', AF_INET6]] as const) {
       let text = '';
       try {
@@ -124,15 +134,39 @@ export class SocketTable {
     };
     if (opts.family === AF_UNIX) {
       const u = this.unix.get(ino);
-      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true };
-      throw new Unsupported(`${what} fd ${fd}: a ${u?.path ? `unix socket connection on ${u.path}` : 'connected unix socket'} cannot be captured yet`);
+      const d = this.diag.get(ino);
+      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0 };
+      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: an unconnected unix ${opts.type === SOCK_STREAM ? 'stream' : 'datagram'} socket cannot be captured yet`);
+      if (d.rqueue && opts.type !== SOCK_STREAM)
+        throw new Unsupported(`${what} fd ${fd}: datagrams in flight on a unix socket pair cannot be captured yet`);
+      let queued: Buffer = Buffer.alloc(0);
+      if (d.rqueue) {
+        const peek = addon().getFd(pid, fd);
+        try {
+          queued = addon().peekSocket(peek, d.rqueue);
+        } finally {
+          closeSync(peek);
+        }
+      }
+      // Whether the peer is in the application is known only when every
+      // process has been seen: the driver checks (checkUnixPeers).
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued };
     }
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = this.inet.get(ino);
-      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true };
+      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: this.backlog.get(ino) ?? 0 };
       if (e) throw new Unsupported(`${what} fd ${fd}: an established TCP connection ${e.address}:${e.port} → ${e.remote} cannot be captured yet`);
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === 2 ? 'UDP' : 'non-listening'} socket cannot be captured yet`);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
   }
+}
+
+/** Every connected unix socket of the image must have its peer in the
+ * image too; `where` names each socket's process and fd for the message. */
+export function checkUnixPeers(sockets: { socket: Socket; where: string }[]): void {
+  const inImage = new Set(sockets.map((s) => s.socket.ino));
+  for (const s of sockets)
+    if (s.socket.peerIno && !inImage.has(s.socket.peerIno))
+      throw new Unsupported(`${s.where}: a unix socket connected to a process outside the application cannot be captured yet`);
 }

@@ -233,6 +233,7 @@ class Handover {
       case FdKind.TCP_LISTEN:
       case FdKind.UNIX_SOCKET: {
         const s = fd.socket!;
+        if (!s.listening) return this.pairEnd(s, fd);
         let sock = this.sockets.get(s.ino);
         if (sock === undefined) {
           try {
@@ -259,6 +260,27 @@ class Handover {
       }
     }
     throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot restore a descriptor of kind ${fd.kind}`);
+  }
+
+  /** One end of a unix socket pair (or of a connection between two of the
+   * application's processes), made with its peer the first time either is
+   * asked for. What was queued for an end is written into the other. */
+  private pairEnd(s: NonNullable<Fd['socket']>, fd: Fd): number {
+    let end = this.sockets.get(s.ino);
+    if (end === undefined) {
+      const peer = this.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
+      if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
+      const [a, b] = addon().socketPair(s.type);
+      this.keep(a);
+      this.keep(b);
+      if (s.queued.length) writeSync(b, s.queued);
+      if (peer.queued.length) writeSync(a, peer.queued);
+      this.sockets.set(s.ino, a);
+      this.sockets.set(peer.ino, b);
+      end = a;
+    }
+    addon().setStatusFlags(end, fd.flags);
+    return end;
   }
 
   /** Gives our `fd` to the remote process: pidfd_getfd run inside it. */

@@ -12,7 +12,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
-import { type Image, type Process, VmaKind } from '../image/types.js';
+import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -20,7 +20,7 @@ import { dumpFds } from '../resources/files.js';
 import { countPages, dumpMemory, readMaps } from '../resources/memory.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
-import { SocketTable } from '../resources/sockets.js';
+import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpThread, findGlibcTidOffset } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
@@ -157,6 +157,11 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     }
     done++;
   }
+  checkUnixPeers(
+    ctx.image.processes.flatMap((p) =>
+      p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
+    ),
+  );
   progress.update('global state', done, byProcess.length);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.

@@ -1,0 +1,140 @@
+#define _GNU_SOURCE
+#include "sockdiag.h"
+
+#include <errno.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* Sends one dump request and calls `each` for every reply message. */
+static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*), void* ctx) {
+  int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+  if (fd < 0) return -errno;
+  struct sockaddr_nl nl = {.nl_family = AF_NETLINK};
+  struct iovec iov = {(void*)req, len};
+  struct msghdr msg = {.msg_name = &nl, .msg_namelen = sizeof nl, .msg_iov = &iov, .msg_iovlen = 1};
+  if (sendmsg(fd, &msg, 0) < 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  static __thread char buf[32768] __attribute__((aligned(8)));
+  int rc = 0;
+  for (;;) {
+    ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      rc = -errno;
+      break;
+    }
+    struct nlmsghdr* h = (struct nlmsghdr*)buf;
+    for (; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+      if (h->nlmsg_type == NLMSG_DONE) goto out;
+      if (h->nlmsg_type == NLMSG_ERROR) {
+        struct nlmsgerr* err = NLMSG_DATA(h);
+        rc = err->error ? err->error : -EIO;
+        goto out;
+      }
+      if ((rc = each(h, ctx))) goto out;
+    }
+  }
+out:
+  close(fd);
+  return rc;
+}
+
+struct grow {
+  void* items;
+  size_t n, cap, size;
+};
+
+static void* push(struct grow* g) {
+  if (g->n == g->cap) {
+    size_t cap = g->cap ? g->cap * 2 : 64;
+    void* p = realloc(g->items, cap * g->size);
+    if (!p) return NULL;
+    g->items = p;
+    g->cap = cap;
+  }
+  return (char*)g->items + g->size * g->n++;
+}
+
+static int each_unix(struct nlmsghdr* h, void* ctx) {
+  struct unix_diag_msg* m = NLMSG_DATA(h);
+  sockdiag_unix* u = push(ctx);
+  if (!u) return -ENOMEM;
+  memset(u, 0, sizeof *u);
+  u->ino = m->udiag_ino;
+  u->type = m->udiag_type;
+  u->state = m->udiag_state;
+  int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+  for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+    if (a->rta_type == UNIX_DIAG_PEER) {
+      u->peer = *(uint32_t*)RTA_DATA(a);
+    } else if (a->rta_type == UNIX_DIAG_RQLEN) {
+      struct unix_diag_rqlen* q = RTA_DATA(a);
+      u->rqueue = q->udiag_rqueue;
+      u->wqueue = q->udiag_wqueue;
+    }
+  }
+  return 0;
+}
+
+long sockdiag_unix_all(sockdiag_unix** out) {
+  struct {
+    struct nlmsghdr h;
+    struct unix_diag_req r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = AF_UNIX;
+  req.r.udiag_states = ~0u;
+  req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN;
+  struct grow g = {NULL, 0, 0, sizeof(sockdiag_unix)};
+  int rc = dump(&req, sizeof req, each_unix, &g);
+  if (rc) {
+    free(g.items);
+    return rc;
+  }
+  *out = g.items;
+  return (long)g.n;
+}
+
+static int each_inet(struct nlmsghdr* h, void* ctx) {
+  struct inet_diag_msg* m = NLMSG_DATA(h);
+  sockdiag_listener* l = push(ctx);
+  if (!l) return -ENOMEM;
+  l->ino = m->idiag_inode;
+  /* For a listener, the kernel reports its backlog as the write queue. */
+  l->backlog = m->idiag_wqueue;
+  return 0;
+}
+
+long sockdiag_tcp_listeners(int family, sockdiag_listener** out) {
+  struct {
+    struct nlmsghdr h;
+    struct inet_diag_req_v2 r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = (uint8_t)family;
+  req.r.sdiag_protocol = IPPROTO_TCP;
+  req.r.idiag_states = 1u << 10; /* TCP_LISTEN */
+  struct grow g = {NULL, 0, 0, sizeof(sockdiag_listener)};
+  int rc = dump(&req, sizeof req, each_inet, &g);
+  if (rc) {
+    free(g.items);
+    return rc;
+  }
+  *out = g.items;
+  return (long)g.n;
+}

@@ -1,0 +1,26 @@
+/* The kernel's socket tables through NETLINK_SOCK_DIAG: what /proc/net
+ * does not say (a unix socket's peer and queues, a listener's backlog).
+ * Plain C; functions return a count and a malloc'd array, or -errno. */
+#ifndef APPSHOT_SOCKDIAG_H
+#define APPSHOT_SOCKDIAG_H
+
+#include <stdint.h>
+
+typedef struct {
+  uint32_t ino;
+  uint32_t peer;   /* inode of the connected peer, or 0 */
+  uint8_t type;    /* SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET */
+  uint8_t state;   /* TCP_ESTABLISHED 1, TCP_LISTEN 10, TCP_CLOSE 7 */
+  uint32_t rqueue; /* bytes waiting (connected) or queued connections (listening) */
+  uint32_t wqueue; /* bytes unsent (connected) or the backlog (listening) */
+} sockdiag_unix;
+
+typedef struct {
+  uint32_t ino;
+  uint32_t backlog;
+} sockdiag_listener;
+
+long sockdiag_unix_all(sockdiag_unix** out);
+long sockdiag_tcp_listeners(int family, sockdiag_listener** out);
+
+#endif
