@@ -175,6 +175,19 @@ describe('memory that dirty tracking must not get wrong', () => {
   });
 });
 
+describe('a process with a child it has not waited for', () => {
+  it('is snapshotted and restored without the zombie', async () => {
+    start('zombie', ['sh', '-c', 'sleep 0.1 & exec sleep 300']);
+    await waitFor(() => sb.json<Json>(['ps', 'zombie'])[0].processes.some((p: Json) => p.state === 'Z'), 5000, 'a zombie');
+    restore(snapshot('zombie', 'zombie'));
+    const ps = sb.json<Json>(['ps', 'zombie'])[0].processes;
+    expect(ps.map((p: Json) => [p.vpid, p.state === 'Z'])).toEqual([
+      [1, false],
+      [2, false],
+    ]);
+  });
+});
+
 describe('two restores of one image at once', () => {
   it('run independently under two AIDs with their own ids', async () => {
     start('twin', [fixture('snapfix'), '-1', '2']);

@@ -146,6 +146,10 @@ export class Freezer {
       if (code === 'EPERM' && tracer)
         throw new AppshotError(`process ${this.vpidOf(pid) || `(system PID ${pid})`} is being traced by process ${tracer} (a debugger, or another snapshot); the application was left running`, ExitCode.conflict);
       if (code === 'EPERM' && !existsSync(`/proc/${tid}`)) return undefined;
+      // A zombie (exited, not yet waited for) cannot be traced, and has no
+      // state but its exit status: it is left out, and its parent's wait
+      // after a restore finds no such child.
+      if (code === 'EPERM' && readStat(tid)?.state === 'Z') return undefined;
       throw e;
     }
     this.threads.set(tid, t);
