@@ -25,10 +25,23 @@ export function verifyImage(image: Image): void {
     );
 
   const mapped = new Set<number>();
-  for (const p of image.processes) for (const v of p.vmas) if (v.file >= 0 && (v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED)) mapped.add(v.file);
+  // A file mapped shared and writable is the application's data (a
+  // database's, say): it changes as the application runs, and must only be
+  // there. Code and read-only data must be the very bytes the image saw.
+  const writable = new Set<number>();
+  for (const p of image.processes)
+    for (const v of p.vmas) {
+      if (v.file < 0 || (v.kind !== VmaKind.FILE_PRIVATE && v.kind !== VmaKind.FILE_SHARED)) continue;
+      mapped.add(v.file);
+      if (v.kind === VmaKind.FILE_SHARED && v.prot & 2) writable.add(v.file);
+    }
   for (const i of mapped) {
     const f = image.files[i];
     if (f.path === image.tablesPath) continue; // replaced by the new tables
+    if (writable.has(i)) {
+      if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps shared, is missing on this node`);
+      continue;
+    }
     if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
     const st = statSync(f.path, { bigint: true });
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
