@@ -305,7 +305,14 @@ function readComm(pid: number): string {
  * first MiB and the last page of a big one). Run after the application
  * was let go: it is not part of the frozen time. */
 function checksumFiles(image: Image): void {
-  for (const f of image.files) {
+  // Only what a restore checks: files mapped, but not shared and writable
+  // (the application's data, which changes), and never the tables.
+  const checked = new Set<number>();
+  for (const p of image.processes)
+    for (const v of p.vmas)
+      if (v.file >= 0 && (v.kind === VmaKind.FILE_PRIVATE || (v.kind === VmaKind.FILE_SHARED && !(v.prot & 2)))) checked.add(v.file);
+  for (const i of checked) {
+    const f = image.files[i];
     if (f.deleted || (Number(f.mode) & 0o170000) !== 0o100000) continue;
     try {
       f.crc32c = addon().crc32cFile(f.path).crc;
