@@ -121,7 +121,7 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parents: string[], spool?: boolean) => PageWriter;
+  PageWriter: new (dir: string, parents: string[], queueLimit?: number) => PageWriter;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
   unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number }[];

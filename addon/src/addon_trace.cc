@@ -328,8 +328,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
-  // new PageWriter(dir, parentPaths: string[], spool?): an unnamed file in
-  // dir; with spool, written through memory first (see pw_open).
+  // new PageWriter(dir, parentPaths: string[], queueLimit?): an unnamed
+  // file in dir; with a queue limit, written by a thread (see pw_open).
   explicit PageWriter(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageWriter>(info) {
     Napi::Env env = info.Env();
     std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -354,8 +354,10 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
         sizes_.push_back(st.st_size);
       }
     }
-    bool spool = info.Length() > 2 && info[2].ToBoolean();
-    int rc = pw_open(&w_, path.c_str(), spool ? 1 : 0);
+    uint64_t queue_limit = info.Length() > 2 && info[2].IsNumber()
+                               ? static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value())
+                               : 0;
+    int rc = pw_open(&w_, path.c_str(), queue_limit);
     if (rc) {
       ThrowErrno(env, "creating " + path, -rc);
       return;

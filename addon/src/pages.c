@@ -3,12 +3,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/sendfile.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -70,9 +70,100 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len) {
 
 /* ---- the writer */
 
-int pw_open(page_writer* w, const char* dir, int spool) {
+/* ---- the writer thread: full buffers, in order, to the file */
+
+struct chunk {
+  struct chunk* next;
+  uint8_t* buf;
+  size_t len;
+};
+
+struct pw_queue {
+  pthread_t thread;
+  pthread_mutex_t mu;
+  pthread_cond_t work, space;
+  struct chunk *head, *tail;
+  uint8_t** spare; /* buffers written out, for reuse */
+  size_t nspare, spare_cap;
+  uint64_t queued, limit;
+  int done, err, fd;
+  uint32_t crc;
+};
+
+static int write_all(int fd, const uint8_t* p, size_t len) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = write(fd, p + done, len - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+static void* writer_main(void* arg) {
+  struct pw_queue* q = arg;
+  pthread_mutex_lock(&q->mu);
+  for (;;) {
+    while (!q->head && !q->done) pthread_cond_wait(&q->work, &q->mu);
+    struct chunk* c = q->head;
+    if (!c) break;
+    q->head = c->next;
+    if (!q->head) q->tail = NULL;
+    int failed = q->err;
+    pthread_mutex_unlock(&q->mu);
+    int rc = failed ? 0 : write_all(q->fd, c->buf, c->len);
+    if (!failed && !rc) q->crc = pages_crc32c(q->crc, c->buf, c->len);
+    pthread_mutex_lock(&q->mu);
+    if (rc && !q->err) q->err = rc;
+    q->queued -= c->len;
+    if (q->nspare < q->spare_cap) q->spare[q->nspare++] = c->buf;
+    else free(c->buf);
+    free(c);
+    pthread_cond_broadcast(&q->space);
+  }
+  pthread_mutex_unlock(&q->mu);
+  return NULL;
+}
+
+static void queue_free(struct pw_queue* q) {
+  for (struct chunk* c = q->head; c;) {
+    struct chunk* next = c->next;
+    free(c->buf);
+    free(c);
+    c = next;
+  }
+  for (size_t i = 0; i < q->nspare; i++) free(q->spare[i]);
+  free(q->spare);
+  pthread_mutex_destroy(&q->mu);
+  pthread_cond_destroy(&q->work);
+  pthread_cond_destroy(&q->space);
+  free(q);
+}
+
+/* Stops the thread once everything queued is written (or dropped, with
+ * `discard`); returns the first write error. */
+static int queue_stop(page_writer* w, int discard) {
+  struct pw_queue* q = w->queue;
+  if (!q) return 0;
+  pthread_mutex_lock(&q->mu);
+  if (discard && !q->err) q->err = -ECANCELED;
+  q->done = 1;
+  pthread_cond_broadcast(&q->work);
+  pthread_mutex_unlock(&q->mu);
+  pthread_join(q->thread, NULL);
+  int rc = discard ? 0 : q->err;
+  w->crc = q->crc;
+  queue_free(q);
+  w->queue = NULL;
+  return rc;
+}
+
+int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   memset(w, 0, sizeof *w);
-  w->fd = w->file_fd = -1;
+  w->file_fd = -1;
   w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
   if (!w->buf) return -ENOMEM;
   w->buf_size = WRITE_BUFFER;
@@ -83,22 +174,60 @@ int pw_open(page_writer* w, const char* dir, int spool) {
     w->buf = NULL;
     return -e;
   }
-  w->fd = spool ? memfd_create("appshot-spool", MFD_CLOEXEC) : w->file_fd;
-  if (w->fd < 0) w->fd = w->file_fd;
+  if (queue_limit) {
+    struct pw_queue* q = calloc(1, sizeof *q);
+    if (q) {
+      q->fd = w->file_fd;
+      q->limit = queue_limit;
+      q->spare_cap = 16;
+      q->spare = calloc(q->spare_cap, sizeof *q->spare);
+      pthread_mutex_init(&q->mu, NULL);
+      pthread_cond_init(&q->work, NULL);
+      pthread_cond_init(&q->space, NULL);
+      if (q->spare && pthread_create(&q->thread, NULL, writer_main, q) == 0) w->queue = q;
+      else {
+        free(q->spare);
+        q->spare = NULL;
+        queue_free(q);
+      }
+    }
+    /* Without a thread, writing is synchronous: slower, not wrong. */
+  }
   return 0;
 }
 
 static int flush(page_writer* w) {
-  size_t done = 0;
-  while (done < w->buf_used) {
-    ssize_t n = write(w->fd, w->buf + done, w->buf_used - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
+  if (!w->buf_used) return 0;
+  struct pw_queue* q = w->queue;
+  if (!q) {
+    int rc = write_all(w->file_fd, w->buf, w->buf_used);
+    if (rc) return rc;
+    w->crc = pages_crc32c(w->crc, w->buf, w->buf_used);
+  } else {
+    struct chunk* c = malloc(sizeof *c);
+    if (!c) return -ENOMEM;
+    c->next = NULL;
+    c->buf = w->buf;
+    c->len = w->buf_used;
+    pthread_mutex_lock(&q->mu);
+    while (!q->err && q->queued && q->queued + c->len > q->limit) pthread_cond_wait(&q->space, &q->mu);
+    int err = q->err;
+    if (!err) {
+      if (q->tail) q->tail->next = c;
+      else q->head = c;
+      q->tail = c;
+      q->queued += c->len;
+      pthread_cond_signal(&q->work);
     }
-    done += (size_t)n;
+    uint8_t* next = q->nspare ? q->spare[--q->nspare] : NULL;
+    pthread_mutex_unlock(&q->mu);
+    if (err) {
+      free(c);
+      return err;
+    }
+    w->buf = next ? next : aligned_alloc(PAGE, WRITE_BUFFER);
+    if (!w->buf) return -ENOMEM;
   }
-  w->crc = pages_crc32c(w->crc, w->buf, w->buf_used);
   w->size += w->buf_used;
   w->buf_used = 0;
   return 0;
@@ -398,17 +527,8 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
 
 int pw_finish(page_writer* w) {
   int rc = flush(w);
-  if (!rc && w->fd != w->file_fd) {
-    /* The spool reaches the file now, after the application was let go. */
-    off_t in = 0;
-    while (!rc && (uint64_t)in < w->size) {
-      ssize_t n = sendfile(w->file_fd, w->fd, &in, w->size - (uint64_t)in);
-      if (n < 0 && errno != EINTR) rc = -errno;
-      if (n == 0) rc = -EIO;
-    }
-    close(w->fd);
-    w->fd = w->file_fd;
-  }
+  int rc2 = queue_stop(w, rc != 0);
+  if (!rc) rc = rc2;
   if (!rc && fsync(w->file_fd)) rc = -errno;
   free(w->buf);
   w->buf = NULL;
@@ -425,9 +545,9 @@ int pw_link(page_writer* w, const char* path) {
 }
 
 void pw_abort(page_writer* w) {
-  if (w->fd >= 0 && w->fd != w->file_fd) close(w->fd);
+  queue_stop(w, 1);
   if (w->file_fd >= 0) close(w->file_fd);
-  w->fd = w->file_fd = -1;
+  w->file_fd = -1;
   free(w->buf);
   w->buf = NULL;
 }

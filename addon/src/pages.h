@@ -37,8 +37,9 @@ typedef struct {
  * number of pairs, or -errno (EPERM: the range is not tracked). */
 long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset, uint32_t** out);
 
+struct pw_queue;
+
 typedef struct {
-  int fd;         /* where writes go: the file, or the spool */
   int file_fd;    /* the unnamed file in the image's directory */
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
   uint32_t crc;   /* CRC-32C of everything written so far */
@@ -48,6 +49,8 @@ typedef struct {
   const uint8_t** parents;
   const uint64_t* parent_sizes;
   size_t nparents;
+  /* Full buffers go to a writer thread (see pw_open), or NULL. */
+  struct pw_queue* queue;
 } page_writer;
 
 /* Result of dumping one mapping: runs of pages, as (first page, count)
@@ -65,10 +68,11 @@ typedef struct {
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
- * pw_link, nothing is left behind. With `spool`, pages go to memory (a
- * memfd) first and reach the file in pw_finish: a dump while the
- * application is frozen then runs at memory speed, not the disk's. */
-int pw_open(page_writer* w, const char* dir, int spool);
+ * pw_link, nothing is left behind. With a `queue_limit`, full buffers are
+ * written by a thread of the writer's own while reading goes on: reading
+ * an application's memory (while it is frozen) waits for the disk only
+ * once that many bytes are waiting to be written. */
+int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. */
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,

@@ -237,18 +237,11 @@ function memoryOnly(vpid: number, pid: number): Process {
   };
 }
 
-/** Whether the application's resident memory fits in half of what the
- * machine has available: then a dump can be spooled in memory. */
-function fitsInMemory(pids: number[]): boolean {
-  let resident = 0;
-  for (const pid of pids)
-    try {
-      resident += Number(readFileSync(`/proc/${pid}/statm`, 'utf8').split(' ')[1]) * 4096;
-    } catch {
-      /* gone */
-    }
+/** How many bytes may wait for the disk while memory is read: a quarter
+ * of what the machine has available (at least 64 MiB). */
+function writeQueueLimit(): number {
   const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
-  return !!m && resident < (Number(m[1]) * 1024) / 2;
+  return Math.max(64 << 20, m ? (Number(m[1]) * 1024) / 4 : 0);
 }
 
 /**
@@ -367,12 +360,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
-  // With --leave-running, pages are spooled in memory while the
-  // application is frozen and written out after it goes on, when memory
-  // allows (the disk is often the slowest part).
+  // Pages are written by a thread of the page writer's while memory is
+  // read, so the application waits for the disk only when a quarter of
+  // the machine's available memory is queued for it.
   let pages: PageWriter;
   try {
-    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], opts.leaveRunning && fitsInMemory(roots));
+    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], writeQueueLimit());
   } catch (e) {
     if (base) rmSync(base.dir, { recursive: true, force: true });
     for (const l of parent?.chain ?? []) l.dispose();
