@@ -11,7 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
-import { closeSync, constants as fs, fstatSync, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -312,14 +312,15 @@ interface Made {
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
   const chain = await loadChain(imagePath);
-  const { image, dir } = chain[0];
+  const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
   const seeds: number[] = [];
   const forked: number[] = [];
   const pageFds = chain.map((l) => openSync(join(l.dir, PARTS.pages), 'r'));
-  const handover = new Handover(image, pageFds[0], '');
-  let handoverLog: Handover = handover;
+  // Made once the application's log exists: descriptors that pointed at
+  // a terminal or at the old log go there.
+  let handover: Handover | undefined;
   try {
     verifyImage(image);
     const verified = now();
@@ -334,7 +335,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       harnessStartTime: readStat(process.pid)?.startTime,
       logPath: join(stateDir, 'log'),
     }));
-    handoverLog = new Handover(image, pageFds[0], record.logPath!);
+    const handed = (handover = new Handover(image, pageFds[0], record.logPath!));
     const tables = record.tables;
 
     // Global state first (step 308).
@@ -396,14 +397,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       pageFds,
       pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
       lazy: opts.lazy,
-      sharedFd: (i: number) => handoverLog.sharedMemory(i),
+      sharedFd: (i: number) => handed.sharedMemory(i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
         if (sid === undefined) throw new AppshotError(`the image maps SysV segment ${vid}, which it does not hold`);
         return sid;
       },
       tables: { old: image.tablesPath, new: tables },
-      transfer: (r: RemoteProcess, fd: number) => handoverLog.transfer(r, fd),
+      transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
     };
     for (const m of made) {
@@ -418,7 +419,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreProcessState(r, p);
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
-      restoreFds(r, p, handoverLog);
+      restoreFds(r, p, handed);
       phase('fds');
       // Every signal blocked until the registers are the thread's own.
       addon().setSigmask(m.pid, ~0n);
@@ -442,7 +443,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(t.regs));
       });
     }
-    handoverLog.close();
+    handed.close();
     phase('threads');
 
     // Synchronized resume (steps 330–332): nothing of the restore remains
@@ -463,8 +464,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
-    handover.close();
-    handoverLog.close();
+    handover?.close();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');
     } catch {
@@ -481,8 +481,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   } finally {
     for (const fd of pageFds) closeSync(fd);
     for (const l of chain) l.dispose();
-    void dir;
-    void fstatSync;
   }
 }
 
