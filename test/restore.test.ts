@@ -188,6 +188,23 @@ describe('a process with a child it has not waited for', () => {
   });
 });
 
+describe('a double-forking daemon', () => {
+  it('comes back in its own session and group, named after a process that is gone', async () => {
+    start('daemon2', [fixture('daemon2')]);
+    const daemonChecks = () => (logOf('daemon2').match(/^DAEMON \d+ CHECK \d+$/gm) ?? []).length;
+    await waitFor(() => daemonChecks() >= 2, 10_000, 'the daemon');
+    const image = snapshot('daemon2', 'daemon2');
+    const [, daemon] = sb.json<Json>(['inspect', image]).processes;
+    expect(daemon).toMatchObject({ vppid: 1 });
+    expect(daemon.vsid).not.toBe(daemon.vpid);
+    restore(image);
+    const before = daemonChecks();
+    await waitFor(() => daemonChecks() >= before + 5 || /FAIL/.test(logOf('daemon2')), 10_000, 'the restored daemon');
+    expect(logOf('daemon2')).not.toMatch(/FAIL/);
+    expect(logOf('daemon2')).toContain(`DAEMON ${daemon.vsid} CHECK`);
+  });
+});
+
 describe('two restores of one image at once', () => {
   it('run independently under two AIDs with their own ids', async () => {
     start('twin', [fixture('snapfix'), '-1', '2']);

@@ -373,23 +373,55 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (image.node.xstateSize && xstate !== image.node.xstateSize)
       throw new AppshotError(`this CPU's FPU state is ${xstate} bytes, the image's ${image.node.xstateSize}: a different CPU model`);
     const sysPid = new Map<number, number>();
+    // Sessions and process groups whose leader is not in the image (a
+    // daemon whose first fork exited, a pipeline whose leader ended) are
+    // made by placeholders: a seed that becomes the leader, forks the
+    // member, and is killed once the tree is made (init, the subreaper,
+    // adopts the member, as it had). vsid/vpgid -> placeholder's PID.
+    const placeholders = new Map<number, number>();
+    const forkFrom = (parent: number): number => {
+      const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, []));
+      forked.push(pid); // killed on failure, whatever happens next
+      const rep = addon().wait(pid, 10_000);
+      if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
+      return pid;
+    };
+    const orphanLeader = (id: number) => id !== 1 && !vpids.has(id);
     while (queue.length) {
       const m = queue.shift()!;
+      const root = !vpids.has(m.proc.vppid);
+      if (root && orphanLeader(m.proc.vsid) && m.proc.vsid !== m.proc.vpid) {
+        // The seed becomes the session's leader and forks the member.
+        let leader = placeholders.get(m.proc.vsid);
+        if (leader === undefined) {
+          leader = m.pid;
+          new RemoteProcess(leader).call('setsid for a session whose leader is gone', SYS.setsid, []);
+          placeholders.set(m.proc.vsid, leader);
+          addon().bind(tables, 'pid', m.proc.vsid, leader);
+        } else {
+          process.kill(m.pid, 'SIGKILL');
+        }
+        m.pid = forkFrom(leader);
+      }
+      if (orphanLeader(m.proc.vpgid) && m.proc.vpgid !== m.proc.vpid && m.proc.vpgid !== m.proc.vsid && !placeholders.has(m.proc.vpgid)) {
+        // A group leader of the same session: forked from the member.
+        const leader = forkFrom(m.pid);
+        new RemoteProcess(leader).call('setpgid for a group whose leader is gone', SYS.setpgid, [0, 0]);
+        placeholders.set(m.proc.vpgid, leader);
+        addon().bind(tables, 'pid', m.proc.vpgid, leader);
+      }
       made.push(m);
       sysPid.set(m.proc.vpid, m.pid);
       addon().bind(tables, 'pid', m.proc.vpid, m.pid);
       const r = new RemoteProcess(m.pid);
+      const groupOf = (id: number) => sysPid.get(id) ?? placeholders.get(id);
       if (m.proc.vsid === m.proc.vpid) r.call('setsid', SYS.setsid, []);
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
-      else if (sysPid.has(m.proc.vpgid)) r.call('setpgid', SYS.setpgid, [0, sysPid.get(m.proc.vpgid)!]);
-      for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) {
-        const pid = Number(r.call('fork', SYS.fork, []));
-        forked.push(pid); // killed on failure, whatever happens next
-        const rep = addon().wait(pid, 10_000);
-        if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
-        queue.push({ proc: child, pid, tids: [] });
-      }
+      else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
+      for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
     }
+    // The placeholders' work is done: their ids live on in their groups.
+    for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
 
     phase('tree made');
     const chainImages = chain.map((l) => l.image);
