@@ -188,6 +188,23 @@ describe('a process with a child it has not waited for', () => {
   });
 });
 
+describe('a process stopped by job control with a signal pending', () => {
+  it('comes back stopped, and when continued its pause() returns to take the signal', async () => {
+    start('stopped', [fixture('waiter')]);
+    await waitFor(() => /READY/.test(logOf('stopped')), 5000);
+    process.kill(pidOf('stopped', 2), 'SIGSTOP');
+    process.kill(pidOf('stopped', 2), 'SIGHUP');
+    restore(snapshot('stopped', 'stopped'));
+    const pid = pidOf('stopped', 2);
+    await waitFor(() => readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0] === 'T', 5000, 'it to be stopped');
+    expect(logOf('stopped')).not.toMatch(/HUP/);
+    process.kill(pid, 'SIGCONT');
+    // The kernel would have failed pause() with EINTR for the handler:
+    // restarted instead, it would wait for ever.
+    await waitFor(() => /^HUP$/m.test(logOf('stopped')), 5000, 'the handler to run and pause() to return');
+  });
+});
+
 describe('a double-forking daemon', () => {
   it('comes back in its own session and group, named after a process that is gone', async () => {
     start('daemon2', [fixture('daemon2')]);

@@ -181,7 +181,7 @@ int trace_rewind(struct user_regs_struct* r) {
  * that arrived meanwhile) are not expected while every thread of the
  * application is stopped; one is an error rather than something to lose. */
 static int step_to_syscall_stop(pid_t tid) {
-  for (;;) {
+  for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
     trace_report r;
     int rc = trace_wait(tid, 10000, &r);
@@ -192,9 +192,12 @@ static int step_to_syscall_stop(pid_t tid) {
     /* A PTRACE_INTERRUPT that arrived while the thread was already stopped
      * traps again as soon as it resumes, before it runs a single
      * instruction; an injected fork or clone stops at its event before it
-     * returns (the new task reports on its own). Resume it once more. */
-    if (r.kind != TRACE_STOP && r.kind != TRACE_EVENT) return -EINTR;
+     * returns (the new task reports on its own); a thread of a process
+     * stopped by job control reports that stop again first. Resume it once
+     * more. */
+    if (r.kind != TRACE_STOP && r.kind != TRACE_EVENT && r.kind != TRACE_GROUP_STOP) return -EINTR;
   }
+  return -EINTR;
 }
 
 int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {

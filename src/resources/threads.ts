@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
-import type { Thread } from '../image/types.js';
+import type { SigAction, Thread } from '../image/types.js';
 import type { DumpContext } from '../snapshot/context.js';
 import type { FrozenThread } from '../snapshot/freezer.js';
 import { type Injector, NR, PR_GET_TID_ADDRESS } from '../snapshot/inject.js';
@@ -115,21 +115,54 @@ export function unregisterRseq(r: RemoteProcess, tid: number): void {
   if (cur.pointer) r.call('unregistering rseq', SYS.rseq, [cur.pointer, cur.size, RSEQ_FLAG_UNREGISTER, cur.signature], tid);
 }
 
-/** The registers a thread resumes with: a system call the snapshot
- * interrupted is restarted as the kernel would have, or (for calls whose
- * restart needs kernel state that did not travel, like nanosleep's
- * remaining time) returns EINTR, as after a signal. */
-export function resumeRegisters(regs: Buffer): Buffer {
+const ERESTARTSYS = -512n;
+const ERESTARTNOINTR = -513n;
+const ERESTARTNOHAND = -514n;
+const ERESTART_RESTARTBLOCK = -516n;
+const SA_RESTART = 0x10000000n;
+
+/** The signal a thread will take first when it resumes, if it has a
+ * handler: the lowest-numbered one pending for it (its own queue first,
+ * then the process's) and not blocked. */
+export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, sharedPending: Buffer, actions: SigAction[]): SigAction | undefined {
+  const numbers = (queue: Buffer) => {
+    const out: number[] = [];
+    for (let at = 0; at + 128 <= queue.length; at += 128) out.push(queue.readInt32LE(at));
+    return out.filter((sig) => !(thread.sigmask & (1n << BigInt(sig - 1)))).sort((a, b) => a - b);
+  };
+  const sig = numbers(thread.pending)[0] ?? numbers(sharedPending)[0];
+  if (sig === undefined) return undefined;
+  const action = actions.find((a) => a.signal === sig);
+  return action && action.handler > 1n ? action : undefined;
+}
+
+/**
+ * The registers a thread resumes with, when the snapshot caught it inside
+ * a system call (rax holds a kernel-internal -ERESTART* code), decided as
+ * the kernel would have at that point:
+ *  - a signal with a handler is about to be taken: the call fails with
+ *    EINTR (ERESTARTNOHAND, and ERESTARTSYS unless the handler has
+ *    SA_RESTART), or restarts once the handler returns;
+ *  - otherwise it restarts. A call whose restart needs kernel state of the
+ *    thread's own (nanosleep's remaining time: ERESTART_RESTARTBLOCK)
+ *    restarts through restart_syscall where that state is still there (the
+ *    same thread, `inPlace`), and returns EINTR after a restore.
+ */
+export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
   const out = Buffer.from(regs);
   const orig = out.readBigInt64LE(REG.origRax);
   const rax = out.readBigInt64LE(REG.rax);
-  if (orig < 0n) return out;
-  if (rax === -512n || rax === -513n || rax === -514n) {
-    out.writeBigInt64LE(orig, REG.rax);
+  if (orig < 0n || ![ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(rax)) return out;
+  const rewind = (nr: bigint) => {
+    out.writeBigInt64LE(nr, REG.rax);
     out.writeBigUInt64LE(out.readBigUInt64LE(REG.rip) - 2n, REG.rip);
-  } else if (rax === -516n) {
-    out.writeBigInt64LE(-EINTR, REG.rax);
-  }
+  };
+  const fail = () => out.writeBigInt64LE(-EINTR, REG.rax);
+  if (signal && (rax === ERESTARTNOHAND || rax === ERESTART_RESTARTBLOCK || (rax === ERESTARTSYS && !(signal.flags & SA_RESTART)))) fail();
+  else if (rax === ERESTART_RESTARTBLOCK) {
+    if (inPlace) rewind(219n /* restart_syscall */);
+    else fail();
+  } else rewind(orig);
   return out;
 }
 

@@ -24,7 +24,7 @@ import { restoreFds } from '../resources/files.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
-import { createThread, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
 import { verifyImage } from './verify.js';
@@ -472,7 +472,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       r.unmapScratch();
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
-        addon().setRegs(m.tids[i], resumeRegisters(t.regs));
+        addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
     handed.close();
@@ -480,9 +480,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
 
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
-    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
-    // Stopped by job control when it was taken: stopped again.
+    // Stopped by job control when it was taken: stopped again, the signal
+    // queued before the threads go, so none runs a single instruction.
     for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
+    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
     const done = now();
     return {
       aid,

@@ -22,7 +22,7 @@ import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
 import { dumpSysv } from '../resources/sysv.js';
-import { dumpThread, findGlibcTidOffset } from '../resources/threads.js';
+import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
 import { Injector } from './inject.js';
@@ -141,6 +141,13 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
+      // With --leave-running, each thread goes on from here as the kernel
+      // would have taken it on: a pending signal's handler may make an
+      // interrupted call fail with EINTR rather than restart.
+      threads.forEach((t, i) => {
+        const th = proc.threads[i];
+        t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
+      });
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
       inj.close();
       // Memory last: the scratch area used above is back as it was.
