@@ -5,6 +5,7 @@
 #include <napi.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -156,10 +157,18 @@ Napi::Value GetSiginfo(const Napi::CallbackInfo& info) {
 
 // peekSiginfo(tid, shared) -> Buffer of 128-byte siginfos, in queue order.
 Napi::Value PeekSiginfo(const Napi::CallbackInfo& info) {
-  std::vector<uint8_t> buf(128 * 256);
-  int n = trace_peek_siginfo(Tid(info), info[1].As<Napi::Boolean>(), buf.data(), 256);
-  if (Failed(info.Env(), n, "reading pending signals")) return info.Env().Undefined();
-  return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), static_cast<size_t>(n) * 128);
+  // Real-time signals queue up to RLIMIT_SIGPENDING: read them all, a
+  // batch at a time.
+  const int batch = 256;
+  std::vector<uint8_t> all;
+  for (uint64_t from = 0;; from += batch) {
+    std::vector<uint8_t> buf(128 * batch);
+    int n = trace_peek_siginfo(Tid(info), info[1].As<Napi::Boolean>(), from, buf.data(), batch);
+    if (Failed(info.Env(), n, "reading pending signals")) return info.Env().Undefined();
+    all.insert(all.end(), buf.begin(), buf.begin() + static_cast<size_t>(n) * 128);
+    if (n < batch) break;
+  }
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), all.data(), all.size());
 }
 
 Napi::Value GetRseq(const Napi::CallbackInfo& info) {
@@ -713,10 +722,16 @@ Napi::Value MsgRead(const Napi::CallbackInfo& info) {
   o.Set("lspid", ds.msg_lspid);
   o.Set("lrpid", ds.msg_lrpid);
   Napi::Array messages = Napi::Array::New(env);
-  std::vector<uint8_t> buf(sizeof(long) + 65536);
+  // A message is at most msgmax bytes (the kernel's limit, settable).
+  size_t msgmax = 65536;
+  if (FILE* f = fopen("/proc/sys/kernel/msgmax", "r")) {
+    unsigned long v;
+    if (fscanf(f, "%lu", &v) == 1 && v > msgmax) msgmax = v;
+    fclose(f);
+  }
+  std::vector<uint8_t> buf(sizeof(long) + msgmax);
   for (unsigned long i = 0; i < ds.msg_qnum; i++) {
-    ssize_t n = msgrcv(id, buf.data(), 65536, static_cast<long>(i),
-                       IPC_NOWAIT | MSG_COPY | MSG_NOERROR);
+    ssize_t n = msgrcv(id, buf.data(), msgmax, static_cast<long>(i), IPC_NOWAIT | MSG_COPY);
     if (n < 0) {
       ThrowErrno(env, "msgrcv MSG_COPY", errno);
       return env.Undefined();

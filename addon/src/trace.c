@@ -135,12 +135,12 @@ int trace_get_siginfo(pid_t tid, void* info) {
   return ptrace(PTRACE_GETSIGINFO, tid, 0, info) ? fail() : 0;
 }
 
-int trace_peek_siginfo(pid_t tid, int shared, void* buf, int max) {
+int trace_peek_siginfo(pid_t tid, int shared, uint64_t from, void* buf, int max) {
   struct {
     uint64_t off;
     uint32_t flags;
     int32_t nr;
-  } args = {0, shared ? 1u /* PTRACE_PEEKSIGINFO_SHARED */ : 0u, max};
+  } args = {from, shared ? 1u /* PTRACE_PEEKSIGINFO_SHARED */ : 0u, max};
   long n = ptrace(PTRACE_PEEKSIGINFO, tid, &args, buf);
   return n < 0 ? fail() : (int)n;
 }

@@ -48,8 +48,9 @@ int trace_get_sigmask(pid_t tid, uint64_t* mask);
 int trace_set_sigmask(pid_t tid, uint64_t mask);
 int trace_get_siginfo(pid_t tid, void* info /* 128 bytes */);
 /* Pending signals without dequeuing them: up to max siginfos (128 bytes
- * each) of the thread's own queue, or the process's if shared. */
-int trace_peek_siginfo(pid_t tid, int shared, void* buf, int max);
+ * each) of the thread's own queue, or the process's if shared, from the
+ * from-th on. */
+int trace_peek_siginfo(pid_t tid, int shared, uint64_t from, void* buf, int max);
 
 typedef struct {
   uint64_t rseq_abi_pointer;
