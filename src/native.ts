@@ -110,6 +110,7 @@ interface Addon {
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
   getFd(pid: number, fd: number): number;
+  sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
   peekPipe(fd: number): Buffer;
   prlimits(pid: number): [bigint, bigint][];
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };

@@ -5,12 +5,13 @@
  * restore: its counter, threads, shared memory, SysV objects, signals, file
  * offsets and listening socket.
  */
+import { createRequire } from 'node:module';
 import { connect } from 'node:net';
 import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { alive, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -91,6 +92,10 @@ describe('snapshot → restore of a program with one of each resource', () => {
     const ps = sb.json<Json>(['ps', aid])[0].processes;
     expect(ps.map((p: Json) => p.vpid).sort()).toEqual([1, 2, 3]);
     expect(ps.find((p: Json) => p.vpid === 2).threads).toBe(4);
+    // Parent and child share their stdout's open file description again.
+    const native = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node'));
+    expect(native.sameDescription(pidOf(aid, 2), 1, pidOf(aid, 3), 1)).toBe(true);
+    expect(native.sameDescription(pidOf(aid, 2), 1, pidOf(aid, 2), 2)).toBe(true);
     // Its name and command line are its own, not the seed's it was made from.
     expect(ps.find((p: Json) => p.vpid === 2).command).toBe(`${fixture('snapfix')} 0 8`);
     expect(readFileSync(`/proc/${pidOf(aid, 2)}/comm`, 'utf8').trim()).toBe('snapfix');

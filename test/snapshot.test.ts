@@ -162,6 +162,11 @@ describe('snapshot of a program with one of each resource', () => {
     const [parent, child] = image.processes;
     const fd = (p: Json, n: number) => p.fds.find((f: Json) => f.fd === n);
     expect(fd(parent, 0)).toMatchObject({ kindName: 'DEVICE', path: '/dev/null' });
+    // stdout and stderr are one open file description, shared with the
+    // child across fork: marked so, a restore keeps them one.
+    expect(fd(parent, 1).description).toBeGreaterThan(0);
+    expect(fd(parent, 2).description).toBe(fd(parent, 1).description);
+    expect(fd(child, 1).description).toBe(fd(parent, 1).description);
     const deleted = fd(parent, 3);
     expect(deleted).toMatchObject({ kindName: 'FILE', pos: 7 });
     expect(image.files[deleted.file]).toMatchObject({ deleted: true, size: 21 });

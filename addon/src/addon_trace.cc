@@ -562,6 +562,15 @@ Napi::Value Crc32cFile(const Napi::CallbackInfo& info) {
 
 // ---- descriptors
 
+// sameDescription(pid1, fd1, pid2, fd2) -> whether the two descriptors are
+// one open file description (kcmp KCMP_FILE).
+Napi::Value SameDescription(const Napi::CallbackInfo& info) {
+  const int KCMP_FILE = 0;
+  long r = syscall(SYS_kcmp, Tid(info, 0), Tid(info, 2), KCMP_FILE, info[1].As<Napi::Number>().Int32Value(),
+                   info[3].As<Napi::Number>().Int32Value());
+  return Napi::Boolean::New(info.Env(), r == 0);
+}
+
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
 Napi::Value GetFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -782,6 +791,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("scanWritten", ScanWritten);
   fn("crc32cFile", Crc32cFile);
   fn("getFd", GetFd);
+  fn("sameDescription", SameDescription);
   fn("peekPipe", PeekPipe);
   fn("prlimits", Prlimits);
   fn("semRead", SemRead);

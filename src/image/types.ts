@@ -243,6 +243,7 @@ export interface Fd {
   eventfdSemaphore: boolean;
   epoll: EpollTarget[];
   tty: boolean;
+  description: number;
 }
 
 export interface Pipe {

@@ -101,6 +101,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       eventfdSemaphore: false,
       epoll: [],
       tty: false,
+      description: 0,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
     if (bracket && bracket[1] === 'pipe') {
@@ -197,5 +198,37 @@ export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void
       r.call(`adding fd ${t.fd} to epoll fd ${fd.fd}`, SYS.epoll_ctl, [ep, EPOLL_CTL_ADD, t.fd, r.put(ev)]);
     }
     place(ep, fd);
+  }
+}
+
+/**
+ * Marks descriptors that are one open file description (a file opened
+ * before a fork, a dup'd descriptor): kcmp(KCMP_FILE) asks the kernel,
+ * among descriptors of the same file. They get one description number,
+ * and a restore makes them one description again, sharing its offset.
+ * Pipes and sockets are shared by their inode already.
+ */
+export function markSharedDescriptions(procs: { pid: number; fds: Fd[] }[]): void {
+  const groups = new Map<string, { pid: number; fd: Fd }[]>();
+  for (const p of procs)
+    for (const fd of p.fds) {
+      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD) continue;
+      const key = `${fd.kind}:${fd.file}:${fd.path}`;
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key)!.push({ pid: p.pid, fd });
+    }
+  let next = 1;
+  for (const members of groups.values()) {
+    if (members.length < 2) continue;
+    for (let i = 0; i < members.length; i++) {
+      if (members[i].fd.description) continue;
+      for (let j = i + 1; j < members.length; j++) {
+        if (members[j].fd.description) continue;
+        if (addon().sameDescription(members[i].pid, members[i].fd.fd, members[j].pid, members[j].fd.fd)) {
+          members[i].fd.description ||= next++;
+          members[j].fd.description = members[i].fd.description;
+        }
+      }
+    }
   }
 }

@@ -212,8 +212,21 @@ class Handover {
     }
   }
 
-  /** A descriptor of ours for image fd `fd` of process `p`. */
+  private readonly descriptions = new Map<number, number>();
+
+  /** A descriptor of ours for image fd `fd` of process `p`: one per open
+   * file description, which descriptors inherited or dup'd share. */
   open(p: Process, fd: Fd): number {
+    if (!fd.description) return this.openNew(p, fd);
+    let got = this.descriptions.get(fd.description);
+    if (got === undefined) {
+      got = this.openNew(p, fd);
+      this.descriptions.set(fd.description, got);
+    }
+    return got;
+  }
+
+  private openNew(p: Process, fd: Fd): number {
     const plain = fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC);
     let got: number;
     switch (fd.kind) {

@@ -16,7 +16,7 @@ import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { dumpFds } from '../resources/files.js';
+import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, readMaps } from '../resources/memory.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
@@ -164,6 +164,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     }
     done++;
   }
+  markSharedDescriptions(ctx.image.processes);
   checkUnixPeers(
     ctx.image.processes.flatMap((p) =>
       p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
