@@ -18,7 +18,7 @@ export const paths = {
 };
 
 /** The resource kinds of the translation tables, in the header's order. */
-export const kinds = ['pid', 'semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey'] as const;
+export const kinds = ['pid', 'semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey', 'port'] as const;
 export type Kind = (typeof kinds)[number];
 
 export interface TableEntry {
@@ -29,11 +29,18 @@ export interface TableEntry {
   owner: number;
 }
 
+/** The instance section of the tables: path rewriting and SET ENV. */
+export interface InstanceConfig {
+  redirs: { kind: 'path' | 'cow'; from: string; to: string }[];
+  env: string[];
+}
+
 export interface TablesSnapshot {
   aid: string;
   initPid: number;
   repairs: number;
   tables: Record<Kind, TableEntry[]>;
+  instance: InstanceConfig & { tablesPath: string };
 }
 
 /** What one wait on the tracees reported (addon/src/trace.h). */
@@ -142,6 +149,7 @@ interface Addon {
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
+  setInstance(path: string, config: InstanceConfig): void;
   bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number, owner?: number): void;
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;

@@ -25,7 +25,7 @@
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 
 static const char *const kind_names[APPSHOT_KINDS] = {
-    "pid", "semid", "shmid", "msgid", "semkey", "shmkey", "msgkey"};
+    "pid", "semid", "shmid", "msgid", "semkey", "shmkey", "msgkey", "port"};
 
 const char *appshot_kind_name(enum appshot_kind kind) {
   return (unsigned)kind < APPSHOT_KINDS ? kind_names[kind] : "?";

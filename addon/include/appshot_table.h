@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 2u
+#define APPSHOT_TABLE_VERSION 3u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -55,6 +55,9 @@ enum appshot_kind {
   APPSHOT_SEMKEY,  /* IPC keys passed to semget */
   APPSHOT_SHMKEY,  /* IPC keys passed to shmget */
   APPSHOT_MSGKEY,  /* IPC keys passed to msgget */
+  APPSHOT_PORT,    /* TCP ports: the one the application asks for (a
+                      template's fixed port) -> the one it really has (an
+                      allocated port); never allocated here */
   APPSHOT_KINDS
 };
 
@@ -97,6 +100,44 @@ struct appshot_table {
   uint64_t sindex_off[2]; /* uint32_t[index_size], hashed by system id */
 };
 
+/* --- The instance: per-application rewriting (templates and clones) ------
+ *
+ * Written by appshot before any process of the application runs (run) or
+ * before the restored processes resume (restore, clone), and never while
+ * they run: readers take no lock. Strings are NUL-terminated. */
+#define APPSHOT_PATH_MAX 256
+#define APPSHOT_REDIRS 16
+#define APPSHOT_ENVS 16
+#define APPSHOT_ENV_LEN 384
+
+enum appshot_redir_kind {
+  /* REDIR PATH: `from` (and everything below it) is `to`. */
+  APPSHOT_REDIR_PATH = 1,
+  /* A copy-on-write rule: `from` is read where it is until the instance
+   * writes; a write copies it to `to` first, and from then on `to` is what
+   * the instance sees (a composite view). */
+  APPSHOT_REDIR_COW = 2,
+};
+
+struct appshot_redir {
+  uint32_t kind;     /* enum appshot_redir_kind */
+  uint32_t from_len; /* strlen(from) */
+  char from[APPSHOT_PATH_MAX]; /* absolute, no trailing '/': a file or a
+                                  directory, matched on whole components */
+  char to[APPSHOT_PATH_MAX];   /* absolute, evaluated for this instance */
+};
+
+struct appshot_instance {
+  /* This file's own path: what an exec passes on as APPSHOT_TABLES (a
+   * restored process's memory still holds the path it started with). */
+  char tables_path[APPSHOT_PATH_MAX];
+  uint32_t redirs; /* entries of redir in use */
+  uint32_t envs;   /* entries of env in use */
+  struct appshot_redir redir[APPSHOT_REDIRS];
+  /* SET ENV, evaluated: "NAME=value", forced into every exec. */
+  char env[APPSHOT_ENVS][APPSHOT_ENV_LEN];
+};
+
 struct appshot_header {
   uint64_t magic;
   uint32_t version;
@@ -108,6 +149,7 @@ struct appshot_header {
   uint32_t repairs;       /* times a dead writer's mutex was recovered */
   pthread_mutex_t lock;   /* robust, process-shared */
   struct appshot_table tables[APPSHOT_KINDS];
+  struct appshot_instance instance;
 };
 
 /* --- Creating and mapping ----------------------------------------------- */

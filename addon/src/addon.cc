@@ -51,6 +51,15 @@ bool ParseKind(const Napi::Env& env, const Napi::Value& v, appshot_kind* out) {
   return false;
 }
 
+// Copies a string into a fixed NUL-terminated field (the caller checked
+// that it fits).
+template <size_t N>
+void CopyString(char (&dst)[N], const std::string& src) {
+  size_t n = src.size() < N - 1 ? src.size() : N - 1;
+  std::memcpy(dst, src.data(), n);
+  dst[n] = '\0';
+}
+
 // Opens a table file for the length of one call.
 class OpenTables {
  public:
@@ -91,7 +100,63 @@ Napi::Value CreateTables(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "creating tables " + path, errno);
     return env.Undefined();
   }
+  CopyString(h->instance.tables_path, path);
   appshot_table_close(h);
+  return env.Undefined();
+}
+
+// setInstance(path, { redirs: [{kind: 'path'|'cow', from, to}], env: ["N=v"] })
+// Replaces the instance section. Only while no process of the application
+// runs (before run starts it, before a restore resumes it): readers take no
+// lock. Throws, writing nothing, when an entry does not fit.
+Napi::Value SetInstance(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto o = info[1].As<Napi::Object>();
+  auto redirs = o.Get("redirs").As<Napi::Array>();
+  auto envs = o.Get("env").As<Napi::Array>();
+  appshot_instance inst{};
+  CopyString(inst.tables_path, path);
+  if (redirs.Length() > APPSHOT_REDIRS || envs.Length() > APPSHOT_ENVS) {
+    Napi::RangeError::New(env, "at most " + std::to_string(APPSHOT_REDIRS) + " path rules and " +
+                                   std::to_string(APPSHOT_ENVS) + " SET ENV rules per application")
+        .ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  for (uint32_t i = 0; i < redirs.Length(); i++) {
+    auto r = redirs.Get(i).As<Napi::Object>();
+    std::string kind = r.Get("kind").As<Napi::String>().Utf8Value();
+    std::string from = r.Get("from").As<Napi::String>().Utf8Value();
+    std::string to = r.Get("to").As<Napi::String>().Utf8Value();
+    if (from.size() >= APPSHOT_PATH_MAX || to.size() >= APPSHOT_PATH_MAX) {
+      Napi::RangeError::New(env, "path longer than " + std::to_string(APPSHOT_PATH_MAX - 1) + " bytes: " +
+                                     (from.size() >= APPSHOT_PATH_MAX ? from : to))
+          .ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    appshot_redir& d = inst.redir[i];
+    d.kind = kind == "cow" ? APPSHOT_REDIR_COW : APPSHOT_REDIR_PATH;
+    d.from_len = static_cast<uint32_t>(from.size());
+    CopyString(d.from, from);
+    CopyString(d.to, to);
+  }
+  for (uint32_t i = 0; i < envs.Length(); i++) {
+    std::string e = envs.Get(i).As<Napi::String>().Utf8Value();
+    if (e.size() >= APPSHOT_ENV_LEN) {
+      Napi::RangeError::New(env, "SET ENV longer than " + std::to_string(APPSHOT_ENV_LEN - 1) + " bytes: " + e)
+          .ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    CopyString(inst.env[i], e);
+  }
+  inst.redirs = redirs.Length();
+  inst.envs = envs.Length();
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  t.get()->instance = inst;
   return env.Undefined();
 }
 
@@ -128,6 +193,22 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     tables.Set(appshot_kind_name(kind), rows);
   }
   out.Set("tables", tables);
+  const appshot_instance& in = h->instance;
+  Napi::Object inst = Napi::Object::New(env);
+  inst.Set("tablesPath", Napi::String::New(env, in.tables_path));
+  Napi::Array redirs = Napi::Array::New(env);
+  for (uint32_t i = 0; i < in.redirs && i < APPSHOT_REDIRS; i++) {
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("kind", in.redir[i].kind == APPSHOT_REDIR_COW ? "cow" : "path");
+    r.Set("from", in.redir[i].from);
+    r.Set("to", in.redir[i].to);
+    redirs.Set(i, r);
+  }
+  inst.Set("redirs", redirs);
+  Napi::Array envs = Napi::Array::New(env);
+  for (uint32_t i = 0; i < in.envs && i < APPSHOT_ENVS; i++) envs.Set(i, in.env[i]);
+  inst.Set("env", envs);
+  out.Set("instance", inst);
   return out;
 }
 
@@ -195,6 +276,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("bind", Napi::Function::New(env, Bind));
   exports.Set("mapSystem", Napi::Function::New(env, MapSystem));
   exports.Set("unmapSystem", Napi::Function::New(env, UnmapSystem));
