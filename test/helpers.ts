@@ -4,6 +4,7 @@
  * in the developer's registry.
  */
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -177,4 +178,18 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
   }
   const now = systemIpcIds();
   return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id)));
+}
+
+/** Connects to 127.0.0.1:port, sends `text` if given, and resolves with
+ * all the server says until it closes the connection. */
+export function tcpExchange(port: number, text?: string, timeoutMs = 5000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = connect(port, '127.0.0.1');
+    let data = '';
+    s.setTimeout(timeoutMs, () => s.destroy(new Error(`no answer on port ${port}`)));
+    if (text !== undefined) s.on('connect', () => s.write(text));
+    s.on('data', (d) => (data += d));
+    s.on('end', () => resolve(data));
+    s.on('error', reject);
+  });
 }

@@ -6,12 +6,11 @@
  * offsets and listening socket.
  */
 import { createRequire } from 'node:module';
-import { connect } from 'node:net';
 import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { alive, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -60,15 +59,7 @@ function restore(image: string, extra: string[] = []): Json {
   return JSON.parse(r.stdout);
 }
 
-function hello(port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const s = connect(port, '127.0.0.1');
-    let data = '';
-    s.on('data', (d) => (data += d));
-    s.on('end', () => resolve(data));
-    s.on('error', reject);
-  });
-}
+const hello = (port: number) => tcpExchange(port);
 
 describe('snapshot → restore of a program with one of each resource', () => {
   const aid = 'rt';

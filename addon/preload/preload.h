@@ -23,12 +23,14 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h> /* types of fopen & co. only */
+#include <string.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
@@ -89,7 +91,7 @@ static inline void ensure_init(void) {
   X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
   X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
-  X(__openat64_2) X(creat) X(fopen) X(fopen64) X(opendir) X(stat)          \
+  X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir)
 
@@ -210,5 +212,49 @@ HIDDEN long do_msgctl(int id, int cmd, struct msqid_ds *buf);
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);
+
+/* --- Paths (preload_path.c, preload_proc.c) ------------------------------
+ *
+ * Every path-taking wrapper hands the kernel app_path(path): /proc/<vpid>
+ * rewritten to the system PID, then the instance's REDIR PATH and
+ * copy-on-write rules applied. What the call will do with the path decides
+ * which side of a copy-on-write rule it sees. */
+enum path_op {
+  PATH_READ,   /* open O_RDONLY, stat, access, readlink, opendir, chdir */
+  PATH_WRITE,  /* an open that may write: copies a COW file up first */
+  PATH_TRUNC,  /* the same, but the old contents are not needed (O_TRUNC) */
+  PATH_CREATE, /* mkdir, open O_CREAT|O_EXCL: only creates, privately */
+  PATH_REMOVE, /* unlink, rmdir, a rename's source */
+  PATH_TARGET, /* a rename's destination: the private side */
+};
+
+/* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`
+ * itself for every other path, NULL with errno (ENOENT) for a virtual PID
+ * the application does not hold. */
+HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* preload_path.c: the slow part of app_path. */
+HIDDEN const char *path_slow(const char *path, enum path_op op,
+                             char buf[PATH_MAX]);
+
+/* The path to hand to the kernel: `path` itself, or buf holding the
+ * rewritten one; NULL with errno set when the call must fail. Relative
+ * paths are never rewritten (nor, so, *at() calls with a directory fd and
+ * a relative path): only what the application names absolutely. No
+ * tables, or no rules and no "/proc/" prefix: a few loads and branches. */
+static inline const char *app_path(const char *path, enum path_op op,
+                                   char buf[PATH_MAX]) {
+  struct appshot_header *h = g_h;
+  if (LIKELY(!h) || !path || path[0] != '/') return path;
+  if (LIKELY(!h->instance.redirs) && strncmp(path, "/proc/", 6) != 0)
+    return path;
+  return path_slow(path, op, buf);
+}
+
+/* Declares `p`, the path to use, or returns `err` from the wrapper. */
+#define APP_PATH(p, path, op, err)                  \
+  ensure_init();                                    \
+  char p##_buf[PATH_MAX];                           \
+  const char *p = app_path((path), (op), p##_buf); \
+  if (!p) return err
 
 #endif

@@ -64,49 +64,146 @@ static int starts(const char *s, const char *prefix) {
   return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
-/* Bytes app_env_build needs for envp, or 0 when envp keeps us in already. */
+/* Our two identity variables as they stand now. A restored process's
+ * memory holds the ones it started with, while the application may have
+ * come back under another AID with another table file: the table's
+ * instance section names the file and its header the AID. Before the
+ * instance has a path (tables of an older appshot), the strings of init. */
+struct app_ids {
+  const char *tables; /* the value of APPSHOT_TABLES */
+  const char *aid;    /* the value of APPSHOT_AID */
+  size_t tables_len, aid_len;
+};
+
+static void app_ids(struct app_ids *ids) {
+  const struct appshot_header *h = g_h;
+  if (h && h->instance.tables_path[0]) {
+    ids->tables = h->instance.tables_path;
+    ids->tables_len = strnlen(ids->tables, APPSHOT_PATH_MAX - 1);
+    ids->aid = h->aid;
+    ids->aid_len = strnlen(h->aid, APPSHOT_AID_MAX);
+  } else {
+    ids->tables = g_env_tables + 15;
+    ids->tables_len = strlen(ids->tables);
+    ids->aid = g_env_aid + 12;
+    ids->aid_len = strlen(ids->aid);
+  }
+}
+
+/* Whether `e` is "<prefix><value>" exactly (value not NUL-terminated). */
+static int is_var(const char *e, const char *prefix, size_t pl,
+                  const char *value, size_t vl) {
+  return strncmp(e, prefix, pl) == 0 && strncmp(e + pl, value, vl) == 0 &&
+         e[pl + vl] == '\0';
+}
+
+/* SET ENV entry i of the instance, if it is a well-formed "NAME=value"
+ * that is not one of ours (those the application cannot override); sets
+ * *name_len to the length of "NAME=". */
+static const char *instance_env(const struct appshot_instance *in, uint32_t i,
+                                size_t *name_len) {
+  const char *e = in->env[i];
+  size_t len = strnlen(e, APPSHOT_ENV_LEN);
+  const char *eq = memchr(e, '=', len);
+  if (len == APPSHOT_ENV_LEN || !eq || eq == e || starts(e, "LD_PRELOAD=") ||
+      starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_AID="))
+    return NULL;
+  *name_len = (size_t)(eq - e) + 1;
+  return e;
+}
+
+static uint32_t instance_envs(void) {
+  const struct appshot_header *h = g_h;
+  if (!h) return 0;
+  uint32_t n = h->instance.envs;
+  return n < APPSHOT_ENVS ? n : APPSHOT_ENVS;
+}
+
+/* Whether the instance forces a value for envp entry e's variable. */
+static int forced(const char *e, uint32_t envs) {
+  for (uint32_t i = 0; i < envs; i++) {
+    size_t nl;
+    const char *f = instance_env(&g_h->instance, i, &nl);
+    if (f && strncmp(e, f, nl) == 0) return 1;
+  }
+  return 0;
+}
+
+#define TABLES_VAR "APPSHOT_TABLES="
+#define AID_VAR "APPSHOT_AID="
+
+/* Bytes app_env_build needs for envp, or 0 when envp keeps us in already
+ * and the instance forces no variable. */
 static size_t app_env_size(char *const *envp) {
   if (!g_h || !g_env_tables[0]) return 0;
+  struct app_ids ids;
+  app_ids(&ids);
+  uint32_t envs = instance_envs();
   size_t n = 0;
   int tables = 0, aid = 0;
   const char *ld = NULL;
   for (; envp && envp[n]; n++) {
-    if (strcmp(envp[n], g_env_tables) == 0) tables = 1;
-    else if (strcmp(envp[n], g_env_aid) == 0) aid = 1;
+    if (is_var(envp[n], TABLES_VAR, 15, ids.tables, ids.tables_len)) tables = 1;
+    else if (is_var(envp[n], AID_VAR, 12, ids.aid, ids.aid_len)) aid = 1;
     else if (!ld && starts(envp[n], "LD_PRELOAD=")) ld = envp[n];
   }
-  if (tables && aid && ld && strstr(ld, g_lib)) return 0;
-  /* Room for the pointers plus a merged "LD_PRELOAD=ours theirs". */
-  return (n + 4) * sizeof(char *) + sizeof g_env_ld + (ld ? strlen(ld) : 0) + 1;
+  if (tables && aid && ld && strstr(ld, g_lib) && !envs) return 0;
+  /* The pointers, then the strings: our two variables and a merged
+   * "LD_PRELOAD=ours theirs" (the forced variables are pointed at where
+   * they are, in the table file, which outlives the exec). */
+  return (n + 4 + envs) * sizeof(char *) + (15 + ids.tables_len + 1) +
+         (12 + ids.aid_len + 1) + sizeof g_env_ld + (ld ? strlen(ld) : 0) + 1;
 }
 
 /* The environment to exec with: envp minus our variables (and a LD_PRELOAD
- * that lacks us) plus ours. A LD_PRELOAD of the application's own is kept,
- * after our library. */
+ * that lacks us) and minus the variables the instance forces, plus ours and
+ * those. A LD_PRELOAD of the application's own is kept, after our library. */
 static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
   if (!mem) return envp; /* no memory: the best we can do */
-  char **out = mem, *ld_buf = (char *)mem + need - sizeof g_env_ld;
+  struct app_ids ids;
+  app_ids(&ids);
+  uint32_t envs = instance_envs();
+  size_t count = 0;
+  while (envp && envp[count]) count++;
+  char **out = mem;
+  char *str = (char *)mem + (count + 4 + envs) * sizeof(char *);
+  char *end = (char *)mem + need;
+  char *tables_var = str;
+  memcpy(str, TABLES_VAR, 15);
+  memcpy(str + 15, ids.tables, ids.tables_len);
+  str[15 + ids.tables_len] = '\0';
+  str += 15 + ids.tables_len + 1;
+  char *aid_var = str;
+  memcpy(str, AID_VAR, 12);
+  memcpy(str + 12, ids.aid, ids.aid_len);
+  str[12 + ids.aid_len] = '\0';
+  str += 12 + ids.aid_len + 1;
   size_t n = 0;
   const char *ld = g_env_ld;
   int seen_ld = 0; /* a second LD_PRELOAD is dead weight: getenv sees one */
-  for (size_t i = 0; envp && envp[i]; i++) {
+  for (size_t i = 0; i < count; i++) {
     const char *e = envp[i];
-    if (starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_AID=")) continue;
+    if (starts(e, TABLES_VAR) || starts(e, AID_VAR)) continue;
     if (starts(e, "LD_PRELOAD=")) {
       if (seen_ld++) continue;
       if (strstr(e, g_lib)) ld = e;
       else if (e[11]) {
-        ld_buf -= strlen(e) + 1;
-        copy_str(ld_buf, strlen(e) + sizeof g_env_ld, g_env_ld, " ", e + 11);
-        ld = ld_buf;
+        copy_str(str, (size_t)(end - str), g_env_ld, " ", e + 11);
+        ld = str;
       }
       continue;
     }
+    if (envs && forced(e, envs)) continue;
     out[n++] = (char *)e;
   }
   out[n++] = (char *)ld;
-  out[n++] = g_env_tables;
-  out[n++] = g_env_aid;
+  out[n++] = tables_var;
+  out[n++] = aid_var;
+  for (uint32_t i = 0; i < envs; i++) {
+    size_t nl;
+    const char *f = instance_env(&g_h->instance, i, &nl);
+    if (f) out[n++] = (char *)f;
+  }
   out[n] = NULL;
   return out;
 }
