@@ -16,15 +16,20 @@ import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { createInterface } from 'node:readline';
 import { isatty } from 'node:tty';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
+import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
-import { paths } from './native.js';
+import { addon, type InstanceConfig, paths } from './native.js';
+import { prepareRedirTargets } from './resources/paths.js';
+import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { type AppRecord, type Registry } from './registry.js';
 
 export interface RunOptions {
   aid?: string;
   detach: boolean;
+  /** A rules file (templates/README.md): its REDIR PATH and SET ENV apply
+   * from the start, and snapshots classify resources by it. */
   rules?: string;
   /** Called once the command runs, with its record. */
   onStarted?: (record: AppRecord, vpid: number, pid: number) => void;
@@ -71,6 +76,21 @@ export function applicationEnv(record: AppRecord, base: NodeJS.ProcessEnv = proc
   };
 }
 
+/** The instance section of an application started by `run`: REDIR PATH and
+ * SET ENV, evaluated for its AID. Copy-on-write rules do not apply to it:
+ * what it writes is what its clones will start from. */
+function runConfig(rules: RulesFile | undefined, aid: string): InstanceConfig {
+  if (!rules) return { redirs: [], env: [] };
+  const c = instanceConfig(rules, { 'application-id': aid, instance: '0', hostname: hostname(), template: '' }, '');
+  return { redirs: c.redirs.filter((r) => r.kind === 'path'), env: c.env };
+}
+
+function withSetEnv(base: NodeJS.ProcessEnv, env: string[]): NodeJS.ProcessEnv {
+  const out = { ...base };
+  for (const e of env) out[e.slice(0, e.indexOf('='))] = e.slice(e.indexOf('=') + 1);
+  return out;
+}
+
 function execFailure(command: string, errno: number): AppshotError {
   const reason = errno === 2 ? 'command not found' : errno === 13 ? 'permission denied' : `error ${errno}`;
   return new AppshotError(
@@ -81,7 +101,10 @@ function execFailure(command: string, errno: number): AppshotError {
 
 export async function run(registry: Registry, command: string[], opts: RunOptions): Promise<number> {
   if (command.length === 0) throw new AppshotError('no command given: appshot run [--aid A] -- cmd args...', ExitCode.usage);
+  // A rules file with a mistake is refused before anything is registered.
+  const rules: RulesFile | undefined = opts.rules ? loadRules(opts.rules) : undefined;
   const fill = (stateDir: string) => ({
+    ...(rules ? { rules: { source: basename(opts.rules!), text: rules.text } } : {}),
     command,
     cwd: process.cwd(),
     createdAt: new Date().toISOString(),
@@ -105,12 +128,15 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     }
   });
   try {
+    const config = runConfig(rules, record.aid);
+    prepareRedirTargets(config.redirs);
+    addon().setInstance(record.tables, config);
     if (record.logPath) logFd = openSync(record.logPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_APPEND, 0o600);
     const stdio = logFd === undefined ? (['inherit', 'inherit', 'inherit', 'pipe'] as const) : (['ignore', logFd, logFd, 'pipe'] as const);
     init = spawn(
       paths.init,
       ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--', ...command],
-      { stdio: [...stdio], detached: opts.detach },
+      { stdio: [...stdio], detached: opts.detach, env: withSetEnv(process.env, config.env) },
     );
     if (init.pid === undefined) throw new AppshotError(`cannot start ${paths.init}`);
     record.initPid = init.pid;

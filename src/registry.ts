@@ -25,7 +25,7 @@ import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
-import { isSameProcess } from './procfs.js';
+import { isSameProcess, readStat } from './procfs.js';
 
 export interface AppRecord {
   aid: string;
@@ -57,6 +57,31 @@ export interface AppRecord {
   /** Where dirty tracking keeps a userfaultfd in each process (system
    * PID:start time → descriptor number); never part of an image. */
   tracking?: Record<string, number>;
+  /** The rules it runs under (`run --rules`, or its template's). */
+  rules?: { source: string; text: string };
+  /** A clone: the template it was stamped from and its number in the batch. */
+  template?: { path: string; instance: number };
+  /** TCP ports it listens on that the registry knows of: `virtual` is the
+   * port the application asks for, `system` the one it has. */
+  ports?: PortBinding[];
+}
+
+export interface PortBinding {
+  virtual: number;
+  system: number;
+  /** allocate: a port of its own from the registry; multiplex: the one
+   * well-known port, shared with the other instances (SO_REUSEPORT). */
+  mode: 'allocate' | 'multiplex';
+}
+
+/** Where allocated ports come from: APPSHOT_PORTS=FIRST-LAST. */
+export function portRange(): [number, number] {
+  const spec = process.env.APPSHOT_PORTS ?? '20000-29999';
+  const m = /^(\d+)-(\d+)$/.exec(spec);
+  const [lo, hi] = m ? [Number(m[1]), Number(m[2])] : [NaN, NaN];
+  if (!(lo >= 1024 && hi <= 65535 && lo <= hi))
+    throw new AppshotError(`APPSHOT_PORTS='${spec}': expected FIRST-LAST within 1024-65535`, ExitCode.usage);
+  return [lo, hi];
 }
 
 /** Fills in a new registration, given where its state and tables go. */
@@ -115,8 +140,11 @@ export class LocalRegistry implements Registry {
    * (root's and each user's, or a test's private APPSHOT_HOME). */
   private readonly tag: string;
 
+  private readonly portsDir: string;
+
   constructor(home = defaultHome()) {
     this.appsDir = join(home, 'apps');
+    this.portsDir = join(home, 'ports');
     mkdirSync(this.appsDir, { recursive: true, mode: 0o755 });
     this.home = realpathSync(home);
     this.tag = createHash('sha256').update(this.home).digest('hex').slice(0, 8);
@@ -206,6 +234,7 @@ export class LocalRegistry implements Registry {
   }
 
   list(): AppRecord[] {
+    this.sweepPorts();
     const out: AppRecord[] = [];
     for (const aid of readdirSync(this.appsDir).sort()) {
       if (aid.startsWith('.')) {
@@ -256,7 +285,84 @@ export class LocalRegistry implements Registry {
         for (const e of t.tables[kind]) native.removeIpcObject(kind, e.system);
     }
     rmSync(record.tables, { force: true });
+    for (const p of record.ports ?? []) if (p.mode === 'allocate' && this.portOwner(p.system) === record.aid) this.releasePort(p.system);
     removeDir(record.stateDir);
+  }
+
+  /**
+   * Takes a TCP port for `aid` from the registry's range (step 424: a
+   * network-unique resource is assigned by the registry). Claimed with
+   * mkdir, atomic as AIDs are; a claim whose application is gone is taken
+   * back. `usable` checks that nothing outside appshot holds the port.
+   */
+  allocatePort(aid: string, usable: (port: number) => boolean): number {
+    mkdirSync(this.portsDir, { recursive: true, mode: 0o755 });
+    const [lo, hi] = portRange();
+    const span = hi - lo + 1;
+    const start = Math.floor(Math.random() * span);
+    for (let i = 0; i < span; i++) {
+      const port = lo + ((start + i) % span);
+      const dir = join(this.portsDir, String(port));
+      if (!this.claim(dir)) {
+        if (!this.portClaimIsStale(port)) continue;
+        this.releasePort(port);
+        if (!this.claim(dir)) continue;
+      }
+      // The claimer too: until the application is registered with the
+      // port, the claim lives as long as the claimer does.
+      writeFileSync(join(dir, 'aid'), `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+      if (usable(port)) return port;
+      // Held by something outside appshot: let the claim go, try the next.
+      this.releasePort(port);
+    }
+    throw new AppshotError(`no free port left in ${lo}-${hi} (set APPSHOT_PORTS)`, ExitCode.conflict);
+  }
+
+  /** The AID holding an allocated port, if any. */
+  portOwner(port: number): string | undefined {
+    return this.portClaim(port)?.aid;
+  }
+
+  private portClaim(port: number): { aid: string; pid: number; startTime: number } | undefined {
+    try {
+      const [aid, pid, startTime] = readFileSync(join(this.portsDir, String(port), 'aid'), 'utf8').split(' ');
+      return { aid, pid: Number(pid), startTime: Number(startTime) };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Takes back the ports of applications that are gone. */
+  sweepPorts(): void {
+    let ports: string[];
+    try {
+      ports = readdirSync(this.portsDir);
+    } catch {
+      return;
+    }
+    for (const p of ports) if (this.portClaimIsStale(Number(p))) this.releasePort(Number(p));
+  }
+
+  releasePort(port: number): void {
+    rmSync(join(this.portsDir, String(port)), { recursive: true, force: true });
+  }
+
+  /** A claim is taken back once its application is gone (or does not
+   * list the port) and the clone that claimed it has ended. A claim with no
+   * owner written yet is being made, or was left by a claimer killed at
+   * that instant: taken back once it is a minute old. */
+  private portClaimIsStale(port: number): boolean {
+    const claim = this.portClaim(port);
+    if (!claim) {
+      try {
+        return Date.now() - statSync(join(this.portsDir, String(port))).mtimeMs > 60_000;
+      } catch {
+        return true;
+      }
+    }
+    const record = this.get(claim.aid);
+    if (record && !this.isStale(record) && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return false;
+    return !isSameProcess(claim.pid, claim.startTime);
   }
 
   private dropOrphanDir(aid: string): void {

@@ -33,7 +33,7 @@ import tar from 'tar-stream';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
 import { isSameProcess } from '../procfs.js';
-import type { Image, Manifest } from './types.js';
+import type { Image, Manifest, Template } from './types.js';
 
 export const MAGIC = 'appshot-image';
 export const FORMAT_VERSION = 1;
@@ -43,6 +43,7 @@ const protoPath = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'pro
 const root = protobuf.loadSync(protoPath);
 const ImageType = root.lookupType('appshot.image.Image');
 const ManifestType = root.lookupType('appshot.image.Manifest');
+const TemplateType = root.lookupType('appshot.image.Template');
 
 const LONG_TYPES = new Set(['int64', 'uint64', 'sint64', 'fixed64', 'sfixed64']);
 
@@ -93,6 +94,8 @@ function decode<T>(type: protobuf.Type, bytes: Buffer, what: string): T {
 }
 
 export const encodeImage = (image: Image) => encode(ImageType, image);
+export const encodeTemplate = (t: Template) => encode(TemplateType, t);
+export const decodeTemplate = (bytes: Buffer) => decode<Template>(TemplateType, bytes, 'template.pb');
 
 /** JSON for people and scripts: bigints as numbers when exact, else strings;
  * byte fields as their length and hex head. */

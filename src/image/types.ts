@@ -34,6 +34,41 @@ export interface Image {
   command: string[];
   logPath: string;
   tablesPath: string;
+  /** The rules the application ran under (`run --rules`), if any. */
+  rules?: Rules;
+  /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
+  verdicts: Verdict[];
+}
+
+/** A snapshot virtual template: template.pb beside an image (FIG. 7). */
+export interface Template {
+  magic: string;
+  name: string;
+  created: string;
+  imageId: string;
+  rules?: Rules;
+  verdicts: Verdict[];
+}
+
+export interface Rules {
+  /** The rules file's name, for messages. */
+  source: string;
+  /** As written: <APPL-ID> and the like unevaluated. */
+  text: string;
+}
+
+export type Action = 'share' | 'copy-on-write' | 'duplicate' | 'virtualize' | 'multiplex' | 'allocate' | 'recreate';
+
+/** What cloning does with one resource (FIG. 9). */
+export interface Verdict {
+  /** Which resource: "vma:VPID:START" (hex), "fd:VPID:FD", "port:N", "sem:VID", "shm:VID", "msg:VID", "pid:VPID", "pipe:INDEX", "env:NAME". */
+  ref: string;
+  kind: string;
+  /** What a person calls it: a path, "tcp 0.0.0.0:7000", "semaphore key 0x5432". */
+  name: string;
+  action: Action;
+  /** "rule fixture.rules:7", or the standard criteria that decided. */
+  reason: string;
 }
 
 export interface NodeInfo {

@@ -11,6 +11,8 @@ import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
+import { classify } from '../template/classify.js';
+import { parseRules } from '../template/rules.js';
 import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
@@ -114,6 +116,8 @@ function emptyImage(record: AppRecord): Image {
     command: record.command,
     logPath: record.logPath ?? '',
     tablesPath: record.tables,
+    rules: record.rules,
+    verdicts: [],
   };
 }
 
@@ -418,6 +422,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       }
     image.stats.pages = BigInt(stored);
     image.stats.pagesFromParent = BigInt(inherited);
+    // FIG. 8: each resource classified, by the rules the application runs
+    // under or by the standard criteria; the verdicts travel in the image.
+    image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
     if (!opts.leaveRunning) {
       // The image is committed before anything is killed: if writing it
       // fails, the application is still there.

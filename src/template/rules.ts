@@ -1,0 +1,480 @@
+/**
+ * The rules language of snapshot virtual templates (FIG. 8, "application
+ * configurator"): which resources of a template each clone shares, copies
+ * or gets its own of, and how each instance's paths and environment are
+ * personalized. templates/README.md is the reference; this file is the
+ * parser, and the two lookups the drivers need (ruleFor, instanceConfig).
+ *
+ * Rules are kept as written (image.rules.text) and evaluated per instance:
+ * a template must hold its references "in their pre-customized form,
+ * rather than their evaluated form" (specification, section B).
+ */
+import { readFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Action } from '../image/types.js';
+
+export type Property = 'application-id' | 'instance' | 'hostname' | 'template';
+export type ResourceKind = 'file' | 'memory' | 'port' | 'semaphore' | 'shm' | 'msgqueue';
+export type Access = 'any' | 'read' | 'write' | 'create';
+
+export interface ResourceRule {
+  kind: ResourceKind;
+  /** FILE: an absolute path; MEMORY: "[heap]"-like name or absolute path;
+   * PORT: the port; SysV kinds: the key (unsigned); '*': every one. */
+  match: string | number | '*';
+  access: Access;
+  action: Action;
+  line: number;
+  column: number;
+}
+
+export interface RulesFile {
+  /** The file's name, for messages ("fixture.rules:7"). */
+  source: string;
+  /** As written: what an image keeps. */
+  text: string;
+  /** Variable name (without the brackets, e.g. "APPL-ID") → property. */
+  defines: Map<string, Property>;
+  redirs: { from: string; to: string; line: number }[];
+  envs: { name: string; value: string; line: number }[];
+  resources: ResourceRule[];
+}
+
+export const PROPERTIES: readonly Property[] = ['application-id', 'instance', 'hostname', 'template'];
+const ACCESSES: readonly Access[] = ['read', 'write', 'create', 'any'];
+const STATEMENTS = ['DEFINE', 'REDIR', 'SET', 'FILE', 'MEMORY', 'PORT', 'SEMAPHORE', 'SHM', 'MSGQUEUE'];
+const RESOURCE_KINDS: Record<string, ResourceKind> = {
+  FILE: 'file',
+  MEMORY: 'memory',
+  PORT: 'port',
+  SEMAPHORE: 'semaphore',
+  SHM: 'shm',
+  MSGQUEUE: 'msgqueue',
+};
+const ACTION_WORDS: Record<string, Action> = {
+  SHARE: 'share',
+  'COPY-ON-WRITE': 'copy-on-write',
+  DUPLICATE: 'duplicate',
+  VIRTUALIZE: 'virtualize',
+  MULTIPLEX: 'multiplex',
+  ALLOCATE: 'allocate',
+};
+/** The actions that make sense for each kind, as written. A TCP port is
+ * reached from outside: it is multiplexed or a new one allocated, never
+ * copied. A SysV object can only be "duplicated" by creating a new object
+ * with the old one's contents and binding it to the old virtual id, which
+ * is what virtualizing it means: DUPLICATE is accepted as a synonym. */
+const ACTIONS_FOR: Record<ResourceKind, string[]> = {
+  file: ['SHARE', 'COPY-ON-WRITE', 'DUPLICATE'],
+  memory: ['SHARE', 'COPY-ON-WRITE', 'DUPLICATE'],
+  port: ['MULTIPLEX', 'ALLOCATE'],
+  semaphore: ['VIRTUALIZE', 'DUPLICATE'],
+  shm: ['VIRTUALIZE', 'DUPLICATE'],
+  msgqueue: ['VIRTUALIZE', 'DUPLICATE'],
+};
+const SYSV_KINDS: ReadonlySet<ResourceKind> = new Set(['semaphore', 'shm', 'msgqueue']);
+/** Only for these does a snapshot know how a resource is used (the fd's
+ * open mode, the mapping's protection), so only they take ON. */
+const KINDS_WITH_ACCESS: ReadonlySet<ResourceKind> = new Set(['file', 'memory']);
+
+const NAME = '[A-Za-z_][A-Za-z0-9_-]*';
+/** A variable reference inside a string. Anything else with '<' is literal. */
+const VARIABLE_IN_STRING = new RegExp(`<(${NAME})>`, 'g');
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+// ---------------------------------------------------------------------------
+// Lexer: one line at a time (a rule never spans lines).
+
+type Token =
+  | { type: 'word'; text: string; column: number }
+  | { type: 'string'; text: string; raw: string; column: number; columns: number[] }
+  | { type: 'number'; value: number; raw: string; column: number }
+  | { type: 'variable'; name: string; raw: string; column: number }
+  | { type: 'symbol'; text: '=' | '*'; column: number }
+  | { type: 'end'; column: number };
+
+/** Throws the one message a mistake gets: FILE:LINE:COLUMN: what; expected what. */
+type Fail = (column: number, wrong: string, expected: string) => never;
+
+function lexLine(line: string, fail: Fail): Token[] {
+  const tokens: Token[] = [];
+  let i = 0;
+  while (i < line.length) {
+    const c = line[i];
+    if (c === ' ' || c === '\t' || c === '\r') {
+      i++;
+    } else if (c === '#') {
+      break;
+    } else if (c === '"') {
+      const t = lexString(line, i, fail);
+      tokens.push(t.token);
+      i = t.next;
+    } else if (/[0-9]/.test(c)) {
+      const raw = /^[0-9A-Za-z_-]+/.exec(line.slice(i))![0];
+      if (!/^(0x[0-9a-f]+|[0-9]+)$/i.test(raw)) fail(i + 1, `invalid number '${raw}'`, 'a decimal or 0x hexadecimal number');
+      tokens.push({ type: 'number', value: Number(raw), raw, column: i + 1 });
+      i += raw.length;
+    } else if (/[A-Za-z_]/.test(c)) {
+      const text = new RegExp(`^${NAME}`).exec(line.slice(i))![0];
+      tokens.push({ type: 'word', text, column: i + 1 });
+      i += text.length;
+    } else if (c === '<') {
+      const m = new RegExp(`^<(${NAME})>`).exec(line.slice(i));
+      if (!m) fail(i + 1, 'malformed variable', '<NAME> (letters, digits, _ and -)');
+      tokens.push({ type: 'variable', name: m[1], raw: m[0], column: i + 1 });
+      i += m[0].length;
+    } else if (c === '=' || c === '*') {
+      tokens.push({ type: 'symbol', text: c, column: i + 1 });
+      i++;
+    } else {
+      fail(i + 1, `unexpected character '${c}'`, 'a keyword, a "string", a number, <NAME>, = or *');
+    }
+  }
+  // "End of line" is pointed at just after the last token, before any comment.
+  tokens.push({ type: 'end', column: line.slice(0, i).trimEnd().length + 1 });
+  return tokens;
+}
+
+/** A double-quoted string with \" and \\; `columns` maps each character of
+ * the value to its column, so a mistake inside it is pointed at exactly. */
+function lexString(line: string, start: number, fail: Fail): { token: Token; next: number } {
+  let text = '';
+  const columns: number[] = [];
+  let i = start + 1;
+  for (;;) {
+    if (i >= line.length) fail(start + 1, 'unterminated string', 'a closing "');
+    const c = line[i];
+    if (c === '"') break;
+    if (c === '\\') {
+      const e = line[i + 1];
+      if (e !== '"' && e !== '\\') fail(i + 1, `unknown escape '\\${e ?? ''}'`, '\\" or \\\\');
+      columns.push(i + 1);
+      text += e;
+      i += 2;
+      continue;
+    }
+    columns.push(i + 1);
+    text += c;
+    i++;
+  }
+  return { token: { type: 'string', text, raw: line.slice(start, i + 1), column: start + 1, columns }, next: i + 1 };
+}
+
+function describe(t: Token): string {
+  switch (t.type) {
+    case 'word':
+      return `'${t.text}'`;
+    case 'string':
+    case 'number':
+    case 'variable':
+      return t.raw;
+    case 'symbol':
+      return `'${t.text}'`;
+    case 'end':
+      return 'end of line';
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Parser: a cursor over one line's tokens, then one function per statement.
+
+class Line {
+  private pos = 0;
+  constructor(
+    private readonly tokens: Token[],
+    readonly number: number,
+    readonly fail: Fail,
+  ) {}
+
+  peek(): Token {
+    return this.tokens[this.pos];
+  }
+
+  next(): Token {
+    const t = this.tokens[this.pos];
+    if (t.type !== 'end') this.pos++;
+    return t;
+  }
+
+  /** Fails on the token at hand: "unexpected X; expected Y". */
+  unexpected(expected: string, t: Token = this.peek()): never {
+    return this.fail(t.column, `unexpected ${describe(t)}`, expected);
+  }
+
+  isKeyword(word: string): boolean {
+    const t = this.peek();
+    return t.type === 'word' && t.text.toUpperCase() === word;
+  }
+
+  keyword(word: string): void {
+    if (!this.isKeyword(word)) this.unexpected(word);
+    this.next();
+  }
+
+  string(expected: string): Extract<Token, { type: 'string' }> {
+    const t = this.next();
+    if (t.type !== 'string') this.unexpected(expected, t);
+    return t;
+  }
+
+  end(): void {
+    const t = this.peek();
+    if (t.type !== 'end') this.fail(t.column, `unexpected ${describe(t)} after the rule`, 'the end of the line');
+  }
+}
+
+export function parseRules(text: string, source: string): RulesFile {
+  const rules: RulesFile = { source, text, defines: new Map(), redirs: [], envs: [], resources: [] };
+  text.split('\n').forEach((content, index) => {
+    const number = index + 1;
+    const fail: Fail = (column, wrong, expected) => {
+      throw new AppshotError(`${source}:${number}:${column}: ${wrong}; expected ${expected}`, ExitCode.usage);
+    };
+    const line = new Line(lexLine(content, fail), number, fail);
+    if (line.peek().type !== 'end') parseStatement(line, rules);
+  });
+  return rules;
+}
+
+function parseStatement(line: Line, rules: RulesFile): void {
+  const first = line.next();
+  const word = first.type === 'word' ? first.text.toUpperCase() : '';
+  if (word === 'DEFINE') parseDefine(line, rules);
+  else if (word === 'REDIR') parseRedir(line, rules);
+  else if (word === 'SET') parseSetEnv(line, rules);
+  else if (Object.hasOwn(RESOURCE_KINDS, word)) parseResource(line, rules, RESOURCE_KINDS[word], first.column);
+  else if (first.type === 'word') line.fail(first.column, `unknown keyword '${first.text}'`, `one of ${STATEMENTS.join(', ')}`);
+  else line.unexpected(`a keyword: one of ${STATEMENTS.join(', ')}`, first);
+  line.end();
+}
+
+/** DEFINE <NAME> AS PROPERTY property */
+function parseDefine(line: Line, rules: RulesFile): void {
+  const variable = line.next();
+  if (variable.type !== 'variable') line.unexpected('a variable name like <APPL-ID>', variable);
+  const earlier = rules.defines.has(variable.name);
+  if (earlier) line.fail(variable.column, `variable <${variable.name}> is already defined`, 'a new name');
+  line.keyword('AS');
+  line.keyword('PROPERTY');
+  const property = line.next();
+  const name = property.type === 'word' ? property.text.toLowerCase() : '';
+  if (!(PROPERTIES as string[]).includes(name)) {
+    const wrong = property.type === 'word' ? `unknown property '${property.text}'` : `unexpected ${describe(property)}`;
+    line.fail(property.column, wrong, `one of ${PROPERTIES.join(', ')}`);
+  }
+  rules.defines.set(variable.name, name as Property);
+}
+
+/** REDIR PATH "from" TO "to" */
+function parseRedir(line: Line, rules: RulesFile): void {
+  line.keyword('PATH');
+  const fromToken = line.string('the "path" to redirect');
+  const from = templatePath(line, rules, fromToken);
+  const twice = rules.redirs.find((r) => r.from === from);
+  if (twice) line.fail(fromToken.column, `${fromToken.raw} is already redirected at line ${twice.line}`, 'each path redirected once');
+  line.keyword('TO');
+  const to = templatePath(line, rules, line.string('the "path" to redirect to'));
+  rules.redirs.push({ from, to, line: line.number });
+}
+
+/** SET ENV "NAME" = "value" */
+function parseSetEnv(line: Line, rules: RulesFile): void {
+  line.keyword('ENV');
+  const name = line.string('the variable\'s "NAME"');
+  if (!ENV_NAME.test(name.text))
+    line.fail(name.column, `invalid environment variable name ${name.raw}`, 'letters, digits and _, not starting with a digit');
+  const twice = rules.envs.find((e) => e.name === name.text);
+  if (twice) line.fail(name.column, `${name.text} is already set at line ${twice.line}`, 'each variable set once');
+  const eq = line.next();
+  if (eq.type !== 'symbol' || eq.text !== '=') line.unexpected('=', eq);
+  const value = line.string('the "value"');
+  checkVariables(line, rules, value);
+  rules.envs.push({ name: name.text, value: value.text, line: line.number });
+}
+
+/** A REDIR path: absolute, its variables defined above. */
+function templatePath(line: Line, rules: RulesFile, t: Extract<Token, { type: 'string' }>): string {
+  if (!t.text.startsWith('/')) line.fail(t.column, `path ${t.raw} is not absolute`, 'a path starting with /');
+  checkVariables(line, rules, t);
+  return t.text;
+}
+
+function checkVariables(line: Line, rules: RulesFile, t: Extract<Token, { type: 'string' }>): void {
+  for (const m of t.text.matchAll(VARIABLE_IN_STRING)) {
+    if (rules.defines.has(m[1])) continue;
+    const known = [...rules.defines.keys()].map((k) => `<${k}>`);
+    const expected = known.length ? `one defined above: ${known.join(', ')}` : `a DEFINE <${m[1]}> AS PROPERTY ... line above`;
+    line.fail(t.columns[m.index!], `undefined variable <${m[1]}>`, expected);
+  }
+}
+
+/** KIND MATCH [ON access] ACTION */
+function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column: number): void {
+  const match = parseMatch(line, kind);
+  let access: Access = 'any';
+  if (line.isKeyword('ON')) {
+    const on = line.next();
+    if (!KINDS_WITH_ACCESS.has(kind)) line.fail(on.column, `ON does not apply to ${kind.toUpperCase()}`, actionList(kind));
+    access = parseAccess(line);
+  }
+  const action = parseAction(line, kind);
+  rules.resources.push({ kind, match, access, action, line: line.number, column });
+}
+
+function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {
+  if (kind === 'file') return filePath(line, line.string('the file\'s "/absolute/path"'));
+  if (kind === 'memory') return memoryMatch(line);
+  if (kind === 'port') return numberOrAll(line, 'a port number (1 to 65535) or *', 1, 0xffff);
+  line.keyword('KEY');
+  return numberOrAll(line, 'an IPC key (a number) or *', 0, 0xffffffff);
+}
+
+/** A FILE path: absolute and literal (it names the template's files, which
+ * exist before any instance does), without a trailing slash. */
+function filePath(line: Line, t: Extract<Token, { type: 'string' }>): string {
+  if (!t.text.startsWith('/')) line.fail(t.column, `path ${t.raw} is not absolute`, 'a path starting with /');
+  const variable = /<([A-Za-z_][A-Za-z0-9_-]*)>/.exec(t.text);
+  if (variable) line.fail(t.columns[variable.index], `variable ${variable[0]} in a resource's path`, 'a literal path (variables belong in REDIR PATH and SET ENV)');
+  return t.text.length > 1 ? t.text.replace(/\/+$/, '') || '/' : t.text;
+}
+
+/** "[heap]"-like names, an absolute path, or "*" (every anonymous mapping). */
+function memoryMatch(line: Line): string {
+  const t = line.next();
+  if (t.type === 'symbol' && t.text === '*') return '*';
+  const expected = 'a mapping name like "[heap]", an absolute "/path", or "*"';
+  if (t.type !== 'string') return line.unexpected(expected, t);
+  if (t.text === '*') return '*';
+  if (/^\[[^\]]+\]$/.test(t.text)) return t.text;
+  if (t.text.startsWith('/')) return filePath(line, t);
+  return line.fail(t.column, `${t.raw} names no mapping`, expected);
+}
+
+function numberOrAll(line: Line, expected: string, min: number, max: number): number | '*' {
+  const t = line.next();
+  if (t.type === 'symbol' && t.text === '*') return '*';
+  if (t.type !== 'number') return line.unexpected(expected, t);
+  if (t.value < min || t.value > max) line.fail(t.column, `${t.raw} is out of range`, expected);
+  return t.value;
+}
+
+function parseAccess(line: Line): Access {
+  const t = line.next();
+  const word = t.type === 'word' ? t.text.toLowerCase() : '';
+  if (!(ACCESSES as string[]).includes(word)) {
+    const wrong = t.type === 'word' ? `unknown access '${t.text}'` : `unexpected ${describe(t)}`;
+    line.fail(t.column, wrong, `one of ${ACCESSES.join(', ')}`);
+  }
+  return word as Access;
+}
+
+function parseAction(line: Line, kind: ResourceKind): Action {
+  const t = line.next();
+  if (t.type !== 'word') return line.unexpected(actionList(kind), t);
+  const word = t.text.toUpperCase();
+  if (!Object.hasOwn(ACTION_WORDS, word)) line.fail(t.column, `unknown action '${t.text}'`, actionList(kind));
+  if (!ACTIONS_FOR[kind].includes(word)) line.fail(t.column, `action ${word} does not apply to ${kind.toUpperCase()}`, actionList(kind));
+  // For SysV objects the two words are one action (see ACTIONS_FOR).
+  return SYSV_KINDS.has(kind) ? 'virtualize' : ACTION_WORDS[word];
+}
+
+function actionList(kind: ResourceKind): string {
+  return `one of ${ACTIONS_FOR[kind].join(', ')} for ${kind.toUpperCase()}`;
+}
+
+/** Reads and parses a rules file; its name (not its directory) is what
+ * messages and images call it. */
+export function loadRules(path: string): RulesFile {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'it is a directory' : (e as Error).message;
+    throw new AppshotError(`cannot read rules file ${path}: ${why}`, ExitCode.usage);
+  }
+  return parseRules(text, basename(path));
+}
+
+// ---------------------------------------------------------------------------
+// Evaluation: one instance's view of the rules.
+
+/** Substitutes every <VARIABLE> of `s` with the property it was DEFINEd as. */
+export function evaluate(s: string, rules: RulesFile, props: Record<Property, string>): string {
+  return s.replace(VARIABLE_IN_STRING, (_, name: string) => {
+    const property = rules.defines.get(name);
+    if (!property) throw new AppshotError(`${rules.source}: undefined variable <${name}>`, ExitCode.usage);
+    const value = props[property];
+    if (value === undefined) throw new AppshotError(`${rules.source}: no value for property ${property} of <${name}>`, ExitCode.usage);
+    return value;
+  });
+}
+
+/** As evaluate, for a path: a value must stay one path component, or an
+ * instance could be redirected outside the directory the rule meant. */
+function evaluatePath(s: string, rules: RulesFile, props: Record<Property, string>): string {
+  for (const m of s.matchAll(VARIABLE_IN_STRING)) {
+    const property = rules.defines.get(m[1]);
+    const value = property ? props[property] : undefined;
+    if (value !== undefined && (value.includes('/') || value.includes('\0') || value === '.' || value === '..'))
+      throw new AppshotError(`${rules.source}: <${m[1]}> is '${value}', which cannot be part of a path`, ExitCode.usage);
+  }
+  return evaluate(s, rules, props);
+}
+
+/**
+ * The instance section for one instance: REDIR PATH rules evaluated, plus
+ * one {kind:'cow'} redir per FILE ... COPY-ON-WRITE rule whose match is a
+ * path (from = the path, to = join(privateRoot, the path)), and SET ENV
+ * evaluated as "NAME=value".
+ */
+export function instanceConfig(
+  rules: RulesFile,
+  props: Record<Property, string>,
+  privateRoot: string,
+): { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[] } {
+  const paths = rules.redirs.map((r) => ({ kind: 'path' as const, from: evaluatePath(r.from, rules, props), to: evaluatePath(r.to, rules, props) }));
+  const cows = rules.resources
+    .filter((r) => r.kind === 'file' && r.action === 'copy-on-write' && typeof r.match === 'string' && r.match !== '*')
+    .map((r) => ({ kind: 'cow' as const, from: r.match as string, to: join(privateRoot, r.match as string) }));
+  const env = rules.envs.map((e) => `${e.name}=${evaluate(e.value, rules, props)}`);
+  return { redirs: [...paths, ...cows], env };
+}
+
+/**
+ * The rule that decides a resource: the first of the file that matches
+ * (FIG. 8 step 360). `subject` is a path for FILE (matched by a rule for
+ * it or for a directory above it); for MEMORY a mapping's special name
+ * ("[heap]"), its file's path, or '' for unnamed anonymous memory ('*'
+ * matches every subject that is not a path); a port number; an IPC key.
+ * A rule ON read/write/create matches only that access; with `access`
+ * omitted (not known), only rules for any access match.
+ */
+export function ruleFor(
+  rules: RulesFile | undefined,
+  kind: ResourceKind,
+  subject: string | number,
+  access?: 'read' | 'write' | 'create',
+): ResourceRule | undefined {
+  return rules?.resources.find((r) => r.kind === kind && (r.access === 'any' || r.access === access) && matches(r, subject));
+}
+
+function matches(rule: ResourceRule, subject: string | number): boolean {
+  switch (rule.kind) {
+    case 'file':
+      return typeof subject === 'string' && pathCovers(rule.match as string, subject);
+    case 'memory':
+      if (typeof subject !== 'string') return false;
+      if (rule.match === '*') return !subject.startsWith('/');
+      return (rule.match as string).startsWith('/') ? pathCovers(rule.match as string, subject) : rule.match === subject;
+    default:
+      // Keys are compared unsigned: the image keeps them as int32.
+      return rule.match === '*' || rule.match === Number(subject) >>> 0;
+  }
+}
+
+/** Whether `path` is `dir` or below it. */
+function pathCovers(dir: string, path: string): boolean {
+  return path === dir || path.startsWith(dir === '/' ? '/' : `${dir}/`);
+}

@@ -1,0 +1,280 @@
+/**
+ * The rules language (parser, messages, evaluation, lookups) and the
+ * classification of a real image's resources (FIG. 8), with and without
+ * rules.
+ */
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
+import { FdKind, type Image, type Verdict, VmaKind } from '../src/image/types.js';
+import { classify, refusals } from '../src/template/classify.js';
+import { evaluate, instanceConfig, loadRules, parseRules, type Property, ruleFor } from '../src/template/rules.js';
+import { fixture, root, Sandbox, waitFor } from './helpers.js';
+
+const templates = join(root, 'templates');
+const props: Record<Property, string> = { 'application-id': 'web-3', instance: '3', hostname: 'node7', template: 'web' };
+
+/** The message parsing `text` fails with. */
+function mistake(text: string, source = 'fixture.rules'): string {
+  try {
+    parseRules(text, source);
+  } catch (e) {
+    expect((e as { exitCode: number }).exitCode).toBe(2);
+    return (e as Error).message;
+  }
+  throw new Error('parsed without complaint');
+}
+
+describe('the rules language', () => {
+  it('parses every example in templates/', () => {
+    const files = readdirSync(templates).filter((f) => f.endsWith('.rules'));
+    expect(files).toEqual(expect.arrayContaining(['fixture.rules', 'redis.rules', 'web.rules']));
+    for (const f of files) {
+      const rules = loadRules(join(templates, f));
+      expect(rules.source).toBe(f);
+      expect(rules.resources.length).toBeGreaterThan(0);
+    }
+  });
+
+  it('reads statements, case-insensitively, with comments, escapes and hex numbers', () => {
+    const r = parseRules(
+      [
+        '# a comment',
+        'define <APPL-ID> as property Application-ID   # trailing comment',
+        'REDIR PATH "/srv/app/config" TO "/srv/app/<APPL-ID>/config"',
+        'SET ENV "GREETING" = "say \\"hi\\" \\\\ <not a variable> # not a comment"',
+        'FILE "/srv/app/data/" on Write copy-on-write',
+        'MEMORY "*" DUPLICATE',
+        'PORT 0x1f90 MULTIPLEX',
+        'SEMAPHORE KEY 0x5432 DUPLICATE',
+        'SHM KEY * VIRTUALIZE',
+      ].join('\n'),
+      'x.rules',
+    );
+    expect(r.defines).toEqual(new Map([['APPL-ID', 'application-id']]));
+    expect(r.redirs).toEqual([{ from: '/srv/app/config', to: '/srv/app/<APPL-ID>/config', line: 3 }]);
+    expect(r.envs).toEqual([{ name: 'GREETING', value: 'say "hi" \\ <not a variable> # not a comment', line: 4 }]);
+    expect(r.resources).toEqual([
+      { kind: 'file', match: '/srv/app/data', access: 'write', action: 'copy-on-write', line: 5, column: 1 },
+      { kind: 'memory', match: '*', access: 'any', action: 'duplicate', line: 6, column: 1 },
+      { kind: 'port', match: 8080, access: 'any', action: 'multiplex', line: 7, column: 1 },
+      // DUPLICATE and VIRTUALIZE are one action for SysV objects.
+      { kind: 'semaphore', match: 0x5432, access: 'any', action: 'virtualize', line: 8, column: 1 },
+      { kind: 'shm', match: '*', access: 'any', action: 'virtualize', line: 9, column: 1 },
+    ]);
+  });
+
+  describe('refuses each mistake with one FILE:LINE:COLUMN message', () => {
+    const define = 'DEFINE <APPL-ID> AS PROPERTY application-id\n';
+    const cases: [string, string, string][] = [
+      ['an unknown keyword', 'FILES "/etc" SHARE', 'fixture.rules:1:1: unknown keyword \'FILES\'; expected one of DEFINE, REDIR, SET, FILE, MEMORY, PORT, SEMAPHORE, SHM, MSGQUEUE'],
+      ['an unknown action', '\n\nFILE "/srv/a" COPY-ON-WRTIE', "fixture.rules:3:15: unknown action 'COPY-ON-WRTIE'; expected one of SHARE, COPY-ON-WRITE, DUPLICATE for FILE"],
+      ['an action the kind does not take', 'FILE "/srv/a" MULTIPLEX', 'fixture.rules:1:15: action MULTIPLEX does not apply to FILE; expected one of SHARE, COPY-ON-WRITE, DUPLICATE for FILE'],
+      ['a copy action for a port', 'PORT 80 DUPLICATE', 'fixture.rules:1:9: action DUPLICATE does not apply to PORT; expected one of MULTIPLEX, ALLOCATE for PORT'],
+      ['an unterminated string', 'SET ENV "HOME" = "/x', 'fixture.rules:1:18: unterminated string; expected a closing "'],
+      ['an unknown escape', 'SET ENV "A" = "a\\nb"', "fixture.rules:1:17: unknown escape '\\n'; expected \\\" or \\\\"],
+      ['an undefined variable', `${define}SET ENV "HOME" = "/srv/<APPLID>"`, 'fixture.rules:2:24: undefined variable <APPLID>; expected one defined above: <APPL-ID>'],
+      ['a variable used before its DEFINE', 'REDIR PATH "/a" TO "/b/<ID>"\nDEFINE <ID> AS PROPERTY instance', 'fixture.rules:1:24: undefined variable <ID>; expected a DEFINE <ID> AS PROPERTY ... line above'],
+      ['a relative path', 'REDIR PATH "srv/app" TO "/x"', 'fixture.rules:1:12: path "srv/app" is not absolute; expected a path starting with /'],
+      ['a relative FILE path', 'FILE "data" SHARE', 'fixture.rules:1:6: path "data" is not absolute; expected a path starting with /'],
+      ['a missing TO', 'REDIR PATH "/a" "/b"', 'fixture.rules:1:17: unexpected "/b"; expected TO'],
+      ['a line that ends early', 'REDIR PATH "/a"', 'fixture.rules:1:16: unexpected end of line; expected TO'],
+      ['a line that ends early, before a comment', 'REDIR PATH "/a"   # to nowhere', 'fixture.rules:1:16: unexpected end of line; expected TO'],
+      ['trailing garbage', 'PORT 6379 ALLOCATE now', "fixture.rules:1:20: unexpected 'now' after the rule; expected the end of the line"],
+      ['an unknown property', 'DEFINE <X> AS PROPERTY pid', "fixture.rules:1:24: unknown property 'pid'; expected one of application-id, instance, hostname, template"],
+      ['a variable defined twice', `${define}DEFINE <APPL-ID> AS PROPERTY hostname`, 'fixture.rules:2:8: variable <APPL-ID> is already defined; expected a new name'],
+      ['a port out of range', 'PORT 70000 ALLOCATE', 'fixture.rules:1:6: 70000 is out of range; expected a port number (1 to 65535) or *'],
+      ['a SysV rule without KEY', 'SHM 0x10 VIRTUALIZE', 'fixture.rules:1:5: unexpected 0x10; expected KEY'],
+      ['ON for a kind without access', 'PORT 80 ON read ALLOCATE', 'fixture.rules:1:9: ON does not apply to PORT; expected one of MULTIPLEX, ALLOCATE for PORT'],
+      ['an unknown access', 'FILE "/a" ON append SHARE', "fixture.rules:1:14: unknown access 'append'; expected one of read, write, create, any"],
+      ['a memory name that is none', 'MEMORY "heap" SHARE', 'fixture.rules:1:8: "heap" names no mapping; expected a mapping name like "[heap]", an absolute "/path", or "*"'],
+      ['a variable in a resource path', `${define}FILE "/srv/<APPL-ID>" SHARE`, 'fixture.rules:2:12: variable <APPL-ID> in a resource\'s path; expected a literal path (variables belong in REDIR PATH and SET ENV)'],
+      ['a bad environment name', 'SET ENV "1X" = "a"', 'fixture.rules:1:9: invalid environment variable name "1X"; expected letters, digits and _, not starting with a digit'],
+      ['an environment variable set twice', 'SET ENV "A" = "1"\nSET ENV "A" = "2"', 'fixture.rules:2:9: A is already set at line 1; expected each variable set once'],
+      ['a bad number', 'PORT 80x ALLOCATE', "fixture.rules:1:6: invalid number '80x'; expected a decimal or 0x hexadecimal number"],
+      ['a stray character', 'PORT 80 ALLOCATE;', "fixture.rules:1:17: unexpected character ';'; expected a keyword, a \"string\", a number, <NAME>, = or *"],
+      ['a missing =', 'SET ENV "A" "b"', 'fixture.rules:1:13: unexpected "b"; expected ='],
+    ];
+    it.each(cases)('%s', (_, text, message) => {
+      expect(mistake(text)).toBe(message);
+    });
+  });
+
+  it('refuses a missing rules file with one message', () => {
+    expect(() => loadRules('/nonexistent/x.rules')).toThrow('cannot read rules file /nonexistent/x.rules: no such file');
+  });
+
+  it('evaluates variables per instance', () => {
+    const rules = loadRules(join(templates, 'web.rules'));
+    expect(evaluate('/srv/www/<APPL-ID>/<N>', rules, props)).toBe('/srv/www/web-3/3');
+    const c = instanceConfig(rules, props, '/state/apps/web-3/private');
+    expect(c.env).toEqual(['WEB_INSTANCE=web/3', 'WEB_HOME=/srv/www/web-3']);
+    expect(c.redirs).toEqual([
+      { kind: 'path', from: '/var/log/web/access.log', to: '/var/log/web/access-web-3.log' },
+      { kind: 'cow', from: '/srv/www/cache', to: '/state/apps/web-3/private/srv/www/cache' },
+    ]);
+  });
+
+  it('will not let a value leave its path component', () => {
+    const rules = parseRules('DEFINE <H> AS PROPERTY hostname\nREDIR PATH "/a" TO "/b/<H>"', 'h.rules');
+    expect(() => instanceConfig(rules, { ...props, hostname: '../etc' }, '/p')).toThrow("h.rules: <H> is '../etc', which cannot be part of a path");
+  });
+
+  it('finds the first rule that matches a resource', () => {
+    const rules = parseRules(
+      ['FILE "/srv/app/conf" ON read SHARE', 'FILE "/srv/app" COPY-ON-WRITE', 'MEMORY "[stack]" DUPLICATE', 'MEMORY "*" COPY-ON-WRITE', 'PORT 80 ALLOCATE', 'SHM KEY 0xdeadbeef DUPLICATE'].join('\n'),
+      'r.rules',
+    );
+    expect(ruleFor(rules, 'file', '/srv/app/conf/a.ini', 'read')?.line).toBe(1);
+    expect(ruleFor(rules, 'file', '/srv/app/conf/a.ini', 'write')?.line).toBe(2);
+    expect(ruleFor(rules, 'file', '/srv/app', 'write')?.line).toBe(2);
+    expect(ruleFor(rules, 'file', '/srv/application', 'write')).toBeUndefined();
+    expect(ruleFor(rules, 'memory', '[stack]')?.line).toBe(3);
+    expect(ruleFor(rules, 'memory', '')?.line).toBe(4);
+    expect(ruleFor(rules, 'memory', '/usr/lib/libc.so.6')).toBeUndefined();
+    expect(ruleFor(rules, 'port', 80)?.action).toBe('allocate');
+    expect(ruleFor(rules, 'port', 81)).toBeUndefined();
+    // Keys are int32 in an image: compared unsigned.
+    expect(ruleFor(rules, 'shm', 0xdeadbeef | 0)?.line).toBe(6);
+    expect(ruleFor(undefined, 'port', 80)).toBeUndefined();
+  });
+});
+
+describe('classification of a real image', () => {
+  const sb = new Sandbox();
+  const out = mkdtempSync(join(tmpdir(), 'appshot-rules-'));
+  let image: Image;
+  let port: number;
+  afterAll(async () => {
+    await sb.dispose();
+    rmSync(out, { recursive: true, force: true });
+  });
+
+  beforeAll(async () => {
+    const aid = 'tpl';
+    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '0', '4']);
+    if (r.code !== 0) throw new Error(`appshot run failed: ${r.stderr}`);
+    const log = () => readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+    await waitFor(() => /^CHECK 2$/m.test(log()), 10_000, 'the fixture to settle');
+    port = Number(/READY port=(\d+)/.exec(log())![1]);
+    const s = sb.run(['snapshot', aid, '-o', join(out, 'tpl')]);
+    if (s.code !== 0) throw new Error(`appshot snapshot failed: ${s.stderr}`);
+    const loaded = await loadImage(join(out, 'tpl'));
+    image = loaded.image;
+    loaded.dispose();
+  });
+
+  const by = (verdicts: Verdict[], ref: string) => {
+    const v = verdicts.find((x) => x.ref === ref);
+    if (!v) throw new Error(`no verdict for ${ref}`);
+    return v;
+  };
+  const vmaRefs = (special: string) =>
+    image.processes[0].vmas.filter((v) => v.special === special).map((v) => `vma:2:${v.start.toString(16)}`);
+
+  it('gives every resource exactly one verdict', () => {
+    const verdicts = classify(image, undefined);
+    const refs = verdicts.map((v) => v.ref);
+    expect(new Set(refs).size).toBe(refs.length);
+    for (const p of image.processes) {
+      expect(refs).toContain(`pid:${p.vpid}`);
+      for (const v of p.vmas) expect(refs).toContain(`vma:${p.vpid}:${v.start.toString(16)}`);
+      for (const fd of p.fds) expect(refs).toContain(`fd:${p.vpid}:${fd.fd}`);
+    }
+    image.pipes.forEach((_, i) => expect(refs).toContain(`pipe:${i}`));
+    expect(refs.filter((r) => r.startsWith('port:'))).toEqual([`port:${port}`]);
+    expect(refusals(image, verdicts, undefined)).toEqual([]);
+  });
+
+  it('decides by the standard criteria without rules', () => {
+    const v = classify(image, undefined);
+    expect(by(v, 'pid:2')).toMatchObject({ kind: 'process', name: 'process 2 (snapfix)', action: 'virtualize', reason: 'system-wide unique, not exported' });
+    expect(by(v, `port:${port}`)).toMatchObject({ kind: 'port', name: `tcp 127.0.0.1:${port}`, action: 'multiplex', reason: 'system-wide unique, exported to clients outside' });
+    expect(by(v, 'fd:2:6')).toMatchObject({ kind: 'socket', action: 'multiplex' });
+    for (const ref of ['sem:0', 'shm:0', 'msg:0']) expect(by(v, ref).action).toBe('virtualize');
+    expect(by(v, 'sem:0').name).toBe('semaphore set key 0x5151');
+    for (const ref of vmaRefs('[heap]')) expect(by(v, ref)).toMatchObject({ action: 'copy-on-write', reason: 'modifiable, large with an underlying object' });
+    for (const ref of vmaRefs('[stack]')) expect(by(v, ref).action).toBe('duplicate');
+    for (const ref of vmaRefs('[vdso]')) expect(by(v, ref).action).toBe('recreate');
+    const main = image.processes[0];
+    const kindAction = (kind: number) => main.vmas.filter((m) => m.kind === kind).map((m) => by(v, `vma:2:${m.start.toString(16)}`).action);
+    expect(new Set(kindAction(VmaKind.SHARED_ANON))).toEqual(new Set(['duplicate']));
+    expect(new Set(kindAction(VmaKind.SYSV_SHM))).toEqual(new Set(['virtualize']));
+    const code = main.vmas.find((m) => m.kind === VmaKind.FILE_PRIVATE && m.prot & 4 && m.path.includes('libc'))!;
+    expect(by(v, `vma:2:${code.start.toString(16)}`)).toMatchObject({ action: 'share', reason: 'not modifiable' });
+    const tables = main.vmas.find((m) => m.path === image.tablesPath)!;
+    expect(by(v, `vma:2:${tables.start.toString(16)}`)).toMatchObject({ action: 'recreate', reason: "appshot's translation tables: each instance gets its own" });
+    expect(by(v, 'fd:2:0')).toMatchObject({ kind: 'device', name: '/dev/null', action: 'share' });
+    expect(by(v, 'fd:2:1')).toMatchObject({ kind: 'file', name: image.logPath, action: 'recreate' });
+    expect(by(v, 'fd:2:3')).toMatchObject({ kind: 'file', action: 'duplicate' }); // deleted
+    expect(by(v, 'fd:2:5')).toMatchObject({ name: '/etc/hostname', action: 'share', reason: 'not modifiable' });
+    expect(by(v, 'fd:2:4')).toMatchObject({ kind: 'pipe', action: 'duplicate' });
+    expect(by(v, 'fd:2:7')).toMatchObject({ kind: 'eventfd', action: 'duplicate' });
+    expect(by(v, 'fd:2:8')).toMatchObject({ kind: 'epoll', action: 'duplicate' });
+    const pair = main.fds.filter((f) => f.kind === FdKind.UNIX_SOCKET);
+    for (const f of pair) expect(by(v, `fd:2:${f.fd}`)).toMatchObject({ name: 'unix socket pair', action: 'duplicate' });
+    expect(new Set(image.pipes.map((_, i) => by(v, `pipe:${i}`).action))).toEqual(new Set(['duplicate']));
+  });
+
+  it('lets a rule decide, naming it', () => {
+    const rules = parseRules(
+      [
+        `PORT ${port} ALLOCATE`,
+        'FILE "/etc" ON write SHARE', // hostname is open read-only: not this one
+        'FILE "/etc/hostname" COPY-ON-WRITE',
+        'MEMORY "[heap]" DUPLICATE',
+        'SHM KEY 0x5152 DUPLICATE',
+      ].join('\n'),
+      't.rules',
+    );
+    const v = classify(image, rules);
+    expect(by(v, `port:${port}`)).toMatchObject({ action: 'allocate', reason: 'rule t.rules:1' });
+    expect(by(v, 'fd:2:6')).toMatchObject({ action: 'allocate', reason: `listens on port ${port}: rule t.rules:1` });
+    expect(by(v, 'fd:2:5')).toMatchObject({ action: 'copy-on-write', reason: 'rule t.rules:3' });
+    for (const ref of vmaRefs('[heap]')) expect(by(v, ref)).toMatchObject({ action: 'duplicate', reason: 'rule t.rules:4' });
+    expect(by(v, 'shm:0')).toMatchObject({ action: 'virtualize', reason: 'rule t.rules:5' });
+    expect(by(v, 'sem:0').reason).not.toMatch(/^rule/);
+    expect(refusals(image, v, rules)).toEqual([]);
+  });
+
+  it('applies templates/fixture.rules', () => {
+    const rules = loadRules(join(templates, 'fixture.rules'));
+    const v = classify(image, rules);
+    const lineOf = (text: string) => rules.text.split('\n').findIndex((l) => l.startsWith(text)) + 1;
+    expect(by(v, 'sem:0').reason).toBe(`rule fixture.rules:${lineOf('SEMAPHORE KEY 0x5151')}`);
+    expect(by(v, 'msg:0')).toMatchObject({ action: 'virtualize', reason: `rule fixture.rules:${lineOf('MSGQUEUE')}` });
+    expect(by(v, 'fd:2:5').reason).toBe(`rule fixture.rules:${lineOf('FILE "/etc/hostname"')}`);
+    expect(by(v, 'env:SNAPFIX_INSTANCE')).toMatchObject({ kind: 'env', name: 'SNAPFIX_INSTANCE=<APPL-ID>-<N>', action: 'duplicate' });
+    expect(by(v, `port:${port}`).action).toBe('multiplex');
+  });
+
+  it('names what cannot be templated, and lets a rule allow a shared file', () => {
+    const bad = structuredClone(image);
+    const main = bad.processes[0];
+    const fdBase = main.fds.find((f) => f.fd === 5)!;
+    main.fds.push({ ...fdBase, fd: 40, kind: FdKind.FIFO, path: '/tmp/app.fifo' });
+    main.fds.push({ ...fdBase, fd: 41, kind: FdKind.UNIX_SOCKET, path: 'socket:[1]', socket: { ...main.fds.find((f) => f.fd === 6)!.socket!, family: 1, address: '/tmp/x.sock', port: 0 } });
+    const vmaBase = main.vmas.find((m) => m.kind === VmaKind.FILE_PRIVATE)!;
+    main.vmas.push({ ...vmaBase, start: 0x10000000n, end: 0x10001000n, kind: VmaKind.FILE_SHARED, shared: true, prot: 3, path: '/srv/db/data.bin', pages: undefined });
+    const none = classify(bad, undefined);
+    expect(by(none, 'vma:2:10000000').action).toBe('recreate');
+    expect(refusals(bad, none, undefined)).toEqual([
+      'process 2 (snapfix) fd 40: a FIFO (named pipe) at /tmp/app.fifo is a system-wide name and cannot be shared by clones',
+      'process 2 (snapfix) fd 41: a unix socket listening on /tmp/x.sock is system-wide unique and cannot be shared by clones',
+      'process 2 (snapfix) memory 10000000-10001000: maps /srv/db/data.bin writable and shared: every clone would write into the same file; a FILE rule for it (SHARE, COPY-ON-WRITE or DUPLICATE) decides',
+    ]);
+    // A FILE rule decides the shared mapping; a MEMORY SHARE rule on
+    // writable memory is refused.
+    const rules = parseRules('FILE "/srv/db" SHARE\nMEMORY "[heap]" SHARE', 's.rules');
+    const withRules = classify(bad, rules);
+    expect(by(withRules, 'vma:2:10000000')).toMatchObject({ action: 'share', reason: 'rule s.rules:1' });
+    const heap = vmaRefs('[heap]')[0].split(':')[2];
+    expect(refusals(bad, withRules, rules).filter((m) => m.includes('memory'))).toEqual([
+      expect.stringMatching(new RegExp(`^process 2 \\(snapfix\\) memory ${heap}-[0-9a-f]+: \\[heap\\] is writable: MEMORY \\.\\.\\. SHARE applies to read-only mappings only$`)),
+    ]);
+    // Without verdicts (an image from before templating), refusals classifies itself.
+    expect(refusals(bad, [], rules)).toHaveLength(3);
+  });
+});
