@@ -14,6 +14,9 @@ import { loadImage } from './image/format.js';
 import { imageJson, printImage } from './image/show.js';
 import { snapshot } from './snapshot/driver.js';
 import { restore } from './restore/driver.js';
+import { Progress } from './progress.js';
+import { clone } from './template/clone.js';
+import { createTemplate, openTemplate, summarize } from './template/template.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -35,6 +38,7 @@ program
   .option('--aid <name>', 'the AID to register (default: a generated one, printed)')
   .option('-d, --detach', 'run in the background; output goes to the log (appshot logs AID)', false)
   .option('--json', 'with --detach: print {aid, vpid, pid} as JSON', false)
+  .option('--rules <file>', 'templating rules (templates/README.md): REDIR PATH and SET ENV apply now; snapshots classify resources by them')
   .argument('<command...>', 'the command and its arguments (put them after --)')
   .addHelpText(
     'after',
@@ -43,11 +47,12 @@ program
       'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
       'inside the application after `appshot run` returns.',
   )
-  .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean }) => {
+  .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
     const code = await run(registry(), command, {
       aid: opts.aid,
       detach: opts.detach,
+      rules: opts.rules,
       onStarted: (record, vpid, pid) => {
         if (opts.detach) {
           if (opts.json) json({ aid: record.aid, vpid, pid });
@@ -70,7 +75,17 @@ program
     const records = aid ? [reg.require(aid)] : reg.list();
     const rows = listProcesses(reg, records);
     if (opts.json) {
-      json(records.map((r) => ({ aid: r.aid, command: r.command, detached: r.detached, createdAt: r.createdAt, processes: rows.filter((p) => p.aid === r.aid) })));
+      json(
+        records.map((r) => ({
+          aid: r.aid,
+          command: r.command,
+          detached: r.detached,
+          createdAt: r.createdAt,
+          ...(r.template ? { template: r.template } : {}),
+          ports: r.ports ?? [],
+          processes: rows.filter((p) => p.aid === r.aid),
+        })),
+      );
       return;
     }
     printColumns(
@@ -256,6 +271,115 @@ program
       process.stdout.write(result.aid + '\n');
       process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
     }
+  });
+
+const template = program.command('template').description('snapshot virtual templates: one warmed-up application, many clones (FIG. 7-9)');
+
+template
+  .command('create')
+  .description('turn a snapshot into a template, classifying every resource for cloning')
+  .argument('<snapshot>', 'a full snapshot image (directory, tar file, or - for stdin)')
+  .requiredOption('-o, --output <path>', 'the template directory to create')
+  .option('--rules <file>', 'classify by these rules instead of those the application ran under')
+  .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
+  .option('--json', 'print the verdicts as JSON', false)
+  .addHelpText(
+    'after',
+    '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
+      '(or recreate), from a rule or from the standard criteria (shared? modifiable? large with an\n' +
+      'underlying object? system-wide unique? exported to clients?). What cannot be templated (a unix\n' +
+      'socket listening on a path, a FIFO, a writable shared file mapping) is refused by name, and\n' +
+      'nothing is written. The snapshot\'s parts are hard-linked where possible.\n\n' +
+      'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
+      '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
+  )
+  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean }) => {
+    if (opts.name !== undefined) checkAid(opts.name);
+    const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
+    if (opts.json) json(summary);
+    else {
+      process.stdout.write(summary.template + '\n');
+      const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
+      process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+    }
+  });
+
+template
+  .command('show')
+  .description("a template's resources and what cloning does with each")
+  .argument('<template>', 'the template directory')
+  .option('--json', 'machine-readable output', false)
+  .action(async (path: string, opts: { json: boolean }) => {
+    const t = await openTemplate(path);
+    try {
+      const summary = summarize(t.path, t.template);
+      if (opts.json) {
+        json(summary);
+        return;
+      }
+      process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
+      printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
+    } finally {
+      t.loaded.dispose();
+    }
+  });
+
+program
+  .command('clone')
+  .description('stamp new running instances from a template, each under its own AID (FIG. 9)')
+  .argument('<template>', 'the template directory')
+  .option('--aid <name>', 'the AID; with --count N, instances are AID-1 ... AID-N (default: NAME-xxxxxx)')
+  .option('-n, --count <n>', 'how many instances', '1')
+  .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
+  .addHelpText(
+    'after',
+    '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
+      'files under copy-on-write rules are copied when an instance first writes them, PIDs and SysV\n' +
+      'ids are the template\'s virtual ones bound to new objects, a multiplexed port is shared by all\n' +
+      'instances, an allocated one is the instance\'s own (appshot port AID). All or nothing: if one\n' +
+      'instance fails, the ones made before it are removed.\n\n' +
+      'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
+  )
+  .action(async (path: string, opts: { aid?: string; count: string; json: boolean }) => {
+    const count = Number(opts.count);
+    if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
+    if (opts.aid !== undefined) checkAid(opts.aid);
+    const progress = new Progress();
+    const results = await clone(registry(), path, {
+      aid: opts.aid,
+      count,
+      progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
+    });
+    progress.done();
+    if (opts.json) {
+      json(results);
+      return;
+    }
+    for (const r of results) {
+      const ports = r.ports.map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(' ');
+      process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
+    }
+    const ms = results.map((r) => r.cloneMs);
+    process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
+  });
+
+program
+  .command('port')
+  .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
+  .argument('<aid>', 'the application')
+  .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
+  .option('--json', 'machine-readable output', false)
+  .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
+    const record = registry().require(aid);
+    let rows = record.ports ?? [];
+    if (port !== undefined) {
+      rows = rows.filter((p) => p.virtual === Number(port));
+      if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
+    }
+    if (opts.json) json(rows);
+    else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
+    else
+    printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
   });
 
 async function main(): Promise<void> {

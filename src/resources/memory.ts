@@ -203,6 +203,8 @@ export interface MemorySources {
   /** Their paths, for a lazy restore to map them into the process. */
   pagePaths: string[];
   lazy: boolean;
+  /** With lazy: mappings that are copied all the same. */
+  eager?: (vpid: number, v: Vma) => boolean;
   /** Per SharedMemory index: a memfd in this process holding it. */
   sharedFd(index: number): number;
   /** The new system shmid of a virtual one. */
@@ -294,7 +296,7 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
     const hasInherited = (v.pages?.fromParent.length ?? 0) > 0;
     // The stack stays anonymous even when lazy: /proc/PID/cmdline and
     // environ are read only from anonymous memory (FOLL_ANON).
-    const lazy = src.lazy && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
+    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;

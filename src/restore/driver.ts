@@ -13,13 +13,17 @@
  */
 import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
-import { type Fd, FdKind, type Image, type Process } from '../image/types.js';
-import { addon, paths } from '../native.js';
+import { type Action, type Fd, FdKind, type Image, type Process, type Vma } from '../image/types.js';
+import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry } from '../registry.js';
+import { setEnviron } from '../resources/environ.js';
+import { privateCopy, redirected, prepareRedirTargets } from '../resources/paths.js';
+import { instanceConfig, parseRules } from '../template/rules.js';
 import { restoreFds } from '../resources/files.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -35,6 +39,26 @@ const O_ACCMODE = 3;
 export interface RestoreOptions {
   aid?: string;
   lazy: boolean;
+  /** Set when stamping a clone from a template (FIG. 9). */
+  instance?: InstancePlan;
+  /** An image loaded and verified already (clones of one template): not
+   * read, checked or disposed of again. */
+  loaded?: LoadedImage;
+}
+
+/** How a clone differs from a plain restore, resource by resource. */
+export interface InstancePlan {
+  /** What to do with a resource of the image, by its Verdict.ref. */
+  action(ref: string): Action | undefined;
+  /** The tables' instance section: REDIR PATH, copy-on-write paths, SET ENV. */
+  config: InstanceConfig;
+  /** Virtual TCP port -> this instance's own (allocate). */
+  ports: Map<number, number>;
+  /** A file copied for the instance (copy-on-write, duplicate) goes to
+   * join(privateRoot, its path). */
+  privateRoot: string;
+  /** Registry fields of the new application. */
+  record: Pick<AppRecord, 'rules' | 'template' | 'ports'>;
 }
 
 export interface RestoreResult {
@@ -115,6 +139,8 @@ class Handover {
     private readonly image: Image,
     private readonly pagesFd: number,
     private readonly logPath: string,
+    private readonly plan: InstancePlan | undefined,
+    private readonly redirs: InstanceConfig['redirs'],
   ) {}
 
   private keep(fd: number): number {
@@ -212,6 +238,30 @@ class Handover {
     }
   }
 
+  /** Where a clone's file descriptor points: a REDIR PATH target, the
+   * instance's private copy of a file it may write (copy-on-write,
+   * duplicate), or the template's file itself (share). */
+  private filePath(p: Process, fd: Fd): string {
+    const target = redirected(this.redirs, fd.path);
+    if (target !== undefined) return privateCopy(fd.path, target);
+    const action = this.plan?.action(`fd:${p.vpid}:${fd.fd}`);
+    const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
+    if (action === 'duplicate' || (action === 'copy-on-write' && writable)) return privateCopy(fd.path, join(this.plan!.privateRoot, fd.path));
+    return fd.path;
+  }
+
+  /** A TCP listener of a clone: on its own allocated port, or on the
+   * well-known one shared with the other instances (SO_REUSEPORT lets the
+   * kernel spread connections among them: multiplexing). */
+  private listenAddress(s: NonNullable<Fd['socket']>): NonNullable<Fd['socket']> {
+    if (!this.plan) return s;
+    const virtualPort = this.image.tables.find((t) => t.kind === 'port')?.entries.find((e) => e.system === s.port)?.virtual ?? s.port;
+    const own = this.plan.ports.get(virtualPort);
+    if (own !== undefined) return { ...s, port: own };
+    if (this.plan.action(`port:${virtualPort}`) === 'multiplex') return { ...s, port: virtualPort, reuseport: true };
+    return s;
+  }
+
   private readonly descriptions = new Map<number, number>();
 
   /** A descriptor of ours for image fd `fd` of process `p`: one per open
@@ -233,7 +283,7 @@ class Handover {
       case FdKind.FILE:
         if (this.image.logPath && fd.path === this.image.logPath) got = this.log();
         else if (this.image.files[fd.file]?.deleted) got = this.deletedFile(fd);
-        else got = this.keep(openSync(fd.path, plain));
+        else got = this.keep(openSync(this.filePath(p, fd), plain));
         if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
         return got;
       case FdKind.DEVICE:
@@ -250,7 +300,7 @@ class Handover {
         let sock = this.sockets.get(s.ino);
         if (sock === undefined) {
           try {
-            sock = this.keep(addon().listenSocket(s));
+            sock = this.keep(addon().listenSocket(fd.kind === FdKind.TCP_LISTEN ? this.listenAddress(s) : s));
           } catch (e) {
             throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}`, ExitCode.conflict);
           }
@@ -324,7 +374,7 @@ interface Made {
 
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
-  const chain = await loadChain(imagePath);
+  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath);
   const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
@@ -335,7 +385,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // a terminal or at the old log go there.
   let handover: Handover | undefined;
   try {
-    verifyImage(image);
+    if (!opts.loaded) verifyImage(image);
     const verified = now();
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
@@ -347,9 +397,20 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       harnessPid: process.pid,
       harnessStartTime: readStat(process.pid)?.startTime,
       logPath: join(stateDir, 'log'),
+      ...(image.rules ? { rules: image.rules } : {}),
+      ...opts.instance?.record,
     }));
-    const handed = (handover = new Handover(image, pageFds[0], record.logPath!));
     const tables = record.tables;
+    // The tables are new: their instance section (path rewriting, SET ENV)
+    // is filled before any process runs. A plain restore evaluates the
+    // image's rules for its AID; a clone brings its own plan.
+    const config = opts.instance?.config ?? plainConfig(image, aid);
+    prepareRedirTargets(config.redirs);
+    addon().setInstance(tables, config);
+    const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
+    for (const e of image.tables.find((t) => t.kind === 'port')?.entries ?? [])
+      if (!opts.instance) addon().bind(tables, 'port', e.virtual, e.system);
+    for (const [virtualPort, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', virtualPort, own);
 
     // Global state first (step 308).
     const shmIds = new Map<number, number>();
@@ -441,7 +502,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const memory = {
       pageFds,
       pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
-      lazy: opts.lazy,
+      lazy: opts.lazy || opts.instance !== undefined,
+      // A clone maps the template's pages copy-on-write, but for memory
+      // whose rule says it is duplicated.
+      eager: (vpid: number, v: Vma) => opts.instance?.action(`vma:${vpid}:${v.start.toString(16)}`) === 'duplicate',
       sharedFd: (i: number) => handed.sharedMemory(i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
@@ -462,6 +526,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreMemory(r, p.vmas, p.vpid, memory);
       phase('memory');
       restoreProcessState(r, p);
+      if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
@@ -526,8 +591,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
   } finally {
     for (const fd of pageFds) closeSync(fd);
-    for (const l of chain) l.dispose();
+    if (!opts.loaded) for (const l of chain) l.dispose();
   }
+}
+
+/** The instance section of a plain restore: the image's rules (REDIR PATH
+ * and SET ENV) evaluated for the AID it is restored as. */
+function plainConfig(image: Image, aid: string): InstanceConfig {
+  if (!image.rules?.text) return { redirs: [], env: [] };
+  const rules = parseRules(image.rules.text, image.rules.source);
+  const c = instanceConfig(rules, { 'application-id': aid, instance: '1', hostname: hostname(), template: '' }, '');
+  return { redirs: c.redirs.filter((r) => r.kind === 'path'), env: c.env };
 }
 
 /** After a failure: init sees its last process go and removes the tables,

@@ -1,0 +1,95 @@
+/**
+ * A restored process's environment, for SET ENV rules (FIG. 8): a clone's
+ * processes were started as the template's, so their environment names the
+ * template. getenv() reads glibc's `__environ`; a new array with the
+ * instance's values is written into the process and `__environ` pointed at
+ * it. /proc/PID/environ keeps showing the strings the process started with
+ * (moving env_start needs CAP_SYS_RESOURCE).
+ */
+import { AppshotError } from '../errors.js';
+import { elfSymbol, firstLoadVaddr } from '../elf.js';
+import { type Process, VmaKind } from '../image/types.js';
+import { addon } from '../native.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+
+const LIBC = /\/libc(\.so\.6|-[\d.]+\.so)$/;
+const MAX_VARS = 1 << 16;
+
+/** Where `__environ` is in `p`'s memory, or undefined for a process without
+ * glibc (a static binary: SET ENV cannot reach it). The executable comes
+ * first: one that names `environ` holds the copy everyone uses (a copy
+ * relocation), and libc's own then stays unused. */
+export function environAddress(p: Process): bigint | undefined {
+  const objects = [p.exe, p.vmas.find((v) => v.kind === VmaKind.FILE_PRIVATE && LIBC.test(v.path))?.path];
+  for (const path of objects) {
+    if (!path) continue;
+    const base = p.vmas.find((v) => v.path === path && v.pgoff === 0n);
+    if (!base) continue;
+    const value = elfSymbol(path, '__environ') ?? elfSymbol(path, 'environ');
+    if (value !== undefined) return base.start - firstLoadVaddr(path) + value;
+  }
+  return undefined;
+}
+
+function readCString(pid: number, addr: bigint): string {
+  const parts: Buffer[] = [];
+  for (let at = addr, total = 0; total < 1 << 20; ) {
+    // Up to the end of the page: the next one may not be mapped.
+    const n = Number(4096n - (at % 4096n));
+    const chunk = addon().readMemory(pid, at, n);
+    const nul = chunk.indexOf(0);
+    if (nul >= 0) {
+      parts.push(chunk.subarray(0, nul));
+      return Buffer.concat(parts).toString('latin1');
+    }
+    parts.push(chunk);
+    at += BigInt(n);
+    total += n;
+  }
+  throw new AppshotError('an environment string of over 1 MiB');
+}
+
+/** The process's environment as getenv() sees it now. */
+export function readEnviron(pid: number, at: bigint): string[] {
+  let array = addon().readMemory(pid, at, 8).readBigUInt64LE();
+  const out: string[] = [];
+  for (let i = 0; array && i < MAX_VARS; i++, array += 8n) {
+    const s = addon().readMemory(pid, array, 8).readBigUInt64LE();
+    if (!s) break;
+    out.push(readCString(pid, s));
+  }
+  return out;
+}
+
+/** `env` with each "NAME=value" of `set` replacing its NAME or added. */
+export function withValues(env: string[], set: string[]): string[] {
+  const name = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
+  const replaced = new Set(set.map(name));
+  return [...env.filter((e) => !replaced.has(name(e))), ...set];
+}
+
+/** Gives the stopped, restored process `r` the environment `env` with the
+ * values of `set` (SET ENV), as getenv() and its children will see it. */
+export function setEnviron(r: RemoteProcess, p: Process, set: string[]): void {
+  if (!set.length) return;
+  const at = environAddress(p);
+  if (at === undefined) return;
+  const env = withValues(readEnviron(r.pid, at), set);
+  const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
+  const arrayBytes = (env.length + 1) * 8;
+  const size = arrayBytes + strings.reduce((n, b) => n + b.length, 0);
+  const PROT_RW = 3;
+  const MAP_PRIVATE_ANON = 0x02 | 0x20;
+  const base = r.call('mapping the environment', SYS.mmap, [0, (size + 4095) & ~4095, PROT_RW, MAP_PRIVATE_ANON, -1, 0]);
+  const block = Buffer.alloc(size);
+  let off = arrayBytes;
+  strings.forEach((s, i) => {
+    block.writeBigUInt64LE(base + BigInt(off), i * 8);
+    s.copy(block, off);
+    off += s.length;
+  });
+  addon().writeMemory(r.pid, base, block);
+  const pointer = Buffer.alloc(8);
+  pointer.writeBigUInt64LE(base);
+  addon().writeMemory(r.pid, at, pointer);
+}

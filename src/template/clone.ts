@@ -1,0 +1,173 @@
+/**
+ * Cloning (FIG. 9): new instances stamped from a template, each under its
+ * own AID, each resource handled by its verdict:
+ *  - copy-on-write: memory is mapped privately from the template's page
+ *    file (every clone shares the template's pages in the page cache until
+ *    it writes); a file is read where it is until the instance writes it,
+ *    then from the instance's private copy (the preload library's
+ *    composite view);
+ *  - duplicate: the instance gets its own copy now;
+ *  - virtualize: PIDs, SysV ids and keys get new system objects bound to
+ *    the template's virtual ids (every restore does this);
+ *  - multiplex: a TCP port is shared by all instances (SO_REUSEPORT);
+ *  - allocate: a TCP port of its own from the registry, bound to the
+ *    template's fixed one in the instance's port table;
+ *  - REDIR PATH and SET ENV are evaluated for the instance.
+ */
+import { closeSync, cpSync, existsSync, rmSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { randomBytes } from 'node:crypto';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Action } from '../image/types.js';
+import { addon, type InstanceConfig } from '../native.js';
+import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
+import { type InstancePlan, restore } from '../restore/driver.js';
+import { verifyImage } from '../restore/verify.js';
+import { instanceConfig, type Property } from './rules.js';
+import { openTemplate, type OpenedTemplate } from './template.js';
+
+export interface CloneOptions {
+  /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
+  aid?: string;
+  count: number;
+  /** Called after each instance, for a progress display. */
+  progress?: (done: number, total: number, aid: string) => void;
+}
+
+export interface CloneResult {
+  aid: string;
+  instance: number;
+  processes: number;
+  threads: number;
+  /** Time inside appshot for this instance: its plan, ports and restore. */
+  cloneMs: number;
+  ports: PortBinding[];
+  /** Where its private copies of files go. */
+  privateRoot: string;
+}
+
+function instanceAids(t: OpenedTemplate, opts: CloneOptions): string[] {
+  const n = opts.count;
+  if (opts.aid !== undefined) {
+    const aids = n === 1 ? [opts.aid] : Array.from({ length: n }, (_, i) => `${opts.aid}-${i + 1}`);
+    aids.forEach(checkAid);
+    return aids;
+  }
+  const base = t.template.name.replace(/[^A-Za-z0-9_.-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 50) || 'clone';
+  return Array.from({ length: n }, () => `${base}-${randomBytes(3).toString('hex')}`);
+}
+
+/** Nothing outside appshot listens on `port` (IPv4 wildcard). */
+function portIsFree(port: number): boolean {
+  try {
+    const fd = addon().listenSocket({ family: 2, type: 1, address: '0.0.0.0', port, backlog: 1, reuseaddr: false, reuseport: false, v6only: false });
+    closeSync(fd);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The ports an instance listens on, per the template's verdicts. */
+function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: Map<number, number>; bindings: PortBinding[] } {
+  const own = new Map<number, number>();
+  const bindings: PortBinding[] = [];
+  for (const v of t.template.verdicts) {
+    if (!v.ref.startsWith('port:')) continue;
+    const port = Number(v.ref.slice(5));
+    if (v.action === 'allocate') {
+      const system = reg.allocatePort(aid, portIsFree);
+      own.set(port, system);
+      bindings.push({ virtual: port, system, mode: 'allocate' });
+    } else if (v.action === 'multiplex') {
+      bindings.push({ virtual: port, system: port, mode: 'multiplex' });
+    }
+  }
+  return { own, bindings };
+}
+
+/** FILE ... DUPLICATE (step 406): the instance's own copy of the file or
+ * directory, made now, and the path redirected to it. */
+function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig['redirs'] {
+  const out: InstanceConfig['redirs'] = [];
+  for (const rule of t.rules?.resources ?? []) {
+    if (rule.kind !== 'file' || rule.action !== 'duplicate' || typeof rule.match !== 'string' || rule.match === '*') continue;
+    const copy = join(privateRoot, rule.match);
+    if (existsSync(rule.match)) cpSync(rule.match, copy, { recursive: true, preserveTimestamps: true });
+    out.push({ kind: 'path', from: rule.match, to: copy });
+  }
+  return out;
+}
+
+/** Ends an instance this batch made: its processes are killed, and init
+ * removes its tables, SysV objects and registration. */
+async function discard(reg: LocalRegistry, aid: string): Promise<void> {
+  const record = reg.get(aid);
+  if (!record) return;
+  const t = reg.readTables(record);
+  for (const e of t?.tables.pid ?? [])
+    try {
+      if (e.system !== record.initPid) process.kill(e.system, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  for (let i = 0; i < 200 && reg.get(aid); i++) {
+    const r = reg.get(aid);
+    if (r && reg.isStale(r)) reg.release(r);
+    await sleep(25);
+  }
+}
+
+const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
+
+export async function clone(reg: LocalRegistry, templatePath: string, opts: CloneOptions): Promise<CloneResult[]> {
+  if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1`, ExitCode.usage);
+  const t = await openTemplate(templatePath);
+  const results: CloneResult[] = [];
+  try {
+    // Checked once for the whole batch: the node, and the files it maps.
+    verifyImage(t.loaded.image);
+    const aids = instanceAids(t, opts);
+    const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
+    for (let i = 0; i < aids.length; i++) {
+      const aid = aids[i];
+      const started = now();
+      const privateRoot = join(reg.home, 'instances', aid);
+      let ports: ReturnType<typeof planPorts> | undefined;
+      try {
+        ports = planPorts(reg, aid, t);
+        const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
+        const config = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+        config.redirs.push(...duplicateFiles(t, privateRoot));
+        const plan: InstancePlan = {
+          action: (ref) => actions.get(ref),
+          config,
+          ports: ports.own,
+          privateRoot,
+          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1 }, ports: ports.bindings },
+        };
+        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded });
+        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot });
+        opts.progress?.(i + 1, aids.length, aid);
+      } catch (e) {
+        for (const p of ports?.bindings ?? []) if (p.mode === 'allocate' && reg.portOwner(p.system) === aid) reg.releasePort(p.system);
+        rmSync(privateRoot, { recursive: true, force: true });
+        throw e;
+      }
+    }
+    return results;
+  } catch (e) {
+    // All or nothing: the instances this batch made go too.
+    for (const made of results) {
+      await discard(reg, made.aid);
+      rmSync(made.privateRoot, { recursive: true, force: true });
+    }
+    if (results.length && e instanceof AppshotError)
+      throw new AppshotError(`${e.message} (the ${results.length} instance${results.length > 1 ? 's' : ''} made before it were removed)`, e.exitCode);
+    throw e;
+  } finally {
+    t.loaded.dispose();
+  }
+}

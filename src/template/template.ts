@@ -1,0 +1,131 @@
+/**
+ * Snapshot virtual templates (FIG. 7 and 8): an image, kept exactly as it
+ * was taken (references in their pre-customized form), plus template.pb:
+ * the rules and each resource's verdict, which say how a clone handles it.
+ *
+ * A template is a directory: the image's three parts (hard links to the
+ * snapshot's where the filesystem allows, so making one costs no copy) and
+ * template.pb. It is still an image: `appshot restore` brings back the
+ * template's own application.
+ */
+import { copyFileSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS, removeStalePartials } from '../image/format.js';
+import type { Action, Rules, Template, Verdict } from '../image/types.js';
+import { classify, refusals } from './classify.js';
+import { loadRules, parseRules, type RulesFile } from './rules.js';
+
+export const TEMPLATE_PART = 'template.pb';
+const TEMPLATE_MAGIC = 'appshot-template';
+
+export interface CreateOptions {
+  /** A rules file to classify with, instead of the rules the application
+   * ran under. */
+  rules?: string;
+  name?: string;
+}
+
+export interface TemplateSummary {
+  template: string;
+  name: string;
+  imageId: string;
+  rules?: string;
+  /** How many resources each action handles. */
+  actions: Partial<Record<Action, number>>;
+  verdicts: Verdict[];
+}
+
+export function summarize(path: string, t: Template): TemplateSummary {
+  const actions: Partial<Record<Action, number>> = {};
+  for (const v of t.verdicts) actions[v.action] = (actions[v.action] ?? 0) + 1;
+  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts };
+}
+
+/** The rules a template is made with: a file given now, else those the
+ * application ran under (kept in the image). */
+function chooseRules(image: LoadedImage['image'], rulesPath: string | undefined): { parsed?: RulesFile; kept?: Rules } {
+  if (rulesPath) {
+    const parsed = loadRules(rulesPath);
+    return { parsed, kept: { source: basename(rulesPath), text: parsed.text } };
+  }
+  if (image.rules?.text) return { parsed: parseRules(image.rules.text, image.rules.source), kept: image.rules };
+  return {};
+}
+
+/** A hard link where the filesystem allows (the image's parts are never
+ * written again), else a copy. */
+function linkOrCopy(from: string, to: string): void {
+  try {
+    linkSync(from, to);
+  } catch {
+    copyFileSync(from, to);
+  }
+}
+
+export async function createTemplate(imagePath: string, output: string, opts: CreateOptions): Promise<TemplateSummary> {
+  const dest = resolve(output);
+  if (existsSync(dest)) throw new AppshotError(`${output} already exists`, ExitCode.conflict);
+  if (!existsSync(dirname(dest))) throw new AppshotError(`no such directory: ${dirname(output)}`, ExitCode.notFound);
+  const loaded = await loadImage(imagePath);
+  try {
+    const { image, manifest } = loaded;
+    if (image.parent)
+      throw new AppshotError(
+        `${imagePath} is an incremental snapshot (its parent is ${image.parent.path}); make templates from a full one (appshot snapshot --full)`,
+        ExitCode.usage,
+      );
+    const { parsed, kept } = chooseRules(image, opts.rules);
+    // The verdicts made while the application ran stand, unless other
+    // rules are given now.
+    const verdicts = opts.rules || !image.verdicts.length ? classify(image, parsed) : image.verdicts;
+    const refused = refusals(image, verdicts, parsed);
+    if (refused.length)
+      throw new AppshotError(`cannot make a template of ${imagePath}: ${refused.length === 1 ? refused[0] : '\n  ' + refused.join('\n  ')}`);
+    const name = opts.name ?? basename(dest).replace(/\.[^.]*$/, '');
+    const template: Template = { magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts };
+    // Built under a hidden name and renamed into place: no half-made
+    // template is ever seen under the name asked for.
+    removeStalePartials(dirname(dest));
+    const partial = join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`);
+    mkdirSync(partial);
+    try {
+      for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
+      writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template));
+      renameSync(partial, dest);
+    } catch (e) {
+      rmSync(partial, { recursive: true, force: true });
+      throw e;
+    }
+    return summarize(dest, template);
+  } finally {
+    loaded.dispose();
+  }
+}
+
+export interface OpenedTemplate {
+  path: string;
+  template: Template;
+  loaded: LoadedImage;
+  rules?: RulesFile;
+}
+
+/** Opens a template: its image verified (checksums, format) and its
+ * template.pb read. The caller disposes of `loaded`. */
+export async function openTemplate(path: string): Promise<OpenedTemplate> {
+  if (!existsSync(path)) throw new AppshotError(`no such template: ${path}`, ExitCode.notFound);
+  if (!existsSync(join(path, TEMPLATE_PART)))
+    throw new AppshotError(`not a template: ${path} (no ${TEMPLATE_PART}; make one with appshot template create)`, ExitCode.notFound);
+  const loaded = await loadImage(path);
+  try {
+    const template = decodeTemplate(readFileSync(join(path, TEMPLATE_PART)));
+    if (template.magic !== TEMPLATE_MAGIC) throw new AppshotError(`not a template: ${path}`);
+    if (template.imageId !== loaded.manifest.imageId)
+      throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
+    const rules = template.rules?.text ? parseRules(template.rules.text, template.rules.source) : undefined;
+    return { path: resolve(path), template, loaded, rules };
+  } catch (e) {
+    loaded.dispose();
+    throw e;
+  }
+}

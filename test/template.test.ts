@@ -1,0 +1,207 @@
+/**
+ * Templates and clones (FIG. 7-9) on a real program: templfix holds fixed
+ * IPC keys, a semaphore whose virtual id is 0, a file under a
+ * copy-on-write rule, a redirected config directory, two listening ports
+ * (one allocated per instance, one multiplexed) and a SET ENV variable. It
+ * is run under rules, snapshotted, made a template and cloned 8 times; the
+ * clones run at once, each answering for its own state.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, waitFor, type Entry } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
+const ROOT = join(dir, 'srv');
+const base = 23000 + ((process.pid * 7) % 4000);
+const PORT_ALLOC = base;
+const PORT_MUX = base + 1;
+const CLONES = 8;
+const ipcBefore = systemIpcIds();
+
+/** templates/templfix.rules with its paths and ports put where this test
+ * runs the fixture. */
+function fixtureRules(): string {
+  return readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
+    .replaceAll('/srv/templfix', ROOT)
+    .replaceAll('7101', String(PORT_ALLOC))
+    .replaceAll('7102', String(PORT_MUX));
+}
+
+/** One command to templfix on `port`; its one-line answer. */
+const ask = async (port: number, command: string) => (await tcpExchange(port, command + '\n')).trim();
+
+/** INFO's "k=v k=v" as an object. */
+async function info(port: number): Promise<Record<string, string>> {
+  const line = await ask(port, 'INFO');
+  return Object.fromEntries(line.split(' ').map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+}
+
+async function answers(port: number): Promise<boolean> {
+  try {
+    return (await ask(port, 'CHECK')).length > 0;
+  } catch {
+    return false;
+  }
+}
+
+interface Clone {
+  aid: string;
+  instance: number;
+  cloneMs: number;
+  ports: { virtual: number; system: number; mode: string }[];
+}
+
+let clones: Clone[] = [];
+const ownPort = (c: Clone) => c.ports.find((p) => p.virtual === PORT_ALLOC)!.system;
+
+beforeAll(async () => {
+  mkdirSync(join(ROOT, 'data'), { recursive: true });
+  mkdirSync(join(ROOT, 'config'), { recursive: true });
+  writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
+  writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
+  writeFileSync(join(dir, 'templfix.rules'), fixtureRules());
+});
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('templates and clones', () => {
+  it('runs the template application under rules: REDIR PATH and SET ENV apply from the start', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'tpl', '--rules', join(dir, 'templfix.rules'), '--', fixture('templfix'), ROOT, String(PORT_ALLOC), String(PORT_MUX)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => existsSync(join(sb.home, 'apps', 'tpl', 'log')) && readFileSync(join(sb.home, 'apps', 'tpl', 'log'), 'utf8').includes('READY'), 10_000, 'templfix READY');
+    const i = await info(PORT_ALLOC);
+    expect(i.home).toBe(join(ROOT, 'home', 'tpl'));
+    expect(i.semid).toBe('0');
+    expect(i.sem).toBe('7');
+    expect(i.shm).toBe('template');
+    expect(i.state).toBe('template');
+    // ROOT/config is redirected to ROOT/instances/tpl/config, empty so far.
+    expect(i.config).toBe('-');
+    expect(await ask(PORT_ALLOC, 'CHECK')).toBe('OK');
+  });
+
+  it('classifies every resource at snapshot, and makes a template that says what cloning does', () => {
+    const snap = sb.run(['snapshot', 'tpl', '-o', join(dir, 'snap')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const t = sb.run(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl.template'), '--json']);
+    expect(t.code, t.stderr).toBe(0);
+    const summary = JSON.parse(t.stdout) as { verdicts: { ref: string; kind: string; action: string; reason: string; name: string }[] };
+    const by = (ref: string) => summary.verdicts.find((v) => v.ref === ref);
+    expect(by(`port:${PORT_ALLOC}`)?.action).toBe('allocate');
+    expect(by(`port:${PORT_ALLOC}`)?.reason).toMatch(/^rule templfix\.rules:\d+$/);
+    expect(by(`port:${PORT_MUX}`)?.action).toBe('multiplex');
+    expect(summary.verdicts.filter((v) => v.ref.startsWith('sem:')).map((v) => v.action)).toEqual(['virtualize']);
+    const journal = summary.verdicts.find((v) => v.kind === 'file' && v.name.endsWith('journal.log'));
+    expect(journal?.action).toBe('copy-on-write');
+    expect(summary.verdicts.some((v) => v.kind === 'memory' && v.action === 'copy-on-write')).toBe(true);
+    // The template is an image still, and the snapshot's parts are shared.
+    expect(readdirSync(join(dir, 'tpl.template')).sort()).toEqual(['image.pb', 'manifest.pb', 'pages.img', 'template.pb']);
+  });
+
+  it(`clones ${CLONES} instances at once, each with its own state, ports, paths and environment`, async () => {
+    const r = sb.run(['clone', join(dir, 'tpl.template'), '--aid', 'c', '--count', String(CLONES), '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    clones = JSON.parse(r.stdout) as Clone[];
+    expect(clones.map((c) => c.aid)).toEqual(Array.from({ length: CLONES }, (_, i) => `c-${i + 1}`));
+    const own = clones.map(ownPort);
+    expect(new Set(own).size).toBe(CLONES);
+    for (const c of clones) expect(c.ports.find((p) => p.virtual === PORT_MUX)).toMatchObject({ system: PORT_MUX, mode: 'multiplex' });
+
+    for (const c of clones) {
+      await waitFor(() => true);
+      const i = await info(ownPort(c));
+      // Everything the template had, with the instance's own AID where the
+      // rules put it.
+      expect(i).toMatchObject({ home: join(ROOT, 'home', c.aid), semid: '0', sem: '7', shm: 'template', msgs: '1', state: 'template', config: '-', heap: 'ok' });
+      expect(await ask(ownPort(c), 'CHECK')).toBe('OK');
+    }
+    // `appshot port` answers which instance has which port.
+    const p = sb.run(['port', 'c-3', String(PORT_ALLOC)]);
+    expect(p.code, p.stderr).toBe(0);
+    expect(Number(p.stdout.trim())).toBe(ownPort(clones[2]));
+  });
+
+  it('keeps a write in one clone invisible to the others and to the template', async () => {
+    for (const c of clones) expect(await ask(ownPort(c), `SET w${c.instance}`)).toBe('OK');
+    for (const c of clones) {
+      const i = await info(ownPort(c));
+      expect(i).toMatchObject({ sem: String(`w${c.instance}`.length), shm: `w${c.instance}`, msgs: '2', state: `w${c.instance}`, config: `w${c.instance}`, heap: 'ok' });
+      // The redirected path carries the instance's AID on disk.
+      expect(readFileSync(join(ROOT, 'instances', c.aid, 'config', 'app.conf'), 'utf8')).toBe(`w${c.instance}\n`);
+      // Its journal (open when the template was taken) is its own copy.
+      const journal = readFileSync(join(sb.home, 'instances', c.aid, ROOT, 'data', 'journal.log'), 'utf8');
+      expect(journal).toBe(`start\nset w${c.instance}\n`);
+    }
+    // The template's files are as they were.
+    expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
+    expect(readFileSync(join(ROOT, 'data', 'journal.log'), 'utf8')).toBe('start\n');
+    expect(readFileSync(join(ROOT, 'config', 'app.conf'), 'utf8')).toBe('template-config\n');
+    // Same virtual semaphore id, different system objects.
+    const semids = clones.map((c) => sb.json<{ tables: Record<string, Entry[]> }>(['table', c.aid]).tables.semid.find((e) => e.virtual === 0)!.system);
+    expect(new Set(semids).size).toBe(CLONES);
+  });
+
+  it('spreads connections to the multiplexed port over the instances', async () => {
+    const homes = new Set<string>();
+    for (let i = 0; i < 48 && homes.size < 3; i++) homes.add((await info(PORT_MUX)).home);
+    expect(homes.size).toBeGreaterThan(1);
+    for (const h of homes) expect(clones.map((c) => join(ROOT, 'home', c.aid))).toContain(h);
+  });
+
+  it('leaves nothing behind when the clones end: processes, SysV objects, tables, ports', async () => {
+    for (const c of clones) expect(sb.run(['stop', c.aid]).code).toBe(0);
+    await waitFor(() => sb.aids().length === 0, 10_000, 'the clones to end');
+    expect(sb.shmFiles()).toEqual([]);
+    expect(strayIpcIds(ipcBefore)).toEqual([]);
+    for (const c of clones) expect(await answers(ownPort(c))).toBe(false);
+    // Their ports go back to the registry (swept when it lists).
+    expect(readdirSync(join(sb.home, 'ports')).map(Number).filter((p) => clones.some((c) => ownPort(c) === p))).toHaveLength(CLONES);
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(readdirSync(join(sb.home, 'ports')).map(Number).filter((p) => clones.some((c) => ownPort(c) === p))).toEqual([]);
+  });
+});
+
+describe('templating refusals', () => {
+  it('refuses a rules file with a mistake, naming its line and column, and registers nothing', () => {
+    const bad = join(dir, 'bad.rules');
+    writeFileSync(bad, 'DEFINE <APPL-ID> AS PROPERTY application-id\nPORT 7000 ALLOCATE\nFILE "/srv/x" COPY-ON-WRTIE\n');
+    const r = sb.run(['run', '--aid', 'bad', '--rules', bad, '--', '/bin/true']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/bad\.rules:3:15: .*COPY-ON-WRTIE/);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(sb.aids()).toEqual([]);
+  });
+
+  it('refuses to template what clones cannot share (a FIFO), naming it, and writes nothing', async () => {
+    const fifo = join(dir, 'queue.fifo');
+    spawnSync('mkfifo', [fifo]);
+    const r = sb.run(['run', '-d', '--aid', 'fifo', '--', '/bin/sh', '-c', `exec 3<>${fifo}; echo READY; exec sleep 1000`]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => readFileSync(join(sb.home, 'apps', 'fifo', 'log'), 'utf8').includes('READY'), 10_000, 'the shell');
+    expect(sb.run(['snapshot', 'fifo', '-o', join(dir, 'fifo.snap')]).code).toBe(0);
+    const t = sb.run(['template', 'create', join(dir, 'fifo.snap'), '-o', join(dir, 'fifo.template')]);
+    expect(t.code).toBe(1);
+    expect(t.stderr).toContain(fifo);
+    expect(existsSync(join(dir, 'fifo.template'))).toBe(false);
+    expect(readdirSync(dir).filter((n) => n.includes('partial'))).toEqual([]);
+  });
+
+  it('refuses a clone whose AID is taken, leaving no instance of the batch', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'taken-2', '--', '/bin/sleep', '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    const c = sb.run(['clone', join(dir, 'tpl.template'), '--aid', 'taken', '--count', '3']);
+    expect(c.code).toBe(4);
+    expect(c.stderr).toMatch(/taken-2/);
+    await waitFor(() => !sb.aids().includes('taken-1'), 10_000, 'the first instance to be removed');
+    expect(sb.aids().filter((a) => a.startsWith('taken-'))).toEqual(['taken-2']);
+    expect(existsSync(join(sb.home, 'instances', 'taken-1'))).toBe(false);
+    sb.run(['stop', 'taken-2', '-s', 'KILL']);
+  });
+});
