@@ -2,14 +2,14 @@
  * A real application: redis-server (Debian's package) started with
  * `appshot run`, loaded with keys, snapshotted (which ends it), restored,
  * and asked for every key; then it takes writes, and goes through a second
- * round trip with them.
+ * round trip with them. Then a template of a loaded redis, cloned 8 times.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { Sandbox, waitFor } from './helpers.js';
+import { root, Sandbox, waitFor } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const sb = new Sandbox();
@@ -23,8 +23,8 @@ afterAll(async () => {
 });
 
 /** Runs commands through redis-cli, one per line; returns its answers. */
-function cli(commands: string[]): string[] {
-  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8' });
+function cli(commands: string[], on = port): string[] {
+  const r = spawnSync('redis-cli', ['-p', String(on)], { input: commands.join('\n') + '\n', encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
   return r.stdout.trim().split('\n');
 }
@@ -65,5 +65,43 @@ describe('redis-server', () => {
     expect(sb.run(['restore', join(out, 'two')]).code).toBe(0);
     await waitFor(ping, 5000, 'the twice-restored redis to answer');
     expect(cli(['GET after', 'GET key:1999', 'DBSIZE'])).toEqual(['restore', `value-1999-${'x'.repeat(1999 % 50)}`, String(KEYS + 1)]);
+  });
+
+  it('clones a loaded redis template 8 times: each on its own port with the whole dataset, writes kept apart', async () => {
+    const tport = port + 1;
+    // templates/redis.rules, with its paths and port where this test runs.
+    const rules = join(out, 'redis.rules');
+    writeFileSync(
+      rules,
+      readFileSync(join(root, 'templates', 'redis.rules'), 'utf8')
+        .replaceAll('/var/lib/redis', join(out, 'lib'))
+        .replaceAll('/run/redis', join(out, 'run'))
+        .replaceAll('6379', String(tport)),
+    );
+    const r = sb.run(['run', '-d', '--aid', 'rtpl', '--rules', rules, '--', REDIS, '--port', String(tport), '--save', '', '--appendonly', 'no']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => cli(['PING'], tport)[0] === 'PONG', 10_000, 'the template redis to answer');
+    const keys = Array.from({ length: KEYS }, (_, i) => i);
+    expect(cli(keys.map((i) => `SET key:${i} v${i}`), tport).every((l) => l === 'OK')).toBe(true);
+    expect(sb.run(['snapshot', 'rtpl', '-o', join(out, 'rsnap')]).code).toBe(0);
+    const t = sb.run(['template', 'create', join(out, 'rsnap'), '-o', join(out, 'redis.template')]);
+    expect(t.code, t.stderr).toBe(0);
+
+    const c = sb.run(['clone', join(out, 'redis.template'), '--aid', 'rc', '--count', '8', '--json']);
+    expect(c.code, c.stderr).toBe(0);
+    const clones = (JSON.parse(c.stdout) as { aid: string; ports: { virtual: number; system: number; mode: string }[] }[]).map((x) => ({
+      aid: x.aid,
+      port: x.ports.find((p) => p.virtual === tport && p.mode === 'allocate')!.system,
+    }));
+    expect(new Set(clones.map((x) => x.port)).size).toBe(8);
+    for (const x of clones) {
+      expect(cli(['DBSIZE', 'GET key:0', `GET key:${KEYS - 1}`], x.port)).toEqual([String(KEYS), 'v0', `v${KEYS - 1}`]);
+      expect(cli([`SET mine ${x.aid}`, `SET key:7 ${x.aid}`], x.port)).toEqual(['OK', 'OK']);
+    }
+    for (const x of clones) {
+      expect(cli(['GET mine', 'GET key:7', 'DBSIZE'], x.port)).toEqual([x.aid, x.aid, String(KEYS + 1)]);
+    }
+    for (const x of clones) expect(sb.run(['stop', x.aid]).code).toBe(0);
+    await waitFor(() => sb.aids().every((a) => !a.startsWith('rc-')), 10_000, 'the clones to end');
   });
 });

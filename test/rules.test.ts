@@ -30,7 +30,7 @@ function mistake(text: string, source = 'fixture.rules'): string {
 describe('the rules language', () => {
   it('parses every example in templates/', () => {
     const files = readdirSync(templates).filter((f) => f.endsWith('.rules'));
-    expect(files).toEqual(expect.arrayContaining(['fixture.rules', 'redis.rules', 'web.rules']));
+    expect(files).toEqual(expect.arrayContaining(['snapfix.rules', 'redis.rules', 'web.rules', 'templfix.rules']));
     for (const f of files) {
       const rules = loadRules(join(templates, f));
       expect(rules.source).toBe(f);
@@ -239,13 +239,13 @@ describe('classification of a real image', () => {
     expect(refusals(image, v, rules)).toEqual([]);
   });
 
-  it('applies templates/fixture.rules', () => {
-    const rules = loadRules(join(templates, 'fixture.rules'));
+  it('applies templates/snapfix.rules', () => {
+    const rules = loadRules(join(templates, 'snapfix.rules'));
     const v = classify(image, rules);
     const lineOf = (text: string) => rules.text.split('\n').findIndex((l) => l.startsWith(text)) + 1;
-    expect(by(v, 'sem:0').reason).toBe(`rule fixture.rules:${lineOf('SEMAPHORE KEY 0x5151')}`);
-    expect(by(v, 'msg:0')).toMatchObject({ action: 'virtualize', reason: `rule fixture.rules:${lineOf('MSGQUEUE')}` });
-    expect(by(v, 'fd:2:5').reason).toBe(`rule fixture.rules:${lineOf('FILE "/etc/hostname"')}`);
+    expect(by(v, 'sem:0').reason).toBe(`rule snapfix.rules:${lineOf('SEMAPHORE KEY 0x5151')}`);
+    expect(by(v, 'msg:0')).toMatchObject({ action: 'virtualize', reason: `rule snapfix.rules:${lineOf('MSGQUEUE')}` });
+    expect(by(v, 'fd:2:5').reason).toBe(`rule snapfix.rules:${lineOf('FILE "/etc/hostname"')}`);
     expect(by(v, 'env:SNAPFIX_INSTANCE')).toMatchObject({ kind: 'env', name: 'SNAPFIX_INSTANCE=<APPL-ID>-<N>', action: 'duplicate' });
     expect(by(v, `port:${port}`).action).toBe('multiplex');
   });
