@@ -296,26 +296,33 @@ export class LocalRegistry implements Registry {
    * back. `usable` checks that nothing outside appshot holds the port.
    */
   allocatePort(aid: string, usable: (port: number) => boolean): number {
-    mkdirSync(this.portsDir, { recursive: true, mode: 0o755 });
     const [lo, hi] = portRange();
     const span = hi - lo + 1;
     const start = Math.floor(Math.random() * span);
     for (let i = 0; i < span; i++) {
       const port = lo + ((start + i) % span);
-      const dir = join(this.portsDir, String(port));
-      if (!this.claim(dir)) {
-        if (!this.portClaimIsStale(port)) continue;
-        this.releasePort(port);
-        if (!this.claim(dir)) continue;
-      }
-      // The claimer too: until the application is registered with the
-      // port, the claim lives as long as the claimer does.
-      writeFileSync(join(dir, 'aid'), `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+      if (!this.claimPort(aid, port)) continue;
       if (usable(port)) return port;
       // Held by something outside appshot: let the claim go, try the next.
       this.releasePort(port);
     }
     throw new AppshotError(`no free port left in ${lo}-${hi} (set APPSHOT_PORTS)`, ExitCode.conflict);
+  }
+
+  /** Claims one given port for `aid` (a restored instance takes back the
+   * port it had); false when a live application holds it. */
+  claimPort(aid: string, port: number): boolean {
+    mkdirSync(this.portsDir, { recursive: true, mode: 0o755 });
+    const dir = join(this.portsDir, String(port));
+    if (!this.claim(dir)) {
+      if (!this.portClaimIsStale(port)) return false;
+      this.releasePort(port);
+      if (!this.claim(dir)) return false;
+    }
+    // The claimer too: until the application is registered with the port,
+    // the claim lives as long as the claimer does.
+    writeFileSync(join(dir, 'aid'), `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+    return true;
   }
 
   /** The AID holding an allocated port, if any. */

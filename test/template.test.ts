@@ -148,6 +148,20 @@ describe('templates and clones', () => {
     expect(new Set(semids).size).toBe(CLONES);
   });
 
+  it('restores a snapshot of a clone as the same instance: its port, private copies and paths', async () => {
+    const c = clones[0];
+    const snap = sb.run(['snapshot', c.aid, '-o', join(dir, 'clone.snap')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    expect(await answers(ownPort(c))).toBe(false);
+    const r = sb.run(['restore', join(dir, 'clone.snap')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await info(ownPort(c))).toMatchObject({ home: join(ROOT, 'home', c.aid), sem: '2', state: 'w1', config: 'w1', msgs: '2', heap: 'ok' });
+    expect(await ask(ownPort(c), 'SET again')).toBe('OK');
+    expect(readFileSync(join(sb.home, 'instances', c.aid, ROOT, 'data', 'state.txt'), 'utf8')).toBe('again\n');
+    expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
+    expect(sb.run(['port', c.aid, String(PORT_ALLOC)]).stdout.trim()).toBe(String(ownPort(c)));
+  });
+
   it('spreads connections to the multiplexed port over the instances', async () => {
     const homes = new Set<string>();
     for (let i = 0; i < 48 && homes.size < 3; i++) homes.add((await info(PORT_MUX)).home);

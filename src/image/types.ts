@@ -38,6 +38,8 @@ export interface Image {
   rules?: Rules;
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
+  /** The instance section of its tables, as evaluated for it. */
+  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[] };
 }
 
 /** A snapshot virtual template: template.pb beside an image (FIG. 7). */

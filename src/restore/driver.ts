@@ -13,17 +13,15 @@
  */
 import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
 import { type Action, type Fd, FdKind, type Image, type Process, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
-import { type AppRecord, checkAid, type LocalRegistry } from '../registry.js';
+import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { privateCopy, redirected, prepareRedirTargets } from '../resources/paths.js';
-import { instanceConfig, parseRules } from '../template/rules.js';
 import { restoreFds } from '../resources/files.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -381,6 +379,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const seeds: number[] = [];
   const forked: number[] = [];
   const pageFds = chain.map((l) => openSync(join(l.dir, PARTS.pages), 'r'));
+  // Ports an instance was allocated are its own again (the registry's
+  // claim is taken back, or the restore is refused if a live application
+  // holds one).
+  const ownPorts: PortBinding[] = opts.instance
+    ? []
+    : (image.tables.find((t) => t.kind === 'port')?.entries ?? []).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
+  const claimed: number[] = [];
   // Made once the application's log exists: descriptors that pointed at
   // a terminal or at the old log go there.
   let handover: Handover | undefined;
@@ -389,6 +394,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const verified = now();
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
+    for (const p of ownPorts) {
+      if (!reg.claimPort(aid, p.system)) throw new AppshotError(`port ${p.system}, which the instance was allocated, is held by '${reg.portOwner(p.system)}'`, ExitCode.conflict);
+      claimed.push(p.system);
+    }
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -398,13 +407,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       harnessStartTime: readStat(process.pid)?.startTime,
       logPath: join(stateDir, 'log'),
       ...(image.rules ? { rules: image.rules } : {}),
+      ...(ownPorts.length ? { ports: ownPorts } : {}),
       ...opts.instance?.record,
     }));
     const tables = record.tables;
     // The tables are new: their instance section (path rewriting, SET ENV)
-    // is filled before any process runs. A plain restore evaluates the
-    // image's rules for its AID; a clone brings its own plan.
-    const config = opts.instance?.config ?? plainConfig(image, aid);
+    // is filled before any process runs. A plain restore brings back the
+    // same instance, with its paths as they were; a clone brings its own.
+    const config = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
     prepareRedirTargets(config.redirs);
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
@@ -587,21 +597,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       /* gone */
     }
     if (record) await waitGone(reg, record);
+    for (const port of claimed) if (reg.portOwner(port) === (opts.aid ?? image.aid)) reg.releasePort(port);
     if (e instanceof AppshotError) throw new AppshotError(`cannot restore ${imagePath}: ${e.message}`, e.exitCode);
     throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
   } finally {
     for (const fd of pageFds) closeSync(fd);
     if (!opts.loaded) for (const l of chain) l.dispose();
   }
-}
-
-/** The instance section of a plain restore: the image's rules (REDIR PATH
- * and SET ENV) evaluated for the AID it is restored as. */
-function plainConfig(image: Image, aid: string): InstanceConfig {
-  if (!image.rules?.text) return { redirs: [], env: [] };
-  const rules = parseRules(image.rules.text, image.rules.source);
-  const c = instanceConfig(rules, { 'application-id': aid, instance: '1', hostname: hostname(), template: '' }, '');
-  return { redirs: c.redirs.filter((r) => r.kind === 'path'), env: c.env };
 }
 
 /** After a failure: init sees its last process go and removes the tables,

@@ -425,6 +425,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // FIG. 8: each resource classified, by the rules the application runs
     // under or by the standard criteria; the verdicts travel in the image.
     image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
+    image.instance = { redirs: tables.instance.redirs, env: tables.instance.env };
     if (!opts.leaveRunning) {
       // The image is committed before anything is killed: if writing it
       // fails, the application is still there.

@@ -135,6 +135,11 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       const aid = aids[i];
       const started = now();
       const privateRoot = join(reg.home, 'instances', aid);
+      const existing = reg.get(aid);
+      if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
+      // An earlier instance of this AID left its private copies: this one
+      // starts from the template, not from them.
+      rmSync(privateRoot, { recursive: true, force: true });
       let ports: ReturnType<typeof planPorts> | undefined;
       try {
         ports = planPorts(reg, aid, t);
@@ -165,7 +170,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       rmSync(made.privateRoot, { recursive: true, force: true });
     }
     if (results.length && e instanceof AppshotError)
-      throw new AppshotError(`${e.message} (the ${results.length} instance${results.length > 1 ? 's' : ''} made before it were removed)`, e.exitCode);
+      throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
     throw e;
   } finally {
     t.loaded.dispose();
