@@ -109,7 +109,9 @@ interface Addon {
   peekSiginfo(tid: number, shared: boolean): Buffer;
   getRseq(tid: number): { pointer: bigint; size: number; signature: number; flags: number };
   getRobustList(tid: number): { head: bigint; length: number };
-  inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[]): bigint;
+  /** seed: the thread is a restore's seed, its signals all blocked (see
+   * trace_inject_seed). */
+  inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };

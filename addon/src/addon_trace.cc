@@ -194,7 +194,7 @@ Napi::Value GetRobustList(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// inject(tid, syscallInsn: bigint, nr, args: bigint[]) -> bigint (the raw
+// inject(tid, syscallInsn: bigint, nr, args: bigint[], seed?: boolean) -> bigint (the raw
 // return value; -4095..-1 is -errno).
 Napi::Value Inject(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -202,7 +202,9 @@ Napi::Value Inject(const Napi::CallbackInfo& info) {
   auto a = info[3].As<Napi::Array>();
   for (uint32_t i = 0; i < a.Length() && i < 6; i++) args[i] = static_cast<long>(U64(a.Get(i)));
   long ret = 0;
-  int rc = trace_inject(Tid(info), U64(info[1]), info[2].As<Napi::Number>().Int64Value(), args, &ret);
+  bool seed = info.Length() > 4 && info[4].ToBoolean();
+  auto inject = seed ? trace_inject_seed : trace_inject;
+  int rc = inject(Tid(info), U64(info[1]), info[2].As<Napi::Number>().Int64Value(), args, &ret);
   if (Failed(env, rc, "running a system call in thread " + std::to_string(Tid(info))))
     return env.Undefined();
   return Napi::BigInt::New(env, static_cast<int64_t>(ret));

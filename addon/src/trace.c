@@ -160,6 +160,41 @@ int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len) {
   return 0;
 }
 
+int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {
+  struct user_regs_struct r;
+  int rc = trace_get_regs(tid, &r);
+  if (rc) return rc;
+  r.rip = syscall_insn;
+  r.rax = nr;
+  r.orig_rax = (unsigned long)-1;
+  r.rdi = args[0];
+  r.rsi = args[1];
+  r.rdx = args[2];
+  r.r10 = args[3];
+  r.r8 = args[4];
+  r.r9 = args[5];
+  if ((rc = trace_set_regs(tid, &r))) return rc;
+  for (int tries = 0; tries < 16; tries++) {
+    if (ptrace(PTRACE_SINGLESTEP, tid, 0, 0)) return fail();
+    trace_report rep;
+    if ((rc = trace_wait(tid, 10000, &rep))) return rc;
+    if (rep.kind == TRACE_NONE) return -ETIMEDOUT;
+    if (rep.kind == TRACE_EXITED) return -ESRCH;
+    if (rep.kind == TRACE_SIGNAL && rep.sig == SIGTRAP) {
+      if ((rc = trace_get_regs(tid, &r))) return rc;
+      /* The trap of a step that has not run the instruction yet (a stop
+       * that came first) leaves rip on it: step again. */
+      if (r.rip != syscall_insn + 2) continue;
+      *ret = (long)r.rax;
+      return 0;
+    }
+    /* As in step_to_syscall_stop: an interrupt's trap, a job-control stop
+     * reported again: resume once more. */
+    if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP) return -EINTR;
+  }
+  return -EINTR;
+}
+
 int trace_rewind(struct user_regs_struct* r) {
   if ((long)r->orig_rax < 0) return 0;
   switch (-(long)r->rax) {

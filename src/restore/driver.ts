@@ -450,6 +450,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       addon().interrupt(pid);
       const r = addon().wait(pid, 10_000);
       if (!r || r.kind !== 'stop') throw new AppshotError(`seed ${pid} did not stop (${r?.kind ?? 'timeout'})`);
+      // Every signal blocked until the end (RemoteProcess relies on it);
+      // the processes forked from it inherit the mask.
+      addon().setSigmask(pid, ~0n);
     };
     const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
     for (const m of queue) seize(m.pid);
