@@ -330,6 +330,7 @@ program
   .argument('<template>', 'the template directory')
   .option('--aid <name>', 'the AID; with --count N, instances are AID-1 ... AID-N (default: NAME-xxxxxx)')
   .option('-n, --count <n>', 'how many instances', '1')
+  .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
   .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
   .addHelpText(
     'after',
@@ -340,7 +341,7 @@ program
       'instance fails, the ones made before it are removed.\n\n' +
       'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
   )
-  .action(async (path: string, opts: { aid?: string; count: string; json: boolean }) => {
+  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean }) => {
     const count = Number(opts.count);
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
     if (opts.aid !== undefined) checkAid(opts.aid);
@@ -348,6 +349,7 @@ program
     const results = await clone(registry(), path, {
       aid: opts.aid,
       count,
+      verify: opts.verify,
       progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
     });
     progress.done();

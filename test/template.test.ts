@@ -7,7 +7,7 @@
  * clones run at once, each answering for its own state.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -205,6 +205,25 @@ describe('templating refusals', () => {
     expect(t.stderr).toContain(fifo);
     expect(existsSync(join(dir, 'fifo.template'))).toBe(false);
     expect(readdirSync(dir).filter((n) => n.includes('partial'))).toEqual([]);
+  });
+
+  it('refuses a template whose page data was cut short, and with --verify one whose bytes changed', () => {
+    const bad = join(dir, 'bad.template');
+    cpSync(join(dir, 'tpl.template'), bad, { recursive: true });
+    const pages = join(bad, 'pages.img');
+    const size = statSync(pages).size;
+    truncateSync(pages, size - 4096);
+    const cut = sb.run(['clone', bad, '--aid', 'cut']);
+    expect(cut.code).toBe(1);
+    expect(cut.stderr).toMatch(/pages\.img is \d+ bytes, expected \d+/);
+    truncateSync(pages, size);
+    const fd = openSync(pages, 'r+');
+    writeSync(fd, Buffer.from([0x5a]), 0, 1, 8192);
+    closeSync(fd);
+    const flipped = sb.run(['clone', bad, '--aid', 'flipped', '--verify']);
+    expect(flipped.code).toBe(1);
+    expect(flipped.stderr).toMatch(/checksum of pages\.img does not match/);
+    expect(sb.aids().filter((a) => a === 'cut' || a === 'flipped')).toEqual([]);
   });
 
   it('refuses a clone whose AID is taken, leaving no instance of the batch', async () => {

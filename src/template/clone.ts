@@ -32,6 +32,9 @@ export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
   aid?: string;
   count: number;
+  /** Checksum the template's page file too (it was when the template was
+   * made; its size is always checked). */
+  verify?: boolean;
   /** Called after each instance, for a progress display. */
   progress?: (done: number, total: number, aid: string) => void;
 }
@@ -124,7 +127,7 @@ const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
 
 export async function clone(reg: LocalRegistry, templatePath: string, opts: CloneOptions): Promise<CloneResult[]> {
   if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1`, ExitCode.usage);
-  const t = await openTemplate(templatePath);
+  const t = await openTemplate(templatePath, opts.verify ?? false);
   const results: CloneResult[] = [];
   try {
     // Checked once for the whole batch: the node, and the files it maps.

@@ -110,13 +110,14 @@ export interface OpenedTemplate {
   rules?: RulesFile;
 }
 
-/** Opens a template: its image verified (checksums, format) and its
+/** Opens a template: its image verified (checksums, format; the page file's
+ * only with `verify`, as it was when the template was made) and its
  * template.pb read. The caller disposes of `loaded`. */
-export async function openTemplate(path: string): Promise<OpenedTemplate> {
+export async function openTemplate(path: string, verify = true): Promise<OpenedTemplate> {
   if (!existsSync(path)) throw new AppshotError(`no such template: ${path}`, ExitCode.notFound);
   if (!existsSync(join(path, TEMPLATE_PART)))
     throw new AppshotError(`not a template: ${path} (no ${TEMPLATE_PART}; make one with appshot template create)`, ExitCode.notFound);
-  const loaded = await loadImage(path);
+  const loaded = await loadImage(path, { sizeOnly: !verify });
   try {
     const template = decodeTemplate(readFileSync(join(path, TEMPLATE_PART)));
     if (template.magic !== TEMPLATE_MAGIC) throw new AppshotError(`not a template: ${path}`);
