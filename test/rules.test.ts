@@ -10,7 +10,19 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { FdKind, type Image, type Verdict, VmaKind } from '../src/image/types.js';
 import { classify, refusals } from '../src/template/classify.js';
-import { evaluate, instanceConfig, loadRules, parseRules, type Property, ruleFor } from '../src/template/rules.js';
+import {
+  APPSHOT_ENV_LEN,
+  APPSHOT_ENVS,
+  APPSHOT_PATH_MAX,
+  APPSHOT_REDIRS,
+  evaluate,
+  instanceConfig,
+  loadRules,
+  parseRules,
+  privateCopyPath,
+  type Property,
+  ruleFor,
+} from '../src/template/rules.js';
 import { fixture, root, Sandbox, waitFor } from './helpers.js';
 
 const templates = join(root, 'templates');
@@ -96,9 +108,145 @@ describe('the rules language', () => {
       ['a bad number', 'PORT 80x ALLOCATE', "fixture.rules:1:6: invalid number '80x'; expected a decimal or 0x hexadecimal number"],
       ['a stray character', 'PORT 80 ALLOCATE;', "fixture.rules:1:17: unexpected character ';'; expected a keyword, a \"string\", a number, <NAME>, = or *"],
       ['a missing =', 'SET ENV "A" "b"', 'fixture.rules:1:13: unexpected "b"; expected ='],
+      ['a redirected root', 'REDIR PATH "/" TO "/x"', 'fixture.rules:1:12: "/" is the root directory: redirecting it would redirect every path; expected a path below /'],
+      ['a redirected root, written otherwise', 'REDIR PATH "/srv/.." TO "/x"', 'fixture.rules:1:12: "/srv/.." is the root directory: redirecting it would redirect every path; expected a path below /'],
+      ['a root copied on write', 'FILE "//" ON write COPY-ON-WRITE', 'fixture.rules:1:6: "//" is the root directory: copying it on write would copy the whole filesystem; expected a path below /'],
+      ['a root duplicated', 'FILE "/./" DUPLICATE', 'fixture.rules:1:6: "/./" is the root directory: duplicating it would copy the whole filesystem; expected a path below /'],
+      ['a path redirected twice, written otherwise', 'REDIR PATH "/data" TO "/x"\nREDIR PATH "//data/" TO "/y"', 'fixture.rules:2:12: "//data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
+      ['a redirected path also copied on write', 'REDIR PATH "/data" TO "/x"\nFILE "/data/" COPY-ON-WRITE', 'fixture.rules:2:6: "/data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
+      ['a duplicated path also redirected', 'FILE "/data" DUPLICATE\nREDIR PATH "/data" TO "/x"', 'fixture.rules:2:12: "/data" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
     ];
     it.each(cases)('%s', (_, text, message) => {
       expect(mistake(text)).toBe(message);
+    });
+  });
+
+  it('normalizes paths as the preload library compares them', () => {
+    const r = parseRules(
+      [
+        'DEFINE <APPL-ID> AS PROPERTY application-id',
+        'DEFINE <T> AS PROPERTY template',
+        'REDIR PATH "/data/" TO "/x/./<APPL-ID>//"',
+        'REDIR PATH "//srv/app/../conf" TO "/x/<T>/y"',
+        'FILE "/srv//www/./cache/" COPY-ON-WRITE',
+        'FILE "/srv/www/tmp/../logs/" DUPLICATE',
+        'FILE "/" SHARE', // the whole filesystem shared: that is no entry of the instance
+        'MEMORY "/usr//lib/" SHARE',
+      ].join('\n'),
+      'n.rules',
+    );
+    expect(r.redirs).toEqual([
+      { from: '/data', to: '/x/<APPL-ID>', line: 3 },
+      { from: '/srv/conf', to: '/x/<T>/y', line: 4 },
+    ]);
+    expect(r.resources.map((x) => x.match)).toEqual(['/srv/www/cache', '/srv/www/logs', '/', '/usr/lib']);
+    expect(ruleFor(r, 'file', '/srv/www/cache/a', 'write')?.line).toBe(5);
+    expect(ruleFor(r, 'memory', '/usr/lib/libc.so.6')?.line).toBe(8);
+    // An empty value (run's <T>) leaves no "//".
+    expect(instanceConfig(r, { ...props, template: '' }, '/p/').redirs).toEqual([
+      { kind: 'path', from: '/data', to: '/x/web-3' },
+      { kind: 'path', from: '/srv/conf', to: '/x/y' },
+      { kind: 'cow', from: '/srv/www/cache', to: '/p/srv/www/cache' },
+    ]);
+    // ... nor a root redirected for one instance.
+    const root = parseRules('DEFINE <T> AS PROPERTY template\nREDIR PATH "/<T>" TO "/x"', 'r.rules');
+    expect(() => instanceConfig(root, { ...props, template: '' }, '/p')).toThrow('r.rules:2: REDIR PATH /<T> is the root directory for this instance, which cannot be redirected');
+  });
+
+  describe('refuses what an instance cannot hold when parsing', () => {
+    // appshot_table.h: the instance section's sizes.
+    it('uses the sizes of addon/include/appshot_table.h', () => {
+      const h = readFileSync(join(root, 'addon/include/appshot_table.h'), 'utf8');
+      const size = (name: string) => Number(new RegExp(`#define ${name} (\\d+)`).exec(h)![1]);
+      expect([APPSHOT_REDIRS, APPSHOT_ENVS, APPSHOT_PATH_MAX, APPSHOT_ENV_LEN]).toEqual(
+        ['APPSHOT_REDIRS', 'APPSHOT_ENVS', 'APPSHOT_PATH_MAX', 'APPSHOT_ENV_LEN'].map(size),
+      );
+    });
+
+    const redirs = (n: number) => Array.from({ length: n }, (_, i) => `REDIR PATH "/r${i}" TO "/x${i}"`);
+    it(`${APPSHOT_REDIRS} path rules in all`, () => {
+      const full = [...redirs(14), 'FILE "/c" COPY-ON-WRITE', 'FILE "/d" DUPLICATE', 'FILE "/s" SHARE', 'FILE "/w" ON write SHARE'];
+      expect(parseRules(full.join('\n'), 'f.rules').redirs).toHaveLength(14);
+      const expected = 'expected at most 16 REDIR PATH, FILE ... COPY-ON-WRITE and FILE ... DUPLICATE rules in all (what an instance\'s table holds)';
+      expect(mistake([...full, '  REDIR PATH "/r" TO "/x"'].join('\n'))).toBe(`fixture.rules:19:3: path rule 17 of this file; ${expected}`);
+      expect(mistake([...full, 'FILE "/e" ON write COPY-ON-WRITE'].join('\n'))).toBe(`fixture.rules:19:1: path rule 17 of this file; ${expected}`);
+      expect(mistake([...full, 'FILE "/e" DUPLICATE'].join('\n'))).toBe(`fixture.rules:19:1: path rule 17 of this file; ${expected}`);
+    });
+
+    it(`${APPSHOT_ENVS} SET ENV lines`, () => {
+      const envs = Array.from({ length: 16 }, (_, i) => `SET ENV "V${i}" = "${i}"`);
+      expect(parseRules(envs.join('\n'), 'e.rules').envs).toHaveLength(16);
+      expect(mistake([...envs, 'SET ENV "V16" = "16"'].join('\n'))).toBe(
+        "fixture.rules:17:1: SET ENV 17 of this file; expected at most 16 SET ENV lines (what an instance's table holds)",
+      );
+    });
+
+    it('paths of 255 bytes', () => {
+      const longest = `/${'a'.repeat(254)}`;
+      const expected = "expected a path of at most 255 bytes (what an instance's table holds)";
+      const r = parseRules(`REDIR PATH "${longest}" TO "${longest}"\nFILE "${longest}/../b" COPY-ON-WRITE`, 'p.rules');
+      expect(r.redirs[0]).toMatchObject({ from: longest, to: longest });
+      expect(mistake(`REDIR PATH "${longest}a" TO "/x"`)).toBe(`fixture.rules:1:12: a path of 256 bytes; ${expected}`);
+      // Measured normalized, and in bytes: "é" is two.
+      expect(mistake(`REDIR PATH "/x" TO "//${'é'.repeat(128)}/"`)).toBe(`fixture.rules:1:20: a path of 257 bytes; ${expected}`);
+      expect(mistake(`FILE "${longest}b" DUPLICATE`)).toBe(`fixture.rules:1:6: a path of 256 bytes; ${expected}`);
+      expect(mistake(`FILE "/data" ON write SHARE\nFILE "${longest}b" ON write COPY-ON-WRITE`)).toBe(`fixture.rules:2:6: a path of 256 bytes; ${expected}`);
+      // A path that makes no entry of the instance is not limited.
+      expect(parseRules(`FILE "${longest}b" SHARE`, 's.rules').resources).toHaveLength(1);
+    });
+
+    it('NAME=value of 383 bytes', () => {
+      const value = 'v'.repeat(383 - 'NAME='.length);
+      expect(parseRules(`SET ENV "NAME" = "${value}"`, 'e.rules').envs[0].value).toBe(value);
+      expect(mistake(`SET ENV "NAME" = "${value}w"`)).toBe(
+        "fixture.rules:1:18: NAME=value of 384 bytes; expected at most 383 bytes of NAME=value (what an instance's table holds)",
+      );
+    });
+  });
+
+  describe('refuses what grows beyond an instance when evaluated', () => {
+    const aid = 'a'.repeat(64);
+    const define = 'DEFINE <APPL-ID> AS PROPERTY application-id\n';
+
+    it('a path', () => {
+      const rules = parseRules(`${define}REDIR PATH "/in/<APPL-ID>" TO "/out/<APPL-ID>/${'b'.repeat(230)}"`, 'l.rules');
+      expect(instanceConfig(rules, props, '/p').redirs[0].to).toBe(`/out/web-3/${'b'.repeat(230)}`);
+      expect(() => instanceConfig(rules, { ...props, 'application-id': aid }, '/p')).toThrow(
+        `l.rules:2: REDIR PATH's TO path is 300 bytes for this instance (/out/${'a'.repeat(52)}...); an instance's table holds at most 255`,
+      );
+      const from = parseRules(`${define}REDIR PATH "/in/<APPL-ID>/${'b'.repeat(230)}" TO "/x"`, 'l.rules');
+      expect(() => instanceConfig(from, { ...props, 'application-id': aid }, '/p')).toThrow("l.rules:2: REDIR PATH's path is 299 bytes");
+    });
+
+    it('NAME=value', () => {
+      const rules = parseRules(`${define}SET ENV "HOME" = "/home/<APPL-ID>/${'c'.repeat(350)}"`, 'l.rules');
+      expect(instanceConfig(rules, props, '/p').env[0]).toBe(`HOME=/home/web-3/${'c'.repeat(350)}`);
+      let error: unknown;
+      try {
+        instanceConfig(rules, { ...props, 'application-id': aid }, '/p');
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toMatchObject({ name: 'AppshotError', exitCode: 2 });
+      expect((error as Error).message).toMatch(/^l\.rules:2: SET ENV "HOME" is 426 bytes for this instance \(HOME=\/home\/a+\.\.\.\); an instance's table holds at most 383$/);
+    });
+
+    it('with evaluate() given a limit', () => {
+      const rules = parseRules(define, 'v.rules');
+      expect(evaluate('<APPL-ID>', rules, props, { bytes: 5, what: 'it' })).toBe('web-3');
+      expect(() => evaluate('<APPL-ID>', rules, props, { bytes: 4, what: 'it', line: 9 })).toThrow(
+        "v.rules:9: it is 5 bytes for this instance (web-3); an instance's table holds at most 4",
+      );
+    });
+
+    it('a private copy under a deep private directory', () => {
+      const rules = parseRules(`FILE "/${'d'.repeat(200)}" COPY-ON-WRITE\nFILE "/${'e'.repeat(200)}" DUPLICATE`, 'c.rules');
+      expect(instanceConfig(rules, props, '/state/p').redirs[0].to).toBe(`/state/p/${'d'.repeat(200)}`);
+      const deep = `/state/${'p'.repeat(60)}`;
+      expect(() => instanceConfig(rules, props, deep)).toThrow(
+        `c.rules:1: the private copy of FILE ... COPY-ON-WRITE is 268 bytes for this instance (${deep.slice(0, 57)}...); an instance's table holds at most 255`,
+      );
+      expect(() => privateCopyPath(rules, rules.resources[1], deep)).toThrow('c.rules:2: the private copy of FILE ... DUPLICATE is 268 bytes');
     });
   });
 

@@ -10,7 +10,7 @@
  * rather than their evaluated form" (specification, section B).
  */
 import { readFileSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, join, posix } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Action } from '../image/types.js';
 
@@ -40,6 +40,22 @@ export interface RulesFile {
   envs: { name: string; value: string; line: number }[];
   resources: ResourceRule[];
 }
+
+// What an instance's tables hold: the constants of the same names in
+// addon/include/appshot_table.h (struct appshot_instance), which these must
+// follow. Rules beyond them are refused when parsed (with FILE:LINE:COLUMN),
+// values that grow beyond them when evaluated, not when the tables are
+// written.
+
+/** Entries of the instance's path table: one per REDIR PATH, FILE ...
+ * COPY-ON-WRITE and FILE ... DUPLICATE rule. */
+export const APPSHOT_REDIRS = 16;
+/** SET ENV lines. */
+export const APPSHOT_ENVS = 16;
+/** A path (`from` or `to`), including its terminating NUL. */
+export const APPSHOT_PATH_MAX = 256;
+/** One "NAME=value", including its terminating NUL. */
+export const APPSHOT_ENV_LEN = 384;
 
 export const PROPERTIES: readonly Property[] = ['application-id', 'instance', 'hostname', 'template'];
 const ACCESSES: readonly Access[] = ['read', 'write', 'create', 'any'];
@@ -241,8 +257,8 @@ function parseStatement(line: Line, rules: RulesFile): void {
   const first = line.next();
   const word = first.type === 'word' ? first.text.toUpperCase() : '';
   if (word === 'DEFINE') parseDefine(line, rules);
-  else if (word === 'REDIR') parseRedir(line, rules);
-  else if (word === 'SET') parseSetEnv(line, rules);
+  else if (word === 'REDIR') parseRedir(line, rules, first.column);
+  else if (word === 'SET') parseSetEnv(line, rules, first.column);
   else if (Object.hasOwn(RESOURCE_KINDS, word)) parseResource(line, rules, RESOURCE_KINDS[word], first.column);
   else if (first.type === 'word') line.fail(first.column, `unknown keyword '${first.text}'`, `one of ${STATEMENTS.join(', ')}`);
   else line.unexpected(`a keyword: one of ${STATEMENTS.join(', ')}`, first);
@@ -267,19 +283,42 @@ function parseDefine(line: Line, rules: RulesFile): void {
 }
 
 /** REDIR PATH "from" TO "to" */
-function parseRedir(line: Line, rules: RulesFile): void {
+function parseRedir(line: Line, rules: RulesFile, column: number): void {
   line.keyword('PATH');
   const fromToken = line.string('the "path" to redirect');
   const from = templatePath(line, rules, fromToken);
-  const twice = rules.redirs.find((r) => r.from === from);
-  if (twice) line.fail(fromToken.column, `${fromToken.raw} is already redirected at line ${twice.line}`, 'each path redirected once');
+  if (from === '/') line.fail(fromToken.column, `${fromToken.raw} is the root directory: redirecting it would redirect every path`, 'a path below /');
+  checkOnceRedirected(line, rules, fromToken, from);
   line.keyword('TO');
   const to = templatePath(line, rules, line.string('the "path" to redirect to'));
+  checkPathRuleCount(line, rules, column);
   rules.redirs.push({ from, to, line: line.number });
 }
 
+/** A path becomes one entry of the instance's path table: at most once. */
+function checkOnceRedirected(line: Line, rules: RulesFile, t: Extract<Token, { type: 'string' }>, path: string): void {
+  const twice = pathRules(rules).find((r) => r.from === path);
+  if (twice) line.fail(t.column, `${t.raw} is already redirected at line ${twice.line}`, 'each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)');
+}
+
+function checkPathRuleCount(line: Line, rules: RulesFile, column: number): void {
+  const n = pathRules(rules).length;
+  if (n >= APPSHOT_REDIRS)
+    line.fail(column, `path rule ${n + 1} of this file`, `at most ${APPSHOT_REDIRS} REDIR PATH, FILE ... COPY-ON-WRITE and FILE ... DUPLICATE rules in all (what an instance's table holds)`);
+}
+
+/** The rules that each become one entry of the instance's path table. */
+function pathRules(rules: RulesFile): { from: string; line: number }[] {
+  const files = rules.resources.filter(isPathRule).map((r) => ({ from: r.match as string, line: r.line }));
+  return [...rules.redirs, ...files];
+}
+
+function isPathRule(r: ResourceRule): boolean {
+  return r.kind === 'file' && (r.action === 'copy-on-write' || r.action === 'duplicate') && typeof r.match === 'string' && r.match !== '*';
+}
+
 /** SET ENV "NAME" = "value" */
-function parseSetEnv(line: Line, rules: RulesFile): void {
+function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   line.keyword('ENV');
   const name = line.string('the variable\'s "NAME"');
   if (!ENV_NAME.test(name.text))
@@ -290,14 +329,38 @@ function parseSetEnv(line: Line, rules: RulesFile): void {
   if (eq.type !== 'symbol' || eq.text !== '=') line.unexpected('=', eq);
   const value = line.string('the "value"');
   checkVariables(line, rules, value);
+  const bytes = Buffer.byteLength(`${name.text}=${value.text}`);
+  if (bytes >= APPSHOT_ENV_LEN)
+    line.fail(value.column, `${name.text}=value of ${bytes} bytes`, `at most ${APPSHOT_ENV_LEN - 1} bytes of NAME=value (what an instance's table holds)`);
+  if (rules.envs.length >= APPSHOT_ENVS)
+    line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${APPSHOT_ENVS} SET ENV lines (what an instance's table holds)`);
   rules.envs.push({ name: name.text, value: value.text, line: line.number });
 }
 
-/** A REDIR path: absolute, its variables defined above. */
+/** A REDIR path: absolute, its variables defined above; normalized. */
 function templatePath(line: Line, rules: RulesFile, t: Extract<Token, { type: 'string' }>): string {
   if (!t.text.startsWith('/')) line.fail(t.column, `path ${t.raw} is not absolute`, 'a path starting with /');
   checkVariables(line, rules, t);
-  return t.text;
+  return checkPathLength(line, t, normalizePath(t.text));
+}
+
+/**
+ * The form the preload library compares paths in: lexically normalized
+ * ("//" and "/./" collapsed, "x/.." dropped, without looking at symlinks),
+ * without a trailing '/' (except "/" itself). A variable cannot be split
+ * or made by this: its name holds neither '/' nor '.', and its value is
+ * one path component (evaluatePath).
+ */
+function normalizePath(path: string): string {
+  const n = posix.normalize(path);
+  return n.length > 1 ? n.replace(/\/+$/, '') : n;
+}
+
+function checkPathLength(line: Line, t: Extract<Token, { type: 'string' }>, path: string): string {
+  const bytes = Buffer.byteLength(path);
+  if (bytes >= APPSHOT_PATH_MAX)
+    line.fail(t.column, `a path of ${bytes} bytes`, `a path of at most ${APPSHOT_PATH_MAX - 1} bytes (what an instance's table holds)`);
+  return path;
 }
 
 function checkVariables(line: Line, rules: RulesFile, t: Extract<Token, { type: 'string' }>): void {
@@ -311,6 +374,7 @@ function checkVariables(line: Line, rules: RulesFile, t: Extract<Token, { type: 
 
 /** KIND MATCH [ON access] ACTION */
 function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column: number): void {
+  const matchToken = kind === 'file' && line.peek().type === 'string' ? (line.peek() as Extract<Token, { type: 'string' }>) : undefined;
   const match = parseMatch(line, kind);
   let access: Access = 'any';
   if (line.isKeyword('ON')) {
@@ -319,7 +383,17 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
     access = parseAccess(line);
   }
   const action = parseAction(line, kind);
-  rules.resources.push({ kind, match, access, action, line: line.number, column });
+  const rule: ResourceRule = { kind, match, access, action, line: line.number, column };
+  if (isPathRule(rule)) {
+    // It becomes an entry of the instance's path table (see instanceConfig).
+    const t = matchToken!;
+    const what = action === 'copy-on-write' ? 'copying it on write would copy' : 'duplicating it would copy';
+    if (match === '/') line.fail(t.column, `${t.raw} is the root directory: ${what} the whole filesystem`, 'a path below /');
+    checkPathLength(line, t, match as string);
+    checkOnceRedirected(line, rules, t, match as string);
+    checkPathRuleCount(line, rules, column);
+  }
+  rules.resources.push(rule);
 }
 
 function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {
@@ -331,12 +405,12 @@ function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {
 }
 
 /** A FILE path: absolute and literal (it names the template's files, which
- * exist before any instance does), without a trailing slash. */
+ * exist before any instance does); normalized (normalizePath). */
 function filePath(line: Line, t: Extract<Token, { type: 'string' }>): string {
   if (!t.text.startsWith('/')) line.fail(t.column, `path ${t.raw} is not absolute`, 'a path starting with /');
   const variable = /<([A-Za-z_][A-Za-z0-9_-]*)>/.exec(t.text);
   if (variable) line.fail(t.columns[variable.index], `variable ${variable[0]} in a resource's path`, 'a literal path (variables belong in REDIR PATH and SET ENV)');
-  return t.text.length > 1 ? t.text.replace(/\/+$/, '') || '/' : t.text;
+  return normalizePath(t.text);
 }
 
 /** "[heap]"-like names, an absolute path, or "*" (every anonymous mapping). */
@@ -400,45 +474,84 @@ export function loadRules(path: string): RulesFile {
 // ---------------------------------------------------------------------------
 // Evaluation: one instance's view of the rules.
 
-/** Substitutes every <VARIABLE> of `s` with the property it was DEFINEd as. */
-export function evaluate(s: string, rules: RulesFile, props: Record<Property, string>): string {
-  return s.replace(VARIABLE_IN_STRING, (_, name: string) => {
+/** At most how many bytes an evaluated string may have, and what to call
+ * it (with its line) when it has more. */
+export interface Limit {
+  bytes: number;
+  what: string;
+  line?: number;
+}
+
+/** Substitutes every <VARIABLE> of `s` with the property it was DEFINEd as;
+ * with a limit, refuses a result longer than it. */
+export function evaluate(s: string, rules: RulesFile, props: Record<Property, string>, limit?: Limit): string {
+  const value = s.replace(VARIABLE_IN_STRING, (_, name: string) => {
     const property = rules.defines.get(name);
     if (!property) throw new AppshotError(`${rules.source}: undefined variable <${name}>`, ExitCode.usage);
     const value = props[property];
     if (value === undefined) throw new AppshotError(`${rules.source}: no value for property ${property} of <${name}>`, ExitCode.usage);
     return value;
   });
+  if (limit) checkLimit(rules, value, limit);
+  return value;
+}
+
+function checkLimit(rules: RulesFile, value: string, limit: Limit): void {
+  const bytes = Buffer.byteLength(value);
+  if (bytes <= limit.bytes) return;
+  const where = limit.line === undefined ? rules.source : `${rules.source}:${limit.line}`;
+  const shown = value.length > 60 ? `${value.slice(0, 57)}...` : value;
+  throw new AppshotError(`${where}: ${limit.what} is ${bytes} bytes for this instance (${shown}); an instance's table holds at most ${limit.bytes}`, ExitCode.usage);
 }
 
 /** As evaluate, for a path: a value must stay one path component, or an
- * instance could be redirected outside the directory the rule meant. */
-function evaluatePath(s: string, rules: RulesFile, props: Record<Property, string>): string {
+ * instance could be redirected outside the directory the rule meant. The
+ * result is normalized (an empty value leaves "//"). */
+function evaluatePath(s: string, rules: RulesFile, props: Record<Property, string>, limit: Limit): string {
   for (const m of s.matchAll(VARIABLE_IN_STRING)) {
     const property = rules.defines.get(m[1]);
     const value = property ? props[property] : undefined;
     if (value !== undefined && (value.includes('/') || value.includes('\0') || value === '.' || value === '..'))
       throw new AppshotError(`${rules.source}: <${m[1]}> is '${value}', which cannot be part of a path`, ExitCode.usage);
   }
-  return evaluate(s, rules, props);
+  const path = normalizePath(evaluate(s, rules, props));
+  checkLimit(rules, path, limit);
+  return path;
+}
+
+const PATH_BYTES = APPSHOT_PATH_MAX - 1;
+
+/** Where an instance keeps its own copy of a FILE ... COPY-ON-WRITE or
+ * DUPLICATE rule's path: the same path under its private directory. */
+export function privateCopyPath(rules: RulesFile, rule: ResourceRule, privateRoot: string): string {
+  const to = join(privateRoot, rule.match as string);
+  checkLimit(rules, to, { bytes: PATH_BYTES, what: `the private copy of FILE ... ${rule.action.toUpperCase()}`, line: rule.line });
+  return to;
 }
 
 /**
  * The instance section for one instance: REDIR PATH rules evaluated, plus
  * one {kind:'cow'} redir per FILE ... COPY-ON-WRITE rule whose match is a
  * path (from = the path, to = join(privateRoot, the path)), and SET ENV
- * evaluated as "NAME=value".
+ * evaluated as "NAME=value". Refuses a value longer than the instance's
+ * table holds (APPSHOT_PATH_MAX, APPSHOT_ENV_LEN).
  */
 export function instanceConfig(
   rules: RulesFile,
   props: Record<Property, string>,
   privateRoot: string,
 ): { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[] } {
-  const paths = rules.redirs.map((r) => ({ kind: 'path' as const, from: evaluatePath(r.from, rules, props), to: evaluatePath(r.to, rules, props) }));
+  const paths = rules.redirs.map((r) => {
+    const from = evaluatePath(r.from, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's path", line: r.line });
+    if (from === '/') throw new AppshotError(`${rules.source}:${r.line}: REDIR PATH ${r.from} is the root directory for this instance, which cannot be redirected`, ExitCode.usage);
+    const to = evaluatePath(r.to, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's TO path", line: r.line });
+    return { kind: 'path' as const, from, to };
+  });
   const cows = rules.resources
-    .filter((r) => r.kind === 'file' && r.action === 'copy-on-write' && typeof r.match === 'string' && r.match !== '*')
-    .map((r) => ({ kind: 'cow' as const, from: r.match as string, to: join(privateRoot, r.match as string) }));
-  const env = rules.envs.map((e) => `${e.name}=${evaluate(e.value, rules, props)}`);
+    .filter((r) => isPathRule(r) && r.action === 'copy-on-write')
+    .map((r) => ({ kind: 'cow' as const, from: r.match as string, to: privateCopyPath(rules, r, privateRoot) }));
+  // An environment name has no variables: "NAME=value" evaluates as a whole.
+  const env = rules.envs.map((e) => evaluate(`${e.name}=${e.value}`, rules, props, { bytes: APPSHOT_ENV_LEN - 1, what: `SET ENV "${e.name}"`, line: e.line }));
   return { redirs: [...paths, ...cows], env };
 }
 
