@@ -12,7 +12,7 @@
  * process of the application does (daemons) and then cleans up.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, rmSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { createInterface } from 'node:readline';
 import { isatty } from 'node:tty';
@@ -127,9 +127,11 @@ export async function run(registry: Registry, command: string[], opts: RunOption
       /* init already gone */
     }
   });
+  // Directories made for REDIR PATH targets: removed if the start fails.
+  const madeDirs: string[] = [];
   try {
     const config = runConfig(rules, record.aid);
-    prepareRedirTargets(config.redirs);
+    madeDirs.push(...prepareRedirTargets(config.redirs));
     addon().setInstance(record.tables, config);
     if (record.logPath) logFd = openSync(record.logPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_APPEND, 0o600);
     const stdio = logFd === undefined ? (['inherit', 'inherit', 'inherit', 'pipe'] as const) : (['ignore', logFd, logFd, 'pipe'] as const);
@@ -151,6 +153,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   } catch (e) {
     stopForwarding();
     registry.release(record);
+    for (const dir of madeDirs) rmSync(dir, { recursive: true, force: true });
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);

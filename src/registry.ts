@@ -59,8 +59,9 @@ export interface AppRecord {
   tracking?: Record<string, number>;
   /** The rules it runs under (`run --rules`, or its template's). */
   rules?: { source: string; text: string };
-  /** A clone: the template it was stamped from and its number in the batch. */
-  template?: { path: string; instance: number };
+  /** A clone: the template it was stamped from, its number in the batch,
+   * and where its private copies of files are. */
+  template?: { path: string; instance: number; privateRoot: string };
   /** TCP ports it listens on that the registry knows of: `virtual` is the
    * port the application asks for, `system` the one it has. */
   ports?: PortBinding[];
@@ -315,14 +316,50 @@ export class LocalRegistry implements Registry {
     mkdirSync(this.portsDir, { recursive: true, mode: 0o755 });
     const dir = join(this.portsDir, String(port));
     if (!this.claim(dir)) {
-      if (!this.portClaimIsStale(port)) return false;
-      this.releasePort(port);
+      if (!this.takeBackPort(port)) return false;
       if (!this.claim(dir)) return false;
     }
     // The claimer too: until the application is registered with the port,
-    // the claim lives as long as the claimer does.
-    writeFileSync(join(dir, 'aid'), `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+    // the claim lives as long as the claimer does. Written whole (renamed
+    // into place): a reader never sees half an owner.
+    const owner = join(dir, 'aid');
+    writeFileSync(`${owner}.tmp`, `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+    renameSync(`${owner}.tmp`, owner);
     return true;
+  }
+
+  /** Removes a stale claim, if it is one. Two takers may judge one claim
+   * stale at once: the claim is first renamed away (only one rename
+   * wins), and put back if what was renamed is not what was judged (a
+   * fresh claim made meanwhile). */
+  private takeBackPort(port: number): boolean {
+    const dir = join(this.portsDir, String(port));
+    const judged = this.portClaimText(port);
+    if (!this.portClaimIsStale(port)) return false;
+    const doomed = join(this.portsDir, `.${port}.removed-${process.pid}-${randomBytes(4).toString('hex')}`);
+    try {
+      renameSync(dir, doomed);
+    } catch {
+      return false;
+    }
+    if (this.portClaimText(port, doomed) !== judged) {
+      try {
+        renameSync(doomed, dir);
+      } catch {
+        rmSync(doomed, { recursive: true, force: true });
+      }
+      return false;
+    }
+    rmSync(doomed, { recursive: true, force: true });
+    return true;
+  }
+
+  private portClaimText(port: number, dir = join(this.portsDir, String(port))): string | undefined {
+    try {
+      return readFileSync(join(dir, 'aid'), 'utf8');
+    } catch {
+      return undefined;
+    }
   }
 
   /** The AID holding an allocated port, if any. */
@@ -331,12 +368,9 @@ export class LocalRegistry implements Registry {
   }
 
   private portClaim(port: number): { aid: string; pid: number; startTime: number } | undefined {
-    try {
-      const [aid, pid, startTime] = readFileSync(join(this.portsDir, String(port), 'aid'), 'utf8').split(' ');
-      return { aid, pid: Number(pid), startTime: Number(startTime) };
-    } catch {
-      return undefined;
-    }
+    const [aid, pid, startTime] = (this.portClaimText(port) ?? '').split(' ');
+    if (!aid || !(Number(pid) > 0)) return undefined;
+    return { aid, pid: Number(pid), startTime: Number(startTime) };
   }
 
   /** Takes back the ports of applications that are gone. */
@@ -347,7 +381,11 @@ export class LocalRegistry implements Registry {
     } catch {
       return;
     }
-    for (const p of ports) if (this.portClaimIsStale(Number(p))) this.releasePort(Number(p));
+    for (const p of ports) {
+      if (/^\d+$/.test(p)) this.takeBackPort(Number(p));
+      // A taker killed between its rename and its removal.
+      else if (p.startsWith('.') && !isSameProcess(Number(p.split('-')[1]), undefined)) rmSync(join(this.portsDir, p), { recursive: true, force: true });
+    }
   }
 
   releasePort(port: number): void {

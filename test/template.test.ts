@@ -53,6 +53,7 @@ interface Clone {
   instance: number;
   cloneMs: number;
   ports: { virtual: number; system: number; mode: string }[];
+  privateRoot: string;
 }
 
 let clones: Clone[] = [];
@@ -62,6 +63,9 @@ beforeAll(async () => {
   mkdirSync(join(ROOT, 'data'), { recursive: true });
   mkdirSync(join(ROOT, 'config'), { recursive: true });
   writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
+  const shared = Buffer.alloc(4096);
+  shared.write('template');
+  writeFileSync(join(ROOT, 'data', 'shared.bin'), shared);
   writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
   writeFileSync(join(dir, 'templfix.rules'), fixtureRules());
 });
@@ -82,6 +86,7 @@ describe('templates and clones', () => {
     expect(i.sem).toBe('7');
     expect(i.shm).toBe('template');
     expect(i.state).toBe('template');
+    expect(i.mapped).toBe('template');
     // ROOT/config is redirected to ROOT/instances/tpl/config, empty so far.
     expect(i.config).toBe('-');
     expect(await ask(PORT_ALLOC, 'CHECK')).toBe('OK');
@@ -100,6 +105,10 @@ describe('templates and clones', () => {
     expect(summary.verdicts.filter((v) => v.ref.startsWith('sem:')).map((v) => v.action)).toEqual(['virtualize']);
     const journal = summary.verdicts.find((v) => v.kind === 'file' && v.name.endsWith('journal.log'));
     expect(journal?.action).toBe('copy-on-write');
+    // A file mapped shared and writable: refused without a rule, copied
+    // for each clone under this one.
+    const mapping = summary.verdicts.find((v) => v.kind === 'memory' && v.name.endsWith('shared.bin'));
+    expect(mapping).toMatchObject({ action: 'copy-on-write', reason: expect.stringMatching(/^rule templfix\.rules:\d+$/) });
     expect(summary.verdicts.some((v) => v.kind === 'memory' && v.action === 'copy-on-write')).toBe(true);
     // The template is an image still, and the snapshot's parts are shared.
     expect(readdirSync(join(dir, 'tpl.template')).sort()).toEqual(['image.pb', 'manifest.pb', 'pages.img', 'template.pb']);
@@ -115,11 +124,10 @@ describe('templates and clones', () => {
     for (const c of clones) expect(c.ports.find((p) => p.virtual === PORT_MUX)).toMatchObject({ system: PORT_MUX, mode: 'multiplex' });
 
     for (const c of clones) {
-      await waitFor(() => true);
       const i = await info(ownPort(c));
       // Everything the template had, with the instance's own AID where the
       // rules put it.
-      expect(i).toMatchObject({ home: join(ROOT, 'home', c.aid), semid: '0', sem: '7', shm: 'template', msgs: '1', state: 'template', config: '-', heap: 'ok' });
+      expect(i).toMatchObject({ home: join(ROOT, 'home', c.aid), semid: '0', sem: '7', shm: 'template', msgs: '1', state: 'template', config: '-', mapped: 'template', heap: 'ok' });
       expect(await ask(ownPort(c), 'CHECK')).toBe('OK');
     }
     // `appshot port` answers which instance has which port.
@@ -132,17 +140,23 @@ describe('templates and clones', () => {
     for (const c of clones) expect(await ask(ownPort(c), `SET w${c.instance}`)).toBe('OK');
     for (const c of clones) {
       const i = await info(ownPort(c));
-      expect(i).toMatchObject({ sem: String(`w${c.instance}`.length), shm: `w${c.instance}`, msgs: '2', state: `w${c.instance}`, config: `w${c.instance}`, heap: 'ok' });
-      // The redirected path carries the instance's AID on disk.
+      expect(i).toMatchObject({ sem: String(`w${c.instance}`.length), shm: `w${c.instance}`, msgs: '2', state: `w${c.instance}`, config: `w${c.instance}`, mapped: `w${c.instance}`, heap: 'ok' });
+      expect(readFileSync(join(c.privateRoot, ROOT, 'data', 'shared.bin')).subarray(0, 3).toString()).toBe(`w${c.instance}`.padEnd(3, '\0'));
+      // The redirected path carries the instance's AID on disk, and so
+      // does its working directory (the template's was redirected too).
       expect(readFileSync(join(ROOT, 'instances', c.aid, 'config', 'app.conf'), 'utf8')).toBe(`w${c.instance}\n`);
+      expect(readFileSync(join(ROOT, 'instances', c.aid, 'config', 'note.txt'), 'utf8')).toBe(`w${c.instance}\n`);
       // Its journal (open when the template was taken) is its own copy.
-      const journal = readFileSync(join(sb.home, 'instances', c.aid, ROOT, 'data', 'journal.log'), 'utf8');
+      const journal = readFileSync(join(c.privateRoot, ROOT, 'data', 'journal.log'), 'utf8');
       expect(journal).toBe(`start\nset w${c.instance}\n`);
     }
     // The template's files are as they were.
     expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
     expect(readFileSync(join(ROOT, 'data', 'journal.log'), 'utf8')).toBe('start\n');
+    expect(readFileSync(join(ROOT, 'data', 'shared.bin')).subarray(0, 9).toString()).toBe('template\0');
     expect(readFileSync(join(ROOT, 'config', 'app.conf'), 'utf8')).toBe('template-config\n');
+    expect(existsSync(join(ROOT, 'instances', 'tpl', 'config', 'note.txt'))).toBe(false);
+    expect(existsSync(join(ROOT, 'config', 'note.txt'))).toBe(false);
     // Same virtual semaphore id, different system objects.
     const semids = clones.map((c) => sb.json<{ tables: Record<string, Entry[]> }>(['table', c.aid]).tables.semid.find((e) => e.virtual === 0)!.system);
     expect(new Set(semids).size).toBe(CLONES);
@@ -157,7 +171,7 @@ describe('templates and clones', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(await info(ownPort(c))).toMatchObject({ home: join(ROOT, 'home', c.aid), sem: '2', state: 'w1', config: 'w1', msgs: '2', heap: 'ok' });
     expect(await ask(ownPort(c), 'SET again')).toBe('OK');
-    expect(readFileSync(join(sb.home, 'instances', c.aid, ROOT, 'data', 'state.txt'), 'utf8')).toBe('again\n');
+    expect(readFileSync(join(c.privateRoot, ROOT, 'data', 'state.txt'), 'utf8')).toBe('again\n');
     expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
     expect(sb.run(['port', c.aid, String(PORT_ALLOC)]).stdout.trim()).toBe(String(ownPort(c)));
   });
@@ -175,8 +189,7 @@ describe('templates and clones', () => {
     expect(sb.shmFiles()).toEqual([]);
     expect(strayIpcIds(ipcBefore)).toEqual([]);
     for (const c of clones) expect(await answers(ownPort(c))).toBe(false);
-    // Their ports go back to the registry (swept when it lists).
-    expect(readdirSync(join(sb.home, 'ports')).map(Number).filter((p) => clones.some((c) => ownPort(c) === p))).toHaveLength(CLONES);
+    // Their ports go back to the registry (taken back when it lists).
     expect(sb.run(['ps']).code).toBe(0);
     expect(readdirSync(join(sb.home, 'ports')).map(Number).filter((p) => clones.some((c) => ownPort(c) === p))).toEqual([]);
   });
@@ -234,7 +247,14 @@ describe('templating refusals', () => {
     expect(c.stderr).toMatch(/taken-2/);
     await waitFor(() => !sb.aids().includes('taken-1'), 10_000, 'the first instance to be removed');
     expect(sb.aids().filter((a) => a.startsWith('taken-'))).toEqual(['taken-2']);
-    expect(existsSync(join(sb.home, 'instances', 'taken-1'))).toBe(false);
+    // Nothing of taken-1 is left: private copies, redirected directories,
+    // port claims.
+    expect(readdirSync(join(sb.home, 'instances')).filter((d) => d.startsWith('taken-'))).toEqual([]);
+    expect(existsSync(join(ROOT, 'instances', 'taken-1'))).toBe(false);
+    const owners = readdirSync(join(sb.home, 'ports'))
+      .filter((p) => /^\d+$/.test(p))
+      .map((p) => readFileSync(join(sb.home, 'ports', p, 'aid'), 'utf8').split(' ')[0]);
+    expect(owners.filter((a) => a.startsWith('taken-'))).toEqual([]);
     sb.run(['stop', 'taken-2', '-s', 'KILL']);
   });
 });

@@ -205,6 +205,9 @@ export interface MemorySources {
   lazy: boolean;
   /** With lazy: mappings that are copied all the same. */
   eager?: (vpid: number, v: Vma) => boolean;
+  /** The file to map for a file mapping (a clone's own copy), by default
+   * the image's. */
+  mappedPath?: (vpid: number, v: Vma) => string;
   /** Per SharedMemory index: a memfd in this process holding it. */
   sharedFd(index: number): number;
   /** The new system shmid of a virtual one. */
@@ -308,7 +311,7 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
       case VmaKind.FILE_PRIVATE:
       case VmaKind.FILE_SHARED: {
         const shared = v.kind === VmaKind.FILE_SHARED;
-        const path = v.path === src.tables.old ? src.tables.new : v.path;
+        const path = v.path === src.tables.old ? src.tables.new : (src.mappedPath?.(vpid, v) ?? v.path);
         const fd = openInProcess(path, shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY);
         r.call(what, SYS.mmap, [v.start, len, prot, (shared ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fd, v.pgoff]);
         break;

@@ -8,15 +8,23 @@ import { chmodSync, copyFileSync, existsSync, mkdirSync, renameSync, statSync, w
 import { dirname } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
-/** The target of `path` under a REDIR PATH rule, or undefined. Matches whole
- * components, as the preload library does. */
-export function redirected(redirs: InstanceConfig['redirs'], path: string): string | undefined {
-  for (const r of redirs) {
-    if (r.kind !== 'path') continue;
-    if (path === r.from) return r.to;
-    if (path.startsWith(r.from + '/')) return r.to + path.slice(r.from.length);
-  }
-  return undefined;
+const under = (path: string, dir: string) => path === dir || path.startsWith(dir + '/');
+
+/** The target of `path` under a rule of `kind` (the longest `from` that
+ * holds it, as the preload library matches), or undefined. */
+export function redirected(redirs: InstanceConfig['redirs'], path: string, kind: 'path' | 'cow' = 'path'): string | undefined {
+  let best: InstanceConfig['redirs'][number] | undefined;
+  for (const r of redirs) if (r.kind === kind && under(path, r.from) && (!best || r.from.length > best.from.length)) best = r;
+  return best && best.to + path.slice(best.from.length);
+}
+
+/** The reverse: the path the application named for one the kernel shows
+ * (a descriptor or working directory of the template, recorded where its
+ * REDIR PATH rules had sent it). */
+export function unredirected(redirs: InstanceConfig['redirs'], path: string): string {
+  let best: InstanceConfig['redirs'][number] | undefined;
+  for (const r of redirs) if (r.kind === 'path' && under(path, r.to) && (!best || r.to.length > best.to.length)) best = r;
+  return best ? best.from + path.slice(best.to.length) : path;
 }
 
 /** Makes `copy` the instance's own copy of `original`, unless it has one
@@ -37,8 +45,11 @@ export function privateCopy(original: string, copy: string): string {
 }
 
 /** The directories that REDIR PATH targets lead into: a redirected
- * directory exists for the instance, as does a redirected file's parent. */
-export function prepareRedirTargets(redirs: InstanceConfig['redirs']): void {
+ * directory exists for the instance, as does a redirected file's parent.
+ * Returns the directories it made (the top of each new branch), for a
+ * failed start to remove. */
+export function prepareRedirTargets(redirs: InstanceConfig['redirs']): string[] {
+  const made: string[] = [];
   for (const r of redirs) {
     if (r.kind !== 'path') continue;
     let isDir = false;
@@ -47,6 +58,8 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): void {
     } catch {
       /* not there: the target's parent is all we can make */
     }
-    mkdirSync(isDir ? r.to : dirname(r.to), { recursive: true });
+    const top = mkdirSync(isDir ? r.to : dirname(r.to), { recursive: true });
+    if (top) made.push(top);
   }
+  return made;
 }

@@ -148,7 +148,9 @@ const PR_SET_MM_MAP = 14;
 
 /** The process-wide state: mm fields (brk, arg/env, auxv and, where
  * allowed, the executable), cwd, umask and rlimits. */
-export function restoreProcessState(r: RemoteProcess, p: Process): void {
+/** `cwd`: where the process's working directory is for this instance (a
+ * clone's redirected or private directory), by default the image's. */
+export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): void {
   const SYS_open = 2;
   r.reset();
   let exeFd = -1;
@@ -173,7 +175,7 @@ export function restoreProcessState(r: RemoteProcess, p: Process): void {
   }
   if (exeFd >= 0) r.call('closing', SYS.close, [exeFd]);
   r.reset();
-  r.call(`changing directory to ${p.cwd}`, SYS.chdir, [r.str(p.cwd)]);
+  r.call(`changing directory to ${cwd}`, SYS.chdir, [r.str(cwd)]);
   r.call('setting umask', SYS.umask, [p.umask]);
   const seed = addon().prlimits(r.pid);
   for (const lim of p.rlimits) {

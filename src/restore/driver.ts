@@ -11,17 +11,17 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
-import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, mkdirSync, openSync, readSync, rmSync, unlinkSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
-import { type Action, type Fd, FdKind, type Image, type Process, type Vma } from '../image/types.js';
+import { type Action, type Fd, FdKind, type Image, type Process, type Vma, VmaKind } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
-import { privateCopy, redirected, prepareRedirTargets } from '../resources/paths.js';
+import { prepareRedirTargets, privateCopy, redirected, unredirected } from '../resources/paths.js';
 import { restoreFds } from '../resources/files.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -69,6 +69,8 @@ export interface RestoreResult {
   restoreMs: number;
   verifyMs: number;
   lazy: boolean;
+  /** Directories made for its REDIR PATH targets (the top of each). */
+  createdDirs: string[];
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -140,6 +142,35 @@ class Handover {
     private readonly plan: InstancePlan | undefined,
     private readonly redirs: InstanceConfig['redirs'],
   ) {}
+
+  /** Where one of the image's paths is for this instance. The image
+   * records paths as the kernel saw them, after the template's own REDIR
+   * PATH rules: back to the path the application named, then through this
+   * instance's rules (a plain restore comes out where it was). */
+  instancePath(path: string): { named: string; target?: string } {
+    const named = unredirected(this.image.instance?.redirs ?? [], path);
+    return { named, target: redirected(this.redirs, named) };
+  }
+
+  /** A working directory: redirected, or the instance's private side of a
+   * copy-on-write directory (so that relative writes do not reach the
+   * template's files). */
+  workingDirectory(p: Process): string {
+    const { named, target } = this.instancePath(p.cwd);
+    const dir = target ?? (this.plan ? redirected(this.redirs, named, 'cow') : undefined);
+    if (dir === undefined) return p.cwd;
+    mkdirSync(dir, { recursive: true });
+    return dir;
+  }
+
+  /** A file mapped shared and writable that a rule copies for each clone
+   * (FILE ... COPY-ON-WRITE or DUPLICATE): the instance's copy is mapped. */
+  mappedPath(vpid: number, v: Vma): string {
+    if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
+    const action = this.plan.action(`vma:${vpid}:${v.start.toString(16)}`);
+    if (action !== 'copy-on-write' && action !== 'duplicate') return v.path;
+    return privateCopy(v.path, join(this.plan.privateRoot, this.instancePath(v.path).named));
+  }
 
   private keep(fd: number): number {
     this.mine.push(fd);
@@ -240,11 +271,11 @@ class Handover {
    * instance's private copy of a file it may write (copy-on-write,
    * duplicate), or the template's file itself (share). */
   private filePath(p: Process, fd: Fd): string {
-    const target = redirected(this.redirs, fd.path);
+    const { named, target } = this.instancePath(fd.path);
     if (target !== undefined) return privateCopy(fd.path, target);
     const action = this.plan?.action(`fd:${p.vpid}:${fd.fd}`);
     const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
-    if (action === 'duplicate' || (action === 'copy-on-write' && writable)) return privateCopy(fd.path, join(this.plan!.privateRoot, fd.path));
+    if (action === 'duplicate' || (action === 'copy-on-write' && writable)) return privateCopy(fd.path, join(this.plan!.privateRoot, named));
     return fd.path;
   }
 
@@ -386,6 +417,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     ? []
     : (image.tables.find((t) => t.kind === 'port')?.entries ?? []).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
   const claimed: number[] = [];
+  // Directories made for REDIR PATH targets: removed if the restore fails.
+  const madeDirs: string[] = [];
   // Made once the application's log exists: descriptors that pointed at
   // a terminal or at the old log go there.
   let handover: Handover | undefined;
@@ -415,7 +448,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
     const config = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
-    prepareRedirTargets(config.redirs);
+    madeDirs.push(...prepareRedirTargets(config.redirs));
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
     for (const e of image.tables.find((t) => t.kind === 'port')?.entries ?? [])
@@ -519,6 +552,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
       eager: (vpid: number, v: Vma) => opts.instance?.action(`vma:${vpid}:${v.start.toString(16)}`) === 'duplicate',
+      mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
       sharedFd: (i: number) => handed.sharedMemory(i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
@@ -538,7 +572,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       phase(`process ${p.vpid}`);
       restoreMemory(r, p.vmas, p.vpid, memory);
       phase('memory');
-      restoreProcessState(r, p);
+      restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
@@ -585,6 +619,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreMs: done - verified,
       verifyMs: verified - started,
       lazy: opts.lazy,
+      createdDirs: madeDirs,
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
@@ -601,6 +636,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     if (record) await waitGone(reg, record);
     for (const port of claimed) if (reg.portOwner(port) === (opts.aid ?? image.aid)) reg.releasePort(port);
+    for (const dir of madeDirs) rmSync(dir, { recursive: true, force: true });
     if (e instanceof AppshotError) throw new AppshotError(`cannot restore ${imagePath}: ${e.message}`, e.exitCode);
     throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
   } finally {

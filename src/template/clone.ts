@@ -25,7 +25,7 @@ import { addon, type InstanceConfig } from '../native.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
-import { instanceConfig, type Property } from './rules.js';
+import { instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate } from './template.js';
 
 export interface CloneOptions {
@@ -49,9 +49,11 @@ export interface CloneResult {
   ports: PortBinding[];
   /** Where its private copies of files go. */
   privateRoot: string;
+  /** Directories made for its REDIR PATH targets. */
+  createdDirs: string[];
 }
 
-function instanceAids(t: OpenedTemplate, opts: CloneOptions): string[] {
+function instanceAids(reg: LocalRegistry, t: OpenedTemplate, opts: CloneOptions): string[] {
   const n = opts.count;
   if (opts.aid !== undefined) {
     const aids = n === 1 ? [opts.aid] : Array.from({ length: n }, (_, i) => `${opts.aid}-${i + 1}`);
@@ -59,7 +61,12 @@ function instanceAids(t: OpenedTemplate, opts: CloneOptions): string[] {
     return aids;
   }
   const base = t.template.name.replace(/[^A-Za-z0-9_.-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 50) || 'clone';
-  return Array.from({ length: n }, () => `${base}-${randomBytes(3).toString('hex')}`);
+  const aids = new Set<string>();
+  while (aids.size < n) {
+    const aid = `${base}-${randomBytes(3).toString('hex')}`;
+    if (!reg.get(aid)) aids.add(aid);
+  }
+  return [...aids];
 }
 
 /** Nothing outside appshot listens on `port` (IPv4 wildcard). */
@@ -97,22 +104,23 @@ function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig[
   const out: InstanceConfig['redirs'] = [];
   for (const rule of t.rules?.resources ?? []) {
     if (rule.kind !== 'file' || rule.action !== 'duplicate' || typeof rule.match !== 'string' || rule.match === '*') continue;
-    const copy = join(privateRoot, rule.match);
+    const copy = privateCopyPath(t.rules!, rule, privateRoot);
     if (existsSync(rule.match)) cpSync(rule.match, copy, { recursive: true, preserveTimestamps: true });
     out.push({ kind: 'path', from: rule.match, to: copy });
   }
   return out;
 }
 
-/** Ends an instance this batch made: its processes are killed, and init
- * removes its tables, SysV objects and registration. */
-async function discard(reg: LocalRegistry, aid: string): Promise<void> {
+/** Ends an instance this batch made: its processes are killed, init
+ * removes its tables, SysV objects and registration, and its ports go back
+ * to the registry. */
+async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
+  const aid = made.aid;
   const record = reg.get(aid);
-  if (!record) return;
-  const t = reg.readTables(record);
+  const t = record && reg.readTables(record);
   for (const e of t?.tables.pid ?? [])
     try {
-      if (e.system !== record.initPid) process.kill(e.system, 'SIGKILL');
+      if (e.system !== record!.initPid) process.kill(e.system, 'SIGKILL');
     } catch {
       /* gone */
     }
@@ -121,6 +129,8 @@ async function discard(reg: LocalRegistry, aid: string): Promise<void> {
     if (r && reg.isStale(r)) reg.release(r);
     await sleep(25);
   }
+  for (const p of made.ports) if (p.mode === 'allocate' && reg.portOwner(p.system) === aid) reg.releasePort(p.system);
+  for (const dir of [made.privateRoot, ...made.createdDirs]) rmSync(dir, { recursive: true, force: true });
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -132,17 +142,16 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   try {
     // Checked once for the whole batch: the node, and the files it maps.
     verifyImage(t.loaded.image);
-    const aids = instanceAids(t, opts);
+    const aids = instanceAids(reg, t, opts);
     const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
     for (let i = 0; i < aids.length; i++) {
       const aid = aids[i];
       const started = now();
-      const privateRoot = join(reg.home, 'instances', aid);
       const existing = reg.get(aid);
       if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
-      // An earlier instance of this AID left its private copies: this one
-      // starts from the template, not from them.
-      rmSync(privateRoot, { recursive: true, force: true });
+      // A directory of this instance's own, even if an earlier instance had
+      // its AID: a snapshot of that one still needs its copies.
+      const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
       let ports: ReturnType<typeof planPorts> | undefined;
       try {
         ports = planPorts(reg, aid, t);
@@ -154,10 +163,10 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
           config,
           ports: ports.own,
           privateRoot,
-          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1 }, ports: ports.bindings },
+          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1, privateRoot }, ports: ports.bindings },
         };
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded });
-        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot });
+        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         opts.progress?.(i + 1, aids.length, aid);
       } catch (e) {
         for (const p of ports?.bindings ?? []) if (p.mode === 'allocate' && reg.portOwner(p.system) === aid) reg.releasePort(p.system);
@@ -168,10 +177,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     return results;
   } catch (e) {
     // All or nothing: the instances this batch made go too.
-    for (const made of results) {
-      await discard(reg, made.aid);
-      rmSync(made.privateRoot, { recursive: true, force: true });
-    }
+    for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
     throw e;
