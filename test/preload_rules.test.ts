@@ -4,9 +4,11 @@
  * SET ENV with the application's own variables on exec (also after a
  * restore under another AID).
  *
- * Until `appshot run --rules` exists, the rules are written straight into
- * the application's table file (addon.setInstance) while the program waits
- * for a marker file before doing anything.
+ * `appshot run --rules FILE` applies a rules file's REDIR PATH and SET ENV,
+ * but not copy-on-write redirections (those come with a clone), which these
+ * tests need too: so the instance section is written straight into the
+ * application's table file (addon.setInstance) while the program waits for
+ * a marker file before doing anything.
  */
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
@@ -64,6 +66,10 @@ async function withRules(
   const marker = join(dir, `${aid}.go`);
   const app = sb.start(['run', '--aid', aid, '--', fixture('redirfix'), 'wait', marker, ...args]);
   const tables = await tablesOf(aid);
+  // `run` writes its own instance section (that of its --rules, here none)
+  // after the table file appears and before it starts init: wait for init
+  // to be in the table, so that ours is not overwritten.
+  await waitFor(() => (addon.readTables(tables).tables.pid ?? []).length > 0, 10_000, `init of ${aid}`);
   addon.setInstance(tables, { redirs: rules.redirs ?? [], env: rules.env ?? [] });
   for (const [v, s] of rules.ports ?? []) addon.bind(tables, 'port', v, s);
   writeFileSync(marker, '');
@@ -276,6 +282,39 @@ describe('copy-on-write files', () => {
     // Both wrote into the one copy that won.
     expect(priv.slice(0, 2)).toBe('AB');
     expect(read(join(from, 'big'))).toBe(big);
+    // The copy that lost was removed, not left beside the winner.
+    expect(readdirSync(to).filter((f) => f.includes('.appshot-cow.'))).toEqual([]);
+  });
+
+  it('fails fopen "wx" with EEXIST on a path the original has, without copying it', async () => {
+    const from = join(dir, 'wx');
+    const to = join(dir, 'wx-priv');
+    mkdirSync(from);
+    writeFileSync(join(from, 'have.txt'), 'template');
+    const lines = await run(
+      'wx',
+      [
+        'fexcl', `${from}/have.txt`, 'clobbered',
+        'cat', `${from}/have.txt`,
+        'fexcl', `${from}/none.txt`, 'mine',
+        'cat', `${from}/none.txt`,
+        'fexcl', `${from}/none.txt`, 'again', // now the private side has it
+      ],
+      { redirs: [{ kind: 'cow', from, to }] },
+    );
+    expect(lines).toEqual([
+      `fexcl ${from}/have.txt: ERR EEXIST`,
+      `cat ${from}/have.txt: template`,
+      `fexcl ${from}/none.txt: ok`,
+      `cat ${from}/none.txt: mine`,
+      `fexcl ${from}/none.txt: ERR EEXIST`,
+      'DONE',
+    ]);
+    // Nothing copied for the first, the second created privately only.
+    expect(existsSync(join(to, 'have.txt'))).toBe(false);
+    expect(read(join(from, 'have.txt'))).toBe('template');
+    expect(existsSync(join(from, 'none.txt'))).toBe(false);
+    expect(read(join(to, 'none.txt'))).toBe('mine');
   });
 });
 

@@ -215,7 +215,8 @@ HIDDEN void exec_capture_env(void);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------
  *
- * Every path-taking wrapper hands the kernel app_path(path): /proc/<vpid>
+ * Every path-taking wrapper hands the kernel path_slow(path) when
+ * path_hooked(path), else the path as it is: /proc/<vpid>
  * rewritten to the system PID, then the instance's REDIR PATH and
  * copy-on-write rules applied. What the call will do with the path decides
  * which side of a copy-on-write rule it sees. */
@@ -223,7 +224,7 @@ enum path_op {
   PATH_READ,   /* open O_RDONLY, stat, access, readlink, opendir, chdir */
   PATH_WRITE,  /* an open that may write: copies a COW file up first */
   PATH_TRUNC,  /* the same, but the old contents are not needed (O_TRUNC) */
-  PATH_CREATE, /* mkdir, open O_CREAT|O_EXCL: only creates, privately */
+  PATH_CREATE, /* mkdir, open O_CREAT|O_EXCL, fopen "x": creates privately */
   PATH_REMOVE, /* unlink, rmdir, a rename's source */
   PATH_TARGET, /* a rename's destination: the private side */
 };
@@ -232,29 +233,36 @@ enum path_op {
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
-/* preload_path.c: the slow part of app_path. */
+
+/* Whether the path must go through path_slow: an absolute path while the
+ * instance has rules, or one under "/proc/". Relative paths are never
+ * rewritten (nor, so, *at() calls with a directory fd and a relative path):
+ * only what the application names absolutely. No tables, or no rules and
+ * no "/proc/" prefix: a few loads and branches, and the wrapper calls the
+ * real function with nothing of ours on its stack. */
+static inline int path_hooked(const char *path) {
+  struct appshot_header *h = g_h;
+  if (LIKELY(!h) || !path || path[0] != '/') return 0;
+  return h->instance.redirs || strncmp(path, "/proc/", 6) == 0;
+}
+
+/* preload_path.c: the path to hand to the kernel for a hooked path: `path`
+ * itself, or a pointer into buf holding the rewritten one; NULL with errno
+ * set when the call must fail. Uses buf as its only large scratch space:
+ * besides buf its frame holds a struct stat or two. */
 HIDDEN const char *path_slow(const char *path, enum path_op op,
                              char buf[PATH_MAX]);
 
-/* The path to hand to the kernel: `path` itself, or buf holding the
- * rewritten one; NULL with errno set when the call must fail. Relative
- * paths are never rewritten (nor, so, *at() calls with a directory fd and
- * a relative path): only what the application names absolutely. No
- * tables, or no rules and no "/proc/" prefix: a few loads and branches. */
-static inline const char *app_path(const char *path, enum path_op op,
-                                   char buf[PATH_MAX]) {
-  struct appshot_header *h = g_h;
-  if (LIKELY(!h) || !path || path[0] != '/') return path;
-  if (LIKELY(!h->instance.redirs) && strncmp(path, "/proc/", 6) != 0)
-    return path;
-  return path_slow(path, op, buf);
-}
+/* The slow half of a path wrapper lives in a function of its own, so that
+ * the PATH_MAX buffer is only on the stack when a path is rewritten: some
+ * of these calls are async-signal-safe, and crash handlers make them on
+ * small alternate signal stacks. */
+#define NOINLINE __attribute__((noinline))
 
-/* Declares `p`, the path to use, or returns `err` from the wrapper. */
-#define APP_PATH(p, path, op, err)                  \
-  ensure_init();                                    \
-  char p##_buf[PATH_MAX];                           \
-  const char *p = app_path((path), (op), p##_buf); \
+/* In a slow half: declares `p`, the path to use, or returns `err`. */
+#define SLOW_PATH(p, path, op, err)                     \
+  char p##_buf[PATH_MAX];                               \
+  const char *p = path_slow((path), (op), p##_buf);     \
   if (!p) return err
 
 #endif

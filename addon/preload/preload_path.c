@@ -5,7 +5,11 @@
  * A rule applies to an absolute path the application passes that, once
  * normalized lexically ("//" and "/./" collapsed, "x/.." dropped), equals
  * `from` or starts with `from` + "/". Of several rules the longest `from`
- * wins. Relative paths, and *at() calls with a directory fd and a relative
+ * wins. A path whose normalized or rewritten form does not fit PATH_MAX
+ * fails with ENAMETOOLONG (it is never let through unmatched). A path no
+ * rule applies to reaches the kernel as the caller wrote it: normalization
+ * is only for matching (it would change what ".." after a symlink means).
+ * Relative paths, and *at() calls with a directory fd and a relative
  * path, are not rewritten: they name what the kernel finds from the
  * caller's working directory or that fd. (A working directory inside a
  * redirected tree is the rewritten one, since chdir is translated.)
@@ -17,20 +21,20 @@
  *  - Otherwise a call that only reads (open O_RDONLY without O_CREAT or
  *    O_TRUNC, stat, access, opendir, readlink, chdir) uses the original.
  *  - An open that may write (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC; creat;
- *    fopen "w", "a", "+"; truncate) first copies the original regular file
- *    to the private path: the private parent directories are made (those
- *    the original has, with their modes: a parent that exists on neither
- *    side stays missing, and the call fails with ENOENT as it would), the
- *    contents copied (copy_file_range, or read/write) into a temporary name
- *    beside it with the original's mode, then renamed into place without
- *    replacing: of two processes copying at once, one copy wins and both
- *    use it. O_TRUNC (or truncate to 0) skips the contents. An original
- *    that does not exist is not copied: the call creates the private file.
- *    An original that is not a regular file (a device, a FIFO, a
- *    directory) is used as it is.
- *  - mkdir and open O_CREAT|O_EXCL create on the private side (EEXIST if
- *    either side has the path); a rename's destination is the private
- *    side.
+ *    fopen "w", "a", "+", judged by the flags fopen opens with; truncate)
+ *    first copies the original regular file to the private path: the
+ *    private parent directories are made (those the original has, with
+ *    their modes: a parent that exists on neither side stays missing, and
+ *    the call fails with ENOENT as it would), the contents copied
+ *    (copy_file_range, or read/write) into a temporary name beside it with
+ *    the original's mode, then renamed into place without replacing: of two
+ *    processes copying at once, one copy wins and both use it. O_TRUNC (or
+ *    truncate to 0) skips the contents. An original that does not exist is
+ *    not copied: the call creates the private file. An original that is not
+ *    a regular file (a device, a FIFO, a directory) is used as it is.
+ *  - mkdir and open O_CREAT|O_EXCL (fopen "x") create on the private side
+ *    (EEXIST, and nothing copied, if either side has the path); a rename's
+ *    destination is the private side.
  *  - unlink, rmdir and a rename's source act on the private side; one that
  *    would remove a path the original has fails with EROFS, since the
  *    original would show through again (there are no whiteouts).
@@ -46,7 +50,8 @@
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
- * read/write.
+ * read/write. The one PATH_MAX buffer is in the slow half of a wrapper
+ * (two for rename), only when a path is rewritten; path_slow works in it.
  */
 #include "preload.h"
 
@@ -56,7 +61,8 @@
 
 /* Lexically normalizes the absolute path `in` into out: "//" and "/./"
  * collapsed, "/x/.." dropped (without looking at symlinks), a trailing '/'
- * kept. Returns the length, or -1 when it does not fit. */
+ * kept. `in` may be out itself: the output never gets ahead of the input.
+ * Returns the length, or -1 when it does not fit. */
 static long normalize(const char *in, char out[PATH_MAX]) {
   size_t o = 0;
   const char *s = in;
@@ -78,15 +84,17 @@ static long normalize(const char *in, char out[PATH_MAX]) {
       if (o > 0) o--;
       trailing = 1;
     } else {
-      if (o + n + 3 > PATH_MAX) return -1;
+      if (o + 1 + n + 1 > PATH_MAX) return -1; /* '/', the name, '\0' */
       out[o++] = '/';
-      memcpy(out + o, s, n);
+      memmove(out + o, s, n); /* in place: out + o <= s */
       o += n;
     }
     s = e;
   }
-  if (o == 0) out[o++] = '/';
-  else if (trailing) out[o++] = '/';
+  if (o == 0 || trailing) {
+    if (o + 2 > PATH_MAX) return -1;
+    out[o++] = '/';
+  }
   out[o] = '\0';
   return (long)o;
 }
@@ -116,32 +124,55 @@ static int lexists(const char *p, struct stat *st) {
               0, 0) == 0;
 }
 
-/* Makes the directories leading to priv (everything up to its last '/').
- * Inside `to` (to_len bytes of priv): mkdir -p. Below it: the directories
- * the original has (orig = from + the same rest; off = from_len - to_len),
- * with the original's modes; one the original does not have either stops
- * there. Errors are left to the call that follows. Both strings are
- * modified and restored. */
-static void make_parents(char *priv, size_t to_len, char *orig, long off) {
-  for (char *s = priv + 1; *s; s++) {
+/* The two sides of a copy-on-write rule share the caller's one buffer: the
+ * rest of the path (what follows `from`) sits at offset k = max(fl, tl),
+ * and the side in use has its prefix (`from` or `to`) written just before
+ * it. Asking for a side rewrites the prefix, so a pointer to one side is
+ * good until the other side is asked for; a '\0' put into the rest cuts
+ * both alike. */
+struct cow {
+  char *buf;
+  const char *from, *to;
+  size_t fl, tl, k;
+};
+
+static char *orig_side(const struct cow *c) {
+  return (char *)memcpy(c->buf + c->k - c->fl, c->from, c->fl);
+}
+
+static char *priv_side(const struct cow *c) {
+  return (char *)memcpy(c->buf + c->k - c->tl, c->to, c->tl);
+}
+
+/* Makes the directories leading to the private path (everything up to its
+ * last '/'). Inside `to`: mkdir -p. Below it: the directories the original
+ * has, with the original's modes; one the original does not have either
+ * stops there. Errors are left to the call that follows. The rest of the
+ * path is modified and restored; the side in use afterwards is either. */
+static void make_parents(const struct cow *c) {
+  char *end = c->buf + c->k; /* where the rest starts */
+  char *pv = priv_side(c);
+  for (char *s = pv + 1; s <= end && *s; s++) {
     if (*s != '/') continue;
-    size_t i = (size_t)(s - priv);
+    *s = '\0';
+    SYS3(mkdirat, AT_FDCWD, pv, 0755);
+    *s = '/';
+  }
+  if (!*end) return; /* the private path is `to` itself */
+  for (char *s = end + 1; *s; s++) {
+    if (*s != '/') continue;
     struct stat st;
     *s = '\0';
-    if (i <= to_len) {
-      SYS3(mkdirat, AT_FDCWD, priv, 0755);
-    } else if (!lexists(priv, &st)) {
-      char *o = orig + (long)i + off, save = *o;
-      *o = '\0';
-      int dir = sys6(SYS_newfstatat, AT_FDCWD, (long)orig, (long)&st, 0, 0,
-                     0) == 0 && S_ISDIR(st.st_mode);
-      *o = save;
+    if (!lexists(priv_side(c), &st)) {
+      int dir = sys6(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
+                     0, 0, 0) == 0 && S_ISDIR(st.st_mode);
       if (!dir) {
         *s = '/';
         return;
       }
-      if (SYS3(mkdirat, AT_FDCWD, priv, st.st_mode & 07777) == 0)
-        SYS2(chmod, priv, st.st_mode & 07777); /* the umask took bits */
+      pv = priv_side(c);
+      if (SYS3(mkdirat, AT_FDCWD, pv, st.st_mode & 07777) == 0)
+        SYS2(chmod, pv, st.st_mode & 07777); /* the umask took bits */
     }
     *s = '/';
   }
@@ -198,14 +229,14 @@ static char *put_num(char *d, unsigned long v) {
 }
 
 /* A write is about to go to the private path of a COW rule that does not
- * exist yet. orig (in a buffer of ours, PATH_MAX) is the original; priv
- * the private path. Returns 0 to use priv, 1 to use orig (not a regular
- * file), or -errno. orig's buffer is used as scratch once it is done. */
-static int copy_up(char *priv, size_t to_len, char *orig, long off,
-                   int contents) {
-  long src = SYS3(openat, AT_FDCWD, orig, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+ * exist yet. Returns 0 to use the private path, 1 to use the original (not
+ * a regular file), or -errno. Not inlined: its frame is only needed for a
+ * copy. */
+static NOINLINE int copy_up(const struct cow *c, int contents) {
+  long src = SYS3(openat, AT_FDCWD, orig_side(c),
+                  O_RDONLY | O_CLOEXEC | O_NOCTTY);
   if (src == -ENOENT || src == -ENOTDIR) {
-    make_parents(priv, to_len, orig, off); /* the call creates it, or not */
+    make_parents(c); /* the call creates it, or not */
     return 0;
   }
   if (src < 0) return (int)src;
@@ -215,26 +246,43 @@ static int copy_up(char *priv, size_t to_len, char *orig, long off,
     SYS1(close, src);
     return r < 0 ? (int)r : 1;
   }
-  make_parents(priv, to_len, orig, off);
-  /* The temporary name, in orig's buffer: priv + ".appshot-cow.<tid>". */
-  size_t pl = strlen(priv);
-  if (pl + 40 >= PATH_MAX) {
+  make_parents(c);
+  /* The copy is made under a temporary name beside the private path,
+   * "<name>.appshot-cow.<tid>", named relative to their directory. */
+  char *pv = priv_side(c);
+  char *slash = strrchr(pv, '/'); /* pv is absolute */
+  const char *base = slash + 1;
+  size_t bl = strlen(base);
+  char tmp[NAME_MAX + 1];
+  if (bl == 0 || bl + 13 + 10 >= sizeof tmp) {
     SYS1(close, src);
-    return -ENAMETOOLONG;
+    return bl ? -ENAMETOOLONG : -EISDIR;
   }
-  char *tmp = orig;
-  memcpy(tmp, priv, pl);
-  char *d = put_num((char *)memcpy(tmp + pl, ".appshot-cow.", 13) + 13,
+  memcpy(tmp, base, bl);
+  char *d = put_num((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
                     (unsigned long)SYS0(gettid));
   *d = '\0';
+  long dir;
+  if (slash == pv) {
+    dir = SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  } else {
+    *slash = '\0';
+    dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    *slash = '/';
+  }
+  if (dir < 0) {
+    SYS1(close, src);
+    return (int)dir;
+  }
   long dst = -EEXIST;
   for (int i = 0; i < 2 && dst == -EEXIST; i++) {
-    dst = SYS4(openat, AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+    dst = SYS4(openat, dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
                0600);
-    if (dst == -EEXIST) SYS3(unlinkat, AT_FDCWD, tmp, 0); /* a dead copy's */
+    if (dst == -EEXIST) SYS3(unlinkat, dir, tmp, 0); /* a dead copy's */
   }
   if (dst < 0) {
     SYS1(close, src);
+    SYS1(close, dir);
     return (int)dst;
   }
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
@@ -245,21 +293,33 @@ static int copy_up(char *priv, size_t to_len, char *orig, long off,
   if (!err) {
     /* Not replacing: another process may have copied it meanwhile, and
      * may be writing to its copy already. Then that copy is the one. */
-    err = (int)sys6(SYS_renameat2, AT_FDCWD, (long)tmp, AT_FDCWD, (long)priv,
+    err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base,
                     RENAME_NOREPLACE, 0);
     if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
-      err = (int)SYS5(linkat, AT_FDCWD, tmp, AT_FDCWD, priv, 0);
-      if (err == -EPERM) err = (int)SYS2(rename, tmp, priv); /* no links */
+      err = (int)SYS5(linkat, dir, tmp, dir, base, 0);
+      if (err == -EPERM) { /* no links */
+        err = (int)SYS4(renameat, dir, tmp, dir, base);
+        if (err == 0) left = 0;
+      }
     } else if (err == 0) {
       left = 0;
     }
     if (err == -EEXIST) err = 0;
   }
-  if (left) SYS3(unlinkat, AT_FDCWD, tmp, 0);
+  if (left) SYS3(unlinkat, dir, tmp, 0);
+  SYS1(close, dir);
   return err;
 }
 
-/* --- app_path ------------------------------------------------------------ */
+/* --- path_slow ----------------------------------------------------------- */
+
+/* The path as the caller gave it (with /proc/<vpid> rewritten, again: buf
+ * was reused). Lexical normalization is only for matching: it would change
+ * what ".." after a symlink means. */
+static const char *original(const char *path, const char *p,
+                            char buf[PATH_MAX]) {
+  return p == path ? path : proc_path(path, buf);
+}
 
 const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
   const char *p = path;
@@ -269,34 +329,39 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
   }
   const struct appshot_instance *in = &g_h->instance;
   if (!in->redirs) return p;
-  char norm[PATH_MAX];
-  if (normalize(p, norm) < 0) return p; /* too long to be ours to rewrite */
-  const struct appshot_redir *r = match(in, norm);
-  if (!r) return p;
-  /* buf = to + rest (buf may hold p: norm is a copy). */
+  /* buf = the normalized path (in place when p is buf). One that does not
+   * fit cannot be matched: fail rather than let it reach the original. */
+  long nl = normalize(p, buf);
+  if (nl < 0) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  const struct appshot_redir *r = match(in, buf);
+  if (!r) return original(path, p, buf);
   size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
-  size_t rl = strlen(norm + fl);
+  size_t rl = (size_t)nl - fl;
   if (tl + rl >= PATH_MAX) {
     errno = ENAMETOOLONG;
     return NULL;
   }
-  memcpy(buf, r->to, tl);
-  memcpy(buf + tl, norm + fl, rl + 1);
-  if (r->kind != APPSHOT_REDIR_COW) return buf;
+  if (r->kind != APPSHOT_REDIR_COW) { /* buf = to + rest */
+    memmove(buf + tl, buf + fl, rl + 1);
+    return (const char *)memcpy(buf, r->to, tl);
+  }
 
+  struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl};
+  memmove(buf + c.k, buf + fl, rl + 1);
   struct stat st;
-  long off = (long)fl - (long)tl;
+  const char *pv;
   switch (op) {
     case PATH_READ:
-      if (lexists(buf, &st)) return buf;
+      if (lexists(pv = priv_side(&c), &st)) return pv;
       break; /* the original */
     case PATH_WRITE:
     case PATH_TRUNC: {
-      if (lexists(buf, &st)) return buf;
-      /* norm is scratch for copy_up once it has opened the original; it
-       * is intact when the answer is "use the original" (1). */
-      int rc = copy_up(buf, tl, norm, off, op == PATH_WRITE);
-      if (rc == 0) return buf;
+      if (lexists(pv = priv_side(&c), &st)) return pv;
+      int rc = copy_up(&c, op == PATH_WRITE);
+      if (rc == 0) return priv_side(&c);
       if (rc < 0) {
         errno = -rc;
         return NULL;
@@ -304,28 +369,49 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
       break; /* not a regular file: the original */
     }
     case PATH_CREATE:
-      if (lexists(buf, &st)) return buf; /* EEXIST */
-      if (lexists(norm, &st)) break;     /* EEXIST, from the original */
-      make_parents(buf, tl, norm, off);
-      return buf;
+      /* As the kernel would answer, without creating anything on the
+       * original side nor copying anything to find out. */
+      if (lexists(priv_side(&c), &st) || lexists(orig_side(&c), &st)) {
+        errno = EEXIST;
+        return NULL;
+      }
+      make_parents(&c);
+      return priv_side(&c);
     case PATH_REMOVE:
-      if (lexists(norm, &st)) {
+      if (lexists(orig_side(&c), &st)) {
         errno = EROFS;
         return NULL;
       }
-      return buf;
+      return priv_side(&c);
     case PATH_TARGET:
-      if (!lexists(buf, &st)) make_parents(buf, tl, norm, off);
-      return buf;
+      if (!lexists(pv = priv_side(&c), &st)) make_parents(&c);
+      return priv_side(&c);
   }
-  memcpy(buf, norm, fl + rl + 1);
-  return buf;
+  return original(path, p, buf);
 }
 
 /* --- The wrappers ---------------------------------------------------------
  *
  * Calls that are cancellation points or build libc objects go to the real
- * function; the others are raw system calls. */
+ * function; the others are raw system calls. Each wrapper calls `name` with
+ * the path as it is unless path_hooked(); then name_slow, with the buffer
+ * in its own frame, calls it with the rewritten one. */
+
+/* Defines the function `name` (parameters PARAMS, among them `path`), with
+ * the given linkage, and its slow half. ARGS: the parameters' names; CALL:
+ * the call, with the path to use in `p`. */
+#define PATH_FN(linkage, rtype, name, PARAMS, ARGS, op, err, CALL) \
+  static NOINLINE rtype name##_slow PARAMS {                        \
+    SLOW_PATH(p, path, (op), (err));                               \
+    return CALL;                                                   \
+  }                                                                \
+  linkage rtype name PARAMS {                                      \
+    ensure_init();                                                 \
+    if (UNLIKELY(path_hooked(path))) return name##_slow ARGS;      \
+    const char *p = path;                                          \
+    return CALL;                                                   \
+  }
+#define PATH_WRAPPER(...) PATH_FN(API, __VA_ARGS__)
 
 static enum path_op open_op(int flags) {
   /* Fails on an existing file: no copy needed to find out. */
@@ -335,11 +421,22 @@ static enum path_op open_op(int flags) {
   return PATH_READ;
 }
 
-static enum path_op fopen_op(const char *mode) {
-  if (!mode) return PATH_READ;
-  if (mode[0] == 'w') return PATH_TRUNC;
-  if (mode[0] == 'a' || strchr(mode, '+')) return PATH_WRITE;
-  return PATH_READ;
+/* The open flags glibc's fopen derives from `mode`: 'r', 'w' or 'a', then
+ * up to six more characters up to a ',' of which '+' and 'x' matter here.
+ * A mode fopen rejects (EINVAL) opens nothing: read. */
+static int fopen_flags(const char *mode) {
+  int fl;
+  switch (mode ? mode[0] : 0) {
+    case 'r': fl = O_RDONLY; break;
+    case 'w': fl = O_WRONLY | O_CREAT | O_TRUNC; break;
+    case 'a': fl = O_WRONLY | O_CREAT | O_APPEND; break;
+    default: return O_RDONLY;
+  }
+  for (int i = 1; i < 7 && mode[i] && mode[i] != ','; i++) {
+    if (mode[i] == '+') fl = (fl & ~O_ACCMODE) | O_RDWR;
+    else if (mode[i] == 'x') fl |= O_EXCL;
+  }
+  return fl;
 }
 
 /* The mode argument exists only when the flags create a file. */
@@ -352,195 +449,156 @@ static enum path_op fopen_op(const char *mode) {
     va_end(ap);                                         \
   }
 
+/* open & co.: the variadic ones take their mode first, then share the
+ * non-variadic shape. */
+PATH_FN(static inline, int, open_m, (const char *path, int flags, mode_t mode),
+             (path, flags, mode), open_op(flags), -1,
+             REAL(open)(p, flags, mode))
+PATH_FN(static inline, int, open64_m, (const char *path, int flags, mode_t mode),
+             (path, flags, mode), open_op(flags), -1,
+             REAL(open64)(p, flags, mode))
+PATH_FN(static inline, int, openat_m, (int fd, const char *path, int flags, mode_t mode),
+             (fd, path, flags, mode), open_op(flags), -1,
+             REAL(openat)(fd, p, flags, mode))
+PATH_FN(static inline, int, openat64_m,
+             (int fd, const char *path, int flags, mode_t mode),
+             (fd, path, flags, mode), open_op(flags), -1,
+             REAL(openat64)(fd, p, flags, mode))
+
 API int open(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(open)(p, flags, mode);
+  return open_m(path, flags, mode);
 }
 
 API int open64(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(open64)(p, flags, mode);
+  return open64_m(path, flags, mode);
 }
 
 API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(openat)(fd, p, flags, mode);
+  return openat_m(fd, path, flags, mode);
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(openat64)(fd, p, flags, mode);
+  return openat64_m(fd, path, flags, mode);
 }
 
-API int __open_2(const char *path, int flags) {
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(__open_2)(p, flags);
-}
-
-API int __open64_2(const char *path, int flags) {
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(__open64_2)(p, flags);
-}
-
-API int __openat_2(int fd, const char *path, int flags) {
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(__openat_2)(fd, p, flags);
-}
-
-API int __openat64_2(int fd, const char *path, int flags) {
-  APP_PATH(p, path, open_op(flags), -1);
-  return REAL(__openat64_2)(fd, p, flags);
-}
-
-API int creat(const char *path, mode_t mode) {
-  APP_PATH(p, path, PATH_TRUNC, -1);
-  return REAL(creat)(p, mode);
-}
-
-API int creat64(const char *path, mode_t mode) {
-  APP_PATH(p, path, PATH_TRUNC, -1);
-  return REAL(creat64)(p, mode);
-}
-
-API FILE *fopen(const char *path, const char *mode) {
-  APP_PATH(p, path, fopen_op(mode), NULL);
-  return REAL(fopen)(p, mode);
-}
-
-API FILE *fopen64(const char *path, const char *mode) {
-  APP_PATH(p, path, fopen_op(mode), NULL);
-  return REAL(fopen64)(p, mode);
-}
-
-API DIR *opendir(const char *path) {
-  APP_PATH(p, path, PATH_READ, NULL);
-  return REAL(opendir)(p);
-}
-
-API int stat(const char *restrict path, struct stat *restrict st) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(stat)(p, st);
-}
-
-API int stat64(const char *restrict path, struct stat64 *restrict st) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(stat64)(p, st);
-}
-
-API int lstat(const char *restrict path, struct stat *restrict st) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(lstat)(p, st);
-}
-
-API int lstat64(const char *restrict path, struct stat64 *restrict st) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(lstat64)(p, st);
-}
-
-API int fstatat(int fd, const char *restrict path, struct stat *restrict st,
-                int flags) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(fstatat)(fd, p, st, flags);
-}
-
-API int fstatat64(int fd, const char *restrict path,
-                  struct stat64 *restrict st, int flags) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(fstatat64)(fd, p, st, flags);
-}
-
-API int statx(int fd, const char *restrict path, int flags, unsigned int mask,
-              struct statx *restrict st) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(statx)(fd, p, flags, mask, st);
-}
-
-API int access(const char *path, int mode) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(access)(p, mode);
-}
-
-API int faccessat(int fd, const char *path, int mode, int flags) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(faccessat)(fd, p, mode, flags);
-}
-
-API ssize_t readlink(const char *restrict path, char *restrict out,
-                     size_t size) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(readlink)(p, out, size);
-}
-
-API ssize_t readlinkat(int fd, const char *restrict path, char *restrict out,
-                       size_t size) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(readlinkat)(fd, p, out, size);
-}
-
-API int chdir(const char *path) {
-  APP_PATH(p, path, PATH_READ, -1);
-  return REAL(chdir)(p);
-}
-
-API int mkdir(const char *path, mode_t mode) {
-  APP_PATH(p, path, PATH_CREATE, -1);
-  return (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode));
-}
-
-API int mkdirat(int fd, const char *path, mode_t mode) {
-  APP_PATH(p, path, PATH_CREATE, -1);
-  return (int)libc_ret(SYS3(mkdirat, fd, p, mode));
-}
-
-API int unlink(const char *path) {
-  APP_PATH(p, path, PATH_REMOVE, -1);
-  return (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0));
-}
-
-API int unlinkat(int fd, const char *path, int flags) {
-  APP_PATH(p, path, PATH_REMOVE, -1);
-  return (int)libc_ret(SYS3(unlinkat, fd, p, flags));
-}
-
-API int rmdir(const char *path) {
-  APP_PATH(p, path, PATH_REMOVE, -1);
-  return (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR));
-}
+PATH_WRAPPER(int, __open_2, (const char *path, int flags), (path, flags),
+             open_op(flags), -1, REAL(__open_2)(p, flags))
+PATH_WRAPPER(int, __open64_2, (const char *path, int flags), (path, flags),
+             open_op(flags), -1, REAL(__open64_2)(p, flags))
+PATH_WRAPPER(int, __openat_2, (int fd, const char *path, int flags),
+             (fd, path, flags), open_op(flags), -1,
+             REAL(__openat_2)(fd, p, flags))
+PATH_WRAPPER(int, __openat64_2, (int fd, const char *path, int flags),
+             (fd, path, flags), open_op(flags), -1,
+             REAL(__openat64_2)(fd, p, flags))
+PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode),
+             PATH_TRUNC, -1, REAL(creat)(p, mode))
+PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode),
+             PATH_TRUNC, -1, REAL(creat64)(p, mode))
+PATH_WRAPPER(FILE *, fopen, (const char *path, const char *mode),
+             (path, mode), open_op(fopen_flags(mode)), NULL,
+             REAL(fopen)(p, mode))
+PATH_WRAPPER(FILE *, fopen64, (const char *path, const char *mode),
+             (path, mode), open_op(fopen_flags(mode)), NULL,
+             REAL(fopen64)(p, mode))
+PATH_WRAPPER(DIR *, opendir, (const char *path), (path), PATH_READ, NULL,
+             REAL(opendir)(p))
+PATH_WRAPPER(int, stat, (const char *restrict path, struct stat *restrict st),
+             (path, st), PATH_READ, -1, REAL(stat)(p, st))
+PATH_WRAPPER(int, stat64,
+             (const char *restrict path, struct stat64 *restrict st),
+             (path, st), PATH_READ, -1, REAL(stat64)(p, st))
+PATH_WRAPPER(int, lstat, (const char *restrict path, struct stat *restrict st),
+             (path, st), PATH_READ, -1, REAL(lstat)(p, st))
+PATH_WRAPPER(int, lstat64,
+             (const char *restrict path, struct stat64 *restrict st),
+             (path, st), PATH_READ, -1, REAL(lstat64)(p, st))
+PATH_WRAPPER(int, fstatat,
+             (int fd, const char *restrict path, struct stat *restrict st,
+              int flags),
+             (fd, path, st, flags), PATH_READ, -1,
+             REAL(fstatat)(fd, p, st, flags))
+PATH_WRAPPER(int, fstatat64,
+             (int fd, const char *restrict path, struct stat64 *restrict st,
+              int flags),
+             (fd, path, st, flags), PATH_READ, -1,
+             REAL(fstatat64)(fd, p, st, flags))
+PATH_WRAPPER(int, statx,
+             (int fd, const char *restrict path, int flags, unsigned int mask,
+              struct statx *restrict st),
+             (fd, path, flags, mask, st), PATH_READ, -1,
+             REAL(statx)(fd, p, flags, mask, st))
+PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode),
+             PATH_READ, -1, REAL(access)(p, mode))
+PATH_WRAPPER(int, faccessat, (int fd, const char *path, int mode, int flags),
+             (fd, path, mode, flags), PATH_READ, -1,
+             REAL(faccessat)(fd, p, mode, flags))
+PATH_WRAPPER(ssize_t, readlink,
+             (const char *restrict path, char *restrict out, size_t size),
+             (path, out, size), PATH_READ, -1, REAL(readlink)(p, out, size))
+PATH_WRAPPER(ssize_t, readlinkat,
+             (int fd, const char *restrict path, char *restrict out,
+              size_t size),
+             (fd, path, out, size), PATH_READ, -1,
+             REAL(readlinkat)(fd, p, out, size))
+PATH_WRAPPER(int, chdir, (const char *path), (path), PATH_READ, -1,
+             REAL(chdir)(p))
+PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode),
+             PATH_CREATE, -1, (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode)))
+PATH_WRAPPER(int, mkdirat, (int fd, const char *path, mode_t mode),
+             (fd, path, mode), PATH_CREATE, -1,
+             (int)libc_ret(SYS3(mkdirat, fd, p, mode)))
+PATH_WRAPPER(int, unlink, (const char *path), (path), PATH_REMOVE, -1,
+             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0)))
+PATH_WRAPPER(int, unlinkat, (int fd, const char *path, int flags),
+             (fd, path, flags), PATH_REMOVE, -1,
+             (int)libc_ret(SYS3(unlinkat, fd, p, flags)))
+PATH_WRAPPER(int, rmdir, (const char *path), (path), PATH_REMOVE, -1,
+             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)))
 
 /* glibc's remove() calls unlink and rmdir internally, past our wrappers. */
-API int remove(const char *path) {
-  APP_PATH(p, path, PATH_REMOVE, -1);
+static int do_remove(const char *p) {
   long r = SYS3(unlinkat, AT_FDCWD, p, 0);
   if (r == -EISDIR) r = SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR);
   return (int)libc_ret(r);
 }
+PATH_WRAPPER(int, remove, (const char *path), (path), PATH_REMOVE, -1,
+             do_remove(p))
 
-API int rename(const char *from, const char *to) {
-  APP_PATH(a, from, PATH_REMOVE, -1);
-  char b_buf[PATH_MAX];
-  const char *b = app_path(to, PATH_TARGET, b_buf);
-  if (!b) return -1;
-  return (int)libc_ret(SYS4(renameat, AT_FDCWD, a, AT_FDCWD, b));
-}
+PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length),
+             length ? PATH_WRITE : PATH_TRUNC, -1,
+             (int)libc_ret(SYS2(truncate, p, length)))
+PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
+             (path, length), length ? PATH_WRITE : PATH_TRUNC, -1,
+             (int)libc_ret(SYS2(truncate, p, length)))
 
-API int renameat(int fd1, const char *from, int fd2, const char *to) {
-  APP_PATH(a, from, PATH_REMOVE, -1);
-  char b_buf[PATH_MAX];
-  const char *b = app_path(to, PATH_TARGET, b_buf);
-  if (!b) return -1;
+/* rename: two paths, either or both hooked. */
+static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
+                                  const char *to) {
+  char a_buf[PATH_MAX], b_buf[PATH_MAX];
+  const char *a = from, *b = to;
+  if (path_hooked(from) && !(a = path_slow(from, PATH_REMOVE, a_buf)))
+    return -1;
+  if (path_hooked(to) && !(b = path_slow(to, PATH_TARGET, b_buf))) return -1;
   return (int)libc_ret(SYS4(renameat, fd1, a, fd2, b));
 }
 
-API int truncate(const char *path, off_t length) {
-  APP_PATH(p, path, length ? PATH_WRITE : PATH_TRUNC, -1);
-  return (int)libc_ret(SYS2(truncate, p, length));
+static inline int renameat_fast(int fd1, const char *from, int fd2,
+                                const char *to) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return renameat_slow(fd1, from, fd2, to);
+  return (int)libc_ret(SYS4(renameat, fd1, from, fd2, to));
 }
 
-API int truncate64(const char *path, off64_t length) {
-  APP_PATH(p, path, length ? PATH_WRITE : PATH_TRUNC, -1);
-  return (int)libc_ret(SYS2(truncate, p, length));
+API int renameat(int fd1, const char *from, int fd2, const char *to) {
+  return renameat_fast(fd1, from, fd2, to);
+}
+
+API int rename(const char *from, const char *to) {
+  return renameat_fast(AT_FDCWD, from, AT_FDCWD, to);
 }

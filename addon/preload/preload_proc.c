@@ -38,7 +38,7 @@ static char *put_pid(char *d, pid_t v) {
 
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
- * wrappers that use it are in preload_path.c (app_path). */
+ * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
   if (!path || path[0] != '/' || strncmp(path, "/proc/", 6) != 0 || !g_h)
     return path;
