@@ -67,9 +67,10 @@ int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len);
  * registers are restored afterwards, except that a system call the thread
  * had been interrupted in is rewound to restart (see trace_rewind). */
 int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret);
-/* The same for a seed that a restore rebuilds: its signals are all blocked
- * already and its registers are the restore's to overwrite, so neither is
- * saved or put back, and one single-step over the instruction replaces
+/* The same for a seed that a restore rebuilds: the caller must have blocked
+ * all its signals (the restore driver does when it seizes a seed, and its
+ * children inherit the mask), and its registers are the restore's to
+ * overwrite, so neither is saved or put back, and one single-step over the instruction replaces
  * the entry and exit stops. Half the round trips of trace_inject. Not for
  * fork or clone (a stepped fork's child would inherit the trap flag). */
 int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret);
