@@ -160,19 +160,26 @@ int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len) {
   return 0;
 }
 
+/* Points the registers at a system call: the instruction, its number and
+ * arguments. orig_rax = -1: no restart logic may touch these registers
+ * when the thread leaves the stop it is in. */
+static void load_syscall(struct user_regs_struct* r, uint64_t syscall_insn, long nr, const long args[6]) {
+  r->rip = syscall_insn;
+  r->rax = nr;
+  r->orig_rax = (unsigned long)-1;
+  r->rdi = args[0];
+  r->rsi = args[1];
+  r->rdx = args[2];
+  r->r10 = args[3];
+  r->r8 = args[4];
+  r->r9 = args[5];
+}
+
 int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {
   struct user_regs_struct r;
   int rc = trace_get_regs(tid, &r);
   if (rc) return rc;
-  r.rip = syscall_insn;
-  r.rax = nr;
-  r.orig_rax = (unsigned long)-1;
-  r.rdi = args[0];
-  r.rsi = args[1];
-  r.rdx = args[2];
-  r.r10 = args[3];
-  r.r8 = args[4];
-  r.r9 = args[5];
+  load_syscall(&r, syscall_insn, nr, args);
   if ((rc = trace_set_regs(tid, &r))) return rc;
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SINGLESTEP, tid, 0, 0)) return fail();
@@ -240,17 +247,7 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
   int rc = trace_get_regs(tid, &saved);
   if (rc) return rc;
   r = saved;
-  r.rip = syscall_insn;
-  r.rax = nr;
-  /* orig_rax = -1: no restart logic may touch these registers when the
-   * thread leaves the stop it is in. */
-  r.orig_rax = (unsigned long)-1;
-  r.rdi = args[0];
-  r.rsi = args[1];
-  r.rdx = args[2];
-  r.r10 = args[3];
-  r.r8 = args[4];
-  r.r9 = args[5];
+  load_syscall(&r, syscall_insn, nr, args);
   /* With every signal blocked, a signal that is pending (the kernel queues
    * them while we hold the thread, ignored ones included) stays pending
    * instead of being dequeued and stopping the thread mid-call. */
