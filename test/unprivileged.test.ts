@@ -1,6 +1,7 @@
 /**
- * An ordinary user on their own processes: run, snapshot, restore and an
- * incremental snapshot, with no capability at all. As root (CI) the test
+ * An ordinary user on their own processes: run, snapshot, restore, an
+ * incremental snapshot, a template and its clones, with no capability at
+ * all. As root (CI) the test
  * drops to uid/gid 65534 with setpriv; as anyone else it is that already.
  */
 import { spawnSync } from 'node:child_process';
@@ -25,18 +26,21 @@ function appshot(...args: string[]): { code: number | null; stdout: string; stde
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-const log = () => {
+const log = (aid = 'mine') => {
   try {
-    return readFileSync(join(home, 'state', 'apps', 'mine', 'log'), 'utf8');
+    return readFileSync(join(home, 'state', 'apps', aid, 'log'), 'utf8');
   } catch {
     return '';
   }
 };
-const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+const checks = (aid = 'mine') => (log(aid).match(/^CHECK \d+$/gm) ?? []).length;
+const uidOf = (pid: number) => Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
 
 afterAll(async () => {
-  appshot('stop', 'mine', '-s', 'KILL');
-  await waitFor(() => appshot('ps', 'mine').code !== 0, 10_000).catch(() => undefined);
+  for (const aid of ['mine', 'mc-1', 'mc-2']) {
+    appshot('stop', aid, '-s', 'KILL');
+    await waitFor(() => appshot('ps', aid).code !== 0, 10_000).catch(() => undefined);
+  }
   rmSync(home, { recursive: true, force: true });
 });
 
@@ -56,6 +60,22 @@ describe('without privileges', () => {
     await waitFor(() => checks() >= before + 5 || /FAIL/.test(log()), 10_000, 'the restored app to check itself');
     expect(log()).not.toMatch(/FAIL/);
     const ps = JSON.parse(appshot('ps', 'mine', '--json').stdout)[0].processes;
-    for (const p of ps) expect(Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${p.pid}/status`, 'utf8'))![1])).toBe(root ? NOBODY : process.getuid!());
+    for (const p of ps) expect(uidOf(p.pid)).toBe(root ? NOBODY : process.getuid!());
+  });
+
+  it('makes a template of its own application and clones it', async () => {
+    const full = appshot('snapshot', 'mine', '-o', join(home, 'full'), '--full');
+    expect(full.code, full.stderr).toBe(0);
+    const t = appshot('template', 'create', join(home, 'full'), '-o', join(home, 'mine.template'));
+    expect(t.code, t.stderr).toBe(0);
+    const c = appshot('clone', join(home, 'mine.template'), '--aid', 'mc', '--count', '2', '--json');
+    expect(c.code, c.stderr).toBe(0);
+    for (const aid of ['mc-1', 'mc-2']) {
+      const before = checks(aid);
+      await waitFor(() => checks(aid) >= before + 5 || /FAIL/.test(log(aid)), 10_000, `${aid} to check itself`);
+      expect(log(aid)).not.toMatch(/FAIL/);
+      const procs = JSON.parse(appshot('ps', aid, '--json').stdout)[0].processes;
+      for (const p of procs) expect(uidOf(p.pid)).toBe(root ? NOBODY : process.getuid!());
+    }
   });
 });
