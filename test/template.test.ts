@@ -183,15 +183,37 @@ describe('templates and clones', () => {
     for (const h of homes) expect(clones.map((c) => join(ROOT, 'home', c.aid))).toContain(h);
   });
 
+  it('makes a template of a clone: its clones start from what that clone had written', async () => {
+    const c = clones[0];
+    expect(sb.run(['snapshot', c.aid, '-o', join(dir, 'clone2.snap')]).code).toBe(0);
+    const t = sb.run(['template', 'create', join(dir, 'clone2.snap'), '-o', join(dir, 'second.template')]);
+    expect(t.code, t.stderr).toBe(0);
+    const r = sb.run(['clone', join(dir, 'second.template'), '--aid', 'cc', '--count', '2', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const second = JSON.parse(r.stdout) as Clone[];
+    for (const x of second) {
+      expect(ownPort(x)).not.toBe(ownPort(c));
+      // c-1's memory, SysV objects and private copies; a redirected
+      // directory of its own (empty, as every new instance's).
+      expect(await info(ownPort(x))).toMatchObject({ home: join(ROOT, 'home', x.aid), sem: '5', shm: 'again', msgs: '3', state: 'again', mapped: 'again', config: '-', heap: 'ok' });
+    }
+    expect(await ask(ownPort(second[0]), 'SET third')).toBe('OK');
+    expect(await info(ownPort(second[0]))).toMatchObject({ state: 'third', mapped: 'third' });
+    expect(await info(ownPort(second[1]))).toMatchObject({ state: 'again', mapped: 'again' });
+    expect(readFileSync(join(second[0].privateRoot, ROOT, 'data', 'journal.log'), 'utf8')).toBe('start\nset w1\nset again\nset third\n');
+    expect(readFileSync(join(c.privateRoot, ROOT, 'data', 'state.txt'), 'utf8')).toBe('again\n');
+    expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
+  });
+
   it('leaves nothing behind when the clones end: processes, SysV objects, tables, ports', async () => {
-    for (const c of clones) expect(sb.run(['stop', c.aid]).code).toBe(0);
+    for (const aid of sb.aids()) expect(sb.run(['stop', aid]).code).toBe(0);
     await waitFor(() => sb.aids().length === 0, 10_000, 'the clones to end');
     expect(sb.shmFiles()).toEqual([]);
     expect(strayIpcIds(ipcBefore)).toEqual([]);
     for (const c of clones) expect(await answers(ownPort(c))).toBe(false);
     // Their ports go back to the registry (taken back when it lists).
     expect(sb.run(['ps']).code).toBe(0);
-    expect(readdirSync(join(sb.home, 'ports')).map(Number).filter((p) => clones.some((c) => ownPort(c) === p))).toEqual([]);
+    expect(readdirSync(join(sb.home, 'ports')).filter((p) => /^\d+$/.test(p))).toEqual([]);
   });
 });
 

@@ -20,10 +20,11 @@ export function redirected(redirs: InstanceConfig['redirs'], path: string, kind:
 
 /** The reverse: the path the application named for one the kernel shows
  * (a descriptor or working directory of the template, recorded where its
- * REDIR PATH rules had sent it). */
+ * REDIR PATH rules had sent it, or in its private copies if it was a clone
+ * itself). */
 export function unredirected(redirs: InstanceConfig['redirs'], path: string): string {
   let best: InstanceConfig['redirs'][number] | undefined;
-  for (const r of redirs) if (r.kind === 'path' && under(path, r.to) && (!best || r.to.length > best.to.length)) best = r;
+  for (const r of redirs) if (under(path, r.to) && (!best || r.to.length > best.to.length)) best = r;
   return best ? best.from + path.slice(best.to.length) : path;
 }
 

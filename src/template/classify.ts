@@ -17,6 +17,7 @@
  * which is what a plain restore does, and refusals() names them.
  */
 import { type Fd, FdKind, type Image, type Process, type Verdict, type Vma, VmaKind, type Action } from '../image/types.js';
+import { unredirected } from '../resources/paths.js';
 import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
 type Decision = { action: Action; reason: string };
@@ -83,6 +84,10 @@ function vmaVerdict(image: Image, p: Process, v: Vma, rules: RulesFile | undefin
 }
 
 /** The tables file every process maps: appshot's, made anew by a restore. */
+/** Rules name paths as the application does: the image has them where its
+ * REDIR PATH rules (or, for a clone, its private copies) put them. */
+const namedPath = (image: Image, path: string) => unredirected(image.instance?.redirs ?? [], path);
+
 const isTables = (image: Image, v: Vma) => image.tablesPath !== '' && v.path === image.tablesPath;
 
 function vmaName(v: Vma): string {
@@ -96,7 +101,7 @@ function vmaDecision(image: Image, v: Vma, rules: RulesFile | undefined): Decisi
   if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) return decide('recreate', CRITERIA.kernel);
   if (isTables(image, v)) return decide('recreate', CRITERIA.tables);
   if (v.kind === VmaKind.SYSV_SHM) return decide('virtualize', CRITERIA.segment);
-  const rule = memoryRule(v, rules);
+  const rule = memoryRule(image, v, rules);
   if (rule) return byRule(rules!, rule);
   switch (v.kind) {
     case VmaKind.FILE_SHARED:
@@ -115,10 +120,10 @@ function vmaDecision(image: Image, v: Vma, rules: RulesFile | undefined): Decisi
 
 /** A MEMORY rule for the mapping's name or file; for a shared file mapping,
  * whose contents are the file, a FILE rule for the file too. */
-function memoryRule(v: Vma, rules: RulesFile | undefined): ResourceRule | undefined {
+function memoryRule(image: Image, v: Vma, rules: RulesFile | undefined): ResourceRule | undefined {
   const access = writableVma(v) ? 'write' : 'read';
-  const subject = isAnonymous(v) ? v.special : v.path;
-  return ruleFor(rules, 'memory', subject, access) ?? (v.kind === VmaKind.FILE_SHARED ? ruleFor(rules, 'file', v.path, access) : undefined);
+  const subject = isAnonymous(v) ? v.special : namedPath(image, v.path);
+  return ruleFor(rules, 'memory', subject, access) ?? (v.kind === VmaKind.FILE_SHARED ? ruleFor(rules, 'file', namedPath(image, v.path), access) : undefined);
 }
 
 function vmaRefusal(image: Image, v: Vma, action: Action): string | undefined {
@@ -167,7 +172,7 @@ function fileDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Decis
   if (image.logPath && fd.path === image.logPath) return decide('recreate', CRITERIA.log);
   if (image.files[fd.file]?.deleted || fd.path.endsWith(' (deleted)')) return decide('duplicate', CRITERIA.deleted);
   const readOnly = (fd.flags & O_ACCMODE) === O_RDONLY;
-  const rule = ruleFor(rules, 'file', fd.path, readOnly ? 'read' : 'write');
+  const rule = ruleFor(rules, 'file', namedPath(image, fd.path), readOnly ? 'read' : 'write');
   if (rule) return byRule(rules!, rule);
   return readOnly ? decide('share', CRITERIA.readOnly) : decide('copy-on-write', CRITERIA.large);
 }

@@ -25,6 +25,7 @@ import { addon, type InstanceConfig } from '../native.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
+import { redirected } from '../resources/paths.js';
 import { instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate } from './template.js';
 
@@ -111,6 +112,17 @@ function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig[
   return out;
 }
 
+/** A template made from a clone holds what that clone had written in its
+ * private copies, not in the files they shadow: each new instance starts
+ * with copies of those (the rest is still read from the originals). */
+function inheritPrivateCopies(t: OpenedTemplate, config: InstanceConfig): void {
+  for (const r of t.loaded.image.instance?.redirs ?? []) {
+    if (r.kind !== 'cow' || !existsSync(r.to)) continue;
+    const into = redirected(config.redirs, r.from, 'cow');
+    if (into !== undefined) cpSync(r.to, into, { recursive: true, preserveTimestamps: true });
+  }
+}
+
 /** Ends an instance this batch made: its processes are killed, init
  * removes its tables, SysV objects and registration, and its ports go back
  * to the registry. */
@@ -158,6 +170,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
         const config = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
         config.redirs.push(...duplicateFiles(t, privateRoot));
+        inheritPrivateCopies(t, config);
         const plan: InstancePlan = {
           action: (ref) => actions.get(ref),
           config,
