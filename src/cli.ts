@@ -82,6 +82,7 @@ program
           detached: r.detached,
           createdAt: r.createdAt,
           ...(r.template ? { template: r.template } : {}),
+          ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
           ports: r.ports ?? [],
           processes: rows.filter((p) => p.aid === r.aid),
         })),
@@ -354,7 +355,7 @@ program
     });
     progress.done();
     if (opts.json) {
-      json(results);
+      json(results.map(({ createdDirs: _, ...r }) => r));
       return;
     }
     for (const r of results) {

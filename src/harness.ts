@@ -12,7 +12,7 @@
  * process of the application does (daemons) and then cleans up.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, openSync, rmSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { createInterface } from 'node:readline';
 import { isatty } from 'node:tty';
@@ -20,7 +20,7 @@ import { basename, join } from 'node:path';
 import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type InstanceConfig, paths } from './native.js';
-import { prepareRedirTargets } from './resources/paths.js';
+import { type MadeDir, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { type AppRecord, type Registry } from './registry.js';
@@ -128,7 +128,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     }
   });
   // Directories made for REDIR PATH targets: removed if the start fails.
-  const madeDirs: string[] = [];
+  const madeDirs: MadeDir[] = [];
   try {
     const config = runConfig(rules, record.aid);
     madeDirs.push(...prepareRedirTargets(config.redirs));
@@ -153,7 +153,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   } catch (e) {
     stopForwarding();
     registry.release(record);
-    for (const dir of madeDirs) rmSync(dir, { recursive: true, force: true });
+    removeRedirTargets(madeDirs);
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);

@@ -152,6 +152,8 @@ interface Addon {
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
   setInstance(path: string, config: InstanceConfig): void;
+  /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
+  lockFile(path: string): number;
   bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number, owner?: number): void;
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;

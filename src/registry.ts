@@ -10,6 +10,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import {
+  closeSync,
   existsSync,
   mkdirSync,
   readdirSync,
@@ -59,9 +60,11 @@ export interface AppRecord {
   tracking?: Record<string, number>;
   /** The rules it runs under (`run --rules`, or its template's). */
   rules?: { source: string; text: string };
-  /** A clone: the template it was stamped from, its number in the batch,
-   * and where its private copies of files are. */
-  template?: { path: string; instance: number; privateRoot: string };
+  /** A clone: the template it was stamped from and its number in the batch. */
+  template?: { path: string; instance: number };
+  /** A clone's private copies of files (copy-on-write, duplicate): kept
+   * when it is snapshotted and restored. */
+  privateRoot?: string;
   /** TCP ports it listens on that the registry knows of: `virtual` is the
    * port the application asks for, `system` the one it has. */
   ports?: PortBinding[];
@@ -286,15 +289,14 @@ export class LocalRegistry implements Registry {
         for (const e of t.tables[kind]) native.removeIpcObject(kind, e.system);
     }
     rmSync(record.tables, { force: true });
-    for (const p of record.ports ?? []) if (p.mode === 'allocate' && this.portOwner(p.system) === record.aid) this.releasePort(p.system);
+    for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
     removeDir(record.stateDir);
   }
 
   /**
    * Takes a TCP port for `aid` from the registry's range (step 424: a
-   * network-unique resource is assigned by the registry). Claimed with
-   * mkdir, atomic as AIDs are; a claim whose application is gone is taken
-   * back. `usable` checks that nothing outside appshot holds the port.
+   * network-unique resource is assigned by the registry). `usable` checks
+   * that nothing outside appshot holds the port.
    */
   allocatePort(aid: string, usable: (port: number) => boolean): number {
     const [lo, hi] = portRange();
@@ -305,61 +307,38 @@ export class LocalRegistry implements Registry {
       if (!this.claimPort(aid, port)) continue;
       if (usable(port)) return port;
       // Held by something outside appshot: let the claim go, try the next.
-      this.releasePort(port);
+      this.releasePort(port, aid);
     }
     throw new AppshotError(`no free port left in ${lo}-${hi} (set APPSHOT_PORTS)`, ExitCode.conflict);
   }
 
-  /** Claims one given port for `aid` (a restored instance takes back the
-   * port it had); false when a live application holds it. */
-  claimPort(aid: string, port: number): boolean {
+  /** Port claims are files, ports/PORT, holding "AID PID START": the AID,
+   * and the process that claimed it (until the application is registered
+   * with the port, the claim lives as long as its claimer does). Every
+   * change to them is made under one flock, which no dead process can
+   * hold: of two takers of a stale claim only one wins, and a reader never
+   * sees half an owner (written aside, renamed into place). */
+  private withPortsLocked<T>(fn: () => T): T {
     mkdirSync(this.portsDir, { recursive: true, mode: 0o755 });
-    const dir = join(this.portsDir, String(port));
-    if (!this.claim(dir)) {
-      if (!this.takeBackPort(port)) return false;
-      if (!this.claim(dir)) return false;
+    const lock = addon().lockFile(join(this.portsDir, '.lock'));
+    try {
+      return fn();
+    } finally {
+      closeSync(lock);
     }
-    // The claimer too: until the application is registered with the port,
-    // the claim lives as long as the claimer does. Written whole (renamed
-    // into place): a reader never sees half an owner.
-    const owner = join(dir, 'aid');
-    writeFileSync(`${owner}.tmp`, `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
-    renameSync(`${owner}.tmp`, owner);
-    return true;
   }
 
-  /** Removes a stale claim, if it is one. Two takers may judge one claim
-   * stale at once: the claim is first renamed away (only one rename
-   * wins), and put back if what was renamed is not what was judged (a
-   * fresh claim made meanwhile). */
-  private takeBackPort(port: number): boolean {
-    const dir = join(this.portsDir, String(port));
-    const judged = this.portClaimText(port);
-    if (!this.portClaimIsStale(port)) return false;
-    const doomed = join(this.portsDir, `.${port}.removed-${process.pid}-${randomBytes(4).toString('hex')}`);
-    try {
-      renameSync(dir, doomed);
-    } catch {
-      return false;
-    }
-    if (this.portClaimText(port, doomed) !== judged) {
-      try {
-        renameSync(doomed, dir);
-      } catch {
-        rmSync(doomed, { recursive: true, force: true });
-      }
-      return false;
-    }
-    rmSync(doomed, { recursive: true, force: true });
-    return true;
-  }
-
-  private portClaimText(port: number, dir = join(this.portsDir, String(port))): string | undefined {
-    try {
-      return readFileSync(join(dir, 'aid'), 'utf8');
-    } catch {
-      return undefined;
-    }
+  /** Claims one given port for `aid` (a restored instance takes back the
+   * port it had; the caller holds the AID's registration, so a claim in
+   * its name is its own); false when another live application holds it. */
+  claimPort(aid: string, port: number): boolean {
+    return this.withPortsLocked(() => {
+      const file = join(this.portsDir, String(port));
+      if (existsSync(file) && this.portOwner(port) !== aid && !this.portClaimIsStale(port)) return false;
+      writeFileSync(`${file}.tmp`, `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+      renameSync(`${file}.tmp`, file);
+      return true;
+    });
   }
 
   /** The AID holding an allocated port, if any. */
@@ -368,43 +347,36 @@ export class LocalRegistry implements Registry {
   }
 
   private portClaim(port: number): { aid: string; pid: number; startTime: number } | undefined {
-    const [aid, pid, startTime] = (this.portClaimText(port) ?? '').split(' ');
-    if (!aid || !(Number(pid) > 0)) return undefined;
+    let text: string;
+    try {
+      text = readFileSync(join(this.portsDir, String(port)), 'utf8');
+    } catch {
+      return undefined;
+    }
+    const [aid, pid, startTime] = text.split(' ');
     return { aid, pid: Number(pid), startTime: Number(startTime) };
   }
 
   /** Takes back the ports of applications that are gone. */
   sweepPorts(): void {
-    let ports: string[];
-    try {
-      ports = readdirSync(this.portsDir);
-    } catch {
-      return;
-    }
-    for (const p of ports) {
-      if (/^\d+$/.test(p)) this.takeBackPort(Number(p));
-      // A taker killed between its rename and its removal.
-      else if (p.startsWith('.') && !isSameProcess(Number(p.split('-')[1]), undefined)) rmSync(join(this.portsDir, p), { recursive: true, force: true });
-    }
+    if (!existsSync(this.portsDir)) return;
+    this.withPortsLocked(() => {
+      for (const p of readdirSync(this.portsDir)) if (/^\d+$/.test(p) && this.portClaimIsStale(Number(p))) rmSync(join(this.portsDir, p), { force: true });
+    });
   }
 
-  releasePort(port: number): void {
-    rmSync(join(this.portsDir, String(port)), { recursive: true, force: true });
+  /** Lets a port go, if `aid` holds it. */
+  releasePort(port: number, aid: string): void {
+    this.withPortsLocked(() => {
+      if (this.portOwner(port) === aid) rmSync(join(this.portsDir, String(port)), { force: true });
+    });
   }
 
   /** A claim is taken back once its application is gone (or does not
-   * list the port) and the clone that claimed it has ended. A claim with no
-   * owner written yet is being made, or was left by a claimer killed at
-   * that instant: taken back once it is a minute old. */
+   * list the port) and the process that claimed it has ended. */
   private portClaimIsStale(port: number): boolean {
     const claim = this.portClaim(port);
-    if (!claim) {
-      try {
-        return Date.now() - statSync(join(this.portsDir, String(port))).mtimeMs > 60_000;
-      } catch {
-        return true;
-      }
-    }
+    if (!claim) return true;
     const record = this.get(claim.aid);
     if (record && !this.isStale(record) && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return false;
     return !isSameProcess(claim.pid, claim.startTime);

@@ -188,6 +188,9 @@ describe('templates and clones', () => {
     expect(sb.run(['snapshot', c.aid, '-o', join(dir, 'clone2.snap')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(dir, 'clone2.snap'), '-o', join(dir, 'second.template')]);
     expect(t.code, t.stderr).toBe(0);
+    // The template took c-1's private copies as they were: later changes
+    // to them are not its clones' business.
+    writeFileSync(join(c.privateRoot, ROOT, 'data', 'state.txt'), 'later\n');
     const r = sb.run(['clone', join(dir, 'second.template'), '--aid', 'cc', '--count', '2', '--json']);
     expect(r.code, r.stderr).toBe(0);
     const second = JSON.parse(r.stdout) as Clone[];
@@ -201,8 +204,9 @@ describe('templates and clones', () => {
     expect(await info(ownPort(second[0]))).toMatchObject({ state: 'third', mapped: 'third' });
     expect(await info(ownPort(second[1]))).toMatchObject({ state: 'again', mapped: 'again' });
     expect(readFileSync(join(second[0].privateRoot, ROOT, 'data', 'journal.log'), 'utf8')).toBe('start\nset w1\nset again\nset third\n');
-    expect(readFileSync(join(c.privateRoot, ROOT, 'data', 'state.txt'), 'utf8')).toBe('again\n');
+    expect(readFileSync(join(c.privateRoot, ROOT, 'data', 'state.txt'), 'utf8')).toBe('later\n');
     expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
+    for (const x of second) expect(await ask(ownPort(x), 'CHECK')).toBe('OK');
   });
 
   it('leaves nothing behind when the clones end: processes, SysV objects, tables, ports', async () => {
@@ -275,7 +279,7 @@ describe('templating refusals', () => {
     expect(existsSync(join(ROOT, 'instances', 'taken-1'))).toBe(false);
     const owners = readdirSync(join(sb.home, 'ports'))
       .filter((p) => /^\d+$/.test(p))
-      .map((p) => readFileSync(join(sb.home, 'ports', p, 'aid'), 'utf8').split(' ')[0]);
+      .map((p) => readFileSync(join(sb.home, 'ports', p), 'utf8').split(' ')[0]);
     expect(owners.filter((a) => a.startsWith('taken-'))).toEqual([]);
     sb.run(['stop', 'taken-2', '-s', 'KILL']);
   });

@@ -13,9 +13,12 @@
 #include <memory>
 #include <string>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <unistd.h>
 
 #include "addon.h"
 
@@ -272,11 +275,33 @@ Napi::Value RemoveIpcObject(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, rc == 0);
 }
 
+// lockFile(path) -> fd: the file, made if need be, under an exclusive
+// flock (waiting for it). Closing the fd unlocks it, and so does the end of
+// the process, however it ends: no lock outlives its holder.
+Napi::Value LockFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    ThrowErrno(env, "opening " + path, errno);
+    return env.Undefined();
+  }
+  while (flock(fd, LOCK_EX) != 0) {
+    if (errno == EINTR) continue;
+    int err = errno;
+    close(fd);
+    ThrowErrno(env, "locking " + path, err);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
+  exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("bind", Napi::Function::New(env, Bind));
   exports.Set("mapSystem", Napi::Function::New(env, MapSystem));
   exports.Set("unmapSystem", Napi::Function::New(env, UnmapSystem));

@@ -39,7 +39,7 @@ export interface Image {
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
-  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[] };
+  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string };
 }
 
 /** A snapshot virtual template: template.pb beside an image (FIG. 7). */

@@ -4,7 +4,7 @@
  * these helpers place the descriptors a clone inherits from its template,
  * and make the directories the rewritten paths lead into.
  */
-import { chmodSync, copyFileSync, existsSync, mkdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
@@ -33,6 +33,12 @@ export function unredirected(redirs: InstanceConfig['redirs'], path: string): st
  * that a copy is never seen half-made. */
 export function privateCopy(original: string, copy: string): string {
   if (existsSync(copy)) return copy;
+  // A directory (a working directory, a descriptor on one): the whole of
+  // it, as a copy-on-write directory is seen from inside.
+  if (existsSync(original) && statSync(original).isDirectory()) {
+    cpSync(original, copy, { recursive: true, preserveTimestamps: true });
+    return copy;
+  }
   mkdirSync(dirname(copy), { recursive: true });
   const tmp = `${copy}.appshot-${process.pid}`;
   if (existsSync(original)) {
@@ -45,12 +51,18 @@ export function privateCopy(original: string, copy: string): string {
   return copy;
 }
 
+/** A directory made for a REDIR PATH target: `leaf`, and `top`, the first
+ * of its parents that did not exist before. */
+export interface MadeDir {
+  top: string;
+  leaf: string;
+}
+
 /** The directories that REDIR PATH targets lead into: a redirected
  * directory exists for the instance, as does a redirected file's parent.
- * Returns the directories it made (the top of each new branch), for a
- * failed start to remove. */
-export function prepareRedirTargets(redirs: InstanceConfig['redirs']): string[] {
-  const made: string[] = [];
+ * Returns what it made, for a failed start to remove. */
+export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[] {
+  const made: MadeDir[] = [];
   for (const r of redirs) {
     if (r.kind !== 'path') continue;
     let isDir = false;
@@ -59,8 +71,23 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): string[] 
     } catch {
       /* not there: the target's parent is all we can make */
     }
-    const top = mkdirSync(isDir ? r.to : dirname(r.to), { recursive: true });
-    if (top) made.push(top);
+    const leaf = isDir ? r.to : dirname(r.to);
+    const top = mkdirSync(leaf, { recursive: true });
+    if (top) made.push({ top, leaf });
   }
   return made;
+}
+
+/** Undoes prepareRedirTargets: each leaf, then its parents up to the top
+ * while they are empty (another instance may have made its own beside). */
+export function removeRedirTargets(made: MadeDir[]): void {
+  for (const { top, leaf } of made) {
+    rmSync(leaf, { recursive: true, force: true });
+    for (let dir = dirname(leaf); dir.length >= top.length && dir.startsWith(top); dir = dirname(dir))
+      try {
+        rmdirSync(dir);
+      } catch {
+        break;
+      }
+  }
 }

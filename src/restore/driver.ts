@@ -11,7 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
-import { closeSync, constants as fs, mkdirSync, openSync, readSync, rmSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -21,7 +21,7 @@ import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
-import { prepareRedirTargets, privateCopy, redirected, unredirected } from '../resources/paths.js';
+import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
 import { restoreFds } from '../resources/files.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -56,7 +56,7 @@ export interface InstancePlan {
    * join(privateRoot, its path). */
   privateRoot: string;
   /** Registry fields of the new application. */
-  record: Pick<AppRecord, 'rules' | 'template' | 'ports'>;
+  record: Pick<AppRecord, 'rules' | 'template' | 'privateRoot' | 'ports'>;
 }
 
 export interface RestoreResult {
@@ -69,8 +69,8 @@ export interface RestoreResult {
   restoreMs: number;
   verifyMs: number;
   lazy: boolean;
-  /** Directories made for its REDIR PATH targets (the top of each). */
-  createdDirs: string[];
+  /** Directories made for its REDIR PATH targets. */
+  createdDirs: MadeDir[];
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -143,24 +143,28 @@ class Handover {
     private readonly redirs: InstanceConfig['redirs'],
   ) {}
 
-  /** Where one of the image's paths is for this instance. The image
-   * records paths as the kernel saw them, after the template's own REDIR
-   * PATH rules: back to the path the application named, then through this
-   * instance's rules (a plain restore comes out where it was). */
-  instancePath(path: string): { named: string; target?: string } {
+  /** Where one of the image's files is for a clone (a plain restore leaves
+   * every path where it was): the image records paths as the kernel saw
+   * them, after the template's own REDIR PATH rules (and, for a template
+   * made of a clone, in that clone's private copies). Taken back to the
+   * path the application named, then: this instance's REDIR PATH target;
+   * its own copy if `copy` (copy-on-write or duplicate), made now; else
+   * the template's file. */
+  private clonePath(path: string, copy: boolean): string {
+    if (!this.plan) return path;
     const named = unredirected(this.image.instance?.redirs ?? [], path);
-    return { named, target: redirected(this.redirs, named) };
+    const target = redirected(this.redirs, named);
+    if (target !== undefined) return privateCopy(path, target);
+    return copy ? privateCopy(path, join(this.plan.privateRoot, named)) : path;
   }
 
-  /** A working directory: redirected, or the instance's private side of a
-   * copy-on-write directory (so that relative writes do not reach the
-   * template's files). */
+  /** A clone's working directory: redirected, or in a copy-on-write
+   * directory the instance's own copy of it (relative writes must not
+   * reach the template's files, and relative reads find what they did). */
   workingDirectory(p: Process): string {
-    const { named, target } = this.instancePath(p.cwd);
-    const dir = target ?? (this.plan ? redirected(this.redirs, named, 'cow') : undefined);
-    if (dir === undefined) return p.cwd;
-    mkdirSync(dir, { recursive: true });
-    return dir;
+    if (!this.plan) return p.cwd;
+    const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
+    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);
   }
 
   /** A file mapped shared and writable that a rule copies for each clone
@@ -168,8 +172,7 @@ class Handover {
   mappedPath(vpid: number, v: Vma): string {
     if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
     const action = this.plan.action(`vma:${vpid}:${v.start.toString(16)}`);
-    if (action !== 'copy-on-write' && action !== 'duplicate') return v.path;
-    return privateCopy(v.path, join(this.plan.privateRoot, this.instancePath(v.path).named));
+    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate');
   }
 
   private keep(fd: number): number {
@@ -271,12 +274,9 @@ class Handover {
    * instance's private copy of a file it may write (copy-on-write,
    * duplicate), or the template's file itself (share). */
   private filePath(p: Process, fd: Fd): string {
-    const { named, target } = this.instancePath(fd.path);
-    if (target !== undefined) return privateCopy(fd.path, target);
     const action = this.plan?.action(`fd:${p.vpid}:${fd.fd}`);
     const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
-    if (action === 'duplicate' || (action === 'copy-on-write' && writable)) return privateCopy(fd.path, join(this.plan!.privateRoot, named));
-    return fd.path;
+    return this.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable));
   }
 
   /** A TCP listener of a clone: on its own allocated port, or on the
@@ -418,7 +418,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     : (image.tables.find((t) => t.kind === 'port')?.entries ?? []).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
   const claimed: number[] = [];
   // Directories made for REDIR PATH targets: removed if the restore fails.
-  const madeDirs: string[] = [];
+  const madeDirs: MadeDir[] = [];
   // Made once the application's log exists: descriptors that pointed at
   // a terminal or at the old log go there.
   let handover: Handover | undefined;
@@ -427,10 +427,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const verified = now();
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
-    for (const p of ownPorts) {
-      if (!reg.claimPort(aid, p.system)) throw new AppshotError(`port ${p.system}, which the instance was allocated, is held by '${reg.portOwner(p.system)}'`, ExitCode.conflict);
-      claimed.push(p.system);
-    }
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -441,13 +437,20 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       logPath: join(stateDir, 'log'),
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
+      ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...opts.instance?.record,
     }));
+    // After registering: a stale registration of the same AID, released
+    // by register, takes its port claims with it.
+    for (const p of ownPorts) {
+      if (!reg.claimPort(aid, p.system)) throw new AppshotError(`port ${p.system}, which the instance was allocated, is held by '${reg.portOwner(p.system)}'`, ExitCode.conflict);
+      claimed.push(p.system);
+    }
     const tables = record.tables;
     // The tables are new: their instance section (path rewriting, SET ENV)
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
-    const config = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
+    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
     madeDirs.push(...prepareRedirTargets(config.redirs));
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
@@ -574,6 +577,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       phase('memory');
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
+      // From here on a single-step's trap would reset a SIGTRAP handler
+      // the process has (see RemoteProcess.singleStep).
+      r.singleStep = false;
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
@@ -635,8 +641,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       /* gone */
     }
     if (record) await waitGone(reg, record);
-    for (const port of claimed) if (reg.portOwner(port) === (opts.aid ?? image.aid)) reg.releasePort(port);
-    for (const dir of madeDirs) rmSync(dir, { recursive: true, force: true });
+    for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
+    removeRedirTargets(madeDirs);
     if (e instanceof AppshotError) throw new AppshotError(`cannot restore ${imagePath}: ${e.message}`, e.exitCode);
     throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
   } finally {

@@ -63,6 +63,11 @@ const SCRATCH_SIZE = 1 << 16;
 let syscallOffset: bigint | undefined;
 
 export class RemoteProcess {
+  /** Calls are single-stepped (one stop each, not two) while this holds.
+   * A step's trap is a forced SIGTRAP, and with SIGTRAP blocked the kernel
+   * resets its handler to the default: so only until the process's own
+   * handlers are restored. */
+  singleStep = true;
   private insn = 0n;
   scratch = 0n;
   private used = 0;
@@ -92,7 +97,7 @@ export class RemoteProcess {
   raw(nr: number, args: (bigint | number)[], tid = this.pid): bigint {
     // A seed's signals are blocked from the start of the restore, so the
     // cheaper single-step injection serves, but for fork and clone.
-    return addon().inject(tid, this.insn, nr, args, nr !== SYS.fork && nr !== SYS.clone);
+    return addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
   }
 
   /** Runs a system call and throws a SyscallError naming `what` on failure. */

@@ -25,9 +25,9 @@ import { addon, type InstanceConfig } from '../native.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
-import { redirected } from '../resources/paths.js';
+import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
 import { instanceConfig, privateCopyPath, type Property } from './rules.js';
-import { openTemplate, type OpenedTemplate } from './template.js';
+import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -51,7 +51,7 @@ export interface CloneResult {
   /** Where its private copies of files go. */
   privateRoot: string;
   /** Directories made for its REDIR PATH targets. */
-  createdDirs: string[];
+  createdDirs: MadeDir[];
 }
 
 function instanceAids(reg: LocalRegistry, t: OpenedTemplate, opts: CloneOptions): string[] {
@@ -106,21 +106,20 @@ function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig[
   for (const rule of t.rules?.resources ?? []) {
     if (rule.kind !== 'file' || rule.action !== 'duplicate' || typeof rule.match !== 'string' || rule.match === '*') continue;
     const copy = privateCopyPath(t.rules!, rule, privateRoot);
-    if (existsSync(rule.match)) cpSync(rule.match, copy, { recursive: true, preserveTimestamps: true });
+    // Inherited from a template made of a clone, or copied now.
+    if (!existsSync(copy) && existsSync(rule.match)) cpSync(rule.match, copy, { recursive: true, preserveTimestamps: true });
     out.push({ kind: 'path', from: rule.match, to: copy });
   }
   return out;
 }
 
-/** A template made from a clone holds what that clone had written in its
- * private copies, not in the files they shadow: each new instance starts
- * with copies of those (the rest is still read from the originals). */
-function inheritPrivateCopies(t: OpenedTemplate, config: InstanceConfig): void {
-  for (const r of t.loaded.image.instance?.redirs ?? []) {
-    if (r.kind !== 'cow' || !existsSync(r.to)) continue;
-    const into = redirected(config.redirs, r.from, 'cow');
-    if (into !== undefined) cpSync(r.to, into, { recursive: true, preserveTimestamps: true });
-  }
+/** A template made of a clone holds what that clone had written in its
+ * private copies, not in the files they shadow (taken into the template
+ * when it was made): each new instance starts with copies of those, and
+ * reads the rest from the originals. */
+function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
+  const layer = join(t.path, PRIVATE_DIR);
+  if (existsSync(layer)) cpSync(layer, privateRoot, { recursive: true, preserveTimestamps: true });
 }
 
 /** Ends an instance this batch made: its processes are killed, init
@@ -141,8 +140,9 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
     if (r && reg.isStale(r)) reg.release(r);
     await sleep(25);
   }
-  for (const p of made.ports) if (p.mode === 'allocate' && reg.portOwner(p.system) === aid) reg.releasePort(p.system);
-  for (const dir of [made.privateRoot, ...made.createdDirs]) rmSync(dir, { recursive: true, force: true });
+  for (const p of made.ports) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
+  rmSync(made.privateRoot, { recursive: true, force: true });
+  removeRedirTargets(made.createdDirs);
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -169,20 +169,20 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         ports = planPorts(reg, aid, t);
         const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
         const config = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+        inheritPrivateCopies(t, privateRoot);
         config.redirs.push(...duplicateFiles(t, privateRoot));
-        inheritPrivateCopies(t, config);
         const plan: InstancePlan = {
           action: (ref) => actions.get(ref),
           config,
           ports: ports.own,
           privateRoot,
-          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1, privateRoot }, ports: ports.bindings },
+          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1 }, privateRoot, ports: ports.bindings },
         };
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded });
         results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         opts.progress?.(i + 1, aids.length, aid);
       } catch (e) {
-        for (const p of ports?.bindings ?? []) if (p.mode === 'allocate' && reg.portOwner(p.system) === aid) reg.releasePort(p.system);
+        for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
         rmSync(privateRoot, { recursive: true, force: true });
         throw e;
       }

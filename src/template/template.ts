@@ -8,7 +8,7 @@
  * template.pb. It is still an image: `appshot restore` brings back the
  * template's own application.
  */
-import { copyFileSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS, removeStalePartials } from '../image/format.js';
@@ -17,6 +17,10 @@ import { classify, refusals } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 
 export const TEMPLATE_PART = 'template.pb';
+/** A template made of a clone: that clone's private copies, as they were
+ * when the template was made (its files under copy-on-write and duplicate
+ * rules hold what it wrote). Laid out as below a private root. */
+export const PRIVATE_DIR = 'private';
 const TEMPLATE_MAGIC = 'appshot-template';
 
 export interface CreateOptions {
@@ -91,6 +95,12 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     mkdirSync(partial);
     try {
       for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
+      const privateRoot = image.instance?.privateRoot;
+      if (privateRoot) {
+        if (!existsSync(privateRoot))
+          throw new AppshotError(`${imagePath} is of a clone whose private copies are gone (${privateRoot}): what it wrote to its files cannot be templated`);
+        cpSync(privateRoot, join(partial, PRIVATE_DIR), { recursive: true, preserveTimestamps: true });
+      }
       writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template));
       renameSync(partial, dest);
     } catch (e) {
