@@ -32,9 +32,15 @@ export interface Result {
   stderr: string;
 }
 
+/** The range clones in tests are allocated ports from. */
+export const TEST_PORTS = '30000-32000';
+
 export class Sandbox {
   readonly home = mkdtempSync(join(tmpdir(), 'appshot-test-'));
-  readonly env = { ...process.env, APPSHOT_HOME: this.home };
+  /** Clones' ports come from a range of their own: the tests listen on
+   * fixed ports between 21000 and 27000, which an allocation from the
+   * default range could take first. */
+  readonly env = { ...process.env, APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS };
   private readonly started: ChildProcessWithoutNullStreams[] = [];
 
   /** Runs `appshot args...` to completion. */

@@ -9,7 +9,7 @@ import { chmodSync, chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, fixture, waitFor } from './helpers.js';
+import { cli, fixture, TEST_PORTS, waitFor } from './helpers.js';
 
 const NOBODY = 65534;
 const root = process.getuid!() === 0;
@@ -18,7 +18,7 @@ if (root) chownSync(home, NOBODY, NOBODY);
 chmodSync(home, 0o755);
 
 function appshot(...args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const env = { ...process.env, APPSHOT_HOME: join(home, 'state') };
+  const env = { ...process.env, APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
   const argv = [process.execPath, cli, ...args];
   const r = root
     ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
