@@ -38,7 +38,8 @@ export const TEST_PORTS = '30000-32000';
 export class Sandbox {
   readonly home = mkdtempSync(join(tmpdir(), 'appshot-test-'));
   /** Clones' ports come from a range of their own: the tests listen on
-   * fixed ports between 21000 and 27000, which an allocation from the
+   * fixed ports between 21000 and 30000 (redis 21000-26000, web
+   * 27100-27900, templates 28000-30000), which an allocation from the
    * default range could take first. */
   readonly env = { ...process.env, APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS };
   private readonly started: ChildProcessWithoutNullStreams[] = [];

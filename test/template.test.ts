@@ -16,7 +16,7 @@ import { fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, waitFor
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
 const ROOT = join(dir, 'srv');
-const base = 23000 + ((process.pid * 7) % 4000);
+const base = 28000 + ((process.pid * 7) % 1998);
 const PORT_ALLOC = base;
 const PORT_MUX = base + 1;
 const CLONES = 8;
