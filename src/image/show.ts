@@ -60,7 +60,11 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
   out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
   if (image.parent) out(`incremental: parent ${image.parent.imageId} at ${image.parent.path}\n`);
   out(`${image.processes.length} processes, ${s.pages} pages stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
-  out(`command: ${image.command.join(' ')}\n\nprocesses:\n`);
+  out(`command: ${image.command.join(' ')}\n`);
+  const actions = new Map<string, number>();
+  for (const v of image.verdicts) actions.set(v.action, (actions.get(v.action) ?? 0) + 1);
+  out(`templating: ${image.rules ? `rules ${image.rules.source}; ` : 'no rules; '}${[...actions].map(([a, n]) => `${n} ${a}`).join(', ') || 'no verdicts'} (--json lists each)\n`);
+  out('\nprocesses:\n');
   printColumns(
     ['VPID', 'VPPID', 'VPGID', 'VSID', 'THREADS', 'FDS', 'MEMORY', 'COMMAND'],
     image.processes.map((p) => [String(p.vpid), String(p.vppid), String(p.vpgid), String(p.vsid), String(p.threads.length), String(p.fds.length), size(p.vmas.reduce((n, v) => n + countPages(v.pages?.runs ?? []) * 4096, 0)), p.argv.join(' ') || p.comm]),
