@@ -10,7 +10,9 @@ import { FdKind, type Image, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { readMaps } from '../resources/memory.js';
 
-export function verifyImage(image: Image): void {
+/** `provided`: files the caller brings itself (a template made of a clone
+ * carries that clone's private copies), not looked for on this node. */
+export function verifyImage(image: Image, provided: (path: string) => boolean = () => false): void {
   const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
   if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
   let vdso = 0n;
@@ -37,7 +39,7 @@ export function verifyImage(image: Image): void {
     }
   for (const i of mapped) {
     const f = image.files[i];
-    if (f.path === image.tablesPath) continue; // replaced by the new tables
+    if (f.path === image.tablesPath || provided(f.path)) continue; // replaced by the new tables, or brought along
     if (writable.has(i)) {
       if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps shared, is missing on this node`);
       continue;
@@ -52,6 +54,6 @@ export function verifyImage(image: Image): void {
     for (const fd of p.fds) {
       if (fd.kind !== FdKind.FILE || fd.path === image.logPath) continue;
       const f = image.files[fd.file];
-      if (f && !f.deleted && !existsSync(f.path)) throw new AppshotError(`${f.path}, which process ${p.vpid} holds open as fd ${fd.fd}, is missing on this node`);
+      if (f && !f.deleted && !provided(f.path) && !existsSync(f.path)) throw new AppshotError(`${f.path}, which process ${p.vpid} holds open as fd ${fd.fd}, is missing on this node`);
     }
 }

@@ -152,8 +152,11 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   const t = await openTemplate(templatePath, opts.verify ?? false);
   const results: CloneResult[] = [];
   try {
-    // Checked once for the whole batch: the node, and the files it maps.
-    verifyImage(t.loaded.image);
+    // Checked once for the whole batch: the node, and the files it maps
+    // (but for a clone's private copies, which the template carries).
+    const layer = t.loaded.image.instance?.privateRoot;
+    const carried = layer && existsSync(join(t.path, PRIVATE_DIR)) ? (path: string) => path.startsWith(layer + '/') : undefined;
+    verifyImage(t.loaded.image, carried);
     const aids = instanceAids(reg, t, opts);
     const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
     for (let i = 0; i < aids.length; i++) {
