@@ -347,10 +347,16 @@ program
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
     if (opts.aid !== undefined) checkAid(opts.aid);
     const progress = new Progress();
+    // Ctrl-C or SIGTERM: the batch stops after the instance being made, and
+    // every instance it made goes (all or nothing, as for a failure).
+    const interrupt = new AbortController();
+    const stop = () => interrupt.abort();
+    process.once('SIGINT', stop).once('SIGTERM', stop);
     const results = await clone(registry(), path, {
       aid: opts.aid,
       count,
       verify: opts.verify,
+      signal: interrupt.signal,
       progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
     });
     progress.done();

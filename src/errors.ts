@@ -11,6 +11,8 @@ export const ExitCode = {
   /** The command given to `run` or `exec` could not be executed (as in sh). */
   notExecutable: 126,
   commandNotFound: 127,
+  /** Stopped by SIGINT or SIGTERM (as a shell reports 128 + SIGINT). */
+  interrupted: 130,
 } as const;
 
 export class AppshotError extends Error {

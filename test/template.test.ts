@@ -264,6 +264,17 @@ describe('templating refusals', () => {
     expect(sb.aids().filter((a) => a === 'cut' || a === 'flipped')).toEqual([]);
   });
 
+  it('stops a batch at Ctrl-C, removing the instances it made (exit 130)', async () => {
+    const batch = sb.start(['clone', join(dir, 'tpl.template'), '--aid', 'int', '--count', '100']);
+    await waitFor(() => sb.aids().filter((a) => a.startsWith('int-')).length >= 2, 20_000, 'the first instances');
+    batch.child.kill('SIGINT');
+    const r = await batch.exited;
+    expect(r.code, r.stderr).toBe(130);
+    expect(r.stderr).toMatch(/interrupted \(the \d+ instances made before it were removed\)/);
+    await waitFor(() => !sb.aids().some((a) => a.startsWith('int-')), 10_000, 'the instances to go');
+    expect(readdirSync(join(sb.home, 'instances')).filter((d) => d.startsWith('int-'))).toEqual([]);
+  });
+
   it('refuses a clone whose AID is taken, leaving no instance of the batch', async () => {
     const r = sb.run(['run', '-d', '--aid', 'taken-2', '--', '/bin/sleep', '1000']);
     expect(r.code, r.stderr).toBe(0);

@@ -36,6 +36,9 @@ export interface CloneOptions {
   /** Checksum the template's page file too (it was when the template was
    * made; its size is always checked). */
   verify?: boolean;
+  /** Aborted (Ctrl-C, SIGTERM): no more instances are made, and those made
+   * go, as after a failure. */
+  signal?: AbortSignal;
   /** Called after each instance, for a progress display. */
   progress?: (done: number, total: number, aid: string) => void;
 }
@@ -160,6 +163,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     const aids = instanceAids(reg, t, opts);
     const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
     for (let i = 0; i < aids.length; i++) {
+      // A turn of the event loop, so that a signal that came in is seen.
+      if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
+      if (opts.signal?.aborted) throw new AppshotError('interrupted', ExitCode.interrupted);
       const aid = aids[i];
       const started = now();
       const existing = reg.get(aid);
