@@ -349,6 +349,19 @@ async function cloneTimes(tpl, name, check) {
   return { single: median(single), batch: median(batch.map((c) => c.cloneMs)) };
 }
 
+/** One row of the clone table: appshot's times against the baselines. */
+function cloneRow(app, t, forkMs, coldMs) {
+  return {
+    app,
+    clone_ms: round(t.single),
+    [`batch${BATCH}_ms`]: round(t.batch),
+    fork_ms: round(forkMs, 3),
+    vs_fork: round(t.single / forkMs),
+    cold_ms: round(coldMs),
+    vs_cold: round(t.single / coldMs, 3),
+  };
+}
+
 const cloneRows = [];
 const memRows = [];
 let onePss = 0;
@@ -373,16 +386,7 @@ try {
     const tpl = makeTemplate(aid);
     await stop(aid).catch(() => {}); // the snapshot ended it
     const t = await cloneTimes(tpl.path, aid, (c) => checkMemappClone(c.aid));
-    const coldMs = median(cold);
-    cloneRows.push({
-      app: `memapp ${mib} MiB`,
-      clone_ms: round(t.single),
-      [`batch${BATCH}_ms`]: round(t.batch),
-      fork_ms: round(fork, 3),
-      vs_fork: round(t.single / fork),
-      cold_ms: round(coldMs),
-      vs_cold: round(t.single / coldMs, 3),
-    });
+    cloneRows.push(cloneRow(`memapp ${mib} MiB`, t, fork, median(cold)));
     if (mib === Math.max(...sizes)) memMib = mib;
     if (mib === memMib) memTemplate = tpl.path;
     else rmSync(tpl.path, { recursive: true, force: true });
@@ -415,17 +419,7 @@ try {
     if (n !== KEYS) throw new Error(`clone ${c.aid}: DBSIZE on its port ${own.system} is ${n}, not ${KEYS}; its log:\n${logOf(c.aid).slice(-2000)}`);
   };
   const rt = await cloneTimes(rtpl.path, 'redis', checkRedis);
-  const rfork = median(rcold.map((r) => r.fork));
-  const rcoldMs = median(rcold.map((r) => r.ms));
-  cloneRows.push({
-    app: `redis ${KEYS / 1000}k keys`,
-    clone_ms: round(rt.single),
-    [`batch${BATCH}_ms`]: round(rt.batch),
-    fork_ms: round(rfork, 3),
-    vs_fork: round(rt.single / rfork),
-    cold_ms: round(rcoldMs),
-    vs_cold: round(rt.single / rcoldMs, 3),
-  });
+  cloneRows.push(cloneRow(`redis ${KEYS / 1000}k keys`, rt, median(rcold.map((r) => r.fork)), median(rcold.map((r) => r.ms))));
   rmSync(rtpl.path, { recursive: true, force: true });
 
   // 2. memory of idle clones
