@@ -328,10 +328,14 @@ class Handover {
         if (!s.listening) return this.pairEnd(s, fd);
         let sock = this.sockets.get(s.ino);
         if (sock === undefined) {
+          const address = fd.kind === FdKind.TCP_LISTEN ? this.listenAddress(s) : s;
           try {
-            sock = this.keep(addon().listenSocket(fd.kind === FdKind.TCP_LISTEN ? this.listenAddress(s) : s));
+            sock = this.keep(addon().listenSocket(address));
           } catch (e) {
-            throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}`, ExitCode.conflict);
+            // Shared only among sockets that all ask for it: the template's
+            // own application, say, did not.
+            const hint = this.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
+            throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
           }
           addon().setStatusFlags(sock, fd.flags);
           this.sockets.set(s.ino, sock);
@@ -643,8 +647,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (record) await waitGone(reg, record);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
-    if (e instanceof AppshotError) throw new AppshotError(`cannot restore ${imagePath}: ${e.message}`, e.exitCode);
-    throw new AppshotError(`cannot restore ${imagePath}: ${(e as Error).message}; nothing was left behind`);
+    const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;
+    if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
+    throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);
   } finally {
     for (const fd of pageFds) closeSync(fd);
     if (!opts.loaded) for (const l of chain) l.dispose();
