@@ -73,6 +73,24 @@ export interface Verdict {
   reason: string;
 }
 
+/** Verdict.ref of the resources a clone looks its plan up for:
+ * classification writes them, the restore of a clone reads them. */
+export const verdictRef = {
+  vma: (vpid: number, v: Vma) => `vma:${vpid}:${v.start.toString(16)}`,
+  fd: (vpid: number, fd: Fd) => `fd:${vpid}:${fd.fd}`,
+  port: (port: number) => `port:${port}`,
+};
+
+/** A TCP port as the application asked for it: an instance with an
+ * allocated port listens on another, bound to it in its port table. */
+export function virtualPort(image: Image, port: number): number {
+  return portTable(image).find((e) => e.system === port)?.virtual ?? port;
+}
+
+/** The image's port table (virtual: the port asked for; system: the one
+ * the instance had). */
+export const portTable = (image: Image): Table['entries'] => image.tables.find((t) => t.kind === 'port')?.entries ?? [];
+
 export interface NodeInfo {
   hostname: string;
   arch: string;

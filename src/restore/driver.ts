@@ -16,7 +16,7 @@ import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
-import { type Action, type Fd, FdKind, type Image, type Process, type Vma, VmaKind } from '../image/types.js';
+import { type Action, type Fd, FdKind, type Image, portTable, type Process, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
@@ -171,7 +171,7 @@ class Handover {
    * (FILE ... COPY-ON-WRITE or DUPLICATE): the instance's copy is mapped. */
   mappedPath(vpid: number, v: Vma): string {
     if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
-    const action = this.plan.action(`vma:${vpid}:${v.start.toString(16)}`);
+    const action = this.plan.action(verdictRef.vma(vpid, v));
     return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate');
   }
 
@@ -274,7 +274,7 @@ class Handover {
    * instance's private copy of a file it may write (copy-on-write,
    * duplicate), or the template's file itself (share). */
   private filePath(p: Process, fd: Fd): string {
-    const action = this.plan?.action(`fd:${p.vpid}:${fd.fd}`);
+    const action = this.plan?.action(verdictRef.fd(p.vpid, fd));
     const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
     return this.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable));
   }
@@ -284,10 +284,10 @@ class Handover {
    * kernel spread connections among them: multiplexing). */
   private listenAddress(s: NonNullable<Fd['socket']>): NonNullable<Fd['socket']> {
     if (!this.plan) return s;
-    const virtualPort = this.image.tables.find((t) => t.kind === 'port')?.entries.find((e) => e.system === s.port)?.virtual ?? s.port;
-    const own = this.plan.ports.get(virtualPort);
+    const asked = virtualPort(this.image, s.port);
+    const own = this.plan.ports.get(asked);
     if (own !== undefined) return { ...s, port: own };
-    if (this.plan.action(`port:${virtualPort}`) === 'multiplex') return { ...s, port: virtualPort, reuseport: true };
+    if (this.plan.action(verdictRef.port(asked)) === 'multiplex') return { ...s, port: asked, reuseport: true };
     return s;
   }
 
@@ -419,7 +419,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // holds one).
   const ownPorts: PortBinding[] = opts.instance
     ? []
-    : (image.tables.find((t) => t.kind === 'port')?.entries ?? []).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
+    : portTable(image).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
   const claimed: number[] = [];
   // Directories made for REDIR PATH targets: removed if the restore fails.
   const madeDirs: MadeDir[] = [];
@@ -458,9 +458,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     madeDirs.push(...prepareRedirTargets(config.redirs));
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
-    for (const e of image.tables.find((t) => t.kind === 'port')?.entries ?? [])
-      if (!opts.instance) addon().bind(tables, 'port', e.virtual, e.system);
-    for (const [virtualPort, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', virtualPort, own);
+    for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
+    for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
     // Global state first (step 308).
     const shmIds = new Map<number, number>();
@@ -558,7 +557,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       lazy: opts.lazy || opts.instance !== undefined,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
-      eager: (vpid: number, v: Vma) => opts.instance?.action(`vma:${vpid}:${v.start.toString(16)}`) === 'duplicate',
+      eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
       sharedFd: (i: number) => handed.sharedMemory(i),
       shmSystemId: (vid: number) => {

@@ -16,7 +16,7 @@
  * system and that clones cannot each have): classify gives them 'recreate',
  * which is what a plain restore does, and refusals() names them.
  */
-import { type Fd, FdKind, type Image, type Process, type Verdict, type Vma, VmaKind, type Action } from '../image/types.js';
+import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
 import { unredirected } from '../resources/paths.js';
 import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
@@ -74,13 +74,12 @@ function processVerdict(p: Process): Verdict {
 
 // --- memory -----------------------------------------------------------------
 
-export const vmaRef = (p: Process, v: Vma) => `vma:${p.vpid}:${v.start.toString(16)}`;
 const writableVma = (v: Vma) => (v.prot & PROT_WRITE) !== 0;
 const hasStoredPages = (v: Vma) => (v.pages?.runs.length ?? 0) > 0 || (v.pages?.fromParent.length ?? 0) > 0;
 const isAnonymous = (v: Vma) => v.kind === VmaKind.ANON || v.kind === VmaKind.SHARED_ANON;
 
 function vmaVerdict(image: Image, p: Process, v: Vma, rules: RulesFile | undefined): Verdict {
-  return { ref: vmaRef(p, v), kind: 'memory', name: vmaName(v), ...vmaDecision(image, v, rules) };
+  return { ref: verdictRef.vma(p.vpid, v), kind: 'memory', name: vmaName(v), ...vmaDecision(image, v, rules) };
 }
 
 /** The tables file every process maps: appshot's, made anew by a restore. */
@@ -137,7 +136,7 @@ function vmaRefusal(image: Image, v: Vma, action: Action): string | undefined {
 // --- descriptors --------------------------------------------------------------
 
 function fdVerdict(image: Image, p: Process, fd: Fd, rules: RulesFile | undefined): Verdict {
-  return { ref: `fd:${p.vpid}:${fd.fd}`, ...fdDecision(image, fd, rules) };
+  return { ref: verdictRef.fd(p.vpid, fd), ...fdDecision(image, fd, rules) };
 }
 
 function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Described {
@@ -188,12 +187,6 @@ function fdRefusal(fd: Fd): string | undefined {
 
 // --- ports ------------------------------------------------------------------
 
-/** The port as the application asked for it: an instance with an
- * allocated port listens on another one, bound to it in its port table. */
-function virtualPort(image: Image, port: number): number {
-  return image.tables.find((t) => t.kind === 'port')?.entries.find((e) => e.system === port)?.virtual ?? port;
-}
-
 const tcpName = (fd: Fd) => `tcp ${fd.socket?.address ?? ''}:${fd.socket?.port ?? 0}`;
 
 /** A TCP port is the application's interface to clients outside: by
@@ -212,7 +205,7 @@ function portVerdicts(image: Image, rules: RulesFile | undefined): Verdict[] {
       const port = fd.kind === FdKind.TCP_LISTEN && fd.socket ? virtualPort(image, fd.socket.port) : undefined;
       if (port !== undefined && !first.has(port)) first.set(port, fd);
     }
-  return [...first].map(([port, fd]) => ({ ref: `port:${port}`, kind: 'port', name: tcpName(fd), ...portDecision(port, rules) }));
+  return [...first].map(([port, fd]) => ({ ref: verdictRef.port(port), kind: 'port', name: tcpName(fd), ...portDecision(port, rules) }));
 }
 
 // --- pipes, SysV, environment ------------------------------------------------
@@ -266,7 +259,7 @@ export function refusals(image: Image, verdicts: Verdict[], rules: RulesFile | u
       if (why) out.push(`${owner} fd ${fd.fd}: ${why}`);
     }
     for (const v of p.vmas) {
-      const action = byRef.get(vmaRef(p, v))?.action ?? vmaDecision(image, v, rules).action;
+      const action = byRef.get(verdictRef.vma(p.vpid, v))?.action ?? vmaDecision(image, v, rules).action;
       const why = vmaRefusal(image, v, action);
       if (why) out.push(`${owner} memory ${v.start.toString(16)}-${v.end.toString(16)}: ${why}`);
     }
