@@ -141,6 +141,16 @@ static inline long sys6(long nr, long a, long b, long c, long d, long e,
 #define SYS5(n, a, b, c, d, e) \
   sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 
+/* Writes v in decimal at d (no NUL); returns the end. No stdio here. */
+static inline char *put_decimal(char *d, unsigned long v) {
+  char tmp[24];
+  int n = 0;
+  do tmp[n++] = (char)('0' + v % 10);
+  while ((v /= 10) > 0);
+  while (n) *d++ = tmp[--n];
+  return d;
+}
+
 /* Turns a raw result into the libc convention: -1 and errno. */
 static inline long libc_ret(long r) {
   if (UNLIKELY(r < 0 && r > -4096)) {

@@ -219,15 +219,6 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
-static char *put_num(char *d, unsigned long v) {
-  char tmp[24];
-  int n = 0;
-  do tmp[n++] = (char)('0' + v % 10);
-  while ((v /= 10) > 0);
-  while (n) *d++ = tmp[--n];
-  return d;
-}
-
 /* A write is about to go to the private path of a COW rule that does not
  * exist yet. Returns 0 to use the private path, 1 to use the original (not
  * a regular file), or -errno. Not inlined: its frame is only needed for a
@@ -259,7 +250,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     return bl ? -ENAMETOOLONG : -EISDIR;
   }
   memcpy(tmp, base, bl);
-  char *d = put_num((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
+  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
                     (unsigned long)SYS0(gettid));
   *d = '\0';
   long dir;

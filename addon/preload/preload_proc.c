@@ -27,15 +27,6 @@ static int parse_pid(const char **p, pid_t *out) {
   return 1;
 }
 
-static char *put_pid(char *d, pid_t v) {
-  char tmp[12];
-  int n = 0;
-  do tmp[n++] = (char)('0' + v % 10);
-  while ((v /= 10) > 0);
-  while (n) *d++ = tmp[--n];
-  return d;
-}
-
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
@@ -59,8 +50,8 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
     errno = ENAMETOOLONG;
     return NULL;
   }
-  char *d = put_pid((char *)memcpy(buf, "/proc/", 6) + 6, spid);
-  if (vtid) d = put_pid((char *)memcpy(d, "/task/", 6) + 6, stid);
+  char *d = put_decimal((char *)memcpy(buf, "/proc/", 6) + 6, spid);
+  if (vtid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, stid);
   strcpy(d, rest);
   return buf;
 }
