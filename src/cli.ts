@@ -8,7 +8,7 @@ import { constants as osConstants } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
-import { formatId, listProcesses, printColumns, processesOf, tableRows } from './inspect.js';
+import { formatId, listProcesses, printColumns, signalProcesses, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
 import { imageJson, printImage } from './image/show.js';
@@ -166,17 +166,8 @@ program
     if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
     if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
       // These cannot be caught, so init cannot pass them on: they would
-      // stop init itself. Send them to the processes directly; init sees
-      // them go and cleans up.
-      const t = reg.readTables(record);
-      for (const p of t ? processesOf(record, t) : []) {
-        if (p.init) continue;
-        try {
-          process.kill(p.pid, sig);
-        } catch {
-          /* already gone */
-        }
-      }
+      // stop init itself.
+      signalProcesses(reg, record, sig);
       return;
     }
     try {

@@ -41,6 +41,21 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
   return rows.sort((a, b) => a.vpid - b.vpid);
 }
 
+/** Sends `sig` to every process of the application but its init, straight
+ * (SIGKILL and SIGSTOP cannot be passed on by init; init sees them go and
+ * cleans up). */
+export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
+  const t = reg.readTables(record);
+  for (const p of t ? processesOf(record, t) : []) {
+    if (p.init) continue;
+    try {
+      process.kill(p.pid, sig);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
 export function listProcesses(registry: LocalRegistry, records: AppRecord[]): ProcessRow[] {
   return records.flatMap((r) => {
     const t = registry.readTables(r);

@@ -22,6 +22,7 @@ import { randomBytes } from 'node:crypto';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Action } from '../image/types.js';
 import { addon, type InstanceConfig } from '../native.js';
+import { signalProcesses } from '../inspect.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
@@ -131,13 +132,7 @@ function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
 async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
   const aid = made.aid;
   const record = reg.get(aid);
-  const t = record && reg.readTables(record);
-  for (const e of t?.tables.pid ?? [])
-    try {
-      if (e.system !== record!.initPid) process.kill(e.system, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
+  if (record) signalProcesses(reg, record, 'SIGKILL');
   for (let i = 0; i < 200 && reg.get(aid); i++) {
     const r = reg.get(aid);
     if (r && reg.isStale(r)) reg.release(r);
