@@ -19,6 +19,13 @@ const size = (bytes: bigint | number) => {
   return `${Math.round(b / 1024)}K`;
 };
 
+/** "1,2,15" for a mask with bits 0, 1 and 14. */
+function signalList(mask: bigint): string {
+  const out: number[] = [];
+  for (let n = 1; n <= 64; n++) if (mask & (1n << BigInt(n - 1))) out.push(n);
+  return out.join(',') || 'none';
+}
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -34,6 +41,8 @@ function describeFd(image: Image, fd: Fd): string {
       return `listening unix ${fd.socket?.address}`;
     case 'EVENTFD':
       return `eventfd count=${fd.eventfdCount}`;
+    case 'SIGNALFD':
+      return `signalfd reading signals ${signalList(fd.sigmask)}`;
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
     default:

@@ -280,6 +280,7 @@ export const FdKind = {
   TCP_LISTEN: 5,
   EVENTFD: 6,
   EPOLL: 7,
+  SIGNALFD: 8,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -299,6 +300,8 @@ export interface Fd {
   epoll: EpollTarget[];
   tty: boolean;
   description: number;
+  /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
+  sigmask: bigint;
 }
 
 export interface Pipe {

@@ -3,14 +3,15 @@
  * close-on-exec bit. Regular files (and a deleted file's contents),
  * character devices (/dev/null, /dev/zero, /dev/urandom, ttys), pipes and
  * FIFOs (both ends, with the data they hold, copied without consuming it),
- * listening sockets (sockets.ts), eventfd and epoll. Anything else is
- * refused by name.
+ * listening sockets (sockets.ts), eventfd, epoll and signalfd (signalfd.ts).
+ * Anything else is refused by name.
  */
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
 import type { SocketTable } from './sockets.js';
 
 const O_ACCMODE = 3;
@@ -102,6 +103,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       epoll: [],
       tty: false,
       description: 0,
+      sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
     if (bracket && bracket[1] === 'pipe') {
@@ -118,6 +120,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else if (target === 'anon_inode:[eventpoll]') {
       fd.kind = FdKind.EPOLL;
       fd.epoll = epollTargets((info as Map<string, string> & { raw: string }).raw);
+    } else if (target === 'anon_inode:[signalfd]') {
+      fd.kind = FdKind.SIGNALFD;
+      fd.sigmask = dumpSignalfd(info);
     } else if (target.startsWith('anon_inode:') || bracket) {
       const kind = target.replace(/^anon_inode:/, '').replace(/[[\]]/g, '');
       throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
@@ -185,7 +190,9 @@ export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void
   };
   for (const fd of p.fds) {
     if (fd.kind === FdKind.EPOLL) continue;
-    place(src.transfer(r, src.open(p, fd)), fd);
+    // A signalfd is made inside the process; the rest here, handed over.
+    if (fd.kind === FdKind.SIGNALFD) place(restoreSignalfd(r, fd), fd);
+    else place(src.transfer(r, src.open(p, fd)), fd);
   }
   for (const fd of p.fds) {
     if (fd.kind !== FdKind.EPOLL) continue;

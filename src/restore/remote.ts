@@ -36,6 +36,7 @@ export const SYS = {
   set_tid_address: 218,
   epoll_ctl: 233,
   set_robust_list: 273,
+  signalfd4: 289,
   epoll_create1: 291,
   dup3: 292,
   rt_tgsigqueueinfo: 297,

@@ -160,6 +160,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
     }
     case FdKind.EVENTFD:
       return { kind: 'eventfd', name: 'eventfd', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.SIGNALFD:
+      return { kind: 'signalfd', name: 'signalfd', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
       return { kind: 'epoll', name: 'epoll', ...decide('duplicate', CRITERIA.privateToInstance) };
     default:

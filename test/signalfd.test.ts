@@ -1,0 +1,69 @@
+/**
+ * signalfd (every PostgreSQL >= 15 process holds one): the fixture's two
+ * signalfds keep their masks and flags through snapshot and restore, and a
+ * signal queued before the snapshot is read through one after it.
+ */
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-sigfd-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const logOf = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const checks = (aid: string) => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
+
+async function checksPass(aid: string): Promise<void> {
+  const from = checks(aid);
+  await waitFor(() => checks(aid) >= from + 5 || /FAIL/.test(logOf(aid)), 15_000, `5 more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+
+/** SIGHUP makes the fixture read the queued signal and raise two more. */
+async function exercised(aid: string): Promise<void> {
+  const pid = (sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', aid])[0].processes.find((p) => p.vpid === 2)!).pid;
+  process.kill(pid, 'SIGHUP');
+  await waitFor(() => /EXERCISED|FAIL/.test(logOf(aid)), 15_000, `${aid} to read its signals`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+  expect(logOf(aid)).toMatch(/^EXERCISED$/m);
+}
+
+function run(args: string[]): void {
+  const r = sb.run(args);
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
+}
+
+describe('signalfd', () => {
+  it('comes back with its mask and flags; a queued signal is read after the restore', async () => {
+    run(['run', '-d', '--aid', 'sigfd', '--', fixture('sigfd')]);
+    await checksPass('sigfd');
+    run(['snapshot', 'sigfd', '-o', join(out, 'sigfd')]);
+    expect(sb.run(['inspect', join(out, 'sigfd')]).stdout).toMatch(/SIGNALFD\s+signalfd reading signals 12,36/);
+    run(['restore', join(out, 'sigfd')]);
+    await checksPass('sigfd');
+    await exercised('sigfd');
+  });
+
+  it('from a --leave-running snapshot, restored --lazy beside the original', async () => {
+    run(['run', '-d', '--aid', 'sigfd2', '--', fixture('sigfd')]);
+    await checksPass('sigfd2');
+    run(['snapshot', 'sigfd2', '-o', join(out, 'sigfd2'), '--leave-running']);
+    await checksPass('sigfd2');
+    run(['restore', join(out, 'sigfd2'), '--aid', 'sigfd3', '--lazy']);
+    await checksPass('sigfd3');
+    await exercised('sigfd3');
+    await exercised('sigfd2');
+  });
+});
