@@ -6,10 +6,11 @@
  * mapped shared) is one object however many processes map it: stored once.
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
-import { closeSync, openSync, readFileSync, statSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { type Injector, NR } from '../snapshot/inject.js';
 
 const PAGE = 4096n;
 
@@ -94,6 +95,57 @@ function dumpSharedObject(ctx: DumpContext, pid: number, pagemapFd: number, l: M
     const runs = pairs(d.runs).map((v, i) => (i % 2 === 0 ? v + shift : v));
     return { dev: BigInt((l.major << 8) | l.minor), ino: l.ino, size: l.end - l.start + l.pgoff, path: l.path, pages: { offset: BigInt(d.offset), runs, fromParent: [] } };
   });
+}
+
+/** Whether this process's shared objects can be read through map_files
+ * (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE). */
+function mapFilesReadable(pid: number, l: MapsLine): boolean {
+  try {
+    closeSync(openSync(`/proc/${pid}/map_files/${l.start.toString(16)}-${l.end.toString(16)}`, 'r'));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Without map_files, dumpSharedObject reads a shared object through this
+ * process's mapping, where only the pages present in its page tables show:
+ * a page another process wrote (a PostgreSQL backend that has exited since,
+ * filling shared buffers) is in the object but not mapped here, and would
+ * come back as zeros. mincore, asked inside the process, tells which pages
+ * the object holds; reading a byte of each such page that is not present
+ * maps it (a read maps the object's page; it creates none), so the dump
+ * sees it. Runs while the injector's scratch area is in use, before memory
+ * is dumped.
+ */
+export function mapSharedObjectPages(pid: number, inj: Injector): void {
+  const lines = readMaps(pid).filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
+  if (!lines.length || mapFilesReadable(pid, lines[0])) return;
+  const pagemap = openSync(`/proc/${pid}/pagemap`, 'r');
+  try {
+    // One byte of mincore's answer per page: as many pages a call as the
+    // injector's scratch area holds bytes.
+    const CHUNK = inj.scratchSize;
+    const entry = Buffer.alloc(8);
+    for (const l of lines) {
+      const pages = Number((l.end - l.start) / PAGE);
+      for (let first = 0; first < pages; first += CHUNK) {
+        const n = Math.min(CHUNK, pages - first);
+        const at = l.start + BigInt(first) * PAGE;
+        const { ret, out } = inj.callOut(NR.mincore, [at, BigInt(n) * PAGE, 'out'], n);
+        if (ret !== 0n) throw new Unsupported(`mincore of shared memory at 0x${at.toString(16)} failed (${-ret})`);
+        for (let i = 0; i < n; i++) {
+          if (!(out[i] & 1)) continue;
+          const page = at + BigInt(i) * PAGE;
+          readSync(pagemap, entry, 0, 8, Number(page / PAGE) * 8);
+          if (!(entry.readBigUInt64LE() >> 63n)) addon().readMemory(pid, page, 1);
+        }
+      }
+    }
+  } finally {
+    closeSync(pagemap);
+  }
 }
 
 function isAnonShared(l: MapsLine): boolean {

@@ -19,7 +19,7 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { countPages, dumpMemory, readMaps } from '../resources/memory.js';
+import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
@@ -153,6 +153,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
+      mapSharedObjectPages(pid, inj);
       inj.close();
       // Memory last: the scratch area used above is back as it was.
       proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);

@@ -63,6 +63,9 @@ export class Injector {
     return { ret, out: addon().readMemory(this.pid, this.scratch, outLength) };
   }
 
+  /** Bytes an out-parameter may take. */
+  readonly scratchSize = SCRATCH;
+
   close(): void {
     addon().writeMemory(this.pid, this.scratch, this.saved);
   }
@@ -78,5 +81,6 @@ export const NR = {
   rt_sigaction: 13,
   sigaltstack: 131,
   prctl: 157,
+  mincore: 27,
 } as const;
 export const PR_GET_TID_ADDRESS = 40;
