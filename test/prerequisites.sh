@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test suite's prerequisites: Debian packages whose programs the tests
+# run for real (servers, procps, setpriv). As root (CI, a fresh container)
+# whatever is missing is installed with apt-get; as anyone else, one line
+# names what is missing and how to install it, and the exit status is 1.
+set -euo pipefail
+
+# program -> the Debian package that ships it
+declare -A needs=(
+  [/usr/bin/cc]=build-essential
+  [/usr/bin/make]=build-essential
+  [/usr/bin/python3]=python3
+  [/usr/bin/ps]=procps
+  [/usr/bin/setpriv]=util-linux
+  [/usr/sbin/runuser]=util-linux
+  [/usr/bin/redis-server]=redis-server
+  [/usr/bin/redis-cli]=redis-tools
+  [/usr/sbin/nginx]=nginx-light
+  [/usr/bin/memcached]=memcached
+  [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
+  [/usr/bin/psql]=postgresql-client-15
+)
+
+missing=()
+for program in "${!needs[@]}"; do
+  [ -x "$program" ] || missing+=("${needs[$program]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+  echo "test prerequisites missing: ${packages}(as root: bash test/prerequisites.sh, or apt-get install -y ${packages% })" >&2
+  exit 1
+fi
+echo "installing test prerequisites: ${packages% }" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq $packages >/dev/null
