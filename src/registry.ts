@@ -12,6 +12,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import {
   closeSync,
   existsSync,
+  lstatSync,
   mkdirSync,
   readdirSync,
   readFileSync,
@@ -19,7 +20,6 @@ import {
   renameSync,
   rmSync,
   statSync,
-  unlinkSync,
   writeFileSync,
 } from 'node:fs';
 import { homedir } from 'node:os';
@@ -154,8 +154,26 @@ export class LocalRegistry implements Registry {
     this.tag = createHash('sha256').update(this.home).digest('hex').slice(0, 8);
   }
 
-  private tablesPath(aid: string): string {
-    return `/dev/shm/appshot-${this.tag}-${aid}`;
+  /** A new name for an application's tables: /dev/shm is writable by
+   * everyone, so the name has a random part that no other user can guess
+   * and pre-create; the registration records it. */
+  private newTablesPath(aid: string): string {
+    return `/dev/shm/appshot-${this.tag}-${aid}-${randomBytes(8).toString('hex')}`;
+  }
+
+  /** Table files of `aid` that a registration killed before it wrote its
+   * record left in /dev/shm: ours (by owner), whatever their random part. */
+  private removeLostTables(aid: string): void {
+    const name = new RegExp(`^appshot-${this.tag}-${aid.replace(/[.]/g, '\\.')}-[0-9a-f]{16}$`);
+    for (const f of readdirSync('/dev/shm')) {
+      if (!name.test(f)) continue;
+      const path = join('/dev/shm', f);
+      try {
+        if (lstatSync(path).uid === process.getuid?.()) rmSync(path, { force: true });
+      } catch {
+        /* gone meanwhile */
+      }
+    }
   }
 
   register(aid: string, fill: RecordFill): AppRecord {
@@ -193,12 +211,10 @@ export class LocalRegistry implements Registry {
   }
 
   private finishRegistration(aid: string, stateDir: string, fill: RecordFill): AppRecord {
-    const tables = this.tablesPath(aid);
+    const tables = this.newTablesPath(aid);
     try {
       const record: AppRecord = { aid, stateDir, tables, ...fill(stateDir, tables) };
-      // A leftover of a registration that was killed between its mkdir and
-      // its tables: the name is ours now, so is the file.
-      if (existsSync(tables)) unlinkSync(tables);
+      // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, randomBytes(8).readBigUInt64LE());
       this.update(record);
       return record;
@@ -389,7 +405,7 @@ export class LocalRegistry implements Registry {
     try {
       if (Date.now() - statSync(dir).mtimeMs > 60_000) {
         removeDir(dir);
-        rmSync(this.tablesPath(aid), { force: true });
+        this.removeLostTables(aid);
       }
     } catch {
       /* already gone */
