@@ -93,7 +93,9 @@ interface IpcPerm {
 }
 
 interface Addon {
-  seize(tid: number): void;
+  /** exitKill: the tracee dies with us until keepOnExit (restores). */
+  seize(tid: number, exitKill?: boolean): void;
+  keepOnExit(tid: number): void;
   interrupt(tid: number): void;
   cont(tid: number, sig: number): void;
   detach(tid: number, sig: number): void;
@@ -138,7 +140,7 @@ interface Addon {
   tcpListeners(family: number): { ino: number; backlog: number }[];
   peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
-  spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number };
+  spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
   eventfd(count: number, flags: number): number;
   memfd(name: string, size: number): number;

@@ -53,8 +53,15 @@ bool Failed(const Napi::Env& env, int rc, const std::string& what) {
   return true;
 }
 
+// seize(tid, exitKill = false)
 Napi::Value Seize(const Napi::CallbackInfo& info) {
-  Failed(info.Env(), trace_seize(Tid(info)), "ptrace seize " + std::to_string(Tid(info)));
+  bool exit_kill = info.Length() > 1 && info[1].ToBoolean().Value();
+  Failed(info.Env(), trace_seize(Tid(info), exit_kill), "ptrace seize " + std::to_string(Tid(info)));
+  return info.Env().Undefined();
+}
+
+Napi::Value KeepOnExit(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_keep_on_exit(Tid(info)), "ptrace setoptions " + std::to_string(Tid(info)));
   return info.Env().Undefined();
 }
 
@@ -767,6 +774,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("seize", Seize);
+  fn("keepOnExit", KeepOnExit);
   fn("interrupt", Interrupt);
   fn("cont", Cont);
   fn("detach", Detach);

@@ -30,8 +30,13 @@
 
 static int fail(void) { return -errno; }
 
-int trace_seize(pid_t tid) {
-  return ptrace(PTRACE_SEIZE, tid, 0, (void*)(long)SEIZE_OPTIONS) ? fail() : 0;
+int trace_seize(pid_t tid, int exit_kill) {
+  long options = SEIZE_OPTIONS | (exit_kill ? PTRACE_O_EXITKILL : 0);
+  return ptrace(PTRACE_SEIZE, tid, 0, (void*)options) ? fail() : 0;
+}
+
+int trace_keep_on_exit(pid_t tid) {
+  return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)(long)SEIZE_OPTIONS) ? fail() : 0;
 }
 
 int trace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0) ? fail() : 0; }

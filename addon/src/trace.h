@@ -31,7 +31,14 @@ typedef struct {
   int status;
 } trace_report;
 
-int trace_seize(pid_t tid);
+/* With exit_kill, the tracee (and every child and thread it makes while
+ * traced) is killed if we die before detaching it: a process being
+ * restored must not run on with half its state. A snapshot seizes without
+ * it: an application we stop must outlive us. */
+int trace_seize(pid_t tid, int exit_kill);
+/* Turns exit-kill off once the restore is committed: from then on our
+ * death detaches the tracee, which runs on. */
+int trace_keep_on_exit(pid_t tid);
 int trace_interrupt(pid_t tid);
 /* Waits for one report from any tracee, or from `tid` if > 0, for at most
  * timeout_ms (0: do not wait). */
