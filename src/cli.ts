@@ -170,9 +170,16 @@ program
       signalProcesses(reg, record, sig);
       return;
     }
+    // An application being restored has no supervisor yet (in its record
+    // or its tables): its processes are signalled straight.
+    const initPid = record.initPid ?? reg.readTables(record)?.initPid;
+    if (!initPid || initPid <= 0) {
+      signalProcesses(reg, record, sig);
+      return;
+    }
     try {
       // init passes it to the first process, or to all once that is gone.
-      process.kill(record.initPid!, sig);
+      process.kill(initPid, sig);
     } catch (e) {
       throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
     }

@@ -14,6 +14,7 @@ import {
   existsSync,
   lstatSync,
   mkdirSync,
+  openSync,
   readdirSync,
   readFileSync,
   realpathSync,
@@ -27,6 +28,7 @@ import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess, readStat } from './procfs.js';
+import { type MadeDir, removeRedirTargets } from './resources/paths.js';
 
 export interface AppRecord {
   aid: string;
@@ -68,6 +70,17 @@ export interface AppRecord {
   /** TCP ports it listens on that the registry knows of: `virtual` is the
    * port the application asks for, `system` the one it has. */
   ports?: PortBinding[];
+  /** A restore or clone under way: the file whose existence commits it
+   * (see appshot-init), and what it made outside its registry directory,
+   * removed with the registration if it never committed. */
+  restore?: {
+    commitPath: string;
+    /** Directories made for this instance and nothing else (a clone's
+     * private copies), removed whole. */
+    madePaths: string[];
+    /** REDIR PATH target directories it made (see prepareRedirTargets). */
+    madeDirs: MadeDir[];
+  };
 }
 
 export interface PortBinding {
@@ -273,6 +286,29 @@ export class LocalRegistry implements Registry {
     return out;
   }
 
+  /** Where a restore (or a batch of clones) will commit: a file created
+   * once everything is made (see appshot-init). Files of drivers long
+   * gone are swept: by then every init has seen them. */
+  newCommitPath(): string {
+    const dir = join(this.home, 'commits');
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    for (const name of readdirSync(dir)) {
+      const pid = Number(name.split('.')[0]);
+      try {
+        if (!isSameProcess(pid, undefined) && Date.now() - statSync(join(dir, name)).mtimeMs > 60_000) rmSync(join(dir, name), { force: true });
+      } catch {
+        /* swept by another */
+      }
+    }
+    return join(dir, `${process.pid}.${randomBytes(6).toString('hex')}`);
+  }
+
+  /** Commits: from now on, the restore's processes are the application's
+   * even if this process dies. */
+  commit(commitPath: string): void {
+    closeSync(openSync(commitPath, 'wx', 0o600));
+  }
+
   /** Reads an application's tables, or undefined if they are gone. */
   readTables(record: AppRecord): TablesSnapshot | undefined {
     try {
@@ -306,6 +342,13 @@ export class LocalRegistry implements Registry {
     }
     rmSync(record.tables, { force: true });
     for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
+    // A restore that never committed (its appshot was killed): what it made
+    // for the instance goes with it.
+    const r = record.restore;
+    if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
+      for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
+      removeRedirTargets(r.madeDirs);
+    }
     removeDir(record.stateDir);
   }
 

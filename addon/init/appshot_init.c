@@ -25,6 +25,16 @@
  * process of the image. Restored processes are thus init's children, as
  * the image's were, and init supervises them as any application's.
  *
+ * A restore is all or nothing, even if the driver is killed (kill -9) at
+ * any instant. The driver holds the write end of --lifeline FD and creates
+ * the file --commit PATH once every process is made (for a batch of
+ * clones, once every instance is: one file for all). When the lifeline
+ * ends (the driver closed it or died) and PATH does not exist, the restore
+ * never committed: init kills every process of the application, seeds
+ * included, removes its SysV objects and tables, and leaves the registry
+ * directory for the next appshot command to release with what the driver
+ * recorded there (private copies, directories it made).
+ *
  * When the last process ends it removes what the application owned: its
  * SysV objects, its translation tables and its registry directory.
  */
@@ -32,6 +42,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +66,13 @@
 static struct appshot_header *tables;
 static const char *tables_path, *state_dir, *preload_lib, *aid;
 static int status_fd = -1;
+/* The restore driver's lifeline and commit file (see above); -1 / NULL
+ * once the restore is committed, or for `appshot run`. */
+static int lifeline_fd = -1;
+static const char *commit_path;
+#define MAX_SEEDS 4096
+static pid_t seed_pids[MAX_SEEDS];
+static int seed_count;
 
 static void die(const char *what) {
   fprintf(stderr, "appshot-init: %s: %s\n", what, strerror(errno));
@@ -137,6 +155,7 @@ static pid_t fork_seed(void) {
   if (pid < 0) die("fork");
   if (pid == 0) {
     if (status_fd >= 0) close(status_fd);
+    if (lifeline_fd >= 0) close(lifeline_fd);
     for (;;) pause();
   }
   return pid;
@@ -250,6 +269,53 @@ static void clean_up(void) {
   remove_state_dir();
 }
 
+/* After the lifeline ended: 1 if the restore was committed, 0 if it was
+ * abandoned, in which case every process of the application is killed:
+ * those already in the tables, and seeds that were never made one. Traced
+ * processes die with their tracer anyway (PTRACE_O_EXITKILL). */
+static int restore_committed(void) {
+  close(lifeline_fd);
+  lifeline_fd = -1;
+  if (access(commit_path, F_OK) == 0) {
+    /* Recorded in our own directory too: the commit file may be shared
+     * by a batch and is swept once its driver is long gone. */
+    char mark[4096];
+    snprintf(mark, sizeof mark, "%s/committed", state_dir);
+    int fd = open(mark, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0) close(fd);
+    return 1;
+  }
+  signal_application(SIGKILL);
+  for (int k = 0; k < seed_count; k++) kill(seed_pids[k], SIGKILL);
+  return 0;
+}
+
+/* Whether the lifeline has ended (EOF or error): polled, never blocking. */
+static int lifeline_ended(void) {
+  struct pollfd p = {lifeline_fd, POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return 0;
+  char buf[64];
+  ssize_t n = read(lifeline_fd, buf, sizeof buf);
+  return n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN);
+}
+
+/* The last process is gone. Clean up before reporting, so that when
+ * `appshot run` returns the AID is free again. An abandoned restore's
+ * registry directory stays for the CLI to release (see above). */
+static int finish(int abandoned, int code) {
+  /* The processes may have died with their tracer (PTRACE_O_EXITKILL)
+   * before we looked at the lifeline, which ended first. */
+  if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
+  if (abandoned) {
+    remove_ipc_objects();
+    unlink(tables_path);
+    return 137;
+  }
+  clean_up();
+  report("X %ld\n", code, 0);
+  return code;
+}
+
 static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
                                 SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
@@ -265,19 +331,24 @@ int main(int argc, char **argv) {
     else if (!strcmp(opt, "--aid")) aid = val;
     else if (!strcmp(opt, "--status-fd")) status_fd = atoi(val);
     else if (!strcmp(opt, "--seeds")) seeds = atoi(val);
+    else if (!strcmp(opt, "--lifeline")) lifeline_fd = atoi(val);
+    else if (!strcmp(opt, "--commit")) commit_path = val;
     else {
       fprintf(stderr, "appshot-init: unknown option %s\n", opt);
       return 125;
     }
   }
-  if (!tables_path || !state_dir || !preload_lib || !aid || (seeds < 0 && i + 1 >= argc)) {
+  if (!tables_path || !state_dir || !preload_lib || !aid || (seeds < 0 && i + 1 >= argc) ||
+      seeds > MAX_SEEDS || (lifeline_fd >= 0) != (commit_path != NULL)) {
     fprintf(stderr,
             "usage: appshot-init --tables PATH --state-dir DIR --preload LIB "
-            "--aid A [--status-fd N] (-- cmd args... | --seeds N)\n");
+            "--aid A [--status-fd N] (-- cmd args... | --seeds N "
+            "[--lifeline FD --commit PATH])\n");
     return 125;
   }
   char **cmd = seeds < 0 ? &argv[i + 1] : NULL;
   if (status_fd >= 0) fcntl(status_fd, F_SETFD, FD_CLOEXEC);
+  if (lifeline_fd >= 0) fcntl(lifeline_fd, F_SETFD, FD_CLOEXEC);
 
   tables = appshot_table_open(tables_path);
   if (!tables) die(tables_path);
@@ -289,9 +360,16 @@ int main(int argc, char **argv) {
   sigset_t waited, orig;
   sigemptyset(&waited);
   sigaddset(&waited, SIGCHLD);
+  sigaddset(&waited, SIGIO);
   for (size_t k = 0; k < sizeof forwarded / sizeof forwarded[0]; k++)
     sigaddset(&waited, forwarded[k]);
   sigprocmask(SIG_BLOCK, &waited, &orig);
+  if (lifeline_fd >= 0) {
+    /* SIGIO (blocked, and waited for below) the moment the driver closes
+     * it or dies: processes it leaves behind must not run on for long. */
+    fcntl(lifeline_fd, F_SETOWN, getpid());
+    fcntl(lifeline_fd, F_SETFL, O_ASYNC | O_NONBLOCK);
+  }
   signal(SIGPIPE, SIG_IGN);
 
   int first_alive = 1, code = 0;
@@ -309,12 +387,17 @@ int main(int argc, char **argv) {
   } else {
     /* Restored applications run in the background from the start. */
     first_alive = 0;
-    for (int k = 0; k < seeds; k++) report("C %ld\n", fork_seed(), 0);
+    for (int k = 0; k < seeds; k++) {
+      seed_pids[seed_count++] = fork_seed();
+      report("C %ld\n", seed_pids[seed_count - 1], 0);
+    }
     report("S 0 0\n", 0, 0);
   }
 
   time_t next_sweep = time(NULL) + SWEEP_SECONDS;
+  int abandoned = 0;
   for (;;) {
+    if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
     /* Sweep on a clock of its own: a steady stream of signals (orphans
      * exiting) must not put it off for ever. */
     time_t now = time(NULL);
@@ -323,15 +406,15 @@ int main(int argc, char **argv) {
       next_sweep = now + SWEEP_SECONDS;
       /* Out of descendants, waiting for `appshot exec` processes. */
       if (!first_alive && waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD &&
-          !others_alive()) {
-        clean_up();
-        return code;
-      }
+          !others_alive())
+        return finish(abandoned, code);
     }
+    /* While a restore is under way, the lifeline is looked at every 20 ms. */
     struct timespec timeout = {next_sweep - now, 0};
+    if (lifeline_fd >= 0) timeout = (struct timespec){0, 20 * 1000 * 1000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
-    if (sig < 0) continue;
+    if (sig < 0 || sig == SIGIO) continue;
     if (sig != SIGCHLD) {
       /* A terminal's Ctrl-C or Ctrl-\ already reached the whole foreground
        * process group, the application included: passing it on would
@@ -358,13 +441,7 @@ int main(int argc, char **argv) {
       last = pid < 0 && errno == ECHILD && !others_alive();
       break;
     }
-    if (last) {
-      /* The last process is gone. Clean up before reporting, so that when
-       * `appshot run` returns the AID is free again. */
-      clean_up();
-      report("X %ld\n", code, 0);
-      return code;
-    }
+    if (last) return finish(abandoned, code);
     if (first_ended) {
       /* Other processes live on. Report, leave the terminal's session so
        * that closing it does not hang them up through us, and let go of the

@@ -365,11 +365,14 @@ Napi::Value WritePages(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// spawnDetached(path, argv[], outFd) -> { pid, statusFd }: starts a program
-// in a session of its own with stdin /dev/null, stdout and stderr on outFd,
-// and a status pipe on fd 3 whose read end is returned. posix_spawn here
-// costs a fraction of child_process.spawn, and this is on a restore's
-// critical path (appshot-init with its seeds).
+// spawnDetached(path, argv[], outFd) -> { pid, statusFd, lifelineFd }:
+// starts a program in a session of its own with stdin /dev/null, stdout and
+// stderr on outFd, a status pipe on fd 3 whose read end is returned, and a
+// lifeline on fd 4: the read end of a pipe whose only write end is returned
+// (close-on-exec here), so the program sees end-of-file on fd 4 when we
+// close it or die. posix_spawn here costs a fraction of
+// child_process.spawn, and this is on a restore's critical path
+// (appshot-init with its seeds).
 Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -385,15 +388,24 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "pipe", errno);
     return env.Undefined();
   }
-  // dup2 onto its own number would keep close-on-exec set.
-  int status_w = p[1];
-  if (status_w == 3) status_w = fcntl(p[1], F_DUPFD_CLOEXEC, 10);
+  int life[2];
+  if (pipe2(life, O_CLOEXEC)) {
+    close(p[0]);
+    close(p[1]);
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
+  // dup2 onto its own number would keep close-on-exec set, and each end
+  // must survive the other's dup2: both are moved above 10 first.
+  int status_w = fcntl(p[1], F_DUPFD_CLOEXEC, 10);
+  int life_r = fcntl(life[0], F_DUPFD_CLOEXEC, 10);
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_adddup2(&fa, out, 1);
   posix_spawn_file_actions_adddup2(&fa, out, 2);
   posix_spawn_file_actions_adddup2(&fa, status_w, 3);
+  posix_spawn_file_actions_adddup2(&fa, life_r, 4);
   posix_spawnattr_t attr;
   posix_spawnattr_init(&attr);
   sigset_t none, all;
@@ -407,15 +419,19 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   close(p[1]);
-  if (status_w != p[1]) close(status_w);
+  close(status_w);
+  close(life[0]);
+  close(life_r);
   if (rc) {
     close(p[0]);
+    close(life[1]);
     ThrowErrno(env, "starting " + path, rc);
     return env.Undefined();
   }
   Napi::Object o = Napi::Object::New(env);
   o.Set("pid", pid);
   o.Set("statusFd", p[0]);
+  o.Set("lifelineFd", life[1]);
   return o;
 }
 

@@ -30,6 +30,7 @@ import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, 
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
 import { verifyImage } from './verify.js';
+import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
 const O_ACCMODE = 3;
@@ -42,6 +43,10 @@ export interface RestoreOptions {
   /** An image loaded and verified already (clones of one template): not
    * read, checked or disposed of again. */
   loaded?: LoadedImage;
+  /** Part of a batch of clones that commits as one (see appshot-init):
+   * the restore does not commit itself, and hands back its lifeline for
+   * the batch to close once it has. */
+  batchCommit?: string;
 }
 
 /** How a clone differs from a plain restore, resource by resource. */
@@ -57,6 +62,10 @@ export interface InstancePlan {
   privateRoot: string;
   /** Registry fields of the new application. */
   record: Pick<AppRecord, 'rules' | 'template' | 'privateRoot' | 'ports'>;
+  /** Makes what the instance needs before it is restored (its private
+   * copies in privateRoot): run once it is registered, so that a restore
+   * killed at any instant after leaves them to be removed with it. */
+  prepare(): void;
 }
 
 export interface RestoreResult {
@@ -71,6 +80,9 @@ export interface RestoreResult {
   lazy: boolean;
   /** Directories made for its REDIR PATH targets. */
   createdDirs: MadeDir[];
+  /** With batchCommit: the write end of the instance's lifeline, for the
+   * batch to close once committed (see appshot-init). */
+  lifeline?: number;
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -96,13 +108,16 @@ async function loadChain(path: string): Promise<LoadedImage[]> {
   }
 }
 
-/** Starts the application's init with `count` seeds; returns their PIDs.
- * Its reports are read synchronously: nothing else happens meanwhile. */
-function startInit(record: AppRecord, count: number): { initPid: number; seeds: number[] } {
+/** Starts the application's init with `count` seeds; returns their PIDs
+ * and the write end of its lifeline: until `commitPath` exists, init kills
+ * the application if that closes (this process died). Its reports are read
+ * synchronously: nothing else happens meanwhile. */
+function startInit(record: AppRecord, count: number, commitPath: string): { initPid: number; seeds: number[]; lifeline: number } {
   const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
-  let init: { pid: number; statusFd: number };
+  let init: { pid: number; statusFd: number; lifelineFd: number };
   try {
-    init = addon().spawnDetached(paths.init, [paths.init, '--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid, '--status-fd', '3', '--seeds', String(count)], log);
+    const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
+    init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
   } finally {
     closeSync(log);
   }
@@ -119,12 +134,13 @@ function startInit(record: AppRecord, count: number): { initPid: number; seeds: 
       for (const line of lines) {
         const [tag, a] = line.split(' ');
         if (tag === 'C') seeds.push(Number(a));
-        if (tag === 'S') return { initPid: init.pid, seeds };
+        if (tag === 'S') return { initPid: init.pid, seeds, lifeline: init.lifelineFd };
       }
     }
   } finally {
     closeSync(init.statusFd);
   }
+  closeSync(init.lifelineFd);
   throw new AppshotError('the application supervisor died while starting');
 }
 
@@ -426,6 +442,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // Made once the application's log exists: descriptors that pointed at
   // a terminal or at the old log go there.
   let handover: Handover | undefined;
+  // Closed (by us, or by our death) before the commit: init kills what
+  // was made. The batch a clone belongs to closes it after its commit.
+  let lifeline = -1;
+  const commitPath = opts.batchCommit ?? reg.newCommitPath();
+  const phase = (what: string) => {
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(now() - started).toFixed(2)} ms: ${what}\n`);
+    killPoint(`restore: ${what}`);
+  };
   try {
     if (!opts.loaded) verifyImage(image);
     const verified = now();
@@ -443,7 +467,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(ownPorts.length ? { ports: ownPorts } : {}),
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...opts.instance?.record,
+      restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
     }));
+    phase('registered');
+    opts.instance?.prepare();
     // After registering: a stale registration of the same AID, released
     // by register, takes its port claims with it.
     for (const p of ownPorts) {
@@ -456,6 +483,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
     madeDirs.push(...prepareRedirTargets(config.redirs));
+    record.restore!.madeDirs = madeDirs;
+    reg.update(record);
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
@@ -475,9 +504,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The tree: roots are the processes whose parent was init (or is gone).
     const vpids = new Set(image.processes.map((p) => p.vpid));
     const roots = image.processes.filter((p) => !vpids.has(p.vppid));
-    const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${(now() - verified).toFixed(2)} ms: ${what}\n`);
     phase('global state');
-    const started2 = startInit(record, roots.length);
+    const started2 = startInit(record, roots.length, commitPath);
+    lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
     record.initPid = started2.initPid;
@@ -485,7 +514,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     reg.update(record);
 
     const seize = (pid: number) => {
-      addon().seize(pid);
+      addon().seize(pid, true); // dies with us until committed
       addon().interrupt(pid);
       const r = addon().wait(pid, 10_000);
       if (!r || r.kind !== 'stop') throw new AppshotError(`seed ${pid} did not stop (${r?.kind ?? 'timeout'})`);
@@ -612,12 +641,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     handed.close();
     phase('threads');
 
+    // The commit. Every process is made: they no longer die with us, and
+    // once the commit file exists init keeps them if we die; before it,
+    // init kills them. (Killed between the two, they may run for the
+    // moment init takes to hear of it.) A batch of clones commits all its
+    // instances at once, after the last.
+    for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
+    if (!opts.batchCommit) {
+      reg.commit(commitPath);
+      phase('committed');
+    }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
     // Stopped by job control when it was taken: stopped again, the signal
     // queued before the threads go, so none runs a single instruction.
     for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
     for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    if (!opts.batchCommit) {
+      closeSync(lifeline);
+      lifeline = -1;
+    }
     const done = now();
     return {
       aid,
@@ -629,6 +672,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       verifyMs: verified - started,
       lazy: opts.lazy,
       createdDirs: madeDirs,
+      ...(opts.batchCommit ? { lifeline } : {}),
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
@@ -643,6 +687,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     } catch {
       /* gone */
     }
+    if (lifeline >= 0) closeSync(lifeline);
     if (record) await waitGone(reg, record);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);

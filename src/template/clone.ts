@@ -29,6 +29,7 @@ import { verifyImage } from '../restore/verify.js';
 import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
 import { instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
+import { killPoint } from '../killpoint.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -149,6 +150,11 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1`, ExitCode.usage);
   const t = await openTemplate(templatePath, opts.verify ?? false);
   const results: CloneResult[] = [];
+  // The batch commits as one: until this file exists, each instance's init
+  // kills it if we die (see appshot-init), and our lifelines to them stay
+  // open.
+  const commitPath = reg.newCommitPath();
+  const lifelines: number[] = [];
   try {
     // Checked once for the whole batch: the node, and the files it maps
     // (but for a clone's private copies, which the template carries).
@@ -162,6 +168,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
       if (opts.signal?.aborted) throw new AppshotError('interrupted', ExitCode.interrupted);
       const aid = aids[i];
+      killPoint(`clone: instance ${i + 1}`);
       const started = now();
       const existing = reg.get(aid);
       if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
@@ -173,16 +180,19 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         ports = planPorts(reg, aid, t);
         const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
         const config = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
-        inheritPrivateCopies(t, privateRoot);
-        config.redirs.push(...duplicateFiles(t, privateRoot));
         const plan: InstancePlan = {
           action: (ref) => actions.get(ref),
           config,
           ports: ports.own,
           privateRoot,
           record: { rules: t.template.rules, template: { path: t.path, instance: i + 1 }, privateRoot, ports: ports.bindings },
+          prepare: () => {
+            inheritPrivateCopies(t, privateRoot);
+            config.redirs.push(...duplicateFiles(t, privateRoot));
+          },
         };
-        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded });
+        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, batchCommit: commitPath });
+        lifelines.push(r.lifeline!);
         results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         opts.progress?.(i + 1, aids.length, aid);
       } catch (e) {
@@ -191,6 +201,8 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         throw e;
       }
     }
+    killPoint('clone: committing');
+    reg.commit(commitPath);
     return results;
   } catch (e) {
     // All or nothing: the instances this batch made go too.
@@ -199,6 +211,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
     throw e;
   } finally {
+    for (const fd of lifelines) closeSync(fd);
     t.loaded.dispose();
   }
 }

@@ -1,0 +1,166 @@
+/**
+ * All or nothing under kill -9: `appshot restore` and `appshot clone
+ * --count 4` are killed at every phase they go through (the test-only
+ * APPSHOT_TEST_KILL_AT makes appshot SIGKILL itself there). Afterwards the
+ * next command finds no process, SysV object, table, registration, port
+ * claim, private copy or directory of the restore, the image is unchanged,
+ * and the AID can be used at once. Killed after the commit, the
+ * application is whole and runs.
+ */
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
+const ROOT = join(dir, 'srv');
+const base = 29000 + ((process.pid * 3) % 900);
+let ipcBefore: ReturnType<typeof systemIpcIds>;
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** appshot with APPSHOT_TEST_KILL_AT=point: it must die of SIGKILL there. */
+function killedAt(point: string, args: string[]): void {
+  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: point }, encoding: 'utf8', timeout: 50_000 });
+  expect(r.signal, `appshot ${args.join(' ')} was to be killed at '${point}': ${r.stderr}`).toBe('SIGKILL');
+}
+
+/** Every file of an image and its bytes' hash. */
+function digest(path: string): Record<string, string> {
+  return Object.fromEntries(readdirSync(path).sort().map((f) => [f, createHash('sha256').update(readFileSync(join(path, f))).digest('hex')]));
+}
+
+/** System PIDs whose command line or environment names `word`. */
+function processesNaming(word: string): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
+    try {
+      const cmd = readFileSync(`/proc/${name}/cmdline`, 'utf8');
+      const env = readFileSync(`/proc/${name}/environ`, 'utf8');
+      if (cmd.split('\0').includes(word) || env.split('\0').includes(word)) out.push(Number(name));
+    } catch {
+      /* gone, or not ours to read */
+    }
+  }
+  return out;
+}
+
+/** What the next command must find of an AID that never committed: nothing. */
+async function nothingLeftOf(aid: string, imageAid: string): Promise<void> {
+  // The next command (any) releases what an abandoned restore left.
+  expect(sb.run(['ps']).code).toBe(0);
+  await waitFor(() => processesNaming(aid).length === 0 && processesNaming(`APPSHOT_AID=${imageAid}`).length === 0, 10_000, `the processes of ${aid} to be gone`);
+  await waitFor(() => (sb.run(['ps']), !sb.aids().includes(aid)), 10_000, `the registration of ${aid} to go`);
+  expect(sb.shmFiles().filter((f) => f.includes(`-${aid}-`))).toEqual([]);
+  // Other tests' applications may be between making an object and binding
+  // it in their tables: only what stays is ours.
+  await waitFor(() => strayIpcIds(ipcBefore).length === 0, 10_000, 'no SysV object outside every application').catch(() => undefined);
+  expect(strayIpcIds(ipcBefore)).toEqual([]);
+  const claims = existsSync(join(sb.home, 'ports')) ? readdirSync(join(sb.home, 'ports')).map((p) => readFileSync(join(sb.home, 'ports', p), 'utf8')) : [];
+  expect(claims.filter((c) => c.includes(`"${aid}"`))).toEqual([]);
+  const instances = existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')) : [];
+  expect(instances.filter((d) => d.startsWith(`${aid}.`))).toEqual([]);
+}
+
+describe('a restore killed at any instant', () => {
+  let image = '';
+  let before: Record<string, string> = {};
+
+  beforeAll(async () => {
+    const r = sb.run(['run', '-d', '--aid', 'src', '--', fixture('snapfix'), String(base), '2']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /^CHECK 2$/m.test(readFileSync(join(sb.home, 'apps', 'src', 'log'), 'utf8')), 10_000, 'snapfix to start');
+    image = join(dir, 'snap');
+    const s = sb.run(['snapshot', 'src', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    await waitFor(() => !sb.aids().includes('src'), 10_000, 'the source to end');
+    ipcBefore = systemIpcIds();
+    before = digest(image);
+  });
+
+  const phases = ['registered', 'global state', 'init started', 'tree made', 'process 2', 'process 3', 'memory', 'fds', 'threads'];
+  for (const phase of phases) {
+    it(`leaves nothing when killed at '${phase}', and the AID is free at once`, async () => {
+      killedAt(`restore: ${phase}`, ['restore', image, '--aid', 'atom']);
+      await nothingLeftOf('atom', 'src');
+      expect(digest(image)).toEqual(before);
+      // The same AID at once, and the image restores whole.
+      const again = sb.run(['restore', image, '--aid', 'atom']);
+      expect(again.code, again.stderr).toBe(0);
+      expect(sb.run(['stop', 'atom', '-s', 'KILL']).code).toBe(0);
+      await nothingLeftOf('atom', 'src');
+    });
+  }
+
+  it('killed just after its commit, the application is whole and runs', async () => {
+    killedAt('restore: committed', ['restore', image, '--aid', 'done']);
+    const log = () => readFileSync(join(sb.home, 'apps', 'done', 'log'), 'utf8');
+    const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+    const from = checks();
+    await waitFor(() => checks() >= from + 5 || /FAIL/.test(log()), 15_000, 'the committed application to check itself');
+    expect(log()).not.toMatch(/FAIL.*/);
+    expect(sb.json<{ processes: unknown[] }[]>(['ps', 'done'])[0].processes).toHaveLength(3);
+    expect(sb.run(['stop', 'done', '-s', 'KILL']).code).toBe(0);
+  });
+});
+
+describe('a batch of clones killed at any instant', () => {
+  let template = '';
+  const portAlloc = base + 901;
+  const portMux = base + 902;
+
+  beforeAll(async () => {
+    mkdirSync(join(ROOT, 'data'), { recursive: true });
+    mkdirSync(join(ROOT, 'config'), { recursive: true });
+    writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
+    writeFileSync(join(ROOT, 'data', 'shared.bin'), Buffer.alloc(4096));
+    writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
+    const rules = join(dir, 'templfix.rules');
+    writeFileSync(
+      rules,
+      readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
+        .replaceAll('/srv/templfix', ROOT)
+        .replaceAll('7101', String(portAlloc))
+        .replaceAll('7102', String(portMux)),
+    );
+    const r = sb.run(['run', '-d', '--aid', 'tsrc', '--rules', rules, '--', fixture('templfix'), ROOT, String(portAlloc), String(portMux)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => existsSync(join(sb.home, 'apps', 'tsrc', 'log')) && readFileSync(join(sb.home, 'apps', 'tsrc', 'log'), 'utf8').includes('READY'), 10_000, 'templfix READY');
+    expect(sb.run(['snapshot', 'tsrc', '-o', join(dir, 'tsnap')]).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('tsrc'), 10_000, 'the source to end');
+    template = join(dir, 'tpl');
+    const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', template]);
+    expect(t.code, t.stderr).toBe(0);
+    ipcBefore = systemIpcIds();
+  });
+
+  for (const point of ['clone: instance 1', 'restore: init started', 'restore: fds', 'clone: instance 3', 'clone: committing']) {
+    it(`leaves no instance when killed at '${point}'`, async () => {
+      const before = digest(template);
+      killedAt(point, ['clone', template, '--aid', 'k', '--count', '4']);
+      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) {
+        await nothingLeftOf(aid, 'tsrc');
+        // Its REDIR PATH directory (ROOT/instances/AID) was made for it.
+        expect(existsSync(join(ROOT, 'instances', aid))).toBe(false);
+        expect(existsSync(join(ROOT, 'home', aid))).toBe(false);
+      }
+      expect(digest(template)).toEqual(before);
+      const again = sb.run(['clone', template, '--aid', 'k', '--count', '4']);
+      expect(again.code, again.stderr).toBe(0);
+      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) expect(sb.run(['stop', aid, '-s', 'KILL']).code).toBe(0);
+      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) await waitFor(() => (sb.run(['ps']), !sb.aids().includes(aid)), 10_000, `${aid} to end`);
+      // A committed clone's copies and directories outlive it (its
+      // snapshots need them): removed here for the next round.
+      for (const d of readdirSync(join(sb.home, 'instances'))) rmSync(join(sb.home, 'instances', d), { recursive: true, force: true });
+      for (const d of ['instances', 'home']) rmSync(join(ROOT, d), { recursive: true, force: true });
+    });
+  }
+});
