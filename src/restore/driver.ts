@@ -22,7 +22,9 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
+import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
@@ -428,6 +430,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let handover: Handover | undefined;
   try {
     if (!opts.loaded) verifyImage(image);
+    // The privilege rule, before anything is made: nothing the image
+    // recorded beyond what this user may grant.
+    const own = ownCreds();
+    checkCredentials(image, own);
+    checkLimits(image, readLimits('self'), own);
     const verified = now();
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
@@ -495,6 +502,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
     const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
     for (const m of queue) seize(m.pid);
+    // Every seed runs under appshot's own seccomp filters, if any.
+    const inheritedFilters = seedFilters(queue[0].pid);
     const xstate = addon().getXstate(queue[0].pid).length;
     if (image.node.xstateSize && xstate !== image.node.xstateSize)
       throw new AppshotError(`this CPU's FPU state is ${xstate} bytes, the image's ${image.node.xstateSize}: a different CPU model`);
@@ -579,6 +588,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreMemory(r, p.vmas, p.vpid, memory);
       phase('memory');
       restoreProcessState(r, p, handed.workingDirectory(p));
+      restoreLimits(r, p.rlimits);
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler
       // the process has (see RemoteProcess.singleStep).
@@ -603,7 +613,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       requeueSignals(r, p.sharedPending, 0);
       restoreItimers(r, p.itimers);
+      // Credentials last: after them the process may not be ours to change.
+      restoreCreds(r, p, m.tids);
       r.unmapScratch();
+      restoreSeccomp(r, p, m.tids, inheritedFilters);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
