@@ -59,7 +59,7 @@ const show = (v: bigint) => (v === RLIM_INFINITY ? 'unlimited' : String(v));
 export function limitRefusal(limits: Rlimit[], own: Rlimit[], creds: Pick<OwnCreds, 'capEff'>): string | undefined {
   if (hasCap(creds.capEff, CAP.SYS_RESOURCE)) return undefined;
   for (const lim of limits) {
-    const mine = own[lim.resource];
+    const mine = own.find((l) => l.resource === lim.resource);
     if (mine && lim.max > mine.max) return `hard limit ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} ${show(lim.max)} is above what this user may set (${show(mine.max)})`;
   }
   return undefined;
@@ -77,7 +77,7 @@ export function checkLimits(image: Image, own: Rlimit[], creds: Pick<OwnCreds, '
 export function restoreLimits(r: RemoteProcess, limits: Rlimit[]): void {
   const seed = readLimits(r.pid);
   for (const lim of limits) {
-    const had = seed[lim.resource];
+    const had = seed.find((l) => l.resource === lim.resource);
     if (had && had.cur === lim.cur && had.max === lim.max) continue;
     r.reset();
     r.call(`setting ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} to ${show(lim.cur)}/${show(lim.max)}`, SYS.prlimit64, [0, lim.resource, r.put(r.u64s([lim.cur, lim.max])), 0]);
