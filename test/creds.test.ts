@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Creds } from '../src/image/types.js';
-import { CAP, credentialRefusal, type OwnCreds } from '../src/resources/creds.js';
+import { CAP, credentialRefusal, filtersToInstall, type OwnCreds } from '../src/resources/creds.js';
 import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
 import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 
@@ -91,6 +91,17 @@ describe.runIf(isRoot)('a server that dropped privileges, per thread', () => {
     expect(now).not.toBe(pid);
     expect(threadCreds(now)).toEqual(before);
     expect(limitsOf(now)).toBe(limits);
+  });
+
+  it('is not snapshotted by a root without CAP_SYS_ADMIN, which cannot read its seccomp filters: refused by name, left running', async () => {
+    const pid = appPid('pd');
+    const r = spawnSync('setpriv', ['--bounding-set=-sys_admin', process.execPath, cli, 'snapshot', 'pd', '-o', join(dir, 'pd-refused')], { env: sb.env, encoding: 'utf8' });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/process 2 \(privdrop\): its seccomp filter cannot be captured .*CAP_SYS_ADMIN.*the application was left running/);
+    expect(readdirSync(dir)).not.toContain('pd-refused');
+    await keepsChecking('pd');
+    expect(appPid('pd')).toBe(pid);
+    expect(threadCreds(pid)).toEqual(before);
   });
 
   it('and again with --lazy, taken from the restored one', async () => {
@@ -262,6 +273,16 @@ describe('the privilege rule, case by case', () => {
     expect(credentialRefusal(image(nobody(), { ...filtered, noNewPrivs: true }), nobody())).toBeUndefined();
     expect(credentialRefusal(image(rootCreds(), filtered), rootCreds())).toBeUndefined();
     expect(credentialRefusal(image(nobody(), { seccomp: 2 }), rootCreds())).toMatch(/was not recorded/);
+  });
+
+  it('installs only the filters past the ones the seeds inherit from appshot, which must begin the chain', () => {
+    const a = { program: Buffer.alloc(8, 1), flags: 0n };
+    const b = { program: Buffer.alloc(8, 2), flags: 0n };
+    const want = image(nobody(), { seccomp: 2, seccompFilters: [a, b], noNewPrivs: true });
+    expect(filtersToInstall(want, [], 'p')).toEqual([a, b]);
+    expect(filtersToInstall(want, [a], 'p')).toEqual([b]);
+    expect(() => filtersToInstall(want, [b], 'p')).toThrow(/does not begin with the one appshot runs under/);
+    expect(() => filtersToInstall(image(nobody()), [a], 'p')).toThrow(/did not record/);
   });
 
   it('limits: a hard limit above the user\'s own needs CAP_SYS_RESOURCE', () => {
