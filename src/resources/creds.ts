@@ -209,6 +209,8 @@ export function credentialRefusal(want: Creds, own: OwnCreds): string | undefine
   if (own.seccomp !== 0 && want.seccomp !== own.seccomp) return `appshot itself runs under seccomp (mode ${own.seccomp}), which cannot be lifted (the image recorded mode ${want.seccomp})`;
   if (want.seccomp === SECCOMP_MODE_FILTER) {
     if (want.seccompFilters.length === 0) return 'its seccomp filter was not recorded (an older image)';
+    // The kernel takes 1..BPF_MAXINSNS instructions of 8 bytes.
+    if (want.seccompFilters.some((f) => !f.program.length || f.program.length % 8 || f.program.length > 4096 * 8)) return 'its seccomp filter is malformed (corrupt image?)';
     if (want.seccompFilters.length < own.filterCount) return `appshot itself runs under ${own.filterCount} seccomp filters, more than the image recorded`;
     // seccomp() asks for either, in the credentials the thread has then.
     if (want.seccompFilters.length > own.filterCount && !want.noNewPrivs && !hasCap(want.capEff, CAP.SYS_ADMIN))
@@ -254,9 +256,11 @@ function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
  * bounding set and KEEP_CAPS while CAP_SETPCAP is effective; the uids
  * (permitted caps kept); a capability set still holding CAP_SETPCAP for
  * the final securebits, ambient raises, then the exact sets.
- * Counts the calls injected (each ~16 µs) in `calls`.
+ * Returns how many calls it injected (each ~16 µs): most are skipped where
+ * the seed has the value already.
  */
-export function restoreCreds(r: RemoteProcess, p: Process, tids: number[], calls = { n: 0 }): void {
+export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): number {
+  const calls = { n: 0 };
   const call = (what: string, nr: number, args: (bigint | number)[], tid: number) => {
     calls.n++;
     return r.call(what, nr, args, tid);
@@ -316,6 +320,7 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[], calls
     calls.n++;
     r.call(`setting dumpable ${p.dumpable}`, SYS.prctl, [PR.SET_DUMPABLE, p.dumpable]);
   }
+  return calls.n;
 }
 
 /** The first credential in which a thread's status differs from `want`
@@ -356,9 +361,10 @@ export function filtersToInstall(want: Creds, inherited: SeccompFilter[], where:
  * injected ones included, and could refuse or kill for any of them. The
  * program goes below the thread's red zone on its own stack (dead memory
  * by the ABI; its bytes are put back after), oldest filter first. Strict
- * mode needs no memory.
+ * mode needs no memory. Returns how many calls it injected.
  */
-export function restoreSeccomp(r: RemoteProcess, p: Process, tids: number[], inherited: SeccompFilter[], calls = { n: 0 }): void {
+export function restoreSeccomp(r: RemoteProcess, p: Process, tids: number[], inherited: SeccompFilter[]): number {
+  const calls = { n: 0 };
   threadCreds(p).forEach(({ vtid, creds: want }, i) => {
     const tid = tids[i];
     const where = `${nameProcess(p.vpid, p.comm)}${vtid === p.vpid ? '' : ` thread ${vtid}`}`;
@@ -387,6 +393,7 @@ export function restoreSeccomp(r: RemoteProcess, p: Process, tids: number[], inh
       }
     }
   });
+  return calls.n;
 }
 
 function writableStack(vmas: Vma[], at: bigint, size: number): boolean {
