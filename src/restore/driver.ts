@@ -592,7 +592,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreMemory(r, p.vmas, p.vpid, memory);
       phase('memory');
       restoreProcessState(r, p, handed.workingDirectory(p));
-      credentialCalls += restoreLimits(r, p.rlimits);
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler
       // the process has (see RemoteProcess.singleStep).
@@ -617,6 +616,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       requeueSignals(r, p.sharedPending, 0);
       restoreItimers(r, p.itimers);
+      // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
+      // does not stop the restore's own descriptors, threads and signals,
+      // but before the credentials, which may give up the capability that
+      // raising one needs.
+      credentialCalls += restoreLimits(r, p.rlimits);
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids);
       r.unmapScratch();
