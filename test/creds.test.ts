@@ -254,6 +254,12 @@ describe('the privilege rule, case by case', () => {
     expect(credentialRefusal(image(me, { securebits: 0x10 }), me)).toMatch(/securebits 0x10 .*CAP_SETPCAP/);
   });
 
+  it('refuses malformed credentials rather than pass them to the kernel', () => {
+    expect(credentialRefusal(image(rootCreds(), { uid: [0, 0] }), rootCreds())).toMatch(/malformed/);
+    expect(credentialRefusal(image(rootCreds(), { groups: [-1] }), rootCreds())).toMatch(/malformed/);
+    expect(credentialRefusal(image(rootCreds(), { seccomp: 2, seccompFilters: [{ program: Buffer.alloc(12), flags: 0n }] }), rootCreds())).toMatch(/seccomp filter is malformed/);
+  });
+
   it('never raises the bounding set, and lowers it only with CAP_SETPCAP', () => {
     expect(credentialRefusal(image(rootCreds({ capBnd: ALL })), rootCreds({ capBnd: ALL & ~bit(CAP.SYS_RESOURCE) }))).toMatch(/bounding set holds CAP_SYS_RESOURCE/);
     const noSetpcap = rootCreds({ capEff: ALL & ~bit(CAP.SETPCAP) });

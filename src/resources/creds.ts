@@ -179,6 +179,9 @@ const firstCap = (set: bigint) => capName(capList(set)[0]);
  * seccomp). Pure, for the tests too.
  */
 export function credentialRefusal(want: Creds, own: OwnCreds): string | undefined {
+  const ids = [...want.uid, ...want.gid, ...want.groups];
+  if (want.uid.length !== 4 || want.gid.length !== 4 || want.groups.length > 65536 || ids.some((id) => !Number.isInteger(id) || id < 0 || id >= 2 ** 32 - 1))
+    return 'its recorded uids, gids or groups are malformed (corrupt image?)';
   const can = (cap: number) => hasCap(own.capEff, cap);
   const uidsHeld = own.uid.slice(0, 3);
   if (!can(CAP.SETUID)) {
