@@ -117,6 +117,9 @@ describe.runIf(isRoot)('a server that dropped privileges, per thread', () => {
   it('and in a clone of a template made of it', async () => {
     const snap = sb.run(['snapshot', 'pd', '-o', join(dir, 'pd-3'), '--leave-running']);
     expect(snap.code, snap.stderr).toBe(0);
+    // Left running, its filters apply again (they were suspended while
+    // calls were injected into it).
+    await keepsChecking('pd');
     const t = sb.run(['template', 'create', join(dir, 'pd-3'), '-o', join(dir, 'pd.template')]);
     expect(t.code, t.stderr).toBe(0);
     const c = sb.run(['clone', join(dir, 'pd.template'), '--aid', 'pdc', '--count', '1']);
