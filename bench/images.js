@@ -3,7 +3,10 @@
 // in the same run: cp of the same bytes (with sync) for throughput, the
 // application's cold start and fork() for restore. Times are appshot's own
 // (reported by the command), without Node's start-up. Median of BENCH_RUNS
-// (default 3); BENCH_SIZES=16,256 to choose sizes.
+// (default 3); BENCH_SIZES=16,256 to choose sizes. Last, as root, what
+// restoring credentials and limits costs: the calls injected for them in a
+// process that kept root's (creds_calls above) and in test/fixtures'
+// privdrop, whose two threads dropped privileges and run under seccomp.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const memapp = join(root, 'bench', 'bin', 'memapp');
+const privdrop = join(root, 'test', 'fixtures', 'bin', 'privdrop');
 const cli = join(root, 'bin', 'appshot.js');
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const sizes = (process.env.BENCH_SIZES ?? '16,256,1024').split(',').map(Number);
@@ -64,7 +68,26 @@ function cpMs(file) {
   return ms;
 }
 
+/** Restores of privdrop: what its credentials cost (calls injected for
+ * credentials and limits, and the restore's time). */
+async function credentials() {
+  execFileSync(process.execPath, [cli, 'run', '-d', '--aid', 'creds', '--', privdrop], { env });
+  await waitLog('creds', /^CHECK 3$/m);
+  const image = join(work, 'creds-final');
+  appshot('snapshot', 'creds', '-o', image);
+  const ms = [];
+  let calls = 0;
+  for (let i = 0; i < runs; i++) {
+    const r = appshot('restore', image, '--aid', 'creds-r');
+    ms.push(r.restoreMs);
+    calls = r.credentialCalls;
+    await stop('creds-r');
+  }
+  return { app: 'privdrop (2 threads, uid 65534/1000, seccomp)', restore_ms: +median(ms).toFixed(2), creds_calls: calls, creds_ms_at_16us: +(calls * 0.016).toFixed(2) };
+}
+
 const rows = [];
+let credsRow;
 try {
   for (const mib of sizes) {
     const aid = `m${mib}`;
@@ -100,10 +123,12 @@ try {
     appshot('snapshot', aid, '-o', image, '--full');
     const bytes = statSync(join(image, 'pages.img')).size;
     const restoreRuns = { eager: [], lazy: [] };
+    let credsCalls = 0;
     for (let i = 0; i < runs; i++)
       for (const mode of ['eager', 'lazy']) {
         const r = appshot('restore', image, '--aid', `${aid}-r`, ...(mode === 'lazy' ? ['--lazy'] : []));
         restoreRuns[mode].push(r.restoreMs);
+        credsCalls = r.credentialCalls;
         await stop(`${aid}-r`);
       }
     const total = median(full.map((r) => r.totalMs));
@@ -120,18 +145,24 @@ try {
       precopy_arm_ms: +median(pre.map((r) => r.preCopyFrozenMs)).toFixed(1),
       restore_ms: +median(restoreRuns.eager).toFixed(1),
       lazy_ms: +median(restoreRuns.lazy).toFixed(1),
+      creds_calls: credsCalls,
       cold_start_ms: +median(cold).toFixed(1),
       fork_ms: +fork.toFixed(3),
       lazy_vs_fork: +(median(restoreRuns.lazy) / fork).toFixed(1),
     });
     await stop(aid);
   }
+  if (process.getuid() === 0) credsRow = await credentials();
 } finally {
   rmSync(home, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 }
-if (process.argv.includes('--json')) console.log(JSON.stringify({ runs, rows }, null, 2));
+if (process.argv.includes('--json')) console.log(JSON.stringify({ runs, rows, credentials: credsRow }, null, 2));
 else {
   console.log(`snapshot and restore, median of ${runs} runs (appshot's own times, without Node's start-up)`);
   console.table(rows);
+  if (credsRow) {
+    console.log('credentials and limits restored (a snapshot reads them with one injected call per thread and one per process)');
+    console.table([credsRow]);
+  }
 }

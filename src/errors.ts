@@ -8,6 +8,8 @@ export const ExitCode = {
   usage: 2,
   notFound: 3,
   conflict: 4,
+  /** The image asks for a credential or limit this user cannot grant. */
+  denied: 5,
   /** The command given to `run` or `exec` could not be executed (as in sh). */
   notExecutable: 126,
   commandNotFound: 127,

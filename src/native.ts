@@ -114,6 +114,13 @@ interface Addon {
   /** seed: the thread is a restore's seed, its signals all blocked (see
    * trace_inject_seed). */
   inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
+  /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
+  seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
+  /** Injected calls bypass the thread's seccomp filters until it is
+   * let go (PTRACE_O_SUSPEND_SECCOMP; needs CAP_SYS_ADMIN). */
+  suspendSeccomp(tid: number): void;
+  /** This thread's PR_GET_SECUREBITS. */
+  securebits(): number;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
@@ -123,7 +130,6 @@ interface Addon {
   getFd(pid: number, fd: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
   peekPipe(fd: number): Buffer;
-  prlimits(pid: number): [bigint, bigint][];
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
   shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; data: Buffer };
   msgRead(msqid: number): {

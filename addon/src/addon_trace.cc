@@ -1,6 +1,6 @@
 // The addon's face for the drivers: ptrace (trace.c), page data (pages.c),
 // and the small readers of kernel state that need a system call Node does
-// not offer (pidfd_getfd, tee, prlimit, SysV). Synchronous, on the JS thread:
+// not offer (pidfd_getfd, tee, SysV). Synchronous, on the JS thread:
 // ptrace belongs to the thread that attached.
 #include <napi.h>
 
@@ -13,8 +13,8 @@
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/msg.h>
-#include <sys/resource.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
@@ -215,6 +215,51 @@ Napi::Value Inject(const Napi::CallbackInfo& info) {
   if (Failed(env, rc, "running a system call in thread " + std::to_string(Tid(info))))
     return env.Undefined();
   return Napi::BigInt::New(env, static_cast<int64_t>(ret));
+}
+
+// seccompFilters(tid) -> [{ program: Buffer, flags: bigint }], oldest
+// first (the order to install them in): each program as struct sock_filter
+// instructions, 8 bytes each.
+Napi::Value SeccompFilters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<Napi::Object> newest_first;
+  for (unsigned long index = 0;; index++) {
+    long n = trace_seccomp_filter(Tid(info), index, nullptr, 0);
+    if (n == -ENOENT) break;
+    if (Failed(env, static_cast<int>(n), "reading seccomp filter " + std::to_string(index)))
+      return env.Undefined();
+    std::vector<uint8_t> program(static_cast<size_t>(n) * 8);
+    n = trace_seccomp_filter(Tid(info), index, program.data(), static_cast<unsigned long>(n));
+    if (Failed(env, static_cast<int>(n), "reading seccomp filter " + std::to_string(index)))
+      return env.Undefined();
+    uint64_t flags = 0;
+    if (Failed(env, trace_seccomp_flags(Tid(info), index, &flags), "reading seccomp filter flags"))
+      return env.Undefined();
+    Napi::Object f = Napi::Object::New(env);
+    f.Set("program", Napi::Buffer<uint8_t>::Copy(env, program.data(), static_cast<size_t>(n) * 8));
+    f.Set("flags", Napi::BigInt::New(env, flags));
+    newest_first.push_back(f);
+  }
+  Napi::Array out = Napi::Array::New(env, newest_first.size());
+  for (size_t i = 0; i < newest_first.size(); i++)
+    out.Set(static_cast<uint32_t>(i), newest_first[newest_first.size() - 1 - i]);
+  return out;
+}
+
+// securebits() -> this thread's PR_GET_SECUREBITS: what a restore's seeds
+// start with (they inherit it), for the privilege rule.
+Napi::Value Securebits(const Napi::CallbackInfo& info) {
+  int bits = prctl(PR_GET_SECUREBITS);
+  if (bits < 0) {
+    ThrowErrno(info.Env(), "prctl(PR_GET_SECUREBITS)", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), bits);
+}
+
+Napi::Value SuspendSeccomp(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_suspend_seccomp(Tid(info)), "suspending seccomp for a traced thread");
+  return info.Env().Undefined();
 }
 
 // readMemory(pid, addr: bigint, length) -> Buffer
@@ -639,24 +684,6 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
 }
 
-// prlimits(pid) -> [[cur, max] as bigint, ...] for RLIMIT 0..15
-Napi::Value Prlimits(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Array out = Napi::Array::New(env);
-  for (int r = 0; r < RLIM_NLIMITS; r++) {
-    struct rlimit64 lim;
-    if (prlimit64(Tid(info), static_cast<__rlimit_resource>(r), nullptr, &lim)) {
-      ThrowErrno(env, "prlimit", errno);
-      return env.Undefined();
-    }
-    Napi::Array pair = Napi::Array::New(env, 2);
-    pair.Set(0u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_cur)));
-    pair.Set(1u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_max)));
-    out.Set(r, pair);
-  }
-  return out;
-}
-
 // ---- SysV objects, read without changing them
 
 Napi::Object Perm(const Napi::Env& env, const struct ipc_perm& p) {
@@ -791,6 +818,9 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("getRseq", GetRseq);
   fn("getRobustList", GetRobustList);
   fn("inject", Inject);
+  fn("seccompFilters", SeccompFilters);
+  fn("suspendSeccomp", SuspendSeccomp);
+  fn("securebits", Securebits);
   fn("readMemory", ReadMemory);
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);
@@ -803,7 +833,6 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("getFd", GetFd);
   fn("sameDescription", SameDescription);
   fn("peekPipe", PeekPipe);
-  fn("prlimits", Prlimits);
   fn("semRead", SemRead);
   fn("shmRead", ShmRead);
   fn("msgRead", MsgRead);

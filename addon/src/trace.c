@@ -17,6 +17,16 @@
 #define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
 #endif
 
+#ifndef PTRACE_SECCOMP_GET_FILTER
+#define PTRACE_SECCOMP_GET_FILTER 0x420c
+#endif
+#ifndef PTRACE_SECCOMP_GET_METADATA
+#define PTRACE_SECCOMP_GET_METADATA 0x420d
+#endif
+#ifndef PTRACE_O_SUSPEND_SECCOMP
+#define PTRACE_O_SUSPEND_SECCOMP (1 << 21)
+#endif
+
 /* Kernel-internal restart codes a stopped thread may hold in rax. */
 #define ERESTARTSYS 512
 #define ERESTARTNOINTR 513
@@ -163,6 +173,29 @@ int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len) {
   *head = (uint64_t)(uintptr_t)h;
   *len = l;
   return 0;
+}
+
+long trace_seccomp_filter(pid_t tid, unsigned long index, void* buf, unsigned long count) {
+  long n = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, (void*)index, NULL);
+  if (n < 0) return fail();
+  if (!buf) return n;
+  if ((unsigned long)n > count) return -E2BIG;
+  return ptrace(PTRACE_SECCOMP_GET_FILTER, tid, (void*)index, buf) < 0 ? fail() : n;
+}
+
+int trace_seccomp_flags(pid_t tid, unsigned long index, uint64_t* flags) {
+  struct {
+    uint64_t filter_off;
+    uint64_t flags;
+  } md = {index, 0};
+  if (ptrace(PTRACE_SECCOMP_GET_METADATA, tid, (void*)sizeof md, &md) < 0) return fail();
+  *flags = md.flags;
+  return 0;
+}
+
+int trace_suspend_seccomp(pid_t tid) {
+  long opts = SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP;
+  return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)opts) ? fail() : 0;
 }
 
 /* Points the registers at a system call: the instruction, its number and

@@ -69,6 +69,20 @@ typedef struct {
 int trace_get_rseq(pid_t tid, trace_rseq* out);
 int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len);
 
+/* The seccomp filters of a stopped thread (PTRACE_SECCOMP_GET_FILTER; needs
+ * CAP_SYS_ADMIN, and a tracer that runs under no seccomp filter itself).
+ * Filter `index` counts from the newest (0). With buf NULL, returns the
+ * program's length in instructions; else copies up to `count` instructions
+ * (8 bytes each) and returns the length. -ENOENT past the oldest. */
+long trace_seccomp_filter(pid_t tid, unsigned long index, void* buf, unsigned long count);
+/* The flags the filter was installed with (SECCOMP_FILTER_FLAG_LOG is the
+ * only one the kernel keeps). */
+int trace_seccomp_flags(pid_t tid, unsigned long index, uint64_t* flags);
+/* While set, the thread's seccomp filters do not apply to it: system calls
+ * injected into it cannot be refused or kill it. Needs CAP_SYS_ADMIN; ends
+ * with the trace. */
+int trace_suspend_seccomp(pid_t tid);
+
 /* Makes the stopped thread `tid` run one system call at `syscall_insn` (the
  * address of a `syscall` instruction in the tracee) and stop again; its
  * registers are restored afterwards, except that a system call the thread

@@ -82,8 +82,12 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
   for (const p of image.processes) {
     out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers\n`);
     printColumns(
-      ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK'],
-      p.threads.map((t) => [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16)]),
+      ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
+      p.threads.map((t) => {
+        const c = t.creds ?? p.creds;
+        const seccomp = c.seccomp === 2 ? `${c.seccompFilters.length} filter${c.seccompFilters.length === 1 ? '' : 's'}` : c.seccomp === 1 ? 'strict' : '-';
+        return [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16), c.uid.join('/'), c.gid.join('/'), '0x' + c.capEff.toString(16), seccomp];
+      }),
       out,
     );
     printColumns(

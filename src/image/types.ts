@@ -135,7 +135,8 @@ export interface Process {
   fds: Fd[];
   groupStopped: boolean;
   personality: number;
-  dumpable: boolean;
+  /** PR_GET_DUMPABLE: 0, 1 or 2. */
+  dumpable: number;
   glibcTidOffset: number;
   itimers: ITimer[];
 }
@@ -146,7 +147,9 @@ export interface ITimer {
   valueUs: bigint;
 }
 
+/** One thread's credentials (the process's are its main thread's). */
 export interface Creds {
+  /** Real, effective, saved, filesystem. */
   uid: number[];
   gid: number[];
   groups: number[];
@@ -154,8 +157,19 @@ export interface Creds {
   capPrm: bigint;
   capInh: bigint;
   capBnd: bigint;
+  capAmb: bigint;
+  securebits: number;
   noNewPrivs: boolean;
+  /** Seccomp mode: 0 none, 1 strict, 2 filter. */
   seccomp: number;
+  /** The filter chain, oldest first. */
+  seccompFilters: SeccompFilter[];
+}
+
+export interface SeccompFilter {
+  /** struct sock_filter[]: 8 bytes an instruction. */
+  program: Buffer;
+  flags: bigint;
 }
 
 export interface Rlimit {
@@ -188,6 +202,8 @@ export interface Thread {
   inSyscall: bigint;
   wchan: string;
   comm: string;
+  /** Absent in older images: the process's creds then. */
+  creds?: Creds;
 }
 
 export interface Rseq {

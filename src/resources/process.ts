@@ -1,12 +1,14 @@
 /**
  * The process as a whole: its place in the tree (virtual PID, parent,
- * process group, session), credentials, executable, cwd, umask, rlimits and
- * the mm fields that prctl(PR_SET_MM_MAP) restores.
+ * process group, session), executable, cwd, umask and the mm fields that
+ * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
+ * (limits.ts) are resource kinds of their own.
  */
 import { readFileSync, readlinkSync } from 'node:fs';
-import { addon } from '../native.js';
 import { readCmdline, readStat } from '../procfs.js';
-import type { Creds, ITimer, MmFields, Process } from '../image/types.js';
+import type { ITimer, MmFields, Process } from '../image/types.js';
+import type { DumpedCreds } from './creds.js';
+import { dumpLimits } from './limits.js';
 import { nameProcess, Unsupported } from '../snapshot/context.js';
 import type { DumpContext } from '../snapshot/context.js';
 import { type Injector, NR } from '../snapshot/inject.js';
@@ -19,23 +21,6 @@ function statusFields(pid: number): Map<string, string> {
     if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
   }
   return out;
-}
-
-const nums = (s: string | undefined) => (s ? s.split(/\s+/).filter(Boolean).map(Number) : []);
-const hex = (s: string | undefined) => BigInt('0x' + (s || '0'));
-
-function creds(status: Map<string, string>): Creds {
-  return {
-    uid: nums(status.get('Uid')),
-    gid: nums(status.get('Gid')),
-    groups: nums(status.get('Groups')),
-    capEff: hex(status.get('CapEff')),
-    capPrm: hex(status.get('CapPrm')),
-    capInh: hex(status.get('CapInh')),
-    capBnd: hex(status.get('CapBnd')),
-    noNewPrivs: status.get('NoNewPrivs') === '1',
-    seccomp: Number(status.get('Seccomp') ?? 0),
-  };
 }
 
 /** Fields 26–28 and 45–51 of /proc/PID/stat, plus the exact brk, which
@@ -99,7 +84,8 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
   }
 }
 
-export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupStopped: boolean): Process {
+/** `creds`: read first (dumpCreds), before any call was injected. */
+export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupStopped: boolean, creds: DumpedCreds): Process {
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
   const status = statusFields(pid);
@@ -119,14 +105,12 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     pid,
     comm: st.comm,
     argv: readCmdline(pid),
-    creds: creds(status),
+    creds: creds.threads[0],
     exe,
     cwd: readlinkSync(`/proc/${pid}/cwd`),
     root: readlinkSync(`/proc/${pid}/root`),
     umask: parseInt(status.get('Umask') ?? '22', 8),
-    rlimits: addon()
-      .prlimits(pid)
-      .map(([cur, max], resource) => ({ resource, cur, max })),
+    rlimits: dumpLimits(pid),
     sigactions: [],
     sharedPending: Buffer.alloc(0),
     threads: [],
@@ -135,7 +119,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     fds: [],
     groupStopped,
     personality,
-    dumpable: true,
+    dumpable: creds.dumpable,
     glibcTidOffset: 0,
     itimers: dumpItimers(pid, inj, nameProcess(ctx.virtual('pid', pid), st.comm)),
   };
@@ -147,7 +131,7 @@ const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
 
 /** The process-wide state: mm fields (brk, arg/env, auxv and, where
- * allowed, the executable), cwd, umask and rlimits. */
+ * allowed, the executable), cwd and umask. */
 /** `cwd`: where the process's working directory is for this instance (a
  * clone's redirected or private directory), by default the image's. */
 export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): void {
@@ -177,17 +161,4 @@ export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): 
   r.reset();
   r.call(`changing directory to ${cwd}`, SYS.chdir, [r.str(cwd)]);
   r.call('setting umask', SYS.umask, [p.umask]);
-  const seed = addon().prlimits(r.pid);
-  for (const lim of p.rlimits) {
-    // Most limits are what the seed inherited already: one call saved each.
-    if (seed[lim.resource]?.[0] === lim.cur && seed[lim.resource]?.[1] === lim.max) continue;
-    r.reset();
-    const v = r.put(r.u64s([lim.cur, lim.max]));
-    // A hard limit above ours needs CAP_SYS_RESOURCE: keep ours then.
-    if (r.raw(SYS.prlimit64, [0, lim.resource, v, 0]) !== 0n) {
-      const ours = addon().prlimits(r.pid)[lim.resource];
-      const capped = r.put(r.u64s([lim.cur < ours[1] ? lim.cur : ours[1], ours[1]]));
-      r.raw(SYS.prlimit64, [0, lim.resource, capped, 0]);
-    }
-  }
 }

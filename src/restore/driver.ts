@@ -22,7 +22,9 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
+import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
@@ -83,6 +85,9 @@ export interface RestoreResult {
   /** With batchCommit: the write end of the instance's lifeline, for the
    * batch to close once committed (see appshot-init). */
   lifeline?: number;
+  /** System calls injected to restore credentials and limits (each a
+   * round trip through the scheduler, ~16 µs). */
+  credentialCalls: number;
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -437,6 +442,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     ? []
     : portTable(image).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
   const claimed: number[] = [];
+  let credentialCalls = 0;
   // Directories made for REDIR PATH targets: removed if the restore fails.
   const madeDirs: MadeDir[] = [];
   // Made once the application's log exists: descriptors that pointed at
@@ -452,6 +458,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   };
   try {
     if (!opts.loaded) verifyImage(image);
+    // The privilege rule, before anything is made: nothing the image
+    // recorded beyond what this user may grant.
+    const own = ownCreds();
+    checkCredentials(image, own);
+    checkLimits(image, readLimits('self'), own);
     const verified = now();
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
@@ -524,6 +535,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
     const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
     for (const m of queue) seize(m.pid);
+    // Every seed runs under appshot's own seccomp filters, if any.
+    const inheritedFilters = seedFilters(queue[0].pid);
     const xstate = addon().getXstate(queue[0].pid).length;
     if (image.node.xstateSize && xstate !== image.node.xstateSize)
       throw new AppshotError(`this CPU's FPU state is ${xstate} bytes, the image's ${image.node.xstateSize}: a different CPU model`);
@@ -632,7 +645,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       requeueSignals(r, p.sharedPending, 0);
       restoreItimers(r, p.itimers);
+      // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
+      // does not stop the restore's own descriptors, threads and signals,
+      // but before the credentials, which may give up the capability that
+      // raising one needs.
+      credentialCalls += restoreLimits(r, p.rlimits);
+      // Credentials last: after them the process may not be ours to change.
+      credentialCalls += restoreCreds(r, p, m.tids);
       r.unmapScratch();
+      credentialCalls += restoreSeccomp(r, p, m.tids, inheritedFilters);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
@@ -673,6 +694,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       lazy: opts.lazy,
       createdDirs: madeDirs,
       ...(opts.batchCommit ? { lifeline } : {}),
+      credentialCalls,
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);

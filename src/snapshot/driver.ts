@@ -20,6 +20,7 @@ import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
+import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
@@ -140,8 +141,11 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       throw new Unsupported(`${what}: ${(e as Error).message}`);
     }
     try {
-      const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop));
-      proc.threads = threads.map((t) => dumpThread(ctx, t, regs.get(t.tid)!, inj));
+      // Credentials before any call is injected: a thread under seccomp is
+      // exempted from its filters first.
+      const creds = dumpCreds(pid, threads.map((t) => t.tid), inj, what);
+      const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds);
+      proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
@@ -243,10 +247,10 @@ function memoryOnly(vpid: number, pid: number): Process {
   const none = 0n;
   return {
     vpid, vppid: 0, vpgid: 0, vsid: 0, pid, comm: '', argv: [], exe: '', cwd: '', root: '', umask: 0,
-    creds: { uid: [], gid: [], groups: [], capEff: none, capPrm: none, capInh: none, capBnd: none, noNewPrivs: false, seccomp: 0 },
+    creds: { uid: [], gid: [], groups: [], capEff: none, capPrm: none, capInh: none, capBnd: none, capAmb: none, securebits: 0, noNewPrivs: false, seccomp: 0, seccompFilters: [] },
     rlimits: [], sigactions: [], sharedPending: Buffer.alloc(0), threads: [], vmas: [], fds: [],
     mm: { startCode: none, endCode: none, startData: none, endData: none, startBrk: none, brk: none, startStack: none, argStart: none, argEnd: none, envStart: none, envEnd: none, auxv: Buffer.alloc(0) },
-    groupStopped: false, personality: 0, dumpable: true, glibcTidOffset: 0, itimers: [],
+    groupStopped: false, personality: 0, dumpable: 1, glibcTidOffset: 0, itimers: [],
   };
 }
 
@@ -274,8 +278,10 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> 
   const tracking: Record<string, number> = {};
   const tracked = new Set<number>();
   try {
-    for (const [pid] of freezer.byProcess()) {
+    for (const [pid, threads] of freezer.byProcess()) {
       const key = processKey(pid);
+      // The userfaultfd calls below must not meet the process's filters.
+      if (!exemptFromSeccomp(pid, threads.map((t) => t.tid))) continue;
       const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');

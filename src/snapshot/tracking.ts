@@ -16,6 +16,7 @@
  */
 import { readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
+import { readLimits, RLIMIT_NOFILE } from '../resources/limits.js';
 import { readMaps } from '../resources/memory.js';
 import { readStat } from '../procfs.js';
 import { type Injector, NR } from './inject.js';
@@ -30,7 +31,6 @@ const UFFDIO_REGISTER = 0xc020aa00;
 const UFFDIO_REGISTER_MODE_WP = 2n;
 const F_DUPFD_CLOEXEC = 1030;
 const EBUSY = -16n;
-const RLIMIT_NOFILE = 7;
 /** Where the userfaultfd is put: out of the way of the application's own. */
 export const TRACKING_FD_MIN = 900;
 
@@ -74,7 +74,7 @@ export function armTracking(inj: Injector, pid: number, pagemapFd: number, own: 
     const made = inj.call(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
     if (isErr(made)) return undefined;
     // High, but under the process's descriptor limit (snapfix sets 777).
-    const soft = Number(addon().prlimits(pid)[RLIMIT_NOFILE][0]);
+    const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
     const min = Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
     const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
     inj.call(NR.close, [made]);

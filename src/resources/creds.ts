@@ -1,0 +1,404 @@
+/**
+ * Credentials: uids, gids, supplementary groups, the five capability sets,
+ * securebits, no_new_privs and seccomp (mode and filter chain), which are
+ * per thread in the kernel, and the process's dumpable flag (mm-wide).
+ *
+ * A restore never gives a process more than the image recorded, and never
+ * more than the restoring user could grant: the rule is checked before
+ * anything is made (credentialRefusal, a pure function), and the kernel's
+ * EPERM stays the backstop. Nothing is silently downgraded or upgraded.
+ *
+ * Dump: /proc/PID/task/TID/status, plus what only the thread can tell
+ * (securebits, dumpable: prctl injected) and the seccomp filters
+ * (PTRACE_SECCOMP_GET_FILTER, which needs CAP_SYS_ADMIN: without it a
+ * process under a filter is refused, and left running as it was).
+ *
+ * Restore: the last thing before the registers are set, in each thread,
+ * in an order the kernel accepts (restoreCreds, then restoreSeccomp once
+ * the scratch memory is gone).
+ */
+import { readFileSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Creds, Image, Process, SeccompFilter, Vma } from '../image/types.js';
+import { addon } from '../native.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { nameProcess, Unsupported } from '../snapshot/context.js';
+import { type Injector, NR } from '../snapshot/inject.js';
+import { REG } from './threads.js';
+
+/** Capability numbers (linux/capability.h) this module reasons about. */
+export const CAP = { SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24 } as const;
+const CAP_NAMES = [
+  'chown', 'dac_override', 'dac_read_search', 'fowner', 'fsetid', 'kill', 'setgid', 'setuid', 'setpcap', 'linux_immutable',
+  'net_bind_service', 'net_broadcast', 'net_admin', 'net_raw', 'ipc_lock', 'ipc_owner', 'sys_module', 'sys_rawio', 'sys_chroot',
+  'sys_ptrace', 'sys_pacct', 'sys_admin', 'sys_boot', 'sys_nice', 'sys_resource', 'sys_time', 'sys_tty_config', 'mknod', 'lease',
+  'audit_write', 'audit_control', 'setfcap', 'mac_override', 'mac_admin', 'syslog', 'wake_alarm', 'block_suspend', 'audit_read',
+  'perfmon', 'bpf', 'checkpoint_restore',
+];
+export const hasCap = (set: bigint, cap: number) => (set >> BigInt(cap)) & 1n ? true : false;
+const capList = (set: bigint): number[] => [...Array(64).keys()].filter((c) => hasCap(set, c));
+const capName = (c: number) => `CAP_${(CAP_NAMES[c] ?? String(c)).toUpperCase()}`;
+
+const PR = {
+  GET_DUMPABLE: 3,
+  SET_DUMPABLE: 4,
+  SET_SECCOMP: 22,
+  CAPBSET_DROP: 24,
+  GET_SECUREBITS: 27,
+  SET_SECUREBITS: 28,
+  SET_NO_NEW_PRIVS: 38,
+  CAP_AMBIENT: 47,
+} as const;
+const PR_CAP_AMBIENT_RAISE = 2;
+const PR_CAP_AMBIENT_LOWER = 3;
+const SECBIT_KEEP_CAPS = 1 << 4;
+/** Each securebit's lock is the bit above it. */
+const SECBIT_LOCKS = 0b10101010;
+const SECCOMP_MODE_STRICT = 1;
+const SECCOMP_MODE_FILTER = 2;
+const SECCOMP_SET_MODE_FILTER = 1;
+const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
+const SYS_CREDS = { setgroups: 116, setresuid: 117, setresgid: 119, setfsuid: 122, setfsgid: 123, capset: 126, seccomp: 317 } as const;
+
+/* ---- reading ---------------------------------------------------------- */
+
+function statusFields(path: string): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    const i = line.indexOf(':');
+    if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
+  }
+  return out;
+}
+
+const nums = (s: string | undefined) => (s ? s.split(/\s+/).filter(Boolean).map(Number) : []);
+const hex = (s: string | undefined) => BigInt('0x' + (s || '0'));
+
+/** What /proc/…/status shows of a thread's credentials; securebits and the
+ * filters themselves are not there. */
+interface StatusCreds extends Omit<Creds, 'securebits' | 'seccompFilters'> {
+  /** Seccomp_filters: how many filters the thread runs under. */
+  filterCount: number;
+}
+
+function parseStatus(status: Map<string, string>): StatusCreds {
+  return {
+    uid: nums(status.get('Uid')),
+    gid: nums(status.get('Gid')),
+    groups: nums(status.get('Groups')),
+    capEff: hex(status.get('CapEff')),
+    capPrm: hex(status.get('CapPrm')),
+    capInh: hex(status.get('CapInh')),
+    capBnd: hex(status.get('CapBnd')),
+    capAmb: hex(status.get('CapAmb')),
+    noNewPrivs: status.get('NoNewPrivs') === '1',
+    seccomp: Number(status.get('Seccomp') ?? 0),
+    filterCount: Number(status.get('Seccomp_filters') ?? 0),
+  };
+}
+
+const threadStatus = (pid: number, tid: number) => parseStatus(statusFields(`/proc/${pid}/task/${tid}/status`));
+
+/** appshot's own credentials: what a restore can grant, since every seed
+ * inherits them. */
+export interface OwnCreds extends StatusCreds {
+  securebits: number;
+}
+
+export function ownCreds(): OwnCreds {
+  return { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() };
+}
+
+/* ---- dump ------------------------------------------------------------- */
+
+export interface DumpedCreds {
+  /** One per thread, in the order given. */
+  threads: Creds[];
+  dumpable: number;
+}
+
+/**
+ * Reads every thread's credentials. Called before anything else is
+ * injected into the process: a thread under seccomp is first exempted
+ * from its filters (PTRACE_O_SUSPEND_SECCOMP), which could otherwise
+ * refuse the injected calls or kill the process for them; a process whose
+ * filters cannot be read or suspended (no CAP_SYS_ADMIN) is refused.
+ */
+export function dumpCreds(pid: number, tids: number[], inj: Injector, what: string): DumpedCreds {
+  const statuses = tids.map((tid) => threadStatus(pid, tid));
+  const filters = statuses.map((st, i) => {
+    if (st.seccomp === 0) return [];
+    const where = tids[i] === pid ? what : `${what} thread ${tids[i]}`;
+    let chain: SeccompFilter[] = [];
+    try {
+      if (st.seccomp === SECCOMP_MODE_FILTER) chain = addon().seccompFilters(tids[i]);
+      addon().suspendSeccomp(tids[i]);
+    } catch (e) {
+      const mode = st.seccomp === SECCOMP_MODE_STRICT ? 'seccomp strict mode' : 'seccomp filter';
+      throw new Unsupported(`${where}: its ${mode} cannot be captured (${(e as Error).message}; reading and suspending seccomp needs CAP_SYS_ADMIN)`);
+    }
+    if (st.seccomp === SECCOMP_MODE_FILTER && chain.length !== st.filterCount)
+      throw new Unsupported(`${where}: ${st.filterCount} seccomp filters, of which ${chain.length} could be read`);
+    return chain;
+  });
+  const threads = statuses.map(({ filterCount: _, ...st }, i) => {
+    const bits = inj.call(NR.prctl, [PR.GET_SECUREBITS], tids[i]);
+    if (bits < 0n) throw new Error(`reading the securebits of thread ${tids[i]}: errno ${-bits}`);
+    return { ...st, securebits: Number(bits), seccompFilters: filters[i] };
+  });
+  const dumpable = inj.call(NR.prctl, [PR.GET_DUMPABLE]);
+  if (dumpable < 0n) throw new Error(`reading whether ${what} is dumpable: errno ${-dumpable}`);
+  return { threads, dumpable: Number(dumpable) };
+}
+
+/** Exempts the threads of a process under seccomp from their filters for
+ * as long as they are traced, so that calls can be injected (dirty
+ * tracking does so outside a dump); false if that is not possible. */
+export function exemptFromSeccomp(pid: number, tids: number[]): boolean {
+  for (const tid of tids) {
+    if (threadStatus(pid, tid).seccomp === 0) continue;
+    try {
+      addon().suspendSeccomp(tid);
+    } catch {
+      return false;
+    }
+  }
+  return true;
+}
+
+/* ---- the privilege rule ------------------------------------------------ */
+
+const sameSet = (a: number[], b: number[]) => a.length === b.length && [...a].sort().join() === [...b].sort().join();
+const firstCap = (set: bigint) => capName(capList(set)[0]);
+
+/**
+ * Why a user with credentials `own` cannot give a thread the credentials
+ * `want`, or undefined if it can: each credential is either one the user
+ * has, or one its capabilities let it take, as the kernel decides
+ * (setresuid, setgroups, capset, PR_CAPBSET_DROP, PR_SET_SECUREBITS,
+ * seccomp). Pure, for the tests too.
+ */
+export function credentialRefusal(want: Creds, own: OwnCreds): string | undefined {
+  const ids = [...want.uid, ...want.gid, ...want.groups];
+  if (want.uid.length !== 4 || want.gid.length !== 4 || want.groups.length > 65536 || ids.some((id) => !Number.isInteger(id) || id < 0 || id >= 2 ** 32 - 1))
+    return 'its recorded uids, gids or groups are malformed (corrupt image?)';
+  const can = (cap: number) => hasCap(own.capEff, cap);
+  const uidsHeld = own.uid.slice(0, 3);
+  if (!can(CAP.SETUID)) {
+    const other = want.uid.find((u) => !uidsHeld.includes(u));
+    if (other !== undefined) return `uid ${other} cannot be taken without CAP_SETUID (this user is uid ${own.uid[0]})`;
+  }
+  if (!can(CAP.SETGID)) {
+    const other = want.gid.find((g) => !own.gid.slice(0, 3).includes(g));
+    if (other !== undefined) return `gid ${other} cannot be taken without CAP_SETGID (this user is gid ${own.gid[0]})`;
+    if (!sameSet(want.groups, own.groups))
+      return `supplementary groups [${want.groups.join(',')}] cannot be set without CAP_SETGID (this user has [${own.groups.join(',')}])`;
+  }
+  const extraPrm = want.capPrm & ~own.capPrm;
+  if (extraPrm) return `capability ${firstCap(extraPrm)} (permitted) is not in this user's permitted set`;
+  const extraInh = want.capInh & ~(own.capInh | own.capPrm);
+  if (extraInh) return `capability ${firstCap(extraInh)} (inheritable) is neither inheritable nor permitted for this user`;
+  if (want.capEff & ~want.capPrm || want.capAmb & ~(want.capPrm & want.capInh)) return 'its recorded capability sets are inconsistent (corrupt image?)';
+  const extraBnd = want.capBnd & ~own.capBnd;
+  if (extraBnd) return `bounding set holds ${firstCap(extraBnd)}, which this user's bounding set lacks`;
+  if (want.capBnd !== own.capBnd && !can(CAP.SETPCAP)) return `bounding set without ${firstCap(own.capBnd & ~want.capBnd)} cannot be set without CAP_SETPCAP`;
+  if (want.securebits !== own.securebits) {
+    const locked = own.securebits & SECBIT_LOCKS;
+    const fixed = locked | (locked >> 1);
+    if ((want.securebits ^ own.securebits) & fixed) return `securebits 0x${want.securebits.toString(16)} cannot be set: this user's 0x${own.securebits.toString(16)} are locked`;
+    if (!can(CAP.SETPCAP)) return `securebits 0x${want.securebits.toString(16)} cannot be set without CAP_SETPCAP`;
+  }
+  if (own.noNewPrivs && !want.noNewPrivs) return 'no_new_privs is set on appshot itself and cannot be cleared (the image recorded it clear)';
+  if (own.seccomp !== 0 && want.seccomp !== own.seccomp) return `appshot itself runs under seccomp (mode ${own.seccomp}), which cannot be lifted (the image recorded mode ${want.seccomp})`;
+  if (want.seccomp === SECCOMP_MODE_FILTER) {
+    if (want.seccompFilters.length === 0) return 'its seccomp filter was not recorded (an older image)';
+    // The kernel takes 1..BPF_MAXINSNS instructions of 8 bytes.
+    if (want.seccompFilters.some((f) => !f.program.length || f.program.length % 8 || f.program.length > 4096 * 8)) return 'its seccomp filter is malformed (corrupt image?)';
+    if (want.seccompFilters.length < own.filterCount) return `appshot itself runs under ${own.filterCount} seccomp filters, more than the image recorded`;
+    // seccomp() asks for either, in the credentials the thread has then.
+    if (want.seccompFilters.length > own.filterCount && !want.noNewPrivs && !hasCap(want.capEff, CAP.SYS_ADMIN))
+      return 'its seccomp filter cannot be installed again: it has neither no_new_privs nor CAP_SYS_ADMIN';
+  }
+  return undefined;
+}
+
+/** Threads of a process with their creds (an older image: the process's). */
+const threadCreds = (p: Process) => p.threads.map((t) => ({ vtid: t.vtid, creds: t.creds ?? p.creds }));
+
+/** The rule over the whole image, before a restore makes anything: one
+ * line naming the first process (and thread) and credential refused. */
+export function checkCredentials(image: Image, own: OwnCreds): void {
+  for (const p of image.processes)
+    for (const t of threadCreds(p)) {
+      const why = credentialRefusal(t.creds, own);
+      if (why) throw new AppshotError(`${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}: ${why}`, ExitCode.denied);
+    }
+}
+
+/* ---- restore ----------------------------------------------------------- */
+
+function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
+  const b = Buffer.alloc(32);
+  b.writeUInt32LE(LINUX_CAPABILITY_VERSION_3, 0);
+  b.writeInt32LE(0, 4); // this thread
+  const word = (v: bigint, i: number) => Number((v >> BigInt(32 * i)) & 0xffffffffn);
+  for (let i = 0; i < 2; i++) {
+    b.writeUInt32LE(word(c.capEff, i), 8 + i * 12);
+    b.writeUInt32LE(word(c.capPrm, i), 12 + i * 12);
+    b.writeUInt32LE(word(c.capInh, i), 16 + i * 12);
+  }
+  return b;
+}
+
+/**
+ * Gives each restored thread its recorded credentials (but seccomp, see
+ * restoreSeccomp) and the process its dumpable flag. Run after everything
+ * else that needs privileges or scratch memory but its unmapping: after
+ * these calls the process may no longer be ours to change. The order is
+ * the kernel's: groups and gids while CAP_SETGID is still there; the
+ * bounding set and KEEP_CAPS while CAP_SETPCAP is effective; the uids
+ * (permitted caps kept); a capability set still holding CAP_SETPCAP for
+ * the final securebits, ambient raises, then the exact sets.
+ * Returns how many calls it injected (each ~16 µs): most are skipped where
+ * the seed has the value already.
+ */
+export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): number {
+  const calls = { n: 0 };
+  const call = (what: string, nr: number, args: (bigint | number)[], tid: number) => {
+    calls.n++;
+    return r.call(what, nr, args, tid);
+  };
+  // All buffers first, while the scratch memory is surely writable.
+  r.reset();
+  const wanted = threadCreds(p);
+  const buffers = wanted.map(({ creds: c }) => ({
+    groups: r.put(Buffer.from(new Uint32Array(c.groups).buffer)),
+    transitional: r.put(capsetData({ ...c, capEff: c.capEff | (1n << BigInt(CAP.SETPCAP)), capPrm: c.capPrm | (1n << BigInt(CAP.SETPCAP)) })),
+    exact: r.put(capsetData(c)),
+  }));
+  // The seed's securebits, which its threads share: asked once.
+  calls.n++;
+  const seedBits = Number(r.call('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]));
+  wanted.forEach(({ creds: want }, i) => {
+    const tid = tids[i];
+    const buf = buffers[i];
+    let have = threadStatus(r.pid, tid);
+    let bits = seedBits;
+    if (!sameSet(want.groups, have.groups)) call('setgroups', SYS_CREDS.setgroups, [want.groups.length, buf.groups], tid);
+    if (want.gid.slice(0, 3).join() !== have.gid.slice(0, 3).join()) call(`setresgid ${want.gid.slice(0, 3).join(' ')}`, SYS_CREDS.setresgid, want.gid.slice(0, 3), tid);
+    // setresgid set the fs gid to the effective one.
+    if (want.gid[3] !== threadStatus(r.pid, tid).gid[3]) call(`setfsgid ${want.gid[3]}`, SYS_CREDS.setfsgid, [want.gid[3]], tid);
+    for (const cap of capList(have.capBnd & ~want.capBnd)) call(`dropping ${capName(cap)} from the bounding set`, SYS.prctl, [PR.CAPBSET_DROP, cap], tid);
+    const uidChanges = want.uid.slice(0, 3).join() !== have.uid.slice(0, 3).join();
+    const losesRoot = have.uid.slice(0, 3).includes(0) && !want.uid.slice(0, 3).includes(0);
+    if (uidChanges && losesRoot && want.capPrm && !(bits & SECBIT_KEEP_CAPS)) {
+      // Without it, leaving uid 0 empties the permitted set.
+      bits |= SECBIT_KEEP_CAPS;
+      call('setting KEEP_CAPS', SYS.prctl, [PR.SET_SECUREBITS, bits], tid);
+    }
+    if (uidChanges) call(`setresuid ${want.uid.slice(0, 3).join(' ')}`, SYS_CREDS.setresuid, want.uid.slice(0, 3), tid);
+    have = threadStatus(r.pid, tid);
+    if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
+    const capsDiffer = () => have.capEff !== want.capEff || have.capPrm !== want.capPrm || have.capInh !== want.capInh;
+    const changeBits = want.securebits !== bits;
+    // PR_SET_SECUREBITS needs CAP_SETPCAP effective: keep it until then.
+    if (changeBits && !hasCap(want.capEff, CAP.SETPCAP) && hasCap(have.capPrm, CAP.SETPCAP)) call('capset (with CAP_SETPCAP)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
+    else if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
+    have = threadStatus(r.pid, tid);
+    for (const cap of capList(want.capAmb & ~have.capAmb)) call(`raising ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0], tid);
+    for (const cap of capList(have.capAmb & ~want.capAmb)) call(`lowering ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0], tid);
+    if (changeBits) call(`setting securebits 0x${want.securebits.toString(16)}`, SYS.prctl, [PR.SET_SECUREBITS, want.securebits], tid);
+    have = threadStatus(r.pid, tid);
+    if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
+    if (want.noNewPrivs && !have.noNewPrivs) call('setting no_new_privs', SYS.prctl, [PR.SET_NO_NEW_PRIVS, 1, 0, 0, 0], tid);
+    // The kernel's word, not ours: setfsuid and setfsgid report no error,
+    // and a set the kernel trimmed on a uid change must not go unnoticed.
+    const wrong = differingCredential(want, threadStatus(r.pid, tid));
+    if (wrong) throw new Error(`thread ${tid} did not take its recorded ${wrong}`);
+  });
+  // Mm-wide, and reset by the kernel whenever a thread's euid or fsuid
+  // changed above: set after all of them.
+  calls.n++;
+  if (Number(r.call('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE])) !== p.dumpable) {
+    calls.n++;
+    r.call(`setting dumpable ${p.dumpable}`, SYS.prctl, [PR.SET_DUMPABLE, p.dumpable]);
+  }
+  return calls.n;
+}
+
+/** The first credential in which a thread's status differs from `want`
+ * (securebits and seccomp are not in the status). */
+function differingCredential(want: Creds, got: StatusCreds): string | undefined {
+  if (want.uid.join() !== got.uid.join()) return `uids ${want.uid.join(' ')} (has ${got.uid.join(' ')})`;
+  if (want.gid.join() !== got.gid.join()) return `gids ${want.gid.join(' ')} (has ${got.gid.join(' ')})`;
+  if (!sameSet(want.groups, got.groups)) return `groups ${want.groups.join(' ')} (has ${got.groups.join(' ')})`;
+  for (const [name, a, b] of [['CapEff', want.capEff, got.capEff], ['CapPrm', want.capPrm, got.capPrm], ['CapInh', want.capInh, got.capInh], ['CapBnd', want.capBnd, got.capBnd], ['CapAmb', want.capAmb, got.capAmb]] as const)
+    if (a !== b) return `${name} ${a.toString(16)} (has ${b.toString(16)})`;
+  if (want.noNewPrivs !== got.noNewPrivs) return 'no_new_privs';
+  return undefined;
+}
+
+/** The seccomp filters a restore's seeds run under: appshot's own, which
+ * every thread inherits and the image's chain must begin with. */
+export function seedFilters(seed: number): SeccompFilter[] {
+  return threadStatus(seed, seed).filterCount ? addon().seccompFilters(seed) : [];
+}
+
+const sameFilter = (a: SeccompFilter, b: SeccompFilter) => a.flags === b.flags && a.program.equals(b.program);
+
+/** The filters to install in a thread: the image's chain past the ones it
+ * inherits from the seed (which must be where the chain begins). */
+export function filtersToInstall(want: Creds, inherited: SeccompFilter[], where: string): SeccompFilter[] {
+  if (want.seccomp !== SECCOMP_MODE_FILTER) {
+    if (inherited.length) throw new AppshotError(`${where}: appshot runs under a seccomp filter the image did not record`, ExitCode.denied);
+    return [];
+  }
+  if (!inherited.every((f, i) => want.seccompFilters[i] && sameFilter(f, want.seccompFilters[i])))
+    throw new AppshotError(`${where}: its seccomp filter chain does not begin with the one appshot runs under`, ExitCode.denied);
+  return want.seccompFilters.slice(inherited.length);
+}
+
+/**
+ * Seccomp last of all, in each thread, once the scratch memory is
+ * unmapped: a filter applies to every call the thread makes after it, our
+ * injected ones included, and could refuse or kill for any of them. The
+ * program goes below the thread's red zone on its own stack (dead memory
+ * by the ABI; its bytes are put back after), oldest filter first. Strict
+ * mode needs no memory. Returns how many calls it injected.
+ */
+export function restoreSeccomp(r: RemoteProcess, p: Process, tids: number[], inherited: SeccompFilter[]): number {
+  const calls = { n: 0 };
+  threadCreds(p).forEach(({ vtid, creds: want }, i) => {
+    const tid = tids[i];
+    const where = `${nameProcess(p.vpid, p.comm)}${vtid === p.vpid ? '' : ` thread ${vtid}`}`;
+    if (want.seccomp === SECCOMP_MODE_STRICT) {
+      calls.n++;
+      r.call('entering seccomp strict mode', SYS.prctl, [PR.SET_SECCOMP, SECCOMP_MODE_STRICT], tid);
+      return;
+    }
+    const rsp = p.threads[i].regs.readBigUInt64LE(REG.rsp);
+    for (const f of filtersToInstall(want, inherited, where)) {
+      // struct sock_fprog (len, pad, pointer) and the program after it.
+      const at = (rsp - 128n - BigInt(16 + f.program.length)) & ~15n;
+      const size = 16 + f.program.length;
+      if (!writableStack(p.vmas, at, size)) throw new AppshotError(`${where}: no room on its stack below the red zone for its seccomp filter (${size} bytes)`);
+      const saved = addon().readMemory(r.pid, at, size);
+      const fprog = Buffer.alloc(16);
+      fprog.writeUInt16LE(f.program.length / 8, 0);
+      fprog.writeBigUInt64LE(at + 16n, 8);
+      addon().writeMemory(r.pid, at, Buffer.concat([fprog, f.program]));
+      calls.n++;
+      r.call('installing a seccomp filter', SYS_CREDS.seccomp, [SECCOMP_SET_MODE_FILTER, f.flags, at], tid);
+      try {
+        addon().writeMemory(r.pid, at, saved);
+      } catch {
+        /* not dumpable for an ordinary user any more: dead bytes stay */
+      }
+    }
+  });
+  return calls.n;
+}
+
+function writableStack(vmas: Vma[], at: bigint, size: number): boolean {
+  return vmas.some((v) => v.start <= at && at + BigInt(size) <= v.end && v.prot & 2);
+}

@@ -1,0 +1,89 @@
+/**
+ * Resource limits (RLIMIT_*), per process.
+ *
+ * Read from /proc/PID/limits, never with prlimit64(pid) from outside: that
+ * needs CAP_SYS_RESOURCE for a process of another uid, which root in a
+ * container usually lacks (DESIGN.md), while /proc/PID/limits is readable
+ * by anyone who may trace the process. Restored inside the process
+ * (prlimit64(0, ...) injected): a hard limit can be raised only up to what
+ * the restoring user has, unless it holds CAP_SYS_RESOURCE, and a limit it
+ * cannot set is a refusal by name, never a silent cap.
+ */
+import { readFileSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Image, Rlimit } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { nameProcess } from '../snapshot/context.js';
+import { CAP, hasCap, type OwnCreds } from './creds.js';
+
+/** RLIMIT_* 0..15, in the order /proc/PID/limits lists them. */
+export const LIMIT_NAMES = [
+  'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_DATA', 'RLIMIT_STACK', 'RLIMIT_CORE', 'RLIMIT_RSS', 'RLIMIT_NPROC', 'RLIMIT_NOFILE',
+  'RLIMIT_MEMLOCK', 'RLIMIT_AS', 'RLIMIT_LOCKS', 'RLIMIT_SIGPENDING', 'RLIMIT_MSGQUEUE', 'RLIMIT_NICE', 'RLIMIT_RTPRIO', 'RLIMIT_RTTIME',
+] as const;
+export const RLIMIT_NOFILE = 7;
+export const RLIM_INFINITY = (1n << 64n) - 1n;
+
+/**
+ * Parses /proc/PID/limits. The kernel prints each limit's raw value, in
+ * the unit setrlimit takes (the Units column only says which: seconds for
+ * RLIMIT_CPU, us for RLIMIT_RTTIME, bytes for the sizes), or "unlimited"
+ * for RLIM_INFINITY. The name column is 25 characters wide and its names
+ * hold spaces: the values are what follows it.
+ */
+export function parseLimits(text: string): Rlimit[] {
+  const lines = text.split('\n').filter((l) => l.trim());
+  const rows = lines.slice(1);
+  if (!lines[0]?.startsWith('Limit') || rows.length < LIMIT_NAMES.length) throw new Error('unexpected /proc/PID/limits format');
+  const value = (s: string) => (s === 'unlimited' ? RLIM_INFINITY : BigInt(s));
+  return rows.slice(0, LIMIT_NAMES.length).map((row, resource) => {
+    const [soft, hard] = row.slice(26).trim().split(/\s+/);
+    return { resource, cur: value(soft), max: value(hard) };
+  });
+}
+
+/** `pid` may be 'self'. */
+export function readLimits(pid: number | 'self'): Rlimit[] {
+  return parseLimits(readFileSync(`/proc/${pid}/limits`, 'utf8'));
+}
+
+export const dumpLimits = (pid: number): Rlimit[] => readLimits(pid);
+
+const show = (v: bigint) => (v === RLIM_INFINITY ? 'unlimited' : String(v));
+
+/**
+ * The privilege rule for limits, before anything is made: a hard limit
+ * above the restoring user's own needs CAP_SYS_RESOURCE. `own`: the
+ * limits the seeds will inherit (appshot's).
+ */
+export function limitRefusal(limits: Rlimit[], own: Rlimit[], creds: Pick<OwnCreds, 'capEff'>): string | undefined {
+  if (hasCap(creds.capEff, CAP.SYS_RESOURCE)) return undefined;
+  for (const lim of limits) {
+    const mine = own.find((l) => l.resource === lim.resource);
+    if (mine && lim.max > mine.max) return `hard limit ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} ${show(lim.max)} is above what this user may set (${show(mine.max)})`;
+  }
+  return undefined;
+}
+
+export function checkLimits(image: Image, own: Rlimit[], creds: Pick<OwnCreds, 'capEff'>): void {
+  for (const p of image.processes) {
+    const why = limitRefusal(p.rlimits, own, creds);
+    if (why) throw new AppshotError(`${nameProcess(p.vpid, p.comm)}: ${why}`, ExitCode.denied);
+  }
+}
+
+/** Sets the process's limits from inside it; the ones the seed has already
+ * (most: it inherited them from the same kind of shell) cost nothing.
+ * Returns how many calls it injected. */
+export function restoreLimits(r: RemoteProcess, limits: Rlimit[]): number {
+  const seed = readLimits(r.pid);
+  let calls = 0;
+  for (const lim of limits) {
+    const had = seed.find((l) => l.resource === lim.resource);
+    if (had && had.cur === lim.cur && had.max === lim.max) continue;
+    r.reset();
+    calls++;
+    r.call(`setting ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} to ${show(lim.cur)}/${show(lim.max)}`, SYS.prlimit64, [0, lim.resource, r.put(r.u64s([lim.cur, lim.max])), 0]);
+  }
+  return calls;
+}

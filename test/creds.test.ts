@@ -1,0 +1,314 @@
+/**
+ * Credentials and limits come back exactly, per thread, and a restore never
+ * gives a process more than the image recorded or more than the restoring
+ * user may grant: refused by name, with nothing left behind.
+ *
+ * Runs as root (CI), without CAP_SYS_RESOURCE; the ordinary user is uid
+ * 65534 through setpriv, as in unprivileged.test.ts.
+ */
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, chownSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import type { Creds } from '../src/image/types.js';
+import { CAP, credentialRefusal, filtersToInstall, type OwnCreds } from '../src/resources/creds.js';
+import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
+import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+
+const NOBODY = 65534;
+const isRoot = process.getuid!() === 0;
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-creds-'));
+chmodSync(dir, 0o755);
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const log = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const checks = (aid: string) => (log(aid).match(/^CHECK \d+$/gm) ?? []).length;
+
+/** The application's process (not its init), by system PID. */
+function appPid(aid: string): number {
+  const ps = sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid]);
+  return ps[0].processes.find((p) => !p.init)!.pid;
+}
+
+const CRED_FIELDS = ['Uid', 'Gid', 'Groups', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp', 'Seccomp_filters'];
+
+/** Every thread's credentials as /proc shows them, main thread first. */
+function threadCreds(pid: number): string[] {
+  const tids = readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => (a === pid ? -1 : b === pid ? 1 : a - b));
+  return tids.map((tid) =>
+    readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8')
+      .split('\n')
+      .filter((l) => CRED_FIELDS.includes(l.split(':')[0]))
+      .join('; '),
+  );
+}
+
+const limitsOf = (pid: number) => readFileSync(`/proc/${pid}/limits`, 'utf8');
+
+/** Waits for `more` new CHECK lines (or a FAIL) and expects no FAIL. */
+async function keepsChecking(aid: string, more = 5): Promise<void> {
+  const before = checks(aid);
+  await waitFor(() => checks(aid) >= before + more || /FAIL/.test(log(aid)), 15_000, `${aid} to check itself`);
+  expect(log(aid)).not.toMatch(/FAIL/);
+}
+
+describe.runIf(isRoot)('a server that dropped privileges, per thread', () => {
+  let before: string[];
+  let limits: string;
+
+  it('comes back with every thread as it was: uids, gids, groups, capabilities, bounding set, ambient, securebits, nnp, seccomp, dumpable, limits (eager)', async () => {
+    const run = sb.run(['run', '-d', '--aid', 'pd', '--', fixture('privdrop')]);
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => checks('pd') >= 3 || /FAIL/.test(log('pd')), 10_000, 'privdrop to drop and check');
+    expect(log('pd')).not.toMatch(/FAIL/);
+    const pid = appPid('pd');
+    before = threadCreds(pid);
+    limits = limitsOf(pid);
+    // What the fixture made, as the kernel shows it: not root, two threads
+    // with different credentials, filters on both.
+    expect(before).toHaveLength(2);
+    expect(before[0]).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534/);
+    expect(before[1]).toMatch(/Uid:\s+1000\s+1000\s+1000\s+1000/);
+    expect(before[0]).toMatch(/Seccomp_filters:\s+2/);
+    const snap = sb.run(['snapshot', 'pd', '-o', join(dir, 'pd-1')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const restored = sb.run(['restore', join(dir, 'pd-1')]);
+    expect(restored.code, restored.stderr).toBe(0);
+    await keepsChecking('pd');
+    const now = appPid('pd');
+    expect(now).not.toBe(pid);
+    expect(threadCreds(now)).toEqual(before);
+    expect(limitsOf(now)).toBe(limits);
+  });
+
+  it('is not snapshotted by a root without CAP_SYS_ADMIN, which cannot read its seccomp filters: refused by name, left running', async () => {
+    const pid = appPid('pd');
+    const r = spawnSync('setpriv', ['--bounding-set=-sys_admin', process.execPath, cli, 'snapshot', 'pd', '-o', join(dir, 'pd-refused')], { env: sb.env, encoding: 'utf8' });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/process 2 \(privdrop\): its seccomp filter cannot be captured .*CAP_SYS_ADMIN.*the application was left running/);
+    expect(readdirSync(dir)).not.toContain('pd-refused');
+    await keepsChecking('pd');
+    expect(appPid('pd')).toBe(pid);
+    expect(threadCreds(pid)).toEqual(before);
+  });
+
+  it('and again with --lazy, taken from the restored one', async () => {
+    const snap = sb.run(['snapshot', 'pd', '-o', join(dir, 'pd-2')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const restored = sb.run(['restore', join(dir, 'pd-2'), '--lazy']);
+    expect(restored.code, restored.stderr).toBe(0);
+    await keepsChecking('pd');
+    expect(threadCreds(appPid('pd'))).toEqual(before);
+    expect(limitsOf(appPid('pd'))).toBe(limits);
+  });
+
+  it('and in a clone of a template made of it', async () => {
+    const snap = sb.run(['snapshot', 'pd', '-o', join(dir, 'pd-3'), '--leave-running']);
+    expect(snap.code, snap.stderr).toBe(0);
+    // Left running, its filters apply again (they were suspended while
+    // calls were injected into it).
+    await keepsChecking('pd');
+    const t = sb.run(['template', 'create', join(dir, 'pd-3'), '-o', join(dir, 'pd.template')]);
+    expect(t.code, t.stderr).toBe(0);
+    const c = sb.run(['clone', join(dir, 'pd.template'), '--aid', 'pdc', '--count', '1']);
+    expect(c.code, c.stderr).toBe(0);
+    await keepsChecking('pdc');
+    expect(threadCreds(appPid('pdc'))).toEqual(before);
+  });
+});
+
+/** Runs appshot as uid 65534 with no capability, in a home of its own;
+ * its hard RLIMIT_NOFILE at `opts.nofile` if given, and its bounding set
+ * emptied unless `opts.keepBounding` (an image of a process that kept
+ * root's needs root's). */
+const userHome = mkdtempSync(join(tmpdir(), 'appshot-creds-user-'));
+chownSync(userHome, NOBODY, NOBODY);
+chmodSync(userHome, 0o755);
+afterAll(() => rmSync(userHome, { recursive: true, force: true }));
+function asNobody(args: string[], opts: { nofile?: number; keepBounding?: boolean } = {}): { code: number | null; stdout: string; stderr: string } {
+  const env = { ...process.env, APPSHOT_HOME: join(userHome, 'state'), APPSHOT_PORTS: TEST_PORTS };
+  const bounding = opts.keepBounding ? [] : ['--bounding-set=-all'];
+  const setpriv = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', ...bounding, process.execPath, cli, ...args];
+  const argv = opts.nofile ? ['sh', '-c', `ulimit -n ${opts.nofile} && exec "$@"`, 'sh', ...setpriv] : setpriv;
+  const r = spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: userHome });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Nothing of a refused restore is left: no registration, no tables. */
+function nothingLeftOfNobody(): void {
+  const ps = asNobody(['ps', '--json']);
+  expect(ps.code, ps.stderr).toBe(0);
+  expect(JSON.parse(ps.stdout)).toEqual([]);
+  const apps = join(userHome, 'state', 'apps');
+  expect(readdirSync(apps, { withFileTypes: true }).length, 'registrations left').toBe(0);
+  // Table files are named by a hash of the registry's real path.
+  const tag = createHash('sha256').update(realpathSync(join(userHome, 'state'))).digest('hex').slice(0, 8);
+  expect(readdirSync('/dev/shm').filter((f) => f.startsWith(`appshot-${tag}-`))).toEqual([]);
+  // No process of it: an init or seed would name the state directory.
+  const procs = spawnSync('pgrep', ['-f', join(userHome, 'state')], { encoding: 'utf8' }).stdout.trim();
+  expect(procs).toBe('');
+}
+
+/** The image readable by uid 65534 (it was written by root, mode 0600). */
+function giveToNobody(path: string): void {
+  spawnSync('chown', ['-R', `${NOBODY}:${NOBODY}`, path]);
+}
+
+describe.runIf(isRoot)('the privilege rule', () => {
+  it('root restoring a uid-65534 process keeps it 65534, with its limits; a process of another uid is snapshotted without CAP_SYS_RESOURCE', async () => {
+    // chroot --userspec changes uid with plain setresuid (setpriv, through
+    // libcap-ng, reads /proc/<getpid()>/status, which the virtual PID
+    // misleads).
+    const run = sb.run(['run', '-d', '--aid', 'nob', '--', 'chroot', `--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'sleep', '1000']);
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => /Uid:\s+65534/.test(readFileSync(`/proc/${appPid('nob')}/status`, 'utf8')), 10_000, 'sleep to run as 65534');
+    const pid = appPid('nob');
+    const creds = threadCreds(pid);
+    const limits = limitsOf(pid);
+    const snap = sb.run(['snapshot', 'nob', '-o', join(dir, 'nob')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const restored = sb.run(['restore', join(dir, 'nob')]);
+    expect(restored.code, restored.stderr).toBe(0);
+    const now = appPid('nob');
+    expect(threadCreds(now)).toEqual(creds);
+    expect(threadCreds(now)[0]).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534/);
+    expect(limitsOf(now)).toBe(limits);
+  });
+
+  it('uid 65534 restoring an image of a uid-0 process is refused in one line naming process and credential, and nothing is left', async () => {
+    const run = sb.run(['run', '-d', '--aid', 'rootapp', '--', 'sleep', '1000']);
+    expect(run.code, run.stderr).toBe(0);
+    const snap = sb.run(['snapshot', 'rootapp', '-o', join(dir, 'rootapp')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    giveToNobody(join(dir, 'rootapp'));
+    const r = asNobody(['restore', join(dir, 'rootapp')]);
+    expect(r.code).toBe(5);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/process 2 \(sleep\): uid 0 cannot be taken without CAP_SETUID/);
+    nothingLeftOfNobody();
+  });
+
+  it('a hard limit above what the restoring user may set is refused by name', async () => {
+    const hard = parseLimits(readFileSync('/proc/self/limits', 'utf8'))[RLIMIT_NOFILE].max;
+    const lower = Number(hard > 4096n ? 4096n : hard - 1n);
+    const run = sb.run(['run', '-d', '--aid', 'lim', '--', 'chroot', `--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'sleep', '1000']);
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => /Uid:\s+65534/.test(readFileSync(`/proc/${appPid('lim')}/status`, 'utf8')), 10_000, 'sleep to run as 65534');
+    const snap = sb.run(['snapshot', 'lim', '-o', join(dir, 'lim')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    giveToNobody(join(dir, 'lim'));
+    const r = asNobody(['restore', join(dir, 'lim')], { nofile: lower, keepBounding: true });
+    expect(r.code, r.stderr).toBe(5);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(`process 2 (sleep): hard limit RLIMIT_NOFILE ${hard} is above what this user may set (${lower})`);
+    nothingLeftOfNobody();
+    // With its own limit as high, the same user may restore it, as 65534.
+    const ok = asNobody(['restore', join(dir, 'lim')], { keepBounding: true });
+    expect(ok.code, ok.stderr).toBe(0);
+    const ps = JSON.parse(asNobody(['ps', 'lim', '--json']).stdout)[0].processes.find((p: { init: boolean }) => !p.init);
+    expect(threadCreds(ps.pid)[0]).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534/);
+    asNobody(['stop', 'lim', '-s', 'KILL']);
+    await waitFor(() => !alive(ps.pid), 10_000, 'the restored sleep to end');
+  });
+});
+
+/* ---- the rule itself, as a pure function ------------------------------- */
+
+const ALL = (1n << 41n) - 1n;
+const bit = (c: number) => 1n << BigInt(c);
+const rootCreds = (over: Partial<OwnCreds> = {}): OwnCreds => ({
+  uid: [0, 0, 0, 0], gid: [0, 0, 0, 0], groups: [], capEff: ALL, capPrm: ALL, capInh: 0n, capBnd: ALL, capAmb: 0n,
+  securebits: 0, noNewPrivs: false, seccomp: 0, filterCount: 0, ...over,
+});
+const nobody = (over: Partial<OwnCreds> = {}): OwnCreds =>
+  rootCreds({ uid: [NOBODY, NOBODY, NOBODY, NOBODY], gid: [NOBODY, NOBODY, NOBODY, NOBODY], capEff: 0n, capPrm: 0n, capBnd: 0n, ...over });
+const image = (own: OwnCreds, over: Partial<Creds> = {}): Creds => {
+  const { filterCount: _, ...c } = own;
+  return { ...c, seccompFilters: [], ...over };
+};
+const filter = { program: Buffer.alloc(8), flags: 0n };
+
+describe('the privilege rule, case by case', () => {
+  it('lets anyone restore what they are, and root restore anyone', () => {
+    expect(credentialRefusal(image(nobody()), nobody())).toBeUndefined();
+    expect(credentialRefusal(image(nobody({ groups: [5, 6], capBnd: ALL & ~bit(CAP.SYS_ADMIN) })), rootCreds())).toBeUndefined();
+    expect(credentialRefusal(image(rootCreds({ securebits: 0x10, capAmb: 0n })), rootCreds())).toBeUndefined();
+  });
+
+  it('refuses each credential an ordinary user cannot take, naming it', () => {
+    const me = nobody();
+    expect(credentialRefusal(image(rootCreds()), me)).toMatch(/^uid 0 cannot be taken without CAP_SETUID/);
+    expect(credentialRefusal(image(me, { gid: [0, 0, 0, 0] }), me)).toMatch(/^gid 0 .*CAP_SETGID/);
+    expect(credentialRefusal(image(me, { groups: [27] }), me)).toMatch(/^supplementary groups \[27\] .*CAP_SETGID/);
+    expect(credentialRefusal(image(me, { capPrm: bit(10), capEff: bit(10) }), me)).toMatch(/CAP_NET_BIND_SERVICE \(permitted\)/);
+    expect(credentialRefusal(image(me, { capInh: bit(10) }), me)).toMatch(/CAP_NET_BIND_SERVICE \(inheritable\)/);
+    expect(credentialRefusal(image(me, { securebits: 0x10 }), me)).toMatch(/securebits 0x10 .*CAP_SETPCAP/);
+  });
+
+  it('refuses malformed credentials rather than pass them to the kernel', () => {
+    expect(credentialRefusal(image(rootCreds(), { uid: [0, 0] }), rootCreds())).toMatch(/malformed/);
+    expect(credentialRefusal(image(rootCreds(), { groups: [-1] }), rootCreds())).toMatch(/malformed/);
+    expect(credentialRefusal(image(rootCreds(), { seccomp: 2, seccompFilters: [{ program: Buffer.alloc(12), flags: 0n }] }), rootCreds())).toMatch(/seccomp filter is malformed/);
+  });
+
+  it('never raises the bounding set, and lowers it only with CAP_SETPCAP', () => {
+    expect(credentialRefusal(image(rootCreds({ capBnd: ALL })), rootCreds({ capBnd: ALL & ~bit(CAP.SYS_RESOURCE) }))).toMatch(/bounding set holds CAP_SYS_RESOURCE/);
+    const noSetpcap = rootCreds({ capEff: ALL & ~bit(CAP.SETPCAP) });
+    expect(credentialRefusal(image(rootCreds({ capBnd: ALL & ~bit(16) })), noSetpcap)).toMatch(/without CAP_SYS_MODULE cannot be set without CAP_SETPCAP/);
+  });
+
+  it('cannot clear no_new_privs or lift seccomp that appshot itself runs under', () => {
+    expect(credentialRefusal(image(nobody()), nobody({ noNewPrivs: true }))).toMatch(/no_new_privs is set on appshot itself/);
+    expect(credentialRefusal(image(nobody({ noNewPrivs: true })), nobody({ noNewPrivs: true }))).toBeUndefined();
+    expect(credentialRefusal(image(nobody()), nobody({ seccomp: 2, filterCount: 1 }))).toMatch(/runs under seccomp/);
+    expect(credentialRefusal(image(nobody(), { seccomp: 2, seccompFilters: [filter], noNewPrivs: true }), nobody({ seccomp: 2, filterCount: 2 }))).toMatch(/2 seccomp filters, more than/);
+  });
+
+  it('installs a filter only where the kernel would: no_new_privs or CAP_SYS_ADMIN in the restored thread', () => {
+    const filtered = { seccomp: 2, seccompFilters: [filter] };
+    expect(credentialRefusal(image(nobody(), filtered), nobody())).toMatch(/neither no_new_privs nor CAP_SYS_ADMIN/);
+    expect(credentialRefusal(image(nobody(), { ...filtered, noNewPrivs: true }), nobody())).toBeUndefined();
+    expect(credentialRefusal(image(rootCreds(), filtered), rootCreds())).toBeUndefined();
+    expect(credentialRefusal(image(nobody(), { seccomp: 2 }), rootCreds())).toMatch(/was not recorded/);
+  });
+
+  it('installs only the filters past the ones the seeds inherit from appshot, which must begin the chain', () => {
+    const a = { program: Buffer.alloc(8, 1), flags: 0n };
+    const b = { program: Buffer.alloc(8, 2), flags: 0n };
+    const want = image(nobody(), { seccomp: 2, seccompFilters: [a, b], noNewPrivs: true });
+    expect(filtersToInstall(want, [], 'p')).toEqual([a, b]);
+    expect(filtersToInstall(want, [a], 'p')).toEqual([b]);
+    expect(() => filtersToInstall(want, [b], 'p')).toThrow(/does not begin with the one appshot runs under/);
+    expect(() => filtersToInstall(image(nobody()), [a], 'p')).toThrow(/did not record/);
+  });
+
+  it('limits: a hard limit above the user\'s own needs CAP_SYS_RESOURCE', () => {
+    const own = [{ resource: RLIMIT_NOFILE, cur: 1024n, max: 4096n }];
+    const want = [{ resource: RLIMIT_NOFILE, cur: 1024n, max: RLIM_INFINITY }];
+    expect(limitRefusal(want, own, nobody())).toBe('hard limit RLIMIT_NOFILE unlimited is above what this user may set (4096)');
+    expect(limitRefusal(want, own, rootCreds())).toBeUndefined();
+    expect(limitRefusal([{ resource: RLIMIT_NOFILE, cur: 10n, max: 4096n }], own, nobody())).toBeUndefined();
+  });
+
+  it('parses /proc/PID/limits: 16 limits in RLIMIT order, unlimited as RLIM_INFINITY', () => {
+    const mine = parseLimits(readFileSync('/proc/self/limits', 'utf8'));
+    expect(mine).toHaveLength(16);
+    expect(mine.map((l) => l.resource)).toEqual([...Array(16).keys()]);
+    const nofile = spawnSync('sh', ['-c', 'ulimit -Sn; ulimit -Hn'], { encoding: 'utf8' }).stdout.trim().split('\n');
+    const val = (s: string) => (s === 'unlimited' ? RLIM_INFINITY : BigInt(s));
+    expect([mine[RLIMIT_NOFILE].cur, mine[RLIMIT_NOFILE].max]).toEqual(nofile.map(val));
+    expect(mine[0].max).toBe(RLIM_INFINITY); // RLIMIT_CPU, unlimited here as almost everywhere
+  });
+});
