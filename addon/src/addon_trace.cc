@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -632,19 +633,57 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
 }
 
+// The limits of another process as /proc/PID/limits shows them (readable
+// by anyone): prlimit64 on a process of another uid needs CAP_SYS_RESOURCE,
+// which root in a container usually lacks, and servers drop to another uid.
+// The lines are in RLIMIT order; the values are at fixed columns.
+static bool ProcLimits(pid_t pid, struct rlimit64 out[RLIM_NLIMITS]) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/limits", static_cast<int>(pid));
+  FILE* f = fopen(path, "re");
+  if (!f) return false;
+  char line[256];
+  int r = -1; // the header line comes first
+  auto value = [](const char* s, rlim64_t* v) {
+    while (*s == ' ') s++;
+    if (strncmp(s, "unlimited", 9) == 0) {
+      *v = RLIM64_INFINITY;
+      return true;
+    }
+    char* end;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    *v = n;
+    return end != s && errno == 0;
+  };
+  while (r < RLIM_NLIMITS && fgets(line, sizeof line, f)) {
+    if (r >= 0 && (strlen(line) < 47 || !value(line + 26, &out[r].rlim_cur) ||
+                   !value(line + 47, &out[r].rlim_max))) {
+      fclose(f);
+      return false;
+    }
+    r++;
+  }
+  fclose(f);
+  return r == RLIM_NLIMITS;
+}
+
 // prlimits(pid) -> [[cur, max] as bigint, ...] for RLIMIT 0..15
 Napi::Value Prlimits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  pid_t pid = Tid(info);
+  struct rlimit64 lims[RLIM_NLIMITS];
+  for (int r = 0; r < RLIM_NLIMITS; r++) {
+    if (prlimit64(pid, static_cast<__rlimit_resource>(r), nullptr, &lims[r]) == 0) continue;
+    if (errno == EPERM && ProcLimits(pid, lims)) break;
+    ThrowErrno(env, "prlimit", errno);
+    return env.Undefined();
+  }
   Napi::Array out = Napi::Array::New(env);
   for (int r = 0; r < RLIM_NLIMITS; r++) {
-    struct rlimit64 lim;
-    if (prlimit64(Tid(info), static_cast<__rlimit_resource>(r), nullptr, &lim)) {
-      ThrowErrno(env, "prlimit", errno);
-      return env.Undefined();
-    }
     Napi::Array pair = Napi::Array::New(env, 2);
-    pair.Set(0u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_cur)));
-    pair.Set(1u, Napi::BigInt::New(env, static_cast<uint64_t>(lim.rlim_max)));
+    pair.Set(0u, Napi::BigInt::New(env, static_cast<uint64_t>(lims[r].rlim_cur)));
+    pair.Set(1u, Napi::BigInt::New(env, static_cast<uint64_t>(lims[r].rlim_max)));
     out.Set(r, pair);
   }
   return out;
