@@ -101,7 +101,7 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
-  X(closefrom) X(dup2) X(dup3)
+  X(closefrom) X(dup2) X(dup3) X(fcntl64)
 
 enum {
 #define X(n) R_##n,
@@ -222,6 +222,9 @@ HIDDEN long do_capget_set(long nr, struct __user_cap_header_struct *header,
 HIDDEN long do_ptrace(long request, pid_t pid, void *addr, void *data);
 HIDDEN long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2);
 HIDDEN long do_ioprio(long nr, long which, long who, long ioprio);
+HIDDEN long do_fcntl(int raw, int fd, int cmd, void *arg);
+HIDDEN long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
+                               const struct timespec *timeout, size_t size);
 HIDDEN long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                                unsigned long flags);
 

@@ -326,6 +326,13 @@ API int sigtimedwait(const sigset_t *set, siginfo_t *info,
   return r;
 }
 
+long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
+                        const struct timespec *timeout, size_t size) {
+  long r = libc_ret(SYS4(rt_sigtimedwait, set, info, timeout, size));
+  if (r > 0 && info) translate_si_pid(info);
+  return r;
+}
+
 API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
   ensure_init();
   int r = REAL(sigwaitinfo)(set, info);
@@ -664,4 +671,92 @@ long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
   if (!(flags & PERF_FLAG_PID_CGROUP) && proc_arg(pid, &sid, ESRCH))
     return fail(ESRCH);
   return libc_ret(SYS5(perf_event_open, attr, sid, cpu, group_fd, flags));
+}
+
+/* --- fcntl: a descriptor's owner and a lock's holder ---------------------- */
+
+/* An owner for F_SETOWN: a PID, or a process group as -pgid; 0 is none. */
+static int owner_arg(pid_t vid, pid_t *sid) {
+  if (vid == 0) {
+    *sid = 0;
+    return 0;
+  }
+  if (vid == INT32_MIN) return ESRCH;
+  pid_t s;
+  if (!v2s_pid(vid < 0 ? -vid : vid, &s)) return ESRCH;
+  *sid = vid < 0 ? -s : s;
+  return 0;
+}
+
+/* glibc's fcntl64 (a cancellation point for F_SETLKW, and its F_GETOWN
+ * tells a group from an error), or the bare call for syscall(). */
+static long fcntl_call(int raw, int fd, int cmd, void *arg) {
+  int (*real)(int, int, ...) = (int (*)(int, int, ...))real_fn[R_fcntl64];
+  if (raw || !real) return libc_ret(SYS3(fcntl, fd, cmd, arg));
+  return real(fd, cmd, arg);
+}
+
+/* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
+ * SIGURG; F_GETLK reports the holder of a conflicting lock. Every other
+ * command passes as it is. */
+long do_fcntl(int raw, int fd, int cmd, void *arg) {
+  switch (cmd) {
+    case F_SETOWN: {
+      pid_t sid;
+      if (owner_arg((pid_t)(long)arg, &sid)) return fail(ESRCH);
+      return fcntl_call(raw, fd, cmd, (void *)(long)sid);
+    }
+    case F_GETOWN: {
+      long r = fcntl_call(raw, fd, cmd, arg);
+      if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
+      if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
+      return r;
+    }
+    case F_SETOWN_EX: {
+      struct f_owner_ex *o = arg, sys_owner;
+      if (!o) break; /* EFAULT, the kernel's to say */
+      sys_owner = *o;
+      if (o->pid > 0 && !v2s_pid(o->pid, &sys_owner.pid)) return fail(ESRCH);
+      return fcntl_call(raw, fd, cmd, &sys_owner);
+    }
+    case F_GETOWN_EX: {
+      struct f_owner_ex *o = arg;
+      long r = fcntl_call(raw, fd, cmd, arg);
+      if (r == 0 && o && o->pid > 0) o->pid = s2v_or0(APPSHOT_PID, o->pid);
+      return r;
+    }
+    case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */
+      struct flock *lk = arg;
+      long r = fcntl_call(raw, fd, cmd, arg);
+      /* OFD locks (F_OFD_GETLK) have no holder PID: the kernel says -1. */
+      if (r == 0 && lk && lk->l_type != F_UNLCK && lk->l_pid > 0)
+        lk->l_pid = s2v_or0(APPSHOT_PID, lk->l_pid);
+      return r;
+    }
+  }
+  return fcntl_call(raw, fd, cmd, arg);
+}
+
+static int fcntl_va(int fd, int cmd, va_list ap) {
+  void *arg = va_arg(ap, void *);
+  ensure_init();
+  if (LIKELY(!g_h)) return (int)fcntl_call(0, fd, cmd, arg);
+  return (int)do_fcntl(0, fd, cmd, arg);
+}
+
+API int fcntl(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  int r = fcntl_va(fd, cmd, ap);
+  va_end(ap);
+  return r;
+}
+
+/* What programs built with 64-bit offsets call (glibc 2.28 and later). */
+API int fcntl64(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  int r = fcntl_va(fd, cmd, ap);
+  va_end(ap);
+  return r;
 }

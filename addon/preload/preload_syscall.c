@@ -76,6 +76,10 @@ API long syscall(long nr, ...) {
     case SYS_ioprio_set: return do_ioprio(nr, a, b, c);
     case SYS_perf_event_open:
       return do_perf_event_open(a, (pid_t)b, c, d, (unsigned long)e);
+    case SYS_fcntl: return do_fcntl(1, (int)a, (int)b, (void *)c);
+    case SYS_rt_sigtimedwait:
+      return do_rt_sigtimedwait((const sigset_t *)a, (siginfo_t *)b,
+                                (const struct timespec *)c, (size_t)d);
     case SYS_set_tid_address: /* returns the caller's TID */
       sys6(nr, a, 0, 0, 0, 0, 0);
       return self_vtid();
