@@ -14,7 +14,9 @@
  *
  * The program must not lose it by accident: close() of it, close_range()
  * and closefrom() over it, and dup2()/dup3() onto it (ours moves first),
- * libc or syscall(), all leave it open. A descriptor that the program can
+ * libc or syscall(), all leave it open, and so do the same as posix_spawn
+ * file actions (addclose, adddup2; not addclosefrom_np, whose range glibc
+ * closes in the child). A descriptor that the program can
  * no longer see as taken is what a thread's open descriptor looks like to
  * another thread: the number is not handed out, nothing else changes.
  */
@@ -155,4 +157,22 @@ API int dup3(int oldfd, int newfd, int flags) {
   ensure_init();
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
   return REAL(dup3)(oldfd, newfd, flags);
+}
+
+/* posix_spawn's file actions run in the child, inside glibc: decided here,
+ * when they are recorded. */
+API int posix_spawn_file_actions_addclose(posix_spawn_file_actions_t *fa,
+                                          int fd) {
+  ensure_init();
+  if (UNLIKELY(is_tables_fd(fd))) return 0;
+  return REAL(posix_spawn_file_actions_addclose)(fa, fd);
+}
+
+API int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa,
+                                         int fd, int newfd) {
+  ensure_init();
+  /* Moved in the parent now, so the child inherits ours elsewhere and the
+   * spawn names that number (APPSHOT_TABLES_FD). */
+  if (UNLIKELY(is_tables_fd(newfd)) && fd != newfd) tables_fd_move();
+  return REAL(posix_spawn_file_actions_adddup2)(fa, fd, newfd);
 }
