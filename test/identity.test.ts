@@ -145,3 +145,24 @@ describe('calls that carry a PID', () => {
     sb.run(['stop', 'other', '--signal', 'KILL']);
   });
 });
+
+describe('a process the tables do not know', () => {
+  it('makes the snapshot refuse, naming it by system PID and command, and leaves the application running', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'raw', '--', fixture('rawfork')]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /CHILD \d+/.test(logOf('raw')), 10_000, 'rawfork CHILD');
+    const child = Number(/CHILD (\d+)/.exec(logOf('raw'))![1]);
+    const snap = sb.run(['snapshot', 'raw', '-o', join(out, 'raw')]);
+    expect(snap.code).not.toBe(0);
+    expect(snap.stderr).toContain(`system PID ${child} (rawfork) is not in the application's tables`);
+    expect(snap.stderr).toMatch(/the application was left running/);
+    // It was: the parent is still in the tables, neither is stopped.
+    const ps = processesOf('raw');
+    expect(ps).toHaveLength(1);
+    for (const pid of [ps[0].pid, child]) expect(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0]).toBe('S');
+    // stop reaches the processes in the tables only.
+    process.kill(child, 'SIGKILL');
+    sb.run(['stop', 'raw', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('raw'), 10_000, 'raw to end');
+  });
+});
