@@ -16,9 +16,9 @@
  * and closefrom() over it, and dup2()/dup3() onto it (ours moves first),
  * libc or syscall(), all leave it open, and so do the same as posix_spawn
  * file actions (addclose, adddup2; not addclosefrom_np, whose range glibc
- * closes in the child). A descriptor that the program can
- * no longer see as taken is what a thread's open descriptor looks like to
- * another thread: the number is not handed out, nothing else changes.
+ * closes in the child). A descriptor that the program can no longer see as
+ * taken is what a thread's open descriptor looks like to another thread:
+ * the number is not handed out, nothing else changes.
  */
 #include "preload.h"
 
@@ -58,8 +58,8 @@ struct appshot_header *tables_attach(const char *aid, const char *fd_var,
       return h;
     }
   }
-  /* The path: the application's first processes, those started with
-   * `appshot exec`, and those whose parent had no descriptor to give. */
+  /* The path: processes started with `appshot exec`, and those whose
+   * parent had no descriptor to give. */
   if (!path || !*path) return NULL;
   long opened = SYS4(openat, AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
   if (opened < 0) return NULL;
