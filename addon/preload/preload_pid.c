@@ -585,7 +585,7 @@ int capset(cap_user_header_t header, const cap_user_data_t data);
  * other process of the system (kthreadd for 2). The caller's header keeps
  * its virtual PID; the kernel may write its preferred version into it. */
 long do_capget_set(long nr, cap_user_header_t header, void *data) {
-  if (!header) return libc_ret(SYS2(capget, header, data)); /* EFAULT */
+  if (!header) return libc_ret(sys6(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
   struct __user_cap_header_struct sys_header = *header;
   if (proc_arg(header->pid, &sys_header.pid, ESRCH)) return fail(ESRCH);
   long r = libc_ret(sys6(nr, (long)&sys_header, (long)data, 0, 0, 0, 0));
