@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -158,25 +159,16 @@ fail: {
 }
 }
 
-struct appshot_header *appshot_table_open(const char *path) {
-  int fd = open(path, O_RDWR | O_CLOEXEC);
-  if (fd < 0) return NULL;
+struct appshot_header *appshot_table_map_fd(int fd) {
   struct stat st;
-  if (fstat(fd, &st) != 0) {
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return NULL;
-  }
+  if (fstat(fd, &st) != 0) return NULL;
   uint64_t size = layout(NULL);
-  if ((uint64_t)st.st_size != size) {
-    close(fd);
+  if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != size) {
     errno = EPROTO;
     return NULL;
   }
   struct appshot_header *h =
       mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
   if (h == MAP_FAILED) return NULL;
   if (LOAD(&h->magic) != APPSHOT_TABLE_MAGIC ||
       h->version != APPSHOT_TABLE_VERSION || h->size != size) {
@@ -185,6 +177,23 @@ struct appshot_header *appshot_table_open(const char *path) {
     return NULL;
   }
   return h;
+}
+
+struct appshot_header *appshot_table_open(const char *path) {
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return NULL;
+  struct appshot_header *h = appshot_table_map_fd(fd);
+  int saved = errno;
+  close(fd);
+  errno = saved;
+  return h;
+}
+
+int appshot_tables_fd_base(void) {
+  struct rlimit lim;
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return 64;
+  if (lim.rlim_cur >= 1024) return 1000;
+  return lim.rlim_cur >= 16 ? (int)(lim.rlim_cur * 3 / 4) : 3;
 }
 
 void appshot_table_close(struct appshot_header *h) {

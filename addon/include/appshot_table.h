@@ -161,6 +161,16 @@ struct appshot_header *appshot_table_create(const char *path, const char *aid,
 /* Maps an existing table file. Returns NULL and sets errno (EPROTO for a
  * file of another layout). */
 struct appshot_header *appshot_table_open(const char *path);
+/* The same for a descriptor of the file, which stays open (the preload
+ * library keeps one across exec and changes of user: see preload_fd.c). */
+struct appshot_header *appshot_table_map_fd(int fd);
+/* The lowest number for the descriptor of the table file that each process
+ * of an application keeps open across exec (named by APPSHOT_TABLES_FD):
+ * high, out of the way of programs that expect the lowest free numbers or
+ * dup2 onto small ones (shells use up to 9, then 10 and up), yet below the
+ * usual soft limit of 1024, and within a lower one (a quarter of it is left
+ * above). */
+int appshot_tables_fd_base(void);
 void appshot_table_close(struct appshot_header *h);
 
 /* --- Lookups: lock-free, async-signal-safe ------------------------------ */

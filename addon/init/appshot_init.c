@@ -96,8 +96,8 @@ static int exit_code_of(int status) {
   return 125;
 }
 
-/* The environment of the application: ours plus the three variables that
- * make the preload library translate through this application's tables. */
+/* The environment of the application: ours plus the variables that make
+ * the preload library translate through this application's tables. */
 static void set_app_env(void) {
   const char *old = getenv("LD_PRELOAD");
   if (old && *old) {
@@ -111,6 +111,21 @@ static void set_app_env(void) {
   }
   setenv("APPSHOT_TABLES", tables_path, 1);
   setenv("APPSHOT_AID", aid, 1);
+  /* The descriptor the first process keeps and hands on (see
+   * addon/preload/preload_fd.c): a command that changes user before its
+   * first dynamically linked program runs (a static wrapper, a script whose
+   * interpreter drops privileges) still reaches the tables. Without it the
+   * preload library opens them by path, as it can as this user. */
+  int fd = open(tables_path, O_RDWR | O_CLOEXEC);
+  int kept = fd >= 0 ? fcntl(fd, F_DUPFD, appshot_tables_fd_base()) : -1;
+  if (fd >= 0) close(fd);
+  if (kept >= 0) {
+    char number[16];
+    snprintf(number, sizeof number, "%d", kept);
+    setenv("APPSHOT_TABLES_FD", number, 1);
+  } else {
+    unsetenv("APPSHOT_TABLES_FD");
+  }
 }
 
 /* Forks and execs the command; returns its PID, or -errno if exec failed. */

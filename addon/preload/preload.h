@@ -72,6 +72,13 @@ extern int g_nocache HIDDEN;
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
 
+/* Our descriptor of the table file (-1: none), kept open across exec at a
+ * high number and named to the next program by APPSHOT_TABLES_FD: a program
+ * that changed user cannot open the file (mode 0600) by its path any more,
+ * but inherits this. The program may not close it or take its number away
+ * (see preload_fd.c). */
+extern int g_tables_fd HIDDEN;
+
 /* The state of init: 2 once done. */
 extern int g_init_state HIDDEN;
 HIDDEN void init_slow(void);
@@ -93,7 +100,9 @@ static inline void ensure_init(void) {
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
-  X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir)
+  X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
+  X(closefrom) X(dup2) X(dup3) X(fcntl64)                                   \
+  X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2)
 
 enum {
 #define X(n) R_##n,
@@ -208,6 +217,17 @@ HIDDEN long do_pid_first(long nr, long pid, long b, long c, long d, long e,
 HIDDEN long do_prio(long nr, long which, long who, long prio);
 HIDDEN long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
                             siginfo_t *info);
+struct __user_cap_header_struct;
+HIDDEN long do_capget_set(long nr, struct __user_cap_header_struct *header,
+                          void *data);
+HIDDEN long do_ptrace(long request, pid_t pid, void *addr, void *data);
+HIDDEN long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2);
+HIDDEN long do_ioprio(long nr, long which, long who, long ioprio);
+HIDDEN long do_fcntl(int raw, int fd, int cmd, void *arg);
+HIDDEN long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
+                               const struct timespec *timeout, size_t size);
+HIDDEN long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
+                               unsigned long flags);
 
 /* preload_ipc.c */
 HIDDEN long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b);
@@ -219,6 +239,21 @@ HIDDEN long do_shmctl(int id, int cmd, struct shmid_ds *buf);
 HIDDEN long do_msgsnd(int id, const void *msg, size_t size, int flags);
 HIDDEN long do_msgrcv(int id, void *msg, size_t size, long type, int flags);
 HIDDEN long do_msgctl(int id, int cmd, struct msqid_ds *buf);
+
+/* preload_fd.c */
+/* The tables for AID `aid`: through the inherited descriptor named by
+ * fd_var (APPSHOT_TABLES_FD), else by path (APPSHOT_TABLES). NULL when
+ * neither gives this application's tables. Sets *fd to the descriptor to
+ * keep, or -1. */
+HIDDEN struct appshot_header *tables_attach(const char *aid,
+                                            const char *fd_var,
+                                            const char *path, int *fd);
+/* Before an exec or spawn: the descriptor must reach the new program even
+ * if the program set close-on-exec on every descriptor it has. */
+HIDDEN void tables_fd_keep_across_exec(void);
+HIDDEN long do_close(int fd);
+HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
+HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);

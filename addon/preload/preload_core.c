@@ -36,17 +36,14 @@ static void resolve_real(void) {
 }
 
 static void init_tables(void) {
-  const char *path = getenv("APPSHOT_TABLES");
   const char *aid = getenv("APPSHOT_AID");
-  if (!path || !*path || !aid || !*aid) return;
-  struct appshot_header *h = appshot_table_open(path);
+  if (!aid || !*aid) return;
+  int fd;
+  struct appshot_header *h = tables_attach(aid, getenv("APPSHOT_TABLES_FD"),
+                                           getenv("APPSHOT_TABLES"), &fd);
   if (!h) return;
-  /* A table file of another application (stale variables, a reused path)
-   * would hand us someone else's ids: stay out of it. */
-  if (strncmp(h->aid, aid, sizeof h->aid) != 0) {
-    appshot_table_close(h);
-    return;
-  }
+  /* Kept even if we cannot join below: our children may. */
+  g_tables_fd = fd;
   int32_t spid = (int32_t)SYS0(getpid);
   int32_t vpid = appshot_map_system(h, APPSHOT_PID, spid, 0, 0);
   if (vpid < 0) { /* table full: better real ids than wrong ones */

@@ -4,8 +4,10 @@
  * An application that builds its own environment (execle, a daemon that
  * clears it, a shell's `env -i`) would otherwise drop LD_PRELOAD or the
  * APPSHOT_* variables, and its next program would see real ids: an escape
- * from the application. So each exec gets our three variables, as they were
- * when this process started.
+ * from the application. So each exec gets our variables: LD_PRELOAD,
+ * APPSHOT_TABLES and APPSHOT_AID as they were when this process started,
+ * and APPSHOT_TABLES_FD, the number of our descriptor of the table file as
+ * it is now (preload_fd.c).
  */
 #include "preload.h"
 
@@ -106,7 +108,8 @@ static const char *instance_env(const struct appshot_instance *in, uint32_t i,
   size_t len = strnlen(e, APPSHOT_ENV_LEN);
   const char *eq = memchr(e, '=', len);
   if (len == APPSHOT_ENV_LEN || !eq || eq == e || starts(e, "LD_PRELOAD=") ||
-      starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_AID="))
+      starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_TABLES_FD=") ||
+      starts(e, "APPSHOT_AID="))
     return NULL;
   *name_len = (size_t)(eq - e) + 1;
   return e;
@@ -131,6 +134,21 @@ static int forced(const char *e, uint32_t envs) {
 
 #define TABLES_VAR "APPSHOT_TABLES="
 #define AID_VAR "APPSHOT_AID="
+#define FD_VAR "APPSHOT_TABLES_FD="
+#define FD_VAR_MAX (18 + 11) /* with the digits of an int and the NUL */
+
+/* "APPSHOT_TABLES_FD=<our descriptor>" in buf, or "" without one. */
+static size_t fd_var(char buf[FD_VAR_MAX]) {
+  int fd = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  if (fd < 0) {
+    buf[0] = '\0';
+    return 0;
+  }
+  memcpy(buf, FD_VAR, 18);
+  char *end = put_decimal(buf + 18, (unsigned long)fd);
+  *end = '\0';
+  return (size_t)(end - buf);
+}
 
 /* Bytes app_env_build needs for envp, or 0 when envp keeps us in already
  * and the instance forces no variable. */
@@ -139,20 +157,27 @@ static size_t app_env_size(char *const *envp) {
   struct app_ids ids;
   app_ids(&ids);
   uint32_t envs = instance_envs();
+  char fd_now[FD_VAR_MAX];
+  size_t fd_len = fd_var(fd_now);
   size_t n = 0;
-  int tables = 0, aid = 0;
+  int tables = 0, aid = 0, fd = 0, fd_stale = 0;
   const char *ld = NULL;
   for (; envp && envp[n]; n++) {
     if (is_var(envp[n], TABLES_VAR, 15, ids.tables, ids.tables_len)) tables = 1;
     else if (is_var(envp[n], AID_VAR, 12, ids.aid, ids.aid_len)) aid = 1;
+    else if (fd_len && strcmp(envp[n], fd_now) == 0) fd = 1;
+    else if (starts(envp[n], FD_VAR)) fd_stale = 1;
     else if (!ld && starts(envp[n], "LD_PRELOAD=")) ld = envp[n];
   }
-  if (tables && aid && ld && strstr(ld, g_lib) && !envs) return 0;
-  /* The pointers, then the strings: our two variables and a merged
+  if (tables && aid && (fd || !fd_len) && !fd_stale && ld &&
+      strstr(ld, g_lib) && !envs)
+    return 0;
+  /* The pointers, then the strings: our three variables and a merged
    * "LD_PRELOAD=ours theirs" (the forced variables are pointed at where
    * they are, in the table file, which outlives the exec). */
-  return (n + 4 + envs) * sizeof(char *) + (15 + ids.tables_len + 1) +
-         (12 + ids.aid_len + 1) + sizeof g_env_ld + (ld ? strlen(ld) : 0) + 1;
+  return (n + 5 + envs) * sizeof(char *) + (15 + ids.tables_len + 1) +
+         (12 + ids.aid_len + 1) + FD_VAR_MAX + sizeof g_env_ld +
+         (ld ? strlen(ld) : 0) + 1;
 }
 
 /* The environment to exec with: envp minus our variables (and a LD_PRELOAD
@@ -166,7 +191,7 @@ static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
   size_t count = 0;
   while (envp && envp[count]) count++;
   char **out = mem;
-  char *str = (char *)mem + (count + 4 + envs) * sizeof(char *);
+  char *str = (char *)mem + (count + 5 + envs) * sizeof(char *);
   char *end = (char *)mem + need;
   char *tables_var = str;
   memcpy(str, TABLES_VAR, 15);
@@ -178,12 +203,15 @@ static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
   memcpy(str + 12, ids.aid, ids.aid_len);
   str[12 + ids.aid_len] = '\0';
   str += 12 + ids.aid_len + 1;
+  char *fd_var_str = str;
+  str += fd_var(fd_var_str) + 1;
   size_t n = 0;
   const char *ld = g_env_ld;
   int seen_ld = 0; /* a second LD_PRELOAD is dead weight: getenv sees one */
   for (size_t i = 0; i < count; i++) {
     const char *e = envp[i];
-    if (starts(e, TABLES_VAR) || starts(e, AID_VAR)) continue;
+    if (starts(e, TABLES_VAR) || starts(e, AID_VAR) || starts(e, FD_VAR))
+      continue;
     if (starts(e, "LD_PRELOAD=")) {
       if (seen_ld++) continue;
       if (strstr(e, g_lib)) ld = e;
@@ -199,6 +227,7 @@ static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
   out[n++] = (char *)ld;
   out[n++] = tables_var;
   out[n++] = aid_var;
+  if (fd_var_str[0]) out[n++] = fd_var_str;
   for (uint32_t i = 0; i < envs; i++) {
     size_t nl;
     const char *f = instance_env(&g_h->instance, i, &nl);
@@ -227,18 +256,21 @@ static void *app_env_mmap(size_t need) {
 
 API int execve(const char *path, char *const argv[], char *const envp[]) {
   ensure_init();
+  tables_fd_keep_across_exec();
   APP_ENV(env, envp);
   return REAL(execve)(path, argv, env);
 }
 
 API int execvpe(const char *file, char *const argv[], char *const envp[]) {
   ensure_init();
+  tables_fd_keep_across_exec();
   APP_ENV(env, envp);
   return REAL(execvpe)(file, argv, env);
 }
 
 API int fexecve(int fd, char *const argv[], char *const envp[]) {
   ensure_init();
+  tables_fd_keep_across_exec();
   APP_ENV(env, envp);
   return REAL(fexecve)(fd, argv, env);
 }
@@ -310,6 +342,7 @@ API int posix_spawn(pid_t *restrict pid, const char *restrict path,
                     char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
   if (g_h) self_vpid(); /* mapped before the child looks for us */
+  tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
   int rc = REAL(posix_spawn)(&spid, path, fa, attr, argv, env);
@@ -322,6 +355,7 @@ API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
                      char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
   if (g_h) self_vpid(); /* mapped before the child looks for us */
+  tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
   int rc = REAL(posix_spawnp)(&spid, file, fa, attr, argv, env);

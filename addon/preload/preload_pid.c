@@ -9,12 +9,15 @@
  */
 #include "preload.h"
 
+#include <linux/capability.h>
 #include <linux/futex.h>
+#include <linux/perf_event.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/pidfd.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <termios.h>
@@ -323,6 +326,13 @@ API int sigtimedwait(const sigset_t *set, siginfo_t *info,
   return r;
 }
 
+long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
+                        const struct timespec *timeout, size_t size) {
+  long r = libc_ret(SYS4(rt_sigtimedwait, set, info, timeout, size));
+  if (r > 0 && info) translate_si_pid(info);
+  return r;
+}
+
 API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
   ensure_init();
   int r = REAL(sigwaitinfo)(set, info);
@@ -562,4 +572,191 @@ API int getpriority(__priority_which_t which, id_t who) {
 API int setpriority(__priority_which_t which, id_t who, int prio) {
   ensure_init();
   return (int)do_prio(SYS_setpriority, which, who, prio);
+}
+
+/* --- Capabilities, ptrace, kcmp, I/O priority, perf ------------------------ */
+
+/* glibc exports them without declaring them (libcap's header does). */
+int capget(cap_user_header_t header, cap_user_data_t data);
+int capset(cap_user_header_t header, const cap_user_data_t data);
+
+/* capget and capset name their process in the header: libcap-ng (setpriv,
+ * many daemons) puts getpid() there, our virtual PID, which would be some
+ * other process of the system (kthreadd for 2). The caller's header keeps
+ * its virtual PID; the kernel may write its preferred version into it. */
+long do_capget_set(long nr, cap_user_header_t header, void *data) {
+  if (!header) return libc_ret(sys6(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
+  struct __user_cap_header_struct sys_header = *header;
+  if (proc_arg(header->pid, &sys_header.pid, ESRCH)) return fail(ESRCH);
+  long r = libc_ret(sys6(nr, (long)&sys_header, (long)data, 0, 0, 0, 0));
+  header->version = sys_header.version;
+  return r;
+}
+
+API int capget(cap_user_header_t header, cap_user_data_t data) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(capget, header, data));
+  return (int)do_capget_set(SYS_capget, header, data);
+}
+
+API int capset(cap_user_header_t header, const cap_user_data_t data) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(capset, header, data));
+  return (int)do_capget_set(SYS_capset, header, data);
+}
+
+/* The raw call: every request but PTRACE_TRACEME names a thread. A system
+ * PID, or a process of another application, is no id of ours: ESRCH, as a
+ * PID namespace answers for a process outside it. */
+long do_ptrace(long request, pid_t pid, void *addr, void *data) {
+  pid_t sid = pid;
+  if (request != PTRACE_TRACEME && proc_arg(pid, &sid, ESRCH))
+    return fail(ESRCH);
+  return libc_ret(SYS4(ptrace, request, sid, addr, data));
+}
+
+/* glibc's wrapper, reproduced: for PTRACE_PEEKTEXT, PEEKDATA and PEEKUSER
+ * (requests 1 to 3) the kernel stores the word at `data`; glibc passes its
+ * own word, returns it, and sets errno to 0 on success (so that a word of
+ * -1 can be told from a failure). */
+API long ptrace(enum __ptrace_request request, ...) {
+  va_list ap;
+  va_start(ap, request);
+  pid_t pid = va_arg(ap, pid_t);
+  void *addr = va_arg(ap, void *);
+  void *data = va_arg(ap, void *);
+  va_end(ap);
+  ensure_init();
+  long word;
+  int peek = request > 0 && request < 4;
+  if (peek) data = &word;
+  long r = g_h ? do_ptrace(request, pid, addr, data)
+               : libc_ret(SYS4(ptrace, request, pid, addr, data));
+  if (r >= 0 && peek) {
+    errno = 0;
+    return word;
+  }
+  return r;
+}
+
+/* kcmp(pid1, pid2, type, idx1, idx2): two processes. */
+long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2) {
+  pid_t s1, s2;
+  if (proc_arg(pid1, &s1, ESRCH) || proc_arg(pid2, &s2, ESRCH))
+    return fail(ESRCH);
+  return libc_ret(SYS5(kcmp, s1, s2, type, idx1, idx2));
+}
+
+/* The kernel's values (linux/ioprio.h is not in every header set). */
+#define IOPRIO_WHO_PROCESS 1
+#define IOPRIO_WHO_PGRP 2
+
+/* ioprio_get(which, who) and ioprio_set(which, who, ioprio): `who` is a
+ * PID or a process group (0: the caller's), or a uid (IOPRIO_WHO_USER),
+ * which stays as it is. */
+long do_ioprio(long nr, long which, long who, long ioprio) {
+  pid_t sid = (pid_t)who;
+  if ((which == IOPRIO_WHO_PROCESS || which == IOPRIO_WHO_PGRP) &&
+      proc_arg((pid_t)who, &sid, ESRCH))
+    return fail(ESRCH);
+  return libc_ret(sys6(nr, which, sid, ioprio, 0, 0, 0));
+}
+
+/* perf_event_open(attr, pid, cpu, group_fd, flags): pid -1 is every
+ * process (on one CPU), 0 the caller; with PERF_FLAG_PID_CGROUP the
+ * argument is a cgroup's descriptor, no PID. */
+long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
+                        unsigned long flags) {
+  pid_t sid = pid;
+  if (!(flags & PERF_FLAG_PID_CGROUP) && proc_arg(pid, &sid, ESRCH))
+    return fail(ESRCH);
+  return libc_ret(SYS5(perf_event_open, attr, sid, cpu, group_fd, flags));
+}
+
+/* --- fcntl: a descriptor's owner and a lock's holder ---------------------- */
+
+/* An owner for F_SETOWN: a PID, or a process group as -pgid; 0 is none. */
+static int owner_arg(pid_t vid, pid_t *sid) {
+  if (vid == 0) {
+    *sid = 0;
+    return 0;
+  }
+  if (vid == INT32_MIN) return ESRCH;
+  pid_t s;
+  if (!v2s_pid(vid < 0 ? -vid : vid, &s)) return ESRCH;
+  *sid = vid < 0 ? -s : s;
+  return 0;
+}
+
+/* glibc's fcntl64 (a cancellation point for F_SETLKW, and its F_GETOWN
+ * tells a group from an error), or the bare call for syscall(). */
+static long fcntl_call(int raw, int fd, int cmd, void *arg) {
+  int (*real)(int, int, ...) = (int (*)(int, int, ...))real_fn[R_fcntl64];
+  if (raw || !real) return libc_ret(SYS3(fcntl, fd, cmd, arg));
+  return real(fd, cmd, arg);
+}
+
+/* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
+ * SIGURG; F_GETLK reports the holder of a conflicting lock. Every other
+ * command passes as it is. */
+long do_fcntl(int raw, int fd, int cmd, void *arg) {
+  switch (cmd) {
+    case F_SETOWN: {
+      pid_t sid;
+      if (owner_arg((pid_t)(long)arg, &sid)) return fail(ESRCH);
+      return fcntl_call(raw, fd, cmd, (void *)(long)sid);
+    }
+    case F_GETOWN: {
+      long r = fcntl_call(raw, fd, cmd, arg);
+      if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
+      if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
+      return r;
+    }
+    case F_SETOWN_EX: {
+      struct f_owner_ex *o = arg, sys_owner;
+      if (!o) break; /* EFAULT, the kernel's to say */
+      sys_owner = *o;
+      if (o->pid > 0 && !v2s_pid(o->pid, &sys_owner.pid)) return fail(ESRCH);
+      return fcntl_call(raw, fd, cmd, &sys_owner);
+    }
+    case F_GETOWN_EX: {
+      struct f_owner_ex *o = arg;
+      long r = fcntl_call(raw, fd, cmd, arg);
+      if (r == 0 && o && o->pid > 0) o->pid = s2v_or0(APPSHOT_PID, o->pid);
+      return r;
+    }
+    case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */
+      struct flock *lk = arg;
+      long r = fcntl_call(raw, fd, cmd, arg);
+      /* OFD locks (F_OFD_GETLK) have no holder PID: the kernel says -1. */
+      if (r == 0 && lk && lk->l_type != F_UNLCK && lk->l_pid > 0)
+        lk->l_pid = s2v_or0(APPSHOT_PID, lk->l_pid);
+      return r;
+    }
+  }
+  return fcntl_call(raw, fd, cmd, arg);
+}
+
+static int fcntl_va(int fd, int cmd, va_list ap) {
+  void *arg = va_arg(ap, void *);
+  ensure_init();
+  if (LIKELY(!g_h)) return (int)fcntl_call(0, fd, cmd, arg);
+  return (int)do_fcntl(0, fd, cmd, arg);
+}
+
+API int fcntl(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  int r = fcntl_va(fd, cmd, ap);
+  va_end(ap);
+  return r;
+}
+
+/* What programs built with 64-bit offsets call (glibc 2.28 and later). */
+API int fcntl64(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  int r = fcntl_va(fd, cmd, ap);
+  va_end(ap);
+  return r;
 }

@@ -1,6 +1,7 @@
 /*
  * syscall(): programs that make id system calls through it (gettid before
- * glibc 2.30, tgkill, pidfd_open, sched_setattr...) get the same
+ * glibc 2.30, tgkill, pidfd_open, sched_setattr, kcmp, ioprio_set, libnuma's
+ * move_pages...) get the same
  * translation as through the libc functions. The kernel's conventions are
  * kept where they differ from libc's (getpriority returns 20 - nice);
  * errors are -1 and errno, as syscall() reports them.
@@ -16,6 +17,14 @@ API long syscall(long nr, ...) {
   long d = va_arg(ap, long), e = va_arg(ap, long), f = va_arg(ap, long);
   va_end(ap);
   ensure_init();
+  /* The table file's descriptor is kept whether or not we translate. */
+  switch (nr) {
+    case SYS_close: return do_close((int)a);
+    case SYS_close_range:
+      return do_close_range((unsigned int)a, (unsigned int)b, (int)c);
+    case SYS_dup2:
+    case SYS_dup3: return do_dup3(nr, (int)a, (int)b, (int)c);
+  }
   if (!g_h) return libc_ret(sys6(nr, a, b, c, d, e, f));
   switch (nr) {
     case SYS_getpid: return self_vpid();
@@ -52,7 +61,28 @@ API long syscall(long nr, ...) {
     case SYS_sched_getattr:
     case SYS_prlimit64:
     case SYS_process_vm_readv:
-    case SYS_process_vm_writev: return do_pid_first(nr, a, b, c, d, e, f);
+    case SYS_process_vm_writev:
+    case SYS_get_robust_list:
+    case SYS_move_pages:
+    case SYS_migrate_pages: return do_pid_first(nr, a, b, c, d, e, f);
+    case SYS_capget:
+    case SYS_capset:
+      return do_capget_set(nr, (struct __user_cap_header_struct *)a,
+                           (void *)b);
+    case SYS_ptrace: /* the kernel's convention: PEEK* store at `data` */
+      return do_ptrace(a, (pid_t)b, (void *)c, (void *)d);
+    case SYS_kcmp: return do_kcmp((pid_t)a, (pid_t)b, c, d, e);
+    case SYS_ioprio_get:
+    case SYS_ioprio_set: return do_ioprio(nr, a, b, c);
+    case SYS_perf_event_open:
+      return do_perf_event_open(a, (pid_t)b, c, d, (unsigned long)e);
+    case SYS_fcntl: return do_fcntl(1, (int)a, (int)b, (void *)c);
+    case SYS_rt_sigtimedwait:
+      return do_rt_sigtimedwait((const sigset_t *)a, (siginfo_t *)b,
+                                (const struct timespec *)c, (size_t)d);
+    case SYS_set_tid_address: /* returns the caller's TID */
+      sys6(nr, a, 0, 0, 0, 0, 0);
+      return self_vtid();
     case SYS_semget: return do_ipc_get(APPSHOT_SEMID, (key_t)a, b, c);
     case SYS_shmget: return do_ipc_get(APPSHOT_SHMID, (key_t)a, b, c);
     case SYS_msgget: return do_ipc_get(APPSHOT_MSGID, (key_t)a, b, 0);

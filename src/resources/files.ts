@@ -11,6 +11,7 @@ import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { readLimits } from './limits.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
 import type { SocketTable } from './sockets.js';
 
@@ -180,6 +181,7 @@ const EPOLL_CLOEXEC = 0o2000000;
  * close-on-exec bit; epoll sets last, once their targets are in place. */
 export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void {
   r.call('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
+  const restoreLimit = allowNumbersUpTo(r, Math.max(-1, ...p.fds.map((f) => f.fd)));
   const place = (got: number, fd: Fd) => {
     if (got !== fd.fd) {
       r.call(`placing fd ${fd.fd}`, SYS.dup3, [got, fd.fd, fd.cloexec ? EPOLL_CLOEXEC : 0]);
@@ -206,6 +208,25 @@ export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void
     }
     place(ep, fd);
   }
+  restoreLimit();
+}
+
+const RLIMIT_NOFILE = 7;
+
+/** A process may hold descriptors at or above its soft RLIMIT_NOFILE (it
+ * lowered the limit after opening them; the preload library's descriptor
+ * of the table file sits at 1000 in a program that set 777), but dup3
+ * refuses such numbers: the soft limit is raised to the hard one while the
+ * descriptors are placed. Returns what sets it back. */
+function allowNumbersUpTo(r: RemoteProcess, highest: number): () => void {
+  const { cur: soft, max: hard } = readLimits(r.pid).find((l) => l.resource === RLIMIT_NOFILE)!;
+  if (BigInt(highest) < soft) return () => {};
+  const set = (cur: bigint) => {
+    r.reset();
+    r.call('setting RLIMIT_NOFILE', SYS.prlimit64, [0, RLIMIT_NOFILE, r.put(r.u64s([cur, hard])), 0]);
+  };
+  set(hard);
+  return () => set(soft);
 }
 
 /**

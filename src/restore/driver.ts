@@ -162,6 +162,8 @@ class Handover {
     private readonly logPath: string,
     private readonly plan: InstancePlan | undefined,
     private readonly redirs: InstanceConfig['redirs'],
+    /** The new application's table file. */
+    private readonly tablesPath: string,
   ) {}
 
   /** Where one of the image's files is for a clone (a plain restore leaves
@@ -331,6 +333,9 @@ class Handover {
     let got: number;
     switch (fd.kind) {
       case FdKind.FILE:
+        // The descriptor of the table file each process keeps (see
+        // addon/preload/preload_fd.c): the new application's tables.
+        if (fd.path === this.image.tablesPath) return this.keep(openSync(this.tablesPath, plain));
         if (this.image.logPath && fd.path === this.image.logPath) got = this.log();
         else if (this.image.files[fd.file]?.deleted) got = this.deletedFile(fd);
         else got = this.keep(openSync(this.filePath(p, fd), plain));
@@ -497,7 +502,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     record.restore!.madeDirs = madeDirs;
     reg.update(record);
     addon().setInstance(tables, config);
-    const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
+    const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 

@@ -128,7 +128,10 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   for (const [pid, threads] of byProcess) {
     const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
     if (threads[0].tid !== pid) throw new AppshotError(`${what}: its main thread has exited; a process in that state cannot be captured`);
-    if (!ctx.virtual('pid', pid)) throw new AppshotError(`${what}: not in the application's tables (started by a raw system call?)`);
+    // Named by its system PID: it has no other. Unsupported, so the message
+    // says what the catch below does: every thread resumes where it was.
+    if (!ctx.virtual('pid', pid))
+      throw new Unsupported(`system PID ${pid} (${readComm(pid)}) is not in the application's tables: it runs without the preload library (a static binary, a raw clone or fork system call, or it lost its tables)`);
     progress.update(`${what}`, done, byProcess.length);
     // Registers first: running system calls in the process (below) leaves
     // an interrupted call rewound, and the image keeps it as it was.

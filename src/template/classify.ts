@@ -171,6 +171,7 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
 
 function fileDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Decision {
   if (image.logPath && fd.path === image.logPath) return decide('recreate', CRITERIA.log);
+  if (image.tablesPath && fd.path === image.tablesPath) return decide('recreate', CRITERIA.tables);
   if (image.files[fd.file]?.deleted || fd.path.endsWith(' (deleted)')) return decide('duplicate', CRITERIA.deleted);
   const readOnly = (fd.flags & O_ACCMODE) === O_RDONLY;
   const rule = ruleFor(rules, 'file', namedPath(image, fd.path), readOnly ? 'read' : 'write');

@@ -1,0 +1,178 @@
+/*
+ * The table file's descriptor.
+ *
+ * The table file is mode 0600, owned by the user who ran appshot, and must
+ * stay so: another user must not read or rewrite an application's ids. But
+ * servers change user and exec (runuser -u postgres -- postgres, setpriv,
+ * nginx and memcached dropping to nobody): the new program could not open
+ * the file by its path, would run untranslated, and its children would
+ * never be registered. So each process keeps a descriptor of the file,
+ * open across exec (not close-on-exec) at a high number, and every exec
+ * names it in APPSHOT_TABLES_FD. A descriptor is a capability: holding it
+ * is what gives access, whatever the uid, and only the application's own
+ * processes hold it.
+ *
+ * The program must not lose it by accident: close() of it, close_range()
+ * and closefrom() over it, and dup2()/dup3() onto it (ours moves first),
+ * libc or syscall(), all leave it open, and so do the same as posix_spawn
+ * file actions (addclose, adddup2; not addclosefrom_np, whose range glibc
+ * closes in the child). A descriptor that the program can no longer see as
+ * taken is what a thread's open descriptor looks like to another thread:
+ * the number is not handed out, nothing else changes.
+ */
+#include "preload.h"
+
+int g_tables_fd = -1;
+
+/* Our tables through `fd`, if it holds this application's table file. */
+static struct appshot_header *map_ours(int fd, const char *aid) {
+  struct appshot_header *h = appshot_table_map_fd(fd);
+  /* A table file of another application (stale variables, a reused path
+   * or number) would hand us someone else's ids: stay out of it. */
+  if (h && strncmp(h->aid, aid, sizeof h->aid) != 0) {
+    appshot_table_close(h);
+    return NULL;
+  }
+  return h;
+}
+
+/* APPSHOT_TABLES_FD's number, or -1 if it is not a plain decimal. */
+static int parse_fd(const char *s) {
+  if (!s || !*s) return -1;
+  long n = 0;
+  for (; *s; s++) {
+    if (*s < '0' || *s > '9' || n > INT_MAX / 10) return -1;
+    n = n * 10 + (*s - '0');
+  }
+  return n <= INT_MAX ? (int)n : -1;
+}
+
+struct appshot_header *tables_attach(const char *aid, const char *fd_var,
+                                     const char *path, int *fd) {
+  *fd = -1;
+  int inherited = parse_fd(fd_var);
+  if (inherited >= 0 && SYS3(fcntl, inherited, F_GETFD, 0) >= 0) {
+    struct appshot_header *h = map_ours(inherited, aid);
+    if (h) {
+      *fd = inherited;
+      return h;
+    }
+  }
+  /* The path: processes started with `appshot exec`, and those whose
+   * parent had no descriptor to give. */
+  if (!path || !*path) return NULL;
+  long opened = SYS4(openat, AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
+  if (opened < 0) return NULL;
+  struct appshot_header *h = map_ours((int)opened, aid);
+  if (h) {
+    /* F_DUPFD leaves close-on-exec off on the copy. Without a free number
+     * up there the tables work by path only. */
+    long high = SYS3(fcntl, opened, F_DUPFD, appshot_tables_fd_base());
+    *fd = high >= 0 ? (int)high : -1;
+  }
+  SYS1(close, opened);
+  return h;
+}
+
+void tables_fd_keep_across_exec(void) {
+  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  if (t >= 0) SYS3(fcntl, t, F_SETFD, 0);
+}
+
+static inline int is_tables_fd(long fd) {
+  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  return t >= 0 && fd == t;
+}
+
+/* The program is about to take our number (dup2 onto it): ours moves to
+ * another free high number first. With none free the program wins: the
+ * tables then reach its new programs by path only. */
+static void tables_fd_move(void) {
+  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  long moved = SYS3(fcntl, t, F_DUPFD, (long)t + 1);
+  if (moved < 0) moved = SYS3(fcntl, t, F_DUPFD, appshot_tables_fd_base());
+  __atomic_store_n(&g_tables_fd, moved >= 0 ? (int)moved : -1,
+                   __ATOMIC_RELAXED);
+  /* The old number stays open until the program's dup2 replaces it: the
+   * replacement is atomic, no one else can take the number meanwhile. */
+}
+
+long do_close(int fd) {
+  if (UNLIKELY(is_tables_fd(fd))) return 0;
+  return libc_ret(SYS1(close, fd));
+}
+
+API int close(int fd) {
+  ensure_init();
+  if (UNLIKELY(is_tables_fd(fd))) return 0;
+  /* Called by dlsym itself, while init resolves REAL(close)? */
+  if (UNLIKELY(!real_fn[R_close])) return (int)libc_ret(SYS1(close, fd));
+  return REAL(close)(fd); /* a cancellation point: glibc's */
+}
+
+/* close_range over our number: the two ranges on either side of it. */
+long do_close_range(unsigned int first, unsigned int last, int flags) {
+  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  if (LIKELY(t < 0 || (unsigned int)t < first || (unsigned int)t > last))
+    return libc_ret(SYS3(close_range, first, last, flags));
+  long r = 0;
+  if ((unsigned int)t > first)
+    r = libc_ret(SYS3(close_range, first, (unsigned int)t - 1, flags));
+  if (r == 0 && (unsigned int)t < last)
+    r = libc_ret(SYS3(close_range, (unsigned int)t + 1, last, flags));
+  return r;
+}
+
+API int close_range(unsigned int first, unsigned int last, int flags) {
+  ensure_init();
+  return (int)do_close_range(first, last, flags);
+}
+
+API void closefrom(int lowfd) {
+  ensure_init();
+  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+  if (LIKELY(t < 0 || t < lowfd)) {
+    REAL(closefrom)(lowfd);
+    return;
+  }
+  /* Below ours, as glibc does it when close_range is missing: one by one. */
+  if (lowfd < t && SYS3(close_range, lowfd < 0 ? 0 : lowfd, t - 1, 0) != 0)
+    for (int fd = lowfd < 0 ? 0 : lowfd; fd < t; fd++) SYS1(close, fd);
+  REAL(closefrom)(t + 1);
+}
+
+long do_dup3(long nr, int oldfd, int newfd, int flags) {
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
+  return nr == SYS_dup2 ? libc_ret(SYS2(dup2, oldfd, newfd))
+                        : libc_ret(SYS3(dup3, oldfd, newfd, flags));
+}
+
+API int dup2(int oldfd, int newfd) {
+  ensure_init();
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
+  return REAL(dup2)(oldfd, newfd);
+}
+
+API int dup3(int oldfd, int newfd, int flags) {
+  ensure_init();
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
+  return REAL(dup3)(oldfd, newfd, flags);
+}
+
+/* posix_spawn's file actions run in the child, inside glibc: decided here,
+ * when they are recorded. */
+API int posix_spawn_file_actions_addclose(posix_spawn_file_actions_t *fa,
+                                          int fd) {
+  ensure_init();
+  if (UNLIKELY(is_tables_fd(fd))) return 0;
+  return REAL(posix_spawn_file_actions_addclose)(fa, fd);
+}
+
+API int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa,
+                                         int fd, int newfd) {
+  ensure_init();
+  /* Moved in the parent now, so the child inherits ours elsewhere and the
+   * spawn names that number (APPSHOT_TABLES_FD). */
+  if (UNLIKELY(is_tables_fd(newfd)) && fd != newfd) tables_fd_move();
+  return REAL(posix_spawn_file_actions_adddup2)(fa, fd, newfd);
+}
