@@ -19,15 +19,18 @@ const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
 const ROOT = join(dir, 'srv');
 const base = 29000 + ((process.pid * 3) % 900);
-let ipcBefore: ReturnType<typeof systemIpcIds>;
+let ipcBefore = systemIpcIds();
 
 afterAll(async () => {
   await sb.dispose();
   rmSync(dir, { recursive: true, force: true });
 });
 
-/** appshot with APPSHOT_TEST_KILL_AT=point: it must die of SIGKILL there. */
+/** appshot with APPSHOT_TEST_KILL_AT=point: it must die of SIGKILL there.
+ * The SysV objects outside every application just before are the baseline
+ * (other tests' objects come and go). */
 function killedAt(point: string, args: string[]): void {
+  ipcBefore = systemIpcIds();
   const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: point }, encoding: 'utf8', timeout: 50_000 });
   expect(r.signal, `appshot ${args.join(' ')} was to be killed at '${point}': ${r.stderr}`).toBe('SIGKILL');
 }
@@ -82,7 +85,6 @@ describe('a restore killed at any instant', () => {
     const s = sb.run(['snapshot', 'src', '-o', image]);
     expect(s.code, s.stderr).toBe(0);
     await waitFor(() => !sb.aids().includes('src'), 10_000, 'the source to end');
-    ipcBefore = systemIpcIds();
     before = digest(image);
   });
 
@@ -139,7 +141,6 @@ describe('a batch of clones killed at any instant', () => {
     template = join(dir, 'tpl');
     const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', template]);
     expect(t.code, t.stderr).toBe(0);
-    ipcBefore = systemIpcIds();
   });
 
   for (const point of ['clone: instance 1', 'restore: init started', 'restore: fds', 'clone: instance 3', 'clone: committing']) {

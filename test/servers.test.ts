@@ -1,0 +1,316 @@
+/**
+ * Debian's servers in their ordinary configurations, which run as several
+ * users: nginx (master as root, workers as nobody), memcached -u nobody and
+ * PostgreSQL 15 started as the packaging starts it (runuser from root) or by
+ * its own user. Each goes through snapshot and restore (and nginx and
+ * memcached through templates and clones) and must come back serving, with
+ * every process exactly the user it was: same uids, gids, groups,
+ * capability sets, no_new_privs and seccomp mode.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cli, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+
+const NGINX = '/usr/sbin/nginx';
+const MEMCACHED = '/usr/bin/memcached';
+const PG_BIN = '/usr/lib/postgresql/15/bin';
+const PSQL = '/usr/bin/psql';
+const NOBODY = 65534;
+const isRoot = process.getuid!() === 0;
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-servers-'));
+chmodSync(dir, 0o755);
+// Fixed ports of their own (see Sandbox for the other tests' ranges).
+const base = 26000 + (process.pid % 100) * 5;
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+/** Who a process is, as /proc/PID/status says it. */
+function identity(pid: number): Record<string, string> {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const out: Record<string, string> = {};
+  for (const key of ['Uid', 'Gid', 'Groups', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp'])
+    out[key] = (new RegExp(`^${key}:[ \\t]*(.*)$`, 'm').exec(status)?.[1] ?? '').trim();
+  return out;
+}
+
+/** An application's processes but its init: virtual PID → system PID. */
+function processes(aid: string, s = sb): { vpid: number; pid: number; command: string }[] {
+  return s.json<Json>(['ps', aid])[0].processes.filter((p: Json) => p.vpid !== 1);
+}
+
+/** Virtual PID → identity, for every process of the application. */
+function identities(aid: string, s = sb): Map<number, Record<string, string>> {
+  return new Map(processes(aid, s).map((p) => [p.vpid, identity(p.pid)]));
+}
+
+/** The system PIDs of every descendant of `pid`. */
+function descendants(pid: number): number[] {
+  const children = (p: number) =>
+    readFileSync(`/proc/${p}/task/${p}/children`, 'utf8').split(' ').filter(Boolean).map(Number);
+  const out: number[] = [];
+  const queue = children(pid);
+  while (queue.length) {
+    const p = queue.shift()!;
+    out.push(p);
+    try {
+      queue.push(...children(p));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
+function run(args: string[], s = sb): void {
+  const r = s.run(args);
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+}
+
+function httpGet(port: number): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
+      let body = '';
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.setTimeout(5000, () => req.destroy(new Error('no answer')));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+async function answers(port: number): Promise<boolean> {
+  return (await httpGet(port).catch(() => undefined))?.status === 200;
+}
+
+async function waitForHttp(port: number): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (await answers(port)) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`nothing answers HTTP on port ${port}`);
+}
+
+/** Established TCP connections whose local port is `port`, from
+ * /proc/net/tcp (state 01). */
+function established(port: number): number {
+  const hex = port.toString(16).toUpperCase().padStart(4, '0');
+  return readFileSync('/proc/net/tcp', 'utf8')
+    .split('\n')
+    .slice(1)
+    .filter((l) => {
+      const f = l.trim().split(/\s+/);
+      return f[1]?.endsWith(`:${hex}`) && f[3] === '01';
+    }).length;
+}
+
+/** One memcached text-protocol exchange: sends `text`, returns what came
+ * back once it ends with `until`. */
+function memcached(port: number, text: string, until = /(END|STORED|ERROR)\r\n$/): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = connect(port, '127.0.0.1');
+    let got = '';
+    s.setTimeout(5000, () => s.destroy(new Error('no answer')));
+    s.on('data', (d) => {
+      got += d.toString();
+      if (until.test(got)) {
+        s.end();
+        resolve(got);
+      }
+    });
+    s.on('error', reject);
+    s.write(text);
+  });
+}
+
+describe('servers that run as several users', () => {
+  it('are installed (the CI installs Debian\'s nginx-light, memcached and postgresql-15)', () => {
+    for (const bin of [NGINX, MEMCACHED, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
+      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached postgresql-15)`).toBe(true);
+  });
+
+  it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {
+    const port = base;
+    const ngx = join(dir, 'nginx');
+    mkdirSync(ngx);
+    const conf = join(ngx, 'nginx.conf');
+    writeFileSync(
+      conf,
+      `user nobody nogroup;
+worker_processes 2;
+daemon off;
+pid ${ngx}/nginx.pid;
+error_log stderr;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path ${ngx}/body; proxy_temp_path ${ngx}/proxy; fastcgi_temp_path ${ngx}/fcgi;
+  uwsgi_temp_path ${ngx}/uwsgi; scgi_temp_path ${ngx}/scgi;
+  server { listen 127.0.0.1:${port}; location / { return 200 "hello from nginx\\n"; } }
+}
+`,
+    );
+    run(['run', '-d', '--aid', 'ngx', '--', NGINX, '-c', conf]);
+    await waitForHttp(port);
+    await waitFor(() => processes('ngx').length === 3, 10_000, 'the master and its 2 workers');
+    const before = identities('ngx');
+    const workers = processes('ngx').filter((p) => /worker process/.test(p.command));
+    expect(workers).toHaveLength(2);
+    for (const w of workers) expect(before.get(w.vpid)!.Uid).toBe(`${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+
+    run(['snapshot', 'ngx', '-o', join(dir, 'ngx.snap')]);
+    run(['restore', join(dir, 'ngx.snap')]);
+    await waitForHttp(port);
+    expect((await httpGet(port)).body).toBe('hello from nginx\n');
+    expect(identities('ngx')).toEqual(before);
+
+    // Clones behind the one port: their workers are nobody too.
+    run(['snapshot', 'ngx', '-o', join(dir, 'ngx.snap2')]);
+    const rules = join(ngx, 'nginx.rules');
+    writeFileSync(rules, `PORT ${port} MULTIPLEX\nMEMORY "*" COPY-ON-WRITE\n`);
+    run(['template', 'create', join(dir, 'ngx.snap2'), '-o', join(dir, 'ngx.template'), '--rules', rules]);
+    run(['clone', join(dir, 'ngx.template'), '--aid', 'ngc', '--count', '3']);
+    for (const aid of ['ngc-1', 'ngc-2', 'ngc-3']) expect(identities(aid)).toEqual(before);
+    for (let i = 0; i < 30; i++) expect((await httpGet(port)).body).toBe('hello from nginx\n');
+    for (const aid of ['ngc-1', 'ngc-2', 'ngc-3']) run(['stop', aid, '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('memcached -u nobody keeps its items and its user through a round trip and in clones', async () => {
+    const port = base + 1;
+    run(['run', '-d', '--aid', 'mc', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+    await waitFor(() => processes('mc').length === 1, 10_000, 'memcached to start');
+    for (let i = 0; i < 20; i++) {
+      const value = `value-${i}`;
+      expect(await memcached(port, `set key${i} 0 0 ${value.length}\r\n${value}\r\n`).catch(() => '')).toBe('STORED\r\n');
+    }
+    const before = identities('mc');
+    expect([...before.values()][0].Uid).toBe(`${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+    // Our clients are gone; memcached closes its ends when it reads their
+    // EOF (a connection still open would be refused by name).
+    await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
+
+    run(['snapshot', 'mc', '-o', join(dir, 'mc.snap')]);
+    run(['restore', join(dir, 'mc.snap')]);
+    expect(identities('mc')).toEqual(before);
+    expect(await memcached(port, 'get key0 key19\r\n')).toBe('VALUE key0 0 7\r\nvalue-0\r\nVALUE key19 0 8\r\nvalue-19\r\nEND\r\n');
+
+    // Two clones, each on a port of its own with every item.
+    await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
+    run(['snapshot', 'mc', '-o', join(dir, 'mc.snap2')]);
+    const rules = join(dir, 'mc.rules');
+    writeFileSync(rules, `PORT ${port} ALLOCATE\nMEMORY "*" COPY-ON-WRITE\n`);
+    run(['template', 'create', join(dir, 'mc.snap2'), '-o', join(dir, 'mc.template'), '--rules', rules]);
+    const clones = sb.json<Json[]>(['clone', join(dir, 'mc.template'), '--aid', 'mcc', '--count', '2']);
+    for (const c of clones) {
+      const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
+      expect(identities(c.aid)).toEqual(before);
+      expect(await memcached(own, 'get key7\r\n')).toBe('VALUE key7 0 7\r\nvalue-7\r\nEND\r\n');
+      expect(await memcached(own, `set mine 0 0 ${c.aid.length}\r\n${c.aid}\r\n`)).toBe('STORED\r\n');
+    }
+    for (const c of clones) {
+      const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
+      expect(await memcached(own, 'get mine\r\n')).toBe(`VALUE mine 0 ${c.aid.length}\r\n${c.aid}\r\nEND\r\n`);
+      run(['stop', c.aid, '-s', 'KILL']);
+    }
+  });
+});
+
+/** A new PostgreSQL cluster owned by postgres; its directory. */
+function initdb(name: string): string {
+  const data = join(dir, name);
+  mkdirSync(data);
+  const pw = spawnSync('id', ['-u', 'postgres'], { encoding: 'utf8' });
+  const uid = Number(pw.stdout);
+  chownSync(data, uid, uid);
+  const r = spawnSync('runuser', ['-u', 'postgres', '--', `${PG_BIN}/initdb`, '-D', join(data, 'db'), '-A', 'trust', '-U', 'postgres', '--no-sync'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`initdb: ${r.stderr}`);
+  return data;
+}
+
+function psql(port: number, sql: string): string {
+  const r = spawnSync(PSQL, ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-Atc', sql], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`psql: ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+const pgReady = (port: number) => () => {
+  try {
+    return psql(port, 'select 1') === '1';
+  } catch {
+    return false;
+  }
+};
+
+/** 10,000 rows, a snapshot (which ends the server), a restore, and the
+ * rows counted and one more inserted. */
+async function pgRoundTrip(port: number, aid: string, s: { run: (a: string[]) => { code: number | null; stderr: string } }, images: string): Promise<void> {
+  psql(port, 'create table t as select g as id, md5(g::text) as v from generate_series(1, 10000) g');
+  const snap = s.run(['snapshot', aid, '-o', join(images, `${aid}.snap`)]);
+  expect(snap.code, snap.stderr).toBe(0);
+  const rest = s.run(['restore', join(images, `${aid}.snap`)]);
+  expect(rest.code, rest.stderr).toBe(0);
+  await waitFor(pgReady(port), 20_000, 'the restored PostgreSQL to answer');
+  expect(psql(port, 'select count(*), sum(id) from t')).toBe('10000|50005000');
+  expect(psql(port, "insert into t values (10001, 'after') returning id")).toMatch(/^10001/);
+  expect(psql(port, 'select count(*) from t')).toBe('10001');
+}
+
+describe('PostgreSQL 15', () => {
+  it.runIf(isRoot)('started as the packaging starts it (runuser from root): every process listed, restored as postgres', async () => {
+    const port = base + 2;
+    const data = initdb('pg-root');
+    run(['run', '-d', '--aid', 'pg', '--', 'runuser', '-u', 'postgres', '--', `${PG_BIN}/postgres`, '-D', join(data, 'db'), '-k', data, '-p', String(port), '-c', 'listen_addresses=127.0.0.1']);
+    await waitFor(pgReady(port), 20_000, 'PostgreSQL to answer');
+    // The postmaster and every child it forked are in the application.
+    const init = sb.json<Json>(['ps', 'pg'])[0].processes.find((p: Json) => p.vpid === 1).pid;
+    await waitFor(() => descendants(init).length >= 6, 10_000, 'the postmaster\'s children');
+    const listed = new Set(processes('pg').map((p) => p.pid));
+    expect(descendants(init).filter((p) => !listed.has(p))).toEqual([]);
+    const before = identities('pg');
+    const postgresUid = readFileSync('/etc/passwd', 'utf8').match(/^postgres:[^:]*:(\d+):/m)![1];
+    for (const p of processes('pg').filter((x) => !x.command.startsWith('runuser'))) expect(before.get(p.vpid)!.Uid.split('\t')[0]).toBe(postgresUid);
+
+    await pgRoundTrip(port, 'pg', sb, dir);
+    const after = identities('pg');
+    for (const [vpid, id] of before) if (after.has(vpid)) expect(id).toEqual(after.get(vpid));
+    run(['stop', 'pg', '-s', 'KILL']);
+  });
+
+  // The cluster is made and run by the postgres user: root lends its
+  // identity (runuser), as a service manager would.
+  it.runIf(isRoot)('run by its own user, with no privilege at all: a round trip keeps every row', async () => {
+    const port = base + 3;
+    const data = initdb('pg-user');
+    const home = join(data, 'appshot');
+    const env = { ...process.env, APPSHOT_HOME: home, APPSHOT_PORTS: TEST_PORTS };
+    const asUser = (args: string[]) => {
+      const r = spawnSync('runuser', ['-u', 'postgres', '--', process.execPath, cli, ...args], { env, encoding: 'utf8', cwd: data });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const r = asUser(['run', '-d', '--aid', 'pgu', '--', `${PG_BIN}/postgres`, '-D', join(data, 'db'), '-k', data, '-p', String(port), '-c', 'listen_addresses=127.0.0.1']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      await waitFor(pgReady(port), 20_000, 'PostgreSQL to answer');
+      // A backend fills shared buffers and exits: its pages are in the
+      // shared memory object but mapped by no process left.
+      expect(psql(port, 'select count(*) from pg_database')).toBe('3');
+      await pgRoundTrip(port, 'pgu', { run: asUser }, data);
+    } finally {
+      asUser(['stop', 'pgu', '-s', 'KILL']);
+      await waitFor(() => asUser(['ps', 'pgu']).code !== 0, 10_000, 'pgu to end').catch(() => undefined);
+    }
+  });
+});
