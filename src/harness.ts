@@ -7,8 +7,9 @@
  *                                       └── the command (virtual PID 2) ...
  *
  * init reports over a pipe (fd 3): S when the command was exec'd, E when it
- * could not be, X with the exit code of the first process. The harness exits
- * with that code, like a foreground runner; init stays as long as any
+ * could not be, X with the exit code of the first process, R (before X)
+ * when a snapshot ended the application. The harness exits with that code,
+ * like a foreground runner (0 after a snapshot); init stays as long as any
  * process of the application does (daemons) and then cleans up.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -33,6 +34,10 @@ export interface RunOptions {
   rules?: string;
   /** Called once the command runs, with its record. */
   onStarted?: (record: AppRecord, vpid: number, pid: number) => void;
+  /** Called when a snapshot to `image` ended the application (init reports
+   * it): then `run` returns 0, the application having gone into its image
+   * rather than failed. */
+  onSnapshotted?: (record: AppRecord, image: string) => void;
 }
 
 /** Signals the harness passes on to the application. SIGINT and SIGQUIT from
@@ -132,6 +137,11 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   try {
     const config = runConfig(rules, record.aid);
     madeDirs.push(...prepareRedirTargets(config.redirs));
+    if (madeDirs.length) {
+      // For `appshot rm` to remove with the record.
+      record.madeDirs = madeDirs;
+      registry.update(record);
+    }
     addon().setInstance(record.tables, config);
     if (record.logPath) logFd = openSync(record.logPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_APPEND, 0o600);
     const stdio = logFd === undefined ? (['inherit', 'inherit', 'inherit', 'pipe'] as const) : (['ignore', logFd, logFd, 'pipe'] as const);
@@ -165,8 +175,10 @@ export async function run(registry: Registry, command: string[], opts: RunOption
 
   const status = init.stdio[3] as NodeJS.ReadableStream;
   const lines = createInterface({ input: status });
+  let snapshottedTo: string | undefined;
   for await (const line of lines) {
     const [tag, a, b] = line.split(' ');
+    if (tag === 'R') snapshottedTo = line.slice(2);
     if (tag === 'E') {
       await exited;
       throw execFailure(command[0], Number(a));
@@ -187,6 +199,10 @@ export async function run(registry: Registry, command: string[], opts: RunOption
       lines.close();
       init.unref();
       stopForwarding();
+      if (snapshottedTo !== undefined) {
+        opts.onSnapshotted?.(record, snapshottedTo);
+        return ExitCode.ok;
+      }
       return Number(a);
     }
   }

@@ -42,6 +42,18 @@ export interface AppRecord {
   detached: boolean;
   /** Output of a detached application. */
   logPath?: string;
+  /** Set once the application has ended (from the file "exit" that its
+   * init writes): the record stays, with its log, until `appshot rm` or
+   * `appshot prune`, as docker keeps an exited container. */
+  state?: 'exited';
+  /** The exit code of virtual PID 2 (128 + N if killed by signal N). */
+  exitCode?: number;
+  endedAt?: string;
+  /** The image it was restored from (`appshot restore`). */
+  image?: string;
+  /** REDIR PATH target directories made for it by `run --rules`
+   * (a clone's are in restore.madeDirs); `appshot rm` removes them. */
+  madeDirs?: MadeDir[];
   /** The `appshot run` that registered it, until the supervisor is known. */
   harnessPid: number;
   harnessStartTime?: number;
@@ -80,6 +92,9 @@ export interface AppRecord {
     madePaths: string[];
     /** REDIR PATH target directories it made (see prepareRedirTargets). */
     madeDirs: MadeDir[];
+    /** It took over the log its image's application left (see
+     * adoptCarriedLog): given back if the restore never commits. */
+    adoptedLog?: boolean;
   };
 }
 
@@ -111,11 +126,17 @@ export interface Registry {
   registerGenerated(fill: RecordFill): AppRecord;
   update(record: AppRecord): void;
   get(aid: string): AppRecord | undefined;
-  /** Like get, but a missing AID is an error naming it. */
+  /** Like get, but a missing or ended AID is an error naming it. */
   require(aid: string): AppRecord;
+  /** Like require, but an ended application is returned too. */
+  requireAny(aid: string): AppRecord;
+  /** Running and ended applications. */
   list(): AppRecord[];
   /** Removes everything an application left: IPC objects, tables, state. */
   release(record: AppRecord): void;
+  /** `appshot rm`: removes an ended application's record and log, and what
+   * was made for it alone (private copies, REDIR PATH directories). */
+  remove(record: AppRecord): void;
 }
 
 const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -141,6 +162,30 @@ function removeDir(dir: string): void {
     throw e;
   }
   rmSync(doomed, { recursive: true, force: true });
+}
+
+/** Whether an application has ended (its record kept until `appshot rm`). */
+export function isEnded(record: AppRecord): boolean {
+  return record.state === 'exited';
+}
+
+/** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
+export function describeEnd(record: AppRecord): string {
+  return `exited with code ${record.exitCode} at ${record.endedAt}`;
+}
+
+/** The file appshot-init writes when the last process of an application
+ * ends: "CODE MILLISECONDS". */
+function readExitFile(stateDir: string): { exitCode: number; endedAt: string } | undefined {
+  let text: string;
+  try {
+    text = readFileSync(join(stateDir, 'exit'), 'utf8');
+  } catch {
+    return undefined;
+  }
+  const [code, ms] = text.trim().split(' ').map(Number);
+  if (!Number.isInteger(code) || !Number.isFinite(ms)) return undefined;
+  return { exitCode: code, endedAt: new Date(ms).toISOString() };
 }
 
 export function defaultHome(): string {
@@ -194,6 +239,8 @@ export class LocalRegistry implements Registry {
     const stateDir = join(this.appsDir, aid);
     if (!this.claim(stateDir)) {
       const existing = this.get(aid);
+      if (existing && isEnded(existing))
+        throw new AppshotError(`AID '${aid}' is in use by an application that has ended (${describeEnd(existing)}): 'appshot rm ${aid}' removes it`, ExitCode.conflict);
       // A registration whose supervisor and processes are all gone (it was
       // killed with SIGKILL) is reclaimed rather than blocking the name.
       if (existing && this.isStale(existing)) {
@@ -247,19 +294,43 @@ export class LocalRegistry implements Registry {
   get(aid: string): AppRecord | undefined {
     if (!AID_PATTERN.test(aid)) return undefined;
     const stateDir = join(this.appsDir, aid);
+    let record: AppRecord;
     try {
-      return JSON.parse(readFileSync(join(stateDir, 'app.json'), 'utf8')) as AppRecord;
+      record = JSON.parse(readFileSync(join(stateDir, 'app.json'), 'utf8')) as AppRecord;
     } catch {
       // Registered this instant but not written yet, or half-removed by a
       // supervisor that is cleaning up: either way, not an app to act on.
       return undefined;
     }
+    // The file init wrote when the last process ended is the truth, even
+    // over an app.json written after it (a harness that was slow to note
+    // its init's PID).
+    const end = readExitFile(stateDir);
+    if (end && (record.state !== 'exited' || record.endedAt !== end.endedAt)) {
+      // Its port claims are stale from now on (portClaimIsStale): taken
+      // back by the next sweep or claim. Not here: get is called under the
+      // ports lock.
+      Object.assign(record, { state: 'exited', ...end });
+      try {
+        this.update(record);
+      } catch {
+        /* removed meanwhile, or another reader wrote the same */
+      }
+    }
+    return record;
   }
 
   require(aid: string): AppRecord {
+    const record = this.requireAny(aid);
+    if (isEnded(record))
+      throw new AppshotError(`'${aid}' is not running (${describeEnd(record)}; 'appshot rm ${aid}' removes it)`, ExitCode.failure);
+    return record;
+  }
+
+  requireAny(aid: string): AppRecord {
     checkAid(aid);
     const record = this.get(aid);
-    if (!record || this.isStale(record)) {
+    if (!record || (!isEnded(record) && this.isStale(record))) {
       if (record) this.release(record);
       throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
     }
@@ -280,8 +351,8 @@ export class LocalRegistry implements Registry {
         this.dropOrphanDir(aid);
         continue;
       }
-      if (this.isStale(record)) this.release(record);
-      else out.push(record);
+      if (isEnded(record) || !this.isStale(record)) out.push(record);
+      else this.release(record);
     }
     return out;
   }
@@ -318,11 +389,14 @@ export class LocalRegistry implements Registry {
     }
   }
 
-  /** Dead when its supervisor is gone and no process of its table lives.
+  /** Dead when it has ended, or when its supervisor is gone and no
+   * process of its table lives (a registration nobody cleaned up: init was
+   * killed with SIGKILL, or a restore was abandoned).
    * The supervisor's PID is in the tables as soon as it runs, and in
    * app.json a moment later: a harness killed in between must not leave a
    * registration that looks alive. */
   isStale(record: AppRecord): boolean {
+    if (isEnded(record)) return true;
     const t = this.readTables(record);
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
@@ -349,7 +423,50 @@ export class LocalRegistry implements Registry {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
       removeRedirTargets(r.madeDirs);
     }
+    if (r?.adoptedLog && record.logPath && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) this.carryLog(record);
     removeDir(record.stateDir);
+  }
+
+  remove(record: AppRecord): void {
+    this.release(record);
+    if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
+    removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
+  }
+
+  /** Where the log of an application a snapshot ended waits for the
+   * restore of its image under the same AID (see adoptCarriedLog). */
+  carriedLogPath(aid: string): string {
+    return join(this.home, 'logs', aid);
+  }
+
+  /** A snapshot is about to end the application: its registration is
+   * released rather than kept as ended (the AID is free at once for the
+   * image's restore; appshot-init removes the directory when it sees the
+   * file "released", which names the image for a foreground `appshot
+   * run`), and its log is set aside for that restore. */
+  markReleased(record: AppRecord, image: string): void {
+    writeFileSync(join(record.stateDir, 'released'), `${image}\n`);
+    this.carryLog(record);
+  }
+
+  /** Moves an application's log aside, to carriedLogPath. The processes
+   * writing it keep writing to the same file: a rename moves no data. */
+  private carryLog(record: AppRecord): void {
+    if (!record.logPath || !existsSync(record.logPath)) return;
+    mkdirSync(join(this.home, 'logs'), { recursive: true, mode: 0o700 });
+    renameSync(record.logPath, this.carriedLogPath(record.aid));
+  }
+
+  /** A restore takes over the log that the snapshot of its AID set aside
+   * (markReleased), so the restored application appends to the output it
+   * wrote before. Noted in the record first: a restore that never commits
+   * gives it back (release). */
+  adoptCarriedLog(record: AppRecord): void {
+    const carried = this.carriedLogPath(record.aid);
+    if (!record.logPath || !record.restore || !existsSync(carried)) return;
+    record.restore.adoptedLog = true;
+    this.update(record);
+    renameSync(carried, record.logPath);
   }
 
   /**

@@ -6,7 +6,7 @@
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface, type Interface } from 'node:readline';
@@ -63,10 +63,17 @@ export class Sandbox {
     return new Running(child);
   }
 
-  /** The AIDs registered in this sandbox. */
+  /** The AIDs of this sandbox's applications that have not ended: an
+   * ended one keeps its registration (with the file "exit" that its init
+   * wrote once nothing of it was left in the kernel) until `appshot rm`. */
   aids(): string[] {
+    return this.allAids().filter((aid) => !existsSync(join(this.home, 'apps', aid, 'exit')));
+  }
+
+  /** Every AID registered in this sandbox, ended ones too. */
+  allAids(): string[] {
     try {
-      return readdirSync(join(this.home, 'apps'));
+      return readdirSync(join(this.home, 'apps')).filter((aid) => !aid.startsWith('.'));
     } catch {
       return [];
     }

@@ -18,6 +18,7 @@
  *   "S <vpid> <pid>"   the command was exec'd
  *   "E <errno>"        the command could not be exec'd
  *   "X <code>"         the first process ended (exit code, or 128 + signal)
+ *   "R <image>"        (before the last "X") a snapshot to <image> ended it
  *   "C <pid>"          a seed was forked (--seeds)
  *
  * With --seeds N it runs no command: it forks N seeds, children that wait
@@ -35,8 +36,16 @@
  * directory for the next appshot command to release with what the driver
  * recorded there (private copies, directories it made).
  *
- * When the last process ends it removes what the application owned: its
- * SysV objects, its translation tables and its registry directory.
+ * When the last process ends it removes what the kernel holds for the
+ * application: its SysV objects and its translation tables. The registry
+ * directory stays, with the file "exit" ("CODE MILLISECONDS\n": the exit
+ * code of virtual PID 2, 128 + N if killed by signal N, and the time it
+ * ended), so that `appshot ps -a`, `logs` and `wait` still see the ended
+ * application until `appshot rm` or `prune` removes it, as docker keeps an
+ * exited container. Two exceptions remove the directory as well, leaving
+ * the AID free at once: a snapshot ended the application (the snapshot
+ * driver wrote the file "released", holding the image's path, which is
+ * reported as "R <path>" before "X"), or the command could not be exec'd.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -284,6 +293,54 @@ static void clean_up(void) {
   remove_state_dir();
 }
 
+/* The registry directory's file NAME, in buf. */
+static const char *state_file(char *buf, size_t size, const char *name) {
+  snprintf(buf, size, "%s/%s", state_dir, name);
+  return buf;
+}
+
+/* Records how the application ended, for the CLI (see above). Written
+ * aside and renamed into place: a reader sees all of it or none. */
+static void write_exit_file(int code) {
+  char path[4096], tmp[4096];
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  snprintf(tmp, sizeof tmp, "%s/.exit.tmp", state_dir);
+  FILE *f = fopen(tmp, "w");
+  if (!f) return;
+  fprintf(f, "%d %lld\n", code, (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000);
+  if (fclose(f) == 0) rename(tmp, state_file(path, sizeof path, "exit"));
+  else unlink(tmp);
+}
+
+/* The application ended normally: the kernel's objects go, its record
+ * stays as an ended one, unless a snapshot ended it (then the AID is
+ * released for the image's restore, and a foreground `appshot run` is
+ * told where its application went). */
+static void end_application(int code) {
+  remove_ipc_objects();
+  unlink(tables_path);
+  char path[4096], image[3500];
+  FILE *f = fopen(state_file(path, sizeof path, "released"), "r");
+  if (!f) {
+    write_exit_file(code);
+    return;
+  }
+  size_t n = fread(image, 1, sizeof image - 1, f);
+  fclose(f);
+  image[n] = 0;
+  image[strcspn(image, "\n")] = 0;
+  remove_state_dir();
+  if (status_fd >= 0) {
+    char line[sizeof image + 4];
+    int len = snprintf(line, sizeof line, "R %s\n", image);
+    if (write(status_fd, line, (size_t)len) < 0) {
+      close(status_fd);
+      status_fd = -1;
+    }
+  }
+}
+
 /* After the lifeline ended: 1 if the restore was committed, 0 if it was
  * abandoned, in which case every process of the application is killed:
  * those already in the tables, and seeds that were never made one. Traced
@@ -315,18 +372,21 @@ static int lifeline_ended(void) {
 }
 
 /* The last process is gone. Clean up before reporting, so that when
- * `appshot run` returns the AID is free again. An abandoned restore's
+ * `appshot run` returns the application is recorded as ended (or its AID
+ * free, after a snapshot). An abandoned restore's
  * registry directory stays for the CLI to release (see above). */
 static int finish(int abandoned, int code) {
-  /* The processes may have died with their tracer (PTRACE_O_EXITKILL)
-   * before we looked at the lifeline, which ended first. */
-  if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
+  /* Every process is gone and the restore has not committed: it failed
+   * or its driver died (they may die with their tracer, PTRACE_O_EXITKILL,
+   * before we see the lifeline end). Either way it never happened: no
+   * record of an ended application is kept. */
+  if (lifeline_fd >= 0 && !restore_committed()) abandoned = 1;
   if (abandoned) {
     remove_ipc_objects();
     unlink(tables_path);
     return 137;
   }
-  clean_up();
+  end_application(code);
   report("X %ld\n", code, 0);
   return code;
 }
@@ -445,10 +505,16 @@ int main(int argc, char **argv) {
       int status;
       pid_t pid = waitpid(-1, &status, WNOHANG);
       if (pid > 0) {
+        int32_t vpid = 0;
+        appshot_s2v(tables, APPSHOT_PID, pid, &vpid);
         appshot_forget_process(tables, pid);
         if (pid == first) {
           first_alive = 0;
           first_ended = 1;
+          code = exit_code_of(status);
+        } else if (first < 0 && vpid == 2) {
+          /* A restored application has no first process of ours; the
+           * command it was started with, virtual PID 2, gives its code. */
           code = exit_code_of(status);
         }
         continue;
@@ -457,6 +523,11 @@ int main(int argc, char **argv) {
       break;
     }
     if (last) return finish(abandoned, code);
+    /* A snapshot is killing them all: report once they are gone, with
+     * where they went (see end_application). */
+    char released[4096];
+    if (first_ended && access(state_file(released, sizeof released, "released"), F_OK) == 0)
+      continue;
     if (first_ended) {
       /* Other processes live on. Report, leave the terminal's session so
        * that closing it does not hang them up through us, and let go of the

@@ -486,6 +486,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
     }));
     phase('registered');
+    // Its log goes on where the snapshot that ended it left it.
+    reg.adoptCarriedLog(record);
     opts.instance?.prepare();
     // After registering: a stale registration of the same AID, released
     // by register, takes its port claims with it.

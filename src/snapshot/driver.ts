@@ -443,6 +443,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       checksumFiles(image);
       if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
       else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
+      // Ended by appshot, not by itself: the AID is released for the
+      // image's restore rather than kept as an ended application.
+      reg.markReleased(record, toStream ? 'a stream on standard output' : output);
       freezer.kill();
       thawedAt = now();
       await waitReleased(reg, aid);
