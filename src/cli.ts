@@ -2,14 +2,14 @@
  * appshot's command line. Each command is a thin layer over a module; this
  * file owns only argument parsing, output format and exit codes.
  */
-import { Command, CommanderError, Option } from 'commander';
-import { createReadStream, existsSync, statSync } from 'node:fs';
-import { constants as osConstants } from 'node:os';
+import { Command, CommanderError } from 'commander';
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
-import { formatId, listProcesses, printColumns, signalProcesses, tableRows } from './inspect.js';
-import { LocalRegistry, checkAid } from './registry.js';
+import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
+import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js';
 import { loadImage } from './image/format.js';
 import { imageJson, printImage } from './image/show.js';
 import { snapshot } from './snapshot/driver.js';
@@ -45,7 +45,11 @@ program
     '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n\n' +
       'The exit status is the command\'s own (128 + N if it was killed by signal N); 127 if it\n' +
       'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
-      'inside the application after `appshot run` returns.',
+      'inside the application after `appshot run` returns. If `appshot snapshot` ends the\n' +
+      "application, `appshot run` says so on stderr (appshot: 'A' was snapshotted to IMAGE and\n" +
+      'ended) and exits 0: the application went into its image, it did not fail.\n\n' +
+      'An application that ends is kept, with its exit code and log (appshot ps -a, logs, wait),\n' +
+      "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
   )
   .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
@@ -61,37 +65,82 @@ program
           process.stderr.write(`appshot: running as AID ${record.aid}\n`);
         }
       },
+      onSnapshotted: (record, image) => process.stderr.write(`appshot: '${record.aid}' was snapshotted to ${image} and ended\n`),
     });
     process.exitCode = code;
   });
 
+/** An application as `ps --json` shows it. */
+function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
+  return {
+    aid: r.aid,
+    state: isEnded(r) ? 'exited' : 'running',
+    ...(isEnded(r) ? { exitCode: r.exitCode, endedAt: r.endedAt } : {}),
+    command: r.command,
+    detached: r.detached,
+    createdAt: r.createdAt,
+    ...(r.image ? { image: r.image } : {}),
+    ...(r.template ? { template: r.template } : {}),
+    ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+    // An ended application holds no port.
+    ports: isEnded(r) ? [] : (r.ports ?? []),
+    processes: processes.filter((p) => p.aid === r.aid),
+  };
+}
+
+function stateText(r: AppRecord): string {
+  return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : 'running';
+}
+
+function portsText(r: AppRecord): string {
+  if (isEnded(r)) return '';
+  return (r.ports ?? []).map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(', ');
+}
+
 program
   .command('ps')
-  .description('list applications and their processes, with virtual and system PIDs')
-  .argument('[aid]', 'only this application')
-  .option('--json', 'machine-readable output', false)
-  .action((aid: string | undefined, opts: { json: boolean }) => {
+  .description('list applications (state, age, image or template, ports), or the processes of one')
+  .argument('[aid]', "only this application: its processes, virtual and system PIDs (like docker top)")
+  .option('-a, --all', 'ended applications too (kept until appshot rm or prune)', false)
+  .option('-q, --quiet', 'only the AIDs, one a line', false)
+  .option('--json', 'machine-readable output: every application with its processes', false)
+  .addHelpText(
+    'after',
+    '\nExamples:\n  appshot ps                 running applications\n  appshot ps -a              ended ones too, with their exit codes\n' +
+      '  appshot ps -aq             every AID (appshot rm $(appshot ps -aq) removes them all)\n  appshot ps web             the processes of web',
+  )
+  .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
     const reg = registry();
-    const records = aid ? [reg.require(aid)] : reg.list();
+    const records = aid ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
+    if (opts.quiet) {
+      if (records.length) process.stdout.write(records.map((r) => r.aid).join('\n') + '\n');
+      return;
+    }
     const rows = listProcesses(reg, records);
     if (opts.json) {
-      json(
-        records.map((r) => ({
-          aid: r.aid,
-          command: r.command,
-          detached: r.detached,
-          createdAt: r.createdAt,
-          ...(r.template ? { template: r.template } : {}),
-          ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-          ports: r.ports ?? [],
-          processes: rows.filter((p) => p.aid === r.aid),
-        })),
-      );
+      json(records.map((r) => appJson(r, rows)));
+      return;
+    }
+    if (aid) {
+      if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
+      else
+        printColumns(
+          ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
+          rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
+        );
       return;
     }
     printColumns(
-      ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
-      rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
+      ['AID', 'STATE', 'AGE', 'PROCS', 'IMAGE', 'PORTS', 'COMMAND'],
+      records.map((r) => [
+        r.aid,
+        stateText(r),
+        age(r.createdAt),
+        String(rows.filter((p) => p.aid === r.aid && !p.init).length),
+        r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
+        portsText(r) || '-',
+        r.command.join(' '),
+      ]),
     );
   });
 
@@ -125,64 +174,187 @@ program
     process.exitCode = await execIn(registry(), aid, command);
   });
 
+/** The last `lines` lines of a file: the offset where they start. Read
+ * backwards a block at a time, so a large log costs only its tail. */
+function tailOffset(path: string, lines: number): number {
+  const size = statSync(path).size;
+  if (lines <= 0) return size;
+  const fd = openSync(path, 'r');
+  try {
+    const block = Buffer.alloc(65536);
+    let end = size;
+    // A last line without its newline counts as a line too.
+    let seen = 0;
+    let first = true;
+    while (end > 0) {
+      const start = Math.max(0, end - block.length);
+      const n = readSync(fd, block, 0, end - start, start);
+      for (let i = n - 1; i >= 0; i--) {
+        if (block[i] !== 0x0a) continue;
+        if (first && start + i === size - 1) continue;
+        if (++seen === lines) return start + i + 1;
+      }
+      first = false;
+      end = start;
+    }
+    return 0;
+  } finally {
+    closeSync(fd);
+  }
+}
+
 program
   .command('logs')
-  .description('print the output of an application started with run --detach')
+  .description('print the output of an application started with run --detach (or restored), running or ended')
   .argument('<aid>', 'the application')
   .option('-f, --follow', 'keep printing new output until the application ends', false)
-  .action(async (aid: string, opts: { follow: boolean }) => {
-    const record = registry().require(aid);
+  .option('-n, --tail <lines>', "only the last LINES lines ('all': every line)", 'all')
+  .option('-t, --timestamps', 'not available: see below')
+  .addHelpText(
+    'after',
+    '\nThe log is kept when the application ends (until appshot rm), and across a snapshot and the\n' +
+      'restore of its image under the same AID: the restored application appends to it.\n\n' +
+      'There are no timestamps: the application writes its log file itself, with no appshot process\n' +
+      'in between to note when each line came (that would cost a resident process per application\n' +
+      'and change what the application writes to: a file, not a pipe). --timestamps is refused.\n\n' +
+      'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web',
+  )
+  .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps?: boolean }) => {
+    const reg = registry();
+    const record = reg.requireAny(aid);
+    if (opts.timestamps)
+      throw new AppshotError('--timestamps: appshot does not see when a line was written (the application writes its log file itself; see appshot logs --help)', ExitCode.usage);
+    const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
+    if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
     if (!record.logPath)
-      throw new AppshotError(`'${aid}' runs in the foreground: its output goes to the terminal of 'appshot run'`, ExitCode.usage);
-    let offset = 0;
-    const pump = async () => {
-      if (!existsSync(record.logPath!)) return false;
-      const size = statSync(record.logPath!).size;
-      if (size > offset) {
-        await new Promise<void>((resolve, reject) =>
-          createReadStream(record.logPath!, { start: offset, end: size - 1 })
-            .on('end', resolve)
-            .on('error', reject)
-            .pipe(process.stdout, { end: false }),
-        );
-        offset = size;
+      throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
+    const logPath = record.logPath;
+    let offset = tail !== undefined && existsSync(logPath) ? tailOffset(logPath, tail) : 0;
+    const pump = () => {
+      if (!existsSync(logPath)) return;
+      const size = statSync(logPath).size;
+      if (size <= offset) return;
+      const fd = openSync(logPath, 'r');
+      try {
+        const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
+        while (offset < size) {
+          const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
+          if (n <= 0) break;
+          process.stdout.write(chunk.subarray(0, n));
+          offset += n;
+        }
+      } finally {
+        closeSync(fd);
       }
-      return true;
     };
-    await pump();
-    while (opts.follow && (await pump())) await sleep(200);
+    pump();
+    if (!opts.follow) return;
+    for (;;) {
+      const current = reg.get(aid);
+      const running = current !== undefined && !isEnded(current) && !reg.isStale(current);
+      pump();
+      if (!running) return;
+      await sleep(200);
+    }
   });
 
 program
   .command('stop')
-  .description('send a signal (default SIGTERM) to every process of an application')
-  .argument('<aid>', 'the application')
-  .addOption(new Option('-s, --signal <name>', 'signal to send').default('SIGTERM'))
-  .action((aid: string, opts: { signal: string }) => {
+  .description('end an application: a signal (default SIGTERM), a grace period, then SIGKILL')
+  .argument('<aid...>', 'the applications')
+  .option('-s, --signal <name>', 'signal to send first', 'SIGTERM')
+  .option('-t, --time <seconds>', 'how long to wait for it to end before SIGKILL', '10')
+  .addHelpText(
+    'after',
+    '\nReturns once every process of the application has ended; the ended application is kept\n' +
+      '(appshot ps -a, logs) until appshot rm. The signal goes to the application\'s init, which\n' +
+      'passes it to the first process, or to every process once the first has exited.\n\n' +
+      'Examples:\n  appshot stop web\n  appshot stop -t 30 db          give it 30 s to shut down\n  appshot stop -s INT -t 5 web',
+  )
+  .action(async (aids: string[], opts: { signal: string; time: string }) => {
     const reg = registry();
-    const record = reg.require(aid);
-    const upper = opts.signal.toUpperCase();
-    const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
-    if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
-    if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
-      // These cannot be caught, so init cannot pass them on: they would
-      // stop init itself.
-      signalProcesses(reg, record, sig);
-      return;
+    const sig = signalName(opts.signal);
+    const grace = Number(opts.time);
+    if (!(grace >= 0)) throw new AppshotError(`--time wants a number of seconds, not '${opts.time}'`, ExitCode.usage);
+    const records = aids.map((aid) => reg.require(aid));
+    await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
+  });
+
+program
+  .command('kill')
+  .description('send one signal (default SIGKILL, as docker kill) to an application and return')
+  .argument('<aid...>', 'the applications')
+  .option('-s, --signal <name>', 'signal to send', 'SIGKILL')
+  .addHelpText(
+    'after',
+    '\nDoes not wait for the application to end (appshot stop does; appshot wait waits).\n\n' +
+      'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration',
+  )
+  .action((aids: string[], opts: { signal: string }) => {
+    const reg = registry();
+    const sig = signalName(opts.signal);
+    for (const r of aids.map((aid) => reg.require(aid))) signalApp(reg, r, sig);
+  });
+
+program
+  .command('wait')
+  .description('wait until each application has ended and print its exit code (like docker wait)')
+  .argument('<aid...>', 'the applications')
+  .addHelpText(
+    'after',
+    "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
+      'An application that has already ended answers at once. A snapshot that ends it, or\n' +
+      'appshot rm, leaves no exit code: that is an error.\n\n' +
+      'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
+  )
+  .action(async (aids: string[]) => {
+    const reg = registry();
+    for (const aid of aids) reg.requireAny(aid);
+    let status: number = ExitCode.ok;
+    for (const aid of aids) {
+      const ended = await waitEnded(reg, aid);
+      if (ended === 'released' || !ended) {
+        process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
+        status = ExitCode.failure;
+        continue;
+      }
+      process.stdout.write(`${ended.exitCode}\n`);
+      status = ended.exitCode ?? ExitCode.failure;
     }
-    // An application being restored has no supervisor yet (in its record
-    // or its tables): its processes are signalled straight.
-    const initPid = record.initPid ?? reg.readTables(record)?.initPid;
-    if (!initPid || initPid <= 0) {
-      signalProcesses(reg, record, sig);
-      return;
+    process.exitCode = status;
+  });
+
+program
+  .command('rm')
+  .description('remove ended applications: record, log, private copies, REDIR PATH directories, port claims')
+  .argument('<aid...>', 'the applications')
+  .option('-f, --force', 'kill a running application (SIGKILL) and remove it', false)
+  .addHelpText(
+    'after',
+    '\nA running application is refused without --force. Removing a clone removes its private\n' +
+      'copies of files: an image taken of it with --leave-running cannot be restored after.\n\n' +
+      'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
+  )
+  .action(async (aids: string[], opts: { force: boolean }) => {
+    const reg = registry();
+    for (const aid of aids) {
+      try {
+        await removeApp(reg, aid, opts.force);
+        process.stdout.write(`${aid}\n`);
+      } catch (e) {
+        if (!(e instanceof AppshotError)) throw e;
+        process.stderr.write(`appshot: ${e.message}\n`);
+        process.exitCode = e.exitCode;
+      }
     }
-    try {
-      // init passes it to the first process, or to all once that is gone.
-      process.kill(initPid, sig);
-    } catch (e) {
-      throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
-    }
+  });
+
+program
+  .command('prune')
+  .description('remove every ended application (as appshot rm does each)')
+  .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
+  .action(() => {
+    for (const aid of pruneEnded(registry())) process.stdout.write(`${aid}\n`);
   });
 
 program
@@ -264,7 +436,11 @@ program
   )
   .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
-    const result = await restore(registry(), image, { aid: opts.aid, lazy: opts.lazy });
+    const reg = registry();
+    const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
+    // For ps: where it came from (a stream has no path to show).
+    const current = image === '-' ? undefined : reg.get(result.aid);
+    if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
     if (opts.json) json(result);
     else {
       process.stdout.write(result.aid + '\n');

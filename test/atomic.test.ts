@@ -97,7 +97,8 @@ describe('a restore killed at any instant', () => {
       // The same AID at once, and the image restores whole.
       const again = sb.run(['restore', image, '--aid', 'atom']);
       expect(again.code, again.stderr).toBe(0);
-      expect(sb.run(['stop', 'atom', '-s', 'KILL']).code).toBe(0);
+      // An ended application keeps its AID until it is removed.
+      expect(sb.run(['rm', '-f', 'atom']).code).toBe(0);
       await nothingLeftOf('atom', 'src');
     });
   }
@@ -110,7 +111,7 @@ describe('a restore killed at any instant', () => {
     await waitFor(() => checks() >= from + 5 || /FAIL/.test(log()), 15_000, 'the committed application to check itself');
     expect(log()).not.toMatch(/FAIL.*/);
     expect(sb.json<{ processes: unknown[] }[]>(['ps', 'done'])[0].processes).toHaveLength(3);
-    expect(sb.run(['stop', 'done', '-s', 'KILL']).code).toBe(0);
+    expect(sb.run(['rm', '-f', 'done']).code).toBe(0);
   });
 });
 
@@ -156,11 +157,16 @@ describe('a batch of clones killed at any instant', () => {
       expect(digest(template)).toEqual(before);
       const again = sb.run(['clone', template, '--aid', 'k', '--count', '4']);
       expect(again.code, again.stderr).toBe(0);
-      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) expect(sb.run(['stop', aid, '-s', 'KILL']).code).toBe(0);
-      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) await waitFor(() => (sb.run(['ps']), !sb.aids().includes(aid)), 10_000, `${aid} to end`);
-      // A committed clone's copies and directories outlive it (its
-      // snapshots need them): removed here for the next round.
-      for (const d of readdirSync(join(sb.home, 'instances'))) rmSync(join(sb.home, 'instances', d), { recursive: true, force: true });
+      // rm -f kills each and removes what was made for it alone: the
+      // next round starts from nothing.
+      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      for (const aid of ['k-1', 'k-2', 'k-3', 'k-4']) {
+        await nothingLeftOf(aid, 'tsrc');
+        expect(sb.allAids()).not.toContain(aid);
+        expect(existsSync(join(ROOT, 'instances', aid))).toBe(false);
+      }
+      expect(readdirSync(join(sb.home, 'instances'))).toEqual([]);
+      // What the instances wrote beside their REDIR PATH directories.
       for (const d of ['instances', 'home']) rmSync(join(ROOT, d), { recursive: true, force: true });
     });
   }

@@ -1,0 +1,125 @@
+/**
+ * The life of an application after it started, as docker's containers
+ * have it: signal it (`kill`), end it with a grace period (`stop`), wait
+ * for its end (`wait`), and remove what an ended one left (`rm`, `prune`).
+ *
+ * An application ends when its last process does: appshot-init then
+ * removes what the kernel holds (SysV objects, tables) and writes the file
+ * "exit" into its registration, which stays, with its log, until `rm`.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import { constants as osConstants } from 'node:os';
+import { AppshotError, ExitCode } from './errors.js';
+import { signalProcesses } from './inspect.js';
+import { type AppRecord, type LocalRegistry, isEnded } from './registry.js';
+
+/** How often a waiter looks at the registration. */
+const POLL_MS = 50;
+
+/** "TERM", "sigterm", "SIGTERM" → "SIGTERM"; refuses unknown names. */
+export function signalName(name: string): NodeJS.Signals {
+  const upper = name.toUpperCase();
+  const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
+  if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${name}'`, ExitCode.usage);
+  return sig;
+}
+
+/** Sends one signal to an application: to its init, which passes it to the
+ * first process, or to every process once the first has exited (daemons). */
+export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
+  if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
+    // These cannot be caught, so init cannot pass them on: they would
+    // stop init itself.
+    signalProcesses(reg, record, sig);
+    return;
+  }
+  // An application being restored has no supervisor yet (in its record
+  // or its tables): its processes are signalled straight.
+  const initPid = record.initPid ?? reg.readTables(record)?.initPid;
+  if (!initPid || initPid <= 0) {
+    signalProcesses(reg, record, sig);
+    return;
+  }
+  try {
+    process.kill(initPid, sig);
+  } catch (e) {
+    throw new AppshotError(`cannot signal '${record.aid}': ${(e as NodeJS.ErrnoException).code}`);
+  }
+}
+
+/**
+ * Waits until the application `aid` has ended, at most `timeoutMs`.
+ * Resolves with its ended record; with 'released' if its registration went
+ * instead (a snapshot ended it, `rm` removed it, or it never committed);
+ * with undefined if it still runs at the deadline.
+ */
+export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity): Promise<AppRecord | 'released' | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const record = reg.get(aid);
+    if (!record) return 'released';
+    if (isEnded(record)) return record;
+    if (reg.isStale(record)) {
+      // Its supervisor was killed: nobody wrote how it ended.
+      reg.release(record);
+      return 'released';
+    }
+    if (Date.now() >= deadline) return undefined;
+    await sleep(Math.min(POLL_MS, Math.max(1, deadline - Date.now())));
+  }
+}
+
+/** How long SIGKILL is given to end every process before stop gives up. */
+const KILL_WAIT_MS = 30_000;
+
+/**
+ * `appshot stop`: sends `sig`, waits up to `graceSeconds` for the
+ * application to end, then kills every process with SIGKILL; returns once
+ * it has ended (its record, or 'released').
+ */
+export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals, graceSeconds: number): Promise<AppRecord | 'released'> {
+  signalApp(reg, record, sig);
+  if (sig !== 'SIGKILL') {
+    const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
+    if (ended) return ended;
+    signalProcesses(reg, record, 'SIGKILL');
+  }
+  const ended = await waitEnded(reg, record.aid, KILL_WAIT_MS);
+  if (!ended) throw new AppshotError(`'${record.aid}' did not end within ${KILL_WAIT_MS / 1000} s of SIGKILL`);
+  return ended;
+}
+
+/**
+ * `appshot rm`: removes an ended application's record, log, private
+ * copies, REDIR PATH directories and port claims. A running one is
+ * refused unless `force`, which kills it first.
+ */
+export async function removeApp(reg: LocalRegistry, aid: string, force: boolean): Promise<void> {
+  let record = reg.requireAny(aid);
+  if (!isEnded(record)) {
+    if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
+    const ended = await stopApp(reg, record, 'SIGKILL', 0);
+    // Its registration went as it ended: a restore that never committed
+    // (released with all it made), or a snapshot that ended it meanwhile
+    // (its image may need its private copies).
+    if (ended === 'released') return;
+    record = ended;
+  }
+  reg.remove(record);
+}
+
+/** `appshot prune`: removes every ended application; returns their AIDs. */
+export function pruneEnded(reg: LocalRegistry): string[] {
+  const ended = reg.list().filter(isEnded);
+  for (const r of ended) reg.remove(r);
+  return ended.map((r) => r.aid);
+}
+
+/** "4s", "12m", "3h", "2d": how long ago `iso` was. */
+export function age(iso: string, now = Date.now()): string {
+  const s = Math.max(0, Math.floor((now - Date.parse(iso)) / 1000));
+  if (s < 120) return `${s}s`;
+  if (s < 7200) return `${Math.floor(s / 60)}m`;
+  if (s < 172800) return `${Math.floor(s / 3600)}h`;
+  return `${Math.floor(s / 86400)}d`;
+}
