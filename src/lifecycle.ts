@@ -56,14 +56,11 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
 export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const record = reg.get(aid);
+    const found = reg.get(aid);
+    // Released too when its supervisor was killed: nobody wrote how it ended.
+    const record = found && reg.settle(found);
     if (!record) return 'released';
     if (isEnded(record)) return record;
-    if (reg.isStale(record)) {
-      // Its supervisor was killed: nobody wrote how it ended.
-      reg.release(record);
-      return 'released';
-    }
     if (Date.now() >= deadline) return undefined;
     await sleep(Math.min(POLL_MS, Math.max(1, deadline - Date.now())));
   }

@@ -239,14 +239,12 @@ export class LocalRegistry implements Registry {
     const stateDir = join(this.appsDir, aid);
     if (!this.claim(stateDir)) {
       const existing = this.get(aid);
-      if (existing && isEnded(existing))
-        throw new AppshotError(`AID '${aid}' is in use by an application that has ended (${describeEnd(existing)}): 'appshot rm ${aid}' removes it`, ExitCode.conflict);
       // A registration whose supervisor and processes are all gone (it was
       // killed with SIGKILL) is reclaimed rather than blocking the name.
-      if (existing && this.isStale(existing)) {
-        this.release(existing);
-        if (this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
-      }
+      const settled = existing && this.settle(existing);
+      if (settled && isEnded(settled))
+        throw new AppshotError(`AID '${aid}' is in use by an application that has ended (${describeEnd(settled)}): 'appshot rm ${aid}' removes it`, ExitCode.conflict);
+      if (existing && !settled && this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
       throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
     }
     return this.finishRegistration(aid, stateDir, fill);
@@ -329,11 +327,9 @@ export class LocalRegistry implements Registry {
 
   requireAny(aid: string): AppRecord {
     checkAid(aid);
-    const record = this.get(aid);
-    if (!record || (!isEnded(record) && this.isStale(record))) {
-      if (record) this.release(record);
-      throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
-    }
+    const found = this.get(aid);
+    const record = found && this.settle(found);
+    if (!record) throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
     return record;
   }
 
@@ -351,8 +347,8 @@ export class LocalRegistry implements Registry {
         this.dropOrphanDir(aid);
         continue;
       }
-      if (isEnded(record) || !this.isStale(record)) out.push(record);
-      else this.release(record);
+      const settled = this.settle(record);
+      if (settled) out.push(settled);
     }
     return out;
   }
@@ -405,6 +401,19 @@ export class LocalRegistry implements Registry {
     }
     if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
     return !t || t.tables.pid.every((e) => e.system === initPid || !isSameProcess(e.system, undefined));
+  }
+
+  /** A record as it stands: the same while it runs or once it has ended;
+   * undefined, once released, if all its processes are gone and nobody
+   * wrote how it ended (its init was killed, or its restore abandoned). */
+  settle(record: AppRecord): AppRecord | undefined {
+    if (isEnded(record) || !this.isStale(record)) return record;
+    // It may have ended between reading its record and looking at its
+    // processes: init writes the file "exit" before it exits.
+    const now = this.get(record.aid);
+    if (now && isEnded(now)) return now;
+    this.release(record);
+    return undefined;
   }
 
   release(record: AppRecord): void {

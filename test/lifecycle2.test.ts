@@ -1,0 +1,286 @@
+/**
+ * The whole life of an application, as docker's containers have it: an
+ * ended application is kept with its exit code, end time and log until
+ * `rm` or `prune` (its kernel objects go at once); `ps -a/-q`, `wait`,
+ * `stop -t` escalating to SIGKILL, `kill`, `rm -f`; a clone's `rm` leaves
+ * nothing of it (private copies, REDIR PATH directories, port claims); a
+ * log goes on across a snapshot and the restore of its image; a foreground
+ * `run` whose application is snapshotted says where it went.
+ */
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, fixture, root, Sandbox, tcpExchange, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-life-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+interface PsApp {
+  aid: string;
+  state: 'running' | 'exited';
+  exitCode?: number;
+  endedAt?: string;
+  createdAt: string;
+  image?: string;
+  template?: { path: string; instance: number };
+  privateRoot?: string;
+  ports: { virtual: number; system: number; mode: string }[];
+  processes: { vpid: number; pid: number; init: boolean }[];
+}
+
+const psAll = () => sb.json<PsApp[]>(['ps', '-a']);
+const app = (aid: string) => psAll().find((a) => a.aid === aid);
+const tableFilesOf = (aid: string) => sb.shmFiles().filter((f) => f.includes(`-${aid}-`));
+/** A detached application that prints READY and then ignores SIGTERM. */
+const STUBBORN = ['sh', '-c', 'trap "" TERM; echo READY; while :; do sleep 0.1; done'];
+
+async function runDetached(aid: string, command: string[], ready?: RegExp): Promise<PsApp> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...command]);
+  expect(r.code, r.stderr).toBe(0);
+  if (ready) await waitFor(() => ready.test(sb.run(['logs', aid]).stdout), 10_000, `${aid} to start`);
+  return app(aid)!;
+}
+
+describe('an ended application', () => {
+  it('is kept with its exit code, end time and log; its kernel objects go at once', async () => {
+    await runDetached('ends', ['sh', '-c', 'echo first; echo second; exit 7']);
+    const w = sb.run(['wait', 'ends']);
+    expect(w.stdout).toBe('7\n');
+    expect(w.code).toBe(7);
+    const a = app('ends')!;
+    expect(a).toMatchObject({ state: 'exited', exitCode: 7, ports: [], processes: [] });
+    expect(Date.parse(a.endedAt!)).toBeGreaterThanOrEqual(Date.parse(a.createdAt));
+    expect(tableFilesOf('ends')).toEqual([]);
+    expect(sb.run(['logs', 'ends']).stdout).toBe('first\nsecond\n');
+    expect(sb.run(['logs', '--tail', '1', 'ends']).stdout).toBe('second\n');
+    expect(sb.run(['logs', '-f', 'ends']).stdout).toBe('first\nsecond\n');
+    // Listed with -a only; -q prints AIDs.
+    expect(sb.json<PsApp[]>(['ps']).map((x) => x.aid)).not.toContain('ends');
+    expect(sb.run(['ps', '-q']).stdout.split('\n')).not.toContain('ends');
+    expect(sb.run(['ps', '-aq']).stdout.split('\n')).toContain('ends');
+    const table = sb.run(['ps', '-a']).stdout;
+    expect(table.split('\n')[0]).toMatch(/^AID\s+STATE\s+AGE\s+PROCS\s+IMAGE\s+PORTS\s+COMMAND$/);
+    expect(table).toMatch(/^ends\s+exited \(7\) \d+s ago\s/m);
+    // Commands that need it running say it has ended.
+    const s = sb.run(['stop', 'ends']);
+    expect(s.code).toBe(1);
+    expect(s.stderr).toMatch(/'ends' is not running \(exited with code 7 at .*'appshot rm ends' removes it\)/);
+    // Its AID stays taken until it is removed, as a container's name.
+    const again = sb.run(['run', '--aid', 'ends', '--', 'true']);
+    expect(again.code).toBe(4);
+    expect(again.stderr).toMatch(/AID 'ends' is in use by an application that has ended .*'appshot rm ends' removes it/);
+    const rm = sb.run(['rm', 'ends']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(sb.allAids()).not.toContain('ends');
+    expect(sb.run(['logs', 'ends']).code).toBe(3);
+    expect(sb.run(['run', '--aid', 'ends', '--', 'true']).code).toBe(0);
+    expect(sb.run(['rm', 'ends']).code).toBe(0);
+  });
+
+  it('keeps a foreground application too, with its exit code', () => {
+    expect(sb.run(['run', '--aid', 'fg5', '--', 'sh', '-c', 'exit 5']).code).toBe(5);
+    expect(app('fg5')).toMatchObject({ state: 'exited', exitCode: 5 });
+    const logs = sb.run(['logs', 'fg5']);
+    expect(logs.code).toBe(2);
+    expect(logs.stderr).toMatch(/ran in the foreground/);
+    expect(sb.run(['rm', 'fg5']).code).toBe(0);
+  });
+
+  it('refuses --timestamps with the reason, and a bad --tail', async () => {
+    await runDetached('ts', ['sh', '-c', 'echo x']);
+    expect(sb.run(['wait', 'ts']).code).toBe(0);
+    const t = sb.run(['logs', '--timestamps', 'ts']);
+    expect(t.code).toBe(2);
+    expect(t.stderr).toMatch(/does not see when a line was written/);
+    expect(sb.run(['logs', '--tail', 'x', 'ts']).code).toBe(2);
+    expect(sb.run(['logs', '--tail', '0', 'ts']).stdout).toBe('');
+    expect(sb.run(['rm', 'ts']).code).toBe(0);
+  });
+});
+
+describe('wait, stop, kill', () => {
+  it('wait blocks until each ends, prints their codes and exits with the last', async () => {
+    await runDetached('w1', ['sh', '-c', 'sleep 0.5; exit 3']);
+    await runDetached('w2', ['sh', '-c', 'sleep 1; exit 4']);
+    const started = Date.now();
+    const w = sb.run(['wait', 'w1', 'w2']);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(400);
+    expect(w.stdout).toBe('3\n4\n');
+    expect(w.code).toBe(4);
+    expect(sb.run(['wait', 'nope']).code).toBe(3);
+    expect(sb.run(['rm', 'w1', 'w2']).code).toBe(0);
+  });
+
+  it('stop -t escalates to SIGKILL on a program that ignores SIGTERM, and returns only when it is gone', async () => {
+    const a = await runDetached('stubborn', STUBBORN, /READY/);
+    const pids = a.processes.map((p) => p.pid);
+    const started = Date.now();
+    const s = sb.run(['stop', '-t', '1', 'stubborn']);
+    const took = Date.now() - started;
+    expect(s.code, s.stderr).toBe(0);
+    expect(took).toBeGreaterThanOrEqual(1000);
+    expect(took).toBeLessThan(9000);
+    // Gone when stop returned: no process, no tables, recorded as killed.
+    for (const pid of pids) expect(alive(pid)).toBe(false);
+    expect(tableFilesOf('stubborn')).toEqual([]);
+    expect(app('stubborn')).toMatchObject({ state: 'exited', exitCode: 137 });
+    expect(sb.run(['rm', 'stubborn']).code).toBe(0);
+  });
+
+  it('stop ends a program that obeys SIGTERM within the grace period', async () => {
+    await runDetached('obeys', [fixture('waiter')], /READY/);
+    const started = Date.now();
+    expect(sb.run(['stop', 'obeys']).code).toBe(0);
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(app('obeys')).toMatchObject({ state: 'exited', exitCode: 143 });
+    expect(sb.run(['rm', 'obeys']).code).toBe(0);
+  });
+
+  it('kill sends one signal and returns; SIGKILL by default', async () => {
+    await runDetached('k', [fixture('waiter')], /READY/);
+    expect(sb.run(['kill', '-s', 'HUP', 'k']).code).toBe(0);
+    await waitFor(() => sb.run(['logs', 'k']).stdout.includes('HUP'), 10_000, 'HUP in the log');
+    expect(app('k')!.state).toBe('running');
+    expect(sb.run(['kill', 'k']).code).toBe(0);
+    expect(sb.run(['wait', 'k']).stdout).toBe('137\n');
+    expect(sb.run(['kill', '-s', 'NOPE', 'k']).code).toBe(2);
+    expect(sb.run(['rm', 'k']).code).toBe(0);
+  });
+});
+
+describe('rm and prune', () => {
+  it('rm refuses a running application; rm -f kills it and leaves nothing', async () => {
+    // Its init and its shell (the shell's sleeps come and go).
+    const a = await runDetached('live', STUBBORN, /READY/);
+    a.processes = a.processes.filter((p) => p.vpid <= 2);
+    const r = sb.run(['rm', 'live']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/'live' is running: stop it first .* 'appshot rm -f live'/);
+    expect(a.processes.every((p) => alive(p.pid))).toBe(true);
+    const f = sb.run(['rm', '-f', 'live']);
+    expect(f.code, f.stderr).toBe(0);
+    for (const p of a.processes) expect(alive(p.pid)).toBe(false);
+    expect(sb.allAids()).not.toContain('live');
+    expect(tableFilesOf('live')).toEqual([]);
+  });
+
+  it('prune removes every ended application and leaves running ones', async () => {
+    await runDetached('p1', ['true']);
+    await runDetached('p2', ['false']);
+    await runDetached('p3', [fixture('waiter')], /READY/);
+    expect(sb.run(['wait', 'p1', 'p2']).stdout).toBe('0\n1\n');
+    const p = sb.run(['prune']);
+    expect(p.code).toBe(0);
+    expect(p.stdout.split('\n').filter(Boolean).sort()).toEqual(['p1', 'p2']);
+    expect(sb.allAids()).toEqual(['p3']);
+    expect(sb.run(['rm', '-f', 'p3']).code).toBe(0);
+  });
+});
+
+describe('logs across a snapshot and its restore', () => {
+  it('the restored application appends to the log it had', async () => {
+    await runDetached('counter', ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo "line $i"; sleep 0.05; done'], /line 3\n/);
+    const image = join(dir, 'counter.appshot');
+    const s = sb.run(['snapshot', 'counter', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    // A snapshot releases the AID (no ended record): it restores at once.
+    expect(sb.allAids()).not.toContain('counter');
+    const before = readFileSync(join(sb.home, 'logs', 'counter'), 'utf8');
+    const last = Number(/line (\d+)\n$/.exec(before)![1]);
+    const r = sb.run(['restore', image]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 10_000, 'the restored counter to go on');
+    const after = sb.run(['logs', 'counter']).stdout;
+    expect(after.startsWith(before)).toBe(true);
+    expect(existsSync(join(sb.home, 'logs', 'counter'))).toBe(false);
+    expect(sb.run(['logs', '--tail', '2', 'counter']).stdout.split('\n')).toHaveLength(3);
+    expect(app('counter')).toMatchObject({ state: 'running', image });
+    // The restored command is virtual PID 2: its end gives the exit code.
+    expect(sb.run(['stop', 'counter']).code).toBe(0);
+    expect(app('counter')).toMatchObject({ state: 'exited', exitCode: 143 });
+    expect(sb.run(['rm', 'counter']).code).toBe(0);
+  });
+
+  it('a foreground run whose application is snapshotted says where it went and exits 0', async () => {
+    // Its standard streams let go of the test's (sockets, which a snapshot
+    // cannot capture yet) once it has said READY.
+    const fg = sb.start(['run', '--aid', 'fgsnap', '--', 'sh', '-c', 'echo READY; exec </dev/null >/dev/null 2>&1; while :; do sleep 0.1; done']);
+    await fg.line(/^READY$/);
+    const image = join(dir, 'fgsnap.appshot');
+    const s = sb.run(['snapshot', 'fgsnap', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    const r = await fg.exited;
+    expect(r.code).toBe(0);
+    expect(r.stderr).toBe(`appshot: 'fgsnap' was snapshotted to ${image} and ended\n`);
+    expect(sb.allAids()).not.toContain('fgsnap');
+    expect(sb.run(['restore', image]).code).toBe(0);
+    expect(sb.run(['rm', '-f', 'fgsnap']).code).toBe(0);
+  });
+});
+
+describe('rm of a clone', () => {
+  const ROOT = join(dir, 'srv');
+  // Ports of their own: other tests listen between 21000 and 26000 and from 27100.
+  const base = 26100 + ((process.pid * 7) % 450) * 2;
+  const PORT_ALLOC = base;
+  const PORT_MUX = base + 1;
+
+  it('removes its private copies, REDIR PATH directories and port claims', async () => {
+    mkdirSync(join(ROOT, 'data'), { recursive: true });
+    mkdirSync(join(ROOT, 'config'), { recursive: true });
+    writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
+    writeFileSync(join(ROOT, 'data', 'shared.bin'), Buffer.alloc(4096));
+    writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
+    const rules = join(dir, 'templfix.rules');
+    writeFileSync(
+      rules,
+      readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
+        .replaceAll('/srv/templfix', ROOT)
+        .replaceAll('7101', String(PORT_ALLOC))
+        .replaceAll('7102', String(PORT_MUX)),
+    );
+    const r = sb.run(['run', '-d', '--aid', 'tsrc', '--rules', rules, '--', fixture('templfix'), ROOT, String(PORT_ALLOC), String(PORT_MUX)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.run(['logs', 'tsrc']).stdout.includes('READY'), 10_000, 'templfix READY');
+    expect(sb.run(['snapshot', 'tsrc', '-o', join(dir, 'tsnap')]).code).toBe(0);
+    const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', join(dir, 'tpl')]);
+    expect(t.code, t.stderr).toBe(0);
+    const c = sb.run(['clone', join(dir, 'tpl'), '--aid', 'cl', '--count', '2', '--json']);
+    expect(c.code, c.stderr).toBe(0);
+    const clones = JSON.parse(c.stdout) as { aid: string; privateRoot: string; ports: { virtual: number; system: number }[] }[];
+    const claims = () => (existsSync(join(sb.home, 'ports')) ? readdirSync(join(sb.home, 'ports')).filter((p) => /^\d+$/.test(p)) : []);
+    for (const x of clones) {
+      const own = x.ports.find((p) => p.virtual === PORT_ALLOC)!.system;
+      // A write: into its private copy and its redirected config directory.
+      expect((await tcpExchange(own, 'SET mine\n')).trim()).toBe('OK');
+      expect(existsSync(x.privateRoot)).toBe(true);
+      expect(existsSync(join(ROOT, 'instances', x.aid, 'config'))).toBe(true);
+      expect(claims()).toContain(String(own));
+    }
+    const listed = sb.run(['ps']).stdout;
+    expect(listed).toMatch(new RegExp(`^cl-1\\s+running\\s+\\d+s\\s+\\d+\\s+${join(dir, 'tpl')} #1\\s+${PORT_ALLOC}->\\d+, ${PORT_MUX} \\(shared\\)`, 'm'));
+    const [one, two] = clones;
+    const onePort = String(one.ports.find((p) => p.virtual === PORT_ALLOC)!.system);
+    // Ended, it holds no port; its copies stay until rm.
+    expect(sb.run(['stop', one.aid]).code).toBe(0);
+    expect(sb.run(['ps', '-a']).code).toBe(0);
+    expect(claims()).not.toContain(onePort);
+    expect(app(one.aid)).toMatchObject({ state: 'exited', ports: [] });
+    expect(existsSync(one.privateRoot)).toBe(true);
+    expect(sb.run(['rm', one.aid]).code).toBe(0);
+    // rm -f of the running one: the same, killed first.
+    expect(sb.run(['rm', '-f', two.aid]).code).toBe(0);
+    for (const x of clones) {
+      expect(existsSync(x.privateRoot)).toBe(false);
+      expect(existsSync(join(ROOT, 'instances', x.aid))).toBe(false);
+      expect(sb.allAids()).not.toContain(x.aid);
+      expect(tableFilesOf(x.aid)).toEqual([]);
+    }
+    expect(claims()).toEqual([]);
+  });
+});
