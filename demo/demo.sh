@@ -11,8 +11,7 @@ export APPSHOT_HOME="$(mktemp -d)"
 image="$APPSHOT_HOME/counter.appshot"
 appshot() { node bin/appshot.js "$@"; }
 cleanup() {
-  for aid in demo copy-1 copy-2 copy-3; do appshot stop "$aid" -s KILL 2>/dev/null || true; done
-  sleep 0.3
+  appshot rm -f demo copy-1 copy-2 copy-3 >/dev/null 2>&1 || true
   rm -rf "$APPSHOT_HOME"
 }
 trap cleanup EXIT
@@ -29,7 +28,7 @@ echo "== appshot restore $image"
 appshot restore "$image"
 sleep 1.2
 appshot ps demo
-appshot logs demo | tail -n 3
+appshot logs --tail 3 demo        # the same log, before and after the snapshot
 echo "== appshot template create $image -o counter.template"
 appshot template create "$image" -o "$APPSHOT_HOME/counter.template"
 echo "== appshot clone counter.template --aid copy --count 3"

@@ -59,6 +59,8 @@ describe('names in shared directories', () => {
         const r = sb.run(['run', '--aid', aid, '--', 'true']);
         expect(r.stderr).toBe('');
         expect(r.code).toBe(0);
+        // Ended, it keeps its AID until removed.
+        expect(sb.run(['rm', aid]).code).toBe(0);
       }
       const b = sb.start(['run', '--aid', 'squatted', '--', fixture('ipc'), 'hold']);
       await b.line(/^READY$/);
