@@ -93,11 +93,12 @@ const mainPid = (aid) => {
   return p.pid;
 };
 
-/** SIGKILL to the application's processes, then until `appshot ps AID` fails. */
+/** Kills the application and removes it (an ended one keeps its AID until
+ * then), then until `appshot ps AID` fails. */
 async function stop(aid) {
-  await appshotAsync('stop', aid, '-s', 'KILL');
+  await appshotAsync('rm', '-f', aid);
   for (const end = now() + 15000; now() < end; await sleep(25)) if ((await appshotAsync('ps', aid)) === null) return;
-  throw new Error(`${aid}: still registered 15 s after appshot stop ${aid} -s KILL`);
+  throw new Error(`${aid}: still registered 15 s after appshot rm -f ${aid}`);
 }
 /** Stops several applications, a few at a time. */
 async function stopAll(aids) {

@@ -45,7 +45,8 @@ async function waitLog(aid, re, count = 1) {
 }
 const mainPid = (aid) => appshot('ps', aid)[0].processes.find((p) => p.vpid === 2).pid;
 async function stop(aid) {
-  spawnSync(process.execPath, [cli, 'stop', aid, '-s', 'KILL'], { env });
+  // Killed and removed: an ended application keeps its AID until rm.
+  spawnSync(process.execPath, [cli, 'rm', '-f', aid], { env });
   for (let i = 0; i < 400 && spawnSync(process.execPath, [cli, 'ps', aid], { env }).status === 0; i++) await sleep(25);
 }
 

@@ -72,12 +72,15 @@ describe('snapshot → restore of a program with one of each resource', () => {
     const before = lastCheck(aid);
     const image = snapshot(aid, 'rt1');
     expect(sb.aids()).not.toContain(aid);
+    // Its log waits for the restore under the same AID, which appends to it.
+    const carried = readFileSync(join(sb.home, 'logs', aid), 'utf8');
     const r = restore(image);
     expect(r).toMatchObject({ aid, processes: 2, threads: 5 });
     await checksPass(aid);
-    // The restored log goes on from the snapshot's count (taken a moment
-    // after `before` was read), not from 1.
-    const resumed = Number(/^CHECK (\d+)$/m.exec(logOf(aid))![1]);
+    expect(logOf(aid).startsWith(carried)).toBe(true);
+    // What the restored application writes goes on from the snapshot's
+    // count (taken a moment after `before` was read), not from 1.
+    const resumed = Number(/^CHECK (\d+)$/m.exec(logOf(aid).slice(carried.length))![1]);
     expect(resumed).toBeGreaterThan(before);
     expect(resumed).toBeLessThanOrEqual(before + 10);
     const ps = sb.json<Json>(['ps', aid])[0].processes;
