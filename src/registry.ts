@@ -469,10 +469,11 @@ export class LocalRegistry implements Registry {
   /** A restore takes over the log that the snapshot of its AID set aside
    * (markReleased), so the restored application appends to the output it
    * wrote before. Noted in the record first: a restore that never commits
-   * gives it back (release). */
+   * gives it back (release). A clone (record.template) is a new instance
+   * with a log of its own, even under the AID of one that was snapshotted. */
   adoptCarriedLog(record: AppRecord): void {
     const carried = this.carriedLogPath(record.aid);
-    if (!record.logPath || !record.restore || !existsSync(carried)) return;
+    if (!record.logPath || !record.restore || record.template || !existsSync(carried)) return;
     record.restore.adoptedLog = true;
     this.update(record);
     renameSync(carried, record.logPath);
