@@ -426,13 +426,13 @@ export class LocalRegistry implements Registry {
     rmSync(record.tables, { force: true });
     for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
     // A restore that never committed (its appshot was killed): what it made
-    // for the instance goes with it.
+    // for the instance goes with it, and the log it took over goes back.
     const r = record.restore;
     if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
       removeRedirTargets(r.madeDirs);
+      if (r.adoptedLog) this.carryLog(record);
     }
-    if (r?.adoptedLog && record.logPath && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) this.carryLog(record);
     removeDir(record.stateDir);
   }
 

@@ -7,11 +7,12 @@
  * log goes on across a snapshot and the restore of its image; a foreground
  * `run` whose application is snapshotted says where it went.
  */
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, root, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { alive, cli, fixture, root, Sandbox, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-life-'));
@@ -192,6 +193,12 @@ describe('logs across a snapshot and its restore', () => {
     expect(sb.allAids()).not.toContain('counter');
     const before = readFileSync(join(sb.home, 'logs', 'counter'), 'utf8');
     const last = Number(/line (\d+)\n$/.exec(before)![1]);
+    // A restore killed before its commit gives the log back.
+    const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' } });
+    expect(killed.signal).toBe('SIGKILL');
+    expect(sb.run(['ps', '-a']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('counter'), 10_000, 'the abandoned restore to go');
+    expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8')).toBe(before);
     const r = sb.run(['restore', image]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 10_000, 'the restored counter to go on');
