@@ -221,7 +221,17 @@ program
   )
   .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps?: boolean }) => {
     const reg = registry();
-    const record = reg.requireAny(aid);
+    let record: AppRecord;
+    try {
+      record = reg.requireAny(aid);
+    } catch (e) {
+      // Snapshotted and not restored yet: its log waits for the restore.
+      const carried = reg.carriedLogPath(aid);
+      if (!(e instanceof AppshotError && e.exitCode === ExitCode.notFound && existsSync(carried))) throw e;
+      process.stderr.write(`appshot: '${aid}' was snapshotted and ended; its log waits for the restore of its image as '${aid}'\n`);
+      record = { aid, logPath: carried } as AppRecord;
+      opts.follow = false;
+    }
     if (opts.timestamps)
       throw new AppshotError('--timestamps: appshot does not see when a line was written (the application writes its log file itself; see appshot logs --help)', ExitCode.usage);
     const tail = opts.tail === 'all' ? undefined : Number(opts.tail);

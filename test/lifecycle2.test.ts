@@ -192,6 +192,9 @@ describe('logs across a snapshot and its restore', () => {
     // A snapshot releases the AID (no ended record): it restores at once.
     expect(sb.allAids()).not.toContain('counter');
     const before = readFileSync(join(sb.home, 'logs', 'counter'), 'utf8');
+    const waiting = sb.run(['logs', 'counter']);
+    expect(waiting.stdout).toBe(before);
+    expect(waiting.stderr).toMatch(/'counter' was snapshotted and ended; its log waits for the restore/);
     const last = Number(/line (\d+)\n$/.exec(before)![1]);
     // A restore killed before its commit gives the log back.
     const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' } });
