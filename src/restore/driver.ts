@@ -568,6 +568,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       tables: { old: image.tablesPath, new: tables },
       transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      asFork: opts.instance !== undefined,
     };
     for (const m of made) {
       const p = m.proc;
