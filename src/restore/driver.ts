@@ -454,7 +454,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The tables are new: their instance section (path rewriting, SET ENV)
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
-    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
+    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...prepareRedirTargets(config.redirs));
     addon().setInstance(tables, config);
     const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs));
