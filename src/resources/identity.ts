@@ -104,7 +104,7 @@ function execHook(argv: string[], record: AppRecord, env: NodeJS.ProcessEnv, whe
  * copy of its memory would share, and what of theirs it would be. */
 const SECRET_LIBRARIES: { match: RegExp; what: string }[] = [
   { match: /\/libssl\.so[^/]*$/, what: 'libssl is loaded: TLS session ticket keys and session caches would be the same in every clone' },
-  { match: /\/libcrypto\.so[^/]*$/, what: "libcrypto is loaded: OpenSSL's random generator state would be the same in every clone (it reseeds on a new PID, which a clone keeps)" },
+  { match: /\/libcrypto\.so[^/]*$/, what: "libcrypto is loaded: OpenSSL's random generator state would be the same in every clone (it reseeds after a fork, which a clone never went through)" },
   { match: /\/libgnutls\.so[^/]*$/, what: 'libgnutls is loaded: its random generator state and session ticket keys would be the same in every clone' },
   { match: /\/libsodium\.so[^/]*$/, what: "libsodium is loaded: keys it holds in memory would be the same in every clone" },
 ];
