@@ -119,8 +119,6 @@ export interface SharedState {
   handled: boolean;
 }
 
-const HOOK_FIX = 'IDENTITY HOOK SIGNAL <sig> (or HOOK EXEC "/cmd") to have each clone renew it';
-
 /**
  * What every clone of `image` would share with the others and with the
  * template, as far as the image tells cheaply: glibc's generator seeded by
@@ -129,7 +127,10 @@ const HOOK_FIX = 'IDENTITY HOOK SIGNAL <sig> (or HOOK EXEC "/cmd") to have each 
  */
 export function sharedState(image: Image, rules: RulesFile | undefined): SharedState[] {
   const out: SharedState[] = [];
-  const hooks = (rules?.identity.hooks.length ?? 0) > 0;
+  const hooks = rules?.identity.hooks ?? [];
+  const renewal = hooks.length
+    ? `the IDENTITY hooks (${rules!.source}:${hooks.map((h) => h.line).join(', ')}) are trusted to renew it`
+    : 'IDENTITY HOOK SIGNAL <sig> (or HOOK EXEC "/cmd") to have each clone renew it';
   const libc = rules?.identity.libc?.reseed ?? 'seeded';
   if (image.instance?.identity?.libcSeeded) {
     out.push({
@@ -152,7 +153,7 @@ export function sharedState(image: Image, rules: RulesFile | undefined): SharedS
     });
   const libraries = new Set(image.processes.flatMap((p) => p.vmas.filter((v) => v.kind === VmaKind.FILE_PRIVATE).map((v) => v.path)));
   for (const lib of SECRET_LIBRARIES)
-    if ([...libraries].some((path) => lib.match.test(path))) out.push({ what: lib.what, fix: HOOK_FIX, handled: hooks });
+    if ([...libraries].some((path) => lib.match.test(path))) out.push({ what: lib.what, fix: renewal, handled: hooks.length > 0 });
   const marked = (flag: string) => image.processes.reduce((n, p) => n + p.vmas.filter((v) => v.vmFlags.includes(flag)).length, 0);
   if (marked('wf')) out.push({ what: `${marked('wf')} mapping(s) marked MADV_WIPEONFORK`, fix: 'zero in every clone, as in a fork child', handled: true });
   if (marked('dc')) out.push({ what: `${marked('dc')} mapping(s) marked MADV_DONTFORK`, fix: 'absent from every clone, as from a fork child', handled: true });

@@ -99,8 +99,11 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     mkdirSync(partial);
     try {
       for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
+      // A clone's private copies, if its rules give it any (one without
+      // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
-      if (privateRoot) {
+      const hasCopies = !!privateRoot && (image.instance?.redirs ?? []).some((r) => r.to.startsWith(`${privateRoot}/`));
+      if (privateRoot && (hasCopies || existsSync(privateRoot))) {
         if (!existsSync(privateRoot))
           throw new AppshotError(`${imagePath} is of a clone whose private copies are gone (${privateRoot}): what it wrote to its files cannot be templated`);
         cpSync(privateRoot, join(partial, PRIVATE_DIR), { recursive: true, preserveTimestamps: true });
