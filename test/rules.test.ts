@@ -23,6 +23,7 @@ import {
   privateCopyPath,
   type Property,
   ruleFor,
+  SET_ENVS,
 } from '../src/template/rules.js';
 import { fixture, root, Sandbox, waitFor } from './helpers.js';
 
@@ -211,7 +212,7 @@ describe('the rules language', () => {
       expect(mistake([...full, 'FILE "/e" DUPLICATE'].join('\n'))).toBe(`fixture.rules:19:1: path rule 17 of this file; ${expected}`);
     });
 
-    it(`${APPSHOT_ENVS} SET ENV lines`, () => {
+    it(`${SET_ENVS} SET ENV lines (the table holds ${APPSHOT_ENVS}: two are a clone's identity)`, () => {
       const envs = Array.from({ length: 16 }, (_, i) => `SET ENV "V${i}" = "${i}"`);
       expect(parseRules(envs.join('\n'), 'e.rules').envs).toHaveLength(16);
       expect(mistake([...envs, 'SET ENV "V16" = "16"'].join('\n'))).toBe(

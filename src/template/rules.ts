@@ -72,8 +72,12 @@ export type IdentityHook =
 /** Entries of the instance's path table: one per REDIR PATH, FILE ...
  * COPY-ON-WRITE and FILE ... DUPLICATE rule. */
 export const APPSHOT_REDIRS = 16;
-/** SET ENV lines. */
-export const APPSHOT_ENVS = 16;
+/** Environment entries: SET ENV lines, and the two a clone's identity adds
+ * (APPSHOT_CLONE_GENERATION, APPSHOT_INSTANCE; resources/identity.ts). */
+export const APPSHOT_ENVS = 18;
+export const IDENTITY_ENVS = 2;
+/** SET ENV lines: what the table holds beside the identity variables. */
+export const SET_ENVS = APPSHOT_ENVS - IDENTITY_ENVS;
 /** IDENTITY HOOK lines: each runs in every clone, so they are kept few. */
 export const IDENTITY_HOOKS = 8;
 /** A path (`from` or `to`), including its terminating NUL. */
@@ -359,8 +363,8 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   const bytes = Buffer.byteLength(`${name.text}=${value.text}`);
   if (bytes >= APPSHOT_ENV_LEN)
     line.fail(value.column, `${name.text}=value of ${bytes} bytes`, `at most ${APPSHOT_ENV_LEN - 1} bytes of NAME=value (what an instance's table holds)`);
-  if (rules.envs.length >= APPSHOT_ENVS)
-    line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${APPSHOT_ENVS} SET ENV lines (what an instance's table holds)`);
+  if (rules.envs.length >= SET_ENVS)
+    line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${SET_ENVS} SET ENV lines (what an instance's table holds)`);
   rules.envs.push({ name: name.text, value: value.text, line: line.number });
 }
 
