@@ -399,7 +399,9 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
     const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
     // The stack stays anonymous even when lazy: /proc/PID/cmdline and
     // environ are read only from anonymous memory (FOLL_ANON).
-    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
+    // Memory marked MADV_WIPEONFORK is copied: the kernel takes the mark
+    // only on anonymous memory, which pages mapped from a file are not.
+    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf');
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
