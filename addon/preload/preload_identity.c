@@ -107,14 +107,15 @@ static NOINLINE void identity_changed(uint64_t now) {
     seed_bytes(seed, sizeof seed, now);
     REAL_ID(seed48)(seed);
   }
-  /* Two threads may both get here: each reseeds, which is harmless. */
-  __atomic_store_n(&g_identity_seen, now, __ATOMIC_RELAXED);
+  /* Two threads may both get here: each reseeds, which is harmless. A
+   * thread that sees the new value sees the reseeded state (release). */
+  __atomic_store_n(&g_identity_seen, now, __ATOMIC_RELEASE);
 }
 
 /* On every draw: reseed first if the instance changed. */
 static inline void check_identity(void) {
   uint64_t now = current_identity();
-  if (UNLIKELY(now != __atomic_load_n(&g_identity_seen, __ATOMIC_RELAXED))) identity_changed(now);
+  if (UNLIKELY(now != __atomic_load_n(&g_identity_seen, __ATOMIC_ACQUIRE))) identity_changed(now);
 }
 
 /* The process seeds a generator itself: its seed is kept in this instance,
