@@ -117,6 +117,7 @@ describe('the rules language', () => {
       ['a path redirected twice, written otherwise', 'REDIR PATH "/data" TO "/x"\nREDIR PATH "//data/" TO "/y"', 'fixture.rules:2:12: "//data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
       ['a redirected path also copied on write', 'REDIR PATH "/data" TO "/x"\nFILE "/data/" COPY-ON-WRITE', 'fixture.rules:2:6: "/data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
       ['a duplicated path also redirected', 'FILE "/data" DUPLICATE\nREDIR PATH "/data" TO "/x"', 'fixture.rules:2:12: "/data" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
+      ['an identity variable set', 'SET ENV "APPSHOT_INSTANCE" = "x"', "fixture.rules:1:9: APPSHOT_INSTANCE is a clone's identity, which appshot sets; expected a variable of your own (IDENTITY statements change what makes a clone unique)"],
       ['IDENTITY alone', 'IDENTITY', 'fixture.rules:1:9: unexpected end of line; expected RESEED, KEEP or HOOK'],
       ['an unknown IDENTITY statement', 'IDENTITY RENEW LIBC', "fixture.rules:1:10: unknown IDENTITY statement 'RENEW'; expected RESEED, KEEP or HOOK"],
       ['an unknown generator', 'IDENTITY RESEED OPENSSL', "fixture.rules:1:17: unknown generator 'OPENSSL'; expected one of LIBC"],

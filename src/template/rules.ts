@@ -354,6 +354,8 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   const name = line.string('the variable\'s "NAME"');
   if (!ENV_NAME.test(name.text))
     line.fail(name.column, `invalid environment variable name ${name.raw}`, 'letters, digits and _, not starting with a digit');
+  if (IDENTITY_VARIABLES.includes(name.text))
+    line.fail(name.column, `${name.text} is a clone's identity, which appshot sets`, 'a variable of your own (IDENTITY statements change what makes a clone unique)');
   const twice = rules.envs.find((e) => e.name === name.text);
   if (twice) line.fail(name.column, `${name.text} is already set at line ${twice.line}`, 'each variable set once');
   const eq = line.next();
@@ -367,6 +369,9 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
     line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${SET_ENVS} SET ENV lines (what an instance's table holds)`);
   rules.envs.push({ name: name.text, value: value.text, line: line.number });
 }
+
+/** The variables that carry a clone's identity (resources/identity.ts). */
+const IDENTITY_VARIABLES = ['APPSHOT_CLONE_GENERATION', 'APPSHOT_INSTANCE'];
 
 /** IDENTITY RESEED|KEEP generator, IDENTITY HOOK SIGNAL name|number,
  * IDENTITY HOOK EXEC "/cmd" "arg"... */
