@@ -17,6 +17,7 @@ import { restore } from './restore/driver.js';
 import { Progress } from './progress.js';
 import { clone } from './template/clone.js';
 import { createTemplate, openTemplate, summarize } from './template/template.js';
+import { sharedState } from './resources/identity.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -300,6 +301,8 @@ template
       process.stdout.write(summary.template + '\n');
       const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
       process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+      // What the rules leave shared is worth a warning; the rest `show` lists.
+      for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
     }
   });
 
@@ -311,13 +314,17 @@ template
   .action(async (path: string, opts: { json: boolean }) => {
     const t = await openTemplate(path);
     try {
-      const summary = summarize(t.path, t.template);
+      const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
       if (opts.json) {
         json(summary);
         return;
       }
       process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
       printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
+      if (summary.shared.length) {
+        process.stdout.write('\nwhat every clone would share with the others and the template:\n');
+        for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${s.what}\n           -> ${s.fix}\n`);
+      }
     } finally {
       t.loaded.dispose();
     }

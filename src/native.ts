@@ -7,6 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
+import type { Identity } from './image/types.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
@@ -29,10 +30,13 @@ export interface TableEntry {
   owner: number;
 }
 
-/** The instance section of the tables: path rewriting and SET ENV. */
+/** The instance section of the tables: path rewriting, SET ENV, identity. */
 export interface InstanceConfig {
   redirs: { kind: 'path' | 'cow'; from: string; to: string }[];
   env: string[];
+  /** Absent: that of an application `run` started (all zero, the default
+   * reseeding). */
+  identity?: Identity;
 }
 
 export interface TablesSnapshot {
@@ -40,7 +44,7 @@ export interface TablesSnapshot {
   initPid: number;
   repairs: number;
   tables: Record<Kind, TableEntry[]>;
-  instance: InstanceConfig & { tablesPath: string };
+  instance: InstanceConfig & { tablesPath: string; identity: Identity };
 }
 
 /** What one wait on the tracees reported (addon/src/trace.h). */

@@ -39,7 +39,16 @@ export interface Image {
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
-  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string };
+  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
+}
+
+/** What makes an instance itself: its tables' identity section, which a
+ * restore gives back and a clone makes anew (native.ts Identity). */
+export interface Identity {
+  id: string;
+  generation: number;
+  reseedLibc: 'seeded' | 'always' | 'never';
+  libcSeeded: boolean;
 }
 
 /** A snapshot virtual template: template.pb beside an image (FIG. 7). */

@@ -29,8 +29,8 @@ interface MapsLine {
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
 /** The memory map from /proc/PID/maps: cheap, unlike smaps, which counts
- * every mapping's pages. The one VmFlags bit that matters (grows down) is
- * the stack's. */
+ * every mapping's pages. The only VmFlags bit it can tell (grows down) is
+ * the stack's; a dump reads the rest with readVmFlags. */
 export function readMaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
   for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
@@ -50,6 +50,48 @@ export function readMaps(pid: number): MapsLine[] {
     }
   }
   return out;
+}
+
+/**
+ * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
+ * gd (grows down) with MAP_GROWSDOWN, the others with madvise. wf and dc
+ * are also what makes a clone a fork (forkTreatment).
+ */
+const KEPT_VM_FLAGS: Record<string, number | undefined> = {
+  gd: undefined,
+  wf: 18, // MADV_WIPEONFORK
+  dc: 10, // MADV_DONTFORK
+  dd: 16, // MADV_DONTDUMP
+};
+
+/** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
+ * read once per process at dump time (smaps walks the page tables; maps
+ * does not show the flags). */
+export function readVmFlags(pid: number): Map<bigint, string[]> {
+  const out = new Map<bigint, string[]>();
+  let start: bigint | undefined;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    const m = HEADER.exec(line);
+    if (m) start = BigInt('0x' + m[1]);
+    else if (start !== undefined && line.startsWith('VmFlags:'))
+      out.set(start, line.slice(8).trim().split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)));
+  }
+  return out;
+}
+
+/**
+ * The clone face of memory: a clone is a fork of the template (DESIGN.md,
+ * "A clone keeps its virtual PID"), so memory the application marked
+ * MADV_WIPEONFORK (key material, a PRNG's state: OpenSSL and
+ * libraries like it mark theirs) starts zeroed in every clone, and
+ * MADV_DONTFORK memory is not there at all, exactly as in a fork child.
+ * A plain restore is the same instance going on: it keeps both as they were.
+ */
+export function forkTreatment(v: Vma): 'wipe' | 'absent' | undefined {
+  if (v.vmFlags.includes('dc')) return 'absent';
+  // The kernel only takes MADV_WIPEONFORK for private anonymous memory.
+  if (v.vmFlags.includes('wf') && v.kind === VmaKind.ANON) return 'wipe';
+  return undefined;
 }
 
 const SPECIAL: Record<string, number> = {
@@ -155,6 +197,7 @@ function isAnonShared(l: MapsLine): boolean {
 export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string): Vma[] {
   const vmas: Vma[] = [];
   const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+  const vmFlags = readVmFlags(pid);
   try {
     for (const l of readMaps(pid)) {
       const shared = l.perms[3] === 's';
@@ -170,7 +213,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         file: -1,
         sharedMemory: -1,
         shmVid: -1,
-        vmFlags: l.vmFlags,
+        vmFlags: vmFlags.get(l.start) ?? l.vmFlags,
       };
       const special = SPECIAL[l.path];
       if (special !== undefined) {
@@ -270,6 +313,8 @@ export interface MemorySources {
   transfer(r: import('../restore/remote.js').RemoteProcess, fd: number): number;
   /** Pages of `vpid` inherited from the parent chain, by address. */
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
+  /** A clone: memory is given what a fork child gets (forkTreatment). */
+  asFork?: boolean;
 }
 
 /** Runs of stored pages as [address, file offset, length] triples. */
@@ -292,7 +337,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * to where the image had it, then each VMA is mapped and filled.
  */
 export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
-  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, open: 2, close: 3, shmat: 30 };
+  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const current = readMaps(r.pid);
   // Everything of the seed's goes but the vDSO, its data pages and our
   // scratch area: one munmap per gap between those, not one per mapping.
@@ -346,12 +391,17 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
 
   for (const v of vmas) {
     if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) continue;
+    const fork = src.asFork ? forkTreatment(v) : undefined;
+    if (fork === 'absent') continue;
     const len = v.end - v.start;
-    const own = storedRuns(v);
-    const hasInherited = (v.pages?.fromParent.length ?? 0) > 0;
+    // Wiped: mapped anonymous and left as it comes, zero.
+    const own = fork === 'wipe' ? [] : storedRuns(v);
+    const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
     // The stack stays anonymous even when lazy: /proc/PID/cmdline and
     // environ are read only from anonymous memory (FOLL_ANON).
-    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
+    // Memory marked MADV_WIPEONFORK is copied: the kernel takes the mark
+    // only on anonymous memory, which pages mapped from a file are not.
+    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf');
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
@@ -415,6 +465,10 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
       flush();
     }
     if (prot !== v.prot) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
+    for (const flag of v.vmFlags) {
+      const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
+      if (advice !== undefined) r.call(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
+    }
   }
   for (const fd of opened.values()) r.call('closing', SYS.close, [fd]);
 }

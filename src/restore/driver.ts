@@ -497,7 +497,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The tables are new: their instance section (path rewriting, SET ENV)
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
-    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
+    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...prepareRedirTargets(config.redirs));
     record.restore!.madeDirs = madeDirs;
     reg.update(record);
@@ -615,6 +615,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       tables: { old: image.tablesPath, new: tables },
       transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      asFork: opts.instance !== undefined,
     };
     for (const m of made) {
       const p = m.proc;

@@ -434,7 +434,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     image.stats.pagesFromParent = BigInt(inherited);
     // FIG. 8: each resource classified, by the rules the application runs
     // under or by the standard criteria; the verdicts travel in the image.
-    image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '' };
+    image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '', identity: tables.instance.identity };
     image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
     if (!opts.leaveRunning) {
       // The image is committed before anything is killed: if writing it

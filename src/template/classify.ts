@@ -17,6 +17,7 @@
  * which is what a plain restore does, and refusals() names them.
  */
 import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
+import { forkTreatment } from '../resources/memory.js';
 import { unredirected } from '../resources/paths.js';
 import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
@@ -46,6 +47,8 @@ const CRITERIA = {
   unique: 'system-wide unique, not exported',
   sysv: 'system-wide unique id and key, not exported: a new object gets a copy of the contents',
   exported: 'system-wide unique, exported to clients outside',
+  wipeOnFork: 'marked MADV_WIPEONFORK: zero in every clone, as in a fork child',
+  dontFork: 'marked MADV_DONTFORK: absent from every clone, as from a fork child',
 } as const;
 
 const decide = (action: Action, reason: string): Decision => ({ action, reason });
@@ -100,6 +103,10 @@ function vmaDecision(image: Image, v: Vma, rules: RulesFile | undefined): Decisi
   if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) return decide('recreate', CRITERIA.kernel);
   if (isTables(image, v)) return decide('recreate', CRITERIA.tables);
   if (v.kind === VmaKind.SYSV_SHM) return decide('virtualize', CRITERIA.segment);
+  // A clone is a fork: what the application asked of a fork is not the
+  // rules' to undo (memory.ts, forkTreatment).
+  const fork = forkTreatment(v);
+  if (fork) return decide('recreate', fork === 'wipe' ? CRITERIA.wipeOnFork : CRITERIA.dontFork);
   const rule = memoryRule(image, v, rules);
   if (rule) return byRule(rules!, rule);
   switch (v.kind) {
@@ -126,6 +133,7 @@ function memoryRule(image: Image, v: Vma, rules: RulesFile | undefined): Resourc
 }
 
 function vmaRefusal(image: Image, v: Vma, action: Action): string | undefined {
+  if (forkTreatment(v) === 'absent') return undefined;
   if (v.kind === VmaKind.FILE_SHARED && writableVma(v) && action === 'recreate' && !isTables(image, v))
     return `maps ${v.path} writable and shared: every clone would write into the same file; a FILE rule for it (SHARE, COPY-ON-WRITE or DUPLICATE) decides`;
   if (action === 'share' && writableVma(v) && v.kind !== VmaKind.FILE_SHARED)

@@ -13,6 +13,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS, removeStalePartials } from '../image/format.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
+import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 
@@ -38,12 +39,15 @@ export interface TemplateSummary {
   /** How many resources each action handles. */
   actions: Partial<Record<Action, number>>;
   verdicts: Verdict[];
+  /** What every clone would share with the others and the template, and
+   * what the rules do about it (resources/identity.ts). */
+  shared: SharedState[];
 }
 
-export function summarize(path: string, t: Template): TemplateSummary {
+export function summarize(path: string, t: Template, shared: SharedState[]): TemplateSummary {
   const actions: Partial<Record<Action, number>> = {};
   for (const v of t.verdicts) actions[v.action] = (actions[v.action] ?? 0) + 1;
-  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts };
+  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts, shared };
 }
 
 /** The rules a template is made with: a file given now, else those the
@@ -95,8 +99,11 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     mkdirSync(partial);
     try {
       for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
+      // A clone's private copies, if its rules give it any (one without
+      // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
-      if (privateRoot) {
+      const hasCopies = !!privateRoot && (image.instance?.redirs ?? []).some((r) => r.to.startsWith(`${privateRoot}/`));
+      if (privateRoot && (hasCopies || existsSync(privateRoot))) {
         if (!existsSync(privateRoot))
           throw new AppshotError(`${imagePath} is of a clone whose private copies are gone (${privateRoot}): what it wrote to its files cannot be templated`);
         cpSync(privateRoot, join(partial, PRIVATE_DIR), { recursive: true, preserveTimestamps: true });
@@ -107,7 +114,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
       rmSync(partial, { recursive: true, force: true });
       throw e;
     }
-    return summarize(dest, template);
+    return summarize(dest, template, sharedState(image, parsed));
   } finally {
     loaded.dispose();
   }
