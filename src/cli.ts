@@ -11,6 +11,7 @@ import { execIn, run } from './harness.js';
 import { formatId, listProcesses, printColumns, signalProcesses, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
+import { removeStalePartials } from './image/partial.js';
 import { imageJson, printImage } from './image/show.js';
 import { snapshot } from './snapshot/driver.js';
 import { restore } from './restore/driver.js';
@@ -403,6 +404,8 @@ async function main(): Promise<void> {
     throw e;
   });
   try {
+    // What a snapshot or template killed with SIGKILL left half-written.
+    removeStalePartials();
     await program.parseAsync(process.argv);
   } catch (e) {
     if (e instanceof CommanderError) {

@@ -14,11 +14,9 @@ import {
   createReadStream,
   existsSync,
   fsyncSync,
-  mkdirSync,
   mkdtempSync,
   openSync,
   readFileSync,
-  readdirSync,
   renameSync,
   rmSync,
   statSync,
@@ -30,9 +28,10 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 import tar from 'tar-stream';
+import { killPoint } from '../killpoint.js';
+import { makePartialDir } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
-import { isSameProcess } from '../procfs.js';
 import type { Image, Manifest, Template } from './types.js';
 
 export const MAGIC = 'appshot-image';
@@ -144,29 +143,13 @@ function manifestFor(imageBytes: Buffer, pagesPart: { size: number; crc: number 
 
 export const newImageId = () => randomBytes(8).toString('hex');
 
-const PARTIAL = /^\.(.+)\.partial-(\d+)$/;
-
-/** Removes what a writer killed between mkdir and rename left behind. */
-export function removeStalePartials(dir: string): void {
-  let names: string[];
-  try {
-    names = readdirSync(dir);
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    const m = PARTIAL.exec(name);
-    if (m && !isSameProcess(Number(m[2]), undefined)) rmSync(join(dir, name), { recursive: true, force: true });
-  }
-}
-
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */
 export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
-  const tmp = join(parent, `.${basename(dest)}.partial-${process.pid}`);
-  mkdirSync(tmp);
+  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${process.pid}`));
+  const tmp = partial.path;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
@@ -174,10 +157,13 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     writeSynced(join(tmp, PARTS.image), imageBytes);
     writeSynced(join(tmp, PARTS.manifest), encode(ManifestType, manifestFor(imageBytes, pagesPart, imageId)));
     syncDir(tmp);
+    killPoint('image: committing');
     renameSync(tmp, dest);
+    partial.done();
     syncDir(parent);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
+    partial.done();
     throw e;
   }
 }

@@ -6,14 +6,15 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
-import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
+import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
+import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
@@ -210,8 +211,10 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   } finally {
     freezer.resume();
   }
-  const dir = join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`);
-  mkdirSync(dir);
+  // Journaled (see image/partial.ts) until the image that will hold it
+  // is renamed into place: a base is not removed by its own commit.
+  const base = makePartialDir(join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`));
+  const dir = base.path;
   let pages: PageWriter | undefined;
   try {
     pages = new (addon().PageWriter)(dir, []);
@@ -229,10 +232,11 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // The base is the directory itself: its parts, not a nested one.
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
     rmSync(final, { recursive: true });
-    return { dir, id, frozenMs, tracked };
+    return { dir, id, frozenMs, tracked, journal: base };
   } catch (e) {
     pages?.abort();
     rmSync(dir, { recursive: true, force: true });
+    base.done();
     throw e;
   }
 }
@@ -243,6 +247,15 @@ interface Base {
   frozenMs: number;
   /** System PIDs whose writes since the base are tracked. */
   tracked: Set<number>;
+  /** Until the image holding it is in place (see image/partial.ts). */
+  journal: PartialDir;
+}
+
+/** A pre-copy's base that no image will hold. */
+function discardBase(base: Base | undefined): void {
+  if (!base) return;
+  rmSync(base.dir, { recursive: true, force: true });
+  base.journal.done();
 }
 
 /** A process of a base image: its memory only. */
@@ -355,7 +368,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   if (!toStream) {
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
-    removeStalePartials(dirname(output));
   }
   const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
   const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
@@ -378,7 +390,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       }
     }
   } catch (e) {
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
@@ -389,7 +401,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   try {
     pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], writeQueueLimit());
   } catch (e) {
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
@@ -478,12 +490,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   } finally {
     for (const l of parent?.chain ?? []) l.dispose();
+    // Inside the committed image now, or discarded above.
+    base?.journal.done();
   }
 }
 

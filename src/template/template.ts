@@ -8,10 +8,11 @@
  * template.pb. It is still an image: `appshot restore` brings back the
  * template's own application.
  */
-import { copyFileSync, cpSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, linkSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS, removeStalePartials } from '../image/format.js';
+import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS } from '../image/format.js';
+import { makePartialDir } from '../image/partial.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
 import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals } from './classify.js';
@@ -94,9 +95,8 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     const template: Template = { magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts };
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
-    removeStalePartials(dirname(dest));
-    const partial = join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`);
-    mkdirSync(partial);
+    const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`));
+    const partial = journal.path;
     try {
       for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
       // A clone's private copies, if its rules give it any (one without
@@ -113,6 +113,8 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     } catch (e) {
       rmSync(partial, { recursive: true, force: true });
       throw e;
+    } finally {
+      journal.done();
     }
     return summarize(dest, template, sharedState(image, parsed));
   } finally {
