@@ -286,11 +286,15 @@ export class Freezer {
         /* gone */
       }
     for (const t of this.threads.values()) t.stopped = false;
-    // Reap the tracees' reports so none lingers as a ptrace zombie.
-    for (let i = 0; i < 1000 && this.threads.size; i++) {
-      const r = addon().wait(-1, 50);
-      if (!r) break;
-      if (r.kind === 'exited') this.threads.delete(r.tid);
+    // Reap every tracee's exit report: until we do, its real parent (init)
+    // is not told it exited, and init removes the application only once
+    // it has seen its last process go. A large process takes a while to
+    // die (its memory is freed first).
+    const deadline = Date.now() + 10_000;
+    while (this.threads.size && Date.now() < deadline) {
+      const r = addon().wait(-1, 100);
+      if (r?.kind === 'exited') this.threads.delete(r.tid);
+      else if (!r) for (const tid of [...this.threads.keys()]) if (!existsSync(`/proc/${tid}`)) this.threads.delete(tid);
     }
     this.threads.clear();
     this.processes.clear();
