@@ -8,6 +8,8 @@ export const ExitCode = {
   usage: 2,
   notFound: 3,
   conflict: 4,
+  /** A bug: an error appshot did not expect (reported in one line). */
+  internal: 70,
   /** The command given to `run` or `exec` could not be executed (as in sh). */
   notExecutable: 126,
   commandNotFound: 127,
