@@ -317,10 +317,19 @@ function signedContent(type: protobuf.Type, value: { signature: Buffer; keyId: s
 const MANIFEST_DOMAIN = 'appshot manifest v1';
 const TEMPLATE_DOMAIN = 'appshot template v1';
 
+/** A manifest as it is (signed or not), encoded. */
+export const encodeManifest = (manifest: Manifest) => encode(ManifestType, manifest);
+
+/** A manifest signed with this node's key, encoded. */
+export function encodeSignedManifestOf(manifest: Manifest): Buffer {
+  const { signature, keyId } = signWithSelf(MANIFEST_DOMAIN, (keyId) => signedContent(ManifestType, { ...manifest, keyId }));
+  return encode(ManifestType, { ...manifest, signature, keyId });
+}
+
 /** The manifest of an image whose parts are as given, signed with this
- * node's key. */
-function signedManifest(imageId: string, digests: Map<string, PartDigest>): Manifest {
-  const manifest: Manifest = {
+ * node's key, encoded. */
+export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>): Buffer {
+  return encodeSignedManifestOf({
     magic: MAGIC,
     formatVersion: FORMAT_VERSION,
     imageId,
@@ -330,12 +339,8 @@ function signedManifest(imageId: string, digests: Map<string, PartDigest>): Mani
     }),
     signature: Buffer.alloc(0),
     keyId: '',
-  };
-  const { signature, keyId } = signWithSelf(MANIFEST_DOMAIN, (keyId) => signedContent(ManifestType, { ...manifest, keyId }));
-  return { ...manifest, signature, keyId };
+  });
 }
-
-export const encodeSignedManifest = (imageId: string, digests: Map<string, PartDigest>) => encode(ManifestType, signedManifest(imageId, digests));
 
 export function signTemplate(t: Template): Template {
   return { ...t, ...signWithSelf(TEMPLATE_DOMAIN, (keyId) => signedContent(TemplateType, { ...t, keyId })) };
