@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
@@ -430,6 +430,16 @@ describe('signed images', () => {
     // The private key never left its home.
     expect(readFileSync(exported, 'utf8')).not.toMatch(/PRIVATE/);
     expect(statMode(join(other.home, 'keys', 'self.key'))).toBe(0o600);
+  });
+
+  it('refuses to run an image others could change after it was verified, but shows it', () => {
+    const dir = writeImage('group-writable', readFileSync(join(good, 'image.pb')));
+    chmodSync(join(dir, 'pages.img'), 0o666);
+    refuses(['restore', dir], { code: 1, stderr: /pages\.img is writable by others, who could change it while it runs/ });
+    expect(sb.run(['inspect', dir]).code).toBe(0);
+    chmodSync(join(dir, 'pages.img'), 0o644);
+    chmodSync(dir, 0o777);
+    refuses(['template', 'create', dir, '-o', join(out, 'gw.template')], { code: 1, stderr: /group-writable is writable by others/ });
   });
 
   it('restores an unsigned image only with --trust-image', async () => {

@@ -15,6 +15,7 @@ import {
   createReadStream,
   existsSync,
   fstatSync,
+  lstatSync,
   fsyncSync,
   mkdirSync,
   openSync,
@@ -439,6 +440,27 @@ export function parentPath(imageDir: string, path: string): string {
   return join(imageDir, path);
 }
 
+/** An image that will run must stay as it was verified until the restore
+ * has read it: the restore driver opens pages.img again by name, and a
+ * --lazy restore or a clone maps it for as long as it runs (a clone checks
+ * only its size). So its directory and parts may be changed by no one but
+ * this user and root. */
+function checkOnlyOwnerCanChange(dir: string): void {
+  const uid = process.geteuid?.() ?? 0;
+  for (const path of [dir, ...Object.values(PARTS).map((p) => join(dir, p))]) {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch {
+      continue; // a missing part is reported as such below
+    }
+    if (st.uid !== uid && st.uid !== 0)
+      throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change it while it runs: copy the image to a directory of your own`);
+    if (st.mode & 0o022 && !st.isSymbolicLink())
+      throw new AppshotError(`${path} is writable by others, who could change it while it runs: chmod go-w ${path}`);
+  }
+}
+
 export interface LoadOptions {
   /** Check the page file's size, not its checksum (a template, verified
    * whole when it was made, is opened for every clone). */
@@ -506,6 +528,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     if (!signer.trusted && opts.trust !== 'report' && !imagesTrustedExplicitly())
       throw new AppshotError(`${path} is not an image this node trusts: ${signer.problem}; ${untrustedHint}`);
 
+    if (opts.trust !== 'report' && !temporary) checkOnlyOwnerCanChange(dir);
     const digests = new Map<string, PartDigest>();
     // image.pb is read once, into the buffer that is checked and decoded:
     // no one can change it between the two.
