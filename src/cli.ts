@@ -254,8 +254,8 @@ program
     'after',
     "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
       'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
-      'are restored, unless --trust-image is given;\n' +
-      'a restore that fails leaves no process, SysV object or table behind. The application runs\n' +
+      'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
+      'object or table behind. The application runs\n' +
       'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
       "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
       'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +

@@ -23,8 +23,10 @@ export const LIMITS = {
   threads: 4096,
   vmasPerProcess: 65536,
   fdsPerProcess: 65536,
-  /** Every message in image.pb (processes, threads, VMAs, fds, ...). */
-  messages: 1_000_000,
+  /** Every message in image.pb (processes, threads, VMAs, fds, verdicts,
+   * ...): decoded, each costs a few hundred bytes and a microsecond or
+   * more. 400,000 is a few seconds and a few hundred MiB at worst. */
+  messages: 400_000,
   /** Every other value (numbers, strings, byte fields). */
   values: 16_000_000,
   /** Fixed by the architecture: struct user_regs_struct on x86-64. */
@@ -50,7 +52,7 @@ function corrupt(what: string): never {
  * would decode to more messages or values than LIMITS allow, or to more
  * processes or threads. Nothing is allocated but counters. */
 export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
-  const counts = { messages: 0, values: 0, processes: 0, threads: 0 };
+  const counts = { messages: 0, values: 0, threads: 0 };
   const varint = (pos: number, end: number): [number, number] => {
     let value = 0;
     for (let shift = 0; shift < 64; shift += 7) {
@@ -61,7 +63,14 @@ export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
     }
     corrupt('image.pb holds a number longer than 10 bytes');
   };
+  /** The repeated fields whose count per message the limits bound. */
+  const perMessage: Record<string, [number, string]> = {
+    processes: [LIMITS.processes, 'processes'],
+    'processes.vmas': [LIMITS.vmasPerProcess, 'memory mappings in one process'],
+    'processes.fds': [LIMITS.fdsPerProcess, 'descriptors in one process'],
+  };
   const walk = (t: protobuf.Type, start: number, end: number, path: string) => {
+    const repeats = new Map<string, number>();
     let pos = start;
     while (pos < end) {
       let key: number;
@@ -79,7 +88,9 @@ export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
       if (wire === 2 && sub && 'fieldsById' in sub) {
         const name = path ? `${path}.${field.name}` : field.name;
         if (++counts.messages > LIMITS.messages) corrupt(`image.pb holds more than ${LIMITS.messages} messages`);
-        if (name === 'processes' && ++counts.processes > LIMITS.processes) corrupt(`more than ${LIMITS.processes} processes`);
+        const n = (repeats.get(name) ?? 0) + 1;
+        repeats.set(name, n);
+        if (perMessage[name] && n > perMessage[name][0]) corrupt(`more than ${perMessage[name][0]} ${perMessage[name][1]}`);
         if (name === 'processes.threads' && ++counts.threads > LIMITS.threads) corrupt(`more than ${LIMITS.threads} threads`);
         walk(sub as protobuf.Type, pos, pos + len, name);
       } else if (wire === 2 && field?.repeated && field.type !== 'string' && field.type !== 'bytes') {
