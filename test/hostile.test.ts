@@ -339,6 +339,8 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['no processes', (i) => (i.processes = []), 'holds no process'],
     ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
+    ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
+    ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {
@@ -355,7 +357,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     refuses(['inspect', dir], corrupt('more than 1024 processes'));
   });
 
-  it('refuses a million empty mappings, and 400,000 empty messages, before decoding them', () => {
+  it('refuses a million empty mappings, 400,000 empty messages and 9 million numbers, before decoding them', () => {
     // Field 17 (vmas) of a Process, empty: 0x8a 0x01 0x00.
     const empty = (n: number, tag: number[]) => {
       const out = Buffer.alloc(tag.length * n);
@@ -366,6 +368,10 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     refuses(['inspect', writeImage('empty-vmas', Buffer.concat([base, field(5, empty(1_000_000, [0x8a, 0x01, 0x00]))]))], corrupt('more than 65536 memory mappings in one process'));
     // Field 18 (verdicts) of Image, empty: 0x92 0x01 0x00.
     refuses(['inspect', writeImage('empty-verdicts', Buffer.concat([base, empty(400_000, [0x92, 0x01, 0x00])]))], corrupt('more than 400000 messages'));
+    // A process with a mapping whose page runs (PageRef field 2, packed)
+    // are 9 million one-byte numbers.
+    const runs = field(5, field(17, field(13, field(2, Buffer.alloc(9_000_000, 1)))));
+    refuses(['inspect', writeImage('many-values', Buffer.concat([base, runs]))], corrupt('more than 8000000 values'));
   });
 });
 

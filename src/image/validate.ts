@@ -27,8 +27,9 @@ export const LIMITS = {
    * ...): decoded, each costs a few hundred bytes and a microsecond or
    * more. 400,000 is a few seconds and a few hundred MiB at worst. */
   messages: 400_000,
-  /** Every other value (numbers, strings, byte fields). */
-  values: 16_000_000,
+  /** Every other value (numbers, strings, byte fields). Decoded, 16
+   * million packed numbers took 1.2 s and 970 MB: half of that at most. */
+  values: 8_000_000,
   /** Fixed by the architecture: struct user_regs_struct on x86-64. */
   regsBytes: 27 * 8,
   /** The largest XSAVE area x86-64 has (with AMX) is about 11 KiB. */
@@ -38,6 +39,8 @@ export const LIMITS = {
 };
 
 const PAGE = 4096n;
+/** The largest value of a SysV semaphore (semop(2)). */
+const SEMVMX = 32767;
 /** The top of x86-64 user space (47-bit addresses, less the guard page). */
 const USER_TOP = 0x7ffffffff000n;
 const VSYSCALL = { start: 0xffffffffff600000n, end: 0xffffffffff601000n };
@@ -230,6 +233,21 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
   }
 }
 
+/** Paths, names and arguments become C strings: a NUL would cut one short
+ * (so that what is checked is not what is used), and Node refuses them. */
+function checkStrings(image: Image): void {
+  const visit = (value: unknown, where: string): void => {
+    if (typeof value === 'string') {
+      if (value.includes('\0')) corrupt(`${where} holds a NUL character`);
+    } else if (Array.isArray(value)) {
+      for (const v of value) visit(v, where);
+    } else if (value && typeof value === 'object' && !Buffer.isBuffer(value)) {
+      for (const [k, v] of Object.entries(value)) visit(v, k);
+    }
+  };
+  visit(image, 'image');
+}
+
 /** Checks everything restore, clone and inspect take for granted.
  * `pagesFileSize`: the size of pages.img, which every page run must lie in.
  * `memoryOnly`: the image is read as the parent of another, for its pages
@@ -238,6 +256,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
 export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = false): void {
   if (!image.node) corrupt('it does not say which node it is for');
   if (!image.stats) corrupt('it has no statistics section');
+  checkStrings(image);
   if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
   const limits = machineLimits();
   if (!image.processes.length && !memoryOnly) corrupt('it holds no process');
@@ -272,6 +291,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   const shmVids = new Set(image.shmSegments.map((s) => s.vid));
   if (shmVids.size !== image.shmSegments.length || image.shmSegments.length > limits.shmmni) corrupt('SysV segments repeat an id, or exceed shmmni');
   for (const s of image.semaphores) {
+    if (s.values.some((v) => v > SEMVMX)) corrupt(`semaphore set ${s.vid} holds a value above ${SEMVMX}`);
     if (!(s.values.length >= 1 && s.values.length <= limits.semmsl)) corrupt(`semaphore set ${s.vid} has ${s.values.length} semaphores (this machine allows 1..${limits.semmsl})`);
     if (s.vpids.length > s.values.length) corrupt(`semaphore set ${s.vid} has more PIDs than semaphores`);
   }
@@ -279,6 +299,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const q of image.msgQueues) {
     let bytes = 0;
     for (const m of q.messages) {
+      if (m.type <= 0n) corrupt(`message queue ${q.vid} holds a message of type ${m.type} (msgsnd takes types above 0)`);
       if (m.data.length > limits.msgmax) corrupt(`message queue ${q.vid} holds a message of ${m.data.length} bytes (msgmax is ${limits.msgmax})`);
       bytes += m.data.length;
     }
