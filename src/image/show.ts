@@ -9,6 +9,7 @@ import type { Signer } from './trust.js';
 /** Who signed an image, in words: "signed by key 1a2b… (this node's)". */
 export function describeSigner(signer: Signer): string {
   if (signer.trusted) return `signed by key ${signer.keyId} (${signer.trusted.name === 'self' ? "this node's" : `trusted as ${signer.trusted.name}`})`;
+  if (!signer.keyId) return 'not signed (restore runs it only with --trust-image)';
   return `not trusted here: ${signer.problem}`;
 }
 

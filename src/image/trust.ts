@@ -13,6 +13,11 @@
  *   $APPSHOT_HOME/keys/trusted/NAME.pub  public keys of other nodes (appshot key import)
  *
  * A key's id is the first 16 hex digits of the SHA-256 of its public key.
+ *
+ * The signature is a field of the manifest (with the key's id), not a part
+ * of its own: the manifest is what every part's size and SHA-256 hang from
+ * already, and the set of parts stays fixed, so that a reader can refuse
+ * any name it does not know.
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from 'node:crypto';
 import { closeSync, constants as fsc, fstatSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
