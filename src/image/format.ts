@@ -10,6 +10,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import {
+  chmodSync,
   closeSync,
   constants as fsc,
   createReadStream,
@@ -178,7 +179,9 @@ export function removeStalePartials(dir: string): void {
 export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
   const tmp = join(parent, `.${basename(dest)}.partial-${process.pid}`);
+  // Whatever the umask: an image that others can write is refused at restore.
   mkdirSync(tmp);
+  chmodSync(tmp, 0o755);
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));

@@ -6,7 +6,7 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -205,6 +205,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   }
   const dir = join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`);
   mkdirSync(dir);
+  chmodSync(dir, 0o755); // whatever the umask: see checkOnlyOwnerCanChange
   let pages: PageWriter | undefined;
   try {
     pages = new (addon().PageWriter)(dir, []);

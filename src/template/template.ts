@@ -8,7 +8,7 @@
  * template.pb. It is still an image: `appshot restore` brings back the
  * template's own application.
  */
-import { copyFileSync, cpSync, existsSync, linkSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, cpSync, existsSync, linkSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, encodeSignedManifest, encodeTemplate, type LoadedImage, loadImage, PARTS, readSmallPart, removeStalePartials, signTemplate, templateSigner } from '../image/format.js';
@@ -96,7 +96,9 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     // template is ever seen under the name asked for.
     removeStalePartials(dirname(dest));
     const partial = join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`);
+    // Whatever the umask: a template that others can write is refused by clone.
     mkdirSync(partial);
+    chmodSync(partial, 0o755);
     try {
       linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
       linkOrCopy(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages));
