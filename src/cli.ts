@@ -12,7 +12,7 @@ import { formatId, listProcesses, printColumns, signalProcesses, tableRows } fro
 import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
 import { imageJson, printImage } from './image/show.js';
-import { exportKey, importKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
+import { exportKey, importKey, selfKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
 import { snapshot } from './snapshot/driver.js';
 import { restore } from './restore/driver.js';
 import { Progress } from './progress.js';
@@ -410,6 +410,7 @@ key
   .description('list the keys this node trusts (its own first)')
   .option('--json', 'machine-readable output', false)
   .action((opts: { json: boolean }) => {
+    selfKey(); // made at first use, and listing is one
     const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
     if (opts.json) json(keys);
     else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));

@@ -28,6 +28,8 @@ const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-'));
 const privateTmp = join(out, 'tmp');
 mkdirSync(privateTmp);
 Object.assign(sb.env, { TMPDIR: privateTmp });
+// This test process signs and reads images as the sandbox's node does.
+process.env.APPSHOT_HOME = sb.home;
 let good = '';
 let goodImage: Image;
 
@@ -51,12 +53,11 @@ beforeAll(async () => {
 
 /** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
 function asNode<T>(home: string, fn: () => T): T {
-  const saved = process.env.APPSHOT_HOME;
   process.env.APPSHOT_HOME = home;
   try {
     return fn();
   } finally {
-    process.env.APPSHOT_HOME = saved;
+    process.env.APPSHOT_HOME = sb.home;
   }
 }
 
@@ -408,6 +409,18 @@ describe('signed images', () => {
     writeFileSync(join(dir, 'manifest.pb'), encodeManifest(edit(manifest)));
     return dir;
   }
+
+  it('reads images on a node that has no key yet without making one', async () => {
+    const fresh = new Sandbox();
+    try {
+      const r = fresh.run(['inspect', good]);
+      expect(r.stdout.split('\n')[1]).toMatch(/^not trusted here: it is signed by key [0-9a-f]{16}, which this node does not trust/);
+      expect(existsSync(join(fresh.home, 'keys'))).toBe(false);
+      expect(fresh.run(['key', 'ls']).stdout).toMatch(/^ID +NAME +FILE\n[0-9a-f]{16} +self /);
+    } finally {
+      await fresh.dispose();
+    }
+  });
 
   it('restores an image this node signed', async () => {
     await restores(good);

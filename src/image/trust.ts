@@ -20,7 +20,7 @@
  * any name it does not know.
  */
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from 'node:crypto';
-import { closeSync, constants as fsc, fstatSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome } from '../registry.js';
@@ -82,31 +82,18 @@ function readKeyFile(path: string): string {
   }
 }
 
-/** This node's signing key, made at first use. Written under a temporary
- * name and linked into place, so that two first uses at once agree on one
- * key and no reader ever sees half a key. */
-export function selfKey(home = defaultHome()): TrustedKey {
-  ensureKeysDir(home);
+/** Reads this node's signing key: undefined if it has none yet. */
+function readSelfKey(home: string): TrustedKey | undefined {
   const file = selfKeyPath(home);
   let pem: string;
   try {
     pem = readKeyFile(file);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-    const { privateKey } = generateKeyPairSync('ed25519');
-    const tmp = `${file}.new-${process.pid}`;
-    writeFileSync(tmp, privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600, flag: 'wx' });
-    try {
-      linkSync(tmp, file);
-    } catch (e2) {
-      if ((e2 as NodeJS.ErrnoException).code !== 'EEXIST') throw e2;
-    } finally {
-      rmSync(tmp, { force: true });
-    }
-    pem = readKeyFile(file);
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
   }
-  const st = statSync(file);
-  if (st.mode & 0o077) throw new AppshotError(`${file} is readable by others than its owner: chmod 600 ${file}`);
+  checkPrivate(keysDir(home), 'the keys directory');
+  if (statSync(file).mode & 0o077) throw new AppshotError(`${file} is readable by others than its owner: chmod 600 ${file}`);
   let key: KeyObject;
   try {
     key = createPrivateKey(pem);
@@ -115,6 +102,27 @@ export function selfKey(home = defaultHome()): TrustedKey {
   }
   if (key.asymmetricKeyType !== 'ed25519') throw new AppshotError(`${file} is not an Ed25519 key`);
   return { id: keyId(key), name: 'self', key, file };
+}
+
+/** This node's signing key, made at first use. Written under a temporary
+ * name and linked into place, so that two first uses at once agree on one
+ * key and no reader ever sees half a key. */
+export function selfKey(home = defaultHome()): TrustedKey {
+  ensureKeysDir(home);
+  const existing = readSelfKey(home);
+  if (existing) return existing;
+  const file = selfKeyPath(home);
+  const { privateKey } = generateKeyPairSync('ed25519');
+  const tmp = `${file}.new-${process.pid}`;
+  writeFileSync(tmp, privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600, flag: 'wx' });
+  try {
+    linkSync(tmp, file);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  } finally {
+    rmSync(tmp, { force: true });
+  }
+  return readSelfKey(home)!;
 }
 
 function parsePublicKey(text: string, source: string): KeyObject {
@@ -128,10 +136,14 @@ function parsePublicKey(text: string, source: string): KeyObject {
   return key;
 }
 
-/** Every key this node trusts: its own and the imported ones. */
+/** Every key this node trusts: its own and the imported ones. Reading
+ * them makes nothing: a node that never signed has no key of its own yet. */
 export function trustedKeys(home = defaultHome()): TrustedKey[] {
-  const self = selfKey(home);
-  const keys = [{ ...self, key: createPublicKey(self.key) }];
+  const keys: TrustedKey[] = [];
+  const self = readSelfKey(home);
+  if (self) keys.push({ ...self, key: createPublicKey(self.key) });
+  if (!existsSync(trustedDir(home))) return keys;
+  checkPrivate(trustedDir(home), 'the trusted keys directory');
   for (const f of readdirSync(trustedDir(home)).sort()) {
     if (!f.endsWith('.pub')) continue;
     const file = join(trustedDir(home), f);
@@ -187,6 +199,7 @@ export function importKey(file: string, name: string | undefined, home = default
   }
   const key = parsePublicKey(text, file);
   const id = keyId(key);
+  ensureKeysDir(home);
   const known = trustedKeys(home).find((k) => k.id === id);
   if (known) throw new AppshotError(`key ${id} is trusted already (as ${known.name})`, ExitCode.conflict);
   const label = name ?? id;
