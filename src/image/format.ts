@@ -269,14 +269,15 @@ function openPart(dir: string, name: string, ceiling = PART_CEILING[name]): { fd
 
 const CHUNK = 1 << 20;
 
-/** CRC-32C and SHA-256 of an open file, read a MiB at a time. */
-export function digestFd(fd: number): PartDigest {
+/** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
+ * grows while it is read is read no further), a MiB at a time. */
+export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER): PartDigest {
   const hash = createHash('sha256');
   const buf = Buffer.allocUnsafe(CHUNK);
   let crc = 0;
   let size = 0;
-  for (;;) {
-    const n = readSync(fd, buf, 0, CHUNK, size);
+  while (size < limit) {
+    const n = readSync(fd, buf, 0, Math.min(CHUNK, limit - size), size);
     if (n === 0) break;
     const piece = buf.subarray(0, n);
     crc = addon().crc32c(piece, crc);
@@ -506,13 +507,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   };
   try {
     if (!existsSync(join(dir, PARTS.manifest))) throw new AppshotError(`not an appshot image: ${path} (no ${PARTS.manifest})`);
-    const manifestPart = openPart(dir, PARTS.manifest);
-    let manifestBytes: Buffer;
-    try {
-      manifestBytes = readWhole(manifestPart.fd, manifestPart.size);
-    } finally {
-      closeSync(manifestPart.fd);
-    }
+    const manifestBytes = readSmallPart(dir, PARTS.manifest, PART_CEILING[PARTS.manifest]);
     const manifest = decode<Manifest>(ManifestType, manifestBytes, PARTS.manifest);
     if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
     if (manifest.formatVersion !== FORMAT_VERSION)
@@ -544,7 +539,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         let d: PartDigest;
         if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
         else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
-        else d = digestFd(fd);
+        else d = digestFd(fd, size);
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
         if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
         // A signed manifest vouches for the parts through their SHA-256.
