@@ -278,19 +278,20 @@ describe('hostile tar streams', () => {
     refuses(['restore', '-'], corrupt('image.pb in standard input is 1073741824 bytes, more than appshot accepts'), { input: announced });
   });
 
-  it('removes its extraction when SIGTERM comes while it reads a slow stdin', async () => {
-    const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
-    let stderr = '';
-    child.stderr.on('data', (d) => (stderr += d));
-    const stream = await tarOf(goodParts());
-    child.stdin.write(stream.subarray(0, 4096 * 4));
-    await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
-    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-    child.kill('SIGTERM');
-    expect(await exited).toBe(143);
-    expect(stderr.trim().split('\n')).toHaveLength(1);
-    expect(tmpEntries()).toEqual([]);
-  });
+  for (const [signal, code] of [['SIGTERM', 143], ['SIGINT', 130]] as const)
+    it(`removes its extraction when ${signal} comes while it reads a slow stdin`, async () => {
+      const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
+      let stderr = '';
+      child.stderr.on('data', (d) => (stderr += d));
+      const stream = await tarOf(goodParts());
+      child.stdin.write(stream.subarray(0, 4096 * 4));
+      await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
+      const exited = new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+      child.kill(signal);
+      expect(await exited).toBe(code);
+      expect(stderr.trim().split('\n')).toEqual(['appshot: interrupted while reading the image']);
+      expect(tmpEntries()).toEqual([]);
+    });
 
   it('sweeps the extraction of a reader killed with SIGKILL at the next command', async () => {
     const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
