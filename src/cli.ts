@@ -3,7 +3,7 @@
  * file owns only argument parsing, output format and exit codes.
  */
 import { Command, CommanderError, Option } from 'commander';
-import { createReadStream, existsSync, statSync } from 'node:fs';
+import { createReadStream, existsSync, statSync, writeFileSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
@@ -11,8 +11,9 @@ import { execIn, run } from './harness.js';
 import { formatId, listProcesses, printColumns, signalProcesses, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
-import { removeStalePartials } from './image/partial.js';
+import { removeStaleTemporaries } from './image/partial.js';
 import { imageJson, printImage } from './image/show.js';
+import { exportKey, importKey, selfKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
 import { snapshot } from './snapshot/driver.js';
 import { restore } from './restore/driver.js';
 import { Progress } from './progress.js';
@@ -238,11 +239,12 @@ program
   .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
   .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
   .option('--json', 'the whole image as JSON', false)
+  .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.')
   .action(async (path: string, opts: { json: boolean }) => {
-    const loaded = await loadImage(path);
+    const loaded = await loadImage(path, { trust: 'report' });
     try {
-      if (opts.json) json(imageJson(loaded.manifest, loaded.image));
-      else printImage(loaded.manifest, loaded.image);
+      if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
+      else printImage(loaded.manifest, loaded.image, loaded.signer);
     } finally {
       loaded.dispose();
     }
@@ -256,16 +258,21 @@ program
   .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
   .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
   .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
+  .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
-    "\nThe image is verified first (checksums, format, this node's kernel and the files it maps);\n" +
-      'a restore that fails leaves no process, SysV object or table behind. The application runs\n' +
+    "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
+      'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
+      'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
+      'object or table behind. The application runs\n' +
       'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
       "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
-      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -',
+      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
+      '  appshot restore --trust-image downloaded.appshot',
   )
-  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean }) => {
+  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
+    if (opts.trustImage) trustImagesExplicitly();
     const result = await restore(registry(), image, { aid: opts.aid, lazy: opts.lazy });
     if (opts.json) json(result);
     else {
@@ -284,18 +291,21 @@ template
   .option('--rules <file>', 'classify by these rules instead of those the application ran under')
   .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
   .option('--json', 'print the verdicts as JSON', false)
+  .option('--trust-image', 'accept the snapshot even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
     '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
       '(or recreate), from a rule or from the standard criteria (shared? modifiable? large with an\n' +
       'underlying object? system-wide unique? exported to clients?). What cannot be templated (a unix\n' +
       'socket listening on a path, a FIFO, a writable shared file mapping) is refused by name, and\n' +
-      'nothing is written. The snapshot\'s parts are hard-linked where possible.\n\n' +
+      'nothing is written. The snapshot\'s parts are hard-linked where possible. The snapshot must be\n' +
+      'signed by a trusted key (or --trust-image); the template is signed with this node\'s key.\n\n' +
       'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
       '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
   )
-  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean }) => {
+  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
     if (opts.name !== undefined) checkAid(opts.name);
+    if (opts.trustImage) trustImagesExplicitly();
     const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
     if (opts.json) json(summary);
     else {
@@ -313,7 +323,7 @@ template
   .argument('<template>', 'the template directory')
   .option('--json', 'machine-readable output', false)
   .action(async (path: string, opts: { json: boolean }) => {
-    const t = await openTemplate(path);
+    const t = await openTemplate(path, true, 'report');
     try {
       const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
       if (opts.json) {
@@ -339,6 +349,7 @@ program
   .option('-n, --count <n>', 'how many instances', '1')
   .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
   .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
+  .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
     '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
@@ -348,7 +359,8 @@ program
       'instance fails, the ones made before it are removed.\n\n' +
       'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
   )
-  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean }) => {
+  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
+    if (opts.trustImage) trustImagesExplicitly();
     const count = Number(opts.count);
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
     if (opts.aid !== undefined) checkAid(opts.aid);
@@ -378,6 +390,47 @@ program
     process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
   });
 
+const key = program
+  .command('key')
+  .description("the keys images are signed with: this node's, and those of the nodes it trusts")
+  .addHelpText(
+    'after',
+    '\nsnapshot signs each image with this node\'s key ($APPSHOT_HOME/keys/self.key, made at first use).\n' +
+      'restore, clone and template create run only images signed by it or by an imported key.\n\n' +
+      'Example (node2 trusts the images of node1):\n  node1$ appshot key export -o node1.pub\n  node2$ appshot key import node1.pub --name node1',
+  );
+
+key
+  .command('export')
+  .description("print this node's public key (it lets another node check this node's images, not sign them)")
+  .option('-o, --output <file>', 'write it to this file instead')
+  .action((opts: { output?: string }) => {
+    const pem = exportKey();
+    if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
+    else process.stdout.write(pem);
+  });
+
+key
+  .command('import')
+  .description("trust the images signed by another node's key (a file appshot key export wrote)")
+  .argument('<file>', 'the exported public key')
+  .option('--name <name>', 'what to call it (default: its id)')
+  .action((file: string, opts: { name?: string }) => {
+    const k = importKey(file, opts.name);
+    process.stdout.write(`${k.id}\t${k.name}\n`);
+  });
+
+key
+  .command('ls')
+  .description('list the keys this node trusts (its own first)')
+  .option('--json', 'machine-readable output', false)
+  .action((opts: { json: boolean }) => {
+    selfKey(); // made at first use, and listing is one
+    const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
+    if (opts.json) json(keys);
+    else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
+  });
+
 program
   .command('port')
   .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
@@ -397,15 +450,34 @@ program
     printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
   });
 
+/** Anything but an AppshotError is a bug of appshot's (a crafted image that
+ * got past validation, say): one line, never a stack trace, unless asked. */
+function reportInternalError(e: unknown): void {
+  if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error)?.stack ?? String(e)}\n`);
+  const message = String((e as Error)?.message ?? e).split('\n')[0];
+  process.stderr.write(`appshot: internal error: ${message}${process.env.APPSHOT_DEBUG ? '' : ' (APPSHOT_DEBUG=1 shows the stack)'}\n`);
+  process.exitCode = ExitCode.internal;
+}
+
 async function main(): Promise<void> {
+  // Errors outside the command's own promise (a stream's 'error' event, a
+  // callback) are reported the same way.
+  process.on('uncaughtException', (e) => {
+    if (e instanceof AppshotError) {
+      process.stderr.write(`appshot: ${e.message}\n`);
+      process.exit(e.exitCode);
+    }
+    reportInternalError(e);
+    process.exit(ExitCode.internal);
+  });
   // `appshot inspect IMAGE | head`: a reader that goes away is not an error.
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });
   try {
-    // What a snapshot or template killed with SIGKILL left half-written.
-    removeStalePartials();
+    // What a command killed with SIGKILL left half-written.
+    removeStaleTemporaries();
     await program.parseAsync(process.argv);
   } catch (e) {
     if (e instanceof CommanderError) {
@@ -424,7 +496,7 @@ async function main(): Promise<void> {
       process.exitCode = ExitCode.failure;
       return;
     }
-    throw e;
+    reportInternalError(e);
   }
 }
 

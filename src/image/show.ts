@@ -4,6 +4,14 @@ import { countPages } from '../resources/memory.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
+import type { Signer } from './trust.js';
+
+/** Who signed an image, in words: "signed by key 1a2b… (this node's)". */
+export function describeSigner(signer: Signer): string {
+  if (signer.trusted) return `signed by key ${signer.keyId} (${signer.trusted.name === 'self' ? "this node's" : `trusted as ${signer.trusted.name}`})`;
+  if (!signer.keyId) return 'not signed (restore runs it only with --trust-image)';
+  return `not trusted here: ${signer.problem}`;
+}
 
 const SYSCALL_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 7: 'poll', 23: 'select', 35: 'nanosleep', 61: 'wait4', 202: 'futex', 230: 'clock_nanosleep', 232: 'epoll_wait', 281: 'epoll_pwait', 43: 'accept', 288: 'accept4', 34: 'pause', 270: 'pselect6', 271: 'ppoll', 69: 'msgsnd', 70: 'msgrcv', 65: 'semop', 220: 'semtimedop', 247: 'waitid' };
 
@@ -51,9 +59,10 @@ function describeFd(image: Image, fd: Fd): string {
 }
 
 /** The JSON form: the image itself, with derived sizes and names added. */
-export function imageJson(manifest: Manifest, image: Image): unknown {
+export function imageJson(manifest: Manifest, image: Image, signer: Signer): unknown {
   return toJson({
     manifest,
+    signer: { keyId: signer.keyId || null, trusted: !!signer.trusted, name: signer.trusted?.name ?? null, problem: signer.problem ?? null },
     ...image,
     processes: image.processes.map((p) => ({
       ...p,
@@ -64,9 +73,10 @@ export function imageJson(manifest: Manifest, image: Image): unknown {
   });
 }
 
-export function printImage(manifest: Manifest, image: Image, out: (s: string) => void = (s) => process.stdout.write(s)): void {
+export function printImage(manifest: Manifest, image: Image, signer: Signer, out: (s: string) => void = (s) => process.stdout.write(s)): void {
   const s = image.stats;
   out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
+  out(`${describeSigner(signer)}\n`);
   if (image.parent) out(`incremental: parent ${image.parent.imageId} at ${image.parent.path}\n`);
   out(`${image.processes.length} processes, ${s.pages} pages stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
   out(`command: ${image.command.join(' ')}\n`);

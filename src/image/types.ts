@@ -9,12 +9,18 @@ export interface Manifest {
   formatVersion: number;
   parts: Part[];
   imageId: string;
+  /** Ed25519 over the manifest with this field empty (image/trust.ts). */
+  signature: Buffer;
+  /** Which key signed it: the first 16 hex digits of its public key's SHA-256. */
+  keyId: string;
 }
 
 export interface Part {
   name: string;
   size: bigint;
   crc32c: number;
+  /** Empty in images of appshot before signing. */
+  sha256: Buffer;
 }
 
 export interface Image {
@@ -59,6 +65,8 @@ export interface Template {
   imageId: string;
   rules?: Rules;
   verdicts: Verdict[];
+  signature: Buffer;
+  keyId: string;
 }
 
 export interface Rules {

@@ -100,7 +100,7 @@ async function loadChain(path: string): Promise<LoadedImage[]> {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parentPath(child.dir, parent.path)).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true }).catch((e: Error) => {
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);

@@ -87,7 +87,7 @@ async function parentChain(record: AppRecord): Promise<ParentResolver | undefine
   let expected = record.lastImage.id;
   try {
     while (path) {
-      const loaded = await loadImage(path);
+      const loaded = await loadImage(path, { asParent: true });
       chain.push(loaded);
       if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);
       path = loaded.image.parent ? parentPath(loaded.dir, loaded.image.parent.path) : undefined;
