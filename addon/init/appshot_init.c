@@ -424,9 +424,10 @@ int main(int argc, char **argv) {
           !others_alive())
         return finish(abandoned, code);
     }
-    /* While a restore is under way, the lifeline is looked at every 20 ms. */
+    /* While a restore is under way, the lifeline's end comes as SIGIO; it
+     * is also looked at every 250 ms, should that signal not come. */
     struct timespec timeout = {next_sweep - now, 0};
-    if (lifeline_fd >= 0) timeout = (struct timespec){0, 20 * 1000 * 1000};
+    if (lifeline_fd >= 0) timeout = (struct timespec){0, 250 * 1000 * 1000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
     if (sig < 0 || sig == SIGIO) continue;

@@ -69,12 +69,19 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
  * does not show the flags). */
 export function readVmFlags(pid: number): Map<bigint, string[]> {
   const out = new Map<bigint, string[]>();
+  for (const [start, value] of smapsField(pid, 'VmFlags'))
+    out.set(start, value.split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)));
+  return out;
+}
+
+/** One field of every mapping in /proc/PID/smaps, by start address. */
+function smapsField(pid: number, field: string): Map<bigint, string> {
+  const out = new Map<bigint, string>();
   let start: bigint | undefined;
   for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
     const m = HEADER.exec(line);
     if (m) start = BigInt('0x' + m[1]);
-    else if (start !== undefined && line.startsWith('VmFlags:'))
-      out.set(start, line.slice(8).trim().split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)));
+    else if (start !== undefined && line.startsWith(`${field}:`)) out.set(start, line.slice(field.length + 1).trim());
   }
   return out;
 }
@@ -161,9 +168,19 @@ function mapFilesReadable(pid: number, l: MapsLine): boolean {
  * sees it. Runs while the injector's scratch area is in use, before memory
  * is dumped.
  */
-export function mapSharedObjectPages(pid: number, inj: Injector): void {
+export function mapSharedObjectPages(pid: number, inj: Injector, what: string): void {
   const lines = readMaps(pid).filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
   if (!lines.length || mapFilesReadable(pid, lines[0])) return;
+  // mincore does not report a page that is in swap (and not in the swap
+  // cache): it would come back as zeros. Refused rather than guessed.
+  const swap = smapsField(pid, 'Swap');
+  for (const l of lines) {
+    const kb = parseInt(swap.get(l.start) ?? '0', 10);
+    if (kb > 0)
+      throw new Unsupported(
+        `${what}: shared memory at 0x${l.start.toString(16)} has ${kb} kB in swap, which cannot be told from holes without CAP_CHECKPOINT_RESTORE (map_files)`,
+      );
+  }
   const pagemap = openSync(`/proc/${pid}/pagemap`, 'r');
   try {
     // One byte of mincore's answer per page: as many pages a call as the
@@ -176,7 +193,7 @@ export function mapSharedObjectPages(pid: number, inj: Injector): void {
         const n = Math.min(CHUNK, pages - first);
         const at = l.start + BigInt(first) * PAGE;
         const { ret, out } = inj.callOut(NR.mincore, [at, BigInt(n) * PAGE, 'out'], n);
-        if (ret !== 0n) throw new Unsupported(`mincore of shared memory at 0x${at.toString(16)} failed (${-ret})`);
+        if (ret !== 0n) throw new Unsupported(`${what}: mincore of shared memory at 0x${at.toString(16)} failed (${-ret})`);
         for (let i = 0; i < n; i++) {
           if (!(out[i] & 1)) continue;
           const page = at + BigInt(i) * PAGE;

@@ -161,7 +161,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
-      mapSharedObjectPages(pid, inj);
+      mapSharedObjectPages(pid, inj, what);
       inj.close();
       // Memory last: the scratch area used above is back as it was.
       proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);
