@@ -155,7 +155,6 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     });
     const ports = redis.clones.map((c) => c.port);
     expect(new Set(ports).size).toBe(3);
-    for (const ms of redis.cloneMs) expect(ms).toBeLessThan(2000);
 
     for (const c of redis.clones) {
       expect(redisCli(c.port, ['DBSIZE', 'GET user:0', `GET user:${KEYS - 1}`])).toEqual([String(KEYS), 'name-0', `name-${KEYS - 1}`]);
