@@ -5,8 +5,8 @@
  * (examples/vitest-redis: one loaded redis, a clone per test worker) run
  * in this process through the API.
  */
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -26,6 +26,20 @@ function sh(command: string, args: string[], opts: { cwd: string; env?: NodeJS.P
   return { code: r.status, stdout: r.stdout ?? '', stderr: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
 }
 
+/** Runs a command to its end without blocking this process (so that two
+ * installs can go at once). */
+function shAsync(command: string, args: string[], cwd: string): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (d) => (output += d));
+    child.stderr.on('data', (d) => (output += d));
+    child.on('close', (code) => resolve({ code, output }));
+  });
+}
+
+let tarball = '';
+
 describe('the package installed from its tarball', () => {
   const project = join(work, 'project');
   const installed = join(project, 'node_modules', 'appshot');
@@ -39,7 +53,7 @@ describe('the package installed from its tarball', () => {
     expect(existsSync(join(root, 'dist', 'api.js')), 'dist/ is built (npm run build)').toBe(true);
     const pack = sh('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: root });
     expect(pack.code, pack.stderr).toBe(0);
-    const tarball = join(work, pack.stdout.trim().split('\n').pop()!);
+    tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
     writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module' }));
     // From the registry, as a user's CI would; node-gyp builds the native
@@ -129,6 +143,42 @@ console.log(JSON.stringify(report));
     expect(report.running).toEqual(['api-clone-1', 'api-clone-2', 'api-tick-2']);
     expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
   });
+});
+
+describe('npm install -g', () => {
+  it('installs a working appshot command from the tarball and from a clean checkout', async () => {
+    expect(tarball, 'the tarball packed above').not.toBe('');
+    // A checkout as git has it: no node_modules, dist or build. npm links a
+    // checkout without installing its dependencies; prepare installs them.
+    const checkout = join(work, 'checkout');
+    const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
+    expect(listed.status, listed.stderr).toBe(0);
+    for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(checkout, f));
+    expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
+
+    // Into prefixes of their own, not the machine's global one.
+    const installs = await Promise.all(
+      [tarball, checkout].map(async (what, i) => {
+        const prefix = join(work, `global-${i}`);
+        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', what], work);
+        return { what, prefix, ...r };
+      }),
+    );
+    for (const { what, prefix, code, output } of installs) {
+      expect(code, `npm install -g ${what}:\n${output}`).toBe(0);
+      const version = sh(join(prefix, 'bin', 'appshot'), ['--version'], { cwd: work });
+      expect(version.stdout.trim(), version.stderr).toBe('0.1.0');
+      // A command that needs all three native parts (addon, init, preload
+      // library), built at install and found from where they were.
+      const env = { ...process.env, APPSHOT_HOME: join(prefix, 'appshot-home') };
+      const run = sh(join(prefix, 'bin', 'appshot'), ['run', '--', '/bin/sh', '-c', 'echo "$APPSHOT_AID $LD_PRELOAD"'], { cwd: work, env });
+      expect(run.code, run.stderr).toBe(0);
+      const installed = what === checkout ? checkout : join(prefix, 'lib', 'node_modules', 'appshot');
+      const [aid, preload] = run.stdout.trim().split(' ');
+      expect(aid).toMatch(/^[\w.-]+$/);
+      expect(preload).toBe(join(installed, 'build', 'Release', 'appshot_preload.so'));
+    }
+  }, 170_000);
 });
 
 describe('examples/vitest-redis: a loaded redis, one clone per test worker', () => {
