@@ -6,6 +6,7 @@
  * cloning is what makes a per-worker database cheap when loading is slow.
  */
 import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clone, ps, run, snapshot, stop, templateCreate } from 'appshot';
@@ -53,6 +54,28 @@ async function answers(port: number, timeoutMs: number): Promise<void> {
   }
 }
 
+/** Resolves once no connection to `port` is open on the server's side.
+ * A snapshot refuses a TCP connection to outside the application, and a
+ * client that has gone leaves one until redis gets round to closing its
+ * end (CLOSE_WAIT): under load that can be after redis-cli has exited. */
+async function clientsGone(port: number, timeoutMs: number): Promise<void> {
+  const ESTABLISHED = 0x01;
+  const CLOSE_WAIT = 0x08;
+  const open = () =>
+    ['/proc/net/tcp', '/proc/net/tcp6'].some((table) =>
+      readFileSync(table, 'utf8')
+        .split('\n')
+        .slice(1)
+        .map((line) => line.trim().split(/\s+/))
+        .some(([, local, , state]) => local && parseInt(local.split(':')[1], 16) === port && [ESTABLISHED, CLOSE_WAIT].includes(parseInt(state, 16))),
+    );
+  const deadline = Date.now() + timeoutMs;
+  while (open()) {
+    if (Date.now() > deadline) throw new Error(`redis on port ${port} keeps a client connection open`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 export async function startRedisClones(opts: RedisClonesOptions): Promise<RedisClones> {
   // A registry of its own: these applications are no one else's business.
   const home = join(opts.dir, 'appshot');
@@ -64,6 +87,7 @@ export async function startRedisClones(opts: RedisClonesOptions): Promise<RedisC
   const loaded = redisCli(opts.port, opts.load);
   if (loaded.some((a) => a.startsWith('ERR'))) throw new Error(`loading redis: ${loaded.find((a) => a.startsWith('ERR'))}`);
 
+  await clientsGone(opts.port, 10_000);
   // The snapshot ends the template redis: its port is free again after.
   const image = (await snapshot(redis.aid, { home, output: join(opts.dir, 'loaded.appshot') })).image;
   const template = (await templateCreate(image, join(opts.dir, 'redis.template'))).template;
