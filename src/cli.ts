@@ -4,11 +4,10 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { createReadStream, existsSync, statSync, writeFileSync } from 'node:fs';
-import { constants as osConstants } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
-import { formatId, listProcesses, printColumns, signalProcesses, tableRows } from './inspect.js';
+import { describeApplications, formatId, listProcesses, printColumns, stopApplication, tableRows } from './inspect.js';
 import { LocalRegistry, checkAid } from './registry.js';
 import { loadImage } from './image/format.js';
 import { removeStaleTemporaries } from './image/partial.js';
@@ -76,22 +75,11 @@ program
   .action((aid: string | undefined, opts: { json: boolean }) => {
     const reg = registry();
     const records = aid ? [reg.require(aid)] : reg.list();
-    const rows = listProcesses(reg, records);
     if (opts.json) {
-      json(
-        records.map((r) => ({
-          aid: r.aid,
-          command: r.command,
-          detached: r.detached,
-          createdAt: r.createdAt,
-          ...(r.template ? { template: r.template } : {}),
-          ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-          ports: r.ports ?? [],
-          processes: rows.filter((p) => p.aid === r.aid),
-        })),
-      );
+      json(describeApplications(reg, records));
       return;
     }
+    const rows = listProcesses(reg, records);
     printColumns(
       ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
       rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
@@ -162,30 +150,7 @@ program
   .argument('<aid>', 'the application')
   .addOption(new Option('-s, --signal <name>', 'signal to send').default('SIGTERM'))
   .action((aid: string, opts: { signal: string }) => {
-    const reg = registry();
-    const record = reg.require(aid);
-    const upper = opts.signal.toUpperCase();
-    const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
-    if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${opts.signal}'`, ExitCode.usage);
-    if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
-      // These cannot be caught, so init cannot pass them on: they would
-      // stop init itself.
-      signalProcesses(reg, record, sig);
-      return;
-    }
-    // An application being restored has no supervisor yet (in its record
-    // or its tables): its processes are signalled straight.
-    const initPid = record.initPid ?? reg.readTables(record)?.initPid;
-    if (!initPid || initPid <= 0) {
-      signalProcesses(reg, record, sig);
-      return;
-    }
-    try {
-      // init passes it to the first process, or to all once that is gone.
-      process.kill(initPid, sig);
-    } catch (e) {
-      throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
-    }
+    stopApplication(registry(), aid, opts.signal);
   });
 
 program
