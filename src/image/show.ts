@@ -1,6 +1,8 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
+import { describeInotify } from '../resources/inotify.js';
 import { countPages } from '../resources/memory.js';
+import { describeTimerfd } from '../resources/timerfd.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -43,6 +45,10 @@ function describeFd(image: Image, fd: Fd): string {
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':
       return `signalfd reading signals ${signalList(fd.sigmask)}`;
+    case 'TIMERFD':
+      return describeTimerfd(fd.timerfd);
+    case 'INOTIFY':
+      return describeInotify(fd.inotifyWatches);
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
     default:

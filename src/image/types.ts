@@ -148,6 +148,23 @@ export interface Process {
   dumpable: number;
   glibcTidOffset: number;
   itimers: ITimer[];
+  /** Absent in older images: none. */
+  posixTimers?: PosixTimer[];
+}
+
+export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;
+
+/** A timer_create timer (timers.ts). */
+export interface PosixTimer {
+  id: number;
+  clockid: number;
+  notify: number;
+  signal: number;
+  value: bigint;
+  vtid: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  overrun: number;
 }
 
 export interface ITimer {
@@ -306,6 +323,8 @@ export const FdKind = {
   EVENTFD: 6,
   EPOLL: 7,
   SIGNALFD: 8,
+  TIMERFD: 9,
+  INOTIFY: 10,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -327,6 +346,24 @@ export interface Fd {
   description: number;
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
   sigmask: bigint;
+  timerfd?: Timerfd;
+  /** Absent for other kinds and in older images. */
+  inotifyWatches?: InotifyWatch[];
+}
+
+export interface Timerfd {
+  clockid: number;
+  ticks: bigint;
+  settimeFlags: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  deadlineNs: bigint;
+}
+
+export interface InotifyWatch {
+  wd: number;
+  path: string;
+  mask: number;
 }
 
 export interface Pipe {
