@@ -96,3 +96,7 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
 });
+
+describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
+  roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
+});

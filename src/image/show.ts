@@ -3,6 +3,7 @@
 import { describeInotify } from '../resources/inotify.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
+import { describePosixTimer } from '../resources/timers.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -102,6 +103,7 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
       out,
     );
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {
     out('\nSysV IPC:\n');

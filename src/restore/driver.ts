@@ -28,6 +28,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { restorePosixTimers } from '../resources/timers.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
@@ -651,6 +652,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       requeueSignals(r, p.sharedPending, 0);
       restoreItimers(r, p.itimers);
+      restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that

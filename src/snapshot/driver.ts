@@ -25,6 +25,7 @@ import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
 import { dumpSysv } from '../resources/sysv.js';
+import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
@@ -149,6 +150,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       const creds = dumpCreds(pid, threads.map((t) => t.tid), inj, what);
       const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds);
       proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
+      proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
