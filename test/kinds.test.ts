@@ -100,3 +100,29 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
 describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
 });
+
+describe('what cannot be captured yet is refused by name, and the application goes on', () => {
+  const refusals: [string, (fd: string) => string][] = [
+    ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
+    ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
+    ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
+    ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
+    ['sealed-memfd', (fd) => `process 2 (holder) fd ${fd}: a memfd with seals (F_ADD_SEALS 0x6) cannot be captured yet`],
+  ];
+  for (const [kind, message] of refusals)
+    it(kind, async () => {
+      const aid = `held-${kind}`;
+      run(['run', '-d', '--aid', aid, '--', fixture('holder'), kind]);
+      await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+      const fd = /READY fd=(-?\d+)/.exec(logOf(aid))![1];
+      const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(message(fd));
+      expect(r.stderr).toContain('the application was left running');
+      expect(existsSync(join(out, aid))).toBe(false);
+      // Running, untraced, not stopped.
+      const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
+      expect(status).toMatch(/^TracerPid:\s+0$/m);
+      expect(status).not.toMatch(/^State:\s+[tT]/m);
+    });
+});

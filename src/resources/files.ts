@@ -147,6 +147,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.tty = TTY.test(target);
         if (!PLAIN_DEVICES.has(target) && !fd.tty) throw new Unsupported(`${what} fd ${n}: device ${target} cannot be captured yet`);
       } else if (st.isFile() || st.isDirectory()) {
+        if (deleted && target.startsWith('/memfd:')) refuseSealedMemfd(pid, n, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
@@ -156,6 +157,18 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     fds.push(fd);
   }
   return fds;
+}
+
+/** A memfd comes back as a deleted file with its contents, which takes no
+ * seals: one that holds seals (F_ADD_SEALS) would silently lose them. */
+function refuseSealedMemfd(pid: number, fd: number, where: string): void {
+  const dup = addon().getFd(pid, fd);
+  try {
+    const seals = addon().fileSeals(dup);
+    if (seals > 0) throw new Unsupported(`${where}: a memfd with seals (F_ADD_SEALS 0x${seals.toString(16)}) cannot be captured yet`);
+  } finally {
+    closeSync(dup);
+  }
 }
 
 /** A deleted file lives only as long as its last descriptor: the image
