@@ -126,3 +126,8 @@ describe('what cannot be captured yet is refused by name, and the application go
       expect(status).not.toMatch(/^State:\s+[tT]/m);
     });
 });
+
+describe('a process stopped by job control: stopped again, by the same signal', () => {
+  describe('SIGTSTP', () => roundTrips('tstp', [fixture('stopped'), 'TSTP'], /process 3 \(stopped\): .*, stopped by signal 20\n/));
+  describe('SIGSTOP', () => roundTrips('sstop', [fixture('stopped'), 'STOP'], /process 3 \(stopped\): .*, stopped by signal 19\n/));
+});

@@ -150,6 +150,8 @@ export interface Process {
   itimers: ITimer[];
   /** Absent in older images: none. */
   posixTimers?: PosixTimer[];
+  /** groupStopped: the signal that stopped it; 0 or absent: SIGSTOP. */
+  stopSignal?: number;
 }
 
 export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;

@@ -24,6 +24,7 @@ import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
 import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { releaseRestored } from '../resources/jobcontrol.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -682,10 +683,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
-    // Stopped by job control when it was taken: stopped again, the signal
-    // queued before the threads go, so none runs a single instruction.
-    for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
-    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    // Stopped by job control when it was taken: stopped again by the same
+    // signal (jobcontrol.ts).
+    for (const m of releaseRestored(made))
+      process.stderr.write(`appshot: process ${m.proc.vpid} (${m.proc.comm}) could not be stopped by signal ${m.proc.stopSignal} again (its process group is orphaned here): stopped by SIGSTOP\n`);
     if (!opts.batchCommit) {
       closeSync(lifeline);
       lifeline = -1;

@@ -24,6 +24,7 @@ import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { dumpStopSignal } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
@@ -154,6 +155,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
+      proc.stopSignal = dumpStopSignal(threads.find((t) => t.groupStop)?.stopSignal, proc, what);
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
       // interrupted call fail with EINTR rather than restart.
