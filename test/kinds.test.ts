@@ -131,3 +131,7 @@ describe('a process stopped by job control: stopped again, by the same signal', 
   describe('SIGTSTP', () => roundTrips('tstp', [fixture('stopped'), 'TSTP'], /process 3 \(stopped\): .*, stopped by signal 20\n/));
   describe('SIGSTOP', () => roundTrips('sstop', [fixture('stopped'), 'STOP'], /process 3 \(stopped\): .*, stopped by signal 19\n/));
 });
+
+describe('zombies: children not waited for, reaped after the restore with their status', () => {
+  roundTrips('zomb', [fixture('zombies')], /zombie children: 3 \(exit status 7\), 4 \(exit status 0\), 5 \(killed by signal 15\)/);
+});

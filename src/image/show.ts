@@ -103,6 +103,7 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
       out,
     );
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
     if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {

@@ -152,6 +152,15 @@ export interface Process {
   posixTimers?: PosixTimer[];
   /** groupStopped: the signal that stopped it; 0 or absent: SIGSTOP. */
   stopSignal?: number;
+  /** Its children that exited and were not waited for (zombies.ts). */
+  zombies?: Zombie[];
+}
+
+export interface Zombie {
+  vpid: number;
+  /** As waitpid reports it. */
+  status: number;
+  comm: string;
 }
 
 export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;

@@ -30,6 +30,7 @@ import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restorePosixTimers } from '../resources/timers.js';
+import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
@@ -594,6 +595,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
       for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');

@@ -31,6 +31,7 @@ export const SYS = {
   umask: 95,
   setpgid: 109,
   setsid: 112,
+  rt_sigtimedwait: 128,
   rt_sigqueueinfo: 129,
   sigaltstack: 131,
   prctl: 157,

@@ -27,6 +27,7 @@ import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
 import { dumpStopSignal } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
+import { dumpZombies } from '../resources/zombies.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
@@ -155,6 +156,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
+      proc.zombies = dumpZombies(ctx, pid);
       proc.stopSignal = dumpStopSignal(threads.find((t) => t.groupStop)?.stopSignal, proc, what);
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
