@@ -135,3 +135,7 @@ describe('a process stopped by job control: stopped again, by the same signal', 
 describe('zombies: children not waited for, reaped after the restore with their status', () => {
   roundTrips('zomb', [fixture('zombies')], /zombie children: 3 \(exit status 7\), 4 \(exit status 0\), 5 \(killed by signal 15\)/);
 });
+
+describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, parent-death signal', () => {
+  roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12, \d+: nice 7 policy 1073741827\/0/);
+});

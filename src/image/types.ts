@@ -154,6 +154,20 @@ export interface Process {
   stopSignal?: number;
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
+  attributes?: ProcessAttributes;
+}
+
+export interface ProcessAttributes {
+  oomScoreAdj: number;
+  childSubreaper: boolean;
+  thpDisabled: boolean;
+}
+
+export interface ThreadAttributes {
+  nice: number;
+  schedPolicy: number;
+  schedPriority: number;
+  pdeathsig: number;
 }
 
 export interface Zombie {
@@ -241,6 +255,7 @@ export interface Thread {
   comm: string;
   /** Absent in older images: the process's creds then. */
   creds?: Creds;
+  attributes?: ThreadAttributes;
 }
 
 export interface Rseq {

@@ -29,6 +29,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { restoreAttributes } from '../resources/attributes.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -654,6 +655,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING

@@ -1,0 +1,114 @@
+/**
+ * Process and thread attributes that a restore would otherwise leave as
+ * the seed's (silently wrong): the OOM score adjustment, child-subreaper
+ * status, transparent huge pages disabled, personality; and per thread,
+ * nice value, scheduling policy and priority, and parent-death signal.
+ *
+ * Read at snapshot from /proc and by calls injected into the process (the
+ * prctl getters act on the calling thread or process only); set back by
+ * calls injected into the restored process before its limits and
+ * credentials, which may take away the right to (a lower nice value, a
+ * real-time policy). What this user may not grant fails the restore,
+ * naming the attribute.
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type Injector, NR } from '../snapshot/inject.js';
+
+const PR_SET_PDEATHSIG = 1;
+const PR_GET_PDEATHSIG = 2;
+const PR_SET_CHILD_SUBREAPER = 36;
+const PR_GET_CHILD_SUBREAPER = 37;
+const PR_SET_THP_DISABLE = 41;
+const PR_GET_THP_DISABLE = 42;
+const NR_sched_getparam = 143;
+const NR_sched_getscheduler = 145;
+const NR_personality = 135;
+const PRIO_PROCESS = 0;
+const PERSONALITY_QUERY = 0xffffffff;
+
+function check(ret: bigint, what: string): bigint {
+  if (ret < 0n) throw new Error(`reading ${what}: errno ${-ret}`);
+  return ret;
+}
+
+/** Fills `p`'s attributes and each of its threads'. */
+export function dumpAttributes(p: Process, pid: number, inj: Injector, what: string): void {
+  p.attributes = dumpProcessAttributes(pid, inj, what);
+  p.personality = dumpPersonality(inj, what);
+  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, inj, what);
+}
+
+function dumpProcessAttributes(pid: number, inj: Injector, what: string): ProcessAttributes {
+  const subreaper = inj.callOut(NR.prctl, [PR_GET_CHILD_SUBREAPER, 'out'], 4);
+  check(subreaper.ret, `whether ${what} is a child subreaper`);
+  return {
+    oomScoreAdj: Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')),
+    childSubreaper: subreaper.out.readInt32LE() !== 0,
+    thpDisabled: check(inj.call(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]), `THP disable of ${what}`) !== 0n,
+  };
+}
+
+/** The personality, as the process has it (/proc/PID/personality may be
+ * unreadable to the snapshot's user). */
+function dumpPersonality(inj: Injector, what: string): number {
+  return Number(check(inj.call(NR_personality, [PERSONALITY_QUERY]), `the personality of ${what}`));
+}
+
+function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: string): ThreadAttributes {
+  const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+  // Field 19 of proc(5): nice.
+  const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+  const param = inj.callOut(NR_sched_getparam, [tid, 'out'], 4);
+  check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
+  const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
+  check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
+  return {
+    nice,
+    schedPolicy: Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`)),
+    schedPriority: param.out.readInt32LE(),
+    pdeathsig: pdeathsig.out.readInt32LE(),
+  };
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** `tids[i]`: the restored TID of p.threads[i]. */
+export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]): void {
+  const a = p.attributes;
+  if (a) {
+    const path = `/proc/${r.pid}/oom_score_adj`;
+    if (Number(readFileSync(path, 'utf8')) !== a.oomScoreAdj) {
+      try {
+        writeFileSync(path, String(a.oomScoreAdj));
+      } catch (e) {
+        throw new Error(`setting oom_score_adj ${a.oomScoreAdj}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    }
+    if (a.childSubreaper) r.call('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
+    if (a.thpDisabled) r.call('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
+  }
+  r.call(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
+  p.threads.forEach((t: Thread, i) => {
+    const ta = t.attributes;
+    if (!ta) return;
+    const tid = tids[i];
+    r.call(`setting nice ${ta.nice} of thread ${t.vtid}`, SYS.setpriority, [PRIO_PROCESS, tid, ta.nice]);
+    r.reset();
+    const param = Buffer.alloc(4);
+    param.writeInt32LE(ta.schedPriority);
+    r.call(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
+    // Acts on the calling thread: run in that thread.
+    if (ta.pdeathsig) r.call(`setting parent-death signal ${ta.pdeathsig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, ta.pdeathsig, 0, 0, 0], tid);
+  });
+}
+
+/** For `inspect`. */
+export function describeAttributes(p: Process): string {
+  const a = p.attributes;
+  const parts = a ? [`oom_score_adj ${a.oomScoreAdj}`, ...(a.childSubreaper ? ['child subreaper'] : []), ...(a.thpDisabled ? ['THP disabled'] : [])] : [];
+  if (p.personality) parts.push(`personality 0x${p.personality.toString(16)}`);
+  const t = p.threads.map((th) => th.attributes && `${th.vtid}: nice ${th.attributes.nice} policy ${th.attributes.schedPolicy}/${th.attributes.schedPriority}${th.attributes.pdeathsig ? ` pdeathsig ${th.attributes.pdeathsig}` : ''}`);
+  return [...parts, ...t.filter(Boolean)].join(', ');
+}
