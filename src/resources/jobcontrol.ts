@@ -16,12 +16,34 @@ import { Unsupported } from '../snapshot/context.js';
 const SIGSTOP = 19;
 const SIG_DFL = 0n;
 
+const STOP_SIGNALS = new Set([19, 20, 21, 22]);
+const SIGINFO_BYTES = 128;
+
+/** Sets `p.stopSignal`, and for a process stopped by job control leaves
+ * out the stop signals it has pending: a stopped process dequeues nothing,
+ * and the SIGCONT that ends its stop discards them; queued again in a
+ * restored process they would be taken before the stop signal is, and
+ * change the one it reports. */
+export function dumpJobControl(p: Process, stopSignal: number | undefined, what: string): void {
+  p.stopSignal = dumpStopSignal(stopSignal, p, what);
+  if (!p.groupStopped) return;
+  p.sharedPending = withoutStops(p.sharedPending);
+  for (const t of p.threads) t.pending = withoutStops(t.pending);
+}
+
+function withoutStops(siginfos: Buffer): Buffer {
+  const kept: Buffer[] = [];
+  for (let at = 0; at + SIGINFO_BYTES <= siginfos.length; at += SIGINFO_BYTES)
+    if (!STOP_SIGNALS.has(siginfos.readInt32LE(at))) kept.push(siginfos.subarray(at, at + SIGINFO_BYTES));
+  return Buffer.concat(kept);
+}
+
 /** The signal that stopped the process (0 if it was not stopped). A stop
  * signal other than SIGSTOP stops a process only while its action is the
  * default and it is not blocked: if that no longer holds (changed while
  * stopped, by another process's ptrace), a restore could not stop it the
  * same way. */
-export function dumpStopSignal(stopSignal: number | undefined, p: Pick<Process, 'sigactions' | 'threads'>, what: string): number {
+function dumpStopSignal(stopSignal: number | undefined, p: Pick<Process, 'sigactions' | 'threads'>, what: string): number {
   if (!stopSignal) return 0;
   if (stopSignal === SIGSTOP) return stopSignal;
   const handled = p.sigactions.some((a) => a.signal === stopSignal && a.handler !== SIG_DFL);

@@ -25,7 +25,7 @@ import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
-import { dumpStopSignal } from '../resources/jobcontrol.js';
+import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
@@ -159,7 +159,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
       proc.zombies = dumpZombies(ctx, pid);
-      proc.stopSignal = dumpStopSignal(threads.find((t) => t.groupStop)?.stopSignal, proc, what);
+      dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what);
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
       // interrupted call fail with EINTR rather than restart.
