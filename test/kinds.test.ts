@@ -134,6 +134,20 @@ describe('a process stopped by job control: stopped again, by the same signal', 
 
 describe('zombies: children not waited for, reaped after the restore with their status', () => {
   roundTrips('zomb', [fixture('zombies')], /zombie children: 3 \(exit status 7\), 4 \(exit status 0\), 5 \(killed by signal 15\)/);
+
+  it('named and in state Z in ps after a restore', async () => {
+    run(['run', '-d', '--aid', 'zomb4', '--', fixture('zombies')]);
+    await checksPass('zomb4');
+    run(['snapshot', 'zomb4', '-o', join(out, 'zomb4')]);
+    run(['restore', join(out, 'zomb4')]);
+    await checksPass('zomb4');
+    const ps = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', 'zomb4'])[0].processes;
+    const state = (vpid: number) => {
+      const stat = readFileSync(`/proc/${ps.find((p) => p.vpid === vpid)!.pid}/stat`, 'utf8');
+      return `${stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))} ${stat.slice(stat.lastIndexOf(')') + 2)[0]}`;
+    };
+    expect([3, 4, 5, 6].map(state)).toEqual(['zombie-7 Z', 'zombie-0 Z', 'zombie-15 Z', 'zombies S']);
+  });
 });
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, parent-death signal', () => {

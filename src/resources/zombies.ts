@@ -21,6 +21,7 @@ import type { DumpContext } from '../snapshot/context.js';
 const SIGCHLD = 17;
 const SIG_DFL = 0n;
 const RLIMIT_CORE = 4;
+const PR_SET_NAME = 15;
 const EAGAIN = 11;
 
 /** The zombie children of `pid` (from every thread's children list), with
@@ -63,9 +64,11 @@ export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefi
     made.set(z.vpid, pid);
     const seed = new RemoteProcess(pid);
     const signal = z.status & 0x7f;
+    seed.mapScratch(freeAddress(readMaps(pid), BigInt(RemoteProcess.scratchSize)));
+    // Named as it was (ps shows a zombie by its name).
+    seed.call(`naming zombie ${z.vpid}`, SYS.prctl, [PR_SET_NAME, seed.str(z.comm.slice(0, 15))]);
     if (signal) {
       // Killed by a signal: its default action, unblocked, without a core.
-      seed.mapScratch(freeAddress(readMaps(pid), BigInt(RemoteProcess.scratchSize)));
       seed.reset();
       const action = seed.put(seed.u64s([SIG_DFL, 0n, 0n, 0n]));
       seed.call(`resetting signal ${signal} in zombie ${z.vpid}`, SYS.rt_sigaction, [signal, action, 0, 8]);
