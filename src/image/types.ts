@@ -168,6 +168,9 @@ export interface ThreadAttributes {
   schedPolicy: number;
   schedPriority: number;
   pdeathsig: number;
+  /** Absent in older images: left as the seed's. */
+  cpuAffinity?: Buffer;
+  ioprio?: number;
 }
 
 export interface Zombie {

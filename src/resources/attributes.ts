@@ -2,7 +2,8 @@
  * Process and thread attributes that a restore would otherwise leave as
  * the seed's (silently wrong): the OOM score adjustment, child-subreaper
  * status, transparent huge pages disabled, personality; and per thread,
- * nice value, scheduling policy and priority, and parent-death signal.
+ * nice value, scheduling policy and priority, CPU affinity, I/O priority
+ * and parent-death signal.
  *
  * Read at snapshot from /proc and by calls injected into the process (the
  * prctl getters act on the calling thread or process only); set back by
@@ -25,6 +26,11 @@ const PR_GET_THP_DISABLE = 42;
 const NR_sched_getparam = 143;
 const NR_sched_getscheduler = 145;
 const NR_personality = 135;
+const NR_sched_getaffinity = 204;
+const NR_ioprio_get = 252;
+const IOPRIO_WHO_PROCESS = 1;
+/** Bytes of CPU mask asked for: 1024 CPUs. */
+const AFFINITY_BYTES = 128;
 const PRIO_PROCESS = 0;
 const PERSONALITY_QUERY = 0xffffffff;
 
@@ -64,11 +70,16 @@ function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: str
   check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
   const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
+  const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
+  check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
   return {
     nice,
     schedPolicy: Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`)),
     schedPriority: param.out.readInt32LE(),
     pdeathsig: pdeathsig.out.readInt32LE(),
+    // The kernel writes as many bytes as its CPU mask has.
+    cpuAffinity: Buffer.from(affinity.out.subarray(0, Number(affinity.ret))),
+    ioprio: Number(check(inj.call(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid]), `the I/O priority of ${what} thread ${tid}`)),
   };
 }
 
@@ -99,6 +110,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     const param = Buffer.alloc(4);
     param.writeInt32LE(ta.schedPriority);
     r.call(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
+    // A mask naming CPUs this node lacks is cut to those it has; one
+    // naming none of them fails.
+    if (ta.cpuAffinity?.length) r.call(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    if (ta.ioprio !== undefined) r.call(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
     // Acts on the calling thread: run in that thread.
     if (ta.pdeathsig) r.call(`setting parent-death signal ${ta.pdeathsig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, ta.pdeathsig, 0, 0, 0], tid);
   });
@@ -109,6 +124,12 @@ export function describeAttributes(p: Process): string {
   const a = p.attributes;
   const parts = a ? [`oom_score_adj ${a.oomScoreAdj}`, ...(a.childSubreaper ? ['child subreaper'] : []), ...(a.thpDisabled ? ['THP disabled'] : [])] : [];
   if (p.personality) parts.push(`personality 0x${p.personality.toString(16)}`);
-  const t = p.threads.map((th) => th.attributes && `${th.vtid}: nice ${th.attributes.nice} policy ${th.attributes.schedPolicy}/${th.attributes.schedPriority}${th.attributes.pdeathsig ? ` pdeathsig ${th.attributes.pdeathsig}` : ''}`);
+  const cpus = (mask: Buffer) => [...mask].flatMap((byte, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((b) => byte & (1 << b)).map((b) => i * 8 + b));
+  const t = p.threads.map((th) => {
+    const a = th.attributes;
+    if (!a) return undefined;
+    const affinity = a.cpuAffinity?.length ? ` cpus ${cpus(a.cpuAffinity).join(',')}` : '';
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}`;
+  });
   return [...parts, ...t.filter(Boolean)].join(', ');
 }
