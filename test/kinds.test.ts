@@ -108,6 +108,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['sealed-memfd', (fd) => `process 2 (holder) fd ${fd}: a memfd with seals (F_ADD_SEALS 0x6) cannot be captured yet`],
+    ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {

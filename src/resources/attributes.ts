@@ -15,6 +15,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { Unsupported } from '../snapshot/context.js';
 import { type Injector, NR } from '../snapshot/inject.js';
 
 const PR_SET_PDEATHSIG = 1;
@@ -32,6 +33,8 @@ const IOPRIO_WHO_PROCESS = 1;
 /** Bytes of CPU mask asked for: 1024 CPUs. */
 const AFFINITY_BYTES = 128;
 const PRIO_PROCESS = 0;
+const SCHED_DEADLINE = 6;
+const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
 
 function check(ret: bigint, what: string): bigint {
@@ -70,11 +73,14 @@ function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: str
   check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
   const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
+  const policy = Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`));
+  if ((policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
+    throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet`);
   const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
   check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
   return {
     nice,
-    schedPolicy: Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`)),
+    schedPolicy: policy,
     schedPriority: param.out.readInt32LE(),
     pdeathsig: pdeathsig.out.readInt32LE(),
     // The kernel writes as many bytes as its CPU mask has.
