@@ -156,6 +156,11 @@ interface Addon {
   memfd(name: string, size: number): number;
   lseek(fd: number, offset: number): number;
   setStatusFlags(fd: number, flags: number): void;
+  /** The path of the inode a file handle names, opened on the filesystem
+   * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
+  fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;
+  /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
+  fileSeals(fd: number): number;
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;

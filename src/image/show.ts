@@ -1,6 +1,10 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
+import { describeAttributes } from '../resources/attributes.js';
+import { describeInotify } from '../resources/inotify.js';
 import { countPages } from '../resources/memory.js';
+import { describeTimerfd } from '../resources/timerfd.js';
+import { describePosixTimer } from '../resources/timers.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -51,6 +55,10 @@ function describeFd(image: Image, fd: Fd): string {
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':
       return `signalfd reading signals ${signalList(fd.sigmask)}`;
+    case 'TIMERFD':
+      return describeTimerfd(fd.timerfd);
+    case 'INOTIFY':
+      return describeInotify(fd.inotifyWatches);
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
     default:
@@ -90,7 +98,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
@@ -106,6 +114,9 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
       out,
     );
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
+    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
+    if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {
     out('\nSysV IPC:\n');

@@ -156,6 +156,51 @@ export interface Process {
   dumpable: number;
   glibcTidOffset: number;
   itimers: ITimer[];
+  /** Absent in older images: none. */
+  posixTimers?: PosixTimer[];
+  /** groupStopped: the signal that stopped it; 0 or absent: SIGSTOP. */
+  stopSignal?: number;
+  /** Its children that exited and were not waited for (zombies.ts). */
+  zombies?: Zombie[];
+  attributes?: ProcessAttributes;
+}
+
+export interface ProcessAttributes {
+  oomScoreAdj: number;
+  childSubreaper: boolean;
+  thpDisabled: boolean;
+}
+
+export interface ThreadAttributes {
+  nice: number;
+  schedPolicy: number;
+  schedPriority: number;
+  pdeathsig: number;
+  /** Absent in older images: left as the seed's. */
+  cpuAffinity?: Buffer;
+  ioprio?: number;
+}
+
+export interface Zombie {
+  vpid: number;
+  /** As waitpid reports it. */
+  status: number;
+  comm: string;
+}
+
+export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;
+
+/** A timer_create timer (timers.ts). */
+export interface PosixTimer {
+  id: number;
+  clockid: number;
+  notify: number;
+  signal: number;
+  value: bigint;
+  vtid: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  overrun: number;
 }
 
 export interface ITimer {
@@ -221,6 +266,7 @@ export interface Thread {
   comm: string;
   /** Absent in older images: the process's creds then. */
   creds?: Creds;
+  attributes?: ThreadAttributes;
 }
 
 export interface Rseq {
@@ -314,6 +360,8 @@ export const FdKind = {
   EVENTFD: 6,
   EPOLL: 7,
   SIGNALFD: 8,
+  TIMERFD: 9,
+  INOTIFY: 10,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -335,6 +383,24 @@ export interface Fd {
   description: number;
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
   sigmask: bigint;
+  timerfd?: Timerfd;
+  /** Absent for other kinds and in older images. */
+  inotifyWatches?: InotifyWatch[];
+}
+
+export interface Timerfd {
+  clockid: number;
+  ticks: bigint;
+  settimeFlags: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  deadlineNs: bigint;
+}
+
+export interface InotifyWatch {
+  wd: number;
+  path: string;
+  mask: number;
 }
 
 export interface Pipe {

@@ -24,10 +24,14 @@ import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
 import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { releaseRestored } from '../resources/jobcontrol.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { restoreAttributes } from '../resources/attributes.js';
+import { restorePosixTimers } from '../resources/timers.js';
+import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
@@ -592,6 +596,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
       for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
@@ -650,7 +655,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
+      restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
@@ -680,10 +687,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
-    // Stopped by job control when it was taken: stopped again, the signal
-    // queued before the threads go, so none runs a single instruction.
-    for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
-    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    // Stopped by job control when it was taken: stopped again by the same
+    // signal (jobcontrol.ts).
+    for (const m of releaseRestored(made))
+      process.stderr.write(`appshot: process ${m.proc.vpid} (${m.proc.comm}) could not be stopped by signal ${m.proc.stopSignal} again (its process group is orphaned here): stopped by SIGSTOP\n`);
     if (!opts.batchCommit) {
       closeSync(lifeline);
       lifeline = -1;

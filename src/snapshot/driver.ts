@@ -19,13 +19,17 @@ import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
+import { dumpAttributes } from '../resources/attributes.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
+import { dumpPosixTimers } from '../resources/timers.js';
+import { dumpZombies } from '../resources/zombies.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
@@ -150,9 +154,13 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       const creds = dumpCreds(pid, threads.map((t) => t.tid), inj, what);
       const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds);
       proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
+      proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
+      dumpAttributes(proc, pid, inj, what);
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
+      proc.zombies = dumpZombies(ctx, pid);
+      dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what);
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
       // interrupted call fail with EINTR rather than restart.

@@ -170,6 +170,12 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       return { kind: 'eventfd', name: 'eventfd', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.SIGNALFD:
       return { kind: 'signalfd', name: 'signalfd', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.TIMERFD:
+      return { kind: 'timerfd', name: 'timerfd', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.INOTIFY:
+      // The watches follow paths by name: a clone's REDIR PATH rules do
+      // not move them (README: not covered yet).
+      return { kind: 'inotify', name: `inotify on ${(fd.inotifyWatches ?? []).map((w) => w.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
       return { kind: 'epoll', name: 'epoll', ...decide('duplicate', CRITERIA.privateToInstance) };
     default:
