@@ -343,6 +343,15 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
+    ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
+    ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'timer id above 65536'],
+    ['an inotify watch number a restore would count up to', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      fd.fd = 900;
+      fd.kind = 10;
+      fd.inotifyWatches = [{ wd: 1 << 30, path: '/', mask: 1 }];
+      i.processes[0].fds.push(fd);
+    }, 'watch number above 65536'],
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

@@ -36,6 +36,10 @@ export const LIMITS = {
   xstateBytes: 64 * 1024,
   /** Queued siginfos (128 bytes each) per thread or process. */
   pendingSignals: 4096,
+  /** Per process, and the highest id (the kernel's default max_user_watches
+   * is far above, but a restore makes each one). */
+  posixTimers: 65536,
+  inotifyWatches: 65536,
 };
 
 const PAGE = 4096n;
@@ -173,6 +177,14 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
   for (const s of p.sigactions) if (!(s.signal >= 1 && s.signal <= 64)) corrupt(`${who} has a handler for signal ${s.signal}`);
   for (const t of p.itimers) if (!(t.which >= 0 && t.which <= 2)) corrupt(`${who} has interval timer ${t.which}`);
   for (const r of p.rlimits) if (!(r.resource >= 0 && r.resource < 16)) corrupt(`${who} has resource limit ${r.resource}`);
+  if (p.stopSignal && !(p.stopSignal >= 1 && p.stopSignal <= 64)) corrupt(`${who} was stopped by signal ${p.stopSignal}`);
+  const timers = p.posixTimers ?? [];
+  // Timer ids are made again in order (PR_TIMER_CREATE_RESTORE_IDS).
+  if (timers.length > LIMITS.posixTimers || timers.some((t) => !(t.id >= 0 && t.id < LIMITS.posixTimers)))
+    corrupt(`${who} has ${timers.length} POSIX timers or a timer id above ${LIMITS.posixTimers}`);
+  if (new Set(timers.map((t) => t.id)).size !== timers.length) corrupt(`${who} has a POSIX timer id twice`);
+  for (const t of timers) if (!(t.signal >= 0 && t.signal <= 64)) corrupt(`${who}'s timer ${t.id} sends signal ${t.signal}`);
+  if ((p.zombies?.length ?? 0) > LIMITS.processes) corrupt(`${who} has ${p.zombies!.length} zombies (at most ${LIMITS.processes})`);
 
   if (!p.threads.length) corrupt(`${who} has no threads`);
   for (const t of p.threads) {
@@ -224,12 +236,19 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
   }
   for (const fd of p.fds) {
     const where = `${who}'s fd ${fd.fd}`;
-    if (!(fd.kind >= FdKind.FILE && fd.kind <= FdKind.SIGNALFD)) corrupt(`${where} is of unknown kind ${fd.kind}`);
+    if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
     if ((fd.kind === FdKind.UNIX_SOCKET || fd.kind === FdKind.TCP_LISTEN) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
     for (const t of fd.epoll) if (!fdNumbers.has(t.fd)) corrupt(`${where} watches fd ${t.fd}, which ${who} does not have`);
+    const watches = fd.inotifyWatches ?? [];
+    // Watch numbers are made again in order, gaps filled: a huge one would
+    // have the restore add and remove that many watches.
+    if (watches.length > LIMITS.inotifyWatches || watches.some((w) => !(w.wd >= 1 && w.wd <= LIMITS.inotifyWatches)))
+      corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
+    if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
+    if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
   }
 }
 
@@ -283,6 +302,13 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     }
     for (const v of path) rooted.add(v);
   }
+  // Zombies are bound in the PID table too: their ids are PIDs like any.
+  const zombieVpids = new Set<number>();
+  for (const p of image.processes)
+    for (const z of p.zombies ?? []) {
+      if (!(Number.isInteger(z.vpid) && z.vpid > 0) || byVpid.has(z.vpid) || zombieVpids.has(z.vpid)) corrupt(`process ${p.vpid} has a zombie child with virtual PID ${z.vpid}, which is taken or invalid`);
+      zombieVpids.add(z.vpid);
+    }
 
   for (const s of image.shmSegments) {
     if (!(s.size > 0n && s.size <= BigInt(limits.shmmax))) corrupt(`SysV segment ${s.vid} is ${s.size} bytes (this machine allows 1..${limits.shmmax})`);
