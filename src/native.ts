@@ -157,6 +157,18 @@ interface Addon {
   lseek(fd: number, offset: number): number;
   setStatusFlags(fd: number, flags: number): void;
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
+  /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
+  tcpRepair(fd: number, mode: 1 | 0 | -1): void;
+  /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
+  tcpRead(fd: number): RepairedConnection;
+  /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */
+  tcpMake(c: RepairedConnection): number;
+  /** Repair mode off, then the never-sent bytes written. */
+  tcpRelease(fd: number, unsent: Buffer): void;
+  /** A connected TCP socket whose connection was reset. */
+  tcpResetSocket(family: number): number;
+  getSockOpt(fd: number, level: number, name: number): number;
+  setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
@@ -183,4 +195,25 @@ export function addon(): Addon {
     loaded = createRequire(import.meta.url)(paths.addon) as Addon;
   }
   return loaded;
+}
+
+/** What tcpRead returns and tcpMake takes. */
+export interface RepairedConnection {
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: { sndWl1: number; sndWnd: number; maxWindow: number; rcvWnd: number; rcvWup: number };
 }

@@ -1,0 +1,176 @@
+// Established TCP connections (tcp_repair.c) and integer socket options,
+// for src/resources/tcp.ts.
+#include <napi.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <string>
+
+#include <sys/socket.h>
+
+#include "addon.h"
+
+extern "C" {
+#include "tcp_repair.h"
+}
+
+namespace appshot {
+namespace {
+
+int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
+uint32_t U32(const Napi::Value& v) { return v.As<Napi::Number>().Uint32Value(); }
+
+bool Failed(const Napi::Env& env, int rc, const char* step) {
+  if (rc == 0) return false;
+  ThrowErrno(env, step ? step : "TCP repair", -rc);
+  return true;
+}
+
+// tcpRepair(fd, mode): 1 on, 0 off, -1 off without the window probe the
+// kernel otherwise sends the peer.
+Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_repair_set(Int(info[0]), Int(info[1]), &step), step);
+  return info.Env().Undefined();
+}
+
+// tcpRead(fd) -> the connection of a socket in repair mode.
+Napi::Value TcpRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c;
+  const char* step = nullptr;
+  if (Failed(env, tcp_conn_read(Int(info[0]), &c, &step), step)) return env.Undefined();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("family", c.family);
+  o.Set("localAddress", c.local);
+  o.Set("localPort", c.local_port);
+  o.Set("peerAddress", c.peer);
+  o.Set("peerPort", c.peer_port);
+  o.Set("state", c.state);
+  o.Set("sendSeq", c.send_seq);
+  o.Set("recvSeq", c.recv_seq);
+  o.Set("sendQueue", Napi::Buffer<uint8_t>::Copy(env, c.send_queue, c.send_len));
+  o.Set("unsent", c.unsent);
+  o.Set("recvQueue", Napi::Buffer<uint8_t>::Copy(env, c.recv_queue, c.recv_len));
+  o.Set("mssClamp", c.mss_clamp);
+  o.Set("options", c.options);
+  o.Set("sndWscale", c.snd_wscale);
+  o.Set("rcvWscale", c.rcv_wscale);
+  o.Set("timestamp", c.timestamp);
+  if (c.has_window) {
+    Napi::Object w = Napi::Object::New(env);
+    w.Set("sndWl1", c.snd_wl1);
+    w.Set("sndWnd", c.snd_wnd);
+    w.Set("maxWindow", c.max_window);
+    w.Set("rcvWnd", c.rcv_wnd);
+    w.Set("rcvWup", c.rcv_wup);
+    o.Set("window", w);
+  }
+  free(c.send_queue);
+  free(c.recv_queue);
+  return o;
+}
+
+void CopyAddress(char (&dst)[INET6_ADDRSTRLEN], const Napi::Value& v) {
+  std::string s = v.As<Napi::String>().Utf8Value();
+  size_t n = s.size() < sizeof dst - 1 ? s.size() : sizeof dst - 1;
+  s.copy(dst, n);
+  dst[n] = '\0';
+}
+
+// tcpMake(connection) -> fd: a socket in repair mode carrying the
+// connection on (see tcp_conn_make); tcpRelease finishes it.
+Napi::Value TcpMake(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto o = info[0].As<Napi::Object>();
+  tcp_conn c{};
+  c.family = Int(o.Get("family"));
+  CopyAddress(c.local, o.Get("localAddress"));
+  c.local_port = static_cast<uint16_t>(U32(o.Get("localPort")));
+  CopyAddress(c.peer, o.Get("peerAddress"));
+  c.peer_port = static_cast<uint16_t>(U32(o.Get("peerPort")));
+  c.state = Int(o.Get("state"));
+  c.send_seq = U32(o.Get("sendSeq"));
+  c.recv_seq = U32(o.Get("recvSeq"));
+  auto send = o.Get("sendQueue").As<Napi::Buffer<uint8_t>>();
+  auto recv = o.Get("recvQueue").As<Napi::Buffer<uint8_t>>();
+  c.send_queue = send.Data();
+  c.send_len = static_cast<uint32_t>(send.Length());
+  c.unsent = U32(o.Get("unsent"));
+  c.recv_queue = recv.Data();
+  c.recv_len = static_cast<uint32_t>(recv.Length());
+  if (c.unsent > c.send_len) {
+    Napi::RangeError::New(env, "a connection's unsent bytes exceed its send queue").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  c.mss_clamp = U32(o.Get("mssClamp"));
+  c.options = static_cast<uint8_t>(U32(o.Get("options")));
+  c.snd_wscale = static_cast<uint8_t>(U32(o.Get("sndWscale")));
+  c.rcv_wscale = static_cast<uint8_t>(U32(o.Get("rcvWscale")));
+  c.timestamp = U32(o.Get("timestamp"));
+  Napi::Value wv = o.Get("window");
+  if (wv.IsObject()) {
+    auto w = wv.As<Napi::Object>();
+    c.has_window = 1;
+    c.snd_wl1 = U32(w.Get("sndWl1"));
+    c.snd_wnd = U32(w.Get("sndWnd"));
+    c.max_window = U32(w.Get("maxWindow"));
+    c.rcv_wnd = U32(w.Get("rcvWnd"));
+    c.rcv_wup = U32(w.Get("rcvWup"));
+  }
+  int fd = -1;
+  const char* step = nullptr;
+  if (Failed(env, tcp_conn_make(&c, &fd, &step), step)) return env.Undefined();
+  return Napi::Number::New(env, fd);
+}
+
+// tcpRelease(fd, unsent: Buffer): repair mode off, the never-sent bytes written.
+Napi::Value TcpRelease(const Napi::CallbackInfo& info) {
+  auto unsent = info[1].As<Napi::Buffer<uint8_t>>();
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_conn_release(Int(info[0]), unsent.Data(), static_cast<uint32_t>(unsent.Length()), &step), step);
+  return info.Env().Undefined();
+}
+
+// tcpResetSocket(family) -> fd of a connection that was reset.
+Napi::Value TcpResetSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = -1;
+  const char* step = nullptr;
+  if (Failed(env, tcp_reset_socket(Int(info[0]), &fd, &step), step)) return env.Undefined();
+  return Napi::Number::New(env, fd);
+}
+
+// getSockOpt(fd, level, name) -> int; setSockOpt(fd, level, name, value).
+Napi::Value GetSockOpt(const Napi::CallbackInfo& info) {
+  int v = 0;
+  socklen_t len = sizeof v;
+  if (getsockopt(Int(info[0]), Int(info[1]), Int(info[2]), &v, &len)) {
+    ThrowErrno(info.Env(), "getsockopt", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), v);
+}
+
+Napi::Value SetSockOpt(const Napi::CallbackInfo& info) {
+  int v = Int(info[3]);
+  if (setsockopt(Int(info[0]), Int(info[1]), Int(info[2]), &v, sizeof v)) ThrowErrno(info.Env(), "setsockopt", errno);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void RegisterTcp(Napi::Env env, Napi::Object exports) {
+  auto fn = [&](const char* name, Napi::Value (*f)(const Napi::CallbackInfo&)) {
+    exports.Set(name, Napi::Function::New(env, f, name));
+  };
+  fn("tcpRepair", TcpRepair);
+  fn("tcpRead", TcpRead);
+  fn("tcpMake", TcpMake);
+  fn("tcpRelease", TcpRelease);
+  fn("tcpResetSocket", TcpResetSocket);
+  fn("getSockOpt", GetSockOpt);
+  fn("setSockOpt", SetSockOpt);
+}
+
+}  // namespace appshot
