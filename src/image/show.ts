@@ -1,6 +1,7 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
 import { countPages } from '../resources/memory.js';
+import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -37,6 +38,13 @@ function describeFd(image: Image, fd: Fd): string {
     }
     case 'TCP_LISTEN':
       return `listening ${fd.socket?.address}:${fd.socket?.port}`;
+    case 'TCP_ESTABLISHED': {
+      const c = fd.tcp;
+      if (!c) return 'tcp connection';
+      return c.closed
+        ? `tcp ${connectionName(c)}, recorded closed`
+        : `tcp ${connectionName(c)}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+    }
     case 'UNIX_SOCKET':
       return `listening unix ${fd.socket?.address}`;
     case 'EVENTFD':

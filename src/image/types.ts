@@ -306,6 +306,7 @@ export const FdKind = {
   EVENTFD: 6,
   EPOLL: 7,
   SIGNALFD: 8,
+  TCP_ESTABLISHED: 9,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -327,6 +328,47 @@ export interface Fd {
   description: number;
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
   sigmask: bigint;
+  /** An established TCP connection (TCP_ESTABLISHED). */
+  tcp?: TcpConnection;
+}
+
+/** An established TCP connection as repair mode reads it (resources/tcp.ts). */
+export interface TcpConnection {
+  ino: bigint;
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  /** Not kept: restored as a socket whose connection was reset. */
+  closed: boolean;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: TcpWindow;
+  socketOptions: SocketOption[];
+}
+
+export interface TcpWindow {
+  sndWl1: number;
+  sndWnd: number;
+  maxWindow: number;
+  rcvWnd: number;
+  rcvWup: number;
+}
+
+export interface SocketOption {
+  level: number;
+  name: number;
+  value: number;
 }
 
 export interface Pipe {
