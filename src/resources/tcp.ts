@@ -132,16 +132,22 @@ export class HeldConnections {
    * leaving it otherwise sends, and get back the SO_REUSEADDR that
    * leaving it clears. */
   release(): void {
-    for (const { fd, options } of this.held.values()) {
+    // Every socket is let go even if one fails; the first failure is told.
+    const held = [...this.held.values()];
+    this.held.clear();
+    let failure: Error | undefined;
+    for (const { fd, options } of held) {
       try {
         addon().tcpRepair(fd, -1);
         const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
         if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
+      } catch (e) {
+        failure ??= e as Error;
       } finally {
         closeSync(fd);
       }
     }
-    this.held.clear();
+    if (failure) throw failure;
   }
 
   /** The application was ended: our duplicates are the sockets' last
