@@ -165,6 +165,10 @@ interface Addon {
   tcpMake(c: RepairedConnection): number;
   /** Repair mode off, then the never-sent bytes written. */
   tcpRelease(fd: number, unsent: Buffer): void;
+  /** The peer's FIN of a connection in CLOSE_WAIT, sent to it again. */
+  tcpRefin(c: RepairedConnection): void;
+  /** tcpi_state */
+  tcpState(fd: number): number;
   /** A connected TCP socket whose connection was reset. */
   tcpResetSocket(family: number): number;
   getSockOpt(fd: number, level: number, name: number): number;

@@ -214,6 +214,26 @@ describe('established TCP connections', () => {
     run(['stop', 'tcp3', '-s', 'KILL']);
   });
 
+  it('a connection whose peer closed its side (CLOSE_WAIT) comes back with the unread bytes, then the end', async () => {
+    const port = 26605;
+    const { client } = await startFixture('tcp5', port);
+    client.socket.end('ECHO bye\n'); // our FIN after it; we still read
+    await new Promise((r) => setTimeout(r, 200));
+    run(['snapshot', 'tcp5', '-o', join(out, 'tcp5')]);
+    expect(run(['inspect', join(out, 'tcp5')])).toMatch(
+      new RegExp(`tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort} \\(CLOSE_WAIT: the peer closed its side\\), 20 bytes unread`),
+    );
+    run(['restore', join(out, 'tcp5')]);
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nbye\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nbye\n');
+    // The handler reads the end of its requests, and closes: a FIN, no reset.
+    await waitFor(() => client.ended || client.error !== undefined, 10_000, 'the server to close');
+    expect(client.error?.message).toBeUndefined();
+    run(['stop', 'tcp5', '-s', 'KILL']);
+  });
+
   it.runIf(isRoot)('without CAP_NET_ADMIN, a snapshot is refused naming the connection, and the application goes on', async () => {
     const port = 26604;
     const { client, go } = await startFixture('tcp4', port);

@@ -78,12 +78,10 @@ void CopyAddress(char (&dst)[INET6_ADDRSTRLEN], const Napi::Value& v) {
   dst[n] = '\0';
 }
 
-// tcpMake(connection) -> fd: a socket in repair mode carrying the
-// connection on (see tcp_conn_make); tcpRelease finishes it.
-Napi::Value TcpMake(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  auto o = info[0].As<Napi::Object>();
-  tcp_conn c{};
+// The connection tcpRead returned (the queues point into its Buffers, valid
+// for the call); false, with a JS exception, if it makes no sense.
+bool ConnectionOf(const Napi::Env& env, const Napi::Value& v, tcp_conn& c) {
+  auto o = v.As<Napi::Object>();
   c.family = Int(o.Get("family"));
   CopyAddress(c.local, o.Get("localAddress"));
   c.local_port = static_cast<uint16_t>(U32(o.Get("localPort")));
@@ -101,7 +99,7 @@ Napi::Value TcpMake(const Napi::CallbackInfo& info) {
   c.recv_len = static_cast<uint32_t>(recv.Length());
   if (c.unsent > c.send_len) {
     Napi::RangeError::New(env, "a connection's unsent bytes exceed its send queue").ThrowAsJavaScriptException();
-    return env.Undefined();
+    return false;
   }
   c.mss_clamp = U32(o.Get("mssClamp"));
   c.options = static_cast<uint8_t>(U32(o.Get("options")));
@@ -118,6 +116,15 @@ Napi::Value TcpMake(const Napi::CallbackInfo& info) {
     c.rcv_wnd = U32(w.Get("rcvWnd"));
     c.rcv_wup = U32(w.Get("rcvWup"));
   }
+  return true;
+}
+
+// tcpMake(connection) -> fd: a socket in repair mode carrying the
+// connection on (see tcp_conn_make); tcpRelease finishes it.
+Napi::Value TcpMake(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c{};
+  if (!ConnectionOf(env, info[0], c)) return env.Undefined();
   int fd = -1;
   const char* step = nullptr;
   if (Failed(env, tcp_conn_make(&c, &fd, &step), step)) return env.Undefined();
@@ -130,6 +137,26 @@ Napi::Value TcpRelease(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
   Failed(info.Env(), tcp_conn_release(Int(info[0]), unsent.Data(), static_cast<uint32_t>(unsent.Length()), &step), step);
   return info.Env().Undefined();
+}
+
+// tcpRefin(connection): its peer's FIN, sent again (tcp_conn_refin).
+Napi::Value TcpRefin(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c{};
+  if (!ConnectionOf(env, info[0], c)) return env.Undefined();
+  const char* step = nullptr;
+  Failed(env, tcp_conn_refin(&c, &step), step);
+  return env.Undefined();
+}
+
+// tcpState(fd) -> tcpi_state.
+Napi::Value TcpState(const Napi::CallbackInfo& info) {
+  int state = tcp_state(Int(info[0]));
+  if (state < 0) {
+    ThrowErrno(info.Env(), "reading TCP_INFO", -state);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), state);
 }
 
 // tcpResetSocket(family) -> fd of a connection that was reset.
@@ -168,6 +195,8 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   fn("tcpRead", TcpRead);
   fn("tcpMake", TcpMake);
   fn("tcpRelease", TcpRelease);
+  fn("tcpRefin", TcpRefin);
+  fn("tcpState", TcpState);
   fn("tcpResetSocket", TcpResetSocket);
   fn("getSockOpt", GetSockOpt);
   fn("setSockOpt", SetSockOpt);

@@ -9,6 +9,8 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/ip.h>
+#include <netinet/ip6.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -206,6 +208,9 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   int rc;
   uint32_t seq;
   uint32_t sent = c->send_len - c->unsent;
+  /* The peer's FIN counts in rcv_nxt; it is not data, and comes back as a
+   * packet once the socket is out of repair mode (tcp_conn_refin). */
+  uint32_t recv_end = c->state == TCP_CLOSE_WAIT ? c->recv_seq - 1 : c->recv_seq;
   if ((rc = tcp_repair_set(fd, 1, step))) goto fail;
   /* Repair mode lets the bind share the port with a listener (or with a
    * socket of the same port still closing). */
@@ -216,7 +221,7 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   /* The queues start where the image's queued bytes begin: writing them
    * below moves each sequence number to where it was. */
   if ((rc = select_queue(fd, TCP_RECV_QUEUE, step))) goto fail;
-  seq = c->recv_seq - c->recv_len;
+  seq = recv_end - c->recv_len;
   if (setsockopt(fd, SOL_TCP, TCP_QUEUE_SEQ, &seq, sizeof seq)) {
     *step = "setting the receive sequence number";
     goto fail_errno;
@@ -255,6 +260,12 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   if ((rc = select_queue(fd, TCP_NO_QUEUE, step))) goto fail;
   if (c->has_window) {
     struct tcp_repair_window w = {c->snd_wl1, c->snd_wnd, c->max_window, c->rcv_wnd, c->rcv_wup};
+    /* The kernel refuses a window update point past rcv_nxt: moved back
+     * over the FIN, the window's right edge where it was. */
+    if ((int32_t)(w.rcv_wup - recv_end) > 0) {
+      w.rcv_wnd += w.rcv_wup - recv_end;
+      w.rcv_wup = recv_end;
+    }
     if (setsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &w, sizeof w)) {
       *step = "setting TCP_REPAIR_WINDOW";
       goto fail_errno;
@@ -273,6 +284,104 @@ int tcp_conn_release(int fd, const uint8_t* unsent, uint32_t len, const char** s
   int rc = tcp_repair_set(fd, 0, step);
   if (rc) return rc;
   return fill_queue(fd, unsent, len, "writing the never-sent bytes", step);
+}
+
+int tcp_state(int fd) {
+  struct tcp_info ti;
+  socklen_t len = sizeof ti;
+  if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len)) return -errno;
+  return ti.tcpi_state;
+}
+
+/* The ones' complement sum of RFC 1071, over several pieces. */
+static uint32_t sum16(uint32_t sum, const void* data, size_t len) {
+  const uint8_t* p = data;
+  for (; len > 1; p += 2, len -= 2) sum += (uint32_t)(p[0] << 8 | p[1]);
+  if (len) sum += (uint32_t)(p[0] << 8);
+  return sum;
+}
+
+static uint16_t fold(uint32_t sum) {
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  return htons((uint16_t)~sum);
+}
+
+int tcp_conn_refin(const tcp_conn* c, const char** step) {
+  struct sockaddr_storage from, to;
+  socklen_t from_len, to_len;
+  if (sockaddr_of(c->family, c->peer, c->peer_port, &from, &from_len) ||
+      sockaddr_of(c->family, c->local, c->local_port, &to, &to_len)) {
+    *step = "parsing the connection's addresses";
+    return -EINVAL;
+  }
+  /* The FIN as the peer sent it: at the sequence number it took, acking
+   * what the peer had acknowledged, with its window. */
+  struct tcphdr th;
+  memset(&th, 0, sizeof th);
+  th.source = htons(c->peer_port);
+  th.dest = htons(c->local_port);
+  th.seq = htonl(c->recv_seq - 1);
+  th.ack_seq = htonl(c->send_seq - c->send_len);
+  th.doff = sizeof th / 4;
+  th.fin = 1;
+  th.ack = 1;
+  uint32_t window = c->snd_wnd >> c->snd_wscale;
+  th.window = htons(window > 0xffff ? 0xffff : (uint16_t)window);
+  uint8_t packet[sizeof(struct ip6_hdr) + sizeof th];
+  size_t ip_len;
+  uint32_t sum;
+  uint16_t tcp_len = htons(sizeof th);
+  uint16_t proto = htons(IPPROTO_TCP);
+  if (c->family == AF_INET) {
+    struct iphdr ip;
+    memset(&ip, 0, sizeof ip);
+    ip.version = 4;
+    ip.ihl = sizeof ip / 4;
+    ip.tot_len = htons(sizeof ip + sizeof th);
+    ip.frag_off = htons(IP_DF);
+    ip.ttl = 64;
+    ip.protocol = IPPROTO_TCP;
+    ip.saddr = ((struct sockaddr_in*)&from)->sin_addr.s_addr;
+    ip.daddr = ((struct sockaddr_in*)&to)->sin_addr.s_addr;
+    sum = sum16(0, &ip.saddr, 8); /* pseudo-header: both addresses... */
+    sum = sum16(sum, &proto, 2);  /* ...the protocol, the TCP length */
+    sum = sum16(sum, &tcp_len, 2);
+    sum = sum16(sum, &th, sizeof th);
+    th.check = fold(sum);
+    memcpy(packet, &ip, sizeof ip); /* the kernel fills the IP checksum */
+    ip_len = sizeof ip;
+  } else {
+    struct ip6_hdr ip;
+    memset(&ip, 0, sizeof ip);
+    ip.ip6_flow = htonl(6u << 28);
+    ip.ip6_plen = htons(sizeof th);
+    ip.ip6_nxt = IPPROTO_TCP;
+    ip.ip6_hlim = 64;
+    ip.ip6_src = ((struct sockaddr_in6*)&from)->sin6_addr;
+    ip.ip6_dst = ((struct sockaddr_in6*)&to)->sin6_addr;
+    uint32_t len32 = htonl(sizeof th);
+    uint8_t next[4] = {0, 0, 0, IPPROTO_TCP};
+    sum = sum16(0, &ip.ip6_src, 32);
+    sum = sum16(sum, &len32, 4);
+    sum = sum16(sum, next, 4);
+    sum = sum16(sum, &th, sizeof th);
+    th.check = fold(sum);
+    memcpy(packet, &ip, sizeof ip);
+    ip_len = sizeof ip;
+  }
+  memcpy(packet + ip_len, &th, sizeof th);
+  /* IPPROTO_RAW: the header is ours (IP_HDRINCL). */
+  int raw = socket(c->family, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
+  if (raw < 0) FAIL("opening a raw socket to send the peer's FIN again");
+  if (c->family == AF_INET6) ((struct sockaddr_in6*)&to)->sin6_port = 0;
+  ssize_t n = sendto(raw, packet, ip_len + sizeof th, 0, (struct sockaddr*)&to, to_len);
+  int e = errno;
+  close(raw);
+  if (n < 0) {
+    errno = e;
+    FAIL("sending the peer's FIN again");
+  }
+  return 0;
 }
 
 int tcp_reset_socket(int family, int* out, const char** step) {

@@ -15,7 +15,7 @@ typedef struct {
   uint16_t local_port;
   char peer[INET6_ADDRSTRLEN];
   uint16_t peer_port;
-  int state;                /* tcpi_state: 1 is ESTABLISHED */
+  int state;                /* tcpi_state: ESTABLISHED 1, CLOSE_WAIT 8 */
   /* Sequence numbers where the queues end: write_seq (the byte after the
    * last one the application wrote) and rcv_nxt (after the last received). */
   uint32_t send_seq;
@@ -54,6 +54,14 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step);
 /* Repair mode off, then the never-sent bytes written (the kernel sends
  * them as the peer's window allows). */
 int tcp_conn_release(int fd, const uint8_t* unsent, uint32_t len, const char** step);
+
+/* A connection in CLOSE_WAIT had received its peer's FIN, which repair
+ * mode cannot queue: the FIN is sent to the released socket again, as
+ * the peer sent it, through a raw socket (CAP_NET_RAW). */
+int tcp_conn_refin(const tcp_conn* c, const char** step);
+
+/* The socket's tcpi_state, or -errno. */
+int tcp_state(int fd);
 
 /* A connected TCP socket of `family` whose connection was reset: what
  * an application is given for a connection that was not kept. */

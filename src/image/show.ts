@@ -43,7 +43,7 @@ function describeFd(image: Image, fd: Fd): string {
       if (!c) return 'tcp connection';
       return c.closed
         ? `tcp ${connectionName(c)}, recorded closed`
-        : `tcp ${connectionName(c)}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+        : `tcp ${connectionName(c)}${c.state === 8 ? ' (CLOSE_WAIT: the peer closed its side)' : ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
       return `listening unix ${fd.socket?.address}`;

@@ -17,6 +17,13 @@
  * process is made, so that both ends of a connection inside the
  * application are in place before either sends a packet.
  *
+ * A connection in CLOSE_WAIT (the peer closed its side, the application
+ * has not read that far) is kept too: repair mode cannot queue the peer's
+ * FIN, so the restore sends it again with a raw socket (CAP_NET_RAW) once
+ * the socket is out of repair mode. Other half-closed states (the
+ * application shut its own side: FIN_WAIT*, CLOSING, LAST_ACK) are refused
+ * by name.
+ *
  * Between the dump and the restore nothing answers for the connection:
  * a packet the peer sends meanwhile is answered with a reset by the
  * kernel (CRIU drops such packets with netfilter rules; appshot does not
@@ -37,6 +44,10 @@ import { Unsupported } from '../snapshot/context.js';
 const AF_INET = 2;
 const AF_INET6 = 10;
 const TCP_ESTABLISHED = 1;
+const TCP_CLOSE_WAIT = 8;
+/** What is kept: an open connection, or one whose peer has closed its side
+ * (its FIN received) while the application's side is open. */
+const KEPT_STATES = new Set([TCP_ESTABLISHED, TCP_CLOSE_WAIT]);
 const TCP_STATES = ['', 'ESTABLISHED', 'SYN_SENT', 'SYN_RECV', 'FIN_WAIT1', 'FIN_WAIT2', 'TIME_WAIT', 'CLOSE', 'CLOSE_WAIT', 'LAST_ACK', 'LISTEN', 'CLOSING'];
 
 const SOL_SOCKET = 1;
@@ -95,8 +106,8 @@ export class HeldConnections {
     const [peerAddress, peerPort] = splitRemote(seen.remote);
     const named = { localAddress: seen.address, localPort: seen.port, peerAddress, peerPort };
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
-    if (seen.state !== TCP_ESTABLISHED)
-      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established connections can be captured yet`);
+    if (!KEPT_STATES.has(seen.state))
+      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established connections (and CLOSE_WAIT) can be captured yet`);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = addon().getFd(pid, fd);
     try {
@@ -118,7 +129,7 @@ export class HeldConnections {
     } catch (e) {
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
-    if (c.state !== TCP_ESTABLISHED) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
+    if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
     return this.remember(ino, { ...c, ino, closed: false, socketOptions: options });
   }
 
@@ -198,13 +209,15 @@ export class ConnectionMaker {
   }
 
   /** Every process is made: the connections leave repair mode, write
-   * what they had never sent, and get their options back. */
+   * what they had never sent, and get their options back; one in
+   * CLOSE_WAIT is sent its peer's FIN again. */
   release(): void {
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
       addon().tcpRelease(m.fd, m.c.sendQueue.subarray(m.c.sendQueue.length - m.c.unsent));
       m.repaired = false;
       for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
+      if (m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
   }
 
@@ -222,12 +235,21 @@ export class ConnectionMaker {
   }
 }
 
+/** Repair mode cannot queue a FIN: the peer's is sent again, and taken
+ * (on loopback, by the time sendto returns; a few ms are allowed). */
+function refin(fd: number, c: TcpConnection): void {
+  addon().tcpRefin(c);
+  for (let i = 0; i < 200 && addon().tcpState(fd) !== TCP_CLOSE_WAIT; i++) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
+  const state = addon().tcpState(fd);
+  if (state !== TCP_CLOSE_WAIT) throw new AppshotError(`the TCP connection ${connectionName(c)}: its peer's FIN, sent again, was not taken (${TCP_STATES[state] ?? state})`);
+}
+
 /** An image may come from anyone: what the kernel is told must make sense. */
 function check(c: TcpConnection, what: string): void {
   const bad = (why: string) => new AppshotError(`corrupt image: ${what}: the TCP connection ${why}`);
   if (c.family !== AF_INET && c.family !== AF_INET6) throw bad(`has address family ${c.family}`);
   if (c.closed) return;
-  if (c.state !== TCP_ESTABLISHED) throw bad(`is in state ${c.state}`);
+  if (!KEPT_STATES.has(c.state)) throw bad(`is in state ${c.state}`);
   if (c.unsent > c.sendQueue.length) throw bad('has more unsent bytes than its send queue holds');
   for (const o of c.socketOptions)
     if (!CARRIED_OPTIONS.some(([level, name]) => level === o.level && name === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
