@@ -159,6 +159,9 @@ interface Addon {
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
   tcpRepair(fd: number, mode: 1 | 0 | -1): void;
+  /** Every packet to the socket dropped (true), as if lost on the way,
+   * or not; EEXIST for a socket with a filter of its own. */
+  tcpLock(fd: number, on: boolean): void;
   /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
   tcpRead(fd: number): RepairedConnection;
   /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */

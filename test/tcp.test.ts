@@ -12,11 +12,12 @@
  * Ports 26600-26999 are this file's.
  */
 import { spawnSync } from 'node:child_process';
-import { connect, type Socket } from 'node:net';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import { closeSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -54,14 +55,14 @@ class Client {
   ended = false;
   error: Error | undefined;
 
-  private constructor(port: number) {
-    this.socket = connect(port, '127.0.0.1');
+  private constructor(port: number, host: string) {
+    this.socket = connect(port, host);
     this.socket.on('error', (e) => (this.error = e));
     this.socket.on('end', () => (this.ended = true));
   }
 
-  static async open(port: number): Promise<Client> {
-    const c = new Client(port);
+  static async open(port: number, host = '127.0.0.1'): Promise<Client> {
+    const c = new Client(port, host);
     await new Promise<void>((ok, fail) => {
       c.socket.once('connect', ok);
       c.socket.once('error', fail);
@@ -117,11 +118,11 @@ function firstBadByte(b: Buffer): number {
 
 /** tcpfix on `port` with a connection from the test in the middle of an
  * exchange: BIG asked for and not read, "ECHO hello" sent behind it. */
-async function startFixture(aid: string, port: number): Promise<{ client: Client; go: string }> {
+async function startFixture(aid: string, port: number, host = '127.0.0.1'): Promise<{ client: Client; go: string }> {
   const go = join(out, `${aid}.go`);
-  run(['run', '-d', '--aid', aid, '--', fixture('tcpfix'), String(port), go, String(BIG)]);
+  run(['run', '-d', '--aid', aid, '--', fixture('tcpfix'), String(port), go, String(BIG), ...(host === '::1' ? ['6'] : [])]);
   await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
-  const client = await Client.open(port);
+  const client = await Client.open(port, host);
   client.socket.write('BIG\n');
   await client.readable();
   client.socket.write('ECHO hello\n');
@@ -234,6 +235,26 @@ describe('established TCP connections', () => {
     run(['stop', 'tcp5', '-s', 'KILL']);
   });
 
+  it('over IPv6: a half-closed connection from the test and both ends of one inside', async () => {
+    const port = 26606;
+    const { client, go } = await startFixture('tcp6', port, '::1');
+    client.socket.end('ECHO bye\n');
+    await new Promise((r) => setTimeout(r, 200));
+    run(['snapshot', 'tcp6', '-o', join(out, 'tcp6')]);
+    expect(run(['inspect', join(out, 'tcp6')])).toMatch(new RegExp(`tcp \\[::1\\]:${port} → \\[::1\\]:${client.socket.localPort} \\(CLOSE_WAIT`));
+    run(['restore', join(out, 'tcp6')]);
+    writeFileSync(go, '');
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nbye\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nbye\n');
+    await waitFor(() => client.ended || client.error !== undefined, 10_000, 'the server to close');
+    expect(client.error?.message).toBeUndefined();
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp6')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp6')).toMatch(/^INSIDE OK$/m);
+    run(['stop', 'tcp6', '-s', 'KILL']);
+  });
+
   it.runIf(isRoot)('without CAP_NET_ADMIN, a snapshot is refused naming the connection, and the application goes on', async () => {
     const port = 26604;
     const { client, go } = await startFixture('tcp4', port);
@@ -245,6 +266,42 @@ describe('established TCP connections', () => {
     await carriesOn(client);
     client.socket.destroy();
     run(['stop', 'tcp4', '-s', 'KILL']);
+  });
+});
+
+describe('the repair primitives', () => {
+  it('a locked connection acknowledges nothing; unlocked, it gets what the peer sent meanwhile, sent again', async () => {
+    const port = 26631;
+    const accepted: Socket[] = [];
+    const server = createServer((s) => accepted.push(s));
+    await new Promise<void>((ok) => server.listen(port, '127.0.0.1', ok));
+    try {
+      const client = await Client.open(port);
+      await waitFor(() => accepted.length === 1, 5000, 'the connection to be accepted');
+      const fd = (client.socket as unknown as { _handle: { fd: number } })._handle.fd;
+      const dup = addon().getFd(process.pid, fd); // the same socket
+      try {
+        addon().tcpRepair(dup, 1);
+        addon().tcpLock(dup, true);
+        const before = addon().tcpRead(dup);
+        accepted[0].write('x'.repeat(1000));
+        await new Promise((r) => setTimeout(r, 300));
+        const during = addon().tcpRead(dup);
+        expect(during.recvSeq).toBe(before.recvSeq);
+        expect(during.recvQueue.length).toBe(0);
+        addon().tcpLock(dup, false);
+        addon().tcpRepair(dup, -1);
+      } finally {
+        closeSync(dup);
+      }
+      client.read();
+      expect((await client.bytes(1000, 10_000)).toString()).toBe('x'.repeat(1000));
+      client.whole();
+      client.socket.destroy();
+    } finally {
+      for (const s of accepted) s.destroy();
+      server.close();
+    }
   });
 });
 

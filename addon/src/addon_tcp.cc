@@ -34,6 +34,14 @@ Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// tcpLock(fd, on): every packet to the socket dropped (1) or not (0).
+Napi::Value TcpLock(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  int fd = Int(info[0]);
+  Failed(info.Env(), info[1].ToBoolean() ? tcp_lock(fd, &step) : tcp_unlock(fd, &step), step);
+  return info.Env().Undefined();
+}
+
 // tcpRead(fd) -> the connection of a socket in repair mode.
 Napi::Value TcpRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -192,6 +200,7 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("tcpRepair", TcpRepair);
+  fn("tcpLock", TcpLock);
   fn("tcpRead", TcpRead);
   fn("tcpMake", TcpMake);
   fn("tcpRelease", TcpRelease);

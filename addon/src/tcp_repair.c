@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/filter.h>
 #include <netinet/ip.h>
 #include <netinet/ip6.h>
 #include <netinet/tcp.h>
@@ -32,6 +33,27 @@ enum { OPT_MAXSEG = 2, OPT_WINDOW = 3, OPT_SACK_PERM = 4, OPT_TIMESTAMP = 8 };
 
 int tcp_repair_set(int fd, int on, const char** step) {
   if (setsockopt(fd, SOL_TCP, TCP_REPAIR, &on, sizeof on)) FAIL("setting TCP_REPAIR");
+  return 0;
+}
+
+int tcp_lock(int fd, const char** step) {
+  /* With no room given, SO_GET_FILTER tells how long the socket's own
+   * filter is. */
+  socklen_t own = 0;
+  if (getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, NULL, &own)) FAIL("reading the socket's filter");
+  if (own) {
+    errno = EEXIST;
+    FAIL("the socket has a packet filter of its own");
+  }
+  struct sock_filter drop = BPF_STMT(BPF_RET | BPF_K, 0);
+  struct sock_fprog prog = {1, &drop};
+  if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog)) FAIL("attaching a filter that drops every packet");
+  return 0;
+}
+
+int tcp_unlock(int fd, const char** step) {
+  int unused = 0;
+  if (setsockopt(fd, SOL_SOCKET, SO_DETACH_FILTER, &unused, sizeof unused)) FAIL("detaching the packet filter");
   return 0;
 }
 

@@ -40,6 +40,15 @@ typedef struct {
 /* TCP_REPAIR on (1) or off (0). */
 int tcp_repair_set(int fd, int on, const char** step);
 
+/* Drops every packet that reaches the socket (a one-instruction socket
+ * filter), so that nothing the peer sends is acknowledged after the
+ * connection was read: the peer sends it again later. Refused (EEXIST)
+ * for a socket with a filter of its own, which would be lost. */
+int tcp_lock(int fd, const char** step);
+
+/* Takes that filter away. */
+int tcp_unlock(int fd, const char** step);
+
 /* Reads the connection of `fd`, which must be in repair mode. On success
  * the caller frees c->send_queue and c->recv_queue. */
 int tcp_conn_read(int fd, tcp_conn* c, const char** step);

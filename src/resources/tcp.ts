@@ -5,7 +5,9 @@
  * or repeated.
  *
  * Dump: a duplicate of the application's socket (the same socket) is put
- * in repair mode, and its sequence numbers, both queues (read without
+ * in repair mode, given a socket filter that drops every packet (so that
+ * nothing the peer sends is acknowledged and then missing from the
+ * image: the peer sends it again), and its sequence numbers, both queues (read without
  * consuming them), the options the handshake agreed, its window and
  * timestamp clock and its integer socket options are read. The socket
  * stays in repair mode while the application is frozen: ended after the
@@ -24,11 +26,13 @@
  * application shut its own side: FIN_WAIT*, CLOSING, LAST_ACK) are refused
  * by name.
  *
- * Between the dump and the restore nothing answers for the connection:
- * a packet the peer sends meanwhile is answered with a reset by the
- * kernel (CRIU drops such packets with netfilter rules; appshot does not
- * touch the firewall). A peer that waits for an answer sends nothing, and
- * one that has nothing unacknowledged does not retransmit.
+ * Between the end of the application and the restore nothing answers for
+ * the connection: a packet the peer sends meanwhile (new data, or data the
+ * filter dropped while the application was frozen, sent again) is
+ * answered with a reset by the kernel (CRIU drops such packets with
+ * netfilter rules until the restore; appshot does not touch the
+ * firewall). A peer that waits for an answer sends nothing, and one that
+ * has nothing unacknowledged does not retransmit.
  *
  * Without repair: `snapshot --tcp-close` records a connection as closed,
  * and the restored application holds a socket whose connection was reset
@@ -96,7 +100,7 @@ export interface SeenConnection {
 export class HeldConnections {
   /** `snapshot --tcp-close`: record connections as closed, without repair. */
   closeConnections = false;
-  private readonly held = new Map<bigint, { fd: number; options: SocketOption[] }>();
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
 
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
@@ -122,11 +126,20 @@ export class HeldConnections {
     }
     // Held from here: whatever fails next, release() takes it out again.
     const options = CARRIED_OPTIONS.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
-    this.held.set(ino, { fd: dup, options });
+    const held = { fd: dup, options, locked: false };
+    this.held.set(ino, held);
     let c: RepairedConnection;
     try {
+      // What the peer sends from now on is dropped, not acknowledged: it
+      // would be missing from the image. The peer sends it again, to the
+      // original (--leave-running) or, if the restore is quick enough, to
+      // the restored connection (see the top of this file).
+      addon().tcpLock(dup, true);
+      held.locked = true;
       c = addon().tcpRead(dup);
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST')
+        throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
     if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
@@ -147,8 +160,9 @@ export class HeldConnections {
     const held = [...this.held.values()];
     this.held.clear();
     let failure: Error | undefined;
-    for (const { fd, options } of held) {
+    for (const { fd, options, locked } of held) {
       try {
+        if (locked) addon().tcpLock(fd, false);
         addon().tcpRepair(fd, -1);
         const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
         if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
