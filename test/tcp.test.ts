@@ -210,9 +210,15 @@ describe('established TCP connections', () => {
     await waitFor(() => /INSIDE OK/.test(logOf('tcp3')) || (logOf('tcp3').match(/^FAIL/gm) ?? []).length >= 3, 20_000, 'the inside client and both handlers to fail');
     expect(logOf('tcp3')).toMatch(/^FAIL: read: Connection reset by peer/m);
     expect(logOf('tcp3').match(/^FAIL: write: Connection reset by peer/gm)?.length).toBe(2);
-    // A template of it is allowed: each clone sees the connection reset.
-    run(['template', 'create', join(out, 'tcp3'), '-o', join(out, 'tcp3.template')]);
+    // A template of it is allowed: each clone sees the connections reset
+    // (its inside client finds the go file there, and reads at once).
     run(['stop', 'tcp3', '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes('tcp3'), 10_000, 'tcp3 to end');
+    run(['template', 'create', join(out, 'tcp3'), '-o', join(out, 'tcp3.template')]);
+    run(['clone', join(out, 'tcp3.template'), '--aid', 'tcp3c']);
+    await waitFor(() => (logOf('tcp3c').match(/^FAIL/gm) ?? []).length >= 3, 20_000, "the clone's inside client and handlers to fail");
+    expect(logOf('tcp3c')).toMatch(/^FAIL: read: Connection reset by peer/m);
+    run(['stop', 'tcp3c', '-s', 'KILL']);
   });
 
   it('a connection whose peer closed its side (CLOSE_WAIT) comes back with the unread bytes, then the end', async () => {

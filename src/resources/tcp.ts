@@ -206,7 +206,8 @@ export class ConnectionMaker {
   private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean }>();
 
   /** Our descriptor for connection `c`; `what` names its process and fd. */
-  open(c: TcpConnection, what: string): number {
+  open(c: TcpConnection | undefined, what: string): number {
+    if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
     const known = this.made.get(c.ino);
     if (known) return known.fd;
     check(c, what);

@@ -372,7 +372,7 @@ class Handover {
         return sock;
       }
       case FdKind.TCP_ESTABLISHED: {
-        const sock = this.tcp.open(fd.tcp!, `process ${p.vpid} fd ${fd.fd}`);
+        const sock = this.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
         addon().setStatusFlags(sock, fd.flags);
         return sock;
       }

@@ -413,7 +413,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, trackingFds, trackedPids);
-    (connections = ctx.tcp).closeConnections = opts.tcpClose ?? false;
+    connections = ctx.tcp;
+    connections.closeConnections = opts.tcpClose ?? false;
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
