@@ -183,6 +183,7 @@ describe('established TCP connections', () => {
     run(['snapshot', 'tcp2', '--leave-running', '-o', join(out, 'tcp2')]);
     const beside = sb.run(['restore', join(out, 'tcp2'), '--aid', 'tcp2b']);
     expect(beside.code).not.toBe(0);
+    expect(beside.stderr).toMatch(new RegExp(`listening on 127\\.0\\.0\\.1:${port}: Address already in use`));
     expect(sb.aids()).not.toContain('tcp2b');
     // The original, out of repair mode again, goes on.
     writeFileSync(go, '');
@@ -295,6 +296,10 @@ describe('the repair primitives', () => {
         const during = addon().tcpRead(dup);
         expect(during.recvSeq).toBe(before.recvSeq);
         expect(during.recvQueue.length).toBe(0);
+        // The same connection cannot be made twice on one node (the case of
+        // a restore beside a --leave-running original, whose listener
+        // usually refuses first).
+        expect(() => addon().tcpMake(during)).toThrow(/the same connection exists on this node/);
         addon().tcpLock(dup, false);
         addon().tcpRepair(dup, -1);
       } finally {

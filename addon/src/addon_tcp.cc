@@ -20,9 +20,11 @@ namespace {
 int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
 uint32_t U32(const Napi::Value& v) { return v.As<Napi::Number>().Uint32Value(); }
 
-bool Failed(const Napi::Env& env, int rc, const char* step) {
+// `step` is read here, once the call in the arguments has set it (the
+// order in which arguments are evaluated is unspecified).
+bool Failed(const Napi::Env& env, int rc, const char* const* step) {
   if (rc == 0) return false;
-  ThrowErrno(env, step ? step : "TCP repair", -rc);
+  ThrowErrno(env, *step ? *step : "TCP repair", -rc);
   return true;
 }
 
@@ -30,7 +32,7 @@ bool Failed(const Napi::Env& env, int rc, const char* step) {
 // kernel otherwise sends the peer.
 Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
-  Failed(info.Env(), tcp_repair_set(Int(info[0]), Int(info[1]), &step), step);
+  Failed(info.Env(), tcp_repair_set(Int(info[0]), Int(info[1]), &step), &step);
   return info.Env().Undefined();
 }
 
@@ -38,7 +40,7 @@ Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
 Napi::Value TcpLock(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
   int fd = Int(info[0]);
-  Failed(info.Env(), info[1].ToBoolean() ? tcp_lock(fd, &step) : tcp_unlock(fd, &step), step);
+  Failed(info.Env(), info[1].ToBoolean() ? tcp_lock(fd, &step) : tcp_unlock(fd, &step), &step);
   return info.Env().Undefined();
 }
 
@@ -47,7 +49,7 @@ Napi::Value TcpRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   tcp_conn c;
   const char* step = nullptr;
-  if (Failed(env, tcp_conn_read(Int(info[0]), &c, &step), step)) return env.Undefined();
+  if (Failed(env, tcp_conn_read(Int(info[0]), &c, &step), &step)) return env.Undefined();
   Napi::Object o = Napi::Object::New(env);
   o.Set("family", c.family);
   o.Set("localAddress", c.local);
@@ -135,7 +137,7 @@ Napi::Value TcpMake(const Napi::CallbackInfo& info) {
   if (!ConnectionOf(env, info[0], c)) return env.Undefined();
   int fd = -1;
   const char* step = nullptr;
-  if (Failed(env, tcp_conn_make(&c, &fd, &step), step)) return env.Undefined();
+  if (Failed(env, tcp_conn_make(&c, &fd, &step), &step)) return env.Undefined();
   return Napi::Number::New(env, fd);
 }
 
@@ -143,7 +145,7 @@ Napi::Value TcpMake(const Napi::CallbackInfo& info) {
 Napi::Value TcpRelease(const Napi::CallbackInfo& info) {
   auto unsent = info[1].As<Napi::Buffer<uint8_t>>();
   const char* step = nullptr;
-  Failed(info.Env(), tcp_conn_release(Int(info[0]), unsent.Data(), static_cast<uint32_t>(unsent.Length()), &step), step);
+  Failed(info.Env(), tcp_conn_release(Int(info[0]), unsent.Data(), static_cast<uint32_t>(unsent.Length()), &step), &step);
   return info.Env().Undefined();
 }
 
@@ -153,7 +155,7 @@ Napi::Value TcpRefin(const Napi::CallbackInfo& info) {
   tcp_conn c{};
   if (!ConnectionOf(env, info[0], c)) return env.Undefined();
   const char* step = nullptr;
-  Failed(env, tcp_conn_refin(&c, &step), step);
+  Failed(env, tcp_conn_refin(&c, &step), &step);
   return env.Undefined();
 }
 
@@ -172,7 +174,7 @@ Napi::Value TcpResetSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = -1;
   const char* step = nullptr;
-  if (Failed(env, tcp_reset_socket(Int(info[0]), &fd, &step), step)) return env.Undefined();
+  if (Failed(env, tcp_reset_socket(Int(info[0]), &fd, &step), &step)) return env.Undefined();
   return Napi::Number::New(env, fd);
 }
 
