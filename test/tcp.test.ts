@@ -56,7 +56,8 @@ class Client {
   error: Error | undefined;
 
   private constructor(port: number, host: string) {
-    this.socket = connect(port, host);
+    // Half-open allowed: a server that shuts its side down may still read.
+    this.socket = connect({ port, host, allowHalfOpen: true });
     this.socket.on('error', (e) => (this.error = e));
     this.socket.on('end', () => (this.ended = true));
   }
@@ -108,6 +109,17 @@ class Client {
     expect(this.error?.message).toBeUndefined();
     expect(this.ended).toBe(false);
   }
+}
+
+/** The state of the connection local:remote in /proc/net/tcp (5 is
+ * FIN_WAIT2), or undefined. */
+function tcpState(local: number, remote: number): number | undefined {
+  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[3], 16);
+  }
+  return undefined;
 }
 
 /** byte i of BIG is i % 251; the first index where `b` differs, or -1. */
@@ -240,6 +252,32 @@ describe('established TCP connections', () => {
     await waitFor(() => client.ended || client.error !== undefined, 10_000, 'the server to close');
     expect(client.error?.message).toBeUndefined();
     run(['stop', 'tcp5', '-s', 'KILL']);
+  });
+
+  it('a connection whose server shut its side down (FIN_WAIT2) still carries the client\'s bytes after the restore', async () => {
+    const port = 26607;
+    const go = join(out, 'tcp7.go');
+    run(['run', '-d', '--aid', 'tcp7', '--', fixture('tcpfix'), String(port), go, '1000']);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf('tcp7')), 10_000, 'tcp7 to start');
+    const client = await Client.open(port);
+    client.read();
+    client.socket.write('SHUT\n');
+    await waitFor(() => client.ended, 5000, "the server's FIN");
+    client.socket.write('SAY before\n');
+    await waitFor(() => /^SAY before$/m.test(logOf('tcp7')), 5000, 'the server to read on');
+    run(['snapshot', 'tcp7', '-o', join(out, 'tcp7')]);
+    expect(run(['inspect', join(out, 'tcp7')])).toMatch(new RegExp(`tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort} \\(FIN_WAIT2: the application shut its side down\\)`));
+    run(['restore', join(out, 'tcp7')]);
+    // The restored FIN, sent again and acknowledged: FIN_WAIT2 as before.
+    await waitFor(() => tcpState(port, client.socket.localPort!) === 5, 10_000, 'the restored connection to be in FIN_WAIT2');
+    client.socket.write('SAY after the restore\n');
+    await waitFor(() => /^SAY after the restore$/m.test(logOf('tcp7')), 10_000, 'the restored server to read');
+    expect(client.error?.message).toBeUndefined();
+    // Our end: the handler sees it and exits, closing without a reset.
+    client.socket.end();
+    await new Promise((r) => setTimeout(r, 300));
+    expect(client.error?.message).toBeUndefined();
+    run(['stop', 'tcp7', '-s', 'KILL']);
   });
 
   it('over IPv6: a half-closed connection from the test and both ends of one inside', async () => {

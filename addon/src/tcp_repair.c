@@ -120,6 +120,13 @@ int tcp_conn_read(int fd, tcp_conn* c, const char** step) {
   c->send_len = size;
   if (ioctl(fd, SIOCOUTQNSD, &size)) FAIL("reading the unsent part's size");
   c->unsent = size;
+  /* The application's FIN, once it shut its side down (FIN_WAIT1), counts
+   * in both sizes while unacknowledged (and in the unsent part until it
+   * left), but is not data. */
+  if (c->state == TCP_FIN_WAIT1) {
+    if (c->send_len) c->send_len--;
+    if (c->unsent) c->unsent--;
+  }
   if (ioctl(fd, SIOCINQ, &size)) FAIL("reading the receive queue's size");
   c->recv_len = size;
 
@@ -229,7 +236,12 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   if (fd < 0) FAIL("socket");
   int rc;
   uint32_t seq;
-  uint32_t sent = c->send_len - c->unsent;
+  /* The application shut its side down: its FIN, which repair mode queues
+   * with shutdown(), goes after every byte, so all of them are queued as
+   * sent (those never sent go out a retransmission timeout later). */
+  int fin_sent = c->state == TCP_FIN_WAIT1 || c->state == TCP_FIN_WAIT2;
+  uint32_t sent = fin_sent ? c->send_len : c->send_len - c->unsent;
+  uint32_t send_end = fin_sent ? c->send_seq - 1 : c->send_seq;
   /* The peer's FIN counts in rcv_nxt; it is not data, and comes back as a
    * packet once the socket is out of repair mode (tcp_conn_refin). */
   uint32_t recv_end = c->state == TCP_CLOSE_WAIT ? c->recv_seq - 1 : c->recv_seq;
@@ -249,7 +261,7 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
     goto fail_errno;
   }
   if ((rc = select_queue(fd, TCP_SEND_QUEUE, step))) goto fail;
-  seq = c->send_seq - c->send_len;
+  seq = send_end - c->send_len;
   if (setsockopt(fd, SOL_TCP, TCP_QUEUE_SEQ, &seq, sizeof seq)) {
     *step = "setting the send sequence number";
     goto fail_errno;
@@ -279,6 +291,13 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   if ((rc = fill_queue(fd, c->recv_queue, c->recv_len, "refilling the receive queue", step))) goto fail;
   if ((rc = select_queue(fd, TCP_SEND_QUEUE, step))) goto fail;
   if ((rc = fill_queue(fd, c->send_queue, sent, "refilling the send queue", step))) goto fail;
+  /* Queued as sent, like the data before it: the kernel sends it again
+   * when its timer runs out, and the peer's acknowledgement takes the
+   * socket from FIN_WAIT1 to FIN_WAIT2 if it was there. */
+  if (fin_sent && shutdown(fd, SHUT_WR)) {
+    *step = "queueing the application's FIN";
+    goto fail_errno;
+  }
   if ((rc = select_queue(fd, TCP_NO_QUEUE, step))) goto fail;
   if (c->has_window) {
     struct tcp_repair_window w = {c->snd_wl1, c->snd_wnd, c->max_window, c->rcv_wnd, c->rcv_wup};

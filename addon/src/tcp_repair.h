@@ -15,13 +15,14 @@ typedef struct {
   uint16_t local_port;
   char peer[INET6_ADDRSTRLEN];
   uint16_t peer_port;
-  int state;                /* tcpi_state: ESTABLISHED 1, CLOSE_WAIT 8 */
+  int state;                /* tcpi_state: ESTABLISHED 1, FIN_WAIT1 4, FIN_WAIT2 5, CLOSE_WAIT 8 */
   /* Sequence numbers where the queues end: write_seq (the byte after the
    * last one the application wrote) and rcv_nxt (after the last received). */
   uint32_t send_seq;
   uint32_t recv_seq;
   /* The send queue: sent but not acknowledged, then never sent (the last
-   * `unsent` bytes). The receive queue: received, not read. malloc'd. */
+   * `unsent` bytes). The receive queue: received, not read. malloc'd.
+   * FINs are not data: neither queue nor size counts one. */
   uint8_t* send_queue;
   uint32_t send_len;
   uint32_t unsent;

@@ -27,6 +27,13 @@ function signalList(mask: bigint): string {
   return out.join(',') || 'none';
 }
 
+/** How inspect names a half-closed connection, by tcpi_state. */
+const HALF_CLOSED: Record<number, string> = {
+  4: ' (FIN_WAIT1: the application shut its side down)',
+  5: ' (FIN_WAIT2: the application shut its side down)',
+  8: ' (CLOSE_WAIT: the peer closed its side)',
+};
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -43,7 +50,7 @@ function describeFd(image: Image, fd: Fd): string {
       if (!c) return 'tcp connection';
       return c.closed
         ? `tcp ${connectionName(c)}, recorded closed`
-        : `tcp ${connectionName(c)}${c.state === 8 ? ' (CLOSE_WAIT: the peer closed its side)' : ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+        : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
       return `listening unix ${fd.socket?.address}`;

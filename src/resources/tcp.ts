@@ -22,9 +22,12 @@
  * A connection in CLOSE_WAIT (the peer closed its side, the application
  * has not read that far) is kept too: repair mode cannot queue the peer's
  * FIN, so the restore sends it again with a raw socket (CAP_NET_RAW) once
- * the socket is out of repair mode. Other half-closed states (the
- * application shut its own side: FIN_WAIT*, CLOSING, LAST_ACK) are refused
- * by name.
+ * the socket is out of repair mode. One whose application shut its own
+ * side down (shutdown(SHUT_WR): FIN_WAIT1, or FIN_WAIT2 once the peer
+ * acknowledged) comes back with its FIN queued as sent behind every byte
+ * (shutdown() in repair mode); the kernel sends it again when its timer
+ * runs out, and the peer's acknowledgement makes it FIN_WAIT2. Both sides
+ * closed (CLOSING, LAST_ACK) is refused by name.
  *
  * Between the end of the application and the restore nothing answers for
  * the connection: a packet the peer sends meanwhile (new data, or data the
@@ -48,10 +51,21 @@ import { Unsupported } from '../snapshot/context.js';
 const AF_INET = 2;
 const AF_INET6 = 10;
 const TCP_ESTABLISHED = 1;
+const TCP_FIN_WAIT1 = 4;
+const TCP_FIN_WAIT2 = 5;
 const TCP_CLOSE_WAIT = 8;
-/** What is kept: an open connection, or one whose peer has closed its side
- * (its FIN received) while the application's side is open. */
-const KEPT_STATES = new Set([TCP_ESTABLISHED, TCP_CLOSE_WAIT]);
+/** What is kept: an open connection, one whose peer has closed its side
+ * (its FIN received) while the application's side is open, and one whose
+ * application shut its side down while the peer's is open. */
+const KEPT_STATES = new Set([TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT]);
+
+/** The bytes written to a made connection once it is out of repair mode:
+ * those never sent, but where the application's FIN follows them, which
+ * the restore queues behind them as sent (tcp_repair.c). */
+function neverSent(c: TcpConnection): Buffer {
+  if (c.state === TCP_FIN_WAIT1 || c.state === TCP_FIN_WAIT2) return Buffer.alloc(0);
+  return c.sendQueue.subarray(c.sendQueue.length - c.unsent);
+}
 const TCP_STATES = ['', 'ESTABLISHED', 'SYN_SENT', 'SYN_RECV', 'FIN_WAIT1', 'FIN_WAIT2', 'TIME_WAIT', 'CLOSE', 'CLOSE_WAIT', 'LAST_ACK', 'LISTEN', 'CLOSING'];
 
 const SOL_SOCKET = 1;
@@ -111,7 +125,7 @@ export class HeldConnections {
     const named = { localAddress: seen.address, localPort: seen.port, peerAddress, peerPort };
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
     if (!KEPT_STATES.has(seen.state))
-      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established connections (and CLOSE_WAIT) can be captured yet`);
+      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = addon().getFd(pid, fd);
     try {
@@ -229,7 +243,7 @@ export class ConnectionMaker {
   release(): void {
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
-      addon().tcpRelease(m.fd, m.c.sendQueue.subarray(m.c.sendQueue.length - m.c.unsent));
+      addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;
       for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
       if (m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
