@@ -5,11 +5,11 @@
  * or repeated.
  *
  * Dump: a duplicate of the application's socket (the same socket) is put
- * in repair mode, given a socket filter that drops every packet (so that
- * nothing the peer sends is acknowledged and then missing from the
- * image: the peer sends it again), and its sequence numbers, both queues (read without
- * consuming them), the options the handshake agreed, its window and
- * timestamp clock and its integer socket options are read. The socket
+ * in repair mode and given a socket filter that drops every packet (so
+ * that nothing the peer sends is acknowledged and then missing from the
+ * image: the peer sends it again); then its sequence numbers, both queues
+ * (read without consuming them), the options the handshake agreed, its
+ * window and timestamp clock and its integer socket options are read. The socket
  * stays in repair mode while the application is frozen: ended after the
  * snapshot, its sockets close without a FIN or RST reaching the peer. Left
  * running (or if the snapshot fails), they leave repair mode again.
@@ -58,14 +58,6 @@ const TCP_CLOSE_WAIT = 8;
  * (its FIN received) while the application's side is open, and one whose
  * application shut its side down while the peer's is open. */
 const KEPT_STATES = new Set([TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT]);
-
-/** The bytes written to a made connection once it is out of repair mode:
- * those never sent, but where the application's FIN follows them, which
- * the restore queues behind them as sent (tcp_repair.c). */
-function neverSent(c: TcpConnection): Buffer {
-  if (c.state === TCP_FIN_WAIT1 || c.state === TCP_FIN_WAIT2) return Buffer.alloc(0);
-  return c.sendQueue.subarray(c.sendQueue.length - c.unsent);
-}
 const TCP_STATES = ['', 'ESTABLISHED', 'SYN_SENT', 'SYN_RECV', 'FIN_WAIT1', 'FIN_WAIT2', 'TIME_WAIT', 'CLOSE', 'CLOSE_WAIT', 'LAST_ACK', 'LISTEN', 'CLOSING'];
 
 const SOL_SOCKET = 1;
@@ -262,6 +254,14 @@ export class ConnectionMaker {
       }
     this.made.clear();
   }
+}
+
+/** The bytes written to a made connection once it is out of repair mode:
+ * those never sent, but where the application's FIN follows them, which
+ * the restore queues behind them as sent (tcp_repair.c). */
+function neverSent(c: TcpConnection): Buffer {
+  if (c.state === TCP_FIN_WAIT1 || c.state === TCP_FIN_WAIT2) return Buffer.alloc(0);
+  return c.sendQueue.subarray(c.sendQueue.length - c.unsent);
 }
 
 /** Repair mode cannot queue a FIN: the peer's is sent again, and taken
