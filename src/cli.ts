@@ -163,16 +163,18 @@ program
   .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
   .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
   .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
+  .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
   .option('--json', 'print what was written as JSON', false)
   .addHelpText(
     'after',
     '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
-      'removed. A snapshot that fails leaves the application running and no image. Resources that\n' +
-      'cannot be captured yet (an established TCP connection, inotify...) are refused by name.\n\n' +
+      'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
+      'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
+      'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
       'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
       '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
   )
-  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; json: boolean }) => {
+  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
     const aid = opts.aid ?? aidArg;
     if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
     const timeout = Number(opts.timeout);
@@ -183,6 +185,7 @@ program
       leaveRunning: opts.leaveRunning,
       full: opts.full,
       preCopy: opts.preCopy,
+      tcpClose: opts.tcpClose,
       timeoutMs: timeout * 1000,
     });
     if (opts.json) {

@@ -162,6 +162,25 @@ interface Addon {
   /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
   fileSeals(fd: number): number;
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
+  /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
+  tcpRepair(fd: number, mode: 1 | 0 | -1): void;
+  /** Every packet to the socket dropped (true), as if lost on the way,
+   * or not; EEXIST for a socket with a filter of its own. */
+  tcpLock(fd: number, on: boolean): void;
+  /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
+  tcpRead(fd: number): RepairedConnection;
+  /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */
+  tcpMake(c: RepairedConnection): number;
+  /** Repair mode off, then the never-sent bytes written. */
+  tcpRelease(fd: number, unsent: Buffer): void;
+  /** The peer's FIN of a connection in CLOSE_WAIT, sent to it again. */
+  tcpRefin(c: RepairedConnection): void;
+  /** tcpi_state */
+  tcpState(fd: number): number;
+  /** A connected TCP socket whose connection was reset. */
+  tcpResetSocket(family: number): number;
+  getSockOpt(fd: number, level: number, name: number): number;
+  setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
@@ -188,4 +207,25 @@ export function addon(): Addon {
     loaded = createRequire(import.meta.url)(paths.addon) as Addon;
   }
   return loaded;
+}
+
+/** What tcpRead returns and tcpMake takes. */
+export interface RepairedConnection {
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: { sndWl1: number; sndWnd: number; maxWindow: number; rcvWnd: number; rcvWup: number };
 }

@@ -344,6 +344,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("flags", flags);
   appshot::RegisterTrace(env, exports);
   appshot::RegisterRestore(env, exports);
+  appshot::RegisterTcp(env, exports);
   return exports;
 }
 

@@ -5,6 +5,7 @@ import { describeInotify } from '../resources/inotify.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
 import { describePosixTimer } from '../resources/timers.js';
+import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -38,6 +39,13 @@ function signalList(mask: bigint): string {
   return out.join(',') || 'none';
 }
 
+/** How inspect names a half-closed connection, by tcpi_state. */
+const HALF_CLOSED: Record<number, string> = {
+  4: ' (FIN_WAIT1: the application shut its side down)',
+  5: ' (FIN_WAIT2: the application shut its side down)',
+  8: ' (CLOSE_WAIT: the peer closed its side)',
+};
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -49,6 +57,13 @@ function describeFd(image: Image, fd: Fd): string {
     }
     case 'TCP_LISTEN':
       return `listening ${fd.socket?.address}:${fd.socket?.port}`;
+    case 'TCP_ESTABLISHED': {
+      const c = fd.tcp;
+      if (!c) return 'tcp connection';
+      return c.closed
+        ? `tcp ${connectionName(c)}, recorded closed`
+        : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+    }
     case 'UNIX_SOCKET':
       return `listening unix ${fd.socket?.address}`;
     case 'EVENTFD':

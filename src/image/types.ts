@@ -362,6 +362,7 @@ export const FdKind = {
   SIGNALFD: 8,
   TIMERFD: 9,
   INOTIFY: 10,
+  TCP_ESTABLISHED: 11,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -384,6 +385,8 @@ export interface Fd {
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
   sigmask: bigint;
   timerfd?: Timerfd;
+  /** An established TCP connection (TCP_ESTABLISHED). */
+  tcp?: TcpConnection;
   /** Absent for other kinds and in older images. */
   inotifyWatches?: InotifyWatch[];
 }
@@ -401,6 +404,45 @@ export interface InotifyWatch {
   wd: number;
   path: string;
   mask: number;
+}
+
+/** An established TCP connection as repair mode reads it (resources/tcp.ts). */
+export interface TcpConnection {
+  ino: bigint;
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  /** Not kept: restored as a socket whose connection was reset. */
+  closed: boolean;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: TcpWindow;
+  socketOptions: SocketOption[];
+}
+
+export interface TcpWindow {
+  sndWl1: number;
+  sndWnd: number;
+  maxWindow: number;
+  rcvWnd: number;
+  rcvWup: number;
+}
+
+export interface SocketOption {
+  level: number;
+  name: number;
+  value: number;
 }
 
 export interface Pipe {

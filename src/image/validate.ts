@@ -240,6 +240,9 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
     if ((fd.kind === FdKind.UNIX_SOCKET || fd.kind === FdKind.TCP_LISTEN) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
+    if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
+    if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
+      corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
     for (const t of fd.epoll) if (!fdNumbers.has(t.fd)) corrupt(`${where} watches fd ${t.fd}, which ${who} does not have`);
     const watches = fd.inotifyWatches ?? [];

@@ -3,9 +3,9 @@
  * close-on-exec bit. Regular files (and a deleted file's contents),
  * character devices (/dev/null, /dev/zero, /dev/urandom, ttys), pipes and
  * FIFOs (both ends, with the data they hold, copied without consuming it),
- * listening sockets (sockets.ts), eventfd, epoll, signalfd (signalfd.ts),
- * timerfd (timerfd.ts) and inotify (inotify.ts). Anything else is refused
- * by name.
+ * listening sockets (sockets.ts), established TCP connections (tcp.ts),
+ * eventfd, epoll, signalfd (signalfd.ts), timerfd (timerfd.ts) and inotify
+ * (inotify.ts). Anything else is refused by name.
  */
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -110,9 +110,13 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
+    const connection = bracket?.[1] === 'socket' ? sockets.connection(BigInt(bracket[2])) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
       fd.pipe = pipeOf(ctx, pid, n, BigInt(bracket[2]), '');
+    } else if (connection) {
+      fd.kind = FdKind.TCP_ESTABLISHED;
+      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what);
     } else if (bracket && bracket[1] === 'socket') {
       fd.kind = FdKind.TCP_LISTEN;
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what);

@@ -25,6 +25,7 @@ import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedir
 import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
+import { ConnectionMaker } from '../resources/tcp.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
@@ -159,6 +160,8 @@ class Handover {
   private readonly pipes = new Map<number, { read: number; write: number }>();
   private readonly sockets = new Map<bigint, number>();
   private readonly shared = new Map<number, number>();
+  /** Established TCP connections, in repair mode until every process is made. */
+  readonly tcp = new ConnectionMaker();
 
   constructor(
     private readonly image: Image,
@@ -372,6 +375,11 @@ class Handover {
         }
         return sock;
       }
+      case FdKind.TCP_ESTABLISHED: {
+        const sock = this.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
+        addon().setStatusFlags(sock, fd.flags);
+        return sock;
+      }
       case FdKind.EVENTFD: {
         // Made at 0 and written: the counter is 64 bits, eventfd()'s
         // initial value only 32.
@@ -420,6 +428,7 @@ class Handover {
   }
 
   close(): void {
+    this.tcp.close();
     for (const fd of this.mine.splice(0))
       try {
         closeSync(fd);
@@ -672,6 +681,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    handed.tcp.release();
     handed.close();
     phase('threads');
 

@@ -30,6 +30,7 @@ import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
+import type { HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
@@ -50,6 +51,9 @@ export interface SnapshotOptions {
   /** Copy memory while the application runs first; freeze it only for
    * the pages written meanwhile. */
   preCopy?: boolean;
+  /** Record established TCP connections as closed instead of keeping them
+   * (resources/tcp.ts): for want of CAP_NET_ADMIN, or on purpose. */
+  tcpClose?: boolean;
 }
 
 export interface SnapshotResult {
@@ -421,6 +425,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let frozenAt = 0;
   let thawedAt = 0;
   let armed: string[] | undefined;
+  let connections: HeldConnections | undefined;
   try {
     freezer.freeze(opts.timeoutMs);
     frozenAt = now();
@@ -428,6 +433,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, trackingFds, trackedPids);
+    connections = ctx.tcp;
+    connections.closeConnections = opts.tcpClose ?? false;
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
@@ -439,6 +446,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
     phase('tracking armed');
     if (opts.leaveRunning) {
+      connections.release();
       freezer.resume();
       thawedAt = now();
     }
@@ -464,6 +472,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
       else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
       freezer.kill();
+      connections.closeSilently();
       thawedAt = now();
       await waitReleased(reg, aid);
     } else {
@@ -495,6 +504,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   } catch (e) {
     progress.done();
     pages.abort();
+    connections?.release();
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.

@@ -18,6 +18,7 @@
  */
 import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
 import { forkTreatment } from '../resources/memory.js';
+import { connectionName } from '../resources/tcp.js';
 import { unredirected } from '../resources/paths.js';
 import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
@@ -49,6 +50,8 @@ const CRITERIA = {
   exported: 'system-wide unique, exported to clients outside',
   wipeOnFork: 'marked MADV_WIPEONFORK: zero in every clone, as in a fork child',
   dontFork: 'marked MADV_DONTFORK: absent from every clone, as from a fork child',
+  tcpConnection: 'an established TCP connection: it has one peer, which clones cannot each have',
+  tcpClosed: 'a TCP connection recorded closed (snapshot --tcp-close): each clone sees it reset',
 } as const;
 
 const decide = (action: Action, reason: string): Decision => ({ action, reason });
@@ -166,6 +169,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       const d = portDecision(port, rules);
       return { kind: 'socket', name: tcpName(fd), action: d.action, reason: `listens on port ${port}: ${d.reason}` };
     }
+    case FdKind.TCP_ESTABLISHED:
+      return { kind: 'socket', name: `tcp ${fd.tcp ? connectionName(fd.tcp) : ''}`, ...decide('recreate', fd.tcp?.closed ? CRITERIA.tcpClosed : CRITERIA.tcpConnection) };
     case FdKind.EVENTFD:
       return { kind: 'eventfd', name: 'eventfd', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.SIGNALFD:
@@ -194,6 +199,10 @@ function fileDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Decis
 }
 
 function fdRefusal(fd: Fd): string | undefined {
+  // A clone cannot take over the template's connection (its peer talks to
+  // one socket); recorded closed, each clone gets it reset.
+  if (fd.kind === FdKind.TCP_ESTABLISHED && fd.tcp && !fd.tcp.closed)
+    return `the established TCP connection ${connectionName(fd.tcp)} has one peer, which clones cannot each have (take the snapshot with --tcp-close: every clone then sees it reset)`;
   if (fd.kind === FdKind.FIFO) return `a FIFO (named pipe) at ${fd.path} is a system-wide name and cannot be shared by clones`;
   if (fd.kind === FdKind.UNIX_SOCKET && fd.socket?.listening) {
     const where = fd.socket.address.startsWith('@') ? `the abstract address ${fd.socket.address}` : fd.socket.address;
