@@ -222,7 +222,10 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     reg.commit(commitPath);
     return results;
   } catch (e) {
-    // All or nothing: the instances this batch made go too.
+    // All or nothing: the instances this batch made go too. Their lifelines
+    // end first: the batch will never commit, and each init, seeing that,
+    // kills its instance and leaves its registration to be released.
+    for (const fd of lifelines.splice(0)) closeSync(fd);
     for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
