@@ -226,6 +226,48 @@ describe.runIf(isRoot)('the privilege rule', () => {
   });
 });
 
+/** Runs credcase MODE under appshot as `aid` and waits for its checks. */
+async function runCase(aid: string, mode: string): Promise<number> {
+  const run = sb.run(['run', '-d', '--aid', aid, '--', fixture('credcase'), mode]);
+  expect(run.code, run.stderr).toBe(0);
+  await waitFor(() => checks(aid) >= 2 || /FAIL/.test(log(aid)), 10_000, `credcase ${mode} to settle`);
+  expect(log(aid)).not.toMatch(/FAIL/);
+  return appPid(aid);
+}
+
+/** Snapshot, restore (as root), and the same credentials in every thread. */
+async function roundTrip(aid: string, mode: string): Promise<number> {
+  const pid = await runCase(aid, mode);
+  const before = threadCreds(pid);
+  const snap = sb.run(['snapshot', aid, '-o', join(dir, aid)]);
+  expect(snap.code, snap.stderr).toBe(0);
+  const restored = sb.run(['restore', join(dir, aid)]);
+  expect(restored.code, restored.stderr).toBe(0);
+  await keepsChecking(aid, 3);
+  const now = appPid(aid);
+  expect(now).not.toBe(pid);
+  expect(threadCreds(now)).toEqual(before);
+  return now;
+}
+
+describe.runIf(isRoot)('credentials the kernel lets a restore make only in its order', () => {
+  it('securebits kept after every capability is gone (SecureBits=noroot with User=)', async () => {
+    const pid = await roundTrip('cc-noroot', 'noroot');
+    expect(threadCreds(pid)[0]).toMatch(/Uid:\s+1000\s+1000\s+1000\s+1000.*CapPrm:\s+0+;/);
+  });
+
+  it('an inheritable capability the bounding set no longer holds (capsh --inh=cap_net_raw --drop=cap_net_raw)', async () => {
+    const pid = await roundTrip('cc-inhbnd', 'inhbnd');
+    expect(threadCreds(pid)[0]).toMatch(/CapInh:\s+0+2000;/);
+  });
+
+  it('an fsuid none of the other uids is, set under KEEP_CAPS before every capability went', async () => {
+    const pid = await roundTrip('cc-fsuid', 'fsuid');
+    expect(threadCreds(pid)[0]).toMatch(/Uid:\s+1000\s+1000\s+1000\s+2000/);
+  });
+
+});
+
 /* ---- the rule itself, as a pure function ------------------------------- */
 
 const ALL = (1n << 41n) - 1n;
@@ -294,6 +336,11 @@ describe('the privilege rule, case by case', () => {
     expect(filtersToInstall(want, [a], 'p')).toEqual([b]);
     expect(() => filtersToInstall(want, [b], 'p')).toThrow(/does not begin with the one appshot runs under/);
     expect(() => filtersToInstall(image(nobody()), [a], 'p')).toThrow(/did not record/);
+  });
+
+  it('an inheritable capability must be in the bounding set too', () => {
+    expect(credentialRefusal(image(rootCreds({ capInh: bit(13) })), rootCreds({ capBnd: ALL & ~bit(13) }))).toMatch(/CAP_NET_RAW \(inheritable\) is not in this user's bounding set/);
+    expect(credentialRefusal(image(rootCreds({ capInh: bit(13), capBnd: ALL & ~bit(13) })), rootCreds({ capInh: bit(13), capBnd: ALL & ~bit(13) }))).toBeUndefined();
   });
 
   it('limits: a hard limit above the user\'s own needs CAP_SYS_RESOURCE', () => {

@@ -42,6 +42,7 @@ const capName = (c: number) => `CAP_${(CAP_NAMES[c] ?? String(c)).toUpperCase()}
 const PR = {
   GET_DUMPABLE: 3,
   SET_DUMPABLE: 4,
+  SET_KEEPCAPS: 8,
   SET_SECCOMP: 22,
   CAPBSET_DROP: 24,
   GET_SECUREBITS: 27,
@@ -51,7 +52,11 @@ const PR = {
 } as const;
 const PR_CAP_AMBIENT_RAISE = 2;
 const PR_CAP_AMBIENT_LOWER = 3;
+const SECBIT_NO_SETUID_FIXUP = 1 << 2;
 const SECBIT_KEEP_CAPS = 1 << 4;
+const SECBIT_KEEP_CAPS_LOCKED = 1 << 5;
+const SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6;
+const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7;
 /** Each securebit's lock is the bit above it. */
 const SECBIT_LOCKS = 0b10101010;
 const SECCOMP_MODE_STRICT = 1;
@@ -198,6 +203,9 @@ export function credentialRefusal(want: Creds, own: OwnCreds): string | undefine
   if (extraPrm) return `capability ${firstCap(extraPrm)} (permitted) is not in this user's permitted set`;
   const extraInh = want.capInh & ~(own.capInh | own.capPrm);
   if (extraInh) return `capability ${firstCap(extraInh)} (inheritable) is neither inheritable nor permitted for this user`;
+  // capset: a new inheritable capability must be in the bounding set too.
+  const outOfBounds = want.capInh & ~(own.capInh | own.capBnd);
+  if (outOfBounds) return `capability ${firstCap(outOfBounds)} (inheritable) is not in this user's bounding set`;
   if (want.capEff & ~want.capPrm || want.capAmb & ~(want.capPrm & want.capInh)) return 'its recorded capability sets are inconsistent (corrupt image?)';
   const extraBnd = want.capBnd & ~own.capBnd;
   if (extraBnd) return `bounding set holds ${firstCap(extraBnd)}, which this user's bounding set lacks`;
@@ -255,10 +263,23 @@ function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
  * restoreSeccomp) and the process its dumpable flag. Run after everything
  * else that needs privileges or scratch memory but its unmapping: after
  * these calls the process may no longer be ours to change. The order is
- * the kernel's: groups and gids while CAP_SETGID is still there; the
- * bounding set and KEEP_CAPS while CAP_SETPCAP is effective; the uids
- * (permitted caps kept); a capability set still holding CAP_SETPCAP for
- * the final securebits, ambient raises, then the exact sets.
+ * the kernel's, in each thread:
+ *  1. groups and gids (and the fs gid), while CAP_SETGID is effective;
+ *  2. the inheritable set, which must lie within the old inheritable set
+ *     and the bounding set as it is before that is lowered;
+ *  3. the bounding set, while CAP_SETPCAP is effective;
+ *  4. the securebits, while CAP_SETPCAP is effective: a process may keep
+ *     them with no capability left (SecureBits= with User=). KEEP_CAPS is
+ *     added if leaving uid 0 would empty a permitted set still needed;
+ *     what must wait (NO_CAP_AMBIENT_RAISE before the ambient raises, a
+ *     KEEP_CAPS_LOCKED with KEEP_CAPS clear) waits;
+ *  5. the uids; then, as the uid change cleared the effective set, a
+ *     transitional capability set with what is still to be used
+ *     (CAP_SETUID for an fs uid none of the others is, CAP_SETPCAP for
+ *     the last securebits);
+ *  6. the fs uid, the ambient set, the last securebits (KEEP_CAPS cleared
+ *     again with PR_SET_KEEPCAPS, which needs no capability), the exact
+ *     capability sets, no_new_privs.
  * Returns how many calls it injected (each ~16 µs): most are skipped where
  * the seed has the value already.
  */
@@ -271,43 +292,67 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
   // All buffers first, while the scratch memory is surely writable.
   r.reset();
   const wanted = threadCreds(p);
-  const buffers = wanted.map(({ creds: c }) => ({
-    groups: r.put(Buffer.from(new Uint32Array(c.groups).buffer)),
-    transitional: r.put(capsetData({ ...c, capEff: c.capEff | (1n << BigInt(CAP.SETPCAP)), capPrm: c.capPrm | (1n << BigInt(CAP.SETPCAP)) })),
-    exact: r.put(capsetData(c)),
-  }));
+  const seeds = tids.map((tid) => threadStatus(r.pid, tid));
+  const buffers = wanted.map(({ creds: c }, i) => {
+    const seed = seeds[i];
+    const extra = ((1n << BigInt(CAP.SETPCAP)) | (1n << BigInt(CAP.SETUID))) & seed.capPrm;
+    return {
+      groups: r.put(Buffer.from(new Uint32Array(c.groups).buffer)),
+      inheritable: r.put(capsetData({ capEff: seed.capEff, capPrm: seed.capPrm, capInh: c.capInh })),
+      transitional: r.put(capsetData({ capEff: c.capEff | extra, capPrm: c.capPrm | extra, capInh: c.capInh })),
+      extra,
+      exact: r.put(capsetData(c)),
+    };
+  });
   // The seed's securebits, which its threads share: asked once.
   calls.n++;
   const seedBits = Number(r.call('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]));
   wanted.forEach(({ creds: want }, i) => {
     const tid = tids[i];
     const buf = buffers[i];
-    let have = threadStatus(r.pid, tid);
+    let have = seeds[i];
     let bits = seedBits;
+    const setBits = (to: number) => {
+      if (to === bits) return;
+      if ((to ^ bits) === SECBIT_KEEP_CAPS) call(`${to & SECBIT_KEEP_CAPS ? 'setting' : 'clearing'} KEEP_CAPS`, SYS.prctl, [PR.SET_KEEPCAPS, to & SECBIT_KEEP_CAPS ? 1 : 0], tid);
+      else call(`setting securebits 0x${to.toString(16)}`, SYS.prctl, [PR.SET_SECUREBITS, to], tid);
+      bits = to;
+    };
+    // 1.
     if (!sameSet(want.groups, have.groups)) call('setgroups', SYS_CREDS.setgroups, [want.groups.length, buf.groups], tid);
     if (want.gid.slice(0, 3).join() !== have.gid.slice(0, 3).join()) call(`setresgid ${want.gid.slice(0, 3).join(' ')}`, SYS_CREDS.setresgid, want.gid.slice(0, 3), tid);
     // setresgid set the fs gid to the effective one.
     if (want.gid[3] !== threadStatus(r.pid, tid).gid[3]) call(`setfsgid ${want.gid[3]}`, SYS_CREDS.setfsgid, [want.gid[3]], tid);
+    // 2.
+    if (want.capInh !== have.capInh) call('capset (inheritable)', SYS_CREDS.capset, [buf.inheritable, buf.inheritable + 8n], tid);
+    // 3.
     for (const cap of capList(have.capBnd & ~want.capBnd)) call(`dropping ${capName(cap)} from the bounding set`, SYS.prctl, [PR.CAPBSET_DROP, cap], tid);
+    // 4.
     const uidChanges = want.uid.slice(0, 3).join() !== have.uid.slice(0, 3).join();
     const losesRoot = have.uid.slice(0, 3).includes(0) && !want.uid.slice(0, 3).includes(0);
-    if (uidChanges && losesRoot && want.capPrm && !(bits & SECBIT_KEEP_CAPS)) {
-      // Without it, leaving uid 0 empties the permitted set.
-      bits |= SECBIT_KEEP_CAPS;
-      call('setting KEEP_CAPS', SYS.prctl, [PR.SET_SECUREBITS, bits], tid);
-    }
+    const fsuidNeedsCap = !want.uid.slice(0, 3).includes(want.uid[3]);
+    let later = want.capAmb & ~have.capAmb ? want.securebits & (SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED) : 0;
+    // Leaving uid 0 empties the permitted set, but with KEEP_CAPS (or
+    // NO_SETUID_FIXUP, which the image may set).
+    const keep = uidChanges && losesRoot && !(want.securebits & SECBIT_NO_SETUID_FIXUP) && (want.capPrm !== 0n || fsuidNeedsCap || later !== 0);
+    if (keep && want.securebits & SECBIT_KEEP_CAPS_LOCKED && !(want.securebits & SECBIT_KEEP_CAPS)) later |= SECBIT_KEEP_CAPS_LOCKED;
+    setBits((want.securebits & ~later) | (keep ? SECBIT_KEEP_CAPS : 0));
+    // 5.
     if (uidChanges) call(`setresuid ${want.uid.slice(0, 3).join(' ')}`, SYS_CREDS.setresuid, want.uid.slice(0, 3), tid);
     have = threadStatus(r.pid, tid);
-    if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
     const capsDiffer = () => have.capEff !== want.capEff || have.capPrm !== want.capPrm || have.capInh !== want.capInh;
-    const changeBits = want.securebits !== bits;
-    // PR_SET_SECUREBITS needs CAP_SETPCAP effective: keep it until then.
-    if (changeBits && !hasCap(want.capEff, CAP.SETPCAP) && hasCap(have.capPrm, CAP.SETPCAP)) call('capset (with CAP_SETPCAP)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
+    const lastBitsNeedSetpcap = want.securebits !== bits && (want.securebits ^ bits) !== SECBIT_KEEP_CAPS;
+    const needed = (fsuidNeedsCap && want.uid[3] !== have.uid[3] ? 1n << BigInt(CAP.SETUID) : 0n) | (lastBitsNeedSetpcap ? 1n << BigInt(CAP.SETPCAP) : 0n);
+    const transitional = needed & ~want.capEff & buf.extra & have.capPrm;
+    if (transitional && !(want.capPrm & ~have.capPrm)) call('capset (transitional)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
     else if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
+    // 6.
+    have = threadStatus(r.pid, tid);
+    if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
     have = threadStatus(r.pid, tid);
     for (const cap of capList(want.capAmb & ~have.capAmb)) call(`raising ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0], tid);
     for (const cap of capList(have.capAmb & ~want.capAmb)) call(`lowering ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0], tid);
-    if (changeBits) call(`setting securebits 0x${want.securebits.toString(16)}`, SYS.prctl, [PR.SET_SECUREBITS, want.securebits], tid);
+    setBits(want.securebits);
     have = threadStatus(r.pid, tid);
     if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
     if (want.noNewPrivs && !have.noNewPrivs) call('setting no_new_privs', SYS.prctl, [PR.SET_NO_NEW_PRIVS, 1, 0, 0, 0], tid);
