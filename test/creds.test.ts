@@ -8,11 +8,13 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { chmodSync, chownSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
 import type { Creds } from '../src/image/types.js';
+import { validateImage } from '../src/image/validate.js';
 import { CAP, credentialRefusal, filtersToInstall, type OwnCreds } from '../src/resources/creds.js';
 import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
 import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
@@ -280,6 +282,22 @@ describe.runIf(isRoot)('credentials the kernel lets a restore make only in its o
     await keepsChecking('cc-tsync', 2);
   });
 
+  it('an image whose filter flags a filter never keeps (TSYNC, NEW_LISTENER, SPEC_ALLOW) is corrupt', async () => {
+    await runCase('cc-flags', 'nested');
+    const snap = sb.run(['snapshot', 'cc-flags', '-o', join(dir, 'cc-flags'), '--leave-running']);
+    expect(snap.code, snap.stderr).toBe(0);
+    const { image } = await loadImage(join(dir, 'cc-flags'), { trust: 'report' });
+    const size = BigInt(statSync(join(dir, 'cc-flags', 'pages.img')).size);
+    expect(() => validateImage(image, size)).not.toThrow();
+    for (const flags of [1n, 4n, 8n, 16n]) {
+      const bad = structuredClone(image);
+      bad.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = flags;
+      expect(() => validateImage(bad, size)).toThrow(/^corrupt image: .*seccomp filter flags/);
+    }
+    const logged = structuredClone(image);
+    logged.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = 2n;
+    expect(() => validateImage(logged, size)).not.toThrow();
+  });
 });
 
 describe.runIf(isRoot)('an ordinary user restoring a non-dumpable process under a filter', () => {
