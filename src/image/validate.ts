@@ -172,7 +172,8 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
  * lifted mitigation) and no snapshot records them. */
 function checkSeccompFlags(creds: Creds, who: string): void {
   for (const f of creds.seccompFilters) if (f.flags & ~SECCOMP_FILTER_FLAG_LOG) corrupt(`${who}'s seccomp filter flags 0x${f.flags.toString(16)} are not ones a filter keeps (only SECCOMP_FILTER_FLAG_LOG)`);
-  if (!(Number.isInteger(creds.seccompContext ?? 0) && (creds.seccompContext ?? 0) >= 0 && (creds.seccompContext ?? 0) <= 64)) corrupt(`${who} counts ${creds.seccompContext} seccomp filters of appshot's context`);
+  // The kernel runs at most 32768 instructions over a chain, 4 more a filter.
+  if (!(Number.isInteger(creds.seccompContext ?? 0) && (creds.seccompContext ?? 0) >= 0 && (creds.seccompContext ?? 0) <= 8192)) corrupt(`${who} counts ${creds.seccompContext} seccomp filters of appshot's context`);
 }
 
 /** What makes a process run: its ids, credentials, signals and threads. */
