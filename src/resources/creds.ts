@@ -70,11 +70,9 @@ const SECBIT_LOCKS = 0b10101010;
 const SECCOMP_MODE_STRICT = 1;
 const SECCOMP_MODE_FILTER = 2;
 const SECCOMP_SET_MODE_FILTER = 1;
+/** Added to an installation, never recorded: an image's filters carry
+ * SECCOMP_FILTER_FLAG_LOG at most (validateImage). */
 const SECCOMP_FILTER_FLAG_TSYNC = 1n;
-/** The one flag a filter keeps, and PTRACE_SECCOMP_GET_METADATA reports:
- * any other in an image is corrupt (TSYNC, NEW_LISTENER, SPEC_ALLOW... act
- * at installation only, or hand out a listener descriptor). */
-export const SECCOMP_FILTER_FLAG_LOG = 2n;
 const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 const SYS_CREDS = { setgroups: 116, setresuid: 117, setresgid: 119, setfsuid: 122, setfsgid: 123, capset: 126, seccomp: 317 } as const;
 
