@@ -122,7 +122,8 @@ interface Addon {
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is
    * let go (PTRACE_O_SUSPEND_SECCOMP; needs CAP_SYS_ADMIN). */
-  suspendSeccomp(tid: number): void;
+  /** exitKill: keep PTRACE_O_EXITKILL (a restore's tracees, until the commit). */
+  suspendSeccomp(tid: number, exitKill?: boolean): void;
   /** This thread's PR_GET_SECUREBITS. */
   securebits(): number;
   readMemory(pid: number, addr: bigint, length: number): Buffer;

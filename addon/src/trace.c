@@ -193,8 +193,8 @@ int trace_seccomp_flags(pid_t tid, unsigned long index, uint64_t* flags) {
   return 0;
 }
 
-int trace_suspend_seccomp(pid_t tid) {
-  long opts = SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP;
+int trace_suspend_seccomp(pid_t tid, int exit_kill) {
+  long opts = SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP | (exit_kill ? PTRACE_O_EXITKILL : 0);
   return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)opts) ? fail() : 0;
 }
 

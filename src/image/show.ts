@@ -118,7 +118,8 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
         const c = t.creds ?? p.creds;
-        const seccomp = c.seccomp === 2 ? `${c.seccompFilters.length} filter${c.seccompFilters.length === 1 ? '' : 's'}` : c.seccomp === 1 ? 'strict' : '-';
+        const n = c.seccompFilters.length + (c.seccompContext ?? 0);
+        const seccomp = c.seccomp === 2 ? `${n} filter${n === 1 ? '' : 's'}${c.seccompContext ? ` (${c.seccompContext} appshot's)` : ''}` : c.seccomp === 1 ? 'strict' : '-';
         return [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16), c.uid.join('/'), c.gid.join('/'), '0x' + c.capEff.toString(16), seccomp];
       }),
       out,

@@ -224,8 +224,12 @@ export interface Creds {
   noNewPrivs: boolean;
   /** Seccomp mode: 0 none, 1 strict, 2 filter. */
   seccomp: number;
-  /** The filter chain, oldest first. */
+  /** The filter chain, oldest first, past the context's (seccompContext). */
   seccompFilters: SeccompFilter[];
+  /** How many filters began the chain that were those appshot itself ran
+   * under when the image was taken (a container's profile): counted, not
+   * recorded (the kernel shows them to no process under seccomp). */
+  seccompContext?: number;
 }
 
 export interface SeccompFilter {

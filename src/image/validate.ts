@@ -15,7 +15,10 @@ import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import type protobuf from 'protobufjs';
 import { AppshotError } from '../errors.js';
-import { FdKind, type Image, type PageRef, type Process, VmaKind } from './types.js';
+import { type Creds, FdKind, type Image, type PageRef, type Process, VmaKind } from './types.js';
+
+/** linux/seccomp.h */
+const SECCOMP_FILTER_FLAG_LOG = 2n;
 
 /** The ceilings, as the README states them. */
 export const LIMITS = {
@@ -167,6 +170,16 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkFds(image, p, limits);
 }
 
+/** A filter keeps one flag, SECCOMP_FILTER_FLAG_LOG (all that
+ * PTRACE_SECCOMP_GET_METADATA reports): the others act when a filter is
+ * installed (TSYNC on every thread, NEW_LISTENER's descriptor, SPEC_ALLOW's
+ * lifted mitigation) and no snapshot records them. */
+function checkSeccompFlags(creds: Creds, who: string): void {
+  for (const f of creds.seccompFilters) if (f.flags & ~SECCOMP_FILTER_FLAG_LOG) corrupt(`${who}'s seccomp filter flags 0x${f.flags.toString(16)} are not ones a filter keeps (only SECCOMP_FILTER_FLAG_LOG)`);
+  // The kernel runs at most 32768 instructions over a chain, 4 more a filter.
+  if (!(Number.isInteger(creds.seccompContext ?? 0) && (creds.seccompContext ?? 0) >= 0 && (creds.seccompContext ?? 0) <= 8192)) corrupt(`${who} counts ${creds.seccompContext} seccomp filters of appshot's context`);
+}
+
 /** What makes a process run: its ids, credentials, signals and threads. */
 function checkProcessState(p: Process, vtids: Set<number>): void {
   const who = `process ${p.vpid}`;
@@ -194,7 +207,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     if (t.regs.length !== LIMITS.regsBytes) corrupt(`thread ${t.vtid}'s registers are ${t.regs.length} bytes, not ${LIMITS.regsBytes}`);
     if (t.xstate.length > LIMITS.xstateBytes) corrupt(`thread ${t.vtid}'s extended state is ${t.xstate.length} bytes`);
     if (t.pending.length % 128 || t.pending.length / 128 > LIMITS.pendingSignals) corrupt(`thread ${t.vtid}'s pending signals are not whole siginfos, or too many`);
+    if (t.creds) checkSeccompFlags(t.creds, `thread ${t.vtid}`);
   }
+  checkSeccompFlags(p.creds, who);
 
 }
 

@@ -22,7 +22,7 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
-import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
+import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
 import { ConnectionMaker } from '../resources/tcp.js';
@@ -672,10 +672,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // but before the credentials, which may give up the capability that
       // raising one needs.
       credentialCalls += restoreLimits(r, p.rlimits);
+      // Seccomp programs written while the process is surely ours to write.
+      const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids);
       r.unmapScratch();
-      credentialCalls += restoreSeccomp(r, p, m.tids, inheritedFilters);
+      credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
