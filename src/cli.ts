@@ -3,7 +3,7 @@
  * file owns only argument parsing, output format and exit codes.
  */
 import { Command, CommanderError } from 'commander';
-import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run } from './harness.js';
@@ -11,12 +11,15 @@ import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js';
 import { loadImage } from './image/format.js';
+import { removeStaleTemporaries } from './image/partial.js';
 import { imageJson, printImage } from './image/show.js';
+import { exportKey, importKey, selfKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
 import { snapshot } from './snapshot/driver.js';
 import { restore } from './restore/driver.js';
 import { Progress } from './progress.js';
 import { clone } from './template/clone.js';
 import { createTemplate, openTemplate, summarize } from './template/template.js';
+import { sharedState } from './resources/identity.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -377,16 +380,18 @@ program
   .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
   .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
   .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
+  .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
   .option('--json', 'print what was written as JSON', false)
   .addHelpText(
     'after',
     '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
-      'removed. A snapshot that fails leaves the application running and no image. Resources that\n' +
-      'cannot be captured yet (an established TCP connection, inotify...) are refused by name.\n\n' +
+      'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
+      'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
+      'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
       'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
       '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
   )
-  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; json: boolean }) => {
+  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
     const aid = opts.aid ?? aidArg;
     if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
     const timeout = Number(opts.timeout);
@@ -397,6 +402,7 @@ program
       leaveRunning: opts.leaveRunning,
       full: opts.full,
       preCopy: opts.preCopy,
+      tcpClose: opts.tcpClose,
       timeoutMs: timeout * 1000,
     });
     if (opts.json) {
@@ -418,11 +424,12 @@ program
   .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
   .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
   .option('--json', 'the whole image as JSON', false)
+  .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.')
   .action(async (path: string, opts: { json: boolean }) => {
-    const loaded = await loadImage(path);
+    const loaded = await loadImage(path, { trust: 'report' });
     try {
-      if (opts.json) json(imageJson(loaded.manifest, loaded.image));
-      else printImage(loaded.manifest, loaded.image);
+      if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
+      else printImage(loaded.manifest, loaded.image, loaded.signer);
     } finally {
       loaded.dispose();
     }
@@ -436,16 +443,21 @@ program
   .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
   .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
   .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
+  .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
-    "\nThe image is verified first (checksums, format, this node's kernel and the files it maps);\n" +
-      'a restore that fails leaves no process, SysV object or table behind. The application runs\n' +
+    "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
+      'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
+      'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
+      'object or table behind. The application runs\n' +
       'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
       "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
-      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -',
+      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
+      '  appshot restore --trust-image downloaded.appshot',
   )
-  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean }) => {
+  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
+    if (opts.trustImage) trustImagesExplicitly();
     const reg = registry();
     const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
     // For ps: where it came from (a stream has no path to show).
@@ -468,24 +480,29 @@ template
   .option('--rules <file>', 'classify by these rules instead of those the application ran under')
   .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
   .option('--json', 'print the verdicts as JSON', false)
+  .option('--trust-image', 'accept the snapshot even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
     '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
       '(or recreate), from a rule or from the standard criteria (shared? modifiable? large with an\n' +
       'underlying object? system-wide unique? exported to clients?). What cannot be templated (a unix\n' +
       'socket listening on a path, a FIFO, a writable shared file mapping) is refused by name, and\n' +
-      'nothing is written. The snapshot\'s parts are hard-linked where possible.\n\n' +
+      'nothing is written. The snapshot\'s parts are hard-linked where possible. The snapshot must be\n' +
+      'signed by a trusted key (or --trust-image); the template is signed with this node\'s key.\n\n' +
       'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
       '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
   )
-  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean }) => {
+  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
     if (opts.name !== undefined) checkAid(opts.name);
+    if (opts.trustImage) trustImagesExplicitly();
     const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
     if (opts.json) json(summary);
     else {
       process.stdout.write(summary.template + '\n');
       const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
       process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+      // What the rules leave shared is worth a warning; the rest `show` lists.
+      for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
     }
   });
 
@@ -495,15 +512,19 @@ template
   .argument('<template>', 'the template directory')
   .option('--json', 'machine-readable output', false)
   .action(async (path: string, opts: { json: boolean }) => {
-    const t = await openTemplate(path);
+    const t = await openTemplate(path, true, 'report');
     try {
-      const summary = summarize(t.path, t.template);
+      const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
       if (opts.json) {
         json(summary);
         return;
       }
       process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
       printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
+      if (summary.shared.length) {
+        process.stdout.write('\nwhat every clone would share with the others and the template:\n');
+        for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${s.what}\n           -> ${s.fix}\n`);
+      }
     } finally {
       t.loaded.dispose();
     }
@@ -517,6 +538,7 @@ program
   .option('-n, --count <n>', 'how many instances', '1')
   .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
   .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
+  .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
   .addHelpText(
     'after',
     '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
@@ -526,7 +548,8 @@ program
       'instance fails, the ones made before it are removed.\n\n' +
       'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
   )
-  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean }) => {
+  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
+    if (opts.trustImage) trustImagesExplicitly();
     const count = Number(opts.count);
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
     if (opts.aid !== undefined) checkAid(opts.aid);
@@ -556,6 +579,47 @@ program
     process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
   });
 
+const key = program
+  .command('key')
+  .description("the keys images are signed with: this node's, and those of the nodes it trusts")
+  .addHelpText(
+    'after',
+    '\nsnapshot signs each image with this node\'s key ($APPSHOT_HOME/keys/self.key, made at first use).\n' +
+      'restore, clone and template create run only images signed by it or by an imported key.\n\n' +
+      'Example (node2 trusts the images of node1):\n  node1$ appshot key export -o node1.pub\n  node2$ appshot key import node1.pub --name node1',
+  );
+
+key
+  .command('export')
+  .description("print this node's public key (it lets another node check this node's images, not sign them)")
+  .option('-o, --output <file>', 'write it to this file instead')
+  .action((opts: { output?: string }) => {
+    const pem = exportKey();
+    if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
+    else process.stdout.write(pem);
+  });
+
+key
+  .command('import')
+  .description("trust the images signed by another node's key (a file appshot key export wrote)")
+  .argument('<file>', 'the exported public key')
+  .option('--name <name>', 'what to call it (default: its id)')
+  .action((file: string, opts: { name?: string }) => {
+    const k = importKey(file, opts.name);
+    process.stdout.write(`${k.id}\t${k.name}\n`);
+  });
+
+key
+  .command('ls')
+  .description('list the keys this node trusts (its own first)')
+  .option('--json', 'machine-readable output', false)
+  .action((opts: { json: boolean }) => {
+    selfKey(); // made at first use, and listing is one
+    const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
+    if (opts.json) json(keys);
+    else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
+  });
+
 program
   .command('port')
   .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
@@ -575,13 +639,34 @@ program
     printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
   });
 
+/** Anything but an AppshotError is a bug of appshot's (a crafted image that
+ * got past validation, say): one line, never a stack trace, unless asked. */
+function reportInternalError(e: unknown): void {
+  if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error)?.stack ?? String(e)}\n`);
+  const message = String((e as Error)?.message ?? e).split('\n')[0];
+  process.stderr.write(`appshot: internal error: ${message}${process.env.APPSHOT_DEBUG ? '' : ' (APPSHOT_DEBUG=1 shows the stack)'}\n`);
+  process.exitCode = ExitCode.internal;
+}
+
 async function main(): Promise<void> {
+  // Errors outside the command's own promise (a stream's 'error' event, a
+  // callback) are reported the same way.
+  process.on('uncaughtException', (e) => {
+    if (e instanceof AppshotError) {
+      process.stderr.write(`appshot: ${e.message}\n`);
+      process.exit(e.exitCode);
+    }
+    reportInternalError(e);
+    process.exit(ExitCode.internal);
+  });
   // `appshot inspect IMAGE | head`: a reader that goes away is not an error.
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });
   try {
+    // What a command killed with SIGKILL left half-written.
+    removeStaleTemporaries();
     await program.parseAsync(process.argv);
   } catch (e) {
     if (e instanceof CommanderError) {
@@ -600,7 +685,7 @@ async function main(): Promise<void> {
       process.exitCode = ExitCode.failure;
       return;
     }
-    throw e;
+    reportInternalError(e);
   }
 }
 

@@ -10,6 +10,8 @@ export const ExitCode = {
   conflict: 4,
   /** The image asks for a credential or limit this user cannot grant. */
   denied: 5,
+  /** A bug: an error appshot did not expect (reported in one line). */
+  internal: 70,
   /** The command given to `run` or `exec` could not be executed (as in sh). */
   notExecutable: 126,
   commandNotFound: 127,

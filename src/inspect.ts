@@ -1,8 +1,12 @@
 /** What `appshot ps` and `appshot table` show: an application's processes
- * and translation tables, read from its tables and /proc. */
+ * and translation tables, read from its tables and /proc; and `appshot
+ * stop`, which signals those processes. The CLI and the Node API (api.ts)
+ * both call these. */
+import { constants as osConstants } from 'node:os';
+import { AppshotError, ExitCode } from './errors.js';
 import { kinds, type Kind, type TablesSnapshot } from './native.js';
 import { readCmdline, readStat } from './procfs.js';
-import { type AppRecord, type LocalRegistry } from './registry.js';
+import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
 
 export interface ProcessRow {
   aid: string;
@@ -61,6 +65,63 @@ export function listProcesses(registry: LocalRegistry, records: AppRecord[]): Pr
     const t = registry.readTables(r);
     return t ? processesOf(r, t) : [];
   });
+}
+
+/** One application as `appshot ps --json` shows it. */
+export interface ApplicationInfo {
+  aid: string;
+  command: string[];
+  detached: boolean;
+  createdAt: string;
+  /** A clone: the template it was stamped from and its number in the batch. */
+  template?: { path: string; instance: number };
+  /** A clone's private copies of files. */
+  privateRoot?: string;
+  ports: PortBinding[];
+  processes: ProcessRow[];
+}
+
+/** The applications of `records` with their live processes. */
+export function describeApplications(registry: LocalRegistry, records: AppRecord[]): ApplicationInfo[] {
+  const rows = listProcesses(registry, records);
+  return records.map((r) => ({
+    aid: r.aid,
+    command: r.command,
+    detached: r.detached,
+    createdAt: r.createdAt,
+    ...(r.template ? { template: r.template } : {}),
+    ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+    ports: r.ports ?? [],
+    processes: rows.filter((p) => p.aid === r.aid),
+  }));
+}
+
+/** `appshot stop`: sends `signal` ('TERM', 'SIGTERM', 'sigkill'...) to the
+ * application. Its init passes the signal on to the first process, or to
+ * all once that one is gone (daemons). */
+export function stopApplication(registry: LocalRegistry, aid: string, signal = 'SIGTERM'): void {
+  const record = registry.require(aid);
+  const upper = signal.toUpperCase();
+  const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
+  if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${signal}'`, ExitCode.usage);
+  if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
+    // These cannot be caught, so init cannot pass them on: they would
+    // stop init itself.
+    signalProcesses(registry, record, sig);
+    return;
+  }
+  // An application being restored has no supervisor yet (in its record
+  // or its tables): its processes are signalled straight.
+  const initPid = record.initPid ?? registry.readTables(record)?.initPid;
+  if (!initPid || initPid <= 0) {
+    signalProcesses(registry, record, sig);
+    return;
+  }
+  try {
+    process.kill(initPid, sig);
+  } catch (e) {
+    throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
+  }
 }
 
 const KEY_KINDS: Kind[] = ['semkey', 'shmkey', 'msgkey'];

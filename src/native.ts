@@ -7,6 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
+import type { Identity } from './image/types.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
@@ -29,10 +30,13 @@ export interface TableEntry {
   owner: number;
 }
 
-/** The instance section of the tables: path rewriting and SET ENV. */
+/** The instance section of the tables: path rewriting, SET ENV, identity. */
 export interface InstanceConfig {
   redirs: { kind: 'path' | 'cow'; from: string; to: string }[];
   env: string[];
+  /** Absent: that of an application `run` started (all zero, the default
+   * reseeding). */
+  identity?: Identity;
 }
 
 export interface TablesSnapshot {
@@ -40,7 +44,7 @@ export interface TablesSnapshot {
   initPid: number;
   repairs: number;
   tables: Record<Kind, TableEntry[]>;
-  instance: InstanceConfig & { tablesPath: string };
+  instance: InstanceConfig & { tablesPath: string; identity: Identity };
 }
 
 /** What one wait on the tracees reported (addon/src/trace.h). */
@@ -118,7 +122,8 @@ interface Addon {
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is
    * let go (PTRACE_O_SUSPEND_SECCOMP; needs CAP_SYS_ADMIN). */
-  suspendSeccomp(tid: number): void;
+  /** exitKill: keep PTRACE_O_EXITKILL (a restore's tracees, until the commit). */
+  suspendSeccomp(tid: number, exitKill?: boolean): void;
   /** This thread's PR_GET_SECUREBITS. */
   securebits(): number;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
@@ -152,7 +157,31 @@ interface Addon {
   memfd(name: string, size: number): number;
   lseek(fd: number, offset: number): number;
   setStatusFlags(fd: number, flags: number): void;
+  /** The path of the inode a file handle names, opened on the filesystem
+   * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
+  fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;
+  /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
+  fileSeals(fd: number): number;
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
+  /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
+  tcpRepair(fd: number, mode: 1 | 0 | -1): void;
+  /** Every packet to the socket dropped (true), as if lost on the way,
+   * or not; EEXIST for a socket with a filter of its own. */
+  tcpLock(fd: number, on: boolean): void;
+  /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
+  tcpRead(fd: number): RepairedConnection;
+  /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */
+  tcpMake(c: RepairedConnection): number;
+  /** Repair mode off, then the never-sent bytes written. */
+  tcpRelease(fd: number, unsent: Buffer): void;
+  /** The peer's FIN of a connection in CLOSE_WAIT, sent to it again. */
+  tcpRefin(c: RepairedConnection): void;
+  /** tcpi_state */
+  tcpState(fd: number): number;
+  /** A connected TCP socket whose connection was reset. */
+  tcpResetSocket(family: number): number;
+  getSockOpt(fd: number, level: number, name: number): number;
+  setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
@@ -179,4 +208,25 @@ export function addon(): Addon {
     loaded = createRequire(import.meta.url)(paths.addon) as Addon;
   }
   return loaded;
+}
+
+/** What tcpRead returns and tcpMake takes. */
+export interface RepairedConnection {
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: { sndWl1: number; sndWnd: number; maxWindow: number; rcvWnd: number; rcvWup: number };
 }

@@ -115,6 +115,33 @@ describe('a restore killed at any instant', () => {
   });
 });
 
+describe('a snapshot killed while it commits its image', () => {
+  it('leaves its half-written directory only until the next command, and the application running', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'big', '--', fixture('snapfix'), '-1', '64']);
+    expect(r.code, r.stderr).toBe(0);
+    const log = () => readFileSync(join(sb.home, 'apps', 'big', 'log'), 'utf8');
+    await waitFor(() => /^CHECK 1$/m.test(log()), 10_000, 'snapfix to start');
+    const out = join(dir, 'killed-snapshot');
+    mkdirSync(out);
+    killedAt('image: committing', ['snapshot', 'big', '-o', join(out, 'img')]);
+    // The pages were written: a hidden directory holds them until...
+    const partials = readdirSync(out);
+    expect(partials).toEqual([expect.stringMatching(/^\.img\.partial-\d+$/)]);
+    expect(readdirSync(join(out, partials[0]))).toContain('pages.img');
+    // ...any next command.
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(readdirSync(out)).toEqual([]);
+    expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.startsWith('partial-'))).toEqual([]);
+    // The application goes on, and snapshots as usual.
+    const from = (log().match(/^CHECK \d+$/gm) ?? []).length;
+    await waitFor(() => (log().match(/^CHECK \d+$/gm) ?? []).length >= from + 3 || /FAIL/.test(log()), 15_000, 'the application to go on');
+    expect(log()).not.toMatch(/FAIL.*/);
+    const s = sb.run(['snapshot', 'big', '-o', join(out, 'img')]);
+    expect(s.code, s.stderr).toBe(0);
+    expect(readdirSync(out)).toEqual(['img']);
+  });
+});
+
 describe('a batch of clones killed at any instant', () => {
   let template = '';
   const portAlloc = base + 901;

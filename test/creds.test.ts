@@ -8,11 +8,13 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { chmodSync, chownSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
 import type { Creds } from '../src/image/types.js';
+import { validateImage } from '../src/image/validate.js';
 import { CAP, credentialRefusal, filtersToInstall, type OwnCreds } from '../src/resources/creds.js';
 import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
 import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
@@ -193,7 +195,9 @@ describe.runIf(isRoot)('the privilege rule', () => {
     const snap = sb.run(['snapshot', 'rootapp', '-o', join(dir, 'rootapp')]);
     expect(snap.code, snap.stderr).toBe(0);
     giveToNobody(join(dir, 'rootapp'));
-    const r = asNobody(['restore', join(dir, 'rootapp')]);
+    // Signed by root's key, which this user does not hold: it vouches for
+    // the image itself (the privilege rule applies all the same).
+    const r = asNobody(['restore', join(dir, 'rootapp'), '--trust-image']);
     expect(r.code).toBe(5);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/process 2 \(sleep\): uid 0 cannot be taken without CAP_SETUID/);
@@ -209,18 +213,149 @@ describe.runIf(isRoot)('the privilege rule', () => {
     const snap = sb.run(['snapshot', 'lim', '-o', join(dir, 'lim')]);
     expect(snap.code, snap.stderr).toBe(0);
     giveToNobody(join(dir, 'lim'));
-    const r = asNobody(['restore', join(dir, 'lim')], { nofile: lower, keepBounding: true });
+    const r = asNobody(['restore', join(dir, 'lim'), '--trust-image'], { nofile: lower, keepBounding: true });
     expect(r.code, r.stderr).toBe(5);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toContain(`process 2 (sleep): hard limit RLIMIT_NOFILE ${hard} is above what this user may set (${lower})`);
     nothingLeftOfNobody();
     // With its own limit as high, the same user may restore it, as 65534.
-    const ok = asNobody(['restore', join(dir, 'lim')], { keepBounding: true });
+    const ok = asNobody(['restore', join(dir, 'lim'), '--trust-image'], { keepBounding: true });
     expect(ok.code, ok.stderr).toBe(0);
     const ps = JSON.parse(asNobody(['ps', 'lim', '--json']).stdout)[0].processes.find((p: { init: boolean }) => !p.init);
     expect(threadCreds(ps.pid)[0]).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534/);
     asNobody(['stop', 'lim', '-s', 'KILL']);
     await waitFor(() => !alive(ps.pid), 10_000, 'the restored sleep to end');
+  });
+});
+
+/** Runs credcase MODE under appshot as `aid` and waits for its checks. */
+async function runCase(aid: string, mode: string): Promise<number> {
+  const run = sb.run(['run', '-d', '--aid', aid, '--', fixture('credcase'), mode]);
+  expect(run.code, run.stderr).toBe(0);
+  await waitFor(() => checks(aid) >= 2 || /FAIL/.test(log(aid)), 10_000, `credcase ${mode} to settle`);
+  expect(log(aid)).not.toMatch(/FAIL/);
+  return appPid(aid);
+}
+
+/** Snapshot, restore (as root), and the same credentials in every thread. */
+async function roundTrip(aid: string, mode: string): Promise<number> {
+  const pid = await runCase(aid, mode);
+  const before = threadCreds(pid);
+  const snap = sb.run(['snapshot', aid, '-o', join(dir, aid)]);
+  expect(snap.code, snap.stderr).toBe(0);
+  const restored = sb.run(['restore', join(dir, aid)]);
+  expect(restored.code, restored.stderr).toBe(0);
+  await keepsChecking(aid, 3);
+  const now = appPid(aid);
+  expect(now).not.toBe(pid);
+  expect(threadCreds(now)).toEqual(before);
+  return now;
+}
+
+describe.runIf(isRoot)('credentials the kernel lets a restore make only in its order', () => {
+  it('securebits kept after every capability is gone (SecureBits=noroot with User=)', async () => {
+    const pid = await roundTrip('cc-noroot', 'noroot');
+    expect(threadCreds(pid)[0]).toMatch(/Uid:\s+1000\s+1000\s+1000\s+1000.*CapPrm:\s+0+;/);
+  });
+
+  it('an inheritable capability the bounding set no longer holds (capsh --inh=cap_net_raw --drop=cap_net_raw)', async () => {
+    const pid = await roundTrip('cc-inhbnd', 'inhbnd');
+    expect(threadCreds(pid)[0]).toMatch(/CapInh:\s+0+2000;/);
+  });
+
+  it('an fsuid none of the other uids is, set under KEEP_CAPS before every capability went', async () => {
+    const pid = await roundTrip('cc-fsuid', 'fsuid');
+    expect(threadCreds(pid)[0]).toMatch(/Uid:\s+1000\s+1000\s+1000\s+2000/);
+  });
+
+  it('a filter that denies seccomp(2) itself, with a second one installed after it', async () => {
+    const pid = await roundTrip('cc-nested', 'nested');
+    expect(threadCreds(pid)[0]).toMatch(/Seccomp_filters:\s+2/);
+  });
+
+  it('threads that share one filter chain still share it: the application can add one with TSYNC', async () => {
+    const pid = await roundTrip('cc-tsync', 'tsync');
+    expect(threadCreds(pid)).toHaveLength(2);
+    process.kill(pid, 'SIGUSR1');
+    await waitFor(() => /^TSYNC /m.test(log('cc-tsync')), 10_000, 'the TSYNC attempt');
+    expect(log('cc-tsync')).toMatch(/^TSYNC 0$/m);
+    await keepsChecking('cc-tsync', 2);
+  });
+
+  it('an image whose filter flags a filter never keeps (TSYNC, NEW_LISTENER, SPEC_ALLOW) is corrupt', async () => {
+    await runCase('cc-flags', 'nested');
+    const snap = sb.run(['snapshot', 'cc-flags', '-o', join(dir, 'cc-flags'), '--leave-running']);
+    expect(snap.code, snap.stderr).toBe(0);
+    const { image } = await loadImage(join(dir, 'cc-flags'), { trust: 'report' });
+    const size = BigInt(statSync(join(dir, 'cc-flags', 'pages.img')).size);
+    expect(() => validateImage(image, size)).not.toThrow();
+    for (const flags of [1n, 4n, 8n, 16n]) {
+      const bad = structuredClone(image);
+      bad.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = flags;
+      expect(() => validateImage(bad, size)).toThrow(/^corrupt image: .*seccomp filter flags/);
+    }
+    const logged = structuredClone(image);
+    logged.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = 2n;
+    expect(() => validateImage(logged, size)).not.toThrow();
+  });
+});
+
+describe.runIf(isRoot)('an ordinary user restoring a non-dumpable process under a filter', () => {
+  it('writes the filter while it may still write the process: same credentials, filter and dumpable flag', async () => {
+    const pid = await runCase('cc-nobody', 'nobody');
+    const before = threadCreds(pid);
+    const snap = sb.run(['snapshot', 'cc-nobody', '-o', join(dir, 'cc-nobody')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    giveToNobody(join(dir, 'cc-nobody'));
+    const r = asNobody(['restore', join(dir, 'cc-nobody'), '--trust-image'], { keepBounding: true });
+    expect(r.code, r.stderr).toBe(0);
+    const ps = JSON.parse(asNobody(['ps', 'cc-nobody', '--json']).stdout)[0].processes.find((p: { init: boolean }) => !p.init);
+    expect(threadCreds(ps.pid)).toEqual(before);
+    const nlog = () => readFileSync(join(userHome, 'state', 'apps', 'cc-nobody', 'log'), 'utf8');
+    const n = (nlog().match(/^CHECK \d+$/gm) ?? []).length;
+    await waitFor(() => (nlog().match(/^CHECK \d+$/gm) ?? []).length >= n + 3 || /FAIL/.test(nlog()), 15_000, 'the restored credcase to check itself');
+    expect(nlog()).not.toMatch(/FAIL/);
+    asNobody(['stop', 'cc-nobody', '-s', 'KILL']);
+    await waitFor(() => !alive(ps.pid), 10_000, 'the restored credcase to end');
+  });
+});
+
+describe.runIf(isRoot)('appshot itself under a seccomp filter (a container runtime\'s profile, SystemCallFilter=)', () => {
+  const wrapped = (args: string[]) => {
+    const r = spawnSync(fixture('seccompwrap'), [process.execPath, cli, ...args], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+    return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+  };
+
+  it('takes the filters it shares with the application as its context: snapshot and restore as they were', async () => {
+    const run = wrapped(['run', '-d', '--aid', 'wrapped', '--', fixture('credcase'), 'inhbnd']);
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => checks('wrapped') >= 2 || /FAIL/.test(log('wrapped')), 10_000, 'credcase to settle');
+    const pid = appPid('wrapped');
+    const before = threadCreds(pid);
+    expect(before[0]).toMatch(/NoNewPrivs:\s+1.*Seccomp:\s+2.*Seccomp_filters:\s+1/);
+    const snap = wrapped(['snapshot', 'wrapped', '-o', join(dir, 'wrapped')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const restored = wrapped(['restore', join(dir, 'wrapped')]);
+    expect(restored.code, restored.stderr).toBe(0);
+    await keepsChecking('wrapped', 3);
+    expect(threadCreds(appPid('wrapped'))).toEqual(before);
+    // Restored outside that context, it would lose a filter: refused.
+    const outside = sb.run(['restore', join(dir, 'wrapped'), '--aid', 'unwrapped']);
+    expect(outside.code).not.toBe(0);
+    expect(outside.stderr).toMatch(/process 2 \(credcase\): appshot itself runs under 0 seccomp filters, fewer than the image recorded/);
+  });
+
+  it('refuses, by that name, an application that added filters of its own, and leaves it running', async () => {
+    const run = wrapped(['run', '-d', '--aid', 'wrapped-pd', '--', fixture('privdrop')]);
+    expect(run.code, run.stderr).toBe(0);
+    await waitFor(() => checks('wrapped-pd') >= 2 || /FAIL/.test(log('wrapped-pd')), 10_000, 'privdrop to settle');
+    const pid = appPid('wrapped-pd');
+    const snap = wrapped(['snapshot', 'wrapped-pd', '-o', join(dir, 'wrapped-pd')]);
+    expect(snap.code).not.toBe(0);
+    expect(snap.stderr).toMatch(/process 2 \(privdrop\).*appshot runs under seccomp/);
+    expect(snap.stderr).not.toMatch(/CAP_SYS_ADMIN/);
+    await keepsChecking('wrapped-pd', 3);
+    expect(appPid('wrapped-pd')).toBe(pid);
   });
 });
 
@@ -284,14 +419,23 @@ describe('the privilege rule, case by case', () => {
     expect(credentialRefusal(image(nobody(), { seccomp: 2 }), rootCreds())).toMatch(/was not recorded/);
   });
 
-  it('installs only the filters past the ones the seeds inherit from appshot, which must begin the chain', () => {
+  it('installs only the filters past the ones the seeds inherit from appshot, as many as the image counted as its context', () => {
     const a = { program: Buffer.alloc(8, 1), flags: 0n };
     const b = { program: Buffer.alloc(8, 2), flags: 0n };
     const want = image(nobody(), { seccomp: 2, seccompFilters: [a, b], noNewPrivs: true });
-    expect(filtersToInstall(want, [], 'p')).toEqual([a, b]);
-    expect(filtersToInstall(want, [a], 'p')).toEqual([b]);
-    expect(() => filtersToInstall(want, [b], 'p')).toThrow(/does not begin with the one appshot runs under/);
-    expect(() => filtersToInstall(image(nobody()), [a], 'p')).toThrow(/did not record/);
+    expect(filtersToInstall(want, 0, 'p')).toEqual([a, b]);
+    expect(filtersToInstall({ ...want, seccompContext: 1 }, 1, 'p')).toEqual([a, b]);
+    expect(() => filtersToInstall(want, 1, 'p')).toThrow(/began with 0 filters of appshot's context, and appshot runs under 1 here/);
+    expect(() => filtersToInstall(image(nobody()), 1, 'p')).toThrow(/did not record/);
+    // The rule says so first, by name.
+    const context = image(nobody(), { seccomp: 2, seccompFilters: [], seccompContext: 1, noNewPrivs: true });
+    expect(credentialRefusal(context, nobody({ seccomp: 2, filterCount: 1, noNewPrivs: true }))).toBeUndefined();
+    expect(credentialRefusal(context, nobody())).toMatch(/appshot itself runs under 0 seccomp filters, fewer than the image recorded as the context it was taken in \(1\)/);
+  });
+
+  it('an inheritable capability must be in the bounding set too', () => {
+    expect(credentialRefusal(image(rootCreds({ capInh: bit(13) })), rootCreds({ capBnd: ALL & ~bit(13) }))).toMatch(/CAP_NET_RAW \(inheritable\) is not in this user's bounding set/);
+    expect(credentialRefusal(image(rootCreds({ capInh: bit(13), capBnd: ALL & ~bit(13) })), rootCreds({ capInh: bit(13), capBnd: ALL & ~bit(13) }))).toBeUndefined();
   });
 
   it('limits: a hard limit above the user\'s own needs CAP_SYS_RESOURCE', () => {

@@ -175,7 +175,7 @@ describe('memory that dirty tracking must not get wrong', () => {
 });
 
 describe('a process with a child it has not waited for', () => {
-  it('is snapshotted and restored without the zombie', async () => {
+  it('is snapshotted and restored with the zombie, still there for its parent to reap (kinds.test.ts reaps them)', async () => {
     start('zombie', ['sh', '-c', 'sleep 0.1 & exec sleep 300']);
     await waitFor(() => sb.json<Json>(['ps', 'zombie'])[0].processes.some((p: Json) => p.state === 'Z'), 5000, 'a zombie');
     restore(snapshot('zombie', 'zombie'));
@@ -183,6 +183,7 @@ describe('a process with a child it has not waited for', () => {
     expect(ps.map((p: Json) => [p.vpid, p.state === 'Z'])).toEqual([
       [1, false],
       [2, false],
+      [3, true],
     ]);
   });
 });

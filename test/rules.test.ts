@@ -16,12 +16,14 @@ import {
   APPSHOT_PATH_MAX,
   APPSHOT_REDIRS,
   evaluate,
+  identityHooks,
   instanceConfig,
   loadRules,
   parseRules,
   privateCopyPath,
   type Property,
   ruleFor,
+  SET_ENVS,
 } from '../src/template/rules.js';
 import { fixture, root, Sandbox, waitFor } from './helpers.js';
 
@@ -81,7 +83,7 @@ describe('the rules language', () => {
   describe('refuses each mistake with one FILE:LINE:COLUMN message', () => {
     const define = 'DEFINE <APPL-ID> AS PROPERTY application-id\n';
     const cases: [string, string, string][] = [
-      ['an unknown keyword', 'FILES "/etc" SHARE', 'fixture.rules:1:1: unknown keyword \'FILES\'; expected one of DEFINE, REDIR, SET, FILE, MEMORY, PORT, SEMAPHORE, SHM, MSGQUEUE'],
+      ['an unknown keyword', 'FILES "/etc" SHARE', 'fixture.rules:1:1: unknown keyword \'FILES\'; expected one of DEFINE, REDIR, SET, FILE, MEMORY, PORT, SEMAPHORE, SHM, MSGQUEUE, IDENTITY'],
       ['an unknown action', '\n\nFILE "/srv/a" COPY-ON-WRTIE', "fixture.rules:3:15: unknown action 'COPY-ON-WRTIE'; expected one of SHARE, COPY-ON-WRITE, DUPLICATE for FILE"],
       ['an action the kind does not take', 'FILE "/srv/a" MULTIPLEX', 'fixture.rules:1:15: action MULTIPLEX does not apply to FILE; expected one of SHARE, COPY-ON-WRITE, DUPLICATE for FILE'],
       ['a copy action for a port', 'PORT 80 DUPLICATE', 'fixture.rules:1:9: action DUPLICATE does not apply to PORT; expected one of MULTIPLEX, ALLOCATE for PORT'],
@@ -115,10 +117,48 @@ describe('the rules language', () => {
       ['a path redirected twice, written otherwise', 'REDIR PATH "/data" TO "/x"\nREDIR PATH "//data/" TO "/y"', 'fixture.rules:2:12: "//data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
       ['a redirected path also copied on write', 'REDIR PATH "/data" TO "/x"\nFILE "/data/" COPY-ON-WRITE', 'fixture.rules:2:6: "/data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
       ['a duplicated path also redirected', 'FILE "/data" DUPLICATE\nREDIR PATH "/data" TO "/x"', 'fixture.rules:2:12: "/data" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
+      ['an identity variable set', 'SET ENV "APPSHOT_INSTANCE" = "x"', "fixture.rules:1:9: APPSHOT_INSTANCE is a clone's identity, which appshot sets; expected a variable of your own (IDENTITY statements change what makes a clone unique)"],
+      ['IDENTITY alone', 'IDENTITY', 'fixture.rules:1:9: unexpected end of line; expected RESEED, KEEP or HOOK'],
+      ['an unknown IDENTITY statement', 'IDENTITY RENEW LIBC', "fixture.rules:1:10: unknown IDENTITY statement 'RENEW'; expected RESEED, KEEP or HOOK"],
+      ['an unknown generator', 'IDENTITY RESEED OPENSSL', "fixture.rules:1:17: unknown generator 'OPENSSL'; expected one of LIBC"],
+      ['a generator decided twice', 'IDENTITY KEEP LIBC\nidentity reseed libc', 'fixture.rules:2:10: LIBC is already kept at line 1; expected one IDENTITY RESEED or KEEP per generator'],
+      ['an unknown hook', 'IDENTITY HOOK RUN "/bin/true"', "fixture.rules:1:15: unknown hook 'RUN'; expected SIGNAL or EXEC"],
+      ['an unknown signal', 'IDENTITY HOOK SIGNAL SIGUSR3', "fixture.rules:1:22: unknown signal 'SIGUSR3'; expected a signal the application can handle, by name (SIGUSR2, USR2) or number"],
+      ['a number that is no signal', 'IDENTITY HOOK SIGNAL 65', 'fixture.rules:1:22: 65 is no signal; expected a signal the application can handle, by name (SIGUSR2, USR2) or number'],
+      ['a signal that ends every clone', 'IDENTITY HOOK SIGNAL KILL', 'fixture.rules:1:22: SIGKILL cannot be handled: it would end or stop every clone; expected a signal the application can handle, by name (SIGUSR2, USR2) or number'],
+      ['a relative hook command', 'IDENTITY HOOK EXEC "rekey"', 'fixture.rules:1:20: path "rekey" is not absolute; expected a path starting with /'],
+      ['a hook command missing', 'IDENTITY HOOK EXEC', 'fixture.rules:1:19: unexpected end of line; expected the command\'s "/absolute/path"'],
+      ['a hook argument not a string', 'IDENTITY HOOK EXEC "/bin/kill" -USR2', "fixture.rules:1:32: unexpected character '-'; expected a keyword, a \"string\", a number, <NAME>, = or *"],
+      ['a hook argument with an undefined variable', `${define}IDENTITY HOOK EXEC "/bin/echo" "<AID>"`, 'fixture.rules:2:33: undefined variable <AID>; expected one defined above: <APPL-ID>'],
+      ['too many hooks', 'IDENTITY HOOK SIGNAL USR2\n'.repeat(8) + 'IDENTITY HOOK SIGNAL USR1', 'fixture.rules:9:1: IDENTITY HOOK 9 of this file; expected at most 8 hooks'],
     ];
     it.each(cases)('%s', (_, text, message) => {
       expect(mistake(text)).toBe(message);
     });
+  });
+
+  it('reads the IDENTITY section: a generator reseeded or kept, hooks in order, EXEC evaluated per instance', () => {
+    const r = parseRules(
+      [
+        'DEFINE <APPL-ID> AS PROPERTY application-id',
+        'IDENTITY RESEED LIBC   # also a generator the application never seeded',
+        'identity hook signal usr2',
+        'IDENTITY HOOK SIGNAL 10',
+        'IDENTITY HOOK EXEC "/usr/local/bin/rekey" "--instance" "<APPL-ID>"',
+      ].join('\n'),
+      'id.rules',
+    );
+    expect(r.identity).toEqual({
+      libc: { reseed: 'always', line: 2 },
+      hooks: [
+        { kind: 'signal', signal: 12, name: 'SIGUSR2', line: 3 },
+        { kind: 'signal', signal: 10, name: 'SIGUSR1', line: 4 },
+        { kind: 'exec', argv: ['/usr/local/bin/rekey', '--instance', '<APPL-ID>'], line: 5 },
+      ],
+    });
+    expect(identityHooks(r, props)[2]).toMatchObject({ argv: ['/usr/local/bin/rekey', '--instance', 'web-3'] });
+    expect(parseRules('IDENTITY KEEP LIBC', 'k.rules').identity).toEqual({ libc: { reseed: 'never', line: 1 }, hooks: [] });
+    expect(parseRules('', 'empty.rules').identity).toEqual({ hooks: [] });
   });
 
   it('normalizes paths as the preload library compares them', () => {
@@ -173,7 +213,7 @@ describe('the rules language', () => {
       expect(mistake([...full, 'FILE "/e" DUPLICATE'].join('\n'))).toBe(`fixture.rules:19:1: path rule 17 of this file; ${expected}`);
     });
 
-    it(`${APPSHOT_ENVS} SET ENV lines`, () => {
+    it(`${SET_ENVS} SET ENV lines (the table holds ${APPSHOT_ENVS}: two are a clone's identity)`, () => {
       const envs = Array.from({ length: 16 }, (_, i) => `SET ENV "V${i}" = "${i}"`);
       expect(parseRules(envs.join('\n'), 'e.rules').envs).toHaveLength(16);
       expect(mistake([...envs, 'SET ENV "V16" = "16"'].join('\n'))).toBe(
@@ -309,7 +349,8 @@ describe('classification of a real image', () => {
     port = Number(/READY port=(\d+)/.exec(log())![1]);
     const s = sb.run(['snapshot', aid, '-o', join(out, 'tpl')]);
     if (s.code !== 0) throw new Error(`appshot snapshot failed: ${s.stderr}`);
-    const loaded = await loadImage(join(out, 'tpl'));
+    // Signed with the sandbox's key, which this test process does not use.
+    const loaded = await loadImage(join(out, 'tpl'), { trust: 'report' });
     image = loaded.image;
     loaded.dispose();
   });

@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 3u
+#define APPSHOT_TABLE_VERSION 4u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -107,7 +107,9 @@ struct appshot_table {
  * they run: readers take no lock. Strings are NUL-terminated. */
 #define APPSHOT_PATH_MAX 256
 #define APPSHOT_REDIRS 16
-#define APPSHOT_ENVS 16
+/* SET ENV rules (at most 16) and the two identity variables a clone gets
+ * (APPSHOT_CLONE_GENERATION, APPSHOT_INSTANCE). */
+#define APPSHOT_ENVS 18
 #define APPSHOT_ENV_LEN 384
 
 enum appshot_redir_kind {
@@ -127,6 +129,31 @@ struct appshot_redir {
   char to[APPSHOT_PATH_MAX];   /* absolute, evaluated for this instance */
 };
 
+/* Which of glibc's random number generators a process reseeds when it
+ * finds itself in a new instance (IDENTITY RESEED|KEEP LIBC;
+ * addon/preload/preload_identity.c). */
+enum appshot_reseed {
+  APPSHOT_RESEED_SEEDED = 0, /* the default: those the process seeded */
+  APPSHOT_RESEED_ALWAYS = 1, /* also those left at their default seed */
+  APPSHOT_RESEED_NEVER = 2,
+};
+
+/* What makes a clone a new instance of the application rather than a copy
+ * of its template: a clone keeps its virtual PID, so the usual fork
+ * detection (getpid() changed) never fires in it. */
+struct appshot_identity {
+  /* 128 random bits, new in every clone, kept by a restore; 0 for an
+   * application `appshot run` started. A process that finds id[0] other
+   * than the one its memory last saw is in a new instance. */
+  uint64_t id[2];
+  uint64_t generation;  /* clonings since `appshot run`: 0, then +1 each */
+  uint32_t reseed_libc; /* enum appshot_reseed */
+  /* Set (never cleared) by the preload library when a process seeds
+   * glibc's generator: what `template create` warns about. The one field
+   * written while the application runs, with a single atomic store. */
+  uint32_t libc_seeded;
+};
+
 struct appshot_instance {
   /* This file's own path: what an exec passes on as APPSHOT_TABLES (a
    * restored process's memory still holds the path it started with). */
@@ -136,6 +163,7 @@ struct appshot_instance {
   struct appshot_redir redir[APPSHOT_REDIRS];
   /* SET ENV, evaluated: "NAME=value", forced into every exec. */
   char env[APPSHOT_ENVS][APPSHOT_ENV_LEN];
+  struct appshot_identity identity;
 };
 
 struct appshot_header {

@@ -374,13 +374,16 @@ static int lifeline_ended(void) {
 /* The last process is gone. Clean up before reporting, so that when
  * `appshot run` returns the application is recorded as ended (or its AID
  * free, after a snapshot). An abandoned restore's
- * registry directory stays for the CLI to release (see above). */
+ * registry directory stays for the CLI to release (see above). Returns -1,
+ * to be called again, while the lifeline is still open: the processes may
+ * have died with their tracer (PTRACE_O_EXITKILL) before its other
+ * threads let go of the lifeline, or the driver is undoing a failed
+ * restore; either way its end says whether the restore committed. */
 static int finish(int abandoned, int code) {
-  /* Every process is gone and the restore has not committed: it failed
-   * or its driver died (they may die with their tracer, PTRACE_O_EXITKILL,
-   * before we see the lifeline end). Either way it never happened: no
-   * record of an ended application is kept. */
-  if (lifeline_fd >= 0 && !restore_committed()) abandoned = 1;
+  if (lifeline_fd >= 0) {
+    if (!lifeline_ended()) return -1;
+    if (!restore_committed()) abandoned = 1;
+  }
   if (abandoned) {
     remove_ipc_objects();
     unlink(tables_path);
@@ -470,7 +473,7 @@ int main(int argc, char **argv) {
   }
 
   time_t next_sweep = time(NULL) + SWEEP_SECONDS;
-  int abandoned = 0;
+  int abandoned = 0, empty = 0;
   for (;;) {
     if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
     /* Sweep on a clock of its own: a steady stream of signals (orphans
@@ -480,13 +483,16 @@ int main(int argc, char **argv) {
       sweep();
       next_sweep = now + SWEEP_SECONDS;
       /* Out of descendants, waiting for `appshot exec` processes. */
-      if (!first_alive && waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD &&
-          !others_alive())
-        return finish(abandoned, code);
+      empty = !first_alive && waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD && !others_alive();
     }
-    /* While a restore is under way, the lifeline is looked at every 20 ms. */
+    if (empty) {
+      int rc = finish(abandoned, code);
+      if (rc >= 0) return rc;
+    }
+    /* While a restore is under way, the lifeline's end comes as SIGIO; it
+     * is also looked at every 250 ms, should that signal not come. */
     struct timespec timeout = {next_sweep - now, 0};
-    if (lifeline_fd >= 0) timeout = (struct timespec){0, 20 * 1000 * 1000};
+    if (lifeline_fd >= 0) timeout = (struct timespec){0, 250 * 1000 * 1000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
     if (sig < 0 || sig == SIGIO) continue;
@@ -522,7 +528,11 @@ int main(int argc, char **argv) {
       last = pid < 0 && errno == ECHILD && !others_alive();
       break;
     }
-    if (last) return finish(abandoned, code);
+    if (last) {
+      empty = 1;
+      int rc = finish(abandoned, code);
+      if (rc >= 0) return rc;
+    }
     /* A snapshot is killing them all: report once they are gone, with
      * where they went (see end_application). */
     char released[4096];

@@ -9,6 +9,7 @@
 #include <napi.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -108,7 +109,28 @@ Napi::Value CreateTables(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// setInstance(path, { redirs: [{kind: 'path'|'cow', from, to}], env: ["N=v"] })
+static const char* const kReseed[] = {"seeded", "always", "never"};
+
+// The identity section from { id, generation, reseedLibc, libcSeeded };
+// false (an exception pending) when it is malformed.
+static bool SetIdentity(Napi::Env env, Napi::Object o, appshot_identity& out) {
+  std::string id = o.Get("id").As<Napi::String>().Utf8Value();
+  if (id.size() != 32 || id.find_first_not_of("0123456789abcdef") != std::string::npos) {
+    Napi::RangeError::New(env, "an instance identity is 32 lowercase hex digits: " + id).ThrowAsJavaScriptException();
+    return false;
+  }
+  for (int i = 0; i < 2; i++) out.id[i] = std::stoull(id.substr(i * 16, 16), nullptr, 16);
+  out.generation = static_cast<uint64_t>(o.Get("generation").As<Napi::Number>().Int64Value());
+  std::string reseed = o.Get("reseedLibc").As<Napi::String>().Utf8Value();
+  out.reseed_libc = APPSHOT_RESEED_SEEDED;
+  for (uint32_t i = 0; i < 3; i++)
+    if (reseed == kReseed[i]) out.reseed_libc = i;
+  out.libc_seeded = o.Get("libcSeeded").ToBoolean() ? 1 : 0;
+  return true;
+}
+
+// setInstance(path, { redirs: [{kind: 'path'|'cow', from, to}], env: ["N=v"],
+//   identity?: { id: 32 hex digits, generation, reseedLibc: 'seeded'|'always'|'never', libcSeeded } })
 // Replaces the instance section. Only while no process of the application
 // runs (before run starts it, before a restore resumes it): readers take no
 // lock. Throws, writing nothing, when an entry does not fit.
@@ -154,6 +176,8 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
   }
   inst.redirs = redirs.Length();
   inst.envs = envs.Length();
+  Napi::Value identity = o.Get("identity");
+  if (identity.IsObject() && !SetIdentity(env, identity.As<Napi::Object>(), inst.identity)) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
@@ -211,6 +235,14 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   Napi::Array envs = Napi::Array::New(env);
   for (uint32_t i = 0; i < in.envs && i < APPSHOT_ENVS; i++) envs.Set(i, in.env[i]);
   inst.Set("env", envs);
+  Napi::Object identity = Napi::Object::New(env);
+  char id[33];
+  snprintf(id, sizeof id, "%016llx%016llx", (unsigned long long)in.identity.id[0], (unsigned long long)in.identity.id[1]);
+  identity.Set("id", id);
+  identity.Set("generation", Napi::Number::New(env, static_cast<double>(in.identity.generation)));
+  identity.Set("reseedLibc", kReseed[in.identity.reseed_libc < 3 ? in.identity.reseed_libc : 0]);
+  identity.Set("libcSeeded", Napi::Boolean::New(env, __atomic_load_n(&in.identity.libc_seeded, __ATOMIC_RELAXED) != 0));
+  inst.Set("identity", identity);
   out.Set("instance", inst);
   return out;
 }
@@ -312,6 +344,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("flags", flags);
   appshot::RegisterTrace(env, exports);
   appshot::RegisterRestore(env, exports);
+  appshot::RegisterTcp(env, exports);
   return exports;
 }
 

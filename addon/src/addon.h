@@ -12,5 +12,7 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
 void RegisterTrace(Napi::Env env, Napi::Object exports);
 // Objects the restore driver creates and hands over (addon_restore.cc).
 void RegisterRestore(Napi::Env env, Napi::Object exports);
+// Established TCP connections through repair mode (addon_tcp.cc).
+void RegisterTcp(Napi::Env env, Napi::Object exports);
 }  // namespace appshot
 #endif

@@ -104,6 +104,47 @@ Napi::Value SetStatusFlags(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// fileHandlePath(mountPath, handleType, handleHex) -> the path of the inode
+// a file handle names (an inotify watch's, from fdinfo), as the kernel names
+// it now. open_by_handle_at needs CAP_DAC_READ_SEARCH.
+Napi::Value FileHandlePath(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string mount = info[0].As<Napi::String>().Utf8Value();
+  std::string hex = info[2].As<Napi::String>().Utf8Value();
+  std::vector<unsigned char> buf(sizeof(struct file_handle) + hex.size() / 2);
+  auto* fh = reinterpret_cast<struct file_handle*>(buf.data());
+  fh->handle_bytes = hex.size() / 2;
+  fh->handle_type = Int(info[1]);
+  for (size_t i = 0; i < fh->handle_bytes; i++) fh->f_handle[i] = std::stoi(hex.substr(2 * i, 2), nullptr, 16);
+  int mfd = open(mount.c_str(), O_RDONLY | O_CLOEXEC);  // not O_PATH: open_by_handle_at refuses those
+  if (mfd < 0) {
+    ThrowErrno(env, ("open " + mount).c_str(), errno);
+    return env.Undefined();
+  }
+  int fd = open_by_handle_at(mfd, fh, O_PATH | O_CLOEXEC);
+  int err = errno;
+  close(mfd);
+  if (fd < 0) {
+    ThrowErrno(env, "open_by_handle_at", err);
+    return env.Undefined();
+  }
+  char link[64], path[4096];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(link, path, sizeof path - 1);
+  err = errno;
+  close(fd);
+  if (n < 0) {
+    ThrowErrno(env, "readlink", err);
+    return env.Undefined();
+  }
+  return Napi::String::New(env, path, n);
+}
+
+// fileSeals(fd) -> F_GET_SEALS of a memfd, or -1 for a file without seals.
+Napi::Value FileSeals(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), fcntl(Int(info[0]), F_GET_SEALS));
+}
+
 // listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only}) -> fd
 Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -452,6 +493,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("memfd", MemFd);
   fn("lseek", Lseek);
   fn("setStatusFlags", SetStatusFlags);
+  fn("fileHandlePath", FileHandlePath);
+  fn("fileSeals", FileSeals);
   fn("listenSocket", ListenSocket);
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);

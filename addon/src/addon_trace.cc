@@ -220,10 +220,12 @@ Napi::Value Inject(const Napi::CallbackInfo& info) {
 
 // seccompFilters(tid) -> [{ program: Buffer, flags: bigint }], oldest
 // first (the order to install them in): each program as struct sock_filter
-// instructions, 8 bytes each.
+// instructions, 8 bytes each. PTRACE_SECCOMP_GET_FILTER's index 0 is the
+// oldest filter (kernel/seccomp.c get_nth_filter counts from the end of the
+// chain), so the indexes are already in installation order.
 Napi::Value SeccompFilters(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::vector<Napi::Object> newest_first;
+  std::vector<Napi::Object> oldest_first;
   for (unsigned long index = 0;; index++) {
     long n = trace_seccomp_filter(Tid(info), index, nullptr, 0);
     if (n == -ENOENT) break;
@@ -239,11 +241,10 @@ Napi::Value SeccompFilters(const Napi::CallbackInfo& info) {
     Napi::Object f = Napi::Object::New(env);
     f.Set("program", Napi::Buffer<uint8_t>::Copy(env, program.data(), static_cast<size_t>(n) * 8));
     f.Set("flags", Napi::BigInt::New(env, flags));
-    newest_first.push_back(f);
+    oldest_first.push_back(f);
   }
-  Napi::Array out = Napi::Array::New(env, newest_first.size());
-  for (size_t i = 0; i < newest_first.size(); i++)
-    out.Set(static_cast<uint32_t>(i), newest_first[newest_first.size() - 1 - i]);
+  Napi::Array out = Napi::Array::New(env, oldest_first.size());
+  for (size_t i = 0; i < oldest_first.size(); i++) out.Set(static_cast<uint32_t>(i), oldest_first[i]);
   return out;
 }
 
@@ -258,8 +259,12 @@ Napi::Value Securebits(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), bits);
 }
 
+// suspendSeccomp(tid, exitKill = false): exitKill keeps PTRACE_O_EXITKILL,
+// which a restore's tracees have until the commit (SETOPTIONS replaces
+// every option).
 Napi::Value SuspendSeccomp(const Napi::CallbackInfo& info) {
-  Failed(info.Env(), trace_suspend_seccomp(Tid(info)), "suspending seccomp for a traced thread");
+  bool exit_kill = info.Length() > 1 && info[1].ToBoolean().Value();
+  Failed(info.Env(), trace_suspend_seccomp(Tid(info), exit_kill), "suspending seccomp for a traced thread");
   return info.Env().Undefined();
 }
 

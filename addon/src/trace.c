@@ -193,8 +193,8 @@ int trace_seccomp_flags(pid_t tid, unsigned long index, uint64_t* flags) {
   return 0;
 }
 
-int trace_suspend_seccomp(pid_t tid) {
-  long opts = SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP;
+int trace_suspend_seccomp(pid_t tid, int exit_kill) {
+  long opts = SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP | (exit_kill ? PTRACE_O_EXITKILL : 0);
   return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)opts) ? fail() : 0;
 }
 
@@ -213,31 +213,50 @@ static void load_syscall(struct user_regs_struct* r, uint64_t syscall_insn, long
   r->r9 = args[5];
 }
 
+static int is_stop_signal(int sig);
+static void take_back_stops(pid_t tid, unsigned stops);
+
 int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {
   struct user_regs_struct r;
   int rc = trace_get_regs(tid, &r);
   if (rc) return rc;
   load_syscall(&r, syscall_insn, nr, args);
   if ((rc = trace_set_regs(tid, &r))) return rc;
+  unsigned stops = 0;
+  rc = -EINTR;
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SINGLESTEP, tid, 0, 0)) return fail();
     trace_report rep;
-    if ((rc = trace_wait(tid, 10000, &rep))) return rc;
-    if (rep.kind == TRACE_NONE) return -ETIMEDOUT;
+    if ((rc = trace_wait(tid, 10000, &rep))) break;
+    if (rep.kind == TRACE_NONE) {
+      rc = -ETIMEDOUT;
+      break;
+    }
     if (rep.kind == TRACE_EXITED) return -ESRCH;
     if (rep.kind == TRACE_SIGNAL && rep.sig == SIGTRAP) {
-      if ((rc = trace_get_regs(tid, &r))) return rc;
+      if ((rc = trace_get_regs(tid, &r))) break;
       /* The trap of a step that has not run the instruction yet (a stop
        * that came first) leaves rip on it: step again. */
       if (r.rip != syscall_insn + 2) continue;
       *ret = (long)r.rax;
-      return 0;
+      rc = 0;
+      break;
+    }
+    /* A pending stop signal: set aside, as in step_to_syscall_stop. */
+    if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
+      stops |= 1u << rep.sig;
+      continue;
     }
     /* As in step_to_syscall_stop: an interrupt's trap, a job-control stop
      * reported again: resume once more. */
-    if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP) return -EINTR;
+    if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP) {
+      rc = -EINTR;
+      break;
+    }
+    rc = -EINTR;
   }
-  return -EINTR;
+  take_back_stops(tid, stops);
+  return rc;
 }
 
 int trace_rewind(struct user_regs_struct* r) {
@@ -257,10 +276,25 @@ int trace_rewind(struct user_regs_struct* r) {
   return 0;
 }
 
+/* A process stopped by job control may have stop signals pending (a second
+ * SIGSTOP, a SIGTSTP after the SIGSTOP): they wait, as a stopped process
+ * dequeues nothing, until a SIGCONT discards them. SIGSTOP cannot be
+ * blocked, so a thread resumed to run an injected call dequeues it and
+ * reports a signal-delivery-stop. The call goes on without it (resumed
+ * with no signal) and the signal is queued again after (take_back_stops),
+ * so that the process is left with it pending, as it was. */
+static int is_stop_signal(int sig) { return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
+
+static void take_back_stops(pid_t tid, unsigned stops) {
+  for (int sig = 1; sig < 32; sig++)
+    if (stops & (1u << sig)) syscall(SYS_tkill, tid, sig);
+}
+
 /* Resumes `tid` to its next syscall stop. Other reports for it (a signal
  * that arrived meanwhile) are not expected while every thread of the
- * application is stopped; one is an error rather than something to lose. */
-static int step_to_syscall_stop(pid_t tid) {
+ * application is stopped; one is an error rather than something to lose,
+ * but for a pending stop signal, set aside in *stops. */
+static int step_to_syscall_stop(pid_t tid, unsigned* stops) {
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
     trace_report r;
@@ -269,6 +303,10 @@ static int step_to_syscall_stop(pid_t tid) {
     if (r.kind == TRACE_NONE) return -ETIMEDOUT;
     if (r.kind == TRACE_EXITED) return -ESRCH;
     if (r.kind == TRACE_SYSCALL) return 0;
+    if (r.kind == TRACE_SIGNAL && is_stop_signal(r.sig)) {
+      *stops |= 1u << r.sig;
+      continue;
+    }
     /* A PTRACE_INTERRUPT that arrived while the thread was already stopped
      * traps again as soon as it resumes, before it runs a single
      * instruction; an injected fork or clone stops at its event before it
@@ -297,7 +335,9 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
     return rc;
   }
   /* Entry, then exit: two stops, and no byte of the tracee is written. */
-  if ((rc = step_to_syscall_stop(tid)) == 0) rc = step_to_syscall_stop(tid);
+  unsigned stops = 0;
+  if ((rc = step_to_syscall_stop(tid, &stops)) == 0) rc = step_to_syscall_stop(tid, &stops);
+  take_back_stops(tid, stops);
   int rc3 = trace_set_sigmask(tid, mask);
   if (!rc) rc = rc3;
   if (rc == 0) {

@@ -71,7 +71,7 @@ int trace_get_robust_list(pid_t tid, uint64_t* head, uint64_t* len);
 
 /* The seccomp filters of a stopped thread (PTRACE_SECCOMP_GET_FILTER; needs
  * CAP_SYS_ADMIN, and a tracer that runs under no seccomp filter itself).
- * Filter `index` counts from the newest (0). With buf NULL, returns the
+ * Filter `index` counts from the oldest (0), the order of installation. With buf NULL, returns the
  * program's length in instructions; else copies up to `count` instructions
  * (8 bytes each) and returns the length. -ENOENT past the oldest. */
 long trace_seccomp_filter(pid_t tid, unsigned long index, void* buf, unsigned long count);
@@ -80,8 +80,9 @@ long trace_seccomp_filter(pid_t tid, unsigned long index, void* buf, unsigned lo
 int trace_seccomp_flags(pid_t tid, unsigned long index, uint64_t* flags);
 /* While set, the thread's seccomp filters do not apply to it: system calls
  * injected into it cannot be refused or kill it. Needs CAP_SYS_ADMIN; ends
- * with the trace. */
-int trace_suspend_seccomp(pid_t tid);
+ * with the trace, or with the next PTRACE_SETOPTIONS (trace_keep_on_exit).
+ * exit_kill: keep PTRACE_O_EXITKILL as trace_seize set it. */
+int trace_suspend_seccomp(pid_t tid, int exit_kill);
 
 /* Makes the stopped thread `tid` run one system call at `syscall_insn` (the
  * address of a `syscall` instruction in the tracee) and stop again; its

@@ -8,32 +8,37 @@
  * unnamed (O_TMPFILE) until then, so a writer killed mid-dump leaves
  * nothing on disk.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import {
   closeSync,
+  constants as fsc,
   createReadStream,
   existsSync,
+  fstatSync,
+  lstatSync,
   fsyncSync,
   mkdirSync,
-  mkdtempSync,
   openSync,
-  readFileSync,
-  readdirSync,
+  readSync,
   renameSync,
   rmSync,
+  statfsSync,
   statSync,
   writeSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 import tar from 'tar-stream';
+import { killPoint } from '../killpoint.js';
+import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
-import { isSameProcess } from '../procfs.js';
+import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
+import { checkWireCounts, validateImage } from './validate.js';
 
 export const MAGIC = 'appshot-image';
 export const FORMAT_VERSION = 1;
@@ -130,54 +135,47 @@ function syncDir(path: string): void {
   }
 }
 
-function manifestFor(imageBytes: Buffer, pagesPart: { size: number; crc: number }, imageId: string): Manifest {
-  return {
-    magic: MAGIC,
-    formatVersion: FORMAT_VERSION,
-    imageId,
-    parts: [
-      { name: PARTS.image, size: BigInt(imageBytes.length), crc32c: addon().crc32c(imageBytes) },
-      { name: PARTS.pages, size: BigInt(pagesPart.size), crc32c: pagesPart.crc },
-    ],
-  };
+/** What the manifest of a new image says of its parts: the metadata's
+ * digests computed here, the page file's read back from the writer's
+ * descriptor (it is on disk, most likely still in the page cache). */
+function partDigests(imageBytes: Buffer, pages: PageWriter, pagesPart: { size: number; crc: number }): Map<string, PartDigest> {
+  const hash = createHash('sha256');
+  const buf = Buffer.allocUnsafe(CHUNK);
+  for (let at = 0; at < pagesPart.size; ) {
+    const n = readSync(pages.fd(), buf, 0, Math.min(CHUNK, pagesPart.size - at), at);
+    if (n === 0) throw new AppshotError(`the page file ended at ${at} bytes of ${pagesPart.size} while it was signed`);
+    hash.update(buf.subarray(0, n));
+    at += n;
+  }
+  return new Map([
+    [PARTS.image, digestBuffer(imageBytes)],
+    [PARTS.pages, { size: pagesPart.size, crc: pagesPart.crc, sha256: hash.digest() }],
+  ]);
 }
 
 export const newImageId = () => randomBytes(8).toString('hex');
-
-const PARTIAL = /^\.(.+)\.partial-(\d+)$/;
-
-/** Removes what a writer killed between mkdir and rename left behind. */
-export function removeStalePartials(dir: string): void {
-  let names: string[];
-  try {
-    names = readdirSync(dir);
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    const m = PARTIAL.exec(name);
-    if (m && !isSameProcess(Number(m[2]), undefined)) rmSync(join(dir, name), { recursive: true, force: true });
-  }
-}
 
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */
 export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
-  const tmp = join(parent, `.${basename(dest)}.partial-${process.pid}`);
-  mkdirSync(tmp);
+  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${process.pid}`));
+  const tmp = partial.path;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encode(ManifestType, manifestFor(imageBytes, pagesPart, imageId)));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
     syncDir(tmp);
+    killPoint('image: committing');
     renameSync(tmp, dest);
+    partial.done();
     syncDir(parent);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
+    partial.done();
     throw e;
   }
 }
@@ -187,7 +185,7 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   const imageBytes = encodeImage(image);
   const pack = tar.pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
-  pack.entry({ name: PARTS.manifest, mode: 0o600 }, encode(ManifestType, manifestFor(imageBytes, pagesPart, imageId)));
+  pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
   pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
   const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
   await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
@@ -200,80 +198,325 @@ export interface LoadedImage {
   dir: string;
   manifest: Manifest;
   image: Image;
+  /** Who signed the manifest, and whether this node trusts that key. */
+  signer: Signer;
+  /** Each part's size, CRC-32C and SHA-256 as read now (the page file's
+   * SHA-256 is empty when only its size was checked). */
+  digests: Map<string, PartDigest>;
   /** Removes a temporary extraction; a no-op for a directory image. */
   dispose(): void;
 }
 
-async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<string> {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-image-'));
-  const extract = tar.extract();
-  extract.on('entry', (header, stream, next) => {
-    const name = header.name;
-    if (!(Object.values(PARTS) as string[]).includes(name)) {
-      stream.resume();
-      stream.on('end', next);
-      return;
-    }
-    const fd = openSync(join(dir, name), 'wx', 0o600);
-    stream.on('data', (chunk: unknown) => writeSync(fd, chunk as Buffer));
-    stream.on('end', () => {
-      closeSync(fd);
-      next();
-    });
-  });
+export interface PartDigest {
+  size: number;
+  crc: number;
+  sha256: Buffer;
+}
+
+/** The largest part appshot accepts, by part. The metadata is decoded in
+ * memory, so it is bounded tightly (and its message counts again by
+ * checkWireCounts); the page file is only ever read in pieces. */
+export const PART_CEILING: Record<string, number> = {
+  [PARTS.manifest]: 64 * 1024,
+  [PARTS.image]: 256 * 1024 * 1024,
+  [PARTS.pages]: 2 ** 40,
+};
+const KNOWN_PARTS = new Set<string>(Object.values(PARTS));
+
+/** Every part but the manifest, which the manifest lists. */
+const LISTED_PARTS = Object.values(PARTS).filter((p) => p !== PARTS.manifest);
+
+/** Opens a part of an image: never through a symlink, never a FIFO or a
+ * device (which would block, or never end), only a regular file within its
+ * ceiling. Returns the descriptor and the size. */
+function openPart(dir: string, name: string, ceiling = PART_CEILING[name]): { fd: number; size: number } {
+  let fd: number;
   try {
-    await pipeline(input, extract);
+    fd = openSync(join(dir, name), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new AppshotError(`corrupt image: ${name} is missing`);
+    if (code === 'ELOOP') throw new AppshotError(`corrupt image: ${name} is a symbolic link`);
+    throw new AppshotError(`cannot read ${name} of the image: ${code}`);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new AppshotError(`corrupt image: ${name} is not a regular file`);
+    if (st.size > ceiling) throw new AppshotError(`corrupt image: ${name} is ${st.size} bytes, more than appshot accepts (${ceiling})`);
+    return { fd, size: st.size };
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+}
+
+const CHUNK = 1 << 20;
+
+/** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
+ * grows while it is read is read no further), a MiB at a time. */
+export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER): PartDigest {
+  const hash = createHash('sha256');
+  const buf = Buffer.allocUnsafe(CHUNK);
+  let crc = 0;
+  let size = 0;
+  while (size < limit) {
+    const n = readSync(fd, buf, 0, Math.min(CHUNK, limit - size), size);
+    if (n === 0) break;
+    const piece = buf.subarray(0, n);
+    crc = addon().crc32c(piece, crc);
+    hash.update(piece);
+    size += n;
+  }
+  return { size, crc, sha256: hash.digest() };
+}
+
+function digestBuffer(data: Buffer): PartDigest {
+  return { size: data.length, crc: addon().crc32c(data), sha256: createHash('sha256').update(data).digest() };
+}
+
+function readWhole(fd: number, size: number): Buffer {
+  const buf = Buffer.alloc(size);
+  let at = 0;
+  while (at < size) {
+    const n = readSync(fd, buf, at, size - at, at);
+    if (n === 0) break;
+    at += n;
+  }
+  return buf.subarray(0, at);
+}
+
+/** A small file beside an image's parts (template.pb), read as a part is. */
+export function readSmallPart(dir: string, name: string, ceiling: number): Buffer {
+  const { fd, size } = openPart(dir, name, ceiling);
+  try {
+    return readWhole(fd, size);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Encodes a manifest or template with its signature left out: what is
+ * signed. Decoded and encoded again, so that what is checked is what
+ * appshot will act on, whatever bytes carried it. */
+function signedContent(type: protobuf.Type, value: { signature: Buffer; keyId: string }): Buffer {
+  return encode(type, { ...value, signature: Buffer.alloc(0) });
+}
+
+const MANIFEST_DOMAIN = 'appshot manifest v1';
+const TEMPLATE_DOMAIN = 'appshot template v1';
+
+/** A manifest as it is (signed or not), encoded. */
+export const encodeManifest = (manifest: Manifest) => encode(ManifestType, manifest);
+
+/** A manifest signed with this node's key, encoded. */
+export function encodeSignedManifestOf(manifest: Manifest): Buffer {
+  const { signature, keyId } = signWithSelf(MANIFEST_DOMAIN, (keyId) => signedContent(ManifestType, { ...manifest, keyId }));
+  return encode(ManifestType, { ...manifest, signature, keyId });
+}
+
+/** The manifest of an image whose parts are as given, signed with this
+ * node's key, encoded. */
+export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>): Buffer {
+  return encodeSignedManifestOf({
+    magic: MAGIC,
+    formatVersion: FORMAT_VERSION,
+    imageId,
+    parts: LISTED_PARTS.map((name) => {
+      const d = digests.get(name)!;
+      return { name, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256 };
+    }),
+    signature: Buffer.alloc(0),
+    keyId: '',
+  });
+}
+
+export function signTemplate(t: Template): Template {
+  return { ...t, ...signWithSelf(TEMPLATE_DOMAIN, (keyId) => signedContent(TemplateType, { ...t, keyId })) };
+}
+
+export const templateSigner = (t: Template): Signer => checkSignature(TEMPLATE_DOMAIN, signedContent(TemplateType, t), t.signature, t.keyId);
+
+// --- temporary extractions ---------------------------------------------------
+
+/** Runs `body` with a directory of its own to unpack into, removed if it
+ * fails, and also if the process gets SIGINT or SIGTERM meanwhile (which
+ * then exits 130 or 143, as a shell would report it). */
+async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<string> {
+  // Removed by the next command if we are killed (see partial.ts).
+  const dir = ownedName('image');
+  mkdirSync(dir, { mode: 0o700 });
+  const onSignal = (sig: NodeJS.Signals) => {
+    rmSync(dir, { recursive: true, force: true });
+    process.stderr.write(`appshot: interrupted while reading the image\n`);
+    process.exit(128 + osConstants.signals[sig]);
+  };
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  try {
+    await body(dir);
+    return dir;
   } catch (e) {
     rmSync(dir, { recursive: true, force: true });
-    throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${(e as Error).message})`);
+    throw e;
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
   }
-  return dir;
+}
+
+/** Unpacks an image's tar stream: regular files named as known parts, each
+ * once, within its ceiling and the free space; anything else ends it. */
+async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<string> {
+  return withExtractionDir(async (dir) => {
+    const extract = tar.extract();
+    // Errors of the input and of the parser end the loop below.
+    const feeding = pipeline(input, extract).catch((e: Error) => e);
+    const seen = new Set<string>();
+    let failure: Error | undefined;
+    try {
+      for await (const entry of extract) {
+        const { name, type, size = 0 } = entry.header;
+        if (!KNOWN_PARTS.has(name)) throw new AppshotError(`not an appshot image: ${what} holds '${name}', which is not a part of an image`);
+        if (type !== 'file') throw new AppshotError(`corrupt image: ${what} holds ${name} as a ${type}, not a regular file`);
+        if (seen.has(name)) throw new AppshotError(`corrupt image: ${what} holds ${name} twice`);
+        seen.add(name);
+        if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${what} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
+        const fs = statfsSync(dir);
+        if (size > fs.bavail * fs.bsize) throw new AppshotError(`${name} in ${what} is ${size} bytes; ${dir} has room for ${fs.bavail * fs.bsize}`);
+        const fd = openSync(join(dir, name), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+        try {
+          for await (const chunk of entry) writeSync(fd, chunk as Buffer);
+        } finally {
+          closeSync(fd);
+        }
+      }
+    } catch (e) {
+      failure = e as Error;
+      extract.destroy();
+    }
+    const fed = await feeding;
+    if (failure instanceof AppshotError) throw failure;
+    const problem = failure ?? fed;
+    if (problem) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${problem.message})`);
+  });
 }
 
 /** Where an image's parent is: a relative path is inside the image (a
- * pre-copy image's base). */
+ * pre-copy image's base), and stays inside it. */
 export function parentPath(imageDir: string, path: string): string {
-  return isAbsolute(path) ? path : join(imageDir, path);
+  if (isAbsolute(path)) return path;
+  if (path.split('/').includes('..')) throw new AppshotError(`corrupt image: its parent '${path}' lies outside it`);
+  return join(imageDir, path);
 }
 
-/** Opens an image (directory, tar file or '-' for stdin) and verifies every
- * part's checksum and the format version before returning it. With
- * `sizeOnly`, the page file's size is checked but not its checksum (a
- * template, verified whole when it was made, is opened for every clone). */
-export async function loadImage(path: string, opts: { sizeOnly?: boolean } = {}): Promise<LoadedImage> {
+/** An image that will run must stay as it was verified until the restore
+ * has read it: the restore driver opens pages.img again by name, and a
+ * --lazy restore or a clone maps it for as long as it runs (a clone checks
+ * only its size). So its directory and parts may be changed by no one but
+ * this user and root. */
+function checkOnlyOwnerCanChange(dir: string): void {
+  const uid = process.geteuid?.() ?? 0;
+  for (const path of [dir, ...Object.values(PARTS).map((p) => join(dir, p))]) {
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch {
+      continue; // a missing part is reported as such below
+    }
+    if (st.uid !== uid && st.uid !== 0)
+      throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change it while it runs: copy the image to a directory of your own`);
+    if (st.mode & 0o022 && !st.isSymbolicLink())
+      throw new AppshotError(`${path} is writable by others, who could change it while it runs: chmod go-w ${path}`);
+  }
+}
+
+export interface LoadOptions {
+  /** Check the page file's size, not its checksum (a template, verified
+   * whole when it was made, is opened for every clone). */
+  sizeOnly?: boolean;
+  /** 'require' (the default): only an image signed by a trusted key, or
+   * one the user trusts explicitly (--trust-image), is returned.
+   * 'report': any well-formed image, with its signer (inspect). */
+  trust?: 'require' | 'report';
+  /** Read as the parent of another image, for its memory only. */
+  asParent?: boolean;
+}
+
+/** Opens an image (directory, tar file or '-' for stdin) and verifies it
+ * before returning it: the manifest lists every part with its size and
+ * checksums and is signed by a trusted key, every part matches, and the
+ * metadata is well formed (validate.ts). */
+export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadedImage> {
+  removeStaleTemporaries();
   let dir = path;
   let temporary = false;
   if (path === '-') {
     dir = await extractTar(process.stdin, 'standard input');
     temporary = true;
   } else {
-    if (!existsSync(path)) throw new AppshotError(`no such image: ${path}`, ExitCode.notFound);
-    if (!statSync(path).isDirectory()) {
+    let st;
+    try {
+      st = statSync(path);
+    } catch {
+      throw new AppshotError(`no such image: ${path}`, ExitCode.notFound);
+    }
+    if (st.isFile()) {
       dir = await extractTar(createReadStream(path), path);
       temporary = true;
+    } else if (!st.isDirectory()) {
+      throw new AppshotError(`not an appshot image: ${path} is neither a directory nor a tar file`);
     }
   }
   const dispose = () => {
     if (temporary) rmSync(dir, { recursive: true, force: true });
   };
   try {
-    const manifestPath = join(dir, PARTS.manifest);
-    if (!existsSync(manifestPath)) throw new AppshotError(`not an appshot image: ${path} (no ${PARTS.manifest})`);
-    const manifest = decode<Manifest>(ManifestType, readFileSync(manifestPath), PARTS.manifest);
+    if (!existsSync(join(dir, PARTS.manifest))) throw new AppshotError(`not an appshot image: ${path} (no ${PARTS.manifest})`);
+    const manifestBytes = readSmallPart(dir, PARTS.manifest, PART_CEILING[PARTS.manifest]);
+    const manifest = decode<Manifest>(ManifestType, manifestBytes, PARTS.manifest);
     if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
     if (manifest.formatVersion !== FORMAT_VERSION)
       throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads format ${FORMAT_VERSION})`);
-    for (const part of manifest.parts) {
-      const p = join(dir, part.name);
-      if (!existsSync(p)) throw new AppshotError(`corrupt image: ${part.name} is missing`);
-      const quick = opts.sizeOnly && part.name === PARTS.pages;
-      const { size, crc } = quick ? { size: statSync(p).size, crc: part.crc32c } : addon().crc32cFile(p);
-      if (BigInt(size) !== part.size)
-        throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
-      if (crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
+    const listed = manifest.parts.map((p) => p.name);
+    for (const name of listed)
+      if (!LISTED_PARTS.includes(name as (typeof LISTED_PARTS)[number]))
+        throw new AppshotError(`corrupt image: its manifest lists '${name}', which is not a part of an image`);
+    for (const name of LISTED_PARTS) {
+      const n = listed.filter((l) => l === name).length;
+      if (n !== 1) throw new AppshotError(`corrupt image: its manifest lists ${name} ${n === 0 ? 'not at all' : `${n} times`}`);
     }
-    const image = decode<Image>(ImageType, readFileSync(join(dir, PARTS.image)), PARTS.image);
-    return { dir, manifest, image, dispose };
+
+    // Who signed it, before anything else of it is read.
+    const signer = checkSignature(MANIFEST_DOMAIN, signedContent(ManifestType, manifest), manifest.signature, manifest.keyId);
+    if (!signer.trusted && opts.trust !== 'report' && !imagesTrustedExplicitly())
+      throw new AppshotError(`${path} is not an image this node trusts: ${signer.problem}; ${untrustedHint}`);
+
+    if (opts.trust !== 'report' && !temporary) checkOnlyOwnerCanChange(dir);
+    const digests = new Map<string, PartDigest>();
+    // image.pb is read once, into the buffer that is checked and decoded:
+    // no one can change it between the two.
+    let imageBytes: Buffer = Buffer.alloc(0);
+    for (const part of manifest.parts) {
+      const { fd, size } = openPart(dir, part.name);
+      try {
+        if (BigInt(size) !== part.size) throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
+        const quick = opts.sizeOnly && part.name === PARTS.pages;
+        let d: PartDigest;
+        if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
+        else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
+        else d = digestFd(fd, size);
+        if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
+        if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
+        // A signed manifest vouches for the parts through their SHA-256.
+        if (signer.trusted && !quick && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256)))
+          throw new AppshotError(`corrupt image: SHA-256 of ${part.name} does not match its signed manifest`);
+        digests.set(part.name, d);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    checkWireCounts(ImageType, imageBytes);
+    const image = decode<Image>(ImageType, imageBytes, PARTS.image);
+    validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
+    return { dir, manifest, image, signer, digests, dispose };
   } catch (e) {
     dispose();
     throw e;

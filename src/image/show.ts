@@ -1,9 +1,22 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
+import { describeAttributes } from '../resources/attributes.js';
+import { describeInotify } from '../resources/inotify.js';
 import { countPages } from '../resources/memory.js';
+import { describeTimerfd } from '../resources/timerfd.js';
+import { describePosixTimer } from '../resources/timers.js';
+import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
+import type { Signer } from './trust.js';
+
+/** Who signed an image, in words: "signed by key 1a2b… (this node's)". */
+export function describeSigner(signer: Signer): string {
+  if (signer.trusted) return `signed by key ${signer.keyId} (${signer.trusted.name === 'self' ? "this node's" : `trusted as ${signer.trusted.name}`})`;
+  if (!signer.keyId) return 'not signed (restore runs it only with --trust-image)';
+  return `not trusted here: ${signer.problem}`;
+}
 
 const SYSCALL_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 7: 'poll', 23: 'select', 35: 'nanosleep', 61: 'wait4', 202: 'futex', 230: 'clock_nanosleep', 232: 'epoll_wait', 281: 'epoll_pwait', 43: 'accept', 288: 'accept4', 34: 'pause', 270: 'pselect6', 271: 'ppoll', 69: 'msgsnd', 70: 'msgrcv', 65: 'semop', 220: 'semtimedop', 247: 'waitid' };
 
@@ -26,6 +39,13 @@ function signalList(mask: bigint): string {
   return out.join(',') || 'none';
 }
 
+/** How inspect names a half-closed connection, by tcpi_state. */
+const HALF_CLOSED: Record<number, string> = {
+  4: ' (FIN_WAIT1: the application shut its side down)',
+  5: ' (FIN_WAIT2: the application shut its side down)',
+  8: ' (CLOSE_WAIT: the peer closed its side)',
+};
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -37,12 +57,23 @@ function describeFd(image: Image, fd: Fd): string {
     }
     case 'TCP_LISTEN':
       return `listening ${fd.socket?.address}:${fd.socket?.port}`;
+    case 'TCP_ESTABLISHED': {
+      const c = fd.tcp;
+      if (!c) return 'tcp connection';
+      return c.closed
+        ? `tcp ${connectionName(c)}, recorded closed`
+        : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+    }
     case 'UNIX_SOCKET':
       return `listening unix ${fd.socket?.address}`;
     case 'EVENTFD':
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':
       return `signalfd reading signals ${signalList(fd.sigmask)}`;
+    case 'TIMERFD':
+      return describeTimerfd(fd.timerfd);
+    case 'INOTIFY':
+      return describeInotify(fd.inotifyWatches);
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
     default:
@@ -51,9 +82,10 @@ function describeFd(image: Image, fd: Fd): string {
 }
 
 /** The JSON form: the image itself, with derived sizes and names added. */
-export function imageJson(manifest: Manifest, image: Image): unknown {
+export function imageJson(manifest: Manifest, image: Image, signer: Signer): unknown {
   return toJson({
     manifest,
+    signer: { keyId: signer.keyId || null, trusted: !!signer.trusted, name: signer.trusted?.name ?? null, problem: signer.problem ?? null },
     ...image,
     processes: image.processes.map((p) => ({
       ...p,
@@ -64,9 +96,10 @@ export function imageJson(manifest: Manifest, image: Image): unknown {
   });
 }
 
-export function printImage(manifest: Manifest, image: Image, out: (s: string) => void = (s) => process.stdout.write(s)): void {
+export function printImage(manifest: Manifest, image: Image, signer: Signer, out: (s: string) => void = (s) => process.stdout.write(s)): void {
   const s = image.stats;
   out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
+  out(`${describeSigner(signer)}\n`);
   if (image.parent) out(`incremental: parent ${image.parent.imageId} at ${image.parent.path}\n`);
   out(`${image.processes.length} processes, ${s.pages} pages stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
   out(`command: ${image.command.join(' ')}\n`);
@@ -80,12 +113,13 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
         const c = t.creds ?? p.creds;
-        const seccomp = c.seccomp === 2 ? `${c.seccompFilters.length} filter${c.seccompFilters.length === 1 ? '' : 's'}` : c.seccomp === 1 ? 'strict' : '-';
+        const n = c.seccompFilters.length + (c.seccompContext ?? 0);
+        const seccomp = c.seccomp === 2 ? `${n} filter${n === 1 ? '' : 's'}${c.seccompContext ? ` (${c.seccompContext} appshot's)` : ''}` : c.seccomp === 1 ? 'strict' : '-';
         return [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16), c.uid.join('/'), c.gid.join('/'), '0x' + c.capEff.toString(16), seccomp];
       }),
       out,
@@ -96,6 +130,9 @@ export function printImage(manifest: Manifest, image: Image, out: (s: string) =>
       out,
     );
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
+    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
+    if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {
     out('\nSysV IPC:\n');

@@ -9,12 +9,18 @@ export interface Manifest {
   formatVersion: number;
   parts: Part[];
   imageId: string;
+  /** Ed25519 over the manifest with this field empty (image/trust.ts). */
+  signature: Buffer;
+  /** Which key signed it: the first 16 hex digits of its public key's SHA-256. */
+  keyId: string;
 }
 
 export interface Part {
   name: string;
   size: bigint;
   crc32c: number;
+  /** Empty in images of appshot before signing. */
+  sha256: Buffer;
 }
 
 export interface Image {
@@ -39,7 +45,16 @@ export interface Image {
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
-  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string };
+  instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
+}
+
+/** What makes an instance itself: its tables' identity section, which a
+ * restore gives back and a clone makes anew (native.ts Identity). */
+export interface Identity {
+  id: string;
+  generation: number;
+  reseedLibc: 'seeded' | 'always' | 'never';
+  libcSeeded: boolean;
 }
 
 /** A snapshot virtual template: template.pb beside an image (FIG. 7). */
@@ -50,6 +65,8 @@ export interface Template {
   imageId: string;
   rules?: Rules;
   verdicts: Verdict[];
+  signature: Buffer;
+  keyId: string;
 }
 
 export interface Rules {
@@ -139,6 +156,51 @@ export interface Process {
   dumpable: number;
   glibcTidOffset: number;
   itimers: ITimer[];
+  /** Absent in older images: none. */
+  posixTimers?: PosixTimer[];
+  /** groupStopped: the signal that stopped it; 0 or absent: SIGSTOP. */
+  stopSignal?: number;
+  /** Its children that exited and were not waited for (zombies.ts). */
+  zombies?: Zombie[];
+  attributes?: ProcessAttributes;
+}
+
+export interface ProcessAttributes {
+  oomScoreAdj: number;
+  childSubreaper: boolean;
+  thpDisabled: boolean;
+}
+
+export interface ThreadAttributes {
+  nice: number;
+  schedPolicy: number;
+  schedPriority: number;
+  pdeathsig: number;
+  /** Absent in older images: left as the seed's. */
+  cpuAffinity?: Buffer;
+  ioprio?: number;
+}
+
+export interface Zombie {
+  vpid: number;
+  /** As waitpid reports it. */
+  status: number;
+  comm: string;
+}
+
+export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;
+
+/** A timer_create timer (timers.ts). */
+export interface PosixTimer {
+  id: number;
+  clockid: number;
+  notify: number;
+  signal: number;
+  value: bigint;
+  vtid: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  overrun: number;
 }
 
 export interface ITimer {
@@ -162,8 +224,12 @@ export interface Creds {
   noNewPrivs: boolean;
   /** Seccomp mode: 0 none, 1 strict, 2 filter. */
   seccomp: number;
-  /** The filter chain, oldest first. */
+  /** The filter chain, oldest first, past the context's (seccompContext). */
   seccompFilters: SeccompFilter[];
+  /** How many filters began the chain that were those appshot itself ran
+   * under when the image was taken (a container's profile): counted, not
+   * recorded (the kernel shows them to no process under seccomp). */
+  seccompContext?: number;
 }
 
 export interface SeccompFilter {
@@ -204,6 +270,7 @@ export interface Thread {
   comm: string;
   /** Absent in older images: the process's creds then. */
   creds?: Creds;
+  attributes?: ThreadAttributes;
 }
 
 export interface Rseq {
@@ -297,6 +364,9 @@ export const FdKind = {
   EVENTFD: 6,
   EPOLL: 7,
   SIGNALFD: 8,
+  TIMERFD: 9,
+  INOTIFY: 10,
+  TCP_ESTABLISHED: 11,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -318,6 +388,65 @@ export interface Fd {
   description: number;
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
   sigmask: bigint;
+  timerfd?: Timerfd;
+  /** An established TCP connection (TCP_ESTABLISHED). */
+  tcp?: TcpConnection;
+  /** Absent for other kinds and in older images. */
+  inotifyWatches?: InotifyWatch[];
+}
+
+export interface Timerfd {
+  clockid: number;
+  ticks: bigint;
+  settimeFlags: number;
+  valueNs: bigint;
+  intervalNs: bigint;
+  deadlineNs: bigint;
+}
+
+export interface InotifyWatch {
+  wd: number;
+  path: string;
+  mask: number;
+}
+
+/** An established TCP connection as repair mode reads it (resources/tcp.ts). */
+export interface TcpConnection {
+  ino: bigint;
+  family: number;
+  localAddress: string;
+  localPort: number;
+  peerAddress: string;
+  peerPort: number;
+  /** Not kept: restored as a socket whose connection was reset. */
+  closed: boolean;
+  state: number;
+  sendSeq: number;
+  recvSeq: number;
+  sendQueue: Buffer;
+  unsent: number;
+  recvQueue: Buffer;
+  mssClamp: number;
+  options: number;
+  sndWscale: number;
+  rcvWscale: number;
+  timestamp: number;
+  window?: TcpWindow;
+  socketOptions: SocketOption[];
+}
+
+export interface TcpWindow {
+  sndWl1: number;
+  sndWnd: number;
+  maxWindow: number;
+  rcvWnd: number;
+  rcvWup: number;
+}
+
+export interface SocketOption {
+  level: number;
+  name: number;
+  value: number;
 }
 
 export interface Pipe {

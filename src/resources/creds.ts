@@ -13,13 +13,21 @@
  * (PTRACE_SECCOMP_GET_FILTER, which needs CAP_SYS_ADMIN: without it a
  * process under a filter is refused, and left running as it was).
  *
+ * appshot itself may run under seccomp (a container runtime's default
+ * profile, systemd's SystemCallFilter=): then the kernel lets it neither
+ * read nor suspend any filter. The leading filters a process shares with
+ * appshot's own context are the context's: counted, not read, and at a
+ * restore the seeds' own (inherited from the restoring appshot, which must
+ * run under as many); filters an application added on top are refused.
+ *
  * Restore: the last thing before the registers are set, in each thread,
- * in an order the kernel accepts (restoreCreds, then restoreSeccomp once
- * the scratch memory is gone).
+ * in an order the kernel accepts (prepareSeccomp writes the filters while
+ * the process is surely ours to write, restoreCreds, then restoreSeccomp
+ * once the scratch memory is gone).
  */
 import { readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Creds, Image, Process, SeccompFilter, Vma } from '../image/types.js';
+import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
 import { nameProcess, Unsupported } from '../snapshot/context.js';
@@ -42,6 +50,7 @@ const capName = (c: number) => `CAP_${(CAP_NAMES[c] ?? String(c)).toUpperCase()}
 const PR = {
   GET_DUMPABLE: 3,
   SET_DUMPABLE: 4,
+  SET_KEEPCAPS: 8,
   SET_SECCOMP: 22,
   CAPBSET_DROP: 24,
   GET_SECUREBITS: 27,
@@ -51,12 +60,19 @@ const PR = {
 } as const;
 const PR_CAP_AMBIENT_RAISE = 2;
 const PR_CAP_AMBIENT_LOWER = 3;
+const SECBIT_NO_SETUID_FIXUP = 1 << 2;
 const SECBIT_KEEP_CAPS = 1 << 4;
+const SECBIT_KEEP_CAPS_LOCKED = 1 << 5;
+const SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6;
+const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7;
 /** Each securebit's lock is the bit above it. */
 const SECBIT_LOCKS = 0b10101010;
 const SECCOMP_MODE_STRICT = 1;
 const SECCOMP_MODE_FILTER = 2;
 const SECCOMP_SET_MODE_FILTER = 1;
+/** Added to an installation, never recorded: an image's filters carry
+ * SECCOMP_FILTER_FLAG_LOG at most (validateImage). */
+const SECCOMP_FILTER_FLAG_TSYNC = 1n;
 const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 const SYS_CREDS = { setgroups: 116, setresuid: 117, setresgid: 119, setfsuid: 122, setfsgid: 123, capset: 126, seccomp: 317 } as const;
 
@@ -109,6 +125,16 @@ export function ownCreds(): OwnCreds {
   return { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() };
 }
 
+const ownStatus = () => parseStatus(statusFields('/proc/thread-self/status'));
+
+/** Whether a thread's seccomp filters are no more than appshot's own
+ * context: as many as appshot runs under. (They cannot be compared: the
+ * kernel shows them to no process under seccomp. A process appshot runs
+ * inherits them.) */
+function inAppshotsContext(st: StatusCreds, own: StatusCreds): boolean {
+  return own.seccomp === SECCOMP_MODE_FILTER && st.seccomp === SECCOMP_MODE_FILTER && st.filterCount === own.filterCount;
+}
+
 /* ---- dump ------------------------------------------------------------- */
 
 export interface DumpedCreds {
@@ -126,9 +152,15 @@ export interface DumpedCreds {
  */
 export function dumpCreds(pid: number, tids: number[], inj: Injector, what: string): DumpedCreds {
   const statuses = tids.map((tid) => threadStatus(pid, tid));
+  const own = ownStatus();
+  const contexts = statuses.map((st) => (inAppshotsContext(st, own) ? st.filterCount : 0));
   const filters = statuses.map((st, i) => {
-    if (st.seccomp === 0) return [];
+    if (st.seccomp === 0 || contexts[i]) return [];
     const where = tids[i] === pid ? what : `${what} thread ${tids[i]}`;
+    if (own.seccomp !== 0) {
+      const its = st.seccomp === SECCOMP_MODE_STRICT ? 'seccomp strict mode' : `${st.filterCount} seccomp filters (${own.seccomp === SECCOMP_MODE_FILTER ? own.filterCount : 'none'} of them appshot's own)`;
+      throw new Unsupported(`${where}: its ${its} cannot be captured: appshot runs under seccomp, and the kernel lets a process under seccomp neither read nor suspend another's filters (run appshot outside that profile)`);
+    }
     let chain: SeccompFilter[] = [];
     try {
       if (st.seccomp === SECCOMP_MODE_FILTER) chain = addon().seccompFilters(tids[i]);
@@ -144,7 +176,7 @@ export function dumpCreds(pid: number, tids: number[], inj: Injector, what: stri
   const threads = statuses.map(({ filterCount: _, ...st }, i) => {
     const bits = inj.call(NR.prctl, [PR.GET_SECUREBITS], tids[i]);
     if (bits < 0n) throw new Error(`reading the securebits of thread ${tids[i]}: errno ${-bits}`);
-    return { ...st, securebits: Number(bits), seccompFilters: filters[i] };
+    return { ...st, securebits: Number(bits), seccompFilters: filters[i], ...(contexts[i] ? { seccompContext: contexts[i] } : {}) };
   });
   const dumpable = inj.call(NR.prctl, [PR.GET_DUMPABLE]);
   if (dumpable < 0n) throw new Error(`reading whether ${what} is dumpable: errno ${-dumpable}`);
@@ -155,8 +187,12 @@ export function dumpCreds(pid: number, tids: number[], inj: Injector, what: stri
  * as long as they are traced, so that calls can be injected (dirty
  * tracking does so outside a dump); false if that is not possible. */
 export function exemptFromSeccomp(pid: number, tids: number[]): boolean {
+  const own = ownStatus();
   for (const tid of tids) {
-    if (threadStatus(pid, tid).seccomp === 0) continue;
+    const st = threadStatus(pid, tid);
+    // Under appshot's own filters only: nothing to exempt it from that
+    // appshot's calls are not under too (and it could not).
+    if (st.seccomp === 0 || inAppshotsContext(st, own)) continue;
     try {
       addon().suspendSeccomp(tid);
     } catch {
@@ -198,6 +234,9 @@ export function credentialRefusal(want: Creds, own: OwnCreds): string | undefine
   if (extraPrm) return `capability ${firstCap(extraPrm)} (permitted) is not in this user's permitted set`;
   const extraInh = want.capInh & ~(own.capInh | own.capPrm);
   if (extraInh) return `capability ${firstCap(extraInh)} (inheritable) is neither inheritable nor permitted for this user`;
+  // capset: a new inheritable capability must be in the bounding set too.
+  const outOfBounds = want.capInh & ~(own.capInh | own.capBnd);
+  if (outOfBounds) return `capability ${firstCap(outOfBounds)} (inheritable) is not in this user's bounding set`;
   if (want.capEff & ~want.capPrm || want.capAmb & ~(want.capPrm & want.capInh)) return 'its recorded capability sets are inconsistent (corrupt image?)';
   const extraBnd = want.capBnd & ~own.capBnd;
   if (extraBnd) return `bounding set holds ${firstCap(extraBnd)}, which this user's bounding set lacks`;
@@ -211,12 +250,16 @@ export function credentialRefusal(want: Creds, own: OwnCreds): string | undefine
   if (own.noNewPrivs && !want.noNewPrivs) return 'no_new_privs is set on appshot itself and cannot be cleared (the image recorded it clear)';
   if (own.seccomp !== 0 && want.seccomp !== own.seccomp) return `appshot itself runs under seccomp (mode ${own.seccomp}), which cannot be lifted (the image recorded mode ${want.seccomp})`;
   if (want.seccomp === SECCOMP_MODE_FILTER) {
-    if (want.seccompFilters.length === 0) return 'its seccomp filter was not recorded (an older image)';
+    const context = want.seccompContext ?? 0;
+    if (want.seccompFilters.length === 0 && !context) return 'its seccomp filter was not recorded (an older image)';
     // The kernel takes 1..BPF_MAXINSNS instructions of 8 bytes.
     if (want.seccompFilters.some((f) => !f.program.length || f.program.length % 8 || f.program.length > 4096 * 8)) return 'its seccomp filter is malformed (corrupt image?)';
-    if (want.seccompFilters.length < own.filterCount) return `appshot itself runs under ${own.filterCount} seccomp filters, more than the image recorded`;
+    // The seeds run under appshot's filters; the image's first `context`
+    // were those appshot ran under when it was taken (not recorded).
+    if (own.filterCount !== context)
+      return `appshot itself runs under ${own.filterCount} seccomp filters, ${own.filterCount > context ? 'more' : 'fewer'} than the image recorded as the context it was taken in (${context})`;
     // seccomp() asks for either, in the credentials the thread has then.
-    if (want.seccompFilters.length > own.filterCount && !want.noNewPrivs && !hasCap(want.capEff, CAP.SYS_ADMIN))
+    if (want.seccompFilters.length > 0 && !want.noNewPrivs && !hasCap(want.capEff, CAP.SYS_ADMIN))
       return 'its seccomp filter cannot be installed again: it has neither no_new_privs nor CAP_SYS_ADMIN';
   }
   return undefined;
@@ -255,10 +298,23 @@ function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
  * restoreSeccomp) and the process its dumpable flag. Run after everything
  * else that needs privileges or scratch memory but its unmapping: after
  * these calls the process may no longer be ours to change. The order is
- * the kernel's: groups and gids while CAP_SETGID is still there; the
- * bounding set and KEEP_CAPS while CAP_SETPCAP is effective; the uids
- * (permitted caps kept); a capability set still holding CAP_SETPCAP for
- * the final securebits, ambient raises, then the exact sets.
+ * the kernel's, in each thread:
+ *  1. groups and gids (and the fs gid), while CAP_SETGID is effective;
+ *  2. the inheritable set, which must lie within the old inheritable set
+ *     and the bounding set as it is before that is lowered;
+ *  3. the bounding set, while CAP_SETPCAP is effective;
+ *  4. the securebits, while CAP_SETPCAP is effective: a process may keep
+ *     them with no capability left (SecureBits= with User=). KEEP_CAPS is
+ *     added if leaving uid 0 would empty a permitted set still needed;
+ *     what must wait (NO_CAP_AMBIENT_RAISE before the ambient raises, a
+ *     KEEP_CAPS_LOCKED with KEEP_CAPS clear) waits;
+ *  5. the uids; then, as the uid change cleared the effective set, a
+ *     transitional capability set with what is still to be used
+ *     (CAP_SETUID for an fs uid none of the others is, CAP_SETPCAP for
+ *     the last securebits);
+ *  6. the fs uid, the ambient set, the last securebits (KEEP_CAPS cleared
+ *     again with PR_SET_KEEPCAPS, which needs no capability), the exact
+ *     capability sets, no_new_privs.
  * Returns how many calls it injected (each ~16 µs): most are skipped where
  * the seed has the value already.
  */
@@ -271,43 +327,67 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
   // All buffers first, while the scratch memory is surely writable.
   r.reset();
   const wanted = threadCreds(p);
-  const buffers = wanted.map(({ creds: c }) => ({
-    groups: r.put(Buffer.from(new Uint32Array(c.groups).buffer)),
-    transitional: r.put(capsetData({ ...c, capEff: c.capEff | (1n << BigInt(CAP.SETPCAP)), capPrm: c.capPrm | (1n << BigInt(CAP.SETPCAP)) })),
-    exact: r.put(capsetData(c)),
-  }));
+  const seeds = tids.map((tid) => threadStatus(r.pid, tid));
+  const buffers = wanted.map(({ creds: c }, i) => {
+    const seed = seeds[i];
+    const extra = ((1n << BigInt(CAP.SETPCAP)) | (1n << BigInt(CAP.SETUID))) & seed.capPrm;
+    return {
+      groups: r.put(Buffer.from(new Uint32Array(c.groups).buffer)),
+      inheritable: r.put(capsetData({ capEff: seed.capEff, capPrm: seed.capPrm, capInh: c.capInh })),
+      transitional: r.put(capsetData({ capEff: c.capEff | extra, capPrm: c.capPrm | extra, capInh: c.capInh })),
+      extra,
+      exact: r.put(capsetData(c)),
+    };
+  });
   // The seed's securebits, which its threads share: asked once.
   calls.n++;
   const seedBits = Number(r.call('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]));
   wanted.forEach(({ creds: want }, i) => {
     const tid = tids[i];
     const buf = buffers[i];
-    let have = threadStatus(r.pid, tid);
+    let have = seeds[i];
     let bits = seedBits;
+    const setBits = (to: number) => {
+      if (to === bits) return;
+      if ((to ^ bits) === SECBIT_KEEP_CAPS) call(`${to & SECBIT_KEEP_CAPS ? 'setting' : 'clearing'} KEEP_CAPS`, SYS.prctl, [PR.SET_KEEPCAPS, to & SECBIT_KEEP_CAPS ? 1 : 0], tid);
+      else call(`setting securebits 0x${to.toString(16)}`, SYS.prctl, [PR.SET_SECUREBITS, to], tid);
+      bits = to;
+    };
+    // 1.
     if (!sameSet(want.groups, have.groups)) call('setgroups', SYS_CREDS.setgroups, [want.groups.length, buf.groups], tid);
     if (want.gid.slice(0, 3).join() !== have.gid.slice(0, 3).join()) call(`setresgid ${want.gid.slice(0, 3).join(' ')}`, SYS_CREDS.setresgid, want.gid.slice(0, 3), tid);
     // setresgid set the fs gid to the effective one.
     if (want.gid[3] !== threadStatus(r.pid, tid).gid[3]) call(`setfsgid ${want.gid[3]}`, SYS_CREDS.setfsgid, [want.gid[3]], tid);
+    // 2.
+    if (want.capInh !== have.capInh) call('capset (inheritable)', SYS_CREDS.capset, [buf.inheritable, buf.inheritable + 8n], tid);
+    // 3.
     for (const cap of capList(have.capBnd & ~want.capBnd)) call(`dropping ${capName(cap)} from the bounding set`, SYS.prctl, [PR.CAPBSET_DROP, cap], tid);
+    // 4.
     const uidChanges = want.uid.slice(0, 3).join() !== have.uid.slice(0, 3).join();
     const losesRoot = have.uid.slice(0, 3).includes(0) && !want.uid.slice(0, 3).includes(0);
-    if (uidChanges && losesRoot && want.capPrm && !(bits & SECBIT_KEEP_CAPS)) {
-      // Without it, leaving uid 0 empties the permitted set.
-      bits |= SECBIT_KEEP_CAPS;
-      call('setting KEEP_CAPS', SYS.prctl, [PR.SET_SECUREBITS, bits], tid);
-    }
+    const fsuidNeedsCap = !want.uid.slice(0, 3).includes(want.uid[3]);
+    let later = want.capAmb & ~have.capAmb ? want.securebits & (SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED) : 0;
+    // Leaving uid 0 empties the permitted set, but with KEEP_CAPS (or
+    // NO_SETUID_FIXUP, which the image may set).
+    const keep = uidChanges && losesRoot && !(want.securebits & SECBIT_NO_SETUID_FIXUP) && (want.capPrm !== 0n || fsuidNeedsCap || later !== 0);
+    if (keep && want.securebits & SECBIT_KEEP_CAPS_LOCKED && !(want.securebits & SECBIT_KEEP_CAPS)) later |= SECBIT_KEEP_CAPS_LOCKED;
+    setBits((want.securebits & ~later) | (keep ? SECBIT_KEEP_CAPS : 0));
+    // 5.
     if (uidChanges) call(`setresuid ${want.uid.slice(0, 3).join(' ')}`, SYS_CREDS.setresuid, want.uid.slice(0, 3), tid);
     have = threadStatus(r.pid, tid);
-    if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
     const capsDiffer = () => have.capEff !== want.capEff || have.capPrm !== want.capPrm || have.capInh !== want.capInh;
-    const changeBits = want.securebits !== bits;
-    // PR_SET_SECUREBITS needs CAP_SETPCAP effective: keep it until then.
-    if (changeBits && !hasCap(want.capEff, CAP.SETPCAP) && hasCap(have.capPrm, CAP.SETPCAP)) call('capset (with CAP_SETPCAP)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
+    const lastBitsNeedSetpcap = want.securebits !== bits && (want.securebits ^ bits) !== SECBIT_KEEP_CAPS;
+    const needed = (fsuidNeedsCap && want.uid[3] !== have.uid[3] ? 1n << BigInt(CAP.SETUID) : 0n) | (lastBitsNeedSetpcap ? 1n << BigInt(CAP.SETPCAP) : 0n);
+    const transitional = needed & ~want.capEff & buf.extra & have.capPrm;
+    if (transitional && !(want.capPrm & ~have.capPrm)) call('capset (transitional)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
     else if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
+    // 6.
+    have = threadStatus(r.pid, tid);
+    if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
     have = threadStatus(r.pid, tid);
     for (const cap of capList(want.capAmb & ~have.capAmb)) call(`raising ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0], tid);
     for (const cap of capList(have.capAmb & ~want.capAmb)) call(`lowering ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0], tid);
-    if (changeBits) call(`setting securebits 0x${want.securebits.toString(16)}`, SYS.prctl, [PR.SET_SECUREBITS, want.securebits], tid);
+    setBits(want.securebits);
     have = threadStatus(r.pid, tid);
     if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
     if (want.noNewPrivs && !have.noNewPrivs) call('setting no_new_privs', SYS.prctl, [PR.SET_NO_NEW_PRIVS, 1, 0, 0, 0], tid);
@@ -338,67 +418,123 @@ function differingCredential(want: Creds, got: StatusCreds): string | undefined 
   return undefined;
 }
 
-/** The seccomp filters a restore's seeds run under: appshot's own, which
- * every thread inherits and the image's chain must begin with. */
-export function seedFilters(seed: number): SeccompFilter[] {
-  return threadStatus(seed, seed).filterCount ? addon().seccompFilters(seed) : [];
+/** How many seccomp filters a restore's seeds run under: appshot's own
+ * context, which every thread inherits and which stands for the image's
+ * first filters (counted at the snapshot, not recorded). */
+export function seedFilters(seed: number): number {
+  return threadStatus(seed, seed).filterCount;
 }
 
 const sameFilter = (a: SeccompFilter, b: SeccompFilter) => a.flags === b.flags && a.program.equals(b.program);
 
-/** The filters to install in a thread: the image's chain past the ones it
- * inherits from the seed (which must be where the chain begins). */
-export function filtersToInstall(want: Creds, inherited: SeccompFilter[], where: string): SeccompFilter[] {
+/** The filters to install in a thread: the image's chain past the
+ * `inherited` ones the seed has from appshot, which must be as many as the
+ * image counted as the context it was taken in. */
+export function filtersToInstall(want: Creds, inherited: number, where: string): SeccompFilter[] {
   if (want.seccomp !== SECCOMP_MODE_FILTER) {
-    if (inherited.length) throw new AppshotError(`${where}: appshot runs under a seccomp filter the image did not record`, ExitCode.denied);
+    if (inherited) throw new AppshotError(`${where}: appshot runs under a seccomp filter the image did not record`, ExitCode.denied);
     return [];
   }
-  if (!inherited.every((f, i) => want.seccompFilters[i] && sameFilter(f, want.seccompFilters[i])))
-    throw new AppshotError(`${where}: its seccomp filter chain does not begin with the one appshot runs under`, ExitCode.denied);
-  return want.seccompFilters.slice(inherited.length);
+  const context = want.seccompContext ?? 0;
+  if (context !== inherited)
+    throw new AppshotError(`${where}: its seccomp filter chain began with ${context} filters of appshot's context, and appshot runs under ${inherited} here`, ExitCode.denied);
+  return want.seccompFilters;
+}
+
+/** What restoreSeccomp does, its programs already in the threads' memory. */
+export interface SeccompPlan {
+  /** Per thread: strict mode, or filters (struct sock_fprog addresses) to
+   * install, oldest first; TSYNC: installed once for every thread. */
+  threads: { tid: number; where: string; strict: boolean; filters: { at: bigint; flags: bigint }[]; tsync: boolean }[];
+}
+
+/**
+ * Writes every filter program a process's threads are to be installed
+ * with below the thread's red zone, on its own stack (dead memory by the
+ * ABI, and never read again once installed): done before the credentials,
+ * after which an ordinary user may no longer write into a process that is
+ * not dumpable. Threads whose chains are the same get them once, installed
+ * with SECCOMP_FILTER_FLAG_TSYNC from one of them, so that they share them
+ * as they did (a thread made after a filter shares it; the application's
+ * own TSYNC later fails for threads whose chains are mere copies). The
+ * installing thread's no_new_privs goes to the others with TSYNC: it is
+ * one without, holding CAP_SYS_ADMIN, unless every thread has it.
+ */
+export function prepareSeccomp(p: Process, tids: number[], inherited: number): SeccompPlan {
+  const wanted = threadCreds(p);
+  const threads = wanted.map(({ vtid, creds: want }, i) => {
+    const where = `${nameProcess(p.vpid, p.comm)}${vtid === p.vpid ? '' : ` thread ${vtid}`}`;
+    const strict = want.seccomp === SECCOMP_MODE_STRICT;
+    return { tid: tids[i], where, strict, chain: strict ? [] : filtersToInstall(want, inherited, where), filters: [] as { at: bigint; flags: bigint }[], tsync: false };
+  });
+  let installers = threads.map((_, i) => i);
+  const first = threads[0].chain;
+  const shared = threads.length > 1 && first.length > 0 && threads.every((t) => !t.strict && t.chain.length === first.length && t.chain.every((f, k) => sameFilter(f, first[k])));
+  if (shared) {
+    const caller = wanted.every((w) => w.creds.noNewPrivs) ? 0 : wanted.findIndex((w) => !w.creds.noNewPrivs && hasCap(w.creds.capEff, CAP.SYS_ADMIN));
+    if (caller >= 0) {
+      installers = [caller];
+      threads[caller].tsync = true;
+    }
+  }
+  for (const i of installers) {
+    const t = threads[i];
+    let below = p.threads[i].regs.readBigUInt64LE(REG.rsp) - 128n;
+    for (const f of t.chain) {
+      // struct sock_fprog (len, pad, pointer) and the program after it.
+      const size = 16 + f.program.length;
+      const at = (below - BigInt(size)) & ~15n;
+      if (!writableStack(p.vmas, at, size)) throw new AppshotError(`${t.where}: no room on its stack below the red zone for its seccomp filters (${size} bytes more)`);
+      const fprog = Buffer.alloc(16);
+      fprog.writeUInt16LE(f.program.length / 8, 0);
+      fprog.writeBigUInt64LE(at + 16n, 8);
+      addon().writeMemory(tids[0], at, Buffer.concat([fprog, f.program]));
+      t.filters.push({ at, flags: f.flags | (t.tsync ? SECCOMP_FILTER_FLAG_TSYNC : 0n) });
+      below = at;
+    }
+  }
+  return { threads: threads.map(({ chain: _, ...t }) => t) };
 }
 
 /**
  * Seccomp last of all, in each thread, once the scratch memory is
  * unmapped: a filter applies to every call the thread makes after it, our
- * injected ones included, and could refuse or kill for any of them. The
- * program goes below the thread's red zone on its own stack (dead memory
- * by the ABI; its bytes are put back after), oldest filter first. Strict
+ * injected ones included, and the installation of the next filter first
+ * of all. Where appshot may (CAP_SYS_ADMIN, under no seccomp itself) the
+ * threads are exempted while it installs (PTRACE_O_SUSPEND_SECCOMP, with
+ * PTRACE_O_EXITKILL kept: cleared at the commit by keepOnExit). Strict
  * mode needs no memory. Returns how many calls it injected.
  */
-export function restoreSeccomp(r: RemoteProcess, p: Process, tids: number[], inherited: SeccompFilter[]): number {
+export function restoreSeccomp(r: RemoteProcess, plan: SeccompPlan): number {
   const calls = { n: 0 };
-  threadCreds(p).forEach(({ vtid, creds: want }, i) => {
-    const tid = tids[i];
-    const where = `${nameProcess(p.vpid, p.comm)}${vtid === p.vpid ? '' : ` thread ${vtid}`}`;
-    if (want.seccomp === SECCOMP_MODE_STRICT) {
-      calls.n++;
-      r.call('entering seccomp strict mode', SYS.prctl, [PR.SET_SECCOMP, SECCOMP_MODE_STRICT], tid);
-      return;
-    }
-    const rsp = p.threads[i].regs.readBigUInt64LE(REG.rsp);
-    for (const f of filtersToInstall(want, inherited, where)) {
-      // struct sock_fprog (len, pad, pointer) and the program after it.
-      const at = (rsp - 128n - BigInt(16 + f.program.length)) & ~15n;
-      const size = 16 + f.program.length;
-      if (!writableStack(p.vmas, at, size)) throw new AppshotError(`${where}: no room on its stack below the red zone for its seccomp filter (${size} bytes)`);
-      const saved = addon().readMemory(r.pid, at, size);
-      const fprog = Buffer.alloc(16);
-      fprog.writeUInt16LE(f.program.length / 8, 0);
-      fprog.writeBigUInt64LE(at + 16n, 8);
-      addon().writeMemory(r.pid, at, Buffer.concat([fprog, f.program]));
-      calls.n++;
-      r.call('installing a seccomp filter', SYS_CREDS.seccomp, [SECCOMP_SET_MODE_FILTER, f.flags, at], tid);
-      try {
-        addon().writeMemory(r.pid, at, saved);
-      } catch {
-        /* not dumpable for an ordinary user any more: dead bytes stay */
+  if (plan.threads.some((t) => t.strict || t.filters.length)) {
+    const own = ownStatus();
+    if (hasCap(own.capEff, CAP.SYS_ADMIN) && own.seccomp === 0)
+      for (const t of plan.threads) {
+        try {
+          addon().suspendSeccomp(t.tid, true);
+        } catch {
+          /* a kernel without CONFIG_CHECKPOINT_RESTORE: the filters apply */
+        }
       }
+  }
+  for (const t of plan.threads) {
+    if (t.strict) {
+      calls.n++;
+      r.call('entering seccomp strict mode', SYS.prctl, [PR.SET_SECCOMP, SECCOMP_MODE_STRICT], t.tid);
+      continue;
     }
-  });
+    for (const f of t.filters) {
+      calls.n++;
+      const ret = r.call(`installing a seccomp filter${f.flags & SECCOMP_FILTER_FLAG_TSYNC ? ' for every thread' : ''}`, SYS_CREDS.seccomp, [SECCOMP_SET_MODE_FILTER, f.flags, f.at], t.tid);
+      if (ret > 0n) throw new AppshotError(`${t.where}: thread ${ret} could not share its seccomp filters (TSYNC)`);
+    }
+  }
   return calls.n;
 }
 
+/** Memory the filter programs may go to: the thread's own, never a
+ * mapping another process sees (MAP_SHARED, SysV). */
 function writableStack(vmas: Vma[], at: bigint, size: number): boolean {
-  return vmas.some((v) => v.start <= at && at + BigInt(size) <= v.end && v.prot & 2);
+  return vmas.some((v) => v.start <= at && at + BigInt(size) <= v.end && v.prot & 2 && !v.shared && (v.kind === VmaKind.ANON || v.kind === VmaKind.FILE_PRIVATE));
 }

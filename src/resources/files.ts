@@ -3,8 +3,9 @@
  * close-on-exec bit. Regular files (and a deleted file's contents),
  * character devices (/dev/null, /dev/zero, /dev/urandom, ttys), pipes and
  * FIFOs (both ends, with the data they hold, copied without consuming it),
- * listening sockets (sockets.ts), eventfd, epoll and signalfd (signalfd.ts).
- * Anything else is refused by name.
+ * listening sockets (sockets.ts), established TCP connections (tcp.ts),
+ * eventfd, epoll, signalfd (signalfd.ts), timerfd (timerfd.ts) and inotify
+ * (inotify.ts). Anything else is refused by name.
  */
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -12,7 +13,9 @@ import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.
 import { type RemoteProcess, SYS } from '../restore/remote.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
 import { readLimits } from './limits.js';
+import { dumpInotify, restoreInotify } from './inotify.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
+import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
 import type { SocketTable } from './sockets.js';
 
 const O_ACCMODE = 3;
@@ -107,9 +110,13 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
+    const connection = bracket?.[1] === 'socket' ? sockets.connection(BigInt(bracket[2])) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
       fd.pipe = pipeOf(ctx, pid, n, BigInt(bracket[2]), '');
+    } else if (connection) {
+      fd.kind = FdKind.TCP_ESTABLISHED;
+      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what);
     } else if (bracket && bracket[1] === 'socket') {
       fd.kind = FdKind.TCP_LISTEN;
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what);
@@ -124,6 +131,12 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else if (target === 'anon_inode:[signalfd]') {
       fd.kind = FdKind.SIGNALFD;
       fd.sigmask = dumpSignalfd(info);
+    } else if (target === 'anon_inode:[timerfd]') {
+      fd.kind = FdKind.TIMERFD;
+      fd.timerfd = dumpTimerfd(info);
+    } else if (target === 'anon_inode:inotify') {
+      fd.kind = FdKind.INOTIFY;
+      fd.inotifyWatches = dumpInotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target.startsWith('anon_inode:') || bracket) {
       const kind = target.replace(/^anon_inode:/, '').replace(/[[\]]/g, '');
       throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
@@ -138,6 +151,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.tty = TTY.test(target);
         if (!PLAIN_DEVICES.has(target) && !fd.tty) throw new Unsupported(`${what} fd ${n}: device ${target} cannot be captured yet`);
       } else if (st.isFile() || st.isDirectory()) {
+        if (deleted && target.startsWith('/memfd:')) refuseSealedMemfd(pid, n, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
@@ -147,6 +161,18 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     fds.push(fd);
   }
   return fds;
+}
+
+/** A memfd comes back as a deleted file with its contents, which takes no
+ * seals: one that holds seals (F_ADD_SEALS) would silently lose them. */
+function refuseSealedMemfd(pid: number, fd: number, where: string): void {
+  const dup = addon().getFd(pid, fd);
+  try {
+    const seals = addon().fileSeals(dup);
+    if (seals > 0) throw new Unsupported(`${where}: a memfd with seals (F_ADD_SEALS 0x${seals.toString(16)}) cannot be captured yet`);
+  } finally {
+    closeSync(dup);
+  }
 }
 
 /** A deleted file lives only as long as its last descriptor: the image
@@ -173,6 +199,15 @@ export interface FileSources {
   transfer(r: RemoteProcess, fd: number): number;
 }
 
+/** Descriptors whose state lives in the process that made them (a
+ * signalfd reads its reader's signals; timers and watches are charged to
+ * their owner): made by system calls run inside the restored process. */
+const MADE_INSIDE: Partial<Record<number, (r: RemoteProcess, fd: Fd) => number>> = {
+  [FdKind.SIGNALFD]: restoreSignalfd,
+  [FdKind.TIMERFD]: restoreTimerfd,
+  [FdKind.INOTIFY]: restoreInotify,
+};
+
 const F_SETFD = 2;
 const EPOLL_CTL_ADD = 1;
 const EPOLL_CLOEXEC = 0o2000000;
@@ -192,8 +227,9 @@ export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void
   };
   for (const fd of p.fds) {
     if (fd.kind === FdKind.EPOLL) continue;
-    // A signalfd is made inside the process; the rest here, handed over.
-    if (fd.kind === FdKind.SIGNALFD) place(restoreSignalfd(r, fd), fd);
+    // Kinds made inside the process; the rest here, handed over.
+    const makeInside = MADE_INSIDE[fd.kind];
+    if (makeInside) place(makeInside(r, fd), fd);
     else place(src.transfer(r, src.open(p, fd)), fd);
   }
   for (const fd of p.fds) {

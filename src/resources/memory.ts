@@ -29,8 +29,8 @@ interface MapsLine {
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
 /** The memory map from /proc/PID/maps: cheap, unlike smaps, which counts
- * every mapping's pages. The one VmFlags bit that matters (grows down) is
- * the stack's. */
+ * every mapping's pages. The only VmFlags bit it can tell (grows down) is
+ * the stack's; a dump reads the rest with readVmFlags. */
 export function readMaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
   for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
@@ -50,6 +50,55 @@ export function readMaps(pid: number): MapsLine[] {
     }
   }
   return out;
+}
+
+/**
+ * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
+ * gd (grows down) with MAP_GROWSDOWN, the others with madvise. wf and dc
+ * are also what makes a clone a fork (forkTreatment).
+ */
+const KEPT_VM_FLAGS: Record<string, number | undefined> = {
+  gd: undefined,
+  wf: 18, // MADV_WIPEONFORK
+  dc: 10, // MADV_DONTFORK
+  dd: 16, // MADV_DONTDUMP
+};
+
+/** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
+ * read once per process at dump time (smaps walks the page tables; maps
+ * does not show the flags). */
+export function readVmFlags(pid: number): Map<bigint, string[]> {
+  const out = new Map<bigint, string[]>();
+  for (const [start, value] of smapsField(pid, 'VmFlags'))
+    out.set(start, value.split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)));
+  return out;
+}
+
+/** One field of every mapping in /proc/PID/smaps, by start address. */
+function smapsField(pid: number, field: string): Map<bigint, string> {
+  const out = new Map<bigint, string>();
+  let start: bigint | undefined;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    const m = HEADER.exec(line);
+    if (m) start = BigInt('0x' + m[1]);
+    else if (start !== undefined && line.startsWith(`${field}:`)) out.set(start, line.slice(field.length + 1).trim());
+  }
+  return out;
+}
+
+/**
+ * The clone face of memory: a clone is a fork of the template (DESIGN.md,
+ * "A clone keeps its virtual PID"), so memory the application marked
+ * MADV_WIPEONFORK (key material, a PRNG's state: OpenSSL and
+ * libraries like it mark theirs) starts zeroed in every clone, and
+ * MADV_DONTFORK memory is not there at all, exactly as in a fork child.
+ * A plain restore is the same instance going on: it keeps both as they were.
+ */
+export function forkTreatment(v: Vma): 'wipe' | 'absent' | undefined {
+  if (v.vmFlags.includes('dc')) return 'absent';
+  // The kernel only takes MADV_WIPEONFORK for private anonymous memory.
+  if (v.vmFlags.includes('wf') && v.kind === VmaKind.ANON) return 'wipe';
+  return undefined;
 }
 
 const SPECIAL: Record<string, number> = {
@@ -119,9 +168,19 @@ function mapFilesReadable(pid: number, l: MapsLine): boolean {
  * sees it. Runs while the injector's scratch area is in use, before memory
  * is dumped.
  */
-export function mapSharedObjectPages(pid: number, inj: Injector): void {
+export function mapSharedObjectPages(pid: number, inj: Injector, what: string): void {
   const lines = readMaps(pid).filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
   if (!lines.length || mapFilesReadable(pid, lines[0])) return;
+  // mincore does not report a page that is in swap (and not in the swap
+  // cache): it would come back as zeros. Refused rather than guessed.
+  const swap = smapsField(pid, 'Swap');
+  for (const l of lines) {
+    const kb = parseInt(swap.get(l.start) ?? '0', 10);
+    if (kb > 0)
+      throw new Unsupported(
+        `${what}: shared memory at 0x${l.start.toString(16)} has ${kb} kB in swap, which cannot be told from holes without CAP_CHECKPOINT_RESTORE (map_files)`,
+      );
+  }
   const pagemap = openSync(`/proc/${pid}/pagemap`, 'r');
   try {
     // One byte of mincore's answer per page: as many pages a call as the
@@ -134,7 +193,7 @@ export function mapSharedObjectPages(pid: number, inj: Injector): void {
         const n = Math.min(CHUNK, pages - first);
         const at = l.start + BigInt(first) * PAGE;
         const { ret, out } = inj.callOut(NR.mincore, [at, BigInt(n) * PAGE, 'out'], n);
-        if (ret !== 0n) throw new Unsupported(`mincore of shared memory at 0x${at.toString(16)} failed (${-ret})`);
+        if (ret !== 0n) throw new Unsupported(`${what}: mincore of shared memory at 0x${at.toString(16)} failed (${-ret})`);
         for (let i = 0; i < n; i++) {
           if (!(out[i] & 1)) continue;
           const page = at + BigInt(i) * PAGE;
@@ -155,6 +214,7 @@ function isAnonShared(l: MapsLine): boolean {
 export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string): Vma[] {
   const vmas: Vma[] = [];
   const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+  const vmFlags = readVmFlags(pid);
   try {
     for (const l of readMaps(pid)) {
       const shared = l.perms[3] === 's';
@@ -170,7 +230,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         file: -1,
         sharedMemory: -1,
         shmVid: -1,
-        vmFlags: l.vmFlags,
+        vmFlags: vmFlags.get(l.start) ?? l.vmFlags,
       };
       const special = SPECIAL[l.path];
       if (special !== undefined) {
@@ -181,6 +241,10 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         vma.shmVid = ctx.virtual('shmid', Number(l.ino));
         if (!vma.shmVid && !ctx.tables.tables.shmid.some((e) => e.system === Number(l.ino)))
           throw new Unsupported(`${what}: maps SysV segment ${l.ino}, which belongs to no application`);
+      } else if (l.path.startsWith('/[aio]')) {
+        // The ring of an AIO context (io_setup): its requests live in the
+        // kernel, and nothing makes the context again.
+        throw new Unsupported(`${what}: an AIO context (io_setup, ring at 0x${l.start.toString(16)}) cannot be captured yet`);
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
@@ -270,6 +334,8 @@ export interface MemorySources {
   transfer(r: import('../restore/remote.js').RemoteProcess, fd: number): number;
   /** Pages of `vpid` inherited from the parent chain, by address. */
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
+  /** A clone: memory is given what a fork child gets (forkTreatment). */
+  asFork?: boolean;
 }
 
 /** Runs of stored pages as [address, file offset, length] triples. */
@@ -292,7 +358,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * to where the image had it, then each VMA is mapped and filled.
  */
 export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
-  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, open: 2, close: 3, shmat: 30 };
+  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const current = readMaps(r.pid);
   // Everything of the seed's goes but the vDSO, its data pages and our
   // scratch area: one munmap per gap between those, not one per mapping.
@@ -346,12 +412,17 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
 
   for (const v of vmas) {
     if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) continue;
+    const fork = src.asFork ? forkTreatment(v) : undefined;
+    if (fork === 'absent') continue;
     const len = v.end - v.start;
-    const own = storedRuns(v);
-    const hasInherited = (v.pages?.fromParent.length ?? 0) > 0;
+    // Wiped: mapped anonymous and left as it comes, zero.
+    const own = fork === 'wipe' ? [] : storedRuns(v);
+    const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
     // The stack stays anonymous even when lazy: /proc/PID/cmdline and
     // environ are read only from anonymous memory (FOLL_ANON).
-    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited;
+    // Memory marked MADV_WIPEONFORK is copied: the kernel takes the mark
+    // only on anonymous memory, which pages mapped from a file are not.
+    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf');
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
@@ -415,6 +486,10 @@ export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, v
       flush();
     }
     if (prot !== v.prot) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
+    for (const flag of v.vmFlags) {
+      const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
+      if (advice !== undefined) r.call(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
+    }
   }
   for (const fd of opened.values()) r.call('closing', SYS.close, [fd]);
 }

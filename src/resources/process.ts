@@ -9,7 +9,6 @@ import { readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
-import { nameProcess, Unsupported } from '../snapshot/context.js';
 import type { DumpContext } from '../snapshot/context.js';
 import { type Injector, NR } from '../snapshot/inject.js';
 import { type RemoteProcess, SYS } from '../restore/remote.js';
@@ -48,16 +47,9 @@ function mmFields(pid: number, inj: Injector): MmFields {
 }
 
 /** Interval timers (setitimer): asked of the process, as nothing else
- * shows them. POSIX timers (timer_create) are listed in /proc/PID/timers
- * and cannot be captured yet. */
-function dumpItimers(pid: number, inj: Injector, what: string): ITimer[] {
-  let posix = '';
-  try {
-    posix = readFileSync(`/proc/${pid}/timers`, 'utf8').trim();
-  } catch {
-    /* no such file without CONFIG_CHECKPOINT_RESTORE */
-  }
-  if (posix) throw new Unsupported(`${what}: POSIX timers (timer_create) cannot be captured yet`);
+ * shows them. POSIX timers (timer_create) are a kind of their own
+ * (timers.ts). */
+function dumpItimers(inj: Injector): ITimer[] {
   const out: ITimer[] = [];
   for (let which = 0; which < 3; which++) {
     const { ret, out: tv } = inj.callOut(NR.getitimer, [which, 'out'], 32);
@@ -121,7 +113,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     personality,
     dumpable: creds.dumpable,
     glibcTidOffset: 0,
-    itimers: dumpItimers(pid, inj, nameProcess(ctx.virtual('pid', pid), st.comm)),
+    itimers: dumpItimers(inj),
   };
 }
 

@@ -2,9 +2,9 @@
  * Sockets: listening TCP (IPv4 and IPv6) and listening unix sockets with
  * their address, options and backlog; connected unix stream sockets whose
  * peer is in the application too (socketpair, or a connection between two
- * of its processes) with the data queued in them, read with MSG_PEEK. A
- * socket whose other end is outside the application (an established TCP
- * connection, say) is refused by name.
+ * of its processes) with the data queued in them, read with MSG_PEEK.
+ * Established TCP connections are tcp.ts's. A unix socket whose other end
+ * is outside the application is refused by name.
  */
 import { closeSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -107,6 +107,14 @@ export class SocketTable {
     }
   }
 
+  /** A TCP socket that is not listening, as /proc/net/tcp{,6} shows it
+   * (tcp.ts captures it), or undefined. */
+  connection(ino: bigint): InetEntry | undefined {
+    this.load();
+    const e = this.inet.get(ino);
+    return e && e.state !== TCP_LISTEN ? { ...e } : undefined;
+  }
+
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
   describe(pid: number, fd: number, ino: bigint, what: string): Socket {
@@ -155,7 +163,6 @@ export class SocketTable {
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = this.inet.get(ino);
       if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: this.backlog.get(ino) ?? 0 };
-      if (e) throw new Unsupported(`${what} fd ${fd}: an established TCP connection ${e.address}:${e.port} → ${e.remote} cannot be captured yet`);
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === 2 ? 'UDP' : 'non-listening'} socket cannot be captured yet`);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);

@@ -22,12 +22,17 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
-import { checkCredentials, ownCreds, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
+import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { releaseRestored } from '../resources/jobcontrol.js';
+import { ConnectionMaker } from '../resources/tcp.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { restoreAttributes } from '../resources/attributes.js';
+import { restorePosixTimers } from '../resources/timers.js';
+import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { RemoteProcess, SYS } from './remote.js';
@@ -100,7 +105,7 @@ async function loadChain(path: string): Promise<LoadedImage[]> {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parentPath(child.dir, parent.path)).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true }).catch((e: Error) => {
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);
@@ -155,6 +160,8 @@ class Handover {
   private readonly pipes = new Map<number, { read: number; write: number }>();
   private readonly sockets = new Map<bigint, number>();
   private readonly shared = new Map<number, number>();
+  /** Established TCP connections, in repair mode until every process is made. */
+  readonly tcp = new ConnectionMaker();
 
   constructor(
     private readonly image: Image,
@@ -368,6 +375,11 @@ class Handover {
         }
         return sock;
       }
+      case FdKind.TCP_ESTABLISHED: {
+        const sock = this.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
+        addon().setStatusFlags(sock, fd.flags);
+        return sock;
+      }
       case FdKind.EVENTFD: {
         // Made at 0 and written: the counter is 64 bits, eventfd()'s
         // initial value only 32.
@@ -416,6 +428,7 @@ class Handover {
   }
 
   close(): void {
+    this.tcp.close();
     for (const fd of this.mine.splice(0))
       try {
         closeSync(fd);
@@ -499,7 +512,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The tables are new: their instance section (path rewriting, SET ENV)
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
-    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [] };
+    const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...prepareRedirTargets(config.redirs));
     record.restore!.madeDirs = madeDirs;
     reg.update(record);
@@ -594,6 +607,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
       for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
@@ -617,6 +631,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       tables: { old: image.tablesPath, new: tables },
       transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      asFork: opts.instance !== undefined,
     };
     for (const m of made) {
       const p = m.proc;
@@ -651,21 +666,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
+      restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
       // raising one needs.
       credentialCalls += restoreLimits(r, p.rlimits);
+      // Seccomp programs written while the process is surely ours to write.
+      const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids);
       r.unmapScratch();
-      credentialCalls += restoreSeccomp(r, p, m.tids, inheritedFilters);
+      credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    handed.tcp.release();
     handed.close();
     phase('threads');
 
@@ -681,10 +701,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.
-    // Stopped by job control when it was taken: stopped again, the signal
-    // queued before the threads go, so none runs a single instruction.
-    for (const m of made) if (m.proc.groupStopped) process.kill(m.pid, 'SIGSTOP');
-    for (const m of made) for (const tid of m.tids) addon().detach(tid, 0);
+    // Stopped by job control when it was taken: stopped again by the same
+    // signal (jobcontrol.ts).
+    for (const m of releaseRestored(made))
+      process.stderr.write(`appshot: process ${m.proc.vpid} (${m.proc.comm}) could not be stopped by signal ${m.proc.stopSignal} again (its process group is orphaned here): stopped by SIGSTOP\n`);
     if (!opts.batchCommit) {
       closeSync(lifeline);
       lifeline = -1;

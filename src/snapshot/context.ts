@@ -3,6 +3,7 @@ import { statSync } from 'node:fs';
 import { type Kind, type PageWriter, type TablesSnapshot } from '../native.js';
 import type { FileIdentity, Image, Pipe, SharedMemory } from '../image/types.js';
 import type { ParentResolver } from './parent.js';
+import { HeldConnections } from '../resources/tcp.js';
 
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused
  * rather than an image written that would not restore. */
@@ -13,6 +14,8 @@ export class DumpContext {
   private readonly fileIndex = new Map<string, number>();
   readonly pipeIndex = new Map<bigint, number>();
   readonly sharedIndex = new Map<string, number>();
+  /** TCP connections held in repair mode while the application is frozen. */
+  readonly tcp = new HeldConnections();
 
   constructor(
     readonly image: Image,

@@ -6,25 +6,31 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
-import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, removeStalePartials, streamImageTar } from '../image/format.js';
+import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
+import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
+import { dumpAttributes } from '../resources/attributes.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpSysv } from '../resources/sysv.js';
+import { dumpPosixTimers } from '../resources/timers.js';
+import { dumpZombies } from '../resources/zombies.js';
+import type { HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
 import { Freezer } from './freezer.js';
@@ -45,6 +51,9 @@ export interface SnapshotOptions {
   /** Copy memory while the application runs first; freeze it only for
    * the pages written meanwhile. */
   preCopy?: boolean;
+  /** Record established TCP connections as closed instead of keeping them
+   * (resources/tcp.ts): for want of CAP_NET_ADMIN, or on purpose. */
+  tcpClose?: boolean;
 }
 
 export interface SnapshotResult {
@@ -86,7 +95,7 @@ async function parentChain(record: AppRecord): Promise<ParentResolver | undefine
   let expected = record.lastImage.id;
   try {
     while (path) {
-      const loaded = await loadImage(path);
+      const loaded = await loadImage(path, { asParent: true });
       chain.push(loaded);
       if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);
       path = loaded.image.parent ? parentPath(loaded.dir, loaded.image.parent.path) : undefined;
@@ -149,9 +158,13 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       const creds = dumpCreds(pid, threads.map((t) => t.tid), inj, what);
       const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds);
       proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
+      proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
+      dumpAttributes(proc, pid, inj, what);
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
+      proc.zombies = dumpZombies(ctx, pid);
+      dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what);
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
       // interrupted call fail with EINTR rather than restart.
@@ -160,7 +173,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
-      mapSharedObjectPages(pid, inj);
+      mapSharedObjectPages(pid, inj, what);
       inj.close();
       // Memory last: the scratch area used above is back as it was.
       proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);
@@ -210,8 +223,10 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   } finally {
     freezer.resume();
   }
-  const dir = join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`);
-  mkdirSync(dir);
+  // Journaled (see image/partial.ts) until the image that will hold it
+  // is renamed into place: a base is not removed by its own commit.
+  const base = makePartialDir(join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`));
+  const dir = base.path;
   let pages: PageWriter | undefined;
   try {
     pages = new (addon().PageWriter)(dir, []);
@@ -229,10 +244,11 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // The base is the directory itself: its parts, not a nested one.
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
     rmSync(final, { recursive: true });
-    return { dir, id, frozenMs, tracked };
+    return { dir, id, frozenMs, tracked, journal: base };
   } catch (e) {
     pages?.abort();
     rmSync(dir, { recursive: true, force: true });
+    base.done();
     throw e;
   }
 }
@@ -243,6 +259,15 @@ interface Base {
   frozenMs: number;
   /** System PIDs whose writes since the base are tracked. */
   tracked: Set<number>;
+  /** Until the image holding it is in place (see image/partial.ts). */
+  journal: PartialDir;
+}
+
+/** A pre-copy's base that no image will hold. */
+function discardBase(base: Base | undefined): void {
+  if (!base) return;
+  rmSync(base.dir, { recursive: true, force: true });
+  base.journal.done();
 }
 
 /** A process of a base image: its memory only. */
@@ -355,7 +380,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   if (!toStream) {
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
-    removeStalePartials(dirname(output));
   }
   const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
   const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
@@ -378,7 +402,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       }
     }
   } catch (e) {
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
@@ -389,7 +413,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   try {
     pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], writeQueueLimit());
   } catch (e) {
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
@@ -401,6 +425,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let frozenAt = 0;
   let thawedAt = 0;
   let armed: string[] | undefined;
+  let connections: HeldConnections | undefined;
   try {
     freezer.freeze(opts.timeoutMs);
     frozenAt = now();
@@ -408,6 +433,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, trackingFds, trackedPids);
+    connections = ctx.tcp;
+    connections.closeConnections = opts.tcpClose ?? false;
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     dumpAll(ctx, freezer, progress);
@@ -419,6 +446,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
     phase('tracking armed');
     if (opts.leaveRunning) {
+      connections.release();
       freezer.resume();
       thawedAt = now();
     }
@@ -434,7 +462,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     image.stats.pagesFromParent = BigInt(inherited);
     // FIG. 8: each resource classified, by the rules the application runs
     // under or by the standard criteria; the verdicts travel in the image.
-    image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '' };
+    image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '', identity: tables.instance.identity };
     image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
     if (!opts.leaveRunning) {
       // The image is committed before anything is killed: if writing it
@@ -447,6 +475,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
       freezer.kill();
+      connections.closeSilently();
       thawedAt = now();
       await waitReleased(reg, aid);
     } else {
@@ -478,15 +507,18 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   } catch (e) {
     progress.done();
     pages.abort();
+    connections?.release();
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.
-    if (base) rmSync(base.dir, { recursive: true, force: true });
+    discardBase(base);
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   } finally {
     for (const l of parent?.chain ?? []) l.dispose();
+    // Inside the committed image now, or discarded above.
+    base?.journal.done();
   }
 }
 

@@ -26,6 +26,8 @@ export interface FrozenThread {
   signal: number;
   siginfo?: Buffer;
   groupStop: boolean;
+  /** The signal that stopped it (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU). */
+  stopSignal?: number;
   /** Interrupted in this attempt already: a second PTRACE_INTERRUPT would
    * stay pending and trap again later. */
   interrupted?: boolean;
@@ -195,6 +197,7 @@ export class Freezer {
       case 'group-stop':
         t.stopped = true;
         t.groupStop = true;
+        t.stopSignal = r.sig;
         return;
       case 'signal':
         t.stopped = true;
@@ -263,11 +266,15 @@ export class Freezer {
    * about to take is given back). Threads that never stopped stay seized
    * until this process exits. */
   resume(): void {
-    for (const t of [...this.threads.values()]) {
+    // Threads stopped by job control first: they go back to that stop, and
+    // the processes that resume after them must not see them traced ('t').
+    const order = [...this.threads.values()].sort((a, b) => Number(b.groupStop) - Number(a.groupStop));
+    for (const t of order) {
       if (!t.stopped) continue;
       try {
         if (t.resumeRegs) addon().setRegs(t.tid, t.resumeRegs);
         addon().detach(t.tid, t.signal);
+        if (t.groupStop) backInStop(t.tid);
       } catch {
         /* it died meanwhile */
       }
@@ -286,11 +293,15 @@ export class Freezer {
         /* gone */
       }
     for (const t of this.threads.values()) t.stopped = false;
-    // Reap the tracees' reports so none lingers as a ptrace zombie.
-    for (let i = 0; i < 1000 && this.threads.size; i++) {
-      const r = addon().wait(-1, 50);
-      if (!r) break;
-      if (r.kind === 'exited') this.threads.delete(r.tid);
+    // Reap every tracee's exit report: until we do, its real parent (init)
+    // is not told it exited, and init removes the application only once
+    // it has seen its last process go. A large process takes a while to
+    // die (its memory is freed first).
+    const deadline = Date.now() + 10_000;
+    while (this.threads.size && Date.now() < deadline) {
+      const r = addon().wait(-1, 100);
+      if (r?.kind === 'exited') this.threads.delete(r.tid);
+      else if (!r) for (const tid of [...this.threads.keys()]) if (!existsSync(`/proc/${tid}`)) this.threads.delete(tid);
     }
     this.threads.clear();
     this.processes.clear();
@@ -305,5 +316,16 @@ export class Freezer {
     }
     for (const list of out.values()) list.sort((a, b) => (a.tid === a.pid ? -1 : b.tid === b.pid ? 1 : a.tid - b.tid));
     return out;
+  }
+}
+
+/** Waits (up to 100 ms) for a thread detached in a job-control stop to
+ * enter it again: it runs through the kernel to get there ('R', then 'T'),
+ * and its parent, resumed next, must find it stopped as it left it. */
+function backInStop(tid: number): void {
+  const until = Date.now() + 100;
+  while (Date.now() < until) {
+    const st = readStat(tid);
+    if (!st || st.state === 'T') return;
   }
 }

@@ -17,6 +17,8 @@
  * which is what a plain restore does, and refusals() names them.
  */
 import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
+import { forkTreatment } from '../resources/memory.js';
+import { connectionName } from '../resources/tcp.js';
 import { unredirected } from '../resources/paths.js';
 import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
@@ -46,6 +48,10 @@ const CRITERIA = {
   unique: 'system-wide unique, not exported',
   sysv: 'system-wide unique id and key, not exported: a new object gets a copy of the contents',
   exported: 'system-wide unique, exported to clients outside',
+  wipeOnFork: 'marked MADV_WIPEONFORK: zero in every clone, as in a fork child',
+  dontFork: 'marked MADV_DONTFORK: absent from every clone, as from a fork child',
+  tcpConnection: 'an established TCP connection: it has one peer, which clones cannot each have',
+  tcpClosed: 'a TCP connection recorded closed (snapshot --tcp-close): each clone sees it reset',
 } as const;
 
 const decide = (action: Action, reason: string): Decision => ({ action, reason });
@@ -100,6 +106,10 @@ function vmaDecision(image: Image, v: Vma, rules: RulesFile | undefined): Decisi
   if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) return decide('recreate', CRITERIA.kernel);
   if (isTables(image, v)) return decide('recreate', CRITERIA.tables);
   if (v.kind === VmaKind.SYSV_SHM) return decide('virtualize', CRITERIA.segment);
+  // A clone is a fork: what the application asked of a fork is not the
+  // rules' to undo (memory.ts, forkTreatment).
+  const fork = forkTreatment(v);
+  if (fork) return decide('recreate', fork === 'wipe' ? CRITERIA.wipeOnFork : CRITERIA.dontFork);
   const rule = memoryRule(image, v, rules);
   if (rule) return byRule(rules!, rule);
   switch (v.kind) {
@@ -126,6 +136,7 @@ function memoryRule(image: Image, v: Vma, rules: RulesFile | undefined): Resourc
 }
 
 function vmaRefusal(image: Image, v: Vma, action: Action): string | undefined {
+  if (forkTreatment(v) === 'absent') return undefined;
   if (v.kind === VmaKind.FILE_SHARED && writableVma(v) && action === 'recreate' && !isTables(image, v))
     return `maps ${v.path} writable and shared: every clone would write into the same file; a FILE rule for it (SHARE, COPY-ON-WRITE or DUPLICATE) decides`;
   if (action === 'share' && writableVma(v) && v.kind !== VmaKind.FILE_SHARED)
@@ -158,10 +169,18 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       const d = portDecision(port, rules);
       return { kind: 'socket', name: tcpName(fd), action: d.action, reason: `listens on port ${port}: ${d.reason}` };
     }
+    case FdKind.TCP_ESTABLISHED:
+      return { kind: 'socket', name: `tcp ${fd.tcp ? connectionName(fd.tcp) : ''}`, ...decide('recreate', fd.tcp?.closed ? CRITERIA.tcpClosed : CRITERIA.tcpConnection) };
     case FdKind.EVENTFD:
       return { kind: 'eventfd', name: 'eventfd', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.SIGNALFD:
       return { kind: 'signalfd', name: 'signalfd', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.TIMERFD:
+      return { kind: 'timerfd', name: 'timerfd', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.INOTIFY:
+      // The watches follow paths by name: a clone's REDIR PATH rules do
+      // not move them (README: not covered yet).
+      return { kind: 'inotify', name: `inotify on ${(fd.inotifyWatches ?? []).map((w) => w.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
       return { kind: 'epoll', name: 'epoll', ...decide('duplicate', CRITERIA.privateToInstance) };
     default:
@@ -180,6 +199,10 @@ function fileDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Decis
 }
 
 function fdRefusal(fd: Fd): string | undefined {
+  // A clone cannot take over the template's connection (its peer talks to
+  // one socket); recorded closed, each clone gets it reset.
+  if (fd.kind === FdKind.TCP_ESTABLISHED && fd.tcp && !fd.tcp.closed)
+    return `the established TCP connection ${connectionName(fd.tcp)} has one peer, which clones cannot each have (take the snapshot with --tcp-close: every clone then sees it reset)`;
   if (fd.kind === FdKind.FIFO) return `a FIFO (named pipe) at ${fd.path} is a system-wide name and cannot be shared by clones`;
   if (fd.kind === FdKind.UNIX_SOCKET && fd.socket?.listening) {
     const where = fd.socket.address.startsWith('@') ? `the abstract address ${fd.socket.address}` : fd.socket.address;

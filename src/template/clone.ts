@@ -12,7 +12,10 @@
  *  - multiplex: a TCP port is shared by all instances (SO_REUSEPORT);
  *  - allocate: a TCP port of its own from the registry, bound to the
  *    template's fixed one in the instance's port table;
- *  - REDIR PATH and SET ENV are evaluated for the instance.
+ *  - REDIR PATH and SET ENV are evaluated for the instance;
+ *  - and a clone is a new instance, not a copy: it gets an identity of its
+ *    own, its IDENTITY hooks run once it resumed (resources/identity.ts),
+ *    and memory is handled as a fork child's (resources/memory.ts).
  */
 import { closeSync, cpSync, existsSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -24,10 +27,12 @@ import type { Action } from '../image/types.js';
 import { addon, type InstanceConfig } from '../native.js';
 import { signalProcesses } from '../inspect.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
+import { applicationEnv } from '../harness.js';
+import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
 import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
-import { instanceConfig, privateCopyPath, type Property } from './rules.js';
+import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
 
@@ -176,10 +181,14 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       // its AID: a snapshot of that one still needs its copies.
       const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
       let ports: ReturnType<typeof planPorts> | undefined;
+      const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
+      // The instance's evaluated SET ENV and identity variables.
+      let instanceEnv: string[] = [];
       try {
         ports = planPorts(reg, aid, t);
-        const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
-        const config = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+        const evaluated = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+        const identity = cloneIdentity(t.loaded.image, t.rules);
+        const config = { ...evaluated, env: withIdentityEnv(evaluated.env, identity), identity };
         const plan: InstancePlan = {
           action: (ref) => actions.get(ref),
           config,
@@ -194,18 +203,29 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, batchCommit: commitPath });
         lifelines.push(r.lifeline!);
         results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
-        opts.progress?.(i + 1, aids.length, aid);
+        instanceEnv = config.env;
       } catch (e) {
         for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
         rmSync(privateRoot, { recursive: true, force: true });
         throw e;
       }
+      // Once it runs: a hook that fails fails the batch, and this instance
+      // goes with the others made (it is in `results`).
+      if (t.rules?.identity.hooks.length) {
+        const record = reg.require(aid);
+        const env = { ...applicationEnv(record), ...Object.fromEntries(instanceEnv.map((e) => [e.slice(0, e.indexOf('=')), e.slice(e.indexOf('=') + 1)])) };
+        await runIdentityHooks(identityHooks(t.rules, props), t.loaded.image, record, env, t.rules.source);
+      }
+      opts.progress?.(i + 1, aids.length, aid);
     }
     killPoint('clone: committing');
     reg.commit(commitPath);
     return results;
   } catch (e) {
-    // All or nothing: the instances this batch made go too.
+    // All or nothing: the instances this batch made go too. Their lifelines
+    // end first: the batch will never commit, and each init, seeing that,
+    // kills its instance and leaves its registration to be released.
+    for (const fd of lifelines.splice(0)) closeSync(fd);
     for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);

@@ -10,6 +10,7 @@
  * rather than their evaluated form" (specification, section B).
  */
 import { readFileSync } from 'node:fs';
+import { constants } from 'node:os';
 import { basename, join, posix } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Action } from '../image/types.js';
@@ -39,7 +40,28 @@ export interface RulesFile {
   redirs: { from: string; to: string; line: number }[];
   envs: { name: string; value: string; line: number }[];
   resources: ResourceRule[];
+  identity: IdentityRules;
 }
+
+/**
+ * The IDENTITY section: what makes each clone unique where copying the
+ * template's memory would not (DESIGN.md: a clone keeps its virtual PID,
+ * so fork detection by getpid() never fires in it).
+ */
+export interface IdentityRules {
+  /** IDENTITY RESEED LIBC (always) or IDENTITY KEEP LIBC (never); absent:
+   * the default, reseed where the application seeded it (templates/README.md). */
+  libc?: { reseed: 'always' | 'never'; line: number };
+  /** Run once in each clone after it resumes, in the order written. */
+  hooks: IdentityHook[];
+}
+
+export type IdentityHook =
+  /** IDENTITY HOOK SIGNAL SIGUSR2: sent to the application's first process. */
+  | { kind: 'signal'; signal: number; name: string; line: number }
+  /** IDENTITY HOOK EXEC "/cmd" "arg"...: run inside the clone's virtual
+   * view, as `appshot exec` does; its strings may hold variables. */
+  | { kind: 'exec'; argv: string[]; line: number };
 
 // What an instance's tables hold: the constants of the same names in
 // addon/include/appshot_table.h (struct appshot_instance), which these must
@@ -50,8 +72,14 @@ export interface RulesFile {
 /** Entries of the instance's path table: one per REDIR PATH, FILE ...
  * COPY-ON-WRITE and FILE ... DUPLICATE rule. */
 export const APPSHOT_REDIRS = 16;
-/** SET ENV lines. */
-export const APPSHOT_ENVS = 16;
+/** Environment entries: SET ENV lines, and the two a clone's identity adds
+ * (APPSHOT_CLONE_GENERATION, APPSHOT_INSTANCE; resources/identity.ts). */
+export const APPSHOT_ENVS = 18;
+export const IDENTITY_ENVS = 2;
+/** SET ENV lines: what the table holds beside the identity variables. */
+export const SET_ENVS = APPSHOT_ENVS - IDENTITY_ENVS;
+/** IDENTITY HOOK lines: each runs in every clone, so they are kept few. */
+export const IDENTITY_HOOKS = 8;
 /** A path (`from` or `to`), including its terminating NUL. */
 export const APPSHOT_PATH_MAX = 256;
 /** One "NAME=value", including its terminating NUL. */
@@ -59,7 +87,9 @@ export const APPSHOT_ENV_LEN = 384;
 
 export const PROPERTIES: readonly Property[] = ['application-id', 'instance', 'hostname', 'template'];
 const ACCESSES: readonly Access[] = ['read', 'write', 'create', 'any'];
-const STATEMENTS = ['DEFINE', 'REDIR', 'SET', 'FILE', 'MEMORY', 'PORT', 'SEMAPHORE', 'SHM', 'MSGQUEUE'];
+const STATEMENTS = ['DEFINE', 'REDIR', 'SET', 'FILE', 'MEMORY', 'PORT', 'SEMAPHORE', 'SHM', 'MSGQUEUE', 'IDENTITY'];
+/** The random number generators IDENTITY RESEED and KEEP name. */
+const GENERATORS = ['LIBC'];
 const RESOURCE_KINDS: Record<string, ResourceKind> = {
   FILE: 'file',
   MEMORY: 'memory',
@@ -241,7 +271,7 @@ class Line {
 }
 
 export function parseRules(text: string, source: string): RulesFile {
-  const rules: RulesFile = { source, text, defines: new Map(), redirs: [], envs: [], resources: [] };
+  const rules: RulesFile = { source, text, defines: new Map(), redirs: [], envs: [], resources: [], identity: { hooks: [] } };
   text.split('\n').forEach((content, index) => {
     const number = index + 1;
     const fail: Fail = (column, wrong, expected) => {
@@ -259,6 +289,7 @@ function parseStatement(line: Line, rules: RulesFile): void {
   if (word === 'DEFINE') parseDefine(line, rules);
   else if (word === 'REDIR') parseRedir(line, rules, first.column);
   else if (word === 'SET') parseSetEnv(line, rules, first.column);
+  else if (word === 'IDENTITY') parseIdentity(line, rules, first.column);
   else if (Object.hasOwn(RESOURCE_KINDS, word)) parseResource(line, rules, RESOURCE_KINDS[word], first.column);
   else if (first.type === 'word') line.fail(first.column, `unknown keyword '${first.text}'`, `one of ${STATEMENTS.join(', ')}`);
   else line.unexpected(`a keyword: one of ${STATEMENTS.join(', ')}`, first);
@@ -323,6 +354,8 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   const name = line.string('the variable\'s "NAME"');
   if (!ENV_NAME.test(name.text))
     line.fail(name.column, `invalid environment variable name ${name.raw}`, 'letters, digits and _, not starting with a digit');
+  if (IDENTITY_VARIABLES.includes(name.text))
+    line.fail(name.column, `${name.text} is a clone's identity, which appshot sets`, 'a variable of your own (IDENTITY statements change what makes a clone unique)');
   const twice = rules.envs.find((e) => e.name === name.text);
   if (twice) line.fail(name.column, `${name.text} is already set at line ${twice.line}`, 'each variable set once');
   const eq = line.next();
@@ -332,9 +365,70 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   const bytes = Buffer.byteLength(`${name.text}=${value.text}`);
   if (bytes >= APPSHOT_ENV_LEN)
     line.fail(value.column, `${name.text}=value of ${bytes} bytes`, `at most ${APPSHOT_ENV_LEN - 1} bytes of NAME=value (what an instance's table holds)`);
-  if (rules.envs.length >= APPSHOT_ENVS)
-    line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${APPSHOT_ENVS} SET ENV lines (what an instance's table holds)`);
+  if (rules.envs.length >= SET_ENVS)
+    line.fail(column, `SET ENV ${rules.envs.length + 1} of this file`, `at most ${SET_ENVS} SET ENV lines (what an instance's table holds)`);
   rules.envs.push({ name: name.text, value: value.text, line: line.number });
+}
+
+/** The variables that carry a clone's identity (resources/identity.ts). */
+const IDENTITY_VARIABLES = ['APPSHOT_CLONE_GENERATION', 'APPSHOT_INSTANCE'];
+
+/** IDENTITY RESEED|KEEP generator, IDENTITY HOOK SIGNAL name|number,
+ * IDENTITY HOOK EXEC "/cmd" "arg"... */
+function parseIdentity(line: Line, rules: RulesFile, column: number): void {
+  const t = line.next();
+  const word = t.type === 'word' ? t.text.toUpperCase() : '';
+  if (word === 'RESEED' || word === 'KEEP') {
+    const g = line.next();
+    if (g.type !== 'word' || !GENERATORS.includes(g.text.toUpperCase()))
+      line.fail(g.column, g.type === 'word' ? `unknown generator '${g.text}'` : `unexpected ${describe(g)}`, `one of ${GENERATORS.join(', ')}`);
+    const earlier = rules.identity.libc;
+    if (earlier) line.fail(t.column, `LIBC is already ${earlier.reseed === 'always' ? 'reseeded' : 'kept'} at line ${earlier.line}`, 'one IDENTITY RESEED or KEEP per generator');
+    rules.identity.libc = { reseed: word === 'RESEED' ? 'always' : 'never', line: line.number };
+  } else if (word === 'HOOK') {
+    if (rules.identity.hooks.length >= IDENTITY_HOOKS) line.fail(column, `IDENTITY HOOK ${rules.identity.hooks.length + 1} of this file`, `at most ${IDENTITY_HOOKS} hooks`);
+    rules.identity.hooks.push(parseHook(line, rules));
+  } else {
+    line.fail(t.column, t.type === 'word' ? `unknown IDENTITY statement '${t.text}'` : `unexpected ${describe(t)}`, 'RESEED, KEEP or HOOK');
+  }
+}
+
+/** Signals a hook may send: any the application can handle. */
+const UNCATCHABLE = new Set(['SIGKILL', 'SIGSTOP']);
+
+function parseHook(line: Line, rules: RulesFile): IdentityHook {
+  const t = line.next();
+  const word = t.type === 'word' ? t.text.toUpperCase() : '';
+  if (word === 'SIGNAL') {
+    const s = line.next();
+    const expected = 'a signal the application can handle, by name (SIGUSR2, USR2) or number';
+    if (s.type === 'number') {
+      const name = Object.entries(constants.signals).find(([, n]) => n === s.value)?.[0] ?? (s.value >= 32 && s.value <= 64 ? `signal ${s.value}` : undefined);
+      if (!name) line.fail(s.column, `${s.raw} is no signal`, expected);
+      if (UNCATCHABLE.has(name)) line.fail(s.column, `${name} cannot be handled: it would end or stop every clone`, expected);
+      return { kind: 'signal', signal: s.value, name, line: line.number };
+    }
+    if (s.type !== 'word') return line.unexpected(expected, s);
+    const name = s.text.toUpperCase().startsWith('SIG') ? s.text.toUpperCase() : `SIG${s.text.toUpperCase()}`;
+    const signal = (constants.signals as Record<string, number>)[name];
+    if (signal === undefined) line.fail(s.column, `unknown signal '${s.text}'`, expected);
+    if (UNCATCHABLE.has(name)) line.fail(s.column, `${name} cannot be handled: it would end or stop every clone`, expected);
+    return { kind: 'signal', signal, name, line: line.number };
+  }
+  if (word === 'EXEC') {
+    const cmd = line.string('the command\'s "/absolute/path"');
+    if (!cmd.text.startsWith('/')) line.fail(cmd.column, `path ${cmd.raw} is not absolute`, 'a path starting with /');
+    checkVariables(line, rules, cmd);
+    const argv = [cmd.text];
+    while (line.peek().type === 'string') {
+      const arg = line.string('an "argument"');
+      checkVariables(line, rules, arg);
+      argv.push(arg.text);
+    }
+    if (line.peek().type !== 'end') line.unexpected('an "argument" in double quotes, or the end of the line');
+    return { kind: 'exec', argv, line: line.number };
+  }
+  return t.type === 'word' ? line.fail(t.column, `unknown hook '${t.text}'`, 'SIGNAL or EXEC') : line.unexpected('SIGNAL or EXEC', t);
 }
 
 /** A REDIR path: absolute, its variables defined above; normalized. */
@@ -553,6 +647,11 @@ export function instanceConfig(
   // An environment name has no variables: "NAME=value" evaluates as a whole.
   const env = rules.envs.map((e) => evaluate(`${e.name}=${e.value}`, rules, props, { bytes: APPSHOT_ENV_LEN - 1, what: `SET ENV "${e.name}"`, line: e.line }));
   return { redirs: [...paths, ...cows], env };
+}
+
+/** The IDENTITY hooks for one instance: EXEC's strings evaluated. */
+export function identityHooks(rules: RulesFile | undefined, props: Record<Property, string>): IdentityHook[] {
+  return (rules?.identity.hooks ?? []).map((h) => (h.kind === 'exec' ? { ...h, argv: h.argv.map((a) => evaluate(a, rules!, props)) } : h));
 }
 
 /**

@@ -8,11 +8,14 @@
  * template.pb. It is still an image: `appshot restore` brings back the
  * template's own application.
  */
-import { copyFileSync, cpSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, linkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, encodeTemplate, type LoadedImage, loadImage, PARTS, removeStalePartials } from '../image/format.js';
+import { decodeTemplate, encodeSignedManifest, encodeTemplate, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
+import { makePartialDir } from '../image/partial.js';
+import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
+import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 
@@ -38,12 +41,15 @@ export interface TemplateSummary {
   /** How many resources each action handles. */
   actions: Partial<Record<Action, number>>;
   verdicts: Verdict[];
+  /** What every clone would share with the others and the template, and
+   * what the rules do about it (resources/identity.ts). */
+  shared: SharedState[];
 }
 
-export function summarize(path: string, t: Template): TemplateSummary {
+export function summarize(path: string, t: Template, shared: SharedState[]): TemplateSummary {
   const actions: Partial<Record<Action, number>> = {};
   for (const v of t.verdicts) actions[v.action] = (actions[v.action] ?? 0) + 1;
-  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts };
+  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts, shared };
 }
 
 /** The rules a template is made with: a file given now, else those the
@@ -87,16 +93,23 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     if (refused.length)
       throw new AppshotError(`cannot make a template of ${imagePath}: ${refused.length === 1 ? refused[0] : '\n  ' + refused.join('\n  ')}`);
     const name = opts.name ?? basename(dest).replace(/\.[^.]*$/, '');
-    const template: Template = { magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts };
+    // Signed with this node's key, as is a new manifest for the parts: the
+    // image was verified (and trusted) just now, and the template vouches
+    // for what it verified, whoever signed the snapshot.
+    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '' });
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
-    removeStalePartials(dirname(dest));
-    const partial = join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`);
-    mkdirSync(partial);
+    const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`));
+    const partial = journal.path;
     try {
-      for (const part of Object.values(PARTS)) linkOrCopy(join(loaded.dir, part), join(partial, part));
+      linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
+      linkOrCopy(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages));
+      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests), { mode: 0o600 });
+      // A clone's private copies, if its rules give it any (one without
+      // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
-      if (privateRoot) {
+      const hasCopies = !!privateRoot && (image.instance?.redirs ?? []).some((r) => r.to.startsWith(`${privateRoot}/`));
+      if (privateRoot && (hasCopies || existsSync(privateRoot))) {
         if (!existsSync(privateRoot))
           throw new AppshotError(`${imagePath} is of a clone whose private copies are gone (${privateRoot}): what it wrote to its files cannot be templated`);
         cpSync(privateRoot, join(partial, PRIVATE_DIR), { recursive: true, preserveTimestamps: true });
@@ -106,8 +119,10 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     } catch (e) {
       rmSync(partial, { recursive: true, force: true });
       throw e;
+    } finally {
+      journal.done();
     }
-    return summarize(dest, template);
+    return summarize(dest, template, sharedState(image, parsed));
   } finally {
     loaded.dispose();
   }
@@ -120,19 +135,39 @@ export interface OpenedTemplate {
   rules?: RulesFile;
 }
 
+const ACTIONS = new Set<string>(['share', 'copy-on-write', 'duplicate', 'virtualize', 'multiplex', 'allocate', 'recreate']);
+
+/** The verdicts a clone acts on: known actions, ports that are ports. */
+function checkVerdicts(verdicts: Verdict[]): void {
+  for (const v of verdicts) {
+    if (!ACTIONS.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}'`);
+    const port = /^port:(.*)$/.exec(v.ref)?.[1];
+    if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
+  }
+}
+
+/** template.pb holds rules and verdicts: a few KiB, a few MiB at most. */
+const TEMPLATE_CEILING = 16 * 1024 * 1024;
+
 /** Opens a template: its image verified (checksums, format; the page file's
  * only with `verify`, as it was when the template was made) and its
- * template.pb read. The caller disposes of `loaded`. */
-export async function openTemplate(path: string, verify = true): Promise<OpenedTemplate> {
+ * template.pb read. With trust 'require' (clone), both must be signed by a
+ * trusted key, or trusted explicitly; 'report' (template show) only reads.
+ * The caller disposes of `loaded`. */
+export async function openTemplate(path: string, verify = true, trust: 'require' | 'report' = 'require'): Promise<OpenedTemplate> {
   if (!existsSync(path)) throw new AppshotError(`no such template: ${path}`, ExitCode.notFound);
   if (!existsSync(join(path, TEMPLATE_PART)))
     throw new AppshotError(`not a template: ${path} (no ${TEMPLATE_PART}; make one with appshot template create)`, ExitCode.notFound);
-  const loaded = await loadImage(path, { sizeOnly: !verify });
+  const loaded = await loadImage(path, { sizeOnly: !verify, trust });
   try {
-    const template = decodeTemplate(readFileSync(join(path, TEMPLATE_PART)));
+    const template = decodeTemplate(readSmallPart(path, TEMPLATE_PART, TEMPLATE_CEILING));
     if (template.magic !== TEMPLATE_MAGIC) throw new AppshotError(`not a template: ${path}`);
+    const signer = templateSigner(template);
+    if (!signer.trusted && trust === 'require' && !imagesTrustedExplicitly())
+      throw new AppshotError(`${path} is not a template this node trusts: its ${TEMPLATE_PART} ${signer.problem?.replace(/^it(s)? /, '')}; ${untrustedHint}`);
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
+    checkVerdicts(template.verdicts);
     const rules = template.rules?.text ? parseRules(template.rules.text, template.rules.source) : undefined;
     return { path: resolve(path), template, loaded, rules };
   } catch (e) {

@@ -1,0 +1,216 @@
+// Established TCP connections (tcp_repair.c) and integer socket options,
+// for src/resources/tcp.ts.
+#include <napi.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <string>
+
+#include <sys/socket.h>
+
+#include "addon.h"
+
+extern "C" {
+#include "tcp_repair.h"
+}
+
+namespace appshot {
+namespace {
+
+int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
+uint32_t U32(const Napi::Value& v) { return v.As<Napi::Number>().Uint32Value(); }
+
+// `step` is read here, once the call in the arguments has set it (the
+// order in which arguments are evaluated is unspecified).
+bool Failed(const Napi::Env& env, int rc, const char* const* step) {
+  if (rc == 0) return false;
+  ThrowErrno(env, *step ? *step : "TCP repair", -rc);
+  return true;
+}
+
+// tcpRepair(fd, mode): 1 on, 0 off, -1 off without the window probe the
+// kernel otherwise sends the peer.
+Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_repair_set(Int(info[0]), Int(info[1]), &step), &step);
+  return info.Env().Undefined();
+}
+
+// tcpLock(fd, on): every packet to the socket dropped (1) or not (0).
+Napi::Value TcpLock(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  int fd = Int(info[0]);
+  Failed(info.Env(), info[1].ToBoolean() ? tcp_lock(fd, &step) : tcp_unlock(fd, &step), &step);
+  return info.Env().Undefined();
+}
+
+// tcpRead(fd) -> the connection of a socket in repair mode.
+Napi::Value TcpRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c;
+  const char* step = nullptr;
+  if (Failed(env, tcp_conn_read(Int(info[0]), &c, &step), &step)) return env.Undefined();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("family", c.family);
+  o.Set("localAddress", c.local);
+  o.Set("localPort", c.local_port);
+  o.Set("peerAddress", c.peer);
+  o.Set("peerPort", c.peer_port);
+  o.Set("state", c.state);
+  o.Set("sendSeq", c.send_seq);
+  o.Set("recvSeq", c.recv_seq);
+  o.Set("sendQueue", Napi::Buffer<uint8_t>::Copy(env, c.send_queue, c.send_len));
+  o.Set("unsent", c.unsent);
+  o.Set("recvQueue", Napi::Buffer<uint8_t>::Copy(env, c.recv_queue, c.recv_len));
+  o.Set("mssClamp", c.mss_clamp);
+  o.Set("options", c.options);
+  o.Set("sndWscale", c.snd_wscale);
+  o.Set("rcvWscale", c.rcv_wscale);
+  o.Set("timestamp", c.timestamp);
+  if (c.has_window) {
+    Napi::Object w = Napi::Object::New(env);
+    w.Set("sndWl1", c.snd_wl1);
+    w.Set("sndWnd", c.snd_wnd);
+    w.Set("maxWindow", c.max_window);
+    w.Set("rcvWnd", c.rcv_wnd);
+    w.Set("rcvWup", c.rcv_wup);
+    o.Set("window", w);
+  }
+  free(c.send_queue);
+  free(c.recv_queue);
+  return o;
+}
+
+void CopyAddress(char (&dst)[INET6_ADDRSTRLEN], const Napi::Value& v) {
+  std::string s = v.As<Napi::String>().Utf8Value();
+  size_t n = s.size() < sizeof dst - 1 ? s.size() : sizeof dst - 1;
+  s.copy(dst, n);
+  dst[n] = '\0';
+}
+
+// The connection tcpRead returned (the queues point into its Buffers, valid
+// for the call); false, with a JS exception, if it makes no sense.
+bool ConnectionOf(const Napi::Env& env, const Napi::Value& v, tcp_conn& c) {
+  auto o = v.As<Napi::Object>();
+  c.family = Int(o.Get("family"));
+  CopyAddress(c.local, o.Get("localAddress"));
+  c.local_port = static_cast<uint16_t>(U32(o.Get("localPort")));
+  CopyAddress(c.peer, o.Get("peerAddress"));
+  c.peer_port = static_cast<uint16_t>(U32(o.Get("peerPort")));
+  c.state = Int(o.Get("state"));
+  c.send_seq = U32(o.Get("sendSeq"));
+  c.recv_seq = U32(o.Get("recvSeq"));
+  auto send = o.Get("sendQueue").As<Napi::Buffer<uint8_t>>();
+  auto recv = o.Get("recvQueue").As<Napi::Buffer<uint8_t>>();
+  c.send_queue = send.Data();
+  c.send_len = static_cast<uint32_t>(send.Length());
+  c.unsent = U32(o.Get("unsent"));
+  c.recv_queue = recv.Data();
+  c.recv_len = static_cast<uint32_t>(recv.Length());
+  if (c.unsent > c.send_len) {
+    Napi::RangeError::New(env, "a connection's unsent bytes exceed its send queue").ThrowAsJavaScriptException();
+    return false;
+  }
+  c.mss_clamp = U32(o.Get("mssClamp"));
+  c.options = static_cast<uint8_t>(U32(o.Get("options")));
+  c.snd_wscale = static_cast<uint8_t>(U32(o.Get("sndWscale")));
+  c.rcv_wscale = static_cast<uint8_t>(U32(o.Get("rcvWscale")));
+  c.timestamp = U32(o.Get("timestamp"));
+  Napi::Value wv = o.Get("window");
+  if (wv.IsObject()) {
+    auto w = wv.As<Napi::Object>();
+    c.has_window = 1;
+    c.snd_wl1 = U32(w.Get("sndWl1"));
+    c.snd_wnd = U32(w.Get("sndWnd"));
+    c.max_window = U32(w.Get("maxWindow"));
+    c.rcv_wnd = U32(w.Get("rcvWnd"));
+    c.rcv_wup = U32(w.Get("rcvWup"));
+  }
+  return true;
+}
+
+// tcpMake(connection) -> fd: a socket in repair mode carrying the
+// connection on (see tcp_conn_make); tcpRelease finishes it.
+Napi::Value TcpMake(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c{};
+  if (!ConnectionOf(env, info[0], c)) return env.Undefined();
+  int fd = -1;
+  const char* step = nullptr;
+  if (Failed(env, tcp_conn_make(&c, &fd, &step), &step)) return env.Undefined();
+  return Napi::Number::New(env, fd);
+}
+
+// tcpRelease(fd, unsent: Buffer): repair mode off, the never-sent bytes written.
+Napi::Value TcpRelease(const Napi::CallbackInfo& info) {
+  auto unsent = info[1].As<Napi::Buffer<uint8_t>>();
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_conn_release(Int(info[0]), unsent.Data(), static_cast<uint32_t>(unsent.Length()), &step), &step);
+  return info.Env().Undefined();
+}
+
+// tcpRefin(connection): its peer's FIN, sent again (tcp_conn_refin).
+Napi::Value TcpRefin(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tcp_conn c{};
+  if (!ConnectionOf(env, info[0], c)) return env.Undefined();
+  const char* step = nullptr;
+  Failed(env, tcp_conn_refin(&c, &step), &step);
+  return env.Undefined();
+}
+
+// tcpState(fd) -> tcpi_state.
+Napi::Value TcpState(const Napi::CallbackInfo& info) {
+  int state = tcp_state(Int(info[0]));
+  if (state < 0) {
+    ThrowErrno(info.Env(), "reading TCP_INFO", -state);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), state);
+}
+
+// tcpResetSocket(family) -> fd of a connection that was reset.
+Napi::Value TcpResetSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = -1;
+  const char* step = nullptr;
+  if (Failed(env, tcp_reset_socket(Int(info[0]), &fd, &step), &step)) return env.Undefined();
+  return Napi::Number::New(env, fd);
+}
+
+// getSockOpt(fd, level, name) -> int; setSockOpt(fd, level, name, value).
+Napi::Value GetSockOpt(const Napi::CallbackInfo& info) {
+  int v = 0;
+  socklen_t len = sizeof v;
+  if (getsockopt(Int(info[0]), Int(info[1]), Int(info[2]), &v, &len)) {
+    ThrowErrno(info.Env(), "getsockopt", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), v);
+}
+
+Napi::Value SetSockOpt(const Napi::CallbackInfo& info) {
+  int v = Int(info[3]);
+  if (setsockopt(Int(info[0]), Int(info[1]), Int(info[2]), &v, sizeof v)) ThrowErrno(info.Env(), "setsockopt", errno);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void RegisterTcp(Napi::Env env, Napi::Object exports) {
+  auto fn = [&](const char* name, Napi::Value (*f)(const Napi::CallbackInfo&)) {
+    exports.Set(name, Napi::Function::New(env, f, name));
+  };
+  fn("tcpRepair", TcpRepair);
+  fn("tcpLock", TcpLock);
+  fn("tcpRead", TcpRead);
+  fn("tcpMake", TcpMake);
+  fn("tcpRelease", TcpRelease);
+  fn("tcpRefin", TcpRefin);
+  fn("tcpState", TcpState);
+  fn("tcpResetSocket", TcpResetSocket);
+  fn("getSockOpt", GetSockOpt);
+  fn("setSockOpt", SetSockOpt);
+}
+
+}  // namespace appshot

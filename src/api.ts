@@ -1,0 +1,227 @@
+/**
+ * appshot's Node API: `import { run, snapshot, clone, ... } from 'appshot'`.
+ *
+ * The same operations as the CLI, called in this process, for test suites
+ * and CI scripts: start an application, snapshot it, make a template, stamp
+ * clones from it, stop them. Each function takes an option object and
+ * resolves with a plain result object (what the command's --json prints);
+ * every failure a user can cause (an unknown AID, a corrupt image, a taken
+ * name, a missing file) rejects with an AppshotError whose `exitCode` is the
+ * CLI's exit status for it.
+ *
+ * Applications outlive the calling process: `run` starts them in the
+ * background, like `appshot run -d`, and they end with `stop` (or when
+ * their last process exits).
+ */
+import { AppshotError, ExitCode } from './errors.js';
+import { execIn, run as runHarness } from './harness.js';
+import { describeApplications, stopApplication, type ApplicationInfo } from './inspect.js';
+import { checkAid, LocalRegistry } from './registry.js';
+import { restore as restoreImage, type RestoreResult } from './restore/driver.js';
+import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
+import { clone as cloneTemplate, type CloneResult } from './template/clone.js';
+import { createTemplate, type TemplateSummary } from './template/template.js';
+
+export { AppshotError, ExitCode };
+export type { ApplicationInfo, SnapshotResult, TemplateSummary };
+export type { ProcessRow } from './inspect.js';
+export type { PortBinding } from './registry.js';
+export type { Action, Verdict } from './image/types.js';
+
+/** Options every function takes. */
+export interface CommonOptions {
+  /** The state directory (registry) to use, as APPSHOT_HOME does for the
+   * CLI. Default: $APPSHOT_HOME, else /var/lib/appshot for root and
+   * ~/.local/state/appshot for others. A test suite that gives itself one
+   * sees only its own applications. */
+  home?: string;
+}
+
+export interface RunOptions extends CommonOptions {
+  /** The AID to register (default: a generated one). */
+  aid?: string;
+  /** A rules file (templates/README.md): its REDIR PATH and SET ENV apply
+   * from the start, and snapshots classify resources by it. */
+  rules?: string;
+}
+
+export interface RunResult {
+  aid: string;
+  /** The command's virtual PID, as the application sees it (2: init is 1). */
+  vpid: number;
+  /** The command's system PID. */
+  pid: number;
+  /** Where its stdout and stderr go (`appshot logs AID`). */
+  log: string;
+}
+
+export interface StopOptions extends CommonOptions {
+  /** 'SIGTERM' (the default), 'TERM', 'KILL'... SIGKILL and SIGSTOP go to
+   * every process; the others to the application's init, which passes
+   * them on. */
+  signal?: string;
+}
+
+export interface SnapshotOptions extends CommonOptions {
+  /** The image directory to create, or '-' for a tar stream on stdout. */
+  output: string;
+  /** Resume the application afterwards instead of ending it; the next
+   * snapshot is incremental. Default false. */
+  leaveRunning?: boolean;
+  /** Do not build on the application's previous image. Default false. */
+  full?: boolean;
+  /** Copy memory while the application runs, then freeze it only for the
+   * pages written meanwhile. Default false. */
+  preCopy?: boolean;
+  /** Give up if some thread cannot be stopped within this time. Default
+   * 10 000 ms. */
+  timeoutMs?: number;
+}
+
+export interface RestoreOptions extends CommonOptions {
+  /** The AID to run it as (default: the image's own). */
+  aid?: string;
+  /** Map memory copy-on-write from the image's page file instead of
+   * copying it; the image must then stay as long as the application runs. */
+  lazy?: boolean;
+}
+
+/** A restored application. */
+export type Restored = Omit<RestoreResult, 'createdDirs' | 'lifeline'>;
+
+export interface TemplateOptions {
+  /** Classify by this rules file instead of the rules the application ran
+   * under. */
+  rules?: string;
+  /** The template's name (default: from the output path); clones are named
+   * after it. */
+  name?: string;
+}
+
+export interface CloneOptions extends CommonOptions {
+  /** The AID; with count > 1, instances are AID-1 ... AID-N (default:
+   * NAME-xxxxxx from the template's name). */
+  aid?: string;
+  /** How many instances. Default 1. All or nothing: if one fails, those
+   * made before it are removed. */
+  count?: number;
+  /** Checksum the template's page data too. Default false. */
+  verify?: boolean;
+  /** Aborting stops the batch after the instance being made, and removes
+   * every instance it made. */
+  signal?: AbortSignal;
+}
+
+/** One cloned instance; `ports` holds the port each of its listening ports
+ * really is on this node (`mode: 'allocate'`: its own). */
+export type Clone = Omit<CloneResult, 'createdDirs'>;
+
+/** Runs `body`, turning a system call's failure (ENOENT on a path given,
+ * EACCES...) into an AppshotError as the CLI reports it; any other error is
+ * a bug and goes through as it is. */
+async function call<T>(body: () => Promise<T> | T): Promise<T> {
+  try {
+    return await body();
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    if (!(e instanceof AppshotError) && err && typeof err.code === 'string' && err.syscall) {
+      throw Object.assign(new AppshotError(err.message, ExitCode.failure), { cause: e });
+    }
+    throw e;
+  }
+}
+
+const registry = (opts: CommonOptions) => new LocalRegistry(opts.home);
+
+/** Starts `command` as a new application in the background (`appshot run
+ * -d`) and resolves once it runs. Rejects with exitCode 127 if the command
+ * is not found, 126 if it cannot be executed, 4 if the AID is taken. */
+export function run(command: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return call(async () => {
+    let started: RunResult | undefined;
+    await runHarness(registry(opts), command, {
+      aid: opts.aid,
+      detach: true,
+      rules: opts.rules,
+      onStarted: (record, vpid, pid) => (started = { aid: record.aid, vpid, pid, log: record.logPath! }),
+    });
+    // A detached run returns once init has reported the command started
+    // (or throws): never without onStarted having been called.
+    if (!started) throw new Error('appshot: run returned without the application having started');
+    return started;
+  });
+}
+
+/** Runs `command` inside the application's virtual view (`appshot exec`),
+ * with this process's stdin, stdout and stderr; resolves with its exit
+ * status (128 + N if killed by signal N). */
+export function exec(aid: string, command: string[], opts: CommonOptions = {}): Promise<number> {
+  return call(() => execIn(registry(opts), aid, command));
+}
+
+/** Signals every process of the application (`appshot stop`); resolves
+ * once the signal is sent, not when the application has ended. */
+export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
+  return call(() => stopApplication(registry(opts), aid, opts.signal));
+}
+
+/** The applications of the registry, or only `aid`, with their processes
+ * (`appshot ps --json`). */
+export function ps(aid?: string, opts: CommonOptions = {}): Promise<ApplicationInfo[]> {
+  return call(() => {
+    const reg = registry(opts);
+    return describeApplications(reg, aid !== undefined ? [reg.require(aid)] : reg.list());
+  });
+}
+
+/** Freezes every process of the application and writes its image
+ * (`appshot snapshot`). The application ends once the image is written,
+ * unless `leaveRunning`; a snapshot that fails leaves it running and no
+ * image behind. */
+export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
+  return call(() => {
+    const timeoutMs = opts.timeoutMs ?? 10_000;
+    if (!(timeoutMs > 0)) throw new AppshotError(`timeoutMs wants a positive number, not ${timeoutMs}`, ExitCode.usage);
+    return snapshotApplication(registry(opts), aid, {
+      output: opts.output,
+      leaveRunning: opts.leaveRunning ?? false,
+      full: opts.full ?? false,
+      preCopy: opts.preCopy ?? false,
+      timeoutMs,
+    });
+  });
+}
+
+/** Brings an image back as a running application in the background
+ * (`appshot restore`). A restore that fails leaves nothing behind. */
+export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
+  return call(async () => {
+    if (opts.aid !== undefined) checkAid(opts.aid);
+    const { createdDirs: _dirs, lifeline: _lifeline, ...restored } = await restoreImage(registry(opts), image, {
+      aid: opts.aid,
+      lazy: opts.lazy ?? false,
+    });
+    return restored;
+  });
+}
+
+/** Turns a snapshot into a template at `output` (`appshot template create`),
+ * classifying every resource for cloning. */
+export function templateCreate(snapshotImage: string, output: string, opts: TemplateOptions = {}): Promise<TemplateSummary> {
+  return call(() => {
+    if (opts.name !== undefined) checkAid(opts.name);
+    return createTemplate(snapshotImage, output, { rules: opts.rules, name: opts.name });
+  });
+}
+
+/** Stamps running instances from a template (`appshot clone`), each under
+ * its own AID, in milliseconds each. */
+export function clone(template: string, opts: CloneOptions = {}): Promise<Clone[]> {
+  return call(async () => {
+    const count = opts.count ?? 1;
+    if (!(Number.isInteger(count) && count >= 1))
+      throw new AppshotError(`count wants a whole number of at least 1, not ${count}`, ExitCode.usage);
+    const made = await cloneTemplate(registry(opts), template, { aid: opts.aid, count, verify: opts.verify, signal: opts.signal });
+    return made.map(({ createdDirs: _dirs, ...instance }) => instance);
+  });
+}

@@ -1,0 +1,82 @@
+/**
+ * Temporaries that a command killed with SIGKILL cannot remove itself,
+ * all under $APPSHOT_HOME/tmp and named after their owner (PID and start
+ * time), so that the next appshot command of any kind removes those of
+ * owners that are gone:
+ *  - `image-OWNER-*`: a directory a tar stream is unpacked into (format.ts);
+ *  - `partial-OWNER-*`: the journal entry of a directory being written
+ *    under a hidden name beside its destination (an image's
+ *    `.NAME.partial-PID`, a pre-copy base, a template) until it is renamed
+ *    into place; it may hold a whole page file.
+ */
+import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { basename, isAbsolute, join, resolve } from 'node:path';
+import { isSameProcess, readStat } from '../procfs.js';
+import { defaultHome } from '../registry.js';
+
+const OWNED = /^(image|partial)-(\d+)-(\d+)-[0-9a-f]+$/;
+
+/** $APPSHOT_HOME/tmp, made if need be. */
+export function temporariesDir(home = defaultHome()): string {
+  const dir = join(home, 'tmp');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  return dir;
+}
+
+/** A new name under temporariesDir owned by this process. */
+export function ownedName(kind: 'image' | 'partial', home = defaultHome()): string {
+  return join(temporariesDir(home), `${kind}-${process.pid}-${readStat(process.pid)?.startTime ?? 0}-${randomBytes(4).toString('hex')}`);
+}
+/** Only a name a writer makes is ever removed from a journal entry. */
+const PARTIAL_NAME = /^\..+\.partial-\d+$|^\..+-base\.partial-\d+$/;
+
+export interface PartialDir {
+  path: string;
+  /** The directory was renamed into place, or removed: forget it. */
+  done(): void;
+}
+
+/** Journals, then makes, the hidden directory `path` (its name one that
+ * PARTIAL_NAME accepts). */
+export function makePartialDir(path: string, home = defaultHome()): PartialDir {
+  const full = resolve(path);
+  if (!PARTIAL_NAME.test(basename(full))) throw new Error(`not a partial directory's name: ${full}`);
+  const entry = ownedName('partial', home);
+  writeFileSync(entry, full, { mode: 0o600 });
+  try {
+    mkdirSync(full);
+    // Whatever the umask: an image or template others can write is
+    // refused by restore and clone (see checkOnlyOwnerCanChange).
+    chmodSync(full, 0o755);
+  } catch (e) {
+    rmSync(entry, { force: true });
+    throw e;
+  }
+  return { path: full, done: () => rmSync(entry, { force: true }) };
+}
+
+/** Removes the temporaries of owners that are gone: unpacked images, and
+ * partial directories with their journal entries. */
+export function removeStaleTemporaries(home = defaultHome()): void {
+  const dir = join(home, 'tmp');
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = OWNED.exec(name);
+    if (!m || isSameProcess(Number(m[2]), Number(m[3]))) continue;
+    if (m[1] === 'partial') {
+      try {
+        const path = readFileSync(join(dir, name), 'utf8');
+        if (isAbsolute(path) && PARTIAL_NAME.test(basename(path))) rmSync(path, { recursive: true, force: true });
+      } catch {
+        /* removed by another command meanwhile */
+      }
+    }
+    rmSync(join(dir, name), { recursive: true, force: true });
+  }
+}

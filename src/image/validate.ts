@@ -1,0 +1,366 @@
+/**
+ * An image's structure, checked before anything acts on it. Checksums and
+ * signatures say who wrote an image, not that it makes sense: a bug, an old
+ * writer, or a hostile one with a trusted key (or --trust-image) can hand
+ * over a tree with cycles, overlapping mappings, indexes past the end of an
+ * array or a million processes. Every rule here is one the restore, clone
+ * and inspect code relies on; each violation is reported as
+ * `corrupt image: <what>`.
+ *
+ * Two stages: `checkWireCounts` runs on image.pb's bytes before protobufjs
+ * decodes them (a few bytes on the wire can stand for a large object: an
+ * empty message is two bytes), `validateImage` on the decoded image.
+ */
+import { readFileSync } from 'node:fs';
+import { totalmem } from 'node:os';
+import type protobuf from 'protobufjs';
+import { AppshotError } from '../errors.js';
+import { type Creds, FdKind, type Image, type PageRef, type Process, VmaKind } from './types.js';
+
+/** linux/seccomp.h */
+const SECCOMP_FILTER_FLAG_LOG = 2n;
+
+/** The ceilings, as the README states them. */
+export const LIMITS = {
+  processes: 1024,
+  threads: 4096,
+  vmasPerProcess: 65536,
+  fdsPerProcess: 65536,
+  /** Every message in image.pb (processes, threads, VMAs, fds, verdicts,
+   * ...): decoded, each costs a few hundred bytes and a microsecond or
+   * more. 400,000 is a few seconds and a few hundred MiB at worst. */
+  messages: 400_000,
+  /** Every other value (numbers, strings, byte fields). Decoded, 16
+   * million packed numbers took 1.2 s and 970 MB: half of that at most. */
+  values: 8_000_000,
+  /** Fixed by the architecture: struct user_regs_struct on x86-64. */
+  regsBytes: 27 * 8,
+  /** The largest XSAVE area x86-64 has (with AMX) is about 11 KiB. */
+  xstateBytes: 64 * 1024,
+  /** Queued siginfos (128 bytes each) per thread or process. */
+  pendingSignals: 4096,
+  /** Per process, and the highest id (the kernel's default max_user_watches
+   * is far above, but a restore makes each one). */
+  posixTimers: 65536,
+  inotifyWatches: 65536,
+};
+
+const PAGE = 4096n;
+/** The largest value of a SysV semaphore (semop(2)). */
+const SEMVMX = 32767;
+/** The top of x86-64 user space (47-bit addresses, less the guard page). */
+const USER_TOP = 0x7ffffffff000n;
+const VSYSCALL = { start: 0xffffffffff600000n, end: 0xffffffffff601000n };
+
+function corrupt(what: string): never {
+  throw new AppshotError(`corrupt image: ${what}`);
+}
+
+// --- before decoding ---------------------------------------------------------
+
+/** Walks the protobuf wire format of `bytes` as `type` and refuses it if it
+ * would decode to more messages or values than LIMITS allow, or to more
+ * processes or threads. Nothing is allocated but counters. */
+export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
+  const counts = { messages: 0, values: 0, threads: 0 };
+  const varint = (pos: number, end: number): [number, number] => {
+    let value = 0;
+    for (let shift = 0; shift < 64; shift += 7) {
+      if (pos >= end) corrupt('image.pb ends inside a number');
+      const b = bytes[pos++];
+      if (shift < 49) value += (b & 0x7f) * 2 ** shift;
+      if (!(b & 0x80)) return [value, pos];
+    }
+    corrupt('image.pb holds a number longer than 10 bytes');
+  };
+  /** The repeated fields whose count per message the limits bound. */
+  const perMessage: Record<string, [number, string]> = {
+    processes: [LIMITS.processes, 'processes'],
+    'processes.vmas': [LIMITS.vmasPerProcess, 'memory mappings in one process'],
+    'processes.fds': [LIMITS.fdsPerProcess, 'descriptors in one process'],
+  };
+  const walk = (t: protobuf.Type, start: number, end: number, path: string) => {
+    const repeats = new Map<string, number>();
+    let pos = start;
+    while (pos < end) {
+      let key: number;
+      [key, pos] = varint(pos, end);
+      const field = t.fieldsById[Math.floor(key / 8)];
+      const wire = key & 7;
+      let len = 0;
+      if (wire === 0) [, pos] = varint(pos, end);
+      else if (wire === 1) len = 8;
+      else if (wire === 5) len = 4;
+      else if (wire === 2) [len, pos] = varint(pos, end);
+      else corrupt(`image.pb uses wire type ${wire}, which appshot never writes`);
+      if (pos + len > end) corrupt('image.pb is cut short inside a field');
+      const sub = field?.resolvedType;
+      if (wire === 2 && sub && 'fieldsById' in sub) {
+        const name = path ? `${path}.${field.name}` : field.name;
+        if (++counts.messages > LIMITS.messages) corrupt(`image.pb holds more than ${LIMITS.messages} messages`);
+        const n = (repeats.get(name) ?? 0) + 1;
+        repeats.set(name, n);
+        if (perMessage[name] && n > perMessage[name][0]) corrupt(`more than ${perMessage[name][0]} ${perMessage[name][1]}`);
+        if (name === 'processes.threads' && ++counts.threads > LIMITS.threads) corrupt(`more than ${LIMITS.threads} threads`);
+        walk(sub as protobuf.Type, pos, pos + len, name);
+      } else if (wire === 2 && field?.repeated && field.type !== 'string' && field.type !== 'bytes') {
+        // Packed numbers: one value per byte without the continuation bit.
+        for (let i = pos; i < pos + len; i++) if (!(bytes[i] & 0x80)) counts.values++;
+      } else {
+        counts.values++;
+      }
+      if (counts.values > LIMITS.values) corrupt(`image.pb holds more than ${LIMITS.values} values`);
+      pos += len;
+    }
+  };
+  walk(type, 0, bytes.length, '');
+}
+
+// --- after decoding ----------------------------------------------------------
+
+/** A kernel setting, or `fallback` where /proc does not say. */
+function sysctl(path: string, field = 0, fallback = Number.MAX_SAFE_INTEGER): number {
+  try {
+    const v = Number(readFileSync(path, 'utf8').trim().split(/\s+/)[field]);
+    return Number.isFinite(v) && v > 0 ? Math.min(v, Number.MAX_SAFE_INTEGER) : fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+/** This machine's SysV and descriptor limits: an image that exceeds them
+ * could not have come from a machine like it, and its sizes are allocated
+ * whole at restore. */
+function machineLimits() {
+  return {
+    nrOpen: sysctl('/proc/sys/fs/nr_open', 0, 1 << 20),
+    pipeMaxSize: sysctl('/proc/sys/fs/pipe-max-size', 0, 1 << 20),
+    shmmax: Math.min(sysctl('/proc/sys/kernel/shmmax'), totalmem()),
+    shmmni: sysctl('/proc/sys/kernel/shmmni', 0, 4096),
+    semmsl: sysctl('/proc/sys/kernel/sem', 0, 32000),
+    semmni: sysctl('/proc/sys/kernel/sem', 3, 32000),
+    msgmnb: sysctl('/proc/sys/kernel/msgmnb', 0, 16384),
+    msgmax: sysctl('/proc/sys/kernel/msgmax', 0, 8192),
+    msgmni: sysctl('/proc/sys/kernel/msgmni', 0, 32000),
+  };
+}
+
+/** Page runs (first page, count) inside an object of `pages` pages, and the
+ * data they stand for inside the page file. Returns the stored pages. */
+function checkPageRef(ref: PageRef | undefined, pages: bigint, pagesFileSize: bigint, what: string): void {
+  if (!ref) return;
+  for (const [list, name] of [[ref.runs, 'runs'], [ref.fromParent, 'pages from the parent']] as const) {
+    if (list.length % 2) corrupt(`${what}: its ${name} are not (page, count) pairs`);
+    for (let i = 0; i < list.length; i += 2)
+      if (list[i + 1] === 0 || BigInt(list[i]) + BigInt(list[i + 1]) > pages) corrupt(`${what}: pages ${list[i]}+${list[i + 1]} lie outside it`);
+  }
+  let stored = 0n;
+  for (let i = 1; i < ref.runs.length; i += 2) stored += BigInt(ref.runs[i]);
+  if (!stored) return;
+  if (ref.offset % PAGE) corrupt(`${what}: its pages start at ${ref.offset}, not on a page boundary of pages.img`);
+  if (ref.offset + stored * PAGE > pagesFileSize) corrupt(`${what}: its pages lie beyond the end of pages.img (${pagesFileSize} bytes)`);
+}
+
+const inRange = (i: number, array: unknown[]) => Number.isInteger(i) && i >= 0 && i < array.length;
+const hex = (n: bigint) => '0x' + n.toString(16);
+
+function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: ReturnType<typeof machineLimits>, vtids: Set<number>, shmVids: Set<number>, memoryOnly: boolean): void {
+  if (!memoryOnly) checkProcessState(p, vtids);
+  checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
+  if (!memoryOnly) checkFds(image, p, limits);
+}
+
+/** A filter keeps one flag, SECCOMP_FILTER_FLAG_LOG (all that
+ * PTRACE_SECCOMP_GET_METADATA reports): the others act when a filter is
+ * installed (TSYNC on every thread, NEW_LISTENER's descriptor, SPEC_ALLOW's
+ * lifted mitigation) and no snapshot records them. */
+function checkSeccompFlags(creds: Creds, who: string): void {
+  for (const f of creds.seccompFilters) if (f.flags & ~SECCOMP_FILTER_FLAG_LOG) corrupt(`${who}'s seccomp filter flags 0x${f.flags.toString(16)} are not ones a filter keeps (only SECCOMP_FILTER_FLAG_LOG)`);
+  // The kernel runs at most 32768 instructions over a chain, 4 more a filter.
+  if (!(Number.isInteger(creds.seccompContext ?? 0) && (creds.seccompContext ?? 0) >= 0 && (creds.seccompContext ?? 0) <= 8192)) corrupt(`${who} counts ${creds.seccompContext} seccomp filters of appshot's context`);
+}
+
+/** What makes a process run: its ids, credentials, signals and threads. */
+function checkProcessState(p: Process, vtids: Set<number>): void {
+  const who = `process ${p.vpid}`;
+  if (!(p.vpgid > 0) || !(p.vsid > 0)) corrupt(`${who} has process group ${p.vpgid} and session ${p.vsid}; both must be above 0`);
+  if (!p.creds || !p.mm) corrupt(`${who} has no ${p.creds ? 'memory layout' : 'credentials'}`);
+  if (p.creds.uid.length < 4 || p.creds.gid.length < 4) corrupt(`${who}'s credentials lack uids or gids`);
+  if (p.sharedPending.length % 128 || p.sharedPending.length / 128 > LIMITS.pendingSignals) corrupt(`${who}'s pending signals are not whole siginfos, or too many`);
+  for (const s of p.sigactions) if (!(s.signal >= 1 && s.signal <= 64)) corrupt(`${who} has a handler for signal ${s.signal}`);
+  for (const t of p.itimers) if (!(t.which >= 0 && t.which <= 2)) corrupt(`${who} has interval timer ${t.which}`);
+  for (const r of p.rlimits) if (!(r.resource >= 0 && r.resource < 16)) corrupt(`${who} has resource limit ${r.resource}`);
+  if (p.stopSignal && !(p.stopSignal >= 1 && p.stopSignal <= 64)) corrupt(`${who} was stopped by signal ${p.stopSignal}`);
+  const timers = p.posixTimers ?? [];
+  // Timer ids are made again in order (PR_TIMER_CREATE_RESTORE_IDS).
+  if (timers.length > LIMITS.posixTimers || timers.some((t) => !(t.id >= 0 && t.id < LIMITS.posixTimers)))
+    corrupt(`${who} has ${timers.length} POSIX timers or a timer id above ${LIMITS.posixTimers}`);
+  if (new Set(timers.map((t) => t.id)).size !== timers.length) corrupt(`${who} has a POSIX timer id twice`);
+  for (const t of timers) if (!(t.signal >= 0 && t.signal <= 64)) corrupt(`${who}'s timer ${t.id} sends signal ${t.signal}`);
+  if ((p.zombies?.length ?? 0) > LIMITS.processes) corrupt(`${who} has ${p.zombies!.length} zombies (at most ${LIMITS.processes})`);
+
+  if (!p.threads.length) corrupt(`${who} has no threads`);
+  for (const t of p.threads) {
+    if (!(t.vtid > 0)) corrupt(`${who} has a thread with virtual TID ${t.vtid}`);
+    if (vtids.has(t.vtid)) corrupt(`virtual TID ${t.vtid} appears twice`);
+    vtids.add(t.vtid);
+    if (t.regs.length !== LIMITS.regsBytes) corrupt(`thread ${t.vtid}'s registers are ${t.regs.length} bytes, not ${LIMITS.regsBytes}`);
+    if (t.xstate.length > LIMITS.xstateBytes) corrupt(`thread ${t.vtid}'s extended state is ${t.xstate.length} bytes`);
+    if (t.pending.length % 128 || t.pending.length / 128 > LIMITS.pendingSignals) corrupt(`thread ${t.vtid}'s pending signals are not whole siginfos, or too many`);
+    if (t.creds) checkSeccompFlags(t.creds, `thread ${t.vtid}`);
+  }
+  checkSeccompFlags(p.creds, who);
+
+}
+
+/** `shmVids` undefined: an image read for its pages only, whose mappings'
+ * objects (files, shared memory, SysV segments) are not looked up. */
+function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: Set<number> | undefined): void {
+  const who = `process ${p.vpid}`;
+  if (p.vmas.length > LIMITS.vmasPerProcess) corrupt(`${who} has ${p.vmas.length} memory mappings (at most ${LIMITS.vmasPerProcess})`);
+  const vmas = [...p.vmas].sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+  let lastEnd = 0n;
+  for (const v of vmas) {
+    const where = `${who}'s mapping ${hex(v.start)}-${hex(v.end)}`;
+    if (v.start % PAGE || v.end % PAGE) corrupt(`${where} is not page-aligned`);
+    if (v.start >= v.end) corrupt(`${where} ends before it starts`);
+    const vsyscall = v.kind === VmaKind.VSYSCALL && v.start === VSYSCALL.start && v.end === VSYSCALL.end;
+    if (v.end > USER_TOP && !vsyscall) corrupt(`${where} lies outside user space`);
+    if (v.start < lastEnd) corrupt(`${where} overlaps the one before it`);
+    lastEnd = v.end;
+    if (!(v.kind >= VmaKind.ANON && v.kind <= VmaKind.VSYSCALL)) corrupt(`${where} is of unknown kind ${v.kind}`);
+    if (v.pgoff % PAGE) corrupt(`${where} has an offset of ${v.pgoff}, not page-aligned`);
+    checkPageRef(v.pages, (v.end - v.start) / PAGE, pagesFileSize, where);
+    if (!shmVids) continue;
+    if ((v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED) && !inRange(v.file, image.files)) corrupt(`${where} maps file ${v.file}, which the image does not have`);
+    if (v.file !== -1 && !inRange(v.file, image.files)) corrupt(`${where} names file ${v.file}, which the image does not have`);
+    if (v.kind === VmaKind.SHARED_ANON && !inRange(v.sharedMemory, image.sharedMemory)) corrupt(`${where} maps shared memory ${v.sharedMemory}, which the image does not have`);
+    if (v.sharedMemory !== -1 && !inRange(v.sharedMemory, image.sharedMemory)) corrupt(`${where} names shared memory ${v.sharedMemory}, which the image does not have`);
+    if (v.kind === VmaKind.SYSV_SHM && !shmVids.has(v.shmVid)) corrupt(`${where} attaches SysV segment ${v.shmVid}, which the image does not have`);
+  }
+}
+
+function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLimits>): void {
+  const who = `process ${p.vpid}`;
+  if (p.fds.length > LIMITS.fdsPerProcess) corrupt(`${who} has ${p.fds.length} descriptors (at most ${LIMITS.fdsPerProcess})`);
+  const fdNumbers = new Set<number>();
+  for (const fd of p.fds) {
+    if (!(fd.fd >= 0 && fd.fd < limits.nrOpen)) corrupt(`${who} has descriptor ${fd.fd}, outside 0..${limits.nrOpen - 1}`);
+    if (fdNumbers.has(fd.fd)) corrupt(`${who} has descriptor ${fd.fd} twice`);
+    fdNumbers.add(fd.fd);
+  }
+  for (const fd of p.fds) {
+    const where = `${who}'s fd ${fd.fd}`;
+    if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
+    if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
+    if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
+    if ((fd.kind === FdKind.UNIX_SOCKET || fd.kind === FdKind.TCP_LISTEN) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
+    if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
+    if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
+      corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
+    if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
+    for (const t of fd.epoll) if (!fdNumbers.has(t.fd)) corrupt(`${where} watches fd ${t.fd}, which ${who} does not have`);
+    const watches = fd.inotifyWatches ?? [];
+    // Watch numbers are made again in order, gaps filled: a huge one would
+    // have the restore add and remove that many watches.
+    if (watches.length > LIMITS.inotifyWatches || watches.some((w) => !(w.wd >= 1 && w.wd <= LIMITS.inotifyWatches)))
+      corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
+    if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
+    if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
+  }
+}
+
+/** Paths, names and arguments become C strings: a NUL would cut one short
+ * (so that what is checked is not what is used), and Node refuses them. */
+function checkStrings(image: Image): void {
+  const visit = (value: unknown, where: string): void => {
+    if (typeof value === 'string') {
+      if (value.includes('\0')) corrupt(`${where} holds a NUL character`);
+    } else if (Array.isArray(value)) {
+      for (const v of value) visit(v, where);
+    } else if (value && typeof value === 'object' && !Buffer.isBuffer(value)) {
+      for (const [k, v] of Object.entries(value)) visit(v, k);
+    }
+  };
+  visit(image, 'image');
+}
+
+/** Checks everything restore, clone and inspect take for granted.
+ * `pagesFileSize`: the size of pages.img, which every page run must lie in.
+ * `memoryOnly`: the image is read as the parent of another, for its pages
+ * only (a --pre-copy base holds nothing else): its processes' memory is
+ * checked, not what would make them run. */
+export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = false): void {
+  if (!image.node) corrupt('it does not say which node it is for');
+  if (!image.stats) corrupt('it has no statistics section');
+  checkStrings(image);
+  if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
+  const limits = machineLimits();
+  if (!image.processes.length && !memoryOnly) corrupt('it holds no process');
+  if (image.processes.length > LIMITS.processes) corrupt(`it holds ${image.processes.length} processes (at most ${LIMITS.processes})`);
+  const threads = image.processes.reduce((n, p) => n + p.threads.length, 0);
+  if (threads > LIMITS.threads) corrupt(`it holds ${threads} threads (at most ${LIMITS.threads})`);
+
+  // The tree: unique virtual PIDs above 0; a parent that is not in the image
+  // is init or outside the application (the restore makes it a child of
+  // init); no process is its own ancestor.
+  const byVpid = new Map<number, Process>();
+  for (const p of image.processes) {
+    if (!(Number.isInteger(p.vpid) && p.vpid > 0)) corrupt(`a process has virtual PID ${p.vpid}`);
+    if (byVpid.has(p.vpid)) corrupt(`virtual PID ${p.vpid} appears twice`);
+    if (!(Number.isInteger(p.vppid) && p.vppid >= 0)) corrupt(`process ${p.vpid} has parent ${p.vppid}`);
+    byVpid.set(p.vpid, p);
+  }
+  const rooted = new Set<number>();
+  for (const p of image.processes) {
+    const path = new Set<number>();
+    for (let q: Process | undefined = p; q && !rooted.has(q.vpid); q = byVpid.get(q.vppid)) {
+      if (path.has(q.vpid)) corrupt(`process ${q.vpid} is its own ancestor`);
+      path.add(q.vpid);
+    }
+    for (const v of path) rooted.add(v);
+  }
+  // Zombies are bound in the PID table too: their ids are PIDs like any.
+  const zombieVpids = new Set<number>();
+  for (const p of image.processes)
+    for (const z of p.zombies ?? []) {
+      if (!(Number.isInteger(z.vpid) && z.vpid > 0) || byVpid.has(z.vpid) || zombieVpids.has(z.vpid)) corrupt(`process ${p.vpid} has a zombie child with virtual PID ${z.vpid}, which is taken or invalid`);
+      zombieVpids.add(z.vpid);
+    }
+
+  for (const s of image.shmSegments) {
+    if (!(s.size > 0n && s.size <= BigInt(limits.shmmax))) corrupt(`SysV segment ${s.vid} is ${s.size} bytes (this machine allows 1..${limits.shmmax})`);
+    checkPageRef(s.contents, (s.size + PAGE - 1n) / PAGE, pagesFileSize, `SysV segment ${s.vid}`);
+  }
+  const shmVids = new Set(image.shmSegments.map((s) => s.vid));
+  if (shmVids.size !== image.shmSegments.length || image.shmSegments.length > limits.shmmni) corrupt('SysV segments repeat an id, or exceed shmmni');
+  for (const s of image.semaphores) {
+    if (s.values.some((v) => v > SEMVMX)) corrupt(`semaphore set ${s.vid} holds a value above ${SEMVMX}`);
+    if (!(s.values.length >= 1 && s.values.length <= limits.semmsl)) corrupt(`semaphore set ${s.vid} has ${s.values.length} semaphores (this machine allows 1..${limits.semmsl})`);
+    if (s.vpids.length > s.values.length) corrupt(`semaphore set ${s.vid} has more PIDs than semaphores`);
+  }
+  if (new Set(image.semaphores.map((s) => s.vid)).size !== image.semaphores.length || image.semaphores.length > limits.semmni) corrupt('semaphore sets repeat an id, or exceed semmni');
+  for (const q of image.msgQueues) {
+    let bytes = 0;
+    for (const m of q.messages) {
+      if (m.type <= 0n) corrupt(`message queue ${q.vid} holds a message of type ${m.type} (msgsnd takes types above 0)`);
+      if (m.data.length > limits.msgmax) corrupt(`message queue ${q.vid} holds a message of ${m.data.length} bytes (msgmax is ${limits.msgmax})`);
+      bytes += m.data.length;
+    }
+    // Root may raise a queue's size past msgmnb, but the kernel keeps it an int.
+    if (q.qbytes > 0x7fffffffn) corrupt(`message queue ${q.vid} allows ${q.qbytes} bytes`);
+    if (BigInt(bytes) > q.qbytes) corrupt(`message queue ${q.vid} holds ${bytes} bytes, more than its ${q.qbytes}`);
+  }
+  if (new Set(image.msgQueues.map((q) => q.vid)).size !== image.msgQueues.length || image.msgQueues.length > limits.msgmni) corrupt('message queues repeat an id, or exceed msgmni');
+  for (const [i, m] of image.sharedMemory.entries()) {
+    if (m.size > BigInt(totalmem())) corrupt(`shared memory ${i} is ${m.size} bytes, more than this machine has`);
+    checkPageRef(m.pages, (m.size + PAGE - 1n) / PAGE, pagesFileSize, `shared memory ${i}`);
+  }
+  for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
+  for (const [i, p] of image.pipes.entries()) {
+    if (p.capacity > limits.pipeMaxSize || p.data.length > Math.max(p.capacity, 65536)) corrupt(`pipe ${i} holds ${p.data.length} bytes in ${p.capacity} (pipe-max-size is ${limits.pipeMaxSize})`);
+  }
+
+  const vtids = new Set<number>();
+  for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
+}

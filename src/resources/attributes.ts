@@ -1,0 +1,141 @@
+/**
+ * Process and thread attributes that a restore would otherwise leave as
+ * the seed's (silently wrong): the OOM score adjustment, child-subreaper
+ * status, transparent huge pages disabled, personality; and per thread,
+ * nice value, scheduling policy and priority, CPU affinity, I/O priority
+ * and parent-death signal.
+ *
+ * Read at snapshot from /proc and by calls injected into the process (the
+ * prctl getters act on the calling thread or process only); set back by
+ * calls injected into the restored process before its limits and
+ * credentials, which may take away the right to (a lower nice value, a
+ * real-time policy). What this user may not grant fails the restore,
+ * naming the attribute.
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { Unsupported } from '../snapshot/context.js';
+import { type Injector, NR } from '../snapshot/inject.js';
+
+const PR_SET_PDEATHSIG = 1;
+const PR_GET_PDEATHSIG = 2;
+const PR_SET_CHILD_SUBREAPER = 36;
+const PR_GET_CHILD_SUBREAPER = 37;
+const PR_SET_THP_DISABLE = 41;
+const PR_GET_THP_DISABLE = 42;
+const NR_sched_getparam = 143;
+const NR_sched_getscheduler = 145;
+const NR_personality = 135;
+const NR_sched_getaffinity = 204;
+const NR_ioprio_get = 252;
+const IOPRIO_WHO_PROCESS = 1;
+/** Bytes of CPU mask asked for: 1024 CPUs. */
+const AFFINITY_BYTES = 128;
+const PRIO_PROCESS = 0;
+const SCHED_DEADLINE = 6;
+const SCHED_RESET_ON_FORK = 0x40000000;
+const PERSONALITY_QUERY = 0xffffffff;
+
+function check(ret: bigint, what: string): bigint {
+  if (ret < 0n) throw new Error(`reading ${what}: errno ${-ret}`);
+  return ret;
+}
+
+/** Fills `p`'s attributes and each of its threads'. */
+export function dumpAttributes(p: Process, pid: number, inj: Injector, what: string): void {
+  p.attributes = dumpProcessAttributes(pid, inj, what);
+  p.personality = dumpPersonality(inj, what);
+  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, inj, what);
+}
+
+function dumpProcessAttributes(pid: number, inj: Injector, what: string): ProcessAttributes {
+  const subreaper = inj.callOut(NR.prctl, [PR_GET_CHILD_SUBREAPER, 'out'], 4);
+  check(subreaper.ret, `whether ${what} is a child subreaper`);
+  return {
+    oomScoreAdj: Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')),
+    childSubreaper: subreaper.out.readInt32LE() !== 0,
+    thpDisabled: check(inj.call(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]), `THP disable of ${what}`) !== 0n,
+  };
+}
+
+/** The personality, as the process has it (/proc/PID/personality may be
+ * unreadable to the snapshot's user). */
+function dumpPersonality(inj: Injector, what: string): number {
+  return Number(check(inj.call(NR_personality, [PERSONALITY_QUERY]), `the personality of ${what}`));
+}
+
+function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: string): ThreadAttributes {
+  const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+  // Field 19 of proc(5): nice.
+  const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+  const param = inj.callOut(NR_sched_getparam, [tid, 'out'], 4);
+  check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
+  const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
+  check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
+  const policy = Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`));
+  if ((policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
+    throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet`);
+  const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
+  check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
+  return {
+    nice,
+    schedPolicy: policy,
+    schedPriority: param.out.readInt32LE(),
+    pdeathsig: pdeathsig.out.readInt32LE(),
+    // The kernel writes as many bytes as its CPU mask has.
+    cpuAffinity: Buffer.from(affinity.out.subarray(0, Number(affinity.ret))),
+    ioprio: Number(check(inj.call(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid]), `the I/O priority of ${what} thread ${tid}`)),
+  };
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** `tids[i]`: the restored TID of p.threads[i]. */
+export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]): void {
+  const a = p.attributes;
+  if (a) {
+    const path = `/proc/${r.pid}/oom_score_adj`;
+    if (Number(readFileSync(path, 'utf8')) !== a.oomScoreAdj) {
+      try {
+        writeFileSync(path, String(a.oomScoreAdj));
+      } catch (e) {
+        throw new Error(`setting oom_score_adj ${a.oomScoreAdj}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    }
+    if (a.childSubreaper) r.call('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
+    if (a.thpDisabled) r.call('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
+  }
+  r.call(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
+  p.threads.forEach((t: Thread, i) => {
+    const ta = t.attributes;
+    if (!ta) return;
+    const tid = tids[i];
+    r.call(`setting nice ${ta.nice} of thread ${t.vtid}`, SYS.setpriority, [PRIO_PROCESS, tid, ta.nice]);
+    r.reset();
+    const param = Buffer.alloc(4);
+    param.writeInt32LE(ta.schedPriority);
+    r.call(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
+    // A mask naming CPUs this node lacks is cut to those it has; one
+    // naming none of them fails.
+    if (ta.cpuAffinity?.length) r.call(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    if (ta.ioprio !== undefined) r.call(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
+    // Acts on the calling thread: run in that thread.
+    if (ta.pdeathsig) r.call(`setting parent-death signal ${ta.pdeathsig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, ta.pdeathsig, 0, 0, 0], tid);
+  });
+}
+
+/** For `inspect`. */
+export function describeAttributes(p: Process): string {
+  const a = p.attributes;
+  const parts = a ? [`oom_score_adj ${a.oomScoreAdj}`, ...(a.childSubreaper ? ['child subreaper'] : []), ...(a.thpDisabled ? ['THP disabled'] : [])] : [];
+  if (p.personality) parts.push(`personality 0x${p.personality.toString(16)}`);
+  const cpus = (mask: Buffer) => [...mask].flatMap((byte, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((b) => byte & (1 << b)).map((b) => i * 8 + b));
+  const t = p.threads.map((th) => {
+    const a = th.attributes;
+    if (!a) return undefined;
+    const affinity = a.cpuAffinity?.length ? ` cpus ${cpus(a.cpuAffinity).join(',')}` : '';
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}`;
+  });
+  return [...parts, ...t.filter(Boolean)].join(', ');
+}

@@ -1,0 +1,132 @@
+/**
+ * inotify: an instance and its watches. /proc/PID/fdinfo lists each watch
+ * by its watch descriptor (wd), the watched inode's file handle and the
+ * event mask; the path is found from the handle at snapshot
+ * (open_by_handle_at, which needs CAP_DAC_READ_SEARCH) and each watch is
+ * added again by path inside the restored process.
+ *
+ * The application knows its watches by their wd, so they must come back
+ * with the same numbers. The kernel hands them out in increasing order
+ * from 1 in each instance: adding the watches in wd order gives the same
+ * numbers, and a gap (a watch the application removed) is used up by
+ * adding and removing a watch on a directory that is not watched.
+ *
+ * Not carried: the events queued at the snapshot (lost), and where the
+ * numbering goes on after the highest wd if the application had removed
+ * watches above it.
+ */
+import { lstatSync, readFileSync } from 'node:fs';
+import { addon } from '../native.js';
+import { type Fd, type InotifyWatch } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { Unsupported } from '../snapshot/context.js';
+
+const IN_NONBLOCK = 0o4000; // = O_NONBLOCK
+const IN_CLOEXEC = 0o2000000;
+/** The path names the watched inode itself, never what a symlink there
+ * points to. */
+const IN_DONT_FOLLOW = 0x02000000;
+const IN_ATTRIB = 0x4;
+const F_SETFL = 4;
+const EAGAIN = 11;
+
+const WATCH = /^inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
+
+/** Where the filesystem with kernel device number `sdev` is mounted, as
+ * the process sees it (a mount of its root preferred). */
+function mountOf(pid: number, sdev: number): string | undefined {
+  const dev = `${sdev >>> 20}:${sdev & 0xfffff}`;
+  let best: string | undefined;
+  for (const line of readFileSync(`/proc/${pid}/mountinfo`, 'utf8').split('\n')) {
+    const f = line.split(' ');
+    if (f[2] !== dev) continue;
+    const at = `/proc/${pid}/root${f[4] === '/' ? '' : f[4]}`;
+    if (f[3] === '/') return at;
+    best ??= at;
+  }
+  return best;
+}
+
+/** Each watch of inotify descriptor `where` ("process 2 (app) fd 5"), in
+ * wd order, from its fdinfo text. */
+export function dumpInotify(pid: number, fdinfo: string, where: string): InotifyWatch[] {
+  const watches: InotifyWatch[] = [];
+  for (const line of fdinfo.split('\n')) {
+    if (!line.startsWith('inotify ')) continue;
+    const m = WATCH.exec(line);
+    if (!m) throw new Unsupported(`${where}: an inotify watch this kernel shows as '${line}' cannot be captured yet`);
+    const [, wd, ino, sdev, mask, , type, handle] = m;
+    if (!handle) throw new Unsupported(`${where}: inotify watch ${wd} is on a filesystem that gives no file handles: its path cannot be found`);
+    const mount = mountOf(pid, parseInt(sdev, 16));
+    if (!mount) throw new Unsupported(`${where}: inotify watch ${wd} is on a filesystem the process has no mount of`);
+    let path: string;
+    try {
+      path = addon().fileHandlePath(mount, parseInt(type, 16), handle);
+    } catch (e) {
+      throw new Unsupported(`${where}: the path of inotify watch ${wd} cannot be found (${(e as Error).message})`);
+    }
+    // The inode at that path now must be the one watched: a deleted one
+    // (or one whose name went elsewhere) cannot be watched again by name.
+    let same = false;
+    try {
+      same = !path.endsWith(' (deleted)') && lstatSync(path).ino === parseInt(ino, 16);
+    } catch {
+      /* no longer at that path */
+    }
+    if (!same) throw new Unsupported(`${where}: inotify watch ${wd} is on an inode with no name (${path}): it cannot be watched again by path`);
+    watches.push({ wd: Number(wd), path, mask: parseInt(mask, 16) });
+  }
+  return watches.sort((a, b) => a.wd - b.wd);
+}
+
+/** Directories to spend watch descriptors on: any that is not watched. */
+const SPARE = ['/', '/tmp', '/usr', '/etc', '/var', '/proc'];
+
+/** A new inotify instance inside the restored process, each watch at its
+ * wd; its number there (close-on-exec, as restoreFds expects). */
+export function restoreInotify(r: RemoteProcess, fd: Fd): number {
+  r.reset();
+  const made = Number(r.call(`making inotify fd ${fd.fd}`, SYS.inotify_init1, [IN_NONBLOCK | IN_CLOEXEC]));
+  const watches = fd.inotifyWatches ?? [];
+  const inode = (path: string) => {
+    try {
+      return lstatSync(path).ino;
+    } catch {
+      return -1; // the add below names the path that is missing
+    }
+  };
+  const watched = new Set(watches.map((w) => inode(w.path)));
+  const spare = SPARE.find((p) => inode(p) >= 0 && !watched.has(inode(p)));
+  let next = 1;
+  let spent = false;
+  for (const w of watches) {
+    while (next < w.wd) {
+      if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
+      r.reset();
+      const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
+      r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
+      next = Number(skip) + 1;
+      spent = true;
+    }
+    r.reset();
+    const got = Number(r.call(`watching ${w.path} (inotify fd ${fd.fd})`, SYS.inotify_add_watch, [made, r.str(w.path), w.mask | IN_DONT_FOLLOW]));
+    if (got !== w.wd) throw new Error(`inotify fd ${fd.fd}: ${w.path} came back as watch ${got}, not ${w.wd}`);
+    next = got + 1;
+  }
+  // Each skipped descriptor queued an IN_IGNORED event: read them out.
+  if (spent) {
+    r.reset();
+    const buf = r.put(Buffer.alloc(4096));
+    for (;;) {
+      const n = r.raw(SYS.read, [made, buf, 4096]);
+      if (n === BigInt(-EAGAIN)) break;
+      if (n < 0n) throw new Error(`inotify fd ${fd.fd}: reading out the skipped watches' events failed (errno ${-n})`);
+    }
+  }
+  if (!(fd.flags & IN_NONBLOCK)) r.call(`clearing O_NONBLOCK of inotify fd ${fd.fd}`, SYS.fcntl, [made, F_SETFL, fd.flags & ~IN_NONBLOCK & ~IN_CLOEXEC]);
+  return made;
+}
+
+export function describeInotify(watches: InotifyWatch[] | undefined): string {
+  return `inotify watching ${(watches ?? []).map((w) => `${w.wd}:${w.path}`).join(', ') || 'nothing'}`;
+}

@@ -1,0 +1,93 @@
+/**
+ * Job control: a process stopped by SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU
+ * when the snapshot was taken comes back stopped by the same signal, which
+ * is what its parent's waitpid(WUNTRACED) and a shell's `jobs` report.
+ *
+ * The restore queues that signal before the processes are let go, so none
+ * runs a single instruction; those stopped are let go first, and each is
+ * back in its stop before the others run (a parent checking on a stopped
+ * child must not find it running through the kernel on its way there).
+ */
+import { type Process } from '../image/types.js';
+import { addon } from '../native.js';
+import { readStat } from '../procfs.js';
+import { Unsupported } from '../snapshot/context.js';
+
+const SIGSTOP = 19;
+const SIG_DFL = 0n;
+
+const STOP_SIGNALS = new Set([19, 20, 21, 22]);
+const SIGINFO_BYTES = 128;
+
+/** Sets `p.stopSignal`, and for a process stopped by job control leaves
+ * out the stop signals it has pending: a stopped process dequeues nothing,
+ * and the SIGCONT that ends its stop discards them; queued again in a
+ * restored process they would be taken before the stop signal is, and
+ * change the one it reports. */
+export function dumpJobControl(p: Process, stopSignal: number | undefined, what: string): void {
+  p.stopSignal = dumpStopSignal(stopSignal, p, what);
+  if (!p.groupStopped) return;
+  p.sharedPending = withoutStops(p.sharedPending);
+  for (const t of p.threads) t.pending = withoutStops(t.pending);
+}
+
+function withoutStops(siginfos: Buffer): Buffer {
+  const kept: Buffer[] = [];
+  for (let at = 0; at + SIGINFO_BYTES <= siginfos.length; at += SIGINFO_BYTES)
+    if (!STOP_SIGNALS.has(siginfos.readInt32LE(at))) kept.push(siginfos.subarray(at, at + SIGINFO_BYTES));
+  return Buffer.concat(kept);
+}
+
+/** The signal that stopped the process (0 if it was not stopped). A stop
+ * signal other than SIGSTOP stops a process only while its action is the
+ * default and it is not blocked: if that no longer holds (changed while
+ * stopped, by another process's ptrace), a restore could not stop it the
+ * same way. */
+function dumpStopSignal(stopSignal: number | undefined, p: Pick<Process, 'sigactions' | 'threads'>, what: string): number {
+  if (!stopSignal) return 0;
+  if (stopSignal === SIGSTOP) return stopSignal;
+  const handled = p.sigactions.some((a) => a.signal === stopSignal && a.handler !== SIG_DFL);
+  const bit = 1n << BigInt(stopSignal - 1);
+  const blocked = p.threads.every((t) => (t.sigmask & bit) !== 0n);
+  if (handled || blocked) throw new Unsupported(`${what}: stopped by signal ${stopSignal}, which it now ${handled ? 'handles' : 'blocks'}: it cannot be stopped again the same way`);
+  return stopSignal;
+}
+
+interface Restored {
+  proc: Process;
+  pid: number;
+  tids: number[];
+}
+
+/** Lets every restored thread go (PTRACE_DETACH), with those stopped by
+ * job control stopped again first. Returns the processes whose stop
+ * signal did not take (a SIGTSTP to a process group with no parent in its
+ * session outside it is discarded by the kernel): stopped by SIGSTOP
+ * instead, for the caller to name. */
+export function releaseRestored(made: Restored[]): Restored[] {
+  const stopped = made.filter((m) => m.proc.groupStopped);
+  const others = made.filter((m) => !m.proc.groupStopped);
+  const missed: Restored[] = [];
+  for (const m of stopped) {
+    process.kill(m.pid, m.proc.stopSignal || SIGSTOP);
+    for (const tid of m.tids) addon().detach(tid, 0);
+  }
+  for (const m of stopped)
+    if (!backInStop(m.pid)) {
+      process.kill(m.pid, SIGSTOP);
+      missed.push(m);
+    }
+  for (const m of others) for (const tid of m.tids) addon().detach(tid, 0);
+  return missed;
+}
+
+/** Waits (up to 200 ms) for a process let go with its stop signal queued
+ * to enter the stop ('T'). */
+function backInStop(pid: number): boolean {
+  const until = Date.now() + 200;
+  while (Date.now() < until) {
+    const st = readStat(pid);
+    if (!st || st.state === 'T') return true;
+  }
+  return false;
+}

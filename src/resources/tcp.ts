@@ -1,0 +1,285 @@
+/**
+ * Established TCP connections, kept through a snapshot and a restore with
+ * the kernel's repair mode (TCP_REPAIR, which needs CAP_NET_ADMIN), so
+ * that the peer carries on without reconnecting and without a byte lost
+ * or repeated.
+ *
+ * Dump: a duplicate of the application's socket (the same socket) is put
+ * in repair mode and given a socket filter that drops every packet (so
+ * that nothing the peer sends is acknowledged and then missing from the
+ * image: the peer sends it again); then its sequence numbers, both queues
+ * (read without consuming them), the options the handshake agreed, its
+ * window and timestamp clock and its integer socket options are read. The socket
+ * stays in repair mode while the application is frozen: ended after the
+ * snapshot, its sockets close without a FIN or RST reaching the peer. Left
+ * running (or if the snapshot fails), they leave repair mode again.
+ *
+ * Restore: a new socket in repair mode, bound and connected without a
+ * handshake, its queues refilled; it leaves repair mode only once every
+ * process is made, so that both ends of a connection inside the
+ * application are in place before either sends a packet.
+ *
+ * A connection in CLOSE_WAIT (the peer closed its side, the application
+ * has not read that far) is kept too: repair mode cannot queue the peer's
+ * FIN, so the restore sends it again with a raw socket (CAP_NET_RAW) once
+ * the socket is out of repair mode. One whose application shut its own
+ * side down (shutdown(SHUT_WR): FIN_WAIT1, or FIN_WAIT2 once the peer
+ * acknowledged) comes back with its FIN queued as sent behind every byte
+ * (shutdown() in repair mode); the kernel sends it again when its timer
+ * runs out, and the peer's acknowledgement makes it FIN_WAIT2. Both sides
+ * closed (CLOSING, LAST_ACK) is refused by name.
+ *
+ * Between the end of the application and the restore nothing answers for
+ * the connection: a packet the peer sends meanwhile (new data, or data the
+ * filter dropped while the application was frozen, sent again) is
+ * answered with a reset by the kernel (CRIU drops such packets with
+ * netfilter rules until the restore; appshot does not touch the
+ * firewall). A peer that waits for an answer sends nothing, and one that
+ * has nothing unacknowledged does not retransmit.
+ *
+ * Without repair: `snapshot --tcp-close` records a connection as closed,
+ * and the restored application holds a socket whose connection was reset
+ * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
+ * naming the connection.
+ */
+import { closeSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
+import type { SocketOption, TcpConnection } from '../image/types.js';
+import { addon, type RepairedConnection } from '../native.js';
+import { Unsupported } from '../snapshot/context.js';
+
+const AF_INET = 2;
+const AF_INET6 = 10;
+const TCP_ESTABLISHED = 1;
+const TCP_FIN_WAIT1 = 4;
+const TCP_FIN_WAIT2 = 5;
+const TCP_CLOSE_WAIT = 8;
+/** What is kept: an open connection, one whose peer has closed its side
+ * (its FIN received) while the application's side is open, and one whose
+ * application shut its side down while the peer's is open. */
+const KEPT_STATES = new Set([TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT]);
+const TCP_STATES = ['', 'ESTABLISHED', 'SYN_SENT', 'SYN_RECV', 'FIN_WAIT1', 'FIN_WAIT2', 'TIME_WAIT', 'CLOSE', 'CLOSE_WAIT', 'LAST_ACK', 'LISTEN', 'CLOSING'];
+
+const SOL_SOCKET = 1;
+const IPPROTO_TCP = 6;
+const SO_REUSEADDR = 2;
+
+/** The integer options a connection carries over: what the application
+ * chose for it (Nagle, keep-alive and its timing, a user timeout). Buffer
+ * sizes are left to the kernel's tuning (the restore raises them only to
+ * hold the queued bytes). */
+const CARRIED_OPTIONS: [level: number, name: number][] = [
+  [SOL_SOCKET, SO_REUSEADDR],
+  [SOL_SOCKET, 9], // SO_KEEPALIVE
+  [SOL_SOCKET, 10], // SO_OOBINLINE
+  [IPPROTO_TCP, 1], // TCP_NODELAY
+  [IPPROTO_TCP, 3], // TCP_CORK
+  [IPPROTO_TCP, 4], // TCP_KEEPIDLE
+  [IPPROTO_TCP, 5], // TCP_KEEPINTVL
+  [IPPROTO_TCP, 6], // TCP_KEEPCNT
+  [IPPROTO_TCP, 18], // TCP_USER_TIMEOUT
+];
+
+/** "127.0.0.1:6379 → 127.0.0.1:40112", as messages name a connection. */
+export function connectionName(c: { localAddress: string; localPort: number; peerAddress: string; peerPort: number }): string {
+  const at = (a: string, p: number) => (a.includes(':') ? `[${a}]:${p}` : `${a}:${p}`);
+  return `${at(c.localAddress, c.localPort)} → ${at(c.peerAddress, c.peerPort)}`;
+}
+
+/** Where /proc/net/tcp saw a connection, for messages and for --tcp-close. */
+export interface SeenConnection {
+  family: number;
+  address: string;
+  port: number;
+  /** "address:port" */
+  remote: string;
+  state: number;
+}
+
+/* ---- dump --------------------------------------------------------------- */
+
+/**
+ * The application's connections held in repair mode while it is frozen:
+ * one duplicate of each socket, in appshot's process, until the snapshot
+ * ends the application (closeSilently) or lets it go on (release).
+ */
+export class HeldConnections {
+  /** `snapshot --tcp-close`: record connections as closed, without repair. */
+  closeConnections = false;
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean }>();
+  private readonly dumped = new Map<bigint, TcpConnection>();
+
+  /** The connection behind `fd` of `pid` (socket inode `ino`). */
+  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string): TcpConnection {
+    const known = this.dumped.get(ino);
+    if (known) return known;
+    const [peerAddress, peerPort] = splitRemote(seen.remote);
+    const named = { localAddress: seen.address, localPort: seen.port, peerAddress, peerPort };
+    const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
+    if (!KEPT_STATES.has(seen.state))
+      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
+    if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
+    const dup = addon().getFd(pid, fd);
+    try {
+      addon().tcpRepair(dup, 1);
+    } catch (e) {
+      closeSync(dup);
+      if ((e as NodeJS.ErrnoException).code === 'EPERM')
+        throw new Unsupported(
+          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN (appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset)`,
+        );
+      throw new Unsupported(`${where}: ${(e as Error).message}`);
+    }
+    // Held from here: whatever fails next, release() takes it out again.
+    const options = CARRIED_OPTIONS.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
+    const held = { fd: dup, options, locked: false };
+    this.held.set(ino, held);
+    let c: RepairedConnection;
+    try {
+      // What the peer sends from now on is dropped, not acknowledged: it
+      // would be missing from the image. The peer sends it again, to the
+      // original (--leave-running) or, if the restore is quick enough, to
+      // the restored connection (see the top of this file).
+      addon().tcpLock(dup, true);
+      held.locked = true;
+      c = addon().tcpRead(dup);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST')
+        throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
+      throw new Unsupported(`${where}: ${(e as Error).message}`);
+    }
+    if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
+    return this.remember(ino, { ...c, ino, closed: false, socketOptions: options });
+  }
+
+  private remember(ino: bigint, c: TcpConnection): TcpConnection {
+    this.dumped.set(ino, c);
+    return c;
+  }
+
+  /** The application goes on (--leave-running, or the snapshot failed):
+   * its sockets leave repair mode as they were, without the window probe
+   * leaving it otherwise sends, and get back the SO_REUSEADDR that
+   * leaving it clears. */
+  release(): void {
+    // Every socket is let go even if one fails; the first failure is told.
+    const held = [...this.held.values()];
+    this.held.clear();
+    let failure: Error | undefined;
+    for (const { fd, options, locked } of held) {
+      try {
+        if (locked) addon().tcpLock(fd, false);
+        addon().tcpRepair(fd, -1);
+        const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
+        if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
+      } catch (e) {
+        failure ??= e as Error;
+      } finally {
+        closeSync(fd);
+      }
+    }
+    if (failure) throw failure;
+  }
+
+  /** The application was ended: our duplicates are the sockets' last
+   * references, and closing them in repair mode tells the peers nothing. */
+  closeSilently(): void {
+    for (const { fd } of this.held.values()) closeSync(fd);
+    this.held.clear();
+  }
+}
+
+function splitRemote(remote: string): [string, number] {
+  const i = remote.lastIndexOf(':');
+  return [remote.slice(0, i), Number(remote.slice(i + 1))];
+}
+
+function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection, 'localAddress' | 'localPort' | 'peerAddress' | 'peerPort'>): TcpConnection {
+  return {
+    ino, family, ...named, closed: false, state: 0, sendSeq: 0, recvSeq: 0, sendQueue: Buffer.alloc(0), unsent: 0,
+    recvQueue: Buffer.alloc(0), mssClamp: 0, options: 0, sndWscale: 0, rcvWscale: 0, timestamp: 0, socketOptions: [],
+  };
+}
+
+/* ---- restore ------------------------------------------------------------ */
+
+/**
+ * The image's connections made in appshot's process (and handed over like
+ * the other descriptors made here), one socket per connection however many
+ * descriptors share it. Each stays in repair mode until release().
+ */
+export class ConnectionMaker {
+  private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean }>();
+
+  /** Our descriptor for connection `c`; `what` names its process and fd. */
+  open(c: TcpConnection | undefined, what: string): number {
+    if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
+    const known = this.made.get(c.ino);
+    if (known) return known.fd;
+    check(c, what);
+    let fd: number;
+    try {
+      fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake(c);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
+      throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: ${err.message}${hint}`);
+    }
+    this.made.set(c.ino, { fd, c, repaired: !c.closed });
+    return fd;
+  }
+
+  /** Every process is made: the connections leave repair mode, write
+   * what they had never sent, and get their options back; one in
+   * CLOSE_WAIT is sent its peer's FIN again. */
+  release(): void {
+    for (const m of this.made.values()) {
+      if (!m.repaired) continue;
+      addon().tcpRelease(m.fd, neverSent(m.c));
+      m.repaired = false;
+      for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
+      if (m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
+    }
+  }
+
+  /** Our descriptors go (the processes hold theirs). Before release(),
+   * that is a failed restore: still in repair mode, the sockets close
+   * without a word to the peers, who may be given a later restore. */
+  close(): void {
+    for (const m of this.made.values())
+      try {
+        closeSync(m.fd);
+      } catch {
+        /* closed already */
+      }
+    this.made.clear();
+  }
+}
+
+/** The bytes written to a made connection once it is out of repair mode:
+ * those never sent, but where the application's FIN follows them, which
+ * the restore queues behind them as sent (tcp_repair.c). */
+function neverSent(c: TcpConnection): Buffer {
+  if (c.state === TCP_FIN_WAIT1 || c.state === TCP_FIN_WAIT2) return Buffer.alloc(0);
+  return c.sendQueue.subarray(c.sendQueue.length - c.unsent);
+}
+
+/** Repair mode cannot queue a FIN: the peer's is sent again, and taken
+ * (on loopback, by the time sendto returns; a few ms are allowed). */
+function refin(fd: number, c: TcpConnection): void {
+  addon().tcpRefin(c);
+  for (let i = 0; i < 200 && addon().tcpState(fd) !== TCP_CLOSE_WAIT; i++) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
+  const state = addon().tcpState(fd);
+  if (state !== TCP_CLOSE_WAIT) throw new AppshotError(`the TCP connection ${connectionName(c)}: its peer's FIN, sent again, was not taken (${TCP_STATES[state] ?? state})`);
+}
+
+/** An image may come from anyone: what the kernel is told must make sense. */
+function check(c: TcpConnection, what: string): void {
+  const bad = (why: string) => new AppshotError(`corrupt image: ${what}: the TCP connection ${why}`);
+  if (c.family !== AF_INET && c.family !== AF_INET6) throw bad(`has address family ${c.family}`);
+  if (c.closed) return;
+  if (!KEPT_STATES.has(c.state)) throw bad(`is in state ${c.state}`);
+  if (c.unsent > c.sendQueue.length) throw bad('has more unsent bytes than its send queue holds');
+  for (const o of c.socketOptions)
+    if (!CARRIED_OPTIONS.some(([level, name]) => level === o.level && name === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
+}

@@ -1,0 +1,82 @@
+/**
+ * timerfd: a descriptor that counts a clock's expirations. Its state, all
+ * in /proc/PID/fdinfo: the clock, the flags it was set with, the time left
+ * and the interval, and the expirations not read yet ("ticks"). It is made
+ * again inside the restored process, set, and given its unread ticks back
+ * (TFD_IOC_SET_TICKS, the kernel's checkpoint/restore ioctl).
+ *
+ * Time left is carried as such: a timer with 3 s to go fires 3 s after the
+ * restore, however long the image waited. One exception: a CLOCK_REALTIME
+ * timer set absolute (TFD_TIMER_ABSTIME) names a wall-clock instant, which
+ * is what it keeps, so that it fires at that instant (at once if it passed).
+ */
+import { type Fd, type Timerfd } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+
+const TFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
+const TFD_CLOEXEC = 0o2000000;
+const TFD_TIMER_ABSTIME = 1;
+const CLOCK_REALTIME = 0;
+/** _IOW('T', 0, u64) */
+const TFD_IOC_SET_TICKS = 0x40085400;
+const NS = 1_000_000_000n;
+
+/** "(seconds, nanoseconds)" as fdinfo prints a timespec. */
+function timespecNs(text: string | undefined, what: string): bigint {
+  const m = /^\((\d+),\s*(\d+)\)$/.exec(text ?? '');
+  if (!m) throw new Error(`timerfd without ${what} in its fdinfo`);
+  return BigInt(m[1]) * NS + BigInt(m[2]);
+}
+
+/** Wall-clock now in nanoseconds (to the microsecond). */
+function realtimeNowNs(): bigint {
+  return BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000)) * 1000n;
+}
+
+export function dumpTimerfd(fdinfo: Map<string, string>): Timerfd {
+  const clockid = Number(fdinfo.get('clockid'));
+  const ticks = fdinfo.get('ticks');
+  const flags = fdinfo.get('settime flags');
+  if (!Number.isInteger(clockid) || ticks === undefined || flags === undefined) throw new Error('timerfd with an fdinfo this kernel does not usually show');
+  const valueNs = timespecNs(fdinfo.get('it_value'), 'it_value');
+  const settimeFlags = parseInt(flags, 8);
+  const absoluteWallClock = clockid === CLOCK_REALTIME && (settimeFlags & TFD_TIMER_ABSTIME) !== 0 && valueNs !== 0n;
+  return {
+    clockid,
+    ticks: BigInt(ticks),
+    settimeFlags,
+    valueNs,
+    intervalNs: timespecNs(fdinfo.get('it_interval'), 'it_interval'),
+    deadlineNs: absoluteWallClock ? realtimeNowNs() + valueNs : 0n,
+  };
+}
+
+/** A new timerfd inside the restored process, set as it was and holding
+ * its unread expirations; its number there (close-on-exec, as restoreFds
+ * expects). */
+export function restoreTimerfd(r: RemoteProcess, fd: Fd): number {
+  const t = fd.timerfd;
+  if (!t) throw new Error(`timerfd ${fd.fd} has no state in the image`);
+  r.reset();
+  const made = Number(r.call(`making timerfd ${fd.fd}`, SYS.timerfd_create, [t.clockid, (fd.flags & TFD_NONBLOCK) | TFD_CLOEXEC]));
+  // A periodic timer that expired and was not read since shows no time
+  // left (the kernel moves it on when it is read): it goes on a period on.
+  const left = t.valueNs || t.intervalNs;
+  if (left || t.deadlineNs) {
+    const absolute = t.deadlineNs !== 0n;
+    const value = absolute ? t.deadlineNs : left;
+    const spec = r.put(r.u64s([t.intervalNs / NS, t.intervalNs % NS, value / NS, value % NS]));
+    // TFD_TIMER_CANCEL_ON_SET only goes with an absolute wall-clock time.
+    r.call(`setting timerfd ${fd.fd}`, SYS.timerfd_settime, [made, absolute ? t.settimeFlags : 0, spec, 0]);
+  }
+  if (t.ticks) r.call(`giving timerfd ${fd.fd} its ${t.ticks} unread expirations`, SYS.ioctl, [made, TFD_IOC_SET_TICKS, r.put(r.u64s([t.ticks]))]);
+  return made;
+}
+
+/** What `inspect` says of it. */
+export function describeTimerfd(t: Timerfd | undefined): string {
+  if (!t) return 'timerfd';
+  const s = (ns: bigint) => `${(Number(ns) / 1e9).toFixed(3)}s`;
+  const setting = t.deadlineNs ? `at ${new Date(Number(t.deadlineNs / 1_000_000n)).toISOString()}` : t.valueNs ? `in ${s(t.valueNs)}` : 'disarmed';
+  return `timerfd clock ${t.clockid} ${setting}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}, ${t.ticks} unread`;
+}

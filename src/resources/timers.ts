@@ -1,0 +1,143 @@
+/**
+ * POSIX timers (timer_create): per process, each known to the application
+ * by the id the kernel gave it. /proc/PID/timers lists each timer's id,
+ * clock, and whom it notifies how (a signal to the process or to one
+ * thread, or nothing); the time left, the interval and the overrun only
+ * the process can ask for (timer_gettime, timer_getoverrun, injected).
+ *
+ * A restore makes each timer again under its own id: the kernel takes the
+ * id to use from timer_create's out-parameter while
+ * prctl(PR_TIMER_CREATE_RESTORE_IDS) is on (Linux 6.16, for exactly this).
+ * A timer that notifies one thread names that thread's new system TID.
+ * Time left is carried as such, as for timerfds (timerfd.ts).
+ *
+ * Not carried: the overrun count of the last expiry (no call sets it); a
+ * timer's signal already queued comes back as an ordinary queued signal
+ * (signals.ts), with its siginfo.
+ */
+import { readFileSync } from 'node:fs';
+import { type PosixTimer, PosixTimerNotify } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { Unsupported } from '../snapshot/context.js';
+import { type Injector } from '../snapshot/inject.js';
+
+const NR_timer_gettime = 224;
+const NR_timer_getoverrun = 225;
+const PR_TIMER_CREATE_RESTORE_IDS = 77;
+const RESTORE_IDS_OFF = 0;
+const RESTORE_IDS_ON = 1;
+const SIGEV_SIGNAL = 0;
+const SIGEV_NONE = 1;
+const SIGEV_THREAD_ID = 4;
+/** The clocks a timer can be made on by number alone; the others (a
+ * process's or thread's CPU clock) encode a PID. */
+const PLAIN_CLOCKS = new Set([0, 1, 7, 8, 9, 11]); // REALTIME MONOTONIC BOOTTIME REALTIME_ALARM BOOTTIME_ALARM TAI
+const NS = 1_000_000_000n;
+
+interface Listed {
+  id: number;
+  signal: number;
+  value: bigint;
+  how: string;
+  target: 'pid' | 'tid';
+  targetId: number;
+  clockid: number;
+}
+
+/** /proc/PID/timers: "ID:", "signal: N/VALUE", "notify: HOW/pid.N" or
+ * "HOW/tid.N", "ClockID:", one block per timer. */
+function listTimers(pid: number, what: string): Listed[] {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/timers`, 'utf8');
+  } catch {
+    return []; // a kernel without CONFIG_CHECKPOINT_RESTORE: none can be seen
+  }
+  const out: Listed[] = [];
+  for (const block of text.split(/(?=^ID:)/m)) {
+    if (!block.trim()) continue;
+    const m = /^ID: (-?\d+)\nsignal: (\d+)\/([0-9a-f]+)\nnotify: (\w+)\/(pid|tid)\.(\d+)\nClockID: (-?\d+)/.exec(block);
+    if (!m) throw new Unsupported(`${what}: a POSIX timer this kernel lists as '${block.trim().replace(/\n/g, ' ')}' cannot be captured yet`);
+    out.push({ id: Number(m[1]), signal: Number(m[2]), value: BigInt('0x' + m[3]), how: m[4], target: m[5] as 'pid' | 'tid', targetId: Number(m[6]), clockid: Number(m[7]) });
+  }
+  return out.sort((a, b) => a.id - b.id);
+}
+
+/** The process's timers, in id order; `threads`: its threads as dumped. */
+export function dumpPosixTimers(pid: number, threads: { tid: number; vtid: number }[], inj: Injector, what: string): PosixTimer[] {
+  return listTimers(pid, what).map((t) => {
+    const name = `${what}: POSIX timer ${t.id}`;
+    if (!PLAIN_CLOCKS.has(t.clockid)) throw new Unsupported(`${name} runs on clock ${t.clockid} (a CPU-time clock), which cannot be captured yet`);
+    let notify: number;
+    let vtid = 0;
+    if (t.target === 'tid') {
+      const thread = threads.find((th) => th.tid === t.targetId);
+      if (t.how !== 'signal' || !thread) throw new Unsupported(`${name} notifies thread ${t.targetId} as '${t.how}', which cannot be captured yet`);
+      notify = PosixTimerNotify.THREAD;
+      vtid = thread.vtid;
+    } else if (t.how === 'signal') {
+      notify = PosixTimerNotify.SIGNAL;
+    } else if (t.how === 'none') {
+      notify = PosixTimerNotify.NONE;
+    } else {
+      throw new Unsupported(`${name} notifies as '${t.how}', which cannot be captured yet`);
+    }
+    const { ret, out } = inj.callOut(NR_timer_gettime, [t.id, 'out'], 32);
+    if (ret !== 0n) throw new Error(`${name}: timer_gettime failed (${-ret})`);
+    const ns = (o: number) => out.readBigInt64LE(o) * NS + out.readBigInt64LE(o + 8);
+    const overrun = inj.call(NR_timer_getoverrun, [t.id]);
+    return { id: t.id, clockid: t.clockid, notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
+  });
+}
+
+/** struct sigevent (64 bytes): value, signo, notify, then the thread id. */
+function sigevent(t: PosixTimer, tid: number): Buffer {
+  const ev = Buffer.alloc(64);
+  ev.writeBigUInt64LE(t.value, 0);
+  ev.writeInt32LE(t.signal, 8);
+  const how = { [PosixTimerNotify.SIGNAL]: SIGEV_SIGNAL, [PosixTimerNotify.NONE]: SIGEV_NONE, [PosixTimerNotify.THREAD]: SIGEV_SIGNAL | SIGEV_THREAD_ID }[t.notify];
+  if (how === undefined) throw new Error(`POSIX timer ${t.id}: unknown notification ${t.notify}`);
+  ev.writeInt32LE(how, 12);
+  ev.writeInt32LE(tid, 16);
+  return ev;
+}
+
+/** Every timer under its id, set as it was; `systemTid(vtid)`: a restored
+ * thread's TID. Run once the threads exist, and last of all: timers start
+ * at once. */
+export function restorePosixTimers(r: RemoteProcess, timers: PosixTimer[] | undefined, systemTid: (vtid: number) => number): void {
+  if (!timers?.length) return;
+  if (r.raw(SYS.prctl, [PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0]) !== 0n)
+    throw new Error(`this kernel cannot make a POSIX timer under a given id (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.16): timer ${timers[0].id} cannot be restored`);
+  try {
+    for (const t of timers) {
+      r.reset();
+      const id = Buffer.alloc(4);
+      id.writeInt32LE(t.id);
+      const idAt = r.put(id);
+      const tid = t.notify === PosixTimerNotify.THREAD ? systemTid(t.vtid) : 0;
+      r.call(`making POSIX timer ${t.id}`, SYS.timer_create, [t.clockid, r.put(sigevent(t, tid)), idAt]);
+      const got = r.get(idAt, 4).readInt32LE();
+      if (got !== t.id) throw new Error(`POSIX timer ${t.id} came back as ${got}`);
+    }
+  } finally {
+    r.call('leaving timer id restore mode', SYS.prctl, [PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, 0, 0, 0]);
+  }
+  for (const t of timers) {
+    // A periodic timer whose expiry is being signalled shows no time
+    // left: it goes on a period on.
+    const left = t.valueNs || t.intervalNs;
+    if (!left) continue;
+    r.reset();
+    const spec = r.put(r.u64s([t.intervalNs / NS, t.intervalNs % NS, left / NS, left % NS]));
+    r.call(`setting POSIX timer ${t.id}`, SYS.timer_settime, [t.id, 0, spec, 0]);
+  }
+}
+
+/** What `inspect` says of one. */
+export function describePosixTimer(t: PosixTimer): string {
+  const s = (ns: bigint) => `${(Number(ns) / 1e9).toFixed(3)}s`;
+  const to = t.notify === PosixTimerNotify.NONE ? 'no signal' : `signal ${t.signal}${t.notify === PosixTimerNotify.THREAD ? ` to thread ${t.vtid}` : ''}`;
+  const when = t.valueNs ? `in ${s(t.valueNs)}` : 'disarmed';
+  return `${t.id} clock ${t.clockid}, ${to}, ${when}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}`;
+}

@@ -1,0 +1,223 @@
+/**
+ * The package and its Node API as a CI user gets them: the tarball of
+ * `npm pack` installed with `npm install` in a directory of its own, its
+ * CLI and its API used from there; then the example's flow
+ * (examples/vitest-redis: one loaded redis, a clone per test worker) run
+ * in this process through the API.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { redisCli, startRedisClones, type RedisClones } from '../examples/vitest-redis/redis-clones.js';
+import { fixture, root, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+
+const work = mkdtempSync(join(tmpdir(), 'appshot-api-'));
+const sb = new Sandbox();
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(work, { recursive: true, force: true });
+});
+
+function sh(command: string, args: string[], opts: { cwd: string; env?: NodeJS.ProcessEnv; timeout?: number }) {
+  const r = spawnSync(command, args, { encoding: 'utf8', env: opts.env ?? process.env, cwd: opts.cwd, timeout: opts.timeout ?? 50_000 });
+  return { code: r.status, stdout: r.stdout ?? '', stderr: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
+}
+
+/** Runs a command to its end without blocking this process (so that two
+ * installs can go at once). */
+function shAsync(command: string, args: string[], cwd: string): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (d) => (output += d));
+    child.stderr.on('data', (d) => (output += d));
+    child.on('close', (code) => resolve({ code, output }));
+  });
+}
+
+let tarball = '';
+
+describe('the package installed from its tarball', () => {
+  const project = join(work, 'project');
+  const installed = join(project, 'node_modules', 'appshot');
+  const bin = join(project, 'node_modules', '.bin', 'appshot');
+  const appshot = (args: string[]) => sh(bin, args, { cwd: project, env: sb.env });
+
+  beforeAll(() => {
+    // --ignore-scripts: dist/ was built before the suite ran (npm test
+    // builds it); recompiling it here would rewrite files that the tests
+    // running meanwhile load.
+    expect(existsSync(join(root, 'dist', 'api.js')), 'dist/ is built (npm run build)').toBe(true);
+    const pack = sh('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: root });
+    expect(pack.code, pack.stderr).toBe(0);
+    tarball = join(work, pack.stdout.trim().split('\n').pop()!);
+    mkdirSync(project);
+    writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module' }));
+    // From the registry, as a user's CI would; node-gyp builds the native
+    // parts at install.
+    const install = sh('npm', ['install', '--no-audit', '--no-fund', tarball], { cwd: project, timeout: 170_000 });
+    expect(install.code, install.stderr).toBe(0);
+  }, 180_000);
+
+  it('holds the compiled API with its types and the native parts built at install, and no tests', () => {
+    for (const f of ['dist/api.js', 'dist/api.d.ts', 'dist/cli.js', 'bin/appshot.js', 'build/Release/appshot.node', 'build/Release/appshot_preload.so', 'build/Release/appshot-init'])
+      expect(existsSync(join(installed, f)), f).toBe(true);
+    expect(existsSync(join(installed, 'test'))).toBe(false);
+  });
+
+  it('type-checks a TypeScript user of the API against the installed declarations', () => {
+    writeFileSync(
+      join(project, 'check.ts'),
+      `import { run, clone, AppshotError, type RunResult, type Clone } from 'appshot';\n` +
+        `const started: Promise<RunResult> = run(['redis-server'], { aid: 'db' });\n` +
+        `const clones: Promise<Clone[]> = clone('db.template', { count: 2 });\n` +
+        `const code: number = new AppshotError('x').exitCode;\n` +
+        `// @ts-expect-error: count is a number\n` +
+        `clone('db.template', { count: '2' });\n` +
+        `export { started, clones, code };\n`,
+    );
+    const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
+    const r = sh(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], { cwd: project });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+  });
+
+  it('runs, lists, snapshots and restores with its CLI, with its own preload library', async () => {
+    const run = appshot(['run', '-d', '--json', '--aid', 'cli-tick', '--', fixture('ticker')]);
+    expect(run.code, run.stderr).toBe(0);
+    const { pid } = JSON.parse(run.stdout) as { aid: string; vpid: number; pid: number };
+    // The application was started with the installed package's preload
+    // library, found from where the package is, not from this checkout.
+    expect(readFileSync(`/proc/${pid}/maps`, 'utf8')).toContain(join(installed, 'build', 'Release', 'appshot_preload.so'));
+    const ps = JSON.parse(appshot(['ps', 'cli-tick', '--json']).stdout) as { processes: { vpid: number }[] }[];
+    expect(ps[0].processes.map((p) => p.vpid)).toEqual([1, 2]);
+
+    const image = join(work, 'cli-tick.appshot');
+    const snap = appshot(['snapshot', 'cli-tick', '-o', image]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const restore = appshot(['restore', image, '--json']);
+    expect(restore.code, restore.stderr).toBe(0);
+    expect(JSON.parse(restore.stdout)).toMatchObject({ aid: 'cli-tick', processes: 1 });
+    // The ticker goes on ticking: new lines in its log after the restore.
+    const log = join(sb.home, 'apps', 'cli-tick', 'log');
+    const ticksNow = () => (existsSync(log) ? readFileSync(log, 'utf8').match(/TICKS/g)?.length ?? 0 : 0);
+    const before = ticksNow();
+    await waitFor(() => ticksNow() > before + 1, 10_000, 'the restored ticker to tick');
+    expect(appshot(['stop', 'cli-tick', '-s', 'KILL']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('cli-tick'), 10_000, 'cli-tick to end');
+  });
+
+  it("runs, snapshots, restores, clones and stops with its API, import('appshot') from a script", () => {
+    writeFileSync(
+      join(project, 'ci.mjs'),
+      `import { run, ps, snapshot, restore, templateCreate, clone, stop, AppshotError } from 'appshot';
+const [ticker, out] = process.argv.slice(2);
+const report = {};
+report.run = await run([ticker], { aid: 'api-tick' });
+report.ps = (await ps('api-tick'))[0].processes.map((p) => p.vpid);
+report.snapshot = await snapshot('api-tick', { output: out + '/api-tick.appshot' });
+report.restore = await restore(report.snapshot.image, { aid: 'api-tick-2' });
+report.template = await templateCreate(report.snapshot.image, out + '/api-tick.template');
+report.clones = await clone(report.template.template, { aid: 'api-clone', count: 2 });
+report.running = (await ps()).map((a) => a.aid).sort();
+for (const aid of ['api-tick-2', 'api-clone-1', 'api-clone-2']) await stop(aid, { signal: 'KILL' });
+try {
+  await stop('no-such-app');
+} catch (e) {
+  report.error = { isAppshotError: e instanceof AppshotError, exitCode: e.exitCode, message: e.message };
+}
+console.log(JSON.stringify(report));
+`,
+    );
+    const r = sh(process.execPath, ['ci.mjs', fixture('ticker'), work], { cwd: project, env: sb.env });
+    expect(r.code, r.stderr).toBe(0);
+    const report = JSON.parse(r.stdout);
+    expect(report.run).toMatchObject({ aid: 'api-tick', vpid: 2, pid: expect.any(Number), log: expect.stringContaining('api-tick') });
+    expect(report.ps).toEqual([1, 2]);
+    expect(report.snapshot).toMatchObject({ aid: 'api-tick', processes: 1, leftRunning: false });
+    expect(report.restore).toMatchObject({ aid: 'api-tick-2', processes: 1 });
+    expect(report.restore.createdDirs).toBeUndefined();
+    expect(report.clones.map((c: { aid: string }) => c.aid)).toEqual(['api-clone-1', 'api-clone-2']);
+    expect(report.running).toEqual(['api-clone-1', 'api-clone-2', 'api-tick-2']);
+    expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
+  });
+});
+
+describe('npm install -g', () => {
+  it('installs a working appshot command from the tarball and from a clean checkout', async () => {
+    expect(tarball, 'the tarball packed above').not.toBe('');
+    // A checkout as git has it: no node_modules, dist or build. npm links a
+    // checkout without installing its dependencies; prepare installs them.
+    const checkout = join(work, 'checkout');
+    const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
+    expect(listed.status, listed.stderr).toBe(0);
+    for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(checkout, f));
+    expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
+
+    // Into prefixes of their own, not the machine's global one.
+    const installs = await Promise.all(
+      [tarball, checkout].map(async (what, i) => {
+        const prefix = join(work, `global-${i}`);
+        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', what], work);
+        return { what, prefix, ...r };
+      }),
+    );
+    for (const { what, prefix, code, output } of installs) {
+      expect(code, `npm install -g ${what}:\n${output}`).toBe(0);
+      const version = sh(join(prefix, 'bin', 'appshot'), ['--version'], { cwd: work });
+      expect(version.stdout.trim(), version.stderr).toBe('0.1.0');
+      // A command that needs all three native parts (addon, init, preload
+      // library), built at install and found from where they were.
+      const env = { ...process.env, APPSHOT_HOME: join(prefix, 'appshot-home') };
+      const run = sh(join(prefix, 'bin', 'appshot'), ['run', '--', '/bin/sh', '-c', 'echo "$APPSHOT_AID $LD_PRELOAD"'], { cwd: work, env });
+      expect(run.code, run.stderr).toBe(0);
+      const installed = what === checkout ? checkout : join(prefix, 'lib', 'node_modules', 'appshot');
+      const [aid, preload] = run.stdout.trim().split(' ');
+      expect(aid).toMatch(/^[\w.-]+$/);
+      expect(preload).toBe(join(installed, 'build', 'Release', 'appshot_preload.so'));
+    }
+  }, 170_000);
+});
+
+describe('examples/vitest-redis: a loaded redis, one clone per test worker', () => {
+  const REDIS = '/usr/bin/redis-server';
+  const KEYS = 2000;
+  let redis: RedisClones | undefined;
+
+  afterAll(async () => {
+    await redis?.stop();
+  });
+
+  it('gives 3 workers each a clone with the loaded data on a port of its own, writes kept apart', async () => {
+    expect(existsSync(REDIS), `${REDIS} is missing: bash test/prerequisites.sh`).toBe(true);
+    // Clones' ports from the tests' range (see helpers.ts); the template
+    // redis on a fixed port of this file's own.
+    process.env.APPSHOT_PORTS = TEST_PORTS;
+    const dir = mkdtempSync(join(work, 'redis-'));
+    redis = await startRedisClones({
+      count: 3,
+      dir,
+      port: 32100 + (process.pid % 800),
+      redisServer: REDIS,
+      load: Array.from({ length: KEYS }, (_, i) => `SET user:${i} name-${i}`),
+    });
+    const ports = redis.clones.map((c) => c.port);
+    expect(new Set(ports).size).toBe(3);
+
+    for (const c of redis.clones) {
+      expect(redisCli(c.port, ['DBSIZE', 'GET user:0', `GET user:${KEYS - 1}`])).toEqual([String(KEYS), 'name-0', `name-${KEYS - 1}`]);
+      expect(redisCli(c.port, [`SET user:7 ${c.aid}`, `SET only:${c.aid} 1`])).toEqual(['OK', 'OK']);
+    }
+    for (const c of redis.clones) {
+      const others = redis.clones.filter((o) => o !== c).map((o) => `EXISTS only:${o.aid}`);
+      expect(redisCli(c.port, ['GET user:7', 'DBSIZE', ...others])).toEqual([c.aid, String(KEYS + 1), '0', '0']);
+    }
+
+    await redis.stop();
+    redis = undefined;
+    // stop() resolved once the registry was empty: no clone is left.
+    expect(readdirSync(join(dir, 'appshot', 'apps')).filter((a) => !a.startsWith('.'))).toEqual([]);
+  });
+});

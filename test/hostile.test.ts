@@ -1,0 +1,506 @@
+/**
+ * An image is untrusted input: whoever can hand root an image to restore
+ * would otherwise own the machine. Each hostile image below must be refused
+ * in one line on stderr, quickly, with nothing left behind (no temporary
+ * extraction, no process, no registration, no tables) and nothing read
+ * outside the image.
+ *
+ * Crafted images are made from a real one: its image.pb decoded, changed,
+ * encoded again, and its manifest signed again with the sandbox's own key
+ * (this test process signs as the sandbox does), so that only the change
+ * itself can be what is refused.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import tar from 'tar-stream';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
+import type { Image, Manifest } from '../src/image/types.js';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const other = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-'));
+// appshot's temporary files, if it made any in the system's place for them,
+// would be here: no other program's come and go in it.
+const privateTmp = join(out, 'tmp');
+mkdirSync(privateTmp);
+Object.assign(sb.env, { TMPDIR: privateTmp });
+// This test process signs and reads images as the sandbox's node does.
+process.env.APPSHOT_HOME = sb.home;
+let good = '';
+let goodImage: Image;
+
+afterAll(async () => {
+  await sb.dispose();
+  await other.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+beforeAll(async () => {
+  const r = sb.run(['run', '-d', '--aid', 'victim', '--', fixture('snapfix'), '0', '2']);
+  if (r.code !== 0) throw new Error(r.stderr);
+  const log = () => readFileSync(join(sb.home, 'apps', 'victim', 'log'), 'utf8');
+  await waitFor(() => /^CHECK 2$/m.test(log()), 10_000, 'the fixture to settle');
+  good = join(out, 'good');
+  const s = sb.run(['snapshot', 'victim', '-o', good]);
+  if (s.code !== 0) throw new Error(s.stderr);
+  await waitFor(() => sb.aids().length === 0, 10_000, 'the application to end');
+  goodImage = (await loadImage(good, { trust: 'report' })).image;
+});
+
+/** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
+function asNode<T>(home: string, fn: () => T): T {
+  process.env.APPSHOT_HOME = home;
+  try {
+    return fn();
+  } finally {
+    process.env.APPSHOT_HOME = sb.home;
+  }
+}
+
+function digestOf(path: string): PartDigest {
+  const fd = openSync(path, 'r');
+  try {
+    return digestFd(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** A directory image named `name`: `imageBytes` as image.pb, the good
+ * image's pages, and a manifest signed by `signer` (a sandbox's home), or
+ * the good manifest as it was (`signer` null: checksums not recomputed). */
+function writeImage(name: string, imageBytes: Buffer, signer: string | null = sb.home): string {
+  const dir = join(out, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  writeFileSync(join(dir, 'image.pb'), imageBytes);
+  copyFileSync(join(good, 'pages.img'), join(dir, 'pages.img'));
+  if (signer === null) copyFileSync(join(good, 'manifest.pb'), join(dir, 'manifest.pb'));
+  else {
+    const digests = new Map([
+      ['image.pb', digestOf(join(dir, 'image.pb'))],
+      ['pages.img', digestOf(join(dir, 'pages.img'))],
+    ]);
+    writeFileSync(join(dir, 'manifest.pb'), asNode(signer, () => encodeSignedManifest('feedfacefeedface', digests)));
+  }
+  return dir;
+}
+
+/** The good image with a change to its metadata, signed again. */
+function crafted(name: string, change: (image: Image) => void): string {
+  const image = structuredClone(goodImage);
+  change(image);
+  return writeImage(name, encodeImage(image));
+}
+
+interface Refusal {
+  code: number;
+  stderr: RegExp;
+}
+
+const tmpEntries = () => (existsSync(join(sb.home, 'tmp')) ? readdirSync(join(sb.home, 'tmp')) : []);
+
+/** Runs appshot, which must refuse: exit code, one line on stderr (no stack
+ * trace), within a few seconds, and nothing left behind. `trace`: paths
+ * that must not be opened (checked with strace). */
+function refuses(args: string[], expected: Refusal, opts: { input?: Buffer; trace?: string[] } = {}): void {
+  const aidsBefore = sb.aids();
+  const shmBefore = sb.shmFiles();
+  const traceFile = join(out, 'strace.log');
+  const command = opts.trace ? ['strace', '-f', '-qq', '-e', 'trace=open,openat,openat2', '-o', traceFile, process.execPath, cli, ...args] : [process.execPath, cli, ...args];
+  const started = Date.now();
+  const r = spawnSync(command[0], command.slice(1), { env: sb.env, input: opts.input ?? '', encoding: 'utf8', timeout: 15_000 });
+  const took = Date.now() - started;
+  expect(r.signal, `appshot ${args.join(' ')} did not finish: ${r.stderr}`).toBeNull();
+  expect(took).toBeLessThan(opts.trace ? 15_000 : 8_000);
+  const lines = r.stderr.split('\n').filter((l) => l !== '');
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^appshot: /);
+  expect(lines[0]).not.toMatch(/internal error/);
+  expect(lines[0]).toMatch(expected.stderr);
+  expect(r.status, r.stderr).toBe(expected.code);
+  expect(tmpEntries()).toEqual([]);
+  expect(readdirSync(privateTmp)).toEqual([]);
+  expect(sb.aids()).toEqual(aidsBefore);
+  expect(sb.shmFiles()).toEqual(shmBefore);
+  if (opts.trace) {
+    const opened = readFileSync(traceFile, 'utf8');
+    expect(opened).toContain('manifest.pb'); // strace saw appshot's own opens
+    for (const path of opts.trace) expect(opened, `${path} was opened`).not.toContain(path);
+  }
+}
+
+const corrupt = (what: RegExp | string) => ({ code: 1, stderr: typeof what === 'string' ? new RegExp(`corrupt image: .*${what}`) : what });
+
+/** The image's parts with one of them changed (checksums not recomputed). */
+function withPart(name: string, part: string, change: (bytes: Buffer) => Buffer): string {
+  const dir = join(out, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  for (const p of ['manifest.pb', 'image.pb', 'pages.img']) copyFileSync(join(good, p), join(dir, p));
+  writeFileSync(join(dir, part), change(readFileSync(join(dir, part))));
+  return dir;
+}
+
+describe('damaged parts', () => {
+  for (const part of ['manifest.pb', 'image.pb', 'pages.img']) {
+    it(`refuses ${part} truncated`, () => {
+      const dir = withPart(`trunc-${part}`, part, (b) => b.subarray(0, b.length >> 1));
+      refuses(['restore', dir], corrupt(/corrupt image|not an appshot image/));
+      refuses(['inspect', dir], corrupt(/corrupt image|not an appshot image/));
+    });
+    it(`refuses ${part} with a flipped bit`, () => {
+      const dir = withPart(`flip-${part}`, part, (b) => {
+        b[b.length >> 1] ^= 0x10;
+        return b;
+      });
+      // A manifest that still decodes no longer matches its signature.
+      refuses(['restore', dir], part === 'manifest.pb' ? { code: 1, stderr: /corrupt image|not an image this node trusts/ } : corrupt(`checksum of ${part}`));
+    });
+  }
+
+  it('refuses an image with a part missing, or a part that is a symlink, FIFO or directory', () => {
+    const missing = withPart('missing', 'pages.img', (b) => b);
+    unlinkSync(join(missing, 'pages.img'));
+    refuses(['restore', missing], corrupt('pages.img is missing'));
+    const linked = withPart('linked', 'image.pb', (b) => b);
+    unlinkSync(join(linked, 'image.pb'));
+    symlinkSync(join(good, 'image.pb'), join(linked, 'image.pb'));
+    refuses(['inspect', linked], corrupt('image.pb is a symbolic link'));
+    const fifo = withPart('fifo', 'pages.img', (b) => b);
+    unlinkSync(join(fifo, 'pages.img'));
+    expect(spawnSync('mkfifo', [join(fifo, 'pages.img')]).status).toBe(0);
+    refuses(['inspect', fifo], corrupt('pages.img is not a regular file'));
+  });
+});
+
+describe('manifests that lie about the parts (signed again)', () => {
+  /** A manifest listing these parts, signed with the sandbox's key. */
+  function manifestListing(name: string, parts: [string, string][]): string {
+    const dir = writeImage(name, readFileSync(join(good, 'image.pb')));
+    const listed = parts.map(([name, file]) => {
+      const d = digestOf(file);
+      return { name, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256 };
+    });
+    const manifest = { magic: MAGIC, formatVersion: FORMAT_VERSION, imageId: 'feedfacefeedface', parts: listed, signature: Buffer.alloc(0), keyId: '' };
+    writeFileSync(join(dir, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifestOf(manifest)));
+    return dir;
+  }
+
+  it('refuses a manifest with no parts (which would skip every checksum)', () => {
+    refuses(['inspect', manifestListing('no-parts', [])], corrupt('lists image.pb not at all'));
+  });
+
+  it('refuses part names outside the image, and never opens them', () => {
+    const secret = join(out, 'secret');
+    writeFileSync(secret, 'not for appshot');
+    const dir = manifestListing('escape', [
+      ['image.pb', join(good, 'image.pb')],
+      ['pages.img', join(good, 'pages.img')],
+      ['../secret', secret],
+    ]);
+    refuses(['inspect', dir], corrupt(`lists '../secret'`), { trace: ['secret'] });
+    const dev = manifestListing('devzero', [
+      ['image.pb', join(good, 'image.pb')],
+      ['/dev/zero', '/dev/null'],
+    ]);
+    refuses(['inspect', dev], corrupt(`lists '/dev/zero'`), { trace: ['/dev/zero'] });
+  });
+
+  it('refuses a part listed twice', () => {
+    const dir = manifestListing('twice', [
+      ['image.pb', join(good, 'image.pb')],
+      ['pages.img', join(good, 'pages.img')],
+      ['image.pb', join(good, 'image.pb')],
+    ]);
+    refuses(['inspect', dir], corrupt('lists image.pb 2 times'));
+  });
+});
+
+type TarEntry = { header: Parameters<ReturnType<typeof tar.pack>['entry']>[0]; data?: Buffer };
+
+/** A tar stream of the given entries (the good image's parts by default). */
+async function tarOf(entries: TarEntry[]): Promise<Buffer> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+  const ended = new Promise((resolve) => pack.on('end', () => resolve(undefined)));
+  for (const e of entries) pack.entry(e.header, e.data ?? Buffer.alloc(0));
+  pack.finalize();
+  await ended;
+  return Buffer.concat(chunks);
+}
+
+const part = (name: string): TarEntry => ({ header: { name, mode: 0o600 }, data: readFileSync(join(good, name)) });
+const goodParts = () => ['manifest.pb', 'image.pb', 'pages.img'].map(part);
+
+describe('hostile tar streams', () => {
+  it('restores a good stream (the harness below works)', async () => {
+    const r = sb.run(['inspect', '-'], await tarOf(goodParts()));
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+  });
+
+  it('refuses a truncated stream', async () => {
+    const stream = await tarOf(goodParts());
+    refuses(['restore', '-'], corrupt('not a complete tar stream'), { input: stream.subarray(0, stream.length - 5000) });
+  });
+
+  const cases: [string, () => TarEntry[], RegExp][] = [
+    ['a ".." entry', () => [{ header: { name: '../manifest.pb' }, data: Buffer.from('x') }, ...goodParts()], /not an appshot image: .*'\.\.\/manifest\.pb'/],
+    ['an absolute entry', () => [{ header: { name: '/tmp/image.pb' }, data: Buffer.from('x') }, ...goodParts()], /not an appshot image: .*'\/tmp\/image\.pb'/],
+    ['a symlink, then the real part', () => [{ header: { name: 'image.pb', type: 'symlink', linkname: '/etc/shadow' } }, ...goodParts()], /corrupt image: .*image\.pb as a symlink/],
+    ['a hard link, then the real part', () => [{ header: { name: 'pages.img', type: 'link', linkname: 'image.pb' } }, ...goodParts()], /corrupt image: .*pages\.img as a link/],
+    ['a device', () => [{ header: { name: 'pages.img', type: 'character-device', devmajor: 1, devminor: 5 } }], /corrupt image: .*pages\.img as a character-device/],
+    ['a directory', () => [{ header: { name: 'image.pb', type: 'directory' } }], /corrupt image: .*image\.pb as a directory/],
+    ['a duplicated entry', () => [...goodParts(), part('image.pb')], /corrupt image: .*image\.pb twice/],
+    ['an unknown entry', () => [...goodParts(), { header: { name: 'evil.sh' }, data: Buffer.from('#!/bin/sh') }], /not an appshot image: .*'evil\.sh'/],
+  ];
+  for (const [what, entries, message] of cases)
+    it(`refuses ${what}`, async () => {
+      refuses(['restore', '-'], { code: 1, stderr: message }, { input: await tarOf(entries()) });
+    });
+
+  it('refuses an entry larger than a part may be, before reading it', async () => {
+    // A header that announces 1 GiB of image.pb, and nothing after it.
+    const pack = tar.pack();
+    const chunks: Buffer[] = [];
+    pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+    pack.entry({ name: 'image.pb', size: 2 ** 30 });
+    await new Promise((resolve) => setImmediate(resolve));
+    const announced = Buffer.concat(chunks).subarray(0, 512);
+    pack.destroy();
+    expect(announced.length).toBe(512);
+    refuses(['restore', '-'], corrupt('image.pb in standard input is 1073741824 bytes, more than appshot accepts'), { input: announced });
+  });
+
+  for (const [signal, code] of [['SIGTERM', 143], ['SIGINT', 130]] as const)
+    it(`removes its extraction when ${signal} comes while it reads a slow stdin`, async () => {
+      const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
+      let stderr = '';
+      child.stderr.on('data', (d) => (stderr += d));
+      const stream = await tarOf(goodParts());
+      child.stdin.write(stream.subarray(0, 4096 * 4));
+      await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
+      const exited = new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+      child.kill(signal);
+      expect(await exited).toBe(code);
+      expect(stderr.trim().split('\n')).toEqual(['appshot: interrupted while reading the image']);
+      expect(tmpEntries()).toEqual([]);
+    });
+
+  it('sweeps the extraction of a reader killed with SIGKILL at the next command', async () => {
+    const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
+    child.stdin.write((await tarOf(goodParts())).subarray(0, 4096 * 4));
+    await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
+    const exited = new Promise((resolve) => child.on('close', resolve));
+    child.kill('SIGKILL');
+    await exited;
+    expect(tmpEntries()).toHaveLength(1);
+    expect(sb.run(['inspect', good]).code).toBe(0);
+    expect(tmpEntries()).toEqual([]);
+  });
+});
+
+describe('crafted metadata (checksums and signature recomputed)', () => {
+  const cases: [string, (image: Image) => void, string][] = [
+    ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
+    ['a duplicated virtual PID', (i) => i.processes.push(structuredClone(i.processes[0])), 'virtual PID \\d+ appears twice'],
+    ['a cycle in the process tree', (i) => {
+      const [a, b] = i.processes;
+      a.vppid = b.vpid;
+      b.vppid = a.vpid;
+    }, 'is its own ancestor'],
+    ['process group 0', (i) => (i.processes[0].vpgid = 0), 'process group 0'],
+    ['a thread with TID -5', (i) => (i.processes[0].threads[0].vtid = -5), 'thread with virtual TID -5'],
+    ['a duplicated thread TID', (i) => (i.processes[1].threads[0].vtid = i.processes[0].threads[0].vtid), 'appears twice'],
+    ['overlapping mappings', (i) => {
+      const v = i.processes[0].vmas;
+      v[1].start = v[0].start;
+    }, 'overlaps the one before it'],
+    ['a mapping in kernel space', (i) => i.processes[0].vmas.push({ ...structuredClone(i.processes[0].vmas[0]), start: 0xffff800000000000n, end: 0xffff800000001000n, pages: undefined }), 'lies outside user space'],
+    ['a mapping not page-aligned', (i) => (i.processes[0].vmas[0].end += 1n), 'not page-aligned'],
+    ['pages past the end of pages.img', (i) => {
+      const v = i.processes[0].vmas.find((x) => x.pages?.runs.length)!;
+      v.pages!.offset += 1n << 40n;
+    }, 'beyond the end of pages.img'],
+    ['a page run outside its mapping', (i) => {
+      const v = i.processes[0].vmas.find((x) => x.pages?.runs.length)!;
+      v.pages!.runs[0] = 1 << 30;
+    }, 'lie outside it'],
+    ['a descriptor naming a file the image does not have', (i) => {
+      const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
+      fd.file = 99999;
+    }, 'file 99999, which the image does not have'],
+    ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
+    ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    ['no processes', (i) => (i.processes = []), 'holds no process'],
+    ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
+    ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
+    ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
+    ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
+    ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
+    ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'timer id above 65536'],
+    ['an inotify watch number a restore would count up to', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      fd.fd = 900;
+      fd.kind = 10;
+      fd.inotifyWatches = [{ wd: 1 << 30, path: '/', mask: 1 }];
+      i.processes[0].fds.push(fd);
+    }, 'watch number above 65536'],
+  ];
+  for (const [what, change, message] of cases)
+    it(`refuses ${what}`, () => {
+      const dir = crafted(what.replace(/\W+/g, '-'), change);
+      refuses(['inspect', dir], corrupt(message));
+      refuses(['restore', dir], corrupt(message));
+    });
+
+  it('refuses 100,000 processes before decoding them, in a few seconds', () => {
+    // Processes are field 5 of Image: each copy of a small process message
+    // (field 1, vpid) appended to image.pb adds one.
+    const one = field(5, Buffer.from([0x08, 0x05]));
+    const dir = writeImage('many', Buffer.concat([readFileSync(join(good, 'image.pb')), ...Array.from({ length: 100_000 }, () => one)]));
+    refuses(['inspect', dir], corrupt('more than 1024 processes'));
+  });
+
+  it('refuses a million empty mappings, 400,000 empty messages and 9 million numbers, before decoding them', () => {
+    // Field 17 (vmas) of a Process, empty: 0x8a 0x01 0x00.
+    const empty = (n: number, tag: number[]) => {
+      const out = Buffer.alloc(tag.length * n);
+      for (let i = 0; i < out.length; i += tag.length) out.set(tag, i);
+      return out;
+    };
+    const base = readFileSync(join(good, 'image.pb'));
+    refuses(['inspect', writeImage('empty-vmas', Buffer.concat([base, field(5, empty(1_000_000, [0x8a, 0x01, 0x00]))]))], corrupt('more than 65536 memory mappings in one process'));
+    // Field 18 (verdicts) of Image, empty: 0x92 0x01 0x00.
+    refuses(['inspect', writeImage('empty-verdicts', Buffer.concat([base, empty(400_000, [0x92, 0x01, 0x00])]))], corrupt('more than 400000 messages'));
+    // A process with a mapping whose page runs (PageRef field 2, packed)
+    // are 9 million one-byte numbers.
+    const runs = field(5, field(17, field(13, field(2, Buffer.alloc(9_000_000, 1)))));
+    refuses(['inspect', writeImage('many-values', Buffer.concat([base, runs]))], corrupt('more than 8000000 values'));
+  });
+});
+
+/** The encoding of a length-delimited field. */
+function field(number: number, content: Buffer): Buffer {
+  const varint = (n: number) => {
+    const out: number[] = [];
+    while (n >= 0x80) {
+      out.push((n & 0x7f) | 0x80);
+      n = Math.floor(n / 128);
+    }
+    out.push(n);
+    return Buffer.from(out);
+  };
+  return Buffer.concat([varint((number << 3) | 2), varint(content.length), content]);
+}
+
+describe('signed images', () => {
+  /** Restores `image` under a new AID, and ends it again. */
+  async function restores(image: string, extra: string[] = []): Promise<void> {
+    const r = sb.run(['restore', image, '--aid', 'back', ...extra]);
+    expect(r.stderr).toMatch(/^appshot: restored \d+ processes/);
+    expect(r.code).toBe(0);
+    expect(sb.run(['stop', 'back', '--signal', 'KILL']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('back'), 10_000, 'the restored application to end');
+  }
+
+  const untrusted = (why: string) => ({ code: 1, stderr: new RegExp(`is not an image this node trusts: ${why}.*--trust-image.*appshot key import FILE`) });
+
+  /** The good image with a manifest made by `edit` from the good one. */
+  async function withManifest(name: string, edit: (m: Manifest) => Manifest, imageBytes: Buffer = readFileSync(join(good, 'image.pb'))): Promise<string> {
+    const dir = writeImage(name, imageBytes, null);
+    const manifest = (await loadImage(good, { trust: 'report' })).manifest;
+    writeFileSync(join(dir, 'manifest.pb'), encodeManifest(edit(manifest)));
+    return dir;
+  }
+
+  it('reads images on a node that has no key yet without making one', async () => {
+    const fresh = new Sandbox();
+    try {
+      const r = fresh.run(['inspect', good]);
+      expect(r.stdout.split('\n')[1]).toMatch(/^not trusted here: it is signed by key [0-9a-f]{16}, which this node does not trust/);
+      expect(existsSync(join(fresh.home, 'keys'))).toBe(false);
+      expect(fresh.run(['key', 'ls']).stdout).toMatch(/^ID +NAME +FILE\n[0-9a-f]{16} +self /);
+    } finally {
+      await fresh.dispose();
+    }
+  });
+
+  it('restores an image this node signed', async () => {
+    await restores(good);
+  });
+
+  it('refuses an image changed after it was signed, even with its checksums recomputed', async () => {
+    const image = structuredClone(goodImage);
+    image.command = ['/bin/sh', '-c', 'id'];
+    const bytes = encodeImage(image);
+    const d = (() => {
+      const dir = writeImage('changed-bytes', bytes, null);
+      return digestOf(join(dir, 'image.pb'));
+    })();
+    const dir = await withManifest('changed', (m) => ({ ...m, parts: m.parts.map((p) => (p.name === 'image.pb' ? { ...p, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256 } : p)) }), bytes);
+    refuses(['restore', dir], untrusted('its signature by key [0-9a-f]{16} does not match its contents'));
+    // inspect reads it, and says so.
+    const r = sb.run(['inspect', dir]);
+    expect(r.code).toBe(0);
+    expect(r.stdout.split('\n')[1]).toMatch(/^not trusted here: its signature by key/);
+  });
+
+  it('refuses an image signed by another node until its key is imported', async () => {
+    const dir = writeImage('foreign', readFileSync(join(good, 'image.pb')), other.home);
+    refuses(['restore', dir], untrusted('it is signed by key [0-9a-f]{16}, which this node does not trust'));
+    refuses(['template', 'create', dir, '-o', join(out, 'foreign.template')], untrusted('it is signed by key'));
+    const exported = join(out, 'other.pub');
+    rmSync(exported, { force: true });
+    expect(other.run(['key', 'export', '-o', exported]).code).toBe(0);
+    expect(readFileSync(exported, 'utf8')).toMatch(/^-----BEGIN PUBLIC KEY-----/);
+    const imported = sb.run(['key', 'import', exported, '--name', 'other-node']);
+    expect(imported.code).toBe(0);
+    expect(sb.run(['key', 'ls']).stdout).toMatch(/other-node/);
+    await restores(dir);
+    // The private key never left its home.
+    expect(readFileSync(exported, 'utf8')).not.toMatch(/PRIVATE/);
+    expect(statMode(join(other.home, 'keys', 'self.key'))).toBe(0o600);
+  });
+
+  it('refuses to run an image others could change after it was verified, but shows it', () => {
+    const dir = writeImage('group-writable', readFileSync(join(good, 'image.pb')));
+    chmodSync(join(dir, 'pages.img'), 0o666);
+    refuses(['restore', dir], { code: 1, stderr: /pages\.img is writable by others, who could change it while it runs/ });
+    expect(sb.run(['inspect', dir]).code).toBe(0);
+    chmodSync(join(dir, 'pages.img'), 0o644);
+    chmodSync(dir, 0o777);
+    refuses(['template', 'create', dir, '-o', join(out, 'gw.template')], { code: 1, stderr: /group-writable is writable by others/ });
+  });
+
+  it('restores an unsigned image only with --trust-image', async () => {
+    const dir = await withManifest('unsigned', (m) => ({ ...m, signature: Buffer.alloc(0), keyId: '' }));
+    refuses(['restore', dir], untrusted('it is not signed'));
+    await restores(dir, ['--trust-image']);
+  });
+
+  it('makes a signed template of a signed snapshot, and refuses one whose verdicts were changed', () => {
+    const tpl = join(out, 'victim.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const shown = sb.run(['inspect', tpl]);
+    expect(shown.stdout.split('\n')[1]).toMatch(/^signed by key [0-9a-f]{16} \(this node's\)/);
+    const t = decodeTemplate(readFileSync(join(tpl, 'template.pb')));
+    t.verdicts = t.verdicts.map((v) => ({ ...v, action: 'share' }));
+    writeFileSync(join(tpl, 'template.pb'), encodeTemplate(t));
+    refuses(['clone', tpl, '--aid', 'tampered'], { code: 1, stderr: /is not a template this node trusts: its template\.pb signature by key [0-9a-f]{16} does not match.*--trust-image/ });
+    // Showing it is reading it, as inspect does.
+    expect(sb.run(['template', 'show', tpl]).code).toBe(0);
+  });
+});
+
+function statMode(path: string): number {
+  return statSync(path).mode & 0o777;
+}

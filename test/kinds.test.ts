@@ -1,0 +1,156 @@
+/**
+ * Kernel objects captured and restored exactly: each fixture sets its
+ * objects up, then keeps checking them and prints a verdict. Each goes
+ * through a snapshot that ends it and a restore, and through a
+ * --leave-running snapshot restored --lazy beside the original; SIGHUP
+ * makes each use its objects once more (EXERCISED). What cannot be
+ * captured is refused by name, and the application is left running.
+ */
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-kinds-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const logOf = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const checks = (aid: string) => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
+
+async function checksPass(aid: string): Promise<void> {
+  const from = checks(aid);
+  await waitFor(() => checks(aid) >= from + 5 || /FAIL/.test(logOf(aid)), 15_000, `5 more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+
+type Ps = { processes: { vpid: number; pid: number }[] }[];
+const systemPid = (aid: string, vpid = 2) => sb.json<Ps>(['ps', aid])[0].processes.find((p) => p.vpid === vpid)!.pid;
+
+/** SIGHUP makes the fixture use its objects once more. */
+async function exercised(aid: string): Promise<void> {
+  const before = (logOf(aid).match(/^EXERCISED$/gm) ?? []).length;
+  process.kill(systemPid(aid), 'SIGHUP');
+  await waitFor(() => (logOf(aid).match(/^EXERCISED$/gm) ?? []).length > before || /FAIL/.test(logOf(aid)), 15_000, `${aid} to use its objects`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+
+function run(args: string[]): string {
+  const r = sb.run(args);
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** Both round trips of one fixture; `inspected` is what `inspect` must
+ * say of the image. `alone`: the original and the restored copy would
+ * disturb each other (they watch the same files): the original is stopped
+ * before the copy is exercised. */
+function roundTrips(name: string, argv: string[], inspected: RegExp, alone = false): void {
+  it('comes back exactly from a snapshot that ends it', async () => {
+    const aid = `${name}1`;
+    run(['run', '-d', '--aid', aid, '--', ...argv]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    expect(run(['inspect', join(out, aid)])).toMatch(inspected);
+    run(['restore', join(out, aid)]);
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
+
+  it('comes back exactly from a --leave-running snapshot, restored --lazy beside the original', async () => {
+    const aid = `${name}2`;
+    run(['run', '-d', '--aid', aid, '--', ...argv]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    await checksPass(aid);
+    run(['restore', join(out, aid), '--aid', `${name}3`, '--lazy']);
+    await checksPass(`${name}3`);
+    if (alone) {
+      run(['stop', aid]);
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    } else {
+      await exercised(aid);
+    }
+    await exercised(`${name}3`);
+    await checksPass(`${name}3`);
+  });
+}
+
+describe('timerfd: clock, flags, interval, time left and unread expirations', () => {
+  roundTrips('tfd', [fixture('timerfds')], /TIMERFD\s+timerfd clock 0 at \d{4}-.*, 0 unread/);
+});
+
+describe('inotify: every watch at its number, with its mask, on its inode', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-inotify-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
+});
+
+describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
+  roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
+});
+
+describe('what cannot be captured yet is refused by name, and the application goes on', () => {
+  const refusals: [string, (fd: string) => string][] = [
+    ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
+    ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
+    ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
+    ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
+    ['sealed-memfd', (fd) => `process 2 (holder) fd ${fd}: a memfd with seals (F_ADD_SEALS 0x6) cannot be captured yet`],
+    ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
+  ];
+  for (const [kind, message] of refusals)
+    it(kind, async () => {
+      const aid = `held-${kind}`;
+      run(['run', '-d', '--aid', aid, '--', fixture('holder'), kind]);
+      await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+      const fd = /READY fd=(-?\d+)/.exec(logOf(aid))![1];
+      const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(message(fd));
+      expect(r.stderr).toContain('the application was left running');
+      expect(existsSync(join(out, aid))).toBe(false);
+      // Running, untraced, not stopped.
+      const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
+      expect(status).toMatch(/^TracerPid:\s+0$/m);
+      expect(status).not.toMatch(/^State:\s+[tT]/m);
+    });
+});
+
+describe('a process stopped by job control: stopped again, by the same signal', () => {
+  describe('SIGTSTP', () => roundTrips('tstp', [fixture('stopped'), 'TSTP'], /process 3 \(stopped\): .*, stopped by signal 20\n/));
+  describe('SIGSTOP', () => roundTrips('sstop', [fixture('stopped'), 'STOP'], /process 3 \(stopped\): .*, stopped by signal 19\n/));
+});
+
+describe('zombies: children not waited for, reaped after the restore with their status', () => {
+  roundTrips('zomb', [fixture('zombies')], /zombie children: 3 \(exit status 7\), 4 \(exit status 0\), 5 \(killed by signal 15\)/);
+
+  it('named and in state Z in ps after a restore', async () => {
+    run(['run', '-d', '--aid', 'zomb4', '--', fixture('zombies')]);
+    await checksPass('zomb4');
+    run(['snapshot', 'zomb4', '-o', join(out, 'zomb4')]);
+    run(['restore', join(out, 'zomb4')]);
+    await checksPass('zomb4');
+    const ps = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', 'zomb4'])[0].processes;
+    const state = (vpid: number) => {
+      const stat = readFileSync(`/proc/${ps.find((p) => p.vpid === vpid)!.pid}/stat`, 'utf8');
+      return `${stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))} ${stat.slice(stat.lastIndexOf(')') + 2)[0]}`;
+    };
+    expect([3, 4, 5, 6].map(state)).toEqual(['zombie-7 Z', 'zombie-0 Z', 'zombie-15 Z', 'zombies S']);
+  });
+});
+
+describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {
+  roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
+});

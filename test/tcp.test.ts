@@ -1,0 +1,446 @@
+/**
+ * Established TCP connections through snapshot and restore (TCP repair):
+ * the peers are the test's own sockets, which never reconnect, and any
+ * reset they see fails the test.
+ *
+ * - tcpfix (test/fixtures/tcpfix.c): a server with a connection from the
+ *   test and one from a process of its own (both ends inside), with bytes
+ *   queued unread in both directions at the snapshot;
+ * - redis-server with 10 clients in the middle of a pipelined workload;
+ * - memcached with a client that stays connected.
+ *
+ * Ports 26600-26999 are this file's.
+ */
+import { spawnSync } from 'node:child_process';
+import { connect, createServer, type Socket } from 'node:net';
+import { closeSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { addon } from '../src/native.js';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-tcp-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/** Bigger than a send queue holds (tcp_wmem's 4 MiB), so that the handler
+ * is still writing it, and has not read what came next, at the snapshot. */
+const BIG = 16 << 20;
+const isRoot = process.getuid?.() === 0;
+
+function run(args: string[]): string {
+  const r = sb.run(args);
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+const logOf = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+
+/** A client that takes note of everything: what it was sent, and whether
+ * its connection ended or was reset. It reads nothing until read(). */
+class Client {
+  readonly socket: Socket;
+  private chunks: Buffer[] = [];
+  private length = 0;
+  ended = false;
+  error: Error | undefined;
+
+  private constructor(port: number, host: string) {
+    // Half-open allowed: a server that shuts its side down may still read.
+    this.socket = connect({ port, host, allowHalfOpen: true });
+    this.socket.on('error', (e) => (this.error = e));
+    this.socket.on('end', () => (this.ended = true));
+  }
+
+  static async open(port: number, host = '127.0.0.1'): Promise<Client> {
+    const c = new Client(port, host);
+    await new Promise<void>((ok, fail) => {
+      c.socket.once('connect', ok);
+      c.socket.once('error', fail);
+    });
+    return c;
+  }
+
+  /** Waits until something can be read, without reading it. */
+  readable(): Promise<void> {
+    return new Promise((ok) => this.socket.once('readable', ok));
+  }
+
+  /** From now on, reads everything. */
+  read(): void {
+    this.socket.on('data', (d: Buffer) => {
+      this.chunks.push(d);
+      this.length += d.length;
+    });
+    this.socket.resume();
+  }
+
+  /** Reads nothing more until read(). */
+  stop(): void {
+    this.socket.pause();
+    this.socket.removeAllListeners('data');
+  }
+
+  /** All that was read once `n` bytes are (or the connection failed). */
+  async bytes(n: number, timeoutMs = 20_000): Promise<Buffer> {
+    await waitFor(() => this.length >= n || this.ended || this.error !== undefined, timeoutMs, `${n} bytes (have ${this.length})`);
+    return this.take();
+  }
+
+  take(): Buffer {
+    const all = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.length = 0;
+    return all;
+  }
+
+  /** Fails unless the connection is still whole: neither ended nor reset. */
+  whole(): void {
+    expect(this.error?.message).toBeUndefined();
+    expect(this.ended).toBe(false);
+  }
+}
+
+/** The state of the connection local:remote in /proc/net/tcp (5 is
+ * FIN_WAIT2), or undefined. */
+function tcpState(local: number, remote: number): number | undefined {
+  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[3], 16);
+  }
+  return undefined;
+}
+
+/** byte i of BIG is i % 251; the first index where `b` differs, or -1. */
+function firstBadByte(b: Buffer): number {
+  for (let i = 0; i < b.length; i++) if (b[i] !== i % 251) return i;
+  return -1;
+}
+
+/** tcpfix on `port` with a connection from the test in the middle of an
+ * exchange: BIG asked for and not read, "ECHO hello" sent behind it. */
+async function startFixture(aid: string, port: number, host = '127.0.0.1'): Promise<{ client: Client; go: string }> {
+  const go = join(out, `${aid}.go`);
+  run(['run', '-d', '--aid', aid, '--', fixture('tcpfix'), String(port), go, String(BIG), ...(host === '::1' ? ['6'] : [])]);
+  await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+  const client = await Client.open(port, host);
+  client.socket.write('BIG\n');
+  await client.readable();
+  client.socket.write('ECHO hello\n');
+  // The request reaches the server's receive queue; the handler, blocked
+  // writing BIG, does not read it.
+  await new Promise((r) => setTimeout(r, 200));
+  return { client, go };
+}
+
+/** Reads BIG and the echo, then makes a new exchange. */
+async function carriesOn(client: Client): Promise<void> {
+  client.read();
+  const got = await client.bytes(BIG + 'hello\n'.length);
+  expect(got.length).toBe(BIG + 6);
+  expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+  expect(got.subarray(BIG).toString()).toBe('hello\n');
+  client.socket.write('ECHO after the restore\n');
+  expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
+  client.whole();
+}
+
+describe('established TCP connections', () => {
+  it('carry on after snapshot and restore: queued bytes both ways, a connection with both ends inside', async () => {
+    const port = 26601;
+    const { client, go } = await startFixture('tcp1', port);
+    run(['snapshot', 'tcp1', '-o', join(out, 'tcp1')]);
+    // The image holds the queues: "ECHO hello\n" unread by the handler,
+    // the rest of BIG unsent.
+    const shown = run(['inspect', join(out, 'tcp1')]);
+    const ours = new RegExp(`TCP_ESTABLISHED\\s+tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort}, 11 bytes unread, (\\d+) unacknowledged`);
+    expect(shown).toMatch(ours);
+    expect(Number(ours.exec(shown)![1])).toBeGreaterThan(0);
+    expect(shown.match(/TCP_ESTABLISHED/g)?.length).toBe(3); // ours, and both ends of the inside one
+    // The application ended without a word to the client.
+    await new Promise((r) => setTimeout(r, 300));
+    client.whole();
+
+    run(['restore', join(out, 'tcp1')]);
+    writeFileSync(go, '');
+    await carriesOn(client);
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp1')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp1')).not.toMatch(/FAIL.*/);
+    expect(logOf('tcp1')).toMatch(/^INSIDE OK$/m);
+    client.socket.destroy();
+    run(['stop', 'tcp1', '-s', 'KILL']);
+  });
+
+  it('refuse to be templated, naming the connection', () => {
+    const r = sb.run(['template', 'create', join(out, 'tcp1'), '-o', join(out, 'tcp1.template')]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/the established TCP connection 127\.0\.0\.1:26601 → 127\.0\.0\.1:\d+ has one peer/);
+    expect(existsSync(join(out, 'tcp1.template'))).toBe(false);
+  });
+
+  it('--leave-running: the original keeps its connections; a restore beside it cannot have them', async () => {
+    const port = 26602;
+    const { client, go } = await startFixture('tcp2', port);
+    run(['snapshot', 'tcp2', '--leave-running', '-o', join(out, 'tcp2')]);
+    const beside = sb.run(['restore', join(out, 'tcp2'), '--aid', 'tcp2b']);
+    expect(beside.code).not.toBe(0);
+    expect(beside.stderr).toMatch(new RegExp(`listening on 127\\.0\\.0\\.1:${port}: Address already in use`));
+    expect(sb.aids()).not.toContain('tcp2b');
+    // The original, out of repair mode again, goes on.
+    writeFileSync(go, '');
+    await carriesOn(client);
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp2')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp2')).toMatch(/^INSIDE OK$/m);
+    client.socket.destroy();
+    run(['stop', 'tcp2', '-s', 'KILL']);
+  });
+
+  it('--tcp-close: the connections are recorded closed, and the restored application sees them reset', async () => {
+    const port = 26603;
+    const { client, go } = await startFixture('tcp3', port);
+    run(['snapshot', 'tcp3', '--tcp-close', '-o', join(out, 'tcp3')]);
+    expect(run(['inspect', join(out, 'tcp3')]).match(/recorded closed/g)?.length).toBe(3);
+    // Not in repair mode, the application's end closed as any exit does
+    // (reading, the client hears of it).
+    client.read();
+    await waitFor(() => client.ended || client.error !== undefined, 5000, 'the client to see its connection end');
+    client.socket.destroy();
+    run(['restore', join(out, 'tcp3')]);
+    writeFileSync(go, '');
+    // The handlers, writing BIG, and the inside client, reading it, each
+    // get ECONNRESET.
+    await waitFor(() => /INSIDE OK/.test(logOf('tcp3')) || (logOf('tcp3').match(/^FAIL/gm) ?? []).length >= 3, 20_000, 'the inside client and both handlers to fail');
+    expect(logOf('tcp3')).toMatch(/^FAIL: read: Connection reset by peer/m);
+    expect(logOf('tcp3').match(/^FAIL: write: Connection reset by peer/gm)?.length).toBe(2);
+    // A template of it is allowed: each clone sees the connections reset
+    // (its inside client finds the go file there, and reads at once).
+    run(['stop', 'tcp3', '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes('tcp3'), 10_000, 'tcp3 to end');
+    run(['template', 'create', join(out, 'tcp3'), '-o', join(out, 'tcp3.template')]);
+    run(['clone', join(out, 'tcp3.template'), '--aid', 'tcp3c']);
+    await waitFor(() => (logOf('tcp3c').match(/^FAIL/gm) ?? []).length >= 3, 20_000, "the clone's inside client and handlers to fail");
+    expect(logOf('tcp3c')).toMatch(/^FAIL: read: Connection reset by peer/m);
+    run(['stop', 'tcp3c', '-s', 'KILL']);
+  });
+
+  it('a connection whose peer closed its side (CLOSE_WAIT) comes back with the unread bytes, then the end', async () => {
+    const port = 26605;
+    const { client } = await startFixture('tcp5', port);
+    client.socket.end('ECHO bye\n'); // our FIN after it; we still read
+    await new Promise((r) => setTimeout(r, 200));
+    run(['snapshot', 'tcp5', '-o', join(out, 'tcp5')]);
+    expect(run(['inspect', join(out, 'tcp5')])).toMatch(
+      new RegExp(`tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort} \\(CLOSE_WAIT: the peer closed its side\\), 20 bytes unread`),
+    );
+    run(['restore', join(out, 'tcp5')]);
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nbye\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nbye\n');
+    // The handler reads the end of its requests, and closes: a FIN, no reset.
+    await waitFor(() => client.ended || client.error !== undefined, 10_000, 'the server to close');
+    expect(client.error?.message).toBeUndefined();
+    run(['stop', 'tcp5', '-s', 'KILL']);
+  });
+
+  it('a connection whose server shut its side down (FIN_WAIT2) still carries the client\'s bytes after the restore', async () => {
+    const port = 26607;
+    const go = join(out, 'tcp7.go');
+    run(['run', '-d', '--aid', 'tcp7', '--', fixture('tcpfix'), String(port), go, '1000']);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf('tcp7')), 10_000, 'tcp7 to start');
+    const client = await Client.open(port);
+    client.read();
+    client.socket.write('SHUT\n');
+    await waitFor(() => client.ended, 5000, "the server's FIN");
+    client.socket.write('SAY before\n');
+    await waitFor(() => /^SAY before$/m.test(logOf('tcp7')), 5000, 'the server to read on');
+    run(['snapshot', 'tcp7', '-o', join(out, 'tcp7')]);
+    expect(run(['inspect', join(out, 'tcp7')])).toMatch(new RegExp(`tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort} \\(FIN_WAIT2: the application shut its side down\\)`));
+    run(['restore', join(out, 'tcp7')]);
+    // The restored FIN, sent again and acknowledged: FIN_WAIT2 as before.
+    await waitFor(() => tcpState(port, client.socket.localPort!) === 5, 10_000, 'the restored connection to be in FIN_WAIT2');
+    client.socket.write('SAY after the restore\n');
+    await waitFor(() => /^SAY after the restore$/m.test(logOf('tcp7')), 10_000, 'the restored server to read');
+    expect(client.error?.message).toBeUndefined();
+    // Our end: the handler sees it and exits, closing without a reset.
+    client.socket.end();
+    await new Promise((r) => setTimeout(r, 300));
+    expect(client.error?.message).toBeUndefined();
+    run(['stop', 'tcp7', '-s', 'KILL']);
+  });
+
+  it('over IPv6: a half-closed connection from the test and both ends of one inside', async () => {
+    const port = 26606;
+    const { client, go } = await startFixture('tcp6', port, '::1');
+    client.socket.end('ECHO bye\n');
+    await new Promise((r) => setTimeout(r, 200));
+    run(['snapshot', 'tcp6', '-o', join(out, 'tcp6')]);
+    expect(run(['inspect', join(out, 'tcp6')])).toMatch(new RegExp(`tcp \\[::1\\]:${port} → \\[::1\\]:${client.socket.localPort} \\(CLOSE_WAIT`));
+    run(['restore', join(out, 'tcp6')]);
+    writeFileSync(go, '');
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nbye\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nbye\n');
+    await waitFor(() => client.ended || client.error !== undefined, 10_000, 'the server to close');
+    expect(client.error?.message).toBeUndefined();
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp6')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp6')).toMatch(/^INSIDE OK$/m);
+    run(['stop', 'tcp6', '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('without CAP_NET_ADMIN, a snapshot is refused naming the connection, and the application goes on', async () => {
+    const port = 26604;
+    const { client, go } = await startFixture('tcp4', port);
+    const r = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, 'snapshot', 'tcp4', '-o', join(out, 'tcp4')], { env: sb.env, encoding: 'utf8' });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(new RegExp(`the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ can be kept only with TCP repair, which needs CAP_NET_ADMIN`));
+    expect(existsSync(join(out, 'tcp4'))).toBe(false);
+    writeFileSync(go, '');
+    await carriesOn(client);
+    client.socket.destroy();
+    run(['stop', 'tcp4', '-s', 'KILL']);
+  });
+});
+
+describe('the repair primitives', () => {
+  it('a locked connection acknowledges nothing; unlocked, it gets what the peer sent meanwhile, sent again', async () => {
+    const port = 26631;
+    const accepted: Socket[] = [];
+    const server = createServer((s) => accepted.push(s));
+    await new Promise<void>((ok) => server.listen(port, '127.0.0.1', ok));
+    try {
+      const client = await Client.open(port);
+      await waitFor(() => accepted.length === 1, 5000, 'the connection to be accepted');
+      const fd = (client.socket as unknown as { _handle: { fd: number } })._handle.fd;
+      const dup = addon().getFd(process.pid, fd); // the same socket
+      try {
+        addon().tcpRepair(dup, 1);
+        addon().tcpLock(dup, true);
+        const before = addon().tcpRead(dup);
+        accepted[0].write('x'.repeat(1000));
+        await new Promise((r) => setTimeout(r, 300));
+        const during = addon().tcpRead(dup);
+        expect(during.recvSeq).toBe(before.recvSeq);
+        expect(during.recvQueue.length).toBe(0);
+        // The same connection cannot be made twice on one node (the case of
+        // a restore beside a --leave-running original, whose listener
+        // usually refuses first).
+        expect(() => addon().tcpMake(during)).toThrow(/the same connection exists on this node/);
+        addon().tcpLock(dup, false);
+        addon().tcpRepair(dup, -1);
+      } finally {
+        closeSync(dup);
+      }
+      client.read();
+      expect((await client.bytes(1000, 10_000)).toString()).toBe('x'.repeat(1000));
+      client.whole();
+      client.socket.destroy();
+    } finally {
+      for (const s of accepted) s.destroy();
+      server.close();
+    }
+  });
+});
+
+/* ---- redis ---------------------------------------------------------------- */
+
+const REDIS = '/usr/bin/redis-server';
+
+/** RESP for a command. */
+const resp = (...args: string[]) => `*${args.length}\r\n` + args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('');
+const bulk = (s: string) => `$${Buffer.byteLength(s)}\r\n${s}\r\n`;
+
+describe('redis-server with 10 clients in the middle of a pipelined workload', () => {
+  it.runIf(existsSync(REDIS))('gives every client every reply, in order, once, and the clients go on', async () => {
+    const port = 26611;
+    run(['run', '-d', '--aid', 'tcpredis', '--', REDIS, '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
+    const clients: Client[] = [];
+    await waitFor(() => /Ready to accept connections/.test(logOf('tcpredis')), 10_000, 'redis to start');
+    for (let c = 0; c < 10; c++) {
+      const client = await Client.open(port);
+      // Accepted by redis (not only by the kernel) before the snapshot.
+      client.read();
+      client.socket.write(resp('PING'));
+      expect((await client.bytes(7)).toString()).toBe('+PONG\r\n');
+      client.stop();
+      clients.push(client);
+    }
+    // Each client sends 200 commands and reads nothing: their replies
+    // (1.6 MB each) wait in the clients' receive queues, redis's send
+    // queues and its output buffers, and some commands in its receive
+    // queues, unread.
+    const payload = (c: number, i: number) => `client ${c} reply ${i} `.padEnd(8000, 'x');
+    const expected = clients.map((_, c) => Array.from({ length: 200 }, (_, i) => bulk(payload(c, i))).join(''));
+    clients.forEach((client, c) => client.socket.write(Array.from({ length: 200 }, (_, i) => resp('ECHO', payload(c, i))).join('')));
+    await new Promise((r) => setTimeout(r, 100));
+
+    run(['snapshot', 'tcpredis', '-o', join(out, 'redis')]);
+    for (const client of clients) client.whole();
+    run(['restore', join(out, 'redis')]);
+
+    for (const [c, client] of clients.entries()) {
+      client.read();
+      const got = await client.bytes(Buffer.byteLength(expected[c]));
+      expect(got.length).toBe(Buffer.byteLength(expected[c]));
+      expect(got.toString() === expected[c], `client ${c}'s replies differ`).toBe(true);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    for (const [c, client] of clients.entries()) {
+      expect(client.take().length, `client ${c} got more than it asked for`).toBe(0);
+      client.socket.write(resp('SET', `after:${c}`, String(c)) + resp('GET', `after:${c}`));
+      expect((await client.bytes(5 + 3 + 4)).toString()).toBe(`+OK\r\n${bulk(String(c))}`);
+      client.whole();
+      client.socket.destroy();
+    }
+    run(['stop', 'tcpredis', '-s', 'KILL']);
+  });
+});
+
+/* ---- memcached ------------------------------------------------------------ */
+
+const MEMCACHED = '/usr/bin/memcached';
+
+describe('memcached with a client that stays connected', () => {
+  it.runIf(existsSync(MEMCACHED) && isRoot)('answers the client\'s pipelined and new requests after the restore', async () => {
+    const port = 26621;
+    run(['run', '-d', '--aid', 'tcpmc', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+    let client: Client | undefined;
+    await waitFor(() => {
+      const probe = spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]);
+      return probe.status === 0;
+    }, 10_000, 'memcached to listen');
+    client = await Client.open(port);
+    client.read();
+    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    client.stop();
+    // 100 requests whose answers the client has not read at the snapshot.
+    client.socket.write('get greeting\r\n'.repeat(100));
+    await new Promise((r) => setTimeout(r, 100));
+    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+
+    run(['snapshot', 'tcpmc', '-o', join(out, 'mc')]);
+    client.whole();
+    run(['restore', join(out, 'mc')]);
+
+    client.read();
+    expect((await client.bytes(answer.length * 100)).toString()).toBe(answer.repeat(100));
+    client.socket.write('set after 0 0 7\r\nrestore\r\nget after\r\n');
+    expect((await client.bytes(8 + 'VALUE after 0 7\r\nrestore\r\nEND\r\n'.length)).toString()).toBe('STORED\r\nVALUE after 0 7\r\nrestore\r\nEND\r\n');
+    client.whole();
+    client.socket.destroy();
+    run(['stop', 'tcpmc', '-s', 'KILL']);
+  });
+});
