@@ -1,6 +1,7 @@
 /** What `appshot ps` and `appshot table` show: an application's processes
  * and translation tables, read from its tables and /proc. */
-import { kinds, type Kind, type TablesSnapshot } from './native.js';
+import { constants as osConstants } from 'node:os';
+import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry } from './registry.js';
 
@@ -43,16 +44,17 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
 
 /** Sends `sig` to every process of the application but its init, straight
  * (SIGKILL and SIGSTOP cannot be passed on by init; init sees them go and
- * cleans up). */
+ * cleans up). The PIDs come from the tables, which any process of the
+ * application may have rewritten, whatever its uid: only those that really
+ * are the application's are signalled (descendants of its init, or started
+ * by `appshot exec`; see appshot_signal_member), through a pidfd. */
 export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
   const t = reg.readTables(record);
-  for (const p of t ? processesOf(record, t) : []) {
-    if (p.init) continue;
-    try {
-      process.kill(p.pid, sig);
-    } catch {
-      /* already gone */
-    }
+  const initPid = reg.trustedInitPid(record);
+  const signum = (osConstants.signals as Record<string, number>)[sig];
+  for (const e of t?.tables.pid ?? []) {
+    if (e.flags & (INIT_FLAG | THREAD_FLAG) || e.system <= 1 || e.system === initPid) continue;
+    addon().signalMember(e.system, signum, initPid, record.tables);
   }
 }
 

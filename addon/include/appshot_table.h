@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 4u
+#define APPSHOT_TABLE_VERSION 5u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -175,6 +175,11 @@ struct appshot_header {
   uint64_t key_salt;      /* makes this AID's system IPC keys its own */
   int32_t init_pid;       /* system PID of the application's init */
   uint32_t repairs;       /* times a dead writer's mutex was recovered */
+  /* When the file was made (seconds since the epoch). Like everything in
+   * the file it is writable by every holder of its descriptor: privileged
+   * readers take it (and key_salt) before any process of the application
+   * runs, or from the registry (see appshot_ipc_owned). */
+  int64_t created;
   pthread_mutex_t lock;   /* robust, process-shared */
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
@@ -259,6 +264,40 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
                            uint32_t attempt);
 
 const char *appshot_kind_name(enum appshot_kind kind);
+
+/* --- Privileged readers: the tables are untrusted input -----------------
+ *
+ * Every process of an application holds a read-write descriptor of its
+ * table file, including processes that dropped to another uid, so anything
+ * that uid runs (ptrace, pidfd_getfd) may rewrite the tables. Whoever acts
+ * with more privilege on the ids found there (init, the CLI as root) acts
+ * only on what the kernel confirms is the application's. Not for the
+ * preload library. */
+
+/* 1 if `pid` is a process of the application whose init is `init_pid` (0:
+ * unknown or gone) and whose table file is `tables_path`: a descendant of
+ * init (init is a child subreaper, so daemons stay below it), or a process
+ * whose environment names these tables in APPSHOT_TABLES (`appshot exec`
+ * and its children, whose parent is the CLI). Never PID 1 or below, never
+ * init itself. */
+int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
+/* Sends `sig` to `pid` only if it belongs (see above), through a pidfd
+ * opened before the check, so a PID reused meanwhile is not signalled.
+ * Returns 0, or -1 with errno (EPERM when it does not belong). */
+int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
+                          const char *tables_path);
+/* 1 if the SysV object `sid` (APPSHOT_SEMID, _SHMID or _MSGID) may be
+ * removed as the application's (see the rule in appshot_table.c). `salt`
+ * and `created` are trusted copies (see `created` above); `h` is read for
+ * its key tables only. */
+int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
+                      int32_t sid, uint64_t salt, int64_t created,
+                      pid_t init_pid, const char *tables_path);
+/* IPC_RMID on `sid` if appshot_ipc_owned; returns 1 if it was removed. */
+int appshot_ipc_remove_owned(const struct appshot_header *h,
+                             enum appshot_kind kind, int32_t sid,
+                             uint64_t salt, int64_t created, pid_t init_pid,
+                             const char *tables_path);
 
 #ifdef __cplusplus
 }
