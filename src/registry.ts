@@ -346,7 +346,10 @@ export class LocalRegistry implements Registry {
       return !isSameProcess(record.harnessPid, record.harnessStartTime);
     }
     if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
-    return !t || t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined));
+    // A live process of its table counts only if it really is one of the
+    // application's (its environment or descriptors name these tables):
+    // anyone holding the table file may have written any PID there.
+    return !t || t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables));
   }
 
   /** The application's supervisor, if the process the record names still

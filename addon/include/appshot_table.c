@@ -647,6 +647,45 @@ static int environ_names(pid_t pid, const char *tables_path) {
   return found;
 }
 
+/* Whether process `pid` holds a descriptor of the file at `tables_path`:
+ * every process of the application does (see preload_fd.c), restored ones
+ * included, whose environment still names the tables they started with. */
+static int holds_tables(pid_t pid, const char *tables_path) {
+  char dir[64], link[96], target[APPSHOT_PATH_MAX + 16];
+  size_t plen = strlen(tables_path);
+  if (plen == 0 || plen >= APPSHOT_PATH_MAX) return 0;
+  proc_path(dir, pid, "fd");
+  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return 0;
+  char buf[4096];
+  int found = 0;
+  long n;
+  while (!found && (n = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
+    for (long off = 0; off < n;) {
+      struct {
+        uint64_t ino;
+        int64_t off;
+        unsigned short reclen;
+        unsigned char type;
+        char name[];
+      } *de = (void *)(buf + off);
+      off += de->reclen;
+      if (de->name[0] == '.') continue;
+      size_t dl = strlen(dir), nl = strlen(de->name);
+      if (dl + 1 + nl >= sizeof link) continue;
+      memcpy(link, dir, dl);
+      link[dl] = '/';
+      memcpy(link + dl + 1, de->name, nl + 1);
+      ssize_t l = readlink(link, target, sizeof target);
+      if (l == (ssize_t)plen && memcmp(target, tables_path, plen) == 0) {
+        found = 1;
+        break;
+      }
+    }
+  close(dfd);
+  return found;
+}
+
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
   if (pid <= 1 || pid == init_pid || pid == getpid()) return 0;
   if (init_pid > 1) {
@@ -658,7 +697,8 @@ int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
       if (p == init_pid) return 1;
     }
   }
-  return tables_path && environ_names(pid, tables_path);
+  return tables_path &&
+         (environ_names(pid, tables_path) || holds_tables(pid, tables_path));
 }
 
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,

@@ -278,8 +278,11 @@ const char *appshot_kind_name(enum appshot_kind kind);
  * unknown or gone) and whose table file is `tables_path`: a descendant of
  * init (init is a child subreaper, so daemons stay below it), or a process
  * whose environment names these tables in APPSHOT_TABLES (`appshot exec`
- * and its children, whose parent is the CLI). Never PID 1 or below, never
- * init itself. */
+ * and its children, whose parent is the CLI), or that holds a descriptor
+ * of the table file (every process of the application does, across exec
+ * and changes of user; a process outside it can come by one only from one
+ * of them, so it is one of theirs, or of their uid). Never PID 1 or below,
+ * never init itself. */
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
 /* Sends `sig` to `pid` only if it belongs (see above), through a pidfd
  * opened before the check, so a PID reused meanwhile is not signalled.
