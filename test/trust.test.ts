@@ -18,11 +18,12 @@
  * objects stay, the application's own processes and objects go.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { copyFileSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { alive, type Entry, fixture, root, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const NOBODY = 65534;
@@ -193,5 +194,31 @@ describe('tables rewritten by a process of another uid', () => {
     const ls = sb.run(['ps']);
     expect(ls.code, ls.stderr).toBe(0);
     await expectOnlyOwnGone('drop4', a);
+  });
+
+  it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {
+    await startApp('copy');
+    const { tables } = record('copy');
+    const copy = join(tmpdir(), `appshot-tables-copy-${process.pid}`);
+    copyFileSync(tables, copy);
+    try {
+      // The launcher runs without the library: it only puts the copy at a
+      // number and names it, as a process that kept a stale or forged
+      // descriptor would.
+      const c = spawn('bash', ['-c', `exec 900<>"$COPY"; LD_PRELOAD="$LIB" APPSHOT_TABLES_FD=900 exec sleep 30`], {
+        stdio: 'ignore',
+        env: { ...process.env, COPY: copy, LIB: join(root, 'build', 'Release', 'appshot_preload.so'), APPSHOT_TABLES: tables, APPSHOT_AID: 'copy' },
+      });
+      started.push(c);
+      // It joined the real tables (by path: root may open them), not the copy.
+      await waitFor(() => sb.json<{ processes: { pid: number }[] }[]>(['ps', 'copy'])[0].processes.some((p) => p.pid === c.pid), 5000, 'sleep in the tables');
+      const links = readdirSync(`/proc/${c.pid}/fd`).map((n) => readlinkSync(`/proc/${c.pid}/fd/${n}`));
+      expect(links).toContain(tables);
+      c.kill('SIGKILL');
+    } finally {
+      rmSync(copy, { force: true });
+    }
+    expect(sb.run(['stop', 'copy', '-s', 'KILL']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('copy'), 10_000, 'copy to end');
   });
 });
