@@ -24,7 +24,6 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -137,7 +136,6 @@ struct appshot_header *appshot_table_create(const char *path, const char *aid,
   layout(h);
   memcpy(h->aid, aid, aid_len);
   h->key_salt = key_salt;
-  h->created = (int64_t)time(NULL);
   h->size = (uint32_t)size;
   for (int k = 0; k < APPSHOT_KINDS; k++) {
     struct appshot_table *t = &h->tables[k];

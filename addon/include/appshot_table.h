@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 5u
+#define APPSHOT_TABLE_VERSION 4u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -175,11 +175,6 @@ struct appshot_header {
   uint64_t key_salt;      /* makes this AID's system IPC keys its own */
   int32_t init_pid;       /* system PID of the application's init */
   uint32_t repairs;       /* times a dead writer's mutex was recovered */
-  /* When the file was made (seconds since the epoch). Like everything in
-   * the file it is writable by every holder of its descriptor: privileged
-   * readers take it (and key_salt) before any process of the application
-   * runs, or from the registry (see appshot_ipc_owned). */
-  int64_t created;
   pthread_mutex_t lock;   /* robust, process-shared */
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
@@ -291,8 +286,10 @@ int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path);
 /* 1 if the SysV object `sid` (APPSHOT_SEMID, _SHMID or _MSGID) may be
  * removed as the application's (see the rule in appshot_table.c). `salt`
- * and `created` are trusted copies (see `created` above); `h` is read for
- * its key tables only. */
+ * (the file's key_salt) and `created` (when the file was made, in seconds
+ * since the epoch) are trusted copies: the registry's (app.json), or what
+ * the file said before any process of the application ran; `h` is read
+ * for its key tables only. */
 int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
                       int32_t sid, uint64_t salt, int64_t created,
                       pid_t init_pid, const char *tables_path);

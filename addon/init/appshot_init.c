@@ -74,12 +74,34 @@ static const char *commit_path;
 /* Seeds not reaped yet (0 once reaped: the PID may be anyone's since). */
 static pid_t seed_pids[MAX_SEEDS];
 static int seed_count;
-/* Taken from the tables before any process of the application runs: the
- * file is writable by every one of them afterwards, whatever their uid, so
- * what it says then is never trusted for what we do as our own user (see
- * "Privileged readers" in appshot_table.h). */
+/* The salt is taken from the tables before any process of the application
+ * runs, the time they were made from the registration (app.json, in the
+ * registry's own directory): the file is writable by every process of the
+ * application afterwards, whatever its uid, so what it says then is never
+ * trusted for what we do as our own user (see "Privileged readers" in
+ * appshot_table.h). */
 static uint64_t trusted_salt;
 static int64_t trusted_created;
+
+/* "tablesCreated": N from the registration's app.json, or -1. */
+static int64_t registered_created(void) {
+  static char buf[1 << 20];
+  char path[4096];
+  snprintf(path, sizeof path, "%s/app.json", state_dir);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  size_t n = 0;
+  ssize_t r;
+  while (n < sizeof buf - 1 && (r = read(fd, buf + n, sizeof buf - 1 - n)) > 0) n += (size_t)r;
+  close(fd);
+  buf[n] = 0;
+  const char *p = strstr(buf, "\"tablesCreated\":");
+  if (!p) return -1;
+  p += strlen("\"tablesCreated\":");
+  while (*p == ' ') p++;
+  if (*p < '0' || *p > '9') return -1;
+  return strtoll(p, NULL, 10);
+}
 
 static void die(const char *what) {
   fprintf(stderr, "appshot-init: %s: %s\n", what, strerror(errno));
@@ -384,7 +406,10 @@ int main(int argc, char **argv) {
   tables = appshot_table_open(tables_path);
   if (!tables) die(tables_path);
   trusted_salt = tables->key_salt;
-  trusted_created = tables->created;
+  /* Without it (a registration of an older appshot), our own start: later
+   * than the truth, so at worst objects are left, never others' taken. */
+  trusted_created = registered_created();
+  if (trusted_created < 0) trusted_created = (int64_t)time(NULL);
   if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
   tables->init_pid = getpid();
   if (appshot_bind(tables, APPSHOT_PID, 1, getpid(), APPSHOT_F_INIT, 0) != 0)
