@@ -11,7 +11,7 @@
  * test's, -1, 0, and SysV objects the test made outside any application
  * (before the application started, and after it: keyed ones with key
  * entries that map to them, and a private segment whose creator lives),
- * and rewrites init_pid, created and key_salt in the header. Then each way
+ * and rewrites init_pid and key_salt in the header. Then each way
  * an application ends: `stop -s KILL` (the CLI signals), `stop` (SIGTERM
  * through init, the first process gone), and a supervisor killed with
  * SIGKILL (the registry releases it): the victim lives, the foreign
@@ -194,6 +194,19 @@ describe('tables rewritten by a process of another uid', () => {
     const ls = sb.run(['ps']);
     expect(ls.code, ls.stderr).toBe(0);
     await expectOnlyOwnGone('drop4', a);
+  });
+
+  it('snapshot freezes, dumps and ends the application only, not the PIDs written into its tables', async () => {
+    const a = await attack('drop5');
+    const image = join(tmpdir(), `appshot-trust-${process.pid}.snap`);
+    try {
+      const r = sb.run(['snapshot', 'drop5', '-o', image]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/1 processes/);
+      await expectOnlyOwnGone('drop5', a);
+    } finally {
+      rmSync(image, { recursive: true, force: true });
+    }
   });
 
   it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {
