@@ -655,7 +655,7 @@ static int holds_tables(pid_t pid, const char *tables_path) {
   proc_path(dir, pid, "fd");
   int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return 0;
-  char buf[4096];
+  char buf[4096] __attribute__((aligned(8)));
   int found = 0;
   long n;
   while (!found && (n = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
