@@ -161,7 +161,7 @@ async function expectOnlyOwnGone(aid: string, a: Attack): Promise<void> {
   expect(alive(a.app)).toBe(false);
   expect(alive(a.init)).toBe(false);
   expect(alive(a.victim.pid!)).toBe(true);
-  const now = systemIpcIds();
+  const now = systemIpcIds(true);
   for (const k of ['sem', 'shm', 'msg'] as const) {
     for (const id of a.foreign[k]) expect(now[k], `foreign ${k} ${id}`).toContain(id);
     for (const id of a.own[k]) expect(now[k], `own ${k} ${id}`).not.toContain(id);
