@@ -4,7 +4,7 @@
  * both call these. */
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
-import { kinds, type Kind, type TablesSnapshot } from './native.js';
+import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
 
@@ -47,16 +47,17 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
 
 /** Sends `sig` to every process of the application but its init, straight
  * (SIGKILL and SIGSTOP cannot be passed on by init; init sees them go and
- * cleans up). */
+ * cleans up). The PIDs come from the tables, which any process of the
+ * application may have rewritten, whatever its uid: only those that really
+ * are the application's are signalled (descendants of its init, or started
+ * by `appshot exec`; see appshot_signal_member), through a pidfd. */
 export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
   const t = reg.readTables(record);
-  for (const p of t ? processesOf(record, t) : []) {
-    if (p.init) continue;
-    try {
-      process.kill(p.pid, sig);
-    } catch {
-      /* already gone */
-    }
+  const initPid = reg.trustedInitPid(record);
+  const signum = (osConstants.signals as Record<string, number>)[sig];
+  for (const e of t?.tables.pid ?? []) {
+    if (e.flags & (INIT_FLAG | THREAD_FLAG) || e.system <= 1 || e.system === initPid) continue;
+    addon().signalMember(e.system, signum, initPid, record.tables);
   }
 }
 
@@ -110,10 +111,11 @@ export function stopApplication(registry: LocalRegistry, aid: string, signal = '
     signalProcesses(registry, record, sig);
     return;
   }
-  // An application being restored has no supervisor yet (in its record
-  // or its tables): its processes are signalled straight.
-  const initPid = record.initPid ?? registry.readTables(record)?.initPid;
-  if (!initPid || initPid <= 0) {
+  // An application being restored has no supervisor yet: its processes
+  // are signalled straight. Only the supervisor the registry recorded (and
+  // which still is that process): the tables' init_pid may be anyone's.
+  const initPid = registry.trustedInitPid(record);
+  if (!initPid) {
     signalProcesses(registry, record, sig);
     return;
   }

@@ -195,6 +195,15 @@ interface Addon {
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;
   removeIpcObject(kind: Kind, systemId: number): boolean;
+  /** IPC_RMID on a system id from the tables, only if the kernel confirms
+   * it is the application's (appshot_ipc_owned in appshot_table.c); salt
+   * and created (seconds) are the registry's trusted copies. */
+  removeIpcOwned(tables: string, kind: Kind, systemId: number, salt: bigint, created: number, initPid: number): boolean;
+  /** Sends a signal (its number) through a pidfd, only if pid is a process
+   * of the application (a descendant of initPid, or one whose environment
+   * names these tables); false otherwise. */
+  signalMember(pid: number, signal: number, initPid: number, tables: string): boolean;
+  pidBelongs(pid: number, initPid: number, tables: string): boolean;
   flags: { INIT: number; THREAD: number; THREADS: number };
 }
 

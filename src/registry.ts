@@ -60,6 +60,12 @@ export interface AppRecord {
   /** The application's supervisor, virtual PID 1. */
   initPid?: number;
   initStartTime?: number;
+  /** The tables' key salt (hex) and when they were made (seconds since the
+   * epoch), kept here because the table file is writable by every process
+   * of the application, whatever its uid: what `release` removes is
+   * checked against these (see appshot_ipc_owned). */
+  keySalt?: string;
+  tablesCreated?: number;
   /** The last image taken with --leave-running: the next snapshot is
    * incremental against it. */
   lastImage?: {
@@ -271,9 +277,19 @@ export class LocalRegistry implements Registry {
   private finishRegistration(aid: string, stateDir: string, fill: RecordFill): AppRecord {
     const tables = this.newTablesPath(aid);
     try {
-      const record: AppRecord = { aid, stateDir, tables, ...fill(stateDir, tables) };
+      const salt = randomBytes(8).readBigUInt64LE();
+      const record: AppRecord = {
+        aid,
+        stateDir,
+        tables,
+        ...fill(stateDir, tables),
+        keySalt: salt.toString(16),
+        // No later than the file's own time: an object is the application's
+        // only if it was made since.
+        tablesCreated: Math.floor(Date.now() / 1000),
+      };
       // Created exclusively (O_EXCL): a name that exists is never used.
-      addon().createTables(tables, aid, randomBytes(8).readBigUInt64LE());
+      addon().createTables(tables, aid, salt);
       this.update(record);
       return record;
     } catch (e) {
@@ -400,7 +416,18 @@ export class LocalRegistry implements Registry {
       return !isSameProcess(record.harnessPid, record.harnessStartTime);
     }
     if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
-    return !t || t.tables.pid.every((e) => e.system === initPid || !isSameProcess(e.system, undefined));
+    // A live process of its table counts only if it really is one of the
+    // application's (its environment or descriptors name these tables):
+    // anyone holding the table file may have written any PID there.
+    return !t || t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables));
+  }
+
+  /** The application's supervisor, if the process the record names still
+   * is it; 0 otherwise. Never the tables' init_pid: anyone holding the
+   * table file's descriptor may have written that. */
+  trustedInitPid(record: AppRecord): number {
+    const pid = record.initPid;
+    return pid && pid > 1 && record.initStartTime !== undefined && isSameProcess(pid, record.initStartTime) ? pid : 0;
   }
 
   /** A record as it stands: the same while it runs or once it has ended;
@@ -419,9 +446,14 @@ export class LocalRegistry implements Registry {
   release(record: AppRecord): void {
     const t = this.readTables(record);
     if (t) {
+      // Only objects the kernel confirms are the application's: the ids in
+      // the tables may have been written by anyone of any of its uids.
       const native = addon();
+      const salt = record.keySalt ? BigInt(`0x${record.keySalt}`) : 0n;
+      const created = record.tablesCreated ?? Math.floor(Date.parse(record.createdAt) / 1000);
+      const initPid = this.trustedInitPid(record);
       for (const kind of ['semid', 'shmid', 'msgid'] as const)
-        for (const e of t.tables[kind]) native.removeIpcObject(kind, e.system);
+        for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, Number.isFinite(created) ? created : 2 ** 40, initPid);
     }
     rmSync(record.tables, { force: true });
     for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);

@@ -16,7 +16,11 @@
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/ipc.h>
 #include <sys/mman.h>
+#include <sys/msg.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -559,4 +563,260 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
   /* IPC_PRIVATE (0) means "no key" and -1 is our free marker. */
   if (k == 0 || k == -1) k = 0x41505053; /* unlikely; the caller retries */
   return k;
+}
+
+/* --- Privileged readers (see appshot_table.h) --------------------------- */
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+/* "/proc/<pid>/<leaf>" into buf (64 bytes), without stdio. */
+static void proc_path(char *buf, pid_t pid, const char *leaf) {
+  char digits[16];
+  int n = 0;
+  unsigned int v = (unsigned int)pid;
+  do digits[n++] = (char)('0' + v % 10);
+  while ((v /= 10) && n < (int)sizeof digits);
+  memcpy(buf, "/proc/", 6);
+  char *p = buf + 6;
+  while (n) *p++ = digits[--n];
+  *p++ = '/';
+  size_t l = strlen(leaf);
+  memcpy(p, leaf, l + 1);
+}
+
+/* The parent of `pid` from /proc/PID/stat, or -1. */
+static pid_t parent_of(pid_t pid) {
+  char path[64], buf[1024];
+  proc_path(path, pid, "stat");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return -1;
+  buf[n] = 0;
+  /* comm may hold spaces and parentheses: it ends at the last ')'. */
+  char *close_paren = strrchr(buf, ')');
+  if (!close_paren || close_paren[1] != ' ' || !close_paren[2]) return -1;
+  char *p = close_paren + 3; /* the state, then the parent */
+  while (*p && *p != ' ') p++;
+  if (*p != ' ') return -1;
+  long ppid = 0;
+  for (p++; *p >= '0' && *p <= '9'; p++) ppid = ppid * 10 + (*p - '0');
+  return (pid_t)ppid;
+}
+
+/* Whether /proc/PID/environ holds exactly APPSHOT_TABLES=<tables_path>. */
+static int environ_names(pid_t pid, const char *tables_path) {
+  static const char var[] = "APPSHOT_TABLES=";
+  size_t vlen = sizeof var - 1, plen = strlen(tables_path);
+  if (plen == 0) return 0;
+  char path[64], buf[4096];
+  proc_path(path, pid, "environ");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  size_t pos = 0; /* position in the current entry */
+  int match = 1;  /* the current entry so far is a prefix of the wanted one */
+  int found = 0;
+  ssize_t n;
+  while (!found && (n = read(fd, buf, sizeof buf)) > 0)
+    for (ssize_t i = 0; i < n; i++) {
+      char c = buf[i];
+      if (c == 0) {
+        if (match && pos == vlen + plen) {
+          found = 1;
+          break;
+        }
+        pos = 0;
+        match = 1;
+        continue;
+      }
+      if (match) {
+        char want = pos < vlen ? var[pos] : pos < vlen + plen ? tables_path[pos - vlen] : 0;
+        if (c != want) match = 0;
+      }
+      pos++;
+    }
+  close(fd);
+  return found;
+}
+
+/* Whether process `pid` holds a descriptor of the file at `tables_path`:
+ * every process of the application does (see preload_fd.c), restored ones
+ * included, whose environment still names the tables they started with. */
+static int holds_tables(pid_t pid, const char *tables_path) {
+  char dir[64], link[96], target[APPSHOT_PATH_MAX + 16];
+  size_t plen = strlen(tables_path);
+  if (plen == 0 || plen >= APPSHOT_PATH_MAX) return 0;
+  proc_path(dir, pid, "fd");
+  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return 0;
+  char buf[4096] __attribute__((aligned(8)));
+  int found = 0;
+  long n;
+  while (!found && (n = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
+    for (long off = 0; off < n;) {
+      struct {
+        uint64_t ino;
+        int64_t off;
+        unsigned short reclen;
+        unsigned char type;
+        char name[];
+      } *de = (void *)(buf + off);
+      off += de->reclen;
+      if (de->name[0] == '.') continue;
+      size_t dl = strlen(dir), nl = strlen(de->name);
+      if (dl + 1 + nl >= sizeof link) continue;
+      memcpy(link, dir, dl);
+      link[dl] = '/';
+      memcpy(link + dl + 1, de->name, nl + 1);
+      ssize_t l = readlink(link, target, sizeof target);
+      if (l == (ssize_t)plen && memcmp(target, tables_path, plen) == 0) {
+        found = 1;
+        break;
+      }
+    }
+  close(dfd);
+  return found;
+}
+
+int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
+  if (pid <= 1 || pid == init_pid || pid == getpid()) return 0;
+  if (init_pid > 1) {
+    /* Up the parent chain: orphans are reparented to init (a subreaper),
+     * so every process it started stays below it. */
+    pid_t p = pid;
+    for (int depth = 0; depth < 4096 && p > 1; depth++) {
+      p = parent_of(p);
+      if (p == init_pid) return 1;
+    }
+  }
+  return tables_path &&
+         (environ_names(pid, tables_path) || holds_tables(pid, tables_path));
+}
+
+int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
+                          const char *tables_path) {
+  if (pid <= 1) {
+    errno = EPERM;
+    return -1;
+  }
+  /* Opened first: if the process ends and its PID is reused after this,
+   * the signal goes to the pidfd's (dead) process, not the new one. */
+  int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+  if (pfd < 0 && errno != ENOSYS) return -1;
+  if (!appshot_pid_belongs(pid, init_pid, tables_path)) {
+    if (pfd >= 0) close(pfd);
+    errno = EPERM;
+    return -1;
+  }
+  if (pfd < 0) return kill(pid, sig); /* no pidfds: a smaller window */
+  int rc = (int)syscall(SYS_pidfd_send_signal, pfd, sig, NULL, 0);
+  int e = errno;
+  close(pfd);
+  errno = e;
+  return rc;
+}
+
+/* What the kernel records about a SysV object. */
+struct ipc_facts {
+  int32_t key;
+  time_t ctime;  /* creation, or a later IPC_SET/SETVAL/SETALL: never earlier */
+  pid_t cpid;    /* shared memory only: its creator; 0 otherwise */
+};
+
+static int ipc_facts(enum appshot_kind kind, int32_t sid, struct ipc_facts *f) {
+  f->cpid = 0;
+  switch (kind) {
+    case APPSHOT_SEMID: {
+      struct semid_ds ds;
+      union { int val; struct semid_ds *buf; } arg = {.buf = &ds};
+      if (semctl(sid, 0, IPC_STAT, arg) != 0) return -1;
+      f->key = ds.sem_perm.__key;
+      f->ctime = ds.sem_ctime;
+      return 0;
+    }
+    case APPSHOT_SHMID: {
+      struct shmid_ds ds;
+      if (shmctl(sid, IPC_STAT, &ds) != 0) return -1;
+      f->key = ds.shm_perm.__key;
+      f->ctime = ds.shm_ctime;
+      f->cpid = ds.shm_cpid;
+      return 0;
+    }
+    case APPSHOT_MSGID: {
+      struct msqid_ds ds;
+      if (msgctl(sid, IPC_STAT, &ds) != 0) return -1;
+      f->key = ds.msg_perm.__key;
+      f->ctime = ds.msg_ctime;
+      return 0;
+    }
+    default: return -1;
+  }
+}
+
+static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {
+  struct appshot_header h;
+  h.key_salt = salt;
+  return appshot_system_key(&h, vkey, attempt);
+}
+
+/*
+ * The rule for removing a SysV object named in the tables:
+ *  - it exists and the kernel says it was created (or last set) no earlier
+ *    than the tables were: an object that existed before the application
+ *    is never its own;
+ *  - a keyed object: its key is one of the application's system keys, a
+ *    key its key table maps a virtual key to AND that the application's
+ *    salt derives from that virtual key (appshot_system_key, attempts
+ *    0..63): the kind of key no one outside the application uses;
+ *  - a private (IPC_PRIVATE) shared memory segment whose creator still
+ *    lives: the creator is a process of the application, or the parent of
+ *    its init (the restore driver, which recreates segments before init
+ *    starts).
+ * What remains possible is named in the README (Privileges).
+ */
+int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
+                      int32_t sid, uint64_t salt, int64_t created,
+                      pid_t init_pid, const char *tables_path) {
+  if (kind != APPSHOT_SEMID && kind != APPSHOT_SHMID && kind != APPSHOT_MSGID)
+    return 0;
+  if (sid < 0) return 0;
+  struct ipc_facts f;
+  if (ipc_facts(kind, sid, &f) != 0) return 0;
+  if ((int64_t)f.ctime < created) return 0;
+  if (f.key != IPC_PRIVATE) {
+    enum appshot_kind key_kind = (enum appshot_kind)(kind + (APPSHOT_SEMKEY - APPSHOT_SEMID));
+    int32_t vkey;
+    if (!h || !appshot_s2v(h, key_kind, f.key, &vkey)) return 0;
+    for (uint32_t attempt = 0; attempt < 64; attempt++)
+      if (salted_key(salt, vkey, attempt) == f.key) return 1;
+    return 0;
+  }
+  if (kind == APPSHOT_SHMID && f.cpid > 0 &&
+      (kill(f.cpid, 0) == 0 || errno == EPERM) /* alive */ &&
+      !appshot_pid_belongs(f.cpid, init_pid, tables_path) &&
+      !(init_pid > 1 && parent_of(init_pid) == f.cpid))
+    return 0;
+  return 1;
+}
+
+int appshot_ipc_remove_owned(const struct appshot_header *h,
+                             enum appshot_kind kind, int32_t sid,
+                             uint64_t salt, int64_t created, pid_t init_pid,
+                             const char *tables_path) {
+  if (!appshot_ipc_owned(h, kind, sid, salt, created, init_pid, tables_path))
+    return 0;
+  int rc = -1;
+  switch (kind) {
+    case APPSHOT_SEMID: rc = semctl(sid, 0, IPC_RMID); break;
+    case APPSHOT_SHMID: rc = shmctl(sid, IPC_RMID, NULL); break;
+    case APPSHOT_MSGID: rc = msgctl(sid, IPC_RMID, NULL); break;
+    default: break;
+  }
+  return rc == 0;
 }

@@ -260,6 +260,45 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
 
 const char *appshot_kind_name(enum appshot_kind kind);
 
+/* --- Privileged readers: the tables are untrusted input -----------------
+ *
+ * Every process of an application holds a read-write descriptor of its
+ * table file, including processes that dropped to another uid, so anything
+ * that uid runs (ptrace, pidfd_getfd) may rewrite the tables. Whoever acts
+ * with more privilege on the ids found there (init, the CLI as root) acts
+ * only on what the kernel confirms is the application's. Not for the
+ * preload library. */
+
+/* 1 if `pid` is a process of the application whose init is `init_pid` (0:
+ * unknown or gone) and whose table file is `tables_path`: a descendant of
+ * init (init is a child subreaper, so daemons stay below it), or a process
+ * whose environment names these tables in APPSHOT_TABLES (`appshot exec`
+ * and its children, whose parent is the CLI), or that holds a descriptor
+ * of the table file (every process of the application does, across exec
+ * and changes of user; a process outside it can come by one only from one
+ * of them, so it is one of theirs, or of their uid). Never PID 1 or below,
+ * never init itself. */
+int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
+/* Sends `sig` to `pid` only if it belongs (see above), through a pidfd
+ * opened before the check, so a PID reused meanwhile is not signalled.
+ * Returns 0, or -1 with errno (EPERM when it does not belong). */
+int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
+                          const char *tables_path);
+/* 1 if the SysV object `sid` (APPSHOT_SEMID, _SHMID or _MSGID) may be
+ * removed as the application's (see the rule in appshot_table.c). `salt`
+ * (the file's key_salt) and `created` (when the file was made, in seconds
+ * since the epoch) are trusted copies: the registry's (app.json), or what
+ * the file said before any process of the application ran; `h` is read
+ * for its key tables only. */
+int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
+                      int32_t sid, uint64_t salt, int64_t created,
+                      pid_t init_pid, const char *tables_path);
+/* IPC_RMID on `sid` if appshot_ipc_owned; returns 1 if it was removed. */
+int appshot_ipc_remove_owned(const struct appshot_header *h,
+                             enum appshot_kind kind, int32_t sid,
+                             uint64_t salt, int64_t created, pid_t init_pid,
+                             const char *tables_path);
+
 #ifdef __cplusplus
 }
 #endif

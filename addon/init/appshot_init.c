@@ -80,8 +80,37 @@ static int status_fd = -1;
 static int lifeline_fd = -1;
 static const char *commit_path;
 #define MAX_SEEDS 4096
+/* Seeds not reaped yet (0 once reaped: the PID may be anyone's since). */
 static pid_t seed_pids[MAX_SEEDS];
 static int seed_count;
+/* The salt is taken from the tables before any process of the application
+ * runs, the time they were made from the registration (app.json, in the
+ * registry's own directory): the file is writable by every process of the
+ * application afterwards, whatever its uid, so what it says then is never
+ * trusted for what we do as our own user (see "Privileged readers" in
+ * appshot_table.h). */
+static uint64_t trusted_salt;
+static int64_t trusted_created;
+
+/* "tablesCreated": N from the registration's app.json, or -1. */
+static int64_t registered_created(void) {
+  static char buf[1 << 20];
+  char path[4096];
+  snprintf(path, sizeof path, "%s/app.json", state_dir);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  size_t n = 0;
+  ssize_t r;
+  while (n < sizeof buf - 1 && (r = read(fd, buf + n, sizeof buf - 1 - n)) > 0) n += (size_t)r;
+  close(fd);
+  buf[n] = 0;
+  const char *p = strstr(buf, "\"tablesCreated\":");
+  if (!p) return -1;
+  p += strlen("\"tablesCreated\":");
+  while (*p == ' ') p++;
+  if (*p < '0' || *p > '9') return -1;
+  return strtoll(p, NULL, 10);
+}
 
 static void die(const char *what) {
   fprintf(stderr, "appshot-init: %s: %s\n", what, strerror(errno));
@@ -185,14 +214,22 @@ static pid_t fork_seed(void) {
   return pid;
 }
 
-/* Signals every process of the application but init itself. */
+/* Signals every process of the application but init itself: those of
+ * the table that really are (our descendants, or `appshot exec`'s), never
+ * a PID someone wrote there (-1, 0, another user's process). */
 static void signal_application(int sig) {
   int32_t vid, sid;
   uint32_t flags;
   for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
     if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)))
-      kill(sid, sig);
+      appshot_signal_member(sid, sig, getpid(), tables_path);
+}
+
+/* A seed was reaped: its PID is no longer ours to kill. */
+static void seed_reaped(pid_t pid) {
+  for (int k = 0; k < seed_count; k++)
+    if (seed_pids[k] == pid) seed_pids[k] = 0;
 }
 
 static int ipc_gone(enum appshot_kind kind, int32_t sid) {
@@ -245,25 +282,24 @@ static int others_alive(void) {
   uint32_t flags;
   for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
     if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
-        !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0)
+        !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0 &&
+        appshot_pid_belongs(sid, getpid(), tables_path))
       return 1;
   return 0;
 }
 
 /* The application's SysV objects go with it, as with a container's IPC
  * namespace: once the tables are gone, nothing could reach them by the keys
- * the application used anyway. */
+ * the application used anyway. Only those the kernel confirms are its own
+ * (appshot_ipc_owned): an id written into the tables from outside names
+ * someone else's object. */
 static void remove_ipc_objects(void) {
   int32_t vid, sid;
-  for (uint32_t s = 0; s < tables->tables[APPSHOT_SEMID].capacity; s++)
-    if (appshot_entry_at(tables, APPSHOT_SEMID, s, &vid, &sid, NULL, NULL))
-      semctl(sid, 0, IPC_RMID);
-  for (uint32_t s = 0; s < tables->tables[APPSHOT_SHMID].capacity; s++)
-    if (appshot_entry_at(tables, APPSHOT_SHMID, s, &vid, &sid, NULL, NULL))
-      shmctl(sid, IPC_RMID, NULL);
-  for (uint32_t s = 0; s < tables->tables[APPSHOT_MSGID].capacity; s++)
-    if (appshot_entry_at(tables, APPSHOT_MSGID, s, &vid, &sid, NULL, NULL))
-      msgctl(sid, IPC_RMID, NULL);
+  for (int k = APPSHOT_SEMID; k <= APPSHOT_MSGID; k++)
+    for (uint32_t s = 0; s < tables->tables[k].capacity; s++)
+      if (appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid, NULL, NULL))
+        appshot_ipc_remove_owned(tables, (enum appshot_kind)k, sid, trusted_salt,
+                                 trusted_created, getpid(), tables_path);
 }
 
 /* Renamed first, then emptied and removed: a registration is either whole
@@ -358,7 +394,9 @@ static int restore_committed(void) {
     return 1;
   }
   signal_application(SIGKILL);
-  for (int k = 0; k < seed_count; k++) kill(seed_pids[k], SIGKILL);
+  /* Our children: a seed not reaped yet still holds its PID. */
+  for (int k = 0; k < seed_count; k++)
+    if (seed_pids[k] > 1) kill(seed_pids[k], SIGKILL);
   return 0;
 }
 
@@ -430,6 +468,11 @@ int main(int argc, char **argv) {
 
   tables = appshot_table_open(tables_path);
   if (!tables) die(tables_path);
+  trusted_salt = tables->key_salt;
+  /* Without it (a registration of an older appshot), our own start: later
+   * than the truth, so at worst objects are left, never others' taken. */
+  trusted_created = registered_created();
+  if (trusted_created < 0) trusted_created = (int64_t)time(NULL);
   if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
   tables->init_pid = getpid();
   if (appshot_bind(tables, APPSHOT_PID, 1, getpid(), APPSHOT_F_INIT, 0) != 0)
@@ -483,7 +526,15 @@ int main(int argc, char **argv) {
       sweep();
       next_sweep = now + SWEEP_SECONDS;
       /* Out of descendants, waiting for `appshot exec` processes. */
-      empty = !first_alive && waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD && !others_alive();
+      if (!first_alive) {
+        pid_t reaped = waitpid(-1, NULL, WNOHANG);
+        if (reaped > 0) {
+          appshot_forget_process(tables, reaped);
+          seed_reaped(reaped);
+        } else if (reaped < 0 && errno == ECHILD && !others_alive()) {
+          empty = 1;
+        }
+      }
     }
     if (empty) {
       int rc = finish(abandoned, code);
@@ -514,6 +565,7 @@ int main(int argc, char **argv) {
         int32_t vpid = 0;
         appshot_s2v(tables, APPSHOT_PID, pid, &vpid);
         appshot_forget_process(tables, pid);
+        seed_reaped(pid);
         if (pid == first) {
           first_alive = 0;
           first_ended = 1;

@@ -47,11 +47,26 @@ static int parse_fd(const char *s) {
   return n <= INT_MAX ? (int)n : -1;
 }
 
+/* Whether descriptor `fd` is the very file `path` names (same device and
+ * inode, same owner): a number in APPSHOT_TABLES_FD that holds another
+ * file of the right size and contents (a copy someone made, a file the
+ * program put at that number) is not our table file. Raw system calls: the
+ * path is not to be rewritten (REDIR PATH) here. */
+static int same_file(int fd, const char *path) {
+  struct stat a, b;
+  if (!path || !*path) return 0;
+  if (SYS2(fstat, fd, &a) != 0 || SYS4(newfstatat, AT_FDCWD, path, &b, 0) != 0)
+    return 0;
+  return S_ISREG(a.st_mode) && a.st_dev == b.st_dev && a.st_ino == b.st_ino &&
+         a.st_uid == b.st_uid;
+}
+
 struct appshot_header *tables_attach(const char *aid, const char *fd_var,
                                      const char *path, int *fd) {
   *fd = -1;
   int inherited = parse_fd(fd_var);
-  if (inherited >= 0 && SYS3(fcntl, inherited, F_GETFD, 0) >= 0) {
+  if (inherited >= 0 && SYS3(fcntl, inherited, F_GETFD, 0) >= 0 &&
+      same_file(inherited, path)) {
     struct appshot_header *h = map_ours(inherited, aid);
     if (h) {
       *fd = inherited;
@@ -84,17 +99,57 @@ static inline int is_tables_fd(long fd) {
   return t >= 0 && fd == t;
 }
 
-/* The program is about to take our number (dup2 onto it): ours moves to
- * another free high number first. With none free the program wins: the
- * tables then reach its new programs by path only. */
-static void tables_fd_move(void) {
-  int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
+/* Whether descriptors a and b are one file (device and inode). */
+static int same_inode(int a, int b) {
+  struct stat sa, sb;
+  return SYS2(fstat, a, &sa) == 0 && SYS2(fstat, b, &sb) == 0 &&
+         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* The program is about to take number `t`, ours (dup2 onto it): ours moves
+ * to another free high number first. Returns the new number, or -1 if this
+ * call did not move it: another thread moved it first (then the copy made
+ * here, which may be of the program's file by now, is dropped), or no
+ * number was free (the program wins: the tables then reach its new
+ * programs by path only). Async-signal-safe: no lock, no allocation; of two
+ * threads moving at once, one compare-and-swap wins. */
+static int tables_fd_move(int t) {
   long moved = SYS3(fcntl, t, F_DUPFD, (long)t + 1);
   if (moved < 0) moved = SYS3(fcntl, t, F_DUPFD, appshot_tables_fd_base());
-  __atomic_store_n(&g_tables_fd, moved >= 0 ? (int)moved : -1,
-                   __ATOMIC_RELAXED);
+  int expected = t;
+  if (moved < 0) {
+    __atomic_compare_exchange_n(&g_tables_fd, &expected, -1, 0,
+                                __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    return -1;
+  }
+  if (!__atomic_compare_exchange_n(&g_tables_fd, &expected, (int)moved, 0,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+    SYS1(close, moved);
+    return -1;
+  }
   /* The old number stays open until the program's dup2 replaces it: the
-   * replacement is atomic, no one else can take the number meanwhile. */
+   * replacement is atomic, no one else can take the number meanwhile.
+   * tables_fd_moved says what becomes of it if there is no dup2. */
+  return (int)moved;
+}
+
+/* After the program's dup2 onto `t`, whose copy moved to `moved`. If the
+ * dup2 failed, `t` still holds our file: ours goes back there and the copy
+ * is closed (one descriptor, as before). If there is to be no dup2 in this
+ * process (a posix_spawn file action runs in the child), the old number
+ * is closed: left open it would be a second, untracked descriptor of the
+ * tables that every later exec inherits. Either only while `t` still is
+ * our file: another thread may have put one of the program's there. */
+static void tables_fd_moved(int t, int moved, int keep_old) {
+  if (moved < 0 || !same_inode(t, moved)) return;
+  if (keep_old) {
+    int expected = moved;
+    if (__atomic_compare_exchange_n(&g_tables_fd, &expected, t, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+      SYS1(close, moved);
+  } else {
+    SYS1(close, t);
+  }
 }
 
 long do_close(int fd) {
@@ -142,21 +197,38 @@ API void closefrom(int lowfd) {
 }
 
 long do_dup3(long nr, int oldfd, int newfd, int flags) {
-  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
-  return nr == SYS_dup2 ? libc_ret(SYS2(dup2, oldfd, newfd))
-                        : libc_ret(SYS3(dup3, oldfd, newfd, flags));
+  int moved = -1;
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
+  long r = nr == SYS_dup2 ? SYS2(dup2, oldfd, newfd)
+                          : SYS3(dup3, oldfd, newfd, flags);
+  if (UNLIKELY(moved >= 0) && r < 0) tables_fd_moved(newfd, moved, 1);
+  return libc_ret(r);
 }
 
 API int dup2(int oldfd, int newfd) {
   ensure_init();
-  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
-  return REAL(dup2)(oldfd, newfd);
+  int moved = -1;
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
+  int r = REAL(dup2)(oldfd, newfd);
+  if (UNLIKELY(moved >= 0) && r < 0) {
+    int e = errno;
+    tables_fd_moved(newfd, moved, 1);
+    errno = e;
+  }
+  return r;
 }
 
 API int dup3(int oldfd, int newfd, int flags) {
   ensure_init();
-  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) tables_fd_move();
-  return REAL(dup3)(oldfd, newfd, flags);
+  int moved = -1;
+  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
+  int r = REAL(dup3)(oldfd, newfd, flags);
+  if (UNLIKELY(moved >= 0) && r < 0) {
+    int e = errno;
+    tables_fd_moved(newfd, moved, 1);
+    errno = e;
+  }
+  return r;
 }
 
 /* posix_spawn's file actions run in the child, inside glibc: decided here,
@@ -172,7 +244,11 @@ API int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa,
                                          int fd, int newfd) {
   ensure_init();
   /* Moved in the parent now, so the child inherits ours elsewhere and the
-   * spawn names that number (APPSHOT_TABLES_FD). */
-  if (UNLIKELY(is_tables_fd(newfd)) && fd != newfd) tables_fd_move();
+   * spawn names that number (APPSHOT_TABLES_FD). The old number is closed
+   * here: the dup2 onto it happens in the child only. */
+  if (UNLIKELY(is_tables_fd(newfd)) && fd != newfd) {
+    int moved = tables_fd_move(newfd);
+    tables_fd_moved(newfd, moved, 0);
+  }
   return REAL(posix_spawn_file_actions_adddup2)(fa, fd, newfd);
 }

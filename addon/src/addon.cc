@@ -307,6 +307,47 @@ Napi::Value RemoveIpcObject(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, rc == 0);
 }
 
+// removeIpcOwned(tables, kind, system, salt, created, initPid) -> boolean:
+// IPC_RMID on a system id found in the tables, only if the kernel confirms
+// the object is the application's (appshot_ipc_owned): the tables are
+// writable by every process of the application, whatever its uid. `salt`
+// and `created` are the registry's copies, not the file's.
+Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  appshot_kind kind;
+  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
+  int32_t sid = info[2].As<Napi::Number>().Int32Value();
+  bool lossless;
+  uint64_t salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  int64_t created = info[4].As<Napi::Number>().Int64Value();
+  pid_t init_pid = info[5].As<Napi::Number>().Int32Value();
+  appshot_header* h = appshot_table_open(path.c_str());
+  int removed = appshot_ipc_remove_owned(h, kind, sid, salt, created, init_pid, path.c_str());
+  if (h) appshot_table_close(h);
+  return Napi::Boolean::New(env, removed == 1);
+}
+
+// signalMember(pid, signal, initPid, tables) -> boolean: sends the signal
+// only if pid is a process of the application (appshot_signal_member).
+Napi::Value SignalMember(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t pid = info[0].As<Napi::Number>().Int32Value();
+  int sig = info[1].As<Napi::Number>().Int32Value();
+  pid_t init_pid = info[2].As<Napi::Number>().Int32Value();
+  std::string path = info[3].As<Napi::String>().Utf8Value();
+  return Napi::Boolean::New(env, appshot_signal_member(pid, sig, init_pid, path.c_str()) == 0);
+}
+
+// pidBelongs(pid, initPid, tables) -> boolean (appshot_pid_belongs).
+Napi::Value PidBelongs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t pid = info[0].As<Napi::Number>().Int32Value();
+  pid_t init_pid = info[1].As<Napi::Number>().Int32Value();
+  std::string path = info[2].As<Napi::String>().Utf8Value();
+  return Napi::Boolean::New(env, appshot_pid_belongs(pid, init_pid, path.c_str()) == 1);
+}
+
 // lockFile(path) -> fd: the file, made if need be, under an exclusive
 // flock (waiting for it). Closing the fd unlocks it, and so does the end of
 // the process, however it ends: no lock outlives its holder.
@@ -330,6 +371,9 @@ Napi::Value LockFile(const Napi::CallbackInfo& info) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
+  exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
+  exports.Set("signalMember", Napi::Function::New(env, SignalMember));
+  exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));

@@ -70,11 +70,9 @@ export async function runIdentityHooks(hooks: IdentityHook[], image: Image, reco
       const first = image.processes[0]?.vpid;
       const pid = addon().readTables(record.tables).tables.pid.find((e) => e.virtual === first)?.system;
       if (!pid) throw new AppshotError(`${where}: the application's first process (virtual PID ${first}) is gone`);
-      try {
-        process.kill(pid, hook.signal);
-      } catch (e) {
-        throw new AppshotError(`${where}: cannot send ${hook.name} to process ${first}: ${(e as Error).message}`);
-      }
+      // Through the check every signal from the tables goes through.
+      if (!addon().signalMember(pid, hook.signal, record.initPid ?? 0, record.tables))
+        throw new AppshotError(`${where}: cannot send ${hook.name} to process ${first}: it is not the application's`);
     } else {
       await execHook(hook.argv, record, env, where);
     }

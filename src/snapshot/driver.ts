@@ -381,7 +381,13 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
   }
-  const roots = tables.tables.pid.filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG))).map((e) => e.system);
+  // Only processes that really are the application's: anyone holding the
+  // table file may have written another user's PID there, which would be
+  // frozen, dumped into the image and killed with the application.
+  const initPid = reg.trustedInitPid(record);
+  const roots = tables.tables.pid
+    .filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG)) && e.system > 1 && addon().pidBelongs(e.system, initPid, record.tables))
+    .map((e) => e.system);
   const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
   if (opts.preCopy && toStream) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a path', ExitCode.usage);
   let base: Base | undefined;

@@ -1,0 +1,237 @@
+/**
+ * The tables are untrusted input. Every process of an application holds a
+ * read-write descriptor of its table file, a process that dropped to
+ * another uid included, so any process of that uid that may ptrace it (its
+ * uid, dumpable) can take the descriptor (pidfd_getfd) and write whatever
+ * ids it likes. Root's `appshot stop`, the supervisor and the registry act
+ * on those ids: they must hit only what really is the application's.
+ *
+ * The attacker (fixture tablethief.c, "steal"), as uid 65534 outside any
+ * application, writes into an application's tables a root `sleep` of the
+ * test's, -1, 0, and SysV objects the test made outside any application
+ * (before the application started, and after it: keyed ones with key
+ * entries that map to them, and a private segment whose creator lives),
+ * and rewrites init_pid and key_salt in the header. Then each way
+ * an application ends: `stop -s KILL` (the CLI signals), `stop` (SIGTERM
+ * through init, the first process gone), and a supervisor killed with
+ * SIGKILL (the registry releases it): the victim lives, the foreign
+ * objects stay, the application's own processes and objects go.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { copyFileSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, type Entry, fixture, root, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const NOBODY = 65534;
+const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--'];
+const started: ChildProcess[] = [];
+const foreign: { kind: string; id: number }[] = [];
+
+afterAll(async () => {
+  for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  removeForeign();
+  await sb.dispose();
+});
+
+function removeForeign(): void {
+  const flag: Record<string, string> = { sem: '-s', shm: '-m', msg: '-q' };
+  for (const o of foreign.splice(0)) spawnSync('ipcrm', [flag[o.kind], String(o.id)]);
+}
+
+/** A root process outside any application, which nothing may kill. */
+function victim(): ChildProcess {
+  const c = spawn('sleep', ['1000'], { stdio: 'ignore' });
+  started.push(c);
+  return c;
+}
+
+/** SysV objects made by root outside any application (tablethief hold). */
+async function hold(specs: string[]): Promise<Record<string, number>> {
+  const c = spawn(fixture('tablethief'), ['hold', ...specs], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.push(c);
+  const ids: Record<string, number> = {};
+  const lines = createInterface({ input: c.stdout! });
+  let n = 0;
+  for await (const l of lines) {
+    const m = l.match(/^ID (\w+) (\d+)$/);
+    if (m) {
+      ids[specs[n++]] = Number(m[2]);
+      foreign.push({ kind: m[1], id: Number(m[2]) });
+    }
+    if (l === 'READY') break;
+    if (l.startsWith('FAIL')) throw new Error(l);
+  }
+  return ids;
+}
+
+const record = (aid: string) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { tables: string; initPid: number };
+const table = (aid: string) => sb.json<{ tables: Record<string, Entry[]> }>(['table', aid]).tables;
+
+/** Starts `tablethief own` as uid 65534 in application `aid`; returns the
+ * system PID of its child, the process that stays. */
+async function startApp(aid: string): Promise<number> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...asNobody, fixture('tablethief'), 'own']);
+  expect(r.code, r.stderr).toBe(0);
+  let pid = 0;
+  await waitFor(() => {
+    const ps = sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid])[0]?.processes.filter((p) => !p.init) ?? [];
+    const t = table(aid);
+    if (ps.length !== 1 || t.semid.length !== 1 || t.shmid.length !== 1 || t.msgid.length !== 1) return false;
+    pid = ps[0].pid;
+    return /Uid:\s+65534/.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  }, 10_000, `${aid}: its process as uid 65534 with its three objects`);
+  return pid;
+}
+
+/** The descriptor of the table file that process `pid` holds. */
+function tablesFd(pid: number, tables: string): number {
+  for (const n of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (readlinkSync(`/proc/${pid}/fd/${n}`) === tables) return Number(n);
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  throw new Error(`process ${pid} holds no descriptor of ${tables}`);
+}
+
+const randomKey = () => (0x7a000000 + Math.floor(Math.random() * 0xffffff)).toString(16);
+
+interface Attack {
+  victim: ChildProcess;
+  foreign: { sem: number[]; shm: number[]; msg: number[] };
+  own: { sem: number[]; shm: number[]; msg: number[] };
+  app: number;
+  init: number;
+}
+
+/** Foreign objects made before the application, the application, foreign
+ * objects made since, and the attack on its tables. */
+async function attack(aid: string): Promise<Attack> {
+  const before = await hold(['sem', 'msg']);
+  // Whole seconds apart: the kernel's times are in seconds.
+  await new Promise((r) => setTimeout(r, 1100));
+  const app = await startApp(aid);
+  const semKey = randomKey();
+  const msgKey = randomKey();
+  const since = await hold([`sem:${semKey}`, `msg:${msgKey}`, 'shm']);
+  const t = table(aid);
+  const own = { sem: t.semid.map((e) => e.system), shm: t.shmid.map((e) => e.system), msg: t.msgid.map((e) => e.system) };
+  const v = victim();
+  const { tables, initPid } = record(aid);
+  const steal = spawnSync(
+    asNobody[0],
+    [
+      ...asNobody.slice(1),
+      fixture('tablethief'),
+      'steal',
+      String(app),
+      String(tablesFd(app, tables)),
+      String(v.pid),
+      `sem:${before.sem}`,
+      `msg:${before.msg}`,
+      `sem:${since[`sem:${semKey}`]}:${semKey}`,
+      `msg:${since[`msg:${msgKey}`]}:${msgKey}`,
+      `shm:${since.shm}`,
+    ],
+    { encoding: 'utf8' },
+  );
+  expect(steal.stdout + steal.stderr).toMatch(/STOLEN/);
+  // The attack landed: the tables name the victim and the foreign objects.
+  const after = table(aid);
+  expect(after.pid.map((e) => e.system)).toEqual(expect.arrayContaining([v.pid, -1, 0]));
+  expect(after.semid.map((e) => e.system)).toEqual(expect.arrayContaining([before.sem, since[`sem:${semKey}`]]));
+  return {
+    victim: v,
+    foreign: { sem: [before.sem, since[`sem:${semKey}`]], shm: [since.shm], msg: [before.msg, since[`msg:${msgKey}`]] },
+    own,
+    app,
+    init: initPid,
+  };
+}
+
+/** The application is gone with its own objects; the victim and the
+ * foreign objects are not. */
+async function expectOnlyOwnGone(aid: string, a: Attack): Promise<void> {
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+  expect(alive(a.app)).toBe(false);
+  expect(alive(a.init)).toBe(false);
+  expect(alive(a.victim.pid!)).toBe(true);
+  const now = systemIpcIds(true);
+  for (const k of ['sem', 'shm', 'msg'] as const) {
+    for (const id of a.foreign[k]) expect(now[k], `foreign ${k} ${id}`).toContain(id);
+    for (const id of a.own[k]) expect(now[k], `own ${k} ${id}`).not.toContain(id);
+  }
+  expect(sb.shmFiles()).toEqual([]);
+  a.victim.kill('SIGKILL');
+  removeForeign();
+}
+
+describe('tables rewritten by a process of another uid', () => {
+  it('stop -s KILL kills the application, not the PIDs written into its tables; its end removes its own SysV objects only', async () => {
+    const a = await attack('drop2');
+    const r = sb.run(['stop', 'drop2', '-s', 'KILL']);
+    expect(r.code, r.stderr).toBe(0);
+    await expectOnlyOwnGone('drop2', a);
+  });
+
+  it('stop (SIGTERM through init, the first process gone): the same', async () => {
+    const a = await attack('drop3');
+    const r = sb.run(['stop', 'drop3']);
+    expect(r.code, r.stderr).toBe(0);
+    await expectOnlyOwnGone('drop3', a);
+  });
+
+  it('a supervisor killed with SIGKILL: the registry releases the application, its own objects only', async () => {
+    const a = await attack('drop4');
+    process.kill(a.init, 'SIGKILL');
+    process.kill(a.app, 'SIGKILL');
+    await waitFor(() => !alive(a.app) && !alive(a.init), 5000, 'drop4 to die');
+    const ls = sb.run(['ps']);
+    expect(ls.code, ls.stderr).toBe(0);
+    await expectOnlyOwnGone('drop4', a);
+  });
+
+  it('snapshot freezes, dumps and ends the application only, not the PIDs written into its tables', async () => {
+    const a = await attack('drop5');
+    const image = join(tmpdir(), `appshot-trust-${process.pid}.snap`);
+    try {
+      const r = sb.run(['snapshot', 'drop5', '-o', image]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/1 processes/);
+      await expectOnlyOwnGone('drop5', a);
+    } finally {
+      rmSync(image, { recursive: true, force: true });
+    }
+  });
+
+  it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {
+    await startApp('copy');
+    const { tables } = record('copy');
+    const copy = join(tmpdir(), `appshot-tables-copy-${process.pid}`);
+    copyFileSync(tables, copy);
+    try {
+      // The launcher runs without the library: it only puts the copy at a
+      // number and names it, as a process that kept a stale or forged
+      // descriptor would.
+      const c = spawn('bash', ['-c', `exec 900<>"$COPY"; LD_PRELOAD="$LIB" APPSHOT_TABLES_FD=900 exec sleep 30`], {
+        stdio: 'ignore',
+        env: { ...process.env, COPY: copy, LIB: join(root, 'build', 'Release', 'appshot_preload.so'), APPSHOT_TABLES: tables, APPSHOT_AID: 'copy' },
+      });
+      started.push(c);
+      // It joined the real tables (by path: root may open them), not the copy.
+      await waitFor(() => sb.json<{ processes: { pid: number }[] }[]>(['ps', 'copy'])[0].processes.some((p) => p.pid === c.pid), 5000, 'sleep in the tables');
+      const links = readdirSync(`/proc/${c.pid}/fd`).map((n) => readlinkSync(`/proc/${c.pid}/fd/${n}`));
+      expect(links).toContain(tables);
+      c.kill('SIGKILL');
+    } finally {
+      rmSync(copy, { force: true });
+    }
+    expect(sb.run(['stop', 'copy', '-s', 'KILL']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('copy'), 10_000, 'copy to end');
+  });
+});
