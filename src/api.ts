@@ -16,7 +16,8 @@
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, stopApplication, type ApplicationInfo } from './inspect.js';
-import { checkAid, LocalRegistry } from './registry.js';
+import { pruneEnded, removeApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { checkAid, isEnded, LocalRegistry } from './registry.js';
 import { restore as restoreImage, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
 import { clone as cloneTemplate, type CloneResult } from './template/clone.js';
@@ -55,11 +56,21 @@ export interface RunResult {
   log: string;
 }
 
-export interface StopOptions extends CommonOptions {
-  /** 'SIGTERM' (the default), 'TERM', 'KILL'... SIGKILL and SIGSTOP go to
-   * every process; the others to the application's init, which passes
-   * them on. */
+export interface KillOptions extends CommonOptions {
+  /** 'SIGTERM', 'TERM', 'KILL'... SIGKILL and SIGSTOP go to every
+   * process; the others to the application's init, which passes them on. */
   signal?: string;
+}
+
+export interface StopOptions extends KillOptions {
+  /** Seconds to wait for it to end after `signal` (default SIGTERM)
+   * before SIGKILL; 10 by default, as `appshot stop -t`. */
+  timeout?: number;
+}
+
+export interface PsOptions extends CommonOptions {
+  /** Ended applications too (`appshot ps -a`). */
+  all?: boolean;
 }
 
 export interface SnapshotOptions extends CommonOptions {
@@ -159,18 +170,49 @@ export function exec(aid: string, command: string[], opts: CommonOptions = {}): 
   return call(() => execIn(registry(opts), aid, command));
 }
 
-/** Signals every process of the application (`appshot stop`); resolves
- * once the signal is sent, not when the application has ended. */
+/** Ends the application (`appshot stop`): `signal`, then SIGKILL after
+ * `timeout` seconds; resolves once every process is gone. The ended
+ * application is kept (`ps({ all: true })`) until `rm`. */
 export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
-  return call(() => stopApplication(registry(opts), aid, opts.signal));
+  return call(async () => {
+    const reg = registry(opts);
+    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM'), opts.timeout ?? 10);
+  });
 }
 
-/** The applications of the registry, or only `aid`, with their processes
- * (`appshot ps --json`). */
-export function ps(aid?: string, opts: CommonOptions = {}): Promise<ApplicationInfo[]> {
+/** Sends one signal (default SIGKILL) and resolves at once (`appshot
+ * kill`). */
+export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
+  return call(() => stopApplication(registry(opts), aid, opts.signal ?? 'SIGKILL'));
+}
+
+/** Resolves with the exit code once the application has ended
+ * (`appshot wait`); undefined if a snapshot ended it. */
+export function wait(aid: string, opts: CommonOptions = {}): Promise<number | undefined> {
+  return call(async () => {
+    const ended = await waitEnded(registry(opts), aid);
+    return ended && ended !== 'released' ? ended.exitCode : undefined;
+  });
+}
+
+/** Removes an ended application, its log, private copies and directories
+ * (`appshot rm`); `force` ends a running one first. */
+export function rm(aid: string, opts: CommonOptions & { force?: boolean } = {}): Promise<void> {
+  return call(() => removeApp(registry(opts), aid, opts.force ?? false));
+}
+
+/** Removes every ended application (`appshot prune`); their AIDs. */
+export function prune(opts: CommonOptions = {}): Promise<string[]> {
+  return call(() => pruneEnded(registry(opts)));
+}
+
+/** The running applications of the registry (ended ones too with
+ * `all`), or only `aid`, with their processes (`appshot ps --json`). */
+export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[]> {
   return call(() => {
     const reg = registry(opts);
-    return describeApplications(reg, aid !== undefined ? [reg.require(aid)] : reg.list());
+    const records = aid !== undefined ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
+    return describeApplications(reg, records);
   });
 }
 

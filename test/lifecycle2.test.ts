@@ -227,7 +227,7 @@ describe('logs across a snapshot and its restore', () => {
     const s = sb.run(['snapshot', 'fgsnap', '-o', image]);
     expect(s.code, s.stderr).toBe(0);
     const r = await fg.exited;
-    expect(r.code).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
     expect(r.stderr).toBe(`appshot: 'fgsnap' was snapshotted to ${image} and ended\n`);
     expect(sb.allAids()).not.toContain('fgsnap');
     expect(sb.run(['restore', image]).code).toBe(0);

@@ -183,7 +183,9 @@ function checkSeccompFlags(creds: Creds, who: string): void {
 /** What makes a process run: its ids, credentials, signals and threads. */
 function checkProcessState(p: Process, vtids: Set<number>): void {
   const who = `process ${p.vpid}`;
-  if (!(p.vpgid > 0) || !(p.vsid > 0)) corrupt(`${who} has process group ${p.vpgid} and session ${p.vsid}; both must be above 0`);
+  // 0: outside the application (the terminal's session, for one run in
+  // the foreground).
+  if (!(p.vpgid >= 0) || !(p.vsid >= 0)) corrupt(`${who} has process group ${p.vpgid} and session ${p.vsid}; both must be 0 or above`);
   if (!p.creds || !p.mm) corrupt(`${who} has no ${p.creds ? 'memory layout' : 'credentials'}`);
   if (p.creds.uid.length < 4 || p.creds.gid.length < 4) corrupt(`${who}'s credentials lack uids or gids`);
   if (p.sharedPending.length % 128 || p.sharedPending.length / 128 > LIMITS.pendingSignals) corrupt(`${who}'s pending signals are not whole siginfos, or too many`);

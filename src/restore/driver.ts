@@ -574,7 +574,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
       return pid;
     };
-    const orphanLeader = (id: number) => id !== 1 && !vpids.has(id);
+    // 0: a session or group outside the application (the terminal's, for
+    // an application run in the foreground): a terminal does not travel,
+    // and the process stays in init's, as a detached one is.
+    const orphanLeader = (id: number) => id > 1 && !vpids.has(id);
     while (queue.length) {
       const m = queue.shift()!;
       const root = !vpids.has(m.proc.vppid);
