@@ -7,7 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
-import type { Identity } from './image/types.js';
+import type { Identity, TcpConnection } from './image/types.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
@@ -219,23 +219,6 @@ export function addon(): Addon {
   return loaded;
 }
 
-/** What tcpRead returns and tcpMake takes. */
-export interface RepairedConnection {
-  family: number;
-  localAddress: string;
-  localPort: number;
-  peerAddress: string;
-  peerPort: number;
-  state: number;
-  sendSeq: number;
-  recvSeq: number;
-  sendQueue: Buffer;
-  unsent: number;
-  recvQueue: Buffer;
-  mssClamp: number;
-  options: number;
-  sndWscale: number;
-  rcvWscale: number;
-  timestamp: number;
-  window?: { sndWl1: number; sndWnd: number; maxWindow: number; rcvWnd: number; rcvWup: number };
-}
+/** What tcpRead returns and tcpMake takes: a connection as the image
+ * records it, less what only the image knows. */
+export type RepairedConnection = Omit<TcpConnection, 'ino' | 'closed' | 'socketOptions'>;

@@ -56,6 +56,25 @@ export class Sandbox {
     return JSON.parse(r.stdout) as T;
   }
 
+  /** An application's log ('' before it has one). */
+  log(aid: string): string {
+    try {
+      return readFileSync(join(this.home, 'apps', aid, 'log'), 'utf8');
+    } catch {
+      return '';
+    }
+  }
+
+  /** Waits for `n` more "CHECK" lines of a self-checking fixture, and
+   * fails on a "FAIL" line. */
+  async checksPass(aid: string, n = 5): Promise<void> {
+    const checks = () => (this.log(aid).match(/^CHECK \d+$/gm) ?? []).length;
+    const from = checks();
+    await waitFor(() => checks() >= from + n || /FAIL/.test(this.log(aid)), 15_000, `${n} more self-checks of ${aid}`);
+    const failed = /^FAIL.*$/m.exec(this.log(aid));
+    if (failed) throw new Error(`${aid}: ${failed[0]}`);
+  }
+
   /** Starts `appshot args...` and returns a handle to talk to it. */
   start(args: string[]): Running {
     const child = spawn(process.execPath, [cli, ...args], { env: this.env });

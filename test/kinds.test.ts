@@ -19,20 +19,8 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
-const logOf = (aid: string) => {
-  try {
-    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
-  } catch {
-    return '';
-  }
-};
-const checks = (aid: string) => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
-
-async function checksPass(aid: string): Promise<void> {
-  const from = checks(aid);
-  await waitFor(() => checks(aid) >= from + 5 || /FAIL/.test(logOf(aid)), 15_000, `5 more self-checks of ${aid}`);
-  expect(logOf(aid)).not.toMatch(/FAIL.*/);
-}
+const logOf = (aid: string) => sb.log(aid);
+const checksPass = (aid: string) => sb.checksPass(aid);
 
 type Ps = { processes: { vpid: number; pid: number }[] }[];
 const systemPid = (aid: string, vpid = 2) => sb.json<Ps>(['ps', aid])[0].processes.find((p) => p.vpid === vpid)!.pid;

@@ -3,7 +3,7 @@
  * signalfds keep their masks and flags through snapshot and restore, and a
  * signal queued before the snapshot is read through one after it.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -16,20 +16,8 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
-const logOf = (aid: string) => {
-  try {
-    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
-  } catch {
-    return '';
-  }
-};
-const checks = (aid: string) => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
-
-async function checksPass(aid: string): Promise<void> {
-  const from = checks(aid);
-  await waitFor(() => checks(aid) >= from + 5 || /FAIL/.test(logOf(aid)), 15_000, `5 more self-checks of ${aid}`);
-  expect(logOf(aid)).not.toMatch(/FAIL.*/);
-}
+const logOf = (aid: string) => sb.log(aid);
+const checksPass = (aid: string) => sb.checksPass(aid);
 
 /** SIGHUP makes the fixture read the queued signal and raise two more. */
 async function exercised(aid: string): Promise<void> {
