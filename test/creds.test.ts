@@ -375,6 +375,23 @@ const image = (own: OwnCreds, over: Partial<Creds> = {}): Creds => {
 };
 const filter = { program: Buffer.alloc(8), flags: 0n };
 
+describe('the parent-death signal', () => {
+  it('comes back for a process that changed user (the kernel clears it when credentials change)', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'pdeath', '--', fixture('pdeath')]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('pdeath').includes('READY'), 10_000, 'pdeath to drop its privileges');
+    const first = join(dir, 'pdeath-1');
+    expect(sb.run(['snapshot', 'pdeath', '-o', first]).code).toBe(0);
+    expect(sb.run(['inspect', first]).stdout).toMatch(/pdeathsig 10\b/);
+    const back = sb.run(['restore', first]);
+    expect(back.code, back.stderr).toBe(0);
+    const second = join(dir, 'pdeath-2');
+    expect(sb.run(['snapshot', 'pdeath', '-o', second, '--leave-running']).code).toBe(0);
+    expect(sb.run(['inspect', second]).stdout).toMatch(/pdeathsig 10\b/);
+    expect(sb.run(['rm', '-f', 'pdeath']).code).toBe(0);
+  });
+});
+
 describe('the privilege rule, case by case', () => {
   it('lets anyone restore what they are, and root restore anyone', () => {
     expect(credentialRefusal(image(nobody()), nobody())).toBeUndefined();

@@ -120,8 +120,17 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     // naming none of them fails.
     if (ta.cpuAffinity?.length) r.call(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
     if (ta.ioprio !== undefined) r.call(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
-    // Acts on the calling thread: run in that thread.
-    if (ta.pdeathsig) r.call(`setting parent-death signal ${ta.pdeathsig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, ta.pdeathsig, 0, 0, 0], tid);
+  });
+}
+
+/** The parent-death signal, after the credentials: the kernel clears it
+ * whenever a thread's uids, gids or capabilities change (commit_creds),
+ * and before a seccomp filter may refuse prctl. Each acts on the calling
+ * thread: run in that thread. */
+export function restoreParentDeathSignals(r: RemoteProcess, p: Process, tids: number[]): void {
+  p.threads.forEach((t: Thread, i) => {
+    const sig = t.attributes?.pdeathsig;
+    if (sig) r.call(`setting parent-death signal ${sig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, sig, 0, 0, 0], tids[i]);
   });
 }
 

@@ -30,7 +30,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
-import { restoreAttributes } from '../resources/attributes.js';
+import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -681,6 +681,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids);
+      restoreParentDeathSignals(r, p, m.tids);
       r.unmapScratch();
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
