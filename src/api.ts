@@ -15,8 +15,8 @@
  */
 import { AppshotError, ExitCode } from './errors.js';
 import { execIn, run as runHarness } from './harness.js';
-import { describeApplications, stopApplication, type ApplicationInfo } from './inspect.js';
-import { pruneEnded, removeApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { describeApplications, type ApplicationInfo } from './inspect.js';
+import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, isEnded, LocalRegistry } from './registry.js';
 import { restore as restoreImage, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
@@ -175,15 +175,20 @@ export function exec(aid: string, command: string[], opts: CommonOptions = {}): 
  * application is kept (`ps({ all: true })`) until `rm`. */
 export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
   return call(async () => {
+    const timeout = opts.timeout ?? 10;
+    if (!(timeout >= 0)) throw new AppshotError(`timeout wants a number of seconds, not ${timeout}`, ExitCode.usage);
     const reg = registry(opts);
-    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM'), opts.timeout ?? 10);
+    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM'), timeout);
   });
 }
 
 /** Sends one signal (default SIGKILL) and resolves at once (`appshot
  * kill`). */
 export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
-  return call(() => stopApplication(registry(opts), aid, opts.signal ?? 'SIGKILL'));
+  return call(() => {
+    const reg = registry(opts);
+    signalApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGKILL'));
+  });
 }
 
 /** Resolves with the exit code once the application has ended

@@ -1,9 +1,8 @@
 /** What `appshot ps` and `appshot table` show: an application's processes
- * and translation tables, read from its tables and /proc; and `appshot
- * stop`, which signals those processes. The CLI and the Node API (api.ts)
- * both call these. */
+ * and translation tables, read from its tables and /proc; and the signals
+ * sent to those processes (lifecycle.ts sequences them). The CLI and the
+ * Node API (api.ts) both call these. */
 import { constants as osConstants } from 'node:os';
-import { AppshotError, ExitCode } from './errors.js';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
@@ -95,35 +94,6 @@ export function describeApplications(registry: LocalRegistry, records: AppRecord
     ports: r.ports ?? [],
     processes: rows.filter((p) => p.aid === r.aid),
   }));
-}
-
-/** `appshot stop`: sends `signal` ('TERM', 'SIGTERM', 'sigkill'...) to the
- * application. Its init passes the signal on to the first process, or to
- * all once that one is gone (daemons). */
-export function stopApplication(registry: LocalRegistry, aid: string, signal = 'SIGTERM'): void {
-  const record = registry.require(aid);
-  const upper = signal.toUpperCase();
-  const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
-  if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${signal}'`, ExitCode.usage);
-  if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
-    // These cannot be caught, so init cannot pass them on: they would
-    // stop init itself.
-    signalProcesses(registry, record, sig);
-    return;
-  }
-  // An application being restored has no supervisor yet: its processes
-  // are signalled straight. Only the supervisor the registry recorded (and
-  // which still is that process): the tables' init_pid may be anyone's.
-  const initPid = registry.trustedInitPid(record);
-  if (!initPid) {
-    signalProcesses(registry, record, sig);
-    return;
-  }
-  try {
-    process.kill(initPid, sig);
-  } catch (e) {
-    throw new AppshotError(`cannot signal '${aid}': ${(e as NodeJS.ErrnoException).code}`);
-  }
 }
 
 const KEY_KINDS: Kind[] = ['semkey', 'shmkey', 'msgkey'];

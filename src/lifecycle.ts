@@ -33,10 +33,11 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
     signalProcesses(reg, record, sig);
     return;
   }
-  // An application being restored has no supervisor yet (in its record
-  // or its tables): its processes are signalled straight.
-  const initPid = record.initPid ?? reg.readTables(record)?.initPid;
-  if (!initPid || initPid <= 0) {
+  // An application being restored has no supervisor yet: its processes
+  // are signalled straight. Only the supervisor the registry recorded (and
+  // which still is that process): the tables' init_pid may be anyone's.
+  const initPid = reg.trustedInitPid(record);
+  if (!initPid) {
     signalProcesses(reg, record, sig);
     return;
   }
