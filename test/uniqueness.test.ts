@@ -8,7 +8,7 @@
  * restore of the same snapshot is the same instance going on: it must draw
  * exactly what the original would have and keep its marked pages.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -188,5 +188,32 @@ describe('clones are unique', () => {
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/IDENTITY HOOK at failing\.rules:1: \/bin\/sh exited with 3/);
     expect(sb.aids().sort()).toEqual(before);
+  });
+
+  it('a failed batch leaves no process, even one the tables never saw (a raw fork)', async () => {
+    // The instance runs (uncommitted) when its hook starts it forking with
+    // a raw system call, then the hook fails the batch.
+    const go = join(dir, 'rawfork-go');
+    const r = sb.run(['run', '-d', '--aid', 'rf', '--', '/bin/sh', '-c', `while [ ! -e ${go} ]; do sleep 0.05; done; exec ${fixture('rawfork')}`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['snapshot', 'rf', '-o', join(dir, 'rf.snap')]).code).toBe(0);
+    writeFileSync(join(dir, 'rf.rules'), `IDENTITY HOOK EXEC "/bin/sh" "-c" "touch ${go}; sleep 1; exit 3"\n`);
+    const t = sb.run(['template', 'create', join(dir, 'rf.snap'), '-o', join(dir, 'rf.template'), '--rules', join(dir, 'rf.rules')]);
+    expect(t.code, t.stderr).toBe(0);
+    const c = sb.run(['clone', join(dir, 'rf.template'), '--aid', 'rfc']);
+    expect(c.code).not.toBe(0);
+    expect(c.stderr).toMatch(/exited with 3/);
+    rmSync(go, { force: true });
+    // No process runs the fixture any more, and the AID is free.
+    const running = () =>
+      readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+        try {
+          return readFileSync(`/proc/${p}/cmdline`, 'utf8').startsWith(fixture('rawfork')) && readFileSync(`/proc/${p}/environ`, 'utf8').split('\0').includes('APPSHOT_AID=rfc');
+        } catch {
+          return false;
+        }
+      });
+    await waitFor(() => running().length === 0, 10_000, 'every rawfork process to be gone');
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('rfc')), 10_000, 'the instance to be released');
   });
 });

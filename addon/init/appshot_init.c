@@ -377,6 +377,42 @@ static void end_application(int code) {
   }
 }
 
+/* SIGKILL to every descendant of `pid`, found through the children files
+ * of each of its threads, recursively: an abandoned restore's processes,
+ * whether or not they are in the tables (a raw fork, a static binary). We
+ * are their subreaper, so none can leave our tree. Called again until none
+ * is left: one may fork while we walk. */
+static void kill_descendants(pid_t pid, int depth) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+  DIR *tasks = opendir(path);
+  if (!tasks || depth > 64) {
+    if (tasks) closedir(tasks);
+    return;
+  }
+  struct dirent *t;
+  while ((t = readdir(tasks)) != NULL) {
+    if (t->d_name[0] == '.') continue;
+    char file[384], buf[4096];
+    snprintf(file, sizeof file, "/proc/%d/task/%s/children", (int)pid, t->d_name);
+    int fd = open(file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) continue;
+    buf[n] = '\0';
+    for (char *p = buf, *end; *p; p = end) {
+      long child = strtol(p, &end, 10);
+      if (end == p) break;
+      if (child > 1) {
+        kill((pid_t)child, SIGKILL);
+        kill_descendants((pid_t)child, depth + 1);
+      }
+    }
+  }
+  closedir(tasks);
+}
+
 /* After the lifeline ended: 1 if the restore was committed, 0 if it was
  * abandoned, in which case every process of the application is killed:
  * those already in the tables, and seeds that were never made one. Traced
@@ -397,6 +433,7 @@ static int restore_committed(void) {
   /* Our children: a seed not reaped yet still holds its PID. */
   for (int k = 0; k < seed_count; k++)
     if (seed_pids[k] > 1) kill(seed_pids[k], SIGKILL);
+  kill_descendants(getpid(), 0);
   return 0;
 }
 
@@ -519,6 +556,8 @@ int main(int argc, char **argv) {
   int abandoned = 0, empty = 0;
   for (;;) {
     if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
+    /* Abandoned: whatever was forked meanwhile goes too, until none is left. */
+    if (abandoned) kill_descendants(getpid(), 0);
     /* Sweep on a clock of its own: a steady stream of signals (orphans
      * exiting) must not put it off for ever. */
     time_t now = time(NULL);
@@ -543,7 +582,7 @@ int main(int argc, char **argv) {
     /* While a restore is under way, the lifeline's end comes as SIGIO; it
      * is also looked at every 250 ms, should that signal not come. */
     struct timespec timeout = {next_sweep - now, 0};
-    if (lifeline_fd >= 0) timeout = (struct timespec){0, 250 * 1000 * 1000};
+    if (lifeline_fd >= 0 || abandoned) timeout = (struct timespec){0, 250 * 1000 * 1000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
     if (sig < 0 || sig == SIGIO) continue;
