@@ -344,14 +344,14 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
-    ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'timer id above 65536'],
+    ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'POSIX timer ids add up to 2000000001'],
     ['an inotify watch number a restore would count up to', (i) => {
       const fd = structuredClone(i.processes[0].fds[0]);
       fd.fd = 900;
       fd.kind = 10;
       fd.inotifyWatches = [{ wd: 1 << 30, path: '/', mask: 1 }];
       i.processes[0].fds.push(fd);
-    }, 'watch number above 65536'],
+    }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {
@@ -359,6 +359,19 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['inspect', dir], corrupt(message));
       refuses(['restore', dir], corrupt(message));
     });
+
+  it('refuses inotify watch numbers that add up across descriptors', () => {
+    const dir = crafted('watches-across-fds', (i) => {
+      for (let n = 0; n < 3; n++) {
+        const fd = structuredClone(i.processes[0].fds[0]);
+        fd.fd = 900 + n;
+        fd.kind = 10;
+        fd.inotifyWatches = [{ wd: 30000, path: '/', mask: 1 }];
+        i.processes[0].fds.push(fd);
+      }
+    });
+    refuses(['restore', dir], corrupt('add up to 90000'));
+  });
 
   it('refuses 100,000 processes before decoding them, in a few seconds', () => {
     // Processes are field 5 of Image: each copy of a small process message

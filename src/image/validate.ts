@@ -43,6 +43,9 @@ export const LIMITS = {
    * is far above, but a restore makes each one). */
   posixTimers: 65536,
   inotifyWatches: 65536,
+  /** The image's highest watch numbers and timer ids added up: each is a
+   * call or two at restore. */
+  countedIds: 65536,
 };
 
 const PAGE = 4096n;
@@ -322,7 +325,18 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     }
     for (const v of path) rooted.add(v);
   }
-  // Zombies are bound in the PID table too: their ids are PIDs like any.
+  // Zombies are bound in the PID table too: their ids are PIDs like any,
+  // and each is a fork at restore.
+  const zombies = image.processes.reduce((n, p) => n + (p.zombies?.length ?? 0), 0);
+  if (image.processes.length + zombies > LIMITS.processes) corrupt(`it holds ${image.processes.length} processes and ${zombies} zombies (at most ${LIMITS.processes} in all)`);
+  // Watch numbers and timer ids are reached by counting up to them: the
+  // whole image's count is bounded, not just each descriptor's.
+  let counted = 0;
+  for (const p of image.processes) {
+    counted += Math.max(0, ...(p.posixTimers ?? []).map((t) => t.id + 1));
+    for (const fd of p.fds) counted += Math.max(0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
+  }
+  if (counted > LIMITS.countedIds) corrupt(`its inotify watch numbers and POSIX timer ids add up to ${counted} (at most ${LIMITS.countedIds})`);
   const zombieVpids = new Set<number>();
   for (const p of image.processes)
     for (const z of p.zombies ?? []) {
