@@ -114,6 +114,10 @@ static int64_t registered_created(void) {
 
 static void die(const char *what) {
   fprintf(stderr, "appshot-init: %s: %s\n", what, strerror(errno));
+  /* Seeds already forked would wait in pause() for ever, their signals
+   * blocked: nothing but us knows them. */
+  for (int k = 0; k < seed_count; k++)
+    if (seed_pids[k] > 1) kill(seed_pids[k], SIGKILL);
   exit(125);
 }
 
