@@ -15,6 +15,7 @@ import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
 import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
+import { killPoint } from '../killpoint.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
@@ -175,6 +176,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
       mapSharedObjectPages(pid, inj, what);
       inj.close();
+      killPoint('snapshot: dumping memory');
       // Memory last: the scratch area used above is back as it was.
       proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);
       ctx.image.processes.push(proc);
