@@ -208,17 +208,28 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
   const addon = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node')) as {
     readTables(path: string): { tables: Record<string, Entry[]> };
   };
-  const owned = new Set<number>();
-  for (const f of readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-'))) {
-    try {
-      const t = addon.readTables(join('/dev/shm', f)).tables;
-      for (const kind of ['semid', 'shmid', 'msgid']) for (const e of t[kind]) owned.add(e.system);
-    } catch {
-      /* removed meanwhile */
+  const once = (): number[] => {
+    // The ids first, then the tables: an object another test's application
+    // makes meanwhile is bound in its tables a moment after it is made.
+    const now = systemIpcIds();
+    const owned = new Set<number>();
+    for (const f of readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-'))) {
+      try {
+        const t = addon.readTables(join('/dev/shm', f)).tables;
+        for (const kind of ['semid', 'shmid', 'msgid']) for (const e of t[kind]) owned.add(e.system);
+      } catch {
+        /* removed meanwhile */
+      }
     }
-  }
-  const now = systemIpcIds();
-  return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id)));
+    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id)));
+  };
+  // Strays are what stays: one that another test's application was making
+  // or removing at the first look is gone, or bound, at the second.
+  const first = once();
+  if (!first.length) return first;
+  spawnSync('sleep', ['0.3']);
+  const second = new Set(once());
+  return first.filter((id) => second.has(id));
 }
 
 /** Connects to 127.0.0.1:port, sends `text` if given, and resolves with
