@@ -121,6 +121,10 @@ describe('a process stopped by job control: stopped again, by the same signal', 
   describe('SIGSTOP', () => roundTrips('sstop', [fixture('stopped'), 'STOP'], /process 3 \(stopped\): .*, stopped by signal 19\n/));
 });
 
+describe('PIDs in signal data: si_pid in SA_SIGINFO handlers (also installed through syscall()) and signalfd reads', () => {
+  roundTrips('sinfo', [fixture('siginfo')], /SIGNALFD\s+signalfd reading signals 12\b/);
+});
+
 describe('zombies: children not waited for, reaped after the restore with their status', () => {
   roundTrips('zomb', [fixture('zombies')], /zombie children: 3 \(exit status 7\), 4 \(exit status 0\), 5 \(killed by signal 15\)/);
 

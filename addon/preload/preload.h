@@ -101,7 +101,7 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
-  X(closefrom) X(dup2) X(dup3) X(fcntl64)                                   \
+  X(closefrom) X(dup2) X(dup3) X(fcntl64) X(read)                         \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2)
 
 enum {
@@ -252,6 +252,11 @@ HIDDEN struct appshot_header *tables_attach(const char *aid,
  * if the program set close-on-exec on every descriptor it has. */
 HIDDEN void tables_fd_keep_across_exec(void);
 HIDDEN long do_close(int fd);
+/* preload_signal.c: PIDs inside signal data. */
+HIDDEN void translate_si_pid(siginfo_t *info);
+HIDDEN long do_rt_sigaction(int sig, const void *act, void *old, size_t size);
+HIDDEN void signalfd_forget(int fd);
+HIDDEN void signalfd_forget_range(unsigned int first, unsigned int last);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
 HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 

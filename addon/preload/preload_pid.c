@@ -311,7 +311,7 @@ API int waitid(idtype_t idtype, id_t id, siginfo_t *info, int options) {
 
 /* si_pid means a sender or a child only for these codes; for the others
  * the same bytes hold a timer id or a band. */
-static void translate_si_pid(siginfo_t *info) {
+void translate_si_pid(siginfo_t *info) {
   int c = info->si_code;
   if (c == SI_USER || c == SI_QUEUE || c == SI_TKILL || c == SI_MESGQ ||
       (info->si_signo == SIGCHLD && c > 0))

@@ -77,6 +77,8 @@ API long syscall(long nr, ...) {
     case SYS_perf_event_open:
       return do_perf_event_open(a, (pid_t)b, c, d, (unsigned long)e);
     case SYS_fcntl: return do_fcntl(1, (int)a, (int)b, (void *)c);
+    case SYS_rt_sigaction:
+      return do_rt_sigaction((int)a, (const void *)b, (void *)c, (size_t)d);
     case SYS_rt_sigtimedwait:
       return do_rt_sigtimedwait((const sigset_t *)a, (siginfo_t *)b,
                                 (const struct timespec *)c, (size_t)d);

@@ -1,0 +1,177 @@
+/*
+ * PIDs inside signal data: the `si_pid` a SA_SIGINFO handler is given and
+ * the `ssi_pid` read from a signalfd are system PIDs from the kernel; the
+ * application must see the virtual PID of the sender (or of the child, for
+ * SIGCHLD), as it does from kill, waitid and sigtimedwait.
+ *
+ * Handlers: sigaction installs a translating handler of ours in the kernel
+ * and keeps the program's in g_actions; ours translates the siginfo in place
+ * (the kernel built it on the signal frame for this delivery only) and calls
+ * the program's. sigaction hands the program's handler back as the old
+ * action, so the program never sees ours. Memory is snapshotted whole, so
+ * the kernel's action (our handler) and g_actions come back together.
+ *
+ * signalfd: reads of a descriptor made by signalfd() are translated. Which
+ * descriptors those are is a bitmap kept by signalfd, close, dup2/dup3 and
+ * close_range; a read is translated only if the bit is set, the descriptor is
+ * an anonymous inode and the read is whole signalfd records, so a stale bit
+ * (a descriptor closed behind our back by a raw system call) cannot make us
+ * rewrite another file's data.
+ */
+#include "preload.h"
+
+#include <sys/signalfd.h>
+
+int __sigaction(int sig, const struct sigaction *act, struct sigaction *old);
+
+typedef void (*action_fn)(int, siginfo_t *, void *);
+static action_fn g_actions[_NSIG];
+
+static void translating_action(int sig, siginfo_t *info, void *uc) {
+  action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
+  if (info && g_h) {
+    int e = errno;
+    translate_si_pid(info);
+    errno = e;
+  }
+  if (program) program(sig, info, uc);
+}
+
+/* Whether installing `handler` with `flags` goes through ours. */
+static int wants_translation(unsigned long flags, void *handler) {
+  return (flags & SA_SIGINFO) && handler != (void *)SIG_DFL &&
+         handler != (void *)SIG_IGN && handler != (void *)translating_action;
+}
+
+/* The part both sigaction and rt_sigaction through syscall() share: returns
+ * the handler to give the kernel, having noted the program's. */
+static void *install(int sig, void *handler, unsigned long flags,
+                     action_fn *prev) {
+  *prev = g_actions[sig];
+  if (!wants_translation(flags, handler)) return handler;
+  __atomic_store_n(&g_actions[sig], (action_fn)handler, __ATOMIC_RELEASE);
+  return (void *)translating_action;
+}
+
+/* What the program is told its old handler was. */
+static void *shown(void *kernel_handler, action_fn prev) {
+  return kernel_handler == (void *)translating_action ? (void *)prev
+                                                      : kernel_handler;
+}
+
+API int sigaction(int sig, const struct sigaction *act,
+                  struct sigaction *old) {
+  ensure_init();
+  /* glibc's own name for it, which we do not define: usable before init
+   * resolved REAL(sigaction). */
+  if (!g_h || sig <= 0 || sig >= _NSIG) return __sigaction(sig, act, old);
+  struct sigaction mine;
+  action_fn prev = g_actions[sig];
+  if (act) {
+    mine = *act;
+    mine.sa_sigaction = (action_fn)install(
+        sig, (void *)act->sa_sigaction, (unsigned long)act->sa_flags, &prev);
+    act = &mine;
+  }
+  int r = __sigaction(sig, act, old);
+  if (r != 0) {
+    int e = errno;
+    __atomic_store_n(&g_actions[sig], prev, __ATOMIC_RELEASE);
+    errno = e;
+    return r;
+  }
+  if (old) old->sa_sigaction = (action_fn)shown((void *)old->sa_sigaction, prev);
+  return r;
+}
+
+/* The kernel's struct sigaction, for rt_sigaction through syscall(). */
+struct kernel_sigaction {
+  void *handler;
+  unsigned long flags;
+  void *restorer;
+  uint64_t mask;
+};
+
+long do_rt_sigaction(int sig, const void *act, void *old, size_t size) {
+  if (sig <= 0 || sig >= _NSIG)
+    return libc_ret(SYS4(rt_sigaction, sig, act, old, size));
+  struct kernel_sigaction mine;
+  action_fn prev = g_actions[sig];
+  if (act) {
+    memcpy(&mine, act, sizeof mine);
+    mine.handler = install(sig, mine.handler, mine.flags, &prev);
+    act = &mine;
+  }
+  long r = SYS4(rt_sigaction, sig, act, old, size);
+  if (r < 0) {
+    __atomic_store_n(&g_actions[sig], prev, __ATOMIC_RELEASE);
+    return libc_ret(r);
+  }
+  if (old) {
+    struct kernel_sigaction *o = old;
+    o->handler = shown(o->handler, prev);
+  }
+  return 0;
+}
+
+/* --- signalfd -------------------------------------------------------------- */
+
+#define SIGNALFD_TRACKED 4096 /* descriptors above are read untranslated */
+static unsigned long g_signalfds[SIGNALFD_TRACKED / (8 * sizeof(long))];
+#define BIT(fd) (1UL << ((unsigned)(fd) % (8 * sizeof(long))))
+#define WORD(fd) g_signalfds[(unsigned)(fd) / (8 * sizeof(long))]
+
+static void mark_signalfd(int fd, int on) {
+  if (fd < 0 || fd >= SIGNALFD_TRACKED) return;
+  if (on)
+    __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
+  else
+    __atomic_fetch_and(&WORD(fd), ~BIT(fd), __ATOMIC_RELAXED);
+}
+
+void signalfd_forget(int fd) {
+  if (fd >= 0 && fd < SIGNALFD_TRACKED &&
+      UNLIKELY(__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))
+    mark_signalfd(fd, 0);
+}
+
+void signalfd_forget_range(unsigned int first, unsigned int last) {
+  for (unsigned int fd = first; fd <= last && fd < SIGNALFD_TRACKED; fd++)
+    signalfd_forget((int)fd);
+}
+
+API int signalfd(int fd, const sigset_t *mask, int flags) {
+  ensure_init();
+  int r = (int)libc_ret(SYS4(signalfd4, fd, mask, _NSIG / 8, flags));
+  if (r >= 0) mark_signalfd(r, 1);
+  return r;
+}
+
+static void translate_signalfd_reads(int fd, void *buf, ssize_t n) {
+  struct stat st;
+  if (n <= 0 || n % sizeof(struct signalfd_siginfo) != 0 ||
+      SYS2(fstat, fd, &st) != 0 || (st.st_mode & S_IFMT) != 0)
+    return;
+  struct signalfd_siginfo *s = buf;
+  for (ssize_t i = 0; i < n / (ssize_t)sizeof *s; i++) {
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    si.si_signo = (int)s[i].ssi_signo;
+    si.si_code = s[i].ssi_code;
+    si.si_pid = (pid_t)s[i].ssi_pid;
+    translate_si_pid(&si);
+    s[i].ssi_pid = (uint32_t)si.si_pid;
+  }
+}
+
+API ssize_t read(int fd, void *buf, size_t count) {
+  ensure_init();
+  /* Called by dlsym itself, while init resolves REAL(read)? */
+  if (UNLIKELY(!real_fn[R_read])) return libc_ret(SYS3(read, fd, buf, count));
+  ssize_t n = REAL(read)(fd, buf, count); /* a cancellation point: glibc's */
+  if (UNLIKELY(fd >= 0 && fd < SIGNALFD_TRACKED &&
+               (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd))) &&
+      g_h)
+    translate_signalfd_reads(fd, buf, n);
+  return n;
+}
