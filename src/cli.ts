@@ -20,6 +20,7 @@ import { Progress } from './progress.js';
 import { clone } from './template/clone.js';
 import { createTemplate, openTemplate, summarize } from './template/template.js';
 import { sharedState } from './resources/identity.js';
+import { appshotVersion, registerVersion } from './commands/version.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -31,7 +32,7 @@ program
     'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
       'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
   )
-  .version('0.1.0')
+  .version(appshotVersion())
   .showHelpAfterError('(run with --help for usage)')
   .exitOverride();
 
@@ -638,6 +639,8 @@ program
     else
     printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
   });
+
+registerVersion(program);
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that
  * got past validation, say): one line, never a stack trace, unless asked. */
