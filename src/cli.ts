@@ -21,6 +21,7 @@ import { clone } from './template/clone.js';
 import { createTemplate, openTemplate, summarize } from './template/template.js';
 import { sharedState } from './resources/identity.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
+import { registerCheck } from './commands/check.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -641,6 +642,7 @@ program
   });
 
 registerVersion(program);
+registerCheck(program);
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that
  * got past validation, say): one line, never a stack trace, unless asked. */
