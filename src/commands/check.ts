@@ -62,7 +62,18 @@ const has = (caps: bigint, cap: number) => ((caps >> BigInt(cap)) & 1n) === 1n;
 function orphanSleep(): number | undefined {
   const r = spawnSync('/bin/sh', ['-c', 'sleep 30 </dev/null >/dev/null 2>&1 & echo $!'], { encoding: 'utf8', timeout: 10_000 });
   const pid = Number(r.stdout?.trim());
-  return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  if (!(Number.isInteger(pid) && pid > 0)) return undefined;
+  // Probed once it is sleep, not the shell's fork still on its way there.
+  const deadline = Date.now() + 5000;
+  while (Date.now() < deadline) {
+    try {
+      if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0')) return pid;
+    } catch {
+      return undefined;
+    }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
+  }
+  return pid;
 }
 
 /** The first mapping of `pid` with these permissions ('r-xp', 'rw-p'). */
