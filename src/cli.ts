@@ -379,7 +379,7 @@ program
   .description("freeze every process of an application and write its image")
   .argument('[aid]', 'the application (or --aid)')
   .option('--aid <name>', 'the application')
-  .option('-o, --output <path>', "image directory to create, or '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
+  .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
   .option('--leave-running', 'resume the application afterwards instead of ending it; the next snapshot is incremental', false)
   .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
   .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
@@ -392,7 +392,7 @@ program
       'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
       'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
       'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
-      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
+      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
       '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
   )
   .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
@@ -426,7 +426,7 @@ program
 program
   .command('inspect')
   .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
-  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
   .option('--json', 'the whole image as JSON', false)
   .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
   .action(async (path: string, opts: { json: boolean }) => {
@@ -442,7 +442,7 @@ program
 program
   .command('restore')
   .description('bring an image back as a running application, here or on another node')
-  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
   .option('--aid <name>', "the AID to run it as (default: the image's own)")
   .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
   .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
