@@ -20,6 +20,9 @@ import { Progress } from './progress.js';
 import { clone } from './template/clone.js';
 import { createTemplate, openTemplate, summarize } from './template/template.js';
 import { sharedState } from './resources/identity.js';
+import { appshotVersion, registerVersion } from './commands/version.js';
+import { registerCheck } from './commands/check.js';
+import { applyHouseStyle } from './commands/style.js';
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -31,8 +34,7 @@ program
     'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
       'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
   )
-  .version('0.1.0')
-  .showHelpAfterError('(run with --help for usage)')
+  .version(appshotVersion())
   .exitOverride();
 
 program
@@ -152,6 +154,7 @@ program
   .description("print an application's translation tables (every resource kind, virtual <-> system)")
   .argument('<aid>', 'the application')
   .option('--json', 'machine-readable output', false)
+  .addHelpText('after', '\nExamples:\n  appshot table web\n  appshot table web --json')
   .action((aid: string, opts: { json: boolean }) => {
     const reg = registry();
     const record = reg.require(aid);
@@ -173,6 +176,7 @@ program
   .description("run a command inside an application's virtual view (e.g. kill -HUP <vpid>)")
   .argument('<aid>', 'the application')
   .argument('<command...>', 'the command and its arguments (put them after --)')
+  .addHelpText('after', '\nExamples:\n  appshot exec web -- kill -HUP 1        signal the first process by its virtual PID\n  appshot exec db -- ipcs -s             the SysV ids as the application sees them')
   .action(async (aid: string, command: string[]) => {
     process.exitCode = await execIn(registry(), aid, command);
   });
@@ -372,10 +376,10 @@ program
 
 program
   .command('snapshot')
-  .description("freeze every process of an application and write its image (FIG. 5)")
+  .description("freeze every process of an application and write its image")
   .argument('[aid]', 'the application (or --aid)')
   .option('--aid <name>', 'the application')
-  .option('-o, --output <path>', "image directory to create, or '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
+  .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
   .option('--leave-running', 'resume the application afterwards instead of ending it; the next snapshot is incremental', false)
   .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
   .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
@@ -388,7 +392,7 @@ program
       'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
       'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
       'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
-      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver --leave-running\n' +
+      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
       '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
   )
   .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
@@ -422,9 +426,9 @@ program
 program
   .command('inspect')
   .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
-  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
   .option('--json', 'the whole image as JSON', false)
-  .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.')
+  .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
   .action(async (path: string, opts: { json: boolean }) => {
     const loaded = await loadImage(path, { trust: 'report' });
     try {
@@ -437,8 +441,8 @@ program
 
 program
   .command('restore')
-  .description('bring an image back as a running application, here or on another node (FIG. 6)')
-  .argument('<image>', "an image directory, a tar file, or '-' for a tar stream on stdin")
+  .description('bring an image back as a running application, here or on another node')
+  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
   .option('--aid <name>', "the AID to run it as (default: the image's own)")
   .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
   .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
@@ -470,7 +474,10 @@ program
     }
   });
 
-const template = program.command('template').description('snapshot virtual templates: one warmed-up application, many clones (FIG. 7-9)');
+const template = program
+  .command('template')
+  .description('snapshot virtual templates: one warmed-up application, many clones')
+  .addHelpText('after', '\nExample:\n  appshot template create db.appshot -o db.template && appshot clone db.template --count 4');
 
 template
   .command('create')
@@ -511,6 +518,7 @@ template
   .description("a template's resources and what cloning does with each")
   .argument('<template>', 'the template directory')
   .option('--json', 'machine-readable output', false)
+  .addHelpText('after', '\nExamples:\n  appshot template show db.template\n  appshot template show db.template --json')
   .action(async (path: string, opts: { json: boolean }) => {
     const t = await openTemplate(path, true, 'report');
     try {
@@ -532,7 +540,7 @@ template
 
 program
   .command('clone')
-  .description('stamp new running instances from a template, each under its own AID (FIG. 9)')
+  .description('stamp new running instances from a template, each under its own AID')
   .argument('<template>', 'the template directory')
   .option('--aid <name>', 'the AID; with --count N, instances are AID-1 ... AID-N (default: NAME-xxxxxx)')
   .option('-n, --count <n>', 'how many instances', '1')
@@ -593,6 +601,7 @@ key
   .command('export')
   .description("print this node's public key (it lets another node check this node's images, not sign them)")
   .option('-o, --output <file>', 'write it to this file instead')
+  .addHelpText('after', '\nExamples:\n  appshot key export -o node1.pub\n  appshot key export | ssh node2 appshot key import /dev/stdin --name node1')
   .action((opts: { output?: string }) => {
     const pem = exportKey();
     if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
@@ -604,6 +613,7 @@ key
   .description("trust the images signed by another node's key (a file appshot key export wrote)")
   .argument('<file>', 'the exported public key')
   .option('--name <name>', 'what to call it (default: its id)')
+  .addHelpText('after', '\nExample:\n  appshot key import node1.pub --name node1')
   .action((file: string, opts: { name?: string }) => {
     const k = importKey(file, opts.name);
     process.stdout.write(`${k.id}\t${k.name}\n`);
@@ -613,6 +623,7 @@ key
   .command('ls')
   .description('list the keys this node trusts (its own first)')
   .option('--json', 'machine-readable output', false)
+  .addHelpText('after', '\nExample:\n  appshot key ls')
   .action((opts: { json: boolean }) => {
     selfKey(); // made at first use, and listing is one
     const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
@@ -626,6 +637,7 @@ program
   .argument('<aid>', 'the application')
   .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
   .option('--json', 'machine-readable output', false)
+  .addHelpText('after', '\nExamples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping')
   .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
     const record = registry().require(aid);
     let rows = record.ports ?? [];
@@ -638,6 +650,10 @@ program
     else
     printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
   });
+
+registerVersion(program);
+registerCheck(program);
+applyHouseStyle(program);
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that
  * got past validation, say): one line, never a stack trace, unless asked. */

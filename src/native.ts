@@ -205,6 +205,11 @@ interface Addon {
   signalMember(pid: number, signal: number, initPid: number, tables: string): boolean;
   pidBelongs(pid: number, initPid: number, tables: string): boolean;
   flags: { INIT: number; THREAD: number; THREADS: number };
+  /** 0 if the named kernel feature works here, else the errno it answered
+   * (addon/src/probe.c; appshot check). */
+  probeFeature(name: string): number;
+  /** APPSHOT_TABLE_VERSION: the layout of the translation tables. */
+  tableVersion: number;
 }
 
 let loaded: Addon | undefined;

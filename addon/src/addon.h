@@ -14,5 +14,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports);
 void RegisterRestore(Napi::Env env, Napi::Object exports);
 // Established TCP connections through repair mode (addon_tcp.cc).
 void RegisterTcp(Napi::Env env, Napi::Object exports);
+// Kernel feature probes and native versions (addon_probe.cc).
+void RegisterProbe(Napi::Env env, Napi::Object exports);
 }  // namespace appshot
 #endif

@@ -13,7 +13,9 @@ import {
   closeSync,
   constants as fsc,
   createReadStream,
+  createWriteStream,
   existsSync,
+  linkSync,
   fstatSync,
   lstatSync,
   fsyncSync,
@@ -28,7 +30,9 @@ import {
 } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
+import { pipeline as pipelineCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 import tar from 'tar-stream';
@@ -191,6 +195,57 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
   pack.finalize();
   await done;
+}
+
+/**
+ * What `-o PATH` asks for: a directory (no tar extension), a tar file, or
+ * a gzip-compressed one. zstd is refused, not guessed at: Node 20 has no
+ * zstd of its own and the npm bindings fetch prebuilt binaries at install
+ * time (README, "Image files").
+ */
+export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' {
+  if (/\.(tar\.gz|tgz)$/.test(path)) return 'gzip';
+  if (/\.tar$/.test(path)) return 'tar';
+  if (/\.(tar\.zst|tzst)$/.test(path))
+    throw new AppshotError(`${path}: appshot writes tar and gzip (.tar, .tar.gz), not zstd; compress afterwards with zstd, or use .tar.gz`, ExitCode.usage);
+  return 'dir';
+}
+
+/** Writes the image as a tar file at `dest`, gzip-compressed if asked:
+ * assembled under a hidden name beside it (journaled, see partial.ts),
+ * synced, then linked into place, which never replaces a file that
+ * appeared meanwhile. */
+export async function commitImageFile(dest: string, gzip: boolean, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
+  const parent = dirname(resolve(dest));
+  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${process.pid}`));
+  const tmp = join(partial.path, 'image.tar');
+  try {
+    const fd = openSync(tmp, 'wx', 0o644);
+    const file = createWriteStream('', { fd, autoClose: false });
+    // Fastest level: the application stays frozen while its image is
+    // written (unless --leave-running); pages compress well even so.
+    const compressor = gzip ? createGzip({ level: zlibConstants.Z_BEST_SPEED }) : undefined;
+    const written = compressor ? pipeline(compressor, file) : undefined;
+    written?.catch(() => {}); // awaited below, reported by streamImageTar's failure first
+    try {
+      await streamImageTar(compressor ?? file, image, pages, pagesPart, imageId);
+      await written;
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    killPoint('image: committing');
+    try {
+      linkSync(tmp, dest);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new AppshotError(`${dest} already exists`, ExitCode.conflict);
+      throw e;
+    }
+    syncDir(parent);
+  } finally {
+    rmSync(partial.path, { recursive: true, force: true });
+    partial.done();
+  }
 }
 
 export interface LoadedImage {
@@ -399,6 +454,25 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
   });
 }
 
+/** A tar file's stream, uncompressed if it is gzip (told by its magic
+ * number, whatever its name). */
+function openImageFile(path: string): NodeJS.ReadableStream {
+  const head = Buffer.alloc(4);
+  const fd = openSync(path, 'r');
+  let n: number;
+  try {
+    n = readSync(fd, head, 0, 4, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528)
+    throw new AppshotError(`${path} is compressed with zstd, which appshot does not read: unpack it first (zstd -d)`);
+  const file = createReadStream(path);
+  if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
+  // Errors of either stream end the last one, which extractTar reports.
+  return pipelineCallback(file, createGunzip(), () => {});
+}
+
 /** Where an image's parent is: a relative path is inside the image (a
  * pre-copy image's base), and stays inside it. */
 export function parentPath(imageDir: string, path: string): string {
@@ -459,7 +533,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
       throw new AppshotError(`no such image: ${path}`, ExitCode.notFound);
     }
     if (st.isFile()) {
-      dir = await extractTar(createReadStream(path), path);
+      dir = await extractTar(openImageFile(path), path);
       temporary = true;
     } else if (!st.isDirectory()) {
       throw new AppshotError(`not an appshot image: ${path} is neither a directory nor a tar file`);

@@ -13,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
-import { commitImageDir, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
+import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { killPoint } from '../killpoint.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
@@ -379,6 +379,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const toStream = opts.output === '-';
   const output = toStream ? '-' : resolve(opts.output);
+  // -o x.tar / x.tar.gz: a file holding the stream, not a directory.
+  const fileKind = toStream ? 'dir' : imageFileKind(output);
+  const toFile = fileKind !== 'dir';
+  const commit = async (image: Image, pages: PageWriter, part: { size: number; crc: number }, imageId: string, base?: Base) => {
+    if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
+    else if (toFile) await commitImageFile(output, fileKind === 'gzip', image, pages, part, imageId);
+    else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
+  };
   if (!toStream) {
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
@@ -391,7 +399,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     .filter((e) => !(e.flags & (THREAD_FLAG | INIT_FLAG)) && e.system > 1 && addon().pidBelongs(e.system, initPid, record.tables))
     .map((e) => e.system);
   const vpidOf = (pid: number) => addon().readTables(record.tables).tables.pid.find((e) => e.system === pid)?.virtual ?? 0;
-  if (opts.preCopy && toStream) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a path', ExitCode.usage);
+  if (opts.preCopy && (toStream || toFile)) throw new AppshotError('--pre-copy writes a directory image (its first copy goes in base/): give -o a directory path', ExitCode.usage);
   let base: Base | undefined;
   let parent: ParentResolver | undefined;
   // Processes whose writes since the parent are tracked (PID and start
@@ -450,7 +458,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const dumpedAt = now();
     image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
     // This image becomes the next one's parent: track writes from here.
-    const becomesParent = opts.leaveRunning && !toStream;
+    // Not a tar: its page file is not on disk for the next one to compare.
+    const becomesParent = opts.leaveRunning && !toStream && !toFile;
     if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
     phase('tracking armed');
     if (opts.leaveRunning) {
@@ -477,8 +486,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // fails, the application is still there.
       image.stats.frozenUs = BigInt(now() - frozenAt);
       checksumFiles(image);
-      if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
-      else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
+      await commit(image, pages, part, imageId, base);
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
@@ -489,9 +497,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     } else {
       image.stats.frozenUs = BigInt(thawedAt - frozenAt);
       checksumFiles(image);
-      if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
-      else {
-        commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
+      await commit(image, pages, part, imageId, base);
+      if (becomesParent) {
         const current = reg.get(aid);
         if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: armed } });
       }

@@ -1,0 +1,199 @@
+/**
+ * The command line as a user meets it: version, check, help text, errors
+ * in appshot's one style, and images as tar and tar.gz files, including
+ * hostile ones, all through the real CLI.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-cli-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+const COMMANDS = ['run', 'ps', 'table', 'exec', 'logs', 'stop', 'kill', 'wait', 'rm', 'prune', 'snapshot', 'inspect', 'restore', 'template',
+  'template create', 'template show', 'clone', 'key', 'key export', 'key import', 'key ls', 'port', 'version', 'check'];
+
+describe('version and check', () => {
+  it('version --json names appshot, node, kernel, image format and table layout', () => {
+    const v = sb.json<Json>(['version']);
+    expect(v.schema).toBe('appshot.version/1');
+    expect(v.appshot).toBe(JSON.parse(readFileSync(join(__dirname, '..', 'package.json'), 'utf8')).version);
+    expect(v.node).toBe(process.versions.node);
+    expect(typeof v.kernel.release).toBe('string');
+    expect(v.imageFormat).toBeGreaterThan(0);
+    expect(v.tableVersion).toBeGreaterThan(0);
+    expect(sb.run(['--version']).stdout.trim()).toBe(v.appshot);
+  });
+
+  it('check --json lists each feature with a boolean, and exits by the core', () => {
+    const r = sb.run(['check', '--json']);
+    const c = JSON.parse(r.stdout);
+    expect(c.schema).toBe('appshot.check/1');
+    const ids = c.features.map((f: Json) => f.id);
+    for (const id of ['ptrace_scope', 'ptrace_seize', 'ptrace_interrupt', 'process_vm_readv', 'process_vm_writev', 'pidfd_getfd', 'seccomp_filters',
+      'userfaultfd', 'pagemap_scan', 'tcp_repair', 'cap_sys_resource', 'cap_checkpoint_restore', 'memfd', 'dev_shm', 'sysv_ipc'])
+      expect(ids).toContain(id);
+    for (const f of c.features) {
+      expect(typeof f.present).toBe('boolean');
+      expect(typeof f.core).toBe('boolean');
+      expect(f.without.length).toBeGreaterThan(0);
+    }
+    expect(c.core).toBe(c.features.every((f: Json) => !f.core || f.present));
+    expect(r.code).toBe(c.core ? 0 : 1);
+    // The test suite itself snapshots and restores: here the core works.
+    expect(c.features.filter((f: Json) => f.core && !f.present)).toEqual([]);
+    // This container holds CAP_NET_ADMIN and not CAP_SYS_RESOURCE.
+    expect(c.features.find((f: Json) => f.id === 'tcp_repair').present).toBe(true);
+    expect(c.features.find((f: Json) => f.id === 'cap_sys_resource').present).toBe(false);
+  });
+
+  it('check as an ordinary user finds TCP repair missing, and the core there', () => {
+    const r = spawnSync('setpriv', ['--reuid', '65534', '--regid', '65534', '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', process.execPath, cli, 'check', '--json'],
+      { env: { ...sb.env, APPSHOT_HOME: join(out, 'nobody') }, encoding: 'utf8' });
+    const c = JSON.parse(r.stdout);
+    expect(c.features.find((f: Json) => f.id === 'tcp_repair')).toMatchObject({ present: false, detail: 'EPERM' });
+    expect(c.features.find((f: Json) => f.id === 'seccomp_filters').present).toBe(false);
+    expect(c.core).toBe(true);
+  });
+});
+
+describe('help and errors', () => {
+  it('every command has an example and no figure numbers or (default: false)', () => {
+    const top = sb.run(['--help']);
+    expect(top.stdout).toMatch(/Exit status:\n\s+0\s+success/);
+    expect(top.stdout).toMatch(/^\s+2\s+bad command line/m);
+    for (const c of ['', ...COMMANDS]) {
+      const r = sb.run([...c.split(' ').filter(Boolean), '--help']);
+      expect(r.code, c).toBe(0);
+      expect(r.stdout, c).not.toMatch(/FIG/);
+      expect(r.stdout, c).not.toMatch(/default: (false|true)/);
+      if (c) expect(r.stdout, c).toMatch(/Example/);
+    }
+  });
+
+  it("commander's errors come out as appshot's: one line, exit code 2", () => {
+    for (const args of [['frobnicate'], ['snapshoot'], ['ps', '--bogus'], ['restore']]) {
+      const r = sb.run(args);
+      expect(r.code, args.join(' ')).toBe(2);
+      expect(r.stderr, args.join(' ')).toMatch(/^appshot: [^\n]+\n$/);
+      expect(r.stderr).not.toMatch(/error:/);
+    }
+  });
+});
+
+const logOf = (aid: string) => sb.log(aid);
+const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
+async function checksPass(aid: string, n = 10): Promise<void> {
+  const from = lastCheck(aid);
+  await waitFor(() => lastCheck(aid) >= from + n || /FAIL/.test(logOf(aid)), 15_000, `${n} more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+const magic = (path: string) => {
+  const b = Buffer.alloc(4);
+  const fd = openSync(path, 'r');
+  readSync(fd, b, 0, 4, 0);
+  closeSync(fd);
+  return b;
+};
+const tmpLeft = () => (existsSync(join(sb.home, 'tmp')) ? readdirSync(join(sb.home, 'tmp')) : []);
+
+describe('images as tar files', () => {
+  it('round trips through .tar.gz and .tar files', async () => {
+    const aid = 'tarred';
+    expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+    await waitFor(() => lastCheck(aid) >= 5, 10_000, 'snapfix to start');
+
+    const gz = join(out, 'img.tar.gz');
+    const s1 = sb.run(['snapshot', aid, '-o', gz]);
+    expect(s1.code, s1.stderr).toBe(0);
+    expect(s1.stdout.trim()).toBe(gz);
+    expect(magic(gz).subarray(0, 2)).toEqual(Buffer.from([0x1f, 0x8b]));
+    expect(readdirSync(out).filter((n) => n.startsWith('.'))).toEqual([]);
+    const r1 = sb.run(['restore', gz, '--json']);
+    expect(r1.code, r1.stderr).toBe(0);
+    expect(JSON.parse(r1.stdout)).toMatchObject({ aid, processes: 2 });
+    await checksPass(aid);
+
+    const plain = join(out, 'img.tar');
+    expect(sb.run(['snapshot', aid, '-o', plain]).code).toBe(0);
+    // A plain ustar stream: "ustar" at offset 257 of its first header.
+    expect(readFileSync(plain).subarray(257, 262).toString()).toBe('ustar');
+    expect(sb.run(['inspect', plain, '--json']).code).toBe(0);
+    const r2 = sb.run(['restore', plain]);
+    expect(r2.code, r2.stderr).toBe(0);
+    await checksPass(aid);
+    expect(tmpLeft()).toEqual([]);
+
+    // zstd is refused by name, before anything is frozen or written.
+    const zst = sb.run(['snapshot', aid, '-o', join(out, 'img.tar.zst')]);
+    expect(zst.code).toBe(2);
+    expect(zst.stderr).toMatch(/^appshot: .*not zstd.*\n$/);
+    expect(existsSync(join(out, 'img.tar.zst'))).toBe(false);
+    await checksPass(aid, 3);
+    // An existing file is never replaced.
+    const taken = sb.run(['snapshot', aid, '-o', plain]);
+    expect(taken.code).toBe(4);
+    await checksPass(aid, 3);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
+/** One ustar header block for `name` of `type` ('0' file, '2' symlink). */
+function tarHeader(name: string, size: number, type = '0', link = ''): Buffer {
+  const h = Buffer.alloc(512);
+  h.write(name, 0);
+  h.write('0000600\0', 100);
+  h.write('0000000\0', 108);
+  h.write('0000000\0', 116);
+  h.write(size.toString(8).padStart(11, '0') + '\0', 124);
+  h.write('00000000000\0', 136);
+  h.write('        ', 148);
+  h.write(type, 156);
+  h.write(link, 157);
+  h.write('ustar\0', 257);
+  h.write('00', 263);
+  let sum = 0;
+  for (const b of h) sum += b;
+  h.write(sum.toString(8).padStart(6, '0') + '\0 ', 148);
+  return h;
+}
+const pad = (data: Buffer) => Buffer.concat([data, Buffer.alloc((512 - (data.length % 512)) % 512)]);
+const tarOf = (...blocks: Buffer[]) => Buffer.concat([...blocks, Buffer.alloc(1024)]);
+
+describe('hostile tar files', () => {
+  const cases: [string, Buffer][] = [
+    ['a path with ..', tarOf(tarHeader('../escaped', 5), pad(Buffer.from('evil\n')))],
+    ['an absolute path', tarOf(tarHeader('/tmp/escaped', 5), pad(Buffer.from('evil\n')))],
+    ['a symlink part', tarOf(tarHeader('pages.img', 0, '2', '/etc/passwd'))],
+    ['an absurd size', tarOf(tarHeader('pages.img', 2 ** 33 - 1), Buffer.alloc(512))],
+    ['a manifest above its ceiling', tarOf(tarHeader('manifest.pb', 1 << 20), Buffer.alloc(512))],
+    ['a truncated stream', tarHeader('manifest.pb', 4096)],
+  ];
+  for (const [what, tar] of cases) {
+    for (const gz of [false, true]) {
+      it(`${what}${gz ? ' (gzip)' : ''}: refused in one line, nothing left`, () => {
+        const path = join(out, `hostile${gz ? '.tar.gz' : '.tar'}`);
+        writeFileSync(path, gz ? gzipSync(tar) : tar);
+        const r = sb.run(['restore', path, '--trust-image']);
+        expect(r.code).not.toBe(0);
+        expect(r.code).not.toBe(70);
+        expect(r.stderr).toMatch(/^appshot: [^\n]+\n$/);
+        expect(tmpLeft()).toEqual([]);
+        expect(existsSync(join(out, '..', 'escaped'))).toBe(false);
+        expect(sb.aids()).toEqual([]);
+        rmSync(path);
+      });
+    }
+  }
+});
