@@ -9,7 +9,7 @@
  * exclusive lock is refused by name, and clones whose files are their own
  * hold their own locks.
  */
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -89,6 +89,25 @@ describe('file locks: flock, POSIX, OFD and leases, held by the same holders aft
     await checksPass('lk3');
     await exercised('lk3');
     await checksPass('lk3');
+  });
+
+  it('refuses at snapshot a lease being broken, naming it, and leaves the application running', async () => {
+    const aid = 'lk6';
+    const dir = lockDir(aid);
+    run(['run', '-d', '--aid', aid, '--', fixture('locks'), dir, 'lease-only']);
+    await waitFor(() => /READY fd=\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const fd = /READY fd=(\d+)/.exec(logOf(aid))![1];
+    // Opening the file to write it breaks the lease: it stays "being broken"
+    // until its holder gives it up (this one never does) or the kernel's
+    // lease-break-time passes.
+    expect(() => openSync(join(dir, 'lease'), constants.O_WRONLY | constants.O_NONBLOCK)).toThrow(/EWOULDBLOCK|EAGAIN/);
+    const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toContain(`process 2 (locks) fd ${fd} (${dir}/lease): a lease being broken (another process opened the file) cannot be captured yet; the application was left running`);
+    expect(existsSync(join(out, aid))).toBe(false);
+    const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
+    expect(status).toMatch(/^TracerPid:\s+0$/m);
+    expect(status).not.toMatch(/^State:\s+[tT]/m);
   });
 
   it('refuses a template whose clones would all take one exclusive lock, naming it', async () => {

@@ -165,10 +165,11 @@ export function dumpLocks(image: Image): void {
         const where = `${who} fd ${fd.fd} (${fd.path})`;
         const l = parseLockLine(text);
         const kind = l ? KIND_BY_CLASS[l.cls] : undefined;
-        if (!l || kind === undefined || l.state === 'BREAKER' || (l.type !== 'READ' && l.type !== 'WRITE'))
-          throw new Unsupported(`${where}: a file lock this kernel shows as '${text.trim()}' cannot be captured yet`);
-        if (kind === LockKind.LEASE && l.state !== 'ACTIVE')
+        // A lease being broken shows the type it is being broken to.
+        if (kind === LockKind.LEASE && l!.state === 'BREAKING')
           throw new Unsupported(`${where}: a lease being broken (another process opened the file) cannot be captured yet`);
+        if (!l || kind === undefined || (kind === LockKind.LEASE && l.state !== 'ACTIVE') || (l.type !== 'READ' && l.type !== 'WRITE'))
+          throw new Unsupported(`${where}: a file lock this kernel shows as '${text.trim()}' cannot be captured yet`);
         if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE)
           throw new Unsupported(`${where}: a file lock on a descriptor of this kind cannot be captured yet`);
         const lock: FileLock = { kind, write: l.type === 'WRITE', start: 0n, end: 0n, toEof: false };
