@@ -83,7 +83,7 @@ describe('file locks: flock, POSIX, OFD and leases, held by the same holders aft
     expect(sb.aids()).not.toContain('lk3');
     // The original never noticed.
     await checksPass(aid);
-    run(['stop', aid]);
+    run(['stop', aid, '--signal', 'KILL']); // its children outlive a SIGTERM to it
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
     run(['restore', join(out, aid), '--aid', 'lk3', '--lazy']);
     await checksPass('lk3');
