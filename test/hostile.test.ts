@@ -345,6 +345,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
     ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'POSIX timer ids add up to 2000000001'],
+    ['a file lock whose range ends before it starts', (i) => {
+      i.processes[0].fds.find((f) => f.kind === 0)!.locks = [{ kind: 1, write: true, start: 20n, end: 10n, toEof: false }];
+    }, 'holds a file lock on bytes 20-10'],
+    ['a file lock of unknown kind', (i) => {
+      i.processes[0].fds.find((f) => f.kind === 0)!.locks = [{ kind: 7, write: false, start: 0n, end: 0n, toEof: false }];
+    }, 'holds a file lock of unknown kind 7'],
     ['an inotify watch number a restore would count up to', (i) => {
       const fd = structuredClone(i.processes[0].fds[0]);
       fd.fd = 900;

@@ -2,6 +2,7 @@
  * and, with --json, for scripts. */
 import { describeAttributes } from '../resources/attributes.js';
 import { describeInotify } from '../resources/inotify.js';
+import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
 import { describePosixTimer } from '../resources/timers.js';
@@ -131,6 +132,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     );
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
+    if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
     if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }

@@ -393,6 +393,20 @@ export interface Fd {
   tcp?: TcpConnection;
   /** Absent for other kinds and in older images. */
   inotifyWatches?: InotifyWatch[];
+  /** File locks held through it (resources/locks.ts); absent in older images. */
+  locks?: FileLock[];
+}
+
+export const LockKind = { FLOCK: 0, POSIX: 1, OFD: 2, LEASE: 3 } as const;
+
+export interface FileLock {
+  kind: number;
+  /** Exclusive / F_WRLCK; else shared / F_RDLCK. */
+  write: boolean;
+  /** POSIX and OFD: the first byte and the last (inclusive) unless toEof. */
+  start: bigint;
+  end: bigint;
+  toEof: boolean;
 }
 
 export interface Timerfd {

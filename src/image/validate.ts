@@ -15,7 +15,7 @@ import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import type protobuf from 'protobufjs';
 import { AppshotError } from '../errors.js';
-import { type Creds, FdKind, type Image, type PageRef, type Process, VmaKind } from './types.js';
+import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, VmaKind } from './types.js';
 
 /** linux/seccomp.h */
 const SECCOMP_FILTER_FLAG_LOG = 2n;
@@ -46,7 +46,11 @@ export const LIMITS = {
   /** The image's highest watch numbers and timer ids added up: each is a
    * call or two at restore. */
   countedIds: 65536,
+  /** File locks in the whole image: each is a call at restore. */
+  fileLocks: 200_000,
 };
+/** The largest file offset (off_t). */
+const OFF_MAX = (1n << 63n) - 1n;
 
 const PAGE = 4096n;
 /** The largest value of a SysV semaphore (semop(2)). */
@@ -272,6 +276,22 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
+    checkLocks(fd, where);
+  }
+}
+
+/** A descriptor's file locks: of a kind the restore takes, on a file or a
+ * device, with a range that is one. */
+function checkLocks(fd: Fd, where: string): void {
+  const locks = fd.locks ?? [];
+  if (!locks.length) return;
+  if (locks.length > LIMITS.fileLocks) corrupt(`${where} holds ${locks.length} file locks (at most ${LIMITS.fileLocks})`);
+  if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE) corrupt(`${where} holds a file lock but is not a file`);
+  for (const l of locks) {
+    if (!Object.values(LockKind).includes(l.kind as never)) corrupt(`${where} holds a file lock of unknown kind ${l.kind}`);
+    const ranged = l.kind === LockKind.POSIX || l.kind === LockKind.OFD;
+    const ok = ranged ? l.start >= 0n && l.start <= OFF_MAX && (l.toEof ? l.end === 0n : l.end >= l.start && l.end <= OFF_MAX) : l.start === 0n && l.end === 0n && !l.toEof;
+    if (!ok) corrupt(`${where} holds a file lock on bytes ${l.start}-${l.toEof ? 'EOF' : l.end}`);
   }
 }
 
@@ -337,6 +357,8 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     for (const fd of p.fds) counted += Math.max(0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
   }
   if (counted > LIMITS.countedIds) corrupt(`its inotify watch numbers and POSIX timer ids add up to ${counted} (at most ${LIMITS.countedIds})`);
+  const locks = image.processes.reduce((n, p) => n + p.fds.reduce((m, fd) => m + (fd.locks?.length ?? 0), 0), 0);
+  if (locks > LIMITS.fileLocks) corrupt(`it holds ${locks} file locks (at most ${LIMITS.fileLocks})`);
   const zombieVpids = new Set<number>();
   for (const p of image.processes)
     for (const z of p.zombies ?? []) {

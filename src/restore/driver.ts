@@ -25,6 +25,7 @@ import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedir
 import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
+import { restoreLocks } from '../resources/locks.js';
 import { ConnectionMaker } from '../resources/tcp.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
@@ -653,6 +654,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreLocks(r, p);
       phase('fds');
       // Every signal blocked until the registers are the thread's own.
       addon().setSigmask(m.pid, ~0n);

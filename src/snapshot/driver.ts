@@ -28,6 +28,7 @@ import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
+import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
@@ -192,6 +193,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     done++;
   }
   markSharedDescriptions(ctx.image.processes);
+  dumpLocks(ctx.image);
   checkUnixPeers(
     ctx.image.processes.flatMap((p) =>
       p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),

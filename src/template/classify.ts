@@ -17,6 +17,7 @@
  * which is what a plain restore does, and refusals() names them.
  */
 import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
+import { lockRefusal } from '../resources/locks.js';
 import { forkTreatment } from '../resources/memory.js';
 import { connectionName } from '../resources/tcp.js';
 import { unredirected } from '../resources/paths.js';
@@ -281,7 +282,7 @@ export function refusals(image: Image, verdicts: Verdict[], rules: RulesFile | u
   for (const p of image.processes) {
     const owner = `process ${p.vpid} (${p.comm})`;
     for (const fd of p.fds) {
-      const why = fdRefusal(fd);
+      const why = fdRefusal(fd) ?? lockRefusal(image, fd, byRef.get(verdictRef.fd(p.vpid, fd))?.action ?? fdDecision(image, fd, rules).action);
       if (why) out.push(`${owner} fd ${fd.fd}: ${why}`);
     }
     for (const v of p.vmas) {
