@@ -22,6 +22,7 @@ import { createTemplate, openTemplate, summarize } from './template/template.js'
 import { sharedState } from './resources/identity.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
+import { registerImages } from './commands/images.js';
 import { applyHouseStyle } from './commands/style.js';
 
 const program = new Command();
@@ -380,8 +381,8 @@ program
   .argument('[aid]', 'the application (or --aid)')
   .option('--aid <name>', 'the application')
   .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
-  .option('--leave-running', 'resume the application afterwards instead of ending it; the next snapshot is incremental', false)
-  .option('--full', 'do not build on the previous image (no incremental snapshot)', false)
+  .option('--leave-running', 'resume the application afterwards instead of ending it; the next directory snapshot is incremental on this one', false)
+  .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz and - are always whole)', false)
   .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
   .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
   .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
@@ -416,7 +417,7 @@ program
       process.stdout.write(result.image + '\n');
       process.stderr.write(
         `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
-          (result.parent ? ` (incremental: ${result.pagesFromParent} pages unchanged)` : '') +
+          (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
           `; frozen ${result.frozenMs.toFixed(1)} ms, ${result.totalMs.toFixed(0)} ms in all` +
           (result.leftRunning ? '; still running' : '; ended') + '\n',
       );
@@ -653,6 +654,7 @@ program
 
 registerVersion(program);
 registerCheck(program);
+registerImages(program);
 applyHouseStyle(program);
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that

@@ -4,7 +4,7 @@
  * hostile ones, all through the real CLI.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -22,7 +22,7 @@ afterAll(async () => {
 type Json = any;
 
 const COMMANDS = ['run', 'ps', 'table', 'exec', 'logs', 'stop', 'kill', 'wait', 'rm', 'prune', 'snapshot', 'inspect', 'restore', 'template',
-  'template create', 'template show', 'clone', 'key', 'key export', 'key import', 'key ls', 'port', 'version', 'check'];
+  'template create', 'template show', 'clone', 'key', 'key export', 'key import', 'key ls', 'port', 'version', 'check', 'images'];
 
 describe('version and check', () => {
   it('version --json names appshot, node, kernel, image format and table layout', () => {
@@ -145,6 +145,52 @@ describe('images as tar files', () => {
     const taken = sb.run(['snapshot', aid, '-o', plain]);
     expect(taken.code).toBe(4);
     await checksPass(aid, 3);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
+describe('appshot images', () => {
+  it('lists images, incremental ones with their parent, templates, tar files, and what is wrong with the rest', async () => {
+    const aid = 'listed';
+    const dir = join(out, 'listing');
+    mkdirSync(dir);
+    expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+    await waitFor(() => lastCheck(aid) >= 5, 10_000, 'snapfix to start');
+    const full = sb.run(['snapshot', aid, '-o', join(dir, 'a'), '--leave-running']);
+    expect(full.code, full.stderr).toBe(0);
+    // The next directory image builds on it, and says so.
+    const inc = sb.run(['snapshot', aid, '-o', join(dir, 'b'), '--leave-running']);
+    expect(inc.code, inc.stderr).toBe(0);
+    expect(inc.stderr).toContain(`incremental on ${join(dir, 'a')}`);
+    // A file travels: it never needs a directory of this node.
+    const file = sb.run(['snapshot', aid, '-o', join(dir, 'c.tar'), '--leave-running']);
+    expect(file.code, file.stderr).toBe(0);
+    expect(file.stderr).not.toContain('incremental');
+    expect(sb.json<Json>(['inspect', join(dir, 'c.tar')]).parent).toBeUndefined();
+    expect(sb.run(['template', 'create', join(dir, 'a'), '-o', join(dir, 't')]).code).toBe(0);
+    mkdirSync(join(dir, 'junk'));
+    writeFileSync(join(dir, 'junk', 'manifest.pb'), 'not a manifest');
+    writeFileSync(join(dir, 'notes.txt'), 'not an image');
+
+    const listed = sb.json<Json>(['images', dir]);
+    expect(listed.schema).toBe('appshot.images/1');
+    const byName = new Map<string, Json>(listed.images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
+    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'junk', 't']);
+    expect(byName.get('a')).toMatchObject({ type: 'image', app: aid, processes: 2, parent: null, trusted: true });
+    expect(byName.get('b')).toMatchObject({ type: 'image', app: aid, parent: join(dir, 'a') });
+    expect(byName.get('b').bytes).toBeLessThan(byName.get('a').bytes);
+    expect(byName.get('c.tar')).toMatchObject({ type: 'file' });
+    expect(byName.get('t')).toMatchObject({ type: 'template', app: aid });
+    expect(byName.get('junk').error).toMatch(/manifest|image/);
+    // An image directory named by itself lists itself; the table form.
+    expect(sb.json<Json>(['images', join(dir, 'b')]).images.map((i: Json) => i.path)).toEqual([join(dir, 'b')]);
+    const table = sb.run(['images', dir]);
+    expect(table.code).toBe(0);
+    expect(table.stdout.split('\n')[0]).toMatch(/^PATH\s+TYPE\s+APP\s+CREATED\s+SIZE\s+PROCS\s+PARENT$/);
+    expect(table.stdout).toMatch(/\/b\s+image\s+listed\s.*\/a\n/);
+    const missing = sb.run(['images', join(out, 'nowhere')]);
+    expect(missing.code).toBe(3);
+    expect(missing.stderr).toMatch(/^appshot: no such directory: .*\n$/);
     expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   });
 });

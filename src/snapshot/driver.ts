@@ -412,7 +412,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf);
       parent = await parentChain({ ...record, lastImage: { path: base.dir, id: base.id } });
       trackedPids = base.tracked;
-    } else if (!opts.full) {
+    } else if (!opts.full && !toStream && !toFile) {
+      // A stream or a single file is made to travel: it must not need a
+      // directory of this node to be restored, so it is always whole.
       parent = await parentChain(record);
       for (const key of parent ? (record.lastImage?.tracked ?? []) : []) {
         const pid = Number(key.split(':')[0]);

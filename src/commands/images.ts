@@ -1,0 +1,178 @@
+/**
+ * `appshot images [DIR...]`: the images and templates in directories, as
+ * `docker images` lists what a node holds. appshot keeps no store of its
+ * own (an image is wherever `-o` put it), so the user names the
+ * directories; each entry is read as `inspect` reads it (its manifest and
+ * metadata, never its page data), and one that is not a well-formed image
+ * is listed with what is wrong with it rather than failing the listing.
+ */
+import type { Command } from 'commander';
+import { existsSync, lstatSync, readdirSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+
+export interface ImageEntry {
+  path: string;
+  /** image: a directory; file: a .tar/.tar.gz stream file (not opened:
+   * listing would unpack it); template: an image with template.pb. */
+  type: 'image' | 'template' | 'file';
+  /** The AID of the application it was taken of. */
+  app: string | null;
+  /** When it was taken (templates: when made), ISO 8601. */
+  created: string | null;
+  /** Bytes on disk, all parts (a file: its size). */
+  bytes: number;
+  processes: number | null;
+  /** The image an incremental snapshot's memory builds on. */
+  parent: string | null;
+  /** Whether a key this node trusts signed it. */
+  trusted: boolean | null;
+  /** Why it could not be read; the other fields are then what the
+   * directory entry says. */
+  error?: string;
+}
+
+export interface ImagesResult {
+  schema: 'appshot.images/1';
+  images: ImageEntry[];
+}
+
+const STREAM_FILE = /\.(tar|tar\.gz|tgz)$/;
+
+/** Bytes of every regular file under `dir` (an image's parts, a template's
+ * private copies), without following links. */
+function diskBytes(dir: string): number {
+  let total = 0;
+  for (const name of readdirSync(dir)) {
+    const st = lstatSync(join(dir, name));
+    if (st.isDirectory()) total += diskBytes(join(dir, name));
+    else if (st.isFile()) total += st.size;
+  }
+  return total;
+}
+
+async function describe(path: string): Promise<ImageEntry | undefined> {
+  const st = lstatSync(path);
+  const entry = (type: ImageEntry['type'], bytes: number): ImageEntry => ({
+    path,
+    type,
+    app: null,
+    created: null,
+    bytes,
+    processes: null,
+    parent: null,
+    trusted: null,
+  });
+  if (st.isFile() && STREAM_FILE.test(path)) return { ...entry('file', st.size), created: st.mtime.toISOString() };
+  if (!st.isDirectory()) return undefined;
+  const { PARTS, loadImage } = await import('../image/format.js');
+  if (!existsSync(join(path, PARTS.manifest))) return undefined;
+  const { TEMPLATE_PART, openTemplate } = await import('../template/template.js');
+  const isTemplate = existsSync(join(path, TEMPLATE_PART));
+  const e = entry(isTemplate ? 'template' : 'image', diskBytes(path));
+  try {
+    if (isTemplate) {
+      const t = await openTemplate(path, false, 'report');
+      try {
+        const { image } = t.loaded;
+        return { ...e, app: image.aid, created: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
+      } finally {
+        t.loaded.dispose();
+      }
+    }
+    const loaded = await loadImage(path, { sizeOnly: true, trust: 'report' });
+    try {
+      const { image } = loaded;
+      return { ...e, app: image.aid, created: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
+    } finally {
+      loaded.dispose();
+    }
+  } catch (err) {
+    if (!(err instanceof AppshotError)) throw err;
+    return { ...e, error: err.message.replace(/^corrupt image: /, '') };
+  }
+}
+
+export async function listImages(dirs: string[]): Promise<ImagesResult> {
+  const images: ImageEntry[] = [];
+  for (const d of dirs) {
+    const dir = resolve(d);
+    let st;
+    try {
+      st = statSync(dir);
+    } catch {
+      throw new AppshotError(`no such directory: ${d}`, ExitCode.notFound);
+    }
+    // A directory that is itself an image is listed as one.
+    const self = st.isDirectory() ? await describe(dir) : undefined;
+    if (self) {
+      images.push(self);
+      continue;
+    }
+    if (!st.isDirectory()) throw new AppshotError(`not a directory: ${d}`, ExitCode.usage);
+    for (const name of readdirSync(dir).sort()) {
+      if (name.startsWith('.')) continue; // half-written images (.NAME.partial-PID) and the like
+      const found = await describe(join(dir, name));
+      if (found) images.push(found);
+    }
+  }
+  return { schema: 'appshot.images/1', images };
+}
+
+function human(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) (v /= 1024), u++;
+  return u === 0 ? `${v} B` : `${v.toFixed(v < 10 ? 1 : 0)} ${units[u]}`;
+}
+
+function age(iso: string | null): string {
+  if (!iso) return '-';
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (!Number.isFinite(s)) return '-';
+  if (s < 60) return `${Math.floor(s)}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
+  return `${Math.floor(s / 86400)}d ago`;
+}
+
+export function registerImages(program: Command): void {
+  program
+    .command('images')
+    .description('list the images and templates in directories')
+    .argument('[dir...]', 'directories to look in (default: the current one); an image directory lists itself')
+    .option('--json', 'machine-readable output')
+    .option('-q, --quiet', 'only the paths')
+    .addHelpText(
+      'after',
+      '\nEach directory entry that is an image, a template or a .tar/.tar.gz image file is listed with\n' +
+        'the application it was taken of, when, its size on disk, and the image an incremental one builds\n' +
+        'on. Stream files are not opened (listing would unpack them). An entry that is not a well-formed\n' +
+        'image is listed with what is wrong with it.\n\nExamples:\n  appshot images\n  appshot images ~/snapshots /srv/templates --json',
+    )
+    .action(async (dirs: string[], opts: { json?: boolean; quiet?: boolean }) => {
+      const result = await listImages(dirs.length ? dirs : ['.']);
+      if (opts.json) {
+        process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+        return;
+      }
+      if (opts.quiet) {
+        for (const i of result.images) process.stdout.write(`${i.path}\n`);
+        return;
+      }
+      const rows = [['PATH', 'TYPE', 'APP', 'CREATED', 'SIZE', 'PROCS', 'PARENT']];
+      for (const i of result.images)
+        rows.push([
+          i.path,
+          i.error ? 'invalid' : i.type + (i.trusted === false ? ' (untrusted)' : ''),
+          i.app ?? '-',
+          age(i.created),
+          human(i.bytes),
+          i.processes === null ? '-' : String(i.processes),
+          i.error ?? i.parent ?? '-',
+        ]);
+      const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+      for (const r of rows) process.stdout.write(r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ') + '\n');
+    });
+}
