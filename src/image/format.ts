@@ -1,6 +1,7 @@
 /**
- * Reading and writing images: protobuf metadata (proto/image.proto, loaded
- * with protobufjs) plus the page file, as a directory or a tar stream.
+ * Reading and writing images: protobuf metadata (proto/image.proto, through
+ * the code generated from it at build time: schema.ts) plus the page file,
+ * as a directory or a tar stream.
  *
  * A directory image is assembled under a hidden name next to its
  * destination and renamed into place only when every part is synced, so an
@@ -29,13 +30,12 @@ import {
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { fileURLToPath } from 'node:url';
-import protobuf from 'protobufjs';
 import tar from 'tar-stream';
 import { killPoint } from '../killpoint.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
+import { type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
@@ -44,11 +44,9 @@ export const MAGIC = 'appshot-image';
 export const FORMAT_VERSION = 1;
 export const PARTS = { manifest: 'manifest.pb', image: 'image.pb', pages: 'pages.img' } as const;
 
-const protoPath = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'proto', 'image.proto');
-const root = protobuf.loadSync(protoPath);
-const ImageType = root.lookupType('appshot.image.Image');
-const ManifestType = root.lookupType('appshot.image.Manifest');
-const TemplateType = root.lookupType('appshot.image.Template');
+const ImageType = messageType('appshot.image.Image');
+const ManifestType = messageType('appshot.image.Manifest');
+const TemplateType = messageType('appshot.image.Template');
 
 const LONG_TYPES = new Set(['int64', 'uint64', 'sint64', 'fixed64', 'sfixed64']);
 
@@ -67,15 +65,15 @@ function toWire(value: unknown): unknown {
 
 /** The reverse, guided by the schema: 64-bit fields become bigint, absent
  * messages undefined. */
-function fromWire(type: protobuf.Type, obj: Record<string, unknown>): Record<string, unknown> {
+function fromWire(type: MessageSchema, obj: Record<string, unknown>): Record<string, unknown> {
   for (const field of type.fieldsArray) {
     const v = obj[field.name];
     if (v === null || v === undefined) {
-      if (field.resolvedType instanceof protobuf.Type && !field.repeated) obj[field.name] = undefined;
+      if (field.resolvedType && !field.repeated) obj[field.name] = undefined;
       continue;
     }
     const conv = (x: unknown): unknown => {
-      if (field.resolvedType instanceof protobuf.Type) return fromWire(field.resolvedType, x as Record<string, unknown>);
+      if (field.resolvedType) return fromWire(field.resolvedType, x as Record<string, unknown>);
       if (LONG_TYPES.has(field.type)) return BigInt(x as string);
       return x;
     };
@@ -84,14 +82,14 @@ function fromWire(type: protobuf.Type, obj: Record<string, unknown>): Record<str
   return obj;
 }
 
-function encode(type: protobuf.Type, value: object): Buffer {
-  return Buffer.from(type.encode(type.fromObject(toWire(value) as Record<string, unknown>)).finish());
+function encode(type: MessageSchema, value: object): Buffer {
+  return Buffer.from(type.codec.encode(type.codec.fromObject(toWire(value) as Record<string, unknown>)).finish());
 }
 
-function decode<T>(type: protobuf.Type, bytes: Buffer, what: string): T {
+function decode<T>(type: MessageSchema, bytes: Buffer, what: string): T {
   try {
-    const msg = type.decode(bytes);
-    const obj = type.toObject(msg, { longs: String, defaults: true, arrays: true });
+    const msg = type.codec.decode(bytes);
+    const obj = type.codec.toObject(msg, { longs: String, defaults: true, arrays: true });
     return fromWire(type, obj) as T;
   } catch (e) {
     throw new AppshotError(`corrupt image: ${what} cannot be decoded (${(e as Error).message})`);
@@ -298,7 +296,7 @@ export function readSmallPart(dir: string, name: string, ceiling: number): Buffe
 /** Encodes a manifest or template with its signature left out: what is
  * signed. Decoded and encoded again, so that what is checked is what
  * appshot will act on, whatever bytes carried it. */
-function signedContent(type: protobuf.Type, value: { signature: Buffer; keyId: string }): Buffer {
+function signedContent(type: MessageSchema, value: { signature: Buffer; keyId: string }): Buffer {
   return encode(type, { ...value, signature: Buffer.alloc(0) });
 }
 
