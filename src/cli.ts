@@ -6,20 +6,12 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { execIn, run } from './harness.js';
 import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js';
-import { loadImage } from './image/format.js';
-import { removeStaleTemporaries } from './image/partial.js';
-import { imageJson, printImage } from './image/show.js';
-import { exportKey, importKey, selfKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
-import { snapshot } from './snapshot/driver.js';
-import { restore } from './restore/driver.js';
-import { Progress } from './progress.js';
-import { clone } from './template/clone.js';
-import { createTemplate, openTemplate, summarize } from './template/template.js';
-import { sharedState } from './resources/identity.js';
+// Everything else a command needs (the drivers, the image format, the
+// addon's users) is imported inside its action: `appshot --version`, --help
+// and ps load none of it.
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -55,6 +47,7 @@ program
       "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
   )
   .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+    const { run } = await import('./harness.js');
     if (opts.aid !== undefined) checkAid(opts.aid);
     const code = await run(registry(), command, {
       aid: opts.aid,
@@ -174,6 +167,7 @@ program
   .argument('<aid>', 'the application')
   .argument('<command...>', 'the command and its arguments (put them after --)')
   .action(async (aid: string, command: string[]) => {
+    const { execIn } = await import('./harness.js');
     process.exitCode = await execIn(registry(), aid, command);
   });
 
@@ -397,6 +391,7 @@ program
     const timeout = Number(opts.timeout);
     if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
     const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
+    const { snapshot } = await import('./snapshot/driver.js');
     const result = await snapshot(registry(), aid, {
       output: opts.output ?? `${aid}-${stamp}.appshot`,
       leaveRunning: opts.leaveRunning,
@@ -426,6 +421,7 @@ program
   .option('--json', 'the whole image as JSON', false)
   .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.')
   .action(async (path: string, opts: { json: boolean }) => {
+    const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
     const loaded = await loadImage(path, { trust: 'report' });
     try {
       if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
@@ -457,6 +453,7 @@ program
   )
   .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
+    const [{ trustImagesExplicitly }, { restore }] = await Promise.all([import('./image/trust.js'), import('./restore/driver.js')]);
     if (opts.trustImage) trustImagesExplicitly();
     const reg = registry();
     const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
@@ -494,6 +491,7 @@ template
   )
   .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
     if (opts.name !== undefined) checkAid(opts.name);
+    const [{ trustImagesExplicitly }, { createTemplate }] = await Promise.all([import('./image/trust.js'), import('./template/template.js')]);
     if (opts.trustImage) trustImagesExplicitly();
     const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
     if (opts.json) json(summary);
@@ -512,6 +510,7 @@ template
   .argument('<template>', 'the template directory')
   .option('--json', 'machine-readable output', false)
   .action(async (path: string, opts: { json: boolean }) => {
+    const [{ openTemplate, summarize }, { sharedState }] = await Promise.all([import('./template/template.js'), import('./resources/identity.js')]);
     const t = await openTemplate(path, true, 'report');
     try {
       const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
@@ -549,6 +548,11 @@ program
       'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
   )
   .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
+    const [{ trustImagesExplicitly }, { clone }, { Progress }] = await Promise.all([
+      import('./image/trust.js'),
+      import('./template/clone.js'),
+      import('./progress.js'),
+    ]);
     if (opts.trustImage) trustImagesExplicitly();
     const count = Number(opts.count);
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
@@ -593,7 +597,8 @@ key
   .command('export')
   .description("print this node's public key (it lets another node check this node's images, not sign them)")
   .option('-o, --output <file>', 'write it to this file instead')
-  .action((opts: { output?: string }) => {
+  .action(async (opts: { output?: string }) => {
+    const { exportKey } = await import('./image/trust.js');
     const pem = exportKey();
     if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
     else process.stdout.write(pem);
@@ -604,7 +609,8 @@ key
   .description("trust the images signed by another node's key (a file appshot key export wrote)")
   .argument('<file>', 'the exported public key')
   .option('--name <name>', 'what to call it (default: its id)')
-  .action((file: string, opts: { name?: string }) => {
+  .action(async (file: string, opts: { name?: string }) => {
+    const { importKey } = await import('./image/trust.js');
     const k = importKey(file, opts.name);
     process.stdout.write(`${k.id}\t${k.name}\n`);
   });
@@ -613,7 +619,8 @@ key
   .command('ls')
   .description('list the keys this node trusts (its own first)')
   .option('--json', 'machine-readable output', false)
-  .action((opts: { json: boolean }) => {
+  .action(async (opts: { json: boolean }) => {
+    const { selfKey, trustedKeys } = await import('./image/trust.js');
     selfKey(); // made at first use, and listing is one
     const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
     if (opts.json) json(keys);
@@ -665,8 +672,9 @@ async function main(): Promise<void> {
     throw e;
   });
   try {
-    // What a command killed with SIGKILL left half-written.
-    removeStaleTemporaries();
+    // What a command killed with SIGKILL left half-written: removed before
+    // every command's action (--help and --version have none).
+    program.hook('preAction', async () => (await import('./image/partial.js')).removeStaleTemporaries());
     await program.parseAsync(process.argv);
   } catch (e) {
     if (e instanceof CommanderError) {
