@@ -30,7 +30,6 @@ import {
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import tar from 'tar-stream';
 import { killPoint } from '../killpoint.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -178,10 +177,14 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
   }
 }
 
+/** tar-stream, loaded by the commands that write or read a tar stream only
+ * (it and its dependencies cost every image command ~15 ms to load). */
+const loadTar = async () => (await import('tar-stream')).default;
+
 /** Writes the image as a tar stream (manifest first) to `out`. */
 export async function streamImageTar(out: NodeJS.WritableStream, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
   const imageBytes = encodeImage(image);
-  const pack = tar.pack();
+  const pack = (await loadTar()).pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
   pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
   pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
@@ -364,7 +367,7 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
  * once, within its ceiling and the free space; anything else ends it. */
 async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<string> {
   return withExtractionDir(async (dir) => {
-    const extract = tar.extract();
+    const extract = (await loadTar()).extract();
     // Errors of the input and of the parser end the loop below.
     const feeding = pipeline(input, extract).catch((e: Error) => e);
     const seen = new Set<string>();
