@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
  * npm's `prepare` step (npm install in a checkout, npm pack, npm install -g
- * of a checkout): compiles src/ to dist/ with TypeScript. npm runs the
- * native build (binding.gyp) in its own `install` step.
+ * of a checkout): generates the protobuf code (scripts/gen-proto.js) and
+ * compiles src/ to dist/ with TypeScript, as `npm run build` does. npm runs
+ * the native build (binding.gyp) in its own `install` step.
  *
  * `npm install -g /path/to/checkout` links the checkout and installs none
  * of its dependencies (npm's documented behaviour for a folder outside the
@@ -53,8 +54,9 @@ if (!resolves('node-addon-api') && !resolves('typescript/package.json')) {
 }
 
 if (resolves('typescript/package.json')) {
+  runOrExit(process.execPath, [join(root, 'scripts', 'gen-proto.js')], 'generating the protobuf code');
   runOrExit(process.execPath, [require.resolve('typescript/bin/tsc'), '-p', join(root, 'tsconfig.json')], 'tsc');
-} else if (!existsSync(join(root, 'dist', 'cli.js'))) {
+} else if (!existsSync(join(root, 'dist', 'cli.js')) || !existsSync(join(root, 'proto', 'generated', 'image-proto.js'))) {
   // Installed with --omit=dev from a checkout that was never built.
   console.error('appshot: dist/ is missing and TypeScript is not installed: run `npm install` (with devDependencies) in the checkout');
   process.exit(1);

@@ -6,24 +6,16 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { execIn, run } from './harness.js';
 import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js';
-import { loadImage } from './image/format.js';
-import { removeStaleTemporaries } from './image/partial.js';
-import { imageJson, printImage } from './image/show.js';
-import { exportKey, importKey, selfKey, trustedKeys, trustImagesExplicitly } from './image/trust.js';
-import { snapshot } from './snapshot/driver.js';
-import { restore } from './restore/driver.js';
-import { Progress } from './progress.js';
-import { clone } from './template/clone.js';
-import { createTemplate, openTemplate, summarize } from './template/template.js';
-import { sharedState } from './resources/identity.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { applyHouseStyle } from './commands/style.js';
+// Everything else a command needs (the drivers, the image format, the
+// addon's users) is imported inside its action: `appshot --version`, --help
+// and ps load none of it.
 
 const program = new Command();
 const registry = () => new LocalRegistry();
@@ -58,6 +50,7 @@ program
       "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
   )
   .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+    const { run } = await import('./harness.js');
     if (opts.aid !== undefined) checkAid(opts.aid);
     const code = await run(registry(), command, {
       aid: opts.aid,
@@ -179,6 +172,7 @@ program
   .argument('<command...>', 'the command and its arguments (put them after --)')
   .addHelpText('after', '\nExamples:\n  appshot exec web -- kill -HUP 1        signal the first process by its virtual PID\n  appshot exec db -- ipcs -s             the SysV ids as the application sees them')
   .action(async (aid: string, command: string[]) => {
+    const { execIn } = await import('./harness.js');
     process.exitCode = await execIn(registry(), aid, command);
   });
 
@@ -402,6 +396,7 @@ program
     const timeout = Number(opts.timeout);
     if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
     const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
+    const { snapshot } = await import('./snapshot/driver.js');
     const result = await snapshot(registry(), aid, {
       output: opts.output ?? `${aid}-${stamp}.appshot`,
       leaveRunning: opts.leaveRunning,
@@ -431,6 +426,7 @@ program
   .option('--json', 'the whole image as JSON', false)
   .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
   .action(async (path: string, opts: { json: boolean }) => {
+    const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
     const loaded = await loadImage(path, { trust: 'report' });
     try {
       if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
@@ -462,6 +458,7 @@ program
   )
   .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
     if (opts.aid !== undefined) checkAid(opts.aid);
+    const [{ trustImagesExplicitly }, { restore }] = await Promise.all([import('./image/trust.js'), import('./restore/driver.js')]);
     if (opts.trustImage) trustImagesExplicitly();
     const reg = registry();
     const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
@@ -502,6 +499,7 @@ template
   )
   .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
     if (opts.name !== undefined) checkAid(opts.name);
+    const [{ trustImagesExplicitly }, { createTemplate }] = await Promise.all([import('./image/trust.js'), import('./template/template.js')]);
     if (opts.trustImage) trustImagesExplicitly();
     const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
     if (opts.json) json(summary);
@@ -521,6 +519,7 @@ template
   .option('--json', 'machine-readable output', false)
   .addHelpText('after', '\nExamples:\n  appshot template show db.template\n  appshot template show db.template --json')
   .action(async (path: string, opts: { json: boolean }) => {
+    const [{ openTemplate, summarize }, { sharedState }] = await Promise.all([import('./template/template.js'), import('./resources/identity.js')]);
     const t = await openTemplate(path, true, 'report');
     try {
       const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
@@ -558,6 +557,11 @@ program
       'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
   )
   .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
+    const [{ trustImagesExplicitly }, { clone }, { Progress }] = await Promise.all([
+      import('./image/trust.js'),
+      import('./template/clone.js'),
+      import('./progress.js'),
+    ]);
     if (opts.trustImage) trustImagesExplicitly();
     const count = Number(opts.count);
     if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
@@ -603,7 +607,8 @@ key
   .description("print this node's public key (it lets another node check this node's images, not sign them)")
   .option('-o, --output <file>', 'write it to this file instead')
   .addHelpText('after', '\nExamples:\n  appshot key export -o node1.pub\n  appshot key export | ssh node2 appshot key import /dev/stdin --name node1')
-  .action((opts: { output?: string }) => {
+  .action(async (opts: { output?: string }) => {
+    const { exportKey } = await import('./image/trust.js');
     const pem = exportKey();
     if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
     else process.stdout.write(pem);
@@ -615,7 +620,8 @@ key
   .argument('<file>', 'the exported public key')
   .option('--name <name>', 'what to call it (default: its id)')
   .addHelpText('after', '\nExample:\n  appshot key import node1.pub --name node1')
-  .action((file: string, opts: { name?: string }) => {
+  .action(async (file: string, opts: { name?: string }) => {
+    const { importKey } = await import('./image/trust.js');
     const k = importKey(file, opts.name);
     process.stdout.write(`${k.id}\t${k.name}\n`);
   });
@@ -625,7 +631,8 @@ key
   .description('list the keys this node trusts (its own first)')
   .option('--json', 'machine-readable output', false)
   .addHelpText('after', '\nExample:\n  appshot key ls')
-  .action((opts: { json: boolean }) => {
+  .action(async (opts: { json: boolean }) => {
+    const { selfKey, trustedKeys } = await import('./image/trust.js');
     selfKey(); // made at first use, and listing is one
     const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
     if (opts.json) json(keys);
@@ -683,8 +690,9 @@ async function main(): Promise<void> {
     throw e;
   });
   try {
-    // What a command killed with SIGKILL left half-written.
-    removeStaleTemporaries();
+    // What a command killed with SIGKILL left half-written: removed before
+    // every command's action (--help and --version have none).
+    program.hook('preAction', async () => (await import('./image/partial.js')).removeStaleTemporaries());
     await program.parseAsync(process.argv);
   } catch (e) {
     if (e instanceof CommanderError) {

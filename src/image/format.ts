@@ -1,6 +1,7 @@
 /**
- * Reading and writing images: protobuf metadata (proto/image.proto, loaded
- * with protobufjs) plus the page file, as a directory or a tar stream.
+ * Reading and writing images: protobuf metadata (proto/image.proto, through
+ * the code generated from it at build time: schema.ts) plus the page file,
+ * as a directory or a tar stream.
  *
  * A directory image is assembled under a hidden name next to its
  * destination and renamed into place only when every part is synced, so an
@@ -33,13 +34,11 @@ import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline as pipelineCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
-import { fileURLToPath } from 'node:url';
-import protobuf from 'protobufjs';
-import tar from 'tar-stream';
 import { killPoint } from '../killpoint.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
+import { type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
@@ -48,11 +47,9 @@ export const MAGIC = 'appshot-image';
 export const FORMAT_VERSION = 1;
 export const PARTS = { manifest: 'manifest.pb', image: 'image.pb', pages: 'pages.img' } as const;
 
-const protoPath = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'proto', 'image.proto');
-const root = protobuf.loadSync(protoPath);
-const ImageType = root.lookupType('appshot.image.Image');
-const ManifestType = root.lookupType('appshot.image.Manifest');
-const TemplateType = root.lookupType('appshot.image.Template');
+const ImageType = messageType('appshot.image.Image');
+const ManifestType = messageType('appshot.image.Manifest');
+const TemplateType = messageType('appshot.image.Template');
 
 const LONG_TYPES = new Set(['int64', 'uint64', 'sint64', 'fixed64', 'sfixed64']);
 
@@ -71,15 +68,15 @@ function toWire(value: unknown): unknown {
 
 /** The reverse, guided by the schema: 64-bit fields become bigint, absent
  * messages undefined. */
-function fromWire(type: protobuf.Type, obj: Record<string, unknown>): Record<string, unknown> {
+function fromWire(type: MessageSchema, obj: Record<string, unknown>): Record<string, unknown> {
   for (const field of type.fieldsArray) {
     const v = obj[field.name];
     if (v === null || v === undefined) {
-      if (field.resolvedType instanceof protobuf.Type && !field.repeated) obj[field.name] = undefined;
+      if (field.resolvedType && !field.repeated) obj[field.name] = undefined;
       continue;
     }
     const conv = (x: unknown): unknown => {
-      if (field.resolvedType instanceof protobuf.Type) return fromWire(field.resolvedType, x as Record<string, unknown>);
+      if (field.resolvedType) return fromWire(field.resolvedType, x as Record<string, unknown>);
       if (LONG_TYPES.has(field.type)) return BigInt(x as string);
       return x;
     };
@@ -88,14 +85,14 @@ function fromWire(type: protobuf.Type, obj: Record<string, unknown>): Record<str
   return obj;
 }
 
-function encode(type: protobuf.Type, value: object): Buffer {
-  return Buffer.from(type.encode(type.fromObject(toWire(value) as Record<string, unknown>)).finish());
+function encode(type: MessageSchema, value: object): Buffer {
+  return Buffer.from(type.codec.encode(type.codec.fromObject(toWire(value) as Record<string, unknown>)).finish());
 }
 
-function decode<T>(type: protobuf.Type, bytes: Buffer, what: string): T {
+function decode<T>(type: MessageSchema, bytes: Buffer, what: string): T {
   try {
-    const msg = type.decode(bytes);
-    const obj = type.toObject(msg, { longs: String, defaults: true, arrays: true });
+    const msg = type.codec.decode(bytes);
+    const obj = type.codec.toObject(msg, { longs: String, defaults: true, arrays: true });
     return fromWire(type, obj) as T;
   } catch (e) {
     throw new AppshotError(`corrupt image: ${what} cannot be decoded (${(e as Error).message})`);
@@ -184,10 +181,14 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
   }
 }
 
+/** tar-stream, loaded by the commands that write or read a tar stream only
+ * (it and its dependencies cost every image command ~15 ms to load). */
+const loadTar = async () => (await import('tar-stream')).default;
+
 /** Writes the image as a tar stream (manifest first) to `out`. */
 export async function streamImageTar(out: NodeJS.WritableStream, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
   const imageBytes = encodeImage(image);
-  const pack = tar.pack();
+  const pack = (await loadTar()).pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
   pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
   pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
@@ -353,7 +354,7 @@ export function readSmallPart(dir: string, name: string, ceiling: number): Buffe
 /** Encodes a manifest or template with its signature left out: what is
  * signed. Decoded and encoded again, so that what is checked is what
  * appshot will act on, whatever bytes carried it. */
-function signedContent(type: protobuf.Type, value: { signature: Buffer; keyId: string }): Buffer {
+function signedContent(type: MessageSchema, value: { signature: Buffer; keyId: string }): Buffer {
   return encode(type, { ...value, signature: Buffer.alloc(0) });
 }
 
@@ -421,7 +422,7 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
  * once, within its ceiling and the free space; anything else ends it. */
 async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<string> {
   return withExtractionDir(async (dir) => {
-    const extract = tar.extract();
+    const extract = (await loadTar()).extract();
     // Errors of the input and of the parser end the loop below.
     const feeding = pipeline(input, extract).catch((e: Error) => e);
     const seen = new Set<string>();

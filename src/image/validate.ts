@@ -7,14 +7,14 @@
  * and inspect code relies on; each violation is reported as
  * `corrupt image: <what>`.
  *
- * Two stages: `checkWireCounts` runs on image.pb's bytes before protobufjs
- * decodes them (a few bytes on the wire can stand for a large object: an
+ * Two stages: `checkWireCounts` runs on image.pb's bytes before the
+ * generated code (schema.ts) decodes them (a few bytes on the wire can stand for a large object: an
  * empty message is two bytes), `validateImage` on the decoded image.
  */
 import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
-import type protobuf from 'protobufjs';
 import { AppshotError } from '../errors.js';
+import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, VmaKind } from './types.js';
 
 /** linux/seccomp.h */
@@ -68,7 +68,7 @@ function corrupt(what: string): never {
 /** Walks the protobuf wire format of `bytes` as `type` and refuses it if it
  * would decode to more messages or values than LIMITS allow, or to more
  * processes or threads. Nothing is allocated but counters. */
-export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
+export function checkWireCounts(type: MessageSchema, bytes: Buffer): void {
   const counts = { messages: 0, values: 0, threads: 0 };
   const varint = (pos: number, end: number): [number, number] => {
     let value = 0;
@@ -86,7 +86,7 @@ export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
     'processes.vmas': [LIMITS.vmasPerProcess, 'memory mappings in one process'],
     'processes.fds': [LIMITS.fdsPerProcess, 'descriptors in one process'],
   };
-  const walk = (t: protobuf.Type, start: number, end: number, path: string) => {
+  const walk = (t: MessageSchema, start: number, end: number, path: string) => {
     const repeats = new Map<string, number>();
     let pos = start;
     while (pos < end) {
@@ -102,14 +102,14 @@ export function checkWireCounts(type: protobuf.Type, bytes: Buffer): void {
       else corrupt(`image.pb uses wire type ${wire}, which appshot never writes`);
       if (pos + len > end) corrupt('image.pb is cut short inside a field');
       const sub = field?.resolvedType;
-      if (wire === 2 && sub && 'fieldsById' in sub) {
+      if (wire === 2 && sub) {
         const name = path ? `${path}.${field.name}` : field.name;
         if (++counts.messages > LIMITS.messages) corrupt(`image.pb holds more than ${LIMITS.messages} messages`);
         const n = (repeats.get(name) ?? 0) + 1;
         repeats.set(name, n);
         if (perMessage[name] && n > perMessage[name][0]) corrupt(`more than ${perMessage[name][0]} ${perMessage[name][1]}`);
         if (name === 'processes.threads' && ++counts.threads > LIMITS.threads) corrupt(`more than ${LIMITS.threads} threads`);
-        walk(sub as protobuf.Type, pos, pos + len, name);
+        walk(sub, pos, pos + len, name);
       } else if (wire === 2 && field?.repeated && field.type !== 'string' && field.type !== 'bytes') {
         // Packed numbers: one value per byte without the continuation bit.
         for (let i = pos; i < pos + len; i++) if (!(bytes[i] & 0x80)) counts.values++;
