@@ -10,7 +10,7 @@
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, Unsupported } from '../snapshot/context.js';
 import { readLimits } from './limits.js';
 import { dumpInotify, restoreInotify } from './inotify.js';

@@ -18,7 +18,7 @@
 import { lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type Fd, type InotifyWatch } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from '../snapshot/context.js';
 
 const IN_NONBLOCK = 0o4000; // = O_NONBLOCK

@@ -35,7 +35,7 @@ import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
-import { RemoteProcess, SYS } from './remote.js';
+import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { killPoint } from '../killpoint.js';
 

@@ -34,8 +34,8 @@ import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from './context.js';
-import { Freezer } from './freezer.js';
-import { Injector } from './inject.js';
+import { Freezer } from '../ptrace/freezer.js';
+import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { armTracking, processKey } from './tracking.js';
 
