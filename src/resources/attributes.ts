@@ -15,7 +15,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { Unsupported } from '../snapshot/context.js';
+import { Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
 
 const PR_SET_PDEATHSIG = 1;

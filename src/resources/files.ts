@@ -11,7 +11,7 @@ import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync 
 import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { type DumpContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
 import { dumpInotify, restoreInotify } from './inotify.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';

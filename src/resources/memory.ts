@@ -9,7 +9,7 @@
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
-import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { type DumpContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
 
 const PAGE = 4096n;

@@ -9,7 +9,7 @@
 import { closeSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { Socket } from '../image/types.js';
-import { Unsupported } from '../snapshot/context.js';
+import { Unsupported } from './context.js';
 
 interface InetEntry {
   family: number;

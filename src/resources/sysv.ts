@@ -7,7 +7,7 @@
  */
 import { addon } from '../native.js';
 import type { MsgQueue, SemSet, ShmSegment } from '../image/types.js';
-import type { DumpContext } from '../snapshot/context.js';
+import type { DumpContext } from './context.js';
 
 export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[] } {
   const a = addon();

@@ -46,7 +46,7 @@ import { closeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import type { SocketOption, TcpConnection } from '../image/types.js';
 import { addon, type RepairedConnection } from '../native.js';
-import { Unsupported } from '../snapshot/context.js';
+import { Unsupported } from './context.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;

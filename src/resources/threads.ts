@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
 import type { SigAction, Thread } from '../image/types.js';
-import type { DumpContext } from '../snapshot/context.js';
+import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { type Injector, NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';

@@ -16,7 +16,7 @@ import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { freeAddress, readMaps } from './memory.js';
-import type { DumpContext } from '../snapshot/context.js';
+import type { DumpContext } from './context.js';
 
 const SIGCHLD = 17;
 const SIG_DFL = 0n;

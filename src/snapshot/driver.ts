@@ -33,7 +33,7 @@ import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
-import { DumpContext, nameProcess, Unsupported } from './context.js';
+import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';

@@ -2,8 +2,8 @@
 import { statSync } from 'node:fs';
 import { type Kind, type PageWriter, type TablesSnapshot } from '../native.js';
 import type { FileIdentity, Image, Pipe, SharedMemory } from '../image/types.js';
-import type { ParentResolver } from './parent.js';
-import { HeldConnections } from '../resources/tcp.js';
+import type { ParentResolver } from '../snapshot/parent.js';
+import { HeldConnections } from './tcp.js';
 
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused
  * rather than an image written that would not restore. */
