@@ -9,7 +9,7 @@
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
-import { type DumpContext, Unsupported } from './context.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
 
 const PAGE = 4096n;
@@ -336,6 +336,18 @@ export interface MemorySources {
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
   /** A clone: memory is given what a fork child gets (forkTreatment). */
   asFork?: boolean;
+}
+
+/** A memfd of ours holding SharedMemory `index` of the image, made and
+ * filled the first time a process maps it: every mapping of it maps the
+ * same memory again. */
+export function sharedMemoryFd(h: RestoreContext, index: number): number {
+  return h.once(`shared memory ${index}`, () => {
+    const obj = h.image.sharedMemory[index];
+    const fd = h.keep(addon().memfd(`appshot-shared-${index}`, Number(obj.size)));
+    h.copyPages(fd, obj.pages);
+    return fd;
+  });
 }
 
 /** Runs of stored pages as [address, file offset, length] triples. */
