@@ -14,7 +14,7 @@ import { closeSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
-import { type RestoreContext, Unsupported } from './context.js';
+import { nameProcess, type RestoreContext, Unsupported } from './context.js';
 
 interface InetEntry {
   family: number;
@@ -175,8 +175,11 @@ export class SocketTable {
 }
 
 /** Every connected unix socket of the image must have its peer in the
- * image too; `where` names each socket's process and fd for the message. */
-export function checkUnixPeers(sockets: { socket: Socket; where: string }[]): void {
+ * image too. */
+export function checkUnixPeers(processes: Process[]): void {
+  const sockets = processes.flatMap((p) =>
+    p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
+  );
   const inImage = new Set(sockets.map((s) => s.socket.ino));
   for (const s of sockets)
     if (s.socket.peerIno && !inImage.has(s.socket.peerIno))

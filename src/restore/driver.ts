@@ -31,6 +31,7 @@ import { freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resourc
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { restoreSysv } from '../resources/sysv.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -231,15 +232,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
     // Global state first (step 308).
-    const shmIds = new Map<number, number>();
-    for (const s of image.semaphores) addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values);
-    for (const s of image.shmSegments) {
-      const data = Buffer.alloc(Number(s.size));
-      if (s.contents?.runs.length) readSync(pageFds[0], data, 0, data.length, Number(s.contents.offset));
-      shmIds.set(s.vid, addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data));
-    }
-    for (const q of image.msgQueues)
-      addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data })));
+    const shmIds = restoreSysv(image, tables, pageFds[0]);
 
     // The tree: roots are the processes whose parent was init (or is gone).
     const vpids = new Set(image.processes.map((p) => p.vpid));
