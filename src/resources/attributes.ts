@@ -14,9 +14,9 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { Unsupported } from '../snapshot/context.js';
-import { type Injector, NR } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { Unsupported } from './context.js';
+import { type Injector, NR } from '../ptrace/inject.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;

@@ -29,9 +29,9 @@ import { readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { nameProcess, Unsupported } from '../snapshot/context.js';
-import { type Injector, NR } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { nameProcess, Unsupported } from './context.js';
+import { type Injector, NR } from '../ptrace/inject.js';
 import { REG } from './threads.js';
 
 /** Capability numbers (linux/capability.h) this module reasons about. */

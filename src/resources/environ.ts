@@ -10,7 +10,7 @@ import { AppshotError } from '../errors.js';
 import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const LIBC = /\/libc(\.so\.6|-[\d.]+\.so)$/;
 const MAX_VARS = 1 << 16;

@@ -1,30 +1,35 @@
 /**
  * File descriptors: each at its number, with its open flags, offset and
- * close-on-exec bit. Regular files (and a deleted file's contents),
- * character devices (/dev/null, /dev/zero, /dev/urandom, ttys), pipes and
- * FIFOs (both ends, with the data they hold, copied without consuming it),
- * listening sockets (sockets.ts), established TCP connections (tcp.ts),
- * eventfd, epoll, signalfd (signalfd.ts), timerfd (timerfd.ts) and inotify
- * (inotify.ts). Anything else is refused by name.
+ * close-on-exec bit. This module reads a process's descriptor table and
+ * sends each descriptor to the module of its kind, and at restore places
+ * what those made at its number. Regular files are its own; a deleted
+ * file's contents are deleted.ts's, character devices devices.ts's, pipes
+ * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's,
+ * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
+ * timerfd and inotify each their own module's. Anything else is refused
+ * by name.
  */
-import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { constants as fs, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
-import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { type DumpContext, Unsupported } from '../snapshot/context.js';
+import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
+import { openDeletedFile, refuseSealedMemfd, saveDeletedContents } from './deleted.js';
+import { dumpDevice, openDevice } from './devices.js';
+import { dumpEpoll, restoreEpoll } from './epoll.js';
+import { dumpEventfd, restoreEventfd } from './eventfd.js';
 import { dumpInotify, restoreInotify } from './inotify.js';
+import { dumpPipe, openPipeEnd } from './pipes.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
+import { openConnection } from './tcp.js';
 import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
-import type { SocketTable } from './sockets.js';
+import { openSocket, type SocketTable } from './sockets.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
 const O_CLOEXEC = 0o2000000;
-
-/** Character devices whose state is only their name. */
-const PLAIN_DEVICES = new Set(['/dev/null', '/dev/zero', '/dev/full', '/dev/random', '/dev/urandom', '/dev/tty', '/dev/ptmx', '/dev/console']);
-const TTY = /^\/dev\/(pts\/\d+|tty\w*|console)$/;
 
 function fdinfo(pid: number, fd: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -35,47 +40,6 @@ function fdinfo(pid: number, fd: number): Map<string, string> {
   }
   (out as Map<string, string> & { raw?: string }).raw = text;
   return out;
-}
-
-function epollTargets(raw: string): EpollTarget[] {
-  const out: EpollTarget[] = [];
-  for (const m of raw.matchAll(/tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)/g))
-    out.push({ fd: Number(m[1]), events: parseInt(m[2], 16), data: BigInt('0x' + m[3]) });
-  return out;
-}
-
-function pipeOf(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string): number {
-  return ctx.pipe(ino, () => {
-    const dup = addon().getFd(pid, fd);
-    try {
-      // A write end can be read through /proc too, but the duplicate we
-      // hold has the same access mode as the process's: reopen to read.
-      let reader = dup;
-      let reopened = -1;
-      if ((fdinfoFlags(pid, fd) & O_ACCMODE) === O_WRONLY) {
-        try {
-          reopened = openSync(`/proc/self/fd/${dup}`, 'r+');
-        } catch {
-          // A pipe someone else made (inherited from outside, another
-          // user's): its data is its outside reader's, and a restore sends
-          // this end to the log anyway.
-          return { ino, data: Buffer.alloc(0), capacity: addon().pipeCapacity(dup), fifoPath };
-        }
-        reader = reopened;
-      }
-      try {
-        return { ino, data: addon().peekPipe(reader), capacity: addon().pipeCapacity(reader), fifoPath };
-      } finally {
-        if (reopened >= 0) closeSync(reopened);
-      }
-    } finally {
-      closeSync(dup);
-    }
-  });
-}
-
-function fdinfoFlags(pid: number, fd: number): number {
-  return parseInt(fdinfo(pid, fd).get('flags') ?? '0', 8);
 }
 
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable): Fd[] {
@@ -113,7 +77,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     const connection = bracket?.[1] === 'socket' ? sockets.connection(BigInt(bracket[2])) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
-      fd.pipe = pipeOf(ctx, pid, n, BigInt(bracket[2]), '');
+      fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.writeEnd);
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
       fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what);
@@ -123,11 +87,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (fd.socket.family === 1) fd.kind = FdKind.UNIX_SOCKET;
     } else if (target === 'anon_inode:[eventfd]') {
       fd.kind = FdKind.EVENTFD;
-      fd.eventfdCount = BigInt('0x' + (info.get('eventfd-count') ?? '0'));
-      fd.eventfdSemaphore = info.get('eventfd-semaphore') === '1';
+      Object.assign(fd, dumpEventfd(info));
     } else if (target === 'anon_inode:[eventpoll]') {
       fd.kind = FdKind.EPOLL;
-      fd.epoll = epollTargets((info as Map<string, string> & { raw: string }).raw);
+      fd.epoll = dumpEpoll((info as Map<string, string> & { raw: string }).raw);
     } else if (target === 'anon_inode:[signalfd]') {
       fd.kind = FdKind.SIGNALFD;
       fd.sigmask = dumpSignalfd(info);
@@ -145,11 +108,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       const deleted = target.endsWith(' (deleted)');
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
-        fd.pipe = pipeOf(ctx, pid, n, BigInt(st.ino), target);
+        fd.pipe = dumpPipe(ctx, pid, n, BigInt(st.ino), target, fd.writeEnd);
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
-        fd.tty = TTY.test(target);
-        if (!PLAIN_DEVICES.has(target) && !fd.tty) throw new Unsupported(`${what} fd ${n}: device ${target} cannot be captured yet`);
+        fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
         if (deleted && target.startsWith('/memfd:')) refuseSealedMemfd(pid, n, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
@@ -163,41 +125,20 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
   return fds;
 }
 
-/** A memfd comes back as a deleted file with its contents, which takes no
- * seals: one that holds seals (F_ADD_SEALS) would silently lose them. */
-function refuseSealedMemfd(pid: number, fd: number, where: string): void {
-  const dup = addon().getFd(pid, fd);
-  try {
-    const seals = addon().fileSeals(dup);
-    if (seals > 0) throw new Unsupported(`${where}: a memfd with seals (F_ADD_SEALS 0x${seals.toString(16)}) cannot be captured yet`);
-  } finally {
-    closeSync(dup);
-  }
-}
-
-/** A deleted file lives only as long as its last descriptor: the image
- * keeps its bytes. */
-function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, index: number): void {
-  const id = ctx.image.files[index];
-  if (id.contents) return;
-  const f = openSync(`/proc/${pid}/fd/${fd}`, 'r');
-  try {
-    const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
-    id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
-  } finally {
-    closeSync(f);
-  }
-}
-
 /* ---- restore ---------------------------------------------------------- */
 
-/** Descriptions the driver makes in its own process and hands over. */
-export interface FileSources {
-  /** A descriptor of this process for image fd `fd` of process `p`. */
-  open(p: Process, fd: Fd): number;
-  /** Gives `fd` of this process to the remote one; its number there. */
-  transfer(r: RemoteProcess, fd: number): number;
-}
+/** Descriptors made in appshot's process and handed over, by kind: our
+ * descriptor for image fd `fd` of process `p`. */
+const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) => number>> = {
+  [FdKind.FILE]: openFile,
+  [FdKind.DEVICE]: openDevice,
+  [FdKind.PIPE]: openPipeEnd,
+  [FdKind.FIFO]: openPipeEnd,
+  [FdKind.TCP_LISTEN]: openSocket,
+  [FdKind.UNIX_SOCKET]: openSocket,
+  [FdKind.TCP_ESTABLISHED]: openConnection,
+  [FdKind.EVENTFD]: restoreEventfd,
+};
 
 /** Descriptors whose state lives in the process that made them (a
  * signalfd reads its reader's signals; timers and watches are charged to
@@ -209,12 +150,11 @@ const MADE_INSIDE: Partial<Record<number, (r: RemoteProcess, fd: Fd) => number>>
 };
 
 const F_SETFD = 2;
-const EPOLL_CTL_ADD = 1;
 const EPOLL_CLOEXEC = 0o2000000;
 
 /** Every descriptor at its number, with its offset, flags and
  * close-on-exec bit; epoll sets last, once their targets are in place. */
-export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void {
+export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): void {
   r.call('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
   const restoreLimit = allowNumbersUpTo(r, Math.max(-1, ...p.fds.map((f) => f.fd)));
   const place = (got: number, fd: Fd) => {
@@ -230,21 +170,47 @@ export function restoreFds(r: RemoteProcess, p: Process, src: FileSources): void
     // Kinds made inside the process; the rest here, handed over.
     const makeInside = MADE_INSIDE[fd.kind];
     if (makeInside) place(makeInside(r, fd), fd);
-    else place(src.transfer(r, src.open(p, fd)), fd);
+    else place(h.transfer(r, openHere(h, p, fd)), fd);
   }
-  for (const fd of p.fds) {
-    if (fd.kind !== FdKind.EPOLL) continue;
-    const ep = Number(r.call('epoll_create1', SYS.epoll_create1, [EPOLL_CLOEXEC]));
-    for (const t of fd.epoll) {
-      r.reset();
-      const ev = Buffer.alloc(12);
-      ev.writeUInt32LE(t.events, 0);
-      ev.writeBigUInt64LE(t.data, 4);
-      r.call(`adding fd ${t.fd} to epoll fd ${fd.fd}`, SYS.epoll_ctl, [ep, EPOLL_CTL_ADD, t.fd, r.put(ev)]);
-    }
-    place(ep, fd);
-  }
+  for (const fd of p.fds) if (fd.kind === FdKind.EPOLL) place(restoreEpoll(r, fd), fd);
   restoreLimit();
+}
+
+/** A descriptor of ours for image fd `fd` of process `p`: one per open
+ * file description, which descriptors inherited or dup'd share. */
+function openHere(h: RestoreContext, p: Process, fd: Fd): number {
+  const make = MADE_HERE[fd.kind];
+  const open = () => {
+    if (!make) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot restore a descriptor of kind ${fd.kind}`);
+    return make(h, p, fd);
+  };
+  return fd.description ? h.once(`description ${fd.description}`, open) : open();
+}
+
+/** A regular file or directory: the new application's table file for the
+ * one each process keeps, the application's log for the old log, a
+ * deleted file made again, or the file (a clone's own, see filePath) at
+ * the offset it had. */
+function openFile(h: RestoreContext, p: Process, fd: Fd): number {
+  const plain = fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC);
+  // The descriptor of the table file each process keeps (see
+  // addon/preload/preload_fd.c): the new application's tables.
+  if (fd.path === h.image.tablesPath) return h.keep(openSync(h.tablesPath, plain));
+  let got: number;
+  if (h.image.logPath && fd.path === h.image.logPath) got = h.log();
+  else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  else got = h.keep(openSync(filePath(h, p, fd), plain));
+  if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
+  return got;
+}
+
+/** Where a clone's file descriptor points: a REDIR PATH target, the
+ * instance's private copy of a file it may write (copy-on-write,
+ * duplicate), or the template's file itself (share). */
+function filePath(h: RestoreContext, p: Process, fd: Fd): string {
+  const action = h.plan?.action(verdictRef.fd(p.vpid, fd));
+  const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
+  return h.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable));
 }
 
 const RLIMIT_NOFILE = 7;

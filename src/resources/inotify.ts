@@ -18,8 +18,8 @@
 import { lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type Fd, type InotifyWatch } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { Unsupported } from '../snapshot/context.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { Unsupported } from './context.js';
 
 const IN_NONBLOCK = 0o4000; // = O_NONBLOCK
 const IN_CLOEXEC = 0o2000000;

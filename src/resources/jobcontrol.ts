@@ -11,7 +11,7 @@
 import { type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
-import { Unsupported } from '../snapshot/context.js';
+import { Unsupported } from './context.js';
 
 const SIGSTOP = 19;
 const SIG_DFL = 0n;

@@ -12,8 +12,8 @@
 import { readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Image, Rlimit } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { nameProcess } from '../snapshot/context.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { nameProcess } from './context.js';
 import { CAP, hasCap, type OwnCreds } from './creds.js';
 
 /** RLIMIT_* 0..15, in the order /proc/PID/limits lists them. */

@@ -50,8 +50,8 @@
  */
 import { readFileSync, readlinkSync, statSync } from 'node:fs';
 import { type Action, type Fd, FdKind, type FileLock, type Image, LockKind, type Process } from '../image/types.js';
-import { type RemoteProcess, SYS, SyscallError } from '../restore/remote.js';
-import { nameProcess, Unsupported } from '../snapshot/context.js';
+import { type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
+import { nameProcess, Unsupported } from './context.js';
 
 const NR_flock = 73;
 const LOCK_SH = 1;

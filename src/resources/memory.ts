@@ -9,8 +9,8 @@
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
-import { type DumpContext, Unsupported } from '../snapshot/context.js';
-import { type Injector, NR } from '../snapshot/inject.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { type Injector, NR } from '../ptrace/inject.js';
 
 const PAGE = 4096n;
 
@@ -331,11 +331,23 @@ export interface MemorySources {
   /** The application's old and new tables files. */
   tables: { old: string; new: string };
   /** Opens `fd` of this process inside the remote one; returns its number there. */
-  transfer(r: import('../restore/remote.js').RemoteProcess, fd: number): number;
+  transfer(r: import('../ptrace/remote.js').RemoteProcess, fd: number): number;
   /** Pages of `vpid` inherited from the parent chain, by address. */
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
   /** A clone: memory is given what a fork child gets (forkTreatment). */
   asFork?: boolean;
+}
+
+/** A memfd of ours holding SharedMemory `index` of the image, made and
+ * filled the first time a process maps it: every mapping of it maps the
+ * same memory again. */
+export function sharedMemoryFd(h: RestoreContext, index: number): number {
+  return h.once(`shared memory ${index}`, () => {
+    const obj = h.image.sharedMemory[index];
+    const fd = h.keep(addon().memfd(`appshot-shared-${index}`, Number(obj.size)));
+    h.copyPages(fd, obj.pages);
+    return fd;
+  });
 }
 
 /** Runs of stored pages as [address, file offset, length] triples. */
@@ -357,7 +369,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * image's: everything of its own is unmapped but the vDSO, which is moved
  * to where the image had it, then each VMA is mapped and filled.
  */
-export function restoreMemory(r: import('../restore/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
+export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const current = readMaps(r.pid);
   // Everything of the seed's goes but the vDSO, its data pages and our

@@ -9,9 +9,9 @@ import { readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
-import type { DumpContext } from '../snapshot/context.js';
-import { type Injector, NR } from '../snapshot/inject.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import type { DumpContext } from './context.js';
+import { type Injector, NR } from '../ptrace/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();

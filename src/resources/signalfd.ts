@@ -6,7 +6,7 @@
  * signalfd reads whichever process reads it, not the one that made it.
  */
 import { type Fd } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const SFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
 const SFD_CLOEXEC = 0o2000000;

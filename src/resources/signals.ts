@@ -6,8 +6,8 @@
 import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { SigAction } from '../image/types.js';
-import { type Injector, NR } from '../snapshot/inject.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type Injector, NR } from '../ptrace/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const SIGKILL = 9;
 const SYS_tgkill = 234;

@@ -5,11 +5,16 @@
  * of its processes) with the data queued in them, read with MSG_PEEK.
  * Established TCP connections are tcp.ts's. A unix socket whose other end
  * is outside the application is refused by name.
+ *
+ * Restore: each made in appshot's process and handed over, once however
+ * many descriptors share it; a clone's TCP listener on its own port or on
+ * the shared one (listenAddress).
  */
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync, readFileSync, writeSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import type { Socket } from '../image/types.js';
-import { Unsupported } from '../snapshot/context.js';
+import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
+import { nameProcess, type RestoreContext, Unsupported } from './context.js';
 
 interface InetEntry {
   family: number;
@@ -170,10 +175,66 @@ export class SocketTable {
 }
 
 /** Every connected unix socket of the image must have its peer in the
- * image too; `where` names each socket's process and fd for the message. */
-export function checkUnixPeers(sockets: { socket: Socket; where: string }[]): void {
+ * image too. */
+export function checkUnixPeers(processes: Process[]): void {
+  const sockets = processes.flatMap((p) =>
+    p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
+  );
   const inImage = new Set(sockets.map((s) => s.socket.ino));
   for (const s of sockets)
     if (s.socket.peerIno && !inImage.has(s.socket.peerIno))
       throw new Unsupported(`${s.where}: a unix socket connected to a process outside the application cannot be captured yet`);
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** Our descriptor for a listening socket or an end of a unix socket pair. */
+export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
+  const s = fd.socket!;
+  if (!s.listening) return pairEnd(h, s, fd);
+  return h.once(`socket ${s.ino}`, () => {
+    const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
+    let sock: number;
+    try {
+      sock = h.keep(addon().listenSocket(address));
+    } catch (e) {
+      // Shared only among sockets that all ask for it: the template's
+      // own application, say, did not.
+      const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
+      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
+    }
+    addon().setStatusFlags(sock, fd.flags);
+    return sock;
+  });
+}
+
+/** A TCP listener of a clone: on its own allocated port, or on the
+ * well-known one shared with the other instances (SO_REUSEPORT lets the
+ * kernel spread connections among them: multiplexing). */
+function listenAddress(h: RestoreContext, s: Socket): Socket {
+  if (!h.plan) return s;
+  const asked = virtualPort(h.image, s.port);
+  const own = h.plan.ports.get(asked);
+  if (own !== undefined) return { ...s, port: own };
+  if (h.plan.action(verdictRef.port(asked)) === 'multiplex') return { ...s, port: asked, reuseport: true };
+  return s;
+}
+
+/** One end of a unix socket pair (or of a connection between two of the
+ * application's processes), made with its peer the first time either is
+ * asked for. What was queued for an end is written into the other. */
+function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
+  const end = h.once(`socket ${s.ino}`, () => {
+    const peer = h.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
+    if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
+    const [a, b] = addon().socketPair(s.type);
+    h.keep(a);
+    h.keep(b);
+    if (s.queued.length) writeSync(b, s.queued);
+    if (peer.queued.length) writeSync(a, peer.queued);
+    h.remember(`socket ${peer.ino}`, b);
+    return a;
+  });
+  addon().setStatusFlags(end, fd.flags);
+  return end;
 }

@@ -5,9 +5,10 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
+import { readSync } from 'node:fs';
 import { addon } from '../native.js';
-import type { MsgQueue, SemSet, ShmSegment } from '../image/types.js';
-import type { DumpContext } from '../snapshot/context.js';
+import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
+import type { DumpContext } from './context.js';
 
 export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[] } {
   const a = addon();
@@ -65,4 +66,21 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     }
   }
   return { semaphores, shmSegments, msgQueues };
+}
+
+/** The image's SysV objects made again under the new application's tables
+ * (`tables`), at the virtual ids and keys they had; a segment's contents
+ * read from the image's pages (`pagesFd`). Returns each segment's new
+ * system id by its virtual one, for the processes that map it. */
+export function restoreSysv(image: Image, tables: string, pagesFd: number): Map<number, number> {
+  const shmIds = new Map<number, number>();
+  for (const s of image.semaphores) addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values);
+  for (const s of image.shmSegments) {
+    const data = Buffer.alloc(Number(s.size));
+    if (s.contents?.runs.length) readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+    shmIds.set(s.vid, addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data));
+  }
+  for (const q of image.msgQueues)
+    addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data })));
+  return shmIds;
 }

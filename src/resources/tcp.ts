@@ -44,9 +44,9 @@
  */
 import { closeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
-import type { SocketOption, TcpConnection } from '../image/types.js';
+import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, type RepairedConnection } from '../native.js';
-import { Unsupported } from '../snapshot/context.js';
+import { type RestoreContext, Unsupported } from './context.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -254,6 +254,14 @@ export class ConnectionMaker {
       }
     this.made.clear();
   }
+}
+
+/** Our descriptor for the connection `fd` holds: made (in repair mode)
+ * the first time one of its descriptors is asked for. */
+export function openConnection(h: RestoreContext, p: Process, fd: Fd): number {
+  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
+  addon().setStatusFlags(sock, fd.flags);
+  return sock;
 }
 
 /** The bytes written to a made connection once it is out of repair mode:

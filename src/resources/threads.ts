@@ -8,10 +8,10 @@ import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
 import type { SigAction, Thread } from '../image/types.js';
-import type { DumpContext } from '../snapshot/context.js';
-import type { FrozenThread } from '../snapshot/freezer.js';
-import { type Injector, NR, PR_GET_TID_ADDRESS } from '../snapshot/inject.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import type { DumpContext } from './context.js';
+import type { FrozenThread } from '../ptrace/freezer.js';
+import { type Injector, NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;

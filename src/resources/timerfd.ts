@@ -11,7 +11,7 @@
  * is what it keeps, so that it fires at that instant (at once if it passed).
  */
 import { type Fd, type Timerfd } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const TFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
 const TFD_CLOEXEC = 0o2000000;

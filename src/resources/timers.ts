@@ -17,9 +17,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { type PosixTimer, PosixTimerNotify } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../restore/remote.js';
-import { Unsupported } from '../snapshot/context.js';
-import { type Injector } from '../snapshot/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { Unsupported } from './context.js';
+import { type Injector } from '../ptrace/inject.js';
 
 const NR_timer_gettime = 224;
 const NR_timer_getoverrun = 225;

@@ -14,9 +14,9 @@ import { readFileSync, readdirSync } from 'node:fs';
 import { type Zombie } from '../image/types.js';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
-import { RemoteProcess, SYS } from '../restore/remote.js';
+import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { freeAddress, readMaps } from './memory.js';
-import type { DumpContext } from '../snapshot/context.js';
+import type { DumpContext } from './context.js';
 
 const SIGCHLD = 17;
 const SIG_DFL = 0n;

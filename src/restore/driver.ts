@@ -11,37 +11,37 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
-import { closeSync, constants as fs, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
-import { type Action, type Fd, FdKind, type Image, portTable, type Process, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
+import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
-import { type MadeDir, prepareRedirTargets, privateCopy, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
+import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
-import { ConnectionMaker } from '../resources/tcp.js';
+import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
-import { freeAddress, readMaps, restoreMemory } from '../resources/memory.js';
+import { freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { restoreSysv } from '../resources/sysv.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
-import { RemoteProcess, SYS } from './remote.js';
+import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
-const O_ACCMODE = 3;
 
 export interface RestoreOptions {
   aid?: string;
@@ -57,17 +57,11 @@ export interface RestoreOptions {
   batchCommit?: string;
 }
 
-/** How a clone differs from a plain restore, resource by resource. */
-export interface InstancePlan {
-  /** What to do with a resource of the image, by its Verdict.ref. */
-  action(ref: string): Action | undefined;
+/** How a clone differs from a plain restore, resource by resource (what
+ * the kinds see of it is the ClonePlan). */
+export interface InstancePlan extends ClonePlan {
   /** The tables' instance section: REDIR PATH, copy-on-write paths, SET ENV. */
   config: InstanceConfig;
-  /** Virtual TCP port -> this instance's own (allocate). */
-  ports: Map<number, number>;
-  /** A file copied for the instance (copy-on-write, duplicate) goes to
-   * join(privateRoot, its path). */
-  privateRoot: string;
   /** Registry fields of the new application. */
   record: Pick<AppRecord, 'rules' | 'template' | 'privateRoot' | 'ports'>;
   /** Makes what the instance needs before it is restored (its private
@@ -155,290 +149,6 @@ function startInit(record: AppRecord, count: number, commitPath: string): { init
   throw new AppshotError('the application supervisor died while starting');
 }
 
-/** Descriptors made here and handed to the restored processes. */
-class Handover {
-  private readonly mine: number[] = [];
-  private readonly pipes = new Map<number, { read: number; write: number }>();
-  private readonly sockets = new Map<bigint, number>();
-  private readonly shared = new Map<number, number>();
-  /** Established TCP connections, in repair mode until every process is made. */
-  readonly tcp = new ConnectionMaker();
-
-  constructor(
-    private readonly image: Image,
-    private readonly pagesFd: number,
-    private readonly logPath: string,
-    private readonly plan: InstancePlan | undefined,
-    private readonly redirs: InstanceConfig['redirs'],
-    /** The new application's table file. */
-    private readonly tablesPath: string,
-  ) {}
-
-  /** Where one of the image's files is for a clone (a plain restore leaves
-   * every path where it was): the image records paths as the kernel saw
-   * them, after the template's own REDIR PATH rules (and, for a template
-   * made of a clone, in that clone's private copies). Taken back to the
-   * path the application named, then: this instance's REDIR PATH target;
-   * its own copy if `copy` (copy-on-write or duplicate), made now; else
-   * the template's file. */
-  private clonePath(path: string, copy: boolean): string {
-    if (!this.plan) return path;
-    const named = unredirected(this.image.instance?.redirs ?? [], path);
-    const target = redirected(this.redirs, named);
-    if (target !== undefined) return privateCopy(path, target);
-    return copy ? privateCopy(path, join(this.plan.privateRoot, named)) : path;
-  }
-
-  /** A clone's working directory: redirected, or in a copy-on-write
-   * directory the instance's own copy of it (relative writes must not
-   * reach the template's files, and relative reads find what they did). */
-  workingDirectory(p: Process): string {
-    if (!this.plan) return p.cwd;
-    const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
-    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);
-  }
-
-  /** A file mapped shared and writable that a rule copies for each clone
-   * (FILE ... COPY-ON-WRITE or DUPLICATE): the instance's copy is mapped. */
-  mappedPath(vpid: number, v: Vma): string {
-    if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
-    const action = this.plan.action(verdictRef.vma(vpid, v));
-    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate');
-  }
-
-  private keep(fd: number): number {
-    this.mine.push(fd);
-    return fd;
-  }
-
-  /** Bytes of a PageRef's runs, each written at its page in `fd`. */
-  private copyRuns(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
-    if (!ref) return;
-    let at = Number(ref.offset);
-    const buf = Buffer.alloc(1 << 20);
-    for (let i = 0; i < ref.runs.length; i += 2) {
-      let pos = ref.runs[i] * 4096;
-      let left = ref.runs[i + 1] * 4096;
-      while (left > 0) {
-        const n = readSync(this.pagesFd, buf, 0, Math.min(left, buf.length), at);
-        if (n <= 0) throw new AppshotError('corrupt image: page data ends early');
-        writeSync(fd, buf, 0, n, pos);
-        at += n;
-        pos += n;
-        left -= n;
-      }
-    }
-  }
-
-  sharedMemory(index: number): number {
-    let fd = this.shared.get(index);
-    if (fd === undefined) {
-      const obj = this.image.sharedMemory[index];
-      fd = this.keep(addon().memfd(`appshot-shared-${index}`, Number(obj.size)));
-      this.copyRuns(fd, obj.pages);
-      this.shared.set(index, fd);
-    }
-    return fd;
-  }
-
-  private log(): number {
-    return this.keep(openSync(this.logPath, fs.O_WRONLY | fs.O_APPEND | fs.O_CREAT, 0o600));
-  }
-
-  private devNull(flags: number): number {
-    return this.keep(openSync('/dev/null', flags & O_ACCMODE));
-  }
-
-  private pipe(index: number, fd: Fd): number {
-    const users = this.image.processes.flatMap((p) => p.fds.filter((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
-    // A pipe whose other end was outside the application (the terminal's
-    // shell, a test harness) has no one there any more: its writers write
-    // to the application's log, its readers read nothing.
-    if (fd.writeEnd && !users.some((f) => !f.writeEnd)) return this.log();
-    if (!fd.writeEnd && !users.some((f) => f.writeEnd)) return this.devNull(fd.flags);
-    let p = this.pipes.get(index);
-    if (!p) {
-      const pipe = this.image.pipes[index];
-      if (pipe.fifoPath) {
-        const rw = this.keep(openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
-        p = { read: this.keep(openSync(`/proc/self/fd/${rw}`, fs.O_RDONLY | fs.O_NONBLOCK)), write: this.keep(openSync(`/proc/self/fd/${rw}`, fs.O_WRONLY | fs.O_NONBLOCK)) };
-      } else {
-        const [r, w] = addon().pipe();
-        p = { read: this.keep(r), write: this.keep(w) };
-      }
-      // The capacity first: more than the default 64 KiB may be in flight.
-      // The refill never blocks: data that does not fit is an error.
-      if (pipe.capacity) addon().pipeCapacity(p.write, Math.max(pipe.capacity, pipe.data.length));
-      addon().setStatusFlags(p.write, fs.O_WRONLY | fs.O_NONBLOCK);
-      if (pipe.data.length && writeSync(p.write, pipe.data) !== pipe.data.length)
-        throw new AppshotError(`a pipe's ${pipe.data.length} bytes in flight do not fit in it here`);
-      this.pipes.set(index, p);
-    }
-    const end = fd.writeEnd ? p.write : p.read;
-    addon().setStatusFlags(end, fd.flags);
-    return end;
-  }
-
-  private deletedFile(fd: Fd): number {
-    const id = this.image.files[fd.file];
-    const dir = dirname(id.path);
-    let path = join(dir, `.appshot-restored-${process.pid}-${fd.fd}`);
-    let tmp: number;
-    try {
-      tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
-    } catch {
-      path = join('/tmp', `.appshot-restored-${process.pid}-${fd.fd}`);
-      tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
-    }
-    try {
-      this.copyRuns(tmp, id.contents);
-      const f = this.keep(openSync(path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
-      addon().lseek(f, 0);
-      return f;
-    } finally {
-      closeSync(tmp);
-      unlinkSync(path);
-    }
-  }
-
-  /** Where a clone's file descriptor points: a REDIR PATH target, the
-   * instance's private copy of a file it may write (copy-on-write,
-   * duplicate), or the template's file itself (share). */
-  private filePath(p: Process, fd: Fd): string {
-    const action = this.plan?.action(verdictRef.fd(p.vpid, fd));
-    const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
-    return this.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable));
-  }
-
-  /** A TCP listener of a clone: on its own allocated port, or on the
-   * well-known one shared with the other instances (SO_REUSEPORT lets the
-   * kernel spread connections among them: multiplexing). */
-  private listenAddress(s: NonNullable<Fd['socket']>): NonNullable<Fd['socket']> {
-    if (!this.plan) return s;
-    const asked = virtualPort(this.image, s.port);
-    const own = this.plan.ports.get(asked);
-    if (own !== undefined) return { ...s, port: own };
-    if (this.plan.action(verdictRef.port(asked)) === 'multiplex') return { ...s, port: asked, reuseport: true };
-    return s;
-  }
-
-  private readonly descriptions = new Map<number, number>();
-
-  /** A descriptor of ours for image fd `fd` of process `p`: one per open
-   * file description, which descriptors inherited or dup'd share. */
-  open(p: Process, fd: Fd): number {
-    if (!fd.description) return this.openNew(p, fd);
-    let got = this.descriptions.get(fd.description);
-    if (got === undefined) {
-      got = this.openNew(p, fd);
-      this.descriptions.set(fd.description, got);
-    }
-    return got;
-  }
-
-  private openNew(p: Process, fd: Fd): number {
-    const plain = fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC);
-    let got: number;
-    switch (fd.kind) {
-      case FdKind.FILE:
-        // The descriptor of the table file each process keeps (see
-        // addon/preload/preload_fd.c): the new application's tables.
-        if (fd.path === this.image.tablesPath) return this.keep(openSync(this.tablesPath, plain));
-        if (this.image.logPath && fd.path === this.image.logPath) got = this.log();
-        else if (this.image.files[fd.file]?.deleted) got = this.deletedFile(fd);
-        else got = this.keep(openSync(this.filePath(p, fd), plain));
-        if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
-        return got;
-      case FdKind.DEVICE:
-        // A terminal does not travel: output goes to the log.
-        if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? this.devNull(fd.flags) : this.log();
-        return this.keep(openSync(fd.path, plain));
-      case FdKind.PIPE:
-      case FdKind.FIFO:
-        return this.pipe(fd.pipe, fd);
-      case FdKind.TCP_LISTEN:
-      case FdKind.UNIX_SOCKET: {
-        const s = fd.socket!;
-        if (!s.listening) return this.pairEnd(s, fd);
-        let sock = this.sockets.get(s.ino);
-        if (sock === undefined) {
-          const address = fd.kind === FdKind.TCP_LISTEN ? this.listenAddress(s) : s;
-          try {
-            sock = this.keep(addon().listenSocket(address));
-          } catch (e) {
-            // Shared only among sockets that all ask for it: the template's
-            // own application, say, did not.
-            const hint = this.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
-            throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
-          }
-          addon().setStatusFlags(sock, fd.flags);
-          this.sockets.set(s.ino, sock);
-        }
-        return sock;
-      }
-      case FdKind.TCP_ESTABLISHED: {
-        const sock = this.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
-        addon().setStatusFlags(sock, fd.flags);
-        return sock;
-      }
-      case FdKind.EVENTFD: {
-        // Made at 0 and written: the counter is 64 bits, eventfd()'s
-        // initial value only 32.
-        const e = this.keep(addon().eventfd(0, fd.eventfdSemaphore ? 1 : 0));
-        if (fd.eventfdCount) {
-          const count = Buffer.alloc(8);
-          count.writeBigUInt64LE(fd.eventfdCount);
-          writeSync(e, count);
-        }
-        addon().setStatusFlags(e, fd.flags);
-        return e;
-      }
-    }
-    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot restore a descriptor of kind ${fd.kind}`);
-  }
-
-  /** One end of a unix socket pair (or of a connection between two of the
-   * application's processes), made with its peer the first time either is
-   * asked for. What was queued for an end is written into the other. */
-  private pairEnd(s: NonNullable<Fd['socket']>, fd: Fd): number {
-    let end = this.sockets.get(s.ino);
-    if (end === undefined) {
-      const peer = this.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
-      if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
-      const [a, b] = addon().socketPair(s.type);
-      this.keep(a);
-      this.keep(b);
-      if (s.queued.length) writeSync(b, s.queued);
-      if (peer.queued.length) writeSync(a, peer.queued);
-      this.sockets.set(s.ino, a);
-      this.sockets.set(peer.ino, b);
-      end = a;
-    }
-    addon().setStatusFlags(end, fd.flags);
-    return end;
-  }
-
-  /** Gives our `fd` to the remote process: pidfd_getfd run inside it. */
-  transfer(r: RemoteProcess, fd: number): number {
-    const pidfd = Number(r.call('pidfd_open', SYS.pidfd_open, [process.pid, 0]));
-    try {
-      return Number(r.call('pidfd_getfd', SYS.pidfd_getfd, [pidfd, fd, 0]));
-    } finally {
-      r.call('closing', SYS.close, [pidfd]);
-    }
-  }
-
-  close(): void {
-    this.tcp.close();
-    for (const fd of this.mine.splice(0))
-      try {
-        closeSync(fd);
-      } catch {
-        /* closed already */
-      }
-  }
-}
-
 interface Made {
   proc: Process;
   pid: number;
@@ -466,7 +176,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const madeDirs: MadeDir[] = [];
   // Made once the application's log exists: descriptors that pointed at
   // a terminal or at the old log go there.
-  let handover: Handover | undefined;
+  let handover: RestoreContext | undefined;
   // Closed (by us, or by our death) before the commit: init kills what
   // was made. The batch a clone belongs to closes it after its commit.
   let lifeline = -1;
@@ -518,20 +228,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     record.restore!.madeDirs = madeDirs;
     reg.update(record);
     addon().setInstance(tables, config);
-    const handed = (handover = new Handover(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
+    const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
     // Global state first (step 308).
-    const shmIds = new Map<number, number>();
-    for (const s of image.semaphores) addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values);
-    for (const s of image.shmSegments) {
-      const data = Buffer.alloc(Number(s.size));
-      if (s.contents?.runs.length) readSync(pageFds[0], data, 0, data.length, Number(s.contents.offset));
-      shmIds.set(s.vid, addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data));
-    }
-    for (const q of image.msgQueues)
-      addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data })));
+    const shmIds = restoreSysv(image, tables, pageFds[0]);
 
     // The tree: roots are the processes whose parent was init (or is gone).
     const vpids = new Set(image.processes.map((p) => p.vpid));
@@ -626,7 +328,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // whose rule says it is duplicated.
       eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
-      sharedFd: (i: number) => handed.sharedMemory(i),
+      sharedFd: (i: number) => sharedMemoryFd(handed, i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
         if (sid === undefined) throw new AppshotError(`the image maps SysV segment ${vid}, which it does not hold`);

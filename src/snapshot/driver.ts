@@ -16,7 +16,7 @@ import { parseRules } from '../template/rules.js';
 import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { killPoint } from '../killpoint.js';
-import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
+import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -34,9 +34,9 @@ import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
-import { DumpContext, nameProcess, Unsupported } from './context.js';
-import { Freezer } from './freezer.js';
-import { Injector } from './inject.js';
+import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
+import { Freezer } from '../ptrace/freezer.js';
+import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { armTracking, processKey } from './tracking.js';
 
@@ -194,11 +194,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   }
   markSharedDescriptions(ctx.image.processes);
   dumpLocks(ctx.image);
-  checkUnixPeers(
-    ctx.image.processes.flatMap((p) =>
-      p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
-    ),
-  );
+  checkUnixPeers(ctx.image.processes);
   progress.update('global state', done, byProcess.length);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.

@@ -19,7 +19,7 @@ import { addon } from '../native.js';
 import { readLimits, RLIMIT_NOFILE } from '../resources/limits.js';
 import { readMaps } from '../resources/memory.js';
 import { readStat } from '../procfs.js';
-import { type Injector, NR } from './inject.js';
+import { type Injector, NR } from '../ptrace/inject.js';
 
 const UFFD_USER_MODE_ONLY = 1;
 const O_CLOEXEC = 0o2000000;

@@ -1,0 +1,234 @@
+/**
+ * What the resource kinds share: while one snapshot is taken (DumpContext:
+ * the image being filled, the tables, the files, pipes and shared memory
+ * seen so far), and while one restore is made (RestoreContext: the
+ * descriptors made in appshot's process and handed over, each made once
+ * however many processes hold it, and where a clone's files are). The
+ * drivers make one and pass it to every kind.
+ */
+import { closeSync, constants as fs, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { AppshotError } from '../errors.js';
+import { type InstanceConfig, type Kind, type PageWriter, type TablesSnapshot } from '../native.js';
+import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, verdictRef, type Vma, VmaKind } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import type { ParentResolver } from '../snapshot/parent.js';
+import { privateCopy, redirected, unredirected } from './paths.js';
+import { ConnectionMaker, HeldConnections } from './tcp.js';
+
+const O_ACCMODE = 3;
+
+/** A resource the snapshot cannot capture yet: the whole snapshot is refused
+ * rather than an image written that would not restore. */
+export class Unsupported extends Error {}
+
+export class DumpContext {
+  private readonly toVirtual = new Map<Kind, Map<number, number>>();
+  private readonly fileIndex = new Map<string, number>();
+  readonly pipeIndex = new Map<bigint, number>();
+  readonly sharedIndex = new Map<string, number>();
+  /** TCP connections held in repair mode while the application is frozen. */
+  readonly tcp = new HeldConnections();
+
+  constructor(
+    readonly image: Image,
+    readonly tables: TablesSnapshot,
+    /** The tables' file: threads never seen by name get a virtual TID here. */
+    readonly tablesPath: string,
+    readonly pages: PageWriter,
+    readonly parent: ParentResolver | undefined,
+    /** Descriptor numbers of the userfaultfds that dirty tracking put in
+     * the processes: not the application's, never in an image. */
+    readonly trackingFds: number[] = [],
+    /** Processes (system PIDs) whose writes since `parent` are tracked;
+     * the others' pages are compared with the parent's. */
+    readonly trackedPids: Set<number> = new Set(),
+  ) {
+    for (const [kind, entries] of Object.entries(tables.tables))
+      this.toVirtual.set(kind as Kind, new Map(entries.map((e) => [e.system, e.virtual])));
+  }
+
+  /** The virtual id of a system id, or 0 if the application has none. */
+  virtual(kind: Kind, system: number): number {
+    return this.toVirtual.get(kind)?.get(system) ?? 0;
+  }
+
+  /** Records (once) the identity of a file the image maps or holds open. */
+  file(path: string, statPath: string, deleted: boolean): number {
+    const st = statSync(statPath, { bigint: true });
+    const key = `${st.dev}:${st.ino}`;
+    const known = this.fileIndex.get(key);
+    if (known !== undefined) return known;
+    const id: FileIdentity = {
+      path,
+      dev: st.dev,
+      ino: st.ino,
+      size: st.size,
+      mtimeNs: st.mtimeNs,
+      mode: Number(st.mode),
+      deleted,
+      crc32c: 0,
+    };
+    this.image.files.push(id);
+    this.fileIndex.set(key, this.image.files.length - 1);
+    return this.image.files.length - 1;
+  }
+
+  pipe(ino: bigint, make: () => Pipe): number {
+    let i = this.pipeIndex.get(ino);
+    if (i === undefined) {
+      this.image.pipes.push(make());
+      i = this.image.pipes.length - 1;
+      this.pipeIndex.set(ino, i);
+    }
+    return i;
+  }
+
+  shared(key: string, make: () => SharedMemory): number {
+    let i = this.sharedIndex.get(key);
+    if (i === undefined) {
+      this.image.sharedMemory.push(make());
+      i = this.image.sharedMemory.length - 1;
+      this.sharedIndex.set(key, i);
+    }
+    return i;
+  }
+}
+
+/** "process 3 (server)": how messages name a process, by its virtual PID. */
+export function nameProcess(vpid: number, comm: string): string {
+  return `process ${vpid} (${comm})`;
+}
+
+/** How a clone differs from a plain restore, as far as the kinds see it. */
+export interface ClonePlan {
+  /** What to do with a resource of the image, by its Verdict.ref. */
+  action(ref: string): Action | undefined;
+  /** Virtual TCP port -> this instance's own (allocate). */
+  ports: Map<number, number>;
+  /** A file copied for the instance (copy-on-write, duplicate) goes to
+   * join(privateRoot, its path). */
+  privateRoot: string;
+}
+
+/** Descriptors made here and handed to the restored processes. */
+export class RestoreContext {
+  private readonly mine: number[] = [];
+  /** What was made once for the whole restore, by key: see once(). */
+  private readonly made = new Map<string, unknown>();
+  /** Established TCP connections, in repair mode until every process is made. */
+  readonly tcp = new ConnectionMaker();
+
+  constructor(
+    readonly image: Image,
+    private readonly pagesFd: number,
+    private readonly logPath: string,
+    readonly plan: ClonePlan | undefined,
+    private readonly redirs: InstanceConfig['redirs'],
+    /** The new application's table file. */
+    readonly tablesPath: string,
+  ) {}
+
+  /** Where one of the image's files is for a clone (a plain restore leaves
+   * every path where it was): the image records paths as the kernel saw
+   * them, after the template's own REDIR PATH rules (and, for a template
+   * made of a clone, in that clone's private copies). Taken back to the
+   * path the application named, then: this instance's REDIR PATH target;
+   * its own copy if `copy` (copy-on-write or duplicate), made now; else
+   * the template's file. */
+  clonePath(path: string, copy: boolean): string {
+    if (!this.plan) return path;
+    const named = unredirected(this.image.instance?.redirs ?? [], path);
+    const target = redirected(this.redirs, named);
+    if (target !== undefined) return privateCopy(path, target);
+    return copy ? privateCopy(path, join(this.plan.privateRoot, named)) : path;
+  }
+
+  /** A clone's working directory: redirected, or in a copy-on-write
+   * directory the instance's own copy of it (relative writes must not
+   * reach the template's files, and relative reads find what they did). */
+  workingDirectory(p: Process): string {
+    if (!this.plan) return p.cwd;
+    const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
+    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);
+  }
+
+  /** A file mapped shared and writable that a rule copies for each clone
+   * (FILE ... COPY-ON-WRITE or DUPLICATE): the instance's copy is mapped. */
+  mappedPath(vpid: number, v: Vma): string {
+    if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
+    const action = this.plan.action(verdictRef.vma(vpid, v));
+    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate');
+  }
+
+  /** A descriptor of ours, closed at the end (the processes hold theirs). */
+  keep(fd: number): number {
+    this.mine.push(fd);
+    return fd;
+  }
+
+  /** What `make` makes, made once for the whole restore under `key` (a
+   * pipe by its index, a socket by its inode, an open file description by
+   * its number): every descriptor that shares it is handed the same. */
+  once<T>(key: string, make: () => T): T {
+    if (this.made.has(key)) return this.made.get(key) as T;
+    const got = make();
+    this.made.set(key, got);
+    return got;
+  }
+
+  /** Records what was made for `key` along with another (a socket pair's
+   * second end). */
+  remember<T>(key: string, value: T): void {
+    this.made.set(key, value);
+  }
+
+  /** Bytes of a PageRef's runs, each written at its page in `fd`. */
+  copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
+    if (!ref) return;
+    let at = Number(ref.offset);
+    const buf = Buffer.alloc(1 << 20);
+    for (let i = 0; i < ref.runs.length; i += 2) {
+      let pos = ref.runs[i] * 4096;
+      let left = ref.runs[i + 1] * 4096;
+      while (left > 0) {
+        const n = readSync(this.pagesFd, buf, 0, Math.min(left, buf.length), at);
+        if (n <= 0) throw new AppshotError('corrupt image: page data ends early');
+        writeSync(fd, buf, 0, n, pos);
+        at += n;
+        pos += n;
+        left -= n;
+      }
+    }
+  }
+
+  /** The application's log, for what wrote to a terminal or to a reader
+   * that stayed behind. */
+  log(): number {
+    return this.keep(openSync(this.logPath, fs.O_WRONLY | fs.O_APPEND | fs.O_CREAT, 0o600));
+  }
+
+  devNull(flags: number): number {
+    return this.keep(openSync('/dev/null', flags & O_ACCMODE));
+  }
+
+  /** Gives our `fd` to the remote process: pidfd_getfd run inside it. */
+  transfer(r: RemoteProcess, fd: number): number {
+    const pidfd = Number(r.call('pidfd_open', SYS.pidfd_open, [process.pid, 0]));
+    try {
+      return Number(r.call('pidfd_getfd', SYS.pidfd_getfd, [pidfd, fd, 0]));
+    } finally {
+      r.call('closing', SYS.close, [pidfd]);
+    }
+  }
+
+  close(): void {
+    this.tcp.close();
+    for (const fd of this.mine.splice(0))
+      try {
+        closeSync(fd);
+      } catch {
+        /* closed already */
+      }
+  }
+}

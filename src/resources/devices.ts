@@ -1,0 +1,30 @@
+/**
+ * Character devices: those whose whole state is their name (/dev/null,
+ * /dev/zero, /dev/urandom, ...), reopened by it, and terminals, which do
+ * not travel: a restored process's terminal output goes to the
+ * application's log, and its reads from one read nothing. Any other
+ * device is refused by name.
+ */
+import { constants as fs, openSync } from 'node:fs';
+import type { Fd, Process } from '../image/types.js';
+import { type RestoreContext, Unsupported } from './context.js';
+
+const O_ACCMODE = 3;
+
+/** Character devices whose state is only their name. */
+const PLAIN_DEVICES = new Set(['/dev/null', '/dev/zero', '/dev/full', '/dev/random', '/dev/urandom', '/dev/tty', '/dev/ptmx', '/dev/console']);
+const TTY = /^\/dev\/(pts\/\d+|tty\w*|console)$/;
+
+/** Whether the device at `path` is a terminal; throws Unsupported for a
+ * device that cannot be captured. `where` names the process and fd. */
+export function dumpDevice(path: string, where: string): { tty: boolean } {
+  const tty = TTY.test(path);
+  if (!PLAIN_DEVICES.has(path) && !tty) throw new Unsupported(`${where}: device ${path} cannot be captured yet`);
+  return { tty };
+}
+
+export function openDevice(h: RestoreContext, _p: Process, fd: Fd): number {
+  // A terminal does not travel: output goes to the log.
+  if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? h.devNull(fd.flags) : h.log();
+  return h.keep(openSync(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+}
