@@ -23,7 +23,6 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
@@ -194,12 +193,8 @@ function readExitFile(stateDir: string): { exitCode: number; endedAt: string } |
   return { exitCode: code, endedAt: new Date(ms).toISOString() };
 }
 
-export function defaultHome(): string {
-  if (process.env.APPSHOT_HOME) return process.env.APPSHOT_HOME;
-  if (process.getuid?.() === 0) return '/var/lib/appshot';
-  const state = process.env.XDG_STATE_HOME || join(homedir(), '.local', 'state');
-  return join(state, 'appshot');
-}
+export { defaultHome } from './home.js';
+import { defaultHome } from './home.js';
 
 export class LocalRegistry implements Registry {
   readonly home: string;
