@@ -229,11 +229,11 @@ export class Engine {
 
   private async handle(socket: Socket, msg: Request | Control, peerPid: number): Promise<void> {
     if (msg.kind === 'status' || msg.kind === 'stop') {
-      if (msg.kind === 'stop') {
-        this.log(`asked to stop by pid ${peerPid}`);
-        void this.stop();
-      }
-      socket.end(frame(Frame.STATUS, Buffer.from(JSON.stringify(this.status()))));
+      const stopping = msg.kind === 'stop';
+      if (stopping) this.log(`asked to stop by pid ${peerPid}`);
+      const answer = JSON.stringify({ ...this.status(), ...(stopping ? { leaving: true } : {}) });
+      // Answered first: leaving closes every connection without a command.
+      socket.end(frame(Frame.STATUS, Buffer.from(answer)), () => stopping && void this.stop());
       return;
     }
     if (msg.kind !== 'command' || !Array.isArray(msg.argv) || typeof msg.cwd !== 'string') {
