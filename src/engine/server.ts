@@ -28,6 +28,7 @@ import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
+import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 
 export interface EngineOptions {
   home: string;
@@ -141,6 +142,7 @@ export class Engine {
     });
     server.on('error', (e) => this.log(`socket error: ${e.message}`));
     this.routeOutput();
+    enableTemplateCache();
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
   }
@@ -224,6 +226,7 @@ export class Engine {
       commandsServed: this.served,
       commandsRunning: this.requests.size,
       leaving: this.leaving,
+      templateCache: templateCacheStats(),
     };
   }
 
