@@ -585,13 +585,15 @@ export class LocalRegistry implements Registry {
     });
   }
 
-  /** A claim is taken back once its application is gone (or does not
-   * list the port) and the process that claimed it has ended. */
+  /** A claim is taken back once its application, registered with the
+   * port, is gone; until it is registered with it, once the process that
+   * claimed it has ended. (Not both: the claimer may be the resident
+   * engine, which outlives the command that claimed the port.) */
   private portClaimIsStale(port: number): boolean {
     const claim = this.portClaim(port);
     if (!claim) return true;
     const record = this.get(claim.aid);
-    if (record && !this.isStale(record) && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return false;
+    if (record && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return this.isStale(record);
     return !isSameProcess(claim.pid, claim.startTime);
   }
 

@@ -97,6 +97,15 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
       finish(70);
     };
     socket.on('error', lost).on('close', lost);
+    // Ctrl-C (or SIGTERM) is passed on as the command's interruption (clone
+    // stops its batch and removes what it made, exit 130), and the client
+    // waits for the outcome; a second one leaves at once.
+    let interrupts = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (++interrupts > 1) process.exit(sig === 'SIGINT' ? 130 : 143);
+      socket.write('interrupt\n');
+    };
+    process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
     socket.write(JSON.stringify(request) + '\n');
   });
 }

@@ -262,6 +262,10 @@ export class Engine {
       for (const h of [...ctx.onDisconnect]) h();
     };
     socket.on('close', disconnected);
+    // Anything the client sends after its request is its Ctrl-C.
+    socket.on('data', (d) => {
+      if (d.includes('interrupt') && !ctx.disconnected) for (const h of [...ctx.onDisconnect]) h();
+    });
     this.requests.add(ctx);
     this.served++;
     socket.write(frame(Frame.ACCEPTED));
