@@ -13,656 +13,670 @@ import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { applyHouseStyle } from './commands/style.js';
+import { registerEngine } from './engine/command.js';
+import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
 // and ps load none of it.
 
-const program = new Command();
-const registry = () => new LocalRegistry();
-const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+/** The whole command line, made anew for each command: commander keeps
+ * what it parsed in the Command objects, and the engine parses many
+ * commands, some at once. */
+export function buildProgram(): Command {
+  const program = new Command();
+  const registry = () => new LocalRegistry();
+  const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 
-program
-  .name('appshot')
-  .description(
-    'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
-      'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
-  )
-  .version(appshotVersion())
-  .exitOverride();
+  program
+    .name('appshot')
+    .description(
+      'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
+        'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
+    )
+    .version(appshotVersion())
+    .exitOverride();
 
-program
-  .command('run')
-  .description('register an application id (AID) and run a command as that application')
-  .option('--aid <name>', 'the AID to register (default: a generated one, printed)')
-  .option('-d, --detach', 'run in the background; output goes to the log (appshot logs AID)', false)
-  .option('--json', 'with --detach: print {aid, vpid, pid} as JSON', false)
-  .option('--rules <file>', 'templating rules (templates/README.md): REDIR PATH and SET ENV apply now; snapshots classify resources by them')
-  .argument('<command...>', 'the command and its arguments (put them after --)')
-  .addHelpText(
-    'after',
-    '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n\n' +
-      'The exit status is the command\'s own (128 + N if it was killed by signal N); 127 if it\n' +
-      'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
-      'inside the application after `appshot run` returns. If `appshot snapshot` ends the\n' +
-      "application, `appshot run` says so on stderr (appshot: 'A' was snapshotted to IMAGE and\n" +
-      'ended) and exits 0: the application went into its image, it did not fail.\n\n' +
-      'An application that ends is kept, with its exit code and log (appshot ps -a, logs, wait),\n' +
-      "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
-  )
-  .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
-    const { run } = await import('./harness.js');
-    if (opts.aid !== undefined) checkAid(opts.aid);
-    const code = await run(registry(), command, {
-      aid: opts.aid,
-      detach: opts.detach,
-      rules: opts.rules,
-      onStarted: (record, vpid, pid) => {
-        if (opts.detach) {
-          if (opts.json) json({ aid: record.aid, vpid, pid });
-          else process.stdout.write(record.aid + '\n');
-        } else if (!opts.aid) {
-          process.stderr.write(`appshot: running as AID ${record.aid}\n`);
-        }
-      },
-      onSnapshotted: (record, image) => process.stderr.write(`appshot: '${record.aid}' was snapshotted to ${image} and ended\n`),
+  program
+    .command('run')
+    .description('register an application id (AID) and run a command as that application')
+    .option('--aid <name>', 'the AID to register (default: a generated one, printed)')
+    .option('-d, --detach', 'run in the background; output goes to the log (appshot logs AID)', false)
+    .option('--json', 'with --detach: print {aid, vpid, pid} as JSON', false)
+    .option('--rules <file>', 'templating rules (templates/README.md): REDIR PATH and SET ENV apply now; snapshots classify resources by them')
+    .argument('<command...>', 'the command and its arguments (put them after --)')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n\n' +
+        'The exit status is the command\'s own (128 + N if it was killed by signal N); 127 if it\n' +
+        'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
+        'inside the application after `appshot run` returns. If `appshot snapshot` ends the\n' +
+        "application, `appshot run` says so on stderr (appshot: 'A' was snapshotted to IMAGE and\n" +
+        'ended) and exits 0: the application went into its image, it did not fail.\n\n' +
+        'An application that ends is kept, with its exit code and log (appshot ps -a, logs, wait),\n' +
+        "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
+    )
+    .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+      const { run } = await import('./harness.js');
+      if (opts.aid !== undefined) checkAid(opts.aid);
+      const code = await run(registry(), command, {
+        aid: opts.aid,
+        detach: opts.detach,
+        rules: opts.rules,
+        onStarted: (record, vpid, pid) => {
+          if (opts.detach) {
+            if (opts.json) json({ aid: record.aid, vpid, pid });
+            else process.stdout.write(record.aid + '\n');
+          } else if (!opts.aid) {
+            process.stderr.write(`appshot: running as AID ${record.aid}\n`);
+          }
+        },
+        onSnapshotted: (record, image) => process.stderr.write(`appshot: '${record.aid}' was snapshotted to ${image} and ended\n`),
+      });
+      setExitCode(code);
     });
-    process.exitCode = code;
-  });
 
-/** An application as `ps --json` shows it. */
-function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
-  return {
-    aid: r.aid,
-    state: isEnded(r) ? 'exited' : 'running',
-    ...(isEnded(r) ? { exitCode: r.exitCode, endedAt: r.endedAt } : {}),
-    command: r.command,
-    detached: r.detached,
-    createdAt: r.createdAt,
-    ...(r.image ? { image: r.image } : {}),
-    ...(r.template ? { template: r.template } : {}),
-    ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-    // An ended application holds no port.
-    ports: isEnded(r) ? [] : (r.ports ?? []),
-    processes: processes.filter((p) => p.aid === r.aid),
-  };
-}
-
-function stateText(r: AppRecord): string {
-  return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : 'running';
-}
-
-function portsText(r: AppRecord): string {
-  if (isEnded(r)) return '';
-  return (r.ports ?? []).map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(', ');
-}
-
-program
-  .command('ps')
-  .description('list applications (state, age, image or template, ports), or the processes of one')
-  .argument('[aid]', "only this application: its processes, virtual and system PIDs (like docker top)")
-  .option('-a, --all', 'ended applications too (kept until appshot rm or prune)', false)
-  .option('-q, --quiet', 'only the AIDs, one a line', false)
-  .option('--json', 'machine-readable output: every application with its processes', false)
-  .addHelpText(
-    'after',
-    '\nExamples:\n  appshot ps                 running applications\n  appshot ps -a              ended ones too, with their exit codes\n' +
-      '  appshot ps -aq             every AID (appshot rm $(appshot ps -aq) removes them all)\n  appshot ps web             the processes of web',
-  )
-  .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
-    const reg = registry();
-    const records = aid ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
-    if (opts.quiet) {
-      if (records.length) process.stdout.write(records.map((r) => r.aid).join('\n') + '\n');
-      return;
-    }
-    const rows = listProcesses(reg, records);
-    if (opts.json) {
-      json(records.map((r) => appJson(r, rows)));
-      return;
-    }
-    if (aid) {
-      if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
-      else
-        printColumns(
-          ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
-          rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
-        );
-      return;
-    }
-    printColumns(
-      ['AID', 'STATE', 'AGE', 'PROCS', 'IMAGE', 'PORTS', 'COMMAND'],
-      records.map((r) => [
-        r.aid,
-        stateText(r),
-        age(r.createdAt),
-        String(rows.filter((p) => p.aid === r.aid && !p.init).length),
-        r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-        portsText(r) || '-',
-        r.command.join(' '),
-      ]),
-    );
-  });
-
-program
-  .command('table')
-  .description("print an application's translation tables (every resource kind, virtual <-> system)")
-  .argument('<aid>', 'the application')
-  .option('--json', 'machine-readable output', false)
-  .addHelpText('after', '\nExamples:\n  appshot table web\n  appshot table web --json')
-  .action((aid: string, opts: { json: boolean }) => {
-    const reg = registry();
-    const record = reg.require(aid);
-    const tables = reg.readTables(record);
-    if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
-    const rows = tableRows(tables);
-    if (opts.json) {
-      json({ aid, tables: tables.tables, repairs: tables.repairs });
-      return;
-    }
-    printColumns(
-      ['KIND', 'VIRTUAL', 'SYSTEM', 'NOTE'],
-      rows.map((r) => [r.kind, formatId(r.kind, r.virtual), formatId(r.kind, r.system), r.note]),
-    );
-  });
-
-program
-  .command('exec')
-  .description("run a command inside an application's virtual view (e.g. kill -HUP <vpid>)")
-  .argument('<aid>', 'the application')
-  .argument('<command...>', 'the command and its arguments (put them after --)')
-  .addHelpText('after', '\nExamples:\n  appshot exec web -- kill -HUP 1        signal the first process by its virtual PID\n  appshot exec db -- ipcs -s             the SysV ids as the application sees them')
-  .action(async (aid: string, command: string[]) => {
-    const { execIn } = await import('./harness.js');
-    process.exitCode = await execIn(registry(), aid, command);
-  });
-
-/** The last `lines` lines of a file: the offset where they start. Read
- * backwards a block at a time, so a large log costs only its tail. */
-function tailOffset(path: string, lines: number): number {
-  const size = statSync(path).size;
-  if (lines <= 0) return size;
-  const fd = openSync(path, 'r');
-  try {
-    const block = Buffer.alloc(65536);
-    let end = size;
-    // A last line without its newline counts as a line too.
-    let seen = 0;
-    let first = true;
-    while (end > 0) {
-      const start = Math.max(0, end - block.length);
-      const n = readSync(fd, block, 0, end - start, start);
-      for (let i = n - 1; i >= 0; i--) {
-        if (block[i] !== 0x0a) continue;
-        if (first && start + i === size - 1) continue;
-        if (++seen === lines) return start + i + 1;
-      }
-      first = false;
-      end = start;
-    }
-    return 0;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-program
-  .command('logs')
-  .description('print the output of an application started with run --detach (or restored), running or ended')
-  .argument('<aid>', 'the application')
-  .option('-f, --follow', 'keep printing new output until the application ends', false)
-  .option('-n, --tail <lines>', "only the last LINES lines ('all': every line)", 'all')
-  .option('-t, --timestamps', 'not available: see below')
-  .addHelpText(
-    'after',
-    '\nThe log is kept when the application ends (until appshot rm), and across a snapshot and the\n' +
-      'restore of its image under the same AID: the restored application appends to it.\n\n' +
-      'There are no timestamps: the application writes its log file itself, with no appshot process\n' +
-      'in between to note when each line came (that would cost a resident process per application\n' +
-      'and change what the application writes to: a file, not a pipe). --timestamps is refused.\n\n' +
-      'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web',
-  )
-  .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps?: boolean }) => {
-    const reg = registry();
-    let record: AppRecord;
-    try {
-      record = reg.requireAny(aid);
-    } catch (e) {
-      // Snapshotted and not restored yet: its log waits for the restore.
-      const carried = reg.carriedLogPath(aid);
-      if (!(e instanceof AppshotError && e.exitCode === ExitCode.notFound && existsSync(carried))) throw e;
-      process.stderr.write(`appshot: '${aid}' was snapshotted and ended; its log waits for the restore of its image as '${aid}'\n`);
-      record = { aid, logPath: carried } as AppRecord;
-      opts.follow = false;
-    }
-    if (opts.timestamps)
-      throw new AppshotError('--timestamps: appshot does not see when a line was written (the application writes its log file itself; see appshot logs --help)', ExitCode.usage);
-    const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
-    if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
-    if (!record.logPath)
-      throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
-    const logPath = record.logPath;
-    let offset = tail !== undefined && existsSync(logPath) ? tailOffset(logPath, tail) : 0;
-    const pump = () => {
-      if (!existsSync(logPath)) return;
-      const size = statSync(logPath).size;
-      if (size <= offset) return;
-      const fd = openSync(logPath, 'r');
-      try {
-        const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
-        while (offset < size) {
-          const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
-          if (n <= 0) break;
-          process.stdout.write(chunk.subarray(0, n));
-          offset += n;
-        }
-      } finally {
-        closeSync(fd);
-      }
+  /** An application as `ps --json` shows it. */
+  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
+    return {
+      aid: r.aid,
+      state: isEnded(r) ? 'exited' : 'running',
+      ...(isEnded(r) ? { exitCode: r.exitCode, endedAt: r.endedAt } : {}),
+      command: r.command,
+      detached: r.detached,
+      createdAt: r.createdAt,
+      ...(r.image ? { image: r.image } : {}),
+      ...(r.template ? { template: r.template } : {}),
+      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+      // An ended application holds no port.
+      ports: isEnded(r) ? [] : (r.ports ?? []),
+      processes: processes.filter((p) => p.aid === r.aid),
     };
-    pump();
-    if (!opts.follow) return;
-    for (;;) {
-      const current = reg.get(aid);
-      const running = current !== undefined && !isEnded(current) && !reg.isStale(current);
-      pump();
-      if (!running) return;
-      await sleep(200);
-    }
-  });
+  }
 
-program
-  .command('stop')
-  .description('end an application: a signal (default SIGTERM), a grace period, then SIGKILL')
-  .argument('<aid...>', 'the applications')
-  .option('-s, --signal <name>', 'signal to send first', 'SIGTERM')
-  .option('-t, --time <seconds>', 'how long to wait for it to end before SIGKILL', '10')
-  .addHelpText(
-    'after',
-    '\nReturns once every process of the application has ended; the ended application is kept\n' +
-      '(appshot ps -a, logs) until appshot rm. The signal goes to the application\'s init, which\n' +
-      'passes it to the first process, or to every process once the first has exited.\n\n' +
-      'Examples:\n  appshot stop web\n  appshot stop -t 30 db          give it 30 s to shut down\n  appshot stop -s INT -t 5 web',
-  )
-  .action(async (aids: string[], opts: { signal: string; time: string }) => {
-    const reg = registry();
-    const sig = signalName(opts.signal);
-    const grace = Number(opts.time);
-    if (!(grace >= 0)) throw new AppshotError(`--time wants a number of seconds, not '${opts.time}'`, ExitCode.usage);
-    const records = aids.map((aid) => reg.require(aid));
-    await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
-  });
+  function stateText(r: AppRecord): string {
+    return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : 'running';
+  }
 
-program
-  .command('kill')
-  .description('send one signal (default SIGKILL, as docker kill) to an application and return')
-  .argument('<aid...>', 'the applications')
-  .option('-s, --signal <name>', 'signal to send', 'SIGKILL')
-  .addHelpText(
-    'after',
-    '\nDoes not wait for the application to end (appshot stop does; appshot wait waits).\n\n' +
-      'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration',
-  )
-  .action((aids: string[], opts: { signal: string }) => {
-    const reg = registry();
-    const sig = signalName(opts.signal);
-    for (const r of aids.map((aid) => reg.require(aid))) signalApp(reg, r, sig);
-  });
+  function portsText(r: AppRecord): string {
+    if (isEnded(r)) return '';
+    return (r.ports ?? []).map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(', ');
+  }
 
-program
-  .command('wait')
-  .description('wait until each application has ended and print its exit code (like docker wait)')
-  .argument('<aid...>', 'the applications')
-  .addHelpText(
-    'after',
-    "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
-      'An application that has already ended answers at once. A snapshot that ends it, or\n' +
-      'appshot rm, leaves no exit code: that is an error.\n\n' +
-      'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
-  )
-  .action(async (aids: string[]) => {
-    const reg = registry();
-    for (const aid of aids) reg.requireAny(aid);
-    let status: number = ExitCode.ok;
-    for (const aid of aids) {
-      const ended = await waitEnded(reg, aid);
-      if (ended === 'released' || !ended) {
-        process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
-        status = ExitCode.failure;
-        continue;
-      }
-      process.stdout.write(`${ended.exitCode}\n`);
-      status = ended.exitCode ?? ExitCode.failure;
-    }
-    process.exitCode = status;
-  });
-
-program
-  .command('rm')
-  .description('remove ended applications: record, log, private copies, REDIR PATH directories, port claims')
-  .argument('<aid...>', 'the applications')
-  .option('-f, --force', 'kill a running application (SIGKILL) and remove it', false)
-  .addHelpText(
-    'after',
-    '\nA running application is refused without --force. Removing a clone removes its private\n' +
-      'copies of files: an image taken of it with --leave-running cannot be restored after.\n\n' +
-      'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
-  )
-  .action(async (aids: string[], opts: { force: boolean }) => {
-    const reg = registry();
-    for (const aid of aids) {
-      try {
-        await removeApp(reg, aid, opts.force);
-        process.stdout.write(`${aid}\n`);
-      } catch (e) {
-        if (!(e instanceof AppshotError)) throw e;
-        process.stderr.write(`appshot: ${e.message}\n`);
-        process.exitCode = e.exitCode;
-      }
-    }
-  });
-
-program
-  .command('prune')
-  .description('remove every ended application (as appshot rm does each)')
-  .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
-  .action(() => {
-    for (const aid of pruneEnded(registry())) process.stdout.write(`${aid}\n`);
-  });
-
-program
-  .command('snapshot')
-  .description("freeze every process of an application and write its image")
-  .argument('[aid]', 'the application (or --aid)')
-  .option('--aid <name>', 'the application')
-  .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
-  .option('--leave-running', 'resume the application afterwards instead of ending it; the next directory snapshot is incremental on this one', false)
-  .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz and - are always whole)', false)
-  .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
-  .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
-  .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
-  .option('--json', 'print what was written as JSON', false)
-  .addHelpText(
-    'after',
-    '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
-      'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
-      'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
-      'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
-      'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
-      '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
-  )
-  .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
-    const aid = opts.aid ?? aidArg;
-    if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
-    const timeout = Number(opts.timeout);
-    if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
-    const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
-    const { snapshot } = await import('./snapshot/driver.js');
-    const result = await snapshot(registry(), aid, {
-      output: opts.output ?? `${aid}-${stamp}.appshot`,
-      leaveRunning: opts.leaveRunning,
-      full: opts.full,
-      preCopy: opts.preCopy,
-      tcpClose: opts.tcpClose,
-      timeoutMs: timeout * 1000,
-    });
-    if (opts.json) {
-      if (result.image === '-') process.stderr.write(JSON.stringify(result) + '\n');
-      else json(result);
-    } else if (result.image !== '-') {
-      process.stdout.write(result.image + '\n');
-      process.stderr.write(
-        `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
-          (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
-          `; frozen ${result.frozenMs.toFixed(1)} ms, ${result.totalMs.toFixed(0)} ms in all` +
-          (result.leftRunning ? '; still running' : '; ended') + '\n',
-      );
-    }
-  });
-
-program
-  .command('inspect')
-  .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
-  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
-  .option('--json', 'the whole image as JSON', false)
-  .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
-  .action(async (path: string, opts: { json: boolean }) => {
-    const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
-    const loaded = await loadImage(path, { trust: 'report' });
-    try {
-      if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
-      else printImage(loaded.manifest, loaded.image, loaded.signer);
-    } finally {
-      loaded.dispose();
-    }
-  });
-
-program
-  .command('restore')
-  .description('bring an image back as a running application, here or on another node')
-  .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
-  .option('--aid <name>', "the AID to run it as (default: the image's own)")
-  .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
-  .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
-  .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
-  .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
-  .addHelpText(
-    'after',
-    "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
-      'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
-      'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
-      'object or table behind. The application runs\n' +
-      'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
-      "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
-      'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
-      '  appshot restore --trust-image downloaded.appshot',
-  )
-  .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
-    if (opts.aid !== undefined) checkAid(opts.aid);
-    const [{ trustImagesExplicitly }, { restore }] = await Promise.all([import('./image/trust.js'), import('./restore/driver.js')]);
-    if (opts.trustImage) trustImagesExplicitly();
-    const reg = registry();
-    const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
-    // For ps: where it came from (a stream has no path to show).
-    const current = image === '-' ? undefined : reg.get(result.aid);
-    if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
-    if (opts.json) json(result);
-    else {
-      process.stdout.write(result.aid + '\n');
-      process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
-    }
-  });
-
-const template = program
-  .command('template')
-  .description('snapshot virtual templates: one warmed-up application, many clones')
-  .addHelpText('after', '\nExample:\n  appshot template create db.appshot -o db.template && appshot clone db.template --count 4');
-
-template
-  .command('create')
-  .description('turn a snapshot into a template, classifying every resource for cloning')
-  .argument('<snapshot>', 'a full snapshot image (directory, tar file, or - for stdin)')
-  .requiredOption('-o, --output <path>', 'the template directory to create')
-  .option('--rules <file>', 'classify by these rules instead of those the application ran under')
-  .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
-  .option('--json', 'print the verdicts as JSON', false)
-  .option('--trust-image', 'accept the snapshot even if no key this node trusts signed it (you vouch for it)', false)
-  .addHelpText(
-    'after',
-    '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
-      '(or recreate), from a rule or from the standard criteria (shared? modifiable? large with an\n' +
-      'underlying object? system-wide unique? exported to clients?). What cannot be templated (a unix\n' +
-      'socket listening on a path, a FIFO, a writable shared file mapping) is refused by name, and\n' +
-      'nothing is written. The snapshot\'s parts are hard-linked where possible. The snapshot must be\n' +
-      'signed by a trusted key (or --trust-image); the template is signed with this node\'s key.\n\n' +
-      'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
-      '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
-  )
-  .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
-    if (opts.name !== undefined) checkAid(opts.name);
-    const [{ trustImagesExplicitly }, { createTemplate }] = await Promise.all([import('./image/trust.js'), import('./template/template.js')]);
-    if (opts.trustImage) trustImagesExplicitly();
-    const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
-    if (opts.json) json(summary);
-    else {
-      process.stdout.write(summary.template + '\n');
-      const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
-      process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
-      // What the rules leave shared is worth a warning; the rest `show` lists.
-      for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
-    }
-  });
-
-template
-  .command('show')
-  .description("a template's resources and what cloning does with each")
-  .argument('<template>', 'the template directory')
-  .option('--json', 'machine-readable output', false)
-  .addHelpText('after', '\nExamples:\n  appshot template show db.template\n  appshot template show db.template --json')
-  .action(async (path: string, opts: { json: boolean }) => {
-    const [{ openTemplate, summarize }, { sharedState }] = await Promise.all([import('./template/template.js'), import('./resources/identity.js')]);
-    const t = await openTemplate(path, true, 'report');
-    try {
-      const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
-      if (opts.json) {
-        json(summary);
+  program
+    .command('ps')
+    .description('list applications (state, age, image or template, ports), or the processes of one')
+    .argument('[aid]', "only this application: its processes, virtual and system PIDs (like docker top)")
+    .option('-a, --all', 'ended applications too (kept until appshot rm or prune)', false)
+    .option('-q, --quiet', 'only the AIDs, one a line', false)
+    .option('--json', 'machine-readable output: every application with its processes', false)
+    .addHelpText(
+      'after',
+      '\nExamples:\n  appshot ps                 running applications\n  appshot ps -a              ended ones too, with their exit codes\n' +
+        '  appshot ps -aq             every AID (appshot rm $(appshot ps -aq) removes them all)\n  appshot ps web             the processes of web',
+    )
+    .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
+      const reg = registry();
+      const records = aid ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
+      if (opts.quiet) {
+        if (records.length) process.stdout.write(records.map((r) => r.aid).join('\n') + '\n');
         return;
       }
-      process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
-      printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
-      if (summary.shared.length) {
-        process.stdout.write('\nwhat every clone would share with the others and the template:\n');
-        for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${s.what}\n           -> ${s.fix}\n`);
+      const rows = listProcesses(reg, records);
+      if (opts.json) {
+        json(records.map((r) => appJson(r, rows)));
+        return;
       }
-    } finally {
-      t.loaded.dispose();
-    }
-  });
-
-program
-  .command('clone')
-  .description('stamp new running instances from a template, each under its own AID')
-  .argument('<template>', 'the template directory')
-  .option('--aid <name>', 'the AID; with --count N, instances are AID-1 ... AID-N (default: NAME-xxxxxx)')
-  .option('-n, --count <n>', 'how many instances', '1')
-  .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
-  .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
-  .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
-  .addHelpText(
-    'after',
-    '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
-      'files under copy-on-write rules are copied when an instance first writes them, PIDs and SysV\n' +
-      'ids are the template\'s virtual ones bound to new objects, a multiplexed port is shared by all\n' +
-      'instances, an allocated one is the instance\'s own (appshot port AID). All or nothing: if one\n' +
-      'instance fails, the ones made before it are removed.\n\n' +
-      'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
-  )
-  .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
-    const [{ trustImagesExplicitly }, { clone }, { Progress }] = await Promise.all([
-      import('./image/trust.js'),
-      import('./template/clone.js'),
-      import('./progress.js'),
-    ]);
-    if (opts.trustImage) trustImagesExplicitly();
-    const count = Number(opts.count);
-    if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
-    if (opts.aid !== undefined) checkAid(opts.aid);
-    const progress = new Progress();
-    // Ctrl-C or SIGTERM: the batch stops after the instance being made, and
-    // every instance it made goes (all or nothing, as for a failure).
-    const interrupt = new AbortController();
-    const stop = () => interrupt.abort();
-    process.once('SIGINT', stop).once('SIGTERM', stop);
-    const results = await clone(registry(), path, {
-      aid: opts.aid,
-      count,
-      verify: opts.verify,
-      signal: interrupt.signal,
-      progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
+      if (aid) {
+        if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
+        else
+          printColumns(
+            ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
+            rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
+          );
+        return;
+      }
+      printColumns(
+        ['AID', 'STATE', 'AGE', 'PROCS', 'IMAGE', 'PORTS', 'COMMAND'],
+        records.map((r) => [
+          r.aid,
+          stateText(r),
+          age(r.createdAt),
+          String(rows.filter((p) => p.aid === r.aid && !p.init).length),
+          r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
+          portsText(r) || '-',
+          r.command.join(' '),
+        ]),
+      );
     });
-    progress.done();
-    if (opts.json) {
-      json(results.map(({ createdDirs: _, ...r }) => r));
-      return;
+
+  program
+    .command('table')
+    .description("print an application's translation tables (every resource kind, virtual <-> system)")
+    .argument('<aid>', 'the application')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot table web\n  appshot table web --json')
+    .action((aid: string, opts: { json: boolean }) => {
+      const reg = registry();
+      const record = reg.require(aid);
+      const tables = reg.readTables(record);
+      if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
+      const rows = tableRows(tables);
+      if (opts.json) {
+        json({ aid, tables: tables.tables, repairs: tables.repairs });
+        return;
+      }
+      printColumns(
+        ['KIND', 'VIRTUAL', 'SYSTEM', 'NOTE'],
+        rows.map((r) => [r.kind, formatId(r.kind, r.virtual), formatId(r.kind, r.system), r.note]),
+      );
+    });
+
+  program
+    .command('exec')
+    .description("run a command inside an application's virtual view (e.g. kill -HUP <vpid>)")
+    .argument('<aid>', 'the application')
+    .argument('<command...>', 'the command and its arguments (put them after --)')
+    .addHelpText('after', '\nExamples:\n  appshot exec web -- kill -HUP 1        signal the first process by its virtual PID\n  appshot exec db -- ipcs -s             the SysV ids as the application sees them')
+    .action(async (aid: string, command: string[]) => {
+      const { execIn } = await import('./harness.js');
+      setExitCode(await execIn(registry(), aid, command));
+    });
+
+  /** The last `lines` lines of a file: the offset where they start. Read
+   * backwards a block at a time, so a large log costs only its tail. */
+  function tailOffset(path: string, lines: number): number {
+    const size = statSync(path).size;
+    if (lines <= 0) return size;
+    const fd = openSync(path, 'r');
+    try {
+      const block = Buffer.alloc(65536);
+      let end = size;
+      // A last line without its newline counts as a line too.
+      let seen = 0;
+      let first = true;
+      while (end > 0) {
+        const start = Math.max(0, end - block.length);
+        const n = readSync(fd, block, 0, end - start, start);
+        for (let i = n - 1; i >= 0; i--) {
+          if (block[i] !== 0x0a) continue;
+          if (first && start + i === size - 1) continue;
+          if (++seen === lines) return start + i + 1;
+        }
+        first = false;
+        end = start;
+      }
+      return 0;
+    } finally {
+      closeSync(fd);
     }
-    for (const r of results) {
-      const ports = r.ports.map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(' ');
-      process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
-    }
-    const ms = results.map((r) => r.cloneMs);
-    process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
-  });
+  }
 
-const key = program
-  .command('key')
-  .description("the keys images are signed with: this node's, and those of the nodes it trusts")
-  .addHelpText(
-    'after',
-    '\nsnapshot signs each image with this node\'s key ($APPSHOT_HOME/keys/self.key, made at first use).\n' +
-      'restore, clone and template create run only images signed by it or by an imported key.\n\n' +
-      'Example (node2 trusts the images of node1):\n  node1$ appshot key export -o node1.pub\n  node2$ appshot key import node1.pub --name node1',
-  );
+  program
+    .command('logs')
+    .description('print the output of an application started with run --detach (or restored), running or ended')
+    .argument('<aid>', 'the application')
+    .option('-f, --follow', 'keep printing new output until the application ends', false)
+    .option('-n, --tail <lines>', "only the last LINES lines ('all': every line)", 'all')
+    .option('-t, --timestamps', 'not available: see below')
+    .addHelpText(
+      'after',
+      '\nThe log is kept when the application ends (until appshot rm), and across a snapshot and the\n' +
+        'restore of its image under the same AID: the restored application appends to it.\n\n' +
+        'There are no timestamps: the application writes its log file itself, with no appshot process\n' +
+        'in between to note when each line came (that would cost a resident process per application\n' +
+        'and change what the application writes to: a file, not a pipe). --timestamps is refused.\n\n' +
+        'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web',
+    )
+    .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps?: boolean }) => {
+      const reg = registry();
+      let record: AppRecord;
+      try {
+        record = reg.requireAny(aid);
+      } catch (e) {
+        // Snapshotted and not restored yet: its log waits for the restore.
+        const carried = reg.carriedLogPath(aid);
+        if (!(e instanceof AppshotError && e.exitCode === ExitCode.notFound && existsSync(carried))) throw e;
+        process.stderr.write(`appshot: '${aid}' was snapshotted and ended; its log waits for the restore of its image as '${aid}'\n`);
+        record = { aid, logPath: carried } as AppRecord;
+        opts.follow = false;
+      }
+      if (opts.timestamps)
+        throw new AppshotError('--timestamps: appshot does not see when a line was written (the application writes its log file itself; see appshot logs --help)', ExitCode.usage);
+      const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
+      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
+      if (!record.logPath)
+        throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
+      const logPath = record.logPath;
+      let offset = tail !== undefined && existsSync(logPath) ? tailOffset(logPath, tail) : 0;
+      const pump = () => {
+        if (!existsSync(logPath)) return;
+        const size = statSync(logPath).size;
+        if (size <= offset) return;
+        const fd = openSync(logPath, 'r');
+        try {
+          const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
+          while (offset < size) {
+            const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
+            if (n <= 0) break;
+            process.stdout.write(chunk.subarray(0, n));
+            offset += n;
+          }
+        } finally {
+          closeSync(fd);
+        }
+      };
+      pump();
+      if (!opts.follow) return;
+      for (;;) {
+        const current = reg.get(aid);
+        const running = current !== undefined && !isEnded(current) && !reg.isStale(current);
+        pump();
+        if (!running) return;
+        await sleep(200);
+      }
+    });
 
-key
-  .command('export')
-  .description("print this node's public key (it lets another node check this node's images, not sign them)")
-  .option('-o, --output <file>', 'write it to this file instead')
-  .addHelpText('after', '\nExamples:\n  appshot key export -o node1.pub\n  appshot key export | ssh node2 appshot key import /dev/stdin --name node1')
-  .action(async (opts: { output?: string }) => {
-    const { exportKey } = await import('./image/trust.js');
-    const pem = exportKey();
-    if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
-    else process.stdout.write(pem);
-  });
+  program
+    .command('stop')
+    .description('end an application: a signal (default SIGTERM), a grace period, then SIGKILL')
+    .argument('<aid...>', 'the applications')
+    .option('-s, --signal <name>', 'signal to send first', 'SIGTERM')
+    .option('-t, --time <seconds>', 'how long to wait for it to end before SIGKILL', '10')
+    .addHelpText(
+      'after',
+      '\nReturns once every process of the application has ended; the ended application is kept\n' +
+        '(appshot ps -a, logs) until appshot rm. The signal goes to the application\'s init, which\n' +
+        'passes it to the first process, or to every process once the first has exited.\n\n' +
+        'Examples:\n  appshot stop web\n  appshot stop -t 30 db          give it 30 s to shut down\n  appshot stop -s INT -t 5 web',
+    )
+    .action(async (aids: string[], opts: { signal: string; time: string }) => {
+      const reg = registry();
+      const sig = signalName(opts.signal);
+      const grace = Number(opts.time);
+      if (!(grace >= 0)) throw new AppshotError(`--time wants a number of seconds, not '${opts.time}'`, ExitCode.usage);
+      const records = aids.map((aid) => reg.require(aid));
+      await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
+    });
 
-key
-  .command('import')
-  .description("trust the images signed by another node's key (a file appshot key export wrote)")
-  .argument('<file>', 'the exported public key')
-  .option('--name <name>', 'what to call it (default: its id)')
-  .addHelpText('after', '\nExample:\n  appshot key import node1.pub --name node1')
-  .action(async (file: string, opts: { name?: string }) => {
-    const { importKey } = await import('./image/trust.js');
-    const k = importKey(file, opts.name);
-    process.stdout.write(`${k.id}\t${k.name}\n`);
-  });
+  program
+    .command('kill')
+    .description('send one signal (default SIGKILL, as docker kill) to an application and return')
+    .argument('<aid...>', 'the applications')
+    .option('-s, --signal <name>', 'signal to send', 'SIGKILL')
+    .addHelpText(
+      'after',
+      '\nDoes not wait for the application to end (appshot stop does; appshot wait waits).\n\n' +
+        'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration',
+    )
+    .action((aids: string[], opts: { signal: string }) => {
+      const reg = registry();
+      const sig = signalName(opts.signal);
+      for (const r of aids.map((aid) => reg.require(aid))) signalApp(reg, r, sig);
+    });
 
-key
-  .command('ls')
-  .description('list the keys this node trusts (its own first)')
-  .option('--json', 'machine-readable output', false)
-  .addHelpText('after', '\nExample:\n  appshot key ls')
-  .action(async (opts: { json: boolean }) => {
-    const { selfKey, trustedKeys } = await import('./image/trust.js');
-    selfKey(); // made at first use, and listing is one
-    const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
-    if (opts.json) json(keys);
-    else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
-  });
+  program
+    .command('wait')
+    .description('wait until each application has ended and print its exit code (like docker wait)')
+    .argument('<aid...>', 'the applications')
+    .addHelpText(
+      'after',
+      "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
+        'An application that has already ended answers at once. A snapshot that ends it, or\n' +
+        'appshot rm, leaves no exit code: that is an error.\n\n' +
+        'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
+    )
+    .action(async (aids: string[]) => {
+      const reg = registry();
+      for (const aid of aids) reg.requireAny(aid);
+      let status: number = ExitCode.ok;
+      for (const aid of aids) {
+        const ended = await waitEnded(reg, aid);
+        if (ended === 'released' || !ended) {
+          process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
+          status = ExitCode.failure;
+          continue;
+        }
+        process.stdout.write(`${ended.exitCode}\n`);
+        status = ended.exitCode ?? ExitCode.failure;
+      }
+      setExitCode(status);
+    });
 
-program
-  .command('port')
-  .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
-  .argument('<aid>', 'the application')
-  .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
-  .option('--json', 'machine-readable output', false)
-  .addHelpText('after', '\nExamples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping')
-  .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
-    const record = registry().require(aid);
-    let rows = record.ports ?? [];
-    if (port !== undefined) {
-      rows = rows.filter((p) => p.virtual === Number(port));
-      if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
-    }
-    if (opts.json) json(rows);
-    else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
-    else
-    printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
-  });
+  program
+    .command('rm')
+    .description('remove ended applications: record, log, private copies, REDIR PATH directories, port claims')
+    .argument('<aid...>', 'the applications')
+    .option('-f, --force', 'kill a running application (SIGKILL) and remove it', false)
+    .addHelpText(
+      'after',
+      '\nA running application is refused without --force. Removing a clone removes its private\n' +
+        'copies of files: an image taken of it with --leave-running cannot be restored after.\n\n' +
+        'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
+    )
+    .action(async (aids: string[], opts: { force: boolean }) => {
+      const reg = registry();
+      for (const aid of aids) {
+        try {
+          await removeApp(reg, aid, opts.force);
+          process.stdout.write(`${aid}\n`);
+        } catch (e) {
+          if (!(e instanceof AppshotError)) throw e;
+          process.stderr.write(`appshot: ${e.message}\n`);
+          setExitCode(e.exitCode);
+        }
+      }
+    });
 
-registerVersion(program);
-registerCheck(program);
-registerImages(program);
-applyHouseStyle(program);
+  program
+    .command('prune')
+    .description('remove every ended application (as appshot rm does each)')
+    .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
+    .action(() => {
+      for (const aid of pruneEnded(registry())) process.stdout.write(`${aid}\n`);
+    });
+
+  program
+    .command('snapshot')
+    .description("freeze every process of an application and write its image")
+    .argument('[aid]', 'the application (or --aid)')
+    .option('--aid <name>', 'the application')
+    .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
+    .option('--leave-running', 'resume the application afterwards instead of ending it; the next directory snapshot is incremental on this one', false)
+    .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz and - are always whole)', false)
+    .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
+    .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
+    .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
+    .option('--json', 'print what was written as JSON', false)
+    .addHelpText(
+      'after',
+      '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
+        'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
+        'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
+        'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
+        'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
+        '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
+    )
+    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
+      const aid = opts.aid ?? aidArg;
+      if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
+      const timeout = Number(opts.timeout);
+      if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
+      const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
+      const { snapshot } = await import('./snapshot/driver.js');
+      const result = await snapshot(registry(), aid, {
+        output: opts.output ?? `${aid}-${stamp}.appshot`,
+        leaveRunning: opts.leaveRunning,
+        full: opts.full,
+        preCopy: opts.preCopy,
+        tcpClose: opts.tcpClose,
+        timeoutMs: timeout * 1000,
+      });
+      if (opts.json) {
+        if (result.image === '-') process.stderr.write(JSON.stringify(result) + '\n');
+        else json(result);
+      } else if (result.image !== '-') {
+        process.stdout.write(result.image + '\n');
+        process.stderr.write(
+          `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
+            (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
+            `; frozen ${result.frozenMs.toFixed(1)} ms, ${result.totalMs.toFixed(0)} ms in all` +
+            (result.leftRunning ? '; still running' : '; ended') + '\n',
+        );
+      }
+    });
+
+  program
+    .command('inspect')
+    .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
+    .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
+    .option('--json', 'the whole image as JSON', false)
+    .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
+    .action(async (path: string, opts: { json: boolean }) => {
+      const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
+      const loaded = await loadImage(path, { trust: 'report' });
+      try {
+        if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
+        else printImage(loaded.manifest, loaded.image, loaded.signer);
+      } finally {
+        loaded.dispose();
+      }
+    });
+
+  program
+    .command('restore')
+    .description('bring an image back as a running application, here or on another node')
+    .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
+    .option('--aid <name>', "the AID to run it as (default: the image's own)")
+    .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
+    .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
+    .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
+    .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
+    .addHelpText(
+      'after',
+      "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
+        'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
+        'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
+        'object or table behind. The application runs\n' +
+        'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
+        "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
+        'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
+        '  appshot restore --trust-image downloaded.appshot',
+    )
+    .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
+      if (opts.aid !== undefined) checkAid(opts.aid);
+      const [{ trustImagesExplicitly }, { restore }] = await Promise.all([import('./image/trust.js'), import('./restore/driver.js')]);
+      if (opts.trustImage) trustImagesExplicitly();
+      const reg = registry();
+      const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
+      // For ps: where it came from (a stream has no path to show).
+      const current = image === '-' ? undefined : reg.get(result.aid);
+      if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
+      if (opts.json) json(result);
+      else {
+        process.stdout.write(result.aid + '\n');
+        process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
+      }
+    });
+
+  const template = program
+    .command('template')
+    .description('snapshot virtual templates: one warmed-up application, many clones')
+    .addHelpText('after', '\nExample:\n  appshot template create db.appshot -o db.template && appshot clone db.template --count 4');
+
+  template
+    .command('create')
+    .description('turn a snapshot into a template, classifying every resource for cloning')
+    .argument('<snapshot>', 'a full snapshot image (directory, tar file, or - for stdin)')
+    .requiredOption('-o, --output <path>', 'the template directory to create')
+    .option('--rules <file>', 'classify by these rules instead of those the application ran under')
+    .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
+    .option('--json', 'print the verdicts as JSON', false)
+    .option('--trust-image', 'accept the snapshot even if no key this node trusts signed it (you vouch for it)', false)
+    .addHelpText(
+      'after',
+      '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
+        '(or recreate), from a rule or from the standard criteria (shared? modifiable? large with an\n' +
+        'underlying object? system-wide unique? exported to clients?). What cannot be templated (a unix\n' +
+        'socket listening on a path, a FIFO, a writable shared file mapping) is refused by name, and\n' +
+        'nothing is written. The snapshot\'s parts are hard-linked where possible. The snapshot must be\n' +
+        'signed by a trusted key (or --trust-image); the template is signed with this node\'s key.\n\n' +
+        'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
+        '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
+    )
+    .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
+      if (opts.name !== undefined) checkAid(opts.name);
+      const [{ trustImagesExplicitly }, { createTemplate }] = await Promise.all([import('./image/trust.js'), import('./template/template.js')]);
+      if (opts.trustImage) trustImagesExplicitly();
+      const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
+      if (opts.json) json(summary);
+      else {
+        process.stdout.write(summary.template + '\n');
+        const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
+        process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+        // What the rules leave shared is worth a warning; the rest `show` lists.
+        for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
+      }
+    });
+
+  template
+    .command('show')
+    .description("a template's resources and what cloning does with each")
+    .argument('<template>', 'the template directory')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot template show db.template\n  appshot template show db.template --json')
+    .action(async (path: string, opts: { json: boolean }) => {
+      const [{ openTemplate, summarize }, { sharedState }] = await Promise.all([import('./template/template.js'), import('./resources/identity.js')]);
+      const t = await openTemplate(path, true, 'report');
+      try {
+        const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
+        if (opts.json) {
+          json(summary);
+          return;
+        }
+        process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
+        printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
+        if (summary.shared.length) {
+          process.stdout.write('\nwhat every clone would share with the others and the template:\n');
+          for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${s.what}\n           -> ${s.fix}\n`);
+        }
+      } finally {
+        t.loaded.dispose();
+      }
+    });
+
+  program
+    .command('clone')
+    .description('stamp new running instances from a template, each under its own AID')
+    .argument('<template>', 'the template directory')
+    .option('--aid <name>', 'the AID; with --count N, instances are AID-1 ... AID-N (default: NAME-xxxxxx)')
+    .option('-n, --count <n>', 'how many instances', '1')
+    .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
+    .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
+    .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
+    .addHelpText(
+      'after',
+      '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
+        'files under copy-on-write rules are copied when an instance first writes them, PIDs and SysV\n' +
+        'ids are the template\'s virtual ones bound to new objects, a multiplexed port is shared by all\n' +
+        'instances, an allocated one is the instance\'s own (appshot port AID). All or nothing: if one\n' +
+        'instance fails, the ones made before it are removed.\n\n' +
+        'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
+    )
+    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
+      const [{ trustImagesExplicitly }, { clone }, { Progress }] = await Promise.all([
+        import('./image/trust.js'),
+        import('./template/clone.js'),
+        import('./progress.js'),
+      ]);
+      if (opts.trustImage) trustImagesExplicitly();
+      const count = Number(opts.count);
+      if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
+      if (opts.aid !== undefined) checkAid(opts.aid);
+      const progress = new Progress();
+      // Ctrl-C or SIGTERM: the batch stops after the instance being made, and
+      // every instance it made goes (all or nothing, as for a failure).
+      // In the engine, the client going away (its Ctrl-C) stands for it.
+      const interrupt = new AbortController();
+      const uninstall = onInterrupt('abort', () => interrupt.abort());
+      let results;
+      try {
+        results = await clone(registry(), path, {
+          aid: opts.aid,
+          count,
+          verify: opts.verify,
+          signal: interrupt.signal,
+          progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
+        });
+      } finally {
+        uninstall();
+      }
+      progress.done();
+      if (opts.json) {
+        json(results.map(({ createdDirs: _, ...r }) => r));
+        return;
+      }
+      for (const r of results) {
+        const ports = r.ports.map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(' ');
+        process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
+      }
+      const ms = results.map((r) => r.cloneMs);
+      process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
+    });
+
+  const key = program
+    .command('key')
+    .description("the keys images are signed with: this node's, and those of the nodes it trusts")
+    .addHelpText(
+      'after',
+      '\nsnapshot signs each image with this node\'s key ($APPSHOT_HOME/keys/self.key, made at first use).\n' +
+        'restore, clone and template create run only images signed by it or by an imported key.\n\n' +
+        'Example (node2 trusts the images of node1):\n  node1$ appshot key export -o node1.pub\n  node2$ appshot key import node1.pub --name node1',
+    );
+
+  key
+    .command('export')
+    .description("print this node's public key (it lets another node check this node's images, not sign them)")
+    .option('-o, --output <file>', 'write it to this file instead')
+    .addHelpText('after', '\nExamples:\n  appshot key export -o node1.pub\n  appshot key export | ssh node2 appshot key import /dev/stdin --name node1')
+    .action(async (opts: { output?: string }) => {
+      const { exportKey } = await import('./image/trust.js');
+      const pem = exportKey();
+      if (opts.output) writeFileSync(opts.output, pem, { flag: 'wx', mode: 0o644 });
+      else process.stdout.write(pem);
+    });
+
+  key
+    .command('import')
+    .description("trust the images signed by another node's key (a file appshot key export wrote)")
+    .argument('<file>', 'the exported public key')
+    .option('--name <name>', 'what to call it (default: its id)')
+    .addHelpText('after', '\nExample:\n  appshot key import node1.pub --name node1')
+    .action(async (file: string, opts: { name?: string }) => {
+      const { importKey } = await import('./image/trust.js');
+      const k = importKey(file, opts.name);
+      process.stdout.write(`${k.id}\t${k.name}\n`);
+    });
+
+  key
+    .command('ls')
+    .description('list the keys this node trusts (its own first)')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExample:\n  appshot key ls')
+    .action(async (opts: { json: boolean }) => {
+      const { selfKey, trustedKeys } = await import('./image/trust.js');
+      selfKey(); // made at first use, and listing is one
+      const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
+      if (opts.json) json(keys);
+      else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
+    });
+
+  program
+    .command('port')
+    .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
+    .argument('<aid>', 'the application')
+    .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping')
+    .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
+      const record = registry().require(aid);
+      let rows = record.ports ?? [];
+      if (port !== undefined) {
+        rows = rows.filter((p) => p.virtual === Number(port));
+        if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
+      }
+      if (opts.json) json(rows);
+      else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
+      else
+      printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
+    });
+
+  registerVersion(program);
+  registerCheck(program);
+  registerImages(program);
+  registerEngine(program);
+  applyHouseStyle(program);
+  return program;
+}
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that
  * got past validation, say): one line, never a stack trace, unless asked. */
@@ -670,10 +684,53 @@ function reportInternalError(e: unknown): void {
   if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error)?.stack ?? String(e)}\n`);
   const message = String((e as Error)?.message ?? e).split('\n')[0];
   process.stderr.write(`appshot: internal error: ${message}${process.env.APPSHOT_DEBUG ? '' : ' (APPSHOT_DEBUG=1 shows the stack)'}\n`);
-  process.exitCode = ExitCode.internal;
+  setExitCode(ExitCode.internal);
 }
 
-async function main(): Promise<void> {
+/** Reports an error that ended a command, as its one line and exit code. */
+export function reportError(e: unknown): void {
+  if (e instanceof CommanderError) {
+    // Help and version end here too, with exit code 0.
+    setExitCode(e.exitCode === 0 ? 0 : ExitCode.usage);
+    return;
+  }
+  if (e instanceof AppshotError) {
+    process.stderr.write(`appshot: ${e.message}\n`);
+    setExitCode(e.exitCode);
+    return;
+  }
+  const err = e as NodeJS.ErrnoException;
+  if (err && typeof err.code === 'string' && err.syscall) {
+    process.stderr.write(`appshot: ${err.message}\n`);
+    setExitCode(ExitCode.failure);
+    return;
+  }
+  reportInternalError(e);
+}
+
+/**
+ * Runs one command line (argv as process.argv: node, script, args...) to
+ * its end: its output goes to process.stdout/stderr, its exit code through
+ * setExitCode. Never ends the process: the engine runs commands with this
+ * too, in the context of a request (engine/request.ts).
+ */
+export async function runCommand(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  const columns = currentRequest()?.tty.columns;
+  if (currentRequest())
+    program.configureOutput({ getOutHelpWidth: () => columns ?? 80, getErrHelpWidth: () => columns ?? 80 });
+  try {
+    // What a command killed with SIGKILL left half-written: removed before
+    // every command's action (--help and --version have none).
+    program.hook('preAction', async () => (await import('./image/partial.js')).removeStaleTemporaries());
+    await program.parseAsync(argv);
+  } catch (e) {
+    reportError(e);
+  }
+}
+
+/** The CLI process: one command, then the process ends. */
+export async function main(): Promise<void> {
   // Errors outside the command's own promise (a stream's 'error' event, a
   // callback) are reported the same way.
   process.on('uncaughtException', (e) => {
@@ -689,30 +746,5 @@ async function main(): Promise<void> {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });
-  try {
-    // What a command killed with SIGKILL left half-written: removed before
-    // every command's action (--help and --version have none).
-    program.hook('preAction', async () => (await import('./image/partial.js')).removeStaleTemporaries());
-    await program.parseAsync(process.argv);
-  } catch (e) {
-    if (e instanceof CommanderError) {
-      // Help and version end here too, with exit code 0.
-      process.exitCode = e.exitCode === 0 ? 0 : ExitCode.usage;
-      return;
-    }
-    if (e instanceof AppshotError) {
-      process.stderr.write(`appshot: ${e.message}\n`);
-      process.exitCode = e.exitCode;
-      return;
-    }
-    const err = e as NodeJS.ErrnoException;
-    if (err && typeof err.code === 'string' && err.syscall) {
-      process.stderr.write(`appshot: ${err.message}\n`);
-      process.exitCode = ExitCode.failure;
-      return;
-    }
-    reportInternalError(e);
-  }
+  await runCommand(process.argv);
 }
-
-await main();

@@ -191,6 +191,8 @@ interface Addon {
   setInstance(path: string, config: InstanceConfig): void;
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;
+  tryLockFile(path: string): number;
+  peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number, owner?: number): void;
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;

@@ -1,8 +1,9 @@
 /** A one-line progress bar on stderr, drawn only when stderr is a terminal. */
 import { isatty } from 'node:tty';
+import { stderrIsTerminal } from './engine/request.js';
 
 export class Progress {
-  private readonly enabled = isatty(2);
+  private readonly enabled = stderrIsTerminal(() => isatty(2));
   private last = 0;
 
   update(label: string, done: number, total: number): void {

@@ -23,7 +23,6 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
@@ -194,12 +193,8 @@ function readExitFile(stateDir: string): { exitCode: number; endedAt: string } |
   return { exitCode: code, endedAt: new Date(ms).toISOString() };
 }
 
-export function defaultHome(): string {
-  if (process.env.APPSHOT_HOME) return process.env.APPSHOT_HOME;
-  if (process.getuid?.() === 0) return '/var/lib/appshot';
-  const state = process.env.XDG_STATE_HOME || join(homedir(), '.local', 'state');
-  return join(state, 'appshot');
-}
+export { defaultHome } from './home.js';
+import { defaultHome } from './home.js';
 
 export class LocalRegistry implements Registry {
   readonly home: string;
@@ -590,13 +585,15 @@ export class LocalRegistry implements Registry {
     });
   }
 
-  /** A claim is taken back once its application is gone (or does not
-   * list the port) and the process that claimed it has ended. */
+  /** A claim is taken back once its application, registered with the
+   * port, is gone; until it is registered with it, once the process that
+   * claimed it has ended. (Not both: the claimer may be the resident
+   * engine, which outlives the command that claimed the port.) */
   private portClaimIsStale(port: number): boolean {
     const claim = this.portClaim(port);
     if (!claim) return true;
     const record = this.get(claim.aid);
-    if (record && !this.isStale(record) && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return false;
+    if (record && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return this.isStale(record);
     return !isSameProcess(claim.pid, claim.startTime);
   }
 

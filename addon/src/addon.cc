@@ -19,6 +19,7 @@
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "addon.h"
@@ -369,6 +370,48 @@ Napi::Value LockFile(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+// tryLockFile(path) -> fd, or -1 if another process holds it: the file,
+// made if need be (0600), under an exclusive flock taken without waiting.
+// The resident engine holds its state directory's this way for its whole
+// life: the kernel drops it when the engine ends, however it ends.
+Napi::Value TryLockFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    ThrowErrno(env, "opening " + path, errno);
+    return env.Undefined();
+  }
+  while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    int err = errno;
+    close(fd);
+    if (err == EWOULDBLOCK) return Napi::Number::New(env, -1);
+    ThrowErrno(env, "locking " + path, err);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
+// peerCredentials(fd) -> {pid, uid, gid}: who is at the other end of a
+// connected unix socket, as the kernel recorded it at connect()
+// (SO_PEERCRED): the engine serves only its own user.
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    ThrowErrno(env, "SO_PEERCRED", errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pid", Napi::Number::New(env, cred.pid));
+  o.Set("uid", Napi::Number::New(env, cred.uid));
+  o.Set("gid", Napi::Number::New(env, cred.gid));
+  return o;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
@@ -378,6 +421,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
+  exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
+  exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("bind", Napi::Function::New(env, Bind));
   exports.Set("mapSystem", Napi::Function::New(env, MapSystem));
   exports.Set("unmapSystem", Napi::Function::New(env, UnmapSystem));

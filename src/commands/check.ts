@@ -13,6 +13,7 @@ import type { Command } from 'commander';
 import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
+import { setExitCode } from '../engine/request.js';
 
 export interface Feature {
   /** Stable identifier (JSON, tests). */
@@ -249,6 +250,6 @@ export function registerCheck(program: Command): void {
             : `appshot: missing for the core: ${missing.filter((f) => f.core).map((f) => f.id).join(', ')}\n`,
         );
       }
-      if (!result.core) process.exitCode = 1;
+      if (!result.core) setExitCode(1);
     });
 }

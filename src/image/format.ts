@@ -42,6 +42,7 @@ import { type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
+import { onInterrupt } from '../engine/request.js';
 
 export const MAGIC = 'appshot-image';
 export const FORMAT_VERSION = 1;
@@ -406,7 +407,9 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
     process.stderr.write(`appshot: interrupted while reading the image\n`);
     process.exit(128 + osConstants.signals[sig]);
   };
-  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  // Not in the engine: there a request is never ended midway, and the
+  // catch below removes the directory if the body fails.
+  const uninstall = onInterrupt('exit', onSignal);
   try {
     await body(dir);
     return dir;
@@ -414,7 +417,7 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
     rmSync(dir, { recursive: true, force: true });
     throw e;
   } finally {
-    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    uninstall();
   }
 }
 

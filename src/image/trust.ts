@@ -24,6 +24,7 @@ import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, mkdirSync
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome } from '../registry.js';
+import { currentRequest } from '../engine/request.js';
 
 export interface TrustedKey {
   id: string;
@@ -174,12 +175,15 @@ export function checkSignature(domain: string, data: Buffer, signature: Buffer, 
 }
 
 /** --trust-image: the user vouches for the images this command reads. Set
- * once by the CLI, for the one command it runs. */
+ * by the CLI for the one command it runs: the process's in a CLI process,
+ * the request's in the engine (never the next command's). */
 let trustedExplicitly = false;
 export function trustImagesExplicitly(): void {
-  trustedExplicitly = true;
+  const r = currentRequest();
+  if (r) r.trustImages = true;
+  else trustedExplicitly = true;
 }
-export const imagesTrustedExplicitly = () => trustedExplicitly;
+export const imagesTrustedExplicitly = () => currentRequest()?.trustImages ?? trustedExplicitly;
 
 export const untrustedHint = 'if you trust it, run again with --trust-image, or trust the key of the node that made it (appshot key import FILE)';
 

@@ -18,6 +18,7 @@ import type { Action, Rules, Template, Verdict } from '../image/types.js';
 import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
+import { cachedTemplate } from './cache.js';
 
 export const TEMPLATE_PART = 'template.pb';
 /** A template made of a clone: that clone's private copies, as they were
@@ -158,6 +159,13 @@ export async function openTemplate(path: string, verify = true, trust: 'require'
   if (!existsSync(path)) throw new AppshotError(`no such template: ${path}`, ExitCode.notFound);
   if (!existsSync(join(path, TEMPLATE_PART)))
     throw new AppshotError(`not a template: ${path} (no ${TEMPLATE_PART}; make one with appshot template create)`, ExitCode.notFound);
+  // In the engine, a template opened before and unchanged since is not
+  // read again (cache.ts); --verify always reads it whole.
+  if (!verify) return cachedTemplate(path, PARTS.manifest, `${trust}:${imagesTrustedExplicitly()}`, () => openTemplateNow(path, verify, trust));
+  return openTemplateNow(path, verify, trust);
+}
+
+async function openTemplateNow(path: string, verify: boolean, trust: 'require' | 'report'): Promise<OpenedTemplate> {
   const loaded = await loadImage(path, { sizeOnly: !verify, trust });
   try {
     const template = decodeTemplate(readSmallPart(path, TEMPLATE_PART, TEMPLATE_CEILING));

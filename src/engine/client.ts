@@ -1,0 +1,133 @@
+/**
+ * The thin client: bin/appshot.js hands a command line to the resident
+ * engine of this state directory when one runs, before loading the CLI.
+ * Loads only node:net and two small modules, so that a command served by
+ * the engine costs a bare Node start and one round trip.
+ *
+ * Run here, never sent (answer undefined):
+ *  - commands that need this process's terminal, environment, stdin or
+ *    signals: run, exec, logs -f, wait, check, engine;
+ *  - any command line naming standard input or output ('-', /dev/...,
+ *    /proc/self/...): the engine's are not the client's;
+ *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
+ *    this one, not the engine).
+ */
+import { connect, type Socket } from 'node:net';
+import { enginePaths, defaultHome } from '../home.js';
+import { Frame, FrameReader, type Control, type Request } from './protocol.js';
+
+const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine']);
+/** Commands that start an engine with APPSHOT_ENGINE=auto: those a warm
+ * engine makes faster by more than its start costs. */
+const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
+
+/** Whether `argv` (after `appshot`) may be run by the engine. */
+export function servedByEngine(argv: string[]): boolean {
+  if (process.env.APPSHOT_TEST_KILL_AT) return false;
+  const command = argv.find((a) => !a.startsWith('-'));
+  if (command !== undefined && IN_PROCESS.has(command)) return false;
+  if (command === 'logs' && argv.some((a) => a === '--follow' || /^-[a-zA-Z]*f/.test(a))) return false;
+  return !argv.some((a) => a === '-' || a.startsWith('/dev/') || a.startsWith('/proc/self/') || /^--?[a-zA-Z-]+=(-|\/dev\/|\/proc\/self\/)/.test(a));
+}
+
+function openSocket(path: string): Promise<Socket | undefined> {
+  return new Promise((resolve) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.removeAllListeners('error');
+      resolve(s);
+    });
+    // ENOENT: none runs; ECONNREFUSED: one died without removing it.
+    s.once('error', () => resolve(undefined));
+  });
+}
+
+/** Sends `argv` to the engine and relays its output; the exit code, or
+ * undefined if the command is to run in this process. */
+export async function viaEngine(argv: string[]): Promise<number | undefined> {
+  if (!servedByEngine(argv)) return undefined;
+  const home = defaultHome();
+  const paths = enginePaths(home);
+  const socket = await openSocket(paths.socket);
+  if (!socket) {
+    const command = argv.find((a) => !a.startsWith('-'));
+    if (process.env.APPSHOT_ENGINE === 'auto' && command && STARTS_ENGINE.has(command)) {
+      // For the next command: this one runs here, now.
+      const { startEngineInBackground } = await import('./spawn.js');
+      startEngineInBackground(home);
+    }
+    return undefined;
+  }
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) if (k.startsWith('APPSHOT_') && v !== undefined) env[k] = v;
+  const umask = process.umask();
+  const request: Request = {
+    kind: 'command',
+    argv,
+    cwd: process.cwd(),
+    env,
+    umask,
+    tty: { stdout: !!process.stdout.isTTY, stderr: !!process.stderr.isTTY, columns: process.stdout.columns },
+  };
+  return new Promise((resolve) => {
+    let accepted = false;
+    let done = false;
+    const finish = (code: number | undefined) => {
+      if (done) return;
+      done = true;
+      socket.destroy();
+      resolve(code);
+    };
+    const reader = new FrameReader((type, payload) => {
+      if (type === Frame.ACCEPTED) accepted = true;
+      else if (type === Frame.STDOUT) process.stdout.write(payload);
+      else if (type === Frame.STDERR) process.stderr.write(payload);
+      else if (type === Frame.EXIT) finish(payload.readInt32BE(0));
+      else if (type === Frame.REFUSED) {
+        if (process.env.APPSHOT_DEBUG) process.stderr.write(`appshot: the engine refused (${payload.toString()}): running here\n`);
+        finish(undefined);
+      }
+    });
+    socket.on('data', (d) => reader.push(d));
+    const lost = () => {
+      if (done) return;
+      // Before ACCEPTED the engine did nothing (it was leaving): run here.
+      if (!accepted) return finish(undefined);
+      process.stderr.write('appshot: the engine went away during the command: its outcome is unknown (see appshot ps)\n');
+      finish(70);
+    };
+    socket.on('error', lost).on('close', lost);
+    // Ctrl-C (or SIGTERM) is passed on as the command's interruption (clone
+    // stops its batch and removes what it made, exit 130), and the client
+    // waits for the outcome; a second one leaves at once.
+    let interrupts = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (++interrupts > 1) process.exit(sig === 'SIGINT' ? 130 : 143);
+      socket.write('interrupt\n');
+    };
+    process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+    socket.write(JSON.stringify(request) + '\n');
+  });
+}
+
+/** A control request (`appshot engine status|stop`): the engine's answer,
+ * or undefined if none runs. */
+export async function controlEngine(kind: Control['kind'], home = defaultHome()): Promise<Record<string, unknown> | undefined> {
+  const socket = await openSocket(enginePaths(home).socket);
+  if (!socket) return undefined;
+  return new Promise((resolve) => {
+    const reader = new FrameReader((type, payload) => {
+      if (type === Frame.STATUS) {
+        socket.destroy();
+        resolve(JSON.parse(payload.toString()) as Record<string, unknown>);
+      } else if (type === Frame.REFUSED) {
+        socket.destroy();
+        resolve({ refused: payload.toString() });
+      }
+    });
+    socket.on('data', (d) => reader.push(d));
+    socket.on('error', () => resolve(undefined)).on('close', () => resolve(undefined));
+    socket.write(JSON.stringify({ kind } satisfies Control) + '\n');
+  });
+}
+

@@ -1,0 +1,80 @@
+/** `appshot engine start|stop|status`: the resident engine (server.ts). */
+import type { Command } from 'commander';
+import { resolve } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+import { defaultHome, enginePaths } from '../home.js';
+import { setExitCode } from './request.js';
+
+const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+
+export function registerEngine(program: Command): void {
+  const engine = program
+    .command('engine')
+    .description('the resident engine: one process per state directory that serves the commands of the CLI, warm')
+    .addHelpText(
+      'after',
+      '\nWhile an engine runs for $APPSHOT_HOME, appshot sends commands to it (except run, exec,\n' +
+        'logs -f, wait, check and anything reading stdin or writing a stream to stdout) instead of\n' +
+        'starting cold. APPSHOT_ENGINE=auto: clone, restore and snapshot start one when none runs;\n' +
+        'APPSHOT_ENGINE=off: never use one. It leaves after APPSHOT_ENGINE_IDLE seconds (default 60)\n' +
+        'without a command, and on SIGTERM. See README, "The resident engine".\n\n' +
+        'Examples:\n  appshot engine start\n  appshot engine status --json\n  appshot engine stop',
+    );
+
+  engine
+    .command('start')
+    .description('start an engine for $APPSHOT_HOME in the background (nothing if one runs)')
+    .option('--foreground', 'serve in this process until idle or SIGTERM (refused if one runs)', false)
+    .option('--json', 'print the status of the engine as JSON', false)
+    .action(async (opts: { foreground: boolean; json: boolean }) => {
+      const home = resolve(defaultHome());
+      const { controlEngine } = await import('./client.js');
+      if (opts.foreground) {
+        const { serveEngine, idleSecondsFromEnv } = await import('./server.js');
+        setExitCode(await serveEngine({ home, idleSeconds: idleSecondsFromEnv() }));
+        return;
+      }
+      let status = await controlEngine('status', home);
+      if (!status || status.leaving) {
+        const { startEngine } = await import('./spawn.js');
+        const started = await startEngine(home, async () => {
+          const s = await controlEngine('status', home);
+          return !!s && !s.leaving;
+        });
+        if (!started.ok) throw new AppshotError(`the engine did not start: ${started.said.replace(/^appshot: engine: /, '') || 'it left without a word'}`, ExitCode.failure);
+        status = await controlEngine('status', home);
+      }
+      if (!status) throw new AppshotError('the engine started and left at once (see ' + enginePaths(home).log + ')', ExitCode.failure);
+      if (opts.json) json(status);
+      else process.stdout.write(`engine ${status.pid} serving ${home}\n`);
+    });
+
+  engine
+    .command('stop')
+    .description('ask the engine to leave once its running commands have ended')
+    .option('--json', 'print its last status as JSON', false)
+    .action(async (opts: { json: boolean }) => {
+      const home = resolve(defaultHome());
+      const { controlEngine } = await import('./client.js');
+      const status = await controlEngine('stop', home);
+      if (opts.json) json(status ?? { running: false, home });
+      else process.stdout.write(status ? `engine ${status.pid} leaving\n` : `no engine runs for ${home}\n`);
+    });
+
+  engine
+    .command('status')
+    .description('whether an engine runs for $APPSHOT_HOME, and what it does')
+    .option('--json', 'machine-readable output', false)
+    .action(async (opts: { json: boolean }) => {
+      const home = resolve(defaultHome());
+      const { controlEngine } = await import('./client.js');
+      const status = await controlEngine('status', home);
+      if (opts.json) json(status ?? { running: false, home });
+      else if (!status) process.stdout.write(`no engine runs for ${home}\n`);
+      else
+        process.stdout.write(
+          `engine ${status.pid} serving ${home}: up ${status.uptimeSeconds} s, ${status.commandsServed} commands served, ${status.commandsRunning} running` +
+            `${status.leaving ? ', leaving' : ''}; leaves after ${status.idleSeconds} s idle\n`,
+        );
+    });
+}

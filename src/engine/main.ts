@@ -1,0 +1,20 @@
+/**
+ * The engine's process (spawn.ts starts it detached): serves
+ * $APPSHOT_HOME until idle or SIGTERM. Exits 0 when it leaves, and with
+ * a message on stderr and a non-zero code if it cannot start (another
+ * engine holds the directory: ExitCode.conflict).
+ */
+import { AppshotError, ExitCode } from '../errors.js';
+import { defaultHome } from '../home.js';
+import { idleSecondsFromEnv, serveEngine } from './server.js';
+import { resolve } from 'node:path';
+
+try {
+  // Everything a command loads, loaded now rather than by the first one.
+  await Promise.all([import('../cli.js'), import('../native.js').then((n) => n.addon())]);
+  const code = await serveEngine({ home: resolve(defaultHome()), idleSeconds: idleSecondsFromEnv() });
+  process.exit(code);
+} catch (e) {
+  process.stderr.write(`appshot: engine: ${(e as Error).message}\n`);
+  process.exit(e instanceof AppshotError ? e.exitCode : ExitCode.internal);
+}

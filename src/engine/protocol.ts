@@ -1,0 +1,62 @@
+/**
+ * The engine's wire format, on its unix socket. Imported by the client, so
+ * it imports nothing.
+ *
+ * The client sends one request, a line of JSON (Request, or Control for
+ * `appshot engine status|stop`). The engine answers with frames: a type
+ * byte, a 32-bit big-endian length, the payload.
+ *  - ACCEPTED: the engine runs the command. Before it, the client may fall
+ *    back to running the command itself (the engine was leaving, or it
+ *    refused); after it, never (the command may have done things).
+ *  - REFUSED: not run (payload: why, one line).
+ *  - STDOUT, STDERR: output of the command.
+ *  - EXIT: the command's exit code (int32), the last frame.
+ *  - STATUS: an answer to a Control (JSON), the last frame.
+ */
+export const Frame = {
+  ACCEPTED: 0x41, // 'A'
+  REFUSED: 0x52, // 'R'
+  STDOUT: 0x4f, // 'O'
+  STDERR: 0x45, // 'E'
+  EXIT: 0x58, // 'X'
+  STATUS: 0x53, // 'S'
+} as const;
+
+export interface Request {
+  kind: 'command';
+  /** The arguments after `appshot`. */
+  argv: string[];
+  cwd: string;
+  /** The client's APPSHOT_* variables (APPSHOT_HOME is the engine's). */
+  env: Record<string, string>;
+  umask: number;
+  tty: { stdout: boolean; stderr: boolean; columns?: number };
+}
+
+export interface Control {
+  kind: 'status' | 'stop';
+}
+
+export function frame(type: number, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const head = Buffer.alloc(5);
+  head[0] = type;
+  head.writeUInt32BE(payload.length, 1);
+  return Buffer.concat([head, payload]);
+}
+
+/** Splits a byte stream into frames. */
+export class FrameReader {
+  private buffered: Buffer = Buffer.alloc(0);
+  constructor(private readonly onFrame: (type: number, payload: Buffer) => void) {}
+  push(data: Buffer): void {
+    this.buffered = this.buffered.length ? Buffer.concat([this.buffered, data]) : data;
+    while (this.buffered.length >= 5) {
+      const len = this.buffered.readUInt32BE(1);
+      if (this.buffered.length < 5 + len) break;
+      const type = this.buffered[0];
+      const payload = this.buffered.subarray(5, 5 + len);
+      this.buffered = this.buffered.subarray(5 + len);
+      this.onFrame(type, payload);
+    }
+  }
+}

@@ -1,0 +1,74 @@
+/**
+ * The command being served, when appshot runs as the resident engine.
+ *
+ * In a CLI process there is one command per process and this is always
+ * undefined: output goes to the process's stdout and stderr, the exit code
+ * to process.exitCode, and signals end the process. The engine runs many
+ * commands at once in one process, so what used to be process-wide (the
+ * standard streams, the exit code, --trust-image, "were we interrupted")
+ * belongs to the request, found through AsyncLocalStorage from wherever
+ * the command's code runs (callbacks and promises included).
+ *
+ * This module is imported by the command path (cli.ts, trust.ts,
+ * format.ts...), so it must stay tiny: no import but async_hooks.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks';
+
+export interface RequestContext {
+  /** Sends a chunk to the client's stdout (1) or stderr (2). */
+  write(stream: 1 | 2, chunk: Buffer): void;
+  exitCode?: number;
+  /** Whether the client's stdout / stderr is a terminal, and its width. */
+  tty: { stdout: boolean; stderr: boolean; columns?: number };
+  /** --trust-image of this command. */
+  trustImages: boolean;
+  /** Called if the client goes away (Ctrl-C, killed) before the end. */
+  onDisconnect: Set<() => void>;
+  disconnected: boolean;
+}
+
+export const requestStorage = new AsyncLocalStorage<RequestContext>();
+
+export const currentRequest = (): RequestContext | undefined => requestStorage.getStore();
+
+/** process.exitCode for the command being run (it cannot be redefined
+ * per request: Node makes it a non-configurable accessor). */
+export function setExitCode(code: number): void {
+  const r = currentRequest();
+  if (r) r.exitCode = code;
+  else process.exitCode = code;
+}
+
+export function getExitCode(): number | undefined {
+  const r = currentRequest();
+  if (r) return r.exitCode;
+  const c = process.exitCode;
+  return c === undefined ? undefined : Number(c);
+}
+
+/** Whether the command's stderr is a terminal (the client's, in the engine). */
+export function stderrIsTerminal(isattyFd2: () => boolean): boolean {
+  const r = currentRequest();
+  return r ? r.tty.stderr : isattyFd2();
+}
+
+/**
+ * Ctrl-C or SIGTERM of the command. In a CLI process: the signal itself;
+ * `handler` runs and the process carries on (or ends, if the handler ends
+ * it). In the engine, the client going away stands for it, and only
+ * handlers that undo work (`kind: 'abort'`) are installed: a handler that
+ * would end the process (`kind: 'exit'`) is not, since the request runs to
+ * its end anyway, its own `finally` cleaning up, and the engine must live
+ * on. Returns the function that uninstalls it.
+ */
+export function onInterrupt(kind: 'abort' | 'exit', handler: (sig: NodeJS.Signals) => void): () => void {
+  const r = currentRequest();
+  if (r) {
+    if (kind === 'exit') return () => {};
+    const h = () => handler('SIGINT');
+    r.onDisconnect.add(h);
+    return () => r.onDisconnect.delete(h);
+  }
+  process.on('SIGINT', handler).on('SIGTERM', handler);
+  return () => process.off('SIGINT', handler).off('SIGTERM', handler);
+}

@@ -1,0 +1,357 @@
+/**
+ * The resident engine: one long-lived appshot process per state directory
+ * ($APPSHOT_HOME), serving the commands of the CLI's thin client
+ * (client.ts) on a unix socket, so that they do not pay for a Node start,
+ * module loading and compilation, the addon's loading and the opening of
+ * templates every time.
+ *
+ * It runs exactly the CLI's code (cli.ts runCommand), several commands at
+ * once: what a CLI process has once per process is the request's here
+ * (request.ts: output, exit code, --trust-image, interruption). What is
+ * truly process-wide and cannot be per request (the current directory, the
+ * environment, the umask) is set for the request by a gate that lets only
+ * commands with the same ones run together (ContextGate).
+ *
+ * Files, in $APPSHOT_HOME/engine/ (0700, this user's):
+ *  - lock: flock'd for the engine's whole life; a second engine for the
+ *    same directory finds it taken and refuses. The kernel drops it when
+ *    the engine ends, however it ends: no stale pid file to guess about.
+ *  - engine.sock (0600): the socket. Each connection's peer is checked
+ *    with SO_PEERCRED: only this user's processes are served.
+ *  - log: what the engine has to say outside any command.
+ */
+import { appendFileSync, chmodSync, closeSync, lstatSync, mkdirSync, rmSync, writeSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { resolve } from 'node:path';
+import { enginePaths } from '../home.js';
+import { addon } from '../native.js';
+import { AppshotError, ExitCode } from '../errors.js';
+import { Frame, frame, type Control, type Request } from './protocol.js';
+import { currentRequest, requestStorage, type RequestContext } from './request.js';
+import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
+
+export interface EngineOptions {
+  home: string;
+  /** Leave after this long without a request. */
+  idleSeconds: number;
+}
+
+/** Lets commands run together only if they want the same current
+ * directory, APPSHOT_* environment and umask, which it then sets for them;
+ * a command wanting others waits until those running have ended (and,
+ * so that it is not starved, commands arriving after it wait too). */
+class ContextGate {
+  private current: string | undefined;
+  private running = 0;
+  private waiting: { key: string; apply: () => void; go: () => void }[] = [];
+
+  async enter(key: string, apply: () => void): Promise<void> {
+    if (this.running === 0 && this.waiting.length === 0) {
+      // If it cannot be set (the directory is gone), the command fails
+      // without having entered.
+      this.current = undefined;
+      apply();
+      this.current = key;
+      this.running = 1;
+      return;
+    }
+    if (key === this.current && this.waiting.length === 0) {
+      this.running++;
+      return;
+    }
+    await new Promise<void>((go) => this.waiting.push({ key, apply, go }));
+  }
+
+  leave(): void {
+    if (--this.running > 0) return;
+    const next = this.waiting[0];
+    if (!next) return;
+    try {
+      this.switchTo(next.key, next.apply);
+    } catch {
+      // Its directory is gone: it fails on its own when it runs.
+      this.current = undefined;
+      this.running = 1;
+    }
+    // It, and every waiter that wants the same context.
+    const same = this.waiting.filter((w) => w.key === next.key);
+    this.waiting = this.waiting.filter((w) => w.key !== next.key);
+    this.running = same.length;
+    for (const w of same) w.go();
+  }
+
+  private switchTo(key: string, apply: () => void): void {
+    this.current = key;
+    this.running = 1;
+    apply();
+  }
+}
+
+export class Engine {
+  private readonly paths;
+  private server?: Server;
+  private lockFd = -1;
+  private readonly connections = new Set<Socket>();
+  private readonly requests = new Set<RequestContext>();
+  private idleTimer?: NodeJS.Timeout;
+  private leaving = false;
+  private served = 0;
+  private readonly started = Date.now();
+  private readonly gate = new ContextGate();
+  private readonly uid = process.geteuid?.() ?? -1;
+  private resolveDone!: (code: number) => void;
+  readonly done = new Promise<number>((r) => (this.resolveDone = r));
+
+  constructor(private readonly opts: EngineOptions) {
+    this.paths = enginePaths(opts.home);
+  }
+
+  log(line: string): void {
+    try {
+      appendFileSync(this.paths.log, `${new Date().toISOString()} [${process.pid}] ${line}\n`, { mode: 0o600 });
+    } catch {
+      /* nowhere to say it */
+    }
+  }
+
+  /** Takes the lock and listens; throws an AppshotError if another engine
+   * holds this directory. */
+  async start(): Promise<void> {
+    const dir = this.paths.dir;
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const st = lstatSync(dir);
+    if (!st.isDirectory() || st.uid !== this.uid)
+      throw new AppshotError(`${dir} is not a directory of this user's: the engine will not put its socket there`, ExitCode.failure);
+    chmodSync(dir, 0o700);
+    this.lockFd = addon().tryLockFile(this.paths.lock);
+    if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
+    writeSync(this.lockFd, `${process.pid}\n`, 0);
+    // The lock is ours: any socket there is a dead engine's.
+    rmSync(this.paths.socket, { force: true });
+    const server = createServer((s) => this.accept(s));
+    this.server = server;
+    await new Promise<void>((ok, fail) => {
+      server.once('error', fail);
+      // umask for the bind: the socket is made 0600, never briefly wider.
+      const old = process.umask(0o177);
+      server.listen(this.paths.socket, () => {
+        process.umask(old);
+        server.off('error', fail);
+        ok();
+      });
+    });
+    server.on('error', (e) => this.log(`socket error: ${e.message}`));
+    this.routeOutput();
+    enableTemplateCache();
+    this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
+    this.armIdle();
+  }
+
+  /** process.stdout/stderr.write of a command go to its client; outside
+   * any command, to the log. */
+  private routeOutput(): void {
+    for (const [stream, fd] of [[process.stdout, 1], [process.stderr, 2]] as const) {
+      stream.write = ((chunk: string | Uint8Array, encoding?: BufferEncoding | ((e?: Error) => void), cb?: (e?: Error) => void): boolean => {
+        const callback = typeof encoding === 'function' ? encoding : cb;
+        const bytes = typeof chunk === 'string' ? Buffer.from(chunk, typeof encoding === 'string' ? encoding : 'utf8') : Buffer.from(chunk);
+        const r = currentRequest();
+        if (r) r.write(fd, bytes);
+        else this.log(bytes.toString().replace(/\n$/, ''));
+        if (callback) process.nextTick(callback);
+        return true;
+      }) as typeof stream.write;
+    }
+  }
+
+  private armIdle(): void {
+    clearTimeout(this.idleTimer);
+    if (this.leaving || this.connections.size > 0) return;
+    this.idleTimer = setTimeout(() => {
+      this.log(`idle for ${this.opts.idleSeconds} s: leaving`);
+      void this.stop();
+    }, this.opts.idleSeconds * 1000);
+  }
+
+  private accept(socket: Socket): void {
+    clearTimeout(this.idleTimer);
+    this.connections.add(socket);
+    socket.on('close', () => {
+      this.connections.delete(socket);
+      this.armIdle();
+      this.checkDone();
+    });
+    // A client that goes away is not the engine's problem (EPIPE, reset).
+    socket.on('error', () => {});
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    let peer: { uid: number; pid: number } | undefined;
+    try {
+      if (typeof fd === 'number' && fd >= 0) peer = addon().peerCredentials(fd);
+    } catch {
+      /* refused below */
+    }
+    if (!peer || peer.uid !== this.uid) {
+      this.log(`refused a client of uid ${peer?.uid ?? '?'} (pid ${peer?.pid ?? '?'})`);
+      socket.end(frame(Frame.REFUSED, Buffer.from('this engine serves only its own user')));
+      return;
+    }
+    let line = '';
+    const onData = (d: Buffer) => {
+      line += d.toString();
+      const nl = line.indexOf('\n');
+      if (nl < 0) {
+        if (line.length > 1 << 20) socket.destroy();
+        return;
+      }
+      socket.off('data', onData);
+      let msg: Request | Control;
+      try {
+        msg = JSON.parse(line.slice(0, nl)) as Request | Control;
+      } catch {
+        socket.destroy();
+        return;
+      }
+      void this.handle(socket, msg, peer!.pid);
+    };
+    socket.on('data', onData);
+  }
+
+  private status(): Record<string, unknown> {
+    return {
+      running: true,
+      pid: process.pid,
+      home: this.opts.home,
+      socket: this.paths.socket,
+      uptimeSeconds: Math.round((Date.now() - this.started) / 1000),
+      idleSeconds: this.opts.idleSeconds,
+      commandsServed: this.served,
+      commandsRunning: this.requests.size,
+      leaving: this.leaving,
+      templateCache: templateCacheStats(),
+    };
+  }
+
+  private async handle(socket: Socket, msg: Request | Control, peerPid: number): Promise<void> {
+    if (msg.kind === 'status' || msg.kind === 'stop') {
+      const stopping = msg.kind === 'stop';
+      if (stopping) this.log(`asked to stop by pid ${peerPid}`);
+      const answer = JSON.stringify({ ...this.status(), ...(stopping ? { leaving: true } : {}) });
+      // Answered first: leaving closes every connection without a command.
+      socket.end(frame(Frame.STATUS, Buffer.from(answer)), () => stopping && void this.stop());
+      return;
+    }
+    if (msg.kind !== 'command' || !Array.isArray(msg.argv) || typeof msg.cwd !== 'string') {
+      socket.destroy();
+      return;
+    }
+    if (this.leaving) {
+      socket.end(frame(Frame.REFUSED, Buffer.from('the engine is leaving')));
+      return;
+    }
+    const ctx: RequestContext = {
+      write: (stream, chunk) => {
+        if (!ctx.disconnected && chunk.length) socket.write(frame(stream === 1 ? Frame.STDOUT : Frame.STDERR, chunk));
+      },
+      tty: { stdout: !!msg.tty?.stdout, stderr: !!msg.tty?.stderr, columns: msg.tty?.columns },
+      trustImages: false,
+      onDisconnect: new Set(),
+      disconnected: false,
+    };
+    const disconnected = () => {
+      if (ctx.disconnected) return;
+      ctx.disconnected = true;
+      for (const h of [...ctx.onDisconnect]) h();
+    };
+    socket.on('close', disconnected);
+    // Anything the client sends after its request is its Ctrl-C.
+    socket.on('data', (d) => {
+      if (d.includes('interrupt') && !ctx.disconnected) for (const h of [...ctx.onDisconnect]) h();
+    });
+    this.requests.add(ctx);
+    this.served++;
+    socket.write(frame(Frame.ACCEPTED));
+    const env = Object.fromEntries(Object.entries(msg.env ?? {}).filter(([k, v]) => k.startsWith('APPSHOT_') && typeof v === 'string'));
+    env.APPSHOT_HOME = this.opts.home;
+    delete env.APPSHOT_ENGINE;
+    const umask = Number.isInteger(msg.umask) ? msg.umask & 0o777 : 0o022;
+    const key = JSON.stringify([msg.cwd, Object.entries(env).sort(), umask]);
+    let entered = false;
+    try {
+      await this.gate.enter(key, () => {
+        for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
+        Object.assign(process.env, env);
+        process.umask(umask);
+        process.chdir(msg.cwd);
+      });
+      entered = true;
+      if (process.cwd() !== resolve(msg.cwd)) throw new AppshotError(`cannot change into ${msg.cwd} (the current directory of the command)`, ExitCode.failure);
+      const { runCommand } = await import('../cli.js');
+      await requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv]));
+    } catch (e) {
+      const { reportError } = await import('../cli.js');
+      requestStorage.run(ctx, () => reportError(e));
+    } finally {
+      if (entered) this.gate.leave();
+      this.requests.delete(ctx);
+      const code = Buffer.alloc(4);
+      code.writeInt32BE(ctx.exitCode ?? 0);
+      if (!ctx.disconnected) socket.end(frame(Frame.EXIT, code));
+      this.checkDone();
+    }
+  }
+
+  /** Stops listening (the socket goes first, so that new clients run
+   * commands themselves), lets the commands running end, then leaves. */
+  async stop(): Promise<void> {
+    if (this.leaving) return;
+    this.leaving = true;
+    clearTimeout(this.idleTimer);
+    rmSync(this.paths.socket, { force: true });
+    this.server?.close();
+    this.checkDone();
+  }
+
+  private checkDone(): void {
+    if (!this.leaving || this.requests.size > 0) return;
+    // Connections that never sent a request (or only read their answer).
+    for (const s of this.connections) s.destroy();
+    if (this.lockFd >= 0) closeSync(this.lockFd);
+    this.lockFd = -1;
+    this.log('left');
+    this.resolveDone(0);
+  }
+}
+
+/** Runs the engine in this process until it leaves; its exit code. */
+export async function serveEngine(opts: EngineOptions): Promise<number> {
+  const engine = new Engine(opts);
+  await engine.start();
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals) => {
+    engine.log(`${sig}: leaving once the running commands end`);
+    // A second one: now.
+    if (++signals > 1) engine.log('second signal: leaving now');
+    if (signals > 1) process.exit(128 + (sig === 'SIGINT' ? 2 : 15));
+    void engine.stop();
+  };
+  process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
+  process.on('SIGHUP', () => {});
+  // A bug in a command must not take the others down: its request gets the
+  // error as a command's failure would, the engine lives on.
+  process.on('uncaughtException', (e) => {
+    const r = currentRequest();
+    engine.log(`uncaught: ${(e as Error)?.stack ?? e}`);
+    if (r && !r.disconnected) {
+      const msg = e instanceof AppshotError ? e.message : `internal error: ${String((e as Error)?.message ?? e).split('\n')[0]}`;
+      r.write(2, Buffer.from(`appshot: ${msg}\n`));
+      r.exitCode = e instanceof AppshotError ? e.exitCode : ExitCode.internal;
+    }
+  });
+  process.on('unhandledRejection', (e) => engine.log(`unhandled rejection: ${(e as Error)?.stack ?? e}`));
+  return engine.done;
+}
+
+/** APPSHOT_ENGINE_IDLE, in seconds (default 60). */
+export function idleSecondsFromEnv(): number {
+  const v = Number(process.env.APPSHOT_ENGINE_IDLE ?? 60);
+  return Number.isFinite(v) && v > 0 ? v : 60;
+}

@@ -1,0 +1,236 @@
+/**
+ * The resident engine (src/engine/): started on demand, serving several
+ * clients at once without mixing their output, surviving a client killed
+ * mid-command, leaving when idle, one per state directory, and giving the
+ * same output and exit codes as the CLI in-process.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, cli, fixture, root, Sandbox, waitFor, type Result } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-engine-'));
+// Commands run in `out` (relative paths resolve against the client's cwd).
+const run = (args: string[], env: Record<string, string> = {}): Result => {
+  const r = spawnSync(process.execPath, [cli, ...args], { cwd: out, env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+  return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
+};
+const inProcess = (args: string[]) => run(args, { APPSHOT_ENGINE: 'off' });
+/** The same command, started without waiting. */
+const start = (args: string[], env: Record<string, string> = {}) => {
+  const child = spawn(process.execPath, [cli, ...args], { cwd: out, env: { ...sb.env, ...env } });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const done = new Promise<Result>((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })));
+  return { child, done, stderr: () => stderr };
+};
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+const status = (): Json => JSON.parse(inProcess(['engine', 'status', '--json']).stdout);
+const stopEngine = async () => {
+  const s = status();
+  if (!s.running) return;
+  inProcess(['engine', 'stop']);
+  await waitFor(() => !alive(s.pid), 20_000, 'the engine to leave');
+};
+const served = (): number => status().commandsServed;
+const leftovers = () => [
+  ...readdirSync(out).filter((n) => n.startsWith('.')),
+  ...(existsSync(join(sb.home, 'tmp')) ? readdirSync(join(sb.home, 'tmp')) : []),
+];
+const logOf = (aid: string) => sb.log(aid);
+const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
+async function checksPass(aid: string, n = 5): Promise<void> {
+  const from = lastCheck(aid);
+  await waitFor(() => lastCheck(aid) >= from + n || /FAIL/.test(logOf(aid)), 15_000, `${n} more self-checks of ${aid}`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+async function startApp(aid: string): Promise<void> {
+  const r = inProcess(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']);
+  expect(r.code, r.stderr).toBe(0);
+  await waitFor(() => lastCheck(aid) >= 3, 10_000, `${aid} to start`);
+}
+
+afterAll(async () => {
+  await stopEngine().catch(() => undefined);
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+describe('the resident engine', () => {
+  it('is started on demand by a snapshot (APPSHOT_ENGINE=auto), and then serves the restore', async () => {
+    expect(status().running).toBe(false);
+    await startApp('auto');
+    const snap = run(['snapshot', 'auto', '-o', 'auto.appshot'], { APPSHOT_ENGINE: 'auto' });
+    expect(snap.code, snap.stderr).toBe(0);
+    expect(snap.stdout).toBe(`${join(out, 'auto.appshot')}\n`);
+    // That first command ran in its own process; the engine comes up beside it.
+    await waitFor(() => status().running === true, 20_000, 'the engine to start');
+    const s = status();
+    expect(s.commandsServed).toBe(0);
+    // The socket is the owner's only, in a directory of the owner's only.
+    expect(spawnSync('stat', ['-c', '%a', join(sb.home, 'engine')], { encoding: 'utf8' }).stdout.trim()).toBe('700');
+    expect(spawnSync('stat', ['-c', '%a %F', s.socket], { encoding: 'utf8' }).stdout.trim()).toBe('600 socket');
+
+    const restored = run(['restore', 'auto.appshot', '--json'], { APPSHOT_ENGINE: 'auto' });
+    expect(restored.code, restored.stderr).toBe(0);
+    expect(JSON.parse(restored.stdout)).toMatchObject({ aid: 'auto', processes: 2 });
+    expect(served()).toBe(1);
+    await checksPass('auto');
+    // The restored application is not the engine's to keep: it outlives it.
+    await stopEngine();
+    await checksPass('auto', 3);
+    expect(inProcess(['rm', '-f', 'auto']).code).toBe(0);
+  });
+
+  it('gives the same output and exit code as the CLI in-process', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    await startApp('same');
+    expect(inProcess(['snapshot', 'same', '--leave-running', '-o', 'same.appshot']).code).toBe(0);
+    const cases = [
+      ['ps', '--json'],
+      ['ps', '-q'],
+      ['ps', 'same', '--json'],
+      ['inspect', 'same.appshot'],
+      ['inspect', 'same.appshot', '--json'],
+      ['table', 'same', '--json'],
+      ['--version'],
+      ['version', '--json'],
+      // Failing ones: their message and exit code.
+      ['inspect', 'no-such.appshot'],
+      ['snapshot'],
+      ['ps', 'nobody'],
+      ['clone', 'same.appshot'],
+      ['restore', 'same.appshot', '--aid', 'bad/aid'],
+      ['frobnicate'],
+      ['snapshot', 'same', '--timeout', 'x'],
+    ];
+    for (const args of cases) {
+      const before = served();
+      const viaEngine = run(args);
+      expect(served(), `appshot ${args.join(' ')} served by the engine`).toBe(before + 1);
+      const here = inProcess(args);
+      // A process's state (R, S) is the moment's: not compared.
+      const steady = (stdout: string) => (args[0] === 'ps' && args.includes('--json') ? stdout.replace(/"state": "[A-Z]"/g, '"state": _') : stdout);
+      expect({ args, code: viaEngine.code, stdout: steady(viaEngine.stdout), stderr: viaEngine.stderr }).toEqual({ args, code: here.code, stdout: steady(here.stdout), stderr: here.stderr });
+    }
+    // Never sent: commands that need the client's terminal, stdin or
+    // environment.
+    const before = served();
+    expect(run(['exec', 'same', '--', 'true']).code).toBe(0);
+    expect(run(['inspect', '-'], {}).code).not.toBe(0);
+    expect(served()).toBe(before);
+    expect(inProcess(['rm', '-f', 'same']).code).toBe(0);
+  });
+
+  it('serves two clients at once without mixing their output', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    await startApp('pair');
+    // A .tar.gz is unpacked with many awaits: two inspects of it interleave.
+    expect(inProcess(['snapshot', 'pair', '--leave-running', '-o', 'pair.tar.gz']).code).toBe(0);
+    expect(inProcess(['snapshot', 'pair', '--leave-running', '--full', '-o', 'pair2.tar']).code).toBe(0);
+    const jobs = [
+      ['inspect', 'pair.tar.gz', '--json'],
+      ['inspect', 'pair2.tar'],
+      ['inspect', 'pair.tar.gz'],
+      ['inspect', 'pair2.tar', '--json'],
+      ['ps', '--json'],
+      ['inspect', 'missing.tar'],
+    ];
+    const expected = jobs.map((args) => inProcess(args));
+    const before = served();
+    const results = await Promise.all(jobs.map((args) => start(args).done));
+    expect(served()).toBe(before + jobs.length);
+    results.forEach((r, i) => expect({ args: jobs[i], code: r.code, stdout: r.stdout, stderr: r.stderr }).toEqual({ args: jobs[i], code: expected[i].code, stdout: expected[i].stdout, stderr: expected[i].stderr }));
+    expect(leftovers()).toEqual([]);
+    expect(inProcess(['rm', '-f', 'pair']).code).toBe(0);
+  });
+
+  it('survives a client killed during a snapshot: the snapshot is whole or left nothing', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const engine = status().pid;
+    await startApp('victim');
+    // APPSHOT_DEBUG makes the snapshot say when the application is frozen:
+    // the client is killed then, in the middle of it.
+    const client = start(['snapshot', 'victim', '-o', 'victim.appshot'], { APPSHOT_DEBUG: '1' });
+    await waitFor(() => /ms frozen:/.test(client.stderr()), 20_000, 'the snapshot to freeze the application');
+    client.child.kill('SIGKILL');
+    const killed = await client.done;
+    expect(killed.signal).toBe('SIGKILL');
+    // The engine lives on, answers, and finishes (or undoes) the snapshot.
+    await waitFor(() => status().commandsRunning === 0, 20_000, 'the snapshot to end in the engine');
+    expect(status().pid).toBe(engine);
+    const ps = run(['ps', '--json']);
+    expect(ps.code).toBe(0);
+    if (existsSync(join(out, 'victim.appshot'))) {
+      // Whole: it verifies and restores, and the application it ended
+      // comes back.
+      expect(run(['inspect', 'victim.appshot']).code).toBe(0);
+      await waitFor(() => !sb.aids().includes('victim'), 10_000, 'the snapshotted application to end');
+      const r = run(['restore', 'victim.appshot']);
+      expect(r.code, r.stderr).toBe(0);
+    } else {
+      expect(JSON.parse(ps.stdout).map((a: Json) => a.aid)).toContain('victim');
+    }
+    await checksPass('victim');
+    expect(leftovers()).toEqual([]);
+    expect(inProcess(['rm', '-f', 'victim']).code).toBe(0);
+  });
+
+  it('keeps opened templates, and opens one again once it changed', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    await startApp('tpl');
+    expect(inProcess(['snapshot', 'tpl', '-o', 'tpl.appshot']).code).toBe(0);
+    expect(inProcess(['template', 'create', 'tpl.appshot', '-o', 'tpl.template']).code).toBe(0);
+    const cache = () => status().templateCache;
+    const first = cache();
+    for (const aid of ['tpl-a', 'tpl-b']) {
+      const r = run(['clone', 'tpl.template', '--aid', aid]);
+      expect(r.code, r.stderr).toBe(0);
+      await checksPass(aid, 3);
+    }
+    expect(cache()).toMatchObject({ hits: first.hits + 1, misses: first.misses + 1 });
+    // Writable by others now: refused as in-process, not served from the cache.
+    spawnSync('chmod', ['o+w', join(out, 'tpl.template')]);
+    const refused = run(['clone', 'tpl.template', '--aid', 'tpl-c']);
+    expect({ code: refused.code, stderr: refused.stderr }).toEqual({ code: 1, stderr: `appshot: tpl.template is writable by others, who could change it while it runs: chmod go-w tpl.template\n` });
+    spawnSync('chmod', ['o-w', join(out, 'tpl.template')]);
+    expect(cache().misses).toBe(first.misses + 2);
+    expect(inProcess(['rm', '-f', 'tpl-a', 'tpl-b']).code).toBe(0);
+  });
+
+  it('refuses a second engine for the same state directory', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const first = status().pid;
+    const second = inProcess(['engine', 'start', '--foreground']);
+    expect(second.code).toBe(4);
+    expect(second.stderr).toBe(`appshot: an engine already runs for ${sb.home}\n`);
+    // Started as its own process (as APPSHOT_ENGINE=auto does): the same.
+    const direct = spawnSync(process.execPath, [join(root, 'dist', 'engine', 'main.js')], { env: sb.env, encoding: 'utf8', timeout: 20_000 });
+    expect(direct.status).toBe(4);
+    expect(direct.stderr).toMatch(/an engine already runs/);
+    // `engine start` with one running is no error: it says which one.
+    const again = inProcess(['engine', 'start', '--json']);
+    expect(again.code).toBe(0);
+    expect(JSON.parse(again.stdout).pid).toBe(first);
+    expect(status().pid).toBe(first);
+  });
+
+  it('leaves when idle, removing its socket', async () => {
+    await stopEngine();
+    expect(run(['engine', 'start'], { APPSHOT_ENGINE_IDLE: '1' }).code).toBe(0);
+    const s = status();
+    expect(s.idleSeconds).toBe(1);
+    await waitFor(() => !alive(s.pid), 20_000, 'the idle engine to leave');
+    expect(existsSync(s.socket)).toBe(false);
+    expect(status().running).toBe(false);
+    // Without it, the CLI works as ever.
+    expect(run(['ps']).code).toBe(0);
+  });
+});
