@@ -162,7 +162,9 @@ describe('the resident engine', () => {
     await waitFor(() => /ms frozen:/.test(client.stderr()), 20_000, 'the snapshot to freeze the application');
     client.child.kill('SIGKILL');
     const killed = await client.done;
-    expect(killed.signal).toBe('SIGKILL');
+    // On a busy machine the snapshot may finish between its message and
+    // the kill: then it ended well, and the image below must be whole.
+    if (killed.signal !== 'SIGKILL') expect(killed.code, client.stderr()).toBe(0);
     // The engine lives on, answers, and finishes (or undoes) the snapshot.
     await waitFor(() => status().commandsRunning === 0, 20_000, 'the snapshot to end in the engine');
     expect(status().pid).toBe(engine);
