@@ -197,6 +197,8 @@ interface Addon {
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;
   removeIpcObject(kind: Kind, systemId: number): boolean;
+  /** IPC_SET of a restored SysV object's owner uid/gid and mode. */
+  setIpcOwner(kind: Kind, systemId: number, uid: number, gid: number, mode: number): void;
   /** IPC_RMID on a system id from the tables, only if the kernel confirms
    * it is the application's (appshot_ipc_owned in appshot_table.c); salt
    * and created (seconds) are the registry's trusted copies. */

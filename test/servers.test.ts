@@ -8,7 +8,8 @@
  * capability sets, no_new_privs and seccomp mode.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -268,7 +269,85 @@ async function pgRoundTrip(port: number, aid: string, s: { run: (a: string[]) =>
   expect(psql(port, 'select count(*) from t')).toBe('10001');
 }
 
+/** Every file under `path` and its bytes' hash (a cluster's files as the
+ * template left them). */
+function treeDigest(path: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string) => {
+    for (const name of readdirSync(d).sort()) {
+      const p = join(d, name);
+      const st = lstatSync(p);
+      if (st.isDirectory()) walk(p);
+      else if (st.isFile()) out[p.slice(path.length)] = createHash('sha256').update(readFileSync(p)).digest('hex');
+    }
+  };
+  walk(path);
+  return out;
+}
+
 describe('PostgreSQL 15', () => {
+  const shmBefore = new Set(readdirSync('/dev/shm'));
+  // A PostgreSQL killed with SIGKILL (as a snapshot ends it) leaves its
+  // dynamic shared memory files: they are its state, restored from them.
+  afterAll(() => {
+    for (const f of readdirSync('/dev/shm')) if (f.startsWith('PostgreSQL.') && !shmBefore.has(f)) rmSync(join('/dev/shm', f), { force: true });
+  });
+
+  it.runIf(isRoot)('a template of a loaded cluster and 3 clones: each its own database, the template\'s files untouched', async () => {
+    const port = base + 4;
+    const data = initdb('pg-tpl');
+    // A clone's private copies live in the state directory, which the
+    // users the application runs as must be able to pass through.
+    chmodSync(sb.home, 0o711);
+    const rules = join(data, 'pg.rules');
+    writeFileSync(
+      rules,
+      [
+        'DEFINE <APPL-ID> AS PROPERTY application-id',
+        // The cluster's files: a clone reads the template's until it writes.
+        `FILE "${join(data, 'db')}" COPY-ON-WRITE`,
+        // Dynamic shared memory, opened by name by every backend.
+        'FILE "/dev/shm" COPY-ON-WRITE',
+        `PORT ${port} ALLOCATE`,
+      ].join('\n') + '\n',
+    );
+    run(['run', '-d', '--aid', 'pgt', '--rules', rules, '--', 'runuser', '-u', 'postgres', '--', `${PG_BIN}/postgres`, '-D', join(data, 'db'), '-c', 'unix_socket_directories=', '-p', String(port), '-c', 'listen_addresses=127.0.0.1']);
+    await waitFor(pgReady(port), 20_000, 'PostgreSQL to answer');
+    psql(port, 'create table t as select g as id, md5(g::text) as v from generate_series(1, 10000) g');
+    psql(port, 'checkpoint');
+    run(['snapshot', 'pgt', '-o', join(data, 'snap')]);
+    run(['template', 'create', join(data, 'snap'), '-o', join(data, 'tpl')]);
+    const before = treeDigest(join(data, 'db'));
+    run(['clone', join(data, 'tpl'), '--aid', 'pgc', '-n', '3']);
+    const ports = ['pgc-1', 'pgc-2', 'pgc-3'].map((aid) => Number(sb.run(['port', aid, String(port)]).stdout.trim()));
+    expect(new Set(ports).size).toBe(3);
+    for (const p of ports) await waitFor(pgReady(p), 20_000, `clone on port ${p} to answer`);
+    for (const p of ports) expect(psql(p, 'select count(*), sum(id) from t')).toBe('10000|50005000');
+    // Writes in one are its own: rows, and a table.
+    psql(ports[0], "insert into t values (20001, 'one')");
+    psql(ports[0], 'create table only_one (x int)');
+    psql(ports[1], "insert into t values (20002, 'two'), (20003, 'two')");
+    expect(ports.map((p) => psql(p, "select count(*) || ':' || (select count(*) from pg_tables where tablename = 'only_one') from t"))).toEqual(['10001:1', '10002:0', '10000:0']);
+    // Each clone ran as postgres, and the template's cluster is as it was.
+    for (const aid of ['pgc-1', 'pgc-2', 'pgc-3'])
+      for (const p of processes(aid).filter((x) => !x.command.startsWith('runuser'))) expect(identity(p.pid).Uid.split('\t')[0]).not.toBe('0');
+    expect(treeDigest(join(data, 'db'))).toEqual(before);
+    // A clean shutdown removes the cluster's SysV segment as postgres:
+    // restored, it belongs to postgres as it did, not to root.
+    run(['stop', 'pgc-3', '-t', '20']);
+    expect(sb.run(['logs', 'pgc-3']).stdout).toMatch(/database system is shut down/);
+    expect(sb.run(['logs', 'pgc-3']).stdout).not.toMatch(/shmctl.*failed/);
+    for (const aid of ['pgc-1', 'pgc-2', 'pgc-3']) run(['rm', '-f', aid]);
+    // Ended, they took nothing of the template with them: it clones again.
+    expect(treeDigest(join(data, 'db'))).toEqual(before);
+    run(['clone', join(data, 'tpl'), '--aid', 'pgd']);
+    const again = Number(sb.run(['port', 'pgd', String(port)]).stdout.trim());
+    await waitFor(pgReady(again), 20_000, 'a new clone to answer');
+    expect(psql(again, 'select count(*) from t')).toBe('10000');
+    run(['rm', '-f', 'pgd']);
+  });
+
+
   it.runIf(isRoot)('started as the packaging starts it (runuser from root): every process listed, restored as postgres', async () => {
     const port = base + 2;
     const data = initdb('pg-root');

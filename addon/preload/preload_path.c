@@ -593,3 +593,42 @@ API int renameat(int fd1, const char *from, int fd2, const char *to) {
 API int rename(const char *from, const char *to) {
   return renameat_fast(AT_FDCWD, from, AT_FDCWD, to);
 }
+
+/* POSIX shared memory: glibc's shm_open and shm_unlink open and unlink
+ * /dev/shm/NAME with its internal calls, past the wrappers above. A clone
+ * whose rules send /dev/shm to copies of its own (PostgreSQL's dynamic
+ * shared memory, opened by name in every backend) must reach them by name
+ * too, and must not unlink its template's. Same names, flags and errors as
+ * glibc: one component after any leading slashes, O_NOFOLLOW|O_CLOEXEC. */
+#define SHM_DIR "/dev/shm/"
+
+static int shm_path(const char *name, char *buf) {
+  while (*name == '/') name++;
+  size_t n = strlen(name);
+  if (n == 0 || strchr(name, '/') || (n == 1 && name[0] == '.') ||
+      (n == 2 && name[0] == '.' && name[1] == '.')) {
+    errno = EINVAL;
+    return -1;
+  }
+  if (n > NAME_MAX) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  memcpy(buf, SHM_DIR, sizeof SHM_DIR - 1);
+  memcpy(buf + sizeof SHM_DIR - 1, name, n + 1);
+  return 0;
+}
+
+API int shm_open(const char *name, int oflag, mode_t mode) {
+  char path[sizeof SHM_DIR + NAME_MAX];
+  if (shm_path(name, path) != 0) return -1;
+  return open_m(path, oflag | O_NOFOLLOW | O_CLOEXEC, mode);
+}
+
+API int shm_unlink(const char *name) {
+  char path[sizeof SHM_DIR + NAME_MAX];
+  if (shm_path(name, path) != 0) return -1;
+  int r = unlink(path);
+  if (r < 0 && errno == EPERM) errno = EACCES; /* as glibc says it */
+  return r;
+}

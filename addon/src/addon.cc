@@ -308,6 +308,51 @@ Napi::Value RemoveIpcObject(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, rc == 0);
 }
 
+// setIpcOwner(kind, system, uid, gid, mode): IPC_SET of a restored object's
+// owner and mode, as the image recorded them. Throws with the errno on
+// failure (EPERM: the restorer may not give it to that user).
+Napi::Value SetIpcOwner(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  appshot_kind kind;
+  if (!ParseKind(env, info[0], &kind)) return env.Undefined();
+  int32_t sid = info[1].As<Napi::Number>().Int32Value();
+  uid_t uid = info[2].As<Napi::Number>().Uint32Value();
+  gid_t gid = info[3].As<Napi::Number>().Uint32Value();
+  mode_t mode = info[4].As<Napi::Number>().Uint32Value() & 0777;
+  int rc = -1;
+  switch (kind) {
+    case APPSHOT_SEMID: {
+      struct semid_ds ds;
+      union semun { int val; struct semid_ds* buf; unsigned short* array; } arg;
+      arg.buf = &ds;
+      if ((rc = semctl(sid, 0, IPC_STAT, arg)) == 0) {
+        ds.sem_perm.uid = uid, ds.sem_perm.gid = gid, ds.sem_perm.mode = mode;
+        rc = semctl(sid, 0, IPC_SET, arg);
+      }
+      break;
+    }
+    case APPSHOT_SHMID: {
+      struct shmid_ds ds;
+      if ((rc = shmctl(sid, IPC_STAT, &ds)) == 0) {
+        ds.shm_perm.uid = uid, ds.shm_perm.gid = gid, ds.shm_perm.mode = mode;
+        rc = shmctl(sid, IPC_SET, &ds);
+      }
+      break;
+    }
+    case APPSHOT_MSGID: {
+      struct msqid_ds ds;
+      if ((rc = msgctl(sid, IPC_STAT, &ds)) == 0) {
+        ds.msg_perm.uid = uid, ds.msg_perm.gid = gid, ds.msg_perm.mode = mode;
+        rc = msgctl(sid, IPC_SET, &ds);
+      }
+      break;
+    }
+    default: errno = EINVAL; break;
+  }
+  if (rc != 0) ThrowErrno(env, "setting the owner of SysV object " + std::to_string(sid), errno);
+  return env.Undefined();
+}
+
 // removeIpcOwned(tables, kind, system, salt, created, initPid) -> boolean:
 // IPC_RMID on a system id found in the tables, only if the kernel confirms
 // the object is the application's (appshot_ipc_owned): the tables are
@@ -415,6 +460,7 @@ Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
+  exports.Set("setIpcOwner", Napi::Function::New(env, SetIpcOwner));
   exports.Set("signalMember", Napi::Function::New(env, SignalMember));
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));

@@ -4,8 +4,8 @@
  * these helpers place the descriptors a clone inherits from its template,
  * and make the directories the rewritten paths lead into.
  */
-import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { chmodSync, copyFileSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
 const under = (path: string, dir: string) => path === dir || path.startsWith(dir + '/');
@@ -33,22 +33,59 @@ export function unredirected(redirs: InstanceConfig['redirs'], path: string): st
  * that a copy is never seen half-made. */
 export function privateCopy(original: string, copy: string): string {
   if (existsSync(copy)) return copy;
+  makeParents(original, copy);
   // A directory (a working directory, a descriptor on one): the whole of
   // it, as a copy-on-write directory is seen from inside.
   if (existsSync(original) && statSync(original).isDirectory()) {
     cpSync(original, copy, { recursive: true, preserveTimestamps: true });
+    sameOwners(original, copy);
     return copy;
   }
-  mkdirSync(dirname(copy), { recursive: true });
   const tmp = `${copy}.appshot-${process.pid}`;
   if (existsSync(original)) {
     copyFileSync(original, tmp);
     chmodSync(tmp, statSync(original).mode & 0o7777);
+    sameOwners(original, tmp);
   } else {
     writeFileSync(tmp, '');
   }
   renameSync(tmp, copy);
   return copy;
+}
+
+/** Root copies for applications that run as other users (PostgreSQL as
+ * postgres, nginx's workers as nobody): a copy owned by root, mode 0600,
+ * would lock its own user out. So the copy gets the owner of what it
+ * copies, as `cp -a` does; anyone else owns the copies they make anyway
+ * (and cannot give them away). */
+function sameOwners(original: string, copy: string): void {
+  if (process.geteuid?.() !== 0) return;
+  const st = lstatSync(original);
+  lchownSync(copy, st.uid, st.gid);
+  if (!st.isDirectory()) return;
+  for (const name of readdirSync(original)) sameOwners(join(original, name), join(copy, name));
+}
+
+/** The directories leading to `copy` that do not exist yet, each made with
+ * the owner and mode of the directory of `original` at the same depth
+ * from the end (where there is one): the application's own processes make
+ * later copies beside this one (the preload library copies a file on its
+ * first write), as whatever user they run as. */
+function makeParents(original: string, copy: string): void {
+  const missing: [string, string][] = [];
+  for (let c = dirname(copy), o = dirname(original); !existsSync(c); c = dirname(c), o = dirname(o)) missing.unshift([c, o]);
+  for (const [c, o] of missing) {
+    mkdirSync(c);
+    let st;
+    try {
+      st = statSync(o);
+    } catch {
+      continue; // deeper than the original's path: root's default
+    }
+    if (!st.isDirectory()) continue;
+    chmodSync(c, st.mode & 0o7777);
+    if (process.geteuid?.() === 0) lchownSync(c, st.uid, st.gid);
+  }
 }
 
 /** A directory made for a REDIR PATH target: `leaf`, and `top`, the first

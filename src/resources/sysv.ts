@@ -6,6 +6,7 @@
  * virtual.
  */
 import { readSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
 import type { DumpContext } from './context.js';
@@ -74,13 +75,29 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
  * system id by its virtual one, for the processes that map it. */
 export function restoreSysv(image: Image, tables: string, pagesFd: number): Map<number, number> {
   const shmIds = new Map<number, number>();
-  for (const s of image.semaphores) addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values);
+  for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
   for (const s of image.shmSegments) {
     const data = Buffer.alloc(Number(s.size));
     if (s.contents?.runs.length) readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
-    shmIds.set(s.vid, addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data));
+    const sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+    owned('shmid', sid, s, 'shared memory segment');
+    shmIds.set(s.vid, sid);
   }
   for (const q of image.msgQueues)
-    addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data })));
+    owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   return shmIds;
+}
+
+/** A restored object belongs to the user it belonged to (a PostgreSQL run
+ * by root through runuser removes its segment as postgres at shutdown),
+ * which only a restorer who may act for that user can give it: the same
+ * user, or root (the kernel's rule for IPC_SET). The tables name it
+ * already, so a failure here is undone with the rest of the restore. */
+function owned(kind: 'semid' | 'shmid' | 'msgid', sid: number, o: { vid: number; uid: number; gid: number; mode: number }, what: string): void {
+  if (o.uid === process.geteuid!() && o.gid === process.getegid!()) return;
+  try {
+    addon().setIpcOwner(kind, sid, o.uid, o.gid, o.mode);
+  } catch (e) {
+    throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${o.uid} gid ${o.gid}, its owner in the image: ${(e as Error).message}`, ExitCode.denied);
+  }
 }
