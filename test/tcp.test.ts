@@ -6,7 +6,7 @@
  * - tcpfix (test/fixtures/tcpfix.c): a server with a connection from the
  *   test and one from a process of its own (both ends inside), with bytes
  *   queued unread in both directions at the snapshot;
- * - redis-server with 10 clients in the middle of a pipelined workload;
+ * - redis-server with 50 clients in the middle of a pipelined workload;
  * - memcached with a client that stays connected.
  *
  * Ports 26600-26999 are this file's.
@@ -362,13 +362,15 @@ const REDIS = '/usr/bin/redis-server';
 const resp = (...args: string[]) => `*${args.length}\r\n` + args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('');
 const bulk = (s: string) => `$${Buffer.byteLength(s)}\r\n${s}\r\n`;
 
-describe('redis-server with 10 clients in the middle of a pipelined workload', () => {
+describe('redis-server with 50 clients in the middle of a pipelined workload', () => {
   it.runIf(existsSync(REDIS))('gives every client every reply, in order, once, and the clients go on', async () => {
     const port = 26611;
     run(['run', '-d', '--aid', 'tcpredis', '--', REDIS, '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
     const clients: Client[] = [];
     await waitFor(() => /Ready to accept connections/.test(logOf('tcpredis')), 10_000, 'redis to start');
-    for (let c = 0; c < 10; c++) {
+    const CLIENTS = 50;
+    const COMMANDS = 60;
+    for (let c = 0; c < CLIENTS; c++) {
       const client = await Client.open(port);
       // Accepted by redis (not only by the kernel) before the snapshot.
       client.read();
@@ -377,13 +379,13 @@ describe('redis-server with 10 clients in the middle of a pipelined workload', (
       client.stop();
       clients.push(client);
     }
-    // Each client sends 200 commands and reads nothing: their replies
-    // (1.6 MB each) wait in the clients' receive queues, redis's send
+    // Each client sends 60 commands and reads nothing: their replies
+    // (480 KB each, 24 MB in all) wait in the clients' receive queues, redis's send
     // queues and its output buffers, and some commands in its receive
     // queues, unread.
     const payload = (c: number, i: number) => `client ${c} reply ${i} `.padEnd(8000, 'x');
-    const expected = clients.map((_, c) => Array.from({ length: 200 }, (_, i) => bulk(payload(c, i))).join(''));
-    clients.forEach((client, c) => client.socket.write(Array.from({ length: 200 }, (_, i) => resp('ECHO', payload(c, i))).join('')));
+    const expected = clients.map((_, c) => Array.from({ length: COMMANDS }, (_, i) => bulk(payload(c, i))).join(''));
+    clients.forEach((client, c) => client.socket.write(Array.from({ length: COMMANDS }, (_, i) => resp('ECHO', payload(c, i))).join('')));
     await new Promise((r) => setTimeout(r, 100));
 
     run(['snapshot', 'tcpredis', '-o', join(out, 'redis')]);
