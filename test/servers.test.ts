@@ -189,6 +189,42 @@ http {
     for (const aid of ['ngc-1', 'ngc-2', 'ngc-3']) run(['stop', aid, '-s', 'KILL']);
   });
 
+  it.runIf(isRoot)('nginx with keep-alive connections open: each carries on after snapshot and restore, without reconnecting', async () => {
+    const port = base + 5;
+    const ngx = join(dir, 'nginx-ka');
+    mkdirSync(ngx);
+    const conf = join(ngx, 'nginx.conf');
+    writeFileSync(
+      conf,
+      `user nobody nogroup;
+worker_processes 2;
+daemon off;
+pid ${ngx}/nginx.pid;
+error_log stderr;
+events { worker_connections 64; }
+http {
+  access_log off; keepalive_timeout 300s; keepalive_requests 1000;
+  client_body_temp_path ${ngx}/body; proxy_temp_path ${ngx}/proxy; fastcgi_temp_path ${ngx}/fcgi;
+  uwsgi_temp_path ${ngx}/uwsgi; scgi_temp_path ${ngx}/scgi;
+  server { listen 127.0.0.1:${port}; location / { return 200 "kept $request_uri\n"; } }
+}
+`,
+    );
+    run(['run', '-d', '--aid', 'ngka', '--', NGINX, '-c', conf]);
+    await waitForHttp(port);
+    // Five connections, each with a request answered and left open.
+    const conns = await Promise.all(Array.from({ length: 5 }, () => KeepAlive.open(port)));
+    for (const [i, c] of conns.entries()) expect(await c.get(`/before/${i}`)).toBe(`kept /before/${i}\n`);
+    run(['snapshot', 'ngka', '-o', join(dir, 'ngka.snap')]);
+    run(['restore', join(dir, 'ngka.snap')]);
+    for (const [i, c] of conns.entries()) {
+      expect(await c.get(`/after/${i}`)).toBe(`kept /after/${i}\n`);
+      expect(c.connects).toBe(1);
+      c.socket.destroy();
+    }
+    run(['stop', 'ngka', '-s', 'KILL']);
+  });
+
   it.runIf(isRoot)('memcached -u nobody keeps its items and its user through a round trip and in clones', async () => {
     const port = base + 1;
     run(['run', '-d', '--aid', 'mc', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
@@ -230,6 +266,54 @@ http {
 });
 
 /** A new PostgreSQL cluster owned by postgres; its directory. */
+/** One HTTP/1.1 connection kept open between requests. */
+class KeepAlive {
+  connects = 0;
+  private data = Buffer.alloc(0);
+  private waiter?: () => void;
+  private constructor(readonly socket: import('node:net').Socket) {
+    socket.on('data', (d: Buffer) => {
+      this.data = Buffer.concat([this.data, d]);
+      this.waiter?.();
+    });
+  }
+
+  static open(port: number): Promise<KeepAlive> {
+    return new Promise((resolve, reject) => {
+      const s = connect(port, '127.0.0.1');
+      const k = new KeepAlive(s);
+      s.once('connect', () => {
+        k.connects++;
+        resolve(k);
+      });
+      s.once('error', reject);
+    });
+  }
+
+  /** The body of GET path, read by its Content-Length. */
+  async get(path: string): Promise<string> {
+    this.socket.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+    for (;;) {
+      const text = this.data.toString('latin1');
+      const end = text.indexOf('\r\n\r\n');
+      const length = /content-length: *(\d+)/i.exec(text)?.[1];
+      if (end >= 0 && length !== undefined && this.data.length >= end + 4 + Number(length)) {
+        const body = this.data.subarray(end + 4, end + 4 + Number(length)).toString();
+        this.data = this.data.subarray(end + 4 + Number(length));
+        return body;
+      }
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no answer to GET ${path}`)), 10_000);
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        this.socket.once('close', () => reject(new Error(`connection closed before the answer to GET ${path}`)));
+      });
+    }
+  }
+}
+
 function initdb(name: string): string {
   const data = join(dir, name);
   mkdirSync(data);
