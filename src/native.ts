@@ -147,7 +147,7 @@ interface Addon {
   PageWriter: new (dir: string, parents: string[], queueLimit?: number) => PageWriter;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
-  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number }[];
+  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }[];
   tcpListeners(family: number): { ino: number; backlog: number }[];
   peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
@@ -181,6 +181,22 @@ interface Addon {
   /** A connected TCP socket whose connection was reset. */
   tcpResetSocket(family: number): number;
   getSockOpt(fd: number, level: number, name: number): number;
+  /** Raw struct sockaddr: getsockname; getpeername (null: not connected). */
+  sockName(fd: number): Buffer;
+  peerName(fd: number): Buffer | null;
+  /** socket(family, type | SOCK_CLOEXEC, 0) */
+  sockOpen(family: number, type: number): number;
+  sockBind(fd: number, addr: Buffer): void;
+  sockConnect(fd: number, addr: Buffer): void;
+  /** One message, whole, to `addr` or to the connected peer (null). */
+  sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
+  sockShutdown(fd: number, how: number): void;
+  /** Every message queued for reading, left queued (SO_PEEK_OFF). */
+  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number): { data: Buffer; from: Buffer | null }[];
+  /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW). */
+  udpInject(from: Buffer, to: Buffer, data: Buffer): void;
+  /** Every UDP socket of the family, with its sk_shutdown. */
+  udpSockets(family: number): { ino: number; shutdown: number }[];
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;

@@ -9,7 +9,8 @@
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -87,6 +88,63 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
 
 describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
+});
+
+describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, connected outside) and UDP, with their queues', () => {
+  // The socket outside the application that `logger` is connected to, as
+  // a Go program's journald socket or /dev/log would be.
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-dgram-'));
+  const sinkPath = join(dir, 'sink');
+  let sink: ChildProcess | undefined;
+  const startSink = async () => {
+    sink = spawn(fixture('dgram'), ['--sink', sinkPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let said = '';
+    sink.stdout!.on('data', (b) => (said += b));
+    await waitFor(() => said.includes('READY'), 10_000, 'the sink to start');
+  };
+  beforeAll(startSink);
+  afterAll(() => {
+    sink?.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  // Without system-wide names: the copy beside the original takes none of
+  // the original's (the autobound socket gets a new name there).
+  roundTrips('dgram', [fixture('dgram'), sinkPath], /UNIX_DGRAM\s+unix dgram @[0-9a-f]{5}, 2 datagrams queued \(7 bytes\)/);
+
+  it('comes back with its bound names, ports and their queues from a snapshot that ends it', async () => {
+    const aid = 'dgramnamed';
+    const names = mkdtempSync(join(dir, 'named-'));
+    run(['run', '-d', '--aid', aid, '--', fixture('dgram'), sinkPath, names]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    const shown = run(['inspect', join(out, aid)]);
+    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram \S+\/named, 2 datagrams queued \(7 bytes\)/);
+    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram @appshot-dgram-\d+, 1 datagrams queued \(5 bytes\)/);
+    expect(shown).toMatch(/UDP\s+udp 127\.0\.0\.1:\d+, 2 datagrams queued \(13 bytes\)/);
+    expect(shown).toMatch(/UDP\s+udp \[::1\]:\d+ → \[::1\]:\d+, 0 datagrams queued/);
+    run(['restore', join(out, aid)]);
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
+
+  it('fails a restore by name when the outside peer is gone, and leaves nothing behind', async () => {
+    const aid = 'dgramgone';
+    run(['run', '-d', '--aid', aid, '--', fixture('dgram'), sinkPath]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    sink!.kill('SIGKILL');
+    rmSync(sinkPath, { force: true });
+    try {
+      const r = sb.run(['restore', join(out, aid)]);
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toMatch(new RegExp(`fd \\d+: the unix datagram socket's peer ${sinkPath} cannot be reached: connect: No such file or directory`));
+      expect(sb.aids()).not.toContain(aid);
+    } finally {
+      await startSink();
+    }
+  });
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {

@@ -19,6 +19,8 @@ declare -A needs=(
   [/usr/bin/memcached]=memcached
   [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
   [/usr/bin/psql]=postgresql-client-15
+  [/usr/bin/etcd]=etcd-server
+  [/usr/bin/etcdctl]=etcd-client
 )
 
 missing=()

@@ -480,6 +480,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot::RegisterTrace(env, exports);
   appshot::RegisterRestore(env, exports);
   appshot::RegisterTcp(env, exports);
+  appshot::RegisterDgram(env, exports);
   appshot::RegisterProbe(env, exports);
   return exports;
 }

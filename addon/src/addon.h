@@ -14,6 +14,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports);
 void RegisterRestore(Napi::Env env, Napi::Object exports);
 // Established TCP connections through repair mode (addon_tcp.cc).
 void RegisterTcp(Napi::Env env, Napi::Object exports);
+// Datagram and record sockets: names, queues, made again (addon_dgram.cc).
+void RegisterDgram(Napi::Env env, Napi::Object exports);
 // Kernel feature probes and native versions (addon_probe.cc).
 void RegisterProbe(Napi::Env env, Napi::Object exports);
 }  // namespace appshot

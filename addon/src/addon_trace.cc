@@ -313,6 +313,7 @@ Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
     o.Set("state", all[i].state);
     o.Set("rqueue", Napi::Number::New(env, all[i].rqueue));
     o.Set("wqueue", Napi::Number::New(env, all[i].wqueue));
+    o.Set("shutdown", all[i].shutdown);
     out.Set(static_cast<uint32_t>(i), o);
   }
   free(all);

@@ -82,6 +82,8 @@ static int each_unix(struct nlmsghdr* h, void* ctx) {
       struct unix_diag_rqlen* q = RTA_DATA(a);
       u->rqueue = q->udiag_rqueue;
       u->wqueue = q->udiag_wqueue;
+    } else if (a->rta_type == UNIX_DIAG_SHUTDOWN) {
+      u->shutdown = *(uint8_t*)RTA_DATA(a);
     }
   }
   return 0;
@@ -131,6 +133,39 @@ long sockdiag_tcp_listeners(int family, sockdiag_listener** out) {
   req.r.idiag_states = 1u << 10; /* TCP_LISTEN */
   struct grow g = {NULL, 0, 0, sizeof(sockdiag_listener)};
   int rc = dump(&req, sizeof req, each_inet, &g);
+  if (rc) {
+    free(g.items);
+    return rc;
+  }
+  *out = g.items;
+  return (long)g.n;
+}
+
+static int each_udp(struct nlmsghdr* h, void* ctx) {
+  struct inet_diag_msg* m = NLMSG_DATA(h);
+  sockdiag_udp* u = push(ctx);
+  if (!u) return -ENOMEM;
+  u->ino = m->idiag_inode;
+  u->shutdown = 0;
+  int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+  for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len))
+    if (a->rta_type == INET_DIAG_SHUTDOWN) u->shutdown = *(uint8_t*)RTA_DATA(a);
+  return 0;
+}
+
+long sockdiag_udp_all(int family, sockdiag_udp** out) {
+  struct {
+    struct nlmsghdr h;
+    struct inet_diag_req_v2 r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = (uint8_t)family;
+  req.r.sdiag_protocol = IPPROTO_UDP;
+  req.r.idiag_states = ~0u;
+  struct grow g = {NULL, 0, 0, sizeof(sockdiag_udp)};
+  int rc = dump(&req, sizeof req, each_udp, &g);
   if (rc) {
     free(g.items);
     return rc;

@@ -13,6 +13,7 @@ typedef struct {
   uint8_t state;   /* TCP_ESTABLISHED 1, TCP_LISTEN 10, TCP_CLOSE 7 */
   uint32_t rqueue; /* bytes waiting (connected) or queued connections (listening) */
   uint32_t wqueue; /* bytes unsent (connected) or the backlog (listening) */
+  uint8_t shutdown; /* sk_shutdown: 1 receive side, 2 send side */
 } sockdiag_unix;
 
 typedef struct {
@@ -22,5 +23,13 @@ typedef struct {
 
 long sockdiag_unix_all(sockdiag_unix** out);
 long sockdiag_tcp_listeners(int family, sockdiag_listener** out);
+
+typedef struct {
+  uint32_t ino;
+  uint8_t shutdown; /* sk_shutdown: 1 receive side, 2 send side */
+} sockdiag_udp;
+
+/* Every UDP socket of `family` (AF_INET, AF_INET6) with its shutdown state. */
+long sockdiag_udp_all(int family, sockdiag_udp** out);
 
 #endif

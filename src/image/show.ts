@@ -47,6 +47,18 @@ const HALF_CLOSED: Record<number, string> = {
   8: ' (CLOSE_WAIT: the peer closed its side)',
 };
 
+/** "udp 127.0.0.1:5353 → 10.0.0.1:53, 2 datagrams queued (40 bytes), shut down for writing" */
+function describeDatagramSocket(fd: Fd): string {
+  const s = fd.socket;
+  if (!s) return 'socket';
+  const at = (a: string, p: number) => (fd.kind === 12 ? (a.includes(':') ? `[${a}]:${p}` : `${a}:${p}`) : a);
+  const own = s.address ? at(s.address, s.port) : fd.kind === 12 ? '(unbound)' : '(unnamed)';
+  const peer = s.peerAddress ? ` → ${at(s.peerAddress, s.peerPort ?? 0)}` : s.peerIno ? ` → socket ${s.peerIno}` : '';
+  const queued = s.datagrams ?? [];
+  const shut = ['', ', shut down for reading', ', shut down for writing', ', shut down'][s.shutdown ?? 0] ?? '';
+  return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}`;
+}
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -66,7 +78,11 @@ function describeFd(image: Image, fd: Fd): string {
         : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
+      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued`;
       return `listening unix ${fd.socket?.address}`;
+    case 'UNIX_DGRAM':
+    case 'UDP':
+      return describeDatagramSocket(fd);
     case 'EVENTFD':
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':

@@ -367,6 +367,8 @@ export const FdKind = {
   TIMERFD: 9,
   INOTIFY: 10,
   TCP_ESTABLISHED: 11,
+  UDP: 12,
+  UNIX_DGRAM: 13,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -483,6 +485,22 @@ export interface Socket {
   reuseaddr: boolean;
   reuseport: boolean;
   v6only: boolean;
+  /** Datagram and record sockets (absent in older images): a peer
+   * outside the application, connected to again by name. */
+  peerAddress?: string;
+  peerPort?: number;
+  /** Queued for reading, oldest first, each whole. */
+  datagrams?: Datagram[];
+  /** sk_shutdown: 1 reading shut down, 2 writing. */
+  shutdown?: number;
+  options?: SocketOption[];
+}
+
+export interface Datagram {
+  data: Buffer;
+  /** The sender's name (unix path, "@" abstract) or IP; "" unnamed. */
+  from: string;
+  fromPort: number;
 }
 
 export interface EpollTarget {

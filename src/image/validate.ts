@@ -48,6 +48,12 @@ export const LIMITS = {
   countedIds: 65536,
   /** File locks in the whole image: each is a call at restore. */
   fileLocks: 200_000,
+  /** Datagrams queued on one socket, and their bytes (each is sent again
+   * at restore): what the snapshot takes (resources/unixdgram.ts). */
+  queuedDatagrams: 100_000,
+  queuedDatagramBytes: 64 << 20,
+  /** Integer options carried per socket (each is a call at restore). */
+  socketOptions: 32,
 };
 /** The largest file offset (off_t). */
 const OFF_MAX = (1n << 63n) - 1n;
@@ -263,7 +269,9 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
-    if ((fd.kind === FdKind.UNIX_SOCKET || fd.kind === FdKind.TCP_LISTEN) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
+    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM];
+    if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
+    if (fd.socket) checkDatagrams(fd.socket, where);
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
@@ -278,6 +286,19 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
     checkLocks(fd, where);
   }
+}
+
+/** A socket's queued datagrams and options: bounded, each datagram in
+ * range, its shutdown state a pair of bits. */
+function checkDatagrams(s: NonNullable<Fd['socket']>, where: string): void {
+  const datagrams = s.datagrams ?? [];
+  const bytes = datagrams.reduce((n, d) => n + d.data.length, 0);
+  if (datagrams.length > LIMITS.queuedDatagrams || bytes > LIMITS.queuedDatagramBytes)
+    corrupt(`${where} has ${datagrams.length} datagrams (${bytes} bytes) queued (at most ${LIMITS.queuedDatagrams}, ${LIMITS.queuedDatagramBytes} bytes)`);
+  if ((s.options ?? []).length > LIMITS.socketOptions) corrupt(`${where} carries ${(s.options ?? []).length} socket options (at most ${LIMITS.socketOptions})`);
+  if (!((s.shutdown ?? 0) >= 0 && (s.shutdown ?? 0) <= 3)) corrupt(`${where} has shutdown state ${s.shutdown}`);
+  if (!((s.peerPort ?? 0) >= 0 && (s.peerPort ?? 0) <= 65535) || datagrams.some((d) => !(d.fromPort >= 0 && d.fromPort <= 65535)))
+    corrupt(`${where} names a port above 65535`);
 }
 
 /** A descriptor's file locks: of a kind the restore takes, on a file or a

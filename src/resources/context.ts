@@ -177,6 +177,11 @@ export class RestoreContext {
     return got;
   }
 
+  /** What was made for `key` so far, without making it. */
+  peek<T>(key: string): T | undefined {
+    return this.made.get(key) as T | undefined;
+  }
+
   /** Records what was made for `key` along with another (a socket pair's
    * second end). */
   remember<T>(key: string, value: T): void {

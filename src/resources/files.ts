@@ -4,7 +4,8 @@
  * sends each descriptor to the module of its kind, and at restore places
  * what those made at its number. Regular files are its own; a deleted
  * file's contents are deleted.ts's, character devices devices.ts's, pipes
- * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's,
+ * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
+ * datagram sockets unixdgram.ts's, UDP udp.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
  * timerfd and inotify each their own module's. Anything else is refused
  * by name.
@@ -25,7 +26,9 @@ import { dumpPipe, openPipeEnd } from './pipes.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
 import { openConnection } from './tcp.js';
 import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
-import { openSocket, type SocketTable } from './sockets.js';
+import { openSocket, socketKind, type SocketTable } from './sockets.js';
+import { openUdp } from './udp.js';
+import { openUnixDgram } from './unixdgram.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -82,9 +85,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.kind = FdKind.TCP_ESTABLISHED;
       fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what);
     } else if (bracket && bracket[1] === 'socket') {
-      fd.kind = FdKind.TCP_LISTEN;
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what);
-      if (fd.socket.family === 1) fd.kind = FdKind.UNIX_SOCKET;
+      fd.kind = socketKind(fd.socket);
     } else if (target === 'anon_inode:[eventfd]') {
       fd.kind = FdKind.EVENTFD;
       Object.assign(fd, dumpEventfd(info));
@@ -137,6 +139,8 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.TCP_LISTEN]: openSocket,
   [FdKind.UNIX_SOCKET]: openSocket,
   [FdKind.TCP_ESTABLISHED]: openConnection,
+  [FdKind.UDP]: openUdp,
+  [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
 };
 

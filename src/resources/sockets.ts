@@ -3,8 +3,11 @@
  * their address, options and backlog; connected unix stream sockets whose
  * peer is in the application too (socketpair, or a connection between two
  * of its processes) with the data queued in them, read with MSG_PEEK.
- * Established TCP connections are tcp.ts's. A unix socket whose other end
- * is outside the application is refused by name.
+ * Established TCP connections are tcp.ts's, unix datagram sockets
+ * unixdgram.ts's, UDP sockets udp.ts's (this module sends them there). A
+ * unix SOCK_SEQPACKET pair's queued records are read whole (unixdgram.ts).
+ * A unix stream or seqpacket socket whose other end is outside the
+ * application is refused by name.
  *
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
@@ -15,6 +18,8 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { dumpUdp, type SeenUdp } from './udp.js';
+import { dumpUnixDgram, queuedMessages, shut } from './unixdgram.js';
 
 interface InetEntry {
   family: number;
@@ -37,6 +42,14 @@ const AF_INET6 = 10;
 const TCP_LISTEN = 0x0a;
 const SO_ACCEPTCON = 0x10000;
 const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
+const SOCK_SEQPACKET = 5;
+
+/** The descriptor kind of a socket describe() returned. */
+export function socketKind(s: Socket): number {
+  if (s.family === AF_UNIX) return s.type === SOCK_DGRAM ? FdKind.UNIX_DGRAM : FdKind.UNIX_SOCKET;
+  return s.type === SOCK_DGRAM ? FdKind.UDP : FdKind.TCP_LISTEN;
+}
 
 function ipv4(hex: string): string {
   const n = parseInt(hex, 16);
@@ -60,7 +73,8 @@ function ipv6(hex: string): string {
 export class SocketTable {
   private inet = new Map<bigint, InetEntry>();
   private unix = new Map<bigint, UnixEntry>();
-  private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number }>();
+  private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }>();
+  private udp = new Map<bigint, SeenUdp>();
   private backlog = new Map<bigint, number>();
   private loaded = false;
 
@@ -94,6 +108,22 @@ export class SocketTable {
           remote: `${addr(ra)}:${parseInt(rp, 16)}`,
           state: parseInt(f[3], 16),
         });
+      }
+    }
+    for (const family of [AF_INET, AF_INET6]) {
+      const file = family === AF_INET ? 'udp' : 'udp6';
+      const shutdowns = new Map(addon().udpSockets(family).map((u) => [BigInt(u.ino), u.shutdown]));
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${pid}/net/${file}`, 'utf8');
+      } catch {
+        continue;
+      }
+      for (const line of text.split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length < 10) continue;
+        const ino = BigInt(f[9]);
+        this.udp.set(ino, { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: shutdowns.get(ino) ?? 0 });
       }
     }
     try {
@@ -149,9 +179,19 @@ export class SocketTable {
       const u = this.unix.get(ino);
       const d = this.diag.get(ino);
       if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0 };
-      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: an unconnected unix ${opts.type === SOCK_STREAM ? 'stream' : 'datagram'} socket cannot be captured yet`);
-      if (d.rqueue && opts.type !== SOCK_STREAM)
-        throw new Unsupported(`${what} fd ${fd}: datagrams in flight on a unix socket pair cannot be captured yet`);
+      if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
+      const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
+      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: an unconnected unix ${typeName} socket cannot be captured yet`);
+      if (opts.type === SOCK_SEQPACKET) {
+        const dup = addon().getFd(pid, fd);
+        try {
+          const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`);
+          return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown };
+        } finally {
+          closeSync(dup);
+        }
+      }
+      if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
       let queued: Buffer = Buffer.alloc(0);
       if (d.rqueue) {
         const peek = addon().getFd(pid, fd);
@@ -165,25 +205,32 @@ export class SocketTable {
       // process has been seen: the driver checks (checkUnixPeers).
       return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued };
     }
+    if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = this.inet.get(ino);
       if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: this.backlog.get(ino) ?? 0 };
-      throw new Unsupported(`${what} fd ${fd}: a ${opts.type === 2 ? 'UDP' : 'non-listening'} socket cannot be captured yet`);
+      throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
   }
 }
 
-/** Every connected unix socket of the image must have its peer in the
- * image too. */
+/** Every connected unix stream or seqpacket socket of the image must have
+ * its peer in the image too; a datagram socket connected to a name outside
+ * it is connected to that name again at restore (unixdgram.ts). */
 export function checkUnixPeers(processes: Process[]): void {
   const sockets = processes.flatMap((p) =>
-    p.fds.filter((f) => f.socket && f.kind === FdKind.UNIX_SOCKET).map((f) => ({ socket: f.socket!, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
+    p.fds
+      .filter((f) => f.socket && (f.kind === FdKind.UNIX_SOCKET || f.kind === FdKind.UNIX_DGRAM))
+      .map((f) => ({ socket: f.socket!, dgram: f.kind === FdKind.UNIX_DGRAM, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
   );
   const inImage = new Set(sockets.map((s) => s.socket.ino));
-  for (const s of sockets)
-    if (s.socket.peerIno && !inImage.has(s.socket.peerIno))
-      throw new Unsupported(`${s.where}: a unix socket connected to a process outside the application cannot be captured yet`);
+  for (const s of sockets) {
+    if (!s.socket.peerIno || inImage.has(s.socket.peerIno)) continue;
+    if (s.dgram && s.socket.peerAddress) s.socket.peerIno = 0n;
+    else if (s.dgram) throw new Unsupported(`${s.where}: a unix datagram socket connected to an unnamed socket outside the application cannot be captured (nothing to connect to again by name)`);
+    else throw new Unsupported(`${s.where}: a unix socket connected to a process outside the application cannot be captured yet`);
+  }
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -232,6 +279,11 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.keep(b);
     if (s.queued.length) writeSync(b, s.queued);
     if (peer.queued.length) writeSync(a, peer.queued);
+    // Seqpacket records, each whole.
+    for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
+    for (const d of peer.datagrams ?? []) addon().sockSend(a, d.data, null);
+    shut(a, s.shutdown ?? 0);
+    shut(b, peer.shutdown ?? 0);
     h.remember(`socket ${peer.ino}`, b);
     return a;
   });

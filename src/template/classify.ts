@@ -170,6 +170,10 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       const d = portDecision(port, rules);
       return { kind: 'socket', name: tcpName(fd), action: d.action, reason: `listens on port ${port}: ${d.reason}` };
     }
+    case FdKind.UDP:
+      return { kind: 'socket', name: `udp ${fd.socket?.address || '(unbound)'}:${fd.socket?.port ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.UNIX_DGRAM:
+      return { kind: 'socket', name: `unix dgram ${fd.socket?.address || '(unnamed)'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.TCP_ESTABLISHED:
       return { kind: 'socket', name: `tcp ${fd.tcp ? connectionName(fd.tcp) : ''}`, ...decide('recreate', fd.tcp?.closed ? CRITERIA.tcpClosed : CRITERIA.tcpConnection) };
     case FdKind.EVENTFD:
@@ -204,6 +208,11 @@ function fdRefusal(fd: Fd): string | undefined {
   // one socket); recorded closed, each clone gets it reset.
   if (fd.kind === FdKind.TCP_ESTABLISHED && fd.tcp && !fd.tcp.closed)
     return `the established TCP connection ${connectionName(fd.tcp)} has one peer, which clones cannot each have (take the snapshot with --tcp-close: every clone then sees it reset)`;
+  // Ports and names are system-wide: every clone cannot bind the same one
+  // (port rules cover TCP listeners only, so far).
+  if (fd.kind === FdKind.UDP && fd.socket?.port) return `a UDP socket bound to port ${fd.socket.port} cannot be bound by every clone (PORT rules apply to TCP listeners only, so far)`;
+  if (fd.kind === FdKind.UNIX_DGRAM && fd.socket?.address && !/^@[0-9a-f]{5}$/.test(fd.socket.address))
+    return `a unix datagram socket bound to ${fd.socket.address} is system-wide unique and cannot be shared by clones`;
   if (fd.kind === FdKind.FIFO) return `a FIFO (named pipe) at ${fd.path} is a system-wide name and cannot be shared by clones`;
   if (fd.kind === FdKind.UNIX_SOCKET && fd.socket?.listening) {
     const where = fd.socket.address.startsWith('@') ? `the abstract address ${fd.socket.address}` : fd.socket.address;

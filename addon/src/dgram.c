@@ -1,0 +1,161 @@
+#define _GNU_SOURCE
+#include "dgram.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/udp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+void dgram_free(dgram_msg* msgs, long n) {
+  for (long i = 0; i < n; i++) free(msgs[i].data);
+  free(msgs);
+}
+
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, dgram_msg** out) {
+  int saved = -1;
+  socklen_t sl = sizeof saved;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) return -errno;
+  int zero = 0;
+  if (setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero)) return -errno;
+  size_t cap = 0, n = 0, total = 0;
+  dgram_msg* msgs = NULL;
+  unsigned char* buf = malloc(max_one + 1);
+  long rc = buf ? 0 : -ENOMEM;
+  while (rc == 0) {
+    struct sockaddr_storage from;
+    struct iovec iov = {buf, max_one + 1};
+    struct msghdr mh = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t got = recvmsg(fd, &mh, MSG_PEEK | MSG_DONTWAIT);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) rc = -errno;
+      break;
+    }
+    if ((size_t)got > max_one || (mh.msg_flags & MSG_TRUNC)) {
+      rc = -EMSGSIZE;
+      break;
+    }
+    if (n == max_count || total + (size_t)got > max_total) {
+      rc = -E2BIG;
+      break;
+    }
+    if (n == cap) {
+      size_t ncap = cap ? cap * 2 : 16;
+      dgram_msg* p = realloc(msgs, ncap * sizeof *p);
+      if (!p) {
+        rc = -ENOMEM;
+        break;
+      }
+      msgs = p;
+      cap = ncap;
+    }
+    dgram_msg* m = &msgs[n];
+    m->data = malloc(got ? (size_t)got : 1);
+    if (!m->data) {
+      rc = -ENOMEM;
+      break;
+    }
+    memcpy(m->data, buf, (size_t)got);
+    m->len = (size_t)got;
+    memcpy(&m->from, &from, sizeof from);
+    m->from_len = mh.msg_namelen > sizeof from ? sizeof from : mh.msg_namelen;
+    n++;
+    total += (size_t)got;
+  }
+  free(buf);
+  /* The application's own peek offset (usually off: -1) comes back. */
+  setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, sizeof saved);
+  if (rc < 0) {
+    dgram_free(msgs, (long)n);
+    return rc;
+  }
+  *out = msgs;
+  return (long)n;
+}
+
+static uint32_t sum16(const void* p, size_t len, uint32_t acc) {
+  const unsigned char* b = p;
+  for (size_t i = 0; i + 1 < len; i += 2) acc += (uint32_t)(b[i] << 8 | b[i + 1]);
+  if (len & 1) acc += (uint32_t)(b[len - 1] << 8);
+  return acc;
+}
+
+static uint16_t fold(uint32_t acc) {
+  while (acc >> 16) acc = (acc & 0xffff) + (acc >> 16);
+  uint16_t c = (uint16_t)~acc;
+  return c ? c : 0xffff;
+}
+
+int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len) {
+  if (from->sa_family != to->sa_family) return -EAFNOSUPPORT;
+  if (len > 65507) return -EMSGSIZE;
+  size_t ulen = sizeof(struct udphdr) + len;
+  unsigned char* pkt = calloc(1, 40 + ulen);
+  if (!pkt) return -ENOMEM;
+  int fd = -1, rc = 0;
+  ssize_t sent;
+  if (from->sa_family == AF_INET) {
+    const struct sockaddr_in* f = (const void*)from;
+    const struct sockaddr_in* t = (const void*)to;
+    struct iphdr* ip = (void*)pkt;
+    ip->version = 4;
+    ip->ihl = 5;
+    ip->ttl = 64;
+    ip->protocol = IPPROTO_UDP;
+    ip->saddr = f->sin_addr.s_addr;
+    ip->daddr = t->sin_addr.s_addr;
+    ip->tot_len = htons((uint16_t)(20 + ulen)); /* the kernel fills id and checksum */
+    struct udphdr* u = (void*)(pkt + 20);
+    u->source = f->sin_port;
+    u->dest = t->sin_port;
+    u->len = htons((uint16_t)ulen);
+    memcpy(u + 1, data, len);
+    uint32_t acc = sum16(&ip->saddr, 8, 0) + IPPROTO_UDP + (uint32_t)ulen;
+    u->check = htons(fold(sum16(u, ulen, acc)));
+    fd = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); /* IP_HDRINCL implied */
+    if (fd < 0) {
+      rc = -errno;
+      goto out;
+    }
+    struct sockaddr_in dst = *t;
+    dst.sin_port = 0;
+    sent = sendto(fd, pkt, 20 + ulen, 0, (void*)&dst, sizeof dst);
+  } else if (from->sa_family == AF_INET6) {
+    const struct sockaddr_in6* f = (const void*)from;
+    const struct sockaddr_in6* t = (const void*)to;
+    unsigned char* ip = pkt;
+    ip[0] = 0x60;
+    ip[4] = (unsigned char)(ulen >> 8);
+    ip[5] = (unsigned char)ulen;
+    ip[6] = IPPROTO_UDP;
+    ip[7] = 64;
+    memcpy(ip + 8, &f->sin6_addr, 16);
+    memcpy(ip + 24, &t->sin6_addr, 16);
+    struct udphdr* u = (void*)(pkt + 40);
+    u->source = f->sin6_port;
+    u->dest = t->sin6_port;
+    u->len = htons((uint16_t)ulen);
+    memcpy(u + 1, data, len);
+    uint32_t acc = sum16(ip + 8, 32, 0) + IPPROTO_UDP + (uint32_t)ulen;
+    u->check = htons(fold(sum16(u, ulen, acc)));
+    fd = socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); /* the header is ours */
+    if (fd < 0) {
+      rc = -errno;
+      goto out;
+    }
+    struct sockaddr_in6 dst = *t;
+    dst.sin6_port = 0;
+    sent = sendto(fd, pkt, 40 + ulen, 0, (void*)&dst, sizeof dst);
+  } else {
+    rc = -EAFNOSUPPORT;
+    goto out;
+  }
+  if (sent < 0) rc = -errno;
+out:
+  if (fd >= 0) close(fd);
+  free(pkt);
+  return rc;
+}

@@ -1,0 +1,32 @@
+/* Datagram and record sockets (unix SOCK_DGRAM and SOCK_SEQPACKET, UDP):
+ * their queued messages read without consuming them, and a UDP datagram
+ * put back into a receive queue as if its original sender had sent it.
+ * Plain C; functions return a count or 0, or -errno. */
+#ifndef APPSHOT_DGRAM_H
+#define APPSHOT_DGRAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+typedef struct {
+  unsigned char* data; /* malloc'd, len bytes */
+  size_t len;
+  struct sockaddr_storage from;
+  socklen_t from_len; /* 0 when the kernel gave no sender */
+} dgram_msg;
+
+/* Every message queued for reading on `fd`, in order and with its
+ * boundaries, left queued: peeked with SO_PEEK_OFF walking the queue, the
+ * socket's own peek offset put back after. At most `max_count` messages of
+ * `max_total` bytes in all (-E2BIG past that); a message larger than
+ * `max_one` is -EMSGSIZE. */
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, dgram_msg** out);
+void dgram_free(dgram_msg* msgs, long n);
+
+/* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
+ * built whole and sent through a raw socket (CAP_NET_RAW), so that its
+ * receiver sees the original sender's address and port. */
+int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len);
+
+#endif

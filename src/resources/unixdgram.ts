@@ -1,0 +1,309 @@
+/**
+ * Unix datagram sockets (SOCK_DGRAM): unnamed, bound to a path, to an
+ * abstract name, or autobound (the kernel's "@" and five hex digits, which
+ * every Go program that logs to journald holds); connected to a socket of
+ * the application, to a name outside it (/dev/log, the journal's socket),
+ * or not at all; socketpair(AF_UNIX, SOCK_DGRAM); with the datagrams
+ * queued for reading, whole and in order, their buffer sizes, SO_PASSCRED,
+ * peek offset and shutdown state. (Unix SOCK_SEQPACKET pairs carry their
+ * records the same way: sockets.ts, with queuedMessages here.)
+ *
+ * Dump: the queue is read without consuming it (SO_PEEK_OFF walks it with
+ * MSG_PEEK, then the socket's own offset is put back).
+ *
+ * Restore, in appshot's process, once per socket:
+ *  - a pair of unnamed sockets connected to each other is socketpair()ed;
+ *  - otherwise the socket is made and bound to its name again. A path's
+ *    file is made again by the bind (one left behind by the ended original
+ *    is removed first; one a live socket holds is a conflict, by name). An
+ *    autobound name is taken again when it is free; when it is not (the
+ *    original still runs beside the restored copy) the kernel autobinds a
+ *    new one, as it would have for a new socket; any other abstract name
+ *    taken is a conflict, by name;
+ *  - its queued datagrams are sent to it again before it is connected (a
+ *    connected unix datagram socket takes datagrams from its peer only),
+ *    each from its sender when the sender is the application's socket and
+ *    already made, else from a temporary socket bound to the sender's name
+ *    when that name is free, else from an unnamed one: the receiver then
+ *    sees an unnamed sender (README: what is not carried);
+ *  - then it is connected: to its peer in the application by the name that
+ *    peer has now, or to its outside peer by name; an outside peer that
+ *    cannot be reached fails the restore, naming it.
+ */
+import { closeSync, unlinkSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
+import { addon } from '../native.js';
+import { type RestoreContext, Unsupported } from './context.js';
+import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
+
+const SOCK_DGRAM = 2;
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+const SO_PASSCRED = 16;
+const SO_SNDBUFFORCE = 32;
+const SO_RCVBUFFORCE = 33;
+const SO_PEEK_OFF = 42;
+
+/** The integer options a unix datagram socket carries over. */
+export const UNIX_OPTIONS: [level: number, name: number][] = [
+  [SOL_SOCKET, SO_SNDBUF],
+  [SOL_SOCKET, SO_RCVBUF],
+  [SOL_SOCKET, SO_PASSCRED],
+  [SOL_SOCKET, SO_PEEK_OFF],
+];
+
+/** How much one socket's queue may hold in an image. */
+export const QUEUE_LIMITS = { count: 100_000, bytes: 64 << 20, one: 8 << 20 };
+
+/** An autobound name: the kernel's five hex digits. */
+const AUTOBIND = /^@[0-9a-f]{5}$/;
+
+/* ---- dump --------------------------------------------------------------- */
+
+/** The messages queued for reading on a duplicate of the socket, whole
+ * and in order, left queued. */
+export function queuedMessages(dup: number, what: string): Datagram[] {
+  let got;
+  try {
+    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
+    if (code === 'EMSGSIZE') throw new Unsupported(`${what}: a queued datagram larger than ${QUEUE_LIMITS.one >> 20} MiB`);
+    throw new Unsupported(`${what}: ${(e as Error).message}`);
+  }
+  return got.map((m) => {
+    const from = m.from ? parseSockaddr(m.from) : { address: '', port: 0 };
+    return { data: m.data, from: from.address, fromPort: from.port };
+  });
+}
+
+export function readOptions(dup: number, which: [number, number][]): SocketOption[] {
+  return which.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
+}
+
+/** The unix datagram socket behind `fd` of `pid`; `diag` is what
+ * sock_diag says of it. Whether its peer is in the application is known
+ * only once every process is seen (sockets.ts, checkUnixPeers). */
+export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number } | undefined, what: string): Socket {
+  const where = `${what} fd ${fd}: a unix datagram socket`;
+  const dup = addon().getFd(pid, fd);
+  try {
+    const raw = addon().sockName(dup);
+    const problem = unixNameProblem(raw);
+    if (problem) throw new Unsupported(`${where}: ${problem}`);
+    const name = parseSockaddr(raw).address;
+    const peerRaw = addon().peerName(dup);
+    if (peerRaw && unixNameProblem(peerRaw)) throw new Unsupported(`${where} connected to a peer whose name cannot be recorded: ${unixNameProblem(peerRaw)}`);
+    return {
+      ino,
+      family: AF_UNIX,
+      type: SOCK_DGRAM,
+      address: name,
+      port: 0,
+      listening: false,
+      backlog: 0,
+      peerIno: BigInt(diag?.peer ?? 0),
+      queued: Buffer.alloc(0),
+      reuseaddr: false,
+      reuseport: false,
+      v6only: false,
+      peerAddress: peerRaw ? parseSockaddr(peerRaw).address : '',
+      peerPort: 0,
+      datagrams: queuedMessages(dup, where),
+      shutdown: diag?.shutdown ?? 0,
+      options: readOptions(dup, UNIX_OPTIONS),
+    };
+  } finally {
+    closeSync(dup);
+  }
+}
+
+/* ---- restore ------------------------------------------------------------ */
+
+/** Our descriptor for the unix datagram socket `fd` holds. */
+export function openUnixDgram(h: RestoreContext, p: Process, fd: Fd): number {
+  const what = `process ${p.vpid} fd ${fd.fd}`;
+  const s = fd.socket;
+  if (!s) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket without its state`);
+  const sock = made(h, s, what);
+  h.once(`connected ${s.ino}`, () => connect(h, s, sock, what));
+  addon().setStatusFlags(sock, fd.flags);
+  return sock;
+}
+
+function socketOf(h: RestoreContext, ino: bigint): Socket | undefined {
+  for (const p of h.image.processes) for (const f of p.fds) if (f.socket?.ino === ino) return f.socket;
+  return undefined;
+}
+
+/** Made, bound, options set and queue filled; not yet connected. */
+function made(h: RestoreContext, s: Socket, what: string): number {
+  return h.once(`socket ${s.ino}`, () => {
+    check(s, what);
+    const peer = s.peerIno ? socketOf(h, s.peerIno) : undefined;
+    if (s.peerIno && !peer) throw new AppshotError(`corrupt image: ${what}: the image lacks the peer of a unix datagram socket`);
+    if (peer && !s.address && !peer.address && peer.peerIno === s.ino) return madePair(h, s, peer);
+    const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
+    setOptions(sock, s.options ?? [], false);
+    if (s.address) bindName(sock, s.address, what);
+    for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
+    setOptions(sock, s.options ?? [], true);
+    return sock;
+  });
+}
+
+/** socketpair(): both ends, each with what was queued for it sent by the other. */
+function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
+  const [a, b] = addon().socketPair(SOCK_DGRAM);
+  h.keep(a);
+  h.keep(b);
+  h.remember(`socket ${peer.ino}`, b);
+  for (const [end, other, sock] of [
+    [s, b, a],
+    [peer, a, b],
+  ] as const) {
+    setOptions(sock, end.options ?? [], false);
+    for (const d of end.datagrams ?? []) addon().sockSend(other, d.data, null);
+  }
+  for (const [end, sock] of [
+    [s, a],
+    [peer, b],
+  ] as const) {
+    setOptions(sock, end.options ?? [], true);
+    h.remember(`connected ${end.ino}`, true);
+    shut(sock, end.shutdown ?? 0);
+  }
+  return a;
+}
+
+function bindName(sock: number, address: string, what: string): void {
+  const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
+  if (!address.startsWith('@')) removeStale(address);
+  try {
+    addon().sockBind(sock, name);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    // The kernel chose this name; a new one is what a new socket gets.
+    if (err.code === 'EADDRINUSE' && AUTOBIND.test(address)) return addon().sockBind(sock, Buffer.from([AF_UNIX, 0]));
+    throw new AppshotError(`${what}: a unix datagram socket cannot be bound to ${address}: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
+  }
+}
+
+/** A socket file the ended original left behind (nothing answers there)
+ * goes; one a live socket holds stays, and the bind says so. */
+function removeStale(path: string): void {
+  const probe = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
+  try {
+    addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED')
+      try {
+        unlinkSync(path);
+      } catch {
+        /* the bind tells */
+      }
+  } finally {
+    closeSync(probe);
+  }
+}
+
+/** One queued datagram sent to `sock` again, from its sender if possible. */
+function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: string): void {
+  const to = addon().sockName(sock);
+  if (to.length <= 2) throw new AppshotError(`corrupt image: ${what}: datagrams queued on an unnamed, unconnected unix socket`);
+  if (d.from) {
+    // The application's socket of that name, made already (and able to send).
+    for (const p of h.image.processes)
+      for (const f of p.fds) {
+        const other = f.socket;
+        if (!other || other.family !== AF_UNIX || other.type !== SOCK_DGRAM || other.address !== d.from) continue;
+        const mine = h.peek<number>(`socket ${other.ino}`);
+        if (mine === undefined) continue;
+        try {
+          addon().sockSend(mine, d.data, to);
+          return;
+        } catch {
+          /* shut down, or its name changed: another sender below */
+        }
+      }
+  }
+  const temp = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
+  try {
+    if (d.from && unixNameFits(d.from)) {
+      const stalePath = !d.from.startsWith('@');
+      try {
+        if (stalePath) removeStale(d.from);
+        addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }));
+        addon().sockSend(temp, d.data, to);
+        if (stalePath) unlinkSync(d.from);
+        return;
+      } catch {
+        /* the name is taken: from an unnamed socket instead */
+      }
+    }
+    const unnamed = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
+    try {
+      addon().sockSend(unnamed, d.data, to);
+    } finally {
+      closeSync(unnamed);
+    }
+  } catch (e) {
+    throw new AppshotError(`${what}: a queued datagram cannot be put back: ${(e as Error).message}`);
+  } finally {
+    closeSync(temp);
+  }
+}
+
+function connect(h: RestoreContext, s: Socket, sock: number, what: string): boolean {
+  if (s.peerIno) {
+    const peer = socketOf(h, s.peerIno)!;
+    const peerFd = made(h, peer, what);
+    const name = addon().sockName(peerFd);
+    if (name.length <= 2) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket connected to an unnamed socket that is not its pair`);
+    addon().sockConnect(sock, name);
+  } else if (s.peerAddress) {
+    try {
+      addon().sockConnect(sock, makeSockaddr({ family: AF_UNIX, address: s.peerAddress, port: 0 }));
+    } catch (e) {
+      throw new AppshotError(`${what}: the unix datagram socket's peer ${s.peerAddress} cannot be reached: ${(e as Error).message}`, ExitCode.conflict);
+    }
+  }
+  shut(sock, s.shutdown ?? 0);
+  return true;
+}
+
+/** sk_shutdown bits (1 receive, 2 send) as shutdown(2)'s how. */
+export function shut(sock: number, bits: number): void {
+  if (bits & 3) addon().sockShutdown(sock, (bits & 3) - 1);
+}
+
+/** Buffer sizes before anything is queued (the queue must fit), the rest
+ * after (a peek offset set before would have the queue skip bytes). */
+export function setOptions(sock: number, options: SocketOption[], late: boolean): void {
+  for (const o of options) {
+    const isBuffer = o.level === SOL_SOCKET && (o.name === SO_SNDBUF || o.name === SO_RCVBUF);
+    if (isBuffer === late) continue;
+    if (o.level === SOL_SOCKET && o.name === SO_PEEK_OFF && o.value < 0) continue;
+    if (isBuffer) {
+      // The kernel doubles what it is given, and reports the double.
+      const half = Math.max(1, Math.floor(o.value / 2));
+      try {
+        addon().setSockOpt(sock, SOL_SOCKET, o.name === SO_SNDBUF ? SO_SNDBUFFORCE : SO_RCVBUFFORCE, half);
+      } catch {
+        addon().setSockOpt(sock, SOL_SOCKET, o.name, half);
+      }
+    } else addon().setSockOpt(sock, o.level, o.name, o.value);
+  }
+}
+
+/** An image may come from anyone. */
+function check(s: Socket, what: string): void {
+  const bad = (why: string) => new AppshotError(`corrupt image: ${what}: a unix datagram socket ${why}`);
+  if (s.family !== AF_UNIX || s.type !== SOCK_DGRAM) throw bad(`of family ${s.family} and type ${s.type}`);
+  for (const name of [s.address, s.peerAddress ?? ''])
+    if (name && (!unixNameFits(name) || (!name.startsWith('@') && !name.startsWith('/')))) throw bad(`names ${JSON.stringify(name)}`);
+  for (const o of s.options ?? []) if (!UNIX_OPTIONS.some(([l, n]) => l === o.level && n === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
+}
