@@ -4,7 +4,7 @@
  * Node API (api.ts) both call these. */
 import { constants as osConstants } from 'node:os';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
-import { readCmdline, readStat } from './procfs.js';
+import { descendantsOf, readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
 
 export interface ProcessRow {
@@ -54,9 +54,23 @@ export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: Node
   const t = reg.readTables(record);
   const initPid = reg.trustedInitPid(record);
   const signum = (osConstants.signals as Record<string, number>)[sig];
+  const sent = new Set<number>();
   for (const e of t?.tables.pid ?? []) {
     if (e.flags & (INIT_FLAG | THREAD_FLAG) || e.system <= 1 || e.system === initPid) continue;
     addon().signalMember(e.system, signum, initPid, record.tables);
+    sent.add(e.system);
+  }
+  // Processes no table names: children made with a raw fork or clone (Go
+  // programs, static binaries) are still its init's descendants, and init
+  // waits for every one of them. A few passes, for those forked meanwhile.
+  if (!initPid) return;
+  for (let pass = 0; pass < 3; pass++) {
+    const missed = descendantsOf(initPid).filter((p) => !sent.has(p));
+    if (!missed.length) break;
+    for (const p of missed) {
+      addon().signalMember(p, signum, initPid, record.tables);
+      sent.add(p);
+    }
   }
 }
 

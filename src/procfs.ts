@@ -1,6 +1,6 @@
 /** Small readers of /proc, for `ps` and for telling a live process from a
  * reused PID. */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 export interface ProcStat {
   pid: number;
@@ -52,4 +52,36 @@ export function isSameProcess(pid: number, startTime: number | undefined): boole
   const st = readStat(pid);
   if (!st || st.state === 'Z') return false;
   return startTime === undefined || st.startTime === startTime;
+}
+
+/** The children of every thread of `pid` (the kernel lists a child under
+ * the thread that made it). */
+export function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: string[];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const tid of tasks) {
+    try {
+      const text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+      if (text) out.push(...text.split(' ').map(Number));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
+/** Every descendant of `pid`, parents before their children. */
+export function descendantsOf(pid: number): number[] {
+  const out: number[] = [];
+  for (let queue = childrenOf(pid); queue.length; ) {
+    const p = queue.shift()!;
+    out.push(p);
+    queue.push(...childrenOf(p));
+  }
+  return out;
 }

@@ -8,7 +8,7 @@
  * get_robust_list, fcntl's owners and lock holders (fixture pidcalls.c).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -160,9 +160,10 @@ describe('a process the tables do not know', () => {
     const ps = processesOf('raw');
     expect(ps).toHaveLength(1);
     for (const pid of [ps[0].pid, child]) expect(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0]).toBe('S');
-    // stop reaches the processes in the tables only.
-    process.kill(child, 'SIGKILL');
-    sb.run(['stop', 'raw', '--signal', 'KILL']);
+    // stop -s KILL reaches it too: a descendant of the application's init.
+    const stop = sb.run(['stop', 'raw', '--signal', 'KILL']);
+    expect(stop.code, stop.stderr).toBe(0);
+    expect(existsSync(`/proc/${child}`) && !/^State:\s+Z/m.test(readFileSync(`/proc/${child}/status`, 'utf8'))).toBe(false);
     await waitFor(() => !sb.aids().includes('raw'), 10_000, 'raw to end');
   });
 });
