@@ -42,8 +42,10 @@ function run(args: string[]): string {
 /** Both round trips of one fixture; `inspected` is what `inspect` must
  * say of the image. `alone`: the original and the restored copy would
  * disturb each other (they watch the same files): the original is stopped
- * before the copy is exercised. */
-function roundTrips(name: string, argv: string[], inspected: RegExp, alone = false): void {
+ * before the copy is exercised. 'apart': they would share kernel state
+ * outright (a FIFO's data belongs to its path): the original is stopped
+ * before the copy is restored. */
+function roundTrips(name: string, argv: string[], inspected: RegExp, alone: boolean | 'apart' = false): void {
   it('comes back exactly from a snapshot that ends it', async () => {
     const aid = `${name}1`;
     run(['run', '-d', '--aid', aid, '--', ...argv]);
@@ -62,9 +64,15 @@ function roundTrips(name: string, argv: string[], inspected: RegExp, alone = fal
     await checksPass(aid);
     run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
     await checksPass(aid);
+    if (alone === 'apart') {
+      run(['stop', aid]);
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    }
     run(['restore', join(out, aid), '--aid', `${name}3`, '--lazy']);
     await checksPass(`${name}3`);
-    if (alone) {
+    if (alone === 'apart') {
+      // stopped above
+    } else if (alone) {
       run(['stop', aid]);
       await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
     } else {
@@ -87,6 +95,16 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
 
 describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
+});
+
+describe('pipes: each end with its own status flags, every byte in flight, the capacity', () => {
+  roundTrips('pipes', [fixture('pipes')], /PIPE\s+pipe:\[\d+\] read end, 1048576 bytes buffered, capacity 1048576/);
+});
+
+describe('FIFOs: each open description with its own flags (also O_RDWR), every byte in flight', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-fifos-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
