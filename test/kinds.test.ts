@@ -107,6 +107,12 @@ describe('FIFOs: each open description with its own flags (also O_RDWR), every b
   roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
 });
 
+describe('deleted files still open: exact size, holes, contents, positions, flags, one file however often opened, also mapped', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-deleted-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('dele', [fixture('deleted'), dir], /FILE\s+\S+\/small \(deleted\) pos=3/);
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   const refusals: [string, (fd: string) => string][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],

@@ -16,7 +16,7 @@ import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { openDeletedFile, refuseSealedMemfd, saveDeletedContents } from './deleted.js';
+import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpoll } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
@@ -113,7 +113,6 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
-        if (deleted && target.startsWith('/memfd:')) refuseSealedMemfd(pid, n, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
