@@ -133,6 +133,9 @@ interface Addon {
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
   getFd(pid: number, fd: number): number;
+  /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
+   * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
+  compareFileTables(pid1: number, pid2: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
   peekPipe(fd: number): Buffer;
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };

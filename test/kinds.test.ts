@@ -6,11 +6,12 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-kinds-'));
@@ -124,6 +125,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
+    ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {
@@ -141,6 +143,28 @@ describe('what cannot be captured yet is refused by name, and the application go
       expect(status).toMatch(/^TracerPid:\s+0$/m);
       expect(status).not.toMatch(/^State:\s+[tT]/m);
     });
+});
+
+describe.runIf(process.getuid?.() === 0)('a thread in seccomp strict mode, snapshotted without CAP_SYS_ADMIN: refused before any call is injected, left exactly as it was', () => {
+  it('strict-seccomp', async () => {
+    const aid = 'held-strict';
+    run(['run', '-d', '--aid', aid, '--', fixture('holder'), 'strict-seccomp']);
+    await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const pid = systemPid(aid);
+    const threads = () =>
+      readdirSync(`/proc/${pid}/task`).map((tid) => {
+        const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+        return `${/^State:\s+(\S)/m.exec(status)![1]} ${/^Seccomp:\s+(\d)/m.exec(status)![1]} ${/^TracerPid:\s+(\d+)/m.exec(status)![1]}`;
+      });
+    expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
+    const r = spawnSync('setpriv', ['--bounding-set=-sys_admin', process.execPath, cli, 'snapshot', aid, '-o', join(out, aid)], { env: sb.env, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/process 2 \(holder\) thread \d+: its seccomp strict mode cannot be captured .*CAP_SYS_ADMIN.*the application was left running/);
+    expect(existsSync(join(out, aid))).toBe(false);
+    // Both threads still there, the strict one still strict and asleep
+    // in its read, neither traced nor stopped.
+    expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
+  });
 });
 
 describe('a process stopped by job control: stopped again, by the same signal', () => {
