@@ -133,6 +133,9 @@ interface Addon {
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
   getFd(pid: number, fd: number): number;
+  /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
+   * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
+  compareFileTables(pid1: number, pid2: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
   peekPipe(fd: number): Buffer;
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
@@ -154,7 +157,8 @@ interface Addon {
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
   eventfd(count: number, flags: number): number;
-  memfd(name: string, size: number): number;
+  /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */
+  memfd(name: string, size: number, flags?: number): number;
   lseek(fd: number, offset: number): number;
   setStatusFlags(fd: number, flags: number): void;
   /** The path of the inode a file handle names, opened on the filesystem
@@ -162,6 +166,8 @@ interface Addon {
   fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;
   /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
   fileSeals(fd: number): number;
+  /** F_ADD_SEALS. */
+  addSeals(fd: number, seals: number): void;
   listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
   tcpRepair(fd: number, mode: 1 | 0 | -1): void;

@@ -6,12 +6,12 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-kinds-'));
@@ -43,8 +43,10 @@ function run(args: string[]): string {
 /** Both round trips of one fixture; `inspected` is what `inspect` must
  * say of the image. `alone`: the original and the restored copy would
  * disturb each other (they watch the same files): the original is stopped
- * before the copy is exercised. */
-function roundTrips(name: string, argv: string[], inspected: RegExp, alone = false): void {
+ * before the copy is exercised. 'apart': they would share kernel state
+ * outright (a FIFO's data belongs to its path): the original is stopped
+ * before the copy is restored. */
+function roundTrips(name: string, argv: string[], inspected: RegExp, alone: boolean | 'apart' = false): void {
   it('comes back exactly from a snapshot that ends it', async () => {
     const aid = `${name}1`;
     run(['run', '-d', '--aid', aid, '--', ...argv]);
@@ -63,9 +65,15 @@ function roundTrips(name: string, argv: string[], inspected: RegExp, alone = fal
     await checksPass(aid);
     run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
     await checksPass(aid);
+    if (alone === 'apart') {
+      run(['stop', aid]);
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    }
     run(['restore', join(out, aid), '--aid', `${name}3`, '--lazy']);
     await checksPass(`${name}3`);
-    if (alone) {
+    if (alone === 'apart') {
+      // stopped above
+    } else if (alone) {
       run(['stop', aid]);
       await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
     } else {
@@ -147,14 +155,34 @@ describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, 
   });
 });
 
+describe('pipes: each end with its own status flags, every byte in flight, the capacity', () => {
+  roundTrips('pipes', [fixture('pipes')], /PIPE\s+pipe:\[\d+\] read end, 1048576 bytes buffered, capacity 1048576/);
+});
+
+describe('FIFOs: each open description with its own flags (also O_RDWR), every byte in flight', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-fifos-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
+});
+
+describe('deleted files still open: exact size, holes, contents, positions, flags, one file however often opened, also mapped', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-deleted-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('dele', [fixture('deleted'), dir], /FILE\s+\S+\/small \(deleted\) pos=3/);
+});
+
+describe('memfds: name, seals (also none allowed), size, mode, position, flags; one object when mapped by two processes', () => {
+  roundTrips('mfd', [fixture('memfds')], /FILE\s+\/memfd:sealed \(deleted\) pos=777/);
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   const refusals: [string, (fd: string) => string][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
     ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
-    ['sealed-memfd', (fd) => `process 2 (holder) fd ${fd}: a memfd with seals (F_ADD_SEALS 0x6) cannot be captured yet`],
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
+    ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {
@@ -172,6 +200,28 @@ describe('what cannot be captured yet is refused by name, and the application go
       expect(status).toMatch(/^TracerPid:\s+0$/m);
       expect(status).not.toMatch(/^State:\s+[tT]/m);
     });
+});
+
+describe.runIf(process.getuid?.() === 0)('a thread in seccomp strict mode, snapshotted without CAP_SYS_ADMIN: refused before any call is injected, left exactly as it was', () => {
+  it('strict-seccomp', async () => {
+    const aid = 'held-strict';
+    run(['run', '-d', '--aid', aid, '--', fixture('holder'), 'strict-seccomp']);
+    await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const pid = systemPid(aid);
+    const threads = () =>
+      readdirSync(`/proc/${pid}/task`).map((tid) => {
+        const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+        return `${/^State:\s+(\S)/m.exec(status)![1]} ${/^Seccomp:\s+(\d)/m.exec(status)![1]} ${/^TracerPid:\s+(\d+)/m.exec(status)![1]}`;
+      });
+    expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
+    const r = spawnSync('setpriv', ['--bounding-set=-sys_admin', process.execPath, cli, 'snapshot', aid, '-o', join(out, aid)], { env: sb.env, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/process 2 \(holder\) thread \d+: its seccomp strict mode cannot be captured .*CAP_SYS_ADMIN.*the application was left running/);
+    expect(existsSync(join(out, aid))).toBe(false);
+    // Both threads still there, the strict one still strict and asleep
+    // in its read, neither traced nor stopped.
+    expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
+  });
 });
 
 describe('a process stopped by job control: stopped again, by the same signal', () => {

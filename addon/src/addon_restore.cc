@@ -59,7 +59,8 @@ Napi::Value EventFd(const Napi::CallbackInfo& info) {
 // memfd(name, size) -> fd
 Napi::Value MemFd(const Napi::CallbackInfo& info) {
   std::string name = info[0].As<Napi::String>().Utf8Value();
-  int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+  unsigned flags = info.Length() > 2 ? static_cast<unsigned>(Int(info[2])) : 0;
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC | flags);
   if (fd < 0 || ftruncate(fd, static_cast<off_t>(info[1].As<Napi::Number>().Int64Value()))) {
     ThrowErrno(info.Env(), "memfd", errno);
     if (fd >= 0) close(fd);
@@ -143,6 +144,12 @@ Napi::Value FileHandlePath(const Napi::CallbackInfo& info) {
 // fileSeals(fd) -> F_GET_SEALS of a memfd, or -1 for a file without seals.
 Napi::Value FileSeals(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fcntl(Int(info[0]), F_GET_SEALS));
+}
+
+// addSeals(fd, seals): F_ADD_SEALS.
+Napi::Value AddSeals(const Napi::CallbackInfo& info) {
+  if (fcntl(Int(info[0]), F_ADD_SEALS, Int(info[1]))) ThrowErrno(info.Env(), "F_ADD_SEALS", errno);
+  return info.Env().Undefined();
 }
 
 // listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only}) -> fd
@@ -495,6 +502,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("setStatusFlags", SetStatusFlags);
   fn("fileHandlePath", FileHandlePath);
   fn("fileSeals", FileSeals);
+  fn("addSeals", AddSeals);
   fn("listenSocket", ListenSocket);
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);

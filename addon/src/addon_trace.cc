@@ -632,6 +632,15 @@ Napi::Value SameDescription(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), r == 0);
 }
 
+// compareFileTables(pid1, pid2) -> kcmp(KCMP_FILES): 0 if the two
+// processes share one descriptor table (CLONE_FILES), else 1 or 2 (an
+// ordering of the tables), -1 if the kernel cannot say.
+Napi::Value CompareFileTables(const Napi::CallbackInfo& info) {
+  const int KCMP_FILES = 2;
+  long r = syscall(SYS_kcmp, Tid(info, 0), Tid(info, 1), KCMP_FILES, 0, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
+}
+
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
 Napi::Value GetFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -839,6 +848,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("crc32cFile", Crc32cFile);
   fn("getFd", GetFd);
   fn("sameDescription", SameDescription);
+  fn("compareFileTables", CompareFileTables);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);
   fn("shmRead", ShmRead);

@@ -66,7 +66,8 @@ function describeFd(image: Image, fd: Fd): string {
     case 'PIPE':
     case 'FIFO': {
       const p = image.pipes[fd.pipe];
-      return `${fd.path} ${fd.writeEnd ? 'write' : 'read'} end, ${p?.data.length ?? 0} bytes buffered`;
+      const end = (fd.flags & 3) === 2 ? 'read-write' : fd.writeEnd ? 'write' : 'read';
+      return `${fd.path} ${end} end, ${p?.data.length ?? 0} bytes buffered, capacity ${p?.capacity ?? 0}`;
     }
     case 'TCP_LISTEN':
       return `listening ${fd.socket?.address}:${fd.socket?.port}`;

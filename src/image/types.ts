@@ -344,6 +344,9 @@ export interface FileIdentity {
   deleted: boolean;
   contents?: PageRef;
   crc32c: number;
+  /** A memfd's seals (F_GET_SEALS): F_SEAL_SEAL alone for one made
+   * without MFD_ALLOW_SEALING. */
+  seals?: number;
 }
 
 export interface SharedMemory {
@@ -352,6 +355,8 @@ export interface SharedMemory {
   size: bigint;
   path: string;
   pages?: PageRef;
+  /** A memfd's seals, read through map_files. */
+  seals?: number;
 }
 
 export const FdKind = {

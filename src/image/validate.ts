@@ -415,6 +415,15 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     if (m.size > BigInt(totalmem())) corrupt(`shared memory ${i} is ${m.size} bytes, more than this machine has`);
     checkPageRef(m.pages, (m.size + PAGE - 1n) / PAGE, pagesFileSize, `shared memory ${i}`);
   }
+  // F_SEAL_SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC.
+  const sealsKnown = 0x3f;
+  // A deleted file is made again at its size (sparse where it had holes).
+  for (const [i, f] of image.files.entries()) if (f.deleted && f.size > 1n << 40n) corrupt(`deleted file ${i} claims ${f.size} bytes`);
+  // memfd_create takes names of up to 249 bytes (MFD_NAME_MAX_LEN).
+  for (const [i, f] of [...image.files, ...image.sharedMemory].entries())
+    if (f.path.startsWith('/memfd:') && Buffer.byteLength(f.path.slice(7).replace(/ \(deleted\)$/, '')) > 249) corrupt(`memfd ${i}'s name is longer than memfd_create takes`);
+  for (const [i, f] of image.files.entries()) if ((f.seals ?? 0) & ~sealsKnown || (f.seals && !f.deleted)) corrupt(`file ${i} carries seals 0x${(f.seals ?? 0).toString(16)}`);
+  for (const [i, s] of image.sharedMemory.entries()) if ((s.seals ?? 0) & ~sealsKnown) corrupt(`shared memory ${i} carries seals 0x${(s.seals ?? 0).toString(16)}`);
   for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {
     if (p.capacity > limits.pipeMaxSize || p.data.length > Math.max(p.capacity, 65536)) corrupt(`pipe ${i} holds ${p.data.length} bytes in ${p.capacity} (pipe-max-size is ${limits.pipeMaxSize})`);

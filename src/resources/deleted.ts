@@ -1,36 +1,35 @@
 /**
- * Files still open after they were deleted (and memfds, which are such
- * files from the start): a deleted file lives only as long as its last
- * descriptor, so the image keeps its bytes, and a restore makes a new
- * file with them, opens it and deletes it again. A memfd that holds seals
- * is refused: the file made at restore would take none.
+ * Files still open after they were deleted, and memfds (such files from
+ * the start): a deleted file lives only as long as its last descriptor or
+ * mapping, so the image keeps its bytes (its data ranges only: holes stay
+ * holes), and a restore makes the file again once, at its exact size and
+ * mode, and opens each open file description of it anew. A memfd comes
+ * back as a memfd of the same name, then takes its seals (F_ADD_SEALS)
+ * once it is filled. A deleted file or memfd that is also mapped shared
+ * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
-import { closeSync, constants as fs, openSync, unlinkSync } from 'node:fs';
+import { closeSync, constants as fs, fchmodSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import type { Fd } from '../image/types.js';
+import { AppshotError } from '../errors.js';
+import type { Fd, FileIdentity } from '../image/types.js';
 import { addon } from '../native.js';
-import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import type { DumpContext, RestoreContext } from './context.js';
+
+const MEMFD_PREFIX = '/memfd:';
+const MFD_ALLOW_SEALING = 2;
+const MFD_EXEC = 0x10;
+const EINVAL = 22;
 
 /* ---- dump ------------------------------------------------------------- */
 
-/** A memfd comes back as a deleted file with its contents, which takes no
- * seals: one that holds seals (F_ADD_SEALS) would silently lose them. */
-export function refuseSealedMemfd(pid: number, fd: number, where: string): void {
-  const dup = addon().getFd(pid, fd);
-  try {
-    const seals = addon().fileSeals(dup);
-    if (seals > 0) throw new Unsupported(`${where}: a memfd with seals (F_ADD_SEALS 0x${seals.toString(16)}) cannot be captured yet`);
-  } finally {
-    closeSync(dup);
-  }
-}
-
-/** The deleted file's bytes into the image, once per file. */
+/** The deleted file's bytes into the image, once per file; a memfd's
+ * seals with them. */
 export function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, index: number): void {
   const id = ctx.image.files[index];
   if (id.contents) return;
   const f = openSync(`/proc/${pid}/fd/${fd}`, 'r');
   try {
+    if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
   } finally {
@@ -38,28 +37,76 @@ export function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, i
   }
 }
 
+/** A memfd's seals (F_GET_SEALS), read through a descriptor of ours for
+ * it; undefined for anything else. */
+export function memfdSeals(path: string, fd: number): number | undefined {
+  return path.startsWith(MEMFD_PREFIX) ? Math.max(0, addon().fileSeals(fd)) : undefined;
+}
+
 /* ---- restore ---------------------------------------------------------- */
 
-/** Our descriptor for a deleted file: made beside where it was (or in
- * /tmp), filled, opened with the image's flags and deleted again. */
+/** Our descriptor for one open file description of a deleted file (the
+ * driver asks once per description): the file, made the first time, opened
+ * again with the description's flags. Its offset is the caller's. */
 export function openDeletedFile(h: RestoreContext, fd: Fd): number {
-  const id = h.image.files[fd.file];
-  const dir = dirname(id.path);
-  let path = join(dir, `.appshot-restored-${process.pid}-${fd.fd}`);
-  let tmp: number;
-  try {
-    tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
-  } catch {
-    path = join('/tmp', `.appshot-restored-${process.pid}-${fd.fd}`);
-    tmp = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, id.mode & 0o777);
-  }
-  try {
-    h.copyPages(tmp, id.contents);
-    const f = h.keep(openSync(path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
-    addon().lseek(f, 0);
+  const anchor = deletedFileAnchor(h, fd.file);
+  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+}
+
+/** Our read-write descriptor for deleted file `index` of the image, made
+ * once for the whole restore: a memfd again, or a file made beside where
+ * it was (or in /tmp) and deleted again; filled, then cut to its exact
+ * size, given its mode, then (a memfd) its seals. */
+export function deletedFileAnchor(h: RestoreContext, index: number): number {
+  return h.once(`deleted file ${index}`, () => {
+    const id = h.image.files[index];
+    const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
+    h.copyPages(f, id.contents);
+    ftruncateSync(f, Number(id.size));
+    fchmodSync(f, id.mode & 0o7777);
+    if (id.seals) addon().addSeals(f, id.seals);
     return f;
-  } finally {
-    closeSync(tmp);
-    unlinkSync(path);
+  });
+}
+
+/** A memfd of the name, size and seals `name`, `size`, `seals` say (one
+ * mapped only, its SharedMemory): for memory.ts. */
+export function memfdLike(h: RestoreContext, id: Pick<FileIdentity, 'path' | 'seals'>, size: bigint, fill: (fd: number) => void): number {
+  const f = makeMemfd(h, id);
+  fill(f);
+  ftruncateSync(f, Number(size));
+  if (id.seals) addon().addSeals(f, id.seals);
+  return f;
+}
+
+function makeMemfd(h: RestoreContext, id: Pick<FileIdentity, 'path'>): number {
+  const name = id.path.slice(MEMFD_PREFIX.length).replace(/ \(deleted\)$/, '');
+  // Always able to take seals: F_SEAL_SEAL alone (a memfd made without
+  // MFD_ALLOW_SEALING) is added like any other. MFD_EXEC: executable
+  // whatever vm.memfd_noexec says (its mode is set after), where the
+  // kernel knows the flag.
+  try {
+    return h.keep(addon().memfd(name, 0, MFD_ALLOW_SEALING | MFD_EXEC));
+  } catch (e) {
+    if ((e as { errno?: number }).errno !== EINVAL && !/EINVAL|Invalid argument/.test(String(e))) throw new AppshotError(`memfd ${name}: ${(e as Error).message}`);
+    return h.keep(addon().memfd(name, 0, MFD_ALLOW_SEALING));
   }
+}
+
+function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): number {
+  let path = join(dirname(id.path), `.appshot-restored-${process.pid}-${index}`);
+  let f: number;
+  try {
+    f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
+  } catch {
+    path = join('/tmp', `.appshot-restored-${process.pid}-${index}`);
+    f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
+  }
+  try {
+    unlinkSync(path);
+  } catch (e) {
+    closeSync(f);
+    throw e;
+  }
+  return h.keep(f);
 }

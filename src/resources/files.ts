@@ -17,7 +17,7 @@ import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { openDeletedFile, refuseSealedMemfd, saveDeletedContents } from './deleted.js';
+import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpoll } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
@@ -80,7 +80,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     const connection = bracket?.[1] === 'socket' ? sockets.connection(BigInt(bracket[2])) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
-      fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.writeEnd);
+      fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
       fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what);
@@ -110,12 +110,11 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       const deleted = target.endsWith(' (deleted)');
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
-        fd.pipe = dumpPipe(ctx, pid, n, BigInt(st.ino), target, fd.writeEnd);
+        fd.pipe = dumpPipe(ctx, pid, n, BigInt(st.ino), target, fd.flags, `${what} fd ${n}`);
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
-        if (deleted && target.startsWith('/memfd:')) refuseSealedMemfd(pid, n, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
@@ -239,14 +238,14 @@ function allowNumbersUpTo(r: RemoteProcess, highest: number): () => void {
  * Marks descriptors that are one open file description (a file opened
  * before a fork, a dup'd descriptor): kcmp(KCMP_FILE) asks the kernel,
  * among descriptors of the same file. They get one description number,
- * and a restore makes them one description again, sharing its offset.
- * Pipes and sockets are shared by their inode already.
+ * and a restore makes them one description again, sharing its offset
+ * (a pipe end's, its status flags). Sockets are shared by their inode.
  */
 export function markSharedDescriptions(procs: { pid: number; fds: Fd[] }[]): void {
   const groups = new Map<string, { pid: number; fd: Fd }[]>();
   for (const p of procs)
     for (const fd of p.fds) {
-      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD) continue;
+      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD && fd.kind !== FdKind.PIPE && fd.kind !== FdKind.FIFO) continue;
       const key = `${fd.kind}:${fd.file}:${fd.path}`;
       if (!groups.has(key)) groups.set(key, []);
       groups.get(key)!.push({ pid: p.pid, fd });

@@ -11,6 +11,7 @@ import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
+import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 
 const PAGE = 4096n;
 
@@ -133,8 +134,9 @@ function dumpSharedObject(ctx: DumpContext, pid: number, pagemapFd: number, l: M
     if (fd >= 0) {
       try {
         const size = statSync(`/proc/self/fd/${fd}`).size;
+        const seals = memfdSeals(l.path, fd);
         const { offset, runs } = ctx.pages.appendFd(fd, size);
-        return { dev: BigInt((l.major << 8) | l.minor), ino: l.ino, size: BigInt(size), path: l.path, pages: { offset: BigInt(offset), runs: pairs(runs), fromParent: [] } };
+        return { dev: BigInt((l.major << 8) | l.minor), ino: l.ino, size: BigInt(size), path: l.path, pages: { offset: BigInt(offset), runs: pairs(runs), fromParent: [] }, ...(seals ? { seals } : {}) };
       } finally {
         closeSync(fd);
       }
@@ -338,12 +340,17 @@ export interface MemorySources {
   asFork?: boolean;
 }
 
-/** A memfd of ours holding SharedMemory `index` of the image, made and
- * filled the first time a process maps it: every mapping of it maps the
- * same memory again. */
+/** A descriptor of ours holding SharedMemory `index` of the image, made
+ * and filled the first time a process maps it: every mapping of it maps
+ * the same memory again. A deleted file or memfd that a descriptor holds
+ * too is that descriptor's file (one object, as it was); a memfd mapped
+ * only is a memfd of its name and seals; anything else a memfd of ours. */
 export function sharedMemoryFd(h: RestoreContext, index: number): number {
   return h.once(`shared memory ${index}`, () => {
     const obj = h.image.sharedMemory[index];
+    const held = h.image.files.findIndex((f) => f.deleted && f.ino === obj.ino && f.dev === obj.dev && obj.path === `${f.path} (deleted)`);
+    if (held >= 0) return deletedFileAnchor(h, held);
+    if (obj.path.startsWith('/memfd:')) return memfdLike(h, obj, obj.size, (fd) => h.copyPages(fd, obj.pages));
     const fd = h.keep(addon().memfd(`appshot-shared-${index}`, Number(obj.size)));
     h.copyPages(fd, obj.pages);
     return fd;

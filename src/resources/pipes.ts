@@ -1,21 +1,29 @@
 /**
  * Pipes and FIFOs: both ends, with the data in flight (copied without
  * consuming it) and the pipe's capacity. A FIFO is a pipe with a path: it
- * is reopened by that path. An end whose other end was outside the
- * application is not brought back as a pipe (see openPipeEnd).
+ * is reopened by that path. Each open file description of a pipe comes
+ * back with exactly its status flags (O_NONBLOCK, O_APPEND) and access
+ * mode, a FIFO opened O_RDWR too. A write end whose reader was outside the
+ * application writes to the application's log (see openPipeEnd).
  */
 import { closeSync, constants as fs, openSync, writeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
-import { type Fd, FdKind, type Process } from '../image/types.js';
+import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
-import type { DumpContext, RestoreContext } from './context.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+
+const O_ACCMODE = 3;
+const O_DIRECT = 0o40000;
 
 /* ---- dump ------------------------------------------------------------- */
 
 /** The image's pipe for `fd` of `pid` (inode `ino`), recorded the first
- * time one of its ends is seen; `writeEnd` if the process holds it
- * write-only. */
-export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, writeEnd: boolean): number {
+ * time one of its ends is seen; `flags` are the descriptor's status flags.
+ * A pipe in packet mode (O_DIRECT) is refused: its data would come back
+ * without the boundaries between its writes. */
+export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string): number {
+  if (flags & O_DIRECT) throw new Unsupported(`${where}: a pipe in packet mode (O_DIRECT) cannot be captured yet`);
+  const writeEnd = (flags & O_ACCMODE) === fs.O_WRONLY;
   return ctx.pipe(ino, () => {
     const dup = addon().getFd(pid, fd);
     try {
@@ -47,35 +55,83 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
 
 /* ---- restore ---------------------------------------------------------- */
 
-/** Our descriptor for the end of a pipe or FIFO that `fd` holds: the pipe
- * made (and refilled) the first time either of its ends is asked for. */
+/** The pipe of one image index, made once: its anchor descriptors, which
+ * the first open file description of each end becomes (a pipe end that
+ * pipe() made has no O_LARGEFILE, one opened by path has). */
+interface MadePipe {
+  read: number;
+  write: number;
+  /** A FIFO's anchor: one O_RDWR description, which opens do not take. */
+  fifo: boolean;
+  readTaken: boolean;
+  writeTaken: boolean;
+}
+
+/** Our descriptor for one open file description of a pipe or FIFO (the
+ * driver asks once per description): the pipe made (and refilled) the
+ * first time any of its descriptions is asked for, then this description
+ * with exactly the status flags it had. */
 export function openPipeEnd(h: RestoreContext, _p: Process, fd: Fd): number {
   const index = fd.pipe;
+  const pipe = h.image.pipes[index];
+  const mode = fd.flags & O_ACCMODE;
   const users = h.image.processes.flatMap((p) => p.fds.filter((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
-  // A pipe whose other end was outside the application (the terminal's
-  // shell, a test harness) has no one there any more: its writers write
-  // to the application's log, its readers read nothing.
-  if (fd.writeEnd && !users.some((f) => !f.writeEnd)) return h.log();
-  if (!fd.writeEnd && !users.some((f) => f.writeEnd)) return h.devNull(fd.flags);
-  const p = h.once(`pipe ${index}`, () => {
-    const pipe = h.image.pipes[index];
-    let p: { read: number; write: number };
-    if (pipe.fifoPath) {
-      const rw = h.keep(openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
-      p = { read: h.keep(openSync(`/proc/self/fd/${rw}`, fs.O_RDONLY | fs.O_NONBLOCK)), write: h.keep(openSync(`/proc/self/fd/${rw}`, fs.O_WRONLY | fs.O_NONBLOCK)) };
-    } else {
-      const [r, w] = addon().pipe();
-      p = { read: h.keep(r), write: h.keep(w) };
-    }
-    // The capacity first: more than the default 64 KiB may be in flight.
-    // The refill never blocks: data that does not fit is an error.
-    if (pipe.capacity) addon().pipeCapacity(p.write, Math.max(pipe.capacity, pipe.data.length));
-    addon().setStatusFlags(p.write, fs.O_WRONLY | fs.O_NONBLOCK);
-    if (pipe.data.length && writeSync(p.write, pipe.data) !== pipe.data.length)
-      throw new AppshotError(`a pipe's ${pipe.data.length} bytes in flight do not fit in it here`);
-    return p;
-  });
-  const end = fd.writeEnd ? p.write : p.read;
+  const reads = (f: Fd) => (f.flags & O_ACCMODE) !== fs.O_WRONLY;
+  // A pipe whose reader was outside the application (the terminal's shell,
+  // a test harness) has no one there any more: its writers write to the
+  // application's log. A reader whose writers were outside, or closed,
+  // gets the pipe with what was in flight and no writer (end of file once
+  // read), as it would have.
+  if (mode === fs.O_WRONLY && !users.some(reads)) return h.log();
+  const made = h.once(`pipe ${index}`, () => makePipe(h, pipe, index));
+  const plain = fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC);
+  let end: number;
+  if (!made.fifo && mode === fs.O_RDONLY && !made.readTaken) {
+    made.readTaken = true;
+    end = made.read;
+  } else if (!made.fifo && mode === fs.O_WRONLY && !made.writeTaken) {
+    made.writeTaken = true;
+    end = made.write;
+  } else {
+    // Another description of the pipe (a FIFO's every open; a pipe end
+    // reopened through /proc): opened anew. Never blocking: the anchors
+    // are its reader and writer.
+    end = h.keep(openSync(`/proc/self/fd/${mode === fs.O_WRONLY ? made.write : made.read}`, plain | fs.O_NONBLOCK));
+  }
   addon().setStatusFlags(end, fd.flags);
   return end;
+}
+
+function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
+  let made: MadePipe;
+  if (pipe.fifoPath) {
+    const rw = h.keep(openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
+    made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
+  } else {
+    const [r, w] = addon().pipe();
+    made = { read: h.keep(r), write: h.keep(w), fifo: false, readTaken: false, writeTaken: false };
+  }
+  // The capacity first: more than the default 64 KiB may be in flight.
+  if (pipe.capacity) addon().pipeCapacity(made.write, Math.max(pipe.capacity, pipe.data.length));
+  if (pipe.data.length) {
+    // Through a non-blocking writer of our own: data that does not fit is
+    // an error, not a hang.
+    const filler = openSync(`/proc/self/fd/${made.write}`, fs.O_WRONLY | fs.O_NONBLOCK);
+    try {
+      let done = 0;
+      while (done < pipe.data.length) {
+        let n: number;
+        try {
+          n = writeSync(filler, pipe.data, done, pipe.data.length - done);
+        } catch {
+          n = 0;
+        }
+        if (n <= 0) throw new AppshotError(`pipe ${index}: its ${pipe.data.length} bytes in flight do not fit in it here (${done} did)`);
+        done += n;
+      }
+    } finally {
+      closeSync(filler);
+    }
+  }
+  return made;
 }

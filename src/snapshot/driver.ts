@@ -24,6 +24,7 @@ import { dumpAttributes } from '../resources/attributes.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
+import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
@@ -135,6 +136,8 @@ function emptyImage(record: AppRecord): Image {
 
 function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
+  // Before anything is injected into any of them.
+  refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
   let done = 0;
   for (const [pid, threads] of byProcess) {
     const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
