@@ -12,6 +12,7 @@ import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js'
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
+import { registerServe } from './commands/serve.js';
 import { applyHouseStyle } from './commands/style.js';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
@@ -662,6 +663,7 @@ program
 registerVersion(program);
 registerCheck(program);
 registerImages(program);
+registerServe(program);
 applyHouseStyle(program);
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that
