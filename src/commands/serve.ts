@@ -116,7 +116,7 @@ export function registerServe(program: Command): void {
     .action(async (opts: { json: boolean }) => {
       const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
       const store = new ServiceStore();
-      const views = await Promise.all(store.list().map((s) => view(s, store.readState(s.name))));
+      const views = await Promise.all(store.listKnown().map((s) => view(s, store.readState(s.name))));
       if (opts.json) return json(views);
       const { printColumns } = await import('../inspect.js');
       printColumns(

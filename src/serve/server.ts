@@ -408,6 +408,7 @@ class Service {
   writeState(): void {
     const state: ServiceState & { chain: string[] } = {
       service: this.name,
+      spec: this.spec,
       servePid: process.pid,
       updatedAt: new Date().toISOString(),
       ...(this.spec.mode === 'restore' ? { lastImage: this.lastImage } : {}),
@@ -484,7 +485,10 @@ export class ServeHost {
       await this.stop();
       throw e;
     }
-    for (const s of this.services) s.pump();
+    for (const s of this.services) {
+      s.writeState();
+      s.pump();
+    }
     this.timer = setInterval(() => {
       for (const s of this.services) s.tick();
     }, this.opts.tickMs ?? 200);

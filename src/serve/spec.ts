@@ -192,12 +192,15 @@ export class ServiceStore {
     }
   }
 
+  /** A service added with `service add`, or one a `serve --config` runs
+   * (known from its state.json). */
   require(name: string): ServiceSpec {
-    const s = this.get(name);
+    const s = this.get(name) ?? this.readState(name)?.spec;
     if (!s) throw new AppshotError(`no service '${name}'`, ExitCode.notFound);
     return s;
   }
 
+  /** Services added with `service add`. */
   list(): ServiceSpec[] {
     if (!existsSync(this.dir)) return [];
     return readdirSync(this.dir)
@@ -206,10 +209,22 @@ export class ServiceStore {
       .map((f) => readSpec(readFileSync(join(this.dir, f), 'utf8')));
   }
 
+  /** Those added, and those a `serve --config` has run here. */
+  listKnown(): ServiceSpec[] {
+    const added = this.list();
+    if (!existsSync(this.dir)) return added;
+    const names = new Set(added.map((s) => s.name));
+    const configured = readdirSync(this.dir)
+      .filter((d) => !d.startsWith('.') && !d.endsWith('.json') && !names.has(d))
+      .flatMap((d) => this.readState(d)?.spec ?? []);
+    return [...added, ...configured].sort((a, b) => a.name.localeCompare(b.name));
+  }
+
   /** Removes the service and its suspend images. A running instance is
    * the caller's to stop first. */
   remove(name: string): void {
     this.require(name);
+    checkAid(name);
     const doomed = join(this.dir, `.${name}.removed-${process.pid}`);
     if (existsSync(this.workDir(name))) renameSync(this.workDir(name), doomed);
     rmSync(this.file(name), { force: true });
@@ -263,6 +278,8 @@ export function loadConfig(path: string): ServiceSpec[] {
  * show` and `ls` (state.json in the service's directory). */
 export interface ServiceState {
   service: string;
+  /** The service as this serve runs it (from `service add` or --config). */
+  spec: ServiceSpec;
   /** The serve process and when it wrote this. */
   servePid: number;
   updatedAt: string;
