@@ -283,7 +283,6 @@ class Service {
       await api.restore(this.lastImage, { home, aid: this.name });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
-      await this.trackFrom(rec);
       inst.ports.clear();
       this.fillPorts(inst, rec.ports ?? []);
       inst.state = 'running';
@@ -291,6 +290,10 @@ class Service {
       this.counters.restores++;
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
+      // The held go first; then the record learns its parent image (read
+      // again: ~10 ms), long before the next suspend needs it.
+      this.pump();
+      await this.trackFrom(rec).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
