@@ -24,8 +24,10 @@ const REDIS = '/usr/bin/redis-server';
 const PYTHON = '/usr/bin/python3';
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-'));
-// Ports of their own: 33000-35000 (see Sandbox for the other files' ranges).
-const base = 33000 + (process.pid % 400) * 5;
+// Ports of their own, 20000-20999 (see Sandbox for the other files'
+// ranges), below the kernel's ephemeral range (32768-): the proxy's and the
+// clients' outgoing connections take ports from there.
+const base = 20000 + (process.pid % 200) * 5;
 const APP = base; // redis, as the application knows its port
 const PUBLIC = base + 1; // the front door
 const METRICS = base + 2;
