@@ -12,6 +12,7 @@ import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js'
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
+import { registerServe } from './commands/serve.js';
 import { applyHouseStyle } from './commands/style.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
@@ -673,6 +674,7 @@ export function buildProgram(): Command {
   registerVersion(program);
   registerCheck(program);
   registerImages(program);
+  registerServe(program);
   registerEngine(program);
   applyHouseStyle(program);
   return program;

@@ -6,7 +6,8 @@
  *
  * Run here, never sent (answer undefined):
  *  - commands that need this process's terminal, environment, stdin or
- *    signals: run, exec, logs -f, wait, check, engine;
+ *    signals: run, exec, logs -f, wait, check, engine, and serve (a
+ *    long-running front door with listeners and signals of its own);
  *  - any command line naming standard input or output ('-', /dev/...,
  *    /proc/self/...): the engine's are not the client's;
  *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
@@ -16,7 +17,7 @@ import { connect, type Socket } from 'node:net';
 import { enginePaths, defaultHome } from '../home.js';
 import { Frame, FrameReader, type Control, type Request } from './protocol.js';
 
-const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine']);
+const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine', 'serve']);
 /** Commands that start an engine with APPSHOT_ENGINE=auto: those a warm
  * engine makes faster by more than its start costs. */
 const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);

@@ -1,0 +1,178 @@
+// bench/serve.js: what the front door of `appshot serve` costs and gives
+// (issue 15), for redis with 10,000 keys, in one run. Latency from
+// connect() to the first byte of the reply to PING:
+//   (a) the server running, reached directly;
+//   (b) the server running, through the front door (the proxy's cost);
+//   (c) the server suspended (snapshotted after --idle), through the front
+//       door: held while its image is restored;
+//   (d) a cold start of the same server with its dataset loaded from its
+//       RDB file (redis-server spawned, polled until it answers).
+// Also the serve process's own PSS (what appshot keeps running for a
+// suspended service). Medians and p99 (with few samples p99 is their max).
+//
+// BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
+// BENCH_IDLE=300ms the service's idle time.
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const cli = join(root, 'bin', 'appshot.js');
+const HOT = Number(process.env.BENCH_HOT ?? 1000);
+const RUNS = Number(process.env.BENCH_RUNS ?? 20);
+const IDLE = process.env.BENCH_IDLE ?? '300ms';
+const KEYS = 10_000;
+const home = mkdtempSync(join(tmpdir(), 'appshot-bench-serve-'));
+const env = { ...process.env, APPSHOT_HOME: home };
+const APP = 26950;
+const PUBLIC = 26951;
+const COLD = 26952;
+
+const appshot = (...args) => execFileSync(process.execPath, [cli, ...args], { encoding: 'utf8', env });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const pct = (xs, p) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)];
+};
+const ms = (x) => (x >= 1 ? `${x.toFixed(2)} ms` : `${(x * 1000).toFixed(0)} µs`);
+
+/** connect() to the first byte of the reply to PING, in ms; rejects if
+ * refused or reset. */
+function firstByte(port) {
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint();
+    const s = connect({ port, host: '127.0.0.1', noDelay: true });
+    s.on('connect', () => s.write('PING\r\n'));
+    s.once('data', () => {
+      resolve(Number(process.hrtime.bigint() - t0) / 1e6);
+      s.destroy();
+    });
+    s.on('error', reject);
+  });
+}
+
+async function untilAnswers(port, timeoutMs = 20_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await firstByte(port);
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+      await sleep(1);
+    }
+  }
+}
+
+function load(port) {
+  const cmds = Array.from({ length: KEYS }, (_, i) => `SET key:${i} value-${i}-${'x'.repeat(i % 40)}`).join('\n') + '\n';
+  execFileSync('redis-cli', ['-p', String(port)], { input: cmds, stdio: ['pipe', 'ignore', 'inherit'] });
+}
+
+function state() {
+  try {
+    return JSON.parse(readFileSync(join(home, 'services', 'db', 'state.json'), 'utf8')).instances[0]?.state;
+  } catch {
+    return undefined;
+  }
+}
+
+function pssKiB(pid) {
+  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
+  return m ? Number(m[1]) : NaN;
+}
+
+const report = [];
+const row = (what, xs) => {
+  report.push({ what, n: xs.length, p50: pct(xs, 50), p99: pct(xs, 99) });
+  console.log(`${what.padEnd(48)} n=${String(xs.length).padStart(4)}  p50 ${ms(pct(xs, 50)).padStart(10)}  p99 ${ms(pct(xs, 99)).padStart(10)}`);
+};
+
+let serve;
+let serveErr = '';
+try {
+  // The image: redis with 10,000 keys under appshot.
+  appshot('run', '-d', '--aid', 'loader', '--', 'redis-server', '--port', String(APP), '--save', '', '--appendonly', 'no');
+  await untilAnswers(APP);
+  load(APP);
+  appshot('snapshot', 'loader', '-o', join(home, 'redis.img'));
+  appshot('service', 'add', 'db', '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', IDLE);
+  serve = spawn(process.execPath, [cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  serveErr = '';
+  serve.stderr.on('data', (d) => (serveErr += d));
+  await new Promise((resolve, reject) => {
+    serve.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
+    serve.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
+  });
+  console.log(`redis, ${KEYS} keys; serve pid ${serve.pid}; idle ${IDLE}\n`);
+
+  // (a) and (b) interleaved: the front door's connections keep it running.
+  await untilAnswers(PUBLIC);
+  for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
+  const direct = [];
+  const door = [];
+  for (let i = 0; i < HOT; i++) {
+    direct.push(await firstByte(APP));
+    door.push(await firstByte(PUBLIC));
+  }
+  row('(a) running, direct', direct);
+  row('(b) running, through the front door', door);
+  report.push({ what: '(b) - (a) p50', added: pct(door, 50) - pct(direct, 50) });
+  console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
+
+  // (c) suspended, through the front door.
+  const resumed = [];
+  let pss = NaN;
+  for (let i = 0; i < RUNS; i++) {
+    // The (i+1)th suspend logged (state.json lags by up to 100 ms).
+    const deadline = Date.now() + 30_000;
+    while ((serveErr.match(/"event":"suspend"/g) ?? []).length <= i || state() !== 'suspended') {
+      if (Date.now() > deadline) throw new Error('the service was not suspended');
+      await sleep(20);
+    }
+    await sleep(50);
+    if (i === 0) pss = pssKiB(serve.pid);
+    resumed.push(await firstByte(PUBLIC));
+  }
+  row('(c) suspended, through the front door', resumed);
+  console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
+  report.push({ what: 'serve PSS, suspended (MiB)', value: pss / 1024 });
+
+  // (d) a cold start of redis loading the same dataset from its RDB file.
+  const rdbDir = join(home, 'rdb');
+  mkdirSync(rdbDir);
+  const maker = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no'], { stdio: 'ignore' });
+  await untilAnswers(COLD);
+  load(COLD);
+  execFileSync('redis-cli', ['-p', String(COLD), 'SAVE']);
+  maker.kill('SIGKILL');
+  await new Promise((r) => maker.on('exit', r));
+  const cold = [];
+  for (let i = 0; i < RUNS; i++) {
+    const t0 = process.hrtime.bigint();
+    const r = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no', '--save', ''], { stdio: 'ignore' });
+    await untilAnswers(COLD);
+    cold.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    const keys = execFileSync('redis-cli', ['-p', String(COLD), 'DBSIZE'], { encoding: 'utf8' }).trim();
+    if (keys !== String(KEYS)) throw new Error(`cold redis has ${keys} keys`);
+    r.kill('SIGKILL');
+    await new Promise((ok) => r.on('exit', ok));
+  }
+  row('(d) cold start, dataset from RDB', cold);
+  console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
+  if (process.env.BENCH_JSON) console.log(JSON.stringify(report));
+} finally {
+  if (serve && serve.exitCode === null) {
+    serve.kill('SIGTERM');
+    await new Promise((r) => serve.on('exit', r));
+  }
+  for (const aid of ['db', 'loader'])
+    try {
+      execFileSync(process.execPath, [cli, 'stop', aid, '--signal', 'KILL'], { env, stdio: 'ignore' });
+    } catch {
+      /* suspended or ended: nothing runs */
+    }
+  rmSync(home, { recursive: true, force: true });
+}

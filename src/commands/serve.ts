@@ -1,0 +1,244 @@
+/**
+ * `appshot service add|ls|show|rm` and `appshot serve` (issue 15): the
+ * command-line face of src/serve/. Parsing and printing only; the front
+ * door and the policy live in src/serve/server.ts and policy.ts.
+ */
+import type { Command } from 'commander';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { ServiceSpec, ServiceState } from '../serve/spec.js';
+
+const json = (value: unknown): void => void process.stdout.write(JSON.stringify(value, null, 2) + "\n");
+const collect = (v: string, prev: string[]) => [...prev, v];
+
+function alivePid(pid: number | undefined): boolean {
+  if (!pid) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** A service as `service show --json` gives it: its spec, whether a serve
+ * runs it, and what that serve last wrote. */
+export interface ServiceView extends ServiceSpec {
+  /** restore mode: running, suspended (starting, suspending...); clone
+   * mode: the number of running instances as "N running". */
+  state: string;
+  served: boolean;
+  servePid: number | null;
+  lastImage: string | null;
+  instances: ServiceState['instances'];
+  held: number;
+  snapshots: number;
+  restores: number;
+  crashes: number;
+  connections: ServiceState['connections'];
+}
+
+async function view(spec: ServiceSpec, state: ServiceState | undefined): Promise<ServiceView> {
+  const served = alivePid(state?.servePid);
+  let instances = state?.instances ?? [];
+  if (!served) {
+    // Nobody watches it: what the registry says now.
+    const { LocalRegistry, isEnded } = await import('../registry.js');
+    const reg = new LocalRegistry();
+    instances = instances
+      .map((i) => {
+        const r = reg.get(i.aid);
+        const live = r && !isEnded(r) && reg.settle(r);
+        return { ...i, active: 0, state: live ? ('running' as const) : spec.mode === 'restore' ? ('suspended' as const) : ('crashed' as const) };
+      })
+      .filter((i) => spec.mode === 'restore' || i.state === 'running');
+  }
+  const running = instances.filter((i) => i.state === 'running').length;
+  const state_ =
+    spec.mode === 'restore' ? (instances[0]?.state ?? 'suspended') : `${running} running${instances.length > running ? `, ${instances.length - running} other` : ''}`;
+  return {
+    ...spec,
+    state: state_,
+    served,
+    servePid: served ? state!.servePid : null,
+    lastImage: spec.mode === 'restore' ? (state?.lastImage ?? spec.from) : null,
+    instances,
+    held: served ? (state?.held ?? 0) : 0,
+    snapshots: state?.snapshots ?? 0,
+    restores: state?.restores ?? 0,
+    crashes: state?.crashes ?? 0,
+    connections: state?.connections ?? [],
+  };
+}
+
+export function registerServe(program: Command): void {
+  const service = program
+    .command('service')
+    .description('services: applications restored or cloned on demand by `appshot serve` (add, ls, show, rm)')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n' +
+        '  appshot service add web --mode clone --from ./web.template --port 8080 --max 4 --min 1\n  appshot service ls\n  appshot service show db',
+    );
+
+  service
+    .command('add')
+    .description('define a service: where its instances come from and the public ports the front door listens on')
+    .argument('<name>', 'the service name (restore mode: also the AID of its instance)')
+    .requiredOption('--from <image>', 'a snapshot image (restore mode) or a template (clone mode)')
+    .option('--port <[host:]port[:app_port]>', 'public port, and the port the application listens on inside (repeatable)', collect, [])
+    .option('--mode <mode>', 'restore: one stateful instance, suspended when idle; clone: interchangeable clones of a template', 'restore')
+    .option('--min <n>', 'clone mode: instances kept running however idle', '0')
+    .option('--max <n>', 'clone mode: most instances at once (restore mode: 1)')
+    .option('--idle <duration>', 'suspend (restore) or drop (clone) an instance after this long without a connection (500ms, 30s, 5m; 0: never)', '5m')
+    .option('--concurrency <n>', 'connections one instance takes before another is started or connections wait', '100')
+    .option('--json', 'print the service as JSON', false)
+    .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4')
+    .action(
+      async (
+        name: string,
+        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; json: boolean },
+      ) => {
+        const { makeSpec, ServiceStore, formatPortMap } = await import('../serve/spec.js');
+        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency });
+        new ServiceStore().add(spec);
+        if (opts.json) json(spec);
+        else process.stdout.write(`${spec.name}: ${spec.mode} ${spec.from} on ${spec.ports.map(formatPortMap).join(', ')}\n`);
+      },
+    );
+
+  service
+    .command('ls')
+    .description('list services and their state')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot service ls\n  appshot service ls --json')
+    .action(async (opts: { json: boolean }) => {
+      const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
+      const store = new ServiceStore();
+      const views = await Promise.all(store.listKnown().map((s) => view(s, store.readState(s.name))));
+      if (opts.json) return json(views);
+      const { printColumns } = await import('../inspect.js');
+      printColumns(
+        ['NAME', 'MODE', 'STATE', 'PORTS', 'IDLE', 'SERVED', 'FROM'],
+        views.map((v) => [v.name, v.mode, v.state, v.ports.map(formatPortMap).join(','), formatDuration(v.idleMs), v.served ? `pid ${v.servePid}` : 'no', v.from]),
+      );
+    });
+
+  service
+    .command('show')
+    .description("a service: its instances, their state and ports, and its recent connections' translations (public port -> instance -> its port)")
+    .argument('<name>', 'the service')
+    .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot service show db\n  appshot service show db --json')
+    .action(async (name: string, opts: { json: boolean }) => {
+      const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
+      const store = new ServiceStore();
+      const v = await view(store.require(name), store.readState(name));
+      if (opts.json) return json(v);
+      const { printColumns } = await import('../inspect.js');
+      const w = (s: string) => process.stdout.write(s);
+      w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${v.held ? `, ${v.held} connections held` : ''}\n`);
+      w(`served       ${v.served ? `by appshot serve, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
+      w(`from         ${v.from}\n`);
+      if (v.lastImage) w(`next restore ${v.lastImage}\n`);
+      w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
+      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}\n`);
+      w(`counts       ${v.restores} restores, ${v.snapshots} snapshots, ${v.crashes} crashes\n`);
+      if (v.instances.length) {
+        w('\n');
+        printColumns(
+          ['INSTANCE', 'STATE', 'CONNS', 'PORTS'],
+          v.instances.map((i) => [i.aid, i.state, String(i.active), i.ports.map((p) => `${p.public}->${p.system}`).join(', ') || '-']),
+        );
+      }
+      if (v.connections.length) {
+        w('\nrecent connections (public port -> instance -> its port):\n');
+        printColumns(
+          ['AT', 'CLIENT', 'PUBLIC', 'INSTANCE', 'PORT', 'HELD'],
+          v.connections.slice(-10).map((c) => [c.at, c.client, String(c.public), c.instance, String(c.port), `${c.heldMs} ms`]),
+        );
+      }
+    });
+
+  service
+    .command('rm')
+    .description("remove a service and its suspend images; its running instance is stopped")
+    .argument('<name>', 'the service')
+    .option('--json', 'print {removed: NAME} as JSON', false)
+    .addHelpText('after', '\nExamples:\n  appshot service rm db')
+    .action(async (name: string, opts: { json: boolean }) => {
+      const { ServiceStore } = await import('../serve/spec.js');
+      const store = new ServiceStore();
+      store.require(name);
+      const state = store.readState(name);
+      if (alivePid(state?.servePid))
+        throw new AppshotError(`service '${name}' is being served by appshot serve (pid ${state!.servePid}): stop it first`, ExitCode.conflict);
+      const api = await import('../api.js');
+      for (const i of state?.instances ?? []) await api.rm(i.aid, { force: true }).catch(() => undefined);
+      store.remove(name);
+      if (opts.json) json({ removed: name });
+    });
+
+  program
+    .command('serve')
+    .description('the front door: listen on every service\'s public ports, restore or clone instances on demand, suspend them when idle')
+    .option('--config <file>', 'serve the services of this file ({"services": [...]}, see templates/services.json) instead of those added with `service add`')
+    .option('--metrics <[host:]port>', 'answer GET /metrics (Prometheus text format) here')
+    .option('-d, --detach', 'run in the background; print its PID; its log goes to $APPSHOT_HOME/services/serve.log (or --log)', false)
+    .option('--log <file>', 'with -d: write the log here')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  appshot serve\n  appshot serve --config templates/services.json --metrics 127.0.0.1:9464\n  appshot serve -d\n\n' +
+        'One JSON line per decision (restore, suspend, clone, drop, crash) goes to stderr. SIGINT or SIGTERM\n' +
+        'stops serving: clones are stopped, a restore-mode instance keeps running and the next serve takes it over.',
+    )
+    .action(async (opts: { config?: string; metrics?: string; detach: boolean; log?: string }) => {
+      const { ServiceStore, loadConfig, parsePortMap, formatPortMap } = await import('../serve/spec.js');
+      const { defaultHome } = await import('../registry.js');
+      const home = defaultHome();
+      const store = new ServiceStore(home);
+      const specs = opts.config ? loadConfig(opts.config) : store.list();
+      if (!specs.length) throw new AppshotError('no services to serve: add one with `appshot service add` or give --config FILE', ExitCode.usage);
+      const metricsAt = opts.metrics ? parsePortMap(opts.metrics.includes(':') || !/^\d+$/.test(opts.metrics) ? opts.metrics : `127.0.0.1:${opts.metrics}`) : undefined;
+      if (opts.detach) return detach(store.dir, opts.log);
+      const { ServeHost } = await import('../serve/server.js');
+      const { ServeMetrics } = await import('../serve/metrics.js');
+      const host = new ServeHost(specs, { home, metrics: new ServeMetrics() });
+      await host.start(metricsAt ? { host: metricsAt.host, port: metricsAt.public } : undefined);
+      for (const s of specs) process.stdout.write(`serving ${s.name} (${s.mode}) on ${s.ports.map(formatPortMap).join(', ')}\n`);
+      if (metricsAt) process.stdout.write(`metrics on http://${metricsAt.host}:${metricsAt.public}/metrics\n`);
+      process.stdout.write('ready\n');
+      host.log({ event: 'ready', services: specs.map((s) => s.name) });
+      await new Promise<void>((resolve) => {
+        const end = () => void host.stop().then(resolve);
+        process.once('SIGINT', end);
+        process.once('SIGTERM', end);
+      });
+    });
+}
+
+/** `serve -d`: the same command without -d, in its own session, its
+ * output to a log; returns once it is ready (or says why not). */
+async function detach(dir: string, logPath: string | undefined): Promise<void> {
+  const { spawn } = await import('node:child_process');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const log = logPath ?? join(dir, 'serve.log');
+  const fd = openSync(log, 'a', 0o600);
+  const args = process.argv.slice(1).filter((a) => a !== '-d' && a !== '--detach');
+  const startAt = existsSync(log) ? readFileSync(log).length : 0;
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', fd, fd] });
+  closeSync(fd);
+  child.unref();
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const text = readFileSync(log).subarray(startAt).toString();
+    if (/^ready$/m.test(text)) break;
+    if (child.exitCode !== null || child.signalCode !== null || Date.now() > deadline) {
+      const why = /^appshot: .*$/m.exec(text)?.[0] ?? `it exited (see ${log})`;
+      throw new AppshotError(`serve -d did not start: ${why.replace(/^appshot: /, '')}`, ExitCode.failure);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  process.stdout.write(`${child.pid}\n`);
+}

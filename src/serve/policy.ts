@@ -1,0 +1,119 @@
+/**
+ * The scheduling policy of `appshot serve`, apart from everything it acts
+ * on so that it can be tested with a clock that tests advance.
+ *
+ * The whole policy, from measurements the front door makes itself
+ * (connections open per instance, connections held, time since the last
+ * connection of each instance):
+ *
+ * - route: a new connection goes to the running instance with the fewest
+ *   open connections, if it has fewer than `concurrency`; otherwise it is
+ *   held. While connections are held and the instances being started
+ *   cannot take them all, one more is started (restore mode: the one
+ *   instance, if it is suspended or crashed; clone mode: a clone, up to
+ *   `max`).
+ * - idle: an instance with no open connection for `idleMs` is suspended
+ *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
+ *   never below `min` running; the one idle longest goes first.
+ * - warm: clone mode keeps `min` instances running or starting.
+ */
+import type { InstanceStateName, ServiceSpec } from './spec.js';
+
+/** Time as the policy sees it; the real one is Date.now. */
+export interface Clock {
+  now(): number;
+}
+
+export const systemClock: Clock = { now: () => Date.now() };
+
+/** A test's clock: time moves only when the test says so. */
+export class FakeClock implements Clock {
+  constructor(private t = 0) {}
+  now(): number {
+    return this.t;
+  }
+  advance(ms: number): void {
+    this.t += ms;
+  }
+}
+
+/** What the policy needs to know of an instance. */
+export interface InstanceView {
+  aid: string;
+  state: InstanceStateName;
+  /** Open (forwarded) connections. */
+  active: number;
+  /** Clock time of the last connection's open or close. */
+  lastActive: number;
+}
+
+export type Route = { forward: string } | { hold: true };
+
+export type Action =
+  | { kind: 'start'; reason: 'held' | 'min' }
+  | { kind: 'suspend'; aid: string; idleMs: number }
+  | { kind: 'drop'; aid: string; idleMs: number };
+
+type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'>;
+
+export class Policy {
+  constructor(
+    readonly spec: Knobs,
+    readonly clock: Clock,
+  ) {}
+
+  /** Where a new connection goes. */
+  route(instances: InstanceView[]): Route {
+    let best: InstanceView | undefined;
+    for (const i of instances)
+      if (i.state === 'running' && i.active < this.spec.concurrency && (!best || i.active < best.active)) best = i;
+    return best ? { forward: best.aid } : { hold: true };
+  }
+
+  /** What to start, suspend or drop now, given `held` connections
+   * waiting at the front door. */
+  decide(instances: InstanceView[], held: number): Action[] {
+    const now = this.clock.now();
+    const actions: Action[] = [];
+    const count = (...states: InstanceStateName[]) => instances.filter((i) => states.includes(i.state)).length;
+    const starting = count('starting');
+    // Instances that will exist once those starting have started.
+    const live = count('running', 'starting', 'suspending', 'stopping');
+    if (this.spec.mode === 'restore') {
+      // One instance: restored when someone waits for it. While it is being
+      // suspended, the waiters wait for the suspend to end, then restore.
+      if (held > 0 && live === 0) actions.push({ kind: 'start', reason: 'held' });
+    } else {
+      // Held connections beyond what starting instances will take: start
+      // as many more as they need, up to max.
+      let room = this.spec.max - live;
+      let unserved = held - starting * this.spec.concurrency;
+      while (unserved > 0 && room > 0) {
+        actions.push({ kind: 'start', reason: 'held' });
+        unserved -= this.spec.concurrency;
+        room--;
+      }
+      let warm = count('running', 'starting') + actions.length;
+      while (warm < this.spec.min && room > 0) {
+        actions.push({ kind: 'start', reason: 'min' });
+        warm++;
+        room--;
+      }
+    }
+    if (this.spec.idleMs > 0 && held === 0) {
+      const idle = instances
+        .filter((i) => i.state === 'running' && i.active === 0 && now - i.lastActive >= this.spec.idleMs)
+        .sort((a, b) => a.lastActive - b.lastActive);
+      // Clone mode keeps min running; restore mode's one instance may go
+      // to zero (it comes back with everything it had).
+      const keep = this.spec.mode === 'clone' ? this.spec.min : 0;
+      let running = count('running');
+      for (const i of idle) {
+        if (running <= keep) break;
+        actions.push({ kind: this.spec.mode === 'restore' ? 'suspend' : 'drop', aid: i.aid, idleMs: now - i.lastActive });
+        running--;
+      }
+    }
+    return actions;
+  }
+}

@@ -1,0 +1,505 @@
+/**
+ * The front door of `appshot serve` (issue 15): for each service, a
+ * listener on its public ports; each accepted connection goes to an
+ * instance with capacity, or is held (paused, in our hands: not reset, not
+ * lost) while one is restored or cloned, then forwarded.
+ *
+ * `ServeHost` owns services and nothing process-wide (no signal handlers,
+ * no exit), so that the resident engine can own one later; the CLI's
+ * `serve` command is a thin shell around it.
+ *
+ * Forwarding is a proxy in this process: two sockets piped both ways (pipe
+ * gives backpressure: a slow reader pauses the other side). The
+ * specification's alternative, handing the accepted socket to the instance
+ * (SCM_RIGHTS into a process of the application, or the instance taking
+ * over the public port), saves a copy per byte, but it needs a channel into
+ * a restored application that does not exist yet and an instance that
+ * accepts on a socket it did not create; the proxy works with any server
+ * today. bench/serve.js measures what it costs.
+ */
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import type { Server as HttpServer } from 'node:http';
+import * as api from '../api.js';
+import { LocalRegistry, isEnded } from '../registry.js';
+import type { ServeMetrics } from './metrics.js';
+import { type Clock, Policy, systemClock, type Action } from './policy.js';
+import { type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
+
+/** One structured log line per decision. */
+export type LogSink = (entry: Record<string, unknown>) => void;
+
+export const stderrLog: LogSink = (entry) => process.stderr.write(JSON.stringify({ ts: new Date().toISOString(), ...entry }) + '\n');
+
+export interface ServeOptions {
+  home: string;
+  clock?: Clock;
+  log?: LogSink;
+  metrics?: ServeMetrics;
+  /** How often liveness and idleness are looked at (ms). */
+  tickMs?: number;
+}
+
+interface Instance {
+  aid: string;
+  state: InstanceStateName;
+  active: number;
+  lastActive: number;
+  /** public port → the port the instance really listens on. */
+  ports: Map<number, { app: number; system: number }>;
+}
+
+interface Held {
+  socket: Socket;
+  port: PortMap;
+  since: bigint;
+  /** Forward attempts that found the instance refusing. */
+  tries: number;
+}
+
+/** Longest parent chain of suspend images before a full snapshot: each
+ * link is read at every restore. */
+const MAX_CHAIN = 4;
+/** Translations kept for `service show`. */
+const KEEP_TRANSLATIONS = 50;
+
+class Service {
+  readonly policy: Policy;
+  readonly instances = new Map<string, Instance>();
+  readonly held: Held[] = [];
+  readonly listeners: Server[] = [];
+  readonly translations: Translation[] = [];
+  /** restore mode: the image the next restore starts from, and the chain
+   * of suspend images it builds on (oldest first; `from` is never ours to
+   * delete). */
+  lastImage: string;
+  chain: string[];
+  counters = { snapshots: 0, restores: 0, crashes: 0 };
+  private seq = 0;
+  private stateTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly spec: ServiceSpec,
+    private readonly host: ServeHost,
+  ) {
+    this.policy = new Policy(spec, host.clock);
+    const saved = host.store.readState(spec.name);
+    const usable = saved?.lastImage && existsSync(saved.lastImage) ? saved : undefined;
+    this.lastImage = usable?.lastImage ?? spec.from;
+    this.chain = usable ? ((saved as ServiceState & { chain?: string[] }).chain ?? [usable.lastImage!]) : [spec.from];
+    if (usable) this.counters = { snapshots: saved!.snapshots, restores: saved!.restores, crashes: saved!.crashes };
+  }
+
+  get name(): string {
+    return this.spec.name;
+  }
+
+  private log(event: string, fields: Record<string, unknown> = {}): void {
+    this.host.log({ service: this.name, event, ...fields });
+  }
+
+  private get reg(): LocalRegistry {
+    return new LocalRegistry(this.host.home);
+  }
+
+  /** Takes over what a previous `serve` left: restore mode's instance, if
+   * it still runs. */
+  adopt(): void {
+    if (this.spec.mode !== 'restore') return;
+    const rec = this.reg.get(this.name);
+    const live = rec && !isEnded(rec) && this.reg.settle(rec);
+    if (live) {
+      const inst = this.newInstance(this.name, 'running');
+      this.fillPorts(inst, live.ports ?? []);
+      this.log('adopt', { instance: inst.aid });
+    } else {
+      this.newInstance(this.name, 'suspended');
+    }
+  }
+
+  private newInstance(aid: string, state: InstanceStateName): Instance {
+    const inst: Instance = { aid, state, active: 0, lastActive: this.host.clock.now(), ports: new Map() };
+    this.instances.set(aid, inst);
+    return inst;
+  }
+
+  private fillPorts(inst: Instance, bindings: api.PortBinding[]): void {
+    for (const p of this.spec.ports) {
+      const b = bindings.find((x) => x.virtual === p.app && x.mode === 'allocate');
+      inst.ports.set(p.public, { app: p.app, system: b ? b.system : p.app });
+    }
+  }
+
+  async listen(): Promise<void> {
+    for (const p of this.spec.ports) {
+      const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket, p));
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen({ port: p.public, host: p.host, backlog: 4096 }, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+      server.on('error', (e) => this.log('listener-error', { port: p.public, error: e.message }));
+      this.listeners.push(server);
+      this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
+    }
+  }
+
+  private accept(socket: Socket, port: PortMap): void {
+    socket.on('error', () => undefined); // a client that resets while held
+    this.held.push({ socket, port, since: process.hrtime.bigint(), tries: 0 });
+    this.host.metrics?.held.set({ service: this.name }, this.held.length);
+    this.pump();
+  }
+
+  /** Forwards what can be forwarded, then lets the policy start what the
+   * rest waits for. */
+  pump(): void {
+    while (this.held.length) {
+      const h = this.held[0];
+      if (h.socket.destroyed) {
+        this.held.shift();
+        continue;
+      }
+      const route = this.policy.route([...this.instances.values()]);
+      if (!('forward' in route)) break;
+      this.held.shift();
+      this.forward(h, this.instances.get(route.forward)!);
+    }
+    this.host.metrics?.held.set({ service: this.name }, this.held.length);
+    this.apply(this.policy.decide([...this.instances.values()], this.held.length));
+    this.changed();
+  }
+
+  private forward(h: Held, inst: Instance): void {
+    const target = inst.ports.get(h.port.public)!;
+    inst.active++;
+    inst.lastActive = this.host.clock.now();
+    const up = connect({ port: target.system, host: '127.0.0.1', allowHalfOpen: true });
+    let connected = false;
+    let closed = 0;
+    const done = () => {
+      if (++closed < 2) return;
+      inst.active--;
+      inst.lastActive = this.host.clock.now();
+      this.host.metrics?.active.dec({ service: this.name });
+      this.pump();
+    };
+    up.once('connect', () => {
+      connected = true;
+      const heldMs = Number(process.hrtime.bigint() - h.since) / 1e6;
+      this.host.metrics?.heldSeconds.observe({ service: this.name }, heldMs / 1000);
+      this.host.metrics?.connections.inc({ service: this.name, outcome: 'forwarded' });
+      this.host.metrics?.active.inc({ service: this.name });
+      this.translations.push({
+        at: new Date().toISOString(),
+        client: `${h.socket.remoteAddress}:${h.socket.remotePort}`,
+        public: h.port.public,
+        instance: inst.aid,
+        port: target.system,
+        heldMs: Math.round(heldMs * 1000) / 1000,
+      });
+      if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+      h.socket.pipe(up);
+      up.pipe(h.socket);
+      h.socket.on('close', done);
+      up.on('close', done);
+      h.socket.on('error', () => up.destroy());
+      up.on('error', () => h.socket.destroy());
+      h.socket.resume();
+    });
+    up.once('error', (e: NodeJS.ErrnoException) => {
+      if (connected) return;
+      inst.active--;
+      // Refused: the instance died (crash) or is not listening yet. The
+      // client has been told nothing: it goes back to the head of the line.
+      h.tries++;
+      const dead = !this.alive(inst);
+      if (dead) this.crashed(inst, `connect: ${e.code ?? e.message}`);
+      if (h.tries > 20) {
+        this.log('give-up', { instance: inst.aid, port: target.system, error: e.code ?? e.message });
+        this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
+        h.socket.destroy();
+        return;
+      }
+      this.held.unshift(h);
+      if (dead) this.pump();
+      else setTimeout(() => this.pump(), 20 * h.tries);
+    });
+  }
+
+  /** Whether the instance's application still runs. */
+  private alive(inst: Instance): boolean {
+    try {
+      const reg = this.reg;
+      const rec = reg.get(inst.aid);
+      return !!rec && !isEnded(rec) && !!reg.settle(rec);
+    } catch {
+      return false;
+    }
+  }
+
+  private crashed(inst: Instance, why: string): void {
+    if (inst.state !== 'running') return;
+    this.counters.crashes++;
+    this.host.metrics?.crashes.inc({ service: this.name });
+    this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
+    // Its ended registration goes when it is restored (restoreInstance),
+    // so that the AID can be taken again; a clone's goes now.
+    if (this.spec.mode === 'restore') inst.state = 'crashed';
+    else {
+      this.instances.delete(inst.aid);
+      void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
+    }
+  }
+
+  /** Every tick: dead instances noticed, idle ones suspended or dropped. */
+  tick(): void {
+    for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
+    this.pump();
+  }
+
+  private apply(actions: Action[]): void {
+    for (const a of actions) {
+      if (a.kind === 'start') void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
+      else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
+      else void this.drop(this.instances.get(a.aid)!, a.idleMs);
+    }
+  }
+
+  private async restoreInstance(): Promise<void> {
+    const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
+    const from = inst.state;
+    inst.state = 'starting';
+    this.changed();
+    const t0 = process.hrtime.bigint();
+    const home = this.host.home;
+    try {
+      // A crashed instance's registration (ended, or half-released).
+      const old = this.reg.get(this.name);
+      if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
+      await api.restore(this.lastImage, { home, aid: this.name });
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      const rec = this.reg.require(this.name);
+      inst.ports.clear();
+      this.fillPorts(inst, rec.ports ?? []);
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
+      this.counters.restores++;
+      this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
+      // The held go first; then the record learns its parent image (read
+      // again: ~10 ms), long before the next suspend needs it.
+      this.pump();
+      await this.trackFrom(rec).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+    } catch (e) {
+      inst.state = from === 'crashed' ? 'crashed' : 'suspended';
+      this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
+      // Those waiting would wait for ever: they are told by a close.
+      for (const h of this.held.splice(0)) {
+        this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
+        h.socket.destroy();
+      }
+    }
+    this.pump();
+  }
+
+  /** The next snapshot of the restored instance builds on the image it
+   * came from (pages compared with it), so a suspend writes only what
+   * changed; every MAX_CHAIN links a full one keeps restores short. */
+  private async trackFrom(rec: ReturnType<LocalRegistry['require']>): Promise<void> {
+    const { loadImage } = await import('../image/format.js');
+    const loaded = await loadImage(this.lastImage);
+    try {
+      this.reg.update({ ...rec, lastImage: { path: this.lastImage, id: loaded.manifest.imageId } });
+    } finally {
+      loaded.dispose();
+    }
+  }
+
+  private async suspend(inst: Instance, idleMs: number): Promise<void> {
+    inst.state = 'suspending';
+    this.changed();
+    const dir = join(this.host.store.workDir(this.name), 'images');
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const output = join(dir, `${Date.now()}-${++this.seq}`);
+    const full = this.chain.length >= MAX_CHAIN;
+    const t0 = process.hrtime.bigint();
+    try {
+      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full });
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      this.chain = r.parent && !full ? [...this.chain, output] : [output];
+      this.lastImage = output;
+      inst.state = 'suspended';
+      inst.ports.clear();
+      this.counters.snapshots++;
+      this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
+      this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
+      this.prune(dir);
+    } catch (e) {
+      // The snapshot driver leaves the application running when it fails.
+      inst.state = this.alive(inst) ? 'running' : 'crashed';
+      inst.lastActive = this.host.clock.now();
+      rmSync(output, { recursive: true, force: true });
+      this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
+      this.log('suspend-failed', { instance: inst.aid, error: (e as Error).message, now: inst.state });
+    }
+    this.pump();
+  }
+
+  /** Suspend images no longer in the chain of the last one. */
+  private prune(dir: string): void {
+    for (const name of readdirSync(dir)) {
+      const path = join(dir, name);
+      if (!this.chain.includes(path)) rmSync(path, { recursive: true, force: true });
+    }
+  }
+
+  private async cloneInstance(reason: string): Promise<void> {
+    let aid: string;
+    do aid = `${this.name}-${++this.seq}`;
+    while (this.instances.has(aid) || this.reg.get(aid));
+    const inst = this.newInstance(aid, 'starting');
+    this.changed();
+    const t0 = process.hrtime.bigint();
+    try {
+      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid });
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      this.fillPorts(inst, made.ports);
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
+      this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held: this.held.length });
+    } catch (e) {
+      this.instances.delete(aid);
+      this.log('clone-failed', { instance: aid, error: (e as Error).message });
+      if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
+        for (const h of this.held.splice(0)) h.socket.destroy();
+    }
+    this.pump();
+  }
+
+  private async drop(inst: Instance, idleMs: number): Promise<void> {
+    inst.state = 'stopping';
+    this.changed();
+    try {
+      await api.stop(inst.aid, { home: this.host.home, timeout: 2 });
+      await api.rm(inst.aid, { home: this.host.home });
+      this.log('drop', { instance: inst.aid, idleMs });
+    } catch (e) {
+      this.log('drop-failed', { instance: inst.aid, error: (e as Error).message });
+    }
+    this.instances.delete(inst.aid);
+    this.pump();
+  }
+
+  /** state.json for `service show`, written at most every 100 ms. */
+  changed(): void {
+    const counts: Partial<Record<InstanceStateName, number>> = {};
+    for (const i of this.instances.values()) counts[i.state] = (counts[i.state] ?? 0) + 1;
+    this.host.metrics?.setInstances(this.name, counts);
+    if (this.stateTimer) return;
+    this.stateTimer = setTimeout(() => {
+      this.stateTimer = undefined;
+      this.writeState();
+    }, 100);
+  }
+
+  writeState(): void {
+    const state: ServiceState & { chain: string[] } = {
+      service: this.name,
+      spec: this.spec,
+      servePid: process.pid,
+      updatedAt: new Date().toISOString(),
+      ...(this.spec.mode === 'restore' ? { lastImage: this.lastImage } : {}),
+      chain: this.chain,
+      instances: [...this.instances.values()].map((i) => ({
+        aid: i.aid,
+        state: i.state,
+        active: i.active,
+        lastActive: i.lastActive,
+        ports: [...i.ports].map(([pub, p]) => ({ public: pub, app: p.app, system: p.system })),
+      })),
+      held: this.held.length,
+      ...this.counters,
+      connections: this.translations,
+    };
+    try {
+      this.host.store.writeState(state);
+    } catch (e) {
+      this.log('state-write-failed', { error: (e as Error).message });
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.stateTimer) clearTimeout(this.stateTimer);
+    this.stateTimer = undefined;
+    for (const s of this.listeners) s.close();
+    for (const h of this.held.splice(0)) h.socket.destroy();
+    // Clones are interchangeable and go; restore mode's instance keeps
+    // running (the next serve adopts it).
+    if (this.spec.mode === 'clone')
+      for (const i of [...this.instances.values()]) {
+        await api.stop(i.aid, { home: this.host.home, timeout: 2 }).catch(() => undefined);
+        await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
+        this.instances.delete(i.aid);
+      }
+    this.writeState();
+  }
+}
+
+/** The services of one state directory, served. */
+export class ServeHost {
+  readonly clock: Clock;
+  readonly log: LogSink;
+  readonly metrics?: ServeMetrics;
+  readonly store: ServiceStore;
+  readonly home: string;
+  private readonly services: Service[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private metricsServer: HttpServer | undefined;
+
+  constructor(
+    specs: ServiceSpec[],
+    readonly opts: ServeOptions,
+  ) {
+    this.home = opts.home;
+    this.clock = opts.clock ?? systemClock;
+    this.log = opts.log ?? stderrLog;
+    this.metrics = opts.metrics;
+    this.store = new ServiceStore(opts.home);
+    for (const spec of specs) this.services.push(new Service(spec, this));
+  }
+
+  async start(metricsAt?: { host: string; port: number }): Promise<void> {
+    try {
+      for (const s of this.services) {
+        s.adopt();
+        await s.listen();
+      }
+      if (metricsAt && this.metrics) {
+        this.metricsServer = await this.metrics.listen(metricsAt.host, metricsAt.port);
+        this.log({ event: 'metrics', host: metricsAt.host, port: metricsAt.port });
+      }
+    } catch (e) {
+      await this.stop();
+      throw e;
+    }
+    for (const s of this.services) {
+      s.writeState();
+      s.pump();
+    }
+    this.timer = setInterval(() => {
+      for (const s of this.services) s.tick();
+    }, this.opts.tickMs ?? 200);
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.metricsServer?.close();
+    for (const s of this.services) await s.close();
+  }
+}

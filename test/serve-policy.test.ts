@@ -1,0 +1,83 @@
+/**
+ * The scheduling policy of `appshot serve` on a clock the test advances:
+ * routing by open connections, starting for held connections, suspending
+ * or dropping after idle, min kept warm. No sleeps, no servers: this is the
+ * decision table; test/serve.test.ts runs it for real.
+ */
+import { describe, expect, it } from 'vitest';
+import { FakeClock, type InstanceView, Policy } from '../src/serve/policy.js';
+
+const restoreKnobs = { mode: 'restore' as const, min: 0, max: 1, idleMs: 1000, concurrency: 2 };
+const cloneKnobs = { mode: 'clone' as const, min: 1, max: 4, idleMs: 1000, concurrency: 2 };
+
+describe('serve policy', () => {
+  it('routes to the running instance with the fewest connections, holds when every one is full', () => {
+    const p = new Policy(cloneKnobs, new FakeClock());
+    const i = (aid: string, active: number, state: InstanceView['state'] = 'running'): InstanceView => ({ aid, state, active, lastActive: 0 });
+    expect(p.route([i('a', 1), i('b', 0)])).toEqual({ forward: 'b' });
+    expect(p.route([i('a', 2), i('b', 1)])).toEqual({ forward: 'b' });
+    expect(p.route([i('a', 2), i('b', 2)])).toEqual({ hold: true });
+    expect(p.route([i('a', 0, 'starting'), i('b', 0, 'suspended')])).toEqual({ hold: true });
+  });
+
+  it('restore mode: restores when a connection waits, suspends after idle, not while connections are open or held', () => {
+    const clock = new FakeClock(10_000);
+    const p = new Policy(restoreKnobs, clock);
+    const db: InstanceView = { aid: 'db', state: 'suspended', active: 0, lastActive: clock.now() };
+    expect(p.decide([db], 0)).toEqual([]);
+    expect(p.decide([db], 3)).toEqual([{ kind: 'start', reason: 'held' }]);
+    // Being restored, or being suspended: the held wait, nothing more starts.
+    expect(p.decide([{ ...db, state: 'starting' }], 3)).toEqual([]);
+    expect(p.decide([{ ...db, state: 'suspending' }], 3)).toEqual([]);
+    // A crashed instance is restored for the next connection.
+    expect(p.decide([{ ...db, state: 'crashed' }], 1)).toEqual([{ kind: 'start', reason: 'held' }]);
+
+    db.state = 'running';
+    clock.advance(999);
+    expect(p.decide([db], 0)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([db], 0)).toEqual([{ kind: 'suspend', aid: 'db', idleMs: 1000 }]);
+    expect(p.decide([{ ...db, active: 1 }], 0)).toEqual([]);
+    expect(p.decide([db], 1)).toEqual([]);
+    // A connection that closed resets the idle time.
+    db.lastActive = clock.now();
+    clock.advance(500);
+    expect(p.decide([db], 0)).toEqual([]);
+  });
+
+  it('restore mode with idle 0 never suspends', () => {
+    const clock = new FakeClock();
+    const p = new Policy({ ...restoreKnobs, idleMs: 0 }, clock);
+    clock.advance(1e9);
+    expect(p.decide([{ aid: 'db', state: 'running', active: 0, lastActive: 0 }], 0)).toEqual([]);
+  });
+
+  it('clone mode: keeps min warm, starts enough for the held up to max, drops idle ones down to min, oldest first', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy(cloneKnobs, clock);
+    expect(p.decide([], 0)).toEqual([{ kind: 'start', reason: 'min' }]);
+    const run = (aid: string, active: number, lastActive = clock.now()): InstanceView => ({ aid, state: 'running', active, lastActive });
+    // 7 held, one full instance, concurrency 2: three more (to max 4).
+    expect(p.decide([run('w1', 2)], 7)).toEqual([
+      { kind: 'start', reason: 'held' },
+      { kind: 'start', reason: 'held' },
+      { kind: 'start', reason: 'held' },
+    ]);
+    // Those starting count: 3 held, one starting (takes 2): one more.
+    expect(p.decide([run('w1', 2), { aid: 'w2', state: 'starting', active: 0, lastActive: 0 }], 3)).toEqual([{ kind: 'start', reason: 'held' }]);
+    // At max: the held wait.
+    expect(p.decide(['a', 'b', 'c', 'd'].map((x) => run(x, 2)), 5)).toEqual([]);
+
+    const fleet = [run('w1', 0, 100), run('w2', 0, 50), run('w3', 1, 0), run('w4', 0, 200)];
+    clock.advance(1150);
+    // w2 (idle 1100) goes; w1 (1050) too; w4 (950) not yet; w3 is busy.
+    expect(p.decide(fleet, 0)).toEqual([
+      { kind: 'drop', aid: 'w2', idleMs: 1100 },
+      { kind: 'drop', aid: 'w1', idleMs: 1050 },
+    ]);
+    clock.advance(1000);
+    fleet[2].active = 0;
+    // All idle: down to min (1), the most recently used stays.
+    expect(p.decide(fleet, 0).map((a) => a.kind === 'drop' && a.aid)).toEqual(['w3', 'w2', 'w1']);
+  });
+});

@@ -1,0 +1,271 @@
+/**
+ * `appshot serve` with real servers from Debian packages (issue 15).
+ *
+ * Restore mode: a redis with 10,000 keys behind the front door; suspended
+ * after 1 s without connections (its processes gone), then 200 clients at
+ * once through the front door, each asking for every key: every one is
+ * answered, none refused or reset, and a write made before the suspend is
+ * there. Then its processes are killed with SIGKILL, and the next request
+ * is answered by an instance restored from its last snapshot.
+ *
+ * Clone mode: Python's http.server as a template, from 0 instances to max
+ * under a burst, every request answered, back to min after idle.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { connect } from 'node:net';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, type Running, Sandbox, waitFor } from './helpers.js';
+
+const REDIS = '/usr/bin/redis-server';
+const PYTHON = '/usr/bin/python3';
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-serve-'));
+// Ports of their own, 20000-20999 (see Sandbox for the other files'
+// ranges), below the kernel's ephemeral range (32768-): the proxy's and the
+// clients' outgoing connections take ports from there.
+const base = 20000 + (process.pid % 200) * 5;
+const APP = base; // redis, as the application knows its port
+const PUBLIC = base + 1; // the front door
+const METRICS = base + 2;
+const WEB_APP = base + 3;
+const WEB_PUBLIC = base + 4;
+const KEYS = 10_000;
+const CLIENTS = 200;
+
+let serve: Running | undefined;
+let webServe: Running | undefined;
+
+afterAll(async () => {
+  for (const s of [serve, webServe]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
+  await Promise.all([serve?.exited, webServe?.exited]);
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const value = (i: number) => `value-${i}-${'x'.repeat(i % 40)}`;
+
+/** Redis commands as one pipelined write; the replies as redis-cli prints them. */
+function redis(port: number, commands: string[]): string[] {
+  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8', timeout: 30_000, maxBuffer: 64 << 20 });
+  if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
+  return r.stdout.trim().split('\n');
+}
+
+interface ServiceJson {
+  state: string;
+  served: boolean;
+  instances: { aid: string; state: string; ports: { public: number; app: number; system: number }[] }[];
+  connections: { public: number; instance: string; port: number; heldMs: number }[];
+  snapshots: number;
+  restores: number;
+  crashes: number;
+}
+
+const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
+
+/** System PIDs of an application's processes (init too). */
+function pids(aid: string): number[] {
+  const apps = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']);
+  return apps.find((a) => a.aid === aid)?.processes.map((p) => p.pid) ?? [];
+}
+
+/** One raw RESP client: sends MGET of every key, GET before and DBSIZE in
+ * one write; resolves with all it read once the three replies are in. */
+function mgetAll(port: number): Promise<string> {
+  const keys = Array.from({ length: KEYS }, (_, i) => `key:${i}`);
+  const resp = (args: string[]) => `*${args.length}\r\n` + args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('');
+  const payload = resp(['MGET', ...keys]) + resp(['GET', 'before']) + resp(['DBSIZE']);
+  const expected =
+    `*${KEYS}\r\n` + keys.map((_, i) => `$${Buffer.byteLength(value(i))}\r\n${value(i)}\r\n`).join('') + '$5\r\nkept!\r\n' + `:${KEYS + 1}\r\n`;
+  return new Promise((resolve, reject) => {
+    const s = connect(port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    let got = 0;
+    s.setTimeout(60_000, () => s.destroy(new Error('no full answer in 60 s')));
+    s.on('connect', () => s.write(payload));
+    s.on('data', (d) => {
+      chunks.push(d);
+      got += d.length;
+      if (got >= expected.length) {
+        s.end();
+        const text = Buffer.concat(chunks).toString();
+        if (text === expected) resolve(text);
+        else reject(new Error(`wrong answer (${text.length} bytes, expected ${expected.length}): ${text.slice(-80)}`));
+      }
+    });
+    s.on('error', reject);
+    s.on('close', () => {
+      if (got < expected.length) reject(new Error(`closed after ${got} of ${expected.length} bytes`));
+    });
+  });
+}
+
+describe('appshot serve, restore mode: redis with 10,000 keys', () => {
+  it('is installed (the CI installs Debian\'s redis-server)', () => {
+    expect(existsSync(REDIS), `${REDIS} is missing: apt-get install redis-server`).toBe(true);
+  });
+
+  it('refuses bad service definitions with one line', () => {
+    const bad = (args: string[], re: RegExp) => {
+      const r = sb.run(['service', 'add', ...args]);
+      expect(r.code, r.stderr).not.toBe(0);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(re);
+    };
+    bad(['x', '--from', join(out, 'nothing'), '--port', '1:2'], /no such image directory/);
+    bad(['x', '--from', out, '--port', 'abc'], /not a port/);
+    bad(['x', '--from', out, '--port', '7000', '--mode', 'sideways'], /restore or clone/);
+    bad(['x', '--from', out, '--port', '7000:7001', '--idle', 'soon'], /duration/);
+    bad(['x', '--from', out], /--port/);
+    expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
+  });
+
+  it('restores on the first connection, suspends after 1 s idle, answers 200 clients at once after, and comes back after kill -9', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'loader', '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => {
+      try {
+        return redis(APP, ['PING'])[0] === 'PONG';
+      } catch {
+        return false;
+      }
+    }, 10_000, 'redis to answer');
+    expect(redis(APP, Array.from({ length: KEYS }, (_, i) => `SET key:${i} ${value(i)}`)).every((l) => l === 'OK')).toBe(true);
+    const image = join(out, 'redis.img');
+    expect(sb.run(['snapshot', 'loader', '-o', image]).code).toBe(0);
+
+    const add = sb.json<{ name: string; idleMs: number }>(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']);
+    expect(add).toMatchObject({ name: 'db', idleMs: 1000 });
+    expect(show('db')).toMatchObject({ state: 'suspended', served: false });
+
+    serve = sb.start(['serve', '--metrics', String(METRICS)]);
+    await serve.line(/^ready$/);
+    expect(show('db')).toMatchObject({ state: 'suspended', served: true });
+
+    // The first connection is held while the image is restored.
+    expect(redis(PUBLIC, ['SET before kept!', 'DBSIZE', `GET key:${KEYS - 1}`])).toEqual(['OK', String(KEYS + 1), value(KEYS - 1)]);
+    const running = pids('db');
+    expect(running.length).toBeGreaterThan(0);
+    const first = show('db');
+    expect(first.connections.at(-1)).toMatchObject({ public: PUBLIC, instance: 'db', port: APP });
+
+    // 1 s without connections: snapshotted and ended.
+    await waitFor(() => show('db').state === 'suspended', 15_000, 'the service to be suspended');
+    expect(running.filter(alive)).toEqual([]);
+    expect(sb.aids()).not.toContain('db');
+    expect(show('db').snapshots).toBe(1);
+
+    // 200 clients at once through the front door, each asking for every key.
+    const results = await Promise.allSettled(Array.from({ length: CLIENTS }, () => mgetAll(PUBLIC)));
+    const failed = results.filter((x) => x.status === 'rejected').map((x) => String((x as PromiseRejectedResult).reason));
+    expect(failed, failed.slice(0, 3).join('\n')).toEqual([]);
+    const after = show('db');
+    expect(after.restores).toBe(2);
+    // Every one was delivered to the instance, and some were held for its restore.
+    expect(after.connections.slice(-50).every((c) => c.instance === 'db' && c.port === APP)).toBe(true);
+
+    const metrics = await new Promise<string>((resolve, reject) => {
+      request({ host: '127.0.0.1', port: METRICS, path: '/metrics' }, (res) => {
+        let body = '';
+        res.on('data', (d) => (body += d));
+        res.on('end', () => resolve(body));
+      })
+        .on('error', reject)
+        .end();
+    });
+    expect(metrics).toMatch(/^appshot_serve_restore_seconds_count\{service="db"\} 2$/m);
+    expect(metrics).toMatch(/^appshot_serve_snapshots_total\{service="db",result="ok"\} 1$/m);
+    expect(metrics).toMatch(/^appshot_serve_connections_held\{service="db"\} 0$/m);
+    expect(metrics).toMatch(/^appshot_serve_instances\{service="db",state="running"\} 1$/m);
+
+    // A crash: every process of the instance killed with SIGKILL. The next
+    // request is answered by a restore from the last snapshot.
+    const victims = pids('db');
+    expect(victims.length).toBeGreaterThan(0);
+    for (const pid of victims) process.kill(pid, 'SIGKILL');
+    await waitFor(() => victims.every((p) => !alive(p)), 5000, 'the instance to die');
+    expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
+    expect(show('db').crashes).toBe(1);
+    const events = () =>
+      serve!.stderr
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { event: string; service?: string })
+        .filter((e) => e.service === 'db')
+        .map((e) => e.event);
+    // (stderr reaches this process a moment after the decisions are made)
+    await waitFor(() => events().length >= 6, 5000, 'the crash and the restore after it to be logged');
+    expect(events()).toEqual(['listen', 'restore', 'suspend', 'restore', 'crash', 'restore']);
+
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+  });
+});
+
+describe('appshot serve, clone mode: python3 -m http.server', () => {
+  it('clones up to max under a burst of 500 requests, every one answered, then back to min after idle', async () => {
+    expect(existsSync(PYTHON), `${PYTHON} is missing: apt-get install python3`).toBe(true);
+    const www = join(out, 'www');
+    mkdirSync(www, { recursive: true });
+    writeFileSync(join(www, 'index.html'), 'hello from a clone\n');
+    const rules = join(out, 'web.rules');
+    writeFileSync(rules, `PORT ${WEB_APP} ALLOCATE\n`);
+    const r = sb.run(['run', '-d', '--aid', 'webtpl', '--rules', rules, '--', PYTHON, '-m', 'http.server', '-b', '127.0.0.1', '-d', www, String(WEB_APP)]);
+    expect(r.code, r.stderr).toBe(0);
+    const get = (port: number) =>
+      new Promise<string>((resolve, reject) => {
+        const req = request({ host: '127.0.0.1', port, path: '/index.html', agent: false }, (res) => {
+          let body = '';
+          res.on('data', (d) => (body += d));
+          res.on('end', () => resolve(`${res.statusCode} ${body}`));
+        });
+        req.setTimeout(30_000, () => req.destroy(new Error('no answer in 30 s')));
+        req.on('error', reject);
+        req.end();
+      });
+    await waitFor(() => sb.log('webtpl').includes('Serving HTTP'), 10_000, 'http.server to listen');
+    expect(sb.run(['snapshot', 'webtpl', '-o', join(out, 'web.img')]).code).toBe(0);
+    const t = sb.run(['template', 'create', join(out, 'web.img'), '-o', join(out, 'web.template')]);
+    expect(t.code, t.stderr).toBe(0);
+    const config = join(out, 'services.json');
+    writeFileSync(
+      config,
+      JSON.stringify({
+        services: [{ name: 'web', mode: 'clone', from: 'web.template', ports: [`127.0.0.1:${WEB_PUBLIC}:${WEB_APP}`], min: 1, max: 4, idle: '1s', concurrency: 2 }],
+      }),
+    );
+    webServe = sb.start(['serve', '--config', config]);
+    await webServe.line(/^ready$/);
+    // min 1: one clone is made at once.
+    await waitFor(() => show('web').instances.filter((i) => i.state === 'running').length === 1, 15_000, 'the warm clone');
+
+    const answers: string[] = [];
+    for (let wave = 0; wave < 5; wave++) answers.push(...(await Promise.all(Array.from({ length: 100 }, () => get(WEB_PUBLIC)))));
+    expect(answers.filter((a) => a !== '200 hello from a clone\n')).toEqual([]);
+    const events = () =>
+      webServe!.stderr
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { event: string; instance?: string });
+    await waitFor(() => events().filter((e) => e.event === 'clone').length >= 4, 5000, 'four clones to be logged');
+    expect(events().filter((e) => e.event === 'clone').length, webServe.stderr).toBe(4);
+    // Each clone has its own port, and connections went to more than one.
+    const s = show('web');
+    expect(new Set(s.connections.map((c) => c.instance)).size).toBeGreaterThan(1);
+    expect(new Set(s.instances.flatMap((i) => i.ports.map((p) => p.system))).size).toBe(s.instances.length);
+
+    expect(s.instances.length, JSON.stringify(s)).toBe(4);
+    // Idle: back to min.
+    await waitFor(() => show('web').instances.length === 1, 20_000, 'the clones above min to be dropped');
+    // (stderr reaches this process a moment after state.json is written)
+    await waitFor(() => events().filter((e) => e.event === 'drop').length === 3, 5000, 'three drops to be logged');
+    expect(sb.aids().filter((a) => a.startsWith('web-'))).toHaveLength(1);
+    webServe.child.kill('SIGTERM');
+    expect((await webServe.exited).code).toBe(0);
+    await waitFor(() => sb.aids().every((a) => !a.startsWith('web-')), 10_000, 'the last clone to stop with serve');
+  });
+});
