@@ -279,9 +279,13 @@ export class LocalRegistry implements Registry {
         tables,
         ...fill(stateDir, tables),
         keySalt: salt.toString(16),
-        // No later than the file's own time: an object is the application's
-        // only if it was made since.
-        tablesCreated: Math.floor(Date.now() / 1000),
+        // An object is the application's only if the kernel stamped it no
+        // earlier than this: read from the kernel's own SysV clock, never
+        // Date.now(), which runs ahead of it. Just after a second began,
+        // Date.now() says the new second while an object the restore makes
+        // a millisecond later still gets the one before (the clock ticks
+        // every 4 ms, later under load), and would be kept for ever.
+        tablesCreated: addon().ipcClock(),
       };
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);

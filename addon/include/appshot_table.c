@@ -24,6 +24,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -757,6 +758,15 @@ static int ipc_facts(enum appshot_kind kind, int32_t sid, struct ipc_facts *f) {
     }
     default: return -1;
   }
+}
+
+int64_t appshot_ipc_clock(void) {
+  /* The kernel's ipc code stamps ctime with ktime_get_real_seconds(): the
+   * seconds of the timekeeper as of its last update, which is what the
+   * coarse clock reads. */
+  struct timespec now;
+  if (clock_gettime(CLOCK_REALTIME_COARSE, &now) != 0) return (int64_t)time(NULL);
+  return (int64_t)now.tv_sec;
 }
 
 static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {

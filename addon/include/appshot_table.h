@@ -284,12 +284,21 @@ int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
  * Returns 0, or -1 with errno (EPERM when it does not belong). */
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path);
+/* Now, in seconds since the epoch, on the clock the kernel stamps a SysV
+ * object's ctime with (the time of its last tick, CLOCK_REALTIME_COARSE):
+ * `created` below must be read from it, never from CLOCK_REALTIME, which
+ * runs ahead of it by up to a tick, and by tens of milliseconds on a loaded
+ * machine. An object made a moment after a second began on CLOCK_REALTIME
+ * may carry the second before: compared with the precise time of its
+ * application's registration, it would never be the application's, and
+ * nobody would ever remove it. */
+int64_t appshot_ipc_clock(void);
 /* 1 if the SysV object `sid` (APPSHOT_SEMID, _SHMID or _MSGID) may be
  * removed as the application's (see the rule in appshot_table.c). `salt`
  * (the file's key_salt) and `created` (when the file was made, in seconds
- * since the epoch) are trusted copies: the registry's (app.json), or what
- * the file said before any process of the application ran; `h` is read
- * for its key tables only. */
+ * since the epoch on appshot_ipc_clock) are trusted copies: the registry's
+ * (app.json), or what the file said before any process of the application
+ * ran; `h` is read for its key tables only. */
 int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
                       int32_t sid, uint64_t salt, int64_t created,
                       pid_t init_pid, const char *tables_path);

@@ -513,7 +513,7 @@ int main(int argc, char **argv) {
   /* Without it (a registration of an older appshot), our own start: later
    * than the truth, so at worst objects are left, never others' taken. */
   trusted_created = registered_created();
-  if (trusted_created < 0) trusted_created = (int64_t)time(NULL);
+  if (trusted_created < 0) trusted_created = appshot_ipc_clock();
   if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
   tables->init_pid = getpid();
   if (appshot_bind(tables, APPSHOT_PID, 1, getpid(), APPSHOT_F_INIT, 0) != 0)

@@ -353,6 +353,13 @@ Napi::Value SetIpcOwner(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ipcClock() -> seconds: now, on the clock the kernel stamps SysV objects'
+// ctime with (appshot_ipc_clock): what an application's tablesCreated is
+// read from, so that every object made after it compares as made since.
+Napi::Value IpcClock(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(appshot_ipc_clock()));
+}
+
 // removeIpcOwned(tables, kind, system, salt, created, initPid) -> boolean:
 // IPC_RMID on a system id found in the tables, only if the kernel confirms
 // the object is the application's (appshot_ipc_owned): the tables are
@@ -460,6 +467,7 @@ Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
+  exports.Set("ipcClock", Napi::Function::New(env, IpcClock));
   exports.Set("setIpcOwner", Napi::Function::New(env, SetIpcOwner));
   exports.Set("signalMember", Napi::Function::New(env, SignalMember));
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
