@@ -55,14 +55,21 @@ export function readMaps(pid: number): MapsLine[] {
 
 /**
  * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
- * gd (grows down) with MAP_GROWSDOWN, the others with madvise. wf and dc
- * are also what makes a clone a fork (forkTreatment).
+ * gd (grows down) with MAP_GROWSDOWN, dp (droppable) with MAP_DROPPABLE,
+ * mw (may write) by the mode a shared file mapping's file is opened with,
+ * the others with madvise. wf and dc are also what makes a clone a fork
+ * (forkTreatment).
  */
 const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   gd: undefined,
+  dp: undefined,
+  mw: undefined,
   wf: 18, // MADV_WIPEONFORK
   dc: 10, // MADV_DONTFORK
   dd: 16, // MADV_DONTDUMP
+  hg: 14, // MADV_HUGEPAGE
+  nh: 15, // MADV_NOHUGEPAGE
+  mg: 12, // MADV_MERGEABLE
 };
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
@@ -294,7 +301,7 @@ export function countPages(runs: number[]): number {
 /* ---- restore ---------------------------------------------------------- */
 
 const PROT_WRITE = 2;
-const MAP = { SHARED: 0x01, PRIVATE: 0x02, FIXED: 0x10, ANONYMOUS: 0x20, GROWSDOWN: 0x100, NORESERVE: 0x4000 } as const;
+const MAP = { SHARED: 0x01, PRIVATE: 0x02, DROPPABLE: 0x08, FIXED: 0x10, ANONYMOUS: 0x20, GROWSDOWN: 0x100, NORESERVE: 0x4000 } as const;
 const O_RDONLY = 0;
 const O_RDWR = 2;
 const MREMAP_MAYMOVE = 1;
@@ -439,22 +446,28 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
     const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
     // The stack stays anonymous even when lazy: /proc/PID/cmdline and
     // environ are read only from anonymous memory (FOLL_ANON).
-    // Memory marked MADV_WIPEONFORK is copied: the kernel takes the mark
-    // only on anonymous memory, which pages mapped from a file are not.
-    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf');
+    // Memory marked MADV_WIPEONFORK or made MAP_DROPPABLE is copied: the
+    // kernel takes either only on anonymous memory, which pages mapped
+    // from a file are not.
+    const droppable = v.vmFlags.includes('dp');
+    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf') && !droppable;
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
     const growsdown = v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0;
     switch (v.kind) {
       case VmaKind.ANON:
-        r.call(what, SYS.mmap, [v.start, len, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
+        r.call(what, SYS.mmap, [v.start, len, prot, (droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
         break;
       case VmaKind.FILE_PRIVATE:
       case VmaKind.FILE_SHARED: {
         const shared = v.kind === VmaKind.FILE_SHARED;
         const path = v.path === src.tables.old ? src.tables.new : (src.mappedPath?.(vpid, v) ?? v.path);
-        const fd = openInProcess(path, shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY);
+        // A shared mapping of a file opened for writing may be made
+        // writable later (mprotect) even when it is read-only now: the
+        // kernel decides by the mode of the file it was mapped from (mw;
+        // an image without VmFlags has only the protection to go by).
+        const fd = openInProcess(path, shared && (v.prot & PROT_WRITE || v.vmFlags.includes('mw')) ? O_RDWR : O_RDONLY);
         r.call(what, SYS.mmap, [v.start, len, prot, (shared ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fd, v.pgoff]);
         break;
       }
