@@ -62,7 +62,16 @@ export interface DumpedPages {
   offset: number;
   runs: Uint32Array;
   same: Uint32Array;
+  /** Pages still shared copy-on-write with the process given as forkedFrom. */
+  shared: Uint32Array;
   pages: number;
+}
+
+/** The process a dumped process was forked from, for the pages they still
+ * share copy-on-write (a mapping both have at the same address). */
+export interface ForkedFrom {
+  pid: number;
+  pagemapFd: number;
 }
 
 export interface ParentPages {
@@ -76,7 +85,7 @@ export interface ParentPages {
 
 /** An image's page file, written unnamed (O_TMPFILE) and named at the end. */
 export interface PageWriter {
-  dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages): DumpedPages;
+  dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages, forkedFrom?: ForkedFrom): DumpedPages;
   append(data: Buffer): number;
   appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
   finish(): { size: number; crc: number };

@@ -456,7 +456,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return open_;
   }
 
-  // dump(pid, pagemapFd, start, end, mode, parent?) -> { offset, runs, same, pages }
+  // dump(pid, pagemapFd, start, end, mode, parent?, forkedFrom?)
+  //   -> { offset, runs, same, shared, pages }
   Napi::Value Dump(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!Check(env) || !w_.buf) return env.Undefined();
@@ -479,21 +480,30 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
         parent.tracked = 1;
       }
     }
+    pages_forked_from forked{};
+    bool has_forked = info.Length() > 6 && info[6].IsObject();
+    if (has_forked) {
+      auto o = info[6].As<Napi::Object>();
+      forked.pid = o.Get("pid").As<Napi::Number>().Int32Value();
+      forked.pagemap_fd = o.Get("pagemapFd").As<Napi::Number>().Int32Value();
+    }
     pages_result r;
     int rc = pw_dump(&w_, Tid(info), info[1].As<Napi::Number>().Int32Value(), U64(info[2]),
                      U64(info[3]), static_cast<pages_mode>(info[4].As<Napi::Number>().Int32Value()),
-                     has_parent ? &parent : nullptr, &r);
+                     has_parent ? &parent : nullptr, has_forked ? &forked : nullptr, &r);
     Napi::Value result = env.Undefined();
     if (!Failed(env, rc, "copying memory of process " + std::to_string(Tid(info)))) {
       Napi::Object o = Napi::Object::New(env);
       o.Set("offset", Napi::Number::New(env, static_cast<double>(r.data_offset)));
       o.Set("runs", Pairs(env, r.runs, r.nruns));
       o.Set("same", Pairs(env, r.same, r.nsame));
+      o.Set("shared", Pairs(env, r.shared, r.nshared));
       o.Set("pages", Napi::Number::New(env, static_cast<double>(r.pages_written)));
       result = o;
     }
     free(r.runs);
     free(r.same);
+    free(r.shared);
     return result;
   }
 

@@ -16,6 +16,8 @@
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAPPED (1ull << 62)
 #define PM_FILE_OR_SHARED (1ull << 61)
+#define PM_MMAP_EXCLUSIVE (1ull << 56)
+#define PM_PFN (((1ull << 55)) - 1)
 /* Pagemap entries read per pread: 512 KiB covers 256 MiB of address space. */
 #define PM_CHUNK 65536u
 #define WRITE_BUFFER (8u << 20)
@@ -254,13 +256,14 @@ static int push_pair(uint32_t** arr, size_t* n, size_t* cap, uint32_t first, uin
   return 0;
 }
 
-/* Reads `len` bytes at `addr` of `pid` into `dst`. process_vm_readv copies
- * once; a mapping the process itself cannot read (PROT_NONE) is read
- * through /proc/PID/mem, which may. */
+/* Reads `len` bytes at `addr` of `pid` into `dst`, through /proc/PID/mem:
+ * never process_vm_readv, which pins the pages it reads (FOLL_PIN), and
+ * the kernel (5.19 on) gives a process its own copy of every shared
+ * copy-on-write anonymous page that is pinned: reading a forking server
+ * that way would multiply its memory by its workers. /proc/PID/mem takes
+ * plain references, which leave the sharing alone, and reads mappings the
+ * process itself cannot (PROT_NONE) as well. */
 static int read_remote(pid_t pid, uint64_t addr, void* dst, size_t len) {
-  struct iovec local = {dst, len}, remote = {(void*)(uintptr_t)addr, len};
-  ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-  if (n == (ssize_t)len) return 0;
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -388,12 +391,44 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
   return 0;
 }
 
+/* Whether the page at `addr` of `pid` (pagemap entry `mine`) is the page
+ * the process it was forked from has at the same address (`theirs`): a
+ * private anonymous page still shared copy-on-write. Where pagemap shows
+ * page frame numbers (CAP_SYS_ADMIN), they say it; where it hides them,
+ * a page neither process maps exclusively, with the same bytes in both, is
+ * taken as shared: if it is not the same page, sharing it is still exactly
+ * what each process reads. Returns 1, 0, or -errno. */
+static int cow_shared(const pages_forked_from* f, pid_t pid, uint64_t addr, uint64_t mine,
+                      uint64_t theirs) {
+  if (!(mine & PM_PRESENT) || !(theirs & PM_PRESENT)) return 0;
+  if ((mine | theirs) & PM_FILE_OR_SHARED) return 0;
+  uint64_t a = mine & PM_PFN, b = theirs & PM_PFN;
+  if (a || b) return a == b;
+  if ((mine | theirs) & PM_MMAP_EXCLUSIVE) return 0;
+  static uint8_t page_a[PAGE], page_b[PAGE];
+  int rc = read_remote(pid, addr, page_a, PAGE);
+  if (!rc) rc = read_remote(f->pid, addr, page_b, PAGE);
+  if (rc) return rc;
+  return memcmp(page_a, page_b, PAGE) == 0;
+}
+
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
-            pages_mode mode, const pages_parent* parent, pages_result* out) {
+            pages_mode mode, const pages_parent* parent, const pages_forked_from* forked_from,
+            pages_result* out) {
   memset(out, 0, sizeof *out);
   out->data_offset = position(w);
+  if (mode != PAGES_ANON) forked_from = NULL;
   uint64_t* pm = malloc(PM_CHUNK * sizeof *pm);
-  if (!pm) return -ENOMEM;
+  /* With forked_from: the other process's entries, then per page whether
+   * it is shared with it. */
+  uint64_t* theirs = forked_from ? malloc(PM_CHUNK * sizeof *theirs) : NULL;
+  uint8_t* shared = forked_from ? calloc(PM_CHUNK, 1) : NULL;
+  if (!pm || (forked_from && (!theirs || !shared))) {
+    free(pm);
+    free(theirs);
+    free(shared);
+    return -ENOMEM;
+  }
   uint32_t npages = (uint32_t)((end - start) / PAGE);
   size_t cursor = 0;
   int rc = 0;
@@ -405,19 +440,38 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
       rc = got < 0 ? -errno : -EIO;
       break;
     }
+    if (forked_from) {
+      got = pread(forked_from->pagemap_fd, theirs, n * sizeof *theirs, off);
+      if (got != (ssize_t)(n * sizeof *theirs)) {
+        rc = got < 0 ? -errno : -EIO;
+        break;
+      }
+      for (uint32_t i = 0; i < n && !rc; i++) {
+        int s = cow_shared(forked_from, pid, start + (uint64_t)(base + i) * PAGE, pm[i], theirs[i]);
+        if (s < 0) rc = s;
+        shared[i] = s > 0;
+      }
+      if (rc) break;
+    }
     uint32_t i = 0;
     while (i < n && !rc) {
       if (!wanted(pm[i], mode)) {
         i++;
         continue;
       }
+      int s = shared && shared[i];
       uint32_t j = i + 1;
-      while (j < n && wanted(pm[j], mode)) j++;
-      rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out, mode == PAGES_ANON);
+      while (j < n && wanted(pm[j], mode) && (shared && shared[j]) == s) j++;
+      if (s)
+        rc = push_pair(&out->shared, &out->nshared, &out->shared_cap, base + i, j - i);
+      else
+        rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out, mode == PAGES_ANON);
       i = j;
     }
   }
   free(pm);
+  free(theirs);
+  free(shared);
   return rc;
 }
 

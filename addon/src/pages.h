@@ -53,14 +53,25 @@ typedef struct {
   struct pw_queue* queue;
 } page_writer;
 
+/* The process a mapping's process was forked from, when that process has
+ * the same private anonymous mapping at the same address: its pages still
+ * shared copy-on-write are not stored again (see pw_dump). */
+typedef struct {
+  pid_t pid;
+  int pagemap_fd;
+} pages_forked_from;
+
 /* Result of dumping one mapping: runs of pages, as (first page, count)
- * pairs relative to the mapping's start, in `runs`; and the same for pages
- * identical to the parent's, in `same`. */
+ * pairs relative to the mapping's start, in `runs`; the same for pages
+ * identical to the parent's, in `same`; and for pages still shared
+ * copy-on-write with the process it was forked from, in `shared`. */
 typedef struct {
   uint32_t* runs;
   size_t nruns, runs_cap;
   uint32_t* same;
   size_t nsame, same_cap;
+  uint32_t* shared;
+  size_t nshared, shared_cap;
   uint64_t pages_written;
   uint64_t data_offset; /* where this mapping's pages start in the file */
 } pages_result;
@@ -74,9 +85,12 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
  * once that many bytes are waiting to be written. */
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
- * tracee's /proc/PID/pagemap, opened by the caller once per process. */
+ * tracee's /proc/PID/pagemap, opened by the caller once per process. With
+ * `forked_from` (PAGES_ANON only), a page that is the very page the other
+ * process has at the same address is listed in `shared` and not copied. */
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
-            pages_mode mode, const pages_parent* parent, pages_result* out);
+            pages_mode mode, const pages_parent* parent, const pages_forked_from* forked_from,
+            pages_result* out);
 /* Appends bytes (a SysV segment, a deleted file), padded to a page. */
 int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset);
 /* Copies every data extent of an open file (holes stay holes), appending it

@@ -332,6 +332,8 @@ export interface PageRef {
   offset: bigint;
   runs: number[];
   fromParent: number[];
+  /** Pages shared copy-on-write with the parent process (image.proto). */
+  cowShared?: number[];
 }
 
 export interface FileIdentity {

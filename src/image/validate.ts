@@ -162,7 +162,7 @@ function machineLimits() {
  * data they stand for inside the page file. Returns the stored pages. */
 function checkPageRef(ref: PageRef | undefined, pages: bigint, pagesFileSize: bigint, what: string): void {
   if (!ref) return;
-  for (const [list, name] of [[ref.runs, 'runs'], [ref.fromParent, 'pages from the parent']] as const) {
+  for (const [list, name] of [[ref.runs, 'runs'], [ref.fromParent, 'pages from the parent'], [ref.cowShared ?? [], 'pages shared with the parent process']] as const) {
     if (list.length % 2) corrupt(`${what}: its ${name} are not (page, count) pairs`);
     for (let i = 0; i < list.length; i += 2)
       if (list[i + 1] === 0 || BigInt(list[i]) + BigInt(list[i + 1]) > pages) corrupt(`${what}: pages ${list[i]}+${list[i + 1]} lie outside it`);
@@ -252,6 +252,12 @@ function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: S
     if (v.kind === VmaKind.SHARED_ANON && !inRange(v.sharedMemory, image.sharedMemory)) corrupt(`${where} maps shared memory ${v.sharedMemory}, which the image does not have`);
     if (v.sharedMemory !== -1 && !inRange(v.sharedMemory, image.sharedMemory)) corrupt(`${where} names shared memory ${v.sharedMemory}, which the image does not have`);
     if (v.kind === VmaKind.SYSV_SHM && !shmVids.has(v.shmVid)) corrupt(`${where} attaches SysV segment ${v.shmVid}, which the image does not have`);
+    // Pages shared copy-on-write are the parent process's: it must have the same mapping.
+    if (v.pages?.cowShared?.length) {
+      const parent = image.processes.find((q) => q.vpid === p.vppid);
+      if (v.kind !== VmaKind.ANON || !parent?.vmas.some((u) => u.kind === VmaKind.ANON && u.start === v.start && u.end === v.end))
+        corrupt(`${where} shares pages with its parent process, which has no such mapping`);
+    }
   }
 }
 

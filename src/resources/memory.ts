@@ -55,14 +55,21 @@ export function readMaps(pid: number): MapsLine[] {
 
 /**
  * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
- * gd (grows down) with MAP_GROWSDOWN, the others with madvise. wf and dc
- * are also what makes a clone a fork (forkTreatment).
+ * gd (grows down) with MAP_GROWSDOWN, dp (droppable) with MAP_DROPPABLE,
+ * mw (may write) by the mode a shared file mapping's file is opened with,
+ * the others with madvise. wf and dc are also what makes a clone a fork
+ * (forkTreatment).
  */
 const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   gd: undefined,
+  dp: undefined,
+  mw: undefined,
   wf: 18, // MADV_WIPEONFORK
   dc: 10, // MADV_DONTFORK
   dd: 16, // MADV_DONTDUMP
+  hg: 14, // MADV_HUGEPAGE
+  nh: 15, // MADV_NOHUGEPAGE
+  mg: 12, // MADV_MERGEABLE
 };
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
@@ -213,11 +220,51 @@ function isAnonShared(l: MapsLine): boolean {
   return l.ino === 0n || l.path === '' || l.path.startsWith('/dev/zero') || l.path.startsWith('/memfd:') || l.path.endsWith(' (deleted)');
 }
 
-export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string): Vma[] {
+/**
+ * The process a process was forked from, as far as copy-on-write goes: its
+ * private anonymous mappings, and its pagemap open. A mapping of the child
+ * can share pages with it only if the parent has the very same mapping
+ * (start, end, name, kept VmFlags): a restore forks the child from its
+ * restored parent and keeps exactly those mappings. Memory wiped or left
+ * out at fork (wf, dc) and droppable memory never qualify.
+ */
+interface ForkParent {
+  pid: number;
+  pagemapFd: number;
+  anon: Map<bigint, { end: bigint; path: string; flags: string }>;
+}
+
+const NOT_INHERITED = ['wf', 'dc', 'dp'];
+
+function openForkParent(pid: number): ForkParent {
+  const flags = readVmFlags(pid);
+  const anon = new Map<bigint, { end: bigint; path: string; flags: string }>();
+  for (const l of readMaps(pid))
+    if (l.perms[3] === 'p' && l.ino === 0n && (l.path === '' || l.path === '[heap]' || l.path === '[stack]'))
+      anon.set(l.start, { end: l.end, path: l.path, flags: (flags.get(l.start) ?? l.vmFlags).join(' ') });
+  return { pid, pagemapFd: openSync(`/proc/${pid}/pagemap`, 'r'), anon };
+}
+
+function sharesWith(parent: ForkParent | undefined, v: Vma): boolean {
+  if (!parent || v.kind !== VmaKind.ANON || v.vmFlags.some((f) => NOT_INHERITED.includes(f))) return false;
+  const p = parent.anon.get(v.start);
+  return p !== undefined && p.end === v.end && p.path === v.path && p.flags === v.vmFlags.join(' ');
+}
+
+/**
+ * @param forkedFrom the system PID of the process's parent, when that is a
+ *   process of the image too and frozen with it: pages the two still share
+ *   copy-on-write are recorded as such (PageRef.cowShared), not stored again.
+ *   (Not while the application runs, as in a pre-copy: the parent could
+ *   write the page between the two reads.)
+ */
+export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string, forkedFrom?: number): Vma[] {
   const vmas: Vma[] = [];
-  const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
   const vmFlags = readVmFlags(pid);
+  const forkParent = forkedFrom !== undefined ? openForkParent(forkedFrom) : undefined;
+  let pagemapFd = -1;
   try {
+    pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
     for (const l of readMaps(pid)) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
@@ -274,13 +321,16 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
-        const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent);
+        const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
+        const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked);
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
+        if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
       }
       vmas.push(vma);
     }
   } finally {
-    closeSync(pagemapFd);
+    if (pagemapFd >= 0) closeSync(pagemapFd);
+    if (forkParent) closeSync(forkParent.pagemapFd);
   }
   return vmas;
 }
@@ -294,7 +344,7 @@ export function countPages(runs: number[]): number {
 /* ---- restore ---------------------------------------------------------- */
 
 const PROT_WRITE = 2;
-const MAP = { SHARED: 0x01, PRIVATE: 0x02, FIXED: 0x10, ANONYMOUS: 0x20, GROWSDOWN: 0x100, NORESERVE: 0x4000 } as const;
+const MAP = { SHARED: 0x01, PRIVATE: 0x02, DROPPABLE: 0x08, FIXED: 0x10, ANONYMOUS: 0x20, GROWSDOWN: 0x100, NORESERVE: 0x4000 } as const;
 const O_RDONLY = 0;
 const O_RDWR = 2;
 const MREMAP_MAYMOVE = 1;
@@ -338,7 +388,65 @@ export interface MemorySources {
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
   /** A clone: memory is given what a fork child gets (forkTreatment). */
   asFork?: boolean;
+  /** The process `vpid` was forked from in this restore, when that one's
+   * memory was filled before the fork: its mappings sharing pages with it
+   * copy-on-write (PageRef.cowShared) are kept, not made again. */
+  forkedFrom?(vpid: number): { vpid: number; vmas: Vma[] } | undefined;
 }
+
+/** Whether a mapping's stored pages are mapped from the page file
+ * (copy-on-write, read when touched) rather than copied in. */
+function mappedLazily(src: MemorySources, vpid: number, v: Vma): boolean {
+  // The stack stays anonymous even when lazy: /proc/PID/cmdline and
+  // environ are read only from anonymous memory (FOLL_ANON).
+  // Memory marked MADV_WIPEONFORK or made MAP_DROPPABLE is copied: the
+  // kernel takes either only on anonymous memory, which pages mapped
+  // from a file are not. Pages from a parent image are copied too.
+  return (
+    src.lazy &&
+    !src.eager?.(vpid, v) &&
+    v.kind === VmaKind.ANON &&
+    v.special !== '[stack]' &&
+    !(v.pages?.fromParent.length) &&
+    !v.vmFlags.includes('wf') &&
+    !v.vmFlags.includes('dp')
+  );
+}
+
+/** (first page, count) pair lists, merged into sorted [first, end) intervals. */
+function intervals(...lists: number[][]): [number, number][] {
+  const all: [number, number][] = [];
+  for (const l of lists) for (let i = 0; i < l.length; i += 2) all.push([l[i], l[i] + l[i + 1]]);
+  all.sort((a, b) => a[0] - b[0]);
+  const out: [number, number][] = [];
+  for (const [a, b] of all) {
+    const last = out[out.length - 1];
+    if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
+/** The intervals of `a` not in `b` (both sorted and merged). */
+function subtract(a: [number, number][], b: [number, number][]): [number, number][] {
+  const out: [number, number][] = [];
+  let j = 0;
+  for (const [first, end] of a) {
+    let s = first;
+    while (j < b.length && b[j][1] <= s) j++;
+    for (let k = j; s < end; k++) {
+      if (k >= b.length || b[k][0] >= end) {
+        out.push([s, end]);
+        break;
+      }
+      if (b[k][0] > s) out.push([s, b[k][0]]);
+      s = Math.max(s, b[k][1]);
+    }
+  }
+  return out;
+}
+
+const pagesHeld = (v: Vma) => intervals(v.pages?.runs ?? [], v.pages?.fromParent ?? [], v.pages?.cowShared ?? []);
 
 /** A descriptor of ours holding SharedMemory `index` of the image, made
  * and filled the first time a process maps it: every mapping of it maps
@@ -378,12 +486,25 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  */
 export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
+  const MADV_DONTNEED = 4;
   const current = readMaps(r.pid);
-  // Everything of the seed's goes but the vDSO, its data pages and our
-  // scratch area: one munmap per gap between those, not one per mapping.
-  const keep = current
-    .filter((m) => ['[vdso]', '[vvar]', '[vvar_vclock]'].includes(m.path) || m.start === r.scratch)
-    .sort((a, b) => (a.start < b.start ? -1 : 1));
+  // Mappings that share pages copy-on-write with the parent this process
+  // was just forked from: inherited as they are, with the parent's pages.
+  const forker = src.forkedFrom?.(vpid);
+  const inheritedFrom = new Map<Vma, Vma>();
+  for (const v of vmas) {
+    if (!v.pages?.cowShared?.length) continue;
+    const pv = forker?.vmas.find((u) => u.kind === VmaKind.ANON && u.start === v.start && u.end === v.end);
+    if (!pv) throw new Error(`the mapping at 0x${v.start.toString(16)} shares pages with a parent that was not restored before it`);
+    inheritedFrom.set(v, pv);
+  }
+  // Everything of the seed's goes but the vDSO, its data pages, our
+  // scratch area and what is inherited: one munmap per gap between those,
+  // not one per mapping.
+  const keep = [
+    ...current.filter((m) => ['[vdso]', '[vvar]', '[vvar_vclock]'].includes(m.path) || m.start === r.scratch),
+    ...[...inheritedFrom.keys()].map((v) => ({ start: v.start, end: v.end })),
+  ].sort((a, b) => (a.start < b.start ? -1 : 1));
   const TASK_SIZE = 0x7ffffffff000n;
   let from = 0x10000n; // mmap_min_addr
   for (const k of [...keep, { start: TASK_SIZE, end: TASK_SIZE }]) {
@@ -437,24 +558,39 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
     // Wiped: mapped anonymous and left as it comes, zero.
     const own = fork === 'wipe' ? [] : storedRuns(v);
     const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
-    // The stack stays anonymous even when lazy: /proc/PID/cmdline and
-    // environ are read only from anonymous memory (FOLL_ANON).
-    // Memory marked MADV_WIPEONFORK is copied: the kernel takes the mark
-    // only on anonymous memory, which pages mapped from a file are not.
-    const lazy = src.lazy && !src.eager?.(vpid, v) && v.kind === VmaKind.ANON && v.special !== '[stack]' && !hasInherited && !v.vmFlags.includes('wf');
+    const droppable = v.vmFlags.includes('dp');
+    const lazy = mappedLazily(src, vpid, v);
     const needsWrite = (own.length > 0 && !lazy) || hasInherited;
     const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
     const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
     const growsdown = v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0;
-    switch (v.kind) {
+    const parentVma = inheritedFrom.get(v);
+    if (parentVma) {
+      // Inherited with the parent's pages: what this process did not have
+      // of them goes (zeros again, as the parent's restore made them from
+      // anonymous memory or, lazily, from the page file); its own pages
+      // are written or mapped below, each breaking the sharing of one page.
+      r.call(what, SYS.mprotect, [v.start, len, prot]);
+      const parentLazy = mappedLazily(src, forker!.vpid, parentVma);
+      for (const [first, end] of subtract(pagesHeld(parentVma), pagesHeld(v))) {
+        const at = v.start + BigInt(first) * PAGE;
+        const n = BigInt(end - first) * PAGE;
+        if (parentLazy) r.call(what, SYS.mmap, [at, n, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0]);
+        else r.call(what, SYS.madvise, [at, n, MADV_DONTNEED]);
+      }
+    } else switch (v.kind) {
       case VmaKind.ANON:
-        r.call(what, SYS.mmap, [v.start, len, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
+        r.call(what, SYS.mmap, [v.start, len, prot, (droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
         break;
       case VmaKind.FILE_PRIVATE:
       case VmaKind.FILE_SHARED: {
         const shared = v.kind === VmaKind.FILE_SHARED;
         const path = v.path === src.tables.old ? src.tables.new : (src.mappedPath?.(vpid, v) ?? v.path);
-        const fd = openInProcess(path, shared && v.prot & PROT_WRITE ? O_RDWR : O_RDONLY);
+        // A shared mapping of a file opened for writing may be made
+        // writable later (mprotect) even when it is read-only now: the
+        // kernel decides by the mode of the file it was mapped from (mw;
+        // an image without VmFlags has only the protection to go by).
+        const fd = openInProcess(path, shared && (v.prot & PROT_WRITE || v.vmFlags.includes('mw')) ? O_RDWR : O_RDONLY);
         r.call(what, SYS.mmap, [v.start, len, prot, (shared ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fd, v.pgoff]);
         break;
       }
@@ -504,7 +640,7 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
         }
       flush();
     }
-    if (prot !== v.prot) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
+    if (prot !== v.prot || parentVma) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
     for (const flag of v.vmFlags) {
       const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
       if (advice !== undefined) r.call(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);

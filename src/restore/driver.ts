@@ -153,7 +153,13 @@ interface Made {
   proc: Process;
   pid: number;
   tids: number[];
+  /** Set once its memory is filled (fillMemory). */
+  remote?: RemoteProcess;
 }
+
+/** Whether a process shares pages copy-on-write with its parent: the
+ * parent's memory is then filled before the process is forked from it. */
+const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?.length ?? 0) > 0);
 
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
@@ -256,6 +262,41 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // the processes forked from it inherit the mask.
       addon().setSigmask(pid, ~0n);
     };
+    const chainImages = chain.map((l) => l.image);
+    const memory = {
+      pageFds,
+      pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
+      lazy: opts.lazy || opts.instance !== undefined,
+      // A clone maps the template's pages copy-on-write, but for memory
+      // whose rule says it is duplicated.
+      eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
+      mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
+      sharedFd: (i: number) => sharedMemoryFd(handed, i),
+      shmSystemId: (vid: number) => {
+        const sid = shmIds.get(vid);
+        if (sid === undefined) throw new AppshotError(`the image maps SysV segment ${vid}, which it does not hold`);
+        return sid;
+      },
+      tables: { old: image.tablesPath, new: tables },
+      transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
+      inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      asFork: opts.instance !== undefined,
+      forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
+    };
+    // Processes forked from a parent whose memory was filled already.
+    const forkedWithMemory = new Map<number, { vpid: number; vmas: Vma[] }>();
+    /** Memory first of every process: emptied and filled from the image. */
+    const fillMemory = (m: Made): RemoteProcess => {
+      if (m.remote) return m.remote;
+      const r = (m.remote = new RemoteProcess(m.pid));
+      unregisterRseq(r, m.pid);
+      const used = [...m.proc.vmas, ...readMaps(m.pid)];
+      r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      phase(`process ${m.proc.vpid}`);
+      restoreMemory(r, m.proc.vmas, m.proc.vpid, memory);
+      phase('memory');
+      return r;
+    };
     const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
     for (const m of queue) seize(m.pid);
     // Every seed runs under appshot's own seccomp filters, if any.
@@ -312,42 +353,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (m.proc.vsid === m.proc.vpid) r.call('setsid', SYS.setsid, []);
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
-      for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+      // Children that share pages copy-on-write with it are forked once its
+      // memory is filled: they inherit its pages, shared as they were.
+      const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
+      if (children.some(sharesWithParent)) {
+        fillMemory(m);
+        r.findSyscall(); // the vDSO has moved to the image's address
+      }
+      for (const child of children) {
+        if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
+        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+      }
       for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
 
     phase('tree made');
-    const chainImages = chain.map((l) => l.image);
-    const memory = {
-      pageFds,
-      pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
-      lazy: opts.lazy || opts.instance !== undefined,
-      // A clone maps the template's pages copy-on-write, but for memory
-      // whose rule says it is duplicated.
-      eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
-      mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
-      sharedFd: (i: number) => sharedMemoryFd(handed, i),
-      shmSystemId: (vid: number) => {
-        const sid = shmIds.get(vid);
-        if (sid === undefined) throw new AppshotError(`the image maps SysV segment ${vid}, which it does not hold`);
-        return sid;
-      },
-      tables: { old: image.tablesPath, new: tables },
-      transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
-      inherited: (vpid: number) => resolveProcess(chainImages, vpid),
-      asFork: opts.instance !== undefined,
-    };
     for (const m of made) {
       const p = m.proc;
-      const r = new RemoteProcess(m.pid);
-      unregisterRseq(r, m.pid);
-      const used = [...p.vmas, ...readMaps(m.pid)];
-      r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
-      phase(`process ${p.vpid}`);
-      restoreMemory(r, p.vmas, p.vpid, memory);
-      phase('memory');
+      const r = fillMemory(m);
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler

@@ -39,6 +39,7 @@ import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
+import { readStat } from '../procfs.js';
 import { armTracking, processKey } from './tracking.js';
 
 const INIT_FLAG = 0x1;
@@ -138,6 +139,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+  const inImage = new Set(byProcess.map(([pid]) => pid));
   let done = 0;
   for (const [pid, threads] of byProcess) {
     const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
@@ -182,7 +184,9 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       inj.close();
       killPoint('snapshot: dumping memory');
       // Memory last: the scratch area used above is back as it was.
-      proc.vmas = dumpMemory(ctx, pid, proc.vpid, what);
+      // Pages still shared with a parent of the image are recorded as such.
+      const ppid = readStat(pid)?.ppid;
+      proc.vmas = dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined);
       ctx.image.processes.push(proc);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
     } catch (e) {

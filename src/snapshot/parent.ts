@@ -53,7 +53,8 @@ export class ParentResolver {
 }
 
 /** Where the private pages of `vpid` in [start, end) live in the chain
- * from `depth` on, following from_parent links; adds them to `out`. */
+ * from `depth` on, following from_parent links (and cow_shared ones to
+ * the parent process in the same image); adds them to `out`. */
 function resolveRange(images: Image[], vpid: number, start: bigint, end: bigint, depth: number, out: Map<bigint, Located>): void {
   const proc = images[depth]?.processes.find((p) => p.vpid === vpid);
   if (!proc) return;
@@ -71,6 +72,14 @@ function resolveRange(images: Image[], vpid: number, start: bigint, end: bigint,
       const b = hi < end ? hi : end;
       if (a < b) resolveRange(images, vpid, a, b, depth + 1, out);
     }
+    const cow = vma.pages.cowShared ?? [];
+    for (let i = 0; i < cow.length; i += 2) {
+      const lo = vma.start + BigInt(cow[i]) * PAGE;
+      const hi = lo + BigInt(cow[i + 1]) * PAGE;
+      const a = lo > start ? lo : start;
+      const b = hi < end ? hi : end;
+      if (a < b) resolveRange(images, proc.vppid, a, b, depth, out);
+    }
   }
 }
 
@@ -86,15 +95,25 @@ export function storedPages(ref: PageRef | undefined, visit: (page: number, offs
 }
 
 /** Where each private page of `vpid` lives, following from_parent links
- * down the chain (images[0] is the newest). */
+ * down the chain (images[0] is the newest), and cow_shared ones to the
+ * parent process in the same image. */
 export function resolveProcess(images: Image[], vpid: number, depth = 0): PageMap {
   const map: PageMap = new Map();
   const image = images[depth];
   const proc = image?.processes.find((p) => p.vpid === vpid);
   if (!proc) return map;
   let older: PageMap | undefined;
+  let forker: PageMap | undefined;
   for (const vma of proc.vmas) {
     storedPages(vma.pages, (page, offset) => map.set(vma.start + BigInt(page) * PAGE, { file: depth, offset }));
+    const cow = vma.pages?.cowShared ?? [];
+    if (cow.length) forker ??= resolveProcess(images, proc.vppid, depth);
+    for (let i = 0; i < cow.length; i += 2)
+      for (let p = 0; p < cow[i + 1]; p++) {
+        const addr = vma.start + BigInt(cow[i] + p) * PAGE;
+        const loc = forker!.get(addr);
+        if (loc) map.set(addr, loc);
+      }
     const inherit = vma.pages?.fromParent ?? [];
     if (!inherit.length) continue;
     older ??= resolveProcess(images, vpid, depth + 1);
