@@ -180,16 +180,25 @@ describe('damaged parts', () => {
 
 describe('manifests that lie about the parts (signed again)', () => {
   /** A manifest listing these parts, signed with the sandbox's key. */
-  function manifestListing(name: string, parts: [string, string][]): string {
+  function manifestListing(name: string, parts: [string, string][], formatVersion = FORMAT_VERSION): string {
     const dir = writeImage(name, readFileSync(join(good, 'image.pb')));
     const listed = parts.map(([name, file]) => {
       const d = digestOf(file);
       return { name, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256 };
     });
-    const manifest = { magic: MAGIC, formatVersion: FORMAT_VERSION, imageId: 'feedfacefeedface', parts: listed, signature: Buffer.alloc(0), keyId: '' };
+    const manifest = { magic: MAGIC, formatVersion, imageId: 'feedfacefeedface', parts: listed, signature: Buffer.alloc(0), keyId: '' };
     writeFileSync(join(dir, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifestOf(manifest)));
     return dir;
   }
+
+  it('reads format 1 (what changed since only added fields) and refuses a format it does not know', () => {
+    const parts: [string, string][] = [
+      ['image.pb', join(good, 'image.pb')],
+      ['pages.img', join(good, 'pages.img')],
+    ];
+    expect(sb.run(['inspect', manifestListing('format1', parts, 1)]).code).toBe(0);
+    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2\)/ });
+  });
 
   it('refuses a manifest with no parts (which would skip every checksum)', () => {
     refuses(['inspect', manifestListing('no-parts', [])], corrupt('lists image.pb not at all'));

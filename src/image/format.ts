@@ -45,7 +45,13 @@ import { checkWireCounts, validateImage } from './validate.js';
 import { onInterrupt } from '../engine/request.js';
 
 export const MAGIC = 'appshot-image';
-export const FORMAT_VERSION = 1;
+/** The format this appshot writes. 2: fields an older appshot would
+ * ignore and so restore wrong (pages shared copy-on-write between a parent
+ * and its children, file locks, datagram sockets, memfd seals): it refuses
+ * them instead, by their version. */
+export const FORMAT_VERSION = 2;
+/** Formats this appshot reads: every change since 1 only added fields. */
+export const READABLE_FORMATS: readonly number[] = [1, 2];
 export const PARTS = { manifest: 'manifest.pb', image: 'image.pb', pages: 'pages.img' } as const;
 
 const ImageType = messageType('appshot.image.Image');
@@ -551,8 +557,8 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     const manifestBytes = readSmallPart(dir, PARTS.manifest, PART_CEILING[PARTS.manifest]);
     const manifest = decode<Manifest>(ManifestType, manifestBytes, PARTS.manifest);
     if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
-    if (manifest.formatVersion !== FORMAT_VERSION)
-      throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads format ${FORMAT_VERSION})`);
+    if (!READABLE_FORMATS.includes(manifest.formatVersion))
+      throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads formats ${READABLE_FORMATS.join(', ')})`);
     const listed = manifest.parts.map((p) => p.name);
     for (const name of listed)
       if (!LISTED_PARTS.includes(name as (typeof LISTED_PARTS)[number]))
