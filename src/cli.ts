@@ -14,6 +14,8 @@ import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
 import { applyHouseStyle } from './commands/style.js';
+import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
+import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
 
@@ -28,7 +30,7 @@ const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; l
 export function buildProgram(): Command {
   const program = new Command();
   const registry = () => new LocalRegistry();
-  const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+  const json = printJson;
 
   program
     .name('appshot')
@@ -67,7 +69,7 @@ export function buildProgram(): Command {
         rules: opts.rules,
         onStarted: (record, vpid, pid) => {
           if (opts.detach) {
-            if (opts.json) json({ aid: record.aid, vpid, pid });
+            if (opts.json) json('run', { aid: record.aid, vpid, pid });
             else process.stdout.write(record.aid + '\n');
           } else if (!opts.aid) {
             process.stderr.write(`appshot: running as AID ${record.aid}\n`);
@@ -77,6 +79,17 @@ export function buildProgram(): Command {
       });
       setExitCode(code);
     });
+
+  /** Table entries with their flags by name (appshot_table.h). */
+  function tableJson(tables: TablesSnapshot['tables']) {
+    const names: Record<number, string> = { 0x1: 'init', 0x2: 'thread', 0x4: 'has-threads' };
+    return Object.fromEntries(
+      Object.entries(tables).map(([kind, entries]) => [
+        kind,
+        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, names) })),
+      ]),
+    );
+  }
 
   /** An application as `ps --json` shows it. */
   function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
@@ -126,7 +139,7 @@ export function buildProgram(): Command {
       }
       const rows = listProcesses(reg, records);
       if (opts.json) {
-        json(records.map((r) => appJson(r, rows)));
+        json('ps', records.map((r) => appJson(r, rows)));
         return;
       }
       if (aid) {
@@ -165,7 +178,7 @@ export function buildProgram(): Command {
       if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
       const rows = tableRows(tables);
       if (opts.json) {
-        json({ aid, tables: tables.tables, repairs: tables.repairs });
+        json('table', { aid, tables: tableJson(tables.tables), repairs: tables.repairs });
         return;
       }
       printColumns(
@@ -429,8 +442,15 @@ export function buildProgram(): Command {
         display.end();
       }
       if (opts.json) {
-        if (result.image === '-') process.stderr.write(JSON.stringify(result) + '\n');
-        else json(result);
+        const out = withSchema('snapshot', {
+          ...result,
+          frozenMs: roundMs(result.frozenMs),
+          totalMs: roundMs(result.totalMs),
+          ...(result.preCopyFrozenMs !== undefined ? { preCopyFrozenMs: roundMs(result.preCopyFrozenMs) } : {}),
+        });
+        // With -o -, stdout is the image.
+        if (result.image === '-') process.stderr.write(JSON.stringify(out) + '\n');
+        else json('snapshot', out);
       } else if (result.image !== '-') {
         process.stdout.write(result.image + '\n');
         process.stderr.write(
@@ -452,7 +472,7 @@ export function buildProgram(): Command {
       const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
       const loaded = await loadImage(path, { trust: 'report' });
       try {
-        if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
+        if (opts.json) json('inspect', imageJson(loaded.manifest, loaded.image, loaded.signer) as object);
         else printImage(loaded.manifest, loaded.image, loaded.signer);
       } finally {
         loaded.dispose();
@@ -503,7 +523,17 @@ export function buildProgram(): Command {
       // For ps: where it came from (a stream has no path to show).
       const current = image === '-' ? undefined : reg.get(result.aid);
       if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
-      if (opts.json) json(result);
+      if (opts.json)
+        json('restore', {
+          aid: result.aid,
+          image: result.image,
+          processes: result.processes,
+          threads: result.threads,
+          initPid: result.initPid,
+          restoreMs: roundMs(result.restoreMs),
+          verifyMs: roundMs(result.verifyMs),
+          lazy: result.lazy,
+        });
       else {
         process.stdout.write(result.aid + '\n');
         process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
@@ -551,7 +581,7 @@ export function buildProgram(): Command {
       } finally {
         display.end();
       }
-      if (opts.json) json(summary);
+      if (opts.json) json('template create', summary);
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
@@ -573,7 +603,7 @@ export function buildProgram(): Command {
       try {
         const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
         if (opts.json) {
-          json(summary);
+          json('template show', summary);
           return;
         }
         process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
@@ -636,7 +666,7 @@ export function buildProgram(): Command {
         display.end();
       }
       if (opts.json) {
-        json(results.map(({ createdDirs: _, ...r }) => r));
+        json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })));
         return;
       }
       for (const r of results) {
@@ -690,7 +720,7 @@ export function buildProgram(): Command {
       const { selfKey, trustedKeys } = await import('./image/trust.js');
       selfKey(); // made at first use, and listing is one
       const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
-      if (opts.json) json(keys);
+      if (opts.json) json('key ls', keys);
       else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
     });
 
@@ -708,7 +738,7 @@ export function buildProgram(): Command {
         rows = rows.filter((p) => p.virtual === Number(port));
         if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
       }
-      if (opts.json) json(rows);
+      if (opts.json) json('port', rows);
       else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
       else
       printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
