@@ -14,6 +14,7 @@ import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
 import { applyHouseStyle } from './commands/style.js';
+import { registerCompletion } from './commands/completion.js';
 import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
 import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
@@ -749,6 +750,7 @@ export function buildProgram(): Command {
   registerImages(program);
   registerServe(program);
   registerEngine(program);
+  registerCompletion(program);
   applyHouseStyle(program);
   return program;
 }
