@@ -14,8 +14,13 @@ import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
 import { applyHouseStyle } from './commands/style.js';
+import { registerCompletion } from './commands/completion.js';
+import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
+import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
+
+const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
 // and ps load none of it.
@@ -26,7 +31,7 @@ import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
 export function buildProgram(): Command {
   const program = new Command();
   const registry = () => new LocalRegistry();
-  const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+  const json = printJson;
 
   program
     .name('appshot')
@@ -65,7 +70,7 @@ export function buildProgram(): Command {
         rules: opts.rules,
         onStarted: (record, vpid, pid) => {
           if (opts.detach) {
-            if (opts.json) json({ aid: record.aid, vpid, pid });
+            if (opts.json) json('run', { aid: record.aid, vpid, pid });
             else process.stdout.write(record.aid + '\n');
           } else if (!opts.aid) {
             process.stderr.write(`appshot: running as AID ${record.aid}\n`);
@@ -75,6 +80,17 @@ export function buildProgram(): Command {
       });
       setExitCode(code);
     });
+
+  /** Table entries with their flags by name (appshot_table.h). */
+  function tableJson(tables: TablesSnapshot['tables']) {
+    const names: Record<number, string> = { 0x1: 'init', 0x2: 'thread', 0x4: 'has-threads' };
+    return Object.fromEntries(
+      Object.entries(tables).map(([kind, entries]) => [
+        kind,
+        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, names) })),
+      ]),
+    );
+  }
 
   /** An application as `ps --json` shows it. */
   function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
@@ -124,7 +140,7 @@ export function buildProgram(): Command {
       }
       const rows = listProcesses(reg, records);
       if (opts.json) {
-        json(records.map((r) => appJson(r, rows)));
+        json('ps', records.map((r) => appJson(r, rows)));
         return;
       }
       if (aid) {
@@ -163,7 +179,7 @@ export function buildProgram(): Command {
       if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
       const rows = tableRows(tables);
       if (opts.json) {
-        json({ aid, tables: tables.tables, repairs: tables.repairs });
+        json('table', { aid, tables: tableJson(tables.tables), repairs: tables.repairs });
         return;
       }
       printColumns(
@@ -388,6 +404,7 @@ export function buildProgram(): Command {
     .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
     .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
     .option('--json', 'print what was written as JSON', false)
+    .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
       'after',
       '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
@@ -397,24 +414,44 @@ export function buildProgram(): Command {
         'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
-    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean }) => {
+    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean; progress: string }) => {
       const aid = opts.aid ?? aidArg;
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);
       if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
-      const { snapshot } = await import('./snapshot/driver.js');
-      const result = await snapshot(registry(), aid, {
-        output: opts.output ?? `${aid}-${stamp}.appshot`,
-        leaveRunning: opts.leaveRunning,
-        full: opts.full,
-        preCopy: opts.preCopy,
-        tcpClose: opts.tcpClose,
-        timeoutMs: timeout * 1000,
-      });
+      const [{ snapshot }, { ProgressDisplay, progressMode }] = await Promise.all([import('./snapshot/driver.js'), import('./progress.js')]);
+      const display = new ProgressDisplay(`snapshot ${aid}`, progressMode(opts.progress));
+      // Ctrl-C or SIGTERM: given up at the next safe point, the application
+      // left running as it was (the driver's one line says so).
+      const interrupt = new AbortController();
+      const uninstall = onInterrupt('abort', () => interrupt.abort());
+      let result;
+      try {
+        result = await snapshot(registry(), aid, {
+          output: opts.output ?? `${aid}-${stamp}.appshot`,
+          leaveRunning: opts.leaveRunning,
+          full: opts.full,
+          preCopy: opts.preCopy,
+          tcpClose: opts.tcpClose,
+          timeoutMs: timeout * 1000,
+          progress: display,
+          signal: interrupt.signal,
+        });
+      } finally {
+        uninstall();
+        display.end();
+      }
       if (opts.json) {
-        if (result.image === '-') process.stderr.write(JSON.stringify(result) + '\n');
-        else json(result);
+        const out = withSchema('snapshot', {
+          ...result,
+          frozenMs: roundMs(result.frozenMs),
+          totalMs: roundMs(result.totalMs),
+          ...(result.preCopyFrozenMs !== undefined ? { preCopyFrozenMs: roundMs(result.preCopyFrozenMs) } : {}),
+        });
+        // With -o -, stdout is the image.
+        if (result.image === '-') process.stderr.write(JSON.stringify(out) + '\n');
+        else json('snapshot', out);
       } else if (result.image !== '-') {
         process.stdout.write(result.image + '\n');
         process.stderr.write(
@@ -436,7 +473,7 @@ export function buildProgram(): Command {
       const [{ loadImage }, { imageJson, printImage }] = await Promise.all([import('./image/format.js'), import('./image/show.js')]);
       const loaded = await loadImage(path, { trust: 'report' });
       try {
-        if (opts.json) json(imageJson(loaded.manifest, loaded.image, loaded.signer));
+        if (opts.json) json('inspect', imageJson(loaded.manifest, loaded.image, loaded.signer) as object);
         else printImage(loaded.manifest, loaded.image, loaded.signer);
       } finally {
         loaded.dispose();
@@ -452,6 +489,7 @@ export function buildProgram(): Command {
     .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
     .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
     .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
+    .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
       'after',
       "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
@@ -463,16 +501,40 @@ export function buildProgram(): Command {
         'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
         '  appshot restore --trust-image downloaded.appshot',
     )
-    .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean }) => {
+    .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean; progress: string }) => {
       if (opts.aid !== undefined) checkAid(opts.aid);
-      const [{ trustImagesExplicitly }, { restore }] = await Promise.all([import('./image/trust.js'), import('./restore/driver.js')]);
+      const [{ trustImagesExplicitly }, { restore }, { ProgressDisplay, progressMode }] = await Promise.all([
+        import('./image/trust.js'),
+        import('./restore/driver.js'),
+        import('./progress.js'),
+      ]);
       if (opts.trustImage) trustImagesExplicitly();
       const reg = registry();
-      const result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy });
+      const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
+      // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
+      const interrupt = new AbortController();
+      const uninstall = onInterrupt('abort', () => interrupt.abort());
+      let result;
+      try {
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
+      } finally {
+        uninstall();
+        display.end();
+      }
       // For ps: where it came from (a stream has no path to show).
       const current = image === '-' ? undefined : reg.get(result.aid);
       if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
-      if (opts.json) json(result);
+      if (opts.json)
+        json('restore', {
+          aid: result.aid,
+          image: result.image,
+          processes: result.processes,
+          threads: result.threads,
+          initPid: result.initPid,
+          restoreMs: roundMs(result.restoreMs),
+          verifyMs: roundMs(result.verifyMs),
+          lazy: result.lazy,
+        });
       else {
         process.stdout.write(result.aid + '\n');
         process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
@@ -493,6 +555,7 @@ export function buildProgram(): Command {
     .option('--name <name>', 'the template\'s name (default: from --output); clones are named after it')
     .option('--json', 'print the verdicts as JSON', false)
     .option('--trust-image', 'accept the snapshot even if no key this node trusts signed it (you vouch for it)', false)
+    .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
       'after',
       '\nEach resource gets a verdict: share, copy-on-write, duplicate, virtualize, multiplex, allocate\n' +
@@ -504,12 +567,22 @@ export function buildProgram(): Command {
         'Example:\n  appshot run -d --aid db --rules templates/redis.rules -- redis-server --port 6379\n' +
         '  appshot snapshot db -o db.appshot && appshot template create db.appshot -o db.template',
     )
-    .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean }) => {
+    .action(async (snapshotPath: string, opts: { output: string; rules?: string; name?: string; json: boolean; trustImage: boolean; progress: string }) => {
       if (opts.name !== undefined) checkAid(opts.name);
-      const [{ trustImagesExplicitly }, { createTemplate }] = await Promise.all([import('./image/trust.js'), import('./template/template.js')]);
+      const [{ trustImagesExplicitly }, { createTemplate }, { ProgressDisplay, progressMode }] = await Promise.all([
+        import('./image/trust.js'),
+        import('./template/template.js'),
+        import('./progress.js'),
+      ]);
       if (opts.trustImage) trustImagesExplicitly();
-      const summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name });
-      if (opts.json) json(summary);
+      const display = new ProgressDisplay(`template ${opts.output}`, progressMode(opts.progress));
+      let summary;
+      try {
+        summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name, progress: display });
+      } finally {
+        display.end();
+      }
+      if (opts.json) json('template create', summary);
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
@@ -531,7 +604,7 @@ export function buildProgram(): Command {
       try {
         const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
         if (opts.json) {
-          json(summary);
+          json('template show', summary);
           return;
         }
         process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
@@ -554,6 +627,7 @@ export function buildProgram(): Command {
     .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
     .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
     .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
+    .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
       'after',
       '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
@@ -563,8 +637,8 @@ export function buildProgram(): Command {
         'instance fails, the ones made before it are removed.\n\n' +
         'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
     )
-    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean }) => {
-      const [{ trustImagesExplicitly }, { clone }, { Progress }] = await Promise.all([
+    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean; progress: string }) => {
+      const [{ trustImagesExplicitly }, { clone }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./template/clone.js'),
         import('./progress.js'),
@@ -573,7 +647,7 @@ export function buildProgram(): Command {
       const count = Number(opts.count);
       if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
       if (opts.aid !== undefined) checkAid(opts.aid);
-      const progress = new Progress();
+      const display = new ProgressDisplay(`clone ${path}`, progressMode(opts.progress));
       // Ctrl-C or SIGTERM: the batch stops after the instance being made, and
       // every instance it made goes (all or nothing, as for a failure).
       // In the engine, the client going away (its Ctrl-C) stands for it.
@@ -586,14 +660,14 @@ export function buildProgram(): Command {
           count,
           verify: opts.verify,
           signal: interrupt.signal,
-          progress: (done, total, aid) => progress.update(`${aid} (${done}/${total})`, done, total),
+          progress: display,
         });
       } finally {
         uninstall();
+        display.end();
       }
-      progress.done();
       if (opts.json) {
-        json(results.map(({ createdDirs: _, ...r }) => r));
+        json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })));
         return;
       }
       for (const r of results) {
@@ -647,7 +721,7 @@ export function buildProgram(): Command {
       const { selfKey, trustedKeys } = await import('./image/trust.js');
       selfKey(); // made at first use, and listing is one
       const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
-      if (opts.json) json(keys);
+      if (opts.json) json('key ls', keys);
       else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
     });
 
@@ -665,7 +739,7 @@ export function buildProgram(): Command {
         rows = rows.filter((p) => p.virtual === Number(port));
         if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
       }
-      if (opts.json) json(rows);
+      if (opts.json) json('port', rows);
       else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
       else
       printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
@@ -676,6 +750,7 @@ export function buildProgram(): Command {
   registerImages(program);
   registerServe(program);
   registerEngine(program);
+  registerCompletion(program);
   applyHouseStyle(program);
   return program;
 }

@@ -91,6 +91,11 @@ export interface PageWriter {
   finish(): { size: number; crc: number };
   link(path: string): void;
   fd(): number;
+  /** Bytes in the file so far (the writer thread's, not what is queued). */
+  written(): number;
+  /** Queues the current buffer and waits up to `timeoutMs` for the writer
+   * thread to catch up; throws its write error. */
+  drain(timeoutMs: number): void;
   abort(): void;
 }
 

@@ -1,22 +1,147 @@
-/** A one-line progress bar on stderr, drawn only when stderr is a terminal. */
+/**
+ * Progress of the commands that move memory (snapshot, restore, template
+ * create, clone), in bytes: done of total, MiB/s, time left.
+ *
+ * The drivers know only ByteProgress (one method, no drawing): they say
+ * how many bytes are done and how many there will be. How that is shown is
+ * chosen here, once per command, from --progress, whether stderr is a
+ * terminal and whether CI is set:
+ *  - bar: a one-line bar redrawn in place, drawn by cli-progress (a
+ *    maintained, dependency-light library that already handles terminal
+ *    width, throttled redraws during synchronous work and clearing up;
+ *    hand-written escape codes were what we had before);
+ *  - plain: whole lines for logs, one per tenth of the work or per second
+ *    at most (`appshot: snapshot db: 512.0/1024.0 MiB, 210 MiB/s, 2 s left`);
+ *  - none: nothing.
+ * Output goes through process.stderr, which the engine routes to the
+ * command's client (engine/request.ts).
+ */
+import cliProgress from 'cli-progress';
+import { AppshotError, ExitCode } from './errors.js';
+import { inCI, stderrColumns, stderrIsTerminal } from './engine/request.js';
 import { isatty } from 'node:tty';
-import { stderrIsTerminal } from './engine/request.js';
 
-export class Progress {
-  private readonly enabled = stderrIsTerminal(() => isatty(2));
-  private last = 0;
+/** What a driver reports. `total` may change while the work goes on (a
+ * snapshot's is an estimate until every process has been read). */
+export interface ByteProgress {
+  bytes(done: number, total: number): void;
+}
 
-  update(label: string, done: number, total: number): void {
-    if (!this.enabled) return;
+export const noProgress: ByteProgress = { bytes: () => {} };
+
+export type ProgressMode = 'bar' | 'plain' | 'none';
+
+export const PROGRESS_OPTION_HELP = 'how to show progress: auto (a bar on a terminal, lines if CI is set, else nothing), bar, plain or none';
+
+/** The display --progress asks for (`auto` or absent: by the terminal). */
+export function progressMode(option: string | undefined): ProgressMode {
+  switch (option ?? 'auto') {
+    case 'auto':
+      if (stderrIsTerminal(() => isatty(2))) return 'bar';
+      return inCI() ? 'plain' : 'none';
+    case 'bar':
+    case 'plain':
+    case 'none':
+      return option as ProgressMode;
+    default:
+      throw new AppshotError(`--progress wants auto, bar, plain or none, not '${option}'`, ExitCode.usage);
+  }
+}
+
+const MiB = 1048576;
+const mib = (n: number) => (n / MiB).toFixed(1);
+
+/** Bytes per second over the last few seconds. */
+class Rate {
+  private readonly samples: [number, number][] = [];
+  add(at: number, done: number): void {
+    this.samples.push([at, done]);
+    while (this.samples.length > 2 && at - this.samples[0][0] > 3000) this.samples.shift();
+  }
+  perSecond(): number {
+    if (this.samples.length < 2) return 0;
+    const [t0, d0] = this.samples[0];
+    const [t1, d1] = this.samples[this.samples.length - 1];
+    return t1 > t0 ? ((d1 - d0) * 1000) / (t1 - t0) : 0;
+  }
+}
+
+function leftText(done: number, total: number, rate: number): string {
+  if (done >= total) return '0 s left';
+  if (rate <= 0) return '';
+  const s = Math.ceil((total - done) / rate);
+  return s >= 120 ? `${Math.round(s / 60)} min left` : `${s} s left`;
+}
+
+/** The display of one command's progress; `end()` once it is over (done
+ * or failed), which clears the bar. */
+export class ProgressDisplay implements ByteProgress {
+  private readonly rate = new Rate();
+  private bar?: cliProgress.SingleBar;
+  private lastLine = 0;
+  private lastTenth = -1;
+  private ended = false;
+
+  constructor(
+    private readonly label: string,
+    private readonly mode: ProgressMode,
+  ) {}
+
+  bytes(done: number, total: number): void {
+    if (this.mode === 'none' || this.ended) return;
+    total = Math.max(total, done);
     const now = Date.now();
-    if (now - this.last < 100 && done < total) return;
-    this.last = now;
-    const width = 30;
-    const filled = total ? Math.round((done / total) * width) : 0;
-    process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${label}\x1b[K`);
+    this.rate.add(now, done);
+    const rate = this.rate.perSecond();
+    const left = leftText(done, total, rate);
+    if (this.mode === 'plain') {
+      // A line per tenth of the work, or per second at most, and the last.
+      const tenth = total ? Math.floor((done / total) * 10) : 0;
+      if (tenth === this.lastTenth && now - this.lastLine < 1000 && done < total) return;
+      if (done >= total && this.lastTenth === 10) return;
+      this.lastTenth = tenth;
+      this.lastLine = now;
+      process.stderr.write(`appshot: ${this.label}: ${mib(done)}/${mib(total)} MiB, ${Math.round(rate / MiB)} MiB/s${left ? `, ${left}` : ''}\n`);
+      return;
+    }
+    const payload = { label: this.label, doneMiB: mib(done), totalMiB: mib(total), rate: Math.round(rate / MiB), left: left ? `, ${left}` : '' };
+    if (!this.bar) {
+      this.bar = new cliProgress.SingleBar(
+        {
+          stream: terminalStream(),
+          format: 'appshot: {label} [{bar}] {doneMiB}/{totalMiB} MiB, {rate} MiB/s{left}',
+          barsize: 30,
+          barCompleteChar: '#',
+          barIncompleteChar: '.',
+          clearOnComplete: true,
+          hideCursor: false,
+          linewrap: false,
+          fps: 10,
+        },
+        cliProgress.Presets.legacy,
+      );
+      this.bar.start(total, done, payload);
+      return;
+    }
+    this.bar.setTotal(total);
+    this.bar.update(done, payload);
   }
 
-  done(): void {
-    if (this.enabled) process.stderr.write('\r\x1b[K');
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    // stop() clears the line (clearOnComplete) and its redraw timer.
+    this.bar?.stop();
   }
+}
+
+/** stderr as cli-progress wants a terminal stream: writes go through
+ * process.stderr (the client's, in the engine), and it is a terminal
+ * because the mode says so. */
+function terminalStream(): NodeJS.WritableStream {
+  return {
+    isTTY: true,
+    columns: stderrColumns(() => process.stderr.columns),
+    write: (chunk: string, cb?: () => void) => process.stderr.write(chunk, cb),
+  } as unknown as NodeJS.WritableStream;
 }

@@ -21,7 +21,8 @@ export const fixture = (name: string) => join(root, 'test', 'fixtures', 'bin', n
 export interface Entry {
   virtual: number;
   system: number;
-  flags: number;
+  /** By name: init, thread, has-threads. */
+  flags: string[];
   owner: number;
 }
 

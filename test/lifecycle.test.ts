@@ -60,7 +60,7 @@ describe('the end of an application', () => {
 
   it('cleans up after kill -9 of every process of the app', async () => {
     const { app, t } = await startIpcApp('killed');
-    for (const e of t.pid) if (!(e.flags & 1)) process.kill(e.system, 'SIGKILL');
+    for (const e of t.pid) if (!e.flags.includes('init')) process.kill(e.system, 'SIGKILL');
     const r = await app.exited;
     expect(r.code).toBe(128 + 9);
     await waitFor(() => !sb.aids().includes('killed') && sb.shmFiles().length === 0, 10_000, 'cleanup');

@@ -270,7 +270,7 @@ describe('templating refusals', () => {
     batch.child.kill('SIGINT');
     const r = await batch.exited;
     expect(r.code, r.stderr).toBe(130);
-    expect(r.stderr).toMatch(/interrupted \(the \d+ instances made before it were removed\)/);
+    expect(r.stderr).toMatch(/^appshot: interrupted: no instance was left \(the \d+ instances made before it were removed\)$/m);
     await waitFor(() => !sb.aids().some((a) => a.startsWith('int-')), 10_000, 'the instances to go');
     expect(readdirSync(join(sb.home, 'instances')).filter((d) => d.startsWith('int-'))).toEqual([]);
   });

@@ -395,6 +395,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("finish", &PageWriter::Finish),
                         InstanceMethod("link", &PageWriter::Link),
                         InstanceMethod("fd", &PageWriter::Fd),
+                        InstanceMethod("written", &PageWriter::Written),
+                        InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
@@ -556,6 +558,19 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     std::string path = info[0].As<Napi::String>().Utf8Value();
     Failed(info.Env(), pw_link(&w_, path.c_str()), "naming " + path);
     return info.Env().Undefined();
+  }
+
+  // written() -> bytes in the file so far (for progress).
+  Napi::Value Written(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), open_ ? static_cast<double>(pw_written(&w_)) : 0);
+  }
+
+  // drain(timeoutMs): waits a while for the writer thread to catch up.
+  Napi::Value Drain(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env) || !w_.buf) return env.Undefined();
+    Failed(env, pw_drain(&w_, info[0].As<Napi::Number>().Int32Value()), "writing page data");
+    return env.Undefined();
   }
 
   // fd(): the file's descriptor, for streaming it out.

@@ -10,6 +10,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096u
@@ -577,6 +578,43 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
     pos = hole;
   }
   return 0;
+}
+
+/* Bytes the writer has put in the file so far (all of them but what is
+ * queued for its thread or still in the current buffer). */
+uint64_t pw_written(page_writer* w) {
+  uint64_t queued = 0;
+  struct pw_queue* q = w->queue;
+  if (q) {
+    pthread_mutex_lock(&q->mu);
+    queued = q->queued;
+    pthread_mutex_unlock(&q->mu);
+  }
+  return w->size - queued;
+}
+
+/* Hands the current buffer to the writer and waits up to `timeout_ms` for
+ * the queue to empty, so that a caller can show the writing as it goes
+ * rather than block in pw_finish for all of it. Returns the first write
+ * error, or 0 (the queue may still hold data). */
+int pw_drain(page_writer* w, int timeout_ms) {
+  int rc = flush(w);
+  struct pw_queue* q = w->queue;
+  if (rc || !q) return rc;
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += timeout_ms / 1000;
+  until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+  if (until.tv_nsec >= 1000000000L) {
+    until.tv_sec++;
+    until.tv_nsec -= 1000000000L;
+  }
+  pthread_mutex_lock(&q->mu);
+  while (!q->err && q->queued && pthread_cond_timedwait(&q->space, &q->mu, &until) == 0) {
+  }
+  rc = q->err;
+  pthread_mutex_unlock(&q->mu);
+  return rc;
 }
 
 int pw_finish(page_writer* w) {

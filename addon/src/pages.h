@@ -97,6 +97,10 @@ int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset);
  * page-aligned; used for shared memory objects read through map_files. */
 int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_t* nruns,
                  uint64_t* offset);
+/* Bytes written to the file so far, and a bounded wait for the writer
+ * thread to catch up (see pages.c): what a progress display reads. */
+uint64_t pw_written(page_writer* w);
+int pw_drain(page_writer* w, int timeout_ms);
 /* Flushes and syncs; the file stays open until pw_link or pw_abort. */
 int pw_finish(page_writer* w);
 /* Gives the finished file its name. */

@@ -14,6 +14,7 @@ import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { setExitCode } from '../engine/request.js';
+import { printJson } from './json.js';
 
 export interface Feature {
   /** Stable identifier (JSON, tests). */
@@ -235,7 +236,7 @@ export function registerCheck(program: Command): void {
     )
     .action(async (opts: { json?: boolean }) => {
       const result = await check();
-      if (opts.json) process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+      if (opts.json) printJson('check', result);
       else {
         const { printColumns } = await import('../inspect.js');
         printColumns(

@@ -10,6 +10,7 @@ import type { Command } from 'commander';
 import { existsSync, lstatSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
+import { printJson } from './json.js';
 
 export interface ImageEntry {
   path: string;
@@ -19,7 +20,7 @@ export interface ImageEntry {
   /** The AID of the application it was taken of. */
   app: string | null;
   /** When it was taken (templates: when made), ISO 8601. */
-  created: string | null;
+  createdAt: string | null;
   /** Bytes on disk, all parts (a file: its size). */
   bytes: number;
   processes: number | null;
@@ -57,13 +58,13 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
     path,
     type,
     app: null,
-    created: null,
+    createdAt: null,
     bytes,
     processes: null,
     parent: null,
     trusted: null,
   });
-  if (st.isFile() && STREAM_FILE.test(path)) return { ...entry('file', st.size), created: st.mtime.toISOString() };
+  if (st.isFile() && STREAM_FILE.test(path)) return { ...entry('file', st.size), createdAt: st.mtime.toISOString() };
   if (!st.isDirectory()) return undefined;
   const { PARTS, loadImage } = await import('../image/format.js');
   if (!existsSync(join(path, PARTS.manifest))) return undefined;
@@ -75,7 +76,7 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
       const t = await openTemplate(path, false, 'report');
       try {
         const { image } = t.loaded;
-        return { ...e, app: image.aid, created: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
+        return { ...e, app: image.aid, createdAt: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
       } finally {
         t.loaded.dispose();
       }
@@ -83,7 +84,7 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
     const loaded = await loadImage(path, { sizeOnly: true, trust: 'report' });
     try {
       const { image } = loaded;
-      return { ...e, app: image.aid, created: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
+      return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
     } finally {
       loaded.dispose();
     }
@@ -154,7 +155,7 @@ export function registerImages(program: Command): void {
     .action(async (dirs: string[], opts: { json?: boolean; quiet?: boolean }) => {
       const result = await listImages(dirs.length ? dirs : ['.']);
       if (opts.json) {
-        process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+        printJson('images', result);
         return;
       }
       if (opts.quiet) {
@@ -167,7 +168,7 @@ export function registerImages(program: Command): void {
           i.path,
           i.error ? 'invalid' : i.type + (i.trusted === false ? ' (untrusted)' : ''),
           i.app ?? '-',
-          age(i.created),
+          age(i.createdAt),
           human(i.bytes),
           i.processes === null ? '-' : String(i.processes),
           i.error ?? i.parent ?? '-',

@@ -8,8 +8,9 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:f
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
+import { printJson } from './json.js';
 
-const json = (value: unknown): void => void process.stdout.write(JSON.stringify(value, null, 2) + "\n");
+
 const collect = (v: string, prev: string[]) => [...prev, v];
 
 function alivePid(pid: number | undefined): boolean {
@@ -103,7 +104,7 @@ export function registerServe(program: Command): void {
         const { makeSpec, ServiceStore, formatPortMap } = await import('../serve/spec.js');
         const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency });
         new ServiceStore().add(spec);
-        if (opts.json) json(spec);
+        if (opts.json) printJson('service add', spec);
         else process.stdout.write(`${spec.name}: ${spec.mode} ${spec.from} on ${spec.ports.map(formatPortMap).join(', ')}\n`);
       },
     );
@@ -117,7 +118,7 @@ export function registerServe(program: Command): void {
       const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
       const store = new ServiceStore();
       const views = await Promise.all(store.listKnown().map((s) => view(s, store.readState(s.name))));
-      if (opts.json) return json(views);
+      if (opts.json) return printJson('service ls', views);
       const { printColumns } = await import('../inspect.js');
       printColumns(
         ['NAME', 'MODE', 'STATE', 'PORTS', 'IDLE', 'SERVED', 'FROM'],
@@ -135,7 +136,7 @@ export function registerServe(program: Command): void {
       const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
       const store = new ServiceStore();
       const v = await view(store.require(name), store.readState(name));
-      if (opts.json) return json(v);
+      if (opts.json) return printJson('service show', v);
       const { printColumns } = await import('../inspect.js');
       const w = (s: string) => process.stdout.write(s);
       w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${v.held ? `, ${v.held} connections held` : ''}\n`);
@@ -177,7 +178,7 @@ export function registerServe(program: Command): void {
       const api = await import('../api.js');
       for (const i of state?.instances ?? []) await api.rm(i.aid, { force: true }).catch(() => undefined);
       store.remove(name);
-      if (opts.json) json({ removed: name });
+      if (opts.json) printJson('service rm', { removed: name });
     });
 
   program

@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import { release, machine } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { printJson } from './json.js';
 
 /** package.json's version: the one `npm pack` ships. */
 export function appshotVersion(): string {
@@ -56,7 +57,7 @@ export function registerVersion(program: Command): void {
     .action(async (opts: { json?: boolean }) => {
       const v = await versionInfo();
       if (opts.json) {
-        process.stdout.write(JSON.stringify(v, null, 2) + '\n');
+        printJson('version', v);
         return;
       }
       process.stdout.write(

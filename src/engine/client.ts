@@ -13,6 +13,7 @@
  *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
  *    this one, not the engine).
  */
+import { ciVariableSet } from './request.js';
 import { connect, type Socket } from 'node:net';
 import { enginePaths, defaultHome } from '../home.js';
 import { Frame, FrameReader, type Control, type Request } from './protocol.js';
@@ -68,7 +69,8 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
     cwd: process.cwd(),
     env,
     umask,
-    tty: { stdout: !!process.stdout.isTTY, stderr: !!process.stderr.isTTY, columns: process.stdout.columns },
+    tty: { stdout: !!process.stdout.isTTY, stderr: !!process.stderr.isTTY, columns: process.stdout.columns ?? process.stderr.columns },
+    ci: ciVariableSet(process.env.CI),
   };
   return new Promise((resolve) => {
     let accepted = false;

@@ -4,8 +4,9 @@ import { resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome, enginePaths } from '../home.js';
 import { setExitCode } from './request.js';
+import { printJson } from '../commands/json.js';
 
-const json = (value: unknown) => process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+
 
 export function registerEngine(program: Command): void {
   const engine = program
@@ -45,7 +46,7 @@ export function registerEngine(program: Command): void {
         status = await controlEngine('status', home);
       }
       if (!status) throw new AppshotError('the engine started and left at once (see ' + enginePaths(home).log + ')', ExitCode.failure);
-      if (opts.json) json(status);
+      if (opts.json) printJson('engine start', status);
       else process.stdout.write(`engine ${status.pid} serving ${home}\n`);
     });
 
@@ -57,7 +58,7 @@ export function registerEngine(program: Command): void {
       const home = resolve(defaultHome());
       const { controlEngine } = await import('./client.js');
       const status = await controlEngine('stop', home);
-      if (opts.json) json(status ?? { running: false, home });
+      if (opts.json) printJson('engine stop', status ?? { running: false, home });
       else process.stdout.write(status ? `engine ${status.pid} leaving\n` : `no engine runs for ${home}\n`);
     });
 
@@ -69,7 +70,7 @@ export function registerEngine(program: Command): void {
       const home = resolve(defaultHome());
       const { controlEngine } = await import('./client.js');
       const status = await controlEngine('status', home);
-      if (opts.json) json(status ?? { running: false, home });
+      if (opts.json) printJson('engine status', status ?? { running: false, home });
       else if (!status) process.stdout.write(`no engine runs for ${home}\n`);
       else
         process.stdout.write(

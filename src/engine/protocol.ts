@@ -31,6 +31,9 @@ export interface Request {
   env: Record<string, string>;
   umask: number;
   tty: { stdout: boolean; stderr: boolean; columns?: number };
+  /** Whether the client runs under CI (its CI variable is set): progress
+   * comes as plain lines there. */
+  ci?: boolean;
 }
 
 export interface Control {

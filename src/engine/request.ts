@@ -20,6 +20,9 @@ export interface RequestContext {
   exitCode?: number;
   /** Whether the client's stdout / stderr is a terminal, and its width. */
   tty: { stdout: boolean; stderr: boolean; columns?: number };
+  /** Whether the client's CI variable is set (the engine's environment is
+   * not the client's). */
+  ci?: boolean;
   /** --trust-image of this command. */
   trustImages: boolean;
   /** Called if the client goes away (Ctrl-C, killed) before the end. */
@@ -50,6 +53,23 @@ export function getExitCode(): number | undefined {
 export function stderrIsTerminal(isattyFd2: () => boolean): boolean {
   const r = currentRequest();
   return r ? r.tty.stderr : isattyFd2();
+}
+
+/** The width of the command's terminal, if it has one. */
+export function stderrColumns(own: () => number | undefined): number | undefined {
+  const r = currentRequest();
+  return r ? r.tty.columns : own();
+}
+
+/** CI=1, CI=true...: set and not "false" or "0". */
+export function ciVariableSet(value: string | undefined): boolean {
+  return value !== undefined && value !== '' && value !== '0' && value.toLowerCase() !== 'false';
+}
+
+/** Whether the command runs under CI (the client's CI variable). */
+export function inCI(): boolean {
+  const r = currentRequest();
+  return r ? !!r.ci : ciVariableSet(process.env.CI);
 }
 
 /**

@@ -252,6 +252,7 @@ export class Engine {
         if (!ctx.disconnected && chunk.length) socket.write(frame(stream === 1 ? Frame.STDOUT : Frame.STDERR, chunk));
       },
       tty: { stdout: !!msg.tty?.stdout, stderr: !!msg.tty?.stderr, columns: msg.tty?.columns },
+      ci: msg.ci === true,
       trustImages: false,
       onDisconnect: new Set(),
       disconnected: false,

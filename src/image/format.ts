@@ -317,7 +317,7 @@ const CHUNK = 1 << 20;
 
 /** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
  * grows while it is read is read no further), a MiB at a time. */
-export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER): PartDigest {
+export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
   const hash = createHash('sha256');
   const buf = Buffer.allocUnsafe(CHUNK);
   let crc = 0;
@@ -329,6 +329,7 @@ export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER): PartDiges
     crc = addon().crc32c(piece, crc);
     hash.update(piece);
     size += n;
+    onBytes?.(n);
   }
   return { size, crc, sha256: hash.digest() };
 }
@@ -522,6 +523,10 @@ export interface LoadOptions {
   trust?: 'require' | 'report';
   /** Read as the parent of another image, for its memory only. */
   asParent?: boolean;
+  /** Told of the page data's size once known, then of each piece of it
+   * checked (a progress display: checking a large image takes seconds). */
+  onPagesSize?: (size: number) => void;
+  onBytes?: (n: number) => void;
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
@@ -586,7 +591,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         let d: PartDigest;
         if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
         else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
-        else d = digestFd(fd, size);
+        else {
+          if (part.name === PARTS.pages) opts.onPagesSize?.(size);
+          d = digestFd(fd, size, part.name === PARTS.pages ? opts.onBytes : undefined);
+        }
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
         if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
         // A signed manifest vouches for the parts through their SHA-256.

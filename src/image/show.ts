@@ -101,14 +101,28 @@ function describeFd(image: Image, fd: Fd): string {
 
 /** The JSON form: the image itself, with derived sizes and names added. */
 export function imageJson(manifest: Manifest, image: Image, signer: Signer): unknown {
+  // The image's own fields (proto/image.proto), but times in ms as every
+  // command gives them, the instant named as everywhere (createdAt), and
+  // a mapping's protection by name beside its bits.
+  const { created, stats, ...rest } = image;
+  const usToMs = (us: bigint) => Math.round(Number(us)) / 1000;
   return toJson({
     manifest,
     signer: { keyId: signer.keyId || null, trusted: !!signer.trusted, name: signer.trusted?.name ?? null, problem: signer.problem ?? null },
-    ...image,
+    createdAt: created,
+    ...rest,
+    stats: { pages: stats.pages, pagesFromParent: stats.pagesFromParent, frozenMs: usToMs(stats.frozenUs), dumpMs: usToMs(stats.dumpUs) },
     processes: image.processes.map((p) => ({
       ...p,
       threads: p.threads.map((t) => ({ ...t, syscall: syscallName(t.inSyscall) })),
-      vmas: p.vmas.map((v) => ({ ...v, kindName: vmaKindName[v.kind], size: v.end - v.start, storedPages: countPages(v.pages?.runs ?? []), parentPages: countPages(v.pages?.fromParent ?? []) })),
+      vmas: p.vmas.map((v) => ({
+        ...v,
+        perms: `${v.prot & 1 ? 'r' : '-'}${v.prot & 2 ? 'w' : '-'}${v.prot & 4 ? 'x' : '-'}${v.shared ? 's' : 'p'}`,
+        kindName: vmaKindName[v.kind],
+        size: v.end - v.start,
+        storedPages: countPages(v.pages?.runs ?? []),
+        parentPages: countPages(v.pages?.fromParent ?? []),
+      })),
       fds: p.fds.map((f) => ({ ...f, kindName: fdKindName[f.kind] })),
     })),
   });

@@ -392,6 +392,9 @@ export interface MemorySources {
    * memory was filled before the fork: its mappings sharing pages with it
    * copy-on-write (PageRef.cowShared) are kept, not made again. */
   forkedFrom?(vpid: number): { vpid: number; vmas: Vma[] } | undefined;
+  /** Copies page data into the process in place of addon().writePages
+   * (the restore driver's, which shows progress). */
+  writePages?: (pid: number, fd: number, fileOffset: number, addr: bigint, length: number) => void;
 }
 
 /** Whether a mapping's stored pages are mapped from the page file
@@ -549,6 +552,7 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
   const pageFdsInProcess: number[] = [];
   const pageFdIn = (i: number) => (pageFdsInProcess[i] ??= openInProcess(src.pagePaths[i], O_RDONLY));
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
+  const writePages = src.writePages ?? ((pid: number, fd: number, off: number, addr: bigint, n: number) => addon().writePages(pid, fd, off, addr, n));
 
   for (const v of vmas) {
     if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) continue;
@@ -611,7 +615,7 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
       const fd = pageFdIn(0);
       for (const [addr, off, n] of own) r.call(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fd, off]);
     } else {
-      for (const [addr, off, n] of own) addon().writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
+      for (const [addr, off, n] of own) writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
     }
     if (hasInherited) {
       inherited ??= src.inherited(vpid);
@@ -620,7 +624,7 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
       // tracking vouches it was not written): zeros, as mapped.
       let run: { addr: bigint; file: number; offset: bigint; len: bigint } | undefined;
       const flush = () => {
-        if (run) addon().writePages(r.pid, src.pageFds[run.file], Number(run.offset), run.addr, Number(run.len));
+        if (run) writePages(r.pid, src.pageFds[run.file], Number(run.offset), run.addr, Number(run.len));
         run = undefined;
       };
       const from = v.pages!.fromParent;

@@ -28,7 +28,8 @@ import { releaseRestored } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
-import { freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
+import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
+import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
@@ -42,6 +43,7 @@ import { verifyImage } from './verify.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
+const PAGE_SIZE = 4096;
 
 export interface RestoreOptions {
   aid?: string;
@@ -55,7 +57,19 @@ export interface RestoreOptions {
    * the restore does not commit itself, and hands back its lifeline for
    * the batch to close once it has. */
   batchCommit?: string;
+  /** Told the bytes checked and copied as they are (see progress.ts). */
+  progress?: ByteProgress;
+  /** Aborted (Ctrl-C, SIGTERM): the restore is given up at the next point
+   * where that is safe, and what it made is removed, as after a failure. */
+  signal?: AbortSignal;
 }
+
+/** The one line an interrupted restore ends with. */
+export const RESTORE_INTERRUPTED = 'interrupted: nothing was restored, the image is as it was';
+
+/** Page data is copied into a process this much at a time (32 MiB), so that
+ * a progress display moves while a large mapping is copied. */
+const COPY_SLICE = 32 << 20;
 
 /** How a clone differs from a plain restore, resource by resource (what
  * the kinds see of it is the ClonePlan). */
@@ -92,15 +106,46 @@ export interface RestoreResult {
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
 
+/** Bytes done of bytes to do, for a ByteProgress: the image's page data
+ * checked, then the memory copied into the processes. */
+class ProgressMeter {
+  done = 0;
+  private checkTotal = 0;
+  /** Until the image is read, the newest page file's size stands for it. */
+  private copyTotal?: number;
+  constructor(
+    private readonly progress: ByteProgress,
+    private readonly copies: boolean,
+  ) {}
+  private get total(): number {
+    return this.checkTotal + (this.copyTotal ?? 0);
+  }
+  /** A page file to check, of `n` bytes. */
+  toCheck(n: number): void {
+    this.checkTotal += n;
+    if (this.copies && this.copyTotal === undefined) this.copyTotal = n;
+    this.progress.bytes(this.done, this.total);
+  }
+  toCopy(n: number): void {
+    this.copyTotal = n;
+    this.progress.bytes(this.done, Math.max(this.done, this.total));
+  }
+  add(n: number): void {
+    this.done += n;
+    this.progress.bytes(this.done, Math.max(this.done, this.total));
+  }
+}
+
 /** The image and its parents, newest first. */
-async function loadChain(path: string): Promise<LoadedImage[]> {
-  const chain = [await loadImage(path)];
+async function loadChain(path: string, meter: ProgressMeter): Promise<LoadedImage[]> {
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n) };
+  const chain = [await loadImage(path, hooks)];
   try {
     for (;;) {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true }).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch((e: Error) => {
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);
@@ -163,7 +208,8 @@ const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?
 
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
-  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath);
+  const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
+  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter);
   const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
@@ -192,6 +238,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     killPoint(`restore: ${what}`);
   };
   try {
+    if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
     if (!opts.loaded) verifyImage(image);
     // The privilege rule, before anything is made: nothing the image
     // recorded beyond what this user may grant.
@@ -263,10 +310,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       addon().setSigmask(pid, ~0n);
     };
     const chainImages = chain.map((l) => l.image);
+    const lazyRestore = opts.lazy || opts.instance !== undefined;
+    // What will be copied (a lazy restore maps it instead).
+    if (!lazyRestore)
+      meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
     const memory = {
       pageFds,
       pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
-      lazy: opts.lazy || opts.instance !== undefined,
+      lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
       eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
@@ -282,6 +333,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
       asFork: opts.instance !== undefined,
       forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
+      writePages: (pid: number, fd: number, offset: number, addr: bigint, length: number) => {
+        for (let at = 0; at < length; at += COPY_SLICE) {
+          const n = Math.min(COPY_SLICE, length - at);
+          addon().writePages(pid, fd, offset + at, addr + BigInt(at), n);
+          meter.add(n);
+        }
+      },
     };
     // Processes forked from a parent whose memory was filled already.
     const forkedWithMemory = new Map<number, { vpid: number; vmas: Vma[] }>();
@@ -372,6 +430,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('tree made');
     for (const m of made) {
       const p = m.proc;
+      // A turn of the event loop, so that Ctrl-C is heard.
+      if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
+      if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
       const r = fillMemory(m);
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
@@ -473,6 +534,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (record) await waitGone(reg, record);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
+    if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
     const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
     throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);

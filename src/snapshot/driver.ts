@@ -18,7 +18,7 @@ import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
-import { Progress } from '../progress.js';
+import { type ByteProgress, noProgress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
@@ -41,6 +41,7 @@ import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { readStat } from '../procfs.js';
 import { armTracking, processKey } from './tracking.js';
+import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
@@ -58,7 +59,18 @@ export interface SnapshotOptions {
   /** Record established TCP connections as closed instead of keeping them
    * (resources/tcp.ts): for want of CAP_NET_ADMIN, or on purpose. */
   tcpClose?: boolean;
+  /** Told the bytes written to the image as they are (see progress.ts). */
+  progress?: ByteProgress;
+  /** Aborted (Ctrl-C, SIGTERM): the snapshot is given up at the next
+   * point where that is safe, the application left running as it was and
+   * nothing written, unless the image is already being committed. */
+  signal?: AbortSignal;
 }
+
+/** The one line an interrupted snapshot ends with. */
+export const SNAPSHOT_INTERRUPTED = 'interrupted: the application was left running, nothing written';
+
+class Interrupted extends Error {}
 
 export interface SnapshotResult {
   aid: string;
@@ -135,12 +147,11 @@ function emptyImage(record: AppRecord): Image {
   };
 }
 
-function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
+async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
   const inImage = new Set(byProcess.map(([pid]) => pid));
-  let done = 0;
   for (const [pid, threads] of byProcess) {
     const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
     if (threads[0].tid !== pid) throw new AppshotError(`${what}: its main thread has exited; a process in that state cannot be captured`);
@@ -148,7 +159,10 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
     // says what the catch below does: every thread resumes where it was.
     if (!ctx.virtual('pid', pid))
       throw new Unsupported(`system PID ${pid} (${readComm(pid)}) is not in the application's tables: it runs without the preload library (a static binary, a raw clone or fork system call, or it lost its tables)`);
-    progress.update(`${what}`, done, byProcess.length);
+    // A turn of the event loop between processes, so that Ctrl-C is heard
+    // (each process is dumped in one go: its threads are all stopped).
+    await new Promise((resolve) => setImmediate(resolve));
+    if (interrupted()) throw new Interrupted();
     // Registers first: running system calls in the process (below) leaves
     // an interrupted call rewound, and the image keeps it as it was.
     const regs = new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)]));
@@ -197,12 +211,10 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       }
       throw e;
     }
-    done++;
   }
   markSharedDescriptions(ctx.image.processes);
   dumpLocks(ctx.image);
   checkUnixPeers(ctx.image.processes);
-  progress.update('global state', done, byProcess.length);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.
   const tables = addon().readTables(ctx.tablesPath);
@@ -216,7 +228,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
  * it at the end). The snapshot proper then freezes the application only to
  * copy what was written meanwhile.
  */
-async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], output: string, timeoutMs: number, vpidOf: (pid: number) => number): Promise<Base> {
+async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], output: string, timeoutMs: number, vpidOf: (pid: number) => number, progress: ByteProgress): Promise<Base> {
   const freezer = new Freezer(roots, record.initPid!, vpidOf);
   let pids: number[];
   let frozenMs = 0;
@@ -239,7 +251,8 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     pages = new (addon().PageWriter)(dir, []);
     const image = emptyImage(record);
     const tables = addon().readTables(record.tables);
-    const ctx = new DumpContext(image, tables, record.tables, pages, undefined);
+    // The first copy, made while the application runs, is most of the work.
+    const ctx = new DumpContext(image, tables, record.tables, new ReportingPageWriter(pages, progress, estimateImageBytes(pids)).writer(), undefined);
     for (const pid of pids) {
       const vpid = ctx.virtual('pid', pid);
       image.processes.push({ ...memoryOnly(vpid, pid), vmas: dumpMemory(ctx, pid, vpid, nameProcess(vpid, readComm(pid))) });
@@ -412,7 +425,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let trackedPids = new Set<number>();
   try {
     if (opts.preCopy) {
-      base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf);
+      base = await preCopy(reg, record, roots, output, opts.timeoutMs, vpidOf, opts.progress ?? noProgress);
       parent = await parentChain({ ...record, lastImage: { path: base.dir, id: base.id } });
       trackedPids = base.tracked;
     } else if (!opts.full && !toStream && !toFile) {
@@ -442,7 +455,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   }
   const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
   const freezer = new Freezer(roots, record.initPid, (pid) => vpids.get(pid) ?? vpidOf(pid));
-  const progress = new Progress();
+  const progress = opts.progress ?? noProgress;
+  const interrupted = () => opts.signal?.aborted === true;
   const image = emptyImage(record);
   const imageId = newImageId();
   let frozenAt = 0;
@@ -455,12 +469,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${((now() - frozenAt) / 1000).toFixed(2)} ms frozen: ${what}\n`);
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
-    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, pages, parent, trackingFds, trackedPids);
+    const reporting = new ReportingPageWriter(pages, progress, estimateImageBytes([...freezer.byProcess()].map(([pid]) => pid)));
+    reporting.report();
+    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids);
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
-    dumpAll(ctx, freezer, progress);
+    await dumpAll(ctx, freezer, interrupted);
     phase('dumped');
     const dumpedAt = now();
     image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
@@ -474,6 +490,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       freezer.resume();
       thawedAt = now();
     }
+    // What is still queued for the disk, shown as it is written.
+    await reporting.drain(interrupted);
+    if (interrupted()) throw new Interrupted();
     const part = pages.finish();
     let stored = 0;
     let inherited = 0;
@@ -510,7 +529,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: armed } });
       }
     }
-    progress.done();
     return {
       aid,
       image: output,
@@ -527,13 +545,13 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       leftRunning: opts.leaveRunning,
     };
   } catch (e) {
-    progress.done();
     pages.abort();
     connections?.release();
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.
     discardBase(base);
+    if (e instanceof Interrupted) throw new AppshotError(SNAPSHOT_INTERRUPTED, ExitCode.interrupted);
     if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
     if (e instanceof AppshotError) throw e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);

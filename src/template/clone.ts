@@ -23,6 +23,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { randomBytes } from 'node:crypto';
 import { AppshotError, ExitCode } from '../errors.js';
+import { PARTS } from '../image/format.js';
 import type { Action } from '../image/types.js';
 import { addon, type InstanceConfig } from '../native.js';
 import { signalProcesses } from '../inspect.js';
@@ -35,6 +36,7 @@ import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
+import type { ByteProgress } from '../progress.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -46,9 +48,14 @@ export interface CloneOptions {
   /** Aborted (Ctrl-C, SIGTERM): no more instances are made, and those made
    * go, as after a failure. */
   signal?: AbortSignal;
-  /** Called after each instance, for a progress display. */
-  progress?: (done: number, total: number, aid: string) => void;
+  /** Told after each instance the bytes of memory made so far: each
+   * instance has the template's whole page data, mapped or copied. */
+  progress?: ByteProgress;
 }
+
+/** The one line an interrupted clone ends with (with how many instances
+ * made before it were removed). */
+export const CLONE_INTERRUPTED = 'interrupted: no instance was left';
 
 export interface CloneResult {
   aid: string;
@@ -167,11 +174,13 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     const carried = layer && existsSync(join(t.path, PRIVATE_DIR)) ? (path: string) => path.startsWith(layer + '/') : undefined;
     verifyImage(t.loaded.image, carried);
     const aids = instanceAids(reg, t, opts);
+    const perInstance = t.loaded.digests.get(PARTS.pages)?.size ?? 0;
+    opts.progress?.bytes(0, aids.length * perInstance);
     const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
     for (let i = 0; i < aids.length; i++) {
       // A turn of the event loop, so that a signal that came in is seen.
       if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
-      if (opts.signal?.aborted) throw new AppshotError('interrupted', ExitCode.interrupted);
+      if (opts.signal?.aborted) throw new AppshotError(CLONE_INTERRUPTED, ExitCode.interrupted);
       const aid = aids[i];
       killPoint(`clone: instance ${i + 1}`);
       const started = now();
@@ -216,7 +225,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const env = { ...applicationEnv(record), ...Object.fromEntries(instanceEnv.map((e) => [e.slice(0, e.indexOf('=')), e.slice(e.indexOf('=') + 1)])) };
         await runIdentityHooks(identityHooks(t.rules, props), t.loaded.image, record, env, t.rules.source);
       }
-      opts.progress?.(i + 1, aids.length, aid);
+      opts.progress?.bytes((i + 1) * perInstance, aids.length * perInstance);
     }
     killPoint('clone: committing');
     reg.commit(commitPath);

@@ -19,6 +19,7 @@ import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 import { cachedTemplate } from './cache.js';
+import type { ByteProgress } from '../progress.js';
 
 export const TEMPLATE_PART = 'template.pb';
 /** A template made of a clone: that clone's private copies, as they were
@@ -32,6 +33,8 @@ export interface CreateOptions {
    * ran under. */
   rules?: string;
   name?: string;
+  /** Told the snapshot's page data checked, as it is (progress.ts). */
+  progress?: ByteProgress;
 }
 
 export interface TemplateSummary {
@@ -78,7 +81,13 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
   const dest = resolve(output);
   if (existsSync(dest)) throw new AppshotError(`${output} already exists`, ExitCode.conflict);
   if (!existsSync(dirname(dest))) throw new AppshotError(`no such directory: ${dirname(output)}`, ExitCode.notFound);
-  const loaded = await loadImage(imagePath);
+  let size = 0;
+  let checked = 0;
+  const progress = opts.progress;
+  const loaded = await loadImage(imagePath, {
+    onPagesSize: (n) => progress?.bytes(checked, (size = n)),
+    onBytes: (n) => progress?.bytes((checked += n), size),
+  });
   try {
     const { image, manifest } = loaded;
     if (image.parent)

@@ -1,0 +1,128 @@
+/**
+ * A snapshot's progress in bytes, without the resources knowing of it: the
+ * page writer they are handed reports what it has taken, and the memory
+ * the image will hold is estimated up front from the processes' own
+ * accounting.
+ */
+import { readFileSync } from 'node:fs';
+import type { PageWriter } from '../native.js';
+import type { ByteProgress } from '../progress.js';
+
+const PAGE = 4096;
+/** A mapping is read this many pages at a time (32 MiB), so that the
+ * display moves while a large one is copied. */
+const SLICE_PAGES = 8192;
+
+/** What the processes hold that a snapshot stores: private anonymous memory
+ * (written file pages count there), what of it is in swap, and shared
+ * memory by its proportional share. An estimate (pages of zeros are not
+ * stored); the exact total is known once everything is read. */
+export function estimateImageBytes(pids: number[]): number {
+  let kb = 0;
+  for (const pid of pids) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) kb += Number(m[2]);
+  }
+  return kb * 1024;
+}
+
+/** Merges `runs` (pairs of page index and count, relative to `shift`
+ * pages further on) into `into`, joining a run that continues the last. */
+function appendRuns(into: number[], runs: ArrayLike<number>, shift: number): void {
+  for (let i = 0; i < runs.length; i += 2) {
+    const first = runs[i] + shift;
+    const n = into.length;
+    if (n && into[n - 2] + into[n - 1] === first) into[n - 1] += runs[i + 1];
+    else into.push(first, runs[i + 1]);
+  }
+}
+
+/**
+ * The page writer, reporting to `progress` the bytes written to the file
+ * against `estimate` (or what was taken, once more). A mapping with no
+ * parent to compare with is read in slices; the result is the one a single
+ * call gives (the slices' data follow each other in the file).
+ */
+export class ReportingPageWriter {
+  /** Bytes handed to the writer so far. */
+  taken = 0;
+
+  constructor(
+    readonly pages: PageWriter,
+    private readonly progress: ByteProgress,
+    private readonly estimate: number,
+  ) {}
+
+  report(): void {
+    this.progress.bytes(this.pages.written(), Math.max(this.estimate, this.taken));
+  }
+
+  /** The writer to hand the resources. */
+  writer(): PageWriter {
+    const self = this;
+    const pages = this.pages;
+    // Every method delegated explicitly: the addon's methods must be
+    // called on the addon's object.
+    return {
+      finish: () => pages.finish(),
+      link: (path: string) => pages.link(path),
+      fd: () => pages.fd(),
+      written: () => pages.written(),
+      drain: (ms: number) => pages.drain(ms),
+      abort: () => pages.abort(),
+      dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: Parameters<PageWriter['dump']>[5], forkedFrom?: Parameters<PageWriter['dump']>[6]) {
+        const npages = Number((end - start) / BigInt(PAGE));
+        // Sliced only when nothing refers to page positions in the whole
+        // range (a parent image's pages, pages shared with a parent process).
+        if (parent || forkedFrom || npages <= SLICE_PAGES) {
+          const d = pages.dump(pid, pagemapFd, start, end, mode, parent, forkedFrom);
+          self.taken += d.pages * PAGE;
+          self.report();
+          return d;
+        }
+        let offset = -1;
+        const runs: number[] = [];
+        let stored = 0;
+        for (let first = 0; first < npages; first += SLICE_PAGES) {
+          const from = start + BigInt(first * PAGE);
+          const to = start + BigInt(Math.min(npages, first + SLICE_PAGES) * PAGE);
+          const d = pages.dump(pid, pagemapFd, from, to, mode);
+          if (offset < 0) offset = d.offset;
+          appendRuns(runs, d.runs, first);
+          stored += d.pages;
+          self.taken += d.pages * PAGE;
+          self.report();
+        }
+        return { offset, runs: Uint32Array.from(runs), same: new Uint32Array(0), shared: new Uint32Array(0), pages: stored };
+      },
+      appendFd(fd: number, length: number) {
+        const r = pages.appendFd(fd, length);
+        for (let i = 1; i < r.runs.length; i += 2) self.taken += r.runs[i] * PAGE;
+        self.report();
+        return r;
+      },
+      append(data: Buffer) {
+        const offset = pages.append(data);
+        self.taken += data.length;
+        return offset;
+      },
+    };
+  }
+
+  /** Waits for the writer thread to write what it was handed, reporting
+   * as it goes, with a turn of the event loop between waits (so that
+   * Ctrl-C is heard: `stop` says whether to give up). */
+  async drain(stop: () => boolean): Promise<void> {
+    for (;;) {
+      this.pages.drain(100);
+      this.progress.bytes(this.pages.written(), this.taken);
+      if (this.pages.written() >= this.taken || stop()) return;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+}

@@ -1,0 +1,198 @@
+/**
+ * What the long commands show as they work, and what scripts read: the
+ * snapshot of a 1 GiB application seen on a pseudo-terminal (a bar moving
+ * in bytes), as plain lines under CI, and nothing with --progress=none;
+ * Ctrl-C's one line; a schema in every command's --json; completion
+ * scripts that know every command.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-output-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+/** snapfix with `mib` MiB of touched heap, detached, once it has checked
+ * itself. */
+async function bigApp(aid: string, mib: number): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', String(mib)]);
+  expect(r.code, r.stderr).toBe(0);
+  await sb.checksPass(aid, 2);
+}
+
+/** "X/Y MiB" of each progress frame or line, in order. */
+function amounts(text: string): { done: number; total: number }[] {
+  return [...text.matchAll(/(\d+\.\d)\/(\d+\.\d) MiB, \d+ MiB\/s/g)].map((m) => ({ done: Number(m[1]), total: Number(m[2]) }));
+}
+
+const hasScript = spawnSync('script', ['--version']).status === 0;
+
+describe('progress', () => {
+  it.skipIf(!hasScript)('on a terminal: a bar that moves in bytes while a 1 GiB application is snapshotted', async () => {
+    await bigApp('tty', 1024);
+    const image = join(out, 'tty.appshot');
+    // script(1) gives the command a pseudo-terminal, as a person has.
+    const command = [process.execPath, cli, 'snapshot', 'tty', '-o', image].map((a) => `'${a}'`).join(' ');
+    const r = spawnSync('script', ['-q', '-e', '-c', command, '/dev/null'], { env: { ...sb.env, CI: '' }, encoding: 'utf8', timeout: 120_000 });
+    expect(r.status, r.stdout).toBe(0);
+    expect(existsSync(image)).toBe(true);
+    // Frames are redrawn in place (cursor to column 1), each with a bar.
+    const frames = r.stdout.split('\x1b[1G').filter((f) => f.includes('appshot: snapshot tty ['));
+    expect(frames.length).toBeGreaterThan(2);
+    for (const f of frames) expect(f).toMatch(/\[[#.]{30}\] \d+\.\d\/\d+\.\d MiB, \d+ MiB\/s/);
+    const seen = amounts(frames.join('\n'));
+    // In bytes: about a GiB in all, and seen part-way, never going back.
+    expect(seen.at(-1)!.total).toBeGreaterThan(1000);
+    expect(seen.some((a) => a.done > 0 && a.done < a.total)).toBe(true);
+    for (let i = 1; i < seen.length; i++) expect(seen[i].done).toBeGreaterThanOrEqual(seen[i - 1].done);
+    const filled = frames.map((f) => (/\[([#.]{30})\]/.exec(f)![1].match(/#/g) ?? []).length);
+    expect(Math.max(...filled)).toBeGreaterThan(Math.min(...filled));
+    // The summary, on its own line after the bar is cleared.
+    expect(r.stdout).toMatch(/appshot: 2 processes, \d+ threads, 10\d\d\.\d MiB/);
+  }, 180_000);
+
+  it('under CI, off a terminal: plain lines in MiB, the last at the total', async () => {
+    await bigApp('ci', 256);
+    const r = spawnSync(process.execPath, [cli, 'snapshot', 'ci', '-o', join(out, 'ci.appshot')], { env: { ...sb.env, CI: '1' }, encoding: 'utf8', timeout: 120_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const lines = r.stderr.split('\n').filter((l) => l.startsWith('appshot: snapshot ci: '));
+    expect(lines.length).toBeGreaterThan(1);
+    for (const l of lines) expect(l).toMatch(/^appshot: snapshot ci: \d+\.\d\/\d+\.\d MiB, \d+ MiB\/s(, \d+ (s|min) left)?$/);
+    expect(r.stderr).not.toContain('\x1b');
+    const last = amounts(lines.at(-1)!)[0];
+    expect(last.done).toBe(last.total);
+    expect(last.total).toBeGreaterThan(250);
+
+    // The restore counts the page data checked, then copied.
+    const back = spawnSync(process.execPath, [cli, 'restore', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, encoding: 'utf8', timeout: 120_000 });
+    expect(back.status, back.stderr).toBe(0);
+    const restoreLines = back.stderr.split('\n').filter((l) => l.startsWith(`appshot: restore ${join(out, 'ci.appshot')}: `));
+    const lastRestore = amounts(restoreLines.at(-1)!)[0];
+    expect(lastRestore.done).toBe(lastRestore.total);
+    expect(lastRestore.total).toBeGreaterThan(500);
+    await sb.checksPass('ci', 2);
+  }, 180_000);
+
+  it('--progress=none prints nothing but the result, CI or not; nor does the default off a terminal', async () => {
+    await bigApp('quiet', 64);
+    const none = spawnSync(process.execPath, [cli, 'snapshot', 'quiet', '-o', join(out, 'quiet1'), '--leave-running', '--progress=none'], { env: { ...sb.env, CI: 'true' }, encoding: 'utf8' });
+    expect(none.status, none.stderr).toBe(0);
+    expect(none.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^appshot: 2 processes/)]);
+    const plainDefault = spawnSync(process.execPath, [cli, 'snapshot', 'quiet', '-o', join(out, 'quiet2'), '--full', '--progress', 'auto'], { env: { ...sb.env, CI: '' }, encoding: 'utf8' });
+    expect(plainDefault.status, plainDefault.stderr).toBe(0);
+    expect(plainDefault.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^appshot: 2 processes/)]);
+    const bad = sb.run(['snapshot', 'nobody', '--progress', 'loud']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/^appshot: .*--progress wants auto, bar, plain or none/);
+  }, 60_000);
+
+  it('Ctrl-C during a snapshot: one line, the application running as it was, no image', async () => {
+    await bigApp('intr', 1024);
+    const image = join(out, 'intr.appshot');
+    const child = spawn(process.execPath, [cli, 'snapshot', 'intr', '-o', image, '--progress=plain'], { env: sb.env });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    // The first line comes once every thread is frozen and before a byte is written.
+    await waitFor(() => stderr.includes('appshot: snapshot intr: '), 60_000, 'the first progress line');
+    child.kill('SIGINT');
+    expect(await exited).toBe(130);
+    expect(stderr).toContain('appshot: interrupted: the application was left running, nothing written\n');
+    expect(existsSync(image)).toBe(false);
+    expect(sb.aids()).toContain('intr');
+    await sb.checksPass('intr', 3);
+  }, 120_000);
+});
+
+describe('--json', () => {
+  it('every command gives its schema', async () => {
+    const schema = (args: string[]) => {
+      const v = sb.json<Json>(args);
+      return Array.isArray(v) ? v.map((e) => e.schema) : [v.schema];
+    };
+    const run = sb.run(['run', '-d', '--json', '--aid', 'js', '--', fixture('ticker')]);
+    expect(JSON.parse(run.stdout).schema).toBe('appshot.run/1');
+    await waitFor(() => sb.log('js').length > 0, 10_000, 'ticker output');
+    expect(schema(['ps'])).toContain('appshot.ps/1');
+    expect(new Set(schema(['ps', 'js']))).toEqual(new Set(['appshot.ps/1']));
+    const table = sb.json<Json>(['table', 'js']);
+    expect(table.schema).toBe('appshot.table/1');
+    expect(table.tables.pid.find((e: Json) => e.virtual === 1).flags).toEqual(['init']);
+    const snap = sb.json<Json>(['snapshot', 'js', '-o', join(out, 'js.appshot')]);
+    expect(snap.schema).toBe('appshot.snapshot/1');
+    // Milliseconds to the microsecond.
+    for (const t of [snap.frozenMs, snap.totalMs]) expect(Math.round(t * 1000)).toBeCloseTo(t * 1000, 6);
+    const inspect = sb.json<Json>(['inspect', join(out, 'js.appshot')]);
+    expect(inspect.schema).toBe('appshot.inspect/1');
+    expect(typeof inspect.createdAt).toBe('string');
+    expect(inspect.stats.frozenMs).toBeGreaterThan(0);
+    expect(inspect.stats.frozenUs).toBeUndefined();
+    expect(inspect.created).toBeUndefined();
+    expect(schema(['template', 'create', join(out, 'js.appshot'), '-o', join(out, 'js.template')])).toEqual(['appshot.template-create/1']);
+    expect(schema(['template', 'show', join(out, 'js.template')])).toEqual(['appshot.template-show/1']);
+    const clones = sb.json<Json[]>(['clone', join(out, 'js.template'), '--aid', 'jc', '--count', '2']);
+    expect(clones.map((c) => c.schema)).toEqual(['appshot.clone/1', 'appshot.clone/1']);
+    expect(clones[0].createdDirs).toBeUndefined();
+    const restored = sb.json<Json>(['restore', join(out, 'js.appshot'), '--aid', 'js2']);
+    expect(restored.schema).toBe('appshot.restore/1');
+    for (const internal of ['createdDirs', 'lifeline', 'credentialCalls']) expect(restored[internal]).toBeUndefined();
+    expect(schema(['port', 'js2'])).toEqual([]); // no ports: an empty list
+    expect(new Set(schema(['key', 'ls']))).toEqual(new Set(['appshot.key-ls/1']));
+    const images = sb.json<Json>(['images', out]);
+    expect(images.schema).toBe('appshot.images/1');
+    expect(images.images.find((i: Json) => i.path === join(out, 'js.appshot')).createdAt).toBeTruthy();
+    expect(schema(['version'])).toEqual(['appshot.version/1']);
+    expect(schema(['engine', 'status'])).toEqual(['appshot.engine-status/1']);
+    expect(sb.json<Json[]>(['service', 'ls'])).toEqual([]);
+    const check = sb.run(['check', '--json']);
+    expect(JSON.parse(check.stdout).schema).toBe('appshot.check/1');
+  }, 120_000);
+});
+
+describe('completion', () => {
+  /** Every command and subcommand, as `--help` lists them. */
+  function commands(args: string[] = []): string[] {
+    const help = sb.run([...args, '--help']).stdout;
+    const section = (help.split(/^Commands:$/m)[1] ?? '').split('\n\n')[0];
+    return [...section.matchAll(/^ {2}(\S+)/gm)].map((m) => m[1].replace(/\|.*/, '')).filter((c) => c !== 'help');
+  }
+
+  it.each(['bash', 'zsh'])('the %s script names every command and subcommand, and their options', (shell) => {
+    const r = sb.run(['completion', shell]);
+    expect(r.code, r.stderr).toBe(0);
+    const top = commands();
+    expect(top).toEqual(expect.arrayContaining(['run', 'snapshot', 'restore', 'template', 'clone', 'completion']));
+    for (const c of top) {
+      expect(r.stdout).toMatch(new RegExp(`[ '"]${c}[ '"]`));
+      for (const sub of commands([c])) expect(r.stdout).toContain(`${c} ${sub}`);
+    }
+    expect(r.stdout).toContain('--progress');
+    expect(r.stdout).toContain('--leave-running');
+  });
+
+  it('bash completes subcommands and options from the tree', () => {
+    const script = sb.run(['completion', 'bash']).stdout;
+    const complete = (words: string[]) =>
+      spawnSync('bash', ['-c', `${script}\nCOMP_WORDS=(${words.map((w) => `'${w}'`).join(' ')}); COMP_CWORD=${words.length - 1}; _appshot; echo "\${COMPREPLY[*]}"`], { encoding: 'utf8' }).stdout.trim();
+    expect(complete(['appshot', 'templ'])).toBe('template');
+    expect(complete(['appshot', 'template', '']).split(' ')).toEqual(['create', 'show']);
+    expect(complete(['appshot', 'snapshot', '--pro'])).toBe('--progress');
+    expect(complete(['appshot', 'template', 'create', '--na'])).toBe('--name');
+  });
+
+  it('an unknown shell is a usage error', () => {
+    const r = sb.run(['completion', 'fish']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toBe("appshot: completion for 'fish' is not made: bash or zsh\n");
+  });
+});
