@@ -27,7 +27,7 @@ describe('SysV IPC', () => {
     check('shmid', ids.shmid, system.shm);
     check('msgid', ids.msqid, system.msg);
     // The keys the app used are virtual: the system objects carry others.
-    expect(t.semkey).toEqual([{ virtual: 0x5432, system: expect.any(Number), flags: 0, owner: 0 }]);
+    expect(t.semkey).toEqual([{ virtual: 0x5432, system: expect.any(Number), flags: [], owner: 0 }]);
     expect(t.semkey[0].system).not.toBe(0x5432);
     expect(t.shmkey[0].virtual).toBe(0x5433);
     expect(t.msgkey[0].virtual).toBe(0x5434);
