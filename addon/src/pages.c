@@ -10,6 +10,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096u
@@ -579,11 +580,21 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
   return 0;
 }
 
+static uint64_t monotonic_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
 int pw_finish(page_writer* w) {
+  uint64_t t0 = monotonic_ns();
   int rc = flush(w);
   int rc2 = queue_stop(w, rc != 0);
   if (!rc) rc = rc2;
+  uint64_t t1 = monotonic_ns();
   if (!rc && fsync(w->file_fd)) rc = -errno;
+  w->drain_ns = t1 - t0;
+  w->fsync_ns = monotonic_ns() - t1;
   free(w->buf);
   w->buf = NULL;
   return rc;
