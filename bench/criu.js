@@ -169,9 +169,11 @@ async function appshotRound(mib, round, r) {
   const aid = await appshotApp(`a${mib}r${round}`, mib);
   const lr = appshot('snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full');
   r.frozen_lr.push(lr.json.frozenMs);
+  r.lr_track.push(lr.json.phases.trackMs);
   const def = appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
   r.frozen_default.push(def.json.frozenMs);
   r.held_default.push(def.json.phases.heldMs);
+  for (const phase of ['drain', 'fsync', 'checksum', 'commit', 'end']) r[`held_${phase}`].push(def.json.phases[`${phase}Ms`]);
   r.snapshot_wall.push(def.wallMs);
   r.snapshot_cpu.push(def.cpuMs);
   r.cp_sync.push(cpSyncMs(join(dir, 'img', 'pages.img')));
@@ -230,8 +232,14 @@ async function criuRound(criu, mib, round, r) {
 
 const ROWS = [
   ['frozen_lr', 'frozen, --leave-running (ms)'],
+  ['lr_track', '  appshot: of which arming dirty tracking for the next one (ms)'],
   ['frozen_default', 'frozen, default snapshot (ms)'],
   ['held_default', '  appshot: kept stopped until the image is on disk (ms)'],
+  ['held_drain', '    of which: the page file written out (ms)'],
+  ['held_fsync', '    of which: its fsync (ms)'],
+  ['held_checksum', '    of which: classifying, checksums of mapped files (ms)'],
+  ['held_commit', '    of which: the commit (page file read back and signed, metadata, syncs) (ms)'],
+  ['held_end', '  appshot: then ending it, seeing it gone (ms)'],
   ['snapshot_wall', 'whole snapshot command, wall (ms)'],
   ['snapshot_cpu', 'whole snapshot command, CPU (ms)'],
   ['restore_eager', 'eager restore, internal (ms)'],
