@@ -27,7 +27,8 @@
 // Each command runs under bench/rusage (fork, exec, wait4) for its wall and
 // CPU time.
 //
-// Results: bench/results/criu-DATE.json (and a table on stdout).
+// Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
+// day) and a table on stdout.
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, tmpdir } from 'node:os';
@@ -309,7 +310,9 @@ async function main() {
   };
   const outDir = join(root, 'bench', 'results');
   mkdirSync(outDir, { recursive: true });
-  const file = join(outDir, `criu-${results.date.slice(0, 10)}.json`);
+  // A second run the same day does not replace the first.
+  let file = join(outDir, `criu-${results.date.slice(0, 10)}.json`);
+  for (let n = 2; existsSync(file); n++) file = join(outDir, `criu-${results.date.slice(0, 10)}-${n}.json`);
   writeFileSync(file, JSON.stringify(results, null, 2) + '\n');
   printTable(results);
   log(`results in ${file}`);
