@@ -457,7 +457,9 @@ export function buildProgram(): Command {
         process.stderr.write(
           `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
             (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
-            `; frozen ${result.frozenMs.toFixed(1)} ms, ${result.totalMs.toFixed(0)} ms in all` +
+            `; frozen ${result.frozenMs.toFixed(1)} ms` +
+            (result.leftRunning ? '' : ` (kept stopped ${result.phases.heldMs.toFixed(0)} ms, until its image was on disk)`) +
+            `, ${result.totalMs.toFixed(0)} ms in all` +
             (result.leftRunning ? '; still running' : '; ended') + '\n',
         );
       }

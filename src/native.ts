@@ -88,7 +88,9 @@ export interface PageWriter {
   dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages, forkedFrom?: ForkedFrom): DumpedPages;
   append(data: Buffer): number;
   appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
-  finish(): { size: number; crc: number };
+  /** Flushed and synced: how long waiting for the writer thread's queue
+   * and then fsync took (the snapshot's phases). */
+  finish(): { size: number; crc: number; drainMs: number; fsyncMs: number };
   link(path: string): void;
   fd(): number;
   /** Bytes in the file so far (the writer thread's, not what is queued). */

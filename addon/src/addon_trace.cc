@@ -540,7 +540,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return result;
   }
 
-  // finish() -> { size, crc }: flushed and synced; still unnamed.
+  // finish() -> { size, crc, drainMs, fsyncMs }: flushed and synced;
+  // still unnamed.
   Napi::Value Finish(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!Check(env)) return env.Undefined();
@@ -550,6 +551,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     Napi::Object o = Napi::Object::New(env);
     o.Set("size", Napi::Number::New(env, static_cast<double>(w_.size)));
     o.Set("crc", Napi::Number::New(env, w_.crc));
+    o.Set("drainMs", Napi::Number::New(env, static_cast<double>(w_.drain_ns) / 1e6));
+    o.Set("fsyncMs", Napi::Number::New(env, static_cast<double>(w_.fsync_ns) / 1e6));
     return o;
   }
 

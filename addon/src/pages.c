@@ -617,11 +617,21 @@ int pw_drain(page_writer* w, int timeout_ms) {
   return rc;
 }
 
+static uint64_t monotonic_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
 int pw_finish(page_writer* w) {
+  uint64_t t0 = monotonic_ns();
   int rc = flush(w);
   int rc2 = queue_stop(w, rc != 0);
   if (!rc) rc = rc2;
+  uint64_t t1 = monotonic_ns();
   if (!rc && fsync(w->file_fd)) rc = -errno;
+  w->drain_ns = t1 - t0;
+  w->fsync_ns = monotonic_ns() - t1;
   free(w->buf);
   w->buf = NULL;
   return rc;

@@ -51,6 +51,9 @@ typedef struct {
   size_t nparents;
   /* Full buffers go to a writer thread (see pw_open), or NULL. */
   struct pw_queue* queue;
+  /* How long pw_finish waited for the writer thread to empty its queue,
+   * and then for fsync: the image's phases (snapshot --json). */
+  uint64_t drain_ns, fsync_ns;
 } page_writer;
 
 /* The process a mapping's process was forked from, when that process has

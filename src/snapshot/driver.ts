@@ -40,6 +40,7 @@ import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { readStat } from '../procfs.js';
+import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armTracking, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 
@@ -82,7 +83,11 @@ export interface SnapshotResult {
   pages: number;
   pagesFromParent: number;
   bytes: number;
+  /** How long the application stood still while its state was read
+   * (phases.ts: with --leave-running, until it went on; without, it is
+   * then kept stopped until its image is on disk: phases.heldMs). */
   frozenMs: number;
+  phases: SnapshotPhases;
   /** --pre-copy: the application was also frozen this long at the start,
    * while dirty tracking was set up. */
   preCopyFrozenMs?: number;
@@ -459,14 +464,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const interrupted = () => opts.signal?.aborted === true;
   const image = emptyImage(record);
   const imageId = newImageId();
-  let frozenAt = 0;
-  let thawedAt = 0;
+  const clock = new PhaseClock();
   let armed: string[] | undefined;
   let connections: HeldConnections | undefined;
   try {
     freezer.freeze(opts.timeoutMs);
-    frozenAt = now();
-    const phase = (what: string) => process.env.APPSHOT_DEBUG && process.stderr.write(`${((now() - frozenAt) / 1000).toFixed(2)} ms frozen: ${what}\n`);
+    clock.end('freezeMs');
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     const reporting = new ReportingPageWriter(pages, progress, estimateImageBytes([...freezer.byProcess()].map(([pid]) => pid)));
@@ -477,23 +480,30 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     await dumpAll(ctx, freezer, interrupted);
-    phase('dumped');
-    const dumpedAt = now();
-    image.stats.dumpUs = BigInt(dumpedAt - frozenAt);
+    clock.end('dumpMs');
+    image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
     // This image becomes the next one's parent: track writes from here.
     // Not a tar: its page file is not on disk for the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
-    phase('tracking armed');
+    clock.end('trackMs');
     if (opts.leaveRunning) {
       connections.release();
       freezer.resume();
-      thawedAt = now();
+      clock.released();
+      clock.end('resumeMs');
     }
-    // What is still queued for the disk, shown as it is written.
+    // The frozen window ends here: nothing below reads the application,
+    // which goes on now (--leave-running) or stays stopped, held for its
+    // end until the image is on disk (phases.ts).
+    image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
+    // What is still queued for the disk, shown as it is written (the rest
+    // of the queue is drained by finish, which times it too).
     await reporting.drain(interrupted);
+    clock.end('drainMs');
     if (interrupted()) throw new Interrupted();
     const part = pages.finish();
+    clock.endPageFile(part);
     let stored = 0;
     let inherited = 0;
     for (const p of image.processes)
@@ -507,23 +517,23 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // under or by the standard criteria; the verdicts travel in the image.
     image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '', identity: tables.instance.identity };
     image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
+    checksumFiles(image);
+    clock.end('checksumMs');
+    // Without --leave-running, the application is still stopped: the
+    // image is committed before anything is killed, so that if writing it
+    // fails, the application is given back alive (the catch below).
+    await commit(image, pages, part, imageId, base);
+    clock.end('commitMs');
     if (!opts.leaveRunning) {
-      // The image is committed before anything is killed: if writing it
-      // fails, the application is still there.
-      image.stats.frozenUs = BigInt(now() - frozenAt);
-      checksumFiles(image);
-      await commit(image, pages, part, imageId, base);
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
+      clock.released();
       freezer.kill();
       connections.closeSilently();
-      thawedAt = now();
       await waitReleased(reg, aid);
+      clock.end('endMs');
     } else {
-      image.stats.frozenUs = BigInt(thawedAt - frozenAt);
-      checksumFiles(image);
-      await commit(image, pages, part, imageId, base);
       if (becomesParent) {
         const current = reg.get(aid);
         if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: armed } });
@@ -540,6 +550,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       pagesFromParent: inherited,
       bytes: part.size,
       frozenMs: Number(image.stats.frozenUs) / 1000,
+      phases: clock.rounded(),
       ...(base ? { preCopyFrozenMs: base.frozenMs } : {}),
       totalMs: (now() - started) / 1000,
       leftRunning: opts.leaveRunning,

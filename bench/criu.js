@@ -1,0 +1,361 @@
+// npm run bench:criu (not part of npm run bench, not in CI or the tests):
+// appshot against CRIU 4.x, side by side, in one interleaved series.
+//
+// CRIU is the one on PATH if it is 4.x, else built from source into
+// ~/.cache/appshot-bench (bench/criu-build.js holds the recipe). If it
+// cannot be built, or `criu check` fails on this kernel, one line says so
+// and the appshot half still runs.
+//
+// The application is bench/memapp with 0 MiB (the tiny app: about 0.1 MiB
+// of its own), 16 and 256 MiB of touched memory (BENCH_SIZES=0,16,256,1024
+// to choose). Each round takes every size in turn, and within it each
+// measure by appshot and by CRIU one after the other (which one first
+// alternates by round). Per size, BENCH_RUNS rounds (default 5): median and
+// min-max of
+//   frozen, --leave-running   appshot's frozenMs; CRIU's "Frozen time"
+//   frozen, default           the same, the application ended by the
+//                             snapshot; appshot also keeps it stopped until
+//                             its image is on disk (held, shown apart)
+//   snapshot wall, CPU        the whole command (default mode), user+sys
+//   restore eager, lazy       internal (appshot's restoreMs, CRIU's
+//                             "Restore time") and the whole command's wall;
+//                             CRIU's lazy restore is `restore --lazy-pages`
+//                             served by a `criu lazy-pages` daemon
+//   baselines                 fork() of the running app (memapp's own
+//                             measure), a cold start (exec to READY), and
+//                             cp + sync of appshot's page file
+// Each command runs under bench/rusage (fork, exec, wait4) for its wall and
+// CPU time.
+//
+// Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
+// day) and a table on stdout.
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg, release, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { findCriu } from './criu-build.js';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const memapp = join(root, 'bench', 'bin', 'memapp');
+const rusage = join(root, 'bench', 'bin', 'rusage');
+const cli = join(root, 'bin', 'appshot.js');
+const runs = Number(process.env.BENCH_RUNS ?? 5);
+const sizes = (process.env.BENCH_SIZES ?? '0,16,256').split(',').map(Number);
+const home = mkdtempSync(join(tmpdir(), 'appshot-bench-criu-'));
+// On a disk like the other benchmarks (the prefix .gitignore ignores).
+const work = mkdtempSync(join(process.env.BENCH_DIR ?? root, '.bench-images-criu-'));
+const env = { ...process.env, APPSHOT_HOME: home };
+const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const children = new Set(); // processes started without appshot
+const aids = new Set(); // applications started under appshot
+
+if (!existsSync(memapp) || !existsSync(rusage)) {
+  log(`${existsSync(memapp) ? rusage : memapp} is missing: run make -C bench`);
+  process.exit(1);
+}
+
+// --- measuring ---------------------------------------------------------------
+
+/** Runs a command to its end under bench/rusage: { out, err, wallMs,
+ * cpuMs } (user + system time of it and the children it waited for);
+ * throws on failure. */
+function timed(cmd, args, opts = {}) {
+  const r = spawnSync(rusage, [cmd, ...args], { env, encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
+  const m = /^RUSAGE (\d+) (\d+)$/m.exec(r.stderr ?? '');
+  const err = (r.stderr ?? '').replace(/^RUSAGE .*\n?/m, '');
+  if (r.status !== 0 || !m) throw new Error(`${cmd} ${args.join(' ')} failed (exit ${r.status}): ${err.trim().split('\n').slice(-3).join(' | ')}`);
+  return { out: r.stdout, err, wallMs: Number(m[1]) / 1000, cpuMs: Number(m[2]) / 1000 };
+}
+
+const appshot = (...args) => {
+  const r = timed(process.execPath, [cli, ...args, '--json']);
+  return { ...r, json: JSON.parse(r.out) };
+};
+
+function waitGone(pid, ms = 10_000) {
+  const until = Date.now() + ms;
+  return (async () => {
+    while (existsSync(`/proc/${pid}`) && Date.now() < until) await sleep(10);
+    if (existsSync(`/proc/${pid}`)) throw new Error(`process ${pid} did not go`);
+  })();
+}
+
+async function waitFor(what, ok, ms = 60_000) {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    const v = ok();
+    if (v) return v;
+    await sleep(10);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+const read = (path) => {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
+};
+
+// --- the application, three ways ------------------------------------------------
+
+/** memapp under appshot: its AID once READY. */
+async function appshotApp(aid, mib) {
+  aids.add(aid);
+  timed(process.execPath, [cli, 'run', '-d', '--aid', aid, '--', memapp, String(mib)]);
+  await waitFor(`${aid} to be ready`, () => read(join(home, 'apps', aid, 'log')).includes('READY'));
+  return aid;
+}
+
+function rmApp(aid) {
+  spawnSync(process.execPath, [cli, 'rm', '-f', aid], { env });
+  aids.delete(aid);
+}
+
+/** memapp as CRIU takes it: in a session of its own, no terminal, its
+ * output in a file. Returns { pid, log, exited }. */
+async function plainApp(mib, logPath) {
+  writeFileSync(logPath, '');
+  const fd = openSync(logPath, 'a');
+  const child = spawn(memapp, [String(mib)], { detached: true, stdio: ['ignore', fd, fd] });
+  closeSync(fd);
+  children.add(child);
+  const exited = new Promise((r) => child.on('exit', r));
+  exited.then(() => children.delete(child));
+  await waitFor(`memapp ${mib} to be ready`, () => read(logPath).includes('READY'));
+  return { pid: child.pid, log: logPath, exited };
+}
+
+/** fork() of the running application, as memapp measures it (µs → ms). */
+async function forkMs(pid, logPath) {
+  const before = (read(logPath).match(/^FORK /gm) ?? []).length;
+  process.kill(pid, 'SIGUSR2');
+  const m = await waitFor('FORK', () => {
+    const all = [...read(logPath).matchAll(/^FORK ([\d.]+)$/gm)];
+    return all.length > before && all[all.length - 1];
+  });
+  return Number(m[1]) / 1000;
+}
+
+async function coldStartMs(mib) {
+  const t0 = process.hrtime.bigint();
+  const child = spawn(memapp, [String(mib)], { stdio: ['ignore', 'pipe', 'ignore'] });
+  await new Promise((resolve) => child.stdout.on('data', (d) => String(d).includes('READY') && resolve()));
+  const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+  child.kill('SIGKILL');
+  await new Promise((r) => child.on('exit', r));
+  return ms;
+}
+
+function cpSyncMs(file) {
+  const copy = join(work, 'cp-copy');
+  const r = timed('sh', ['-c', `cp "${file}" "${copy}" && sync "${copy}"`]);
+  rmSync(copy, { force: true });
+  return r.wallMs;
+}
+
+// --- one round of one size --------------------------------------------------------
+
+const stat = (text, name) => {
+  const m = new RegExp(`${name}: (\\d+) us`).exec(text);
+  return m ? Number(m[1]) / 1000 : NaN;
+};
+
+async function appshotRound(mib, round, r) {
+  const dir = join(work, `a${mib}-${round}`);
+  mkdirSync(dir);
+  const aid = await appshotApp(`a${mib}r${round}`, mib);
+  const lr = appshot('snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full');
+  r.frozen_lr.push(lr.json.frozenMs);
+  r.lr_track.push(lr.json.phases.trackMs);
+  const def = appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
+  r.frozen_default.push(def.json.frozenMs);
+  r.held_default.push(def.json.phases.heldMs);
+  for (const phase of ['drain', 'fsync', 'checksum', 'commit', 'end']) r[`held_${phase}`].push(def.json.phases[`${phase}Ms`]);
+  r.snapshot_wall.push(def.wallMs);
+  r.snapshot_cpu.push(def.cpuMs);
+  r.cp_sync.push(cpSyncMs(join(dir, 'img', 'pages.img')));
+  aids.add(`${aid}e`).add(`${aid}l`);
+  const eager = appshot('restore', join(dir, 'img'), '--aid', `${aid}e`);
+  r.restore_eager.push(eager.json.restoreMs);
+  r.restore_eager_wall.push(eager.wallMs);
+  rmApp(`${aid}e`);
+  const lazy = appshot('restore', join(dir, 'img'), '--aid', `${aid}l`, '--lazy');
+  r.restore_lazy.push(lazy.json.restoreMs);
+  r.restore_lazy_wall.push(lazy.wallMs);
+  rmApp(`${aid}l`);
+  rmApp(aid);
+  rmSync(dir, { recursive: true, force: true });
+}
+
+async function criuRound(criu, mib, round, r) {
+  const dir = join(work, `c${mib}-${round}`);
+  for (const d of ['lr', 'img']) mkdirSync(join(dir, d), { recursive: true });
+  const app = await plainApp(mib, join(dir, 'app.log'));
+  r.fork.push(await forkMs(app.pid, app.log));
+  const lr = timed(criu, ['dump', '-t', String(app.pid), '-D', join(dir, 'lr'), '--leave-running', '--display-stats', '-o', 'dump.log']);
+  r.frozen_lr.push(stat(lr.out, 'Frozen time'));
+  const def = timed(criu, ['dump', '-t', String(app.pid), '-D', join(dir, 'img'), '--display-stats', '-o', 'dump.log']);
+  r.frozen_default.push(stat(def.out, 'Frozen time'));
+  r.snapshot_wall.push(def.wallMs);
+  r.snapshot_cpu.push(def.cpuMs);
+  await app.exited; // reaped: its PID is free for the restore
+  const pidfile = join(dir, 'pid');
+  const restored = async (lazyDaemon) => {
+    const pid = Number(read(pidfile));
+    process.kill(pid, 'SIGKILL');
+    await waitGone(pid);
+    rmSync(pidfile, { force: true });
+    if (lazyDaemon) await lazyDaemon;
+  };
+  const eager = timed(criu, ['restore', '-D', join(dir, 'img'), '-d', '--display-stats', '-o', 'restore.log', '--pidfile', pidfile]);
+  r.restore_eager.push(stat(eager.out, 'Restore time'));
+  r.restore_eager_wall.push(eager.wallMs);
+  await restored();
+  // The lazy-pages daemon serves the pages from the images, and leaves when
+  // the restored process is gone.
+  const daemon = spawn(criu, ['lazy-pages', '-D', join(dir, 'img'), '-o', 'lazy.log'], { stdio: 'ignore' });
+  children.add(daemon);
+  const daemonGone = new Promise((res) => daemon.on('exit', res)).then(() => children.delete(daemon));
+  await waitFor('the lazy-pages socket', () => existsSync(join(dir, 'img', 'lazy-pages.socket')), 10_000);
+  const lazy = timed(criu, ['restore', '-D', join(dir, 'img'), '-d', '--lazy-pages', '--display-stats', '-o', 'restore-lazy.log', '--pidfile', pidfile]);
+  r.restore_lazy.push(stat(lazy.out, 'Restore time'));
+  r.restore_lazy_wall.push(lazy.wallMs);
+  await restored(daemonGone);
+  r.cold.push(await coldStartMs(mib));
+  rmSync(dir, { recursive: true, force: true });
+}
+
+// --- the series ---------------------------------------------------------------------
+
+const ROWS = [
+  ['frozen_lr', 'frozen, --leave-running (ms)'],
+  ['lr_track', '  appshot: of which arming dirty tracking for the next one (ms)'],
+  ['frozen_default', 'frozen, default snapshot (ms)'],
+  ['held_default', '  appshot: kept stopped until the image is on disk (ms)'],
+  ['held_drain', '    of which: the page file written out (ms)'],
+  ['held_fsync', '    of which: its fsync (ms)'],
+  ['held_checksum', '    of which: classifying, checksums of mapped files (ms)'],
+  ['held_commit', '    of which: the commit (page file read back and signed, metadata, syncs) (ms)'],
+  ['held_end', '  appshot: then ending it, seeing it gone (ms)'],
+  ['snapshot_wall', 'whole snapshot command, wall (ms)'],
+  ['snapshot_cpu', 'whole snapshot command, CPU (ms)'],
+  ['restore_eager', 'eager restore, internal (ms)'],
+  ['restore_eager_wall', 'eager restore, whole command wall (ms)'],
+  ['restore_lazy', 'lazy restore, internal (ms)'],
+  ['restore_lazy_wall', 'lazy restore, whole command wall (ms)'],
+  ['fork', 'baseline: fork() of the running app (ms)'],
+  ['cold', 'baseline: cold start (ms)'],
+  ['cp_sync', 'baseline: cp + sync of the page file (ms)'],
+];
+const series = () => Object.fromEntries(ROWS.map(([k]) => [k, []]));
+
+function summary(xs) {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (!s.length) return undefined;
+  const median = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  const r = (x) => +x.toFixed(x < 10 ? 2 : 1);
+  return { median: r(median), min: r(s[0]), max: r(s[s.length - 1]), n: s.length };
+}
+
+async function main() {
+  const criu = findCriu(log);
+  if (criu.why) log(`${criu.why}; measuring appshot alone`);
+  else log(`CRIU ${criu.version} (${criu.bin})`);
+  const data = Object.fromEntries(sizes.map((mib) => [mib, { appshot: series(), criu: series() }]));
+  const loads = [];
+  for (let round = 0; round < runs; round++) {
+    for (const mib of sizes) {
+      loads.push(loadavg()[0]);
+      log(`round ${round + 1}/${runs}, ${mib} MiB`);
+      const steps = [() => appshotRound(mib, round, data[mib].appshot)];
+      if (!criu.why) steps.push(() => criuRound(criu.bin, mib, round, data[mib].criu));
+      // The fork and cold-start baselines come from the CRIU half's app;
+      // without CRIU, from a plain app of their own.
+      else
+        steps.push(async () => {
+          const app = await plainApp(mib, join(work, `plain-${mib}.log`));
+          data[mib].criu.fork.push(await forkMs(app.pid, app.log));
+          process.kill(app.pid, 'SIGKILL');
+          await app.exited;
+          data[mib].criu.cold.push(await coldStartMs(mib));
+        });
+      if (round % 2) steps.reverse();
+      for (const step of steps) await step();
+    }
+  }
+  const results = {
+    date: new Date().toISOString(),
+    machine: { cpus: cpus().length, model: cpus()[0]?.model, kernel: release(), loadavg_during: summary(loads) },
+    criu: criu.why ? { unavailable: criu.why } : { version: criu.version, bin: criu.bin },
+    runs,
+    sizes_mib: sizes,
+    rows: Object.fromEntries(ROWS.map(([k, label]) => [k, label])),
+    results: Object.fromEntries(
+      sizes.map((mib) => [
+        mib,
+        Object.fromEntries(
+          ROWS.map(([k]) => {
+            const a = summary(data[mib].appshot[k]);
+            const c = summary(data[mib].criu[k]);
+            return [k, { appshot: a, criu: c, ratio: a && c && c.median ? +(a.median / c.median).toFixed(2) : undefined }];
+          }),
+        ),
+      ]),
+    ),
+    raw: data,
+  };
+  const outDir = join(root, 'bench', 'results');
+  mkdirSync(outDir, { recursive: true });
+  // A second run the same day does not replace the first.
+  let file = join(outDir, `criu-${results.date.slice(0, 10)}.json`);
+  for (let n = 2; existsSync(file); n++) file = join(outDir, `criu-${results.date.slice(0, 10)}-${n}.json`);
+  writeFileSync(file, JSON.stringify(results, null, 2) + '\n');
+  printTable(results);
+  log(`results in ${file}`);
+}
+
+function printTable(results) {
+  const cell = (s) => (s ? `${s.median} (${s.min}–${s.max})` : '–');
+  const head = `| ${results.criu.version ? `appshot / CRIU ${results.criu.version}` : 'appshot'} | ${sizes.map((m) => `${m || 'tiny'}${m ? ' MiB' : ''}`).join(' | ')} |`;
+  const lines = [head, `|---|${sizes.map(() => '---').join('|')}|`];
+  for (const [k, label] of ROWS) {
+    const cells = sizes.map((mib) => {
+      const x = results.results[mib][k];
+      if (k === 'fork' || k === 'cold') return cell(x.criu ?? x.appshot);
+      if (!x.criu) return cell(x.appshot);
+      return `${cell(x.appshot)} / ${cell(x.criu)}${x.ratio !== undefined ? ` = ${x.ratio}` : ''}`;
+    });
+    lines.push(`| ${label} | ${cells.join(' | ')} |`);
+  }
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+function cleanup() {
+  for (const c of children) {
+    try {
+      process.kill(c.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+  if (aids.size) spawnSync(process.execPath, [cli, 'rm', '-f', ...aids], { env });
+  rmSync(work, { recursive: true, force: true });
+  rmSync(home, { recursive: true, force: true });
+}
+
+process.on('SIGINT', () => {
+  cleanup();
+  process.exit(130);
+});
+try {
+  await main();
+} catch (e) {
+  log(`failed: ${e.message}`);
+  process.exitCode = 1;
+} finally {
+  cleanup();
+}

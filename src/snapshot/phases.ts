@@ -1,0 +1,88 @@
+/**
+ * Where a snapshot's time goes (`snapshot --json`, `phases`), in
+ * milliseconds, each phase timed on its own. APPSHOT_DEBUG=1 prints them
+ * on stderr as they end.
+ *
+ * Two figures say how long the application waited, and they differ in the
+ * default mode (README, "Frozen time"):
+ * - frozen: while appshot read its state, the part of the snapshot that
+ *   needs it to stand still (freezeMs is before it: stopping the threads);
+ * - held: how long it was kept stopped in all. With --leave-running it is
+ *   the frozen time: it goes on at once. Without, it stays stopped, not
+ *   running and not ended, until its image is committed and on disk, so
+ *   that a failure to write the image gives it back alive; then it is
+ *   ended. It never runs again either way when all goes well.
+ */
+export interface SnapshotPhases {
+  /** Stopping every thread (before the frozen window). */
+  freezeMs: number;
+  /** Reading every process's state and memory: the frozen window. */
+  dumpMs: number;
+  /** --leave-running: arming dirty tracking for the next snapshot (still
+   * frozen, part of the frozen window). */
+  trackMs: number;
+  /** --leave-running: letting every thread go on (the last part of the
+   * frozen window). */
+  resumeMs: number;
+  /** Waiting for the page writer's thread to write what it still held. */
+  drainMs: number;
+  /** fsync of the page file. */
+  fsyncMs: number;
+  /** Classifying the resources, checksums of the files mapped. */
+  checksumMs: number;
+  /** The image's metadata and manifest written and signed (the page file
+   * read back for its digest), synced, renamed into place. */
+  commitMs: number;
+  /** Ending the application and seeing it gone (default mode). */
+  endMs: number;
+  /** From the end of freezing until the application went on or was
+   * killed. */
+  heldMs: number;
+}
+
+type Timed = Exclude<keyof SnapshotPhases, 'heldMs'>;
+
+const now = () => Number(process.hrtime.bigint() / 1000n);
+
+export class PhaseClock {
+  readonly phases: SnapshotPhases = { freezeMs: 0, dumpMs: 0, trackMs: 0, resumeMs: 0, drainMs: 0, fsyncMs: 0, checksumMs: 0, commitMs: 0, endMs: 0, heldMs: 0 };
+  private last = now();
+  private frozenAt = 0;
+
+  /** Ends `phase` now: its time is since the previous phase ended. */
+  end(phase: Timed): void {
+    const t = now();
+    this.record(phase, (t - this.last) / 1000);
+    this.last = t;
+    if (phase === 'freezeMs') this.frozenAt = t;
+  }
+
+  /** The page writer's own measure of its two phases, which end now. */
+  endPageFile(part: { drainMs: number; fsyncMs: number }): void {
+    this.record('drainMs', part.drainMs);
+    this.record('fsyncMs', part.fsyncMs);
+    this.last = now();
+  }
+
+  /** The application goes on or is killed now. */
+  released(): void {
+    this.phases.heldMs = this.frozenAt ? (now() - this.frozenAt) / 1000 : 0;
+  }
+
+  /** Milliseconds since the end of freezing. */
+  sinceFrozen(): number {
+    return this.frozenAt ? (now() - this.frozenAt) / 1000 : 0;
+  }
+
+  /** Every phase rounded to 0.01 ms, for the result. */
+  rounded(): SnapshotPhases {
+    const out = { ...this.phases };
+    for (const k of Object.keys(out) as (keyof SnapshotPhases)[]) out[k] = Math.round(out[k] * 100) / 100;
+    return out;
+  }
+
+  private record(phase: Timed, ms: number): void {
+    this.phases[phase] += ms;
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`appshot: snapshot phase ${phase.replace(/Ms$/, '')}: ${ms.toFixed(2)} ms\n`);
+  }
+}

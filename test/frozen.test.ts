@@ -1,0 +1,74 @@
+/**
+ * The frozen window and where a snapshot's time goes (src/snapshot/
+ * phases.ts). A default snapshot keeps the application stopped after its
+ * state is read, until the image is on disk, and only then ends it (a
+ * snapshot killed as it commits leaves the application running:
+ * atomic.test.ts).
+ */
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-frozen-'));
+type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const logOf = (aid: string) => {
+  try {
+    return readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+  } catch {
+    return '';
+  }
+};
+const checks = (aid: string) => (logOf(aid).match(/^CHECK \d+$/gm) ?? []).length;
+
+async function start(aid: string, mib: number): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', String(mib)]);
+  expect(r.code, r.stderr).toBe(0);
+  await waitFor(() => checks(aid) >= 2, 10_000, `${aid} to check itself`);
+}
+
+async function goesOn(aid: string): Promise<void> {
+  const from = checks(aid);
+  await waitFor(() => checks(aid) >= from + 3 || /FAIL/.test(logOf(aid)), 15_000, `${aid} to go on`);
+  expect(logOf(aid)).not.toMatch(/FAIL.*/);
+}
+
+const PHASES = ['freezeMs', 'dumpMs', 'trackMs', 'resumeMs', 'drainMs', 'fsyncMs', 'checksumMs', 'commitMs', 'endMs', 'heldMs'];
+
+describe('snapshot phases', () => {
+  it('--leave-running: held exactly as long as frozen, the commit after', async () => {
+    await start('lr', 8);
+    const r = sb.json<Json>(['snapshot', 'lr', '-o', join(dir, 'lr'), '--leave-running']);
+    expect(Object.keys(r.phases).sort()).toEqual([...PHASES].sort());
+    expect(r.frozenMs).toBeGreaterThan(0);
+    expect(r.phases.heldMs).toBeCloseTo(r.frozenMs, 1);
+    expect(r.phases.commitMs).toBeGreaterThan(0);
+    expect(r.phases.endMs).toBe(0);
+    await goesOn('lr');
+  });
+
+  it('default: frozen while its state is read, held until the image is on disk, then ended', async () => {
+    await start('def', 8);
+    const r = sb.json<Json>(['snapshot', 'def', '-o', join(dir, 'def')]);
+    expect(r.leftRunning).toBe(false);
+    const p = r.phases;
+    expect(r.frozenMs).toBeGreaterThan(0);
+    expect(p.resumeMs).toBe(0);
+    // Held through the page file's fsync, the checksums and the commit.
+    expect(p.heldMs).toBeGreaterThan(r.frozenMs);
+    expect(p.heldMs + 0.05).toBeGreaterThanOrEqual(r.frozenMs + p.drainMs + p.fsyncMs + p.checksumMs + p.commitMs);
+    expect(readdirSync(join(dir, 'def')).sort()).toEqual(['image.pb', 'manifest.pb', 'pages.img']);
+    // The image restores (and its application runs).
+    const back = sb.run(['restore', join(dir, 'def'), '--aid', 'def']);
+    expect(back.code, back.stderr).toBe(0);
+    await goesOn('def');
+  });
+});
