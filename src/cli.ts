@@ -13,6 +13,7 @@ import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
+import { standardOutput } from './stdout.js';
 import { applyHouseStyle } from './commands/style.js';
 import { registerCompletion } from './commands/completion.js';
 import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
@@ -821,7 +822,9 @@ export async function main(): Promise<void> {
     process.exit(ExitCode.internal);
   });
   // `appshot inspect IMAGE | head`: a reader that goes away is not an error.
+  // Unless standard output carries an image: its writer reports the failure.
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (standardOutput.carriesImage) return;
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });

@@ -149,6 +149,28 @@ describe('images as tar files', () => {
   });
 });
 
+describe('an image that cannot be written', () => {
+  it('to a reader that goes away, or past a file size limit: one line, exit 1, the application goes on, nothing left', async () => {
+    const aid = 'unwritten';
+    expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+    await waitFor(() => lastCheck(aid) >= 5, 10_000, 'snapfix to start');
+    // `snapshot -o - | head -c 1000`: the image never reached anyone.
+    const piped = spawnSync('sh', ['-c', `"${process.execPath}" "${cli}" snapshot ${aid} -o - | head -c 1000 >/dev/null`], { env: sb.env, encoding: 'utf8' });
+    expect(piped.stderr).toMatch(/^appshot: cannot snapshot 'unwritten': the reader of standard output went away before the image was written; the application was left running\n$/);
+    await checksPass(aid, 3);
+    // A file size limit reached while the tar file is written.
+    const tarPath = join(out, 'limited.tar');
+    const limited = spawnSync('sh', ['-c', `ulimit -f 64; exec "${process.execPath}" "${cli}" snapshot ${aid} -o ${tarPath}`], { env: sb.env, encoding: 'utf8' });
+    expect(limited.status).toBe(1);
+    expect(limited.stderr).toMatch(/^appshot: cannot snapshot 'unwritten': .*(File too large|file size limit).*; the application was left running\n$/);
+    expect(existsSync(tarPath)).toBe(false);
+    expect(readdirSync(out).filter((n) => n.startsWith('.limited.tar'))).toEqual([]);
+    expect(tmpLeft()).toEqual([]);
+    await checksPass(aid, 3);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
 describe('appshot images', () => {
   it('lists images, incremental ones with their parent, templates, tar files, and what is wrong with the rest', async () => {
     const aid = 'listed';

@@ -197,12 +197,31 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   const imageBytes = encodeImage(image);
   const pack = (await loadTar()).pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
-  pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
-  pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
-  const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
-  await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
-  pack.finalize();
-  await done;
+  // The output may fail first (a full disk, a file size limit, a reader
+  // gone): then the page data's own pipeline fails too, and the output's
+  // failure, the cause, is the one reported (never left unhandled).
+  let outputFailure: unknown;
+  done.catch((e) => (outputFailure = e));
+  try {
+    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
+    pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
+    const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
+    await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
+    pack.finalize();
+    await done;
+  } catch (e) {
+    pack.destroy();
+    throw outputFailure ?? e;
+  }
+}
+
+/** A failure to write an image file, as one line (a plain Error: the
+ * snapshot driver adds that the application was left running). */
+function writeFailure(dest: string, e: unknown): Error {
+  if (e instanceof AppshotError) return e;
+  const err = e as NodeJS.ErrnoException;
+  const why = err.code === 'EFBIG' ? 'the file size limit was reached' : err.code === 'ENOSPC' ? 'no space left on the device' : err.message;
+  return new Error(`writing ${dest}: ${why}`);
 }
 
 /**
@@ -239,6 +258,8 @@ export async function commitImageFile(dest: string, gzip: boolean, image: Image,
       await streamImageTar(compressor ?? file, image, pages, pagesPart, imageId);
       await written;
       fsyncSync(fd);
+    } catch (e) {
+      throw writeFailure(dest, e);
     } finally {
       closeSync(fd);
     }

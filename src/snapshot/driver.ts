@@ -19,6 +19,7 @@ import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
+import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
@@ -406,7 +407,18 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const fileKind = toStream ? 'dir' : imageFileKind(output);
   const toFile = fileKind !== 'dir';
   const commit = async (image: Image, pages: PageWriter, part: { size: number; crc: number }, imageId: string, base?: Base) => {
-    if (toStream) await streamImageTar(process.stdout, image, pages, part, imageId);
+    if (toStream) {
+      standardOutput.carriesImage = true;
+      try {
+        await streamImageTar(process.stdout, image, pages, part, imageId);
+      } catch (e) {
+        // Plain errors: the catch below says the application was left running.
+        if ((e as NodeJS.ErrnoException).code === 'EPIPE') throw new Error('the reader of standard output went away before the image was written');
+        throw e instanceof AppshotError ? e : new Error(`writing the image to standard output: ${(e as Error).message}`);
+      } finally {
+        standardOutput.carriesImage = false;
+      }
+    }
     else if (toFile) await commitImageFile(output, fileKind === 'gzip', image, pages, part, imageId);
     else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
   };
