@@ -6,7 +6,7 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
-import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, createWriteStream, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -410,7 +410,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (toStream) {
       standardOutput.carriesImage = true;
       try {
-        await streamImageTar(process.stdout, image, pages, part, imageId);
+        // Written to descriptor 1 directly, not through process.stdout: a
+        // pipe's socket reports a reader gone as an 'error' event of its
+        // own, which the tar stream may trigger after it has failed.
+        await streamImageTar(createWriteStream('', { fd: 1, autoClose: false }), image, pages, part, imageId);
       } catch (e) {
         // Plain errors: the catch below says the application was left running.
         if ((e as NodeJS.ErrnoException).code === 'EPIPE') throw new Error('the reader of standard output went away before the image was written');
