@@ -175,6 +175,10 @@ describe('memfds: name, seals (also none allowed), size, mode, position, flags; 
   roundTrips('mfd', [fixture('memfds')], /FILE\s+\/memfd:sealed \(deleted\) pos=777/);
 });
 
+describe('unix stream socket pairs shut down on one side (SHUT_WR, SHUT_RD, both): each end keeps its shutdown state and its data', () => {
+  roundTrips('ushut', [fixture('unixshut')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, shut down for reading/);
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   const refusals: [string, (fd: string) => string][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],

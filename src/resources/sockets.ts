@@ -6,8 +6,9 @@
  * Established TCP connections are tcp.ts's, unix datagram sockets
  * unixdgram.ts's, UDP sockets udp.ts's (this module sends them there). A
  * unix SOCK_SEQPACKET pair's queued records are read whole (unixdgram.ts).
- * A unix stream or seqpacket socket whose other end is outside the
- * application is refused by name.
+ * Each end keeps its shutdown state (UNIX_DIAG_SHUTDOWN). A unix stream
+ * or seqpacket socket whose other end is outside the application is
+ * refused by name.
  *
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
@@ -203,7 +204,9 @@ export class SocketTable {
       }
       // Whether the peer is in the application is known only when every
       // process has been seen: the driver checks (checkUnixPeers).
-      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued };
+      // Its shutdown state too (sk_shutdown, which shutdown() on either end
+      // sets on both, mirrored): pairEnd shuts the new pair down alike.
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
