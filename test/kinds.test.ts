@@ -179,6 +179,10 @@ describe('unix stream socket pairs shut down on one side (SHUT_WR, SHUT_RD, both
   roundTrips('ushut', [fixture('unixshut')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, shut down for reading/);
 });
 
+describe('a pseudoterminal inside the application: settings, window size, queued input and output, the controlling terminal of a session with its foreground group', () => {
+  roundTrips('pty', [fixture('ptys')], /PTY\s+pty master of \/dev\/pts\/\d+, 13 bytes of input and 5 of output queued/);
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   const refusals: [string, (fd: string) => string][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],

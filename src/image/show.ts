@@ -95,6 +95,10 @@ function describeFd(image: Image, fd: Fd): string {
       return describeTimerfd(fd.timerfd);
     case 'INOTIFY':
       return describeInotify(fd.inotifyWatches);
+    case 'PTY': {
+      const pair = image.ptys?.[fd.pty?.pair ?? -1];
+      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${pair?.input.length ?? 0} bytes of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
+    }
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
     default:

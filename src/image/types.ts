@@ -45,6 +45,9 @@ export interface Image {
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
+  /** Pseudoterminals whose master the application holds (resources/ptys.ts);
+   * absent in older images. */
+  ptys?: PtyPair[];
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
 }
 
@@ -163,6 +166,9 @@ export interface Process {
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
   attributes?: ProcessAttributes;
+  /** 1 + its controlling terminal's index in Image.ptys; 0 or absent: none
+   * in the image. */
+  ctty?: number;
 }
 
 export interface ProcessAttributes {
@@ -374,6 +380,7 @@ export const FdKind = {
   TCP_ESTABLISHED: 11,
   UDP: 12,
   UNIX_DGRAM: 13,
+  PTY: 14,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -402,6 +409,25 @@ export interface Fd {
   inotifyWatches?: InotifyWatch[];
   /** File locks held through it (resources/locks.ts); absent in older images. */
   locks?: FileLock[];
+  /** PTY: which pair, which end. */
+  pty?: { pair: number; master: boolean };
+}
+
+export interface PtyPair {
+  /** /dev/pts/N at the snapshot; a restore's new pair has its own. */
+  index: number;
+  /** struct termios as TCGETS fills it (36 bytes). */
+  termios: Buffer;
+  /** struct winsize (8 bytes). */
+  winsize: Buffer;
+  /** Written to the master, not yet read from the slave. */
+  input: Buffer;
+  /** Written to the slave, not yet read from the master. */
+  output: Buffer;
+  locked: boolean;
+  packet: boolean;
+  /** Its foreground process group (virtual); 0: none. */
+  foreground: number;
 }
 
 export const LockKind = { FLOCK: 0, POSIX: 1, OFD: 2, LEASE: 3 } as const;

@@ -181,6 +181,15 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkProcessState(p, vtids);
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
+  if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
+}
+
+/** Each pseudoterminal's settings are whole structures, its queues bounded
+ * by what a terminal holds. */
+function checkPtys(image: Image): void {
+  for (const [i, t] of (image.ptys ?? []).entries())
+    if (t.termios.length !== 36 || t.winsize.length !== 8 || t.input.length > 65536 || t.output.length > 1 << 20)
+      corrupt(`pty ${i} has ${t.termios.length} bytes of termios, ${t.winsize.length} of window size, ${t.input.length} of input and ${t.output.length} of output`);
 }
 
 /** A filter keeps one flag, SECCOMP_FILTER_FLAG_LOG (all that
@@ -284,6 +293,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
+    if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
     checkLocks(fd, where);
   }
 }
@@ -431,4 +441,5 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
 
   const vtids = new Set<number>();
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
+  if (!memoryOnly) checkPtys(image);
 }

@@ -7,7 +7,8 @@
  * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
  * datagram sockets unixdgram.ts's, UDP udp.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
- * timerfd and inotify each their own module's. Anything else is refused
+ * timerfd and inotify each their own module's, pseudoterminals ptys.ts's
+ * (after every process is read). Anything else is refused
  * by name.
  */
 import { constants as fs, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
@@ -29,6 +30,7 @@ import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
 import { openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openUnixDgram } from './unixdgram.js';
+import { openPtyEnd } from './ptys.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -141,6 +143,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.UDP]: openUdp,
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
+  [FdKind.PTY]: openPtyEnd,
 };
 
 /** Descriptors whose state lives in the process that made them (a

@@ -11,6 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
+import { restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -309,7 +310,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       addon().bind(tables, 'pid', m.proc.vpid, m.pid);
       const r = new RemoteProcess(m.pid);
       const groupOf = (id: number) => sysPid.get(id) ?? placeholders.get(id);
-      if (m.proc.vsid === m.proc.vpid) r.call('setsid', SYS.setsid, []);
+      if (m.proc.vsid === m.proc.vpid) {
+        r.call('setsid', SYS.setsid, []);
+        takeTerminal(r, handed, m.proc);
+      }
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
       for (const child of image.processes.filter((p) => p.vppid === m.proc.vpid)) queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
@@ -356,6 +360,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
       // Every signal blocked until the registers are the thread's own.

@@ -28,6 +28,7 @@ import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
@@ -198,6 +199,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
   markSharedDescriptions(ctx.image.processes);
   dumpLocks(ctx.image);
   checkUnixPeers(ctx.image.processes);
+  dumpPtys(ctx);
   progress.update('global state', done, byProcess.length);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.
