@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -181,6 +181,65 @@ describe('unix stream socket pairs shut down on one side (SHUT_WR, SHUT_RD, both
 
 describe('a pseudoterminal inside the application: settings, window size, queued input and output, the controlling terminal of a session with its foreground group', () => {
   roundTrips('pty', [fixture('ptys')], /PTY\s+pty master of \/dev\/pts\/\d+, 13 bytes of input and 5 of output queued/);
+});
+
+/** Where the cgroup v2 hierarchy is mounted, if it is and we may make
+ * cgroups in it. */
+function cgroupRoot(): string | undefined {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (!after?.startsWith('cgroup2 ')) continue;
+    const mount = before.split(' ')[4];
+    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
+    try {
+      const probe = mkdtempSync(join(mount, mine, 'appshot-probe-'));
+      rmdirSync(probe);
+      return join(mount, mine);
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
+}
+
+/** A cgroup with children a and b, for the cgroups fixture. */
+function makeCgroups(root: string): string {
+  const dir = mkdtempSync(join(root, 'appshot-kinds-'));
+  mkdirSync(join(dir, 'a'));
+  mkdirSync(join(dir, 'b'));
+  return dir;
+}
+
+/** Ends what is left in them (our fixtures) and removes them. */
+async function removeCgroups(dir: string): Promise<void> {
+  for (const sub of ['a', 'b']) {
+    const procs = join(dir, sub, 'cgroup.procs');
+    if (!existsSync(procs)) continue;
+    for (const pid of readFileSync(procs, 'utf8').split('\n').filter(Boolean)) process.kill(Number(pid), 'SIGKILL');
+    await waitFor(() => readFileSync(procs, 'utf8') === '', 10_000, `${dir}/${sub} to empty`);
+    rmdirSync(join(dir, sub));
+  }
+  rmdirSync(dir);
+}
+
+const cgroups = cgroupRoot();
+describe.runIf(cgroups !== undefined)('cgroup membership: each process back in its own cgroup v2, or the restore refused naming it', () => {
+  const dir = cgroups ? makeCgroups(cgroups) : '';
+  afterAll(() => removeCgroups(dir));
+  roundTrips('cgrp', [fixture('cgroups'), dir], /process 2 \(cgroups\): .*/);
+
+  it('refuses a restore where the cgroup is gone, naming the process and the cgroup, and leaves nothing behind', async () => {
+    const gone = makeCgroups(cgroups!);
+    const aid = 'cgrpgone';
+    run(['run', '-d', '--aid', aid, '--', fixture('cgroups'), gone]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    await removeCgroups(gone);
+    const r = sb.run(['restore', join(out, aid)]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(new RegExp(`process 2 \\(cgroups\\): its cgroup \\S*/${gone.split('/').pop()}/a does not exist on this node`));
+    expect(sb.aids()).not.toContain(aid);
+  });
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {

@@ -169,6 +169,8 @@ export interface Process {
   /** 1 + its controlling terminal's index in Image.ptys; 0 or absent: none
    * in the image. */
   ctty?: number;
+  /** Its cgroup v2 path (resources/cgroups.ts); '' or absent: not recorded. */
+  cgroup?: string;
 }
 
 export interface ProcessAttributes {

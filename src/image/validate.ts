@@ -181,6 +181,8 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkProcessState(p, vtids);
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
+  if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
+    corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
 }
 

@@ -33,6 +33,7 @@ import { freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resourc
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
@@ -345,6 +346,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
     for (const m of made) {
       const p = m.proc;
+      // Into its cgroup before its memory is made, which is charged there.
+      restoreCgroup(p, m.pid);
       const r = new RemoteProcess(m.pid);
       unregisterRseq(r, m.pid);
       const used = [...p.vmas, ...readMaps(m.pid)];

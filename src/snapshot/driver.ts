@@ -21,6 +21,7 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { Progress } from '../progress.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
+import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
@@ -166,6 +167,7 @@ function dumpAll(ctx: DumpContext, freezer: Freezer, progress: Progress): void {
       proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
       proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
       dumpAttributes(proc, pid, inj, what);
+      dumpCgroup(proc, pid, what);
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
