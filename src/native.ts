@@ -137,6 +137,9 @@ interface Addon {
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
   compareFileTables(pid1: number, pid2: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
+  /** Whether the `toff`th target of epoll `epfd` registered as `tfd` is
+   * `fd`'s open file description (kcmp KCMP_EPOLL_TFD). */
+  epollTargetIs(pid: number, epfd: number, tfd: number, toff: number, fd: number): boolean;
   peekPipe(fd: number): Buffer;
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
   shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; data: Buffer };

@@ -183,6 +183,12 @@ describe('a pseudoterminal inside the application: settings, window size, queued
   roundTrips('pty', [fixture('ptys')], /PTY\s+pty master of \/dev\/pts\/\d+, 13 bytes of input and 5 of output queued/);
 });
 
+describe('epoll sets whatever their targets: another epoll made later, a target moved to another number or whose number was reused, EPOLLET, EPOLLONESHOT disarmed, EPOLLEXCLUSIVE', () => {
+  // Six targets, two of them held under another number now (in the
+  // kernel's order, not the order they were added).
+  roundTrips('epol', [fixture('epolls')], /EPOLL\s+epoll watching (?=(?:[^\n]*\(now \d+\)){2})(?:\d+(?: \(now \d+\))?,){5}\d+(?: \(now \d+\))?\n/);
+});
+
 /** Where the cgroup v2 hierarchy is mounted, if it is and we may make
  * cgroups in it. */
 function cgroupRoot(): string | undefined {

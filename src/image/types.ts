@@ -537,9 +537,13 @@ export interface Datagram {
 }
 
 export interface EpollTarget {
+  /** The number it was registered under. */
   fd: number;
   events: number;
   data: bigint;
+  /** 1 + the process's descriptor that holds the target now, when `fd`
+   * no longer does (closed, or reused); 0 or absent: `fd` itself. */
+  heldAt?: number;
 }
 
 export interface SemSet {

@@ -287,7 +287,10 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
-    for (const t of fd.epoll) if (!fdNumbers.has(t.fd)) corrupt(`${where} watches fd ${t.fd}, which ${who} does not have`);
+    for (const t of fd.epoll) {
+      const held = t.heldAt ? t.heldAt - 1 : t.fd;
+      if (!fdNumbers.has(held) || !(t.fd >= 0 && t.fd < 1 << 20)) corrupt(`${where} watches fd ${held} (registered as ${t.fd}), which ${who} does not have`);
+    }
     const watches = fd.inotifyWatches ?? [];
     // Watch numbers are made again in order, gaps filled: a huge one would
     // have the restore add and remove that many watches.

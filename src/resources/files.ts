@@ -20,7 +20,7 @@ import { type DumpContext, type RestoreContext, Unsupported } from './context.js
 import { readLimits } from './limits.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
-import { dumpEpoll, restoreEpoll } from './epoll.js';
+import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
 import { dumpInotify, restoreInotify } from './inotify.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
@@ -94,7 +94,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       Object.assign(fd, dumpEventfd(info));
     } else if (target === 'anon_inode:[eventpoll]') {
       fd.kind = FdKind.EPOLL;
-      fd.epoll = dumpEpoll((info as Map<string, string> & { raw: string }).raw);
+      fd.epoll = dumpEpoll(pid, n, (info as Map<string, string> & { raw: string }).raw, what);
     } else if (target === 'anon_inode:[signalfd]') {
       fd.kind = FdKind.SIGNALFD;
       fd.sigmask = dumpSignalfd(info);
@@ -178,7 +178,7 @@ export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): voi
     if (makeInside) place(makeInside(r, fd), fd);
     else place(h.transfer(r, openHere(h, p, fd)), fd);
   }
-  for (const fd of p.fds) if (fd.kind === FdKind.EPOLL) place(restoreEpoll(r, fd), fd);
+  restoreEpolls(r, p, place);
   restoreLimit();
 }
 
