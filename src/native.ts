@@ -167,6 +167,7 @@ interface Addon {
   /** ioctl(2): a Buffer argument by its address (read and written in
    * place), a number as it is. Throws on failure. */
   ioctl(fd: number, request: number, arg: Buffer | number): number;
+  mkfifo(path: string, mode: number): void;
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
   fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;

@@ -189,6 +189,26 @@ describe('epoll sets whatever their targets: another epoll made later, a target 
   roundTrips('epol', [fixture('epolls')], /EPOLL\s+epoll watching (?=(?:[^\n]*\(now \d+\)){2})(?:\d+(?: \(now \d+\))?,){5}\d+(?: \(now \d+\))?\n/);
 });
 
+describe('what outlives its name: a deleted working directory, a deleted FIFO, a listening socket whose file a restore finds there, a child holding its parent\'s /proc files', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-leftovers-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  // 'apart': the listener's path is the original's while it runs.
+  roundTrips('left', [fixture('leftovers'), dir], /process 2 \(leftparent\): .*cwd \S+\/wd \(deleted\)/, 'apart');
+
+  it('refuses to restore beside an original that still listens at the path, naming it', async () => {
+    const aid = 'leftbusy';
+    const busy = mkdtempSync(join(dir, 'busy-'));
+    run(['run', '-d', '--aid', aid, '--', fixture('leftovers'), busy]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = sb.run(['restore', join(out, aid), '--aid', 'leftbusy2']);
+    expect(r.code).toBe(4);
+    expect(r.stderr).toMatch(new RegExp(`fd \\d+: ${busy}/sock: a live socket listens there`));
+    expect(sb.aids()).not.toContain('leftbusy2');
+    await checksPass(aid);
+  });
+});
+
 /** Where the cgroup v2 hierarchy is mounted, if it is and we may make
  * cgroups in it. */
 function cgroupRoot(): string | undefined {

@@ -21,6 +21,7 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -98,6 +99,14 @@ Napi::Value PipeCapacity(const Napi::CallbackInfo& info) {
     return info.Env().Undefined();
   }
   return Napi::Number::New(info.Env(), fcntl(fd, F_GETPIPE_SZ));
+}
+
+// mkfifo(path, mode): a FIFO, for one whose path was removed (made, opened
+// and removed again by resources/pipes.ts).
+Napi::Value MkFifo(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  if (mkfifo(path.c_str(), Int(info[1]))) ThrowErrno(info.Env(), ("mkfifo " + path).c_str(), errno);
+  return info.Env().Undefined();
 }
 
 // ioctl(fd, request, arg) -> its result: arg a Buffer (passed by its
@@ -524,6 +533,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("lseek", Lseek);
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
+  fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);
   fn("fileSeals", FileSeals);
   fn("addSeals", AddSeals);

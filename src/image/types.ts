@@ -413,6 +413,9 @@ export interface Fd {
   locks?: FileLock[];
   /** PTY: which pair, which end. */
   pty?: { pair: number; master: boolean };
+  /** A file under /proc/PID of one of the application's processes: its
+   * virtual PID; 0 or absent otherwise. */
+  procVpid?: number;
 }
 
 export interface PtyPair {

@@ -35,6 +35,7 @@ import { openPtyEnd } from './ptys.js';
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
 const O_CLOEXEC = 0o2000000;
+const PROC_PID = /^\/proc\/(\d+)(?=\/|$)/;
 
 function fdinfo(pid: number, fd: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -118,6 +119,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
+        // /proc/PID/... of a process of the application: it follows that
+        // process to its restored PID.
+        const proc = PROC_PID.exec(target);
+        if (proc) fd.procVpid = ctx.virtual('pid', Number(proc[1])) || undefined;
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
@@ -205,9 +210,18 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   let got: number;
   if (h.image.logPath && fd.path === h.image.logPath) got = h.log();
   else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  else if (fd.procVpid) got = h.keep(openSync(fd.path.replace(PROC_PID, `/proc/${restoredPid(h, fd.procVpid)}`), plain));
   else got = h.keep(openSync(filePath(h, p, fd), plain));
   if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
   return got;
+}
+
+/** The system PID of the restored process `vpid`, from the new tables (it
+ * is bound there once made, before any descriptor is placed). */
+function restoredPid(h: RestoreContext, vpid: number): number {
+  const pid = addon().readTables(h.tablesPath).tables.pid?.find((e) => e.virtual === vpid)?.system;
+  if (pid === undefined) throw new AppshotError(`a descriptor names /proc of process ${vpid}, which this restore did not make`);
+  return pid;
 }
 
 /** Where a clone's file descriptor points: a REDIR PATH target, the

@@ -14,13 +14,13 @@
  * many descriptors share it; a clone's TCP listener on its own port or on
  * the shared one (listenAddress).
  */
-import { closeSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { nameProcess, type RestoreContext, Unsupported } from './context.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { dumpUnixDgram, queuedMessages, shut } from './unixdgram.js';
+import { dumpUnixDgram, queuedMessages, removeStale, shut } from './unixdgram.js';
 
 interface InetEntry {
   family: number;
@@ -244,6 +244,11 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   if (!s.listening) return pairEnd(h, s, fd);
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
+    // A unix listener's file left behind by the ended original goes; one
+    // where a live socket listens (the original, still running) is a
+    // conflict, named.
+    if (fd.kind === FdKind.UNIX_SOCKET && s.address.startsWith('/') && isSocketFile(s.address) && removeStale(s.address, SOCK_STREAM))
+      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${s.address}: a live socket listens there`, ExitCode.conflict);
     let sock: number;
     try {
       sock = h.keep(addon().listenSocket(address));
@@ -256,6 +261,14 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
+}
+
+function isSocketFile(path: string): boolean {
+  try {
+    return lstatSync(path).isSocket();
+  } catch {
+    return false;
+  }
 }
 
 /** A TCP listener of a clone: on its own allocated port, or on the
