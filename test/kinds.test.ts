@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -236,12 +236,23 @@ function makeCgroups(root: string): string {
   return dir;
 }
 
-/** Ends what is left in them (our fixtures) and removes them. */
+/** Ends what is left in them (our fixtures) and removes them. Anything
+ * else found there (a process a wrong translation moved in) goes back to
+ * the cgroup above, untouched. */
 async function removeCgroups(dir: string): Promise<void> {
   for (const sub of ['a', 'b']) {
     const procs = join(dir, sub, 'cgroup.procs');
     if (!existsSync(procs)) continue;
-    for (const pid of readFileSync(procs, 'utf8').split('\n').filter(Boolean)) process.kill(Number(pid), 'SIGKILL');
+    for (const pid of readFileSync(procs, 'utf8').split('\n').filter(Boolean)) {
+      let comm = '';
+      try {
+        comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      } catch {
+        continue;
+      }
+      if (comm === 'cgroups') process.kill(Number(pid), 'SIGKILL');
+      else writeFileSync(join(dir, '..', 'cgroup.procs'), pid);
+    }
     await waitFor(() => readFileSync(procs, 'utf8') === '', 10_000, `${dir}/${sub} to empty`);
     rmdirSync(join(dir, sub));
   }
