@@ -61,6 +61,11 @@ export function isPtyMaster(path: string): boolean {
 }
 
 const int = () => Buffer.alloc(4);
+const one = () => {
+  const b = int();
+  b.writeInt32LE(1, 0);
+  return b;
+};
 
 function ioctlInt(fd: number, request: number): number {
   const b = int();
@@ -163,6 +168,14 @@ export function dumpPtys(ctx: DumpContext): void {
     if (!image.processes.some((q) => q.vpid === p.vsid))
       throw new Unsupported(`${nameProcess(p.vpid, p.comm)}: its controlling terminal /dev/pts/${index} is the application's, but its session's leader is not: cannot be made again`);
     p.ctty = pair + 1;
+    // /dev/tty held open is its controlling terminal: the new slave (its
+    // device number is the slave's, not /dev/tty's 5:0).
+    for (const fd of p.fds)
+      if (fd.kind === FdKind.DEVICE && fd.path === '/dev/tty') {
+        fd.kind = FdKind.PTY;
+        fd.tty = false;
+        fd.pty = { pair, master: false };
+      }
     if (tpgid > 0) pairs[pair].foreground = ctx.virtual('pid', tpgid);
   }
   if (pairs.length) image.ptys = pairs;
@@ -234,12 +247,8 @@ function madePair(h: RestoreContext, i: number): MadePair {
     addon().ioctl(slave, TCSETS, Buffer.from(pair.termios));
     addon().ioctl(master, TIOCSWINSZ, Buffer.from(pair.winsize));
     refill(master, slave, pair.termios, pair.input, pair.output);
-    if (pair.packet) addon().ioctl(master, TIOCPKT, (() => { const b = int(); b.writeInt32LE(1, 0); return b; })());
-    if (pair.locked) {
-      const b = int();
-      b.writeInt32LE(1, 0);
-      addon().ioctl(master, TIOCSPTLCK, b);
-    }
+    if (pair.packet) addon().ioctl(master, TIOCPKT, one());
+    if (pair.locked) addon().ioctl(master, TIOCSPTLCK, one());
     return { master, index };
   });
 }
