@@ -153,6 +153,9 @@ interface Addon {
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
   compareFileTables(pid1: number, pid2: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
+  /** Whether the `toff`th target of epoll `epfd` registered as `tfd` is
+   * `fd`'s open file description (kcmp KCMP_EPOLL_TFD). */
+  epollTargetIs(pid: number, epfd: number, tfd: number, toff: number, fd: number): boolean;
   peekPipe(fd: number): Buffer;
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
   shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; data: Buffer };
@@ -177,6 +180,10 @@ interface Addon {
   memfd(name: string, size: number, flags?: number): number;
   lseek(fd: number, offset: number): number;
   setStatusFlags(fd: number, flags: number): void;
+  /** ioctl(2): a Buffer argument by its address (read and written in
+   * place), a number as it is. Throws on failure. */
+  ioctl(fd: number, request: number, arg: Buffer | number): number;
+  mkfifo(path: string, mode: number): void;
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
   fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;

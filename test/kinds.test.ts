@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -173,6 +173,114 @@ describe('deleted files still open: exact size, holes, contents, positions, flag
 
 describe('memfds: name, seals (also none allowed), size, mode, position, flags; one object when mapped by two processes', () => {
   roundTrips('mfd', [fixture('memfds')], /FILE\s+\/memfd:sealed \(deleted\) pos=777/);
+});
+
+describe('unix stream socket pairs shut down on one side (SHUT_WR, SHUT_RD, both): each end keeps its shutdown state and its data', () => {
+  roundTrips('ushut', [fixture('unixshut')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, shut down for reading/);
+});
+
+describe('a pseudoterminal inside the application: settings, window size, queued input and output, the controlling terminal of a session with its foreground group', () => {
+  roundTrips('pty', [fixture('ptys')], /PTY\s+pty master of \/dev\/pts\/\d+, 13 bytes of input and 5 of output queued/);
+});
+
+describe('epoll sets whatever their targets: another epoll made later, a target moved to another number or whose number was reused, EPOLLET, EPOLLONESHOT disarmed, EPOLLEXCLUSIVE', () => {
+  // Six targets, two of them held under another number now (in the
+  // kernel's order, not the order they were added).
+  roundTrips('epol', [fixture('epolls')], /EPOLL\s+epoll watching (?=(?:[^\n]*\(now \d+\)){2})(?:\d+(?: \(now \d+\))?,){5}\d+(?: \(now \d+\))?\n/);
+});
+
+describe('what outlives its name: a deleted working directory, a deleted FIFO, a listening socket whose file a restore finds there, a child holding its parent\'s /proc files', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-leftovers-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  // 'apart': the listener's path is the original's while it runs.
+  roundTrips('left', [fixture('leftovers'), dir], /process 2 \(leftparent\): .*cwd \S+\/wd \(deleted\)/, 'apart');
+
+  it('refuses to restore beside an original that still listens at the path, naming it', async () => {
+    const aid = 'leftbusy';
+    const busy = mkdtempSync(join(dir, 'busy-'));
+    run(['run', '-d', '--aid', aid, '--', fixture('leftovers'), busy]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = sb.run(['restore', join(out, aid), '--aid', 'leftbusy2']);
+    expect(r.code).toBe(4);
+    expect(r.stderr).toMatch(new RegExp(`fd \\d+: ${busy}/sock: a live socket listens there`));
+    expect(sb.aids()).not.toContain('leftbusy2');
+    await checksPass(aid);
+  });
+});
+
+/** Where the cgroup v2 hierarchy is mounted, if it is and we may make
+ * cgroups in it. */
+function cgroupRoot(): string | undefined {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (!after?.startsWith('cgroup2 ')) continue;
+    const mount = before.split(' ')[4];
+    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
+    try {
+      const probe = mkdtempSync(join(mount, mine, 'appshot-probe-'));
+      rmdirSync(probe);
+      return join(mount, mine);
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
+}
+
+/** A cgroup with children a and b, for the cgroups fixture (`dir`: that
+ * one, else a new one). */
+function makeCgroups(root: string, dir = mkdtempSync(join(root, 'appshot-kinds-'))): string {
+  mkdirSync(dir, { recursive: true });
+  mkdirSync(join(dir, 'a'));
+  mkdirSync(join(dir, 'b'));
+  return dir;
+}
+
+/** Ends what is left in them (our fixtures) and removes them. Anything
+ * else found there (a process a wrong translation moved in) goes back to
+ * the cgroup above, untouched. */
+async function removeCgroups(dir: string): Promise<void> {
+  for (const sub of ['a', 'b']) {
+    const procs = join(dir, sub, 'cgroup.procs');
+    if (!existsSync(procs)) continue;
+    for (const pid of readFileSync(procs, 'utf8').split('\n').filter(Boolean)) {
+      let comm = '';
+      try {
+        comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      } catch {
+        continue;
+      }
+      if (comm === 'cgroups') process.kill(Number(pid), 'SIGKILL');
+      else writeFileSync(join(dir, '..', 'cgroup.procs'), pid);
+    }
+    await waitFor(() => readFileSync(procs, 'utf8') === '', 10_000, `${dir}/${sub} to empty`);
+    rmdirSync(join(dir, sub));
+  }
+  rmdirSync(dir);
+}
+
+const cgroups = cgroupRoot();
+describe.runIf(cgroups !== undefined)('cgroup membership: each process back in its own cgroup v2, or the restore refused naming it', () => {
+  // Named now, made only when a test of it runs (a filtered run skips
+  // this block's hooks, and would leave it behind).
+  const dir = join(cgroups ?? '/nonexistent', `appshot-kinds-${process.pid}`);
+  beforeAll(() => void makeCgroups(cgroups!, dir));
+  afterAll(() => removeCgroups(dir));
+  roundTrips('cgrp', [fixture('cgroups'), dir], /process 2 \(cgroups\): .*/);
+
+  it('refuses a restore where the cgroup is gone, naming the process and the cgroup, and leaves nothing behind', async () => {
+    const gone = makeCgroups(cgroups!);
+    const aid = 'cgrpgone';
+    run(['run', '-d', '--aid', aid, '--', fixture('cgroups'), gone]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    await removeCgroups(gone);
+    const r = sb.run(['restore', join(out, aid)]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(new RegExp(`process 2 \\(cgroups\\): its cgroup \\S*/${gone.split('/').pop()}/a does not exist on this node`));
+    expect(sb.aids()).not.toContain(aid);
+  });
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {

@@ -101,7 +101,7 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
-  X(closefrom) X(dup2) X(dup3) X(fcntl64) X(read)                         \
+  X(closefrom) X(dup2) X(dup3) X(fcntl64) X(read) X(write)                       \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2)
 
 enum {
@@ -172,6 +172,14 @@ static inline long fail(int err) {
   errno = err;
   return -1;
 }
+
+/* --- cgroup.procs (preload_cgroup.c) ------------------------------------ */
+
+/* `fd`, just opened on `path`: tracked if it is a cgroup's cgroup.procs or
+ * cgroup.threads, whose writes name processes. */
+HIDDEN void cgroup_procs_opened(int fd, const char *path);
+HIDDEN void cgroup_procs_forget(int fd);
+HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 

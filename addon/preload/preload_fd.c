@@ -155,6 +155,7 @@ static void tables_fd_moved(int t, int moved, int keep_old) {
 long do_close(int fd) {
   if (UNLIKELY(is_tables_fd(fd))) return 0;
   signalfd_forget(fd);
+  cgroup_procs_forget(fd);
   return libc_ret(SYS1(close, fd));
 }
 
@@ -162,6 +163,7 @@ API int close(int fd) {
   ensure_init();
   if (UNLIKELY(is_tables_fd(fd))) return 0;
   signalfd_forget(fd);
+  cgroup_procs_forget(fd);
   /* Called by dlsym itself, while init resolves REAL(close)? */
   if (UNLIKELY(!real_fn[R_close])) return (int)libc_ret(SYS1(close, fd));
   return REAL(close)(fd); /* a cancellation point: glibc's */
@@ -169,7 +171,10 @@ API int close(int fd) {
 
 /* close_range over our number: the two ranges on either side of it. */
 long do_close_range(unsigned int first, unsigned int last, int flags) {
-  if (!(flags & CLOSE_RANGE_CLOEXEC)) signalfd_forget_range(first, last);
+  if (!(flags & CLOSE_RANGE_CLOEXEC)) {
+    signalfd_forget_range(first, last);
+    cgroup_procs_forget_range(first, last);
+  }
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
   if (LIKELY(t < 0 || (unsigned int)t < first || (unsigned int)t > last))
     return libc_ret(SYS3(close_range, first, last, flags));
@@ -189,6 +194,7 @@ API int close_range(unsigned int first, unsigned int last, int flags) {
 API void closefrom(int lowfd) {
   ensure_init();
   signalfd_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
+  cgroup_procs_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
   if (LIKELY(t < 0 || t < lowfd)) {
     REAL(closefrom)(lowfd);
@@ -203,6 +209,7 @@ API void closefrom(int lowfd) {
 long do_dup3(long nr, int oldfd, int newfd, int flags) {
   int moved = -1;
   signalfd_forget(newfd);
+  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   long r = nr == SYS_dup2 ? SYS2(dup2, oldfd, newfd)
                           : SYS3(dup3, oldfd, newfd, flags);
@@ -214,6 +221,7 @@ API int dup2(int oldfd, int newfd) {
   ensure_init();
   int moved = -1;
   signalfd_forget(newfd);
+  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   int r = REAL(dup2)(oldfd, newfd);
   if (UNLIKELY(moved >= 0) && r < 0) {
@@ -228,6 +236,7 @@ API int dup3(int oldfd, int newfd, int flags) {
   ensure_init();
   int moved = -1;
   signalfd_forget(newfd);
+  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   int r = REAL(dup3)(oldfd, newfd, flags);
   if (UNLIKELY(moved >= 0) && r < 0) {

@@ -458,22 +458,30 @@ PATH_FN(static inline, int, openat64_m,
 
 API int open(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  return open_m(path, flags, mode);
+  int fd = open_m(path, flags, mode);
+  if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(fd, path);
+  return fd;
 }
 
 API int open64(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  return open64_m(path, flags, mode);
+  int fd = open64_m(path, flags, mode);
+  if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(fd, path);
+  return fd;
 }
 
 API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  return openat_m(fd, path, flags, mode);
+  int got = openat_m(fd, path, flags, mode);
+  if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
+  return got;
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  return openat64_m(fd, path, flags, mode);
+  int got = openat64_m(fd, path, flags, mode);
+  if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
+  return got;
 }
 
 PATH_WRAPPER(int, __open_2, (const char *path, int flags), (path, flags),

@@ -15,11 +15,13 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -97,6 +99,36 @@ Napi::Value PipeCapacity(const Napi::CallbackInfo& info) {
     return info.Env().Undefined();
   }
   return Napi::Number::New(info.Env(), fcntl(fd, F_GETPIPE_SZ));
+}
+
+// mkfifo(path, mode): a FIFO, for one whose path was removed (made, opened
+// and removed again by resources/pipes.ts).
+Napi::Value MkFifo(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  if (mkfifo(path.c_str(), Int(info[1]))) ThrowErrno(info.Env(), ("mkfifo " + path).c_str(), errno);
+  return info.Env().Undefined();
+}
+
+// ioctl(fd, request, arg) -> its result: arg a Buffer (passed by its
+// address, read and written in place) or a number (passed as it is). For
+// the terminal requests of resources/ptys.ts (TCGETS, TIOCGPTN...), which
+// are many and each one line.
+Napi::Value Ioctl(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]);
+  auto request = static_cast<unsigned long>(info[1].As<Napi::Number>().Int64Value());
+  long r;
+  if (info[2].IsBuffer()) {
+    auto buf = info[2].As<Napi::Buffer<char>>();
+    r = ioctl(fd, request, buf.Data());
+  } else {
+    r = ioctl(fd, request, static_cast<unsigned long>(info[2].As<Napi::Number>().Int64Value()));
+  }
+  if (r < 0) {
+    ThrowErrno(env, "ioctl", errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
 }
 
 // setStatusFlags(fd, flags): O_APPEND, O_NONBLOCK... of the description.
@@ -500,6 +532,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("memfd", MemFd);
   fn("lseek", Lseek);
   fn("setStatusFlags", SetStatusFlags);
+  fn("ioctl", Ioctl);
+  fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);
   fn("fileSeals", FileSeals);
   fn("addSeals", AddSeals);

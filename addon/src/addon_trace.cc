@@ -660,6 +660,21 @@ Napi::Value SameDescription(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), r == 0);
 }
 
+// epollTargetIs(pid, epfd, tfd, toff, fd) -> whether the `toff`th target
+// of epoll `epfd` registered under number `tfd` is the open file
+// description that `fd` of the same process is (kcmp KCMP_EPOLL_TFD): the
+// registered number may since have been closed or reused.
+Napi::Value EpollTargetIs(const Napi::CallbackInfo& info) {
+  const int KCMP_EPOLL_TFD = 7;
+  struct {
+    uint32_t efd, tfd, toff;
+  } slot = {static_cast<uint32_t>(info[1].As<Napi::Number>().Int32Value()), static_cast<uint32_t>(info[2].As<Napi::Number>().Int32Value()),
+            static_cast<uint32_t>(info[3].As<Napi::Number>().Int32Value())};
+  pid_t pid = Tid(info, 0);
+  long r = syscall(SYS_kcmp, pid, pid, KCMP_EPOLL_TFD, info[4].As<Napi::Number>().Int32Value(), &slot);
+  return Napi::Boolean::New(info.Env(), r == 0);
+}
+
 // compareFileTables(pid1, pid2) -> kcmp(KCMP_FILES): 0 if the two
 // processes share one descriptor table (CLONE_FILES), else 1 or 2 (an
 // ordering of the tables), -1 if the kernel cannot say.
@@ -876,6 +891,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("crc32cFile", Crc32cFile);
   fn("getFd", GetFd);
   fn("sameDescription", SameDescription);
+  fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);

@@ -47,6 +47,9 @@ const HALF_CLOSED: Record<number, string> = {
   8: ' (CLOSE_WAIT: the peer closed its side)',
 };
 
+/** A socket's sk_shutdown bits (1 reading, 2 writing), in words. */
+const SHUT = ['', ', shut down for reading', ', shut down for writing', ', shut down'];
+
 /** "udp 127.0.0.1:5353 → 10.0.0.1:53, 2 datagrams queued (40 bytes), shut down for writing" */
 function describeDatagramSocket(fd: Fd): string {
   const s = fd.socket;
@@ -55,7 +58,7 @@ function describeDatagramSocket(fd: Fd): string {
   const own = s.address ? at(s.address, s.port) : fd.kind === 12 ? '(unbound)' : '(unnamed)';
   const peer = s.peerAddress ? ` → ${at(s.peerAddress, s.peerPort ?? 0)}` : s.peerIno ? ` → socket ${s.peerIno}` : '';
   const queued = s.datagrams ?? [];
-  const shut = ['', ', shut down for reading', ', shut down for writing', ', shut down'][s.shutdown ?? 0] ?? '';
+  const shut = SHUT[s.shutdown ?? 0] ?? '';
   return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}`;
 }
 
@@ -79,7 +82,7 @@ function describeFd(image: Image, fd: Fd): string {
         : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
-      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued`;
+      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
       return `listening unix ${fd.socket?.address}`;
     case 'UNIX_DGRAM':
     case 'UDP':
@@ -92,8 +95,12 @@ function describeFd(image: Image, fd: Fd): string {
       return describeTimerfd(fd.timerfd);
     case 'INOTIFY':
       return describeInotify(fd.inotifyWatches);
+    case 'PTY': {
+      const pair = image.ptys?.[fd.pty?.pair ?? -1];
+      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${pair?.input.length ?? 0} bytes of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
+    }
     case 'EPOLL':
-      return `epoll watching ${fd.epoll.map((t) => t.fd).join(',') || 'nothing'}`;
+      return `epoll watching ${fd.epoll.map((t) => `${t.fd}${t.heldAt ? ` (now ${t.heldAt - 1})` : ''}`).join(',') || 'nothing'}`;
     default:
       return fd.path;
   }

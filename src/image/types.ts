@@ -45,6 +45,9 @@ export interface Image {
   /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
+  /** Pseudoterminals whose master the application holds (resources/ptys.ts);
+   * absent in older images. */
+  ptys?: PtyPair[];
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
 }
 
@@ -163,6 +166,11 @@ export interface Process {
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
   attributes?: ProcessAttributes;
+  /** 1 + its controlling terminal's index in Image.ptys; 0 or absent: none
+   * in the image. */
+  ctty?: number;
+  /** Its cgroup v2 path (resources/cgroups.ts); '' or absent: not recorded. */
+  cgroup?: string;
 }
 
 export interface ProcessAttributes {
@@ -376,6 +384,7 @@ export const FdKind = {
   TCP_ESTABLISHED: 11,
   UDP: 12,
   UNIX_DGRAM: 13,
+  PTY: 14,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -404,6 +413,28 @@ export interface Fd {
   inotifyWatches?: InotifyWatch[];
   /** File locks held through it (resources/locks.ts); absent in older images. */
   locks?: FileLock[];
+  /** PTY: which pair, which end. */
+  pty?: { pair: number; master: boolean };
+  /** A file under /proc/PID of one of the application's processes: its
+   * virtual PID; 0 or absent otherwise. */
+  procVpid?: number;
+}
+
+export interface PtyPair {
+  /** /dev/pts/N at the snapshot; a restore's new pair has its own. */
+  index: number;
+  /** struct termios as TCGETS fills it (36 bytes). */
+  termios: Buffer;
+  /** struct winsize (8 bytes). */
+  winsize: Buffer;
+  /** Written to the master, not yet read from the slave. */
+  input: Buffer;
+  /** Written to the slave, not yet read from the master. */
+  output: Buffer;
+  locked: boolean;
+  packet: boolean;
+  /** Its foreground process group (virtual); 0: none. */
+  foreground: number;
 }
 
 export const LockKind = { FLOCK: 0, POSIX: 1, OFD: 2, LEASE: 3 } as const;
@@ -511,9 +542,13 @@ export interface Datagram {
 }
 
 export interface EpollTarget {
+  /** The number it was registered under. */
   fd: number;
   events: number;
   data: bigint;
+  /** 1 + the process's descriptor that holds the target now, when `fd`
+   * no longer does (closed, or reused); 0 or absent: `fd` itself. */
+  heldAt?: number;
 }
 
 export interface SemSet {

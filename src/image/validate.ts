@@ -181,6 +181,17 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkProcessState(p, vtids);
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
+  if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
+    corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
+  if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
+}
+
+/** Each pseudoterminal's settings are whole structures, its queues bounded
+ * by what a terminal holds. */
+function checkPtys(image: Image): void {
+  for (const [i, t] of (image.ptys ?? []).entries())
+    if (t.termios.length !== 36 || t.winsize.length !== 8 || t.input.length > 65536 || t.output.length > 1 << 20)
+      corrupt(`pty ${i} has ${t.termios.length} bytes of termios, ${t.winsize.length} of window size, ${t.input.length} of input and ${t.output.length} of output`);
 }
 
 /** A filter keeps one flag, SECCOMP_FILTER_FLAG_LOG (all that
@@ -282,7 +293,10 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
-    for (const t of fd.epoll) if (!fdNumbers.has(t.fd)) corrupt(`${where} watches fd ${t.fd}, which ${who} does not have`);
+    for (const t of fd.epoll) {
+      const held = t.heldAt ? t.heldAt - 1 : t.fd;
+      if (!fdNumbers.has(held) || !(t.fd >= 0 && t.fd < 1 << 20)) corrupt(`${where} watches fd ${held} (registered as ${t.fd}), which ${who} does not have`);
+    }
     const watches = fd.inotifyWatches ?? [];
     // Watch numbers are made again in order, gaps filled: a huge one would
     // have the restore add and remove that many watches.
@@ -290,6 +304,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
+    if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
     checkLocks(fd, where);
   }
 }
@@ -437,4 +452,5 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
 
   const vtids = new Set<number>();
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
+  if (!memoryOnly) checkPtys(image);
 }

@@ -44,6 +44,7 @@ export const SYS = {
   timer_settime: 223,
   timer_delete: 226,
   exit_group: 231,
+  epoll_wait: 232,
   epoll_ctl: 233,
   ioprio_set: 251,
   inotify_add_watch: 254,

@@ -6,8 +6,9 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { closeSync, constants as fs, openSync, readSync, statSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, constants as fs, existsSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type InstanceConfig, type Kind, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, verdictRef, type Vma, VmaKind } from '../image/types.js';
@@ -17,6 +18,7 @@ import { privateCopy, redirected, unredirected } from './paths.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
 
 const O_ACCMODE = 3;
+const DELETED = ' (deleted)';
 
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused
  * rather than an image written that would not restore. */
@@ -114,6 +116,8 @@ export interface ClonePlan {
 /** Descriptors made here and handed to the restored processes. */
 export class RestoreContext {
   private readonly mine: number[] = [];
+  /** Directories made only to be entered (removedDirectory). */
+  private readonly removeAtClose: string[] = [];
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
   /** Established TCP connections, in repair mode until every process is made. */
@@ -148,9 +152,22 @@ export class RestoreContext {
    * directory the instance's own copy of it (relative writes must not
    * reach the template's files, and relative reads find what they did). */
   workingDirectory(p: Process): string {
+    if (p.cwd.endsWith(DELETED)) return this.removedDirectory(p.cwd.slice(0, -DELETED.length));
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
     return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);
+  }
+
+  /** A working directory that was removed (empty, as a removed directory
+   * is): one made beside where it was (or in the temporary directory),
+   * entered, and removed again by close() before the application runs.
+   * Processes that shared it share this one. */
+  private removedDirectory(path: string): string {
+    return this.once(`removed directory ${path}`, () => {
+      const made = mkdtempSync(join(existsSync(dirname(path)) ? dirname(path) : tmpdir(), '.appshot-removed-'));
+      this.removeAtClose.push(made);
+      return made;
+    });
   }
 
   /** A file mapped shared and writable that a rule copies for each clone
@@ -228,6 +245,13 @@ export class RestoreContext {
   }
 
   close(): void {
+    for (const dir of this.removeAtClose.splice(0)) {
+      try {
+        rmdirSync(dir);
+      } catch {
+        /* a process wrote into it meanwhile: impossible while they are held */
+      }
+    }
     this.tcp.close();
     for (const fd of this.mine.splice(0))
       try {

@@ -2,23 +2,27 @@
  * Character devices: those whose whole state is their name (/dev/null,
  * /dev/zero, /dev/urandom, ...), reopened by it, and terminals, which do
  * not travel: a restored process's terminal output goes to the
- * application's log, and its reads from one read nothing. Any other
- * device is refused by name.
+ * application's log, and its reads from one read nothing. A pseudoterminal
+ * whose master the application holds is ptys.ts's (a master alone is
+ * passed through here to it). Any other device is refused by name.
  */
 import { constants as fs, openSync } from 'node:fs';
 import type { Fd, Process } from '../image/types.js';
 import { type RestoreContext, Unsupported } from './context.js';
+import { isPtyMaster } from './ptys.js';
 
 const O_ACCMODE = 3;
 
 /** Character devices whose state is only their name. */
-const PLAIN_DEVICES = new Set(['/dev/null', '/dev/zero', '/dev/full', '/dev/random', '/dev/urandom', '/dev/tty', '/dev/ptmx', '/dev/console']);
+const PLAIN_DEVICES = new Set(['/dev/null', '/dev/zero', '/dev/full', '/dev/random', '/dev/urandom', '/dev/tty', '/dev/console']);
 const TTY = /^\/dev\/(pts\/\d+|tty\w*|console)$/;
 
 /** Whether the device at `path` is a terminal; throws Unsupported for a
  * device that cannot be captured. `where` names the process and fd. */
 export function dumpDevice(path: string, where: string): { tty: boolean } {
   const tty = TTY.test(path);
+  // A pty master: ptys.ts takes it (and its slaves) once every process is seen.
+  if (isPtyMaster(path)) return { tty: false };
   if (!PLAIN_DEVICES.has(path) && !tty) throw new Unsupported(`${where}: device ${path} cannot be captured yet`);
   return { tty };
 }

@@ -7,7 +7,8 @@
  * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
  * datagram sockets unixdgram.ts's, UDP udp.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
- * timerfd and inotify each their own module's. Anything else is refused
+ * timerfd and inotify each their own module's, pseudoterminals ptys.ts's
+ * (after every process is read). Anything else is refused
  * by name.
  */
 import { constants as fs, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
@@ -19,7 +20,7 @@ import { type DumpContext, type RestoreContext, Unsupported } from './context.js
 import { readLimits } from './limits.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
-import { dumpEpoll, restoreEpoll } from './epoll.js';
+import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
 import { dumpInotify, restoreInotify } from './inotify.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
@@ -29,10 +30,12 @@ import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
 import { openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openUnixDgram } from './unixdgram.js';
+import { openPtyEnd } from './ptys.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
 const O_CLOEXEC = 0o2000000;
+const PROC_PID = /^\/proc\/(\d+)(?=\/|$)/;
 
 function fdinfo(pid: number, fd: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -92,7 +95,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       Object.assign(fd, dumpEventfd(info));
     } else if (target === 'anon_inode:[eventpoll]') {
       fd.kind = FdKind.EPOLL;
-      fd.epoll = dumpEpoll((info as Map<string, string> & { raw: string }).raw);
+      fd.epoll = dumpEpoll(pid, n, (info as Map<string, string> & { raw: string }).raw, what);
     } else if (target === 'anon_inode:[signalfd]') {
       fd.kind = FdKind.SIGNALFD;
       fd.sigmask = dumpSignalfd(info);
@@ -116,6 +119,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
+        // /proc/PID/... of a process of the application: it follows that
+        // process to its restored PID.
+        const proc = PROC_PID.exec(target);
+        if (proc) fd.procVpid = ctx.virtual('pid', Number(proc[1])) || undefined;
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
@@ -141,6 +148,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.UDP]: openUdp,
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
+  [FdKind.PTY]: openPtyEnd,
 };
 
 /** Descriptors whose state lives in the process that made them (a
@@ -175,7 +183,7 @@ export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): voi
     if (makeInside) place(makeInside(r, fd), fd);
     else place(h.transfer(r, openHere(h, p, fd)), fd);
   }
-  for (const fd of p.fds) if (fd.kind === FdKind.EPOLL) place(restoreEpoll(r, fd), fd);
+  restoreEpolls(r, p, place);
   restoreLimit();
 }
 
@@ -202,9 +210,18 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   let got: number;
   if (h.image.logPath && fd.path === h.image.logPath) got = h.log();
   else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  else if (fd.procVpid) got = h.keep(openSync(fd.path.replace(PROC_PID, `/proc/${restoredPid(h, fd.procVpid)}`), plain));
   else got = h.keep(openSync(filePath(h, p, fd), plain));
   if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
   return got;
+}
+
+/** The system PID of the restored process `vpid`, from the new tables (it
+ * is bound there once made, before any descriptor is placed). */
+function restoredPid(h: RestoreContext, vpid: number): number {
+  const pid = addon().readTables(h.tablesPath).tables.pid?.find((e) => e.virtual === vpid)?.system;
+  if (pid === undefined) throw new AppshotError(`a descriptor names /proc of process ${vpid}, which this restore did not make`);
+  return pid;
 }
 
 /** Where a clone's file descriptor points: a REDIR PATH target, the

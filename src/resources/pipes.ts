@@ -6,7 +6,9 @@
  * mode, a FIFO opened O_RDWR too. A write end whose reader was outside the
  * application writes to the application's log (see openPipeEnd).
  */
-import { closeSync, constants as fs, openSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, existsSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
@@ -102,10 +104,26 @@ export function openPipeEnd(h: RestoreContext, _p: Process, fd: Fd): number {
   return end;
 }
 
+const DELETED = ' (deleted)';
+
+/** A FIFO whose path was removed while open: one made beside where it was
+ * (or in the temporary directory), opened, and removed again: a FIFO with
+ * no name, as it was (not a pipe, which fstat and /proc tell apart). */
+function removedFifo(path: string): number {
+  const dir = mkdtempSync(join(existsSync(dirname(path)) ? dirname(path) : tmpdir(), '.appshot-fifo-'));
+  const at = join(dir, 'fifo');
+  try {
+    addon().mkfifo(at, 0o600);
+    return openSync(at, fs.O_RDWR | fs.O_NONBLOCK);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
   let made: MadePipe;
   if (pipe.fifoPath) {
-    const rw = h.keep(openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
+    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
   } else {
     const [r, w] = addon().pipe();

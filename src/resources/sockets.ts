@@ -6,20 +6,21 @@
  * Established TCP connections are tcp.ts's, unix datagram sockets
  * unixdgram.ts's, UDP sockets udp.ts's (this module sends them there). A
  * unix SOCK_SEQPACKET pair's queued records are read whole (unixdgram.ts).
- * A unix stream or seqpacket socket whose other end is outside the
- * application is refused by name.
+ * Each end keeps its shutdown state (UNIX_DIAG_SHUTDOWN). A unix stream
+ * or seqpacket socket whose other end is outside the application is
+ * refused by name.
  *
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
  * the shared one (listenAddress).
  */
-import { closeSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { nameProcess, type RestoreContext, Unsupported } from './context.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { dumpUnixDgram, queuedMessages, shut } from './unixdgram.js';
+import { dumpUnixDgram, queuedMessages, removeStale, shut } from './unixdgram.js';
 
 interface InetEntry {
   family: number;
@@ -203,7 +204,9 @@ export class SocketTable {
       }
       // Whether the peer is in the application is known only when every
       // process has been seen: the driver checks (checkUnixPeers).
-      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued };
+      // Its shutdown state too (sk_shutdown, which shutdown() on either end
+      // sets on both, mirrored): pairEnd shuts the new pair down alike.
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
@@ -241,6 +244,11 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   if (!s.listening) return pairEnd(h, s, fd);
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
+    // A unix listener's file left behind by the ended original goes; one
+    // where a live socket listens (the original, still running) is a
+    // conflict, named.
+    if (fd.kind === FdKind.UNIX_SOCKET && s.address.startsWith('/') && isSocketFile(s.address) && removeStale(s.address, SOCK_STREAM))
+      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${s.address}: a live socket listens there`, ExitCode.conflict);
     let sock: number;
     try {
       sock = h.keep(addon().listenSocket(address));
@@ -253,6 +261,14 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
+}
+
+function isSocketFile(path: string): boolean {
+  try {
+    return lstatSync(path).isSocket();
+  } catch {
+    return false;
+  }
 }
 
 /** A TCP listener of a clone: on its own allocated port, or on the

@@ -193,11 +193,13 @@ function bindName(sock: number, address: string, what: string): void {
 }
 
 /** A socket file the ended original left behind (nothing answers there)
- * goes; one a live socket holds stays, and the bind says so. */
-function removeStale(path: string): void {
-  const probe = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
+ * goes; one a live socket holds stays, and the bind says so. Returns
+ * whether a live socket of `type` answered there. */
+export function removeStale(path: string, type = SOCK_DGRAM): boolean {
+  const probe = addon().sockOpen(AF_UNIX, type);
   try {
     addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
+    return true;
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED')
       try {
@@ -205,6 +207,7 @@ function removeStale(path: string): void {
       } catch {
         /* the bind tells */
       }
+    return false;
   } finally {
     closeSync(probe);
   }

@@ -11,6 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
+import { restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -33,6 +34,7 @@ import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
@@ -346,6 +348,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     /** Memory first of every process: emptied and filled from the image. */
     const fillMemory = (m: Made): RemoteProcess => {
       if (m.remote) return m.remote;
+      // Into its cgroup before its memory is made, which is charged there.
+      restoreCgroup(m.proc, m.pid);
       const r = (m.remote = new RemoteProcess(m.pid));
       unregisterRseq(r, m.pid);
       const used = [...m.proc.vmas, ...readMaps(m.pid)];
@@ -408,7 +412,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       addon().bind(tables, 'pid', m.proc.vpid, m.pid);
       const r = new RemoteProcess(m.pid);
       const groupOf = (id: number) => sysPid.get(id) ?? placeholders.get(id);
-      if (m.proc.vsid === m.proc.vpid) r.call('setsid', SYS.setsid, []);
+      if (m.proc.vsid === m.proc.vpid) {
+        r.call('setsid', SYS.setsid, []);
+        takeTerminal(r, handed, m.proc);
+      }
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
       // Children that share pages copy-on-write with it are forked once its
@@ -442,6 +449,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
       // Every signal blocked until the registers are the thread's own.

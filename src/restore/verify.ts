@@ -53,7 +53,8 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
   for (const p of image.processes)
     for (const fd of p.fds) {
       // The log and the table file are the new application's (restore/driver.ts).
-      if (fd.kind !== FdKind.FILE || fd.path === image.logPath || fd.path === image.tablesPath) continue;
+      // A /proc file of the application's own process: its restored one.
+      if (fd.kind !== FdKind.FILE || fd.path === image.logPath || fd.path === image.tablesPath || fd.procVpid) continue;
       const f = image.files[fd.file];
       if (f && !f.deleted && !provided(f.path) && !existsSync(f.path)) throw new AppshotError(`${f.path}, which process ${p.vpid} holds open as fd ${fd.fd}, is missing on this node`);
     }

@@ -22,6 +22,7 @@ import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
+import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
@@ -29,6 +30,7 @@ import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
@@ -187,6 +189,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
       proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
       dumpAttributes(proc, pid, inj, what);
+      dumpCgroup(proc, pid, what);
       proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
       proc.sigactions = dumpSigactions(pid, inj);
       proc.sharedPending = dumpSharedPending(pid);
@@ -221,6 +224,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   markSharedDescriptions(ctx.image.processes);
   dumpLocks(ctx.image);
   checkUnixPeers(ctx.image.processes);
+  dumpPtys(ctx);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.
   const tables = addon().readTables(ctx.tablesPath);

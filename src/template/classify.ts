@@ -188,6 +188,9 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       return { kind: 'inotify', name: `inotify on ${(fd.inotifyWatches ?? []).map((w) => w.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
       return { kind: 'epoll', name: 'epoll', ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.PTY:
+      // Each clone makes its own pair, as a restore does.
+      return { kind: 'pty', name: `pty ${fd.pty?.master ? 'master' : 'slave'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     default:
       return { kind: 'unknown', name: fd.path, ...decide('recreate', 'not a kind classification knows') };
   }

@@ -1,0 +1,82 @@
+/* cgroup.procs and cgroup.threads: the PID or TID an application writes
+ * there is a virtual one, and names its own process; the kernel would move
+ * the system process of that number. Descriptors opened on such a file of
+ * a cgroup filesystem are kept in a bitmap (set by the open wrappers,
+ * cleared by close, dup2/dup3 and close_range, as signalfd's are), and a
+ * write() to one that is a single decimal id is translated. "0" (the
+ * writer itself) goes through as it is. Writes through stdio (fprintf,
+ * which calls libc's internal write) and through writev or pwrite are not
+ * seen (README). */
+#include "preload.h"
+
+#include <string.h>
+#include <sys/vfs.h>
+
+#define CGROUP_SUPER_MAGIC 0x27e0eb
+#define CGROUP2_SUPER_MAGIC 0x63677270
+#define CGROUP_TRACKED 4096 /* descriptors above are written untranslated */
+
+static unsigned long g_cgroup_fds[CGROUP_TRACKED / (8 * sizeof(long))];
+#define BIT(fd) (1UL << ((unsigned)(fd) % (8 * sizeof(long))))
+#define WORD(fd) g_cgroup_fds[(unsigned)(fd) / (8 * sizeof(long))]
+
+static int tracked(int fd) {
+  return fd >= 0 && fd < CGROUP_TRACKED &&
+         (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd));
+}
+
+static int names_file(const char *path, size_t n, const char *name) {
+  size_t m = strlen(name);
+  return n >= m && !memcmp(path + n - m, name, m) && (n == m || path[n - m - 1] == '/');
+}
+
+void cgroup_procs_opened(int fd, const char *path) {
+  if (fd < 0 || fd >= CGROUP_TRACKED || !path) return;
+  size_t n = strlen(path);
+  if (!names_file(path, n, "cgroup.procs") && !names_file(path, n, "cgroup.threads")) return;
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || (sf.f_type != CGROUP2_SUPER_MAGIC && sf.f_type != CGROUP_SUPER_MAGIC)) return;
+  __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
+}
+
+void cgroup_procs_forget(int fd) {
+  if (UNLIKELY(tracked(fd))) __atomic_fetch_and(&WORD(fd), ~BIT(fd), __ATOMIC_RELAXED);
+}
+
+void cgroup_procs_forget_range(unsigned int first, unsigned int last) {
+  for (unsigned int fd = first; fd <= last && fd < CGROUP_TRACKED; fd++) cgroup_procs_forget((int)fd);
+}
+
+/* One id in decimal, with white space around it (what the kernel parses),
+ * written as its system id. Anything else goes through as it is. */
+static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
+  size_t i = 0;
+  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
+  size_t start = i;
+  long v = 0;
+  while (i < count && buf[i] >= '0' && buf[i] <= '9' && i - start < 10) v = v * 10 + (buf[i++] - '0');
+  size_t digits = i - start;
+  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
+  if (digits == 0 || i != count || v == 0) return libc_ret(SYS3(write, fd, buf, count));
+  pid_t sid;
+  if (!v2s_pid((pid_t)v, &sid)) return fail(ESRCH); /* no such process of the application */
+  char out[16];
+  int n = 0;
+  char rev[12];
+  do {
+    rev[n++] = (char)('0' + sid % 10);
+    sid /= 10;
+  } while (sid > 0);
+  for (int k = 0; k < n; k++) out[k] = rev[n - 1 - k];
+  out[n] = '\n';
+  long r = SYS3(write, fd, out, n + 1);
+  return r < 0 ? libc_ret(r) : (ssize_t)count;
+}
+
+API ssize_t write(int fd, const void *buf, size_t count) {
+  ensure_init();
+  if (UNLIKELY(tracked(fd)) && g_h) return cgroup_write(fd, buf, count);
+  /* Called by dlsym itself, while init resolves REAL(write)? */
+  if (UNLIKELY(!real_fn[R_write])) return libc_ret(SYS3(write, fd, buf, count));
+  return REAL(write)(fd, buf, count); /* a cancellation point: glibc's */
+}

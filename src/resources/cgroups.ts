@@ -1,0 +1,62 @@
+/**
+ * Cgroup membership: each process goes back into the cgroup (v2) it was
+ * in, by its path in the unified hierarchy ("0::PATH" of /proc/PID/cgroup),
+ * before its memory is made, so that what it allocates is charged there.
+ * Where the path does not exist on the restoring node, or this user may
+ * not move a process into it (cgroup.procs not writable, a delegation
+ * boundary), the restore fails naming the process and the cgroup: never
+ * silently left in the restorer's cgroup. The v1 hierarchies are not
+ * recorded (README).
+ *
+ * Threads of one process in different cgroups (threaded cgroups) are
+ * refused at snapshot.
+ */
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { AppshotError, ExitCode } from '../errors.js';
+import type { Process } from '../image/types.js';
+import { nameProcess, Unsupported } from './context.js';
+
+/** The cgroup v2 path of a process or thread, or '' without a unified hierarchy. */
+function unifiedPath(procDir: string): string {
+  let text = '';
+  try {
+    text = readFileSync(join(procDir, 'cgroup'), 'utf8');
+  } catch {
+    return '';
+  }
+  return /^0::(.*)$/m.exec(text)?.[1] ?? '';
+}
+
+export function dumpCgroup(p: Process, pid: number, what: string): void {
+  p.cgroup = unifiedPath(`/proc/${pid}`);
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const there = unifiedPath(`/proc/${pid}/task/${tid}`);
+    if (there && there !== p.cgroup) throw new Unsupported(`${what} thread ${tid}: in cgroup ${there}, its process in ${p.cgroup}: threaded cgroups cannot be captured yet`);
+  }
+}
+
+/** Where the unified (v2) hierarchy is mounted here, as this process's
+ * cgroup namespace shows it. */
+function unifiedMount(): string | undefined {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (after?.startsWith('cgroup2 ')) return before.split(' ')[4];
+  }
+  return undefined;
+}
+
+/** Moves the restored process `pid` into the cgroup its image names. */
+export function restoreCgroup(p: Process, pid: number): void {
+  if (!p.cgroup || unifiedPath(`/proc/${pid}`) === p.cgroup) return;
+  const who = nameProcess(p.vpid, p.comm);
+  const mount = unifiedMount();
+  if (!mount) throw new AppshotError(`${who}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
+  const dir = join(mount, p.cgroup);
+  if (!existsSync(join(dir, 'cgroup.procs'))) throw new AppshotError(`${who}: its cgroup ${p.cgroup} does not exist on this node (${dir})`, ExitCode.conflict);
+  try {
+    writeFileSync(join(dir, 'cgroup.procs'), `${pid}\n`);
+  } catch (e) {
+    throw new AppshotError(`${who}: cannot be put back into its cgroup ${p.cgroup}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, ExitCode.conflict);
+  }
+}
