@@ -532,3 +532,38 @@ describe('signed images', () => {
 function statMode(path: string): number {
   return statSync(path).mode & 0o777;
 }
+
+/** The image names paths and ids on the restoring node: appshot, often
+ * root, must do there no more than the image's own processes could. */
+describe('what an image names on the restoring node', () => {
+  /** The good image's first process with one more descriptor, `fd`. */
+  const withFd = (name: string, fd: Partial<Image['processes'][number]['fds'][number]>) =>
+    crafted(name, (i) => {
+      const base = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      i.processes[0].fds.push({ ...base, fd: 901, description: 0, file: 0, path: '', locks: [], ...fd } as typeof base);
+    });
+  const dgram = (address: string, datagrams: { data: Buffer; from: string; fromPort: number }[] = []) => ({
+    kind: 13,
+    flags: 2,
+    socket: { ino: 4242424242n, family: 1, type: 2, address, port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams },
+  });
+
+  it('never removes a file that is not a socket where a unix datagram socket was bound', () => {
+    const victim = join(out, 'not-a-socket');
+    writeFileSync(victim, 'precious\n');
+    refuses(['restore', withFd('dgram-over-file', dgram(victim))], { code: 4, stderr: /cannot be bound to .*not-a-socket/ });
+    expect(readFileSync(victim, 'utf8')).toBe('precious\n');
+  });
+
+  it('never removes a file that is not a socket named as a queued datagram\'s sender', async () => {
+    const victim = join(out, 'not-a-sender');
+    writeFileSync(victim, 'precious\n');
+    const bound = join(out, 'dgram-bound');
+    rmSync(bound, { force: true });
+    const r = sb.run(['restore', withFd('dgram-from-file', dgram(bound, [{ data: Buffer.from('hi'), from: victim, fromPort: 0 }])), '--aid', 'dgramfrom']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', '-f', 'dgramfrom']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('dgramfrom'), 10_000, 'the restored application to be removed');
+    expect(readFileSync(victim, 'utf8')).toBe('precious\n');
+  });
+});
