@@ -351,6 +351,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
+    ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
+    ['a queued datagram\'s sender path with ..', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 902, kind: 13, socket: { ino: 4343n, family: 1, type: 2, address: '/tmp/appshot-hostile-dgram', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams: [{ data: Buffer.from('x'), from: '/tmp/../etc/passwd', fromPort: 0 }] } });
+      i.processes[0].fds.push(fd);
+    }, 'queued datagram names .* not a plain absolute path'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
     ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'POSIX timer ids add up to 2000000001'],
@@ -532,3 +538,38 @@ describe('signed images', () => {
 function statMode(path: string): number {
   return statSync(path).mode & 0o777;
 }
+
+/** The image names paths and ids on the restoring node: appshot, often
+ * root, must do there no more than the image's own processes could. */
+describe('what an image names on the restoring node', () => {
+  /** The good image's first process with one more descriptor, `fd`. */
+  const withFd = (name: string, fd: Partial<Image['processes'][number]['fds'][number]>) =>
+    crafted(name, (i) => {
+      const base = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      i.processes[0].fds.push({ ...base, fd: 901, description: 0, file: 0, path: '', locks: [], ...fd } as typeof base);
+    });
+  const dgram = (address: string, datagrams: { data: Buffer; from: string; fromPort: number }[] = []) => ({
+    kind: 13,
+    flags: 2,
+    socket: { ino: 4242424242n, family: 1, type: 2, address, port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams },
+  });
+
+  it('never removes a file that is not a socket where a unix datagram socket was bound', () => {
+    const victim = join(out, 'not-a-socket');
+    writeFileSync(victim, 'precious\n');
+    refuses(['restore', withFd('dgram-over-file', dgram(victim))], { code: 4, stderr: /cannot be bound to .*not-a-socket/ });
+    expect(readFileSync(victim, 'utf8')).toBe('precious\n');
+  });
+
+  it('never removes a file that is not a socket named as a queued datagram\'s sender', async () => {
+    const victim = join(out, 'not-a-sender');
+    writeFileSync(victim, 'precious\n');
+    const bound = join(out, 'dgram-bound');
+    rmSync(bound, { force: true });
+    const r = sb.run(['restore', withFd('dgram-from-file', dgram(bound, [{ data: Buffer.from('hi'), from: victim, fromPort: 0 }])), '--aid', 'dgramfrom']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', '-f', 'dgramfrom']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('dgramfrom'), 10_000, 'the restored application to be removed');
+    expect(readFileSync(victim, 'utf8')).toBe('precious\n');
+  });
+});

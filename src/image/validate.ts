@@ -352,6 +352,32 @@ function checkStrings(image: Image): void {
   visit(image, 'image');
 }
 
+/** Paths the restore resolves on the restoring node, as the kernel gave
+ * them (d_path): absolute, with no "." or ".." in them. One with ".." could
+ * lead a clone's private copy (joined under its private root) or a file
+ * made beside another out of where it belongs. */
+function checkPaths(image: Image): void {
+  const check = (path: string | undefined, where: string) => {
+    if (path?.startsWith('/') && path.split('/').some((part) => part === '.' || part === '..')) corrupt(`${where} names ${JSON.stringify(path)}, which is not a plain absolute path`);
+  };
+  for (const [i, f] of image.files.entries()) check(f.path, `file ${i}`);
+  for (const [i, pipe] of image.pipes.entries()) check(pipe.fifoPath, `pipe ${i}`);
+  for (const p of image.processes) {
+    const who = `process ${p.vpid}`;
+    check(p.cwd, `${who}'s working directory`);
+    check(p.exe, `${who}'s executable`);
+    for (const v of p.vmas) check(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
+    for (const fd of p.fds) {
+      const where = `${who} fd ${fd.fd}`;
+      check(fd.path, where);
+      check(fd.socket?.address, where);
+      check(fd.socket?.peerAddress, where);
+      for (const d of fd.socket?.datagrams ?? []) check(d.from, `${where}'s queued datagram`);
+      for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);
+    }
+  }
+}
+
 /** Checks everything restore, clone and inspect take for granted.
  * `pagesFileSize`: the size of pages.img, which every page run must lie in.
  * `memoryOnly`: the image is read as the parent of another, for its pages
@@ -361,6 +387,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   if (!image.node) corrupt('it does not say which node it is for');
   if (!image.stats) corrupt('it has no statistics section');
   checkStrings(image);
+  checkPaths(image);
   if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
   const limits = machineLimits();
   if (!image.processes.length && !memoryOnly) corrupt('it holds no process');

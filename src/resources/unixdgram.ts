@@ -30,7 +30,8 @@
  *    peer has now, or to its outside peer by name; an outside peer that
  *    cannot be reached fails the restore, naming it.
  */
-import { closeSync, unlinkSync } from 'node:fs';
+import { closeSync, lstatSync, openSync, unlinkSync } from 'node:fs';
+import { basename, dirname } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
 import { addon } from '../native.js';
@@ -201,15 +202,38 @@ export function removeStale(path: string, type = SOCK_DGRAM): boolean {
     addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
     return true;
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED')
-      try {
-        unlinkSync(path);
-      } catch {
-        /* the bind tells */
-      }
+    // ECONNREFUSED is also what a file that is no socket answers: only a
+    // socket file goes (the bind then says the name is taken).
+    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED') unlinkSocketFile(path);
     return false;
   } finally {
     closeSync(probe);
+  }
+}
+
+const O_PATH = 0o10000000;
+const O_DIRECTORY = 0o200000;
+const O_CLOEXEC = 0o2000000;
+
+/** Removes `path` if it is a socket file, and nothing else: a name from
+ * an image may be any file of the restoring node. Looked at and removed
+ * through one descriptor of its directory, so that a directory swapped
+ * for a symlink in between cannot send the removal elsewhere. */
+export function unlinkSocketFile(path: string): void {
+  if (path.endsWith('/')) return;
+  let dir: number;
+  try {
+    dir = openSync(dirname(path), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  } catch {
+    return;
+  }
+  try {
+    const at = `/proc/self/fd/${dir}/${basename(path)}`;
+    if (lstatSync(at).isSocket()) unlinkSync(at);
+  } catch {
+    /* gone already, or not ours to remove: the bind tells */
+  } finally {
+    closeSync(dir);
   }
 }
 
@@ -241,7 +265,7 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
         if (stalePath) removeStale(d.from);
         addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }));
         addon().sockSend(temp, d.data, to);
-        if (stalePath) unlinkSync(d.from);
+        if (stalePath) unlinkSocketFile(d.from);
         return;
       } catch {
         /* the name is taken: from an unnamed socket instead */
