@@ -78,15 +78,20 @@ static int still_procs(int fd) {
 
 /* One id in decimal, with white space around it (what the kernel parses),
  * written as its system id. Anything else goes through as it is. */
+/* The kernel's isspace, which strips around the id. */
+static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
 static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
   size_t i = 0;
-  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
+  while (i < count && is_space(buf[i])) i++;
   size_t start = i;
   long v = 0;
   while (i < count && buf[i] >= '0' && buf[i] <= '9' && i - start < 10) v = v * 10 + (buf[i++] - '0');
   size_t digits = i - start;
-  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
-  if (digits == 0 || i != count || v == 0) return libc_ret(SYS3(write, fd, buf, count));
+  while (i < count && is_space(buf[i])) i++;
+  /* Past INT_MAX the kernel refuses it (EINVAL); (pid_t)v would name
+   * another process. */
+  if (digits == 0 || i != count || v == 0 || v > INT_MAX) return libc_ret(SYS3(write, fd, buf, count));
   if (!still_procs(fd)) {
     cgroup_procs_forget(fd);
     return libc_ret(SYS3(write, fd, buf, count));
