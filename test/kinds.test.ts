@@ -281,6 +281,19 @@ describe.runIf(cgroups !== undefined)('cgroup membership: each process back in i
     expect(r.stderr).toMatch(new RegExp(`process 2 \\(cgroups\\): its cgroup \\S*/${gone.split('/').pop()}/a does not exist on this node`));
     expect(sb.aids()).not.toContain(aid);
   });
+
+  it('a PID written through a copy of the descriptor moves that process; a plain file reusing a closed one is written as it is', () => {
+    const r = sb.run(['run', '--', fixture('cgroupfds'), dir, join(out, 'cgroupfds.txt')]);
+    expect(r.stdout + r.stderr).not.toMatch(/FAIL.*/);
+    expect(r.stdout).toMatch(/^OK$/m);
+  });
+
+  it("a shell's `echo $pid > cgroup.procs` (dup2 onto 1) moves that process", () => {
+    const script = `sleep 30 & p=$!; echo $p > ${dir}/a/cgroup.procs && grep '^0::' /proc/$p/cgroup; kill $p`;
+    const r = sb.run(['run', '--', '/bin/sh', '-c', script]);
+    expect(r.stderr).not.toMatch(/No such process|Invalid/);
+    expect(r.stdout).toMatch(new RegExp(`^0::\\S*/${dir.split('/').pop()}/a$`, 'm'));
+  });
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {

@@ -180,6 +180,8 @@ static inline long fail(int err) {
 HIDDEN void cgroup_procs_opened(int fd, const char *path);
 HIDDEN void cgroup_procs_forget(int fd);
 HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
+HIDDEN int cgroup_procs_marked(int fd);
+HIDDEN void cgroup_procs_mark(int fd, int on);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -265,6 +267,10 @@ HIDDEN void translate_si_pid(siginfo_t *info);
 HIDDEN long do_rt_sigaction(int sig, const void *act, void *old, size_t size);
 HIDDEN void signalfd_forget(int fd);
 HIDDEN void signalfd_forget_range(unsigned int first, unsigned int last);
+HIDDEN int signalfd_marked(int fd);
+HIDDEN void signalfd_mark(int fd, int on);
+/* preload_fd.c: the marks above, carried by a copy of a descriptor. */
+HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
 HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 

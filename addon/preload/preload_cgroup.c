@@ -43,21 +43,59 @@ void cgroup_procs_forget(int fd) {
   if (UNLIKELY(tracked(fd))) __atomic_fetch_and(&WORD(fd), ~BIT(fd), __ATOMIC_RELAXED);
 }
 
+int cgroup_procs_marked(int fd) { return tracked(fd); }
+
+void cgroup_procs_mark(int fd, int on) {
+  if (!on) cgroup_procs_forget(fd);
+  else if (fd >= 0 && fd < CGROUP_TRACKED) __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
+}
+
 void cgroup_procs_forget_range(unsigned int first, unsigned int last) {
   for (unsigned int fd = first; fd <= last && fd < CGROUP_TRACKED; fd++) cgroup_procs_forget((int)fd);
 }
 
+/* Whether `fd`, marked when it was opened, still is a cgroup.procs or
+ * cgroup.threads. A descriptor closed past our close (fclose and other
+ * internal closes of glibc, a raw system call) keeps its mark, and the next
+ * file given its number must not have its data rewritten. Only writes to
+ * marked descriptors pay for this. */
+static int still_procs(int fd) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || (sf.f_type != CGROUP2_SUPER_MAGIC && sf.f_type != CGROUP_SUPER_MAGIC))
+    return 0;
+  char link[32] = "/proc/self/fd/", rev[12];
+  size_t n = strlen(link);
+  int k = 0;
+  unsigned u = (unsigned)fd;
+  do rev[k++] = (char)('0' + u % 10); while ((u /= 10) > 0);
+  while (k > 0) link[n++] = rev[--k];
+  link[n] = 0;
+  char target[PATH_MAX];
+  long len = SYS3(readlink, link, target, sizeof target);
+  return len > 0 && (names_file(target, (size_t)len, "cgroup.procs") ||
+                     names_file(target, (size_t)len, "cgroup.threads"));
+}
+
 /* One id in decimal, with white space around it (what the kernel parses),
  * written as its system id. Anything else goes through as it is. */
+/* The kernel's isspace, which strips around the id. */
+static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
 static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
   size_t i = 0;
-  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
+  while (i < count && is_space(buf[i])) i++;
   size_t start = i;
   long v = 0;
   while (i < count && buf[i] >= '0' && buf[i] <= '9' && i - start < 10) v = v * 10 + (buf[i++] - '0');
   size_t digits = i - start;
-  while (i < count && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')) i++;
-  if (digits == 0 || i != count || v == 0) return libc_ret(SYS3(write, fd, buf, count));
+  while (i < count && is_space(buf[i])) i++;
+  /* Past INT_MAX the kernel refuses it (EINVAL); (pid_t)v would name
+   * another process. */
+  if (digits == 0 || i != count || v == 0 || v > INT_MAX) return libc_ret(SYS3(write, fd, buf, count));
+  if (!still_procs(fd)) {
+    cgroup_procs_forget(fd);
+    return libc_ret(SYS3(write, fd, buf, count));
+  }
   pid_t sid;
   if (!v2s_pid((pid_t)v, &sid)) return fail(ESRCH); /* no such process of the application */
   char out[16];

@@ -206,22 +206,29 @@ API void closefrom(int lowfd) {
   REAL(closefrom)(t + 1);
 }
 
+/* A copy of a descriptor is the same file: it carries the original's marks
+ * (signalfd, cgroup.procs), and loses whatever its number had. A shell's
+ * `echo $pid > cgroup.procs` opens the file and writes through the copy
+ * that dup2 made of it on 1. */
+void fd_marks_copy(int from, int to) {
+  int sfd = signalfd_marked(from), procs = cgroup_procs_marked(from);
+  signalfd_mark(to, sfd);
+  cgroup_procs_mark(to, procs);
+}
+
 long do_dup3(long nr, int oldfd, int newfd, int flags) {
   int moved = -1;
-  signalfd_forget(newfd);
-  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   long r = nr == SYS_dup2 ? SYS2(dup2, oldfd, newfd)
                           : SYS3(dup3, oldfd, newfd, flags);
   if (UNLIKELY(moved >= 0) && r < 0) tables_fd_moved(newfd, moved, 1);
+  if (r >= 0) fd_marks_copy(oldfd, newfd);
   return libc_ret(r);
 }
 
 API int dup2(int oldfd, int newfd) {
   ensure_init();
   int moved = -1;
-  signalfd_forget(newfd);
-  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   int r = REAL(dup2)(oldfd, newfd);
   if (UNLIKELY(moved >= 0) && r < 0) {
@@ -229,14 +236,13 @@ API int dup2(int oldfd, int newfd) {
     tables_fd_moved(newfd, moved, 1);
     errno = e;
   }
+  if (r >= 0) fd_marks_copy(oldfd, newfd);
   return r;
 }
 
 API int dup3(int oldfd, int newfd, int flags) {
   ensure_init();
   int moved = -1;
-  signalfd_forget(newfd);
-  cgroup_procs_forget(newfd);
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
   int r = REAL(dup3)(oldfd, newfd, flags);
   if (UNLIKELY(moved >= 0) && r < 0) {
@@ -244,7 +250,15 @@ API int dup3(int oldfd, int newfd, int flags) {
     tables_fd_moved(newfd, moved, 1);
     errno = e;
   }
+  if (r >= 0) fd_marks_copy(oldfd, newfd);
   return r;
+}
+
+API int dup(int fd) {
+  ensure_init();
+  long r = SYS1(dup, fd);
+  if (r >= 0) fd_marks_copy(fd, (int)r);
+  return (int)libc_ret(r);
 }
 
 /* posix_spawn's file actions run in the child, inside glibc: decided here,

@@ -697,7 +697,8 @@ static long fcntl_call(int raw, int fd, int cmd, void *arg) {
 }
 
 /* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
- * SIGURG; F_GETLK reports the holder of a conflicting lock. Every other
+ * SIGURG; F_GETLK reports the holder of a conflicting lock; F_DUPFD's copy
+ * is tracked as its original is. Every other
  * command passes as it is. */
 long do_fcntl(int raw, int fd, int cmd, void *arg) {
   switch (cmd) {
@@ -723,6 +724,12 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       struct f_owner_ex *o = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r == 0 && o && o->pid > 0) o->pid = s2v_or0(APPSHOT_PID, o->pid);
+      return r;
+    }
+    case F_DUPFD:
+    case F_DUPFD_CLOEXEC: { /* the copy carries the marks (fd_marks_copy) */
+      long r = fcntl_call(raw, fd, cmd, arg);
+      if (r >= 0) fd_marks_copy(fd, (int)r);
       return r;
     }
     case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */

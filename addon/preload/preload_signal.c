@@ -135,6 +135,16 @@ void signalfd_forget(int fd) {
     mark_signalfd(fd, 0);
 }
 
+int signalfd_marked(int fd) {
+  return fd >= 0 && fd < SIGNALFD_TRACKED &&
+         (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd));
+}
+
+void signalfd_mark(int fd, int on) {
+  if (on) mark_signalfd(fd, 1);
+  else signalfd_forget(fd);
+}
+
 void signalfd_forget_range(unsigned int first, unsigned int last) {
   for (unsigned int fd = first; fd <= last && fd < SIGNALFD_TRACKED; fd++)
     signalfd_forget((int)fd);
