@@ -25,6 +25,9 @@ export interface RequestContext {
   /** Called if the client goes away (Ctrl-C, killed) before the end. */
   onDisconnect: Set<() => void>;
   disconnected: boolean;
+  /** The request's lease ($APPSHOT_HOME/engine/leases/NAME, see holder.ts): what
+   * it claims for itself is held while the file exists. */
+  lease?: string;
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

@@ -19,16 +19,20 @@
  *  - engine.sock (0600): the socket. Each connection's peer is checked
  *    with SO_PEERCRED: only this user's processes are served.
  *  - log: what the engine has to say outside any command.
+ *  - leases/NAME: one per request being served, removed when it ends: what
+ *    the request claims for itself is held while it exists (holder.ts).
  */
-import { appendFileSync, chmodSync, closeSync, lstatSync, mkdirSync, rmSync, writeSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
+import { leasesDir, newLeaseName } from '../holder.js';
+import { LocalRegistry } from '../registry.js';
 
 export interface EngineOptions {
   home: string;
@@ -126,8 +130,11 @@ export class Engine {
     this.lockFd = addon().tryLockFile(this.paths.lock);
     if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
     writeSync(this.lockFd, `${process.pid}\n`, 0);
-    // The lock is ours: any socket there is a dead engine's.
+    // The lock is ours: any socket there is a dead engine's, and so are
+    // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
+    rmSync(leasesDir(this.opts.home), { recursive: true, force: true });
+    mkdirSync(leasesDir(this.opts.home), { mode: 0o700 });
     const server = createServer((s) => this.accept(s));
     this.server = server;
     await new Promise<void>((ok, fail) => {
@@ -255,7 +262,19 @@ export class Engine {
       trustImages: false,
       onDisconnect: new Set(),
       disconnected: false,
+      lease: newLeaseName(),
     };
+    // What the command claims for itself (ports, a registration before its
+    // supervisor runs, temporaries) is held while this file exists: until
+    // the request ends, not the engine (holder.ts).
+    const leaseFile = join(leasesDir(this.opts.home), ctx.lease!);
+    try {
+      writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
+    } catch (e) {
+      this.log(`cannot make the lease of a request: ${(e as Error).message}`);
+      socket.end(frame(Frame.REFUSED, Buffer.from('the engine cannot hold a request now')));
+      return;
+    }
     const disconnected = () => {
       if (ctx.disconnected) return;
       ctx.disconnected = true;
@@ -295,6 +314,14 @@ export class Engine {
       const code = Buffer.alloc(4);
       code.writeInt32BE(ctx.exitCode ?? 0);
       if (!ctx.disconnected) socket.end(frame(Frame.EXIT, code));
+      // The request has ended, however (done, failed, its client gone):
+      // what it claimed and did not hand to an application goes now.
+      rmSync(leaseFile, { force: true });
+      try {
+        new LocalRegistry(this.opts.home).releaseHeldBy(ctx.lease!);
+      } catch (e) {
+        this.log(`releasing what a request left: ${(e as Error).message}`);
+      }
       this.checkDone();
     }
   }

@@ -11,6 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
+import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -200,8 +201,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       cwd: image.processes[0]?.cwd ?? '/',
       createdAt: new Date().toISOString(),
       detached: true,
-      harnessPid: process.pid,
-      harnessStartTime: readStat(process.pid)?.startTime,
+      ...harnessOf(currentHolder()),
       logPath: join(stateDir, 'log'),
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
