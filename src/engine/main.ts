@@ -12,7 +12,7 @@ import { resolve } from 'node:path';
 try {
   // Everything a command loads, loaded now rather than by the first one.
   await Promise.all([import('../cli.js'), import('../native.js').then((n) => n.addon())]);
-  const code = await serveEngine({ home: resolve(defaultHome()), idleSeconds: idleSecondsFromEnv() });
+  const code = await serveEngine({ home: resolve(defaultHome()), idleSeconds: idleSecondsFromEnv(), onDemand: process.argv.includes('--on-demand') });
   process.exit(code);
 } catch (e) {
   process.stderr.write(`appshot: engine: ${(e as Error).message}\n`);

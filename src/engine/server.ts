@@ -22,7 +22,7 @@
  *  - leases/NAME: one per request being served, removed when it ends: what
  *    the request claims for itself is held while it exists (holder.ts).
  */
-import { appendFileSync, chmodSync, closeSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, existsSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
@@ -38,6 +38,10 @@ export interface EngineOptions {
   home: string;
   /** Leave after this long without a request. */
   idleSeconds: number;
+  /** Started on demand by a command (APPSHOT_ENGINE=auto): the state
+   * directory must exist already; an engine never makes one that was
+   * removed meanwhile. */
+  onDemand?: boolean;
 }
 
 /** Lets commands run together only if they want the same current
@@ -122,6 +126,7 @@ export class Engine {
    * holds this directory. */
   async start(): Promise<void> {
     const dir = this.paths.dir;
+    if (this.opts.onDemand && !existsSync(this.opts.home)) throw new AppshotError(`${this.opts.home} is gone: no engine for it`, ExitCode.notFound);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const st = lstatSync(dir);
     if (!st.isDirectory() || st.uid !== this.uid)
@@ -152,6 +157,7 @@ export class Engine {
     enableTemplateCache();
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
+    this.watchSocket();
   }
 
   /** process.stdout/stderr.write of a command go to its client; outside
@@ -168,6 +174,29 @@ export class Engine {
         return true;
       }) as typeof stream.write;
     }
+  }
+
+  /** Leaves as soon as its socket is no longer the one it bound (the state
+   * directory was removed, as a test's is, or someone removed the socket):
+   * no client can reach it any more, so waiting for the idle time would
+   * only keep a process and its cache for nothing. */
+  private watchSocket(): void {
+    const bound = lstatSync(this.paths.socket).ino;
+    const timer = setInterval(() => {
+      let ino: number | undefined;
+      try {
+        ino = lstatSync(this.paths.socket).ino;
+      } catch {
+        /* gone */
+      }
+      if (ino === bound && !this.leaving) return;
+      clearInterval(timer);
+      if (!this.leaving) {
+        this.log('its socket is gone: leaving');
+        void this.stop();
+      }
+    }, 1000);
+    timer.unref();
   }
 
   private armIdle(): void {
