@@ -22,7 +22,7 @@
  *  - leases/NAME: one per request being served, removed when it ends: what
  *    the request claims for itself is held while it exists (holder.ts).
  */
-import { appendFileSync, chmodSync, closeSync, existsSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, existsSync, ftruncateSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
@@ -32,6 +32,7 @@ import { Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 import { leasesDir, newLeaseName } from '../holder.js';
+import { contextDifference, readContext } from './context.js';
 import { LocalRegistry } from '../registry.js';
 
 export interface EngineOptions {
@@ -134,6 +135,7 @@ export class Engine {
     chmodSync(dir, 0o700);
     this.lockFd = addon().tryLockFile(this.paths.lock);
     if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
+    ftruncateSync(this.lockFd, 0);
     writeSync(this.lockFd, `${process.pid}\n`, 0);
     // The lock is ours: any socket there is a dead engine's, and so are
     // any requests' leases (holder.ts): their requests ended with it.
@@ -283,6 +285,14 @@ export class Engine {
       socket.end(frame(Frame.REFUSED, Buffer.from('the engine is leaving')));
       return;
     }
+    // Run here, the command would have the engine's capabilities, filters,
+    // limits, namespaces and cgroup, not the client's: one that differs
+    // runs it itself (context.ts).
+    const difference = contextDifference(readContext('self'), peerPid);
+    if (difference) {
+      socket.end(frame(Frame.REFUSED, Buffer.from(`the client runs in another context than the engine: ${difference}`)));
+      return;
+    }
     const ctx: RequestContext = {
       write: (stream, chunk) => {
         if (!ctx.disconnected && chunk.length) socket.write(frame(stream === 1 ? Frame.STDOUT : Frame.STDERR, chunk));
@@ -381,6 +391,8 @@ export class Engine {
 export async function serveEngine(opts: EngineOptions): Promise<number> {
   const engine = new Engine(opts);
   await engine.start();
+  // Everything a command loads, loaded now rather than by the first one.
+  void import('../cli.js').catch((e) => engine.log(`loading the CLI: ${(e as Error).message}`));
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);
