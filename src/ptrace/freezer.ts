@@ -200,6 +200,9 @@ export class Freezer {
   }
 
   private handle(r: TraceReport): void {
+    // Another snapshot's thread, left to be let go (in the engine, where
+    // snapshots share one tracer): not this application's.
+    if (letGoIfUnsettled(r)) return;
     let t = this.threads.get(r.tid);
     if (!t) {
       // A task the kernel seized for us (a new thread or child) can report
@@ -330,6 +333,7 @@ export class Freezer {
     const deadline = Date.now() + 10_000;
     while (this.threads.size && Date.now() < deadline) {
       const r = addon().wait(-1, 100);
+      if (r && letGoIfUnsettled(r)) continue;
       if (r?.kind === 'exited') this.threads.delete(r.tid);
       else if (!r) for (const tid of [...this.threads.keys()]) if (!existsSync(`/proc/${tid}`)) this.threads.delete(tid);
     }
@@ -380,16 +384,7 @@ function detachWhenStopped(tid: number): void {
         unsettled.delete(tid); // not ours any more (ECHILD): gone
         continue;
       }
-      if (!r) continue;
-      unsettled.delete(tid);
-      if (r.kind === 'exited') continue;
-      try {
-        // A signal it was about to take is given back; a job-control
-        // stop's signal too, so that it stops as it would have.
-        addon().detach(tid, r.kind === 'signal' || r.kind === 'group-stop' ? r.sig : 0);
-      } catch {
-        /* died meanwhile */
-      }
+      if (r) letGoIfUnsettled(r);
     }
     if (unsettled.size === 0) {
       clearInterval(unsettledTimer);
@@ -397,4 +392,20 @@ function detachWhenStopped(tid: number): void {
     }
   }, 50);
   unsettledTimer.unref();
+}
+
+/** If `r` (from a wait for any tracee) is about a thread left to be let
+ * go, lets it go (or forgets it, if it exited) and says so: whoever waited
+ * must not take it for one of its own. */
+export function letGoIfUnsettled(r: TraceReport): boolean {
+  if (!unsettled.delete(r.tid)) return false;
+  if (r.kind === 'exited') return true;
+  try {
+    // A signal it was about to take is given back; a job-control stop's
+    // signal too, so that it stops as it would have.
+    addon().detach(r.tid, r.kind === 'signal' || r.kind === 'group-stop' ? r.sig : 0);
+  } catch {
+    /* died meanwhile */
+  }
+  return true;
 }

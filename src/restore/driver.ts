@@ -11,6 +11,7 @@
  * calls run inside it. A failure at any step kills every process made so
  * far; init then removes the tables, the SysV objects and the registration.
  */
+import { letGoIfUnsettled } from '../ptrace/freezer.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
@@ -462,9 +463,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
 async function waitGone(reg: LocalRegistry, record: AppRecord): Promise<void> {
   for (let i = 0; i < 200; i++) {
     // Reap our tracees' exit reports.
-    while (addon().wait(-1, 0)) {
-      /* drain */
-    }
+    for (let r = addon().wait(-1, 0); r; r = addon().wait(-1, 0)) letGoIfUnsettled(r);
     const r = reg.get(record.aid);
     if (!r) return;
     if (!r.initPid || reg.isStale(r)) {
