@@ -129,6 +129,34 @@ describe('the resident engine', () => {
     expect(inProcess(['rm', '-f', 'same']).code).toBe(0);
   });
 
+  it('is started on demand by default, serves only clients in its own context, and leaves no lease behind', async () => {
+    await stopEngine();
+    await startApp('ctx');
+    // APPSHOT_ENGINE unset: the default is auto.
+    const env = { ...sb.env };
+    delete env.APPSHOT_ENGINE;
+    const plain = (args: string[], prefix: string[] = []) => {
+      const r = spawnSync(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), cli, ...args], { cwd: out, env, encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const first = plain(['snapshot', 'ctx', '--leave-running', '-o', 'ctx.appshot']);
+    expect(first.code, first.stderr).toBe(0);
+    await waitFor(() => status().running === true, 20_000, 'the engine to start');
+    const before = served();
+    expect(plain(['inspect', 'ctx.appshot']).code).toBe(0);
+    expect(served()).toBe(before + 1);
+    // Without CAP_SYS_ADMIN in its bounding set, or with a lower limit, or
+    // traced: the command runs in the client, with the client's rights,
+    // and gives what it gives there.
+    const noAdmin = plain(['inspect', 'ctx.appshot'], ['setpriv', '--bounding-set=-sys_admin']);
+    expect(noAdmin.code, noAdmin.stderr).toBe(0);
+    const lowLimit = plain(['inspect', 'ctx.appshot'], ['prlimit', '--nofile=512:512']);
+    expect(lowLimit.code, lowLimit.stderr).toBe(0);
+    expect(served()).toBe(before + 1);
+    expect(readdirSync(join(sb.home, 'engine', 'leases'))).toEqual([]);
+    expect(inProcess(['rm', '-f', 'ctx']).code).toBe(0);
+  });
+
   it('serves two clients at once without mixing their output', async () => {
     expect(inProcess(['engine', 'start']).code).toBe(0);
     await startApp('pair');
