@@ -5,7 +5,7 @@
  * same output and exit codes as the CLI in-process.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -233,6 +233,30 @@ describe('the resident engine', () => {
     spawnSync('chmod', ['o-w', join(out, 'tpl.template')]);
     expect(cache().misses).toBe(first.misses + 2);
     expect(inProcess(['rm', '-f', 'tpl-a', 'tpl-b']).code).toBe(0);
+  });
+
+  it('checks the files an image maps again once they changed, though it keeps their checksums', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const exe = join(out, 'snapfix-copy');
+    copyFileSync(fixture('snapfix'), exe);
+    const r = inProcess(['run', '-d', '--aid', 'lib', '--', exe, '-1', '4']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => lastCheck('lib') >= 3, 10_000, 'lib to start');
+    expect(inProcess(['snapshot', 'lib', '-o', 'lib.appshot']).code).toBe(0);
+    const before = served();
+    const first = run(['restore', 'lib.appshot']);
+    expect(first.code, first.stderr).toBe(0);
+    expect(inProcess(['rm', '-f', 'lib']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('lib'), 10_000, 'lib to go');
+    // One byte changed in place: same size, another checksum.
+    const fd = openSync(exe, 'r+');
+    const byte = Buffer.alloc(1);
+    readSync(fd, byte, 0, 1, 200);
+    writeSync(fd, Buffer.from([byte[0] ^ 0xff]), 0, 1, 200);
+    closeSync(fd);
+    const second = run(['restore', 'lib.appshot']);
+    expect(served()).toBe(before + 2);
+    expect({ code: second.code, stderr: second.stderr }).toEqual({ code: 1, stderr: `appshot: cannot restore lib.appshot: ${exe} differs from the one the image mapped (its contents changed)\n` });
   });
 
   it('refuses a second engine for the same state directory', async () => {

@@ -33,6 +33,7 @@ import { currentRequest, requestStorage, type RequestContext } from './request.j
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 import { leasesDir, newLeaseName } from '../holder.js';
 import { contextDifference, readContext } from './context.js';
+import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry } from '../registry.js';
 
 export interface EngineOptions {
@@ -157,6 +158,7 @@ export class Engine {
     server.on('error', (e) => this.log(`socket error: ${e.message}`));
     this.routeOutput();
     enableTemplateCache();
+    keepChecksums();
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
     this.watchSocket();
