@@ -58,6 +58,16 @@ export function harnessOf(h: Holder): { harnessPid: number; harnessStartTime: nu
   return { harnessPid: h.pid, harnessStartTime: h.startTime, ...(h.request ? { harnessRequest: h.request } : {}) };
 }
 
+/** Notes, for an engine's request, an AID it registered or a port it
+ * claimed, to be looked at when it ends. Nothing in a CLI process. */
+export function noteHeld(kind: 'aid' | 'port', id: string | number): void {
+  const r = currentRequest();
+  if (!r?.lease) return;
+  r.held ??= { aids: new Set(), ports: new Set() };
+  if (kind === 'aid') r.held.aids.add(String(id));
+  else r.held.ports.add(Number(id));
+}
+
 /** "PID START" or "PID START REQUEST", as claim files hold it. */
 export function formatHolder(h: Holder): string {
   return h.request ? `${h.pid} ${h.startTime} ${h.request}` : `${h.pid} ${h.startTime}`;

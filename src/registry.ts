@@ -27,7 +27,7 @@ import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
-import { uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
+import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { type MadeDir, removeRedirTargets } from './resources/paths.js';
 
 export interface AppRecord {
@@ -290,6 +290,7 @@ export class LocalRegistry implements Registry {
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
       this.update(record);
+      noteHeld('aid', aid);
       return record;
     } catch (e) {
       removeDir(stateDir);
@@ -558,6 +559,7 @@ export class LocalRegistry implements Registry {
       if (existsSync(file) && this.portOwner(port) !== aid && !this.portClaimIsStale(port)) return false;
       writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
       renameSync(`${file}.tmp`, file);
+      noteHeld('port', port);
       return true;
     });
   }
@@ -610,18 +612,16 @@ export class LocalRegistry implements Registry {
    * for itself and left is taken back now rather than at the next look:
    * port claims no application is registered with, and registrations
    * whose supervisor never started. */
-  releaseHeldBy(request: string): void {
-    this.sweepPorts();
-    let aids: string[];
-    try {
-      aids = readdirSync(this.appsDir);
-    } catch {
-      return;
-    }
-    for (const aid of aids) {
+  releaseHeldBy(request: string, held: { aids: Iterable<string>; ports: Iterable<number> }): void {
+    for (const aid of held.aids) {
       const record = this.get(aid);
       if (record && record.harnessRequest === request && record.initPid === undefined) this.settle(record);
     }
+    const ports = [...held.ports];
+    if (ports.length)
+      this.withPortsLocked(() => {
+        for (const port of ports) if (this.portClaim(port)?.holder.request === request && this.portClaimIsStale(port)) rmSync(join(this.portsDir, String(port)), { force: true });
+      });
   }
 
   private dropOrphanDir(aid: string): void {

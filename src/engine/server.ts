@@ -359,7 +359,7 @@ export class Engine {
       // what it claimed and did not hand to an application goes now.
       rmSync(leaseFile, { force: true });
       try {
-        new LocalRegistry(this.opts.home).releaseHeldBy(ctx.lease!);
+        if (ctx.held) new LocalRegistry(this.opts.home).releaseHeldBy(ctx.lease!, ctx.held);
       } catch (e) {
         this.log(`releasing what a request left: ${(e as Error).message}`);
       }
