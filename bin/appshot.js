@@ -7,8 +7,8 @@ import module from 'node:module';
 
 module.enableCompileCache?.();
 // A resident engine (src/engine/) serves the command if one runs for this
-// state directory (clone, restore and snapshot start one if none does),
-// unless APPSHOT_ENGINE=off: then only the small client is loaded, not
+// state directory (with APPSHOT_ENGINE=auto, clone, restore and snapshot
+// start one if none does), unless APPSHOT_ENGINE=off: then only the small client is loaded, not
 // the CLI. It answers undefined when the command is one to run here (run,
 // exec, logs -f, stdin...) or no engine can serve it.
 if (process.env.APPSHOT_ENGINE !== 'off') {

@@ -129,12 +129,10 @@ describe('the resident engine', () => {
     expect(inProcess(['rm', '-f', 'same']).code).toBe(0);
   });
 
-  it('is started on demand by default, serves only clients in its own context, and leaves no lease behind', async () => {
+  it('is started on demand (auto), serves only clients in its own context, and leaves no lease behind', async () => {
     await stopEngine();
     await startApp('ctx');
-    // APPSHOT_ENGINE unset: the default is auto.
-    const env = { ...sb.env };
-    delete env.APPSHOT_ENGINE;
+    const env = { ...sb.env, APPSHOT_ENGINE: 'auto' };
     const plain = (args: string[], prefix: string[] = []) => {
       const r = spawnSync(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), cli, ...args], { cwd: out, env, encoding: 'utf8', timeout: 50_000 });
       return { code: r.status, stdout: r.stdout, stderr: r.stderr };
