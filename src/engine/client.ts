@@ -26,8 +26,9 @@ const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
 /** APPSHOT_ENGINE: `auto`, an engine is started on demand; unset (the
  * default) or `manual`, one is used if it runs (`appshot engine start`)
  * but none is started; `off`, none is used (bin/appshot.js). Not `auto`
- * by default yet: a snapshot of redis with 50 pipelining clients served
- * by the engine loses their connections (test/tcp.test.ts, README). */
+ * by default yet: a snapshot taken very soon after a burst of pipelined
+ * TCP traffic, as a warm engine takes it, loses the connections on
+ * restore (test/tcp.test.ts's redis; README, "The resident engine"). */
 function startsOnDemand(): boolean {
   return process.env.APPSHOT_ENGINE === 'auto';
 }
