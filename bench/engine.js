@@ -33,7 +33,7 @@ const work = mkdtempSync(join(root, '.bench-images-engine-'));
 const aid = `bench-engine-${process.pid}`;
 const modes = {
   'in-process': { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'off' },
-  engine: { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'on', APPSHOT_ENGINE_IDLE: '600' },
+  engine: { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600' },
 };
 const times = {};
 let counting = false;

@@ -7,9 +7,10 @@ import module from 'node:module';
 
 module.enableCompileCache?.();
 // A resident engine (src/engine/) serves the command if one runs for this
-// state directory, unless APPSHOT_ENGINE=off: then only the small client
-// is loaded, not the CLI. It answers undefined when the command is one to
-// run here (run, exec, logs -f, stdin...) or no engine can serve it.
+// state directory (with APPSHOT_ENGINE=auto, clone, restore and snapshot
+// start one if none does), unless APPSHOT_ENGINE=off: then only the small client is loaded, not
+// the CLI. It answers undefined when the command is one to run here (run,
+// exec, logs -f, stdin...) or no engine can serve it.
 if (process.env.APPSHOT_ENGINE !== 'off') {
   const { viaEngine } = await import('../dist/engine/client.js');
   const code = await viaEngine(process.argv.slice(2));

@@ -12,6 +12,7 @@
  * like a foreground runner (0 after a snapshot); init stays as long as any
  * process of the application does (daemons) and then cleans up.
  */
+import { currentHolder, harnessOf } from './holder.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
@@ -114,8 +115,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     cwd: process.cwd(),
     createdAt: new Date().toISOString(),
     detached: opts.detach,
-    harnessPid: process.pid,
-    harnessStartTime: readStat(process.pid)?.startTime,
+    ...harnessOf(currentHolder()),
     ...(opts.detach ? { logPath: join(stateDir, 'log') } : {}),
   });
   const record = opts.aid ? registry.register(opts.aid, fill) : registry.registerGenerated(fill);

@@ -26,7 +26,8 @@ import {
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
-import { isSameProcess, readStat } from './procfs.js';
+import { isSameProcess } from './procfs.js';
+import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { type MadeDir, removeRedirTargets } from './resources/paths.js';
 
 export interface AppRecord {
@@ -53,9 +54,12 @@ export interface AppRecord {
   /** REDIR PATH target directories made for it by `run --rules`
    * (a clone's are in restore.madeDirs); `appshot rm` removes them. */
   madeDirs?: MadeDir[];
-  /** The `appshot run` that registered it, until the supervisor is known. */
+  /** The `appshot run` (or restore, or clone) that registered it, until
+   * the supervisor is known; in the engine, also the request
+   * (holder.ts), which ends long before the engine does. */
   harnessPid: number;
   harnessStartTime?: number;
+  harnessRequest?: string;
   /** The application's supervisor, virtual PID 1. */
   initPid?: number;
   initStartTime?: number;
@@ -159,7 +163,7 @@ export function checkAid(aid: string): void {
  * remover killed in between leaves only the hidden name, which the next
  * listing sweeps away. appshot-init removes it the same way. */
 function removeDir(dir: string): void {
-  const doomed = join(dirname(dir), `.${basename(dir)}.removed-${process.pid}`);
+  const doomed = join(dirname(dir), `.${basename(dir)}.removed-${uniqueTag()}`);
   try {
     renameSync(dir, doomed);
   } catch (e) {
@@ -290,6 +294,7 @@ export class LocalRegistry implements Registry {
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
       this.update(record);
+      noteHeld('aid', aid);
       return record;
     } catch (e) {
       removeDir(stateDir);
@@ -375,14 +380,18 @@ export class LocalRegistry implements Registry {
     const dir = join(this.home, 'commits');
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     for (const name of readdirSync(dir)) {
-      const pid = Number(name.split('.')[0]);
+      // PID.START.REQUEST.RANDOM (REQUEST '-' outside the engine), or
+      // PID.RANDOM as older versions named them.
+      const w = name.split('.');
+      const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
       try {
-        if (!isSameProcess(pid, undefined) && Date.now() - statSync(join(dir, name)).mtimeMs > 60_000) rmSync(join(dir, name), { force: true });
+        if (!holderAlive(holder, this.home) && Date.now() - statSync(join(dir, name)).mtimeMs > 60_000) rmSync(join(dir, name), { force: true });
       } catch {
         /* swept by another */
       }
     }
-    return join(dir, `${process.pid}.${randomBytes(6).toString('hex')}`);
+    const h = currentHolder();
+    return join(dir, `${h.pid}.${h.startTime}.${h.request ?? '-'}.${randomBytes(6).toString('hex')}`);
   }
 
   /** Commits: from now on, the restore's processes are the application's
@@ -411,8 +420,8 @@ export class LocalRegistry implements Registry {
     const t = this.readTables(record);
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
-      // No supervisor yet: alive while the harness that registered it is.
-      return !isSameProcess(record.harnessPid, record.harnessStartTime);
+      // No supervisor yet: alive while the command that registered it is.
+      return !holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
     }
     if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
     // A live process of its table counts only if it really is one of the
@@ -552,8 +561,9 @@ export class LocalRegistry implements Registry {
     return this.withPortsLocked(() => {
       const file = join(this.portsDir, String(port));
       if (existsSync(file) && this.portOwner(port) !== aid && !this.portClaimIsStale(port)) return false;
-      writeFileSync(`${file}.tmp`, `${aid} ${process.pid} ${readStat(process.pid)?.startTime ?? 0}`);
+      writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
       renameSync(`${file}.tmp`, file);
+      noteHeld('port', port);
       return true;
     });
   }
@@ -563,15 +573,15 @@ export class LocalRegistry implements Registry {
     return this.portClaim(port)?.aid;
   }
 
-  private portClaim(port: number): { aid: string; pid: number; startTime: number } | undefined {
+  private portClaim(port: number): { aid: string; holder: Holder } | undefined {
     let text: string;
     try {
       text = readFileSync(join(this.portsDir, String(port)), 'utf8');
     } catch {
       return undefined;
     }
-    const [aid, pid, startTime] = text.split(' ');
-    return { aid, pid: Number(pid), startTime: Number(startTime) };
+    const [aid, ...holder] = text.trim().split(' ');
+    return { aid, holder: parseHolder(holder) };
   }
 
   /** Takes back the ports of applications that are gone. */
@@ -590,15 +600,32 @@ export class LocalRegistry implements Registry {
   }
 
   /** A claim is taken back once its application, registered with the
-   * port, is gone; until it is registered with it, once the process that
-   * claimed it has ended. (Not both: the claimer may be the resident
-   * engine, which outlives the command that claimed the port.) */
+   * port, is gone; until it is registered with it, and once its
+   * registration is gone (a snapshot released it, init removed it), once
+   * the command that claimed it has ended (holder.ts: in the resident
+   * engine, the request, not the engine's process, which outlives it). */
   private portClaimIsStale(port: number): boolean {
     const claim = this.portClaim(port);
     if (!claim) return true;
     const record = this.get(claim.aid);
     if (record && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return this.isStale(record);
-    return !isSameProcess(claim.pid, claim.startTime);
+    return !holderAlive(claim.holder, this.home);
+  }
+
+  /** An engine's request has ended (its lease is gone): what it claimed
+   * for itself and left is taken back now rather than at the next look:
+   * port claims no application is registered with, and registrations
+   * whose supervisor never started. */
+  releaseHeldBy(request: string, held: { aids: Iterable<string>; ports: Iterable<number> }): void {
+    for (const aid of held.aids) {
+      const record = this.get(aid);
+      if (record && record.harnessRequest === request && record.initPid === undefined) this.settle(record);
+    }
+    const ports = [...held.ports];
+    if (ports.length)
+      this.withPortsLocked(() => {
+        for (const port of ports) if (this.portClaim(port)?.holder.request === request && this.portClaimIsStale(port)) rmSync(join(this.portsDir, String(port)), { force: true });
+      });
   }
 
   private dropOrphanDir(aid: string): void {

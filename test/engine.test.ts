@@ -5,7 +5,7 @@
  * same output and exit codes as the CLI in-process.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -129,6 +129,32 @@ describe('the resident engine', () => {
     expect(inProcess(['rm', '-f', 'same']).code).toBe(0);
   });
 
+  it('is started on demand (auto), serves only clients in its own context, and leaves no lease behind', async () => {
+    await stopEngine();
+    await startApp('ctx');
+    const env = { ...sb.env, APPSHOT_ENGINE: 'auto' };
+    const plain = (args: string[], prefix: string[] = []) => {
+      const r = spawnSync(prefix[0] ?? process.execPath, [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), cli, ...args], { cwd: out, env, encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const first = plain(['snapshot', 'ctx', '--leave-running', '-o', 'ctx.appshot']);
+    expect(first.code, first.stderr).toBe(0);
+    await waitFor(() => status().running === true, 20_000, 'the engine to start');
+    const before = served();
+    expect(plain(['inspect', 'ctx.appshot']).code).toBe(0);
+    expect(served()).toBe(before + 1);
+    // Without CAP_SYS_ADMIN in its bounding set, or with a lower limit, or
+    // traced: the command runs in the client, with the client's rights,
+    // and gives what it gives there.
+    const noAdmin = plain(['inspect', 'ctx.appshot'], ['setpriv', '--bounding-set=-sys_admin']);
+    expect(noAdmin.code, noAdmin.stderr).toBe(0);
+    const lowLimit = plain(['inspect', 'ctx.appshot'], ['prlimit', '--nofile=512:512']);
+    expect(lowLimit.code, lowLimit.stderr).toBe(0);
+    expect(served()).toBe(before + 1);
+    expect(readdirSync(join(sb.home, 'engine', 'leases'))).toEqual([]);
+    expect(inProcess(['rm', '-f', 'ctx']).code).toBe(0);
+  });
+
   it('serves two clients at once without mixing their output', async () => {
     expect(inProcess(['engine', 'start']).code).toBe(0);
     await startApp('pair');
@@ -159,7 +185,7 @@ describe('the resident engine', () => {
     // APPSHOT_DEBUG makes the snapshot say when the application is frozen:
     // the client is killed then, in the middle of it.
     const client = start(['snapshot', 'victim', '-o', 'victim.appshot'], { APPSHOT_DEBUG: '1' });
-    await waitFor(() => /ms frozen:/.test(client.stderr()), 20_000, 'the snapshot to freeze the application');
+    await waitFor(() => /snapshot phase freeze:/.test(client.stderr()), 20_000, 'the snapshot to freeze the application');
     client.child.kill('SIGKILL');
     const killed = await client.done;
     // On a busy machine the snapshot may finish between its message and
@@ -205,6 +231,30 @@ describe('the resident engine', () => {
     spawnSync('chmod', ['o-w', join(out, 'tpl.template')]);
     expect(cache().misses).toBe(first.misses + 2);
     expect(inProcess(['rm', '-f', 'tpl-a', 'tpl-b']).code).toBe(0);
+  });
+
+  it('checks the files an image maps again once they changed, though it keeps their checksums', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const exe = join(out, 'snapfix-copy');
+    copyFileSync(fixture('snapfix'), exe);
+    const r = inProcess(['run', '-d', '--aid', 'lib', '--', exe, '-1', '4']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => lastCheck('lib') >= 3, 10_000, 'lib to start');
+    expect(inProcess(['snapshot', 'lib', '-o', 'lib.appshot']).code).toBe(0);
+    const before = served();
+    const first = run(['restore', 'lib.appshot']);
+    expect(first.code, first.stderr).toBe(0);
+    expect(inProcess(['rm', '-f', 'lib']).code).toBe(0);
+    await waitFor(() => !sb.aids().includes('lib'), 10_000, 'lib to go');
+    // One byte changed in place: same size, another checksum.
+    const fd = openSync(exe, 'r+');
+    const byte = Buffer.alloc(1);
+    readSync(fd, byte, 0, 1, 200);
+    writeSync(fd, Buffer.from([byte[0] ^ 0xff]), 0, 1, 200);
+    closeSync(fd);
+    const second = run(['restore', 'lib.appshot']);
+    expect(served()).toBe(before + 2);
+    expect({ code: second.code, stderr: second.stderr }).toEqual({ code: 1, stderr: `appshot: cannot restore lib.appshot: ${exe} differs from the one the image mapped (its contents changed)\n` });
   });
 
   it('refuses a second engine for the same state directory', async () => {

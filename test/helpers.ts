@@ -110,7 +110,23 @@ export class Sandbox {
     for (const aid of this.aids()) this.run(['stop', aid, '--signal', 'KILL']);
     for (const c of this.started) if (c.exitCode === null) c.kill('SIGKILL');
     await waitFor(() => this.aids().length === 0, 10_000).catch(() => undefined);
+    await this.stopEngine();
     rmSync(this.home, { recursive: true, force: true });
+  }
+
+  /** Stops the resident engine of this sandbox's state directory, if one
+   * runs (APPSHOT_ENGINE=auto starts one per sandbox), and waits until it
+   * has left: it must not outlive its directory. */
+  async stopEngine(): Promise<void> {
+    if (!existsSync(join(this.home, 'engine', 'lock'))) return;
+    const r = spawnSync(process.execPath, [cli, 'engine', 'stop', '--json'], { env: this.env, encoding: 'utf8', timeout: 20_000 });
+    let pid: number | undefined;
+    try {
+      pid = (JSON.parse(r.stdout) as { pid?: number }).pid;
+    } catch {
+      /* none answered */
+    }
+    if (pid) await waitFor(() => !alive(pid!), 20_000, `engine ${pid} to leave`).catch(() => undefined);
   }
 }
 

@@ -112,7 +112,7 @@ export async function listImages(dirs: string[]): Promise<ImagesResult> {
     }
     if (!st.isDirectory()) throw new AppshotError(`not a directory: ${d}`, ExitCode.usage);
     for (const name of readdirSync(dir).sort()) {
-      if (name.startsWith('.')) continue; // half-written images (.NAME.partial-PID) and the like
+      if (name.startsWith('.')) continue; // half-written images (.NAME.partial-PID-RANDOM) and the like
       const found = await describe(join(dir, name));
       if (found) images.push(found);
     }

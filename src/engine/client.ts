@@ -13,6 +13,7 @@
  *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
  *    this one, not the engine).
  */
+import { existsSync, readFileSync } from 'node:fs';
 import { ciVariableSet } from './request.js';
 import { connect, type Socket } from 'node:net';
 import { enginePaths, defaultHome } from '../home.js';
@@ -22,6 +23,27 @@ const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine', 'serve']);
 /** Commands that start an engine with APPSHOT_ENGINE=auto: those a warm
  * engine makes faster by more than its start costs. */
 const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
+
+/** APPSHOT_ENGINE: `auto`, an engine is started on demand; unset (the
+ * default) or `manual`, one is used if it runs (`appshot engine start`)
+ * but none is started; `off`, none is used (bin/appshot.js). Not `auto`
+ * by default yet: a snapshot taken very soon after a burst of pipelined
+ * TCP traffic, as a warm engine takes it, loses the connections on
+ * restore (test/tcp.test.ts's redis; README, "The resident engine"). */
+function startsOnDemand(): boolean {
+  return process.env.APPSHOT_ENGINE === 'auto';
+}
+
+/** Whether an engine is starting (it holds its lock, whose file names it,
+ * before it listens): a second one would only find the lock taken. */
+function engineStarting(lock: string): boolean {
+  try {
+    const pid = Number(readFileSync(lock, 'utf8').trim());
+    return pid > 0 && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('engine/main.js');
+  } catch {
+    return false;
+  }
+}
 
 /** Whether `argv` (after `appshot`) may be run by the engine. */
 export function servedByEngine(argv: string[]): boolean {
@@ -53,7 +75,7 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
   const socket = await openSocket(paths.socket);
   if (!socket) {
     const command = argv.find((a) => !a.startsWith('-'));
-    if (process.env.APPSHOT_ENGINE === 'auto' && command && STARTS_ENGINE.has(command)) {
+    if (startsOnDemand() && command && STARTS_ENGINE.has(command) && existsSync(home) && !engineStarting(paths.lock)) {
       // For the next command: this one runs here, now.
       const { startEngineInBackground } = await import('./spawn.js');
       startEngineInBackground(home);

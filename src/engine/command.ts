@@ -17,7 +17,8 @@ export function registerEngine(program: Command): void {
       '\nWhile an engine runs for $APPSHOT_HOME, appshot sends commands to it (except run, exec,\n' +
         'logs -f, wait, check and anything reading stdin or writing a stream to stdout) instead of\n' +
         'starting cold. APPSHOT_ENGINE=auto: clone, restore and snapshot start one when none runs;\n' +
-        'APPSHOT_ENGINE=off: never use one. It leaves after APPSHOT_ENGINE_IDLE seconds (default 60)\n' +
+        'unset or manual: use one that runs, start none; APPSHOT_ENGINE=off: never use one.\n' +
+        'It leaves after APPSHOT_ENGINE_IDLE seconds (default 60)\n' +
         'without a command, and on SIGTERM. See README, "The resident engine".\n\n' +
         'Examples:\n  appshot engine start\n  appshot engine status --json\n  appshot engine stop',
     );

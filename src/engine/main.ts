@@ -10,9 +10,10 @@ import { idleSecondsFromEnv, serveEngine } from './server.js';
 import { resolve } from 'node:path';
 
 try {
-  // Everything a command loads, loaded now rather than by the first one.
-  await Promise.all([import('../cli.js'), import('../native.js').then((n) => n.addon())]);
-  const code = await serveEngine({ home: resolve(defaultHome()), idleSeconds: idleSecondsFromEnv() });
+  // The lock first (serveEngine), then everything a command loads
+  // (server.ts): an engine started while another starts or runs leaves
+  // without compiling the CLI for nothing.
+  const code = await serveEngine({ home: resolve(defaultHome()), idleSeconds: idleSecondsFromEnv(), onDemand: process.argv.includes('--on-demand') });
   process.exit(code);
 } catch (e) {
   process.stderr.write(`appshot: engine: ${(e as Error).message}\n`);

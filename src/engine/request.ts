@@ -28,6 +28,12 @@ export interface RequestContext {
   /** Called if the client goes away (Ctrl-C, killed) before the end. */
   onDisconnect: Set<() => void>;
   disconnected: boolean;
+  /** The request's lease ($APPSHOT_HOME/engine/leases/NAME, see holder.ts): what
+   * it claims for itself is held while the file exists. */
+  lease?: string;
+  /** What it registered and the ports it claimed under its lease: looked
+   * at again when it ends (registry.ts releaseHeldBy). */
+  held?: { aids: Set<string>; ports: Set<number> };
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

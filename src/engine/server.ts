@@ -19,21 +19,31 @@
  *  - engine.sock (0600): the socket. Each connection's peer is checked
  *    with SO_PEERCRED: only this user's processes are served.
  *  - log: what the engine has to say outside any command.
+ *  - leases/NAME: one per request being served, removed when it ends: what
+ *    the request claims for itself is held while it exists (holder.ts).
  */
-import { appendFileSync, chmodSync, closeSync, lstatSync, mkdirSync, rmSync, writeSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, existsSync, ftruncateSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
+import { leasesDir, newLeaseName } from '../holder.js';
+import { contextDifference, readContext } from './context.js';
+import { keepChecksums } from '../restore/verify.js';
+import { LocalRegistry } from '../registry.js';
 
 export interface EngineOptions {
   home: string;
   /** Leave after this long without a request. */
   idleSeconds: number;
+  /** Started on demand by a command (APPSHOT_ENGINE=auto): the state
+   * directory must exist already; an engine never makes one that was
+   * removed meanwhile. */
+  onDemand?: boolean;
 }
 
 /** Lets commands run together only if they want the same current
@@ -118,6 +128,7 @@ export class Engine {
    * holds this directory. */
   async start(): Promise<void> {
     const dir = this.paths.dir;
+    if (this.opts.onDemand && !existsSync(this.opts.home)) throw new AppshotError(`${this.opts.home} is gone: no engine for it`, ExitCode.notFound);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const st = lstatSync(dir);
     if (!st.isDirectory() || st.uid !== this.uid)
@@ -125,9 +136,13 @@ export class Engine {
     chmodSync(dir, 0o700);
     this.lockFd = addon().tryLockFile(this.paths.lock);
     if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
+    ftruncateSync(this.lockFd, 0);
     writeSync(this.lockFd, `${process.pid}\n`, 0);
-    // The lock is ours: any socket there is a dead engine's.
+    // The lock is ours: any socket there is a dead engine's, and so are
+    // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
+    rmSync(leasesDir(this.opts.home), { recursive: true, force: true });
+    mkdirSync(leasesDir(this.opts.home), { mode: 0o700 });
     const server = createServer((s) => this.accept(s));
     this.server = server;
     await new Promise<void>((ok, fail) => {
@@ -143,8 +158,10 @@ export class Engine {
     server.on('error', (e) => this.log(`socket error: ${e.message}`));
     this.routeOutput();
     enableTemplateCache();
+    keepChecksums();
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
+    this.watchSocket();
   }
 
   /** process.stdout/stderr.write of a command go to its client; outside
@@ -161,6 +178,29 @@ export class Engine {
         return true;
       }) as typeof stream.write;
     }
+  }
+
+  /** Leaves as soon as its socket is no longer the one it bound (the state
+   * directory was removed, as a test's is, or someone removed the socket):
+   * no client can reach it any more, so waiting for the idle time would
+   * only keep a process and its cache for nothing. */
+  private watchSocket(): void {
+    const bound = lstatSync(this.paths.socket).ino;
+    const timer = setInterval(() => {
+      let ino: number | undefined;
+      try {
+        ino = lstatSync(this.paths.socket).ino;
+      } catch {
+        /* gone */
+      }
+      if (ino === bound && !this.leaving) return;
+      clearInterval(timer);
+      if (!this.leaving) {
+        this.log('its socket is gone: leaving');
+        void this.stop();
+      }
+    }, 1000);
+    timer.unref();
   }
 
   private armIdle(): void {
@@ -247,6 +287,14 @@ export class Engine {
       socket.end(frame(Frame.REFUSED, Buffer.from('the engine is leaving')));
       return;
     }
+    // Run here, the command would have the engine's capabilities, filters,
+    // limits, namespaces and cgroup, not the client's: one that differs
+    // runs it itself (context.ts).
+    const difference = contextDifference(readContext('self'), peerPid);
+    if (difference) {
+      socket.end(frame(Frame.REFUSED, Buffer.from(`the client runs in another context than the engine: ${difference}`)));
+      return;
+    }
     const ctx: RequestContext = {
       write: (stream, chunk) => {
         if (!ctx.disconnected && chunk.length) socket.write(frame(stream === 1 ? Frame.STDOUT : Frame.STDERR, chunk));
@@ -256,7 +304,19 @@ export class Engine {
       trustImages: false,
       onDisconnect: new Set(),
       disconnected: false,
+      lease: newLeaseName(),
     };
+    // What the command claims for itself (ports, a registration before its
+    // supervisor runs, temporaries) is held while this file exists: until
+    // the request ends, not the engine (holder.ts).
+    const leaseFile = join(leasesDir(this.opts.home), ctx.lease!);
+    try {
+      writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
+    } catch (e) {
+      this.log(`cannot make the lease of a request: ${(e as Error).message}`);
+      socket.end(frame(Frame.REFUSED, Buffer.from('the engine cannot hold a request now')));
+      return;
+    }
     const disconnected = () => {
       if (ctx.disconnected) return;
       ctx.disconnected = true;
@@ -296,6 +356,14 @@ export class Engine {
       const code = Buffer.alloc(4);
       code.writeInt32BE(ctx.exitCode ?? 0);
       if (!ctx.disconnected) socket.end(frame(Frame.EXIT, code));
+      // The request has ended, however (done, failed, its client gone):
+      // what it claimed and did not hand to an application goes now.
+      rmSync(leaseFile, { force: true });
+      try {
+        if (ctx.held) new LocalRegistry(this.opts.home).releaseHeldBy(ctx.lease!, ctx.held);
+      } catch (e) {
+        this.log(`releasing what a request left: ${(e as Error).message}`);
+      }
       this.checkDone();
     }
   }
@@ -326,6 +394,8 @@ export class Engine {
 export async function serveEngine(opts: EngineOptions): Promise<number> {
   const engine = new Engine(opts);
   await engine.start();
+  // Everything a command loads, loaded now rather than by the first one.
+  void import('../cli.js').catch((e) => engine.log(`loading the CLI: ${(e as Error).message}`));
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);

@@ -6,10 +6,10 @@ import { fileURLToPath } from 'node:url';
 
 const entry = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
 
-function spawnEngine(home: string, stderr: 'ignore' | 'pipe') {
+function spawnEngine(home: string, stderr: 'ignore' | 'pipe', onDemand = false) {
   // Its own session (detached): the terminal's Ctrl-C and hang-up are not
   // its. APPSHOT_HOME pinned: the engine serves this directory only.
-  return spawn(process.execPath, [entry], {
+  return spawn(process.execPath, [entry, ...(onDemand ? ['--on-demand'] : [])], {
     detached: true,
     stdio: ['ignore', 'ignore', stderr],
     env: { ...process.env, APPSHOT_HOME: home },
@@ -21,7 +21,7 @@ function spawnEngine(home: string, stderr: 'ignore' | 'pipe') {
  * the lock taken and leaves quietly. */
 export function startEngineInBackground(home: string): void {
   try {
-    spawnEngine(home, 'ignore').unref();
+    spawnEngine(home, 'ignore', true).unref();
   } catch {
     /* the command runs here anyway */
   }

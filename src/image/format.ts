@@ -9,6 +9,7 @@
  * unnamed (O_TMPFILE) until then, so a writer killed mid-dump leaves
  * nothing on disk.
  */
+import { uniqueTag } from '../holder.js';
 import { createHash, randomBytes } from 'node:crypto';
 import {
   closeSync,
@@ -168,7 +169,7 @@ export const newImageId = () => randomBytes(8).toString('hex');
  * pre-copy image carries its base this way. */
 export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
-  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${process.pid}`));
+  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = partial.path;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
@@ -244,7 +245,7 @@ export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' {
  * appeared meanwhile. */
 export async function commitImageFile(dest: string, gzip: boolean, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
   const parent = dirname(resolve(dest));
-  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${process.pid}`));
+  const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = join(partial.path, 'image.tar');
   try {
     const fd = openSync(tmp, 'wx', 0o644);

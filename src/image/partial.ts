@@ -6,16 +6,18 @@
  *  - `image-OWNER-*`: a directory a tar stream is unpacked into (format.ts);
  *  - `partial-OWNER-*`: the journal entry of a directory being written
  *    under a hidden name beside its destination (an image's
- *    `.NAME.partial-PID`, a pre-copy base, a template) until it is renamed
+ *    `.NAME.partial-PID-RANDOM`, a pre-copy base, a template) until it is renamed
  *    into place; it may hold a whole page file.
  */
 import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, isAbsolute, join, resolve } from 'node:path';
-import { isSameProcess, readStat } from '../procfs.js';
+import { currentHolder, holderAlive } from '../holder.js';
 import { defaultHome } from '../registry.js';
 
-const OWNED = /^(image|partial)-(\d+)-(\d+)-[0-9a-f]+$/;
+/** KIND-PID-START-RANDOM, or KIND-PID-START-rLEASE-RANDOM for a request
+ * of the engine (holder.ts): owned by the request, not the process. */
+const OWNED = /^(image|partial)-(\d+)-(\d+)-(?:r([0-9a-f]{16})-)?[0-9a-f]+$/;
 
 /** $APPSHOT_HOME/tmp, made if need be. */
 export function temporariesDir(home = defaultHome()): string {
@@ -24,12 +26,13 @@ export function temporariesDir(home = defaultHome()): string {
   return dir;
 }
 
-/** A new name under temporariesDir owned by this process. */
+/** A new name under temporariesDir owned by this command. */
 export function ownedName(kind: 'image' | 'partial', home = defaultHome()): string {
-  return join(temporariesDir(home), `${kind}-${process.pid}-${readStat(process.pid)?.startTime ?? 0}-${randomBytes(4).toString('hex')}`);
+  const h = currentHolder();
+  return join(temporariesDir(home), `${kind}-${h.pid}-${h.startTime}-${h.request ? `r${h.request}-` : ''}${randomBytes(4).toString('hex')}`);
 }
 /** Only a name a writer makes is ever removed from a journal entry. */
-const PARTIAL_NAME = /^\..+\.partial-\d+$|^\..+-base\.partial-\d+$/;
+const PARTIAL_NAME = /^\..+\.partial-\d+(-[0-9a-f]+)?$|^\..+-base\.partial-\d+(-[0-9a-f]+)?$/;
 
 export interface PartialDir {
   path: string;
@@ -68,7 +71,7 @@ export function removeStaleTemporaries(home = defaultHome()): void {
   }
   for (const name of names) {
     const m = OWNED.exec(name);
-    if (!m || isSameProcess(Number(m[2]), Number(m[3]))) continue;
+    if (!m || holderAlive({ pid: Number(m[2]), startTime: Number(m[3]), ...(m[4] ? { request: m[4] } : {}) }, home)) continue;
     if (m[1] === 'partial') {
       try {
         const path = readFileSync(join(dir, name), 'utf8');

@@ -19,6 +19,7 @@
  * already, and the set of parts stays fixed, so that a reader can refuse
  * any name it does not know.
  */
+import { uniqueTag } from '../holder.js';
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from 'node:crypto';
 import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -114,7 +115,7 @@ export function selfKey(home = defaultHome()): TrustedKey {
   if (existing) return existing;
   const file = selfKeyPath(home);
   const { privateKey } = generateKeyPairSync('ed25519');
-  const tmp = `${file}.new-${process.pid}`;
+  const tmp = `${file}.new-${uniqueTag()}`;
   writeFileSync(tmp, privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600, flag: 'wx' });
   try {
     linkSync(tmp, file);

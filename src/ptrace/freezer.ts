@@ -101,6 +101,8 @@ export class Freezer {
   /** Processes of the application, by system PID, excluding init. */
   readonly processes = new Set<number>();
   private readonly excluded: Set<number>;
+  /** Threads not seized because they cannot stop now (a vfork parent). */
+  private readonly unseizable = new Map<number, number>();
 
   /**
    * @param roots   the application's processes as its tables know them
@@ -126,17 +128,37 @@ export class Freezer {
       const problem = this.attempt(settle);
       if (!problem) return;
       lastProblem = problem;
-      this.resume();
       if (Date.now() >= deadline) break;
+      // Threads that have not stopped stay seized for the next attempt.
+      this.resume(false);
       // A vfork child must run to exec for its parent to settle.
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
     }
+    this.resume();
     throw new AppshotError(`cannot stop the application within ${timeoutMs / 1000} s: ${lastProblem}; it was left running`);
   }
 
   private track(tid: number, pid: number): FrozenThread | undefined {
     let t = this.threads.get(tid);
     if (t) return t;
+    // A vfork parent cannot stop until its child execs or exits: not
+    // seized while it waits (this attempt fails, naming it), since a
+    // thread seized and never stopped cannot be let go until it stops;
+    // only the exit of its tracer would, and the tracer may be the
+    // resident engine.
+    if (readStat(tid)?.state === 'D' && /vfork/.test(describeUnstopped(pid, tid))) {
+      this.unseizable.set(tid, pid);
+      return undefined;
+    }
+    this.unseizable.delete(tid);
+    // Left seized by an earlier snapshot of this process that gave up
+    // before it stopped (detachWhenStopped): ours already.
+    if (unsettled.delete(tid)) {
+      t = { tid, pid, stopped: false, signal: 0, groupStop: false };
+      this.threads.set(tid, t);
+      this.processes.add(pid);
+      return t;
+    }
     t = { tid, pid, stopped: false, signal: 0, groupStop: false };
     try {
       addon().seize(tid);
@@ -178,6 +200,9 @@ export class Freezer {
   }
 
   private handle(r: TraceReport): void {
+    // Another snapshot's thread, left to be let go (in the engine, where
+    // snapshots share one tracer): not this application's.
+    if (letGoIfUnsettled(r)) return;
     let t = this.threads.get(r.tid);
     if (!t) {
       // A task the kernel seized for us (a new thread or child) can report
@@ -251,6 +276,7 @@ export class Freezer {
         this.handle(r);
       }
       const unstopped = [...this.threads.values()].filter((t) => !t.stopped);
+      for (const [tid, pid] of this.unseizable) if (existsSync(`/proc/${tid}`)) unstopped.push({ tid, pid, stopped: false, signal: 0, groupStop: false });
       if (unstopped.length) {
         const t = unstopped[0];
         const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
@@ -263,9 +289,12 @@ export class Freezer {
   }
 
   /** Lets every stopped thread go, exactly where it was (the signal it was
-   * about to take is given back). Threads that never stopped stay seized
-   * until this process exits. */
-  resume(): void {
+   * about to take is given back). Threads that never stopped (a vfork
+   * parent, one in uninterruptible sleep) stay seized for the next attempt
+   * while `final` is false; then they are let go when they stop
+   * (detachWhenStopped): the process may be the resident engine, which
+   * does not exit and so does not let them go by exiting. */
+  resume(final = true): void {
     // Threads stopped by job control first: they go back to that stop, and
     // the processes that resume after them must not see them traced ('t').
     const order = [...this.threads.values()].sort((a, b) => Number(b.groupStop) - Number(a.groupStop));
@@ -279,6 +308,10 @@ export class Freezer {
         /* it died meanwhile */
       }
       this.threads.delete(t.tid);
+    }
+    if (final) {
+      for (const t of this.threads.values()) detachWhenStopped(t.tid);
+      this.threads.clear();
     }
     for (const pid of [...this.processes]) if (![...this.threads.values()].some((t) => t.pid === pid)) this.processes.delete(pid);
   }
@@ -300,6 +333,7 @@ export class Freezer {
     const deadline = Date.now() + 10_000;
     while (this.threads.size && Date.now() < deadline) {
       const r = addon().wait(-1, 100);
+      if (r && letGoIfUnsettled(r)) continue;
       if (r?.kind === 'exited') this.threads.delete(r.tid);
       else if (!r) for (const tid of [...this.threads.keys()]) if (!existsSync(`/proc/${tid}`)) this.threads.delete(tid);
     }
@@ -328,4 +362,50 @@ function backInStop(tid: number): void {
     const st = readStat(tid);
     if (!st || st.state === 'T') return;
   }
+}
+
+/** Seized threads that had not stopped when a freezer gave up: each is
+ * let go at its first stop (the interrupt it was sent, once the vfork or
+ * the uninterruptible sleep ends), exactly as it was; one that exits is
+ * forgotten. Checked on a timer that does not keep a CLI process alive
+ * (its exit lets them go anyway). */
+const unsettled = new Set<number>();
+let unsettledTimer: NodeJS.Timeout | undefined;
+
+function detachWhenStopped(tid: number): void {
+  unsettled.add(tid);
+  if (unsettledTimer) return;
+  unsettledTimer = setInterval(() => {
+    for (const tid of unsettled) {
+      let r: TraceReport | null;
+      try {
+        r = addon().wait(tid, 0);
+      } catch {
+        unsettled.delete(tid); // not ours any more (ECHILD): gone
+        continue;
+      }
+      if (r) letGoIfUnsettled(r);
+    }
+    if (unsettled.size === 0) {
+      clearInterval(unsettledTimer);
+      unsettledTimer = undefined;
+    }
+  }, 50);
+  unsettledTimer.unref();
+}
+
+/** If `r` (from a wait for any tracee) is about a thread left to be let
+ * go, lets it go (or forgets it, if it exited) and says so: whoever waited
+ * must not take it for one of its own. */
+export function letGoIfUnsettled(r: TraceReport): boolean {
+  if (!unsettled.delete(r.tid)) return false;
+  if (r.kind === 'exited') return true;
+  try {
+    // A signal it was about to take is given back; a job-control stop's
+    // signal too, so that it stops as it would have.
+    addon().detach(r.tid, r.kind === 'signal' || r.kind === 'group-stop' ? r.sig : 0);
+  } catch {
+    /* died meanwhile */
+  }
+  return true;
 }

@@ -8,6 +8,7 @@
  * once it is filled. A deleted file or memfd that is also mapped shared
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
+import { uniqueTag } from '../holder.js';
 import { closeSync, constants as fs, fchmodSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -94,12 +95,12 @@ function makeMemfd(h: RestoreContext, id: Pick<FileIdentity, 'path'>): number {
 }
 
 function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): number {
-  let path = join(dirname(id.path), `.appshot-restored-${process.pid}-${index}`);
+  let path = join(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`);
   let f: number;
   try {
     f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
   } catch {
-    path = join('/tmp', `.appshot-restored-${process.pid}-${index}`);
+    path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
     f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
   }
   try {

@@ -4,6 +4,7 @@
  * these helpers place the descriptors a clone inherits from its template,
  * and make the directories the rewritten paths lead into.
  */
+import { uniqueTag } from '../holder.js';
 import { chmodSync, copyFileSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
@@ -41,7 +42,7 @@ export function privateCopy(original: string, copy: string): string {
     sameOwners(original, copy);
     return copy;
   }
-  const tmp = `${copy}.appshot-${process.pid}`;
+  const tmp = `${copy}.appshot-${uniqueTag()}`;
   if (existsSync(original)) {
     copyFileSync(original, tmp);
     chmodSync(tmp, statSync(original).mode & 0o7777);

@@ -12,6 +12,8 @@
  * far; init then removes the tables, the SysV objects and the registration.
  */
 import { restoreForeground, takeTerminal } from '../resources/ptys.js';
+import { letGoIfUnsettled } from '../ptrace/freezer.js';
+import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -255,8 +257,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       cwd: image.processes[0]?.cwd ?? '/',
       createdAt: new Date().toISOString(),
       detached: true,
-      harnessPid: process.pid,
-      harnessStartTime: readStat(process.pid)?.startTime,
+      ...harnessOf(currentHolder()),
       logPath: join(stateDir, 'log'),
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
@@ -557,9 +558,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
 async function waitGone(reg: LocalRegistry, record: AppRecord): Promise<void> {
   for (let i = 0; i < 200; i++) {
     // Reap our tracees' exit reports.
-    while (addon().wait(-1, 0)) {
-      /* drain */
-    }
+    for (let r = addon().wait(-1, 0); r; r = addon().wait(-1, 0)) letGoIfUnsettled(r);
     const r = reg.get(record.aid);
     if (!r) return;
     if (!r.initPid || reg.isStale(r)) {

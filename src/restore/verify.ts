@@ -4,11 +4,37 @@
  * image maps identical to the one it mapped: a library that differs would
  * run the restored code against the wrong bytes.
  */
-import { existsSync, statSync } from 'node:fs';
+import { type BigIntStats, existsSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { FdKind, type Image, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { readMaps } from '../resources/memory.js';
+
+/** Checksums of mapped files (libraries, the program) already read, kept
+ * by the resident engine (keepChecksums) while the file is the same as
+ * far as the kernel can tell: device, inode, size, mtime and ctime (which
+ * any write, truncate, chmod or link moves). A CLI process reads each once
+ * anyway. */
+let checksums: Map<string, { key: string; crc: number }> | undefined;
+const CHECKSUMS_LIMIT = 1024;
+
+export function keepChecksums(): void {
+  checksums ??= new Map();
+}
+
+function checksumOf(path: string, st: BigIntStats): number {
+  const key = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+  const kept = checksums?.get(path);
+  if (kept && kept.key === key) return kept.crc;
+  const crc = addon().crc32cFile(path).crc;
+  if (checksums) {
+    if (checksums.size >= CHECKSUMS_LIMIT) checksums.delete(checksums.keys().next().value!);
+    // Kept only if nothing changed while it was read.
+    const after = statSync(path, { bigint: true });
+    if (`${after.dev}:${after.ino}:${after.size}:${after.mtimeNs}:${after.ctimeNs}` === key) checksums.set(path, { key, crc });
+  }
+  return crc;
+}
 
 /** `provided`: files the caller brings itself (a template made of a clone
  * carries that clone's private copies), not looked for on this node. */
@@ -47,7 +73,7 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
     if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
     const st = statSync(f.path, { bigint: true });
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
-    if (f.crc32c && addon().crc32cFile(f.path).crc !== f.crc32c)
+    if (f.crc32c && checksumOf(f.path, st) !== f.crc32c)
       throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
   }
   for (const p of image.processes)

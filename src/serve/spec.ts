@@ -10,6 +10,7 @@
  * templates/services.json). JSON because the rest of appshot's state is
  * JSON already and every language reads it; no second parser to keep.
  */
+import { uniqueTag } from '../holder.js';
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -225,7 +226,7 @@ export class ServiceStore {
   remove(name: string): void {
     this.require(name);
     checkAid(name);
-    const doomed = join(this.dir, `.${name}.removed-${process.pid}`);
+    const doomed = join(this.dir, `.${name}.removed-${uniqueTag()}`);
     if (existsSync(this.workDir(name))) renameSync(this.workDir(name), doomed);
     rmSync(this.file(name), { force: true });
     rmSync(doomed, { recursive: true, force: true });

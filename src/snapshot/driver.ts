@@ -6,6 +6,7 @@
  * Nothing half-done: until the image is renamed into place there is no
  * image, and on any failure every thread is resumed where it was.
  */
+import { uniqueTag } from '../holder.js';
 import { closeSync, createWriteStream, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -234,7 +235,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
 /**
  * Pre-copy, first half: a brief freeze arms dirty tracking, then every
  * process's memory is copied while the application runs, into a base image
- * of memory only (`.NAME-base.partial-PID` beside the output, moved inside
+ * of memory only (`.NAME-base.partial-PID-RANDOM` beside the output, moved inside
  * it at the end). The snapshot proper then freezes the application only to
  * copy what was written meanwhile.
  */
@@ -254,7 +255,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   }
   // Journaled (see image/partial.ts) until the image that will hold it
   // is renamed into place: a base is not removed by its own commit.
-  const base = makePartialDir(join(dirname(output), `.${basename(output)}-base.partial-${process.pid}`));
+  const base = makePartialDir(join(dirname(output), `.${basename(output)}-base.partial-${uniqueTag()}`));
   const dir = base.path;
   let pages: PageWriter | undefined;
   try {

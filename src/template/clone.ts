@@ -160,7 +160,10 @@ const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
 
 export async function clone(reg: LocalRegistry, templatePath: string, opts: CloneOptions): Promise<CloneResult[]> {
   if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1`, ExitCode.usage);
+  const opened = now();
   const t = await openTemplate(templatePath, opts.verify ?? false);
+  const debug = (what: string, since: number) => process.env.APPSHOT_DEBUG && process.stderr.write(`clone: ${what} ${(now() - since).toFixed(2)} ms\n`);
+  debug('template opened in', opened);
   const results: CloneResult[] = [];
   // The batch commits as one: until this file exists, each instance's init
   // kills it if we die (see appshot-init), and our lifelines to them stay
@@ -172,7 +175,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // (but for a clone's private copies, which the template carries).
     const layer = t.loaded.image.instance?.privateRoot;
     const carried = layer && existsSync(join(t.path, PRIVATE_DIR)) ? (path: string) => path.startsWith(layer + '/') : undefined;
+    const verifying = now();
     verifyImage(t.loaded.image, carried);
+    debug('node and mapped files checked in', verifying);
     const aids = instanceAids(reg, t, opts);
     const perInstance = t.loaded.digests.get(PARTS.pages)?.size ?? 0;
     opts.progress?.bytes(0, aids.length * perInstance);

@@ -8,6 +8,7 @@
  * template.pb. It is still an image: `appshot restore` brings back the
  * template's own application.
  */
+import { uniqueTag } from '../holder.js';
 import { copyFileSync, cpSync, existsSync, linkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -109,7 +110,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '' });
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
-    const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${process.pid}`));
+    const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${uniqueTag()}`));
     const partial = journal.path;
     try {
       linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
