@@ -170,7 +170,7 @@ describe('npm install -g', () => {
       expect(version.stdout.trim(), version.stderr).toBe('0.1.0');
       // A command that needs all three native parts (addon, init, preload
       // library), built at install and found from where they were.
-      const env = { ...process.env, APPSHOT_HOME: join(prefix, 'appshot-home') };
+      const env = { ...process.env, CI: '', APPSHOT_HOME: join(prefix, 'appshot-home') };
       const run = sh(join(prefix, 'bin', 'appshot'), ['run', '--', '/bin/sh', '-c', 'echo "$APPSHOT_AID $LD_PRELOAD"'], { cwd: work, env });
       expect(run.code, run.stderr).toBe(0);
       const installed = what === checkout ? checkout : join(prefix, 'lib', 'node_modules', 'appshot');

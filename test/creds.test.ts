@@ -140,7 +140,7 @@ chownSync(userHome, NOBODY, NOBODY);
 chmodSync(userHome, 0o755);
 afterAll(() => rmSync(userHome, { recursive: true, force: true }));
 function asNobody(args: string[], opts: { nofile?: number; keepBounding?: boolean } = {}): { code: number | null; stdout: string; stderr: string } {
-  const env = { ...process.env, APPSHOT_HOME: join(userHome, 'state'), APPSHOT_PORTS: TEST_PORTS };
+  const env = { ...process.env, CI: '', APPSHOT_HOME: join(userHome, 'state'), APPSHOT_PORTS: TEST_PORTS };
   const bounding = opts.keepBounding ? [] : ['--bounding-set=-all'];
   const setpriv = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', ...bounding, process.execPath, cli, ...args];
   const argv = opts.nofile ? ['sh', '-c', `ulimit -n ${opts.nofile} && exec "$@"`, 'sh', ...setpriv] : setpriv;

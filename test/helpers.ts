@@ -42,7 +42,10 @@ export class Sandbox {
    * fixed ports between 21000 and 30000 (redis 21000-26000, web
    * 27100-27900, templates 28000-30000), which an allocation from the
    * default range could take first. */
-  readonly env = { ...process.env, APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS };
+  // CI empty: the commands print what a person off a terminal sees (no
+  // progress lines), whether or not the suite itself runs under CI;
+  // test/output.test.ts sets it where it tests that.
+  readonly env = { ...process.env, CI: '', APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS };
   private readonly started: ChildProcessWithoutNullStreams[] = [];
 
   /** Runs `appshot args...` to completion. */

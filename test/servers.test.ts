@@ -458,7 +458,7 @@ describe('PostgreSQL 15', () => {
     const port = base + 3;
     const data = initdb('pg-user');
     const home = join(data, 'appshot');
-    const env = { ...process.env, APPSHOT_HOME: home, APPSHOT_PORTS: TEST_PORTS };
+    const env = { ...process.env, CI: '', APPSHOT_HOME: home, APPSHOT_PORTS: TEST_PORTS };
     const asUser = (args: string[]) => {
       const r = spawnSync('runuser', ['-u', 'postgres', '--', process.execPath, cli, ...args], { env, encoding: 'utf8', cwd: data });
       return { code: r.status, stdout: r.stdout, stderr: r.stderr };

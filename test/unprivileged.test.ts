@@ -18,7 +18,7 @@ if (root) chownSync(home, NOBODY, NOBODY);
 chmodSync(home, 0o755);
 
 function appshot(...args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const env = { ...process.env, APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
+  const env = { ...process.env, CI: '', APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
   const argv = [process.execPath, cli, ...args];
   const r = root
     ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
