@@ -242,6 +242,9 @@ interface Addon {
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;
   removeIpcObject(kind: Kind, systemId: number): boolean;
+  /** Instructions in the classic packet filter a socket's owner attached
+   * (SO_ATTACH_FILTER); 0 for none. */
+  socketFilterLength(fd: number): number;
   /** IPC_SET of a restored SysV object's owner uid/gid and mode. */
   setIpcOwner(kind: Kind, systemId: number, uid: number, gid: number, mode: number): void;
   /** IPC_RMID on a system id from the tables, only if the kernel confirms

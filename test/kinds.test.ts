@@ -304,6 +304,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
+    ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {

@@ -44,6 +44,17 @@ Napi::Value TcpLock(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// socketFilterLength(fd) -> the length in instructions of the classic
+// packet filter the socket's owner attached (SO_ATTACH_FILTER), 0 for none.
+Napi::Value SocketFilterLength(const Napi::CallbackInfo& info) {
+  socklen_t len = 0;
+  if (getsockopt(Int(info[0]), SOL_SOCKET, SO_GET_FILTER, nullptr, &len)) {
+    ThrowErrno(info.Env(), "reading the socket's filter", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), len);
+}
+
 // tcpRead(fd) -> the connection of a socket in repair mode.
 Napi::Value TcpRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -203,6 +214,7 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   };
   fn("tcpRepair", TcpRepair);
   fn("tcpLock", TcpLock);
+  fn("socketFilterLength", SocketFilterLength);
   fn("tcpRead", TcpRead);
   fn("tcpMake", TcpMake);
   fn("tcpRelease", TcpRelease);

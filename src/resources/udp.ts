@@ -24,7 +24,7 @@ import type { Fd, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
-import { queuedMessages, readOptions, setOptions, shut } from './unixdgram.js';
+import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -76,6 +76,7 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     const peer = peerRaw ? parseSockaddr(peerRaw) : undefined;
     const at = (a: string, p: number) => (a.includes(':') ? `[${a}]:${p}` : `${a}:${p}`);
     const where = `${what} fd ${fd}: the UDP socket ${own.port ? at(own.address, own.port) : '(unbound)'}`;
+    refuseOwnFilter(dup, where);
     const options = readOptions(dup, carried(family));
     if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
       throw new Unsupported(`${where} is corked (UDP_CORK) with ${seen!.txQueue} bytes of a datagram not yet sent, which cannot be captured`);

@@ -88,10 +88,19 @@ export function readOptions(dup: number, which: [number, number][]): SocketOptio
 /** The unix datagram socket behind `fd` of `pid`; `diag` is what
  * sock_diag says of it. Whether its peer is in the application is known
  * only once every process is seen (sockets.ts, checkUnixPeers). */
+/** A classic packet filter the application attached (SO_ATTACH_FILTER) is
+ * not carried (by this kind or by UDP): refused by name rather than
+ * restored without it. */
+export function refuseOwnFilter(dup: number, where: string): void {
+  if (addon().socketFilterLength(dup) > 0)
+    throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`);
+}
+
 export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number } | undefined, what: string): Socket {
   const where = `${what} fd ${fd}: a unix datagram socket`;
   const dup = addon().getFd(pid, fd);
   try {
+    refuseOwnFilter(dup, where);
     const raw = addon().sockName(dup);
     const problem = unixNameProblem(raw);
     if (problem) throw new Unsupported(`${where}: ${problem}`);
