@@ -66,6 +66,37 @@ static void* push(struct grow* g) {
   return (char*)g->items + g->size * g->n++;
 }
 
+typedef int (*each_fn)(struct nlmsghdr*, void*);
+
+/* One dump request, each reply made an item of `size` bytes by `each`:
+ * the number of items, *out the array (the caller frees it), or -errno. */
+static long collect(const void* req, size_t len, each_fn each, size_t size, void** out) {
+  struct grow g = {NULL, 0, 0, size};
+  int rc = dump(req, len, each, &g);
+  if (rc) {
+    free(g.items);
+    return rc;
+  }
+  *out = g.items;
+  return (long)g.n;
+}
+
+/* Every socket of one IP protocol and family in `states` (a bit per TCP
+ * state). */
+static long inet_all(int family, int protocol, uint32_t states, each_fn each, size_t size, void** out) {
+  struct {
+    struct nlmsghdr h;
+    struct inet_diag_req_v2 r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = (uint8_t)family;
+  req.r.sdiag_protocol = (uint8_t)protocol;
+  req.r.idiag_states = states;
+  return collect(&req, sizeof req, each, size, out);
+}
+
 static int each_unix(struct nlmsghdr* h, void* ctx) {
   struct unix_diag_msg* m = NLMSG_DATA(h);
   sockdiag_unix* u = push(ctx);
@@ -100,14 +131,7 @@ long sockdiag_unix_all(sockdiag_unix** out) {
   req.r.sdiag_family = AF_UNIX;
   req.r.udiag_states = ~0u;
   req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN;
-  struct grow g = {NULL, 0, 0, sizeof(sockdiag_unix)};
-  int rc = dump(&req, sizeof req, each_unix, &g);
-  if (rc) {
-    free(g.items);
-    return rc;
-  }
-  *out = g.items;
-  return (long)g.n;
+  return collect(&req, sizeof req, each_unix, sizeof(sockdiag_unix), (void**)out);
 }
 
 static int each_inet(struct nlmsghdr* h, void* ctx) {
@@ -121,24 +145,7 @@ static int each_inet(struct nlmsghdr* h, void* ctx) {
 }
 
 long sockdiag_tcp_listeners(int family, sockdiag_listener** out) {
-  struct {
-    struct nlmsghdr h;
-    struct inet_diag_req_v2 r;
-  } req = {0};
-  req.h.nlmsg_len = sizeof req;
-  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  req.r.sdiag_family = (uint8_t)family;
-  req.r.sdiag_protocol = IPPROTO_TCP;
-  req.r.idiag_states = 1u << 10; /* TCP_LISTEN */
-  struct grow g = {NULL, 0, 0, sizeof(sockdiag_listener)};
-  int rc = dump(&req, sizeof req, each_inet, &g);
-  if (rc) {
-    free(g.items);
-    return rc;
-  }
-  *out = g.items;
-  return (long)g.n;
+  return inet_all(family, IPPROTO_TCP, 1u << 10 /* TCP_LISTEN */, each_inet, sizeof(sockdiag_listener), (void**)out);
 }
 
 static int each_udp(struct nlmsghdr* h, void* ctx) {
@@ -154,22 +161,5 @@ static int each_udp(struct nlmsghdr* h, void* ctx) {
 }
 
 long sockdiag_udp_all(int family, sockdiag_udp** out) {
-  struct {
-    struct nlmsghdr h;
-    struct inet_diag_req_v2 r;
-  } req = {0};
-  req.h.nlmsg_len = sizeof req;
-  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  req.r.sdiag_family = (uint8_t)family;
-  req.r.sdiag_protocol = IPPROTO_UDP;
-  req.r.idiag_states = ~0u;
-  struct grow g = {NULL, 0, 0, sizeof(sockdiag_udp)};
-  int rc = dump(&req, sizeof req, each_udp, &g);
-  if (rc) {
-    free(g.items);
-    return rc;
-  }
-  *out = g.items;
-  return (long)g.n;
+  return inet_all(family, IPPROTO_UDP, ~0u, each_udp, sizeof(sockdiag_udp), (void**)out);
 }
