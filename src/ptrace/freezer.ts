@@ -14,7 +14,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
-import { readStat } from '../procfs.js';
+import { childrenOf, readStat } from '../procfs.js';
 
 export interface FrozenThread {
   tid: number;
@@ -51,19 +51,6 @@ function tasksOf(pid: number): number[] {
   } catch {
     return [];
   }
-}
-
-function childrenOf(pid: number): number[] {
-  const out: number[] = [];
-  for (const tid of tasksOf(pid)) {
-    try {
-      const text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
-      if (text) out.push(...text.split(' ').map(Number));
-    } catch {
-      /* gone */
-    }
-  }
-  return out;
 }
 
 function tgidOf(tid: number): number {
@@ -275,8 +262,12 @@ export class Freezer {
         if (!r) break;
         this.handle(r);
       }
-      const unstopped = [...this.threads.values()].filter((t) => !t.stopped);
+      // Those that cannot stop first: they are the cause. A seized thread
+      // still running may only have been resumed for the last attempt,
+      // whose window the deadline can make a few milliseconds long.
+      const unstopped: FrozenThread[] = [];
       for (const [tid, pid] of this.unseizable) if (existsSync(`/proc/${tid}`)) unstopped.push({ tid, pid, stopped: false, signal: 0, groupStop: false });
+      unstopped.push(...[...this.threads.values()].filter((t) => !t.stopped));
       if (unstopped.length) {
         const t = unstopped[0];
         const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';

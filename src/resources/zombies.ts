@@ -10,10 +10,10 @@
  * RUSAGE_CHILDREN) and the core-dumped bit of a child killed by a signal
  * that dumps core (the seed dies without a core).
  */
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { type Zombie } from '../image/types.js';
 import { addon } from '../native.js';
-import { readStat } from '../procfs.js';
+import { childrenOf, readStat } from '../procfs.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { freeAddress, readMaps } from './memory.js';
 import type { DumpContext } from './context.js';
@@ -28,25 +28,17 @@ const EAGAIN = 11;
  * the status waitpid will report (field 52 of /proc/PID/stat). */
 export function dumpZombies(ctx: DumpContext, pid: number): Zombie[] {
   const out: Zombie[] = [];
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    let children: number[];
+  for (const child of childrenOf(pid)) {
+    let stat: string;
     try {
-      children = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+      stat = readFileSync(`/proc/${child}/stat`, 'utf8');
     } catch {
-      continue;
+      continue; // reaped meanwhile
     }
-    for (const child of children) {
-      let stat: string;
-      try {
-        stat = readFileSync(`/proc/${child}/stat`, 'utf8');
-      } catch {
-        continue; // reaped meanwhile
-      }
-      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      // f[i] is field i + 3 of proc(5).
-      if (f[0] !== 'Z') continue;
-      out.push({ vpid: ctx.virtual('pid', child), status: Number(f[49]), comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
-    }
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // f[i] is field i + 3 of proc(5).
+    if (f[0] !== 'Z') continue;
+    out.push({ vpid: ctx.virtual('pid', child), status: Number(f[49]), comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
   }
   return out.sort((a, b) => a.vpid - b.vpid);
 }
