@@ -226,32 +226,16 @@ long do_dup3(long nr, int oldfd, int newfd, int flags) {
   return libc_ret(r);
 }
 
+/* The same as through syscall(): glibc's dup2 and dup3 are bare system
+ * calls (dup2's check of oldfd == newfd is the kernel's too). */
 API int dup2(int oldfd, int newfd) {
   ensure_init();
-  int moved = -1;
-  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
-  int r = REAL(dup2)(oldfd, newfd);
-  if (UNLIKELY(moved >= 0) && r < 0) {
-    int e = errno;
-    tables_fd_moved(newfd, moved, 1);
-    errno = e;
-  }
-  if (r >= 0) fd_marks_copy(oldfd, newfd);
-  return r;
+  return (int)do_dup3(SYS_dup2, oldfd, newfd, 0);
 }
 
 API int dup3(int oldfd, int newfd, int flags) {
   ensure_init();
-  int moved = -1;
-  if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
-  int r = REAL(dup3)(oldfd, newfd, flags);
-  if (UNLIKELY(moved >= 0) && r < 0) {
-    int e = errno;
-    tables_fd_moved(newfd, moved, 1);
-    errno = e;
-  }
-  if (r >= 0) fd_marks_copy(oldfd, newfd);
-  return r;
+  return (int)do_dup3(SYS_dup3, oldfd, newfd, flags);
 }
 
 API int dup(int fd) {
