@@ -476,19 +476,6 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
   return rc;
 }
 
-/* linux/fs.h of the build machine may predate PAGEMAP_SCAN: its ABI here. */
-struct appshot_page_region {
-  uint64_t start, end, categories;
-};
-struct appshot_pm_scan_arg {
-  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-#define APPSHOT_PAGEMAP_SCAN _IOWR('f', 16, struct appshot_pm_scan_arg)
-#define PM_SCAN_WP_MATCHING (1ull << 0)
-#define PM_SCAN_CHECK_WPASYNC (1ull << 1)
-#define PAGE_IS_WRITTEN (1ull << 1)
-
 long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset, uint32_t** out) {
   enum { VEC = 512 };
   struct appshot_page_region vec[VEC];
@@ -498,13 +485,13 @@ long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
   while (at < end) {
     struct appshot_pm_scan_arg arg = {0};
     arg.size = sizeof arg;
-    arg.flags = PM_SCAN_CHECK_WPASYNC | (reset ? PM_SCAN_WP_MATCHING : 0);
+    arg.flags = APPSHOT_PM_SCAN_CHECK_WPASYNC | (reset ? APPSHOT_PM_SCAN_WP_MATCHING : 0);
     arg.start = at;
     arg.end = end;
     arg.vec = (uint64_t)(uintptr_t)vec;
     arg.vec_len = VEC;
-    arg.category_mask = PAGE_IS_WRITTEN;
-    arg.return_mask = PAGE_IS_WRITTEN;
+    arg.category_mask = APPSHOT_PAGE_IS_WRITTEN;
+    arg.return_mask = APPSHOT_PAGE_IS_WRITTEN;
     long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
     if (got < 0) {
       int e = errno;

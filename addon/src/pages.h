@@ -6,7 +6,23 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/ioctl.h>
 #include <sys/types.h>
+
+/* PAGEMAP_SCAN (Linux 6.7): the build machine's linux/fs.h may predate it,
+ * so its ABI is here, for the dirty tracking below and for appshot check. */
+struct appshot_page_region {
+  uint64_t start, end, categories;
+};
+struct appshot_pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define APPSHOT_PAGEMAP_SCAN _IOWR('f', 16, struct appshot_pm_scan_arg)
+#define APPSHOT_PM_SCAN_WP_MATCHING (1ull << 0)
+#define APPSHOT_PM_SCAN_CHECK_WPASYNC (1ull << 1)
+#define APPSHOT_PAGE_IS_WRITTEN (1ull << 1)
+#define APPSHOT_PAGE_IS_PRESENT (1ull << 3)
 
 /* Which pages of a mapping hold state of the process's own. */
 typedef enum {

@@ -2,6 +2,7 @@
  * are closed, SysV objects removed, mappings unmapped, children reaped. */
 #define _GNU_SOURCE
 #include "probe.h"
+#include "pages.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -33,18 +34,6 @@
 #define TCP_REPAIR 19
 #endif
 
-struct probe_page_region {
-  uint64_t start, end, categories;
-};
-struct probe_pm_scan_arg {
-  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-#define PROBE_PAGEMAP_SCAN _IOWR('f', 16, struct probe_pm_scan_arg)
-#define PROBE_PM_SCAN_WP_MATCHING (1ull << 0)
-#define PROBE_PM_SCAN_CHECK_WPASYNC (1ull << 1)
-#define PROBE_PAGE_IS_WRITTEN (1ull << 1)
-#define PROBE_PAGE_IS_PRESENT (1ull << 3)
 
 static int err(void) { return errno ? errno : EIO; }
 
@@ -53,19 +42,19 @@ static int err(void) { return errno ? errno : EIO; }
 static int pagemap_scan(uint64_t start, uint64_t len, int track) {
   int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return err();
-  struct probe_page_region vec[4];
-  struct probe_pm_scan_arg arg;
+  struct appshot_page_region vec[4];
+  struct appshot_pm_scan_arg arg;
   memset(&arg, 0, sizeof arg);
   arg.size = sizeof arg;
-  arg.flags = track ? PROBE_PM_SCAN_CHECK_WPASYNC | PROBE_PM_SCAN_WP_MATCHING : 0;
+  arg.flags = track ? APPSHOT_PM_SCAN_CHECK_WPASYNC | APPSHOT_PM_SCAN_WP_MATCHING : 0;
   arg.start = start;
   arg.end = start + len;
   arg.vec = (uint64_t)(uintptr_t)vec;
   arg.vec_len = 4;
-  arg.category_mask = track ? PROBE_PAGE_IS_WRITTEN : 0;
-  arg.category_anyof_mask = track ? 0 : PROBE_PAGE_IS_PRESENT;
-  arg.return_mask = track ? PROBE_PAGE_IS_WRITTEN : PROBE_PAGE_IS_PRESENT;
-  int rc = ioctl(fd, PROBE_PAGEMAP_SCAN, &arg) < 0 ? err() : 0;
+  arg.category_mask = track ? APPSHOT_PAGE_IS_WRITTEN : 0;
+  arg.category_anyof_mask = track ? 0 : APPSHOT_PAGE_IS_PRESENT;
+  arg.return_mask = track ? APPSHOT_PAGE_IS_WRITTEN : APPSHOT_PAGE_IS_PRESENT;
+  int rc = ioctl(fd, APPSHOT_PAGEMAP_SCAN, &arg) < 0 ? err() : 0;
   close(fd);
   return rc;
 }
