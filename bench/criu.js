@@ -30,11 +30,12 @@
 // Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
 // day) and a table on stdout.
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { findCriu } from './criu-build.js';
+import { read, sleep, summary, timed as timedRun, waitFor } from './measure.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const memapp = join(root, 'bench', 'bin', 'memapp');
@@ -47,7 +48,6 @@ const home = mkdtempSync(join(tmpdir(), 'appshot-bench-criu-'));
 const work = mkdtempSync(join(process.env.BENCH_DIR ?? root, '.bench-images-criu-'));
 const env = { ...process.env, APPSHOT_HOME: home };
 const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const children = new Set(); // processes started without appshot
 const aids = new Set(); // applications started under appshot
 
@@ -58,16 +58,7 @@ if (!existsSync(memapp) || !existsSync(rusage)) {
 
 // --- measuring ---------------------------------------------------------------
 
-/** Runs a command to its end under bench/rusage: { out, err, wallMs,
- * cpuMs } (user + system time of it and the children it waited for);
- * throws on failure. */
-function timed(cmd, args, opts = {}) {
-  const r = spawnSync(rusage, [cmd, ...args], { env, encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
-  const m = /^RUSAGE (\d+) (\d+)$/m.exec(r.stderr ?? '');
-  const err = (r.stderr ?? '').replace(/^RUSAGE .*\n?/m, '');
-  if (r.status !== 0 || !m) throw new Error(`${cmd} ${args.join(' ')} failed (exit ${r.status}): ${err.trim().split('\n').slice(-3).join(' | ')}`);
-  return { out: r.stdout, err, wallMs: Number(m[1]) / 1000, cpuMs: Number(m[2]) / 1000 };
-}
+const timed = (cmd, args, opts = {}) => timedRun(cmd, args, { env, ...opts });
 
 const appshot = (...args) => {
   const r = timed(process.execPath, [cli, ...args, '--json']);
@@ -81,24 +72,6 @@ function waitGone(pid, ms = 10_000) {
     if (existsSync(`/proc/${pid}`)) throw new Error(`process ${pid} did not go`);
   })();
 }
-
-async function waitFor(what, ok, ms = 60_000) {
-  const until = Date.now() + ms;
-  while (Date.now() < until) {
-    const v = ok();
-    if (v) return v;
-    await sleep(10);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-const read = (path) => {
-  try {
-    return readFileSync(path, 'utf8');
-  } catch {
-    return '';
-  }
-};
 
 // --- the application, three ways ------------------------------------------------
 
@@ -252,14 +225,6 @@ const ROWS = [
   ['cp_sync', 'baseline: cp + sync of the page file (ms)'],
 ];
 const series = () => Object.fromEntries(ROWS.map(([k]) => [k, []]));
-
-function summary(xs) {
-  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  if (!s.length) return undefined;
-  const median = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-  const r = (x) => +x.toFixed(x < 10 ? 2 : 1);
-  return { median: r(median), min: r(s[0]), max: r(s[s.length - 1]), n: s.length };
-}
 
 async function main() {
   const criu = findCriu(log);

@@ -1,0 +1,53 @@
+// What the benchmarks share for measuring (bench/criu.js, bench/objects.js):
+// a command's wall and CPU time through bench/rusage, a series' median and
+// range, waiting for a condition.
+import { readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const rusage = join(dirname(fileURLToPath(import.meta.url)), 'bin', 'rusage');
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Runs a command to its end under bench/rusage: { out, err, wallMs,
+ * cpuMs } (user + system time of it and the children it waited for);
+ * throws on failure. */
+export function timed(cmd, args, opts = {}) {
+  const r = spawnSync(rusage, [cmd, ...args], { encoding: 'utf8', maxBuffer: 64 << 20, ...opts });
+  const m = /^RUSAGE (\d+) (\d+)$/m.exec(r.stderr ?? '');
+  const err = (r.stderr ?? '').replace(/^RUSAGE .*\n?/m, '');
+  if (r.status !== 0 || !m) throw new Error(`${cmd} ${args.join(' ')} failed (exit ${r.status}): ${err.trim().split('\n').slice(-3).join(' | ')}`);
+  return { out: r.stdout, err, wallMs: Number(m[1]) / 1000, cpuMs: Number(m[2]) / 1000 };
+}
+
+/** Median, min and max of the finite values of a series (undefined if
+ * none), rounded to 2 decimals under 10 and 1 above. */
+export function summary(xs) {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (!s.length) return undefined;
+  const median = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  const r = (x) => +x.toFixed(x < 10 ? 2 : 1);
+  return { median: r(median), min: r(s[0]), max: r(s[s.length - 1]), n: s.length };
+}
+
+/** Polls ok() every 10 ms until it returns something truthy, which it
+ * returns; throws after ms. */
+export async function waitFor(what, ok, ms = 60_000) {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    const v = ok();
+    if (v) return v;
+    await sleep(10);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/** A file's text, or '' if it cannot be read (not there yet). */
+export const read = (path) => {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return '';
+  }
+};
