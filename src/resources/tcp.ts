@@ -29,23 +29,31 @@
  * runs out, and the peer's acknowledgement makes it FIN_WAIT2. Both sides
  * closed (CLOSING, LAST_ACK) is refused by name.
  *
- * Between the end of the application and the restore nothing answers for
- * the connection: a packet the peer sends meanwhile (new data, or data the
- * filter dropped while the application was frozen, sent again) is
- * answered with a reset by the kernel (CRIU drops such packets with
- * netfilter rules until the restore; appshot does not touch the
- * firewall). A peer that waits for an answer sends nothing, and one that
- * has nothing unacknowledged does not retransmit.
+ * Between the end of the application and the restore the sockets are
+ * held, still in repair mode and still dropping every packet, by an
+ * appshot-keeper process (addon/keeper/): were they closed, whatever the
+ * peer sends meanwhile (new data, or what the filter dropped, sent again)
+ * would meet no socket and be answered with a reset. (CRIU drops such
+ * packets with netfilter rules instead; a keeper needs no privilege
+ * beyond the repair mode itself and touches nothing outside the
+ * connections.) The restore of the same image on this host takes the very
+ * sockets back, their queues as the image recorded them; a restore of
+ * another image of the application has the keeper drop them first. The
+ * keeper drops them too after `snapshot --tcp-hold` (15 minutes by
+ * default: about when the peer's own retransmissions give up, with
+ * Linux's default tcp_retries2), or when the state directory goes.
+ * Restored elsewhere, the connections are made anew from the image.
  *
  * Without repair: `snapshot --tcp-close` records a connection as closed,
  * and the restored application holds a socket whose connection was reset
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
  */
-import { closeSync } from 'node:fs';
+import { closeSync, fstatSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
-import { addon, type RepairedConnection } from '../native.js';
+import type { Fd, Image, Process, SocketOption, TcpConnection } from '../image/types.js';
+import { addon, paths, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
 const AF_INET = 2;
@@ -182,11 +190,60 @@ export class HeldConnections {
   }
 
   /** The application was ended: our duplicates are the sockets' last
-   * references, and closing them in repair mode tells the peers nothing. */
-  closeSilently(): void {
-    for (const { fd } of this.held.values()) closeSync(fd);
+   * references. They go to a keeper until the restore (`keep`), or are
+   * closed here, which in repair mode tells the peers nothing. */
+  endWithApplication(keep: Keeping | undefined): void {
+    const fds = [...this.held.values()].map((h) => h.fd);
     this.held.clear();
+    try {
+      if (keep && fds.length) startKeeper(keep, fds);
+    } finally {
+      for (const fd of fds) closeSync(fd);
+    }
   }
+}
+
+/** Where and for how long an ended application's connections are kept. */
+export interface Keeping {
+  home: string;
+  aid: string;
+  imageId: string;
+  holdSeconds: number;
+}
+
+/** How long a keeper holds connections by default: about as long as
+ * their peers retransmit before giving up (Linux's tcp_retries2 = 15 is
+ * some 924 s), after which there is nothing left to keep. */
+export const DEFAULT_TCP_HOLD_SECONDS = 900;
+
+/** Whether an image holds a connection a keeper may have kept. */
+export function hasLiveConnections(image: Image): boolean {
+  return image.processes.some((p) => p.fds.some((f) => f.tcp && !f.tcp.closed));
+}
+
+/** The keeper of an application's connections listens here. */
+const keeperPath = (home: string, aid: string) => join(home, 'keep', `${aid}.sock`);
+
+/** An image id no image has: asking with it makes a keeper drop its sockets. */
+const NO_IMAGE = '-';
+
+function startKeeper(keep: Keeping, fds: number[]): void {
+  const path = keeperPath(keep.home, keep.aid);
+  try {
+    mkdirSync(join(keep.home, 'keep'), { recursive: true, mode: 0o700 });
+    // One keeper per application: an older one's sockets would clash.
+    dropKept(keep.home, keep.aid);
+    addon().keepConnections(paths.keeper, path, keep.imageId, keep.holdSeconds, fds);
+  } catch (e) {
+    // The image is committed and the application gone: the snapshot
+    // stands; only the wait until the restore is less safe.
+    process.stderr.write(`appshot: the TCP connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): a peer that sends meanwhile is reset\n`);
+  }
+}
+
+/** Whatever a keeper holds for `aid` is dropped (closed in repair mode). */
+export function dropKept(home: string, aid: string): void {
+  for (const fd of addon().takeConnections(keeperPath(home, aid), NO_IMAGE) ?? []) closeSync(fd);
 }
 
 function splitRemote(remote: string): [string, number] {
@@ -209,7 +266,23 @@ function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection,
  * descriptors share it. Each stays in repair mode until release().
  */
 export class ConnectionMaker {
-  private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean }>();
+  private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean; kept: boolean }>();
+  /** Sockets a keeper held for this image, by inode, not yet used. */
+  private readonly kept = new Map<bigint, number>();
+  private keeping: Keeping | undefined;
+
+  /**
+   * The sockets an appshot-keeper held since the snapshot that ended the
+   * application, if it was this image's: the very connections, used
+   * instead of new ones. A keeper holding another image's connections of
+   * the application drops them (they would clash with this image's).
+   */
+  adoptKept(keep: Keeping): void {
+    const fds = addon().takeConnections(keeperPath(keep.home, keep.aid), keep.imageId);
+    if (!fds?.length) return;
+    this.keeping = keep;
+    for (const fd of fds) this.kept.set(fstatSync(fd, { bigint: true }).ino, fd);
+  }
 
   /** Our descriptor for connection `c`; `what` names its process and fd. */
   open(c: TcpConnection | undefined, what: string): number {
@@ -217,6 +290,12 @@ export class ConnectionMaker {
     const known = this.made.get(c.ino);
     if (known) return known.fd;
     check(c, what);
+    const kept = c.closed ? undefined : this.kept.get(c.ino);
+    if (kept !== undefined) {
+      this.kept.delete(c.ino);
+      this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
+      return kept;
+    }
     let fd: number;
     try {
       fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake(c);
@@ -225,27 +304,36 @@ export class ConnectionMaker {
       const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
       throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: ${err.message}${hint}`);
     }
-    this.made.set(c.ino, { fd, c, repaired: !c.closed });
+    this.made.set(c.ino, { fd, c, repaired: !c.closed, kept: false });
     return fd;
   }
 
   /** Every process is made: the connections leave repair mode, write
    * what they had never sent, and get their options back; one in
-   * CLOSE_WAIT is sent its peer's FIN again. */
+   * CLOSE_WAIT is sent its peer's FIN again. A kept one is the
+   * original: its queues and its peer's FIN are in it already. */
   release(): void {
+    this.dropUnused();
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
-      addon().tcpRelease(m.fd, neverSent(m.c));
+      if (m.kept) {
+        addon().tcpLock(m.fd, false);
+        addon().tcpRepair(m.fd, -1);
+      } else addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;
       for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
-      if (m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
+      if (!m.kept && m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
   }
 
   /** Our descriptors go (the processes hold theirs). Before release(),
    * that is a failed restore: still in repair mode, the sockets close
-   * without a word to the peers, who may be given a later restore. */
+   * without a word to the peers, who may be given a later restore; the
+   * kept ones go back to a keeper for it. */
   close(): void {
+    const unreleasedKept = [...this.made.values()].filter((m) => m.kept && m.repaired).map((m) => m.fd);
+    if (this.keeping && unreleasedKept.length) startKeeper(this.keeping, [...unreleasedKept, ...this.kept.values()]);
+    this.dropUnused();
     for (const m of this.made.values())
       try {
         closeSync(m.fd);
@@ -253,6 +341,12 @@ export class ConnectionMaker {
         /* closed already */
       }
     this.made.clear();
+  }
+
+  /** Kept sockets the image does not name (none, for its own keeper). */
+  private dropUnused(): void {
+    for (const fd of this.kept.values()) closeSync(fd);
+    this.kept.clear();
   }
 }
 

@@ -37,7 +37,7 @@ import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
-import type { HeldConnections } from '../resources/tcp.js';
+import { DEFAULT_TCP_HOLD_SECONDS, type HeldConnections } from '../resources/tcp.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
@@ -64,6 +64,9 @@ export interface SnapshotOptions {
   /** Record established TCP connections as closed instead of keeping them
    * (resources/tcp.ts): for want of CAP_NET_ADMIN, or on purpose. */
   tcpClose?: boolean;
+  /** How long an appshot-keeper holds the connections of the ended
+   * application for its restore (tcp.ts); 0: not at all. */
+  tcpHoldSeconds?: number;
   /** Told the bytes written to the image as they are (see progress.ts). */
   progress?: ByteProgress;
   /** Aborted (Ctrl-C, SIGTERM): the snapshot is given up at the next
@@ -550,7 +553,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
       clock.released();
       freezer.kill();
-      connections.closeSilently();
+      // Held by a keeper until a restore on this host takes them.
+      const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_TCP_HOLD_SECONDS;
+      connections.endWithApplication(holdSeconds <= 0 ? undefined : { home: reg.home, aid, imageId, holdSeconds });
       await waitReleased(reg, aid);
       clock.end('endMs');
     } else {
