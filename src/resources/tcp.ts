@@ -31,30 +31,25 @@
  *
  * Between the end of the application and the restore the sockets are
  * held, still in repair mode and still dropping every packet, by an
- * appshot-keeper process (addon/keeper/): were they closed, whatever the
- * peer sends meanwhile (new data, or what the filter dropped, sent again)
- * would meet no socket and be answered with a reset. (CRIU drops such
- * packets with netfilter rules instead; a keeper needs no privilege
- * beyond the repair mode itself and touches nothing outside the
- * connections.) The restore of the same image on this host takes the very
- * sockets back, their queues as the image recorded them; a restore of
- * another image of the application has the keeper drop them first. The
- * keeper drops them too after `snapshot --tcp-hold` (15 minutes by
- * default: about when the peer's own retransmissions give up, with
- * Linux's default tcp_retries2), or when the state directory goes.
- * Restored elsewhere, the connections are made anew from the image.
+ * appshot-keeper (keeper.ts): were they closed, whatever the peer sends
+ * meanwhile (new data, or what the filter dropped, sent again) would meet
+ * no socket and be answered with a reset. (CRIU drops such packets with
+ * netfilter rules instead; a keeper needs no privilege beyond the repair
+ * mode itself and touches nothing outside the connections.) A restore of
+ * the same image on this host uses the very sockets, their queues as the
+ * image recorded them; one elsewhere makes them anew from the image.
  *
  * Without repair: `snapshot --tcp-close` records a connection as closed,
  * and the restored application holds a socket whose connection was reset
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
  */
-import { closeSync, fstatSync, mkdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
-import type { Fd, Image, Process, SocketOption, TcpConnection } from '../image/types.js';
-import { addon, paths, type RepairedConnection } from '../native.js';
+import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
+import { addon, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
+import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -189,61 +184,14 @@ export class HeldConnections {
     if (failure) throw failure;
   }
 
-  /** The application was ended: our duplicates are the sockets' last
-   * references. They go to a keeper until the restore (`keep`), or are
-   * closed here, which in repair mode tells the peers nothing. */
-  endWithApplication(keep: Keeping | undefined): void {
-    const fds = [...this.held.values()].map((h) => h.fd);
+  /** The application was ended: our duplicates, the sockets' last
+   * references, go to `keeper` (keeper.ts), which holds them in repair
+   * mode until the restore, or closes them: in repair mode, either way,
+   * the peers are told nothing. */
+  handTo(keeper: SocketsForKeeper): void {
+    for (const [ino, { fd }] of this.held) keeper.add(ino, fd);
     this.held.clear();
-    try {
-      if (keep && fds.length) startKeeper(keep, fds);
-    } finally {
-      for (const fd of fds) closeSync(fd);
-    }
   }
-}
-
-/** Where and for how long an ended application's connections are kept. */
-export interface Keeping {
-  home: string;
-  aid: string;
-  imageId: string;
-  holdSeconds: number;
-}
-
-/** How long a keeper holds connections by default: about as long as
- * their peers retransmit before giving up (Linux's tcp_retries2 = 15 is
- * some 924 s), after which there is nothing left to keep. */
-export const DEFAULT_TCP_HOLD_SECONDS = 900;
-
-/** Whether an image holds a connection a keeper may have kept. */
-export function hasLiveConnections(image: Image): boolean {
-  return image.processes.some((p) => p.fds.some((f) => f.tcp && !f.tcp.closed));
-}
-
-/** The keeper of an application's connections listens here. */
-const keeperPath = (home: string, aid: string) => join(home, 'keep', `${aid}.sock`);
-
-/** An image id no image has: asking with it makes a keeper drop its sockets. */
-const NO_IMAGE = '-';
-
-function startKeeper(keep: Keeping, fds: number[]): void {
-  const path = keeperPath(keep.home, keep.aid);
-  try {
-    mkdirSync(join(keep.home, 'keep'), { recursive: true, mode: 0o700 });
-    // One keeper per application: an older one's sockets would clash.
-    dropKept(keep.home, keep.aid);
-    addon().keepConnections(paths.keeper, path, keep.imageId, keep.holdSeconds, fds);
-  } catch (e) {
-    // The image is committed and the application gone: the snapshot
-    // stands; only the wait until the restore is less safe.
-    process.stderr.write(`appshot: the TCP connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): a peer that sends meanwhile is reset\n`);
-  }
-}
-
-/** Whatever a keeper holds for `aid` is dropped (closed in repair mode). */
-export function dropKept(home: string, aid: string): void {
-  for (const fd of addon().takeConnections(keeperPath(home, aid), NO_IMAGE) ?? []) closeSync(fd);
 }
 
 function splitRemote(remote: string): [string, number] {
@@ -267,22 +215,10 @@ function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection,
  */
 export class ConnectionMaker {
   private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean; kept: boolean }>();
-  /** Sockets a keeper held for this image, by inode, not yet used. */
-  private readonly kept = new Map<bigint, number>();
-  private keeping: Keeping | undefined;
 
-  /**
-   * The sockets an appshot-keeper held since the snapshot that ended the
-   * application, if it was this image's: the very connections, used
-   * instead of new ones. A keeper holding another image's connections of
-   * the application drops them (they would clash with this image's).
-   */
-  adoptKept(keep: Keeping): void {
-    const fds = addon().takeConnections(keeperPath(keep.home, keep.aid), keep.imageId);
-    if (!fds?.length) return;
-    this.keeping = keep;
-    for (const fd of fds) this.kept.set(fstatSync(fd, { bigint: true }).ino, fd);
-  }
+  /** `kept`: the sockets a keeper held since the snapshot that ended the
+   * application (keeper.ts): the very connections, used as they are. */
+  constructor(private readonly kept: KeptSockets) {}
 
   /** Our descriptor for connection `c`; `what` names its process and fd. */
   open(c: TcpConnection | undefined, what: string): number {
@@ -292,7 +228,6 @@ export class ConnectionMaker {
     check(c, what);
     const kept = c.closed ? undefined : this.kept.get(c.ino);
     if (kept !== undefined) {
-      this.kept.delete(c.ino);
       this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
       return kept;
     }
@@ -313,7 +248,6 @@ export class ConnectionMaker {
    * CLOSE_WAIT is sent its peer's FIN again. A kept one is the
    * original: its queues and its peer's FIN are in it already. */
   release(): void {
-    this.dropUnused();
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
       if (m.kept) {
@@ -328,25 +262,17 @@ export class ConnectionMaker {
 
   /** Our descriptors go (the processes hold theirs). Before release(),
    * that is a failed restore: still in repair mode, the sockets close
-   * without a word to the peers, who may be given a later restore; the
-   * kept ones go back to a keeper for it. */
+   * without a word to the peers, who may be given a later restore. (Kept
+   * ones are KeptSockets' to close, or to give back to a keeper.) */
   close(): void {
-    const unreleasedKept = [...this.made.values()].filter((m) => m.kept && m.repaired).map((m) => m.fd);
-    if (this.keeping && unreleasedKept.length) startKeeper(this.keeping, [...unreleasedKept, ...this.kept.values()]);
-    this.dropUnused();
     for (const m of this.made.values())
-      try {
-        closeSync(m.fd);
-      } catch {
-        /* closed already */
-      }
+      if (!m.kept)
+        try {
+          closeSync(m.fd);
+        } catch {
+          /* closed already */
+        }
     this.made.clear();
-  }
-
-  /** Kept sockets the image does not name (none, for its own keeper). */
-  private dropUnused(): void {
-    for (const fd of this.kept.values()) closeSync(fd);
-    this.kept.clear();
   }
 }
 
