@@ -122,6 +122,14 @@ function tcpState(local: number, remote: number): number | undefined {
   return undefined;
 }
 
+/** Whether any socket, in any state, has local port `port`. */
+function portInUse(port: number): boolean {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  return ['/proc/net/tcp', '/proc/net/tcp6'].some((f) =>
+    readFileSync(f, 'utf8').split('\n').slice(1).some((line) => line.trim().split(/\s+/)[1]?.endsWith(hex)),
+  );
+}
+
 /** How many times the connection local:remote sent the same segment
  * again (/proc/net/tcp's retrnsmt column), or undefined. */
 function retransmissions(local: number, remote: number): number | undefined {
@@ -315,6 +323,33 @@ describe('established TCP connections', () => {
     await waitFor(() => (logOf('tcp3c').match(/^FAIL/gm) ?? []).length >= 3, 20_000, "the clone's inside client and handlers to fail");
     expect(logOf('tcp3c')).toMatch(/^FAIL: read: Connection reset by peer/m);
     run(['stop', 'tcp3c', '-s', 'KILL']);
+  });
+
+  it('a server that did not set SO_REUSEADDR gets its port back beside its kept connections, and keeps its choice', async () => {
+    // A port nothing lingers on (TIME_WAIT of an earlier run): without
+    // SO_REUSEADDR, the fixture itself could not listen there.
+    const port = [...Array(60).keys()].map((i) => 26640 + i).find((p) => !portInUse(p))!;
+    const go = join(out, 'tcp12.go');
+    run(['run', '-d', '--aid', 'tcp12', '--', fixture('tcpfix'), String(port), go, '1000', 'noreuse']);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf('tcp12')), 10_000, 'tcp12 to start');
+    const client = await Client.open(port);
+    client.socket.write('ECHO before\n');
+    client.read();
+    expect((await client.bytes('before\n'.length)).toString()).toBe('before\n');
+    // The keeper holds the connections on the server's port: a plain
+    // bind() there, without SO_REUSEADDR, would be refused.
+    run(['snapshot', 'tcp12', '-o', join(out, 'tcp12')]);
+    run(['restore', join(out, 'tcp12')]);
+    const again = await Client.open(port);
+    again.socket.write('ECHO after\n');
+    again.read();
+    expect((await again.bytes('after\n'.length)).toString()).toBe('after\n');
+    client.socket.write('ECHO still\n');
+    expect((await client.bytes('still\n'.length)).toString()).toBe('still\n');
+    expect(logOf('tcp12')).not.toMatch(/FAIL/);
+    again.socket.destroy();
+    client.socket.destroy();
+    run(['stop', 'tcp12', '-s', 'KILL']);
   });
 
   it('a connection whose peer closed its side (CLOSE_WAIT) comes back with the unread bytes, then the end', async () => {
