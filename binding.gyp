@@ -4,6 +4,8 @@
   #  - appshot_preload.so: the LD_PRELOAD library, plain C, which lives
   #    inside the user's programs and so must not drag in libstdc++
   #  - appshot-init: each application's supervisor (virtual PID 1)
+  #  - appshot-keeper: holds an ended application's TCP connections
+  #    until its restore (addon/keeper/appshot_keeper.c)
   "target_defaults": {
     "include_dirs": ["addon/include"],
     "cflags": ["-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
@@ -13,7 +15,7 @@
       "target_name": "appshot",
       "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/addon_restore.cc",
                   "addon/src/trace.c", "addon/src/sockdiag.c",
-                  "addon/src/addon_tcp.cc", "addon/src/tcp_repair.c",
+                  "addon/src/addon_tcp.cc", "addon/src/tcp_repair.c", "addon/src/keeper.c",
                   "addon/src/addon_dgram.cc", "addon/src/dgram.c",
                   "addon/src/addon_probe.cc", "addon/src/probe.c",
                   "addon/src/pages.c", "addon/include/appshot_table.c"],
@@ -42,6 +44,12 @@
       "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c"],
       "ldflags": ["-Wl,--as-needed"],
       "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "appshot-keeper",
+      "type": "executable",
+      "sources": ["addon/keeper/appshot_keeper.c"],
+      "ldflags": ["-Wl,--as-needed"]
     }
   ]
 }

@@ -404,6 +404,7 @@ export function buildProgram(): Command {
     .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
     .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
     .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
+    .option('--tcp-hold <duration>', "how long the ended application's connections are held on this host for its restore (0: not held)", '15m')
     .option('--json', 'print what was written as JSON', false)
     .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
@@ -411,15 +412,19 @@ export function buildProgram(): Command {
       '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
         'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
         'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
+        'Until then a small appshot-keeper process holds them silent (--tcp-hold), so that a peer that\n' +
+        'sends meanwhile is not reset.\n' +
         'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
         'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
-    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; json: boolean; progress: string }) => {
+    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; tcpHold: string; json: boolean; progress: string }) => {
       const aid = opts.aid ?? aidArg;
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);
       if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
+      const { parseDuration } = await import('./serve/spec.js');
+      const tcpHoldSeconds = Math.ceil(parseDuration(opts.tcpHold, '--tcp-hold') / 1000);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
       const [{ snapshot }, { ProgressDisplay, progressMode }] = await Promise.all([import('./snapshot/driver.js'), import('./progress.js')]);
       const display = new ProgressDisplay(`snapshot ${aid}`, progressMode(opts.progress));
@@ -435,6 +440,7 @@ export function buildProgram(): Command {
           full: opts.full,
           preCopy: opts.preCopy,
           tcpClose: opts.tcpClose,
+          tcpHoldSeconds,
           timeoutMs: timeout * 1000,
           progress: display,
           signal: interrupt.signal,

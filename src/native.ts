@@ -16,6 +16,7 @@ export const paths = {
   addon: join(release, 'appshot.node'),
   preload: join(release, 'appshot_preload.so'),
   init: join(release, 'appshot-init'),
+  keeper: join(release, 'appshot-keeper'),
 };
 
 /** The resource kinds of the translation tables, in the header's order. */
@@ -197,6 +198,10 @@ interface Addon {
   /** Every packet to the socket dropped (true), as if lost on the way,
    * or not; EEXIST for a socket with a filter of its own. */
   tcpLock(fd: number, on: boolean): void;
+  /** An appshot-keeper holds `fds` at `path` for image `imageId`, at most `holdSeconds` (tcp.ts). */
+  keepConnections(binary: string, path: string, imageId: string, holdSeconds: number, fds: number[]): void;
+  /** The kept sockets of image `imageId` ([] if dropped for another image), null if no keeper is at `path`. */
+  takeConnections(path: string, imageId: string): number[] | null;
   /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
   tcpRead(fd: number): RepairedConnection;
   /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */

@@ -7,7 +7,7 @@
  * every process exactly the user it was: same uids, gids, groups,
  * capability sets, no_new_privs and seccomp mode.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
@@ -450,6 +450,38 @@ describe('PostgreSQL 15', () => {
     const after = identities('pg');
     for (const [vpid, id] of before) if (after.has(vpid)) expect(id).toEqual(after.get(vpid));
     run(['stop', 'pg', '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('a psql session on the unix socket, in the middle of a transaction, carries on after a snapshot and a restore', async () => {
+    const port = base + 1;
+    const data = initdb('pg-session');
+    run(['run', '-d', '--aid', 'pgs', '--', 'runuser', '-u', 'postgres', '--', `${PG_BIN}/postgres`, '-D', join(data, 'db'), '-k', data, '-p', String(port), '-c', 'listen_addresses=127.0.0.1']);
+    await waitFor(pgReady(port), 20_000, 'PostgreSQL to answer');
+    psql(port, 'create table t (id int)');
+    // A client outside the application, as a user at a terminal: its
+    // backend's socket is connected to it.
+    const session = spawn(PSQL, ['-h', data, '-p', String(port), '-U', 'postgres', '-At', '-v', 'ON_ERROR_STOP=1'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let said = '';
+    session.stdout.on('data', (d: Buffer) => (said += d.toString()));
+    session.stderr.on('data', (d: Buffer) => (said += d.toString()));
+    try {
+      session.stdin.write("begin;\ninsert into t values (1);\n\\echo step 1\n");
+      await waitFor(() => said.includes('step 1'), 10_000, 'the session to begin its transaction');
+      run(['snapshot', 'pgs', '-o', join(data, 'snap')]);
+      expect(sb.run(['inspect', join(data, 'snap')]).stdout).toMatch(/unix stream connection to a process outside, held by appshot-keeper/);
+      // Asked while PostgreSQL is gone: the question waits in the socket.
+      session.stdin.write("insert into t values (2);\nselect count(*) from t;\n\\echo step 2\n");
+      run(['restore', join(data, 'snap')]);
+      await waitFor(() => said.includes('step 2'), 20_000, 'the session to be answered after the restore');
+      session.stdin.write("commit;\n\\echo step 3\n");
+      await waitFor(() => said.includes('step 3'), 10_000, 'the commit');
+      expect(said).toBe('BEGIN\nINSERT 0 1\nstep 1\nINSERT 0 1\n2\nstep 2\nCOMMIT\nstep 3\n');
+      // Committed in the restored cluster, seen by a new client.
+      expect(psql(port, 'select count(*), sum(id) from t')).toBe('2|3');
+    } finally {
+      session.kill();
+      sb.run(['stop', 'pgs', '-s', 'KILL']);
+    }
   });
 
   // The cluster is made and run by the postgres user: root lends its

@@ -13,7 +13,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { connect, createServer, type Socket } from 'node:net';
-import { closeSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -122,6 +122,39 @@ function tcpState(local: number, remote: number): number | undefined {
   return undefined;
 }
 
+/** Whether any socket, in any state, has local port `port`. */
+function portInUse(port: number): boolean {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  return ['/proc/net/tcp', '/proc/net/tcp6'].some((f) =>
+    readFileSync(f, 'utf8').split('\n').slice(1).some((line) => line.trim().split(/\s+/)[1]?.endsWith(hex)),
+  );
+}
+
+/** How many times the connection local:remote sent the same segment
+ * again (/proc/net/tcp's retrnsmt column), or undefined. */
+function retransmissions(local: number, remote: number): number | undefined {
+  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[6], 16);
+  }
+  return undefined;
+}
+
+/** The appshot-keeper processes holding connections for `home`. */
+function keepers(home: string): number[] {
+  const found: number[] = [];
+  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    try {
+      const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      if (argv[0] === 'appshot-keeper' && argv[1]?.startsWith(home)) found.push(Number(pid));
+    } catch {
+      /* gone */
+    }
+  }
+  return found;
+}
+
 /** byte i of BIG is i % 251; the first index where `b` differs, or -1. */
 function firstBadByte(b: Buffer): number {
   for (let i = 0; i < b.length; i++) if (b[i] !== i % 251) return i;
@@ -182,6 +215,64 @@ describe('established TCP connections', () => {
     run(['stop', 'tcp1', '-s', 'KILL']);
   });
 
+  it('a peer that sends between the snapshot and the restore is not reset: a keeper holds the connections', async () => {
+    const port = 26608;
+    const { client, go } = await startFixture('tcp8', port);
+    run(['snapshot', 'tcp8', '-o', join(out, 'tcp8')]);
+    // The application is gone. Its peer sends on, and sends again,
+    // unanswered: a socket that had closed would answer with a reset.
+    client.socket.write('ECHO while away\n');
+    const sentAgain = () => retransmissions(client.socket.localPort!, port);
+    await waitFor(() => (sentAgain() ?? 2) >= 2, 20_000, 'the client to send again, unanswered');
+    expect(sentAgain(), 'the connection was reset').toBeGreaterThanOrEqual(2);
+    client.whole();
+    expect(keepers(sb.home)).toHaveLength(1);
+
+    run(['restore', join(out, 'tcp8')]);
+    expect(keepers(sb.home)).toHaveLength(0);
+    writeFileSync(go, '');
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nwhile away\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nwhile away\n');
+    client.socket.write('ECHO after the restore\n');
+    expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
+    client.whole();
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp8')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp8')).toMatch(/^INSIDE OK$/m);
+    client.socket.destroy();
+    run(['stop', 'tcp8', '-s', 'KILL']);
+  });
+
+  it("the keeper drops what it holds when another image of the application is restored, or the hold ends", async () => {
+    const port = 26609;
+    const { client } = await startFixture('tcp9', port);
+    run(['snapshot', 'tcp9', '--leave-running', '--full', '-o', join(out, 'tcp9-older')]);
+    run(['snapshot', 'tcp9', '-o', join(out, 'tcp9-newer')]);
+    expect(keepers(sb.home)).toHaveLength(1);
+    // The older image's connections are the same ones, at other sequence
+    // numbers: restored, they replace the held ones, which the peer
+    // never hears of.
+    run(['restore', join(out, 'tcp9-older')]);
+    expect(keepers(sb.home)).toHaveLength(0);
+    run(['stop', 'tcp9', '-s', 'KILL']);
+    client.socket.destroy();
+
+    const port2 = 26610;
+    const second = await startFixture('tcp10', port2);
+    run(['snapshot', 'tcp10', '--tcp-hold', '1s', '-o', join(out, 'tcp10')]);
+    await waitFor(() => keepers(sb.home).length === 0, 10_000, 'the keeper to give up after its hold');
+    // Dropped silently: the peer learns only when it sends, by a reset
+    // that ends its side (gone from /proc/net/tcp).
+    const local = second.client.socket.localPort!;
+    expect(tcpState(local, port2)).toBe(1);
+    second.client.socket.write('ECHO anyone\n');
+    await waitFor(() => tcpState(local, port2) === undefined, 10_000, 'the reset');
+    second.client.socket.destroy();
+    const bad = sb.run(['snapshot', 'tcp10', '--tcp-hold', 'soon']);
+    expect(bad.code).not.toBe(0);
+  });
+
   it('refuse to be templated, naming the connection', () => {
     const r = sb.run(['template', 'create', join(out, 'tcp1'), '-o', join(out, 'tcp1.template')]);
     expect(r.code).not.toBe(0);
@@ -232,6 +323,33 @@ describe('established TCP connections', () => {
     await waitFor(() => (logOf('tcp3c').match(/^FAIL/gm) ?? []).length >= 3, 20_000, "the clone's inside client and handlers to fail");
     expect(logOf('tcp3c')).toMatch(/^FAIL: read: Connection reset by peer/m);
     run(['stop', 'tcp3c', '-s', 'KILL']);
+  });
+
+  it('a server that did not set SO_REUSEADDR gets its port back beside its kept connections, and keeps its choice', async () => {
+    // A port nothing lingers on (TIME_WAIT of an earlier run): without
+    // SO_REUSEADDR, the fixture itself could not listen there.
+    const port = [...Array(60).keys()].map((i) => 26640 + i).find((p) => !portInUse(p))!;
+    const go = join(out, 'tcp12.go');
+    run(['run', '-d', '--aid', 'tcp12', '--', fixture('tcpfix'), String(port), go, '1000', 'noreuse']);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(logOf('tcp12')), 10_000, 'tcp12 to start');
+    const client = await Client.open(port);
+    client.socket.write('ECHO before\n');
+    client.read();
+    expect((await client.bytes('before\n'.length)).toString()).toBe('before\n');
+    // The keeper holds the connections on the server's port: a plain
+    // bind() there, without SO_REUSEADDR, would be refused.
+    run(['snapshot', 'tcp12', '-o', join(out, 'tcp12')]);
+    run(['restore', join(out, 'tcp12')]);
+    const again = await Client.open(port);
+    again.socket.write('ECHO after\n');
+    again.read();
+    expect((await again.bytes('after\n'.length)).toString()).toBe('after\n');
+    client.socket.write('ECHO still\n');
+    expect((await client.bytes('still\n'.length)).toString()).toBe('still\n');
+    expect(logOf('tcp12')).not.toMatch(/FAIL/);
+    again.socket.destroy();
+    client.socket.destroy();
+    run(['stop', 'tcp12', '-s', 'KILL']);
   });
 
   it('a connection whose peer closed its side (CLOSE_WAIT) comes back with the unread bytes, then the end', async () => {
@@ -385,8 +503,10 @@ describe('redis-server with 50 clients in the middle of a pipelined workload', (
     // queues, unread.
     const payload = (c: number, i: number) => `client ${c} reply ${i} `.padEnd(8000, 'x');
     const expected = clients.map((_, c) => Array.from({ length: COMMANDS }, (_, i) => bulk(payload(c, i))).join(''));
+    // Snapshotted at once, while the commands are still on their way: what
+    // the frozen redis drops, the clients send again, to the keeper's
+    // silent sockets and then to the restored redis.
     clients.forEach((client, c) => client.socket.write(Array.from({ length: COMMANDS }, (_, i) => resp('ECHO', payload(c, i))).join('')));
-    await new Promise((r) => setTimeout(r, 100));
 
     run(['snapshot', 'tcpredis', '-o', join(out, 'redis')]);
     for (const client of clients) client.whole();

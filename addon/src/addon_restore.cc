@@ -197,7 +197,14 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   int one = 1;
-  if (o.Get("reuseaddr").ToBoolean()) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  bool reuseaddr = o.Get("reuseaddr").ToBoolean();
+  // Bound with SO_REUSEADDR whatever the application chose, then given its
+  // own choice back: the connections the ended original closed (in
+  // TIME_WAIT, or FIN_WAIT after snapshot --tcp-close) must not keep its
+  // port from it, as they would a server that did not set it, restarting.
+  // A live listener there still conflicts (EADDRINUSE), as it should.
+  bool inet = family == AF_INET || family == AF_INET6;
+  if (reuseaddr || inet) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (o.Get("reuseport").ToBoolean()) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
   if (family == AF_INET6) {
     int v6 = o.Get("v6only").ToBoolean() ? 1 : 0;
@@ -246,6 +253,8 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "listening on " + what, e);
     return env.Undefined();
   }
+  int zero = 0;
+  if (inet && !reuseaddr) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &zero, sizeof zero);
   return Napi::Number::New(env, fd);
 }
 

@@ -5,12 +5,14 @@
 #include <cerrno>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include <sys/socket.h>
 
 #include "addon.h"
 
 extern "C" {
+#include "keeper.h"
 #include "tcp_repair.h"
 }
 
@@ -206,6 +208,43 @@ Napi::Value SetSockOpt(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// keepConnections(binary, path, imageId, holdSeconds, fds): an
+// appshot-keeper holds `fds` (keeper.c).
+Napi::Value KeepConnections(const Napi::CallbackInfo& info) {
+  std::string binary = info[0].As<Napi::String>().Utf8Value();
+  std::string path = info[1].As<Napi::String>().Utf8Value();
+  std::string id = info[2].As<Napi::String>().Utf8Value();
+  long hold = static_cast<long>(info[3].As<Napi::Number>().Int64Value());
+  Napi::Array list = info[4].As<Napi::Array>();
+  std::vector<int> fds(list.Length());
+  for (uint32_t i = 0; i < list.Length(); i++) fds[i] = Int(list.Get(i));
+  const char* step = nullptr;
+  Failed(info.Env(), keeper_start(binary.c_str(), path.c_str(), id.c_str(), hold, fds.data(), fds.size(), &step), &step);
+  return info.Env().Undefined();
+}
+
+// takeConnections(path, imageId) -> the kept sockets of image `imageId`
+// ([] if the keeper dropped them for another image), or null if no
+// keeper listens at `path`.
+Napi::Value TakeConnections(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string id = info[1].As<Napi::String>().Utf8Value();
+  int* fds = nullptr;
+  int none = 0;
+  const char* step = nullptr;
+  long n = keeper_take(path.c_str(), id.c_str(), &fds, &none, &step);
+  if (n < 0) {
+    ThrowErrno(env, step, static_cast<int>(-n));
+    return env.Undefined();
+  }
+  if (none) return env.Null();
+  Napi::Array out = Napi::Array::New(env, static_cast<size_t>(n));
+  for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+  free(fds);
+  return out;
+}
+
 }  // namespace
 
 void RegisterTcp(Napi::Env env, Napi::Object exports) {
@@ -223,6 +262,8 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   fn("tcpResetSocket", TcpResetSocket);
   fn("getSockOpt", GetSockOpt);
   fn("setSockOpt", SetSockOpt);
+  fn("keepConnections", KeepConnections);
+  fn("takeConnections", TakeConnections);
 }
 
 }  // namespace appshot

@@ -82,6 +82,7 @@ function describeFd(image: Image, fd: Fd): string {
         : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
+      if (fd.socket?.kept) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} connection to a process outside, held by appshot-keeper on the host of the snapshot`;
       if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
       return `listening unix ${fd.socket?.address}`;
     case 'UNIX_DGRAM':

@@ -532,6 +532,8 @@ export interface Socket {
   /** sk_shutdown: 1 reading shut down, 2 writing. */
   shutdown?: number;
   options?: SocketOption[];
+  /** Connected outside the application: held by appshot-keeper, not in the image (keeper.ts). */
+  kept?: boolean;
 }
 
 export interface Datagram {

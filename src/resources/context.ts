@@ -15,6 +15,7 @@ import { type Action, type FileIdentity, type Image, type Pipe, type Process, ty
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
 import { privateCopy, redirected, unredirected } from './paths.js';
+import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
 
 const O_ACCMODE = 3;
@@ -31,6 +32,8 @@ export class DumpContext {
   readonly sharedIndex = new Map<string, number>();
   /** TCP connections held in repair mode while the application is frozen. */
   readonly tcp = new HeldConnections();
+  /** Connections that outlive the application until its restore. */
+  readonly keeper = new SocketsForKeeper();
 
   constructor(
     readonly image: Image,
@@ -120,8 +123,10 @@ export class RestoreContext {
   private readonly removeAtClose: string[] = [];
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
+  /** Connections a keeper held since the snapshot (keeper.ts). */
+  readonly kept = new KeptSockets();
   /** Established TCP connections, in repair mode until every process is made. */
-  readonly tcp = new ConnectionMaker();
+  readonly tcp = new ConnectionMaker(this.kept);
 
   constructor(
     readonly image: Image,
@@ -253,6 +258,7 @@ export class RestoreContext {
       }
     }
     this.tcp.close();
+    this.kept.close();
     for (const fd of this.mine.splice(0))
       try {
         closeSync(fd);

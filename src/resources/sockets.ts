@@ -7,8 +7,9 @@
  * unixdgram.ts's, UDP sockets udp.ts's (this module sends them there). A
  * unix SOCK_SEQPACKET pair's queued records are read whole (unixdgram.ts).
  * Each end keeps its shutdown state (UNIX_DIAG_SHUTDOWN). A unix stream
- * or seqpacket socket whose other end is outside the application is
- * refused by name.
+ * or seqpacket socket whose other end is outside the application (a local
+ * client of a server) is held by a keeper until the restore on this host
+ * (keeper.ts), or refused by name where it cannot be.
  *
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
@@ -17,8 +18,9 @@
 import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import { type Fd, FdKind, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
-import { nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import type { KeptSockets } from './keeper.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, removeStale, shut } from './unixdgram.js';
 
@@ -218,22 +220,45 @@ export class SocketTable {
   }
 }
 
-/** Every connected unix stream or seqpacket socket of the image must have
- * its peer in the image too; a datagram socket connected to a name outside
- * it is connected to that name again at restore (unixdgram.ts). */
-export function checkUnixPeers(processes: Process[]): void {
-  const sockets = processes.flatMap((p) =>
+/** Every connected unix stream or seqpacket socket of the image has its
+ * peer in the image too, or, connected to a process outside (a local
+ * client of a server), is held by a keeper until the restore (keeper.ts):
+ * then its queue stays in it rather than in the image. A datagram socket
+ * connected to a name outside it is connected to that name again at
+ * restore (unixdgram.ts). `systemPid`: a virtual PID's process. */
+export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => number): void {
+  const sockets = ctx.image.processes.flatMap((p) =>
     p.fds
       .filter((f) => f.socket && (f.kind === FdKind.UNIX_SOCKET || f.kind === FdKind.UNIX_DGRAM))
-      .map((f) => ({ socket: f.socket!, dgram: f.kind === FdKind.UNIX_DGRAM, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
+      .map((f) => ({ p, fd: f.fd, socket: f.socket!, dgram: f.kind === FdKind.UNIX_DGRAM, where: `${nameProcess(p.vpid, p.comm)} fd ${f.fd}` })),
   );
   const inImage = new Set(sockets.map((s) => s.socket.ino));
   for (const s of sockets) {
     if (!s.socket.peerIno || inImage.has(s.socket.peerIno)) continue;
     if (s.dgram && s.socket.peerAddress) s.socket.peerIno = 0n;
     else if (s.dgram) throw new Unsupported(`${s.where}: a unix datagram socket connected to an unnamed socket outside the application cannot be captured (nothing to connect to again by name)`);
-    else throw new Unsupported(`${s.where}: a unix socket connected to a process outside the application cannot be captured yet`);
+    else if (!ctx.keeper.keeping)
+      throw new Unsupported(
+        `${s.where}: a unix socket connected to a process outside the application is carried only by a snapshot that ends the application, to a restore on this host (not with --leave-running or --tcp-hold 0)`,
+      );
+    else {
+      ctx.keeper.add(s.socket.ino, addon().getFd(systemPid(s.p.vpid), s.fd));
+      Object.assign(s.socket, { kept: true, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [] });
+    }
   }
+}
+
+/** Before anything is made: every socket the image says a keeper held is
+ * held, for this image (a restore on another host, or after the keeper
+ * gave up, cannot have it). */
+export function requireKept(image: Image, kept: KeptSockets): void {
+  for (const p of image.processes)
+    for (const f of p.fds)
+      if (f.socket?.kept && kept.get(f.socket.ino) === undefined)
+        throw new AppshotError(
+          `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: a unix connection to a process outside the application was held by appshot-keeper on the host of the snapshot, and no keeper holds it now (it gave up after --tcp-hold, another image was restored, or this is another host)`,
+          ExitCode.conflict,
+        );
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -241,6 +266,7 @@ export function checkUnixPeers(processes: Process[]): void {
 /** Our descriptor for a listening socket or an end of a unix socket pair. */
 export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   const s = fd.socket!;
+  if (s.kept) return keptEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
@@ -281,6 +307,15 @@ function listenAddress(h: RestoreContext, s: Socket): Socket {
   if (own !== undefined) return { ...s, port: own };
   if (h.plan.action(verdictRef.port(asked)) === 'multiplex') return { ...s, port: asked, reuseport: true };
   return s;
+}
+
+/** A connection to a process outside the application: the very socket,
+ * which a keeper held since the snapshot (requireKept checked it is). */
+function keptEnd(h: RestoreContext, s: Socket, fd: Fd): number {
+  const sock = h.kept.get(s.ino);
+  if (sock === undefined) throw new AppshotError(`fd ${fd.fd}: a unix connection held by appshot-keeper is not held`);
+  addon().setStatusFlags(sock, fd.flags);
+  return sock;
 }
 
 /** One end of a unix socket pair (or of a connection between two of the

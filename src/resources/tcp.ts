@@ -29,13 +29,15 @@
  * runs out, and the peer's acknowledgement makes it FIN_WAIT2. Both sides
  * closed (CLOSING, LAST_ACK) is refused by name.
  *
- * Between the end of the application and the restore nothing answers for
- * the connection: a packet the peer sends meanwhile (new data, or data the
- * filter dropped while the application was frozen, sent again) is
- * answered with a reset by the kernel (CRIU drops such packets with
- * netfilter rules until the restore; appshot does not touch the
- * firewall). A peer that waits for an answer sends nothing, and one that
- * has nothing unacknowledged does not retransmit.
+ * Between the end of the application and the restore the sockets are
+ * held, still in repair mode and still dropping every packet, by an
+ * appshot-keeper (keeper.ts): were they closed, whatever the peer sends
+ * meanwhile (new data, or what the filter dropped, sent again) would meet
+ * no socket and be answered with a reset. (CRIU drops such packets with
+ * netfilter rules instead; a keeper needs no privilege beyond the repair
+ * mode itself and touches nothing outside the connections.) A restore of
+ * the same image on this host uses the very sockets, their queues as the
+ * image recorded them; one elsewhere makes them anew from the image.
  *
  * Without repair: `snapshot --tcp-close` records a connection as closed,
  * and the restored application holds a socket whose connection was reset
@@ -47,6 +49,7 @@ import { AppshotError } from '../errors.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
+import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -181,10 +184,12 @@ export class HeldConnections {
     if (failure) throw failure;
   }
 
-  /** The application was ended: our duplicates are the sockets' last
-   * references, and closing them in repair mode tells the peers nothing. */
-  closeSilently(): void {
-    for (const { fd } of this.held.values()) closeSync(fd);
+  /** The application was ended: our duplicates, the sockets' last
+   * references, go to `keeper` (keeper.ts), which holds them in repair
+   * mode until the restore, or closes them: in repair mode, either way,
+   * the peers are told nothing. */
+  handTo(keeper: SocketsForKeeper): void {
+    for (const [ino, { fd }] of this.held) keeper.add(ino, fd);
     this.held.clear();
   }
 }
@@ -209,7 +214,11 @@ function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection,
  * descriptors share it. Each stays in repair mode until release().
  */
 export class ConnectionMaker {
-  private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean }>();
+  private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean; kept: boolean }>();
+
+  /** `kept`: the sockets a keeper held since the snapshot that ended the
+   * application (keeper.ts): the very connections, used as they are. */
+  constructor(private readonly kept: KeptSockets) {}
 
   /** Our descriptor for connection `c`; `what` names its process and fd. */
   open(c: TcpConnection | undefined, what: string): number {
@@ -217,6 +226,11 @@ export class ConnectionMaker {
     const known = this.made.get(c.ino);
     if (known) return known.fd;
     check(c, what);
+    const kept = c.closed ? undefined : this.kept.get(c.ino);
+    if (kept !== undefined) {
+      this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
+      return kept;
+    }
     let fd: number;
     try {
       fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake(c);
@@ -225,33 +239,39 @@ export class ConnectionMaker {
       const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
       throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: ${err.message}${hint}`);
     }
-    this.made.set(c.ino, { fd, c, repaired: !c.closed });
+    this.made.set(c.ino, { fd, c, repaired: !c.closed, kept: false });
     return fd;
   }
 
   /** Every process is made: the connections leave repair mode, write
    * what they had never sent, and get their options back; one in
-   * CLOSE_WAIT is sent its peer's FIN again. */
+   * CLOSE_WAIT is sent its peer's FIN again. A kept one is the
+   * original: its queues and its peer's FIN are in it already. */
   release(): void {
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
-      addon().tcpRelease(m.fd, neverSent(m.c));
+      if (m.kept) {
+        addon().tcpLock(m.fd, false);
+        addon().tcpRepair(m.fd, -1);
+      } else addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;
       for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
-      if (m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
+      if (!m.kept && m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
   }
 
   /** Our descriptors go (the processes hold theirs). Before release(),
    * that is a failed restore: still in repair mode, the sockets close
-   * without a word to the peers, who may be given a later restore. */
+   * without a word to the peers, who may be given a later restore. (Kept
+   * ones are KeptSockets' to close, or to give back to a keeper.) */
   close(): void {
     for (const m of this.made.values())
-      try {
-        closeSync(m.fd);
-      } catch {
-        /* closed already */
-      }
+      if (!m.kept)
+        try {
+          closeSync(m.fd);
+        } catch {
+          /* closed already */
+        }
     this.made.clear();
   }
 }

@@ -30,6 +30,8 @@ import { restoreFds } from '../resources/files.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
+import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
+import { requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
@@ -285,6 +287,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     reg.update(record);
     addon().setInstance(tables, config);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
+    // The connections an appshot-keeper held since the snapshot that
+    // ended the application (keeper.ts); a clone has none of its own.
+    if (!opts.instance && mayHaveKept(image)) {
+      handed.kept.adopt({ home: reg.home, aid: image.aid, imageId: chain[0].manifest.imageId, holdSeconds: DEFAULT_HOLD_SECONDS });
+      requireKept(image, handed.kept);
+    }
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
@@ -489,6 +497,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
     }
     handed.tcp.release();
+    handed.kept.finish();
     handed.close();
     phase('threads');
 

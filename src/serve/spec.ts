@@ -49,9 +49,9 @@ export interface ServiceSpec {
 export const SERVICE_SCHEMA = 'appshot.service/1';
 
 /** "1s", "500ms", "2m", "1h", or plain seconds. */
-export function parseDuration(text: string): number {
+export function parseDuration(text: string, flag = '--idle'): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(String(text).trim());
-  if (!m) throw new AppshotError(`--idle '${text}': expected a duration such as 500ms, 30s, 5m or 1h`, ExitCode.usage);
+  if (!m) throw new AppshotError(`${flag} '${text}': expected a duration such as 500ms, 30s, 5m or 1h`, ExitCode.usage);
   const n = Number(m[1]);
   const unit = m[2] ?? 's';
   return Math.round(n * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[unit]!);

@@ -38,6 +38,7 @@ import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
+import { DEFAULT_HOLD_SECONDS, type SocketsForKeeper } from '../resources/keeper.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
@@ -64,6 +65,9 @@ export interface SnapshotOptions {
   /** Record established TCP connections as closed instead of keeping them
    * (resources/tcp.ts): for want of CAP_NET_ADMIN, or on purpose. */
   tcpClose?: boolean;
+  /** How long an appshot-keeper holds the connections of the ended
+   * application for its restore (tcp.ts); 0: not at all. */
+  tcpHoldSeconds?: number;
   /** Told the bytes written to the image as they are (see progress.ts). */
   progress?: ByteProgress;
   /** Aborted (Ctrl-C, SIGTERM): the snapshot is given up at the next
@@ -161,6 +165,8 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
   const inImage = new Set(byProcess.map(([pid]) => pid));
+  /** Each process of the image by its virtual PID. */
+  const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
     const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
     if (threads[0].tid !== pid) throw new AppshotError(`${what}: its main thread has exited; a process in that state cannot be captured`);
@@ -212,6 +218,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       const ppid = readStat(pid)?.ppid;
       proc.vmas = dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined);
       ctx.image.processes.push(proc);
+      systemPids.set(proc.vpid, pid);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
     } catch (e) {
       try {
@@ -224,7 +231,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   }
   markSharedDescriptions(ctx.image.processes);
   dumpLocks(ctx.image);
-  checkUnixPeers(ctx.image.processes);
+  checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!);
   dumpPtys(ctx);
   Object.assign(ctx.image, dumpSysv(ctx));
   // Read again: threads never seen by name got their virtual TIDs above.
@@ -487,6 +494,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   const clock = new PhaseClock();
   let armed: string[] | undefined;
   let connections: HeldConnections | undefined;
+  let keeper: SocketsForKeeper | undefined;
+  const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
     freezer.freeze(opts.timeoutMs);
     clock.end('freezeMs');
@@ -497,6 +506,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids);
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
+    keeper = ctx.keeper;
+    keeper.keeping = !opts.leaveRunning && holdSeconds > 0;
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     await dumpAll(ctx, freezer, interrupted);
@@ -509,6 +520,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     clock.end('trackMs');
     if (opts.leaveRunning) {
       connections.release();
+      keeper.close();
       freezer.resume();
       clock.released();
       clock.end('resumeMs');
@@ -550,7 +562,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
       clock.released();
       freezer.kill();
-      connections.closeSilently();
+      // Held by a keeper until a restore on this host takes them.
+      connections.handTo(keeper);
+      keeper.endWithApplication(keeper.keeping ? { home: reg.home, aid, imageId, holdSeconds } : undefined);
       await waitReleased(reg, aid);
       clock.end('endMs');
     } else {
@@ -578,6 +592,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   } catch (e) {
     pages.abort();
     connections?.release();
+    keeper?.close();
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.

@@ -211,6 +211,7 @@ function fdRefusal(fd: Fd): string | undefined {
   // one socket); recorded closed, each clone gets it reset.
   if (fd.kind === FdKind.TCP_ESTABLISHED && fd.tcp && !fd.tcp.closed)
     return `the established TCP connection ${connectionName(fd.tcp)} has one peer, which clones cannot each have (take the snapshot with --tcp-close: every clone then sees it reset)`;
+  if (fd.socket?.kept) return 'a unix connection to a process outside the application has one peer, which clones cannot each have';
   // Ports and names are system-wide: every clone cannot bind the same one
   // (port rules cover TCP listeners only, so far).
   if (fd.kind === FdKind.UDP && fd.socket?.port) return `a UDP socket bound to port ${fd.socket.port} cannot be bound by every clone (PORT rules apply to TCP listeners only, so far)`;
