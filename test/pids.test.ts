@@ -1,4 +1,7 @@
 // Virtual PIDs: translation in both directions for real process trees.
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alive, type Entry, fixture, Sandbox } from './helpers.js';
 
@@ -53,4 +56,36 @@ describe('virtual PIDs', () => {
     expect(r.stdout).toBe('OK\n');
     expect(r.code).toBe(0);
   });
+
+  it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-pidview-'));
+    try {
+      const r = sb.run(['run', '--', fixture('pidview'), dir, ...cgroupLists()]);
+      expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+      expect(r.code).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
+
+/** The lists of processes of the cgroups this process is in (and so its
+ * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
+ * tasks of cgroup v1's pids hierarchy, those that this node has. */
+function cgroupLists(): string[] {
+  const mounts = readFileSync('/proc/self/mounts', 'utf8').split('\n').map((l) => l.split(' '));
+  const files: string[] = [];
+  for (const line of readFileSync('/proc/self/cgroup', 'utf8').trim().split('\n')) {
+    const [, controllers, path] = line.split(':');
+    const mount =
+      controllers === ''
+        ? mounts.find((m) => m[2] === 'cgroup2')
+        : controllers === 'pids'
+          ? mounts.find((m) => m[2] === 'cgroup' && m[3]?.split(',').includes('pids'))
+          : undefined;
+    if (!mount) continue;
+    const names = controllers === '' ? ['cgroup.procs', 'cgroup.threads'] : ['cgroup.procs', 'tasks'];
+    for (const n of names) files.push(join(mount[1], path, n));
+  }
+  return files.filter((f) => existsSync(f));
+}

@@ -183,6 +183,17 @@ HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
 HIDDEN int cgroup_procs_marked(int fd);
 HIDDEN void cgroup_procs_mark(int fd, int on);
 
+/* --- Translated views of files that list PIDs (preload_view.c) --------- */
+
+/* After an open that returned `fd` (or -1): a read-only open of
+ * /proc/locks, /proc/<pid>/fdinfo/<n> or a cgroup's list of processes gets
+ * a copy of the text with virtual PIDs in its place. Returns fd, or -1 and
+ * errno when the copy cannot be made (fd is then closed). */
+HIDDEN int view_opened(int fd, const char *path, int flags);
+/* The same for a descriptor the caller will close itself on failure
+ * (fopen's): 0, or -errno with fd untouched. */
+HIDDEN long view_fill(int fd, const char *path, int flags);
+
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
 /* Virtual -> system; 0 when the table has no such id. vid must be > 0. */
