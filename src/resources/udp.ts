@@ -2,7 +2,8 @@
  * UDP sockets (IPv4 and IPv6): unbound, bound to an address and port,
  * connected to a peer; their options (SO_REUSEADDR, SO_REUSEPORT,
  * SO_BROADCAST, buffer sizes, IP_TOS and IP_TTL or their IPv6 twins,
- * IPV6_V6ONLY, packet-info delivery, UDP_CORK) and shutdown state; and the
+ * IPV6_V6ONLY, packet-info delivery, UDP_CORK, the multicast TTL or hop
+ * limit and loopback, IP_MULTICAST_ALL) and shutdown state; and the
  * datagrams queued for reading, whole and in order, each with its sender's
  * address and port.
  *
@@ -52,12 +53,17 @@ const V4: [number, number][] = [
   [IPPROTO_IP, 1], // IP_TOS
   [IPPROTO_IP, 2], // IP_TTL
   [IPPROTO_IP, 8], // IP_PKTINFO
+  [IPPROTO_IP, 33], // IP_MULTICAST_TTL
+  [IPPROTO_IP, 34], // IP_MULTICAST_LOOP
+  [IPPROTO_IP, 49], // IP_MULTICAST_ALL
 ];
 const V6: [number, number][] = [
   [IPPROTO_IPV6, 26], // IPV6_V6ONLY (before the bind too)
   [IPPROTO_IPV6, 16], // IPV6_UNICAST_HOPS
   [IPPROTO_IPV6, 67], // IPV6_TCLASS
   [IPPROTO_IPV6, 49], // IPV6_RECVPKTINFO
+  [IPPROTO_IPV6, 18], // IPV6_MULTICAST_HOPS
+  [IPPROTO_IPV6, 19], // IPV6_MULTICAST_LOOP
 ];
 const carried = (family: number) => [...BEFORE_BIND, ...COMMON, ...(family === AF_INET6 ? V6 : V4)];
 const isBeforeBind = (level: number, name: number) => BEFORE_BIND.some(([l, n]) => l === level && n === name) || (level === IPPROTO_IPV6 && name === 26);
