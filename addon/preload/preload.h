@@ -286,6 +286,10 @@ HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
 HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 
+/* preload_net.c: getsockopt, sendmsg, recvmsg and recvmmsg through
+ * syscall(), peer credentials translated. */
+HIDDEN long do_creds_syscall(long nr, long a, long b, long c, long d, long e);
+
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);
 

@@ -111,7 +111,7 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
  * may be shared or read-only); a PID the application does not have goes as
  * it is (the kernel refuses it unless the sender is privileged). uid and
  * gid are real ids and stay. SO_PEERPIDFD hands a pidfd: nothing to
- * translate. Control data larger than the copy's room (1 KiB, room for a
+ * translate. Through syscall() too, but for sendmmsg. Control data larger than the copy's room (1 KiB, room for a
  * credentials message and some 240 descriptors) fails with ENOBUFS rather
  * than send an untranslated PID. */
 
@@ -167,17 +167,19 @@ static int creds_translated(const struct msghdr *m, struct msghdr *out,
   return 0;
 }
 
-static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags) {
+/* raw: through syscall(), as a bare system call. */
+static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags, int raw) {
   _Alignas(struct cmsghdr) char room[CREDS_ROOM];
   struct msghdr t;
   int err = creds_translated(m, &t, room);
   if (err) return fail(err);
+  if (raw) return libc_ret(SYS3(sendmsg, fd, &t, flags));
   return REAL(sendmsg)(fd, &t, flags);
 }
 
 API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
   ensure_init();
-  if (UNLIKELY(creds_to_send(m))) return sendmsg_creds(fd, m, flags);
+  if (UNLIKELY(creds_to_send(m))) return sendmsg_creds(fd, m, flags, 0);
   return REAL(sendmsg)(fd, m, flags);
 }
 
@@ -212,14 +214,41 @@ API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
   return (int)i;
 }
 
-API int getsockopt(int fd, int level, int name, void *restrict val,
-                   socklen_t *restrict lenp) {
-  ensure_init();
+static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
   long r = SYS5(getsockopt, fd, level, name, val, lenp);
   if (r == 0 && g_h && level == SOL_SOCKET && name == SO_PEERCRED && val &&
       lenp && *lenp >= sizeof(struct ucred)) {
     struct ucred *u = val;
     if (u->pid > 0) u->pid = s2v_or0(APPSHOT_PID, u->pid);
   }
-  return (int)libc_ret(r);
+  return r;
+}
+
+API int getsockopt(int fd, int level, int name, void *restrict val,
+                   socklen_t *restrict lenp) {
+  ensure_init();
+  return (int)libc_ret(getsockopt_raw(fd, level, name, val, lenp));
+}
+
+/* The same calls through syscall(): bare system calls, libc's errors. */
+long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
+  switch (nr) {
+    case SYS_getsockopt:
+      return libc_ret(getsockopt_raw((int)a, (int)b, (int)c, (void *)d, (socklen_t *)e));
+    case SYS_sendmsg:
+      if (creds_to_send((const struct msghdr *)b))
+        return sendmsg_creds((int)a, (const struct msghdr *)b, (int)c, 1);
+      break;
+    case SYS_recvmsg: {
+      long r = SYS3(recvmsg, a, b, c);
+      if (r >= 0) creds_received((struct msghdr *)b);
+      return libc_ret(r);
+    }
+    case SYS_recvmmsg: {
+      long r = SYS5(recvmmsg, a, b, c, d, e);
+      for (long i = 0; i < r; i++) creds_received(&((struct mmsghdr *)b)[i].msg_hdr);
+      return libc_ret(r);
+    }
+  }
+  return libc_ret(sys6(nr, a, b, c, d, e, 0));
 }
