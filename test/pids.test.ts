@@ -1,9 +1,10 @@
 // Virtual PIDs: translation in both directions for real process trees.
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Entry, fixture, Sandbox } from './helpers.js';
+import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -57,13 +58,20 @@ describe('virtual PIDs', () => {
     expect(r.code).toBe(0);
   });
 
-  it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application', () => {
+  it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application (0 for a lock held outside it)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'appshot-pidview-'));
+    const outside = join(dir, 'outside');
+    writeFileSync(outside, '');
+    // A process outside the application holds an flock on `outside`.
+    const holder = spawn('flock', [outside, 'sleep', '60'], { stdio: 'ignore', detached: true });
     try {
-      const r = sb.run(['run', '--', fixture('pidview'), dir, ...cgroupLists()]);
+      const ino = statSync(outside).ino;
+      await waitFor(() => new RegExp(`:${ino} `).test(readFileSync('/proc/locks', 'utf8')), 10_000, 'the outside lock');
+      const r = sb.run(['run', '--', fixture('pidview'), dir, outside, ...cgroupLists()]);
       expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
       expect(r.code).toBe(0);
     } finally {
+      process.kill(-holder.pid!, 'SIGKILL'); // flock and its sleep
       rmSync(dir, { recursive: true, force: true });
     }
   });
