@@ -231,6 +231,14 @@ interface Addon {
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */
   udpSockets(family: number): { ino: number; shutdown: number }[];
+  /** The socket's source filter for a multicast group (a raw sockaddr) on
+   * interface `ifindex`, at level IPPROTO_IP or IPPROTO_IPV6; null when it
+   * is not a member. */
+  multicastFilter(fd: number, level: number, ifindex: number, group: Buffer): { include: boolean; sources: Buffer[] } | null;
+  /** Joins the group on the interface, then sets its source filter. */
+  multicastJoin(fd: number, level: number, ifindex: number, group: Buffer, include: boolean, sources: Buffer[]): void;
+  /** The interface of that name in our network namespace; 0 for none. */
+  ifIndex(name: string): number;
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;

@@ -357,6 +357,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 902, kind: 13, socket: { ino: 4343n, family: 1, type: 2, address: '/tmp/appshot-hostile-dgram', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams: [{ data: Buffer.from('x'), from: '/tmp/../etc/passwd', fromPort: 0 }] } });
       i.processes[0].fds.push(fd);
     }, 'queued datagram names .* not a plain absolute path'],
+    ['a UDP socket with more multicast memberships than a restore joins', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      const memberships = Array.from({ length: 5000 }, () => ({ group: '239.1.2.3', device: 'lo', include: false, sources: [] }));
+      Object.assign(fd, { fd: 903, kind: 12, socket: { ino: 4344n, family: 2, type: 2, address: '', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, memberships } });
+      i.processes[0].fds.push(fd);
+    }, 'has 5000 multicast memberships'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
     ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'POSIX timer ids add up to 2000000001'],

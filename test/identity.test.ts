@@ -5,7 +5,8 @@
  * preload library keeps open across exec, while the table file stays
  * closed to other users. And every call that carries a PID is translated:
  * capget/capset (libcap-ng passes getpid()), ptrace, kcmp, ioprio,
- * get_robust_list, fcntl's owners and lock holders (fixture pidcalls.c).
+ * get_robust_list, fcntl's owners and lock holders (fixture pidcalls.c),
+ * peer credentials (peercreds.c).
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
@@ -143,6 +144,15 @@ describe('calls that carry a PID', () => {
       expect(r.code).toBe(0);
     }
     sb.run(['stop', 'other', '--signal', 'KILL']);
+  });
+
+  it('SO_PEERCRED and SCM_CREDENTIALS (received, and sent with sendmsg or sendmmsg) carry virtual PIDs', () => {
+    // As nobody the kernel takes sent credentials only with the sender's real PID.
+    for (const prefix of [[], asNobody]) {
+      const r = sb.run(['run', '--', ...prefix, fixture('peercreds')]);
+      expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+      expect(r.code).toBe(0);
+    }
   });
 });
 

@@ -296,6 +296,10 @@ describe.runIf(cgroups !== undefined)('cgroup membership: each process back in i
   });
 });
 
+describe('UDP sockets with multicast group memberships (IPv4 and IPv6, source filters)', () => {
+  roundTrips('mcast', [fixture('mcast')], /udp 0\.0\.0\.0:\d+, 0 datagrams queued \(0 bytes\), member of (?=.*239\.1\.2\.3%lo)(?=.*232\.1\.1\.1%lo)[\s\S]*udp \(unbound\), 0 datagrams queued \(0 bytes\), member of (?=.*ff15::1234%lo)(?=.*239\.1\.2\.5%lo)/);
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   const refusals: [string, (fd: string) => string][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
@@ -305,6 +309,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
+    ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
+    ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {

@@ -1,6 +1,10 @@
 // Virtual PIDs: translation in both directions for real process trees.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Entry, fixture, Sandbox } from './helpers.js';
+import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -53,4 +57,43 @@ describe('virtual PIDs', () => {
     expect(r.stdout).toBe('OK\n');
     expect(r.code).toBe(0);
   });
+
+  it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application (0 for a lock held outside it)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-pidview-'));
+    const outside = join(dir, 'outside');
+    writeFileSync(outside, '');
+    // A process outside the application holds an flock on `outside`.
+    const holder = spawn('flock', [outside, 'sleep', '60'], { stdio: 'ignore', detached: true });
+    try {
+      const ino = statSync(outside).ino;
+      await waitFor(() => new RegExp(`:${ino} `).test(readFileSync('/proc/locks', 'utf8')), 10_000, 'the outside lock');
+      const r = sb.run(['run', '--', fixture('pidview'), dir, outside, ...cgroupLists()]);
+      expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+      expect(r.code).toBe(0);
+    } finally {
+      process.kill(-holder.pid!, 'SIGKILL'); // flock and its sleep
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
+
+/** The lists of processes of the cgroups this process is in (and so its
+ * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
+ * tasks of cgroup v1's pids hierarchy, those that this node has. */
+function cgroupLists(): string[] {
+  const mounts = readFileSync('/proc/self/mounts', 'utf8').split('\n').map((l) => l.split(' '));
+  const files: string[] = [];
+  for (const line of readFileSync('/proc/self/cgroup', 'utf8').trim().split('\n')) {
+    const [, controllers, path] = line.split(':');
+    const mount =
+      controllers === ''
+        ? mounts.find((m) => m[2] === 'cgroup2')
+        : controllers === 'pids'
+          ? mounts.find((m) => m[2] === 'cgroup' && m[3]?.split(',').includes('pids'))
+          : undefined;
+    if (!mount) continue;
+    const names = controllers === '' ? ['cgroup.procs', 'cgroup.threads'] : ['cgroup.procs', 'tasks'];
+    for (const n of names) files.push(join(mount[1], path, n));
+  }
+  return files.filter((f) => existsSync(f));
+}

@@ -101,7 +101,8 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
-  X(closefrom) X(fcntl64) X(read) X(write)                       \
+  X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
+  X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2)
 
 enum {
@@ -182,6 +183,17 @@ HIDDEN void cgroup_procs_forget(int fd);
 HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
 HIDDEN int cgroup_procs_marked(int fd);
 HIDDEN void cgroup_procs_mark(int fd, int on);
+
+/* --- Translated views of files that list PIDs (preload_view.c) --------- */
+
+/* After an open that returned `fd` (or -1): a read-only open of
+ * /proc/locks, /proc/<pid>/fdinfo/<n> or a cgroup's list of processes gets
+ * a copy of the text with virtual PIDs in its place. Returns fd, or -1 and
+ * errno when the copy cannot be made (fd is then closed). */
+HIDDEN int view_opened(int fd, const char *path, int flags);
+/* The same for a descriptor the caller will close itself on failure
+ * (fopen's): 0, or -errno with fd untouched. */
+HIDDEN long view_fill(int fd, const char *path, int flags);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -273,6 +285,10 @@ HIDDEN void signalfd_mark(int fd, int on);
 HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
 HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
+
+/* preload_net.c: getsockopt, sendmsg, recvmsg and recvmmsg through
+ * syscall(), peer credentials translated. */
+HIDDEN long do_creds_syscall(long nr, long a, long b, long c, long d, long e);
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);

@@ -1,5 +1,5 @@
-/* cgroup.procs and cgroup.threads: the PID or TID an application writes
- * there is a virtual one, and names its own process; the kernel would move
+/* cgroup.procs, cgroup.threads and (cgroup v1) tasks: the PID or TID an
+ * application writes there is a virtual one, and names its own process; the kernel would move
  * the system process of that number. Descriptors opened on such a file of
  * a cgroup filesystem are kept in a bitmap (set by the open wrappers,
  * cleared by close, dup2/dup3 and close_range, as signalfd's are), and a
@@ -33,7 +33,8 @@ static int names_file(const char *path, size_t n, const char *name) {
 void cgroup_procs_opened(int fd, const char *path) {
   if (fd < 0 || fd >= CGROUP_TRACKED || !path) return;
   size_t n = strlen(path);
-  if (!names_file(path, n, "cgroup.procs") && !names_file(path, n, "cgroup.threads")) return;
+  if (!names_file(path, n, "cgroup.procs") && !names_file(path, n, "cgroup.threads") &&
+      !names_file(path, n, "tasks")) return;
   struct statfs sf;
   if (SYS2(fstatfs, fd, &sf) != 0 || (sf.f_type != CGROUP2_SUPER_MAGIC && sf.f_type != CGROUP_SUPER_MAGIC)) return;
   __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
@@ -73,7 +74,8 @@ static int still_procs(int fd) {
   char target[PATH_MAX];
   long len = SYS3(readlink, link, target, sizeof target);
   return len > 0 && (names_file(target, (size_t)len, "cgroup.procs") ||
-                     names_file(target, (size_t)len, "cgroup.threads"));
+                     names_file(target, (size_t)len, "cgroup.threads") ||
+                     names_file(target, (size_t)len, "tasks"));
 }
 
 /* One id in decimal, with white space around it (what the kernel parses),

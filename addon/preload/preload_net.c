@@ -98,3 +98,157 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
   }
   return 0;
 }
+
+/* --- Credentials: SCM_CREDENTIALS and SO_PEERCRED ---------------------------
+ *
+ * A unix socket's peer credentials carry a PID. Received (recvmsg and
+ * recvmmsg's SCM_CREDENTIALS, getsockopt SO_PEERCRED) it is the system's
+ * and is shown as the virtual one, 0 for a process outside the application
+ * (as the kernel shows a sender outside the receiver's PID namespace).
+ * Sent (sendmsg and sendmmsg with SCM_CREDENTIALS) it is the sender's
+ * virtual one, which the kernel checks against the caller's real PID: it
+ * is sent as the system one, from a copy of the control data (the caller's
+ * may be shared or read-only); a PID the application does not have goes as
+ * it is (the kernel refuses it unless the sender is privileged). uid and
+ * gid are real ids and stay. SO_PEERPIDFD hands a pidfd: nothing to
+ * translate. Through syscall() too, but for sendmmsg. Control data larger than the copy's room (1 KiB, room for a
+ * credentials message and some 240 descriptors) fails with ENOBUFS rather
+ * than send an untranslated PID. */
+
+static struct ucred *creds_of(struct cmsghdr *c) {
+  return c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS &&
+                 c->cmsg_len >= CMSG_LEN(sizeof(struct ucred))
+             ? (struct ucred *)CMSG_DATA(c)
+             : NULL;
+}
+
+static void creds_received(struct msghdr *m) {
+  if (!g_h || !m || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr)) return;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) {
+    struct ucred *u = creds_of(c);
+    if (!u) continue;
+    pid_t pid;
+    memcpy(&pid, &u->pid, sizeof pid); /* CMSG_DATA is only int-aligned */
+    if (pid > 0) {
+      pid = s2v_or0(APPSHOT_PID, pid);
+      memcpy(&u->pid, &pid, sizeof pid);
+    }
+  }
+}
+
+/* Whether m sends credentials whose PID must be translated. */
+static int creds_to_send(const struct msghdr *m) {
+  if (!g_h || !m || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr)) return 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
+    struct ucred *u = creds_of(c);
+    pid_t pid;
+    if (u && (memcpy(&pid, &u->pid, sizeof pid), pid > 0)) return 1;
+  }
+  return 0;
+}
+
+enum { CREDS_ROOM = 1024 };
+
+/* A copy of *m in *out whose control data, copied into room, carries
+ * system PIDs. 0, or an errno. */
+static int creds_translated(const struct msghdr *m, struct msghdr *out,
+                            char *room) {
+  if (m->msg_controllen > CREDS_ROOM) return ENOBUFS;
+  *out = *m;
+  memcpy(room, m->msg_control, m->msg_controllen);
+  out->msg_control = room;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(out); c; c = CMSG_NXTHDR(out, c)) {
+    struct ucred *u = creds_of(c);
+    pid_t pid, sys;
+    if (!u) continue;
+    memcpy(&pid, &u->pid, sizeof pid);
+    if (pid > 0 && v2s_pid(pid, &sys)) memcpy(&u->pid, &sys, sizeof sys);
+  }
+  return 0;
+}
+
+/* raw: through syscall(), as a bare system call. */
+static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags, int raw) {
+  _Alignas(struct cmsghdr) char room[CREDS_ROOM];
+  struct msghdr t;
+  int err = creds_translated(m, &t, room);
+  if (err) return fail(err);
+  if (raw) return libc_ret(SYS3(sendmsg, fd, &t, flags));
+  return REAL(sendmsg)(fd, &t, flags);
+}
+
+API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
+  ensure_init();
+  if (UNLIKELY(creds_to_send(m))) return sendmsg_creds(fd, m, flags, 0);
+  return REAL(sendmsg)(fd, m, flags);
+}
+
+API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
+  ensure_init();
+  ssize_t r = REAL(recvmsg)(fd, m, flags);
+  if (r >= 0) creds_received(m);
+  return r;
+}
+
+API int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags,
+                 struct timespec *timeout) {
+  ensure_init();
+  int r = REAL(recvmmsg)(fd, v, n, flags, timeout);
+  for (int i = 0; i < r; i++) creds_received(&v[i].msg_hdr);
+  return r;
+}
+
+/* One message at a time once credentials need translating, as the kernel
+ * itself sends them: the count sent so far, or -1 and errno for the first. */
+API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
+  ensure_init();
+  int creds = 0;
+  for (unsigned int i = 0; i < n && !creds; i++) creds = creds_to_send(&v[i].msg_hdr);
+  if (LIKELY(!creds)) return REAL(sendmmsg)(fd, v, n, flags);
+  unsigned int i;
+  for (i = 0; i < n; i++) {
+    ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
+    if (r < 0) return i ? (int)i : -1;
+    v[i].msg_len = (unsigned int)r;
+  }
+  return (int)i;
+}
+
+static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
+  long r = SYS5(getsockopt, fd, level, name, val, lenp);
+  if (r == 0 && g_h && level == SOL_SOCKET && name == SO_PEERCRED && val &&
+      lenp && *lenp >= sizeof(struct ucred)) {
+    struct ucred *u = val;
+    if (u->pid > 0) u->pid = s2v_or0(APPSHOT_PID, u->pid);
+  }
+  return r;
+}
+
+API int getsockopt(int fd, int level, int name, void *restrict val,
+                   socklen_t *restrict lenp) {
+  ensure_init();
+  return (int)libc_ret(getsockopt_raw(fd, level, name, val, lenp));
+}
+
+/* The same calls through syscall(): bare system calls, libc's errors. */
+long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
+  switch (nr) {
+    case SYS_getsockopt:
+      return libc_ret(getsockopt_raw((int)a, (int)b, (int)c, (void *)d, (socklen_t *)e));
+    case SYS_sendmsg:
+      if (creds_to_send((const struct msghdr *)b))
+        return sendmsg_creds((int)a, (const struct msghdr *)b, (int)c, 1);
+      break;
+    case SYS_recvmsg: {
+      long r = SYS3(recvmsg, a, b, c);
+      if (r >= 0) creds_received((struct msghdr *)b);
+      return libc_ret(r);
+    }
+    case SYS_recvmmsg: {
+      long r = SYS5(recvmmsg, a, b, c, d, e);
+      for (long i = 0; i < r; i++) creds_received(&((struct mmsghdr *)b)[i].msg_hdr);
+      return libc_ret(r);
+    }
+  }
+  return libc_ret(sys6(nr, a, b, c, d, e, 0));
+}

@@ -460,50 +460,78 @@ API int open(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int fd = open_m(path, flags, mode);
   if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(fd, path);
-  return fd;
+  return view_opened(fd, path, flags);
 }
 
 API int open64(const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int fd = open64_m(path, flags, mode);
   if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(fd, path);
-  return fd;
+  return view_opened(fd, path, flags);
 }
 
 API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int got = openat_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return got;
+  return view_opened(got, path, flags);
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int got = openat64_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return got;
+  return view_opened(got, path, flags);
 }
 
-PATH_WRAPPER(int, __open_2, (const char *path, int flags), (path, flags),
-             open_op(flags), -1, REAL(__open_2)(p, flags))
-PATH_WRAPPER(int, __open64_2, (const char *path, int flags), (path, flags),
-             open_op(flags), -1, REAL(__open64_2)(p, flags))
-PATH_WRAPPER(int, __openat_2, (int fd, const char *path, int flags),
-             (fd, path, flags), open_op(flags), -1,
-             REAL(__openat_2)(fd, p, flags))
-PATH_WRAPPER(int, __openat64_2, (int fd, const char *path, int flags),
-             (fd, path, flags), open_op(flags), -1,
-             REAL(__openat64_2)(fd, p, flags))
+/* The fortified opens (no O_CREAT): reads may need a translated view. */
+PATH_FN(static inline, int, open_2_m, (const char *path, int flags),
+        (path, flags), open_op(flags), -1, REAL(__open_2)(p, flags))
+PATH_FN(static inline, int, open64_2_m, (const char *path, int flags),
+        (path, flags), open_op(flags), -1, REAL(__open64_2)(p, flags))
+PATH_FN(static inline, int, openat_2_m, (int fd, const char *path, int flags),
+        (fd, path, flags), open_op(flags), -1, REAL(__openat_2)(fd, p, flags))
+PATH_FN(static inline, int, openat64_2_m,
+        (int fd, const char *path, int flags), (fd, path, flags),
+        open_op(flags), -1, REAL(__openat64_2)(fd, p, flags))
+API int __open_2(const char *path, int flags) {
+  return view_opened(open_2_m(path, flags), path, flags);
+}
+API int __open64_2(const char *path, int flags) {
+  return view_opened(open64_2_m(path, flags), path, flags);
+}
+API int __openat_2(int fd, const char *path, int flags) {
+  return view_opened(openat_2_m(fd, path, flags), path, flags);
+}
+API int __openat64_2(int fd, const char *path, int flags) {
+  return view_opened(openat64_2_m(fd, path, flags), path, flags);
+}
 PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode),
              PATH_TRUNC, -1, REAL(creat)(p, mode))
 PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode),
              PATH_TRUNC, -1, REAL(creat64)(p, mode))
-PATH_WRAPPER(FILE *, fopen, (const char *path, const char *mode),
-             (path, mode), open_op(fopen_flags(mode)), NULL,
-             REAL(fopen)(p, mode))
-PATH_WRAPPER(FILE *, fopen64, (const char *path, const char *mode),
-             (path, mode), open_op(fopen_flags(mode)), NULL,
-             REAL(fopen64)(p, mode))
+PATH_FN(static inline, FILE *, fopen_m, (const char *path, const char *mode),
+        (path, mode), open_op(fopen_flags(mode)), NULL, REAL(fopen)(p, mode))
+PATH_FN(static inline, FILE *, fopen64_m,
+        (const char *path, const char *mode), (path, mode),
+        open_op(fopen_flags(mode)), NULL, REAL(fopen64)(p, mode))
+
+/* A stream opened for reading whose file needs a translated view gets it
+ * under its descriptor before anything was read through it. */
+static FILE *fopen_view(FILE *f, const char *path, const char *mode) {
+  if (!f || fopen_flags(mode) != O_RDONLY) return f;
+  long r = view_fill(fileno(f), path, O_RDONLY);
+  if (r == 0) return f;
+  fclose(f);
+  errno = (int)-r;
+  return NULL;
+}
+API FILE *fopen(const char *path, const char *mode) {
+  return fopen_view(fopen_m(path, mode), path, mode);
+}
+API FILE *fopen64(const char *path, const char *mode) {
+  return fopen_view(fopen64_m(path, mode), path, mode);
+}
 PATH_WRAPPER(DIR *, opendir, (const char *path), (path), PATH_READ, NULL,
              REAL(opendir)(p))
 PATH_WRAPPER(int, stat, (const char *restrict path, struct stat *restrict st),

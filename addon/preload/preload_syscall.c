@@ -105,6 +105,10 @@ API long syscall(long nr, ...) {
     case SYS_msgrcv:
       return do_msgrcv((int)a, (void *)b, (size_t)c, d, (int)e);
     case SYS_msgctl: return do_msgctl((int)a, (int)b, (struct msqid_ds *)c);
+    case SYS_getsockopt:
+    case SYS_sendmsg:
+    case SYS_recvmsg:
+    case SYS_recvmmsg: return do_creds_syscall(nr, a, b, c, d, e);
   }
   return libc_ret(sys6(nr, a, b, c, d, e, f));
 }

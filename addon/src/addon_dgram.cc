@@ -7,8 +7,12 @@
 #include <cerrno>
 #include <cstring>
 
+#include <net/if.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <vector>
 
 #include "addon.h"
 
@@ -149,6 +153,101 @@ Napi::Value UdpSockets(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// Multicast group memberships. The kernel keeps a socket's memberships in
+// a list that nothing lists; but MCAST_MSFILTER read for one (interface,
+// group) answers EADDRNOTAVAIL unless the socket is a member, and
+// otherwise gives its source filter. The groups to ask about are those the
+// interfaces have (/proc/PID/net/igmp and igmp6: every membership of a
+// socket is one of its interface's).
+
+constexpr unsigned kMaxSources = 1024;  // above igmp_max_msf and mld_max_msf defaults
+
+size_t FilterSize(unsigned n) { return offsetof(group_filter, gf_slist) + n * sizeof(sockaddr_storage); }
+
+bool GroupAddr(const Napi::Value& v, sockaddr_storage* out) {
+  auto b = v.As<Napi::Buffer<uint8_t>>();
+  if (b.Length() > sizeof *out || b.Length() < sizeof(sa_family_t)) return false;
+  memset(out, 0, sizeof *out);
+  memcpy(out, b.Data(), b.Length());
+  return true;
+}
+
+// multicastFilter(fd, level, ifindex, group) -> { include, sources: Buffer[] }
+// when the socket is a member of the group (a raw sockaddr) on that
+// interface, at level IPPROTO_IP or IPPROTO_IPV6; null when it is not.
+Napi::Value MulticastFilter(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<uint8_t> buf(FilterSize(kMaxSources));
+  auto* gf = reinterpret_cast<group_filter*>(buf.data());
+  gf->gf_interface = static_cast<uint32_t>(Int(info[2]));
+  if (!GroupAddr(info[3], &gf->gf_group)) {
+    Napi::TypeError::New(env, "multicastFilter: a group address").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  gf->gf_numsrc = kMaxSources;
+  socklen_t len = static_cast<socklen_t>(buf.size());
+  if (getsockopt(Int(info[0]), Int(info[1]), MCAST_MSFILTER, gf, &len)) {
+    if (errno == EADDRNOTAVAIL || errno == EOPNOTSUPP || errno == ENOPROTOOPT) return env.Null();
+    ThrowErrno(env, "getsockopt(MCAST_MSFILTER)", errno);
+    return env.Undefined();
+  }
+  if (gf->gf_numsrc > kMaxSources) {
+    ThrowErrno(env, "getsockopt(MCAST_MSFILTER): more sources than appshot reads", E2BIG);
+    return env.Undefined();
+  }
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("include", Napi::Boolean::New(env, gf->gf_fmode == MCAST_INCLUDE));
+  Napi::Array sources = Napi::Array::New(env, gf->gf_numsrc);
+  for (unsigned i = 0; i < gf->gf_numsrc; i++) {
+    socklen_t n = gf->gf_slist[i].ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+    sources.Set(i, Addr(env, &gf->gf_slist[i], n));
+  }
+  r.Set("sources", sources);
+  return r;
+}
+
+// multicastJoin(fd, level, ifindex, group, include, sources: Buffer[]):
+// joins the group on the interface, then sets its source filter (a join
+// is any-source, EXCLUDE with none, until then).
+Napi::Value MulticastJoin(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]), level = Int(info[1]);
+  group_req req{};
+  req.gr_interface = static_cast<uint32_t>(Int(info[2]));
+  bool include = info[4].As<Napi::Boolean>().Value();
+  auto sources = info[5].As<Napi::Array>();
+  if (!GroupAddr(info[3], &req.gr_group) || sources.Length() > kMaxSources) {
+    Napi::TypeError::New(env, "multicastJoin: a group address and at most 1024 sources").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (setsockopt(fd, level, MCAST_JOIN_GROUP, &req, sizeof req)) {
+    ThrowErrno(env, "setsockopt(MCAST_JOIN_GROUP)", errno);
+    return env.Undefined();
+  }
+  if (!include && sources.Length() == 0) return env.Undefined();
+  std::vector<uint8_t> buf(FilterSize(sources.Length() ? sources.Length() : 1));
+  auto* gf = reinterpret_cast<group_filter*>(buf.data());
+  gf->gf_interface = req.gr_interface;
+  gf->gf_group = req.gr_group;
+  gf->gf_fmode = include ? MCAST_INCLUDE : MCAST_EXCLUDE;
+  gf->gf_numsrc = sources.Length();
+  for (unsigned i = 0; i < sources.Length(); i++)
+    if (!GroupAddr(sources.Get(i), &gf->gf_slist[i])) {
+      Napi::TypeError::New(env, "multicastJoin: a source address").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+  if (setsockopt(fd, level, MCAST_MSFILTER, gf, static_cast<socklen_t>(FilterSize(gf->gf_numsrc))))
+    ThrowErrno(env, "setsockopt(MCAST_MSFILTER)", errno);
+  return env.Undefined();
+}
+
+// ifIndex(name) -> the index of the interface of that name in our network
+// namespace, 0 for none.
+Napi::Value IfIndex(const Napi::CallbackInfo& info) {
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  return Napi::Number::New(info.Env(), if_nametoindex(name.c_str()));
+}
+
 }  // namespace
 
 void RegisterDgram(Napi::Env env, Napi::Object exports) {
@@ -165,6 +264,9 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("datagramQueue", DatagramQueue);
   fn("udpInject", UdpInject);
   fn("udpSockets", UdpSockets);
+  fn("multicastFilter", MulticastFilter);
+  fn("multicastJoin", MulticastJoin);
+  fn("ifIndex", IfIndex);
 }
 
 }  // namespace appshot

@@ -59,7 +59,8 @@ function describeDatagramSocket(fd: Fd): string {
   const peer = s.peerAddress ? ` → ${at(s.peerAddress, s.peerPort ?? 0)}` : s.peerIno ? ` → socket ${s.peerIno}` : '';
   const queued = s.datagrams ?? [];
   const shut = SHUT[s.shutdown ?? 0] ?? '';
-  return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}`;
+  const groups = s.memberships?.length ? `, member of ${s.memberships.map((m) => `${m.group}%${m.device}`).join(' ')}` : '';
+  return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}${groups}`;
 }
 
 function describeFd(image: Image, fd: Fd): string {

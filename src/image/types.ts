@@ -532,8 +532,20 @@ export interface Socket {
   /** sk_shutdown: 1 reading shut down, 2 writing. */
   shutdown?: number;
   options?: SocketOption[];
+  /** UDP: multicast groups joined (absent in older images: none). */
+  memberships?: MulticastMembership[];
   /** Connected outside the application: held by appshot-keeper, not in the image (keeper.ts). */
   kept?: boolean;
+}
+
+export interface MulticastMembership {
+  /** IPv4 or IPv6 (an IPv6 socket may join either). */
+  group: string;
+  /** The interface's name. */
+  device: string;
+  /** Source filter mode: INCLUDE only `sources`, or EXCLUDE them. */
+  include: boolean;
+  sources: string[];
 }
 
 export interface Datagram {

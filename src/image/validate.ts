@@ -54,6 +54,11 @@ export const LIMITS = {
   queuedDatagramBytes: 64 << 20,
   /** Integer options carried per socket (each is a call at restore). */
   socketOptions: 32,
+  /** A UDP socket's multicast memberships, and the sources of one (each
+   * membership is a join at restore; the kernel's own defaults are 20 and
+   * 10 for IPv4, 64 for IPv6's sources). */
+  multicastMemberships: 4096,
+  multicastSources: 1024,
 };
 /** The largest file offset (off_t). */
 const OFF_MAX = (1n << 63n) - 1n;
@@ -317,6 +322,9 @@ function checkDatagrams(s: NonNullable<Fd['socket']>, where: string): void {
   if (datagrams.length > LIMITS.queuedDatagrams || bytes > LIMITS.queuedDatagramBytes)
     corrupt(`${where} has ${datagrams.length} datagrams (${bytes} bytes) queued (at most ${LIMITS.queuedDatagrams}, ${LIMITS.queuedDatagramBytes} bytes)`);
   if ((s.options ?? []).length > LIMITS.socketOptions) corrupt(`${where} carries ${(s.options ?? []).length} socket options (at most ${LIMITS.socketOptions})`);
+  const groups = s.memberships ?? [];
+  if (groups.length > LIMITS.multicastMemberships || groups.some((m) => m.sources.length > LIMITS.multicastSources))
+    corrupt(`${where} has ${groups.length} multicast memberships, or one with more than ${LIMITS.multicastSources} sources (at most ${LIMITS.multicastMemberships})`);
   if (!((s.shutdown ?? 0) >= 0 && (s.shutdown ?? 0) <= 3)) corrupt(`${where} has shutdown state ${s.shutdown}`);
   if (!((s.peerPort ?? 0) >= 0 && (s.peerPort ?? 0) <= 65535) || datagrams.some((d) => !(d.fromPort >= 0 && d.fromPort <= 65535)))
     corrupt(`${where} names a port above 65535`);

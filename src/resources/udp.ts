@@ -2,7 +2,8 @@
  * UDP sockets (IPv4 and IPv6): unbound, bound to an address and port,
  * connected to a peer; their options (SO_REUSEADDR, SO_REUSEPORT,
  * SO_BROADCAST, buffer sizes, IP_TOS and IP_TTL or their IPv6 twins,
- * IPV6_V6ONLY, packet-info delivery, UDP_CORK) and shutdown state; and the
+ * IPV6_V6ONLY, packet-info delivery, UDP_CORK, the multicast TTL or hop
+ * limit and loopback, IP_MULTICAST_ALL) and shutdown state; and the
  * datagrams queued for reading, whole and in order, each with its sender's
  * address and port.
  *
@@ -16,7 +17,9 @@
  * datagrams sent to it again through a raw socket (CAP_NET_RAW) as built
  * by their original senders, so that recvfrom() sees who sent each (to
  * the socket's own address, or loopback when it is bound to any); then
- * connected. Multicast group memberships are not seen (README).
+ * connected. Multicast group memberships (multicast.ts) are joined again
+ * once it is bound. A packet filter of the application's own, classic or
+ * eBPF, is refused by name (unixdgram.ts, refuseOwnFilter).
  */
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -24,6 +27,7 @@ import type { Fd, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
+import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
 
 const SOCK_DGRAM = 2;
@@ -49,12 +53,17 @@ const V4: [number, number][] = [
   [IPPROTO_IP, 1], // IP_TOS
   [IPPROTO_IP, 2], // IP_TTL
   [IPPROTO_IP, 8], // IP_PKTINFO
+  [IPPROTO_IP, 33], // IP_MULTICAST_TTL
+  [IPPROTO_IP, 34], // IP_MULTICAST_LOOP
+  [IPPROTO_IP, 49], // IP_MULTICAST_ALL
 ];
 const V6: [number, number][] = [
   [IPPROTO_IPV6, 26], // IPV6_V6ONLY (before the bind too)
   [IPPROTO_IPV6, 16], // IPV6_UNICAST_HOPS
   [IPPROTO_IPV6, 67], // IPV6_TCLASS
   [IPPROTO_IPV6, 49], // IPV6_RECVPKTINFO
+  [IPPROTO_IPV6, 18], // IPV6_MULTICAST_HOPS
+  [IPPROTO_IPV6, 19], // IPV6_MULTICAST_LOOP
 ];
 const carried = (family: number) => [...BEFORE_BIND, ...COMMON, ...(family === AF_INET6 ? V6 : V4)];
 const isBeforeBind = (level: number, name: number) => BEFORE_BIND.some(([l, n]) => l === level && n === name) || (level === IPPROTO_IPV6 && name === 26);
@@ -98,6 +107,7 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
       datagrams: queuedMessages(dup, where),
       shutdown: seen?.shutdown ?? 0,
       options,
+      memberships: readMemberships(pid, dup, family, where),
     };
   } finally {
     closeSync(dup);
@@ -134,6 +144,7 @@ function make(h: RestoreContext, s: Socket, what: string): number {
       throw new AppshotError(`${what}: the UDP socket cannot be bound to ${name}: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
     }
   }
+  joinMemberships(sock, s.memberships ?? [], `${what}: the UDP socket ${name}`);
   const datagrams = s.datagrams ?? [];
   if (datagrams.length && !s.port) throw new AppshotError(`corrupt image: ${what}: datagrams queued on an unbound UDP socket`);
   for (const d of datagrams) {
@@ -192,5 +203,7 @@ function check(s: Socket, what: string): void {
     if (!v4 && !isAddressOf(s.family, d.from)) throw bad(`has a datagram from ${JSON.stringify(d.from)}`);
     if (d.fromPort > 65535 || d.data.length > 65507) throw bad('has a datagram larger than UDP carries, or from a port above 65535');
   }
+  const memberships = membershipsProblem(s.family, s.memberships ?? []);
+  if (memberships) throw bad(memberships);
   for (const o of s.options ?? []) if (!carried(s.family).some(([l, n]) => l === o.level && n === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
 }

@@ -85,16 +85,27 @@ export function readOptions(dup: number, which: [number, number][]): SocketOptio
   return which.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
 }
 
+/** A packet filter the application attached is not carried (by this kind
+ * or by UDP): refused by name rather than restored without it. A classic
+ * one (SO_ATTACH_FILTER) shows its length through SO_GET_FILTER; an eBPF
+ * one (SO_ATTACH_BPF) has no classic program to show, and the kernel
+ * answers EACCES (nor does anything else give its program back). */
+export function refuseOwnFilter(dup: number, where: string): void {
+  let length;
+  try {
+    length = addon().socketFilterLength(dup);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EACCES')
+      throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
+    throw e;
+  }
+  if (length > 0)
+    throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`);
+}
+
 /** The unix datagram socket behind `fd` of `pid`; `diag` is what
  * sock_diag says of it. Whether its peer is in the application is known
  * only once every process is seen (sockets.ts, checkUnixPeers). */
-/** A classic packet filter the application attached (SO_ATTACH_FILTER) is
- * not carried (by this kind or by UDP): refused by name rather than
- * restored without it. */
-export function refuseOwnFilter(dup: number, where: string): void {
-  if (addon().socketFilterLength(dup) > 0)
-    throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`);
-}
 
 export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number } | undefined, what: string): Socket {
   const where = `${what} fd ${fd}: a unix datagram socket`;

@@ -1,0 +1,286 @@
+/*
+ * Files whose text names processes by system PID, read by the application:
+ * /proc/locks, /proc/<pid>/fdinfo/<fd> (its "lock:" lines and a pidfd's
+ * "Pid:" and "NSpid:"), and a cgroup's cgroup.procs, cgroup.threads and
+ * (cgroup v1) tasks.
+ *
+ * When one of them is opened for reading only (open & co., fopen "r"), the
+ * descriptor the application gets holds the file's text as of the open,
+ * every PID in it translated: the whole file is read from the kernel, line
+ * by line, into an anonymous memory file (memfd), which is then reopened
+ * read-only in the place of the kernel's descriptor (same number, same
+ * close-on-exec and O_NONBLOCK). A translated line can be longer or shorter
+ * than the kernel's, so translating on read() would break the offsets that
+ * lseek, pread and stdio count on; a copy keeps them consistent. What the
+ * application gives up: the text is as of the open, not of each read (a
+ * program re-reading the same descriptor after lseek(0) sees the old text),
+ * and fstat shows a memfd.
+ *
+ * A process outside the application (not in the tables):
+ *  - in a lock line or a pidfd's "Pid:", 0, as the kernel shows a process
+ *    outside the reader's PID namespace (and as F_GETLK's l_pid shows it,
+ *    preload_pid.c);
+ *  - in a cgroup's list, the line is left out, as cgroup v1 leaves out the
+ *    processes a PID namespace does not see: a program that signals every
+ *    PID it reads there must not be handed 0 (its own process group).
+ *
+ * Not covered: these files opened relative to a directory descriptor
+ * (openat(dirfd, "locks")), by a static program or raw system calls; a
+ * cgroup.procs opened read-write is read untranslated (its writes are
+ * translated, preload_cgroup.c). A file that cannot be copied (no memory
+ * for the memfd, too many descriptors) fails the open with that error
+ * rather than show system PIDs.
+ *
+ * No allocation: the copy goes through buffers on the stack of a function
+ * that runs only for these files.
+ */
+#include "preload.h"
+
+#include <sys/mman.h>
+#include <sys/vfs.h>
+
+#define CGROUP_SUPER_MAGIC 0x27e0eb
+#define CGROUP2_SUPER_MAGIC 0x63677270
+
+enum view { VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST };
+
+static int ends_with_file(const char *path, size_t n, const char *name) {
+  size_t m = strlen(name);
+  return n >= m && !memcmp(path + n - m, name, m) &&
+         (n == m || path[n - m - 1] == '/');
+}
+
+/* Which view `path` needs, by name only (a cgroup file is confirmed on the
+ * descriptor). */
+static enum view view_of_name(const char *path) {
+  if (!strncmp(path, "/proc/", 6)) {
+    const char *p = path + 6;
+    if (!strcmp(p, "locks")) return VIEW_LOCKS;
+    /* /proc/<self|thread-self|pid>[/task/<tid>]/fdinfo/<n> */
+    const char *f = strstr(p, "/fdinfo/");
+    if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
+      return VIEW_FDINFO;
+    return VIEW_NONE;
+  }
+  size_t n = strlen(path);
+  if (ends_with_file(path, n, "cgroup.procs") ||
+      ends_with_file(path, n, "cgroup.threads") ||
+      ends_with_file(path, n, "tasks"))
+    return VIEW_PIDLIST;
+  return VIEW_NONE;
+}
+
+/* --- Translating one line ------------------------------------------------ */
+
+static int is_blank(char c) { return c == ' ' || c == '\t'; }
+
+/* A decimal PID, possibly negative, in [s, e). */
+static int parse_int(const char *s, const char *e, long *out) {
+  int neg = 0;
+  if (s < e && *s == '-') {
+    neg = 1;
+    s++;
+  }
+  if (s == e || e - s > 10) return 0;
+  long v = 0;
+  for (; s < e; s++) {
+    if (*s < '0' || *s > '9') return 0;
+    v = v * 10 + (*s - '0');
+  }
+  *out = neg ? -v : v;
+  return 1;
+}
+
+/* Copies [s, e) to *o, replacing the number at [ns, ne) by `v`. */
+static char *put_replaced(char *o, const char *s, const char *e,
+                          const char *ns, const char *ne, long v) {
+  memcpy(o, s, (size_t)(ns - s));
+  o += ns - s;
+  if (v < 0) {
+    *o++ = '-';
+    v = -v;
+  }
+  o = put_decimal(o, (unsigned long)v);
+  memcpy(o, ne, (size_t)(e - ne));
+  return o + (e - ne);
+}
+
+/* A system PID as the application sees it: 0 outside it; 0 and negative
+ * numbers (OFD locks say -1) as they are. */
+static long shown(long sys) {
+  return sys > 0 && sys <= INT32_MAX ? s2v_or0(APPSHOT_PID, (int32_t)sys) : sys;
+}
+
+/* A lock line (/proc/locks, or fdinfo's "lock:\t" ones): the holder's PID
+ * is the field before the one that names the file, "MAJ:MIN:INO" (two
+ * colons) or "<none>:0". Returns the end of the output. */
+static char *lock_line(char *o, const char *s, const char *e) {
+  const char *ps = NULL, *pe = NULL; /* the previous field */
+  for (const char *t = s; t < e;) {
+    while (t < e && is_blank(*t)) t++;
+    const char *te = t;
+    int colons = 0;
+    while (te < e && !is_blank(*te)) colons += *te++ == ':';
+    if (te == t) break;
+    if ((colons == 2 || (te - t > 6 && !memcmp(t, "<none>", 6))) && ps) {
+      long v;
+      if (parse_int(ps, pe, &v)) return put_replaced(o, s, e, ps, pe, shown(v));
+      break;
+    }
+    ps = t;
+    pe = te;
+    t = te;
+  }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
+/* "Pid:\t<n>" or "NSpid:\t<n>..." of a pidfd: the first number. */
+static char *pid_field_line(char *o, const char *s, const char *e,
+                            size_t label) {
+  const char *ns = s + label;
+  while (ns < e && is_blank(*ns)) ns++;
+  const char *ne = ns;
+  while (ne < e && !is_blank(*ne) && *ne != '\n') ne++;
+  long v;
+  if (parse_int(ns, ne, &v)) return put_replaced(o, s, e, ns, ne, shown(v));
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
+/* One line [s, e), its '\n' included if it has one, translated into o
+ * (room for e - s + 16 bytes). Returns the end of the output. */
+static char *translate_line(enum view v, char *o, const char *s,
+                            const char *e) {
+  switch (v) {
+    case VIEW_LOCKS: return lock_line(o, s, e);
+    case VIEW_FDINFO:
+      if (e - s > 5 && !memcmp(s, "lock:", 5)) return lock_line(o, s, e);
+      if (e - s > 4 && !memcmp(s, "Pid:", 4)) return pid_field_line(o, s, e, 4);
+      if (e - s > 6 && !memcmp(s, "NSpid:", 6))
+        return pid_field_line(o, s, e, 6);
+      break;
+    case VIEW_PIDLIST: {
+      const char *ne = s;
+      while (ne < e && *ne != '\n') ne++;
+      long sys;
+      if (parse_int(s, ne, &sys) && sys > 0) {
+        long virt = shown(sys);
+        if (virt <= 0) return o; /* outside the application: left out */
+        return put_replaced(o, s, e, s, ne, virt);
+      }
+      break;
+    }
+    case VIEW_NONE: break;
+  }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
+/* --- The copy ------------------------------------------------------------ */
+
+static long write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    long w = SYS3(write, fd, p, n);
+    if (w == -EINTR) continue;
+    if (w < 0) return w;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* Copies the text of `src` (from its start) into `dst`, translated. */
+static long copy_translated(enum view v, int src, int dst) {
+  enum { RAW = 2048, LINE_ROOM = 16 };
+  char raw[RAW], out[RAW + LINE_ROOM];
+  size_t have = 0, used = 0;
+  int eof = 0;
+  while (!eof || have > 0) {
+    if (!eof && have < RAW) {
+      long n = SYS3(read, src, raw + have, RAW - have);
+      if (n == -EINTR) continue;
+      if (n < 0) return n;
+      if (n == 0) eof = 1;
+      have += (size_t)n;
+    }
+    /* The complete lines in raw; at the end of the file, the rest. A line
+     * longer than the buffer (none of these files has one) goes through as
+     * it is, in pieces. */
+    size_t start = 0;
+    for (;;) {
+      const char *nl = memchr(raw + start, '\n', have - start);
+      size_t end = nl ? (size_t)(nl - raw) + 1 : 0;
+      if (!nl) {
+        if (start < have && (eof || (start == 0 && have == RAW))) end = have;
+        else break;
+      }
+      if (used + (end - start) + LINE_ROOM > sizeof out) {
+        long r = write_all(dst, out, used);
+        if (r < 0) return r;
+        used = 0;
+      }
+      /* A line of at most RAW bytes grows by at most LINE_ROOM (one
+       * number of up to 10 digits for another). */
+      used = (size_t)(translate_line(v, out + used, raw + start, raw + end) - out);
+      start = end;
+    }
+    memmove(raw, raw + start, have - start);
+    have -= start;
+  }
+  return write_all(dst, out, used);
+}
+
+/* Puts the translated copy of the file `fd` holds in its place. Returns 0,
+ * or -errno (fd then still holds the kernel's file). */
+static NOINLINE long substitute(int fd, enum view v) {
+  if (v == VIEW_PIDLIST) {
+    struct statfs sf;
+    if (SYS2(fstatfs, fd, &sf) != 0 ||
+        (sf.f_type != CGROUP2_SUPER_MAGIC && sf.f_type != CGROUP_SUPER_MAGIC))
+      return 0; /* a file of that name elsewhere */
+  }
+  long fdflags = SYS2(fcntl, fd, F_GETFD);
+  long flflags = SYS2(fcntl, fd, F_GETFL);
+  if (fdflags < 0) return fdflags;
+  if (flflags < 0) return flflags;
+  long mem = SYS2(memfd_create, "appshot-view", MFD_CLOEXEC);
+  if (mem < 0) return mem;
+  long r = copy_translated(v, fd, (int)mem);
+  /* Read-only, with the kernel's descriptor's status flags, at its number. */
+  long ro = -1;
+  if (r == 0) {
+    char link[40] = "/proc/self/fd/";
+    *put_decimal(link + 14, (unsigned long)mem) = '\0';
+    ro = SYS3(openat, AT_FDCWD, link, O_RDONLY | O_CLOEXEC | (flflags & O_NONBLOCK));
+    if (ro < 0) { /* no /proc: the memfd itself, at its start */
+      r = SYS3(lseek, mem, 0, SEEK_SET);
+      ro = mem;
+      mem = -1;
+    }
+  }
+  if (r == 0) r = SYS3(dup3, ro, fd, (fdflags & FD_CLOEXEC) ? O_CLOEXEC : 0);
+  if (ro >= 0) SYS1(close, ro);
+  if (mem >= 0) SYS1(close, mem);
+  return r < 0 ? r : 0;
+}
+
+/* The translated copy in the place of `fd` when the path needs one: 0, or
+ * -errno with fd left as it was. */
+long view_fill(int fd, const char *path, int flags) {
+  if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
+      (flags & (O_PATH | O_DIRECTORY)))
+    return 0;
+  enum view v = view_of_name(path);
+  if (LIKELY(v == VIEW_NONE)) return 0;
+  return substitute(fd, v);
+}
+
+int view_opened(int fd, const char *path, int flags) {
+  long r = view_fill(fd, path, flags);
+  if (r < 0) {
+    SYS1(close, fd);
+    return (int)fail((int)-r);
+  }
+  return fd;
+}
