@@ -149,6 +149,9 @@ export class HeldConnections {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EEXIST')
         throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
+      // SO_GET_FILTER gives only classic filters back (unixdgram.ts).
+      if ((e as NodeJS.ErrnoException).code === 'EACCES')
+        throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
     if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
