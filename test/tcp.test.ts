@@ -418,17 +418,43 @@ describe('established TCP connections', () => {
     run(['stop', 'tcp6', '-s', 'KILL']);
   });
 
-  it.runIf(isRoot)('without CAP_NET_ADMIN, a snapshot is refused naming the connection, and the application goes on', async () => {
+  it.runIf(isRoot)('without CAP_NET_ADMIN: --leave-running is refused naming the connection; a snapshot that ends the application hands the live connections to the keeper, and a restore here carries on', async () => {
     const port = 26604;
     const { client, go } = await startFixture('tcp4', port);
-    const r = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, 'snapshot', 'tcp4', '-o', join(out, 'tcp4')], { env: sb.env, encoding: 'utf8' });
-    expect(r.status).not.toBe(0);
-    expect(r.stderr).toMatch(new RegExp(`the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ can be kept only with TCP repair, which needs CAP_NET_ADMIN`));
-    expect(existsSync(join(out, 'tcp4'))).toBe(false);
+    const withoutNetAdmin = (args: string[]) => spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, ...args], { env: sb.env, encoding: 'utf8' });
+    const refused = withoutNetAdmin(['snapshot', 'tcp4', '--leave-running', '-o', join(out, 'tcp4-lr')]);
+    expect(refused.status).not.toBe(0);
+    expect(refused.stderr).toMatch(new RegExp(`the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application`));
+    expect(existsSync(join(out, 'tcp4-lr'))).toBe(false);
+
+    const taken = withoutNetAdmin(['snapshot', 'tcp4', '-o', join(out, 'tcp4')]);
+    expect(taken.status, taken.stderr).toBe(0);
+    expect(run(['inspect', join(out, 'tcp4')]).match(/taken without TCP repair: held live by appshot-keeper/g)).toHaveLength(3);
+    // Live in the keeper, the connection goes on in the kernel: what the
+    // client sends meanwhile is taken, and waits to be read.
+    client.socket.write('ECHO while away\n');
+    // (Restored by root in full: the application's own processes have
+    // CAP_NET_ADMIN, which a restore without it may not grant.)
+    run(['restore', join(out, 'tcp4')]);
     writeFileSync(go, '');
-    await carriesOn(client);
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nwhile away\n'.length);
+    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
+    expect(got.subarray(BIG).toString()).toBe('hello\nwhile away\n');
+    client.socket.write('ECHO after the restore\n');
+    expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
+    client.whole();
+    await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp4')), 20_000, 'the inside client to finish');
+    expect(logOf('tcp4')).toMatch(/^INSIDE OK$/m);
     client.socket.destroy();
-    run(['stop', 'tcp4', '-s', 'KILL']);
+    run(['rm', '-f', 'tcp4']);
+
+    // The image does not hold those connections: restored again, with no
+    // keeper holding them, it is refused before anything is made.
+    const again = sb.run(['restore', join(out, 'tcp4')]);
+    expect(again.code).not.toBe(0);
+    expect(again.stderr, again.stderr).toMatch(/the TCP connection 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+, taken without TCP repair, was held by appshot-keeper on the host of the snapshot, and no keeper holds it now/);
+    expect(sb.aids()).not.toContain('tcp4');
   });
 });
 

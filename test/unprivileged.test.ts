@@ -1,10 +1,11 @@
 /**
  * An ordinary user on their own processes: run, snapshot, restore, an
- * incremental snapshot, a template and its clones, with no capability at
- * all. As root (CI) the test
+ * incremental snapshot, a template and its clones, a connected client kept,
+ * with no capability at all. As root (CI) the test
  * drops to uid/gid 65534 with setpriv; as anyone else it is that already.
  */
 import { spawnSync } from 'node:child_process';
+import { connect } from 'node:net';
 import { chmodSync, chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -76,6 +77,35 @@ describe('without privileges', () => {
       expect(log(aid)).not.toMatch(/FAIL/);
       const procs = JSON.parse(appshot('ps', aid, '--json').stdout)[0].processes;
       for (const p of procs) expect(uidOf(p.pid)).toBe(root ? NOBODY : process.getuid!());
+    }
+  });
+
+  it('keeps a connected client through a snapshot and a restore on this host (no TCP repair: the keeper holds the live connection)', async () => {
+    const port = 26690;
+    const r = appshot('run', '-d', '--aid', 'web', '--', fixture('tcpfix'), String(port), join(home, 'never'), '1000');
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /LISTENING|FAIL/.test(log('web')), 10_000, 'the server to listen');
+    const client = connect({ port, host: '127.0.0.1' });
+    let got = '';
+    let failure: Error | undefined;
+    client.on('data', (d: Buffer) => (got += d.toString()));
+    client.on('error', (e) => (failure = e));
+    const echo = async (text: string) => {
+      got = '';
+      client.write(`ECHO ${text}\n`);
+      await waitFor(() => got === `${text}\n` || failure !== undefined, 10_000, `the echo of '${text}'`);
+      expect(failure?.message).toBeUndefined();
+    };
+    try {
+      await echo('before');
+      const snap = appshot('snapshot', 'web', '-o', join(home, 'web'));
+      expect(snap.code, snap.stderr).toBe(0);
+      const restored = appshot('restore', join(home, 'web'));
+      expect(restored.code, restored.stderr).toBe(0);
+      await echo('after the restore');
+    } finally {
+      client.destroy();
+      appshot('rm', '-f', 'web');
     }
   });
 });

@@ -78,6 +78,7 @@ function describeFd(image: Image, fd: Fd): string {
     case 'TCP_ESTABLISHED': {
       const c = fd.tcp;
       if (!c) return 'tcp connection';
+      if (c.kept) return `tcp ${connectionName(c)}, taken without TCP repair: held live by appshot-keeper on the host of the snapshot`;
       return c.closed
         ? `tcp ${connectionName(c)}, recorded closed`
         : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;

@@ -474,6 +474,8 @@ export interface TcpConnection {
   peerPort: number;
   /** Not kept: restored as a socket whose connection was reset. */
   closed: boolean;
+  /** Taken without TCP repair: the live socket, held by appshot-keeper (keeper.ts); no state here. */
+  kept?: boolean;
   state: number;
   sendSeq: number;
   recvSeq: number;

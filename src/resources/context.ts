@@ -30,10 +30,10 @@ export class DumpContext {
   private readonly fileIndex = new Map<string, number>();
   readonly pipeIndex = new Map<bigint, number>();
   readonly sharedIndex = new Map<string, number>();
-  /** TCP connections held in repair mode while the application is frozen. */
-  readonly tcp = new HeldConnections();
   /** Connections that outlive the application until its restore. */
   readonly keeper = new SocketsForKeeper();
+  /** TCP connections held in repair mode while the application is frozen. */
+  readonly tcp = new HeldConnections(this.keeper);
 
   constructor(
     readonly image: Image,

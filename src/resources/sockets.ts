@@ -21,6 +21,7 @@ import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets } from './keeper.js';
+import { connectionName } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, removeStale, shut } from './unixdgram.js';
 
@@ -253,12 +254,19 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
  * gave up, cannot have it). */
 export function requireKept(image: Image, kept: KeptSockets): void {
   for (const p of image.processes)
-    for (const f of p.fds)
-      if (f.socket?.kept && kept.get(f.socket.ino) === undefined)
+    for (const f of p.fds) {
+      const what = f.socket?.kept
+        ? 'a unix connection to a process outside the application'
+        : f.tcp?.kept
+          ? `the TCP connection ${connectionName(f.tcp)}, taken without TCP repair,`
+          : undefined;
+      const ino = f.socket?.kept ? f.socket.ino : f.tcp?.ino;
+      if (what && ino !== undefined && kept.get(ino) === undefined)
         throw new AppshotError(
-          `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: a unix connection to a process outside the application was held by appshot-keeper on the host of the snapshot, and no keeper holds it now (it gave up after --tcp-hold, another image was restored, or this is another host)`,
+          `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: ${what} was held by appshot-keeper on the host of the snapshot, and no keeper holds it now (it gave up after --tcp-hold, another image was restored, or this is another host)`,
           ExitCode.conflict,
         );
+    }
 }
 
 /* ---- restore ---------------------------------------------------------- */

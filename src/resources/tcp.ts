@@ -39,7 +39,11 @@
  * the same image on this host uses the very sockets, their queues as the
  * image recorded them; one elsewhere makes them anew from the image.
  *
- * Without repair: `snapshot --tcp-close` records a connection as closed,
+ * Without repair (no CAP_NET_ADMIN), a snapshot that ends the application
+ * hands the live socket itself to the keeper, recorded as kept without its
+ * state: the kernel carries on with the connection meanwhile, and only a
+ * restore on this host, while the keeper holds it, can have it back.
+ * Or `snapshot --tcp-close` records a connection as closed,
  * and the restored application holds a socket whose connection was reset
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
@@ -112,6 +116,9 @@ export class HeldConnections {
   private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
 
+  /** `keeper`: where a connection goes that repair mode cannot hold. */
+  constructor(private readonly keeper: SocketsForKeeper) {}
+
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
   dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string): TcpConnection {
     const known = this.dumped.get(ino);
@@ -126,10 +133,18 @@ export class HeldConnections {
     try {
       addon().tcpRepair(dup, 1);
     } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EPERM' && this.keeper.keeping) {
+        // Without repair mode, the very socket, live, waits for the
+        // restore in a keeper: the kernel goes on with it meanwhile
+        // (acknowledging what the peer sends, sending what the
+        // application wrote), and the restored application finds it so.
+        this.keeper.add(ino, dup);
+        return this.remember(ino, { ...emptyConnection(ino, seen.family, named), state: seen.state, kept: true });
+      }
       closeSync(dup);
       if ((e as NodeJS.ErrnoException).code === 'EPERM')
         throw new Unsupported(
-          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN (appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset)`,
+          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running or --tcp-hold 0); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
         );
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
@@ -228,6 +243,14 @@ export class ConnectionMaker {
     if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
     const known = this.made.get(c.ino);
     if (known) return known.fd;
+    if (c.kept) {
+      // Live, not in repair mode: nothing to release (requireKept checked
+      // it is held).
+      const live = this.kept.get(c.ino);
+      if (live === undefined) throw new AppshotError(`${what}: the TCP connection ${connectionName(c)} is not held by appshot-keeper`);
+      this.made.set(c.ino, { fd: live, c, repaired: false, kept: true });
+      return live;
+    }
     check(c, what);
     const kept = c.closed ? undefined : this.kept.get(c.ino);
     if (kept !== undefined) {
