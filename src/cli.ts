@@ -543,6 +543,7 @@ export function buildProgram(): Command {
           restoreMs: roundMs(result.restoreMs),
           verifyMs: roundMs(result.verifyMs),
           lazy: result.lazy,
+          injectedCalls: result.injectedCalls,
         });
       else {
         process.stdout.write(result.aid + '\n');

@@ -10,6 +10,7 @@
  * back after.
  */
 import { addon } from '../native.js';
+import { injected } from './remote.js';
 
 const REGS = { rsp: 19 * 8 };
 const RED_ZONE = 128n;
@@ -42,6 +43,7 @@ export class Injector {
 
   /** Runs `nr(args)` in the thread; returns the raw result (-errno on error). */
   call(nr: number, args: (bigint | number)[], tid = this.tid): bigint {
+    injected.calls++;
     return addon().inject(tid, this.insn, nr, args);
   }
 

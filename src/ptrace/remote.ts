@@ -64,6 +64,10 @@ export const SYS = {
   pidfd_getfd: 438,
 } as const;
 
+/** System calls injected by this process so far (each one a ptrace round
+ * trip, two stops or one): what an operation reports as its cost. */
+export const injected = { calls: 0 };
+
 const errnoName = new Map(Object.entries(constants.errno).map(([k, v]) => [v, k]));
 
 export class SyscallError extends Error {
@@ -115,6 +119,7 @@ export class RemoteProcess {
   raw(nr: number, args: (bigint | number)[], tid = this.pid): bigint {
     // A seed's signals are blocked from the start of the restore, so the
     // cheaper single-step injection serves, but for fork and clone.
+    injected.calls++;
     return addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
   }
 

@@ -44,7 +44,7 @@ import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
-import { RemoteProcess, SYS } from '../ptrace/remote.js';
+import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { killPoint } from '../killpoint.js';
 
@@ -108,6 +108,10 @@ export interface RestoreResult {
   /** System calls injected to restore credentials and limits (each a
    * round trip through the scheduler, ~16 µs). */
   credentialCalls: number;
+  /** System calls injected in all (each a ptrace round trip): the
+   * restore's cost in stops (in the engine, with another command running
+   * at once, its calls count too). */
+  injectedCalls: number;
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -214,6 +218,7 @@ const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?
 
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
+  const injectedBefore = injected.calls;
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
   const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter);
   const { image } = chain[0];
@@ -240,7 +245,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let lifeline = -1;
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   const phase = (what: string) => {
-    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(now() - started).toFixed(2)} ms: ${what}\n`);
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(now() - started).toFixed(2)} ms, ${injected.calls - injectedBefore} calls injected: ${what}\n`);
     killPoint(`restore: ${what}`);
   };
   try {
@@ -534,6 +539,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       createdDirs: madeDirs,
       ...(opts.batchCommit ? { lifeline } : {}),
       credentialCalls,
+      injectedCalls: injected.calls - injectedBefore,
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);

@@ -38,6 +38,7 @@ import { dumpSysv } from '../resources/sysv.js';
 import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
+import { injected } from '../ptrace/remote.js';
 import { DEFAULT_HOLD_SECONDS, type SocketsForKeeper } from '../resources/keeper.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
@@ -101,6 +102,9 @@ export interface SnapshotResult {
   preCopyFrozenMs?: number;
   totalMs: number;
   leftRunning: boolean;
+  /** System calls injected into the application (each a ptrace round
+   * trip while it is frozen). */
+  injectedCalls: number;
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n);
@@ -410,6 +414,7 @@ async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
 
 export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   const started = now();
+  const injectedBefore = injected.calls;
   const record = reg.require(aid);
   const tables: TablesSnapshot | undefined = reg.readTables(record);
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
@@ -588,6 +593,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       ...(base ? { preCopyFrozenMs: base.frozenMs } : {}),
       totalMs: (now() - started) / 1000,
       leftRunning: opts.leaveRunning,
+      injectedCalls: injected.calls - injectedBefore,
     };
   } catch (e) {
     pages.abort();
