@@ -24,14 +24,11 @@ const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine', 'serve']);
  * engine makes faster by more than its start costs. */
 const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
 
-/** APPSHOT_ENGINE: `auto`, an engine is started on demand; unset (the
- * default) or `manual`, one is used if it runs (`appshot engine start`)
- * but none is started; `off`, none is used (bin/appshot.js). Not `auto`
- * by default yet: a snapshot taken very soon after a burst of pipelined
- * TCP traffic, as a warm engine takes it, loses the connections on
- * restore (test/tcp.test.ts's redis; README, "The resident engine"). */
+/** APPSHOT_ENGINE: `auto` (the default, also when unset), an engine is
+ * started on demand; `manual`, one is used if it runs (`appshot engine
+ * start`) but none is started; `off`, none is used (bin/appshot.js). */
 function startsOnDemand(): boolean {
-  return process.env.APPSHOT_ENGINE === 'auto';
+  return (process.env.APPSHOT_ENGINE || 'auto') === 'auto';
 }
 
 /** Whether an engine is starting (it holds its lock, whose file names it,

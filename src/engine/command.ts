@@ -16,8 +16,8 @@ export function registerEngine(program: Command): void {
       'after',
       '\nWhile an engine runs for $APPSHOT_HOME, appshot sends commands to it (except run, exec,\n' +
         'logs -f, wait, check and anything reading stdin or writing a stream to stdout) instead of\n' +
-        'starting cold. APPSHOT_ENGINE=auto: clone, restore and snapshot start one when none runs;\n' +
-        'unset or manual: use one that runs, start none; APPSHOT_ENGINE=off: never use one.\n' +
+        'starting cold. By default (APPSHOT_ENGINE unset or auto), clone, restore and snapshot start\n' +
+        'one when none runs; manual: use one that runs, start none; off: never use one.\n' +
         'It leaves after APPSHOT_ENGINE_IDLE seconds (default 60)\n' +
         'without a command, and on SIGTERM. See README, "The resident engine".\n\n' +
         'Examples:\n  appshot engine start\n  appshot engine status --json\n  appshot engine stop',
