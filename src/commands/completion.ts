@@ -92,7 +92,9 @@ _appshot() {
     _files
   fi
 }
-if [[ "\${zsh_eval_context[-1]}" == loadautoload ]]; then _appshot "$@"; else compdef _appshot appshot; fi
+# Autoloaded from $fpath (the file is then _appshot's body): complete now,
+# as the first TAB asked; sourced: register with compinit.
+if [[ "\${zsh_eval_context[-1]}" == loadautofunc ]]; then _appshot "$@"; else compdef _appshot appshot; fi
 `;
 }
 
