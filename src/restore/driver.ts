@@ -242,7 +242,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     killPoint(`restore: ${what}`);
   };
   try {
-    if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+    // Ctrl-C is heard only between the steps that run synchronously (a
+    // page file checked, a process's memory copied): at each of these
+    // points, a turn of the event loop lets its handler run.
+    const heardInterrupt = async () => {
+      if (!opts.signal) return;
+      await new Promise((resolve) => setImmediate(resolve));
+      if (opts.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+    };
+    await heardInterrupt();
     if (!opts.loaded) verifyImage(image);
     // The privilege rule, before anything is made: nothing the image
     // recorded beyond what this user may grant.
@@ -438,10 +446,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('tree made');
     for (const m of made) {
       const p = m.proc;
-      // A turn of the event loop, so that Ctrl-C is heard.
-      if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
-      if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+      await heardInterrupt();
       const r = fillMemory(m);
+      // A large copy takes seconds: not to be continued if Ctrl-C came.
+      await heardInterrupt();
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler
@@ -488,6 +496,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    // The last point where an interrupted restore is given up: after it,
+    // connections go live and the commit keeps the application.
+    await heardInterrupt();
     handed.tcp.release();
     handed.close();
     phase('threads');
