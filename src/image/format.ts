@@ -36,6 +36,7 @@ import { pipeline as pipelineCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
+import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
@@ -227,36 +228,46 @@ function writeFailure(dest: string, e: unknown): Error {
 
 /**
  * What `-o PATH` asks for: a directory (no tar extension), a tar file, or
- * a gzip-compressed one. zstd is refused, not guessed at: Node 20 has no
- * zstd of its own and the npm bindings fetch prebuilt binaries at install
- * time (README, "Image files").
+ * a compressed one: gzip (Node's zlib) or zstd (the zstd program, see
+ * zstd.ts; refused by name, before anything is frozen, without it).
  */
-export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' {
+export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' | 'zstd' {
   if (/\.(tar\.gz|tgz)$/.test(path)) return 'gzip';
   if (/\.tar$/.test(path)) return 'tar';
-  if (/\.(tar\.zst|tzst)$/.test(path))
-    throw new AppshotError(`${path}: appshot writes tar and gzip (.tar, .tar.gz), not zstd; compress afterwards with zstd, or use .tar.gz`, ExitCode.usage);
+  if (/\.(tar\.zst|tzst)$/.test(path)) {
+    requireZstd(path);
+    return 'zstd';
+  }
   return 'dir';
 }
 
-/** Writes the image as a tar file at `dest`, gzip-compressed if asked:
+/** Writes the image as a tar file at `dest`, compressed if asked:
  * assembled under a hidden name beside it (journaled, see partial.ts),
  * synced, then linked into place, which never replaces a file that
  * appeared meanwhile. */
-export async function commitImageFile(dest: string, gzip: boolean, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
+export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = join(partial.path, 'image.tar');
   try {
     const fd = openSync(tmp, 'wx', 0o644);
-    const file = createWriteStream('', { fd, autoClose: false });
-    // Fastest level: the application stays frozen while its image is
-    // written (unless --leave-running); pages compress well even so.
-    const compressor = gzip ? createGzip({ level: zlibConstants.Z_BEST_SPEED }) : undefined;
-    const written = compressor ? pipeline(compressor, file) : undefined;
+    // The tar stream goes into `input`; `written` settles once the file
+    // has all of it. Fastest gzip level: the application stays frozen
+    // while its image is written (unless --leave-running); pages compress
+    // well even so (zstd's default level is faster still).
+    let input: NodeJS.WritableStream;
+    let written: Promise<void> | undefined;
+    if (compression === 'zstd') {
+      ({ input, done: written } = zstdCompressTo(fd, dest));
+    } else {
+      const file = createWriteStream('', { fd, autoClose: false });
+      const gzip = compression === 'gzip' ? createGzip({ level: zlibConstants.Z_BEST_SPEED }) : undefined;
+      input = gzip ?? file;
+      written = gzip ? pipeline(gzip, file) : undefined;
+    }
     written?.catch(() => {}); // awaited below, reported by streamImageTar's failure first
     try {
-      await streamImageTar(compressor ?? file, image, pages, pagesPart, imageId);
+      await streamImageTar(input, image, pages, pagesPart, imageId);
       await written;
       fsyncSync(fd);
     } catch (e) {
@@ -487,8 +498,8 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
   });
 }
 
-/** A tar file's stream, uncompressed if it is gzip (told by its magic
- * number, whatever its name). */
+/** A tar file's stream, uncompressed if it is gzip or zstd (told by its
+ * magic number, whatever its name). */
 function openImageFile(path: string): NodeJS.ReadableStream {
   const head = Buffer.alloc(4);
   const fd = openSync(path, 'r');
@@ -498,8 +509,14 @@ function openImageFile(path: string): NodeJS.ReadableStream {
   } finally {
     closeSync(fd);
   }
-  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528)
-    throw new AppshotError(`${path} is compressed with zstd, which appshot does not read: unpack it first (zstd -d)`);
+  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) {
+    const zfd = openSync(path, 'r');
+    try {
+      return zstdDecompressFrom(zfd, path);
+    } finally {
+      closeSync(zfd); // zstd has its own
+    }
+  }
   const file = createReadStream(path);
   if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
   // Errors of either stream end the last one, which extractTar reports.
