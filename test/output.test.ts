@@ -167,7 +167,7 @@ describe('completion', () => {
     return [...section.matchAll(/^ {2}(\S+)/gm)].map((m) => m[1].replace(/\|.*/, '')).filter((c) => c !== 'help');
   }
 
-  it.each(['bash', 'zsh'])('the %s script names every command and subcommand, and their options', (shell) => {
+  it.each(['bash', 'zsh', 'fish'])('the %s script names every command and subcommand, and their options', (shell) => {
     const r = sb.run(['completion', shell]);
     expect(r.code, r.stderr).toBe(0);
     const top = commands();
@@ -176,15 +176,17 @@ describe('completion', () => {
       expect(r.stdout).toMatch(new RegExp(`[ '"]${c}[ '"]`));
       for (const sub of commands([c])) expect(r.stdout).toContain(`${c} ${sub}`);
     }
-    expect(r.stdout).toContain('--progress');
-    expect(r.stdout).toContain('--leave-running');
+    // fish names a long option without its dashes (-l progress).
+    expect(r.stdout).toMatch(/--progress|-l progress\b/);
+    expect(r.stdout).toMatch(/--leave-running|-l leave-running\b/);
   });
 
   /** What a completion offers for each command line, one entry per line:
    * the offers sorted, or null if it offered nothing. */
   const offers = (out: string) => out.split('\n').slice(0, -1).map((l) => (l.trim() ? l.trim().split(/\s+/).sort() : null));
-  const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js'];
-  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--signal', '--time', '-s', '-t'], ['--json']];
+  // The last line offers files (each shell words them its own way).
+  const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js', 'appshot restore /tm'];
+  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--signal', '--time', '-s', '-t'], ['--json'], [expect.stringMatching(/^\/?tmp\/?$/)]];
 
   it('bash, loaded as the README says, completes subcommands and a command\'s options', () => {
     const q = (w: string) => `'${w}'`;
@@ -217,9 +219,24 @@ describe('completion', () => {
     }
   });
 
+  it('fish, sourced, completes subcommands and a command\'s options', () => {
+    const script = join(out, 'appshot.fish');
+    const r0 = sb.run(['completion', 'fish']);
+    expect(r0.code, r0.stderr).toBe(0);
+    writeFileSync(script, r0.stdout);
+    // fish completes a command line it is given (complete -C) as it would
+    // the one being typed.
+    const q = (w: string) => `'${w.replace(/[\\']/g, '\\$&')}'`;
+    const calls = lines.map((line) => `set -l c (complete -C ${q(line)} | string split -f1 \\t); echo "$c"`);
+    const r = spawnSync('fish', ['--no-config', '-c', [`source ${q(script)}`, ...calls].join('\n')], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toBe('');
+    expect(offers(r.stdout)).toEqual(expected);
+  });
+
   it('an unknown shell is a usage error', () => {
-    const r = sb.run(['completion', 'fish']);
+    const r = sb.run(['completion', 'tcsh']);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe("appshot: completion for 'fish' is not made: bash or zsh\n");
+    expect(r.stderr).toBe("appshot: completion for 'tcsh' is not made: bash, zsh or fish\n");
   });
 });

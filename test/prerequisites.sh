@@ -23,6 +23,7 @@ declare -A needs=(
   [/usr/bin/etcd]=etcd-server
   [/usr/bin/etcdctl]=etcd-client
   [/usr/bin/zsh]=zsh
+  [/usr/bin/fish]=fish
   [/usr/bin/zstd]=zstd
 )
 
