@@ -9,11 +9,11 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -244,27 +244,8 @@ describe('a batch of clones killed at any instant', () => {
   const portMux = base + 902;
 
   beforeAll(async () => {
-    mkdirSync(join(ROOT, 'data'), { recursive: true });
-    mkdirSync(join(ROOT, 'config'), { recursive: true });
-    writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
-    writeFileSync(join(ROOT, 'data', 'shared.bin'), Buffer.alloc(4096));
-    writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
-    const rules = join(dir, 'templfix.rules');
-    writeFileSync(
-      rules,
-      readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
-        .replaceAll('/srv/templfix', ROOT)
-        .replaceAll('7101', String(portAlloc))
-        .replaceAll('7102', String(portMux)),
-    );
-    const r = sb.run(['run', '-d', '--aid', 'tsrc', '--rules', rules, '--', fixture('templfix'), ROOT, String(portAlloc), String(portMux)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => existsSync(join(sb.home, 'apps', 'tsrc', 'log')) && readFileSync(join(sb.home, 'apps', 'tsrc', 'log'), 'utf8').includes('READY'), 10_000, 'templfix READY');
-    expect(sb.run(['snapshot', 'tsrc', '-o', join(dir, 'tsnap')]).code).toBe(0);
-    await waitFor(() => !sb.aids().includes('tsrc'), 10_000, 'the source to end');
     template = join(dir, 'tpl');
-    const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', template]);
-    expect(t.code, t.stderr).toBe(0);
+    await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc, portMux }, 'tsrc', join(dir, 'tsnap'), template);
   });
 
   for (const point of ['clone: instance 1', 'restore: init started', 'restore: fds', 'clone: instance 3', 'clone: committing']) {
