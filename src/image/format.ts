@@ -271,7 +271,10 @@ export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' 
       await written;
       fsyncSync(fd);
     } catch (e) {
-      throw writeFailure(dest, e);
+      // A failed stream closes zstd's input, and zstd exits: its own
+      // failure (a full disk...) says more than the EPIPE it caused here.
+      const zstdFailure = compression === 'zstd' ? await written!.then(() => undefined, (z: unknown) => z) : undefined;
+      throw writeFailure(dest, zstdFailure ?? e);
     } finally {
       closeSync(fd);
     }
