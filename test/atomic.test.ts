@@ -127,9 +127,9 @@ function stateOf(pid: number): string {
 /** appshot with APPSHOT_TEST_STOP_AT=point: once it has stopped itself
  * there, Ctrl-C (SIGINT) reaches it, and it is continued. Deterministic:
  * the signal lands at that point, however long the phases before took. */
-async function interruptedAt(point: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+async function interruptedAt(point: string, args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
   ipcBefore = systemIpcIds();
-  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
+  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point, ...env } });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
@@ -193,6 +193,15 @@ describe('a restore interrupted by Ctrl-C', () => {
       expect(digest(image)).toEqual(before);
     }, 120_000);
   }
+
+  it('while its 256 MiB of page data are checked: at once, not once they all are', async () => {
+    // Killed (SIGKILL, not exit 130) if it checked them all before
+    // hearing Ctrl-C.
+    const r = await interruptedAt('image: checking pages', ['restore', image, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
+    expect(r.code).toBe(130);
+    await nothingLeftAtOnce('intr-check');
+  }, 120_000);
 
   it('of a .tar image: its extraction is removed too', async () => {
     const r = await interruptedAt('restore: process 2', ['restore', tarImage, '--aid', 'intr-tar']);

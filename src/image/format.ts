@@ -353,21 +353,53 @@ const CHUNK = 1 << 20;
 
 /** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
  * grows while it is read is read no further), a MiB at a time. */
-export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
-  const hash = createHash('sha256');
-  const buf = Buffer.allocUnsafe(CHUNK);
-  let crc = 0;
-  let size = 0;
-  while (size < limit) {
-    const n = readSync(fd, buf, 0, Math.min(CHUNK, limit - size), size);
-    if (n === 0) break;
-    const piece = buf.subarray(0, n);
-    crc = addon().crc32c(piece, crc);
-    hash.update(piece);
-    size += n;
-    onBytes?.(n);
+class PartHasher {
+  private readonly hash = createHash('sha256');
+  private readonly buf = Buffer.allocUnsafe(CHUNK);
+  private crc = 0;
+  private size = 0;
+  constructor(
+    private readonly fd: number,
+    private readonly limit: number,
+    private readonly onBytes?: (n: number) => void,
+  ) {}
+  /** Reads and hashes the next piece; false once there is none. */
+  step(): boolean {
+    if (this.size >= this.limit) return false;
+    const n = readSync(this.fd, this.buf, 0, Math.min(CHUNK, this.limit - this.size), this.size);
+    if (n === 0) return false;
+    const piece = this.buf.subarray(0, n);
+    this.crc = addon().crc32c(piece, this.crc);
+    this.hash.update(piece);
+    this.size += n;
+    this.onBytes?.(n);
+    return true;
   }
-  return { size, crc, sha256: hash.digest() };
+  result(): PartDigest {
+    return { size: this.size, crc: this.crc, sha256: this.hash.digest() };
+  }
+}
+
+export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
+  const hasher = new PartHasher(fd, limit, onBytes);
+  while (hasher.step());
+  return hasher.result();
+}
+
+/** Pieces hashed between two turns of the event loop (64 MiB). */
+const PIECES_PER_TURN = 64;
+
+/** digestFd, letting the event loop turn every 64 MiB so that Ctrl-C is
+ * heard while a large page file is checked (seconds per GiB): once
+ * `signal` is aborted, it gives up with the signal's reason. */
+async function digestFdInterruptibly(fd: number, limit: number, onBytes: ((n: number) => void) | undefined, signal: AbortSignal): Promise<PartDigest> {
+  const hasher = new PartHasher(fd, limit, onBytes);
+  for (let pieces = 1; hasher.step(); pieces++) {
+    if (pieces % PIECES_PER_TURN) continue;
+    await new Promise((resolve) => setImmediate(resolve));
+    signal.throwIfAborted();
+  }
+  return hasher.result();
 }
 
 function digestBuffer(data: Buffer): PartDigest {
@@ -569,6 +601,9 @@ export interface LoadOptions {
    * checked (a progress display: checking a large image takes seconds). */
   onPagesSize?: (size: number) => void;
   onBytes?: (n: number) => void;
+  /** Aborted (Ctrl-C): checking the page data is given up, and loadImage
+   * fails with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
@@ -634,8 +669,11 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
         else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
         else {
-          if (part.name === PARTS.pages) opts.onPagesSize?.(size);
-          d = digestFd(fd, size, part.name === PARTS.pages ? opts.onBytes : undefined);
+          const pages = part.name === PARTS.pages;
+          if (pages) opts.onPagesSize?.(size);
+          if (pages) killPoint('image: checking pages');
+          d = opts.signal && pages ? await digestFdInterruptibly(fd, size, opts.onBytes, opts.signal) : digestFd(fd, size, pages ? opts.onBytes : undefined);
+          if (pages) killPoint('image: pages checked');
         }
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
         if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);

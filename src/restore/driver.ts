@@ -140,16 +140,21 @@ class ProgressMeter {
   }
 }
 
-/** The image and its parents, newest first. */
-async function loadChain(path: string, meter: ProgressMeter): Promise<LoadedImage[]> {
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n) };
-  const chain = [await loadImage(path, hooks)];
+/** The image and its parents, newest first. Ctrl-C while their page data
+ * is checked (seconds per GiB) ends it at once. */
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal): Promise<LoadedImage[]> {
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal };
+  const interrupted = (e: unknown) => {
+    throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
+  };
+  const chain = [await loadImage(path, hooks).catch(interrupted)];
   try {
     for (;;) {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch(interrupted).catch((e: Error) => {
+        if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);
@@ -213,7 +218,7 @@ const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
-  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter);
+  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter, opts.signal);
   const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
