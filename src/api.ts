@@ -75,7 +75,7 @@ export interface PsOptions extends CommonOptions {
 }
 
 export interface SnapshotOptions extends CommonOptions {
-  /** The image directory to create, or '-' for a tar stream on stdout. */
+  /** The image directory to create; a .tar, .tar.gz or .tar.zst file (zstd: with the zstd program); or '-' for a tar stream on stdout. */
   output: string;
   /** Resume the application afterwards instead of ending it; the next
    * snapshot is incremental. Default false. */

@@ -398,9 +398,9 @@ export function buildProgram(): Command {
     .description("freeze every process of an application and write its image")
     .argument('[aid]', 'the application (or --aid)')
     .option('--aid <name>', 'the application')
-    .option('-o, --output <path>', "image directory to create; a file if it ends in .tar or .tar.gz (gzip); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
+    .option('-o, --output <path>', "image directory to create; a file if it ends in .tar, .tar.gz (gzip) or .tar.zst (zstd, with the zstd program); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
     .option('--leave-running', 'resume the application afterwards instead of ending it; the next directory snapshot is incremental on this one', false)
-    .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz and - are always whole)', false)
+    .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz, .tar.zst and - are always whole)', false)
     .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
     .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
     .option('--tcp-close', 'record established TCP connections as closed instead of keeping them (no CAP_NET_ADMIN needed): the restored application sees them reset', false)
@@ -475,7 +475,7 @@ export function buildProgram(): Command {
   program
     .command('inspect')
     .description('show what an image holds: processes, threads, memory map, files, IPC objects, tables')
-    .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
+    .argument('<image>', "an image directory, a .tar, .tar.gz or .tar.zst file, or '-' for a tar stream on stdin")
     .option('--json', 'the whole image as JSON', false)
     .addHelpText('after', '\nAny image can be inspected, signed or not; the first line says who signed it.\n\nExamples:\n  appshot inspect db.appshot\n  appshot inspect db.tar.gz --json')
     .action(async (path: string, opts: { json: boolean }) => {
@@ -492,7 +492,7 @@ export function buildProgram(): Command {
   program
     .command('restore')
     .description('bring an image back as a running application, here or on another node')
-    .argument('<image>', "an image directory, a .tar or .tar.gz file, or '-' for a tar stream on stdin")
+    .argument('<image>', "an image directory, a .tar, .tar.gz or .tar.zst file, or '-' for a tar stream on stdin")
     .option('--aid <name>', "the AID to run it as (default: the image's own)")
     .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
     .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)

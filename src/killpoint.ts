@@ -1,10 +1,16 @@
 /**
- * Test-only: APPSHOT_TEST_KILL_AT=NAME makes appshot kill itself with
- * SIGKILL when it reaches the point NAME, so that tests can prove a command
- * killed at any instant leaves nothing half-done. The points are the
- * phases a restore or a clone batch goes through (APPSHOT_DEBUG=1 prints
- * them as it reaches them).
+ * Test-only points in the phases a restore or a clone batch goes through
+ * (APPSHOT_DEBUG=1 prints them as it reaches them):
+ *
+ * - APPSHOT_TEST_KILL_AT=NAME makes appshot kill itself with SIGKILL when
+ *   it reaches the point NAME, so that tests can prove a command killed at
+ *   any instant leaves nothing half-done;
+ * - APPSHOT_TEST_STOP_AT=NAME makes it stop itself (SIGSTOP) there, so that
+ *   a test can send it a signal at that exact point, deterministically, and
+ *   then continue it (SIGCONT): Ctrl-C in the middle of a long phase
+ *   without guessing how long the phase takes.
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');
+  if (process.env.APPSHOT_TEST_STOP_AT === name) process.kill(process.pid, 'SIGSTOP');
 }

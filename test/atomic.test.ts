@@ -7,13 +7,13 @@
  * and the AID can be used at once. Killed after the commit, the
  * application is whole and runs.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -115,6 +115,111 @@ describe('a restore killed at any instant', () => {
   });
 });
 
+/** A process's state letter (R, S, T for stopped...), '' once it is gone. */
+function stateOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0];
+  } catch {
+    return '';
+  }
+}
+
+/** appshot with APPSHOT_TEST_STOP_AT=point: once it has stopped itself
+ * there, Ctrl-C (SIGINT) reaches it, and it is continued. Deterministic:
+ * the signal lands at that point, however long the phases before took. */
+async function interruptedAt(point: string, args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  ipcBefore = systemIpcIds();
+  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point, ...env } });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  await waitFor(() => stateOf(child.pid!) === 'T' || child.exitCode !== null, 60_000, `appshot ${args.join(' ')} to reach '${point}'`);
+  expect(child.exitCode, `appshot ${args.join(' ')} ended before '${point}': ${stderr}`).toBeNull();
+  child.kill('SIGINT');
+  child.kill('SIGCONT');
+  return { code: await exited, stdout, stderr };
+}
+
+describe('a restore interrupted by Ctrl-C', () => {
+  let image = '';
+  let tarImage = '';
+  let before: Record<string, string> = {};
+  const tmpEntries = () => (existsSync(join(sb.home, 'tmp')) ? readdirSync(join(sb.home, 'tmp')) : []);
+
+  beforeAll(async () => {
+    // 256 MiB of heap: copying it into the restored process takes a while.
+    const r = sb.run(['run', '-d', '--aid', 'bigsrc', '--', fixture('snapfix'), '-1', '256']);
+    expect(r.code, r.stderr).toBe(0);
+    await sb.checksPass('bigsrc', 2);
+    image = join(dir, 'big.appshot');
+    tarImage = join(dir, 'big.tar');
+    const s1 = sb.run(['snapshot', 'bigsrc', '-o', image, '--leave-running']);
+    expect(s1.code, s1.stderr).toBe(0);
+    const s2 = sb.run(['snapshot', 'bigsrc', '-o', tarImage]);
+    expect(s2.code, s2.stderr).toBe(0);
+    await waitFor(() => !sb.aids().includes('bigsrc'), 10_000, 'the source to end');
+    before = digest(image);
+  }, 120_000);
+
+  /** Nothing of the restore the moment appshot has exited, before any
+   * other command could sweep up after it. */
+  async function nothingLeftAtOnce(aid: string): Promise<void> {
+    expect(processesNaming(aid)).toEqual([]);
+    expect(processesNaming('APPSHOT_AID=bigsrc')).toEqual([]);
+    expect(sb.allAids()).not.toContain(aid);
+    expect(sb.shmFiles().filter((f) => f.includes(`-${aid}-`))).toEqual([]);
+    expect(tmpEntries()).toEqual([]);
+    // Other tests' applications may be between making an object and
+    // binding it in their tables: only what stays is ours.
+    await waitFor(() => strayIpcIds(ipcBefore).length === 0, 10_000, 'no SysV object outside every application').catch(() => undefined);
+    expect(strayIpcIds(ipcBefore)).toEqual([]);
+  }
+
+  const INTERRUPTED = 'appshot: interrupted: nothing was restored, the image is as it was';
+
+  // 'process 2' comes just before its 256 MiB are copied (while the tree
+  // is made: its child shares those pages), 'memory' just after; 'process
+  // 3' is the last process's copy, after which only the commit was left.
+  for (const phase of ['registered', 'init started', 'process 2', 'memory', 'tree made', 'fds', 'process 3']) {
+    it(`at '${phase}': one line, exit 130, nothing left, the image as it was`, async () => {
+      const aid = `intr-${phase.replace(' ', '-')}`;
+      const r = await interruptedAt(`restore: ${phase}`, ['restore', image, '--aid', aid]);
+      expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
+      expect(r.stdout).toBe('');
+      expect(r.code).toBe(130);
+      await nothingLeftAtOnce(aid);
+      expect(digest(image)).toEqual(before);
+    }, 120_000);
+  }
+
+  it('while its 256 MiB of page data are checked: at once, not once they all are', async () => {
+    // Killed (SIGKILL, not exit 130) if it checked them all before
+    // hearing Ctrl-C.
+    const r = await interruptedAt('image: checking pages', ['restore', image, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
+    expect(r.code).toBe(130);
+    await nothingLeftAtOnce('intr-check');
+  }, 120_000);
+
+  it('of a .tar image: its extraction is removed too', async () => {
+    const r = await interruptedAt('restore: process 2', ['restore', tarImage, '--aid', 'intr-tar']);
+    expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
+    expect(r.code).toBe(130);
+    await nothingLeftAtOnce('intr-tar');
+  }, 120_000);
+
+  it('once every process is made, too late to undo: restored whole, and it runs', async () => {
+    const r = await interruptedAt('restore: threads', ['restore', image, '--aid', 'late']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toBe('late\n');
+    await sb.checksPass('late', 3);
+    expect(sb.run(['rm', '-f', 'late']).code).toBe(0);
+    await nothingLeftOf('late', 'bigsrc');
+  }, 120_000);
+});
+
 describe('a snapshot killed while it commits its image', () => {
   it('leaves its half-written directory only until the next command, and the application running', async () => {
     const r = sb.run(['run', '-d', '--aid', 'big', '--', fixture('snapfix'), '-1', '64']);
@@ -148,27 +253,8 @@ describe('a batch of clones killed at any instant', () => {
   const portMux = base + 902;
 
   beforeAll(async () => {
-    mkdirSync(join(ROOT, 'data'), { recursive: true });
-    mkdirSync(join(ROOT, 'config'), { recursive: true });
-    writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
-    writeFileSync(join(ROOT, 'data', 'shared.bin'), Buffer.alloc(4096));
-    writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
-    const rules = join(dir, 'templfix.rules');
-    writeFileSync(
-      rules,
-      readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
-        .replaceAll('/srv/templfix', ROOT)
-        .replaceAll('7101', String(portAlloc))
-        .replaceAll('7102', String(portMux)),
-    );
-    const r = sb.run(['run', '-d', '--aid', 'tsrc', '--rules', rules, '--', fixture('templfix'), ROOT, String(portAlloc), String(portMux)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => existsSync(join(sb.home, 'apps', 'tsrc', 'log')) && readFileSync(join(sb.home, 'apps', 'tsrc', 'log'), 'utf8').includes('READY'), 10_000, 'templfix READY');
-    expect(sb.run(['snapshot', 'tsrc', '-o', join(dir, 'tsnap')]).code).toBe(0);
-    await waitFor(() => !sb.aids().includes('tsrc'), 10_000, 'the source to end');
     template = join(dir, 'tpl');
-    const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', template]);
-    expect(t.code, t.stderr).toBe(0);
+    await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc, portMux }, 'tsrc', join(dir, 'tsnap'), template);
   });
 
   for (const point of ['clone: instance 1', 'restore: init started', 'restore: fds', 'clone: instance 3', 'clone: committing']) {

@@ -6,7 +6,7 @@
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface, type Interface } from 'node:readline';
@@ -264,4 +264,53 @@ export function tcpExchange(port: number, text?: string, timeoutMs = 5000): Prom
     s.on('end', () => resolve(data));
     s.on('error', reject);
   });
+}
+
+/** Where templfix (the template fixture) keeps its files, and the two
+ * ports its rules name: one ALLOCATEd per clone, one MULTIPLEXed. */
+export interface TemplfixWorld {
+  /** Its /srv/templfix: data/, config/, and what instances write. */
+  root: string;
+  /** templates/templfix.rules, rewritten to `root` and the ports. */
+  rules: string;
+  portAlloc: number;
+  portMux: number;
+}
+
+/** Writes templfix's files under world.root (data/state.txt, a shared
+ * page marked "template", config/app.conf) and its rules file. */
+export function makeTemplfixWorld(world: TemplfixWorld): void {
+  mkdirSync(join(world.root, 'data'), { recursive: true });
+  mkdirSync(join(world.root, 'config'), { recursive: true });
+  writeFileSync(join(world.root, 'data', 'state.txt'), 'template\n');
+  const shared = Buffer.alloc(4096);
+  shared.write('template');
+  writeFileSync(join(world.root, 'data', 'shared.bin'), shared);
+  writeFileSync(join(world.root, 'config', 'app.conf'), 'template-config\n');
+  writeFileSync(
+    world.rules,
+    readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
+      .replaceAll('/srv/templfix', world.root)
+      .replaceAll('7101', String(world.portAlloc))
+      .replaceAll('7102', String(world.portMux)),
+  );
+}
+
+/** Runs templfix under its rules as `aid` and waits for its READY line. */
+export async function runTemplfix(sb: Sandbox, aid: string, world: TemplfixWorld): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--rules', world.rules, '--', fixture('templfix'), world.root, String(world.portAlloc), String(world.portMux)]);
+  if (r.code !== 0) throw new Error(`templfix did not start: ${r.stderr}`);
+  await waitFor(() => sb.log(aid).includes('READY'), 10_000, 'templfix READY');
+}
+
+/** A template of templfix at `template`: its world made, templfix run as
+ * `aid`, snapshotted (which ends it) into `snapshot`, the template made. */
+export async function templfixTemplate(sb: Sandbox, world: TemplfixWorld, aid: string, snapshot: string, template: string): Promise<void> {
+  makeTemplfixWorld(world);
+  await runTemplfix(sb, aid, world);
+  const s = sb.run(['snapshot', aid, '-o', snapshot]);
+  if (s.code !== 0) throw new Error(`snapshot of templfix failed: ${s.stderr}`);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, 'the snapshotted templfix to end');
+  const t = sb.run(['template', 'create', snapshot, '-o', template]);
+  if (t.code !== 0) throw new Error(`template create failed: ${t.stderr}`);
 }

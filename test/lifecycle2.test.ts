@@ -8,11 +8,11 @@
  * `run` whose application is snapshotted says where it went.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, cli, fixture, root, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { alive, cli, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-life-'));
@@ -243,25 +243,7 @@ describe('rm of a clone', () => {
   const PORT_MUX = base + 1;
 
   it('removes its private copies, REDIR PATH directories and port claims', async () => {
-    mkdirSync(join(ROOT, 'data'), { recursive: true });
-    mkdirSync(join(ROOT, 'config'), { recursive: true });
-    writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
-    writeFileSync(join(ROOT, 'data', 'shared.bin'), Buffer.alloc(4096));
-    writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
-    const rules = join(dir, 'templfix.rules');
-    writeFileSync(
-      rules,
-      readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
-        .replaceAll('/srv/templfix', ROOT)
-        .replaceAll('7101', String(PORT_ALLOC))
-        .replaceAll('7102', String(PORT_MUX)),
-    );
-    const r = sb.run(['run', '-d', '--aid', 'tsrc', '--rules', rules, '--', fixture('templfix'), ROOT, String(PORT_ALLOC), String(PORT_MUX)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => sb.run(['logs', 'tsrc']).stdout.includes('READY'), 10_000, 'templfix READY');
-    expect(sb.run(['snapshot', 'tsrc', '-o', join(dir, 'tsnap')]).code).toBe(0);
-    const t = sb.run(['template', 'create', join(dir, 'tsnap'), '-o', join(dir, 'tpl')]);
-    expect(t.code, t.stderr).toBe(0);
+    await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc: PORT_ALLOC, portMux: PORT_MUX }, 'tsrc', join(dir, 'tsnap'), join(dir, 'tpl'));
     const c = sb.run(['clone', join(dir, 'tpl'), '--aid', 'cl', '--count', '2', '--json']);
     expect(c.code, c.stderr).toBe(0);
     const clones = JSON.parse(c.stdout) as { aid: string; privateRoot: string; ports: { virtual: number; system: number }[] }[];

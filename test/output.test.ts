@@ -6,11 +6,11 @@
  * scripts that know every command.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-output-'));
@@ -167,7 +167,7 @@ describe('completion', () => {
     return [...section.matchAll(/^ {2}(\S+)/gm)].map((m) => m[1].replace(/\|.*/, '')).filter((c) => c !== 'help');
   }
 
-  it.each(['bash', 'zsh'])('the %s script names every command and subcommand, and their options', (shell) => {
+  it.each(['bash', 'zsh', 'fish'])('the %s script names every command and subcommand, and their options', (shell) => {
     const r = sb.run(['completion', shell]);
     expect(r.code, r.stderr).toBe(0);
     const top = commands();
@@ -176,23 +176,67 @@ describe('completion', () => {
       expect(r.stdout).toMatch(new RegExp(`[ '"]${c}[ '"]`));
       for (const sub of commands([c])) expect(r.stdout).toContain(`${c} ${sub}`);
     }
-    expect(r.stdout).toContain('--progress');
-    expect(r.stdout).toContain('--leave-running');
+    // fish names a long option without its dashes (-l progress).
+    expect(r.stdout).toMatch(/--progress|-l progress\b/);
+    expect(r.stdout).toMatch(/--leave-running|-l leave-running\b/);
   });
 
-  it('bash completes subcommands and options from the tree', () => {
-    const script = sb.run(['completion', 'bash']).stdout;
-    const complete = (words: string[]) =>
-      spawnSync('bash', ['-c', `${script}\nCOMP_WORDS=(${words.map((w) => `'${w}'`).join(' ')}); COMP_CWORD=${words.length - 1}; _appshot; echo "\${COMPREPLY[*]}"`], { encoding: 'utf8' }).stdout.trim();
-    expect(complete(['appshot', 'templ'])).toBe('template');
-    expect(complete(['appshot', 'template', '']).split(' ')).toEqual(['create', 'show']);
-    expect(complete(['appshot', 'snapshot', '--pro'])).toBe('--progress');
-    expect(complete(['appshot', 'template', 'create', '--na'])).toBe('--name');
+  /** What a completion offers for each command line, one entry per line:
+   * the offers sorted, or null if it offered nothing. */
+  const offers = (out: string) => out.split('\n').slice(0, -1).map((l) => (l.trim() ? l.trim().split(/\s+/).sort() : null));
+  // The last line offers files (each shell words them its own way).
+  const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js', 'appshot restore /tm'];
+  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--signal', '--time', '-s', '-t'], ['--json'], [expect.stringMatching(/^\/?tmp\/?$/)]];
+
+  it('bash, loaded as the README says, completes subcommands and a command\'s options', () => {
+    const q = (w: string) => `'${w}'`;
+    // As bash calls the function `complete -p` names: the words, the
+    // cursor's word, and $1..$3 (command, current word, previous word).
+    const calls = lines.map((line) => {
+      const words = line.split(' ');
+      return `COMP_LINE=${q(line)}; COMP_POINT=${line.length}; COMP_WORDS=(${words.map(q).join(' ')}); COMP_CWORD=${words.length - 1}; COMPREPLY=(); ` +
+        `"$fn" appshot ${q(words.at(-1)!)} ${q(words.at(-2)!)}; echo "\${COMPREPLY[*]}"`;
+    });
+    const script = [`source <(${q(process.execPath)} ${q(cli)} completion bash)`, 'spec=$(complete -p appshot) || exit 3', 'echo "$spec"', 'fn=${spec#*-F }; fn=${fn%% *}', ...calls].join('\n');
+    const r = spawnSync('bash', ['--norc', '--noprofile', '-c', script], { env: sb.env, encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toBe('');
+    const [spec, ...rest] = r.stdout.split('\n');
+    expect(spec).toBe('complete -o filenames -F _appshot appshot');
+    expect(offers(rest.join('\n'))).toEqual(expected);
+  });
+
+  it('zsh, autoloaded from $fpath or sourced after compinit, completes subcommands and a command\'s options', () => {
+    const script = join(out, '_appshot');
+    const r0 = sb.run(['completion', 'zsh']);
+    expect(r0.code, r0.stderr).toBe(0);
+    writeFileSync(script, r0.stdout);
+    for (const how of ['fpath', 'source']) {
+      // A real interactive zsh on a pseudo-terminal: TAB after each line.
+      const r = spawnSync('zsh', ['-f', join(root, 'test', 'fixtures', 'complete.zsh'), how, script, ...lines], { encoding: 'utf8', timeout: 60_000 });
+      expect(r.status, `${how}: ${r.stderr}`).toBe(0);
+      expect(offers(r.stdout), how).toEqual(expected);
+    }
+  });
+
+  it('fish, sourced, completes subcommands and a command\'s options', () => {
+    const script = join(out, 'appshot.fish');
+    const r0 = sb.run(['completion', 'fish']);
+    expect(r0.code, r0.stderr).toBe(0);
+    writeFileSync(script, r0.stdout);
+    // fish completes a command line it is given (complete -C) as it would
+    // the one being typed.
+    const q = (w: string) => `'${w.replace(/[\\']/g, '\\$&')}'`;
+    const calls = lines.map((line) => `set -l c (complete -C ${q(line)} | string split -f1 \\t); echo "$c"`);
+    const r = spawnSync('fish', ['--no-config', '-c', [`source ${q(script)}`, ...calls].join('\n')], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toBe('');
+    expect(offers(r.stdout)).toEqual(expected);
   });
 
   it('an unknown shell is a usage error', () => {
-    const r = sb.run(['completion', 'fish']);
+    const r = sb.run(['completion', 'tcsh']);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe("appshot: completion for 'fish' is not made: bash or zsh\n");
+    expect(r.stderr).toBe("appshot: completion for 'tcsh' is not made: bash, zsh or fish\n");
   });
 });

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite's prerequisites: Debian packages whose programs the tests
-# run for real (servers, procps, setpriv). As root (CI, a fresh container)
+# run for real (servers, procps, setpriv, the shells whose completion is
+# tested, zstd for .tar.zst images). As root (CI, a fresh container)
 # whatever is missing is installed with apt-get; as anyone else, one line
 # names what is missing and how to install it, and the exit status is 1.
 set -euo pipefail
@@ -21,6 +22,9 @@ declare -A needs=(
   [/usr/bin/psql]=postgresql-client-15
   [/usr/bin/etcd]=etcd-server
   [/usr/bin/etcdctl]=etcd-client
+  [/usr/bin/zsh]=zsh
+  [/usr/bin/fish]=fish
+  [/usr/bin/zstd]=zstd
 )
 
 missing=()

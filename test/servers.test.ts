@@ -137,6 +137,33 @@ function memcached(port: number, text: string, until = /(END|STORED|ERROR)\r\n$/
   });
 }
 
+/** An nginx configuration in its own directory `ngx` (made here), for
+ * nginx run in the foreground by appshot: master as root, 2 workers as
+ * nobody, every temporary path inside `ngx`, one server on 127.0.0.1:port
+ * whose location does `answer`; `http` adds directives to its http block.
+ * Returns the configuration file's path. */
+function nginxConf(ngx: string, port: number, answer: string, http = ''): string {
+  mkdirSync(ngx);
+  const conf = join(ngx, 'nginx.conf');
+  writeFileSync(
+    conf,
+    `user nobody nogroup;
+worker_processes 2;
+daemon off;
+pid ${ngx}/nginx.pid;
+error_log stderr;
+events { worker_connections 64; }
+http {
+  access_log off;${http ? ` ${http}` : ''}
+  client_body_temp_path ${ngx}/body; proxy_temp_path ${ngx}/proxy; fastcgi_temp_path ${ngx}/fcgi;
+  uwsgi_temp_path ${ngx}/uwsgi; scgi_temp_path ${ngx}/scgi;
+  server { listen 127.0.0.1:${port}; location / { ${answer} } }
+}
+`,
+  );
+  return conf;
+}
+
 describe('servers that run as several users', () => {
   it('are installed (the CI installs Debian\'s nginx-light, memcached and postgresql-15)', () => {
     for (const bin of [NGINX, MEMCACHED, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
@@ -146,24 +173,7 @@ describe('servers that run as several users', () => {
   it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {
     const port = base;
     const ngx = join(dir, 'nginx');
-    mkdirSync(ngx);
-    const conf = join(ngx, 'nginx.conf');
-    writeFileSync(
-      conf,
-      `user nobody nogroup;
-worker_processes 2;
-daemon off;
-pid ${ngx}/nginx.pid;
-error_log stderr;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path ${ngx}/body; proxy_temp_path ${ngx}/proxy; fastcgi_temp_path ${ngx}/fcgi;
-  uwsgi_temp_path ${ngx}/uwsgi; scgi_temp_path ${ngx}/scgi;
-  server { listen 127.0.0.1:${port}; location / { return 200 "hello from nginx\\n"; } }
-}
-`,
-    );
+    const conf = nginxConf(ngx, port, 'return 200 "hello from nginx\\n";');
     run(['run', '-d', '--aid', 'ngx', '--', NGINX, '-c', conf]);
     await waitForHttp(port);
     await waitFor(() => processes('ngx').length === 3, 10_000, 'the master and its 2 workers');
@@ -191,25 +201,7 @@ http {
 
   it.runIf(isRoot)('nginx with keep-alive connections open: each carries on after snapshot and restore, without reconnecting', async () => {
     const port = base + 5;
-    const ngx = join(dir, 'nginx-ka');
-    mkdirSync(ngx);
-    const conf = join(ngx, 'nginx.conf');
-    writeFileSync(
-      conf,
-      `user nobody nogroup;
-worker_processes 2;
-daemon off;
-pid ${ngx}/nginx.pid;
-error_log stderr;
-events { worker_connections 64; }
-http {
-  access_log off; keepalive_timeout 300s; keepalive_requests 1000;
-  client_body_temp_path ${ngx}/body; proxy_temp_path ${ngx}/proxy; fastcgi_temp_path ${ngx}/fcgi;
-  uwsgi_temp_path ${ngx}/uwsgi; scgi_temp_path ${ngx}/scgi;
-  server { listen 127.0.0.1:${port}; location / { return 200 "kept $request_uri\n"; } }
-}
-`,
-    );
+    const conf = nginxConf(join(dir, 'nginx-ka'), port, 'return 200 "kept $request_uri\\n";', 'keepalive_timeout 300s; keepalive_requests 1000;');
     run(['run', '-d', '--aid', 'ngka', '--', NGINX, '-c', conf]);
     await waitForHttp(port);
     // Five connections, each with a request answered and left open.

@@ -7,11 +7,11 @@
  * clones run at once, each answering for its own state.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, waitFor, type Entry } from './helpers.js';
+import { makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
@@ -22,14 +22,8 @@ const PORT_MUX = base + 1;
 const CLONES = 8;
 const ipcBefore = systemIpcIds();
 
-/** templates/templfix.rules with its paths and ports put where this test
- * runs the fixture. */
-function fixtureRules(): string {
-  return readFileSync(join(root, 'templates', 'templfix.rules'), 'utf8')
-    .replaceAll('/srv/templfix', ROOT)
-    .replaceAll('7101', String(PORT_ALLOC))
-    .replaceAll('7102', String(PORT_MUX));
-}
+/** templfix's files and rules, where this test runs it. */
+const world: TemplfixWorld = { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc: PORT_ALLOC, portMux: PORT_MUX };
 
 /** One command to templfix on `port`; its one-line answer. */
 const ask = async (port: number, command: string) => (await tcpExchange(port, command + '\n')).trim();
@@ -59,16 +53,7 @@ interface Clone {
 let clones: Clone[] = [];
 const ownPort = (c: Clone) => c.ports.find((p) => p.virtual === PORT_ALLOC)!.system;
 
-beforeAll(async () => {
-  mkdirSync(join(ROOT, 'data'), { recursive: true });
-  mkdirSync(join(ROOT, 'config'), { recursive: true });
-  writeFileSync(join(ROOT, 'data', 'state.txt'), 'template\n');
-  const shared = Buffer.alloc(4096);
-  shared.write('template');
-  writeFileSync(join(ROOT, 'data', 'shared.bin'), shared);
-  writeFileSync(join(ROOT, 'config', 'app.conf'), 'template-config\n');
-  writeFileSync(join(dir, 'templfix.rules'), fixtureRules());
-});
+beforeAll(() => makeTemplfixWorld(world));
 
 afterAll(async () => {
   await sb.dispose();
@@ -77,9 +62,7 @@ afterAll(async () => {
 
 describe('templates and clones', () => {
   it('runs the template application under rules: REDIR PATH and SET ENV apply from the start', async () => {
-    const r = sb.run(['run', '-d', '--aid', 'tpl', '--rules', join(dir, 'templfix.rules'), '--', fixture('templfix'), ROOT, String(PORT_ALLOC), String(PORT_MUX)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => existsSync(join(sb.home, 'apps', 'tpl', 'log')) && readFileSync(join(sb.home, 'apps', 'tpl', 'log'), 'utf8').includes('READY'), 10_000, 'templfix READY');
+    await runTemplfix(sb, 'tpl', world);
     const i = await info(PORT_ALLOC);
     expect(i.home).toBe(join(ROOT, 'home', 'tpl'));
     expect(i.semid).toBe('0');

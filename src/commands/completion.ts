@@ -1,5 +1,5 @@
 /**
- * `appshot completion bash|zsh`: a completion script generated from the
+ * `appshot completion bash|zsh|fish`: a completion script generated from the
  * command tree itself, so that a new command or option is completed
  * without anyone remembering to add it here.
  */
@@ -92,25 +92,63 @@ _appshot() {
     _files
   fi
 }
-if [[ "\${zsh_eval_context[-1]}" == loadautoload ]]; then _appshot "$@"; else compdef _appshot appshot; fi
+# Autoloaded from $fpath (the file is then _appshot's body): complete now,
+# as the first TAB asked; sourced: register with compinit.
+if [[ "\${zsh_eval_context[-1]}" == loadautofunc ]]; then _appshot "$@"; else compdef _appshot appshot; fi
+`;
+}
+
+/** fish: one `complete` line per command for its subcommands and per
+ * option, each under the condition that the words so far name that
+ * command (__appshot_at). */
+function fishScript(nodes: Node[]): string {
+  const q = (w: string) => `'${w.replace(/[\\']/g, '\\$&')}'`;
+  const lines: string[] = [];
+  for (const n of nodes) {
+    const at = `-n ${q(`__appshot_at ${q(n.path)}`)}`;
+    if (n.subcommands.length) lines.push(`complete -c appshot -f ${at} -a ${q(quote(n.subcommands))}`);
+    for (const o of n.options) {
+      if (o.startsWith('--')) lines.push(`complete -c appshot ${at} -l ${o.slice(2)}`);
+      else lines.push(`complete -c appshot ${at} -s ${o.slice(1)}`);
+    }
+  }
+  return `# appshot completion for fish. Install:
+#   appshot completion fish > ~/.config/fish/completions/appshot.fish   (or: appshot completion fish | source)
+set -g __appshot_commands ${nodes.filter((n) => n.path).map((n) => q(n.path)).join(' ')}
+# Whether the words so far (options skipped) name the command $argv[1].
+function __appshot_at
+    set -l cmd ''
+    for w in (commandline -opc)[2..-1]
+        string match -q -- '-*' $w; and continue
+        set -l next $w
+        test -n "$cmd"; and set next "$cmd $w"
+        contains -- $next $__appshot_commands; or break
+        set cmd $next
+    end
+    test "$cmd" = "$argv[1]"
+end
+complete -c appshot -e
+${lines.join('\n')}
 `;
 }
 
 export function registerCompletion(program: Command): void {
   program
     .command('completion')
-    .description('print a shell completion script (commands, subcommands, options) for bash or zsh')
-    .argument('<shell>', 'bash or zsh')
+    .description('print a shell completion script (commands, subcommands, options) for bash, zsh or fish')
+    .argument('<shell>', 'bash, zsh or fish')
     .addHelpText(
       'after',
       '\nExamples:\n  source <(appshot completion bash)              this shell\n' +
         '  appshot completion bash > /etc/bash_completion.d/appshot\n' +
-        '  appshot completion zsh > "${fpath[1]}/_appshot"',
+        '  appshot completion zsh > "${fpath[1]}/_appshot"\n' +
+        '  appshot completion fish > ~/.config/fish/completions/appshot.fish',
     )
     .action((shell: string) => {
       const nodes = walk(program, '', []);
       if (shell === 'bash') process.stdout.write(bashScript(nodes));
       else if (shell === 'zsh') process.stdout.write(zshScript(nodes));
-      else throw new AppshotError(`completion for '${shell}' is not made: bash or zsh`, ExitCode.usage);
+      else if (shell === 'fish') process.stdout.write(fishScript(nodes));
+      else throw new AppshotError(`completion for '${shell}' is not made: bash, zsh or fish`, ExitCode.usage);
     });
 }

@@ -14,7 +14,7 @@ import { printJson } from './json.js';
 
 export interface ImageEntry {
   path: string;
-  /** image: a directory; file: a .tar/.tar.gz stream file (not opened:
+  /** image: a directory; file: a .tar/.tar.gz/.tar.zst stream file (not opened:
    * listing would unpack it); template: an image with template.pb. */
   type: 'image' | 'template' | 'file';
   /** The AID of the application it was taken of. */
@@ -38,7 +38,7 @@ export interface ImagesResult {
   images: ImageEntry[];
 }
 
-const STREAM_FILE = /\.(tar|tar\.gz|tgz)$/;
+const STREAM_FILE = /\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/;
 
 /** Bytes of every regular file under `dir` (an image's parts, a template's
  * private copies), without following links. */
@@ -147,7 +147,7 @@ export function registerImages(program: Command): void {
     .option('-q, --quiet', 'only the paths')
     .addHelpText(
       'after',
-      '\nEach directory entry that is an image, a template or a .tar/.tar.gz image file is listed with\n' +
+      '\nEach directory entry that is an image, a template or a .tar/.tar.gz/.tar.zst image file is listed with\n' +
         'the application it was taken of, when, its size on disk, and the image an incremental one builds\n' +
         'on. Stream files are not opened (listing would unpack them). An entry that is not a well-formed\n' +
         'image is listed with what is wrong with it.\n\nExamples:\n  appshot images\n  appshot images ~/snapshots /srv/templates --json',

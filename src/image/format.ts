@@ -36,6 +36,7 @@ import { pipeline as pipelineCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
+import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageWriter } from '../native.js';
@@ -227,40 +228,53 @@ function writeFailure(dest: string, e: unknown): Error {
 
 /**
  * What `-o PATH` asks for: a directory (no tar extension), a tar file, or
- * a gzip-compressed one. zstd is refused, not guessed at: Node 20 has no
- * zstd of its own and the npm bindings fetch prebuilt binaries at install
- * time (README, "Image files").
+ * a compressed one: gzip (Node's zlib) or zstd (the zstd program, see
+ * zstd.ts; refused by name, before anything is frozen, without it).
  */
-export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' {
+export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' | 'zstd' {
   if (/\.(tar\.gz|tgz)$/.test(path)) return 'gzip';
   if (/\.tar$/.test(path)) return 'tar';
-  if (/\.(tar\.zst|tzst)$/.test(path))
-    throw new AppshotError(`${path}: appshot writes tar and gzip (.tar, .tar.gz), not zstd; compress afterwards with zstd, or use .tar.gz`, ExitCode.usage);
+  if (/\.(tar\.zst|tzst)$/.test(path)) {
+    requireZstd(path);
+    return 'zstd';
+  }
   return 'dir';
 }
 
-/** Writes the image as a tar file at `dest`, gzip-compressed if asked:
+/** Writes the image as a tar file at `dest`, compressed if asked:
  * assembled under a hidden name beside it (journaled, see partial.ts),
  * synced, then linked into place, which never replaces a file that
  * appeared meanwhile. */
-export async function commitImageFile(dest: string, gzip: boolean, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
+export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = join(partial.path, 'image.tar');
   try {
     const fd = openSync(tmp, 'wx', 0o644);
-    const file = createWriteStream('', { fd, autoClose: false });
-    // Fastest level: the application stays frozen while its image is
-    // written (unless --leave-running); pages compress well even so.
-    const compressor = gzip ? createGzip({ level: zlibConstants.Z_BEST_SPEED }) : undefined;
-    const written = compressor ? pipeline(compressor, file) : undefined;
+    // The tar stream goes into `input`; `written` settles once the file
+    // has all of it. Fastest gzip level: the application stays frozen
+    // while its image is written (unless --leave-running); pages compress
+    // well even so (zstd's default level is faster still).
+    let input: NodeJS.WritableStream;
+    let written: Promise<void> | undefined;
+    if (compression === 'zstd') {
+      ({ input, done: written } = zstdCompressTo(fd, dest));
+    } else {
+      const file = createWriteStream('', { fd, autoClose: false });
+      const gzip = compression === 'gzip' ? createGzip({ level: zlibConstants.Z_BEST_SPEED }) : undefined;
+      input = gzip ?? file;
+      written = gzip ? pipeline(gzip, file) : undefined;
+    }
     written?.catch(() => {}); // awaited below, reported by streamImageTar's failure first
     try {
-      await streamImageTar(compressor ?? file, image, pages, pagesPart, imageId);
+      await streamImageTar(input, image, pages, pagesPart, imageId);
       await written;
       fsyncSync(fd);
     } catch (e) {
-      throw writeFailure(dest, e);
+      // A failed stream closes zstd's input, and zstd exits: its own
+      // failure (a full disk...) says more than the EPIPE it caused here.
+      const zstdFailure = compression === 'zstd' ? await written!.then(() => undefined, (z: unknown) => z) : undefined;
+      throw writeFailure(dest, zstdFailure ?? e);
     } finally {
       closeSync(fd);
     }
@@ -339,21 +353,53 @@ const CHUNK = 1 << 20;
 
 /** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
  * grows while it is read is read no further), a MiB at a time. */
-export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
-  const hash = createHash('sha256');
-  const buf = Buffer.allocUnsafe(CHUNK);
-  let crc = 0;
-  let size = 0;
-  while (size < limit) {
-    const n = readSync(fd, buf, 0, Math.min(CHUNK, limit - size), size);
-    if (n === 0) break;
-    const piece = buf.subarray(0, n);
-    crc = addon().crc32c(piece, crc);
-    hash.update(piece);
-    size += n;
-    onBytes?.(n);
+class PartHasher {
+  private readonly hash = createHash('sha256');
+  private readonly buf = Buffer.allocUnsafe(CHUNK);
+  private crc = 0;
+  private size = 0;
+  constructor(
+    private readonly fd: number,
+    private readonly limit: number,
+    private readonly onBytes?: (n: number) => void,
+  ) {}
+  /** Reads and hashes the next piece; false once there is none. */
+  step(): boolean {
+    if (this.size >= this.limit) return false;
+    const n = readSync(this.fd, this.buf, 0, Math.min(CHUNK, this.limit - this.size), this.size);
+    if (n === 0) return false;
+    const piece = this.buf.subarray(0, n);
+    this.crc = addon().crc32c(piece, this.crc);
+    this.hash.update(piece);
+    this.size += n;
+    this.onBytes?.(n);
+    return true;
   }
-  return { size, crc, sha256: hash.digest() };
+  result(): PartDigest {
+    return { size: this.size, crc: this.crc, sha256: this.hash.digest() };
+  }
+}
+
+export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
+  const hasher = new PartHasher(fd, limit, onBytes);
+  while (hasher.step());
+  return hasher.result();
+}
+
+/** Pieces hashed between two turns of the event loop (64 MiB). */
+const PIECES_PER_TURN = 64;
+
+/** digestFd, letting the event loop turn every 64 MiB so that Ctrl-C is
+ * heard while a large page file is checked (seconds per GiB): once
+ * `signal` is aborted, it gives up with the signal's reason. */
+async function digestFdInterruptibly(fd: number, limit: number, onBytes: ((n: number) => void) | undefined, signal: AbortSignal): Promise<PartDigest> {
+  const hasher = new PartHasher(fd, limit, onBytes);
+  for (let pieces = 1; hasher.step(); pieces++) {
+    if (pieces % PIECES_PER_TURN) continue;
+    await new Promise((resolve) => setImmediate(resolve));
+    signal.throwIfAborted();
+  }
+  return hasher.result();
 }
 
 function digestBuffer(data: Buffer): PartDigest {
@@ -487,8 +533,8 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
   });
 }
 
-/** A tar file's stream, uncompressed if it is gzip (told by its magic
- * number, whatever its name). */
+/** A tar file's stream, uncompressed if it is gzip or zstd (told by its
+ * magic number, whatever its name). */
 function openImageFile(path: string): NodeJS.ReadableStream {
   const head = Buffer.alloc(4);
   const fd = openSync(path, 'r');
@@ -498,8 +544,14 @@ function openImageFile(path: string): NodeJS.ReadableStream {
   } finally {
     closeSync(fd);
   }
-  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528)
-    throw new AppshotError(`${path} is compressed with zstd, which appshot does not read: unpack it first (zstd -d)`);
+  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) {
+    const zfd = openSync(path, 'r');
+    try {
+      return zstdDecompressFrom(zfd, path);
+    } finally {
+      closeSync(zfd); // zstd has its own
+    }
+  }
   const file = createReadStream(path);
   if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
   // Errors of either stream end the last one, which extractTar reports.
@@ -549,6 +601,9 @@ export interface LoadOptions {
    * checked (a progress display: checking a large image takes seconds). */
   onPagesSize?: (size: number) => void;
   onBytes?: (n: number) => void;
+  /** Aborted (Ctrl-C): checking the page data is given up, and loadImage
+   * fails with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
@@ -614,8 +669,11 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
         else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
         else {
-          if (part.name === PARTS.pages) opts.onPagesSize?.(size);
-          d = digestFd(fd, size, part.name === PARTS.pages ? opts.onBytes : undefined);
+          const pages = part.name === PARTS.pages;
+          if (pages) opts.onPagesSize?.(size);
+          if (pages) killPoint('image: checking pages');
+          d = opts.signal && pages ? await digestFdInterruptibly(fd, size, opts.onBytes, opts.signal) : digestFd(fd, size, pages ? opts.onBytes : undefined);
+          if (pages) killPoint('image: pages checked');
         }
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
         if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);

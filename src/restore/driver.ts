@@ -146,16 +146,21 @@ class ProgressMeter {
   }
 }
 
-/** The image and its parents, newest first. */
-async function loadChain(path: string, meter: ProgressMeter): Promise<LoadedImage[]> {
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n) };
-  const chain = [await loadImage(path, hooks)];
+/** The image and its parents, newest first. Ctrl-C while their page data
+ * is checked (seconds per GiB) ends it at once. */
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal): Promise<LoadedImage[]> {
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal };
+  const interrupted = (e: unknown) => {
+    throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
+  };
+  const chain = [await loadImage(path, hooks).catch(interrupted)];
   try {
     for (;;) {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
-      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch((e: Error) => {
+      const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch(interrupted).catch((e: Error) => {
+        if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
       });
       chain.push(loaded);
@@ -220,7 +225,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const started = now();
   const injectedBefore = injected.calls;
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
-  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter);
+  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter, opts.signal);
   const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
@@ -249,7 +254,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     killPoint(`restore: ${what}`);
   };
   try {
-    if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+    // Ctrl-C is heard only between the steps that run synchronously (a
+    // page file checked, a process's memory copied): at each of these
+    // points, a turn of the event loop lets its handler run.
+    const heardInterrupt = async () => {
+      if (!opts.signal) return;
+      await new Promise((resolve) => setImmediate(resolve));
+      if (opts.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+    };
+    await heardInterrupt();
     if (!opts.loaded) verifyImage(image);
     // The privilege rule, before anything is made: nothing the image
     // recorded beyond what this user may grant.
@@ -451,10 +464,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('tree made');
     for (const m of made) {
       const p = m.proc;
-      // A turn of the event loop, so that Ctrl-C is heard.
-      if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
-      if (opts.signal?.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+      await heardInterrupt();
       const r = fillMemory(m);
+      // A large copy takes seconds: not to be continued if Ctrl-C came.
+      await heardInterrupt();
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler
@@ -501,6 +514,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    // The last point where an interrupted restore is given up: after it,
+    // connections go live and the commit keeps the application.
+    await heardInterrupt();
     handed.tcp.release();
     handed.kept.finish();
     handed.close();

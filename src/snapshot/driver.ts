@@ -420,7 +420,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const toStream = opts.output === '-';
   const output = toStream ? '-' : resolve(opts.output);
-  // -o x.tar / x.tar.gz: a file holding the stream, not a directory.
+  // -o x.tar / x.tar.gz / x.tar.zst: a file holding the stream, not a directory.
   const fileKind = toStream ? 'dir' : imageFileKind(output);
   const toFile = fileKind !== 'dir';
   const commit = async (image: Image, pages: PageWriter, part: { size: number; crc: number }, imageId: string, base?: Base) => {
@@ -439,7 +439,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         standardOutput.carriesImage = false;
       }
     }
-    else if (toFile) await commitImageFile(output, fileKind === 'gzip', image, pages, part, imageId);
+    else if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId);
     else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
   };
   if (!toStream) {
