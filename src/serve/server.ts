@@ -8,21 +8,23 @@
  * no exit), so that the resident engine can own one later; the CLI's
  * `serve` command is a thin shell around it.
  *
- * Forwarding is a proxy in this process: two sockets piped both ways (pipe
- * gives backpressure: a slow reader pauses the other side). The
- * specification's alternative, handing the accepted socket to the instance
- * (SCM_RIGHTS into a process of the application, or the instance taking
- * over the public port), saves a copy per byte, but it needs a channel into
- * a restored application that does not exist yet and an instance that
- * accepts on a socket it did not create; the proxy works with any server
+ * Forwarding (forwarder.ts) is a native thread that shuttles the bytes of
+ * every forwarded connection; this module only decides where each goes and
+ * hears when it opened, was refused or closed. The specification's
+ * alternative, handing the accepted socket to the instance (SCM_RIGHTS
+ * into a process of the application, or the instance taking over the
+ * public port), saves a copy per byte, but it needs a channel into a
+ * restored application that does not exist yet and an instance that
+ * accepts on a socket it did not create; forwarding works with any server
  * today. bench/serve.js measures what it costs.
  */
 import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { LocalRegistry, isEnded } from '../registry.js';
+import { Forwarder } from './forwarder.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
 import { type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
@@ -177,56 +179,47 @@ class Service {
     const target = inst.ports.get(h.port.public)!;
     inst.active++;
     inst.lastActive = this.host.clock.now();
-    const up = connect({ port: target.system, host: '127.0.0.1', allowHalfOpen: true });
-    let connected = false;
-    let closed = 0;
-    const done = () => {
-      if (++closed < 2) return;
-      inst.active--;
-      inst.lastActive = this.host.clock.now();
-      this.host.metrics?.active.dec({ service: this.name });
-      this.pump();
-    };
-    up.once('connect', () => {
-      connected = true;
-      const heldMs = Number(process.hrtime.bigint() - h.since) / 1e6;
-      this.host.metrics?.heldSeconds.observe({ service: this.name }, heldMs / 1000);
-      this.host.metrics?.connections.inc({ service: this.name, outcome: 'forwarded' });
-      this.host.metrics?.active.inc({ service: this.name });
-      this.translations.push({
-        at: new Date().toISOString(),
-        client: `${h.socket.remoteAddress}:${h.socket.remotePort}`,
-        public: h.port.public,
-        instance: inst.aid,
-        port: target.system,
-        heldMs: Math.round(heldMs * 1000) / 1000,
-      });
-      if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
-      h.socket.pipe(up);
-      up.pipe(h.socket);
-      h.socket.on('close', done);
-      up.on('close', done);
-      h.socket.on('error', () => up.destroy());
-      up.on('error', () => h.socket.destroy());
-      h.socket.resume();
-    });
-    up.once('error', (e: NodeJS.ErrnoException) => {
-      if (connected) return;
-      inst.active--;
-      // Refused: the instance died (crash) or is not listening yet. The
-      // client has been told nothing: it goes back to the head of the line.
-      h.tries++;
-      const dead = !this.alive(inst);
-      if (dead) this.crashed(inst, `connect: ${e.code ?? e.message}`);
-      if (h.tries > 20) {
-        this.log('give-up', { instance: inst.aid, port: target.system, error: e.code ?? e.message });
-        this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
-        h.socket.destroy();
-        return;
-      }
-      this.held.unshift(h);
-      if (dead) this.pump();
-      else setTimeout(() => this.pump(), 20 * h.tries);
+    this.host.forwarder.forward(h.socket, target.system, {
+      connected: (at) => {
+        const heldMs = Number(at - h.since) / 1e6;
+        this.host.metrics?.heldSeconds.observe({ service: this.name }, heldMs / 1000);
+        this.host.metrics?.connections.inc({ service: this.name, outcome: 'forwarded' });
+        this.host.metrics?.active.inc({ service: this.name });
+        this.translations.push({
+          at: new Date().toISOString(),
+          client: `${h.socket.remoteAddress}:${h.socket.remotePort}`,
+          public: h.port.public,
+          instance: inst.aid,
+          port: target.system,
+          heldMs: Math.round(heldMs * 1000) / 1000,
+        });
+        if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+      },
+      closed: (bytes) => {
+        inst.active--;
+        inst.lastActive = this.host.clock.now();
+        this.host.metrics?.active.dec({ service: this.name });
+        this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-instance' }, bytes.toInstance);
+        this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-client' }, bytes.toClient);
+        this.pump();
+      },
+      refused: (code) => {
+        inst.active--;
+        // Refused: the instance died (crash) or is not listening yet. The
+        // client has been told nothing: it goes back to the head of the line.
+        h.tries++;
+        const dead = !this.alive(inst);
+        if (dead) this.crashed(inst, `connect: ${code}`);
+        if (h.tries > 20) {
+          this.log('give-up', { instance: inst.aid, port: target.system, error: code });
+          this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
+          h.socket.destroy();
+          return;
+        }
+        this.held.unshift(h);
+        if (dead) this.pump();
+        else setTimeout(() => this.pump(), 20 * h.tries);
+      },
     });
   }
 
@@ -461,6 +454,8 @@ export class ServeHost {
   private readonly services: Service[] = [];
   private timer: NodeJS.Timeout | undefined;
   private metricsServer: HttpServer | undefined;
+  /** Moves the bytes of every forwarded connection (forwarder.ts). */
+  readonly forwarder = new Forwarder();
 
   constructor(
     specs: ServiceSpec[],

@@ -1,0 +1,130 @@
+/**
+ * How the front door moves a connection's bytes once it has chosen an
+ * instance (the choice, the records and the retries stay in server.ts).
+ *
+ * The native path (addon/src/forward.c): the accepted socket's descriptor
+ * is duplicated into a thread that connects to the instance (non-blocking,
+ * at once) and shuttles bytes with epoll, read and write; this thread hears
+ * only the connect, a refusal or the close, one wake-up per batch. A proxy
+ * of two piped Node sockets woke this event loop for the connect and for
+ * every chunk each way and added ~140-180 µs at p50 to connect() → first
+ * byte (bench/serve.js (b) − (a)); see the commit that made this for the
+ * figures. The Node proxy remains for a socket without a descriptor to
+ * hand over and for when the thread is not ours (another worker thread of
+ * the process has it).
+ *
+ * Handing the accepted socket itself to the instance (SCM_RIGHTS, the
+ * specification's port translation) would save the copy too, but needs the
+ * instance's own accept() to return a socket it did not accept: a channel
+ * into restored applications and an accept the preload library fakes.
+ */
+import { connect, type Socket } from 'node:net';
+import { constants } from 'node:os';
+import { addon } from '../native.js';
+
+/** What becomes of one forwarded connection. Exactly one of refused or
+ * closed is called; connected comes before closed. */
+export interface ForwardEnds {
+  /** The instance accepted; at: process.hrtime.bigint()'s clock, in ns. */
+  connected(at: bigint): void;
+  /** The instance refused (or could not be reached): nothing was read from
+   * or written to the client, whose socket is the caller's again. */
+  refused(code: string): void;
+  closed(bytes: { toInstance: number; toClient: number }): void;
+}
+
+const FWD_CONNECTED = 1;
+const FWD_REFUSED = 2;
+/** Numbers per event in a batch (addon_forward.cc). */
+const FIELDS = 6;
+
+const errnoNames = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
+const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
+
+interface NativeForward {
+  forwardInit(onEvents: (events: Float64Array) => void): void;
+  forwardConnect(fd: number, port: number, id: number): number;
+}
+
+export class Forwarder {
+  private readonly native: NativeForward | undefined;
+  private readonly open = new Map<number, { socket: Socket; ends: ForwardEnds }>();
+  private seq = 0;
+
+  constructor() {
+    const a = addon() as unknown as Partial<NativeForward>;
+    if (typeof a.forwardInit !== 'function' || typeof a.forwardConnect !== 'function') return;
+    try {
+      a.forwardInit((events) => this.dispatch(events));
+      this.native = a as NativeForward;
+    } catch {
+      // The thread is the process's one, and another worker thread has
+      // it (or it could not start): the Node proxy does the work.
+    }
+  }
+
+  /** Forwards a paused, never-read client socket to 127.0.0.1:port. */
+  forward(socket: Socket, port: number, ends: ForwardEnds): void {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
+    const id = (this.seq = (this.seq + 1) >>> 0);
+    const rc = this.native.forwardConnect(fd, port, id);
+    if (rc < 0) {
+      // Told at once (no descriptor left, refused on the spot): told as the
+      // thread would tell it, later, not inside the caller's loop.
+      setImmediate(() => ends.refused(errnoName(-rc)));
+      return;
+    }
+    this.open.set(id, { socket, ends });
+    // Over loopback the connect is usually done on return (forward.c).
+    if (rc === 1) this.connected({ socket, ends }, process.hrtime.bigint());
+  }
+
+  private connected(c: { socket: Socket; ends: ForwardEnds }, at: bigint): void {
+    c.ends.connected(at);
+    // The thread holds its own descriptor of the client's socket; ours goes
+    // (a close of one descriptor is no shutdown: the client sees nothing).
+    c.socket.destroy();
+  }
+
+  private dispatch(events: Float64Array): void {
+    for (let i = 0; i < events.length; i += FIELDS) {
+      const id = events[i];
+      const c = this.open.get(id);
+      if (!c) continue;
+      const kind = events[i + 1];
+      if (kind === FWD_CONNECTED) {
+        this.connected(c, BigInt(events[i + 5]));
+        continue;
+      }
+      this.open.delete(id);
+      if (kind === FWD_REFUSED) c.ends.refused(errnoName(events[i + 2]));
+      else c.ends.closed({ toInstance: events[i + 3], toClient: events[i + 4] });
+    }
+  }
+}
+
+/** Two Node sockets piped both ways (pipe gives backpressure). */
+function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): void {
+  const up = connect({ port, host: '127.0.0.1', allowHalfOpen: true, noDelay: true });
+  let connected = false;
+  let closed = 0;
+  const done = () => {
+    if (++closed === 2) ends.closed({ toInstance: up.bytesWritten, toClient: up.bytesRead });
+  };
+  up.once('connect', () => {
+    connected = true;
+    ends.connected(process.hrtime.bigint());
+    socket.setNoDelay(true);
+    socket.pipe(up);
+    up.pipe(socket);
+    socket.on('close', done);
+    up.on('close', done);
+    socket.on('error', () => up.destroy());
+    up.on('error', () => socket.destroy());
+    socket.resume();
+  });
+  up.once('error', (e: NodeJS.ErrnoException) => {
+    if (!connected) ends.refused(e.code ?? e.message);
+  });
+}
