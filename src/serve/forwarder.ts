@@ -48,6 +48,10 @@ interface NativeForward {
 
 export class Forwarder {
   private readonly native: NativeForward | undefined;
+  /** Which path moves the bytes (tests make sure it is the native one). */
+  get path(): 'native' | 'node' {
+    return this.native ? 'native' : 'node';
+  }
   private readonly open = new Map<number, { socket: Socket; ends: ForwardEnds }>();
   private seq = 0;
 
