@@ -24,11 +24,23 @@ struct Forwarder {
   // Connections started and not yet refused or closed; while there are
   // any the channel keeps Node's event loop alive, as open sockets would.
   uint32_t live = 0;
+  // Listeners the thread accepts on: like Node's own servers, they keep
+  // the event loop alive.
+  uint32_t listening = 0;
 };
+
+void Hold(Napi::Env env, Forwarder* f, int delta_live, int delta_listening) {
+  bool before = f->live + f->listening > 0;
+  f->live += delta_live;
+  f->listening += delta_listening;
+  bool after = f->live + f->listening > 0;
+  if (before && !after) f->tsfn.Unref(env);
+  if (!before && after) f->tsfn.Ref(env);
+}
 Forwarder* forwarder = nullptr;
 
 // Numbers per event in the Float64Array handed to JS (forwarder.ts).
-constexpr int kFields = 6;
+constexpr int kFields = 11;
 
 // On the forwarding thread: copies the batch and queues it for JS. A
 // closing channel (Node exiting) drops it: nobody is left to hear.
@@ -49,7 +61,13 @@ void Report(void* ctx, const fwd_event* events, int n) {
       values[i++] = static_cast<double>(e.to_instance);
       values[i++] = static_cast<double>(e.to_client);
       values[i++] = static_cast<double>(e.at_ns);  // exact below 2^53 ns: 104 days of uptime
-      if (e.kind != FWD_CONNECTED && --forwarder->live == 0) forwarder->tsfn.Unref(env);
+      values[i++] = e.lid;
+      values[i++] = e.fd;
+      values[i++] = e.peer_ip;
+      values[i++] = e.peer_port;
+      values[i++] = e.port;
+      if (e.kind == FWD_FORWARDED) Hold(env, forwarder, 1, 0);
+      if (e.kind == FWD_REFUSED || e.kind == FWD_CLOSED) Hold(env, forwarder, -1, 0);
     }
     delete batch;
     callback.Call({values});
@@ -100,8 +118,37 @@ Napi::Value ForwardConnect(const Napi::CallbackInfo& info) {
   uint32_t id = info[2].As<Napi::Number>().Uint32Value();
   if (port == 0 || port > 65535) return Napi::Number::New(env, -EINVAL);
   int rc = fwd_connect(forwarder->loop, fd, static_cast<uint16_t>(port), id);
-  if (rc >= 0 && forwarder->live++ == 0) forwarder->tsfn.Ref(env);
+  if (rc >= 0) Hold(env, forwarder, 1, 0);
   return Napi::Number::New(env, rc);
+}
+
+// forwardListen(fd, lid) -> 0 or -errno: the thread accepts on a duplicate
+// of the listening socket fd from now on (the caller closes its own).
+Napi::Value ForwardListen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return Napi::Number::New(env, -EINVAL);
+  int rc = fwd_listen(forwarder->loop, info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Uint32Value());
+  if (rc == 0) Hold(env, forwarder, 0, 1);
+  return Napi::Number::New(env, rc);
+}
+
+// forwardRoute(lid, port, capacity, seen) -> connections forwarded under
+// the grant that Node has not heard of yet (fwd_route).
+Napi::Value ForwardRoute(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return Napi::Number::New(env, -EINVAL);
+  auto u32 = [&](int i) { return info[i].As<Napi::Number>().Uint32Value(); };
+  int64_t rc = fwd_route(forwarder->loop, u32(0), static_cast<uint16_t>(u32(1)), u32(2), u32(3));
+  return Napi::Number::New(env, static_cast<double>(rc));
+}
+
+// forwardUnlisten(lid): the thread stops accepting on it.
+Napi::Value ForwardUnlisten(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return env.Undefined();
+  fwd_unlisten(forwarder->loop, info[0].As<Napi::Number>().Uint32Value());
+  Hold(env, forwarder, 0, -1);
+  return env.Undefined();
 }
 
 }  // namespace
@@ -109,6 +156,9 @@ Napi::Value ForwardConnect(const Napi::CallbackInfo& info) {
 void RegisterForward(Napi::Env env, Napi::Object exports) {
   exports.Set("forwardInit", Napi::Function::New(env, ForwardInit));
   exports.Set("forwardConnect", Napi::Function::New(env, ForwardConnect));
+  exports.Set("forwardListen", Napi::Function::New(env, ForwardListen));
+  exports.Set("forwardRoute", Napi::Function::New(env, ForwardRoute));
+  exports.Set("forwardUnlisten", Napi::Function::New(env, ForwardUnlisten));
 }
 
 }  // namespace appshot

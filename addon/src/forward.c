@@ -32,6 +32,10 @@
 
 #define FWD_BUF 16384
 #define FWD_BATCH 64
+// Reports per wake-up: two per connection event at most, and what the
+// listeners' accepts add (they stop at this bound: level-triggered, they
+// are taken up again at the next wake-up).
+#define FWD_OUT (FWD_BATCH * 4)
 
 struct fwd_half {
   uint32_t off, len;  // pending bytes: buf[off, off + len)
@@ -64,6 +68,8 @@ struct fwd_conn {
   struct fwd_conn *next_dead;
 };
 
+struct fwd_listener;
+
 struct fwd_loop {
   int epfd;
   int wakefd;  // eventfd: fwd_loop_stop's and fwd_connect's knock
@@ -76,6 +82,8 @@ struct fwd_loop {
   pthread_mutex_t lock;
   struct fwd_conn *live;
   struct fwd_conn *doomed;  // for the thread to free (under lock)
+  struct fwd_listener *listeners;  // kept until fwd_loop_stop (under lock)
+  uint32_t next_id;  // of connections the thread accepts (thread only)
 };
 
 static uint64_t now_ns(void) {
@@ -153,19 +161,18 @@ static int pump(struct fwd_loop *loop, struct fwd_conn *c, int d) {
   }
 }
 
-int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id) {
-  struct fwd_conn *c = calloc(1, sizeof *c);
-  if (!c) return -ENOMEM;
-  c->id = id;
+// Connects a new socket to the instance (c->fd[1]) and registers both of
+// c's sockets. 1: connected, and what the client had sent is on its way;
+// 0: connecting (only if may_wait; the thread finishes it). -errno: nothing
+// registered, fd[1] closed, fd[0] still the caller's, c too; unless
+// *consumed: the registration failed half-way and the thread frees c
+// (both descriptors closed).
+static int start(struct fwd_loop *loop, struct fwd_conn *c, uint16_t port, int may_wait, int *consumed) {
+  *consumed = 0;
   c->state = FWD_SETUP;
-  c->fd[0] = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
   c->fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   int err = 0;
-  if (c->fd[0] < 0 || c->fd[1] < 0) {
-    err = errno;
-    goto fail;
-  }
-  // The duplicate shares Node's file description, already non-blocking.
+  if (c->fd[1] < 0) return -errno;
   // No Nagle delay on either side: a reply written in two pieces would
   // otherwise wait for an ACK.
   set_nodelay(c->fd[0]);
@@ -188,6 +195,9 @@ int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id
     if (!err && (pfd.revents & (POLLERR | POLLHUP))) err = ECONNREFUSED;
     if (err) goto fail;
     done = 1;
+  } else if (!may_wait) {
+    err = EINPROGRESS;
+    goto fail;
   }
   c->out_armed[1] = !done;  // the connect's completion is an EPOLLOUT
   pthread_mutex_lock(&loop->lock);
@@ -204,6 +214,7 @@ int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id
     if (write(loop->wakefd, &one, sizeof one) < 0) {
       // Freed at the thread's next wake-up instead.
     }
+    *consumed = 1;
     return -err;
   }
   c->next = loop->live;
@@ -224,9 +235,97 @@ int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id
   pthread_mutex_unlock(&loop->lock);
   return done;
 fail:
-  release_fds(loop, c);
-  free(c);
+  close(c->fd[1]);
+  c->fd[1] = -1;
   return -err;
+}
+
+int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id) {
+  struct fwd_conn *c = calloc(1, sizeof *c);
+  if (!c) return -ENOMEM;
+  c->id = id;
+  c->fd[1] = -1;
+  // The duplicate shares Node's file description, already non-blocking.
+  c->fd[0] = fcntl(client_fd, F_DUPFD_CLOEXEC, 0);
+  if (c->fd[0] < 0) {
+    int err = errno;
+    free(c);
+    return -err;
+  }
+  int consumed;
+  int rc = start(loop, c, port, 1, &consumed);
+  if (rc < 0 && !consumed) {
+    close(c->fd[0]);
+    free(c);
+  }
+  return rc;
+}
+
+// The listening sockets the thread accepts on itself (fwd_listen).
+struct fwd_listener {
+  int fd;
+  uint32_t lid;
+  // Granted by Node (fwd_route): connections it may send to port without
+  // asking, and how many it did in all (Node counts those it heard of).
+  uint16_t port;
+  uint32_t credit;
+  uint32_t forwarded;
+  struct fwd_listener *next;
+};
+
+// Accepts what is waiting on l. Each connection goes at once to the
+// instance Node named while Node's grant lasts (FWD_FORWARDED), else to
+// Node itself (FWD_ACCEPTED, with the descriptor), which holds it and
+// decides. Called on the thread.
+static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_event *out, int room, uint32_t *next_id) {
+  int n = 0;
+  while (n < room) {
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof peer;
+    // Under the lock: fwd_unlisten closes l->fd under it too, so this never
+    // accepts on a descriptor number that has been closed and reused.
+    pthread_mutex_lock(&loop->lock);
+    int fd = l->fd < 0 ? -1 : accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int accept_err = errno;
+    uint16_t port = fd >= 0 && l->credit ? l->port : 0;
+    if (port) l->credit--, l->forwarded++;
+    pthread_mutex_unlock(&loop->lock);
+    if (fd < 0) {
+      if (l->fd >= 0 && (accept_err == EINTR || accept_err == ECONNABORTED)) continue;
+      // EAGAIN (all taken), or EMFILE and the like: the listener is
+      // level-triggered, the next wake-up tries again.
+      break;
+    }
+    struct fwd_event ev = {.id = (*next_id)++ | 0x80000000u, .lid = l->lid, .at_ns = now_ns(),
+                           .peer_ip = ntohl(peer.sin_addr.s_addr), .peer_port = ntohs(peer.sin_port)};
+    struct fwd_conn *c = port ? calloc(1, sizeof *c) : NULL;
+    int rc = -1, consumed = 0;
+    if (c) {
+      c->id = ev.id;
+      c->fd[0] = fd;
+      // Only a connect done on the spot counts: one still under way is
+      // Node's to decide about (it would be refused or retried there).
+      rc = start(loop, c, port, 0, &consumed);
+    }
+    if (rc == 1) {
+      ev.kind = FWD_FORWARDED;
+      ev.port = port;
+    } else {
+      if (port) {
+        // Granted but not forwarded: the grant is given back.
+        pthread_mutex_lock(&loop->lock);
+        l->forwarded--;
+        l->credit++;
+        pthread_mutex_unlock(&loop->lock);
+      }
+      if (consumed) continue;  // registration failed: the client is closed
+      free(c);
+      ev.kind = FWD_ACCEPTED;
+      ev.fd = fd;
+    }
+    out[n++] = ev;
+  }
+  return n;
 }
 
 // Both ways ended cleanly: the instance has closed its side and everything
@@ -261,7 +360,7 @@ static void finish(struct fwd_loop *loop, struct fwd_conn *c, struct fwd_conn **
 static void *fwd_thread(void *arg) {
   struct fwd_loop *loop = arg;
   struct epoll_event evs[FWD_BATCH];
-  struct fwd_event out[FWD_BATCH * 2];
+  struct fwd_event out[FWD_OUT];
   while (!__atomic_load_n(&loop->stopping, __ATOMIC_ACQUIRE)) {
     int n = epoll_wait(loop->epfd, evs, FWD_BATCH, -1);
     if (n < 0) continue;  // EINTR
@@ -275,6 +374,11 @@ static void *fwd_thread(void *arg) {
         }
         continue;
       }
+      if (evs[i].data.u64 & 2) {
+        struct fwd_listener *l = (struct fwd_listener *)(uintptr_t)(evs[i].data.u64 & ~(uint64_t)3);
+        nout += accept_all(loop, l, out + nout, FWD_OUT - nout, &loop->next_id);
+        continue;
+      }
       struct fwd_conn *c = (struct fwd_conn *)(uintptr_t)(evs[i].data.u64 & ~(uint64_t)1);
       int side = (int)(evs[i].data.u64 & 1);
       uint32_t e = evs[i].events;
@@ -286,6 +390,12 @@ static void *fwd_thread(void *arg) {
         st = __atomic_load_n(&c->state, __ATOMIC_ACQUIRE);
       }
       if (st == FWD_DOOMED || c->dead) continue;
+      if (nout > FWD_OUT - 2) {
+        // No room to report: re-raise this one's readiness for the next
+        // wake-up (MOD looks at it again) instead of losing the edge.
+        watch(loop, c, side, EPOLL_CTL_MOD);
+        continue;
+      }
       int err = 0;
       if (st == FWD_CONNECTING) {
         if (side == 0) continue;  // pumped when connected
@@ -371,6 +481,63 @@ struct fwd_loop *fwd_loop_start(fwd_report_fn report, void *ctx, int *err) {
   return loop;
 }
 
+int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid) {
+  struct fwd_listener *l = calloc(1, sizeof *l);
+  if (!l) return -ENOMEM;
+  l->lid = lid;
+  l->fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0);
+  int err = 0;
+  if (l->fd < 0) {
+    err = errno;
+    free(l);
+    return -err;
+  }
+  // Level-triggered: an accept loop cut short (no room to report) resumes.
+  struct epoll_event ev = {.events = EPOLLIN};
+  ev.data.u64 = (uintptr_t)l | 2;
+  pthread_mutex_lock(&loop->lock);
+  l->next = loop->listeners;
+  loop->listeners = l;
+  if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, l->fd, &ev) < 0) {
+    err = errno;
+    close(l->fd);
+    l->fd = -1;  // stays listed (and freed at stop): harmless
+  }
+  pthread_mutex_unlock(&loop->lock);
+  return -err;
+}
+
+static struct fwd_listener *find_listener(struct fwd_loop *loop, uint32_t lid) {
+  for (struct fwd_listener *l = loop->listeners; l; l = l->next)
+    if (l->lid == lid) return l;
+  return NULL;
+}
+
+int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t capacity, uint32_t seen) {
+  pthread_mutex_lock(&loop->lock);
+  struct fwd_listener *l = find_listener(loop, lid);
+  int64_t inflight = -ENOENT;
+  if (l) {
+    inflight = (uint32_t)(l->forwarded - seen);
+    l->port = port;
+    l->credit = port && capacity > inflight ? capacity - (uint32_t)inflight : 0;
+  }
+  pthread_mutex_unlock(&loop->lock);
+  return inflight;
+}
+
+void fwd_unlisten(struct fwd_loop *loop, uint32_t lid) {
+  pthread_mutex_lock(&loop->lock);
+  struct fwd_listener *l = find_listener(loop, lid);
+  if (l && l->fd >= 0) {
+    epoll_ctl(loop->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+    close(l->fd);
+    l->fd = -1;
+    l->credit = 0;
+  }
+  pthread_mutex_unlock(&loop->lock);
+}
+
 void fwd_loop_stop(struct fwd_loop *loop) {
   __atomic_store_n(&loop->stopping, 1, __ATOMIC_RELEASE);
   uint64_t one = 1;
@@ -385,6 +552,11 @@ void fwd_loop_stop(struct fwd_loop *loop) {
   for (struct fwd_conn *c = loop->doomed, *next; c; c = next) {
     next = c->next_dead;
     free(c);
+  }
+  for (struct fwd_listener *l = loop->listeners, *next; l; l = next) {
+    next = l->next;
+    if (l->fd >= 0) close(l->fd);
+    free(l);
   }
   close(loop->wakefd);
   close(loop->epfd);

@@ -18,7 +18,7 @@
  * instance's own accept() to return a socket it did not accept: a channel
  * into restored applications and an accept the preload library fakes.
  */
-import { connect, type Socket } from 'node:net';
+import { connect, type Server, Socket } from 'node:net';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
 
@@ -33,10 +33,23 @@ export interface ForwardEnds {
   closed(bytes: { toInstance: number; toClient: number }): void;
 }
 
+/** What the thread does with the connections it accepts on a listener
+ * it took over (takeOver). */
+export interface ListenerEnds {
+  /** Accepted and handed over, no grant: the caller holds it and decides,
+   * as for a connection it accepted itself. Paused, never read. */
+  accepted(socket: Socket): void;
+  /** Accepted and already forwarded to `port` under the grant (route):
+   * the caller accounts for it; connected comes right after. */
+  forwarded(port: number, client: string, at: bigint): ForwardEnds;
+}
+
 const FWD_CONNECTED = 1;
 const FWD_REFUSED = 2;
+const FWD_FORWARDED = 4;
+const FWD_ACCEPTED = 5;
 /** Numbers per event in a batch (addon_forward.cc). */
-const FIELDS = 6;
+const FIELDS = 11;
 
 const errnoNames = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
 const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
@@ -44,7 +57,12 @@ const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
 interface NativeForward {
   forwardInit(onEvents: (events: Float64Array) => void): void;
   forwardConnect(fd: number, port: number, id: number): number;
+  forwardListen(fd: number, lid: number): number;
+  forwardRoute(lid: number, port: number, capacity: number, seen: number): number;
+  forwardUnlisten(lid: number): void;
 }
+
+const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _handle?: { fd?: number } })._handle?.fd;
 
 export class Forwarder {
   private readonly native: NativeForward | undefined;
@@ -52,7 +70,8 @@ export class Forwarder {
   get path(): 'native' | 'node' {
     return this.native ? 'native' : 'node';
   }
-  private readonly open = new Map<number, { socket: Socket; ends: ForwardEnds }>();
+  private readonly open = new Map<number, { socket?: Socket; ends: ForwardEnds }>();
+  private readonly listeners = new Map<number, { ends: ListenerEnds; seen: number }>();
   private seq = 0;
 
   constructor() {
@@ -69,9 +88,10 @@ export class Forwarder {
 
   /** Forwards a paused, never-read client socket to 127.0.0.1:port. */
   forward(socket: Socket, port: number, ends: ForwardEnds): void {
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const fd = fdOf(socket);
     if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
-    const id = (this.seq = (this.seq + 1) >>> 0);
+    // (ids with the top bit set are the thread's own accepts)
+    const id = (this.seq = (this.seq + 1) & 0x7fffffff);
     const rc = this.native.forwardConnect(fd, port, id);
     if (rc < 0) {
       // Told at once (no descriptor left, refused on the spot): told as the
@@ -84,19 +104,69 @@ export class Forwarder {
     if (rc === 1) this.connected({ socket, ends }, process.hrtime.bigint());
   }
 
-  private connected(c: { socket: Socket; ends: ForwardEnds }, at: bigint): void {
+  private connected(c: { socket?: Socket; ends: ForwardEnds }, at: bigint): void {
     c.ends.connected(at);
     // The thread holds its own descriptor of the client's socket; ours goes
     // (a close of one descriptor is no shutdown: the client sees nothing).
-    c.socket.destroy();
+    c.socket?.destroy();
+  }
+
+  /**
+   * The thread accepts on a listening server's socket from now on, and
+   * Node's server stops (its descriptor closed; the thread's duplicate
+   * keeps the socket listening, its backlog included). A connection then
+   * reaches the instance without waiting for this event loop while a grant
+   * (route) lasts. Returns the listener's id, or undefined if the server
+   * stays as it was (no native thread).
+   */
+  takeOver(server: Server, ends: ListenerEnds): number | undefined {
+    const fd = fdOf(server);
+    if (!this.native || typeof fd !== 'number' || fd < 0) return undefined;
+    const lid = this.listeners.size + 1 + Math.max(0, ...this.listeners.keys());
+    if (this.native.forwardListen(fd, lid) < 0) return undefined;
+    this.listeners.set(lid, { ends, seen: 0 });
+    server.close();
+    return lid;
+  }
+
+  /** The grant of a listener: up to `capacity` connections open at once
+   * to 127.0.0.1:port (port 0: none). Returns how many it forwarded that
+   * this side has not heard of yet: 0 means the caller's counts are whole. */
+  route(lid: number, port: number, capacity: number): number {
+    const l = this.listeners.get(lid);
+    if (!l || !this.native) return 0;
+    return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0);
+  }
+
+  /** The thread stops accepting on the listener. */
+  release(lid: number): void {
+    if (!this.listeners.delete(lid)) return;
+    this.native?.forwardUnlisten(lid);
   }
 
   private dispatch(events: Float64Array): void {
     for (let i = 0; i < events.length; i += FIELDS) {
       const id = events[i];
+      const kind = events[i + 1];
+      if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
+        const l = this.listeners.get(events[i + 6]);
+        if (kind === FWD_ACCEPTED) {
+          const socket = new Socket({ fd: events[i + 7], allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+          if (l) l.ends.accepted(socket);
+          else socket.destroy(); // released meanwhile: as a closed server would
+          continue;
+        }
+        const ip = events[i + 8];
+        const client = `${ip >>> 24}.${(ip >>> 16) & 255}.${(ip >>> 8) & 255}.${ip & 255}:${events[i + 9]}`;
+        const at = BigInt(events[i + 5]);
+        if (l) l.seen++;
+        const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
+        this.open.set(id, { ends });
+        ends.connected(at);
+        continue;
+      }
       const c = this.open.get(id);
       if (!c) continue;
-      const kind = events[i + 1];
       if (kind === FWD_CONNECTED) {
         this.connected(c, BigInt(events[i + 5]));
         continue;
@@ -107,6 +177,9 @@ export class Forwarder {
     }
   }
 }
+
+/** For a connection whose listener was released before it was heard of. */
+const uncounted: ForwardEnds = { connected: () => undefined, refused: () => undefined, closed: () => undefined };
 
 /** Two Node sockets piped both ways (pipe gives backpressure). */
 function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): void {
