@@ -3,12 +3,14 @@
  * src/serve/forwarder.ts) on real loopback sockets: bulk both ways with a
  * reader slower than the writer (the EAGAIN / EPOLLOUT path), a half-close
  * passed on, a refusal that leaves the client's socket usable for a second
- * try (what the front door does while an instance starts), and a reset.
+ * try (what the front door does while an instance starts), a reset, and
+ * a listener the thread accepts on: forwarded at once within Node's grant,
+ * handed to Node beyond it.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
-import { type ForwardEnds, Forwarder } from '../src/serve/forwarder.js';
+import { type ForwardEnds, Forwarder, type ListenerEnds } from '../src/serve/forwarder.js';
 
 const forwarder = new Forwarder();
 const servers: Server[] = [];
@@ -129,5 +131,66 @@ describe('native forwarding', () => {
     await ended;
     await rec.done;
     expect(rec.events).toEqual(['connected', 'closed']);
+  });
+
+  it('accepts on a listener it took over: at once within the grant, handed to Node beyond it', async () => {
+    const echo = await listen((s) => s.pipe(s));
+    const forwarded: { port: number; client: string; rec: ReturnType<typeof recorder> }[] = [];
+    const handed: Socket[] = [];
+    let arrived!: () => void;
+    let next = new Promise<void>((r) => (arrived = r));
+    const ends: ListenerEnds = {
+      forwarded: (port, client) => {
+        const rec = recorder();
+        forwarded.push({ port, client, rec });
+        arrived();
+        return rec.ends;
+      },
+      accepted: (socket) => {
+        handed.push(socket);
+        arrived();
+      },
+    };
+    const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, () => {
+      throw new Error('Node accepted a connection the thread should have');
+    });
+    servers.push(server);
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as AddressInfo).port;
+    const lid = forwarder.takeOver(server, ends)!;
+    expect(lid).toBeGreaterThan(0);
+    // One connection granted.
+    expect(forwarder.route(lid, echo, 1)).toBe(0);
+    const talk = async (s: Socket, text: string) => {
+      const answer = new Promise<string>((r) => s.once('data', (d) => r(String(d))));
+      s.write(text);
+      return answer;
+    };
+    const a = connect({ port, host: '127.0.0.1' });
+    await next;
+    next = new Promise<void>((r) => (arrived = r));
+    expect(await talk(a, 'first')).toBe('first');
+    expect(forwarded).toHaveLength(1);
+    expect(forwarded[0].port).toBe(echo);
+    expect(forwarded[0].client).toBe(`127.0.0.1:${a.localPort}`);
+    // The grant is used up while a is open: the next one is Node's.
+    const b = connect({ port, host: '127.0.0.1' });
+    await next;
+    expect(handed).toHaveLength(1);
+    expect(handed[0].remotePort).toBe(b.localPort);
+    const rec = recorder();
+    forwarder.forward(handed[0], echo, rec.ends);
+    expect(await talk(b, 'second')).toBe('second');
+    // Revoked: nothing forwarded under it is unheard of.
+    expect(forwarder.route(lid, 0, 0)).toBe(0);
+    a.end();
+    b.end();
+    await Promise.all([forwarded[0].rec.done, rec.done]);
+    expect(forwarded[0].rec.events).toEqual(['connected', 'closed']);
+    expect(forwarded[0].rec.bytes()).toEqual({ toInstance: 5, toClient: 5 });
+    forwarder.release(lid);
+    // Released: nobody listens on the port any more.
+    const refused = await new Promise<string>((r) => connect({ port, host: '127.0.0.1' }).on('error', (e: NodeJS.ErrnoException) => r(e.code ?? '')));
+    expect(refused).toBe('ECONNREFUSED');
   });
 });

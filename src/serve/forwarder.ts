@@ -2,16 +2,20 @@
  * How the front door moves a connection's bytes once it has chosen an
  * instance (the choice, the records and the retries stay in server.ts).
  *
- * The native path (addon/src/forward.c): the accepted socket's descriptor
- * is duplicated into a thread that connects to the instance (non-blocking,
- * at once) and shuttles bytes with epoll, read and write; this thread hears
- * only the connect, a refusal or the close, one wake-up per batch. A proxy
- * of two piped Node sockets woke this event loop for the connect and for
- * every chunk each way and added ~140-180 µs at p50 to connect() → first
- * byte (bench/serve.js (b) − (a)); see the commit that made this for the
- * figures. The Node proxy remains for a socket without a descriptor to
- * hand over and for when the thread is not ours (another worker thread of
- * the process has it).
+ * The native path (addon/src/forward.c): a thread that moves bytes with
+ * epoll, recv and send, and that also accepts on the listeners handed to
+ * it (takeOver). While Node has granted a listener an instance and a
+ * number of connections (route), the thread connects each new client to
+ * it at once, before the client has even sent its request; otherwise it
+ * hands the socket to Node, which holds it and later forwards it here
+ * (forward: the descriptor is duplicated, the connect started at once).
+ * This event loop hears only forwarded/accepted, connected, refused and
+ * closed, one wake-up per batch. The Node proxy it replaced woke this loop
+ * for the accept, the connect and every chunk each way: bench/serve.js
+ * (b) - (a) went from ~130-150 us to ~25-70 us at p50 (see the commits).
+ * The Node proxy remains for a socket without a descriptor to hand over
+ * and for when the thread is not ours (another worker thread of the
+ * process has it).
  *
  * Handing the accepted socket itself to the instance (SCM_RIGHTS, the
  * specification's port translation) would save the copy too, but needs the

@@ -8,9 +8,10 @@
  * no exit), so that the resident engine can own one later; the CLI's
  * `serve` command is a thin shell around it.
  *
- * Forwarding (forwarder.ts) is a native thread that shuttles the bytes of
- * every forwarded connection; this module only decides where each goes and
- * hears when it opened, was refused or closed. The specification's
+ * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
+ * the bytes of every forwarded connection; this module decides where each
+ * goes (directly, or through a grant the thread uses until revoked: see
+ * grant()) and hears when it opened, was refused or closed. The specification's
  * alternative, handing the accepted socket to the instance (SCM_RIGHTS
  * into a process of the application, or the instance taking over the
  * public port), saves a copy per byte, but it needs a channel into a
