@@ -292,9 +292,12 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
     pthread_mutex_unlock(&loop->lock);
     if (fd < 0) {
       if (l->fd >= 0 && (accept_err == EINTR || accept_err == ECONNABORTED)) continue;
-      // EAGAIN (all taken), or EMFILE and the like: the listener is
-      // level-triggered, the next wake-up tries again.
-      break;
+      // Out of descriptors or memory: the listener is level-triggered and
+      // would wake the thread again at once, spinning; a millisecond's
+      // pause lets closes free some (forwarding stalls with it, but a
+      // process out of descriptors is stalled anyway).
+      if (accept_err == EMFILE || accept_err == ENFILE || accept_err == ENOBUFS || accept_err == ENOMEM) usleep(1000);
+      break;  // EAGAIN: all taken
     }
     struct fwd_event ev = {.id = (*next_id)++ | 0x80000000u, .lid = l->lid, .at_ns = now_ns(),
                            .peer_ip = ntohl(peer.sin_addr.s_addr), .peer_port = ntohs(peer.sin_port)};

@@ -22,6 +22,7 @@
  * instance's own accept() to return a socket it did not accept: a channel
  * into restored applications and an accept the preload library fakes.
  */
+import { closeSync } from 'node:fs';
 import { connect, type Server, Socket } from 'node:net';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
@@ -155,7 +156,14 @@ export class Forwarder {
       if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
         const l = this.listeners.get(events[i + 6]);
         if (kind === FWD_ACCEPTED) {
-          const socket = new Socket({ fd: events[i + 7], allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+          const fd = events[i + 7];
+          let socket: Socket;
+          try {
+            socket = new Socket({ fd, allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+          } catch {
+            closeSync(fd); // not a socket Node can take: the client sees a close
+            continue;
+          }
           if (l) l.ends.accepted(socket);
           else socket.destroy(); // released meanwhile: as a closed server would
           continue;
