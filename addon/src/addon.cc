@@ -490,6 +490,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot::RegisterTcp(env, exports);
   appshot::RegisterDgram(env, exports);
   appshot::RegisterProbe(env, exports);
+  appshot::RegisterForward(env, exports);
   return exports;
 }
 

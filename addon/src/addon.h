@@ -18,5 +18,7 @@ void RegisterTcp(Napi::Env env, Napi::Object exports);
 void RegisterDgram(Napi::Env env, Napi::Object exports);
 // Kernel feature probes and native versions (addon_probe.cc).
 void RegisterProbe(Napi::Env env, Napi::Object exports);
+// The front door's forwarding thread (addon_forward.cc).
+void RegisterForward(Napi::Env env, Napi::Object exports);
 }  // namespace appshot
 #endif

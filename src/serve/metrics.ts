@@ -60,6 +60,12 @@ export class ServeMetrics {
     labelNames: ['service', 'outcome'],
     registers: [this.registry],
   });
+  readonly forwardedBytes = new Counter({
+    name: 'appshot_serve_forwarded_bytes_total',
+    help: 'Bytes the front door forwarded, counted when each connection closes',
+    labelNames: ['service', 'direction'],
+    registers: [this.registry],
+  });
   readonly instances = new Gauge({
     name: 'appshot_serve_instances',
     help: 'Instances by state',

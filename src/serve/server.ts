@@ -8,21 +8,24 @@
  * no exit), so that the resident engine can own one later; the CLI's
  * `serve` command is a thin shell around it.
  *
- * Forwarding is a proxy in this process: two sockets piped both ways (pipe
- * gives backpressure: a slow reader pauses the other side). The
- * specification's alternative, handing the accepted socket to the instance
- * (SCM_RIGHTS into a process of the application, or the instance taking
- * over the public port), saves a copy per byte, but it needs a channel into
- * a restored application that does not exist yet and an instance that
- * accepts on a socket it did not create; the proxy works with any server
+ * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
+ * the bytes of every forwarded connection; this module decides where each
+ * goes (directly, or through a grant the thread uses until revoked: see
+ * grant()) and hears when it opened, was refused or closed. The specification's
+ * alternative, handing the accepted socket to the instance (SCM_RIGHTS
+ * into a process of the application, or the instance taking over the
+ * public port), saves a copy per byte, but it needs a channel into a
+ * restored application that does not exist yet and an instance that
+ * accepts on a socket it did not create; forwarding works with any server
  * today. bench/serve.js measures what it costs.
  */
 import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { LocalRegistry, isEnded } from '../registry.js';
+import { type ForwardEnds, Forwarder } from './forwarder.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
 import { type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
@@ -70,6 +73,8 @@ class Service {
   readonly held: Held[] = [];
   readonly listeners: Server[] = [];
   readonly translations: Translation[] = [];
+  /** public port → the forwarding thread's listener (forwarder.ts). */
+  private readonly grants = new Map<number, number>();
   /** restore mode: the image the next restore starts from, and the chain
    * of suspend images it builds on (oldest first; `from` is never ours to
    * delete). */
@@ -143,6 +148,11 @@ class Service {
       });
       server.on('error', (e) => this.log('listener-error', { port: p.public, error: e.message }));
       this.listeners.push(server);
+      const lid = this.host.forwarder.takeOver(server, {
+        accepted: (socket) => this.accept(socket, p),
+        forwarded: (port, client, at) => this.forwardedAtOnce(p, port, client, at),
+      });
+      if (lid !== undefined) this.grants.set(p.public, lid);
       this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
     }
   }
@@ -169,7 +179,8 @@ class Service {
       this.forward(h, this.instances.get(route.forward)!);
     }
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
-    this.apply(this.policy.decide([...this.instances.values()], this.held.length));
+    const actions = this.policy.decide([...this.instances.values()], this.held.length);
+    this.apply(this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start'));
     this.changed();
   }
 
@@ -177,57 +188,89 @@ class Service {
     const target = inst.ports.get(h.port.public)!;
     inst.active++;
     inst.lastActive = this.host.clock.now();
-    const up = connect({ port: target.system, host: '127.0.0.1', allowHalfOpen: true });
-    let connected = false;
-    let closed = 0;
-    const done = () => {
-      if (++closed < 2) return;
-      inst.active--;
+    this.host.forwarder.forward(h.socket, target.system, this.ends(inst, target.system, h.port, h.since, () => `${h.socket.remoteAddress}:${h.socket.remotePort}`, h));
+  }
+
+  /**
+   * The forwarding thread's grant on each listener (forwarder.ts): the
+   * instance the policy routes to now and how many more connections it
+   * takes, forwarded without waiting for this event loop; none while
+   * connections are held (they go first) or when `revoke` (an instance is
+   * about to be suspended or dropped). Whether every connection forwarded
+   * under a grant has been accounted for: if not, nothing is suspended or
+   * dropped until it has (its report is on its way, with another pump).
+   */
+  private grant(revoke: boolean): boolean {
+    let whole = true;
+    for (const p of this.spec.ports) {
+      const lid = this.grants.get(p.public);
+      if (lid === undefined) continue;
+      const route = revoke || this.held.length ? undefined : this.policy.route([...this.instances.values()]);
+      const inst = route && 'forward' in route ? this.instances.get(route.forward) : undefined;
+      const target = inst?.ports.get(p.public);
+      if (this.host.forwarder.route(lid, target?.system ?? 0, inst && target ? this.spec.concurrency - inst.active : 0) > 0) whole = false;
+    }
+    return whole;
+  }
+
+  /** A connection the thread forwarded under the grant, to `port`. */
+  private forwardedAtOnce(p: PortMap, port: number, client: string, at: bigint): ForwardEnds {
+    const inst = [...this.instances.values()].find((i) => i.ports.get(p.public)?.system === port);
+    if (inst) {
+      inst.active++;
       inst.lastActive = this.host.clock.now();
-      this.host.metrics?.active.dec({ service: this.name });
-      this.pump();
+    }
+    return this.ends(inst, port, p, at, () => client);
+  }
+
+  /** What becomes of a forwarded connection: records, counts, and a
+   * refused one (only ever one this side forwarded: `held`) back in line. */
+  private ends(inst: Instance | undefined, port: number, pub: PortMap, since: bigint, client: () => string, h?: Held): ForwardEnds {
+    return {
+      connected: (at) => {
+        const heldMs = Number(at - since) / 1e6;
+        this.host.metrics?.heldSeconds.observe({ service: this.name }, heldMs / 1000);
+        this.host.metrics?.connections.inc({ service: this.name, outcome: 'forwarded' });
+        this.host.metrics?.active.inc({ service: this.name });
+        this.translations.push({
+          at: new Date().toISOString(),
+          client: client(),
+          public: pub.public,
+          instance: inst?.aid ?? '?',
+          port,
+          heldMs: Math.round(heldMs * 1000) / 1000,
+        });
+        if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+      },
+      closed: (bytes) => {
+        if (inst) {
+          inst.active--;
+          inst.lastActive = this.host.clock.now();
+        }
+        this.host.metrics?.active.dec({ service: this.name });
+        this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-instance' }, bytes.toInstance);
+        this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-client' }, bytes.toClient);
+        this.pump();
+      },
+      refused: (code) => {
+        if (!inst || !h) return;
+        inst.active--;
+        // Refused: the instance died (crash) or is not listening yet. The
+        // client has been told nothing: it goes back to the head of the line.
+        h.tries++;
+        const dead = !this.alive(inst);
+        if (dead) this.crashed(inst, `connect: ${code}`);
+        if (h.tries > 20) {
+          this.log('give-up', { instance: inst.aid, port, error: code });
+          this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
+          h.socket.destroy();
+          return;
+        }
+        this.held.unshift(h);
+        if (dead) this.pump();
+        else setTimeout(() => this.pump(), 20 * h.tries);
+      },
     };
-    up.once('connect', () => {
-      connected = true;
-      const heldMs = Number(process.hrtime.bigint() - h.since) / 1e6;
-      this.host.metrics?.heldSeconds.observe({ service: this.name }, heldMs / 1000);
-      this.host.metrics?.connections.inc({ service: this.name, outcome: 'forwarded' });
-      this.host.metrics?.active.inc({ service: this.name });
-      this.translations.push({
-        at: new Date().toISOString(),
-        client: `${h.socket.remoteAddress}:${h.socket.remotePort}`,
-        public: h.port.public,
-        instance: inst.aid,
-        port: target.system,
-        heldMs: Math.round(heldMs * 1000) / 1000,
-      });
-      if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
-      h.socket.pipe(up);
-      up.pipe(h.socket);
-      h.socket.on('close', done);
-      up.on('close', done);
-      h.socket.on('error', () => up.destroy());
-      up.on('error', () => h.socket.destroy());
-      h.socket.resume();
-    });
-    up.once('error', (e: NodeJS.ErrnoException) => {
-      if (connected) return;
-      inst.active--;
-      // Refused: the instance died (crash) or is not listening yet. The
-      // client has been told nothing: it goes back to the head of the line.
-      h.tries++;
-      const dead = !this.alive(inst);
-      if (dead) this.crashed(inst, `connect: ${e.code ?? e.message}`);
-      if (h.tries > 20) {
-        this.log('give-up', { instance: inst.aid, port: target.system, error: e.code ?? e.message });
-        this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
-        h.socket.destroy();
-        return;
-      }
-      this.held.unshift(h);
-      if (dead) this.pump();
-      else setTimeout(() => this.pump(), 20 * h.tries);
-    });
   }
 
   /** Whether the instance's application still runs. */
@@ -438,6 +481,8 @@ class Service {
     if (this.stateTimer) clearTimeout(this.stateTimer);
     this.stateTimer = undefined;
     for (const s of this.listeners) s.close();
+    for (const lid of this.grants.values()) this.host.forwarder.release(lid);
+    this.grants.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
@@ -461,6 +506,8 @@ export class ServeHost {
   private readonly services: Service[] = [];
   private timer: NodeJS.Timeout | undefined;
   private metricsServer: HttpServer | undefined;
+  /** Moves the bytes of every forwarded connection (forwarder.ts). */
+  readonly forwarder = new Forwarder();
 
   constructor(
     specs: ServiceSpec[],

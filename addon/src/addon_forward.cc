@@ -1,0 +1,164 @@
+// The front door's native forwarding path (forward.c) for
+// src/serve/forwarder.ts: a thread shuttles the bytes, Node hears only
+// connects, refusals and closes, a batch per wake-up.
+#include <napi.h>
+
+#include <cerrno>
+#include <vector>
+
+#include "addon.h"
+
+extern "C" {
+#include "forward.h"
+}
+
+namespace appshot {
+namespace {
+
+// One per process: the thread, and the channel back to the JS thread that
+// started it (the only one allowed to use it).
+struct Forwarder {
+  fwd_loop* loop = nullptr;
+  Napi::ThreadSafeFunction tsfn;
+  napi_env env = nullptr;
+  // Connections started and not yet refused or closed; while there are
+  // any the channel keeps Node's event loop alive, as open sockets would.
+  uint32_t live = 0;
+  // Listeners the thread accepts on: like Node's own servers, they keep
+  // the event loop alive.
+  uint32_t listening = 0;
+};
+
+void Hold(Napi::Env env, Forwarder* f, int delta_live, int delta_listening) {
+  bool before = f->live + f->listening > 0;
+  f->live += delta_live;
+  f->listening += delta_listening;
+  bool after = f->live + f->listening > 0;
+  if (before && !after) f->tsfn.Unref(env);
+  if (!before && after) f->tsfn.Ref(env);
+}
+Forwarder* forwarder = nullptr;
+
+// Numbers per event in the Float64Array handed to JS (forwarder.ts).
+constexpr int kFields = 11;
+
+// On the forwarding thread: copies the batch and queues it for JS. A
+// closing channel (Node exiting) drops it: nobody is left to hear.
+void Report(void* ctx, const fwd_event* events, int n) {
+  auto* f = static_cast<Forwarder*>(ctx);
+  auto* batch = new std::vector<fwd_event>(events, events + n);
+  napi_status st = f->tsfn.NonBlockingCall(batch, [](Napi::Env env, Napi::Function callback, std::vector<fwd_event>* batch) {
+    if (env == nullptr || forwarder == nullptr) {  // torn down meanwhile
+      delete batch;
+      return;
+    }
+    auto values = Napi::Float64Array::New(env, batch->size() * kFields);
+    size_t i = 0;
+    for (const fwd_event& e : *batch) {
+      values[i++] = e.id;
+      values[i++] = e.kind;
+      values[i++] = e.err;
+      values[i++] = static_cast<double>(e.to_instance);
+      values[i++] = static_cast<double>(e.to_client);
+      values[i++] = static_cast<double>(e.at_ns);  // exact below 2^53 ns: 104 days of uptime
+      values[i++] = e.lid;
+      values[i++] = e.fd;
+      values[i++] = e.peer_ip;
+      values[i++] = e.peer_port;
+      values[i++] = e.port;
+      if (e.kind == FWD_FORWARDED) Hold(env, forwarder, 1, 0);
+      if (e.kind == FWD_REFUSED || e.kind == FWD_CLOSED) Hold(env, forwarder, -1, 0);
+    }
+    delete batch;
+    callback.Call({values});
+  });
+  if (st != napi_ok) delete batch;
+}
+
+// forwardInit(onEvents): starts the thread once; onEvents(Float64Array)
+// receives every batch after that.
+Napi::Value ForwardInit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (forwarder) {
+    if (forwarder->env != static_cast<napi_env>(env)) Napi::Error::New(env, "the forwarder belongs to another thread").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto* f = new Forwarder();
+  f->env = env;
+  // Finalized when Node tears the environment down: the thread is
+  // stopped and every descriptor it held closed.
+  f->tsfn = Napi::ThreadSafeFunction::New(env, info[0].As<Napi::Function>(), "appshot-forward", 0, 1, f, [](Napi::Env, Forwarder* f) {
+    if (f->loop) fwd_loop_stop(f->loop);
+    if (forwarder == f) forwarder = nullptr;
+    delete f;
+  });
+  f->tsfn.Unref(env);
+  int err = 0;
+  f->loop = fwd_loop_start(Report, f, &err);
+  if (!f->loop) {
+    f->tsfn.Release();  // the finalizer deletes f
+    ThrowErrno(env, "starting the forwarding thread", err);
+    return env.Undefined();
+  }
+  forwarder = f;
+  return env.Undefined();
+}
+
+// forwardConnect(fd, port, id) -> 1 connected already, 0 connecting (an
+// event tells), -errno if nothing was started (the client's socket is then
+// untouched). See fwd_connect.
+Napi::Value ForwardConnect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) {
+    Napi::Error::New(env, "forwardInit first").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  uint32_t port = info[1].As<Napi::Number>().Uint32Value();
+  uint32_t id = info[2].As<Napi::Number>().Uint32Value();
+  if (port == 0 || port > 65535) return Napi::Number::New(env, -EINVAL);
+  int rc = fwd_connect(forwarder->loop, fd, static_cast<uint16_t>(port), id);
+  if (rc >= 0) Hold(env, forwarder, 1, 0);
+  return Napi::Number::New(env, rc);
+}
+
+// forwardListen(fd, lid) -> 0 or -errno: the thread accepts on a duplicate
+// of the listening socket fd from now on (the caller closes its own).
+Napi::Value ForwardListen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return Napi::Number::New(env, -EINVAL);
+  int rc = fwd_listen(forwarder->loop, info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Uint32Value());
+  if (rc == 0) Hold(env, forwarder, 0, 1);
+  return Napi::Number::New(env, rc);
+}
+
+// forwardRoute(lid, port, capacity, seen) -> connections forwarded under
+// the grant that Node has not heard of yet (fwd_route).
+Napi::Value ForwardRoute(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return Napi::Number::New(env, -EINVAL);
+  auto u32 = [&](int i) { return info[i].As<Napi::Number>().Uint32Value(); };
+  int64_t rc = fwd_route(forwarder->loop, u32(0), static_cast<uint16_t>(u32(1)), u32(2), u32(3));
+  return Napi::Number::New(env, static_cast<double>(rc));
+}
+
+// forwardUnlisten(lid): the thread stops accepting on it.
+Napi::Value ForwardUnlisten(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return env.Undefined();
+  fwd_unlisten(forwarder->loop, info[0].As<Napi::Number>().Uint32Value());
+  Hold(env, forwarder, 0, -1);
+  return env.Undefined();
+}
+
+}  // namespace
+
+void RegisterForward(Napi::Env env, Napi::Object exports) {
+  exports.Set("forwardInit", Napi::Function::New(env, ForwardInit));
+  exports.Set("forwardConnect", Napi::Function::New(env, ForwardConnect));
+  exports.Set("forwardListen", Napi::Function::New(env, ForwardListen));
+  exports.Set("forwardRoute", Napi::Function::New(env, ForwardRoute));
+  exports.Set("forwardUnlisten", Napi::Function::New(env, ForwardUnlisten));
+}
+
+}  // namespace appshot

@@ -1,0 +1,219 @@
+/**
+ * How the front door moves a connection's bytes once it has chosen an
+ * instance (the choice, the records and the retries stay in server.ts).
+ *
+ * The native path (addon/src/forward.c): a thread that moves bytes with
+ * epoll, recv and send, and that also accepts on the listeners handed to
+ * it (takeOver). While Node has granted a listener an instance and a
+ * number of connections (route), the thread connects each new client to
+ * it at once, before the client has even sent its request; otherwise it
+ * hands the socket to Node, which holds it and later forwards it here
+ * (forward: the descriptor is duplicated, the connect started at once).
+ * This event loop hears only forwarded/accepted, connected, refused and
+ * closed, one wake-up per batch. The Node proxy it replaced woke this loop
+ * for the accept, the connect and every chunk each way: bench/serve.js
+ * (b) - (a) went from ~130-150 us to ~25-70 us at p50 (see the commits).
+ * The Node proxy remains for a socket without a descriptor to hand over
+ * and for when the thread is not ours (another worker thread of the
+ * process has it).
+ *
+ * Handing the accepted socket itself to the instance (SCM_RIGHTS, the
+ * specification's port translation) would save the copy too, but needs the
+ * instance's own accept() to return a socket it did not accept: a channel
+ * into restored applications and an accept the preload library fakes.
+ */
+import { closeSync } from 'node:fs';
+import { connect, type Server, Socket } from 'node:net';
+import { constants } from 'node:os';
+import { addon } from '../native.js';
+
+/** What becomes of one forwarded connection. Exactly one of refused or
+ * closed is called; connected comes before closed. */
+export interface ForwardEnds {
+  /** The instance accepted; at: process.hrtime.bigint()'s clock, in ns. */
+  connected(at: bigint): void;
+  /** The instance refused (or could not be reached): nothing was read from
+   * or written to the client, whose socket is the caller's again. */
+  refused(code: string): void;
+  closed(bytes: { toInstance: number; toClient: number }): void;
+}
+
+/** What the thread does with the connections it accepts on a listener
+ * it took over (takeOver). */
+export interface ListenerEnds {
+  /** Accepted and handed over, no grant: the caller holds it and decides,
+   * as for a connection it accepted itself. Paused, never read. */
+  accepted(socket: Socket): void;
+  /** Accepted and already forwarded to `port` under the grant (route):
+   * the caller accounts for it; connected comes right after. */
+  forwarded(port: number, client: string, at: bigint): ForwardEnds;
+}
+
+const FWD_CONNECTED = 1;
+const FWD_REFUSED = 2;
+const FWD_FORWARDED = 4;
+const FWD_ACCEPTED = 5;
+/** Numbers per event in a batch (addon_forward.cc). */
+const FIELDS = 11;
+
+const errnoNames = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
+const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
+
+interface NativeForward {
+  forwardInit(onEvents: (events: Float64Array) => void): void;
+  forwardConnect(fd: number, port: number, id: number): number;
+  forwardListen(fd: number, lid: number): number;
+  forwardRoute(lid: number, port: number, capacity: number, seen: number): number;
+  forwardUnlisten(lid: number): void;
+}
+
+const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _handle?: { fd?: number } })._handle?.fd;
+
+export class Forwarder {
+  private readonly native: NativeForward | undefined;
+  /** Which path moves the bytes (tests make sure it is the native one). */
+  get path(): 'native' | 'node' {
+    return this.native ? 'native' : 'node';
+  }
+  private readonly open = new Map<number, { socket?: Socket; ends: ForwardEnds }>();
+  private readonly listeners = new Map<number, { ends: ListenerEnds; seen: number }>();
+  private seq = 0;
+
+  constructor() {
+    const a = addon() as unknown as Partial<NativeForward>;
+    if (typeof a.forwardInit !== 'function' || typeof a.forwardConnect !== 'function') return;
+    try {
+      a.forwardInit((events) => this.dispatch(events));
+      this.native = a as NativeForward;
+    } catch {
+      // The thread is the process's one, and another worker thread has
+      // it (or it could not start): the Node proxy does the work.
+    }
+  }
+
+  /** Forwards a paused, never-read client socket to 127.0.0.1:port. */
+  forward(socket: Socket, port: number, ends: ForwardEnds): void {
+    const fd = fdOf(socket);
+    if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
+    // (ids with the top bit set are the thread's own accepts)
+    const id = (this.seq = (this.seq + 1) & 0x7fffffff);
+    const rc = this.native.forwardConnect(fd, port, id);
+    if (rc < 0) {
+      // Told at once (no descriptor left, refused on the spot): told as the
+      // thread would tell it, later, not inside the caller's loop.
+      setImmediate(() => ends.refused(errnoName(-rc)));
+      return;
+    }
+    this.open.set(id, { socket, ends });
+    // Over loopback the connect is usually done on return (forward.c).
+    if (rc === 1) this.connected({ socket, ends }, process.hrtime.bigint());
+  }
+
+  private connected(c: { socket?: Socket; ends: ForwardEnds }, at: bigint): void {
+    c.ends.connected(at);
+    // The thread holds its own descriptor of the client's socket; ours goes
+    // (a close of one descriptor is no shutdown: the client sees nothing).
+    c.socket?.destroy();
+  }
+
+  /**
+   * The thread accepts on a listening server's socket from now on, and
+   * Node's server stops (its descriptor closed; the thread's duplicate
+   * keeps the socket listening, its backlog included). A connection then
+   * reaches the instance without waiting for this event loop while a grant
+   * (route) lasts. Returns the listener's id, or undefined if the server
+   * stays as it was (no native thread).
+   */
+  takeOver(server: Server, ends: ListenerEnds): number | undefined {
+    const fd = fdOf(server);
+    if (!this.native || typeof fd !== 'number' || fd < 0) return undefined;
+    const lid = this.listeners.size + 1 + Math.max(0, ...this.listeners.keys());
+    if (this.native.forwardListen(fd, lid) < 0) return undefined;
+    this.listeners.set(lid, { ends, seen: 0 });
+    server.close();
+    return lid;
+  }
+
+  /** The grant of a listener: up to `capacity` connections open at once
+   * to 127.0.0.1:port (port 0: none). Returns how many it forwarded that
+   * this side has not heard of yet: 0 means the caller's counts are whole. */
+  route(lid: number, port: number, capacity: number): number {
+    const l = this.listeners.get(lid);
+    if (!l || !this.native) return 0;
+    return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0);
+  }
+
+  /** The thread stops accepting on the listener. */
+  release(lid: number): void {
+    if (!this.listeners.delete(lid)) return;
+    this.native?.forwardUnlisten(lid);
+  }
+
+  private dispatch(events: Float64Array): void {
+    for (let i = 0; i < events.length; i += FIELDS) {
+      const id = events[i];
+      const kind = events[i + 1];
+      if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
+        const l = this.listeners.get(events[i + 6]);
+        if (kind === FWD_ACCEPTED) {
+          const fd = events[i + 7];
+          let socket: Socket;
+          try {
+            socket = new Socket({ fd, allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+          } catch {
+            closeSync(fd); // not a socket Node can take: the client sees a close
+            continue;
+          }
+          if (l) l.ends.accepted(socket);
+          else socket.destroy(); // released meanwhile: as a closed server would
+          continue;
+        }
+        const ip = events[i + 8];
+        const client = `${ip >>> 24}.${(ip >>> 16) & 255}.${(ip >>> 8) & 255}.${ip & 255}:${events[i + 9]}`;
+        const at = BigInt(events[i + 5]);
+        if (l) l.seen++;
+        const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
+        this.open.set(id, { ends });
+        ends.connected(at);
+        continue;
+      }
+      const c = this.open.get(id);
+      if (!c) continue;
+      if (kind === FWD_CONNECTED) {
+        this.connected(c, BigInt(events[i + 5]));
+        continue;
+      }
+      this.open.delete(id);
+      if (kind === FWD_REFUSED) c.ends.refused(errnoName(events[i + 2]));
+      else c.ends.closed({ toInstance: events[i + 3], toClient: events[i + 4] });
+    }
+  }
+}
+
+/** For a connection whose listener was released before it was heard of. */
+const uncounted: ForwardEnds = { connected: () => undefined, refused: () => undefined, closed: () => undefined };
+
+/** Two Node sockets piped both ways (pipe gives backpressure). */
+function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): void {
+  const up = connect({ port, host: '127.0.0.1', allowHalfOpen: true, noDelay: true });
+  let connected = false;
+  let closed = 0;
+  const done = () => {
+    if (++closed === 2) ends.closed({ toInstance: up.bytesWritten, toClient: up.bytesRead });
+  };
+  up.once('connect', () => {
+    connected = true;
+    ends.connected(process.hrtime.bigint());
+    socket.setNoDelay(true);
+    socket.pipe(up);
+    up.pipe(socket);
+    socket.on('close', done);
+    up.on('close', done);
+    socket.on('error', () => up.destroy());
+    up.on('error', () => socket.destroy());
+    socket.resume();
+  });
+  up.once('error', (e: NodeJS.ErrnoException) => {
+    if (!connected) ends.refused(e.code ?? e.message);
+  });
+}
