@@ -135,6 +135,10 @@ interface Addon {
   /** seed: the thread is a restore's seed, its signals all blocked (see
    * trace_inject_seed). */
   inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
+  /** The code that runs a batch of system calls inside a thread, and the offset where it stops itself when done. */
+  batchCode(): { code: Buffer; stoppedAt: number };
+  /** Runs the batch whose table is at `table`, with that code copied at `code`, in one stop. */
+  injectBatch(tid: number, code: bigint, table: bigint): void;
   /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is

@@ -218,6 +218,26 @@ Napi::Value Inject(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(env, static_cast<int64_t>(ret));
 }
 
+// batchCode() -> { code: Buffer, stoppedAt }: the code that runs a batch of
+// system calls inside a thread (trace.c), to copy into the process.
+Napi::Value BatchCode(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t size, stopped_at;
+  const unsigned char* code = trace_batch_code(&size, &stopped_at);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("code", Napi::Buffer<uint8_t>::Copy(env, code, size));
+  out.Set("stoppedAt", Napi::Number::New(env, static_cast<double>(stopped_at)));
+  return out;
+}
+
+// injectBatch(tid, codeAddress, tableAddress): runs the batch in one stop.
+Napi::Value InjectBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int rc = trace_inject_batch(Tid(info), U64(info[1]), U64(info[2]));
+  Failed(env, rc, "running a batch of system calls in thread " + std::to_string(Tid(info)));
+  return env.Undefined();
+}
+
 // seccompFilters(tid) -> [{ program: Buffer, flags: bigint }], oldest
 // first (the order to install them in): each program as struct sock_filter
 // instructions, 8 bytes each. PTRACE_SECCOMP_GET_FILTER's index 0 is the
@@ -877,6 +897,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("getRseq", GetRseq);
   fn("getRobustList", GetRobustList);
   fn("inject", Inject);
+  fn("batchCode", BatchCode);
+  fn("injectBatch", InjectBatch);
   fn("seccompFilters", SeccompFilters);
   fn("suspendSeccomp", SuspendSeccomp);
   fn("securebits", Securebits);

@@ -351,3 +351,130 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
   int rc2 = trace_set_regs(tid, &saved);
   return rc ? rc : rc2;
 }
+
+/*
+ * Batched injection: a whole list of system calls run inside the thread in
+ * one stop, instead of one ptrace round trip (two stops) per call.
+ *
+ * The code below is copied into the restored process's scratch area
+ * (remote.ts maps it executable) and run from there. It takes a table at
+ * rbx: a header {count, tgid, tid, unused} and `count` entries of eight
+ * words {nr, six arguments, result}. It runs the calls in order, each
+ * result written into its entry, and stops at the first that fails (the
+ * entries after it keep what the caller put there). Then it stops itself
+ * with tgkill(tgid, tid, SIGSTOP): a signal-delivery stop the tracer sees
+ * (SIGSTOP cannot be blocked, and unlike the trap of an int3 it is not a
+ * forced signal, which would reset a SIGTRAP handler the process has),
+ * and it takes the thread back with its registers as they were. Only
+ * rbx, r12 and r13 (and what syscall clobbers) are used: no stack.
+ */
+__asm__(
+    ".pushsection .rodata\n"
+    ".globl appshot_batch_code\n"
+    ".globl appshot_batch_stopped\n"
+    ".globl appshot_batch_code_end\n"
+    "appshot_batch_code:\n"
+    "  mov (%rbx), %r12\n"
+    "  lea 32(%rbx), %r13\n"
+    "1:\n"
+    "  test %r12, %r12\n"
+    "  jz 2f\n"
+    "  mov 0(%r13), %rax\n"
+    "  mov 8(%r13), %rdi\n"
+    "  mov 16(%r13), %rsi\n"
+    "  mov 24(%r13), %rdx\n"
+    "  mov 32(%r13), %r10\n"
+    "  mov 40(%r13), %r8\n"
+    "  mov 48(%r13), %r9\n"
+    "  syscall\n"
+    "  mov %rax, 56(%r13)\n"
+    "  cmp $-4095, %rax\n"
+    "  jae 2f\n"
+    "  add $64, %r13\n"
+    "  dec %r12\n"
+    "  jmp 1b\n"
+    "2:\n"
+    "  mov $234, %eax\n" /* tgkill */
+    "  mov 8(%rbx), %rdi\n"
+    "  mov 16(%rbx), %rsi\n"
+    "  mov $19, %edx\n" /* SIGSTOP */
+    "  syscall\n"
+    "appshot_batch_stopped:\n"
+    "  jmp appshot_batch_stopped\n"
+    "appshot_batch_code_end:\n"
+    ".popsection\n");
+
+extern const unsigned char appshot_batch_code[], appshot_batch_stopped[], appshot_batch_code_end[];
+
+const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at) {
+  *size = (size_t)(appshot_batch_code_end - appshot_batch_code);
+  *stopped_at = (size_t)(appshot_batch_stopped - appshot_batch_code);
+  return appshot_batch_code;
+}
+
+int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
+  struct user_regs_struct saved, r;
+  int rc = trace_get_regs(tid, &saved);
+  if (rc) return rc;
+  r = saved;
+  size_t size, stopped_at;
+  trace_batch_code(&size, &stopped_at);
+  r.rip = code;
+  r.rbx = table;
+  r.orig_rax = (unsigned long)-1;
+  /* Every signal blocked, as for a single call (trace_inject). */
+  uint64_t mask, all = ~0ull;
+  if ((rc = trace_get_sigmask(tid, &mask))) return rc;
+  if ((rc = trace_set_sigmask(tid, all))) return rc;
+  if ((rc = trace_set_regs(tid, &r))) {
+    trace_set_sigmask(tid, mask);
+    return rc;
+  }
+  unsigned stops = 0;
+  rc = -EINTR;
+  for (int tries = 0; tries < 16; tries++) {
+    if (ptrace(PTRACE_CONT, tid, 0, 0)) {
+      rc = fail();
+      break;
+    }
+    trace_report rep;
+    if ((rc = trace_wait(tid, 10000, &rep))) break;
+    if (rep.kind == TRACE_NONE) {
+      rc = -ETIMEDOUT;
+      break;
+    }
+    if (rep.kind == TRACE_EXITED) {
+      rc = -ESRCH;
+      break;
+    }
+    if (rep.kind == TRACE_SIGNAL && rep.sig == SIGSTOP) {
+      struct user_regs_struct at;
+      if ((rc = trace_get_regs(tid, &at))) break;
+      /* Ours, at the end of the code: done. */
+      if (at.rip == code + stopped_at) {
+        rc = 0;
+        break;
+      }
+    }
+    /* A stop signal that was pending before (job control), set aside and
+     * queued again after, as in trace_inject. */
+    if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
+      stops |= 1u << rep.sig;
+      rc = -EINTR;
+      continue;
+    }
+    /* An interrupt's trap, a job-control stop reported again, a fork's
+     * event: resume once more. Anything else is an error. */
+    if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP && rep.kind != TRACE_EVENT) {
+      rc = -EINTR;
+      break;
+    }
+    rc = -EINTR;
+  }
+  take_back_stops(tid, stops);
+  int rc3 = trace_set_sigmask(tid, mask);
+  if (!rc) rc = rc3;
+  trace_rewind(&saved);
+  int rc2 = trace_set_regs(tid, &saved);
+  return rc ? rc : rc2;
+}

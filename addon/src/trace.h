@@ -97,6 +97,16 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  * fork or clone (a stepped fork's child would inherit the trap flag). */
 int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret);
 
+/* The position-independent code that runs a batch of system calls inside
+ * a thread (trace.c): its bytes, its size, and the offset at which it
+ * stops itself when done. */
+const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at);
+
+/* Runs the batch whose table is at `table` in the thread, with the code
+ * copied at `code`, in one stop; the results are in the table. The
+ * thread's registers and signal mask are as they were after. */
+int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table);
+
 /* A thread interrupted inside a system call holds -ERESTART* in rax; these
  * registers, set before it resumes, make it issue the call again as the
  * kernel would have. Returns 1 if they changed. */

@@ -79,7 +79,27 @@ export class SyscallError extends Error {
   }
 }
 
-const SCRATCH_SIZE = 1 << 16;
+// Room for a batch of a few thousand calls and the paths they open.
+const SCRATCH_SIZE = 1 << 18;
+
+/* The batch table (trace.c): a header {count, tgid, tid, unused}, then
+ * entries {nr, six arguments, result}. */
+const BATCH_HEADER = 32;
+const BATCH_ENTRY = 64;
+/** Bytes of the scratch area the batch code is given, at its start. */
+const BATCH_CODE_ROOM = 256;
+/** A result no call returns: the entry was not run. */
+const NOT_RUN = 0x7fffffffffffffffn;
+
+let batchCodeBytes: { code: Buffer; stoppedAt: number } | undefined;
+function batchCode(): { code: Buffer; stoppedAt: number } {
+  batchCodeBytes ??= addon().batchCode();
+  if (batchCodeBytes.code.length > BATCH_CODE_ROOM) throw new Error('the batch code does not fit its room');
+  return batchCodeBytes;
+}
+
+/** APPSHOT_NO_BATCH=1: one injected call at a time (for comparison). */
+const batchingWanted = () => !process.env.APPSHOT_NO_BATCH;
 
 /** Where the vDSO's first `syscall` instruction is, from its start. */
 let syscallOffset: bigint | undefined;
@@ -93,6 +113,8 @@ export class RemoteProcess {
   private insn = 0n;
   scratch = 0n;
   private used = 0;
+  /** Where the batch code is in the scratch area (0: no batches). */
+  private batchCode = 0n;
 
   constructor(readonly pid: number) {
     this.findSyscall();
@@ -130,13 +152,25 @@ export class RemoteProcess {
     return r;
   }
 
-  /** Maps the scratch area at `addr` (chosen free in the image and here). */
+  /** Maps the scratch area at `addr` (chosen free in the image and here),
+   * executable too where the kernel allows, with the batch code at its
+   * start (see batch()). */
   mapScratch(addr: bigint): void {
     const PROT_RW = 3;
+    const PROT_RWX = 7;
     const MAP_PRIVATE_ANON_FIXED_NOREPLACE = 0x02 | 0x20 | 0x100000;
-    const got = this.call('mapping scratch memory', SYS.mmap, [addr, SCRATCH_SIZE, PROT_RW, MAP_PRIVATE_ANON_FIXED_NOREPLACE, -1, 0]);
+    const args = (prot: number) => [addr, SCRATCH_SIZE, prot, MAP_PRIVATE_ANON_FIXED_NOREPLACE, -1, 0];
+    let got = batchingWanted() ? this.raw(SYS.mmap, args(PROT_RWX)) : -1n;
+    // Refused (memory-deny-write-execute): no batches, one call at a time.
+    this.batchCode = got >= 0n || got <= -4096n ? got : 0n;
+    if (!this.batchCode) got = this.call('mapping scratch memory', SYS.mmap, args(PROT_RW));
     this.scratch = got;
     this.used = 0;
+    if (this.batchCode) {
+      const { code } = batchCode();
+      addon().writeMemory(this.pid, this.scratch, code);
+      this.used = BATCH_CODE_ROOM;
+    }
   }
 
   unmapScratch(): void {
@@ -146,7 +180,60 @@ export class RemoteProcess {
 
   /** Frees everything put so far. */
   reset(): void {
-    this.used = 0;
+    this.used = this.batchCode ? BATCH_CODE_ROOM : 0;
+  }
+
+  /** A batch of calls for thread `tid`, run together by its run(). */
+  batch(tid = this.pid): CallBatch {
+    return new CallBatch(this, tid);
+  }
+
+  /**
+   * Runs `calls` in order in thread `tid`, stopping at the first that
+   * fails; returns the results of those run. With the batch code in the
+   * scratch area, as many as fit in it go in one stop (one round trip,
+   * where each call alone takes two stops); without it, one at a time.
+   * Arguments that point into the scratch area must have been put there
+   * before (reset() would free them).
+   */
+  runCalls(calls: { nr: number; args: (bigint | number)[] }[], tid = this.pid): bigint[] {
+    const results: bigint[] = [];
+    if (!this.batchCode || calls.length === 1) {
+      for (const c of calls) {
+        const r = this.raw(c.nr, c.args, tid);
+        results.push(r);
+        if (r < 0n && r > -4096n) break;
+      }
+      return results;
+    }
+    const mark = this.used;
+    const room = Math.floor((SCRATCH_SIZE - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+    if (room < 1) throw new Error('scratch memory exhausted');
+    for (let at = 0; at < calls.length; at += room) {
+      const chunk = calls.slice(at, at + room);
+      const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
+      table.writeBigUInt64LE(BigInt(chunk.length), 0);
+      table.writeBigUInt64LE(BigInt(this.pid), 8);
+      table.writeBigUInt64LE(BigInt(tid), 16);
+      chunk.forEach((c, i) => {
+        const e = BATCH_HEADER + i * BATCH_ENTRY;
+        table.writeBigUInt64LE(BigInt(c.nr), e);
+        c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
+        table.writeBigUInt64LE(NOT_RUN, e + 56);
+      });
+      const addr = this.put(table);
+      injected.calls++;
+      addon().injectBatch(tid, this.batchCode, addr);
+      const back = addon().readMemory(this.pid, addr, table.length);
+      this.used = mark;
+      for (let i = 0; i < chunk.length; i++) {
+        const r = BigInt.asIntN(64, back.readBigUInt64LE(BATCH_HEADER + i * BATCH_ENTRY + 56));
+        if (r === BigInt.asIntN(64, NOT_RUN)) return results;
+        results.push(r);
+        if (r < 0n && r > -4096n) return results;
+      }
+    }
+    return results;
   }
 
   /** Copies bytes into scratch memory; returns their address there. */
@@ -174,4 +261,39 @@ export class RemoteProcess {
   }
 
   static readonly scratchSize = SCRATCH_SIZE;
+}
+
+/**
+ * System calls gathered to run together (RemoteProcess.runCalls): each
+ * named for the message if it fails.
+ */
+export class CallBatch {
+  private readonly calls: { what: string; nr: number; args: (bigint | number)[] }[] = [];
+
+  constructor(
+    private readonly r: RemoteProcess,
+    private readonly tid: number,
+  ) {}
+
+  /** Adds a call; returns its index in run()'s results. */
+  add(what: string, nr: number, args: (bigint | number)[]): number {
+    this.calls.push({ what, nr, args });
+    return this.calls.length - 1;
+  }
+
+  get length(): number {
+    return this.calls.length;
+  }
+
+  /** Runs every call in order; the first that fails throws a SyscallError
+   * naming it, and those after it are not run. */
+  run(): bigint[] {
+    if (!this.calls.length) return [];
+    const results = this.r.runCalls(this.calls, this.tid);
+    const last = results.length - 1;
+    if (last >= 0 && results[last] < 0n && results[last] > -4096n) throw new SyscallError(this.calls[last].what, Number(-results[last]));
+    if (results.length < this.calls.length) throw new Error(`a batch of system calls stopped after ${results.length} of ${this.calls.length}`);
+    this.calls.length = 0;
+    return results;
+  }
 }

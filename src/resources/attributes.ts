@@ -103,24 +103,27 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
         throw new Error(`setting oom_score_adj ${a.oomScoreAdj}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
       }
     }
-    if (a.childSubreaper) r.call('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
-    if (a.thpDisabled) r.call('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
   }
-  r.call(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
+  // One batch (remote.ts): each call names the thread it acts on.
+  r.reset();
+  const calls = r.batch();
+  if (a?.childSubreaper) calls.add('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
+  if (a?.thpDisabled) calls.add('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
+  calls.add(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
   p.threads.forEach((t: Thread, i) => {
     const ta = t.attributes;
     if (!ta) return;
     const tid = tids[i];
-    r.call(`setting nice ${ta.nice} of thread ${t.vtid}`, SYS.setpriority, [PRIO_PROCESS, tid, ta.nice]);
-    r.reset();
+    calls.add(`setting nice ${ta.nice} of thread ${t.vtid}`, SYS.setpriority, [PRIO_PROCESS, tid, ta.nice]);
     const param = Buffer.alloc(4);
     param.writeInt32LE(ta.schedPriority);
-    r.call(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
+    calls.add(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
     // A mask naming CPUs this node lacks is cut to those it has; one
     // naming none of them fails.
-    if (ta.cpuAffinity?.length) r.call(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
-    if (ta.ioprio !== undefined) r.call(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
+    if (ta.cpuAffinity?.length) calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    if (ta.ioprio !== undefined) calls.add(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
   });
+  calls.run();
 }
 
 /** The parent-death signal, after the credentials: the kernel clears it

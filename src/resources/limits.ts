@@ -77,13 +77,14 @@ export function checkLimits(image: Image, own: Rlimit[], creds: Pick<OwnCreds, '
  * Returns how many calls it injected. */
 export function restoreLimits(r: RemoteProcess, limits: Rlimit[]): number {
   const seed = readLimits(r.pid);
-  let calls = 0;
+  r.reset();
+  const calls = r.batch();
   for (const lim of limits) {
     const had = seed.find((l) => l.resource === lim.resource);
     if (had && had.cur === lim.cur && had.max === lim.max) continue;
-    r.reset();
-    calls++;
-    r.call(`setting ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} to ${show(lim.cur)}/${show(lim.max)}`, SYS.prlimit64, [0, lim.resource, r.put(r.u64s([lim.cur, lim.max])), 0]);
+    calls.add(`setting ${LIMIT_NAMES[lim.resource] ?? `resource ${lim.resource}`} to ${show(lim.cur)}/${show(lim.max)}`, SYS.prlimit64, [0, lim.resource, r.put(r.u64s([lim.cur, lim.max])), 0]);
   }
-  return calls;
+  const n = calls.length;
+  calls.run();
+  return n;
 }

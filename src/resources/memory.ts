@@ -11,6 +11,7 @@ import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
+import { RemoteProcess } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 
 const PAGE = 4096n;
@@ -383,7 +384,7 @@ export interface MemorySources {
   /** The application's old and new tables files. */
   tables: { old: string; new: string };
   /** Opens `fd` of this process inside the remote one; returns its number there. */
-  transfer(r: import('../ptrace/remote.js').RemoteProcess, fd: number): number;
+  transfer(r: RemoteProcess, fd: number): number;
   /** Pages of `vpid` inherited from the parent chain, by address. */
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
   /** A clone: memory is given what a fork child gets (forkTreatment). */
@@ -487,7 +488,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * image's: everything of its own is unmapped but the vDSO, which is moved
  * to where the image had it, then each VMA is mapped and filled.
  */
-export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
+export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const MADV_DONTNEED = 4;
   const current = readMaps(r.pid);
@@ -510,16 +511,18 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
   ].sort((a, b) => (a.start < b.start ? -1 : 1));
   const TASK_SIZE = 0x7ffffffff000n;
   let from = 0x10000n; // mmap_min_addr
+  const unmapping = r.batch();
   for (const k of [...keep, { start: TASK_SIZE, end: TASK_SIZE }]) {
-    if (k.start > from) r.call('unmapping the seed\'s memory', SYS.munmap, [from, k.start - from]);
+    if (k.start > from) unmapping.add('unmapping the seed\'s memory', SYS.munmap, [from, k.start - from]);
     from = k.end;
   }
+  unmapping.run();
 
   // The vDSO and its data pages move together, keeping their layout.
   const moves = current.filter((m) => m.path === '[vdso]' || m.path === '[vvar]' || m.path === '[vvar_vclock]');
   const targets = moves.map((m) => vmas.find((v) => v.path === m.path));
   if (moves.some((m, i) => targets[i] && targets[i]!.start !== m.start)) {
-    const used: Range[] = [...vmas, ...current, { start: r.scratch, end: r.scratch + 0x10000n }];
+    const used: Range[] = [...vmas, ...current, { start: r.scratch, end: r.scratch + BigInt(RemoteProcess.scratchSize) }];
     let temp = freeAddress(used, 0x100000n) + 0x10000n;
     const parked = moves.map((m) => {
       const len = m.end - m.start;
@@ -538,86 +541,73 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
     });
   }
 
-  const opened = new Map<string, number>();
+  // Three batches of injected calls (remote.ts: one stop each where the
+  // kernel lets the scratch area be executable), with the page data
+  // written from here between the second and the third: the files to map
+  // opened; every mapping made (writable where pages go in); then each
+  // given its own protection and advice, and the files closed.
+  r.reset();
+  const opening = r.batch();
+  const openIndex = new Map<string, number>();
   const openInProcess = (path: string, flags: number): number => {
     const key = `${flags}:${path}`;
-    let fd = opened.get(key);
-    if (fd === undefined) {
-      r.reset();
-      fd = Number(r.call(`opening ${path}`, SYS.open, [r.str(path), flags | 0o2000000, 0]));
-      opened.set(key, fd);
+    let i = openIndex.get(key);
+    if (i === undefined) {
+      i = opening.add(`opening ${path}`, SYS.open, [r.str(path), flags | 0o2000000, 0]);
+      openIndex.set(key, i);
     }
-    return fd;
+    return i;
   };
-  const pageFdsInProcess: number[] = [];
-  const pageFdIn = (i: number) => (pageFdsInProcess[i] ??= openInProcess(src.pagePaths[i], O_RDONLY));
-  let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
-  const writePages = src.writePages ?? ((pid: number, fd: number, off: number, addr: bigint, n: number) => addon().writePages(pid, fd, off, addr, n));
-
-  for (const v of vmas) {
-    if (v.kind === VmaKind.VDSO || v.kind === VmaKind.VVAR || v.kind === VmaKind.VSYSCALL) continue;
-    const fork = src.asFork ? forkTreatment(v) : undefined;
-    if (fork === 'absent') continue;
-    const len = v.end - v.start;
-    // Wiped: mapped anonymous and left as it comes, zero.
-    const own = fork === 'wipe' ? [] : storedRuns(v);
-    const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
-    const droppable = v.vmFlags.includes('dp');
-    const lazy = mappedLazily(src, vpid, v);
-    const needsWrite = (own.length > 0 && !lazy) || hasInherited;
-    const prot = v.prot | (needsWrite ? PROT_WRITE : 0);
-    const what = `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`;
-    const growsdown = v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0;
-    const parentVma = inheritedFrom.get(v);
+  const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
+  const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
+  const fds = opening.run().map(Number);
+  // Descriptors of shared anonymous memory, handed over one by one.
+  const sharedFds = plans.map((p) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? src.transfer(r, src.sharedFd(p.v.sharedMemory)) : -1));
+  const mapping = r.batch();
+  plans.forEach((p, i) => {
+    const { v, len, prot, what, parentVma } = p;
     if (parentVma) {
       // Inherited with the parent's pages: what this process did not have
       // of them goes (zeros again, as the parent's restore made them from
       // anonymous memory or, lazily, from the page file); its own pages
       // are written or mapped below, each breaking the sharing of one page.
-      r.call(what, SYS.mprotect, [v.start, len, prot]);
+      mapping.add(what, SYS.mprotect, [v.start, len, prot]);
       const parentLazy = mappedLazily(src, forker!.vpid, parentVma);
       for (const [first, end] of subtract(pagesHeld(parentVma), pagesHeld(v))) {
         const at = v.start + BigInt(first) * PAGE;
         const n = BigInt(end - first) * PAGE;
-        if (parentLazy) r.call(what, SYS.mmap, [at, n, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0]);
-        else r.call(what, SYS.madvise, [at, n, MADV_DONTNEED]);
+        if (parentLazy) mapping.add(what, SYS.mmap, [at, n, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0]);
+        else mapping.add(what, SYS.madvise, [at, n, MADV_DONTNEED]);
       }
     } else switch (v.kind) {
       case VmaKind.ANON:
-        r.call(what, SYS.mmap, [v.start, len, prot, (droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | growsdown | MAP.NORESERVE, -1, 0]);
+        mapping.add(what, SYS.mmap, [v.start, len, prot, (p.droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | p.growsdown | MAP.NORESERVE, -1, 0]);
         break;
       case VmaKind.FILE_PRIVATE:
-      case VmaKind.FILE_SHARED: {
-        const shared = v.kind === VmaKind.FILE_SHARED;
-        const path = v.path === src.tables.old ? src.tables.new : (src.mappedPath?.(vpid, v) ?? v.path);
-        // A shared mapping of a file opened for writing may be made
-        // writable later (mprotect) even when it is read-only now: the
-        // kernel decides by the mode of the file it was mapped from (mw;
-        // an image without VmFlags has only the protection to go by).
-        const fd = openInProcess(path, shared && (v.prot & PROT_WRITE || v.vmFlags.includes('mw')) ? O_RDWR : O_RDONLY);
-        r.call(what, SYS.mmap, [v.start, len, prot, (shared ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fd, v.pgoff]);
+      case VmaKind.FILE_SHARED:
+        mapping.add(what, SYS.mmap, [v.start, len, prot, (v.kind === VmaKind.FILE_SHARED ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fds[p.file!], v.pgoff]);
         break;
-      }
-      case VmaKind.SHARED_ANON: {
-        const fd = src.transfer(r, src.sharedFd(v.sharedMemory));
-        r.call(what, SYS.mmap, [v.start, len, prot, MAP.SHARED | MAP.FIXED, fd, v.pgoff]);
-        r.call('closing', SYS.close, [fd]);
+      case VmaKind.SHARED_ANON:
+        mapping.add(what, SYS.mmap, [v.start, len, prot, MAP.SHARED | MAP.FIXED, sharedFds[i], v.pgoff]);
+        mapping.add('closing', SYS.close, [sharedFds[i]]);
         break;
-      }
       case VmaKind.SYSV_SHM: {
         const SHM_RDONLY = 0o10000;
-        r.call(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
+        mapping.add(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
         break;
       }
     }
-    if (lazy) {
-      // Copy-on-write from the page file: nothing is read until touched.
-      const fd = pageFdIn(0);
-      for (const [addr, off, n] of own) r.call(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fd, off]);
-    } else {
-      for (const [addr, off, n] of own) writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
-    }
-    if (hasInherited) {
+    // Copy-on-write from the page file: nothing is read until touched.
+    if (p.lazy) for (const [addr, off, n] of p.own) mapping.add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fds[p.pageFile!], off]);
+  });
+  mapping.run();
+
+  let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
+  const writePages = src.writePages ?? ((pid: number, fd: number, off: number, addr: bigint, n: number) => addon().writePages(pid, fd, off, addr, n));
+  for (const p of plans) {
+    const { v } = p;
+    if (!p.lazy) for (const [addr, off, n] of p.own) writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
+    if (p.hasInherited) {
       inherited ??= src.inherited(vpid);
       // Pages next to each other in memory and in one page file go in one
       // copy. A page no image of the chain holds was only ever read (dirty
@@ -629,8 +619,8 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
       };
       const from = v.pages!.fromParent;
       for (let i = 0; i < from.length; i += 2)
-        for (let p = 0; p < from[i + 1]; p++) {
-          const addr = v.start + BigInt(from[i] + p) * PAGE;
+        for (let pg = 0; pg < from[i + 1]; pg++) {
+          const addr = v.start + BigInt(from[i] + pg) * PAGE;
           const loc = inherited.get(addr);
           if (!loc) {
             flush();
@@ -644,11 +634,65 @@ export function restoreMemory(r: import('../ptrace/remote.js').RemoteProcess, vm
         }
       flush();
     }
-    if (prot !== v.prot || parentVma) r.call(what, SYS.mprotect, [v.start, len, v.prot]);
+  }
+
+  const finishing = r.batch();
+  for (const { v, len, prot, what, parentVma } of plans) {
+    if (prot !== v.prot || parentVma) finishing.add(what, SYS.mprotect, [v.start, len, v.prot]);
     for (const flag of v.vmFlags) {
       const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
-      if (advice !== undefined) r.call(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
+      if (advice !== undefined) finishing.add(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
     }
   }
-  for (const fd of opened.values()) r.call('closing', SYS.close, [fd]);
+  for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);
+  finishing.run();
+}
+
+/** How one VMA of the image is mapped (restoreMemory): `file`, `pageFile`:
+ * indexes of the descriptors opened for it in the process. */
+interface VmaPlan {
+  v: Vma;
+  len: bigint;
+  prot: number;
+  what: string;
+  own: [bigint, bigint, bigint][];
+  hasInherited: boolean;
+  droppable: boolean;
+  growsdown: number;
+  lazy: boolean;
+  parentVma: Vma | undefined;
+  file?: number;
+  pageFile?: number;
+}
+
+function planVma(v: Vma, vpid: number, src: MemorySources, inheritedFrom: Map<Vma, Vma>, open: (path: string, flags: number) => number): VmaPlan {
+  const fork = src.asFork ? forkTreatment(v) : undefined;
+  // Wiped: mapped anonymous and left as it comes, zero.
+  const own = fork === 'wipe' ? [] : storedRuns(v);
+  const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
+  const lazy = mappedLazily(src, vpid, v);
+  const needsWrite = (own.length > 0 && !lazy) || hasInherited;
+  const plan: VmaPlan = {
+    v,
+    len: v.end - v.start,
+    prot: v.prot | (needsWrite ? PROT_WRITE : 0),
+    what: `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`,
+    own,
+    hasInherited,
+    droppable: v.vmFlags.includes('dp'),
+    growsdown: v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0,
+    lazy,
+    parentVma: inheritedFrom.get(v),
+  };
+  if (!plan.parentVma && (v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED)) {
+    const shared = v.kind === VmaKind.FILE_SHARED;
+    const path = v.path === src.tables.old ? src.tables.new : (src.mappedPath?.(vpid, v) ?? v.path);
+    // A shared mapping of a file opened for writing may be made
+    // writable later (mprotect) even when it is read-only now: the
+    // kernel decides by the mode of the file it was mapped from (mw;
+    // an image without VmFlags has only the protection to go by).
+    plan.file = open(path, shared && (v.prot & PROT_WRITE || v.vmFlags.includes('mw')) ? O_RDWR : O_RDONLY);
+  }
+  if (lazy && own.length) plan.pageFile = open(src.pagePaths[0], O_RDONLY);
+  return plan;
 }

@@ -50,14 +50,16 @@ export function dumpSharedPending(tid: number): Buffer {
 export function restoreSigactions(r: RemoteProcess, actions: SigAction[]): void {
   const bySignal = new Map(actions.map((a) => [a.signal, a]));
   const seedOwn = nonDefault(r.pid);
+  r.reset();
+  const calls = r.batch();
   for (let sig = 1; sig <= NSIG; sig++) {
     if (sig === SIGKILL || sig === SIGSTOP) continue;
     const a = bySignal.get(sig);
     if (!a && !(seedOwn & (1n << BigInt(sig - 1)))) continue;
-    r.reset();
     const act = r.put(r.u64s(a ? [a.handler, a.flags, a.restorer, a.mask] : [0n, 0n, 0n, 0n]));
-    r.call(`restoring the handler of signal ${sig}`, SYS.rt_sigaction, [sig, act, 0, 8]);
+    calls.add(`restoring the handler of signal ${sig}`, SYS.rt_sigaction, [sig, act, 0, 8]);
   }
+  calls.run();
 }
 
 /** Queues signals again: 128-byte siginfos, for a thread or (tid 0) for the

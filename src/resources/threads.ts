@@ -169,23 +169,25 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
  * stack, name, FPU state, and glibc's cached TID made true again. */
 export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number): void {
-  if (t.tidAddress) r.call('set_tid_address', SYS.set_tid_address, [t.tidAddress], tid);
-  if (t.robustList) r.call('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen], tid);
-  if (t.rseq) r.call('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature], tid);
+  // Each acts on the calling thread: one batch run in that thread.
+  r.reset();
+  const calls = r.batch(tid);
+  if (t.tidAddress) calls.add('set_tid_address', SYS.set_tid_address, [t.tidAddress]);
+  if (t.robustList) calls.add('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen]);
+  if (t.rseq) calls.add('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature]);
   if (t.altstack) {
-    r.reset();
     const ss = Buffer.alloc(24);
     ss.writeBigUInt64LE(t.altstack.sp, 0);
     ss.writeInt32LE(t.altstack.flags & ~1 /* SS_ONSTACK is a state, not a setting */, 8);
     ss.writeBigUInt64LE(t.altstack.size, 16);
     if (t.altstack.flags & 2 /* SS_DISABLE */) ss.writeInt32LE(2, 8);
-    r.call('sigaltstack', SYS.sigaltstack, [r.put(ss), 0], tid);
+    calls.add('sigaltstack', SYS.sigaltstack, [r.put(ss), 0]);
   }
   if (t.comm) {
     const PR_SET_NAME = 15;
-    r.reset();
-    r.call('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))], tid);
+    calls.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
   }
+  calls.run();
   addon().setXstate(tid, t.xstate);
   const fsBase = t.regs.readBigUInt64LE(REG.fsBase);
   if (glibcTidOffset && fsBase) {
