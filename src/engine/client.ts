@@ -90,6 +90,7 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
     umask,
     tty: { stdout: !!process.stdout.isTTY, stderr: !!process.stderr.isTTY, columns: process.stdout.columns ?? process.stderr.columns },
     ci: ciVariableSet(process.env.CI),
+    path: process.env.PATH,
   };
   return new Promise((resolve) => {
     let accepted = false;

@@ -34,6 +34,8 @@ export interface Request {
   /** Whether the client runs under CI (its CI variable is set): progress
    * comes as plain lines there. */
   ci?: boolean;
+  /** The client's PATH: where the programs a command runs are looked for. */
+  path?: string;
 }
 
 export interface Control {

@@ -23,6 +23,8 @@ export interface RequestContext {
   /** Whether the client's CI variable is set (the engine's environment is
    * not the client's). */
   ci?: boolean;
+  /** The client's PATH (the engine's is not the client's). */
+  path?: string;
   /** --trust-image of this command. */
   trustImages: boolean;
   /** Called if the client goes away (Ctrl-C, killed) before the end. */
@@ -97,4 +99,11 @@ export function onInterrupt(kind: 'abort' | 'exit', handler: (sig: NodeJS.Signal
   }
   process.on('SIGINT', handler).on('SIGTERM', handler);
   return () => process.off('SIGINT', handler).off('SIGTERM', handler);
+}
+
+/** Where the command looks for the programs it runs (zstd): the client's
+ * PATH, in the engine. */
+export function commandPath(): string {
+  const r = currentRequest();
+  return (r ? r.path : process.env.PATH) ?? '';
 }

@@ -301,6 +301,7 @@ export class Engine {
       },
       tty: { stdout: !!msg.tty?.stdout, stderr: !!msg.tty?.stderr, columns: msg.tty?.columns },
       ci: msg.ci === true,
+      path: typeof msg.path === 'string' ? msg.path : undefined,
       trustImages: false,
       onDisconnect: new Set(),
       disconnected: false,

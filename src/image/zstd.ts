@@ -10,10 +10,11 @@ import { accessSync, constants as fsc, statSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { PassThrough, type Writable } from 'node:stream';
 import { AppshotError, ExitCode } from '../errors.js';
+import { commandPath } from '../engine/request.js';
 
 /** The zstd program on PATH, if there is one. */
 export function zstdProgram(): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+  for (const dir of commandPath().split(delimiter)) {
     if (!dir) continue;
     const candidate = join(dir, 'zstd');
     try {
