@@ -13,7 +13,7 @@
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
 // BENCH_IDLE=300ms the service's idle time.
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -164,6 +164,9 @@ try {
   console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
   if (process.env.BENCH_JSON) console.log(JSON.stringify(report));
 } finally {
+  // BENCH_LOG=FILE: the serve process's log (with APPSHOT_DEBUG=1, the
+  // restore's phase timings), to see where a resume's time goes.
+  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, serveErr);
   if (serve && serve.exitCode === null) {
     serve.kill('SIGTERM');
     await new Promise((r) => serve.on('exit', r));

@@ -29,6 +29,7 @@ import {
   statfsSync,
   statSync,
   writeSync,
+  type BigIntStats,
 } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
@@ -304,6 +305,25 @@ export interface LoadedImage {
   digests: Map<string, PartDigest>;
   /** Removes a temporary extraction; a no-op for a directory image. */
   dispose(): void;
+  /** Each part's identity as the kernel tells it (device, inode, size,
+   * mtime, ctime) of the very file that was read: see unchangedOnDisk. */
+  identity: string;
+}
+
+const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+
+/** Whether every part of a loaded image is still the file that was read
+ * and checked: any write, truncate, chmod, rename over or replacement
+ * moves one of device, inode, size, mtime or ctime. A caller that keeps a
+ * loaded image to restore it later (serve, while its service is
+ * suspended) asks this first, and loads the image again if not. */
+export function unchangedOnDisk(loaded: LoadedImage): boolean {
+  try {
+    const now = loaded.manifest.parts.map((part) => fileIdentity(lstatSync(join(loaded.dir, part.name), { bigint: true }))).join(' ');
+    return now === loaded.identity;
+  } catch {
+    return false;
+  }
 }
 
 export interface PartDigest {
@@ -660,9 +680,11 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     // image.pb is read once, into the buffer that is checked and decoded:
     // no one can change it between the two.
     let imageBytes: Buffer = Buffer.alloc(0);
+    const identity: string[] = [];
     for (const part of manifest.parts) {
       const { fd, size } = openPart(dir, part.name);
       try {
+        identity.push(fileIdentity(fstatSync(fd, { bigint: true })));
         if (BigInt(size) !== part.size) throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
         const quick = opts.sizeOnly && part.name === PARTS.pages;
         let d: PartDigest;
@@ -688,7 +710,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
-    return { dir, manifest, image, signer, digests, dispose };
+    return { dir, manifest, image, signer, digests, dispose, identity: identity.join(' ') };
   } catch (e) {
     dispose();
     throw e;

@@ -15,10 +15,10 @@ import { restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { letGoIfUnsettled } from '../ptrace/freezer.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type LoadedImage, loadImage, parentPath, PARTS } from '../image/format.js';
+import { type LoadedImage, loadImage, parentPath, PARTS, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -59,6 +59,12 @@ export interface RestoreOptions {
   /** An image loaded and verified already (clones of one template): not
    * read, checked or disposed of again. */
   loaded?: LoadedImage;
+  /** The image chain read and verified by the caller ahead of time
+   * (loadImageChain; serve, while its service is suspended), used if every
+   * part of it is still the very file that was checked (unchangedOnDisk),
+   * else read again. This node and the files the image maps are checked
+   * anyway (verifyImage): they can change meanwhile. Not disposed of. */
+  preloaded?: LoadedImage[];
   /** Part of a batch of clones that commits as one (see appshot-init):
    * the restore does not commit itself, and hands back its lifeline for
    * the batch to close once it has. */
@@ -147,8 +153,10 @@ class ProgressMeter {
 }
 
 /** The image and its parents, newest first. Ctrl-C while their page data
- * is checked (seconds per GiB) ends it at once. */
-async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal): Promise<LoadedImage[]> {
+ * is checked (seconds per GiB) ends it at once. `known`: a chain loaded
+ * already (the previous image of a service, still unchanged on disk),
+ * taken as it is from the link where the new chain joins it. */
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = []): Promise<LoadedImage[]> {
   const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal };
   const interrupted = (e: unknown) => {
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
@@ -159,6 +167,9 @@ async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSigna
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
+      const at = resolve(parentPath(child.dir, parent.path));
+      const joinsAt = known.findIndex((k) => resolve(k.dir) === at && k.manifest.imageId === parent.imageId);
+      if (joinsAt >= 0 && known.slice(joinsAt).every(unchangedOnDisk)) return [...chain, ...known.slice(joinsAt)];
       const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch(interrupted).catch((e: Error) => {
         if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
         throw new AppshotError(`the image is incremental and its parent ${parent.path} cannot be read: ${e.message}`);
@@ -171,6 +182,14 @@ async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSigna
     for (const l of chain) l.dispose();
     throw e;
   }
+}
+
+/** An image and its parents, read and verified (manifest signature, every
+ * part's checksums, metadata) ahead of a restore: what `serve` keeps of a
+ * suspended service, so that its resume does not read them again (see
+ * RestoreOptions.preloaded). `known` as for loadChain. */
+export function loadImageChain(path: string, known: LoadedImage[] = []): Promise<LoadedImage[]> {
+  return loadChain(path, new ProgressMeter(noProgress, false), undefined, known);
 }
 
 /** Starts the application's init with `count` seeds; returns their PIDs
@@ -224,8 +243,14 @@ const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
   const injectedBefore = injected.calls;
+  const phase = (what: string) => {
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(now() - started).toFixed(2)} ms, ${injected.calls - injectedBefore} calls injected: ${what}\n`);
+    killPoint(`restore: ${what}`);
+  };
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
-  const chain = opts.loaded ? [opts.loaded] : await loadChain(imagePath, meter, opts.signal);
+  const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(unchangedOnDisk) ? opts.preloaded : undefined;
+  const chain = opts.loaded ? [opts.loaded] : (preloaded ?? (await loadChain(imagePath, meter, opts.signal)));
+  phase(`image ${preloaded ? 'read and checked ahead of time' : 'read and checked'} (${chain.length} in its chain)`);
   const { image } = chain[0];
   let record: AppRecord | undefined;
   const made: Made[] = [];
@@ -249,10 +274,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // was made. The batch a clone belongs to closes it after its commit.
   let lifeline = -1;
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
-  const phase = (what: string) => {
-    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(now() - started).toFixed(2)} ms, ${injected.calls - injectedBefore} calls injected: ${what}\n`);
-    killPoint(`restore: ${what}`);
-  };
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
     // page file checked, a process's memory copied): at each of these
@@ -270,6 +291,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     checkCredentials(image, own);
     checkLimits(image, readLimits('self'), own);
     const verified = now();
+    phase('node verified');
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
     record = reg.register(aid, (stateDir) => ({
@@ -580,7 +602,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);
   } finally {
     for (const fd of pageFds) closeSync(fd);
-    if (!opts.loaded) for (const l of chain) l.dispose();
+    if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
   }
 }
 

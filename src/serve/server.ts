@@ -24,6 +24,9 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
+import type { LoadedImage } from '../image/format.js';
+import { loadImageChain, restore as restoreImage } from '../restore/driver.js';
+import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry, isEnded } from '../registry.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
 import type { ServeMetrics } from './metrics.js';
@@ -80,6 +83,12 @@ class Service {
    * delete). */
   lastImage: string;
   chain: string[];
+  /** restore mode, while suspended: `lastImage` and its parents read,
+   * checked and decoded ahead of the next restore (preload), so that a
+   * resume does not spend its first milliseconds on them. Metadata only:
+   * the pages stay on disk. */
+  private ready: LoadedImage[] | undefined;
+  private preloading: Promise<void> | undefined;
   counters = { snapshots: 0, restores: 0, crashes: 0 };
   private seq = 0;
   private stateTimer: NodeJS.Timeout | undefined;
@@ -120,7 +129,47 @@ class Service {
       this.log('adopt', { instance: inst.aid });
     } else {
       this.newInstance(this.name, 'suspended');
+      this.preload();
     }
+  }
+
+  /**
+   * Reads and verifies `lastImage` (and its parents) now, while nothing
+   * waits for it, and keeps the decoded result for the next restore.
+   *
+   * Why this is safe: what is kept is what loadImage verified (trusted
+   * signature, every part's checksums, well-formed metadata), and the
+   * restore uses it only if every part is still the very file that was
+   * checked (unchangedOnDisk: device, inode, size, mtime and ctime, which
+   * any write, truncate, chmod or replacement moves); otherwise it reads
+   * the image again. loadImage also refused an image directory that
+   * anyone but its owner (us) or root could change; the service's own
+   * suspend images are under its work directory, made 0700. So no one
+   * else can change an image between its check and its restore, and a
+   * change of our own is noticed. What is not taken ahead of time: this
+   * node and the files the image maps, checked at the restore (with the
+   * checksums of unchanged libraries kept, see keepChecksums).
+   */
+  private preload(): void {
+    if (this.spec.mode !== 'restore') return;
+    const path = this.lastImage;
+    const known = this.ready ?? [];
+    const loading = loadImageChain(path, known)
+      .then((chain) => {
+        // A newer image may have been taken meanwhile.
+        if (this.lastImage !== path) return;
+        for (const l of known) if (!chain.includes(l)) l.dispose();
+        this.ready = chain;
+      })
+      .catch((e: Error) => {
+        // The restore reads it again and says what is wrong with it.
+        if (this.lastImage === path) this.ready = undefined;
+        this.log('preload-failed', { image: path, error: e.message });
+      })
+      .finally(() => {
+        if (this.preloading === loading) this.preloading = undefined;
+      });
+    this.preloading = loading;
   }
 
   private newInstance(aid: string, state: InstanceStateName): Instance {
@@ -323,7 +372,10 @@ class Service {
       // A crashed instance's registration (ended, or half-released).
       const old = this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
-      await api.restore(this.lastImage, { home, aid: this.name });
+      // A preload under way is the reading the restore would do itself.
+      if (this.preloading) await this.preloading;
+      const ready = this.ready?.[0]?.dir === this.lastImage ? this.ready : undefined;
+      await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
       inst.ports.clear();
@@ -336,9 +388,10 @@ class Service {
       // The held go first; then the record learns its parent image (read
       // again: ~10 ms), long before the next suspend needs it.
       this.pump();
-      await this.trackFrom(rec).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
+      this.ready = undefined; // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Those waiting would wait for ever: they are told by a close.
       for (const h of this.held.splice(0)) {
@@ -352,7 +405,11 @@ class Service {
   /** The next snapshot of the restored instance builds on the image it
    * came from (pages compared with it), so a suspend writes only what
    * changed; every MAX_CHAIN links a full one keeps restores short. */
-  private async trackFrom(rec: ReturnType<LocalRegistry['require']>): Promise<void> {
+  private async trackFrom(rec: ReturnType<LocalRegistry['require']>, preloaded?: LoadedImage): Promise<void> {
+    if (preloaded) {
+      this.reg.update({ ...rec, lastImage: { path: this.lastImage, id: preloaded.manifest.imageId } });
+      return;
+    }
     const { loadImage } = await import('../image/format.js');
     const loaded = await loadImage(this.lastImage);
     try {
@@ -382,6 +439,7 @@ class Service {
       this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
       this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
       this.prune(dir);
+      this.preload();
     } catch (e) {
       // The snapshot driver leaves the application running when it fails.
       inst.state = this.alive(inst) ? 'running' : 'crashed';
@@ -518,6 +576,10 @@ export class ServeHost {
     this.log = opts.log ?? stderrLog;
     this.metrics = opts.metrics;
     this.store = new ServiceStore(opts.home);
+    // Restores check the files an image maps (libraries, the program)
+    // against the image's checksums: a serve restores the same ones again
+    // and again, and reads each once while it is unchanged.
+    keepChecksums();
     for (const spec of specs) this.services.push(new Service(spec, this));
   }
 
