@@ -8,12 +8,16 @@
 //   (d) a cold start of the same server with its dataset loaded from its
 //       RDB file (redis-server spawned, polled until it answers).
 // Also the serve process's own PSS (what appshot keeps running for a
-// suspended service). Medians and p99 (with few samples p99 is their max).
+// suspended service), and (e) the PSS of everything appshot keeps running
+// for BENCH_SERVICES (100) suspended services of the same image: the serve
+// process, and any process of the state directory (an engine, an
+// application's init) there may be. Medians and p99 (with few samples p99
+// is their max).
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
-// BENCH_IDLE=300ms the service's idle time.
+// BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e).
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -27,9 +31,13 @@ const IDLE = process.env.BENCH_IDLE ?? '300ms';
 const KEYS = 10_000;
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-serve-'));
 const env = { ...process.env, APPSHOT_HOME: home };
-const APP = 26950;
-const PUBLIC = 26951;
-const COLD = 26952;
+// BENCH_PORT: the first of the three ports (a bench run next to another).
+const APP = Number(process.env.BENCH_PORT ?? 26950);
+const PUBLIC = APP + 1;
+const COLD = APP + 2;
+const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
+/** (e)'s public ports: SERVICES_PORT, +1, ... */
+const SERVICES_PORT = APP + 4150;
 
 const appshot = (...args) => execFileSync(process.execPath, [cli, ...args], { encoding: 'utf8', env });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -82,6 +90,28 @@ function state() {
 function pssKiB(pid) {
   const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
   return m ? Number(m[1]) : NaN;
+}
+
+/** The processes appshot keeps for the state directory: `pid` (serve),
+ * its descendants, and any process whose command line names the state
+ * directory (an application's init, an engine). */
+function keptProcesses(pid) {
+  const kept = new Set([pid]);
+  const procs = readdirSync('/proc').filter((n) => /^\d+$/.test(n)).map(Number);
+  const parentOf = new Map();
+  for (const p of procs)
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      parentOf.set(p, Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+      if (readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(home)) kept.add(p);
+    } catch {
+      /* gone */
+    }
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const [p, pp] of parentOf) if (kept.has(pp) && !kept.has(p)) kept.add(p), (grew = true);
+  }
+  return [...kept];
 }
 
 const report = [];
@@ -162,6 +192,41 @@ try {
   }
   row('(d) cold start, dataset from RDB', cold);
   console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
+
+  // (e) SERVICES suspended services: serve restarted with them all (the
+  // first, db, suspended by now), each of them never started or suspended.
+  if (SERVICES > 0) {
+    serve.kill('SIGTERM');
+    await new Promise((r) => serve.on('exit', r));
+    for (let i = 1; i < SERVICES; i++)
+      appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
+    serve = spawn(process.execPath, [cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    serveErr = '';
+    serve.stderr.on('data', (d) => (serveErr += d));
+    await new Promise((resolve, reject) => {
+      serve.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
+      serve.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
+    });
+    // Settled: every service's state written, whatever serve does ahead
+    // of a resume done (its log quiet for a second).
+    for (let quiet = 0, seen = -1; quiet < 5; ) {
+      await sleep(200);
+      quiet = serveErr.length === seen ? quiet + 1 : 0;
+      seen = serveErr.length;
+    }
+    const states = readdirSync(join(home, 'services')).map((name) => {
+      try {
+        return JSON.parse(readFileSync(join(home, 'services', name, 'state.json'), 'utf8')).instances[0]?.state;
+      } catch {
+        return undefined;
+      }
+    });
+    const suspended = states.filter((s) => s === 'suspended').length;
+    const pids = keptProcesses(serve.pid);
+    const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
+    console.log(`(e) ${SERVICES} services, ${suspended} suspended: PSS of all appshot keeps running (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB`);
+    report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB)`, value: total / 1024, processes: pids.length, suspended });
+  }
   if (process.env.BENCH_JSON) console.log(JSON.stringify(report));
 } finally {
   // BENCH_LOG=FILE: the serve process's log (with APPSHOT_DEBUG=1, the

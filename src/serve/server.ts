@@ -69,6 +69,11 @@ interface Held {
 const MAX_CHAIN = 4;
 /** Translations kept for `service show`. */
 const KEEP_TRANSLATIONS = 50;
+/** Services whose next image is kept read and decoded (preload), the
+ * most recently suspended: a decoded image is held in this process (redis
+ * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
+ * next to nothing. The others read theirs when a connection comes. */
+const PRELOAD_LIMIT = 8;
 
 class Service {
   readonly policy: Policy;
@@ -129,7 +134,9 @@ class Service {
       this.log('adopt', { instance: inst.aid });
     } else {
       this.newInstance(this.name, 'suspended');
-      this.preload();
+      // At start, only as many as are kept: the rest would be read to be
+      // let go of at once.
+      if (this.host.preloadRoom()) this.preload();
     }
   }
 
@@ -154,12 +161,14 @@ class Service {
     if (this.spec.mode !== 'restore') return;
     const path = this.lastImage;
     const known = this.ready ?? [];
+    this.host.preloading++;
     const loading = loadImageChain(path, known)
       .then((chain) => {
         // A newer image may have been taken meanwhile.
         if (this.lastImage !== path) return;
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
+        this.host.preloaded(this);
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
@@ -167,6 +176,7 @@ class Service {
         this.log('preload-failed', { image: path, error: e.message });
       })
       .finally(() => {
+        this.host.preloading--;
         if (this.preloading === loading) this.preloading = undefined;
       });
     this.preloading = loading;
@@ -359,6 +369,13 @@ class Service {
       else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
       else void this.drop(this.instances.get(a.aid)!, a.idleMs);
     }
+  }
+
+  /** Lets go of the preloaded image (ServeHost keeps PRELOAD_LIMIT). */
+  forgetPreload(): void {
+    if (!this.ready) return;
+    for (const l of this.ready) l.dispose();
+    this.ready = undefined;
   }
 
   private async restoreInstance(): Promise<void> {
@@ -562,6 +579,10 @@ export class ServeHost {
   readonly store: ServiceStore;
   readonly home: string;
   private readonly services: Service[] = [];
+  /** Services holding a preloaded image, least recently loaded first. */
+  private readonly holding: Service[] = [];
+  /** Preloads under way. */
+  preloading = 0;
   private timer: NodeJS.Timeout | undefined;
   private metricsServer: HttpServer | undefined;
   /** Moves the bytes of every forwarded connection (forwarder.ts). */
@@ -581,6 +602,20 @@ export class ServeHost {
     // and again, and reads each once while it is unchanged.
     keepChecksums();
     for (const spec of specs) this.services.push(new Service(spec, this));
+  }
+
+  /** `s` has just preloaded its image: the one that did longest ago lets
+   * go of its own, if more than PRELOAD_LIMIT hold one. */
+  preloaded(s: Service): void {
+    const at = this.holding.indexOf(s);
+    if (at >= 0) this.holding.splice(at, 1);
+    this.holding.push(s);
+    while (this.holding.length > PRELOAD_LIMIT) this.holding.shift()!.forgetPreload();
+  }
+
+  /** Whether one more preloaded image would be kept. */
+  preloadRoom(): boolean {
+    return this.holding.length + this.preloading < PRELOAD_LIMIT;
   }
 
   async start(metricsAt?: { host: string; port: number }): Promise<void> {
