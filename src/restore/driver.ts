@@ -236,6 +236,10 @@ interface Made {
   remote?: RemoteProcess;
 }
 
+/** Whether the process leaves SIGTRAP to its default action (neither a
+ * handler of its own nor ignored). */
+const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 && a.handler !== 0n);
+
 /** Whether a process shares pages copy-on-write with its parent: the
  * parent's memory is then filled before the process is forked from it. */
 const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?.length ?? 0) > 0);
@@ -493,15 +497,21 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreProcessState(r, p, handed.workingDirectory(p));
       if (opts.instance) setEnviron(r, p, opts.instance.config.env);
       // From here on a single-step's trap would reset a SIGTRAP handler
-      // the process has (see RemoteProcess.singleStep).
-      r.singleStep = false;
+      // the process has, or its ignoring SIGTRAP, to the default (see
+      // RemoteProcess.singleStep): harmless only while its own disposition
+      // is the default. Until the thread's signals are blocked again
+      // below, then, when it is. (Batches stop by SIGSTOP, no trap.)
+      r.singleStep = trapIsDefault(p);
       restoreSigactions(r, p.sigactions);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
-      // Every signal blocked until the registers are the thread's own.
+      // Every signal blocked until the registers are the thread's own;
+      // no more traps from here, as the signals it had pending are
+      // queued again (requeueSignals) and would be taken by one.
+      r.singleStep = false;
       addon().setSigmask(m.pid, ~0n);
       m.tids = [m.pid];
       for (let i = 1; i < p.threads.length; i++) {
