@@ -36,6 +36,8 @@ const APP = Number(process.env.BENCH_PORT ?? 26950);
 const PUBLIC = APP + 1;
 const COLD = APP + 2;
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
+/** Node's flags as \`appshot serve -d\` runs the serve process (commands/serve.ts). */
+const RESIDENT = ['--max-semi-space-size=1'];
 /** (e)'s public ports: SERVICES_PORT, +1, ... */
 const SERVICES_PORT = APP + 4150;
 
@@ -129,7 +131,7 @@ try {
   load(APP);
   appshot('snapshot', 'loader', '-o', join(home, 'redis.img'));
   appshot('service', 'add', 'db', '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', IDLE);
-  serve = spawn(process.execPath, [cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  serve = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   serveErr = '';
   serve.stderr.on('data', (d) => (serveErr += d));
   await new Promise((resolve, reject) => {
@@ -200,7 +202,7 @@ try {
     await new Promise((r) => serve.on('exit', r));
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
-    serve = spawn(process.execPath, [cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    serve = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     serveErr = '';
     serve.stderr.on('data', (d) => (serveErr += d));
     await new Promise((resolve, reject) => {

@@ -9,7 +9,8 @@ const entry = join(dirname(fileURLToPath(import.meta.url)), 'main.js');
 function spawnEngine(home: string, stderr: 'ignore' | 'pipe', onDemand = false) {
   // Its own session (detached): the terminal's Ctrl-C and hang-up are not
   // its. APPSHOT_HOME pinned: the engine serves this directory only.
-  return spawn(process.execPath, [entry, ...(onDemand ? ['--on-demand'] : [])], {
+  // As small a young generation as serve -d's (commands/serve.ts).
+  return spawn(process.execPath, ['--max-semi-space-size=1', entry, ...(onDemand ? ['--on-demand'] : [])], {
     detached: true,
     stdio: ['ignore', 'ignore', stderr],
     env: { ...process.env, APPSHOT_HOME: home },
