@@ -1,5 +1,5 @@
 {
-  # Three products, all built by `npm install` (node-gyp):
+  # Four products, all built by `npm install` (node-gyp):
   #  - appshot.node: the Node addon (tables, ptrace, page data)
   #  - appshot_preload.so: the LD_PRELOAD library, plain C, which lives
   #    inside the user's programs and so must not drag in libstdc++
