@@ -88,6 +88,13 @@ export interface SnapshotOptions extends CommonOptions {
   /** Give up if some thread cannot be stopped within this time. Default
    * 10 000 ms. */
   timeoutMs?: number;
+  /** Record established TCP connections as closed (no CAP_NET_ADMIN
+   * needed): the restored application sees them reset. Default false. */
+  tcpClose?: boolean;
+  /** How long appshot-keeper holds the ended application's connections
+   * for a restore on this host; 0: not held (a connection only the keeper
+   * could carry is then refused). Default 900. */
+  tcpHoldSeconds?: number;
 }
 
 export interface RestoreOptions extends CommonOptions {
@@ -235,6 +242,8 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
       leaveRunning: opts.leaveRunning ?? false,
       full: opts.full ?? false,
       preCopy: opts.preCopy ?? false,
+      tcpClose: opts.tcpClose,
+      tcpHoldSeconds: opts.tcpHoldSeconds,
       timeoutMs,
     });
   });

@@ -423,7 +423,7 @@ export function buildProgram(): Command {
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);
       if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
-      const { parseDuration } = await import('./serve/spec.js');
+      const { parseDuration, formatDuration } = await import('./serve/spec.js');
       const tcpHoldSeconds = Math.ceil(parseDuration(opts.tcpHold, '--tcp-hold') / 1000);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
       const [{ snapshot }, { ProgressDisplay, progressMode }] = await Promise.all([import('./snapshot/driver.js'), import('./progress.js')]);
@@ -469,6 +469,13 @@ export function buildProgram(): Command {
             `, ${result.totalMs.toFixed(0)} ms in all` +
             (result.leftRunning ? '; still running' : '; ended') + '\n',
         );
+        if (result.keptConnections) {
+          const k = result.keptConnections;
+          process.stderr.write(
+            `appshot: ${k.held} connection${k.held > 1 ? 's' : ''} held by appshot-keeper for a restore on this host within ${formatDuration(k.holdSeconds * 1000)}` +
+              (k.needed ? ` (${k.needed} of them restorable only so)\n` : '\n'),
+          );
+        }
       }
     });
 

@@ -204,8 +204,10 @@ interface Addon {
   tcpLock(fd: number, on: boolean): void;
   /** An appshot-keeper holds `fds` at `path` for image `imageId`, at most `holdSeconds` (tcp.ts). */
   keepConnections(binary: string, path: string, imageId: string, holdSeconds: number, fds: number[]): void;
-  /** The kept sockets of image `imageId` ([] if dropped for another image), null if no keeper is at `path`. */
-  takeConnections(path: string, imageId: string): number[] | null;
+  /** The kept sockets of image `imageId` ([] if dropped for another image) and the connection to say keeperDone on, null if no keeper is at `path`. */
+  takeConnections(path: string, imageId: string): { fds: number[]; control: number } | null;
+  /** The restore committed: the keeper lets its copies go (closes `control`). */
+  keeperDone(control: number): void;
   /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */
   tcpRead(fd: number): RepairedConnection;
   /** A socket in repair mode carrying `c` on; tcpRelease finishes it. */

@@ -13,7 +13,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { connect, createServer, type Socket } from 'node:net';
-import { closeSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -271,6 +271,49 @@ describe('established TCP connections', () => {
     second.client.socket.destroy();
     const bad = sb.run(['snapshot', 'tcp10', '--tcp-hold', 'soon']);
     expect(bad.code).not.toBe(0);
+  });
+
+  it('a restore killed (SIGKILL) after taking the connections from the keeper leaves them held for the next restore', async () => {
+    const port = 26613;
+    const { client, go } = await startFixture('tcp13', port);
+    run(['snapshot', 'tcp13', '-o', join(out, 'tcp13')]);
+    const killed = spawnSync(process.execPath, [cli, 'restore', join(out, 'tcp13')], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: global state' }, encoding: 'utf8' });
+    expect(killed.signal).toBe('SIGKILL');
+    expect(keepers(sb.home)).toHaveLength(1);
+    client.socket.write('ECHO while away\n');
+    run(['restore', join(out, 'tcp13')]);
+    writeFileSync(go, '');
+    client.read();
+    const got = await client.bytes(BIG + 'hello\nwhile away\n'.length);
+    expect(got.subarray(BIG).toString()).toBe('hello\nwhile away\n');
+    client.whole();
+    await waitFor(() => keepers(sb.home).length === 0, 10_000, 'the keeper to leave once the restore committed');
+    client.socket.destroy();
+    run(['stop', 'tcp13', '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('without CAP_NET_ADMIN, a snapshot whose keeper cannot hold the connections fails, the application left running and no image', async () => {
+    const port = 26614;
+    const { client, go } = await startFixture('tcp14', port);
+    // A keepers' directory others may use is refused: live connections
+    // are not handed out through it.
+    mkdirSync(join(sb.home, 'keep'), { recursive: true });
+    chmodSync(join(sb.home, 'keep'), 0o755);
+    try {
+      const r = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, 'snapshot', 'tcp14', '-o', join(out, 'tcp14')], { env: sb.env, encoding: 'utf8' });
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/connections only appshot-keeper can carry .* could not be handed to it: .*keep must be a directory of the user's own.*; the application was left running/);
+      expect(existsSync(join(out, 'tcp14'))).toBe(false);
+      const denied = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, 'snapshot', 'tcp14', '--tcp-hold', '0', '-o', join(out, 'tcp14')], { env: sb.env, encoding: 'utf8' });
+      expect(denied.status).not.toBe(0);
+      expect(denied.stderr).toMatch(/can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application/);
+    } finally {
+      chmodSync(join(sb.home, 'keep'), 0o700);
+    }
+    writeFileSync(go, '');
+    await carriesOn(client);
+    client.socket.destroy();
+    run(['stop', 'tcp14', '-s', 'KILL']);
   });
 
   it('refuse to be templated, naming the connection', () => {

@@ -223,26 +223,36 @@ Napi::Value KeepConnections(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// takeConnections(path, imageId) -> the kept sockets of image `imageId`
-// ([] if the keeper dropped them for another image), or null if no
-// keeper listens at `path`.
+// takeConnections(path, imageId) -> { fds: the kept sockets of image
+// `imageId` ([] if the keeper dropped them for another image), control:
+// the connection for keeperDone (-1 with none) }, or null if no keeper
+// listens at `path`.
 Napi::Value TakeConnections(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   std::string id = info[1].As<Napi::String>().Utf8Value();
   int* fds = nullptr;
-  int none = 0;
+  int none = 0, control = -1;
   const char* step = nullptr;
-  long n = keeper_take(path.c_str(), id.c_str(), &fds, &none, &step);
+  long n = keeper_take(path.c_str(), id.c_str(), &fds, &control, &none, &step);
   if (n < 0) {
     ThrowErrno(env, step, static_cast<int>(-n));
     return env.Undefined();
   }
   if (none) return env.Null();
-  Napi::Array out = Napi::Array::New(env, static_cast<size_t>(n));
-  for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+  Napi::Array list = Napi::Array::New(env, static_cast<size_t>(n));
+  for (long i = 0; i < n; i++) list.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
   free(fds);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("fds", list);
+  out.Set("control", Napi::Number::New(env, control));
   return out;
+}
+
+// keeperDone(control): the restore committed; the keeper lets go.
+Napi::Value KeeperDone(const Napi::CallbackInfo& info) {
+  keeper_done(Int(info[0]));
+  return info.Env().Undefined();
 }
 
 }  // namespace
@@ -264,6 +274,7 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   fn("setSockOpt", SetSockOpt);
   fn("keepConnections", KeepConnections);
   fn("takeConnections", TakeConnections);
+  fn("keeperDone", KeeperDone);
 }
 
 }  // namespace appshot

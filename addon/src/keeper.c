@@ -70,15 +70,27 @@ int keeper_start(const char *binary, const char *path, const char *image_id, lon
   int sv[2] = {-1, -1};
   posix_spawn_file_actions_t actions;
   posix_spawnattr_t attr;
-  // Bound (and so findable by a restore) before the keeper runs; only
-  // the user may connect (the keeper checks the peer's identity too).
-  unlink(path);
-  mode_t mask = umask(077);
-  rc = bind(listener, (struct sockaddr *)&sa, sizeof sa);
-  umask(mask);
-  if (rc || listen(listener, 8)) {
+  // Only the user may connect (the keeper checks the peer too): the mode
+  // a socket file gets is the socket's own, so set before bind(). Bound
+  // under a temporary name and renamed into place listening, so that a
+  // restore never finds the name taken but nothing listening.
+  char tmp[sizeof sa.sun_path + 16];
+  struct sockaddr_un tmpsa;
+  snprintf(tmp, sizeof tmp, "%s.%d", path, (int)getpid());
+  if ((rc = unix_address(tmp, &tmpsa))) {
+    *step = "the keeper's socket path";
+    goto out_early;
+  }
+  unlink(tmp);
+  if (fchmod(listener, 0600) || bind(listener, (struct sockaddr *)&tmpsa, sizeof tmpsa) || listen(listener, 8)) {
     rc = fail(step, "binding the keeper's socket");
-    goto out;
+    unlink(tmp);
+    goto out_early;
+  }
+  if (rename(tmp, path)) {
+    rc = fail(step, "naming the keeper's socket");
+    unlink(tmp);
+    goto out_early;
   }
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) {
     rc = fail(step, "making the keeper's control socket");
@@ -133,22 +145,44 @@ int keeper_start(const char *binary, const char *path, const char *image_id, lon
   sv[1] = -1;
   // The listener first, then the connections; in flight, they are held
   // by the control socket until the keeper takes them.
-  if (send_fds(sv[0], &listener, 1) || send_fds(sv[0], fds, nfds)) {
+  if (send_fds(sv[0], &listener, 1) || send_fds(sv[0], fds, nfds) || shutdown(sv[0], SHUT_WR)) {
     rc = fail(step, "handing the connections to appshot-keeper");
+    goto out;
+  }
+  // The keeper says how many it holds: all of them, or the snapshot fails
+  // before the application is ended.
+  struct timeval tv = {10, 0};
+  setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char answer[64];
+  size_t got = 0;
+  for (;;) {
+    ssize_t n = read(sv[0], answer + got, sizeof answer - 1 - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += (size_t)n;
+    if (got == sizeof answer - 1 || memchr(answer, '\n', got)) break;
+  }
+  answer[got] = 0;
+  unsigned long held = 0;
+  if (sscanf(answer, "HELD %lu", &held) != 1 || held != nfds + 1) {
+    errno = EIO;
+    rc = fail(step, "appshot-keeper did not say it holds every connection");
     goto out;
   }
   rc = 0;
 out:
   if (sv[0] >= 0) close(sv[0]);
   if (sv[1] >= 0) close(sv[1]);
-  close(listener);
   if (rc) unlink(path);
+out_early:
+  close(listener);
   return rc;
 }
 
-long keeper_take(const char *path, const char *image_id, int **out, int *none, const char **step) {
+long keeper_take(const char *path, const char *image_id, int **out, int *control, int *none, const char **step) {
   *out = NULL;
   *none = 0;
+  *control = -1;
   struct sockaddr_un sa;
   if (unix_address(path, &sa)) {
     *none = 1;
@@ -167,6 +201,15 @@ long keeper_take(const char *path, const char *image_id, int **out, int *none, c
     }
     errno = e;
     return fail(step, "reaching the keeper");
+  }
+  // A keeper of this user's (or root's): the directory is the user's own
+  // (keeper.ts checks), and so is the process answering.
+  struct ucred cred;
+  socklen_t clen = sizeof cred;
+  if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &cred, &clen) || (cred.uid != geteuid() && cred.uid != 0)) {
+    close(s);
+    errno = EPERM;
+    return fail(step, "the keeper's socket is another user's");
   }
   struct timeval tv = {10, 0};
   setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -192,6 +235,11 @@ long keeper_take(const char *path, const char *image_id, int **out, int *none, c
       break;
     }
     if (got == 0) break;
+    int last = byte == 'E';
+    if (msg.msg_flags & MSG_CTRUNC) {
+      errno = EMFILE;
+      rc = fail(step, "taking the connections from the keeper (no room for their descriptors)");
+    }
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
       if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
       size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -210,13 +258,25 @@ long keeper_take(const char *path, const char *image_id, int **out, int *none, c
       memcpy(fds + n, CMSG_DATA(c), count * sizeof(int));
       n += count;
     }
+    if (last) break;
   }
-  close(s);
   if (rc) {
+    close(s);
     for (size_t i = 0; i < n; i++) close(fds[i]);
     free(fds);
     return rc;
   }
+  // Kept open: the keeper holds its copies until told "DONE" on it
+  // (keeper_done), and holds them again if it closes without.
+  if (n) *control = s;
+  else close(s);
   *out = fds;
   return (long)n;
+}
+
+int keeper_done(int control) {
+  static const char done[] = "DONE\n";
+  ssize_t n = write(control, done, sizeof done - 1);
+  close(control);
+  return n == (ssize_t)(sizeof done - 1) ? 0 : -errno;
 }

@@ -13,8 +13,13 @@ int keeper_start(const char *binary, const char *path, const char *image_id, lon
 
 /* Asks the keeper at `path` for the connections of image `image_id`.
  * Returns the number of descriptors stored in `*fds` (malloc'd, the
- * caller frees it): 0 if the keeper dropped them (another image) or
+ * caller frees it), with `*control` the connection to tell the keeper
+ * keeper_done() on; 0 if the keeper dropped them (another image) or
  * there is no keeper at `path` (`*none` set then); -errno on failure. */
-long keeper_take(const char *path, const char *image_id, int **fds, int *none, const char **step);
+long keeper_take(const char *path, const char *image_id, int **fds, int *control, int *none, const char **step);
+
+/* The restore that took them committed: the keeper lets its copies go.
+ * Closes `control`. */
+int keeper_done(int control);
 
 #endif

@@ -400,6 +400,8 @@ __asm__(
     "  mov $19, %edx\n" /* SIGSTOP */
     "  syscall\n"
     "appshot_batch_stopped:\n"
+    /* Only if tgkill failed (a seccomp filter, say): a trap instead. */
+    "  int3\n"
     "  jmp appshot_batch_stopped\n"
     "appshot_batch_code_end:\n"
     ".popsection\n");
@@ -447,11 +449,12 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
       rc = -ESRCH;
       break;
     }
-    if (rep.kind == TRACE_SIGNAL && rep.sig == SIGSTOP) {
+    if (rep.kind == TRACE_SIGNAL && (rep.sig == SIGSTOP || rep.sig == SIGTRAP)) {
       struct user_regs_struct at;
       if ((rc = trace_get_regs(tid, &at))) break;
-      /* Ours, at the end of the code: done. */
-      if (at.rip == code + stopped_at) {
+      /* Ours, at the end of the code: done (SIGTRAP: after the int3 that
+       * stands in for a tgkill that failed). */
+      if ((rep.sig == SIGSTOP && at.rip == code + stopped_at) || (rep.sig == SIGTRAP && at.rip == code + stopped_at + 1)) {
         rc = 0;
         break;
       }
@@ -462,6 +465,12 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
       stops |= 1u << rep.sig;
       rc = -EINTR;
       continue;
+    }
+    /* A fault in the code (SIGSEGV, SIGBUS...): said as such, and never
+     * resumed past (the kernel has made its disposition the default). */
+    if (rep.kind == TRACE_SIGNAL) {
+      rc = -EFAULT;
+      break;
     }
     /* An interrupt's trap, a job-control stop reported again, a fork's
      * event: resume once more. Anything else is an error. */

@@ -393,6 +393,9 @@ function checkPaths(image: Image): void {
  * checked, not what would make them run. */
 export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = false): void {
   if (!image.node) corrupt('it does not say which node it is for');
+  // An AID names files in the state directory (its keeper's socket, say),
+  // even when the restore is given another (--aid).
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(image.aid) && !memoryOnly) corrupt(`its AID '${image.aid.slice(0, 80)}' is not a valid AID`);
   if (!image.stats) corrupt('it has no statistics section');
   checkStrings(image);
   checkPaths(image);

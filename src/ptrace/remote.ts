@@ -183,6 +183,11 @@ export class RemoteProcess {
     this.used = this.batchCode ? BATCH_CODE_ROOM : 0;
   }
 
+  /** Bytes of scratch memory still free for put(). */
+  room(): number {
+    return SCRATCH_SIZE - ((this.used + 15) & ~15);
+  }
+
   /** A batch of calls for thread `tid`, run together by its run(). */
   batch(tid = this.pid): CallBatch {
     return new CallBatch(this, tid);

@@ -15,13 +15,17 @@
  * peer writes, for the restored application to read.
  *
  * The keeper listens on $APPSHOT_HOME/keep/AID.sock (the same user or
- * root only). One per application: a restore of another image of it, or
- * the next snapshot that ends it, has it drop what it holds first. It
- * drops everything after `snapshot --tcp-hold` (DEFAULT_HOLD_SECONDS), or
- * when the state directory goes; dropped, a TCP connection in repair mode
- * closes without a word to its peer, and a unix one closes.
+ * root only). The snapshot ends the application only once the keeper says
+ * it holds every connection. A restore takes the sockets and the keeper
+ * keeps its copies until the restore commits: one that fails or is
+ * killed leaves them held for the next. One keeper per application: a
+ * restore of another image of it, or the next snapshot that ends it, has
+ * it drop what it holds first. It drops everything after `snapshot
+ * --tcp-hold` (DEFAULT_HOLD_SECONDS), or when the state directory goes;
+ * dropped, a TCP connection in repair mode closes without a word to its
+ * peer, and a unix one closes.
  */
-import { closeSync, fstatSync, mkdirSync } from 'node:fs';
+import { closeSync, fstatSync, lstatSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Image } from '../image/types.js';
 import { addon, paths } from '../native.js';
@@ -41,25 +45,31 @@ export interface Keeping {
 
 const keeperPath = (home: string, aid: string) => join(home, 'keep', `${aid}.sock`);
 
+/** Whether the keeper's socket for `aid` fits a unix socket address (108
+ * bytes, with room for the temporary name it is bound under first). */
+export function keeperPathFits(home: string, aid: string): boolean {
+  return Buffer.byteLength(keeperPath(home, aid)) + 16 < 108;
+}
+
 /** An image id no image has: asked with it, a keeper drops what it holds. */
 const NO_IMAGE = '-';
 
 /** Whatever a keeper holds for `aid` is dropped. */
 export function dropKept(home: string, aid: string): void {
-  for (const fd of addon().takeConnections(keeperPath(home, aid), NO_IMAGE) ?? []) closeSync(fd);
+  const taken = addon().takeConnections(keeperPath(home, aid), NO_IMAGE);
+  for (const fd of taken?.fds ?? []) closeSync(fd);
+  if (taken && taken.control >= 0) closeSync(taken.control);
 }
 
-/** A keeper for `fds` (they stay ours too). A failure is told, not thrown:
- * the image is committed and the application gone, so the snapshot
- * stands; only the wait until the restore is less safe. */
-function startKeeper(keep: Keeping, fds: number[]): void {
-  try {
-    mkdirSync(join(keep.home, 'keep'), { recursive: true, mode: 0o700 });
-    dropKept(keep.home, keep.aid);
-    addon().keepConnections(paths.keeper, keeperPath(keep.home, keep.aid), keep.imageId, keep.holdSeconds, fds);
-  } catch (e) {
-    process.stderr.write(`appshot: the connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): their peers see them end\n`);
-  }
+/** The keepers' directory, the user's own and no one else's (a socket
+ * there hands over live connections). */
+function keepDir(home: string): string {
+  const dir = join(home, 'keep');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = lstatSync(dir);
+  if (!st.isDirectory() || st.uid !== process.geteuid!() || (st.mode & 0o077) !== 0)
+    throw new Error(`${dir} must be a directory of the user's own that no one else may use (mode 0700)`);
+  return dir;
 }
 
 /** Whether a keeper may hold connections of `image`: a live TCP
@@ -68,51 +78,83 @@ export function mayHaveKept(image: Image): boolean {
   return image.processes.some((p) => p.fds.some((f) => (f.tcp && !f.tcp.closed) || f.socket?.kept));
 }
 
-/** Snapshot side: the sockets handed to a keeper if the application ends. */
+/** Snapshot side: the sockets handed to a keeper when the application ends. */
 export class SocketsForKeeper {
   /** The snapshot ends the application and a keeper may hold its
-   * connections (not --leave-running, not --tcp-hold 0). */
+   * connections (not --leave-running, not --tcp-hold 0, a socket path
+   * that fits). */
   keeping = false;
-  private readonly fds = new Map<bigint, number>();
+  /** Our descriptors by socket inode; `owned`: ours to close (the repair
+   * mode ones are HeldConnections', which also lets them go if the
+   * snapshot fails); `needed`: the image does not hold the connection's
+   * state, only the keeper can give it back. */
+  private readonly fds = new Map<bigint, { fd: number; owned: boolean; needed: boolean }>();
 
-  /** Our duplicate `fd` of socket `ino`, now this object's to close. */
-  add(ino: bigint, fd: number): void {
-    if (this.fds.has(ino)) closeSync(fd);
-    else this.fds.set(ino, fd);
+  add(ino: bigint, fd: number, owned: boolean, needed: boolean): void {
+    if (this.fds.has(ino)) {
+      if (owned) closeSync(fd);
+    } else this.fds.set(ino, { fd, owned, needed });
   }
 
-  /** The application was ended: its connections go to a keeper, or, with
-   * none, are closed with our duplicates. */
-  endWithApplication(keep: Keeping | undefined): void {
-    const fds = [...this.fds.values()];
-    this.fds.clear();
+  /** How many are held, and how many of them the image needs the keeper for. */
+  counts(): { held: number; needed: number } {
+    const all = [...this.fds.values()];
+    return { held: all.length, needed: all.filter((e) => e.needed).length };
+  }
+
+  /**
+   * Before the application is ended: a keeper holds every connection (it
+   * says so), or this throws if the image needs it for some, and the
+   * snapshot fails with the application left running. A keeper missing for
+   * repair-mode connections only is told, not thrown: their state is in
+   * the image, only the wait until the restore is less safe.
+   */
+  handOver(keep: Keeping): void {
+    if (!this.fds.size) return;
     try {
-      if (keep && fds.length) startKeeper(keep, fds);
-    } finally {
-      for (const fd of fds) closeSync(fd);
+      keepDir(keep.home);
+      dropKept(keep.home, keep.aid);
+      addon().keepConnections(paths.keeper, keeperPath(keep.home, keep.aid), keep.imageId, keep.holdSeconds, [...this.fds.values()].map((e) => e.fd));
+    } catch (e) {
+      const { needed } = this.counts();
+      if (needed) throw new Error(`${needed} connection${needed > 1 ? 's' : ''} only appshot-keeper can carry (taken without TCP repair, or to a process outside) could not be handed to it: ${(e as Error).message}`);
+      process.stderr.write(`appshot: the TCP connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): a peer that sends meanwhile is reset\n`);
     }
   }
 
-  /** The application goes on (or the snapshot failed): ours are closed. */
+  /** Ours are closed (the keeper's copies, if any, stay). */
   close(): void {
-    this.endWithApplication(undefined);
+    for (const e of this.fds.values()) if (e.owned) closeSync(e.fd);
+    this.fds.clear();
   }
 }
 
 /** Restore side: the sockets a keeper held for this image, by inode. */
 export class KeptSockets {
-  private keep: Keeping | undefined;
   private readonly byIno = new Map<bigint, number>();
-  private finished = false;
+  /** The connection to the keeper, told "done" once the restore commits;
+   * closed without, the keeper holds the sockets again for the next. */
+  private control = -1;
 
   /** Takes the sockets held since the snapshot that ended the application,
    * if it was this image's; a keeper holding another image's drops them
    * (they would clash with this image's). */
   adopt(keep: Keeping): void {
-    const fds = addon().takeConnections(keeperPath(keep.home, keep.aid), keep.imageId);
-    if (!fds?.length) return;
-    this.keep = keep;
-    for (const fd of fds) this.byIno.set(fstatSync(fd, { bigint: true }).ino, fd);
+    const taken = addon().takeConnections(keeperPath(keep.home, keep.aid), keep.imageId);
+    if (!taken) return;
+    this.control = taken.control;
+    for (const fd of taken.fds) {
+      try {
+        const st = fstatSync(fd, { bigint: true });
+        if (st.isSocket()) {
+          this.byIno.set(st.ino, fd);
+          continue;
+        }
+      } catch {
+        /* not ours to use */
+      }
+      closeSync(fd);
+    }
   }
 
   /** Our descriptor of the kept socket `ino` (still ours to close), if held. */
@@ -120,17 +162,24 @@ export class KeptSockets {
     return this.byIno.get(ino);
   }
 
-  /** The restore is done: the processes hold their sockets. */
+  /** The restore committed: the processes hold their sockets, and the
+   * keeper lets its copies go. */
   finish(): void {
-    this.finished = true;
+    if (this.control >= 0) addon().keeperDone(this.control);
+    this.control = -1;
   }
 
-  /** Ours are closed. A restore that failed gives every kept socket back
-   * to a keeper first, for the next attempt. */
+  /** Our descriptors are closed (the processes hold theirs); the keeper
+   * still waits to hear finish() or abandon(). */
   close(): void {
-    const fds = [...this.byIno.values()];
+    for (const fd of this.byIno.values()) closeSync(fd);
     this.byIno.clear();
-    if (!this.finished && this.keep && fds.length) startKeeper(this.keep, fds);
-    for (const fd of fds) closeSync(fd);
+  }
+
+  /** The restore failed: the keeper holds its copies again, for the next. */
+  abandon(): void {
+    this.close();
+    if (this.control >= 0) closeSync(this.control);
+    this.control = -1;
   }
 }

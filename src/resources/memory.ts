@@ -546,21 +546,31 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
   // written from here between the second and the third: the files to map
   // opened; every mapping made (writable where pages go in); then each
   // given its own protection and advice, and the files closed.
-  r.reset();
-  const opening = r.batch();
+  const opens: { path: string; flags: number }[] = [];
   const openIndex = new Map<string, number>();
   const openInProcess = (path: string, flags: number): number => {
     const key = `${flags}:${path}`;
     let i = openIndex.get(key);
     if (i === undefined) {
-      i = opening.add(`opening ${path}`, SYS.open, [r.str(path), flags | 0o2000000, 0]);
+      i = opens.push({ path, flags }) - 1;
       openIndex.set(key, i);
     }
     return i;
   };
   const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
-  const fds = opening.run().map(Number);
+  // As many paths a batch as the scratch area holds with room for the
+  // table (a process may map thousands of files).
+  const fds: number[] = [];
+  for (let i = 0; i < opens.length; ) {
+    r.reset();
+    const opening = r.batch();
+    while (i < opens.length && (opening.length === 0 || r.room() > Buffer.byteLength(opens[i].path) + 1 + 65536)) {
+      opening.add(`opening ${opens[i].path}`, SYS.open, [r.str(opens[i].path), opens[i].flags | 0o2000000, 0]);
+      i++;
+    }
+    fds.push(...opening.run().map(Number));
+  }
   // Descriptors of shared anonymous memory, handed over one by one.
   const sharedFds = plans.map((p) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? src.transfer(r, src.sharedFd(p.v.sharedMemory)) : -1));
   const mapping = r.batch();

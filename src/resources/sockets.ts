@@ -240,10 +240,10 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
     else if (s.dgram) throw new Unsupported(`${s.where}: a unix datagram socket connected to an unnamed socket outside the application cannot be captured (nothing to connect to again by name)`);
     else if (!ctx.keeper.keeping)
       throw new Unsupported(
-        `${s.where}: a unix socket connected to a process outside the application is carried only by a snapshot that ends the application, to a restore on this host (not with --leave-running or --tcp-hold 0)`,
+        `${s.where}: a unix socket connected to a process outside the application is carried only by a snapshot that ends the application, to a restore on this host (not with --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket)`,
       );
     else {
-      ctx.keeper.add(s.socket.ino, addon().getFd(systemPid(s.p.vpid), s.fd));
+      ctx.keeper.add(s.socket.ino, addon().getFd(systemPid(s.p.vpid), s.fd), true, true);
       Object.assign(s.socket, { kept: true, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [] });
     }
   }

@@ -138,13 +138,13 @@ export class HeldConnections {
         // restore in a keeper: the kernel goes on with it meanwhile
         // (acknowledging what the peer sends, sending what the
         // application wrote), and the restored application finds it so.
-        this.keeper.add(ino, dup);
+        this.keeper.add(ino, dup, true, true);
         return this.remember(ino, { ...emptyConnection(ino, seen.family, named), state: seen.state, kept: true });
       }
       closeSync(dup);
       if ((e as NodeJS.ErrnoException).code === 'EPERM')
         throw new Unsupported(
-          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running or --tcp-hold 0); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
+          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
         );
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
@@ -202,12 +202,18 @@ export class HeldConnections {
     if (failure) throw failure;
   }
 
-  /** The application was ended: our duplicates, the sockets' last
-   * references, go to `keeper` (keeper.ts), which holds them in repair
-   * mode until the restore, or closes them: in repair mode, either way,
-   * the peers are told nothing. */
+  /** Before the application is ended: our duplicates go to `keeper`
+   * (keeper.ts) too, which hands them to a keeper process that holds them
+   * in repair mode until the restore. Still ours: if that fails, release()
+   * takes them out of repair mode for the application, which goes on. */
   handTo(keeper: SocketsForKeeper): void {
-    for (const [ino, { fd }] of this.held) keeper.add(ino, fd);
+    for (const [ino, { fd }] of this.held) keeper.add(ino, fd, false, false);
+  }
+
+  /** The application was ended: our duplicates are closed, which in
+   * repair mode tells the peers nothing (a keeper holds its own). */
+  closeSilently(): void {
+    for (const { fd } of this.held.values()) closeSync(fd);
     this.held.clear();
   }
 }
@@ -277,7 +283,13 @@ export class ConnectionMaker {
     for (const m of this.made.values()) {
       if (!m.repaired) continue;
       if (m.kept) {
-        addon().tcpLock(m.fd, false);
+        // A restore killed after this step left them out of repair mode
+        // already, held again by the keeper: nothing to undo then.
+        try {
+          addon().tcpLock(m.fd, false);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+        }
         addon().tcpRepair(m.fd, -1);
       } else addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;

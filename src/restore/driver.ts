@@ -550,7 +550,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // connections go live and the commit keeps the application.
     await heardInterrupt();
     handed.tcp.release();
-    handed.kept.finish();
     handed.close();
     phase('threads');
 
@@ -562,6 +561,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
     if (!opts.batchCommit) {
       reg.commit(commitPath);
+      // Committed: the keeper lets its copies of the connections go.
+      handed.kept.finish();
       phase('committed');
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
@@ -592,6 +593,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
     handover?.close();
+    handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');
     } catch {

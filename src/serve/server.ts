@@ -445,7 +445,11 @@ class Service {
     const full = this.chain.length >= MAX_CHAIN;
     const t0 = process.hrtime.bigint();
     try {
-      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full });
+      // Nothing held by a keeper: a suspended service may sleep longer than
+      // any hold, and a connection only a keeper could carry (to a process
+      // outside, or without TCP repair) makes the suspend fail instead,
+      // the instance left running.
+      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.chain = r.parent && !full ? [...this.chain, output] : [output];
       this.lastImage = output;

@@ -39,7 +39,7 @@ import { dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected } from '../ptrace/remote.js';
-import { DEFAULT_HOLD_SECONDS, type SocketsForKeeper } from '../resources/keeper.js';
+import { DEFAULT_HOLD_SECONDS, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
 import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
@@ -105,6 +105,9 @@ export interface SnapshotResult {
   /** System calls injected into the application (each a ptrace round
    * trip while it is frozen). */
   injectedCalls: number;
+  /** Connections appshot-keeper holds for a restore on this host, for
+   * holdSeconds; `needed`: those the image cannot restore without it. */
+  keptConnections?: { held: number; needed: number; holdSeconds: number };
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n);
@@ -500,6 +503,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let armed: string[] | undefined;
   let connections: HeldConnections | undefined;
   let keeper: SocketsForKeeper | undefined;
+  let held: { held: number; needed: number } | undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
     freezer.freeze(opts.timeoutMs);
@@ -512,7 +516,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
     keeper = ctx.keeper;
-    keeper.keeping = !opts.leaveRunning && holdSeconds > 0;
+    keeper.keeping = !opts.leaveRunning && holdSeconds > 0 && keeperPathFits(reg.home, aid);
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     await dumpAll(ctx, freezer, interrupted);
@@ -562,14 +566,26 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     await commit(image, pages, part, imageId, base);
     clock.end('commitMs');
     if (!opts.leaveRunning) {
+      // Before the application ends, a keeper holds its connections until
+      // the restore (keeper.ts); if it cannot and the image needs it, the
+      // snapshot fails here, the application left running, no image.
+      if (keeper.keeping) {
+        connections.handTo(keeper);
+        try {
+          keeper.handOver({ home: reg.home, aid, imageId, holdSeconds });
+        } catch (e) {
+          if (!toStream) rmSync(output, { recursive: true, force: true });
+          throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
+        }
+        held = keeper.counts();
+      }
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? 'a stream on standard output' : output);
       clock.released();
       freezer.kill();
-      // Held by a keeper until a restore on this host takes them.
-      connections.handTo(keeper);
-      keeper.endWithApplication(keeper.keeping ? { home: reg.home, aid, imageId, holdSeconds } : undefined);
+      connections.closeSilently();
+      keeper.close();
       await waitReleased(reg, aid);
       clock.end('endMs');
     } else {
@@ -594,6 +610,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       totalMs: (now() - started) / 1000,
       leftRunning: opts.leaveRunning,
       injectedCalls: injected.calls - injectedBefore,
+      ...(held?.held ? { keptConnections: { ...held, holdSeconds } } : {}),
     };
   } catch (e) {
     pages.abort();
