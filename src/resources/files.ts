@@ -15,7 +15,7 @@ import { constants as fs, openSync, readFileSync, readdirSync, readlinkSync, sta
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
@@ -160,14 +160,43 @@ const MADE_INSIDE: Partial<Record<number, (r: RemoteProcess, fd: Fd) => number>>
   [FdKind.INOTIFY]: restoreInotify,
 };
 
+const F_DUPFD_CLOEXEC = 1030;
 const F_SETFD = 2;
 const EPOLL_CLOEXEC = 0o2000000;
 
-/** Every descriptor at its number, with its offset, flags and
- * close-on-exec bit; epoll sets last, once their targets are in place. */
+/**
+ * Every descriptor at its number, with its offset, flags and
+ * close-on-exec bit; epoll sets last, once their targets are in place.
+ *
+ * The hand-over costs about one injected call per descriptor, and the
+ * calls run in batches (RemoteProcess.runCalls: one stop each). That
+ * rests on the kernel giving a new descriptor the lowest free number,
+ * which makes every number predictable here, the process's table being
+ * empty after close_range: appshot's pidfd is opened once, at a number
+ * the image does not use; the descriptors are taken with pidfd_getfd in
+ * ascending order, each landing at its own number, the holes below them
+ * held meanwhile by placeholders (copies of the pidfd); placeholders and
+ * pidfd are closed at the end. A descriptor that cannot land at its number
+ * (a hole left open because filling it would cost more) is taken where
+ * it lands and moved (dup3, close). Every result is checked against its
+ * prediction.
+ */
 export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): void {
-  r.call('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
-  const restoreLimit = allowNumbersUpTo(r, Math.max(-1, ...p.fds.map((f) => f.fd)));
+  const images = [...p.fds].sort((a, b) => a.fd - b.fd);
+  const used = new Set(images.map((f) => f.fd));
+  // The pidfd's number: the lowest the image does not use.
+  let pidfd = 0;
+  while (used.has(pidfd)) pidfd++;
+  const restoreLimit = allowNumbersUpTo(r, Math.max(pidfd, ...images.map((f) => f.fd)));
+  const table = new FdTable(r);
+  table.add('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
+  // pidfd_open gives the lowest free number: 0, the table being empty.
+  table.open('opening a pidfd of appshot', SYS.pidfd_open, [process.pid, 0]);
+  if (pidfd !== 0) {
+    table.open('moving the pidfd of appshot', SYS.fcntl, [0, F_DUPFD_CLOEXEC, pidfd], pidfd);
+    table.close(0);
+  }
+  const placeholders: number[] = [];
   const place = (got: number, fd: Fd) => {
     if (got !== fd.fd) {
       r.call(`placing fd ${fd.fd}`, SYS.dup3, [got, fd.fd, fd.cloexec ? EPOLL_CLOEXEC : 0]);
@@ -176,15 +205,89 @@ export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): voi
       r.call(`clearing close-on-exec of fd ${fd.fd}`, SYS.fcntl, [fd.fd, F_SETFD, 0]);
     }
   };
-  for (const fd of p.fds) {
-    if (fd.kind === FdKind.EPOLL) continue;
-    // Kinds made inside the process; the rest here, handed over.
+  let filling = true;
+  images.forEach((fd, i) => {
+    if (fd.kind === FdKind.EPOLL) return;
+    // Holds the holes below fd.fd if that costs fewer calls than moving
+    // every descriptor from here up (two calls a hole, two a move).
+    if (filling && table.lowest() < fd.fd) {
+      const holes = fd.fd - table.lowest() - [...table.taken].filter((n) => n > table.lowest() && n < fd.fd).length;
+      if (holes > images.length - i) filling = false;
+      else
+        while (table.lowest() < fd.fd) {
+          placeholders.push(table.lowest());
+          table.open('holding a free number', SYS.fcntl, [pidfd, F_DUPFD_CLOEXEC, table.lowest()]);
+        }
+    }
     const makeInside = MADE_INSIDE[fd.kind];
-    if (makeInside) place(makeInside(r, fd), fd);
-    else place(h.transfer(r, openHere(h, p, fd)), fd);
-  }
+    if (makeInside) {
+      // Made by calls of its own: it lands where the kernel puts it.
+      table.run();
+      const got = makeInside(r, fd);
+      place(got, fd);
+      table.taken.add(fd.fd);
+      return;
+    }
+    // pidfd_getfd's descriptor is close-on-exec.
+    const got = table.open(`taking fd ${fd.fd}`, SYS.pidfd_getfd, [pidfd, openHere(h, p, fd), 0]);
+    if (got !== fd.fd) {
+      table.add(`placing fd ${fd.fd}`, SYS.dup3, [got, fd.fd, fd.cloexec ? EPOLL_CLOEXEC : 0]);
+      table.taken.add(fd.fd);
+      table.close(got);
+    } else if (!fd.cloexec) table.add(`clearing close-on-exec of fd ${fd.fd}`, SYS.fcntl, [fd.fd, F_SETFD, 0]);
+  });
+  for (const n of placeholders) table.close(n);
+  table.close(pidfd);
+  table.run();
   restoreEpolls(r, p, place);
   restoreLimit();
+}
+
+/**
+ * The restored process's descriptor table as it will be once the calls
+ * gathered so far have run: the numbers taken, so that the number each
+ * new descriptor gets (the lowest free) is known before it runs.
+ */
+class FdTable {
+  readonly taken = new Set<number>();
+  private readonly batch: CallBatch;
+  private readonly expected = new Map<number, number>();
+
+  constructor(r: RemoteProcess) {
+    this.batch = r.batch();
+  }
+
+  lowest(): number {
+    let n = 0;
+    while (this.taken.has(n)) n++;
+    return n;
+  }
+
+  add(what: string, nr: number, args: (bigint | number)[]): number {
+    return this.batch.add(what, nr, args);
+  }
+
+  /** A call that makes a descriptor at `at` (by default the lowest free
+   * number); returns that number. */
+  open(what: string, nr: number, args: (bigint | number)[], at = this.lowest()): number {
+    this.expected.set(this.batch.add(what, nr, args), at);
+    this.taken.add(at);
+    return at;
+  }
+
+  close(n: number): void {
+    this.batch.add('closing', SYS.close, [n]);
+    this.taken.delete(n);
+  }
+
+  /** Runs what was gathered; a descriptor that did not land at its
+   * predicted number fails the restore (nothing after it would be right). */
+  run(): void {
+    const results = this.batch.run();
+    for (const [i, at] of this.expected)
+      if (Number(results[i]) !== at) throw new AppshotError(`restoring descriptors: a new descriptor landed at ${results[i]}, not at ${at}`);
+    this.expected.clear();
+  }
 }
 
 /** A descriptor of ours for image fd `fd` of process `p`: one per open
