@@ -473,7 +473,7 @@ export function buildProgram(): Command {
           const k = result.keptConnections;
           process.stderr.write(
             `appshot: ${k.held} connection${k.held > 1 ? 's' : ''} held by appshot-keeper for a restore on this host within ${formatDuration(k.holdSeconds * 1000)}` +
-              (k.needed ? ` (${k.needed} restorable only through it: the image holds no state for ${k.needed > 1 ? "them" : "it"})\n` : '\n'),
+              (k.needed ? ` (${k.needed} restorable only through it: the image holds no state for ${k.needed > 1 ? 'them' : 'it'})\n` : '\n'),
           );
         }
       }
