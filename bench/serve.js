@@ -124,6 +124,17 @@ const row = (what, xs) => {
 
 let serve;
 let serveErr = '';
+/** `appshot serve`, as serve -d runs it, once it says it is ready. */
+async function startServe() {
+  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  serveErr = '';
+  child.stderr.on('data', (d) => (serveErr += d));
+  await new Promise((resolve, reject) => {
+    child.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
+    child.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
+  });
+  return child;
+}
 try {
   // The image: redis with 10,000 keys under appshot.
   appshot('run', '-d', '--aid', 'loader', '--', 'redis-server', '--port', String(APP), '--save', '', '--appendonly', 'no');
@@ -131,13 +142,7 @@ try {
   load(APP);
   appshot('snapshot', 'loader', '-o', join(home, 'redis.img'));
   appshot('service', 'add', 'db', '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', IDLE);
-  serve = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  serveErr = '';
-  serve.stderr.on('data', (d) => (serveErr += d));
-  await new Promise((resolve, reject) => {
-    serve.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
-    serve.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
-  });
+  serve = await startServe();
   console.log(`redis, ${KEYS} keys; serve pid ${serve.pid}; idle ${IDLE}\n`);
 
   // (a) and (b) interleaved: the front door's connections keep it running.
@@ -202,13 +207,7 @@ try {
     await new Promise((r) => serve.on('exit', r));
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
-    serve = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    serveErr = '';
-    serve.stderr.on('data', (d) => (serveErr += d));
-    await new Promise((resolve, reject) => {
-      serve.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
-      serve.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
-    });
+    serve = await startServe();
     // Settled: every service's state written, whatever serve does ahead
     // of a resume done (its log quiet for a second).
     for (let quiet = 0, seen = -1; quiet < 5; ) {

@@ -177,13 +177,15 @@ async function startFixture(aid: string, port: number, host = '127.0.0.1'): Prom
   return { client, go };
 }
 
-/** Reads BIG and the echo, then makes a new exchange. */
-async function carriesOn(client: Client): Promise<void> {
+/** Reads BIG and the echo (and the echoes of what the client sent while
+ * the application was away: `meanwhile`), then makes a new exchange. */
+async function carriesOn(client: Client, meanwhile = ''): Promise<void> {
   client.read();
-  const got = await client.bytes(BIG + 'hello\n'.length);
-  expect(got.length).toBe(BIG + 6);
+  const echoes = 'hello\n' + meanwhile;
+  const got = await client.bytes(BIG + echoes.length);
+  expect(got.length).toBe(BIG + echoes.length);
   expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
-  expect(got.subarray(BIG).toString()).toBe('hello\n');
+  expect(got.subarray(BIG).toString()).toBe(echoes);
   client.socket.write('ECHO after the restore\n');
   expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
   client.whole();
@@ -231,13 +233,7 @@ describe('established TCP connections', () => {
     run(['restore', join(out, 'tcp8')]);
     expect(keepers(sb.home)).toHaveLength(0);
     writeFileSync(go, '');
-    client.read();
-    const got = await client.bytes(BIG + 'hello\nwhile away\n'.length);
-    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
-    expect(got.subarray(BIG).toString()).toBe('hello\nwhile away\n');
-    client.socket.write('ECHO after the restore\n');
-    expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
-    client.whole();
+    await carriesOn(client, 'while away\n');
     await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp8')), 20_000, 'the inside client to finish');
     expect(logOf('tcp8')).toMatch(/^INSIDE OK$/m);
     client.socket.destroy();
@@ -480,13 +476,7 @@ describe('established TCP connections', () => {
     // CAP_NET_ADMIN, which a restore without it may not grant.)
     run(['restore', join(out, 'tcp4')]);
     writeFileSync(go, '');
-    client.read();
-    const got = await client.bytes(BIG + 'hello\nwhile away\n'.length);
-    expect(firstBadByte(got.subarray(0, BIG))).toBe(-1);
-    expect(got.subarray(BIG).toString()).toBe('hello\nwhile away\n');
-    client.socket.write('ECHO after the restore\n');
-    expect((await client.bytes('after the restore\n'.length)).toString()).toBe('after the restore\n');
-    client.whole();
+    await carriesOn(client, 'while away\n');
     await waitFor(() => /INSIDE OK|FAIL/.test(logOf('tcp4')), 20_000, 'the inside client to finish');
     expect(logOf('tcp4')).toMatch(/^INSIDE OK$/m);
     client.socket.destroy();

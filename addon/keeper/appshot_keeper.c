@@ -47,9 +47,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "appshot_fds.h"
+
 #define CONTROL_FD 3
-/* Below the kernel's SCM_MAX_FD (253) descriptors per message. */
-#define FDS_PER_MESSAGE 240
+#define FDS_PER_MESSAGE APPSHOT_FDS_PER_MESSAGE
 
 static int *held;
 static size_t nheld, capacity;
@@ -86,23 +87,9 @@ static void receive_all(void) {
   }
 }
 
-/* The connections, FDS_PER_MESSAGE at a time, to the restore on `to`. */
+/* The connections (all but the listener), to the restore on `to`. */
 static int send_connections(int to) {
-  for (size_t at = 1; at < nheld; at += FDS_PER_MESSAGE) {
-    size_t count = nheld - at < FDS_PER_MESSAGE ? nheld - at : FDS_PER_MESSAGE;
-    char byte = 'F';
-    char control[CMSG_SPACE(FDS_PER_MESSAGE * sizeof(int))];
-    memset(control, 0, sizeof control);
-    struct iovec iov = {&byte, 1};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = CMSG_SPACE(count * sizeof(int))};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(count * sizeof(int));
-    memcpy(CMSG_DATA(c), held + at, count * sizeof(int));
-    while (sendmsg(to, &msg, MSG_NOSIGNAL) < 0)
-      if (errno != EINTR) return -1;
-  }
+  if (appshot_send_fds(to, held + 1, nheld - 1)) return -1;
   /* The end of them: the connection stays open for "DONE". */
   static const char end = 'E';
   return write(to, &end, 1) == 1 ? 0 : -1;

@@ -6,6 +6,8 @@
 #define _GNU_SOURCE
 #include "keeper.h"
 
+#include "appshot_fds.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -21,8 +23,7 @@
 
 extern char **environ;
 
-/* Below the kernel's SCM_MAX_FD (253) descriptors per message. */
-#define FDS_PER_MESSAGE 240
+#define FDS_PER_MESSAGE APPSHOT_FDS_PER_MESSAGE
 
 static int fail(const char **step, const char *what) {
   int e = errno;
@@ -38,24 +39,6 @@ static int unix_address(const char *path, struct sockaddr_un *sa) {
   return 0;
 }
 
-static int send_fds(int to, const int *fds, size_t n) {
-  for (size_t at = 0; at < n; at += FDS_PER_MESSAGE) {
-    size_t count = n - at < FDS_PER_MESSAGE ? n - at : FDS_PER_MESSAGE;
-    char byte = 'F';
-    char control[CMSG_SPACE(FDS_PER_MESSAGE * sizeof(int))];
-    memset(control, 0, sizeof control);
-    struct iovec iov = {&byte, 1};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = CMSG_SPACE(count * sizeof(int))};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(count * sizeof(int));
-    memcpy(CMSG_DATA(c), fds + at, count * sizeof(int));
-    while (sendmsg(to, &msg, MSG_NOSIGNAL) < 0)
-      if (errno != EINTR) return -1;
-  }
-  return 0;
-}
 
 int keeper_start(const char *binary, const char *path, const char *image_id, long hold_seconds, const int *fds, size_t nfds,
                  const char **step) {
@@ -145,7 +128,7 @@ int keeper_start(const char *binary, const char *path, const char *image_id, lon
   sv[1] = -1;
   // The listener first, then the connections; in flight, they are held
   // by the control socket until the keeper takes them.
-  if (send_fds(sv[0], &listener, 1) || send_fds(sv[0], fds, nfds) || shutdown(sv[0], SHUT_WR)) {
+  if (appshot_send_fds(sv[0], &listener, 1) || appshot_send_fds(sv[0], fds, nfds) || shutdown(sv[0], SHUT_WR)) {
     rc = fail(step, "handing the connections to appshot-keeper");
     goto out;
   }
