@@ -503,11 +503,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let keeper: SocketsForKeeper | undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
+    // For the progress shown only, so read before the freeze (smaps_rollup
+    // walks every mapping): the processes in the tables now.
+    const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     // Processes created while we were stopping the others mapped themselves.
     const trackingFds = timed('registry (tracking)', () => [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))]);
-    const reporting = timed('estimate', () => new ReportingPageWriter(pages, progress, estimateImageBytes([...freezer.byProcess()].map(([pid]) => pid))));
+    const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     connections = ctx.tcp;
