@@ -25,7 +25,7 @@ import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
+import { countPages, dumpMemory, mapSharedObjectPages, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
@@ -186,7 +186,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     // Registers first: running system calls in the process (below) leaves
     // an interrupted call rewound, and the image keeps it as it was.
     const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
-    const vdso = timed('maps (vdso)', () => readMaps(pid).find((l) => l.path === '[vdso]'));
+    // Read once: the vDSO for the injector, the shared objects and the
+    // memory dump below (the calls injected meanwhile map nothing).
+    const maps = timed('smaps', () => readSmaps(pid));
+    const vdso = maps.find((l) => l.path === '[vdso]');
     let inj: Injector;
     try {
       inj = timed('injector open', () => Injector.open(pid, pid, vdso));
@@ -215,13 +218,13 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
       proc.fds = timed('files', () => dumpFds(ctx, pid, what, new SocketTable(pid)));
-      timed('shared object pages', () => mapSharedObjectPages(pid, inj, what));
+      timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
       // Memory last: the scratch area used above is back as it was.
       // Pages still shared with a parent of the image are recorded as such.
       const ppid = timed('stat', () => readStat(pid)?.ppid);
-      proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined));
+      proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
       ctx.image.processes.push(proc);
       systemPids.set(proc.vpid, pid);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
