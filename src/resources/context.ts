@@ -39,6 +39,9 @@ export class DumpContext {
    * no second read, nor /proc/locks (whose every read can wait for an RCU
    * grace period of the whole machine, milliseconds while frozen). */
   readonly fdLockLines = new Map<string, string[]>();
+  /** Set when the dump itself wrote the tables (a thread given its virtual
+   * TID): the driver reads them again for the image only then. */
+  tablesWritten = false;
 
   constructor(
     readonly image: Image,

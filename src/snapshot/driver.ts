@@ -242,8 +242,9 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('ptys', () => dumpPtys(ctx));
   timed('sysv', () => Object.assign(ctx.image, dumpSysv(ctx)));
-  // Read again: threads never seen by name got their virtual TIDs above.
-  const tables = timed('tables', () => addon().readTables(ctx.tablesPath));
+  // Read again if threads never seen by name got their virtual TIDs above;
+  // else they are as read at the start of the window (all frozen since).
+  const tables = ctx.tablesWritten ? timed('tables', () => addon().readTables(ctx.tablesPath)) : ctx.tables;
   ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
 }
 
@@ -506,15 +507,16 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let keeper: SocketsForKeeper | undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
+    // Written only by a snapshot's armAll, never during this one's freeze.
+    const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     // For the progress shown only, so read before the freeze (smaps_rollup
     // walks every mapping): the processes in the tables now.
     const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
-    // Processes created while we were stopping the others mapped themselves.
-    const trackingFds = timed('registry (tracking)', () => [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))]);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
+    // Processes created while we were stopping the others mapped themselves.
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
