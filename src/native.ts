@@ -147,6 +147,10 @@ interface Addon {
   suspendSeccomp(tid: number, exitKill?: boolean): void;
   /** This thread's PR_GET_SECUREBITS. */
   securebits(): number;
+  /** Any thread's scheduling policy (with SCHED_RESET_ON_FORK), priority,
+   * CPU affinity (as many bytes as the kernel's mask) and I/O priority,
+   * asked from this process. */
+  schedAttributes(tid: number): { policy: number; priority: number; affinity: Buffer; ioprio: number };
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };

@@ -268,6 +268,42 @@ Napi::Value SeccompFilters(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// schedAttributes(tid) -> { policy, priority, affinity: Buffer, ioprio }:
+// the scheduling attributes of any thread, asked from here (each call
+// takes a TID), so that a snapshot need not run them inside the frozen
+// thread. Throws with the errno of the first that fails.
+Napi::Value SchedAttributes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t tid = Tid(info);
+  long policy = syscall(SYS_sched_getscheduler, tid);
+  if (policy < 0) {
+    ThrowErrno(env, "sched_getscheduler", errno);
+    return env.Undefined();
+  }
+  int priority = 0;
+  if (syscall(SYS_sched_getparam, tid, &priority) < 0) {
+    ThrowErrno(env, "sched_getparam", errno);
+    return env.Undefined();
+  }
+  unsigned char mask[128];
+  long bytes = syscall(SYS_sched_getaffinity, tid, sizeof mask, mask);
+  if (bytes < 0) {
+    ThrowErrno(env, "sched_getaffinity", errno);
+    return env.Undefined();
+  }
+  long ioprio = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, tid);
+  if (ioprio < 0) {
+    ThrowErrno(env, "ioprio_get", errno);
+    return env.Undefined();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("policy", Napi::Number::New(env, static_cast<double>(policy)));
+  out.Set("priority", Napi::Number::New(env, priority));
+  out.Set("affinity", Napi::Buffer<uint8_t>::Copy(env, mask, static_cast<size_t>(bytes)));
+  out.Set("ioprio", Napi::Number::New(env, static_cast<double>(ioprio)));
+  return out;
+}
+
 // securebits() -> this thread's PR_GET_SECUREBITS: what a restore's seeds
 // start with (they inherit it), for the privilege rule.
 Napi::Value Securebits(const Napi::CallbackInfo& info) {
@@ -902,6 +938,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("seccompFilters", SeccompFilters);
   fn("suspendSeccomp", SuspendSeccomp);
   fn("securebits", Securebits);
+  fn("schedAttributes", SchedAttributes);
   fn("readMemory", ReadMemory);
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);

@@ -106,14 +106,18 @@ int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
       return 0;
     }
     /* A stop usually arrives within microseconds (an injected system
-     * call, an interrupt): yield the CPU to the tracee for the first
-     * stretch rather than sleep, whose wake-up costs more than the wait;
-     * then nap, so a long timeout does not spin a core. */
+     * call, an interrupt): yield the CPU to the tracee for a short first
+     * stretch rather than sleep, whose wake-up costs more than the wait.
+     * Not longer: a tracee queued behind this thread on its CPU is not
+     * always run by sched_yield, and one waiting on a busy CPU is pulled
+     * to this one only once it goes idle, so a longer spin made a stop
+     * now and then cost its whole length (2 ms, where 25 us is usual).
+     * Then short naps, and longer ones so a long timeout does not spin. */
     long elapsed_us = (now.tv_sec - start.tv_sec) * 1000000 + (now.tv_nsec - start.tv_nsec) / 1000;
-    if (elapsed_us < 2000) {
+    if (elapsed_us < 300) {
       sched_yield();
     } else {
-      struct timespec nap = {0, 200000};
+      struct timespec nap = {0, elapsed_us < 5000 ? 20000 : 200000};
       nanosleep(&nap, NULL);
     }
   }

@@ -15,6 +15,9 @@ import { injected } from './remote.js';
 const REGS = { rsp: 19 * 8 };
 const RED_ZONE = 128n;
 const SCRATCH = 512;
+const SYSCALL = Buffer.from([0x0f, 0x05]);
+/** Offset of the first `syscall` instruction in a vDSO, by vDSO size. */
+const syscallAt = new Map<bigint, bigint>();
 
 export class Injector {
   private readonly scratch: bigint;
@@ -35,9 +38,16 @@ export class Injector {
    * why the process offers none (no vDSO). */
   static open(pid: number, tid: number, vdso: { start: bigint; end: bigint } | undefined): Injector {
     if (!vdso) throw new Error('the process has no vDSO to run system calls from');
-    const code = addon().readMemory(pid, vdso.start, Number(vdso.end - vdso.start));
-    const at = code.indexOf(Buffer.from([0x0f, 0x05]));
+    // The vDSO is the kernel's, the same in every process of an ABI: where
+    // its instruction was last time is checked (two bytes) before the
+    // whole vDSO is searched again.
+    const size = vdso.end - vdso.start;
+    const known = syscallAt.get(size);
+    if (known !== undefined && addon().readMemory(pid, vdso.start + known, 2).equals(SYSCALL)) return new Injector(pid, tid, vdso.start + known);
+    const code = addon().readMemory(pid, vdso.start, Number(size));
+    const at = code.indexOf(SYSCALL);
     if (at < 0) throw new Error('no syscall instruction in the vDSO');
+    syscallAt.set(size, BigInt(at));
     return new Injector(pid, tid, vdso.start + BigInt(at));
   }
 

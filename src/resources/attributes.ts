@@ -5,8 +5,10 @@
  * nice value, scheduling policy and priority, CPU affinity, I/O priority
  * and parent-death signal.
  *
- * Read at snapshot from /proc and by calls injected into the process (the
- * prctl getters act on the calling thread or process only); set back by
+ * Read at snapshot from /proc, by the scheduling getters (which take any
+ * TID) from appshot's process, and by calls injected into the frozen
+ * process only for what the kernel tells the process alone (the prctl
+ * getters act on the calling thread or process); set back by
  * calls injected into the restored process before its limits and
  * credentials, which may take away the right to (a lower nice value, a
  * real-time policy). What this user may not grant fails the restore,
@@ -17,6 +19,7 @@ import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../im
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
+import { addon } from '../native.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -45,7 +48,7 @@ function check(ret: bigint, what: string): bigint {
 /** Fills `p`'s attributes and each of its threads'. */
 export function dumpAttributes(p: Process, pid: number, inj: Injector, what: string): void {
   p.attributes = dumpProcessAttributes(pid, inj, what);
-  p.personality = dumpPersonality(inj, what);
+  p.personality = dumpPersonality(pid, inj, what);
   for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, inj, what);
 }
 
@@ -59,33 +62,57 @@ function dumpProcessAttributes(pid: number, inj: Injector, what: string): Proces
   };
 }
 
-/** The personality, as the process has it (/proc/PID/personality may be
- * unreadable to the snapshot's user). */
-function dumpPersonality(inj: Injector, what: string): number {
-  return Number(check(inj.call(NR_personality, [PERSONALITY_QUERY]), `the personality of ${what}`));
+/** The personality, as the process has it: from /proc/PID/personality,
+ * or asked inside the process where that is unreadable to the snapshot's
+ * user. */
+function dumpPersonality(pid: number, inj: Injector, what: string): number {
+  try {
+    return parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
+  } catch {
+    return Number(check(inj.call(NR_personality, [PERSONALITY_QUERY]), `the personality of ${what}`));
+  }
+}
+
+/** Policy, priority, affinity and I/O priority, which every thread's
+ * getters give for any TID: asked from appshot's process (no stop of the
+ * frozen thread), or inside it if that is refused (a security module). */
+function schedAttributes(tid: number, inj: Injector, what: string): { policy: number; priority: number; affinity: Buffer; ioprio: number } {
+  try {
+    return addon().schedAttributes(tid);
+  } catch {
+    /* asked inside the thread below */
+  }
+  const param = inj.callOut(NR_sched_getparam, [tid, 'out'], 4);
+  check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
+  const policy = Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`));
+  const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
+  check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
+  return {
+    policy,
+    priority: param.out.readInt32LE(),
+    // The kernel writes as many bytes as its CPU mask has.
+    affinity: Buffer.from(affinity.out.subarray(0, Number(affinity.ret))),
+    ioprio: Number(check(inj.call(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid]), `the I/O priority of ${what} thread ${tid}`)),
+  };
 }
 
 function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: string): ThreadAttributes {
   const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
   // Field 19 of proc(5): nice.
   const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
-  const param = inj.callOut(NR_sched_getparam, [tid, 'out'], 4);
-  check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
+  // The parent-death signal is only told to the thread itself.
   const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
-  const policy = Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`));
-  if ((policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
+  const sched = schedAttributes(tid, inj, what);
+  if ((sched.policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
     throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet`);
-  const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
-  check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
   return {
     nice,
-    schedPolicy: policy,
-    schedPriority: param.out.readInt32LE(),
+    schedPolicy: sched.policy,
+    schedPriority: sched.priority,
     pdeathsig: pdeathsig.out.readInt32LE(),
-    // The kernel writes as many bytes as its CPU mask has.
-    cpuAffinity: Buffer.from(affinity.out.subarray(0, Number(affinity.ret))),
-    ioprio: Number(check(inj.call(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid]), `the I/O priority of ${what} thread ${tid}`)),
+    cpuAffinity: sched.affinity,
+    ioprio: sched.ioprio,
   };
 }
 

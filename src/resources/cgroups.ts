@@ -31,6 +31,7 @@ function unifiedPath(procDir: string): string {
 export function dumpCgroup(p: Process, pid: number, what: string): void {
   p.cgroup = unifiedPath(`/proc/${pid}`);
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    if (tid === String(pid)) continue; // the process's own, read above
     const there = unifiedPath(`/proc/${pid}/task/${tid}`);
     if (there && there !== p.cgroup) throw new Unsupported(`${what} thread ${tid}: in cgroup ${there}, its process in ${p.cgroup}: threaded cgroups cannot be captured yet`);
   }

@@ -34,6 +34,14 @@ export class DumpContext {
   readonly keeper = new SocketsForKeeper();
   /** TCP connections held in repair mode while the application is frozen. */
   readonly tcp = new HeldConnections(this.keeper);
+  /** The "lock:" lines of each descriptor's fdinfo, by "PID:FD", as
+   * files.ts read them (only descriptors that show any): locks.ts needs
+   * no second read, nor /proc/locks (whose every read can wait for an RCU
+   * grace period of the whole machine, milliseconds while frozen). */
+  readonly fdLockLines = new Map<string, string[]>();
+  /** Set when the dump itself wrote the tables (a thread given its virtual
+   * TID): the driver reads them again for the image only then. */
+  tablesWritten = false;
 
   constructor(
     readonly image: Image,

@@ -48,6 +48,15 @@ function fdinfo(pid: number, fd: number): Map<string, string> {
   return out;
 }
 
+/** The "lock:" lines of an fdinfo text, without their "lock:" (locks.ts). */
+function lockLinesOf(text: string): string[] {
+  if (!text.includes('\nlock:')) return [];
+  return text
+    .split('\n')
+    .filter((l) => l.startsWith('lock:'))
+    .map((l) => l.slice(5));
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable): Fd[] {
   const fds: Fd[] = [];
   const numbers = readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
@@ -61,6 +70,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       continue; // closed meanwhile (impossible while frozen, but cheap to allow)
     }
     if (target === 'anon_inode:[userfaultfd]' && ctx.trackingFds.includes(n)) continue; // appshot's own
+    const lockLines = lockLinesOf((info as Map<string, string> & { raw: string }).raw);
+    if (lockLines.length) ctx.fdLockLines.set(`${pid}:${n}`, lockLines);
     const flags = parseInt(info.get('flags') ?? '0', 8);
     const fd: Fd = {
       fd: n,

@@ -13,8 +13,11 @@
  *
  * Dump: /proc/PID/fdinfo/FD lists, per descriptor, the locks of its
  * description and the POSIX locks its process took through it ("lock:"
- * lines, as in /proc/locks). /proc/locks is read once first, to read the
- * fdinfo of only the descriptors whose inode is locked at all. Each lock is
+ * lines, as in /proc/locks); files.ts reads every descriptor's fdinfo
+ * anyway and keeps those lines (DumpContext.fdLockLines). /proc/locks is
+ * not read for them: each read of it takes the kernel's file lock
+ * semaphore for writing, which waits for an RCU grace period of the whole
+ * machine (10-20 ms, with the application frozen). Each lock is
  * recorded once: a POSIX lock on the descriptor its process took it
  * through; a description's lock on one descriptor of the description
  * (files.ts's description numbers say which are one), preferably in the
@@ -33,7 +36,9 @@
  * lock: the freeze interrupts its call, which takes it off the lock's wait
  * list, and the call is rewound and runs again after the restore, waiting
  * again. /proc/locks is checked for waiters of the application all the
- * same: one still listed (the kernel did not take it off) is refused.
+ * same when a thread was stopped in a call that can wait for a lock or a
+ * lease (only there can one be listed): one still listed (the kernel did
+ * not take it off) is refused.
  *
  * Templates: a clone's descriptors are its private copies where the rules
  * give it one (copy-on-write and written, duplicate), and its locks are
@@ -89,20 +94,6 @@ function parseLockLine(text: string): LockLine | undefined {
   return { waiter: !!m[1], cls: m[2], state: m[3], type: m[4], pid: Number(m[5]), ino: BigInt(m[6] ?? -1), start: BigInt(m[7]), end: m[8] === 'EOF' ? 'EOF' : BigInt(m[8]), text: text.trim() };
 }
 
-/** The lock lines of one descriptor. */
-function fdLocks(pid: number, fd: number): string[] {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
-  } catch {
-    return [];
-  }
-  return text
-    .split('\n')
-    .filter((l) => l.startsWith('lock:'))
-    .map((l) => l.slice(5));
-}
-
 /** The inode of a descriptor, to match it with /proc/locks. */
 function inodeOf(image: Image, pid: number, fd: Fd): bigint | undefined {
   if (fd.kind === FdKind.FILE && fd.file >= 0 && image.files[fd.file]) return image.files[fd.file].ino;
@@ -134,24 +125,41 @@ export function describeLock(l: FileLock): string {
 }
 
 /**
+ * System calls (x86-64) in which a thread can wait for a file lock, a lease
+ * or a delegation to be broken: fcntl F_SETLKW / F_OFD_SETLKW, flock, and
+ * the opens, truncates and namespace changes that break leases and
+ * delegations. A waiter in /proc/locks is a thread inside one of them.
+ */
+const MAY_WAIT_FOR_LOCK = new Set([
+  2 /* open */, 72 /* fcntl */, 73 /* flock */, 76 /* truncate */, 77 /* ftruncate */, 82 /* rename */, 85 /* creat */,
+  86 /* link */, 87 /* unlink */, 90 /* chmod */, 92 /* chown */, 94 /* lchown */, 132 /* utime */, 235 /* utimes */,
+  257 /* openat */, 260 /* fchownat */, 261 /* futimesat */, 263 /* unlinkat */, 264 /* renameat */, 265 /* linkat */,
+  268 /* fchmodat */, 280 /* utimensat */, 316 /* renameat2 */, 437 /* openat2 */, 452 /* fchmodat2 */,
+]);
+
+/** Refuses a process of the image that /proc/locks shows waiting for a
+ * lock. Read only if a thread was stopped where it could be waiting. */
+function refuseWaiters(procs: Process[]): void {
+  if (!procs.some((p) => p.threads.some((t) => MAY_WAIT_FOR_LOCK.has(Number(t.inSyscall))))) return;
+  const byPid = new Map(procs.map((p) => [p.pid, p]));
+  for (const l of readFileSync('/proc/locks', 'utf8').split('\n').map(parseLockLine)) {
+    const waiter = l?.waiter ? byPid.get(l.pid) : undefined;
+    if (waiter)
+      throw new Unsupported(`${nameProcess(waiter.vpid, waiter.comm)} is waiting for a ${l!.cls} lock on inode ${l!.ino} that the freeze did not interrupt, which cannot be captured yet`);
+  }
+}
+
+/**
  * Records every lock of the application's processes on the descriptor it
- * is restored through (Fd.locks). Run with the processes frozen and dumped,
+ * is restored through (Fd.locks), from the fdinfo lock lines files.ts kept
+ * (`fdLockLines`, by "PID:FD"). Run with the processes frozen and dumped,
  * after files.ts has marked shared descriptions. Throws Unsupported for a
  * lock that cannot be brought back exactly.
  */
-export function dumpLocks(image: Image): void {
+export function dumpLocks(image: Image, fdLockLines: Map<string, string[]>): void {
   const procs = image.processes;
-  const byPid = new Map(procs.map((p) => [p.pid, p]));
-  const lines = readFileSync('/proc/locks', 'utf8').split('\n').map(parseLockLine);
-  const lockedInodes = new Set<bigint>();
-  for (const l of lines) {
-    if (!l) continue;
-    const waiter = l.waiter ? byPid.get(l.pid) : undefined;
-    if (waiter)
-      throw new Unsupported(`${nameProcess(waiter.vpid, waiter.comm)} is waiting for a ${l.cls} lock on inode ${l.ino} that the freeze did not interrupt, which cannot be captured yet`);
-    lockedInodes.add(l.ino);
-  }
-  if (!lockedInodes.size) return;
+  refuseWaiters(procs);
+  if (!fdLockLines.size) return;
   // A description's lock: recorded once, on the descriptor found first,
   // or on one in the process that took it.
   const described = new Map<string, { fd: Fd; lock: FileLock; taker: boolean }>();
@@ -159,9 +167,10 @@ export function dumpLocks(image: Image): void {
     const who = nameProcess(p.vpid, p.comm);
     const posix = new Set<string>();
     for (const fd of p.fds) {
-      const ino = inodeOf(image, p.pid, fd);
-      if (ino === undefined || !lockedInodes.has(ino)) continue;
-      for (const text of fdLocks(p.pid, fd.fd)) {
+      const lines = fdLockLines.get(`${p.pid}:${fd.fd}`);
+      if (!lines) continue;
+      const ino = inodeOf(image, p.pid, fd) ?? -1n;
+      for (const text of lines) {
         const where = `${who} fd ${fd.fd} (${fd.path})`;
         const l = parseLockLine(text);
         const kind = l ? KIND_BY_CLASS[l.cls] : undefined;

@@ -26,13 +26,15 @@ interface MapsLine {
   ino: bigint;
   path: string;
   vmFlags: string[];
+  /** From smaps only (readSmaps). */
+  swapKb?: number;
 }
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
 /** The memory map from /proc/PID/maps: cheap, unlike smaps, which counts
  * every mapping's pages. The only VmFlags bit it can tell (grows down) is
- * the stack's; a dump reads the rest with readVmFlags. */
+ * the stack's; a dump reads the rest with readSmaps. */
 export function readMaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
   for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
@@ -80,6 +82,40 @@ export function readVmFlags(pid: number): Map<bigint, string[]> {
   const out = new Map<bigint, string[]>();
   for (const [start, value] of smapsField(pid, 'VmFlags'))
     out.set(start, value.split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)));
+  return out;
+}
+
+/**
+ * The memory map with each mapping's kept VmFlags and its kB in swap, from
+ * one read of /proc/PID/smaps: what a dump reads once per process (smaps
+ * walks the page tables; it holds the maps lines too), for the driver, the
+ * shared-object pages and the memory dump alike.
+ */
+export function readSmaps(pid: number): MapsLine[] {
+  const out: MapsLine[] = [];
+  let last: MapsLine | undefined;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    const m = HEADER.exec(line);
+    if (m) {
+      last = {
+        start: BigInt('0x' + m[1]),
+        end: BigInt('0x' + m[2]),
+        perms: m[3],
+        pgoff: BigInt('0x' + m[4]),
+        major: parseInt(m[5], 16),
+        minor: parseInt(m[6], 16),
+        ino: BigInt(m[7]),
+        path: m[8],
+        vmFlags: m[8] === '[stack]' ? ['gd'] : [],
+        swapKb: 0,
+      };
+      out.push(last);
+    } else if (last && line.startsWith('VmFlags:')) {
+      last.vmFlags = line.slice(8).trim().split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f));
+    } else if (last && line.startsWith('Swap:')) {
+      last.swapKb = parseInt(line.slice(5), 10);
+    }
+  }
   return out;
 }
 
@@ -178,14 +214,14 @@ function mapFilesReadable(pid: number, l: MapsLine): boolean {
  * sees it. Runs while the injector's scratch area is in use, before memory
  * is dumped.
  */
-export function mapSharedObjectPages(pid: number, inj: Injector, what: string): void {
-  const lines = readMaps(pid).filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
+export function mapSharedObjectPages(pid: number, inj: Injector, what: string, maps: MapsLine[] = readSmaps(pid)): void {
+  const lines = maps.filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
   if (!lines.length || mapFilesReadable(pid, lines[0])) return;
   // mincore does not report a page that is in swap (and not in the swap
   // cache): it would come back as zeros. Refused rather than guessed.
-  const swap = smapsField(pid, 'Swap');
+  const swap = maps[0]?.swapKb === undefined ? smapsField(pid, 'Swap') : undefined;
   for (const l of lines) {
-    const kb = parseInt(swap.get(l.start) ?? '0', 10);
+    const kb = swap ? parseInt(swap.get(l.start) ?? '0', 10) : l.swapKb!;
     if (kb > 0)
       throw new Unsupported(
         `${what}: shared memory at 0x${l.start.toString(16)} has ${kb} kB in swap, which cannot be told from holes without CAP_CHECKPOINT_RESTORE (map_files)`,
@@ -259,14 +295,15 @@ function sharesWith(parent: ForkParent | undefined, v: Vma): boolean {
  *   (Not while the application runs, as in a pre-copy: the parent could
  *   write the page between the two reads.)
  */
-export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string, forkedFrom?: number): Vma[] {
+/** `maps`: the process's map as readSmaps read it, with the VmFlags (the
+ * process still frozen since). */
+export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string, forkedFrom?: number, maps: MapsLine[] = readSmaps(pid)): Vma[] {
   const vmas: Vma[] = [];
-  const vmFlags = readVmFlags(pid);
   const forkParent = forkedFrom !== undefined ? openForkParent(forkedFrom) : undefined;
   let pagemapFd = -1;
   try {
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
-    for (const l of readMaps(pid)) {
+    for (const l of maps) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
         start: l.start,
@@ -280,7 +317,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         file: -1,
         sharedMemory: -1,
         shmVid: -1,
-        vmFlags: vmFlags.get(l.start) ?? l.vmFlags,
+        vmFlags: l.vmFlags,
       };
       const special = SPECIAL[l.path];
       if (special !== undefined) {

@@ -37,10 +37,11 @@ export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, inj:
     /* not readable */
   }
   const origRax = regs.readBigInt64LE(REG.origRax);
-  const vtid =
-    t.tid === t.pid
-      ? ctx.virtual('pid', t.pid)
-      : ctx.virtual('pid', t.tid) || a.mapSystem(ctx.tablesPath, 'pid', t.tid, THREAD_FLAG, t.pid);
+  let vtid = t.tid === t.pid ? ctx.virtual('pid', t.pid) : ctx.virtual('pid', t.tid);
+  if (!vtid && t.tid !== t.pid) {
+    vtid = a.mapSystem(ctx.tablesPath, 'pid', t.tid, THREAD_FLAG, t.pid);
+    ctx.tablesWritten = true;
+  }
   return {
     vtid,
     tid: t.tid,

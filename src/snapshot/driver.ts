@@ -25,7 +25,7 @@ import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { countPages, dumpMemory, mapSharedObjectPages, readMaps } from '../resources/memory.js';
+import { countPages, dumpMemory, mapSharedObjectPages, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
@@ -49,6 +49,7 @@ import { readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armTracking, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
+import { reportProfile, timed } from './profile.js';
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
@@ -170,7 +171,7 @@ function emptyImage(record: AppRecord): Image {
 async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
-  refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+  timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
   const inImage = new Set(byProcess.map(([pid]) => pid));
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
@@ -187,28 +188,31 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     if (interrupted()) throw new Interrupted();
     // Registers first: running system calls in the process (below) leaves
     // an interrupted call rewound, and the image keeps it as it was.
-    const regs = new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)]));
-    const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
+    const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
+    // Read once: the vDSO for the injector, the shared objects and the
+    // memory dump below (the calls injected meanwhile map nothing).
+    const maps = timed('smaps', () => readSmaps(pid));
+    const vdso = maps.find((l) => l.path === '[vdso]');
     let inj: Injector;
     try {
-      inj = Injector.open(pid, pid, vdso);
+      inj = timed('injector open', () => Injector.open(pid, pid, vdso));
     } catch (e) {
       throw new Unsupported(`${what}: ${(e as Error).message}`);
     }
     try {
       // Credentials before any call is injected: a thread under seccomp is
       // exempted from its filters first.
-      const creds = dumpCreds(pid, threads.map((t) => t.tid), inj, what);
-      const proc: Process = dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds);
-      proc.threads = threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] }));
-      proc.posixTimers = dumpPosixTimers(pid, proc.threads, inj, what);
-      dumpAttributes(proc, pid, inj, what);
-      dumpCgroup(proc, pid, what);
-      proc.glibcTidOffset = findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! })));
-      proc.sigactions = dumpSigactions(pid, inj);
-      proc.sharedPending = dumpSharedPending(pid);
-      proc.zombies = dumpZombies(ctx, pid);
-      dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what);
+      const creds = timed('creds', () => dumpCreds(pid, threads.map((t) => t.tid), inj, what));
+      const proc: Process = timed('process', () => dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds));
+      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] })));
+      proc.posixTimers = timed('timers', () => dumpPosixTimers(pid, proc.threads, inj, what));
+      timed('attributes', () => dumpAttributes(proc, pid, inj, what));
+      timed('cgroups', () => dumpCgroup(proc, pid, what));
+      proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
+      proc.sigactions = timed('sigactions', () => dumpSigactions(pid, inj));
+      proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
+      proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
+      timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
       // With --leave-running, each thread goes on from here as the kernel
       // would have taken it on: a pending signal's handler may make an
       // interrupted call fail with EINTR rather than restart.
@@ -216,14 +220,14 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         const th = proc.threads[i];
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
-      proc.fds = dumpFds(ctx, pid, what, new SocketTable(pid));
-      mapSharedObjectPages(pid, inj, what);
-      inj.close();
+      proc.fds = timed('files', () => dumpFds(ctx, pid, what, new SocketTable(pid)));
+      timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
+      timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
       // Memory last: the scratch area used above is back as it was.
       // Pages still shared with a parent of the image are recorded as such.
-      const ppid = readStat(pid)?.ppid;
-      proc.vmas = dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined);
+      const ppid = timed('stat', () => readStat(pid)?.ppid);
+      proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
       ctx.image.processes.push(proc);
       systemPids.set(proc.vpid, pid);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
@@ -236,13 +240,14 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       throw e;
     }
   }
-  markSharedDescriptions(ctx.image.processes);
-  dumpLocks(ctx.image);
-  checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!);
-  dumpPtys(ctx);
-  Object.assign(ctx.image, dumpSysv(ctx));
-  // Read again: threads never seen by name got their virtual TIDs above.
-  const tables = addon().readTables(ctx.tablesPath);
+  timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
+  timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
+  timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
+  timed('ptys', () => dumpPtys(ctx));
+  timed('sysv', () => Object.assign(ctx.image, dumpSysv(ctx)));
+  // Read again if threads never seen by name got their virtual TIDs above;
+  // else they are as read at the start of the window (all frozen since).
+  const tables = ctx.tablesWritten ? timed('tables', () => addon().readTables(ctx.tablesPath)) : ctx.tables;
   ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
 }
 
@@ -506,13 +511,17 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let held: { held: number; needed: number } | undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
-    freezer.freeze(opts.timeoutMs);
-    clock.end('freezeMs');
-    // Processes created while we were stopping the others mapped themselves.
+    // Written only by a snapshot's armAll, never during this one's freeze.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
-    const reporting = new ReportingPageWriter(pages, progress, estimateImageBytes([...freezer.byProcess()].map(([pid]) => pid)));
+    // For the progress shown only, so read before the freeze (smaps_rollup
+    // walks every mapping): the processes in the tables now.
+    const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
+    timed('freeze', () => freezer.freeze(opts.timeoutMs));
+    clock.end('freezeMs');
+    const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
-    const ctx = new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids);
+    // Processes created while we were stopping the others mapped themselves.
+    const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
     keeper = ctx.keeper;
@@ -521,18 +530,20 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     await dumpAll(ctx, freezer, interrupted);
     clock.end('dumpMs');
+    if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
     // This image becomes the next one's parent: track writes from here.
     // Not a tar: its page file is not on disk for the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    if (becomesParent) armed = [...armAll(reg, aid, freezer)].map(processKey);
+    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {
       connections.release();
       keeper.close();
-      freezer.resume();
+      timed('resume', () => freezer.resume());
       clock.released();
       clock.end('resumeMs');
+      reportProfile('the frozen window');
     }
     // The frozen window ends here: nothing below reads the application,
     // which goes on now (--leave-running) or stays stopped, held for its

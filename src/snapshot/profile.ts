@@ -1,0 +1,35 @@
+/**
+ * Where the frozen window's milliseconds go, step by step (APPSHOT_PROFILE=1:
+ * printed on stderr at the end of each snapshot). Off, a step is called
+ * as it is, with nothing measured.
+ */
+import { injected } from '../ptrace/remote.js';
+
+const enabled = !!process.env.APPSHOT_PROFILE;
+const spent = new Map<string, { ms: number; calls: number; injected: number }>();
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+/** Runs `step`, counting its time under `name` when profiling. */
+export function timed<T>(name: string, step: () => T): T {
+  if (!enabled) return step();
+  const t0 = now();
+  const calls0 = injected.calls;
+  try {
+    return step();
+  } finally {
+    const s = spent.get(name) ?? { ms: 0, calls: 0, injected: 0 };
+    s.ms += now() - t0;
+    s.calls++;
+    s.injected += injected.calls - calls0;
+    spent.set(name, s);
+  }
+}
+
+/** Prints what was counted since the last report, most costly first. */
+export function reportProfile(title: string): void {
+  if (!enabled) return;
+  const rows = [...spent].sort((a, b) => b[1].ms - a[1].ms);
+  process.stderr.write(`appshot: profile of ${title}:\n`);
+  for (const [name, s] of rows) process.stderr.write(`  ${s.ms.toFixed(3).padStart(9)} ms  ${String(s.calls).padStart(4)}x  ${name}${s.injected ? ` (${s.injected} calls injected)` : ''}\n`);
+  spent.clear();
+}
