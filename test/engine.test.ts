@@ -120,6 +120,13 @@ describe('the resident engine', () => {
       const steady = (stdout: string) => (args[0] === 'ps' && args.includes('--json') ? stdout.replace(/"state": "[A-Z]"/g, '"state": _') : stdout);
       expect({ args, code: viaEngine.code, stdout: steady(viaEngine.stdout), stderr: viaEngine.stderr }).toEqual({ args, code: here.code, stdout: steady(here.stdout), stderr: here.stderr });
     }
+    // A reader that goes away (`| head -1`) ends a listing quietly, as in
+    // the CLI, served or not.
+    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+      const piped = spawnSync('bash', ['-c', `"${process.execPath}" "${cli}" inspect same.appshot | head -1; exit \${PIPESTATUS[0]}`], { cwd: out, env: { ...sb.env, ...env }, encoding: 'utf8' });
+      expect({ env, code: piped.status, stderr: piped.stderr }).toEqual({ env, code: 0, stderr: '' });
+      expect(piped.stdout).toMatch(/^image [0-9a-f]+ /);
+    }
     // Never sent: commands that need the client's terminal, stdin or
     // environment.
     const before = served();

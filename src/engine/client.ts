@@ -112,6 +112,14 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
       }
     });
     socket.on('data', (d) => reader.push(d));
+    // `appshot inspect IMAGE | head`: a reader that goes away ends the
+    // listing, as in the CLI (cli.ts); commands whose standard output
+    // carries an image never come here (servedByEngine).
+    process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(0);
+      throw e;
+    });
+    process.stderr.on('error', () => undefined);
     const lost = () => {
       if (done) return;
       // Before ACCEPTED the engine did nothing (it was leaving): run here.
