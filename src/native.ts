@@ -183,6 +183,8 @@ interface Addon {
   peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
+  /** Waits for those spawnDetached started that have ended; how many. */
+  reapDetached(): number;
   writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
   eventfd(count: number, flags: number): number;
   /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */

@@ -5,7 +5,7 @@
  * same output and exit codes as the CLI in-process.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -83,6 +83,15 @@ describe('the resident engine', () => {
     expect(JSON.parse(restored.stdout)).toMatchObject({ aid: 'auto', processes: 2 });
     expect(served()).toBe(1);
     await checksPass('auto');
+    // The appshot-init it started is its child: once that application
+    // ends, the engine waits for it rather than keep a zombie.
+    const initPid = JSON.parse(restored.stdout).initPid as number;
+    expect(Number(readFileSync(`/proc/${initPid}/stat`, 'utf8').split(') ')[1].split(' ')[1])).toBe(s.pid);
+    const other = run(['restore', 'auto.appshot', '--aid', 'auto2', '--json']);
+    expect(other.code, other.stderr).toBe(0);
+    const otherInit = JSON.parse(other.stdout).initPid as number;
+    expect(run(['rm', '-f', 'auto2']).code).toBe(0);
+    await waitFor(() => !existsSync(`/proc/${otherInit}`), 10_000, "the ended application's appshot-init to be waited for");
     // The restored application is not the engine's to keep: it outlives it.
     await stopEngine();
     await checksPass('auto', 3);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#include <sys/wait.h>
 
 #include <arpa/inet.h>
 #include <spawn.h>
@@ -454,6 +455,28 @@ Napi::Value WritePages(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// What spawnDetached started, for reapDetached: a resident engine outlives
+// the appshot-init processes it starts, which Node does not wait for.
+std::vector<pid_t> detached_children;
+
+// reapDetached() -> how many of them had ended and were waited for now
+// (zombies otherwise, until the engine leaves).
+Napi::Value ReapDetached(const Napi::CallbackInfo& info) {
+  int reaped = 0;
+  for (size_t i = 0; i < detached_children.size();) {
+    int st;
+    pid_t r = waitpid(detached_children[i], &st, WNOHANG);
+    if (r == detached_children[i] || (r < 0 && errno == ECHILD)) {
+      detached_children[i] = detached_children.back();
+      detached_children.pop_back();
+      reaped += r > 0;
+    } else {
+      i++;
+    }
+  }
+  return Napi::Number::New(info.Env(), reaped);
+}
+
 // spawnDetached(path, argv[], outFd) -> { pid, statusFd, lifelineFd }:
 // starts a program in a session of its own with stdin /dev/null, stdout and
 // stderr on outFd, a status pipe on fd 3 whose read end is returned, and a
@@ -517,6 +540,7 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "starting " + path, rc);
     return env.Undefined();
   }
+  detached_children.push_back(pid);
   Napi::Object o = Napi::Object::New(env);
   o.Set("pid", pid);
   o.Set("statusFd", p[0]);
@@ -536,6 +560,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("socketPair", SocketPair);
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);
+  fn("reapDetached", ReapDetached);
   fn("writePages", WritePages);
   fn("eventfd", EventFd);
   fn("memfd", MemFd);

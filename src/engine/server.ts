@@ -187,6 +187,9 @@ export class Engine {
   private watchSocket(): void {
     const bound = lstatSync(this.paths.socket).ino;
     const timer = setInterval(() => {
+      // The appshot-init processes its restores started, once ended, are
+      // its zombies until waited for.
+      addon().reapDetached();
       let ino: number | undefined;
       try {
         ino = lstatSync(this.paths.socket).ino;
