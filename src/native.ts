@@ -121,6 +121,8 @@ interface Addon {
   cont(tid: number, sig: number): void;
   detach(tid: number, sig: number): void;
   wait(tid: number, timeoutMs: number): TraceReport | null;
+  /** The next report of one of `tids` (never another child of this process), or null after timeoutMs. */
+  waitAny(tids: number[], timeoutMs: number): TraceReport | null;
   getRegs(tid: number): Buffer;
   setRegs(tid: number, regs: Buffer): void;
   rewind(regs: Buffer): Buffer | null;

@@ -82,13 +82,31 @@ Napi::Value Detach(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// wait(tid | -1, timeoutMs) -> null | { kind, tid, sig, event, msg, status }
+Napi::Value Report(Napi::Env env, const trace_report& r);
+
+// waitAny(tids[], timeoutMs) -> the next report of one of `tids`, or null.
+Napi::Value WaitAny(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto a = info[0].As<Napi::Array>();
+  std::vector<pid_t> tids(a.Length());
+  for (uint32_t i = 0; i < a.Length(); i++) tids[i] = a.Get(i).As<Napi::Number>().Int32Value();
+  trace_report r;
+  int rc = trace_wait_any(tids.data(), tids.size(), info[1].As<Napi::Number>().Int32Value(), &r);
+  if (Failed(env, rc, "waiting for tracees")) return env.Undefined();
+  return Report(env, r);
+}
+
+// wait(tid, timeoutMs) -> null | { kind, tid, sig, event, msg, status }
 Napi::Value Wait(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   trace_report r;
   int rc = trace_wait(Tid(info), info[1].As<Napi::Number>().Int32Value(), &r);
   if (rc == -ECHILD) return env.Null();
   if (Failed(env, rc, "waiting for tracees")) return env.Undefined();
+  return Report(env, r);
+}
+
+Napi::Value Report(Napi::Env env, const trace_report& r) {
   if (r.kind == TRACE_NONE) return env.Null();
   static const char* names[] = {"none", "stop", "group-stop", "signal", "event", "syscall", "exited"};
   Napi::Object o = Napi::Object::New(env);
@@ -933,6 +951,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("getRseq", GetRseq);
   fn("getRobustList", GetRobustList);
   fn("inject", Inject);
+  fn("waitAny", WaitAny);
   fn("batchCode", BatchCode);
   fn("injectBatch", InjectBatch);
   fn("seccompFilters", SeccompFilters);

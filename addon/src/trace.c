@@ -123,6 +123,37 @@ int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
   }
 }
 
+int trace_wait_any(const pid_t* tids, size_t n, int timeout_ms, trace_report* out) {
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    for (size_t i = 0; i < n; i++) {
+      int status;
+      pid_t got = waitpid(tids[i], &status, __WALL | WNOHANG);
+      /* ECHILD: gone, or not ours any more; the others may still report. */
+      if (got > 0) {
+        classify(got, status, out);
+        return 0;
+      }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long elapsed_us = (now.tv_sec - start.tv_sec) * 1000000 + (now.tv_nsec - start.tv_nsec) / 1000;
+    if (n == 0 || elapsed_us >= (long)timeout_ms * 1000) {
+      memset(out, 0, sizeof *out);
+      out->kind = TRACE_NONE;
+      return 0;
+    }
+    /* As trace_wait: the CPU yielded to the tracees for a short while,
+     * then naps. */
+    if (elapsed_us < 300) {
+      sched_yield();
+    } else {
+      struct timespec nap = {0, 200000};
+      nanosleep(&nap, NULL);
+    }
+  }
+}
+
 int trace_get_regs(pid_t tid, struct user_regs_struct* regs) {
   return ptrace(PTRACE_GETREGS, tid, 0, regs) ? fail() : 0;
 }

@@ -43,6 +43,11 @@ int trace_interrupt(pid_t tid);
 /* Waits for one report from any tracee, or from `tid` if > 0, for at most
  * timeout_ms (0: do not wait). */
 int trace_wait(pid_t tid, int timeout_ms, trace_report* out);
+
+/* As trace_wait, for any of `tids` only: never another child of this
+ * process (a resident engine's children are Node's too, whose exit
+ * statuses a wait for any child would take from it). */
+int trace_wait_any(const pid_t* tids, size_t n, int timeout_ms, trace_report* out);
 int trace_cont(pid_t tid, int sig);
 int trace_detach(pid_t tid, int sig);
 

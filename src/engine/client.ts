@@ -103,7 +103,9 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
     };
     const reader = new FrameReader((type, payload) => {
       if (type === Frame.ACCEPTED) accepted = true;
-      else if (type === Frame.STDOUT) process.stdout.write(payload);
+      else if (type === Frame.STDOUT) {
+        if (!stdoutGone) process.stdout.write(payload);
+      }
       else if (type === Frame.STDERR) process.stderr.write(payload);
       else if (type === Frame.EXIT) finish(payload.readInt32BE(0));
       else if (type === Frame.REFUSED) {
@@ -115,9 +117,12 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
     // `appshot inspect IMAGE | head`: a reader that goes away ends the
     // listing, as in the CLI (cli.ts); commands whose standard output
     // carries an image never come here (servedByEngine).
+    // The command goes on to its end and its exit code is the client's;
+    // what it still prints goes nowhere.
+    let stdoutGone = false;
     process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-      if (e.code === 'EPIPE') process.exit(0);
-      throw e;
+      if (e.code !== 'EPIPE' && !stdoutGone) process.stderr.write(`appshot: standard output: ${e.message}\n`);
+      stdoutGone = true;
     });
     process.stderr.on('error', () => undefined);
     const lost = () => {

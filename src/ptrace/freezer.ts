@@ -258,7 +258,8 @@ export class Freezer {
           }
       for (;;) {
         const pending = [...this.threads.values()].some((t) => !t.stopped);
-        const r = addon().wait(-1, pending ? Math.max(until - Date.now(), 0) : 0);
+        // Only our tracees: a resident engine's other children are Node's.
+        const r = addon().waitAny([...this.threads.keys()], pending ? Math.max(until - Date.now(), 0) : 0);
         if (!r) break;
         this.handle(r);
       }
@@ -323,7 +324,7 @@ export class Freezer {
     // die (its memory is freed first).
     const deadline = Date.now() + 10_000;
     while (this.threads.size && Date.now() < deadline) {
-      const r = addon().wait(-1, 100);
+      const r = addon().waitAny([...this.threads.keys()], 100);
       if (r && letGoIfUnsettled(r)) continue;
       if (r?.kind === 'exited') this.threads.delete(r.tid);
       else if (!r) for (const tid of [...this.threads.keys()]) if (!existsSync(`/proc/${tid}`)) this.threads.delete(tid);

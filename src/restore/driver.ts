@@ -605,7 +605,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       /* gone */
     }
     if (lifeline >= 0) closeSync(lifeline);
-    if (record) await waitGone(reg, record);
+    if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked]);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
@@ -620,10 +620,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
 
 /** After a failure: init sees its last process go and removes the tables,
  * SysV objects and registration; if init never started, do it here. */
-async function waitGone(reg: LocalRegistry, record: AppRecord): Promise<void> {
+async function waitGone(reg: LocalRegistry, record: AppRecord, tracees: number[]): Promise<void> {
+  const ours = [...new Set(tracees)];
   for (let i = 0; i < 200; i++) {
-    // Reap our tracees' exit reports.
-    for (let r = addon().wait(-1, 0); r; r = addon().wait(-1, 0)) letGoIfUnsettled(r);
+    // Reap our tracees' exit reports (only theirs: in the engine, other
+    // children are Node's).
+    for (let r = addon().waitAny(ours, 0); r; r = addon().waitAny(ours, 0)) letGoIfUnsettled(r);
     const r = reg.get(record.aid);
     if (!r) return;
     if (!r.initPid || reg.isStale(r)) {
