@@ -127,14 +127,15 @@ export function describeLock(l: FileLock): string {
 /**
  * System calls (x86-64) in which a thread can wait for a file lock, a lease
  * or a delegation to be broken: fcntl F_SETLKW / F_OFD_SETLKW, flock, and
- * the opens, truncates and namespace changes that break leases and
- * delegations. A waiter in /proc/locks is a thread inside one of them.
+ * the opens (an exec's too), truncates and namespace changes that break
+ * leases and delegations. A waiter in /proc/locks is a thread inside one of them.
  */
 const MAY_WAIT_FOR_LOCK = new Set([
-  2 /* open */, 72 /* fcntl */, 73 /* flock */, 76 /* truncate */, 77 /* ftruncate */, 82 /* rename */, 85 /* creat */,
+  2 /* open */, 59 /* execve */, 72 /* fcntl */, 73 /* flock */, 76 /* truncate */, 77 /* ftruncate */, 82 /* rename */, 85 /* creat */,
   86 /* link */, 87 /* unlink */, 90 /* chmod */, 92 /* chown */, 94 /* lchown */, 132 /* utime */, 235 /* utimes */,
   257 /* openat */, 260 /* fchownat */, 261 /* futimesat */, 263 /* unlinkat */, 264 /* renameat */, 265 /* linkat */,
-  268 /* fchmodat */, 280 /* utimensat */, 316 /* renameat2 */, 437 /* openat2 */, 452 /* fchmodat2 */,
+  268 /* fchmodat */, 280 /* utimensat */, 304 /* open_by_handle_at */, 316 /* renameat2 */, 322 /* execveat */,
+  437 /* openat2 */, 452 /* fchmodat2 */,
 ]);
 
 /** Refuses a process of the image that /proc/locks shows waiting for a
