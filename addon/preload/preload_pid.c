@@ -262,7 +262,11 @@ long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
   pid_t r = REAL(wait4)(sid, status ? status : &st, options, ru);
   if (r <= 0) return r;
   int s = status ? *status : st;
-  return waited(r, WIFEXITED(s) || WIFSIGNALED(s));
+  pid_t v = waited(r, WIFEXITED(s) || WIFSIGNALED(s));
+  /* Waited for one process by its id: that is the answer, known without
+   * the tables (a snapshot may fall between the call and the lookup, and
+   * a restore then leaves r a system PID of the old node). */
+  return pid > 0 ? pid : v;
 }
 
 API pid_t wait4(pid_t pid, int *status, int options, struct rusage *ru) {
