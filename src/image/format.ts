@@ -320,7 +320,14 @@ const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.m
 export function unchangedOnDisk(loaded: LoadedImage): boolean {
   try {
     const now = loaded.manifest.parts.map((part) => fileIdentity(lstatSync(join(loaded.dir, part.name), { bigint: true }))).join(' ');
-    return now === loaded.identity;
+    if (now !== loaded.identity) return false;
+    // What else loading checked, and time may have changed: who may write
+    // the directory and its parts, and whether the signer is still
+    // trusted (a key removed meanwhile). Cheap; on any doubt, the caller
+    // loads the image again, with every check.
+    checkOnlyOwnerCanChange(loaded.dir);
+    const signer = checkSignature(MANIFEST_DOMAIN, signedContent(ManifestType, loaded.manifest), loaded.manifest.signature, loaded.manifest.keyId);
+    return !!signer.trusted || imagesTrustedExplicitly();
   } catch {
     return false;
   }
