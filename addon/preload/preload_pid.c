@@ -260,6 +260,14 @@ long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
   if (e) return fail(e);
   int st;
   pid_t r = REAL(wait4)(sid, status ? status : &st, options, ru);
+  /* A wait for one process, snapshotted while it blocked and restored:
+   * the kernel restarts it with the system PID it was given, the old
+   * node's, and says ECHILD. That process is here under a new one. */
+  pid_t again;
+  while (r < 0 && errno == ECHILD && pid > 0 && v2s_pid(pid, &again) && again != sid) {
+    sid = again;
+    r = REAL(wait4)(sid, status ? status : &st, options, ru);
+  }
   if (r <= 0) return r;
   int s = status ? *status : st;
   pid_t v = waited(r, WIFEXITED(s) || WIFSIGNALED(s));
@@ -299,6 +307,13 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
     r = (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru));
   else
     r = REAL(waitid)(idtype, (id_t)sid, info, options);
+  /* As in do_wait4: restarted after a restore with the old node's id. */
+  pid_t again;
+  while (r < 0 && errno == ECHILD && (idtype == P_PID || idtype == P_PGID) && (pid_t)id > 0 &&
+         v2s_pid((pid_t)id, &again) && again != sid) {
+    sid = again;
+    r = ru ? (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru)) : REAL(waitid)(idtype, (id_t)sid, info, options);
+  }
   if (r != 0 || info->si_pid == 0) return r;
   int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
                (info->si_code == CLD_EXITED || info->si_code == CLD_KILLED ||
