@@ -35,7 +35,7 @@ import { cpus, loadavg, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { findCriu } from './criu-build.js';
-import { read, sleep, summary, timed as timedRun, waitFor } from './measure.js';
+import { read, runBench, sleep, summary, timed as timedRun, waitFor } from './measure.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const memapp = join(root, 'bench', 'bin', 'memapp');
@@ -312,15 +312,4 @@ function cleanup() {
   rmSync(home, { recursive: true, force: true });
 }
 
-process.on('SIGINT', () => {
-  cleanup();
-  process.exit(130);
-});
-try {
-  await main();
-} catch (e) {
-  log(`failed: ${e.message}`);
-  process.exitCode = 1;
-} finally {
-  cleanup();
-}
+await runBench(main, cleanup, log);

@@ -51,3 +51,20 @@ export const read = (path) => {
     return '';
   }
 };
+
+/** Runs a benchmark's main(), with cleanup() after it however it ends
+ * (Ctrl-C too, exit 130); a failure is one line through log(), exit 1. */
+export async function runBench(main, cleanup, log) {
+  process.on('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
+  try {
+    await main();
+  } catch (e) {
+    log(`failed: ${e.message}`);
+    process.exitCode = 1;
+  } finally {
+    cleanup();
+  }
+}

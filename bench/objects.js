@@ -25,7 +25,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:
 import { cpus, loadavg, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { read, summary, timed as timedRun, waitFor } from './measure.js';
+import { read, runBench, summary, timed as timedRun, waitFor } from './measure.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const objapp = join(root, 'bench', 'bin', 'objapp');
@@ -181,15 +181,4 @@ function cleanup() {
   rmSync(home, { recursive: true, force: true });
 }
 
-process.on('SIGINT', () => {
-  cleanup();
-  process.exit(130);
-});
-try {
-  await main();
-} catch (e) {
-  log(`failed: ${e.message}`);
-  process.exitCode = 1;
-} finally {
-  cleanup();
-}
+await runBench(main, cleanup, log);

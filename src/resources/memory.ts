@@ -32,6 +32,21 @@ interface MapsLine {
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
+/** One mapping's header line, as maps and smaps both print it. */
+function mapsLine(m: RegExpExecArray): MapsLine {
+  return {
+    start: BigInt('0x' + m[1]),
+    end: BigInt('0x' + m[2]),
+    perms: m[3],
+    pgoff: BigInt('0x' + m[4]),
+    major: parseInt(m[5], 16),
+    minor: parseInt(m[6], 16),
+    ino: BigInt(m[7]),
+    path: m[8],
+    vmFlags: m[8] === '[stack]' ? ['gd'] : [],
+  };
+}
+
 /** The memory map from /proc/PID/maps: cheap, unlike smaps, which counts
  * every mapping's pages. The only VmFlags bit it can tell (grows down) is
  * the stack's; a dump reads the rest with readSmaps. */
@@ -39,19 +54,7 @@ export function readMaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
   for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
     const m = HEADER.exec(line);
-    if (m) {
-      out.push({
-        start: BigInt('0x' + m[1]),
-        end: BigInt('0x' + m[2]),
-        perms: m[3],
-        pgoff: BigInt('0x' + m[4]),
-        major: parseInt(m[5], 16),
-        minor: parseInt(m[6], 16),
-        ino: BigInt(m[7]),
-        path: m[8],
-        vmFlags: m[8] === '[stack]' ? ['gd'] : [],
-      });
-    }
+    if (m) out.push(mapsLine(m));
   }
   return out;
 }
@@ -97,18 +100,7 @@ export function readSmaps(pid: number): MapsLine[] {
   for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
     const m = HEADER.exec(line);
     if (m) {
-      last = {
-        start: BigInt('0x' + m[1]),
-        end: BigInt('0x' + m[2]),
-        perms: m[3],
-        pgoff: BigInt('0x' + m[4]),
-        major: parseInt(m[5], 16),
-        minor: parseInt(m[6], 16),
-        ino: BigInt(m[7]),
-        path: m[8],
-        vmFlags: m[8] === '[stack]' ? ['gd'] : [],
-        swapKb: 0,
-      };
+      last = { ...mapsLine(m), swapKb: 0 };
       out.push(last);
     } else if (last && line.startsWith('VmFlags:')) {
       last.vmFlags = line.slice(8).trim().split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f));
