@@ -87,8 +87,37 @@ static void classify(pid_t tid, int status, trace_report* out) {
   }
 }
 
+/* Between two looks for a stop: true once `timeout_ms` have passed since
+ * `start` (the caller reports none), else it waits a little first. A stop
+ * usually arrives within microseconds (an injected system call, an
+ * interrupt): the CPU is yielded to the tracee for a short first stretch
+ * rather than slept away, whose wake-up costs more than the wait. Not
+ * longer: a tracee queued behind this thread on its CPU is not always run
+ * by sched_yield, and one waiting on a busy CPU is pulled to this one only
+ * once it goes idle, so a longer spin made a stop now and then cost its
+ * whole length (2 ms, where 25 us is usual). Then short naps, and longer
+ * ones so a long timeout does not spin. */
+static int waited_long_enough(const struct timespec* start, int timeout_ms) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  long elapsed_us = (now.tv_sec - start->tv_sec) * 1000000 + (now.tv_nsec - start->tv_nsec) / 1000;
+  if (elapsed_us >= (long)timeout_ms * 1000) return 1;
+  if (elapsed_us < 300) {
+    sched_yield();
+  } else {
+    struct timespec nap = {0, elapsed_us < 5000 ? 20000 : 200000};
+    nanosleep(&nap, NULL);
+  }
+  return 0;
+}
+
+static void no_report(trace_report* out) {
+  memset(out, 0, sizeof *out);
+  out->kind = TRACE_NONE;
+}
+
 int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
-  struct timespec start, now;
+  struct timespec start;
   clock_gettime(CLOCK_MONOTONIC, &start);
   for (;;) {
     int status;
@@ -98,33 +127,15 @@ int trace_wait(pid_t tid, int timeout_ms, trace_report* out) {
       classify(got, status, out);
       return 0;
     }
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-    if (elapsed >= timeout_ms) {
-      memset(out, 0, sizeof *out);
-      out->kind = TRACE_NONE;
+    if (waited_long_enough(&start, timeout_ms)) {
+      no_report(out);
       return 0;
-    }
-    /* A stop usually arrives within microseconds (an injected system
-     * call, an interrupt): yield the CPU to the tracee for a short first
-     * stretch rather than sleep, whose wake-up costs more than the wait.
-     * Not longer: a tracee queued behind this thread on its CPU is not
-     * always run by sched_yield, and one waiting on a busy CPU is pulled
-     * to this one only once it goes idle, so a longer spin made a stop
-     * now and then cost its whole length (2 ms, where 25 us is usual).
-     * Then short naps, and longer ones so a long timeout does not spin. */
-    long elapsed_us = (now.tv_sec - start.tv_sec) * 1000000 + (now.tv_nsec - start.tv_nsec) / 1000;
-    if (elapsed_us < 300) {
-      sched_yield();
-    } else {
-      struct timespec nap = {0, elapsed_us < 5000 ? 20000 : 200000};
-      nanosleep(&nap, NULL);
     }
   }
 }
 
 int trace_wait_any(const pid_t* tids, size_t n, int timeout_ms, trace_report* out) {
-  struct timespec start, now;
+  struct timespec start;
   clock_gettime(CLOCK_MONOTONIC, &start);
   for (;;) {
     for (size_t i = 0; i < n; i++) {
@@ -136,20 +147,9 @@ int trace_wait_any(const pid_t* tids, size_t n, int timeout_ms, trace_report* ou
         return 0;
       }
     }
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long elapsed_us = (now.tv_sec - start.tv_sec) * 1000000 + (now.tv_nsec - start.tv_nsec) / 1000;
-    if (n == 0 || elapsed_us >= (long)timeout_ms * 1000) {
-      memset(out, 0, sizeof *out);
-      out->kind = TRACE_NONE;
+    if (n == 0 || waited_long_enough(&start, timeout_ms)) {
+      no_report(out);
       return 0;
-    }
-    /* As trace_wait: the CPU yielded to the tracees for a short while,
-     * then naps. */
-    if (elapsed_us < 300) {
-      sched_yield();
-    } else {
-      struct timespec nap = {0, 200000};
-      nanosleep(&nap, NULL);
     }
   }
 }
