@@ -187,7 +187,9 @@ interface Addon {
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
   /** Waits for those spawnDetached started that have ended; how many. */
   reapDetached(): number;
-  writePages(pid: number, fd: number, fileOffset: number, addr: bigint, length: number): void;
+  /** Copies page data into a stopped process: runs of [index into fds,
+   * file offset, address, length], each page file mapped once. */
+  writePageRuns(pid: number, fds: number[], runs: Float64Array): void;
   eventfd(count: number, flags: number): number;
   /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */
   memfd(name: string, size: number, flags?: number): number;

@@ -422,9 +422,47 @@ export interface MemorySources {
    * memory was filled before the fork: its mappings sharing pages with it
    * copy-on-write (PageRef.cowShared) are kept, not made again. */
   forkedFrom?(vpid: number): { vpid: number; vmas: Vma[] } | undefined;
-  /** Copies page data into the process in place of addon().writePages
-   * (the restore driver's, which shows progress). */
-  writePages?: (pid: number, fd: number, fileOffset: number, addr: bigint, length: number) => void;
+  /** Told of each slice of page data copied (the restore driver's
+   * progress). */
+  copied?: (bytes: number) => void;
+}
+
+/** Page data copied in one native call at most: progress moves between
+ * slices, and process_vm_writev copies less than 2 GiB per call anyway. */
+const COPY_SLICE = 32 << 20;
+
+/**
+ * The page data one process is given, gathered run by run ([page file
+ * index, file offset, address, length]) and copied in slices: one native
+ * call maps each page file once and writes hundreds of runs with one
+ * process_vm_writev, where a call per run cost a mapping and a copy each.
+ */
+class PageCopy {
+  private runs: number[] = [];
+  private bytes = 0;
+
+  constructor(
+    private readonly pid: number,
+    private readonly src: MemorySources,
+  ) {}
+
+  add(file: number, offset: bigint, addr: bigint, len: bigint): void {
+    for (let at = 0n; at < len; ) {
+      const n = Math.min(COPY_SLICE - this.bytes, Number(len - at));
+      this.runs.push(file, Number(offset + at), Number(addr + at), n);
+      this.bytes += n;
+      at += BigInt(n);
+      if (this.bytes >= COPY_SLICE) this.flush();
+    }
+  }
+
+  flush(): void {
+    if (!this.runs.length) return;
+    addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(this.runs));
+    this.src.copied?.(this.bytes);
+    this.runs = [];
+    this.bytes = 0;
+  }
 }
 
 /** Whether a mapping's stored pages are mapped from the page file
@@ -642,10 +680,10 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
   mapping.run();
 
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
-  const writePages = src.writePages ?? ((pid: number, fd: number, off: number, addr: bigint, n: number) => addon().writePages(pid, fd, off, addr, n));
+  const copy = new PageCopy(r.pid, src);
   for (const p of plans) {
     const { v } = p;
-    if (!p.lazy) for (const [addr, off, n] of p.own) writePages(r.pid, src.pageFds[0], Number(off), addr, Number(n));
+    if (!p.lazy) for (const [addr, off, n] of p.own) copy.add(0, off, addr, n);
     if (p.hasInherited) {
       inherited ??= src.inherited(vpid);
       // Pages next to each other in memory and in one page file go in one
@@ -653,7 +691,7 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
       // tracking vouches it was not written): zeros, as mapped.
       let run: { addr: bigint; file: number; offset: bigint; len: bigint } | undefined;
       const flush = () => {
-        if (run) writePages(r.pid, src.pageFds[run.file], Number(run.offset), run.addr, Number(run.len));
+        if (run) copy.add(run.file, run.offset, run.addr, run.len);
         run = undefined;
       };
       const from = v.pages!.fromParent;
@@ -674,6 +712,7 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
       flush();
     }
   }
+  copy.flush();
 
   const finishing = r.batch();
   for (const { v, len, prot, what, parentVma } of plans) {

@@ -79,9 +79,6 @@ export interface RestoreOptions {
 /** The one line an interrupted restore ends with. */
 export const RESTORE_INTERRUPTED = 'interrupted: nothing was restored, the image is as it was';
 
-/** Page data is copied into a process this much at a time (32 MiB), so that
- * a progress display moves while a large mapping is copied. */
-const COPY_SLICE = 32 << 20;
 
 /** How a clone differs from a plain restore, resource by resource (what
  * the kinds see of it is the ClonePlan). */
@@ -388,13 +385,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
       asFork: opts.instance !== undefined,
       forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
-      writePages: (pid: number, fd: number, offset: number, addr: bigint, length: number) => {
-        for (let at = 0; at < length; at += COPY_SLICE) {
-          const n = Math.min(COPY_SLICE, length - at);
-          addon().writePages(pid, fd, offset + at, addr + BigInt(at), n);
-          meter.add(n);
-        }
-      },
+      copied: (bytes: number) => meter.add(bytes),
     };
     // Processes forked from a parent whose memory was filled already.
     const forkedWithMemory = new Map<number, { vpid: number; vmas: Vma[] }>();
