@@ -84,26 +84,55 @@ function readKeyFile(path: string): string {
   }
 }
 
-/** Reads this node's signing key: undefined if it has none yet. */
-function readSelfKey(home: string): TrustedKey | undefined {
-  const file = selfKeyPath(home);
-  let pem: string;
+/** Key files already parsed, by path, kept while the file is the same as
+ * far as the kernel can tell (device, inode, size, mtime and ctime, which
+ * any write, chmod or rename onto it moves): a resident engine or serve
+ * checks a signature for every image it restores, and parsing a PEM key
+ * costs more than the check itself. The checks of who may write the key
+ * and its directory are made every time. */
+const parsedKeys = new Map<string, { identity: string; parsed: unknown }>();
+
+/** Reads and parses a key file without following a symlink, or returns
+ * what the same file parsed to before. */
+function readParsedKey<T>(path: string, parse: (pem: string) => T): T {
+  const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
   try {
-    pem = readKeyFile(file);
+    const st = fstatSync(fd, { bigint: true });
+    if (!st.isFile() || st.size > MAX_KEY_FILE) throw new AppshotError(`${path} is not a key file`);
+    const identity = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+    const kept = parsedKeys.get(path);
+    if (kept?.identity === identity) return kept.parsed as T;
+    const parsed = parse(readFileSync(fd, 'utf8'));
+    parsedKeys.set(path, { identity, parsed });
+    return parsed;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Reads this node's signing key: undefined if it has none yet. Its
+ * public half and id come with it. */
+function readSelfKey(home: string): (TrustedKey & { publicKey: KeyObject }) | undefined {
+  const file = selfKeyPath(home);
+  let parsed: { key: KeyObject; publicKey: KeyObject; id: string };
+  try {
+    parsed = readParsedKey(file, (pem) => {
+      let key: KeyObject;
+      try {
+        key = createPrivateKey(pem);
+      } catch {
+        throw new AppshotError(`${file} does not hold a private key`);
+      }
+      if (key.asymmetricKeyType !== 'ed25519') throw new AppshotError(`${file} is not an Ed25519 key`);
+      return { key, publicKey: createPublicKey(key), id: keyId(key) };
+    });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw e;
   }
   checkPrivate(keysDir(home), 'the keys directory');
   if (statSync(file).mode & 0o077) throw new AppshotError(`${file} is readable by others than its owner: chmod 600 ${file}`);
-  let key: KeyObject;
-  try {
-    key = createPrivateKey(pem);
-  } catch {
-    throw new AppshotError(`${file} does not hold a private key`);
-  }
-  if (key.asymmetricKeyType !== 'ed25519') throw new AppshotError(`${file} is not an Ed25519 key`);
-  return { id: keyId(key), name: 'self', key, file };
+  return { id: parsed.id, name: 'self', key: parsed.key, publicKey: parsed.publicKey, file };
 }
 
 /** This node's signing key, made at first use. Written under a temporary
@@ -143,7 +172,7 @@ function parsePublicKey(text: string, source: string): KeyObject {
 export function trustedKeys(home = defaultHome()): TrustedKey[] {
   const keys: TrustedKey[] = [];
   const self = readSelfKey(home);
-  if (self) keys.push({ ...self, key: createPublicKey(self.key) });
+  if (self) keys.push({ id: self.id, name: self.name, key: self.publicKey, file: self.file });
   if (!existsSync(trustedDir(home))) return keys;
   checkPrivate(trustedDir(home), 'the trusted keys directory');
   for (const f of readdirSync(trustedDir(home)).sort()) {
@@ -151,8 +180,11 @@ export function trustedKeys(home = defaultHome()): TrustedKey[] {
     const file = join(trustedDir(home), f);
     const st = statSync(file);
     if (st.mode & 0o022) throw new AppshotError(`${file} is writable by others than its owner: chmod go-w ${file}`);
-    const key = parsePublicKey(readKeyFile(file), file);
-    keys.push({ id: keyId(key), name: f.slice(0, -4), key, file });
+    const { key, id } = readParsedKey(file, (pem) => {
+      const key = parsePublicKey(pem, file);
+      return { key, id: keyId(key) };
+    });
+    keys.push({ id, name: f.slice(0, -4), key, file });
   }
   return keys;
 }

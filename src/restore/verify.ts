@@ -36,17 +36,26 @@ function checksumOf(path: string, st: BigIntStats): number {
   return crc;
 }
 
-/** `provided`: files the caller brings itself (a template made of a clone
- * carries that clone's private copies), not looked for on this node. */
-export function verifyImage(image: Image, provided: (path: string) => boolean = () => false): void {
-  const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
-  if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
+/** The sizes of this process's vDSO and vvar: the kernel's, the same for
+ * every process it runs, read once (appshot's own maps are a few hundred
+ * lines long). */
+let ownVdso: { vdso: bigint; vvar: bigint } | undefined;
+function vdsoLayout(): { vdso: bigint; vvar: bigint } {
   let vdso = 0n;
   let vvar = 0n;
   for (const l of readMaps(process.pid)) {
     if (l.path === '[vdso]') vdso += l.end - l.start;
     if (l.path === '[vvar]' || l.path === '[vvar_vclock]') vvar += l.end - l.start;
   }
+  return { vdso, vvar };
+}
+
+/** `provided`: files the caller brings itself (a template made of a clone
+ * carries that clone's private copies), not looked for on this node. */
+export function verifyImage(image: Image, provided: (path: string) => boolean = () => false): void {
+  const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
+  if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
+  const { vdso, vvar } = (ownVdso ??= vdsoLayout());
   if (vdso !== image.node.vdsoSize || vvar !== image.node.vvarSize)
     throw new AppshotError(
       `this kernel's vDSO layout (vdso ${vdso} bytes, vvar ${vvar}) differs from the image's (${image.node.vdsoSize}, ${image.node.vvarSize}): kernel ${image.node.kernel} is needed`,
