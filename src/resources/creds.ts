@@ -320,9 +320,20 @@ function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
  */
 export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): number {
   const calls = { n: 0 };
+  // Whether a call changed the thread's credentials since its status was
+  // last read: /proc's word is read again only then (reading it costs
+  // more than most of the calls, and a thread whose credentials are the
+  // seed's already needs none).
+  let changed = false;
   const call = (what: string, nr: number, args: (bigint | number)[], tid: number) => {
     calls.n++;
+    changed = true;
     return r.call(what, nr, args, tid);
+  };
+  const statusNow = (tid: number, last: StatusCreds): StatusCreds => {
+    if (!changed) return last;
+    changed = false;
+    return threadStatus(r.pid, tid);
   };
   // All buffers first, while the scratch memory is surely writable.
   r.reset();
@@ -346,6 +357,7 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
     const tid = tids[i];
     const buf = buffers[i];
     let have = seeds[i];
+    changed = false;
     let bits = seedBits;
     const setBits = (to: number) => {
       if (to === bits) return;
@@ -357,7 +369,7 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
     if (!sameSet(want.groups, have.groups)) call('setgroups', SYS_CREDS.setgroups, [want.groups.length, buf.groups], tid);
     if (want.gid.slice(0, 3).join() !== have.gid.slice(0, 3).join()) call(`setresgid ${want.gid.slice(0, 3).join(' ')}`, SYS_CREDS.setresgid, want.gid.slice(0, 3), tid);
     // setresgid set the fs gid to the effective one.
-    if (want.gid[3] !== threadStatus(r.pid, tid).gid[3]) call(`setfsgid ${want.gid[3]}`, SYS_CREDS.setfsgid, [want.gid[3]], tid);
+    if (want.gid[3] !== (have = statusNow(tid, have)).gid[3]) call(`setfsgid ${want.gid[3]}`, SYS_CREDS.setfsgid, [want.gid[3]], tid);
     // 2.
     if (want.capInh !== have.capInh) call('capset (inheritable)', SYS_CREDS.capset, [buf.inheritable, buf.inheritable + 8n], tid);
     // 3.
@@ -374,7 +386,7 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
     setBits((want.securebits & ~later) | (keep ? SECBIT_KEEP_CAPS : 0));
     // 5.
     if (uidChanges) call(`setresuid ${want.uid.slice(0, 3).join(' ')}`, SYS_CREDS.setresuid, want.uid.slice(0, 3), tid);
-    have = threadStatus(r.pid, tid);
+    have = statusNow(tid, have);
     const capsDiffer = () => have.capEff !== want.capEff || have.capPrm !== want.capPrm || have.capInh !== want.capInh;
     const lastBitsNeedSetpcap = want.securebits !== bits && (want.securebits ^ bits) !== SECBIT_KEEP_CAPS;
     const needed = (fsuidNeedsCap && want.uid[3] !== have.uid[3] ? 1n << BigInt(CAP.SETUID) : 0n) | (lastBitsNeedSetpcap ? 1n << BigInt(CAP.SETPCAP) : 0n);
@@ -382,18 +394,18 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
     if (transitional && !(want.capPrm & ~have.capPrm)) call('capset (transitional)', SYS_CREDS.capset, [buf.transitional, buf.transitional + 8n], tid);
     else if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
     // 6.
-    have = threadStatus(r.pid, tid);
+    have = statusNow(tid, have);
     if (want.uid[3] !== have.uid[3]) call(`setfsuid ${want.uid[3]}`, SYS_CREDS.setfsuid, [want.uid[3]], tid);
-    have = threadStatus(r.pid, tid);
+    have = statusNow(tid, have);
     for (const cap of capList(want.capAmb & ~have.capAmb)) call(`raising ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0], tid);
     for (const cap of capList(have.capAmb & ~want.capAmb)) call(`lowering ambient ${capName(cap)}`, SYS.prctl, [PR.CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0], tid);
     setBits(want.securebits);
-    have = threadStatus(r.pid, tid);
+    have = statusNow(tid, have);
     if (capsDiffer()) call('capset', SYS_CREDS.capset, [buf.exact, buf.exact + 8n], tid);
     if (want.noNewPrivs && !have.noNewPrivs) call('setting no_new_privs', SYS.prctl, [PR.SET_NO_NEW_PRIVS, 1, 0, 0, 0], tid);
     // The kernel's word, not ours: setfsuid and setfsgid report no error,
     // and a set the kernel trimmed on a uid change must not go unnoticed.
-    const wrong = differingCredential(want, threadStatus(r.pid, tid));
+    const wrong = differingCredential(want, statusNow(tid, have));
     if (wrong) throw new Error(`thread ${tid} did not take its recorded ${wrong}`);
   });
   // Mm-wide, and reset by the kernel whenever a thread's euid or fsuid
