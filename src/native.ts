@@ -181,7 +181,8 @@ interface Addon {
   pipe(): [number, number];
   socketPair(type: number): [number, number];
   unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }[];
-  tcpListeners(family: number): { ino: number; backlog: number }[];
+  /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
+  tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
   peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };

@@ -394,26 +394,6 @@ Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// tcpListeners(family) -> [{ ino, backlog }]
-Napi::Value TcpListeners(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  sockdiag_listener* all = nullptr;
-  long n = sockdiag_tcp_listeners(info[0].As<Napi::Number>().Int32Value(), &all);
-  if (n < 0) {
-    ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
-    return env.Undefined();
-  }
-  Napi::Array out = Napi::Array::New(env, n);
-  for (long i = 0; i < n; i++) {
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("ino", Napi::Number::New(env, all[i].ino));
-    o.Set("backlog", Napi::Number::New(env, all[i].backlog));
-    out.Set(static_cast<uint32_t>(i), o);
-  }
-  free(all);
-  return out;
-}
-
 // peekSocket(fd, max) -> Buffer: what is queued for reading, left queued.
 Napi::Value PeekSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -962,7 +942,6 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);
   fn("unixSockets", UnixSockets);
-  fn("tcpListeners", TcpListeners);
   fn("peekSocket", PeekSocket);
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);

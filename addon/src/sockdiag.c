@@ -134,20 +134,6 @@ long sockdiag_unix_all(sockdiag_unix** out) {
   return collect(&req, sizeof req, each_unix, sizeof(sockdiag_unix), (void**)out);
 }
 
-static int each_inet(struct nlmsghdr* h, void* ctx) {
-  struct inet_diag_msg* m = NLMSG_DATA(h);
-  sockdiag_listener* l = push(ctx);
-  if (!l) return -ENOMEM;
-  l->ino = m->idiag_inode;
-  /* For a listener, the kernel reports its backlog as the write queue. */
-  l->backlog = m->idiag_wqueue;
-  return 0;
-}
-
-long sockdiag_tcp_listeners(int family, sockdiag_listener** out) {
-  return inet_all(family, IPPROTO_TCP, 1u << 10 /* TCP_LISTEN */, each_inet, sizeof(sockdiag_listener), (void**)out);
-}
-
 static int each_udp(struct nlmsghdr* h, void* ctx) {
   struct inet_diag_msg* m = NLMSG_DATA(h);
   sockdiag_udp* u = push(ctx);

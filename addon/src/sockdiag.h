@@ -1,5 +1,5 @@
 /* The kernel's socket tables through NETLINK_SOCK_DIAG: what /proc/net
- * does not say (a unix socket's peer and queues, a listener's backlog).
+ * does not say (a unix socket's peer and queues, a UDP socket's shutdown).
  * Plain C; functions return a count and a malloc'd array, or -errno. */
 #ifndef APPSHOT_SOCKDIAG_H
 #define APPSHOT_SOCKDIAG_H
@@ -16,13 +16,7 @@ typedef struct {
   uint8_t shutdown; /* sk_shutdown: 1 receive side, 2 send side */
 } sockdiag_unix;
 
-typedef struct {
-  uint32_t ino;
-  uint32_t backlog;
-} sockdiag_listener;
-
 long sockdiag_unix_all(sockdiag_unix** out);
-long sockdiag_tcp_listeners(int family, sockdiag_listener** out);
 
 typedef struct {
   uint32_t ino;

@@ -91,7 +91,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
-    const connection = bracket?.[1] === 'socket' ? sockets.connection(BigInt(bracket[2])) : undefined;
+    const connection = bracket?.[1] === 'socket' ? sockets.connection(pid, n, BigInt(bracket[2])) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);

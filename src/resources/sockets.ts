@@ -55,83 +55,31 @@ export function socketKind(s: Socket): number {
   return s.type === SOCK_DGRAM ? FdKind.UDP : FdKind.TCP_LISTEN;
 }
 
-function ipv4(hex: string): string {
-  const n = parseInt(hex, 16);
-  return [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24].join('.');
-}
-
-function ipv6(hex: string): string {
-  // Four 32-bit words, each in host (little-endian) order.
-  const bytes: number[] = [];
-  for (let w = 0; w < 4; w++) {
-    const word = hex.slice(w * 8, w * 8 + 8);
-    for (let b = 3; b >= 0; b--) bytes.push(parseInt(word.slice(b * 2, b * 2 + 2), 16));
-  }
-  const groups: string[] = [];
-  for (let i = 0; i < 16; i += 2) groups.push(((bytes[i] << 8) | bytes[i + 1]).toString(16));
-  return groups.join(':').replace(/(^|:)0(:0)+(:|$)/, '::');
-}
-
-/** The sockets a process's network namespace knows, by inode: read when
- * the first socket is looked up, as most processes hold none. */
+/** What appshot needs to know of a process's sockets beyond the socket
+ * itself. A TCP socket is asked of itself (tcpEndpoint), not looked up in
+ * /proc/net/tcp: that file lists every socket of the network namespace
+ * (thousands of TIME_WAIT on a busy server, ~24 ms to read in the frozen
+ * window), this costs a few calls per socket of the application. Unix and
+ * UDP sockets are still looked up in tables of the namespace, read when
+ * the first socket of their kind is. */
 export class SocketTable {
-  private inet = new Map<bigint, InetEntry>();
+  private tcp = new Map<bigint, InetEntry & { backlog: number }>();
   private unix = new Map<bigint, UnixEntry>();
   private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }>();
   private udp = new Map<bigint, SeenUdp>();
-  private backlog = new Map<bigint, number>();
-  private loaded = false;
+  private unixLoaded = false;
+  private udpLoaded = false;
 
   constructor(private readonly pid: number) {}
 
-  private load(): void {
-    if (this.loaded) return;
-    this.loaded = true;
-    const pid = this.pid;
+  private loadUnix(): void {
+    if (this.unixLoaded) return;
+    this.unixLoaded = true;
     // sock_diag answers for the caller's network namespace, which is the
     // application's (appshot does not move it into another).
     for (const u of addon().unixSockets()) this.diag.set(BigInt(u.ino), u);
-    for (const family of [AF_INET, AF_INET6]) for (const l of addon().tcpListeners(family)) this.backlog.set(BigInt(l.ino), l.backlog);
-    for (const [file, family] of [['tcp', AF_INET], ['tcp6', AF_INET6]] as const) {
-      let text = '';
-      try {
-        text = readFileSync(`/proc/${pid}/net/${file}`, 'utf8');
-      } catch {
-        continue;
-      }
-      for (const line of text.split('\n').slice(1)) {
-        const f = line.trim().split(/\s+/);
-        if (f.length < 10) continue;
-        const [la, lp] = f[1].split(':');
-        const [ra, rp] = f[2].split(':');
-        const addr = family === AF_INET ? ipv4 : ipv6;
-        this.inet.set(BigInt(f[9]), {
-          family,
-          address: addr(la),
-          port: parseInt(lp, 16),
-          remote: `${addr(ra)}:${parseInt(rp, 16)}`,
-          state: parseInt(f[3], 16),
-        });
-      }
-    }
-    for (const family of [AF_INET, AF_INET6]) {
-      const file = family === AF_INET ? 'udp' : 'udp6';
-      const shutdowns = new Map(addon().udpSockets(family).map((u) => [BigInt(u.ino), u.shutdown]));
-      let text = '';
-      try {
-        text = readFileSync(`/proc/${pid}/net/${file}`, 'utf8');
-      } catch {
-        continue;
-      }
-      for (const line of text.split('\n').slice(1)) {
-        const f = line.trim().split(/\s+/);
-        if (f.length < 10) continue;
-        const ino = BigInt(f[9]);
-        this.udp.set(ino, { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: shutdowns.get(ino) ?? 0 });
-      }
-    }
     try {
-      for (const line of readFileSync(`/proc/${pid}/net/unix`, 'utf8').split('\n').slice(1)) {
+      for (const line of readFileSync(`/proc/${this.pid}/net/unix`, 'utf8').split('\n').slice(1)) {
         const f = line.trim().split(/\s+/);
         if (f.length < 7) continue;
         this.unix.set(BigInt(f[6]), {
@@ -146,18 +94,53 @@ export class SocketTable {
     }
   }
 
-  /** A TCP socket that is not listening, as /proc/net/tcp{,6} shows it
-   * (tcp.ts captures it), or undefined. */
-  connection(ino: bigint): InetEntry | undefined {
-    this.load();
-    const e = this.inet.get(ino);
-    return e && e.state !== TCP_LISTEN ? { ...e } : undefined;
+  private loadUdp(): void {
+    if (this.udpLoaded) return;
+    this.udpLoaded = true;
+    for (const family of [AF_INET, AF_INET6]) {
+      const file = family === AF_INET ? 'udp' : 'udp6';
+      const shutdowns = new Map(addon().udpSockets(family).map((u) => [BigInt(u.ino), u.shutdown]));
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${this.pid}/net/${file}`, 'utf8');
+      } catch {
+        continue;
+      }
+      for (const line of text.split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length < 10) continue;
+        const ino = BigInt(f[9]);
+        this.udp.set(ino, { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: shutdowns.get(ino) ?? 0 });
+      }
+    }
+  }
+
+  /** The TCP socket behind `fd` of `pid`, asked once; undefined for a
+   * socket of another kind. */
+  private tcpSocket(pid: number, fd: number, ino: bigint): (InetEntry & { backlog: number }) | undefined {
+    const known = this.tcp.get(ino);
+    if (known) return known;
+    const dup = addon().getFd(pid, fd);
+    try {
+      const { family, type } = addon().sockInfo(dup);
+      if ((family !== AF_INET && family !== AF_INET6) || type !== SOCK_STREAM) return undefined;
+      const e = { family, ...addon().tcpEndpoint(dup) };
+      this.tcp.set(ino, e);
+      return e;
+    } finally {
+      closeSync(dup);
+    }
+  }
+
+  /** A TCP socket that is not listening (tcp.ts captures it), or undefined. */
+  connection(pid: number, fd: number, ino: bigint): InetEntry | undefined {
+    const e = this.tcpSocket(pid, fd, ino);
+    return e && e.state !== TCP_LISTEN ? { family: e.family, address: e.address, port: e.port, remote: e.remote, state: e.state } : undefined;
   }
 
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
   describe(pid: number, fd: number, ino: bigint, what: string): Socket {
-    this.load();
     const dup = addon().getFd(pid, fd);
     let opts;
     try {
@@ -180,6 +163,7 @@ export class SocketTable {
       v6only: opts.v6only,
     };
     if (opts.family === AF_UNIX) {
+      this.loadUnix();
       const u = this.unix.get(ino);
       const d = this.diag.get(ino);
       if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0 };
@@ -211,10 +195,13 @@ export class SocketTable {
       // sets on both, mirrored): pairEnd shuts the new pair down alike.
       return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown };
     }
-    if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
+    if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
+      this.loadUdp();
+      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
+    }
     if (opts.family === AF_INET || opts.family === AF_INET6) {
-      const e = this.inet.get(ino);
-      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: this.backlog.get(ino) ?? 0 };
+      const e = opts.type === SOCK_STREAM ? this.tcpSocket(pid, fd, ino) : undefined;
+      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: e.backlog };
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
