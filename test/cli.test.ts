@@ -165,6 +165,20 @@ describe('images as tar files', () => {
     expect(tmpLeft()).toEqual([]);
     expect(sb.allAids()).not.toContain('nozstd');
     rmSync(noZstd.PATH, { recursive: true });
+    // A zstd whose writes the kernel refuses (a file size limit, as a full
+    // disk would): the snapshot fails in one line naming zstd's end, the
+    // file and every temporary are gone, the application runs on.
+    const limited = mkdtempSync(join(tmpdir(), 'appshot-zstdlimit-'));
+    const realZstd = spawnSync('sh', ['-c', 'command -v zstd'], { encoding: 'utf8' }).stdout.trim();
+    writeFileSync(join(limited, 'zstd'), `#!/bin/sh\nulimit -f 4\nexec ${realZstd} "$@"\n`, { mode: 0o755 });
+    const full = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', join(out, 'img3.tar.zst')], { env: { ...sb.env, PATH: `${limited}:${sb.env.PATH ?? process.env.PATH}` }, encoding: 'utf8' });
+    expect(full.status, full.stderr).toBe(1);
+    expect(full.stderr).toMatch(/^appshot: [^\n]*zstd failed: SIGXFSZ[^\n]*\n$/);
+    expect(existsSync(join(out, 'img3.tar.zst'))).toBe(false);
+    expect(readdirSync(out).filter((n) => n.startsWith('.'))).toEqual([]);
+    expect(tmpLeft()).toEqual([]);
+    await checksPass(aid, 4);
+    rmSync(limited, { recursive: true });
     // An existing file is never replaced.
     const taken = sb.run(['snapshot', aid, '-o', plain]);
     expect(taken.code).toBe(4);
