@@ -111,9 +111,9 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
  * may be shared or read-only); a PID the application does not have goes as
  * it is (the kernel refuses it unless the sender is privileged). uid and
  * gid are real ids and stay. SO_PEERPIDFD hands a pidfd: nothing to
- * translate. Through syscall() too, but for sendmmsg. Control data larger than the copy's room (1 KiB, room for a
- * credentials message and some 240 descriptors) fails with ENOBUFS rather
- * than send an untranslated PID. */
+ * translate. Through syscall() too. Control data larger than the copy's
+ * room (1 KiB, room for a credentials message and some 240 descriptors)
+ * fails with ENOBUFS rather than send an untranslated PID. */
 
 static struct ucred *creds_of(struct cmsghdr *c) {
   return c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS &&
@@ -198,20 +198,32 @@ API int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags,
   return r;
 }
 
+static int mmsg_creds_to_send(const struct mmsghdr *v, unsigned int n) {
+  for (unsigned int i = 0; i < n; i++)
+    if (creds_to_send(&v[i].msg_hdr)) return 1;
+  return 0;
+}
+
 /* One message at a time once credentials need translating, as the kernel
- * itself sends them: the count sent so far, or -1 and errno for the first. */
-API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
-  ensure_init();
-  int creds = 0;
-  for (unsigned int i = 0; i < n && !creds; i++) creds = creds_to_send(&v[i].msg_hdr);
-  if (LIKELY(!creds)) return REAL(sendmmsg)(fd, v, n, flags);
+ * itself sends them: the count sent so far, or -1 and errno for the first.
+ * raw: through syscall(). */
+static NOINLINE int sendmmsg_each(int fd, struct mmsghdr *v, unsigned int n, int flags, int raw) {
   unsigned int i;
   for (i = 0; i < n; i++) {
-    ssize_t r = sendmsg(fd, &v[i].msg_hdr, flags);
+    const struct msghdr *m = &v[i].msg_hdr;
+    ssize_t r = creds_to_send(m) ? sendmsg_creds(fd, m, flags, raw)
+                : raw          ? libc_ret(SYS3(sendmsg, fd, m, flags))
+                               : REAL(sendmsg)(fd, m, flags);
     if (r < 0) return i ? (int)i : -1;
     v[i].msg_len = (unsigned int)r;
   }
   return (int)i;
+}
+
+API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
+  ensure_init();
+  if (LIKELY(!mmsg_creds_to_send(v, n))) return REAL(sendmmsg)(fd, v, n, flags);
+  return sendmmsg_each(fd, v, n, flags, 0);
 }
 
 static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
@@ -238,6 +250,10 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_sendmsg:
       if (creds_to_send((const struct msghdr *)b))
         return sendmsg_creds((int)a, (const struct msghdr *)b, (int)c, 1);
+      break;
+    case SYS_sendmmsg:
+      if (mmsg_creds_to_send((struct mmsghdr *)b, (unsigned int)c))
+        return sendmmsg_each((int)a, (struct mmsghdr *)b, (unsigned int)c, (int)d, 1);
       break;
     case SYS_recvmsg: {
       long r = SYS3(recvmsg, a, b, c);

@@ -107,6 +107,7 @@ API long syscall(long nr, ...) {
     case SYS_msgctl: return do_msgctl((int)a, (int)b, (struct msqid_ds *)c);
     case SYS_getsockopt:
     case SYS_sendmsg:
+    case SYS_sendmmsg:
     case SYS_recvmsg:
     case SYS_recvmmsg: return do_creds_syscall(nr, a, b, c, d, e);
   }
