@@ -80,4 +80,22 @@ describe('serve policy', () => {
     // All idle: down to min (1), the most recently used stays.
     expect(p.decide(fleet, 0).map((a) => a.kind === 'drop' && a.aid)).toEqual(['w3', 'w2', 'w1']);
   });
+  it('clone mode with a CPU target: one more when every running instance is busy computing, none while one starts or at max', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy({ ...cloneKnobs, cpuTarget: 0.8 }, clock);
+    const run = (aid: string, active: number, cpu: number): InstanceView => ({ aid, state: 'running', active, lastActive: 0, cpu });
+    // Below concurrency, nothing held: connections alone start nothing.
+    expect(new Policy(cloneKnobs, clock).decide([run('w1', 1, 1.0)], 0)).toEqual([]);
+    expect(p.decide([run('w1', 1, 1.0)], 0)).toEqual([{ kind: 'start', reason: 'cpu' }]);
+    expect(p.decide([run('w1', 1, 0.9), run('w2', 1, 0.85)], 0)).toEqual([{ kind: 'start', reason: 'cpu' }]);
+    // One of them has room to compute, or serves nothing: no.
+    expect(p.decide([run('w1', 1, 0.9), run('w2', 1, 0.3)], 0)).toEqual([]);
+    expect(p.decide([run('w1', 1, 0.9), run('w2', 0, 0.9)], 0)).toEqual([]);
+    // One at a time: not while another starts; never beyond max.
+    expect(p.decide([run('w1', 1, 1.0), { aid: 'w2', state: 'starting', active: 0, lastActive: 0 }], 0)).toEqual([]);
+    expect(p.decide(['a', 'b', 'c', 'd'].map((x) => run(x, 1, 1.0)), 0)).toEqual([]);
+    // Routing: of two with as many connections, the one computing less.
+    expect(p.route([run('w1', 1, 0.9), run('w2', 1, 0.2)])).toEqual({ forward: 'w2' });
+    expect(p.route([run('w1', 0, 0.9), run('w2', 1, 0.2)])).toEqual({ forward: 'w1' });
+  });
 });

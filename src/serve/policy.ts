@@ -4,14 +4,18 @@
  *
  * The whole policy, from measurements the front door makes itself
  * (connections open per instance, connections held, time since the last
- * connection of each instance):
+ * connection of each instance, and each instance's CPU):
  *
  * - route: a new connection goes to the running instance with the fewest
- *   open connections, if it has fewer than `concurrency`; otherwise it is
- *   held. While connections are held and the instances being started
- *   cannot take them all, one more is started (restore mode: the one
- *   instance, if it is suspended or crashed; clone mode: a clone, up to
- *   `max`).
+ *   open connections (of two with as many, the one using less CPU), if it
+ *   has fewer than `concurrency`; otherwise it is held. While connections
+ *   are held and the instances being started cannot take them all, one
+ *   more is started (restore mode: the one instance, if it is suspended or
+ *   crashed; clone mode: a clone, up to `max`).
+ * - busy (clone mode, with `cpuTarget`): when every running instance
+ *   serves connections and uses at least `cpuTarget` of a core, and none is
+ *   starting, one more is started, up to `max`: connections below
+ *   `concurrency` can still saturate an instance that computes.
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first.
@@ -45,16 +49,19 @@ export interface InstanceView {
   active: number;
   /** Clock time of the last connection's open or close. */
   lastActive: number;
+  /** Cores the instance's processes used over the last measurement
+   * (0.5: half of one core); 0 when not measured. */
+  cpu?: number;
 }
 
 export type Route = { forward: string } | { hold: true };
 
 export type Action =
-  | { kind: 'start'; reason: 'held' | 'min' }
+  | { kind: 'start'; reason: 'held' | 'min' | 'cpu' }
   | { kind: 'suspend'; aid: string; idleMs: number }
   | { kind: 'drop'; aid: string; idleMs: number };
 
-type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'>;
+type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number };
 
 export class Policy {
   constructor(
@@ -66,7 +73,8 @@ export class Policy {
   route(instances: InstanceView[]): Route {
     let best: InstanceView | undefined;
     for (const i of instances)
-      if (i.state === 'running' && i.active < this.spec.concurrency && (!best || i.active < best.active)) best = i;
+      if (i.state === 'running' && i.active < this.spec.concurrency && (!best || i.active < best.active || (i.active === best.active && (i.cpu ?? 0) < (best.cpu ?? 0))))
+        best = i;
     return best ? { forward: best.aid } : { hold: true };
   }
 
@@ -91,6 +99,13 @@ export class Policy {
       while (unserved > 0 && room > 0) {
         actions.push({ kind: 'start', reason: 'held' });
         unserved -= this.spec.concurrency;
+        room--;
+      }
+      // Every running instance busy computing: one more, one at a time.
+      const running = instances.filter((i) => i.state === 'running');
+      const target = this.spec.cpuTarget ?? 0;
+      if (target > 0 && !actions.length && starting === 0 && room > 0 && running.length && running.every((i) => i.active > 0 && (i.cpu ?? 0) >= target)) {
+        actions.push({ kind: 'start', reason: 'cpu' });
         room--;
       }
       let warm = count('running', 'starting') + actions.length;
