@@ -12,6 +12,8 @@ export interface ProcStat {
   threads: number;
   /** Clock ticks after boot: with the PID, names one process for good. */
   startTime: number;
+  /** CPU time used, user and system, in clock ticks (USER_HZ, 100 a second). */
+  cpuTicks: number;
 }
 
 export function readStat(pid: number): ProcStat | undefined {
@@ -35,6 +37,7 @@ export function readStat(pid: number): ProcStat | undefined {
     session: Number(f[3]),
     threads: Number(f[17]),
     startTime: Number(f[19]),
+    cpuTicks: Number(f[11]) + Number(f[12]),
   };
 }
 
