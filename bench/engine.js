@@ -9,16 +9,26 @@
 //   appshot snapshot, restore of test/fixtures/bin/ticker (run -d), in turn
 //   appshot clone             one instance of a template of ticker (its
 //                             removal not counted)
-// "engine" = an engine started for the state directory beforehand (warm);
-// "in-process" = APPSHOT_ENGINE=off.  --json: the results as JSON.
+// "engine" = an engine started for the state directory beforehand (warm),
+// reached by bin/appshot.js (Node's client); "native" = the same engine
+// reached by bin/appshot, the command npm installs, which runs
+// appshot-client (C) and starts no Node; "in-process" = APPSHOT_ENGINE=off.
+// Baselines in the same run: `criu --version` (a C program that does
+// nothing else) when a CRIU binary is there (CRIU_BIN, on PATH, or the one
+// bench/criu.js built), and `true` (an exec and nothing).
+// --json: the results as JSON.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const cli = join(root, 'bin', 'appshot.js');
+const nativeBin = join(root, 'bin', 'appshot');
+const criu = [process.env.CRIU_BIN, spawnSync('sh', ['-c', 'command -v criu'], { encoding: 'utf8' }).stdout?.trim(), join(homedir(), '.cache', 'appshot-bench', 'criu-v4.2', 'criu', 'criu')].find(
+  (b) => b && existsSync(b),
+);
 const ticker = join(root, 'test', 'fixtures', 'bin', 'ticker');
 const runs = Number(process.env.BENCH_RUNS ?? 7);
 const jsonOut = process.argv.includes('--json');
@@ -35,6 +45,7 @@ const modes = {
   'in-process': { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'off' },
   engine: { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600' },
 };
+modes.native = modes.engine;
 const times = {};
 let counting = false;
 let images = 0;
@@ -49,6 +60,8 @@ function timed(mode, what, argv) {
   return r.stdout;
 }
 const appshot = (...a) => [process.execPath, cli, ...a];
+/** The command line of `appshot ...` in mode `m`. */
+const command = (m, ...a) => (m === 'native' ? [nativeBin, ...a] : appshot(...a));
 const quiet = (env, ...a) => execFileSync(process.execPath, [cli, ...a], { cwd: work, env, stdio: 'ignore' });
 
 function cleanUp() {
@@ -72,19 +85,21 @@ try {
   quiet(off, 'engine', 'start');
   for (let i = -1; i < runs; i++) {
     counting = i >= 0;
-    const order = i % 2 ? ['in-process', 'engine'] : ['engine', 'in-process'];
+    const order = [['in-process', 'engine', 'native'], ['native', 'engine', 'in-process'], ['engine', 'native', 'in-process']][(i + 1) % 3];
     timed('in-process', "node -e ''", [process.execPath, '-e', '']);
-    for (const m of order) timed(m, '--version', appshot('--version'));
-    for (const m of order) timed(m, 'ps', appshot('ps'));
+    timed('in-process', 'true', ['true']);
+    if (criu) timed('in-process', 'criu --version', [criu, '--version']);
+    for (const m of order) timed(m, '--version', command(m, '--version'));
+    for (const m of order) timed(m, 'ps', command(m, 'ps'));
     for (const m of order) {
       const image = `img-${images++}`;
-      timed(m, 'snapshot', appshot('snapshot', aid, '-o', image));
-      timed(m, 'restore', appshot('restore', image));
+      timed(m, 'snapshot', command(m, 'snapshot', aid, '-o', image));
+      timed(m, 'restore', command(m, 'restore', image));
       rmSync(join(work, image), { recursive: true, force: true });
     }
     for (const m of order) {
       const c = `${aid}-c${clones++}`;
-      timed(m, 'clone', appshot('clone', 'tpl.template', '--aid', c));
+      timed(m, 'clone', command(m, 'clone', 'tpl.template', '--aid', c));
       quiet(off, 'rm', '-f', c);
     }
     if (counting) log(`run ${i + 1}/${runs}`);
@@ -97,16 +112,18 @@ try {
   };
   const stat = (xs) => xs && { median: +median(xs).toFixed(1), min: +Math.min(...xs).toFixed(1), max: +Math.max(...xs).toFixed(1) };
   const rows = Object.entries(times).map(([what, t]) => {
-    const row = { what, inProcess: stat(t['in-process']), engine: stat(t.engine) };
+    const row = { what, inProcess: stat(t['in-process']), engine: stat(t.engine), native: stat(t.native) };
     if (row.engine) row.ratio = +(row.engine.median / row.inProcess.median).toFixed(2);
+    if (row.native) row.nativeRatio = +(row.native.median / row.inProcess.median).toFixed(2);
     return row;
   });
   const result = { date: new Date().toISOString(), node: process.version, runs, loadavg: (await import('node:os')).loadavg(), templateCache: status.templateCache, rows };
   if (jsonOut) process.stdout.write(JSON.stringify(result, null, 2) + '\n');
   else {
     const cell = (s) => (s ? `${s.median} (${s.min}-${s.max})` : '');
-    const lines = [['wall ms, median (min-max)', 'in-process', 'engine', 'engine/in-process']];
-    for (const r of rows) lines.push([r.what, cell(r.inProcess), cell(r.engine), r.ratio === undefined ? '' : String(r.ratio)]);
+    const lines = [['wall ms, median (min-max)', 'in-process', 'engine (Node client)', 'engine (native client)', 'engine/in-process', 'native/in-process']];
+    for (const r of rows)
+      lines.push([r.what, cell(r.inProcess), cell(r.engine), cell(r.native), r.ratio === undefined ? '' : String(r.ratio), r.nativeRatio === undefined ? '' : String(r.nativeRatio)]);
     const widths = lines[0].map((_, c) => Math.max(...lines.map((l) => l[c].length)));
     process.stdout.write(`appshot engine, ${runs} runs, ${process.version}, load ${result.loadavg.map((l) => l.toFixed(1)).join(' ')}\n`);
     for (const l of lines) process.stdout.write(l.map((s, c) => s.padEnd(widths[c])).join('  ').trimEnd() + '\n');

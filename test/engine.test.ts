@@ -19,6 +19,13 @@ const run = (args: string[], env: Record<string, string> = {}): Result => {
   return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
 };
 const inProcess = (args: string[]) => run(args, { APPSHOT_ENGINE: 'off' });
+/** `appshot` as npm installs it: bin/appshot, which runs the native client. */
+const bin = join(root, 'bin', 'appshot');
+const nativeClient = join(root, 'build', 'Release', 'appshot-client');
+const native = (args: string[], env: Record<string, string> = {}): Result => {
+  const r = spawnSync(bin, args, { cwd: out, env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+  return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
+};
 /** The same command, started without waiting. */
 const start = (args: string[], env: Record<string, string> = {}) => {
   const child = spawn(process.execPath, [cli, ...args], { cwd: out, env: { ...sb.env, ...env } });
@@ -143,6 +150,57 @@ describe('the resident engine', () => {
     expect(run(['inspect', '-'], {}).code).not.toBe(0);
     expect(served()).toBe(before);
     expect(inProcess(['rm', '-f', 'same']).code).toBe(0);
+  });
+
+  it('is reached by the native client (bin/appshot) with the same output and exit code, which runs Node itself otherwise', async () => {
+    expect(existsSync(nativeClient), 'build/Release/appshot-client (npm install builds it)').toBe(true);
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    await startApp('nat');
+    expect(inProcess(['snapshot', 'nat', '--leave-running', '-o', 'nat.appshot']).code).toBe(0);
+    const cases = [['ps', '--json'], ['ps', '-q'], ['inspect', 'nat.appshot', '--json'], ['--version'], ['inspect', 'no-such.appshot'], ['frobnicate'], ['ps', 'nat', '--json']];
+    const steady = (args: string[], stdout: string) => (args[0] === 'ps' && args.includes('--json') ? stdout.replace(/"state": "[A-Z]"/g, '"state": _') : stdout);
+    for (const args of cases) {
+      const before = served();
+      const viaClient = native(args);
+      expect(served(), `appshot ${args.join(' ')} served through the native client`).toBe(before + 1);
+      const here = inProcess(args);
+      expect({ args, code: viaClient.code, stdout: steady(args, viaClient.stdout), stderr: viaClient.stderr }).toEqual({ args, code: here.code, stdout: steady(args, here.stdout), stderr: here.stderr });
+    }
+    // A reader that goes away ends a listing quietly.
+    const piped = spawnSync('bash', ['-c', `"${bin}" inspect nat.appshot | head -1; exit \${PIPESTATUS[0]}`], { cwd: out, env: sb.env, encoding: 'utf8' });
+    expect({ code: piped.status, stderr: piped.stderr }).toEqual({ code: 0, stderr: '' });
+    expect(piped.stdout).toMatch(/^image [0-9a-f]+ /);
+    // Commands that must run in the client's process, and APPSHOT_ENGINE=off,
+    // go to Node: the engine serves none of them, and they work.
+    const before = served();
+    expect(native(['exec', 'nat', '--', 'true']).code).toBe(0);
+    expect(native(['inspect', '-']).code).not.toBe(0);
+    const off = native(['ps', '-q'], { APPSHOT_ENGINE: 'off' });
+    expect({ code: off.code, stdout: off.stdout }).toEqual({ code: 0, stdout: 'nat\n' });
+    expect(served()).toBe(before);
+    // No engine: Node runs the command.
+    await stopEngine();
+    const alone = native(['ps', '-q'], { APPSHOT_ENGINE: 'manual' });
+    expect({ code: alone.code, stdout: alone.stdout, stderr: alone.stderr }).toEqual({ code: 0, stdout: 'nat\n', stderr: '' });
+    expect(inProcess(['rm', '-f', 'nat']).code).toBe(0);
+  });
+
+  it('passes Ctrl-C from the native client on as the command\'s interruption: a clone batch stops and removes what it made', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    await startApp('natc');
+    expect(inProcess(['snapshot', 'natc', '-o', 'natc.appshot']).code).toBe(0);
+    expect(inProcess(['template', 'create', 'natc.appshot', '-o', 'natc.template']).code).toBe(0);
+    const child = spawn(bin, ['clone', 'natc.template', '--count', '400', '--aid', 'natc-x'], { cwd: out, env: sb.env });
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += d));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    // Once the batch has made its first instance.
+    await waitFor(() => sb.allAids().some((a) => a.startsWith('natc-x')) || child.exitCode !== null, 60_000, 'the first clone');
+    expect(child.exitCode, stderr).toBeNull();
+    child.kill('SIGINT');
+    expect(await exited, stderr).toBe(130);
+    await waitFor(() => !sb.allAids().some((a) => a.startsWith('natc-x')), 20_000, 'the batch to be removed');
+    expect(leftovers()).toEqual([]);
   });
 
   it('is started on demand (auto), serves only clients in its own context, and leaves no lease behind', async () => {

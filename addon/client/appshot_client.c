@@ -1,0 +1,355 @@
+/*
+ * appshot-client: the command `appshot` when a resident engine runs.
+ *
+ * bin/appshot.js starts Node (~50 ms) before it can hand a command line to
+ * the engine; this does the same hand-over in a few hundred microseconds:
+ * it connects to the engine's socket, sends the request bin/appshot.js
+ * would send (src/engine/protocol.ts, client.ts), relays the command's
+ * output and exits with its code. Whatever it cannot hand over, or if no
+ * engine answers, it runs bin/appshot.js with the same arguments, which
+ * decides as it always did (and starts an engine where that is its rule):
+ * the result of a command never depends on which of the two took it.
+ *
+ * Plain C.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+extern char **environ;
+
+enum {
+  FRAME_ACCEPTED = 0x41,
+  FRAME_REFUSED = 0x52,
+  FRAME_STDOUT = 0x4f,
+  FRAME_STDERR = 0x45,
+  FRAME_EXIT = 0x58,
+};
+
+static char **g_argv;
+
+static int g_argc;
+
+/* node bin/appshot.js, beside this program in its package
+ * (build/Release/../../bin), with the same arguments: the command runs as
+ * it would have without this client. */
+static void run_in_node(void) {
+  char self[PATH_MAX], script[PATH_MAX + 32];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) {
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    for (int up = 0; slash && up < 2; up++) {
+      *slash = '\0';
+      slash = strrchr(self, '/');
+    }
+    if (slash) {
+      *slash = '\0';
+      snprintf(script, sizeof script, "%s/bin/appshot.js", self);
+      char **args = calloc((size_t)g_argc + 2, sizeof *args);
+      if (args) {
+        args[0] = "node";
+        args[1] = script;
+        for (int i = 1; i < g_argc; i++) args[i + 1] = g_argv[i];
+        execvp("node", args);
+      }
+    }
+  }
+  fprintf(stderr, "appshot: cannot run node bin/appshot.js: %s\n", strerror(errno));
+  exit(70);
+}
+
+/* src/engine/client.ts servedByEngine: commands that need this process's
+ * terminal, environment, stdin or signals, and command lines naming
+ * standard input or output, run here. */
+static int served_by_engine(int argc, char **argv) {
+  if (getenv("APPSHOT_TEST_KILL_AT")) return 0;
+  const char *command = NULL;
+  for (int i = 1; i < argc && !command; i++)
+    if (argv[i][0] != '-') command = argv[i];
+  static const char *const here[] = {"run", "exec", "wait", "check", "engine", "serve"};
+  for (size_t i = 0; command && i < sizeof here / sizeof *here; i++)
+    if (strcmp(command, here[i]) == 0) return 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (command && strcmp(command, "logs") == 0) {
+      if (strcmp(a, "--follow") == 0) return 0;
+      if (a[0] == '-' && a[1] != '-') {
+        const char *p = a + 1;
+        while ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')) {
+          if (*p == 'f') return 0;
+          p++;
+        }
+      }
+    }
+    if (strcmp(a, "-") == 0 || strncmp(a, "/dev/", 5) == 0 || strncmp(a, "/proc/self/", 11) == 0) return 0;
+    /* --name=VALUE (or -name=VALUE) whose value is one of those. */
+    if (a[0] == '-') {
+      const char *p = a + 1 + (a[1] == '-');
+      const char *name = p;
+      while ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || *p == '-') p++;
+      if (p > name && *p == '=') {
+        p++;
+        if (*p == '-' || strncmp(p, "/dev/", 5) == 0 || strncmp(p, "/proc/self/", 11) == 0) return 0;
+      }
+    }
+  }
+  return 1;
+}
+
+/* src/home.ts defaultHome, then enginePaths().socket. */
+static int engine_socket_path(char *out, size_t size) {
+  const char *home = getenv("APPSHOT_HOME");
+  char buf[PATH_MAX];
+  if (!home || !*home) {
+    if (getuid() == 0) {
+      home = "/var/lib/appshot";
+    } else {
+      const char *state = getenv("XDG_STATE_HOME");
+      if (state && *state) {
+        snprintf(buf, sizeof buf, "%s/appshot", state);
+      } else {
+        const char *h = getenv("HOME");
+        if (!h || !*h) {
+          struct passwd *pw = getpwuid(getuid());
+          h = pw ? pw->pw_dir : NULL;
+        }
+        if (!h) return -1;
+        snprintf(buf, sizeof buf, "%s/.local/state/appshot", h);
+      }
+      home = buf;
+    }
+  }
+  int n = snprintf(out, size, "%s/engine/engine.sock", home);
+  return n > 0 && (size_t)n < size ? 0 : -1;
+}
+
+/* The request, a line of JSON, grown as needed. */
+struct text {
+  char *p;
+  size_t len, cap;
+};
+
+static void put(struct text *t, const char *s, size_t n) {
+  if (t->len + n + 1 > t->cap) {
+    size_t cap = t->cap ? t->cap : 4096;
+    while (t->len + n + 1 > cap) cap *= 2;
+    char *p = realloc(t->p, cap);
+    if (!p) {
+      fprintf(stderr, "appshot: out of memory\n");
+      exit(70);
+    }
+    t->p = p;
+    t->cap = cap;
+  }
+  memcpy(t->p + t->len, s, n);
+  t->len += n;
+  t->p[t->len] = '\0';
+}
+
+static void puts_(struct text *t, const char *s) { put(t, s, strlen(s)); }
+
+/* A JSON string. Bytes that are not ASCII go as they are: JSON is UTF-8,
+ * as Node reads its arguments. */
+static void put_string(struct text *t, const char *s) {
+  put(t, "\"", 1);
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    char esc[8];
+    if (*p == '"' || *p == '\\') {
+      esc[0] = '\\';
+      esc[1] = (char)*p;
+      put(t, esc, 2);
+    } else if (*p < 0x20) {
+      snprintf(esc, sizeof esc, "\\u%04x", *p);
+      put(t, esc, 6);
+    } else {
+      put(t, (const char *)p, 1);
+    }
+  }
+  put(t, "\"", 1);
+}
+
+static int ci_variable_set(const char *v) {
+  return v && *v && strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0;
+}
+
+static void build_request(struct text *t, int argc, char **argv) {
+  puts_(t, "{\"kind\":\"command\",\"argv\":[");
+  for (int i = 1; i < argc; i++) {
+    if (i > 1) put(t, ",", 1);
+    put_string(t, argv[i]);
+  }
+  puts_(t, "],\"cwd\":");
+  char cwd[PATH_MAX];
+  put_string(t, getcwd(cwd, sizeof cwd) ? cwd : "/");
+  puts_(t, ",\"env\":{");
+  int first = 1;
+  for (char **e = environ; *e; e++) {
+    const char *eq = strchr(*e, '=');
+    if (strncmp(*e, "APPSHOT_", 8) != 0 || !eq) continue;
+    if (!first) put(t, ",", 1);
+    first = 0;
+    char name[256];
+    size_t n = (size_t)(eq - *e) < sizeof name - 1 ? (size_t)(eq - *e) : sizeof name - 1;
+    memcpy(name, *e, n);
+    name[n] = '\0';
+    put_string(t, name);
+    put(t, ":", 1);
+    put_string(t, eq + 1);
+  }
+  mode_t mask = umask(0);
+  umask(mask);
+  char num[64];
+  snprintf(num, sizeof num, "},\"umask\":%u,\"tty\":{", (unsigned)mask);
+  puts_(t, num);
+  int out = isatty(1), err = isatty(2);
+  snprintf(num, sizeof num, "\"stdout\":%s,\"stderr\":%s", out ? "true" : "false", err ? "true" : "false");
+  puts_(t, num);
+  struct winsize ws;
+  if ((out && ioctl(1, TIOCGWINSZ, &ws) == 0 && ws.ws_col) || (err && ioctl(2, TIOCGWINSZ, &ws) == 0 && ws.ws_col)) {
+    snprintf(num, sizeof num, ",\"columns\":%u", (unsigned)ws.ws_col);
+    puts_(t, num);
+  }
+  puts_(t, ci_variable_set(getenv("CI")) ? "},\"ci\":true" : "},\"ci\":false");
+  const char *path = getenv("PATH");
+  if (path) {
+    puts_(t, ",\"path\":");
+    put_string(t, path);
+  }
+  puts_(t, "}\n");
+}
+
+static int write_all(int fd, const void *buf, size_t n) {
+  const char *p = buf;
+  while (n) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+static volatile sig_atomic_t g_interrupts, g_last_signal;
+
+static void on_signal(int sig) {
+  g_interrupts++;
+  g_last_signal = sig;
+}
+
+int main(int argc, char **argv) {
+  g_argv = argv;
+  g_argc = argc;
+  const char *mode = getenv("APPSHOT_ENGINE");
+  if ((mode && strcmp(mode, "off") == 0) || !served_by_engine(argc, argv)) run_in_node();
+  struct sockaddr_un addr = {.sun_family = AF_UNIX};
+  if (engine_socket_path(addr.sun_path, sizeof addr.sun_path) < 0) run_in_node();
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  /* None runs (ENOENT), or one died without removing its socket. */
+  if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof addr) < 0) {
+    if (s >= 0) close(s);
+    run_in_node();
+  }
+  struct text req = {0};
+  build_request(&req, argc, argv);
+  if (write_all(s, req.p, req.len) < 0) {
+    close(s);
+    run_in_node();
+  }
+  free(req.p);
+
+  /* A reader of our output that went away is not news: the command goes
+   * on and its exit code is ours, what it still prints goes nowhere. */
+  signal(SIGPIPE, SIG_IGN);
+  struct sigaction sa = {.sa_handler = on_signal};
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  int stdout_gone = 0, accepted = 0, told = 0;
+  /* Frames as they come; grown for one larger than it (a long listing). */
+  size_t cap = 1 << 16, have = 0;
+  unsigned char *buf = malloc(cap);
+  if (!buf) run_in_node();
+  for (;;) {
+    if (g_interrupts > told) {
+      /* Ctrl-C (or SIGTERM): the command's interruption, once; a second
+       * one leaves at once. */
+      if (told) _exit(g_last_signal == SIGINT ? 130 : 143);
+      told = g_interrupts;
+      write_all(s, "interrupt\n", 10);
+    }
+    if (have == cap) {
+      unsigned char *more = realloc(buf, cap * 2);
+      if (!more) {
+        fprintf(stderr, "appshot: out of memory\n");
+        return 70;
+      }
+      buf = more;
+      cap *= 2;
+    }
+    ssize_t n = read(s, buf + have, cap - have);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      /* Before ACCEPTED the engine did nothing (it was leaving). */
+      if (!accepted) {
+        close(s);
+        run_in_node();
+      }
+      fprintf(stderr, "appshot: the engine went away during the command: its outcome is unknown (see appshot ps)\n");
+      return 70;
+    }
+    have += (size_t)n;
+    size_t at = 0;
+    while (have - at >= 5) {
+      uint32_t len = (uint32_t)buf[at + 1] << 24 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 8 | buf[at + 4];
+      if (have - at - 5 < len) {
+        /* Not all here: room for the whole of it once it is moved down. */
+        while (cap < (size_t)len + 5) {
+          unsigned char *more = realloc(buf, cap * 2);
+          if (!more) {
+            fprintf(stderr, "appshot: out of memory\n");
+            return 70;
+          }
+          buf = more;
+          cap *= 2;
+        }
+        break;
+      }
+      unsigned char type = buf[at];
+      const unsigned char *payload = buf + at + 5;
+      switch (type) {
+        case FRAME_ACCEPTED: accepted = 1; break;
+        case FRAME_STDOUT:
+          if (!stdout_gone && write_all(1, payload, len) < 0) {
+            if (errno != EPIPE) fprintf(stderr, "appshot: standard output: %s\n", strerror(errno));
+            stdout_gone = 1;
+          }
+          break;
+        case FRAME_STDERR: write_all(2, payload, len); break;
+        case FRAME_EXIT:
+          if (len >= 4) return (int)((uint32_t)payload[0] << 24 | (uint32_t)payload[1] << 16 | (uint32_t)payload[2] << 8 | payload[3]);
+          return 70;
+        case FRAME_REFUSED:
+          if (getenv("APPSHOT_DEBUG")) fprintf(stderr, "appshot: the engine refused (%.*s): running here\n", (int)len, (const char *)payload);
+          close(s);
+          run_in_node();
+      }
+      at += 5 + len;
+    }
+    memmove(buf, buf + at, have - at);
+    have -= at;
+  }
+}
