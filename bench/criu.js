@@ -27,6 +27,13 @@
 // Each command runs under bench/rusage (fork, exec, wait4) for its wall and
 // CPU time.
 //
+// BENCH_APPSHOT: how appshot's commands run. `in-process` (the default):
+// `node bin/appshot.js` with APPSHOT_ENGINE=off, each command a Node
+// process of its own. `native`: `bin/appshot` (the installed command: the
+// native client) with an engine started beforehand and kept warm; a
+// command's CPU is then the client's plus what the engine used meanwhile
+// (its /proc/PID/stat), so that no work goes uncounted.
+//
 // Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
 // day) and a table on stdout.
 import { spawn, spawnSync } from 'node:child_process';
@@ -46,7 +53,21 @@ const sizes = (process.env.BENCH_SIZES ?? '0,16,256').split(',').map(Number);
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-criu-'));
 // On a disk like the other benchmarks (the prefix .gitignore ignores).
 const work = mkdtempSync(join(process.env.BENCH_DIR ?? root, '.bench-images-criu-'));
-const env = { ...process.env, APPSHOT_HOME: home };
+const MODE = process.env.BENCH_APPSHOT ?? 'in-process';
+if (MODE !== 'in-process' && MODE !== 'native') {
+  process.stderr.write(`bench/criu: BENCH_APPSHOT is in-process or native, not ${MODE}\n`);
+  process.exit(2);
+}
+const env = { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: MODE === 'native' ? 'manual' : 'off', APPSHOT_ENGINE_IDLE: '3600' };
+/** The command line that runs `appshot ...` in this mode. */
+const appshotCommand = MODE === 'native' ? [join(root, 'bin', 'appshot')] : [process.execPath, cli];
+let enginePid = 0;
+/** CPU time the engine used so far, in ms (0 in-process). */
+function engineCpuMs() {
+  if (!enginePid) return 0;
+  const f = read(`/proc/${enginePid}/stat`).slice(read(`/proc/${enginePid}/stat`).lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) * 10;
+}
 const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
 const children = new Set(); // processes started without appshot
 const aids = new Set(); // applications started under appshot
@@ -61,8 +82,9 @@ if (!existsSync(memapp) || !existsSync(rusage)) {
 const timed = (cmd, args, opts = {}) => timedRun(cmd, args, { env, ...opts });
 
 const appshot = (...args) => {
-  const r = timed(process.execPath, [cli, ...args, '--json']);
-  return { ...r, json: JSON.parse(r.out) };
+  const before = engineCpuMs();
+  const r = timed(appshotCommand[0], [...appshotCommand.slice(1), ...args, '--json']);
+  return { ...r, cpuMs: r.cpuMs + engineCpuMs() - before, json: JSON.parse(r.out) };
 };
 
 function waitGone(pid, ms = 10_000) {
@@ -227,6 +249,13 @@ const ROWS = [
 const series = () => Object.fromEntries(ROWS.map(([k]) => [k, []]));
 
 async function main() {
+  if (MODE === 'native') {
+    mkdirSync(home, { recursive: true });
+    spawnSync(process.execPath, [cli, 'engine', 'start'], { env, stdio: 'ignore' });
+    enginePid = JSON.parse(spawnSync(process.execPath, [cli, 'engine', 'status', '--json'], { env, encoding: 'utf8' }).stdout).pid;
+    if (!enginePid) throw new Error('the engine did not start');
+    log(`appshot through the native client and a warm engine (pid ${enginePid})`);
+  }
   const criu = findCriu(log);
   if (criu.why) log(`${criu.why}; measuring appshot alone`);
   else log(`CRIU ${criu.version} (${criu.bin})`);
@@ -254,6 +283,7 @@ async function main() {
   }
   const results = {
     date: new Date().toISOString(),
+    appshot: MODE,
     machine: { cpus: cpus().length, model: cpus()[0]?.model, kernel: release(), loadavg_during: summary(loads) },
     criu: criu.why ? { unavailable: criu.why } : { version: criu.version, bin: criu.bin },
     runs,
@@ -308,6 +338,7 @@ function cleanup() {
     }
   }
   if (aids.size) spawnSync(process.execPath, [cli, 'rm', '-f', ...aids], { env });
+  if (enginePid) spawnSync(process.execPath, [cli, 'engine', 'stop'], { env, stdio: 'ignore' });
   rmSync(work, { recursive: true, force: true });
   rmSync(home, { recursive: true, force: true });
 }
