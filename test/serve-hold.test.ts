@@ -15,9 +15,13 @@
  *   nobody will ever accept): the thread notices the death itself (pidfd)
  *   and revokes its grant at once; every connection made after the death
  *   is held and answered by the restored instance.
+ * - A preloaded image's page file: held open by the serve process from the
+ *   preload on (the restore reads that file, not what the path names by
+ *   then), and refused if the path was replaced meanwhile (the image is
+ *   then read and checked afresh, and the held file let go of).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,6 +34,8 @@ const out = mkdtempSync(join(tmpdir(), 'appshot-serve-hold-'));
 const base = 19000 + (process.pid % 250) * 4;
 const APP = base;
 const PUBLIC = base + 1;
+const APP2 = base + 2;
+const PUBLIC2 = base + 3;
 const MAX_HELD = 4;
 const CLIENTS = 40;
 /** Descriptors the serve process may open besides held connections while
@@ -37,12 +43,13 @@ const CLIENTS = 40;
 const SLACK = 2;
 
 let serve: Running | undefined;
+let serve2: Running | undefined;
 let stopper: ChildProcess | undefined;
 
 afterAll(async () => {
   stopper?.kill('SIGKILL');
-  if (serve && serve.child.exitCode === null) serve.child.kill('SIGTERM');
-  await serve?.exited;
+  for (const s of [serve, serve2]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
+  await Promise.all([serve?.exited, serve2?.exited]);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
 });
@@ -223,5 +230,59 @@ describe('appshot serve: bounded holding, an instance that dies', () => {
 
     serve!.child.kill('SIGTERM');
     expect((await serve!.exited).code).toBe(0);
+  });
+});
+
+/** What a process's descriptors are open on. */
+const openFiles = (pid: number) =>
+  readdirSync(`/proc/${pid}/fd`).flatMap((fd) => {
+    try {
+      return [readlinkSync(`/proc/${pid}/fd/${fd}`)];
+    } catch {
+      return [];
+    }
+  });
+
+describe('appshot serve: a preloaded image', () => {
+  it('holds its page file open from the preload on, and reads the image afresh if the path was replaced meanwhile', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'tpl2', '--', fixture('sharedlisten'), String(APP2)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('tpl2').includes('LISTENING'), 10_000, 'the server to listen');
+    const image = join(out, 'pre.img');
+    const snap = sb.run(['snapshot', 'tpl2', '-o', image]);
+    expect(snap.code, snap.stderr).toBe(0);
+    const config = join(out, 'pre.json');
+    writeFileSync(config, JSON.stringify({ services: [{ name: 'pre', from: image, ports: [`127.0.0.1:${PUBLIC2}:${APP2}`], idle: '1s' }] }));
+    // The restore's phases on stderr (whether it used the preload).
+    (sb.env as Record<string, string>).APPSHOT_DEBUG = '1';
+    serve2 = sb.start(['serve', '--config', config]);
+    delete (sb.env as Record<string, string>).APPSHOT_DEBUG;
+    await serve2.line(/^ready$/);
+    const pid = serve2.child.pid!;
+    const preloads = () => (serve2!.stderr.match(/read and checked ahead of time/g) ?? []).length;
+    const freshReads = () => (serve2!.stderr.match(/image read and checked \(\d+ in its chain\)/g) ?? []).length;
+
+    // Suspended: its image preloaded, the page file held; the restore
+    // reads it.
+    const first = join(realpathSync(image), 'pages.img');
+    await waitFor(() => openFiles(pid).includes(first), 10_000, 'the preloaded page file to be held open');
+    expect(await tcpExchange(PUBLIC2, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    expect([preloads(), freshReads()]).toEqual([1, 0]);
+
+    // Idle: suspended to an image of its own, preloaded in turn.
+    await waitFor(() => sb.json<{ state: string; snapshots: number }>(['service', 'show', 'pre']).snapshots === 1, 15_000, 'the suspend');
+    const next = join(realpathSync(sb.json<{ lastImage: string }>(['service', 'show', 'pre']).lastImage), 'pages.img');
+    await waitFor(() => openFiles(pid).includes(next), 10_000, 'the next page file to be held open');
+
+    // The path now names another file (the same bytes, a new inode): the
+    // held one is not what was checked there any more.
+    copyFileSync(next, `${next}.new`);
+    renameSync(`${next}.new`, next);
+    expect(openFiles(pid)).toContain(`${next} (deleted)`);
+    expect(await tcpExchange(PUBLIC2, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    expect([preloads(), freshReads()]).toEqual([1, 1]);
+    expect(openFiles(pid)).not.toContain(`${next} (deleted)`);
+    serve2.child.kill('SIGTERM');
+    expect((await serve2.exited).code).toBe(0);
   });
 });

@@ -24,7 +24,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
-import type { LoadedImage } from '../image/format.js';
+import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage } from '../restore/driver.js';
 import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry, isEnded } from '../registry.js';
@@ -175,15 +175,19 @@ class Service {
     this.host.preloading++;
     const loading = loadImageChain(path, known)
       .then((chain) => {
-        // A newer image may have been taken meanwhile.
-        if (this.lastImage !== path) return;
+        // A newer image may have been taken meanwhile (each link holds
+        // its page file open: what is not kept is let go of).
+        if (this.lastImage !== path) {
+          for (const l of chain) if (!known.includes(l)) l.dispose();
+          return;
+        }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
         this.host.preloaded(this);
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
-        if (this.lastImage === path) this.ready = undefined;
+        if (this.lastImage === path) this.forgetPreload();
         this.log('preload-failed', { image: path, error: e.message });
       })
       .finally(() => {
@@ -468,7 +472,10 @@ class Service {
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
       // A preload under way is the reading the restore would do itself.
       if (this.preloading) await this.preloading;
-      const ready = this.ready?.[0]?.dir === this.lastImage ? this.ready : undefined;
+      // Not the files it checked any more: read afresh by the restore, and
+      // let go of (their page files are held open).
+      const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      if (!ready) this.forgetPreload();
       await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
@@ -488,7 +495,7 @@ class Service {
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
-      this.ready = undefined; // the next try reads the image afresh
+      this.forgetPreload(); // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Those waiting would wait for ever: they are told by a close.
       for (const h of this.held.splice(0)) {
@@ -645,6 +652,7 @@ class Service {
     for (const lid of this.grants.values()) this.host.forwarder.release(lid);
     this.grants.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
+    this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
     if (this.spec.mode === 'clone')
