@@ -504,6 +504,8 @@ static void finish(struct fwd_loop *loop, struct fwd_conn *c, struct fwd_conn **
 
 static void *fwd_thread(void *arg) {
   struct fwd_loop *loop = arg;
+  // (ps -L, /proc/PID/task/*/comm: which thread is the front door's)
+  pthread_setname_np(pthread_self(), "appshot-fwd");
   struct epoll_event evs[FWD_BATCH];
   struct fwd_event out[FWD_OUT];
   while (!__atomic_load_n(&loop->stopping, __ATOMIC_ACQUIRE)) {
