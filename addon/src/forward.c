@@ -528,7 +528,9 @@ static void *fwd_thread(void *arg) {
       if ((evs[i].data.u64 & 3) == 3) {  // a granted instance's process ended
         struct fwd_listener *l = (struct fwd_listener *)(uintptr_t)(evs[i].data.u64 & ~(uint64_t)3);
         pthread_mutex_lock(&loop->lock);
-        int32_t pid = l->pid_dead ? 0 : l->pid;
+        // Asked again: fwd_route may have replaced the pidfd (a new
+        // instance) since epoll_wait returned this event of the old one.
+        int32_t pid = !l->pid_dead && l->pidfd >= 0 && pidfd_ended(l->pidfd) ? l->pid : 0;
         uint16_t port = l->port;
         if (pid) instance_died(loop, l);
         pthread_mutex_unlock(&loop->lock);
