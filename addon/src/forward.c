@@ -532,12 +532,17 @@ static void *fwd_thread(void *arg) {
         // instance) since epoll_wait returned this event of the old one.
         int32_t pid = !l->pid_dead && l->pidfd >= 0 && pidfd_ended(l->pidfd) ? l->pid : 0;
         uint16_t port = l->port;
-        if (pid) instance_died(loop, l);
+        int room = nout < FWD_OUT - 2;
+        if (pid && room) {
+          instance_died(loop, l);
+        } else if (pid) {
+          // No room to say so in this batch: the grant goes now, and the
+          // pidfd stays in the set (level-triggered) to be told next time.
+          l->port = 0;
+          l->credit = 0;
+        }
         pthread_mutex_unlock(&loop->lock);
-        // (No room to say so: Node hears it from its own liveness check,
-        // the grant is gone either way.)
-        if (pid && nout < FWD_OUT - 2)
-          out[nout++] = (struct fwd_event){.kind = FWD_DIED, .lid = l->lid, .pid = pid, .port = port, .at_ns = now_ns()};
+        if (pid && room) out[nout++] = (struct fwd_event){.kind = FWD_DIED, .lid = l->lid, .pid = pid, .port = port, .at_ns = now_ns()};
         continue;
       }
       if (evs[i].data.u64 & 2) {

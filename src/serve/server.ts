@@ -55,8 +55,8 @@ interface Instance {
   lastActive: number;
   /** public port → the port the instance really listens on. */
   ports: Map<number, { app: number; system: number }>;
-  /** The system PID of its main process (virtual PID 2), whose end is the
-   * instance's (its init ends the application with it): the forwarding
+  /** The system PID of the process holding its listening socket
+   * (listenerPid), whose end is the instance's crash: the forwarding
    * thread watches it while it holds a grant to the instance. */
   pid?: number;
 }
