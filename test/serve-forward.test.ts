@@ -5,12 +5,17 @@
  * passed on, a refusal that leaves the client's socket usable for a second
  * try (what the front door does while an instance starts), a reset, and
  * a listener the thread accepts on: forwarded at once within Node's grant,
- * handed to Node beyond it.
+ * handed to Node beyond it; at most maxHeld handed over at once (the rest
+ * left in the listen backlog), a grant revoked by the thread itself when
+ * the instance's process ends, and accept resumed after EMFILE.
  */
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, openSync, readdirSync, readFileSync, readSync } from 'node:fs';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type ForwardEnds, Forwarder, type ListenerEnds } from '../src/serve/forwarder.js';
+import { waitFor } from './helpers.js';
 
 const forwarder = new Forwarder();
 const servers: Server[] = [];
@@ -150,6 +155,7 @@ describe('native forwarding', () => {
         handed.push(socket);
         arrived();
       },
+      died: () => undefined,
     };
     const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, () => {
       throw new Error('Node accepted a connection the thread should have');
@@ -192,5 +198,155 @@ describe('native forwarding', () => {
     // Released: nobody listens on the port any more.
     const refused = await new Promise<string>((r) => connect({ port, host: '127.0.0.1' }).on('error', (e: NodeJS.ErrnoException) => r(e.code ?? '')));
     expect(refused).toBe('ECONNREFUSED');
+  });
+});
+
+/** Connections waiting in the accept queue of the socket listening on
+ * 127.0.0.1:port (/proc/net/tcp's rx_queue of a LISTEN socket). */
+function acceptQueue(port: number, tableFd?: number): number {
+  const hex = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  let table: string;
+  if (tableFd === undefined) table = readFileSync('/proc/net/tcp', 'utf8');
+  else {
+    // Read again from the start through a descriptor opened before: for
+    // when this process has none to spare.
+    const buf = Buffer.alloc(1 << 20);
+    let n = 0;
+    for (let got; (got = readSync(tableFd, buf, n, buf.length - n, n)) > 0; ) n += got;
+    table = buf.subarray(0, n).toString();
+  }
+  for (const line of table.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1] === hex && f[3] === '0A') return parseInt(f[4].split(':')[1], 16);
+  }
+  return -1;
+}
+
+/** A listening server handed to the thread at once; what it hands over
+ * and what it reports. */
+async function takenOver(maxHeld?: number, group = 0) {
+  const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, () => {
+    throw new Error('Node accepted a connection the thread should have');
+  });
+  servers.push(server);
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  const handed: Socket[] = [];
+  const forwarded: number[] = [];
+  const died: { port: number; pid: number }[] = [];
+  const ends: ListenerEnds = {
+    accepted: (s) => handed.push(s),
+    forwarded: (to) => {
+      forwarded.push(to);
+      return recorder().ends;
+    },
+    died: (to, pid) => died.push({ port: to, pid }),
+  };
+  const lid = forwarder.takeOver(server, ends, group, maxHeld)!;
+  expect(lid).toBeGreaterThan(0);
+  return { port, lid, handed, forwarded, died };
+}
+
+describe('the thread on a listener: bounds and deaths', () => {
+  it('hands over at most maxHeld connections still open in Node; the rest wait in the backlog, taken as those close', async () => {
+    const l = await takenOver(3, 71);
+    const clients = Array.from({ length: 10 }, () => connect(l.port, '127.0.0.1'));
+    await Promise.all(clients.map((c) => new Promise((r) => c.once('connect', r))));
+    await waitFor(() => l.handed.length === 3 && acceptQueue(l.port) === 7, 10_000, '3 handed over, 7 in the backlog');
+    // One let go of (closed here): one more comes.
+    l.handed[0].destroy();
+    await waitFor(() => l.handed.length === 4 && acceptQueue(l.port) === 6, 10_000, 'a fourth handed over');
+    // All let go of as they come: every client is handed over in the end.
+    const drained = waitFor(
+      () => {
+        for (const s of l.handed) s.destroy();
+        return l.handed.length === 10;
+      },
+      10_000,
+      'every client handed over',
+    );
+    await drained;
+    expect(acceptQueue(l.port)).toBe(0);
+    // Every client's connection was held, then closed by us: none reset.
+    for (const c of clients) c.destroy();
+    forwarder.release(l.lid);
+  });
+
+  it("revokes the grant itself when the instance's process ends, and refuses a grant naming it again", async () => {
+    const echo = await listen((s) => s.pipe(s));
+    const l = await takenOver();
+    const instance = spawn('sleep', ['600']);
+    await new Promise((r) => instance.once('spawn', r));
+    expect(forwarder.route(l.lid, echo, 10, instance.pid)).toBe(0);
+    const first = connect(l.port, '127.0.0.1');
+    await waitFor(() => l.forwarded.length === 1, 10_000, 'the first connection forwarded under the grant');
+    instance.kill('SIGKILL');
+    await waitFor(() => l.died.length === 1, 10_000, 'the death to be reported');
+    expect(l.died[0]).toEqual({ port: echo, pid: instance.pid });
+    // Revoked: the next one is Node's.
+    const second = connect(l.port, '127.0.0.1');
+    await waitFor(() => l.handed.length === 1, 10_000, 'the second connection handed over');
+    // A grant naming the dead process again (Node had not heard yet)
+    // is no grant.
+    await new Promise((r) => (instance.exitCode === null && instance.signalCode === null ? instance.once('exit', r) : r(undefined)));
+    expect(forwarder.route(l.lid, echo, 10, instance.pid)).toBe(0);
+    const third = connect(l.port, '127.0.0.1');
+    await waitFor(() => l.handed.length === 2, 10_000, 'the third connection handed over');
+    expect(l.forwarded).toHaveLength(1);
+    // A live process: granted again.
+    forwarder.route(l.lid, echo, 10, process.pid);
+    const fourth = connect(l.port, '127.0.0.1');
+    await waitFor(() => l.forwarded.length === 2, 10_000, 'the fourth connection forwarded');
+    for (const s of [first, second, third, fourth, ...l.handed]) s.destroy();
+    forwarder.route(l.lid, 0, 0);
+    forwarder.release(l.lid);
+  });
+
+  it('pauses accepting on EMFILE instead of spinning, and takes every connection once descriptors are back', async () => {
+    const l = await takenOver();
+    const CLIENTS = 30;
+    // The clients in a process of their own (its descriptors are not ours).
+    const clients = spawn(
+      process.execPath,
+      [
+        '-e',
+        `const net = require('net'); let n = 0; const all = [];
+         for (let i = 0; i < ${CLIENTS}; i++) { const s = net.connect(${l.port}, '127.0.0.1', () => { if (++n === ${CLIENTS}) console.log('connected'); }); s.on('error', (e) => console.log('error ' + e.code)); s.on('close', () => console.log('closed')); all.push(s); }
+         process.stdin.on('end', () => all.forEach((s) => s.destroy())); process.stdin.resume();`,
+      ],
+      { stdio: ['pipe', 'pipe', 'inherit'] },
+    );
+    let said = '';
+    clients.stdout!.on('data', (d) => (said += d));
+    const limits = () => readFileSync('/proc/self/limits', 'utf8');
+    const hard = /^Max open files\s+\d+\s+(\d+)/m.exec(limits())![1];
+    // Room for 5 more descriptors in this process (the lowest free
+    // numbers are taken first; those in use above the limit stay).
+    // What raises the limit again is started now: starting a process
+    // takes descriptors, which there will not be.
+    const raiser = spawn('sh', ['-c', `read go; exec prlimit --pid ${process.pid} --nofile=${hard}:${hard}`], { stdio: ['pipe', 'inherit', 'inherit'] });
+    const raised = new Promise<number | null>((r) => raiser.once('exit', (code) => r(code)));
+    await new Promise((r) => raiser.once('spawn', r));
+    const tcpTable = openSync('/proc/net/tcp', 'r');
+    const used = readdirSync('/proc/self/fd').length;
+    const lowered = spawnSync('prlimit', ['--pid', String(process.pid), `--nofile=${used + 5}:${hard}`]);
+    expect(lowered.status, String(lowered.stderr)).toBe(0);
+    try {
+      await waitFor(() => said.includes('connected'), 10_000, 'the clients to connect');
+      // Some taken, then accept said EMFILE: the rest wait in the backlog.
+      await waitFor(() => l.handed.length > 0 && l.handed.length + acceptQueue(l.port, tcpTable) === CLIENTS, 10_000, 'the descriptors to run out');
+      expect(l.handed.length).toBeLessThan(CLIENTS);
+    } finally {
+      raiser.stdin!.end('go\n');
+      expect(await raised).toBe(0);
+      closeSync(tcpTable);
+    }
+    // Room again: the paused listener comes back by itself.
+    await waitFor(() => l.handed.length === CLIENTS, 10_000, 'every client handed over');
+    expect(said).not.toMatch(/error|closed/);
+    clients.stdin!.end();
+    await new Promise((r) => clients.once('close', r));
+    for (const s of l.handed) s.destroy();
+    forwarder.release(l.lid);
   });
 });

@@ -40,7 +40,7 @@ void Hold(Napi::Env env, Forwarder* f, int delta_live, int delta_listening) {
 Forwarder* forwarder = nullptr;
 
 // Numbers per event in the Float64Array handed to JS (forwarder.ts).
-constexpr int kFields = 11;
+constexpr int kFields = 12;
 
 // On the forwarding thread: copies the batch and queues it for JS. A
 // closing channel (Node exiting) drops it: nobody is left to hear.
@@ -66,6 +66,7 @@ void Report(void* ctx, const fwd_event* events, int n) {
       values[i++] = e.peer_ip;
       values[i++] = e.peer_port;
       values[i++] = e.port;
+      values[i++] = e.pid;
       if (e.kind == FWD_FORWARDED) Hold(env, forwarder, 1, 0);
       if (e.kind == FWD_REFUSED || e.kind == FWD_CLOSED) Hold(env, forwarder, -1, 0);
     }
@@ -122,24 +123,37 @@ Napi::Value ForwardConnect(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, rc);
 }
 
-// forwardListen(fd, lid) -> 0 or -errno: the thread accepts on a duplicate
-// of the listening socket fd from now on (the caller closes its own).
+// forwardListen(fd, lid, group, maxHeld) -> 0 or -errno: the thread
+// accepts on a duplicate of the listening socket fd from now on (the
+// caller closes its own), handing over at most maxHeld connections of the
+// group that Node has not let go of (forwardUnhold).
 Napi::Value ForwardListen(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!forwarder) return Napi::Number::New(env, -EINVAL);
-  int rc = fwd_listen(forwarder->loop, info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Uint32Value());
+  auto u32 = [&](int i) { return info[i].As<Napi::Number>().Uint32Value(); };
+  int rc = fwd_listen(forwarder->loop, info[0].As<Napi::Number>().Int32Value(), u32(1), u32(2), u32(3));
   if (rc == 0) Hold(env, forwarder, 0, 1);
   return Napi::Number::New(env, rc);
 }
 
-// forwardRoute(lid, port, capacity, seen) -> connections forwarded under
-// the grant that Node has not heard of yet (fwd_route).
+// forwardRoute(lid, port, capacity, seen, pid) -> connections forwarded
+// under the grant that Node has not heard of yet (fwd_route); pid: the
+// instance's process, watched (0: none).
 Napi::Value ForwardRoute(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!forwarder) return Napi::Number::New(env, -EINVAL);
   auto u32 = [&](int i) { return info[i].As<Napi::Number>().Uint32Value(); };
-  int64_t rc = fwd_route(forwarder->loop, u32(0), static_cast<uint16_t>(u32(1)), u32(2), u32(3));
+  int32_t pid = info.Length() > 4 ? info[4].As<Napi::Number>().Int32Value() : 0;
+  int64_t rc = fwd_route(forwarder->loop, u32(0), static_cast<uint16_t>(u32(1)), u32(2), u32(3), pid);
   return Napi::Number::New(env, static_cast<double>(rc));
+}
+
+// forwardUnhold(lid, n): Node let go of n connections handed over on it.
+Napi::Value ForwardUnhold(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return env.Undefined();
+  fwd_unhold(forwarder->loop, info[0].As<Napi::Number>().Uint32Value(), info[1].As<Napi::Number>().Uint32Value());
+  return env.Undefined();
 }
 
 // forwardUnlisten(lid): the thread stops accepting on it.
@@ -159,6 +173,7 @@ void RegisterForward(Napi::Env env, Napi::Object exports) {
   exports.Set("forwardListen", Napi::Function::New(env, ForwardListen));
   exports.Set("forwardRoute", Napi::Function::New(env, ForwardRoute));
   exports.Set("forwardUnlisten", Napi::Function::New(env, ForwardUnlisten));
+  exports.Set("forwardUnhold", Napi::Function::New(env, ForwardUnhold));
 }
 
 }  // namespace appshot

@@ -26,6 +26,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <linux/sockios.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,6 +72,27 @@ struct fwd_conn {
 
 struct fwd_listener;
 
+// The connections a group of listeners (a service's public ports) has
+// handed to Node and Node still holds a descriptor of: at max_held the
+// group's listeners stop accepting, so that what comes next waits in the
+// kernel's listen backlog (which holds it as well: no reset) instead of
+// taking descriptors until accept says EMFILE.
+struct fwd_group {
+  uint32_t id;
+  uint32_t held, max_held;
+  struct fwd_group *next;
+};
+
+// epoll data of the loop's own descriptors. Connections are tagged with
+// their side (bit 0), listeners with 2 and their instance's pidfd with 3:
+// heap pointers have those bits clear and are never this small.
+#define FWD_TAG_KNOCK 0
+#define FWD_TAG_BACKOFF 4
+// Pauses of a listener after accept said out of descriptors or memory:
+// doubled each time up to the last, back to the first after an accept.
+#define FWD_BACKOFF_FIRST_MS 10
+#define FWD_BACKOFF_LAST_MS 1000
+
 struct fwd_loop {
   int epfd;
   int wakefd;  // eventfd: fwd_loop_stop's and fwd_connect's knock
@@ -83,7 +106,13 @@ struct fwd_loop {
   struct fwd_conn *live;
   struct fwd_conn *doomed;  // for the thread to free (under lock)
   struct fwd_listener *listeners;  // kept until fwd_loop_stop (under lock)
+  struct fwd_group *groups;  // likewise
   uint32_t next_id;  // of connections the thread accepts (thread only)
+  // Listeners paused after EMFILE and the like wait for this timer
+  // (thread only, but for the descriptor).
+  int backoff_fd;
+  int backoff_armed;
+  int backoff_ms;
 };
 
 static uint64_t now_ns(void) {
@@ -265,39 +294,150 @@ int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id
 struct fwd_listener {
   int fd;
   uint32_t lid;
+  struct fwd_group *group;
+  // Not accepting (no EPOLLIN asked for) while its group holds max_held,
+  // or after accept failed for want of descriptors or memory.
+  uint8_t full, backoff;
   // Granted by Node (fwd_route): connections it may send to port without
   // asking, and how many it did in all (Node counts those it heard of).
   uint16_t port;
   uint32_t credit;
   uint32_t forwarded;
+  // The granted instance's process, watched (pidfd in the epoll set) so
+  // that its death revokes the grant here, at once, not when Node has
+  // heard of it. pid_dead: it died; a grant naming it again is refused.
+  int32_t pid;
+  int pidfd;
+  uint8_t pid_dead;
   struct fwd_listener *next;
 };
+
+// Asks for the listener's readiness, or stops asking (paused). Under lock.
+static void arm_listener(struct fwd_loop *loop, struct fwd_listener *l) {
+  if (l->fd < 0) return;
+  struct epoll_event ev = {.events = l->full || l->backoff ? 0 : EPOLLIN};
+  ev.data.u64 = (uintptr_t)l | 2;
+  epoll_ctl(loop->epfd, EPOLL_CTL_MOD, l->fd, &ev);
+}
+
+// Under lock: the group has room again (or has none): its listeners
+// resume (or pause) accepting. A resumed listener whose backlog is not
+// empty is reported at once (level-triggered).
+static void group_changed(struct fwd_loop *loop, struct fwd_group *g) {
+  uint8_t full = g->held >= g->max_held;
+  for (struct fwd_listener *l = loop->listeners; l; l = l->next) {
+    if (l->group != g || l->full == full) continue;
+    l->full = full;
+    arm_listener(loop, l);
+  }
+}
+
+static int pidfd_open_(int32_t pid) {
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+// Whether the process a pidfd names has ended.
+static int pidfd_ended(int pidfd) {
+  struct pollfd pfd = {.fd = pidfd, .events = POLLIN};
+  return poll(&pfd, 1, 0) == 1;
+}
+
+// Under lock: the listener no longer watches a process.
+static void unwatch(struct fwd_loop *loop, struct fwd_listener *l) {
+  if (l->pidfd >= 0) {
+    epoll_ctl(loop->epfd, EPOLL_CTL_DEL, l->pidfd, NULL);
+    close(l->pidfd);
+  }
+  l->pidfd = -1;
+  l->pid = 0;
+  l->pid_dead = 0;
+}
+
+// Under lock: the granted instance's process has ended. The grant goes
+// (connections from now on are handed to Node, which holds them until
+// it has restored the instance), and a grant naming it again is refused.
+static void instance_died(struct fwd_loop *loop, struct fwd_listener *l) {
+  if (l->pidfd >= 0) epoll_ctl(loop->epfd, EPOLL_CTL_DEL, l->pidfd, NULL);
+  l->pid_dead = 1;
+  l->port = 0;
+  l->credit = 0;
+}
+
+// Accept failed for want of descriptors or memory. The listener is
+// level-triggered and would be reported again at once: it is paused and
+// the timer brings it back, the pause doubling while it keeps failing.
+// Connections meanwhile wait in the backlog; forwarding goes on.
+static void back_off(struct fwd_loop *loop, struct fwd_listener *l) {
+  pthread_mutex_lock(&loop->lock);
+  l->backoff = 1;
+  arm_listener(loop, l);
+  pthread_mutex_unlock(&loop->lock);
+  if (loop->backoff_armed) return;
+  int ms = loop->backoff_ms;
+  struct itimerspec when = {.it_value = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L}};
+  if (timerfd_settime(loop->backoff_fd, 0, &when, NULL) == 0) loop->backoff_armed = 1;
+  loop->backoff_ms = ms * 2 > FWD_BACKOFF_LAST_MS ? FWD_BACKOFF_LAST_MS : ms * 2;
+}
+
+// The timer: every paused listener tries again.
+static void backoff_over(struct fwd_loop *loop) {
+  uint64_t count;
+  if (read(loop->backoff_fd, &count, sizeof count) < 0) {
+    // Not expired after all (re-armed): nothing to do.
+  }
+  loop->backoff_armed = 0;
+  pthread_mutex_lock(&loop->lock);
+  for (struct fwd_listener *l = loop->listeners; l; l = l->next) {
+    if (!l->backoff) continue;
+    l->backoff = 0;
+    arm_listener(loop, l);
+  }
+  pthread_mutex_unlock(&loop->lock);
+}
 
 // Accepts what is waiting on l. Each connection goes at once to the
 // instance Node named while Node's grant lasts (FWD_FORWARDED), else to
 // Node itself (FWD_ACCEPTED, with the descriptor), which holds it and
-// decides. Called on the thread.
+// decides; at the group's max_held the listener stops accepting (it
+// resumes when Node lets go of one, fwd_unhold). Called on the thread.
 static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_event *out, int room, uint32_t *next_id) {
   int n = 0;
-  while (n < room) {
+  // (two reports at most per turn: an instance's death, then the accept)
+  while (n < room - 1) {
     struct sockaddr_in peer;
     socklen_t plen = sizeof peer;
     // Under the lock: fwd_unlisten closes l->fd under it too, so this never
     // accepts on a descriptor number that has been closed and reused.
     pthread_mutex_lock(&loop->lock);
-    int fd = l->fd < 0 ? -1 : accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (l->fd < 0 || l->full || l->backoff) {
+      pthread_mutex_unlock(&loop->lock);
+      break;
+    }
+    if (l->group->held >= l->group->max_held) {
+      // (Node may have lowered max_held since.)
+      group_changed(loop, l->group);
+      pthread_mutex_unlock(&loop->lock);
+      break;
+    }
+    int fd = accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
     int accept_err = errno;
+    // A process that has ended gets nothing more, even if its pidfd's
+    // event is still to come in this batch.
+    struct fwd_event died = {.kind = FWD_DIED, .lid = l->lid, .pid = l->pid, .port = l->port};
+    int has_died = fd >= 0 && l->credit && l->pidfd >= 0 && !l->pid_dead && pidfd_ended(l->pidfd);
+    if (has_died) instance_died(loop, l);
     uint16_t port = fd >= 0 && l->credit ? l->port : 0;
     if (port) l->credit--, l->forwarded++;
     pthread_mutex_unlock(&loop->lock);
     if (fd < 0) {
-      if (l->fd >= 0 && (accept_err == EINTR || accept_err == ECONNABORTED)) continue;
-      // Out of descriptors or memory: the listener is level-triggered and
-      // would wake the thread again at once, spinning; a millisecond's
-      // pause lets closes free some (forwarding stalls with it, but a
-      // process out of descriptors is stalled anyway).
-      if (accept_err == EMFILE || accept_err == ENFILE || accept_err == ENOBUFS || accept_err == ENOMEM) usleep(1000);
+      if (accept_err == EINTR || accept_err == ECONNABORTED) continue;
+      if (accept_err == EMFILE || accept_err == ENFILE || accept_err == ENOBUFS || accept_err == ENOMEM) back_off(loop, l);
       break;  // EAGAIN: all taken
+    }
+    loop->backoff_ms = FWD_BACKOFF_FIRST_MS;
+    if (has_died) {
+      died.at_ns = now_ns();
+      out[n++] = died;
     }
     struct fwd_event ev = {.id = (*next_id)++ | 0x80000000u, .lid = l->lid, .at_ns = now_ns(),
                            .peer_ip = ntohl(peer.sin_addr.s_addr), .peer_port = ntohs(peer.sin_port)};
@@ -314,13 +454,15 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
       ev.kind = FWD_FORWARDED;
       ev.port = port;
     } else {
+      pthread_mutex_lock(&loop->lock);
       if (port) {
         // Granted but not forwarded: the grant is given back.
-        pthread_mutex_lock(&loop->lock);
         l->forwarded--;
         l->credit++;
-        pthread_mutex_unlock(&loop->lock);
       }
+      // Node holds it from now on (until fwd_unhold).
+      if (!consumed) l->group->held++;
+      pthread_mutex_unlock(&loop->lock);
       if (consumed) continue;  // registration failed: the client is closed
       free(c);
       ev.kind = FWD_ACCEPTED;
@@ -362,6 +504,8 @@ static void finish(struct fwd_loop *loop, struct fwd_conn *c, struct fwd_conn **
 
 static void *fwd_thread(void *arg) {
   struct fwd_loop *loop = arg;
+  // (ps -L, /proc/PID/task/*/comm: which thread is the front door's)
+  pthread_setname_np(pthread_self(), "appshot-fwd");
   struct epoll_event evs[FWD_BATCH];
   struct fwd_event out[FWD_OUT];
   while (!__atomic_load_n(&loop->stopping, __ATOMIC_ACQUIRE)) {
@@ -375,6 +519,30 @@ static void *fwd_thread(void *arg) {
         if (read(loop->wakefd, &count, sizeof count) < 0) {
           // Nothing to read: an earlier wake-up took it.
         }
+        continue;
+      }
+      if (evs[i].data.u64 == FWD_TAG_BACKOFF) {
+        backoff_over(loop);
+        continue;
+      }
+      if ((evs[i].data.u64 & 3) == 3) {  // a granted instance's process ended
+        struct fwd_listener *l = (struct fwd_listener *)(uintptr_t)(evs[i].data.u64 & ~(uint64_t)3);
+        pthread_mutex_lock(&loop->lock);
+        // Asked again: fwd_route may have replaced the pidfd (a new
+        // instance) since epoll_wait returned this event of the old one.
+        int32_t pid = !l->pid_dead && l->pidfd >= 0 && pidfd_ended(l->pidfd) ? l->pid : 0;
+        uint16_t port = l->port;
+        int room = nout < FWD_OUT - 2;
+        if (pid && room) {
+          instance_died(loop, l);
+        } else if (pid) {
+          // No room to say so in this batch: the grant goes now, and the
+          // pidfd stays in the set (level-triggered) to be told next time.
+          l->port = 0;
+          l->credit = 0;
+        }
+        pthread_mutex_unlock(&loop->lock);
+        if (pid && room) out[nout++] = (struct fwd_event){.kind = FWD_DIED, .lid = l->lid, .pid = pid, .port = port, .at_ns = now_ns()};
         continue;
       }
       if (evs[i].data.u64 & 2) {
@@ -470,13 +638,18 @@ struct fwd_loop *fwd_loop_start(fwd_report_fn report, void *ctx, int *err) {
   loop->ctx = ctx;
   loop->epfd = epoll_create1(EPOLL_CLOEXEC);
   loop->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  loop->backoff_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  loop->backoff_ms = FWD_BACKOFF_FIRST_MS;
   pthread_mutex_init(&loop->lock, NULL);
-  struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
-  if (loop->epfd < 0 || loop->wakefd < 0 || epoll_ctl(loop->epfd, EPOLL_CTL_ADD, loop->wakefd, &ev) < 0 ||
+  struct epoll_event ev = {.events = EPOLLIN, .data.u64 = FWD_TAG_KNOCK};
+  struct epoll_event timer_ev = {.events = EPOLLIN, .data.u64 = FWD_TAG_BACKOFF};
+  if (loop->epfd < 0 || loop->wakefd < 0 || loop->backoff_fd < 0 || epoll_ctl(loop->epfd, EPOLL_CTL_ADD, loop->wakefd, &ev) < 0 ||
+      epoll_ctl(loop->epfd, EPOLL_CTL_ADD, loop->backoff_fd, &timer_ev) < 0 ||
       (errno = pthread_create(&loop->thread, NULL, fwd_thread, loop)) != 0) {
     *err = errno;
     if (loop->epfd >= 0) close(loop->epfd);
     if (loop->wakefd >= 0) close(loop->wakefd);
+    if (loop->backoff_fd >= 0) close(loop->backoff_fd);
     pthread_mutex_destroy(&loop->lock);
     free(loop);
     return NULL;
@@ -484,10 +657,18 @@ struct fwd_loop *fwd_loop_start(fwd_report_fn report, void *ctx, int *err) {
   return loop;
 }
 
-int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid) {
+// Under lock.
+static struct fwd_group *find_group(struct fwd_loop *loop, uint32_t id) {
+  for (struct fwd_group *g = loop->groups; g; g = g->next)
+    if (g->id == id) return g;
+  return NULL;
+}
+
+int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid, uint32_t group, uint32_t max_held) {
   struct fwd_listener *l = calloc(1, sizeof *l);
   if (!l) return -ENOMEM;
   l->lid = lid;
+  l->pidfd = -1;
   l->fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0);
   int err = 0;
   if (l->fd < 0) {
@@ -495,10 +676,25 @@ int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid) {
     free(l);
     return -err;
   }
-  // Level-triggered: an accept loop cut short (no room to report) resumes.
-  struct epoll_event ev = {.events = EPOLLIN};
-  ev.data.u64 = (uintptr_t)l | 2;
   pthread_mutex_lock(&loop->lock);
+  struct fwd_group *g = find_group(loop, group);
+  if (!g && (g = calloc(1, sizeof *g))) {
+    g->id = group;
+    g->next = loop->groups;
+    loop->groups = g;
+  }
+  if (!g) {
+    pthread_mutex_unlock(&loop->lock);
+    close(l->fd);
+    free(l);
+    return -ENOMEM;
+  }
+  g->max_held = max_held ? max_held : 1;
+  l->group = g;
+  l->full = g->held >= g->max_held;
+  // Level-triggered: an accept loop cut short (no room to report) resumes.
+  struct epoll_event ev = {.events = l->full ? 0 : EPOLLIN};
+  ev.data.u64 = (uintptr_t)l | 2;
   l->next = loop->listeners;
   loop->listeners = l;
   if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, l->fd, &ev) < 0) {
@@ -506,6 +702,7 @@ int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid) {
     close(l->fd);
     l->fd = -1;  // stays listed (and freed at stop): harmless
   }
+  group_changed(loop, g);
   pthread_mutex_unlock(&loop->lock);
   return -err;
 }
@@ -516,17 +713,50 @@ static struct fwd_listener *find_listener(struct fwd_loop *loop, uint32_t lid) {
   return NULL;
 }
 
-int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t capacity, uint32_t seen) {
+int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t capacity, uint32_t seen, int32_t pid) {
   pthread_mutex_lock(&loop->lock);
   struct fwd_listener *l = find_listener(loop, lid);
   int64_t inflight = -ENOENT;
   if (l) {
     inflight = (uint32_t)(l->forwarded - seen);
+    if (!port || pid <= 0) {
+      unwatch(loop, l);
+    } else if (pid != l->pid || l->pid_dead) {
+      // A new instance (or the number of a dead one again: a new process
+      // now, or the dead one still unreaped, which pidfd_ended tells).
+      unwatch(loop, l);
+      int pidfd = pidfd_open_(pid);
+      if (pidfd < 0 && errno == ESRCH) {
+        port = 0;  // gone already
+      } else if (pidfd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN};
+        ev.data.u64 = (uintptr_t)l | 3;
+        l->pid = pid;
+        l->pidfd = pidfd;
+        if (pidfd_ended(pidfd)) {
+          l->pid_dead = 1;
+          port = 0;
+        } else if (epoll_ctl(loop->epfd, EPOLL_CTL_ADD, pidfd, &ev) < 0) {
+          unwatch(loop, l);  // granted unwatched: as before pidfds
+        }
+      }
+      // (Another failure, no pidfd_open: granted unwatched.)
+    }
     l->port = port;
     l->credit = port && capacity > inflight ? capacity - (uint32_t)inflight : 0;
   }
   pthread_mutex_unlock(&loop->lock);
   return inflight;
+}
+
+void fwd_unhold(struct fwd_loop *loop, uint32_t lid, uint32_t n) {
+  pthread_mutex_lock(&loop->lock);
+  struct fwd_listener *l = find_listener(loop, lid);
+  if (l) {
+    l->group->held = l->group->held > n ? l->group->held - n : 0;
+    group_changed(loop, l->group);
+  }
+  pthread_mutex_unlock(&loop->lock);
 }
 
 void fwd_unlisten(struct fwd_loop *loop, uint32_t lid) {
@@ -537,6 +767,7 @@ void fwd_unlisten(struct fwd_loop *loop, uint32_t lid) {
     close(l->fd);
     l->fd = -1;
     l->credit = 0;
+    unwatch(loop, l);
   }
   pthread_mutex_unlock(&loop->lock);
 }
@@ -559,8 +790,14 @@ void fwd_loop_stop(struct fwd_loop *loop) {
   for (struct fwd_listener *l = loop->listeners, *next; l; l = next) {
     next = l->next;
     if (l->fd >= 0) close(l->fd);
+    if (l->pidfd >= 0) close(l->pidfd);
     free(l);
   }
+  for (struct fwd_group *g = loop->groups, *next; g; g = next) {
+    next = g->next;
+    free(g);
+  }
+  close(loop->backoff_fd);
   close(loop->wakefd);
   close(loop->epfd);
   pthread_mutex_destroy(&loop->lock);

@@ -20,6 +20,10 @@ enum fwd_kind {
   FWD_FORWARDED = 4,
   // Accepted by the thread, not forwarded (no grant): fd is Node's now.
   FWD_ACCEPTED = 5,
+  // The process of a listener's granted instance ended (pid, port): the
+  // grant is revoked; until Node grants again every connection is handed
+  // over (FWD_ACCEPTED).
+  FWD_DIED = 6,
 };
 
 struct fwd_event {
@@ -34,7 +38,8 @@ struct fwd_event {
   int fd;               // FWD_ACCEPTED: the client's socket, Node's to close
   uint32_t peer_ip;     // the client, host order
   uint16_t peer_port;
-  uint16_t port;        // FWD_FORWARDED: where it went
+  uint16_t port;        // FWD_FORWARDED: where it went; FWD_DIED: the grant's
+  int32_t pid;          // FWD_DIED: the process that ended
 };
 
 // Called on the forwarding thread once per epoll wake-up with what
@@ -56,15 +61,26 @@ int fwd_connect(struct fwd_loop *loop, int client_fd, uint16_t port, uint32_t id
 
 // The thread accepts on a duplicate of listen_fd from now on (the caller
 // stops accepting on its own): each connection is forwarded at once while
-// a grant lasts, else handed over (FWD_ACCEPTED). 0 or -errno.
-int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid);
+// a grant lasts, else handed over (FWD_ACCEPTED). Listeners of one group
+// (a service) share a bound: once the connections handed over and not yet
+// let go of (fwd_unhold) number max_held, none of them accepts until one
+// is; the kernel's listen backlog holds the rest. The last max_held given
+// for a group counts. 0 or -errno.
+int fwd_listen(struct fwd_loop *loop, int listen_fd, uint32_t lid, uint32_t group, uint32_t max_held);
+
+// Node has let go of n connections handed over on the listener (their
+// descriptors closed, or forwarded and closed).
+void fwd_unhold(struct fwd_loop *loop, uint32_t lid, uint32_t n);
 
 // Node's grant for a listener: up to `capacity` connections open at once
 // to 127.0.0.1:port (0: none, hand every connection over). `seen` is how
 // many FWD_FORWARDED of this listener Node has handled; those not yet
 // handled count against the capacity. Returns their number (so 0 means
-// Node's picture is complete), or -ENOENT.
-int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t capacity, uint32_t seen);
+// Node's picture is complete), or -ENOENT. pid (> 0): the instance's
+// process; the thread watches it (pidfd) and revokes the grant the
+// moment it ends (FWD_DIED), and grants nothing for a process already
+// ended.
+int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t capacity, uint32_t seen, int32_t pid);
 
 // Stops accepting on the listener (its descriptor closed).
 void fwd_unlisten(struct fwd_loop *loop, uint32_t lid);

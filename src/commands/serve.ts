@@ -94,15 +94,16 @@ export function registerServe(program: Command): void {
     .option('--max <n>', 'clone mode: most instances at once (restore mode: 1)')
     .option('--idle <duration>', 'suspend (restore) or drop (clone) an instance after this long without a connection (500ms, 30s, 5m; 0: never)', '5m')
     .option('--concurrency <n>', 'connections one instance takes before another is started or connections wait', '100')
+    .option('--max-held <n>', 'connections the front door holds while they wait; beyond, they wait unaccepted in the listen backlog', '1024')
     .option('--json', 'print the service as JSON', false)
     .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4')
     .action(
       async (
         name: string,
-        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; json: boolean },
+        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; maxHeld: string; json: boolean },
       ) => {
         const { makeSpec, ServiceStore, formatPortMap } = await import('../serve/spec.js');
-        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency });
+        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency, maxHeld: opts.maxHeld });
         new ServiceStore().add(spec);
         if (opts.json) printJson('service add', spec);
         else process.stdout.write(`${spec.name}: ${spec.mode} ${spec.from} on ${spec.ports.map(formatPortMap).join(', ')}\n`);
@@ -133,7 +134,7 @@ export function registerServe(program: Command): void {
     .option('--json', 'machine-readable output', false)
     .addHelpText('after', '\nExamples:\n  appshot service show db\n  appshot service show db --json')
     .action(async (name: string, opts: { json: boolean }) => {
-      const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
+      const { ServiceStore, formatPortMap, formatDuration, DEFAULT_MAX_HELD } = await import('../serve/spec.js');
       const store = new ServiceStore();
       const v = await view(store.require(name), store.readState(name));
       if (opts.json) return printJson('service show', v);
@@ -144,7 +145,7 @@ export function registerServe(program: Command): void {
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
-      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}\n`);
+      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}\n`);
       w(`counts       ${v.restores} restores, ${v.snapshots} snapshots, ${v.crashes} crashes\n`);
       if (v.instances.length) {
         w('\n');

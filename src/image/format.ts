@@ -308,6 +308,10 @@ export interface LoadedImage {
   /** Each part's identity as the kernel tells it (device, inode, size,
    * mtime, ctime) of the very file that was read: see unchangedOnDisk. */
   identity: string;
+  /** LoadOptions.holdPages: the page file that was checked, still open
+   * (until dispose), for a restore to read instead of opening the path
+   * again: what it reads is then the very file that was verified. */
+  pagesFd?: number;
 }
 
 const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
@@ -321,6 +325,12 @@ export function unchangedOnDisk(loaded: LoadedImage): boolean {
   try {
     const now = loaded.manifest.parts.map((part) => fileIdentity(lstatSync(join(loaded.dir, part.name), { bigint: true }))).join(' ');
     if (now !== loaded.identity) return false;
+    // The page file held open is that same file, unchanged (the path may
+    // name another by now: checked above, and the restore reads this one).
+    if (loaded.pagesFd !== undefined) {
+      const at = loaded.manifest.parts.findIndex((part) => part.name === PARTS.pages);
+      if (fileIdentity(fstatSync(loaded.pagesFd, { bigint: true })) !== loaded.identity.split(' ')[at]) return false;
+    }
     // What else loading checked, and time may have changed: who may write
     // the directory and its parts, and whether the signer is still
     // trusted (a key removed meanwhile). Cheap; on any doubt, the caller
@@ -631,6 +641,9 @@ export interface LoadOptions {
   /** Aborted (Ctrl-C): checking the page data is given up, and loadImage
    * fails with the signal's reason. */
   signal?: AbortSignal;
+  /** Keep the page file open once checked (LoadedImage.pagesFd): an image
+   * kept for a later restore (serve's preload). */
+  holdPages?: boolean;
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
@@ -658,7 +671,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
       throw new AppshotError(`not an appshot image: ${path} is neither a directory nor a tar file`);
     }
   }
+  let pagesFd: number | undefined;
   const dispose = () => {
+    if (pagesFd !== undefined) closeSync(pagesFd);
+    pagesFd = undefined;
     if (temporary) rmSync(dir, { recursive: true, force: true });
   };
   try {
@@ -710,14 +726,18 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         if (signer.trusted && !quick && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256)))
           throw new AppshotError(`corrupt image: SHA-256 of ${part.name} does not match its signed manifest`);
         digests.set(part.name, d);
+        if (opts.holdPages && part.name === PARTS.pages) pagesFd = fd;
       } finally {
-        closeSync(fd);
+        if (fd !== pagesFd) closeSync(fd);
       }
     }
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
-    return { dir, manifest, image, signer, digests, dispose, identity: identity.join(' ') };
+    const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' ') };
+    // (a getter: dispose closes it)
+    Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });
+    return loaded;
   } catch (e) {
     dispose();
     throw e;

@@ -153,8 +153,8 @@ class ProgressMeter {
  * is checked (seconds per GiB) ends it at once. `known`: a chain loaded
  * already (the previous image of a service, still unchanged on disk),
  * taken as it is from the link where the new chain joins it. */
-async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = []): Promise<LoadedImage[]> {
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal };
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], holdPages = false): Promise<LoadedImage[]> {
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages };
   const interrupted = (e: unknown) => {
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
@@ -184,9 +184,11 @@ async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSigna
 /** An image and its parents, read and verified (manifest signature, every
  * part's checksums, metadata) ahead of a restore: what `serve` keeps of a
  * suspended service, so that its resume does not read them again (see
- * RestoreOptions.preloaded). `known` as for loadChain. */
+ * RestoreOptions.preloaded). Their page files stay open (pagesFd, until
+ * dispose): the restore reads the files that were checked, not whatever
+ * their paths name by then. `known` as for loadChain. */
 export function loadImageChain(path: string, known: LoadedImage[] = []): Promise<LoadedImage[]> {
-  return loadChain(path, new ProgressMeter(noProgress, false), undefined, known);
+  return loadChain(path, new ProgressMeter(noProgress, false), undefined, known, true);
 }
 
 /** Starts the application's init with `count` seeds; returns their PIDs
@@ -257,7 +259,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const made: Made[] = [];
   const seeds: number[] = [];
   const forked: number[] = [];
-  const pageFds = chain.map((l) => openSync(join(l.dir, PARTS.pages), 'r'));
+  // A preloaded link's page file is the one it checked, held open since
+  // (unchangedOnDisk made sure it is unchanged and still at its path);
+  // the others are opened now, and closed at the end.
+  const pageFds = chain.map((l) => l.pagesFd ?? openSync(join(l.dir, PARTS.pages), 'r'));
+  const ownPageFd = (i: number) => chain[i].pagesFd !== pageFds[i];
   // Ports an instance was allocated are its own again (the registry's
   // claim is taken back, or the restore is refused if a live application
   // holds one).
@@ -368,7 +374,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
     const memory = {
       pageFds,
-      pagePaths: chain.map((l) => join(l.dir, PARTS.pages)),
+      pagePaths: chain.map((l, i) => (ownPageFd(i) ? join(l.dir, PARTS.pages) : `/proc/self/fd/${pageFds[i]}`)),
       lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
@@ -604,7 +610,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
     throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);
   } finally {
-    for (const fd of pageFds) closeSync(fd);
+    for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);
     if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
   }
 }

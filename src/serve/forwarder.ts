@@ -47,14 +47,19 @@ export interface ListenerEnds {
   /** Accepted and already forwarded to `port` under the grant (route):
    * the caller accounts for it; connected comes right after. */
   forwarded(port: number, client: string, at: bigint): ForwardEnds;
+  /** The process of the instance granted (route's pid) ended: the thread
+   * has revoked the grant already, and hands every connection over until
+   * the next route. */
+  died(port: number, pid: number): void;
 }
 
 const FWD_CONNECTED = 1;
 const FWD_REFUSED = 2;
 const FWD_FORWARDED = 4;
 const FWD_ACCEPTED = 5;
+const FWD_DIED = 6;
 /** Numbers per event in a batch (addon_forward.cc). */
-const FIELDS = 11;
+const FIELDS = 12;
 
 const errnoNames = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
 const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
@@ -62,8 +67,9 @@ const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
 interface NativeForward {
   forwardInit(onEvents: (events: Float64Array) => void): void;
   forwardConnect(fd: number, port: number, id: number): number;
-  forwardListen(fd: number, lid: number): number;
-  forwardRoute(lid: number, port: number, capacity: number, seen: number): number;
+  forwardListen(fd: number, lid: number, group: number, maxHeld: number): number;
+  forwardRoute(lid: number, port: number, capacity: number, seen: number, pid: number): number;
+  forwardUnhold(lid: number, n: number): void;
   forwardUnlisten(lid: number): void;
 }
 
@@ -121,26 +127,32 @@ export class Forwarder {
    * Node's server stops (its descriptor closed; the thread's duplicate
    * keeps the socket listening, its backlog included). A connection then
    * reaches the instance without waiting for this event loop while a grant
-   * (route) lasts. Returns the listener's id, or undefined if the server
-   * stays as it was (no native thread).
+   * (route) lasts. Listeners of one `group` hand over at most `maxHeld`
+   * connections that are still open here (accepted(): from the thread's
+   * accept to the close of that socket); beyond, the thread accepts
+   * nothing and the kernel's listen backlog holds what comes. Returns
+   * the listener's id, or undefined if the server stays as it was (no
+   * native thread).
    */
-  takeOver(server: Server, ends: ListenerEnds): number | undefined {
+  takeOver(server: Server, ends: ListenerEnds, group = 0, maxHeld = 0xffffffff): number | undefined {
     const fd = fdOf(server);
     if (!this.native || typeof fd !== 'number' || fd < 0) return undefined;
     const lid = this.listeners.size + 1 + Math.max(0, ...this.listeners.keys());
-    if (this.native.forwardListen(fd, lid) < 0) return undefined;
+    if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
     this.listeners.set(lid, { ends, seen: 0 });
     server.close();
     return lid;
   }
 
   /** The grant of a listener: up to `capacity` connections open at once
-   * to 127.0.0.1:port (port 0: none). Returns how many it forwarded that
-   * this side has not heard of yet: 0 means the caller's counts are whole. */
-  route(lid: number, port: number, capacity: number): number {
+   * to 127.0.0.1:port (port 0: none); `pid`, the instance's process, is
+   * watched by the thread, which revokes the grant when it ends (died).
+   * Returns how many it forwarded that this side has not heard of yet: 0
+   * means the caller's counts are whole. */
+  route(lid: number, port: number, capacity: number, pid = 0): number {
     const l = this.listeners.get(lid);
     if (!l || !this.native) return 0;
-    return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0);
+    return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0, pid > 0 ? pid : 0);
   }
 
   /** The thread stops accepting on the listener. */
@@ -153,17 +165,27 @@ export class Forwarder {
     for (let i = 0; i < events.length; i += FIELDS) {
       const id = events[i];
       const kind = events[i + 1];
+      if (kind === FWD_DIED) {
+        this.listeners.get(events[i + 6])?.ends.died(events[i + 10], events[i + 11]);
+        continue;
+      }
       if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
-        const l = this.listeners.get(events[i + 6]);
+        const lid = events[i + 6];
+        const l = this.listeners.get(lid);
         if (kind === FWD_ACCEPTED) {
           const fd = events[i + 7];
+          const native = this.native!;
           let socket: Socket;
           try {
             socket = new Socket({ fd, allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
           } catch {
             closeSync(fd); // not a socket Node can take: the client sees a close
+            native.forwardUnhold(lid, 1);
             continue;
           }
+          // Held until its descriptor here is closed (forwarded, given
+          // up or the client gone): then the thread may accept another.
+          socket.once('close', () => native.forwardUnhold(lid, 1));
           if (l) l.ends.accepted(socket);
           else socket.destroy(); // released meanwhile: as a closed server would
           continue;

@@ -19,19 +19,20 @@
  * accepts on a socket it did not create; forwarding works with any server
  * today. bench/serve.js measures what it costs.
  */
-import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
-import type { LoadedImage } from '../image/format.js';
+import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage } from '../restore/driver.js';
 import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry, isEnded } from '../registry.js';
+import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
-import { type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
+import { DEFAULT_MAX_HELD, type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
 
 /** One structured log line per decision. */
 export type LogSink = (entry: Record<string, unknown>) => void;
@@ -54,6 +55,10 @@ interface Instance {
   lastActive: number;
   /** public port → the port the instance really listens on. */
   ports: Map<number, { app: number; system: number }>;
+  /** The system PID of the process holding its listening socket
+   * (listenerPid), whose end is the instance's crash: the forwarding
+   * thread watches it while it holds a grant to the instance. */
+  pid?: number;
 }
 
 interface Held {
@@ -101,6 +106,11 @@ class Service {
   constructor(
     readonly spec: ServiceSpec,
     private readonly host: ServeHost,
+    /** The forwarding thread's group of this service's listeners. */
+    private readonly group: number,
+    /** Connections held at most (spec.maxHeld, or less if the descriptor
+     * limit says so: ServeHost). */
+    readonly maxHeld: number,
   ) {
     this.policy = new Policy(spec, host.clock);
     const saved = host.store.readState(spec.name);
@@ -131,6 +141,7 @@ class Service {
     if (live) {
       const inst = this.newInstance(this.name, 'running');
       this.fillPorts(inst, live.ports ?? []);
+      inst.pid = this.listenerPid(inst);
       this.log('adopt', { instance: inst.aid });
     } else {
       this.newInstance(this.name, 'suspended');
@@ -164,15 +175,19 @@ class Service {
     this.host.preloading++;
     const loading = loadImageChain(path, known)
       .then((chain) => {
-        // A newer image may have been taken meanwhile.
-        if (this.lastImage !== path) return;
+        // A newer image may have been taken meanwhile (each link holds
+        // its page file open: what is not kept is let go of).
+        if (this.lastImage !== path) {
+          for (const l of chain) if (!known.includes(l)) l.dispose();
+          return;
+        }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
         this.host.preloaded(this);
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
-        if (this.lastImage === path) this.ready = undefined;
+        if (this.lastImage === path) this.forgetPreload();
         this.log('preload-failed', { image: path, error: e.message });
       })
       .finally(() => {
@@ -207,10 +222,16 @@ class Service {
       });
       server.on('error', (e) => this.log('listener-error', { port: p.public, error: e.message }));
       this.listeners.push(server);
-      const lid = this.host.forwarder.takeOver(server, {
-        accepted: (socket) => this.accept(socket, p),
-        forwarded: (port, client, at) => this.forwardedAtOnce(p, port, client, at),
-      });
+      const lid = this.host.forwarder.takeOver(
+        server,
+        {
+          accepted: (socket) => this.accept(socket, p),
+          forwarded: (port, client, at) => this.forwardedAtOnce(p, port, client, at),
+          died: (port, pid) => this.died(pid),
+        },
+        this.group,
+        this.maxHeld,
+      );
       if (lid !== undefined) this.grants.set(p.public, lid);
       this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
     }
@@ -267,7 +288,8 @@ class Service {
       const route = revoke || this.held.length ? undefined : this.policy.route([...this.instances.values()]);
       const inst = route && 'forward' in route ? this.instances.get(route.forward) : undefined;
       const target = inst?.ports.get(p.public);
-      if (this.host.forwarder.route(lid, target?.system ?? 0, inst && target ? this.spec.concurrency - inst.active : 0) > 0) whole = false;
+      const granted = this.host.forwarder.route(lid, target?.system ?? 0, inst && target ? this.spec.concurrency - inst.active : 0, inst?.pid);
+      if (granted > 0) whole = false;
     }
     return whole;
   }
@@ -332,6 +354,64 @@ class Service {
     };
   }
 
+  /** The forwarding thread saw the process of an instance it had a grant
+   * for end (and revoked the grant): a crash, handled now rather than at
+   * the next tick or refused connect. */
+  private died(pid: number): void {
+    const inst = [...this.instances.values()].find((i) => i.pid === pid);
+    if (!inst) return;
+    this.crashed(inst, `process ${pid} ended`);
+    this.pump();
+  }
+
+  /**
+   * The process the instance's life is judged by: the one (lowest virtual
+   * PID) holding the socket that listens on its first port, which is not
+   * virtual PID 2 for a server that daemonizes. If it ends the instance
+   * has crashed, even if another process still holds a copy of the socket
+   * (a forked helper): nothing may accept on it any more. undefined if
+   * none is found (unwatched: the tick and refused connects find a crash).
+   */
+  private listenerPid(inst: Instance): number | undefined {
+    try {
+      const reg = this.reg;
+      const rec = reg.get(inst.aid);
+      const port = inst.ports.values().next().value?.system;
+      if (!rec || !port) return undefined;
+      const procs = listProcesses(reg, [rec])
+        .filter((p) => !p.init)
+        .sort((x, y) => x.vpid - y.vpid);
+      if (!procs.length) return undefined;
+      // Its network namespace's listening sockets on the port: inodes.
+      const inodes = new Set<string>();
+      const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+      for (const table of ['tcp', 'tcp6'])
+        for (const line of readFileSync(`/proc/${procs[0].pid}/net/${table}`, 'utf8').split('\n').slice(1)) {
+          const f = line.trim().split(/\s+/);
+          if (f.length > 9 && f[3] === '0A' && f[1].endsWith(`:${hexPort}`)) inodes.add(`socket:[${f[9]}]`);
+        }
+      if (!inodes.size) return undefined;
+      for (const p of procs) {
+        let fds: string[];
+        try {
+          fds = readdirSync(`/proc/${p.pid}/fd`);
+        } catch {
+          continue; // ended meanwhile
+        }
+        for (const fd of fds) {
+          try {
+            if (inodes.has(readlinkSync(`/proc/${p.pid}/fd/${fd}`))) return p.pid;
+          } catch {
+            // closed meanwhile
+          }
+        }
+      }
+    } catch {
+      // No /proc, or the application ended meanwhile.
+    }
+    return undefined;
+  }
+
   /** Whether the instance's application still runs. */
   private alive(inst: Instance): boolean {
     try {
@@ -382,6 +462,7 @@ class Service {
     const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
     const from = inst.state;
     inst.state = 'starting';
+    inst.pid = undefined;
     this.changed();
     const t0 = process.hrtime.bigint();
     const home = this.host.home;
@@ -391,7 +472,10 @@ class Service {
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
       // A preload under way is the reading the restore would do itself.
       if (this.preloading) await this.preloading;
-      const ready = this.ready?.[0]?.dir === this.lastImage ? this.ready : undefined;
+      // Not the files it checked any more: read afresh by the restore, and
+      // let go of (their page files are held open).
+      const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      if (!ready) this.forgetPreload();
       await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
@@ -402,13 +486,16 @@ class Service {
       this.counters.restores++;
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
-      // The held go first; then the record learns its parent image (read
-      // again: ~10 ms), long before the next suspend needs it.
+      // The held go first; then the thread's grant gets the process to
+      // watch, and the record learns its parent image (read again:
+      // ~10 ms), long before the next suspend needs it.
+      this.pump();
+      inst.pid = this.listenerPid(inst);
       this.pump();
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
-      this.ready = undefined; // the next try reads the image afresh
+      this.forgetPreload(); // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Those waiting would wait for ever: they are told by a close.
       for (const h of this.held.splice(0)) {
@@ -455,6 +542,7 @@ class Service {
       this.lastImage = output;
       inst.state = 'suspended';
       inst.ports.clear();
+      inst.pid = undefined;
       this.counters.snapshots++;
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
       this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
@@ -491,6 +579,7 @@ class Service {
       const [made] = await api.clone(this.spec.from, { home: this.host.home, aid });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.fillPorts(inst, made.ports);
+      inst.pid = this.listenerPid(inst);
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
@@ -563,6 +652,7 @@ class Service {
     for (const lid of this.grants.values()) this.host.forwarder.release(lid);
     this.grants.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
+    this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
     if (this.spec.mode === 'clone')
@@ -573,6 +663,25 @@ class Service {
       }
     this.writeState();
   }
+}
+
+/** Descriptors kept for everything but held connections: Node's own, a
+ * restore's, the forwarded connections' (two each). */
+const FD_RESERVE = 256;
+
+/** The most connections each of `services` may hold, from the descriptor
+ * limit (RLIMIT_NOFILE's soft limit, which Node raises to the hard one
+ * at start): half of what is left after FD_RESERVE, shared out, so that
+ * holding never makes accept (nor a restore) fail with EMFILE. */
+function heldRoom(services: number): number {
+  let soft = Infinity;
+  try {
+    const m = /^Max open files\s+(\d+)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
+    if (m) soft = Number(m[1]);
+  } catch {
+    // No /proc: the spec's value stands.
+  }
+  return Math.max(1, Math.floor((soft - FD_RESERVE) / 2 / Math.max(1, services)));
 }
 
 /** The services of one state directory, served. */
@@ -605,7 +714,12 @@ export class ServeHost {
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
     keepChecksums();
-    for (const spec of specs) this.services.push(new Service(spec, this));
+    const maxHeld = heldRoom(specs.length);
+    for (const spec of specs) {
+      const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
+      if (wanted > maxHeld) this.log({ service: spec.name, event: 'max-held', wanted, allowed: maxHeld, why: 'RLIMIT_NOFILE' });
+      this.services.push(new Service(spec, this, this.services.length + 1, Math.min(wanted, maxHeld)));
+    }
   }
 
   /** `s` has just preloaded its image: the one that did longest ago lets

@@ -44,7 +44,17 @@ export interface ServiceSpec {
   /** Connections one instance takes before another is started (clone
    * mode) or before connections queue at the front door. */
   concurrency: number;
+  /** Connections the front door holds at most (accepted, waiting for an
+   * instance) before it stops accepting: the rest wait, unrefused, in the
+   * kernel's listen backlog of the public port. Bounds the descriptors a
+   * flood takes while an instance is restored. Absent in services added
+   * before it: DEFAULT_MAX_HELD. */
+  maxHeld?: number;
 }
+
+/** The front door's hold per service unless `--max-held` says otherwise;
+ * `serve` lowers it if the descriptor limit (RLIMIT_NOFILE) leaves less. */
+export const DEFAULT_MAX_HELD = 1024;
 
 export const SERVICE_SCHEMA = 'appshot.service/1';
 
@@ -109,6 +119,7 @@ export interface ServiceInput {
   max?: number | string;
   idle?: string | number;
   concurrency?: number | string;
+  maxHeld?: number | string;
 }
 
 /** Checks and completes a service; `base` resolves a relative `from`. */
@@ -149,7 +160,8 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
   if (min > max) throw new AppshotError(`service '${input.name}': --min ${min} is above --max ${max}`, ExitCode.usage);
   const idleMs = typeof input.idle === 'number' ? input.idle : parseDuration(input.idle ?? '5m');
   const concurrency = count(input.concurrency ?? 100, '--concurrency', 1);
-  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency };
+  const maxHeld = count(input.maxHeld ?? DEFAULT_MAX_HELD, '--max-held', 1);
+  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld };
 }
 
 /** Where services and their runtime state live. */
