@@ -374,7 +374,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
     const memory = {
       pageFds,
-      pagePaths: chain.map((l, i) => (ownPageFd(i) ? join(l.dir, PARTS.pages) : `/proc/self/fd/${pageFds[i]}`)),
+      // Opened inside the restored process (a lazy restore maps them): a
+      // held descriptor by appshot's /proc entry, not /proc/self.
+      pagePaths: chain.map((l, i) => (ownPageFd(i) ? join(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
       lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
