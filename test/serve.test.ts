@@ -33,6 +33,8 @@ const PUBLIC = base + 1; // the front door
 const METRICS = base + 2;
 const WEB_APP = base + 3;
 const WEB_PUBLIC = base + 4;
+const BUSY_APP = base + 5 + 1000; // a server that computes while a client is connected
+const BUSY_PUBLIC = base + 6 + 1000;
 const KEYS = 10_000;
 const CLIENTS = 200;
 
@@ -58,7 +60,7 @@ function redis(port: number, commands: string[]): string[] {
 interface ServiceJson {
   state: string;
   served: boolean;
-  instances: { aid: string; state: string; ports: { public: number; app: number; system: number }[] }[];
+  instances: { aid: string; state: string; ports: { public: number; app: number; system: number }[]; cpu?: number }[];
   connections: { public: number; instance: string; port: number; heldMs: number }[];
   snapshots: number;
   restores: number;
@@ -121,6 +123,8 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
     bad(['x', '--from', out, '--port', '7000', '--mode', 'sideways'], /restore or clone/);
     bad(['x', '--from', out, '--port', '7000:7001', '--idle', 'soon'], /duration/);
     bad(['x', '--from', out], /--port/);
+    bad(['x', '--from', out, '--port', '7000:7001', '--cpu-target', 'lots'], /--cpu-target wants a share of a core/);
+    bad(['x', '--from', out, '--port', '7000:7001', '--cpu-target', '80%'], /--cpu-target starts clones, and restore mode runs one instance/);
     expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
   });
 
@@ -269,5 +273,62 @@ describe('appshot serve, clone mode: python3 -m http.server', () => {
     webServe.child.kill('SIGTERM');
     expect((await webServe.exited).code).toBe(0);
     await waitFor(() => sb.aids().every((a) => !a.startsWith('web-')), 10_000, 'the last clone to stop with serve');
+  });
+});
+
+describe('appshot serve, clone mode with a CPU target', () => {
+  it('starts a second instance when the one serving is busy computing though below its concurrency, and drops it once idle', async () => {
+    // Computes without a pause while a client is connected.
+    const script = [
+      'import socket, sys',
+      's = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)',
+      `s.bind(("127.0.0.1", ${BUSY_APP})); s.listen(16); print("LISTENING", flush=True)`,
+      'while True:',
+      '    c, _ = s.accept(); c.setblocking(False)',
+      '    while True:',
+      '        try:',
+      '            if c.recv(1) == b"": break',
+      '        except BlockingIOError: pass',
+      '    c.close()',
+    ].join('\n');
+    const rules = join(out, 'busy.rules');
+    writeFileSync(rules, `PORT ${BUSY_APP} ALLOCATE\n`);
+    const r = sb.run(['run', '-d', '--aid', 'busytpl', '--rules', rules, '--', PYTHON, '-c', script]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('busytpl').includes('LISTENING'), 10_000, 'the busy server to listen');
+    expect(sb.run(['snapshot', 'busytpl', '-o', join(out, 'busy.img')]).code).toBe(0);
+    expect(sb.run(['template', 'create', join(out, 'busy.img'), '-o', join(out, 'busy.template')]).code).toBe(0);
+    // Concurrency 10: one connection alone would never start another; a
+    // target of 5% of a core is reached by a busy loop on any machine.
+    const add = sb.run(['service', 'add', 'busy', '--mode', 'clone', '--from', join(out, 'busy.template'), '--port', `127.0.0.1:${BUSY_PUBLIC}:${BUSY_APP}`, '--min', '1', '--max', '2', '--concurrency', '10', '--idle', '1s', '--cpu-target', '5%']);
+    expect(add.code, add.stderr).toBe(0);
+    const busyServe = sb.start(['serve']);
+    try {
+      await busyServe.line(/^ready$/);
+      await waitFor(() => show('busy').instances.filter((i) => i.state === 'running').length === 1, 15_000, 'the warm clone');
+      const client = connect(BUSY_PUBLIC, '127.0.0.1');
+      await new Promise((resolve, reject) => client.once('connect', resolve).once('error', reject));
+      await waitFor(() => show('busy').instances.filter((i) => i.state === 'running').length === 2, 30_000, 'a second instance, started for CPU');
+      const clones = () =>
+        busyServe.stderr
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l) as { event: string; reason?: string })
+          .filter((e) => e.event === 'clone');
+      // (stderr reaches this process a moment after state.json is written)
+      await waitFor(() => clones().length >= 2, 5000, 'the second clone to be logged');
+      expect(clones().map((e) => e.reason)).toEqual(['min', 'cpu']);
+      expect(show('busy').instances.some((i) => (i.cpu ?? 0) >= 0.05)).toBe(true);
+      const text = sb.run(['service', 'show', 'busy']);
+      expect(text.stdout).toMatch(/cpu target 5%/);
+      expect(text.stdout).toMatch(/^INSTANCE\s+STATE\s+CONNS\s+CPU\s+PORTS/m);
+      // The client goes: both idle, back to min.
+      client.destroy();
+      await waitFor(() => show('busy').instances.length === 1, 30_000, 'the instance above min to be dropped');
+    } finally {
+      busyServe.child.kill('SIGTERM');
+      await busyServe.exited;
+    }
+    await waitFor(() => sb.aids().every((a) => !a.startsWith('busy-')), 10_000, 'the clones to stop with serve');
   });
 });

@@ -95,15 +95,16 @@ export function registerServe(program: Command): void {
     .option('--idle <duration>', 'suspend (restore) or drop (clone) an instance after this long without a connection (500ms, 30s, 5m; 0: never)', '5m')
     .option('--concurrency <n>', 'connections one instance takes before another is started or connections wait', '100')
     .option('--max-held <n>', 'connections the front door holds while they wait; beyond, they wait unaccepted in the listen backlog', '1024')
+    .option('--cpu-target <share>', 'clone mode: start another instance when every one serving uses this much of a core (0.8 or 80%; default: CPU not looked at)')
     .option('--json', 'print the service as JSON', false)
-    .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4')
+    .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4 --cpu-target 80%')
     .action(
       async (
         name: string,
-        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; maxHeld: string; json: boolean },
+        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; maxHeld: string; cpuTarget?: string; json: boolean },
       ) => {
         const { makeSpec, ServiceStore, formatPortMap } = await import('../serve/spec.js');
-        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency, maxHeld: opts.maxHeld });
+        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency, maxHeld: opts.maxHeld, cpuTarget: opts.cpuTarget });
         new ServiceStore().add(spec);
         if (opts.json) printJson('service add', spec);
         else process.stdout.write(`${spec.name}: ${spec.mode} ${spec.from} on ${spec.ports.map(formatPortMap).join(', ')}\n`);
@@ -145,13 +146,20 @@ export function registerServe(program: Command): void {
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
-      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}\n`);
+      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}${v.cpuTarget ? `, cpu target ${Math.round(v.cpuTarget * 100)}%` : ''}\n`);
       w(`counts       ${v.restores} restores, ${v.snapshots} snapshots, ${v.crashes} crashes\n`);
       if (v.instances.length) {
         w('\n');
+        const cpu = !!v.cpuTarget;
         printColumns(
-          ['INSTANCE', 'STATE', 'CONNS', 'PORTS'],
-          v.instances.map((i) => [i.aid, i.state, String(i.active), i.ports.map((p) => `${p.public}->${p.system}`).join(', ') || '-']),
+          ['INSTANCE', 'STATE', 'CONNS', ...(cpu ? ['CPU'] : []), 'PORTS'],
+          v.instances.map((i) => [
+            i.aid,
+            i.state,
+            String(i.active),
+            ...(cpu ? [i.cpu === undefined ? '-' : `${Math.round(i.cpu * 100)}%`] : []),
+            i.ports.map((p) => `${p.public}->${p.system}`).join(', ') || '-',
+          ]),
         );
       }
       if (v.connections.length) {

@@ -72,6 +72,12 @@ export class ServeMetrics {
     labelNames: ['service', 'state'],
     registers: [this.registry],
   });
+  readonly cpu = new Gauge({
+    name: 'appshot_serve_instance_cpu_cores',
+    help: 'Cores an instance used over the last second (services with a CPU target)',
+    labelNames: ['service', 'instance'],
+    registers: [this.registry],
+  });
   readonly snapshots = new Counter({
     name: 'appshot_serve_snapshots_total',
     help: 'Snapshots taken of idle instances, by result',

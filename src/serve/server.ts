@@ -30,6 +30,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
+import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
 import { DEFAULT_MAX_HELD, type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
@@ -59,6 +60,9 @@ interface Instance {
    * (listenerPid), whose end is the instance's crash: the forwarding
    * thread watches it while it holds a grant to the instance. */
   pid?: number;
+  /** Cores its processes used over the last second, measured each tick
+   * when the service has a CPU target (cpu.ts). */
+  cpu?: number;
 }
 
 interface Held {
@@ -72,6 +76,9 @@ interface Held {
 /** Longest parent chain of suspend images before a full snapshot: each
  * link is read at every restore. */
 const MAX_CHAIN = 4;
+/** CPU is judged over a second at least (cpu.ts): a 200 ms tick holds
+ * too few of /proc's clock ticks. */
+const CPU_WINDOW_MS = 1000;
 /** Translations kept for `service show`. */
 const KEEP_TRANSLATIONS = 50;
 /** Services whose next image is kept read and decoded (preload), the
@@ -82,6 +89,9 @@ const PRELOAD_LIMIT = 8;
 
 class Service {
   readonly policy: Policy;
+  /** Instances' CPU, for the policy's CPU target. */
+  private readonly cpu: CpuMeter;
+  private readonly measured = new Set<string>();
   readonly instances = new Map<string, Instance>();
   readonly held: Held[] = [];
   readonly listeners: Server[] = [];
@@ -113,6 +123,7 @@ class Service {
     readonly maxHeld: number,
   ) {
     this.policy = new Policy(spec, host.clock);
+    this.cpu = new CpuMeter(CPU_WINDOW_MS);
     const saved = host.store.readState(spec.name);
     const usable = saved?.lastImage && existsSync(saved.lastImage) ? saved : undefined;
     this.lastImage = usable?.lastImage ?? spec.from;
@@ -437,10 +448,31 @@ class Service {
     }
   }
 
-  /** Every tick: dead instances noticed, idle ones suspended or dropped. */
+  /** Every tick: dead instances noticed, the CPU of running ones measured
+   * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
+    if (this.spec.cpuTarget) this.measureCpu();
     this.pump();
+  }
+
+  private measureCpu(): void {
+    // Instances gone since (dropped, crashed): their series go too.
+    for (const aid of this.measured)
+      if (this.instances.get(aid)?.state !== 'running') {
+        this.measured.delete(aid);
+        this.cpu.forget(aid);
+        this.host.metrics?.cpu.remove({ service: this.name, instance: aid });
+        const inst = this.instances.get(aid);
+        if (inst) inst.cpu = undefined;
+      }
+    for (const inst of this.instances.values()) {
+      const initPid = inst.state === 'running' ? this.reg.get(inst.aid)?.initPid : undefined;
+      if (initPid === undefined) continue;
+      this.measured.add(inst.aid);
+      inst.cpu = this.cpu.sample(inst.aid, initPid);
+      this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
+    }
   }
 
   private apply(actions: Action[]): void {
@@ -633,6 +665,7 @@ class Service {
         active: i.active,
         lastActive: i.lastActive,
         ports: [...i.ports].map(([pub, p]) => ({ public: pub, app: p.app, system: p.system })),
+        ...(i.cpu !== undefined ? { cpu: Math.round(i.cpu * 100) / 100 } : {}),
       })),
       held: this.held.length,
       ...this.counters,

@@ -50,6 +50,10 @@ export interface ServiceSpec {
    * flood takes while an instance is restored. Absent in services added
    * before it: DEFAULT_MAX_HELD. */
   maxHeld?: number;
+  /** Clone mode: a share of one core (0.8: 80%); when every running
+   * instance serves connections and uses at least this much CPU, one more
+   * is started (policy.ts). 0 or absent: CPU is not looked at. */
+  cpuTarget?: number;
 }
 
 /** The front door's hold per service unless `--max-held` says otherwise;
@@ -109,6 +113,15 @@ function count(value: unknown, what: string, min: number): number {
   return n;
 }
 
+/** A share of cores: 0.8, or 80%; at most 64 (cores). */
+function share(value: unknown, what: string): number {
+  const text = String(value).trim();
+  const n = text.endsWith('%') ? Number(text.slice(0, -1)) / 100 : Number(text);
+  if (!Number.isFinite(n) || n < 0 || n > 64 || text === '' || text === '%')
+    throw new AppshotError(`${what} wants a share of a core (0.8 or 80%), not '${value}'`, ExitCode.usage);
+  return n;
+}
+
 /** Options as the command line or a config file gives them. */
 export interface ServiceInput {
   name: string;
@@ -120,6 +133,7 @@ export interface ServiceInput {
   idle?: string | number;
   concurrency?: number | string;
   maxHeld?: number | string;
+  cpuTarget?: number | string;
 }
 
 /** Checks and completes a service; `base` resolves a relative `from`. */
@@ -161,7 +175,9 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
   const idleMs = typeof input.idle === 'number' ? input.idle : parseDuration(input.idle ?? '5m');
   const concurrency = count(input.concurrency ?? 100, '--concurrency', 1);
   const maxHeld = count(input.maxHeld ?? DEFAULT_MAX_HELD, '--max-held', 1);
-  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld };
+  const cpuTarget = share(input.cpuTarget ?? 0, '--cpu-target');
+  if (cpuTarget && mode !== 'clone') throw new AppshotError(`service '${input.name}': --cpu-target starts clones, and restore mode runs one instance`, ExitCode.usage);
+  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld, ...(cpuTarget ? { cpuTarget } : {}) };
 }
 
 /** Where services and their runtime state live. */
@@ -317,6 +333,9 @@ export interface InstanceState {
   lastActive: number;
   /** public port → the instance's own port. */
   ports: { public: number; app: number; system: number }[];
+  /** Cores its processes used over the last second (services with a CPU
+   * target only). */
+  cpu?: number;
 }
 
 export interface Translation {
