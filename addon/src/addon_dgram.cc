@@ -248,6 +248,34 @@ Napi::Value IfIndex(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), if_nametoindex(name.c_str()));
 }
 
+// ifName(index) -> the interface's name, "" when there is none.
+Napi::Value IfName(const Napi::CallbackInfo& info) {
+  char name[IF_NAMESIZE] = "";
+  if (!if_indextoname(static_cast<unsigned>(Int(info[0])), name)) name[0] = 0;
+  return Napi::String::New(info.Env(), name);
+}
+
+// getSockOptBytes(fd, level, name, room) -> Buffer: a socket option that
+// is a struct or a string (SO_LINGER, SO_RCVTIMEO, TCP_CONGESTION...), as
+// many bytes as the kernel gave of at most `room`.
+Napi::Value GetSockOptBytes(const Napi::CallbackInfo& info) {
+  std::vector<uint8_t> buf(static_cast<size_t>(Int(info[3])));
+  socklen_t len = static_cast<socklen_t>(buf.size());
+  if (getsockopt(Int(info[0]), Int(info[1]), Int(info[2]), buf.data(), &len)) {
+    ThrowErrno(info.Env(), "getsockopt", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), len < buf.size() ? len : buf.size());
+}
+
+// setSockOptBytes(fd, level, name, Buffer).
+Napi::Value SetSockOptBytes(const Napi::CallbackInfo& info) {
+  auto b = info[3].As<Napi::Buffer<uint8_t>>();
+  if (setsockopt(Int(info[0]), Int(info[1]), Int(info[2]), b.Data(), static_cast<socklen_t>(b.Length())))
+    ThrowErrno(info.Env(), "setsockopt", errno);
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void RegisterDgram(Napi::Env env, Napi::Object exports) {
@@ -267,6 +295,9 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("multicastFilter", MulticastFilter);
   fn("multicastJoin", MulticastJoin);
   fn("ifIndex", IfIndex);
+  fn("ifName", IfName);
+  fn("getSockOptBytes", GetSockOptBytes);
+  fn("setSockOptBytes", SetSockOptBytes);
 }
 
 }  // namespace appshot
