@@ -217,10 +217,13 @@ export const CATALOGUE: readonly Spec[] = [
   spec(IPPROTO_TCP, 10, 'TCP_WINDOW_CLAMP', LISTEN),
   spec(IPPROTO_TCP, 13, 'TCP_CONGESTION', TCP, { form: { bytes: 16 } }),
   spec(IPPROTO_TCP, 16, 'TCP_THIN_LINEAR_TIMEOUTS', TCP),
+  spec(IPPROTO_TCP, 17, 'TCP_THIN_DUPACK', TCP),
   spec(IPPROTO_TCP, 18, 'TCP_USER_TIMEOUT', TCP),
   spec(IPPROTO_TCP, 23, 'TCP_FASTOPEN', LISTEN),
   spec(IPPROTO_TCP, 25, 'TCP_NOTSENT_LOWAT', TCP),
   spec(IPPROTO_TCP, 27, 'TCP_SAVE_SYN', LISTEN),
+  // A listener's own fast open keys (primary and backup, 16 bytes each).
+  spec(IPPROTO_TCP, 33, 'TCP_FASTOPEN_KEY', LISTEN, { form: { bytes: 32 } }),
   spec(IPPROTO_TCP, 34, 'TCP_FASTOPEN_NO_COOKIE', TCP),
   spec(IPPROTO_TCP, 36, 'TCP_INQ', TCP),
   spec(IPPROTO_TCP, 37, 'TCP_TX_DELAY', TCP),
@@ -316,9 +319,9 @@ function same(a: SocketOption, b: SocketOption): boolean {
  */
 export function readExtras(dup: number, kind: SockKind, family: number, type: number, own: readonly Pair[], where: string): SocketOption[] {
   const specs = specsFor(kind, family, own);
-  const fresh = addon().sockOpen(family, type);
+  const defaults = freshDefaults(kind, family, type, specs);
   const out: SocketOption[] = [];
-  try {
+  {
     let locks = 0;
     try {
       locks = addon().getSockOpt(dup, SOL_SOCKET, 72);
@@ -329,7 +332,7 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
       if (s.lockBit && !(locks & s.lockBit)) continue;
       const mine = readOne(dup, s);
       if (!mine) continue;
-      const theirs = readOne(fresh, s);
+      const theirs = defaults.get(s);
       if (theirs && same(mine, theirs)) continue;
       // An interface index: by name, the index of that name on the
       // restoring node is set.
@@ -338,10 +341,29 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
         throw new Unsupported(`${where} has ${s.label} set to interface index ${mine.value}, which no interface has now`);
       out.push(byName);
     }
+  }
+  return out;
+}
+
+/** A fresh socket's options, by kind, family and type: read once a second
+ * at most (a snapshot of many sockets asks for them again and again; a
+ * sysctl that changes a default is seen within the second). */
+const FRESH_TTL_MS = 1000;
+const freshCache = new Map<string, { at: number; values: Map<Spec, SocketOption | undefined> }>();
+
+function freshDefaults(kind: SockKind, family: number, type: number, specs: Spec[]): Map<Spec, SocketOption | undefined> {
+  const key = `${kind}/${family}/${type}`;
+  const known = freshCache.get(key);
+  const now = Date.now();
+  if (known && now - known.at < FRESH_TTL_MS && specs.every((s) => known.values.has(s))) return known.values;
+  const fresh = addon().sockOpen(family, type);
+  try {
+    const values = new Map(specs.map((s) => [s, readOne(fresh, s)] as const));
+    freshCache.set(key, { at: now, values });
+    return values;
   } finally {
     closeSync(fresh);
   }
-  return out;
 }
 
 /** An interface index read back, by name as the image has it. */
