@@ -280,6 +280,8 @@ interface Addon {
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
   noteSocket(path: string, note: SocketNote): void;
+  /** Drops every note of these socket inodes. */
+  forgetSocketNotes(path: string, inos: bigint[]): void;
   setInstance(path: string, config: InstanceConfig): void;
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;

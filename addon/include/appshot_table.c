@@ -881,3 +881,12 @@ void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
     }
   }
 }
+
+void appshot_forget_socket(struct appshot_header *h, uint64_t ino) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    struct appshot_socket_note *e = &h->sockets.note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino) continue;
+    __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
+  }
+}

@@ -224,6 +224,10 @@ void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
                            int32_t level, int32_t name, uint16_t port,
                            uint8_t type);
 
+/* Drops every note of socket `ino` (closed: a snapshot saw no process of
+ * the application hold it). */
+void appshot_forget_socket(struct appshot_header *h, uint64_t ino);
+
 /* --- Creating and mapping ----------------------------------------------- */
 
 /* Creates the table file at path (O_EXCL) and maps it. Returns NULL and sets

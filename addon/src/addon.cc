@@ -269,6 +269,24 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// forgetSocketNotes(path, [ino]): the notes of sockets that are closed.
+Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto list = info[1].As<Napi::Array>();
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    bool lossless;
+    uint64_t ino = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
+    appshot_forget_socket(t.get(), ino);
+  }
+  return env.Undefined();
+}
+
 // noteSocket(path, { ino, level, name, value, port, kind }): what the
 // preload library would have noted of a socket the restore made.
 Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
@@ -515,6 +533,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
+  exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));

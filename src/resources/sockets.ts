@@ -24,7 +24,7 @@ import type { KeptSockets } from './keeper.js';
 import { connectionName } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
-import { applyExtras, earlyBytes, isCarriedExtra, noted, readExtras, type SockKind } from './sockopts.js';
+import { applyExtras, earlyBytes, forgetClosed, isCarriedExtra, noted, readExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
 interface InetEntry {
@@ -259,6 +259,14 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
       Object.assign(s.socket, { kept: true, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [] });
     }
   }
+}
+
+/** Once every process is seen: the notes of sockets that none of them
+ * holds (closed since the preload library noted them) leave the tables,
+ * whose room for notes is small (sockopts.ts). */
+export function forgetClosedSockets(ctx: DumpContext): void {
+  const inImage = new Set(ctx.image.processes.flatMap((p) => p.fds.flatMap((f) => [f.socket?.ino, f.tcp?.ino]).filter((i): i is bigint => i !== undefined)));
+  forgetClosed(ctx.tablesPath, ctx.tables.sockets?.notes ?? [], inImage);
 }
 
 /** Before anything is made: every socket the image says a keeper held is

@@ -452,6 +452,8 @@ export function noted(notes: Notes, lost: number, ino: bigint, kind: SockKind, p
     const mine = n.ino === ino;
     const group = reuseportProgram && reuseport && port !== 0 && n.port === port && n.kind === (kind === 'udp' ? 'udp' : 'tcp');
     if (!mine && !group) continue;
+    const setOnly = SET_ONLY.find(([l, nm]) => l === n.level && nm === n.name);
+    if (setOnly) throw new Unsupported(`${where} has ${setOnly[2]} set, which the kernel does not give back and appshot cannot carry`);
     if (reuseportProgram)
       throw new Unsupported(
         `${where} is in a reuseport group with a steering program the application attached (${n.name === SO_ATTACH_REUSEPORT_CBPF ? 'SO_ATTACH_REUSEPORT_CBPF' : 'SO_ATTACH_REUSEPORT_EBPF'}${mine ? '' : ', through another socket of the group'}), which cannot be captured: the kernel does not give it back`,
@@ -467,6 +469,28 @@ export function noted(notes: Notes, lost: number, ino: bigint, kind: SockKind, p
     }
   }
   if (lost && reuseport) throw new Unsupported(`${where} is in a reuseport group, and the application set more options appshot cannot read back than it could note (${lost} lost): whether the group has a steering program is not known`);
+}
+
+/** Set only, noted by the preload library, refused (preload_net.c). */
+const SET_ONLY: readonly [number, number, string][] = [
+  [IPPROTO_IPV6, 50, 'IPV6_PKTINFO (a sticky source address or interface)'],
+  [IPPROTO_IPV6, 9, 'IPV6_NEXTHOP'],
+  [IPPROTO_IPV6, 6, 'IPV6_2292PKTOPTIONS (sticky options)'],
+  [IPPROTO_IPV6, 32, 'IPV6_FLOWLABEL_MGR (a flow label lease)'],
+  [IPPROTO_IPV6, 27, 'IPV6_JOIN_ANYCAST (an anycast address)'],
+  [IPPROTO_TCP, 14, 'TCP_MD5SIG (an MD5 signature key)'],
+  [IPPROTO_TCP, 32, 'TCP_MD5SIG_EXT (an MD5 signature key)'],
+  [IPPROTO_TCP, 38, 'TCP_AO_ADD_KEY (a TCP-AO key)'],
+];
+
+/** Once every process of the application is seen: notes of sockets none
+ * of them holds any more go, so that the room in the tables is not used
+ * up by sockets long closed (`inImage`: the image's socket inodes). */
+export function forgetClosed(tablesPath: string, notes: Notes, inImage: Set<bigint>): boolean {
+  const closed = notes.filter((n) => !inImage.has(n.ino));
+  if (!closed.length) return false;
+  addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
+  return true;
 }
 
 /** IP_MULTICAST_IF chosen by interface index (struct ip_mreqn): how the

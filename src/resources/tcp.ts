@@ -54,7 +54,7 @@ import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js
 import { addon, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
-import { applyExtras, extrasOf, isCarriedExtra, readExtras, refuseUlp } from './sockopts.js';
+import { applyExtras, extrasOf, isCarriedExtra, noted, type Notes, readExtras, refuseUlp } from './sockopts.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -122,7 +122,7 @@ export class HeldConnections {
   constructor(private readonly keeper: SocketsForKeeper) {}
 
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
-  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string): TcpConnection {
+  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = []): TcpConnection {
     const known = this.dumped.get(ino);
     if (known) return known;
     const [peerAddress, peerPort] = splitRemote(seen.remote);
@@ -130,6 +130,8 @@ export class HeldConnections {
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
     if (!KEPT_STATES.has(seen.state))
       throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
+    // What the preload library saw set and nothing reads back (MD5 keys).
+    noted(notes, 0, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = addon().getFd(pid, fd);
     try {
