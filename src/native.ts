@@ -272,6 +272,9 @@ interface Addon {
   /** A struct or string socket option, at most `room` bytes of it. */
   getSockOptBytes(fd: number, level: number, name: number, room: number): Buffer;
   setSockOptBytes(fd: number, level: number, name: number, value: Buffer): void;
+  /** Options by [level, name, room] triples: option i's bytes at the sum
+   * of the rooms before it in `data`, lengths[i] of them, or -errno. */
+  getSockOptsBatch(fd: number, triples: Int32Array): { data: Buffer; lengths: Int32Array };
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;

@@ -247,7 +247,16 @@ type Pair = readonly [level: number, name: number];
 
 /** The catalogue's options for a socket of `kind` and `family`, less
  * those its kind carries itself (`own`). */
+const specsCache = new Map<string, Spec[]>();
+
 function specsFor(kind: SockKind, family: number, own: readonly Pair[]): Spec[] {
+  const key = `${kind}/${family}/${own.join(';')}`;
+  let specs = specsCache.get(key);
+  if (!specs) specsCache.set(key, (specs = filterSpecs(kind, family, own)));
+  return specs;
+}
+
+function filterSpecs(kind: SockKind, family: number, own: readonly Pair[]): Spec[] {
   const inet = family === AF_INET || family === AF_INET6;
   return CATALOGUE.filter(
     (s) =>
@@ -277,26 +286,55 @@ export function extrasOf(options: SocketOption[], own: readonly Pair[]): SocketO
   return options.filter((o) => !own.some(([l, n]) => l === o.level && n === o.name));
 }
 
-const IGNORED = new Set(['ENOPROTOOPT', 'EINVAL', 'EOPNOTSUPP', 'ENOTCONN']);
+/** Errors that say the kernel has no such option for this socket:
+ * ENOPROTOOPT, EINVAL, EOPNOTSUPP, ENOTCONN. */
+const IGNORED = new Set([92, 22, 95, 107]);
 
-/** One option read as the image records it; undefined when the kernel
- * does not have it for this socket. */
-function readOne(fd: number, s: Spec): SocketOption | undefined {
-  try {
-    if (typeof s.form === 'object') return { level: s.level, name: s.name, value: 0, raw: addon().getSockOptBytes(fd, s.level, s.name, s.form.bytes) };
-    if (s.form === 'ifname') {
-      const raw = addon().getSockOptBytes(fd, s.level, s.name, 16);
-      const end = raw.indexOf(0);
-      return { level: s.level, name: s.name, value: 0, device: raw.subarray(0, end < 0 ? raw.length : end).toString('utf8') };
-    }
-    const value = addon().getSockOpt(fd, s.level, s.name);
-    if (s.form === 'int') return { level: s.level, name: s.name, value };
-    const index = s.form === 'ifindex-be' ? ntohl(value) : value;
-    return { level: s.level, name: s.name, value: index, device: '' };
-  } catch (e) {
-    if (IGNORED.has((e as NodeJS.ErrnoException).code ?? '')) return undefined;
-    throw e;
+/** How many bytes an option is read into. */
+const roomOf = (s: Spec) => (typeof s.form === 'object' ? s.form.bytes : s.form === 'ifname' ? 16 : 4);
+
+const triplesCache = new WeakMap<readonly Spec[], Int32Array>();
+
+/** [level, name, room] of each, as getSockOptsBatch takes them. */
+function triplesOf(specs: readonly Spec[]): Int32Array {
+  let t = triplesCache.get(specs);
+  if (!t) {
+    t = new Int32Array(specs.length * 3);
+    for (const [i, s] of specs.entries()) t.set([s.level, s.name, roomOf(s)], i * 3);
+    triplesCache.set(specs, t);
   }
+  return t;
+}
+
+/** Options read as the image records them, in one call to the kernel per
+ * option and one crossing into the addon; undefined for one the kernel
+ * does not have for this socket. */
+function readMany(fd: number, specs: readonly Spec[]): (SocketOption | undefined)[] {
+  const triples = triplesOf(specs);
+  const { data, lengths } = addon().getSockOptsBatch(fd, triples);
+  let at = 0;
+  return specs.map((s, i) => {
+      const from = at;
+      at += roomOf(s);
+      if (lengths[i] < 0) {
+        if (IGNORED.has(-lengths[i])) return undefined;
+        throw Object.assign(new Error(`getsockopt ${s.label}: errno ${-lengths[i]}`), { errno: -lengths[i] });
+      }
+      const got = data.subarray(from, from + lengths[i]);
+      // A copy: the image keeps it, and `data` is one allocation for all.
+      if (typeof s.form === 'object') return { level: s.level, name: s.name, value: 0, raw: Buffer.from(got) };
+      if (s.form === 'ifname') {
+        const end = got.indexOf(0);
+        return { level: s.level, name: s.name, value: 0, device: got.subarray(0, end < 0 ? got.length : end).toString('utf8') };
+      }
+      const value = got.length >= 4 ? data.readInt32LE(from) : got.length ? got[0] : 0;
+      if (s.form === 'int') return { level: s.level, name: s.name, value };
+      return { level: s.level, name: s.name, value: s.form === 'ifindex-be' ? ntohl(value) : value, device: '' };
+    });
+}
+
+function readOne(fd: number, s: Spec): SocketOption | undefined {
+  return readMany(fd, [s])[0];
 }
 
 function ntohl(v: number): number {
@@ -328,9 +366,10 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
     } catch {
       /* a kernel without SO_BUF_LOCK: buffers set by setsockopt lock them anyway, not shown */
     }
-    for (const s of specs) {
+    const read = readMany(dup, specs);
+    for (const [i, s] of specs.entries()) {
       if (s.lockBit && !(locks & s.lockBit)) continue;
-      const mine = readOne(dup, s);
+      const mine = read[i];
       if (!mine) continue;
       const theirs = defaults.get(s);
       if (theirs && same(mine, theirs)) continue;
@@ -349,17 +388,18 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
  * at most (a snapshot of many sockets asks for them again and again; a
  * sysctl that changes a default is seen within the second). */
 const FRESH_TTL_MS = 1000;
-const freshCache = new Map<string, { at: number; values: Map<Spec, SocketOption | undefined> }>();
+const freshCache = new Map<string, { at: number; specs: Spec[]; values: Map<Spec, SocketOption | undefined> }>();
 
 function freshDefaults(kind: SockKind, family: number, type: number, specs: Spec[]): Map<Spec, SocketOption | undefined> {
   const key = `${kind}/${family}/${type}`;
   const known = freshCache.get(key);
   const now = Date.now();
-  if (known && now - known.at < FRESH_TTL_MS && specs.every((s) => known.values.has(s))) return known.values;
+  if (known && now - known.at < FRESH_TTL_MS && known.specs === specs) return known.values;
   const fresh = addon().sockOpen(family, type);
   try {
-    const values = new Map(specs.map((s) => [s, readOne(fresh, s)] as const));
-    freshCache.set(key, { at: now, values });
+    const read = readMany(fresh, specs);
+    const values = new Map(specs.map((s, i) => [s, read[i]] as const));
+    freshCache.set(key, { at: now, specs, values });
     return values;
   } finally {
     closeSync(fresh);
