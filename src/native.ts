@@ -46,6 +46,19 @@ export interface TablesSnapshot {
   repairs: number;
   tables: Record<Kind, TableEntry[]>;
   instance: InstanceConfig & { tablesPath: string; identity: Identity };
+  /** What the preload library noted of sockets (appshot_table.h); absent
+   * from a registry's copy of older tables. */
+  sockets?: { notes: SocketNote[]; lost: number };
+}
+
+/** A socket option the kernel does not show, noted when it was set. */
+export interface SocketNote {
+  ino: bigint;
+  level: number;
+  name: number;
+  value: number;
+  port: number;
+  kind: 'tcp' | 'udp' | '';
 }
 
 /** What one wait on the tracees reported (addon/src/trace.h). */
@@ -207,7 +220,8 @@ interface Addon {
   fileSeals(fd: number): number;
   /** F_ADD_SEALS. */
   addSeals(fd: number, seals: number): void;
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean }): number;
+  /** `early`: options set between socket() and bind(). */
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[] }): number;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
   tcpRepair(fd: number, mode: 1 | 0 | -1): void;
   /** Every packet to the socket dropped (true), as if lost on the way,
@@ -256,6 +270,14 @@ interface Addon {
   multicastJoin(fd: number, level: number, ifindex: number, group: Buffer, include: boolean, sources: Buffer[]): void;
   /** The interface of that name in our network namespace; 0 for none. */
   ifIndex(name: string): number;
+  /** The name of interface `index`, "" when there is none. */
+  ifName(index: number): string;
+  /** A struct or string socket option, at most `room` bytes of it. */
+  getSockOptBytes(fd: number, level: number, name: number, room: number): Buffer;
+  setSockOptBytes(fd: number, level: number, name: number, value: Buffer): void;
+  /** Options by [level, name, room] triples: option i's bytes at the sum
+   * of the rooms before it in `data`, lengths[i] of them, or -errno. */
+  getSockOptsBatch(fd: number, triples: Int32Array): { data: Buffer; lengths: Int32Array };
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
@@ -263,6 +285,9 @@ interface Addon {
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
+  noteSocket(path: string, note: SocketNote): void;
+  /** Drops every note of these socket inodes. */
+  forgetSocketNotes(path: string, inos: bigint[]): void;
   setInstance(path: string, config: InstanceConfig): void;
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;

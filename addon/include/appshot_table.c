@@ -830,3 +830,63 @@ int appshot_ipc_remove_owned(const struct appshot_header *h,
   }
   return rc == 0;
 }
+
+/* --- Socket notes --------------------------------------------------------- */
+
+void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
+                         int32_t name, int32_t value, uint16_t port,
+                         uint8_t type) {
+  struct appshot_socket_notes *n = &h->sockets;
+  struct appshot_socket_note *slot = NULL;
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES && !slot; i++) {
+    struct appshot_socket_note *e = &n->note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == ino &&
+        __atomic_load_n(&e->level, __ATOMIC_RELAXED) == level &&
+        __atomic_load_n(&e->name, __ATOMIC_RELAXED) == name)
+      slot = e;
+  }
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES && !slot; i++) {
+    uint64_t free_ino = 0;
+    struct appshot_socket_note *e = &n->note[i];
+    if (__atomic_compare_exchange_n(&e->ino, &free_ino, ino, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+      __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
+      slot = e;
+    }
+  }
+  if (!slot) {
+    __atomic_add_fetch(&n->lost, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  __atomic_store_n(&slot->level, level, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->name, name, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->value, value, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->port, port, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->type, type, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->ready, 1, __ATOMIC_RELEASE);
+}
+
+void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
+                           int32_t level, int32_t name, uint16_t port,
+                           uint8_t type) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    struct appshot_socket_note *e = &h->sockets.note[i];
+    uint64_t at = __atomic_load_n(&e->ino, __ATOMIC_ACQUIRE);
+    if (!at || !__atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) ||
+        e->level != level || e->name != name)
+      continue;
+    if (at == ino || (port && e->port == port && e->type == type)) {
+      __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
+      __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
+    }
+  }
+}
+
+void appshot_forget_socket(struct appshot_header *h, uint64_t ino) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    struct appshot_socket_note *e = &h->sockets.note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino) continue;
+    __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
+  }
+}

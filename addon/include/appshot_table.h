@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 4u
+#define APPSHOT_TABLE_VERSION 5u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -166,6 +166,37 @@ struct appshot_instance {
   struct appshot_identity identity;
 };
 
+/* --- What the kernel lets a program set on a socket but never shows -------
+ *
+ * Noted by the preload library when the program's setsockopt succeeds, and
+ * read by a snapshot (src/resources/sockopts.ts): the steering program of
+ * a reuseport group (SO_ATTACH_REUSEPORT_CBPF/EBPF: refused by name), an
+ * IPv4 multicast interface chosen by index only (IP_MULTICAST_IF with a
+ * struct ip_mreqn: carried). Keyed by the socket's inode, so that a
+ * descriptor number used again, or shared, cannot mislead. Written while
+ * the application runs, without the lock: a slot is claimed by a
+ * compare-and-swap of its inode, its fields are stored, then `ready`. A
+ * full array counts `lost` (a snapshot then refuses what it cannot know).
+ * A socket closed leaves its note behind: sockfs does not hand an inode
+ * number out again soon. */
+#define APPSHOT_SOCKET_NOTES 64
+
+struct appshot_socket_note {
+  uint64_t ino;   /* the socket's inode; 0 = free */
+  int32_t level;  /* setsockopt's level and name */
+  int32_t name;
+  int32_t value;  /* IP_MULTICAST_IF: the interface index */
+  uint16_t port;  /* the socket's own port when noted (0: unbound) */
+  uint8_t type;   /* SOCK_STREAM 1, SOCK_DGRAM 2 */
+  uint8_t ready;  /* 1 once the fields above are stored */
+};
+
+struct appshot_socket_notes {
+  uint32_t lost; /* notes that found no free slot */
+  uint32_t pad;
+  struct appshot_socket_note note[APPSHOT_SOCKET_NOTES];
+};
+
 struct appshot_header {
   uint64_t magic;
   uint32_t version;
@@ -178,7 +209,24 @@ struct appshot_header {
   pthread_mutex_t lock;   /* robust, process-shared */
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
+  struct appshot_socket_notes sockets;
 };
+
+/* Notes (level, name) of socket `ino` with `value`, replacing its note of
+ * the same option. Lock-free and async-signal-safe. */
+void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
+                         int32_t name, int32_t value, uint16_t port,
+                         uint8_t type);
+/* Drops the notes of (level, name) of socket `ino`, and with `port` set,
+ * of every socket of `type` noted on that port (a reuseport group's
+ * program goes for the whole group). */
+void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
+                           int32_t level, int32_t name, uint16_t port,
+                           uint8_t type);
+
+/* Drops every note of socket `ino` (closed: a snapshot saw no process of
+ * the application hold it). */
+void appshot_forget_socket(struct appshot_header *h, uint64_t ino);
 
 /* --- Creating and mapping ----------------------------------------------- */
 

@@ -289,6 +289,8 @@ HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 /* preload_net.c: getsockopt, sendmsg, recvmsg and recvmmsg through
  * syscall(), peer credentials translated. */
 HIDDEN long do_creds_syscall(long nr, long a, long b, long c, long d, long e);
+/* setsockopt through syscall(): noted as setsockopt() notes (preload_net.c). */
+HIDDEN long do_setsockopt_syscall(long fd, long level, long name, long val, long len);
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);

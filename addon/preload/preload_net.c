@@ -16,6 +16,7 @@
 #include "preload.h"
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 /* Both families keep the port at the same place (sin_port, sin6_port). */
@@ -267,4 +268,89 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
     }
   }
   return libc_ret(sys6(nr, a, b, c, d, e, 0));
+}
+
+/* --- Socket options the kernel never shows -----------------------------------
+ *
+ * A reuseport group's steering program (SO_ATTACH_REUSEPORT_CBPF/EBPF) has
+ * no getsockopt, nor does sock_diag or fdinfo show it; an IPv4 multicast
+ * interface chosen by index only (IP_MULTICAST_IF with a struct ip_mreqn
+ * whose address is 0) reads back as 0.0.0.0, the default; nor do IPv6's
+ * sticky IPV6_PKTINFO and IPV6_NEXTHOP, flow label leases, anycast
+ * memberships, or TCP's MD5 and AO keys show. What the program set is noted
+ * in the application's tables (appshot_table.h), keyed by the socket's
+ * inode, for the snapshot: it carries the multicast interface and refuses
+ * the others by name (a note stays once set, even if the program undoes
+ * it: refused rather than guessed). Noted after the kernel took the call; a few system
+ * calls (fstat, getsockname, getsockopt), no allocation. Through syscall()
+ * too; not for static programs or raw system call instructions. */
+
+#ifndef IPV6_FLOWLABEL_MGR
+#define IPV6_FLOWLABEL_MGR 32
+#endif
+#ifndef TCP_AO_ADD_KEY
+#define TCP_AO_ADD_KEY 38
+#endif
+
+static void note_sockopt(int fd, int level, int name, const void *val,
+                         socklen_t len) {
+  struct appshot_header *h = g_h;
+  int reuseport_prog = level == SOL_SOCKET &&
+                       (name == SO_ATTACH_REUSEPORT_CBPF ||
+                        name == SO_ATTACH_REUSEPORT_EBPF);
+  int detach = level == SOL_SOCKET && name == SO_DETACH_REUSEPORT_BPF;
+  int mcast_if = level == IPPROTO_IP && name == IP_MULTICAST_IF;
+  /* Set only, never shown, and not carried: the snapshot refuses them. */
+  int set_only = (level == IPPROTO_IPV6 &&
+                  (name == IPV6_PKTINFO || name == IPV6_NEXTHOP ||
+                   name == IPV6_2292PKTOPTIONS || name == IPV6_FLOWLABEL_MGR ||
+                   name == IPV6_JOIN_ANYCAST)) ||
+                 (level == IPPROTO_TCP &&
+                  (name == TCP_MD5SIG || name == TCP_MD5SIG_EXT ||
+                   name == TCP_AO_ADD_KEY));
+  if (LIKELY(!h) || !(reuseport_prog || detach || mcast_if || set_only)) return;
+  struct stat st;
+  if (SYS2(fstat, fd, &st) < 0) return;
+  struct sockaddr_storage a;
+  socklen_t alen = sizeof a;
+  uint16_t port = 0;
+  if (SYS3(getsockname, fd, &a, &alen) == 0 &&
+      (a.ss_family == AF_INET || a.ss_family == AF_INET6))
+    port = get_port(&a);
+  int type = 0;
+  socklen_t tl = sizeof type;
+  if (SYS5(getsockopt, fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0) type = 0;
+  uint64_t ino = (uint64_t)st.st_ino;
+  if (reuseport_prog || set_only) {
+    appshot_note_socket(h, ino, level, name, 0, port, (uint8_t)type);
+  } else if (detach) {
+    /* The group's program goes, whichever of its sockets detached it. */
+    appshot_unnote_socket(h, ino, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, port, (uint8_t)type);
+    appshot_unnote_socket(h, ino, SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, port, (uint8_t)type);
+  } else {
+    struct ip_mreqn m;
+    int index = 0;
+    if (val && len >= sizeof m) {
+      memcpy(&m, val, sizeof m);
+      index = m.imr_ifindex;
+    }
+    if (index > 0)
+      appshot_note_socket(h, ino, level, name, index, port, (uint8_t)type);
+    else
+      appshot_unnote_socket(h, ino, level, name, 0, 0);
+  }
+}
+
+API int setsockopt(int fd, int level, int name, const void *val,
+                   socklen_t len) {
+  ensure_init();
+  long r = SYS5(setsockopt, fd, level, name, val, len);
+  if (r == 0) note_sockopt(fd, level, name, val, len);
+  return (int)libc_ret(r);
+}
+
+long do_setsockopt_syscall(long fd, long level, long name, long val, long len) {
+  long r = SYS5(setsockopt, fd, level, name, val, len);
+  if (r == 0) note_sockopt((int)fd, (int)level, (int)name, (const void *)val, (socklen_t)len);
+  return libc_ret(r);
 }

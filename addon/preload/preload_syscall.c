@@ -105,6 +105,7 @@ API long syscall(long nr, ...) {
     case SYS_msgrcv:
       return do_msgrcv((int)a, (void *)b, (size_t)c, d, (int)e);
     case SYS_msgctl: return do_msgctl((int)a, (int)b, (struct msqid_ds *)c);
+    case SYS_setsockopt: return do_setsockopt_syscall(a, b, c, d, e);
     case SYS_getsockopt:
     case SYS_sendmsg:
     case SYS_sendmmsg:

@@ -16,6 +16,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
@@ -245,7 +246,65 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   identity.Set("libcSeeded", Napi::Boolean::New(env, __atomic_load_n(&in.identity.libc_seeded, __ATOMIC_RELAXED) != 0));
   inst.Set("identity", identity);
   out.Set("instance", inst);
+  // What the preload library noted of sockets (appshot_table.h).
+  Napi::Object sockets = Napi::Object::New(env);
+  Napi::Array notes = Napi::Array::New(env);
+  uint32_t k = 0;
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    const appshot_socket_note& e = h->sockets.note[i];
+    uint64_t ino = __atomic_load_n(&e.ino, __ATOMIC_ACQUIRE);
+    if (!ino || !__atomic_load_n(&e.ready, __ATOMIC_ACQUIRE)) continue;
+    Napi::Object n = Napi::Object::New(env);
+    n.Set("ino", Napi::BigInt::New(env, ino));
+    n.Set("level", Napi::Number::New(env, e.level));
+    n.Set("name", Napi::Number::New(env, e.name));
+    n.Set("value", Napi::Number::New(env, e.value));
+    n.Set("port", Napi::Number::New(env, e.port));
+    n.Set("kind", e.type == SOCK_STREAM ? "tcp" : e.type == SOCK_DGRAM ? "udp" : "");
+    notes.Set(k++, n);
+  }
+  sockets.Set("notes", notes);
+  sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_RELAXED)));
+  out.Set("sockets", sockets);
   return out;
+}
+
+// forgetSocketNotes(path, [ino]): the notes of sockets that are closed.
+Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto list = info[1].As<Napi::Array>();
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    bool lossless;
+    uint64_t ino = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
+    appshot_forget_socket(t.get(), ino);
+  }
+  return env.Undefined();
+}
+
+// noteSocket(path, { ino, level, name, value, port, kind }): what the
+// preload library would have noted of a socket the restore made.
+Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto o = info[1].As<Napi::Object>();
+  bool lossless;
+  uint64_t ino = o.Get("ino").As<Napi::BigInt>().Uint64Value(&lossless);
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  std::string kind = o.Get("kind").As<Napi::String>().Utf8Value();
+  appshot_note_socket(t.get(), ino, o.Get("level").As<Napi::Number>().Int32Value(), o.Get("name").As<Napi::Number>().Int32Value(),
+                      o.Get("value").As<Napi::Number>().Int32Value(), static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value()),
+                      kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0);
+  return env.Undefined();
 }
 
 // bind(path, kind, virtual, system, flags?, owner?)
@@ -473,6 +532,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
+  exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));

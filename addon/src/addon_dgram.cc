@@ -248,6 +248,70 @@ Napi::Value IfIndex(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), if_nametoindex(name.c_str()));
 }
 
+// ifName(index) -> the interface's name, "" when there is none.
+Napi::Value IfName(const Napi::CallbackInfo& info) {
+  char name[IF_NAMESIZE] = "";
+  if (!if_indextoname(static_cast<unsigned>(Int(info[0])), name)) name[0] = 0;
+  return Napi::String::New(info.Env(), name);
+}
+
+// getSockOptBytes(fd, level, name, room) -> Buffer: a socket option that
+// is a struct or a string (SO_LINGER, SO_RCVTIMEO, TCP_CONGESTION...), as
+// many bytes as the kernel gave of at most `room`.
+Napi::Value GetSockOptBytes(const Napi::CallbackInfo& info) {
+  std::vector<uint8_t> buf(static_cast<size_t>(Int(info[3])));
+  socklen_t len = static_cast<socklen_t>(buf.size());
+  if (getsockopt(Int(info[0]), Int(info[1]), Int(info[2]), buf.data(), &len)) {
+    ThrowErrno(info.Env(), "getsockopt", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), buf.data(), len < buf.size() ? len : buf.size());
+}
+
+// getSockOptsBatch(fd, Int32Array [level, name, room]...) -> { data,
+// lengths }: option i's bytes are in `data` at the sum of the rooms before
+// it, `lengths[i]` of them, or -errno when the kernel refused. One
+// crossing and two allocations for the hundred options a snapshot reads of
+// each socket.
+Napi::Value GetSockOptsBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]);
+  auto triples = info[1].As<Napi::Int32Array>();
+  size_t n = triples.ElementLength() / 3, total = 0;
+  for (size_t i = 0; i < n; i++) {
+    int room = triples[i * 3 + 2];
+    if (room <= 0 || room > 4096) {
+      Napi::RangeError::New(env, "getSockOptsBatch: a room of 1 to 4096 bytes").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    total += static_cast<size_t>(room);
+  }
+  auto data = Napi::Buffer<uint8_t>::New(env, total ? total : 1);
+  auto lengths = Napi::Int32Array::New(env, n);
+  size_t at = 0;
+  for (size_t i = 0; i < n; i++) {
+    socklen_t len = static_cast<socklen_t>(triples[i * 3 + 2]);
+    socklen_t room = len;
+    if (getsockopt(fd, triples[i * 3], triples[i * 3 + 1], data.Data() + at, &len))
+      lengths[i] = -errno;
+    else
+      lengths[i] = static_cast<int32_t>(len < room ? len : room);
+    at += room;
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("data", data);
+  out.Set("lengths", lengths);
+  return out;
+}
+
+// setSockOptBytes(fd, level, name, Buffer).
+Napi::Value SetSockOptBytes(const Napi::CallbackInfo& info) {
+  auto b = info[3].As<Napi::Buffer<uint8_t>>();
+  if (setsockopt(Int(info[0]), Int(info[1]), Int(info[2]), b.Data(), static_cast<socklen_t>(b.Length())))
+    ThrowErrno(info.Env(), "setsockopt", errno);
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void RegisterDgram(Napi::Env env, Napi::Object exports) {
@@ -267,6 +331,10 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("multicastFilter", MulticastFilter);
   fn("multicastJoin", MulticastJoin);
   fn("ifIndex", IfIndex);
+  fn("ifName", IfName);
+  fn("getSockOptBytes", GetSockOptBytes);
+  fn("getSockOptsBatch", GetSockOptsBatch);
+  fn("setSockOptBytes", SetSockOptBytes);
 }
 
 }  // namespace appshot

@@ -185,7 +185,7 @@ Napi::Value AddSeals(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only}) -> fd
+// listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?}) -> fd
 Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto o = info[0].As<Napi::Object>();
@@ -210,6 +210,23 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   if (family == AF_INET6) {
     int v6 = o.Get("v6only").ToBoolean() ? 1 : 0;
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6, sizeof v6);
+  }
+  // Options that decide what the bind may do (SO_BINDTODEVICE,
+  // IP_FREEBIND, IP_LOCAL_PORT_RANGE...): [{ level, name, bytes }].
+  Napi::Value early = o.Get("early");
+  if (early.IsArray()) {
+    auto list = early.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      auto e = list.Get(i).As<Napi::Object>();
+      auto b = e.Get("bytes").As<Napi::Buffer<uint8_t>>();
+      int level = Int(e.Get("level")), name = Int(e.Get("name"));
+      if (setsockopt(fd, level, name, b.Data(), static_cast<socklen_t>(b.Length()))) {
+        int err = errno;
+        close(fd);
+        ThrowErrno(env, "setsockopt " + std::to_string(level) + "/" + std::to_string(name), err);
+        return env.Undefined();
+      }
+    }
   }
   int rc;
   std::string what = address + ":" + std::to_string(port);

@@ -503,6 +503,10 @@ export interface SocketOption {
   level: number;
   name: number;
   value: number;
+  /** A struct or string option, set as these bytes (absent: `value`). */
+  raw?: Buffer;
+  /** An interface, by name: its index here is what is set. */
+  device?: string;
 }
 
 export interface Pipe {

@@ -15,7 +15,7 @@ import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
 import type { MessageSchema } from './schema.js';
-import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, VmaKind } from './types.js';
+import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
 /** linux/seccomp.h */
 const SECCOMP_FILTER_FLAG_LOG = 2n;
@@ -52,8 +52,11 @@ export const LIMITS = {
    * at restore): what the snapshot takes (resources/unixdgram.ts). */
   queuedDatagrams: 100_000,
   queuedDatagramBytes: 64 << 20,
-  /** Integer options carried per socket (each is a call at restore). */
-  socketOptions: 32,
+  /** Options carried per socket (each is a call or two at restore; the
+   * kernel has some 120 that a socket of one kind may carry), and the bytes
+   * of a struct one (IPv6's sticky extension headers go up to 2048). */
+  socketOptions: 160,
+  socketOptionBytes: 2048,
   /** A UDP socket's multicast memberships, and the sources of one (each
    * membership is a join at restore; the kernel's own defaults are 20 and
    * 10 for IPv4, 64 for IPv6's sources). */
@@ -294,6 +297,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM];
     if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
     if (fd.socket) checkDatagrams(fd.socket, where);
+    if (fd.tcp) checkOptions(fd.tcp.socketOptions ?? [], where);
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
@@ -321,13 +325,21 @@ function checkDatagrams(s: NonNullable<Fd['socket']>, where: string): void {
   const bytes = datagrams.reduce((n, d) => n + d.data.length, 0);
   if (datagrams.length > LIMITS.queuedDatagrams || bytes > LIMITS.queuedDatagramBytes)
     corrupt(`${where} has ${datagrams.length} datagrams (${bytes} bytes) queued (at most ${LIMITS.queuedDatagrams}, ${LIMITS.queuedDatagramBytes} bytes)`);
-  if ((s.options ?? []).length > LIMITS.socketOptions) corrupt(`${where} carries ${(s.options ?? []).length} socket options (at most ${LIMITS.socketOptions})`);
+  checkOptions(s.options ?? [], where);
   const groups = s.memberships ?? [];
   if (groups.length > LIMITS.multicastMemberships || groups.some((m) => m.sources.length > LIMITS.multicastSources))
     corrupt(`${where} has ${groups.length} multicast memberships, or one with more than ${LIMITS.multicastSources} sources (at most ${LIMITS.multicastMemberships})`);
   if (!((s.shutdown ?? 0) >= 0 && (s.shutdown ?? 0) <= 3)) corrupt(`${where} has shutdown state ${s.shutdown}`);
   if (!((s.peerPort ?? 0) >= 0 && (s.peerPort ?? 0) <= 65535) || datagrams.some((d) => !(d.fromPort >= 0 && d.fromPort <= 65535)))
     corrupt(`${where} names a port above 65535`);
+}
+
+/** A socket's options: bounded in number and size (what each may be is
+ * its kind's to check, resources/sockopts.ts). */
+function checkOptions(options: SocketOption[], where: string): void {
+  if (options.length > LIMITS.socketOptions) corrupt(`${where} carries ${options.length} socket options (at most ${LIMITS.socketOptions})`);
+  if (options.some((o) => (o.raw?.length ?? 0) > LIMITS.socketOptionBytes || (o.device?.length ?? 0) > 15))
+    corrupt(`${where} carries a socket option of more than ${LIMITS.socketOptionBytes} bytes, or an interface name longer than 15`);
 }
 
 /** A descriptor's file locks: of a kind the restore takes, on a file or a

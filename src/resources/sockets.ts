@@ -23,7 +23,9 @@ import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from 
 import type { KeptSockets } from './keeper.js';
 import { connectionName } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { dumpUnixDgram, queuedMessages, removeStale, shut } from './unixdgram.js';
+import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
+import { applyExtras, earlyBytes, forgetClosed, isCarriedExtra, noted, readExtras, type SockKind } from './sockopts.js';
+import type { TablesSnapshot } from '../native.js';
 
 interface InetEntry {
   family: number;
@@ -48,6 +50,13 @@ const SO_ACCEPTCON = 0x10000;
 const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
 const SOCK_SEQPACKET = 5;
+/** What a listener carries in its own fields (reuseaddr, reuseport, v6only),
+ * not among its options. */
+const BASE_OPTIONS: [number, number][] = [
+  [1, 2], // SO_REUSEADDR
+  [1, 15], // SO_REUSEPORT
+  [41, 26], // IPV6_V6ONLY
+];
 
 /** The descriptor kind of a socket describe() returned. */
 export function socketKind(s: Socket): number {
@@ -140,14 +149,17 @@ export class SocketTable {
 
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
-  describe(pid: number, fd: number, ino: bigint, what: string): Socket {
+  describe(pid: number, fd: number, ino: bigint, what: string, seen: TablesSnapshot['sockets'] = { notes: [], lost: 0 }): Socket {
     const dup = addon().getFd(pid, fd);
-    let opts;
     try {
-      opts = addon().sockInfo(dup);
+      return this.describeDup(pid, fd, dup, ino, what, seen);
     } finally {
       closeSync(dup);
     }
+  }
+
+  private describeDup(pid: number, fd: number, dup: number, ino: bigint, what: string, seen: NonNullable<TablesSnapshot['sockets']>): Socket {
+    const opts = addon().sockInfo(dup);
     const base: Socket = {
       ino,
       family: opts.family,
@@ -162,46 +174,46 @@ export class SocketTable {
       reuseport: opts.reuseport,
       v6only: opts.v6only,
     };
+    // Options the application set beyond those above (sockopts.ts), for
+    // the stream and record kinds made here; a filter of its own refused.
+    const extras = (kind: SockKind, where: string) => {
+      refuseOwnFilter(dup, where);
+      return readExtras(dup, kind, opts.family, opts.type, BASE_OPTIONS, where);
+    };
     if (opts.family === AF_UNIX) {
       this.loadUnix();
       const u = this.unix.get(ino);
       const d = this.diag.get(ino);
-      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0 };
+      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`) };
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
       if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: an unconnected unix ${typeName} socket cannot be captured yet`);
+      const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
       if (opts.type === SOCK_SEQPACKET) {
-        const dup = addon().getFd(pid, fd);
-        try {
-          const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`);
-          return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown };
-        } finally {
-          closeSync(dup);
-        }
+        const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`);
+        return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options };
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
       let queued: Buffer = Buffer.alloc(0);
-      if (d.rqueue) {
-        const peek = addon().getFd(pid, fd);
-        try {
-          queued = addon().peekSocket(peek, d.rqueue);
-        } finally {
-          closeSync(peek);
-        }
-      }
+      if (d.rqueue) queued = addon().peekSocket(dup, d.rqueue);
       // Whether the peer is in the application is known only when every
       // process has been seen: the driver checks (checkUnixPeers).
       // Its shutdown state too (sk_shutdown, which shutdown() on either end
       // sets on both, mirrored): pairEnd shuts the new pair down alike.
-      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown };
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
       this.loadUdp();
-      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what);
+      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what, seen.notes, seen.lost);
     }
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = opts.type === SOCK_STREAM ? this.tcpSocket(pid, fd, ino) : undefined;
-      if (e && e.state === TCP_LISTEN) return { ...base, address: e.address, port: e.port, listening: true, backlog: e.backlog };
+      if (e && e.state === TCP_LISTEN) {
+        const where = `${what} fd ${fd}: the TCP socket listening at ${e.address.includes(':') ? `[${e.address}]` : e.address}:${e.port}`;
+        const options = extras('listen', where);
+        noted(seen.notes, seen.lost, ino, 'listen', e.port, opts.reuseport, options, where);
+        return { ...base, address: e.address, port: e.port, listening: true, backlog: e.backlog, options };
+      }
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
@@ -234,6 +246,14 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
       Object.assign(s.socket, { kept: true, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [] });
     }
   }
+}
+
+/** Once every process is seen: the notes of sockets that none of them
+ * holds (closed since the preload library noted them) leave the tables,
+ * whose room for notes is small (sockopts.ts). */
+export function forgetClosedSockets(ctx: DumpContext): void {
+  const inImage = new Set(ctx.image.processes.flatMap((p) => p.fds.flatMap((f) => [f.socket?.ino, f.tcp?.ino]).filter((i): i is bigint => i !== undefined)));
+  forgetClosed(ctx.tablesPath, ctx.tables.sockets?.notes ?? [], inImage);
 }
 
 /** Before anything is made: every socket the image says a keeper held is
@@ -270,15 +290,19 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     // conflict, named.
     if (fd.kind === FdKind.UNIX_SOCKET && s.address.startsWith('/') && isSocketFile(s.address) && removeStale(s.address, SOCK_STREAM))
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${s.address}: a live socket listens there`, ExitCode.conflict);
+    const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
+    check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket(address));
+      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where) }));
     } catch (e) {
+      if (e instanceof AppshotError) throw e;
       // Shared only among sockets that all ask for it: the template's
       // own application, say, did not.
       const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
+    applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
@@ -328,6 +352,12 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     // Seqpacket records, each whole.
     for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
     for (const d of peer.datagrams ?? []) addon().sockSend(a, d.data, null);
+    // After the queues: a peek offset set before would skip bytes, a
+    // small buffer would not take them.
+    check(s, 'unix-stream', `fd ${fd.fd}: a connected unix socket`);
+    check(peer, 'unix-stream', `fd ${fd.fd}: a connected unix socket's peer`);
+    applyExtras(a, s.options ?? [], BASE_OPTIONS, false, `fd ${fd.fd}: a connected unix socket`);
+    applyExtras(b, peer.options ?? [], BASE_OPTIONS, false, `fd ${fd.fd}: a connected unix socket's peer`);
     shut(a, s.shutdown ?? 0);
     shut(b, peer.shutdown ?? 0);
     h.remember(`socket ${peer.ino}`, b);
@@ -335,4 +365,10 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   });
   addon().setStatusFlags(end, fd.flags);
   return end;
+}
+
+/** An image may come from anyone: only the catalogue's options, well formed. */
+function check(s: Socket, kind: SockKind, where: string): void {
+  for (const o of s.options ?? [])
+    if (!isCarriedExtra(kind, s.family, BASE_OPTIONS, o)) throw new AppshotError(`corrupt image: ${where} carries socket option ${o.level}/${o.name}, which appshot does not set`);
 }

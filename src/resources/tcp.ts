@@ -54,6 +54,7 @@ import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js
 import { addon, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
+import { applyExtras, extrasOf, isCarriedExtra, noted, type Notes, readExtras, refuseUlp } from './sockopts.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -69,6 +70,7 @@ const TCP_STATES = ['', 'ESTABLISHED', 'SYN_SENT', 'SYN_RECV', 'FIN_WAIT1', 'FIN
 
 const SOL_SOCKET = 1;
 const IPPROTO_TCP = 6;
+const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
 
 /** The integer options a connection carries over: what the application
@@ -120,7 +122,7 @@ export class HeldConnections {
   constructor(private readonly keeper: SocketsForKeeper) {}
 
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
-  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string): TcpConnection {
+  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = []): TcpConnection {
     const known = this.dumped.get(ino);
     if (known) return known;
     const [peerAddress, peerPort] = splitRemote(seen.remote);
@@ -128,6 +130,8 @@ export class HeldConnections {
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
     if (!KEPT_STATES.has(seen.state))
       throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
+    // What the preload library saw set and nothing reads back (MD5 keys).
+    noted(notes, 0, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = addon().getFd(pid, fd);
     try {
@@ -153,6 +157,10 @@ export class HeldConnections {
     const held = { fd: dup, options, locked: false };
     this.held.set(ino, held);
     let c: RepairedConnection;
+    // The rest of what the application set (sockopts.ts); kernel TLS and
+    // other upper layers refused by name.
+    refuseUlp(dup, where);
+    const extras = readExtras(dup, 'tcp', seen.family, SOCK_STREAM, CARRIED_OPTIONS, where);
     try {
       // What the peer sends from now on is dropped, not acknowledged: it
       // would be missing from the image. The peer sends it again, to the
@@ -170,7 +178,7 @@ export class HeldConnections {
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
     if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
-    return this.remember(ino, { ...c, ino, closed: false, socketOptions: options });
+    return this.remember(ino, { ...c, ino, closed: false, socketOptions: [...options, ...extras] });
   }
 
   private remember(ino: bigint, c: TcpConnection): TcpConnection {
@@ -293,7 +301,14 @@ export class ConnectionMaker {
         addon().tcpRepair(m.fd, -1);
       } else addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;
-      for (const o of m.c.socketOptions) addon().setSockOpt(m.fd, o.level, o.name, o.value);
+      const extras = extrasOf(m.c.socketOptions, CARRIED_OPTIONS);
+      for (const o of m.c.socketOptions) if (!extras.includes(o)) addon().setSockOpt(m.fd, o.level, o.name, o.value);
+      if (!m.kept) {
+        // A kept socket is the original, its options its own already.
+        const where = `the TCP connection ${connectionName(m.c)}`;
+        applyExtras(m.fd, extras, CARRIED_OPTIONS, true, where);
+        applyExtras(m.fd, extras, CARRIED_OPTIONS, false, where);
+      }
       if (!m.kept && m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
   }
@@ -347,5 +362,6 @@ function check(c: TcpConnection, what: string): void {
   if (!KEPT_STATES.has(c.state)) throw bad(`is in state ${c.state}`);
   if (c.unsent > c.sendQueue.length) throw bad('has more unsent bytes than its send queue holds');
   for (const o of c.socketOptions)
-    if (!CARRIED_OPTIONS.some(([level, name]) => level === o.level && name === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
+    if (!CARRIED_OPTIONS.some(([level, name]) => level === o.level && name === o.name) && !isCarriedExtra('tcp', c.family, CARRIED_OPTIONS, o))
+      throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
 }

@@ -21,7 +21,7 @@
  * once it is bound. A packet filter of the application's own, classic or
  * eBPF, is refused by name (unixdgram.ts, refuseOwnFilter).
  */
-import { closeSync } from 'node:fs';
+import { closeSync, fstatSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Fd, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
@@ -29,6 +29,7 @@ import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
+import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, type Notes, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -77,7 +78,9 @@ export interface SeenUdp {
 
 /* ---- dump --------------------------------------------------------------- */
 
-export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, seen: SeenUdp | undefined, what: string): Socket {
+/** `notes`, `lost`: what the preload library noted of the application's
+ * sockets (sockopts.ts). */
+export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, seen: SeenUdp | undefined, what: string, notes: Notes = [], lost = 0): Socket {
   const dup = addon().getFd(pid, fd);
   try {
     const own = parseSockaddr(addon().sockName(dup));
@@ -87,6 +90,11 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     const where = `${what} fd ${fd}: the UDP socket ${own.port ? at(own.address, own.port) : '(unbound)'}`;
     refuseOwnFilter(dup, where);
     const options = readOptions(dup, carried(family));
+    // The rest of what the application set (sockopts.ts), and what only
+    // the preload library saw.
+    const extras = readExtras(dup, 'udp', family, SOCK_DGRAM, carried(family), where);
+    const reuseport = !!options.find((o) => o.level === SOL_SOCKET && o.name === 15)?.value;
+    noted(notes, lost, ino, 'udp', own.port, reuseport, extras, where);
     if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
       throw new Unsupported(`${where} is corked (UDP_CORK) with ${seen!.txQueue} bytes of a datagram not yet sent, which cannot be captured`);
     return {
@@ -106,7 +114,7 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
       peerPort: peer?.port ?? 0,
       datagrams: queuedMessages(dup, where),
       shutdown: seen?.shutdown ?? 0,
-      options,
+      options: [...options, ...extras],
       memberships: readMemberships(pid, dup, family, where),
     };
   } finally {
@@ -129,13 +137,16 @@ export function openUdp(h: RestoreContext, p: Process, fd: Fd): number {
 function make(h: RestoreContext, s: Socket, what: string): number {
   check(s, what);
   const sock = h.keep(addon().sockOpen(s.family, SOCK_DGRAM));
-  const options = s.options ?? [];
+  const all = s.options ?? [];
+  const extras = extrasOf(all, carried(s.family));
+  const options = all.filter((o) => !extras.includes(o));
   const early = options.filter((o) => isBeforeBind(o.level, o.name));
   const late = options.filter((o) => !isBeforeBind(o.level, o.name) && !(o.level === IPPROTO_UDP && o.name === UDP_CORK));
-  for (const o of early) addon().setSockOpt(sock, o.level, o.name, o.value);
-  setOptions(sock, late, false); // buffer sizes, before the queue is filled
   const own = { family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port };
   const name = `${own.address.includes(':') ? `[${own.address}]` : own.address}:${own.port}`;
+  for (const o of early) addon().setSockOpt(sock, o.level, o.name, o.value);
+  applyExtras(sock, extras, carried(s.family), true, `${what}: the UDP socket ${name}`);
+  setOptions(sock, late, false); // buffer sizes, before the queue is filled
   if (s.port) {
     try {
       addon().sockBind(sock, makeSockaddr(own));
@@ -158,6 +169,9 @@ function make(h: RestoreContext, s: Socket, what: string): number {
   }
   // Loopback delivers synchronously: every datagram is queued by now.
   setOptions(sock, late, true);
+  applyExtras(sock, extras, carried(s.family), false, `${what}: the UDP socket ${name}`);
+  applyMulticastIndex(sock, extras, `${what}: the UDP socket ${name}`);
+  if (extras.some(isMulticastIndex)) noteMulticastIndex(h, sock, s);
   const cork = options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK);
   if (cork?.value) addon().setSockOpt(sock, IPPROTO_UDP, UDP_CORK, cork.value);
   if (s.peerAddress) {
@@ -169,6 +183,15 @@ function make(h: RestoreContext, s: Socket, what: string): number {
   }
   shut(sock, s.shutdown ?? 0);
   return sock;
+}
+
+/** The restored socket's IPv4 multicast interface, chosen by index, is
+ * noted in the new tables as the preload library noted the original's:
+ * the kernel does not show it to the next snapshot either. */
+function noteMulticastIndex(h: RestoreContext, sock: number, s: Socket): void {
+  const o = (s.options ?? []).find((x) => x.level === IPPROTO_IP && x.name === IP_MULTICAST_IF_INDEX)!;
+  const ino = fstatSync(sock, { bigint: true }).ino;
+  addon().noteSocket(h.tablesPath, { ino, level: IPPROTO_IP, name: IP_MULTICAST_IF_INDEX - 0x10000, value: addon().ifIndex(o.device!), port: s.port, kind: 'udp' });
 }
 
 /** Where a queued datagram is sent from and to: its sender, and the
@@ -205,5 +228,7 @@ function check(s: Socket, what: string): void {
   }
   const memberships = membershipsProblem(s.family, s.memberships ?? []);
   if (memberships) throw bad(memberships);
-  for (const o of s.options ?? []) if (!carried(s.family).some(([l, n]) => l === o.level && n === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
+  for (const o of s.options ?? [])
+    if (!carried(s.family).some(([l, n]) => l === o.level && n === o.name) && !isCarriedExtra('udp', s.family, carried(s.family), o) && !isMulticastIndex(o))
+      throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
 }

@@ -37,6 +37,7 @@ import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
+import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -135,7 +136,7 @@ export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer
       peerPort: 0,
       datagrams: queuedMessages(dup, where),
       shutdown: diag?.shutdown ?? 0,
-      options: readOptions(dup, UNIX_OPTIONS),
+      options: [...readOptions(dup, UNIX_OPTIONS), ...readExtras(dup, 'unix-dgram', AF_UNIX, SOCK_DGRAM, UNIX_OPTIONS, where)],
     };
   } finally {
     closeSync(dup);
@@ -166,12 +167,16 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     check(s, what);
     const peer = s.peerIno ? socketOf(h, s.peerIno) : undefined;
     if (s.peerIno && !peer) throw new AppshotError(`corrupt image: ${what}: the image lacks the peer of a unix datagram socket`);
-    if (peer && !s.address && !peer.address && peer.peerIno === s.ino) return madePair(h, s, peer);
+    if (peer && !s.address && !peer.address && peer.peerIno === s.ino) {
+      check(peer, what);
+      return madePair(h, s, peer);
+    }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
-    setOptions(sock, s.options ?? [], false);
+    setOptions(sock, ownOptions(s), false);
     if (s.address) bindName(sock, s.address, what);
     for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
-    setOptions(sock, s.options ?? [], true);
+    setOptions(sock, ownOptions(s), true);
+    applyExtras(sock, s.options ?? [], UNIX_OPTIONS, false, `${what}: a unix datagram socket`);
     return sock;
   });
 }
@@ -186,14 +191,15 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
     [s, b, a],
     [peer, a, b],
   ] as const) {
-    setOptions(sock, end.options ?? [], false);
+    setOptions(sock, ownOptions(end), false);
     for (const d of end.datagrams ?? []) addon().sockSend(other, d.data, null);
   }
   for (const [end, sock] of [
     [s, a],
     [peer, b],
   ] as const) {
-    setOptions(sock, end.options ?? [], true);
+    setOptions(sock, ownOptions(end), true);
+    applyExtras(sock, end.options ?? [], UNIX_OPTIONS, false, 'a unix datagram socket pair');
     h.remember(`connected ${end.ino}`, true);
     shut(sock, end.shutdown ?? 0);
   }
@@ -346,11 +352,18 @@ export function setOptions(sock: number, options: SocketOption[], late: boolean)
   }
 }
 
+/** The options this kind sets itself (the others are sockopts.ts's). */
+function ownOptions(s: Socket): SocketOption[] {
+  return (s.options ?? []).filter((o) => UNIX_OPTIONS.some(([l, n]) => l === o.level && n === o.name));
+}
+
 /** An image may come from anyone. */
 function check(s: Socket, what: string): void {
   const bad = (why: string) => new AppshotError(`corrupt image: ${what}: a unix datagram socket ${why}`);
   if (s.family !== AF_UNIX || s.type !== SOCK_DGRAM) throw bad(`of family ${s.family} and type ${s.type}`);
   for (const name of [s.address, s.peerAddress ?? ''])
     if (name && (!unixNameFits(name) || (!name.startsWith('@') && !name.startsWith('/')))) throw bad(`names ${JSON.stringify(name)}`);
-  for (const o of s.options ?? []) if (!UNIX_OPTIONS.some(([l, n]) => l === o.level && n === o.name)) throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
+  for (const o of s.options ?? [])
+    if (!UNIX_OPTIONS.some(([l, n]) => l === o.level && n === o.name) && !isCarriedExtra('unix-dgram', AF_UNIX, UNIX_OPTIONS, o))
+      throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
 }

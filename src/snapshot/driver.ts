@@ -30,7 +30,7 @@ import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { dumpProcess } from '../resources/process.js';
 import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
-import { checkUnixPeers, SocketTable } from '../resources/sockets.js';
+import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
@@ -243,6 +243,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
+  timed('socket notes', () => forgetClosedSockets(ctx));
   timed('ptys', () => dumpPtys(ctx));
   timed('sysv', () => Object.assign(ctx.image, dumpSysv(ctx)));
   // Read again if threads never seen by name got their virtual TIDs above;
