@@ -306,31 +306,62 @@ function triplesOf(specs: readonly Spec[]): Int32Array {
   return t;
 }
 
-/** Options read as the image records them, in one call to the kernel per
- * option and one crossing into the addon; undefined for one the kernel
+/** Where each option's bytes start in a batch's data. */
+const offsetsCache = new WeakMap<readonly Spec[], Int32Array>();
+function offsetsOf(specs: readonly Spec[]): Int32Array {
+  let o = offsetsCache.get(specs);
+  if (!o) {
+    o = new Int32Array(specs.length);
+    let at = 0;
+    for (const [i, s] of specs.entries()) {
+      o[i] = at;
+      at += roomOf(s);
+    }
+    offsetsCache.set(specs, o);
+  }
+  return o;
+}
+
+/** The raw answers for `specs`: one call to the kernel per option, one
+ * crossing into the addon. */
+type RawBatch = { data: Buffer; lengths: Int32Array | number[] };
+const readRaw = (fd: number, specs: readonly Spec[]): RawBatch => addon().getSockOptsBatch(fd, triplesOf(specs));
+
+/** Option i of a raw batch as the image records it; undefined for one the
+ * kernel does not have for this socket. */
+function decode(specs: readonly Spec[], raw: RawBatch, i: number): SocketOption | undefined {
+  const s = specs[i];
+  const { data, lengths } = raw;
+  const from = offsetsOf(specs)[i];
+  if (lengths[i] < 0) {
+    if (IGNORED.has(-lengths[i])) return undefined;
+    throw Object.assign(new Error(`getsockopt ${s.label}: errno ${-lengths[i]}`), { errno: -lengths[i] });
+  }
+  const got = data.subarray(from, from + lengths[i]);
+  // A copy: the image keeps it, and `data` is one allocation for all.
+  if (typeof s.form === 'object') return { level: s.level, name: s.name, value: 0, raw: Buffer.from(got) };
+  if (s.form === 'ifname') {
+    const end = got.indexOf(0);
+    return { level: s.level, name: s.name, value: 0, device: got.subarray(0, end < 0 ? got.length : end).toString('utf8') };
+  }
+  const value = got.length >= 4 ? data.readInt32LE(from) : got.length ? got[0] : 0;
+  if (s.form === 'int') return { level: s.level, name: s.name, value };
+  return { level: s.level, name: s.name, value: s.form === 'ifindex-be' ? ntohl(value) : value, device: '' };
+}
+
+/** Whether option i reads back the same bytes in two batches. */
+function sameRaw(specs: readonly Spec[], a: RawBatch, b: RawBatch, i: number): boolean {
+  if (a.lengths[i] !== b.lengths[i]) return false;
+  if (a.lengths[i] < 0) return true;
+  const from = offsetsOf(specs)[i];
+  return a.data.compare(b.data, from, from + a.lengths[i], from, from + a.lengths[i]) === 0;
+}
+
+/** Options read as the image records them; undefined for one the kernel
  * does not have for this socket. */
 function readMany(fd: number, specs: readonly Spec[]): (SocketOption | undefined)[] {
-  const triples = triplesOf(specs);
-  const { data, lengths } = addon().getSockOptsBatch(fd, triples);
-  let at = 0;
-  return specs.map((s, i) => {
-      const from = at;
-      at += roomOf(s);
-      if (lengths[i] < 0) {
-        if (IGNORED.has(-lengths[i])) return undefined;
-        throw Object.assign(new Error(`getsockopt ${s.label}: errno ${-lengths[i]}`), { errno: -lengths[i] });
-      }
-      const got = data.subarray(from, from + lengths[i]);
-      // A copy: the image keeps it, and `data` is one allocation for all.
-      if (typeof s.form === 'object') return { level: s.level, name: s.name, value: 0, raw: Buffer.from(got) };
-      if (s.form === 'ifname') {
-        const end = got.indexOf(0);
-        return { level: s.level, name: s.name, value: 0, device: got.subarray(0, end < 0 ? got.length : end).toString('utf8') };
-      }
-      const value = got.length >= 4 ? data.readInt32LE(from) : got.length ? got[0] : 0;
-      if (s.form === 'int') return { level: s.level, name: s.name, value };
-      return { level: s.level, name: s.name, value: s.form === 'ifindex-be' ? ntohl(value) : value, device: '' };
-    });
+  const raw = readRaw(fd, specs);
+  return specs.map((_, i) => decode(specs, raw, i));
 }
 
 function readOne(fd: number, s: Spec): SocketOption | undefined {
@@ -366,12 +397,14 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
     } catch {
       /* a kernel without SO_BUF_LOCK: buffers set by setsockopt lock them anyway, not shown */
     }
-    const read = readMany(dup, specs);
+    const raw = readRaw(dup, specs);
     for (const [i, s] of specs.entries()) {
       if (s.lockBit && !(locks & s.lockBit)) continue;
-      const mine = read[i];
+      // Most options are a fresh socket's: compared as bytes, not decoded.
+      if (sameRaw(specs, raw, defaults.raw, i)) continue;
+      const mine = decode(specs, raw, i);
       if (!mine) continue;
-      const theirs = defaults.get(s);
+      const theirs = defaults.values.get(s);
       if (theirs && same(mine, theirs)) continue;
       // An interface index: by name, the index of that name on the
       // restoring node is set.
@@ -388,19 +421,24 @@ export function readExtras(dup: number, kind: SockKind, family: number, type: nu
  * at most (a snapshot of many sockets asks for them again and again; a
  * sysctl that changes a default is seen within the second). */
 const FRESH_TTL_MS = 1000;
-const freshCache = new Map<string, { at: number; specs: Spec[]; values: Map<Spec, SocketOption | undefined> }>();
+interface Fresh {
+  values: Map<Spec, SocketOption | undefined>;
+  raw: RawBatch;
+}
+const freshCache = new Map<string, { at: number; specs: Spec[] } & Fresh>();
 
-function freshDefaults(kind: SockKind, family: number, type: number, specs: Spec[]): Map<Spec, SocketOption | undefined> {
+function freshDefaults(kind: SockKind, family: number, type: number, specs: Spec[]): Fresh {
   const key = `${kind}/${family}/${type}`;
   const known = freshCache.get(key);
   const now = Date.now();
-  if (known && now - known.at < FRESH_TTL_MS && known.specs === specs) return known.values;
+  if (known && now - known.at < FRESH_TTL_MS && known.specs === specs) return known;
   const fresh = addon().sockOpen(family, type);
   try {
-    const read = readMany(fresh, specs);
-    const values = new Map(specs.map((s, i) => [s, read[i]] as const));
-    freshCache.set(key, { at: now, specs, values });
-    return values;
+    const raw = readRaw(fresh, specs);
+    const values = new Map(specs.map((s, i) => [s, decode(specs, raw, i)] as const));
+    const entry = { at: now, specs, values, raw };
+    freshCache.set(key, entry);
+    return entry;
   } finally {
     closeSync(fresh);
   }
