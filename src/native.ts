@@ -172,6 +172,8 @@ interface Addon {
   crc32c(data: Buffer, seed?: number): number;
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
+  /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
+  fdEntries(pid: number): { fd: number; target: string; info: string }[];
   getFd(pid: number, fd: number): number;
   /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */

@@ -11,7 +11,7 @@
  * (after every process is read). Anything else is refused
  * by name.
  */
-import { constants as fs, openSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
+import { constants as fs, openSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
@@ -37,9 +37,8 @@ const O_WRONLY = 1;
 const O_CLOEXEC = 0o2000000;
 const PROC_PID = /^\/proc\/(\d+)(?=\/|$)/;
 
-function fdinfo(pid: number, fd: number): Map<string, string> {
+function parseFdinfo(text: string): Map<string, string> {
   const out = new Map<string, string>();
-  const text = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
   for (const line of text.split('\n')) {
     const i = line.indexOf(':');
     if (i > 0 && !out.has(line.slice(0, i))) out.set(line.slice(0, i), line.slice(i + 1).trim());
@@ -59,16 +58,11 @@ function lockLinesOf(text: string): string[] {
 
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable): Fd[] {
   const fds: Fd[] = [];
-  const numbers = readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
-  for (const n of numbers) {
-    let target: string;
-    let info: Map<string, string>;
-    try {
-      target = readlinkSync(`/proc/${pid}/fd/${n}`);
-      info = fdinfo(pid, n);
-    } catch {
-      continue; // closed meanwhile (impossible while frozen, but cheap to allow)
-    }
+  // Closed meanwhile (impossible while frozen, but cheap to allow): left out.
+  for (const entry of addon().fdEntries(pid)) {
+    const n = entry.fd;
+    const target = entry.target;
+    const info = parseFdinfo(entry.info);
     if (target === 'anon_inode:[userfaultfd]' && ctx.trackingFds.includes(n)) continue; // appshot's own
     const lockLines = lockLinesOf((info as Map<string, string> & { raw: string }).raw);
     if (lockLines.length) ctx.fdLockLines.set(`${pid}:${n}`, lockLines);
@@ -97,7 +91,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
-      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets?.notes);
+      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets?.notes, sockets.takeDup(BigInt(bracket![2])));
     } else if (bracket && bracket[1] === 'socket') {
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);

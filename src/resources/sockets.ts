@@ -124,21 +124,42 @@ export class SocketTable {
     }
   }
 
+  /** The duplicate of each socket asked about (by inode), until the dump
+   * of its kind takes it (takeDup) or the table is closed: one copy of the
+   * descriptor per socket, not one per question. */
+  private readonly dups = new Map<bigint, number>();
+
   /** The TCP socket behind `fd` of `pid`, asked once; undefined for a
    * socket of another kind. */
   private tcpSocket(pid: number, fd: number, ino: bigint): (InetEntry & { backlog: number }) | undefined {
     const known = this.tcp.get(ino);
     if (known) return known;
-    const dup = addon().getFd(pid, fd);
-    try {
-      const { family, type } = addon().sockInfo(dup);
-      if ((family !== AF_INET && family !== AF_INET6) || type !== SOCK_STREAM) return undefined;
-      const e = { family, ...addon().tcpEndpoint(dup) };
-      this.tcp.set(ino, e);
-      return e;
-    } finally {
-      closeSync(dup);
-    }
+    const dup = this.dupOf(pid, fd, ino);
+    const { family, type } = addon().sockInfo(dup);
+    if ((family !== AF_INET && family !== AF_INET6) || type !== SOCK_STREAM) return undefined;
+    const e = { family, ...addon().tcpEndpoint(dup) };
+    this.tcp.set(ino, e);
+    return e;
+  }
+
+  private dupOf(pid: number, fd: number, ino: bigint): number {
+    let dup = this.dups.get(ino);
+    if (dup === undefined) this.dups.set(ino, (dup = addon().getFd(pid, fd)));
+    return dup;
+  }
+
+  /** The duplicate of socket `ino` made while asking about it, now the
+   * caller's to close; undefined if none was made. */
+  takeDup(ino: bigint): number | undefined {
+    const dup = this.dups.get(ino);
+    this.dups.delete(ino);
+    return dup;
+  }
+
+  /** Closes the duplicates no dump took. */
+  close(): void {
+    for (const dup of this.dups.values()) closeSync(dup);
+    this.dups.clear();
   }
 
   /** A TCP socket that is not listening (tcp.ts captures it), or undefined. */
@@ -150,7 +171,7 @@ export class SocketTable {
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
   describe(pid: number, fd: number, ino: bigint, what: string, seen: TablesSnapshot['sockets'] = { notes: [], lost: 0 }): Socket {
-    const dup = addon().getFd(pid, fd);
+    const dup = this.takeDup(ino) ?? addon().getFd(pid, fd);
     try {
       return this.describeDup(pid, fd, dup, ino, what, seen);
     } finally {

@@ -122,7 +122,23 @@ export class HeldConnections {
   constructor(private readonly keeper: SocketsForKeeper) {}
 
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
-  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = []): TcpConnection {
+  /** `given`: a duplicate of the socket made already (SocketTable), now
+   * this dump's: kept in repair mode, or closed. */
+  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = [], given?: number): TcpConnection {
+    let spare = given;
+    const duplicate = () => {
+      const d = spare ?? addon().getFd(pid, fd);
+      spare = undefined;
+      return d;
+    };
+    try {
+      return this.dumpWith(fd, ino, seen, what, notes, duplicate);
+    } finally {
+      if (spare !== undefined) closeSync(spare);
+    }
+  }
+
+  private dumpWith(fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes, duplicate: () => number): TcpConnection {
     const known = this.dumped.get(ino);
     if (known) return known;
     const [peerAddress, peerPort] = splitRemote(seen.remote);
@@ -133,7 +149,7 @@ export class HeldConnections {
     // What the preload library saw set and nothing reads back (MD5 keys).
     noted(notes, 0, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
-    const dup = addon().getFd(pid, fd);
+    const dup = duplicate();
     try {
       addon().tcpRepair(dup, 1);
     } catch (e) {

@@ -220,7 +220,14 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         const th = proc.threads[i];
         t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
       });
-      proc.fds = timed('files', () => dumpFds(ctx, pid, what, new SocketTable(pid)));
+      proc.fds = timed('files', () => {
+        const sockets = new SocketTable(pid);
+        try {
+          return dumpFds(ctx, pid, what, sockets);
+        } finally {
+          sockets.close();
+        }
+      });
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
