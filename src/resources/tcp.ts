@@ -95,7 +95,7 @@ export function connectionName(c: { localAddress: string; localPort: number; pee
   return `${at(c.localAddress, c.localPort)} → ${at(c.peerAddress, c.peerPort)}`;
 }
 
-/** Where /proc/net/tcp saw a connection, for messages and for --tcp-close. */
+/** A connection as the socket itself told it (SocketTable: TCP_INFO, getsockname, getpeername), for messages and for --tcp-close. */
 export interface SeenConnection {
   family: number;
   address: string;
