@@ -178,6 +178,23 @@ describe('the resident engine', () => {
     const off = native(['ps', '-q'], { APPSHOT_ENGINE: 'off' });
     expect({ code: off.code, stdout: off.stdout }).toEqual({ code: 0, stdout: 'nat\n' });
     expect(served()).toBe(before);
+    // A shell's lower soft limit on descriptors: Node raises it to the hard
+    // one as it starts, and so does the client, or the engine would refuse
+    // it as a client in another context.
+    const hard = spawnSync('sh', ['-c', 'ulimit -Hn'], { encoding: 'utf8' }).stdout.trim();
+    if (hard !== 'unlimited' && Number(hard) > 256) {
+      const served0 = served();
+      const low = spawnSync('prlimit', [`--nofile=256:${hard}`, bin, 'ps', '-q'], { cwd: out, env: sb.env, encoding: 'utf8' });
+      expect({ code: low.status, stdout: low.stdout, stderr: low.stderr }).toEqual({ code: 0, stdout: 'nat\n', stderr: '' });
+      expect(served()).toBe(served0 + 1);
+    }
+    // A request the engine will not read (over 1 MiB) is closed on the
+    // client before it is accepted: the command runs in Node, with Node's
+    // answer, not a client killed by SIGPIPE.
+    const huge = ['ps', ...Array.from({ length: 12 }, () => 'x'.repeat(100_000))];
+    const bigHere = inProcess(huge);
+    const bigNative = native(huge);
+    expect({ code: bigNative.code, signal: bigNative.signal, stderr: bigNative.stderr }).toEqual({ code: bigHere.code, signal: null, stderr: bigHere.stderr });
     // No engine: Node runs the command.
     await stopEngine();
     const alone = native(['ps', '-q'], { APPSHOT_ENGINE: 'manual' });

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -193,7 +194,10 @@ static void build_request(struct text *t, int argc, char **argv) {
   }
   puts_(t, "],\"cwd\":");
   char cwd[PATH_MAX];
-  put_string(t, getcwd(cwd, sizeof cwd) ? cwd : "/");
+  /* A directory gone (or a path too long): Node's client fails on it,
+   * as the command run in Node will say; never "/" instead. */
+  if (!getcwd(cwd, sizeof cwd)) run_in_node();
+  put_string(t, cwd);
   puts_(t, ",\"env\":{");
   int first = 1;
   for (char **e = environ; *e; e++) {
@@ -231,11 +235,45 @@ static void build_request(struct text *t, int argc, char **argv) {
   puts_(t, "}\n");
 }
 
-static int write_all(int fd, const void *buf, size_t n) {
-  const char *p = buf;
+static volatile sig_atomic_t g_interrupts, g_last_signal;
+static int g_told;
+static sigset_t g_unblocked;
+
+static void on_signal(int sig) {
+  g_interrupts++;
+  g_last_signal = sig;
+}
+
+/* Ctrl-C (or SIGTERM): the command's interruption, told once; a second
+ * one leaves at once. */
+static void heed_signals(int s) {
+  if (g_interrupts <= g_told) return;
+  if (g_told) _exit(g_last_signal == SIGINT ? 130 : 143);
+  g_told = g_interrupts;
+  send(s, "interrupt\n", 10, MSG_NOSIGNAL);
+}
+
+/* Waits until fd is ready for `events`, hearing signals meanwhile:
+ * SIGINT and SIGTERM are blocked but while waiting here, so none is
+ * missed between a check and a blocking call. */
+static void wait_ready(int s, int fd, short events) {
+  struct pollfd p = {.fd = fd, .events = events};
+  for (;;) {
+    heed_signals(s);
+    int r = ppoll(&p, 1, NULL, &g_unblocked);
+    if (r > 0) return;
+    if (r < 0 && errno != EINTR) return;
+  }
+}
+
+/* All of buf to fd (standard output or error), a pipe's atomic size at a
+ * time once it has room, so that a reader that does not read never keeps
+ * a Ctrl-C from being heard. */
+static int write_out(int s, int fd, const unsigned char *p, size_t n) {
   while (n) {
-    ssize_t w = write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
+    wait_ready(s, fd, POLLOUT);
+    ssize_t w = write(fd, p, n < 4096 ? n : 4096);
+    if (w < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (w <= 0) return -1;
     p += w;
     n -= (size_t)w;
@@ -243,18 +281,19 @@ static int write_all(int fd, const void *buf, size_t n) {
   return 0;
 }
 
-static volatile sig_atomic_t g_interrupts, g_last_signal;
-
-static void on_signal(int sig) {
-  g_interrupts++;
-  g_last_signal = sig;
-}
-
 int main(int argc, char **argv) {
   g_argv = argv;
   g_argc = argc;
   const char *mode = getenv("APPSHOT_ENGINE");
   if ((mode && strcmp(mode, "off") == 0) || !served_by_engine(argc, argv)) run_in_node();
+  /* Node raises its soft descriptor limit to the hard one as it starts;
+   * the engine serves only clients whose limits are its own (context.ts),
+   * so this client does the same (and so does Node if it runs after). */
+  struct rlimit nofile;
+  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &nofile);
+  }
   struct sockaddr_un addr = {.sun_family = AF_UNIX};
   if (engine_socket_path(addr.sun_path, sizeof addr.sun_path) < 0) run_in_node();
   int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -265,32 +304,39 @@ int main(int argc, char **argv) {
   }
   struct text req = {0};
   build_request(&req, argc, argv);
-  if (write_all(s, req.p, req.len) < 0) {
-    close(s);
-    run_in_node();
+  /* An engine that closed on us (leaving, or a request too large for it)
+   * did nothing: the command runs in Node. */
+  for (size_t at = 0; at < req.len;) {
+    ssize_t w = send(s, req.p + at, req.len - at, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      close(s);
+      run_in_node();
+    }
+    at += (size_t)w;
   }
   free(req.p);
 
   /* A reader of our output that went away is not news: the command goes
    * on and its exit code is ours, what it still prints goes nowhere. */
   signal(SIGPIPE, SIG_IGN);
+  sigset_t blocked;
+  sigemptyset(&blocked);
+  sigaddset(&blocked, SIGINT);
+  sigaddset(&blocked, SIGTERM);
+  sigprocmask(SIG_BLOCK, &blocked, &g_unblocked);
+  sigdelset(&g_unblocked, SIGINT);
+  sigdelset(&g_unblocked, SIGTERM);
   struct sigaction sa = {.sa_handler = on_signal};
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
-  int stdout_gone = 0, accepted = 0, told = 0;
+  int stdout_gone = 0, accepted = 0;
   /* Frames as they come; grown for one larger than it (a long listing). */
   size_t cap = 1 << 16, have = 0;
   unsigned char *buf = malloc(cap);
   if (!buf) run_in_node();
   for (;;) {
-    if (g_interrupts > told) {
-      /* Ctrl-C (or SIGTERM): the command's interruption, once; a second
-       * one leaves at once. */
-      if (told) _exit(g_last_signal == SIGINT ? 130 : 143);
-      told = g_interrupts;
-      write_all(s, "interrupt\n", 10);
-    }
     if (have == cap) {
       unsigned char *more = realloc(buf, cap * 2);
       if (!more) {
@@ -300,12 +346,14 @@ int main(int argc, char **argv) {
       buf = more;
       cap *= 2;
     }
+    wait_ready(s, s, POLLIN);
     ssize_t n = read(s, buf + have, cap - have);
-    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n <= 0) {
       /* Before ACCEPTED the engine did nothing (it was leaving). */
       if (!accepted) {
         close(s);
+        sigprocmask(SIG_SETMASK, &g_unblocked, NULL);
         run_in_node();
       }
       fprintf(stderr, "appshot: the engine went away during the command: its outcome is unknown (see appshot ps)\n");
@@ -333,18 +381,19 @@ int main(int argc, char **argv) {
       switch (type) {
         case FRAME_ACCEPTED: accepted = 1; break;
         case FRAME_STDOUT:
-          if (!stdout_gone && write_all(1, payload, len) < 0) {
+          if (!stdout_gone && write_out(s, 1, payload, len) < 0) {
             if (errno != EPIPE) fprintf(stderr, "appshot: standard output: %s\n", strerror(errno));
             stdout_gone = 1;
           }
           break;
-        case FRAME_STDERR: write_all(2, payload, len); break;
+        case FRAME_STDERR: write_out(s, 2, payload, len); break;
         case FRAME_EXIT:
           if (len >= 4) return (int)((uint32_t)payload[0] << 24 | (uint32_t)payload[1] << 16 | (uint32_t)payload[2] << 8 | payload[3]);
           return 70;
         case FRAME_REFUSED:
           if (getenv("APPSHOT_DEBUG")) fprintf(stderr, "appshot: the engine refused (%.*s): running here\n", (int)len, (const char *)payload);
           close(s);
+          sigprocmask(SIG_SETMASK, &g_unblocked, NULL);
           run_in_node();
       }
       at += 5 + len;
