@@ -84,30 +84,23 @@ function readKeyFile(path: string): string {
   }
 }
 
-/** Key files already parsed, by path, kept while the file is the same as
- * far as the kernel can tell (device, inode, size, mtime and ctime, which
- * any write, chmod or rename onto it moves): a resident engine or serve
- * checks a signature for every image it restores, and parsing a PEM key
- * costs more than the check itself. The checks of who may write the key
- * and its directory are made every time. */
-const parsedKeys = new Map<string, { identity: string; parsed: unknown }>();
+/** Key files already parsed, by path, kept while the file holds the same
+ * bytes (read again every time: a key is a hundred bytes, and a file's
+ * times and inode can come back the same after it was replaced): a
+ * resident engine or serve checks a signature for every image it
+ * restores, and parsing a PEM key costs more than the check itself. The
+ * checks of who may write the key and its directory are made every time. */
+const parsedKeys = new Map<string, { text: string; parsed: unknown }>();
 
 /** Reads and parses a key file without following a symlink, or returns
- * what the same file parsed to before. */
+ * what the same bytes parsed to before. */
 function readParsedKey<T>(path: string, parse: (pem: string) => T): T {
-  const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
-  try {
-    const st = fstatSync(fd, { bigint: true });
-    if (!st.isFile() || st.size > MAX_KEY_FILE) throw new AppshotError(`${path} is not a key file`);
-    const identity = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
-    const kept = parsedKeys.get(path);
-    if (kept?.identity === identity) return kept.parsed as T;
-    const parsed = parse(readFileSync(fd, 'utf8'));
-    parsedKeys.set(path, { identity, parsed });
-    return parsed;
-  } finally {
-    closeSync(fd);
-  }
+  const text = readKeyFile(path);
+  const kept = parsedKeys.get(path);
+  if (kept?.text === text) return kept.parsed as T;
+  const parsed = parse(text);
+  parsedKeys.set(path, { text, parsed });
+  return parsed;
 }
 
 /** Reads this node's signing key: undefined if it has none yet. Its

@@ -6,13 +6,14 @@
  * own processes. A process that ended between two samples takes its time
  * with it, so the figure errs low, never high.
  */
+import { readFileSync } from 'node:fs';
 import { descendantsOf, readStat } from '../procfs.js';
 
 /** /proc's clock ticks a second (USER_HZ: 100 on every Linux ABI). */
 const TICKS_PER_SECOND = 100;
 
 export class CpuMeter {
-  private readonly last = new Map<string, { atMs: number; ticks: Map<number, number>; cores: number }>();
+  private readonly last = new Map<string, { atMs: number; atTicks: number; ticks: Map<number, number>; cores: number }>();
 
   /** @param windowMs the shortest time a figure is measured over: asked
    * sooner, the meter gives its last figure again (a tick of 200 ms holds
@@ -25,23 +26,39 @@ export class CpuMeter {
     const before = this.last.get(key);
     if (before && nowMs - before.atMs < this.windowMs) return before.cores;
     const ticks = new Map<number, number>();
+    const started = new Map<number, number>();
     for (const pid of descendantsOf(initPid)) {
       const st = readStat(pid);
-      if (st) ticks.set(pid, st.cpuTicks);
+      if (st) {
+        ticks.set(pid, st.cpuTicks);
+        started.set(pid, st.startTime);
+      }
     }
+    const atTicks = uptimeTicks();
     let cores = 0;
     if (before && nowMs > before.atMs) {
       let used = 0;
-      // A process new since the last sample started after it: all its
-      // time falls between the two.
-      for (const [pid, t] of ticks) used += Math.max(0, t - (before.ticks.get(pid) ?? 0));
+      // A process new since the last sample: all its time falls between
+      // the two if it started after the last one; one that was there and
+      // not seen (/proc's children lists miss a process being reparented)
+      // is left out rather than counted with its whole life's time.
+      for (const [pid, t] of ticks) {
+        const was = before.ticks.get(pid);
+        if (was !== undefined) used += Math.max(0, t - was);
+        else if (started.get(pid)! >= before.atTicks) used += t;
+      }
       cores = used / TICKS_PER_SECOND / ((nowMs - before.atMs) / 1000);
     }
-    this.last.set(key, { atMs: nowMs, ticks, cores });
+    this.last.set(key, { atMs: nowMs, atTicks, ticks, cores });
     return cores;
   }
 
   forget(key: string): void {
     this.last.delete(key);
   }
+}
+
+/** Clock ticks since boot, as /proc/PID/stat's start times count them. */
+function uptimeTicks(): number {
+  return Math.floor(Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]) * TICKS_PER_SECOND);
 }
