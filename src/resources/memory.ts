@@ -16,7 +16,7 @@ import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 
 const PAGE = 4096n;
 
-interface MapsLine {
+export interface MapsLine {
   start: bigint;
   end: bigint;
   perms: string;

@@ -22,25 +22,26 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { dumpAttributes } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
-import { dumpProcess } from '../resources/process.js';
-import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
+import { askProcess, dumpProcess } from '../resources/process.js';
+import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
-import { dumpPosixTimers } from '../resources/timers.js';
+import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
-import { injected } from '../ptrace/remote.js';
+import { injected, RemoteProcess } from '../ptrace/remote.js';
+import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
+import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
@@ -168,7 +169,32 @@ function emptyImage(record: AppRecord): Image {
   };
 }
 
-async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean): Promise<void> {
+/**
+ * Maps a scratch area for batches of questions in `pid` (one injected
+ * call) and records it in `areas`; undefined where batches cannot be had
+ * (then each question is a call of its own).
+ */
+function openBatchArea(pid: number, vdso: { start: bigint; end: bigint }, areas: Map<number, RemoteProcess>): RemoteProcess | undefined {
+  const remote = new RemoteProcess(pid, vdso);
+  if (!remote.mapBatchScratch()) return undefined;
+  areas.set(pid, remote);
+  return remote;
+}
+
+/** Unmaps every batch scratch area (the processes are still stopped). A
+ * process that is gone has none left to unmap. */
+function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
+  for (const remote of areas.values()) {
+    try {
+      remote.unmapScratch();
+    } catch {
+      /* the process is gone */
+    }
+  }
+  areas.clear();
+}
+
+async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
@@ -200,16 +226,30 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       throw new Unsupported(`${what}: ${(e as Error).message}`);
     }
     try {
+      const tids = threads.map((t) => t.tid);
+      // Every question for the process is asked first and answered in one
+      // stop per thread, from a scratch mapping made on the first answer
+      // (batchAreas: unmapped when the frozen window ends).
+      const calls = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, batchAreas)));
       // Credentials before any call is injected: a thread under seccomp is
       // exempted from its filters first.
-      const creds = timed('creds', () => dumpCreds(pid, threads.map((t) => t.tid), inj, what));
-      const proc: Process = timed('process', () => dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds));
-      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] })));
-      proc.posixTimers = timed('timers', () => dumpPosixTimers(pid, proc.threads, inj, what));
-      timed('attributes', () => dumpAttributes(proc, pid, inj, what));
+      const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
+      const asked = timed('questions asked', () => ({
+        process: askProcess(calls),
+        threads: tids.map((tid) => askThread(calls, tid)),
+        timers: askPosixTimers(pid, calls, what),
+        attributes: askAttributes(calls, tids),
+        sigactions: askSigactions(pid, calls),
+      }));
+      timed('questions answered', () => calls.run());
+      const creds = credsAsked();
+      const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
+      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
+      proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, what));
+      timed('attributes', () => dumpAttributes(proc, pid, asked.attributes, calls, what));
       timed('cgroups', () => dumpCgroup(proc, pid, what));
       proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
-      proc.sigactions = timed('sigactions', () => dumpSigactions(pid, inj));
+      proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
       proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
       proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
       timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
@@ -231,7 +271,8 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
-      // Memory last: the scratch area used above is back as it was.
+      // Memory last: the stack's scratch bytes used above are back as they
+      // were, and the batch scratch mapping is not in `maps`.
       // Pages still shared with a parent of the image are recorded as such.
       const ppid = timed('stat', () => readStat(pid)?.ppid);
       proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
@@ -271,13 +312,16 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   let pids: number[];
   let frozenMs = 0;
   let tracked: Set<number>;
+  const batchAreas = new Map<number, RemoteProcess>();
   try {
     freezer.freeze(timeoutMs);
     const t0 = now();
     pids = [...freezer.byProcess().keys()];
-    tracked = armAll(reg, record.aid, freezer);
+    tracked = armAll(reg, record.aid, freezer, batchAreas);
+    closeBatchAreas(batchAreas);
     frozenMs = (now() - t0) / 1000;
   } finally {
+    closeBatchAreas(batchAreas);
     freezer.resume();
   }
   // Journaled (see image/partial.ts) until the image that will hold it
@@ -356,7 +400,7 @@ function writeQueueLimit(): number {
  * reset, and each userfaultfd is recorded as soon as it exists, so that
  * images leave it out whatever happens next.
  */
-function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> {
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: Map<number, RemoteProcess>): Set<number> {
   const before = reg.get(aid);
   if (before) reg.update({ ...before, lastImage: undefined });
   const previous = before?.tracking ?? {};
@@ -368,11 +412,15 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> 
       const key = processKey(pid);
       // The userfaultfd calls below must not meet the process's filters.
       if (!exemptFromSeccomp(pid, threads.map((t) => t.tid))) continue;
-      const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
+      const maps = readMaps(pid);
+      const vdso = maps.find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
+      // The dump's scratch area for batches, if it made one (else one is
+      // made here), and left out of what is tracked.
+      const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, batchAreas));
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
       try {
-        const fd = armTracking(inj, pid, pagemapFd, previous[key], strays);
+        const fd = armTracking(calls, pid, pagemapFd, previous[key], strays, maps, batchAreas.get(pid)?.scratchRange);
         if (fd !== undefined) {
           tracking[key] = fd;
           tracked.add(pid);
@@ -517,6 +565,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let connections: HeldConnections | undefined;
   let keeper: SocketsForKeeper | undefined;
   let held: { held: number; needed: number } | undefined;
+  /** Scratch areas mapped for batches of injected calls, by process. */
+  const batchAreas = new Map<number, RemoteProcess>();
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
     // Written only by a snapshot's armAll, never during this one's freeze.
@@ -536,16 +586,17 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     keeper.keeping = !opts.leaveRunning && holdSeconds > 0 && keeperPathFits(reg.home, aid);
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
-    await dumpAll(ctx, freezer, interrupted);
+    await dumpAll(ctx, freezer, interrupted, batchAreas);
     clock.end('dumpMs');
     if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
     // This image becomes the next one's parent: track writes from here.
     // Not a tar: its page file is not on disk for the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer)].map(processKey));
+    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, batchAreas)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {
+      timed('batch scratch unmapped', () => closeBatchAreas(batchAreas));
       connections.release();
       keeper.close();
       timed('resume', () => freezer.resume());
@@ -557,6 +608,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // which goes on now (--leave-running) or stays stopped, held for its
     // end until the image is on disk (phases.ts).
     image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
+    // Held until its end, the application needs its scratch areas no
+    // more, but goes on with them if the snapshot fails or appshot dies:
+    // unmapped now (its held time, not the reading of its state).
+    closeBatchAreas(batchAreas);
     // What is still queued for the disk, shown as it is written (the rest
     // of the queue is drained by finish, which times it too).
     await reporting.drain(interrupted);
@@ -635,6 +690,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     pages.abort();
     connections?.release();
     keeper?.close();
+    closeBatchAreas(batchAreas);
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.
