@@ -48,7 +48,7 @@ import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
-import { armTracking, processKey } from './tracking.js';
+import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed } from './profile.js';
 
@@ -314,6 +314,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   let tracked: Set<number>;
   const batchAreas = new Map<number, RemoteProcess>();
   try {
+    prepareTracking(reg, record.aid, roots);
     freezer.freeze(timeoutMs);
     const t0 = now();
     pids = [...freezer.byProcess().keys()];
@@ -398,21 +399,22 @@ function writeQueueLimit(): number {
  * Order matters for a snapshot that fails: the previous image stops being
  * trusted as a parent before any process's record of written pages is
  * reset, and each userfaultfd is recorded as soon as it exists, so that
- * images leave it out whatever happens next.
+ * images leave it out whatever happens next: both done before the freeze
+ * (prepareTracking), but for a userfaultfd not put where planned.
  */
 function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: Map<number, RemoteProcess>): Set<number> {
   const before = reg.get(aid);
-  if (before) reg.update({ ...before, lastImage: undefined });
+  if (before?.lastImage) throw new Error('dirty tracking would be reset while the previous image is still trusted as a parent');
   const previous = before?.tracking ?? {};
   const strays = [...new Set(Object.values(previous))];
   const tracking: Record<string, number> = {};
   const tracked = new Set<number>();
   try {
     for (const [pid, threads] of freezer.byProcess()) {
-      const key = processKey(pid);
+      const key = timed('track: key', () => processKey(pid));
       // The userfaultfd calls below must not meet the process's filters.
-      if (!exemptFromSeccomp(pid, threads.map((t) => t.tid))) continue;
-      const maps = readMaps(pid);
+      if (!timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
+      const maps = timed('track: maps', () => readMaps(pid));
       const vdso = maps.find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
       // The dump's scratch area for batches, if it made one (else one is
@@ -420,7 +422,7 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: M
       const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, batchAreas));
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
       try {
-        const fd = armTracking(calls, pid, pagemapFd, previous[key], strays, maps, batchAreas.get(pid)?.scratchRange);
+        const fd = timed('track: arm', () => armTracking(calls, pid, pagemapFd, previous[key], strays, maps, batchAreas.get(pid)?.scratchRange));
         if (fd !== undefined) {
           tracking[key] = fd;
           tracked.add(pid);
@@ -433,10 +435,36 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: M
   } finally {
     const current = reg.get(aid);
     // Processes that are gone keep no entry; their numbers stay known as
-    // long as a live process might have inherited one.
-    if (current) reg.update({ ...current, tracking: { ...previous, ...tracking } });
+    // long as a live process might have inherited one. Written only if
+    // something changed (a userfaultfd made): the registry's write is the
+    // dearest step of the frozen window.
+    const changed = Object.entries(tracking).some(([key, fd]) => previous[key] !== fd);
+    if (current && changed) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
   }
   return tracked;
+}
+
+/**
+ * Before the freeze of a snapshot that arms dirty tracking (armAll), so
+ * that the registry's write (its dearest step) is not part of the frozen
+ * window: the application's previous image is no longer trusted as a
+ * parent, as armAll is about to reset the record of pages written since
+ * it (the parent chain, if any, is loaded by then; a snapshot that fails
+ * after this makes the next one whole, which is only slower); and where
+ * each process of `pids` will have its userfaultfd is recorded now, as
+ * images must leave it out whatever happens once it exists. armAll writes
+ * the registry again only if one could not be put where planned.
+ */
+function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): void {
+  const before = reg.get(aid);
+  if (!before) return;
+  const tracking = { ...before.tracking };
+  for (const pid of pids) {
+    const key = processKey(pid);
+    const fd = plannedTrackingFd(pid, tracking[key]);
+    if (fd !== undefined) tracking[key] = fd;
+  }
+  reg.update({ ...before, lastImage: undefined, tracking });
 }
 
 function readComm(pid: number): string {
@@ -574,6 +602,11 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // For the progress shown only, so read before the freeze (smaps_rollup
     // walks every mapping): the processes in the tables now.
     const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
+    // This image becomes the next one's parent: writes are tracked from
+    // the freeze on (armAll). Not a tar: its page file is not on disk for
+    // the next one to compare.
+    const becomesParent = opts.leaveRunning && !toStream && !toFile;
+    if (becomesParent) prepareTracking(reg, aid, roots);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     const reporting = new ReportingPageWriter(pages, progress, estimate);
@@ -590,9 +623,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     clock.end('dumpMs');
     if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
-    // This image becomes the next one's parent: track writes from here.
-    // Not a tar: its page file is not on disk for the next one to compare.
-    const becomesParent = opts.leaveRunning && !toStream && !toFile;
     if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, batchAreas)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {

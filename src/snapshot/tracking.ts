@@ -14,12 +14,13 @@
  * registrations are not inherited), the snapshot compares pages with the
  * parent image instead, which is exact but reads all memory.
  */
-import { readlinkSync } from 'node:fs';
+import { readdirSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readLimits, RLIMIT_NOFILE } from '../resources/limits.js';
 import { type MapsLine } from '../resources/memory.js';
 import { readStat } from '../procfs.js';
 import { NR } from '../ptrace/inject.js';
+import { timed } from './profile.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 
 const UFFD_USER_MODE_ONLY = 1;
@@ -60,6 +61,34 @@ export function processKey(pid: number): string {
   return `${pid}:${readStat(pid)?.startTime ?? 0}`;
 }
 
+/** The lowest descriptor number a userfaultfd of appshot's is put at in
+ * `pid`: high, but under its descriptor limit (snapfix sets 777). */
+function trackingFdMin(pid: number): number {
+  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+  return Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
+}
+
+/**
+ * Where the userfaultfd that armTracking is about to make in `pid` will
+ * be: its descriptor, if it has one already (`own`, a userfaultfd), else
+ * the lowest free number from trackingFdMin on (or undefined: none is
+ * free). Asked before the freeze, so that the registry records it then:
+ * armTracking puts the new one there if that is still free, and only if
+ * not is the registry written again while the application is frozen.
+ */
+export function plannedTrackingFd(pid: number, own: number | undefined): number | undefined {
+  if (own !== undefined && isUserfaultfd(pid, own)) return own;
+  let used: Set<number>;
+  try {
+    used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+  } catch {
+    return undefined;
+  }
+  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+  for (let fd = trackingFdMin(pid); fd < soft; fd++) if (!used.has(fd)) return fd;
+  return undefined;
+}
+
 /**
  * Makes sure `pid` has a userfaultfd of its own (at `own`, the one made for
  * it before, or a new one; userfaultfds at the numbers in `strays`,
@@ -82,9 +111,8 @@ export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, ow
   let api: Answer | undefined;
   if (existing === undefined) {
     made = calls.ask(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
-    // High, but under the process's descriptor limit (snapfix sets 777).
-    const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
-    const min = Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
+    const lowest = trackingFdMin(pid);
+    const min = own !== undefined && own >= lowest ? own : lowest;
     moved = calls.ask(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
     calls.ask(NR.close, [made]);
     const apiStruct = Buffer.alloc(24);
@@ -99,7 +127,7 @@ export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, ow
     reg.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
     return { m, registered: calls.ask(NR.ioctl, [moved ?? existing!, UFFDIO_REGISTER, 'buf'], { input: reg }) };
   });
-  calls.run();
+  timed('track: calls', () => calls.run());
   if (made && isErr(made.ret)) return undefined;
   if (moved && isErr(moved.ret)) return undefined;
   const fd = existing ?? Number(moved!.ret);
@@ -113,7 +141,7 @@ export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, ow
   for (const { m, registered } of ranges) {
     // A mapping the kernel will not track (VM_PFNMAP, say) is compared:
     // the scan finds it unregistered.
-    if (!isErr(registered.ret)) addon().scanWritten(pagemapFd, m.start, m.end, true);
+    if (!isErr(registered.ret)) timed('track: scan', () => addon().scanWritten(pagemapFd, m.start, m.end, true));
   }
   return fd;
 }
