@@ -25,7 +25,7 @@ import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { askAttributes, dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { countPages, dumpMemory, mapSharedObjectPages, readMaps, readSmaps } from '../resources/memory.js';
+import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { askProcess, dumpProcess } from '../resources/process.js';
@@ -194,7 +194,9 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
   areas.clear();
 }
 
-async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>): Promise<void> {
+/** `dumped`: filled with each process dumped, its mappings as read while
+ * frozen (its threads exempted from seccomp by then). */
+async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
@@ -278,6 +280,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
       ctx.image.processes.push(proc);
       systemPids.set(proc.vpid, pid);
+      dumped.set(pid, maps);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
     } catch (e) {
       try {
@@ -402,7 +405,7 @@ function writeQueueLimit(): number {
  * images leave it out whatever happens next: both done before the freeze
  * (prepareTracking), but for a userfaultfd not put where planned.
  */
-function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: Map<number, RemoteProcess>): Set<number> {
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: Map<number, RemoteProcess>, dumped?: Map<number, MapsLine[]>): Set<number> {
   const before = reg.get(aid);
   if (before?.lastImage) throw new Error('dirty tracking would be reset while the previous image is still trusted as a parent');
   const previous = before?.tracking ?? {};
@@ -413,8 +416,11 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: M
     for (const [pid, threads] of freezer.byProcess()) {
       const key = timed('track: key', () => processKey(pid));
       // The userfaultfd calls below must not meet the process's filters.
-      if (!timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
-      const maps = timed('track: maps', () => readMaps(pid));
+      // A process dumped in this freeze was exempted (or refused) then,
+      // and its mappings read.
+      const known = dumped?.get(pid);
+      if (!known && !timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
+      const maps = known ?? timed('track: maps', () => readMaps(pid));
       const vdso = maps.find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
       // The dump's scratch area for batches, if it made one (else one is
@@ -619,11 +625,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     keeper.keeping = !opts.leaveRunning && holdSeconds > 0 && keeperPathFits(reg.home, aid);
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
-    await dumpAll(ctx, freezer, interrupted, batchAreas);
+    const dumped = new Map<number, MapsLine[]>();
+    await dumpAll(ctx, freezer, interrupted, batchAreas, dumped);
     clock.end('dumpMs');
     if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
-    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, batchAreas)].map(processKey));
+    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, batchAreas, dumped)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {
       timed('batch scratch unmapped', () => closeBatchAreas(batchAreas));
