@@ -95,12 +95,6 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const status = statusFields(pid);
   const exe = readlinkSync(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
-  let personality = 0;
-  try {
-    personality = parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
-  } catch {
-    /* readable by the owner only */
-  }
   return {
     vpid: ctx.virtual('pid', pid),
     vppid: ctx.virtual('pid', st.ppid),
@@ -122,7 +116,8 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     mm: mmFields(pid, asked.brk.ret),
     fds: [],
     groupStopped,
-    personality,
+    // Read by dumpAttributes (from /proc, or asked inside the process).
+    personality: 0,
     dumpable: creds.dumpable,
     glibcTidOffset: 0,
     itimers: dumpItimers(asked.itimers),

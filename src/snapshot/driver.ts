@@ -317,11 +317,11 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   let tracked: Set<number>;
   const batchAreas = new Map<number, RemoteProcess>();
   try {
-    prepareTracking(reg, record.aid, roots);
+    const planned = prepareTracking(reg, record.aid, roots);
     freezer.freeze(timeoutMs);
     const t0 = now();
     pids = [...freezer.byProcess().keys()];
-    tracked = armAll(reg, record.aid, freezer, batchAreas);
+    tracked = armAll(reg, record.aid, freezer, planned, batchAreas);
     closeBatchAreas(batchAreas);
     frozenMs = (now() - t0) / 1000;
   } finally {
@@ -403,12 +403,10 @@ function writeQueueLimit(): number {
  * trusted as a parent before any process's record of written pages is
  * reset, and each userfaultfd is recorded as soon as it exists, so that
  * images leave it out whatever happens next: both done before the freeze
- * (prepareTracking), but for a userfaultfd not put where planned.
+ * (prepareTracking, whose record is `previous`), but for a userfaultfd not
+ * put where planned.
  */
-function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: Map<number, RemoteProcess>, dumped?: Map<number, MapsLine[]>): Set<number> {
-  const before = reg.get(aid);
-  if (before?.lastImage) throw new Error('dirty tracking would be reset while the previous image is still trusted as a parent');
-  const previous = before?.tracking ?? {};
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Record<string, number>, batchAreas: Map<number, RemoteProcess>, dumped?: Map<number, MapsLine[]>): Set<number> {
   const strays = [...new Set(Object.values(previous))];
   const tracking: Record<string, number> = {};
   const tracked = new Set<number>();
@@ -439,13 +437,13 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: M
       }
     }
   } finally {
-    const current = reg.get(aid);
     // Processes that are gone keep no entry; their numbers stay known as
-    // long as a live process might have inherited one. Written only if
-    // something changed (a userfaultfd made): the registry's write is the
-    // dearest step of the frozen window.
+    // long as a live process might have inherited one. Written only if a
+    // userfaultfd is not where prepareTracking recorded it: the registry's
+    // write is the dearest step of the frozen window.
     const changed = Object.entries(tracking).some(([key, fd]) => previous[key] !== fd);
-    if (current && changed) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
+    const current = changed ? reg.get(aid) : undefined;
+    if (current) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
   }
   return tracked;
 }
@@ -461,9 +459,9 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, batchAreas: M
  * images must leave it out whatever happens once it exists. armAll writes
  * the registry again only if one could not be put where planned.
  */
-function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): void {
+function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Record<string, number> {
   const before = reg.get(aid);
-  if (!before) return;
+  if (!before) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const tracking = { ...before.tracking };
   for (const pid of pids) {
     const key = processKey(pid);
@@ -471,6 +469,7 @@ function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): void 
     if (fd !== undefined) tracking[key] = fd;
   }
   reg.update({ ...before, lastImage: undefined, tracking });
+  return tracking;
 }
 
 function readComm(pid: number): string {
@@ -612,7 +611,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the freeze on (armAll). Not a tar: its page file is not on disk for
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    if (becomesParent) prepareTracking(reg, aid, roots);
+    const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     const reporting = new ReportingPageWriter(pages, progress, estimate);
@@ -630,7 +629,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     clock.end('dumpMs');
     if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
-    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, batchAreas, dumped)].map(processKey));
+    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, planned, batchAreas, dumped)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {
       timed('batch scratch unmapped', () => closeBatchAreas(batchAreas));
