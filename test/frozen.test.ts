@@ -9,7 +9,8 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { spawnSync } from 'node:child_process';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-frozen-'));
@@ -70,5 +71,49 @@ describe('snapshot phases', () => {
     const back = sb.run(['restore', join(dir, 'def'), '--aid', 'def']);
     expect(back.code, back.stderr).toBe(0);
     await goesOn('def');
+  });
+});
+
+/** A snapshot as `sb.json` takes it, with APPSHOT_NO_BATCH=1 (the engine
+ * takes a command's APPSHOT_ variables as its own for it). */
+function snapshotOneCallEach(args: string[]): Json {
+  const r = spawnSync(process.execPath, [cli, 'snapshot', ...args, '--json'], { env: { ...sb.env, APPSHOT_NO_BATCH: '1' }, encoding: 'utf8', timeout: 50_000 });
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout);
+}
+
+describe('calls injected into the frozen application', () => {
+  // attrs: two threads, each with questions of its own (TID address,
+  // alternate stack, securebits, parent-death signal), a handler, a
+  // child subreaper, THP disabled; its own checks say whether a restore
+  // brought them all back.
+  async function startAttrs(aid: string): Promise<void> {
+    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('attrs')]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => checks(aid) >= 2, 10_000, `${aid} to check itself`);
+  }
+
+  it('are answered in one stop per thread, from one scratch mapping, with tracking in one more', async () => {
+    await startAttrs('qa');
+    const batched = sb.json<Json>(['snapshot', 'qa', '-o', join(dir, 'qa-batched'), '--leave-running']);
+    expect(batched.threads).toBe(2);
+    // Mapping the scratch area, one batch per thread, one batch arming
+    // dirty tracking, unmapping it.
+    expect(batched.injectedCalls).toBeLessThanOrEqual(1 + batched.threads + 1 + 1);
+    await goesOn('qa');
+    // One call per question: every thread's (4 each), the process's (at
+    // least 8) and tracking's (at least 4), each a round trip of its own.
+    const single = snapshotOneCallEach(['qa', '-o', join(dir, 'qa-single'), '--leave-running', '--full']);
+    expect(single.injectedCalls).toBeGreaterThanOrEqual(4 * single.threads + 8);
+    await goesOn('qa');
+  });
+
+  it('one call per question (APPSHOT_NO_BATCH=1) makes an image that restores as well', async () => {
+    await startAttrs('qs');
+    const r = snapshotOneCallEach(['qs', '-o', join(dir, 'qs')]);
+    expect(r.leftRunning).toBe(false);
+    const back = sb.run(['restore', join(dir, 'qs'), '--aid', 'qs']);
+    expect(back.code, back.stderr).toBe(0);
+    await goesOn('qs');
   });
 });

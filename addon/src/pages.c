@@ -167,6 +167,7 @@ static int queue_stop(page_writer* w, int discard) {
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   memset(w, 0, sizeof *w);
   w->file_fd = -1;
+  w->mem_fd = -1;
   w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
   if (!w->buf) return -ENOMEM;
   w->buf_size = WRITE_BUFFER;
@@ -264,23 +265,49 @@ static int push_pair(uint32_t** arr, size_t* n, size_t* cap, uint32_t first, uin
  * that way would multiply its memory by its workers. /proc/PID/mem takes
  * plain references, which leave the sharing alone, and reads mappings the
  * process itself cannot (PROT_NONE) as well. */
-static int read_remote(pid_t pid, uint64_t addr, void* dst, size_t len) {
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/mem", pid);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -errno;
+static int read_mem(int fd, uint64_t addr, void* dst, size_t len) {
   size_t done = 0;
   while (done < len) {
     ssize_t r = pread(fd, (uint8_t*)dst + done, len - done, (off_t)(addr + done));
-    if (r <= 0) {
-      int e = r < 0 ? errno : EIO;
-      close(fd);
-      return -e;
-    }
+    if (r <= 0) return r < 0 ? -errno : -EIO;
     done += (size_t)r;
   }
-  close(fd);
   return 0;
+}
+
+static int open_mem(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/mem", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  return fd < 0 ? -errno : fd;
+}
+
+static int read_remote(pid_t pid, uint64_t addr, void* dst, size_t len) {
+  int fd = open_mem(pid);
+  if (fd < 0) return fd;
+  int rc = read_mem(fd, addr, dst, len);
+  close(fd);
+  return rc;
+}
+
+static void close_mem(page_writer* w) {
+  if (w->mem_fd >= 0) close(w->mem_fd);
+  w->mem_fd = -1;
+  w->mem_pid = 0;
+}
+
+/* As read_remote, through the writer's /proc/PID/mem of `pid` (see
+ * page_writer.mem_fd). The descriptor stands for the process it was
+ * opened on, not for its PID: a PID used again reads nothing. */
+static int read_remote_cached(page_writer* w, pid_t pid, uint64_t addr, void* dst, size_t len) {
+  if (w->mem_fd < 0 || w->mem_pid != pid) {
+    close_mem(w);
+    int fd = open_mem(pid);
+    if (fd < 0) return fd;
+    w->mem_fd = fd;
+    w->mem_pid = pid;
+  }
+  return read_mem(w->mem_fd, addr, dst, len);
 }
 
 static int wanted(uint64_t pm, pages_mode mode) {
@@ -366,7 +393,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
     uint32_t room = (uint32_t)((w->buf_size - w->buf_used) / PAGE);
     uint32_t n = count < room ? count : room;
     uint8_t* dst = w->buf + w->buf_used;
-    int rc = read_remote(pid, start + (uint64_t)first * PAGE, dst, (size_t)n * PAGE);
+    int rc = read_remote_cached(w, pid, start + (uint64_t)first * PAGE, dst, (size_t)n * PAGE);
     if (rc) return rc;
     uint32_t kept = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -611,6 +638,7 @@ static uint64_t monotonic_ns(void) {
 }
 
 int pw_finish(page_writer* w) {
+  close_mem(w);
   uint64_t t0 = monotonic_ns();
   int rc = flush(w);
   int rc2 = queue_stop(w, rc != 0);
@@ -634,6 +662,7 @@ int pw_link(page_writer* w, const char* path) {
 }
 
 void pw_abort(page_writer* w) {
+  close_mem(w);
   queue_stop(w, 1);
   if (w->file_fd >= 0) close(w->file_fd);
   w->file_fd = -1;

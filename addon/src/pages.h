@@ -70,6 +70,11 @@ typedef struct {
   /* How long pw_finish waited for the writer thread to empty its queue,
    * and then for fsync: the image's phases (snapshot --json). */
   uint64_t drain_ns, fsync_ns;
+  /* /proc/PID/mem of the process whose pages were read last (mem_pid), or
+   * -1: opened once for every mapping of a process, not once per run of
+   * pages; closed by pw_finish or pw_abort. */
+  int mem_fd;
+  pid_t mem_pid;
 } page_writer;
 
 /* The process a mapping's process was forked from, when that process has

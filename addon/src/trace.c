@@ -393,15 +393,20 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  *
  * The code below is copied into the restored process's scratch area
  * (remote.ts maps it executable) and run from there. It takes a table at
- * rbx: a header {count, tgid, tid, unused} and `count` entries of eight
+ * rbx: a header {count, tgid, tid, flags} and `count` entries of eight
  * words {nr, six arguments, result}. It runs the calls in order, each
  * result written into its entry, and stops at the first that fails (the
- * entries after it keep what the caller put there). Then it stops itself
+ * entries after it keep what the caller put there), unless bit 0 of flags
+ * says to run them all (queries, each of which may fail on its own). The
+ * high half of an entry's nr word, if not 0, is k: its first argument is
+ * the result of entry k (from 1), which ran before it (a descriptor the
+ * batch made, say). Then it stops itself
  * with tgkill(tgid, tid, SIGSTOP): a signal-delivery stop the tracer sees
  * (SIGSTOP cannot be blocked, and unlike the trap of an int3 it is not a
  * forced signal, which would reset a SIGTRAP handler the process has),
  * and it takes the thread back with its registers as they were. Only
- * rbx, r12 and r13 (and what syscall clobbers) are used: no stack.
+ * rbx, r12 and r13 (and rcx, which syscall clobbers anyway) are used: no
+ * stack.
  */
 __asm__(
     ".pushsection .rodata\n"
@@ -416,6 +421,15 @@ __asm__(
     "  jz 2f\n"
     "  mov 0(%r13), %rax\n"
     "  mov 8(%r13), %rdi\n"
+    /* nr's high half: k, the first argument is entry k's result (k from
+     * 1), at 32 + (k-1)*64 + 56 = 64k + 24 from the table's start. */
+    "  mov %rax, %rcx\n"
+    "  shr $32, %rcx\n"
+    "  jz 3f\n"
+    "  shl $6, %rcx\n"
+    "  mov 24(%rbx,%rcx), %rdi\n"
+    "3:\n"
+    "  mov %eax, %eax\n"
     "  mov 16(%r13), %rsi\n"
     "  mov 24(%r13), %rdx\n"
     "  mov 32(%r13), %r10\n"
@@ -424,7 +438,11 @@ __asm__(
     "  syscall\n"
     "  mov %rax, 56(%r13)\n"
     "  cmp $-4095, %rax\n"
-    "  jae 2f\n"
+    "  jb 4f\n"
+    /* Failed: the end, unless the header's flags say go on. */
+    "  testb $1, 24(%rbx)\n"
+    "  jz 2f\n"
+    "4:\n"
     "  add $64, %r13\n"
     "  dec %r12\n"
     "  jmp 1b\n"

@@ -90,6 +90,8 @@ const BATCH_ENTRY = 64;
 const BATCH_CODE_ROOM = 256;
 /** A result no call returns: the entry was not run. */
 const NOT_RUN = 0x7fffffffffffffffn;
+/** The table's flags: a call that fails does not end the batch. */
+const BATCH_KEEP_GOING = 1n;
 
 let batchCodeBytes: { code: Buffer; stoppedAt: number } | undefined;
 function batchCode(): { code: Buffer; stoppedAt: number } {
@@ -116,18 +118,26 @@ export class RemoteProcess {
   /** Where the batch code is in the scratch area (0: no batches). */
   private batchCode = 0n;
 
-  constructor(readonly pid: number) {
-    this.findSyscall();
+  /** `vdso`: where the process's vDSO is, if known (else read from its maps). */
+  constructor(
+    readonly pid: number,
+    vdso?: { start: bigint; end: bigint },
+  ) {
+    this.findSyscall(vdso);
   }
 
   /** The `syscall` instruction to run calls from: in the vDSO, wherever it
    * is now (it moves during a restore). */
-  findSyscall(): void {
-    const line = readFileSync(`/proc/${this.pid}/maps`, 'utf8')
-      .split('\n')
-      .find((l) => l.endsWith('[vdso]'));
-    if (!line) throw new Error(`process ${this.pid} has no vDSO`);
-    const [start, end] = line.split(' ')[0].split('-').map((x) => BigInt('0x' + x));
+  findSyscall(vdso?: { start: bigint; end: bigint }): void {
+    let start: bigint, end: bigint;
+    if (vdso) ({ start, end } = vdso);
+    else {
+      const line = readFileSync(`/proc/${this.pid}/maps`, 'utf8')
+        .split('\n')
+        .find((l) => l.endsWith('[vdso]'));
+      if (!line) throw new Error(`process ${this.pid} has no vDSO`);
+      [start, end] = line.split(' ')[0].split('-').map((x) => BigInt('0x' + x));
+    }
     // Every process has the same vDSO (the kernel's): look once.
     if (syscallOffset === undefined) {
       const at = addon().readMemory(this.pid, start, Number(end - start)).indexOf(Buffer.from([0x0f, 0x05]));
@@ -173,6 +183,33 @@ export class RemoteProcess {
     }
   }
 
+  /**
+   * For a process that goes on running after (a snapshot): maps the
+   * scratch area where the kernel likes, with the batch code at its start,
+   * in one injected call; false (and nothing mapped) where batches cannot
+   * be had: APPSHOT_NO_BATCH, or executable memory refused
+   * (memory-deny-write-execute). Calls are not single-stepped: the
+   * process's own signal handlers are in place.
+   */
+  mapBatchScratch(): boolean {
+    this.singleStep = false;
+    if (!batchingWanted()) return false;
+    const PROT_RWX = 7;
+    const MAP_PRIVATE_ANON = 0x02 | 0x20;
+    const got = this.raw(SYS.mmap, [0, SCRATCH_SIZE, PROT_RWX, MAP_PRIVATE_ANON, -1, 0]);
+    if (got < 0n && got > -4096n) return false;
+    this.scratch = this.batchCode = got;
+    addon().writeMemory(this.pid, this.scratch, batchCode().code);
+    this.used = BATCH_CODE_ROOM;
+    return true;
+  }
+
+  /** Where the scratch area is, if mapped: to be left out of what is read
+   * of the process's mappings. */
+  get scratchRange(): { start: bigint; end: bigint } | undefined {
+    return this.scratch ? { start: this.scratch, end: this.scratch + BigInt(SCRATCH_SIZE) } : undefined;
+  }
+
   unmapScratch(): void {
     if (this.scratch) this.call('unmapping scratch memory', SYS.munmap, [this.scratch, SCRATCH_SIZE]);
     this.scratch = 0n;
@@ -201,11 +238,12 @@ export class RemoteProcess {
    * Arguments that point into the scratch area must have been put there
    * before (reset() would free them).
    */
-  runCalls(calls: { nr: number; args: (bigint | number)[] }[], tid = this.pid): bigint[] {
+  runCalls(calls: BatchCall[], tid = this.pid): bigint[] {
     const results: bigint[] = [];
     if (!this.batchCode || calls.length === 1) {
       for (const c of calls) {
-        const r = this.raw(c.nr, c.args, tid);
+        const args = c.firstArgOf === undefined ? c.args : [results[c.firstArgOf], ...c.args.slice(1)];
+        const r = this.raw(c.nr, args, tid);
         results.push(r);
         if (r < 0n && r > -4096n) break;
       }
@@ -214,6 +252,7 @@ export class RemoteProcess {
     const mark = this.used;
     const room = Math.floor((SCRATCH_SIZE - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
     if (room < 1) throw new Error('scratch memory exhausted');
+    if (calls.length > room && calls.some((c) => c.firstArgOf !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
     for (let at = 0; at < calls.length; at += room) {
       const chunk = calls.slice(at, at + room);
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
@@ -222,7 +261,7 @@ export class RemoteProcess {
       table.writeBigUInt64LE(BigInt(tid), 16);
       chunk.forEach((c, i) => {
         const e = BATCH_HEADER + i * BATCH_ENTRY;
-        table.writeBigUInt64LE(BigInt(c.nr), e);
+        table.writeBigUInt64LE(BigInt(c.nr) | (c.firstArgOf === undefined ? 0n : BigInt(c.firstArgOf + 1) << 32n), e);
         c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
         table.writeBigUInt64LE(NOT_RUN, e + 56);
       });
@@ -239,6 +278,65 @@ export class RemoteProcess {
       }
     }
     return results;
+  }
+
+  /**
+   * Runs every call of `calls` in thread `tid`, each whatever became of
+   * those before it (questions, any of which may fail on its own), and
+   * returns each one's result and the bytes of its buffer after: `buffer`
+   * is copied in first and 'buf' in its arguments is its address. With
+   * the batch code (mapBatchScratch), all go in one stop, their buffers
+   * and table written and read back in one piece each.
+   */
+  runQueries(calls: QueryCall[], tid = this.pid): { ret: bigint; out: Buffer }[] {
+    if (!this.batchCode) throw new Error('questions are asked in batches only');
+    const mark = this.used;
+    const base = (mark + 15) & ~15;
+    const answers: { ret: bigint; out: Buffer }[] = [];
+    for (let at = 0; at < calls.length; ) {
+      // As many as fit: their buffers, then the table.
+      let bytes = 0;
+      let n = 0;
+      while (at + n < calls.length) {
+        const more = bytes + (((calls[at + n].buffer?.length ?? 0) + 15) & ~15);
+        if (base + more + BATCH_HEADER + (n + 1) * BATCH_ENTRY > SCRATCH_SIZE) break;
+        bytes = more;
+        n++;
+      }
+      if (!n) throw new Error('scratch memory exhausted');
+      const chunk = calls.slice(at, at + n);
+      if (chunk.some((c) => c.firstArgOf !== undefined && c.firstArgOf < at)) throw new Error('questions that use earlier answers do not fit the scratch memory together');
+      const whole = Buffer.alloc(bytes + BATCH_HEADER + n * BATCH_ENTRY);
+      const table = whole.subarray(bytes);
+      table.writeBigUInt64LE(BigInt(n), 0);
+      table.writeBigUInt64LE(BigInt(this.pid), 8);
+      table.writeBigUInt64LE(BigInt(tid), 16);
+      table.writeBigUInt64LE(BATCH_KEEP_GOING, 24);
+      let offset = 0;
+      const where = chunk.map((c, i) => {
+        const e = BATCH_HEADER + i * BATCH_ENTRY;
+        const addr = this.scratch + BigInt(base + offset);
+        if (c.buffer) c.buffer.copy(whole, offset);
+        const bufferAt = offset;
+        offset += ((c.buffer?.length ?? 0) + 15) & ~15;
+        table.writeBigUInt64LE(BigInt(c.nr) | (c.firstArgOf === undefined ? 0n : BigInt(c.firstArgOf - at + 1) << 32n), e);
+        c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, a === 'buf' ? addr : BigInt(a)), e + 8 + j * 8));
+        table.writeBigUInt64LE(NOT_RUN, e + 56);
+        return bufferAt;
+      });
+      addon().writeMemory(this.pid, this.scratch + BigInt(base), whole);
+      injected.calls++;
+      addon().injectBatch(tid, this.batchCode, this.scratch + BigInt(base + bytes));
+      const back = addon().readMemory(this.pid, this.scratch + BigInt(base), whole.length);
+      chunk.forEach((c, i) => {
+        const ret = BigInt.asIntN(64, back.readBigUInt64LE(bytes + BATCH_HEADER + i * BATCH_ENTRY + 56));
+        if (ret === BigInt.asIntN(64, NOT_RUN)) throw new Error(`a batch of questions stopped after ${i} of ${chunk.length}`);
+        answers.push({ ret, out: Buffer.from(back.subarray(where[i], where[i] + (c.buffer?.length ?? 0))) });
+      });
+      at += n;
+    }
+    this.used = mark;
+    return answers;
   }
 
   /** Copies bytes into scratch memory; returns their address there. */
@@ -266,6 +364,24 @@ export class RemoteProcess {
   }
 
   static readonly scratchSize = SCRATCH_SIZE;
+}
+
+/** A call of a batch; `firstArgOf`: the index of an earlier call of the
+ * same batch whose result is its first argument (replacing args[0]). */
+export interface BatchCall {
+  nr: number;
+  args: (bigint | number)[];
+  firstArgOf?: number;
+}
+
+/** A question for RemoteProcess.runQueries: 'buf' in `args` is the
+ * address of `buffer`, copied in before and read back after. */
+export interface QueryCall {
+  nr: number;
+  args: (bigint | number | 'buf')[];
+  buffer?: Buffer;
+  /** As in BatchCall: an earlier question's result is the first argument. */
+  firstArgOf?: number;
 }
 
 /**

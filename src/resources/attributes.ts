@@ -18,7 +18,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
-import { type Injector, NR } from '../ptrace/inject.js';
+import { NR } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
 
 const PR_SET_PDEATHSIG = 1;
@@ -45,65 +46,84 @@ function check(ret: bigint, what: string): bigint {
   return ret;
 }
 
-/** Fills `p`'s attributes and each of its threads'. */
-export function dumpAttributes(p: Process, pid: number, inj: Injector, what: string): void {
-  p.attributes = dumpProcessAttributes(pid, inj, what);
-  p.personality = dumpPersonality(pid, inj, what);
-  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, inj, what);
+/** What only the process tells of its attributes (the prctl getters),
+ * asked with the other kinds' questions: whether it is a child subreaper
+ * and has THP disabled, and each thread's parent-death signal. */
+export interface AttributesAsked {
+  subreaper: Answer;
+  thpDisabled: Answer;
+  pdeathsig: Map<number, Answer>;
 }
 
-function dumpProcessAttributes(pid: number, inj: Injector, what: string): ProcessAttributes {
-  const subreaper = inj.callOut(NR.prctl, [PR_GET_CHILD_SUBREAPER, 'out'], 4);
-  check(subreaper.ret, `whether ${what} is a child subreaper`);
+export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked {
+  return {
+    subreaper: calls.ask(NR.prctl, [PR_GET_CHILD_SUBREAPER, 'buf'], { outLength: 4 }),
+    thpDisabled: calls.ask(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]),
+    // The parent-death signal is only told to the thread itself.
+    pdeathsig: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_PDEATHSIG, 'buf'], { tid, outLength: 4 })])),
+  };
+}
+
+/** Fills `p`'s attributes and each of its threads'; `asked`: answered.
+ * What a rare refusal leaves to be asked is asked through `calls` then. */
+export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, calls: CallQueue, what: string): void {
+  p.attributes = dumpProcessAttributes(pid, asked, what);
+  p.personality = dumpPersonality(pid, calls, what);
+  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, calls, what);
+}
+
+function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string): ProcessAttributes {
+  check(asked.subreaper.ret, `whether ${what} is a child subreaper`);
   return {
     oomScoreAdj: Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')),
-    childSubreaper: subreaper.out.readInt32LE() !== 0,
-    thpDisabled: check(inj.call(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]), `THP disable of ${what}`) !== 0n,
+    childSubreaper: asked.subreaper.out.readInt32LE() !== 0,
+    thpDisabled: check(asked.thpDisabled.ret, `THP disable of ${what}`) !== 0n,
   };
 }
 
 /** The personality, as the process has it: from /proc/PID/personality,
  * or asked inside the process where that is unreadable to the snapshot's
  * user. */
-function dumpPersonality(pid: number, inj: Injector, what: string): number {
+function dumpPersonality(pid: number, calls: CallQueue, what: string): number {
   try {
     return parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
   } catch {
-    return Number(check(inj.call(NR_personality, [PERSONALITY_QUERY]), `the personality of ${what}`));
+    return Number(check(calls.askNow(NR_personality, [PERSONALITY_QUERY]).ret, `the personality of ${what}`));
   }
 }
 
 /** Policy, priority, affinity and I/O priority, which every thread's
  * getters give for any TID: asked from appshot's process (no stop of the
  * frozen thread), or inside it if that is refused (a security module). */
-function schedAttributes(tid: number, inj: Injector, what: string): { policy: number; priority: number; affinity: Buffer; ioprio: number } {
+function schedAttributes(tid: number, calls: CallQueue, what: string): { policy: number; priority: number; affinity: Buffer; ioprio: number } {
   try {
     return addon().schedAttributes(tid);
   } catch {
     /* asked inside the thread below */
   }
-  const param = inj.callOut(NR_sched_getparam, [tid, 'out'], 4);
+  const param = calls.ask(NR_sched_getparam, [tid, 'buf'], { tid, outLength: 4 });
+  const policyAsked = calls.ask(NR_sched_getscheduler, [tid], { tid });
+  const affinity = calls.ask(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'buf'], { tid, outLength: AFFINITY_BYTES });
+  const ioprio = calls.ask(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid], { tid });
+  calls.run();
   check(param.ret, `the scheduling priority of ${what} thread ${tid}`);
-  const policy = Number(check(inj.call(NR_sched_getscheduler, [tid]), `the scheduling policy of ${what} thread ${tid}`));
-  const affinity = inj.callOut(NR_sched_getaffinity, [tid, AFFINITY_BYTES, 'out'], AFFINITY_BYTES);
+  const policy = Number(check(policyAsked.ret, `the scheduling policy of ${what} thread ${tid}`));
   check(affinity.ret, `the CPU affinity of ${what} thread ${tid}`);
   return {
     policy,
     priority: param.out.readInt32LE(),
     // The kernel writes as many bytes as its CPU mask has.
     affinity: Buffer.from(affinity.out.subarray(0, Number(affinity.ret))),
-    ioprio: Number(check(inj.call(NR_ioprio_get, [IOPRIO_WHO_PROCESS, tid]), `the I/O priority of ${what} thread ${tid}`)),
+    ioprio: Number(check(ioprio.ret, `the I/O priority of ${what} thread ${tid}`)),
   };
 }
 
-function dumpThreadAttributes(pid: number, tid: number, inj: Injector, what: string): ThreadAttributes {
+function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, calls: CallQueue, what: string): ThreadAttributes {
   const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
   // Field 19 of proc(5): nice.
   const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
-  // The parent-death signal is only told to the thread itself.
-  const pdeathsig = inj.callOut(NR.prctl, [PR_GET_PDEATHSIG, 'out'], 4, tid);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
-  const sched = schedAttributes(tid, inj, what);
+  const sched = schedAttributes(tid, calls, what);
   if ((sched.policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
     throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet`);
   return {

@@ -31,7 +31,8 @@ import { type Creds, type Image, type Process, type SeccompFilter, type Vma, Vma
 import { addon } from '../native.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { nameProcess, Unsupported } from './context.js';
-import { type Injector, NR } from '../ptrace/inject.js';
+import { NR } from '../ptrace/inject.js';
+import { type CallQueue } from '../ptrace/queries.js';
 import { REG } from './threads.js';
 
 /** Capability numbers (linux/capability.h) this module reasons about. */
@@ -144,13 +145,15 @@ export interface DumpedCreds {
 }
 
 /**
- * Reads every thread's credentials. Called before anything else is
- * injected into the process: a thread under seccomp is first exempted
+ * Reads every thread's credentials, and asks the process for what only it
+ * tells (securebits, dumpable): the credentials are returned by the
+ * function returned, once the questions were answered. Called before
+ * anything else is injected into the process: a thread under seccomp is first exempted
  * from its filters (PTRACE_O_SUSPEND_SECCOMP), which could otherwise
  * refuse the injected calls or kill the process for them; a process whose
  * filters cannot be read or suspended (no CAP_SYS_ADMIN) is refused.
  */
-export function dumpCreds(pid: number, tids: number[], inj: Injector, what: string): DumpedCreds {
+export function dumpCreds(pid: number, tids: number[], calls: CallQueue, what: string): () => DumpedCreds {
   const statuses = tids.map((tid) => threadStatus(pid, tid));
   const own = ownStatus();
   const contexts = statuses.map((st) => (inAppshotsContext(st, own) ? st.filterCount : 0));
@@ -173,14 +176,20 @@ export function dumpCreds(pid: number, tids: number[], inj: Injector, what: stri
       throw new Unsupported(`${where}: ${st.filterCount} seccomp filters, of which ${chain.length} could be read`);
     return chain;
   });
-  const threads = statuses.map(({ filterCount: _, ...st }, i) => {
-    const bits = inj.call(NR.prctl, [PR.GET_SECUREBITS], tids[i]);
-    if (bits < 0n) throw new Error(`reading the securebits of thread ${tids[i]}: errno ${-bits}`);
-    return { ...st, securebits: Number(bits), seccompFilters: filters[i], ...(contexts[i] ? { seccompContext: contexts[i] } : {}) };
-  });
-  const dumpable = inj.call(NR.prctl, [PR.GET_DUMPABLE]);
-  if (dumpable < 0n) throw new Error(`reading whether ${what} is dumpable: errno ${-dumpable}`);
-  return { threads, dumpable: Number(dumpable) };
+  // Asked now, answered with the other resource kinds' questions (the
+  // caller runs them): the credentials once they are.
+  const securebits = tids.map((tid) => calls.ask(NR.prctl, [PR.GET_SECUREBITS], { tid }));
+  const dumpableAsked = calls.ask(NR.prctl, [PR.GET_DUMPABLE]);
+  return () => {
+    const threads = statuses.map(({ filterCount: _, ...st }, i) => {
+      const bits = securebits[i].ret;
+      if (bits < 0n) throw new Error(`reading the securebits of thread ${tids[i]}: errno ${-bits}`);
+      return { ...st, securebits: Number(bits), seccompFilters: filters[i], ...(contexts[i] ? { seccompContext: contexts[i] } : {}) };
+    });
+    const dumpable = dumpableAsked.ret;
+    if (dumpable < 0n) throw new Error(`reading whether ${what} is dumpable: errno ${-dumpable}`);
+    return { threads, dumpable: Number(dumpable) };
+  };
 }
 
 /** Exempts the threads of a process under seccomp from their filters for

@@ -16,7 +16,7 @@ import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 
 const PAGE = 4096n;
 
-interface MapsLine {
+export interface MapsLine {
   start: bigint;
   end: bigint;
   perms: string;
@@ -28,6 +28,11 @@ interface MapsLine {
   vmFlags: string[];
   /** From smaps only (readSmaps). */
   swapKb?: number;
+  /** From smaps only: kB of anonymous pages (a private file mapping's
+   * written ones), and whether its pages are raw frames (VM_PFNMAP), which
+   * smaps counts nowhere. */
+  anonKb?: number;
+  pfnmap?: boolean;
 }
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
@@ -100,12 +105,16 @@ export function readSmaps(pid: number): MapsLine[] {
   for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
     const m = HEADER.exec(line);
     if (m) {
-      last = { ...mapsLine(m), swapKb: 0 };
+      last = { ...mapsLine(m), swapKb: 0, anonKb: 0, pfnmap: false };
       out.push(last);
     } else if (last && line.startsWith('VmFlags:')) {
-      last.vmFlags = line.slice(8).trim().split(/\s+/).filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f));
+      const flags = line.slice(8).trim().split(/\s+/);
+      last.vmFlags = flags.filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f));
+      last.pfnmap = flags.includes('pf');
     } else if (last && line.startsWith('Swap:')) {
       last.swapKb = parseInt(line.slice(5), 10);
+    } else if (last && line.startsWith('Anonymous:')) {
+      last.anonKb = parseInt(line.slice(10), 10);
     }
   }
   return out;
@@ -293,6 +302,8 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   const vmas: Vma[] = [];
   const forkParent = forkedFrom !== undefined ? openForkParent(forkedFrom) : undefined;
   let pagemapFd = -1;
+  // A file maps in several pieces (code, data, ...): stat once.
+  const fileIds = new Map<string, number>();
   try {
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
     for (const l of maps) {
@@ -340,9 +351,17 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         vma.kind = shared ? VmaKind.FILE_SHARED : VmaKind.FILE_PRIVATE;
         const deleted = l.path.endsWith(' (deleted)');
         if (deleted) throw new Unsupported(`${what}: maps deleted file ${l.path}`);
-        vma.file = ctx.file(l.path, l.path, false);
+        let file = fileIds.get(l.path);
+        if (file === undefined) fileIds.set(l.path, (file = ctx.file(l.path, l.path, false)));
+        vma.file = file;
       }
-      if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
+      if (vma.kind === VmaKind.FILE_PRIVATE && l.anonKb === 0 && l.swapKb === 0 && l.pfnmap === false) {
+        // Nothing written (smaps, read while frozen, counts no anonymous
+        // page and none swapped): all of it is the file's, and its page
+        // map is not read (most of a process's mappings: the code and
+        // read-only data of every library).
+        vma.pages = { offset: 0n, runs: [], fromParent: [] };
+      } else if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
         const mode = vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile;
         // With dirty tracking, a page not written since the parent is the
         // parent's and is not even read; an untracked mapping (null) is

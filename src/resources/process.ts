@@ -10,7 +10,8 @@ import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
 import type { DumpContext } from './context.js';
-import { type Injector, NR } from '../ptrace/inject.js';
+import { NR } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
@@ -24,12 +25,11 @@ function statusFields(pid: number): Map<string, string> {
 
 /** Fields 26–28 and 45–51 of /proc/PID/stat, plus the exact brk, which
  * only the process can tell (brk(0)). */
-function mmFields(pid: number, inj: Injector): MmFields {
+function mmFields(pid: number, brk: bigint): MmFields {
   const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
   const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
   // f[i] is field i + 3 of proc(5).
   const field = (n: number) => BigInt(f[n - 3]);
-  const brk = inj.call(NR.brk, [0]);
   return {
     startCode: field(26),
     endCode: field(27),
@@ -49,10 +49,10 @@ function mmFields(pid: number, inj: Injector): MmFields {
 /** Interval timers (setitimer): asked of the process, as nothing else
  * shows them. POSIX timers (timer_create) are a kind of their own
  * (timers.ts). */
-function dumpItimers(inj: Injector): ITimer[] {
+function dumpItimers(asked: Answer[]): ITimer[] {
   const out: ITimer[] = [];
   for (let which = 0; which < 3; which++) {
-    const { ret, out: tv } = inj.callOut(NR.getitimer, [which, 'out'], 32);
+    const { ret, out: tv } = asked[which];
     if (ret !== 0n) continue;
     const us = (o: number) => tv.readBigInt64LE(o) * 1000000n + tv.readBigInt64LE(o + 8);
     const timer = { which, intervalUs: us(0), valueUs: us(16) };
@@ -76,19 +76,25 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
   }
 }
 
-/** `creds`: read first (dumpCreds), before any call was injected. */
-export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupStopped: boolean, creds: DumpedCreds): Process {
+/** What dumpProcess needs of the process itself: its exact brk and its
+ * three interval timers, asked with the other kinds' questions. */
+export interface ProcessAsked {
+  brk: Answer;
+  itimers: Answer[];
+}
+
+export function askProcess(calls: CallQueue): ProcessAsked {
+  return { brk: calls.ask(NR.brk, [0]), itimers: [0, 1, 2].map((which) => calls.ask(NR.getitimer, [which, 'buf'], { outLength: 32 })) };
+}
+
+/** `creds`: read first (dumpCreds), before any call was injected;
+ * `asked`: askProcess's questions, answered. */
+export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, groupStopped: boolean, creds: DumpedCreds): Process {
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
   const status = statusFields(pid);
   const exe = readlinkSync(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
-  let personality = 0;
-  try {
-    personality = parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
-  } catch {
-    /* readable by the owner only */
-  }
   return {
     vpid: ctx.virtual('pid', pid),
     vppid: ctx.virtual('pid', st.ppid),
@@ -107,13 +113,14 @@ export function dumpProcess(ctx: DumpContext, pid: number, inj: Injector, groupS
     sharedPending: Buffer.alloc(0),
     threads: [],
     vmas: [],
-    mm: mmFields(pid, inj),
+    mm: mmFields(pid, asked.brk.ret),
     fds: [],
     groupStopped,
-    personality,
+    // Read by dumpAttributes (from /proc, or asked inside the process).
+    personality: 0,
     dumpable: creds.dumpable,
     glibcTidOffset: 0,
-    itimers: dumpItimers(inj),
+    itimers: dumpItimers(asked.itimers),
   };
 }
 

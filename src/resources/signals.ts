@@ -6,7 +6,8 @@
 import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { SigAction } from '../image/types.js';
-import { type Injector, NR } from '../ptrace/inject.js';
+import { NR } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const SIGKILL = 9;
@@ -22,12 +23,21 @@ function nonDefault(pid: number): bigint {
   return field('SigCgt') | field('SigIgn');
 }
 
-export function dumpSigactions(pid: number, inj: Injector): SigAction[] {
-  const out: SigAction[] = [];
+/** The dispositions to read: asked with the other kinds' questions. */
+export function askSigactions(pid: number, calls: CallQueue): Map<number, Answer> {
+  const asked = new Map<number, Answer>();
   const wanted = nonDefault(pid);
   for (let sig = 1; sig <= NSIG; sig++) {
     if (sig === SIGKILL || sig === SIGSTOP || !(wanted & (1n << BigInt(sig - 1)))) continue;
-    const { ret, out: act } = inj.callOut(NR.rt_sigaction, [sig, 0, 'out', 8], 32);
+    asked.set(sig, calls.ask(NR.rt_sigaction, [sig, 0, 'buf', 8], { outLength: 32 }));
+  }
+  return asked;
+}
+
+/** `asked`: askSigactions's questions, answered. */
+export function dumpSigactions(asked: Map<number, Answer>): SigAction[] {
+  const out: SigAction[] = [];
+  for (const [sig, { ret, out: act }] of asked) {
     if (ret !== 0n) continue; // 32 and 33 belong to glibc and may refuse
     const handler = act.readBigUInt64LE(0);
     const flags = act.readBigUInt64LE(8);

@@ -10,7 +10,8 @@ import { readStat } from '../procfs.js';
 import type { SigAction, Thread } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
-import { type Injector, NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
+import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
@@ -19,7 +20,21 @@ const THREAD_FLAG = 0x2;
 
 /** `regs` were read before any system call was run in the process: those
  * leave an interrupted call rewound, and the image keeps it as it was. */
-export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, inj: Injector): Thread {
+/** What dumpThread needs of the thread itself, asked with the other
+ * kinds' questions: its TID address and its alternate signal stack. */
+export interface ThreadAsked {
+  tidAddress: Answer;
+  altstack: Answer;
+}
+
+export function askThread(calls: CallQueue, tid: number): ThreadAsked {
+  return {
+    tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
+    altstack: calls.ask(NR.sigaltstack, [0, 'buf'], { tid, outLength: 24 }),
+  };
+}
+
+export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, asked: ThreadAsked): Thread {
   const a = addon();
   let pending = a.peekSiginfo(t.tid, false);
   // A signal that was being delivered when the thread stopped is still
@@ -27,8 +42,8 @@ export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, inj:
   if (t.siginfo) pending = Buffer.concat([t.siginfo, pending]);
   const rseq = a.getRseq(t.tid);
   const robust = a.getRobustList(t.tid);
-  const tidAddr = inj.callOut(NR.prctl, [PR_GET_TID_ADDRESS, 'out'], 8, t.tid);
-  const alt = inj.callOut(NR.sigaltstack, [0, 'out'], 24, t.tid);
+  const tidAddr = asked.tidAddress;
+  const alt = asked.altstack;
   const st = readStat(t.tid);
   let wchan = '';
   try {

@@ -19,7 +19,7 @@ import { readFileSync } from 'node:fs';
 import { type PosixTimer, PosixTimerNotify } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
-import { type Injector } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 
 const NR_timer_gettime = 224;
 const NR_timer_getoverrun = 225;
@@ -63,9 +63,27 @@ function listTimers(pid: number, what: string): Listed[] {
   return out.sort((a, b) => a.id - b.id);
 }
 
-/** The process's timers, in id order; `threads`: its threads as dumped. */
-export function dumpPosixTimers(pid: number, threads: { tid: number; vtid: number }[], inj: Injector, what: string): PosixTimer[] {
-  return listTimers(pid, what).map((t) => {
+/** The process's timers as /proc lists them, each with its time and
+ * overrun asked (with the other kinds' questions). */
+export interface TimersAsked {
+  timers: Listed[];
+  time: Answer[];
+  overrun: Answer[];
+}
+
+export function askPosixTimers(pid: number, calls: CallQueue, what: string): TimersAsked {
+  const timers = listTimers(pid, what);
+  return {
+    timers,
+    time: timers.map((t) => calls.ask(NR_timer_gettime, [t.id, 'buf'], { outLength: 32 })),
+    overrun: timers.map((t) => calls.ask(NR_timer_getoverrun, [t.id])),
+  };
+}
+
+/** The process's timers, in id order; `threads`: its threads as dumped;
+ * `asked`: askPosixTimers's questions, answered. */
+export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid: number }[], what: string): PosixTimer[] {
+  return asked.timers.map((t, i) => {
     const name = `${what}: POSIX timer ${t.id}`;
     if (!PLAIN_CLOCKS.has(t.clockid)) throw new Unsupported(`${name} runs on clock ${t.clockid} (a CPU-time clock), which cannot be captured yet`);
     let notify: number;
@@ -82,10 +100,10 @@ export function dumpPosixTimers(pid: number, threads: { tid: number; vtid: numbe
     } else {
       throw new Unsupported(`${name} notifies as '${t.how}', which cannot be captured yet`);
     }
-    const { ret, out } = inj.callOut(NR_timer_gettime, [t.id, 'out'], 32);
+    const { ret, out } = asked.time[i];
     if (ret !== 0n) throw new Error(`${name}: timer_gettime failed (${-ret})`);
     const ns = (o: number) => out.readBigInt64LE(o) * NS + out.readBigInt64LE(o + 8);
-    const overrun = inj.call(NR_timer_getoverrun, [t.id]);
+    const overrun = asked.overrun[i].ret;
     return { id: t.id, clockid: t.clockid, notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
   });
 }

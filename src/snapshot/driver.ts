@@ -22,32 +22,33 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { dumpAttributes } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { countPages, dumpMemory, mapSharedObjectPages, readMaps, readSmaps } from '../resources/memory.js';
+import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
-import { dumpProcess } from '../resources/process.js';
-import { dumpSharedPending, dumpSigactions } from '../resources/signals.js';
+import { askProcess, dumpProcess } from '../resources/process.js';
+import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
-import { dumpPosixTimers } from '../resources/timers.js';
+import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
-import { injected } from '../ptrace/remote.js';
+import { injected, RemoteProcess } from '../ptrace/remote.js';
+import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
+import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
-import { armTracking, processKey } from './tracking.js';
+import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed } from './profile.js';
 
@@ -168,7 +169,34 @@ function emptyImage(record: AppRecord): Image {
   };
 }
 
-async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean): Promise<void> {
+/**
+ * Maps a scratch area for batches of questions in `pid` (one injected
+ * call) and records it in `areas`; undefined where batches cannot be had
+ * (then each question is a call of its own).
+ */
+function openBatchArea(pid: number, vdso: { start: bigint; end: bigint }, areas: Map<number, RemoteProcess>): RemoteProcess | undefined {
+  const remote = new RemoteProcess(pid, vdso);
+  if (!remote.mapBatchScratch()) return undefined;
+  areas.set(pid, remote);
+  return remote;
+}
+
+/** Unmaps every batch scratch area (the processes are still stopped). A
+ * process that is gone has none left to unmap. */
+function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
+  for (const remote of areas.values()) {
+    try {
+      remote.unmapScratch();
+    } catch {
+      /* the process is gone */
+    }
+  }
+  areas.clear();
+}
+
+/** `dumped`: filled with each process dumped, its mappings as read while
+ * frozen (its threads exempted from seccomp by then). */
+async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
@@ -200,16 +228,30 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       throw new Unsupported(`${what}: ${(e as Error).message}`);
     }
     try {
+      const tids = threads.map((t) => t.tid);
+      // Every question for the process is asked first and answered in one
+      // stop per thread, from a scratch mapping made on the first answer
+      // (batchAreas: unmapped when the frozen window ends).
+      const calls = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, batchAreas)));
       // Credentials before any call is injected: a thread under seccomp is
       // exempted from its filters first.
-      const creds = timed('creds', () => dumpCreds(pid, threads.map((t) => t.tid), inj, what));
-      const proc: Process = timed('process', () => dumpProcess(ctx, pid, inj, threads.some((t) => t.groupStop), creds));
-      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, inj), creds: creds.threads[i] })));
-      proc.posixTimers = timed('timers', () => dumpPosixTimers(pid, proc.threads, inj, what));
-      timed('attributes', () => dumpAttributes(proc, pid, inj, what));
+      const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
+      const asked = timed('questions asked', () => ({
+        process: askProcess(calls),
+        threads: tids.map((tid) => askThread(calls, tid)),
+        timers: askPosixTimers(pid, calls, what),
+        attributes: askAttributes(calls, tids),
+        sigactions: askSigactions(pid, calls),
+      }));
+      timed('questions answered', () => calls.run());
+      const creds = credsAsked();
+      const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
+      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
+      proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, what));
+      timed('attributes', () => dumpAttributes(proc, pid, asked.attributes, calls, what));
       timed('cgroups', () => dumpCgroup(proc, pid, what));
       proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
-      proc.sigactions = timed('sigactions', () => dumpSigactions(pid, inj));
+      proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
       proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
       proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
       timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
@@ -231,12 +273,14 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
-      // Memory last: the scratch area used above is back as it was.
+      // Memory last: the stack's scratch bytes used above are back as they
+      // were, and the batch scratch mapping is not in `maps`.
       // Pages still shared with a parent of the image are recorded as such.
       const ppid = timed('stat', () => readStat(pid)?.ppid);
       proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
       ctx.image.processes.push(proc);
       systemPids.set(proc.vpid, pid);
+      dumped.set(pid, maps);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
     } catch (e) {
       try {
@@ -271,13 +315,17 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
   let pids: number[];
   let frozenMs = 0;
   let tracked: Set<number>;
+  const batchAreas = new Map<number, RemoteProcess>();
   try {
+    const planned = prepareTracking(reg, record.aid, roots);
     freezer.freeze(timeoutMs);
     const t0 = now();
     pids = [...freezer.byProcess().keys()];
-    tracked = armAll(reg, record.aid, freezer);
+    tracked = armAll(reg, record.aid, freezer, planned, batchAreas);
+    closeBatchAreas(batchAreas);
     frozenMs = (now() - t0) / 1000;
   } finally {
+    closeBatchAreas(batchAreas);
     freezer.resume();
   }
   // Journaled (see image/partial.ts) until the image that will hold it
@@ -354,25 +402,31 @@ function writeQueueLimit(): number {
  * Order matters for a snapshot that fails: the previous image stops being
  * trusted as a parent before any process's record of written pages is
  * reset, and each userfaultfd is recorded as soon as it exists, so that
- * images leave it out whatever happens next.
+ * images leave it out whatever happens next: both done before the freeze
+ * (prepareTracking, whose record is `previous`), but for a userfaultfd not
+ * put where planned.
  */
-function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> {
-  const before = reg.get(aid);
-  if (before) reg.update({ ...before, lastImage: undefined });
-  const previous = before?.tracking ?? {};
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Record<string, number>, batchAreas: Map<number, RemoteProcess>, dumped?: Map<number, MapsLine[]>): Set<number> {
   const strays = [...new Set(Object.values(previous))];
   const tracking: Record<string, number> = {};
   const tracked = new Set<number>();
   try {
     for (const [pid, threads] of freezer.byProcess()) {
-      const key = processKey(pid);
+      const key = timed('track: key', () => processKey(pid));
       // The userfaultfd calls below must not meet the process's filters.
-      if (!exemptFromSeccomp(pid, threads.map((t) => t.tid))) continue;
-      const vdso = readMaps(pid).find((l) => l.path === '[vdso]');
+      // A process dumped in this freeze was exempted (or refused) then,
+      // and its mappings read.
+      const known = dumped?.get(pid);
+      if (!known && !timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
+      const maps = known ?? timed('track: maps', () => readMaps(pid));
+      const vdso = maps.find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
+      // The dump's scratch area for batches, if it made one (else one is
+      // made here), and left out of what is tracked.
+      const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, batchAreas));
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
       try {
-        const fd = armTracking(inj, pid, pagemapFd, previous[key], strays);
+        const fd = timed('track: arm', () => armTracking(calls, pid, pagemapFd, previous[key], strays, maps, batchAreas.get(pid)?.scratchRange));
         if (fd !== undefined) {
           tracking[key] = fd;
           tracked.add(pid);
@@ -383,12 +437,39 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer): Set<number> 
       }
     }
   } finally {
-    const current = reg.get(aid);
     // Processes that are gone keep no entry; their numbers stay known as
-    // long as a live process might have inherited one.
-    if (current) reg.update({ ...current, tracking: { ...previous, ...tracking } });
+    // long as a live process might have inherited one. Written only if a
+    // userfaultfd is not where prepareTracking recorded it: the registry's
+    // write is the dearest step of the frozen window.
+    const changed = Object.entries(tracking).some(([key, fd]) => previous[key] !== fd);
+    const current = changed ? reg.get(aid) : undefined;
+    if (current) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
   }
   return tracked;
+}
+
+/**
+ * Before the freeze of a snapshot that arms dirty tracking (armAll), so
+ * that the registry's write (its dearest step) is not part of the frozen
+ * window: the application's previous image is no longer trusted as a
+ * parent, as armAll is about to reset the record of pages written since
+ * it (the parent chain, if any, is loaded by then; a snapshot that fails
+ * after this makes the next one whole, which is only slower); and where
+ * each process of `pids` will have its userfaultfd is recorded now, as
+ * images must leave it out whatever happens once it exists. armAll writes
+ * the registry again only if one could not be put where planned.
+ */
+function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Record<string, number> {
+  const before = reg.get(aid);
+  if (!before) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
+  const tracking = { ...before.tracking };
+  for (const pid of pids) {
+    const key = processKey(pid);
+    const fd = plannedTrackingFd(pid, tracking[key]);
+    if (fd !== undefined) tracking[key] = fd;
+  }
+  reg.update({ ...before, lastImage: undefined, tracking });
+  return tracking;
 }
 
 function readComm(pid: number): string {
@@ -517,6 +598,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let connections: HeldConnections | undefined;
   let keeper: SocketsForKeeper | undefined;
   let held: { held: number; needed: number } | undefined;
+  /** Scratch areas mapped for batches of injected calls, by process. */
+  const batchAreas = new Map<number, RemoteProcess>();
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   try {
     // Written only by a snapshot's armAll, never during this one's freeze.
@@ -524,6 +607,11 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // For the progress shown only, so read before the freeze (smaps_rollup
     // walks every mapping): the processes in the tables now.
     const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
+    // This image becomes the next one's parent: writes are tracked from
+    // the freeze on (armAll). Not a tar: its page file is not on disk for
+    // the next one to compare.
+    const becomesParent = opts.leaveRunning && !toStream && !toFile;
+    const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     const reporting = new ReportingPageWriter(pages, progress, estimate);
@@ -536,16 +624,15 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     keeper.keeping = !opts.leaveRunning && holdSeconds > 0 && keeperPathFits(reg.home, aid);
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
-    await dumpAll(ctx, freezer, interrupted);
+    const dumped = new Map<number, MapsLine[]>();
+    await dumpAll(ctx, freezer, interrupted, batchAreas, dumped);
     clock.end('dumpMs');
     if (!opts.leaveRunning) reportProfile('the frozen window');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
-    // This image becomes the next one's parent: track writes from here.
-    // Not a tar: its page file is not on disk for the next one to compare.
-    const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer)].map(processKey));
+    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, planned, batchAreas, dumped)].map(processKey));
     clock.end('trackMs');
     if (opts.leaveRunning) {
+      timed('batch scratch unmapped', () => closeBatchAreas(batchAreas));
       connections.release();
       keeper.close();
       timed('resume', () => freezer.resume());
@@ -557,6 +644,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // which goes on now (--leave-running) or stays stopped, held for its
     // end until the image is on disk (phases.ts).
     image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
+    // Held until its end, the application needs its scratch areas no
+    // more, but goes on with them if the snapshot fails or appshot dies:
+    // unmapped now (its held time, not the reading of its state).
+    closeBatchAreas(batchAreas);
     // What is still queued for the disk, shown as it is written (the rest
     // of the queue is drained by finish, which times it too).
     await reporting.drain(interrupted);
@@ -635,6 +726,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     pages.abort();
     connections?.release();
     keeper?.close();
+    closeBatchAreas(batchAreas);
     freezer.resume();
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.

@@ -14,12 +14,14 @@
  * registrations are not inherited), the snapshot compares pages with the
  * parent image instead, which is exact but reads all memory.
  */
-import { readlinkSync } from 'node:fs';
+import { readdirSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { readLimits, RLIMIT_NOFILE } from '../resources/limits.js';
-import { readMaps } from '../resources/memory.js';
+import { type MapsLine } from '../resources/memory.js';
 import { readStat } from '../procfs.js';
-import { type Injector, NR } from '../ptrace/inject.js';
+import { NR } from '../ptrace/inject.js';
+import { timed } from './profile.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 
 const UFFD_USER_MODE_ONLY = 1;
 const O_CLOEXEC = 0o2000000;
@@ -46,11 +48,12 @@ export function isUserfaultfd(pid: number, fd: number): boolean {
 }
 
 /** The mappings worth tracking: private, writable and anonymous ([heap],
- * [stack] and the rest). Not private file mappings: a page of theirs
- * dropped with MADV_DONTNEED reads the file again, but leaves a marker that
- * PAGEMAP_SCAN does not call written; those are compared instead. */
-function trackable(pid: number) {
-  return readMaps(pid).filter((m) => m.perms[1] === 'w' && m.perms[3] === 'p' && m.ino === 0n && !m.path.startsWith('[v'));
+ * [stack] and the rest), but appshot's own scratch area (`exclude`). Not
+ * private file mappings: a page of theirs dropped with MADV_DONTNEED reads
+ * the file again, but leaves a marker that PAGEMAP_SCAN does not call
+ * written; those are compared instead. */
+function trackable(maps: MapsLine[], exclude: { start: bigint } | undefined) {
+  return maps.filter((m) => m.perms[1] === 'w' && m.perms[3] === 'p' && m.ino === 0n && !m.path.startsWith('[v') && m.start !== exclude?.start);
 }
 
 /** "PID:start time": names one process for good, as a PID alone does not. */
@@ -58,49 +61,87 @@ export function processKey(pid: number): string {
   return `${pid}:${readStat(pid)?.startTime ?? 0}`;
 }
 
+/** The lowest descriptor number a userfaultfd of appshot's is put at in
+ * `pid`: high, but under its descriptor limit (snapfix sets 777). */
+function trackingFdMin(pid: number): number {
+  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+  return Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
+}
+
+/**
+ * Where the userfaultfd that armTracking is about to make in `pid` will
+ * be: its descriptor, if it has one already (`own`, a userfaultfd), else
+ * the lowest free number from trackingFdMin on (or undefined: none is
+ * free). Asked before the freeze, so that the registry records it then:
+ * armTracking puts the new one there if that is still free, and only if
+ * not is the registry written again while the application is frozen.
+ */
+export function plannedTrackingFd(pid: number, own: number | undefined): number | undefined {
+  if (own !== undefined && isUserfaultfd(pid, own)) return own;
+  let used: Set<number>;
+  try {
+    used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+  } catch {
+    return undefined;
+  }
+  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+  for (let fd = trackingFdMin(pid); fd < soft; fd++) if (!used.has(fd)) return fd;
+  return undefined;
+}
+
 /**
  * Makes sure `pid` has a userfaultfd of its own (at `own`, the one made for
  * it before, or a new one; userfaultfds at the numbers in `strays`,
  * inherited from a parent or left by an earlier failure, are closed), with
- * every writable anonymous mapping registered for write-protection, and
- * protects all their pages now: from here on, writes are tracked. Returns
- * the descriptor, or undefined if the process cannot be tracked (then its
- * pages are compared).
+ * every writable anonymous mapping of `maps` (read while it was stopped)
+ * registered for write-protection, and protects all their pages now: from
+ * here on, writes are tracked. Returns the descriptor, or undefined if the
+ * process cannot be tracked (then its pages are compared).
+ *
+ * Every call goes in one batch (calls.run()): the new userfaultfd is
+ * passed on as the answer of the call that made it, and a call after one
+ * that failed fails harmlessly on the bad descriptor it is given; what
+ * failed is seen after, and what was made is closed again.
  */
-export function armTracking(inj: Injector, pid: number, pagemapFd: number, own: number | undefined, strays: number[]): number | undefined {
-  let fd = own !== undefined && isUserfaultfd(pid, own) ? own : undefined;
-  for (const n of strays) if (n !== fd && isUserfaultfd(pid, n)) inj.call(NR.close, [n]);
-  if (fd === undefined) {
-    const made = inj.call(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
-    if (isErr(made)) return undefined;
-    // High, but under the process's descriptor limit (snapfix sets 777).
-    const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
-    const min = Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
-    const moved = inj.call(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
-    inj.call(NR.close, [made]);
-    if (isErr(moved)) return undefined;
-    const api = Buffer.alloc(24);
-    api.writeBigUInt64LE(UFFD_API, 0);
-    api.writeBigUInt64LE(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 8);
-    if (isErr(inj.callWith(NR.ioctl, [moved, UFFDIO_API, 'buf'], api).ret)) {
-      inj.call(NR.close, [moved]);
-      return undefined;
-    }
-    fd = Number(moved);
+export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, own: number | undefined, strays: number[], maps: MapsLine[], exclude?: { start: bigint }): number | undefined {
+  const existing = own !== undefined && isUserfaultfd(pid, own) ? own : undefined;
+  for (const n of strays) if (n !== existing && isUserfaultfd(pid, n)) calls.ask(NR.close, [n]);
+  let made: Answer | undefined;
+  let moved: Answer | undefined;
+  let api: Answer | undefined;
+  if (existing === undefined) {
+    made = calls.ask(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
+    const lowest = trackingFdMin(pid);
+    const min = own !== undefined && own >= lowest ? own : lowest;
+    moved = calls.ask(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
+    calls.ask(NR.close, [made]);
+    const apiStruct = Buffer.alloc(24);
+    apiStruct.writeBigUInt64LE(UFFD_API, 0);
+    apiStruct.writeBigUInt64LE(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 8);
+    api = calls.ask(NR.ioctl, [moved, UFFDIO_API, 'buf'], { input: apiStruct });
   }
-  for (const m of trackable(pid)) {
+  const ranges = trackable(maps, exclude).map((m) => {
     const reg = Buffer.alloc(32);
     reg.writeBigUInt64LE(m.start, 0);
     reg.writeBigUInt64LE(m.end - m.start, 8);
     reg.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
-    const r = inj.callWith(NR.ioctl, [fd, UFFDIO_REGISTER, 'buf'], reg).ret;
-    // Registered with another userfaultfd: its writes would be reset by no
-    // one. The process is not tracked.
-    if (r === -EBUSY) return undefined;
+    return { m, registered: calls.ask(NR.ioctl, [moved ?? existing!, UFFDIO_REGISTER, 'buf'], { input: reg }) };
+  });
+  timed('track: calls', () => calls.run());
+  if (made && isErr(made.ret)) return undefined;
+  if (moved && isErr(moved.ret)) return undefined;
+  const fd = existing ?? Number(moved!.ret);
+  if (api && isErr(api.ret)) {
+    calls.askNow(NR.close, [fd]);
+    return undefined;
+  }
+  // Registered with another userfaultfd: its writes would be reset by no
+  // one. The process is not tracked.
+  if (ranges.some((r) => r.registered.ret === EBUSY)) return undefined;
+  for (const { m, registered } of ranges) {
     // A mapping the kernel will not track (VM_PFNMAP, say) is compared:
     // the scan finds it unregistered.
-    if (isErr(r)) continue;
-    addon().scanWritten(pagemapFd, m.start, m.end, true);
+    if (!isErr(registered.ret)) timed('track: scan', () => addon().scanWritten(pagemapFd, m.start, m.end, true));
   }
   return fd;
 }
