@@ -281,6 +281,19 @@ static int write_out(int s, int fd, const unsigned char *p, size_t n) {
   return 0;
 }
 
+/* The frame buffer, doubled until it holds `need` bytes. */
+static void grow(unsigned char **buf, size_t *cap, size_t need) {
+  while (*cap < need) {
+    unsigned char *more = realloc(*buf, *cap * 2);
+    if (!more) {
+      fprintf(stderr, "appshot: out of memory\n");
+      exit(70);
+    }
+    *buf = more;
+    *cap *= 2;
+  }
+}
+
 int main(int argc, char **argv) {
   g_argv = argv;
   g_argc = argc;
@@ -337,15 +350,7 @@ int main(int argc, char **argv) {
   unsigned char *buf = malloc(cap);
   if (!buf) run_in_node();
   for (;;) {
-    if (have == cap) {
-      unsigned char *more = realloc(buf, cap * 2);
-      if (!more) {
-        fprintf(stderr, "appshot: out of memory\n");
-        return 70;
-      }
-      buf = more;
-      cap *= 2;
-    }
+    if (have == cap) grow(&buf, &cap, cap + 1);
     wait_ready(s, s, POLLIN);
     ssize_t n = read(s, buf + have, cap - have);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
@@ -365,15 +370,7 @@ int main(int argc, char **argv) {
       uint32_t len = (uint32_t)buf[at + 1] << 24 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 8 | buf[at + 4];
       if (have - at - 5 < len) {
         /* Not all here: room for the whole of it once it is moved down. */
-        while (cap < (size_t)len + 5) {
-          unsigned char *more = realloc(buf, cap * 2);
-          if (!more) {
-            fprintf(stderr, "appshot: out of memory\n");
-            return 70;
-          }
-          buf = more;
-          cap *= 2;
-        }
+        grow(&buf, &cap, (size_t)len + 5);
         break;
       }
       unsigned char type = buf[at];
