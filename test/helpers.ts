@@ -79,6 +79,31 @@ export class Sandbox {
     if (failed) throw new Error(`${aid}: ${failed[0]}`);
   }
 
+  /** `appshot args...`, which must succeed: its standard output. */
+  ok(args: string[]): string {
+    const r = this.run(args);
+    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
+    return r.stdout;
+  }
+
+  /** The system PID of an application's process, by virtual PID (2: the
+   * first process under its init). */
+  systemPid(aid: string, vpid = 2): number {
+    return this.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', aid])[0].processes.find((p) => p.vpid === vpid)!.pid;
+  }
+
+  /** SIGHUP to a fixture's first process makes it use (and check) its
+   * objects once more and print EXERCISED; fails on a "FAIL" line.
+   * `what`: what it is waited for, in the timeout's message. */
+  async exercised(aid: string, what: string): Promise<void> {
+    const count = () => (this.log(aid).match(/^EXERCISED$/gm) ?? []).length;
+    const before = count();
+    process.kill(this.systemPid(aid), 'SIGHUP');
+    await waitFor(() => count() > before || /FAIL/.test(this.log(aid)), 15_000, `${aid} ${what}`);
+    const failed = /^FAIL.*$/m.exec(this.log(aid));
+    if (failed) throw new Error(`${aid}: ${failed[0]}`);
+  }
+
   /** Starts `appshot args...` and returns a handle to talk to it. */
   start(args: string[]): Running {
     const child = spawn(process.execPath, [cli, ...args], { env: this.env });

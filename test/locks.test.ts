@@ -24,23 +24,13 @@ afterAll(async () => {
 
 const logOf = (aid: string) => sb.log(aid);
 const checksPass = (aid: string) => sb.checksPass(aid);
-type Ps = { processes: { vpid: number; pid: number }[] }[];
-const systemPid = (aid: string, vpid = 2) => sb.json<Ps>(['ps', aid])[0].processes.find((p) => p.vpid === vpid)!.pid;
+const systemPid = (aid: string, vpid = 2) => sb.systemPid(aid, vpid);
 
-function run(args: string[]): string {
-  const r = sb.run(args);
-  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
+const run = (args: string[]) => sb.ok(args);
 
 /** SIGHUP: the fixture releases `wait` to its waiter and checks its own
  * flocks are its own to convert. */
-async function exercised(aid: string): Promise<void> {
-  const before = (logOf(aid).match(/^EXERCISED$/gm) ?? []).length;
-  process.kill(systemPid(aid), 'SIGHUP');
-  await waitFor(() => (logOf(aid).match(/^EXERCISED$/gm) ?? []).length > before || /FAIL/.test(logOf(aid)), 15_000, `${aid} to use its locks`);
-  expect(logOf(aid)).not.toMatch(/FAIL.*/);
-}
+const exercised = (aid: string) => sb.exercised(aid, 'to use its locks');
 
 /** A directory of lock files of its own for each application. */
 function lockDir(name: string): string {

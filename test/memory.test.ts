@@ -10,7 +10,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { fixture, Sandbox } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-memory-'));
@@ -21,22 +21,11 @@ afterAll(async () => {
 
 type Ps = { processes: { vpid: number; pid: number; init: boolean }[] }[];
 const processes = (aid: string) => sb.json<Ps>(['ps', aid])[0].processes.filter((p) => !p.init);
-const systemPid = (aid: string, vpid = 2) => processes(aid).find((p) => p.vpid === vpid)!.pid;
 
-function run(args: string[]): string {
-  const r = sb.run(args);
-  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
+const run = (args: string[]) => sb.ok(args);
 
 /** SIGHUP makes the fixture use its memory once more. */
-async function exercised(aid: string): Promise<void> {
-  const count = () => (sb.log(aid).match(/^EXERCISED$/gm) ?? []).length;
-  const before = count();
-  process.kill(systemPid(aid), 'SIGHUP');
-  await waitFor(() => count() > before || /FAIL/.test(sb.log(aid)), 15_000, `${aid} to use its memory`);
-  expect(sb.log(aid)).not.toMatch(/FAIL.*/);
-}
+const exercised = (aid: string) => sb.exercised(aid, 'to use its memory');
 
 function roundTrips(name: string, argv: string[], after?: (aid: string) => void | Promise<void>): void {
   it('comes back exactly from a snapshot that ends it', async () => {

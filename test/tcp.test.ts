@@ -32,11 +32,7 @@ afterAll(async () => {
 const BIG = 16 << 20;
 const isRoot = process.getuid?.() === 0;
 
-function run(args: string[]): string {
-  const r = sb.run(args);
-  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
+const run = (args: string[]) => sb.ok(args);
 
 const logOf = (aid: string) => {
   try {
