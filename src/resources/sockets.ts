@@ -21,19 +21,14 @@ import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets } from './keeper.js';
-import { connectionName } from './tcp.js';
+import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { applyExtras, earlyBytes, forgetClosed, isCarriedExtra, noted, readExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
-interface InetEntry {
-  family: number;
-  address: string;
-  port: number;
-  remote: string;
-  state: number;
-}
+/** A TCP socket as it told of itself (SocketTable.tcpSocket). */
+type InetEntry = SeenConnection;
 
 interface UnixEntry {
   flags: number;

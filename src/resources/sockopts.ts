@@ -357,15 +357,11 @@ function sameRaw(specs: readonly Spec[], a: RawBatch, b: RawBatch, i: number): b
   return a.data.compare(b.data, from, from + a.lengths[i], from, from + a.lengths[i]) === 0;
 }
 
-/** Options read as the image records them; undefined for one the kernel
+/** One option read as the image records it; undefined for one the kernel
  * does not have for this socket. */
-function readMany(fd: number, specs: readonly Spec[]): (SocketOption | undefined)[] {
-  const raw = readRaw(fd, specs);
-  return specs.map((_, i) => decode(specs, raw, i));
-}
-
 function readOne(fd: number, s: Spec): SocketOption | undefined {
-  return readMany(fd, [s])[0];
+  const specs = [s];
+  return decode(specs, readRaw(fd, specs), 0);
 }
 
 function ntohl(v: number): number {
