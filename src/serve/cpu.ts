@@ -13,18 +13,12 @@ import { descendantsOf, readStat } from '../procfs.js';
 const TICKS_PER_SECOND = 100;
 
 export class CpuMeter {
-  private readonly last = new Map<string, { atMs: number; atTicks: number; ticks: Map<number, number>; cores: number }>();
-
-  /** @param windowMs the shortest time a figure is measured over: asked
-   * sooner, the meter gives its last figure again (a tick of 200 ms holds
-   * 20 clock ticks of CPU, too few to judge by). */
-  constructor(private readonly windowMs = 0) {}
+  private readonly last = new Map<string, { atMs: number; atTicks: number; ticks: Map<number, number> }>();
 
   /** Cores used by the processes under `initPid` since the last sample of
    * `key`; 0 at the first. */
   sample(key: string, initPid: number, nowMs = performance.now()): number {
     const before = this.last.get(key);
-    if (before && nowMs - before.atMs < this.windowMs) return before.cores;
     const ticks = new Map<number, number>();
     const started = new Map<number, number>();
     for (const pid of descendantsOf(initPid)) {
@@ -49,7 +43,7 @@ export class CpuMeter {
       }
       cores = used / TICKS_PER_SECOND / ((nowMs - before.atMs) / 1000);
     }
-    this.last.set(key, { atMs: nowMs, atTicks, ticks, cores });
+    this.last.set(key, { atMs: nowMs, atTicks, ticks });
     return cores;
   }
 

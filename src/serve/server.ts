@@ -76,7 +76,7 @@ interface Held {
 /** Longest parent chain of suspend images before a full snapshot: each
  * link is read at every restore. */
 const MAX_CHAIN = 4;
-/** CPU is judged over a second at least (cpu.ts): a 200 ms tick holds
+/** CPU is measured once a second (measureCpu): a 200 ms tick holds
  * too few of /proc's clock ticks. */
 const CPU_WINDOW_MS = 1000;
 /** Translations kept for `service show`. */
@@ -92,6 +92,8 @@ class Service {
   /** Instances' CPU, for the policy's CPU target. */
   private readonly cpu: CpuMeter;
   private readonly measured = new Set<string>();
+  /** When CPU was last measured (performance.now()). */
+  private cpuAt = -Infinity;
   readonly instances = new Map<string, Instance>();
   readonly held: Held[] = [];
   readonly listeners: Server[] = [];
@@ -123,7 +125,7 @@ class Service {
     readonly maxHeld: number,
   ) {
     this.policy = new Policy(spec, host.clock);
-    this.cpu = new CpuMeter(CPU_WINDOW_MS);
+    this.cpu = new CpuMeter();
     const saved = host.store.readState(spec.name);
     const usable = saved?.lastImage && existsSync(saved.lastImage) ? saved : undefined;
     this.lastImage = usable?.lastImage ?? spec.from;
@@ -457,6 +459,11 @@ class Service {
   }
 
   private measureCpu(): void {
+    // Once a window, not every tick: the registry is read for each
+    // instance, and a figure over less would be too coarse to judge by.
+    const now = performance.now();
+    if (now - this.cpuAt < CPU_WINDOW_MS) return;
+    this.cpuAt = now;
     // Instances gone since (dropped, crashed): their series go too.
     for (const aid of this.measured)
       if (this.instances.get(aid)?.state !== 'running') {
@@ -470,7 +477,7 @@ class Service {
       const initPid = inst.state === 'running' ? this.reg.get(inst.aid)?.initPid : undefined;
       if (initPid === undefined) continue;
       this.measured.add(inst.aid);
-      inst.cpu = this.cpu.sample(inst.aid, initPid);
+      inst.cpu = this.cpu.sample(inst.aid, initPid, now);
       this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
     }
   }
