@@ -65,7 +65,8 @@ let enginePid = 0;
 /** CPU time the engine used so far, in ms (0 in-process). */
 function engineCpuMs() {
   if (!enginePid) return 0;
-  const f = read(`/proc/${enginePid}/stat`).slice(read(`/proc/${enginePid}/stat`).lastIndexOf(')') + 2).split(' ');
+  const stat = read(`/proc/${enginePid}/stat`);
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return (Number(f[11]) + Number(f[12])) * 10;
 }
 const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
