@@ -203,6 +203,16 @@ describe('a restore interrupted by Ctrl-C', () => {
     await nothingLeftAtOnce('intr-check');
   }, 120_000);
 
+  it("while one process's 256 MiB are copied: after the slice being copied, not once they all are", async () => {
+    // Killed (SIGKILL, not exit 130) if the copy went on to its second
+    // 32 MiB slice after Ctrl-C came during the first.
+    const r = await interruptedAt('restore: process 2 slice 1', ['restore', image, '--aid', 'intr-copy'], { APPSHOT_TEST_KILL_AT: 'restore: process 2 slice 2' });
+    expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
+    expect(r.code).toBe(130);
+    await nothingLeftAtOnce('intr-copy');
+    expect(digest(image)).toEqual(before);
+  }, 120_000);
+
   it('of a .tar image: its extraction is removed too', async () => {
     const r = await interruptedAt('restore: process 2', ['restore', tarImage, '--aid', 'intr-tar']);
     expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);

@@ -13,6 +13,7 @@ import { type DumpContext, type RestoreContext, Unsupported } from './context.js
 import { type Injector, NR } from '../ptrace/inject.js';
 import { RemoteProcess } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
+import { killPoint } from '../killpoint.js';
 
 const PAGE = 4096n;
 
@@ -444,6 +445,10 @@ export interface MemorySources {
   /** Told of each slice of page data copied (the restore driver's
    * progress). */
   copied?: (bytes: number) => void;
+  /** Awaited between two slices of one process's copy: where the restore
+   * driver hears Ctrl-C, which a copy of gigabytes would otherwise keep
+   * waiting until its end. */
+  betweenSlices?: () => Promise<void>;
 }
 
 /** Page data copied in one native call at most: progress moves between
@@ -452,16 +457,19 @@ const COPY_SLICE = 32 << 20;
 
 /**
  * The page data one process is given, gathered run by run ([page file
- * index, file offset, address, length]) and copied in slices: one native
- * call maps each page file once and writes hundreds of runs with one
- * process_vm_writev, where a call per run cost a mapping and a copy each.
+ * index, file offset, address, length]) into slices, then copied: one
+ * native call per slice maps each page file once and writes hundreds of
+ * runs with one process_vm_writev, where a call per run cost a mapping and
+ * a copy each.
  */
 class PageCopy {
+  private readonly slices: number[][] = [];
   private runs: number[] = [];
   private bytes = 0;
 
   constructor(
     private readonly pid: number,
+    private readonly vpid: number,
     private readonly src: MemorySources,
   ) {}
 
@@ -471,16 +479,26 @@ class PageCopy {
       this.runs.push(file, Number(offset + at), Number(addr + at), n);
       this.bytes += n;
       at += BigInt(n);
-      if (this.bytes >= COPY_SLICE) this.flush();
+      if (this.bytes >= COPY_SLICE) this.close();
     }
   }
 
-  flush(): void {
-    if (!this.runs.length) return;
-    addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(this.runs));
-    this.src.copied?.(this.bytes);
+  private close(): void {
+    if (this.runs.length) this.slices.push(this.runs);
     this.runs = [];
     this.bytes = 0;
+  }
+
+  async run(): Promise<void> {
+    this.close();
+    for (const [i, runs] of this.slices.entries()) {
+      if (i > 0) await this.src.betweenSlices?.();
+      addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(runs));
+      let bytes = 0;
+      for (let j = 3; j < runs.length; j += 4) bytes += runs[j];
+      this.src.copied?.(bytes);
+      killPoint(`restore: process ${this.vpid} slice ${i + 1}`);
+    }
   }
 }
 
@@ -574,7 +592,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * image's: everything of its own is unmapped but the vDSO, which is moved
  * to where the image had it, then each VMA is mapped and filled.
  */
-export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): void {
+export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): Promise<void> {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const MADV_DONTNEED = 4;
   const current = readMaps(r.pid);
@@ -699,7 +717,7 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
   mapping.run();
 
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
-  const copy = new PageCopy(r.pid, src);
+  const copy = new PageCopy(r.pid, vpid, src);
   for (const p of plans) {
     const { v } = p;
     if (!p.lazy) for (const [addr, off, n] of p.own) copy.add(0, off, addr, n);
@@ -731,7 +749,7 @@ export function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: 
       flush();
     }
   }
-  copy.flush();
+  await copy.run();
 
   const finishing = r.batch();
   for (const { v, len, prot, what, parentVma } of plans) {

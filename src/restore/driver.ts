@@ -283,8 +283,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
-    // page file checked, a process's memory copied): at each of these
-    // points, a turn of the event loop lets its handler run.
+    // page file checked, 32 MiB of a process's memory copied): at each of
+    // these points, a turn of the event loop lets its handler run.
     const heardInterrupt = async () => {
       if (!opts.signal) return;
       await new Promise((resolve) => setImmediate(resolve));
@@ -394,11 +394,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       asFork: opts.instance !== undefined,
       forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
       copied: (bytes: number) => meter.add(bytes),
+      betweenSlices: heardInterrupt,
     };
     // Processes forked from a parent whose memory was filled already.
     const forkedWithMemory = new Map<number, { vpid: number; vmas: Vma[] }>();
     /** Memory first of every process: emptied and filled from the image. */
-    const fillMemory = (m: Made): RemoteProcess => {
+    const fillMemory = async (m: Made): Promise<RemoteProcess> => {
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
       restoreCgroup(m.proc, m.pid);
@@ -407,7 +408,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const used = [...m.proc.vmas, ...readMaps(m.pid)];
       r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
-      restoreMemory(r, m.proc.vmas, m.proc.vpid, memory);
+      await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory);
       phase('memory');
       return r;
     };
@@ -474,7 +475,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       if (children.some(sharesWithParent)) {
-        fillMemory(m);
+        await fillMemory(m);
         r.findSyscall(); // the vDSO has moved to the image's address
       }
       for (const child of children) {
@@ -490,7 +491,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const m of made) {
       const p = m.proc;
       await heardInterrupt();
-      const r = fillMemory(m);
+      const r = await fillMemory(m);
       // A large copy takes seconds: not to be continued if Ctrl-C came.
       await heardInterrupt();
       restoreProcessState(r, p, handed.workingDirectory(p));
