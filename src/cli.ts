@@ -606,6 +606,7 @@ export function buildProgram(): Command {
         process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
+        for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${u.rule} matches nothing in this snapshot: ${u.text}\n`);
       }
     });
 

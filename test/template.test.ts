@@ -97,6 +97,31 @@ describe('templates and clones', () => {
     expect(readdirSync(join(dir, 'tpl.template')).sort()).toEqual(['image.pb', 'manifest.pb', 'pages.img', 'template.pb']);
   });
 
+  it('says which resource rules match nothing in the snapshot (a PORT rule for a port the application moved from)', () => {
+    // The rules it ran with, and three more: a port it does not listen on,
+    // a file it does not hold, and a copy-on-write path, which also acts on
+    // files opened later (never idle, so not listed).
+    const rules = join(dir, 'more.rules');
+    const base = readFileSync(world.rules, 'utf8');
+    writeFileSync(rules, `${base}\nPORT 6379 ALLOCATE\nFILE "/nowhere/at/all" SHARE\nFILE "/nowhere/else" ON write COPY-ON-WRITE\n`);
+    const n = base.split('\n').length;
+    const out = join(dir, 'more.template');
+    const t = sb.run(['template', 'create', join(dir, 'snap'), '-o', out, '--rules', rules, '--json']);
+    expect(t.code, t.stderr).toBe(0);
+    const summary = JSON.parse(t.stdout) as { unmatched: { rule: string; text: string }[] };
+    expect(summary.unmatched).toEqual([
+      { rule: `more.rules:${n + 1}`, text: 'PORT 6379 ALLOCATE' },
+      { rule: `more.rules:${n + 2}`, text: 'FILE "/nowhere/at/all" SHARE' },
+    ]);
+    rmSync(out, { recursive: true, force: true });
+    // As a person sees it: a warning each, and the template is made.
+    const plain = sb.run(['template', 'create', join(dir, 'snap'), '-o', out, '--rules', rules]);
+    expect(plain.code, plain.stderr).toBe(0);
+    expect(plain.stderr).toContain(`appshot: warning: rule more.rules:${n + 1} matches nothing in this snapshot: PORT 6379 ALLOCATE\n`);
+    expect(plain.stderr).not.toContain('/nowhere/else');
+    rmSync(out, { recursive: true, force: true });
+  });
+
   it(`clones ${CLONES} instances at once, each with its own state, ports, paths and environment`, async () => {
     const r = sb.run(['clone', join(dir, 'tpl.template'), '--aid', 'c', '--count', String(CLONES), '--json']);
     expect(r.code, r.stderr).toBe(0);

@@ -21,7 +21,7 @@ import { lockRefusal } from '../resources/locks.js';
 import { forkTreatment } from '../resources/memory.js';
 import { connectionName } from '../resources/tcp.js';
 import { unredirected } from '../resources/paths.js';
-import { type ResourceRule, type RulesFile, ruleFor } from './rules.js';
+import { isPathRule, type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
 type Decision = { action: Action; reason: string };
 type Described = Decision & { kind: string; name: string };
@@ -71,6 +71,33 @@ export function classify(image: Image, rules: RulesFile | undefined): Verdict[] 
     ...sysvVerdicts(image, rules),
     ...envVerdicts(rules),
   ];
+}
+
+/** A resource rule that decided nothing in the image it was applied to. */
+export interface UnmatchedRule {
+  /** "redis.rules:27" */
+  rule: string;
+  /** The line as written: "PORT 6379 ALLOCATE". */
+  text: string;
+}
+
+/**
+ * The resource rules no verdict names: a PORT rule for a port the
+ * application does not listen on (redis moved to another port: the clones
+ * then share the one it has), a segment key it does not hold, a mapping it
+ * does not map, or a rule every resource it could name met an earlier rule
+ * first. Said by `template create`, because nothing else would: the
+ * template is made either way. A FILE rule that copies or duplicates also
+ * acts on files opened after the clone resumes (the instance's path
+ * table), so it is never idle and is not listed.
+ */
+export function unmatchedRules(rules: RulesFile | undefined, verdicts: Verdict[]): UnmatchedRule[] {
+  if (!rules) return [];
+  const decided = new Set(verdicts.map((v) => v.reason));
+  const lines = rules.text.split('\n');
+  return rules.resources
+    .filter((r) => !isPathRule(r) && !decided.has(byRule(rules, r).reason))
+    .map((r) => ({ rule: `${rules.source}:${r.line}`, text: (lines[r.line - 1] ?? '').trim() }));
 }
 
 // --- processes --------------------------------------------------------------

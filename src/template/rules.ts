@@ -344,7 +344,7 @@ function pathRules(rules: RulesFile): { from: string; line: number }[] {
   return [...rules.redirs, ...files];
 }
 
-function isPathRule(r: ResourceRule): boolean {
+export function isPathRule(r: ResourceRule): boolean {
   return r.kind === 'file' && (r.action === 'copy-on-write' || r.action === 'duplicate') && typeof r.match === 'string' && r.match !== '*';
 }
 

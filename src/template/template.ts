@@ -17,7 +17,7 @@ import { makePartialDir } from '../image/partial.js';
 import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
 import { type SharedState, sharedState } from '../resources/identity.js';
-import { classify, refusals } from './classify.js';
+import { classify, refusals, type UnmatchedRule, unmatchedRules } from './classify.js';
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 import { cachedTemplate } from './cache.js';
 import type { ByteProgress } from '../progress.js';
@@ -49,6 +49,9 @@ export interface TemplateSummary {
   /** What every clone would share with the others and the template, and
    * what the rules do about it (resources/identity.ts). */
   shared: SharedState[];
+  /** template create: the resource rules that decided nothing for this
+   * snapshot (classify.ts, unmatchedRules). */
+  unmatched?: UnmatchedRule[];
 }
 
 export function summarize(path: string, t: Template, shared: SharedState[]): TemplateSummary {
@@ -133,7 +136,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     } finally {
       journal.done();
     }
-    return summarize(dest, template, sharedState(image, parsed));
+    return { ...summarize(dest, template, sharedState(image, parsed)), unmatched: unmatchedRules(parsed, verdicts) };
   } finally {
     loaded.dispose();
   }
