@@ -593,10 +593,15 @@ export function buildProgram(): Command {
       ]);
       if (opts.trustImage) trustImagesExplicitly();
       const display = new ProgressDisplay(`template ${opts.output}`, progressMode(opts.progress));
+      // Ctrl-C or SIGTERM: given up while the snapshot is checked, nothing
+      // written (the driver's one line says so).
+      const interrupt = new AbortController();
+      const uninstall = onInterrupt('abort', () => interrupt.abort());
       let summary;
       try {
-        summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name, progress: display });
+        summary = await createTemplate(snapshotPath, opts.output, { rules: opts.rules, name: opts.name, progress: display, signal: interrupt.signal });
       } finally {
+        uninstall();
         display.end();
       }
       if (opts.json) json('template create', summary);

@@ -213,6 +213,15 @@ describe('a restore interrupted by Ctrl-C', () => {
     expect(digest(image)).toEqual(before);
   }, 120_000);
 
+  it('template create, while the 256 MiB are checked: one line, exit 130, no template and nothing half-made', async () => {
+    const out = join(dir, 'intr.template');
+    const r = await interruptedAt('image: checking pages', ['template', 'create', image, '-o', out], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    expect(r.stderr.trim().split('\n')).toEqual(['appshot: interrupted: no template was made, the snapshot is as it was']);
+    expect(r.code).toBe(130);
+    expect(readdirSync(dir).filter((f) => f.includes('intr.template'))).toEqual([]);
+    expect(digest(image)).toEqual(before);
+  }, 120_000);
+
   it('of a .tar image: its extraction is removed too', async () => {
     const r = await interruptedAt('restore: process 2', ['restore', tarImage, '--aid', 'intr-tar']);
     expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);

@@ -36,7 +36,14 @@ export interface CreateOptions {
   name?: string;
   /** Told the snapshot's page data checked, as it is (progress.ts). */
   progress?: ByteProgress;
+  /** Ctrl-C: heard while the snapshot is checked (the long part) and
+   * before anything is written; once the template is being written it is
+   * made whole. */
+  signal?: AbortSignal;
 }
+
+/** The one line an interrupted `template create` ends with. */
+export const TEMPLATE_INTERRUPTED = 'interrupted: no template was made, the snapshot is as it was';
 
 export interface TemplateSummary {
   template: string;
@@ -88,11 +95,19 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
   let size = 0;
   let checked = 0;
   const progress = opts.progress;
+  const interrupted = () => new AppshotError(TEMPLATE_INTERRUPTED, ExitCode.interrupted);
   const loaded = await loadImage(imagePath, {
     onPagesSize: (n) => progress?.bytes(checked, (size = n)),
     onBytes: (n) => progress?.bytes((checked += n), size),
+    signal: opts.signal,
+  }).catch((e) => {
+    throw opts.signal?.aborted ? interrupted() : e;
   });
   try {
+    // A turn of the event loop: a Ctrl-C that came as the last bytes were
+    // checked is heard before anything is written.
+    if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
+    if (opts.signal?.aborted) throw interrupted();
     const { image, manifest } = loaded;
     if (image.parent)
       throw new AppshotError(
