@@ -73,13 +73,21 @@ describe('help and errors', () => {
     const top = sb.run(['--help']);
     expect(top.stdout).toMatch(/Exit status:\n\s+0\s+success/);
     expect(top.stdout).toMatch(/^\s+2\s+bad command line/m);
-    for (const c of ['', ...COMMANDS]) {
+    // Every command and subcommand, found from the help texts themselves
+    // (their "Commands:" sections), so that a new one cannot be missed.
+    const seen: string[] = [];
+    for (const queue = ['']; queue.length; ) {
+      const c = queue.shift()!;
+      seen.push(c);
       const r = sb.run([...c.split(' ').filter(Boolean), '--help']);
       expect(r.code, c).toBe(0);
       expect(r.stdout, c).not.toMatch(/FIG/);
       expect(r.stdout, c).not.toMatch(/default: (false|true)/);
       if (c) expect(r.stdout, c).toMatch(/Example/);
+      const listed = r.stdout.split(/^Commands:\n/m)[1]?.split(/\n\S/)[0] ?? '';
+      for (const m of listed.matchAll(/^ {2}([a-z][a-z-]*)/gm)) if (m[1] !== 'help') queue.push(`${c} ${m[1]}`.trim());
     }
+    expect(seen).toEqual(expect.arrayContaining(COMMANDS));
   });
 
   it("commander's errors come out as appshot's: one line, exit code 2", () => {

@@ -28,6 +28,7 @@ export function registerEngine(program: Command): void {
     .description('start an engine for $APPSHOT_HOME in the background (nothing if one runs)')
     .option('--foreground', 'serve in this process until idle or SIGTERM (refused if one runs)', false)
     .option('--json', 'print the status of the engine as JSON', false)
+    .addHelpText('after', '\nExamples:\n  appshot engine start\n  APPSHOT_ENGINE_IDLE=600 appshot engine start --json\n  appshot engine start --foreground   # in a service manager')
     .action(async (opts: { foreground: boolean; json: boolean }) => {
       const home = resolve(defaultHome());
       const { controlEngine } = await import('./client.js');
@@ -55,6 +56,7 @@ export function registerEngine(program: Command): void {
     .command('stop')
     .description('ask the engine to leave once its running commands have ended')
     .option('--json', 'print its last status as JSON', false)
+    .addHelpText('after', '\nExample:\n  appshot engine stop')
     .action(async (opts: { json: boolean }) => {
       const home = resolve(defaultHome());
       const { controlEngine } = await import('./client.js');
@@ -67,6 +69,7 @@ export function registerEngine(program: Command): void {
     .command('status')
     .description('whether an engine runs for $APPSHOT_HOME, and what it does')
     .option('--json', 'machine-readable output', false)
+    .addHelpText('after', '\nExamples:\n  appshot engine status\n  appshot engine status --json')
     .action(async (opts: { json: boolean }) => {
       const home = resolve(defaultHome());
       const { controlEngine } = await import('./client.js');
