@@ -6,7 +6,7 @@
  * in this process through the API.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -28,9 +28,9 @@ function sh(command: string, args: string[], opts: { cwd: string; env?: NodeJS.P
 
 /** Runs a command to its end without blocking this process (so that two
  * installs can go at once). */
-function shAsync(command: string, args: string[], cwd: string): Promise<{ code: number | null; output: string }> {
+function shAsync(command: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
-    const child = spawn(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
     let output = '';
     child.stdout.on('data', (d) => (output += d));
     child.stderr.on('data', (d) => (output += d));
@@ -220,4 +220,19 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     // stop() resolved once the registry was empty: no clone is left.
     expect(readdirSync(join(dir, 'appshot', 'apps')).filter((a) => !a.startsWith('.'))).toEqual([]);
   });
+
+  it("runs as its README says: the example's own vitest, its globalSetup and test files", async () => {
+    // A copy of the example with appshot (this checkout) and vitest where
+    // its `npm install` would put them.
+    const ex = mkdtempSync(join(work, 'example-'));
+    cpSync(join(root, 'examples', 'vitest-redis'), ex, { recursive: true });
+    mkdirSync(join(ex, 'node_modules'));
+    symlinkSync(root, join(ex, 'node_modules', 'appshot'));
+    symlinkSync(join(root, 'node_modules', 'vitest'), join(ex, 'node_modules', 'vitest'));
+    const r = await shAsync(process.execPath, [join(ex, 'node_modules', 'vitest', 'vitest.mjs'), 'run'], ex, { ...process.env, APPSHOT_PORTS: TEST_PORTS, CI: 'true', FORCE_COLOR: '0', NO_COLOR: '1' });
+    expect(r.code, r.output).toBe(0);
+    // Its three tests in two files, over three workers each with a clone.
+    expect(r.output).toMatch(/Test Files\s+2 passed \(2\)/);
+    expect(r.output).toMatch(/Tests\s+3 passed \(3\)/);
+  }, 120_000);
 });
