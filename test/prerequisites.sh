@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite's prerequisites: Debian packages whose programs the tests
 # run for real (servers, procps, setpriv, the shells whose completion is
-# tested, zstd for .tar.zst images). As root (CI, a fresh container)
+# tested, zstd for .tar.zst images, strace for the opens of hostile images,
+# git for the clean checkout the package test installs from, script for
+# the terminal tests). As root (CI, a fresh container)
 # whatever is missing is installed with apt-get; as anyone else, one line
 # names what is missing and how to install it, and the exit status is 1.
 set -euo pipefail
@@ -25,6 +27,13 @@ declare -A needs=(
   [/usr/bin/zsh]=zsh
   [/usr/bin/fish]=fish
   [/usr/bin/zstd]=zstd
+  [/usr/bin/strace]=strace
+  [/usr/bin/git]=git
+  [/usr/bin/script]=bsdutils
+  [/usr/bin/prlimit]=util-linux
+  [/usr/bin/ipcrm]=util-linux
+  [/usr/bin/flock]=util-linux
+  [/usr/bin/pgrep]=procps
 )
 
 missing=()
