@@ -81,6 +81,25 @@ describe('progress', () => {
     expect(lastRestore.done).toBe(lastRestore.total);
     expect(lastRestore.total).toBeGreaterThan(500);
     await sb.checksPass('ci', 2);
+
+    // template create counts the snapshot's page data checked; clone, the
+    // data each instance is given.
+    const lastPlain = (args: string[], label: string) => {
+      const r = spawnSync(process.execPath, [cli, ...args, '--progress=plain'], { env: sb.env, encoding: 'utf8', timeout: 120_000 });
+      expect(r.status, r.stderr).toBe(0);
+      const lines = r.stderr.split('\n').filter((l) => l.startsWith(`appshot: ${label}: `));
+      expect(lines.length, r.stderr).toBeGreaterThan(0);
+      for (const l of lines) expect(l).toMatch(/: \d+\.\d\/\d+\.\d MiB, \d+ MiB\/s(, \d+ (s|min) left)?$/);
+      return amounts(lines.at(-1)!)[0];
+    };
+    const template = join(out, 'ci.template');
+    const made = lastPlain(['template', 'create', join(out, 'ci.appshot'), '-o', template], `template ${template}`);
+    expect(made.done).toBe(made.total);
+    expect(made.total).toBeGreaterThan(250);
+    const cloned = lastPlain(['clone', template, '--aid', 'ci-copy', '--count', '2'], `clone ${template}`);
+    expect(cloned.done).toBe(cloned.total);
+    expect(cloned.total).toBeGreaterThan(500);
+    expect(sb.run(['rm', '-f', 'ci-copy-1', 'ci-copy-2']).code).toBe(0);
   }, 180_000);
 
   it('--progress=none prints nothing but the result, CI or not; nor does the default off a terminal', async () => {
