@@ -45,7 +45,7 @@
       "target_name": "appshot-init",
       "type": "executable",
       "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c"],
-      "ldflags": ["-Wl,--as-needed"],
+      "ldflags": ["-static"],
       "libraries": ["-lpthread"]
     },
     {
