@@ -924,11 +924,15 @@ int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
   if (holder <= 0) return -1;
   struct appshot_waits *w = appshot_waits_of(h);
   uint32_t start = mix32((uint32_t)holder) % APPSHOT_WAIT_SLOTS;
-  for (uint32_t n = 0; n < APPSHOT_WAIT_SLOTS; n++) {
+  /* First a free slot; then one whose holder is gone from the PID table (a
+   * thread killed in its call never gave its slot back). */
+  for (uint32_t n = 0; n < 2 * APPSHOT_WAIT_SLOTS; n++) {
     struct appshot_wait_slot *s = &w->slot[(start + n) % APPSHOT_WAIT_SLOTS];
-    int32_t free_holder = 0;
-    if (__atomic_load_n(&s->holder, __ATOMIC_RELAXED) != 0 ||
-        !__atomic_compare_exchange_n(&s->holder, &free_holder, holder, 0,
+    int32_t seen = __atomic_load_n(&s->holder, __ATOMIC_RELAXED), sid;
+    if (seen != 0 &&
+        (n < APPSHOT_WAIT_SLOTS || appshot_v2s(h, APPSHOT_PID, seen, &sid)))
+      continue;
+    if (!__atomic_compare_exchange_n(&s->holder, &seen, holder, 0,
                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
       continue;
     /* Only this thread writes the slot from here on, and a restore, which
