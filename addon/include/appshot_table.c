@@ -992,6 +992,13 @@ void appshot_prior_forget(struct appshot_header *h, int32_t sid) {
   }
 }
 
+/* The same for bytes from anywhere (an image's, not 8-aligned). */
+static int marked_bytes(const void *area) {
+  uint64_t first;
+  memcpy(&first, area, sizeof first);
+  return first == WAIT_MARK;
+}
+
 int appshot_wait_carry(struct appshot_header *h, uint32_t slot,
                        int32_t holder, uint32_t moved, const void *out,
                        const void *carried) {
@@ -1001,14 +1008,14 @@ int appshot_wait_carry(struct appshot_header *h, uint32_t slot,
   }
   struct appshot_wait_slot *s = &appshot_waits_of(h)->slot[slot];
   s->holder = holder;
-  if (!marked(out)) {
+  if (!marked_bytes(out)) {
     /* The call ran on the image's node: its answer is one node back. */
     memcpy(s->carried, out, APPSHOT_WAIT_OUT);
     s->moved = 1;
   } else {
     /* Not run yet (it will run here), or run on an earlier node still. */
     memcpy(s->carried, carried, APPSHOT_WAIT_OUT);
-    s->moved = marked(carried) ? 0 : (moved < UINT32_MAX ? moved + 1 : moved);
+    s->moved = marked_bytes(carried) ? 0 : (moved < UINT32_MAX ? moved + 1 : moved);
   }
   *mark_of(s->out) = WAIT_MARK;
   return 0;

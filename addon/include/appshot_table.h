@@ -241,9 +241,12 @@ struct appshot_header {
  *    with `carried` written, it ran on the node before the last restore, and
  *    its system PID is translated through `prior` instead of the tables.
  *
- * Slots are written only by their holder (and by a restore, while every
- * process is stopped); `prior` only by a restore, and emptied entry by entry
- * by the threads that use it. */
+ * A slot is written only by its holder (and by a restore, while every
+ * process is stopped); one whose holder is gone from the PID table (killed
+ * in its call) is taken over. `prior` is written only by a restore, and
+ * emptied entry by entry by the threads that use it. A call answered two
+ * restores back, still untranslated, cannot be helped (`prior` is of the
+ * last node only): it is translated as before. */
 #define APPSHOT_WAIT_SLOTS 128u
 #define APPSHOT_WAIT_OUT 144u /* sizeof(struct rusage); siginfo_t is 128 */
 
