@@ -1,5 +1,5 @@
 // Virtual PIDs: translation in both directions for real process trees.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -127,6 +127,12 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4 again`);
     process.kill(sb.systemPid(aid, child), 'SIGUSR1');
     expect(await verdict(aid)).toBe('PASS');
+  });
+
+  it('claims, takes back and carries wait slots as the tables say (waitslots, on tables of its own)', () => {
+    const r = spawnSync(fixture('waitslots'), { encoding: 'utf8' });
+    expect(r.stdout + r.stderr).toBe('PASS\n');
+    expect(r.status).toBe(0);
   });
 
   it('wait4: in a clone of a template of such a snapshot, too', async () => {
