@@ -912,7 +912,10 @@ _Static_assert(sizeof(struct rusage) <= APPSHOT_WAIT_OUT, "rusage fits a wait sl
 _Static_assert(sizeof(siginfo_t) <= APPSHOT_WAIT_OUT, "siginfo fits a wait slot");
 
 /* The mark: no rusage (ru_utime.tv_sec) and no siginfo (si_signo, si_errno)
- * the kernel writes starts with 8 bytes of ones. */
+ * the kernel writes starts with 8 bytes of ones. Relaxed is enough: the
+ * kernel writes `out` inside the holder's own call (program order), and a
+ * restore writes the slot while the holder is stopped by ptrace, whose stop
+ * and resume order everything on either side. */
 #define WAIT_MARK UINT64_MAX
 
 static inline uint64_t *mark_of(uint8_t *area) { return (uint64_t *)(void *)area; }
