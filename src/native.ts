@@ -7,7 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
-import type { Identity, TcpConnection } from './image/types.js';
+import type { Identity, TcpConnection, WaitSlot } from './image/types.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
@@ -49,7 +49,11 @@ export interface TablesSnapshot {
   /** What the preload library noted of sockets (appshot_table.h); absent
    * from a registry's copy of older tables. */
   sockets?: { notes: SocketNote[]; lost: number };
+  /** Wait calls in flight (appshot_table.h); absent from a registry's copy
+   * of older tables. */
+  waits?: WaitSlot[];
 }
+
 
 /** A socket option the kernel does not show, noted when it was set. */
 export interface SocketNote {
@@ -287,6 +291,9 @@ interface Addon {
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
+  /** Before a restored process runs: the image's wait slots and the
+   * previous node's PIDs into new tables (appshot_table.h). */
+  carryWaits(path: string, waits: WaitSlot[], prior: { virtual: number; system: number }[]): void;
   noteSocket(path: string, note: SocketNote): void;
   /** Drops every note of these socket inodes. */
   forgetSocketNotes(path: string, inos: bigint[]): void;

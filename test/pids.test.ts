@@ -1,5 +1,5 @@
 // Virtual PIDs: translation in both directions for real process trees.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -74,6 +74,74 @@ describe('virtual PIDs', () => {
       process.kill(-holder.pid!, 'SIGKILL'); // flock and its sleep
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('a wait for any child caught by a snapshot between the kernel answering and the translation', () => {
+  // APPSHOT_TEST_PAUSE_AFTER_WAIT=1 holds the waiting thread right there, in
+  // nanosleep, until a signal interrupts it; after a restore the sleep
+  // returns EINTR (threads.ts, resumeRegisters), so the thread translates
+  // the old node's system PID of its reaped child on the new node.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-waitany-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const heldAfterWait = (pid: number) => {
+    try {
+      return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('35 '); // nanosleep
+    } catch {
+      return false;
+    }
+  };
+  const verdict = async (aid: string) => {
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    return /^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0];
+  };
+  /** A snapshot (which ends the application) of `waitany call` held after
+   * its wait reaped the child. */
+  async function heldInWait(aid: string, call: 'wait4' | 'waitid'): Promise<string> {
+    sb.ok(['run', '-d', '--aid', aid, '--', 'env', 'APPSHOT_TEST_PAUSE_AFTER_WAIT=1', fixture('waitany'), call]);
+    await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+    const pid = sb.systemPid(aid);
+    await waitFor(() => heldAfterWait(pid), 10_000, `${aid} to be held after its wait`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    return image;
+  }
+
+  for (const call of ['wait4', 'waitid'] as const)
+    it(`${call}: restored, it returns the virtual PID fork() gave the child`, async () => {
+      const image = await heldInWait(`waitany-${call}`, call);
+      sb.ok(['restore', image]);
+      expect(await verdict(`waitany-${call}`)).toBe('PASS');
+    });
+
+  it('wait4 blocked when snapshotted: restarted on the new node, it returns the child that exits there', async () => {
+    const aid = 'waitany-blocked';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), 'blocked']);
+    await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+    const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
+    const blocked = (pid: number) => readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('61 '); // wait4
+    await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4 again`);
+    process.kill(sb.systemPid(aid, child), 'SIGUSR1');
+    expect(await verdict(aid)).toBe('PASS');
+  });
+
+  it('claims, takes back and carries wait slots as the tables say (waitslots, on tables of its own)', () => {
+    const r = spawnSync(fixture('waitslots'), { encoding: 'utf8' });
+    expect(r.stdout + r.stderr).toBe('PASS\n');
+    expect(r.status).toBe(0);
+  });
+
+  it('wait4: in a clone of a template of such a snapshot, too', async () => {
+    const image = await heldInWait('waitany-tpl', 'wait4');
+    const template = join(images, 'waitany.template');
+    sb.ok(['template', 'create', image, '-o', template]);
+    const clones = sb.json<{ aid: string }[]>(['clone', template, '--aid', 'waitany-c', '--count', '2']);
+    expect(clones).toHaveLength(2);
+    for (const c of clones) expect(await verdict(c.aid)).toBe('PASS');
   });
 });
 

@@ -80,6 +80,16 @@ static uint32_t capacity_of(enum appshot_kind kind) {
   return kind == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
 }
 
+/* Where struct appshot_waits starts: after the last table's arrays. */
+static uint64_t waits_offset(void) {
+  uint64_t off = (sizeof(struct appshot_header) + 63) & ~63ull;
+  for (int k = 0; k < APPSHOT_KINDS; k++) {
+    uint64_t cap = capacity_of((enum appshot_kind)k);
+    off += cap * sizeof(struct appshot_entry) + 4 * (2 * cap) * sizeof(uint32_t);
+  }
+  return (off + 63) & ~63ull;
+}
+
 static uint64_t layout(struct appshot_header *h) {
   uint64_t off = (sizeof(*h) + 63) & ~63ull;
   for (int k = 0; k < APPSHOT_KINDS; k++) {
@@ -100,7 +110,12 @@ static uint64_t layout(struct appshot_header *h) {
       off += (uint64_t)cells * sizeof(uint32_t);
     }
   }
+  off = waits_offset() + sizeof(struct appshot_waits);
   return (off + 4095) & ~4095ull;
+}
+
+struct appshot_waits *appshot_waits_of(const struct appshot_header *h) {
+  return (struct appshot_waits *)((char *)h + waits_offset());
 }
 
 /* Virtual id ranges. PIDs: 1 is the application's init (bound, not
@@ -889,4 +904,133 @@ void appshot_forget_socket(struct appshot_header *h, uint64_t ino) {
     __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
   }
+}
+
+/* --- Wait calls across a restore (see appshot_table.h) -------------------- */
+
+_Static_assert(sizeof(struct rusage) <= APPSHOT_WAIT_OUT, "rusage fits a wait slot");
+_Static_assert(sizeof(siginfo_t) <= APPSHOT_WAIT_OUT, "siginfo fits a wait slot");
+
+/* The mark: no rusage (ru_utime.tv_sec) and no siginfo (si_signo, si_errno)
+ * the kernel writes starts with 8 bytes of ones. Relaxed is enough: the
+ * kernel writes `out` inside the holder's own call (program order), and a
+ * restore writes the slot while the holder is stopped by ptrace, whose stop
+ * and resume order everything on either side. */
+#define WAIT_MARK UINT64_MAX
+
+static inline uint64_t *mark_of(uint8_t *area) { return (uint64_t *)(void *)area; }
+static inline int marked(const uint8_t *area) {
+  return __atomic_load_n((const uint64_t *)(const void *)area, __ATOMIC_RELAXED) == WAIT_MARK;
+}
+
+int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
+  if (holder <= 0) return -1;
+  struct appshot_waits *w = appshot_waits_of(h);
+  uint32_t start = mix32((uint32_t)holder) % APPSHOT_WAIT_SLOTS;
+  /* First a free slot; then one whose holder is gone from the PID table (a
+   * thread killed in its call never gave its slot back). */
+  for (uint32_t n = 0; n < 2 * APPSHOT_WAIT_SLOTS; n++) {
+    struct appshot_wait_slot *s = &w->slot[(start + n) % APPSHOT_WAIT_SLOTS];
+    int32_t seen = __atomic_load_n(&s->holder, __ATOMIC_RELAXED), sid;
+    if (seen != 0 &&
+        (n < APPSHOT_WAIT_SLOTS || appshot_v2s(h, APPSHOT_PID, seen, &sid)))
+      continue;
+    if (!__atomic_compare_exchange_n(&s->holder, &seen, holder, 0,
+                                     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+      continue;
+    /* Only this thread writes the slot from here on, and a restore, which
+     * stops it first (a ptrace stop orders everything before it). */
+    __atomic_store_n(&s->moved, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(mark_of(s->out), WAIT_MARK, __ATOMIC_RELAXED);
+    __atomic_store_n(mark_of(s->carried), WAIT_MARK, __ATOMIC_RELAXED);
+    return (int)((start + n) % APPSHOT_WAIT_SLOTS);
+  }
+  return -1;
+}
+
+void *appshot_wait_out(struct appshot_header *h, int slot) {
+  return appshot_waits_of(h)->slot[slot].out;
+}
+
+enum appshot_wait_origin appshot_wait_origin(struct appshot_header *h,
+                                             int slot, const void **answer) {
+  struct appshot_wait_slot *s = &appshot_waits_of(h)->slot[slot];
+  *answer = s->out;
+  /* Written here by the kernel, or written nowhere yet (no child). */
+  if (!marked(s->out) || marked(s->carried)) return APPSHOT_WAIT_HERE;
+  *answer = s->carried;
+  return __atomic_load_n(&s->moved, __ATOMIC_RELAXED) == 1 ? APPSHOT_WAIT_BEFORE
+                                                           : APPSHOT_WAIT_LOST;
+}
+
+void appshot_wait_end(struct appshot_header *h, int slot) {
+  __atomic_store_n(&appshot_waits_of(h)->slot[slot].holder, 0, __ATOMIC_RELEASE);
+}
+
+int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
+                      int32_t *vid) {
+  const struct appshot_waits *w = appshot_waits_of(h);
+  uint32_t n = __atomic_load_n(&w->prior_count, __ATOMIC_RELAXED);
+  if (n > APPSHOT_PID_CAPACITY) n = APPSHOT_PID_CAPACITY;
+  /* Only after a restore that froze a wait call: rare enough to scan. */
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t p = __atomic_load_n(&w->prior[i], __ATOMIC_RELAXED);
+    if (p != APPSHOT_PAIR_FREE && pair_sid(p) == sid) {
+      *vid = pair_vid(p);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+void appshot_prior_forget(struct appshot_header *h, int32_t sid) {
+  struct appshot_waits *w = appshot_waits_of(h);
+  uint32_t n = __atomic_load_n(&w->prior_count, __ATOMIC_RELAXED);
+  if (n > APPSHOT_PID_CAPACITY) n = APPSHOT_PID_CAPACITY;
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t p = __atomic_load_n(&w->prior[i], __ATOMIC_RELAXED);
+    if (p != APPSHOT_PAIR_FREE && pair_sid(p) == sid)
+      __atomic_compare_exchange_n(&w->prior[i], &p, APPSHOT_PAIR_FREE, 0,
+                                  __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  }
+}
+
+/* The same for bytes from anywhere (an image's, not 8-aligned). */
+static int marked_bytes(const void *area) {
+  uint64_t first;
+  memcpy(&first, area, sizeof first);
+  return first == WAIT_MARK;
+}
+
+int appshot_wait_carry(struct appshot_header *h, uint32_t slot,
+                       int32_t holder, uint32_t moved, const void *out,
+                       const void *carried) {
+  if (slot >= APPSHOT_WAIT_SLOTS || holder <= 0) {
+    errno = EINVAL;
+    return -1;
+  }
+  struct appshot_wait_slot *s = &appshot_waits_of(h)->slot[slot];
+  s->holder = holder;
+  if (!marked_bytes(out)) {
+    /* The call ran on the image's node: its answer is one node back. */
+    memcpy(s->carried, out, APPSHOT_WAIT_OUT);
+    s->moved = 1;
+  } else {
+    /* Not run yet (it will run here), or run on an earlier node still. */
+    memcpy(s->carried, carried, APPSHOT_WAIT_OUT);
+    s->moved = marked_bytes(carried) ? 0 : (moved < UINT32_MAX ? moved + 1 : moved);
+  }
+  *mark_of(s->out) = WAIT_MARK;
+  return 0;
+}
+
+int appshot_prior_add(struct appshot_header *h, int32_t vid, int32_t sid) {
+  struct appshot_waits *w = appshot_waits_of(h);
+  if (w->prior_count >= APPSHOT_PID_CAPACITY) {
+    errno = ENOSPC;
+    return -1;
+  }
+  w->prior[w->prior_count] = make_pair(vid, sid);
+  __atomic_store_n(&w->prior_count, w->prior_count + 1, __ATOMIC_RELEASE);
+  return 0;
 }

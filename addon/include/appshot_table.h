@@ -26,6 +26,11 @@
  *    that forks or creates a semaphore cannot deadlock against its own
  *    thread.
  *
+ * The file is: the header, then each table's entry array and indexes (at
+ * the offsets the header gives), then the wait slots and the previous
+ * node's PIDs (struct appshot_waits, at appshot_waits_of: after everything
+ * an older build's reader looks at, so its offsets stay as they were).
+ *
  * Bump APPSHOT_TABLE_VERSION whenever this layout changes: a process of an
  * older build refuses a newer file instead of misreading it.
  */
@@ -42,7 +47,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 5u
+#define APPSHOT_TABLE_VERSION 6u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -211,6 +216,91 @@ struct appshot_header {
   struct appshot_instance instance;
   struct appshot_socket_notes sockets;
 };
+
+/* --- Wait calls across a restore -----------------------------------------
+ *
+ * A wait call for any child (wait4(-1), waitid(P_ALL)...) returns a system
+ * PID, which the preload library then translates. A snapshot may freeze the
+ * thread in between; restored, the thread would translate the old node's
+ * system PID through the new node's tables (a wrong virtual PID, or a new
+ * one, and the reaped child's entry never goes). A counter of restores,
+ * read before the call, cannot tell that case from the common one, a
+ * thread blocked in the call: the restore rewinds the call and it runs
+ * again here, returning a system PID of this node. Only what the kernel
+ * wrote tells them apart, so the call writes into the tables file:
+ *
+ *  - the thread claims a slot and marks `out` (its first 8 bytes all ones:
+ *    no rusage or siginfo the kernel writes starts so), then passes `out`
+ *    to the kernel as the call's rusage (wait4) or siginfo (waitid), which
+ *    the kernel writes when it reports a child;
+ *  - a snapshot carries the claimed slots (Image.waits); the restore writes
+ *    them into the new file with `out` marked again, what the kernel wrote
+ *    on the node before in `carried`, and the previous node's PIDs in
+ *    `prior`;
+ *  - after the call: `out` written, the call ran on this node; still marked
+ *    with `carried` written, it ran on the node before the last restore, and
+ *    its system PID is translated through `prior` instead of the tables.
+ *
+ * A slot is written only by its holder (and by a restore, while every
+ * process is stopped); one whose holder is gone from the PID table (killed
+ * in its call) is taken over. `prior` is written only by a restore, and
+ * emptied entry by entry by the threads that use it. A call answered two
+ * restores back, still untranslated, cannot be helped (`prior` is of the
+ * last node only): it is translated as before. */
+#define APPSHOT_WAIT_SLOTS 128u
+#define APPSHOT_WAIT_OUT 144u /* sizeof(struct rusage); siginfo_t is 128 */
+
+struct appshot_wait_slot {
+  int32_t holder;  /* virtual TID of the thread in the call; 0: free */
+  uint32_t moved;  /* restores since `carried` was written (restore) */
+  uint8_t out[APPSHOT_WAIT_OUT] __attribute__((aligned(8)));
+  uint8_t carried[APPSHOT_WAIT_OUT] __attribute__((aligned(8)));
+};
+
+struct appshot_waits {
+  struct appshot_wait_slot slot[APPSHOT_WAIT_SLOTS];
+  uint32_t prior_count; /* pairs of prior in use */
+  uint32_t pad;
+  /* The previous node's processes: (uint32)virtual << 32 | (uint32)system,
+   * as in appshot_entry; FREE once used for a reaped child. Not the live
+   * tables: those system PIDs may name other processes here. */
+  uint64_t prior[APPSHOT_PID_CAPACITY];
+};
+
+/* Where a finished wait call's answer was written (appshot_wait_origin). */
+enum appshot_wait_origin {
+  APPSHOT_WAIT_HERE = 0,   /* on this node (or nowhere: no child reported) */
+  APPSHOT_WAIT_BEFORE = 1, /* on the node before the last restore */
+  APPSHOT_WAIT_LOST = 2,   /* two or more restores ago: `prior` is not its */
+};
+
+struct appshot_waits *appshot_waits_of(const struct appshot_header *h);
+/* Claims a slot for a wait call of thread `holder` (its virtual TID) and
+ * marks it; returns the slot, or -1 when all are taken (the call then goes
+ * without, as before). Lock-free and async-signal-safe. */
+int appshot_wait_begin(struct appshot_header *h, int32_t holder);
+/* The slot's area for the kernel to write (rusage or siginfo). */
+void *appshot_wait_out(struct appshot_header *h, int slot);
+/* Where the call's answer was written, and *answer: that area (out, or
+ * carried from the node before). */
+enum appshot_wait_origin appshot_wait_origin(struct appshot_header *h,
+                                             int slot, const void **answer);
+void appshot_wait_end(struct appshot_header *h, int slot);
+/* The virtual PID the previous node's system PID `sid` had; 1 if found. */
+int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
+                      int32_t *vid);
+/* Drops `sid` from `prior` (its child was reaped: nothing may be told it
+ * again). */
+void appshot_prior_forget(struct appshot_header *h, int32_t sid);
+/* For a restore, before any restored process runs: a slot as a snapshot
+ * read it (`out` and `carried`: APPSHOT_WAIT_OUT bytes each), written so
+ * that its holder can tell where its call ran (see above). Returns 0, or -1
+ * with EINVAL (a slot or holder out of range). */
+int appshot_wait_carry(struct appshot_header *h, uint32_t slot,
+                       int32_t holder, uint32_t moved, const void *out,
+                       const void *carried);
+/* Appends (vid, sid) to `prior`; -1 with ENOSPC when it is full. */
+int appshot_prior_add(struct appshot_header *h, int32_t vid, int32_t sid);
 
 /* Notes (level, name) of socket `ino` with `value`, replacing its note of
  * the same option. Lock-free and async-signal-safe. */

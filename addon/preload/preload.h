@@ -71,6 +71,8 @@ extern int32_t g_vpid HIDDEN;
 extern int g_nocache HIDDEN;
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
+/* APPSHOT_TEST_PAUSE_AFTER_WAIT=1 (test-only; preload_pid.c). */
+extern int g_test_pause_after_wait HIDDEN;
 
 /* Our descriptor of the table file (-1: none), kept open across exec at a
  * high number and named to the next program by APPSHOT_TABLES_FD: a program

@@ -254,26 +254,91 @@ static pid_t waited(pid_t sid, int reaped) {
   return v;
 }
 
+/* The same for a call whose answer was written where `where` says
+ * (appshot_table.h, "Wait calls across a restore"): a system PID of the node
+ * before the last restore is translated through that node's PIDs, and
+ * nothing of this node's tables is touched for it (it may name another
+ * process here). One of an earlier node, or one the node before never
+ * mapped, is translated as before, which may be wrong: say so there. */
+static pid_t waited_from(enum appshot_wait_origin where, pid_t sid,
+                         int reaped) {
+  int32_t v;
+  if (where == APPSHOT_WAIT_BEFORE && appshot_prior_s2v(g_h, sid, &v)) {
+    if (reaped) appshot_prior_forget(g_h, sid);
+    return v;
+  }
+  return waited(sid, reaped);
+}
+
+/* Test-only (APPSHOT_TEST_PAUSE_AFTER_WAIT=1, read once at init; see
+ * preload_core.c): a wait for any child that reported one sleeps after the
+ * kernel answered and before the answer is translated, until a signal
+ * interrupts the sleep, so that a test can snapshot the thread exactly
+ * there (test/pids.test.ts). */
+static void test_pause_after_wait(void) {
+  if (LIKELY(!g_test_pause_after_wait)) return;
+  struct timespec t = {3600, 0};
+  while (SYS2(nanosleep, &t, NULL) != -EINTR) {
+  }
+}
+
+/* A wait call that reported a child, given the system PID the kernel
+ * answered with (wait4) or found in the answer (siginfo at `sid_at`):
+ * copies the answer (rusage or siginfo, `len` bytes) to `copy` and returns
+ * the child's virtual PID. A restore that comes while this runs moves the
+ * answer: translated again, from where it now is. */
+static pid_t wait_answer(int slot, pid_t sid, const pid_t *sid_at,
+                         int reaped, void *copy, size_t len) {
+  const void *answer;
+  enum appshot_wait_origin where = appshot_wait_origin(g_h, slot, &answer);
+  for (;;) {
+    if (copy) memcpy(copy, answer, len);
+    if (sid_at) sid = *sid_at; /* a field of `copy` */
+    pid_t v = waited_from(where, sid, reaped);
+    const void *now_answer;
+    enum appshot_wait_origin now = appshot_wait_origin(g_h, slot, &now_answer);
+    if (now == where) return v;
+    where = now;
+    answer = now_answer;
+  }
+}
+
 long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
   pid_t sid;
   int e = pid_arg(pid, &sid, ECHILD);
   if (e) return fail(e);
   int st;
-  pid_t r = REAL(wait4)(sid, status ? status : &st, options, ru);
+  /* The kernel writes the child's rusage into the slot: how we know, after
+   * a restore, on which node the call ran (appshot_table.h). */
+  int slot = appshot_wait_begin(g_h, self_vtid());
+  struct rusage *kru = slot >= 0 ? appshot_wait_out(g_h, slot) : ru;
+  pid_t r = REAL(wait4)(sid, status ? status : &st, options, kru);
   /* A wait for one process, snapshotted while it blocked and restored:
    * the kernel restarts it with the system PID it was given, the old
    * node's, and says ECHILD. That process is here under a new one. */
   pid_t again;
   while (r < 0 && errno == ECHILD && pid > 0 && v2s_pid(pid, &again) && again != sid) {
     sid = again;
-    r = REAL(wait4)(sid, status ? status : &st, options, ru);
+    r = REAL(wait4)(sid, status ? status : &st, options, kru);
   }
-  if (r <= 0) return r;
+  if (r <= 0) {
+    int err = errno;
+    if (slot >= 0) appshot_wait_end(g_h, slot);
+    errno = err;
+    return r;
+  }
+  if (pid == -1) test_pause_after_wait();
   int s = status ? *status : st;
-  pid_t v = waited(r, WIFEXITED(s) || WIFSIGNALED(s));
+  int reaped = WIFEXITED(s) || WIFSIGNALED(s);
+  pid_t v;
+  if (slot >= 0) {
+    v = wait_answer(slot, r, NULL, reaped, ru, sizeof *ru);
+    appshot_wait_end(g_h, slot);
+  } else {
+    v = waited(r, reaped);
+  }
   /* Waited for one process by its id: that is the answer, known without
-   * the tables (a snapshot may fall between the call and the lookup, and
-   * a restore then leaves r a system PID of the old node). */
+   * the tables. */
   return pid > 0 ? pid : v;
 }
 
@@ -293,6 +358,13 @@ API pid_t wait3(int *status, int options, struct rusage *ru) {
   return wait4(-1, status, options, ru);
 }
 
+static int waitid_call(idtype_t idtype, pid_t sid, siginfo_t *info,
+                       int options, struct rusage *ru) {
+  /* glibc's waitid has no rusage: only the raw syscall gets one. */
+  if (ru) return (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru));
+  return REAL(waitid)(idtype, (id_t)sid, info, options);
+}
+
 long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
                struct rusage *ru) {
   pid_t sid = (pid_t)id;
@@ -301,24 +373,46 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
     return fail(ECHILD);
   siginfo_t local;
   if (!info) info = &local;
-  info->si_pid = 0;
-  int r;
-  if (ru) /* glibc's waitid has no rusage: only the raw syscall gets here */
-    r = (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru));
-  else
-    r = REAL(waitid)(idtype, (id_t)sid, info, options);
+  /* The kernel writes the siginfo into the slot (see do_wait4). */
+  int slot = appshot_wait_begin(g_h, self_vtid());
+  siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info;
+  if (slot < 0) info->si_pid = 0;
+  int r = waitid_call(idtype, sid, kinfo, options, ru);
   /* As in do_wait4: restarted after a restore with the old node's id. */
   pid_t again;
   while (r < 0 && errno == ECHILD && (idtype == P_PID || idtype == P_PGID) && (pid_t)id > 0 &&
          v2s_pid((pid_t)id, &again) && again != sid) {
     sid = again;
-    r = ru ? (int)libc_ret(SYS5(waitid, idtype, sid, info, options, ru)) : REAL(waitid)(idtype, (id_t)sid, info, options);
+    r = waitid_call(idtype, sid, kinfo, options, ru);
   }
-  if (r != 0 || info->si_pid == 0) return r;
+  int err = errno;
+  if (slot >= 0) {
+    /* Copied whatever the result, as the kernel fills it on errors too;
+     * still marked, it was not written at all. */
+    const void *answer;
+    appshot_wait_origin(g_h, slot, &answer);
+    if (*(const uint64_t *)answer == UINT64_MAX)
+      info->si_pid = 0;
+    else
+      memcpy(info, answer, sizeof *info);
+  }
+  if (r != 0 || info->si_pid == 0) {
+    if (slot >= 0) appshot_wait_end(g_h, slot);
+    errno = err;
+    return r;
+  }
+  if (idtype == P_ALL) test_pause_after_wait();
   int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
                (info->si_code == CLD_EXITED || info->si_code == CLD_KILLED ||
                 info->si_code == CLD_DUMPED);
-  info->si_pid = waited(info->si_pid, reaped);
+  pid_t v;
+  if (slot >= 0) {
+    v = wait_answer(slot, 0, &info->si_pid, reaped, info, sizeof *info);
+    appshot_wait_end(g_h, slot);
+  } else {
+    v = waited(info->si_pid, reaped);
+  }
+  info->si_pid = v;
   return 0;
 }
 

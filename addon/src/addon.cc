@@ -266,7 +266,70 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   sockets.Set("notes", notes);
   sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_RELAXED)));
   out.Set("sockets", sockets);
+  // Wait calls in flight (appshot_table.h): read while the application is
+  // frozen, for the image.
+  Napi::Array waits = Napi::Array::New(env);
+  const appshot_waits* w = appshot_waits_of(h);
+  k = 0;
+  for (uint32_t i = 0; i < APPSHOT_WAIT_SLOTS; i++) {
+    const appshot_wait_slot& slot = w->slot[i];
+    int32_t holder = __atomic_load_n(&slot.holder, __ATOMIC_ACQUIRE);
+    if (holder <= 0) continue;
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("slot", Napi::Number::New(env, i));
+    o.Set("holder", Napi::Number::New(env, holder));
+    o.Set("moved", Napi::Number::New(env, slot.moved));
+    o.Set("out", Napi::Buffer<uint8_t>::Copy(env, slot.out, APPSHOT_WAIT_OUT));
+    o.Set("carried", Napi::Buffer<uint8_t>::Copy(env, slot.carried, APPSHOT_WAIT_OUT));
+    waits.Set(k++, o);
+  }
+  out.Set("waits", waits);
   return out;
+}
+
+// carryWaits(path, waits: [{slot, holder, moved, out, carried}], prior: [{virtual, system}])
+// A restore's half of "wait calls across a restore" (appshot_table.h): the
+// image's wait slots and the previous node's PIDs, written into new tables
+// before any restored process runs. Throws, writing nothing, on a slot that
+// does not fit.
+Napi::Value CarryWaits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto waits = info[1].As<Napi::Array>();
+  auto prior = info[2].As<Napi::Array>();
+  for (uint32_t i = 0; i < waits.Length(); i++) {
+    auto o = waits.Get(i).As<Napi::Object>();
+    if (o.Get("out").As<Napi::Buffer<uint8_t>>().Length() != APPSHOT_WAIT_OUT ||
+        o.Get("carried").As<Napi::Buffer<uint8_t>>().Length() != APPSHOT_WAIT_OUT ||
+        o.Get("slot").As<Napi::Number>().Uint32Value() >= APPSHOT_WAIT_SLOTS ||
+        o.Get("holder").As<Napi::Number>().Int32Value() <= 0) {
+      Napi::RangeError::New(env, "a wait slot that does not fit these tables").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+  }
+  if (prior.Length() > APPSHOT_PID_CAPACITY) {
+    Napi::RangeError::New(env, "more PIDs than the tables hold").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  for (uint32_t i = 0; i < prior.Length(); i++) {
+    auto e = prior.Get(i).As<Napi::Object>();
+    appshot_prior_add(t.get(), e.Get("virtual").As<Napi::Number>().Int32Value(), e.Get("system").As<Napi::Number>().Int32Value());
+  }
+  for (uint32_t i = 0; i < waits.Length(); i++) {
+    auto o = waits.Get(i).As<Napi::Object>();
+    if (appshot_wait_carry(t.get(), o.Get("slot").As<Napi::Number>().Uint32Value(), o.Get("holder").As<Napi::Number>().Int32Value(),
+                           o.Get("moved").As<Napi::Number>().Uint32Value(), o.Get("out").As<Napi::Buffer<uint8_t>>().Data(),
+                           o.Get("carried").As<Napi::Buffer<uint8_t>>().Data()) != 0) {
+      ThrowErrno(env, "carrying wait slot", errno);
+      return env.Undefined();
+    }
+  }
+  return env.Undefined();
 }
 
 // forgetSocketNotes(path, [ino]): the notes of sockets that are closed.
@@ -532,6 +595,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  exports.Set("carryWaits", Napi::Function::New(env, CarryWaits));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
   exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));

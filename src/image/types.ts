@@ -48,7 +48,20 @@ export interface Image {
   /** Pseudoterminals whose master the application holds (resources/ptys.ts);
    * absent in older images. */
   ptys?: PtyPair[];
+  /** Wait calls in flight (resources/waits.ts); absent in older images. */
+  waits?: WaitSlot[];
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
+}
+
+/** A wait slot of the tables (appshot_table.h, struct appshot_wait_slot). */
+export interface WaitSlot {
+  slot: number;
+  /** Virtual TID of the thread whose call it is. */
+  holder: number;
+  /** Restores since `carried` was written. */
+  moved: number;
+  out: Uint8Array;
+  carried: Uint8Array;
 }
 
 /** What makes an instance itself: its tables' identity section, which a

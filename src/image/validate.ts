@@ -14,6 +14,7 @@
 import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
+import { checkWaits } from '../resources/waits.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -503,4 +504,5 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   const vtids = new Set<number>();
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
   if (!memoryOnly) checkPtys(image);
+  if (!memoryOnly) checkWaits(image, corrupt);
 }

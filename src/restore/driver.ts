@@ -40,6 +40,7 @@ import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
+import { restoreWaits } from '../resources/waits.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -333,6 +334,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     record.restore!.madeDirs = madeDirs;
     reg.update(record);
     addon().setInstance(tables, config);
+    restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.

@@ -24,6 +24,7 @@ import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { askAttributes, dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
+import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
@@ -301,6 +302,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // else they are as read at the start of the window (all frozen since).
   const tables = ctx.tablesWritten ? timed('tables', () => addon().readTables(ctx.tablesPath)) : ctx.tables;
   ctx.image.tables = kinds.map((kind) => ({ kind, entries: tables.tables[kind] }));
+  ctx.image.waits = dumpWaits(ctx.image, tables);
 }
 
 /**
