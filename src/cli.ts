@@ -235,17 +235,16 @@ export function buildProgram(): Command {
     .argument('<aid>', 'the application')
     .option('-f, --follow', 'keep printing new output until the application ends', false)
     .option('-n, --tail <lines>', "only the last LINES lines ('all': every line)", 'all')
-    .option('-t, --timestamps', 'not available: see below')
+    .option('-t, --timestamps', 'begin each line with when it was written (UTC, to within 10 ms)', false)
     .addHelpText(
       'after',
       '\nThe log is kept when the application ends (until appshot rm), and across a snapshot and the\n' +
         'restore of its image under the same AID: the restored application appends to it.\n\n' +
-        'There are no timestamps: the application writes its log file itself, with no appshot process\n' +
-        'in between to note when each line came (that would cost a resident process per application\n' +
-        'and change what the application writes to: a file, not a pipe). --timestamps is refused.\n\n' +
-        'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web',
+        'The application writes its log file itself; its appshot-init notes when the file grows, and\n' +
+        '--timestamps gives each line the first of those times that covers it.\n\n' +
+        'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web\n  appshot logs -t --tail 5 web',
     )
-    .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps?: boolean }) => {
+    .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps: boolean }) => {
       const reg = registry();
       let record: AppRecord;
       try {
@@ -258,37 +257,57 @@ export function buildProgram(): Command {
         record = { aid, logPath: carried } as AppRecord;
         opts.follow = false;
       }
-      if (opts.timestamps)
-        throw new AppshotError('--timestamps: appshot does not see when a line was written (the application writes its log file itself; see appshot logs --help)', ExitCode.usage);
       const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
       if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
       if (!record.logPath)
         throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
       const logPath = record.logPath;
+      const { LogTimes } = await import('./logtimes.js');
+      if (opts.timestamps && existsSync(logPath) && !LogTimes.read(logPath))
+        throw new AppshotError(`--timestamps: no times were noted for the log of '${aid}' (started by an older appshot)`, ExitCode.failure);
       let offset = tail !== undefined && existsSync(logPath) ? tailOffset(logPath, tail) : 0;
-      const pump = () => {
+      // --timestamps: what is printed goes line by line; the part of a line
+      // not yet ended waits for its end (or for the last pump).
+      let partial = Buffer.alloc(0);
+      const print = (chunk: Buffer, end: number, times: ReturnType<typeof LogTimes.read>, last: boolean) => {
+        if (!times) return void process.stdout.write(chunk);
+        let from = 0;
+        const start = end - chunk.length;
+        for (let nl = chunk.indexOf(10); nl >= 0 || (last && from < chunk.length); nl = chunk.indexOf(10, from)) {
+          const to = nl >= 0 ? nl + 1 : chunk.length;
+          process.stdout.write(`${times.timeOf(start + to).toISOString()} `);
+          process.stdout.write(Buffer.concat([partial, chunk.subarray(from, to)]));
+          partial = Buffer.alloc(0);
+          from = to;
+        }
+        partial = Buffer.concat([partial, chunk.subarray(from)]);
+      };
+      const pump = (last: boolean) => {
         if (!existsSync(logPath)) return;
         const size = statSync(logPath).size;
-        if (size <= offset) return;
+        const times = opts.timestamps ? LogTimes.read(logPath) : undefined;
+        if (size <= offset) {
+          if (last && partial.length) print(Buffer.alloc(0), offset, times, true);
+          return;
+        }
         const fd = openSync(logPath, 'r');
         try {
           const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
           while (offset < size) {
             const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
             if (n <= 0) break;
-            process.stdout.write(chunk.subarray(0, n));
             offset += n;
+            print(Buffer.from(chunk.subarray(0, n)), offset, times, last && offset >= size);
           }
         } finally {
           closeSync(fd);
         }
       };
-      pump();
-      if (!opts.follow) return;
+      if (!opts.follow) return pump(true);
       for (;;) {
         const current = reg.get(aid);
         const running = current !== undefined && !isEnded(current) && !reg.isStale(current);
-        pump();
+        pump(!running);
         if (!running) return;
         await sleep(200);
       }

@@ -29,6 +29,7 @@ import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { type MadeDir, removeRedirTargets } from './resources/paths.js';
+import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
   aid: string;
@@ -504,6 +505,8 @@ export class LocalRegistry implements Registry {
     if (!record.logPath || !existsSync(record.logPath)) return;
     mkdirSync(join(this.home, 'logs'), { recursive: true, mode: 0o700 });
     renameSync(record.logPath, this.carriedLogPath(record.aid));
+    // When its lines came (appshot-init's log.times), if it was watched.
+    if (existsSync(logTimesPath(record.logPath))) renameSync(logTimesPath(record.logPath), logTimesPath(this.carriedLogPath(record.aid)));
   }
 
   /** A restore takes over the log that the snapshot of its AID set aside
@@ -517,6 +520,7 @@ export class LocalRegistry implements Registry {
     record.restore.adoptedLog = true;
     this.update(record);
     renameSync(carried, record.logPath);
+    if (existsSync(logTimesPath(carried))) renameSync(logTimesPath(carried), logTimesPath(record.logPath));
   }
 
   /**

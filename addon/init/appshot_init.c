@@ -60,6 +60,7 @@
 #include <sys/prctl.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -339,6 +340,78 @@ static const char *state_file(char *buf, size_t size, const char *name) {
   return buf;
 }
 
+/* --- When output reached the log (appshot logs --timestamps) ------------
+ *
+ * The application writes its log file itself: nothing of appshot is in
+ * between to note when a line came. Init watches the file instead
+ * (inotify, whose readiness comes as the SIGIO it already waits for) and
+ * appends "MILLISECONDS SIZE" lines to .log.times: at that wall-clock time
+ * the log held SIZE bytes. A line is then as old as the first record that
+ * covers its end. At most one record per LOG_TIMES_MS: a burst of writes
+ * merges into one pending inotify event (no further SIGIO) until init
+ * reads it. */
+#define LOG_TIMES_MS 10
+static int log_watch = -1, log_fd = -1, times_fd = -1;
+static int64_t times_last_ms = -LOG_TIMES_MS;
+static off_t times_last_size = -1;
+
+static int64_t wall_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Only for a log file (an application started with run --detach, or
+ * restored); after the seeds are forked, which must not inherit these. */
+static void watch_log(void) {
+  struct stat st;
+  char path[4096];
+  if (fstat(1, &st) != 0 || !S_ISREG(st.st_mode)) return;
+  /* Its own descriptor of the log: init's stdout goes to /dev/null once
+   * the first process ends and others live on. */
+  log_fd = fcntl(1, F_DUPFD_CLOEXEC, 3);
+  times_fd = open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  log_watch = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  snprintf(path, sizeof path, "/proc/self/fd/%d", log_fd);
+  if (log_fd < 0 || times_fd < 0 || log_watch < 0 || inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
+      fcntl(log_watch, F_SETOWN, getpid()) < 0 || fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0) {
+    /* Without it, logs --timestamps says the times are not known. */
+    if (log_watch >= 0) close(log_watch);
+    log_watch = -1;
+    return;
+  }
+  /* What came before the watch (the first process's first lines, a
+   * restored application's log): as of now. */
+  struct stat now;
+  if (fstat(log_fd, &now) == 0 && now.st_size > 0) {
+    times_last_ms = wall_ms();
+    times_last_size = now.st_size;
+    dprintf(times_fd, "%lld %lld\n", (long long)times_last_ms, (long long)times_last_size);
+  }
+}
+
+/* Notes the log's size now if it changed. Returns the milliseconds until
+ * a pending change may be noted (the loop waits no longer), or -1. */
+static int64_t note_log_time(void) {
+  if (log_watch < 0) return -1;
+  int64_t now = wall_ms();
+  if (now - times_last_ms < LOG_TIMES_MS) {
+    /* Too soon: the event stays unread (later writes merge into it), and
+     * is looked at when the interval is over. */
+    struct pollfd p = {log_watch, POLLIN, 0};
+    return poll(&p, 1, 0) > 0 ? times_last_ms + LOG_TIMES_MS - now : -1;
+  }
+  char buf[4096];
+  int changed = 0;
+  while (read(log_watch, buf, sizeof buf) > 0) changed = 1;
+  struct stat st;
+  if (!changed || fstat(log_fd, &st) != 0 || st.st_size == times_last_size) return -1;
+  dprintf(times_fd, "%lld %lld\n", (long long)now, (long long)st.st_size);
+  times_last_ms = now;
+  times_last_size = st.st_size;
+  return -1;
+}
+
 /* Records how the application ended, for the CLI (see above). Written
  * aside and renamed into place: a reader sees all of it or none. */
 static void write_exit_file(int code) {
@@ -555,6 +628,7 @@ int main(int argc, char **argv) {
     }
     report("S 0 0\n", 0, 0);
   }
+  watch_log();
 
   time_t next_sweep = time(NULL) + SWEEP_SECONDS;
   int abandoned = 0, empty = 0;
@@ -587,6 +661,9 @@ int main(int argc, char **argv) {
      * is also looked at every 250 ms, should that signal not come. */
     struct timespec timeout = {next_sweep - now, 0};
     if (lifeline_fd >= 0 || abandoned) timeout = (struct timespec){0, 250 * 1000 * 1000};
+    int64_t log_due = note_log_time();
+    if (log_due >= 0 && log_due < (int64_t)timeout.tv_sec * 1000 + timeout.tv_nsec / 1000000)
+      timeout = (struct timespec){log_due / 1000, (log_due % 1000) * 1000000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
     if (sig < 0 || sig == SIGIO) continue;
