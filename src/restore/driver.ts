@@ -331,8 +331,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...prepareRedirTargets(config.redirs));
-    record.restore!.madeDirs = madeDirs;
-    reg.update(record);
+    // Written before anything else is made, so that a restore killed from
+    // here on has them removed; none made, the record registered holds it.
+    if (madeDirs.length) {
+      record.restore!.madeDirs = madeDirs;
+      reg.update(record);
+    }
     addon().setInstance(tables, config);
     restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
