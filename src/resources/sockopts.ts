@@ -125,6 +125,12 @@ export const CATALOGUE: readonly Spec[] = [
   spec(SOL_SOCKET, 45, 'SO_SELECT_ERR_QUEUE', ALL),
   spec(SOL_SOCKET, 46, 'SO_BUSY_POLL', INET),
   spec(SOL_SOCKET, 47, 'SO_MAX_PACING_RATE', INET, { form: { bytes: 8 } }),
+  // The kernel writes it itself only on a TCP connection and a connected
+  // UDP socket, as packets arrive (from then on it overwrites the carried
+  // number, as it would have); elsewhere only the application does. Any
+  // number is taken, CPUs this node lacks too: such a socket is never the
+  // CPU's choice of its reuseport group, the group falls back to the hash.
+  spec(SOL_SOCKET, 49, 'SO_INCOMING_CPU', ALL),
   spec(SOL_SOCKET, 60, 'SO_ZEROCOPY', INET),
   spec(SOL_SOCKET, 61, 'SO_TXTIME', INET, { form: { bytes: 8 } }),
   spec(SOL_SOCKET, 63, 'SO_TIMESTAMP_NEW', ALL),
