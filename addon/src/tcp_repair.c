@@ -266,6 +266,18 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
     *step = "setting the send sequence number";
     goto fail_errno;
   }
+  /* The segment size the connection sends is worked out when it connects,
+   * from the route's MTU and the MSS clamp (TCP_REPAIR_OPTIONS below sets
+   * the clamp, but nothing works the size out again): asked for as the
+   * program's own MSS (TCP_MAXSEG), the clamp is there then, or the
+   * connection would send 536-byte segments for good. The kernel takes no
+   * more than 32767 that way (the route bounds it anyway, but on
+   * loopback). */
+  int asked = c->mss_clamp > 32767 ? 32767 : (int)c->mss_clamp;
+  if (asked >= 88 && setsockopt(fd, SOL_TCP, TCP_MAXSEG, &asked, sizeof asked)) {
+    *step = "setting TCP_MAXSEG for the handshake";
+    goto fail_errno;
+  }
   if (connect(fd, (struct sockaddr*)&peer, peer_len)) {
     *step = errno == EADDRNOTAVAIL ? "connecting (the same connection exists on this node: is the original still running?)"
                                    : "connecting in repair mode";
@@ -279,6 +291,13 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
   opts[n++] = (struct tcp_repair_opt){OPT_MAXSEG, c->mss_clamp};
   if (setsockopt(fd, SOL_TCP, TCP_REPAIR_OPTIONS, opts, n * sizeof opts[0])) {
     *step = "setting TCP_REPAIR_OPTIONS";
+    goto fail_errno;
+  }
+  /* Connected, the program's own MSS only shapes a later connection of
+   * the socket (the kernel does not show it, so the kernel's default). */
+  int none = 0;
+  if (setsockopt(fd, SOL_TCP, TCP_MAXSEG, &none, sizeof none)) {
+    *step = "clearing TCP_MAXSEG";
     goto fail_errno;
   }
   if ((c->options & TCPI_OPT_TIMESTAMPS) && setsockopt(fd, SOL_TCP, TCP_TIMESTAMP, &c->timestamp, sizeof c->timestamp)) {
