@@ -219,8 +219,11 @@ export const CATALOGUE: readonly Spec[] = [
   spec(IPPROTO_TCP, 7, 'TCP_SYNCNT', TCP),
   spec(IPPROTO_TCP, 8, 'TCP_LINGER2', TCP),
   spec(IPPROTO_TCP, 9, 'TCP_DEFER_ACCEPT', LISTEN),
-  // As TCP_MAXSEG: a connection's clamp is the kernel's own.
-  spec(IPPROTO_TCP, 10, 'TCP_WINDOW_CLAMP', LISTEN),
+  // A connection's is the kernel's own as much as the program's (the
+  // kernel sets it at the handshake and raises it as it tunes the receive
+  // buffer): either way what getsockopt shows, set again once the restored
+  // connection is out of repair mode, where the kernel chose its own.
+  spec(IPPROTO_TCP, 10, 'TCP_WINDOW_CLAMP', TCP),
   spec(IPPROTO_TCP, 13, 'TCP_CONGESTION', TCP, { form: { bytes: 16 } }),
   spec(IPPROTO_TCP, 16, 'TCP_THIN_LINEAR_TIMEOUTS', TCP),
   spec(IPPROTO_TCP, 17, 'TCP_THIN_DUPACK', TCP),
