@@ -135,6 +135,11 @@ export const CATALOGUE: readonly Spec[] = [
   spec(SOL_SOCKET, 61, 'SO_TXTIME', INET, { form: { bytes: 8 } }),
   spec(SOL_SOCKET, 63, 'SO_TIMESTAMP_NEW', ALL),
   spec(SOL_SOCKET, 64, 'SO_TIMESTAMPNS_NEW', ALL),
+  // The same flags as SO_TIMESTAMPING, set so that timestamps come in the
+  // 64-bit form: read through this number they show only then (else
+  // zeros). After the old form and the other _NEW ones, which set or clear
+  // the one bit all of them share, as the program's last call left it.
+  spec(SOL_SOCKET, 65, 'SO_TIMESTAMPING_NEW', ALL, { form: { bytes: 8 } }),
   spec(SOL_SOCKET, 69, 'SO_PREFER_BUSY_POLL', INET),
   // After the buffer sizes, which lock what they set: the application's
   // own locks come back as they were.
