@@ -177,7 +177,8 @@ struct appshot_instance {
  * read by a snapshot (src/resources/sockopts.ts): the steering program of
  * a reuseport group (SO_ATTACH_REUSEPORT_CBPF/EBPF: refused by name), an
  * IPv4 multicast interface chosen by index only (IP_MULTICAST_IF with a
- * struct ip_mreqn: carried). Keyed by the socket's inode, so that a
+ * struct ip_mreqn: carried), a UDP socket's IPV6_MTU (read back as the
+ * path's MTU: carried). Keyed by the socket's inode, so that a
  * descriptor number used again, or shared, cannot mislead. Written while
  * the application runs, without the lock: a slot is claimed by a
  * compare-and-swap of its inode, its fields are stored, then `ready`. A
@@ -190,7 +191,7 @@ struct appshot_socket_note {
   uint64_t ino;   /* the socket's inode; 0 = free */
   int32_t level;  /* setsockopt's level and name */
   int32_t name;
-  int32_t value;  /* IP_MULTICAST_IF: the interface index */
+  int32_t value;  /* IP_MULTICAST_IF: the interface index; IPV6_MTU: it */
   uint16_t port;  /* the socket's own port when noted (0: unbound) */
   uint8_t type;   /* SOCK_STREAM 1, SOCK_DGRAM 2 */
   uint8_t ready;  /* 1 once the fields above are stored */

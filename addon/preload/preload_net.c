@@ -277,12 +277,14 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
  * interface chosen by index only (IP_MULTICAST_IF with a struct ip_mreqn
  * whose address is 0) reads back as 0.0.0.0, the default; nor do IPv6's
  * sticky IPV6_PKTINFO and IPV6_NEXTHOP, flow label leases, anycast
- * memberships, or TCP's MD5 and AO keys show. What the program set is noted
+ * memberships, or TCP's MD5 and AO keys show; a UDP socket's IPV6_MTU
+ * reads back as the path's MTU. What the program set is noted
  * in the application's tables (appshot_table.h), keyed by the socket's
- * inode, for the snapshot: it carries the multicast interface and refuses
- * the others by name (a note stays once set, even if the program undoes
- * it: refused rather than guessed). Noted after the kernel took the call; a few system
- * calls (fstat, getsockname, getsockopt), no allocation. Through syscall()
+ * inode, for the snapshot: it carries the multicast interface and the
+ * MTU, and refuses the others by name (a note stays once set, even if the
+ * program undoes it: refused rather than guessed). Noted after the kernel
+ * took the call; a few system calls (fstat, getsockname, getsockopt), no
+ * allocation. Through syscall()
  * too; not for static programs or raw system call instructions. */
 
 #ifndef IPV6_FLOWLABEL_MGR
@@ -300,6 +302,9 @@ static void note_sockopt(int fd, int level, int name, const void *val,
                         name == SO_ATTACH_REUSEPORT_EBPF);
   int detach = level == SOL_SOCKET && name == SO_DETACH_REUSEPORT_BPF;
   int mcast_if = level == IPPROTO_IP && name == IP_MULTICAST_IF;
+  /* The largest fragment a UDP socket sends (getsockopt shows the path's
+   * MTU instead); TCP never goes through the path that uses it. */
+  int mtu6 = level == IPPROTO_IPV6 && name == IPV6_MTU;
   /* Set only, never shown, and not carried: the snapshot refuses them. */
   int set_only = (level == IPPROTO_IPV6 &&
                   (name == IPV6_PKTINFO || name == IPV6_NEXTHOP ||
@@ -308,7 +313,7 @@ static void note_sockopt(int fd, int level, int name, const void *val,
                  (level == IPPROTO_TCP &&
                   (name == TCP_MD5SIG || name == TCP_MD5SIG_EXT ||
                    name == TCP_AO_ADD_KEY));
-  if (LIKELY(!h) || !(reuseport_prog || detach || mcast_if || set_only)) return;
+  if (LIKELY(!h) || !(reuseport_prog || detach || mcast_if || set_only || mtu6)) return;
   struct stat st;
   if (SYS2(fstat, fd, &st) < 0) return;
   struct sockaddr_storage a;
@@ -323,6 +328,14 @@ static void note_sockopt(int fd, int level, int name, const void *val,
   uint64_t ino = (uint64_t)st.st_ino;
   if (reuseport_prog || set_only) {
     appshot_note_socket(h, ino, level, name, 0, port, (uint8_t)type);
+  } else if (mtu6) {
+    int mtu = 0;
+    if (type != SOCK_DGRAM) return;
+    if (val && len >= sizeof mtu) memcpy(&mtu, val, sizeof mtu);
+    if (mtu > 0)
+      appshot_note_socket(h, ino, level, name, mtu, port, (uint8_t)type);
+    else
+      appshot_unnote_socket(h, ino, level, name, 0, 0);
   } else if (detach) {
     /* The group's program goes, whichever of its sockets detached it. */
     appshot_unnote_socket(h, ino, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, port, (uint8_t)type);

@@ -71,7 +71,15 @@ interface Spec {
   lockBit?: number;
   /** Only for sockets of this family (IPPROTO_IPV6's are IPv6's). */
   family?: number;
+  /** Not read back by getsockopt: the value is what the preload library
+   * noted of option number `noted` (the spec's own number is one appshot
+   * gives itself, NOTED + it), which the restore sets, and notes again. */
+  noted?: number;
 }
+
+/** Where the numbers of options carried from the preload library's notes
+ * start: apart from the kernel's, which read back otherwise. */
+const NOTED = 0x10000;
 
 const ALL: readonly SockKind[] = ['tcp', 'listen', 'udp', 'unix-stream', 'unix-listen', 'unix-dgram'];
 const INET: readonly SockKind[] = ['tcp', 'listen', 'udp'];
@@ -188,6 +196,9 @@ export const CATALOGUE: readonly Spec[] = [
   spec(IPPROTO_IPV6, 16, 'IPV6_UNICAST_HOPS', INET),
   spec(IPPROTO_IPV6, 17, 'IPV6_MULTICAST_IF', UDP, { form: 'ifindex' }),
   spec(IPPROTO_IPV6, 23, 'IPV6_MTU_DISCOVER', INET),
+  // The largest fragment a UDP socket sends; getsockopt gives the path's
+  // MTU instead (TCP never fragments through it: not noted there).
+  spec(IPPROTO_IPV6, NOTED + 24, 'IPV6_MTU', UDP, { noted: 24 }),
   spec(IPPROTO_IPV6, 25, 'IPV6_RECVERR', INET),
   spec(IPPROTO_IPV6, 29, 'IPV6_MULTICAST_ALL', UDP),
   spec(IPPROTO_IPV6, 30, 'IPV6_ROUTER_ALERT_ISOLATE', UDP),
@@ -277,8 +288,14 @@ function filterSpecs(kind: SockKind, family: number, own: readonly Pair[]): Spec
       s.kinds.includes(kind) &&
       (s.family === undefined || s.family === family) &&
       (inet || s.level === SOL_SOCKET) &&
+      s.noted === undefined &&
       !own.some(([l, n]) => l === s.level && n === s.name),
   );
+}
+
+/** The catalogue's option carried from a note, by its own number. */
+function notedSpec(kind: SockKind, family: number, level: number, name: number): Spec | undefined {
+  return CATALOGUE.find((s) => s.noted !== undefined && s.level === level && s.name === name && s.kinds.includes(kind) && (s.family === undefined || s.family === family));
 }
 
 function specOf(o: SocketOption): Spec | undefined {
@@ -288,8 +305,9 @@ function specOf(o: SocketOption): Spec | undefined {
 /** Whether an image's option `o` is one the catalogue carries for this
  * kind (not one of the kind's own), and well formed. */
 export function isCarriedExtra(kind: SockKind, family: number, own: readonly Pair[], o: SocketOption): boolean {
-  const s = specsFor(kind, family, own).find((x) => x.level === o.level && x.name === o.name);
+  const s = specsFor(kind, family, own).find((x) => x.level === o.level && x.name === o.name) ?? notedSpec(kind, family, o.level, o.name);
   if (!s) return false;
+  if (s.noted !== undefined) return !o.raw?.length && !o.device && o.value > 0;
   if (typeof s.form === 'object') return !!o.raw && o.raw.length <= s.form.bytes && !o.device;
   if (s.form === 'int') return !o.raw?.length && !o.device;
   return !o.raw?.length && (o.device === '' || o.device === undefined || /^[^/\s:]{1,15}$/.test(o.device));
@@ -499,6 +517,11 @@ export function applyExtras(sock: number, options: SocketOption[], own: readonly
     if (!s || !!s.early !== early) continue;
     const want = bytesOf(o, s, where);
     try {
+      if (s.noted !== undefined) {
+        // Nothing to compare with: the kernel does not show it.
+        addon().setSockOptBytes(sock, s.level, s.noted, want);
+        continue;
+      }
       if (s.lockBit) {
         const half = Math.max(1, Math.floor(o.value / 2));
         if (addon().getSockOpt(sock, s.level, s.name) === o.value) continue;
@@ -546,6 +569,12 @@ export function noted(notes: Notes, lost: number, ino: bigint, kind: SockKind, p
       throw new Unsupported(
         `${where} is in a reuseport group with a steering program the application attached (${n.name === SO_ATTACH_REUSEPORT_CBPF ? 'SO_ATTACH_REUSEPORT_CBPF' : 'SO_ATTACH_REUSEPORT_EBPF'}${mine ? '' : ', through another socket of the group'}), which cannot be captured: the kernel does not give it back`,
       );
+    const carried = CATALOGUE.find((s) => s.noted === n.name && s.level === n.level && s.kinds.includes(kind));
+    if (carried) {
+      const had = options.findIndex((o) => o.level === carried.level && o.name === carried.name);
+      if (had >= 0) options.splice(had, 1);
+      options.push({ level: carried.level, name: carried.name, value: n.value });
+    }
     if (n.level === IPPROTO_IP && n.name === IP_MULTICAST_IF && kind === 'udp') {
       // The index with the address the kernel shows (0.0.0.0, or one given
       // beside the index), set together as a struct ip_mreqn.
@@ -585,7 +614,7 @@ export function forgetClosed(tablesPath: string, notes: Notes, inImage: Set<bigi
  * image records it, apart from the address form, which getsockopt shows.
  * Not a kernel option number: one appshot gives itself, set at restore as
  * IP_MULTICAST_IF with an ip_mreqn. */
-export const IP_MULTICAST_IF_INDEX = 0x10000 + IP_MULTICAST_IF;
+export const IP_MULTICAST_IF_INDEX = NOTED + IP_MULTICAST_IF;
 
 /** A socket of the restore: an IP_MULTICAST_IF chosen by index is set so
  * (struct ip_mreqn: address 0, then the index). */
@@ -602,6 +631,16 @@ export function applyMulticastIndex(sock: number, options: SocketOption[], where
   } catch (e) {
     throw new AppshotError(`${where}: IP_MULTICAST_IF (interface ${o.device}) cannot be set again: ${(e as Error).message}`);
   }
+}
+
+/** What a socket the restore made gets noted again in the new tables, as
+ * the preload library noted it of the original: the options of `options`
+ * carried from notes. */
+export function notesAgain(options: SocketOption[]): { level: number; name: number; value: number }[] {
+  return options.flatMap((o) => {
+    const s = CATALOGUE.find((x) => x.noted !== undefined && x.level === o.level && x.name === o.name);
+    return s ? [{ level: s.level, name: s.noted!, value: o.value }] : [];
+  });
 }
 
 /** Whether `o` is the image's IP_MULTICAST_IF by index, well formed. */

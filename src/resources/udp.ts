@@ -29,7 +29,7 @@ import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
-import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, type Notes, readExtras } from './sockopts.js';
+import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, type Notes, notesAgain, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -172,6 +172,12 @@ function make(h: RestoreContext, s: Socket, what: string): number {
   applyExtras(sock, extras, carried(s.family), false, `${what}: the UDP socket ${name}`);
   applyMulticastIndex(sock, extras, `${what}: the UDP socket ${name}`);
   if (extras.some(isMulticastIndex)) noteMulticastIndex(h, sock, s);
+  const again = notesAgain(extras);
+  if (again.length) {
+    // Noted again for the new socket: a later snapshot carries them too.
+    const ino = fstatSync(sock, { bigint: true }).ino;
+    for (const n of again) addon().noteSocket(h.tablesPath, { ino, ...n, port: s.port, kind: 'udp' });
+  }
   const cork = options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK);
   if (cork?.value) addon().setSockOpt(sock, IPPROTO_UDP, UDP_CORK, cork.value);
   if (s.peerAddress) {
