@@ -48,12 +48,20 @@ export interface TablesSnapshot {
   instance: InstanceConfig & { tablesPath: string; identity: Identity };
   /** What the preload library noted of sockets (appshot_table.h); absent
    * from a registry's copy of older tables. */
-  sockets?: { notes: SocketNote[]; lost: number };
+  sockets?: SocketNotes;
   /** Wait calls in flight (appshot_table.h); absent from a registry's copy
    * of older tables. */
   waits?: WaitSlot[];
 }
 
+/** What the preload library noted of sockets, and what it could not
+ * (`lost` notes, which may have been of the sockets and reuseport groups
+ * `lostSeen` holds, a filter socketNoteLost reads). */
+export interface SocketNotes {
+  notes: SocketNote[];
+  lost: number;
+  lostSeen?: Buffer;
+}
 
 /** A socket option the kernel does not show, noted when it was set. */
 export interface SocketNote {
@@ -297,6 +305,11 @@ interface Addon {
   noteSocket(path: string, note: SocketNote): void;
   /** Drops every note of these socket inodes. */
   forgetSocketNotes(path: string, inos: bigint[]): void;
+  /** Whether a lost note may have been of socket `ino` (port 0), or of the
+   * reuseport group of `kind` on `port` (ino 0n). */
+  socketNoteLost(lostSeen: Buffer, ino: bigint, port: number, kind: 'tcp' | 'udp'): boolean;
+  /** No lost note was of a socket still open: the count and filter go. */
+  forgetLostNotes(path: string): void;
   setInstance(path: string, config: InstanceConfig): void;
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;

@@ -21,6 +21,7 @@
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <sys/socket.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -848,6 +849,52 @@ int appshot_ipc_remove_owned(const struct appshot_header *h,
 
 /* --- Socket notes --------------------------------------------------------- */
 
+/* The key of a reuseport group in the lost filter: apart from inode
+ * numbers, which sockfs keeps below 2^32. */
+static uint64_t group_key(uint16_t port, uint8_t type) {
+  return (1ull << 63) | ((uint64_t)type << 16) | port;
+}
+
+/* Two bit positions of `key` (splitmix64's finaliser: every key bit moves
+ * both). */
+static void lost_bits(uint64_t key, uint32_t bit[2]) {
+  uint64_t z = key + 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  bit[0] = (uint32_t)(z % APPSHOT_LOST_SEEN_BITS);
+  bit[1] = (uint32_t)((z >> 32) % APPSHOT_LOST_SEEN_BITS);
+}
+
+static void lost_mark(struct appshot_socket_notes *n, uint64_t key) {
+  uint32_t bit[2];
+  lost_bits(key, bit);
+  for (int i = 0; i < 2; i++)
+    __atomic_fetch_or(&n->lost_seen[bit[i] / 64], 1ull << (bit[i] % 64),
+                      __ATOMIC_RELAXED);
+}
+
+static int lost_has(const uint64_t *seen, uint64_t key) {
+  uint32_t bit[2];
+  lost_bits(key, bit);
+  for (int i = 0; i < 2; i++)
+    if (!(__atomic_load_n(&seen[bit[i] / 64], __ATOMIC_RELAXED) &
+          (1ull << (bit[i] % 64))))
+      return 0;
+  return 1;
+}
+
+int appshot_lost_maybe(const uint64_t *lost_seen, uint64_t ino, uint16_t port,
+                       uint8_t type) {
+  return lost_has(lost_seen, ino ? ino : group_key(port, type));
+}
+
+void appshot_forget_lost(struct appshot_header *h) {
+  for (int i = 0; i < APPSHOT_LOST_SEEN_BITS / 64; i++)
+    __atomic_store_n(&h->sockets.lost_seen[i], 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&h->sockets.lost, 0, __ATOMIC_RELEASE);
+}
+
 void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
                          int32_t name, int32_t value, uint16_t port,
                          uint8_t type) {
@@ -870,7 +917,14 @@ void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
     }
   }
   if (!slot) {
-    __atomic_add_fetch(&n->lost, 1, __ATOMIC_RELAXED);
+    /* Marked before counted: a snapshot that sees the count sees the
+     * marks. */
+    lost_mark(n, ino);
+    if (level == SOL_SOCKET &&
+        (name == SO_ATTACH_REUSEPORT_CBPF || name == SO_ATTACH_REUSEPORT_EBPF) &&
+        port)
+      lost_mark(n, group_key(port, type));
+    __atomic_add_fetch(&n->lost, 1, __ATOMIC_RELEASE);
     return;
   }
   __atomic_store_n(&slot->level, level, __ATOMIC_RELAXED);

@@ -47,7 +47,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 6u
+#define APPSHOT_TABLE_VERSION 7u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -182,10 +182,19 @@ struct appshot_instance {
  * descriptor number used again, or shared, cannot mislead. Written while
  * the application runs, without the lock: a slot is claimed by a
  * compare-and-swap of its inode, its fields are stored, then `ready`. A
- * full array counts `lost` (a snapshot then refuses what it cannot know).
- * A socket closed leaves its note behind: sockfs does not hand an inode
- * number out again soon. */
+ * full array counts `lost`, and marks what the lost note was about in
+ * `lost_seen`: its socket's inode, and for a reuseport steering program
+ * its group (port and type), as a Bloom filter (two bits a key, set with
+ * an atomic OR: no lock, no room to run out of). A snapshot refuses a
+ * socket, or a reuseport group, the filter may hold (never one it does
+ * not: it errs towards refusing). A socket closed leaves its note
+ * behind: sockfs does not hand an inode number out again soon. A snapshot
+ * that has seen every process, all stopped, frees the notes of sockets
+ * none of them holds, and clears `lost` and the filter when no socket of
+ * the application is in it (the lost notes were of sockets closed since),
+ * so that a full array is not the end of noting. */
 #define APPSHOT_SOCKET_NOTES 64
+#define APPSHOT_LOST_SEEN_BITS 8192
 
 struct appshot_socket_note {
   uint64_t ino;   /* the socket's inode; 0 = free */
@@ -201,6 +210,7 @@ struct appshot_socket_notes {
   uint32_t lost; /* notes that found no free slot */
   uint32_t pad;
   struct appshot_socket_note note[APPSHOT_SOCKET_NOTES];
+  uint64_t lost_seen[APPSHOT_LOST_SEEN_BITS / 64];
 };
 
 struct appshot_header {
@@ -318,6 +328,14 @@ void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
 /* Drops every note of socket `ino` (closed: a snapshot saw no process of
  * the application hold it). */
 void appshot_forget_socket(struct appshot_header *h, uint64_t ino);
+
+/* Whether a lost note may have been about socket `ino` (port 0), or about
+ * the reuseport group of `type` on `port` (ino 0), in a copy of
+ * `lost_seen`. */
+int appshot_lost_maybe(const uint64_t *lost_seen, uint64_t ino,
+                       uint16_t port, uint8_t type);
+/* Forgets every lost note: none of them was of a socket still open. */
+void appshot_forget_lost(struct appshot_header *h);
 
 /* --- Creating and mapping ----------------------------------------------- */
 

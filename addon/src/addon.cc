@@ -264,7 +264,11 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     notes.Set(k++, n);
   }
   sockets.Set("notes", notes);
-  sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_RELAXED)));
+  // The count before the marks: a mark seen with a count of 0 is harmless.
+  sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE)));
+  uint64_t seen[APPSHOT_LOST_SEEN_BITS / 64];
+  for (size_t i = 0; i < APPSHOT_LOST_SEEN_BITS / 64; i++) seen[i] = __atomic_load_n(&h->sockets.lost_seen[i], __ATOMIC_RELAXED);
+  sockets.Set("lostSeen", Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(seen), sizeof seen));
   out.Set("sockets", sockets);
   // Wait calls in flight (appshot_table.h): read while the application is
   // frozen, for the image.
@@ -347,6 +351,38 @@ Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
     uint64_t ino = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
     appshot_forget_socket(t.get(), ino);
   }
+  return env.Undefined();
+}
+
+// socketNoteLost(lostSeen, ino, port, kind): whether a note that found no
+// room may have been of socket `ino` (port 0), or of the reuseport group of
+// `kind` ("tcp", "udp") on `port` (ino 0n).
+Napi::Value SocketNoteLost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto seen = info[0].As<Napi::Buffer<uint8_t>>();
+  if (seen.Length() != APPSHOT_LOST_SEEN_BITS / 8) {
+    Napi::TypeError::New(env, "socketNoteLost: a filter of another size").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  uint64_t bits[APPSHOT_LOST_SEEN_BITS / 64];
+  memcpy(bits, seen.Data(), sizeof bits);
+  bool lossless;
+  uint64_t ino = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
+  uint16_t port = static_cast<uint16_t>(info[2].As<Napi::Number>().Uint32Value());
+  std::string kind = info[3].As<Napi::String>().Utf8Value();
+  uint8_t type = kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0;
+  return Napi::Boolean::New(env, appshot_lost_maybe(bits, ino, port, type) != 0);
+}
+
+// forgetLostNotes(path): no lost note was of a socket still open.
+Napi::Value ForgetLostNotes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  OpenTables t(info[0].As<Napi::String>().Utf8Value());
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + info[0].As<Napi::String>().Utf8Value(), t.err());
+    return env.Undefined();
+  }
+  appshot_forget_lost(t.get());
   return env.Undefined();
 }
 
@@ -598,6 +634,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("carryWaits", Napi::Function::New(env, CarryWaits));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
   exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));
+  exports.Set("socketNoteLost", Napi::Function::New(env, SocketNoteLost));
+  exports.Set("forgetLostNotes", Napi::Function::New(env, ForgetLostNotes));
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));

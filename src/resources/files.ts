@@ -91,7 +91,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
-      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets?.notes, sockets.takeDup(BigInt(bracket![2])));
+      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets, sockets.takeDup(BigInt(bracket![2])));
     } else if (bracket && bracket[1] === 'socket') {
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);

@@ -24,7 +24,7 @@ import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
-import { applyExtras, earlyBytes, forgetClosed, isCarriedExtra, noted, readExtras, type SockKind } from './sockopts.js';
+import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -165,7 +165,7 @@ export class SocketTable {
 
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
    * be captured. */
-  describe(pid: number, fd: number, ino: bigint, what: string, seen: TablesSnapshot['sockets'] = { notes: [], lost: 0 }): Socket {
+  describe(pid: number, fd: number, ino: bigint, what: string, seen: Notes = NOTHING_NOTED): Socket {
     const dup = this.takeDup(ino) ?? addon().getFd(pid, fd);
     try {
       return this.describeDup(pid, fd, dup, ino, what, seen);
@@ -220,14 +220,14 @@ export class SocketTable {
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
       this.loadUdp();
-      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what, seen.notes, seen.lost);
+      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what, seen);
     }
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = opts.type === SOCK_STREAM ? this.tcpSocket(pid, fd, ino) : undefined;
       if (e && e.state === TCP_LISTEN) {
         const where = `${what} fd ${fd}: the TCP socket listening at ${e.address.includes(':') ? `[${e.address}]` : e.address}:${e.port}`;
         const options = extras('listen', where);
-        noted(seen.notes, seen.lost, ino, 'listen', e.port, opts.reuseport, options, where);
+        noted(seen, ino, 'listen', e.port, opts.reuseport, options, where);
         return { ...base, address: e.address, port: e.port, listening: true, backlog: e.backlog, options };
       }
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
@@ -268,8 +268,15 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
  * holds (closed since the preload library noted them) leave the tables,
  * whose room for notes is small (sockopts.ts). */
 export function forgetClosedSockets(ctx: DumpContext): void {
-  const inImage = new Set(ctx.image.processes.flatMap((p) => p.fds.flatMap((f) => [f.socket?.ino, f.tcp?.ino]).filter((i): i is bigint => i !== undefined)));
-  forgetClosed(ctx.tablesPath, ctx.tables.sockets?.notes ?? [], inImage);
+  const held = ctx.image.processes.flatMap((p) =>
+    p.fds.flatMap((f): HeldSocket[] => {
+      if (f.tcp) return [{ ino: f.tcp.ino, kind: 'tcp', port: f.tcp.localPort, reuseport: false }];
+      const s = f.socket;
+      if (!s || (s.family !== AF_INET && s.family !== AF_INET6)) return [];
+      return [{ ino: s.ino, kind: s.type === SOCK_DGRAM ? 'udp' : 'listen', port: s.port, reuseport: !!s.reuseport }];
+    }),
+  );
+  forgetClosed(ctx.tablesPath, ctx.tables.sockets ?? NOTHING_NOTED, held);
 }
 
 /** Before anything is made: every socket the image says a keeper held is

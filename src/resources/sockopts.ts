@@ -25,7 +25,7 @@
 import { closeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import type { SocketOption } from '../image/types.js';
-import { addon, type SocketNote } from '../native.js';
+import { addon, type SocketNotes } from '../native.js';
 import { Unsupported } from './context.js';
 import { AF_INET, AF_INET6 } from './sockaddr.js';
 
@@ -545,9 +545,19 @@ export function applyExtras(sock: number, options: SocketOption[], own: readonly
 
 /* ---- what only the preload library saw ---------------------------------- */
 
-/** Socket inodes and what the preload library noted of them, from the
- * application's tables (addon readTables). */
-export type Notes = readonly SocketNote[];
+/** What the preload library noted of the application's sockets, and what
+ * it could not, from its tables (addon readTables). */
+export type Notes = SocketNotes;
+export const NOTHING_NOTED: Notes = { notes: [], lost: 0 };
+
+/** Whether a note that found no room may have been of socket `ino`, or of
+ * the reuseport group of `kind` on `port` (`group`). Tables without the
+ * filter: any socket may be. */
+function maybeLost(seen: Notes, ino: bigint, port: number, kind: SockKind, group: boolean): boolean {
+  if (!seen.lost) return false;
+  if (!seen.lostSeen) return true;
+  return addon().socketNoteLost(seen.lostSeen, group ? 0n : ino, group ? port : 0, kind === 'udp' ? 'udp' : 'tcp');
+}
 
 /**
  * What the preload library noted of socket `ino` (of `kind`, bound to
@@ -557,8 +567,12 @@ export type Notes = readonly SocketNote[];
  * whether the socket is in a reuseport group; a program attached through
  * another socket of its group, on the same port, is the group's.
  */
-export function noted(notes: Notes, lost: number, ino: bigint, kind: SockKind, port: number, reuseport: boolean, options: SocketOption[], where: string): void {
-  for (const n of notes) {
+export function noted(seen: Notes, ino: bigint, kind: SockKind, port: number, reuseport: boolean, options: SocketOption[], where: string): void {
+  // A note that found no room: refused, not guessed, while its socket (or
+  // group) may be open.
+  if (maybeLost(seen, ino, port, kind, false))
+    throw new Unsupported(`${where} may have an option set that appshot cannot read back and could not note (the room for ${seen.lost} such notes was full): whether it has is not known`);
+  for (const n of seen.notes) {
     const reuseportProgram = n.level === SOL_SOCKET && (n.name === SO_ATTACH_REUSEPORT_CBPF || n.name === SO_ATTACH_REUSEPORT_EBPF);
     const mine = n.ino === ino;
     const group = reuseportProgram && reuseport && port !== 0 && n.port === port && n.kind === (kind === 'udp' ? 'udp' : 'tcp');
@@ -585,7 +599,8 @@ export function noted(notes: Notes, lost: number, ino: bigint, kind: SockKind, p
       options.push({ level: IPPROTO_IP, name: IP_MULTICAST_IF_INDEX, value: 0, device, raw: chosen?.raw?.length === 4 ? chosen.raw : Buffer.alloc(4) });
     }
   }
-  if (lost && reuseport) throw new Unsupported(`${where} is in a reuseport group, and the application set more options appshot cannot read back than it could note (${lost} lost): whether the group has a steering program is not known`);
+  if (reuseport && port !== 0 && maybeLost(seen, ino, port, kind, true))
+    throw new Unsupported(`${where} is in a reuseport group, and the application set more options appshot cannot read back than it could note (${seen.lost} lost), one of them maybe a steering program of this group: whether it has one is not known`);
 }
 
 /** Set only, noted by the preload library, refused (preload_net.c). */
@@ -600,14 +615,28 @@ const SET_ONLY: readonly [number, number, string][] = [
   [IPPROTO_TCP, 38, 'TCP_AO_ADD_KEY (a TCP-AO key)'],
 ];
 
-/** Once every process of the application is seen: notes of sockets none
- * of them holds any more go, so that the room in the tables is not used
- * up by sockets long closed (`inImage`: the image's socket inodes). */
-export function forgetClosed(tablesPath: string, notes: Notes, inImage: Set<bigint>): boolean {
-  const closed = notes.filter((n) => !inImage.has(n.ino));
-  if (!closed.length) return false;
-  addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
-  return true;
+/** A socket of the image, as forgetClosed weighs it. */
+export interface HeldSocket {
+  ino: bigint;
+  kind: SockKind;
+  port: number;
+  reuseport: boolean;
+}
+
+/** Once every process of the application is seen, all stopped: notes of
+ * sockets none of them holds any more go, so that the room in the tables
+ * is not used up by sockets long closed; and notes that found no room are
+ * forgotten once no socket the application holds may have been theirs
+ * (nor a reuseport group it is in), so that a full table once is not a
+ * reuseport socket refused for good. (The application is stopped: nothing
+ * notes meanwhile.) */
+export function forgetClosed(tablesPath: string, seen: Notes, held: readonly HeldSocket[]): void {
+  const inImage = new Set(held.map((h) => h.ino));
+  const closed = seen.notes.filter((n) => !inImage.has(n.ino));
+  if (closed.length) addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
+  if (!seen.lost || !seen.lostSeen) return;
+  const open = held.some((h) => maybeLost(seen, h.ino, h.port, h.kind, false) || (h.reuseport && h.port !== 0 && maybeLost(seen, h.ino, h.port, h.kind, true)));
+  if (!open) addon().forgetLostNotes(tablesPath);
 }
 
 /** IP_MULTICAST_IF chosen by interface index (struct ip_mreqn): how the

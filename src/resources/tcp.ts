@@ -54,7 +54,7 @@ import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js
 import { addon, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
-import { applyExtras, extrasOf, isCarriedExtra, noted, type Notes, readExtras, refuseUlp } from './sockopts.js';
+import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -124,7 +124,7 @@ export class HeldConnections {
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
   /** `given`: a duplicate of the socket made already (SocketTable), now
    * this dump's: kept in repair mode, or closed. */
-  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = [], given?: number): TcpConnection {
+  dump(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes = NOTHING_NOTED, given?: number): TcpConnection {
     let spare = given;
     const duplicate = () => {
       const d = spare ?? addon().getFd(pid, fd);
@@ -147,7 +147,7 @@ export class HeldConnections {
     if (!KEPT_STATES.has(seen.state))
       throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
     // What the preload library saw set and nothing reads back (MD5 keys).
-    noted(notes, 0, ino, 'tcp', seen.port, false, [], where);
+    noted(notes, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = duplicate();
     try {

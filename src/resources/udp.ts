@@ -29,7 +29,7 @@ import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
-import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, type Notes, notesAgain, readExtras } from './sockopts.js';
+import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, NOTHING_NOTED, type Notes, notesAgain, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -78,9 +78,9 @@ export interface SeenUdp {
 
 /* ---- dump --------------------------------------------------------------- */
 
-/** `notes`, `lost`: what the preload library noted of the application's
- * sockets (sockopts.ts). */
-export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, seen: SeenUdp | undefined, what: string, notes: Notes = [], lost = 0): Socket {
+/** `notes`: what the preload library noted of the application's sockets,
+ * and how many notes found no room (sockopts.ts). */
+export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, seen: SeenUdp | undefined, what: string, notes: Notes = NOTHING_NOTED): Socket {
   const dup = addon().getFd(pid, fd);
   try {
     const own = parseSockaddr(addon().sockName(dup));
@@ -94,7 +94,7 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     // the preload library saw.
     const extras = readExtras(dup, 'udp', family, SOCK_DGRAM, carried(family), where);
     const reuseport = !!options.find((o) => o.level === SOL_SOCKET && o.name === 15)?.value;
-    noted(notes, lost, ino, 'udp', own.port, reuseport, extras, where);
+    noted(notes, ino, 'udp', own.port, reuseport, extras, where);
     if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
       throw new Unsupported(`${where} is corked (UDP_CORK) with ${seen!.txQueue} bytes of a datagram not yet sent, which cannot be captured`);
     return {
