@@ -113,6 +113,7 @@ describe('a reuseport group with a steering program, or an option the kernel nev
         new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP socket listening at 127\\.0\\.0\\.1:\\d+ is in a reuseport group with a steering program the application attached \\(SO_ATTACH_REUSEPORT_EBPF, through another socket of the group\\), which cannot be captured`),
     ],
     ['ipv6-pktinfo', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket \\(unbound\\) has IPV6_PKTINFO \\(a sticky source address or interface\\) set, which the kernel does not give back`)],
+    ['ipsec-policy', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket \\(unbound\\) has IP_XFRM_POLICY \\(a per-socket IPsec policy\\) set, which the kernel does not give back`)],
     ['tcp-md5', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP socket listening at 127\\.0\\.0\\.1:\\d+ has TCP_MD5SIG \\(an MD5 signature key\\) set, which the kernel does not give back`)],
   ];
   for (const [kind, message] of refusals)

@@ -277,7 +277,8 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
  * interface chosen by index only (IP_MULTICAST_IF with a struct ip_mreqn
  * whose address is 0) reads back as 0.0.0.0, the default; nor do IPv6's
  * sticky IPV6_PKTINFO and IPV6_NEXTHOP, flow label leases, anycast
- * memberships, or TCP's MD5 and AO keys show; a UDP socket's IPV6_MTU
+ * memberships, TCP's MD5 and AO keys, or a socket's IPsec policies show;
+ * a UDP socket's IPV6_MTU
  * reads back as the path's MTU. What the program set is noted
  * in the application's tables (appshot_table.h), keyed by the socket's
  * inode, for the snapshot: it carries the multicast interface and the
@@ -313,7 +314,13 @@ static void note_sockopt(int fd, int level, int name, const void *val,
                  (level == IPPROTO_TCP &&
                   (name == TCP_MD5SIG || name == TCP_MD5SIG_EXT ||
                    name == TCP_AO_ADD_KEY));
-  if (LIKELY(!h) || !(reuseport_prog || detach || mcast_if || set_only || mtu6)) return;
+  /* A socket's own IPsec policies: no getsockopt. Set with nothing, they
+   * are all cleared (known, so the note goes). */
+  int ipsec = (level == IPPROTO_IP &&
+               (name == IP_IPSEC_POLICY || name == IP_XFRM_POLICY)) ||
+              (level == IPPROTO_IPV6 &&
+               (name == IPV6_IPSEC_POLICY || name == IPV6_XFRM_POLICY));
+  if (LIKELY(!h) || !(reuseport_prog || detach || mcast_if || set_only || mtu6 || ipsec)) return;
   struct stat st;
   if (SYS2(fstat, fd, &st) < 0) return;
   struct sockaddr_storage a;
@@ -328,6 +335,11 @@ static void note_sockopt(int fd, int level, int name, const void *val,
   uint64_t ino = (uint64_t)st.st_ino;
   if (reuseport_prog || set_only) {
     appshot_note_socket(h, ino, level, name, 0, port, (uint8_t)type);
+  } else if (ipsec) {
+    if (val || len)
+      appshot_note_socket(h, ino, level, name, 0, port, (uint8_t)type);
+    else
+      appshot_unnote_socket(h, ino, level, name, 0, 0);
   } else if (mtu6) {
     int mtu = 0;
     if (type != SOCK_DGRAM) return;

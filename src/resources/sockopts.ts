@@ -613,6 +613,10 @@ const SET_ONLY: readonly [number, number, string][] = [
   [IPPROTO_TCP, 14, 'TCP_MD5SIG (an MD5 signature key)'],
   [IPPROTO_TCP, 32, 'TCP_MD5SIG_EXT (an MD5 signature key)'],
   [IPPROTO_TCP, 38, 'TCP_AO_ADD_KEY (a TCP-AO key)'],
+  [IPPROTO_IP, 16, 'IP_IPSEC_POLICY (a per-socket IPsec policy)'],
+  [IPPROTO_IP, 17, 'IP_XFRM_POLICY (a per-socket IPsec policy)'],
+  [IPPROTO_IPV6, 34, 'IPV6_IPSEC_POLICY (a per-socket IPsec policy)'],
+  [IPPROTO_IPV6, 35, 'IPV6_XFRM_POLICY (a per-socket IPsec policy)'],
 ];
 
 /** A socket of the image, as forgetClosed weighs it. */
