@@ -874,19 +874,22 @@ static void lost_mark(struct appshot_socket_notes *n, uint64_t key) {
                       __ATOMIC_RELAXED);
 }
 
-static int lost_has(const uint64_t *seen, uint64_t key) {
+int appshot_lost_maybe(const uint8_t *lost_seen, uint64_t ino, uint16_t port,
+                       uint8_t type) {
   uint32_t bit[2];
-  lost_bits(key, bit);
+  lost_bits(ino ? ino : group_key(port, type), bit);
+  /* Bit b of word w is bit b % 8 of byte w * 8 + b / 8: bit i of the
+   * whole is bit i % 8 of byte i / 8. */
   for (int i = 0; i < 2; i++)
-    if (!(__atomic_load_n(&seen[bit[i] / 64], __ATOMIC_RELAXED) &
-          (1ull << (bit[i] % 64))))
-      return 0;
+    if (!(lost_seen[bit[i] / 8] & (1u << (bit[i] % 8)))) return 0;
   return 1;
 }
 
-int appshot_lost_maybe(const uint64_t *lost_seen, uint64_t ino, uint16_t port,
-                       uint8_t type) {
-  return lost_has(lost_seen, ino ? ino : group_key(port, type));
+void appshot_lost_copy(const struct appshot_header *h, uint8_t *out) {
+  for (int i = 0; i < APPSHOT_LOST_SEEN_BITS / 64; i++) {
+    uint64_t w = __atomic_load_n(&h->sockets.lost_seen[i], __ATOMIC_RELAXED);
+    for (int j = 0; j < 8; j++) out[i * 8 + j] = (uint8_t)(w >> (8 * j));
+  }
 }
 
 void appshot_forget_lost(struct appshot_header *h) {

@@ -194,7 +194,7 @@ struct appshot_instance {
  * the application is in it (the lost notes were of sockets closed since),
  * so that a full array is not the end of noting. */
 #define APPSHOT_SOCKET_NOTES 64
-#define APPSHOT_LOST_SEEN_BITS 8192
+#define APPSHOT_LOST_SEEN_BITS 65536
 
 struct appshot_socket_note {
   uint64_t ino;   /* the socket's inode; 0 = free */
@@ -331,9 +331,11 @@ void appshot_forget_socket(struct appshot_header *h, uint64_t ino);
 
 /* Whether a lost note may have been about socket `ino` (port 0), or about
  * the reuseport group of `type` on `port` (ino 0), in a copy of
- * `lost_seen`. */
-int appshot_lost_maybe(const uint64_t *lost_seen, uint64_t ino,
+ * `lost_seen` as bytes, each word little-endian (appshot_lost_copy). */
+int appshot_lost_maybe(const uint8_t *lost_seen, uint64_t ino,
                        uint16_t port, uint8_t type);
+/* Copies `lost_seen` into `out` (APPSHOT_LOST_SEEN_BITS / 8 bytes). */
+void appshot_lost_copy(const struct appshot_header *h, uint8_t *out);
 /* Forgets every lost note: none of them was of a socket still open. */
 void appshot_forget_lost(struct appshot_header *h);
 

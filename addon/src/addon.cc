@@ -266,9 +266,9 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   sockets.Set("notes", notes);
   // The count before the marks: a mark seen with a count of 0 is harmless.
   sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE)));
-  uint64_t seen[APPSHOT_LOST_SEEN_BITS / 64];
-  for (size_t i = 0; i < APPSHOT_LOST_SEEN_BITS / 64; i++) seen[i] = __atomic_load_n(&h->sockets.lost_seen[i], __ATOMIC_RELAXED);
-  sockets.Set("lostSeen", Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(seen), sizeof seen));
+  auto seen = Napi::Buffer<uint8_t>::New(env, APPSHOT_LOST_SEEN_BITS / 8);
+  appshot_lost_copy(h, seen.Data());
+  sockets.Set("lostSeen", seen);
   out.Set("sockets", sockets);
   // Wait calls in flight (appshot_table.h): read while the application is
   // frozen, for the image.
@@ -364,14 +364,12 @@ Napi::Value SocketNoteLost(const Napi::CallbackInfo& info) {
     Napi::TypeError::New(env, "socketNoteLost: a filter of another size").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  uint64_t bits[APPSHOT_LOST_SEEN_BITS / 64];
-  memcpy(bits, seen.Data(), sizeof bits);
   bool lossless;
   uint64_t ino = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
   uint16_t port = static_cast<uint16_t>(info[2].As<Napi::Number>().Uint32Value());
   std::string kind = info[3].As<Napi::String>().Utf8Value();
   uint8_t type = kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0;
-  return Napi::Boolean::New(env, appshot_lost_maybe(bits, ino, port, type) != 0);
+  return Napi::Boolean::New(env, appshot_lost_maybe(seen.Data(), ino, port, type) != 0);
 }
 
 // forgetLostNotes(path): no lost note was of a socket still open.
