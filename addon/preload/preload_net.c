@@ -278,15 +278,16 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
  * whose address is 0) reads back as 0.0.0.0, the default; nor do IPv6's
  * sticky IPV6_PKTINFO and IPV6_NEXTHOP, flow label leases, anycast
  * memberships, TCP's MD5 and AO keys, or a socket's IPsec policies show;
- * a UDP socket's IPV6_MTU
- * reads back as the path's MTU. What the program set is noted
- * in the application's tables (appshot_table.h), keyed by the socket's
- * inode, for the snapshot: it carries the multicast interface and the
- * MTU, and refuses the others by name (a note stays once set, even if the
- * program undoes it: refused rather than guessed). Noted after the kernel
- * took the call; a few system calls (fstat, getsockname, getsockopt), no
- * allocation. Through syscall()
- * too; not for static programs or raw system call instructions. */
+ * a UDP socket's IPV6_MTU reads back as the path's MTU. What the program
+ * set is noted in the application's tables (appshot_table.h), keyed by the
+ * socket's inode, for the snapshot: it carries the multicast interface and
+ * the MTU, and refuses the others by name (a note stays once set, even if
+ * the program undoes it: refused rather than guessed; cleared IPsec
+ * policies and MTU are known, and drop it). Noted after the kernel took
+ * the call; a few system calls (fstat, getsockname, getsockopt), no
+ * allocation. Through syscall() too; not for static programs or raw
+ * system call instructions. A note that finds no room is marked instead
+ * (appshot_table.h), and its socket refused. */
 
 #ifndef IPV6_FLOWLABEL_MGR
 #define IPV6_FLOWLABEL_MGR 32
