@@ -56,7 +56,7 @@ export interface TablesSnapshot {
 
 /** What the preload library noted of sockets, and what it could not
  * (`lost` notes, which may have been of the sockets and reuseport groups
- * `lostSeen` holds, a filter socketNoteLost reads). */
+ * `lostSeen` holds, a filter socketNoteLost reads; there when `lost`). */
 export interface SocketNotes {
   notes: SocketNote[];
   lost: number;

@@ -264,11 +264,15 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     notes.Set(k++, n);
   }
   sockets.Set("notes", notes);
-  // The count before the marks: a mark seen with a count of 0 is harmless.
-  sockets.Set("lost", Napi::Number::New(env, __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE)));
-  auto seen = Napi::Buffer<uint8_t>::New(env, APPSHOT_LOST_SEEN_BITS / 8);
-  appshot_lost_copy(h, seen.Data());
-  sockets.Set("lostSeen", seen);
+  // The count before the marks (a mark seen with a count of 0 is
+  // harmless), and the marks only when some note was lost.
+  uint32_t lost = __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE);
+  sockets.Set("lost", Napi::Number::New(env, lost));
+  if (lost) {
+    auto seen = Napi::Buffer<uint8_t>::New(env, APPSHOT_LOST_SEEN_BITS / 8);
+    appshot_lost_copy(h, seen.Data());
+    sockets.Set("lostSeen", seen);
+  }
   out.Set("sockets", sockets);
   // Wait calls in flight (appshot_table.h): read while the application is
   // frozen, for the image.

@@ -551,8 +551,8 @@ export type Notes = SocketNotes;
 export const NOTHING_NOTED: Notes = { notes: [], lost: 0 };
 
 /** Whether a note that found no room may have been of socket `ino`, or of
- * the reuseport group of `kind` on `port` (`group`). Tables without the
- * filter: any socket may be. */
+ * the reuseport group of `kind` on `port` (`group`). Lost notes without
+ * the filter (a registry's copy of older tables): any socket may be. */
 function maybeLost(seen: Notes, ino: bigint, port: number, kind: SockKind, group: boolean): boolean {
   if (!seen.lost) return false;
   if (!seen.lostSeen) return true;
@@ -639,6 +639,7 @@ export function forgetClosed(tablesPath: string, seen: Notes, held: readonly Hel
   const closed = seen.notes.filter((n) => !inImage.has(n.ino));
   if (closed.length) addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
   if (!seen.lost || !seen.lostSeen) return;
+  // Seen after the count, so holding every mark the count stands for.
   const open = held.some((h) => maybeLost(seen, h.ino, h.port, h.kind, false) || (h.reuseport && h.port !== 0 && maybeLost(seen, h.ino, h.port, h.kind, true)));
   if (!open) addon().forgetLostNotes(tablesPath);
 }
