@@ -20,6 +20,7 @@ import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json
 import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
+import type { LogTimes } from './logtimes.js';
 
 const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
@@ -262,46 +263,48 @@ export function buildProgram(): Command {
       if (!record.logPath)
         throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
       const logPath = record.logPath;
-      const { LogTimes } = await import('./logtimes.js');
-      if (opts.timestamps && existsSync(logPath) && !LogTimes.read(logPath))
+      const { LogTimes: Times } = await import('./logtimes.js');
+      if (opts.timestamps && existsSync(logPath) && !Times.read(logPath))
         throw new AppshotError(`--timestamps: no times were noted for the log of '${aid}' (started by an older appshot)`, ExitCode.failure);
       let offset = tail !== undefined && existsSync(logPath) ? tailOffset(logPath, tail) : 0;
       // --timestamps: what is printed goes line by line; the part of a line
-      // not yet ended waits for its end (or for the last pump).
+      // not yet ended waits for its end, or for the last pump.
       let partial = Buffer.alloc(0);
-      const print = (chunk: Buffer, end: number, times: ReturnType<typeof LogTimes.read>, last: boolean) => {
+      const stamp = (line: Buffer, end: number, times: LogTimes) => {
+        process.stdout.write(`${times.timeOf(end).toISOString()} `);
+        process.stdout.write(line);
+      };
+      const print = (chunk: Buffer, end: number, times: LogTimes | undefined) => {
         if (!times) return void process.stdout.write(chunk);
-        let from = 0;
         const start = end - chunk.length;
-        for (let nl = chunk.indexOf(10); nl >= 0 || (last && from < chunk.length); nl = chunk.indexOf(10, from)) {
-          const to = nl >= 0 ? nl + 1 : chunk.length;
-          process.stdout.write(`${times.timeOf(start + to).toISOString()} `);
-          process.stdout.write(Buffer.concat([partial, chunk.subarray(from, to)]));
+        let from = 0;
+        for (let nl = chunk.indexOf(10); nl >= 0; nl = chunk.indexOf(10, from)) {
+          stamp(Buffer.concat([partial, chunk.subarray(from, nl + 1)]), start + nl + 1, times);
           partial = Buffer.alloc(0);
-          from = to;
+          from = nl + 1;
         }
         partial = Buffer.concat([partial, chunk.subarray(from)]);
       };
       const pump = (last: boolean) => {
         if (!existsSync(logPath)) return;
         const size = statSync(logPath).size;
-        const times = opts.timestamps ? LogTimes.read(logPath) : undefined;
-        if (size <= offset) {
-          if (last && partial.length) print(Buffer.alloc(0), offset, times, true);
-          return;
-        }
-        const fd = openSync(logPath, 'r');
-        try {
-          const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
-          while (offset < size) {
-            const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
-            if (n <= 0) break;
-            offset += n;
-            print(Buffer.from(chunk.subarray(0, n)), offset, times, last && offset >= size);
+        const times = opts.timestamps && (size > offset || (last && partial.length)) ? Times.read(logPath) : undefined;
+        if (size > offset) {
+          const fd = openSync(logPath, 'r');
+          try {
+            const chunk = Buffer.alloc(Math.min(size - offset, 1 << 20));
+            while (offset < size) {
+              const n = readSync(fd, chunk, 0, Math.min(chunk.length, size - offset), offset);
+              if (n <= 0) break;
+              offset += n;
+              print(Buffer.from(chunk.subarray(0, n)), offset, times);
+            }
+          } finally {
+            closeSync(fd);
           }
-        } finally {
-          closeSync(fd);
         }
+        // Nothing more will come: the last line, without its newline.
+        if (last && times && partial.length) stamp(partial, offset, times);
       };
       if (!opts.follow) return pump(true);
       for (;;) {
