@@ -370,12 +370,14 @@ static void watch_log(void) {
   /* Its own descriptor of the log: init's stdout goes to /dev/null once
    * the first process ends and others live on. */
   log_fd = fcntl(1, F_DUPFD_CLOEXEC, 3);
-  times_fd = open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   log_watch = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
   snprintf(path, sizeof path, "/proc/self/fd/%d", log_fd);
-  if (log_fd < 0 || times_fd < 0 || log_watch < 0 || inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
-      fcntl(log_watch, F_SETOWN, getpid()) < 0 || fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0) {
-    /* Without it, logs --timestamps says the times are not known. */
+  /* The times file only once the watch is set: without it (no inotify
+   * instance left, say), logs --timestamps says the times are not known
+   * rather than giving every line the log's last write. */
+  if (log_fd < 0 || log_watch < 0 || inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
+      fcntl(log_watch, F_SETOWN, getpid()) < 0 || fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0 ||
+      (times_fd = open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)) < 0) {
     if (log_watch >= 0) close(log_watch);
     log_watch = -1;
     return;
