@@ -409,12 +409,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
       restoreCgroup(m.proc, m.pid);
-      const r = (m.remote = new RemoteProcess(m.pid));
+      // Its maps read once: for the vDSO, a free place for the scratch
+      // area, and what is to be unmapped (the scratch area is kept apart).
+      const seedMaps = readMaps(m.pid);
+      const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      const used = [...m.proc.vmas, ...readMaps(m.pid)];
+      const used = [...m.proc.vmas, ...seedMaps];
       r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
-      await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory);
+      await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
       phase('memory');
       return r;
     };
