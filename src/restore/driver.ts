@@ -47,6 +47,7 @@ import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, 
 import { resolveProcess } from '../snapshot/parent.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
+import { takeStandby } from './standby.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
@@ -197,13 +198,16 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
  * the application if that closes (this process died). Its reports are read
  * synchronously: nothing else happens meanwhile. */
 function startInit(record: AppRecord, count: number, commitPath: string): { initPid: number; seeds: number[]; lifeline: number } {
-  const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
-  let init: { pid: number; statusFd: number; lifelineFd: number };
-  try {
-    const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
-    init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
-  } finally {
-    closeSync(log);
+  // One the engine started ahead of time, if it keeps any (standby.ts).
+  let init = takeStandby(count, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! });
+  if (!init) {
+    const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
+    try {
+      const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
+      init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
+    } finally {
+      closeSync(log);
+    }
   }
   const seeds: number[] = [];
   let pending = '';
@@ -381,8 +385,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const memory = {
       pageFds,
       // Opened inside the restored process (a lazy restore maps them): a
-      // held descriptor by appshot's /proc entry, not /proc/self.
-      pagePaths: chain.map((l, i) => (ownPageFd(i) ? join(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
+      // held descriptor by appshot's /proc entry, not /proc/self. Whole
+      // paths: the seed's directory is its supervisor's, which need not be
+      // ours (a standby's is /).
+      pagePaths: chain.map((l, i) => (ownPageFd(i) ? resolve(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
       lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
