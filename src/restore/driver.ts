@@ -193,13 +193,29 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
   return loadChain(path, new ProgressMeter(noProgress, false), undefined, known, true);
 }
 
-/** Starts the application's init with `count` seeds; returns their PIDs
- * and the write end of its lifeline: until `commitPath` exists, init kills
- * the application if that closes (this process died). Its reports are read
- * synchronously: nothing else happens meanwhile. */
-function startInit(record: AppRecord, count: number, commitPath: string): { initPid: number; seeds: number[]; lifeline: number } {
+/** The application's init, started: its PID, its seeds, the write end of
+ * its lifeline (see startInit), and its status pipe until confirmed. */
+interface Supervisor {
+  initPid: number;
+  seeds: number[];
+  lifeline: number;
+  /** Waits for init's report that it runs as this application's (a
+   * standby may still be taking its arguments); throws if it died. */
+  confirm(): void;
+  /** Lets go of its status pipe (after a failure). */
+  close(): void;
+}
+
+/** Starts the application's init with `count` seeds, or has a standby
+ * become it (standby.ts); returns their PIDs and the write end of its
+ * lifeline: until `commitPath` exists, init kills the application if that
+ * closes (this process died). Its reports are read synchronously: nothing
+ * else happens meanwhile. A standby's seeds exist already: the restore
+ * goes on while it takes its arguments, and confirm() waits for it. */
+function startInit(record: AppRecord, count: number, commitPath: string): Supervisor {
   // One the engine started ahead of time, if it keeps any (standby.ts).
-  let init = takeStandby(count, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! });
+  const standby = takeStandby(count, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! });
+  let init = standby;
   if (!init) {
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
     try {
@@ -209,27 +225,56 @@ function startInit(record: AppRecord, count: number, commitPath: string): { init
       closeSync(log);
     }
   }
+  const { pid, statusFd, lifelineFd } = init;
   const seeds: number[] = [];
+  let started = false;
+  let open = true;
   let pending = '';
   const buf = Buffer.alloc(4096);
-  try {
-    for (;;) {
-      const n = readSync(init.statusFd, buf);
-      if (n === 0) break;
+  const close = () => {
+    if (open) closeSync(statusFd);
+    open = false;
+  };
+  /** Reads reports until `enough`; false if init died first. */
+  const readUntil = (enough: () => boolean): boolean => {
+    while (!enough()) {
+      const n = readSync(statusFd, buf);
+      if (n === 0) return false;
       pending += buf.toString('latin1', 0, n);
       const lines = pending.split('\n');
       pending = lines.pop()!;
       for (const line of lines) {
         const [tag, a] = line.split(' ');
         if (tag === 'C') seeds.push(Number(a));
-        if (tag === 'S') return { initPid: init.pid, seeds, lifeline: init.lifelineFd };
+        if (tag === 'S') started = true;
       }
     }
+    return true;
+  };
+  const died = () => new AppshotError('the application supervisor died while starting');
+  let ok = false;
+  try {
+    ok = readUntil(() => started || (standby !== undefined && seeds.length >= count));
   } finally {
-    closeSync(init.statusFd);
+    if (!ok) {
+      close();
+      closeSync(lifelineFd);
+    }
   }
-  closeSync(init.lifelineFd);
-  throw new AppshotError('the application supervisor died while starting');
+  if (!ok) throw died();
+  if (started) close();
+  return {
+    initPid: pid,
+    seeds,
+    lifeline: lifelineFd,
+    confirm: () => {
+      if (!open) return;
+      const up = readUntil(() => started);
+      close();
+      if (!up) throw died();
+    },
+    close,
+  };
 }
 
 interface Made {
@@ -285,6 +330,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // Closed (by us, or by our death) before the commit: init kills what
   // was made. The batch a clone belongs to closes it after its commit.
   let lifeline = -1;
+  let supervisor: Supervisor | undefined;
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
@@ -360,7 +406,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const vpids = new Set(image.processes.map((p) => p.vpid));
     const roots = image.processes.filter((p) => !vpids.has(p.vppid));
     phase('global state');
-    const started2 = startInit(record, roots.length, commitPath);
+    const started2 = (supervisor = startInit(record, roots.length, commitPath));
     lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
@@ -573,6 +619,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // init kills them. (Killed between the two, they may run for the
     // moment init takes to hear of it.) A batch of clones commits all its
     // instances at once, after the last.
+    // Its init runs as this application's (a standby has taken its
+    // arguments meanwhile) before anything of it may run.
+    supervisor.confirm();
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
     if (!opts.batchCommit) {
       reg.commit(commitPath);
@@ -619,6 +668,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     } catch {
       /* gone */
     }
+    supervisor?.close();
     if (lifeline >= 0) closeSync(lifeline);
     if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked]);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);

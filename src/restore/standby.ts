@@ -39,6 +39,9 @@ export function enableStandbys(): void {
   enabled = true;
 }
 
+/** APPSHOT_STANDBYS=0: none taken (for comparison), as outside the engine. */
+const wanted = () => process.env.APPSHOT_STANDBYS !== '0';
+
 /** Standbys kept now, by seed count (engine status). */
 export const standbyStats = () => Object.fromEntries([...kept].map(([count, k]) => [count, k.ready.length]));
 
@@ -80,7 +83,7 @@ function letGo(s: StartedInit): void {
  */
 export function takeStandby(count: number, args: { tables: string; stateDir: string; aid: string; commitPath: string; logPath: string }): StartedInit | undefined {
   const fields = [args.tables, args.stateDir, args.aid, args.commitPath, args.logPath];
-  if (!enabled || count < 1 || count > MOST_SEEDS || fields.some((f) => !f || f.includes('\0'))) return undefined;
+  if (!enabled || !wanted() || count < 1 || count > MOST_SEEDS || fields.some((f) => !f || f.includes('\0'))) return undefined;
   const message = Buffer.from(`${fields.join('\0')}\0\0`);
   let k = kept.get(count);
   if (!k) kept.set(count, (k = { ready: [], starting: 0 }));
