@@ -66,6 +66,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,6 +76,7 @@
 #include <sys/shm.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -221,6 +223,23 @@ static pid_t launch(char **argv, const sigset_t *orig_mask) {
 /* A seed: a process that does nothing until the restore driver takes it
  * over with ptrace. Its signals stay blocked: it must not die of one
  * before its own dispositions and mask are restored. */
+/* glibc's per-thread rseq registration (2.35+; absent, weak and 0). */
+extern const ptrdiff_t __rseq_offset __attribute__((weak));
+extern const unsigned int __rseq_size __attribute__((weak));
+
+/* A seed gives up its rseq area itself: the restore would otherwise spend
+ * an injected call on it (restore/driver.ts looks, and still does it if
+ * this could not). The length must be the one registered: glibc's
+ * __rseq_size, or the original 32 bytes of struct rseq. */
+static void drop_rseq(void) {
+  if (&__rseq_size == NULL || &__rseq_offset == NULL || __rseq_size == 0) return;
+  char *tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  const unsigned lengths[] = {__rseq_size, 32};
+  for (size_t k = 0; k < sizeof lengths / sizeof lengths[0]; k++)
+    if (syscall(SYS_rseq, tp + __rseq_offset, lengths[k], 1 /* RSEQ_FLAG_UNREGISTER */, 0x53053053 /* RSEQ_SIG */) == 0) return;
+}
+
 static pid_t fork_seed(int standby) {
   pid_t init = getpid();
   pid_t pid = fork();
@@ -230,6 +249,7 @@ static pid_t fork_seed(int standby) {
     if (lifeline_fd >= 0) close(lifeline_fd);
     /* A standby's seed may wait long: it must not outlive us. */
     if (standby && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != init)) _exit(1);
+    drop_rseq();
     for (;;) pause();
   }
   return pid;
