@@ -623,9 +623,11 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     if (k.start > from) unmapping.add('unmapping the seed\'s memory', SYS.munmap, [from, k.start - from]);
     from = k.end;
   }
-  unmapping.run();
+  // With the batch code, the moves below go in the same stop.
+  if (!r.batched) unmapping.run();
 
   // The vDSO and its data pages move together, keeping their layout.
+  let vdsoAt: Range | undefined;
   const moves = current.filter((m) => m.path === '[vdso]' || m.path === '[vvar]' || m.path === '[vvar_vclock]');
   const targets = moves.map((m) => vmas.find((v) => v.path === m.path));
   if (moves.some((m, i) => targets[i] && targets[i]!.start !== m.start)) {
@@ -635,7 +637,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // exactly there). From the batch code, whose own `syscall` does not
     // move, all in one stop; one at a time otherwise, following the vDSO,
     // whose `syscall` instruction injected calls run from.
-    const moving = r.batched ? r.batch() : undefined;
+    const moving = r.batched ? unmapping : undefined;
     const move = (what: string, from: bigint, len: bigint, to: bigint, vdso: boolean) => {
       if (moving) moving.add(`moving ${what}`, SYS.mremap, [from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to]);
       else {
@@ -649,7 +651,6 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       temp += len;
       return { path: m.path, start: temp - len, len };
     });
-    let vdsoAt: Range | undefined;
     parked.forEach((p, i) => {
       const t = targets[i];
       if (p.path === '[vdso]') vdsoAt = { start: t ? t.start : p.start, end: (t ? t.start : p.start) + p.len };
@@ -657,10 +658,10 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       if (t.end - t.start !== p.len) throw new Error(`${p.path} is ${p.len} bytes here but ${t.end - t.start} in the image`);
       move(p.path, p.start, p.len, t.start, p.path === '[vdso]');
     });
-    if (moving) {
-      moving.run();
-      if (vdsoAt) r.findSyscall(vdsoAt);
-    }
+  }
+  if (r.batched) {
+    unmapping.run();
+    if (vdsoAt) r.findSyscall(vdsoAt);
   }
 
   // Three batches of injected calls (remote.ts: one stop each where the
