@@ -47,7 +47,7 @@ import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, 
 import { resolveProcess } from '../snapshot/parent.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
-import { takeStandby } from './standby.js';
+import { configure, letGo, reserveStandby, type StartedInit } from './standby.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
@@ -212,9 +212,9 @@ interface Supervisor {
  * closes (this process died). Its reports are read synchronously: nothing
  * else happens meanwhile. A standby's seeds exist already: the restore
  * goes on while it takes its arguments, and confirm() waits for it. */
-function startInit(record: AppRecord, count: number, commitPath: string): Supervisor {
-  // One the engine started ahead of time, if it keeps any (standby.ts).
-  const standby = takeStandby(count, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! });
+function startInit(record: AppRecord, count: number, commitPath: string, reserved?: StartedInit): Supervisor {
+  // One the engine started ahead of time, if it kept one (standby.ts).
+  const standby = reserved && configure(reserved, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! }) ? reserved : undefined;
   let init = standby;
   if (!init) {
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
@@ -331,6 +331,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // was made. The batch a clone belongs to closes it after its commit.
   let lifeline = -1;
   let supervisor: Supervisor | undefined;
+  // Reserved, until startInit gives it its arguments.
+  let standby: StartedInit | undefined;
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
@@ -352,6 +354,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('node verified');
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
+    // The tree: roots are the processes whose parent was init (or is gone).
+    const vpids = new Set(image.processes.map((p) => p.vpid));
+    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
+    // A supervisor the engine started ahead of time, if it keeps one: named
+    // in the registration from the start.
+    standby = reserveStandby(roots.length);
+    const standbyStart = standby && readStat(standby.pid)?.startTime;
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -364,6 +373,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
+      ...(standby && standbyStart !== undefined ? { initPid: standby.pid, initStartTime: standbyStart } : {}),
     }));
     phase('registered');
     // Its log goes on where the snapshot that ended it left it.
@@ -402,17 +412,18 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // Global state first (step 308).
     const shmIds = restoreSysv(image, tables, pageFds[0]);
 
-    // The tree: roots are the processes whose parent was init (or is gone).
-    const vpids = new Set(image.processes.map((p) => p.vpid));
-    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
     phase('global state');
-    const started2 = (supervisor = startInit(record, roots.length, commitPath));
+    const reserved = standby;
+    standby = undefined;
+    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved));
     lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
-    record.initPid = started2.initPid;
-    record.initStartTime = readStat(started2.initPid)?.startTime;
-    reg.update(record);
+    if (record.initPid !== started2.initPid) {
+      record.initPid = started2.initPid;
+      record.initStartTime = readStat(started2.initPid)?.startTime;
+      reg.update(record);
+    }
 
     const seize = (pid: number) => {
       addon().seize(pid, true); // dies with us until committed
@@ -669,6 +680,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       /* gone */
     }
     supervisor?.close();
+    if (standby) letGo(standby);
     if (lifeline >= 0) closeSync(lifeline);
     if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked]);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);

@@ -68,37 +68,47 @@ function refill(count: number): void {
   }
 }
 
-function letGo(s: StartedInit): void {
+/** Ends a standby taken but not given its arguments: it sees its
+ * lifeline end, kills its seeds and exits. */
+export function letGo(s: StartedInit): void {
   closeSync(s.statusFd);
   closeSync(s.lifelineFd);
 }
 
 /**
- * A supervisor for the application `args` describe, with `count` seeds,
- * from the standbys: given its arguments, it goes on as one started with
- * them; its status pipe then reports its seeds ("C") and its start ("S")
- * as a fresh one's does. undefined if none is kept (outside the engine,
- * the first restore of this many seeds, or one that died meanwhile): the
- * caller starts one itself. Another is started in its place either way.
+ * A standby with `count` seeds, taken out of those kept (another is
+ * started in its place), for configure(); undefined if none is ready
+ * (outside the engine, the first restore of this many seeds): the restore
+ * starts a supervisor itself. Taken before the application is registered,
+ * so that its registration names its init from the start (one write of
+ * it fewer); letGo() if the restore fails before configure().
  */
-export function takeStandby(count: number, args: { tables: string; stateDir: string; aid: string; commitPath: string; logPath: string }): StartedInit | undefined {
-  const fields = [args.tables, args.stateDir, args.aid, args.commitPath, args.logPath];
-  if (!enabled || !wanted() || count < 1 || count > MOST_SEEDS || fields.some((f) => !f || f.includes('\0'))) return undefined;
-  const message = Buffer.from(`${fields.join('\0')}\0\0`);
+export function reserveStandby(count: number): StartedInit | undefined {
+  if (!enabled || !wanted() || count < 1 || count > MOST_SEEDS) return undefined;
   let k = kept.get(count);
   if (!k) kept.set(count, (k = { ready: [], starting: 0 }));
-  let taken: StartedInit | undefined;
-  while (!taken && k.ready.length) {
-    const s = k.ready.shift()!;
-    try {
-      // Far below a pipe's capacity: never blocks, never partial.
-      if (writeSync(s.lifelineFd, message) !== message.length) throw new Error('not written');
-      taken = s;
-    } catch {
-      // Gone (EPIPE): its seeds went with it.
-      letGo(s);
-    }
-  }
+  const s = k.ready.shift();
   refill(count);
-  return taken;
+  return s;
+}
+
+/**
+ * Gives a reserved standby the rest of its arguments: it goes on as a
+ * supervisor started with them would, its status pipe reporting its seeds
+ * ("C") and its start ("S"). false if it is gone (it took its seeds with
+ * it; its descriptors are closed): the caller starts one itself.
+ */
+export function configure(s: StartedInit, args: { tables: string; stateDir: string; aid: string; commitPath: string; logPath: string }): boolean {
+  const fields = [args.tables, args.stateDir, args.aid, args.commitPath, args.logPath];
+  try {
+    if (fields.some((f) => !f || f.includes('\0'))) throw new Error('not a field');
+    const message = Buffer.from(`${fields.join('\0')}\0\0`);
+    // Far below a pipe's capacity: never blocks, never partial.
+    if (writeSync(s.lifelineFd, message) !== message.length) throw new Error('not written');
+    return true;
+  } catch {
+    // Gone (EPIPE), or arguments it cannot take.
+    letGo(s);
+    return false;
+  }
 }
