@@ -90,6 +90,18 @@ export function readEnviron(pid: number, at: bigint): string[] {
   return out;
 }
 
+/** The environment each process of an image starts with, as read from
+ * the first one restored: every clone of a template starts from the same
+ * memory (its process record is the template's, kept while the template
+ * is), so the others need not read it out of theirs again. */
+const started = new WeakMap<Process, string[]>();
+
+function environOf(p: Process, read: () => string[]): string[] {
+  let env = started.get(p);
+  if (!env) started.set(p, (env = read()));
+  return env;
+}
+
 /** `env` with each "NAME=value" of `set` replacing its NAME or added. */
 export function withValues(env: string[], set: string[]): string[] {
   const name = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
@@ -103,7 +115,7 @@ export function setEnviron(r: RemoteProcess, p: Process, set: string[]): void {
   if (!set.length) return;
   const at = environAddress(p);
   if (at === undefined) return;
-  const env = withValues(readEnviron(r.pid, at), set);
+  const env = withValues(environOf(p, () => readEnviron(r.pid, at)), set);
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
   const arrayBytes = (env.length + 1) * 8;
   const size = arrayBytes + strings.reduce((n, b) => n + b.length, 0);
