@@ -193,6 +193,53 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
   return loadChain(path, new ProgressMeter(noProgress, false), undefined, known, true);
 }
 
+/** What an appshot-init reports on its status pipe (see its header),
+ * read as far as needed. */
+class InitReports {
+  readonly seeds: number[] = [];
+  started = false;
+  private open = true;
+  private pending = '';
+  private readonly buf = Buffer.alloc(4096);
+
+  constructor(private readonly fd: number) {}
+
+  /** Reads reports until `enough`; false if init died first. */
+  readUntil(enough: () => boolean): boolean {
+    while (!enough()) {
+      if (!this.open) return false;
+      const n = readSync(this.fd, this.buf);
+      if (n === 0) return false;
+      this.pending += this.buf.toString('latin1', 0, n);
+      const lines = this.pending.split('\n');
+      this.pending = lines.pop()!;
+      for (const line of lines) {
+        const [tag, a] = line.split(' ');
+        if (tag === 'C') this.seeds.push(Number(a));
+        if (tag === 'S') this.started = true;
+      }
+    }
+    return true;
+  }
+
+  close(): void {
+    if (this.open) closeSync(this.fd);
+    this.open = false;
+  }
+
+  /** Its pipe was closed by someone else (standby.ts letGo). */
+  forget(): void {
+    this.open = false;
+  }
+}
+
+/** A standby taken for a restore (standby.ts), with its reports read as
+ * far as its seeds. */
+interface ReservedStandby {
+  init: StartedInit;
+  reports: InitReports;
+}
+
 /** The application's init, started: its PID, its seeds, the write end of
  * its lifeline (see startInit), and its status pipe until confirmed. */
 interface Supervisor {
@@ -206,16 +253,20 @@ interface Supervisor {
   close(): void;
 }
 
-/** Starts the application's init with `count` seeds, or has a standby
- * become it (standby.ts); returns their PIDs and the write end of its
- * lifeline: until `commitPath` exists, init kills the application if that
- * closes (this process died). Its reports are read synchronously: nothing
- * else happens meanwhile. A standby's seeds exist already: the restore
- * goes on while it takes its arguments, and confirm() waits for it. */
-function startInit(record: AppRecord, count: number, commitPath: string, reserved?: StartedInit): Supervisor {
-  // One the engine started ahead of time, if it kept one (standby.ts).
-  const standby = reserved && configure(reserved, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! }) ? reserved : undefined;
-  let init = standby;
+/** Starts the application's init with `count` seeds, or has a reserved
+ * standby become it (standby.ts); returns their PIDs and the write end of
+ * its lifeline: until `commitPath` exists, init kills the application if
+ * that closes (this process died). Its reports are read synchronously:
+ * nothing else happens meanwhile. A standby's seeds exist already: the
+ * restore goes on while it takes its arguments, and confirm() waits for
+ * it. */
+function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby): Supervisor {
+  let init: StartedInit | undefined;
+  let reports: InitReports | undefined;
+  if (reserved) {
+    if (configure(reserved.init, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! })) ({ init, reports } = reserved);
+    else reserved.reports.forget();
+  }
   if (!init) {
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
     try {
@@ -225,55 +276,31 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
       closeSync(log);
     }
   }
-  const { pid, statusFd, lifelineFd } = init;
-  const seeds: number[] = [];
-  let started = false;
-  let open = true;
-  let pending = '';
-  const buf = Buffer.alloc(4096);
-  const close = () => {
-    if (open) closeSync(statusFd);
-    open = false;
-  };
-  /** Reads reports until `enough`; false if init died first. */
-  const readUntil = (enough: () => boolean): boolean => {
-    while (!enough()) {
-      const n = readSync(statusFd, buf);
-      if (n === 0) return false;
-      pending += buf.toString('latin1', 0, n);
-      const lines = pending.split('\n');
-      pending = lines.pop()!;
-      for (const line of lines) {
-        const [tag, a] = line.split(' ');
-        if (tag === 'C') seeds.push(Number(a));
-        if (tag === 'S') started = true;
-      }
-    }
-    return true;
-  };
+  const { pid, lifelineFd } = init;
+  const status = reports ?? new InitReports(init.statusFd);
+  const fromStandby = reports !== undefined;
   const died = () => new AppshotError('the application supervisor died while starting');
   let ok = false;
   try {
-    ok = readUntil(() => started || (standby !== undefined && seeds.length >= count));
+    ok = status.readUntil(() => status.started || (fromStandby && status.seeds.length >= count));
   } finally {
     if (!ok) {
-      close();
+      status.close();
       closeSync(lifelineFd);
     }
   }
   if (!ok) throw died();
-  if (started) close();
+  if (status.started) status.close();
   return {
     initPid: pid,
-    seeds,
+    seeds: status.seeds,
     lifeline: lifelineFd,
     confirm: () => {
-      if (!open) return;
-      const up = readUntil(() => started);
-      close();
+      const up = status.readUntil(() => status.started);
+      status.close();
       if (!up) throw died();
     },
-    close,
+    close: () => status.close(),
   };
 }
 
@@ -332,7 +359,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let lifeline = -1;
   let supervisor: Supervisor | undefined;
   // Reserved, until startInit gives it its arguments.
-  let standby: StartedInit | undefined;
+  let standby: ReservedStandby | undefined;
+  // Its seeds, seized already.
+  const preSeized = new Set<number>();
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
@@ -359,8 +388,40 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const roots = image.processes.filter((p) => !vpids.has(p.vppid));
     // A supervisor the engine started ahead of time, if it keeps one: named
     // in the registration from the start.
-    standby = reserveStandby(roots.length);
-    const standbyStart = standby && readStat(standby.pid)?.startTime;
+    const taken = reserveStandby(roots.length);
+    if (taken) {
+      // Its seeds seized now (dying with us from here), so that each has
+      // stopped by the time the tree is made: the registration's writes
+      // overlap their wake-ups.
+      const reports = new InitReports(taken.statusFd);
+      standby = { init: taken, reports };
+      const seized: number[] = [];
+      try {
+        if (!reports.readUntil(() => reports.seeds.length >= roots.length)) throw new Error('gone');
+        for (const pid of reports.seeds) {
+          addon().seize(pid, true);
+          seized.push(pid);
+          addon().interrupt(pid);
+        }
+        seized.forEach((pid) => preSeized.add(pid));
+      } catch {
+        // Gone meanwhile (killed, with its seeds): let go, and a
+        // supervisor is started as without standbys. What was seized of
+        // it is ended and its report taken.
+        for (const pid of seized) {
+          try {
+            process.kill(pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          addon().wait(pid, 1000);
+        }
+        reports.forget();
+        letGo(taken);
+        standby = undefined;
+      }
+    }
+    const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -373,7 +434,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
-      ...(standby && standbyStart !== undefined ? { initPid: standby.pid, initStartTime: standbyStart } : {}),
+      ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
     }));
     phase('registered');
     // Its log goes on where the snapshot that ended it left it.
@@ -426,8 +487,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
 
     const seize = (pid: number) => {
-      addon().seize(pid, true); // dies with us until committed
-      addon().interrupt(pid);
+      if (!preSeized.has(pid)) {
+        addon().seize(pid, true); // dies with us until committed
+        addon().interrupt(pid);
+      }
       const r = addon().wait(pid, 10_000);
       if (!r || r.kind !== 'stop') throw new AppshotError(`seed ${pid} did not stop (${r?.kind ?? 'timeout'})`);
       // Every signal blocked until the end (RemoteProcess relies on it);
@@ -680,9 +743,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       /* gone */
     }
     supervisor?.close();
-    if (standby) letGo(standby);
+    if (standby) {
+      standby.reports.forget();
+      letGo(standby.init);
+    }
     if (lifeline >= 0) closeSync(lifeline);
-    if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked]);
+    if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked, ...preSeized]);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
