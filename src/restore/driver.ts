@@ -61,6 +61,9 @@ export interface RestoreOptions {
   /** An image loaded and verified already (clones of one template): not
    * read, checked or disposed of again. */
   loaded?: LoadedImage;
+  /** The caller applied the privilege rule (checkPrivileges) to this
+   * image already: a batch of clones, once for all its instances. */
+  privilegesChecked?: boolean;
   /** The image chain read and verified by the caller ahead of time
    * (loadImageChain; serve, while its service is suspended), used if every
    * part of it is still the very file that was checked (unchangedOnDisk),
@@ -76,6 +79,14 @@ export interface RestoreOptions {
   /** Aborted (Ctrl-C, SIGTERM): the restore is given up at the next point
    * where that is safe, and what it made is removed, as after a failure. */
   signal?: AbortSignal;
+}
+
+/** The privilege rule: nothing the image recorded (credentials, limits)
+ * beyond what this user may grant; an AppshotError naming it otherwise. */
+export function checkPrivileges(image: LoadedImage['image']): void {
+  const own = ownCreds();
+  checkCredentials(image, own);
+  checkLimits(image, readLimits('self'), own);
 }
 
 /** The one line an interrupted restore ends with. */
@@ -375,10 +386,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     await heardInterrupt();
     if (!opts.loaded) verifyImage(image);
     // The privilege rule, before anything is made: nothing the image
-    // recorded beyond what this user may grant.
-    const own = ownCreds();
-    checkCredentials(image, own);
-    checkLimits(image, readLimits('self'), own);
+    // recorded beyond what this user may grant (a batch of clones applies
+    // it once: privilegesChecked).
+    if (!opts.privilegesChecked) checkPrivileges(image);
     const verified = now();
     phase('node verified');
     const aid = opts.aid ?? image.aid;
@@ -713,6 +723,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       closeSync(lifeline);
       lifeline = -1;
     }
+    phase('resumed');
     const done = now();
     return {
       aid,
