@@ -1,6 +1,7 @@
 // Clones of a 16 MiB template with and without a warm resident engine, in
 // one run, interleaved (the order alternates each round): `appshot clone`
-// of one instance and a batch of 8, wall time of the command and appshot's
+// of one instance and batches of BENCH_BATCHES (default 8; e.g. "8,32"),
+// wall time of the command and appshot's
 // own cloneMs per instance; median of BENCH_RUNS (default 7) after one
 // round not counted. "in-process" = APPSHOT_ENGINE=off; "engine" = a warm
 // engine (APPSHOT_ENGINE=manual, started first). --json: the results.
@@ -15,7 +16,8 @@ const cli = join(root, 'bin', 'appshot.js');
 const memapp = join(root, 'bench', 'bin', 'memapp');
 const runs = Number(process.env.BENCH_RUNS ?? 7);
 const MIB = Number(process.env.BENCH_MIB ?? 16);
-const BATCH = 8;
+const BATCHES = (process.env.BENCH_BATCHES ?? '8').split(',').map(Number);
+if (!BATCHES.every((n) => Number.isInteger(n) && n > 1)) throw new Error(`BENCH_BATCHES='${process.env.BENCH_BATCHES}': expected sizes above 1, e.g. 8,32`);
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-clone-engine-'));
 const work = mkdtempSync(join(root, '.bench-images-clone-engine-'));
 const modes = {
@@ -68,7 +70,7 @@ try {
   for (let i = -1; i < runs; i++) {
     const order = i % 2 ? ['in-process', 'engine'] : ['engine', 'in-process'];
     for (const m of order) clone(m, 1, i >= 0);
-    for (const m of order) clone(m, BATCH, i >= 0);
+    for (const batch of BATCHES) for (const m of order) clone(m, batch, i >= 0);
   }
   const rows = [];
   for (const [what, byMode] of Object.entries(results))

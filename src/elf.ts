@@ -16,7 +16,7 @@
  * `symbolAddress` searches the objects in the order given, like the dynamic
  * linker does: put the executable first.
  */
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync, statSync, type BigIntStats } from 'node:fs';
 import { AppshotError } from './errors.js';
 
 const SHT_SYMTAB = 2;
@@ -52,6 +52,8 @@ interface Header {
 class ElfFile {
   private readonly fd: number;
   private readonly size: number;
+  /** What the file was when opened (see Answers). */
+  readonly identity: string;
 
   constructor(readonly path: string) {
     try {
@@ -60,7 +62,9 @@ class ElfFile {
       throw new AppshotError(`cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
     }
     try {
-      this.size = fstatSync(this.fd).size;
+      const st = fstatSync(this.fd, { bigint: true });
+      this.size = Number(st.size);
+      this.identity = fileIdentity(st);
     } catch (e) {
       closeSync(this.fd);
       throw new AppshotError(`cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? String(e)}`);
@@ -140,6 +144,42 @@ function withElf<T>(path: string, f: (elf: ElfFile, h: Header) => T): T {
   }
 }
 
+const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+
+/**
+ * Answers already found in a file, while it is the same file: every clone
+ * of a template looks up the same symbols of the same libc (`__environ`
+ * for SET ENV), and reading its symbol table costs more than the rest of
+ * setting the environment. An answer is used only while a stat of the
+ * path shows the very file it came from (device, inode, size, mtime and
+ * ctime: any write or replacement moves one of them).
+ */
+const answers = new Map<string, { identity: string; found: Map<string, bigint | undefined> }>();
+const ANSWERED_FILES = 64;
+
+function answered<T extends bigint | undefined>(path: string, question: string, find: (elf: ElfFile, h: Header) => T): T {
+  let identity: string | undefined;
+  try {
+    identity = fileIdentity(statSync(path, { bigint: true }));
+  } catch {
+    /* withElf says why */
+  }
+  const entry = answers.get(path);
+  if (entry && entry.identity === identity && entry.found.has(question)) return entry.found.get(question) as T;
+  return withElf(path, (elf, h) => {
+    const value = find(elf, h);
+    let mine = answers.get(path);
+    if (!mine || mine.identity !== elf.identity) {
+      answers.delete(path);
+      mine = { identity: elf.identity, found: new Map() };
+      answers.set(path, mine);
+      while (answers.size > ANSWERED_FILES) answers.delete(answers.keys().next().value!);
+    }
+    mine.found.set(question, value);
+    return value;
+  });
+}
+
 interface Candidate {
   value: bigint;
   rank: number;
@@ -197,7 +237,7 @@ function lookup(elf: ElfFile, sections: Section[], index: number, name: string):
  * For a TLS symbol this is its offset in the TLS block, not an address.
  */
 export function elfSymbol(path: string, name: string): bigint | undefined {
-  return withElf(path, (elf, h) => {
+  return answered(path, `symbol ${name}`, (elf, h) => {
     const sections = elf.sections(h);
     for (const type of [SHT_DYNSYM, SHT_SYMTAB]) {
       const index = sections.findIndex((s) => s.type === type);
@@ -212,7 +252,7 @@ export function elfSymbol(path: string, name: string): bigint | undefined {
 /** The lowest PT_LOAD p_vaddr of the ELF64 file at path, rounded down to the
  * page: what the file's mapping at offset 0 stands for. */
 export function firstLoadVaddr(path: string): bigint {
-  return withElf(path, (elf, h) => {
+  return answered(path, 'first load', (elf, h) => {
     const table = elf.read(h.phoff, h.phnum * h.phentsize, 'program headers');
     let lowest: bigint | undefined;
     for (let i = 0; i < h.phnum; i++) {

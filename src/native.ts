@@ -213,6 +213,9 @@ interface Addon {
   peekSocket(fd: number, max: number): Buffer;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
+  /** The same on a thread of the pool: this thread does not wait for the
+   * program's exec. outFd stays open until it settles. */
+  spawnDetachedAsync(path: string, argv: string[], outFd: number): Promise<{ pid: number; statusFd: number; lifelineFd: number }>;
   /** Waits for those spawnDetached started that have ended; how many. */
   reapDetached(): number;
   /** Copies page data into a stopped process: runs of [index into fds,

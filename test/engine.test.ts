@@ -348,6 +348,70 @@ describe('the resident engine', () => {
     expect({ code: second.code, stderr: second.stderr }).toEqual({ code: 1, stderr: `appshot: cannot restore lib.appshot: ${exe} differs from the one the image mapped (its contents changed)\n` });
   });
 
+  it('keeps standby supervisors for clones, none of which outlives it, even killed with SIGKILL', async () => {
+    await stopEngine();
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const engine = status().pid as number;
+    await startApp('sby');
+    expect(inProcess(['snapshot', 'sby', '-o', 'sby.appshot']).code).toBe(0);
+    expect(inProcess(['template', 'create', 'sby.appshot', '-o', 'sby.template']).code).toBe(0);
+    const children = (pid: number): number[] => {
+      const r = spawnSync('ps', ['-o', 'pid=', '--ppid', String(pid)], { encoding: 'utf8' });
+      return r.stdout.split('\n').filter((l) => l.trim()).map(Number);
+    };
+    const cmdline = (pid: number) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      } catch {
+        return '';
+      }
+    };
+    // Supervisors started as standbys, not (yet) given to an application.
+    const supervisorsNow = () => new Set(sb.aids().map((aid) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')).initPid as number));
+    const standbys = () => {
+      const taken = supervisorsNow();
+      return children(engine).filter((pid) => cmdline(pid).includes('\0--standby\0') && !taken.has(pid));
+    };
+    // The first clone starts them; the next ones take them.
+    const first = run(['clone', 'sby.template', '--aid', 'sby-a', '-n', '2']);
+    expect(first.code, first.stderr).toBe(0);
+    await waitFor(() => standbys().length >= 2 && standbys().every((pid) => children(pid).length === 1), 10_000, 'two standbys with a seed each');
+    const waiting = standbys();
+    const second = run(['clone', 'sby.template', '--aid', 'sby-b', '-n', '3']);
+    expect(second.code, second.stderr).toBe(0);
+    const made = JSON.parse(run(['ps', '--json']).stdout).filter((a: Json) => a.aid.startsWith('sby-'));
+    expect(made.length).toBe(5);
+    // Taken ones became the supervisors of clones (and their seeds the clones).
+    const supervisors = made.map((a: Json) => JSON.parse(readFileSync(join(sb.home, 'apps', a.aid, 'app.json'), 'utf8')).initPid);
+    expect(waiting.every((pid) => supervisors.includes(pid))).toBe(true);
+    for (const aid of ['sby-a-1', 'sby-a-2', 'sby-b-1', 'sby-b-2', 'sby-b-3']) await checksPass(aid, 2);
+    // A clone made from a standby's seed does not die with its supervisor
+    // (the seed's parent-death signal was cleared), as no restored process does.
+    const b1 = made.find((a: Json) => a.aid === 'sby-b-1');
+    const b1Init = supervisors[made.indexOf(b1)] as number;
+    expect(waiting).toContain(b1Init);
+    process.kill(b1Init, 'SIGKILL');
+    await waitFor(() => !alive(b1Init), 10_000, "sby-b-1's supervisor to die");
+    await checksPass('sby-b-1', 2);
+    // A standby killed on its own takes its seed with it, and is passed over.
+    await waitFor(() => standbys().length >= 2 && standbys().every((pid) => children(pid).length === 1), 10_000, 'two standbys again');
+    const [lone] = standbys();
+    const loneSeed = children(lone)[0];
+    process.kill(lone, 'SIGKILL');
+    await waitFor(() => !alive(loneSeed), 10_000, "the killed standby's seed to die");
+    const third = run(['clone', 'sby.template', '--aid', 'sby-c', '-n', '2']);
+    expect(third.code, third.stderr).toBe(0);
+    await checksPass('sby-c-2', 2);
+    // The engine killed: every standby and seed goes; the clones stay.
+    await waitFor(() => standbys().length >= 2 && standbys().every((pid) => children(pid).length === 1), 10_000, 'two standbys again');
+    const doomed = standbys().flatMap((pid) => [pid, ...children(pid)]);
+    expect(doomed.length).toBe(4);
+    process.kill(engine, 'SIGKILL');
+    await waitFor(() => doomed.every((pid) => !alive(pid) || !cmdline(pid).includes('\0--standby\0')), 10_000, 'the standbys and their seeds to go with the engine');
+    await checksPass('sby-b-3', 2);
+    expect(inProcess(['rm', '-f', 'sby-a-1', 'sby-a-2', 'sby-b-1', 'sby-b-2', 'sby-b-3', 'sby-c-1', 'sby-c-2']).code).toBe(0);
+  });
+
   it('refuses a second engine for the same state directory', async () => {
     expect(inProcess(['engine', 'start']).code).toBe(0);
     const first = status().pid;

@@ -4,6 +4,8 @@
  *   appshot-init --tables PATH --state-dir DIR --preload LIB --aid A
  *                [--status-fd N] -- cmd args...
  *   appshot-init ... --seeds N      (for `appshot restore`)
+ *   appshot-init --standby 1 --preload LIB --status-fd N --seeds N
+ *                --lifeline FD      (a standby, see below)
  *
  * Why a separate C process rather than the Node CLI:
  *  - It is a child subreaper, so every process that daemonizes (double
@@ -25,6 +27,17 @@
  * in pause() for the restore driver to seize them and turn each into a
  * process of the image. Restored processes are thus init's children, as
  * the image's were, and init supervises them as any application's.
+ *
+ * A standby (--standby 1, kept by the resident engine ahead of time, see
+ * src/restore/standby.ts) forks its seeds and reports them at once, then
+ * waits for the rest of its arguments on the lifeline: the fields tables,
+ * state dir, AID, commit path and log path, each ended by a NUL, then an
+ * empty one. Given them, it takes its log as stdout and stderr and goes on
+ * as a supervisor started with them would. If the lifeline ends first
+ * (the engine let it go, or died however it died), it kills its seeds and
+ * exits, having touched nothing. Its seeds die with it too (a parent-death
+ * signal, cleared by the restore that takes them), so that nothing of a
+ * standby outlives the engine, whatever is killed first.
  *
  * A restore is all or nothing, even if the driver is killed (kill -9) at
  * any instant. The driver holds the write end of --lifeline FD and creates
@@ -53,6 +66,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +76,7 @@
 #include <sys/shm.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -208,15 +223,75 @@ static pid_t launch(char **argv, const sigset_t *orig_mask) {
 /* A seed: a process that does nothing until the restore driver takes it
  * over with ptrace. Its signals stay blocked: it must not die of one
  * before its own dispositions and mask are restored. */
-static pid_t fork_seed(void) {
+/* glibc's per-thread rseq registration (2.35+; absent, weak and 0). */
+extern const ptrdiff_t __rseq_offset __attribute__((weak));
+extern const unsigned int __rseq_size __attribute__((weak));
+
+/* A seed gives up its rseq area itself: the restore would otherwise spend
+ * an injected call on it (restore/driver.ts looks, and still does it if
+ * this could not). The length must be the one registered: glibc's
+ * __rseq_size, or the original 32 bytes of struct rseq. */
+static void drop_rseq(void) {
+  if (&__rseq_size == NULL || &__rseq_offset == NULL || __rseq_size == 0) return;
+  char *tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  const unsigned lengths[] = {__rseq_size, 32};
+  for (size_t k = 0; k < sizeof lengths / sizeof lengths[0]; k++)
+    if (syscall(SYS_rseq, tp + __rseq_offset, lengths[k], 1 /* RSEQ_FLAG_UNREGISTER */, 0x53053053 /* RSEQ_SIG */) == 0) return;
+}
+
+static pid_t fork_seed(int standby) {
+  pid_t init = getpid();
   pid_t pid = fork();
   if (pid < 0) die("fork");
   if (pid == 0) {
     if (status_fd >= 0) close(status_fd);
     if (lifeline_fd >= 0) close(lifeline_fd);
+    /* A standby's seed may wait long: it must not outlive us. */
+    if (standby && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != init)) _exit(1);
+    drop_rseq();
     for (;;) pause();
   }
   return pid;
+}
+
+/* A standby's arguments, read from the lifeline (see above); 0 once
+ * read and its log taken, -1 if the lifeline ended first or they are
+ * malformed. Nothing follows them on the lifeline. */
+static int read_standby_arguments(void) {
+  static char buf[5 * 4096 + 8];
+  static const char *log_path;
+  const char **fields[] = {&tables_path, &state_dir, &aid, &commit_path, &log_path};
+  size_t n = 0;
+  for (;;) {
+    if (n == sizeof buf) return -1;
+    ssize_t r = read(lifeline_fd, buf + n, sizeof buf - n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return -1;
+    n += (size_t)r;
+    /* Complete: five non-empty fields and the empty one. */
+    size_t at = 0;
+    int got = 0;
+    while (got < 5) {
+      char *end = memchr(buf + at, 0, n - at);
+      if (!end || end == buf + at) break;
+      at = (size_t)(end - buf) + 1;
+      got++;
+    }
+    if (got < 5 || at >= n) continue;
+    if (buf[at] != 0 || at + 1 != n) return -1;
+    break;
+  }
+  for (size_t at = 0, k = 0; k < 5; k++) {
+    *fields[k] = buf + at;
+    at += strlen(buf + at) + 1;
+  }
+  int log = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (log < 0) die(log_path);
+  dup2(log, 1);
+  dup2(log, 2);
+  close(log);
+  return 0;
 }
 
 /* Signals every process of the application but init itself: those of
@@ -552,7 +627,7 @@ static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
                                 SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 int main(int argc, char **argv) {
-  int i = 1, seeds = -1;
+  int i = 1, seeds = -1, standby = 0;
   for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
     const char *opt = argv[i];
     if (i + 1 >= argc) break;
@@ -565,22 +640,49 @@ int main(int argc, char **argv) {
     else if (!strcmp(opt, "--seeds")) seeds = atoi(val);
     else if (!strcmp(opt, "--lifeline")) lifeline_fd = atoi(val);
     else if (!strcmp(opt, "--commit")) commit_path = val;
+    else if (!strcmp(opt, "--standby")) standby = atoi(val) != 0;
     else {
       fprintf(stderr, "appshot-init: unknown option %s\n", opt);
       return 125;
     }
   }
-  if (!tables_path || !state_dir || !preload_lib || !aid || (seeds < 0 && i + 1 >= argc) ||
-      seeds > MAX_SEEDS || (lifeline_fd >= 0) != (commit_path != NULL)) {
+  int usable = standby ? preload_lib && !tables_path && !state_dir && !aid && !commit_path && seeds >= 0 &&
+                             seeds <= MAX_SEEDS && lifeline_fd >= 0 && status_fd >= 0
+                       : tables_path && state_dir && preload_lib && aid && !(seeds < 0 && i + 1 >= argc) &&
+                             seeds <= MAX_SEEDS && (lifeline_fd >= 0) == (commit_path != NULL);
+  if (!usable) {
     fprintf(stderr,
             "usage: appshot-init --tables PATH --state-dir DIR --preload LIB "
             "--aid A [--status-fd N] (-- cmd args... | --seeds N "
-            "[--lifeline FD --commit PATH])\n");
+            "[--lifeline FD --commit PATH])\n"
+            "       appshot-init --standby 1 --preload LIB --status-fd N --seeds N --lifeline FD\n");
     return 125;
   }
   char **cmd = seeds < 0 ? &argv[i + 1] : NULL;
   if (status_fd >= 0) fcntl(status_fd, F_SETFD, FD_CLOEXEC);
   if (lifeline_fd >= 0) fcntl(lifeline_fd, F_SETFD, FD_CLOEXEC);
+  if (standby) {
+    /* Its seeds first, with the mask a supervisor's seeds have, then its
+     * arguments; no directory of anyone's held meanwhile. */
+    if (chdir("/") != 0) die("/");
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGCHLD);
+    sigaddset(&blocked, SIGIO);
+    for (size_t k = 0; k < sizeof forwarded / sizeof forwarded[0]; k++)
+      sigaddset(&blocked, forwarded[k]);
+    sigprocmask(SIG_BLOCK, &blocked, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    for (int k = 0; k < seeds; k++) {
+      seed_pids[seed_count++] = fork_seed(1);
+      report("C %ld\n", seed_pids[seed_count - 1], 0);
+    }
+    if (read_standby_arguments() != 0) {
+      for (int k = 0; k < seed_count; k++) kill(seed_pids[k], SIGKILL);
+      return 0;
+    }
+  }
 
   tables = appshot_table_open(tables_path);
   if (!tables) die(tables_path);
@@ -624,8 +726,8 @@ int main(int argc, char **argv) {
   } else {
     /* Restored applications run in the background from the start. */
     first_alive = 0;
-    for (int k = 0; k < seeds; k++) {
-      seed_pids[seed_count++] = fork_seed();
+    for (int k = 0; !standby && k < seeds; k++) {
+      seed_pids[seed_count++] = fork_seed(0);
       report("C %ld\n", seed_pids[seed_count - 1], 0);
     }
     report("S 0 0\n", 0, 0);

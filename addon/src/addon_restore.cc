@@ -556,27 +556,30 @@ Napi::Value ReapDetached(const Napi::CallbackInfo& info) {
 // close it or die. posix_spawn here costs a fraction of
 // child_process.spawn, and this is on a restore's critical path
 // (appshot-init with its seeds).
-Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  std::string path = info[0].As<Napi::String>().Utf8Value();
-  auto arr = info[1].As<Napi::Array>();
-  std::vector<std::string> args;
-  for (uint32_t i = 0; i < arr.Length(); i++) args.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
+struct Spawned {
+  pid_t pid = -1;
+  int status_fd = -1;
+  int lifeline_fd = -1;
+};
+
+// The work of spawnDetached, on any thread: 0 or an errno, with `what`
+// saying which step failed.
+int SpawnDetachedNow(const std::string& path, std::vector<std::string> args, int out, char** envp, Spawned* got, std::string* what) {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  int out = Int(info[2]);
   int p[2];
   if (pipe2(p, O_CLOEXEC)) {
-    ThrowErrno(env, "pipe", errno);
-    return env.Undefined();
+    *what = "pipe";
+    return errno;
   }
   int life[2];
   if (pipe2(life, O_CLOEXEC)) {
+    int e = errno;
     close(p[0]);
     close(p[1]);
-    ThrowErrno(env, "pipe", errno);
-    return env.Undefined();
+    *what = "pipe";
+    return e;
   }
   // dup2 onto its own number would keep close-on-exec set, and each end
   // must survive the other's dup2: both are moved above 10 first.
@@ -598,7 +601,7 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
   posix_spawnattr_setsigdefault(&attr, &all);  // Node ignores SIGPIPE; init must not
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   pid_t pid;
-  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv.data(), environ);
+  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv.data(), envp);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   close(p[1]);
@@ -608,15 +611,87 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
   if (rc) {
     close(p[0]);
     close(life[1]);
-    ThrowErrno(env, "starting " + path, rc);
+    *what = "starting " + path;
+    return rc;
+  }
+  got->pid = pid;
+  got->status_fd = p[0];
+  got->lifeline_fd = life[1];
+  return 0;
+}
+
+Napi::Object SpawnedObject(Napi::Env env, const Spawned& got) {
+  detached_children.push_back(got.pid);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pid", got.pid);
+  o.Set("statusFd", got.status_fd);
+  o.Set("lifelineFd", got.lifeline_fd);
+  return o;
+}
+
+std::vector<std::string> Strings(const Napi::Array& arr) {
+  std::vector<std::string> args;
+  for (uint32_t i = 0; i < arr.Length(); i++) args.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
+  return args;
+}
+
+Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Spawned got;
+  std::string what;
+  int rc = SpawnDetachedNow(info[0].As<Napi::String>().Utf8Value(), Strings(info[1].As<Napi::Array>()), Int(info[2]), environ, &got, &what);
+  if (rc) {
+    ThrowErrno(env, what, rc);
     return env.Undefined();
   }
-  detached_children.push_back(pid);
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("pid", pid);
-  o.Set("statusFd", p[0]);
-  o.Set("lifelineFd", life[1]);
-  return o;
+  return SpawnedObject(env, got);
+}
+
+// spawnDetachedAsync(path, argv[], outFd) -> Promise of what spawnDetached
+// returns: the same, done on a thread of the pool, so that the caller's
+// thread does not wait the while the kernel takes to start the program
+// (posix_spawn holds its caller until the exec). For what is started
+// ahead of time (standbys, restore/standby.ts). outFd must stay open until
+// the promise settles. The environment is the caller's as it is now.
+class SpawnWorker : public Napi::AsyncWorker {
+ public:
+  SpawnWorker(Napi::Env env, std::string path, std::vector<std::string> args, int out)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)), args_(std::move(args)), out_(out) {
+    for (char** e = environ; *e; e++) env_.emplace_back(*e);
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    std::vector<char*> envp;
+    for (auto& e : env_) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    rc_ = SpawnDetachedNow(path_, args_, out_, envp.data(), &got_, &what_);
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (rc_) {
+      Napi::Error e = Napi::Error::New(env, what_ + ": " + strerror(rc_));
+      deferred_.Reject(e.Value());
+      return;
+    }
+    deferred_.Resolve(SpawnedObject(env, got_));
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string path_;
+  std::vector<std::string> args_;
+  std::vector<std::string> env_;
+  int out_;
+  int rc_ = 0;
+  std::string what_;
+  Spawned got_;
+};
+
+Napi::Value SpawnDetachedAsync(const Napi::CallbackInfo& info) {
+  auto* w = new SpawnWorker(info.Env(), info[0].As<Napi::String>().Utf8Value(), Strings(info[1].As<Napi::Array>()), Int(info[2]));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
 }
 
 }  // namespace
@@ -632,6 +707,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);
   fn("reapDetached", ReapDetached);
+  fn("spawnDetachedAsync", SpawnDetachedAsync);
   fn("writePageRuns", WritePageRuns);
   fn("eventfd", EventFd);
   fn("memfd", MemFd);

@@ -34,6 +34,7 @@ import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 import { leasesDir, newLeaseName } from '../holder.js';
 import { contextDifference, readContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
+import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { LocalRegistry } from '../registry.js';
 
 export interface EngineOptions {
@@ -159,6 +160,7 @@ export class Engine {
     this.routeOutput();
     enableTemplateCache();
     keepChecksums();
+    enableStandbys();
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
     this.watchSocket();
@@ -270,6 +272,7 @@ export class Engine {
       commandsRunning: this.requests.size,
       leaving: this.leaving,
       templateCache: templateCacheStats(),
+      standbys: standbyStats(),
     };
   }
 

@@ -118,12 +118,20 @@ export class RemoteProcess {
   /** Where the batch code is in the scratch area (0: no batches). */
   private batchCode = 0n;
 
+  /** Whether batches run from the batch code in the scratch area (one
+   * stop each), not one injected call at a time. */
+  get batched(): boolean {
+    return this.batchCode !== 0n;
+  }
+
   /** `vdso`: where the process's vDSO is, if known (else read from its maps). */
   constructor(
     readonly pid: number,
     vdso?: { start: bigint; end: bigint },
   ) {
-    this.findSyscall(vdso);
+    // Without it, looked for at the first call: a handle made for calls
+    // that turn out not to be needed costs no read of the maps.
+    if (vdso) this.findSyscall(vdso);
   }
 
   /** The `syscall` instruction to run calls from: in the vDSO, wherever it
@@ -151,6 +159,7 @@ export class RemoteProcess {
   raw(nr: number, args: (bigint | number)[], tid = this.pid): bigint {
     // A seed's signals are blocked from the start of the restore, so the
     // cheaper single-step injection serves, but for fork and clone.
+    if (!this.insn) this.findSyscall();
     injected.calls++;
     return addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
   }

@@ -157,6 +157,9 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
   if (a?.childSubreaper) calls.add('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
   if (a?.thpDisabled) calls.add('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
   calls.add(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
+  // A standby's seed carries a parent-death SIGKILL (restore/standby.ts);
+  // the process's own, if any, is set after the credentials.
+  calls.add('clearing the seed\'s parent-death signal', SYS.prctl, [PR_SET_PDEATHSIG, 0, 0, 0, 0]);
   p.threads.forEach((t: Thread, i) => {
     const ta = t.attributes;
     if (!ta) return;

@@ -334,9 +334,12 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
   // more than most of the calls, and a thread whose credentials are the
   // seed's already needs none).
   let changed = false;
+  // Whether any thread's credentials changed (which may reset dumpable).
+  let anyChanged = false;
   const call = (what: string, nr: number, args: (bigint | number)[], tid: number) => {
     calls.n++;
     changed = true;
+    anyChanged = true;
     return r.call(what, nr, args, tid);
   };
   const statusNow = (tid: number, last: StatusCreds): StatusCreds => {
@@ -359,9 +362,13 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
       exact: r.put(capsetData(c)),
     };
   });
-  // The seed's securebits, which its threads share: asked once.
+  // The seed's securebits, which its threads share, and its dumpable
+  // flag: asked once, in one stop.
   calls.n++;
-  const seedBits = Number(r.call('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]));
+  const asking = r.batch();
+  asking.add('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]);
+  asking.add('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE]);
+  const [seedBits, seedDumpable] = asking.run().map(Number);
   wanted.forEach(({ creds: want }, i) => {
     const tid = tids[i];
     const buf = buffers[i];
@@ -419,8 +426,10 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
   });
   // Mm-wide, and reset by the kernel whenever a thread's euid or fsuid
   // changed above: set after all of them.
-  calls.n++;
-  if (Number(r.call('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE])) !== p.dumpable) {
+  // Read again only if a call above may have reset it.
+  if (anyChanged) calls.n++;
+  const dumpable = anyChanged ? Number(r.call('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE])) : seedDumpable;
+  if (dumpable !== p.dumpable) {
     calls.n++;
     r.call(`setting dumpable ${p.dumpable}`, SYS.prctl, [PR.SET_DUMPABLE, p.dumpable]);
   }

@@ -31,34 +31,75 @@ export function environAddress(p: Process): bigint | undefined {
   return undefined;
 }
 
-function readCString(pid: number, addr: bigint): string {
-  const parts: Buffer[] = [];
-  for (let at = addr, total = 0; total < 1 << 20; ) {
-    // Up to the end of the page: the next one may not be mapped.
-    const n = Number(4096n - (at % 4096n));
-    const chunk = addon().readMemory(pid, at, n);
-    const nul = chunk.indexOf(0);
-    if (nul >= 0) {
-      parts.push(chunk.subarray(0, nul));
-      return Buffer.concat(parts).toString('latin1');
+/**
+ * Reads a stopped process's memory a page at a time, each page once: the
+ * environment's pointers and strings lie together on the stack, so its
+ * few pages serve hundreds of small reads (one process_vm_readv each
+ * before). A page is read only when asked for: the next may not be mapped.
+ */
+class PageReader {
+  private readonly pages = new Map<bigint, Buffer>();
+
+  constructor(private readonly pid: number) {}
+
+  private page(at: bigint): Buffer {
+    const base = at - (at % 4096n);
+    let page = this.pages.get(base);
+    if (!page) {
+      page = addon().readMemory(this.pid, base, 4096);
+      this.pages.set(base, page);
     }
-    parts.push(chunk);
-    at += BigInt(n);
-    total += n;
+    return page;
   }
-  throw new AppshotError('an environment string of over 1 MiB');
+
+  u64(at: bigint): bigint {
+    const off = Number(at % 4096n);
+    if (off <= 4096 - 8) return this.page(at).readBigUInt64LE(off);
+    return Buffer.concat([this.page(at).subarray(off), this.page(at + 8n).subarray(0, off + 8 - 4096)]).readBigUInt64LE();
+  }
+
+  cString(addr: bigint): string {
+    const parts: Buffer[] = [];
+    for (let at = addr, total = 0; total < 1 << 20; ) {
+      // Up to the end of the page: the next one may not be mapped.
+      const off = Number(at % 4096n);
+      const chunk = this.page(at).subarray(off);
+      const nul = chunk.indexOf(0);
+      if (nul >= 0) {
+        parts.push(chunk.subarray(0, nul));
+        return Buffer.concat(parts).toString('latin1');
+      }
+      parts.push(chunk);
+      at += BigInt(chunk.length);
+      total += chunk.length;
+    }
+    throw new AppshotError('an environment string of over 1 MiB');
+  }
 }
 
 /** The process's environment as getenv() sees it now. */
 export function readEnviron(pid: number, at: bigint): string[] {
-  let array = addon().readMemory(pid, at, 8).readBigUInt64LE();
+  const mem = new PageReader(pid);
+  let array = mem.u64(at);
   const out: string[] = [];
   for (let i = 0; array && i < MAX_VARS; i++, array += 8n) {
-    const s = addon().readMemory(pid, array, 8).readBigUInt64LE();
+    const s = mem.u64(array);
     if (!s) break;
-    out.push(readCString(pid, s));
+    out.push(mem.cString(s));
   }
   return out;
+}
+
+/** The environment each process of an image starts with, as read from
+ * the first one restored: every clone of a template starts from the same
+ * memory (its process record is the template's, kept while the template
+ * is), so the others need not read it out of theirs again. */
+const started = new WeakMap<Process, string[]>();
+
+function environOf(p: Process, read: () => string[]): string[] {
+  let env = started.get(p);
+  if (!env) started.set(p, (env = read()));
+  return env;
 }
 
 /** `env` with each "NAME=value" of `set` replacing its NAME or added. */
@@ -74,7 +115,7 @@ export function setEnviron(r: RemoteProcess, p: Process, set: string[]): void {
   if (!set.length) return;
   const at = environAddress(p);
   if (at === undefined) return;
-  const env = withValues(readEnviron(r.pid, at), set);
+  const env = withValues(environOf(p, () => readEnviron(r.pid, at)), set);
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
   const arrayBytes = (env.length + 1) * 8;
   const size = arrayBytes + strings.reduce((n, b) => n + b.length, 0);

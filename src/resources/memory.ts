@@ -592,10 +592,12 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * image's: everything of its own is unmapped but the vDSO, which is moved
  * to where the image had it, then each VMA is mapped and filled.
  */
-export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources): Promise<void> {
+export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources, seedMaps?: MapsLine[]): Promise<void> {
   const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const MADV_DONTNEED = 4;
-  const current = readMaps(r.pid);
+  // The seed's mappings (`seedMaps`: read by the caller since its last
+  // change but for the scratch area, which is kept by its address).
+  const current = seedMaps ?? readMaps(r.pid);
   // Mappings that share pages copy-on-write with the parent this process
   // was just forked from: inherited as they are, with the parent's pages.
   const forker = src.forkedFrom?.(vpid);
@@ -610,7 +612,8 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   // scratch area and what is inherited: one munmap per gap between those,
   // not one per mapping.
   const keep = [
-    ...current.filter((m) => ['[vdso]', '[vvar]', '[vvar_vclock]'].includes(m.path) || m.start === r.scratch),
+    ...current.filter((m) => ['[vdso]', '[vvar]', '[vvar_vclock]'].includes(m.path)),
+    ...(r.scratchRange ? [r.scratchRange] : []),
     ...[...inheritedFrom.keys()].map((v) => ({ start: v.start, end: v.end })),
   ].sort((a, b) => (a.start < b.start ? -1 : 1));
   const TASK_SIZE = 0x7ffffffff000n;
@@ -620,29 +623,45 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     if (k.start > from) unmapping.add('unmapping the seed\'s memory', SYS.munmap, [from, k.start - from]);
     from = k.end;
   }
-  unmapping.run();
+  // With the batch code, the moves below go in the same stop.
+  if (!r.batched) unmapping.run();
 
   // The vDSO and its data pages move together, keeping their layout.
+  let vdsoAt: Range | undefined;
   const moves = current.filter((m) => m.path === '[vdso]' || m.path === '[vvar]' || m.path === '[vvar_vclock]');
   const targets = moves.map((m) => vmas.find((v) => v.path === m.path));
   if (moves.some((m, i) => targets[i] && targets[i]!.start !== m.start)) {
     const used: Range[] = [...vmas, ...current, { start: r.scratch, end: r.scratch + BigInt(RemoteProcess.scratchSize) }];
     let temp = freeAddress(used, 0x100000n) + 0x10000n;
+    // Parked out of the way, then each to its place (MREMAP_FIXED puts it
+    // exactly there). From the batch code, whose own `syscall` does not
+    // move, all in one stop; one at a time otherwise, following the vDSO,
+    // whose `syscall` instruction injected calls run from.
+    const moving = r.batched ? unmapping : undefined;
+    const move = (what: string, from: bigint, len: bigint, to: bigint, vdso: boolean) => {
+      if (moving) moving.add(`moving ${what}`, SYS.mremap, [from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to]);
+      else {
+        r.call(`moving ${what}`, SYS.mremap, [from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to]);
+        if (vdso) r.findSyscall({ start: to, end: to + len });
+      }
+    };
     const parked = moves.map((m) => {
       const len = m.end - m.start;
-      const at = r.call(`moving ${m.path}`, SYS.mremap, [m.start, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, temp]);
+      move(m.path, m.start, len, temp, m.path === '[vdso]');
       temp += len;
-      // System calls run from an instruction in the vDSO: follow it.
-      if (m.path === '[vdso]') r.findSyscall();
-      return { path: m.path, start: at, len };
+      return { path: m.path, start: temp - len, len };
     });
     parked.forEach((p, i) => {
       const t = targets[i];
+      if (p.path === '[vdso]') vdsoAt = { start: t ? t.start : p.start, end: (t ? t.start : p.start) + p.len };
       if (!t) return;
       if (t.end - t.start !== p.len) throw new Error(`${p.path} is ${p.len} bytes here but ${t.end - t.start} in the image`);
-      r.call(`moving ${p.path}`, SYS.mremap, [p.start, p.len, p.len, MREMAP_MAYMOVE | MREMAP_FIXED, t.start]);
-      if (p.path === '[vdso]') r.findSyscall();
+      move(p.path, p.start, p.len, t.start, p.path === '[vdso]');
     });
+  }
+  if (r.batched) {
+    unmapping.run();
+    if (vdsoAt) r.findSyscall(vdsoAt);
   }
 
   // Three batches of injected calls (remote.ts: one stop each where the

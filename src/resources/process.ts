@@ -12,7 +12,7 @@ import { dumpLimits } from './limits.js';
 import type { DumpContext } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type BatchCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -128,36 +128,60 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
+const O_CLOEXEC = 0o2000000;
 
 /** The process-wide state: mm fields (brk, arg/env, auxv and, where
  * allowed, the executable), cwd and umask. */
 /** `cwd`: where the process's working directory is for this instance (a
  * clone's redirected or private directory), by default the image's. */
 export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): void {
-  const SYS_open = 2;
   r.reset();
-  let exeFd = -1;
-  try {
-    exeFd = Number(r.call(`opening ${p.exe}`, SYS_open, [r.str(p.exe.replace(/ \(deleted\)$/, '')), 0o2000000, 0]));
-  } catch {
-    /* a deleted executable: /proc/PID/exe keeps pointing at the seed */
-  }
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
-  const map = Buffer.alloc(104);
-  const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd, auxv];
-  fields.forEach((v, i) => map.writeBigUInt64LE(v, i * 8));
-  map.writeUInt32LE(mm.auxv.length, 96);
-  map.writeInt32LE(exeFd, 100);
-  const at = r.put(map);
-  // Replacing the executable needs CAP_CHECKPOINT_RESTORE (or
-  // CAP_SYS_ADMIN): without it, everything else is still restored.
-  if (r.raw(SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, at, 104, 0]) !== 0n) {
-    map.writeInt32LE(-1, 100);
-    r.call('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, r.put(map), 104, 0]);
+  const mmMap = (exeFd: number): bigint => {
+    const map = Buffer.alloc(104);
+    const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd, auxv];
+    fields.forEach((v, i) => map.writeBigUInt64LE(v, i * 8));
+    map.writeUInt32LE(mm.auxv.length, 96);
+    map.writeInt32LE(exeFd, 100);
+    return r.put(map);
+  };
+  const exe = r.str(p.exe.replace(/ \(deleted\)$/, ''));
+  const tail: { what: string; nr: number; args: (bigint | number)[] }[] = [
+    { what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] },
+    { what: 'setting umask', nr: SYS.umask, args: [p.umask] },
+  ];
+  // All in one stop: the executable is opened and moved to descriptor
+  // EXE_FD, so that the PR_SET_MM_MAP record, written ahead, can name it.
+  // The seed's 0 (appshot-init's /dev/null) is surely open, so the open
+  // cannot return it, and it is replaced anyway with the process's own
+  // descriptors (restoreFds, after this).
+  const EXE_FD = 0;
+  const calls: BatchCall[] = [
+    { nr: SYS.open, args: [exe, O_CLOEXEC, 0] },
+    { nr: SYS.dup3, args: [0, EXE_FD, O_CLOEXEC], firstArgOf: 0 },
+    { nr: SYS.close, args: [0], firstArgOf: 0 },
+    { nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, mmMap(EXE_FD), 104, 0] },
+    { nr: SYS.close, args: [EXE_FD] },
+    ...tail,
+  ];
+  const results = r.runCalls(calls);
+  const last = results.length - 1;
+  const failed = results[last] < 0n && results[last] > -4096n;
+  if (!failed && results.length === calls.length) return;
+  if (last >= calls.length - tail.length) {
+    if (failed) throw new SyscallError(tail[last - (calls.length - tail.length)].what, Number(-results[last]));
+    throw new Error(`a batch of system calls stopped after ${results.length} of ${calls.length}`);
   }
-  if (exeFd >= 0) r.call('closing', SYS.close, [exeFd]);
-  r.reset();
-  r.call(`changing directory to ${cwd}`, SYS.chdir, [r.str(cwd)]);
-  r.call('setting umask', SYS.umask, [p.umask]);
+  // The executable could not be opened (deleted: /proc/PID/exe keeps
+  // pointing at the seed) or moved, or PR_SET_MM_MAP refused it (replacing
+  // the executable needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN): what the
+  // batch opened is closed, and everything else restored without it.
+  const opened = results[0] >= 0n;
+  if (opened && last <= 2) r.raw(SYS.close, [results[0]]);
+  if (opened && last >= 1 && results[1] >= 0n) r.raw(SYS.close, [EXE_FD]);
+  const again = r.batch();
+  again.add('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0]);
+  for (const c of tail) again.add(c.what, c.nr, c.args);
+  again.run();
 }

@@ -47,6 +47,7 @@ import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, 
 import { resolveProcess } from '../snapshot/parent.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
+import { configure, letGo, reserveStandby, type StartedInit } from './standby.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
@@ -60,6 +61,9 @@ export interface RestoreOptions {
   /** An image loaded and verified already (clones of one template): not
    * read, checked or disposed of again. */
   loaded?: LoadedImage;
+  /** The caller applied the privilege rule (checkPrivileges) to this
+   * image already: a batch of clones, once for all its instances. */
+  privilegesChecked?: boolean;
   /** The image chain read and verified by the caller ahead of time
    * (loadImageChain; serve, while its service is suspended), used if every
    * part of it is still the very file that was checked (unchangedOnDisk),
@@ -75,6 +79,14 @@ export interface RestoreOptions {
   /** Aborted (Ctrl-C, SIGTERM): the restore is given up at the next point
    * where that is safe, and what it made is removed, as after a failure. */
   signal?: AbortSignal;
+}
+
+/** The privilege rule: nothing the image recorded (credentials, limits)
+ * beyond what this user may grant; an AppshotError naming it otherwise. */
+export function checkPrivileges(image: LoadedImage['image']): void {
+  const own = ownCreds();
+  checkCredentials(image, own);
+  checkLimits(image, readLimits('self'), own);
 }
 
 /** The one line an interrupted restore ends with. */
@@ -192,40 +204,115 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
   return loadChain(path, new ProgressMeter(noProgress, false), undefined, known, true);
 }
 
-/** Starts the application's init with `count` seeds; returns their PIDs
- * and the write end of its lifeline: until `commitPath` exists, init kills
- * the application if that closes (this process died). Its reports are read
- * synchronously: nothing else happens meanwhile. */
-function startInit(record: AppRecord, count: number, commitPath: string): { initPid: number; seeds: number[]; lifeline: number } {
-  const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
-  let init: { pid: number; statusFd: number; lifelineFd: number };
-  try {
-    const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
-    init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
-  } finally {
-    closeSync(log);
-  }
-  const seeds: number[] = [];
-  let pending = '';
-  const buf = Buffer.alloc(4096);
-  try {
-    for (;;) {
-      const n = readSync(init.statusFd, buf);
-      if (n === 0) break;
-      pending += buf.toString('latin1', 0, n);
-      const lines = pending.split('\n');
-      pending = lines.pop()!;
+/** What an appshot-init reports on its status pipe (see its header),
+ * read as far as needed. */
+class InitReports {
+  readonly seeds: number[] = [];
+  started = false;
+  private open = true;
+  private pending = '';
+  private readonly buf = Buffer.alloc(4096);
+
+  constructor(private readonly fd: number) {}
+
+  /** Reads reports until `enough`; false if init died first. */
+  readUntil(enough: () => boolean): boolean {
+    while (!enough()) {
+      if (!this.open) return false;
+      const n = readSync(this.fd, this.buf);
+      if (n === 0) return false;
+      this.pending += this.buf.toString('latin1', 0, n);
+      const lines = this.pending.split('\n');
+      this.pending = lines.pop()!;
       for (const line of lines) {
         const [tag, a] = line.split(' ');
-        if (tag === 'C') seeds.push(Number(a));
-        if (tag === 'S') return { initPid: init.pid, seeds, lifeline: init.lifelineFd };
+        if (tag === 'C') this.seeds.push(Number(a));
+        if (tag === 'S') this.started = true;
       }
     }
-  } finally {
-    closeSync(init.statusFd);
+    return true;
   }
-  closeSync(init.lifelineFd);
-  throw new AppshotError('the application supervisor died while starting');
+
+  close(): void {
+    if (this.open) closeSync(this.fd);
+    this.open = false;
+  }
+
+  /** Its pipe was closed by someone else (standby.ts letGo). */
+  forget(): void {
+    this.open = false;
+  }
+}
+
+/** A standby taken for a restore (standby.ts), with its reports read as
+ * far as its seeds. */
+interface ReservedStandby {
+  init: StartedInit;
+  reports: InitReports;
+}
+
+/** The application's init, started: its PID, its seeds, the write end of
+ * its lifeline (see startInit), and its status pipe until confirmed. */
+interface Supervisor {
+  initPid: number;
+  seeds: number[];
+  lifeline: number;
+  /** Waits for init's report that it runs as this application's (a
+   * standby may still be taking its arguments); throws if it died. */
+  confirm(): void;
+  /** Lets go of its status pipe (after a failure). */
+  close(): void;
+}
+
+/** Starts the application's init with `count` seeds, or has a reserved
+ * standby become it (standby.ts); returns their PIDs and the write end of
+ * its lifeline: until `commitPath` exists, init kills the application if
+ * that closes (this process died). Its reports are read synchronously:
+ * nothing else happens meanwhile. A standby's seeds exist already: the
+ * restore goes on while it takes its arguments, and confirm() waits for
+ * it. */
+function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby): Supervisor {
+  let init: StartedInit | undefined;
+  let reports: InitReports | undefined;
+  if (reserved) {
+    if (configure(reserved.init, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! })) ({ init, reports } = reserved);
+    else reserved.reports.forget();
+  }
+  if (!init) {
+    const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
+    try {
+      const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
+      init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
+    } finally {
+      closeSync(log);
+    }
+  }
+  const { pid, lifelineFd } = init;
+  const status = reports ?? new InitReports(init.statusFd);
+  const fromStandby = reports !== undefined;
+  const died = () => new AppshotError('the application supervisor died while starting');
+  let ok = false;
+  try {
+    ok = status.readUntil(() => status.started || (fromStandby && status.seeds.length >= count));
+  } finally {
+    if (!ok) {
+      status.close();
+      closeSync(lifelineFd);
+    }
+  }
+  if (!ok) throw died();
+  if (status.started) status.close();
+  return {
+    initPid: pid,
+    seeds: status.seeds,
+    lifeline: lifelineFd,
+    confirm: () => {
+      const up = status.readUntil(() => status.started);
+      status.close();
+      if (!up) throw died();
+    },
+    close: () => status.close(),
+  };
 }
 
 interface Made {
@@ -281,6 +368,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // Closed (by us, or by our death) before the commit: init kills what
   // was made. The batch a clone belongs to closes it after its commit.
   let lifeline = -1;
+  let supervisor: Supervisor | undefined;
+  // Reserved, until startInit gives it its arguments.
+  let standby: ReservedStandby | undefined;
+  // Its seeds, seized already.
+  const preSeized = new Set<number>();
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
@@ -294,14 +386,52 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     await heardInterrupt();
     if (!opts.loaded) verifyImage(image);
     // The privilege rule, before anything is made: nothing the image
-    // recorded beyond what this user may grant.
-    const own = ownCreds();
-    checkCredentials(image, own);
-    checkLimits(image, readLimits('self'), own);
+    // recorded beyond what this user may grant (a batch of clones applies
+    // it once: privilegesChecked).
+    if (!opts.privilegesChecked) checkPrivileges(image);
     const verified = now();
     phase('node verified');
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
+    // The tree: roots are the processes whose parent was init (or is gone).
+    const vpids = new Set(image.processes.map((p) => p.vpid));
+    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
+    // A supervisor the engine started ahead of time, if it keeps one: named
+    // in the registration from the start.
+    const taken = reserveStandby(roots.length);
+    if (taken) {
+      // Its seeds seized now (dying with us from here), so that each has
+      // stopped by the time the tree is made: the registration's writes
+      // overlap their wake-ups.
+      const reports = new InitReports(taken.statusFd);
+      standby = { init: taken, reports };
+      const seized: number[] = [];
+      try {
+        if (!reports.readUntil(() => reports.seeds.length >= roots.length)) throw new Error('gone');
+        for (const pid of reports.seeds) {
+          addon().seize(pid, true);
+          seized.push(pid);
+          addon().interrupt(pid);
+        }
+        seized.forEach((pid) => preSeized.add(pid));
+      } catch {
+        // Gone meanwhile (killed, with its seeds): let go, and a
+        // supervisor is started as without standbys. What was seized of
+        // it is ended and its report taken.
+        for (const pid of seized) {
+          try {
+            process.kill(pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          addon().wait(pid, 1000);
+        }
+        reports.forget();
+        letGo(taken);
+        standby = undefined;
+      }
+    }
+    const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -314,6 +444,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
+      ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
     }));
     phase('registered');
     // Its log goes on where the snapshot that ended it left it.
@@ -352,21 +483,24 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // Global state first (step 308).
     const shmIds = restoreSysv(image, tables, pageFds[0]);
 
-    // The tree: roots are the processes whose parent was init (or is gone).
-    const vpids = new Set(image.processes.map((p) => p.vpid));
-    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
     phase('global state');
-    const started2 = startInit(record, roots.length, commitPath);
+    const reserved = standby;
+    standby = undefined;
+    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved));
     lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
-    record.initPid = started2.initPid;
-    record.initStartTime = readStat(started2.initPid)?.startTime;
-    reg.update(record);
+    if (record.initPid !== started2.initPid) {
+      record.initPid = started2.initPid;
+      record.initStartTime = readStat(started2.initPid)?.startTime;
+      reg.update(record);
+    }
 
     const seize = (pid: number) => {
-      addon().seize(pid, true); // dies with us until committed
-      addon().interrupt(pid);
+      if (!preSeized.has(pid)) {
+        addon().seize(pid, true); // dies with us until committed
+        addon().interrupt(pid);
+      }
       const r = addon().wait(pid, 10_000);
       if (!r || r.kind !== 'stop') throw new AppshotError(`seed ${pid} did not stop (${r?.kind ?? 'timeout'})`);
       // Every signal blocked until the end (RemoteProcess relies on it);
@@ -381,8 +515,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const memory = {
       pageFds,
       // Opened inside the restored process (a lazy restore maps them): a
-      // held descriptor by appshot's /proc entry, not /proc/self.
-      pagePaths: chain.map((l, i) => (ownPageFd(i) ? join(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
+      // held descriptor by appshot's /proc entry, not /proc/self. Whole
+      // paths: the seed's directory is its supervisor's, which need not be
+      // ours (a standby's is /).
+      pagePaths: chain.map((l, i) => (ownPageFd(i) ? resolve(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
       lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
@@ -409,12 +545,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
       restoreCgroup(m.proc, m.pid);
-      const r = (m.remote = new RemoteProcess(m.pid));
+      // Its maps read once: for the vDSO, a free place for the scratch
+      // area, and what is to be unmapped (the scratch area is kept apart).
+      const seedMaps = readMaps(m.pid);
+      const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      const used = [...m.proc.vmas, ...readMaps(m.pid)];
+      const used = [...m.proc.vmas, ...seedMaps];
       r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
-      await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory);
+      await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
       phase('memory');
       return r;
     };
@@ -564,6 +703,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // init kills them. (Killed between the two, they may run for the
     // moment init takes to hear of it.) A batch of clones commits all its
     // instances at once, after the last.
+    // Its init runs as this application's (a standby has taken its
+    // arguments meanwhile) before anything of it may run.
+    supervisor.confirm();
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
     if (!opts.batchCommit) {
       reg.commit(commitPath);
@@ -581,6 +723,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       closeSync(lifeline);
       lifeline = -1;
     }
+    phase('resumed');
     const done = now();
     return {
       aid,
@@ -610,8 +753,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     } catch {
       /* gone */
     }
+    supervisor?.close();
+    if (standby) {
+      standby.reports.forget();
+      letGo(standby.init);
+    }
     if (lifeline >= 0) closeSync(lifeline);
-    if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked]);
+    if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked, ...preSeized]);
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;

@@ -30,7 +30,7 @@ import { signalProcesses } from '../inspect.js';
 import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
-import { type InstancePlan, restore } from '../restore/driver.js';
+import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
 import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
@@ -179,6 +179,13 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     verifyImage(t.loaded.image, carried);
     debug('node and mapped files checked in', verifying);
     const aids = instanceAids(reg, t, opts);
+    // The privilege rule too: the same image and user for every instance.
+    try {
+      checkPrivileges(t.loaded.image);
+    } catch (e) {
+      if (e instanceof AppshotError) throw new AppshotError(`cannot clone ${t.path} as '${aids[0]}': ${e.message}`, e.exitCode);
+      throw e;
+    }
     const perInstance = t.loaded.digests.get(PARTS.pages)?.size ?? 0;
     opts.progress?.bytes(0, aids.length * perInstance);
     const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
@@ -214,7 +221,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
             config.redirs.push(...duplicateFiles(t, privateRoot));
           },
         };
-        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, batchCommit: commitPath });
+        debug(`instance ${i + 1} planned in`, started);
+        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, privilegesChecked: true, batchCommit: commitPath });
+        debug(`instance ${i + 1} made in`, started);
         lifelines.push(r.lifeline!);
         results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         instanceEnv = config.env;

@@ -1,0 +1,114 @@
+/**
+ * Supervisors started ahead of time: appshot-init standbys (see "A
+ * standby" in addon/init/appshot_init.c), each with its seeds forked
+ * already, kept by the resident engine so that a restore there (above all
+ * each instance of a batch of clones) does not wait for a supervisor to be
+ * spawned, linked and to fork its seeds. It takes one, gives it the rest
+ * of its arguments (tables, state directory, AID, commit file, log), and
+ * another is started in its place, which gets ready while the restore
+ * goes on. Only in the engine (enableStandbys): a CLI process restores once
+ * and has nothing to gain.
+ *
+ * Nothing of a standby outlives the engine, however the engine ends (exit,
+ * crash, kill -9): a standby's only channel is its lifeline, whose one
+ * write end is the engine's (close-on-exec, so no other child holds it).
+ * When the kernel closes it, the standby, still waiting for its arguments,
+ * kills its seeds and exits without having touched anything; its seeds
+ * carry a parent-death SIGKILL, so they go even if the standby itself is
+ * killed first (the restore that takes them clears it: attributes.ts).
+ */
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { addon, paths } from '../native.js';
+
+/** A supervisor started: its status pipe (read end) and lifeline (write
+ * end), both ours to close. */
+export interface StartedInit {
+  pid: number;
+  statusFd: number;
+  lifelineFd: number;
+}
+
+/** Standbys kept per seed count (the processes a restore roots in init:
+ * one for most applications); counts above the last are not kept. */
+const KEPT = 2;
+const MOST_SEEDS = 4;
+const kept = new Map<number, { ready: StartedInit[]; starting: number }>();
+let enabled = false;
+
+export function enableStandbys(): void {
+  enabled = true;
+}
+
+/** APPSHOT_STANDBYS=0: none taken (for comparison), as outside the engine. */
+const wanted = () => process.env.APPSHOT_STANDBYS !== '0';
+
+/** Standbys kept now, by seed count (engine status). */
+export const standbyStats = () => Object.fromEntries([...kept].map(([count, k]) => [count, k.ready.length]));
+
+/** Starts standbys until `count`'s are KEPT, off this thread: posix_spawn
+ * holds its caller until the exec, most of what a supervisor costs to
+ * start, and a restore goes on meanwhile. */
+function refill(count: number): void {
+  const k = kept.get(count)!;
+  while (k.ready.length + k.starting < KEPT) {
+    k.starting++;
+    const out = openSync('/dev/null', 'w');
+    addon()
+      .spawnDetachedAsync(paths.init, [paths.init, '--standby', '1', '--preload', paths.preload, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4'], out)
+      .then(
+        (s) => k.ready.push(s),
+        () => {
+          /* none this time: a restore starts its own supervisor */
+        },
+      )
+      .finally(() => {
+        k.starting--;
+        closeSync(out);
+      });
+  }
+}
+
+/** Ends a standby taken but not given its arguments: it sees its
+ * lifeline end, kills its seeds and exits. */
+export function letGo(s: StartedInit): void {
+  closeSync(s.statusFd);
+  closeSync(s.lifelineFd);
+}
+
+/**
+ * A standby with `count` seeds, taken out of those kept (another is
+ * started in its place), for configure(); undefined if none is ready
+ * (outside the engine, the first restore of this many seeds): the restore
+ * starts a supervisor itself. Taken before the application is registered,
+ * so that its registration names its init from the start (one write of
+ * it fewer); letGo() if the restore fails before configure().
+ */
+export function reserveStandby(count: number): StartedInit | undefined {
+  if (!enabled || !wanted() || count < 1 || count > MOST_SEEDS) return undefined;
+  let k = kept.get(count);
+  if (!k) kept.set(count, (k = { ready: [], starting: 0 }));
+  const s = k.ready.shift();
+  refill(count);
+  return s;
+}
+
+/**
+ * Gives a reserved standby the rest of its arguments: it goes on as a
+ * supervisor started with them would, its status pipe reporting its seeds
+ * ("C") and its start ("S"). false if it is gone (it took its seeds with
+ * it; its descriptors are closed): the caller starts one itself.
+ */
+export function configure(s: StartedInit, args: { tables: string; stateDir: string; aid: string; commitPath: string; logPath: string }): boolean {
+  const fields = [args.tables, args.stateDir, args.aid, args.commitPath, args.logPath];
+  try {
+    if (fields.some((f) => !f || f.includes('\0'))) throw new Error('not a field');
+    const message = Buffer.from(`${fields.join('\0')}\0\0`);
+    // Far below a pipe's capacity: never blocks, never partial.
+    if (writeSync(s.lifelineFd, message) !== message.length) throw new Error('not written');
+    return true;
+  } catch {
+    // Gone (EPIPE), or arguments it cannot take.
+    letGo(s);
+    return false;
+  }
+}
