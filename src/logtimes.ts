@@ -4,8 +4,10 @@
  * watches the file and appends "MILLISECONDS SIZE" lines to a file beside
  * it (addon/init/appshot_init.c, note_log_time): at that wall-clock time
  * the log held SIZE bytes. A line is as old as the first record that
- * covers its end (to within appshot-init's 10 ms between records); one
- * written after the last record is as old as the log's modification time.
+ * covers its end (to within appshot-init's 10 ms between records, 1 s
+ * when it had no inotify instance; coarser in a long log, which init
+ * thins); one written after the last record is as old as the log's
+ * modification time.
  * The file travels with the log across a snapshot and the restore
  * (registry.ts, carryLog).
  */
@@ -35,10 +37,15 @@ export class LogTimes {
   private constructor(text: string, modified: number) {
     for (const line of text.split('\n')) {
       const [ms, size] = line.split(' ').map(Number);
-      // A half-written last line (init writes each with one write) or a
-      // log that shrank (truncated by the application): not to be trusted
-      // past that point.
-      if (!Number.isFinite(ms) || !Number.isFinite(size) || (this.size.length && size < this.size.at(-1)!)) break;
+      // A half-written last line (init writes each with one write).
+      if (!Number.isFinite(ms) || !Number.isFinite(size)) break;
+      // The log shrank (truncated by the application or a user): what it
+      // holds now was all written after, so the records before describe
+      // bytes that are gone.
+      if (this.size.length && size < this.size.at(-1)!) {
+        this.ms.length = 0;
+        this.size.length = 0;
+      }
       this.ms.push(ms);
       this.size.push(size);
     }

@@ -8,7 +8,7 @@
  * `run` whose application is snapshotted says where it went.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -230,6 +230,48 @@ describe('logs across a snapshot and its restore', () => {
     expect(at.third).toBeLessThanOrEqual(Date.now());
     expect(sb.run(['logs', '-t', '--tail', '1', 'stamped']).stdout).toMatch(/^\S+Z third\n$/);
     expect(sb.run(['rm', '-f', 'stamped']).code).toBe(0);
+
+    // A log the application truncates: its times start afresh, so a line
+    // written after is not given the time of one the truncation removed.
+    const timesOf = (aid: string) => readFileSync(join(sb.home, 'apps', aid, '.log.times'), 'latin1').trim();
+    await runDetached('truncated', ['sh', '-c', `echo 0123456789; ${waitGo(5)}; truncate -s 0 /dev/stdout; echo new; ${waitGo(3)}; echo later; while :; do sleep 1; done`], /^0123456789\n/);
+    await waitFor(() => timesOf('truncated').endsWith(' 11'), 10_000, 'the record of the first line');
+    writeFileSync(go(5), '');
+    await waitFor(() => sb.log('truncated') === 'new\n' && timesOf('truncated').endsWith(' 4'), 10_000, 'the record of the truncated log');
+    const tD = Date.now();
+    writeFileSync(go(3), '');
+    await waitFor(() => sb.log('truncated').includes('later\n'), 10_000, 'the line after');
+    const cutLines = sb.run(['logs', '-t', 'truncated']).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
+    expect(cutLines.map((l) => l[1])).toEqual(['new', 'later']);
+    expect(Date.parse(cutLines[0][0])).toBeLessThanOrEqual(tD);
+    // Before, the records after the truncation were ignored, and this line
+    // (ending at byte 10, within the first line's 11) took its time.
+    expect(Date.parse(cutLines[1][0])).toBeGreaterThanOrEqual(tD);
+
+    // A times file grown to init's limit is thinned, its span kept: padded
+    // here (as a chatty application would make it over hours) while the
+    // application is snapshotted, then one more line after the restore.
+    await runDetached('chatty', ['sh', '-c', `echo start; ${waitGo(4)}; echo more; while :; do sleep 1; done`], /start\n/);
+    const chattyImage = join(dir, 'chatty.appshot');
+    expect(sb.run(['snapshot', 'chatty', '-o', chattyImage]).code).toBe(0);
+    const carriedTimes = join(sb.home, 'logs', '.chatty.times');
+    const [firstMs] = readFileSync(carriedTimes, 'latin1').split(' ').map(Number);
+    // Records for bytes the log has not reached yet are harmless: each
+    // line takes the first record covering its end.
+    const padding = Array.from({ length: 20_000 }, (_, i) => `${firstMs + i} 6\n`).join('');
+    appendFileSync(carriedTimes, padding);
+    expect(sb.run(['restore', chattyImage]).code).toBe(0);
+    const tE = Date.now();
+    writeFileSync(go(4), '');
+    await waitFor(() => sb.log('chatty').includes('more\n'), 10_000, 'the line after the restore');
+    const times = join(sb.home, 'apps', 'chatty', '.log.times');
+    await waitFor(() => readFileSync(times, 'latin1').trim().endsWith(' 11'), 10_000, 'the record of the last line');
+    expect(statSync(times).size).toBeLessThan(256 * 1024);
+    const chattyLines = sb.run(['logs', '-t', 'chatty']).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
+    expect(chattyLines.map((l) => l[1])).toEqual(['start', 'more']);
+    expect(Date.parse(chattyLines[0][0])).toBe(firstMs);
+    expect(Date.parse(chattyLines[1][0])).toBeGreaterThanOrEqual(tE);
+    for (const aid of ['truncated', 'chatty']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
 
     // A last line without its newline is printed too, followed or not.
     await runDetached('unended', ['sh', '-c', 'printf "a\\nb"']);

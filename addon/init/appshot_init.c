@@ -424,16 +424,104 @@ static const char *state_file(char *buf, size_t size, const char *name) {
  * the log held SIZE bytes. A line is then as old as the first record that
  * covers its end. At most one record per LOG_TIMES_MS: a burst of writes
  * merges into one pending inotify event (no further SIGIO) until init
- * reads it. */
+ * reads it. Without an inotify instance (max_user_instances is 128 by
+ * default, one per init) the size is looked at every LOG_POLL_MS instead:
+ * coarser times, never none. The file is thinned when it reaches
+ * LOG_TIMES_MAX, so a chatty application cannot fill the disk with it. */
 #define LOG_TIMES_MS 10
+#define LOG_POLL_MS 1000
+#define LOG_TIMES_MAX (256 * 1024)
 static int log_watch = -1, log_fd = -1, times_fd = -1;
-static int64_t times_last_ms = -LOG_TIMES_MS;
-static off_t times_last_size = -1;
+static int64_t times_last_tick = -LOG_POLL_MS; /* monotonic ms */
+static off_t times_last_size = 0, times_written = 0; /* an empty log needs no record */
 
-static int64_t wall_ms(void) {
+static int64_t clock_ms(clockid_t clock) {
   struct timespec t;
-  clock_gettime(CLOCK_REALTIME, &t);
+  clock_gettime(clock, &t);
   return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static int open_times_file(int flags) {
+  char path[4096];
+  return open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_APPEND | O_CLOEXEC | flags, 0600);
+}
+
+/* Keeps every other record, and both records around each place the log
+ * shrank (the reader starts afresh there), and the last: the same span
+ * of the log at half the resolution. Streamed through small buffers
+ * (the file may be larger than the limit: carried from elsewhere);
+ * written aside and renamed over, so a reader sees the old file or the
+ * new one. A line that is not a record ends it, as it ends the reader. */
+struct times_thinning {
+  int out;
+  char buf[4096];
+  size_t used;
+  off_t written;
+  int ok;
+};
+
+static void thinning_put(struct times_thinning *t, const char *line, size_t len) {
+  if (t->used + len > sizeof t->buf) {
+    t->ok = t->ok && write(t->out, t->buf, t->used) == (ssize_t)t->used;
+    t->used = 0;
+  }
+  memcpy(t->buf + t->used, line, len);
+  t->used += len;
+  t->written += len;
+}
+
+static void thin_times_file(void) {
+  char path[4096], tmp[4096], chunk[4096], line[64], held[64];
+  int in = open(state_file(path, sizeof path, ".log.times"), O_RDONLY | O_CLOEXEC);
+  if (in < 0) return;
+  snprintf(tmp, sizeof tmp, "%s/.log.times.tmp", state_dir);
+  struct times_thinning t = {.out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), .ok = 1};
+  if (t.out < 0) {
+    close(in);
+    return;
+  }
+  size_t len = 0, held_len = 0, index = 0;
+  long long held_size = -1, before_held = -1;
+  int ended = 0;
+  ssize_t n;
+  while (!ended && (n = read(in, chunk, sizeof chunk)) > 0) {
+    for (ssize_t k = 0; k < n && !ended; k++) {
+      if (len == sizeof line - 1) { ended = 1; break; }
+      line[len++] = chunk[k];
+      if (chunk[k] != '\n') continue;
+      line[len] = 0;
+      long long ms, size;
+      if (sscanf(line, "%lld %lld", &ms, &size) != 2) { ended = 1; break; }
+      if (held_len && (index % 2 == 0 || held_size < before_held || size < held_size))
+        thinning_put(&t, held, held_len);
+      if (held_len) index++, before_held = held_size;
+      memcpy(held, line, len);
+      held_len = len;
+      held_size = size;
+      len = 0;
+    }
+  }
+  close(in);
+  if (held_len) thinning_put(&t, held, held_len);
+  t.ok = t.ok && write(t.out, t.buf, t.used) == (ssize_t)t.used;
+  t.ok = close(t.out) == 0 && t.ok;
+  if (!t.ok || rename(tmp, path) != 0) {
+    unlink(tmp);
+    return;
+  }
+  int reopened = open_times_file(0);
+  if (reopened < 0) return;
+  dup2(reopened, times_fd);
+  close(reopened);
+  fcntl(times_fd, F_SETFD, FD_CLOEXEC);
+  times_written = t.written;
+}
+
+static void append_log_time(int64_t wall, off_t size) {
+  char line[64];
+  int len = snprintf(line, sizeof line, "%lld %lld\n", (long long)wall, (long long)size);
+  if (write(times_fd, line, len) == len) times_written += len;
+  if (times_written >= LOG_TIMES_MAX) thin_times_file();
 }
 
 /* Only for a log file (an application started with run --detach, or
@@ -445,48 +533,56 @@ static void watch_log(void) {
   /* Its own descriptor of the log: init's stdout goes to /dev/null once
    * the first process ends and others live on. */
   log_fd = fcntl(1, F_DUPFD_CLOEXEC, 3);
+  if (log_fd < 0 || (times_fd = open_times_file(O_CREAT)) < 0) return;
+  struct stat times;
+  if (fstat(times_fd, &times) == 0) times_written = times.st_size;
   log_watch = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
   snprintf(path, sizeof path, "/proc/self/fd/%d", log_fd);
-  /* The times file only once the watch is set: without it (no inotify
-   * instance left, say), logs --timestamps says the times are not known
-   * rather than giving every line the log's last write. */
-  if (log_fd < 0 || log_watch < 0 || inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
-      fcntl(log_watch, F_SETOWN, getpid()) < 0 || fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0 ||
-      (times_fd = open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)) < 0) {
-    if (log_watch >= 0) close(log_watch);
+  if (log_watch >= 0 && (inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
+                         fcntl(log_watch, F_SETOWN, getpid()) < 0 ||
+                         fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0)) {
+    close(log_watch);
     log_watch = -1;
-    return;
   }
   /* What came before the watch (the first process's first lines, a
    * restored application's log): as of now. */
   struct stat now;
   if (fstat(log_fd, &now) == 0 && now.st_size > 0) {
-    times_last_ms = wall_ms();
+    times_last_tick = clock_ms(CLOCK_MONOTONIC);
     times_last_size = now.st_size;
-    dprintf(times_fd, "%lld %lld\n", (long long)times_last_ms, (long long)times_last_size);
+    append_log_time(clock_ms(CLOCK_REALTIME), now.st_size);
   }
 }
 
 /* Notes the log's size now if it changed. Returns the milliseconds until
- * a pending change may be noted (the loop waits no longer), or -1. */
+ * a pending change may be noted, or the next look without inotify (the
+ * loop waits no longer), or -1. The interval is on the monotonic clock:
+ * a wall clock set back must not stop the records. */
 static int64_t note_log_time(void) {
-  if (log_watch < 0) return -1;
-  int64_t now = wall_ms();
-  if (now - times_last_ms < LOG_TIMES_MS) {
+  if (times_fd < 0) return -1;
+  int64_t tick = clock_ms(CLOCK_MONOTONIC);
+  int64_t interval = log_watch >= 0 ? LOG_TIMES_MS : LOG_POLL_MS;
+  if (tick - times_last_tick < interval) {
+    if (log_watch < 0) return times_last_tick + interval - tick;
     /* Too soon: the event stays unread (later writes merge into it), and
      * is looked at when the interval is over. */
     struct pollfd p = {log_watch, POLLIN, 0};
-    return poll(&p, 1, 0) > 0 ? times_last_ms + LOG_TIMES_MS - now : -1;
+    return poll(&p, 1, 0) > 0 ? times_last_tick + interval - tick : -1;
   }
-  char buf[4096];
-  int changed = 0;
-  while (read(log_watch, buf, sizeof buf) > 0) changed = 1;
+  int changed = log_watch < 0;
+  if (log_watch >= 0) {
+    char buf[4096];
+    while (read(log_watch, buf, sizeof buf) > 0) changed = 1;
+  } else {
+    times_last_tick = tick;
+  }
   struct stat st;
-  if (!changed || fstat(log_fd, &st) != 0 || st.st_size == times_last_size) return -1;
-  dprintf(times_fd, "%lld %lld\n", (long long)now, (long long)st.st_size);
-  times_last_ms = now;
+  if (!changed || fstat(log_fd, &st) != 0 || st.st_size == times_last_size)
+    return log_watch < 0 ? interval : -1;
+  append_log_time(clock_ms(CLOCK_REALTIME), st.st_size);
+  times_last_tick = tick;
   times_last_size = st.st_size;
-  return -1;
+  return log_watch < 0 ? interval : -1;
 }
 
 /* Records how the application ended, for the CLI (see above). Written
