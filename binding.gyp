@@ -45,7 +45,12 @@
       "target_name": "appshot-init",
       "type": "executable",
       "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c"],
-      "ldflags": ["-static"],
+      # Static: no dynamic loader on the start of every supervisor (a
+      # quarter of its spawn-to-exit time); position-independent, so it
+      # keeps address randomisation. Needs libc.a (libc6-dev, which the
+      # compiler needs anyway).
+      "cflags": ["-fPIE"],
+      "ldflags": ["-static-pie"],
       "libraries": ["-lpthread"]
     },
     {
