@@ -169,7 +169,7 @@ describe('appshot serve: bounded holding, an instance that dies', () => {
     const failed = settled.filter((x) => x.status === 'rejected').map((x) => String((x as PromiseRejectedResult).reason));
     expect(failed, failed.slice(0, 3).join('\n')).toEqual([]);
     expect(acceptQueue(PUBLIC)).toBe(0);
-    expect(show().restores).toBe(1);
+    await waitFor(() => show().restores === 1, 5000, 'the restore to be counted');
   });
 
   it('revokes the grant the moment the instance dies (kill -9, its socket still held by a helper): every later connection held and answered after the restore', async () => {
@@ -217,6 +217,8 @@ describe('appshot serve: bounded holding, an instance that dies', () => {
     const bad = dead.filter((x) => !x.ok).map((x) => x.what);
     expect(bad, bad.slice(0, 3).join('\n')).toEqual([]);
     // The instance was restored (its helper went with the old one).
+    // (service show reads the state serve writes within 100 ms of a change.)
+    await waitFor(() => show().restores > was.restores, 5000, 'the restore to be counted');
     const s = show();
     expect(s.crashes).toBe(was.crashes + 1);
     expect(s.restores).toBe(was.restores + 1);

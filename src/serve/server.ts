@@ -448,6 +448,7 @@ class Service {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
     }
+    this.changed();
   }
 
   /** Every tick: dead instances noticed, the CPU of running ones measured
@@ -523,6 +524,7 @@ class Service {
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
       this.counters.restores++;
+      this.changed();
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
       // The held go first; then the thread's grant gets the process to
@@ -534,6 +536,7 @@ class Service {
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
+      this.changed();
       this.forgetPreload(); // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Those waiting would wait for ever: they are told by a close.
@@ -583,6 +586,7 @@ class Service {
       inst.ports.clear();
       inst.pid = undefined;
       this.counters.snapshots++;
+      this.changed();
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
       this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
       this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
@@ -592,6 +596,7 @@ class Service {
       // The snapshot driver leaves the application running when it fails.
       inst.state = this.alive(inst) ? 'running' : 'crashed';
       inst.lastActive = this.host.clock.now();
+      this.changed();
       rmSync(output, { recursive: true, force: true });
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
       this.log('suspend-failed', { instance: inst.aid, error: (e as Error).message, now: inst.state });
@@ -621,10 +626,12 @@ class Service {
       inst.pid = this.listenerPid(inst);
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
+      this.changed();
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
       this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held: this.held.length });
     } catch (e) {
       this.instances.delete(aid);
+      this.changed();
       this.log('clone-failed', { instance: aid, error: (e as Error).message });
       if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
         for (const h of this.held.splice(0)) h.socket.destroy();
@@ -643,10 +650,13 @@ class Service {
       this.log('drop-failed', { instance: inst.aid, error: (e as Error).message });
     }
     this.instances.delete(inst.aid);
+    this.changed();
     this.pump();
   }
 
-  /** state.json for `service show`, written at most every 100 ms. */
+  /** After every change of an instance's state or a counter: the metrics
+   * at once, the state file (what `service show` reads) within 100 ms.
+   * A change without it would show until the next one, however long. */
   changed(): void {
     const counts: Partial<Record<InstanceStateName, number>> = {};
     for (const i of this.instances.values()) counts[i.state] = (counts[i.state] ?? 0) + 1;
