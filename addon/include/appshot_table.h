@@ -47,7 +47,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 7u
+#define APPSHOT_TABLE_VERSION 8u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -83,7 +83,8 @@ enum appshot_kind {
 #define APPSHOT_CELL_TOMB UINT32_MAX
 
 struct appshot_entry {
-  uint64_t pair;  /* (uint32)virtual << 32 | (uint32)system; FREE if unused */
+  uint64_t stored; /* ~((uint32)virtual << 32 | (uint32)system): all zero
+                      (FREE inverted) if unused; see entry_pair */
   uint32_t flags; /* APPSHOT_F_* */
   int32_t owner;  /* PID: for a thread, the system PID of its process */
 };
