@@ -70,6 +70,38 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
+/** A process (sleep, in a session of its own) with the given PID, made
+ * through ns_last_pid where this user may write it (root with
+ * CAP_SYS_ADMIN in its namespace), as the kernel would hand a freed PID to
+ * anyone; undefined if it could not be had (others took it first, or no
+ * right). Forked by a program already running, so that nothing else of
+ * ours takes the PID first. */
+function takePid(pid: number): number | undefined {
+  const forker = `
+import os, sys
+want = int(sys.argv[1])
+for attempt in range(200):
+    try:
+        with open('/proc/sys/kernel/ns_last_pid', 'w') as f: f.write(str(want - 1))
+    except OSError:
+        break
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        quiet = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2): os.dup2(quiet, fd)
+        os.execvp('sleep', ['sleep', '1000'])
+    if child == want:
+        print(child)
+        break
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+`;
+  // (The sleep's output is not the pipe spawnSync waits to see closed.)
+  const r = spawnSync('python3', ['-c', forker, String(pid)], { encoding: 'utf8', timeout: 20_000 });
+  return r.stdout.trim() ? Number(r.stdout.trim()) : undefined;
+}
+
 describe('the resident engine', () => {
   it('is started on demand by a snapshot (APPSHOT_ENGINE=auto), and then serves the restore', async () => {
     expect(status().running).toBe(false);
@@ -399,9 +431,20 @@ describe('the resident engine', () => {
     const loneSeed = children(lone)[0];
     process.kill(lone, 'SIGKILL');
     await waitFor(() => !alive(loneSeed), 10_000, "the killed standby's seed to die");
+    // Its report names the seed still: a stranger given that PID (as a
+    // reused PID would be) must be left alone, not seized by the clone.
+    // (Once the seed is reaped: a zombie keeps its PID, and who reaps it,
+    // the namespace's init, may take its time or never come.)
+    const reaped = await waitFor(() => !existsSync(`/proc/${loneSeed}`), 5000, 'the seed to be reaped').then(() => true, () => false);
+    const stranger = reaped ? takePid(loneSeed) : undefined;
     const third = run(['clone', 'sby.template', '--aid', 'sby-c', '-n', '2']);
     expect(third.code, third.stderr).toBe(0);
     await checksPass('sby-c-2', 2);
+    if (stranger) {
+      expect(readFileSync(`/proc/${stranger}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+      expect(readFileSync(`/proc/${stranger}/stat`, 'utf8').split(') ')[1][0]).toBe('S');
+      process.kill(stranger, 'SIGKILL');
+    }
     // The engine killed: every standby and seed goes; the clones stay.
     await waitFor(() => standbys().length >= 2 && standbys().every((pid) => children(pid).length === 1), 10_000, 'two standbys again');
     const doomed = standbys().flatMap((pid) => [pid, ...children(pid)]);

@@ -408,8 +408,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seized: number[] = [];
       try {
         if (!reports.readUntil(() => reports.seeds.length >= roots.length)) throw new Error('gone');
+        // A report outlives the standby that wrote it: dead, its seeds
+        // died too and their PIDs may be anyone's now. A seed is the
+        // standby's child, and the standby (our child, not yet waited
+        // for) keeps its PID: checked before seizing, and again after,
+        // when the process can no longer go and be replaced unseen.
+        const ours = (pid: number) => readStat(pid)?.ppid === taken.pid;
         for (const pid of reports.seeds) {
+          if (!ours(pid)) throw new Error('gone');
           addon().seize(pid, true);
+          if (!ours(pid)) {
+            // Someone else's: let go as it was (a detach needs it stopped).
+            try {
+              addon().interrupt(pid);
+              addon().wait(pid, 1000);
+              addon().detach(pid, 0);
+            } catch {
+              /* gone */
+            }
+            throw new Error('gone');
+          }
           seized.push(pid);
           addon().interrupt(pid);
         }
@@ -760,6 +778,18 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     if (lifeline >= 0) closeSync(lifeline);
     if (record) await waitGone(reg, record, [...made.flatMap((m) => [m.pid, ...m.tids]), ...seeds, ...forked, ...preSeized]);
+    else
+      // A standby's seeds, seized before there was a record: killed by
+      // the standby let go, but we trace them, so only our wait lets them
+      // go (else each failed restore left a zombie for the engine's life).
+      for (const pid of preSeized) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+        addon().wait(pid, 1000);
+      }
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
