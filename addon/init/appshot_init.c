@@ -446,9 +446,10 @@ static int open_times_file(int flags) {
   return open(state_file(path, sizeof path, ".log.times"), O_WRONLY | O_APPEND | O_CLOEXEC | flags, 0600);
 }
 
-/* Keeps every other record, and both records around each place the log
- * shrank (the reader starts afresh there), and the last: the same span
- * of the log at half the resolution. Streamed through small buffers
+/* Keeps every other record and the last: the same span of the log at
+ * half the resolution. Where the log shrank (truncated), the reader starts
+ * afresh (src/logtimes.ts), so every record before is dropped: a log
+ * truncated over and over still thins. Streamed through small buffers
  * (the file may be larger than the limit: carried from elsewhere);
  * written aside and renamed over, so a reader sees the old file or the
  * new one. A line that is not a record ends it, as it ends the reader. */
@@ -481,7 +482,7 @@ static void thin_times_file(void) {
     return;
   }
   size_t len = 0, held_len = 0, index = 0;
-  long long held_size = -1, before_held = -1;
+  long long held_size = -1;
   int ended = 0;
   ssize_t n;
   while (!ended && (n = read(in, chunk, sizeof chunk)) > 0) {
@@ -492,9 +493,16 @@ static void thin_times_file(void) {
       line[len] = 0;
       long long ms, size;
       if (sscanf(line, "%lld %lld", &ms, &size) != 2) { ended = 1; break; }
-      if (held_len && (index % 2 == 0 || held_size < before_held || size < held_size))
-        thinning_put(&t, held, held_len);
-      if (held_len) index++, before_held = held_size;
+      if (held_len && size < held_size) {
+        /* The log shrank here: nothing before counts any more. */
+        t.ok = t.ok && ftruncate(t.out, 0) == 0 && lseek(t.out, 0, SEEK_SET) == 0;
+        t.used = 0;
+        t.written = 0;
+        index = 0;
+        held_len = 0;
+      }
+      if (held_len && index % 2 == 0) thinning_put(&t, held, held_len);
+      if (held_len) index++;
       memcpy(held, line, len);
       held_len = len;
       held_size = size;
