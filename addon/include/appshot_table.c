@@ -166,7 +166,6 @@ struct appshot_header *appshot_table_create(const char *path, const char *aid,
     struct appshot_table *t = &h->tables[k];
     virtual_range((enum appshot_kind)k, &t->vmin, &t->vmax);
     t->vnext = t->vmin;
-    struct appshot_entry *e = entries_of(h, t);
   }
   pthread_mutexattr_t attr;
   pthread_mutexattr_init(&attr);

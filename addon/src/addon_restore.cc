@@ -585,6 +585,15 @@ int SpawnDetachedNow(const std::string& path, std::vector<std::string> args, int
   // must survive the other's dup2: both are moved above 10 first.
   int status_w = fcntl(p[1], F_DUPFD_CLOEXEC, 10);
   int life_r = fcntl(life[0], F_DUPFD_CLOEXEC, 10);
+  if (status_w < 0 || life_r < 0) {
+    // Out of descriptors: init would start without its status pipe or
+    // lifeline, and take a missing lifeline for an abandoned restore.
+    int e = errno;
+    for (int fd : {p[0], p[1], life[0], life[1], status_w, life_r})
+      if (fd >= 0) close(fd);
+    *what = "pipe";
+    return e;
+  }
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);

@@ -755,7 +755,9 @@ Napi::Value FdEntries(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   int infoDir = open((base + "/fdinfo").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  DIR* d = infoDir >= 0 ? fdopendir(dup(fdDir)) : nullptr;
+  // Close-on-exec from the start: a supervisor may be spawned on another
+  // thread at any moment (spawnDetachedAsync) and must not inherit it.
+  DIR* d = infoDir >= 0 ? fdopendir(fcntl(fdDir, F_DUPFD_CLOEXEC, 0)) : nullptr;
   if (!d) {
     int e = errno;
     close(fdDir);
@@ -962,7 +964,7 @@ Napi::Value MsgRead(const Napi::CallbackInfo& info) {
   Napi::Array messages = Napi::Array::New(env);
   // A message is at most msgmax bytes (the kernel's limit, settable).
   size_t msgmax = 65536;
-  if (FILE* f = fopen("/proc/sys/kernel/msgmax", "r")) {
+  if (FILE* f = fopen("/proc/sys/kernel/msgmax", "re")) {
     unsigned long v;
     if (fscanf(f, "%lu", &v) == 1 && v > msgmax) msgmax = v;
     fclose(f);
