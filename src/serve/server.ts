@@ -114,6 +114,8 @@ class Service {
   counters = { snapshots: 0, restores: 0, crashes: 0 };
   private seq = 0;
   private stateTimer: NodeJS.Timeout | undefined;
+  /** close() began: it writes the last state itself. */
+  private closing = false;
 
   constructor(
     readonly spec: ServiceSpec,
@@ -661,7 +663,10 @@ class Service {
     const counts: Partial<Record<InstanceStateName, number>> = {};
     for (const i of this.instances.values()) counts[i.state] = (counts[i.state] ?? 0) + 1;
     this.host.metrics?.setInstances(this.name, counts);
-    if (this.stateTimer) return;
+    // After close's own last write, a restore or clone still finishing
+    // would write a stale state, or make a removed service's directory
+    // again.
+    if (this.stateTimer || this.closing) return;
     this.stateTimer = setTimeout(() => {
       this.stateTimer = undefined;
       this.writeState();
@@ -696,6 +701,7 @@ class Service {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     if (this.stateTimer) clearTimeout(this.stateTimer);
     this.stateTimer = undefined;
     for (const s of this.listeners) s.close();
