@@ -372,6 +372,12 @@ describe('zombies: children not waited for, reaped after the restore with their 
   });
 });
 
+describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed memory, timer slack', () => {
+  const root = join(out, 'chroot');
+  mkdirSync(root, { recursive: true });
+  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14/);
+});
+
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {
   roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
 });

@@ -190,6 +190,10 @@ export interface ProcessAttributes {
   oomScoreAdj: number;
   childSubreaper: boolean;
   thpDisabled: boolean;
+  /** /proc/PID/loginuid; absent: not known (no audit, older image). */
+  loginuid?: number;
+  /** MEMBARRIER_CMD_GET_REGISTRATIONS; 0 or absent: none. */
+  membarrierRegistrations?: number;
 }
 
 export interface ThreadAttributes {
@@ -200,6 +204,8 @@ export interface ThreadAttributes {
   /** Absent in older images: left as the seed's. */
   cpuAffinity?: Buffer;
   ioprio?: number;
+  /** PR_GET_TIMERSLACK; absent: left as the seed's; 0: not set. */
+  timerSlackNs?: bigint;
 }
 
 export interface Zombie {

@@ -69,8 +69,8 @@ export function readMaps(pid: number): MapsLine[] {
  * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
  * gd (grows down) with MAP_GROWSDOWN, dp (droppable) with MAP_DROPPABLE,
  * mw (may write) by the mode a shared file mapping's file is opened with,
- * the others with madvise. wf and dc are also what makes a clone a fork
- * (forkTreatment).
+ * lo (locked) and lf (locked on fault) with mlock2, the others with
+ * madvise. wf and dc are also what makes a clone a fork (forkTreatment).
  */
 const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   gd: undefined,
@@ -82,7 +82,12 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   hg: 14, // MADV_HUGEPAGE
   nh: 15, // MADV_NOHUGEPAGE
   mg: 12, // MADV_MERGEABLE
+  lo: undefined,
+  lf: undefined,
 };
+
+const NR_mlock2 = 325;
+const MLOCK_ONFAULT = 1;
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
  * read once per process at dump time (smaps walks the page tables; maps
@@ -273,7 +278,9 @@ interface ForkParent {
   anon: Map<bigint, { end: bigint; path: string; flags: string }>;
 }
 
-const NOT_INHERITED = ['wf', 'dc', 'dp'];
+// A fork child's mappings are not locked, and locking a private writable
+// mapping breaks its copy-on-write sharing (mlock writes every page in).
+const NOT_INHERITED = ['wf', 'dc', 'dp', 'lo'];
 
 function openForkParent(pid: number): ForkParent {
   const flags = readVmFlags(pid);
@@ -777,6 +784,10 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
       if (advice !== undefined) finishing.add(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
     }
+    // Locked last, once its data is in: mlock faults every page in (all of
+    // a --lazy mapping's too, as they were resident when it was locked);
+    // RLIMIT_MEMLOCK is the seed's here, the restoring user's.
+    if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, NR_mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
   }
   for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);
   finishing.run();

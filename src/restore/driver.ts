@@ -35,7 +35,7 @@ import { requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { restoreItimers, restoreProcessState } from '../resources/process.js';
+import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
@@ -674,6 +674,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
+      restoreRoot(r, p);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
