@@ -372,6 +372,10 @@ describe('zombies: children not waited for, reaped after the restore with their 
   });
 });
 
+describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, thread) and its signal, and its signals keep coming', () => {
+  roundTrips('async', [fixture('asyncio')], /PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, O_ASYNC to process 2\n[\s\S]*UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, O_ASYNC to thread 2 by signal 10\n/);
+});
+
 describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed memory, timer slack', () => {
   const root = join(out, 'chroot');
   mkdirSync(root, { recursive: true });

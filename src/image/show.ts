@@ -63,6 +63,13 @@ function describeDatagramSocket(fd: Fd): string {
   return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}${groups}`;
 }
 
+/** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts). */
+function describeOwner(fd: Fd): string {
+  if (!fd.owner) return '';
+  const who = fd.owner.vpid ? `${['thread', 'process', 'process group'][fd.owner.type]} ${fd.owner.vpid}` : 'nobody';
+  return `, O_ASYNC to ${who}${fd.owner.signal ? ` by signal ${fd.owner.signal}` : ''}`;
+}
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -171,7 +178,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
       p.vmas.map((v) => [v.start.toString(16), v.end.toString(16), (v.prot & 1 ? 'r' : '-') + (v.prot & 2 ? 'w' : '-') + (v.prot & 4 ? 'x' : '-') + (v.shared ? 's' : 'p'), vmaKindName[v.kind], size(v.end - v.start), size(countPages(v.pages?.runs ?? []) * 4096), v.path]),
       out,
     );
-    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f) + describeOwner(f)]), out);
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);

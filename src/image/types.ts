@@ -437,6 +437,18 @@ export interface Fd {
   /** A file under /proc/PID of one of the application's processes: its
    * virtual PID; 0 or absent otherwise. */
   procVpid?: number;
+  /** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts);
+   * absent for others and in older images. */
+  owner?: FdOwner;
+}
+
+export interface FdOwner {
+  /** F_OWNER_TID 0, F_OWNER_PID 1, F_OWNER_PGRP 2. */
+  type: number;
+  /** The virtual TID, PID or process group; 0: nobody. */
+  vpid: number;
+  /** F_GETSIG; 0: SIGIO. */
+  signal: number;
 }
 
 export interface PtyPair {

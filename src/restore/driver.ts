@@ -27,6 +27,7 @@ import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
@@ -671,6 +672,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreFdOwners(r, p, handed);
       restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);

@@ -26,6 +26,7 @@ import { askAttributes, dumpAttributes } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
+import { dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
@@ -271,6 +272,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
           sockets.close();
         }
       });
+      timed('fd owners', () => dumpFdOwners(ctx, proc.fds, calls, what));
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
