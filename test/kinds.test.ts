@@ -379,7 +379,7 @@ describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, t
 describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed memory, timer slack', () => {
   const root = join(out, 'chroot');
   mkdirSync(root, { recursive: true });
-  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14/);
+  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, coredump_filter 0x3f/);
 });
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {

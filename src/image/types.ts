@@ -194,6 +194,8 @@ export interface ProcessAttributes {
   loginuid?: number;
   /** MEMBARRIER_CMD_GET_REGISTRATIONS; 0 or absent: none. */
   membarrierRegistrations?: number;
+  /** /proc/PID/coredump_filter; absent: left as the seed's. */
+  coredumpFilter?: number;
 }
 
 export interface ThreadAttributes {

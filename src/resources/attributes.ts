@@ -2,7 +2,7 @@
  * Process and thread attributes that a restore would otherwise leave as
  * the seed's (silently wrong): the OOM score adjustment, child-subreaper
  * status, transparent huge pages disabled, personality, the audit login
- * uid, membarrier registrations; and per thread, nice value, scheduling
+ * uid, membarrier registrations, the core dump filter; and per thread, nice value, scheduling
  * policy and priority, CPU affinity, I/O priority, timer slack and
  * parent-death signal.
  *
@@ -103,6 +103,7 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     thpDisabled: check(asked.thpDisabled.ret, `THP disable of ${what}`) !== 0n,
     loginuid: dumpLoginuid(pid),
     membarrierRegistrations: dumpMembarrier(asked.membarrier, what),
+    coredumpFilter: parseInt(readFileSync(`/proc/${pid}/coredump_filter`, 'utf8'), 16),
   };
 }
 
@@ -194,6 +195,17 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
         writeFileSync(path, String(a.oomScoreAdj));
       } catch (e) {
         throw new Error(`setting oom_score_adj ${a.oomScoreAdj}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    }
+  }
+  if (a?.coredumpFilter !== undefined) {
+    // Written from here: the file is the process's, its owner's to write.
+    const path = `/proc/${r.pid}/coredump_filter`;
+    if (parseInt(readFileSync(path, 'utf8'), 16) !== a.coredumpFilter) {
+      try {
+        writeFileSync(path, `0x${a.coredumpFilter.toString(16)}`);
+      } catch (e) {
+        throw new Error(`setting coredump_filter 0x${a.coredumpFilter.toString(16)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
       }
     }
   }
@@ -300,5 +312,6 @@ export function describeAttributes(p: Process): string {
   const more: string[] = [];
   if (a?.loginuid !== undefined && a.loginuid !== LOGINUID_UNSET) more.push(`loginuid ${a.loginuid}`);
   if (a?.membarrierRegistrations) more.push(`membarrier registrations 0x${a.membarrierRegistrations.toString(16)}`);
+  if (a?.coredumpFilter !== undefined && a.coredumpFilter !== 0x33) more.push(`coredump_filter 0x${a.coredumpFilter.toString(16)}`);
   return [...parts, ...t.filter(Boolean), ...more].join(', ');
 }

@@ -34,7 +34,7 @@ import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
-import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
+import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
@@ -677,6 +677,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       restoreRoot(r, p);
+      sealMemory(r, p.vmas);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
