@@ -301,6 +301,16 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
+    ['odirect-pipe', () => /process 2 \(holder\) fd \d+: a pipe in packet mode \(O_DIRECT\) cannot be captured yet/],
+    ['cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on clock -6 (a CPU-time clock), which cannot be captured yet'],
+    ['unix-unconnected', (fd) => `process 2 (holder) fd ${fd}: an unconnected unix stream socket cannot be captured yet`],
+    ['tcp-unconnected', (fd) => `process 2 (holder) fd ${fd}: a TCP socket neither connected nor listening cannot be captured yet`],
+    ['netlink', (fd) => `process 2 (holder) fd ${fd}: a socket of address family 16 cannot be captured yet`],
+    ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
+    ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
+    ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
+    ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],
+    ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
   ];
   for (const [kind, message] of refusals)

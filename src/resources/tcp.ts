@@ -144,6 +144,9 @@ export class HeldConnections {
     const [peerAddress, peerPort] = splitRemote(seen.remote);
     const named = { localAddress: seen.address, localPort: seen.port, peerAddress, peerPort };
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
+    // A socket never connected (nor listening): CLOSE, with no peer.
+    if (TCP_STATES[seen.state] === 'CLOSE' && !peerPort)
+      throw new Unsupported(`${what} fd ${fd}: a TCP socket neither connected nor listening${seen.port ? ` (bound to ${connectionName(named).split(' ')[0]})` : ''} cannot be captured yet`);
     if (!KEPT_STATES.has(seen.state))
       throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
     // What the preload library saw set and nothing reads back (MD5 keys).
