@@ -386,10 +386,14 @@ describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, t
   roundTrips('async', [fixture('asyncio')], /PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, O_ASYNC to process 2\n[\s\S]*UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, O_ASYNC to thread 2 by signal 10\n/);
 });
 
-describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed memory, timer slack', () => {
+describe('what glibc registers for every thread: rseq area, robust futex list, clear-child-TID address, its cached TID', () => {
+  roundTrips('thst', [fixture('threadstate')], /process 2 \(threadstate\): [^\n]*\n/);
+});
+
+describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed and sealed memory, the core dump filter, memory-deny-write-execute, timer slack', () => {
   const root = join(out, 'chroot');
   mkdirSync(root, { recursive: true });
-  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, coredump_filter 0x3f/);
+  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {

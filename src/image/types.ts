@@ -196,6 +196,8 @@ export interface ProcessAttributes {
   membarrierRegistrations?: number;
   /** /proc/PID/coredump_filter; absent: left as the seed's. */
   coredumpFilter?: number;
+  /** PR_GET_MDWE flags; 0 or absent: none. */
+  mdwe?: number;
 }
 
 export interface ThreadAttributes {

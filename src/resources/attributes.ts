@@ -2,7 +2,8 @@
  * Process and thread attributes that a restore would otherwise leave as
  * the seed's (silently wrong): the OOM score adjustment, child-subreaper
  * status, transparent huge pages disabled, personality, the audit login
- * uid, membarrier registrations, the core dump filter; and per thread, nice value, scheduling
+ * uid, membarrier registrations, the core dump filter, memory-deny-write-
+ * execute; and per thread, nice value, scheduling
  * policy and priority, CPU affinity, I/O priority, timer slack and
  * parent-death signal.
  *
@@ -41,6 +42,8 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
+const PR_SET_MDWE = 65;
+const PR_GET_MDWE = 66;
 const PR_SET_TIMERSLACK = 29;
 const PR_GET_TIMERSLACK = 30;
 const NR_membarrier = 324;
@@ -71,6 +74,7 @@ export interface AttributesAsked {
   subreaper: Answer;
   thpDisabled: Answer;
   membarrier: Answer;
+  mdwe: Answer;
   pdeathsig: Map<number, Answer>;
   timerSlack: Map<number, Answer>;
 }
@@ -83,6 +87,7 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     pdeathsig: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_PDEATHSIG, 'buf'], { tid, outLength: 4 })])),
     // Registrations are the mm's; the timer slack is each thread's own.
     membarrier: calls.ask(NR_membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
+    mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
     timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
   };
 }
@@ -104,6 +109,8 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     loginuid: dumpLoginuid(pid),
     membarrierRegistrations: dumpMembarrier(asked.membarrier, what),
     coredumpFilter: parseInt(readFileSync(`/proc/${pid}/coredump_filter`, 'utf8'), 16),
+    // A kernel before 6.3 has no MDWE (EINVAL): none then.
+    mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
   };
 }
 
@@ -237,6 +244,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     // real-time thread's reads 0, which would set the default instead.
     if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== seedSlack(r.pid)) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
   });
+  // Memory-deny-write-execute last: it cannot be undone, and refuses
+  // only new executable memory, which the restore made before (the
+  // memory, the batch code this batch runs in).
+  if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
   // PR_SET_TIMERSLACK acts on the calling thread: the others' in their own
   // stops, only where it differs from the seed's.
@@ -312,6 +323,7 @@ export function describeAttributes(p: Process): string {
   const more: string[] = [];
   if (a?.loginuid !== undefined && a.loginuid !== LOGINUID_UNSET) more.push(`loginuid ${a.loginuid}`);
   if (a?.membarrierRegistrations) more.push(`membarrier registrations 0x${a.membarrierRegistrations.toString(16)}`);
+  if (a?.mdwe) more.push(`memory-deny-write-execute 0x${a.mdwe.toString(16)}`);
   if (a?.coredumpFilter !== undefined && a.coredumpFilter !== 0x33) more.push(`coredump_filter 0x${a.coredumpFilter.toString(16)}`);
   return [...parts, ...t.filter(Boolean), ...more].join(', ');
 }
