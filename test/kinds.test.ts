@@ -391,10 +391,10 @@ describe('what glibc registers for every thread: rseq area, robust futex list, c
   roundTrips('thst', [fixture('threadstate')], /process 2 \(threadstate\): [^\n]*\n/);
 });
 
-describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed and sealed memory, the core dump filter, memory-deny-write-execute, timer slack', () => {
+describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed and sealed memory, mlockall(MCL_FUTURE), the core dump filter, memory-deny-write-execute, timer slack', () => {
   const root = join(out, 'chroot');
   mkdirSync(root, { recursive: true });
-  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
+  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, mlockall MCL_FUTURE, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {

@@ -198,6 +198,8 @@ export interface ProcessAttributes {
   coredumpFilter?: number;
   /** PR_GET_MDWE flags; 0 or absent: none. */
   mdwe?: number;
+  /** mlockall(MCL_FUTURE) in effect (as far as the snapshot could tell). */
+  lockFuture?: boolean;
 }
 
 export interface ThreadAttributes {

@@ -23,6 +23,7 @@ import { Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
+import type { MapsLine } from './memory.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -42,6 +43,14 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
+const NR_mlockall = 151;
+const NR_mmap = 9;
+const NR_munmap = 11;
+const PAGE = 4096;
+const PROT_READ = 1;
+const MAP_PRIVATE = 2;
+const MAP_ANONYMOUS = 0x20;
+const MCL_FUTURE = 2;
 const PR_SET_MDWE = 65;
 const PR_GET_MDWE = 66;
 const PR_SET_TIMERSLACK = 29;
@@ -112,6 +121,33 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     // A kernel before 6.3 has no MDWE (EINVAL): none then.
     mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
   };
+}
+
+/**
+ * Whether mlockall(MCL_FUTURE) is in effect: nothing in /proc says so,
+ * but every mapping made meanwhile is locked, and the snapshot has just
+ * made one, its scratch mapping (`scratch`). Where there is none (the
+ * kernel refused executable memory: memory-deny-write-execute, or
+ * APPSHOT_NO_BATCH) a page is mapped for the purpose and unmapped again:
+ * two more injected calls. The lock shows in VmLck, the process's locked
+ * total, beyond what its own locked mappings (`maps`, read before either
+ * was made) add up to. (MCL_ONFAULT is not told apart: the restore locks
+ * at once.)
+ */
+export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], scratch: { start: bigint; end: bigint } | undefined, calls: CallQueue, what: string): void {
+  if (!p.attributes) return;
+  let probe: { start: bigint; end: bigint } | undefined = scratch;
+  if (!probe) {
+    const mapped = calls.askNow(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]).ret;
+    // Refused (no memory, the locked-memory limit): not known.
+    if (mapped < 0n && mapped > -4096n) return;
+    probe = { start: mapped, end: mapped + BigInt(PAGE) };
+  }
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const lockedKb = BigInt(/^VmLck:\s+(\d+) kB/m.exec(status)?.[1] ?? '0');
+  const ownKb = maps.filter((m) => m.vmFlags.includes('lo')).reduce((n, m) => n + (m.end - m.start) / 1024n, 0n);
+  if (lockedKb >= ownKb + (probe.end - probe.start) / 1024n) p.attributes.lockFuture = true;
+  if (!scratch) check(calls.askNow(NR_munmap, [probe.start, PAGE]).ret, `unmapping the page mapped in ${what} to see whether it locks new mappings`);
 }
 
 /** The audit login uid (inherited by every child, and what audit records
@@ -247,6 +283,9 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
   // Memory-deny-write-execute last: it cannot be undone, and refuses
   // only new executable memory, which the restore made before (the
   // memory, the batch code this batch runs in).
+  // After every mapping the restore makes for the process, which would be
+  // locked too; the locked ones of the image are locked again by memory.ts.
+  if (a?.lockFuture) calls.add('locking future mappings (mlockall MCL_FUTURE)', NR_mlockall, [MCL_FUTURE]);
   if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
   // PR_SET_TIMERSLACK acts on the calling thread: the others' in their own
@@ -323,6 +362,7 @@ export function describeAttributes(p: Process): string {
   const more: string[] = [];
   if (a?.loginuid !== undefined && a.loginuid !== LOGINUID_UNSET) more.push(`loginuid ${a.loginuid}`);
   if (a?.membarrierRegistrations) more.push(`membarrier registrations 0x${a.membarrierRegistrations.toString(16)}`);
+  if (a?.lockFuture) more.push('mlockall MCL_FUTURE');
   if (a?.mdwe) more.push(`memory-deny-write-execute 0x${a.mdwe.toString(16)}`);
   if (a?.coredumpFilter !== undefined && a.coredumpFilter !== 0x33) more.push(`coredump_filter 0x${a.coredumpFilter.toString(16)}`);
   return [...parts, ...t.filter(Boolean), ...more].join(', ');

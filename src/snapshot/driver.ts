@@ -22,7 +22,7 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { askAttributes, dumpAttributes } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
@@ -250,7 +250,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
       proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
       proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, what));
-      timed('attributes', () => dumpAttributes(proc, pid, asked.attributes, calls, what));
+      timed('attributes', () => {
+        dumpAttributes(proc, pid, asked.attributes, calls, what);
+        dumpLockFuture(proc, pid, maps, batchAreas.get(pid)?.scratchRange, calls, what);
+      });
       timed('cgroups', () => dumpCgroup(proc, pid, what));
       proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
       proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
