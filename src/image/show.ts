@@ -1,6 +1,7 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
 import { describeAttributes } from '../resources/attributes.js';
+import { describeUnconnected } from '../resources/unconnected.js';
 import { describeInotify } from '../resources/inotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
@@ -97,6 +98,8 @@ function describeFd(image: Image, fd: Fd): string {
     case 'UNIX_DGRAM':
     case 'UDP':
       return describeDatagramSocket(fd);
+    case 'UNCONNECTED_STREAM':
+      return fd.socket ? describeUnconnected(fd.socket) : 'unconnected socket';
     case 'EVENTFD':
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':

@@ -410,6 +410,7 @@ export const FdKind = {
   UDP: 12,
   UNIX_DGRAM: 13,
   PTY: 14,
+  UNCONNECTED_STREAM: 15,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 

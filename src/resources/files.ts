@@ -31,6 +31,7 @@ import { openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
+import { openUnconnected } from './unconnected.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -154,6 +155,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
   [FdKind.PTY]: openPtyEnd,
+  [FdKind.UNCONNECTED_STREAM]: openUnconnected,
 };
 
 /** Descriptors whose state lives in the process that made them (a
