@@ -266,6 +266,8 @@ interface Addon {
   /** Raw struct sockaddr: getsockname; getpeername (null: not connected). */
   sockName(fd: number): Buffer;
   peerName(fd: number): Buffer | null;
+  /** pidfd_open(pid, flags): flags 0 or PIDFD_NONBLOCK. */
+  pidfdOpen(pid: number, flags: number): number;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
   sockOpen(family: number, type: number): number;
   sockBind(fd: number, addr: Buffer): void;

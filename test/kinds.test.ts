@@ -294,7 +294,7 @@ describe('what cannot be captured yet is refused by name, and the application go
   const refusals: [string, (fd: string) => string | RegExp][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
-    ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
+    ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
@@ -403,6 +403,10 @@ describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream
     expect(sb.aids()).not.toContain('uncon5');
     await checksPass(aid);
   });
+});
+
+describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {
+  roundTrips('pidf', [fixture('pidfds')], /PIDFD\s+pidfd of process 3\n[\s\S]*PIDFD\s+pidfd of process 2\n/);
 });
 
 describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, thread) and its signal, and its signals keep coming', () => {

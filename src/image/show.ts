@@ -2,6 +2,7 @@
  * and, with --json, for scripts. */
 import { describeAttributes } from '../resources/attributes.js';
 import { describeUnconnected } from '../resources/unconnected.js';
+import { describePidfd } from '../resources/pidfd.js';
 import { describeInotify } from '../resources/inotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
@@ -98,6 +99,8 @@ function describeFd(image: Image, fd: Fd): string {
     case 'UNIX_DGRAM':
     case 'UDP':
       return describeDatagramSocket(fd);
+    case 'PIDFD':
+      return describePidfd(fd);
     case 'UNCONNECTED_STREAM':
       return fd.socket ? describeUnconnected(fd.socket) : 'unconnected socket';
     case 'EVENTFD':

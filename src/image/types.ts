@@ -411,6 +411,7 @@ export const FdKind = {
   UNIX_DGRAM: 13,
   PTY: 14,
   UNCONNECTED_STREAM: 15,
+  PIDFD: 16,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 

@@ -198,6 +198,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       const d = portDecision(port, rules);
       return { kind: 'socket', name: tcpName(fd), action: d.action, reason: `listens on port ${port}: ${d.reason}` };
     }
+    case FdKind.PIDFD:
+      return { kind: 'pidfd', name: `pidfd of process ${fd.procVpid ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UNCONNECTED_STREAM:
       return { kind: 'socket', name: fd.socket ? unconnectedName(fd.socket) : 'unconnected socket', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UDP:
