@@ -88,6 +88,10 @@ describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
 });
 
+describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
+  roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
+});
+
 describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, connected outside) and UDP, with their queues', () => {
   // The socket outside the application that `logger` is connected to, as
   // a Go program's journald socket or /dev/log would be.
@@ -302,7 +306,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['odirect-pipe', () => /process 2 \(holder\) fd \d+: a pipe in packet mode \(O_DIRECT\) cannot be captured yet/],
-    ['cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on clock -6 (a CPU-time clock), which cannot be captured yet'],
+    ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
     ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],
     ['netlink', (fd) => `process 2 (holder) fd ${fd}: a socket of address family 16 cannot be captured yet`],
     ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
