@@ -276,7 +276,8 @@ interface Addon {
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
   sockShutdown(fd: number, how: number): void;
   /** Every message queued for reading, left queued (SO_PEEK_OFF). */
-  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number): { data: Buffer; from: Buffer | null }[];
+  /** `shutForReading`: a peek answering 0 ends the queue (dgram.h). */
+  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null }[];
   /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW). */
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */

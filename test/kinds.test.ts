@@ -412,6 +412,10 @@ describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream
   });
 });
 
+describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pair whose peer shut its side down: what they had not read, then the end', () => {
+  roundTrips('pgon', [fixture('peergone')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, its peer gone\n\d+\s+UNIX_SOCKET\s+unix seqpacket pair end, 2 records queued, its peer gone\n/);
+});
+
 describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {
   roundTrips('pidf', [fixture('pidfds')], /PIDFD\s+pidfd of process 3\n[\s\S]*PIDFD\s+pidfd of process 2\n/);
 });

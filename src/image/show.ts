@@ -94,7 +94,7 @@ function describeFd(image: Image, fd: Fd): string {
     }
     case 'UNIX_SOCKET':
       if (fd.socket?.kept) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} connection to a process outside, held by appshot-keeper on the host of the snapshot`;
-      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
+      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${fd.socket.peerGone ? ', its peer gone' : SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
       return `listening unix ${fd.socket?.address}`;
     case 'UNIX_DGRAM':
     case 'UDP':

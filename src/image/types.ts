@@ -581,6 +581,8 @@ export interface Socket {
   memberships?: MulticastMembership[];
   /** Connected outside the application: held by appshot-keeper, not in the image (keeper.ts). */
   kept?: boolean;
+  /** A unix stream/seqpacket socket whose peer closed; absent: not. */
+  peerGone?: boolean;
 }
 
 export interface MulticastMembership {

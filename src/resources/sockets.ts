@@ -43,6 +43,8 @@ const AF_INET = 2;
 const AF_INET6 = 10;
 const TCP_LISTEN = 0x0a;
 const TCP_CLOSE = 0x07;
+/** /proc/net/unix's St column (sock->state). */
+const SS_CONNECTED = 3;
 const SO_ACCEPTCON = 0x10000;
 const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
@@ -212,10 +214,20 @@ export class SocketTable {
         const own = { ...base, address: u?.path ?? '' };
         return { ...own, options: extras(optionKind(AF_UNIX), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
       }
-      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket whose peer is gone cannot be captured yet`);
+      // Connected, and its peer closed since: what it has not read, then
+      // the end (the peer's close shut it down both ways).
+      if (d && !d.peer && !opts.listening && u?.state === SS_CONNECTED) {
+        const where = `${what} fd ${fd}: a unix ${typeName} socket whose peer is gone`;
+        const options = extras('unix-stream', where);
+        if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options };
+        if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
+        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options };
+      }
+      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket not connected to anything cannot be captured yet`);
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
       if (opts.type === SOCK_SEQPACKET) {
-        const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`);
+        // RCV_SHUTDOWN (1): its peer shut its side down.
+        const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`, (d.shutdown & 1) !== 0);
         return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options };
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
@@ -318,6 +330,7 @@ export function requireKept(image: Image, kept: KeptSockets): void {
 export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   const s = fd.socket!;
   if (s.kept) return keptEnd(h, s, fd);
+  if (s.peerGone) return loneEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
@@ -397,6 +410,29 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     shut(a, s.shutdown ?? 0);
     shut(b, peer.shutdown ?? 0);
     h.remember(`socket ${peer.ino}`, b);
+    return a;
+  });
+  addon().setStatusFlags(end, fd.flags);
+  return end;
+}
+
+/** A unix socket whose peer is gone: one end of a new pair, given what
+ * it had not read through the other end, which is then closed, as its
+ * peer was (the close shuts it down both ways, as before). */
+function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
+  const end = h.once(`socket ${s.ino}`, () => {
+    const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
+    check(s, 'unix-stream', where);
+    const [a, b] = addon().socketPair(s.type);
+    h.keep(a);
+    try {
+      if (s.queued.length) writeSync(b, s.queued);
+      for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
+    } finally {
+      closeSync(b);
+    }
+    applyExtras(a, s.options ?? [], BASE_OPTIONS, false, where);
+    shut(a, s.shutdown ?? 0);
     return a;
   });
   addon().setStatusFlags(end, fd.flags);

@@ -68,7 +68,7 @@ export function unixUnconnected(state: number | undefined): boolean {
 
 /** Whether `s` (as describe() made it) is one of these. */
 export function isUnconnected(s: Socket): boolean {
-  return s.type !== 2 && !s.listening && !s.peerIno && !s.kept;
+  return s.type !== 2 && !s.listening && !s.peerIno && !s.kept && !s.peerGone;
 }
 
 /** Its name as a message or `inspect` shows it. */

@@ -66,10 +66,10 @@ const AUTOBIND = /^@[0-9a-f]{5}$/;
 
 /** The messages queued for reading on a duplicate of the socket, whole
  * and in order, left queued. */
-export function queuedMessages(dup: number, what: string): Datagram[] {
+export function queuedMessages(dup: number, what: string, shutForReading = false): Datagram[] {
   let got;
   try {
-    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one);
+    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
