@@ -416,6 +416,10 @@ describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pa
   roundTrips('pgon', [fixture('peergone')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, its peer gone\n\d+\s+UNIX_SOCKET\s+unix seqpacket pair end, 2 records queued, its peer gone\n/);
 });
 
+describe('datagram sockets shut down for reading with a datagram queued (an unconnected UDP socket, a unix pair end)', () => {
+  roundTrips('dshut', [fixture('dgramshut')], /UDP\s+udp 127\.0\.0\.1:\d+, 1 datagrams queued \(2 bytes\), shut down for reading\n[\s\S]*UNIX_DGRAM\s+unix dgram \(unnamed\) → socket \d+, 1 datagrams queued \(2 bytes\), shut down for reading\n/, 'apart');
+});
+
 describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {
   roundTrips('pidf', [fixture('pidfds')], /PIDFD\s+pidfd of process 3\n[\s\S]*PIDFD\s+pidfd of process 2\n/);
 });

@@ -330,7 +330,14 @@ function connect(h: RestoreContext, s: Socket, sock: number, what: string): bool
 
 /** sk_shutdown bits (1 receive, 2 send) as shutdown(2)'s how. */
 export function shut(sock: number, bits: number): void {
-  if (bits & 3) addon().sockShutdown(sock, (bits & 3) - 1);
+  if (!(bits & 3)) return;
+  try {
+    addon().sockShutdown(sock, (bits & 3) - 1);
+  } catch (e) {
+    // An unconnected UDP socket: the kernel shuts it down all the same,
+    // and says ENOTCONN (inet_shutdown), as it said to the application.
+    if ((e as NodeJS.ErrnoException).code !== 'ENOTCONN') throw e;
+  }
 }
 
 /** Buffer sizes before anything is queued (the queue must fit), the rest
