@@ -266,6 +266,8 @@ interface Addon {
   /** Raw struct sockaddr: getsockname; getpeername (null: not connected). */
   sockName(fd: number): Buffer;
   peerName(fd: number): Buffer | null;
+  /** pidfd_open(pid, flags): flags 0 or PIDFD_NONBLOCK. */
+  pidfdOpen(pid: number, flags: number): number;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
   sockOpen(family: number, type: number): number;
   sockBind(fd: number, addr: Buffer): void;
@@ -274,7 +276,8 @@ interface Addon {
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
   sockShutdown(fd: number, how: number): void;
   /** Every message queued for reading, left queued (SO_PEEK_OFF). */
-  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number): { data: Buffer; from: Buffer | null }[];
+  /** `shutForReading`: a peek answering 0 ends the queue (dgram.h). */
+  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null }[];
   /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW). */
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */

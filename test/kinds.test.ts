@@ -88,6 +88,10 @@ describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
 });
 
+describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
+  roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
+});
+
 describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, connected outside) and UDP, with their queues', () => {
   // The socket outside the application that `logger` is connected to, as
   // a Go program's journald socket or /dev/log would be.
@@ -294,13 +298,26 @@ describe('what cannot be captured yet is refused by name, and the application go
   const refusals: [string, (fd: string) => string | RegExp][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
-    ['pidfd', (fd) => `process 2 (holder) fd ${fd}: pidfd cannot be captured yet`],
+    ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
+    ['odirect-pipe', () => /process 2 \(holder\) fd \d+: a pipe in packet mode \(O_DIRECT\) cannot be captured yet/],
+    ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
+    ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],
+    ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
+    ['deleted-private-mapping', () => /process 2 \(holder\): maps deleted file \/tmp\/holder-private-\d+ \(deleted\)/],
+    ['sysv-foreign', () => /process 2 \(holder\): maps SysV segment \d+, which belongs to no application/],
+    ['netlink', (fd) => `process 2 (holder) fd ${fd}: a socket of address family 16 cannot be captured yet`],
+    ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
+    ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
+    ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
+    ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],
+    ['epoll-orphan', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: an epoll target registered as fd \\d+ is no longer held by this process \\(only another holds it\\), which cannot be captured yet`)],
+    ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
   ];
   for (const [kind, message] of refusals)
@@ -370,6 +387,55 @@ describe('zombies: children not waited for, reaped after the restore with their 
     };
     expect([3, 4, 5, 6].map(state)).toEqual(['zombie-7 Z', 'zombie-0 Z', 'zombie-15 Z', 'zombies S']);
   });
+});
+
+describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream and seqpacket; unnamed, bound to a port, a path, an abstract name): their names and options, and they listen and connect after', () => {
+  const dir = join(out, 'unconnected');
+  mkdirSync(dir, { recursive: true });
+  roundTrips('uncon', [fixture('unconnected'), dir], /UNCONNECTED_STREAM\s+TCP socket bound to 127\.0\.0\.1:\d+, neither connected nor listening\n[\s\S]*UNCONNECTED_STREAM\s+unix seqpacket socket bound to @appshot-unconnected-\d+, neither connected nor listening\n/, 'apart');
+
+  it('is not restored beside an original that still holds its names: refused, naming the socket', async () => {
+    const aid = 'uncon4';
+    const own = join(out, 'unconnected4');
+    mkdirSync(own, { recursive: true });
+    run(['run', '-d', '--aid', aid, '--', fixture('unconnected'), own]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = sb.run(['restore', join(out, aid), '--aid', 'uncon5']);
+    expect(r.code, r.stderr).toBe(4);
+    // (The TCP socket bound with SO_REUSEADDR may be bound twice while
+    // neither listens, as the kernel lets any two such sockets be.)
+    expect(r.stderr).toMatch(/process 2 fd 7: the unix stream socket bound to \S+\/unconnected4\/s-\d+: a live socket holds \S+\/unconnected4\/s-\d+/);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(sb.aids()).not.toContain('uncon5');
+    await checksPass(aid);
+  });
+});
+
+describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pair whose peer shut its side down: what they had not read, then the end', () => {
+  roundTrips('pgon', [fixture('peergone')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, its peer gone\n\d+\s+UNIX_SOCKET\s+unix seqpacket pair end, 2 records queued, its peer gone\n/);
+});
+
+describe('datagram sockets shut down for reading with a datagram queued (an unconnected UDP socket, a unix pair end)', () => {
+  roundTrips('dshut', [fixture('dgramshut')], /UDP\s+udp 127\.0\.0\.1:\d+, 1 datagrams queued \(2 bytes\), shut down for reading\n[\s\S]*UNIX_DGRAM\s+unix dgram \(unnamed\) → socket \d+, 1 datagrams queued \(2 bytes\), shut down for reading\n/, 'apart');
+});
+
+describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {
+  roundTrips('pidf', [fixture('pidfds')], /PIDFD\s+pidfd of process 3\n[\s\S]*PIDFD\s+pidfd of process 2\n/);
+});
+
+describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, thread) and its signal, and its signals keep coming', () => {
+  roundTrips('async', [fixture('asyncio')], /PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, O_ASYNC to process 2\n[\s\S]*UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, O_ASYNC to thread 2 by signal 10\n/);
+});
+
+describe('what glibc registers for every thread: rseq area, robust futex list, clear-child-TID address, its cached TID', () => {
+  roundTrips('thst', [fixture('threadstate')], /process 2 \(threadstate\): [^\n]*\n/);
+});
+
+describe('more process state: the root directory (chroot), the audit login uid, membarrier registrations, mlock\'ed and sealed memory, mlockall(MCL_FUTURE), the core dump filter, memory-deny-write-execute, timer slack', () => {
+  const root = join(out, 'chroot');
+  mkdirSync(root, { recursive: true });
+  roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, mlockall MCL_FUTURE, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {

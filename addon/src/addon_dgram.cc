@@ -98,13 +98,13 @@ Napi::Value SockShutdown(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// datagramQueue(fd, maxCount, maxTotal, maxOne) -> [{ data, from }]: every
-// message queued for reading, left queued; `from` is null when unnamed.
+// datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?) -> [{ data, from }]:
+// every message queued for reading, left queued; `from` is null when unnamed.
 Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   dgram_msg* msgs = nullptr;
   long n = dgram_queue(Int(info[0]), info[1].As<Napi::Number>().Uint32Value(), info[2].As<Napi::Number>().Uint32Value(),
-                       info[3].As<Napi::Number>().Uint32Value(), &msgs);
+                       info[3].As<Napi::Number>().Uint32Value(), info.Length() > 4 && info[4].ToBoolean(), &msgs);
   if (n < 0) {
     ThrowErrno(env, "reading the queued datagrams", static_cast<int>(-n));
     return env.Undefined();

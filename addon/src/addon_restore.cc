@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 #include <sys/wait.h>
+#include <sys/syscall.h>
 
 #include <arpa/inet.h>
 #include <spawn.h>
@@ -38,6 +39,17 @@ namespace {
 using appshot::ThrowErrno;
 
 int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
+
+// pidfdOpen(pid, flags) -> fd: a pidfd of a restored process, handed to it
+// as the pidfd it held (resources/pidfd.ts).
+Napi::Value PidfdOpen(const Napi::CallbackInfo& info) {
+  int fd = static_cast<int>(syscall(SYS_pidfd_open, Int(info[0]), Int(info[1])));
+  if (fd < 0) {
+    ThrowErrno(info.Env(), "pidfd_open", errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), fd);
+}
 
 Napi::Value Pipe(const Napi::CallbackInfo& info) {
   int p[2];
@@ -712,6 +724,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
     exports.Set(name, Napi::Function::New(env, f, name));
   };
   fn("pipe", Pipe);
+  fn("pidfdOpen", PidfdOpen);
   fn("socketPair", SocketPair);
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);

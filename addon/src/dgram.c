@@ -14,7 +14,7 @@ void dgram_free(dgram_msg* msgs, long n) {
   free(msgs);
 }
 
-long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, dgram_msg** out) {
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out) {
   int saved = -1;
   socklen_t sl = sizeof saved;
   if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) return -errno;
@@ -34,6 +34,7 @@ long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, dgr
       if (errno != EAGAIN) rc = -errno;
       break;
     }
+    if (got == 0 && shut_for_reading) break;
     if ((size_t)got > max_one || (mh.msg_flags & MSG_TRUNC)) {
       rc = -EMSGSIZE;
       break;

@@ -20,8 +20,12 @@ typedef struct {
  * boundaries, left queued: peeked with SO_PEEK_OFF walking the queue, the
  * socket's own peek offset put back after. At most `max_count` messages of
  * `max_total` bytes in all (-E2BIG past that); a message larger than
- * `max_one` is -EMSGSIZE. */
-long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, dgram_msg** out);
+ * `max_one` is -EMSGSIZE. `shut_for_reading`: a seqpacket socket shut down
+ * for reading (its peer closed, or shut its side down), where a peek past
+ * the last message answers 0, as for an empty message, instead of EAGAIN
+ * (a datagram socket still says EAGAIN): an empty answer ends the walk
+ * there (an empty record on such a socket is lost). */
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out);
 void dgram_free(dgram_msg* msgs, long n);
 
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),

@@ -1,6 +1,8 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
 import { describeAttributes } from '../resources/attributes.js';
+import { describeUnconnected } from '../resources/unconnected.js';
+import { describePidfd } from '../resources/pidfd.js';
 import { describeInotify } from '../resources/inotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
@@ -63,6 +65,13 @@ function describeDatagramSocket(fd: Fd): string {
   return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}${groups}`;
 }
 
+/** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts). */
+function describeOwner(fd: Fd): string {
+  if (!fd.owner) return '';
+  const who = fd.owner.vpid ? `${['thread', 'process', 'process group'][fd.owner.type]} ${fd.owner.vpid}` : 'nobody';
+  return `, O_ASYNC to ${who}${fd.owner.signal ? ` by signal ${fd.owner.signal}` : ''}`;
+}
+
 function describeFd(image: Image, fd: Fd): string {
   switch (fdKindName[fd.kind]) {
     case 'FILE':
@@ -85,11 +94,15 @@ function describeFd(image: Image, fd: Fd): string {
     }
     case 'UNIX_SOCKET':
       if (fd.socket?.kept) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} connection to a process outside, held by appshot-keeper on the host of the snapshot`;
-      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
+      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${fd.socket.peerGone ? ', its peer gone' : SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
       return `listening unix ${fd.socket?.address}`;
     case 'UNIX_DGRAM':
     case 'UDP':
       return describeDatagramSocket(fd);
+    case 'PIDFD':
+      return describePidfd(fd);
+    case 'UNCONNECTED_STREAM':
+      return fd.socket ? describeUnconnected(fd.socket) : 'unconnected socket';
     case 'EVENTFD':
       return `eventfd count=${fd.eventfdCount}`;
     case 'SIGNALFD':
@@ -155,7 +168,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
@@ -171,7 +184,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
       p.vmas.map((v) => [v.start.toString(16), v.end.toString(16), (v.prot & 1 ? 'r' : '-') + (v.prot & 2 ? 'w' : '-') + (v.prot & 4 ? 'x' : '-') + (v.shared ? 's' : 'p'), vmaKindName[v.kind], size(v.end - v.start), size(countPages(v.pages?.runs ?? []) * 4096), v.path]),
       out,
     );
-    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f)]), out);
+    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f) + describeOwner(f)]), out);
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);

@@ -190,6 +190,16 @@ export interface ProcessAttributes {
   oomScoreAdj: number;
   childSubreaper: boolean;
   thpDisabled: boolean;
+  /** /proc/PID/loginuid; absent: not known (no audit, older image). */
+  loginuid?: number;
+  /** MEMBARRIER_CMD_GET_REGISTRATIONS; 0 or absent: none. */
+  membarrierRegistrations?: number;
+  /** /proc/PID/coredump_filter; absent: left as the seed's. */
+  coredumpFilter?: number;
+  /** PR_GET_MDWE flags; 0 or absent: none. */
+  mdwe?: number;
+  /** mlockall(MCL_FUTURE) in effect (as far as the snapshot could tell). */
+  lockFuture?: boolean;
 }
 
 export interface ThreadAttributes {
@@ -200,6 +210,8 @@ export interface ThreadAttributes {
   /** Absent in older images: left as the seed's. */
   cpuAffinity?: Buffer;
   ioprio?: number;
+  /** PR_GET_TIMERSLACK; absent: left as the seed's; 0: not set. */
+  timerSlackNs?: bigint;
 }
 
 export interface Zombie {
@@ -398,6 +410,8 @@ export const FdKind = {
   UDP: 12,
   UNIX_DGRAM: 13,
   PTY: 14,
+  UNCONNECTED_STREAM: 15,
+  PIDFD: 16,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -431,6 +445,18 @@ export interface Fd {
   /** A file under /proc/PID of one of the application's processes: its
    * virtual PID; 0 or absent otherwise. */
   procVpid?: number;
+  /** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts);
+   * absent for others and in older images. */
+  owner?: FdOwner;
+}
+
+export interface FdOwner {
+  /** F_OWNER_TID 0, F_OWNER_PID 1, F_OWNER_PGRP 2. */
+  type: number;
+  /** The virtual TID, PID or process group; 0: nobody. */
+  vpid: number;
+  /** F_GETSIG; 0: SIGIO. */
+  signal: number;
 }
 
 export interface PtyPair {
@@ -555,6 +581,8 @@ export interface Socket {
   memberships?: MulticastMembership[];
   /** Connected outside the application: held by appshot-keeper, not in the image (keeper.ts). */
   kept?: boolean;
+  /** A unix stream/seqpacket socket whose peer closed; absent: not. */
+  peerGone?: boolean;
 }
 
 export interface MulticastMembership {

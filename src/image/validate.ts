@@ -295,7 +295,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
-    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM];
+    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM];
     if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
     if (fd.socket) checkDatagrams(fd.socket, where);
     if (fd.tcp) checkOptions(fd.tcp.socketOptions ?? [], where);

@@ -1,9 +1,11 @@
 /**
  * Process and thread attributes that a restore would otherwise leave as
  * the seed's (silently wrong): the OOM score adjustment, child-subreaper
- * status, transparent huge pages disabled, personality; and per thread,
- * nice value, scheduling policy and priority, CPU affinity, I/O priority
- * and parent-death signal.
+ * status, transparent huge pages disabled, personality, the audit login
+ * uid, membarrier registrations, the core dump filter, memory-deny-write-
+ * execute; and per thread, nice value, scheduling
+ * policy and priority, CPU affinity, I/O priority, timer slack and
+ * parent-death signal.
  *
  * Read at snapshot from /proc, by the scheduling getters (which take any
  * TID) from appshot's process, and by calls injected into the frozen
@@ -21,6 +23,7 @@ import { Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
+import type { MapsLine } from './memory.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -40,6 +43,33 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
+const NR_mlockall = 151;
+const NR_mmap = 9;
+const NR_munmap = 11;
+const PAGE = 4096;
+const PROT_READ = 1;
+const MAP_PRIVATE = 2;
+const MAP_ANONYMOUS = 0x20;
+const MCL_FUTURE = 2;
+const PR_SET_MDWE = 65;
+const PR_GET_MDWE = 66;
+const PR_SET_TIMERSLACK = 29;
+const PR_GET_TIMERSLACK = 30;
+const NR_membarrier = 324;
+const NR_open = 2;
+const NR_write = 1;
+const NR_close = 3;
+const O_WRONLY = 1;
+const O_CLOEXEC = 0o2000000;
+/** MEMBARRIER_CMD_GET_REGISTRATIONS (Linux 6.3): the REGISTER_* commands
+ * the process ran, as a mask of those commands, each of which is also
+ * what registers it again. */
+const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
+const MEMBARRIER_REGISTER_COMMANDS = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
+const EINVAL = 22n;
+const ENOSYS = 38n;
+/** What /proc/PID/loginuid says of a process no login set it for. */
+const LOGINUID_UNSET = 4294967295;
 
 function check(ret: bigint, what: string): bigint {
   if (ret < 0n) throw new Error(`reading ${what}: errno ${-ret}`);
@@ -52,7 +82,10 @@ function check(ret: bigint, what: string): bigint {
 export interface AttributesAsked {
   subreaper: Answer;
   thpDisabled: Answer;
+  membarrier: Answer;
+  mdwe: Answer;
   pdeathsig: Map<number, Answer>;
+  timerSlack: Map<number, Answer>;
 }
 
 export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked {
@@ -61,6 +94,10 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     thpDisabled: calls.ask(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]),
     // The parent-death signal is only told to the thread itself.
     pdeathsig: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_PDEATHSIG, 'buf'], { tid, outLength: 4 })])),
+    // Registrations are the mm's; the timer slack is each thread's own.
+    membarrier: calls.ask(NR_membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
+    mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
+    timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
   };
 }
 
@@ -69,7 +106,7 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
 export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, calls: CallQueue, what: string): void {
   p.attributes = dumpProcessAttributes(pid, asked, what);
   p.personality = dumpPersonality(pid, calls, what);
-  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, calls, what);
+  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, asked.timerSlack.get(t.tid)!, calls, what);
 }
 
 function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string): ProcessAttributes {
@@ -78,7 +115,59 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     oomScoreAdj: Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')),
     childSubreaper: asked.subreaper.out.readInt32LE() !== 0,
     thpDisabled: check(asked.thpDisabled.ret, `THP disable of ${what}`) !== 0n,
+    loginuid: dumpLoginuid(pid),
+    membarrierRegistrations: dumpMembarrier(asked.membarrier, what),
+    coredumpFilter: parseInt(readFileSync(`/proc/${pid}/coredump_filter`, 'utf8'), 16),
+    // A kernel before 6.3 has no MDWE (EINVAL): none then.
+    mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
   };
+}
+
+/**
+ * Whether mlockall(MCL_FUTURE) is in effect: nothing in /proc says so,
+ * but every mapping made meanwhile is locked, and the snapshot has just
+ * made one, its scratch mapping (`scratch`). Where there is none (the
+ * kernel refused executable memory: memory-deny-write-execute, or
+ * APPSHOT_NO_BATCH) a page is mapped for the purpose and unmapped again:
+ * two more injected calls. The lock shows in VmLck, the process's locked
+ * total, beyond what its own locked mappings (`maps`, read before either
+ * was made) add up to. (MCL_ONFAULT is not told apart: the restore locks
+ * at once.)
+ */
+export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], scratch: { start: bigint; end: bigint } | undefined, calls: CallQueue, what: string): void {
+  if (!p.attributes) return;
+  let probe: { start: bigint; end: bigint } | undefined = scratch;
+  if (!probe) {
+    const mapped = calls.askNow(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]).ret;
+    // Refused (no memory, the locked-memory limit): not known.
+    if (mapped < 0n && mapped > -4096n) return;
+    probe = { start: mapped, end: mapped + BigInt(PAGE) };
+  }
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const lockedKb = BigInt(/^VmLck:\s+(\d+) kB/m.exec(status)?.[1] ?? '0');
+  const ownKb = maps.filter((m) => m.vmFlags.includes('lo')).reduce((n, m) => n + (m.end - m.start) / 1024n, 0n);
+  if (lockedKb >= ownKb + (probe.end - probe.start) / 1024n) p.attributes.lockFuture = true;
+  if (!scratch) check(calls.askNow(NR_munmap, [probe.start, PAGE]).ret, `unmapping the page mapped in ${what} to see whether it locks new mappings`);
+}
+
+/** The audit login uid (inherited by every child, and what audit records
+ * carry); undefined where the kernel has no audit (no such file). */
+function dumpLoginuid(pid: number): number | undefined {
+  try {
+    return Number(readFileSync(`/proc/${pid}/loginuid`, 'utf8'));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+/** The membarrier registrations: without them a restored process's
+ * expedited barriers fail with EPERM (a .NET runtime, liburcu). A kernel
+ * before 6.3 cannot tell them (EINVAL), nor one without membarrier
+ * (ENOSYS): none recorded then (README, What is not kept). */
+function dumpMembarrier(asked: Answer, what: string): number {
+  if (asked.ret === -EINVAL || asked.ret === -ENOSYS) return 0;
+  return Number(check(asked.ret, `the membarrier registrations of ${what}`));
 }
 
 /** The personality, as the process has it: from /proc/PID/personality,
@@ -118,7 +207,7 @@ function schedAttributes(tid: number, calls: CallQueue, what: string): { policy:
   };
 }
 
-function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, calls: CallQueue, what: string): ThreadAttributes {
+function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timerSlack: Answer, calls: CallQueue, what: string): ThreadAttributes {
   const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
   // Field 19 of proc(5): nice.
   const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
@@ -133,6 +222,7 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, calls
     pdeathsig: pdeathsig.out.readInt32LE(),
     cpuAffinity: sched.affinity,
     ioprio: sched.ioprio,
+    timerSlackNs: BigInt.asUintN(64, check(timerSlack.ret, `the timer slack of ${what} thread ${tid}`)),
   };
 }
 
@@ -151,9 +241,23 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
       }
     }
   }
+  if (a?.coredumpFilter !== undefined) {
+    // Written from here: the file is the process's, its owner's to write.
+    const path = `/proc/${r.pid}/coredump_filter`;
+    if (parseInt(readFileSync(path, 'utf8'), 16) !== a.coredumpFilter) {
+      try {
+        writeFileSync(path, `0x${a.coredumpFilter.toString(16)}`);
+      } catch (e) {
+        throw new Error(`setting coredump_filter 0x${a.coredumpFilter.toString(16)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    }
+  }
+  if (a?.loginuid !== undefined) restoreLoginuid(r, a.loginuid);
   // One batch (remote.ts): each call names the thread it acts on.
   r.reset();
   const calls = r.batch();
+  for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
+    if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, NR_membarrier, [cmd, 0, 0]);
   if (a?.childSubreaper) calls.add('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
   if (a?.thpDisabled) calls.add('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
   calls.add(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
@@ -172,8 +276,61 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     // naming none of them fails.
     if (ta.cpuAffinity?.length) calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
     if (ta.ioprio !== undefined) calls.add(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
+    // Every thread starts with the main thread's slack, the seed's; a
+    // real-time thread's reads 0, which would set the default instead.
+    if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== seedSlack(r.pid)) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
   });
+  // Memory-deny-write-execute last: it cannot be undone, and refuses
+  // only new executable memory, which the restore made before (the
+  // memory, the batch code this batch runs in).
+  // After every mapping the restore makes for the process, which would be
+  // locked too; the locked ones of the image are locked again by memory.ts.
+  if (a?.lockFuture) calls.add('locking future mappings (mlockall MCL_FUTURE)', NR_mlockall, [MCL_FUTURE]);
+  if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
+  // PR_SET_TIMERSLACK acts on the calling thread: the others' in their own
+  // stops, only where it differs from the seed's.
+  p.threads.forEach((t: Thread, i) => {
+    const slack = t.attributes?.timerSlackNs;
+    if (i > 0 && slack && slack !== seedSlack(r.pid)) r.call(`setting timer slack ${slack} ns of thread ${t.vtid}`, SYS.prctl, [PR_SET_TIMERSLACK, slack, 0, 0, 0], tids[i]);
+  });
+}
+
+/** The slack every thread of the seed has (its main thread's, which
+ * threads made by clone copy); undefined where this user may not read it
+ * (another uid without CAP_SYS_NICE): then set anyway. */
+function seedSlack(pid: number): bigint | undefined {
+  try {
+    return BigInt(readFileSync(`/proc/${pid}/timerslack_ns`, 'utf8').trim());
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The audit login uid: a process sets only its own (the kernel refuses a
+ * write to another's /proc/PID/loginuid), so the restored process writes
+ * it, while it still has the seed's CAP_AUDIT_CONTROL, before its root
+ * directory and credentials are its own. Only where it differs from the
+ * seed's, which is the restoring user's: the usual case for an ordinary
+ * user. Setting it starts a new audit session id, which is not kept.
+ */
+function restoreLoginuid(r: RemoteProcess, loginuid: number): void {
+  const now = Number(readFileSync(`/proc/${r.pid}/loginuid`, 'utf8'));
+  if (now === loginuid) return;
+  r.reset();
+  const text = String(loginuid);
+  const results = r.runCalls([
+    { nr: NR_open, args: [r.str('/proc/self/loginuid'), O_WRONLY | O_CLOEXEC, 0] },
+    { nr: NR_write, args: [0, r.put(Buffer.from(text)), text.length], firstArgOf: 0 },
+    { nr: NR_close, args: [0], firstArgOf: 0 },
+  ]);
+  const failed = results.find((x) => x < 0n && x > -4096n);
+  if (results[0] >= 0n && results.length < 3) r.raw(NR_close, [results[0]]);
+  if (failed !== undefined || results.length < 3)
+    throw new Error(
+      `setting the audit login uid ${loginuid === LOGINUID_UNSET ? '(unset)' : loginuid} (it is ${now === LOGINUID_UNSET ? 'unset' : now} here): errno ${failed === undefined ? '?' : -failed}${failed === -1n ? ' (EPERM: this needs CAP_AUDIT_CONTROL, and a kernel with loginuid_immutable refuses any change once set)' : ''}`,
+    );
 }
 
 /** The parent-death signal, after the credentials: the kernel clears it
@@ -197,7 +354,16 @@ export function describeAttributes(p: Process): string {
     const a = th.attributes;
     if (!a) return undefined;
     const affinity = a.cpuAffinity?.length ? ` cpus ${cpus(a.cpuAffinity).join(',')}` : '';
-    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}`;
+    const slack = a.timerSlackNs !== undefined && a.timerSlackNs !== 50000n ? ` timerslack ${a.timerSlackNs}` : '';
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}`;
   });
-  return [...parts, ...t.filter(Boolean)].join(', ');
+  // Last, so that what comes before reads the same wherever a login set
+  // the uid.
+  const more: string[] = [];
+  if (a?.loginuid !== undefined && a.loginuid !== LOGINUID_UNSET) more.push(`loginuid ${a.loginuid}`);
+  if (a?.membarrierRegistrations) more.push(`membarrier registrations 0x${a.membarrierRegistrations.toString(16)}`);
+  if (a?.lockFuture) more.push('mlockall MCL_FUTURE');
+  if (a?.mdwe) more.push(`memory-deny-write-execute 0x${a.mdwe.toString(16)}`);
+  if (a?.coredumpFilter !== undefined && a.coredumpFilter !== 0x33) more.push(`coredump_filter 0x${a.coredumpFilter.toString(16)}`);
+  return [...parts, ...t.filter(Boolean), ...more].join(', ');
 }

@@ -31,6 +31,8 @@ import { openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
+import { openUnconnected } from './unconnected.js';
+import { dumpPidfd, openPidfd } from './pidfd.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -110,6 +112,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else if (target === 'anon_inode:inotify') {
       fd.kind = FdKind.INOTIFY;
       fd.inotifyWatches = dumpInotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
+    } else if (target === 'anon_inode:[pidfd]' || bracket?.[1] === 'pidfd') {
+      fd.kind = FdKind.PIDFD;
+      fd.procVpid = dumpPidfd(ctx, info, flags, `${what} fd ${n}`);
     } else if (target.startsWith('anon_inode:') || bracket) {
       const kind = target.replace(/^anon_inode:/, '').replace(/[[\]]/g, '');
       throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
@@ -154,6 +159,8 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
   [FdKind.PTY]: openPtyEnd,
+  [FdKind.UNCONNECTED_STREAM]: openUnconnected,
+  [FdKind.PIDFD]: openPidfd,
 };
 
 /** Descriptors whose state lives in the process that made them (a
@@ -370,7 +377,7 @@ export function markSharedDescriptions(procs: { pid: number; fds: Fd[] }[]): voi
   const groups = new Map<string, { pid: number; fd: Fd }[]>();
   for (const p of procs)
     for (const fd of p.fds) {
-      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD && fd.kind !== FdKind.PIPE && fd.kind !== FdKind.FIFO) continue;
+      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD && fd.kind !== FdKind.PIPE && fd.kind !== FdKind.FIFO && fd.kind !== FdKind.PIDFD) continue;
       const key = `${fd.kind}:${fd.file}:${fd.path}`;
       if (!groups.has(key)) groups.set(key, []);
       groups.get(key)!.push({ pid: p.pid, fd });

@@ -69,8 +69,8 @@ export function readMaps(pid: number): MapsLine[] {
  * The VmFlags a snapshot keeps (Vma.vmFlags), each given back by a restore:
  * gd (grows down) with MAP_GROWSDOWN, dp (droppable) with MAP_DROPPABLE,
  * mw (may write) by the mode a shared file mapping's file is opened with,
- * the others with madvise. wf and dc are also what makes a clone a fork
- * (forkTreatment).
+ * lo (locked) and lf (locked on fault) with mlock2, sl (sealed) with
+ * mseal, the others with madvise. wf and dc are also what makes a clone a fork (forkTreatment).
  */
 const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   gd: undefined,
@@ -82,7 +82,14 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   hg: 14, // MADV_HUGEPAGE
   nh: 15, // MADV_NOHUGEPAGE
   mg: 12, // MADV_MERGEABLE
+  lo: undefined,
+  lf: undefined,
+  sl: undefined,
 };
+
+const NR_mlock2 = 325;
+const MLOCK_ONFAULT = 1;
+const NR_mseal = 462;
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
  * read once per process at dump time (smaps walks the page tables; maps
@@ -273,7 +280,9 @@ interface ForkParent {
   anon: Map<bigint, { end: bigint; path: string; flags: string }>;
 }
 
-const NOT_INHERITED = ['wf', 'dc', 'dp'];
+// A fork child's mappings are not locked, and locking a private writable
+// mapping breaks its copy-on-write sharing (mlock writes every page in).
+const NOT_INHERITED = ['wf', 'dc', 'dp', 'lo'];
 
 function openForkParent(pid: number): ForkParent {
   const flags = readVmFlags(pid);
@@ -777,9 +786,29 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       const advice = Object.hasOwn(KEPT_VM_FLAGS, flag) ? KEPT_VM_FLAGS[flag] : undefined;
       if (advice !== undefined) finishing.add(`${what}: madvise ${flag}`, SYS.madvise, [v.start, len, advice]);
     }
+    // Locked last, once its data is in: mlock faults every page in (all of
+    // a --lazy mapping's too, as they were resident when it was locked);
+    // RLIMIT_MEMLOCK is the seed's here, the restoring user's.
+    if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, NR_mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
   }
   for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);
   finishing.run();
+}
+
+/**
+ * Seals the mappings the image has sealed (mseal, VmFlags sl): apart from
+ * restoreMemory and late, once every child that is forked from this
+ * process during the restore has been (a fork child inherits the seal,
+ * and could then not unmap what it must), and nothing else will change
+ * the mapping (mseal refuses mprotect, munmap, mremap and a discarding
+ * madvise on it).
+ */
+export function sealMemory(r: RemoteProcess, vmas: Vma[]): void {
+  const sealed = vmas.filter((v) => v.vmFlags.includes('sl') && v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL);
+  if (!sealed.length) return;
+  const calls = r.batch();
+  for (const v of sealed) calls.add(`sealing the mapping at 0x${v.start.toString(16)} (mseal)`, NR_mseal, [v.start, v.end - v.start, 0]);
+  calls.run();
 }
 
 /** How one VMA of the image is mapped (restoreMemory): `file`, `pageFile`:

@@ -126,6 +126,23 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 
 /* ---- restore ---------------------------------------------------------- */
 
+const NR_chroot = 161;
+
+/**
+ * The root directory (chroot): last of what the process does by path,
+ * since every path after it resolves inside it (its memory's files, its
+ * working directory, its inotify watches, its login uid's /proc file are
+ * done), and before its credentials, which may take CAP_SYS_CHROOT away.
+ * `root` is as appshot's process sees it, as is every other path of the
+ * image. Where it cannot be (no such directory, no CAP_SYS_CHROOT here)
+ * the restore fails naming it.
+ */
+export function restoreRoot(r: RemoteProcess, p: Process): void {
+  if (!p.root || p.root === '/') return;
+  r.reset();
+  r.call(`changing the root directory to ${p.root}`, NR_chroot, [r.str(p.root)]);
+}
+
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
 const O_CLOEXEC = 0o2000000;

@@ -24,6 +24,7 @@ import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
+import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
@@ -41,6 +42,9 @@ const AF_UNIX = 1;
 const AF_INET = 2;
 const AF_INET6 = 10;
 const TCP_LISTEN = 0x0a;
+const TCP_CLOSE = 0x07;
+/** /proc/net/unix's St column (sock->state). */
+const SS_CONNECTED = 3;
 const SO_ACCEPTCON = 0x10000;
 const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
@@ -55,6 +59,7 @@ const BASE_OPTIONS: [number, number][] = [
 
 /** The descriptor kind of a socket describe() returned. */
 export function socketKind(s: Socket): number {
+  if (isUnconnected(s)) return FdKind.UNCONNECTED_STREAM;
   if (s.family === AF_UNIX) return s.type === SOCK_DGRAM ? FdKind.UNIX_DGRAM : FdKind.UNIX_SOCKET;
   return s.type === SOCK_DGRAM ? FdKind.UDP : FdKind.TCP_LISTEN;
 }
@@ -67,7 +72,7 @@ export function socketKind(s: Socket): number {
  * UDP sockets are still looked up in tables of the namespace, read when
  * the first socket of their kind is. */
 export class SocketTable {
-  private tcp = new Map<bigint, InetEntry & { backlog: number }>();
+  private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
   private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }>();
   private udp = new Map<bigint, SeenUdp>();
@@ -126,13 +131,15 @@ export class SocketTable {
 
   /** The TCP socket behind `fd` of `pid`, asked once; undefined for a
    * socket of another kind. */
-  private tcpSocket(pid: number, fd: number, ino: bigint): (InetEntry & { backlog: number }) | undefined {
+  private tcpSocket(pid: number, fd: number, ino: bigint): (InetEntry & { backlog: number; neverConnected: boolean }) | undefined {
     const known = this.tcp.get(ino);
     if (known) return known;
     const dup = this.dupOf(pid, fd, ino);
     const { family, type } = addon().sockInfo(dup);
     if ((family !== AF_INET && family !== AF_INET6) || type !== SOCK_STREAM) return undefined;
-    const e = { family, ...addon().tcpEndpoint(dup) };
+    const endpoint = addon().tcpEndpoint(dup);
+    // CLOSE is also where a connection that ended stays (unconnected.ts).
+    const e = { family, ...endpoint, neverConnected: endpoint.state === TCP_CLOSE && neverConnected(dup) };
     this.tcp.set(ino, e);
     return e;
   }
@@ -160,7 +167,7 @@ export class SocketTable {
   /** A TCP socket that is not listening (tcp.ts captures it), or undefined. */
   connection(pid: number, fd: number, ino: bigint): InetEntry | undefined {
     const e = this.tcpSocket(pid, fd, ino);
-    return e && e.state !== TCP_LISTEN ? { family: e.family, address: e.address, port: e.port, remote: e.remote, state: e.state } : undefined;
+    return e && e.state !== TCP_LISTEN && !e.neverConnected ? { family: e.family, address: e.address, port: e.port, remote: e.remote, state: e.state } : undefined;
   }
 
   /** The socket behind `fd` of `pid`; throws Unsupported for what cannot
@@ -203,10 +210,24 @@ export class SocketTable {
       if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`) };
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
-      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: an unconnected unix ${typeName} socket cannot be captured yet`);
+      if (!d?.peer && !opts.listening && unixUnconnected(u?.state)) {
+        const own = { ...base, address: u?.path ?? '' };
+        return { ...own, options: extras(optionKind(AF_UNIX), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
+      }
+      // Connected, and its peer closed since: what it has not read, then
+      // the end (the peer's close shut it down both ways).
+      if (d && !d.peer && !opts.listening && u?.state === SS_CONNECTED) {
+        const where = `${what} fd ${fd}: a unix ${typeName} socket whose peer is gone`;
+        const options = extras('unix-stream', where);
+        if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options };
+        if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
+        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options };
+      }
+      if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket not connected to anything cannot be captured yet`);
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
       if (opts.type === SOCK_SEQPACKET) {
-        const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`);
+        // RCV_SHUTDOWN (1): its peer shut its side down.
+        const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`, (d.shutdown & 1) !== 0);
         return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options };
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
@@ -229,6 +250,10 @@ export class SocketTable {
         const options = extras('listen', where);
         noted(seen, ino, 'listen', e.port, opts.reuseport, options, where);
         return { ...base, address: e.address, port: e.port, listening: true, backlog: e.backlog, options };
+      }
+      if (e?.neverConnected) {
+        const own = { ...base, address: e.address, port: e.port };
+        return { ...own, options: extras(optionKind(opts.family), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
       }
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
@@ -305,6 +330,7 @@ export function requireKept(image: Image, kept: KeptSockets): void {
 export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   const s = fd.socket!;
   if (s.kept) return keptEnd(h, s, fd);
+  if (s.peerGone) return loneEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
@@ -384,6 +410,29 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     shut(a, s.shutdown ?? 0);
     shut(b, peer.shutdown ?? 0);
     h.remember(`socket ${peer.ino}`, b);
+    return a;
+  });
+  addon().setStatusFlags(end, fd.flags);
+  return end;
+}
+
+/** A unix socket whose peer is gone: one end of a new pair, given what
+ * it had not read through the other end, which is then closed, as its
+ * peer was (the close shuts it down both ways, as before). */
+function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
+  const end = h.once(`socket ${s.ino}`, () => {
+    const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
+    check(s, 'unix-stream', where);
+    const [a, b] = addon().socketPair(s.type);
+    h.keep(a);
+    try {
+      if (s.queued.length) writeSync(b, s.queued);
+      for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
+    } finally {
+      closeSync(b);
+    }
+    applyExtras(a, s.options ?? [], BASE_OPTIONS, false, where);
+    shut(a, s.shutdown ?? 0);
     return a;
   });
   addon().setStatusFlags(end, fd.flags);

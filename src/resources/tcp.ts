@@ -144,6 +144,11 @@ export class HeldConnections {
     const [peerAddress, peerPort] = splitRemote(seen.remote);
     const named = { localAddress: seen.address, localPort: seen.port, peerAddress, peerPort };
     const where = `${what} fd ${fd}: the TCP connection ${connectionName(named)}`;
+    // A connection that ended (reset, refused, closed both ways) while the
+    // application holds the socket: CLOSE, with no peer any more. (One
+    // never connected is unconnected.ts's, not here.)
+    if (TCP_STATES[seen.state] === 'CLOSE' && !peerPort)
+      throw new Unsupported(`${what} fd ${fd}: a TCP socket whose connection has ended (CLOSE${seen.port ? `, bound to ${connectionName(named).split(' ')[0]}` : ''}) cannot be captured yet`);
     if (!KEPT_STATES.has(seen.state))
       throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
     // What the preload library saw set and nothing reads back (MD5 keys).

@@ -11,6 +11,14 @@
  * A timer that notifies one thread names that thread's new system TID.
  * Time left is carried as such, as for timerfds (timerfd.ts).
  *
+ * A timer on a CPU-time clock is made again on the same clock of the
+ * restored process: its own process's (CLOCK_PROCESS_CPUTIME_ID, and the
+ * profiling and virtual variants), or the thread's that made it, which
+ * /proc does not name: known only in a process of one thread. The time
+ * left is CPU time still to be used, as it was; the CPU time the process
+ * had used is not carried (clock_gettime on it starts again near 0).
+ * Refused by name: a clock of another process or thread (clock_getcpuclockid).
+ *
  * Not carried: the overrun count of the last expiry (no call sets it); a
  * timer's signal already queued comes back as an ordinary queued signal
  * (signals.ts), with its siginfo.
@@ -32,6 +40,18 @@ const SIGEV_THREAD_ID = 4;
 /** The clocks a timer can be made on by number alone; the others (a
  * process's or thread's CPU clock) encode a PID. */
 const PLAIN_CLOCKS = new Set([0, 1, 7, 8, 9, 11]); // REALTIME MONOTONIC BOOTTIME REALTIME_ALARM BOOTTIME_ALARM TAI
+/** A CPU-time clock as the kernel encodes it (negative): ~pid << 3, the
+ * per-thread bit (4), and which count (PROF 0, VIRT 1, SCHED 2). */
+const cpuClockPid = (clock: number) => ~(clock >> 3);
+const CPUCLOCK_PERTHREAD = 4;
+
+/** Why the timer's CPU-time clock cannot be made again, if it cannot. */
+function cpuClockProblem(clock: number, threads: number): string | undefined {
+  if (clock >= 0 || (clock & 3) === 3) return `runs on clock ${clock}`;
+  if (cpuClockPid(clock) !== 0) return `runs on the CPU-time clock ${clock} of another process or thread (clock_getcpuclockid)`;
+  if (clock & CPUCLOCK_PERTHREAD && threads > 1) return `runs on the CPU-time clock of the thread that made it (clock ${clock}), which /proc does not name in a process of ${threads} threads`;
+  return undefined;
+}
 const NS = 1_000_000_000n;
 
 interface Listed {
@@ -85,7 +105,8 @@ export function askPosixTimers(pid: number, calls: CallQueue, what: string): Tim
 export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid: number }[], what: string): PosixTimer[] {
   return asked.timers.map((t, i) => {
     const name = `${what}: POSIX timer ${t.id}`;
-    if (!PLAIN_CLOCKS.has(t.clockid)) throw new Unsupported(`${name} runs on clock ${t.clockid} (a CPU-time clock), which cannot be captured yet`);
+    const problem = PLAIN_CLOCKS.has(t.clockid) ? undefined : cpuClockProblem(t.clockid, threads.length);
+    if (problem) throw new Unsupported(`${name} ${problem}, which cannot be captured yet`);
     let notify: number;
     let vtid = 0;
     if (t.target === 'tid') {
@@ -129,6 +150,8 @@ export function restorePosixTimers(r: RemoteProcess, timers: PosixTimer[] | unde
     throw new Error(`this kernel cannot make a POSIX timer under a given id (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.16): timer ${timers[0].id} cannot be restored`);
   try {
     for (const t of timers) {
+      if (!PLAIN_CLOCKS.has(t.clockid) && (t.clockid >= 0 || cpuClockPid(t.clockid) !== 0 || (t.clockid & 3) === 3))
+        throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid}, which a snapshot never records`);
       r.reset();
       const id = Buffer.alloc(4);
       id.writeInt32LE(t.id);

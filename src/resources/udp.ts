@@ -96,7 +96,7 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     const reuseport = !!options.find((o) => o.level === SOL_SOCKET && o.name === 15)?.value;
     noted(notes, ino, 'udp', own.port, reuseport, extras, where);
     if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
-      throw new Unsupported(`${where} is corked (UDP_CORK) with ${seen!.txQueue} bytes of a datagram not yet sent, which cannot be captured`);
+      throw new Unsupported(`${where} is corked (UDP_CORK) with part of a datagram not yet sent (${seen!.txQueue} bytes of its send buffer), which cannot be captured`);
     return {
       ino,
       family,

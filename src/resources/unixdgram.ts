@@ -66,10 +66,10 @@ const AUTOBIND = /^@[0-9a-f]{5}$/;
 
 /** The messages queued for reading on a duplicate of the socket, whole
  * and in order, left queued. */
-export function queuedMessages(dup: number, what: string): Datagram[] {
+export function queuedMessages(dup: number, what: string, shutForReading = false): Datagram[] {
   let got;
   try {
-    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one);
+    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
@@ -330,7 +330,14 @@ function connect(h: RestoreContext, s: Socket, sock: number, what: string): bool
 
 /** sk_shutdown bits (1 receive, 2 send) as shutdown(2)'s how. */
 export function shut(sock: number, bits: number): void {
-  if (bits & 3) addon().sockShutdown(sock, (bits & 3) - 1);
+  if (!(bits & 3)) return;
+  try {
+    addon().sockShutdown(sock, (bits & 3) - 1);
+  } catch (e) {
+    // An unconnected UDP socket: the kernel shuts it down all the same,
+    // and says ENOTCONN (inet_shutdown), as it said to the application.
+    if ((e as NodeJS.ErrnoException).code !== 'ENOTCONN') throw e;
+  }
 }
 
 /** Buffer sizes before anything is queued (the queue must fit), the rest

@@ -27,15 +27,16 @@ import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
-import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
+import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { restoreItimers, restoreProcessState } from '../resources/process.js';
+import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, restoreSigactions } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
@@ -689,9 +690,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         requeueSignals(r, t.pending, tid);
       });
       requeueSignals(r, p.sharedPending, 0);
+      restoreFdOwners(r, p, handed);
       restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
+      restoreRoot(r, p);
+      sealMemory(r, p.vmas);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that

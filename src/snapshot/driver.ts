@@ -22,10 +22,11 @@ import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { askAttributes, dumpAttributes } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
+import { dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
@@ -249,7 +250,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
       proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
       proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, what));
-      timed('attributes', () => dumpAttributes(proc, pid, asked.attributes, calls, what));
+      timed('attributes', () => {
+        dumpAttributes(proc, pid, asked.attributes, calls, what);
+        dumpLockFuture(proc, pid, maps, batchAreas.get(pid)?.scratchRange, calls, what);
+      });
       timed('cgroups', () => dumpCgroup(proc, pid, what));
       proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
       proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
@@ -271,6 +275,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
           sockets.close();
         }
       });
+      timed('fd owners', () => dumpFdOwners(ctx, proc.fds, calls, what));
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');

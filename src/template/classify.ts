@@ -20,6 +20,7 @@ import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, v
 import { lockRefusal } from '../resources/locks.js';
 import { forkTreatment } from '../resources/memory.js';
 import { connectionName } from '../resources/tcp.js';
+import { templateProblem, unconnectedName } from '../resources/unconnected.js';
 import { unredirected } from '../resources/paths.js';
 import { isPathRule, type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
@@ -197,6 +198,10 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       const d = portDecision(port, rules);
       return { kind: 'socket', name: tcpName(fd), action: d.action, reason: `listens on port ${port}: ${d.reason}` };
     }
+    case FdKind.PIDFD:
+      return { kind: 'pidfd', name: `pidfd of process ${fd.procVpid ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.UNCONNECTED_STREAM:
+      return { kind: 'socket', name: fd.socket ? unconnectedName(fd.socket) : 'unconnected socket', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UDP:
       return { kind: 'socket', name: `udp ${fd.socket?.address || '(unbound)'}:${fd.socket?.port ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UNIX_DGRAM:
@@ -244,6 +249,10 @@ function fdRefusal(fd: Fd): string | undefined {
   if (fd.kind === FdKind.UDP && fd.socket?.port) return `a UDP socket bound to port ${fd.socket.port} cannot be bound by every clone (PORT rules apply to TCP listeners only, so far)`;
   if (fd.kind === FdKind.UNIX_DGRAM && fd.socket?.address && !/^@[0-9a-f]{5}$/.test(fd.socket.address))
     return `a unix datagram socket bound to ${fd.socket.address} is system-wide unique and cannot be shared by clones`;
+  if (fd.kind === FdKind.UNCONNECTED_STREAM && fd.socket) {
+    const problem = templateProblem(fd.socket);
+    if (problem) return problem;
+  }
   if (fd.kind === FdKind.FIFO) return `a FIFO (named pipe) at ${fd.path} is a system-wide name and cannot be shared by clones`;
   if (fd.kind === FdKind.UNIX_SOCKET && fd.socket?.listening) {
     const where = fd.socket.address.startsWith('@') ? `the abstract address ${fd.socket.address}` : fd.socket.address;

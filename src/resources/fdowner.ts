@@ -1,0 +1,81 @@
+/**
+ * Signal-driven I/O: the owner (F_SETOWN, F_SETOWN_EX) and signal
+ * (F_SETSIG) of a descriptor set O_ASYNC. Both belong to the open file
+ * description and nothing in /proc shows them: the snapshot asks the
+ * frozen process (fcntl F_GETOWN_EX, F_GETSIG, with the other kinds'
+ * questions' scratch area), and only for descriptors whose fdinfo flags
+ * show O_ASYNC, so that a process without any pays nothing. Without this
+ * a restored descriptor kept its O_ASYNC flag and its owner was nobody:
+ * F_GETOWN answered 0 and no SIGIO ever came (silently wrong).
+ *
+ * The owner is a process, a thread or a process group of the application
+ * (recorded by virtual id; one outside it is refused by name); the
+ * restore sets it again by the new system id, with calls run inside the
+ * restored process once its threads exist. O_ASYNC is cleared and set
+ * again there first: a description opened with O_ASYNC in its flags (a
+ * tty, a file) has the bit without the driver's fasync registration,
+ * which only F_SETFL makes, and F_SETFL does nothing for a bit already set.
+ *
+ * Not kept: the owner of a descriptor that is not O_ASYNC (a socket's
+ * SIGURG owner, a lease's break signal; README).
+ */
+import type { Fd, FdOwner, Process } from '../image/types.js';
+import { addon } from '../native.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
+import { NR } from '../ptrace/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+
+const O_ASYNC = 0o20000;
+const F_SETFL = 4;
+const F_SETSIG = 10;
+const F_GETSIG = 11;
+const F_SETOWN_EX = 15;
+const F_GETOWN_EX = 16;
+const OWNER_KINDS = ['thread', 'process', 'process group'];
+
+/** Fills `fd.owner` for each O_ASYNC descriptor of `fds` (one stop, and
+ * only when there is one). */
+export function dumpFdOwners(ctx: DumpContext, fds: Fd[], calls: CallQueue, what: string): void {
+  const asked: [Fd, Answer, Answer][] = fds
+    .filter((fd) => fd.flags & O_ASYNC)
+    .map((fd) => [fd, calls.ask(NR.fcntl, [fd.fd, F_GETOWN_EX, 'buf'], { outLength: 8 }), calls.ask(NR.fcntl, [fd.fd, F_GETSIG, 0])]);
+  if (!asked.length) return;
+  calls.run();
+  for (const [fd, own, sig] of asked) {
+    if (own.ret < 0n) throw new Error(`reading the owner of ${what} fd ${fd.fd}: errno ${-own.ret}`);
+    if (sig.ret < 0n) throw new Error(`reading the signal of ${what} fd ${fd.fd}: errno ${-sig.ret}`);
+    const type = own.out.readInt32LE(0);
+    const system = own.out.readInt32LE(4);
+    if (type < 0 || type > 2) throw new Unsupported(`${what} fd ${fd.fd}: an O_ASYNC owner of type ${type} cannot be captured yet`);
+    const vpid = system ? ctx.virtual('pid', system) : 0;
+    if (system && !vpid)
+      throw new Unsupported(`${what} fd ${fd.fd}: its signal-driven I/O (O_ASYNC) goes to ${OWNER_KINDS[type]} ${system}, outside the application, which cannot be captured`);
+    fd.owner = { type, vpid, signal: Number(sig.ret) };
+  }
+}
+
+/** Sets each O_ASYNC descriptor's owner and signal again, in one batch;
+ * after the process's threads are made (an owner may be one of them). */
+export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext): void {
+  const owned = p.fds.filter((fd): fd is Fd & { owner: FdOwner } => fd.owner !== undefined && (fd.flags & O_ASYNC) !== 0);
+  if (!owned.length) return;
+  const pids = addon().readTables(h.tablesPath).tables.pid ?? [];
+  r.reset();
+  const calls = r.batch();
+  for (const fd of owned) {
+    const where = `process ${p.vpid} fd ${fd.fd}`;
+    calls.add(`${where}: clearing O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags & ~O_ASYNC]);
+    calls.add(`${where}: setting O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags]);
+    if (fd.owner.vpid) {
+      const system = pids.find((e) => e.virtual === fd.owner.vpid)?.system;
+      if (system === undefined) throw new Error(`${where}: its O_ASYNC owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}, was not restored`);
+      const owner = Buffer.alloc(8);
+      owner.writeInt32LE(fd.owner.type, 0);
+      owner.writeInt32LE(system, 4);
+      calls.add(`${where}: setting its O_ASYNC owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}`, SYS.fcntl, [fd.fd, F_SETOWN_EX, r.put(owner)]);
+    }
+    if (fd.owner.signal) calls.add(`${where}: setting its O_ASYNC signal ${fd.owner.signal}`, SYS.fcntl, [fd.fd, F_SETSIG, fd.owner.signal]);
+  }
+  calls.run();
+}
