@@ -25,7 +25,9 @@ import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage } from '../restore/driver.js';
+import { loadImageChain, restore as restoreImage, seedCount } from '../restore/driver.js';
+import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
+import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
 import { LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
@@ -86,6 +88,9 @@ const KEEP_TRANSLATIONS = 50;
  * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
  * next to nothing. The others read theirs when a connection comes. */
 const PRELOAD_LIMIT = 8;
+/** A standby taken by a resume is replaced this long after (standby.ts):
+ * not while the resume and its first reply still want the CPU. */
+const STANDBY_REFILL_MS = 100;
 
 class Service {
   readonly policy: Policy;
@@ -112,6 +117,10 @@ class Service {
   private ready: LoadedImage[] | undefined;
   private preloading: Promise<void> | undefined;
   counters = { snapshots: 0, restores: 0, crashes: 0 };
+  /** restore mode: the seeds its next restore's init starts with, once
+   * known (from the preloaded image, or the last restore), so that a
+   * standby with as many waits for it while it is suspended. */
+  seeds: number | undefined;
   private seq = 0;
   private stateTimer: NodeJS.Timeout | undefined;
 
@@ -135,6 +144,14 @@ class Service {
 
   get name(): string {
     return this.spec.name;
+  }
+
+  /** The seed count of a standby this service's next resume would take:
+   * restore mode, suspended (or crashed), its count known. */
+  standbyWanted(): number | undefined {
+    if (this.spec.mode !== 'restore' || this.seeds === undefined) return undefined;
+    const state = this.instances.get(this.name)?.state;
+    return state === 'suspended' || state === 'crashed' ? this.seeds : undefined;
   }
 
   private log(event: string, fields: Record<string, unknown> = {}): void {
@@ -196,7 +213,9 @@ class Service {
         }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
+        this.seeds = seedCount(chain[0].image);
         this.host.preloaded(this);
+        this.host.warmStandbys();
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
@@ -443,7 +462,10 @@ class Service {
     this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     // Its ended registration goes when it is restored (restoreInstance),
     // so that the AID can be taken again; a clone's goes now.
-    if (this.spec.mode === 'restore') inst.state = 'crashed';
+    if (this.spec.mode === 'restore') {
+      inst.state = 'crashed';
+      this.host.warmStandbys();
+    }
     else {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
@@ -515,7 +537,8 @@ class Service {
       // let go of (their page files are held open).
       const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      const restored = await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      this.seeds = restored.seeds;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
       inst.ports.clear();
@@ -524,7 +547,7 @@ class Service {
       inst.lastActive = this.host.clock.now();
       this.counters.restores++;
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length, standby: restored.fromStandby });
       // The held go first; then the thread's grant gets the process to
       // watch, and the record learns its parent image (read again:
       // ~10 ms), long before the next suspend needs it.
@@ -532,6 +555,8 @@ class Service {
       inst.pid = this.listenerPid(inst);
       this.pump();
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      // Another suspended service may want what this one took.
+      this.host.warmStandbys();
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
       this.forgetPreload(); // the next try reads the image afresh
@@ -588,6 +613,7 @@ class Service {
       this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
       this.prune(dir);
       this.preload();
+      this.host.warmStandbys();
     } catch (e) {
       // The snapshot driver leaves the application running when it fails.
       inst.state = this.alive(inst) ? 'running' : 'crashed';
@@ -737,9 +763,13 @@ export class ServeHost {
   /** Preloads under way. */
   preloading = 0;
   private timer: NodeJS.Timeout | undefined;
+  private stopping = false;
   private metricsServer: HttpServer | undefined;
   /** Moves the bytes of every forwarded connection (forwarder.ts). */
   readonly forwarder = new Forwarder();
+  /** Whether resumes and clones take standby supervisors (standby.ts);
+   * APPSHOT_STANDBYS=0: none, for comparison. */
+  private readonly standbys = process.env.APPSHOT_STANDBYS !== '0';
 
   constructor(
     specs: ServiceSpec[],
@@ -754,6 +784,13 @@ export class ServeHost {
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
     keepChecksums();
+    // A supervisor with its seeds forked, waiting for each seed count a
+    // suspended service needs (one each: resumes come one at a time),
+    // so that a resume takes one instead of spawning it (standby.ts).
+    // Clone mode's is started by its first clone, and replaced as it is
+    // taken. Released by stop(); and should this process die, each sees
+    // its lifeline end and goes with its seeds.
+    if (this.standbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
     const maxHeld = heldRoom(specs.length);
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
@@ -769,6 +806,13 @@ export class ServeHost {
     if (at >= 0) this.holding.splice(at, 1);
     this.holding.push(s);
     while (this.holding.length > PRELOAD_LIMIT) this.holding.shift()!.forgetPreload();
+  }
+
+  /** Starts the standbys suspended services wait for, one per distinct
+   * seed count; those kept already stay. */
+  warmStandbys(): void {
+    if (!this.standbys || this.stopping) return;
+    for (const count of new Set(this.services.map((s) => s.standbyWanted()))) if (count !== undefined) warmStandbys(count);
   }
 
   /** Whether one more preloaded image would be kept. */
@@ -795,13 +839,38 @@ export class ServeHost {
       s.pump();
     }
     this.timer = setInterval(() => {
+      // The supervisors this process started (the instances' appshot-init,
+      // standbys let go), once ended, are its zombies until waited for.
+      addon().reapDetached();
       for (const s of this.services) s.tick();
     }, this.opts.tickMs ?? 200);
   }
 
   async stop(): Promise<void> {
+    this.stopping = true;
     if (this.timer) clearInterval(this.timer);
     this.metricsServer?.close();
     for (const s of this.services) await s.close();
+    if (this.standbys) await this.endStandbys();
+  }
+
+  /** Lets go of every standby, and waits (a second at most) until each
+   * has ended with its seeds and been waited for: none outlives serve. */
+  private async endStandbys(): Promise<void> {
+    const pids = standbyPids();
+    releaseStandbys();
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    for (let i = 0; i < 100; i++) {
+      addon().reapDetached();
+      if (!pids.some(alive)) return;
+      await new Promise((r) => setTimeout(r, 10));
+    }
   }
 }
