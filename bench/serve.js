@@ -16,6 +16,12 @@
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
 // BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e).
+//
+// BENCH_AB=NAME=VALUE (e.g. APPSHOT_STANDBYS=0): (c) again with serve
+// restarted alternately with and without that variable in its
+// environment, BENCH_AB_ROUNDS (3) rounds of BENCH_RUNS resumes each: a
+// same-run comparison of a change that a variable turns off. Reported:
+// each round's p50 and the median of them, with the load average.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -124,9 +130,12 @@ const row = (what, xs) => {
 
 let serve;
 let serveErr = '';
+/** The logs of the serve processes before the current one. */
+let earlierServeErr = '';
 /** `appshot serve`, as serve -d runs it, once it says it is ready. */
-async function startServe() {
-  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+async function startServe(extraEnv = {}) {
+  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env: { ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  earlierServeErr += serveErr;
   serveErr = '';
   child.stderr.on('data', (d) => (serveErr += d));
   await new Promise((resolve, reject) => {
@@ -160,20 +169,47 @@ try {
   console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
 
   // (c) suspended, through the front door.
-  const resumed = [];
-  let pss = NaN;
-  for (let i = 0; i < RUNS; i++) {
-    // The (i+1)th suspend logged (state.json lags by up to 100 ms).
-    const deadline = Date.now() + 30_000;
-    while ((serveErr.match(/"event":"suspend"/g) ?? []).length <= i || state() !== 'suspended') {
-      if (Date.now() > deadline) throw new Error('the service was not suspended');
-      await sleep(20);
+  /** `runs` resumes, each once the serve process suspended the service
+   * again (the first: its first suspend since it started). */
+  async function resumes(runs, atFirst = () => {}) {
+    const out = [];
+    for (let i = 0; i < runs; i++) {
+      // The (i+1)th suspend logged (state.json lags by up to 100 ms).
+      const deadline = Date.now() + 30_000;
+      while ((serveErr.match(/"event":"suspend"/g) ?? []).length <= i || state() !== 'suspended') {
+        if (Date.now() > deadline) throw new Error('the service was not suspended');
+        await sleep(20);
+      }
+      await sleep(50);
+      if (i === 0) atFirst();
+      out.push(await firstByte(PUBLIC));
     }
-    await sleep(50);
-    if (i === 0) pss = pssKiB(serve.pid);
-    resumed.push(await firstByte(PUBLIC));
+    return out;
   }
+  let pss = NaN;
+  const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.pid)));
   row('(c) suspended, through the front door', resumed);
+  if (process.env.BENCH_AB) {
+    const [name, value] = process.env.BENCH_AB.split('=');
+    const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+    const p50s = { with: [], without: [] };
+    const loads = [];
+    for (let r = 0; r < rounds; r++)
+      for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
+        serve.kill('SIGTERM');
+        await new Promise((ok) => serve.on('exit', ok));
+        serve = await startServe(variant === 'with' ? { [name]: value } : {});
+        // The instance keeps running across serves: the first resume waits
+        // for its idle suspend.
+        const xs = await resumes(RUNS);
+        p50s[variant].push(pct(xs, 50));
+        loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+        console.log(`    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}`);
+      }
+    const median = (xs) => pct(xs, 50);
+    console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
+    report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
+  }
   console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
   report.push({ what: 'serve PSS, suspended (MiB)', value: pss / 1024 });
 
@@ -232,7 +268,7 @@ try {
 } finally {
   // BENCH_LOG=FILE: the serve process's log (with APPSHOT_DEBUG=1, the
   // restore's phase timings), to see where a resume's time goes.
-  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, serveErr);
+  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, earlierServeErr + serveErr);
   if (serve && serve.exitCode === null) {
     serve.kill('SIGTERM');
     await new Promise((r) => serve.on('exit', r));
