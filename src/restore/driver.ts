@@ -45,6 +45,7 @@ import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
+import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { configure, letGo, reserveStandby, type StartedInit } from './standby.js';
@@ -548,6 +549,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       tables: { old: image.tablesPath, new: tables },
       transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      // Worked out while the image waited (serve's preload), if it was.
+      inheritedRuns: preparedRuns(chain),
       asFork: opts.instance !== undefined,
       forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
       copied: (bytes: number) => meter.add(bytes),

@@ -26,6 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, seedCount } from '../restore/driver.js';
+import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
@@ -214,6 +215,8 @@ class Service {
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
         this.seeds = seedCount(chain[0].image);
+        // Where each inherited page is read from, while nothing waits.
+        prepareChain(chain);
         this.host.preloaded(this);
         this.host.warmStandbys();
       })
