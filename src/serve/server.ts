@@ -549,12 +549,14 @@ class Service {
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
       this.counters.restores++;
-      this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length, standby: restored.fromStandby });
-      // The held go first; then the thread's grant gets the process to
-      // watch, and the record learns its parent image (read again:
-      // ~10 ms), long before the next suspend needs it.
+      const held = this.held.length;
+      // The held go first, even before the decision's log line and the
+      // metric (their clients wait); then the thread's grant gets the
+      // process to watch, and the record learns its parent image (read
+      // again: ~10 ms), long before the next suspend needs it.
       this.pump();
+      this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby });
       inst.pid = this.listenerPid(inst);
       this.pump();
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
