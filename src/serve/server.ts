@@ -30,6 +30,7 @@ import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
+import { enableTemplateCache } from '../template/cache.js';
 import { LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
@@ -649,11 +650,16 @@ class Service {
       const [made] = await api.clone(this.spec.from, { home: this.host.home, aid });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.fillPorts(inst, made.ports);
-      inst.pid = this.listenerPid(inst);
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
+      const held = this.held.length;
+      // As after a restore: the held go first; then the thread's grant
+      // gets the process to watch (listenerPid reads /proc: the port's
+      // socket table and the processes' descriptors).
+      this.pump();
+      inst.pid = this.listenerPid(inst);
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held: this.held.length });
+      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held });
     } catch (e) {
       this.instances.delete(aid);
       this.log('clone-failed', { instance: aid, error: (e as Error).message });
@@ -789,6 +795,11 @@ export class ServeHost {
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
     keepChecksums();
+    // Clone mode clones the same templates again and again: each opened
+    // once (decoded, signatures and checksums verified, rules parsed) and
+    // kept while its files stay the same, as the engine does
+    // (template/cache.ts checks them at every use).
+    enableTemplateCache();
     // A supervisor with its seeds forked, waiting for each seed count a
     // suspended service needs (one each: resumes come one at a time),
     // so that a resume takes one instead of spawning it (standby.ts).
