@@ -7,6 +7,8 @@
 //       door: held while its image is restored;
 //   (d) a cold start of the same server with its dataset loaded from its
 //       RDB file (redis-server spawned, polled until it answers).
+//   (f) clone mode, no instance running: held while a clone is made from a
+//       template of the same server (BENCH_CLONE=0 skips it).
 // Also the serve process's own PSS (what appshot keeps running for a
 // suspended service), and (e) the PSS of everything appshot keeps running
 // for BENCH_SERVICES (100) suspended services of the same image: the serve
@@ -16,6 +18,12 @@
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
 // BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e).
+//
+// BENCH_AB=NAME=VALUE (e.g. APPSHOT_STANDBYS=0): (c) again with serve
+// restarted alternately with and without that variable in its
+// environment, BENCH_AB_ROUNDS (3) rounds of BENCH_RUNS resumes each: a
+// same-run comparison of a change that a variable turns off ((f) too). Reported:
+// each round's p50 and the median of them, with the load average.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -35,6 +43,11 @@ const env = { ...process.env, APPSHOT_HOME: home };
 const APP = Number(process.env.BENCH_PORT ?? 26950);
 const PUBLIC = APP + 1;
 const COLD = APP + 2;
+/** (f): the template's redis, as it knows its port; the clone service's
+ * public port. */
+const CLONE_APP = APP + 3;
+const CLONE_PUBLIC = APP + 5;
+const CLONES = process.env.BENCH_CLONE !== '0';
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
 /** Node's flags as \`appshot serve -d\` runs the serve process (commands/serve.ts). */
 const RESIDENT = ['--max-semi-space-size=1'];
@@ -81,12 +94,36 @@ function load(port) {
   execFileSync('redis-cli', ['-p', String(port)], { input: cmds, stdio: ['pipe', 'ignore', 'inherit'] });
 }
 
-function state() {
+/** Whether `service` has been written by the serve running now, since
+ * `since` (Date.now()), with nothing running: suspended (restore mode) or
+ * without an instance (clone mode). */
+function idleSince(service, since) {
   try {
-    return JSON.parse(readFileSync(join(home, 'services', 'db', 'state.json'), 'utf8')).instances[0]?.state;
+    const s = JSON.parse(readFileSync(join(home, 'services', service, 'state.json'), 'utf8'));
+    const idle = s.spec.mode === 'clone' ? s.instances.length === 0 : s.instances[0]?.state === 'suspended';
+    return idle && s.servePid === serve.pid && Date.parse(s.updatedAt) > since;
   } catch {
-    return undefined;
+    return false;
   }
+}
+
+/** `runs` connections to `service` on `port`, each once it is idle again
+ * (the first: once this serve has written it idle). */
+async function whenIdle(service, port, runs, atFirst = () => {}) {
+  const out = [];
+  let since = 0;
+  for (let i = 0; i < runs; i++) {
+    const deadline = Date.now() + 30_000;
+    while (!idleSince(service, since)) {
+      if (Date.now() > deadline) throw new Error(`${service} did not become idle`);
+      await sleep(20);
+    }
+    await sleep(50);
+    if (i === 0) atFirst();
+    out.push(await firstByte(port));
+    since = Date.now();
+  }
+  return out;
 }
 
 function pssKiB(pid) {
@@ -124,9 +161,12 @@ const row = (what, xs) => {
 
 let serve;
 let serveErr = '';
+/** The logs of the serve processes before the current one. */
+let earlierServeErr = '';
 /** `appshot serve`, as serve -d runs it, once it says it is ready. */
-async function startServe() {
-  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+async function startServe(extraEnv = {}) {
+  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env: { ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  earlierServeErr += serveErr;
   serveErr = '';
   child.stderr.on('data', (d) => (serveErr += d));
   await new Promise((resolve, reject) => {
@@ -142,6 +182,17 @@ try {
   load(APP);
   appshot('snapshot', 'loader', '-o', join(home, 'redis.img'));
   appshot('service', 'add', 'db', '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', IDLE);
+  if (CLONES) {
+    // The same server as a template: its port allocated per clone.
+    const rules = join(home, 'redis.rules');
+    writeFileSync(rules, `PORT ${CLONE_APP} ALLOCATE\n`);
+    appshot('run', '-d', '--aid', 'tloader', '--rules', rules, '--', 'redis-server', '--port', String(CLONE_APP), '--save', '', '--appendonly', 'no');
+    await untilAnswers(CLONE_APP);
+    load(CLONE_APP);
+    appshot('snapshot', 'tloader', '-o', join(home, 'tredis.img'));
+    appshot('template', 'create', join(home, 'tredis.img'), '-o', join(home, 'redis.template'));
+    appshot('service', 'add', 'dbc', '--mode', 'clone', '--from', join(home, 'redis.template'), '--port', `127.0.0.1:${CLONE_PUBLIC}:${CLONE_APP}`, '--idle', IDLE, '--min', '0', '--max', '1');
+  }
   serve = await startServe();
   console.log(`redis, ${KEYS} keys; serve pid ${serve.pid}; idle ${IDLE}\n`);
 
@@ -160,20 +211,40 @@ try {
   console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
 
   // (c) suspended, through the front door.
-  const resumed = [];
+  const resumes = (runs, atFirst) => whenIdle('db', PUBLIC, runs, atFirst);
+  const clonings = (runs) => whenIdle('dbc', CLONE_PUBLIC, runs);
   let pss = NaN;
-  for (let i = 0; i < RUNS; i++) {
-    // The (i+1)th suspend logged (state.json lags by up to 100 ms).
-    const deadline = Date.now() + 30_000;
-    while ((serveErr.match(/"event":"suspend"/g) ?? []).length <= i || state() !== 'suspended') {
-      if (Date.now() > deadline) throw new Error('the service was not suspended');
-      await sleep(20);
-    }
-    await sleep(50);
-    if (i === 0) pss = pssKiB(serve.pid);
-    resumed.push(await firstByte(PUBLIC));
-  }
+  const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.pid)));
   row('(c) suspended, through the front door', resumed);
+  const cloned = CLONES ? await clonings(RUNS) : [];
+  if (CLONES) row('(f) clone mode, none running, through the door', cloned);
+  if (process.env.BENCH_AB) {
+    const [name, value] = process.env.BENCH_AB.split('=');
+    const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+    const p50s = { with: [], without: [] };
+    const f50s = { with: [], without: [] };
+    const loads = [];
+    for (let r = 0; r < rounds; r++)
+      for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
+        serve.kill('SIGTERM');
+        await new Promise((ok) => serve.on('exit', ok));
+        serve = await startServe(variant === 'with' ? { [name]: value } : {});
+        // The instance keeps running across serves: the first resume waits
+        // for its idle suspend.
+        const xs = await resumes(RUNS);
+        p50s[variant].push(pct(xs, 50));
+        const fs = CLONES ? await clonings(RUNS) : [];
+        if (CLONES) f50s[variant].push(pct(fs, 50));
+        loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+        console.log(`    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${CLONES ? `; (f) p50 ${ms(pct(fs, 50))}, p99 ${ms(pct(fs, 99))}` : ''}`);
+      }
+    const median = (xs) => pct(xs, 50);
+    console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
+    if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
+    console.log('');
+    report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
+    if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
+  }
   console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
   report.push({ what: 'serve PSS, suspended (MiB)', value: pss / 1024 });
 
@@ -205,6 +276,7 @@ try {
   if (SERVICES > 0) {
     serve.kill('SIGTERM');
     await new Promise((r) => serve.on('exit', r));
+    if (CLONES) appshot('service', 'rm', 'dbc');
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
     serve = await startServe();
@@ -232,12 +304,12 @@ try {
 } finally {
   // BENCH_LOG=FILE: the serve process's log (with APPSHOT_DEBUG=1, the
   // restore's phase timings), to see where a resume's time goes.
-  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, serveErr);
+  if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, earlierServeErr + serveErr);
   if (serve && serve.exitCode === null) {
     serve.kill('SIGTERM');
     await new Promise((r) => serve.on('exit', r));
   }
-  for (const aid of ['db', 'loader'])
+  for (const aid of ['db', 'loader', 'tloader'])
     try {
       execFileSync(process.execPath, [cli, 'stop', aid, '--signal', 'KILL'], { env, stdio: 'ignore' });
     } catch {

@@ -282,6 +282,9 @@ interface Addon {
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */
   udpSockets(family: number): { ino: number; shutdown: number }[];
+  /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
+   * listening on `port` in this network namespace (sock_diag). */
+  tcpListeningInodes(family: number, port: number): number[];
   /** The socket's source filter for a multicast group (a raw sockaddr) on
    * interface `ifindex`, at level IPPROTO_IP or IPPROTO_IPV6; null when it
    * is not a member. */

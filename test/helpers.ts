@@ -105,8 +105,8 @@ export class Sandbox {
   }
 
   /** Starts `appshot args...` and returns a handle to talk to it. */
-  start(args: string[]): Running {
-    const child = spawn(process.execPath, [cli, ...args], { env: this.env });
+  start(args: string[], env: Record<string, string> = {}): Running {
+    const child = spawn(process.execPath, [cli, ...args], { env: { ...this.env, ...env } });
     this.started.push(child);
     return new Running(child);
   }

@@ -10,6 +10,10 @@ import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { loadImageChain } from '../src/restore/driver.js';
+import { prepareChain, preparedRuns } from '../src/restore/prepared.js';
+import { inheritedCopyRuns } from '../src/resources/memory.js';
+import { resolveProcess } from '../src/snapshot/parent.js';
 import { alive, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
 
 const sb = new Sandbox();
@@ -126,6 +130,37 @@ describe('snapshot → restore of a program with one of each resource', () => {
     expect(sb.json<Json>(['inspect', incr]).parent.path).toBe(join(out, 'rt-base'));
     restore(incr);
     await checksPass(aid);
+    // What serve works out ahead of a resume (prepared.ts) is what the
+    // restore works out itself from the same chain: every inherited page's
+    // copy, VMA by VMA, for every process. (Read here, in this process:
+    // the sandbox's keys sign the images.)
+    const home = process.env.APPSHOT_HOME;
+    process.env.APPSHOT_HOME = sb.home;
+    const chain = await loadImageChain(incr);
+    try {
+      expect(chain.length).toBe(2);
+      prepareChain(chain);
+      const prepared = preparedRuns(chain)!;
+      expect(prepared).toBeDefined();
+      const images = chain.map((l) => l.image);
+      let compared = 0;
+      for (const p of chain[0].image.processes) {
+        const inherited = resolveProcess(images, p.vpid);
+        for (const v of p.vmas.filter((x) => x.pages?.fromParent.length)) {
+          expect(prepared(p.vpid, v)).toEqual(inheritedCopyRuns(v, inherited));
+          compared++;
+        }
+      }
+      expect(compared).toBeGreaterThan(0);
+      // Another reading of the same chain is other objects: not prepared.
+      const again = await loadImageChain(incr);
+      expect(preparedRuns(again)).toBeUndefined();
+      for (const l of again) l.dispose();
+    } finally {
+      for (const l of chain) l.dispose();
+      if (home === undefined) delete process.env.APPSHOT_HOME;
+      else process.env.APPSHOT_HOME = home;
+    }
   });
 
   it('restores a --pre-copy image: memory copied while running, the rest frozen', async () => {

@@ -153,6 +153,22 @@ Napi::Value UdpSockets(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// tcpListeningInodes(family, port) -> [inode]: the TCP sockets listening on
+// `port` in this network namespace (sock_diag).
+Napi::Value TcpListeningInodes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint32_t* all = nullptr;
+  long n = sockdiag_tcp_listening(Int(info[0]), static_cast<uint16_t>(Int(info[1])), &all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, all[i]));
+  free(all);
+  return out;
+}
+
 // Multicast group memberships. The kernel keeps a socket's memberships in
 // a list that nothing lists; but MCAST_MSFILTER read for one (interface,
 // group) answers EADDRNOTAVAIL unless the socket is a member, and
@@ -328,6 +344,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("datagramQueue", DatagramQueue);
   fn("udpInject", UdpInject);
   fn("udpSockets", UdpSockets);
+  fn("tcpListeningInodes", TcpListeningInodes);
   fn("multicastFilter", MulticastFilter);
   fn("multicastJoin", MulticastJoin);
   fn("ifIndex", IfIndex);

@@ -149,3 +149,39 @@ static int each_udp(struct nlmsghdr* h, void* ctx) {
 long sockdiag_udp_all(int family, sockdiag_udp** out) {
   return inet_all(family, IPPROTO_UDP, ~0u, each_udp, sizeof(sockdiag_udp), (void**)out);
 }
+
+struct listening_ctx {
+  struct grow g;
+  uint16_t port; /* network byte order */
+};
+
+static int each_listening(struct nlmsghdr* h, void* ctx) {
+  struct listening_ctx* c = ctx;
+  struct inet_diag_msg* m = NLMSG_DATA(h);
+  if (m->id.idiag_sport != c->port) return 0;
+  uint32_t* ino = push(&c->g);
+  if (!ino) return -ENOMEM;
+  *ino = m->idiag_inode;
+  return 0;
+}
+
+long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out) {
+  struct {
+    struct nlmsghdr h;
+    struct inet_diag_req_v2 r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = (uint8_t)family;
+  req.r.sdiag_protocol = IPPROTO_TCP;
+  req.r.idiag_states = 1u << 10; /* TCP_LISTEN: only the listening hash is walked */
+  struct listening_ctx c = {{NULL, 0, 0, sizeof(uint32_t)}, htons(port)};
+  int rc = dump(&req, sizeof req, each_listening, &c);
+  if (rc) {
+    free(c.g.items);
+    return rc;
+  }
+  *out = c.g.items;
+  return (long)c.g.n;
+}

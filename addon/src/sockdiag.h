@@ -26,4 +26,10 @@ typedef struct {
 /* Every UDP socket of `family` (AF_INET, AF_INET6) with its shutdown state. */
 long sockdiag_udp_all(int family, sockdiag_udp** out);
 
+/* The inodes of the TCP sockets of `family` listening on `port` (host
+ * order) in this network namespace. Asked for listening sockets alone, the
+ * kernel walks only its listening hash, where /proc/net/tcp walks every
+ * bucket of the established one too (milliseconds even when nearly empty). */
+long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out);
+
 #endif

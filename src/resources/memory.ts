@@ -445,6 +445,10 @@ export interface MemorySources {
   transfer(r: RemoteProcess, fd: number): number;
   /** Pages of `vpid` inherited from the parent chain, by address. */
   inherited(vpid: number): Map<bigint, { file: number; offset: bigint }>;
+  /** The copies of what `v` of `vpid` inherits, if worked out ahead of
+   * time (inheritedCopyRuns over the same chain); otherwise they are
+   * worked out here from inherited(). */
+  inheritedRuns?(vpid: number, v: Vma): CopyRun[] | undefined;
   /** A clone: memory is given what a fork child gets (forkTreatment). */
   asFork?: boolean;
   /** The process `vpid` was forked from in this restore, when that one's
@@ -750,31 +754,8 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     const { v } = p;
     if (!p.lazy) for (const [addr, off, n] of p.own) copy.add(0, off, addr, n);
     if (p.hasInherited) {
-      inherited ??= src.inherited(vpid);
-      // Pages next to each other in memory and in one page file go in one
-      // copy. A page no image of the chain holds was only ever read (dirty
-      // tracking vouches it was not written): zeros, as mapped.
-      let run: { addr: bigint; file: number; offset: bigint; len: bigint } | undefined;
-      const flush = () => {
-        if (run) copy.add(run.file, run.offset, run.addr, run.len);
-        run = undefined;
-      };
-      const from = v.pages!.fromParent;
-      for (let i = 0; i < from.length; i += 2)
-        for (let pg = 0; pg < from[i + 1]; pg++) {
-          const addr = v.start + BigInt(from[i] + pg) * PAGE;
-          const loc = inherited.get(addr);
-          if (!loc) {
-            flush();
-            continue;
-          }
-          if (run && run.file === loc.file && run.addr + run.len === addr && run.offset + run.len === loc.offset) run.len += PAGE;
-          else {
-            flush();
-            run = { addr, file: loc.file, offset: loc.offset, len: PAGE };
-          }
-        }
-      flush();
+      const runs = src.inheritedRuns?.(vpid, v) ?? inheritedCopyRuns(v, (inherited ??= src.inherited(vpid)));
+      for (const run of runs) copy.add(run.file, run.offset, run.addr, run.len);
     }
   }
   await copy.run();
@@ -809,6 +790,50 @@ export function sealMemory(r: RemoteProcess, vmas: Vma[]): void {
   const calls = r.batch();
   for (const v of sealed) calls.add(`sealing the mapping at 0x${v.start.toString(16)} (mseal)`, NR_mseal, [v.start, v.end - v.start, 0]);
   calls.run();
+}
+
+/** One copy of page data: `len` bytes at `offset` of page file `file`
+ * (an index into the chain) to `addr`. */
+export interface CopyRun {
+  file: number;
+  offset: bigint;
+  addr: bigint;
+  len: bigint;
+}
+
+/**
+ * Where each page a VMA inherits from the parent chain (pages.fromParent)
+ * is read from, as copies: pages next to each other in memory and in one
+ * page file go in one. A page no image of the chain holds was only ever
+ * read (dirty tracking vouches it was not written): zeros, as mapped, so
+ * no copy. `inherited`: the process's pages in the chain, by address
+ * (resolveProcess). Depends on the chain's images alone: worked out ahead
+ * of a restore, it is the same (MemorySources.inheritedRuns).
+ */
+export function inheritedCopyRuns(v: Vma, inherited: Map<bigint, { file: number; offset: bigint }>): CopyRun[] {
+  const out: CopyRun[] = [];
+  let run: CopyRun | undefined;
+  const flush = () => {
+    if (run) out.push(run);
+    run = undefined;
+  };
+  const from = v.pages?.fromParent ?? [];
+  for (let i = 0; i < from.length; i += 2)
+    for (let pg = 0; pg < from[i + 1]; pg++) {
+      const addr = v.start + BigInt(from[i] + pg) * PAGE;
+      const loc = inherited.get(addr);
+      if (!loc) {
+        flush();
+        continue;
+      }
+      if (run && run.file === loc.file && run.addr + run.len === addr && run.offset + run.len === loc.offset) run.len += PAGE;
+      else {
+        flush();
+        run = { addr, file: loc.file, offset: loc.offset, len: PAGE };
+      }
+    }
+  flush();
+  return out;
 }
 
 /** How one VMA of the image is mapped (restoreMemory): `file`, `pageFile`:

@@ -46,6 +46,7 @@ import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
+import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { configure, letGo, reserveStandby, type StartedInit } from './standby.js';
@@ -125,6 +126,11 @@ export interface RestoreResult {
   /** System calls injected to restore credentials and limits (each a
    * round trip through the scheduler, ~16 µs). */
   credentialCalls: number;
+  /** Its seeds: the processes rooted in its init (standby.ts keeps
+   * supervisors per seed count). */
+  seeds: number;
+  /** Whether its init was a standby started ahead of time (standby.ts). */
+  fromStandby: boolean;
   /** System calls injected in all (each a ptrace round trip): the
    * restore's cost in stops (in the engine, with another command running
    * at once, its calls count too). */
@@ -332,6 +338,16 @@ const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 &
  * parent's memory is then filled before the process is forked from it. */
 const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?.length ?? 0) > 0);
 
+/** The tree's roots: the processes whose parent was init (or is gone),
+ * each started from one of init's seeds. */
+function rootProcesses(image: LoadedImage['image']): LoadedImage['image']['processes'] {
+  const vpids = new Set(image.processes.map((p) => p.vpid));
+  return image.processes.filter((p) => !vpids.has(p.vppid));
+}
+
+/** How many seeds a restore of `image` starts its init with. */
+export const seedCount = (image: LoadedImage['image']): number => rootProcesses(image).length;
+
 export async function restore(reg: LocalRegistry, imagePath: string, opts: RestoreOptions): Promise<RestoreResult> {
   const started = now();
   const injectedBefore = injected.calls;
@@ -394,9 +410,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('node verified');
     const aid = opts.aid ?? image.aid;
     checkAid(aid);
-    // The tree: roots are the processes whose parent was init (or is gone).
     const vpids = new Set(image.processes.map((p) => p.vpid));
-    const roots = image.processes.filter((p) => !vpids.has(p.vppid));
+    const roots = rootProcesses(image);
     // A supervisor the engine started ahead of time, if it keeps one: named
     // in the registration from the start.
     const taken = reserveStandby(roots.length);
@@ -505,6 +520,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     phase('global state');
     const reserved = standby;
     standby = undefined;
+    const fromStandby = reserved !== undefined;
     const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved));
     lifeline = started2.lifeline;
     phase('init started');
@@ -552,6 +568,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       tables: { old: image.tablesPath, new: tables },
       transfer: (r: RemoteProcess, fd: number) => handed.transfer(r, fd),
       inherited: (vpid: number) => resolveProcess(chainImages, vpid),
+      // Worked out while the image waited (serve's preload), if it was.
+      inheritedRuns: preparedRuns(chain),
       asFork: opts.instance !== undefined,
       forkedFrom: (vpid: number) => forkedWithMemory.get(vpid),
       copied: (bytes: number) => meter.add(bytes),
@@ -759,6 +777,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       createdDirs: madeDirs,
       ...(opts.batchCommit ? { lifeline } : {}),
       credentialCalls,
+      seeds: roots.length,
+      fromStandby: fromStandby && record.initPid === reserved!.init.pid,
       injectedCalls: injected.calls - injectedBefore,
     };
   } catch (e) {

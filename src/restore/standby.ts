@@ -6,8 +6,9 @@
  * spawned, linked and to fork its seeds. It takes one, gives it the rest
  * of its arguments (tables, state directory, AID, commit file, log), and
  * another is started in its place, which gets ready while the restore
- * goes on. Only in the engine (enableStandbys): a CLI process restores once
- * and has nothing to gain.
+ * goes on. Only in the engine and in `appshot serve` (enableStandbys),
+ * which restore again and again: a CLI process restores once and has
+ * nothing to gain.
  *
  * Nothing of a standby outlives the engine, however the engine ends (exit,
  * crash, kill -9): a standby's only channel is its lifeline, whose one
@@ -29,15 +30,54 @@ export interface StartedInit {
 }
 
 /** Standbys kept per seed count (the processes a restore roots in init:
- * one for most applications); counts above the last are not kept. */
+ * one for most applications) by default (the engine's batches of clones
+ * take several at once); counts above the last are not kept. */
 const KEPT = 2;
 const MOST_SEEDS = 4;
 const kept = new Map<number, { ready: StartedInit[]; starting: number }>();
 let enabled = false;
+let keep = KEPT;
+let refillAfterMs = 0;
 
-export function enableStandbys(): void {
+/**
+ * From now on, a restore takes a standby, and `keepPerCount` are kept for
+ * each seed count asked for (by a restore or warmStandbys). One taken is
+ * replaced at once, or `refillAfterMs` later: `appshot serve` restores one
+ * application at a time while a client waits, and a standby started
+ * meanwhile (a spawn, an exec, a fork) competes with it for the CPU.
+ */
+export function enableStandbys(opts: { keepPerCount?: number; refillAfterMs?: number } = {}): void {
   enabled = true;
+  keep = Math.max(1, opts.keepPerCount ?? KEPT);
+  refillAfterMs = opts.refillAfterMs ?? 0;
 }
+
+/** Whether restores take standbys (enabled, and not APPSHOT_STANDBYS=0). */
+export const standbysWanted = (): boolean => enabled && wanted();
+
+/** Starts standbys for `count` seeds now, ahead of the first restore that
+ * needs them (`appshot serve`: the seed counts of its suspended
+ * services), and keeps them replenished from then on. */
+export function warmStandbys(count: number): void {
+  if (!standbysWanted() || count < 1 || count > MOST_SEEDS) return;
+  if (!kept.has(count)) kept.set(count, { ready: [], starting: 0 });
+  refill(count);
+}
+
+/**
+ * Ends every standby kept, and any being started once it is (`appshot
+ * serve` stopping: none outlives it, even in a process that goes on, as a
+ * test's does); restores take none until enableStandbys again. The
+ * standbys see their lifelines end, kill their seeds and exit; the
+ * caller's reapDetached waits for them.
+ */
+export function releaseStandbys(): void {
+  enabled = false;
+  for (const k of kept.values()) for (const s of k.ready.splice(0)) letGo(s);
+}
+
+/** PIDs of the standbys kept now (not yet taken). */
+export const standbyPids = (): number[] => [...kept.values()].flatMap((k) => k.ready.map((s) => s.pid));
 
 /** APPSHOT_STANDBYS=0: none taken (for comparison), as outside the engine. */
 const wanted = () => process.env.APPSHOT_STANDBYS !== '0';
@@ -50,13 +90,17 @@ export const standbyStats = () => Object.fromEntries([...kept].map(([count, k]) 
  * start, and a restore goes on meanwhile. */
 function refill(count: number): void {
   const k = kept.get(count)!;
-  while (k.ready.length + k.starting < KEPT) {
+  while (k.ready.length + k.starting < keep) {
     k.starting++;
     const out = openSync('/dev/null', 'w');
     addon()
       .spawnDetachedAsync(paths.init, [paths.init, '--standby', '1', '--preload', paths.preload, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4'], out)
       .then(
-        (s) => k.ready.push(s),
+        (s) => {
+          // Released while it started (releaseStandbys): it goes at once.
+          if (enabled) k.ready.push(s);
+          else letGo(s);
+        },
         () => {
           /* none this time: a restore starts its own supervisor */
         },
@@ -84,11 +128,12 @@ export function letGo(s: StartedInit): void {
  * it fewer); letGo() if the restore fails before configure().
  */
 export function reserveStandby(count: number): StartedInit | undefined {
-  if (!enabled || !wanted() || count < 1 || count > MOST_SEEDS) return undefined;
+  if (!standbysWanted() || count < 1 || count > MOST_SEEDS) return undefined;
   let k = kept.get(count);
   if (!k) kept.set(count, (k = { ready: [], starting: 0 }));
   const s = k.ready.shift();
-  refill(count);
+  if (refillAfterMs > 0) setTimeout(() => enabled && refill(count), refillAfterMs).unref();
+  else refill(count);
   return s;
 }
 

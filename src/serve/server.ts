@@ -25,8 +25,12 @@ import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage } from '../restore/driver.js';
+import { loadImageChain, restore as restoreImage, seedCount } from '../restore/driver.js';
+import { prepareChain } from '../restore/prepared.js';
+import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
+import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
+import { enableTemplateCache } from '../template/cache.js';
 import { LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
@@ -86,6 +90,9 @@ const KEEP_TRANSLATIONS = 50;
  * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
  * next to nothing. The others read theirs when a connection comes. */
 const PRELOAD_LIMIT = 8;
+/** A standby taken by a resume is replaced this long after (standby.ts):
+ * not while the resume and its first reply still want the CPU. */
+const STANDBY_REFILL_MS = 100;
 
 class Service {
   readonly policy: Policy;
@@ -112,6 +119,10 @@ class Service {
   private ready: LoadedImage[] | undefined;
   private preloading: Promise<void> | undefined;
   counters = { snapshots: 0, restores: 0, crashes: 0 };
+  /** restore mode: the seeds its next restore's init starts with, once
+   * known (from the preloaded image, or the last restore), so that a
+   * standby with as many waits for it while it is suspended. */
+  seeds: number | undefined;
   private seq = 0;
   private stateTimer: NodeJS.Timeout | undefined;
   /** close() began: it writes the last state itself. */
@@ -137,6 +148,14 @@ class Service {
 
   get name(): string {
     return this.spec.name;
+  }
+
+  /** The seed count of a standby this service's next resume would take:
+   * restore mode, suspended (or crashed), its count known. */
+  standbyWanted(): number | undefined {
+    if (this.spec.mode !== 'restore' || this.seeds === undefined) return undefined;
+    const state = this.instances.get(this.name)?.state;
+    return state === 'suspended' || state === 'crashed' ? this.seeds : undefined;
   }
 
   private log(event: string, fields: Record<string, unknown> = {}): void {
@@ -198,7 +217,11 @@ class Service {
         }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
+        this.seeds = seedCount(chain[0].image);
+        // Where each inherited page is read from, while nothing waits.
+        prepareChain(chain);
         this.host.preloaded(this);
+        this.host.warmStandbys();
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
@@ -397,14 +420,7 @@ class Service {
         .filter((p) => !p.init)
         .sort((x, y) => x.vpid - y.vpid);
       if (!procs.length) return undefined;
-      // Its network namespace's listening sockets on the port: inodes.
-      const inodes = new Set<string>();
-      const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
-      for (const table of ['tcp', 'tcp6'])
-        for (const line of readFileSync(`/proc/${procs[0].pid}/net/${table}`, 'utf8').split('\n').slice(1)) {
-          const f = line.trim().split(/\s+/);
-          if (f.length > 9 && f[3] === '0A' && f[1].endsWith(`:${hexPort}`)) inodes.add(`socket:[${f[9]}]`);
-        }
+      const inodes = listeningInodes(procs[0].pid, port);
       if (!inodes.size) return undefined;
       for (const p of procs) {
         let fds: string[];
@@ -445,7 +461,10 @@ class Service {
     this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     // Its ended registration goes when it is restored (restoreInstance),
     // so that the AID can be taken again; a clone's goes now.
-    if (this.spec.mode === 'restore') inst.state = 'crashed';
+    if (this.spec.mode === 'restore') {
+      inst.state = 'crashed';
+      this.host.warmStandbys();
+    }
     else {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
@@ -518,7 +537,8 @@ class Service {
       // let go of (their page files are held open).
       const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      const restored = await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      this.seeds = restored.seeds;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       const rec = this.reg.require(this.name);
       inst.ports.clear();
@@ -527,15 +547,19 @@ class Service {
       inst.lastActive = this.host.clock.now();
       this.counters.restores++;
       this.changed();
-      this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held: this.held.length });
-      // The held go first; then the thread's grant gets the process to
-      // watch, and the record learns its parent image (read again:
-      // ~10 ms), long before the next suspend needs it.
+      const held = this.held.length;
+      // The held go first, even before the decision's log line and the
+      // metric (their clients wait); then the thread's grant gets the
+      // process to watch, and the record learns its parent image (read
+      // again: ~10 ms), long before the next suspend needs it.
       this.pump();
+      this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby });
       inst.pid = this.listenerPid(inst);
       this.pump();
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      // Another suspended service may want what this one took.
+      this.host.warmStandbys();
     } catch (e) {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
       this.changed();
@@ -594,6 +618,7 @@ class Service {
       this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
       this.prune(dir);
       this.preload();
+      this.host.warmStandbys();
     } catch (e) {
       // The snapshot driver leaves the application running when it fails.
       inst.state = this.alive(inst) ? 'running' : 'crashed';
@@ -625,12 +650,17 @@ class Service {
       const [made] = await api.clone(this.spec.from, { home: this.host.home, aid });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.fillPorts(inst, made.ports);
-      inst.pid = this.listenerPid(inst);
       inst.state = 'running';
       inst.lastActive = this.host.clock.now();
       this.changed();
+      const held = this.held.length;
+      // As after a restore: the held go first; then the thread's grant
+      // gets the process to watch (listenerPid reads /proc: the port's
+      // socket table and the processes' descriptors).
+      this.pump();
+      inst.pid = this.listenerPid(inst);
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held: this.held.length });
+      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held });
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
@@ -721,6 +751,38 @@ class Service {
   }
 }
 
+/** Our network namespace, once read. */
+let ownNetNs: string | undefined;
+
+/**
+ * The sockets listening on `port` in the network namespace of process
+ * `pid`, as /proc/PID/fd links name them (`socket:[INODE]`). Asked of the
+ * kernel with sock_diag when that namespace is ours: /proc/PID/net/tcp and
+ * tcp6 are made by walking every bucket of the kernel's socket hash
+ * tables, 5-6 ms each on this machine with a few hundred sockets (and this
+ * runs right after each restore and clone, in the event loop).
+ */
+function listeningInodes(pid: number, port: number): Set<string> {
+  const inodes = new Set<string>();
+  ownNetNs ??= readlinkSync('/proc/self/ns/net');
+  if (readlinkSync(`/proc/${pid}/ns/net`) === ownNetNs) {
+    try {
+      for (const family of [2, 10]) for (const ino of addon().tcpListeningInodes(family, port)) inodes.add(`socket:[${ino}]`);
+      return inodes;
+    } catch {
+      // sock_diag refused (no NETLINK_SOCK_DIAG here): /proc says the same.
+      inodes.clear();
+    }
+  }
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  for (const table of ['tcp', 'tcp6'])
+    for (const line of readFileSync(`/proc/${pid}/net/${table}`, 'utf8').split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length > 9 && f[3] === '0A' && f[1].endsWith(`:${hexPort}`)) inodes.add(`socket:[${f[9]}]`);
+    }
+  return inodes;
+}
+
 /** Descriptors kept for everything but held connections: Node's own, a
  * restore's, the forwarded connections' (two each). */
 const FD_RESERVE = 256;
@@ -753,9 +815,13 @@ export class ServeHost {
   /** Preloads under way. */
   preloading = 0;
   private timer: NodeJS.Timeout | undefined;
+  private stopping = false;
   private metricsServer: HttpServer | undefined;
   /** Moves the bytes of every forwarded connection (forwarder.ts). */
   readonly forwarder = new Forwarder();
+  /** Whether resumes and clones take standby supervisors (standby.ts);
+   * APPSHOT_STANDBYS=0: none, for comparison. */
+  private readonly standbys = process.env.APPSHOT_STANDBYS !== '0';
 
   constructor(
     specs: ServiceSpec[],
@@ -770,6 +836,18 @@ export class ServeHost {
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
     keepChecksums();
+    // Clone mode clones the same templates again and again: each opened
+    // once (decoded, signatures and checksums verified, rules parsed) and
+    // kept while its files stay the same, as the engine does
+    // (template/cache.ts checks them at every use).
+    enableTemplateCache();
+    // A supervisor with its seeds forked, waiting for each seed count a
+    // suspended service needs (one each: resumes come one at a time),
+    // so that a resume takes one instead of spawning it (standby.ts).
+    // Clone mode's is started by its first clone, and replaced as it is
+    // taken. Released by stop(); and should this process die, each sees
+    // its lifeline end and goes with its seeds.
+    if (this.standbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
     const maxHeld = heldRoom(specs.length);
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
@@ -785,6 +863,13 @@ export class ServeHost {
     if (at >= 0) this.holding.splice(at, 1);
     this.holding.push(s);
     while (this.holding.length > PRELOAD_LIMIT) this.holding.shift()!.forgetPreload();
+  }
+
+  /** Starts the standbys suspended services wait for, one per distinct
+   * seed count; those kept already stay. */
+  warmStandbys(): void {
+    if (!this.standbys || this.stopping) return;
+    for (const count of new Set(this.services.map((s) => s.standbyWanted()))) if (count !== undefined) warmStandbys(count);
   }
 
   /** Whether one more preloaded image would be kept. */
@@ -811,13 +896,38 @@ export class ServeHost {
       s.pump();
     }
     this.timer = setInterval(() => {
+      // The supervisors this process started (the instances' appshot-init,
+      // standbys let go), once ended, are its zombies until waited for.
+      addon().reapDetached();
       for (const s of this.services) s.tick();
     }, this.opts.tickMs ?? 200);
   }
 
   async stop(): Promise<void> {
+    this.stopping = true;
     if (this.timer) clearInterval(this.timer);
     this.metricsServer?.close();
     for (const s of this.services) await s.close();
+    if (this.standbys) await this.endStandbys();
+  }
+
+  /** Lets go of every standby, and waits (a second at most) until each
+   * has ended with its seeds and been waited for: none outlives serve. */
+  private async endStandbys(): Promise<void> {
+    const pids = standbyPids();
+    releaseStandbys();
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    for (let i = 0; i < 100; i++) {
+      addon().reapDetached();
+      if (!pids.some(alive)) return;
+      await new Promise((r) => setTimeout(r, 10));
+    }
   }
 }
