@@ -78,10 +78,11 @@ describe('virtual PIDs', () => {
 });
 
 describe('a wait for any child caught by a snapshot between the kernel answering and the translation', () => {
-  // APPSHOT_TEST_PAUSE_AFTER_WAIT=1 holds the waiting thread right there, in
-  // nanosleep, until a signal interrupts it; after a restore the sleep
-  // returns EINTR (threads.ts, resumeRegisters), so the thread translates
-  // the old node's system PID of its reaped child on the new node.
+  // The fixture holds the waiting thread at a test-only pause point of the
+  // preload library (test/fixtures/common.h), in nanosleep, until a signal
+  // interrupts it; after a restore the sleep returns EINTR (threads.ts,
+  // resumeRegisters), so the thread translates the old node's system PID of
+  // its reaped child on the new node.
   const images = mkdtempSync(join(tmpdir(), 'appshot-waitany-'));
   afterAll(() => rmSync(images, { recursive: true, force: true }));
   const heldAfterWait = (pid: number) => {
@@ -97,15 +98,35 @@ describe('a wait for any child caught by a snapshot between the kernel answering
   };
   /** A snapshot (which ends the application) of `waitany call` held after
    * its wait reaped the child. */
-  async function heldInWait(aid: string, call: 'wait4' | 'waitid'): Promise<string> {
-    sb.ok(['run', '-d', '--aid', aid, '--', 'env', 'APPSHOT_TEST_PAUSE_AFTER_WAIT=1', fixture('waitany'), call]);
+  async function heldInWait(aid: string, call: 'wait4' | 'waitid' | 'looked' | 'handlerfork'): Promise<string> {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), call]);
     await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const pid = sb.systemPid(aid);
+    if (call === 'handlerfork') {
+      // Blocked in wait4, a handler forks; its child comes back into the
+      // call (and must not give the parent's slot back). Then the child
+      // waited for exits.
+      await waitFor(() => blocked(pid), 10_000, `${aid} to block in wait4`);
+      process.kill(pid, 'SIGUSR2');
+      await waitFor(() => /^FORKED \d+$/m.test(sb.log(aid)), 10_000, `${aid}'s handler to fork`);
+      const forked = sb.systemPid(aid, Number(/^FORKED (\d+)$/m.exec(sb.log(aid))![1]));
+      const paused = () => readFileSync(`/proc/${forked}/syscall`, 'utf8').startsWith('34 '); // pause
+      await waitFor(paused, 10_000, `the handler's child to come back from its wait`);
+      process.kill(sb.systemPid(aid, Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1])), 'SIGUSR1');
+    }
     await waitFor(() => heldAfterWait(pid), 10_000, `${aid} to be held after its wait`);
     const image = join(images, aid);
     sb.ok(['snapshot', aid, '-o', image]);
     return image;
   }
+
+  const blocked = (pid: number) => {
+    try {
+      return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('61 '); // wait4
+    } catch {
+      return false;
+    }
+  };
 
   for (const call of ['wait4', 'waitid'] as const)
     it(`${call}: restored, it returns the virtual PID fork() gave the child`, async () => {
@@ -114,12 +135,29 @@ describe('a wait for any child caught by a snapshot between the kernel answering
       expect(await verdict(`waitany-${call}`)).toBe('PASS');
     });
 
+  it('wait4 caught after the child was looked up, before the re-check: the entry was not dropped yet, so the restored thread finds it', async () => {
+    const image = await heldInWait('waitany-looked', 'looked');
+    sb.ok(['restore', image]);
+    expect(await verdict('waitany-looked')).toBe('PASS');
+  });
+
+  it("wait4 whose signal handler forked: the handler's child, back in the call, does not give the parent's slot back", async () => {
+    const image = await heldInWait('waitany-hfork', 'handlerfork');
+    sb.ok(['restore', image]);
+    expect(await verdict('waitany-hfork')).toBe('PASS');
+  });
+
+  it('wait4 and waitid copy to the caller as the kernel does: EFAULT for an address it cannot write, no stale bytes in a siginfo', () => {
+    const r = sb.run(['run', '--', fixture('waitcopy')]);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
   it('wait4 blocked when snapshotted: restarted on the new node, it returns the child that exits there', async () => {
     const aid = 'waitany-blocked';
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), 'blocked']);
     await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
-    const blocked = (pid: number) => readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('61 '); // wait4
     await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4`);
     const image = join(images, aid);
     sb.ok(['snapshot', aid, '-o', image]);

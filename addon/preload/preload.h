@@ -71,8 +71,18 @@ extern int32_t g_vpid HIDDEN;
 extern int g_nocache HIDDEN;
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
-/* APPSHOT_TEST_PAUSE_AFTER_WAIT=1 (test-only; preload_pid.c). */
-extern int g_test_pause_after_wait HIDDEN;
+/* Test-only pause points. A test program that defines and exports this
+ * function (test/fixtures/common.c) is called at each point named `where`
+ * that a snapshot must be able to catch a thread at (a wait answered and
+ * not yet translated...), and may hold the thread there. Nothing else can
+ * switch it on: no environment variable or file, only a program written to
+ * be paused; in any other program the weak reference is null, resolved
+ * once at load, and the point costs a not-taken branch. */
+extern void appshot_test_pause(const char *where)
+    __attribute__((weak, visibility("default")));
+static inline void test_pause(const char *where) {
+  if (UNLIKELY(appshot_test_pause != NULL)) appshot_test_pause(where);
+}
 
 /* Our descriptor of the table file (-1: none), kept open across exec at a
  * high number and named to the next program by APPSHOT_TABLES_FD: a program
@@ -152,6 +162,9 @@ static inline long sys6(long nr, long a, long b, long c, long d, long e,
   sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
 #define SYS5(n, a, b, c, d, e) \
   sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+#define SYS6(n, a, b, c, d, e, f)                                         \
+  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), \
+       (long)(f))
 
 /* Writes v in decimal at d (no NUL); returns the end. No stdio here. */
 static inline char *put_decimal(char *d, unsigned long v) {

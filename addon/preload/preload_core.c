@@ -13,7 +13,6 @@ int32_t g_vpid;
 int g_nocache;
 __thread int32_t t_vtid;
 int g_init_state;
-int g_test_pause_after_wait;
 void *real_fn[R_COUNT];
 
 static pid_t g_init_tid;
@@ -68,9 +67,6 @@ void init_slow(void) {
     resolve_real();
     exec_capture_env();
     init_tables();
-    /* Test-only: see test_pause_after_wait (preload_pid.c). */
-    const char *pause = getenv("APPSHOT_TEST_PAUSE_AFTER_WAIT");
-    g_test_pause_after_wait = pause && pause[0] == '1';
     __atomic_store_n(&g_init_state, 2, __ATOMIC_RELEASE);
     return;
   }

@@ -13,6 +13,7 @@
 #include <linux/futex.h>
 #include <linux/perf_event.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -254,53 +255,80 @@ static pid_t waited(pid_t sid, int reaped) {
   return v;
 }
 
-/* The same for a call whose answer was written where `where` says
- * (appshot_table.h, "Wait calls across a restore"): a system PID of the node
- * before the last restore is translated through that node's PIDs, and
+/* The child's virtual PID for a system PID that an answer written where
+ * `where` says gave (appshot_table.h, "Wait calls across a restore"),
+ * looked up without removing anything, so that a restore before the
+ * caller's re-check loses nothing: a system PID of the node before the
+ * last restore is translated through that node's PIDs (*from_prior), and
  * nothing of this node's tables is touched for it (it may name another
  * process here). One of an earlier node, or one the node before never
- * mapped, is translated as before, which may be wrong: say so there. */
-static pid_t waited_from(enum appshot_wait_origin where, pid_t sid,
-                         int reaped) {
+ * mapped, is translated as before, which may be wrong. A child not mapped
+ * yet is mapped (*made). */
+static pid_t look_up_waited(enum appshot_wait_origin where, pid_t sid,
+                            int *from_prior, int *made) {
   int32_t v;
+  *from_prior = *made = 0;
   if (where == APPSHOT_WAIT_BEFORE && appshot_prior_s2v(g_h, sid, &v)) {
-    if (reaped) appshot_prior_forget(g_h, sid);
+    *from_prior = 1;
     return v;
   }
-  return waited(sid, reaped);
-}
-
-/* Test-only (APPSHOT_TEST_PAUSE_AFTER_WAIT=1, read once at init; see
- * preload_core.c): a wait for any child that reported one sleeps after the
- * kernel answered and before the answer is translated, until a signal
- * interrupts the sleep, so that a test can snapshot the thread exactly
- * there (test/pids.test.ts). */
-static void test_pause_after_wait(void) {
-  if (LIKELY(!g_test_pause_after_wait)) return;
-  struct timespec t = {3600, 0};
-  while (SYS2(nanosleep, &t, NULL) != -EINTR) {
-  }
+  if (appshot_s2v(g_h, APPSHOT_PID, sid, &v)) return v;
+  v = appshot_map_system(g_h, APPSHOT_PID, sid, 0, 0);
+  if (v < 0) return sid;
+  *made = 1;
+  return v;
 }
 
 /* A wait call that reported a child, given the system PID the kernel
- * answered with (wait4) or found in the answer (siginfo at `sid_at`):
- * copies the answer (rusage or siginfo, `len` bytes) to `copy` and returns
- * the child's virtual PID. A restore that comes while this runs moves the
- * answer: translated again, from where it now is. */
-static pid_t wait_answer(int slot, pid_t sid, const pid_t *sid_at,
-                         int reaped, void *copy, size_t len) {
+ * answered with (wait4) or the offset of si_pid in the answer (waitid,
+ * `sid_at` >= 0): copies the answer (rusage or siginfo, `len` bytes) to
+ * `copy` and returns the child's virtual PID, and if the call reaped the
+ * child, drops its entry. A restore that comes while this runs moves the
+ * answer: translated again, from where it now is; the entry is dropped
+ * only once the pair is known to be of the node the answer came from, and
+ * only that pair (a restore in between leaves the pair of an old node,
+ * which must not take another process's entry with it). */
+static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
+                         void *copy, size_t len) {
   const void *answer;
   enum appshot_wait_origin where = appshot_wait_origin(g_h, slot, &answer);
   for (;;) {
-    if (copy) memcpy(copy, answer, len);
-    if (sid_at) sid = *sid_at; /* a field of `copy` */
-    pid_t v = waited_from(where, sid, reaped);
+    memcpy(copy, answer, len);
+    if (sid_at >= 0) memcpy(&sid, (const char *)copy + sid_at, sizeof sid);
+    int from_prior, made;
+    pid_t v = look_up_waited(where, sid, &from_prior, &made);
+    test_pause("wait-looked-up");
     const void *now_answer;
     enum appshot_wait_origin now = appshot_wait_origin(g_h, slot, &now_answer);
-    if (now == where) return v;
+    if (now == where) {
+      if (reaped && from_prior) appshot_prior_forget(g_h, v, sid);
+      else if (reaped) appshot_forget_pair(g_h, v, sid);
+      return v;
+    }
+    /* Moved: what this node's tables were given for an old node's PID
+     * goes (only that pair, as above). */
+    if (made) appshot_unmap_pair(g_h, APPSHOT_PID, v, sid);
     where = now;
     answer = now_answer;
   }
+}
+
+/* Copies `len` bytes to the caller's `dst` as the kernel would have: an
+ * address the caller may not write fails with EFAULT (returns it) instead
+ * of a SIGSEGV in our code. Asked of the kernel itself, process_vm_writev
+ * on ourselves: only on the wait calls' paths that copy an answer, and
+ * plain memcpy where the call is not allowed (seccomp, no such call). */
+static int copy_out(void *dst, const struct iovec *from, int n) {
+  struct iovec to[2];
+  for (int i = 0; i < n; i++) {
+    to[i].iov_base = (char *)dst + ((const char *)from[i].iov_base - (const char *)from[0].iov_base);
+    to[i].iov_len = from[i].iov_len;
+  }
+  long r = SYS6(process_vm_writev, self_spid(), from, n, to, n, 0);
+  if (r >= 0) return 0;
+  if (r == -EFAULT) return EFAULT;
+  for (int i = 0; i < n; i++) memcpy(to[i].iov_base, from[i].iov_base, from[i].iov_len);
+  return 0;
 }
 
 long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
@@ -321,19 +349,27 @@ long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
     sid = again;
     r = REAL(wait4)(sid, status ? status : &st, options, kru);
   }
+  /* A process forked by a signal handler that ran during the call comes
+   * back here with its parent's slot number: not its slot, not its to use
+   * or give back. */
+  if (slot >= 0 && !appshot_wait_held(g_h, slot, self_vtid())) slot = -1;
   if (r <= 0) {
     int err = errno;
-    if (slot >= 0) appshot_wait_end(g_h, slot);
+    if (slot >= 0) appshot_wait_end(g_h, slot, self_vtid());
     errno = err;
     return r;
   }
-  if (pid == -1) test_pause_after_wait();
+  test_pause("wait-answered");
   int s = status ? *status : st;
   int reaped = WIFEXITED(s) || WIFSIGNALED(s);
   pid_t v;
   if (slot >= 0) {
-    v = wait_answer(slot, r, NULL, reaped, ru, sizeof *ru);
-    appshot_wait_end(g_h, slot);
+    struct rusage got;
+    v = wait_answer(slot, r, -1, reaped, &got, sizeof got);
+    appshot_wait_end(g_h, slot, self_vtid());
+    struct iovec from = {&got, sizeof got};
+    /* The child is reaped all the same, as the kernel does. */
+    if (ru && copy_out(ru, &from, 1)) return fail(EFAULT);
   } else {
     v = waited(r, reaped);
   }
@@ -365,6 +401,19 @@ static int waitid_call(idtype_t idtype, pid_t sid, siginfo_t *info,
   return REAL(waitid)(idtype, (id_t)sid, info, options);
 }
 
+/* What the kernel writes of a waitid siginfo (kernel/exit.c): si_signo,
+ * si_errno and si_code, then si_pid, si_uid and si_status; the rest of the
+ * caller's siginfo stays as it was. */
+#define WAITID_HEAD offsetof(siginfo_t, si_code) + sizeof(int)
+#define WAITID_BODY (offsetof(siginfo_t, si_status) + sizeof(int) - offsetof(siginfo_t, si_pid))
+
+/* The fields above, from `got` into the caller's `info`. */
+static int waitid_copy_out(siginfo_t *info, siginfo_t *got) {
+  struct iovec from[2] = {{got, WAITID_HEAD},
+                          {&got->si_pid, WAITID_BODY}};
+  return copy_out(info, from, 2);
+}
+
 long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
                struct rusage *ru) {
   pid_t sid = (pid_t)id;
@@ -372,11 +421,10 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
       !v2s_pid((pid_t)id, &sid))
     return fail(ECHILD);
   siginfo_t local;
-  if (!info) info = &local;
   /* The kernel writes the siginfo into the slot (see do_wait4). */
   int slot = appshot_wait_begin(g_h, self_vtid());
-  siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info;
-  if (slot < 0) info->si_pid = 0;
+  siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info ? info : &local;
+  if (slot < 0) kinfo->si_pid = 0;
   int r = waitid_call(idtype, sid, kinfo, options, ru);
   /* As in do_wait4: restarted after a restore with the old node's id. */
   pid_t again;
@@ -386,33 +434,45 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
     r = waitid_call(idtype, sid, kinfo, options, ru);
   }
   int err = errno;
-  if (slot >= 0) {
-    /* Copied whatever the result, as the kernel fills it on errors too;
-     * still marked, it was not written at all. */
-    const void *answer;
-    appshot_wait_origin(g_h, slot, &answer);
-    if (*(const uint64_t *)answer == UINT64_MAX)
-      info->si_pid = 0;
-    else
-      memcpy(info, answer, sizeof *info);
-  }
-  if (r != 0 || info->si_pid == 0) {
-    if (slot >= 0) appshot_wait_end(g_h, slot);
+  if (slot >= 0 && !appshot_wait_held(g_h, slot, self_vtid())) {
+    /* See do_wait4: a process forked by a signal handler. Whatever its
+     * call wrote went to its parent's slot, which it may not read. */
     errno = err;
     return r;
   }
-  if (idtype == P_ALL) test_pause_after_wait();
-  int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
-               (info->si_code == CLD_EXITED || info->si_code == CLD_KILLED ||
-                info->si_code == CLD_DUMPED);
-  pid_t v;
-  if (slot >= 0) {
-    v = wait_answer(slot, 0, &info->si_pid, reaped, info, sizeof *info);
-    appshot_wait_end(g_h, slot);
-  } else {
-    v = waited(info->si_pid, reaped);
+  if (slot < 0) {
+    if (r != 0 || kinfo->si_pid == 0) {
+      errno = err;
+      return r;
+    }
+    test_pause("wait-answered");
+    int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
+                 (kinfo->si_code == CLD_EXITED || kinfo->si_code == CLD_KILLED ||
+                  kinfo->si_code == CLD_DUMPED);
+    kinfo->si_pid = waited(kinfo->si_pid, reaped);
+    return 0;
   }
-  info->si_pid = v;
+  /* Still marked, the kernel wrote nothing (an EFAULT of `ru`); it writes
+   * the siginfo on other errors too (zeroes), as on success. */
+  const void *answer;
+  appshot_wait_origin(g_h, slot, &answer);
+  siginfo_t got;
+  memcpy(&got, answer, sizeof got);
+  int written = *(const uint64_t *)answer != UINT64_MAX;
+  if (r != 0 || !written || got.si_pid == 0) {
+    appshot_wait_end(g_h, slot, self_vtid());
+    if (written && info && waitid_copy_out(info, &got)) return fail(EFAULT);
+    errno = err;
+    return r;
+  }
+  test_pause("wait-answered");
+  int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
+               (got.si_code == CLD_EXITED || got.si_code == CLD_KILLED ||
+                got.si_code == CLD_DUMPED);
+  got.si_pid = wait_answer(slot, 0, offsetof(siginfo_t, si_pid), reaped, &got, sizeof got);
+  appshot_wait_end(g_h, slot, self_vtid());
+  /* The child is reaped all the same, as the kernel does. */
+  if (info && waitid_copy_out(info, &got)) return fail(EFAULT);
   return 0;
 }
 
