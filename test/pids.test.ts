@@ -183,6 +183,27 @@ describe('a wait for any child caught by a snapshot between the kernel answering
   });
 });
 
+describe('a thread caught by a snapshot inside a translation of process ids', () => {
+  // The fixture's child spins in user space at a test-only point of the
+  // preload library inside the wrapper (test/fixtures/common.h): for getppid
+  // after the kernel's answer, for kill after the translation. The
+  // snapshot must let it run out of the wrapper (src/ptrace/windows.ts);
+  // caught inside, restored, it would use the old node's system PID.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-idwindow-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  for (const call of ['getppid', 'kill'] as const)
+    it(`${call}: the restored child's answer is the virtual one`, async () => {
+      const aid = `idwindow-${call}`;
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), call]);
+      await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);
+      const image = join(images, aid);
+      sb.ok(['snapshot', aid, '-o', image]);
+      sb.ok(['restore', image]);
+      await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+      expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+    });
+});
+
 /** The lists of processes of the cgroups this process is in (and so its
  * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
  * tasks of cgroup v1's pids hierarchy, those that this node has. */

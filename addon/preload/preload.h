@@ -71,6 +71,39 @@ extern int32_t g_vpid HIDDEN;
 extern int g_nocache HIDDEN;
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
+/* --- Translation windows ---------------------------------------------------
+ *
+ * A thread between a translation and the system call it feeds (kill: the
+ * virtual PID made a system PID, not yet sent), or between a system call
+ * and the translation of its answer (getppid: the kernel's system PID, not
+ * yet made virtual), holds a system id of this node in its registers or
+ * stack. Snapshotted there and restored, it would use that id on the new
+ * node, where it names another process or none. So every wrapper that
+ * translates ids raises t_id_window for as long as it runs (ID_WINDOW(),
+ * lowered when the function returns), and a snapshot lets a thread it
+ * stopped with the mark raised run on until it is lowered, unless the
+ * thread is blocked in a system call, whose restart on the new node gets
+ * a fresh answer (src/ptrace/freezer.ts, leaving windows). The snapshot
+ * finds the mark by its offset from the thread pointer, which init
+ * publishes in appshot_id_window_tpoff (an exported symbol). A TLS
+ * increment and decrement: no system call, nothing allocated, safe in a
+ * signal handler (a count, so that a handler's window inside another's
+ * nests). */
+extern __thread int t_id_window TLS_IE HIDDEN;
+extern long appshot_id_window_tpoff __attribute__((visibility("default")));
+static inline void id_window_close(int *unused) {
+  (void)unused;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_id_window--;
+}
+static inline int id_window_open(void) {
+  t_id_window++;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  return 0;
+}
+#define ID_WINDOW() \
+  int id_window_ __attribute__((cleanup(id_window_close), unused)) = id_window_open()
+
 /* Test-only pause points. A test program that defines and exports this
  * function (test/fixtures/common.c) is called at each point named `where`
  * that a snapshot must be able to catch a thread at (a wait answered and

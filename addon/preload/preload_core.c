@@ -12,6 +12,18 @@ struct appshot_header *g_h;
 int32_t g_vpid;
 int g_nocache;
 __thread int32_t t_vtid;
+__thread int t_id_window;
+/* Where t_id_window lives, from the thread pointer (preload.h): the same
+ * for every thread of a process (static TLS), set by init. 0: not yet. */
+long appshot_id_window_tpoff;
+
+/* The thread pointer (x86-64: the fs base, which the TCB's first word
+ * holds), as a snapshot reads it from the thread's registers. */
+static char *thread_pointer(void) {
+  char *tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  return tp;
+}
 int g_init_state;
 void *real_fn[R_COUNT];
 
@@ -67,6 +79,8 @@ void init_slow(void) {
     resolve_real();
     exec_capture_env();
     init_tables();
+    appshot_id_window_tpoff =
+        (long)((char *)&t_id_window - thread_pointer());
     __atomic_store_n(&g_init_state, 2, __ATOMIC_RELEASE);
     return;
   }

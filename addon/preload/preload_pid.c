@@ -102,6 +102,7 @@ void pid_atfork_child(void) {
 static pid_t do_fork(void) {
   ensure_init();
   if (!g_h) return REAL(fork)();
+  ID_WINDOW();
   /* Signals stay blocked until the child is mapped: a SIGCHLD handler that
    * reaped it first would map and unmap it under one virtual id, and we
    * would then return another. */
@@ -174,6 +175,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   ensure_init();
   if (!g_h || !fn || !stack)
     return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
+  ID_WINDOW();
 
   pid_t parent = self_spid();
   self_vpid(); /* mapped before our children look for us (see do_fork) */
@@ -229,7 +231,9 @@ API pid_t gettid(void) {
 
 
 long do_getppid(void) {
+  ID_WINDOW();
   int32_t sppid = (int32_t)SYS0(getppid);
+  test_pause("getppid-answered");
   uint64_t c = __atomic_load_n(&g_ppid_cache, __ATOMIC_RELAXED);
   if (LIKELY(c && (int32_t)(uint32_t)c == sppid)) return (int32_t)(c >> 32);
   int32_t v;
@@ -332,6 +336,7 @@ static int copy_out(void *dst, const struct iovec *from, int n) {
 }
 
 long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
+  ID_WINDOW();
   pid_t sid;
   int e = pid_arg(pid, &sid, ECHILD);
   if (e) return fail(e);
@@ -416,6 +421,7 @@ static int waitid_copy_out(siginfo_t *info, siginfo_t *got) {
 
 long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
                struct rusage *ru) {
+  ID_WINDOW();
   pid_t sid = (pid_t)id;
   if ((idtype == P_PID || idtype == P_PGID) && (pid_t)id > 0 &&
       !v2s_pid((pid_t)id, &sid))
@@ -493,6 +499,7 @@ void translate_si_pid(siginfo_t *info) {
 
 API int sigtimedwait(const sigset_t *set, siginfo_t *info,
                      const struct timespec *timeout) {
+  ID_WINDOW();
   ensure_init();
   int r = REAL(sigtimedwait)(set, info, timeout);
   if (r > 0 && info && g_h) translate_si_pid(info);
@@ -501,12 +508,14 @@ API int sigtimedwait(const sigset_t *set, siginfo_t *info,
 
 long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
                         const struct timespec *timeout, size_t size) {
+  ID_WINDOW();
   long r = libc_ret(SYS4(rt_sigtimedwait, set, info, timeout, size));
   if (r > 0 && info) translate_si_pid(info);
   return r;
 }
 
 API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
+  ID_WINDOW();
   ensure_init();
   int r = REAL(sigwaitinfo)(set, info);
   if (r > 0 && info && g_h) translate_si_pid(info);
@@ -534,11 +543,13 @@ static long kill_application(int sig) {
 }
 
 long do_kill(pid_t pid, int sig) {
+  ID_WINDOW();
   if (pid == -1) return kill_application(sig);
   pid_t sid;
   int e = pid_arg(pid, &sid, ESRCH);
   if (e) return fail(e);
   if (init_refuses(pid, sig)) return fail(EPERM);
+  test_pause("kill-translated");
   return libc_ret(SYS2(kill, sid, sig));
 }
 
@@ -554,6 +565,7 @@ API int killpg(pid_t pgrp, int sig) {
 }
 
 long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig) {
+  ID_WINDOW();
   pid_t stgid = 0, stid;
   if (nr == SYS_tgkill && proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
   if (proc_arg(tid, &stid, ESRCH)) return fail(ESRCH);
@@ -569,6 +581,7 @@ API int tgkill(pid_t tgid, pid_t tid, int sig) {
 }
 
 API int sigqueue(pid_t pid, int sig, const union sigval val) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pid;
   if (g_h) {
@@ -580,6 +593,7 @@ API int sigqueue(pid_t pid, int sig, const union sigval val) {
 
 long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
                      siginfo_t *info) {
+  ID_WINDOW();
   pid_t stgid, stid = 0;
   if (proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
   if (nr == SYS_rt_tgsigqueueinfo && proc_arg(tid, &stid, ESRCH))
@@ -592,6 +606,7 @@ long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
 }
 
 API int pidfd_open(pid_t pid, unsigned int flags) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pid;
   if (g_h && proc_arg(pid, &sid, ESRCH)) return (int)fail(ESRCH);
@@ -601,6 +616,7 @@ API int pidfd_open(pid_t pid, unsigned int flags) {
 /* --- Process groups and sessions ------------------------------------------ */
 
 long do_getpgid(pid_t pid) {
+  ID_WINDOW();
   pid_t sid;
   if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
   long r = libc_ret(SYS1(getpgid, sid));
@@ -608,6 +624,7 @@ long do_getpgid(pid_t pid) {
 }
 
 long do_getsid(pid_t pid) {
+  ID_WINDOW();
   pid_t sid;
   if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
   long r = libc_ret(SYS1(getsid, sid));
@@ -615,6 +632,7 @@ long do_getsid(pid_t pid) {
 }
 
 long do_setpgid(pid_t pid, pid_t pgid) {
+  ID_WINDOW();
   pid_t spid, spgid;
   if (proc_arg(pid, &spid, ESRCH)) return fail(ESRCH);
   if (proc_arg(pgid, &spgid, EPERM)) return fail(EPERM);
@@ -653,6 +671,7 @@ API pid_t setsid(void) {
 }
 
 static pid_t tty_id(int fd, unsigned long req) {
+  ID_WINDOW();
   ensure_init();
   pid_t id;
   if (libc_ret(SYS3(ioctl, fd, req, &id)) < 0) return -1;
@@ -663,6 +682,7 @@ API pid_t tcgetpgrp(int fd) { return tty_id(fd, TIOCGPGRP); }
 API pid_t tcgetsid(int fd) { return tty_id(fd, TIOCGSID); }
 
 API int tcsetpgrp(int fd, pid_t pgrp) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pgrp;
   if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)fail(EPERM);
@@ -673,6 +693,7 @@ API int tcsetpgrp(int fd, pid_t pgrp) {
 
 /* Any system call whose first argument is a PID (0 = the caller). */
 long do_pid_first(long nr, long pid, long b, long c, long d, long e, long f) {
+  ID_WINDOW();
   pid_t sid = (pid_t)pid;
   if (g_h && proc_arg((pid_t)pid, &sid, ESRCH)) return fail(ESRCH);
   return libc_ret(sys6(nr, sid, b, c, d, e, f));
@@ -729,6 +750,7 @@ API int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
 
 /* Raw kernel convention for getpriority (20 - nice); libc converts. */
 long do_prio(long nr, long which, long who, long prio) {
+  ID_WINDOW();
   pid_t sid = (pid_t)who;
   if (g_h && (which == PRIO_PROCESS || which == PRIO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
@@ -758,6 +780,7 @@ int capset(cap_user_header_t header, const cap_user_data_t data);
  * other process of the system (kthreadd for 2). The caller's header keeps
  * its virtual PID; the kernel may write its preferred version into it. */
 long do_capget_set(long nr, cap_user_header_t header, void *data) {
+  ID_WINDOW();
   if (!header) return libc_ret(sys6(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
   struct __user_cap_header_struct sys_header = *header;
   if (proc_arg(header->pid, &sys_header.pid, ESRCH)) return fail(ESRCH);
@@ -782,6 +805,7 @@ API int capset(cap_user_header_t header, const cap_user_data_t data) {
  * PID, or a process of another application, is no id of ours: ESRCH, as a
  * PID namespace answers for a process outside it. */
 long do_ptrace(long request, pid_t pid, void *addr, void *data) {
+  ID_WINDOW();
   pid_t sid = pid;
   if (request != PTRACE_TRACEME && proc_arg(pid, &sid, ESRCH))
     return fail(ESRCH);
@@ -814,6 +838,7 @@ API long ptrace(enum __ptrace_request request, ...) {
 
 /* kcmp(pid1, pid2, type, idx1, idx2): two processes. */
 long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2) {
+  ID_WINDOW();
   pid_t s1, s2;
   if (proc_arg(pid1, &s1, ESRCH) || proc_arg(pid2, &s2, ESRCH))
     return fail(ESRCH);
@@ -828,6 +853,7 @@ long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2) {
  * PID or a process group (0: the caller's), or a uid (IOPRIO_WHO_USER),
  * which stays as it is. */
 long do_ioprio(long nr, long which, long who, long ioprio) {
+  ID_WINDOW();
   pid_t sid = (pid_t)who;
   if ((which == IOPRIO_WHO_PROCESS || which == IOPRIO_WHO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
@@ -840,6 +866,7 @@ long do_ioprio(long nr, long which, long who, long ioprio) {
  * argument is a cgroup's descriptor, no PID. */
 long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                         unsigned long flags) {
+  ID_WINDOW();
   pid_t sid = pid;
   if (!(flags & PERF_FLAG_PID_CGROUP) && proc_arg(pid, &sid, ESRCH))
     return fail(ESRCH);
@@ -876,17 +903,20 @@ static long fcntl_call(int raw, int fd, int cmd, void *arg) {
 long do_fcntl(int raw, int fd, int cmd, void *arg) {
   switch (cmd) {
     case F_SETOWN: {
+      ID_WINDOW();
       pid_t sid;
       if (owner_arg((pid_t)(long)arg, &sid)) return fail(ESRCH);
       return fcntl_call(raw, fd, cmd, (void *)(long)sid);
     }
     case F_GETOWN: {
+      ID_WINDOW();
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
       if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
       return r;
     }
     case F_SETOWN_EX: {
+      ID_WINDOW();
       struct f_owner_ex *o = arg, sys_owner;
       if (!o) break; /* EFAULT, the kernel's to say */
       sys_owner = *o;
@@ -894,6 +924,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       return fcntl_call(raw, fd, cmd, &sys_owner);
     }
     case F_GETOWN_EX: {
+      ID_WINDOW();
       struct f_owner_ex *o = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r == 0 && o && o->pid > 0) o->pid = s2v_or0(APPSHOT_PID, o->pid);
@@ -906,6 +937,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       return r;
     }
     case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */
+      ID_WINDOW();
       struct flock *lk = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
       /* OFD locks (F_OFD_GETLK) have no holder PID: the kernel says -1. */

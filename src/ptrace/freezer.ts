@@ -15,6 +15,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
+import { insideWindow, windowOffset } from './windows.js';
 
 export interface FrozenThread {
   tid: number;
@@ -246,6 +247,7 @@ export class Freezer {
   /** One attempt; returns what went wrong, or '' when all is stopped. */
   private attempt(settleMs: number): string {
     const until = Date.now() + settleMs;
+    let windowRounds = 0;
     for (;;) {
       this.discover();
       for (const t of this.threads.values())
@@ -275,9 +277,55 @@ export class Freezer {
         return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
       }
       // Everything is stopped; a last look for tasks created just before.
-      if (this.discover() === 0) return '';
+      if (this.discover() === 0) {
+        const inside = this.insideWindows();
+        if (!inside.length) return '';
+        if (Date.now() >= until) {
+          const t = inside[0];
+          const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
+          return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) stayed inside a translation of process ids (a wrapper of the preload library)`;
+        }
+        this.runOn(inside, windowRounds++);
+        continue;
+      }
       if (Date.now() >= until) return 'the application kept creating processes';
     }
+  }
+
+  /** Where each process keeps its window mark (windows.ts), read once per
+   * freeze; null: it has none. */
+  private readonly windowOffsets = new Map<number, bigint | null>();
+
+  /** The stopped threads inside a translation window, not blocked in a
+   * system call (windows.ts). Threads in a job-control stop cannot be let
+   * run: they stay where they are. */
+  private insideWindows(): FrozenThread[] {
+    const out: FrozenThread[] = [];
+    for (const t of this.threads.values()) {
+      if (!t.stopped || t.groupStop) continue;
+      let offset = this.windowOffsets.get(t.pid);
+      if (offset === undefined) {
+        offset = windowOffset(t.pid) ?? null;
+        this.windowOffsets.set(t.pid, offset);
+      }
+      if (offset !== null && insideWindow(t.pid, t.tid, offset)) out.push(t);
+    }
+    return out;
+  }
+
+  /** Lets threads inside a window run a little (longer each round), to be
+   * interrupted again by the attempt's loop. A signal they were stopped
+   * with is kept for their resume or the image, not delivered now. */
+  private runOn(threads: FrozenThread[], round: number): void {
+    for (const t of threads)
+      try {
+        addon().cont(t.tid, 0);
+        t.stopped = false;
+        t.interrupted = false;
+      } catch {
+        /* exited: reported by the attempt's loop */
+      }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.min(1 << round, 50));
   }
 
   /** Lets every stopped thread go, exactly where it was (the signal it was

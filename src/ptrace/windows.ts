@@ -1,0 +1,74 @@
+/**
+ * Translation windows (addon/preload/preload.h, "Translation windows"): a
+ * thread of the application inside a wrapper of the preload library that
+ * translates ids holds a system id of this node, on its way into a system
+ * call (kill) or out of one (getppid). Stopped there, snapshotted and
+ * restored, it would use that id on the new node. Each such wrapper raises
+ * a per-thread mark while it runs; the library publishes where the mark is
+ * (its offset from the thread pointer) in the exported symbol
+ * appshot_id_window_tpoff. The freezer reads the mark of every stopped
+ * thread and lets a thread that has it raised run on until it is lowered,
+ * unless the thread is blocked in a system call: a blocked call restarts
+ * on the new node and its answer is translated there.
+ */
+import { readFileSync, realpathSync } from 'node:fs';
+import { symbolAddress } from '../elf.js';
+import { addon, paths } from '../native.js';
+
+/** Offsets in x86-64 struct user_regs_struct. */
+const REG = { rax: 10 * 8, origRax: 15 * 8, fsBase: 21 * 8 } as const;
+/** The kernel's codes for a call interrupted in its sleep, to be restarted
+ * (or to fail with EINTR), and EINTR itself. */
+const BLOCKED = new Set([-512n, -513n, -514n, -516n, -4n]);
+
+let preloadPath: string | undefined;
+function preload(): string {
+  if (preloadPath === undefined)
+    try {
+      preloadPath = realpathSync(paths.preload);
+    } catch {
+      preloadPath = paths.preload;
+    }
+  return preloadPath;
+}
+
+/** Where a process keeps the mark, from the thread pointer; undefined when
+ * it has no preload library (or the library has not published it yet). */
+export function windowOffset(pid: number): bigint | undefined {
+  let maps: string;
+  try {
+    maps = readFileSync(`/proc/${pid}/maps`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const at = symbolAddress(maps, [preload()], 'appshot_id_window_tpoff');
+  if (!at) return undefined;
+  try {
+    const offset = addon().readMemory(pid, at.address, 8).readBigInt64LE(0);
+    return offset === 0n ? undefined : offset;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether stopped thread `tid` of `pid` is inside a window and not blocked
+ * in a system call: it must run on before it is snapshotted. */
+export function insideWindow(pid: number, tid: number, offset: bigint): boolean {
+  let regs: Buffer;
+  try {
+    regs = addon().getRegs(tid);
+  } catch {
+    return false;
+  }
+  const fsBase = regs.readBigUInt64LE(REG.fsBase);
+  if (!fsBase) return false;
+  let mark: number;
+  try {
+    mark = addon().readMemory(pid, BigInt.asUintN(64, fsBase + offset), 4).readInt32LE(0);
+  } catch {
+    return false;
+  }
+  if (mark <= 0) return false;
+  const blocked = regs.readBigInt64LE(REG.origRax) >= 0n && BLOCKED.has(regs.readBigInt64LE(REG.rax));
+  return !blocked;
+}
