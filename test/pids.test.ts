@@ -167,6 +167,22 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     expect(await verdict(aid)).toBe('PASS');
   });
 
+  for (const mode of ['pgid', 'waitid-pgid'] as const)
+    it(`${mode === 'pgid' ? 'waitpid(-pgid)' : 'waitid(P_PGID)'} blocked when snapshotted: restarted on the new node's group id`, async () => {
+      const aid = `waitany-${mode}`;
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), mode]);
+      await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+      const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
+      const inWait = (pid: number) => /^(61|247) /.test(readFileSync(`/proc/${pid}/syscall`, 'utf8')); // wait4, waitid
+      await waitFor(() => inWait(sb.systemPid(aid)), 10_000, `${aid} to block in its wait`);
+      const image = join(images, aid);
+      sb.ok(['snapshot', aid, '-o', image]);
+      sb.ok(['restore', image]);
+      await waitFor(() => inWait(sb.systemPid(aid)), 10_000, `${aid} to block in its wait again`);
+      process.kill(sb.systemPid(aid, child), 'SIGUSR1');
+      expect(await verdict(aid)).toBe('PASS');
+    });
+
   it('claims, takes back and carries wait slots as the tables say (waitslots, on tables of its own)', () => {
     const r = spawnSync(fixture('waitslots'), { encoding: 'utf8' });
     expect(r.stdout + r.stderr).toBe('PASS\n');

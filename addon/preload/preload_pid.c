@@ -346,11 +346,14 @@ long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
   int slot = appshot_wait_begin(g_h, self_vtid());
   struct rusage *kru = slot >= 0 ? appshot_wait_out(g_h, slot) : ru;
   pid_t r = REAL(wait4)(sid, status ? status : &st, options, kru);
-  /* A wait for one process, snapshotted while it blocked and restored:
-   * the kernel restarts it with the system PID it was given, the old
-   * node's, and says ECHILD. That process is here under a new one. */
+  /* A wait for one process (or group), snapshotted while it blocked and
+   * restored: the restore rewrites the id the call restarts with
+   * (src/resources/blocked.ts); should the kernel still say ECHILD (a
+   * restore that could not, a raw restart), that process is here under a
+   * new id. */
   pid_t again;
-  while (r < 0 && errno == ECHILD && pid > 0 && v2s_pid(pid, &again) && again != sid) {
+  while (r < 0 && errno == ECHILD && (pid > 0 || pid < -1) && !pid_arg(pid, &again, ECHILD) &&
+         again != sid) {
     sid = again;
     r = REAL(wait4)(sid, status ? status : &st, options, kru);
   }

@@ -41,6 +41,7 @@ import { restoreAttributes, restoreParentDeathSignals } from '../resources/attri
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
+import { BlockedCalls } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -633,6 +634,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
 
     phase('tree made');
+    // Calls blocked on an id of the old node are restarted on this node's.
+    const blocked = new BlockedCalls(image, tables);
     for (const m of made) {
       const p = m.proc;
       await heardInterrupt();
@@ -688,7 +691,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
-        addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
+        addon().setRegs(m.tids[i], resumeRegisters(blocked.retarget(t.regs), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
     // The last point where an interrupted restore is given up: after it,
