@@ -220,6 +220,22 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     });
 });
 
+describe('signals pending across a snapshot', () => {
+  const images = mkdtempSync(join(tmpdir(), 'appshot-sigpend-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  it('are taken after the restore with the virtual PID of their sender (sigtimedwait, SA_SIGINFO handler)', async () => {
+    const aid = 'sigpend';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('sigpend')]);
+    await waitFor(() => /^QUEUED \d+$/m.test(sb.log(aid)), 10_000, `${aid}'s signals to be queued`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    process.kill(sb.systemPid(aid), 'SIGHUP');
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+});
+
 /** The lists of processes of the cgroups this process is in (and so its
  * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
  * tasks of cgroup v1's pids hierarchy, those that this node has. */

@@ -314,12 +314,16 @@ export class Freezer {
   }
 
   /** Lets threads inside a window run a little (longer each round), to be
-   * interrupted again by the attempt's loop. A signal they were stopped
-   * with is kept for their resume or the image, not delivered now. */
+   * interrupted again by the attempt's loop. A signal a thread was stopped
+   * on its way to is delivered now, as if it had not been stopped (kept
+   * instead, it could be lost: a detach outside a signal-delivery-stop
+   * may drop the signal it is given). */
   private runOn(threads: FrozenThread[], round: number): void {
     for (const t of threads)
       try {
-        addon().cont(t.tid, 0);
+        addon().cont(t.tid, t.signal);
+        t.signal = 0;
+        t.siginfo = undefined;
         t.stopped = false;
         t.interrupted = false;
       } catch {

@@ -45,9 +45,10 @@ function idArgument(regs: Buffer): { at: number; kind: Kind; negated: boolean } 
   return undefined;
 }
 
-/** Rewrites, thread by thread, the id a blocked call carries; reads the
- * new tables only if some thread needs it. */
-export class BlockedCalls {
+/** This node's system id of the process (or SysV object) that had system
+ * id `old` on the image's node: through the image's tables to the virtual
+ * id, then through the new tables, read only once something asks. */
+export class IdsAcrossRestore {
   private oldToVirtual?: Map<Kind, Map<number, number>>;
   private virtualToNew?: Map<Kind, Map<number, number>>;
 
@@ -56,33 +57,31 @@ export class BlockedCalls {
     private readonly tablesPath: string,
   ) {}
 
-  /** `regs` with the blocked call's id made the new node's (a copy), or
-   * `regs` itself when there is nothing to rewrite. */
-  retarget(regs: Buffer): Buffer {
-    if (regs.readBigInt64LE(REG.origRax) < 0n || !ERESTART.has(regs.readBigInt64LE(REG.rax))) return regs;
-    const arg = idArgument(regs);
-    if (!arg) return regs;
-    const raw = Number(BigInt.asIntN(32, regs.readBigInt64LE(arg.at)));
-    const old = arg.negated ? -raw : raw;
-    const vid = this.old(arg.kind).get(old);
-    if (vid === undefined) return regs;
-    const now = this.now(arg.kind).get(vid);
-    if (now === undefined || now === old) return regs;
-    const out = Buffer.from(regs);
-    out.writeBigInt64LE(BigInt(arg.negated ? -now : now), arg.at);
-    return out;
-  }
-
-  private old(kind: Kind): Map<number, number> {
+  /** undefined: the image's tables do not map `old` (not the
+   * application's); else the new id (undefined too if none here). */
+  now(kind: Kind, old: number): number | undefined {
     this.oldToVirtual ??= new Map(this.image.tables.map((t) => [t.kind as Kind, new Map(t.entries.map((e) => [e.system, e.virtual]))]));
-    return this.oldToVirtual.get(kind) ?? new Map();
-  }
-
-  private now(kind: Kind): Map<number, number> {
+    const vid = this.oldToVirtual.get(kind)?.get(old);
+    if (vid === undefined) return undefined;
     if (!this.virtualToNew) {
       const tables = addon().readTables(this.tablesPath).tables;
       this.virtualToNew = new Map(Object.entries(tables).map(([k, entries]) => [k as Kind, new Map(entries.map((e) => [e.virtual, e.system]))]));
     }
-    return this.virtualToNew.get(kind) ?? new Map();
+    return this.virtualToNew.get(kind)?.get(vid);
   }
+}
+
+/** `regs` with a blocked call's id made this node's (a copy), or `regs`
+ * itself when there is nothing to rewrite. */
+export function retargetBlockedCall(regs: Buffer, ids: IdsAcrossRestore): Buffer {
+  if (regs.readBigInt64LE(REG.origRax) < 0n || !ERESTART.has(regs.readBigInt64LE(REG.rax))) return regs;
+  const arg = idArgument(regs);
+  if (!arg) return regs;
+  const raw = Number(BigInt.asIntN(32, regs.readBigInt64LE(arg.at)));
+  const old = arg.negated ? -raw : raw;
+  const now = ids.now(arg.kind, old);
+  if (now === undefined || now === old) return regs;
+  const out = Buffer.from(regs);
+  out.writeBigInt64LE(BigInt(arg.negated ? -now : now), arg.at);
+  return out;
 }

@@ -36,12 +36,12 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState } from '../resources/process.js';
-import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { requeueSignals, restoreSigactions, retargetSiginfos } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
-import { BlockedCalls } from '../resources/blocked.js';
+import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -634,8 +634,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
 
     phase('tree made');
-    // Calls blocked on an id of the old node are restarted on this node's.
-    const blocked = new BlockedCalls(image, tables);
+    // System ids of the image's node, made this node's: in calls blocked
+    // on them, restarted here, and in the siginfo of pending signals.
+    const ids = new IdsAcrossRestore(image, tables);
     for (const m of made) {
       const p = m.proc;
       await heardInterrupt();
@@ -671,9 +672,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         const tid = m.tids[i];
         if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
         restoreThreadState(r, t, tid, p.glibcTidOffset);
-        requeueSignals(r, t.pending, tid);
+        requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), tid);
       });
-      requeueSignals(r, p.sharedPending, 0);
+      requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
@@ -691,7 +692,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
-        addon().setRegs(m.tids[i], resumeRegisters(blocked.retarget(t.regs), firstHandledSignal(t, p.sharedPending, p.sigactions)));
+        addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
     // The last point where an interrupted restore is given up: after it,
