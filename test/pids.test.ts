@@ -207,6 +207,14 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
   // caught inside, restored, it would use the old node's system PID.
   const images = mkdtempSync(join(tmpdir(), 'appshot-idwindow-'));
   afterAll(() => rmSync(images, { recursive: true, force: true }));
+  it('a window left by a siglongjmp out of a handler does not hold the thread inside for good', async () => {
+    const aid = 'windowjmp';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('windowjmp')]);
+    await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid} to jump back`);
+    sb.ok(['snapshot', aid, '--leave-running', '-o', join(images, aid)]);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+
   for (const call of ['getppid', 'kill'] as const)
     it(`${call}: the restored child's answer is the virtual one`, async () => {
       const aid = `idwindow-${call}`;

@@ -79,25 +79,44 @@ extern __thread int32_t t_vtid TLS_IE HIDDEN;
  * yet made virtual), holds a system id of this node in its registers or
  * stack. Snapshotted there and restored, it would use that id on the new
  * node, where it names another process or none. So every wrapper that
- * translates ids raises t_id_window for as long as it runs (ID_WINDOW(),
- * lowered when the function returns), and a snapshot lets a thread it
- * stopped with the mark raised run on until it is lowered, unless the
- * thread is blocked in a system call, whose restart on the new node gets
- * a fresh answer (src/ptrace/freezer.ts, leaving windows). The snapshot
- * finds the mark by its offset from the thread pointer, which init
- * publishes in appshot_id_window_tpoff (an exported symbol). A TLS
- * increment and decrement: no system call, nothing allocated, safe in a
- * signal handler (a count, so that a handler's window inside another's
- * nests). */
-extern __thread int t_id_window TLS_IE HIDDEN;
+ * translates ids raises t_id_window.open for as long as it runs
+ * (ID_WINDOW(), lowered when the function returns), and a snapshot lets a
+ * thread it stopped with the mark raised run on until it is lowered,
+ * unless the thread is blocked in a system call, whose restart on the new
+ * node gets a fresh answer (src/ptrace/windows.ts). The snapshot finds the
+ * mark by its offset from the thread pointer, which init publishes in
+ * appshot_id_window_tpoff (an exported symbol).
+ *
+ * `open` counts, so that a handler's window inside another's nests. A
+ * window left by a siglongjmp out of a signal handler never closes: `sp`,
+ * the stack pointer where the outermost open window began, tells a
+ * snapshot (a thread above it, on the same stack, is out of it) and the
+ * next window, which starts afresh if it begins above it. A TLS store or
+ * two: no system call, nothing allocated, safe in a signal handler. */
+struct appshot_id_window {
+  int32_t open; /* windows open */
+  int32_t pad;
+  uintptr_t sp; /* the stack pointer where the outermost one began */
+};
+extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
 extern long appshot_id_window_tpoff __attribute__((visibility("default")));
+static inline uintptr_t stack_pointer(void) {
+  uintptr_t sp;
+  __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
+  return sp;
+}
 static inline void id_window_close(int *unused) {
   (void)unused;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_id_window--;
+  if (t_id_window.open > 0) t_id_window.open--;
 }
 static inline int id_window_open(void) {
-  t_id_window++;
+  uintptr_t sp = stack_pointer();
+  /* Above the outermost window's start: that one was left by a longjmp. */
+  if (t_id_window.open > 0 && sp > t_id_window.sp) t_id_window.open = 0;
+  if (t_id_window.open == 0) t_id_window.sp = sp;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_id_window.open++;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   return 0;
 }

@@ -12,7 +12,7 @@ struct appshot_header *g_h;
 int32_t g_vpid;
 int g_nocache;
 __thread int32_t t_vtid;
-__thread int t_id_window;
+__thread struct appshot_id_window t_id_window;
 /* Where t_id_window lives, from the thread pointer (preload.h): the same
  * for every thread of a process (static TLS), set by init. 0: not yet. */
 long appshot_id_window_tpoff;

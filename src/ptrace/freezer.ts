@@ -15,7 +15,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
-import { insideWindow, windowOffset } from './windows.js';
+import { insideWindow, type Windows, windowsOf } from './windows.js';
 
 export interface FrozenThread {
   tid: number;
@@ -292,9 +292,9 @@ export class Freezer {
     }
   }
 
-  /** Where each process keeps its window mark (windows.ts), read once per
+  /** Where each process keeps its windows (windows.ts), read once per
    * freeze; null: it has none. */
-  private readonly windowOffsets = new Map<number, bigint | null>();
+  private readonly windows = new Map<number, Windows | null>();
 
   /** The stopped threads inside a translation window, not blocked in a
    * system call (windows.ts). Threads in a job-control stop cannot be let
@@ -303,12 +303,12 @@ export class Freezer {
     const out: FrozenThread[] = [];
     for (const t of this.threads.values()) {
       if (!t.stopped || t.groupStop) continue;
-      let offset = this.windowOffsets.get(t.pid);
-      if (offset === undefined) {
-        offset = windowOffset(t.pid) ?? null;
-        this.windowOffsets.set(t.pid, offset);
+      let windows = this.windows.get(t.pid);
+      if (windows === undefined) {
+        windows = windowsOf(t.pid) ?? null;
+        this.windows.set(t.pid, windows);
       }
-      if (offset !== null && insideWindow(t.pid, t.tid, offset)) out.push(t);
+      if (windows && insideWindow(t.pid, t.tid, windows)) out.push(t);
     }
     return out;
   }
