@@ -215,8 +215,8 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
-  for (const call of ['getppid', 'kill'] as const)
-    it(`${call}: the restored child's answer is the virtual one`, async () => {
+  for (const call of ['getppid', 'kill', 'proc'] as const)
+    it(`${call === 'proc' ? 'access(/proc/<vpid>/stat)' : call}: the restored child's answer is the virtual one`, async () => {
       const aid = `idwindow-${call}`;
       sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), call]);
       await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);

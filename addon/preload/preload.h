@@ -122,6 +122,13 @@ static inline int id_window_open(void) {
 }
 #define ID_WINDOW() \
   int id_window_ __attribute__((cleanup(id_window_close), unused)) = id_window_open()
+/* The same, only if `cond` holds. */
+static inline void id_window_close_if(int *opened) {
+  if (*opened) id_window_close(opened);
+}
+#define ID_WINDOW_IF(cond)                                            \
+  int id_window_ __attribute__((cleanup(id_window_close_if), unused)) = \
+      (cond) ? (id_window_open(), 1) : 0
 
 /* Test-only pause points. A test program that defines and exports this
  * function (test/fixtures/common.c) is called at each point named `where`
@@ -408,8 +415,12 @@ HIDDEN const char *path_slow(const char *path, enum path_op op,
  * small alternate signal stacks. */
 #define NOINLINE __attribute__((noinline))
 
-/* In a slow half: declares `p`, the path to use, or returns `err`. */
-#define SLOW_PATH(p, path, op, err)                     \
+/* In a slow half: declares `p`, the path to use, or returns `err`. A path
+ * under /proc/<vpid> holds a system PID from here to the call's return: a
+ * translation window (see above) for the rest of the function (not for
+ * other paths: a copy-on-write copy may take long, and holds no id). */
+#define SLOW_PATH(p, path, op, err)                                 \
+  ID_WINDOW_IF(strncmp((path), "/proc/", 6) == 0);                  \
   char p##_buf[PATH_MAX];                               \
   const char *p = path_slow((path), (op), p##_buf);     \
   if (!p) return err
