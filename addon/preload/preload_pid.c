@@ -317,20 +317,24 @@ static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
   }
 }
 
-/* Copies `len` bytes to the caller's `dst` as the kernel would have: an
+/* Copies the pieces `from` (at their offsets from the first) to the
+ * caller's `dst` as the kernel would have: an
  * address the caller may not write fails with EFAULT (returns it) instead
  * of a SIGSEGV in our code. Asked of the kernel itself, process_vm_writev
  * on ourselves: only on the wait calls' paths that copy an answer, and
  * plain memcpy where the call is not allowed (seccomp, no such call). */
 static int copy_out(void *dst, const struct iovec *from, int n) {
   struct iovec to[2];
+  long total = 0;
   for (int i = 0; i < n; i++) {
     to[i].iov_base = (char *)dst + ((const char *)from[i].iov_base - (const char *)from[0].iov_base);
     to[i].iov_len = from[i].iov_len;
+    total += (long)from[i].iov_len;
   }
   long r = SYS6(process_vm_writev, self_spid(), from, n, to, n, 0);
-  if (r >= 0) return 0;
-  if (r == -EFAULT) return EFAULT;
+  if (r == total) return 0;
+  /* Short: a later element faulted (the call stops there). */
+  if (r >= 0 || r == -EFAULT) return EFAULT;
   for (int i = 0; i < n; i++) memcpy(to[i].iov_base, from[i].iov_base, from[i].iov_len);
   return 0;
 }
