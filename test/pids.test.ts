@@ -98,7 +98,7 @@ describe('a wait for any child caught by a snapshot between the kernel answering
   };
   /** A snapshot (which ends the application) of `waitany call` held after
    * its wait reaped the child. */
-  async function heldInWait(aid: string, call: 'wait4' | 'waitid' | 'looked' | 'handlerfork'): Promise<string> {
+  async function heldInWait(aid: string, call: 'wait4' | 'waitid' | 'looked' | 'handlerfork' | 'leaked'): Promise<string> {
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), call]);
     await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const pid = sb.systemPid(aid);
@@ -139,6 +139,12 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     const image = await heldInWait('waitany-looked', 'looked');
     sb.ok(['restore', image]);
     expect(await verdict('waitany-looked')).toBe('PASS');
+  });
+
+  it('wait4 after 130 waits left by siglongjmp (each holding its slot): the thread takes its own slot again', async () => {
+    const image = await heldInWait('waitany-leaked', 'leaked');
+    sb.ok(['restore', image]);
+    expect(await verdict('waitany-leaked')).toBe('PASS');
   });
 
   it("wait4 whose signal handler forked: the handler's child, back in the call, does not give the parent's slot back", async () => {

@@ -1000,7 +1000,7 @@ static inline int marked(const uint8_t *area) {
   return __atomic_load_n((const uint64_t *)(const void *)area, __ATOMIC_RELAXED) == WAIT_MARK;
 }
 
-int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
+int appshot_wait_begin(struct appshot_header *h, int32_t holder, int reclaim) {
   if (holder <= 0) return -1;
   struct appshot_waits *w = appshot_waits_of(h);
   uint32_t start = mix32((uint32_t)holder) % APPSHOT_WAIT_SLOTS;
@@ -1009,7 +1009,7 @@ int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
   for (uint32_t n = 0; n < 2 * APPSHOT_WAIT_SLOTS; n++) {
     struct appshot_wait_slot *s = &w->slot[(start + n) % APPSHOT_WAIT_SLOTS];
     int32_t seen = __atomic_load_n(&s->holder, __ATOMIC_RELAXED), sid;
-    if (seen != 0 &&
+    if (seen != 0 && !(reclaim && seen == holder) &&
         (n < APPSHOT_WAIT_SLOTS || appshot_v2s(h, APPSHOT_PID, seen, &sid)))
       continue;
     if (!__atomic_compare_exchange_n(&s->holder, &seen, holder, 0,

@@ -288,8 +288,11 @@ enum appshot_wait_origin {
 struct appshot_waits *appshot_waits_of(const struct appshot_header *h);
 /* Claims a slot for a wait call of thread `holder` (its virtual TID) and
  * marks it; returns the slot, or -1 when all are taken (the call then goes
- * without, as before). Lock-free and async-signal-safe. */
-int appshot_wait_begin(struct appshot_header *h, int32_t holder);
+ * without, as before). With `reclaim` (the caller knows it has no other
+ * wait call in progress), a slot the holder itself still holds is taken
+ * again: one left by a siglongjmp out of an earlier call. Lock-free and
+ * async-signal-safe. */
+int appshot_wait_begin(struct appshot_header *h, int32_t holder, int reclaim);
 /* The slot's area for the kernel to write (rusage or siginfo). */
 void *appshot_wait_out(struct appshot_header *h, int slot);
 /* Where the call's answer was written, and *answer: that area (out, or

@@ -112,8 +112,10 @@ static inline void id_window_close(int *unused) {
 }
 static inline int id_window_open(void) {
   uintptr_t sp = stack_pointer();
-  /* Above the outermost window's start: that one was left by a longjmp. */
-  if (t_id_window.open > 0 && sp > t_id_window.sp) t_id_window.open = 0;
+  /* At or above the outermost window's start (a window inside a live one
+   * begins deeper, in a callee or a handler): that one was left by a
+   * longjmp. */
+  if (t_id_window.open > 0 && sp >= t_id_window.sp) t_id_window.open = 0;
   if (t_id_window.open == 0) t_id_window.sp = sp;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   t_id_window.open++;

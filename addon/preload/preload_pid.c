@@ -347,7 +347,10 @@ long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
   int st;
   /* The kernel writes the child's rusage into the slot: how we know, after
    * a restore, on which node the call ran (appshot_table.h). */
-  int slot = appshot_wait_begin(g_h, self_vtid());
+  /* The only window open on this thread is this call's: no other wait of
+   * the thread is in progress, so a slot it still holds was left by a
+   * siglongjmp out of an earlier one (preload.h, translation windows). */
+  int slot = appshot_wait_begin(g_h, self_vtid(), t_id_window.open == 1);
   struct rusage *kru = slot >= 0 ? appshot_wait_out(g_h, slot) : ru;
   pid_t r = REAL(wait4)(sid, status ? status : &st, options, kru);
   /* A wait for one process (or group), snapshotted while it blocked and
@@ -435,7 +438,10 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
     return fail(ECHILD);
   siginfo_t local;
   /* The kernel writes the siginfo into the slot (see do_wait4). */
-  int slot = appshot_wait_begin(g_h, self_vtid());
+  /* The only window open on this thread is this call's: no other wait of
+   * the thread is in progress, so a slot it still holds was left by a
+   * siglongjmp out of an earlier one (preload.h, translation windows). */
+  int slot = appshot_wait_begin(g_h, self_vtid(), t_id_window.open == 1);
   siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info ? info : &local;
   if (slot < 0) kinfo->si_pid = 0;
   int r = waitid_call(idtype, sid, kinfo, options, ru);
