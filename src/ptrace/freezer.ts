@@ -228,10 +228,12 @@ export class Freezer {
             this.threads.set(child, { tid: child, pid, stopped: false, signal: 0, groupStop: false });
             this.processes.add(pid);
           }
-        } else if (r.event === PTRACE_EVENT.exec && r.msg !== r.tid) {
+        } else if (r.event === PTRACE_EVENT.exec) {
+          // Another program: its preload library (if any) is elsewhere.
+          this.windows.delete(t.pid);
           // A thread other than the leader exec'd: it took the leader's TID
           // and its own is gone for good.
-          this.threads.delete(r.msg);
+          if (r.msg !== r.tid) this.threads.delete(r.msg);
         }
         addon().cont(r.tid, 0);
         addon().interrupt(r.tid);
