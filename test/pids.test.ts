@@ -221,6 +221,21 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
+  it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
+    const aid = 'idwindow-stopped';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), 'getppid']);
+    await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);
+    const child = sb.systemPid(aid, 3);
+    process.kill(child, 'SIGSTOP');
+    await waitFor(() => /^State:\s+T/m.test(readFileSync(`/proc/${child}/status`, 'utf8')), 10_000, `${aid}'s child to stop`);
+    const r = sb.run(['snapshot', aid, '--leave-running', '--timeout', '1', '-o', join(images, aid)]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/process 3 \(idwindow\) stayed inside a translation of process ids .*, stopped there by job control; it was left running/);
+    process.kill(child, 'SIGCONT');
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+
   for (const call of ['getppid', 'kill', 'proc'] as const)
     it(`${call === 'proc' ? 'access(/proc/<vpid>/stat)' : call}: the restored child's answer is the virtual one`, async () => {
       const aid = `idwindow-${call}`;

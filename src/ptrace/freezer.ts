@@ -282,10 +282,13 @@ export class Freezer {
       if (this.discover() === 0) {
         const inside = this.insideWindows();
         if (!inside.length) return '';
-        if (Date.now() >= until) {
-          const t = inside[0];
+        // One stopped by job control cannot be let run: refused, named,
+        // rather than restored to use an old node's id.
+        const stuck = inside.find((t) => t.groupStop);
+        if (stuck || Date.now() >= until) {
+          const t = stuck ?? inside[0];
           const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
-          return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) stayed inside a translation of process ids (a wrapper of the preload library)`;
+          return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) stayed inside a translation of process ids (a wrapper of the preload library)${stuck ? ', stopped there by job control' : ''}`;
         }
         this.runOn(inside, windowRounds++);
         continue;
@@ -299,12 +302,11 @@ export class Freezer {
   private readonly windows = new Map<number, Windows | null>();
 
   /** The stopped threads inside a translation window, not blocked in a
-   * system call (windows.ts). Threads in a job-control stop cannot be let
-   * run: they stay where they are. */
+   * system call (windows.ts), those in a job-control stop among them. */
   private insideWindows(): FrozenThread[] {
     const out: FrozenThread[] = [];
     for (const t of this.threads.values()) {
-      if (!t.stopped || t.groupStop) continue;
+      if (!t.stopped) continue;
       let windows = this.windows.get(t.pid);
       if (windows === undefined) {
         windows = windowsOf(t.pid) ?? null;
