@@ -223,7 +223,8 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
 
   it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
     const aid = 'idwindow-stopped';
-    sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), 'getppid']);
+    // Spinning long enough to be stopped there on a loaded machine.
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), 'getppid', '4000']);
     await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);
     const child = sb.systemPid(aid, 3);
     process.kill(child, 'SIGSTOP');
