@@ -557,6 +557,26 @@ static long raw_kill(long pid, long sig) {
 #endif
 }
 
+int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
+                       int32_t vid, int32_t sid) {
+  sigset_t saved;
+  if (appshot_lock(h, &saved) != 0) return 0;
+  struct appshot_table *t = &h->tables[kind];
+  uint32_t slot;
+  int rc = 0;
+  if (slot_of_sid(h, t, sid, &slot) &&
+      entry_pair(&entries_of(h, t)[slot]) == make_pair(vid, sid))
+    rc = unmap_locked(h, t, sid);
+  appshot_unlock(h, &saved);
+  return rc;
+}
+
+int appshot_forget_pair(struct appshot_header *h, int32_t vid, int32_t sid) {
+  long r = raw_kill(-(long)sid, 0);
+  if (r == 0 || r == -EPERM) return 0;
+  return appshot_unmap_pair(h, APPSHOT_PID, vid, sid);
+}
+
 int appshot_forget_process(struct appshot_header *h, int32_t sid) {
   /* kill(-pgid, 0) answers whether any process is still in that group
    * (EPERM: there is one, just not ours to signal). */
@@ -986,7 +1006,7 @@ static inline int marked(const uint8_t *area) {
   return __atomic_load_n((const uint64_t *)(const void *)area, __ATOMIC_RELAXED) == WAIT_MARK;
 }
 
-int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
+int appshot_wait_begin(struct appshot_header *h, int32_t holder, int reclaim) {
   if (holder <= 0) return -1;
   struct appshot_waits *w = appshot_waits_of(h);
   uint32_t start = mix32((uint32_t)holder) % APPSHOT_WAIT_SLOTS;
@@ -995,7 +1015,7 @@ int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
   for (uint32_t n = 0; n < 2 * APPSHOT_WAIT_SLOTS; n++) {
     struct appshot_wait_slot *s = &w->slot[(start + n) % APPSHOT_WAIT_SLOTS];
     int32_t seen = __atomic_load_n(&s->holder, __ATOMIC_RELAXED), sid;
-    if (seen != 0 &&
+    if (seen != 0 && !(reclaim && seen == holder) &&
         (n < APPSHOT_WAIT_SLOTS || appshot_v2s(h, APPSHOT_PID, seen, &sid)))
       continue;
     if (!__atomic_compare_exchange_n(&s->holder, &seen, holder, 0,
@@ -1004,6 +1024,11 @@ int appshot_wait_begin(struct appshot_header *h, int32_t holder) {
     /* Only this thread writes the slot from here on, and a restore, which
      * stops it first (a ptrace stop orders everything before it). */
     __atomic_store_n(&s->moved, 0, __ATOMIC_RELAXED);
+    /* Zeroed: the kernel writes only some fields of a waitid siginfo, and
+     * what the last holder's call left in the rest must not reach this
+     * caller (nor an image). */
+    memset(s->out, 0, sizeof s->out);
+    memset(s->carried, 0, sizeof s->carried);
     __atomic_store_n(mark_of(s->out), WAIT_MARK, __ATOMIC_RELAXED);
     __atomic_store_n(mark_of(s->carried), WAIT_MARK, __ATOMIC_RELAXED);
     return (int)((start + n) % APPSHOT_WAIT_SLOTS);
@@ -1026,8 +1051,20 @@ enum appshot_wait_origin appshot_wait_origin(struct appshot_header *h,
                                                            : APPSHOT_WAIT_LOST;
 }
 
-void appshot_wait_end(struct appshot_header *h, int slot) {
-  __atomic_store_n(&appshot_waits_of(h)->slot[slot].holder, 0, __ATOMIC_RELEASE);
+int appshot_wait_end(struct appshot_header *h, int slot, int32_t holder) {
+  /* Only by its holder: a process forked in a signal handler that ran
+   * during the call returns into the same call with the same slot number,
+   * and must not free its parent's slot from under it. */
+  int32_t expected = holder;
+  return __atomic_compare_exchange_n(&appshot_waits_of(h)->slot[slot].holder,
+                                     &expected, 0, 0, __ATOMIC_RELEASE,
+                                     __ATOMIC_RELAXED);
+}
+
+int appshot_wait_held(const struct appshot_header *h, int slot,
+                      int32_t holder) {
+  return __atomic_load_n(&appshot_waits_of(h)->slot[slot].holder,
+                         __ATOMIC_ACQUIRE) == holder;
 }
 
 int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
@@ -1046,13 +1083,14 @@ int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
   return 0;
 }
 
-void appshot_prior_forget(struct appshot_header *h, int32_t sid) {
+void appshot_prior_forget(struct appshot_header *h, int32_t vid, int32_t sid) {
   struct appshot_waits *w = appshot_waits_of(h);
   uint32_t n = __atomic_load_n(&w->prior_count, __ATOMIC_RELAXED);
   if (n > APPSHOT_PID_CAPACITY) n = APPSHOT_PID_CAPACITY;
+  uint64_t pair = make_pair(vid, sid);
   for (uint32_t i = 0; i < n; i++) {
     uint64_t p = __atomic_load_n(&w->prior[i], __ATOMIC_RELAXED);
-    if (p != APPSHOT_PAIR_FREE && pair_sid(p) == sid)
+    if (p == pair)
       __atomic_compare_exchange_n(&w->prior[i], &p, APPSHOT_PAIR_FREE, 0,
                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   }

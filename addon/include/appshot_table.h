@@ -289,21 +289,32 @@ enum appshot_wait_origin {
 struct appshot_waits *appshot_waits_of(const struct appshot_header *h);
 /* Claims a slot for a wait call of thread `holder` (its virtual TID) and
  * marks it; returns the slot, or -1 when all are taken (the call then goes
- * without, as before). Lock-free and async-signal-safe. */
-int appshot_wait_begin(struct appshot_header *h, int32_t holder);
+ * without, as before). With `reclaim` (the caller knows it has no other
+ * wait call in progress), a slot the holder itself still holds is taken
+ * again: one left by a siglongjmp out of an earlier call. Lock-free and
+ * async-signal-safe. */
+int appshot_wait_begin(struct appshot_header *h, int32_t holder, int reclaim);
 /* The slot's area for the kernel to write (rusage or siginfo). */
 void *appshot_wait_out(struct appshot_header *h, int slot);
 /* Where the call's answer was written, and *answer: that area (out, or
  * carried from the node before). */
 enum appshot_wait_origin appshot_wait_origin(struct appshot_header *h,
                                              int slot, const void **answer);
-void appshot_wait_end(struct appshot_header *h, int slot);
+/* Gives the slot back if `holder` (the caller's virtual TID) holds it;
+ * returns 1 if it did. */
+int appshot_wait_end(struct appshot_header *h, int slot, int32_t holder);
+/* Whether `holder` holds the slot (not so in a process forked by a signal
+ * handler that ran during its parent's call). */
+int appshot_wait_held(const struct appshot_header *h, int slot,
+                      int32_t holder);
 /* The virtual PID the previous node's system PID `sid` had; 1 if found. */
 int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
                       int32_t *vid);
-/* Drops `sid` from `prior` (its child was reaped: nothing may be told it
- * again). */
-void appshot_prior_forget(struct appshot_header *h, int32_t sid);
+/* Drops the pair (vid, sid) from `prior` (its child was reaped: nothing
+ * may be told it again). Only that pair: a caller restored between its
+ * look-up and this call holds a pair of an older node, which must not
+ * drop another process's. */
+void appshot_prior_forget(struct appshot_header *h, int32_t vid, int32_t sid);
 /* For a restore, before any restored process runs: a slot as a snapshot
  * read it (`out` and `carried`: APPSHOT_WAIT_OUT bytes each), written so
  * that its holder can tell where its call ran (see above). Returns 0, or -1
@@ -396,6 +407,13 @@ int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
  * must still reach that group by its virtual id, and the kernel does not
  * hand the number out again meanwhile. Returns 1 if the entry went. */
 int appshot_forget_process(struct appshot_header *h, int32_t sid);
+/* The same, only if `sid` is still mapped to `vid`: a caller that looked
+ * the pair up, was snapshotted and restored before it got here, holds a
+ * system PID of the old node, which here may name a live process. */
+int appshot_forget_pair(struct appshot_header *h, int32_t vid, int32_t sid);
+/* Removes the mapping (vid, sid) if it is still that; 1 if it went. */
+int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
+                       int32_t vid, int32_t sid);
 /* Sets flag bits on the entry of a system id. */
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
                        int32_t sid, uint32_t flags);

@@ -71,8 +71,79 @@ extern int32_t g_vpid HIDDEN;
 extern int g_nocache HIDDEN;
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
-/* APPSHOT_TEST_PAUSE_AFTER_WAIT=1 (test-only; preload_pid.c). */
-extern int g_test_pause_after_wait HIDDEN;
+/* --- Translation windows ---------------------------------------------------
+ *
+ * A thread between a translation and the system call it feeds (kill: the
+ * virtual PID made a system PID, not yet sent), or between a system call
+ * and the translation of its answer (getppid: the kernel's system PID, not
+ * yet made virtual), holds a system id of this node in its registers or
+ * stack. Snapshotted there and restored, it would use that id on the new
+ * node, where it names another process or none. So every wrapper that
+ * translates ids raises t_id_window.open for as long as it runs
+ * (ID_WINDOW(), lowered when the function returns), and a snapshot lets a
+ * thread it stopped with the mark raised run on until it is lowered,
+ * unless the thread is blocked in a system call, whose restart on the new
+ * node gets a fresh answer (src/ptrace/windows.ts). The snapshot finds the
+ * mark by its offset from the thread pointer, which init publishes in
+ * appshot_id_window_tpoff (an exported symbol).
+ *
+ * `open` counts, so that a handler's window inside another's nests. A
+ * window left by a siglongjmp out of a signal handler never closes: `sp`,
+ * the stack pointer where the outermost open window began, tells a
+ * snapshot (a thread above it, on the same stack, is out of it) and the
+ * next window, which starts afresh if it begins above it. A TLS store or
+ * two: no system call, nothing allocated, safe in a signal handler. */
+struct appshot_id_window {
+  int32_t open; /* windows open */
+  int32_t pad;
+  uintptr_t sp; /* the stack pointer where the outermost one began */
+};
+extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
+extern long appshot_id_window_tpoff __attribute__((visibility("default")));
+static inline uintptr_t stack_pointer(void) {
+  uintptr_t sp;
+  __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
+  return sp;
+}
+static inline void id_window_close(int *unused) {
+  (void)unused;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  if (t_id_window.open > 0) t_id_window.open--;
+}
+static inline int id_window_open(void) {
+  uintptr_t sp = stack_pointer();
+  /* At or above the outermost window's start (a window inside a live one
+   * begins deeper, in a callee or a handler): that one was left by a
+   * longjmp. */
+  if (t_id_window.open > 0 && sp >= t_id_window.sp) t_id_window.open = 0;
+  if (t_id_window.open == 0) t_id_window.sp = sp;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_id_window.open++;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  return 0;
+}
+#define ID_WINDOW() \
+  int id_window_ __attribute__((cleanup(id_window_close), unused)) = id_window_open()
+/* The same, only if `cond` holds. */
+static inline void id_window_close_if(int *opened) {
+  if (*opened) id_window_close(opened);
+}
+#define ID_WINDOW_IF(cond)                                            \
+  int id_window_ __attribute__((cleanup(id_window_close_if), unused)) = \
+      (cond) ? (id_window_open(), 1) : 0
+
+/* Test-only pause points. A test program that defines and exports this
+ * function (test/fixtures/common.c) is called at each point named `where`
+ * that a snapshot must be able to catch a thread at (a wait answered and
+ * not yet translated...), and may hold the thread there. Nothing else can
+ * switch it on: no environment variable or file, only a program written to
+ * be paused; in any other program the weak reference is null, resolved
+ * once at load, and the point costs a not-taken branch. */
+extern void appshot_test_pause(const char *where)
+    __attribute__((weak, visibility("default")));
+static inline void test_pause(const char *where) {
+  if (UNLIKELY(appshot_test_pause != NULL)) appshot_test_pause(where);
+}
 
 /* Our descriptor of the table file (-1: none), kept open across exec at a
  * high number and named to the next program by APPSHOT_TABLES_FD: a program
@@ -152,6 +223,9 @@ static inline long sys6(long nr, long a, long b, long c, long d, long e,
   sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
 #define SYS5(n, a, b, c, d, e) \
   sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+#define SYS6(n, a, b, c, d, e, f)                                         \
+  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), \
+       (long)(f))
 
 /* Writes v in decimal at d (no NUL); returns the end. No stdio here. */
 static inline char *put_decimal(char *d, unsigned long v) {
@@ -343,8 +417,12 @@ HIDDEN const char *path_slow(const char *path, enum path_op op,
  * small alternate signal stacks. */
 #define NOINLINE __attribute__((noinline))
 
-/* In a slow half: declares `p`, the path to use, or returns `err`. */
-#define SLOW_PATH(p, path, op, err)                     \
+/* In a slow half: declares `p`, the path to use, or returns `err`. A path
+ * under /proc/<vpid> holds a system PID from here to the call's return: a
+ * translation window (see above) for the rest of the function (not for
+ * other paths: a copy-on-write copy may take long, and holds no id). */
+#define SLOW_PATH(p, path, op, err)                                 \
+  ID_WINDOW_IF(strncmp((path), "/proc/", 6) == 0);                  \
   char p##_buf[PATH_MAX];                               \
   const char *p = path_slow((path), (op), p##_buf);     \
   if (!p) return err

@@ -84,6 +84,7 @@ static int still_procs(int fd) {
 static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
 static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
+  ID_WINDOW();
   size_t i = 0;
   while (i < count && is_space(buf[i])) i++;
   size_t start = i;

@@ -12,8 +12,19 @@ struct appshot_header *g_h;
 int32_t g_vpid;
 int g_nocache;
 __thread int32_t t_vtid;
+__thread struct appshot_id_window t_id_window;
+/* Where t_id_window lives, from the thread pointer (preload.h): the same
+ * for every thread of a process (static TLS), set by init. 0: not yet. */
+long appshot_id_window_tpoff;
+
+/* The thread pointer (x86-64: the fs base, which the TCB's first word
+ * holds), as a snapshot reads it from the thread's registers. */
+static char *thread_pointer(void) {
+  char *tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  return tp;
+}
 int g_init_state;
-int g_test_pause_after_wait;
 void *real_fn[R_COUNT];
 
 static pid_t g_init_tid;
@@ -68,9 +79,8 @@ void init_slow(void) {
     resolve_real();
     exec_capture_env();
     init_tables();
-    /* Test-only: see test_pause_after_wait (preload_pid.c). */
-    const char *pause = getenv("APPSHOT_TEST_PAUSE_AFTER_WAIT");
-    g_test_pause_after_wait = pause && pause[0] == '1';
+    appshot_id_window_tpoff =
+        (long)((char *)&t_id_window - thread_pointer());
     __atomic_store_n(&g_init_state, 2, __ATOMIC_RELEASE);
     return;
   }

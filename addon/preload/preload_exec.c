@@ -341,6 +341,7 @@ API int posix_spawn(pid_t *restrict pid, const char *restrict path,
                     const posix_spawnattr_t *restrict attr,
                     char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
+  ID_WINDOW(); /* the child's system PID, until mapped */
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;
@@ -354,6 +355,7 @@ API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
                      const posix_spawnattr_t *restrict attr,
                      char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
+  ID_WINDOW(); /* the child's system PID, until mapped */
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;

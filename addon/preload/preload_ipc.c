@@ -155,6 +155,7 @@ static void unmap_key(enum appshot_kind kind, key_t skey) {
 
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
+  ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_SEMID, id, &sid)) return -1;
   return REAL(semtimedop)(sid, ops, n, timeout);
@@ -170,6 +171,7 @@ API int semtimedop(int id, struct sembuf *ops, size_t n,
 }
 
 long do_semctl(int id, int num, int cmd, union semun arg) {
+  ID_WINDOW();
   ensure_init();
   if (!g_h) return REAL(semctl)(id, num, cmd, arg);
   long r;
@@ -220,6 +222,7 @@ API int semctl(int id, int num, int cmd, ...) {
 /* --- Shared memory ----------------------------------------------------- */
 
 long do_shmat(int id, const void *addr, int flags) {
+  ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_SHMID, id, &sid)) return -1;
   return (long)REAL(shmat)(sid, addr, flags);
@@ -236,6 +239,7 @@ static void shm_stat_out(struct shmid_ds *ds) {
 }
 
 long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
+  ID_WINDOW();
   ensure_init();
   if (!g_h) return REAL(shmctl)(id, cmd, buf);
   long r;
@@ -273,12 +277,14 @@ API int shmctl(int id, int cmd, struct shmid_ds *buf) {
 /* --- Message queues ---------------------------------------------------- */
 
 long do_msgsnd(int id, const void *msg, size_t size, int flags) {
+  ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
   return REAL(msgsnd)(sid, msg, size, flags);
 }
 
 long do_msgrcv(int id, void *msg, size_t size, long type, int flags) {
+  ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
   return REAL(msgrcv)(sid, msg, size, type, flags);
@@ -299,6 +305,7 @@ static void msg_stat_out(struct msqid_ds *ds) {
 }
 
 long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
+  ID_WINDOW();
   ensure_init();
   if (!g_h) return REAL(msgctl)(id, cmd, buf);
   long r;

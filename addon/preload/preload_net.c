@@ -170,6 +170,7 @@ static int creds_translated(const struct msghdr *m, struct msghdr *out,
 
 /* raw: through syscall(), as a bare system call. */
 static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags, int raw) {
+  ID_WINDOW();
   _Alignas(struct cmsghdr) char room[CREDS_ROOM];
   struct msghdr t;
   int err = creds_translated(m, &t, room);
@@ -185,6 +186,7 @@ API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
 }
 
 API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
+  ID_WINDOW();
   ensure_init();
   ssize_t r = REAL(recvmsg)(fd, m, flags);
   if (r >= 0) creds_received(m);
@@ -193,6 +195,7 @@ API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
 
 API int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags,
                  struct timespec *timeout) {
+  ID_WINDOW();
   ensure_init();
   int r = REAL(recvmmsg)(fd, v, n, flags, timeout);
   for (int i = 0; i < r; i++) creds_received(&v[i].msg_hdr);
@@ -228,6 +231,7 @@ API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
 }
 
 static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
+  ID_WINDOW();
   long r = SYS5(getsockopt, fd, level, name, val, lenp);
   if (r == 0 && g_h && level == SOL_SOCKET && name == SO_PEERCRED && val &&
       lenp && *lenp >= sizeof(struct ucred)) {
@@ -245,6 +249,7 @@ API int getsockopt(int fd, int level, int name, void *restrict val,
 
 /* The same calls through syscall(): bare system calls, libc's errors. */
 long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
+  ID_WINDOW();
   switch (nr) {
     case SYS_getsockopt:
       return libc_ret(getsockopt_raw((int)a, (int)b, (int)c, (void *)d, (socklen_t *)e));

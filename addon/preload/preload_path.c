@@ -394,6 +394,7 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
 #define PATH_FN(linkage, rtype, name, PARAMS, ARGS, op, err, CALL) \
   static NOINLINE rtype name##_slow PARAMS {                        \
     SLOW_PATH(p, path, (op), (err));                               \
+    test_pause("path-rewritten");                                  \
     return CALL;                                                   \
   }                                                                \
   linkage rtype name PARAMS {                                      \
@@ -606,6 +607,8 @@ PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
 /* rename: two paths, either or both hooked. */
 static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
                                   const char *to) {
+  /* /proc/<vpid> paths: see SLOW_PATH */
+  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
   char a_buf[PATH_MAX], b_buf[PATH_MAX];
   const char *a = from, *b = to;
   if (path_hooked(from) && !(a = path_slow(from, PATH_REMOVE, a_buf)))

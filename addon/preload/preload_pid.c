@@ -13,6 +13,7 @@
 #include <linux/futex.h>
 #include <linux/perf_event.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -101,6 +102,7 @@ void pid_atfork_child(void) {
 static pid_t do_fork(void) {
   ensure_init();
   if (!g_h) return REAL(fork)();
+  ID_WINDOW();
   /* Signals stay blocked until the child is mapped: a SIGCHLD handler that
    * reaped it first would map and unmap it under one virtual id, and we
    * would then return another. */
@@ -173,6 +175,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   ensure_init();
   if (!g_h || !fn || !stack)
     return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
+  ID_WINDOW();
 
   pid_t parent = self_spid();
   self_vpid(); /* mapped before our children look for us (see do_fork) */
@@ -228,7 +231,9 @@ API pid_t gettid(void) {
 
 
 long do_getppid(void) {
+  ID_WINDOW();
   int32_t sppid = (int32_t)SYS0(getppid);
+  test_pause("getppid-answered");
   uint64_t c = __atomic_load_n(&g_ppid_cache, __ATOMIC_RELAXED);
   if (LIKELY(c && (int32_t)(uint32_t)c == sppid)) return (int32_t)(c >> 32);
   int32_t v;
@@ -254,86 +259,132 @@ static pid_t waited(pid_t sid, int reaped) {
   return v;
 }
 
-/* The same for a call whose answer was written where `where` says
- * (appshot_table.h, "Wait calls across a restore"): a system PID of the node
- * before the last restore is translated through that node's PIDs, and
+/* The child's virtual PID for a system PID that an answer written where
+ * `where` says gave (appshot_table.h, "Wait calls across a restore"),
+ * looked up without removing anything, so that a restore before the
+ * caller's re-check loses nothing: a system PID of the node before the
+ * last restore is translated through that node's PIDs (*from_prior), and
  * nothing of this node's tables is touched for it (it may name another
  * process here). One of an earlier node, or one the node before never
- * mapped, is translated as before, which may be wrong: say so there. */
-static pid_t waited_from(enum appshot_wait_origin where, pid_t sid,
-                         int reaped) {
+ * mapped, is translated as before, which may be wrong. A child not mapped
+ * yet is mapped (*made). */
+static pid_t look_up_waited(enum appshot_wait_origin where, pid_t sid,
+                            int *from_prior, int *made) {
   int32_t v;
+  *from_prior = *made = 0;
   if (where == APPSHOT_WAIT_BEFORE && appshot_prior_s2v(g_h, sid, &v)) {
-    if (reaped) appshot_prior_forget(g_h, sid);
+    *from_prior = 1;
     return v;
   }
-  return waited(sid, reaped);
-}
-
-/* Test-only (APPSHOT_TEST_PAUSE_AFTER_WAIT=1, read once at init; see
- * preload_core.c): a wait for any child that reported one sleeps after the
- * kernel answered and before the answer is translated, until a signal
- * interrupts the sleep, so that a test can snapshot the thread exactly
- * there (test/pids.test.ts). */
-static void test_pause_after_wait(void) {
-  if (LIKELY(!g_test_pause_after_wait)) return;
-  struct timespec t = {3600, 0};
-  while (SYS2(nanosleep, &t, NULL) != -EINTR) {
-  }
+  if (appshot_s2v(g_h, APPSHOT_PID, sid, &v)) return v;
+  v = appshot_map_system(g_h, APPSHOT_PID, sid, 0, 0);
+  if (v < 0) return sid;
+  *made = 1;
+  return v;
 }
 
 /* A wait call that reported a child, given the system PID the kernel
- * answered with (wait4) or found in the answer (siginfo at `sid_at`):
- * copies the answer (rusage or siginfo, `len` bytes) to `copy` and returns
- * the child's virtual PID. A restore that comes while this runs moves the
- * answer: translated again, from where it now is. */
-static pid_t wait_answer(int slot, pid_t sid, const pid_t *sid_at,
-                         int reaped, void *copy, size_t len) {
+ * answered with (wait4) or the offset of si_pid in the answer (waitid,
+ * `sid_at` >= 0): copies the answer (rusage or siginfo, `len` bytes) to
+ * `copy` and returns the child's virtual PID, and if the call reaped the
+ * child, drops its entry. A restore that comes while this runs moves the
+ * answer: translated again, from where it now is; the entry is dropped
+ * only once the pair is known to be of the node the answer came from, and
+ * only that pair (a restore in between leaves the pair of an old node,
+ * which must not take another process's entry with it). */
+static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
+                         void *copy, size_t len) {
   const void *answer;
   enum appshot_wait_origin where = appshot_wait_origin(g_h, slot, &answer);
   for (;;) {
-    if (copy) memcpy(copy, answer, len);
-    if (sid_at) sid = *sid_at; /* a field of `copy` */
-    pid_t v = waited_from(where, sid, reaped);
+    memcpy(copy, answer, len);
+    if (sid_at >= 0) memcpy(&sid, (const char *)copy + sid_at, sizeof sid);
+    int from_prior, made;
+    pid_t v = look_up_waited(where, sid, &from_prior, &made);
+    test_pause("wait-looked-up");
     const void *now_answer;
     enum appshot_wait_origin now = appshot_wait_origin(g_h, slot, &now_answer);
-    if (now == where) return v;
+    if (now == where) {
+      if (reaped && from_prior) appshot_prior_forget(g_h, v, sid);
+      else if (reaped) appshot_forget_pair(g_h, v, sid);
+      return v;
+    }
+    /* Moved: what this node's tables were given for an old node's PID
+     * goes (only that pair, as above). */
+    if (made) appshot_unmap_pair(g_h, APPSHOT_PID, v, sid);
     where = now;
     answer = now_answer;
   }
 }
 
+/* Copies the pieces `from` (at their offsets from the first) to the
+ * caller's `dst` as the kernel would have: an
+ * address the caller may not write fails with EFAULT (returns it) instead
+ * of a SIGSEGV in our code. Asked of the kernel itself, process_vm_writev
+ * on ourselves: only on the wait calls' paths that copy an answer, and
+ * plain memcpy where the call is not allowed (seccomp, no such call). */
+static int copy_out(void *dst, const struct iovec *from, int n) {
+  struct iovec to[2];
+  long total = 0;
+  for (int i = 0; i < n; i++) {
+    to[i].iov_base = (char *)dst + ((const char *)from[i].iov_base - (const char *)from[0].iov_base);
+    to[i].iov_len = from[i].iov_len;
+    total += (long)from[i].iov_len;
+  }
+  long r = SYS6(process_vm_writev, self_spid(), from, n, to, n, 0);
+  if (r == total) return 0;
+  /* Short: a later element faulted (the call stops there). */
+  if (r >= 0 || r == -EFAULT) return EFAULT;
+  for (int i = 0; i < n; i++) memcpy(to[i].iov_base, from[i].iov_base, from[i].iov_len);
+  return 0;
+}
+
 long do_wait4(pid_t pid, int *status, int options, struct rusage *ru) {
+  ID_WINDOW();
   pid_t sid;
   int e = pid_arg(pid, &sid, ECHILD);
   if (e) return fail(e);
   int st;
   /* The kernel writes the child's rusage into the slot: how we know, after
    * a restore, on which node the call ran (appshot_table.h). */
-  int slot = appshot_wait_begin(g_h, self_vtid());
+  /* The only window open on this thread is this call's: no other wait of
+   * the thread is in progress, so a slot it still holds was left by a
+   * siglongjmp out of an earlier one (preload.h, translation windows). */
+  int slot = appshot_wait_begin(g_h, self_vtid(), t_id_window.open == 1);
   struct rusage *kru = slot >= 0 ? appshot_wait_out(g_h, slot) : ru;
   pid_t r = REAL(wait4)(sid, status ? status : &st, options, kru);
-  /* A wait for one process, snapshotted while it blocked and restored:
-   * the kernel restarts it with the system PID it was given, the old
-   * node's, and says ECHILD. That process is here under a new one. */
+  /* A wait for one process (or group), snapshotted while it blocked and
+   * restored: the restore rewrites the id the call restarts with
+   * (src/resources/blocked.ts); should the kernel still say ECHILD (a
+   * restore that could not, a raw restart), that process is here under a
+   * new id. */
   pid_t again;
-  while (r < 0 && errno == ECHILD && pid > 0 && v2s_pid(pid, &again) && again != sid) {
+  while (r < 0 && errno == ECHILD && (pid > 0 || pid < -1) && !pid_arg(pid, &again, ECHILD) &&
+         again != sid) {
     sid = again;
     r = REAL(wait4)(sid, status ? status : &st, options, kru);
   }
+  /* A process forked by a signal handler that ran during the call comes
+   * back here with its parent's slot number: not its slot, not its to use
+   * or give back. */
+  if (slot >= 0 && !appshot_wait_held(g_h, slot, self_vtid())) slot = -1;
   if (r <= 0) {
     int err = errno;
-    if (slot >= 0) appshot_wait_end(g_h, slot);
+    if (slot >= 0) appshot_wait_end(g_h, slot, self_vtid());
     errno = err;
     return r;
   }
-  if (pid == -1) test_pause_after_wait();
+  test_pause("wait-answered");
   int s = status ? *status : st;
   int reaped = WIFEXITED(s) || WIFSIGNALED(s);
   pid_t v;
   if (slot >= 0) {
-    v = wait_answer(slot, r, NULL, reaped, ru, sizeof *ru);
-    appshot_wait_end(g_h, slot);
+    struct rusage got;
+    v = wait_answer(slot, r, -1, reaped, &got, sizeof got);
+    appshot_wait_end(g_h, slot, self_vtid());
+    struct iovec from = {&got, sizeof got};
+    /* The child is reaped all the same, as the kernel does. */
+    if (ru && copy_out(ru, &from, 1)) return fail(EFAULT);
   } else {
     v = waited(r, reaped);
   }
@@ -365,18 +416,34 @@ static int waitid_call(idtype_t idtype, pid_t sid, siginfo_t *info,
   return REAL(waitid)(idtype, (id_t)sid, info, options);
 }
 
+/* What the kernel writes of a waitid siginfo (kernel/exit.c): si_signo,
+ * si_errno and si_code, then si_pid, si_uid and si_status; the rest of the
+ * caller's siginfo stays as it was. */
+#define WAITID_HEAD offsetof(siginfo_t, si_code) + sizeof(int)
+#define WAITID_BODY (offsetof(siginfo_t, si_status) + sizeof(int) - offsetof(siginfo_t, si_pid))
+
+/* The fields above, from `got` into the caller's `info`. */
+static int waitid_copy_out(siginfo_t *info, siginfo_t *got) {
+  struct iovec from[2] = {{got, WAITID_HEAD},
+                          {&got->si_pid, WAITID_BODY}};
+  return copy_out(info, from, 2);
+}
+
 long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
                struct rusage *ru) {
+  ID_WINDOW();
   pid_t sid = (pid_t)id;
   if ((idtype == P_PID || idtype == P_PGID) && (pid_t)id > 0 &&
       !v2s_pid((pid_t)id, &sid))
     return fail(ECHILD);
   siginfo_t local;
-  if (!info) info = &local;
   /* The kernel writes the siginfo into the slot (see do_wait4). */
-  int slot = appshot_wait_begin(g_h, self_vtid());
-  siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info;
-  if (slot < 0) info->si_pid = 0;
+  /* The only window open on this thread is this call's: no other wait of
+   * the thread is in progress, so a slot it still holds was left by a
+   * siglongjmp out of an earlier one (preload.h, translation windows). */
+  int slot = appshot_wait_begin(g_h, self_vtid(), t_id_window.open == 1);
+  siginfo_t *kinfo = slot >= 0 ? appshot_wait_out(g_h, slot) : info ? info : &local;
+  if (slot < 0) kinfo->si_pid = 0;
   int r = waitid_call(idtype, sid, kinfo, options, ru);
   /* As in do_wait4: restarted after a restore with the old node's id. */
   pid_t again;
@@ -386,33 +453,45 @@ long do_waitid(idtype_t idtype, id_t id, siginfo_t *info, int options,
     r = waitid_call(idtype, sid, kinfo, options, ru);
   }
   int err = errno;
-  if (slot >= 0) {
-    /* Copied whatever the result, as the kernel fills it on errors too;
-     * still marked, it was not written at all. */
-    const void *answer;
-    appshot_wait_origin(g_h, slot, &answer);
-    if (*(const uint64_t *)answer == UINT64_MAX)
-      info->si_pid = 0;
-    else
-      memcpy(info, answer, sizeof *info);
-  }
-  if (r != 0 || info->si_pid == 0) {
-    if (slot >= 0) appshot_wait_end(g_h, slot);
+  if (slot >= 0 && !appshot_wait_held(g_h, slot, self_vtid())) {
+    /* See do_wait4: a process forked by a signal handler. Whatever its
+     * call wrote went to its parent's slot, which it may not read. */
     errno = err;
     return r;
   }
-  if (idtype == P_ALL) test_pause_after_wait();
-  int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
-               (info->si_code == CLD_EXITED || info->si_code == CLD_KILLED ||
-                info->si_code == CLD_DUMPED);
-  pid_t v;
-  if (slot >= 0) {
-    v = wait_answer(slot, 0, &info->si_pid, reaped, info, sizeof *info);
-    appshot_wait_end(g_h, slot);
-  } else {
-    v = waited(info->si_pid, reaped);
+  if (slot < 0) {
+    if (r != 0 || kinfo->si_pid == 0) {
+      errno = err;
+      return r;
+    }
+    test_pause("wait-answered");
+    int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
+                 (kinfo->si_code == CLD_EXITED || kinfo->si_code == CLD_KILLED ||
+                  kinfo->si_code == CLD_DUMPED);
+    kinfo->si_pid = waited(kinfo->si_pid, reaped);
+    return 0;
   }
-  info->si_pid = v;
+  /* Still marked, the kernel wrote nothing (an EFAULT of `ru`); it writes
+   * the siginfo on other errors too (zeroes), as on success. */
+  const void *answer;
+  appshot_wait_origin(g_h, slot, &answer);
+  siginfo_t got;
+  memcpy(&got, answer, sizeof got);
+  int written = *(const uint64_t *)answer != UINT64_MAX;
+  if (r != 0 || !written || got.si_pid == 0) {
+    appshot_wait_end(g_h, slot, self_vtid());
+    if (written && info && waitid_copy_out(info, &got)) return fail(EFAULT);
+    errno = err;
+    return r;
+  }
+  test_pause("wait-answered");
+  int reaped = (options & WEXITED) && !(options & WNOWAIT) &&
+               (got.si_code == CLD_EXITED || got.si_code == CLD_KILLED ||
+                got.si_code == CLD_DUMPED);
+  got.si_pid = wait_answer(slot, 0, offsetof(siginfo_t, si_pid), reaped, &got, sizeof got);
+  appshot_wait_end(g_h, slot, self_vtid());
+  /* The child is reaped all the same, as the kernel does. */
+  if (info && waitid_copy_out(info, &got)) return fail(EFAULT);
   return 0;
 }
 
@@ -433,6 +512,7 @@ void translate_si_pid(siginfo_t *info) {
 
 API int sigtimedwait(const sigset_t *set, siginfo_t *info,
                      const struct timespec *timeout) {
+  ID_WINDOW();
   ensure_init();
   int r = REAL(sigtimedwait)(set, info, timeout);
   if (r > 0 && info && g_h) translate_si_pid(info);
@@ -441,12 +521,14 @@ API int sigtimedwait(const sigset_t *set, siginfo_t *info,
 
 long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
                         const struct timespec *timeout, size_t size) {
+  ID_WINDOW();
   long r = libc_ret(SYS4(rt_sigtimedwait, set, info, timeout, size));
   if (r > 0 && info) translate_si_pid(info);
   return r;
 }
 
 API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
+  ID_WINDOW();
   ensure_init();
   int r = REAL(sigwaitinfo)(set, info);
   if (r > 0 && info && g_h) translate_si_pid(info);
@@ -474,11 +556,13 @@ static long kill_application(int sig) {
 }
 
 long do_kill(pid_t pid, int sig) {
+  ID_WINDOW();
   if (pid == -1) return kill_application(sig);
   pid_t sid;
   int e = pid_arg(pid, &sid, ESRCH);
   if (e) return fail(e);
   if (init_refuses(pid, sig)) return fail(EPERM);
+  test_pause("kill-translated");
   return libc_ret(SYS2(kill, sid, sig));
 }
 
@@ -494,6 +578,7 @@ API int killpg(pid_t pgrp, int sig) {
 }
 
 long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig) {
+  ID_WINDOW();
   pid_t stgid = 0, stid;
   if (nr == SYS_tgkill && proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
   if (proc_arg(tid, &stid, ESRCH)) return fail(ESRCH);
@@ -509,6 +594,7 @@ API int tgkill(pid_t tgid, pid_t tid, int sig) {
 }
 
 API int sigqueue(pid_t pid, int sig, const union sigval val) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pid;
   if (g_h) {
@@ -520,6 +606,7 @@ API int sigqueue(pid_t pid, int sig, const union sigval val) {
 
 long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
                      siginfo_t *info) {
+  ID_WINDOW();
   pid_t stgid, stid = 0;
   if (proc_arg(tgid, &stgid, ESRCH)) return fail(ESRCH);
   if (nr == SYS_rt_tgsigqueueinfo && proc_arg(tid, &stid, ESRCH))
@@ -532,6 +619,7 @@ long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
 }
 
 API int pidfd_open(pid_t pid, unsigned int flags) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pid;
   if (g_h && proc_arg(pid, &sid, ESRCH)) return (int)fail(ESRCH);
@@ -541,6 +629,7 @@ API int pidfd_open(pid_t pid, unsigned int flags) {
 /* --- Process groups and sessions ------------------------------------------ */
 
 long do_getpgid(pid_t pid) {
+  ID_WINDOW();
   pid_t sid;
   if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
   long r = libc_ret(SYS1(getpgid, sid));
@@ -548,6 +637,7 @@ long do_getpgid(pid_t pid) {
 }
 
 long do_getsid(pid_t pid) {
+  ID_WINDOW();
   pid_t sid;
   if (proc_arg(pid, &sid, ESRCH)) return fail(ESRCH);
   long r = libc_ret(SYS1(getsid, sid));
@@ -555,6 +645,7 @@ long do_getsid(pid_t pid) {
 }
 
 long do_setpgid(pid_t pid, pid_t pgid) {
+  ID_WINDOW();
   pid_t spid, spgid;
   if (proc_arg(pid, &spid, ESRCH)) return fail(ESRCH);
   if (proc_arg(pgid, &spgid, EPERM)) return fail(EPERM);
@@ -593,6 +684,7 @@ API pid_t setsid(void) {
 }
 
 static pid_t tty_id(int fd, unsigned long req) {
+  ID_WINDOW();
   ensure_init();
   pid_t id;
   if (libc_ret(SYS3(ioctl, fd, req, &id)) < 0) return -1;
@@ -603,6 +695,7 @@ API pid_t tcgetpgrp(int fd) { return tty_id(fd, TIOCGPGRP); }
 API pid_t tcgetsid(int fd) { return tty_id(fd, TIOCGSID); }
 
 API int tcsetpgrp(int fd, pid_t pgrp) {
+  ID_WINDOW();
   ensure_init();
   pid_t sid = pgrp;
   if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)fail(EPERM);
@@ -613,6 +706,7 @@ API int tcsetpgrp(int fd, pid_t pgrp) {
 
 /* Any system call whose first argument is a PID (0 = the caller). */
 long do_pid_first(long nr, long pid, long b, long c, long d, long e, long f) {
+  ID_WINDOW();
   pid_t sid = (pid_t)pid;
   if (g_h && proc_arg((pid_t)pid, &sid, ESRCH)) return fail(ESRCH);
   return libc_ret(sys6(nr, sid, b, c, d, e, f));
@@ -669,6 +763,7 @@ API int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
 
 /* Raw kernel convention for getpriority (20 - nice); libc converts. */
 long do_prio(long nr, long which, long who, long prio) {
+  ID_WINDOW();
   pid_t sid = (pid_t)who;
   if (g_h && (which == PRIO_PROCESS || which == PRIO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
@@ -698,6 +793,7 @@ int capset(cap_user_header_t header, const cap_user_data_t data);
  * other process of the system (kthreadd for 2). The caller's header keeps
  * its virtual PID; the kernel may write its preferred version into it. */
 long do_capget_set(long nr, cap_user_header_t header, void *data) {
+  ID_WINDOW();
   if (!header) return libc_ret(sys6(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
   struct __user_cap_header_struct sys_header = *header;
   if (proc_arg(header->pid, &sys_header.pid, ESRCH)) return fail(ESRCH);
@@ -722,6 +818,7 @@ API int capset(cap_user_header_t header, const cap_user_data_t data) {
  * PID, or a process of another application, is no id of ours: ESRCH, as a
  * PID namespace answers for a process outside it. */
 long do_ptrace(long request, pid_t pid, void *addr, void *data) {
+  ID_WINDOW();
   pid_t sid = pid;
   if (request != PTRACE_TRACEME && proc_arg(pid, &sid, ESRCH))
     return fail(ESRCH);
@@ -754,6 +851,7 @@ API long ptrace(enum __ptrace_request request, ...) {
 
 /* kcmp(pid1, pid2, type, idx1, idx2): two processes. */
 long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2) {
+  ID_WINDOW();
   pid_t s1, s2;
   if (proc_arg(pid1, &s1, ESRCH) || proc_arg(pid2, &s2, ESRCH))
     return fail(ESRCH);
@@ -768,6 +866,7 @@ long do_kcmp(pid_t pid1, pid_t pid2, long type, long idx1, long idx2) {
  * PID or a process group (0: the caller's), or a uid (IOPRIO_WHO_USER),
  * which stays as it is. */
 long do_ioprio(long nr, long which, long who, long ioprio) {
+  ID_WINDOW();
   pid_t sid = (pid_t)who;
   if ((which == IOPRIO_WHO_PROCESS || which == IOPRIO_WHO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
@@ -780,6 +879,7 @@ long do_ioprio(long nr, long which, long who, long ioprio) {
  * argument is a cgroup's descriptor, no PID. */
 long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                         unsigned long flags) {
+  ID_WINDOW();
   pid_t sid = pid;
   if (!(flags & PERF_FLAG_PID_CGROUP) && proc_arg(pid, &sid, ESRCH))
     return fail(ESRCH);
@@ -816,17 +916,20 @@ static long fcntl_call(int raw, int fd, int cmd, void *arg) {
 long do_fcntl(int raw, int fd, int cmd, void *arg) {
   switch (cmd) {
     case F_SETOWN: {
+      ID_WINDOW();
       pid_t sid;
       if (owner_arg((pid_t)(long)arg, &sid)) return fail(ESRCH);
       return fcntl_call(raw, fd, cmd, (void *)(long)sid);
     }
     case F_GETOWN: {
+      ID_WINDOW();
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
       if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
       return r;
     }
     case F_SETOWN_EX: {
+      ID_WINDOW();
       struct f_owner_ex *o = arg, sys_owner;
       if (!o) break; /* EFAULT, the kernel's to say */
       sys_owner = *o;
@@ -834,6 +937,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       return fcntl_call(raw, fd, cmd, &sys_owner);
     }
     case F_GETOWN_EX: {
+      ID_WINDOW();
       struct f_owner_ex *o = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r == 0 && o && o->pid > 0) o->pid = s2v_or0(APPSHOT_PID, o->pid);
@@ -846,6 +950,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       return r;
     }
     case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */
+      ID_WINDOW();
       struct flock *lk = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
       /* OFD locks (F_OFD_GETLK) have no holder PID: the kernel says -1. */

@@ -27,20 +27,51 @@ int __sigaction(int sig, const struct sigaction *act, struct sigaction *old);
 typedef void (*action_fn)(int, siginfo_t *, void *);
 static action_fn g_actions[_NSIG];
 
-static void translating_action(int sig, siginfo_t *info, void *uc) {
+/* The handler the kernel is given. The siginfo the kernel builds on the
+ * frame holds the sender's system PID from the moment the frame exists:
+ * the translation window (preload.h) must be raised by the handler's very
+ * first instructions, which C cannot promise. So the kernel's entry is a
+ * stub that raises t_id_window (open++, and sp if it was the first) and
+ * calls translating_action, which lowers it once the siginfo is
+ * translated, before the program's handler runs (which may never return:
+ * siglongjmp). A snapshot treats a thread whose instruction pointer is in
+ * the stub before the mark is raised (from appshot_signal_entry to
+ * appshot_signal_entry_raised, both exported) as inside the window
+ * (src/ptrace/windows.ts). */
+void appshot_signal_entry(int sig, siginfo_t *info, void *uc) API;
+__asm__(".text\n"
+        ".globl appshot_signal_entry\n"
+        ".globl appshot_signal_entry_raised\n"
+        ".type appshot_signal_entry, @function\n"
+        "appshot_signal_entry:\n"
+        "  endbr64\n"
+        "  movq t_id_window@gottpoff(%rip), %rax\n"
+        "  cmpl $0, %fs:(%rax)\n"
+        "  jne 1f\n"
+        "  movq %rsp, %fs:8(%rax)\n"
+        "1:\n"
+        "  addl $1, %fs:(%rax)\n"
+        "appshot_signal_entry_raised:\n"
+        "  jmp translating_action\n"
+        ".size appshot_signal_entry, .-appshot_signal_entry\n");
+
+/* Entered from the stub, with the window raised. */
+__attribute__((used)) void translating_action(int sig, siginfo_t *info, void *uc) HIDDEN;
+void translating_action(int sig, siginfo_t *info, void *uc) {
   action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
   if (info && g_h) {
     int e = errno;
     translate_si_pid(info);
     errno = e;
   }
+  id_window_close(NULL);
   if (program) program(sig, info, uc);
 }
 
 /* Whether installing `handler` with `flags` goes through ours. */
 static int wants_translation(unsigned long flags, void *handler) {
   return (flags & SA_SIGINFO) && handler != (void *)SIG_DFL &&
-         handler != (void *)SIG_IGN && handler != (void *)translating_action;
+         handler != (void *)SIG_IGN && handler != (void *)appshot_signal_entry;
 }
 
 /* The part both sigaction and rt_sigaction through syscall() share: returns
@@ -50,12 +81,12 @@ static void *install(int sig, void *handler, unsigned long flags,
   *prev = g_actions[sig];
   if (!wants_translation(flags, handler)) return handler;
   __atomic_store_n(&g_actions[sig], (action_fn)handler, __ATOMIC_RELEASE);
-  return (void *)translating_action;
+  return (void *)appshot_signal_entry;
 }
 
 /* What the program is told its old handler was. */
 static void *shown(void *kernel_handler, action_fn prev) {
-  return kernel_handler == (void *)translating_action ? (void *)prev
+  return kernel_handler == (void *)appshot_signal_entry ? (void *)prev
                                                       : kernel_handler;
 }
 
@@ -178,10 +209,12 @@ API ssize_t read(int fd, void *buf, size_t count) {
   ensure_init();
   /* Called by dlsym itself, while init resolves REAL(read)? */
   if (UNLIKELY(!real_fn[R_read])) return libc_ret(SYS3(read, fd, buf, count));
-  ssize_t n = REAL(read)(fd, buf, count); /* a cancellation point: glibc's */
-  if (UNLIKELY(fd >= 0 && fd < SIGNALFD_TRACKED &&
-               (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd))) &&
-      g_h)
-    translate_signalfd_reads(fd, buf, n);
+  if (LIKELY(!(fd >= 0 && fd < SIGNALFD_TRACKED &&
+                (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))))
+    return REAL(read)(fd, buf, count); /* a cancellation point: glibc's */
+  /* A signalfd's records hold system PIDs until translated. */
+  ID_WINDOW();
+  ssize_t n = REAL(read)(fd, buf, count);
+  if (g_h) translate_signalfd_reads(fd, buf, n);
   return n;
 }

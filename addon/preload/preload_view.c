@@ -234,6 +234,7 @@ static long copy_translated(enum view v, int src, int dst) {
 /* Puts the translated copy of the file `fd` holds in its place. Returns 0,
  * or -errno (fd then still holds the kernel's file). */
 static NOINLINE long substitute(int fd, enum view v) {
+  ID_WINDOW(); /* system PIDs read, not yet translated */
   if (v == VIEW_PIDLIST) {
     struct statfs sf;
     if (SYS2(fstatfs, fd, &sf) != 0 ||

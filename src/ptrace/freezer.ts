@@ -15,6 +15,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
+import { insideWindow, type Windows, windowsOf } from './windows.js';
 
 export interface FrozenThread {
   tid: number;
@@ -227,10 +228,12 @@ export class Freezer {
             this.threads.set(child, { tid: child, pid, stopped: false, signal: 0, groupStop: false });
             this.processes.add(pid);
           }
-        } else if (r.event === PTRACE_EVENT.exec && r.msg !== r.tid) {
+        } else if (r.event === PTRACE_EVENT.exec) {
+          // Another program: its preload library (if any) is elsewhere.
+          this.windows.delete(t.pid);
           // A thread other than the leader exec'd: it took the leader's TID
           // and its own is gone for good.
-          this.threads.delete(r.msg);
+          if (r.msg !== r.tid) this.threads.delete(r.msg);
         }
         addon().cont(r.tid, 0);
         addon().interrupt(r.tid);
@@ -246,6 +249,7 @@ export class Freezer {
   /** One attempt; returns what went wrong, or '' when all is stopped. */
   private attempt(settleMs: number): string {
     const until = Date.now() + settleMs;
+    let windowRounds = 0;
     for (;;) {
       this.discover();
       for (const t of this.threads.values())
@@ -275,9 +279,61 @@ export class Freezer {
         return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
       }
       // Everything is stopped; a last look for tasks created just before.
-      if (this.discover() === 0) return '';
+      if (this.discover() === 0) {
+        const inside = this.insideWindows();
+        if (!inside.length) return '';
+        // One stopped by job control cannot be let run: refused, named,
+        // rather than restored to use an old node's id.
+        const stuck = inside.find((t) => t.groupStop);
+        if (stuck || Date.now() >= until) {
+          const t = stuck ?? inside[0];
+          const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
+          return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) stayed inside a translation of process ids (a wrapper of the preload library)${stuck ? ', stopped there by job control' : ''}`;
+        }
+        this.runOn(inside, windowRounds++);
+        continue;
+      }
       if (Date.now() >= until) return 'the application kept creating processes';
     }
+  }
+
+  /** Where each process keeps its windows (windows.ts), read once per
+   * freeze; null: it has none. */
+  private readonly windows = new Map<number, Windows | null>();
+
+  /** The stopped threads inside a translation window, not blocked in a
+   * system call (windows.ts), those in a job-control stop among them. */
+  private insideWindows(): FrozenThread[] {
+    const out: FrozenThread[] = [];
+    for (const t of this.threads.values()) {
+      if (!t.stopped) continue;
+      let windows = this.windows.get(t.pid);
+      if (windows === undefined) {
+        windows = windowsOf(t.pid) ?? null;
+        this.windows.set(t.pid, windows);
+      }
+      if (windows && insideWindow(t.pid, t.tid, windows)) out.push(t);
+    }
+    return out;
+  }
+
+  /** Lets threads inside a window run a little (longer each round), to be
+   * interrupted again by the attempt's loop. A signal a thread was stopped
+   * on its way to is delivered now, as if it had not been stopped (kept
+   * instead, it could be lost: a detach outside a signal-delivery-stop
+   * may drop the signal it is given). */
+  private runOn(threads: FrozenThread[], round: number): void {
+    for (const t of threads)
+      try {
+        addon().cont(t.tid, t.signal);
+        t.signal = 0;
+        t.siginfo = undefined;
+        t.stopped = false;
+        t.interrupted = false;
+      } catch {
+        /* exited: reported by the attempt's loop */
+      }
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.min(1 << round, 50));
   }
 
   /** Lets every stopped thread go, exactly where it was (the signal it was

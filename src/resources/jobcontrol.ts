@@ -77,8 +77,26 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
-  for (const m of others) for (const tid of m.tids) addon().detach(tid, 0);
+  for (const m of others) for (const tid of m.tids) detachRestored(tid);
   return missed;
+}
+
+/** PTRACE_DETACH of a restored thread. One already let go may have killed
+ * it meanwhile (a parent that kills its child as soon as it runs): dying,
+ * it has nothing left to let go, and the restore has succeeded; its exit
+ * is taken here, as its tracer's, so that its parent can reap it (which
+ * it could not while the tracer, perhaps a resident engine, held it). */
+function detachRestored(tid: number): void {
+  for (let tries = 0; tries < 8; tries++) {
+    try {
+      addon().detach(tid, 0);
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+    }
+    const r = addon().waitAny([tid], 1000);
+    if (!r || r.kind === 'exited') return;
+  }
 }
 
 /** Waits (up to 200 ms) for a process let go with its stop signal queued

@@ -72,6 +72,34 @@ export function restoreSigactions(r: RemoteProcess, actions: SigAction[]): void 
   calls.run();
 }
 
+const SIGCHLD = 17;
+/** si_code values whose si_pid is a sender: SI_USER, SI_QUEUE, SI_MESGQ,
+ * SI_TKILL (and any positive code of SIGCHLD: the child). The same rule as
+ * the preload library's translate_si_pid. */
+const SENDER_CODES = new Set([0, -1, -3, -6]);
+
+/** Pending siginfos (128 bytes each) with their sender's system PID made
+ * this node's (`now`: the new system PID of the image's one, undefined if
+ * the image's tables do not map it): the program reads them here, through
+ * this node's tables. A sender outside the application, which the program
+ * saw as 0, is 0, not a number that may be one of the application's
+ * processes here. */
+export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => number | undefined): Buffer {
+  let out = pending;
+  for (let at = 0; at + 128 <= pending.length; at += 128) {
+    const signo = pending.readInt32LE(at);
+    const code = pending.readInt32LE(at + 8);
+    if (!SENDER_CODES.has(code) && !(signo === SIGCHLD && code > 0)) continue;
+    const old = pending.readInt32LE(at + 16);
+    if (old <= 0) continue;
+    const pid = now(old) ?? 0;
+    if (pid === old) continue;
+    if (out === pending) out = Buffer.from(pending);
+    out.writeInt32LE(pid, at + 16);
+  }
+  return out;
+}
+
 /** Queues signals again: 128-byte siginfos, for a thread or (tid 0) for the
  * process. Run while every signal is blocked in the thread, so that none is
  * delivered before the thread's registers are its own again. */

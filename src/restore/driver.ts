@@ -37,11 +37,12 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
-import { requeueSignals, restoreSigactions } from '../resources/signals.js';
+import { requeueSignals, restoreSigactions, retargetSiginfos } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
+import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
@@ -670,6 +671,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
 
     phase('tree made');
+    // System ids of the image's node, made this node's: in calls blocked
+    // on them, restarted here, and in the siginfo of pending signals.
+    const ids = new IdsAcrossRestore(image, tables);
     for (const m of made) {
       const p = m.proc;
       await heardInterrupt();
@@ -705,9 +709,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         const tid = m.tids[i];
         if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
         restoreThreadState(r, t, tid, p.glibcTidOffset);
-        requeueSignals(r, t.pending, tid);
+        requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), tid);
       });
-      requeueSignals(r, p.sharedPending, 0);
+      requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       restoreFdOwners(r, p, handed);
       restoreAttributes(r, p, m.tids);
       restoreItimers(r, p.itimers);
@@ -728,7 +732,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
-        addon().setRegs(m.tids[i], resumeRegisters(t.regs, firstHandledSignal(t, p.sharedPending, p.sigactions)));
+        addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
     // The last point where an interrupted restore is given up: after it,

@@ -1,0 +1,87 @@
+/**
+ * System calls caught blocked with a system id of the old node in their
+ * arguments: the preload library translated the program's virtual id and
+ * the kernel was waiting on it (waitpid(vpid) as wait4(syspid),
+ * waitpid(-vpgid), waitid(P_PID or P_PGID)). A restore restarts the call
+ * with the registers the image holds, so the call would wait on whatever
+ * has that number on the new node: ECHILD (which the library's retry
+ * mends), or worse, another child or group that has it here. The restore
+ * rewrites the argument to the new node's id of the same virtual id
+ * before the thread resumes.
+ *
+ * The SysV calls that block on an id (semop, semtimedop, msgsnd, msgrcv)
+ * are never restarted: the freezer's interrupt makes them fail with EINTR
+ * at once, as a stop signal does, and the program's retry goes through
+ * the library again, which translates afresh.
+ *
+ * Only an id the image's tables map is rewritten (one the program got from
+ * a raw system call, outside the library, is left as it was).
+ */
+import type { Image } from '../image/types.js';
+import { addon, type Kind } from '../native.js';
+
+/** Offsets in x86-64 struct user_regs_struct. */
+const REG = { rax: 10 * 8, rsi: 13 * 8, rdi: 14 * 8, origRax: 15 * 8 } as const;
+const ERESTART = new Set([-512n, -513n, -514n, -516n]);
+const NR = { wait4: 61n, waitid: 247n } as const;
+const P_PID = 1n;
+const P_PGID = 2n;
+
+/** Where the call's id is, and of which kind; `negated`: a process group
+ * as -pgid (wait4). */
+function idArgument(regs: Buffer): { at: number; kind: Kind; negated: boolean } | undefined {
+  const nr = regs.readBigInt64LE(REG.origRax);
+  const a0 = BigInt.asIntN(32, regs.readBigInt64LE(REG.rdi));
+  switch (nr) {
+    case NR.wait4:
+      if (a0 > 0n) return { at: REG.rdi, kind: 'pid', negated: false };
+      if (a0 < -1n) return { at: REG.rdi, kind: 'pid', negated: true };
+      return undefined;
+    case NR.waitid: {
+      const type = regs.readBigInt64LE(REG.rdi);
+      return type === P_PID || type === P_PGID ? { at: REG.rsi, kind: 'pid', negated: false } : undefined;
+    }
+  }
+  return undefined;
+}
+
+/** This node's system id of the process (or SysV object) that had system
+ * id `old` on the image's node: through the image's tables to the virtual
+ * id, then through the new tables, read only once something asks. */
+export class IdsAcrossRestore {
+  private oldToVirtual?: Map<Kind, Map<number, number>>;
+  private virtualToNew?: Map<Kind, Map<number, number>>;
+
+  constructor(
+    private readonly image: Image,
+    private readonly tablesPath: string,
+  ) {}
+
+  /** undefined: the image's tables do not map `old` (not the
+   * application's); else the new id (undefined too if none here). */
+  now(kind: Kind, old: number): number | undefined {
+    this.oldToVirtual ??= new Map(this.image.tables.map((t) => [t.kind as Kind, new Map(t.entries.map((e) => [e.system, e.virtual]))]));
+    const vid = this.oldToVirtual.get(kind)?.get(old);
+    if (vid === undefined) return undefined;
+    if (!this.virtualToNew) {
+      const tables = addon().readTables(this.tablesPath).tables;
+      this.virtualToNew = new Map(Object.entries(tables).map(([k, entries]) => [k as Kind, new Map(entries.map((e) => [e.virtual, e.system]))]));
+    }
+    return this.virtualToNew.get(kind)?.get(vid);
+  }
+}
+
+/** `regs` with a blocked call's id made this node's (a copy), or `regs`
+ * itself when there is nothing to rewrite. */
+export function retargetBlockedCall(regs: Buffer, ids: IdsAcrossRestore): Buffer {
+  if (regs.readBigInt64LE(REG.origRax) < 0n || !ERESTART.has(regs.readBigInt64LE(REG.rax))) return regs;
+  const arg = idArgument(regs);
+  if (!arg) return regs;
+  const raw = Number(BigInt.asIntN(32, regs.readBigInt64LE(arg.at)));
+  const old = arg.negated ? -raw : raw;
+  const now = ids.now(arg.kind, old);
+  if (now === undefined || now === old) return regs;
+  const out = Buffer.from(regs);
+  out.writeBigInt64LE(BigInt(arg.negated ? -now : now), arg.at);
+  return out;
+}
