@@ -189,6 +189,21 @@ describe('a wait for any child caught by a snapshot between the kernel answering
       expect(await verdict(aid)).toBe('PASS');
     });
 
+  it('msgrcv blocked when snapshotted: restarted on the new node, on the queue the virtual id names there', async () => {
+    const aid = 'msgblocked';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('msgblocked')]);
+    await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+    const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
+    const inMsgrcv = (pid: number) => readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('70 ');
+    await waitFor(() => inMsgrcv(sb.systemPid(aid)), 10_000, `${aid} to block in msgrcv`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await waitFor(() => inMsgrcv(sb.systemPid(aid)), 10_000, `${aid} to block in msgrcv again`);
+    process.kill(sb.systemPid(aid, child), 'SIGUSR1');
+    expect(await verdict(aid)).toBe('PASS');
+  });
+
   it('claims, takes back and carries wait slots as the tables say (waitslots, on tables of its own)', () => {
     const r = spawnSync(fixture('waitslots'), { encoding: 'utf8' });
     expect(r.stdout + r.stderr).toBe('PASS\n');

@@ -9,10 +9,13 @@
  * rewrites the argument to the new node's id of the same virtual id
  * before the thread resumes.
  *
- * The SysV calls that block on an id (semop, semtimedop, msgsnd, msgrcv)
- * are never restarted: the freezer's interrupt makes them fail with EINTR
- * at once, as a stop signal does, and the program's retry goes through
- * the library again, which translates afresh.
+ * msgsnd and msgrcv blocked on a queue are restarted too (a stop ends
+ * them with ERESTARTNOHAND): their queue id is rewritten the same way,
+ * else the call fails with EINVAL here, or waits on another application's
+ * queue that has the old number. semop and semtimedop are never restarted
+ * (the freezer's interrupt makes them fail with EINTR at once, as a stop
+ * signal does), and the program's retry goes through the library again,
+ * which translates afresh.
  *
  * Only an id the image's tables map is rewritten (one the program got from
  * a raw system call, outside the library, is left as it was).
@@ -23,7 +26,7 @@ import { addon, type Kind } from '../native.js';
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rsi: 13 * 8, rdi: 14 * 8, origRax: 15 * 8 } as const;
 const ERESTART = new Set([-512n, -513n, -514n, -516n]);
-const NR = { wait4: 61n, waitid: 247n } as const;
+const NR = { wait4: 61n, waitid: 247n, msgsnd: 69n, msgrcv: 70n } as const;
 const P_PID = 1n;
 const P_PGID = 2n;
 
@@ -41,6 +44,10 @@ function idArgument(regs: Buffer): { at: number; kind: Kind; negated: boolean } 
       const type = regs.readBigInt64LE(REG.rdi);
       return type === P_PID || type === P_PGID ? { at: REG.rsi, kind: 'pid', negated: false } : undefined;
     }
+    // msgsnd and msgrcv end with ERESTARTNOHAND on a stop: restarted.
+    case NR.msgsnd:
+    case NR.msgrcv:
+      return a0 >= 0n ? { at: REG.rdi, kind: 'msgid', negated: false } : undefined;
   }
   return undefined;
 }
