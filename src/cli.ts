@@ -573,11 +573,13 @@ export function buildProgram(): Command {
           verifyMs: roundMs(result.verifyMs),
           lazy: result.lazy,
           injectedCalls: result.injectedCalls,
+          notKept: result.notKept,
         });
       else {
         process.stdout.write(result.aid + '\n');
         process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
       }
+      for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
     });
 
   const template = program

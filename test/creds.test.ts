@@ -473,3 +473,36 @@ describe('the privilege rule, case by case', () => {
     expect(mine[0].max).toBe(RLIM_INFINITY); // RLIMIT_CPU, unlimited here as almost everywhere
   });
 });
+
+describe('the audit login uid', () => {
+  // Run from a login session (loginuid 1000) and restored from another
+  // (1001), neither with CAP_AUDIT_CONTROL: as `sudo -u app appshot
+  // restore`, or an image from a container restored over ssh. Setting a
+  // login uid once set needs the capability; who audit says the process
+  // acts for is no privilege of it, so the restore goes on and says so.
+  const session = (uid: number, args: string[]) =>
+    spawnSync('sh', ['-c', `echo ${uid} > /proc/self/loginuid && exec setpriv --bounding-set -audit_control "$@"`, 'sh', process.execPath, cli, ...args], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off' },
+      encoding: 'utf8',
+    });
+  it('is kept where the restoring session may set it, and otherwise named in a warning, the restore going on', async () => {
+    const run = session(1000, ['run', '-d', '--aid', 'login', '--', fixture('waiter')]);
+    if (run.status !== 0 && /loginuid|Operation not permitted/.test(run.stderr)) return; // no login uid to set here
+    expect(run.status, run.stderr).toBe(0);
+    await waitFor(() => /READY/.test(sb.log('login')), 10_000, 'the waiter');
+    expect(readFileSync(`/proc/${sb.systemPid('login')}/loginuid`, 'utf8')).toBe('1000');
+    const image = join(dir, 'login.appshot');
+    expect(sb.run(['snapshot', 'login', '-o', image]).code).toBe(0);
+    const r = session(1001, ['restore', image]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/^appshot: warning: not kept: process 2: audit login uid 1000 not set, it is 1001 \(the restoring session's\): changing it needs CAP_AUDIT_CONTROL$/m);
+    expect(readFileSync(`/proc/${sb.systemPid('login')}/loginuid`, 'utf8')).toBe('1001');
+    expect(sb.run(['snapshot', 'login', '-o', join(dir, 'login2.appshot')]).code).toBe(0);
+    // A session that may set it (root with the capability) does.
+    const back = sb.run(['restore', image, '--json']);
+    expect(back.code, back.stderr).toBe(0);
+    expect(JSON.parse(back.stdout).notKept).toEqual([]);
+    expect(readFileSync(`/proc/${sb.systemPid('login')}/loginuid`, 'utf8')).toBe('1000');
+    expect(sb.run(['rm', '-f', 'login']).code).toBe(0);
+  });
+});

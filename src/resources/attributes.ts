@@ -228,8 +228,10 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timer
 
 /* ---- restore ---------------------------------------------------------- */
 
-/** `tids[i]`: the restored TID of p.threads[i]. */
-export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]): void {
+/** `tids[i]`: the restored TID of p.threads[i]. Returns what could not be
+ * carried and is not worth failing the restore for (the caller says so). */
+export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]): string[] {
+  const notKept: string[] = [];
   const a = p.attributes;
   if (a) {
     const path = `/proc/${r.pid}/oom_score_adj`;
@@ -252,7 +254,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
       }
     }
   }
-  if (a?.loginuid !== undefined) restoreLoginuid(r, a.loginuid);
+  if (a?.loginuid !== undefined) {
+    const note = restoreLoginuid(r, a.loginuid);
+    if (note) notKept.push(note);
+  }
   // One batch (remote.ts): each call names the thread it acts on.
   r.reset();
   const calls = r.batch();
@@ -294,6 +299,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     const slack = t.attributes?.timerSlackNs;
     if (i > 0 && slack && slack !== seedSlack(r.pid)) r.call(`setting timer slack ${slack} ns of thread ${t.vtid}`, SYS.prctl, [PR_SET_TIMERSLACK, slack, 0, 0, 0], tids[i]);
   });
+  return notKept;
 }
 
 /** The slack every thread of the seed has (its main thread's, which
@@ -315,9 +321,9 @@ function seedSlack(pid: number): bigint | undefined {
  * seed's, which is the restoring user's: the usual case for an ordinary
  * user. Setting it starts a new audit session id, which is not kept.
  */
-function restoreLoginuid(r: RemoteProcess, loginuid: number): void {
+function restoreLoginuid(r: RemoteProcess, loginuid: number): string | undefined {
   const now = Number(readFileSync(`/proc/${r.pid}/loginuid`, 'utf8'));
-  if (now === loginuid) return;
+  if (now === loginuid) return undefined;
   r.reset();
   const text = String(loginuid);
   const results = r.runCalls([
@@ -327,10 +333,16 @@ function restoreLoginuid(r: RemoteProcess, loginuid: number): void {
   ]);
   const failed = results.find((x) => x < 0n && x > -4096n);
   if (results[0] >= 0n && results.length < 3) r.raw(NR_close, [results[0]]);
+  const shown = (uid: number) => (uid === LOGINUID_UNSET ? 'unset' : String(uid));
+  // Refused (EPERM): changing a login uid once set needs CAP_AUDIT_CONTROL,
+  // which an ordinary user restoring their own image lacks, as does anyone
+  // restoring across login sessions (sudo -u, an image from a container).
+  // Not a privilege of the process, only who audit says it acts for: the
+  // restore goes on with the restoring session's, and says so.
+  if (failed === -1n) return `audit login uid ${shown(loginuid)} not set, it is ${shown(now)} (the restoring session's): changing it needs CAP_AUDIT_CONTROL`;
   if (failed !== undefined || results.length < 3)
-    throw new Error(
-      `setting the audit login uid ${loginuid === LOGINUID_UNSET ? '(unset)' : loginuid} (it is ${now === LOGINUID_UNSET ? 'unset' : now} here): errno ${failed === undefined ? '?' : -failed}${failed === -1n ? ' (EPERM: this needs CAP_AUDIT_CONTROL, and a kernel with loginuid_immutable refuses any change once set)' : ''}`,
-    );
+    throw new Error(`setting the audit login uid ${shown(loginuid)} (it is ${shown(now)} here): errno ${failed === undefined ? '?' : -failed}`);
+  return undefined;
 }
 
 /** The parent-death signal, after the credentials: the kernel clears it

@@ -136,6 +136,9 @@ export interface RestoreResult {
    * restore's cost in stops (in the engine, with another command running
    * at once, its calls count too). */
   injectedCalls: number;
+  /** What the restore could not carry and went on without, one line each
+   * (the CLI prints them as warnings): never a privilege, never silent. */
+  notKept: string[];
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -378,6 +381,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     : portTable(image).map((e) => ({ virtual: e.virtual, system: e.system, mode: 'allocate' as const }));
   const claimed: number[] = [];
   let credentialCalls = 0;
+  const notKept: string[] = [];
   // Directories made for REDIR PATH targets: removed if the restore fails.
   const madeDirs: MadeDir[] = [];
   // Made once the application's log exists: descriptors that pointed at
@@ -713,7 +717,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       restoreFdOwners(r, p, handed);
-      restoreAttributes(r, p, m.tids);
+      for (const note of restoreAttributes(r, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       restoreRoot(r, p);
@@ -784,6 +788,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       seeds: roots.length,
       fromStandby: fromStandby && record.initPid === reserved!.init.pid,
       injectedCalls: injected.calls - injectedBefore,
+      notKept,
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
