@@ -9,7 +9,7 @@ import { readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
-import type { DumpContext } from './context.js';
+import { type DumpContext, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
@@ -125,6 +125,25 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 }
 
 /* ---- restore ---------------------------------------------------------- */
+
+/**
+ * A unix socket's path is the process's own, resolved in its root
+ * directory: in a chrooted process, /s.sock is ROOT/s.sock to everyone
+ * else. The restore binds and connects names as appshot's process sees
+ * them, so it would bind the host's /s.sock (removing a stale socket file
+ * there first). Refused by name until names are resolved under the root.
+ */
+export function refuseChrootedSocketPaths(p: Process, what: string): void {
+  if (!p.root || p.root === '/') return;
+  const named = (address: string | undefined) => !!address && !address.startsWith('@');
+  for (const fd of p.fds) {
+    const s = fd.socket;
+    if (!s || s.family !== 1) continue; // AF_UNIX
+    const name = [s.address, s.peerAddress, ...(s.datagrams ?? []).map((d) => d.from)].find(named);
+    if (name)
+      throw new Unsupported(`${what} fd ${fd.fd}: a unix socket that names ${name} in a process whose root directory is ${p.root} (chroot): the name is resolved in that root, which the restore does not do`);
+  }
+}
 
 const NR_chroot = 161;
 

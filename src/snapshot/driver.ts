@@ -30,7 +30,7 @@ import { dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
-import { askProcess, dumpProcess } from '../resources/process.js';
+import { askProcess, dumpProcess, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
@@ -276,6 +276,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         }
       });
       timed('fd owners', () => dumpFdOwners(ctx, proc.fds, calls, what));
+      refuseChrootedSocketPaths(proc, what);
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
       killPoint('snapshot: dumping memory');
