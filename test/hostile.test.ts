@@ -351,6 +351,8 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
+    ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
+    ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],
     ['a queued datagram\'s sender path with ..', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
       Object.assign(fd, { fd: 902, kind: 13, socket: { ino: 4343n, family: 1, type: 2, address: '/tmp/appshot-hostile-dgram', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams: [{ data: Buffer.from('x'), from: '/tmp/../etc/passwd', fromPort: 0 }] } });

@@ -386,6 +386,8 @@ function checkPaths(image: Image): void {
   for (const p of image.processes) {
     const who = `process ${p.vpid}`;
     check(p.cwd, `${who}'s working directory`);
+    if (p.root !== undefined && p.root !== '' && !p.root.startsWith('/')) corrupt(`${who}'s root directory ${JSON.stringify(p.root)} is not an absolute path`);
+    check(p.root, `${who}'s root directory`);
     check(p.exe, `${who}'s executable`);
     for (const v of p.vmas) check(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
     for (const fd of p.fds) {
