@@ -83,17 +83,26 @@ static long collect(const void* req, size_t len, each_fn each, size_t size, void
 
 /* Every socket of one IP protocol and family in `states` (a bit per TCP
  * state). */
-static long inet_all(int family, int protocol, uint32_t states, each_fn each, size_t size, void** out) {
-  struct {
-    struct nlmsghdr h;
-    struct inet_diag_req_v2 r;
-  } req = {0};
+/* A dump request for the sockets of one IP protocol and family in
+ * `states` (a bit per TCP state). */
+struct inet_dump {
+  struct nlmsghdr h;
+  struct inet_diag_req_v2 r;
+};
+
+static struct inet_dump inet_dump_of(int family, int protocol, uint32_t states) {
+  struct inet_dump req = {0};
   req.h.nlmsg_len = sizeof req;
   req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
   req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
   req.r.sdiag_family = (uint8_t)family;
   req.r.sdiag_protocol = (uint8_t)protocol;
   req.r.idiag_states = states;
+  return req;
+}
+
+static long inet_all(int family, int protocol, uint32_t states, each_fn each, size_t size, void** out) {
+  struct inet_dump req = inet_dump_of(family, protocol, states);
   return collect(&req, sizeof req, each, size, out);
 }
 
@@ -166,16 +175,8 @@ static int each_listening(struct nlmsghdr* h, void* ctx) {
 }
 
 long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out) {
-  struct {
-    struct nlmsghdr h;
-    struct inet_diag_req_v2 r;
-  } req = {0};
-  req.h.nlmsg_len = sizeof req;
-  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  req.r.sdiag_family = (uint8_t)family;
-  req.r.sdiag_protocol = IPPROTO_TCP;
-  req.r.idiag_states = 1u << 10; /* TCP_LISTEN: only the listening hash is walked */
+  /* TCP_LISTEN alone: only the listening hash is walked. */
+  struct inet_dump req = inet_dump_of(family, IPPROTO_TCP, 1u << 10);
   struct listening_ctx c = {{NULL, 0, 0, sizeof(uint32_t)}, htons(port)};
   int rc = dump(&req, sizeof req, each_listening, &c);
   if (rc) {
