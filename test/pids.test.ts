@@ -244,7 +244,7 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     const child = sb.systemPid(aid, 3);
     process.kill(child, 'SIGSTOP');
     await waitFor(() => /^State:\s+T/m.test(readFileSync(`/proc/${child}/status`, 'utf8')), 10_000, `${aid}'s child to stop`);
-    const r = sb.run(['snapshot', aid, '--leave-running', '--timeout', '1', '-o', join(images, aid)]);
+    const r = sb.run(['snapshot', aid, '--leave-running', '--timeout', '10', '-o', join(images, aid)]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/process 3 \(idwindow\) stayed inside a translation of process ids .*, stopped there by job control; it was left running/);
     process.kill(child, 'SIGCONT');

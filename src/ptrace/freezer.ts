@@ -97,6 +97,10 @@ export class Freezer {
    * @param initPid the application's init: never stopped, but its children
    *                are the application's too
    */
+  /** The last attempt found a thread stopped by job control inside a
+   * translation window: final, not retried. */
+  private stoppedInWindow = false;
+
   constructor(
     private readonly roots: number[],
     private readonly initPid: number,
@@ -116,14 +120,17 @@ export class Freezer {
       const problem = this.attempt(settle);
       if (!problem) return;
       lastProblem = problem;
-      if (Date.now() >= deadline) break;
+      // Another attempt would only undo its job-control stop (the retry
+      // resumes what it seized) and let it leave the window on its own.
+      if (this.stoppedInWindow || Date.now() >= deadline) break;
       // Threads that have not stopped stay seized for the next attempt.
       this.resume(false);
       // A vfork child must run to exec for its parent to settle.
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
     }
     this.resume();
-    throw new AppshotError(`cannot stop the application within ${timeoutMs / 1000} s: ${lastProblem}; it was left running`);
+    const within = this.stoppedInWindow ? '' : ` within ${timeoutMs / 1000} s`;
+    throw new AppshotError(`cannot stop the application${within}: ${lastProblem}; it was left running`);
   }
 
   private track(tid: number, pid: number): FrozenThread | undefined {
@@ -285,6 +292,7 @@ export class Freezer {
         // One stopped by job control cannot be let run: refused, named,
         // rather than restored to use an old node's id.
         const stuck = inside.find((t) => t.groupStop);
+        this.stoppedInWindow = !!stuck;
         if (stuck || Date.now() >= until) {
           const t = stuck ?? inside[0];
           const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
