@@ -313,6 +313,29 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
     await sb.exercised(aid, 'to use the clocks');
     await sb.checksPass(aid);
   });
+
+  it("clock_nanosleep until an absolute time of another process's clock, blocked when snapshotted: restarted on that process's new system id", async () => {
+    const aid = 'cpuclocks-sleeper';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cpuclocks'), 'sleeper']);
+    await waitFor(() => /^SLEEPING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+    const idle = Number(/^SLEEPING (\d+)$/m.exec(sb.log(aid))![1]);
+    const inSleep = () => {
+      try {
+        return readFileSync(`/proc/${sb.systemPid(aid)}/syscall`, 'utf8').startsWith('230 '); // clock_nanosleep
+      } catch {
+        return false; // ended (FAIL) or not there yet
+      }
+    };
+    await waitFor(inSleep, 10_000, `${aid} to block in clock_nanosleep`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await waitFor(() => inSleep() || /^FAIL/m.test(sb.log(aid)), 10_000, `${aid} to block in clock_nanosleep again`);
+    expect(/^FAIL.*$/m.exec(sb.log(aid))?.[0]).toBeUndefined();
+    process.kill(sb.systemPid(aid, idle), 'SIGUSR2');
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
 });
 
 /** The lists of processes of the cgroups this process is in (and so its
