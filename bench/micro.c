@@ -38,6 +38,12 @@ int main(int argc, char **argv) {
   TIME("getpid", n, sink += getpid());
   TIME("getppid", n, sink += getppid());
   TIME("kill(self,0)", n, sink += kill(self, 0));
+  struct timespec ts;
+  TIME("clock_gettime(MONOTONIC)", n, sink += clock_gettime(CLOCK_MONOTONIC, &ts));
+  /* A CPU-time clock of another process (the parent): the translated path. */
+  clockid_t parent_clock;
+  if (clock_getcpuclockid(getppid(), &parent_clock) != 0) { perror("clock_getcpuclockid"); return 1; }
+  TIME("clock_gettime(parent CPU clock)", n / 4, sink += clock_gettime(parent_clock, &ts));
   TIME("semop", n, sink += semop(sem, (i & 1) ? &down : &up, 1));
   TIME("fork+wait", forks, {
     pid_t c = fork();

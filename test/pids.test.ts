@@ -281,6 +281,63 @@ describe('signals pending across a snapshot', () => {
   });
 });
 
+describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pthread_getcpuclockid)", () => {
+  // The fixture keeps the clock ids it made in memory, as a program would,
+  // and checks each against /proc: the ids encode virtual PIDs and TIDs,
+  // which the preload library makes this node's at each use.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-cpuclocks-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  it('name the virtual ids, never the system process with that number, and go on naming them after a snapshot and restore', async () => {
+    const aid = 'cpuclocks';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cpuclocks')]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use the clocks');
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use the clocks after the restore');
+    await sb.checksPass(aid);
+  });
+
+  it('in a copy restored beside the original, under other system ids, each names its own processes', async () => {
+    const aid = 'cpuclocks-orig';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cpuclocks')]);
+    await sb.checksPass(aid);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image, '--leave-running']);
+    sb.ok(['restore', image, '--aid', 'cpuclocks-copy']);
+    await sb.checksPass('cpuclocks-copy');
+    await sb.exercised('cpuclocks-copy', 'to use the clocks');
+    await sb.exercised(aid, 'to use the clocks');
+    await sb.checksPass(aid);
+  });
+
+  it("clock_nanosleep until an absolute time of another process's clock, blocked when snapshotted: restarted on that process's new system id", async () => {
+    const aid = 'cpuclocks-sleeper';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cpuclocks'), 'sleeper']);
+    await waitFor(() => /^SLEEPING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+    const idle = Number(/^SLEEPING (\d+)$/m.exec(sb.log(aid))![1]);
+    const inSleep = () => {
+      try {
+        return readFileSync(`/proc/${sb.systemPid(aid)}/syscall`, 'utf8').startsWith('230 '); // clock_nanosleep
+      } catch {
+        return false; // ended (FAIL) or not there yet
+      }
+    };
+    await waitFor(inSleep, 10_000, `${aid} to block in clock_nanosleep`);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await waitFor(() => inSleep() || /^FAIL/m.test(sb.log(aid)), 10_000, `${aid} to block in clock_nanosleep again`);
+    expect(/^FAIL.*$/m.exec(sb.log(aid))?.[0]).toBeUndefined();
+    process.kill(sb.systemPid(aid, idle), 'SIGUSR2');
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+});
+
 /** The lists of processes of the cgroups this process is in (and so its
  * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
  * tasks of cgroup v1's pids hierarchy, those that this node has. */

@@ -28,6 +28,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h> /* types of fopen & co. only */
 #include <string.h>
@@ -38,6 +39,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* The caller defines it (the kernel's ABI), glibc does not. */
@@ -176,7 +178,9 @@ static inline void ensure_init(void) {
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
-  X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2)
+  X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
+  X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
+  X(pthread_getcpuclockid)
 
 enum {
 #define X(n) R_##n,
@@ -370,6 +374,11 @@ HIDDEN long do_setsockopt_syscall(long fd, long level, long name, long val, long
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);
+
+/* preload_clock.c: clock_gettime, clock_getres, clock_settime,
+ * clock_nanosleep and timer_create through syscall(), a CPU-time clock's
+ * virtual id made the system's. */
+HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------
  *

@@ -1,7 +1,7 @@
 /*
  * syscall(): programs that make id system calls through it (gettid before
  * glibc 2.30, tgkill, pidfd_open, sched_setattr, kcmp, ioprio_set, libnuma's
- * move_pages...) get the same
+ * move_pages, CPU-time clocks...) get the same
  * translation as through the libc functions. The kernel's conventions are
  * kept where they differ from libc's (getpriority returns 20 - nice);
  * errors are -1 and errno, as syscall() reports them.
@@ -105,6 +105,11 @@ API long syscall(long nr, ...) {
     case SYS_msgrcv:
       return do_msgrcv((int)a, (void *)b, (size_t)c, d, (int)e);
     case SYS_msgctl: return do_msgctl((int)a, (int)b, (struct msqid_ds *)c);
+    case SYS_clock_gettime:
+    case SYS_clock_getres:
+    case SYS_clock_settime:
+    case SYS_clock_nanosleep:
+    case SYS_timer_create: return do_clock_syscall(nr, a, b, c, d);
     case SYS_setsockopt: return do_setsockopt_syscall(a, b, c, d, e);
     case SYS_getsockopt:
     case SYS_sendmsg:

@@ -21,6 +21,7 @@ export const SYS = {
   brk: 12,
   rt_sigaction: 13,
   mremap: 25,
+  madvise: 28,
   shmat: 30,
   dup2: 33,
   setitimer: 38,
@@ -37,7 +38,9 @@ export const SYS = {
   personality: 135,
   setpriority: 141,
   sched_setscheduler: 144,
+  mlockall: 151,
   prctl: 157,
+  chroot: 161,
   sched_setaffinity: 203,
   set_tid_address: 218,
   timer_create: 222,
@@ -58,10 +61,13 @@ export const SYS = {
   inotify_init1: 294,
   rt_tgsigqueueinfo: 297,
   prlimit64: 302,
+  membarrier: 324,
+  mlock2: 325,
   rseq: 334,
   pidfd_open: 434,
   close_range: 436,
   pidfd_getfd: 438,
+  mseal: 462,
 } as const;
 
 /** System calls injected by this process so far (each one a ptrace round

@@ -43,7 +43,6 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
-const NR_mlockall = 151;
 const NR_mmap = 9;
 const NR_munmap = 11;
 const PAGE = 4096;
@@ -55,7 +54,6 @@ const PR_SET_MDWE = 65;
 const PR_GET_MDWE = 66;
 const PR_SET_TIMERSLACK = 29;
 const PR_GET_TIMERSLACK = 30;
-const NR_membarrier = 324;
 const NR_open = 2;
 const NR_write = 1;
 const NR_close = 3;
@@ -95,7 +93,7 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     // The parent-death signal is only told to the thread itself.
     pdeathsig: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_PDEATHSIG, 'buf'], { tid, outLength: 4 })])),
     // Registrations are the mm's; the timer slack is each thread's own.
-    membarrier: calls.ask(NR_membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
+    membarrier: calls.ask(SYS.membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
     mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
     timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
   };
@@ -262,7 +260,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
   r.reset();
   const calls = r.batch();
   for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
-    if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, NR_membarrier, [cmd, 0, 0]);
+    if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, SYS.membarrier, [cmd, 0, 0]);
   if (a?.childSubreaper) calls.add('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
   if (a?.thpDisabled) calls.add('disabling transparent huge pages', SYS.prctl, [PR_SET_THP_DISABLE, 1, 0, 0, 0]);
   calls.add(`setting personality 0x${p.personality.toString(16)}`, SYS.personality, [p.personality]);
@@ -290,7 +288,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
   // memory, the batch code this batch runs in).
   // After every mapping the restore makes for the process, which would be
   // locked too; the locked ones of the image are locked again by memory.ts.
-  if (a?.lockFuture) calls.add('locking future mappings (mlockall MCL_FUTURE)', NR_mlockall, [MCL_FUTURE]);
+  if (a?.lockFuture) calls.add('locking future mappings (mlockall MCL_FUTURE)', SYS.mlockall, [MCL_FUTURE]);
   if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
   // PR_SET_TIMERSLACK acts on the calling thread: the others' in their own

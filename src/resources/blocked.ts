@@ -2,7 +2,8 @@
  * System calls caught blocked with a system id of the old node in their
  * arguments: the preload library translated the program's virtual id and
  * the kernel was waiting on it (waitpid(vpid) as wait4(syspid),
- * waitpid(-vpgid), waitid(P_PID or P_PGID)). A restore restarts the call
+ * waitpid(-vpgid), waitid(P_PID or P_PGID), clock_nanosleep on the CPU-time
+ * clock of another process or thread). A restore restarts the call
  * with the registers the image holds, so the call would wait on whatever
  * has that number on the new node: ECHILD (which the library's retry
  * mends), or worse, another child or group that has it here. The restore
@@ -17,6 +18,11 @@
  * signal does), and the program's retry goes through the library again,
  * which translates afresh.
  *
+ * A clock_nanosleep until an absolute time is restarted as it was called
+ * (ERESTARTNOHAND); one for a relative time restarts through the kernel's
+ * own restart state, which a restore does not have: it returns EINTR
+ * instead (threads.ts, resumeRegisters), and its clock needs nothing.
+ *
  * Only an id the image's tables map is rewritten (one the program got from
  * a raw system call, outside the library, is left as it was).
  */
@@ -26,28 +32,37 @@ import { addon, type Kind } from '../native.js';
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rsi: 13 * 8, rdi: 14 * 8, origRax: 15 * 8 } as const;
 const ERESTART = new Set([-512n, -513n, -514n, -516n]);
-const NR = { wait4: 61n, waitid: 247n, msgsnd: 69n, msgrcv: 70n } as const;
+const NR = { wait4: 61n, waitid: 247n, msgsnd: 69n, msgrcv: 70n, clock_nanosleep: 230n } as const;
 const P_PID = 1n;
 const P_PGID = 2n;
 
-/** Where the call's id is, and of which kind; `negated`: a process group
- * as -pgid (wait4). */
-function idArgument(regs: Buffer): { at: number; kind: Kind; negated: boolean } | undefined {
+/** How the id sits in its argument: as it is, as -pgid (wait4's process
+ * group), or inside a CPU-time clock (~id << 3 and three low bits, the
+ * kernel's encoding; id 0 is the caller, low bits 3 a descriptor's clock). */
+type Encoding = 'plain' | 'negated' | 'cpuclock';
+const decode = (raw: number, how: Encoding) => (how === 'negated' ? -raw : how === 'cpuclock' ? ~(raw >> 3) : raw);
+const encode = (id: number, raw: number, how: Encoding) => (how === 'negated' ? -id : how === 'cpuclock' ? (~id << 3) | (raw & 7) : id);
+
+/** Where the call's id is, of which kind, and how encoded. */
+function idArgument(regs: Buffer): { at: number; kind: Kind; how: Encoding } | undefined {
   const nr = regs.readBigInt64LE(REG.origRax);
   const a0 = BigInt.asIntN(32, regs.readBigInt64LE(REG.rdi));
   switch (nr) {
     case NR.wait4:
-      if (a0 > 0n) return { at: REG.rdi, kind: 'pid', negated: false };
-      if (a0 < -1n) return { at: REG.rdi, kind: 'pid', negated: true };
+      if (a0 > 0n) return { at: REG.rdi, kind: 'pid', how: 'plain' };
+      if (a0 < -1n) return { at: REG.rdi, kind: 'pid', how: 'negated' };
       return undefined;
     case NR.waitid: {
       const type = regs.readBigInt64LE(REG.rdi);
-      return type === P_PID || type === P_PGID ? { at: REG.rsi, kind: 'pid', negated: false } : undefined;
+      return type === P_PID || type === P_PGID ? { at: REG.rsi, kind: 'pid', how: 'plain' } : undefined;
     }
     // msgsnd and msgrcv end with ERESTARTNOHAND on a stop: restarted.
     case NR.msgsnd:
     case NR.msgrcv:
-      return a0 >= 0n ? { at: REG.rdi, kind: 'msgid', negated: false } : undefined;
+      return a0 >= 0n ? { at: REG.rdi, kind: 'msgid', how: 'plain' } : undefined;
+    case NR.clock_nanosleep:
+      if (a0 < 0n && (a0 & 3n) !== 3n && decode(Number(a0), 'cpuclock') !== 0) return { at: REG.rdi, kind: 'pid', how: 'cpuclock' };
+      return undefined;
   }
   return undefined;
 }
@@ -85,10 +100,10 @@ export function retargetBlockedCall(regs: Buffer, ids: IdsAcrossRestore): Buffer
   const arg = idArgument(regs);
   if (!arg) return regs;
   const raw = Number(BigInt.asIntN(32, regs.readBigInt64LE(arg.at)));
-  const old = arg.negated ? -raw : raw;
+  const old = decode(raw, arg.how);
   const now = ids.now(arg.kind, old);
   if (now === undefined || now === old) return regs;
   const out = Buffer.from(regs);
-  out.writeBigInt64LE(BigInt(arg.negated ? -now : now), arg.at);
+  out.writeBigInt64LE(BigInt(encode(now, raw, arg.how)), arg.at);
   return out;
 }

@@ -11,7 +11,7 @@ import { addon, PAGES_MODE } from '../native.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
-import { RemoteProcess } from '../ptrace/remote.js';
+import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 
@@ -87,9 +87,7 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   sl: undefined,
 };
 
-const NR_mlock2 = 325;
 const MLOCK_ONFAULT = 1;
-const NR_mseal = 462;
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
  * read once per process at dump time (smaps walks the page tables; maps
@@ -606,7 +604,6 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  * to where the image had it, then each VMA is mapped and filled.
  */
 export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources, seedMaps?: MapsLine[]): Promise<void> {
-  const SYS = { mmap: 9, mprotect: 10, munmap: 11, mremap: 25, madvise: 28, open: 2, close: 3, shmat: 30 };
   const MADV_DONTNEED = 4;
   // The seed's mappings (`seedMaps`: read by the caller since its last
   // change but for the scratch area, which is kept by its address).
@@ -770,7 +767,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Locked last, once its data is in: mlock faults every page in (all of
     // a --lazy mapping's too, as they were resident when it was locked);
     // RLIMIT_MEMLOCK is the seed's here, the restoring user's.
-    if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, NR_mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
+    if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, SYS.mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
   }
   for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);
   finishing.run();
@@ -788,7 +785,7 @@ export function sealMemory(r: RemoteProcess, vmas: Vma[]): void {
   const sealed = vmas.filter((v) => v.vmFlags.includes('sl') && v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL);
   if (!sealed.length) return;
   const calls = r.batch();
-  for (const v of sealed) calls.add(`sealing the mapping at 0x${v.start.toString(16)} (mseal)`, NR_mseal, [v.start, v.end - v.start, 0]);
+  for (const v of sealed) calls.add(`sealing the mapping at 0x${v.start.toString(16)} (mseal)`, SYS.mseal, [v.start, v.end - v.start, 0]);
   calls.run();
 }
 

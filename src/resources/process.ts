@@ -145,8 +145,6 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   }
 }
 
-const NR_chroot = 161;
-
 /**
  * The root directory (chroot): last of what the process does by path,
  * since every path after it resolves inside it (its memory's files, its
@@ -159,7 +157,7 @@ const NR_chroot = 161;
 export function restoreRoot(r: RemoteProcess, p: Process): void {
   if (!p.root || p.root === '/') return;
   r.reset();
-  r.call(`changing the root directory to ${p.root}`, NR_chroot, [r.str(p.root)]);
+  r.call(`changing the root directory to ${p.root}`, SYS.chroot, [r.str(p.root)]);
 }
 
 const PR_SET_MM = 35;
