@@ -295,6 +295,11 @@ describe('UDP sockets with multicast group memberships (IPv4 and IPv6, source fi
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
+  // chroot-unix's jail (mkdtemp under /tmp; empty once the holder is gone).
+  const jailsBefore = new Set(readdirSync('/tmp').filter((f) => f.startsWith('holder-jail-')));
+  afterAll(() => {
+    for (const f of readdirSync('/tmp')) if (f.startsWith('holder-jail-') && !jailsBefore.has(f)) rmSync(join('/tmp', f), { recursive: true, force: true });
+  });
   const refusals: [string, (fd: string) => string | RegExp][] = [
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
@@ -316,7 +321,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
     ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
     ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],
-    ['chroot-unix', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a unix socket that names /s\\.sock in a process whose root directory is /tmp/holder-jail-\\d+ \\(chroot\\)`)],
+    ['chroot-unix', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a unix socket that names /s\\.sock in a process whose root directory is /tmp/holder-jail-\\w{6} \\(chroot\\)`)],
     ['epoll-orphan', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: an epoll target registered as fd \\d+ is no longer held by this process \\(only another holds it\\), which cannot be captured yet`)],
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
