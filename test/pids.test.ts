@@ -237,6 +237,12 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     expect(r.code).toBe(0);
   });
 
+  it('a siglongjmp from a handler on such an alternate stack back to the thread stack closes the window it leaves; the next wait4 answers right', () => {
+    const r = sb.run(['run', '--', fixture('altstack'), 'jump']);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
   it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
     const aid = 'idwindow-stopped';
     // Spinning long enough to be stopped there on a loaded machine.
