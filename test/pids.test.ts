@@ -221,9 +221,10 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
-  it('windows left by siglongjmps out of waits are closed by the jump: the thread computing deeper on the stack is out of them', async () => {
-    const aid = 'jmpdeep';
-    sb.ok(['run', '-d', '--aid', aid, '--', fixture('jmpdeep')]);
+  // jmpdeep-chk: the same built with _FORTIFY_SOURCE, which jumps by __longjmp_chk.
+  for (const aid of ['jmpdeep', 'jmpdeep-chk'])
+  it(`windows left by siglongjmps out of waits are closed by the jump: the thread computing deeper on the stack is out of them (${aid})`, async () => {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture(aid)]);
     await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid} to jump back`);
     // Held inside for good, the snapshot would give up after its timeout.
     sb.ok(['snapshot', aid, '--leave-running', '-o', join(images, aid)]);
