@@ -236,6 +236,29 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
+  // jmpdeep-chk: the same built with _FORTIFY_SOURCE, which jumps by __longjmp_chk.
+  for (const aid of ['jmpdeep', 'jmpdeep-chk'])
+  it(`windows left by siglongjmps out of waits are closed by the jump: the thread computing deeper on the stack is out of them (${aid})`, async () => {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture(aid)]);
+    await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid} to jump back`);
+    // Held inside for good, the snapshot would give up after its timeout.
+    sb.ok(['snapshot', aid, '--leave-running', '-o', join(images, aid)]);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+
+  it('a handler on an alternate stack above the thread stack nests its windows in the interrupted wait4 (window kept, wait slot not taken back)', () => {
+    const r = sb.run(['run', '--', fixture('altstack')]);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
+  it('a siglongjmp from a handler on such an alternate stack back to the thread stack closes the window it leaves; the next wait4 answers right', () => {
+    const r = sb.run(['run', '--', fixture('altstack'), 'jump']);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
   it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
     const aid = 'idwindow-stopped';
     // Spinning long enough to be stopped there on a loaded machine.

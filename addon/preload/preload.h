@@ -90,11 +90,18 @@ extern __thread int32_t t_vtid TLS_IE HIDDEN;
  * appshot_id_window_tpoff (an exported symbol).
  *
  * `open` counts, so that a handler's window inside another's nests. A
- * window left by a siglongjmp out of a signal handler never closes: `sp`,
- * the stack pointer where the outermost open window began, tells a
- * snapshot (a thread above it, on the same stack, is out of it) and the
- * next window, which starts afresh if it begins above it. A TLS store or
- * two: no system call, nothing allocated, safe in a signal handler. */
+ * window left by a (sig)longjmp out of a signal handler never closes by
+ * itself: our longjmp wrappers close the windows the jump leaves
+ * (preload_jump.c), by `sp`, the stack pointer where the outermost open
+ * window began, which also tells a snapshot that a thread above it (on the
+ * same stack) is out of it. Should a jump escape the wrappers (a jump
+ * inside another library, a raw one), the next window that begins above
+ * `sp` on the same stack starts afresh. A window that begins above `sp` on
+ * another stack (a handler on a sigaltstack higher than the thread's
+ * stack) nests, and moves `sp` up to itself, so that the snapshot sees the
+ * thread inside while the handler runs on. A TLS store or two: no
+ * system call (but on those rare paths), nothing allocated, safe in a
+ * signal handler. */
 struct appshot_id_window {
   int32_t open; /* windows open */
   int32_t pad;
@@ -107,6 +114,15 @@ static inline uintptr_t stack_pointer(void) {
   __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
   return sp;
 }
+/* A window begins at `sp`, at or above the outermost open one: closes the
+ * open ones if they are on the same stack (left by a longjmp), else moves
+ * the outermost's `sp` up to `sp` (nested, on a higher stack). A system
+ * call (sigaltstack): only on this rare path (preload_jump.c). */
+HIDDEN void id_window_above(uintptr_t sp);
+/* The same, for the signal stub (preload_signal.c), which has already
+ * raised its window at its own stack pointer over open ones that began at
+ * `older`: leaves only its own open if they were on the same stack. */
+HIDDEN void id_window_raised_above(uintptr_t older);
 static inline void id_window_close(int *unused) {
   (void)unused;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -116,8 +132,9 @@ static inline int id_window_open(void) {
   uintptr_t sp = stack_pointer();
   /* At or above the outermost window's start (a window inside a live one
    * begins deeper, in a callee or a handler): that one was left by a
-   * longjmp. */
-  if (t_id_window.open > 0 && sp >= t_id_window.sp) t_id_window.open = 0;
+   * longjmp, unless it is on another stack (preload_jump.c). */
+  if (UNLIKELY(t_id_window.open > 0 && sp >= t_id_window.sp))
+    id_window_above(sp);
   if (t_id_window.open == 0) t_id_window.sp = sp;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   t_id_window.open++;

@@ -31,7 +31,8 @@ static action_fn g_actions[_NSIG];
  * frame holds the sender's system PID from the moment the frame exists:
  * the translation window (preload.h) must be raised by the handler's very
  * first instructions, which C cannot promise. So the kernel's entry is a
- * stub that raises t_id_window (open++, and sp if it was the first) and
+ * stub that raises t_id_window (open++, and sp if it was the first, or
+ * if the open ones began below it) and
  * calls translating_action, which lowers it once the siginfo is
  * translated, before the program's handler runs (which may never return:
  * siglongjmp). A snapshot treats a thread whose instruction pointer is in
@@ -44,20 +45,36 @@ __asm__(".text\n"
         ".globl appshot_signal_entry_raised\n"
         ".type appshot_signal_entry, @function\n"
         "appshot_signal_entry:\n"
+        /* Unwinders and profilers step through it: no frame of its own,
+         * the return address (sa_restorer) at the top, CFA = rsp + 8. */
+        "  .cfi_startproc\n"
         "  endbr64\n"
+        "  xorl %ecx, %ecx\n"
         "  movq t_id_window@gottpoff(%rip), %rax\n"
         "  cmpl $0, %fs:(%rax)\n"
-        "  jne 1f\n"
+        "  je 2f\n"
+        /* Windows open, begun at or above us: nested (normal). */
+        "  cmpq %rsp, %fs:8(%rax)\n"
+        "  jae 1f\n"
+        /* Begun below us: left by a longjmp, or on another stack. Ours
+         * begins here either way (a snapshot must see the thread inside);
+         * translating_action, given where they began, tells which. */
+        "  movq %fs:8(%rax), %rcx\n"
+        "2:\n"
         "  movq %rsp, %fs:8(%rax)\n"
         "1:\n"
         "  addl $1, %fs:(%rax)\n"
         "appshot_signal_entry_raised:\n"
         "  jmp translating_action\n"
+        "  .cfi_endproc\n"
         ".size appshot_signal_entry, .-appshot_signal_entry\n");
 
-/* Entered from the stub, with the window raised. */
-__attribute__((used)) void translating_action(int sig, siginfo_t *info, void *uc) HIDDEN;
-void translating_action(int sig, siginfo_t *info, void *uc) {
+/* Entered from the stub, with the window raised; `below`: where the open
+ * windows the stub found began, if below the stub's stack pointer. */
+__attribute__((used)) void translating_action(int sig, siginfo_t *info, void *uc,
+                                             uintptr_t below) HIDDEN;
+void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
+  if (UNLIKELY(below)) id_window_raised_above(below);
   action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
   if (info && g_h) {
     int e = errno;

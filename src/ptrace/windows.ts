@@ -82,8 +82,10 @@ export function insideWindow(pid: number, tid: number, windows: Windows): boolea
   const fsBase = regs.readBigUInt64LE(REG.fsBase);
   if (!fsBase) return false;
   // struct appshot_id_window: windows open, and the stack pointer where
-  // the outermost began; a thread above it (on that stack) left it by a
-  // longjmp, and is not inside.
+  // the outermost began; a thread above it left it by a longjmp that
+  // escaped the library's longjmp wrappers (which close what they leave),
+  // and is not inside. (A handler's window on a higher alternate stack
+  // moves that pointer up to itself: addon/preload/preload_jump.c.)
   let open: number;
   let sp: bigint;
   try {
