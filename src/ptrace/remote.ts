@@ -246,10 +246,15 @@ export class RemoteProcess {
    * where each call alone takes two stops); without it, one at a time.
    * Arguments that point into the scratch area must have been put there
    * before (reset() would free them).
+   *
+   * `clones`: the calls are clone(CLONE_THREAD | CLONE_PTRACE) calls of a
+   * restore, whose new threads are traced from their creation and stop
+   * before their first instruction; in a batch (even of one), without
+   * stopping the caller at each (trace_inject_batch_clones).
    */
-  runCalls(calls: BatchCall[], tid = this.pid): bigint[] {
+  runCalls(calls: BatchCall[], tid = this.pid, clones = false): bigint[] {
     const results: bigint[] = [];
-    if (!this.batchCode || calls.length === 1) {
+    if (!this.batchCode || (calls.length === 1 && !clones)) {
       for (const c of calls) {
         const args = c.firstArgOf === undefined ? c.args : [results[c.firstArgOf], ...c.args.slice(1)];
         const r = this.raw(c.nr, args, tid);
@@ -276,7 +281,7 @@ export class RemoteProcess {
       });
       const addr = this.put(table);
       injected.calls++;
-      addon().injectBatch(tid, this.batchCode, addr);
+      addon().injectBatch(tid, this.batchCode, addr, clones);
       const back = addon().readMemory(this.pid, addr, table.length);
       this.used = mark;
       for (let i = 0; i < chunk.length; i++) {

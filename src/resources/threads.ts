@@ -12,7 +12,7 @@ import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type BatchCall, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -114,14 +114,33 @@ const CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000; //
 const RSEQ_FLAG_UNREGISTER = 1;
 const EINTR = 4n;
 
-/** A new thread in the process, made by clone run in its main thread. It
- * is seized by the kernel for us and stops before its first instruction;
- * its registers are set later. Returns its TID. */
-export function createThread(r: RemoteProcess): number {
-  const tid = Number(r.call('creating a thread', SYS.clone, [CLONE_THREAD_FLAGS, 0, 0, 0, 0]));
-  const report = addon().wait(tid, 10_000);
-  if (!report || report.kind !== 'stop') throw new Error(`new thread ${tid} did not stop (${report?.kind ?? 'timeout'})`);
-  return tid;
+const CLONE_PTRACE = 0x2000;
+
+/**
+ * The process's other threads, `count` of them, made by clone run in its
+ * main thread: all in one batch where the process has the batch code (one
+ * stop for all, where each clone alone took three). CLONE_PTRACE has each
+ * traced by us from its creation (with exit-kill: it dies with us), and it
+ * stops before its first instruction, so no thread runs a thing of the
+ * application before its registers are set. Their TIDs are pushed onto
+ * `tids` as they are known: a failure part way leaves the threads made
+ * there, to be killed with the process and their exits reaped.
+ */
+export function createThreads(r: RemoteProcess, count: number, tids: number[]): void {
+  if (!count) return;
+  const clone: BatchCall = { nr: SYS.clone, args: [CLONE_THREAD_FLAGS | CLONE_PTRACE, 0, 0, 0, 0] };
+  const results = r.runCalls(Array.from({ length: count }, () => clone), r.pid, true);
+  const made = results.filter((t) => t > 0n).map(Number);
+  tids.push(...made);
+  for (const tid of made) {
+    const report = addon().wait(tid, 10_000);
+    if (!report || report.kind !== 'stop') throw new Error(`new thread ${tid} did not stop (${report?.kind ?? 'timeout'})`);
+    // Made without PTRACE_O_TRACECLONE (see trace_inject_batch_clones).
+    addon().killOnExit(tid);
+  }
+  const failed = results.find((t) => t < 0n && t > -4096n);
+  if (failed !== undefined) throw new SyscallError('creating a thread', Number(-failed));
+  if (made.length < count) throw new Error(`a batch of clone calls stopped after ${made.length} of ${count}`);
 }
 
 /** Drops the seed's rseq registration: its area is about to be unmapped,

@@ -45,7 +45,7 @@ import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
-import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -704,11 +704,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       r.singleStep = false;
       addon().setSigmask(m.pid, ~0n);
       m.tids = [m.pid];
-      for (let i = 1; i < p.threads.length; i++) {
-        const tid = createThread(r);
-        addon().setSigmask(tid, ~0n);
-        m.tids.push(tid);
-      }
+      // They inherit the main thread's mask: every signal blocked.
+      createThreads(r, p.threads.length - 1, m.tids);
       p.threads.forEach((t, i) => {
         const tid = m.tids[i];
         if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
