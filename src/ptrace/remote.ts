@@ -404,11 +404,20 @@ export interface QueryCall {
  */
 export class CallBatch {
   private readonly calls: { what: string; nr: number; args: (bigint | number)[] }[] = [];
+  /** What the last run() returned. */
+  private results: bigint[] = [];
 
   constructor(
     private readonly r: RemoteProcess,
     private readonly tid: number,
   ) {}
+
+  /** The result of the call `index` (add's answer) of the last run(),
+   * for a caller that added calls to a batch someone else runs. */
+  result(index: number): bigint {
+    if (index >= this.results.length) throw new Error('a result was read before its batch ran');
+    return this.results[index];
+  }
 
   /** Adds a call; returns its index in run()'s results. */
   add(what: string, nr: number, args: (bigint | number)[]): number {
@@ -429,6 +438,7 @@ export class CallBatch {
     if (last >= 0 && results[last] < 0n && results[last] > -4096n) throw new SyscallError(this.calls[last].what, Number(-results[last]));
     if (results.length < this.calls.length) throw new Error(`a batch of system calls stopped after ${results.length} of ${this.calls.length}`);
     this.calls.length = 0;
+    this.results = results;
     return results;
   }
 }

@@ -25,7 +25,7 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { setEnviron } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
-import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
+import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
@@ -706,15 +706,24 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       m.tids = [m.pid];
       // They inherit the main thread's mask: every signal blocked.
       createThreads(r, p.threads.length - 1, m.tids);
+      // Each thread's own state in a stop of its own, but the main
+      // thread's: its calls go in one batch with the attributes' and the
+      // credentials' first questions (one stop where there were three).
+      // Signals queued again after every thread's state (the order in
+      // which the threads' queues are filled is no matter: each is its own).
       p.threads.forEach((t, i) => {
-        const tid = m.tids[i];
-        if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
-        restoreThreadState(r, t, tid, p.glibcTidOffset);
-        requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), tid);
+        if (i === 0) return;
+        addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
+        restoreThreadState(r, t, m.tids[i], p.glibcTidOffset);
       });
+      p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       restoreFdOwners(r, p, handed);
-      for (const note of restoreAttributes(r, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
+      r.reset();
+      const mainCalls = r.batch();
+      restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
+      const seedCreds = askSeedCreds(mainCalls);
+      for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
       restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       restoreRoot(r, p);
@@ -727,7 +736,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Seccomp programs written while the process is surely ours to write.
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
-      credentialCalls += restoreCreds(r, p, m.tids);
+      credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
       r.unmapScratch();
       credentialCalls += restoreSeccomp(r, seccomp);
