@@ -388,6 +388,14 @@ export interface BatchCall {
   firstArgOf?: number;
 }
 
+/** A call named for the message if it fails (CallBatch.add's arguments),
+ * for one kind to hand to a batch another kind runs. */
+export interface NamedCall {
+  what: string;
+  nr: number;
+  args: (bigint | number)[];
+}
+
 /** A question for RemoteProcess.runQueries: 'buf' in `args` is the
  * address of `buffer`, copied in before and read back after. */
 export interface QueryCall {

@@ -23,7 +23,7 @@ import { portTable, type Process, verdictRef, type Vma } from '../image/types.js
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
-import { setEnviron } from '../resources/environ.js';
+import { environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
@@ -37,7 +37,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
-import { requeueSignals, restoreSigactions, retargetSiginfos } from '../resources/signals.js';
+import { holdsSignal, requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
@@ -55,6 +55,7 @@ import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
 const PAGE_SIZE = 4096;
+const SIGTRAP = 5;
 
 export interface RestoreOptions {
   aid?: string;
@@ -684,15 +685,19 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const r = await fillMemory(m);
       // A large copy takes seconds: not to be continued if Ctrl-C came.
       await heardInterrupt();
-      restoreProcessState(r, p, handed.workingDirectory(p));
-      if (opts.instance) setEnviron(r, p, opts.instance.config.env);
-      // From here on a single-step's trap would reset a SIGTRAP handler
-      // the process has, or its ignoring SIGTRAP, to the default (see
-      // RemoteProcess.singleStep): harmless only while its own disposition
-      // is the default. Until the thread's signals are blocked again
-      // below, then, when it is. (Batches stop by SIGSTOP, no trap.)
+      // From the signal handlers on, a single-step's trap would reset a
+      // SIGTRAP handler the process has, or its ignoring SIGTRAP, to the
+      // default (see RemoteProcess.singleStep): harmless only while its
+      // own disposition is the default. Until the thread's signals are
+      // blocked again below, then, when it is. (Batches stop by SIGSTOP,
+      // no trap: this is for calls made one at a time.)
       r.singleStep = trapIsDefault(p);
-      restoreSigactions(r, p.sigactions);
+      // The process-wide state, a clone's environment block and the
+      // signal handlers: one batch, one stop.
+      r.reset();
+      const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...sigactionCalls(r, p.sigactions)]);
+      environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
@@ -738,7 +743,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
+      // Not in a batch: the batch code is in the scratch area. One
+      // single-step (one stop, not two) where its trap can do no harm: a
+      // SIGTRAP of the process's own neither handled (the trap would reset
+      // its disposition) nor pending (the trap would take its place).
+      r.singleStep = trapIsDefault(p) && !holdsSignal(p.threads[0].pending, SIGTRAP) && !holdsSignal(p.sharedPending, SIGTRAP);
       r.unmapScratch();
+      r.singleStep = false;
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
