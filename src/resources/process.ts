@@ -12,7 +12,7 @@ import { dumpLimits } from './limits.js';
 import { type DumpContext, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type BatchCall, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
+import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -61,10 +61,11 @@ function dumpItimers(asked: Answer[]): ITimer[] {
   return out;
 }
 
-/** Interval timers, set last: they start ticking at once. */
-export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
+/** Interval timers, set late (they start ticking at once): added to
+ * `calls`, the last batch of the main thread's before its credentials,
+ * which its caller runs. */
+export function restoreItimers(r: RemoteProcess, timers: ITimer[], calls: CallBatch): void {
   for (const t of timers) {
-    r.reset();
     const tv = Buffer.alloc(32);
     tv.writeBigInt64LE(t.intervalUs / 1000000n, 0);
     tv.writeBigInt64LE(t.intervalUs % 1000000n, 8);
@@ -72,7 +73,7 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
     const value = t.valueUs || 1n;
     tv.writeBigInt64LE(value / 1000000n, 16);
     tv.writeBigInt64LE(value % 1000000n, 24);
-    r.call(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);
+    calls.add(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);
   }
 }
 

@@ -712,8 +712,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // They inherit the main thread's mask: every signal blocked.
       createThreads(r, p.threads.length - 1, m.tids);
       // Each thread's own state in a stop of its own, but the main
-      // thread's: its calls go in one batch with the attributes' and the
-      // credentials' first questions (one stop where there were three).
+      // thread's: its calls go in one batch with the descriptors' owners,
+      // the credentials' first questions, the attributes and the interval
+      // timers (one stop where there were three or more).
       // Signals queued again after every thread's state (the order in
       // which the threads' queues are filled is no matter: each is its own).
       p.threads.forEach((t, i) => {
@@ -723,13 +724,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
-      restoreFdOwners(r, p, handed);
       r.reset();
       const mainCalls = r.batch();
       restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
+      restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
+      restoreItimers(r, p.itimers, mainCalls);
       for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
-      restoreItimers(r, p.itimers);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       restoreRoot(r, p);
       sealMemory(r, p.vmas);
