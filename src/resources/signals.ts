@@ -101,13 +101,6 @@ export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => numbe
   return out;
 }
 
-/** Whether a queue of 128-byte siginfos (Thread.pending,
- * Process.sharedPending) holds signal `sig`. */
-export function holdsSignal(pending: Buffer, sig: number): boolean {
-  for (let at = 0; at + 128 <= pending.length; at += 128) if (pending.readInt32LE(at) === sig) return true;
-  return false;
-}
-
 /** Queues signals again: 128-byte siginfos, for a thread or (tid 0) for the
  * process. Run while every signal is blocked in the thread, so that none is
  * delivered before the thread's registers are its own again. */

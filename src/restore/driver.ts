@@ -37,7 +37,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
-import { holdsSignal, requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
+import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
@@ -55,7 +55,6 @@ import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
 const PAGE_SIZE = 4096;
-const SIGTRAP = 5;
 
 export interface RestoreOptions {
   aid?: string;
@@ -744,13 +743,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
-      // Not in a batch: the batch code is in the scratch area. One
-      // single-step (one stop, not two) where its trap can do no harm: a
-      // SIGTRAP of the process's own neither handled (the trap would reset
-      // its disposition) nor pending (the trap would take its place).
-      r.singleStep = trapIsDefault(p) && !holdsSignal(p.threads[0].pending, SIGTRAP) && !holdsSignal(p.sharedPending, SIGTRAP);
+      // Not in a batch: the batch code is in the scratch area. Nor
+      // single-stepped: the thread would be left in the step's SIGTRAP
+      // stop, and a tracer that dies after the commit lets it go with
+      // that signal, which kills the application.
       r.unmapScratch();
-      r.singleStep = false;
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
