@@ -142,6 +142,8 @@ interface Addon {
   /** exitKill: the tracee dies with us until keepOnExit (restores). */
   seize(tid: number, exitKill?: boolean): void;
   keepOnExit(tid: number): void;
+  /** The options seize(tid, true) sets, set again. */
+  killOnExit(tid: number): void;
   interrupt(tid: number): void;
   cont(tid: number, sig: number): void;
   detach(tid: number, sig: number): void;
@@ -164,8 +166,10 @@ interface Addon {
   inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
   /** The code that runs a batch of system calls inside a thread, and the offset where it stops itself when done. */
   batchCode(): { code: Buffer; stoppedAt: number };
-  /** Runs the batch whose table is at `table`, with that code copied at `code`, in one stop. */
-  injectBatch(tid: number, code: bigint, table: bigint): void;
+  /** Runs the batch whose table is at `table`, with that code copied at `code`, in one stop.
+   * clones: a restore's batch of clone(CLONE_THREAD | CLONE_PTRACE) calls, whose threads
+   * are traced from their creation without a clone event each (trace_inject_batch_clones). */
+  injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean): void;
   /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is

@@ -68,6 +68,11 @@ Napi::Value KeepOnExit(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value KillOnExit(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_kill_on_exit(Tid(info)), "ptrace setoptions " + std::to_string(Tid(info)));
+  return info.Env().Undefined();
+}
+
 Napi::Value Interrupt(const Napi::CallbackInfo& info) {
   Failed(info.Env(), trace_interrupt(Tid(info)), "ptrace interrupt");
   return info.Env().Undefined();
@@ -250,10 +255,14 @@ Napi::Value BatchCode(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// injectBatch(tid, codeAddress, tableAddress): runs the batch in one stop.
+// injectBatch(tid, codeAddress, tableAddress, clones = false): runs the
+// batch in one stop; clones: its clone calls make threads traced without
+// a clone event each (trace_inject_batch_clones).
 Napi::Value InjectBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int rc = trace_inject_batch(Tid(info), U64(info[1]), U64(info[2]));
+  bool clones = info.Length() > 3 && info[3].ToBoolean().Value();
+  int rc = clones ? trace_inject_batch_clones(Tid(info), U64(info[1]), U64(info[2]))
+                  : trace_inject_batch(Tid(info), U64(info[1]), U64(info[2]));
   Failed(env, rc, "running a batch of system calls in thread " + std::to_string(Tid(info)));
   return env.Undefined();
 }
@@ -997,6 +1006,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   };
   fn("seize", Seize);
   fn("keepOnExit", KeepOnExit);
+  fn("killOnExit", KillOnExit);
   fn("interrupt", Interrupt);
   fn("cont", Cont);
   fn("detach", Detach);

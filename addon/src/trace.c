@@ -49,6 +49,10 @@ int trace_keep_on_exit(pid_t tid) {
   return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)(long)SEIZE_OPTIONS) ? fail() : 0;
 }
 
+int trace_kill_on_exit(pid_t tid) {
+  return ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)(long)(SEIZE_OPTIONS | PTRACE_O_EXITKILL)) ? fail() : 0;
+}
+
 int trace_interrupt(pid_t tid) { return ptrace(PTRACE_INTERRUPT, tid, 0, 0) ? fail() : 0; }
 
 int trace_cont(pid_t tid, int sig) {
@@ -538,5 +542,15 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
   if (!rc) rc = rc3;
   trace_rewind(&saved);
   int rc2 = trace_set_regs(tid, &saved);
+  return rc ? rc : rc2;
+}
+
+int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table) {
+  /* Without PTRACE_O_TRACECLONE the kernel makes no clone event, and
+   * CLONE_PTRACE alone has each new thread traced as the caller is. */
+  long quiet = (SEIZE_OPTIONS & ~PTRACE_O_TRACECLONE) | PTRACE_O_EXITKILL;
+  if (ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)quiet)) return fail();
+  int rc = trace_inject_batch(tid, code, table);
+  int rc2 = trace_kill_on_exit(tid);
   return rc ? rc : rc2;
 }

@@ -39,6 +39,9 @@ int trace_seize(pid_t tid, int exit_kill);
 /* Turns exit-kill off once the restore is committed: from then on our
  * death detaches the tracee, which runs on. */
 int trace_keep_on_exit(pid_t tid);
+/* The options trace_seize(tid, 1) sets, set again (a thread made by
+ * trace_inject_batch_clones lacks PTRACE_O_TRACECLONE). */
+int trace_kill_on_exit(pid_t tid);
 int trace_interrupt(pid_t tid);
 /* Waits for one report from any tracee, or from `tid` if > 0, for at most
  * timeout_ms (0: do not wait). */
@@ -111,6 +114,18 @@ const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at);
  * copied at `code`, in one stop; the results are in the table. The
  * thread's registers and signal mask are as they were after. */
 int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table);
+
+/* The same for a batch of clone(CLONE_THREAD | CLONE_PTRACE) calls run in
+ * a restore's thread (seized with exit-kill, seccomp not suspended): for
+ * the batch, the thread's PTRACE_O_TRACECLONE is off, so that a clone
+ * does not stop it with PTRACE_EVENT_CLONE. Each new thread is traced
+ * nonetheless, by CLONE_PTRACE: from its creation, with the thread's
+ * options (exit-kill too), and it stops before its first instruction, as
+ * a thread seized by PTRACE_O_TRACECLONE does (trace_wait reports it). The
+ * whole batch takes one stop, where each clone alone took three. The
+ * thread's options are as before after; the new threads' are set by
+ * trace_kill_on_exit. */
+int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table);
 
 /* A thread interrupted inside a system call holds -ERESTART* in rax; these
  * registers, set before it resumes, make it issue the call again as the

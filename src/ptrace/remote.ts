@@ -252,10 +252,15 @@ export class RemoteProcess {
    * where each call alone takes two stops); without it, one at a time.
    * Arguments that point into the scratch area must have been put there
    * before (reset() would free them).
+   *
+   * `clones`: the calls are clone(CLONE_THREAD | CLONE_PTRACE) calls of a
+   * restore, whose new threads are traced from their creation and stop
+   * before their first instruction; in a batch (even of one), without
+   * stopping the caller at each (trace_inject_batch_clones).
    */
-  runCalls(calls: BatchCall[], tid = this.pid): bigint[] {
+  runCalls(calls: BatchCall[], tid = this.pid, clones = false): bigint[] {
     const results: bigint[] = [];
-    if (!this.batchCode || calls.length === 1) {
+    if (!this.batchCode || (calls.length === 1 && !clones)) {
       for (const c of calls) {
         const args = c.firstArgOf === undefined ? c.args : [results[c.firstArgOf], ...c.args.slice(1)];
         const r = this.raw(c.nr, args, tid);
@@ -282,7 +287,7 @@ export class RemoteProcess {
       });
       const addr = this.put(table);
       injected.calls++;
-      addon().injectBatch(tid, this.batchCode, addr);
+      addon().injectBatch(tid, this.batchCode, addr, clones);
       const back = addon().readMemory(this.pid, addr, table.length);
       this.used = mark;
       for (let i = 0; i < chunk.length; i++) {
@@ -389,6 +394,14 @@ export interface BatchCall {
   firstArgOf?: number;
 }
 
+/** A call named for the message if it fails (CallBatch.add's arguments),
+ * for one kind to hand to a batch another kind runs. */
+export interface NamedCall {
+  what: string;
+  nr: number;
+  args: (bigint | number)[];
+}
+
 /** A question for RemoteProcess.runQueries: 'buf' in `args` is the
  * address of `buffer`, copied in before and read back after. */
 export interface QueryCall {
@@ -405,11 +418,20 @@ export interface QueryCall {
  */
 export class CallBatch {
   private readonly calls: { what: string; nr: number; args: (bigint | number)[] }[] = [];
+  /** What the last run() returned. */
+  private results: bigint[] = [];
 
   constructor(
     private readonly r: RemoteProcess,
     private readonly tid: number,
   ) {}
+
+  /** The result of the call `index` (add's answer) of the last run(),
+   * for a caller that added calls to a batch someone else runs. */
+  result(index: number): bigint {
+    if (index >= this.results.length) throw new Error('a result was read before its batch ran');
+    return this.results[index];
+  }
 
   /** Adds a call; returns its index in run()'s results. */
   add(what: string, nr: number, args: (bigint | number)[]): number {
@@ -430,6 +452,7 @@ export class CallBatch {
     if (last >= 0 && results[last] < 0n && results[last] > -4096n) throw new SyscallError(this.calls[last].what, Number(-results[last]));
     if (results.length < this.calls.length) throw new Error(`a batch of system calls stopped after ${results.length} of ${this.calls.length}`);
     this.calls.length = 0;
+    this.results = results;
     return results;
   }
 }

@@ -18,7 +18,7 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -226,9 +226,12 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timer
 
 /* ---- restore ---------------------------------------------------------- */
 
-/** `tids[i]`: the restored TID of p.threads[i]. Returns what could not be
- * carried and is not worth failing the restore for (the caller says so). */
-export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]): string[] {
+/** `tids[i]`: the restored TID of p.threads[i]. `calls`: a batch of the
+ * main thread's with calls of other kinds in it already, which these join
+ * and which is run here (one stop for all); its scratch memory is kept.
+ * Returns what could not be carried and is not worth failing the restore
+ * for (the caller says so). */
+export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], calls: CallBatch = (r.reset(), r.batch())): string[] {
   const notKept: string[] = [];
   const a = p.attributes;
   if (a) {
@@ -257,8 +260,6 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[]):
     if (note) notKept.push(note);
   }
   // One batch (remote.ts): each call names the thread it acts on.
-  r.reset();
-  const calls = r.batch();
   for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
     if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, SYS.membarrier, [cmd, 0, 0]);
   if (a?.childSubreaper) calls.add('becoming a child subreaper', SYS.prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0]);
@@ -322,7 +323,7 @@ function seedSlack(pid: number): bigint | undefined {
 function restoreLoginuid(r: RemoteProcess, loginuid: number): string | undefined {
   const now = Number(readFileSync(`/proc/${r.pid}/loginuid`, 'utf8'));
   if (now === loginuid) return undefined;
-  r.reset();
+  // No reset: a batch of the caller's may hold scratch memory already.
   const text = String(loginuid);
   const results = r.runCalls([
     { nr: NR_open, args: [r.str('/proc/self/loginuid'), O_WRONLY | O_CLOEXEC, 0] },

@@ -29,7 +29,7 @@ import { readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type CallQueue } from '../ptrace/queries.js';
@@ -327,7 +327,21 @@ function capsetData(c: Pick<Creds, 'capEff' | 'capPrm' | 'capInh'>): Buffer {
  * Returns how many calls it injected (each ~16 µs): most are skipped where
  * the seed has the value already.
  */
-export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): number {
+/** What restoreCreds needs of the seed first, asked in a batch of the main
+ * thread's run earlier (with other kinds' calls: no stop of its own): its
+ * securebits, which its threads share, and its dumpable flag. Neither
+ * changes until restoreCreds changes credentials. */
+export interface SeedCredsAsked {
+  securebits: number;
+  dumpable: number;
+}
+export function askSeedCreds(calls: CallBatch): () => SeedCredsAsked {
+  const securebits = calls.add('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]);
+  const dumpable = calls.add('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE]);
+  return () => ({ securebits: Number(calls.result(securebits)), dumpable: Number(calls.result(dumpable)) });
+}
+
+export function restoreCreds(r: RemoteProcess, p: Process, tids: number[], asked?: SeedCredsAsked): number {
   const calls = { n: 0 };
   // Whether a call changed the thread's credentials since its status was
   // last read: /proc's word is read again only then (reading it costs
@@ -363,12 +377,15 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[]): numb
     };
   });
   // The seed's securebits, which its threads share, and its dumpable
-  // flag: asked once, in one stop.
-  calls.n++;
-  const asking = r.batch();
-  asking.add('reading securebits', SYS.prctl, [PR.GET_SECUREBITS]);
-  asking.add('reading dumpable', SYS.prctl, [PR.GET_DUMPABLE]);
-  const [seedBits, seedDumpable] = asking.run().map(Number);
+  // flag: asked once, in one stop, unless asked already.
+  if (!asked) {
+    calls.n++;
+    const asking = r.batch();
+    const answers = askSeedCreds(asking);
+    asking.run();
+    asked = answers();
+  }
+  const { securebits: seedBits, dumpable: seedDumpable } = asked;
   wanted.forEach(({ creds: want }, i) => {
     const tid = tids[i];
     const buf = buffers[i];

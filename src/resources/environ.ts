@@ -10,7 +10,7 @@ import { AppshotError } from '../errors.js';
 import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const LIBC = /\/libc(\.so\.6|-[\d.]+\.so)$/;
 const MAX_VARS = 1 << 16;
@@ -110,27 +110,35 @@ export function withValues(env: string[], set: string[]): string[] {
 }
 
 /** Gives the stopped, restored process `r` the environment `env` with the
- * values of `set` (SET ENV), as getenv() and its children will see it. */
-export function setEnviron(r: RemoteProcess, p: Process, set: string[]): void {
-  if (!set.length) return;
+ * values of `set` (SET ENV), as getenv() and its children will see it: a
+ * block mapped for it by `call`, which the caller runs in a batch of its
+ * own, then `fill` with that call's result (the block's address), which
+ * writes it and points the process's environ at it. Undefined if there
+ * is nothing to set. */
+export function environBlock(r: RemoteProcess, p: Process, set: string[]): { call: NamedCall; fill(base: bigint): void } | undefined {
+  if (!set.length) return undefined;
   const at = environAddress(p);
-  if (at === undefined) return;
+  if (at === undefined) return undefined;
   const env = withValues(environOf(p, () => readEnviron(r.pid, at)), set);
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
   const arrayBytes = (env.length + 1) * 8;
   const size = arrayBytes + strings.reduce((n, b) => n + b.length, 0);
   const PROT_RW = 3;
   const MAP_PRIVATE_ANON = 0x02 | 0x20;
-  const base = r.call('mapping the environment', SYS.mmap, [0, (size + 4095) & ~4095, PROT_RW, MAP_PRIVATE_ANON, -1, 0]);
-  const block = Buffer.alloc(size);
-  let off = arrayBytes;
-  strings.forEach((s, i) => {
-    block.writeBigUInt64LE(base + BigInt(off), i * 8);
-    s.copy(block, off);
-    off += s.length;
-  });
-  addon().writeMemory(r.pid, base, block);
-  const pointer = Buffer.alloc(8);
-  pointer.writeBigUInt64LE(base);
-  addon().writeMemory(r.pid, at, pointer);
+  return {
+    call: { what: 'mapping the environment', nr: SYS.mmap, args: [0, (size + 4095) & ~4095, PROT_RW, MAP_PRIVATE_ANON, -1, 0] },
+    fill(base: bigint): void {
+      const block = Buffer.alloc(size);
+      let off = arrayBytes;
+      strings.forEach((s, i) => {
+        block.writeBigUInt64LE(base + BigInt(off), i * 8);
+        s.copy(block, off);
+        off += s.length;
+      });
+      addon().writeMemory(r.pid, base, block);
+      const pointer = Buffer.alloc(8);
+      pointer.writeBigUInt64LE(base);
+      addon().writeMemory(r.pid, at, pointer);
+    },
+  };
 }

@@ -23,7 +23,7 @@ import type { Fd, FdOwner, Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { NR } from '../ptrace/inject.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 
 const O_ASYNC = 0o20000;
@@ -55,14 +55,14 @@ export function dumpFdOwners(ctx: DumpContext, fds: Fd[], calls: CallQueue, what
   }
 }
 
-/** Sets each O_ASYNC descriptor's owner and signal again, in one batch;
- * after the process's threads are made (an owner may be one of them). */
-export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext): void {
+/** Sets each O_ASYNC descriptor's owner and signal again; after the
+ * process's threads are made (an owner may be one of them). The calls are
+ * added to `calls`, a batch of the main thread's that its caller runs
+ * (with other kinds' calls: one stop for all). */
+export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext, calls: CallBatch): void {
   const owned = p.fds.filter((fd): fd is Fd & { owner: FdOwner } => fd.owner !== undefined && (fd.flags & O_ASYNC) !== 0);
   if (!owned.length) return;
   const pids = addon().readTables(h.tablesPath).tables.pid ?? [];
-  r.reset();
-  const calls = r.batch();
   for (const fd of owned) {
     const where = `process ${p.vpid} fd ${fd.fd}`;
     calls.add(`${where}: clearing O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags & ~O_ASYNC]);
@@ -77,5 +77,4 @@ export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext)
     }
     if (fd.owner.signal) calls.add(`${where}: setting its O_ASYNC signal ${fd.owner.signal}`, SYS.fcntl, [fd.fd, F_SETSIG, fd.owner.signal]);
   }
-  calls.run();
 }

@@ -47,7 +47,7 @@ export function cloneIdentity(image: Image, rules: RulesFile | undefined): Ident
 
 /** `env` (evaluated SET ENV) with the clone's identity variables, which no
  * rule may set otherwise: getenv() in the running processes sees them
- * (setEnviron) and every exec inherits them (the tables' instance section). */
+ * (environBlock) and every exec inherits them (the tables' instance section). */
 export function withIdentityEnv(env: string[], identity: Identity): string[] {
   const ours = (e: string) => e.startsWith(`${GENERATION_VAR}=`) || e.startsWith(`${INSTANCE_VAR}=`);
   return [...env.filter((e) => !ours(e)), `${GENERATION_VAR}=${identity.generation}`, `${INSTANCE_VAR}=${identity.id}`];

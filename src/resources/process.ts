@@ -12,7 +12,7 @@ import { dumpLimits } from './limits.js';
 import { type DumpContext, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type BatchCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
+import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -61,10 +61,11 @@ function dumpItimers(asked: Answer[]): ITimer[] {
   return out;
 }
 
-/** Interval timers, set last: they start ticking at once. */
-export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
+/** Interval timers, set late (they start ticking at once): added to
+ * `calls`, the last batch of the main thread's before its credentials,
+ * which its caller runs. */
+export function restoreItimers(r: RemoteProcess, timers: ITimer[], calls: CallBatch): void {
   for (const t of timers) {
-    r.reset();
     const tv = Buffer.alloc(32);
     tv.writeBigInt64LE(t.intervalUs / 1000000n, 0);
     tv.writeBigInt64LE(t.intervalUs % 1000000n, 8);
@@ -72,7 +73,7 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[]): void {
     const value = t.valueUs || 1n;
     tv.writeBigInt64LE(value / 1000000n, 16);
     tv.writeBigInt64LE(value % 1000000n, 24);
-    r.call(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);
+    calls.add(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);
   }
 }
 
@@ -165,11 +166,13 @@ const PR_SET_MM_MAP = 14;
 const O_CLOEXEC = 0o2000000;
 
 /** The process-wide state: mm fields (brk, arg/env, auxv and, where
- * allowed, the executable), cwd and umask. */
-/** `cwd`: where the process's working directory is for this instance (a
- * clone's redirected or private directory), by default the image's. */
-export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): void {
-  r.reset();
+ * allowed, the executable), cwd and umask. `cwd`: where the process's
+ * working directory is for this instance (a clone's redirected or private
+ * directory), by default the image's. `more`: other kinds' calls for the
+ * main thread, run after these in the same stop; their results are
+ * returned. Scratch memory is the caller's to reset first (`more`'s
+ * arguments may be there already). */
+export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => {
@@ -184,6 +187,7 @@ export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): 
   const tail: { what: string; nr: number; args: (bigint | number)[] }[] = [
     { what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] },
     { what: 'setting umask', nr: SYS.umask, args: [p.umask] },
+    ...more,
   ];
   // All in one stop: the executable is opened and moved to descriptor
   // EXE_FD, so that the PR_SET_MM_MAP record, written ahead, can name it.
@@ -202,7 +206,7 @@ export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): 
   const results = r.runCalls(calls);
   const last = results.length - 1;
   const failed = results[last] < 0n && results[last] > -4096n;
-  if (!failed && results.length === calls.length) return;
+  if (!failed && results.length === calls.length) return results.slice(calls.length - more.length);
   if (last >= calls.length - tail.length) {
     if (failed) throw new SyscallError(tail[last - (calls.length - tail.length)].what, Number(-results[last]));
     throw new Error(`a batch of system calls stopped after ${results.length} of ${calls.length}`);
@@ -217,5 +221,5 @@ export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd): 
   const again = r.batch();
   again.add('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0]);
   for (const c of tail) again.add(c.what, c.nr, c.args);
-  again.run();
+  return again.run().slice(1 + tail.length - more.length);
 }

@@ -8,7 +8,7 @@ import { addon } from '../native.js';
 import type { SigAction } from '../image/types.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
 
 const SIGKILL = 9;
 const SYS_tgkill = 234;
@@ -55,21 +55,22 @@ export function dumpSharedPending(tid: number): Buffer {
 
 /* ---- restore ---------------------------------------------------------- */
 
-/** Every disposition as in the image; the seed's own (it ignores SIGPIPE,
- * as init does) go back to the default. */
-export function restoreSigactions(r: RemoteProcess, actions: SigAction[]): void {
+/** The calls that make every disposition as in the image; the seed's own
+ * (it ignores SIGPIPE, as init does) go back to the default. Their
+ * arguments are put in scratch memory: for the caller to run, in a batch
+ * with other calls, before it resets it. */
+export function sigactionCalls(r: RemoteProcess, actions: SigAction[]): NamedCall[] {
   const bySignal = new Map(actions.map((a) => [a.signal, a]));
   const seedOwn = nonDefault(r.pid);
-  r.reset();
-  const calls = r.batch();
+  const calls: NamedCall[] = [];
   for (let sig = 1; sig <= NSIG; sig++) {
     if (sig === SIGKILL || sig === SIGSTOP) continue;
     const a = bySignal.get(sig);
     if (!a && !(seedOwn & (1n << BigInt(sig - 1)))) continue;
     const act = r.put(r.u64s(a ? [a.handler, a.flags, a.restorer, a.mask] : [0n, 0n, 0n, 0n]));
-    calls.add(`restoring the handler of signal ${sig}`, SYS.rt_sigaction, [sig, act, 0, 8]);
+    calls.push({ what: `restoring the handler of signal ${sig}`, nr: SYS.rt_sigaction, args: [sig, act, 0, 8] });
   }
-  calls.run();
+  return calls;
 }
 
 const SIGCHLD = 17;

@@ -12,7 +12,7 @@ import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -114,14 +114,33 @@ const CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000; //
 const RSEQ_FLAG_UNREGISTER = 1;
 const EINTR = 4n;
 
-/** A new thread in the process, made by clone run in its main thread. It
- * is seized by the kernel for us and stops before its first instruction;
- * its registers are set later. Returns its TID. */
-export function createThread(r: RemoteProcess): number {
-  const tid = Number(r.call('creating a thread', SYS.clone, [CLONE_THREAD_FLAGS, 0, 0, 0, 0]));
-  const report = addon().wait(tid, 10_000);
-  if (!report || report.kind !== 'stop') throw new Error(`new thread ${tid} did not stop (${report?.kind ?? 'timeout'})`);
-  return tid;
+const CLONE_PTRACE = 0x2000;
+
+/**
+ * The process's other threads, `count` of them, made by clone run in its
+ * main thread: all in one batch where the process has the batch code (one
+ * stop for all, where each clone alone took three). CLONE_PTRACE has each
+ * traced by us from its creation (with exit-kill: it dies with us), and it
+ * stops before its first instruction, so no thread runs a thing of the
+ * application before its registers are set. Their TIDs are pushed onto
+ * `tids` as they are known: a failure part way leaves the threads made
+ * there, to be killed with the process and their exits reaped.
+ */
+export function createThreads(r: RemoteProcess, count: number, tids: number[]): void {
+  if (!count) return;
+  const clone: BatchCall = { nr: SYS.clone, args: [CLONE_THREAD_FLAGS | CLONE_PTRACE, 0, 0, 0, 0] };
+  const results = r.runCalls(Array.from({ length: count }, () => clone), r.pid, true);
+  const made = results.filter((t) => t > 0n).map(Number);
+  tids.push(...made);
+  for (const tid of made) {
+    const report = addon().wait(tid, 10_000);
+    if (!report || report.kind !== 'stop') throw new Error(`new thread ${tid} did not stop (${report?.kind ?? 'timeout'})`);
+    // Made without PTRACE_O_TRACECLONE (see trace_inject_batch_clones).
+    addon().killOnExit(tid);
+  }
+  const failed = results.find((t) => t < 0n && t > -4096n);
+  if (failed !== undefined) throw new SyscallError('creating a thread', Number(-failed));
+  if (made.length < count) throw new Error(`a batch of clone calls stopped after ${made.length} of ${count}`);
 }
 
 /** Drops the seed's rseq registration: its area is about to be unmapped,
@@ -183,27 +202,14 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
 }
 
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
- * stack, name, FPU state, and glibc's cached TID made true again. */
-export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number): void {
-  // Each acts on the calling thread: one batch run in that thread.
-  r.reset();
-  const calls = r.batch(tid);
-  if (t.tidAddress) calls.add('set_tid_address', SYS.set_tid_address, [t.tidAddress]);
-  if (t.robustList) calls.add('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen]);
-  if (t.rseq) calls.add('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature]);
-  if (t.altstack) {
-    const ss = Buffer.alloc(24);
-    ss.writeBigUInt64LE(t.altstack.sp, 0);
-    ss.writeInt32LE(t.altstack.flags & ~1 /* SS_ONSTACK is a state, not a setting */, 8);
-    ss.writeBigUInt64LE(t.altstack.size, 16);
-    if (t.altstack.flags & 2 /* SS_DISABLE */) ss.writeInt32LE(2, 8);
-    calls.add('sigaltstack', SYS.sigaltstack, [r.put(ss), 0]);
-  }
-  if (t.comm) {
-    const PR_SET_NAME = 15;
-    calls.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
-  }
-  calls.run();
+ * stack, name, FPU state, and glibc's cached TID made true again. Each
+ * call acts on the calling thread: one batch run in that thread, or, with
+ * `calls` (a batch of that thread's, the main thread's, that goes on with
+ * other kinds' calls), added to it for its caller to run, with scratch
+ * memory not reset until it has. */
+export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, calls?: CallBatch): void {
+  // Neither is touched by the batch code, which uses no FPU and writes no
+  // memory of the thread's: set from here, before it runs.
   addon().setXstate(tid, t.xstate);
   const fsBase = t.regs.readBigUInt64LE(REG.fsBase);
   if (glibcTidOffset && fsBase) {
@@ -211,4 +217,22 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     b.writeInt32LE(tid);
     addon().writeMemory(r.pid, fsBase + BigInt(glibcTidOffset), b);
   }
+  if (!calls) r.reset();
+  const batch = calls ?? r.batch(tid);
+  if (t.tidAddress) batch.add('set_tid_address', SYS.set_tid_address, [t.tidAddress]);
+  if (t.robustList) batch.add('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen]);
+  if (t.rseq) batch.add('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature]);
+  if (t.altstack) {
+    const ss = Buffer.alloc(24);
+    ss.writeBigUInt64LE(t.altstack.sp, 0);
+    ss.writeInt32LE(t.altstack.flags & ~1 /* SS_ONSTACK is a state, not a setting */, 8);
+    ss.writeBigUInt64LE(t.altstack.size, 16);
+    if (t.altstack.flags & 2 /* SS_DISABLE */) ss.writeInt32LE(2, 8);
+    batch.add('sigaltstack', SYS.sigaltstack, [r.put(ss), 0]);
+  }
+  if (t.comm) {
+    const PR_SET_NAME = 15;
+    batch.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
+  }
+  if (!calls) batch.run();
 }

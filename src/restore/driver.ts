@@ -23,9 +23,9 @@ import { portTable, type Process, verdictRef, type Vma } from '../image/types.js
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
-import { setEnviron } from '../resources/environ.js';
+import { environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
-import { checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
+import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored } from '../resources/jobcontrol.js';
@@ -37,7 +37,7 @@ import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
-import { requeueSignals, restoreSigactions, retargetSiginfos } from '../resources/signals.js';
+import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
@@ -45,7 +45,7 @@ import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
-import { createThread, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -684,15 +684,19 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const r = await fillMemory(m);
       // A large copy takes seconds: not to be continued if Ctrl-C came.
       await heardInterrupt();
-      restoreProcessState(r, p, handed.workingDirectory(p));
-      if (opts.instance) setEnviron(r, p, opts.instance.config.env);
-      // From here on a single-step's trap would reset a SIGTRAP handler
-      // the process has, or its ignoring SIGTRAP, to the default (see
-      // RemoteProcess.singleStep): harmless only while its own disposition
-      // is the default. Until the thread's signals are blocked again
-      // below, then, when it is. (Batches stop by SIGSTOP, no trap.)
+      // From the signal handlers on, a single-step's trap would reset a
+      // SIGTRAP handler the process has, or its ignoring SIGTRAP, to the
+      // default (see RemoteProcess.singleStep): harmless only while its
+      // own disposition is the default. Until the thread's signals are
+      // blocked again below, then, when it is. (Batches stop by SIGSTOP,
+      // no trap: this is for calls made one at a time.)
       r.singleStep = trapIsDefault(p);
-      restoreSigactions(r, p.sigactions);
+      // The process-wide state, a clone's environment block and the
+      // signal handlers: one batch, one stop.
+      r.reset();
+      const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...sigactionCalls(r, p.sigactions)]);
+      environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
@@ -704,21 +708,28 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       r.singleStep = false;
       addon().setSigmask(m.pid, ~0n);
       m.tids = [m.pid];
-      for (let i = 1; i < p.threads.length; i++) {
-        const tid = createThread(r);
-        addon().setSigmask(tid, ~0n);
-        m.tids.push(tid);
-      }
+      // They inherit the main thread's mask: every signal blocked.
+      createThreads(r, p.threads.length - 1, m.tids);
+      // Each thread's own state in a stop of its own, but the main
+      // thread's: its calls go in one batch with the descriptors' owners,
+      // the credentials' first questions, the attributes and the interval
+      // timers (one stop where there were three or more).
+      // Signals queued again after every thread's state (the order in
+      // which the threads' queues are filled is no matter: each is its own).
       p.threads.forEach((t, i) => {
-        const tid = m.tids[i];
-        if (i > 0) addon().bind(tables, 'pid', t.vtid, tid, THREAD_FLAG, m.pid);
-        restoreThreadState(r, t, tid, p.glibcTidOffset);
-        requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), tid);
+        if (i === 0) return;
+        addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
+        restoreThreadState(r, t, m.tids[i], p.glibcTidOffset);
       });
+      p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
-      restoreFdOwners(r, p, handed);
-      for (const note of restoreAttributes(r, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
-      restoreItimers(r, p.itimers);
+      r.reset();
+      const mainCalls = r.batch();
+      restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
+      restoreFdOwners(r, p, handed, mainCalls);
+      const seedCreds = askSeedCreds(mainCalls);
+      restoreItimers(r, p.itimers, mainCalls);
+      for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
       restoreRoot(r, p);
       sealMemory(r, p.vmas);
@@ -730,8 +741,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Seccomp programs written while the process is surely ours to write.
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
-      credentialCalls += restoreCreds(r, p, m.tids);
+      credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
+      // Not in a batch: the batch code is in the scratch area. Nor
+      // single-stepped: the thread would be left in the step's SIGTRAP
+      // stop, and a tracer that dies after the commit lets it go with
+      // that signal, which kills the application.
       r.unmapScratch();
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
