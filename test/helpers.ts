@@ -339,3 +339,14 @@ export async function templfixTemplate(sb: Sandbox, world: TemplfixWorld, aid: s
   const t = sb.run(['template', 'create', snapshot, '-o', template]);
   if (t.code !== 0) throw new Error(`template create failed: ${t.stderr}`);
 }
+
+/** Runs test/fixtures/sharedlisten (a server on `port`) as `aid`, waits
+ * for it to listen and snapshots it to `image` (which ends it): what a
+ * serve test restores on demand. */
+export async function snapshotListener(sb: Sandbox, aid: string, port: number, image: string): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('sharedlisten'), String(port)]);
+  if (r.code !== 0) throw new Error(`run ${aid}: ${r.stderr}`);
+  await waitFor(() => sb.log(aid).includes('LISTENING'), 10_000, `${aid} to listen`);
+  const snap = sb.run(['snapshot', aid, '-o', image]);
+  if (snap.code !== 0) throw new Error(`snapshot ${aid}: ${snap.stderr}`);
+}

@@ -26,7 +26,7 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, fixture, type Running, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { alive, fixture, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-hold-'));
@@ -119,12 +119,8 @@ function vpids(aid: string): Map<number, number> {
 
 describe('appshot serve: bounded holding, an instance that dies', () => {
   beforeAll(async () => {
-    const r = sb.run(['run', '-d', '--aid', 'tpl', '--', fixture('sharedlisten'), String(APP)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => sb.log('tpl').includes('LISTENING'), 10_000, 'the server to listen');
     const image = join(out, 'shared.img');
-    const snap = sb.run(['snapshot', 'tpl', '-o', image]);
-    expect(snap.code, snap.stderr).toBe(0);
+    await snapshotListener(sb, 'tpl', APP, image);
     const add = sb.run(['service', 'add', 'hold', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '0', '--max-held', String(MAX_HELD)]);
     expect(add.code, add.stderr).toBe(0);
     expect(show()).toMatchObject({ state: 'suspended', maxHeld: MAX_HELD });
@@ -247,12 +243,8 @@ const openFiles = (pid: number) =>
 
 describe('appshot serve: a preloaded image', () => {
   it('holds its page file open from the preload on, and reads the image afresh if the path was replaced meanwhile', async () => {
-    const r = sb.run(['run', '-d', '--aid', 'tpl2', '--', fixture('sharedlisten'), String(APP2)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => sb.log('tpl2').includes('LISTENING'), 10_000, 'the server to listen');
     const image = join(out, 'pre.img');
-    const snap = sb.run(['snapshot', 'tpl2', '-o', image]);
-    expect(snap.code, snap.stderr).toBe(0);
+    await snapshotListener(sb, 'tpl2', APP2, image);
     const config = join(out, 'pre.json');
     writeFileSync(config, JSON.stringify({ services: [{ name: 'pre', from: image, ports: [`127.0.0.1:${PUBLIC2}:${APP2}`], idle: '1s' }] }));
     // The restore's phases on stderr (whether it used the preload).

@@ -15,7 +15,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, fixture, type Running, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { alive, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-standby-'));
@@ -83,12 +83,8 @@ const events = (s: Running) =>
 
 describe('appshot serve: standby supervisors', () => {
   beforeAll(async () => {
-    const r = sb.run(['run', '-d', '--aid', 'tpl', '--', fixture('sharedlisten'), String(APP)]);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => sb.log('tpl').includes('LISTENING'), 10_000, 'the server to listen');
     const image = join(out, 'shared.img');
-    const snap = sb.run(['snapshot', 'tpl', '-o', image]);
-    expect(snap.code, snap.stderr).toBe(0);
+    await snapshotListener(sb, 'tpl', APP, image);
     const add = sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '500ms']);
     expect(add.code, add.stderr).toBe(0);
   });
