@@ -103,7 +103,7 @@ describe('appshot serve: standby supervisors', () => {
     expect(initOf('db')).toBe(waiting);
     const vpids = sb.json<{ aid: string; processes: { vpid: number; pid: number }[] }[]>(['ps']).find((a) => a.aid === 'db')!.processes;
     expect(vpids.find((p) => p.vpid === 2)?.pid).toBe(seed);
-    await waitFor(() => events(serve!).some((e) => e.event === 'restore'), 5000, 'the restore to be logged');
+    await waitFor(() => events(serve!).some((e) => e.event === 'restore'), 30_000, 'the restore to be logged');
     expect(events(serve).find((e) => e.event === 'restore')).toMatchObject({ standby: true });
 
     // Idle: suspended, and a standby is kept again for the next resume,
@@ -124,7 +124,7 @@ describe('appshot serve: standby supervisors', () => {
     // Gone (and waited for by serve before it left: not even a zombie
     // handed to another parent).
     expect(doomed.filter((p) => alive(p) && isStandbyProcess(p))).toEqual([]);
-    await waitFor(() => doomed.every((p) => !alive(p)), 5000, 'the seed to die with its standby');
+    await waitFor(() => doomed.every((p) => !alive(p)), 30_000, 'the seed to die with its standby');
     expect(events(serve).filter((e) => e.event === 'restore').map((e) => e.standby)).toEqual([true, true]);
   });
 
@@ -132,7 +132,7 @@ describe('appshot serve: standby supervisors', () => {
     const plain = sb.start(['serve'], { APPSHOT_STANDBYS: '0' });
     await plain.line(/^ready$/);
     expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
-    await waitFor(() => events(plain).some((e) => e.event === 'restore'), 5000, 'the restore to be logged');
+    await waitFor(() => events(plain).some((e) => e.event === 'restore'), 30_000, 'the restore to be logged');
     expect(events(plain).find((e) => e.event === 'restore')).toMatchObject({ standby: false });
     expect(children(plain.child.pid!).filter(isStandbyProcess).filter((p) => p !== initOf('db'))).toEqual([]);
     await waitFor(() => state().state === 'suspended', 15_000, 'the service to be suspended');
