@@ -92,15 +92,15 @@ export class Freezer {
   /** Threads not seized because they cannot stop now (a vfork parent). */
   private readonly unseizable = new Map<number, number>();
 
+  /** The last attempt found a thread stopped by job control inside a
+   * translation window: final, not retried. */
+  private stoppedInWindow = false;
+
   /**
    * @param roots   the application's processes as its tables know them
    * @param initPid the application's init: never stopped, but its children
    *                are the application's too
    */
-  /** The last attempt found a thread stopped by job control inside a
-   * translation window: final, not retried. */
-  private stoppedInWindow = false;
-
   constructor(
     private readonly roots: number[],
     private readonly initPid: number,
@@ -282,8 +282,7 @@ export class Freezer {
       unstopped.push(...[...this.threads.values()].filter((t) => !t.stopped));
       if (unstopped.length) {
         const t = unstopped[0];
-        const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
-        return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) did not stop: ${describeUnstopped(t.pid, t.tid)}`;
+        return `${this.nameOf(t)} did not stop: ${describeUnstopped(t.pid, t.tid)}`;
       }
       // Everything is stopped; a last look for tasks created just before.
       if (this.discover() === 0) {
@@ -294,15 +293,20 @@ export class Freezer {
         const stuck = inside.find((t) => t.groupStop);
         this.stoppedInWindow = !!stuck;
         if (stuck || Date.now() >= until) {
-          const t = stuck ?? inside[0];
-          const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
-          return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'}) stayed inside a translation of process ids (a wrapper of the preload library)${stuck ? ', stopped there by job control' : ''}`;
+          return `${this.nameOf(stuck ?? inside[0])} stayed inside a translation of process ids (a wrapper of the preload library)${stuck ? ', stopped there by job control' : ''}`;
         }
         this.runOn(inside, windowRounds++);
         continue;
       }
       if (Date.now() >= until) return 'the application kept creating processes';
     }
+  }
+
+  /** "process V thread T (comm)", by virtual ids where the tables have
+   * them: how messages name a thread. */
+  private nameOf(t: FrozenThread): string {
+    const thread = t.tid !== t.pid ? ` thread ${this.vpidOf(t.tid) || `(system TID ${t.tid})`}` : '';
+    return `process ${this.vpidOf(t.pid) || `(system PID ${t.pid})`}${thread} (${readStat(t.tid)?.comm ?? '?'})`;
   }
 
   /** Where each process keeps its windows (windows.ts), read once per
