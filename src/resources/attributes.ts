@@ -234,31 +234,14 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timer
 export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], calls: CallBatch = (r.reset(), r.batch())): string[] {
   const notKept: string[] = [];
   const a = p.attributes;
-  if (a) {
-    const path = `/proc/${r.pid}/oom_score_adj`;
-    if (Number(readFileSync(path, 'utf8')) !== a.oomScoreAdj) {
-      try {
-        writeFileSync(path, String(a.oomScoreAdj));
-      } catch (e) {
-        throw new Error(`setting oom_score_adj ${a.oomScoreAdj}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-      }
-    }
-  }
-  if (a?.coredumpFilter !== undefined) {
-    // Written from here: the file is the process's, its owner's to write.
-    const path = `/proc/${r.pid}/coredump_filter`;
-    if (parseInt(readFileSync(path, 'utf8'), 16) !== a.coredumpFilter) {
-      try {
-        writeFileSync(path, `0x${a.coredumpFilter.toString(16)}`);
-      } catch (e) {
-        throw new Error(`setting coredump_filter 0x${a.coredumpFilter.toString(16)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-      }
-    }
-  }
+  if (a) setProcValue(r.pid, 'oom_score_adj', Number, a.oomScoreAdj, String(a.oomScoreAdj));
+  // Written from here: the file is the process's, its owner's to write.
+  if (a?.coredumpFilter !== undefined) setProcValue(r.pid, 'coredump_filter', (text) => parseInt(text, 16), a.coredumpFilter, `0x${a.coredumpFilter.toString(16)}`);
   if (a?.loginuid !== undefined) {
     const note = restoreLoginuid(r, a.loginuid);
     if (note) notKept.push(note);
   }
+  const seedsSlack = seedSlack(r.pid);
   // One batch (remote.ts): each call names the thread it acts on.
   for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
     if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, SYS.membarrier, [cmd, 0, 0]);
@@ -282,7 +265,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     if (ta.ioprio !== undefined) calls.add(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
     // Every thread starts with the main thread's slack, the seed's; a
     // real-time thread's reads 0, which would set the default instead.
-    if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== seedSlack(r.pid)) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
+    if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== seedsSlack) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
   });
   // Memory-deny-write-execute last: it cannot be undone, and refuses
   // only new executable memory, which the restore made before (the
@@ -296,9 +279,21 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
   // stops, only where it differs from the seed's.
   p.threads.forEach((t: Thread, i) => {
     const slack = t.attributes?.timerSlackNs;
-    if (i > 0 && slack && slack !== seedSlack(r.pid)) r.call(`setting timer slack ${slack} ns of thread ${t.vtid}`, SYS.prctl, [PR_SET_TIMERSLACK, slack, 0, 0, 0], tids[i]);
+    if (i > 0 && slack && slack !== seedsSlack) r.call(`setting timer slack ${slack} ns of thread ${t.vtid}`, SYS.prctl, [PR_SET_TIMERSLACK, slack, 0, 0, 0], tids[i]);
   });
   return notKept;
+}
+
+/** Writes `written` to the restored process's /proc/PID/`file` where it
+ * does not read `want` already (`read`: how its text reads). */
+function setProcValue(pid: number, file: string, read: (text: string) => number, want: number, written: string): void {
+  const path = `/proc/${pid}/${file}`;
+  if (read(readFileSync(path, 'utf8')) === want) return;
+  try {
+    writeFileSync(path, written);
+  } catch (e) {
+    throw new Error(`setting ${file} ${written}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
 }
 
 /** The slack every thread of the seed has (its main thread's, which
