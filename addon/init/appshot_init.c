@@ -475,7 +475,7 @@ static void thin_times_file(void) {
   char path[4096], tmp[4096], chunk[4096], line[64], held[64];
   int in = open(state_file(path, sizeof path, ".log.times"), O_RDONLY | O_CLOEXEC);
   if (in < 0) return;
-  snprintf(tmp, sizeof tmp, "%s/.log.times.tmp", state_dir);
+  state_file(tmp, sizeof tmp, ".log.times.tmp");
   struct times_thinning t = {.out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), .ok = 1};
   if (t.out < 0) {
     close(in);
