@@ -533,13 +533,30 @@ int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
   return rc;
 }
 
-int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
-                         int32_t sid) {
+/* Removes the mapping of `sid`; with `only_vid`, only while `sid` is
+ * still mapped to `vid`. 1 if it went. */
+static int unmap_sid(struct appshot_header *h, enum appshot_kind kind,
+                     int32_t sid, int only_vid, int32_t vid) {
   sigset_t saved;
   if (appshot_lock(h, &saved) != 0) return 0;
-  int rc = unmap_locked(h, &h->tables[kind], sid);
+  struct appshot_table *t = &h->tables[kind];
+  uint32_t slot;
+  int rc = 0;
+  if (!only_vid || (slot_of_sid(h, t, sid, &slot) &&
+                    entry_pair(&entries_of(h, t)[slot]) == make_pair(vid, sid)))
+    rc = unmap_locked(h, t, sid);
   appshot_unlock(h, &saved);
   return rc;
+}
+
+int appshot_unmap_system(struct appshot_header *h, enum appshot_kind kind,
+                         int32_t sid) {
+  return unmap_sid(h, kind, sid, 0, 0);
+}
+
+int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
+                       int32_t vid, int32_t sid) {
+  return unmap_sid(h, kind, sid, 1, vid);
 }
 
 /* kill(2) straight to the kernel. Inside the preload library, kill() and
@@ -557,32 +574,19 @@ static long raw_kill(long pid, long sig) {
 #endif
 }
 
-int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
-                       int32_t vid, int32_t sid) {
-  sigset_t saved;
-  if (appshot_lock(h, &saved) != 0) return 0;
-  struct appshot_table *t = &h->tables[kind];
-  uint32_t slot;
-  int rc = 0;
-  if (slot_of_sid(h, t, sid, &slot) &&
-      entry_pair(&entries_of(h, t)[slot]) == make_pair(vid, sid))
-    rc = unmap_locked(h, t, sid);
-  appshot_unlock(h, &saved);
-  return rc;
-}
-
-int appshot_forget_pair(struct appshot_header *h, int32_t vid, int32_t sid) {
+/* Whether no process is left in the group `sid` names: kill(-pgid, 0)
+ * answers (EPERM: there is one, just not ours to signal). */
+static int group_gone(int32_t sid) {
   long r = raw_kill(-(long)sid, 0);
-  if (r == 0 || r == -EPERM) return 0;
-  return appshot_unmap_pair(h, APPSHOT_PID, vid, sid);
+  return !(r == 0 || r == -EPERM);
 }
 
 int appshot_forget_process(struct appshot_header *h, int32_t sid) {
-  /* kill(-pgid, 0) answers whether any process is still in that group
-   * (EPERM: there is one, just not ours to signal). */
-  long r = raw_kill(-(long)sid, 0);
-  if (r == 0 || r == -EPERM) return 0;
-  return appshot_unmap_system(h, APPSHOT_PID, sid);
+  return group_gone(sid) && appshot_unmap_system(h, APPSHOT_PID, sid);
+}
+
+int appshot_forget_pair(struct appshot_header *h, int32_t vid, int32_t sid) {
+  return group_gone(sid) && appshot_unmap_pair(h, APPSHOT_PID, vid, sid);
 }
 
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
