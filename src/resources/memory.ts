@@ -346,19 +346,24 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
-      } else if (!shared && /\/pages\.img( \(deleted\))?$/.test(l.path)) {
+      } else if (!shared && (/\/pages\.img( \(deleted\))?$/.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
         // Memory a lazy restore mapped from an image's page file: the
         // application's own, stored whole so the next image stands alone.
+        // So is a private mapping of a file deleted since (a library
+        // replaced by a package upgrade, the code of a memfd that was
+        // exec'd): no path names its bytes any more, and each page reads
+        // as the process sees it (the file's, or its own copy). It comes
+        // back as anonymous memory with the same bytes and protection: the
+        // code runs the same, but /proc/PID/maps no longer names the file
+        // and processes that shared its pages now each have their own.
         vma.kind = VmaKind.ANON;
         vma.path = '';
-        const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all);
+        const d = unreadableNamed(what, l, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all));
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
         vmas.push(vma);
         continue;
       } else if (l.ino !== 0n && l.path.startsWith('/')) {
         vma.kind = shared ? VmaKind.FILE_SHARED : VmaKind.FILE_PRIVATE;
-        const deleted = l.path.endsWith(' (deleted)');
-        if (deleted) throw new Unsupported(`${what}: maps deleted file ${l.path}`);
         let file = fileIds.get(l.path);
         if (file === undefined) fileIds.set(l.path, (file = ctx.file(l.path, l.path, false)));
         vma.file = file;
@@ -379,7 +384,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
         const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
-        const d = ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked);
+        const d = unreadableNamed(what, l, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked));
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
         if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
       }
@@ -390,6 +395,22 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
     if (forkParent) closeSync(forkParent.pagemapFd);
   }
   return vmas;
+}
+
+/** Runs `read` (a copy of a mapping's pages); a page the kernel will not
+ * read (EIO, EFAULT) refuses the snapshot naming the mapping, rather than
+ * with the bare error. A private mapping of a deleted file reads so past
+ * the file's end (truncated under the mapping): there the process would
+ * take SIGBUS, which anonymous memory cannot give it back. */
+function unreadableNamed<T>(what: string, l: MapsLine, read: () => T): T {
+  try {
+    return read();
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'EIO' && code !== 'EFAULT') throw e;
+    const why = l.path.endsWith(' (deleted)') ? ', past the end of the file (truncated under the mapping before it was deleted)' : '';
+    throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} (${l.path || 'anonymous'}) cannot be read${why}, which cannot be captured`);
+  }
 }
 
 export function countPages(runs: number[]): number {
