@@ -434,6 +434,10 @@ describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, t
   roundTrips('async', [fixture('asyncio')], /PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, O_ASYNC to process 2\n[\s\S]*UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, O_ASYNC to thread 2 by signal 10\n/);
 });
 
+describe('owners of descriptors that are not O_ASYNC (process, thread, process group) and their signals: kept, and urgent data still brings SIGURG', () => {
+  roundTrips('fdown', [fixture('fdowners')], /UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, owned by process 2\n[\s\S]*PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, owned by thread 3 by signal 12\n\d+\s+PIPE\s+pipe:\[\d+\] write end.*, owned by process group 2\n/);
+});
+
 describe('what glibc registers for every thread: rseq area, robust futex list, clear-child-TID address, its cached TID', () => {
   roundTrips('thst', [fixture('threadstate')], /process 2 \(threadstate\): [^\n]*\n/);
 });

@@ -445,8 +445,9 @@ export interface Fd {
   /** A file under /proc/PID of one of the application's processes: its
    * virtual PID; 0 or absent otherwise. */
   procVpid?: number;
-  /** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts);
-   * absent for others and in older images. */
+  /** A descriptor's owner and signal (resources/fdowner.ts): of every
+   * O_ASYNC one, and of any other with an owner or a signal set; absent
+   * otherwise (and, for one not O_ASYNC, in older images). */
   owner?: FdOwner;
 }
 
