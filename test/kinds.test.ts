@@ -290,6 +290,39 @@ describe.runIf(cgroups !== undefined)('cgroup membership: each process back in i
   });
 });
 
+describe.runIf(cgroups !== undefined)('a thread in a threaded cgroup (cgroup v2): refused by name, the application left running, nothing left behind', () => {
+  // D (domain threaded) holds the process, D/a (threaded) its second thread.
+  const dir = join(cgroups ?? '/nonexistent', `appshot-threaded-${process.pid}`);
+  beforeAll(() => {
+    mkdirSync(join(dir, 'a'), { recursive: true });
+    writeFileSync(join(dir, 'a', 'cgroup.type'), 'threaded');
+  });
+  afterAll(async () => {
+    if (sb.aids().includes('held-threaded')) run(['stop', 'held-threaded']);
+    await waitFor(() => readFileSync(join(dir, 'cgroup.procs'), 'utf8') === '', 10_000, `${dir} to empty`);
+    rmdirSync(join(dir, 'a'));
+    rmdirSync(dir);
+  });
+
+  it('threaded-cgroup', async () => {
+    const aid = 'held-threaded';
+    run(['run', '-d', '--aid', aid, '--', fixture('holder'), 'threaded-cgroup', dir]);
+    await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+    expect(r.code, r.stderr).toBe(1);
+    const sub = `${dir.slice(cgroups!.length).replace(/^\/?/, '/')}`;
+    expect(r.stderr).toMatch(new RegExp(`^appshot: cannot snapshot '${aid}': process 2 \\(holder\\) thread 3: in cgroup ${sub}/a, its process in ${sub}: threaded cgroups cannot be captured yet; the application was left running$`, 'm'));
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(existsSync(join(out, aid))).toBe(false);
+    const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
+    expect(status).toMatch(/^TracerPid:\s+0$/m);
+    expect(status).not.toMatch(/^State:\s+[tT]/m);
+    // Still where it put itself, its thread too.
+    expect(readFileSync(join(dir, 'cgroup.procs'), 'utf8').trim()).toBe(String(systemPid(aid)));
+    expect(readFileSync(join(dir, 'a', 'cgroup.threads'), 'utf8').trim()).toMatch(/^\d+$/);
+  });
+});
+
 describe('UDP sockets with multicast group memberships (IPv4 and IPv6, source filters)', () => {
   roundTrips('mcast', [fixture('mcast')], /udp 0\.0\.0\.0:\d+, 0 datagrams queued \(0 bytes\), member of (?=.*239\.1\.2\.3%lo)(?=.*232\.1\.1\.1%lo)[\s\S]*udp \(unbound\), 0 datagrams queued \(0 bytes\), member of (?=.*ff15::1234%lo)(?=.*239\.1\.2\.5%lo)/);
 });
@@ -325,6 +358,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['epoll-orphan', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: an epoll target registered as fd \\d+ is no longer held by this process \\(only another holds it\\), which cannot be captured yet`)],
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
+    ['syn-sent', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is SYN_SENT; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
+    ['pty-packet', (fd) => `process 2 (holder) fd ${fd}: a pty master in packet mode (TIOCPKT) cannot be captured yet`],
+    ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
+    ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {
