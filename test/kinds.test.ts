@@ -475,6 +475,23 @@ describe('owners of descriptors that are not O_ASYNC (process, thread, process g
   roundTrips('fdown', [fixture('fdowners')], /UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, owned by process 2\n[\s\S]*PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, owned by thread 3 by signal 12\n\d+\s+PIPE\s+pipe:\[\d+\] write end.*, owned by process group 2\n/);
 });
 
+/** Why a fixture cannot run on this machine ("skip: WHY" from its
+ * --probe), or undefined where it can. */
+function skipReason(name: string): string | undefined {
+  const r = spawnSync(fixture(name), ['--probe'], { encoding: 'utf8' });
+  return /^skip: (.*)$/m.exec(r.stdout)?.[1];
+}
+
+const uclampSkip = skipReason('uclamp');
+describe.skipIf(uclampSkip !== undefined)(`utilization clamps (sched_setattr UTIL_CLAMP_MIN/MAX), each thread its own${uclampSkip ? ` — skipped: ${uclampSkip}` : ''}`, () => {
+  roundTrips('uclamp', [fixture('uclamp')], /attributes: [^\n]*2: [^,]* uclamp 256\.\.512, 3: [^,]* uclamp 100\.\.900/);
+});
+
+const specSkip = skipReason('specctrl');
+describe.skipIf(specSkip !== undefined)(`speculation controls (PR_SET_SPECULATION_CTRL), each thread its own, force-disabled ones still so${specSkip ? ` — skipped: ${specSkip}` : ''}`, () => {
+  roundTrips('spec', [fixture('specctrl')], /attributes: [^\n]*2: [^,]* speculation [^,]*, 3: [^,]* speculation /);
+});
+
 describe('what glibc registers for every thread: rseq area, robust futex list, clear-child-TID address, its cached TID', () => {
   roundTrips('thst', [fixture('threadstate')], /process 2 \(threadstate\): [^\n]*\n/);
 });

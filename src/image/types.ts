@@ -212,6 +212,14 @@ export interface ThreadAttributes {
   ioprio?: number;
   /** PR_GET_TIMERSLACK; absent: left as the seed's; 0: not set. */
   timerSlackNs?: bigint;
+  /** sched_getattr's utilization clamps, where the kernel has them
+   * (CONFIG_UCLAMP_TASK); absent: not asked. */
+  utilMin?: number;
+  utilMax?: number;
+  /** PR_GET_SPECULATION_CTRL of store bypass, indirect branch and L1D
+   * flush, in that order (-errno: no such control); absent or empty in
+   * older images. */
+  speculationCtrl?: number[];
 }
 
 export interface Zombie {
