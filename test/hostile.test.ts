@@ -690,3 +690,22 @@ describe('what an image names on the restoring node', () => {
     expect(readFileSync(victim, 'utf8')).toBe('precious\n');
   });
 });
+
+/** Why `name`'s fixture cannot run here ("skip: WHY" from its --probe). */
+const probed = (name: string) => spawnSync(fixture(name), ['--probe'], { encoding: 'utf8' }).stdout;
+
+/** What a thread had that this node's kernel cannot give it: the restore
+ * must fail naming it, never come back without it, and leave nothing. */
+describe('a thread attribute this node cannot give back is refused at restore, by name', () => {
+  it.skipIf(!/^skip:/m.test(probed('uclamp')))('utilization clamps on a kernel without them (CONFIG_UCLAMP_TASK)', () => {
+    const dir = crafted('uclamp', (i) => Object.assign(i.processes[0].threads[0].attributes!, { utilMin: 256, utilMax: 512 }));
+    refuses(['restore', dir], { code: 1, stderr: /: setting utilization clamps 256\.\.512 of thread 2 failed: EOPNOTSUPP; nothing was left behind$/ });
+  });
+
+  it.skipIf(/controllable:.* store bypass;/.test(probed('specctrl')))('store bypass speculation force-disabled, on a node where no process may set it', () => {
+    // PR_SPEC_PRCTL | PR_SPEC_FORCE_DISABLE: the thread had forced it off.
+    const dir = crafted('spec-ssb', (i) => (i.processes[0].threads[0].attributes!.speculationCtrl = [9, 2, 8]));
+    refuses(['restore', dir], { code: 4, stderr: /: the store bypass speculation control of thread 2 was force-disabled \(PR_SET_SPECULATION_CTRL\), which this node refuses \(ENXIO\); here the thread would be enabled$/ });
+  });
+});
+

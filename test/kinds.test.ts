@@ -296,6 +296,39 @@ describe.runIf(cgroups !== undefined)('cgroup membership: each process back in i
   });
 });
 
+describe.runIf(cgroups !== undefined)('a thread in a threaded cgroup (cgroup v2): refused by name, the application left running, nothing left behind', () => {
+  // D (domain threaded) holds the process, D/a (threaded) its second thread.
+  const dir = join(cgroups ?? '/nonexistent', `appshot-threaded-${process.pid}`);
+  beforeAll(() => {
+    mkdirSync(join(dir, 'a'), { recursive: true });
+    writeFileSync(join(dir, 'a', 'cgroup.type'), 'threaded');
+  });
+  afterAll(async () => {
+    if (sb.aids().includes('held-threaded')) run(['stop', 'held-threaded']);
+    await waitFor(() => readFileSync(join(dir, 'cgroup.procs'), 'utf8') === '', 10_000, `${dir} to empty`);
+    rmdirSync(join(dir, 'a'));
+    rmdirSync(dir);
+  });
+
+  it('threaded-cgroup', async () => {
+    const aid = 'held-threaded';
+    run(['run', '-d', '--aid', aid, '--', fixture('holder'), 'threaded-cgroup', dir]);
+    await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+    expect(r.code, r.stderr).toBe(1);
+    const sub = `${dir.slice(cgroups!.length).replace(/^\/?/, '/')}`;
+    expect(r.stderr).toMatch(new RegExp(`^appshot: cannot snapshot '${aid}': process 2 \\(holder\\) thread 3: in cgroup ${sub}/a, its process in ${sub}: threaded cgroups cannot be captured yet; the application was left running$`, 'm'));
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(existsSync(join(out, aid))).toBe(false);
+    const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
+    expect(status).toMatch(/^TracerPid:\s+0$/m);
+    expect(status).not.toMatch(/^State:\s+[tT]/m);
+    // Still where it put itself, its thread too.
+    expect(readFileSync(join(dir, 'cgroup.procs'), 'utf8').trim()).toBe(String(systemPid(aid)));
+    expect(readFileSync(join(dir, 'a', 'cgroup.threads'), 'utf8').trim()).toMatch(/^\d+$/);
+  });
+});
+
 describe('UDP sockets with multicast group memberships (IPv4 and IPv6, source filters)', () => {
   roundTrips('mcast', [fixture('mcast')], /udp 0\.0\.0\.0:\d+, 0 datagrams queued \(0 bytes\), member of (?=.*239\.1\.2\.3%lo)(?=.*232\.1\.1\.1%lo)[\s\S]*udp \(unbound\), 0 datagrams queued \(0 bytes\), member of (?=.*ff15::1234%lo)(?=.*239\.1\.2\.5%lo)/);
 });
@@ -331,6 +364,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['epoll-orphan', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: an epoll target registered as fd \\d+ is no longer held by this process \\(only another holds it\\), which cannot be captured yet`)],
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
+    ['syn-sent', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is SYN_SENT; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
+    ['pty-packet', (fd) => `process 2 (holder) fd ${fd}: a pty master in packet mode (TIOCPKT) cannot be captured yet`],
+    ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
+    ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],
   ];
   for (const [kind, message] of refusals)
     it(kind, async () => {
@@ -438,6 +475,27 @@ describe('pidfds of the application\'s processes: each names the same process re
 
 describe('signal-driven I/O: each O_ASYNC descriptor keeps its owner (process, thread) and its signal, and its signals keep coming', () => {
   roundTrips('async', [fixture('asyncio')], /PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, O_ASYNC to process 2\n[\s\S]*UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, O_ASYNC to thread 2 by signal 10\n/);
+});
+
+describe('owners of descriptors that are not O_ASYNC (process, thread, process group) and their signals: kept, and urgent data still brings SIGURG', () => {
+  roundTrips('fdown', [fixture('fdowners')], /UNIX_SOCKET\s+unix stream pair end, 0 bytes queued, owned by process 2\n[\s\S]*PIPE\s+pipe:\[\d+\] read end, 0 bytes buffered, capacity \d+, owned by thread 3 by signal 12\n\d+\s+PIPE\s+pipe:\[\d+\] write end.*, owned by process group 2\n/);
+});
+
+/** Why a fixture cannot run on this machine ("skip: WHY" from its
+ * --probe), or undefined where it can. */
+function skipReason(name: string): string | undefined {
+  const r = spawnSync(fixture(name), ['--probe'], { encoding: 'utf8' });
+  return /^skip: (.*)$/m.exec(r.stdout)?.[1];
+}
+
+const uclampSkip = skipReason('uclamp');
+describe.skipIf(uclampSkip !== undefined)(`utilization clamps (sched_setattr UTIL_CLAMP_MIN/MAX), each thread its own${uclampSkip ? ` — skipped: ${uclampSkip}` : ''}`, () => {
+  roundTrips('uclamp', [fixture('uclamp')], /attributes: [^\n]*2: [^,]* uclamp 256\.\.512, 3: [^,]* uclamp 100\.\.900/);
+});
+
+const specSkip = skipReason('specctrl');
+describe.skipIf(specSkip !== undefined)(`speculation controls (PR_SET_SPECULATION_CTRL), each thread its own, force-disabled ones still so${specSkip ? ` — skipped: ${specSkip}` : ''}`, () => {
+  roundTrips('spec', [fixture('specctrl')], /attributes: [^\n]*2: [^,]* speculation [^,]*, 3: [^,]* speculation /);
 });
 
 describe('what glibc registers for every thread: rseq area, robust futex list, clear-child-TID address, its cached TID', () => {

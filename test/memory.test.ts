@@ -58,7 +58,7 @@ function roundTrips(name: string, argv: string[], after?: (aid: string) => void 
   });
 }
 
-describe('mappings keep VM_MAYWRITE, their madvise state (dc wf dd hg nh mg) and MAP_DROPPABLE, with their data', () => {
+describe('mappings keep VM_MAYWRITE, their madvise state (dc wf dd hg nh mg sr rr) and MAP_DROPPABLE, with their data', () => {
   const dir = mkdtempSync(join(tmpdir(), 'appshot-memattrs-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('mattr', [fixture('memattrs'), dir]);

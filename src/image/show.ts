@@ -65,11 +65,13 @@ function describeDatagramSocket(fd: Fd): string {
   return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}${groups}`;
 }
 
-/** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts). */
+/** A descriptor's owner and signal (resources/fdowner.ts). */
 function describeOwner(fd: Fd): string {
   if (!fd.owner) return '';
   const who = fd.owner.vpid ? `${['thread', 'process', 'process group'][fd.owner.type]} ${fd.owner.vpid}` : 'nobody';
-  return `, O_ASYNC to ${who}${fd.owner.signal ? ` by signal ${fd.owner.signal}` : ''}`;
+  const signal = fd.owner.signal ? ` by signal ${fd.owner.signal}` : '';
+  // O_ASYNC: 0o20000.
+  return fd.flags & 0o20000 ? `, O_ASYNC to ${who}${signal}` : `, owned by ${who}${signal}`;
 }
 
 function describeFd(image: Image, fd: Fd): string {

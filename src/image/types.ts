@@ -212,6 +212,14 @@ export interface ThreadAttributes {
   ioprio?: number;
   /** PR_GET_TIMERSLACK; absent: left as the seed's; 0: not set. */
   timerSlackNs?: bigint;
+  /** sched_getattr's utilization clamps, where the kernel has them
+   * (CONFIG_UCLAMP_TASK); absent: not asked. */
+  utilMin?: number;
+  utilMax?: number;
+  /** PR_GET_SPECULATION_CTRL of store bypass, indirect branch and L1D
+   * flush, in that order (-errno: no such control); absent or empty in
+   * older images. */
+  speculationCtrl?: number[];
 }
 
 export interface Zombie {
@@ -445,8 +453,9 @@ export interface Fd {
   /** A file under /proc/PID of one of the application's processes: its
    * virtual PID; 0 or absent otherwise. */
   procVpid?: number;
-  /** An O_ASYNC descriptor's owner and signal (resources/fdowner.ts);
-   * absent for others and in older images. */
+  /** A descriptor's owner and signal (resources/fdowner.ts): of every
+   * O_ASYNC one, and of any other with an owner or a signal set; absent
+   * otherwise (and, for one not O_ASYNC, in older images). */
   owner?: FdOwner;
 }
 

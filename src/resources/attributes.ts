@@ -4,8 +4,8 @@
  * status, transparent huge pages disabled, personality, the audit login
  * uid, membarrier registrations, the core dump filter, memory-deny-write-
  * execute; and per thread, nice value, scheduling
- * policy and priority, CPU affinity, I/O priority, timer slack and
- * parent-death signal.
+ * policy and priority, CPU affinity, I/O priority, timer slack,
+ * utilization clamps, speculation controls and parent-death signal.
  *
  * Read at snapshot from /proc, by the scheduling getters (which take any
  * TID) from appshot's process, and by calls injected into the frozen
@@ -16,9 +16,11 @@
  * real-time policy). What this user may not grant fails the restore,
  * naming the attribute.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { constants } from 'node:os';
 import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { AppshotError, ExitCode } from '../errors.js';
 import { Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -66,6 +68,33 @@ const MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9;
 const MEMBARRIER_REGISTER_COMMANDS = [1 << 2, 1 << 4, 1 << 6, 1 << 8];
 const EINVAL = 22n;
 const ENOSYS = 38n;
+/** sched_getattr/sched_setattr (not in the ptrace layer's tables). */
+const NR_sched_setattr = 314;
+const NR_sched_getattr = 315;
+/** struct sched_attr up to the utilization clamps (SCHED_ATTR_SIZE_VER1). */
+const SCHED_ATTR_SIZE = 56;
+const SCHED_FLAG_KEEP_POLICY = 0x08;
+const SCHED_FLAG_KEEP_PARAMS = 0x10;
+const SCHED_FLAG_UTIL_CLAMP_MIN = 0x20;
+const SCHED_FLAG_UTIL_CLAMP_MAX = 0x40;
+/** A thread's clamps when nobody set them: the whole range. */
+const UTIL_MIN_DEFAULT = 0;
+const UTIL_MAX_DEFAULT = 1024;
+const PR_GET_SPECULATION_CTRL = 52;
+const PR_SET_SPECULATION_CTRL = 53;
+/** PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH: the
+ * controls asked, by their number (their index in speculationCtrl). */
+const SPECULATION_CONTROLS = ['store bypass', 'indirect branch', 'L1D flush'];
+const PR_SPEC_PRCTL = 1;
+const PR_SPEC_ENABLE = 2;
+const PR_SPEC_DISABLE = 4;
+const PR_SPEC_FORCE_DISABLE = 8;
+const PR_SPEC_DISABLE_NOEXEC = 16;
+const SPECULATION_MODES: Record<number, string> = { 2: 'enabled', 4: 'disabled', 8: 'force-disabled', 16: 'disabled until exec' };
+/** The control for L1D flushing asks for a protection (ENABLE: flush);
+ * the others take one away (ENABLE: speculate). */
+const L1D_FLUSH = 2;
+const errnoName = (errno: bigint) => Object.entries(constants.errno).find(([, n]) => BigInt(n) === -errno)?.[0] ?? `errno ${-errno}`;
 /** What /proc/PID/loginuid says of a process no login set it for. */
 const LOGINUID_UNSET = 4294967295;
 
@@ -84,6 +113,17 @@ export interface AttributesAsked {
   mdwe: Answer;
   pdeathsig: Map<number, Answer>;
   timerSlack: Map<number, Answer>;
+  /** Each thread's sched_attr; none where the kernel has no clamps. */
+  schedAttr?: Map<number, Answer>;
+  /** Each thread's speculation controls, in SPECULATION_CONTROLS order. */
+  speculation: Map<number, Answer[]>;
+}
+
+/** Whether this kernel clamps utilization (CONFIG_UCLAMP_TASK): its
+ * system-wide clamp settings exist only then. Without it sched_getattr
+ * reads 0 for both clamps and sched_setattr refuses them (EOPNOTSUPP). */
+export function kernelHasUclamp(): boolean {
+  return existsSync('/proc/sys/kernel/sched_util_clamp_min');
 }
 
 export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked {
@@ -96,6 +136,11 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     membarrier: calls.ask(SYS.membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
     mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
     timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
+    // The clamps, from inside each thread (pid 0: itself): a system call
+    // appshot's addon does not make.
+    ...(kernelHasUclamp() ? { schedAttr: new Map(tids.map((tid) => [tid, calls.ask(NR_sched_getattr, [0, 'buf', SCHED_ATTR_SIZE, 0], { tid, outLength: SCHED_ATTR_SIZE })])) } : {}),
+    // Each thread's own: the prctl acts on the calling thread.
+    speculation: new Map(tids.map((tid) => [tid, SPECULATION_CONTROLS.map((_, which) => calls.ask(NR.prctl, [PR_GET_SPECULATION_CTRL, which, 0, 0, 0], { tid }))])),
   };
 }
 
@@ -104,7 +149,17 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
 export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, calls: CallQueue, what: string): void {
   p.attributes = dumpProcessAttributes(pid, asked, what);
   p.personality = dumpPersonality(pid, calls, what);
-  for (const t of p.threads) t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, asked.timerSlack.get(t.tid)!, calls, what);
+  for (const t of p.threads) {
+    t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, asked.timerSlack.get(t.tid)!, calls, what);
+    const attr = asked.schedAttr?.get(t.tid);
+    if (attr) {
+      check(attr.ret, `the scheduling attributes (utilization clamps) of ${what} thread ${t.tid}`);
+      t.attributes.utilMin = attr.out.readUInt32LE(48);
+      t.attributes.utilMax = attr.out.readUInt32LE(52);
+    }
+    // -errno where there is no such control (ENODEV, EINVAL): kept as it is.
+    t.attributes.speculationCtrl = asked.speculation.get(t.tid)!.map((a) => Number(a.ret));
+  }
 }
 
 function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string): ProcessAttributes {
@@ -262,6 +317,17 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     // A mask naming CPUs this node lacks is cut to those it has; one
     // naming none of them fails.
     if (ta.cpuAffinity?.length) calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    // After the policy: clamps set with SCHED_FLAG_KEEP_* leave it as it is.
+    if (ta.utilMin !== undefined && ta.utilMax !== undefined && (ta.utilMin !== UTIL_MIN_DEFAULT || ta.utilMax !== UTIL_MAX_DEFAULT)) {
+      const attr = Buffer.alloc(SCHED_ATTR_SIZE);
+      attr.writeUInt32LE(SCHED_ATTR_SIZE, 0);
+      attr.writeBigUInt64LE(BigInt(SCHED_FLAG_KEEP_POLICY | SCHED_FLAG_KEEP_PARAMS | SCHED_FLAG_UTIL_CLAMP_MIN | SCHED_FLAG_UTIL_CLAMP_MAX), 8);
+      attr.writeUInt32LE(ta.utilMin, 48);
+      attr.writeUInt32LE(ta.utilMax, 52);
+      // Refused where the kernel has no clamps (EOPNOTSUPP): the restore
+      // fails naming them, never comes back unclamped.
+      calls.add(`setting utilization clamps ${ta.utilMin}..${ta.utilMax} of thread ${t.vtid}`, NR_sched_setattr, [tid, r.put(attr), 0]);
+    }
     if (ta.ioprio !== undefined) calls.add(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
     // Every thread starts with the main thread's slack, the seed's; a
     // real-time thread's reads 0, which would set the default instead.
@@ -281,7 +347,51 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     const slack = t.attributes?.timerSlackNs;
     if (i > 0 && slack && slack !== seedsSlack) r.call(`setting timer slack ${slack} ns of thread ${t.vtid}`, SYS.prctl, [PR_SET_TIMERSLACK, slack, 0, 0, 0], tids[i]);
   });
+  p.threads.forEach((t: Thread, i) => restoreSpeculation(r, t, tids[i]));
   return notKept;
+}
+
+/** Whether a thread whose control `which` reads `now` (`byPrctl`: set by
+ * a prctl, which can change it, not this node's fixed mitigation) is
+ * protected at least as a thread that set `mode` was. */
+function protectsAsMuch(which: number, mode: number, now: number, byPrctl: boolean): boolean {
+  if (which === L1D_FLUSH) return now === PR_SPEC_ENABLE;
+  // Force-disabled: no one may enable it again; so is a fixed mitigation.
+  if (mode === PR_SPEC_FORCE_DISABLE) return now === PR_SPEC_FORCE_DISABLE || (now === PR_SPEC_DISABLE && !byPrctl);
+  if (mode === PR_SPEC_DISABLE) return now === PR_SPEC_DISABLE || now === PR_SPEC_FORCE_DISABLE;
+  // Disabled until exec.
+  return now === PR_SPEC_DISABLE || now === PR_SPEC_FORCE_DISABLE || now === PR_SPEC_DISABLE_NOEXEC;
+}
+
+/**
+ * The speculation controls a thread set (PR_SET_SPECULATION_CTRL), each
+ * in the thread itself (the prctl acts on its caller), after the threads
+ * are made (a clone copies its maker's): only those the image shows set
+ * by prctl to more than a fresh thread has (store bypass or indirect
+ * branch speculation disabled, force-disabled or disabled until exec; L1D
+ * flushing enabled). A thread's own is all this restore ever sets, so it
+ * never gives a thread more than the image had: where this node refuses
+ * the control (no prctl mode, ENXIO; EPERM), the restore goes on only if
+ * the thread has it anyway (a mitigation this node always applies), and
+ * fails naming the thread and the control otherwise.
+ */
+function restoreSpeculation(r: RemoteProcess, t: Thread, tid: number): void {
+  (t.attributes?.speculationCtrl ?? []).forEach((value, which) => {
+    if (value < 0 || !(value & PR_SPEC_PRCTL)) return;
+    const mode = value & ~PR_SPEC_PRCTL;
+    const protective = which === L1D_FLUSH ? mode === PR_SPEC_ENABLE : mode === PR_SPEC_DISABLE || mode === PR_SPEC_FORCE_DISABLE || mode === PR_SPEC_DISABLE_NOEXEC;
+    if (!protective) return;
+    const name = `${SPECULATION_CONTROLS[which]} speculation control of thread ${t.vtid}`;
+    const set = r.raw(SYS.prctl, [PR_SET_SPECULATION_CTRL, which, mode, 0, 0], tid);
+    if (set === 0n) return;
+    const now = r.raw(SYS.prctl, [PR_GET_SPECULATION_CTRL, which, 0, 0, 0], tid);
+    const nowMode = now < 0n ? 0 : Number(now) & ~PR_SPEC_PRCTL;
+    if (now >= 0n && protectsAsMuch(which, mode, nowMode, (Number(now) & PR_SPEC_PRCTL) !== 0)) return;
+    throw new AppshotError(
+      `the ${name} was ${SPECULATION_MODES[mode] ?? `mode 0x${mode.toString(16)}`} (PR_SET_SPECULATION_CTRL), which this node refuses (${errnoName(set)}); here the thread would be ${now < 0n ? `without it (${errnoName(now)})` : (SPECULATION_MODES[nowMode] ?? `mode 0x${nowMode.toString(16)}`)}`,
+      ExitCode.conflict,
+    );
+  });
 }
 
 /** Writes `written` to the restored process's /proc/PID/`file` where it
@@ -361,7 +471,11 @@ export function describeAttributes(p: Process): string {
     if (!a) return undefined;
     const affinity = a.cpuAffinity?.length ? ` cpus ${cpus(a.cpuAffinity).join(',')}` : '';
     const slack = a.timerSlackNs !== undefined && a.timerSlackNs !== 50000n ? ` timerslack ${a.timerSlackNs}` : '';
-    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}`;
+    const clamps = a.utilMin !== undefined && (a.utilMin !== UTIL_MIN_DEFAULT || a.utilMax !== UTIL_MAX_DEFAULT) ? ` uclamp ${a.utilMin}..${a.utilMax}` : '';
+    const speculation = (a.speculationCtrl ?? [])
+      .map((v, which) => (v > 0 && v & PR_SPEC_PRCTL && v !== (PR_SPEC_PRCTL | (which === L1D_FLUSH ? PR_SPEC_DISABLE : PR_SPEC_ENABLE)) ? ` speculation ${SPECULATION_CONTROLS[which]} ${SPECULATION_MODES[v & ~PR_SPEC_PRCTL] ?? v}` : ''))
+      .join('');
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}${clamps}${speculation}`;
   });
   // Last, so that what comes before reads the same wherever a login set
   // the uid.

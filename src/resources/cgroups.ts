@@ -33,7 +33,10 @@ export function dumpCgroup(p: Process, pid: number, what: string): void {
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
     if (tid === String(pid)) continue; // the process's own, read above
     const there = unifiedPath(`/proc/${pid}/task/${tid}`);
-    if (there && there !== p.cgroup) throw new Unsupported(`${what} thread ${tid}: in cgroup ${there}, its process in ${p.cgroup}: threaded cgroups cannot be captured yet`);
+    // Named by the TID the application knows (the system's where the
+    // thread is not in the image yet).
+    const vtid = p.threads?.find((t) => t.tid === Number(tid))?.vtid ?? tid;
+    if (there && there !== p.cgroup) throw new Unsupported(`${what} thread ${vtid}: in cgroup ${there}, its process in ${p.cgroup}: threaded cgroups cannot be captured yet`);
   }
 }
 

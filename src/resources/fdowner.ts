@@ -1,24 +1,26 @@
 /**
- * Signal-driven I/O: the owner (F_SETOWN, F_SETOWN_EX) and signal
- * (F_SETSIG) of a descriptor set O_ASYNC. Both belong to the open file
- * description and nothing in /proc shows them: the snapshot asks the
- * frozen process (fcntl F_GETOWN_EX, F_GETSIG, with the other kinds'
- * questions' scratch area), and only for descriptors whose fdinfo flags
- * show O_ASYNC, so that a process without any pays nothing. Without this
- * a restored descriptor kept its O_ASYNC flag and its owner was nobody:
- * F_GETOWN answered 0 and no SIGIO ever came (silently wrong).
+ * The owner (F_SETOWN, F_SETOWN_EX) and signal (F_SETSIG) of every
+ * descriptor. Both belong to the open file description and nothing in
+ * /proc shows them: the snapshot asks the frozen process (fcntl
+ * F_GETOWN_EX, F_GETSIG for each descriptor, with the other kinds'
+ * questions: no stop of their own). Without this a restored descriptor's
+ * owner was nobody: F_GETOWN answered 0, and no SIGIO (O_ASYNC) or SIGURG
+ * (a socket's urgent data, which goes to the owner whether or not the
+ * descriptor is O_ASYNC) ever came (silently wrong). A descriptor with
+ * neither an owner nor a signal records nothing.
  *
  * The owner is a process, a thread or a process group of the application
  * (recorded by virtual id; one outside it is refused by name); the
  * restore sets it again by the new system id, with calls run inside the
- * restored process once its threads exist. O_ASYNC is cleared and set
- * again there first: a description opened with O_ASYNC in its flags (a
- * tty, a file) has the bit without the driver's fasync registration,
- * which only F_SETFL makes, and F_SETFL does nothing for a bit already set.
+ * restored process once its threads exist. For an O_ASYNC descriptor,
+ * O_ASYNC is cleared and set again there first: a description opened with
+ * O_ASYNC in its flags (a tty, a file) has the bit without the driver's
+ * fasync registration, which only F_SETFL makes, and F_SETFL does nothing
+ * for a bit already set.
  *
- * Not kept: the owner of a descriptor that is not O_ASYNC (a socket's
- * SIGURG owner, a lease's break signal; README).
+ * Not kept: a lease's break signal (README).
  */
+import { readdirSync } from 'node:fs';
 import type { Fd, FdOwner, Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -34,47 +36,63 @@ const F_SETOWN_EX = 15;
 const F_GETOWN_EX = 16;
 const OWNER_KINDS = ['thread', 'process', 'process group'];
 
-/** Fills `fd.owner` for each O_ASYNC descriptor of `fds` (one stop, and
- * only when there is one). */
-export function dumpFdOwners(ctx: DumpContext, fds: Fd[], calls: CallQueue, what: string): void {
-  const asked: [Fd, Answer, Answer][] = fds
-    .filter((fd) => fd.flags & O_ASYNC)
-    .map((fd) => [fd, calls.ask(NR.fcntl, [fd.fd, F_GETOWN_EX, 'buf'], { outLength: 8 }), calls.ask(NR.fcntl, [fd.fd, F_GETSIG, 0])]);
-  if (!asked.length) return;
-  calls.run();
-  for (const [fd, own, sig] of asked) {
+/** Each descriptor's owner and signal, asked (F_GETOWN_EX, F_GETSIG)
+ * with the other kinds' questions, by descriptor number: every one the
+ * frozen process holds (its table does not change while it is frozen). */
+export type FdOwnersAsked = Map<number, { owner: Answer; signal: Answer }>;
+
+export function askFdOwners(calls: CallQueue, pid: number): FdOwnersAsked {
+  const asked: FdOwnersAsked = new Map();
+  for (const name of readdirSync(`/proc/${pid}/fd`)) {
+    const fd = Number(name);
+    asked.set(fd, { owner: calls.ask(NR.fcntl, [fd, F_GETOWN_EX, 'buf'], { outLength: 8 }), signal: calls.ask(NR.fcntl, [fd, F_GETSIG, 0]) });
+  }
+  return asked;
+}
+
+/** Fills `fd.owner` of each descriptor of `fds` that has an owner or a
+ * signal; `asked`: answered. */
+export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, what: string): void {
+  for (const fd of fds) {
+    const answers = asked.get(fd.fd);
+    if (!answers) throw new Error(`${what} fd ${fd.fd}: its owner was not asked for`);
+    const { owner: own, signal: sig } = answers;
     if (own.ret < 0n) throw new Error(`reading the owner of ${what} fd ${fd.fd}: errno ${-own.ret}`);
     if (sig.ret < 0n) throw new Error(`reading the signal of ${what} fd ${fd.fd}: errno ${-sig.ret}`);
     const type = own.out.readInt32LE(0);
     const system = own.out.readInt32LE(4);
-    if (type < 0 || type > 2) throw new Unsupported(`${what} fd ${fd.fd}: an O_ASYNC owner of type ${type} cannot be captured yet`);
+    const async = (fd.flags & O_ASYNC) !== 0;
+    if (!system && !sig.ret && !async) continue;
+    if (type < 0 || type > 2) throw new Unsupported(`${what} fd ${fd.fd}: an owner of type ${type} cannot be captured yet`);
     const vpid = system ? ctx.virtual('pid', system) : 0;
-    if (system && !vpid)
-      throw new Unsupported(`${what} fd ${fd.fd}: its signal-driven I/O (O_ASYNC) goes to ${OWNER_KINDS[type]} ${system}, outside the application, which cannot be captured`);
+    if (system && !vpid) throw new Unsupported(`${what} fd ${fd.fd}: ${async ? 'its signal-driven I/O (O_ASYNC) goes to' : 'its owner (F_SETOWN) is'} ${OWNER_KINDS[type]} ${system}, outside the application, which cannot be captured`);
     fd.owner = { type, vpid, signal: Number(sig.ret) };
   }
 }
 
-/** Sets each O_ASYNC descriptor's owner and signal again; after the
- * process's threads are made (an owner may be one of them). The calls are
+/** Sets each descriptor's owner and signal again (an O_ASYNC one's
+ * fasync registration too); after the process's threads are made (an
+ * owner may be one of them). The calls are
  * added to `calls`, a batch of the main thread's that its caller runs
  * (with other kinds' calls: one stop for all). */
 export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext, calls: CallBatch): void {
-  const owned = p.fds.filter((fd): fd is Fd & { owner: FdOwner } => fd.owner !== undefined && (fd.flags & O_ASYNC) !== 0);
+  const owned = p.fds.filter((fd): fd is Fd & { owner: FdOwner } => fd.owner !== undefined);
   if (!owned.length) return;
   const pids = addon().readTables(h.tablesPath).tables.pid ?? [];
   for (const fd of owned) {
     const where = `process ${p.vpid} fd ${fd.fd}`;
-    calls.add(`${where}: clearing O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags & ~O_ASYNC]);
-    calls.add(`${where}: setting O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags]);
+    if (fd.flags & O_ASYNC) {
+      calls.add(`${where}: clearing O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags & ~O_ASYNC]);
+      calls.add(`${where}: setting O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags]);
+    }
     if (fd.owner.vpid) {
       const system = pids.find((e) => e.virtual === fd.owner.vpid)?.system;
-      if (system === undefined) throw new Error(`${where}: its O_ASYNC owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}, was not restored`);
+      if (system === undefined) throw new Error(`${where}: its owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}, was not restored`);
       const owner = Buffer.alloc(8);
       owner.writeInt32LE(fd.owner.type, 0);
       owner.writeInt32LE(system, 4);
-      calls.add(`${where}: setting its O_ASYNC owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}`, SYS.fcntl, [fd.fd, F_SETOWN_EX, r.put(owner)]);
+      calls.add(`${where}: setting its owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}`, SYS.fcntl, [fd.fd, F_SETOWN_EX, r.put(owner)]);
     }
-    if (fd.owner.signal) calls.add(`${where}: setting its O_ASYNC signal ${fd.owner.signal}`, SYS.fcntl, [fd.fd, F_SETSIG, fd.owner.signal]);
+    if (fd.owner.signal) calls.add(`${where}: setting its signal ${fd.owner.signal}`, SYS.fcntl, [fd.fd, F_SETSIG, fd.owner.signal]);
   }
 }

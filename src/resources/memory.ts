@@ -82,6 +82,11 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
   hg: 14, // MADV_HUGEPAGE
   nh: 15, // MADV_NOHUGEPAGE
   mg: 12, // MADV_MERGEABLE
+  // Read-ahead hints: only performance, but a program that asked for them
+  // (a database scanning a file, a random-access index) is slower without
+  // them, and madvise gives them back as they were.
+  sr: 2, // MADV_SEQUENTIAL
+  rr: 1, // MADV_RANDOM
   lo: undefined,
   lf: undefined,
   sl: undefined,

@@ -48,7 +48,7 @@
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
  */
-import { closeSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, type RepairedConnection } from '../native.js';
@@ -132,13 +132,13 @@ export class HeldConnections {
       return d;
     };
     try {
-      return this.dumpWith(fd, ino, seen, what, notes, duplicate);
+      return this.dumpWith(pid, fd, ino, seen, what, notes, duplicate);
     } finally {
       if (spare !== undefined) closeSync(spare);
     }
   }
 
-  private dumpWith(fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes, duplicate: () => number): TcpConnection {
+  private dumpWith(pid: number, fd: number, ino: bigint, seen: SeenConnection, what: string, notes: Notes, duplicate: () => number): TcpConnection {
     const known = this.dumped.get(ino);
     if (known) return known;
     const [peerAddress, peerPort] = splitRemote(seen.remote);
@@ -149,8 +149,13 @@ export class HeldConnections {
     // never connected is unconnected.ts's, not here.)
     if (TCP_STATES[seen.state] === 'CLOSE' && !peerPort)
       throw new Unsupported(`${what} fd ${fd}: a TCP socket whose connection has ended (CLOSE${seen.port ? `, bound to ${connectionName(named).split(' ')[0]}` : ''}) cannot be captured yet`);
-    if (!KEPT_STATES.has(seen.state))
-      throw new Unsupported(`${where} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
+    if (!KEPT_STATES.has(seen.state)) {
+      // A connect in progress (SYN_SENT) has no peer for getpeername; the
+      // kernel's table names where it goes.
+      const peer = peerPort ? undefined : procNetPeer(pid, ino, seen.family);
+      const whereTo = peer ? `${what} fd ${fd}: the TCP connection ${connectionName({ ...named, peerAddress: peer[0], peerPort: peer[1] })}` : where;
+      throw new Unsupported(`${whereTo} is ${TCP_STATES[seen.state] ?? `in state ${seen.state}`}; only established and half-closed connections (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT) can be captured yet`);
+    }
     // What the preload library saw set and nothing reads back (MD5 keys).
     noted(notes, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
@@ -245,6 +250,30 @@ export class HeldConnections {
     for (const { fd } of this.held.values()) closeSync(fd);
     this.held.clear();
   }
+}
+
+/** The remote address and port /proc/PID/net/tcp(6) shows for socket
+ * `ino`, where getpeername has none to give (a connect in progress). */
+function procNetPeer(pid: number, ino: bigint, family: number): [string, number] | undefined {
+  const v6 = family === AF_INET6;
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/net/${v6 ? 'tcp6' : 'tcp'}`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || f[9] !== String(ino)) continue;
+    const [hex, port] = f[2].split(':');
+    // Each 32-bit word in the host's order (little-endian here).
+    const bytes = Buffer.from(hex, 'hex');
+    for (let i = 0; i < bytes.length; i += 4) bytes.subarray(i, i + 4).reverse();
+    // A URL's host is the address written short ('::1').
+    const address = v6 ? new URL(`http://[${(bytes.toString('hex').match(/.{4}/g) ?? []).join(':')}]`).hostname.slice(1, -1) : [...bytes].join('.');
+    return [address, parseInt(port, 16)];
+  }
+  return undefined;
 }
 
 function splitRemote(remote: string): [string, number] {

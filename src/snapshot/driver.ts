@@ -26,7 +26,7 @@ import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attr
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
-import { dumpFdOwners } from '../resources/fdowner.js';
+import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
@@ -244,6 +244,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         timers: askPosixTimers(pid, calls, what),
         attributes: askAttributes(calls, tids),
         sigactions: askSigactions(pid, calls),
+        fdOwners: askFdOwners(calls, pid),
       }));
       timed('questions answered', () => calls.run());
       const creds = credsAsked();
@@ -275,7 +276,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
           sockets.close();
         }
       });
-      timed('fd owners', () => dumpFdOwners(ctx, proc.fds, calls, what));
+      timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
       refuseChrootedSocketPaths(proc, what);
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
       timed('injector close', () => inj.close());
