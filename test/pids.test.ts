@@ -361,6 +361,38 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
   });
 });
 
+describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
+  // glibc's child joins the group by an internal setpgid: the group must
+  // be the virtual one in the attribute and made the system's at the spawn.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-spawngroup-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  it('reads back the virtual group, and spawns into it before and after a snapshot and restore', async () => {
+    const aid = 'spawngroup';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to spawn');
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to spawn after the restore');
+  });
+
+  it('in a copy restored beside the original, each spawns into its own group', async () => {
+    const aid = 'spawngroup-orig';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image, '--leave-running']);
+    sb.ok(['restore', image, '--aid', 'spawngroup-copy', '--lazy']);
+    await sb.checksPass('spawngroup-copy');
+    await sb.exercised('spawngroup-copy', 'to spawn');
+    await sb.exercised(aid, 'to spawn');
+    await sb.checksPass(aid);
+  });
+});
+
 /** The lists of processes of the cgroups this process is in (and so its
  * children): cgroup.procs and cgroup.threads of cgroup v2, cgroup.procs and
  * tasks of cgroup v1's pids hierarchy, those that this node has. */

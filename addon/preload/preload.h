@@ -186,7 +186,7 @@ static inline void ensure_init(void) {
  * straight to the kernel (sys6). */
 #define REAL_FUNCS(X)                                                       \
   X(fork) X(clone) X(execve) X(execvpe) X(fexecve) X(posix_spawn)          \
-  X(posix_spawnp) X(posix_spawnattr_setpgroup) X(wait4) X(waitid)          \
+  X(posix_spawnp) X(wait4) X(waitid)          \
   X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
   X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
