@@ -1,10 +1,12 @@
 // Virtual PIDs: translation in both directions for real process trees.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { paths } from '../src/native.js';
+import { windowsOf } from '../src/ptrace/windows.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -273,6 +275,23 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     process.kill(child, 'SIGCONT');
     await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
     expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+
+  it('the preload library replaced on disk while the application runs (a rebuild): the windows are found in the copy the process maps', async () => {
+    const aid = 'windows-rebuilt';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    const pid = sb.systemPid(aid);
+    const before = windowsOf(pid);
+    expect(before).toBeDefined();
+    // As a rebuild leaves it: a new file under the old name, the process
+    // mapping the old one, "(deleted)".
+    const next = `${paths.preload}.next-${process.pid}`;
+    copyFileSync(paths.preload, next);
+    renameSync(next, paths.preload);
+    expect(readFileSync(`/proc/${pid}/maps`, 'utf8')).toContain(`${realpathSync(paths.preload)} (deleted)`);
+    expect(windowsOf(pid)).toEqual(before);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
   for (const call of ['getppid', 'kill', 'proc'] as const)

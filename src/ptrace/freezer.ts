@@ -321,7 +321,12 @@ export class Freezer {
       if (!t.stopped) continue;
       let windows = this.windows.get(t.pid);
       if (windows === undefined) {
-        windows = windowsOf(t.pid) ?? null;
+        try {
+          windows = windowsOf(t.pid) ?? null;
+        } catch (e) {
+          const main = this.threads.get(t.pid) ?? t;
+          throw new AppshotError(`cannot stop the application: ${this.nameOf(main)}: ${(e as Error).message}; it was left running`);
+        }
         this.windows.set(t.pid, windows);
       }
       if (windows && insideWindow(t.pid, t.tid, windows)) out.push(t);
