@@ -56,7 +56,30 @@ void id_window_above(uintptr_t sp) {
     t_id_window.sp = sp; /* nested, on a higher stack */
 }
 
+int g_tls_shared;
+
+/* Threads on one thread pointer: a window that begins while another's is
+ * open nests whatever the stacks say (the other thread's stack is
+ * anywhere); `sp` is where the first open one began, kept as the deepest
+ * of those that open on a raised mark so that the sharer with the lowest
+ * stack still reads as inside (the snapshot takes every sharer as inside
+ * anyway). A jump then closes nothing: a window left by one stays raised,
+ * and the snapshot waits for it until its timeout, refusing by name,
+ * rather than guess. */
+void id_window_open_shared(uintptr_t sp) {
+  int32_t was = __atomic_fetch_add(&t_id_window.open, 1, __ATOMIC_SEQ_CST);
+  if (was <= 0 || sp < t_id_window.sp) t_id_window.sp = sp;
+}
+
+void id_window_close_shared(void) {
+  int32_t open = __atomic_load_n(&t_id_window.open, __ATOMIC_RELAXED);
+  while (open > 0 && !__atomic_compare_exchange_n(&t_id_window.open, &open, open - 1, 1,
+                                                  __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+  }
+}
+
 void id_window_raised_above(uintptr_t older) {
+  if (__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED)) return; /* nests */
   struct stacks s;
   stacks_of_thread(&s);
   if (on_altstack(&s, older) == on_altstack(&s, t_id_window.sp)) t_id_window.open = 1;
@@ -76,6 +99,7 @@ static uintptr_t jump_target_sp(const struct __jmp_buf_tag *env) {
  * Called by the stubs below when a window is open. */
 __attribute__((used)) void windows_left_by_jump(const struct __jmp_buf_tag *env) HIDDEN;
 void windows_left_by_jump(const struct __jmp_buf_tag *env) {
+  if (__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED)) return; /* see above */
   uintptr_t target = jump_target_sp(env), begun = t_id_window.sp;
   struct stacks s;
   stacks_of_thread(&s);

@@ -63,7 +63,9 @@ __asm__(".text\n"
         "2:\n"
         "  movq %rsp, %fs:8(%rax)\n"
         "1:\n"
-        "  addl $1, %fs:(%rax)\n"
+        /* locked: threads sharing a thread pointer share the mark
+         * (preload.h, g_tls_shared) */
+        "  lock addl $1, %fs:(%rax)\n"
         "appshot_signal_entry_raised:\n"
         "  jmp translating_action\n"
         "  .cfi_endproc\n"

@@ -133,21 +133,31 @@ export function windowsOf(pid: number): Windows | undefined {
   }
 }
 
-/** Whether stopped thread `tid` of `pid` is inside a window and not blocked
- * in a system call: it must run on before it is snapshotted. */
-export function insideWindow(pid: number, tid: number, windows: Windows): boolean {
-  let regs: Buffer;
+/** A stopped thread's registers, or undefined if they cannot be read. */
+export function registersOf(tid: number): Buffer | undefined {
   try {
-    regs = addon().getRegs(tid);
+    return addon().getRegs(tid);
   } catch {
-    return false;
+    return undefined;
   }
+}
+
+/** The thread pointer in a thread's registers (0: none). */
+export const threadPointer = (regs: Buffer) => regs.readBigUInt64LE(REG.fsBase);
+
+/** Whether stopped thread `tid` of `pid` (registers `regs`) is inside a
+ * window and not blocked in a system call: it must run on before it is
+ * snapshotted. `shared`: other threads of the process run on the same
+ * thread pointer (a clone() without CLONE_SETTLS), so the mark is theirs
+ * too and cannot say which of them is inside: each of them is taken as
+ * inside while it is raised. */
+export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared = false): boolean {
   // At the handler's entry (where the kernel leaves a thread whose signal
   // frame it just built), before the stub raised the mark.
   const rip = regs.readBigUInt64LE(REG.rip);
   if (windows.entry && rip >= windows.entry && rip < windows.raised) return true;
   const offset = windows.offset;
-  const fsBase = regs.readBigUInt64LE(REG.fsBase);
+  const fsBase = threadPointer(regs);
   if (!fsBase) return false;
   // struct appshot_id_window: windows open, and the stack pointer where
   // the outermost began; a thread above it left it by a longjmp that
@@ -163,7 +173,7 @@ export function insideWindow(pid: number, tid: number, windows: Windows): boolea
   } catch {
     return false;
   }
-  if (open <= 0 || regs.readBigUInt64LE(REG.rsp) > sp) return false;
+  if (open <= 0 || (!shared && regs.readBigUInt64LE(REG.rsp) > sp)) return false;
   const blocked = regs.readBigInt64LE(REG.origRax) >= 0n && BLOCKED.has(regs.readBigInt64LE(REG.rax));
   return !blocked;
 }
