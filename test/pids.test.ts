@@ -261,6 +261,12 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     expect(r.code).toBe(0);
   });
 
+  it('a siglongjmp from a handler\'s inner window back into the handler closes the inner window only; none stays open after the outer returns', () => {
+    const r = sb.run(['run', '--', fixture('nestjmp')]);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
   it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
     const aid = 'idwindow-stopped';
     // Spinning long enough to be stopped there on a loaded machine.

@@ -102,10 +102,16 @@ extern __thread int32_t t_vtid TLS_IE HIDDEN;
  * thread inside while the handler runs on. A TLS store or two: no
  * system call (but on those rare paths), nothing allocated, safe in a
  * signal handler. */
+#define APPSHOT_WINDOW_DEPTH 8
 struct appshot_id_window {
   int32_t open; /* windows open */
   int32_t pad;
   uintptr_t sp; /* the stack pointer where the outermost one began */
+  /* Where each open window began, outermost first (the first
+   * APPSHOT_WINDOW_DEPTH): a jump closes exactly those it leaves, an inner
+   * one nested in a handler as well as all (preload_jump.c). Offset 16:
+   * the signal stub writes it. */
+  uintptr_t began[APPSHOT_WINDOW_DEPTH];
 };
 extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
 extern long appshot_id_window_tpoff __attribute__((visibility("default")));
@@ -160,9 +166,11 @@ WINDOW_INLINE int id_window_open(void) {
    * longjmp, unless it is on another stack (preload_jump.c). */
   if (UNLIKELY(t_id_window.open > 0 && sp >= t_id_window.sp))
     id_window_above(sp);
-  if (t_id_window.open == 0) t_id_window.sp = sp;
+  int32_t depth = t_id_window.open;
+  if (depth == 0) t_id_window.sp = sp;
+  if (LIKELY(depth < APPSHOT_WINDOW_DEPTH)) t_id_window.began[depth] = sp;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_id_window.open++;
+  t_id_window.open = depth + 1;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   return 0;
 }
