@@ -234,9 +234,6 @@ export interface PosixTimer {
   valueNs: bigint;
   intervalNs: bigint;
   overrun: number;
-  /** A CPU-time clock's process (virtual PID) or thread (virtual TID) by
-   * id; clockid then holds the clock with id 0 (timers.ts). */
-  clockVid?: number;
 }
 
 export interface ITimer {

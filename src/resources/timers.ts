@@ -21,7 +21,9 @@
  * A clock that names its process or thread (clock_getcpuclockid,
  * pthread_getcpuclockid: the kernel keeps the clock as timer_create got
  * it, which the preload library made the system's, so /proc shows the
- * system PID or TID inside it) is recorded by virtual id, and made again
+ * system PID or TID inside it) is recorded as the application holds it,
+ * with the virtual PID or TID inside (an older appshot refuses such a
+ * clock, never misreads it), and made again
  * on that process's or thread's new system id: a process of the image
  * (the kernel takes only a thread group's leader there), or a thread of
  * the timer's own process (the kernel takes no other). Refused by name: a
@@ -55,33 +57,25 @@ const cpuClockMake = (id: number, low: number) => ((~id << 3) | low) >> 0;
 const CPUCLOCK_LOW = 7;
 const CPUCLOCK_PERTHREAD = 4;
 
-/** A CPU-time clock as the image keeps it: with id 0, and whose it is by
- * virtual id (0: the caller's own, the clock names no one). */
-interface CpuClock {
-  clockid: number;
-  clockVid: number;
-}
-
-/** The timer's CPU-time clock as the image keeps it, or why it cannot be
- * made again. `threads`: the process's; `processOf`: the virtual PID of a
- * process of the image by system PID. */
-function cpuClock(clock: number, threads: { tid: number; vtid: number }[], processOf: (pid: number) => number | undefined): CpuClock | string {
+/** The timer's CPU-time clock as the image keeps it (the id inside made
+ * virtual), or why it cannot be made again. `threads`: the process's;
+ * `processOf`: the virtual PID of a process of the image by system PID. */
+function cpuClock(clock: number, threads: { tid: number; vtid: number }[], processOf: (pid: number) => number | undefined): number | string {
   if (clock >= 0 || (clock & 3) === 3) return `runs on clock ${clock}`;
   const id = cpuClockPid(clock);
   const perThread = (clock & CPUCLOCK_PERTHREAD) !== 0;
   if (id === 0) {
     if (perThread && threads.length > 1) return `runs on the CPU-time clock of the thread that made it (clock ${clock}), which /proc does not name in a process of ${threads.length} threads`;
-    return { clockid: clock, clockVid: 0 };
+    return clock;
   }
-  const own = cpuClockMake(0, clock & CPUCLOCK_LOW);
   if (perThread) {
     const thread = threads.find((t) => t.tid === id);
     if (!thread) return `runs on the CPU-time clock of system TID ${id} (pthread_getcpuclockid), which is no thread of the process any more`;
-    return { clockid: own, clockVid: thread.vtid };
+    return cpuClockMake(thread.vtid, clock & CPUCLOCK_LOW);
   }
   const vpid = processOf(id);
   if (!vpid) return `runs on the CPU-time clock of system PID ${id} (clock_getcpuclockid), a process outside the application`;
-  return { clockid: own, clockVid: vpid };
+  return cpuClockMake(vpid, clock & CPUCLOCK_LOW);
 }
 const NS = 1_000_000_000n;
 
@@ -138,8 +132,8 @@ export function askPosixTimers(pid: number, calls: CallQueue, what: string): Tim
 export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid: number }[], processOf: (pid: number) => number | undefined, what: string): PosixTimer[] {
   return asked.timers.map((t, i) => {
     const name = `${what}: POSIX timer ${t.id}`;
-    const clock = PLAIN_CLOCKS.has(t.clockid) ? { clockid: t.clockid, clockVid: 0 } : cpuClock(t.clockid, threads, processOf);
-    if (typeof clock === 'string') throw new Unsupported(`${name} ${clock}, which cannot be captured yet`);
+    const clockid = PLAIN_CLOCKS.has(t.clockid) ? t.clockid : cpuClock(t.clockid, threads, processOf);
+    if (typeof clockid === 'string') throw new Unsupported(`${name} ${clockid}, which cannot be captured yet`);
     let notify: number;
     let vtid = 0;
     if (t.target === 'tid') {
@@ -158,7 +152,7 @@ export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid
     if (ret !== 0n) throw new Error(`${name}: timer_gettime failed (${-ret})`);
     const ns = (o: number) => out.readBigInt64LE(o) * NS + out.readBigInt64LE(o + 8);
     const overrun = asked.overrun[i].ret;
-    return { id: t.id, clockid: clock.clockid, ...(clock.clockVid ? { clockVid: clock.clockVid } : {}), notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
+    return { id: t.id, clockid, notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
   });
 }
 
@@ -177,12 +171,12 @@ function sigevent(t: PosixTimer, tid: number): Buffer {
 /** The clock to make timer `t` on, with the id of its process or thread
  * on this node. */
 function clockNow(t: PosixTimer, systemTid: (vtid: number) => number | undefined, systemPid: (vpid: number) => number | undefined): number {
-  const vid = t.clockVid ?? 0;
-  const cpu = t.clockid < 0 && (t.clockid & 3) !== 3;
-  if (!PLAIN_CLOCKS.has(t.clockid) && (!cpu || cpuClockPid(t.clockid) !== 0))
+  if (PLAIN_CLOCKS.has(t.clockid)) return t.clockid;
+  if (t.clockid >= 0 || (t.clockid & 3) === 3)
     throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid}, which a snapshot never records`);
+  const vid = cpuClockPid(t.clockid);
   if (!vid) return t.clockid;
-  if (!cpu || vid < 0) throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid} names id ${vid}`);
+  if (vid < 0) throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid} names id ${vid}`);
   const thread = (t.clockid & CPUCLOCK_PERTHREAD) !== 0;
   const id = thread ? systemTid(vid) : systemPid(vid);
   if (!id) throw new Error(`corrupt image: POSIX timer ${t.id} runs on the CPU-time clock of ${thread ? 'thread' : 'process'} ${vid}, which the image does not hold${thread ? ' in its process' : ''}`);
@@ -230,6 +224,7 @@ export function describePosixTimer(t: PosixTimer): string {
   const s = (ns: bigint) => `${(Number(ns) / 1e9).toFixed(3)}s`;
   const to = t.notify === PosixTimerNotify.NONE ? 'no signal' : `signal ${t.signal}${t.notify === PosixTimerNotify.THREAD ? ` to thread ${t.vtid}` : ''}`;
   const when = t.valueNs ? `in ${s(t.valueNs)}` : 'disarmed';
-  const clock = t.clockVid ? `the CPU-time clock ${t.clockid} of ${t.clockid & CPUCLOCK_PERTHREAD ? 'thread' : 'process'} ${t.clockVid}` : `clock ${t.clockid}`;
+  const vid = t.clockid < 0 && (t.clockid & 3) !== 3 ? cpuClockPid(t.clockid) : 0;
+  const clock = vid ? `the CPU-time clock ${t.clockid} of ${t.clockid & CPUCLOCK_PERTHREAD ? 'thread' : 'process'} ${vid}` : `clock ${t.clockid}`;
   return `${t.id} ${clock}, ${to}, ${when}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}`;
 }
