@@ -4,7 +4,7 @@ import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, rena
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { alive, cli, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
 import { paths } from '../src/native.js';
 import { windowsOf } from '../src/ptrace/windows.js';
 
@@ -297,6 +297,12 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     renameSync(next, paths.preload);
     expect(readFileSync(`/proc/${pid}/maps`, 'utf8')).toContain(`${realpathSync(paths.preload)} (deleted)`);
     expect(windowsOf(pid)).toEqual(before);
+    // Without the capability to read the mapping, the snapshot says so,
+    // and leaves the application running, rather than go on blind.
+    const blind = spawnSync('setpriv', ['--bounding-set=-sys_admin,-checkpoint_restore', process.execPath, cli, 'snapshot', aid, '-o', join(images, aid)], { env: sb.env, encoding: 'utf8' });
+    expect(blind.status, blind.stderr).not.toBe(0);
+    expect(blind.stderr).toMatch(/process 2 \(spawngroup\): it runs the preload library \S+ as it was when it started, which has since been replaced or deleted \(rebuilt while the application ran\?\), and the copy it maps cannot be read .*; it was left running/);
+    await sb.checksPass(aid);
     sb.ok(['stop', aid, '--signal', 'KILL']);
   });
 
