@@ -92,6 +92,10 @@ describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in 
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });
 
+describe("POSIX timers on another process's or thread's CPU-time clock (clock_getcpuclockid, pthread_getcpuclockid): made again on their new system ids", () => {
+  roundTrips('ocput', [fixture('othertimers')], /POSIX timers: 0 the CPU-time clock -30 of process 3, signal 10, in \S+ every 0\.010s; 1 the CPU-time clock -?\d+ of thread \d+, no signal, in \S+; 2 the CPU-time clock -22 of process 2, no signal, in \S+/);
+});
+
 describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, connected outside) and UDP, with their queues', () => {
   // The socket outside the application that `logger` is connected to, as
   // a Go program's journald socket or /dev/log would be.
@@ -351,6 +355,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['odirect-pipe', () => /process 2 \(holder\) fd \d+: a pipe in packet mode \(O_DIRECT\) cannot be captured yet/],
     ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
+    ['outside-cputime-timer', () => /process 2 \(holder\): POSIX timer 0 runs on the CPU-time clock of system PID \d+ \(clock_getcpuclockid\), a process outside the application, which cannot be captured yet/],
     ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],
     ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
     ['deleted-truncated-mapping', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(\/tmp\/holder-truncated-\d+ \(deleted\)\) cannot be read, past the end of the file \(truncated under the mapping before it was deleted\), which cannot be captured/],

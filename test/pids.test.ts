@@ -1,10 +1,12 @@
 // Virtual PIDs: translation in both directions for real process trees.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { alive, cli, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { paths } from '../src/native.js';
+import { windowsOf } from '../src/ptrace/windows.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -259,6 +261,12 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     expect(r.code).toBe(0);
   });
 
+  it('a siglongjmp from a handler\'s inner window back into the handler closes the inner window only; none stays open after the outer returns', () => {
+    const r = sb.run(['run', '--', fixture('nestjmp')]);
+    expect(r.stdout).toBe('PASS\n');
+    expect(r.code).toBe(0);
+  });
+
   it('a thread stopped by job control inside a window: the snapshot is refused, naming it, and the application runs on', async () => {
     const aid = 'idwindow-stopped';
     // Spinning long enough to be stopped there on a loaded machine.
@@ -274,6 +282,47 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
     expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
   });
+
+  it('the preload library replaced on disk while the application runs (a rebuild): the windows are found in the copy the process maps', async () => {
+    const aid = 'windows-rebuilt';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    const pid = sb.systemPid(aid);
+    const before = windowsOf(pid);
+    expect(before).toBeDefined();
+    // As a rebuild leaves it: a new file under the old name, the process
+    // mapping the old one, "(deleted)".
+    const next = `${paths.preload}.next-${process.pid}`;
+    copyFileSync(paths.preload, next);
+    renameSync(next, paths.preload);
+    expect(readFileSync(`/proc/${pid}/maps`, 'utf8')).toContain(`${realpathSync(paths.preload)} (deleted)`);
+    expect(windowsOf(pid)).toEqual(before);
+    // Without the capability to read the mapping, the snapshot says so,
+    // and leaves the application running, rather than go on blind.
+    const blind = spawnSync('setpriv', ['--bounding-set=-sys_admin,-checkpoint_restore', process.execPath, cli, 'snapshot', aid, '-o', join(images, aid)], { env: sb.env, encoding: 'utf8' });
+    expect(blind.status, blind.stderr).not.toBe(0);
+    expect(blind.stderr).toMatch(/process 2 \(spawngroup\): it runs the preload library \S+ as it was when it started, which has since been replaced or deleted \(rebuilt while the application ran\?\), and the copy it maps cannot be read .*; it was left running/);
+    await sb.checksPass(aid);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+
+  // C runs on M's thread pointer and so on M's mark (preload.h,
+  // g_tls_shared). clobber: M's window, begun above C's, was taken for a
+  // sign that C's had been left by a longjmp, and closed it under C.
+  // handover: the mark's stack pointer is C's, below M, when C leaves and M
+  // stays inside: M looked outside.
+  for (const mode of ['clobber', 'handover'] as const)
+    it(`two threads on one thread pointer (clone without CLONE_SETTLS), ${mode}: the one inside is let run out of the window`, async () => {
+      const aid = `tlsshare-${mode}`;
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('tlsshare'), mode]);
+      await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid} to enter the windows`);
+      const image = join(images, aid);
+      sb.ok(['snapshot', aid, '-o', image]);
+      sb.ok(['restore', image]);
+      await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+      expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+      sb.ok(['stop', aid, '--signal', 'KILL']);
+    });
 
   for (const call of ['getppid', 'kill', 'proc'] as const)
     it(`${call === 'proc' ? 'access(/proc/<vpid>/stat)' : call}: the restored child's answer is the virtual one`, async () => {
@@ -358,6 +407,38 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
     process.kill(sb.systemPid(aid, idle), 'SIGUSR2');
     await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
     expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+});
+
+describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
+  // glibc's child joins the group by an internal setpgid: the group must
+  // be the virtual one in the attribute and made the system's at the spawn.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-spawngroup-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  it('reads back the virtual group, and spawns into it before and after a snapshot and restore', async () => {
+    const aid = 'spawngroup';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to spawn');
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to spawn after the restore');
+  });
+
+  it('in a copy restored beside the original, each spawns into its own group', async () => {
+    const aid = 'spawngroup-orig';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);
+    await sb.checksPass(aid);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image, '--leave-running']);
+    sb.ok(['restore', image, '--aid', 'spawngroup-copy', '--lazy']);
+    await sb.checksPass('spawngroup-copy');
+    await sb.exercised('spawngroup-copy', 'to spawn');
+    await sb.exercised(aid, 'to spawn');
+    await sb.checksPass(aid);
   });
 });
 

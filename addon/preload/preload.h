@@ -102,14 +102,28 @@ extern __thread int32_t t_vtid TLS_IE HIDDEN;
  * thread inside while the handler runs on. A TLS store or two: no
  * system call (but on those rare paths), nothing allocated, safe in a
  * signal handler. */
+#define APPSHOT_WINDOW_DEPTH 8
 struct appshot_id_window {
   int32_t open; /* windows open */
   int32_t pad;
   uintptr_t sp; /* the stack pointer where the outermost one began */
+  /* Where each open window began, outermost first (the first
+   * APPSHOT_WINDOW_DEPTH): a jump closes exactly those it leaves, an inner
+   * one nested in a handler as well as all (preload_jump.c). Offset 16:
+   * the signal stub writes it. */
+  uintptr_t began[APPSHOT_WINDOW_DEPTH];
 };
 extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
 extern long appshot_id_window_tpoff __attribute__((visibility("default")));
-static inline uintptr_t stack_pointer(void) {
+/* Set for good once a clone() with CLONE_VM but not CLONE_SETTLS was made:
+ * the child runs on its parent's thread pointer, so two threads share one
+ * t_id_window. A window one of them begins above the other's `sp` is then
+ * no sign of a longjmp (it nests: `sp` stays, naming the deeper one), and
+ * the count is changed atomically. The snapshot, for its part, cannot
+ * tell which of the sharers is inside, and takes all of them as inside
+ * while the mark is raised (src/ptrace/windows.ts). */
+extern int g_tls_shared HIDDEN;
+static inline __attribute__((always_inline)) uintptr_t stack_pointer(void) {
   uintptr_t sp;
   __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
   return sp;
@@ -123,28 +137,47 @@ HIDDEN void id_window_above(uintptr_t sp);
  * raised its window at its own stack pointer over open ones that began at
  * `older`: leaves only its own open if they were on the same stack. */
 HIDDEN void id_window_raised_above(uintptr_t older);
-static inline void id_window_close(int *unused) {
+/* The rare paths of a mark shared by threads (g_tls_shared): atomic, and
+ * no longjmp guess (preload_jump.c). */
+HIDDEN void id_window_open_shared(uintptr_t sp);
+HIDDEN void id_window_close_shared(void);
+/* Always inlined: `sp` must be the wrapper's own stack pointer. Taken in a
+ * function of its own (LTO outlines these once they grow), it would lie
+ * below the wrapper's frame, and a thread stopped back in that frame (at
+ * the system call the window guards) would read as above it: outside. */
+#define WINDOW_INLINE static inline __attribute__((always_inline))
+WINDOW_INLINE void id_window_close(int *unused) {
   (void)unused;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  if (UNLIKELY(__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED))) {
+    id_window_close_shared();
+    return;
+  }
   if (t_id_window.open > 0) t_id_window.open--;
 }
-static inline int id_window_open(void) {
+WINDOW_INLINE int id_window_open(void) {
   uintptr_t sp = stack_pointer();
+  if (UNLIKELY(__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED))) {
+    id_window_open_shared(sp);
+    return 0;
+  }
   /* At or above the outermost window's start (a window inside a live one
    * begins deeper, in a callee or a handler): that one was left by a
    * longjmp, unless it is on another stack (preload_jump.c). */
   if (UNLIKELY(t_id_window.open > 0 && sp >= t_id_window.sp))
     id_window_above(sp);
-  if (t_id_window.open == 0) t_id_window.sp = sp;
+  int32_t depth = t_id_window.open;
+  if (depth == 0) t_id_window.sp = sp;
+  if (LIKELY(depth < APPSHOT_WINDOW_DEPTH)) t_id_window.began[depth] = sp;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_id_window.open++;
+  t_id_window.open = depth + 1;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   return 0;
 }
 #define ID_WINDOW() \
   int id_window_ __attribute__((cleanup(id_window_close), unused)) = id_window_open()
 /* The same, only if `cond` holds. */
-static inline void id_window_close_if(int *opened) {
+WINDOW_INLINE void id_window_close_if(int *opened) {
   if (*opened) id_window_close(opened);
 }
 #define ID_WINDOW_IF(cond)                                            \
@@ -186,7 +219,7 @@ static inline void ensure_init(void) {
  * straight to the kernel (sys6). */
 #define REAL_FUNCS(X)                                                       \
   X(fork) X(clone) X(execve) X(execvpe) X(fexecve) X(posix_spawn)          \
-  X(posix_spawnp) X(posix_spawnattr_setpgroup) X(wait4) X(waitid)          \
+  X(posix_spawnp) X(wait4) X(waitid)          \
   X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
   X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \

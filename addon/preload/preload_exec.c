@@ -323,7 +323,19 @@ API int execle(const char *path, const char *arg0, ...) {
  *
  * The parent maps the child, and the new program maps itself at start: the
  * two may come in either order, and the table lands them on one entry, as
- * with fork (see preload_pid.c). */
+ * with fork (see preload_pid.c).
+ *
+ * The process group of POSIX_SPAWN_SETPGROUP: glibc 2.36 makes the child
+ * with clone3(CLONE_VM|CLONE_VFORK), and the child calls glibc's internal
+ * __setpgid(0, attr's group), a bare system call that never reaches our
+ * setpgid. The attribute holds the group as the application gave it (a
+ * virtual PID: posix_spawnattr_getpgroup hands it back as it was set), and
+ * the spawn translates it, in the parent, into a copy of the attribute it
+ * hands glibc: at the moment of use, so that an attribute set before a
+ * snapshot names the group's new system PID after a restore. No other
+ * attribute (flags, signal masks, scheduling parameters and policy) and no
+ * file action (descriptors, paths, a directory, a terminal's descriptor)
+ * carries a process id. */
 
 static char *const empty_env[] = {NULL};
 
@@ -336,17 +348,41 @@ static int spawned(int rc, pid_t spid, pid_t *pid) {
   return rc;
 }
 
+/* `attr`, or `copy` holding it with its process group made the system's.
+ * 0, or EPERM for a group the application does not hold (what the child's
+ * setpgid would say of a group that does not exist). Inside the caller's
+ * translation window. */
+static int spawn_attr(const posix_spawnattr_t *attr, posix_spawnattr_t *copy,
+                      const posix_spawnattr_t **use) {
+  *use = attr;
+  short flags;
+  pid_t vgroup, sgroup;
+  if (!g_h || !attr || posix_spawnattr_getflags(attr, &flags) != 0 ||
+      !(flags & POSIX_SPAWN_SETPGROUP) ||
+      posix_spawnattr_getpgroup(attr, &vgroup) != 0 || vgroup <= 0)
+    return 0;
+  if (!v2s_pid(vgroup, &sgroup)) return EPERM;
+  memcpy(copy, attr, sizeof *copy);
+  posix_spawnattr_setpgroup(copy, sgroup);
+  *use = copy;
+  return 0;
+}
+
 API int posix_spawn(pid_t *restrict pid, const char *restrict path,
                     const posix_spawn_file_actions_t *fa,
                     const posix_spawnattr_t *restrict attr,
                     char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
-  ID_WINDOW(); /* the child's system PID, until mapped */
+  ID_WINDOW(); /* the group's system PID, then the child's, until mapped */
+  posix_spawnattr_t attr_copy;
+  const posix_spawnattr_t *use;
+  int e = spawn_attr(attr, &attr_copy, &use);
+  if (e) return e;
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
-  int rc = REAL(posix_spawn)(&spid, path, fa, attr, argv, env);
+  int rc = REAL(posix_spawn)(&spid, path, fa, use, argv, env);
   return spawned(rc, spid, pid);
 }
 
@@ -355,20 +391,15 @@ API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
                      const posix_spawnattr_t *restrict attr,
                      char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
-  ID_WINDOW(); /* the child's system PID, until mapped */
+  ID_WINDOW(); /* the group's system PID, then the child's, until mapped */
+  posix_spawnattr_t attr_copy;
+  const posix_spawnattr_t *use;
+  int e = spawn_attr(attr, &attr_copy, &use);
+  if (e) return e;
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
-  int rc = REAL(posix_spawnp)(&spid, file, fa, attr, argv, env);
+  int rc = REAL(posix_spawnp)(&spid, file, fa, use, argv, env);
   return spawned(rc, spid, pid);
-}
-
-/* The group is stored now and used by the child's setpgid, which knows no
- * virtual ids. Unknown: EPERM, what that setpgid would say. */
-API int posix_spawnattr_setpgroup(posix_spawnattr_t *attr, pid_t pgroup) {
-  ensure_init();
-  pid_t sid = pgroup;
-  if (g_h && pgroup > 0 && !v2s_pid(pgroup, &sid)) return EPERM;
-  return REAL(posix_spawnattr_setpgroup)(attr, sid);
 }

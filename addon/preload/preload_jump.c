@@ -17,9 +17,12 @@
  * is async-signal-safe.
  *
  * Which windows a jump leaves: the jump goes to the stack pointer glibc's
- * setjmp saved in the jmp_buf (mangled with the thread's pointer guard). On
- * the stack of the outermost open window, that window is left if it began
- * below (deeper than) the target, and all windows inside it with it. When
+ * setjmp saved in the jmp_buf (mangled with the thread's pointer guard).
+ * Each open window's start is recorded (the first APPSHOT_WINDOW_DEPTH):
+ * on the stack of the target, a window is left if it began below (deeper
+ * than) the target, and all windows inside it with it; so a jump from a
+ * handler's inner window back into the handler, inside an outer window
+ * the handler interrupted, closes the inner one only. When
  * the two are on different stacks, one of them is the sigaltstack: a
  * window on it, with the target off it, was begun by a handler the jump
  * leaves; a window off it, with the target on it, is one a handler
@@ -56,10 +59,36 @@ void id_window_above(uintptr_t sp) {
     t_id_window.sp = sp; /* nested, on a higher stack */
 }
 
+int g_tls_shared;
+
+/* Threads on one thread pointer: a window that begins while another's is
+ * open nests whatever the stacks say (the other thread's stack is
+ * anywhere); `sp` is where the first open one began, kept as the deepest
+ * of those that open on a raised mark so that the sharer with the lowest
+ * stack still reads as inside (the snapshot takes every sharer as inside
+ * anyway). A jump then closes nothing: a window left by one stays raised,
+ * and the snapshot waits for it until its timeout, refusing by name,
+ * rather than guess. */
+void id_window_open_shared(uintptr_t sp) {
+  int32_t was = __atomic_fetch_add(&t_id_window.open, 1, __ATOMIC_SEQ_CST);
+  if (was <= 0 || sp < t_id_window.sp) t_id_window.sp = sp;
+}
+
+void id_window_close_shared(void) {
+  int32_t open = __atomic_load_n(&t_id_window.open, __ATOMIC_RELAXED);
+  while (open > 0 && !__atomic_compare_exchange_n(&t_id_window.open, &open, open - 1, 1,
+                                                  __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+  }
+}
+
 void id_window_raised_above(uintptr_t older) {
+  if (__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED)) return; /* nests */
   struct stacks s;
   stacks_of_thread(&s);
-  if (on_altstack(&s, older) == on_altstack(&s, t_id_window.sp)) t_id_window.open = 1;
+  if (on_altstack(&s, older) == on_altstack(&s, t_id_window.sp)) {
+    t_id_window.began[0] = t_id_window.sp; /* the stub's, now the only one */
+    t_id_window.open = 1;
+  }
 }
 
 /* The stack pointer a jump to `env` resumes with: glibc's x86-64 jmp_buf
@@ -76,14 +105,24 @@ static uintptr_t jump_target_sp(const struct __jmp_buf_tag *env) {
  * Called by the stubs below when a window is open. */
 __attribute__((used)) void windows_left_by_jump(const struct __jmp_buf_tag *env) HIDDEN;
 void windows_left_by_jump(const struct __jmp_buf_tag *env) {
-  uintptr_t target = jump_target_sp(env), begun = t_id_window.sp;
+  if (__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED)) return; /* see above */
+  uintptr_t target = jump_target_sp(env);
   struct stacks s;
   stacks_of_thread(&s);
-  int begun_alt = on_altstack(&s, begun), target_alt = on_altstack(&s, target);
-  int left = begun_alt == target_alt ? begun < target : begun_alt;
-  if (left) {
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    t_id_window.open = 0;
+  int target_alt = on_altstack(&s, target);
+  /* The windows a jump leaves are the innermost ones, from the first it
+   * leaves on: each later one began inside it. Deeper than those recorded,
+   * the windows are kept (the snapshot waits for them, or gives up). */
+  int32_t open = t_id_window.open;
+  int32_t known = open < APPSHOT_WINDOW_DEPTH ? open : APPSHOT_WINDOW_DEPTH;
+  for (int32_t k = 0; k < known; k++) {
+    uintptr_t begun = t_id_window.began[k];
+    int begun_alt = on_altstack(&s, begun);
+    if (begun_alt == target_alt ? begun < target : begun_alt) {
+      __atomic_signal_fence(__ATOMIC_SEQ_CST);
+      t_id_window.open = k;
+      return;
+    }
   }
 }
 

@@ -181,6 +181,10 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM)
     __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  /* The child will share our thread pointer, and so our window marks,
+   * from its first instruction on (preload.h, g_tls_shared). */
+  if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
+    __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
   if (flags & CLONE_THREAD) {
     /* A raw thread: its TLS is not ours to cache in, and both sides may map
      * its TID, hence nocache (set above: CLONE_THREAD implies CLONE_VM). */

@@ -63,7 +63,16 @@ __asm__(".text\n"
         "2:\n"
         "  movq %rsp, %fs:8(%rax)\n"
         "1:\n"
-        "  addl $1, %fs:(%rax)\n"
+        /* Where ours began, among the first APPSHOT_WINDOW_DEPTH (r8 is
+         * no argument of the handler's). */
+        "  movl %fs:(%rax), %r8d\n"
+        "  cmpl $8, %r8d\n"
+        "  jae 3f\n"
+        "  movq %rsp, %fs:16(%rax,%r8,8)\n"
+        "3:\n"
+        /* locked: threads sharing a thread pointer share the mark
+         * (preload.h, g_tls_shared) */
+        "  lock addl $1, %fs:(%rax)\n"
         "appshot_signal_entry_raised:\n"
         "  jmp translating_action\n"
         "  .cfi_endproc\n"

@@ -15,7 +15,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
-import { insideWindow, type Windows, windowsOf } from './windows.js';
+import { insideWindow, registersOf, threadPointer, type Windows, windowsOf } from './windows.js';
 
 export interface FrozenThread {
   tid: number;
@@ -316,15 +316,26 @@ export class Freezer {
   /** The stopped threads inside a translation window, not blocked in a
    * system call (windows.ts), those in a job-control stop among them. */
   private insideWindows(): FrozenThread[] {
+    const stopped = [...this.threads.values()].filter((t) => t.stopped).map((t) => ({ t, regs: registersOf(t.tid) }));
+    // Threads of one process on one thread pointer (a clone() without
+    // CLONE_SETTLS) share one mark, which cannot say which is inside.
+    const sharers = new Map<string, number>();
+    const key = (pid: number, regs: Buffer) => `${pid}:${threadPointer(regs)}`;
+    for (const { t, regs } of stopped) if (regs && threadPointer(regs)) sharers.set(key(t.pid, regs), (sharers.get(key(t.pid, regs)) ?? 0) + 1);
     const out: FrozenThread[] = [];
-    for (const t of this.threads.values()) {
-      if (!t.stopped) continue;
+    for (const { t, regs } of stopped) {
+      if (!regs) continue;
       let windows = this.windows.get(t.pid);
       if (windows === undefined) {
-        windows = windowsOf(t.pid) ?? null;
+        try {
+          windows = windowsOf(t.pid) ?? null;
+        } catch (e) {
+          const main = this.threads.get(t.pid) ?? t;
+          throw new AppshotError(`cannot stop the application: ${this.nameOf(main)}: ${(e as Error).message}; it was left running`);
+        }
         this.windows.set(t.pid, windows);
       }
-      if (windows && insideWindow(t.pid, t.tid, windows)) out.push(t);
+      if (windows && insideWindow(t.pid, regs, windows, (sharers.get(key(t.pid, regs)) ?? 0) > 1)) out.push(t);
     }
     return out;
   }

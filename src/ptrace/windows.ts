@@ -14,8 +14,10 @@
  * where the kernel's frame (and its siginfo's system PID) exists but the
  * mark is not raised yet, is inside too.
  */
-import { readFileSync, realpathSync } from 'node:fs';
-import { symbolAddress } from '../elf.js';
+import { closeSync, openSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
+import { elfSymbol, firstLoadVaddr } from '../elf.js';
+import { AppshotError } from '../errors.js';
 import { addon, paths } from '../native.js';
 
 /** Offsets in x86-64 struct user_regs_struct. */
@@ -44,8 +46,69 @@ export interface Windows {
   raised: bigint;
 }
 
+/** The preload library as a process maps it (a line of its maps at file
+ * offset 0): where, and which file (device and inode). */
+interface PreloadMapping {
+  start: bigint;
+  end: bigint;
+  path: string;
+  dev: string;
+  inode: bigint;
+}
+
+/** The lowest mapping at offset 0 of a file named like our preload library
+ * (this build's, a replaced or deleted one, "(deleted)", or another
+ * install's), or undefined: the process runs without it. */
+function preloadMapping(maps: string): PreloadMapping | undefined {
+  const ours = preload();
+  const name = basename(ours);
+  let found: PreloadMapping | undefined;
+  for (const line of maps.split('\n')) {
+    // start-end perms offset dev inode   path
+    const m = /^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s+(.*)$/.exec(line);
+    if (!m || BigInt(`0x${m[3]}`) !== 0n) continue;
+    const path = m[6].replace(/ \(deleted\)$/, '');
+    if (path !== ours && basename(path) !== name) continue;
+    const start = BigInt(`0x${m[1]}`);
+    if (!found || start < found.start) found = { start, end: BigInt(`0x${m[2]}`), path, dev: m[4], inode: BigInt(m[5]) };
+  }
+  return found;
+}
+
+/** "major:minor" in hex, as /proc/PID/maps names a device. */
+function deviceName(dev: bigint): string {
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  return `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}`;
+}
+
+/** A file holding the very library the process mapped: its path while
+ * that still names the same file, else the mapping itself
+ * (/proc/PID/map_files, which needs CAP_SYS_ADMIN or
+ * CAP_CHECKPOINT_RESTORE). The library rebuilt while the application
+ * runs would otherwise give the symbols of another build, or none. */
+function mappedFile(pid: number, lib: PreloadMapping): string {
+  try {
+    const st = statSync(lib.path, { bigint: true });
+    if (st.ino === lib.inode && deviceName(st.dev) === lib.dev) return lib.path;
+  } catch {
+    /* gone: the mapping then */
+  }
+  const mapping = `/proc/${pid}/map_files/${lib.start.toString(16)}-${lib.end.toString(16)}`;
+  try {
+    closeSync(openSync(mapping, 'r'));
+    return mapping;
+  } catch (e) {
+    throw new AppshotError(
+      `it runs the preload library ${lib.path} as it was when it started, which has since been replaced or deleted (rebuilt while the application ran?), and the copy it maps cannot be read (${mapping}: ${(e as NodeJS.ErrnoException).code ?? String(e)}): where its translations of process ids are cannot be known`,
+    );
+  }
+}
+
 /** undefined when the process has no preload library (or the library has
- * not published the offset yet). */
+ * not published the offset yet). Throws, saying why of "it" (the
+ * process), when it has one whose symbols cannot be read: a snapshot that
+ * cannot see the windows must not go on as if there were none. */
 export function windowsOf(pid: number): Windows | undefined {
   let maps: string;
   try {
@@ -53,33 +116,48 @@ export function windowsOf(pid: number): Windows | undefined {
   } catch {
     return undefined;
   }
-  const at = symbolAddress(maps, [preload()], 'appshot_id_window_tpoff');
-  if (!at) return undefined;
-  const entry = symbolAddress(maps, [preload()], 'appshot_signal_entry')?.address ?? 0n;
-  const raised = symbolAddress(maps, [preload()], 'appshot_signal_entry_raised')?.address ?? 0n;
+  const lib = preloadMapping(maps);
+  if (!lib) return undefined;
+  const file = mappedFile(pid, lib);
+  const bias = lib.start - firstLoadVaddr(file);
+  const at = elfSymbol(file, 'appshot_id_window_tpoff');
+  if (at === undefined)
+    throw new AppshotError(`it maps ${lib.path}, a preload library that does not say where its translations of process ids are (appshot_id_window_tpoff): another appshot's?`);
+  const entry = elfSymbol(file, 'appshot_signal_entry');
+  const raised = elfSymbol(file, 'appshot_signal_entry_raised');
   try {
-    const offset = addon().readMemory(pid, at.address, 8).readBigInt64LE(0);
-    return offset === 0n ? undefined : { offset, entry, raised };
+    const offset = addon().readMemory(pid, bias + at, 8).readBigInt64LE(0);
+    return offset === 0n ? undefined : { offset, entry: entry === undefined ? 0n : bias + entry, raised: raised === undefined ? 0n : bias + raised };
   } catch {
     return undefined;
   }
 }
 
-/** Whether stopped thread `tid` of `pid` is inside a window and not blocked
- * in a system call: it must run on before it is snapshotted. */
-export function insideWindow(pid: number, tid: number, windows: Windows): boolean {
-  let regs: Buffer;
+/** A stopped thread's registers, or undefined if they cannot be read. */
+export function registersOf(tid: number): Buffer | undefined {
   try {
-    regs = addon().getRegs(tid);
+    return addon().getRegs(tid);
   } catch {
-    return false;
+    return undefined;
   }
+}
+
+/** The thread pointer in a thread's registers (0: none). */
+export const threadPointer = (regs: Buffer) => regs.readBigUInt64LE(REG.fsBase);
+
+/** Whether stopped thread `tid` of `pid` (registers `regs`) is inside a
+ * window and not blocked in a system call: it must run on before it is
+ * snapshotted. `shared`: other threads of the process run on the same
+ * thread pointer (a clone() without CLONE_SETTLS), so the mark is theirs
+ * too and cannot say which of them is inside: each of them is taken as
+ * inside while it is raised. */
+export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared = false): boolean {
   // At the handler's entry (where the kernel leaves a thread whose signal
   // frame it just built), before the stub raised the mark.
   const rip = regs.readBigUInt64LE(REG.rip);
   if (windows.entry && rip >= windows.entry && rip < windows.raised) return true;
   const offset = windows.offset;
-  const fsBase = regs.readBigUInt64LE(REG.fsBase);
+  const fsBase = threadPointer(regs);
   if (!fsBase) return false;
   // struct appshot_id_window: windows open, and the stack pointer where
   // the outermost began; a thread above it left it by a longjmp that
@@ -95,7 +173,7 @@ export function insideWindow(pid: number, tid: number, windows: Windows): boolea
   } catch {
     return false;
   }
-  if (open <= 0 || regs.readBigUInt64LE(REG.rsp) > sp) return false;
+  if (open <= 0 || (!shared && regs.readBigUInt64LE(REG.rsp) > sp)) return false;
   const blocked = regs.readBigInt64LE(REG.origRax) >= 0n && BLOCKED.has(regs.readBigInt64LE(REG.rax));
   return !blocked;
 }

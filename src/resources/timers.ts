@@ -17,7 +17,17 @@
  * /proc does not name: known only in a process of one thread. The time
  * left is CPU time still to be used, as it was; the CPU time the process
  * had used is not carried (clock_gettime on it starts again near 0).
- * Refused by name: a clock of another process or thread (clock_getcpuclockid).
+ *
+ * A clock that names its process or thread (clock_getcpuclockid,
+ * pthread_getcpuclockid: the kernel keeps the clock as timer_create got
+ * it, which the preload library made the system's, so /proc shows the
+ * system PID or TID inside it) is recorded as the application holds it,
+ * with the virtual PID or TID inside (an older appshot refuses such a
+ * clock, never misreads it), and made again
+ * on that process's or thread's new system id: a process of the image
+ * (the kernel takes only a thread group's leader there), or a thread of
+ * the timer's own process (the kernel takes no other). Refused by name: a
+ * clock of a process outside the application, or of a thread that is gone.
  *
  * Not carried: the overrun count of the last expiry (no call sets it); a
  * timer's signal already queued comes back as an ordinary queued signal
@@ -43,14 +53,29 @@ const PLAIN_CLOCKS = new Set([0, 1, 7, 8, 9, 11]); // REALTIME MONOTONIC BOOTTIM
 /** A CPU-time clock as the kernel encodes it (negative): ~pid << 3, the
  * per-thread bit (4), and which count (PROF 0, VIRT 1, SCHED 2). */
 const cpuClockPid = (clock: number) => ~(clock >> 3);
+const cpuClockMake = (id: number, low: number) => ((~id << 3) | low) >> 0;
+const CPUCLOCK_LOW = 7;
 const CPUCLOCK_PERTHREAD = 4;
 
-/** Why the timer's CPU-time clock cannot be made again, if it cannot. */
-function cpuClockProblem(clock: number, threads: number): string | undefined {
+/** The timer's CPU-time clock as the image keeps it (the id inside made
+ * virtual), or why it cannot be made again. `threads`: the process's;
+ * `processOf`: the virtual PID of a process of the image by system PID. */
+function cpuClock(clock: number, threads: { tid: number; vtid: number }[], processOf: (pid: number) => number | undefined): number | string {
   if (clock >= 0 || (clock & 3) === 3) return `runs on clock ${clock}`;
-  if (cpuClockPid(clock) !== 0) return `runs on the CPU-time clock ${clock} of another process or thread (clock_getcpuclockid)`;
-  if (clock & CPUCLOCK_PERTHREAD && threads > 1) return `runs on the CPU-time clock of the thread that made it (clock ${clock}), which /proc does not name in a process of ${threads} threads`;
-  return undefined;
+  const id = cpuClockPid(clock);
+  const perThread = (clock & CPUCLOCK_PERTHREAD) !== 0;
+  if (id === 0) {
+    if (perThread && threads.length > 1) return `runs on the CPU-time clock of the thread that made it (clock ${clock}), which /proc does not name in a process of ${threads.length} threads`;
+    return clock;
+  }
+  if (perThread) {
+    const thread = threads.find((t) => t.tid === id);
+    if (!thread) return `runs on the CPU-time clock of system TID ${id} (pthread_getcpuclockid), which is no thread of the process any more`;
+    return cpuClockMake(thread.vtid, clock & CPUCLOCK_LOW);
+  }
+  const vpid = processOf(id);
+  if (!vpid) return `runs on the CPU-time clock of system PID ${id} (clock_getcpuclockid), a process outside the application`;
+  return cpuClockMake(vpid, clock & CPUCLOCK_LOW);
 }
 const NS = 1_000_000_000n;
 
@@ -101,12 +126,14 @@ export function askPosixTimers(pid: number, calls: CallQueue, what: string): Tim
 }
 
 /** The process's timers, in id order; `threads`: its threads as dumped;
- * `asked`: askPosixTimers's questions, answered. */
-export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid: number }[], what: string): PosixTimer[] {
+ * `asked`: askPosixTimers's questions, answered; `processOf`: the virtual
+ * PID of a process of the image by its system PID, undefined for one
+ * outside it. */
+export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid: number }[], processOf: (pid: number) => number | undefined, what: string): PosixTimer[] {
   return asked.timers.map((t, i) => {
     const name = `${what}: POSIX timer ${t.id}`;
-    const problem = PLAIN_CLOCKS.has(t.clockid) ? undefined : cpuClockProblem(t.clockid, threads.length);
-    if (problem) throw new Unsupported(`${name} ${problem}, which cannot be captured yet`);
+    const clockid = PLAIN_CLOCKS.has(t.clockid) ? t.clockid : cpuClock(t.clockid, threads, processOf);
+    if (typeof clockid === 'string') throw new Unsupported(`${name} ${clockid}, which cannot be captured yet`);
     let notify: number;
     let vtid = 0;
     if (t.target === 'tid') {
@@ -125,7 +152,7 @@ export function dumpPosixTimers(asked: TimersAsked, threads: { tid: number; vtid
     if (ret !== 0n) throw new Error(`${name}: timer_gettime failed (${-ret})`);
     const ns = (o: number) => out.readBigInt64LE(o) * NS + out.readBigInt64LE(o + 8);
     const overrun = asked.overrun[i].ret;
-    return { id: t.id, clockid: t.clockid, notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
+    return { id: t.id, clockid, notify, signal: t.signal, value: t.value, vtid, intervalNs: ns(0), valueNs: ns(16), overrun: overrun < 0n ? 0 : Number(overrun) };
   });
 }
 
@@ -141,23 +168,40 @@ function sigevent(t: PosixTimer, tid: number): Buffer {
   return ev;
 }
 
+/** The clock to make timer `t` on, with the id of its process or thread
+ * on this node. */
+function clockNow(t: PosixTimer, systemTid: (vtid: number) => number | undefined, systemPid: (vpid: number) => number | undefined): number {
+  if (PLAIN_CLOCKS.has(t.clockid)) return t.clockid;
+  if (t.clockid >= 0 || (t.clockid & 3) === 3)
+    throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid}, which a snapshot never records`);
+  const vid = cpuClockPid(t.clockid);
+  if (!vid) return t.clockid;
+  if (vid < 0) throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid} names id ${vid}`);
+  const thread = (t.clockid & CPUCLOCK_PERTHREAD) !== 0;
+  const id = thread ? systemTid(vid) : systemPid(vid);
+  if (!id) throw new Error(`corrupt image: POSIX timer ${t.id} runs on the CPU-time clock of ${thread ? 'thread' : 'process'} ${vid}, which the image does not hold${thread ? ' in its process' : ''}`);
+  return cpuClockMake(id, t.clockid & CPUCLOCK_LOW);
+}
+
 /** Every timer under its id, set as it was; `systemTid(vtid)`: a restored
- * thread's TID. Run once the threads exist, and last of all: timers start
- * at once. */
-export function restorePosixTimers(r: RemoteProcess, timers: PosixTimer[] | undefined, systemTid: (vtid: number) => number): void {
+ * thread's TID (of this process), `systemPid(vpid)`: a restored process's
+ * PID, both undefined for an id the image does not hold. Run once the
+ * threads exist (and every process of the image), and last of all: timers
+ * start at once. */
+export function restorePosixTimers(r: RemoteProcess, timers: PosixTimer[] | undefined, systemTid: (vtid: number) => number | undefined, systemPid: (vpid: number) => number | undefined): void {
   if (!timers?.length) return;
+  // Before anything is made: a corrupt image leaves nothing half done.
+  const clocks = timers.map((t) => clockNow(t, systemTid, systemPid));
   if (r.raw(SYS.prctl, [PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0]) !== 0n)
     throw new Error(`this kernel cannot make a POSIX timer under a given id (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.16): timer ${timers[0].id} cannot be restored`);
   try {
-    for (const t of timers) {
-      if (!PLAIN_CLOCKS.has(t.clockid) && (t.clockid >= 0 || cpuClockPid(t.clockid) !== 0 || (t.clockid & 3) === 3))
-        throw new Error(`corrupt image: POSIX timer ${t.id} on clock ${t.clockid}, which a snapshot never records`);
+    for (const [i, t] of timers.entries()) {
       r.reset();
       const id = Buffer.alloc(4);
       id.writeInt32LE(t.id);
       const idAt = r.put(id);
-      const tid = t.notify === PosixTimerNotify.THREAD ? systemTid(t.vtid) : 0;
-      r.call(`making POSIX timer ${t.id}`, SYS.timer_create, [t.clockid, r.put(sigevent(t, tid)), idAt]);
+      const tid = t.notify === PosixTimerNotify.THREAD ? systemTid(t.vtid) ?? 0 : 0;
+      r.call(`making POSIX timer ${t.id}`, SYS.timer_create, [clocks[i], r.put(sigevent(t, tid)), idAt]);
       const got = r.get(idAt, 4).readInt32LE();
       if (got !== t.id) throw new Error(`POSIX timer ${t.id} came back as ${got}`);
     }
@@ -180,5 +224,7 @@ export function describePosixTimer(t: PosixTimer): string {
   const s = (ns: bigint) => `${(Number(ns) / 1e9).toFixed(3)}s`;
   const to = t.notify === PosixTimerNotify.NONE ? 'no signal' : `signal ${t.signal}${t.notify === PosixTimerNotify.THREAD ? ` to thread ${t.vtid}` : ''}`;
   const when = t.valueNs ? `in ${s(t.valueNs)}` : 'disarmed';
-  return `${t.id} clock ${t.clockid}, ${to}, ${when}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}`;
+  const vid = t.clockid < 0 && (t.clockid & 3) !== 3 ? cpuClockPid(t.clockid) : 0;
+  const clock = vid ? `the CPU-time clock ${t.clockid} of ${t.clockid & CPUCLOCK_PERTHREAD ? 'thread' : 'process'} ${vid}` : `clock ${t.clockid}`;
+  return `${t.id} ${clock}, ${to}, ${when}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}`;
 }

@@ -730,7 +730,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
       for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
-      restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)]);
+      restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p);
       sealMemory(r, p.vmas);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING

@@ -250,7 +250,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       const creds = credsAsked();
       const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
       proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
-      proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, what));
+      proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
       timed('attributes', () => {
         dumpAttributes(proc, pid, asked.attributes, calls, what);
         dumpLockFuture(proc, pid, maps, batchAreas.get(pid)?.scratchRange, calls, what);
