@@ -18,6 +18,8 @@
  * - serve stopped with a prepared instance held leaves nothing behind: no
  *   process, no registration, no table in /dev/shm, the instance's port
  *   free to bind; `service rm` then removes the service.
+ * - serve killed with SIGKILL with a prepared instance held: its processes
+ *   die with their tracer, init removes the registration and tables;
  * - `--prepared 0`: none is prepared, the suspended service has no
  *   process at all, and it resumes as before.
  */
@@ -186,6 +188,39 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const rm = sb.run(['service', 'rm', 'db']);
     expect(rm.code, rm.stderr).toBe(0);
     expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
+  });
+
+  it('a serve killed with SIGKILL while it holds a prepared instance leaves nothing behind', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    await waitFor(prepared, 15_000, 'the next instance to be prepared');
+    const held = pids('db');
+    expect(held.length).toBeGreaterThan(0);
+    serve.child.kill('SIGKILL');
+    await serve.exited;
+    // Its processes die with their tracer; init sees its lifeline end,
+    // kills what is left, removes the tables and ends, leaving the
+    // registration of a restore that never committed for the next appshot
+    // command to release (appshot-init's header): `ps` does, and it does
+    // not list it.
+    await waitFor(() => held.every((p) => !alive(p)), 10_000, 'the held processes and init to die with serve');
+    await waitFor(() => ourTables().length === 0, 10_000, 'init to remove the tables');
+    expect(sb.json<{ aid: string }[]>(['ps', '-a']).map((a) => a.aid)).not.toContain('db');
+    expect(sb.allAids()).not.toContain('db');
+    expect(await bindable(APP)).toBe(true);
+    // The next serve resumes the service from the same image.
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    // (the instance it resumed keeps running across serves: ended here)
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    expect(sb.run(['rm', 'db']).code).toBe(0);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
