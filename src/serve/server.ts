@@ -655,7 +655,7 @@ class Service {
   /** The held instance let go on, if it is held for the image the service
    * resumes from, unchanged; undefined if there is none or it could not
    * be (given up: the caller restores afresh). */
-  private async releasePrepared(): Promise<RestoreResult | undefined> {
+  private async releasePrepared(): Promise<{ restored: RestoreResult; chain: LoadedImage[] } | undefined> {
     const p = this.prepared;
     if (!p) return undefined;
     this.prepared = undefined;
@@ -667,7 +667,7 @@ class Service {
     const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
     p.decide(current);
     try {
-      return await p.done;
+      return { restored: await p.done, chain: p.chain };
     } catch (e) {
       if (current) this.log('prepared-failed', { instance: this.name, error: (e as Error).message });
       return undefined;
@@ -691,10 +691,11 @@ class Service {
       // A preload under way is the reading the restore would do itself.
       if (!prepared && this.preloading) await this.preloading;
       // Not the files it checked any more: read afresh by the restore, and
-      // let go of (their page files are held open).
-      const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
-      if (!ready && !prepared) this.forgetPreload();
-      const restored = prepared ?? (await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready }));
+      // let go of (their page files are held open). A prepared one's were
+      // checked by its release.
+      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      if (!ready) this.forgetPreload();
+      const restored = prepared?.restored ?? (await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready }));
       this.seeds = restored.seeds;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       // Read, not settled: settling looks at its processes and tables
