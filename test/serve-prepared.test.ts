@@ -20,6 +20,9 @@
  *   free to bind; `service rm` then removes the service.
  * - serve killed with SIGKILL with a prepared instance held: its processes
  *   die with their tracer, init removes the registration and tables;
+ * - two services of one image, whose application listens on the same
+ *   port: only one can be held (the other's prepare finds the port
+ *   bound); resuming the other gives up the held one and restores;
  * - `--prepared 0`: none is prepared, the suspended service has no
  *   process at all, and it resumes as before.
  */
@@ -36,9 +39,10 @@ const REDIS = '/usr/bin/redis-server';
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-prepared-'));
 // Ports of their own, 17000-17999 (see Sandbox for the other files').
-const base = 17000 + (process.pid % 500) * 2;
+const base = 17000 + (process.pid % 330) * 3;
 const APP = base;
 const PUBLIC = base + 1;
+const PUBLIC2 = base + 2;
 const KEYS = 2000;
 
 let serve: Running | undefined;
@@ -63,8 +67,8 @@ interface ServiceJson {
   lastImage: string;
   instances: { aid: string; state: string; prepared?: boolean }[];
 }
-const show = () => sb.json<ServiceJson>(['service', 'show', 'db']);
-const prepared = () => show().instances[0]?.prepared === true;
+const show = (name = 'db') => sb.json<ServiceJson>(['service', 'show', name]);
+const prepared = (name = 'db') => show(name).instances[0]?.prepared === true;
 
 /** The processes of application `aid` (init too), from its tables: what
  * `appshot ps` lists. */
@@ -94,7 +98,7 @@ const events = () =>
     .trim()
     .split('\n')
     .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { event: string; service?: string; prepared?: boolean });
+    .map((l) => JSON.parse(l) as { event: string; service?: string; prepared?: boolean; why?: string });
 
 /** Whether `port` can be bound on 127.0.0.1 (nobody holds it). */
 const bindable = (port: number) =>
@@ -132,7 +136,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await serve.line(/^ready$/);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
-    await waitFor(prepared, 15_000, 'the next instance to be prepared');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const held = appPids('db');
     expect(held.length).toBeGreaterThan(0);
     for (const pid of held) expect(stateOf(pid)).toBe('t');
@@ -151,7 +155,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // prepared from the suspend's image, which the next connection resumes.
     await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
     await waitFor(() => held.every((p) => !alive(p)), 5000, 'the old processes to end');
-    await waitFor(prepared, 15_000, 'the next instance to be prepared again');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared again');
     const held2 = appPids('db');
     expect(held2.some((p) => held.includes(p))).toBe(false);
     expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
@@ -163,7 +167,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // part's times moved: its ctime with them). Not let go on: the image
     // is read afresh and restored.
     await waitFor(() => show().state === 'suspended', 15_000, 'the second suspend');
-    await waitFor(prepared, 15_000, 'the third prepare');
+    await waitFor(() => prepared(), 15_000, 'the third prepare');
     const held3 = appPids('db');
     utimesSync(join(show().lastImage, 'image.pb'), new Date(), new Date());
     expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
@@ -174,7 +178,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // Suspended and prepared once more, then serve stops: nothing of the
     // held instance is left.
     await waitFor(() => show().state === 'suspended', 15_000, 'the third suspend');
-    await waitFor(prepared, 15_000, 'the fourth prepare');
+    await waitFor(() => prepared(), 15_000, 'the fourth prepare');
     const held4 = pids('db');
     expect(held4.length).toBeGreaterThan(0);
     expect(ourTables()).toHaveLength(1);
@@ -195,7 +199,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve']);
     await serve.line(/^ready$/);
-    await waitFor(prepared, 15_000, 'the next instance to be prepared');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const held = pids('db');
     expect(held.length).toBeGreaterThan(0);
     serve.child.kill('SIGKILL');
@@ -221,6 +225,32 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
     expect(sb.run(['rm', 'db']).code).toBe(0);
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
+  it('two services of one image on one port inside: resuming the one not held gives up the held one', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    expect(sb.run(['service', 'add', 'db2', '--from', image, '--port', `127.0.0.1:${PUBLIC2}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    // One is held; the other's prepare found the port bound.
+    await waitFor(() => prepared('db') || prepared('db2'), 15_000, 'one of them to be prepared');
+    await waitFor(() => events().some((e) => e.event === 'prepare-failed'), 15_000, "the other's prepare to fail");
+    const [held, other] = prepared('db') ? ['db', 'db2'] : ['db2', 'db'];
+    const otherPublic = other === 'db' ? PUBLIC : PUBLIC2;
+    expect(redis(otherPublic, ['DBSIZE'])).toEqual([String(KEYS)]);
+    // (stderr reaches this process a moment after the decisions are made)
+    await waitFor(() => events().some((e) => e.event === 'retry' && e.service === other), 5000, 'the retry to be logged');
+    await waitFor(() => events().some((e) => e.event === 'unprepared' && e.service === held), 5000, 'the held one given up to be logged');
+    expect(prepared(held)).toBe(false);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    // The one resumed keeps running across serves: ended here.
+    sb.run(['stop', other, '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes(other), 10_000, 'the instance to end');
+    expect(sb.run(['rm', other]).code).toBe(0);
+    expect(sb.allAids()).toEqual([]);
+    for (const name of ['db', 'db2']) expect(sb.run(['service', 'rm', name]).code).toBe(0);
   });
 
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {

@@ -695,7 +695,17 @@ class Service {
       // checked by its release.
       const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      const restored = prepared?.restored ?? (await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready }));
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      const restored =
+        prepared?.restored ??
+        (await restoreNow().catch(async (e: Error) => {
+          // Another service's prepared instance may hold what this one
+          // needs (its port: services of one image, run one at a time):
+          // those are given up and the restore tried once more.
+          if (!(await this.host.dropOthersPrepared(this))) throw e;
+          this.log('retry', { instance: this.name, error: e.message, why: 'prepared instances of other services given up' });
+          return restoreNow();
+        }));
       this.seeds = restored.seeds;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       // Read, not settled: settling looks at its processes and tables
@@ -1043,6 +1053,13 @@ export class ServeHost {
     while (this.preparedOnes.length >= this.preparedLimit) void this.preparedOnes[0].dropPrepared('displaced by a more recently suspended service');
     this.preparedOnes.push(s);
     return true;
+  }
+
+  /** Gives up every prepared instance but `s`'s; whether there was any. */
+  async dropOthersPrepared(s: Service): Promise<boolean> {
+    const others = this.preparedOnes.filter((o) => o !== s);
+    await Promise.all(others.map((o) => o.dropPrepared("another service's restore failed, and may need what it holds")));
+    return others.length > 0;
   }
 
   unprepared(s: Service): void {
