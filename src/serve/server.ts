@@ -99,10 +99,14 @@ interface Held {
  * - its listening sockets are bound while it is held (the port is the
  *   instance's anyway; a direct connection waits in the backlog until the
  *   resume), and a port it was allocated is claimed in the registry;
- * - the image it came from is checked again at the release (the very
- *   files, unchangedOnDisk) and must still be the one the service resumes
- *   from: if not, or if the release fails (a process of it killed
+ * - the image it came from must still be the one the service resumes
+ *   from, and its files the very ones it was restored from (stat calls at
+ *   the release; the other checks of a preloaded image each second while
+ *   it is held): if not, or if the release fails (a process of it killed
  *   meanwhile), it is given up and the image restored afresh;
+ * - its timers (setitimer, POSIX timers, timerfd) are armed when it is
+ *   made, so the time it is held counts toward them, as it does on its
+ *   clocks; a restore at the connection arms them then;
  * - nothing of it outlives serve: it is given up at stop (what it made
  *   removed, as after a failed restore), and should serve die, its
  *   processes die with their tracer and init sees its lifeline end.
@@ -575,17 +579,13 @@ class Service {
     } else dispose();
   }
 
-  /** Whether its next instance is held prepared. */
-  get isPrepared(): boolean {
-    return this.prepared !== undefined;
-  }
-
   /**
    * Restores the next instance ahead of time and holds it (Prepared), if
    * the service is suspended with its image preloaded and ServeHost has
    * room (the K most recently suspended: one suspended now gives up the
-   * oldest's to make room; at serve's start, the first K preloaded are). The restore runs now, while no connection waits; one that
-   * comes meanwhile waits for it to be held, then lets it go on.
+   * oldest's to make room; at serve's start, the first K preloaded are).
+   * The restore runs now, while no connection waits; one that comes
+   * meanwhile waits for it to be held, then lets it go on.
    */
   private prepare(suspendedNow: boolean): void {
     if (this.spec.mode !== 'restore' || this.prepared || this.closing) return;
