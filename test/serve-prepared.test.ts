@@ -7,7 +7,7 @@
  * With a real redis (Debian's redis-server) holding 2,000 keys:
  * - at serve's start the suspended service's next instance is prepared:
  *   its processes exist, every one stopped under serve's ptrace (state
- *   't'), and none answers on its own port;
+ *   't'), and `appshot ps` says it is restoring;
  * - the first connection through the front door is answered by those very
  *   processes, with every key of the image; a write is made;
  * - after its idle suspend the old processes are gone, a new instance is
@@ -141,6 +141,9 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(held.length).toBeGreaterThan(0);
     for (const pid of held) expect(stateOf(pid)).toBe('t');
     expect(show().state).toBe('suspended');
+    // `ps` says what it is: a restore not committed.
+    const psState = () => sb.json<{ aid: string; state: string }[]>(['ps']).find((a) => a.aid === 'db')?.state;
+    expect(psState()).toBe('restoring');
 
     // The first connection lets those very processes go on: every key.
     const got = redis(PUBLIC, ['SET before kept!', 'DBSIZE', ...Array.from({ length: KEYS }, (_, i) => `GET key:${i}`)]);
@@ -148,6 +151,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(got.slice(2).every((v, i) => v === value(i))).toBe(true);
     expect(appPids('db')).toEqual(held);
     for (const pid of held) expect(stateOf(pid)).not.toBe('t');
+    expect(psState()).toBe('running');
     await waitFor(() => events().some((e) => e.event === 'restore' && e.service === 'db'), 5000, 'the restore to be logged');
     expect(events().find((e) => e.event === 'restore')).toMatchObject({ prepared: true });
 
