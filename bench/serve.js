@@ -279,26 +279,37 @@ try {
     if (CLONES) appshot('service', 'rm', 'dbc');
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
-    serve = await startServe();
-    // Settled: every service's state written, whatever serve does ahead
-    // of a resume done (its log quiet for a second).
-    for (let quiet = 0, seen = -1; quiet < 5; ) {
-      await sleep(200);
-      quiet = serveErr.length === seen ? quiet + 1 : 0;
-      seen = serveErr.length;
-    }
-    const states = readdirSync(join(home, 'services')).map((name) => {
-      try {
-        return JSON.parse(readFileSync(join(home, 'services', name, 'state.json'), 'utf8')).instances[0]?.state;
-      } catch {
-        return undefined;
+    // Twice: as serve runs by default (the most recently suspended
+    // services' next instances prepared, held stopped), and without any
+    // prepared (APPSHOT_PREPARED=0), in the same run.
+    for (const [label, extra] of [['default', {}], ['APPSHOT_PREPARED=0', { APPSHOT_PREPARED: '0' }]]) {
+      if (serve.exitCode === null) {
+        serve.kill('SIGTERM');
+        await new Promise((r) => serve.on('exit', r));
       }
-    });
-    const suspended = states.filter((s) => s === 'suspended').length;
-    const pids = keptProcesses(serve.pid);
-    const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
-    console.log(`(e) ${SERVICES} services, ${suspended} suspended: PSS of all appshot keeps running (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB`);
-    report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB)`, value: total / 1024, processes: pids.length, suspended });
+      serve = await startServe(extra);
+      // Settled: every service's state written, whatever serve does ahead
+      // of a resume done (its log quiet for a second).
+      for (let quiet = 0, seen = -1; quiet < 5; ) {
+        await sleep(200);
+        quiet = serveErr.length === seen ? quiet + 1 : 0;
+        seen = serveErr.length;
+      }
+      const states = readdirSync(join(home, 'services')).map((name) => {
+        try {
+          return JSON.parse(readFileSync(join(home, 'services', name, 'state.json'), 'utf8')).instances[0];
+        } catch {
+          return undefined;
+        }
+      });
+      const suspended = states.filter((s) => s?.state === 'suspended').length;
+      const prepared = states.filter((s) => s?.prepared).length;
+      const pids = keptProcesses(serve.pid);
+      const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
+      const own = pssKiB(serve.pid) / 1024;
+      console.log(`(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}): PSS of all appshot keeps running (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB, of which serve itself ${own.toFixed(1)} MiB`);
+      report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}`, value: total / 1024, serve: own, processes: pids.length, suspended, prepared });
+    }
   }
   if (process.env.BENCH_JSON) console.log(JSON.stringify(report));
 } finally {

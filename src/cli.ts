@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
-import { type AppRecord, LocalRegistry, checkAid, isEnded } from './registry.js';
+import { type AppRecord, LocalRegistry, checkAid, isEnded, isRestoring } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
@@ -98,7 +98,7 @@ export function buildProgram(): Command {
   function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
     return {
       aid: r.aid,
-      state: isEnded(r) ? 'exited' : 'running',
+      state: isEnded(r) ? 'exited' : isRestoring(r) ? 'restoring' : 'running',
       ...(isEnded(r) ? { exitCode: r.exitCode, endedAt: r.endedAt } : {}),
       command: r.command,
       detached: r.detached,
@@ -113,7 +113,7 @@ export function buildProgram(): Command {
   }
 
   function stateText(r: AppRecord): string {
-    return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : 'running';
+    return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
   }
 
   function portsText(r: AppRecord): string {

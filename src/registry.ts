@@ -179,6 +179,14 @@ export function isEnded(record: AppRecord): boolean {
   return record.state === 'exited';
 }
 
+/** Whether an application is still being restored: registered by a
+ * restore that has not committed (its processes made, none of them run;
+ * `appshot serve` holds a prepared instance so until a connection comes). */
+export function isRestoring(record: AppRecord): boolean {
+  const r = record.restore;
+  return !isEnded(record) && !!r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath);
+}
+
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 export function describeEnd(record: AppRecord): string {
   return `exited with code ${record.exitCode} at ${record.endedAt}`;

@@ -246,7 +246,10 @@ describe('appshot serve: a preloaded image', () => {
     const image = join(out, 'pre.img');
     await snapshotListener(sb, 'tpl2', APP2, image);
     const config = join(out, 'pre.json');
-    writeFileSync(config, JSON.stringify({ services: [{ name: 'pre', from: image, ports: [`127.0.0.1:${PUBLIC2}:${APP2}`], idle: '1s' }] }));
+    // None prepared ("prepared": 0): each restore here is one that a
+    // connection waits for (a prepared one given up for a replaced file:
+    // serve-prepared.test.ts).
+    writeFileSync(config, JSON.stringify({ prepared: 0, services: [{ name: 'pre', from: image, ports: [`127.0.0.1:${PUBLIC2}:${APP2}`], idle: '1s' }] }));
     // The restore's phases on stderr (whether it used the preload).
     (sb.env as Record<string, string>).APPSHOT_DEBUG = '1';
     serve2 = sb.start(['serve', '--config', config]);

@@ -6,6 +6,10 @@
  * them outlives serve: stopped with SIGTERM, or killed with SIGKILL, every
  * standby and its seeds go. APPSHOT_STANDBYS=0: none is kept or taken.
  *
+ * Served with --prepared 0: a prepared resume (serve-prepared.test.ts)
+ * takes its standby when it prepares, not when a connection comes; this
+ * is the resume of a service beyond the prepared ones.
+ *
  * Observed from outside: a standby is a child of the serve process whose
  * command line says --standby and which no application names as its init;
  * the instance's registration names its init (app.json initPid).
@@ -90,7 +94,7 @@ describe('appshot serve: standby supervisors', () => {
   });
 
   it('resumes a suspended service with the standby it kept, keeps one again while suspended, and none outlives serve (SIGTERM)', async () => {
-    serve = sb.start(['serve']);
+    serve = sb.start(['serve', '--prepared', '0']);
     await serve.line(/^ready$/);
     const servePid = serve.child.pid!;
     // Suspended from the start: a standby waits for its resume.
@@ -129,7 +133,7 @@ describe('appshot serve: standby supervisors', () => {
   });
 
   it('takes none with APPSHOT_STANDBYS=0, and a serve killed with SIGKILL leaves none behind', async () => {
-    const plain = sb.start(['serve'], { APPSHOT_STANDBYS: '0' });
+    const plain = sb.start(['serve', '--prepared', '0'], { APPSHOT_STANDBYS: '0' });
     await plain.line(/^ready$/);
     expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
     await waitFor(() => events(plain).some((e) => e.event === 'restore'), 30_000, 'the restore to be logged');
@@ -139,7 +143,7 @@ describe('appshot serve: standby supervisors', () => {
     plain.child.kill('SIGTERM');
     await plain.exited;
 
-    serve = sb.start(['serve']);
+    serve = sb.start(['serve', '--prepared', '0']);
     await serve.line(/^ready$/);
     const servePid = serve.child.pid!;
     await waitFor(() => ready(servePid), 10_000, 'a standby with its seed');

@@ -141,7 +141,8 @@ export function registerServe(program: Command): void {
       if (opts.json) return printJson('service show', v);
       const { printColumns } = await import('../inspect.js');
       const w = (s: string) => process.stdout.write(s);
-      w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${v.held ? `, ${v.held} connections held` : ''}\n`);
+      const prepared = v.instances[0]?.prepared ? ', its next instance prepared (restored ahead, held stopped)' : '';
+      w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${prepared}${v.held ? `, ${v.held} connections held` : ''}\n`);
       w(`served       ${v.served ? `by appshot serve, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
@@ -197,24 +198,26 @@ export function registerServe(program: Command): void {
     .option('--metrics <[host:]port>', 'answer GET /metrics (Prometheus text format) here')
     .option('-d, --detach', 'run in the background; print its PID; its log goes to $APPSHOT_HOME/services/serve.log (or --log)', false)
     .option('--log <file>', 'with -d: write the log here')
+    .option('--prepared <k>', 'keep the next instance of the K most recently suspended restore-mode services restored ahead of time, held stopped, so that a connection only resumes it (0: none; default 2, or the config file\'s "prepared")')
     .addHelpText(
       'after',
       '\nExamples:\n  appshot serve\n  appshot serve --config templates/services.json --metrics 127.0.0.1:9464\n  appshot serve -d\n\n' +
         'One JSON line per decision (restore, suspend, clone, drop, crash) goes to stderr. SIGINT or SIGTERM\n' +
         'stops serving: clones are stopped, a restore-mode instance keeps running and the next serve takes it over.',
     )
-    .action(async (opts: { config?: string; metrics?: string; detach: boolean; log?: string }) => {
-      const { ServiceStore, loadConfig, parsePortMap, formatPortMap } = await import('../serve/spec.js');
+    .action(async (opts: { config?: string; metrics?: string; detach: boolean; log?: string; prepared?: string }) => {
+      const { ServiceStore, loadConfig, parsePortMap, formatPortMap, parsePrepared } = await import('../serve/spec.js');
       const { defaultHome } = await import('../registry.js');
       const home = defaultHome();
       const store = new ServiceStore(home);
-      const specs = opts.config ? loadConfig(opts.config) : store.list();
+      const specs: ServiceSpec[] & { prepared?: number } = opts.config ? loadConfig(opts.config) : store.list();
+      const prepared = opts.prepared !== undefined ? parsePrepared(opts.prepared) : specs.prepared;
       if (!specs.length) throw new AppshotError('no services to serve: add one with `appshot service add` or give --config FILE', ExitCode.usage);
       const metricsAt = opts.metrics ? parsePortMap(opts.metrics.includes(':') || !/^\d+$/.test(opts.metrics) ? opts.metrics : `127.0.0.1:${opts.metrics}`) : undefined;
       if (opts.detach) return detach(store.dir, opts.log);
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
-      const host = new ServeHost(specs, { home, metrics: new ServeMetrics() });
+      const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
       await host.start(metricsAt ? { host: metricsAt.host, port: metricsAt.public } : undefined);
       for (const s of specs) process.stdout.write(`serving ${s.name} (${s.mode}) on ${s.ports.map(formatPortMap).join(', ')}\n`);
       if (metricsAt) process.stdout.write(`metrics on http://${metricsAt.host}:${metricsAt.public}/metrics\n`);

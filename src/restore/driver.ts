@@ -82,6 +82,13 @@ export interface RestoreOptions {
   /** Aborted (Ctrl-C, SIGTERM): the restore is given up at the next point
    * where that is safe, and what it made is removed, as after a failure. */
   signal?: AbortSignal;
+  /** Awaited once every process is made, stopped and traced, before any
+   * connection goes live and before the commit (`appshot serve`'s prepared
+   * resume: restored ahead of the connection that wants it). true: the
+   * restore goes on; false: it is given up as an interrupted one is, what
+   * it made removed. Meanwhile nothing of the application runs; should
+   * this process die, init sees its lifeline end and removes it all. */
+  hold?: () => Promise<boolean>;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -396,6 +403,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // Its seeds, seized already.
   const preSeized = new Set<number>();
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
+  // Time spent held (opts.hold): not the restore's own.
+  let heldMs = 0;
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
     // page file checked, 32 MiB of a process's memory copied): at each of
@@ -757,6 +766,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The last point where an interrupted restore is given up: after it,
     // connections go live and the commit keeps the application.
     await heardInterrupt();
+    if (opts.hold) {
+      // Held (serve's prepared resume): every process made and stopped,
+      // nothing of it live, nothing committed; what is left is ~0.5 ms.
+      phase('held');
+      const heldAt = now();
+      const go = await opts.hold();
+      heldMs = now() - heldAt;
+      if (!go) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+    }
     handed.tcp.release();
     handed.close();
     phase('threads');
@@ -794,7 +812,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       processes: made.length,
       threads: made.reduce((n, m) => n + m.tids.length, 0),
       initPid: record.initPid,
-      restoreMs: done - verified,
+      restoreMs: done - verified - heldMs,
       verifyMs: verified - started,
       lazy: opts.lazy,
       createdDirs: madeDirs,

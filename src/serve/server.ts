@@ -24,8 +24,8 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
-import { type LoadedImage, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage, seedCount } from '../restore/driver.js';
+import { type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { loadImageChain, restore as restoreImage, type RestoreResult, seedCount } from '../restore/driver.js';
 import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
@@ -37,7 +37,7 @@ import { type ForwardEnds, Forwarder } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
-import { DEFAULT_MAX_HELD, type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
+import { DEFAULT_MAX_HELD, DEFAULT_PREPARED, type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
 
 /** One structured log line per decision. */
 export type LogSink = (entry: Record<string, unknown>) => void;
@@ -51,6 +51,10 @@ export interface ServeOptions {
   metrics?: ServeMetrics;
   /** How often liveness and idleness are looked at (ms). */
   tickMs?: number;
+  /** Restore-mode services kept prepared while suspended (see Prepared),
+   * the most recently suspended: DEFAULT_PREPARED unless given;
+   * APPSHOT_PREPARED=N overrides it (for comparison runs). */
+  prepared?: number;
 }
 
 interface Instance {
@@ -75,6 +79,49 @@ interface Held {
   since: bigint;
   /** Forward attempts that found the instance refusing. */
   tries: number;
+}
+
+/**
+ * A suspended service's next instance restored ahead of time up to the
+ * point of resuming (RestoreOptions.hold): its processes made from the
+ * image and held stopped under our ptrace, its memory mapped
+ * copy-on-write from the page file (a lazy restore: nothing resident but
+ * what the kernel and the restore itself need), its descriptors and
+ * listening sockets made, nothing committed and nothing run. A connection
+ * then only lets it go on (the commit and the resume, ~0.5 ms) instead of
+ * restoring (~10 ms).
+ *
+ * What it costs and how it stays safe:
+ * - memory: each held instance has processes (its init, redis with page
+ *   tables, stacks, the pages the restore wrote), so only the K most
+ *   recently suspended services are held (ServeOptions.prepared); the
+ *   others' processes are gone as before;
+ * - its listening sockets are bound while it is held (the port is the
+ *   instance's anyway; a direct connection waits in the backlog until the
+ *   resume), and a port it was allocated is claimed in the registry;
+ * - the image it came from must still be the one the service resumes
+ *   from, and its files the very ones it was restored from (stat calls at
+ *   the release; the other checks of a preloaded image each second while
+ *   it is held): if not, or if the release fails (a process of it killed
+ *   meanwhile), it is given up and the image restored afresh;
+ * - its timers (setitimer, POSIX timers, timerfd) are armed when it is
+ *   made, so the time it is held counts toward them, as it does on its
+ *   clocks; a restore at the connection arms them then;
+ * - nothing of it outlives serve: it is given up at stop (what it made
+ *   removed, as after a failed restore), and should serve die, its
+ *   processes die with their tracer and init sees its lifeline end.
+ */
+interface Prepared {
+  image: string;
+  /** The preloaded chain it was restored from (its page files open). */
+  chain: LoadedImage[];
+  /** Resolves true once held, false if the restore failed before. */
+  held: Promise<boolean>;
+  /** Lets the held restore go on (true) or gives it up (false). */
+  decide: (go: boolean) => void;
+  /** The restore: resolves once resumed; rejects once given up or failed,
+   * with what it made removed. */
+  done: Promise<RestoreResult>;
 }
 
 /** Longest parent chain of suspend images before a full snapshot: each
@@ -118,6 +165,9 @@ class Service {
    * the pages stay on disk. */
   private ready: LoadedImage[] | undefined;
   private preloading: Promise<void> | undefined;
+  /** restore mode, while suspended: its next instance held ready to
+   * resume (Prepared), if it is among the most recently suspended. */
+  private prepared: Prepared | undefined;
   counters = { snapshots: 0, restores: 0, crashes: 0 };
   /** restore mode: the seeds its next restore's init starts with, once
    * known (from the preloaded image, or the last restore), so that a
@@ -202,7 +252,7 @@ class Service {
    * node and the files the image maps, checked at the restore (with the
    * checksums of unchanged libraries kept, see keepChecksums).
    */
-  private preload(): void {
+  private preload(suspendedNow = false): void {
     if (this.spec.mode !== 'restore') return;
     const path = this.lastImage;
     const known = this.ready ?? [];
@@ -222,6 +272,7 @@ class Service {
         prepareChain(chain);
         this.host.preloaded(this);
         this.host.warmStandbys();
+        this.prepare(suspendedNow);
       })
       .catch((e: Error) => {
         // The restore reads it again and says what is wrong with it.
@@ -475,6 +526,7 @@ class Service {
   /** Every tick: dead instances noticed, the CPU of running ones measured
    * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
+    this.checkPrepared();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget) this.measureCpu();
     this.pump();
@@ -515,8 +567,111 @@ class Service {
   /** Lets go of the preloaded image (ServeHost keeps PRELOAD_LIMIT). */
   forgetPreload(): void {
     if (!this.ready) return;
-    for (const l of this.ready) l.dispose();
+    const chain = this.ready;
     this.ready = undefined;
+    const dispose = () => chain.forEach((l) => l.dispose());
+    // A prepared restore reads their page files until it is held (and
+    // maps them): they go once it has ended.
+    const p = this.prepared;
+    if (p?.chain === chain) {
+      void this.dropPrepared('its image let go');
+      void p.done.then(dispose, dispose);
+    } else dispose();
+  }
+
+  /**
+   * Restores the next instance ahead of time and holds it (Prepared), if
+   * the service is suspended with its image preloaded and ServeHost has
+   * room (the K most recently suspended: one suspended now gives up the
+   * oldest's to make room; at serve's start, the first K preloaded are).
+   * The restore runs now, while no connection waits; one that comes
+   * meanwhile waits for it to be held, then lets it go on.
+   */
+  private prepare(suspendedNow: boolean): void {
+    if (this.spec.mode !== 'restore' || this.prepared || this.closing) return;
+    if (this.instances.get(this.name)?.state !== 'suspended') return;
+    const chain = this.ready;
+    if (!chain || chain[0].dir !== this.lastImage) return;
+    // A registration of the AID (a crash's, ended) is removed by the
+    // resume itself.
+    if (this.reg.get(this.name)) return;
+    if (!this.host.makePreparedRoom(this, suspendedNow)) return;
+    let decide!: (go: boolean) => void;
+    const decision = new Promise<boolean>((r) => (decide = r));
+    let heldNow!: (held: boolean) => void;
+    const held = new Promise<boolean>((r) => (heldNow = r));
+    const t0 = process.hrtime.bigint();
+    const done = restoreImage(this.reg, this.lastImage, {
+      aid: this.name,
+      lazy: true,
+      preloaded: chain,
+      hold: () => {
+        heldNow(true);
+        if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
+        return decision;
+      },
+    });
+    const p: Prepared = { image: this.lastImage, chain, held, decide, done };
+    this.prepared = p;
+    this.changed();
+    done.catch((e: Error) => {
+      heldNow(false);
+      if (this.prepared !== p) return; // given up on purpose, or released
+      this.prepared = undefined;
+      this.host.unprepared(this);
+      this.changed();
+      this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
+    });
+  }
+
+  /** When the held instance's image was last checked in full (checkPrepared). */
+  private preparedCheckedAt = -Infinity;
+
+  /** Once a second, the checks a restore makes of a preloaded image that
+   * are not stat calls (unchangedOnDisk: who may change it, whether its
+   * signer is still trusted), for the held instance, which the release
+   * lets go on after stat calls alone: failing, it is given up. */
+  private checkPrepared(): void {
+    const p = this.prepared;
+    const now = performance.now();
+    if (!p || now - this.preparedCheckedAt < 1000) return;
+    this.preparedCheckedAt = now;
+    if (!p.chain.every(unchangedOnDisk)) void this.dropPrepared('its image changed, or is no longer trusted');
+  }
+
+  /** Gives up the held instance (what it made removed); resolves once it
+   * has been. */
+  async dropPrepared(why: string): Promise<void> {
+    const p = this.prepared;
+    if (!p) return;
+    this.prepared = undefined;
+    this.host.unprepared(this);
+    this.changed();
+    p.decide(false);
+    await p.done.catch(() => undefined);
+    this.log('unprepared', { instance: this.name, why });
+  }
+
+  /** The held instance let go on, if it is held for the image the service
+   * resumes from, unchanged; undefined if there is none or it could not
+   * be (given up: the caller restores afresh). */
+  private async releasePrepared(): Promise<{ restored: RestoreResult; chain: LoadedImage[] } | undefined> {
+    const p = this.prepared;
+    if (!p) return undefined;
+    this.prepared = undefined;
+    this.host.unprepared(this);
+    // The very files it was restored from, unchanged: stat calls only.
+    // Who may change them and whether their signer is still trusted are
+    // checked each second while it is held (tick), not here with the
+    // client waiting (~1 ms for a chain of 4: a signature each).
+    const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
+    p.decide(current);
+    try {
+      return { restored: await p.done, chain: p.chain };
+    } catch (e) {
+      if (current) this.log('prepared-failed', { instance: this.name, error: (e as Error).message });
+      return undefined;
+    }
   }
 
   private async restoreInstance(): Promise<void> {
@@ -528,19 +683,35 @@ class Service {
     const t0 = process.hrtime.bigint();
     const home = this.host.home;
     try {
+      // Held ready (Prepared): let go on. Otherwise restored now.
+      const prepared = await this.releasePrepared();
       // A crashed instance's registration (ended, or half-released).
-      const old = this.reg.get(this.name);
+      const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
       // A preload under way is the reading the restore would do itself.
-      if (this.preloading) await this.preloading;
+      if (!prepared && this.preloading) await this.preloading;
       // Not the files it checked any more: read afresh by the restore, and
-      // let go of (their page files are held open).
-      const ready = this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      // let go of (their page files are held open). A prepared one's were
+      // checked by its release.
+      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      const restored = await restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      const restored =
+        prepared?.restored ??
+        (await restoreNow().catch(async (e: Error) => {
+          // Another service's prepared instance may hold what this one
+          // needs (its port: services of one image, run one at a time):
+          // those are given up and the restore tried once more.
+          if (!(await this.host.dropOthersPrepared(this))) throw e;
+          this.log('retry', { instance: this.name, error: e.message, why: 'prepared instances of other services given up' });
+          return restoreNow();
+        }));
       this.seeds = restored.seeds;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-      const rec = this.reg.require(this.name);
+      // Read, not settled: settling looks at its processes and tables
+      // (~2 ms), and it was made just now. The ports it was bound to.
+      const rec = this.reg.get(this.name);
+      if (!rec || isEnded(rec)) throw new Error('it ended as soon as it was resumed');
       inst.ports.clear();
       this.fillPorts(inst, rec.ports ?? []);
       inst.state = 'running';
@@ -554,7 +725,7 @@ class Service {
       // again: ~10 ms), long before the next suspend needs it.
       this.pump();
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby });
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
       inst.pid = this.listenerPid(inst);
       this.pump();
       await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
@@ -617,7 +788,7 @@ class Service {
       this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
       this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
       this.prune(dir);
-      this.preload();
+      this.preload(true);
       this.host.warmStandbys();
     } catch (e) {
       // The snapshot driver leaves the application running when it fails.
@@ -718,6 +889,7 @@ class Service {
         lastActive: i.lastActive,
         ports: [...i.ports].map(([pub, p]) => ({ public: pub, app: p.app, system: p.system })),
         ...(i.cpu !== undefined ? { cpu: Math.round(i.cpu * 100) / 100 } : {}),
+        ...(i.state === 'suspended' && this.prepared ? { prepared: true } : {}),
       })),
       held: this.held.length,
       ...this.counters,
@@ -738,6 +910,7 @@ class Service {
     for (const lid of this.grants.values()) this.host.forwarder.release(lid);
     this.grants.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
+    await this.dropPrepared('serve stops');
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
@@ -812,6 +985,10 @@ export class ServeHost {
   private readonly services: Service[] = [];
   /** Services holding a preloaded image, least recently loaded first. */
   private readonly holding: Service[] = [];
+  /** Services whose next instance is held prepared, least recently
+   * prepared first: at most `preparedLimit`. */
+  private readonly preparedOnes: Service[] = [];
+  readonly preparedLimit: number;
   /** Preloads under way. */
   preloading = 0;
   private timer: NodeJS.Timeout | undefined;
@@ -832,6 +1009,8 @@ export class ServeHost {
     this.log = opts.log ?? stderrLog;
     this.metrics = opts.metrics;
     this.store = new ServiceStore(opts.home);
+    const fromEnv = process.env.APPSHOT_PREPARED;
+    this.preparedLimit = fromEnv !== undefined && /^\d+$/.test(fromEnv) ? Number(fromEnv) : (opts.prepared ?? DEFAULT_PREPARED);
     // Restores check the files an image maps (libraries, the program)
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
@@ -863,6 +1042,29 @@ export class ServeHost {
     if (at >= 0) this.holding.splice(at, 1);
     this.holding.push(s);
     while (this.holding.length > PRELOAD_LIMIT) this.holding.shift()!.forgetPreload();
+  }
+
+  /** Room for one more prepared service (`s`): given if the limit allows,
+   * or (`displace`: `s` was suspended just now) by giving up the least
+   * recently prepared one's. */
+  makePreparedRoom(s: Service, displace: boolean): boolean {
+    if (this.preparedLimit < 1 || this.stopping) return false;
+    if (!displace && this.preparedOnes.length >= this.preparedLimit) return false;
+    while (this.preparedOnes.length >= this.preparedLimit) void this.preparedOnes[0].dropPrepared('displaced by a more recently suspended service');
+    this.preparedOnes.push(s);
+    return true;
+  }
+
+  /** Gives up every prepared instance but `s`'s; whether there was any. */
+  async dropOthersPrepared(s: Service): Promise<boolean> {
+    const others = this.preparedOnes.filter((o) => o !== s);
+    await Promise.all(others.map((o) => o.dropPrepared("another service's restore failed, and may need what it holds")));
+    return others.length > 0;
+  }
+
+  unprepared(s: Service): void {
+    const at = this.preparedOnes.indexOf(s);
+    if (at >= 0) this.preparedOnes.splice(at, 1);
   }
 
   /** Starts the standbys suspended services wait for, one per distinct

@@ -60,6 +60,19 @@ export interface ServiceSpec {
  * `serve` lowers it if the descriptor limit (RLIMIT_NOFILE) leaves less. */
 export const DEFAULT_MAX_HELD = 1024;
 
+/** Restore-mode services whose next instance `serve` keeps restored
+ * ahead of time while they are suspended, held stopped (server.ts,
+ * Prepared): the most recently suspended, unless `serve --prepared K` or
+ * the config file's "prepared" says otherwise. Each costs a held
+ * instance's processes (~1 MiB of PSS for redis, its memory mapped from
+ * the page file, not copied). */
+export const DEFAULT_PREPARED = 2;
+
+/** A count of prepared services (0: none). */
+export function parsePrepared(value: unknown, what = '--prepared'): number {
+  return count(value, what, 0);
+}
+
 export const SERVICE_SCHEMA = 'appshot.service/1';
 
 /** "1s", "500ms", "2m", "1h", or plain seconds. */
@@ -283,18 +296,21 @@ function readSpec(text: string): ServiceSpec {
 }
 
 /** A config file for `appshot serve --config FILE`: services as
- * `service add` takes them (paths relative to the file). */
-export function loadConfig(path: string): ServiceSpec[] {
-  let parsed: { services?: ServiceInput[] };
+ * `service add` takes them (paths relative to the file), and optionally
+ * "prepared": how many suspended restore-mode services keep their next
+ * instance prepared (DEFAULT_PREPARED). */
+export function loadConfig(path: string): ServiceSpec[] & { prepared?: number } {
+  let parsed: { services?: ServiceInput[]; prepared?: unknown };
   try {
-    parsed = JSON.parse(readFileSync(path, 'utf8')) as { services?: ServiceInput[] };
+    parsed = JSON.parse(readFileSync(path, 'utf8')) as { services?: ServiceInput[]; prepared?: unknown };
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new AppshotError(`--config ${path}: no such file`, ExitCode.notFound);
     throw new AppshotError(`--config ${path}: not valid JSON (${(e as Error).message})`, ExitCode.usage);
   }
   if (!parsed || !Array.isArray(parsed.services)) throw new AppshotError(`--config ${path}: expected {"services": [ ... ]}`, ExitCode.usage);
   const base = resolve(path, '..');
-  const specs = parsed.services.map((s) => makeSpec(s, base));
+  const specs: ServiceSpec[] & { prepared?: number } = parsed.services.map((s) => makeSpec(s, base));
+  if (parsed.prepared !== undefined) specs.prepared = parsePrepared(parsed.prepared, `--config ${path}: "prepared"`);
   const names = new Set<string>();
   for (const s of specs) {
     if (names.has(s.name)) throw new AppshotError(`--config ${path}: service '${s.name}' given twice`, ExitCode.usage);
@@ -336,6 +352,9 @@ export interface InstanceState {
   /** Cores its processes used over the last second (services with a CPU
    * target only). */
   cpu?: number;
+  /** Suspended, its next instance restored ahead of time and held stopped
+   * (server.ts, Prepared): a connection only lets it go on. */
+  prepared?: boolean;
 }
 
 export interface Translation {

@@ -1,0 +1,278 @@
+/**
+ * `appshot serve`'s prepared resume (server.ts, Prepared): while a
+ * restore-mode service is suspended, its next instance is restored ahead
+ * of time up to the point of resuming and held stopped; a connection only
+ * lets it go on.
+ *
+ * With a real redis (Debian's redis-server) holding 2,000 keys:
+ * - at serve's start the suspended service's next instance is prepared:
+ *   its processes exist, every one stopped under serve's ptrace (state
+ *   't'), and `appshot ps` says it is restoring;
+ * - the first connection through the front door is answered by those very
+ *   processes, with every key of the image; a write is made;
+ * - after its idle suspend the old processes are gone, a new instance is
+ *   prepared, and the next connection finds the write;
+ * - a prepared instance whose image changed on disk (a part's ctime moved)
+ *   is not let go on: the image is read afresh and restored, and the
+ *   connection is answered all the same;
+ * - serve stopped with a prepared instance held leaves nothing behind: no
+ *   process, no registration, no table in /dev/shm, the instance's port
+ *   free to bind; `service rm` then removes the service.
+ * - serve killed with SIGKILL with a prepared instance held: its processes
+ *   die with their tracer, init removes the registration and tables;
+ * - two services of one image, whose application listens on the same
+ *   port: only one can be held (the other's prepare finds the port
+ *   bound); resuming the other gives up the held one and restores;
+ * - `--prepared 0`: none is prepared, the suspended service has no
+ *   process at all, and it resumes as before.
+ */
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, utimesSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, type Running, Sandbox, waitFor } from './helpers.js';
+
+const REDIS = '/usr/bin/redis-server';
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-serve-prepared-'));
+// Ports of their own, 17000-17999 (see Sandbox for the other files').
+const base = 17000 + (process.pid % 330) * 3;
+const APP = base;
+const PUBLIC = base + 1;
+const PUBLIC2 = base + 2;
+const KEYS = 2000;
+
+let serve: Running | undefined;
+
+afterAll(async () => {
+  if (serve && serve.child.exitCode === null) serve.child.kill('SIGKILL');
+  await serve?.exited;
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const value = (i: number) => `value-${i}-${'y'.repeat(i % 30)}`;
+
+function redis(port: number, commands: string[]): string[] {
+  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8', timeout: 30_000, maxBuffer: 16 << 20 });
+  if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
+  return r.stdout.trim().split('\n');
+}
+
+interface ServiceJson {
+  state: string;
+  lastImage: string;
+  instances: { aid: string; state: string; prepared?: boolean }[];
+}
+const show = (name = 'db') => sb.json<ServiceJson>(['service', 'show', name]);
+const prepared = (name = 'db') => show(name).instances[0]?.prepared === true;
+
+/** The processes of application `aid` (init too), from its tables: what
+ * `appshot ps` lists. */
+function pids(aid: string): number[] {
+  const apps = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']);
+  return apps.find((a) => a.aid === aid)?.processes.map((p) => p.pid) ?? [];
+}
+
+/** The application processes (not init) of the registration `aid`: the
+ * children of the init its app.json names. */
+function appPids(aid: string): number[] {
+  const init = JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')).initPid as number;
+  return spawnSync('ps', ['-o', 'pid=', '--ppid', String(init)], { encoding: 'utf8' })
+    .stdout.split('\n')
+    .filter((l) => l.trim())
+    .map(Number);
+}
+
+/** A process's state letter (/proc/PID/stat): 't' is a tracing stop. */
+const stateOf = (pid: number) => {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+};
+
+const events = () =>
+  serve!.stderr
+    .trim()
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { event: string; service?: string; prepared?: boolean; why?: string });
+
+/** Whether `port` can be bound on 127.0.0.1 (nobody holds it). */
+const bindable = (port: number) =>
+  new Promise<boolean>((resolve) => {
+    const s = createServer();
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+  });
+
+/** Table files in /dev/shm of this sandbox's 'db' (registry.ts names
+ * them appshot-TAG-AID-RANDOM, TAG from the state directory's path). */
+const ourTables = () => {
+  const tag = createHash('sha256').update(realpathSync(sb.home)).digest('hex').slice(0, 8);
+  return readdirSync('/dev/shm').filter((f) => f.startsWith(`appshot-${tag}-db-`));
+};
+
+describe('appshot serve: a suspended service\'s next instance prepared, held stopped', () => {
+  it('resumes the held instance with its data, prepares again after each suspend, and leaves nothing when stopped', async () => {
+    expect(existsSync(REDIS), `${REDIS} is missing: apt-get install redis-server`).toBe(true);
+    const r = sb.run(['run', '-d', '--aid', 'loader', '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => {
+      try {
+        return redis(APP, ['PING'])[0] === 'PONG';
+      } catch {
+        return false;
+      }
+    }, 10_000, 'redis to answer');
+    expect(redis(APP, Array.from({ length: KEYS }, (_, i) => `SET key:${i} ${value(i)}`)).every((l) => l === 'OK')).toBe(true);
+    const image = join(out, 'redis.img');
+    expect(sb.run(['snapshot', 'loader', '-o', image]).code).toBe(0);
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    // Prepared at start: its processes exist, every one held in a tracing
+    // stop, so nothing of redis runs.
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const held = appPids('db');
+    expect(held.length).toBeGreaterThan(0);
+    for (const pid of held) expect(stateOf(pid)).toBe('t');
+    expect(show().state).toBe('suspended');
+    // `ps` says what it is: a restore not committed.
+    const psState = () => sb.json<{ aid: string; state: string }[]>(['ps']).find((a) => a.aid === 'db')?.state;
+    expect(psState()).toBe('restoring');
+
+    // The first connection lets those very processes go on: every key.
+    const got = redis(PUBLIC, ['SET before kept!', 'DBSIZE', ...Array.from({ length: KEYS }, (_, i) => `GET key:${i}`)]);
+    expect(got.slice(0, 2)).toEqual(['OK', String(KEYS + 1)]);
+    expect(got.slice(2).every((v, i) => v === value(i))).toBe(true);
+    expect(appPids('db')).toEqual(held);
+    for (const pid of held) expect(stateOf(pid)).not.toBe('t');
+    expect(psState()).toBe('running');
+    await waitFor(() => events().some((e) => e.event === 'restore' && e.service === 'db'), 5000, 'the restore to be logged');
+    expect(events().find((e) => e.event === 'restore')).toMatchObject({ prepared: true });
+
+    // Suspended after 1 s idle: those processes gone, a new instance
+    // prepared from the suspend's image, which the next connection resumes.
+    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await waitFor(() => held.every((p) => !alive(p)), 5000, 'the old processes to end');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared again');
+    const held2 = appPids('db');
+    expect(held2.some((p) => held.includes(p))).toBe(false);
+    expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
+    expect(appPids('db')).toEqual(held2);
+    await waitFor(() => events().filter((e) => e.event === 'restore').length === 2, 5000, 'the second restore to be logged');
+    expect(events().filter((e) => e.event === 'restore').at(-1)).toMatchObject({ prepared: true });
+
+    // Suspended again and prepared; then its image changes on disk (a
+    // part's times moved: its ctime with them). Not let go on: the image
+    // is read afresh and restored.
+    await waitFor(() => show().state === 'suspended', 15_000, 'the second suspend');
+    await waitFor(() => prepared(), 15_000, 'the third prepare');
+    const held3 = appPids('db');
+    utimesSync(join(show().lastImage, 'image.pb'), new Date(), new Date());
+    expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
+    await waitFor(() => events().filter((e) => e.event === 'restore').length === 3, 5000, 'the third restore to be logged');
+    expect(events().filter((e) => e.event === 'restore').at(-1)).toMatchObject({ prepared: false });
+    expect(held3.filter(alive)).toEqual([]);
+
+    // Suspended and prepared once more, then serve stops: nothing of the
+    // held instance is left.
+    await waitFor(() => show().state === 'suspended', 15_000, 'the third suspend');
+    await waitFor(() => prepared(), 15_000, 'the fourth prepare');
+    const held4 = pids('db');
+    expect(held4.length).toBeGreaterThan(0);
+    expect(ourTables()).toHaveLength(1);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    expect(held4.filter(alive)).toEqual([]);
+    expect(sb.allAids()).not.toContain('db');
+    expect(ourTables()).toEqual([]);
+    expect(await bindable(APP)).toBe(true);
+    expect(show().instances[0]?.prepared).toBeUndefined();
+    const rm = sb.run(['service', 'rm', 'db']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
+  });
+
+  it('a serve killed with SIGKILL while it holds a prepared instance leaves nothing behind', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const held = pids('db');
+    expect(held.length).toBeGreaterThan(0);
+    serve.child.kill('SIGKILL');
+    await serve.exited;
+    // Its processes die with their tracer; init sees its lifeline end,
+    // kills what is left, removes the tables and ends, leaving the
+    // registration of a restore that never committed for the next appshot
+    // command to release (appshot-init's header): `ps` does, and it does
+    // not list it.
+    await waitFor(() => held.every((p) => !alive(p)), 10_000, 'the held processes and init to die with serve');
+    await waitFor(() => ourTables().length === 0, 10_000, 'init to remove the tables');
+    expect(sb.json<{ aid: string }[]>(['ps', '-a']).map((a) => a.aid)).not.toContain('db');
+    expect(sb.allAids()).not.toContain('db');
+    expect(await bindable(APP)).toBe(true);
+    // The next serve resumes the service from the same image.
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    // (the instance it resumed keeps running across serves: ended here)
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    expect(sb.run(['rm', 'db']).code).toBe(0);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
+  it('two services of one image on one port inside: resuming the one not held gives up the held one', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    expect(sb.run(['service', 'add', 'db2', '--from', image, '--port', `127.0.0.1:${PUBLIC2}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    // One is held; the other's prepare found the port bound.
+    await waitFor(() => prepared('db') || prepared('db2'), 15_000, 'one of them to be prepared');
+    await waitFor(() => events().some((e) => e.event === 'prepare-failed'), 15_000, "the other's prepare to fail");
+    const [held, other] = prepared('db') ? ['db', 'db2'] : ['db2', 'db'];
+    const otherPublic = other === 'db' ? PUBLIC : PUBLIC2;
+    expect(redis(otherPublic, ['DBSIZE'])).toEqual([String(KEYS)]);
+    // (stderr reaches this process a moment after the decisions are made)
+    await waitFor(() => events().some((e) => e.event === 'retry' && e.service === other), 5000, 'the retry to be logged');
+    await waitFor(() => events().some((e) => e.event === 'unprepared' && e.service === held), 5000, 'the held one given up to be logged');
+    expect(prepared(held)).toBe(false);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    // The one resumed keeps running across serves: ended here.
+    sb.run(['stop', other, '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes(other), 10_000, 'the instance to end');
+    expect(sb.run(['rm', other]).code).toBe(0);
+    expect(sb.allAids()).toEqual([]);
+    for (const name of ['db', 'db2']) expect(sb.run(['service', 'rm', name]).code).toBe(0);
+  });
+
+  it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve', '--prepared', '0']);
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    // A prepare would have followed the suspend within ~50 ms: half a
+    // second's grace before looking (a negative check, not a timing one).
+    await new Promise((r) => setTimeout(r, 500));
+    expect(show().instances[0]?.prepared).toBeUndefined();
+    expect(sb.aids()).not.toContain('db');
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    expect(events().filter((e) => e.event === 'prepared')).toEqual([]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+});
