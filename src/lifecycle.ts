@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
+import { isSameProcess, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, isEnded } from './registry.js';
 
 /** How often a waiter looks at the registration. */
@@ -76,15 +77,24 @@ const KILL_WAIT_MS = 30_000;
  * it has ended (its record, or 'released').
  */
 export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals, graceSeconds: number): Promise<AppRecord | 'released'> {
+  // Its supervisor writes how the application ended a moment before it
+  // exits itself: "returns once it has ended" means that one gone too.
+  const initPid = reg.trustedInitPid(record);
+  const initStart = initPid ? readStat(initPid)?.startTime : undefined;
+  const gone = async (ended: AppRecord | 'released') => {
+    const deadline = Date.now() + KILL_WAIT_MS;
+    while (initPid && isSameProcess(initPid, initStart) && Date.now() < deadline) await sleep(POLL_MS);
+    return ended;
+  };
   signalApp(reg, record, sig);
   if (sig !== 'SIGKILL') {
     const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
-    if (ended) return ended;
+    if (ended) return gone(ended);
     signalProcesses(reg, record, 'SIGKILL');
   }
   const ended = await waitEnded(reg, record.aid, KILL_WAIT_MS);
   if (!ended) throw new AppshotError(`'${record.aid}' did not end within ${KILL_WAIT_MS / 1000} s of SIGKILL`);
-  return ended;
+  return gone(ended);
 }
 
 /**
