@@ -350,3 +350,11 @@ export async function snapshotListener(sb: Sandbox, aid: string, port: number, i
   const snap = sb.run(['snapshot', aid, '-o', image]);
   if (snap.code !== 0) throw new Error(`snapshot ${aid}: ${snap.stderr}`);
 }
+
+/** Redis commands as one pipelined write through redis-cli; the replies as
+ * it prints them. */
+export function redisCli(port: number, commands: string[]): string[] {
+  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8', timeout: 30_000, maxBuffer: 64 << 20 });
+  if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
+  return r.stdout.trim().split('\n');
+}

@@ -33,7 +33,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Running, Sandbox, waitFor } from './helpers.js';
+import { alive, type Running, Sandbox, waitFor, redisCli as redis } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const sb = new Sandbox();
@@ -56,11 +56,6 @@ afterAll(async () => {
 
 const value = (i: number) => `value-${i}-${'y'.repeat(i % 30)}`;
 
-function redis(port: number, commands: string[]): string[] {
-  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8', timeout: 30_000, maxBuffer: 16 << 20 });
-  if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
-  return r.stdout.trim().split('\n');
-}
 
 interface ServiceJson {
   state: string;

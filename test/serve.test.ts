@@ -11,14 +11,13 @@
  * Clone mode: Python's http.server as a template, from 0 instances to max
  * under a burst, every request answered, back to min after idle.
  */
-import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { connect } from 'node:net';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Running, Sandbox, waitFor } from './helpers.js';
+import { alive, type Running, Sandbox, waitFor, redisCli as redis } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const PYTHON = '/usr/bin/python3';
@@ -50,12 +49,6 @@ afterAll(async () => {
 
 const value = (i: number) => `value-${i}-${'x'.repeat(i % 40)}`;
 
-/** Redis commands as one pipelined write; the replies as redis-cli prints them. */
-function redis(port: number, commands: string[]): string[] {
-  const r = spawnSync('redis-cli', ['-p', String(port)], { input: commands.join('\n') + '\n', encoding: 'utf8', timeout: 30_000, maxBuffer: 64 << 20 });
-  if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
-  return r.stdout.trim().split('\n');
-}
 
 interface ServiceJson {
   state: string;
