@@ -6,7 +6,7 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
+import { formatId, listProcesses, portsOf, portText, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded, isRestoring } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
@@ -106,8 +106,8 @@ export function buildProgram(): Command {
       ...(r.image ? { image: r.image } : {}),
       ...(r.template ? { template: r.template } : {}),
       ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-      // An ended application holds no port.
-      ports: isEnded(r) ? [] : (r.ports ?? []),
+      // Every port it listens on, translated or not; none once ended.
+      ports: portsOf(r, processes),
       processes: processes.filter((p) => p.aid === r.aid),
     };
   }
@@ -116,10 +116,6 @@ export function buildProgram(): Command {
     return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
   }
 
-  function portsText(r: AppRecord): string {
-    if (isEnded(r)) return '';
-    return (r.ports ?? []).map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(', ');
-  }
 
   program
     .command('ps')
@@ -162,7 +158,7 @@ export function buildProgram(): Command {
           age(r.createdAt),
           String(rows.filter((p) => p.aid === r.aid && !p.init).length),
           r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-          portsText(r) || '-',
+          portsOf(r, rows).map(portText).join(', ') || '-',
           r.command.join(' '),
         ]),
       );
@@ -774,22 +770,28 @@ export function buildProgram(): Command {
 
   program
     .command('port')
-    .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
+    .description('every TCP port an application listens on: as it asks for it and as it has it (like docker port)')
     .argument('<aid>', 'the application')
     .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
     .option('--json', 'machine-readable output', false)
-    .addHelpText('after', '\nExamples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping')
+    .addHelpText(
+      'after',
+      '\nMODE: allocate (a port of its own, translated), multiplex (one port shared by the clones of a\n' +
+        'template), direct (no rule translates it: the port it asked for).\n\n' +
+        'Examples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping',
+    )
     .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
-      const record = registry().require(aid);
-      let rows = record.ports ?? [];
+      const reg = registry();
+      const record = reg.require(aid);
+      let rows = portsOf(record, listProcesses(reg, [record]));
       if (port !== undefined) {
+        if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new AppshotError(`'${port}' is not a TCP port (1-65535)`, ExitCode.usage);
         rows = rows.filter((p) => p.virtual === Number(port));
-        if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
+        if (!rows.length) throw new AppshotError(`'${aid}' does not listen on port ${port}`, ExitCode.notFound);
       }
       if (opts.json) json('port', rows);
       else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
-      else
-      printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
+      else printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
     });
 
   registerVersion(program);

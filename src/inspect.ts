@@ -2,10 +2,11 @@
  * and translation tables, read from its tables and /proc; and the signals
  * sent to those processes (lifecycle.ts sequences them). The CLI and the
  * Node API (api.ts) both call these. */
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { descendantsOf, readCmdline, readStat } from './procfs.js';
-import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
+import { type AppRecord, type LocalRegistry, type PortBinding, isEnded } from './registry.js';
 
 export interface ProcessRow {
   aid: string;
@@ -81,6 +82,82 @@ export function listProcesses(registry: LocalRegistry, records: AppRecord[]): Pr
   });
 }
 
+/** A TCP port an application listens on, as `ps` and `port` show it:
+ * `virtual` is the port it asked for, `system` the one it has. `direct`:
+ * one no rule translates (the two are the same). */
+export interface ListeningPort {
+  virtual: number;
+  system: number;
+  mode: PortBinding['mode'] | 'direct';
+}
+
+/** The TCP listening sockets of one network namespace, socket inode ->
+ * local port, from /proc/PID/net/tcp and tcp6 (state 0A is LISTEN). */
+function listeningSockets(pid: number): Map<string, number> {
+  const byInode = new Map<string, number>();
+  for (const table of ['tcp', 'tcp6']) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/net/${table}`, 'utf8');
+    } catch {
+      continue; // gone, or no IPv6 in this kernel
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length > 9 && f[3] === '0A') byInode.set(f[9], parseInt(f[1].slice(f[1].lastIndexOf(':') + 1), 16));
+    }
+  }
+  return byInode;
+}
+
+/** Every TCP port the processes `pids` listen on (system ports): the
+ * listening sockets of their network namespaces that one of their
+ * descriptors holds. A process that ended meanwhile, or whose /proc we may
+ * not read, counts for nothing. */
+export function listeningPortsOf(pids: number[]): number[] {
+  const ports = new Set<number>();
+  const sockets = new Map<string, Map<string, number>>(); // per network namespace
+  for (const pid of pids) {
+    try {
+      const ns = readlinkSync(`/proc/${pid}/ns/net`);
+      let listening = sockets.get(ns);
+      if (!listening) sockets.set(ns, (listening = listeningSockets(pid)));
+      if (!listening.size) continue;
+      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+        let target: string;
+        try {
+          target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+        } catch {
+          continue; // closed meanwhile
+        }
+        const m = /^socket:\[(\d+)\]$/.exec(target);
+        const port = m && listening.get(m[1]);
+        if (port) ports.add(port);
+      }
+    } catch {
+      // ended, or not ours to read
+    }
+  }
+  return [...ports];
+}
+
+/** The ports of `record`: the translations the registry knows of and every
+ * other port its processes listen on, by the port the application asked
+ * for. An ended application has none. */
+export function portsOf(record: AppRecord, processes: ProcessRow[]): ListeningPort[] {
+  if (isEnded(record)) return [];
+  const bound: ListeningPort[] = [...(record.ports ?? [])];
+  const known = new Set(bound.map((b) => b.system));
+  const pids = processes.filter((p) => p.aid === record.aid && !p.init).map((p) => p.pid);
+  for (const port of listeningPortsOf(pids)) if (!known.has(port)) bound.push({ virtual: port, system: port, mode: 'direct' });
+  return bound.sort((a, b) => a.virtual - b.virtual || a.system - b.system);
+}
+
+/** `6379->20001` (allocated), `6379 (shared)` (multiplexed), `8080`. */
+export function portText(p: ListeningPort): string {
+  return p.mode === 'allocate' ? `${p.virtual}->${p.system}` : p.mode === 'multiplex' ? `${p.virtual} (shared)` : String(p.virtual);
+}
+
 /** One application as `appshot ps --json` shows it. */
 export interface ApplicationInfo {
   aid: string;
@@ -91,7 +168,8 @@ export interface ApplicationInfo {
   template?: { path: string; instance: number };
   /** A clone's private copies of files. */
   privateRoot?: string;
-  ports: PortBinding[];
+  /** Every TCP port it listens on, translated or not. */
+  ports: ListeningPort[];
   processes: ProcessRow[];
 }
 
@@ -105,7 +183,7 @@ export function describeApplications(registry: LocalRegistry, records: AppRecord
     createdAt: r.createdAt,
     ...(r.template ? { template: r.template } : {}),
     ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-    ports: r.ports ?? [],
+    ports: portsOf(r, rows),
     processes: rows.filter((p) => p.aid === r.aid),
   }));
 }

@@ -101,6 +101,43 @@ describe('an ended application', () => {
   });
 });
 
+describe('ports', () => {
+  // Listens on one IPv4 port in its first process and one IPv6 port in a
+  // child, ports the kernel picks; no rule translates them.
+  const LISTENER = `
+import os, socket, sys, time
+def listen(family, host):
+    s = socket.socket(family)
+    s.bind((host, 0))
+    s.listen()
+    return s
+four = listen(socket.AF_INET, '127.0.0.1')
+r, w = os.pipe()
+if os.fork() == 0:
+    six = listen(socket.AF_INET6, '::1')
+    os.write(w, str(six.getsockname()[1]).encode())
+    while True: time.sleep(1)
+print('READY', four.getsockname()[1], os.read(r, 16).decode(), flush=True)
+while True: time.sleep(1)
+`;
+
+  it('ps and port list every port the processes listen on, untranslated ones as direct', async () => {
+    await runDetached('listener', ['python3', '-c', LISTENER], /^READY \d+ \d+$/m);
+    const [, four, six] = /^READY (\d+) (\d+)$/m.exec(sb.run(['logs', 'listener']).stdout)!.map(Number);
+    const sorted = [four, six].sort((a, b) => a - b);
+    expect(app('listener')!.ports).toEqual(sorted.map((p) => ({ virtual: p, system: p, mode: 'direct' })));
+    expect(sb.run(['ps']).stdout).toMatch(new RegExp(`^listener\\s+running\\s+\\S+\\s+2\\s+-\\s+${sorted.join(', ')}\\s+python3`, 'm'));
+    const table = sb.run(['port', 'listener']).stdout.trim().split('\n');
+    expect(table.map((l) => l.split(/\s{2,}/))).toEqual([['PORT', 'HOST PORT', 'MODE'], ...sorted.map((p) => [String(p), String(p), 'direct'])]);
+    expect(sb.run(['port', 'listener', String(six)]).stdout).toBe(`${six}\n`);
+    const none = sb.run(['port', 'listener', '1']);
+    expect([none.code, none.stderr]).toEqual([3, "appshot: 'listener' does not listen on port 1\n"]);
+    const bad = sb.run(['port', 'listener', 'http']);
+    expect([bad.code, bad.stderr]).toEqual([2, "appshot: 'http' is not a TCP port (1-65535)\n"]);
+    expect(sb.run(['rm', '-f', 'listener']).code).toBe(0);
+  });
+});
+
 describe('wait, stop, kill', () => {
   it('wait blocks until each ends, prints their codes and exits with the last', async () => {
     // Each ends when told to (a file appears), not after a time: wait is
