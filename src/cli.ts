@@ -38,7 +38,7 @@ export function buildProgram(): Command {
   program
     .name('appshot')
     .description(
-      'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
+      'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted, ' +
         'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
     )
     .version(appshotVersion())

@@ -98,6 +98,22 @@ describe('help and errors', () => {
       expect(r.stderr).not.toMatch(/error:/);
     }
   });
+
+  it('help COMMAND shows that command\'s help; an unknown one is one line and exit code 2', () => {
+    for (const [args, usage] of [[['help', 'ps'], 'appshot ps'], [['help', 'template', 'create'], 'appshot template create'], [['template', 'help', 'create'], 'appshot template create'], [['help'], 'appshot']]) {
+      const r = sb.run(args);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([0, '']);
+      expect(r.stdout.split('\n')[0], args.join(' ')).toMatch(new RegExp(`^Usage: ${usage} \\[options\\]`));
+    }
+    for (const [args, line] of [
+      [['help', 'nosuch'], "appshot: unknown command 'nosuch'\n"],
+      [['help', 'snapshto'], "appshot: unknown command 'snapshto' (Did you mean snapshot?)\n"],
+      [['help', 'template', 'nosuch'], "appshot: unknown command 'template nosuch'\n"],
+    ]) {
+      const r = sb.run(args as string[]);
+      expect([r.code, r.stdout, r.stderr], (args as string[]).join(' ')).toEqual([2, '', line]);
+    }
+  });
 });
 
 const logOf = (aid: string) => sb.log(aid);
