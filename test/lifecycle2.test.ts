@@ -31,7 +31,7 @@ interface PsApp {
   template?: { path: string; instance: number };
   privateRoot?: string;
   ports: { virtual: number; system: number; mode: string }[];
-  processes: { vpid: number; pid: number; init: boolean }[];
+  processes: { vpid: number; pid: number; init: boolean; command: string }[];
 }
 
 const psAll = () => sb.json<PsApp[]>(['ps', '-a']);
@@ -98,6 +98,26 @@ describe('an ended application', () => {
     expect(sb.run(['logs', '--tail', 'x', 'ts']).code).toBe(2);
     expect(sb.run(['logs', '--tail', '0', 'ts']).stdout).toBe('');
     expect(sb.run(['rm', 'ts']).code).toBe(0);
+  });
+});
+
+describe('ps of an argv with control characters', () => {
+  it('writes them as escapes: one row per application and per process, no terminal escape', async () => {
+    const argv = ['sh', '-c', 'echo READY; sleep 60', 'line\nbreak\ttab\x1b[31mred\x07'];
+    await runDetached('ctl', argv, /READY/);
+    const shown = 'sh -c echo READY; sleep 60 line\\nbreak\\ttab\\e[31mred\\x07';
+    const list = sb.run(['ps']).stdout.split('\n').filter(Boolean);
+    expect(list).toHaveLength(2);
+    expect(list[1]).toMatch(new RegExp(`^ctl\\s+running\\s.*\\s${shown.replace(/[\\[\]]/g, '\\$&')}$`));
+    // Its processes, from /proc/PID/cmdline: init, sh, sleep.
+    const processes = sb.run(['ps', 'ctl']).stdout.split('\n').filter(Boolean);
+    expect(processes).toHaveLength(4);
+    expect(processes[2].endsWith(` ${shown}`), processes[2]).toBe(true);
+    expect(processes[3]).toMatch(/\ssleep 60$/);
+    // --json keeps the argv as it is.
+    expect(app('ctl')!.processes.map((p) => p.command)).toEqual(['[appshot-init]', argv.join(' '), 'sleep 60']);
+    expect(sb.json<{ command: string[] }[]>(['ps', 'ctl'])[0].command).toEqual(argv);
+    expect(sb.run(['rm', '-f', 'ctl']).code).toBe(0);
   });
 });
 
