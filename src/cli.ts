@@ -14,6 +14,7 @@ import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
 import { standardOutput } from './stdout.js';
+import { plural } from './words.js';
 import { applyHouseStyle } from './commands/style.js';
 import { registerCompletion } from './commands/completion.js';
 import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
@@ -480,8 +481,8 @@ export function buildProgram(): Command {
       } else if (result.image !== '-') {
         process.stdout.write(result.image + '\n');
         process.stderr.write(
-          `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
-            (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
+          `appshot: ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')}, ${(result.bytes / 1048576).toFixed(1)} MiB` +
+            (result.parent ? ` (incremental on ${result.parent}: ${plural(result.pagesFromParent, 'page')} unchanged; --full for a whole image)` : '') +
             `; frozen ${result.frozenMs.toFixed(1)} ms` +
             (result.leftRunning ? '' : ` (kept stopped ${result.phases.heldMs.toFixed(0)} ms, until its image was on disk)`) +
             `, ${result.totalMs.toFixed(0)} ms in all` +
@@ -573,7 +574,7 @@ export function buildProgram(): Command {
         });
       else {
         process.stdout.write(result.aid + '\n');
-        process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
+        process.stderr.write(`appshot: restored ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')} in ${result.restoreMs.toFixed(1)} ms\n`);
       }
       for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
     });
@@ -628,7 +629,7 @@ export function buildProgram(): Command {
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
-        process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+        process.stderr.write(`appshot: template '${summary.name}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
         for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${u.rule} matches nothing in this snapshot: ${u.text}\n`);
@@ -714,11 +715,11 @@ export function buildProgram(): Command {
         return;
       }
       for (const r of results) {
-        const ports = r.ports.map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(' ');
+        const ports = r.ports.map(portText).join(' ');
         process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
       }
       const ms = results.map((r) => r.cloneMs);
-      process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
+      process.stderr.write(`appshot: ${plural(results.length, 'instance')} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
     });
 
   const key = program

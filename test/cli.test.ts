@@ -116,6 +116,31 @@ describe('help and errors', () => {
   });
 });
 
+describe('human output', () => {
+  it('counts in the singular for one: 1 process, 1 thread, 1 instance', async () => {
+    expect(sb.run(['run', '-d', '--aid', 'single', '--', fixture('ticker')]).code).toBe(0);
+    await waitFor(() => sb.log('single').length > 0, 10_000, 'ticker output');
+    const image = join(out, 'single.appshot');
+    const template = join(out, 'single.template');
+    const said = [
+      sb.run(['snapshot', 'single', '-o', image]),
+      sb.run(['inspect', image]),
+      sb.run(['restore', image]),
+      sb.run(['template', 'create', image, '-o', template]),
+      sb.run(['clone', template, '--aid', 'single-clone']),
+    ].map((r) => {
+      expect(r.code, r.stderr).toBe(0);
+      return r.stdout + r.stderr;
+    });
+    expect(said[0]).toMatch(/^appshot: 1 process, 1 thread, /m);
+    expect(said[1]).toMatch(/^1 process, \d+ pages stored/m);
+    expect(said[2]).toMatch(/^appshot: restored 1 process, 1 thread in /m);
+    expect(said[4]).toMatch(/^appshot: 1 instance in /m);
+    for (const text of said) expect(text).not.toMatch(/(^|[^\d.])1 (processes|threads|instances|resources|pages|bytes|datagrams|records|messages|connections|commands|mappings)\b/);
+    for (const aid of ['single', 'single-clone']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
 const logOf = (aid: string) => sb.log(aid);
 const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
 async function checksPass(aid: string, n = 10): Promise<void> {
