@@ -126,7 +126,7 @@ describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, 
     run(['snapshot', aid, '-o', join(out, aid)]);
     const shown = run(['inspect', join(out, aid)]);
     expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram \S+\/named, 2 datagrams queued \(7 bytes\)/);
-    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram @appshot-dgram-\d+, 1 datagrams queued \(5 bytes\)/);
+    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram @appshot-dgram-\d+, 1 datagram queued \(5 bytes\)/);
     expect(shown).toMatch(/UDP\s+udp 127\.0\.0\.1:\d+, 2 datagrams queued \(13 bytes\)/);
     expect(shown).toMatch(/UDP\s+udp \[::1\]:\d+ → \[::1\]:\d+, 0 datagrams queued/);
     run(['restore', join(out, aid)]);
