@@ -432,8 +432,8 @@ export function buildProgram(): Command {
         'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
         'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
         'Until then a small appshot-keeper process holds them silent (--tcp-hold), so that a peer that\n' +
-        'sends meanwhile is not reset.\n' +
-        'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
+        'sends meanwhile is not reset. A resource that cannot be captured is refused by name, and\n' +
+        'the application is left running.\n\n' +
         'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
@@ -530,9 +530,9 @@ export function buildProgram(): Command {
       "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
         'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
         'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
-        'object or table behind. The application runs\n' +
-        'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
-        "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
+        'object or table behind. The application runs in the background with the same virtual PIDs\n' +
+        'and SysV ids; output that went to a terminal goes to its log. A --lazy restore needs the\n' +
+        "image's pages.img for as long as it runs.\n\n" +
         'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
         '  appshot restore --trust-image downloaded.appshot',
     )

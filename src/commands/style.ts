@@ -30,10 +30,12 @@ export function exitCodesHelp(): string {
   );
 }
 
-/** A boolean flag's default is its absence: saying "(default: false)" on
- * each is noise. Values that matter (--signal SIGTERM) are still shown. */
+/** A boolean flag's default is its absence, and a repeatable option's is
+ * none given: saying "(default: false)" or "(default: [])" on each is
+ * noise. Values that matter (--signal SIGTERM) are still shown. */
 function optionDescription(this: Help, option: Option): string {
-  if (typeof option.defaultValue !== 'boolean') return Help.prototype.optionDescription.call(this, option);
+  const empty = typeof option.defaultValue === 'boolean' || (Array.isArray(option.defaultValue) && option.defaultValue.length === 0);
+  if (!empty) return Help.prototype.optionDescription.call(this, option);
   const shown = Object.create(option) as Option;
   shown.defaultValue = undefined;
   return Help.prototype.optionDescription.call(this, shown);
