@@ -65,6 +65,8 @@ export function buildProgram(): Command {
         "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
     )
     .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+      // In the foreground stdout is the application's: no room for JSON.
+      if (opts.json && !opts.detach) throw new AppshotError('--json goes with --detach (-d): in the foreground, stdout is the application\'s', ExitCode.usage);
       const { run } = await import('./harness.js');
       if (opts.aid !== undefined) checkAid(opts.aid);
       const code = await run(registry(), command, {
