@@ -245,6 +245,8 @@ export function buildProgram(): Command {
         'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web\n  appshot logs -t --tail 5 web',
     )
     .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps: boolean }) => {
+      const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
+      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
       const reg = registry();
       let record: AppRecord;
       try {
@@ -257,8 +259,6 @@ export function buildProgram(): Command {
         record = { aid, logPath: carried } as AppRecord;
         opts.follow = false;
       }
-      const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
-      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
       if (!record.logPath)
         throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
       const logPath = record.logPath;

@@ -96,6 +96,9 @@ describe('an ended application', () => {
     await runDetached('ts', ['sh', '-c', 'echo x']);
     expect(sb.run(['wait', 'ts']).code).toBe(0);
     expect(sb.run(['logs', '--tail', 'x', 'ts']).code).toBe(2);
+    // Before anything else is looked at or said.
+    const bad = sb.run(['logs', '--tail', '-3', 'no-such-app']);
+    expect([bad.code, bad.stderr]).toEqual([2, "appshot: --tail wants a number of lines or 'all', not '-3'\n"]);
     expect(sb.run(['logs', '--tail', '0', 'ts']).stdout).toBe('');
     expect(sb.run(['rm', 'ts']).code).toBe(0);
   });
