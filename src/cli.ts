@@ -440,6 +440,8 @@ export function buildProgram(): Command {
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
     .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; tcpHold: string; json: boolean; progress: string }) => {
+      if (opts.aid !== undefined && aidArg !== undefined && opts.aid !== aidArg)
+        throw new AppshotError(`two applications named: '${aidArg}' and --aid '${opts.aid}'; give one`, ExitCode.usage);
       const aid = opts.aid ?? aidArg;
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);

@@ -91,7 +91,7 @@ describe('help and errors', () => {
   });
 
   it("commander's errors come out as appshot's: one line, exit code 2", () => {
-    for (const args of [['frobnicate'], ['snapshoot'], ['ps', '--bogus'], ['restore'], ['run', '--json', '--', 'true']]) {
+    for (const args of [['frobnicate'], ['snapshoot'], ['ps', '--bogus'], ['restore'], ['run', '--json', '--', 'true'], ['snapshot', 'one', '--aid', 'other']]) {
       const r = sb.run(args);
       expect(r.code, args.join(' ')).toBe(2);
       expect(r.stderr, args.join(' ')).toMatch(/^appshot: [^\n]+\n$/);
