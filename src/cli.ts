@@ -119,7 +119,6 @@ export function buildProgram(): Command {
     return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
   }
 
-
   program
     .command('ps')
     .description('list applications (state, age, image or template, ports), or the processes of one')

@@ -208,7 +208,6 @@ export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number
   );
 }
 
-/** Prints rows as aligned columns under a header. */
 const C_ESCAPES: Record<string, string> = { '\n': '\\n', '\t': '\\t', '\r': '\\r', '\x1b': '\\e' };
 
 /** `text` with its control characters (C0, DEL, C1) written as escapes
@@ -219,8 +218,10 @@ export function visible(text: string): string {
   return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => C_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
-export function printColumns(header: string[], cells: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
-  const rows = cells.map((r) => r.map(visible));
+/** Prints rows as aligned columns under a header, control characters
+ * escaped. */
+export function printColumns(header: string[], table: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
+  const rows = table.map((r) => r.map(visible));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) =>
     cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ').trimEnd();
