@@ -6,7 +6,7 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { formatId, listProcesses, portsOf, portText, printColumns, tableRows } from './inspect.js';
+import { formatId, type ListeningCache, listProcesses, portsOf, portText, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded, isRestoring } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
@@ -98,7 +98,7 @@ export function buildProgram(): Command {
   }
 
   /** An application as `ps --json` shows it. */
-  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
+  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>, cache: ListeningCache) {
     return {
       aid: r.aid,
       state: isEnded(r) ? 'exited' : isRestoring(r) ? 'restoring' : 'running',
@@ -110,7 +110,7 @@ export function buildProgram(): Command {
       ...(r.template ? { template: r.template } : {}),
       ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
       // Every port it listens on, translated or not; none once ended.
-      ports: portsOf(r, processes),
+      ports: portsOf(r, processes, cache),
       processes: processes.filter((p) => p.aid === r.aid),
     };
   }
@@ -139,8 +139,9 @@ export function buildProgram(): Command {
         return;
       }
       const rows = listProcesses(reg, records);
+      const cache: ListeningCache = new Map();
       if (opts.json) {
-        json('ps', records.map((r) => appJson(r, rows)));
+        json('ps', records.map((r) => appJson(r, rows, cache)));
         return;
       }
       if (aid) {
@@ -160,7 +161,7 @@ export function buildProgram(): Command {
           age(r.createdAt),
           String(rows.filter((p) => p.aid === r.aid && !p.init).length),
           r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-          portsOf(r, rows).map(portText).join(', ') || '-',
+          portsOf(r, rows, cache).map(portText).join(', ') || '-',
           r.command.join(' '),
         ]),
       );

@@ -110,28 +110,44 @@ function listeningSockets(pid: number): Map<string, number> {
   return byInode;
 }
 
+/** The listening sockets of each network namespace (by its
+ * /proc/PID/ns/net link), read once per `ps` however many applications
+ * share it: the tables list every TCP socket of the namespace, and reading
+ * them costs milliseconds on a busy machine. */
+export type ListeningCache = Map<string, Map<string, number>>;
+
+/** The socket inodes among the descriptors of `pid`. */
+function socketInodes(pid: number): string[] {
+  const inodes: string[] = [];
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    let target: string;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue; // closed meanwhile
+    }
+    const m = /^socket:\[(\d+)\]$/.exec(target);
+    if (m) inodes.push(m[1]);
+  }
+  return inodes;
+}
+
 /** Every TCP port the processes `pids` listen on (system ports): the
  * listening sockets of their network namespaces that one of their
- * descriptors holds. A process that ended meanwhile, or whose /proc we may
- * not read, counts for nothing. */
-export function listeningPortsOf(pids: number[]): number[] {
+ * descriptors holds. A process that holds no socket costs no read of the
+ * namespace's tables. A process that ended meanwhile, or whose /proc we
+ * may not read, counts for nothing. */
+export function listeningPortsOf(pids: number[], cache: ListeningCache = new Map()): number[] {
   const ports = new Set<number>();
-  const sockets = new Map<string, Map<string, number>>(); // per network namespace
   for (const pid of pids) {
     try {
+      const inodes = socketInodes(pid);
+      if (!inodes.length) continue;
       const ns = readlinkSync(`/proc/${pid}/ns/net`);
-      let listening = sockets.get(ns);
-      if (!listening) sockets.set(ns, (listening = listeningSockets(pid)));
-      if (!listening.size) continue;
-      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-        let target: string;
-        try {
-          target = readlinkSync(`/proc/${pid}/fd/${fd}`);
-        } catch {
-          continue; // closed meanwhile
-        }
-        const m = /^socket:\[(\d+)\]$/.exec(target);
-        const port = m && listening.get(m[1]);
+      let listening = cache.get(ns);
+      if (!listening) cache.set(ns, (listening = listeningSockets(pid)));
+      for (const inode of inodes) {
+        const port = listening.get(inode);
         if (port) ports.add(port);
       }
     } catch {
@@ -143,13 +159,14 @@ export function listeningPortsOf(pids: number[]): number[] {
 
 /** The ports of `record`: the translations the registry knows of and every
  * other port its processes listen on, by the port the application asked
- * for. An ended application has none. */
-export function portsOf(record: AppRecord, processes: ProcessRow[]): ListeningPort[] {
+ * for. An ended application has none. `cache`: shared by the applications
+ * of one listing. */
+export function portsOf(record: AppRecord, processes: ProcessRow[], cache: ListeningCache = new Map()): ListeningPort[] {
   if (isEnded(record)) return [];
   const bound: ListeningPort[] = [...(record.ports ?? [])];
   const known = new Set(bound.map((b) => b.system));
   const pids = processes.filter((p) => p.aid === record.aid && !p.init).map((p) => p.pid);
-  for (const port of listeningPortsOf(pids)) if (!known.has(port)) bound.push({ virtual: port, system: port, mode: 'direct' });
+  for (const port of listeningPortsOf(pids, cache)) if (!known.has(port)) bound.push({ virtual: port, system: port, mode: 'direct' });
   return bound.sort((a, b) => a.virtual - b.virtual || a.system - b.system);
 }
 
@@ -176,6 +193,7 @@ export interface ApplicationInfo {
 /** The applications of `records` with their live processes. */
 export function describeApplications(registry: LocalRegistry, records: AppRecord[]): ApplicationInfo[] {
   const rows = listProcesses(registry, records);
+  const cache: ListeningCache = new Map();
   return records.map((r) => ({
     aid: r.aid,
     command: r.command,
@@ -183,7 +201,7 @@ export function describeApplications(registry: LocalRegistry, records: AppRecord
     createdAt: r.createdAt,
     ...(r.template ? { template: r.template } : {}),
     ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-    ports: portsOf(r, rows),
+    ports: portsOf(r, rows, cache),
     processes: rows.filter((p) => p.aid === r.aid),
   }));
 }
