@@ -516,3 +516,11 @@ describe('more process state: the root directory (chroot), the audit login uid, 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {
   roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
 });
+
+describe('2,000 descriptors duplicated from one open file description and 2,000 opened apart on one file: the first still one description, the others each its own', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-manyfds-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  // Each restored copy opens the files afresh: the original and the copy
+  // share no description.
+  roundTrips('mfds', [fixture('manyfds'), dir], /FILE\s+\S+\/dups pos=(100|4000)\n\d+\s+FILE\s+\S+\/opens pos=(0|5000)\n\d+\s+FILE\s+\S+\/opens pos=1\n\d+\s+FILE\s+\S+\/opens pos=2\n/);
+});
