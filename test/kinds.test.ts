@@ -348,7 +348,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
-    ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
@@ -496,6 +495,41 @@ function skipReason(name: string): string | undefined {
 const uclampSkip = skipReason('uclamp');
 describe.skipIf(uclampSkip !== undefined)(`utilization clamps (sched_setattr UTIL_CLAMP_MIN/MAX), each thread its own${uclampSkip ? ` — skipped: ${uclampSkip}` : ''}`, () => {
   roundTrips('uclamp', [fixture('uclamp')], /attributes: [^\n]*2: [^,]* uclamp 256\.\.512, 3: [^,]* uclamp 100\.\.900/);
+});
+
+const deadlineSkip = skipReason('deadline');
+describe.skipIf(deadlineSkip !== undefined)(`SCHED_DEADLINE threads: runtime, deadline, period and flags, each thread its own${deadlineSkip ? ` — skipped: ${deadlineSkip}` : ''}`, () => {
+  // The main thread reset-on-fork (its policy reads 6 | SCHED_RESET_ON_FORK),
+  // the second reclaiming.
+  roundTrips(
+    'dl',
+    [fixture('deadline')],
+    /attributes: [^\n]*2: nice 0 policy 1073741830\/0 SCHED_DEADLINE runtime 3000000 ns deadline 30000000 ns period 50000000 ns reset-on-fork cpus [\d,]+ [^,]*, \d+: nice 0 policy 6\/0 SCHED_DEADLINE runtime 2000000 ns deadline 20000000 ns period 40000000 ns reclaim /,
+  );
+
+  it('is refused by name, before anything is made, to a restore without CAP_SYS_NICE, and the application goes on', async () => {
+    const aid = 'dlnice';
+    // The process gives CAP_SYS_NICE up once its threads are set: its
+    // credentials are then within what the restore below may grant.
+    run(['run', '-d', '--aid', aid, '--', fixture('deadline'), '--drop-nice']);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const shmBefore = sb.shmFiles();
+    const r = spawnSync('setpriv', ['--inh-caps=-sys_nice', '--bounding-set=-sys_nice', process.execPath, cli, 'restore', join(out, aid), '--aid', 'dlnice2'], { env: sb.env, encoding: 'utf8' });
+    expect(r.status, r.stderr).not.toBe(0);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/process 2 \(deadline\): SCHED_DEADLINE runtime 3000000 ns, deadline 30000000 ns, period 50000000 ns, reset-on-fork, which only a restore with CAP_SYS_NICE may set/);
+    expect(sb.aids()).not.toContain('dlnice2');
+    expect(sb.shmFiles()).toEqual(shmBefore);
+    // The image is as it was: restored with the capability, it comes back.
+    await checksPass(aid);
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    run(['restore', join(out, aid), '--aid', 'dlnice3']);
+    await checksPass('dlnice3');
+    await exercised('dlnice3');
+    await checksPass('dlnice3');
+  });
 });
 
 const specSkip = skipReason('specctrl');
