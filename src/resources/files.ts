@@ -33,6 +33,7 @@ import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
 import { openUnconnected } from './unconnected.js';
 import { dumpPidfd, openPidfd } from './pidfd.js';
+import { refuseMessageQueue } from './mqueue.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -128,6 +129,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
+        if (st.isFile()) refuseMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`, target, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
         // /proc/PID/... of a process of the application: it follows that
         // process to its restored PID.
