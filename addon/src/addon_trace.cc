@@ -731,7 +731,8 @@ Napi::Value SameDescription(const Napi::CallbackInfo& info) {
 // kernel has no kcmp (each then its own). The descriptors are sorted by
 // kcmp(KCMP_FILE)'s ordering of descriptions, so that sharers end side by
 // side: n log n comparisons, not the n^2 of comparing every pair (2,000
-// descriptors of one file froze an application for seconds). A merge sort
+// descriptors of one file froze an application for seconds), after one
+// pass that takes out the first descriptor's sharers. A merge sort
 // of our own: bounded whatever the comparisons answer, where std::sort is
 // undefined (may run off the array) if a failed kcmp broke the ordering.
 Napi::Value DescriptionGroups(const Napi::CallbackInfo& info) {
@@ -761,19 +762,26 @@ Napi::Value DescriptionGroups(const Napi::CallbackInfo& info) {
     }
     return r;
   };
-  std::vector<size_t> order(n), scratch(n);
-  for (size_t i = 0; i < n; i++) order[i] = i;
-  for (size_t width = 1; width < n && !failed; width *= 2) {
-    for (size_t lo = 0; lo < n; lo += 2 * width) {
-      size_t mid = std::min(lo + width, n), hi = std::min(lo + 2 * width, n), a = lo, b = mid, k = lo;
+  // First, one pass against the first descriptor: the common case, one
+  // description dup'd many times, costs n - 1 comparisons, not n log n.
+  std::vector<size_t> group(n, n), order, scratch;
+  if (n) group[0] = 0;
+  for (size_t i = 1; i < n && !failed; i++) {
+    if (cmp(0, i) == 0) group[i] = 0;
+    else order.push_back(i);
+  }
+  size_t m = order.size();
+  scratch.resize(m);
+  for (size_t width = 1; width < m && !failed; width *= 2) {
+    for (size_t lo = 0; lo < m; lo += 2 * width) {
+      size_t mid = std::min(lo + width, m), hi = std::min(lo + 2 * width, m), a = lo, b = mid, k = lo;
       while (a < mid && b < hi) scratch[k++] = cmp(order[b], order[a]) == 1 ? order[b++] : order[a++];
       while (a < mid) scratch[k++] = order[a++];
       while (b < hi) scratch[k++] = order[b++];
     }
     order.swap(scratch);
   }
-  std::vector<size_t> group(n);
-  for (size_t k = 0; k < n && !failed; k++) {
+  for (size_t k = 0; k < m && !failed; k++) {
     size_t i = order[k];
     group[i] = i;
     if (k > 0 && cmp(order[k - 1], i) == 0) group[i] = group[order[k - 1]];

@@ -120,17 +120,17 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       const kind = target.replace(/^anon_inode:/, '').replace(/[[\]]/g, '');
       throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
     } else {
-      const st = statSync(`/proc/${pid}/fd/${n}`);
+      const st = statSync(`/proc/${pid}/fd/${n}`, { bigint: true });
       const deleted = target.endsWith(' (deleted)');
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
-        fd.pipe = dumpPipe(ctx, pid, n, BigInt(st.ino), target, fd.flags, `${what} fd ${n}`);
+        fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`);
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
       } else if (st.isFile() || st.isDirectory()) {
         if (st.isFile()) refuseMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`, target, `${what} fd ${n}`);
-        fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted);
+        fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted, st);
         // /proc/PID/... of a process of the application: it follows that
         // process to its restored PID.
         const proc = PROC_PID.exec(target);
