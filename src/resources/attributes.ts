@@ -22,8 +22,7 @@ import { constants } from 'node:os';
 import type { Image, Process, ProcessAttributes, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { Unsupported } from './context.js';
-import { nameProcess } from './context.js';
+import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
@@ -304,8 +303,8 @@ function dumpDeadline(tid: number, asked: Answer | undefined, calls: CallQueue, 
   check(a.ret, `the SCHED_DEADLINE reservation of ${what} thread ${tid}`);
   const flags = a.out.readBigUInt64LE(8);
   const dl: SchedDeadline = { runtimeNs: a.out.readBigUInt64LE(24), deadlineNs: a.out.readBigUInt64LE(32), periodNs: a.out.readBigUInt64LE(40), flags: flags & DEADLINE_FLAGS };
-  // The policy read now, not from the first look: it may have changed
-  // between the two only if the thread ran, which it cannot, frozen.
+  // The same policy as the first look saw: frozen, the thread cannot
+  // have changed it; anything else is a fault of ours, said loudly.
   if (a.out.readUInt32LE(4) !== SCHED_DEADLINE) throw new Error(`reading the SCHED_DEADLINE reservation of ${what} thread ${tid}: its policy is ${a.out.readUInt32LE(4)}`);
   const other = flags & ~DEADLINE_FLAGS & ~BigInt(SCHED_FLAG_UTIL_CLAMP_MIN | SCHED_FLAG_UTIL_CLAMP_MAX);
   if (other) throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE with scheduling flags 0x${other.toString(16)} cannot be captured`);
