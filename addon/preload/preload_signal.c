@@ -175,13 +175,13 @@ long do_rt_sigaction(int sig, const void *act, void *old, size_t size) {
 
 /* One bit per descriptor whose reads hold system PIDs: read() looks at
  * one word for every descriptor, and at the file only for those marked. */
-#define SIGNALFD_TRACKED 4096 /* descriptors above are read untranslated */
-static unsigned long g_translated_reads[SIGNALFD_TRACKED / (8 * sizeof(long))];
+#define TRANSLATED_READS_TRACKED 4096 /* descriptors above are read untranslated */
+static unsigned long g_translated_reads[TRANSLATED_READS_TRACKED / (8 * sizeof(long))];
 #define BIT(fd) (1UL << ((unsigned)(fd) % (8 * sizeof(long))))
 #define WORD(fd) g_translated_reads[(unsigned)(fd) / (8 * sizeof(long))]
 
 static void mark_translated_read(int fd, int on) {
-  if (fd < 0 || fd >= SIGNALFD_TRACKED) return;
+  if (fd < 0 || fd >= TRANSLATED_READS_TRACKED) return;
   if (on)
     __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
   else
@@ -189,13 +189,13 @@ static void mark_translated_read(int fd, int on) {
 }
 
 void translated_reads_forget(int fd) {
-  if (fd >= 0 && fd < SIGNALFD_TRACKED &&
+  if (fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
       UNLIKELY(__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))
     mark_translated_read(fd, 0);
 }
 
 int translated_reads_marked(int fd) {
-  return fd >= 0 && fd < SIGNALFD_TRACKED &&
+  return fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
          (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd));
 }
 
@@ -205,7 +205,7 @@ void translated_reads_mark(int fd, int on) {
 }
 
 void translated_reads_forget_range(unsigned int first, unsigned int last) {
-  for (unsigned int fd = first; fd <= last && fd < SIGNALFD_TRACKED; fd++)
+  for (unsigned int fd = first; fd <= last && fd < TRANSLATED_READS_TRACKED; fd++)
     translated_reads_forget((int)fd);
 }
 
@@ -234,7 +234,7 @@ API ssize_t read(int fd, void *buf, size_t count) {
   ensure_init();
   /* Called by dlsym itself, while init resolves REAL(read)? */
   if (UNLIKELY(!real_fn[R_read])) return libc_ret(SYS3(read, fd, buf, count));
-  if (LIKELY(!(fd >= 0 && fd < SIGNALFD_TRACKED &&
+  if (LIKELY(!(fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
                 (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))))
     return REAL(read)(fd, buf, count); /* a cancellation point: glibc's */
   /* A signalfd's records, a message queue's text, hold system PIDs until
