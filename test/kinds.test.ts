@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -379,6 +379,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
     ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],
   ];
+  const TCP_STATE_HEX: Record<string, string> = { 'last-ack': '09', closing: '0B' };
   for (const [kind, message] of refusals)
     it(kind, async () => {
       const aid = `held-${kind}`;
@@ -396,6 +397,14 @@ describe('what cannot be captured yet is refused by name, and the application go
       const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
       expect(status).toMatch(/^TracerPid:\s+0$/m);
       expect(status).not.toMatch(/^State:\s+[tT]/m);
+      // A connection closed both ways is where it was, as the kernel's
+      // table says (st: 09 LAST_ACK, 0B CLOSING).
+      const tcpState = TCP_STATE_HEX[kind];
+      if (tcpState) {
+        const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${systemPid(aid)}/fd/${fd}`))![1];
+        const line = readFileSync(`/proc/${systemPid(aid)}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
+        expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
+      }
     });
 });
 
