@@ -18,7 +18,7 @@ import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadI
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
-import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -529,7 +529,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   // -o x.tar / x.tar.gz / x.tar.zst: a file holding the stream, not a directory.
   const fileKind = toStream ? 'dir' : imageFileKind(output);
   const toFile = fileKind !== 'dir';
-  const commit = async (image: Image, pages: PageWriter, part: { size: number; crc: number }, imageId: string, base?: Base) => {
+  const commit = async (image: Image, pages: PageWriter, part: PageFileDigest, imageId: string, base?: Base) => {
     if (toStream) {
       standardOutput.carriesImage = true;
       try {
@@ -621,6 +621,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
+    // The page file's chunk digests are hashed from the file as it is
+    // written: without --leave-running from the start, on one thread
+    // (beside the reading, on the core it leaves free: the application
+    // waits for all of it anyway); with it, from its resume on, so that
+    // the frozen window shares its cores with no hashing.
+    if (!opts.leaveRunning) pages.startHashing(false);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     const reporting = new ReportingPageWriter(pages, progress, estimate);
@@ -645,6 +651,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       connections.release();
       keeper.close();
       timed('resume', () => freezer.resume());
+      pages.startHashing(true);
       clock.released();
       clock.end('resumeMs');
       reportProfile('the frozen window');
