@@ -777,6 +777,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const c of pageChecks) if (c) await awaitPagesCheck(c.check, c.chunkSize, undefined, opts.signal).catch((e) => {
       throw opts.signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
     });
+    if (pageChecks.some((c) => c)) killPoint('image: pages checked');
     phase('page data checked');
     // The last point where an interrupted restore is given up: after it,
     // connections go live and the commit keeps the application.
