@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
@@ -313,6 +313,43 @@ describe('page data checked by chunks (format 3)', () => {
     const short = withChunks('short-chunks', () => {}, (b) => b.subarray(0, b.length - 4096));
     refuses(['restore', '--lazy', short], corrupt(/pages.img is \d+ bytes, expected \d+ \(truncated\?\)/));
   });
+
+  for (const lazy of [false, true]) {
+    it(`refuses a page file cut short after its size was checked${lazy ? ' (--lazy)' : ''}, naming the chunk it could not read`, async () => {
+      const dir = withChunks(`cut-later-${lazy}`, () => {});
+      const size = statSync(join(dir, 'pages.img')).size;
+      const ipcBefore = systemIpcIds();
+      const aidsBefore = sb.aids();
+      // Stopped where the chunks' check starts: the size is checked, no
+      // chunk read yet. The owner cuts the file, and it goes on.
+      const child = spawn(process.execPath, [cli, 'restore', ...(lazy ? ['--lazy'] : []), dir], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: checking pages' },
+      });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+      const stopped = () => {
+        try {
+          return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+        } catch {
+          return false;
+        }
+      };
+      await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the restore to reach its check');
+      expect(child.exitCode, stderr).toBeNull();
+      const last = Math.ceil(size / MiB) - 1;
+      truncateSync(join(dir, 'pages.img'), last * MiB);
+      child.kill('SIGCONT');
+      expect(await exited).toBe(1);
+      const lines = stderr.split('\n').filter((l) => l !== '');
+      expect(lines, stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(new RegExp(`^appshot: cannot restore .*: corrupt image: pages.img cannot be read \\(chunk ${last}, bytes ${last * MiB}-\\d+: EIO\\)$`));
+      expect(sb.aids()).toEqual(aidsBefore);
+      expect(strayIpcIds(ipcBefore)).toEqual([]);
+      expect(sandboxProcesses()).toEqual([]);
+      expect(tmpEntries()).toEqual([]);
+    });
+  }
 
   it('refuses chunk tables of the wrong length or absurd chunk sizes, before reading the page file', () => {
     const cases: [string, (p: Manifest['parts'][number]) => void, RegExp][] = [
