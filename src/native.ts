@@ -119,8 +119,9 @@ export interface PageWriter {
    * then fsync took (the snapshot's phases). */
   finish(): PageFileDigest & { drainMs: number; fsyncMs: number; hashMs: number };
   /** Lets the chunk digests be computed from what is written so far: on
-   * one thread (`all` false: beside the reading of a frozen application)
-   * or on every core. Not called, they are all computed by finish. */
+   * one thread (`all` false: beside the writer thread while it writes
+   * what is queued) or on every core. Not called, they are all computed
+   * by finish. */
   startHashing(all: boolean): void;
   link(path: string): void;
   fd(): number;

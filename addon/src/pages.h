@@ -142,11 +142,11 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
  * thread to catch up (see pages.c): what a progress display reads. */
 uint64_t pw_written(page_writer* w);
 int pw_drain(page_writer* w, int timeout_ms);
-/* Lets the hashing threads start on what is written: one thread
- * (`all` 0: beside a reader of the frozen application, on a core it
- * leaves free) or one per core. Until then, nothing is hashed: a
- * --leave-running snapshot's frozen window has no hashing to share its
- * cores with. pw_finish hashes what is left on every core. */
+/* Lets the hashing threads start on what is written: one thread (`all`
+ * 0: beside the writer thread while it writes what is queued) or one per
+ * core. Until then, nothing is hashed: the snapshot calls it once the
+ * application's state is read, so that the reading shares its cores with
+ * no hashing. pw_finish hashes what is left on every core. */
 void pw_hash_start(page_writer* w, int all);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */

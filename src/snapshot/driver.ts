@@ -621,12 +621,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
-    // The page file's chunk digests are hashed from the file as it is
-    // written: without --leave-running from the start, on one thread
-    // (beside the reading, on the core it leaves free: the application
-    // waits for all of it anyway); with it, from its resume on, so that
-    // the frozen window shares its cores with no hashing.
-    if (!opts.leaveRunning) pages.startHashing(false);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     const reporting = new ReportingPageWriter(pages, progress, estimate);
@@ -651,11 +645,17 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       connections.release();
       keeper.close();
       timed('resume', () => freezer.resume());
-      pages.startHashing(true);
       clock.released();
       clock.end('resumeMs');
       reportProfile('the frozen window');
     }
+    // The page file's chunk digests are hashed from the file as the
+    // writer thread puts it there, from now on: one thread beside the
+    // writer's while it writes what is queued, every core once it is done
+    // (finish). Not while the application's state is read: the hashing
+    // would share its cores with the reading (measured: it cost more CPU
+    // and more held time than it saved, on a loaded two-core machine).
+    pages.startHashing(false);
     // The frozen window ends here: nothing below reads the application,
     // which goes on now (--leave-running) or stays stopped, held for its
     // end until the image is on disk (phases.ts).
