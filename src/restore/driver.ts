@@ -184,11 +184,13 @@ class ProgressMeter {
  * is checked (seconds per GiB) ends it at once. `known`: a chain loaded
  * already (the previous image of a service, still unchanged on disk),
  * taken as it is from the link where the new chain joins it. */
-async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], holdPages = false): Promise<LoadedImage[]> {
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], forLater = false): Promise<LoadedImage[]> {
   // Page files of format 3 are checked by chunks on threads of their own
   // while the restore goes on (LoadedImage.pagesCheck); one held for later
-  // (serve's preload) is checked whole now.
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages, deferPagesCheck: !holdPages };
+  // (serve's preload) is checked whole now. Either way the file checked
+  // stays open, and is the one the restore copies or maps: its path may
+  // name another file by then.
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages: true, deferPagesCheck: !forLater };
   const interrupted = (e: unknown) => {
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
