@@ -114,9 +114,15 @@ export interface PageWriter {
   dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages, forkedFrom?: ForkedFrom): DumpedPages;
   append(data: Buffer): number;
   appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
-  /** Flushed and synced: how long waiting for the writer thread's queue
-   * and then fsync took (the snapshot's phases). */
-  finish(): { size: number; crc: number; drainMs: number; fsyncMs: number };
+  /** Flushed and synced: the SHA-256 of each chunk, hashed by the writer
+   * thread as it wrote, and how long waiting for that thread's queue and
+   * then fsync took (the snapshot's phases). */
+  finish(): PageFileDigest & { drainMs: number; fsyncMs: number; hashMs: number };
+  /** Lets the chunk digests be computed from what is written so far: on
+   * one thread (`all` false: beside the writer thread while it writes
+   * what is queued) or on every core. Not called, they are all computed
+   * by finish. */
+  startHashing(all: boolean): void;
   link(path: string): void;
   fd(): number;
   /** Bytes in the file so far (the writer thread's, not what is queued). */
@@ -125,6 +131,27 @@ export interface PageWriter {
    * thread to catch up; throws its write error. */
   drain(timeoutMs: number): void;
   abort(): void;
+}
+
+/** What a finished page file is, for the image's manifest: its size and
+ * the SHA-256 of each `chunkSize` bytes (the last chunk shorter). */
+export interface PageFileDigest {
+  size: number;
+  chunkSize: number;
+  chunks: Buffer;
+}
+
+/** A page file being checked against its chunk digests, on a thread per
+ * core, first chunk first (addon_restore.cc). */
+export interface PagesCheck {
+  /** Waits up to `timeoutMs` (negative: for ever) for the chunks touching
+   * [offset, offset + length) (default: all). `chunk`: the first that
+   * failed; `errno`: 0 when its bytes differ, else why it was not read. */
+  wait(timeoutMs: number, offset?: number, length?: number): { state: 'good' | 'pending' | 'bad'; chunk: number; errno: number };
+  /** Bytes checked so far. */
+  checked(): number;
+  /** Stops the threads; the file's own descriptor is closed. */
+  stop(): void;
 }
 
 export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2, all: 3 } as const;
@@ -214,6 +241,7 @@ interface Addon {
     messages: { type: number; data: Buffer }[];
   };
   PageWriter: new (dir: string, parents: string[], queueLimit?: number) => PageWriter;
+  PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
   unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }[];
@@ -228,8 +256,11 @@ interface Addon {
   /** Waits for those spawnDetached started that have ended; how many. */
   reapDetached(): number;
   /** Copies page data into a stopped process: runs of [index into fds,
-   * file offset, address, length], each page file mapped once. */
-  writePageRuns(pid: number, fds: number[], runs: Float64Array): void;
+   * file offset, address, length], each page file mapped once.
+   * `checks[i]`: page file i's PagesCheck: no chunk is copied before it is
+   * checked, and one that failed throws (code EBADMSG, or ECHECK when it
+   * could not be read; `chunk` and `file` name it). */
+  writePageRuns(pid: number, fds: number[], runs: Float64Array, checks?: (PagesCheck | undefined)[]): void;
   eventfd(count: number, flags: number): number;
   /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */
   memfd(name: string, size: number, flags?: number): number;

@@ -42,7 +42,7 @@ async function goesOn(aid: string): Promise<void> {
   expect(logOf(aid)).not.toMatch(/FAIL.*/);
 }
 
-const PHASES = ['freezeMs', 'dumpMs', 'trackMs', 'resumeMs', 'drainMs', 'fsyncMs', 'checksumMs', 'commitMs', 'endMs', 'heldMs'];
+const PHASES = ['freezeMs', 'dumpMs', 'trackMs', 'resumeMs', 'drainMs', 'fsyncMs', 'hashMs', 'checksumMs', 'commitMs', 'endMs', 'heldMs'];
 
 describe('snapshot phases', () => {
   it('--leave-running: held exactly as long as frozen, the commit after', async () => {
@@ -65,7 +65,7 @@ describe('snapshot phases', () => {
     expect(p.resumeMs).toBe(0);
     // Held through the page file's fsync, the checksums and the commit.
     expect(p.heldMs).toBeGreaterThan(r.frozenMs);
-    expect(p.heldMs + 0.05).toBeGreaterThanOrEqual(r.frozenMs + p.drainMs + p.fsyncMs + p.checksumMs + p.commitMs);
+    expect(p.heldMs + 0.05).toBeGreaterThanOrEqual(r.frozenMs + p.drainMs + p.fsyncMs + p.hashMs + p.checksumMs + p.commitMs);
     expect(readdirSync(join(dir, 'def')).sort()).toEqual(['image.pb', 'manifest.pb', 'pages.img']);
     // The image restores (and its application runs).
     const back = sb.run(['restore', join(dir, 'def'), '--aid', 'def']);

@@ -11,14 +11,14 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import type { Image, Manifest } from '../src/image/types.js';
-import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const other = new Sandbox();
@@ -196,7 +196,7 @@ describe('manifests that lie about the parts (signed again)', () => {
       ['pages.img', join(good, 'pages.img')],
     ];
     expect(sb.run(['inspect', manifestListing('format1', parts, 1)]).code).toBe(0);
-    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2\)/ });
+    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2, 3\)/ });
   });
 
   it('refuses a manifest with no parts (which would skip every checksum)', () => {
@@ -226,6 +226,183 @@ describe('manifests that lie about the parts (signed again)', () => {
       ['image.pb', join(good, 'image.pb')],
     ]);
     refuses(['inspect', dir], corrupt('lists image.pb 2 times'));
+  });
+});
+
+describe('page data checked by chunks (format 3)', () => {
+  const MiB = 1 << 20;
+  let manifest: Manifest;
+  beforeAll(async () => {
+    manifest = (await loadImage(good, { trust: 'report' })).manifest;
+  });
+  const pagesOf = (m: Manifest) => m.parts.find((p) => p.name === 'pages.img')!;
+
+  /** Processes of this sandbox's node (they carry its APPSHOT_HOME) but
+   * its resident engine and supervisors (with their standby seeds, which
+   * the engine keeps ready): what a restore made of an image, by its
+   * command line. */
+  function sandboxProcesses(): string[] {
+    const mark = `APPSHOT_HOME=${sb.home}\0`;
+    const found: string[] = [];
+    for (const e of readdirSync('/proc')) {
+      if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
+      try {
+        if (!readFileSync(`/proc/${e}/environ`, 'latin1').includes(mark)) continue;
+        const cmd = readFileSync(`/proc/${e}/cmdline`, 'latin1').replace(/\0/g, ' ');
+        if (/\/engine\/main\.js |\/appshot-init /.test(cmd)) continue;
+        found.push(`${e} ${cmd}`);
+      } catch {
+        /* gone meanwhile */
+      }
+    }
+    return found;
+  }
+
+  /** The good image's parts, pages.img changed by `pages` and the
+   * manifest's entry for it by `entry`, signed again. */
+  function withChunks(name: string, entry: (part: Manifest['parts'][number]) => void, pages?: (b: Buffer) => Buffer): string {
+    const dir = join(out, name);
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir);
+    copyFileSync(join(good, 'image.pb'), join(dir, 'image.pb'));
+    const bytes = readFileSync(join(good, 'pages.img'));
+    writeFileSync(join(dir, 'pages.img'), pages ? pages(bytes) : bytes);
+    const m = structuredClone(manifest);
+    entry(pagesOf(m));
+    writeFileSync(join(dir, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifestOf({ ...m, signature: Buffer.alloc(0), keyId: '' })));
+    return dir;
+  }
+
+  it('writes format 3: a SHA-256 per MiB of pages.img, and none of the whole file', () => {
+    expect(manifest.formatVersion).toBe(3);
+    const pages = pagesOf(manifest);
+    expect(pages.chunkSize).toBe(MiB);
+    // The fixture's 2 MiB of heap and the rest: several chunks.
+    expect(pages.size).toBeGreaterThan(2n * BigInt(MiB));
+    expect(pages.chunkSha256.length).toBe(Math.ceil(Number(pages.size) / MiB) * 32);
+    expect(pages.sha256.length).toBe(0);
+    // Each digest is the chunk's.
+    const bytes = readFileSync(join(good, 'pages.img'));
+    const fd = openSync(join(good, 'pages.img'), 'r');
+    try {
+      expect(digestFd(fd).chunks!.equals(pages.chunkSha256)).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+    expect(bytes.length).toBe(Number(pages.size));
+  });
+
+  for (const lazy of [false, true]) {
+    it(`refuses a byte changed in the last chunk${lazy ? ' (--lazy)' : ''}, leaving no process, SysV object or table behind`, () => {
+      const dir = withChunks(`flip-chunk-${lazy}`, () => {}, (b) => {
+        b[b.length - 100] ^= 0x01;
+        return b;
+      });
+      const last = Math.ceil(statSync(join(dir, 'pages.img')).size / MiB) - 1;
+      const ipcBefore = systemIpcIds();
+      refuses(['restore', ...(lazy ? ['--lazy'] : []), dir], corrupt(new RegExp(`corrupt image: checksum of pages.img does not match its manifest \\(chunk ${last}, `)));
+      expect(strayIpcIds(ipcBefore)).toEqual([]);
+      expect(sandboxProcesses()).toEqual([]);
+    });
+  }
+
+  it('refuses a page file cut short, its size signed again but not its chunk table', () => {
+    const cut = withChunks('cut-chunks', (p) => (p.size -= BigInt(MiB)), (b) => b.subarray(0, b.length - MiB));
+    refuses(['restore', cut], corrupt(/chunk digests for pages.img; \d+ bytes in chunks of 1048576 need \d+/));
+    // And with its size as signed: refused by its size, before any chunk.
+    const short = withChunks('short-chunks', () => {}, (b) => b.subarray(0, b.length - 4096));
+    refuses(['restore', '--lazy', short], corrupt(/pages.img is \d+ bytes, expected \d+ \(truncated\?\)/));
+  });
+
+  for (const lazy of [false, true]) {
+    it(`refuses a page file cut short after its size was checked${lazy ? ' (--lazy)' : ''}, naming the chunk it could not read`, async () => {
+      const dir = withChunks(`cut-later-${lazy}`, () => {});
+      const size = statSync(join(dir, 'pages.img')).size;
+      const ipcBefore = systemIpcIds();
+      const aidsBefore = sb.aids();
+      // Stopped where the chunks' check starts: the size is checked, no
+      // chunk read yet. The owner cuts the file, and it goes on.
+      const child = spawn(process.execPath, [cli, 'restore', ...(lazy ? ['--lazy'] : []), dir], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: checking pages' },
+      });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+      const stopped = () => {
+        try {
+          return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+        } catch {
+          return false;
+        }
+      };
+      await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the restore to reach its check');
+      expect(child.exitCode, stderr).toBeNull();
+      const last = Math.ceil(size / MiB) - 1;
+      truncateSync(join(dir, 'pages.img'), last * MiB);
+      child.kill('SIGCONT');
+      expect(await exited).toBe(1);
+      const lines = stderr.split('\n').filter((l) => l !== '');
+      expect(lines, stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(new RegExp(`^appshot: cannot restore .*: corrupt image: pages.img cannot be read \\(chunk ${last}, bytes ${last * MiB}-\\d+: EIO\\)$`));
+      expect(sb.aids()).toEqual(aidsBefore);
+      expect(strayIpcIds(ipcBefore)).toEqual([]);
+      expect(sandboxProcesses()).toEqual([]);
+      expect(tmpEntries()).toEqual([]);
+    });
+  }
+
+  it('refuses chunk tables of the wrong length or absurd chunk sizes, before reading the page file', () => {
+    const cases: [string, (p: Manifest['parts'][number]) => void, RegExp][] = [
+      ['one digest short', (p) => (p.chunkSha256 = p.chunkSha256.subarray(32)), /has \d+ bytes of chunk digests for pages.img/],
+      ['one digest too many', (p) => (p.chunkSha256 = Buffer.concat([p.chunkSha256, p.chunkSha256.subarray(0, 32)])), /has \d+ bytes of chunk digests/],
+      ['half a digest', (p) => (p.chunkSha256 = p.chunkSha256.subarray(16)), /has \d+ bytes of chunk digests/],
+      ['no table', (p) => (p.chunkSha256 = Buffer.alloc(0)), /has 0 bytes of chunk digests/],
+      ['chunks of 0 bytes', (p) => (p.chunkSize = 0), /by chunks of 0 bytes/],
+      ['chunks of 3 bytes', (p) => (p.chunkSize = 3), /by chunks of 3 bytes/],
+      ['chunks of 4 GiB - 1', (p) => (p.chunkSize = 2 ** 32 - 1), /by chunks of 4294967295 bytes/],
+      ['smaller chunks, same table', (p) => (p.chunkSize = 64 * 1024), /bytes of chunk digests for pages.img; \d+ bytes in chunks of 65536 need/],
+    ];
+    for (const [what, change, message] of cases) {
+      const dir = withChunks(`table-${what.replace(/\W+/g, '-')}`, change);
+      refuses(['inspect', dir], corrupt(message), { trace: [join(dir, 'pages.img')] });
+    }
+    const restored = withChunks('table-restore', (p) => (p.chunkSha256 = p.chunkSha256.subarray(32)));
+    refuses(['restore', restored], corrupt(/chunk digests for pages.img/));
+  });
+
+  it('refuses a chunk table given to image.pb', () => {
+    const dir = join(out, 'image-chunks');
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir);
+    for (const p of ['image.pb', 'pages.img']) copyFileSync(join(good, p), join(dir, p));
+    const m = structuredClone(manifest);
+    const image = m.parts.find((p) => p.name === 'image.pb')!;
+    image.chunkSize = MiB;
+    image.chunkSha256 = Buffer.alloc(32);
+    writeFileSync(join(dir, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifestOf({ ...m, signature: Buffer.alloc(0), keyId: '' })));
+    refuses(['inspect', dir], corrupt(/gives image.pb a chunk table, which only pages.img has/));
+  });
+
+  it('still restores format 2 (one SHA-256 of the whole page file), and refuses it changed', async () => {
+    const dir = join(out, 'format2');
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir);
+    for (const p of ['image.pb', 'pages.img']) copyFileSync(join(good, p), join(dir, p));
+    const digests = new Map([
+      ['image.pb', digestOf(join(dir, 'image.pb'))],
+      ['pages.img', { ...digestOf(join(dir, 'pages.img')), chunks: undefined, chunkSize: undefined }],
+    ]);
+    writeFileSync(join(dir, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifest('feedfacefeedface', digests)));
+    const shown = sb.run(['inspect', dir]);
+    expect(shown.stdout).toMatch(/\(format 2\)/);
+    const r = sb.run(['restore', dir, '--aid', 'format2']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', '-f', 'format2']).code).toBe(0);
+    // Its whole-file digest is checked: a changed byte is refused.
+    const bytes = readFileSync(join(dir, 'pages.img'));
+    bytes[bytes.length - 100] ^= 0x01;
+    writeFileSync(join(dir, 'pages.img'), bytes);
+    refuses(['restore', dir], corrupt('checksum of pages.img'));
   });
 });
 

@@ -32,6 +32,7 @@
 
 extern "C" {
 #include "appshot_table.h"
+#include "pages.h"
 }
 
 namespace {
@@ -452,8 +453,87 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sid);
 }
 
-// writePageRuns(pid, fds[], runs): copies page data from an image's page
-// files into a stopped process. `runs` holds [file index, file offset,
+// new PagesCheck(fd, size, chunkSize, table): checks a page file against
+// its chunk digests (the image's signed manifest) on a thread per core,
+// from its first chunk on, while the restore goes on; see pages_check in
+// pages.h. The restore copies a chunk only once it is checked
+// (writePageRuns), and waits for all of them before the application runs.
+class PagesCheck : public Napi::ObjectWrap<PagesCheck> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "PagesCheck",
+                       {InstanceMethod("wait", &PagesCheck::Wait),
+                        InstanceMethod("checked", &PagesCheck::Checked),
+                        InstanceMethod("stop", &PagesCheck::Stop)});
+  }
+
+  explicit PagesCheck(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PagesCheck>(info) {
+    Napi::Env env = info.Env();
+    int fd = info[0].As<Napi::Number>().Int32Value();
+    uint64_t size = static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value());
+    uint32_t chunk = info[2].As<Napi::Number>().Uint32Value();
+    auto table = info[3].As<Napi::Buffer<uint8_t>>();
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int err = 0;
+    check_ = pages_check_start(fd, size, chunk, table.Data(), table.Length(), cores > 0 ? static_cast<int>(cores) : 1, &err);
+    if (!check_) ThrowErrno(env, "checking page data", -err);
+  }
+
+  ~PagesCheck() override { Release(); }
+
+  // Waits up to timeoutMs (negative: for ever) for the chunks touching
+  // [offset, offset + length): { state: 'good' | 'pending' | 'bad', chunk,
+  // errno }; `chunk`: the first that failed (bad), `errno` 0 when its
+  // bytes differ, else why it could not be read.
+  static Napi::Object Verdict(Napi::Env env, int rc, uint64_t bad) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("state", rc == 0 ? "good" : rc == 1 ? "pending" : "bad");
+    o.Set("chunk", Napi::Number::New(env, rc < 0 ? static_cast<double>(bad) : -1));
+    o.Set("errno", Napi::Number::New(env, rc < 0 && rc != -EBADMSG ? -rc : 0));
+    return o;
+  }
+
+  int WaitRange(uint64_t off, uint64_t len, int timeout_ms, uint64_t* bad) {
+    if (!check_) {
+      *bad = 0;
+      return -ECANCELED;
+    }
+    return pages_check_wait(check_, off, len, timeout_ms, bad);
+  }
+
+ private:
+  // wait(timeoutMs, offset = 0, length = all)
+  Napi::Value Wait(const Napi::CallbackInfo& info) {
+    int timeout = info[0].As<Napi::Number>().Int32Value();
+    uint64_t off = info.Length() > 1 ? static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()) : 0;
+    uint64_t len = info.Length() > 2 ? static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()) : UINT64_MAX;
+    uint64_t bad = 0;
+    int rc = WaitRange(off, len, timeout, &bad);
+    return Verdict(info.Env(), rc, bad);
+  }
+
+  Napi::Value Checked(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), check_ ? static_cast<double>(pages_check_done(check_)) : 0);
+  }
+
+  Napi::Value Stop(const Napi::CallbackInfo& info) {
+    Release();
+    return info.Env().Undefined();
+  }
+
+  void Release() {
+    if (check_) pages_check_stop(check_);
+    check_ = nullptr;
+  }
+
+  pages_check* check_ = nullptr;
+};
+
+// writePageRuns(pid, fds[], runs, checks?): copies page data from an
+// image's page files into a stopped process. `checks[i]`, if given, is
+// page file i's PagesCheck: no byte of a chunk is copied before the chunk
+// is checked, and a chunk that fails ends the copy (an error whose code
+// is EBADMSG and whose `chunk` names it). `runs` holds [file index, file offset,
 // address, length] per run. Each page file is mapped once and whole, and
 // the runs go to the process in as few process_vm_writev calls as IOV_MAX
 // allows: a server's memory is a hundred small runs, and a mapping and a
@@ -472,6 +552,12 @@ Napi::Value WritePageRuns(const Napi::CallbackInfo& info) {
   };
   std::vector<PageFile> files;
   for (uint32_t i = 0; i < fdList.Length(); i++) files.push_back({Int(fdList.Get(i))});
+  std::vector<PagesCheck*> checks(files.size(), nullptr);
+  if (info.Length() > 3 && info[3].IsArray()) {
+    auto list = info[3].As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length() && i < checks.size(); i++)
+      if (list.Get(i).IsObject()) checks[i] = PagesCheck::Unwrap(list.Get(i).As<Napi::Object>());
+  }
   auto unmapAll = [&] {
     for (auto& f : files)
       if (f.base) munmap(f.base, f.size);
@@ -523,6 +609,20 @@ Napi::Value WritePageRuns(const Napi::CallbackInfo& info) {
       return env.Undefined();
     }
     if (!l) continue;
+    if (PagesCheck* check = checks[static_cast<size_t>(fileIndex)]) {
+      uint64_t bad = 0;
+      int rc = check->WaitRange(o, l, -1, &bad);
+      if (rc) {
+        unmapAll();
+        Napi::Error err = Napi::Error::New(env, "page data failed its check");
+        err.Set("code", rc == -EBADMSG ? "EBADMSG" : "ECHECK");
+        err.Set("chunk", Napi::Number::New(env, static_cast<double>(bad)));
+        err.Set("file", Napi::Number::New(env, fileIndex));
+        err.Set("errno", Napi::Number::New(env, rc == -EBADMSG ? 0 : -rc));
+        err.ThrowAsJavaScriptException();
+        return env.Undefined();
+      }
+    }
     local[n] = {static_cast<char*>(f.base) + o, l};
     remote[n] = {reinterpret_cast<void*>(static_cast<uintptr_t>(addr)), l};
     n++;
@@ -731,6 +831,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("reapDetached", ReapDetached);
   fn("spawnDetachedAsync", SpawnDetachedAsync);
   fn("writePageRuns", WritePageRuns);
+  exports.Set("PagesCheck", PagesCheck::Define(env));
   fn("eventfd", EventFd);
   fn("memfd", MemFd);
   fn("lseek", Lseek);

@@ -462,6 +462,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("fd", &PageWriter::Fd),
                         InstanceMethod("written", &PageWriter::Written),
                         InstanceMethod("drain", &PageWriter::Drain),
+                        InstanceMethod("startHashing", &PageWriter::StartHashing),
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
@@ -605,8 +606,9 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return result;
   }
 
-  // finish() -> { size, crc, drainMs, fsyncMs }: flushed and synced;
-  // still unnamed.
+  // finish() -> { size, chunkSize, chunks, drainMs, fsyncMs }: flushed
+  // and synced; still unnamed. `chunks`: the SHA-256 of each chunkSize
+  // bytes of the file, hashed as they were written.
   Napi::Value Finish(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!Check(env)) return env.Undefined();
@@ -615,7 +617,11 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     if (Failed(env, rc, "writing page data")) return env.Undefined();
     Napi::Object o = Napi::Object::New(env);
     o.Set("size", Napi::Number::New(env, static_cast<double>(w_.size)));
-    o.Set("crc", Napi::Number::New(env, w_.crc));
+    o.Set("chunkSize", Napi::Number::New(env, PAGES_CHUNK));
+    size_t nchunks = 0;
+    const uint8_t* table = pw_chunk_table(&w_, &nchunks);
+    o.Set("chunks", Napi::Buffer<uint8_t>::Copy(env, table ? table : reinterpret_cast<const uint8_t*>(""), nchunks * PAGES_DIGEST));
+    o.Set("hashMs", Napi::Number::New(env, static_cast<double>(w_.hash_wait_ns) / 1e6));
     o.Set("drainMs", Napi::Number::New(env, static_cast<double>(w_.drain_ns) / 1e6));
     o.Set("fsyncMs", Napi::Number::New(env, static_cast<double>(w_.fsync_ns) / 1e6));
     return o;
@@ -639,6 +645,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     if (!Check(env) || !w_.buf) return env.Undefined();
     Failed(env, pw_drain(&w_, info[0].As<Napi::Number>().Int32Value()), "writing page data");
     return env.Undefined();
+  }
+
+  // startHashing(all): see pw_hash_start.
+  Napi::Value StartHashing(const Napi::CallbackInfo& info) {
+    if (open_ && w_.buf) pw_hash_start(&w_, info[0].ToBoolean());
+    return info.Env().Undefined();
   }
 
   // fd(): the file's descriptor, for streaming it out.

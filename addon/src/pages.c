@@ -13,6 +13,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #define PAGE 4096u
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAPPED (1ull << 62)
@@ -71,6 +74,159 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len) {
   return ~crc_soft(crc, data, len);
 }
 
+static int read_mem(int fd, uint64_t addr, void* dst, size_t len);
+
+/* ---- SHA-256 per chunk */
+
+int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]) {
+  unsigned int n = 0;
+  return EVP_Digest(data, len, out, &n, EVP_sha256(), NULL) == 1 && n == PAGES_DIGEST ? 0 : -EIO;
+}
+
+struct pw_sums {
+  int fd; /* the writer's file */
+  pthread_mutex_t mu;
+  pthread_cond_t changed;
+  uint64_t written; /* bytes in the file (what the writer thread wrote) */
+  int final;        /* no more will come */
+  int level;        /* how many of the threads may work */
+  int stop;
+  int err;
+  size_t next, done; /* the next chunk to take; chunks hashed */
+  uint8_t* table;
+  size_t cap;        /* chunks the table has room for */
+  pthread_t threads[8];
+  int nthreads, max_threads;
+};
+
+/* Chunk i is whole in the file, or the last one and the file complete. */
+static int sums_ready(const struct pw_sums* s, size_t i) {
+  uint64_t from = (uint64_t)i * PAGES_CHUNK;
+  return from + PAGES_CHUNK <= s->written || (s->final && from < s->written);
+}
+
+struct sums_thread {
+  struct pw_sums* s;
+  int index;
+};
+
+static void* sums_main(void* arg) {
+  struct sums_thread* me = arg;
+  struct pw_sums* s = me->s;
+  int index = me->index;
+  free(me);
+  uint8_t* buf = malloc(PAGES_CHUNK);
+  pthread_mutex_lock(&s->mu);
+  if (!buf && !s->err) s->err = -ENOMEM;
+  for (;;) {
+    while (!s->stop && !s->err && (index >= s->level || !sums_ready(s, s->next)) &&
+           !(s->final && (uint64_t)s->next * PAGES_CHUNK >= s->written))
+      pthread_cond_wait(&s->changed, &s->mu);
+    if (s->stop || s->err || (s->final && (uint64_t)s->next * PAGES_CHUNK >= s->written)) break;
+    size_t i = s->next++;
+    if (i >= s->cap) {
+      size_t ncap = s->cap ? s->cap * 2 : 256;
+      while (ncap <= i) ncap *= 2;
+      uint8_t* grown = realloc(s->table, ncap * PAGES_DIGEST);
+      if (!grown) {
+        s->err = -ENOMEM;
+        pthread_cond_broadcast(&s->changed);
+        break;
+      }
+      s->table = grown;
+      s->cap = ncap;
+    }
+    uint64_t from = (uint64_t)i * PAGES_CHUNK;
+    size_t len = s->written - from < PAGES_CHUNK ? (size_t)(s->written - from) : PAGES_CHUNK;
+    pthread_mutex_unlock(&s->mu);
+    uint8_t sum[PAGES_DIGEST];
+    int rc = read_mem(s->fd, from, buf, len);
+    if (!rc) rc = pages_sha256(buf, len, sum);
+    pthread_mutex_lock(&s->mu);
+    if (rc) {
+      if (!s->err) s->err = rc;
+    } else {
+      memcpy(s->table + i * PAGES_DIGEST, sum, PAGES_DIGEST);
+      s->done++;
+    }
+    pthread_cond_broadcast(&s->changed);
+  }
+  pthread_mutex_unlock(&s->mu);
+  free(buf);
+  return NULL;
+}
+
+static struct pw_sums* sums_open(int fd) {
+  struct pw_sums* s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->fd = fd;
+  pthread_mutex_init(&s->mu, NULL);
+  pthread_cond_init(&s->changed, NULL);
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  s->max_threads = cores < 1 ? 1 : cores > 8 ? 8 : (int)cores;
+  return s;
+}
+
+/* Lets `level` threads work, starting those not running yet (under mu). */
+static void sums_allow(struct pw_sums* s, int level) {
+  if (level > s->max_threads) level = s->max_threads;
+  if (level > s->level) s->level = level;
+  while (s->nthreads < s->level) {
+    struct sums_thread* t = malloc(sizeof *t);
+    if (!t) break;
+    t->s = s;
+    t->index = s->nthreads;
+    if (pthread_create(&s->threads[s->nthreads], NULL, sums_main, t)) {
+      free(t);
+      break;
+    }
+    s->nthreads++;
+  }
+  /* No thread at all: the finish hashes on the caller's thread. */
+  pthread_cond_broadcast(&s->changed);
+}
+
+static void sums_published(struct pw_sums* s, uint64_t n) {
+  pthread_mutex_lock(&s->mu);
+  s->written += n;
+  pthread_cond_broadcast(&s->changed);
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void sums_join(struct pw_sums* s) {
+  for (int t = 0; t < s->nthreads; t++) pthread_join(s->threads[t], NULL);
+  s->nthreads = 0;
+}
+
+/* Waits for every chunk's digest (the writer is done): 0 or the error. */
+static int sums_finish(struct pw_sums* s) {
+  pthread_mutex_lock(&s->mu);
+  s->final = 1;
+  sums_allow(s, s->max_threads);
+  size_t total = (size_t)((s->written + PAGES_CHUNK - 1) / PAGES_CHUNK);
+  if (!s->nthreads && total && !s->err) s->err = -EAGAIN;
+  while (!s->err && s->done < total) pthread_cond_wait(&s->changed, &s->mu);
+  int err = s->err;
+  s->stop = 1;
+  pthread_cond_broadcast(&s->changed);
+  pthread_mutex_unlock(&s->mu);
+  sums_join(s);
+  return err;
+}
+
+static void sums_free(struct pw_sums* s) {
+  if (!s) return;
+  pthread_mutex_lock(&s->mu);
+  s->stop = 1;
+  pthread_cond_broadcast(&s->changed);
+  pthread_mutex_unlock(&s->mu);
+  sums_join(s);
+  pthread_mutex_destroy(&s->mu);
+  pthread_cond_destroy(&s->changed);
+  free(s->table);
+  free(s);
+}
+
 /* ---- the writer */
 
 /* ---- the writer thread: full buffers, in order, to the file */
@@ -90,7 +246,7 @@ struct pw_queue {
   size_t nspare, spare_cap;
   uint64_t queued, limit;
   int done, err, fd;
-  uint32_t crc;
+  struct pw_sums* sums; /* told of each buffer written */
 };
 
 static int write_all(int fd, const uint8_t* p, size_t len) {
@@ -118,7 +274,7 @@ static void* writer_main(void* arg) {
     int failed = q->err;
     pthread_mutex_unlock(&q->mu);
     int rc = failed ? 0 : write_all(q->fd, c->buf, c->len);
-    if (!failed && !rc) q->crc = pages_crc32c(q->crc, c->buf, c->len);
+    if (!failed && !rc) sums_published(q->sums, c->len);
     pthread_mutex_lock(&q->mu);
     if (rc && !q->err) q->err = rc;
     q->queued -= c->len;
@@ -158,7 +314,6 @@ static int queue_stop(page_writer* w, int discard) {
   pthread_mutex_unlock(&q->mu);
   pthread_join(q->thread, NULL);
   int rc = discard ? 0 : q->err;
-  w->crc = q->crc;
   queue_free(q);
   w->queue = NULL;
   return rc;
@@ -178,10 +333,19 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
     w->buf = NULL;
     return -e;
   }
+  w->sums = sums_open(w->file_fd);
+  if (!w->sums) {
+    close(w->file_fd);
+    w->file_fd = -1;
+    free(w->buf);
+    w->buf = NULL;
+    return -ENOMEM;
+  }
   if (queue_limit) {
     struct pw_queue* q = calloc(1, sizeof *q);
     if (q) {
       q->fd = w->file_fd;
+      q->sums = w->sums;
       q->limit = queue_limit;
       q->spare_cap = 16;
       q->spare = calloc(q->spare_cap, sizeof *q->spare);
@@ -206,7 +370,7 @@ static int flush(page_writer* w) {
   if (!q) {
     int rc = write_all(w->file_fd, w->buf, w->buf_used);
     if (rc) return rc;
-    w->crc = pages_crc32c(w->crc, w->buf, w->buf_used);
+    sums_published(w->sums, w->buf_used);
   } else {
     struct chunk* c = malloc(sizeof *c);
     if (!c) return -ENOMEM;
@@ -644,12 +808,34 @@ int pw_finish(page_writer* w) {
   int rc2 = queue_stop(w, rc != 0);
   if (!rc) rc = rc2;
   uint64_t t1 = monotonic_ns();
+  /* The sync and the last digests at once: the hashing threads read the
+   * page cache while it is written back. */
+  pthread_mutex_lock(&w->sums->mu);
+  w->sums->final = 1;
+  sums_allow(w->sums, w->sums->max_threads);
+  pthread_mutex_unlock(&w->sums->mu);
   if (!rc && fsync(w->file_fd)) rc = -errno;
+  uint64_t t2 = monotonic_ns();
+  int rc3 = rc ? 0 : sums_finish(w->sums);
+  if (!rc) rc = rc3;
   w->drain_ns = t1 - t0;
-  w->fsync_ns = monotonic_ns() - t1;
+  w->fsync_ns = t2 - t1;
+  w->hash_wait_ns = monotonic_ns() - t2;
   free(w->buf);
   w->buf = NULL;
   return rc;
+}
+
+void pw_hash_start(page_writer* w, int all) {
+  if (!w->sums) return;
+  pthread_mutex_lock(&w->sums->mu);
+  sums_allow(w->sums, all ? w->sums->max_threads : 1);
+  pthread_mutex_unlock(&w->sums->mu);
+}
+
+const uint8_t* pw_chunk_table(page_writer* w, size_t* nchunks) {
+  *nchunks = w->sums ? w->sums->done : 0;
+  return w->sums ? w->sums->table : NULL;
 }
 
 int pw_link(page_writer* w, const char* path) {
@@ -664,8 +850,184 @@ int pw_link(page_writer* w, const char* path) {
 void pw_abort(page_writer* w) {
   close_mem(w);
   queue_stop(w, 1);
+  sums_free(w->sums);
+  w->sums = NULL;
   if (w->file_fd >= 0) close(w->file_fd);
   w->file_fd = -1;
   free(w->buf);
   w->buf = NULL;
+}
+
+/* ---- checking a page file by chunks, on threads of its own */
+
+enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2 };
+
+struct pages_check {
+  int fd;
+  uint64_t size;
+  uint32_t chunk;
+  size_t nchunks;
+  uint8_t* table;
+  uint8_t* state; /* CHUNK_* per chunk */
+  pthread_mutex_t mu;
+  pthread_cond_t changed;
+  size_t next;       /* the next chunk a thread takes */
+  uint64_t done;     /* bytes checked */
+  int stop;          /* stop taking chunks: pages_check_stop, or one failed */
+  int failure;       /* the first failure's code (-EBADMSG or -errno) */
+  uint64_t bad;      /* and its chunk */
+  pthread_t threads[16];
+  int nthreads;
+};
+
+static void* check_main(void* arg) {
+  struct pages_check* c = arg;
+  uint8_t* buf = malloc(c->chunk);
+  for (;;) {
+    pthread_mutex_lock(&c->mu);
+    if (c->stop || c->next >= c->nchunks || !buf) {
+      if (!buf && !c->failure && !c->stop && c->next < c->nchunks) {
+        /* No memory for a buffer: this chunk cannot be vouched for. */
+        c->failure = -ENOMEM;
+        c->bad = c->next;
+        c->stop = 1;
+        pthread_cond_broadcast(&c->changed);
+      }
+      pthread_mutex_unlock(&c->mu);
+      break;
+    }
+    size_t i = c->next++;
+    pthread_mutex_unlock(&c->mu);
+    uint64_t off = (uint64_t)i * c->chunk;
+    size_t len = c->size - off < c->chunk ? (size_t)(c->size - off) : c->chunk;
+    int rc = read_mem(c->fd, off, buf, len); /* a pread loop: -EIO if it ends early */
+    uint8_t sum[PAGES_DIGEST];
+    if (!rc) rc = pages_sha256(buf, len, sum);
+    if (!rc && CRYPTO_memcmp(sum, c->table + i * PAGES_DIGEST, PAGES_DIGEST) != 0) rc = -EBADMSG;
+    pthread_mutex_lock(&c->mu);
+    c->state[i] = rc ? CHUNK_BAD : CHUNK_GOOD;
+    if (rc) {
+      /* Any chunk that fails fails the whole restore: no more are read.
+       * The lowest failing chunk is reported, for a stable message. */
+      if (!c->failure || i < c->bad) {
+        c->failure = rc;
+        c->bad = i;
+      }
+      c->stop = 1;
+    } else {
+      c->done += len;
+    }
+    pthread_cond_broadcast(&c->changed);
+    pthread_mutex_unlock(&c->mu);
+  }
+  free(buf);
+  return NULL;
+}
+
+pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint8_t* table,
+                               size_t table_len, int threads, int* err) {
+  *err = 0;
+  if (!chunk || (uint64_t)table_len != (size + chunk - 1) / chunk * PAGES_DIGEST) {
+    *err = -EINVAL;
+    return NULL;
+  }
+  struct pages_check* c = calloc(1, sizeof *c);
+  if (!c) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  c->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  c->size = size;
+  c->chunk = chunk;
+  c->nchunks = table_len / PAGES_DIGEST;
+  c->table = malloc(table_len ? table_len : 1);
+  c->state = calloc(c->nchunks ? c->nchunks : 1, 1);
+  if (c->fd < 0 || !c->table || !c->state) {
+    *err = c->fd < 0 ? -errno : -ENOMEM;
+    if (c->fd >= 0) close(c->fd);
+    free(c->table);
+    free(c->state);
+    free(c);
+    return NULL;
+  }
+  memcpy(c->table, table, table_len);
+  pthread_mutex_init(&c->mu, NULL);
+  pthread_cond_init(&c->changed, NULL);
+  if (threads < 1) threads = 1;
+  if (threads > (int)(sizeof c->threads / sizeof *c->threads))
+    threads = (int)(sizeof c->threads / sizeof *c->threads);
+  if ((size_t)threads > c->nchunks) threads = (int)c->nchunks;
+  for (int t = 0; t < threads; t++) {
+    if (pthread_create(&c->threads[c->nthreads], NULL, check_main, c) == 0) c->nthreads++;
+  }
+  if (c->nchunks && !c->nthreads) {
+    *err = -EAGAIN;
+    pages_check_stop(c);
+    return NULL;
+  }
+  return c;
+}
+
+int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms, uint64_t* bad) {
+  if (off > c->size) off = c->size;
+  if (len > c->size - off) len = c->size - off;
+  size_t first = (size_t)(off / c->chunk);
+  size_t end = len ? (size_t)((off + len + c->chunk - 1) / c->chunk) : first;
+  struct timespec until;
+  if (timeout_ms >= 0) {
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+      until.tv_sec++;
+      until.tv_nsec -= 1000000000L;
+    }
+  }
+  int rc = 0;
+  pthread_mutex_lock(&c->mu);
+  for (size_t i = first; i < end;) {
+    if (c->failure) {
+      rc = c->failure;
+      *bad = c->bad;
+      break;
+    }
+    if (c->state[i] == CHUNK_GOOD) {
+      i++;
+      continue;
+    }
+    /* Stopped with this chunk never taken: it will not be checked. */
+    if (c->stop && c->state[i] == CHUNK_PENDING && i >= c->next) {
+      rc = -ECANCELED;
+      *bad = i;
+      break;
+    }
+    if (timeout_ms < 0) pthread_cond_wait(&c->changed, &c->mu);
+    else if (pthread_cond_timedwait(&c->changed, &c->mu, &until) == ETIMEDOUT) {
+      rc = 1;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&c->mu);
+  return rc;
+}
+
+uint64_t pages_check_done(pages_check* c) {
+  pthread_mutex_lock(&c->mu);
+  uint64_t done = c->done;
+  pthread_mutex_unlock(&c->mu);
+  return done;
+}
+
+void pages_check_stop(pages_check* c) {
+  pthread_mutex_lock(&c->mu);
+  c->stop = 1;
+  pthread_cond_broadcast(&c->changed);
+  pthread_mutex_unlock(&c->mu);
+  for (int t = 0; t < c->nthreads; t++) pthread_join(c->threads[t], NULL);
+  close(c->fd);
+  pthread_mutex_destroy(&c->mu);
+  pthread_cond_destroy(&c->changed);
+  free(c->table);
+  free(c->state);
+  free(c);
 }

@@ -55,10 +55,25 @@ long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
 
 struct pw_queue;
 
+/* The page file is checked by chunks of this size (the last one shorter),
+ * each with its own SHA-256 in the image's signed manifest: a restore
+ * checks them on every core at once, and an eager restore copies a chunk
+ * as soon as it is checked (see pages_check below). */
+#define PAGES_CHUNK (1u << 20)
+#define PAGES_DIGEST 32
+
+/* The SHA-256 of each chunk of the page file, hashed by threads of the
+ * writer's own from the file as the writer thread puts chunks in it (the
+ * page cache, most likely), so that committing an image reads nothing
+ * back; see pw_hash_start. */
+struct pw_sums;
+/* One-shot SHA-256 (OpenSSL's, which Node carries and exports): 0 or -EIO. */
+int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]);
+
 typedef struct {
   int file_fd;    /* the unnamed file in the image's directory */
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
-  uint32_t crc;   /* CRC-32C of everything written so far */
+  struct pw_sums* sums; /* SHA-256 per chunk of what is written */
   uint8_t* buf;
   size_t buf_used, buf_size;
   /* Page files of the parent chain, mapped read-only, for comparing. */
@@ -70,6 +85,8 @@ typedef struct {
   /* How long pw_finish waited for the writer thread to empty its queue,
    * and then for fsync: the image's phases (snapshot --json). */
   uint64_t drain_ns, fsync_ns;
+  /* And then for the last chunk digests (hashed while it synced). */
+  uint64_t hash_wait_ns;
   /* /proc/PID/mem of the process whose pages were read last (mem_pid), or
    * -1: opened once for every mapping of a process, not once per run of
    * pages; closed by pw_finish or pw_abort. */
@@ -125,10 +142,38 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
  * thread to catch up (see pages.c): what a progress display reads. */
 uint64_t pw_written(page_writer* w);
 int pw_drain(page_writer* w, int timeout_ms);
-/* Flushes and syncs; the file stays open until pw_link or pw_abort. */
+/* Lets the hashing threads start on what is written: one thread (`all`
+ * 0: beside the writer thread while it writes what is queued) or one per
+ * core. Until then, nothing is hashed: the snapshot calls it once the
+ * application's state is read, so that the reading shares its cores with
+ * no hashing. pw_finish hashes what is left on every core. */
+void pw_hash_start(page_writer* w, int all);
+/* Flushes and syncs, and waits for the chunk digests; the file stays open
+ * until pw_link or pw_abort. */
 int pw_finish(page_writer* w);
+/* After pw_finish: the chunk table (PAGES_DIGEST bytes per chunk). */
+const uint8_t* pw_chunk_table(page_writer* w, size_t* nchunks);
 /* Gives the finished file its name. */
 int pw_link(page_writer* w, const char* path);
 void pw_abort(page_writer* w);
+
+/* ---- checking a page file against its chunk digests, on threads of its
+ * own (one per core), in ascending order of chunks. */
+typedef struct pages_check pages_check;
+
+/* Starts checking `size` bytes of `fd` (duplicated: the caller may close
+ * its own) against `table` (PAGES_DIGEST bytes per chunk of `chunk`
+ * bytes, copied). NULL with *err set if it cannot start. */
+pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint8_t* table,
+                               size_t table_len, int threads, int* err);
+/* Waits until every chunk touching [off, off + len) is checked, or
+ * `timeout_ms` passed (negative: no limit). Returns 0 when they all
+ * matched, 1 on timeout, -EBADMSG when one did not match (*bad: the first
+ * such chunk), -errno when the file could not be read (*bad likewise). */
+int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms, uint64_t* bad);
+/* Bytes checked so far (for progress). */
+uint64_t pages_check_done(pages_check* c);
+/* Stops the threads (what is left unchecked stays so) and frees. */
+void pages_check_stop(pages_check* c);
 
 #endif

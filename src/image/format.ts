@@ -40,7 +40,7 @@ import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { addon, type PageWriter } from '../native.js';
+import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
@@ -51,10 +51,15 @@ export const MAGIC = 'appshot-image';
 /** The format this appshot writes. 2: fields an older appshot would
  * ignore and so restore wrong (pages shared copy-on-write between a parent
  * and its children, file locks, datagram sockets, memfd seals): it refuses
- * them instead, by their version. */
-export const FORMAT_VERSION = 2;
+ * them instead, by their version. 3: pages.img is vouched for by a SHA-256
+ * per chunk (Part.chunkSha256), not one of the whole file, which an older
+ * appshot would find missing. A manifest re-signed for parts whose page
+ * file has no chunk table (a template of a format 2 image) stays 2. */
+export const FORMAT_VERSION = 3;
 /** Formats this appshot reads: every change since 1 only added fields. */
-export const READABLE_FORMATS: readonly number[] = [1, 2];
+export const READABLE_FORMATS: readonly number[] = [1, 2, 3];
+/** The first format whose page file is checked by chunks. */
+const CHUNKED_FORMAT = 3;
 export const PARTS = { manifest: 'manifest.pb', image: 'image.pb', pages: 'pages.img' } as const;
 
 const ImageType = messageType('appshot.image.Image');
@@ -147,20 +152,12 @@ function syncDir(path: string): void {
 }
 
 /** What the manifest of a new image says of its parts: the metadata's
- * digests computed here, the page file's read back from the writer's
- * descriptor (it is on disk, most likely still in the page cache). */
-function partDigests(imageBytes: Buffer, pages: PageWriter, pagesPart: { size: number; crc: number }): Map<string, PartDigest> {
-  const hash = createHash('sha256');
-  const buf = Buffer.allocUnsafe(CHUNK);
-  for (let at = 0; at < pagesPart.size; ) {
-    const n = readSync(pages.fd(), buf, 0, Math.min(CHUNK, pagesPart.size - at), at);
-    if (n === 0) throw new AppshotError(`the page file ended at ${at} bytes of ${pagesPart.size} while it was signed`);
-    hash.update(buf.subarray(0, n));
-    at += n;
-  }
+ * digests computed here, the page file's chunk digests as its writer
+ * hashed them while it wrote (nothing is read back). */
+function partDigests(imageBytes: Buffer, pagesPart: PageFileDigest): Map<string, PartDigest> {
   return new Map([
     [PARTS.image, digestBuffer(imageBytes)],
-    [PARTS.pages, { size: pagesPart.size, crc: pagesPart.crc, sha256: hash.digest() }],
+    [PARTS.pages, { size: pagesPart.size, crc: 0, sha256: Buffer.alloc(0), chunkSize: pagesPart.chunkSize, chunks: pagesPart.chunks }],
   ]);
 }
 
@@ -169,7 +166,7 @@ export const newImageId = () => randomBytes(8).toString('hex');
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */
-export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string, subdirs: Record<string, string> = {}): void {
+export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, subdirs: Record<string, string> = {}): void {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = partial.path;
@@ -178,7 +175,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     pages.link(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
     syncDir(tmp);
     killPoint('image: committing');
     renameSync(tmp, dest);
@@ -196,7 +193,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
 const loadTar = async () => (await import('tar-stream')).default;
 
 /** Writes the image as a tar stream (manifest first) to `out`. */
-export async function streamImageTar(out: NodeJS.WritableStream, image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
+export async function streamImageTar(out: NodeJS.WritableStream, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string): Promise<void> {
   const imageBytes = encodeImage(image);
   const pack = (await loadTar()).pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
@@ -206,7 +203,7 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   let outputFailure: unknown;
   done.catch((e) => (outputFailure = e));
   try {
-    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pages, pagesPart)));
+    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
     pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
     const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
     await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
@@ -246,7 +243,7 @@ export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' | 'zstd' {
  * assembled under a hidden name beside it (journaled, see partial.ts),
  * synced, then linked into place, which never replaces a file that
  * appeared meanwhile. */
-export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: { size: number; crc: number }, imageId: string): Promise<void> {
+export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string): Promise<void> {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = join(partial.path, 'image.tar');
@@ -312,6 +309,9 @@ export interface LoadedImage {
    * (until dispose), for a restore to read instead of opening the path
    * again: what it reads is then the very file that was verified. */
   pagesFd?: number;
+  /** LoadOptions.deferPagesCheck: the page file's check, still going on
+   * (stopped by dispose), and its chunk size. */
+  pagesCheck?: { check: PagesCheck; chunkSize: number };
 }
 
 const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
@@ -361,13 +361,25 @@ export interface PartDigest {
   size: number;
   crc: number;
   sha256: Buffer;
+  /** The SHA-256 of each chunkSize bytes (format 3's page file). */
+  chunkSize?: number;
+  chunks?: Buffer;
 }
+
+/** How many bytes of the page file each digest of its chunk table covers
+ * (pages.c's PAGES_CHUNK): a MiB, so that a restore's threads share the
+ * work finely and an eager copy waits for little. Readers accept another
+ * power of two within CHUNK_LIMITS. */
+export const PAGES_CHUNK = 1 << 20;
+const SHA256_BYTES = 32;
+const CHUNK_LIMITS = { min: 64 * 1024, max: 64 * 1024 * 1024 };
 
 /** The largest part appshot accepts, by part. The metadata is decoded in
  * memory, so it is bounded tightly (and its message counts again by
  * checkWireCounts); the page file is only ever read in pieces. */
 export const PART_CEILING: Record<string, number> = {
-  [PARTS.manifest]: 64 * 1024,
+  // Its own fields, and the page file's chunk table: 32 bytes a MiB.
+  [PARTS.manifest]: 64 * 1024 + (2 ** 40 / PAGES_CHUNK) * SHA256_BYTES,
   [PARTS.image]: 256 * 1024 * 1024,
   [PARTS.pages]: 2 ** 40,
 };
@@ -400,38 +412,117 @@ function openPart(dir: string, name: string, ceiling = PART_CEILING[name]): { fd
   }
 }
 
-const CHUNK = 1 << 20;
+const CHUNK = PAGES_CHUNK;
 
 /** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
- * grows while it is read is read no further), a MiB at a time. */
+ * grows while it is read is read no further), a MiB at a time; with
+ * `chunked`, the SHA-256 of each PAGES_CHUNK bytes too (format 3's chunk
+ * table). */
 class PartHasher {
   private readonly hash = createHash('sha256');
   private readonly buf = Buffer.allocUnsafe(CHUNK);
+  private readonly chunks: Buffer[] = [];
   private crc = 0;
   private size = 0;
   constructor(
     private readonly fd: number,
     private readonly limit: number,
     private readonly onBytes?: (n: number) => void,
+    private readonly chunked = false,
   ) {}
   /** Reads and hashes the next piece; false once there is none. */
   step(): boolean {
     if (this.size >= this.limit) return false;
-    const n = readSync(this.fd, this.buf, 0, Math.min(CHUNK, this.limit - this.size), this.size);
+    // A whole chunk per piece: a short read is read on, so that pieces
+    // and chunks stay aligned.
+    let n = 0;
+    const want = Math.min(CHUNK, this.limit - this.size);
+    while (n < want) {
+      const got = readSync(this.fd, this.buf, n, want - n, this.size + n);
+      if (got === 0) break;
+      n += got;
+    }
     if (n === 0) return false;
     const piece = this.buf.subarray(0, n);
     this.crc = addon().crc32c(piece, this.crc);
     this.hash.update(piece);
+    if (this.chunked) this.chunks.push(createHash('sha256').update(piece).digest());
     this.size += n;
     this.onBytes?.(n);
-    return true;
+    return n === want;
   }
   result(): PartDigest {
-    return { size: this.size, crc: this.crc, sha256: this.hash.digest() };
+    const d: PartDigest = { size: this.size, crc: this.crc, sha256: this.hash.digest() };
+    if (this.chunked) Object.assign(d, { chunkSize: PAGES_CHUNK, chunks: Buffer.concat(this.chunks) });
+    return d;
   }
 }
 
+/** A part's digests as a manifest gives them, its chunk table included
+ * (which only the page file's entry uses). */
 export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: (n: number) => void): PartDigest {
+  const hasher = new PartHasher(fd, limit, onBytes, true);
+  while (hasher.step());
+  return hasher.result();
+}
+
+/** Waits for a page file's check (native threads, PagesCheck), the event
+ * loop turning every few milliseconds so that Ctrl-C is heard (once
+ * `signal` is aborted, it gives up with the signal's reason) and progress
+ * told; a chunk that fails is refused in one line. */
+export async function awaitPagesCheck(check: PagesCheck, chunkSize: number, onBytes?: (n: number) => void, signal?: AbortSignal): Promise<void> {
+  let told = 0;
+  for (;;) {
+    const verdict = check.wait(20);
+    const done = check.checked();
+    if (done > told) onBytes?.(done - told);
+    told = done;
+    if (verdict.state === 'good') return;
+    if (verdict.state === 'bad') throw pagesCheckFailure(verdict.chunk, chunkSize, verdict.errno);
+    await new Promise((resolve) => setImmediate(resolve));
+    signal?.throwIfAborted();
+  }
+}
+
+/** Blocks until the chunks of `range` of a page file whose check is still
+ * going on (LoadedImage.pagesCheck) are checked: for what a restore reads
+ * of the file itself (SysV segments, deleted files). */
+export function waitPagesChecked(pagesCheck: { check: PagesCheck; chunkSize: number } | undefined, offset: number, length: number): void {
+  if (!pagesCheck || length <= 0) return;
+  const verdict = pagesCheck.check.wait(-1, offset, length);
+  if (verdict.state === 'bad') throw pagesCheckFailure(verdict.chunk, pagesCheck.chunkSize, verdict.errno);
+}
+
+/** The one line that refuses a page file whose chunk `chunk` failed its
+ * check: its bytes differ (errno 0), or it could not be read. */
+export function pagesCheckFailure(chunk: number, chunkSize: number, errno: number): AppshotError {
+  const from = chunk * chunkSize;
+  const where = `chunk ${chunk}, bytes ${from}-${from + chunkSize - 1}`;
+  if (!errno) return new AppshotError(`corrupt image: checksum of ${PARTS.pages} does not match its manifest (${where})`);
+  const name = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return new AppshotError(`corrupt image: ${PARTS.pages} cannot be read (${where}: ${name})`);
+}
+
+/** A format 3 manifest's chunk table for `part`: for pages.img, a chunk
+ * size within bounds and exactly one digest per chunk of its size; none
+ * for any other part. Checked before anything is read by it. */
+function checkChunkTable(part: Manifest['parts'][number], formatVersion: number): void {
+  const table = part.chunkSha256 ?? Buffer.alloc(0);
+  const chunkSize = part.chunkSize ?? 0;
+  if (formatVersion < CHUNKED_FORMAT) return; // not read: such a reader never had it
+  if (part.name !== PARTS.pages) {
+    if (chunkSize || table.length) throw new AppshotError(`corrupt image: its manifest gives ${part.name} a chunk table, which only ${PARTS.pages} has`);
+    return;
+  }
+  if (chunkSize < CHUNK_LIMITS.min || chunkSize > CHUNK_LIMITS.max || (chunkSize & (chunkSize - 1)) !== 0)
+    throw new AppshotError(`corrupt image: its manifest checks ${PARTS.pages} by chunks of ${chunkSize} bytes (appshot reads powers of two from ${CHUNK_LIMITS.min} to ${CHUNK_LIMITS.max})`);
+  const chunks = (part.size + BigInt(chunkSize) - 1n) / BigInt(chunkSize);
+  if (BigInt(table.length) !== chunks * BigInt(SHA256_BYTES))
+    throw new AppshotError(`corrupt image: its manifest has ${table.length} bytes of chunk digests for ${PARTS.pages}; ${part.size} bytes in chunks of ${chunkSize} need ${chunks * BigInt(SHA256_BYTES)}`);
+}
+
+/** CRC-32C and SHA-256 of a whole part (formats 1 and 2), no chunk table. */
+function wholeDigest(fd: number, limit: number, onBytes?: (n: number) => void): PartDigest {
   const hasher = new PartHasher(fd, limit, onBytes);
   while (hasher.step());
   return hasher.result();
@@ -498,15 +589,19 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
 }
 
 /** The manifest of an image whose parts are as given, signed with this
- * node's key, encoded. */
+ * node's key, encoded: format 3, the page file vouched for by its chunk
+ * table, if its digest has one; else format 2, by its whole SHA-256. */
 export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>): Buffer {
+  const chunked = digests.get(PARTS.pages)?.chunks !== undefined;
   return encodeSignedManifestOf({
     magic: MAGIC,
-    formatVersion: FORMAT_VERSION,
+    formatVersion: chunked ? FORMAT_VERSION : 2,
     imageId,
     parts: LISTED_PARTS.map((name) => {
       const d = digests.get(name)!;
-      return { name, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256 };
+      if (chunked && name === PARTS.pages)
+        return { name, size: BigInt(d.size), crc32c: 0, sha256: Buffer.alloc(0), chunkSize: d.chunkSize!, chunkSha256: d.chunks! };
+      return { name, size: BigInt(d.size), crc32c: d.crc, sha256: d.sha256, chunkSize: 0, chunkSha256: Buffer.alloc(0) };
     }),
     signature: Buffer.alloc(0),
     keyId: '',
@@ -658,6 +753,11 @@ export interface LoadOptions {
   /** Keep the page file open once checked (LoadedImage.pagesFd): an image
    * kept for a later restore (serve's preload). */
   holdPages?: boolean;
+  /** A format 3 page file's check is started, not waited for
+   * (LoadedImage.pagesCheck): a restore overlaps it with its own work,
+   * copies each chunk only once it is checked, and waits for all of it
+   * before the application runs. */
+  deferPagesCheck?: boolean;
 }
 
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
@@ -686,7 +786,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     }
   }
   let pagesFd: number | undefined;
+  let pagesCheck: PagesCheck | undefined;
   const dispose = () => {
+    pagesCheck?.stop();
+    pagesCheck = undefined;
     if (pagesFd !== undefined) closeSync(pagesFd);
     pagesFd = undefined;
     if (temporary) rmSync(dir, { recursive: true, force: true });
@@ -698,6 +801,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
     if (!READABLE_FORMATS.includes(manifest.formatVersion))
       throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads formats ${READABLE_FORMATS.join(', ')})`);
+    const chunked = manifest.formatVersion >= CHUNKED_FORMAT;
     const listed = manifest.parts.map((p) => p.name);
     for (const name of listed)
       if (!LISTED_PARTS.includes(name as (typeof LISTED_PARTS)[number]))
@@ -706,6 +810,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
       const n = listed.filter((l) => l === name).length;
       if (n !== 1) throw new AppshotError(`corrupt image: its manifest lists ${name} ${n === 0 ? 'not at all' : `${n} times`}`);
     }
+    for (const part of manifest.parts) checkChunkTable(part, manifest.formatVersion);
 
     // Who signed it, before anything else of it is read.
     const signer = checkSignature(MANIFEST_DOMAIN, signedContent(ManifestType, manifest), manifest.signature, manifest.keyId);
@@ -724,20 +829,36 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         identity.push(fileIdentity(fstatSync(fd, { bigint: true })));
         if (BigInt(size) !== part.size) throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
         const quick = opts.sizeOnly && part.name === PARTS.pages;
+        const byChunks = chunked && part.name === PARTS.pages;
         let d: PartDigest;
-        if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
+        if (byChunks) {
+          // Vouched for by its chunk table (checked against the file on a
+          // thread per core), not by a CRC or a digest of the whole.
+          d = { size, crc: part.crc32c, sha256: part.sha256, chunkSize: part.chunkSize, chunks: part.chunkSha256 };
+          if (!quick) {
+            killPoint('image: checking pages');
+            pagesCheck = new (addon().PagesCheck)(fd, size, part.chunkSize, part.chunkSha256);
+            if (!opts.deferPagesCheck) {
+              opts.onPagesSize?.(size);
+              await awaitPagesCheck(pagesCheck, part.chunkSize, opts.onBytes, opts.signal);
+              pagesCheck.stop();
+              pagesCheck = undefined;
+              killPoint('image: pages checked');
+            }
+          }
+        } else if (quick) d = { size, crc: part.crc32c, sha256: Buffer.alloc(0) };
         else if (part.name === PARTS.image) d = digestBuffer((imageBytes = readWhole(fd, size)));
         else {
           const pages = part.name === PARTS.pages;
           if (pages) opts.onPagesSize?.(size);
           if (pages) killPoint('image: checking pages');
-          d = opts.signal && pages ? await digestFdInterruptibly(fd, size, opts.onBytes, opts.signal) : digestFd(fd, size, pages ? opts.onBytes : undefined);
+          d = opts.signal && pages ? await digestFdInterruptibly(fd, size, opts.onBytes, opts.signal) : wholeDigest(fd, size, pages ? opts.onBytes : undefined);
           if (pages) killPoint('image: pages checked');
         }
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
         if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
         // A signed manifest vouches for the parts through their SHA-256.
-        if (signer.trusted && !quick && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256)))
+        if (signer.trusted && !quick && !byChunks && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256)))
           throw new AppshotError(`corrupt image: SHA-256 of ${part.name} does not match its signed manifest`);
         digests.set(part.name, d);
         if (opts.holdPages && part.name === PARTS.pages) pagesFd = fd;
@@ -749,8 +870,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
     const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' ') };
-    // (a getter: dispose closes it)
+    // (getters: dispose closes and stops them)
     Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });
+    const chunkSize = digests.get(PARTS.pages)?.chunkSize ?? 0;
+    Object.defineProperty(loaded, 'pagesCheck', { get: () => (pagesCheck ? { check: pagesCheck, chunkSize } : undefined), enumerable: true });
     return loaded;
   } catch (e) {
     dispose();

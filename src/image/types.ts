@@ -19,8 +19,13 @@ export interface Part {
   name: string;
   size: bigint;
   crc32c: number;
-  /** Empty in images of appshot before signing. */
+  /** Empty in images of appshot before signing, and for pages.img in
+   * format 3 (chunkSha256 instead). */
   sha256: Buffer;
+  /** Format 3, pages.img: the SHA-256 of each chunkSize bytes, one after
+   * the other (32 bytes each); 0 and empty otherwise. */
+  chunkSize: number;
+  chunkSha256: Buffer;
 }
 
 export interface Image {

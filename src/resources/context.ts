@@ -10,7 +10,8 @@ import { type BigIntStats, closeSync, constants as fs, existsSync, mkdtempSync, 
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import { type InstanceConfig, type Kind, type PageWriter, type TablesSnapshot } from '../native.js';
+import { type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
+import { waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
@@ -137,6 +138,9 @@ export class RestoreContext {
   readonly kept = new KeptSockets();
   /** Established TCP connections, in repair mode until every process is made. */
   readonly tcp = new ConnectionMaker(this.kept);
+  /** The page file's check, if it is still going on (format 3): what is
+   * read of it here waits for its chunks. */
+  pagesCheck?: { check: PagesCheck; chunkSize: number };
 
   constructor(
     readonly image: Image,
@@ -224,6 +228,9 @@ export class RestoreContext {
   copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
     if (!ref) return;
     let at = Number(ref.offset);
+    let total = 0;
+    for (let i = 1; i < ref.runs.length; i += 2) total += ref.runs[i] * 4096;
+    waitPagesChecked(this.pagesCheck, at, total);
     const buf = Buffer.alloc(1 << 20);
     for (let i = 0; i < ref.runs.length; i += 2) {
       let pos = ref.runs[i] * 4096;

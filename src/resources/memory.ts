@@ -7,7 +7,8 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
-import { addon, PAGES_MODE } from '../native.js';
+import { addon, PAGES_MODE, type PagesCheck } from '../native.js';
+import { pagesCheckFailure } from '../image/format.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
@@ -451,6 +452,9 @@ export function freeAddress(used: Range[], size: bigint): bigint {
 export interface MemorySources {
   /** Page files of the image chain, newest first, open in this process. */
   pageFds: number[];
+  /** Their checks still going on (format 3, LoadedImage.pagesCheck), if
+   * any: no chunk is copied before it is checked. */
+  pageChecks?: ({ check: PagesCheck; chunkSize: number } | undefined)[];
   /** Their paths, for a lazy restore to map them into the process. */
   pagePaths: string[];
   lazy: boolean;
@@ -530,7 +534,15 @@ class PageCopy {
     this.close();
     for (const [i, runs] of this.slices.entries()) {
       if (i > 0) await this.src.betweenSlices?.();
-      addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(runs));
+      const checks = this.src.pageChecks;
+      try {
+        addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(runs), checks?.map((c) => c?.check));
+      } catch (e) {
+        const err = e as Error & { code?: string; chunk?: number; file?: number; errno?: number };
+        if ((err.code === 'EBADMSG' || err.code === 'ECHECK') && err.file !== undefined && checks?.[err.file])
+          throw pagesCheckFailure(err.chunk!, checks[err.file]!.chunkSize, err.errno ?? 0);
+        throw e;
+      }
       let bytes = 0;
       for (let j = 3; j < runs.length; j += 4) bytes += runs[j];
       this.src.copied?.(bytes);

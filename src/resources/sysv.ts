@@ -7,7 +7,8 @@
  */
 import { readSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, type PagesCheck } from '../native.js';
+import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
 import type { DumpContext } from './context.js';
 
@@ -73,12 +74,15 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
  * (`tables`), at the virtual ids and keys they had; a segment's contents
  * read from the image's pages (`pagesFd`). Returns each segment's new
  * system id by its virtual one, for the processes that map it. */
-export function restoreSysv(image: Image, tables: string, pagesFd: number): Map<number, number> {
+export function restoreSysv(image: Image, tables: string, pagesFd: number, pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
   const shmIds = new Map<number, number>();
   for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
   for (const s of image.shmSegments) {
     const data = Buffer.alloc(Number(s.size));
-    if (s.contents?.runs.length) readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+    if (s.contents?.runs.length) {
+      waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
+      readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+    }
     const sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
     owned('shmid', sid, s, 'shared memory segment');
     shmIds.set(s.vid, sid);

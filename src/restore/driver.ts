@@ -18,7 +18,7 @@ import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type LoadedImage, loadImage, parentPath, PARTS, unchangedOnDisk } from '../image/format.js';
+import { awaitPagesCheck, type LoadedImage, loadImage, parentPath, PARTS, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -185,8 +185,13 @@ class ProgressMeter {
  * is checked (seconds per GiB) ends it at once. `known`: a chain loaded
  * already (the previous image of a service, still unchanged on disk),
  * taken as it is from the link where the new chain joins it. */
-async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], holdPages = false): Promise<LoadedImage[]> {
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages };
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], forLater = false): Promise<LoadedImage[]> {
+  // Page files of format 3 are checked by chunks on threads of their own
+  // while the restore goes on (LoadedImage.pagesCheck); one held for later
+  // (serve's preload) is checked whole now. Either way the file checked
+  // stays open, and is the one the restore copies or maps: its path may
+  // name another file by then.
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages: true, deferPagesCheck: !forLater };
   const interrupted = (e: unknown) => {
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
@@ -380,6 +385,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // (unchangedOnDisk made sure it is unchanged and still at its path);
   // the others are opened now, and closed at the end.
   const pageFds = chain.map((l) => l.pagesFd ?? openSync(join(l.dir, PARTS.pages), 'r'));
+  // Checks of the page files still going on (format 3): a chunk is read
+  // only once checked, and all are waited for before anything runs.
+  const pageChecks = chain.map((l) => l.pagesCheck);
   const ownPageFd = (i: number) => chain[i].pagesFd !== pageFds[i];
   // Ports an instance was allocated are its own again (the registry's
   // claim is taken back, or the restore is refused if a live application
@@ -520,6 +528,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     addon().setInstance(tables, config);
     restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
+    handed.pagesCheck = pageChecks[0];
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
@@ -530,7 +539,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
     // Global state first (step 308).
-    const shmIds = restoreSysv(image, tables, pageFds[0]);
+    const shmIds = restoreSysv(image, tables, pageFds[0], pageChecks[0]);
 
     phase('global state');
     const reserved = standby;
@@ -564,6 +573,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
     const memory = {
       pageFds,
+      pageChecks,
       // Opened inside the restored process (a lazy restore maps them): a
       // held descriptor by appshot's /proc entry, not /proc/self. Whole
       // paths: the seed's directory is its supervisor's, which need not be
@@ -764,6 +774,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    // Every chunk of every page file checked (a --lazy restore maps them
+    // unread; an eager one has copied only checked chunks, the rest are
+    // checked all the same), before anything of the image may run.
+    for (const c of pageChecks) if (c) await awaitPagesCheck(c.check, c.chunkSize, undefined, opts.signal).catch((e) => {
+      throw opts.signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
+    });
+    if (pageChecks.some((c) => c)) killPoint('image: pages checked');
+    phase('page data checked');
     // The last point where an interrupted restore is given up: after it,
     // connections go live and the commit keeps the application.
     await heardInterrupt();

@@ -18,7 +18,7 @@ import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadI
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
-import { addon, kinds, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -529,7 +529,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   // -o x.tar / x.tar.gz / x.tar.zst: a file holding the stream, not a directory.
   const fileKind = toStream ? 'dir' : imageFileKind(output);
   const toFile = fileKind !== 'dir';
-  const commit = async (image: Image, pages: PageWriter, part: { size: number; crc: number }, imageId: string, base?: Base) => {
+  const commit = async (image: Image, pages: PageWriter, part: PageFileDigest, imageId: string, base?: Base) => {
     if (toStream) {
       standardOutput.carriesImage = true;
       try {
@@ -649,6 +649,13 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       clock.end('resumeMs');
       reportProfile('the frozen window');
     }
+    // The page file's chunk digests are hashed from the file as the
+    // writer thread puts it there, from now on: one thread beside the
+    // writer's while it writes what is queued, every core once it is done
+    // (finish). Not while the application's state is read: the hashing
+    // would share its cores with the reading (measured: it cost more CPU
+    // and more held time than it saved, on a loaded two-core machine).
+    pages.startHashing(false);
     // The frozen window ends here: nothing below reads the application,
     // which goes on now (--leave-running) or stays stopped, held for its
     // end until the image is on disk (phases.ts).

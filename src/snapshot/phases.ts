@@ -28,10 +28,14 @@ export interface SnapshotPhases {
   drainMs: number;
   /** fsync of the page file. */
   fsyncMs: number;
+  /** After the fsync, waiting for the last of the page file's chunk
+   * digests (hashed by the writer's threads as it wrote, and during the
+   * fsync). */
+  hashMs: number;
   /** Classifying the resources, checksums of the files mapped. */
   checksumMs: number;
-  /** The image's metadata and manifest written and signed (the page file
-   * read back for its digest), synced, renamed into place. */
+  /** The image's metadata and manifest written and signed, synced,
+   * renamed into place. */
   commitMs: number;
   /** Ending the application and seeing it gone (default mode). */
   endMs: number;
@@ -45,7 +49,7 @@ type Timed = Exclude<keyof SnapshotPhases, 'heldMs'>;
 const now = () => Number(process.hrtime.bigint() / 1000n);
 
 export class PhaseClock {
-  readonly phases: SnapshotPhases = { freezeMs: 0, dumpMs: 0, trackMs: 0, resumeMs: 0, drainMs: 0, fsyncMs: 0, checksumMs: 0, commitMs: 0, endMs: 0, heldMs: 0 };
+  readonly phases: SnapshotPhases = { freezeMs: 0, dumpMs: 0, trackMs: 0, resumeMs: 0, drainMs: 0, fsyncMs: 0, hashMs: 0, checksumMs: 0, commitMs: 0, endMs: 0, heldMs: 0 };
   private last = now();
   private frozenAt = 0;
 
@@ -58,9 +62,10 @@ export class PhaseClock {
   }
 
   /** The page writer's own measure of its two phases, which end now. */
-  endPageFile(part: { drainMs: number; fsyncMs: number }): void {
+  endPageFile(part: { drainMs: number; fsyncMs: number; hashMs: number }): void {
     this.record('drainMs', part.drainMs);
     this.record('fsyncMs', part.fsyncMs);
+    this.record('hashMs', part.hashMs);
     this.last = now();
   }
 
