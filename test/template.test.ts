@@ -46,6 +46,7 @@ interface Clone {
   aid: string;
   instance: number;
   cloneMs: number;
+  injectedCalls: number;
   ports: { virtual: number; system: number; mode: string }[];
   privateRoot: string;
 }
@@ -130,6 +131,8 @@ describe('templates and clones', () => {
     const own = clones.map(ownPort);
     expect(new Set(own).size).toBe(CLONES);
     for (const c of clones) expect(c.ports.find((p) => p.virtual === PORT_MUX)).toMatchObject({ system: PORT_MUX, mode: 'multiplex' });
+    // What each cost in stops of its process (injected calls and batches).
+    for (const c of clones) expect(c.injectedCalls).toBeGreaterThan(0);
 
     for (const c of clones) {
       const i = await info(ownPort(c));

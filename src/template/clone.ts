@@ -64,6 +64,10 @@ export interface CloneResult {
   threads: number;
   /** Time inside appshot for this instance: its plan, ports and restore. */
   cloneMs: number;
+  /** Its restore's injected system calls and batches of them: each one
+   * stop of the process, a round trip through the scheduler (see
+   * RestoreResult.injectedCalls). */
+  injectedCalls: number;
   ports: PortBinding[];
   /** Where its private copies of files go. */
   privateRoot: string;
@@ -225,7 +229,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, privilegesChecked: true, batchCommit: commitPath });
         debug(`instance ${i + 1} made in`, started);
         lifelines.push(r.lifeline!);
-        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
+        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, injectedCalls: r.injectedCalls, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         instanceEnv = config.env;
       } catch (e) {
         for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
