@@ -7,11 +7,11 @@
  * clones run at once, each answering for its own state.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
+import { cli, makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
@@ -228,6 +228,25 @@ describe('templates and clones', () => {
     // Their ports go back to the registry (taken back when it lists).
     expect(sb.run(['ps']).code).toBe(0);
     expect(readdirSync(join(sb.home, 'ports')).filter((p) => /^\d+$/.test(p))).toEqual([]);
+  });
+
+  it('sweeps the commit files of drivers long gone, and keeps those of the last minute', async () => {
+    // Named as a driver's (PID.START.REQUEST.RANDOM), of a PID above any
+    // pid_max: its holder is surely gone.
+    const commits = join(sb.home, 'commits');
+    const stale = join(commits, '999999999.1.-.0123456789ab');
+    const recent = join(commits, '999999999.1.-.ba9876543210');
+    writeFileSync(stale, '');
+    writeFileSync(recent, '');
+    const twoMinutesAgo = new Date(Date.now() - 120_000);
+    utimesSync(stale, twoMinutesAgo, twoMinutesAgo);
+    // In a process of its own: its first commit sweeps.
+    const r = spawnSync(process.execPath, [cli, 'clone', join(dir, 'tpl.template'), '--aid', 'sweeper'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(existsSync(stale)).toBe(false);
+    expect(existsSync(recent)).toBe(true);
+    expect(sb.run(['stop', 'sweeper']).code).toBe(0);
+    await waitFor(() => sb.aids().length === 0, 10_000, 'the clone to end');
   });
 });
 
