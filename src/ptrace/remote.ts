@@ -198,6 +198,19 @@ export class RemoteProcess {
     }
   }
 
+  /** Takes the area at `addr` (anonymous, readable, writable and
+   * executable, SCRATCH_SIZE bytes, the process's own already: a seed's,
+   * see appshot-init) as the scratch area, with the batch code written at
+   * its start: what mapScratch does, without a stop. false (nothing
+   * taken) where batches are not wanted: mapScratch then. */
+  adoptScratch(addr: bigint): boolean {
+    if (!batchingWanted()) return false;
+    addon().writeMemory(this.pid, addr, batchCode().code);
+    this.scratch = this.batchCode = addr;
+    this.used = BATCH_CODE_ROOM;
+    return true;
+  }
+
   /**
    * For a process that goes on running after (a snapshot): maps the
    * scratch area where the kernel likes, with the batch code at its start,

@@ -226,6 +226,9 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
  * read as far as needed. */
 class InitReports {
   readonly seeds: number[] = [];
+  /** Where the seeds have a scratch area of their own (appshot-init's
+   * seed_scratch), if they do: 0n if not. */
+  seedScratch = 0n;
   started = false;
   private open = true;
   private pending = '';
@@ -243,8 +246,11 @@ class InitReports {
       const lines = this.pending.split('\n');
       this.pending = lines.pop()!;
       for (const line of lines) {
-        const [tag, a] = line.split(' ');
-        if (tag === 'C') this.seeds.push(Number(a));
+        const [tag, a, b] = line.split(' ');
+        if (tag === 'C') {
+          this.seeds.push(Number(a));
+          if (b && /^\d+$/.test(b)) this.seedScratch = BigInt(b);
+        }
         if (tag === 'S') this.started = true;
       }
     }
@@ -274,6 +280,8 @@ interface ReservedStandby {
 interface Supervisor {
   initPid: number;
   seeds: number[];
+  /** Where its seeds have a scratch area of their own (0n: none). */
+  seedScratch: bigint;
   lifeline: number;
   /** Waits for init's report that it runs as this application's (a
    * standby may still be taking its arguments); throws if it died. */
@@ -323,6 +331,7 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
   return {
     initPid: pid,
     seeds: status.seeds,
+    seedScratch: status.seedScratch,
     lifeline: lifelineFd,
     confirm: () => {
       const up = status.readUntil(() => status.started);
@@ -337,6 +346,10 @@ interface Made {
   proc: Process;
   pid: number;
   tids: number[];
+  /** Where it has a scratch area with room for the batch code, if it
+   * has one (a seed's own, or inherited from the process it was forked
+   * from): used if no mapping of the image is in its way. */
+  scratch?: bigint;
   /** Set once its memory is filled (fillMemory). */
   remote?: RemoteProcess;
 }
@@ -344,6 +357,14 @@ interface Made {
 /** Whether the process leaves SIGTRAP to its default action (neither a
  * handler of its own nor ignored). */
 const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 && a.handler !== 0n);
+
+/** Whether a process has a scratch area of ours at `at` (anonymous,
+ * readable, writable and executable, of the scratch area's size, as
+ * appshot-init maps it) and no mapping of the image is in its way. */
+function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: Vma[]): boolean {
+  const end = at + BigInt(RemoteProcess.scratchSize);
+  return seedMaps.some((l) => l.start === at && l.end === end && l.perms === 'rwxp' && !l.path) && !vmas.some((v) => v.start < end && at < v.end);
+}
 
 /** Whether a process shares pages copy-on-write with its parent: the
  * parent's memory is then filled before the process is forked from it. */
@@ -602,13 +623,16 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
       const used = [...m.proc.vmas, ...seedMaps];
-      r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      // The scratch area it has already, if the image leaves it where it
+      // is (one stop fewer); else one mapped where the image has nothing.
+      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, m.proc.vmas) && r.adoptScratch(m.scratch)))
+        r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
       await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
       phase('memory');
       return r;
     };
-    const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
+    const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [], scratch: started2.seedScratch || undefined }));
     for (const m of queue) seize(m.pid);
     // Every seed runs under appshot's own seccomp filters, if any.
     const inheritedFilters = seedFilters(queue[0].pid);
@@ -676,7 +700,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
-        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+        // Forked with its parent's scratch area (its memory filled, the
+        // one it uses now; else the seed's it has still).
+        const scratch = m.remote ? (m.remote.batched ? m.remote.scratch : undefined) : m.scratch;
+        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [], scratch });
       }
       for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
