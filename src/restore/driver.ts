@@ -695,7 +695,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       if (children.some(sharesWithParent)) {
-        await fillMemory(m);
+        // Its memory as it will be, before a child inherits it: the calls
+        // restoreMemory left for the next stop (protections, descriptors
+        // closed) run now.
+        (await fillMemory(m)).runDeferred();
         r.findSyscall(); // the vDSO has moved to the image's address
       }
       for (const child of children) {
