@@ -500,6 +500,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         standby = undefined;
       }
     }
+    if (taken) phase(standby ? 'standby taken' : 'standby gone');
     const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
@@ -734,7 +735,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // signal handlers: one batch, one stop.
       r.reset();
       const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
-      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...sigactionCalls(r, p.sigactions)]);
+      const handlers = sigactionCalls(r, p.sigactions);
+      phase('environment and handlers worked out');
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
       environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
@@ -769,6 +772,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
       for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
+      phase('main thread\'s batch');
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p);
       sealMemory(r, p.vmas);
@@ -782,11 +786,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
+      phase('limits and credentials');
       // Not in a batch: the batch code is in the scratch area. Nor
       // single-stepped: the thread would be left in the step's SIGTRAP
       // stop, and a tracer that dies after the commit lets it go with
       // that signal, which kills the application.
       r.unmapScratch();
+      phase('scratch unmapped');
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
