@@ -21,8 +21,10 @@ import {
   renameSync,
   rmSync,
   statSync,
+  utimesSync,
   writeFileSync,
 } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
@@ -216,6 +218,12 @@ const COMMIT_KEPT_MS = 60_000;
 const COMMIT_SWEEP_MS = 30_000;
 /** When this process last swept each commits directory. */
 const commitsSwept = new Map<string, number>();
+/** What a commit file is made as ahead of its commit (newCommitPath). */
+const PENDING = '.pending';
+/** Commit files being made ahead: whether made (ready), and whether
+ * their restore is over (done: committed or given up), after which one
+ * made late is removed. */
+const pendingCommits = new Map<string, { ready: boolean; done: boolean; made: Promise<void> }>();
 
 export class LocalRegistry implements Registry {
   readonly home: string;
@@ -407,7 +415,7 @@ export class LocalRegistry implements Registry {
       for (const name of readdirSync(dir)) {
         // PID.START.REQUEST.RANDOM (REQUEST '-' outside the engine), or
         // PID.RANDOM as older versions named them.
-        const w = name.split('.');
+        const w = (name.endsWith(PENDING) ? name.slice(0, -PENDING.length) : name).split('.');
         const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
         try {
           if (now - statSync(join(dir, name)).mtimeMs > COMMIT_KEPT_MS && !holderAlive(holder, this.home)) rmSync(join(dir, name), { force: true });
@@ -417,13 +425,68 @@ export class LocalRegistry implements Registry {
       }
     }
     const h = currentHolder();
-    return join(dir, `${h.pid}.${h.startTime}.${h.request ?? '-'}.${randomBytes(6).toString('hex')}`);
+    const path = join(dir, `${h.pid}.${h.startTime}.${h.request ?? '-'}.${randomBytes(6).toString('hex')}`);
+    // Made now, under another name, off this thread (a file made on a
+    // busy disk costs ~0.5-1 ms, as long as the rest of a clone's own
+    // work): the commit then only renames it. Never the name init looks
+    // for before the commit.
+    const state = { ready: false, done: false, made: Promise.resolve() };
+    state.made = writeFile(path + PENDING, '', { flag: 'wx', mode: 0o600 }).then(
+      () => {
+        if (state.done) rmSync(path + PENDING, { force: true });
+        else state.ready = true;
+      },
+      () => {
+        /* made at the commit */
+      },
+    );
+    pendingCommits.set(path, state);
+    return path;
   }
 
   /** Commits: from now on, the restore's processes are the application's
    * even if this process dies. */
   commit(commitPath: string): void {
+    const pending = pendingCommits.get(commitPath);
+    pendingCommits.delete(commitPath);
+    if (pending) pending.done = true;
+    if (pending?.ready) {
+      try {
+        renameSync(commitPath + PENDING, commitPath);
+      } catch {
+        /* removed meanwhile: made below */
+      }
+      if (existsSync(commitPath)) {
+        // Aged from the commit, not from when it was made: the sweep
+        // keeps it a minute from now (a batch may have taken longer).
+        const now = new Date();
+        try {
+          utimesSync(commitPath, now, now);
+        } catch {
+          /* committed all the same */
+        }
+        return;
+      }
+    }
     closeSync(openSync(commitPath, 'wx', 0o600));
+  }
+
+  /** Waits until the file newCommitPath started making for `commitPath`
+   * is made (it is long since, as a rule: what is left is a turn of the
+   * event loop, where making it at the commit costs a file's creation). */
+  async commitReady(commitPath: string): Promise<void> {
+    await pendingCommits.get(commitPath)?.made;
+  }
+
+  /** A restore that got a commit path will not commit: what was made
+   * ahead for it goes, once made. */
+  async forgetCommit(commitPath: string): Promise<void> {
+    const pending = pendingCommits.get(commitPath);
+    pendingCommits.delete(commitPath);
+    if (!pending) return;
+    pending.done = true;
+    if (pending.ready) rmSync(commitPath + PENDING, { force: true });
+    else await pending.made;
   }
 
   /** Reads an application's tables, or undefined if they are gone. */

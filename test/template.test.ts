@@ -245,6 +245,11 @@ describe('templates and clones', () => {
     expect(r.status, r.stderr).toBe(0);
     expect(existsSync(stale)).toBe(false);
     expect(existsSync(recent)).toBe(true);
+    // A batch that fails (its AID is taken) leaves no commit file made
+    // ahead for it (made as NAME.pending, renamed at the commit).
+    const taken = spawnSync(process.execPath, [cli, 'clone', join(dir, 'tpl.template'), '--aid', 'sweeper'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+    expect(taken.status).toBe(4);
+    expect(readdirSync(commits).filter((n) => n.endsWith('.pending'))).toEqual([]);
     expect(sb.run(['stop', 'sweeper']).code).toBe(0);
     await waitFor(() => sb.aids().length === 0, 10_000, 'the clone to end');
   });

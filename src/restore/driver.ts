@@ -822,6 +822,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // instances at once, after the last.
     // Its init runs as this application's (a standby has taken its
     // arguments meanwhile) before anything of it may run.
+    if (!opts.batchCommit) await reg.commitReady(commitPath);
     supervisor.confirm();
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
     if (!opts.batchCommit) {
@@ -893,6 +894,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().wait(pid, 1000);
       }
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
+    if (!opts.batchCommit) await reg.forgetCommit(commitPath);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
     const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;

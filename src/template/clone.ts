@@ -245,6 +245,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       }
       opts.progress?.bytes((i + 1) * perInstance, aids.length * perInstance);
     }
+    await reg.commitReady(commitPath);
     killPoint('clone: committing');
     reg.commit(commitPath);
     return results;
@@ -253,6 +254,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // end first: the batch will never commit, and each init, seeing that,
     // kills its instance and leaves its registration to be released.
     for (const fd of lifelines.splice(0)) closeSync(fd);
+    await reg.forgetCommit(commitPath);
     for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
