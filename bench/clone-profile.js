@@ -24,6 +24,9 @@ const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const row = Number(process.env.BENCH_ROW ?? 30);
 const MIB = Number(process.env.BENCH_MIB ?? 16);
+// BENCH_STEPS=0: no phase lines (their writes cost the clone a little
+// time of its own, more in a build that says more phases).
+const STEPS = process.env.BENCH_STEPS !== '0';
 const BATCHES = (process.env.BENCH_BATCHES ?? '8,32').split(',').filter(Boolean).map(Number);
 if (!BATCHES.every((n) => Number.isInteger(n) && n > 1)) throw new Error(`BENCH_BATCHES='${process.env.BENCH_BATCHES}': expected sizes above 1, e.g. 8,32`);
 const memapp = join(here, 'bench', 'bin', 'memapp');
@@ -44,7 +47,7 @@ let n = 0;
 function cloneOnce(b) {
   const aid = `p${n++}`;
   const start = process.hrtime.bigint();
-  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['clone', `${b.name}.template`, '--aid', aid, '--json'], { cwd: work, env: envOf(b, { APPSHOT_DEBUG: '1' }), encoding: 'utf8' });
+  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['clone', `${b.name}.template`, '--aid', aid, '--json'], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
   const wall = Number(process.hrtime.bigint() - start) / 1e6;
   if (r.status !== 0) throw new Error(`${b.name}: clone failed (${r.status}): ${r.stderr}`);
   const made = JSON.parse(r.stdout)[0];
