@@ -25,7 +25,7 @@ import { createTemplate, type TemplateSummary } from './template/template.js';
 
 export { AppshotError, ExitCode };
 export type { ApplicationInfo, SnapshotResult, TemplateSummary };
-export type { ProcessRow } from './inspect.js';
+export type { ListeningPort, ProcessRow } from './inspect.js';
 export type { SnapshotPhases } from './snapshot/phases.js';
 export type { PortBinding } from './registry.js';
 export type { Action, Verdict } from './image/types.js';

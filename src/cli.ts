@@ -6,7 +6,7 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { formatId, listProcesses, printColumns, tableRows } from './inspect.js';
+import { formatId, type ListeningCache, listProcesses, portsOf, portText, printColumns, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, isEnded, isRestoring } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
@@ -14,6 +14,7 @@ import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
 import { registerServe } from './commands/serve.js';
 import { standardOutput } from './stdout.js';
+import { plural } from './words.js';
 import { applyHouseStyle } from './commands/style.js';
 import { registerCompletion } from './commands/completion.js';
 import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
@@ -38,7 +39,7 @@ export function buildProgram(): Command {
   program
     .name('appshot')
     .description(
-      'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted,\n' +
+      'Run applications with virtual PIDs and SysV IPC ids, so that they can be snapshotted, ' +
         'restored on any node and cloned. State lives in $APPSHOT_HOME (see README).',
     )
     .version(appshotVersion())
@@ -64,6 +65,8 @@ export function buildProgram(): Command {
         "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
     )
     .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+      // In the foreground stdout is the application's: no room for JSON.
+      if (opts.json && !opts.detach) throw new AppshotError('--json goes with --detach (-d): in the foreground, stdout is the application\'s', ExitCode.usage);
       const { run } = await import('./harness.js');
       if (opts.aid !== undefined) checkAid(opts.aid);
       const code = await run(registry(), command, {
@@ -95,7 +98,7 @@ export function buildProgram(): Command {
   }
 
   /** An application as `ps --json` shows it. */
-  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>) {
+  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>, cache: ListeningCache) {
     return {
       aid: r.aid,
       state: isEnded(r) ? 'exited' : isRestoring(r) ? 'restoring' : 'running',
@@ -106,19 +109,14 @@ export function buildProgram(): Command {
       ...(r.image ? { image: r.image } : {}),
       ...(r.template ? { template: r.template } : {}),
       ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-      // An ended application holds no port.
-      ports: isEnded(r) ? [] : (r.ports ?? []),
+      // Every port it listens on, translated or not; none once ended.
+      ports: portsOf(r, processes, cache),
       processes: processes.filter((p) => p.aid === r.aid),
     };
   }
 
   function stateText(r: AppRecord): string {
     return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
-  }
-
-  function portsText(r: AppRecord): string {
-    if (isEnded(r)) return '';
-    return (r.ports ?? []).map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(', ');
   }
 
   program
@@ -141,8 +139,9 @@ export function buildProgram(): Command {
         return;
       }
       const rows = listProcesses(reg, records);
+      const cache: ListeningCache = new Map();
       if (opts.json) {
-        json('ps', records.map((r) => appJson(r, rows)));
+        json('ps', records.map((r) => appJson(r, rows, cache)));
         return;
       }
       if (aid) {
@@ -162,7 +161,7 @@ export function buildProgram(): Command {
           age(r.createdAt),
           String(rows.filter((p) => p.aid === r.aid && !p.init).length),
           r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-          portsText(r) || '-',
+          portsOf(r, rows, cache).map(portText).join(', ') || '-',
           r.command.join(' '),
         ]),
       );
@@ -246,6 +245,8 @@ export function buildProgram(): Command {
         'Examples:\n  appshot logs web\n  appshot logs -f --tail 20 web\n  appshot logs -t --tail 5 web',
     )
     .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps: boolean }) => {
+      const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
+      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
       const reg = registry();
       let record: AppRecord;
       try {
@@ -258,8 +259,6 @@ export function buildProgram(): Command {
         record = { aid, logPath: carried } as AppRecord;
         opts.follow = false;
       }
-      const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
-      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
       if (!record.logPath)
         throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
       const logPath = record.logPath;
@@ -435,12 +434,14 @@ export function buildProgram(): Command {
         'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
         'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
         'Until then a small appshot-keeper process holds them silent (--tcp-hold), so that a peer that\n' +
-        'sends meanwhile is not reset.\n' +
-        'Resources that cannot be captured yet (inotify, UDP...) are refused by name.\n\n' +
+        'sends meanwhile is not reset. A resource that cannot be captured is refused by name, and\n' +
+        'the application is left running.\n\n' +
         'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
     .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; tcpHold: string; json: boolean; progress: string }) => {
+      if (opts.aid !== undefined && aidArg !== undefined && opts.aid !== aidArg)
+        throw new AppshotError(`two applications named: '${aidArg}' and --aid '${opts.aid}'; give one`, ExitCode.usage);
       const aid = opts.aid ?? aidArg;
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);
@@ -484,8 +485,8 @@ export function buildProgram(): Command {
       } else if (result.image !== '-') {
         process.stdout.write(result.image + '\n');
         process.stderr.write(
-          `appshot: ${result.processes} processes, ${result.threads} threads, ${(result.bytes / 1048576).toFixed(1)} MiB` +
-            (result.parent ? ` (incremental on ${result.parent}: ${result.pagesFromParent} pages unchanged; --full for a whole image)` : '') +
+          `appshot: ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')}, ${(result.bytes / 1048576).toFixed(1)} MiB` +
+            (result.parent ? ` (incremental on ${result.parent}: ${plural(result.pagesFromParent, 'page')} unchanged; --full for a whole image)` : '') +
             `; frozen ${result.frozenMs.toFixed(1)} ms` +
             (result.leftRunning ? '' : ` (kept stopped ${result.phases.heldMs.toFixed(0)} ms, until its image was on disk)`) +
             `, ${result.totalMs.toFixed(0)} ms in all` +
@@ -533,9 +534,9 @@ export function buildProgram(): Command {
       "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
         'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
         'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
-        'object or table behind. The application runs\n' +
-        'in the background with the same virtual PIDs and SysV ids; output that went to a terminal\n' +
-        "goes to its log. A --lazy restore needs the image's pages.img for as long as it runs.\n\n" +
+        'object or table behind. The application runs in the background with the same virtual PIDs\n' +
+        'and SysV ids; output that went to a terminal goes to its log. A --lazy restore needs the\n' +
+        "image's pages.img for as long as it runs.\n\n" +
         'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
         '  appshot restore --trust-image downloaded.appshot',
     )
@@ -577,7 +578,7 @@ export function buildProgram(): Command {
         });
       else {
         process.stdout.write(result.aid + '\n');
-        process.stderr.write(`appshot: restored ${result.processes} processes, ${result.threads} threads in ${result.restoreMs.toFixed(1)} ms\n`);
+        process.stderr.write(`appshot: restored ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')} in ${result.restoreMs.toFixed(1)} ms\n`);
       }
       for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
     });
@@ -632,7 +633,7 @@ export function buildProgram(): Command {
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
-        process.stderr.write(`appshot: template '${summary.name}': ${summary.verdicts.length} resources (${counts})\n`);
+        process.stderr.write(`appshot: template '${summary.name}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
         for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${u.rule} matches nothing in this snapshot: ${u.text}\n`);
@@ -718,11 +719,11 @@ export function buildProgram(): Command {
         return;
       }
       for (const r of results) {
-        const ports = r.ports.map((p) => (p.mode === 'allocate' ? `${p.virtual}->${p.system}` : `${p.virtual} (shared)`)).join(' ');
+        const ports = r.ports.map(portText).join(' ');
         process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
       }
       const ms = results.map((r) => r.cloneMs);
-      process.stderr.write(`appshot: ${results.length} instance${results.length > 1 ? 's' : ''} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
+      process.stderr.write(`appshot: ${plural(results.length, 'instance')} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
     });
 
   const key = program
@@ -774,22 +775,28 @@ export function buildProgram(): Command {
 
   program
     .command('port')
-    .description('the TCP ports an application listens on, as it asks for them and as it has them (like docker port)')
+    .description('every TCP port an application listens on: as it asks for it and as it has it (like docker port)')
     .argument('<aid>', 'the application')
     .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
     .option('--json', 'machine-readable output', false)
-    .addHelpText('after', '\nExamples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping')
+    .addHelpText(
+      'after',
+      '\nMODE: allocate (a port of its own, translated), multiplex (one port shared by the clones of a\n' +
+        'template), direct (no rule translates it: the port it asked for).\n\n' +
+        'Examples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping',
+    )
     .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
-      const record = registry().require(aid);
-      let rows = record.ports ?? [];
+      const reg = registry();
+      const record = reg.require(aid);
+      let rows = portsOf(record, listProcesses(reg, [record]));
       if (port !== undefined) {
+        if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new AppshotError(`'${port}' is not a TCP port (1-65535)`, ExitCode.usage);
         rows = rows.filter((p) => p.virtual === Number(port));
-        if (!rows.length) throw new AppshotError(`'${aid}' has no port ${port} that the registry knows of`, ExitCode.notFound);
+        if (!rows.length) throw new AppshotError(`'${aid}' does not listen on port ${port}`, ExitCode.notFound);
       }
       if (opts.json) json('port', rows);
       else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
-      else
-      printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
+      else printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
     });
 
   registerVersion(program);

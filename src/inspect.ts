@@ -2,10 +2,11 @@
  * and translation tables, read from its tables and /proc; and the signals
  * sent to those processes (lifecycle.ts sequences them). The CLI and the
  * Node API (api.ts) both call these. */
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { descendantsOf, readCmdline, readStat } from './procfs.js';
-import { type AppRecord, type LocalRegistry, type PortBinding } from './registry.js';
+import { type AppRecord, type LocalRegistry, type PortBinding, isEnded } from './registry.js';
 
 export interface ProcessRow {
   aid: string;
@@ -81,6 +82,99 @@ export function listProcesses(registry: LocalRegistry, records: AppRecord[]): Pr
   });
 }
 
+/** A TCP port an application listens on, as `ps` and `port` show it:
+ * `virtual` is the port it asked for, `system` the one it has. `direct`:
+ * one no rule translates (the two are the same). */
+export interface ListeningPort {
+  virtual: number;
+  system: number;
+  mode: PortBinding['mode'] | 'direct';
+}
+
+/** The TCP listening sockets of one network namespace, socket inode ->
+ * local port, from /proc/PID/net/tcp and tcp6 (state 0A is LISTEN). */
+function listeningSockets(pid: number): Map<string, number> {
+  const byInode = new Map<string, number>();
+  for (const table of ['tcp', 'tcp6']) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/net/${table}`, 'utf8');
+    } catch {
+      continue; // gone, or no IPv6 in this kernel
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length > 9 && f[3] === '0A') byInode.set(f[9], parseInt(f[1].slice(f[1].lastIndexOf(':') + 1), 16));
+    }
+  }
+  return byInode;
+}
+
+/** The listening sockets of each network namespace (by its
+ * /proc/PID/ns/net link), read once per `ps` however many applications
+ * share it: the tables list every TCP socket of the namespace, and reading
+ * them costs milliseconds on a busy machine. */
+export type ListeningCache = Map<string, Map<string, number>>;
+
+/** The socket inodes among the descriptors of `pid`. */
+function socketInodes(pid: number): string[] {
+  const inodes: string[] = [];
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    let target: string;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue; // closed meanwhile
+    }
+    const m = /^socket:\[(\d+)\]$/.exec(target);
+    if (m) inodes.push(m[1]);
+  }
+  return inodes;
+}
+
+/** Every TCP port the processes `pids` listen on (system ports): the
+ * listening sockets of their network namespaces that one of their
+ * descriptors holds. A process that holds no socket costs no read of the
+ * namespace's tables. A process that ended meanwhile, or whose /proc we
+ * may not read, counts for nothing. */
+export function listeningPortsOf(pids: number[], cache: ListeningCache = new Map()): number[] {
+  const ports = new Set<number>();
+  for (const pid of pids) {
+    try {
+      const inodes = socketInodes(pid);
+      if (!inodes.length) continue;
+      const ns = readlinkSync(`/proc/${pid}/ns/net`);
+      let listening = cache.get(ns);
+      if (!listening) cache.set(ns, (listening = listeningSockets(pid)));
+      for (const inode of inodes) {
+        const port = listening.get(inode);
+        if (port) ports.add(port);
+      }
+    } catch {
+      // ended, or not ours to read
+    }
+  }
+  return [...ports];
+}
+
+/** The ports of `record`: the translations the registry knows of and every
+ * other port its processes listen on, by the port the application asked
+ * for. An ended application has none. `cache`: shared by the applications
+ * of one listing. */
+export function portsOf(record: AppRecord, processes: ProcessRow[], cache: ListeningCache = new Map()): ListeningPort[] {
+  if (isEnded(record)) return [];
+  const bound: ListeningPort[] = [...(record.ports ?? [])];
+  const known = new Set(bound.map((b) => b.system));
+  const pids = processes.filter((p) => p.aid === record.aid && !p.init).map((p) => p.pid);
+  for (const port of listeningPortsOf(pids, cache)) if (!known.has(port)) bound.push({ virtual: port, system: port, mode: 'direct' });
+  return bound.sort((a, b) => a.virtual - b.virtual || a.system - b.system);
+}
+
+/** `6379->20001` (allocated), `6379 (shared)` (multiplexed), `8080`. */
+export function portText(p: ListeningPort): string {
+  return p.mode === 'allocate' ? `${p.virtual}->${p.system}` : p.mode === 'multiplex' ? `${p.virtual} (shared)` : String(p.virtual);
+}
+
 /** One application as `appshot ps --json` shows it. */
 export interface ApplicationInfo {
   aid: string;
@@ -91,13 +185,15 @@ export interface ApplicationInfo {
   template?: { path: string; instance: number };
   /** A clone's private copies of files. */
   privateRoot?: string;
-  ports: PortBinding[];
+  /** Every TCP port it listens on, translated or not. */
+  ports: ListeningPort[];
   processes: ProcessRow[];
 }
 
 /** The applications of `records` with their live processes. */
 export function describeApplications(registry: LocalRegistry, records: AppRecord[]): ApplicationInfo[] {
   const rows = listProcesses(registry, records);
+  const cache: ListeningCache = new Map();
   return records.map((r) => ({
     aid: r.aid,
     command: r.command,
@@ -105,7 +201,7 @@ export function describeApplications(registry: LocalRegistry, records: AppRecord
     createdAt: r.createdAt,
     ...(r.template ? { template: r.template } : {}),
     ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-    ports: r.ports ?? [],
+    ports: portsOf(r, rows, cache),
     processes: rows.filter((p) => p.aid === r.aid),
   }));
 }
@@ -130,8 +226,20 @@ export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number
   );
 }
 
-/** Prints rows as aligned columns under a header. */
-export function printColumns(header: string[], rows: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
+const C_ESCAPES: Record<string, string> = { '\n': '\\n', '\t': '\\t', '\r': '\\r', '\x1b': '\\e' };
+
+/** `text` with its control characters (C0, DEL, C1) written as escapes
+ * (`\n`, `\t`, `\x07`): an argv or a path is the application's to choose,
+ * and a newline or a terminal escape in it must not make a row of its own
+ * or move the cursor. */
+export function visible(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => C_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** Prints rows as aligned columns under a header, control characters
+ * escaped. */
+export function printColumns(header: string[], table: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
+  const rows = table.map((r) => r.map(visible));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) =>
     cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ').trimEnd();

@@ -195,6 +195,11 @@ interface Addon {
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
   compareFileTables(pid1: number, pid2: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
+  /** For each descriptor i (process pids[i], number fds[i]), the lowest
+   * index of those that are one open file description with it (itself
+   * where none is); null where the kernel has no kcmp. Sorts by kcmp's
+   * ordering: n log n comparisons. */
+  descriptionGroups(pids: number[], fds: number[]): number[] | null;
   /** Whether the `toff`th target of epoll `epfd` registered as `tfd` is
    * `fd`'s open file description (kcmp KCMP_EPOLL_TFD). */
   epollTargetIs(pid: number, epfd: number, tfd: number, toff: number, fd: number): boolean;

@@ -26,15 +26,34 @@ function sh(command: string, args: string[], opts: { cwd: string; env?: NodeJS.P
   return { code: r.status, stdout: r.stdout ?? '', stderr: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
 }
 
-/** Runs a command to its end without blocking this process (so that two
- * installs can go at once). */
-function shAsync(command: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; output: string }> {
+/** Runs a command to its end without blocking this process: a worker
+ * blocked in spawnSync for a minute (npm install builds the native parts)
+ * misses vitest's RPC calls, which time out after 60 s. A command still
+ * running after `timeout` ms is killed (SIGKILL) and reported as such. */
+function shAsync(
+  command: string,
+  args: string[],
+  cwd: string,
+  env: NodeJS.ProcessEnv = process.env,
+  timeout = 170_000,
+): Promise<{ code: number | null; stdout: string; stderr: string; output: string }> {
   return new Promise((resolve) => {
     const child = spawn(command, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
     let output = '';
-    child.stdout.on('data', (d) => (output += d));
-    child.stderr.on('data', (d) => (output += d));
-    child.on('close', (code) => resolve({ code, output }));
+    child.stdout.on('data', (d) => ((stdout += d), (output += d)));
+    child.stderr.on('data', (d) => ((stderr += d), (output += d)));
+    const timer = setTimeout(() => {
+      stderr += `\n(killed after ${timeout} ms)`;
+      output += `\n(killed after ${timeout} ms)`;
+      child.kill('SIGKILL');
+    }, timeout);
+    child.on('error', (e) => ((stderr += String(e)), (output += String(e))));
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr, output });
+    });
   });
 }
 
@@ -46,21 +65,23 @@ describe('the package installed from its tarball', () => {
   const bin = join(project, 'node_modules', '.bin', 'appshot');
   const appshot = (args: string[]) => sh(bin, args, { cwd: project, env: sb.env });
 
-  beforeAll(() => {
+  beforeAll(async () => {
     // --ignore-scripts: dist/ was built before the suite ran (npm test
     // builds it); recompiling it here would rewrite files that the tests
     // running meanwhile load.
     expect(existsSync(join(root, 'dist', 'api.js')), 'dist/ is built (npm run build)').toBe(true);
-    const pack = sh('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: root });
+    const pack = await shAsync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], root, process.env, 60_000);
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
     writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module' }));
     // From the registry, as a user's CI would; node-gyp builds the native
     // parts at install.
-    const install = sh('npm', ['install', '--no-audit', '--no-fund', tarball], { cwd: project, timeout: 170_000 });
-    expect(install.code, install.stderr).toBe(0);
-  }, 180_000);
+    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', tarball], project, process.env, 230_000);
+    expect(install.code, install.output).toBe(0);
+    // npm pack and npm install (a native build) take minutes on a loaded
+    // machine: the hook's own limit, above the commands' own.
+  }, 300_000);
 
   it('holds the compiled API with its types and the native parts built at install, and no tests', () => {
     for (const f of ['dist/api.js', 'dist/api.d.ts', 'dist/cli.js', 'bin/appshot.js', 'build/Release/appshot.node', 'build/Release/appshot_preload.so', 'build/Release/appshot-init'])
@@ -68,7 +89,7 @@ describe('the package installed from its tarball', () => {
     expect(existsSync(join(installed, 'test'))).toBe(false);
   });
 
-  it('type-checks a TypeScript user of the API against the installed declarations', () => {
+  it('type-checks a TypeScript user of the API against the installed declarations', async () => {
     writeFileSync(
       join(project, 'check.ts'),
       `import { run, clone, AppshotError, type RunResult, type Clone } from 'appshot';\n` +
@@ -80,9 +101,9 @@ describe('the package installed from its tarball', () => {
         `export { started, clones, code };\n`,
     );
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-    const r = sh(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], { cwd: project });
-    expect(r.code, r.stdout + r.stderr).toBe(0);
-  });
+    const r = await shAsync(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);
+    expect(r.code, r.output).toBe(0);
+  }, 120_000);
 
   it('runs, lists, snapshots and restores with its CLI, with its own preload library', async () => {
     const run = appshot(['run', '-d', '--json', '--aid', 'cli-tick', '--', fixture('ticker')]);
@@ -109,7 +130,7 @@ describe('the package installed from its tarball', () => {
     await waitFor(() => !sb.aids().includes('cli-tick'), 10_000, 'cli-tick to end');
   });
 
-  it("runs, snapshots, restores, clones and stops with its API, import('appshot') from a script", () => {
+  it("runs, snapshots, restores, clones and stops with its API, import('appshot') from a script", async () => {
     writeFileSync(
       join(project, 'ci.mjs'),
       `import { run, ps, snapshot, restore, templateCreate, clone, stop, AppshotError } from 'appshot';
@@ -131,7 +152,7 @@ try {
 console.log(JSON.stringify(report));
 `,
     );
-    const r = sh(process.execPath, ['ci.mjs', fixture('ticker'), work], { cwd: project, env: sb.env });
+    const r = await shAsync(process.execPath, ['ci.mjs', fixture('ticker'), work], project, sb.env, 110_000);
     expect(r.code, r.stderr).toBe(0);
     const report = JSON.parse(r.stdout);
     expect(report.run).toMatchObject({ aid: 'api-tick', vpid: 2, pid: expect.any(Number), log: expect.stringContaining('api-tick') });
@@ -142,7 +163,7 @@ console.log(JSON.stringify(report));
     expect(report.clones.map((c: { aid: string }) => c.aid)).toEqual(['api-clone-1', 'api-clone-2']);
     expect(report.running).toEqual(['api-clone-1', 'api-clone-2', 'api-tick-2']);
     expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
-  });
+  }, 120_000);
 });
 
 describe('npm install -g', () => {
@@ -160,7 +181,7 @@ describe('npm install -g', () => {
     const installs = await Promise.all(
       [tarball, checkout].map(async (what, i) => {
         const prefix = join(work, `global-${i}`);
-        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', what], work);
+        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', what], work, process.env, 230_000);
         return { what, prefix, ...r };
       }),
     );
@@ -178,7 +199,7 @@ describe('npm install -g', () => {
       expect(aid).toMatch(/^[\w.-]+$/);
       expect(preload).toBe(join(installed, 'build', 'Release', 'appshot_preload.so'));
     }
-  }, 170_000);
+  }, 300_000);
 });
 
 describe('examples/vitest-redis: a loaded redis, one clone per test worker', () => {
@@ -229,7 +250,7 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     mkdirSync(join(ex, 'node_modules'));
     symlinkSync(root, join(ex, 'node_modules', 'appshot'));
     symlinkSync(join(root, 'node_modules', 'vitest'), join(ex, 'node_modules', 'vitest'));
-    const r = await shAsync(process.execPath, [join(ex, 'node_modules', 'vitest', 'vitest.mjs'), 'run'], ex, { ...process.env, APPSHOT_PORTS: TEST_PORTS, CI: 'true', FORCE_COLOR: '0', NO_COLOR: '1' });
+    const r = await shAsync(process.execPath, [join(ex, 'node_modules', 'vitest', 'vitest.mjs'), 'run'], ex, { ...process.env, APPSHOT_PORTS: TEST_PORTS, CI: 'true', FORCE_COLOR: '0', NO_COLOR: '1' }, 110_000);
     expect(r.code, r.output).toBe(0);
     // Its three tests in two files, over three workers each with a clone.
     expect(r.output).toMatch(/Test Files\s+2 passed \(2\)/);

@@ -82,7 +82,7 @@ describe('help and errors', () => {
       const r = sb.run([...c.split(' ').filter(Boolean), '--help']);
       expect(r.code, c).toBe(0);
       expect(r.stdout, c).not.toMatch(/FIG/);
-      expect(r.stdout, c).not.toMatch(/default: (false|true)/);
+      expect(r.stdout, c).not.toMatch(/default: (false|true|\[\])/);
       if (c) expect(r.stdout, c).toMatch(/Example/);
       const listed = r.stdout.split(/^Commands:\n/m)[1]?.split(/\n\S/)[0] ?? '';
       for (const m of listed.matchAll(/^ {2}([a-z][a-z-]*)/gm)) if (m[1] !== 'help') queue.push(`${c} ${m[1]}`.trim());
@@ -91,12 +91,58 @@ describe('help and errors', () => {
   });
 
   it("commander's errors come out as appshot's: one line, exit code 2", () => {
-    for (const args of [['frobnicate'], ['snapshoot'], ['ps', '--bogus'], ['restore']]) {
+    for (const args of [['frobnicate'], ['snapshoot'], ['ps', '--bogus'], ['restore'], ['run', '--json', '--', 'true'], ['snapshot', 'one', '--aid', 'other']]) {
       const r = sb.run(args);
       expect(r.code, args.join(' ')).toBe(2);
       expect(r.stderr, args.join(' ')).toMatch(/^appshot: [^\n]+\n$/);
       expect(r.stderr).not.toMatch(/error:/);
     }
+  });
+
+  it('key import of a missing file names it, exit code 3', () => {
+    const r = sb.run(['key', 'import', join(out, 'missing.pub')]);
+    expect([r.code, r.stderr]).toEqual([3, `appshot: no such file: ${join(out, 'missing.pub')}\n`]);
+  });
+
+  it('help COMMAND shows that command\'s help; an unknown one is one line and exit code 2', () => {
+    for (const [args, usage] of [[['help', 'ps'], 'appshot ps'], [['help', 'template', 'create'], 'appshot template create'], [['template', 'help', 'create'], 'appshot template create'], [['help'], 'appshot']]) {
+      const r = sb.run(args);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([0, '']);
+      expect(r.stdout.split('\n')[0], args.join(' ')).toMatch(new RegExp(`^Usage: ${usage} \\[options\\]`));
+    }
+    for (const [args, line] of [
+      [['help', 'nosuch'], "appshot: unknown command 'nosuch'\n"],
+      [['help', 'snapshto'], "appshot: unknown command 'snapshto' (Did you mean snapshot?)\n"],
+      [['help', 'template', 'nosuch'], "appshot: unknown command 'template nosuch'\n"],
+    ]) {
+      const r = sb.run(args as string[]);
+      expect([r.code, r.stdout, r.stderr], (args as string[]).join(' ')).toEqual([2, '', line]);
+    }
+  });
+});
+
+describe('human output', () => {
+  it('counts in the singular for one: 1 process, 1 thread, 1 instance', async () => {
+    expect(sb.run(['run', '-d', '--aid', 'single', '--', fixture('ticker')]).code).toBe(0);
+    await waitFor(() => sb.log('single').length > 0, 10_000, 'ticker output');
+    const image = join(out, 'single.appshot');
+    const template = join(out, 'single.template');
+    const said = [
+      sb.run(['snapshot', 'single', '-o', image]),
+      sb.run(['inspect', image]),
+      sb.run(['restore', image]),
+      sb.run(['template', 'create', image, '-o', template]),
+      sb.run(['clone', template, '--aid', 'single-clone']),
+    ].map((r) => {
+      expect(r.code, r.stderr).toBe(0);
+      return r.stdout + r.stderr;
+    });
+    expect(said[0]).toMatch(/^appshot: 1 process, 1 thread, /m);
+    expect(said[1]).toMatch(/^1 process, \d+ pages stored/m);
+    expect(said[2]).toMatch(/^appshot: restored 1 process, 1 thread in /m);
+    expect(said[4]).toMatch(/^appshot: 1 instance in /m);
+    for (const text of said) expect(text).not.toMatch(/(^|[^\d.])1 (processes|threads|instances|resources|pages|bytes|datagrams|records|messages|connections|commands|mappings)\b/);
+    for (const aid of ['single', 'single-clone']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   });
 });
 

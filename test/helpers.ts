@@ -358,3 +358,24 @@ export function redisCli(port: number, commands: string[]): string[] {
   if (r.status !== 0) throw new Error(`redis-cli: ${r.stderr}`);
   return r.stdout.trim().split('\n');
 }
+
+/**
+ * A snapshot of a real redis holding `keys` keys (key:I = value(I)): redis
+ * started under AID 'loader' on `port`, filled, then snapshotted (which ends
+ * it) into `image`. The serve tests start from this.
+ */
+export async function redisImage(sb: Sandbox, port: number, keys: number, value: (i: number) => string, image: string): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', 'loader', '--', '/usr/bin/redis-server', '--port', String(port), '--save', '', '--appendonly', 'no']);
+  if (r.code !== 0) throw new Error(`appshot run redis: ${r.stderr}`);
+  await waitFor(() => {
+    try {
+      return redisCli(port, ['PING'])[0] === 'PONG';
+    } catch {
+      return false;
+    }
+  }, 10_000, 'redis to answer');
+  const set = redisCli(port, Array.from({ length: keys }, (_, i) => `SET key:${i} ${value(i)}`));
+  if (set.length !== keys || !set.every((l) => l === 'OK')) throw new Error(`redis SET answered ${set.find((l) => l !== 'OK')}`);
+  const s = sb.run(['snapshot', 'loader', '-o', image]);
+  if (s.code !== 0) throw new Error(`appshot snapshot loader: ${s.stderr}`);
+}

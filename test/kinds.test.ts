@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -126,7 +126,7 @@ describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, 
     run(['snapshot', aid, '-o', join(out, aid)]);
     const shown = run(['inspect', join(out, aid)]);
     expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram \S+\/named, 2 datagrams queued \(7 bytes\)/);
-    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram @appshot-dgram-\d+, 1 datagrams queued \(5 bytes\)/);
+    expect(shown).toMatch(/UNIX_DGRAM\s+unix dgram @appshot-dgram-\d+, 1 datagram queued \(5 bytes\)/);
     expect(shown).toMatch(/UDP\s+udp 127\.0\.0\.1:\d+, 2 datagrams queued \(13 bytes\)/);
     expect(shown).toMatch(/UDP\s+udp \[::1\]:\d+ → \[::1\]:\d+, 0 datagrams queued/);
     run(['restore', join(out, aid)]);
@@ -348,7 +348,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
-    ['deadline', () => ': SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
@@ -370,10 +369,17 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
     ['syn-sent', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is SYN_SENT; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
+    // Closed both ways: the last acknowledgement never comes (the peer, a
+    // socket of the holder's, drops every segment).
+    ['last-ack', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is LAST_ACK; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
+    ['closing', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is CLOSING; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
+    // Once taken for a deleted file, restored as one (EBADF to mq_send).
+    ['mqueue', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a POSIX message queue \\(/holder-mq-\\d+, unlinked\\) cannot be captured yet`)],
     ['pty-packet', (fd) => `process 2 (holder) fd ${fd}: a pty master in packet mode (TIOCPKT) cannot be captured yet`],
     ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
     ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],
   ];
+  const TCP_STATE_HEX: Record<string, string> = { 'last-ack': '09', closing: '0B' };
   for (const [kind, message] of refusals)
     it(kind, async () => {
       const aid = `held-${kind}`;
@@ -391,6 +397,14 @@ describe('what cannot be captured yet is refused by name, and the application go
       const status = readFileSync(`/proc/${systemPid(aid)}/status`, 'utf8');
       expect(status).toMatch(/^TracerPid:\s+0$/m);
       expect(status).not.toMatch(/^State:\s+[tT]/m);
+      // A connection closed both ways is where it was, as the kernel's
+      // table says (st: 09 LAST_ACK, 0B CLOSING).
+      const tcpState = TCP_STATE_HEX[kind];
+      if (tcpState) {
+        const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${systemPid(aid)}/fd/${fd}`))![1];
+        const line = readFileSync(`/proc/${systemPid(aid)}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
+        expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
+      }
     });
 });
 
@@ -471,7 +485,7 @@ describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pa
 });
 
 describe('datagram sockets shut down for reading with a datagram queued (an unconnected UDP socket, a unix pair end)', () => {
-  roundTrips('dshut', [fixture('dgramshut')], /UDP\s+udp 127\.0\.0\.1:\d+, 1 datagrams queued \(2 bytes\), shut down for reading\n[\s\S]*UNIX_DGRAM\s+unix dgram \(unnamed\) → socket \d+, 1 datagrams queued \(2 bytes\), shut down for reading\n/, 'apart');
+  roundTrips('dshut', [fixture('dgramshut')], /UDP\s+udp 127\.0\.0\.1:\d+, 1 datagram queued \(2 bytes\), shut down for reading\n[\s\S]*UNIX_DGRAM\s+unix dgram \(unnamed\) → socket \d+, 1 datagram queued \(2 bytes\), shut down for reading\n/, 'apart');
 });
 
 describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {
@@ -498,6 +512,41 @@ describe.skipIf(uclampSkip !== undefined)(`utilization clamps (sched_setattr UTI
   roundTrips('uclamp', [fixture('uclamp')], /attributes: [^\n]*2: [^,]* uclamp 256\.\.512, 3: [^,]* uclamp 100\.\.900/);
 });
 
+const deadlineSkip = skipReason('deadline');
+describe.skipIf(deadlineSkip !== undefined)(`SCHED_DEADLINE threads: runtime, deadline, period and flags, each thread its own${deadlineSkip ? ` — skipped: ${deadlineSkip}` : ''}`, () => {
+  // The main thread reset-on-fork (its policy reads 6 | SCHED_RESET_ON_FORK),
+  // the second reclaiming.
+  roundTrips(
+    'dl',
+    [fixture('deadline')],
+    /attributes: [^\n]*2: nice 0 policy 1073741830\/0 SCHED_DEADLINE runtime 3000000 ns deadline 30000000 ns period 50000000 ns reset-on-fork cpus [\d,]+ [^,]*, \d+: nice 0 policy 6\/0 SCHED_DEADLINE runtime 2000000 ns deadline 20000000 ns period 40000000 ns reclaim /,
+  );
+
+  it('is refused by name, before anything is made, to a restore without CAP_SYS_NICE, and the application goes on', async () => {
+    const aid = 'dlnice';
+    // The process gives CAP_SYS_NICE up once its threads are set: its
+    // credentials are then within what the restore below may grant.
+    run(['run', '-d', '--aid', aid, '--', fixture('deadline'), '--drop-nice']);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const shmBefore = sb.shmFiles();
+    const r = spawnSync('setpriv', ['--inh-caps=-sys_nice', '--bounding-set=-sys_nice', process.execPath, cli, 'restore', join(out, aid), '--aid', 'dlnice2'], { env: sb.env, encoding: 'utf8' });
+    expect(r.status, r.stderr).not.toBe(0);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/process 2 \(deadline\): SCHED_DEADLINE runtime 3000000 ns, deadline 30000000 ns, period 50000000 ns, reset-on-fork, which only a restore with CAP_SYS_NICE may set/);
+    expect(sb.aids()).not.toContain('dlnice2');
+    expect(sb.shmFiles()).toEqual(shmBefore);
+    // The image is as it was: restored with the capability, it comes back.
+    await checksPass(aid);
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    run(['restore', join(out, aid), '--aid', 'dlnice3']);
+    await checksPass('dlnice3');
+    await exercised('dlnice3');
+    await checksPass('dlnice3');
+  });
+});
+
 const specSkip = skipReason('specctrl');
 describe.skipIf(specSkip !== undefined)(`speculation controls (PR_SET_SPECULATION_CTRL), each thread its own, force-disabled ones still so${specSkip ? ` — skipped: ${specSkip}` : ''}`, () => {
   roundTrips('spec', [fixture('specctrl')], /attributes: [^\n]*2: [^,]* speculation [^,]*, 3: [^,]* speculation /);
@@ -515,4 +564,12 @@ describe('more process state: the root directory (chroot), the audit login uid, 
 
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {
   roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
+});
+
+describe('2,000 descriptors duplicated from one open file description and 2,000 opened apart on one file: the first still one description, the others each its own', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'appshot-manyfds-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  // Each restored copy opens the files afresh: the original and the copy
+  // share no description.
+  roundTrips('mfds', [fixture('manyfds'), dir], /FILE\s+\S+\/dups pos=(100|4000)\n\d+\s+FILE\s+\S+\/opens pos=(0|5000)\n\d+\s+FILE\s+\S+\/opens pos=1\n\d+\s+FILE\s+\S+\/opens pos=2\n/);
 });

@@ -31,7 +31,7 @@ interface PsApp {
   template?: { path: string; instance: number };
   privateRoot?: string;
   ports: { virtual: number; system: number; mode: string }[];
-  processes: { vpid: number; pid: number; init: boolean }[];
+  processes: { vpid: number; pid: number; init: boolean; command: string }[];
 }
 
 const psAll = () => sb.json<PsApp[]>(['ps', '-a']);
@@ -96,8 +96,68 @@ describe('an ended application', () => {
     await runDetached('ts', ['sh', '-c', 'echo x']);
     expect(sb.run(['wait', 'ts']).code).toBe(0);
     expect(sb.run(['logs', '--tail', 'x', 'ts']).code).toBe(2);
+    // Before anything else is looked at or said.
+    const bad = sb.run(['logs', '--tail', '-3', 'no-such-app']);
+    expect([bad.code, bad.stderr]).toEqual([2, "appshot: --tail wants a number of lines or 'all', not '-3'\n"]);
     expect(sb.run(['logs', '--tail', '0', 'ts']).stdout).toBe('');
     expect(sb.run(['rm', 'ts']).code).toBe(0);
+  });
+});
+
+describe('ps of an argv with control characters', () => {
+  it('writes them as escapes: one row per application and per process, no terminal escape', async () => {
+    const argv = ['sh', '-c', 'echo READY; sleep 60', 'line\nbreak\ttab\x1b[31mred\x07'];
+    await runDetached('ctl', argv, /READY/);
+    const shown = 'sh -c echo READY; sleep 60 line\\nbreak\\ttab\\e[31mred\\x07';
+    const list = sb.run(['ps']).stdout.split('\n').filter(Boolean);
+    expect(list).toHaveLength(2);
+    expect(list[1]).toMatch(new RegExp(`^ctl\\s+running\\s.*\\s${shown.replace(/[\\[\]]/g, '\\$&')}$`));
+    // Its processes, from /proc/PID/cmdline: init, sh, sleep.
+    const processes = sb.run(['ps', 'ctl']).stdout.split('\n').filter(Boolean);
+    expect(processes).toHaveLength(4);
+    expect(processes[2].endsWith(` ${shown}`), processes[2]).toBe(true);
+    expect(processes[3]).toMatch(/\ssleep 60$/);
+    // --json keeps the argv as it is.
+    expect(app('ctl')!.processes.map((p) => p.command)).toEqual(['[appshot-init]', argv.join(' '), 'sleep 60']);
+    expect(sb.json<{ command: string[] }[]>(['ps', 'ctl'])[0].command).toEqual(argv);
+    expect(sb.run(['rm', '-f', 'ctl']).code).toBe(0);
+  });
+});
+
+describe('ports', () => {
+  // Listens on one IPv4 port in its first process and one IPv6 port in a
+  // child, ports the kernel picks; no rule translates them.
+  const LISTENER = `
+import os, socket, sys, time
+def listen(family, host):
+    s = socket.socket(family)
+    s.bind((host, 0))
+    s.listen()
+    return s
+four = listen(socket.AF_INET, '127.0.0.1')
+r, w = os.pipe()
+if os.fork() == 0:
+    six = listen(socket.AF_INET6, '::1')
+    os.write(w, str(six.getsockname()[1]).encode())
+    while True: time.sleep(1)
+print('READY', four.getsockname()[1], os.read(r, 16).decode(), flush=True)
+while True: time.sleep(1)
+`;
+
+  it('ps and port list every port the processes listen on, untranslated ones as direct', async () => {
+    await runDetached('listener', ['python3', '-c', LISTENER], /^READY \d+ \d+$/m);
+    const [, four, six] = /^READY (\d+) (\d+)$/m.exec(sb.run(['logs', 'listener']).stdout)!.map(Number);
+    const sorted = [four, six].sort((a, b) => a - b);
+    expect(app('listener')!.ports).toEqual(sorted.map((p) => ({ virtual: p, system: p, mode: 'direct' })));
+    expect(sb.run(['ps']).stdout).toMatch(new RegExp(`^listener\\s+running\\s+\\S+\\s+2\\s+-\\s+${sorted.join(', ')}\\s+python3`, 'm'));
+    const table = sb.run(['port', 'listener']).stdout.trim().split('\n');
+    expect(table.map((l) => l.split(/\s{2,}/))).toEqual([['PORT', 'HOST PORT', 'MODE'], ...sorted.map((p) => [String(p), String(p), 'direct'])]);
+    expect(sb.run(['port', 'listener', String(six)]).stdout).toBe(`${six}\n`);
+    const none = sb.run(['port', 'listener', '1']);
+    expect([none.code, none.stderr]).toEqual([3, "appshot: 'listener' does not listen on port 1\n"]);
+    const bad = sb.run(['port', 'listener', 'http']);
+    expect([bad.code, bad.stderr]).toEqual([2, "appshot: 'http' is not a TCP port (1-65535)\n"]);
+    expect(sb.run(['rm', '-f', 'listener']).code).toBe(0);
   });
 });
 

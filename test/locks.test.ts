@@ -59,6 +59,30 @@ describe('file locks: flock, POSIX, OFD and leases, held by the same holders aft
     await checksPass(aid);
   });
 
+  it("a lease's break signal (F_SETSIG) is kept: the break comes as that signal, with its descriptor", async () => {
+    const aid = 'lksig';
+    const dir = lockDir(aid);
+    run(['run', '-d', '--aid', aid, '--', fixture('leasesig'), dir]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    expect(run(['inspect', join(out, aid)])).toMatch(/file locks: fd 3 read lease\n/);
+    // Two read leases on one file coexist; a break breaks both, so the
+    // original goes before the copy's lease is broken.
+    run(['restore', join(out, aid), '--aid', 'lksig2', '--lazy']);
+    await checksPass('lksig2');
+    await checksPass(aid);
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    await exercised('lksig2');
+    await checksPass('lksig2');
+    // Once more from a snapshot that ends it.
+    run(['snapshot', 'lksig2', '-o', join(out, 'lksig2')]);
+    run(['restore', join(out, 'lksig2')]);
+    await checksPass('lksig2');
+    await exercised('lksig2');
+    await checksPass('lksig2');
+  });
+
   it('a --leave-running snapshot: refused beside the original, whose locks it holds; restored --lazy once the original is gone', async () => {
     const aid = 'lk2';
     const dir = lockDir(aid);

@@ -6,7 +6,7 @@
  * scripts that know every command.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -175,6 +175,47 @@ describe('--json', () => {
     expect(sb.json<Json[]>(['service', 'ls'])).toEqual([]);
     const check = sb.run(['check', '--json']);
     expect(JSON.parse(check.stdout).schema).toBe('appshot.check/1');
+  }, 120_000);
+
+  it('has every field it prints named in docs/json.md, and the README quotes them as printed', async () => {
+    const docs = readFileSync(join(root, 'docs', 'json.md'), 'utf8');
+    /** The section of docs/json.md whose heading names `schema`. */
+    const section = (schema: string) => {
+      const at = docs.search(new RegExp(`^## .*\`${schema.replace(/[./]/g, '\\$&')}\``, 'm'));
+      expect(at, `docs/json.md documents ${schema}`).toBeGreaterThan(0);
+      return docs.slice(docs.lastIndexOf('\n## ', at), docs.indexOf('\n## ', at) >>> 0);
+    };
+    const undocumented = (value: Json) => {
+      const first = Array.isArray(value) ? value[0] : value;
+      const text = section(first.schema);
+      return Object.keys(first).filter((k) => k !== 'schema' && !new RegExp(`\\b${k}\\b`).test(text));
+    };
+    const d = mkdtempSync(join(out, 'docs-'));
+    expect(sb.run(['run', '-d', '--aid', 'doc', '--', fixture('ticker')]).code).toBe(0);
+    await waitFor(() => sb.log('doc').length > 0, 10_000, 'ticker output');
+    const outputs: Json[] = [
+      sb.json(['ps', 'doc']),
+      sb.json(['table', 'doc']),
+      sb.json(['snapshot', 'doc', '-o', join(d, 'doc.appshot')]),
+      sb.json(['restore', join(d, 'doc.appshot')]),
+      sb.json(['template', 'create', join(d, 'doc.appshot'), '-o', join(d, 'doc.template')]),
+      sb.json(['template', 'show', join(d, 'doc.template')]),
+      sb.json(['clone', join(d, 'doc.template'), '--aid', 'doc-clone']),
+      sb.json(['images', d]),
+      sb.json(['version']),
+      sb.json(['check']),
+      sb.json(['engine', 'status']),
+    ];
+    for (const o of outputs) expect(undocumented(o), (Array.isArray(o) ? o[0] : o).schema).toEqual([]);
+    // The README's own quotes of images --json and check --json.
+    const readme = readFileSync(join(root, 'README.md'), 'utf8').replace(/\s+/g, ' ');
+    const quotes = [
+      `images: [{${Object.keys(outputs[7].images[0]).join(', ')}, error?}]`,
+      `features: [{${Object.keys(outputs[9].features[0]).join(', ')}}]`,
+      `{schema: "appshot.version/1", ${Object.keys(outputs[8]).slice(1).join(', ').replace('kernel', 'kernel: {release, machine}')}}`,
+    ];
+    for (const quote of quotes) expect(readme.includes(quote), `the README quotes ${quote}`).toBe(true);
+    for (const aid of ['doc', 'doc-clone']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   }, 120_000);
 });
 

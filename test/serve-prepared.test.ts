@@ -33,7 +33,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Running, Sandbox, waitFor, redisCli as redis } from './helpers.js';
+import { alive, type Running, Sandbox, waitFor, redisCli as redis, redisImage } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const sb = new Sandbox();
@@ -113,18 +113,8 @@ const ourTables = () => {
 describe('appshot serve: a suspended service\'s next instance prepared, held stopped', () => {
   it('resumes the held instance with its data, prepares again after each suspend, and leaves nothing when stopped', async () => {
     expect(existsSync(REDIS), `${REDIS} is missing: apt-get install redis-server`).toBe(true);
-    const r = sb.run(['run', '-d', '--aid', 'loader', '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => {
-      try {
-        return redis(APP, ['PING'])[0] === 'PONG';
-      } catch {
-        return false;
-      }
-    }, 10_000, 'redis to answer');
-    expect(redis(APP, Array.from({ length: KEYS }, (_, i) => `SET key:${i} ${value(i)}`)).every((l) => l === 'OK')).toBe(true);
     const image = join(out, 'redis.img');
-    expect(sb.run(['snapshot', 'loader', '-o', image]).code).toBe(0);
+    await redisImage(sb, APP, KEYS, value, image);
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
 
     serve = sb.start(['serve']);

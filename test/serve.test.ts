@@ -17,7 +17,7 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, type Running, Sandbox, waitFor, redisCli as redis } from './helpers.js';
+import { alive, type Running, Sandbox, waitFor, redisCli as redis, redisImage } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const PYTHON = '/usr/bin/python3';
@@ -122,18 +122,8 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
   });
 
   it('restores on the first connection, suspends after 1 s idle, answers 200 clients at once after, and comes back after kill -9', async () => {
-    const r = sb.run(['run', '-d', '--aid', 'loader', '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
-    expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => {
-      try {
-        return redis(APP, ['PING'])[0] === 'PONG';
-      } catch {
-        return false;
-      }
-    }, 10_000, 'redis to answer');
-    expect(redis(APP, Array.from({ length: KEYS }, (_, i) => `SET key:${i} ${value(i)}`)).every((l) => l === 'OK')).toBe(true);
     const image = join(out, 'redis.img');
-    expect(sb.run(['snapshot', 'loader', '-o', image]).code).toBe(0);
+    await redisImage(sb, APP, KEYS, value, image);
 
     const add = sb.json<{ name: string; idleMs: number }>(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']);
     expect(add).toMatchObject({ name: 'db', idleMs: 1000 });

@@ -202,7 +202,7 @@ describe('tables rewritten by a process of another uid', () => {
     try {
       const r = sb.run(['snapshot', 'drop5', '-o', image]);
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stderr).toMatch(/1 processes/);
+      expect(r.stderr).toMatch(/1 process\b/);
       await expectOnlyOwnGone('drop5', a);
     } finally {
       rmSync(image, { recursive: true, force: true });

@@ -101,7 +101,7 @@ describe('clones are unique', () => {
     expect(show.code, show.stderr).toBe(0);
     expect(show.stdout).toMatch(/handled +glibc's random\(\)\/rand\(\) generator was seeded by the application.*\n +-> reseeded in every clone \(the default\)/);
     expect(show.stdout).toMatch(/handled +libssl is loaded.*\n +-> the IDENTITY hooks \(uniq\.rules:3, 4\) are trusted to renew it/);
-    expect(show.stdout).toMatch(/handled +1 mapping\(s\) marked MADV_WIPEONFORK/);
+    expect(show.stdout).toMatch(/handled +1 mapping marked MADV_WIPEONFORK/);
     expect(show.stdout).toMatch(/recreate +memory +anonymous memory +marked MADV_WIPEONFORK: zero in every clone/);
     expect(show.stdout).toMatch(/recreate +memory +anonymous memory +marked MADV_DONTFORK: absent from every clone/);
     const json = sb.json<{ shared: { what: string; handled: boolean }[] }>(['template', 'show', join(dir, 'keep.template')]);

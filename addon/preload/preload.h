@@ -407,10 +407,15 @@ HIDDEN long do_close(int fd);
 /* preload_signal.c: PIDs inside signal data. */
 HIDDEN void translate_si_pid(siginfo_t *info);
 HIDDEN long do_rt_sigaction(int sig, const void *act, void *old, size_t size);
-HIDDEN void signalfd_forget(int fd);
-HIDDEN void signalfd_forget_range(unsigned int first, unsigned int last);
-HIDDEN int signalfd_marked(int fd);
-HIDDEN void signalfd_mark(int fd, int on);
+/* Descriptors whose read() results hold system PIDs to translate:
+ * signalfds (preload_signal.c) and message queues (preload_ipc.c). */
+HIDDEN void translated_reads_forget(int fd);
+HIDDEN void translated_reads_forget_range(unsigned int first, unsigned int last);
+HIDDEN int translated_reads_marked(int fd);
+HIDDEN void translated_reads_mark(int fd, int on);
+/* preload_ipc.c: the text a read of a message queue returned (n bytes,
+ * ending at the descriptor's offset now), its NOTIFY_PID made virtual. */
+HIDDEN void mqueue_translate_read(int fd, char *buf, long n);
 /* preload_fd.c: the marks above, carried by a copy of a descriptor. */
 HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);

@@ -154,7 +154,7 @@ static void tables_fd_moved(int t, int moved, int keep_old) {
 
 long do_close(int fd) {
   if (UNLIKELY(is_tables_fd(fd))) return 0;
-  signalfd_forget(fd);
+  translated_reads_forget(fd);
   cgroup_procs_forget(fd);
   return libc_ret(SYS1(close, fd));
 }
@@ -162,7 +162,7 @@ long do_close(int fd) {
 API int close(int fd) {
   ensure_init();
   if (UNLIKELY(is_tables_fd(fd))) return 0;
-  signalfd_forget(fd);
+  translated_reads_forget(fd);
   cgroup_procs_forget(fd);
   /* Called by dlsym itself, while init resolves REAL(close)? */
   if (UNLIKELY(!real_fn[R_close])) return (int)libc_ret(SYS1(close, fd));
@@ -172,7 +172,7 @@ API int close(int fd) {
 /* close_range over our number: the two ranges on either side of it. */
 long do_close_range(unsigned int first, unsigned int last, int flags) {
   if (!(flags & CLOSE_RANGE_CLOEXEC)) {
-    signalfd_forget_range(first, last);
+    translated_reads_forget_range(first, last);
     cgroup_procs_forget_range(first, last);
   }
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
@@ -193,7 +193,7 @@ API int close_range(unsigned int first, unsigned int last, int flags) {
 
 API void closefrom(int lowfd) {
   ensure_init();
-  signalfd_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
+  translated_reads_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   cgroup_procs_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
   if (LIKELY(t < 0 || t < lowfd)) {
@@ -207,12 +207,13 @@ API void closefrom(int lowfd) {
 }
 
 /* A copy of a descriptor is the same file: it carries the original's marks
- * (signalfd, cgroup.procs), and loses whatever its number had. A shell's
+ * (reads translated: signalfd, message queue; cgroup.procs), and loses
+ * whatever its number had. A shell's
  * `echo $pid > cgroup.procs` opens the file and writes through the copy
  * that dup2 made of it on 1. */
 void fd_marks_copy(int from, int to) {
-  int sfd = signalfd_marked(from), procs = cgroup_procs_marked(from);
-  signalfd_mark(to, sfd);
+  int sfd = translated_reads_marked(from), procs = cgroup_procs_marked(from);
+  translated_reads_mark(to, sfd);
   cgroup_procs_mark(to, procs);
 }
 

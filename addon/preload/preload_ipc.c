@@ -340,3 +340,83 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
 API int msgctl(int id, int cmd, struct msqid_ds *buf) {
   return (int)do_msgctl(id, cmd, buf);
 }
+
+/* --- POSIX message queues: the notifier's PID in a queue's text ----------
+ *
+ * A read() of a message queue descriptor gives one line (ipc/mqueue.c):
+ *   "QSIZE:%-10lu NOTIFY:%-5d SIGNO:%-5d NOTIFY_PID:%-6d\n"
+ * whose NOTIFY_PID is the system PID of the process registered with
+ * mq_notify. Its fields are left-justified in fixed widths, so the virtual
+ * PID is written in the same width (padded with spaces): the text keeps
+ * its length, and the offsets a partial read or lseek counts stay true.
+ * Descriptors made by mq_open are marked for read() (preload_signal.c),
+ * which calls mqueue_translate_read. Not covered: a queue opened by path
+ * under a mounted mqueue file system (open("/dev/mqueue/q")), read with
+ * pread, readv or stdio's buffered reads of such a path, or by a static
+ * program. */
+#include <mqueue.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/vfs.h>
+
+#define MQUEUE_MAGIC 0x19800202
+
+static mqd_t mq_opened(const char *name, int oflag, mode_t mode,
+                       struct mq_attr *attr) {
+  /* glibc's checks and call, made here: the name without its '/'. */
+  if (name[0] != '/') return (mqd_t)fail(EINVAL);
+  long q = SYS4(mq_open, name + 1, oflag, mode, attr);
+  if (q >= 0 && (oflag & O_ACCMODE) != O_WRONLY) translated_reads_mark((int)q, 1);
+  return (mqd_t)libc_ret(q);
+}
+
+API mqd_t mq_open(const char *name, int oflag, ...) {
+  ensure_init();
+  mode_t mode = 0;
+  struct mq_attr *attr = NULL;
+  if (oflag & O_CREAT) {
+    va_list ap;
+    va_start(ap, oflag);
+    mode = va_arg(ap, mode_t);
+    attr = va_arg(ap, struct mq_attr *);
+    va_end(ap);
+  }
+  return mq_opened(name, oflag, mode, attr);
+}
+
+/* The fortified headers' two-argument form. */
+mqd_t __mq_open_2(const char *name, int oflag);
+API mqd_t __mq_open_2(const char *name, int oflag) {
+  ensure_init();
+  if (oflag & O_CREAT) abort(); /* glibc's __fortify_fail: no mode given */
+  return mq_opened(name, oflag, 0, NULL);
+}
+
+void mqueue_translate_read(int fd, char *buf, long n) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != MQUEUE_MAGIC) return;
+  long end = SYS3(lseek, fd, 0, SEEK_CUR);
+  if (end < n) return;
+  long off = end - n;
+  /* The whole text, to find the field, whichever part was read. */
+  char text[128];
+  long len = SYS4(pread64, fd, text, sizeof text - 1, 0);
+  if (len <= 0) return;
+  text[len] = '\0';
+  static const char label[] = "NOTIFY_PID:";
+  const char *at = strstr(text, label);
+  if (!at) return;
+  long fs = (at - text) + (long)sizeof label - 1, fe = fs;
+  long sys = 0;
+  while (fe < len && text[fe] >= '0' && text[fe] <= '9') sys = sys * 10 + (text[fe++] - '0');
+  while (fe < len && text[fe] == ' ') fe++; /* the field's padding */
+  if (fe == fs) return;
+  /* Outside the application (or nobody: 0): 0, as a PID namespace shows. */
+  long virt = sys > 0 && sys <= INT32_MAX ? s2v_or0(APPSHOT_PID, (int32_t)sys) : 0;
+  char field[24];
+  char *e = put_decimal(field, (unsigned long)virt);
+  if (e - field > fe - fs) e = put_decimal(field, 0); /* never wider than it was */
+  while (e - field < fe - fs) *e++ = ' ';
+  /* The part of the field this read returned. */
+  for (long i = fs > off ? fs : off; i < fe && i < off + n; i++) buf[i - off] = field[i - fs];
+}

@@ -171,54 +171,53 @@ long do_rt_sigaction(int sig, const void *act, void *old, size_t size) {
   return 0;
 }
 
-/* --- signalfd -------------------------------------------------------------- */
+/* --- Reads translated: signalfd (and message queues, preload_ipc.c) ------ */
 
-#define SIGNALFD_TRACKED 4096 /* descriptors above are read untranslated */
-static unsigned long g_signalfds[SIGNALFD_TRACKED / (8 * sizeof(long))];
+/* One bit per descriptor whose reads hold system PIDs: read() looks at
+ * one word for every descriptor, and at the file only for those marked. */
+#define TRANSLATED_READS_TRACKED 4096 /* descriptors above are read untranslated */
+static unsigned long g_translated_reads[TRANSLATED_READS_TRACKED / (8 * sizeof(long))];
 #define BIT(fd) (1UL << ((unsigned)(fd) % (8 * sizeof(long))))
-#define WORD(fd) g_signalfds[(unsigned)(fd) / (8 * sizeof(long))]
+#define WORD(fd) g_translated_reads[(unsigned)(fd) / (8 * sizeof(long))]
 
-static void mark_signalfd(int fd, int on) {
-  if (fd < 0 || fd >= SIGNALFD_TRACKED) return;
+static void mark_translated_read(int fd, int on) {
+  if (fd < 0 || fd >= TRANSLATED_READS_TRACKED) return;
   if (on)
     __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
   else
     __atomic_fetch_and(&WORD(fd), ~BIT(fd), __ATOMIC_RELAXED);
 }
 
-void signalfd_forget(int fd) {
-  if (fd >= 0 && fd < SIGNALFD_TRACKED &&
+void translated_reads_forget(int fd) {
+  if (fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
       UNLIKELY(__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))
-    mark_signalfd(fd, 0);
+    mark_translated_read(fd, 0);
 }
 
-int signalfd_marked(int fd) {
-  return fd >= 0 && fd < SIGNALFD_TRACKED &&
+int translated_reads_marked(int fd) {
+  return fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
          (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd));
 }
 
-void signalfd_mark(int fd, int on) {
-  if (on) mark_signalfd(fd, 1);
-  else signalfd_forget(fd);
+void translated_reads_mark(int fd, int on) {
+  if (on) mark_translated_read(fd, 1);
+  else translated_reads_forget(fd);
 }
 
-void signalfd_forget_range(unsigned int first, unsigned int last) {
-  for (unsigned int fd = first; fd <= last && fd < SIGNALFD_TRACKED; fd++)
-    signalfd_forget((int)fd);
+void translated_reads_forget_range(unsigned int first, unsigned int last) {
+  for (unsigned int fd = first; fd <= last && fd < TRANSLATED_READS_TRACKED; fd++)
+    translated_reads_forget((int)fd);
 }
 
 API int signalfd(int fd, const sigset_t *mask, int flags) {
   ensure_init();
   int r = (int)libc_ret(SYS4(signalfd4, fd, mask, _NSIG / 8, flags));
-  if (r >= 0) mark_signalfd(r, 1);
+  if (r >= 0) mark_translated_read(r, 1);
   return r;
 }
 
-static void translate_signalfd_reads(int fd, void *buf, ssize_t n) {
-  struct stat st;
-  if (n <= 0 || n % sizeof(struct signalfd_siginfo) != 0 ||
-      SYS2(fstat, fd, &st) != 0 || (st.st_mode & S_IFMT) != 0)
-    return;
+static void translate_signalfd_reads(void *buf, ssize_t n) {
+  if (n % sizeof(struct signalfd_siginfo) != 0) return;
   struct signalfd_siginfo *s = buf;
   for (ssize_t i = 0; i < n / (ssize_t)sizeof *s; i++) {
     siginfo_t si;
@@ -235,12 +234,18 @@ API ssize_t read(int fd, void *buf, size_t count) {
   ensure_init();
   /* Called by dlsym itself, while init resolves REAL(read)? */
   if (UNLIKELY(!real_fn[R_read])) return libc_ret(SYS3(read, fd, buf, count));
-  if (LIKELY(!(fd >= 0 && fd < SIGNALFD_TRACKED &&
+  if (LIKELY(!(fd >= 0 && fd < TRANSLATED_READS_TRACKED &&
                 (__atomic_load_n(&WORD(fd), __ATOMIC_RELAXED) & BIT(fd)))))
     return REAL(read)(fd, buf, count); /* a cancellation point: glibc's */
-  /* A signalfd's records hold system PIDs until translated. */
+  /* A signalfd's records, a message queue's text, hold system PIDs until
+   * translated. Which of the two, by the file: a signalfd is an anonymous
+   * inode (no file type). */
   ID_WINDOW();
   ssize_t n = REAL(read)(fd, buf, count);
-  if (g_h) translate_signalfd_reads(fd, buf, n);
+  struct stat st;
+  if (g_h && n > 0 && SYS2(fstat, fd, &st) == 0) {
+    if ((st.st_mode & S_IFMT) == 0) translate_signalfd_reads(buf, n);
+    else mqueue_translate_read(fd, buf, n);
+  }
   return n;
 }

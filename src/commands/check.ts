@@ -78,11 +78,12 @@ function orphanSleep(): number | undefined {
   return pid;
 }
 
-/** The first mapping of `pid` with these permissions ('r-xp', 'rw-p'). */
-function mappingOf(pid: number, perms: string): bigint | undefined {
+/** The first mapping of `pid` with these permissions ('r-xp', 'rw-p'),
+ * and if given this name ('[stack]'). */
+function mappingOf(pid: number, perms: string, name?: string): bigint | undefined {
   for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
     const [range, p] = line.split(' ');
-    if (p === perms) return BigInt('0x' + range.split('-')[0]);
+    if (p === perms && (name === undefined || line.trimEnd().endsWith(` ${name}`))) return BigInt('0x' + range.split('-')[0]);
   }
   return undefined;
 }
@@ -112,7 +113,10 @@ async function probeTracing(): Promise<Record<string, Outcome>> {
     // tracer: they are tried even if seizing fails.
     attempt('process_vm_readv', () => void a.readMemory(pid, mappingOf(pid, 'r-xp') ?? 0n, 16));
     attempt('process_vm_writev', () => {
-      const at = mappingOf(pid, 'rw-p') ?? 0n;
+      // The stack: the first writable mapping of the binary may be its
+      // RELRO part, which the loader of a sleep just started makes
+      // read-only at any moment (process_vm_writev then fails, EFAULT).
+      const at = mappingOf(pid, 'rw-p', '[stack]') ?? mappingOf(pid, 'rw-p') ?? 0n;
       a.writeMemory(pid, at, a.readMemory(pid, at, 8)); // the same bytes back
     });
     attempt('pidfd_getfd', () => closeSync(a.getFd(pid, 0)));

@@ -17,7 +17,8 @@ interface Node {
 function walk(cmd: Command, prefix: string, out: Node[]): Node[] {
   const options = cmd.options.flatMap((o) => [o.short, o.long].filter((f): f is string => !!f));
   options.push('--help');
-  const subs = cmd.commands.filter((c) => !(c as unknown as { _hidden?: boolean })._hidden);
+  // `help` (commands/style.ts) is left out, as commander's own was.
+  const subs = cmd.commands.filter((c) => !(c as unknown as { _hidden?: boolean })._hidden && c.name() !== 'help');
   out.push({ path: prefix, subcommands: subs.flatMap((c) => [c.name(), ...c.aliases()]), options });
   for (const c of subs) walk(c, prefix ? `${prefix} ${c.name()}` : c.name(), out);
   return out;

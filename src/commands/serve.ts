@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
 import { printJson } from './json.js';
+import { plural } from '../words.js';
 
 
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -142,13 +143,13 @@ export function registerServe(program: Command): void {
       const { printColumns } = await import('../inspect.js');
       const w = (s: string) => process.stdout.write(s);
       const prepared = v.instances[0]?.prepared ? ', its next instance prepared (restored ahead, held stopped)' : '';
-      w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${prepared}${v.held ? `, ${v.held} connections held` : ''}\n`);
+      w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${prepared}${v.held ? `, ${plural(v.held, 'connection')} held` : ''}\n`);
       w(`served       ${v.served ? `by appshot serve, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
       w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}${v.cpuTarget ? `, cpu target ${Math.round(v.cpuTarget * 100)}%` : ''}\n`);
-      w(`counts       ${v.restores} restores, ${v.snapshots} snapshots, ${v.crashes} crashes\n`);
+      w(`counts       ${plural(v.restores, 'restore')}, ${plural(v.snapshots, 'snapshot')}, ${plural(v.crashes, 'crash')}\n`);
       if (v.instances.length) {
         w('\n');
         const cpu = !!v.cpuTarget;

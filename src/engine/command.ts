@@ -5,6 +5,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome, enginePaths } from '../home.js';
 import { setExitCode } from './request.js';
 import { printJson } from '../commands/json.js';
+import { plural } from '../words.js';
 
 
 
@@ -78,7 +79,7 @@ export function registerEngine(program: Command): void {
       else if (!status) process.stdout.write(`no engine runs for ${home}\n`);
       else
         process.stdout.write(
-          `engine ${status.pid} serving ${home}: up ${status.uptimeSeconds} s, ${status.commandsServed} commands served, ${status.commandsRunning} running` +
+          `engine ${status.pid} serving ${home}: up ${status.uptimeSeconds} s, ${plural(Number(status.commandsServed), 'command')} served, ${status.commandsRunning} running` +
             `${status.leaving ? ', leaving' : ''}; leaves after ${status.idleSeconds} s idle\n`,
         );
     });

@@ -10,6 +10,7 @@ import { describeTimerfd } from '../resources/timerfd.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
+import { plural } from '../words.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
 import type { Signer } from './trust.js';
@@ -62,7 +63,7 @@ function describeDatagramSocket(fd: Fd): string {
   const queued = s.datagrams ?? [];
   const shut = SHUT[s.shutdown ?? 0] ?? '';
   const groups = s.memberships?.length ? `, member of ${s.memberships.map((m) => `${m.group}%${m.device}`).join(' ')}` : '';
-  return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${queued.length} datagrams queued (${queued.reduce((n, d) => n + d.data.length, 0)} bytes)${shut}${groups}`;
+  return `${fd.kind === 12 ? 'udp' : 'unix dgram'} ${own}${peer}, ${plural(queued.length, 'datagram')} queued (${plural(queued.reduce((n, d) => n + d.data.length, 0), 'byte')})${shut}${groups}`;
 }
 
 /** A descriptor's owner and signal (resources/fdowner.ts). */
@@ -82,7 +83,7 @@ function describeFd(image: Image, fd: Fd): string {
     case 'FIFO': {
       const p = image.pipes[fd.pipe];
       const end = (fd.flags & 3) === 2 ? 'read-write' : fd.writeEnd ? 'write' : 'read';
-      return `${fd.path} ${end} end, ${p?.data.length ?? 0} bytes buffered, capacity ${p?.capacity ?? 0}`;
+      return `${fd.path} ${end} end, ${plural(p?.data.length ?? 0, 'byte')} buffered, capacity ${p?.capacity ?? 0}`;
     }
     case 'TCP_LISTEN':
       return `listening ${fd.socket?.address}:${fd.socket?.port}`;
@@ -92,11 +93,11 @@ function describeFd(image: Image, fd: Fd): string {
       if (c.kept) return `tcp ${connectionName(c)}, taken without TCP repair: held live by appshot-keeper on the host of the snapshot`;
       return c.closed
         ? `tcp ${connectionName(c)}, recorded closed`
-        : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${c.recvQueue.length} bytes unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
+        : `tcp ${connectionName(c)}${HALF_CLOSED[c.state] ?? ''}, ${plural(c.recvQueue.length, 'byte')} unread, ${c.sendQueue.length} unacknowledged (${c.unsent} never sent)`;
     }
     case 'UNIX_SOCKET':
       if (fd.socket?.kept) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} connection to a process outside, held by appshot-keeper on the host of the snapshot`;
-      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? `${fd.socket.datagrams.length} records` : `${fd.socket.queued.length} bytes`} queued${fd.socket.peerGone ? ', its peer gone' : SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
+      if (fd.socket && !fd.socket.listening) return `unix ${fd.socket.type === 5 ? 'seqpacket' : 'stream'} pair end, ${fd.socket.datagrams?.length ? plural(fd.socket.datagrams.length, 'record') : plural(fd.socket.queued.length, 'byte')} queued${fd.socket.peerGone ? ', its peer gone' : SHUT[fd.socket.shutdown ?? 0] ?? ''}`;
       return `listening unix ${fd.socket?.address}`;
     case 'UNIX_DGRAM':
     case 'UDP':
@@ -115,7 +116,7 @@ function describeFd(image: Image, fd: Fd): string {
       return describeInotify(fd.inotifyWatches);
     case 'PTY': {
       const pair = image.ptys?.[fd.pty?.pair ?? -1];
-      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${pair?.input.length ?? 0} bytes of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
+      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${plural(pair?.input.length ?? 0, 'byte')} of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
     }
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => `${t.fd}${t.heldAt ? ` (now ${t.heldAt - 1})` : ''}`).join(',') || 'nothing'}`;
@@ -158,7 +159,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
   out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
   out(`${describeSigner(signer)}\n`);
   if (image.parent) out(`incremental: parent ${image.parent.imageId} at ${image.parent.path}\n`);
-  out(`${image.processes.length} processes, ${s.pages} pages stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
+  out(`${plural(image.processes.length, 'process')}, ${plural(s.pages, 'page')} stored (${size(s.pages * 4096n)}), ${s.pagesFromParent} from the parent; frozen ${Number(s.frozenUs) / 1000} ms\n`);
   out(`command: ${image.command.join(' ')}\n`);
   const actions = new Map<string, number>();
   for (const v of image.verdicts) actions.set(v.action, (actions.get(v.action) ?? 0) + 1);
@@ -198,8 +199,8 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
       ['KIND', 'VID', 'VKEY', 'MODE', 'CONTENTS'],
       [
         ...image.semaphores.map((x) => ['sem', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `values ${x.values.join(',')}`]),
-        ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `${x.size} bytes`]),
-        ...image.msgQueues.map((x) => ['msg', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `${x.messages.length} messages`]),
+        ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.size, 'byte')]),
+        ...image.msgQueues.map((x) => ['msg', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.messages.length, 'message')]),
       ],
       out,
     );

@@ -225,7 +225,9 @@ export function importKey(file: string, name: string | undefined, home = default
     text = readKeyFile(file);
   } catch (e) {
     if (e instanceof AppshotError) throw e;
-    throw new AppshotError(`cannot read ${file}: ${(e as NodeJS.ErrnoException).code}`, ExitCode.notFound);
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new AppshotError(`no such file: ${file}`, ExitCode.notFound);
+    throw new AppshotError(`cannot read ${file}: ${code}`, ExitCode.notFound);
   }
   const key = parsePublicKey(text, file);
   const id = keyId(key);

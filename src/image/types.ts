@@ -220,6 +220,17 @@ export interface ThreadAttributes {
    * flush, in that order (-errno: no such control); absent or empty in
    * older images. */
   speculationCtrl?: number[];
+  /** A SCHED_DEADLINE thread's reservation; absent for other policies. */
+  deadline?: SchedDeadline;
+}
+
+/** sched_attr's deadline fields (attributes.ts). */
+export interface SchedDeadline {
+  runtimeNs: bigint;
+  deadlineNs: bigint;
+  periodNs: bigint;
+  /** SCHED_FLAG_RESET_ON_FORK, SCHED_FLAG_RECLAIM, SCHED_FLAG_DL_OVERRUN. */
+  flags: bigint;
 }
 
 export interface Zombie {

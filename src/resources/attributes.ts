@@ -4,8 +4,9 @@
  * status, transparent huge pages disabled, personality, the audit login
  * uid, membarrier registrations, the core dump filter, memory-deny-write-
  * execute; and per thread, nice value, scheduling
- * policy and priority, CPU affinity, I/O priority, timer slack,
- * utilization clamps, speculation controls and parent-death signal.
+ * policy and priority (a SCHED_DEADLINE thread's runtime, deadline, period
+ * and flags), CPU affinity, I/O priority, timer slack, utilization
+ * clamps, speculation controls and parent-death signal.
  *
  * Read at snapshot from /proc, by the scheduling getters (which take any
  * TID) from appshot's process, and by calls injected into the frozen
@@ -18,10 +19,10 @@
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { constants } from 'node:os';
-import type { Process, ProcessAttributes, Thread, ThreadAttributes } from '../image/types.js';
+import type { Image, Process, ProcessAttributes, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { Unsupported } from './context.js';
+import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
@@ -77,6 +78,17 @@ const SCHED_FLAG_KEEP_POLICY = 0x08;
 const SCHED_FLAG_KEEP_PARAMS = 0x10;
 const SCHED_FLAG_UTIL_CLAMP_MIN = 0x20;
 const SCHED_FLAG_UTIL_CLAMP_MAX = 0x40;
+/** The sched_flags a SCHED_DEADLINE thread has and sched_getattr tells:
+ * reset on fork, reclaim unused bandwidth (GRUB), SIGXCPU on overrun. */
+const SCHED_FLAG_RESET_ON_FORK = 0x01n;
+const SCHED_FLAG_RECLAIM = 0x02n;
+const SCHED_FLAG_DL_OVERRUN = 0x04n;
+const DEADLINE_FLAGS = SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_RECLAIM | SCHED_FLAG_DL_OVERRUN;
+/** struct sched_attr up to the deadline fields (SCHED_ATTR_SIZE_VER0). */
+const SCHED_ATTR_SIZE_VER0 = 48;
+/** The capability SCHED_DEADLINE needs, whoever sets it (the kernel lets
+ * no one without it, not even for their own threads). */
+const CAP_SYS_NICE = 23n;
 /** A thread's clamps when nobody set them: the whole range. */
 const UTIL_MIN_DEFAULT = 0;
 const UTIL_MAX_DEFAULT = 1024;
@@ -152,6 +164,7 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
   for (const t of p.threads) {
     t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, asked.timerSlack.get(t.tid)!, calls, what);
     const attr = asked.schedAttr?.get(t.tid);
+    if ((t.attributes.schedPolicy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE) t.attributes.deadline = dumpDeadline(t.tid, attr, calls, what);
     if (attr) {
       check(attr.ret, `the scheduling attributes (utilization clamps) of ${what} thread ${t.tid}`);
       t.attributes.utilMin = attr.out.readUInt32LE(48);
@@ -266,8 +279,6 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timer
   const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);
   const sched = schedAttributes(tid, calls, what);
-  if ((sched.policy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE)
-    throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE (its runtime, deadline and period) cannot be captured yet`);
   return {
     nice,
     schedPolicy: sched.policy,
@@ -277,6 +288,55 @@ function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timer
     ioprio: sched.ioprio,
     timerSlackNs: BigInt.asUintN(64, check(timerSlack.ret, `the timer slack of ${what} thread ${tid}`)),
   };
+}
+
+/**
+ * A SCHED_DEADLINE thread's reservation, from sched_getattr in the thread
+ * itself (`asked`: the answer of the question every thread is asked where
+ * the kernel has clamps; else asked now, a stop of this thread alone: a
+ * deadline thread is rare). Flags other than those a deadline thread may
+ * have (SCHED_FLAG_SUGOV: the kernel's own frequency governor threads) are
+ * refused by name: they could not be set back.
+ */
+function dumpDeadline(tid: number, asked: Answer | undefined, calls: CallQueue, what: string): SchedDeadline {
+  const a = asked ?? calls.askNow(NR_sched_getattr, [0, 'buf', SCHED_ATTR_SIZE, 0], { tid, outLength: SCHED_ATTR_SIZE });
+  check(a.ret, `the SCHED_DEADLINE reservation of ${what} thread ${tid}`);
+  const flags = a.out.readBigUInt64LE(8);
+  const dl: SchedDeadline = { runtimeNs: a.out.readBigUInt64LE(24), deadlineNs: a.out.readBigUInt64LE(32), periodNs: a.out.readBigUInt64LE(40), flags: flags & DEADLINE_FLAGS };
+  // The same policy as the first look saw: frozen, the thread cannot
+  // have changed it; anything else is a fault of ours, said loudly.
+  if (a.out.readUInt32LE(4) !== SCHED_DEADLINE) throw new Error(`reading the SCHED_DEADLINE reservation of ${what} thread ${tid}: its policy is ${a.out.readUInt32LE(4)}`);
+  const other = flags & ~DEADLINE_FLAGS & ~BigInt(SCHED_FLAG_UTIL_CLAMP_MIN | SCHED_FLAG_UTIL_CLAMP_MAX);
+  if (other) throw new Unsupported(`${what} thread ${tid}: SCHED_DEADLINE with scheduling flags 0x${other.toString(16)} cannot be captured`);
+  return dl;
+}
+
+/** How a deadline reads in messages and `inspect`. */
+function showDeadline(dl: SchedDeadline): string {
+  const flags = [dl.flags & SCHED_FLAG_RESET_ON_FORK ? 'reset-on-fork' : '', dl.flags & SCHED_FLAG_RECLAIM ? 'reclaim' : '', dl.flags & SCHED_FLAG_DL_OVERRUN ? 'overrun-signal' : ''].filter(Boolean);
+  return `SCHED_DEADLINE runtime ${dl.runtimeNs} ns, deadline ${dl.deadlineNs} ns, period ${dl.periodNs} ns${flags.length ? `, ${flags.join(' ')}` : ''}`;
+}
+
+/**
+ * The privilege rule for SCHED_DEADLINE, before anything is made: the
+ * kernel lets only a caller with CAP_SYS_NICE set it (there is no limit,
+ * as RLIMIT_RTPRIO is for the real-time policies, under which an ordinary
+ * user may). `capEff`: the restoring process's effective set, which its
+ * seeds have when the policy is set. (Inside a user namespace the kernel
+ * asks for the capability in the initial one, which capEff does not tell:
+ * there the call fails, and with it the restore, naming the thread.)
+ */
+export function checkSchedulingPrivileges(image: Image, capEff: bigint): void {
+  if (capEff & (1n << CAP_SYS_NICE)) return;
+  for (const p of image.processes)
+    for (const t of p.threads) {
+      const dl = t.attributes?.deadline;
+      if (dl)
+        throw new AppshotError(
+          `${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}: ${showDeadline(dl)}, which only a restore with CAP_SYS_NICE may set`,
+          ExitCode.denied,
+        );
+    }
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -313,10 +373,16 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     calls.add(`setting nice ${ta.nice} of thread ${t.vtid}`, SYS.setpriority, [PRIO_PROCESS, tid, ta.nice]);
     const param = Buffer.alloc(4);
     param.writeInt32LE(ta.schedPriority);
-    calls.add(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
+    if (!ta.deadline) calls.add(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
     // A mask naming CPUs this node lacks is cut to those it has; one
     // naming none of them fails.
     if (ta.cpuAffinity?.length) calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    // After the affinity: the kernel admits a deadline thread only on the
+    // whole of its root domain, and refuses a narrower mask for one. Here,
+    // after every thread and child was made: a deadline thread cannot
+    // clone (EAGAIN) unless reset-on-fork. Refused admission (EBUSY: the
+    // node's deadline bandwidth is taken) fails the restore, naming it.
+    if (ta.deadline) calls.add(`setting ${showDeadline(ta.deadline)} of thread ${t.vtid}`, NR_sched_setattr, [tid, r.put(deadlineAttr(ta.deadline)), 0]);
     // After the policy: clamps set with SCHED_FLAG_KEEP_* leave it as it is.
     if (ta.utilMin !== undefined && ta.utilMax !== undefined && (ta.utilMin !== UTIL_MIN_DEFAULT || ta.utilMax !== UTIL_MAX_DEFAULT)) {
       const attr = Buffer.alloc(SCHED_ATTR_SIZE);
@@ -349,6 +415,18 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
   });
   p.threads.forEach((t: Thread, i) => restoreSpeculation(r, t, tids[i]));
   return notKept;
+}
+
+/** The sched_attr that sets `dl` (its size VER0: no clamps). */
+function deadlineAttr(dl: SchedDeadline): Buffer {
+  const attr = Buffer.alloc(SCHED_ATTR_SIZE_VER0);
+  attr.writeUInt32LE(SCHED_ATTR_SIZE_VER0, 0);
+  attr.writeUInt32LE(SCHED_DEADLINE, 4);
+  attr.writeBigUInt64LE(dl.flags & DEADLINE_FLAGS, 8);
+  attr.writeBigUInt64LE(dl.runtimeNs, 24);
+  attr.writeBigUInt64LE(dl.deadlineNs, 32);
+  attr.writeBigUInt64LE(dl.periodNs, 40);
+  return attr;
 }
 
 /** Whether a thread whose control `which` reads `now` (`byPrctl`: set by
@@ -475,7 +553,8 @@ export function describeAttributes(p: Process): string {
     const speculation = (a.speculationCtrl ?? [])
       .map((v, which) => (v > 0 && v & PR_SPEC_PRCTL && v !== (PR_SPEC_PRCTL | (which === L1D_FLUSH ? PR_SPEC_DISABLE : PR_SPEC_ENABLE)) ? ` speculation ${SPECULATION_CONTROLS[which]} ${SPECULATION_MODES[v & ~PR_SPEC_PRCTL] ?? v}` : ''))
       .join('');
-    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}${clamps}${speculation}`;
+    const deadline = a.deadline ? ` ${showDeadline(a.deadline).replace(/,/g, '')}` : '';
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${deadline}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}${clamps}${speculation}`;
   });
   // Last, so that what comes before reads the same wherever a login set
   // the uid.

@@ -6,7 +6,7 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { closeSync, constants as fs, existsSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, existsSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -66,9 +66,11 @@ export class DumpContext {
     return this.toVirtual.get(kind)?.get(system) ?? 0;
   }
 
-  /** Records (once) the identity of a file the image maps or holds open. */
-  file(path: string, statPath: string, deleted: boolean): number {
-    const st = statSync(statPath, { bigint: true });
+  /** Records (once) the identity of a file the image maps or holds open;
+   * `stat`: statPath's, where the caller has it already (a descriptor's:
+   * one stat of /proc/PID/fd/N each, not two). */
+  file(path: string, statPath: string, deleted: boolean, stat?: BigIntStats): number {
+    const st = stat ?? statSync(statPath, { bigint: true });
     const key = `${st.dev}:${st.ino}`;
     const known = this.fileIndex.get(key);
     if (known !== undefined) return known;

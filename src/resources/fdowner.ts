@@ -18,7 +18,10 @@
  * fasync registration, which only F_SETFL makes, and F_SETFL does nothing
  * for a bit already set.
  *
- * Not kept: a lease's break signal (README).
+ * A lease's break signal is this same signal (F_SETSIG on the lease's
+ * descriptor; the lease made its taker the owner): kept with the others,
+ * set after locks.ts took the lease again, which leaves it as it is (only
+ * giving a lease up clears it). test/fixtures/leasesig.c.
  */
 import { readdirSync } from 'node:fs';
 import type { Fd, FdOwner, Process } from '../image/types.js';

@@ -21,6 +21,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { AppshotError } from '../errors.js';
+import { plural } from '../words.js';
 import { FdKind, type Identity, type Image, virtualPort, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import type { AppRecord } from '../registry.js';
@@ -153,7 +154,7 @@ export function sharedState(image: Image, rules: RulesFile | undefined): SharedS
   for (const lib of SECRET_LIBRARIES)
     if ([...libraries].some((path) => lib.match.test(path))) out.push({ what: lib.what, fix: renewal, handled: hooks.length > 0 });
   const marked = (flag: string) => image.processes.reduce((n, p) => n + p.vmas.filter((v) => v.vmFlags.includes(flag)).length, 0);
-  if (marked('wf')) out.push({ what: `${marked('wf')} mapping(s) marked MADV_WIPEONFORK`, fix: 'zero in every clone, as in a fork child', handled: true });
-  if (marked('dc')) out.push({ what: `${marked('dc')} mapping(s) marked MADV_DONTFORK`, fix: 'absent from every clone, as from a fork child', handled: true });
+  if (marked('wf')) out.push({ what: `${plural(marked('wf'), 'mapping')} marked MADV_WIPEONFORK`, fix: 'zero in every clone, as in a fork child', handled: true });
+  if (marked('dc')) out.push({ what: `${plural(marked('dc'), 'mapping')} marked MADV_DONTFORK`, fix: 'absent from every clone, as from a fork child', handled: true });
   return out;
 }

@@ -38,7 +38,7 @@ import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMem
 import { type ByteProgress, noProgress } from '../progress.js';
 import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
-import { restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
@@ -97,6 +97,7 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   const own = ownCreds();
   checkCredentials(image, own);
   checkLimits(image, readLimits('self'), own);
+  checkSchedulingPrivileges(image, own.capEff);
 }
 
 /** The one line an interrupted restore ends with. */
