@@ -21,8 +21,10 @@ import {
   renameSync,
   rmSync,
   statSync,
+  utimesSync,
   writeFileSync,
 } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
@@ -209,6 +211,20 @@ function readExitFile(stateDir: string): { exitCode: number; endedAt: string } |
 export { defaultHome } from './home.js';
 import { defaultHome } from './home.js';
 
+/** A commit file outlives its driver by this long at least: every init of
+ * its batch has seen it by then. */
+const COMMIT_KEPT_MS = 60_000;
+/** How often a process sweeps the commit files (newCommitPath). */
+const COMMIT_SWEEP_MS = 30_000;
+/** When this process last swept each commits directory. */
+const commitsSwept = new Map<string, number>();
+/** What a commit file is made as ahead of its commit (newCommitPath). */
+const PENDING = '.pending';
+/** Commit files being made ahead: whether made (ready), and whether
+ * their restore is over (done: committed or given up), after which one
+ * made late is removed. */
+const pendingCommits = new Map<string, { ready: boolean; done: boolean; made: Promise<void> }>();
+
 export class LocalRegistry implements Registry {
   readonly home: string;
   private readonly appsDir: string;
@@ -384,29 +400,93 @@ export class LocalRegistry implements Registry {
 
   /** Where a restore (or a batch of clones) will commit: a file created
    * once everything is made (see appshot-init). Files of drivers long
-   * gone are swept: by then every init has seen them. */
+   * gone are swept: by then every init has seen them. The sweep runs at
+   * most once per COMMIT_SWEEP_MS in a process, and looks at a file's
+   * holder only once the file is old enough to go: an engine commits
+   * every clone command, and every commit file of the last minute is
+   * still there, so sweeping them all each time cost each command more
+   * the more it had made (~1.5 ms after 40 clones in a row). */
   newCommitPath(): string {
     const dir = join(this.home, 'commits');
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    for (const name of readdirSync(dir)) {
-      // PID.START.REQUEST.RANDOM (REQUEST '-' outside the engine), or
-      // PID.RANDOM as older versions named them.
-      const w = name.split('.');
-      const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
-      try {
-        if (!holderAlive(holder, this.home) && Date.now() - statSync(join(dir, name)).mtimeMs > 60_000) rmSync(join(dir, name), { force: true });
-      } catch {
-        /* swept by another */
+    const now = Date.now();
+    if (now - (commitsSwept.get(dir) ?? -Infinity) >= COMMIT_SWEEP_MS) {
+      commitsSwept.set(dir, now);
+      for (const name of readdirSync(dir)) {
+        // PID.START.REQUEST.RANDOM (REQUEST '-' outside the engine), or
+        // PID.RANDOM as older versions named them.
+        const w = (name.endsWith(PENDING) ? name.slice(0, -PENDING.length) : name).split('.');
+        const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
+        try {
+          if (now - statSync(join(dir, name)).mtimeMs > COMMIT_KEPT_MS && !holderAlive(holder, this.home)) rmSync(join(dir, name), { force: true });
+        } catch {
+          /* swept by another */
+        }
       }
     }
     const h = currentHolder();
-    return join(dir, `${h.pid}.${h.startTime}.${h.request ?? '-'}.${randomBytes(6).toString('hex')}`);
+    const path = join(dir, `${h.pid}.${h.startTime}.${h.request ?? '-'}.${randomBytes(6).toString('hex')}`);
+    // Made now, under another name, off this thread (a file made on a
+    // busy disk costs ~0.5-1 ms, as long as the rest of a clone's own
+    // work): the commit then only renames it. Never the name init looks
+    // for before the commit.
+    const state = { ready: false, done: false, made: Promise.resolve() };
+    state.made = writeFile(path + PENDING, '', { flag: 'wx', mode: 0o600 }).then(
+      () => {
+        if (state.done) rmSync(path + PENDING, { force: true });
+        else state.ready = true;
+      },
+      () => {
+        /* made at the commit */
+      },
+    );
+    pendingCommits.set(path, state);
+    return path;
   }
 
   /** Commits: from now on, the restore's processes are the application's
    * even if this process dies. */
   commit(commitPath: string): void {
+    const pending = pendingCommits.get(commitPath);
+    pendingCommits.delete(commitPath);
+    if (pending) pending.done = true;
+    if (pending?.ready) {
+      try {
+        renameSync(commitPath + PENDING, commitPath);
+      } catch {
+        /* removed meanwhile: made below */
+      }
+      if (existsSync(commitPath)) {
+        // Aged from the commit, not from when it was made: the sweep
+        // keeps it a minute from now (a batch may have taken longer).
+        const now = new Date();
+        try {
+          utimesSync(commitPath, now, now);
+        } catch {
+          /* committed all the same */
+        }
+        return;
+      }
+    }
     closeSync(openSync(commitPath, 'wx', 0o600));
+  }
+
+  /** Waits until the file newCommitPath started making for `commitPath`
+   * is made (it is long since, as a rule: what is left is a turn of the
+   * event loop, where making it at the commit costs a file's creation). */
+  async commitReady(commitPath: string): Promise<void> {
+    await pendingCommits.get(commitPath)?.made;
+  }
+
+  /** A restore that got a commit path will not commit: what was made
+   * ahead for it goes, once made. */
+  async forgetCommit(commitPath: string): Promise<void> {
+    const pending = pendingCommits.get(commitPath);
+    pendingCommits.delete(commitPath);
+    if (!pending) return;
+    pending.done = true;
+    if (pending.ready) rmSync(commitPath + PENDING, { force: true });
+    else await pending.made;
   }
 
   /** Reads an application's tables, or undefined if they are gone. */

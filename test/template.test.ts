@@ -7,11 +7,11 @@
  * clones run at once, each answering for its own state.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
+import { cli, makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
@@ -46,6 +46,7 @@ interface Clone {
   aid: string;
   instance: number;
   cloneMs: number;
+  injectedCalls: number;
   ports: { virtual: number; system: number; mode: string }[];
   privateRoot: string;
 }
@@ -130,6 +131,8 @@ describe('templates and clones', () => {
     const own = clones.map(ownPort);
     expect(new Set(own).size).toBe(CLONES);
     for (const c of clones) expect(c.ports.find((p) => p.virtual === PORT_MUX)).toMatchObject({ system: PORT_MUX, mode: 'multiplex' });
+    // What each cost in stops of its process (injected calls and batches).
+    for (const c of clones) expect(c.injectedCalls).toBeGreaterThan(0);
 
     for (const c of clones) {
       const i = await info(ownPort(c));
@@ -225,6 +228,30 @@ describe('templates and clones', () => {
     // Their ports go back to the registry (taken back when it lists).
     expect(sb.run(['ps']).code).toBe(0);
     expect(readdirSync(join(sb.home, 'ports')).filter((p) => /^\d+$/.test(p))).toEqual([]);
+  });
+
+  it('sweeps the commit files of drivers long gone, and keeps those of the last minute', async () => {
+    // Named as a driver's (PID.START.REQUEST.RANDOM), of a PID above any
+    // pid_max: its holder is surely gone.
+    const commits = join(sb.home, 'commits');
+    const stale = join(commits, '999999999.1.-.0123456789ab');
+    const recent = join(commits, '999999999.1.-.ba9876543210');
+    writeFileSync(stale, '');
+    writeFileSync(recent, '');
+    const twoMinutesAgo = new Date(Date.now() - 120_000);
+    utimesSync(stale, twoMinutesAgo, twoMinutesAgo);
+    // In a process of its own: its first commit sweeps.
+    const r = spawnSync(process.execPath, [cli, 'clone', join(dir, 'tpl.template'), '--aid', 'sweeper'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(existsSync(stale)).toBe(false);
+    expect(existsSync(recent)).toBe(true);
+    // A batch that fails (its AID is taken) leaves no commit file made
+    // ahead for it (made as NAME.pending, renamed at the commit).
+    const taken = spawnSync(process.execPath, [cli, 'clone', join(dir, 'tpl.template'), '--aid', 'sweeper'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+    expect(taken.status).toBe(4);
+    expect(readdirSync(commits).filter((n) => n.endsWith('.pending'))).toEqual([]);
+    expect(sb.run(['stop', 'sweeper']).code).toBe(0);
+    await waitFor(() => sb.aids().length === 0, 10_000, 'the clone to end');
   });
 });
 

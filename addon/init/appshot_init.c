@@ -21,7 +21,8 @@
  *   "E <errno>"        the command could not be exec'd
  *   "X <code>"         the first process ended (exit code, or 128 + signal)
  *   "R <image>"        (before the last "X") a snapshot to <image> ended it
- *   "C <pid>"          a seed was forked (--seeds)
+ *   "C <pid> <addr>"   a seed was forked (--seeds); addr, if not 0: where
+ *                      it has a scratch area of its own (see seed_scratch)
  *
  * With --seeds N it runs no command: it forks N seeds, children that wait
  * in pause() for the restore driver to seize them and turn each into a
@@ -70,6 +71,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/msg.h>
 #include <sys/prctl.h>
 #include <sys/sem.h>
@@ -238,6 +240,27 @@ static void drop_rseq(void) {
   const unsigned lengths[] = {__rseq_size, 32};
   for (size_t k = 0; k < sizeof lengths / sizeof lengths[0]; k++)
     if (syscall(SYS_rseq, tp + __rseq_offset, lengths[k], 1 /* RSEQ_FLAG_UNREGISTER */, 0x53053053 /* RSEQ_SIG */) == 0) return;
+}
+
+/* The scratch area every seed starts with, mapped here before the seeds
+ * are forked (each inherits its own copy at the same address) and
+ * unmapped here after: the restore driver runs its batches of system
+ * calls from it (src/ptrace/remote.ts, whose size it is), if no mapping
+ * of the image is in its way, instead of spending a stop of each seed
+ * on mapping one. Executable, for the batch code the driver writes in;
+ * 0 where that is refused (memory-deny-write-execute): the driver maps
+ * its own then. */
+#define SEED_SCRATCH_SIZE (1ul << 18)
+static unsigned long seed_scratch_at;
+
+static void map_seed_scratch(void) {
+  void *at = mmap(NULL, SEED_SCRATCH_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  seed_scratch_at = at == MAP_FAILED ? 0 : (unsigned long)at;
+}
+
+static void unmap_seed_scratch(void) {
+  if (seed_scratch_at) munmap((void *)seed_scratch_at, SEED_SCRATCH_SIZE);
+  seed_scratch_at = 0;
 }
 
 static pid_t fork_seed(int standby) {
@@ -778,10 +801,12 @@ int main(int argc, char **argv) {
       sigaddset(&blocked, forwarded[k]);
     sigprocmask(SIG_BLOCK, &blocked, NULL);
     signal(SIGPIPE, SIG_IGN);
+    map_seed_scratch();
     for (int k = 0; k < seeds; k++) {
       seed_pids[seed_count++] = fork_seed(1);
-      report("C %ld\n", seed_pids[seed_count - 1], 0);
+      report("C %ld %ld\n", seed_pids[seed_count - 1], (long)seed_scratch_at);
     }
+    unmap_seed_scratch();
     if (read_standby_arguments() != 0) {
       for (int k = 0; k < seed_count; k++) kill(seed_pids[k], SIGKILL);
       return 0;
@@ -830,10 +855,12 @@ int main(int argc, char **argv) {
   } else {
     /* Restored applications run in the background from the start. */
     first_alive = 0;
+    if (!standby) map_seed_scratch();
     for (int k = 0; !standby && k < seeds; k++) {
       seed_pids[seed_count++] = fork_seed(0);
-      report("C %ld\n", seed_pids[seed_count - 1], 0);
+      report("C %ld %ld\n", seed_pids[seed_count - 1], (long)seed_scratch_at);
     }
+    unmap_seed_scratch();
     report("S 0 0\n", 0, 0);
   }
   watch_log();

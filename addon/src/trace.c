@@ -402,15 +402,16 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  * result written into its entry, and stops at the first that fails (the
  * entries after it keep what the caller put there), unless bit 0 of flags
  * says to run them all (queries, each of which may fail on its own). The
- * high half of an entry's nr word, if not 0, is k: its first argument is
- * the result of entry k (from 1), which ran before it (a descriptor the
- * batch made, say). Then it stops itself
+ * high half of an entry's nr word, if not 0, is (a << 16) | k: its
+ * argument a (0-5, 0 the first) is the result of entry k (from 1), which
+ * ran before it (a descriptor the batch made, say, that a later mmap of
+ * the same batch maps). Then it stops itself
  * with tgkill(tgid, tid, SIGSTOP): a signal-delivery stop the tracer sees
  * (SIGSTOP cannot be blocked, and unlike the trap of an int3 it is not a
  * forced signal, which would reset a SIGTRAP handler the process has),
  * and it takes the thread back with its registers as they were. Only
- * rbx, r12 and r13 (and rcx, which syscall clobbers anyway) are used: no
- * stack.
+ * rbx, r12 and r13 and the registers of the calls (rax, rcx, rdx...) are
+ * used: no stack.
  */
 __asm__(
     ".pushsection .rodata\n"
@@ -424,16 +425,21 @@ __asm__(
     "  test %r12, %r12\n"
     "  jz 2f\n"
     "  mov 0(%r13), %rax\n"
-    "  mov 8(%r13), %rdi\n"
-    /* nr's high half: k, the first argument is entry k's result (k from
-     * 1), at 32 + (k-1)*64 + 56 = 64k + 24 from the table's start. */
+    /* nr's high half: (a << 16) | k, argument a is entry k's result (k
+     * from 1), at 32 + (k-1)*64 + 56 = 64k + 24 from the table's start:
+     * written into the entry's argument a, then loaded with the others. */
     "  mov %rax, %rcx\n"
     "  shr $32, %rcx\n"
     "  jz 3f\n"
-    "  shl $6, %rcx\n"
-    "  mov 24(%rbx,%rcx), %rdi\n"
+    "  movzwl %cx, %edx\n"
+    "  shl $6, %rdx\n"
+    "  mov 24(%rbx,%rdx), %rdx\n"
+    "  shr $16, %ecx\n"
+    "  and $7, %ecx\n"
+    "  mov %rdx, 8(%r13,%rcx,8)\n"
     "3:\n"
     "  mov %eax, %eax\n"
+    "  mov 8(%r13), %rdi\n"
     "  mov 16(%r13), %rsi\n"
     "  mov 24(%r13), %rdx\n"
     "  mov 32(%r13), %r10\n"

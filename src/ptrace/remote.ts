@@ -106,6 +106,19 @@ function batchCode(): { code: Buffer; stoppedAt: number } {
   return batchCodeBytes;
 }
 
+/** The high half of an entry's nr word (trace.c): which earlier entry's
+ * result (`of`, an index in the same chunk, counted from `base`) goes
+ * into which argument; 0n for none. */
+function linkOf(c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>, base = 0): bigint {
+  const from = c.argFrom ?? (c.firstArgOf === undefined ? undefined : { call: c.firstArgOf, arg: 0 });
+  if (!from) return 0n;
+  if (!(from.arg >= 0 && from.arg <= 5)) throw new Error(`a call's argument ${from.arg} cannot take an earlier result`);
+  return (BigInt(from.arg) << 48n) | (BigInt(from.call - base + 1) << 32n);
+}
+
+/** The call an argument of `c` is taken from, if one is. */
+const linkedCall = (c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>): number | undefined => c.argFrom?.call ?? c.firstArgOf;
+
 /** APPSHOT_NO_BATCH=1: one injected call at a time (for comparison). */
 const batchingWanted = () => !process.env.APPSHOT_NO_BATCH;
 
@@ -123,6 +136,11 @@ export class RemoteProcess {
   private used = 0;
   /** Where the batch code is in the scratch area (0: no batches). */
   private batchCode = 0n;
+  /** Calls handed over to run at the start of the next stop (defer). */
+  private deferred: { calls: NamedCall[]; then?: (results: bigint[]) => void }[] = [];
+  /** Scratch memory the deferred calls' arguments point into: kept by
+   * reset() until they ran. */
+  private deferredUsed = 0;
 
   /** Whether batches run from the batch code in the scratch area (one
    * stop each), not one injected call at a time. */
@@ -165,6 +183,7 @@ export class RemoteProcess {
   raw(nr: number, args: (bigint | number)[], tid = this.pid): bigint {
     // A seed's signals are blocked from the start of the restore, so the
     // cheaper single-step injection serves, but for fork and clone.
+    if (this.deferred.length) this.runDeferred();
     if (!this.insn) this.findSyscall();
     injected.calls++;
     return addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
@@ -196,6 +215,19 @@ export class RemoteProcess {
       addon().writeMemory(this.pid, this.scratch, code);
       this.used = BATCH_CODE_ROOM;
     }
+  }
+
+  /** Takes the area at `addr` (anonymous, readable, writable and
+   * executable, SCRATCH_SIZE bytes, the process's own already: a seed's,
+   * see appshot-init) as the scratch area, with the batch code written at
+   * its start: what mapScratch does, without a stop. false (nothing
+   * taken) where batches are not wanted: mapScratch then. */
+  adoptScratch(addr: bigint): boolean {
+    if (!batchingWanted()) return false;
+    addon().writeMemory(this.pid, addr, batchCode().code);
+    this.scratch = this.batchCode = addr;
+    this.used = BATCH_CODE_ROOM;
+    return true;
   }
 
   /**
@@ -230,9 +262,61 @@ export class RemoteProcess {
     this.scratch = 0n;
   }
 
-  /** Frees everything put so far. */
+  /** Frees everything put so far (but what deferred calls use). */
   reset(): void {
-    this.used = this.batchCode ? BATCH_CODE_ROOM : 0;
+    this.used = Math.max(this.batchCode ? BATCH_CODE_ROOM : 0, this.deferred.length ? this.deferredUsed : 0);
+  }
+
+  /**
+   * Hands `calls` over to run at the start of the next stop of the main
+   * thread, before the calls of that stop (runCalls of this process, a
+   * CallBatch's run), instead of in a stop of their own; `then` is told
+   * their results once they ran. Any other injection runs them first, in
+   * a stop of their own, so that the process sees every call in the
+   * order it was made. The first that fails throws a SyscallError naming
+   * it from whatever ran them, and nothing after it runs. Without the
+   * batch code, they run now.
+   *
+   * For calls whose effect nothing looks at before the next stop but
+   * the process itself: what is read of the process from outside meanwhile
+   * (its memory, /proc) does not see them yet.
+   */
+  defer(calls: NamedCall[], then?: (results: bigint[]) => void): void {
+    if (!calls.length) return;
+    if (!this.batchCode) {
+      const results = this.runNamed(calls, this.pid);
+      then?.(results);
+      return;
+    }
+    this.deferred.push({ calls, then });
+    this.deferredUsed = this.used;
+  }
+
+  /** Whether calls wait for the next stop (defer). */
+  get hasDeferred(): boolean {
+    return this.deferred.length > 0;
+  }
+
+  /** Runs the deferred calls now, in a stop of their own. */
+  runDeferred(): void {
+    if (!this.deferred.length) return;
+    const taken = this.deferred.splice(0);
+    const calls = taken.flatMap((d) => d.calls);
+    const results = this.runNamed(calls, this.pid);
+    let at = 0;
+    for (const d of taken) {
+      d.then?.(results.slice(at, at + d.calls.length));
+      at += d.calls.length;
+    }
+  }
+
+  /** Runs named calls; the first that fails throws a SyscallError naming it. */
+  private runNamed(calls: NamedCall[], tid: number): bigint[] {
+    const results = this.runCalls(calls, tid);
+    const last = results.length - 1;
+    if (last >= 0 && results[last] < 0n && results[last] > -4096n) throw new SyscallError(calls[last].what, Number(-results[last]));
+    if (results.length < calls.length) throw new Error(`a batch of system calls stopped after ${results.length} of ${calls.length}`);
+    return results;
   }
 
   /** Bytes of scratch memory still free for put(). */
@@ -259,10 +343,35 @@ export class RemoteProcess {
    * stopping the caller at each (trace_inject_batch_clones).
    */
   runCalls(calls: BatchCall[], tid = this.pid, clones = false): bigint[] {
+    if (this.deferred.length) {
+      // Taken along in this stop when it is the main thread's (as the
+      // first calls of the batch), else run first in a stop of their own.
+      const waiting = this.deferred.reduce((n, d) => n + d.calls.length, 0);
+      const room = Math.floor((SCRATCH_SIZE - ((this.used + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+      if (tid !== this.pid || !this.batchCode || clones || waiting + calls.length > room) this.runDeferred();
+      else {
+        const taken = this.deferred.splice(0);
+        const before = taken.flatMap((d) => d.calls);
+        const shift = (c: BatchCall): BatchCall =>
+          c.argFrom ? { ...c, argFrom: { ...c.argFrom, call: c.argFrom.call + before.length } } : c.firstArgOf !== undefined ? { ...c, firstArgOf: c.firstArgOf + before.length } : c;
+        const all = this.runCalls([...before, ...calls.map(shift)], tid);
+        const n = Math.min(all.length, before.length);
+        const failed = n > 0 && all[n - 1] < 0n && all[n - 1] > -4096n;
+        if (failed) throw new SyscallError(before[n - 1].what, Number(-all[n - 1]));
+        if (n < before.length) throw new Error(`a batch of system calls stopped after ${n} of ${before.length}`);
+        let at = 0;
+        for (const d of taken) {
+          d.then?.(all.slice(at, at + d.calls.length));
+          at += d.calls.length;
+        }
+        return all.slice(before.length);
+      }
+    }
     const results: bigint[] = [];
     if (!this.batchCode || (calls.length === 1 && !clones)) {
       for (const c of calls) {
-        const args = c.firstArgOf === undefined ? c.args : [results[c.firstArgOf], ...c.args.slice(1)];
+        const from = linkedCall(c);
+        const args = from === undefined ? c.args : c.args.map((a, i) => (i === (c.argFrom?.arg ?? 0) ? results[from] : a));
         const r = this.raw(c.nr, args, tid);
         results.push(r);
         if (r < 0n && r > -4096n) break;
@@ -272,7 +381,7 @@ export class RemoteProcess {
     const mark = this.used;
     const room = Math.floor((SCRATCH_SIZE - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
     if (room < 1) throw new Error('scratch memory exhausted');
-    if (calls.length > room && calls.some((c) => c.firstArgOf !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
+    if (calls.length > room && calls.some((c) => linkedCall(c) !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
     for (let at = 0; at < calls.length; at += room) {
       const chunk = calls.slice(at, at + room);
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
@@ -281,7 +390,7 @@ export class RemoteProcess {
       table.writeBigUInt64LE(BigInt(tid), 16);
       chunk.forEach((c, i) => {
         const e = BATCH_HEADER + i * BATCH_ENTRY;
-        table.writeBigUInt64LE(BigInt(c.nr) | (c.firstArgOf === undefined ? 0n : BigInt(c.firstArgOf + 1) << 32n), e);
+        table.writeBigUInt64LE(BigInt(c.nr) | linkOf(c), e);
         c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
         table.writeBigUInt64LE(NOT_RUN, e + 56);
       });
@@ -310,6 +419,7 @@ export class RemoteProcess {
    */
   runQueries(calls: QueryCall[], tid = this.pid): { ret: bigint; out: Buffer }[] {
     if (!this.batchCode) throw new Error('questions are asked in batches only');
+    this.runDeferred();
     const mark = this.used;
     const base = (mark + 15) & ~15;
     const answers: { ret: bigint; out: Buffer }[] = [];
@@ -325,7 +435,7 @@ export class RemoteProcess {
       }
       if (!n) throw new Error('scratch memory exhausted');
       const chunk = calls.slice(at, at + n);
-      if (chunk.some((c) => c.firstArgOf !== undefined && c.firstArgOf < at)) throw new Error('questions that use earlier answers do not fit the scratch memory together');
+      if (chunk.some((c) => linkedCall(c) !== undefined && linkedCall(c)! < at)) throw new Error('questions that use earlier answers do not fit the scratch memory together');
       const whole = Buffer.alloc(bytes + BATCH_HEADER + n * BATCH_ENTRY);
       const table = whole.subarray(bytes);
       table.writeBigUInt64LE(BigInt(n), 0);
@@ -339,7 +449,7 @@ export class RemoteProcess {
         if (c.buffer) c.buffer.copy(whole, offset);
         const bufferAt = offset;
         offset += ((c.buffer?.length ?? 0) + 15) & ~15;
-        table.writeBigUInt64LE(BigInt(c.nr) | (c.firstArgOf === undefined ? 0n : BigInt(c.firstArgOf - at + 1) << 32n), e);
+        table.writeBigUInt64LE(BigInt(c.nr) | linkOf(c, at), e);
         c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, a === 'buf' ? addr : BigInt(a)), e + 8 + j * 8));
         table.writeBigUInt64LE(NOT_RUN, e + 56);
         return bufferAt;
@@ -392,6 +502,10 @@ export interface BatchCall {
   nr: number;
   args: (bigint | number)[];
   firstArgOf?: number;
+  /** An earlier call of the same batch (`call`, its index) whose result
+   * is argument `arg` (0-5) of this one (replacing args[arg]): a
+   * descriptor it opened, mapped by this mmap (arg 4), say. */
+  argFrom?: { call: number; arg: number };
 }
 
 /** A call named for the message if it fails (CallBatch.add's arguments),
@@ -400,6 +514,7 @@ export interface NamedCall {
   what: string;
   nr: number;
   args: (bigint | number)[];
+  argFrom?: { call: number; arg: number };
 }
 
 /** A question for RemoteProcess.runQueries: 'buf' in `args` is the
@@ -410,6 +525,7 @@ export interface QueryCall {
   buffer?: Buffer;
   /** As in BatchCall: an earlier question's result is the first argument. */
   firstArgOf?: number;
+  argFrom?: { call: number; arg: number };
 }
 
 /**
@@ -417,7 +533,7 @@ export interface QueryCall {
  * named for the message if it fails.
  */
 export class CallBatch {
-  private readonly calls: { what: string; nr: number; args: (bigint | number)[] }[] = [];
+  private readonly calls: NamedCall[] = [];
   /** What the last run() returned. */
   private results: bigint[] = [];
 
@@ -433,10 +549,23 @@ export class CallBatch {
     return this.results[index];
   }
 
-  /** Adds a call; returns its index in run()'s results. */
-  add(what: string, nr: number, args: (bigint | number)[]): number {
-    this.calls.push({ what, nr, args });
+  /** Adds a call; returns its index in run()'s results. `argFrom`: an
+   * earlier call of this batch whose result is one of its arguments. */
+  add(what: string, nr: number, args: (bigint | number)[], argFrom?: { call: number; arg: number }): number {
+    this.calls.push(argFrom ? { what, nr, args, argFrom } : { what, nr, args });
     return this.calls.length - 1;
+  }
+
+  /** Hands the calls over to run at the start of the main thread's next
+   * stop (RemoteProcess.defer; of the main thread's batch only): `then`
+   * is told their results, as run() returns them. */
+  defer(then?: (results: bigint[]) => void): void {
+    if (this.tid !== this.r.pid) throw new Error('only the main thread\'s calls are deferred');
+    const calls = this.calls.splice(0);
+    this.r.defer(calls, (results) => {
+      this.results = results;
+      then?.(results);
+    });
   }
 
   get length(): number {

@@ -252,7 +252,9 @@ export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): voi
   });
   for (const n of placeholders) table.close(n);
   table.close(pidfd);
-  table.run();
+  // In the process's next stop (the driver's next batch for it), unless
+  // a call of the epolls' or the limit's comes first.
+  table.runLater();
   restoreEpolls(r, p, place);
   restoreLimit();
 }
@@ -297,7 +299,16 @@ class FdTable {
   /** Runs what was gathered; a descriptor that did not land at its
    * predicted number fails the restore (nothing after it would be right). */
   run(): void {
-    const results = this.batch.run();
+    this.check(this.batch.run());
+  }
+
+  /** The same, at the start of the process's next stop (CallBatch.defer):
+   * the check too. */
+  runLater(): void {
+    this.batch.defer((results) => this.check(results));
+  }
+
+  private check(results: bigint[]): void {
     for (const [i, at] of this.expected)
       if (Number(results[i]) !== at) throw new AppshotError(`restoring descriptors: a new descriptor landed at ${results[i]}, not at ${at}`);
     this.expected.clear();

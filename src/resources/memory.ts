@@ -707,16 +707,15 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       move(p.path, p.start, p.len, t.start, p.path === '[vdso]');
     });
   }
-  if (r.batched) {
-    unmapping.run();
-    if (vdsoAt) r.findSyscall(vdsoAt);
-  }
 
-  // Three batches of injected calls (remote.ts: one stop each where the
-  // kernel lets the scratch area be executable), with the page data
-  // written from here between the second and the third: the files to map
-  // opened; every mapping made (writable where pages go in); then each
-  // given its own protection and advice, and the files closed.
+  // The files to map opened, every mapping made (writable where pages go
+  // in), the page data written from here, then each mapping given its own
+  // protection and advice and the files closed (finishing, below). With
+  // the batch code, if it all fits the scratch area, the seed's memory
+  // goes, the files are opened and everything is mapped in one stop (each
+  // mmap taking its descriptor from the result of the open before it);
+  // else a batch for the seed's memory, as many for the files as their
+  // paths take, and one for the mappings.
   const opens: { path: string; flags: number }[] = [];
   const openIndex = new Map<string, number>();
   const openInProcess = (path: string, flags: number): number => {
@@ -730,21 +729,11 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   };
   const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
-  // As many paths a batch as the scratch area holds with room for the
-  // table (a process may map thousands of files).
-  const fds: number[] = [];
-  for (let i = 0; i < opens.length; ) {
-    r.reset();
-    const opening = r.batch();
-    while (i < opens.length && (opening.length === 0 || r.room() > Buffer.byteLength(opens[i].path) + 1 + 65536)) {
-      opening.add(`opening ${opens[i].path}`, SYS.open, [r.str(opens[i].path), opens[i].flags | 0o2000000, 0]);
-      i++;
-    }
-    fds.push(...opening.run().map(Number));
-  }
-  // Descriptors of shared anonymous memory, handed over one by one.
-  const sharedFds = plans.map((p) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? src.transfer(r, src.sharedFd(p.v.sharedMemory)) : -1));
-  const mapping = r.batch();
+  /** The mapping calls; `fd`: the descriptor argument (4) is that of open
+   * `fd.open`, or the shared memory handed over for plan `fd.shared`. */
+  type MapCall = { what: string; nr: number; args: (bigint | number)[]; fd?: { open: number } | { shared: number } };
+  const mapCalls: MapCall[] = [];
+  const add = (what: string, nr: number, args: (bigint | number)[], fd?: MapCall['fd']) => mapCalls.push(fd ? { what, nr, args, fd } : { what, nr, args });
   plans.forEach((p, i) => {
     const { v, len, prot, what, parentVma } = p;
     if (parentVma) {
@@ -752,36 +741,82 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       // of them goes (zeros again, as the parent's restore made them from
       // anonymous memory or, lazily, from the page file); its own pages
       // are written or mapped below, each breaking the sharing of one page.
-      mapping.add(what, SYS.mprotect, [v.start, len, prot]);
+      add(what, SYS.mprotect, [v.start, len, prot]);
       const parentLazy = mappedLazily(src, forker!.vpid, parentVma);
       for (const [first, end] of subtract(pagesHeld(parentVma), pagesHeld(v))) {
         const at = v.start + BigInt(first) * PAGE;
         const n = BigInt(end - first) * PAGE;
-        if (parentLazy) mapping.add(what, SYS.mmap, [at, n, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0]);
-        else mapping.add(what, SYS.madvise, [at, n, MADV_DONTNEED]);
+        if (parentLazy) add(what, SYS.mmap, [at, n, prot, MAP.PRIVATE | MAP.FIXED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0]);
+        else add(what, SYS.madvise, [at, n, MADV_DONTNEED]);
       }
     } else switch (v.kind) {
       case VmaKind.ANON:
-        mapping.add(what, SYS.mmap, [v.start, len, prot, (p.droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | p.growsdown | MAP.NORESERVE, -1, 0]);
+        add(what, SYS.mmap, [v.start, len, prot, (p.droppable ? MAP.DROPPABLE : MAP.PRIVATE) | MAP.FIXED | MAP.ANONYMOUS | p.growsdown | MAP.NORESERVE, -1, 0]);
         break;
       case VmaKind.FILE_PRIVATE:
       case VmaKind.FILE_SHARED:
-        mapping.add(what, SYS.mmap, [v.start, len, prot, (v.kind === VmaKind.FILE_SHARED ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, fds[p.file!], v.pgoff]);
+        add(what, SYS.mmap, [v.start, len, prot, (v.kind === VmaKind.FILE_SHARED ? MAP.SHARED : MAP.PRIVATE) | MAP.FIXED, -1, v.pgoff], { open: p.file! });
         break;
       case VmaKind.SHARED_ANON:
-        mapping.add(what, SYS.mmap, [v.start, len, prot, MAP.SHARED | MAP.FIXED, sharedFds[i], v.pgoff]);
-        mapping.add('closing', SYS.close, [sharedFds[i]]);
+        add(what, SYS.mmap, [v.start, len, prot, MAP.SHARED | MAP.FIXED, -1, v.pgoff], { shared: i });
+        add('closing', SYS.close, [-1], { shared: i });
         break;
       case VmaKind.SYSV_SHM: {
         const SHM_RDONLY = 0o10000;
-        mapping.add(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
+        add(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
         break;
       }
     }
     // Copy-on-write from the page file: nothing is read until touched.
-    if (p.lazy) for (const [addr, off, n] of p.own) mapping.add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, fds[p.pageFile!], off]);
+    if (p.lazy) for (const [addr, off, n] of p.own) add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, -1, off], { open: p.pageFile! });
   });
-  mapping.run();
+  const shared = plans.flatMap((p, i) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? [i] : []));
+  const pathRoom = opens.reduce((n, o) => n + ((Buffer.byteLength(o.path) + 1 + 15) & ~15), 0);
+  const entries = unmapping.length + opens.length + 2 * shared.length + 2 + mapCalls.length;
+  const fds: number[] = [];
+  if (r.batched && pathRoom + 64 * (entries + 1) + 4096 < r.room()) {
+    const making = unmapping;
+    const opened = opens.map((o) => making.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]));
+    // Shared anonymous memory: our descriptor of it taken by pidfd_getfd
+    // (as RestoreContext.transfer does), mapped, then closed there.
+    const taken = new Map<number, number>();
+    if (shared.length) {
+      const pidfd = making.add('pidfd_open', SYS.pidfd_open, [process.pid, 0]);
+      for (const i of shared) taken.set(i, making.add('pidfd_getfd', SYS.pidfd_getfd, [-1, src.sharedFd(plans[i].v.sharedMemory), 0], { call: pidfd, arg: 0 }));
+      making.add('closing', SYS.close, [-1], { call: pidfd, arg: 0 });
+    }
+    for (const c of mapCalls) {
+      if (!c.fd) making.add(c.what, c.nr, c.args);
+      else making.add(c.what, c.nr, c.args, 'open' in c.fd ? { call: opened[c.fd.open], arg: 4 } : { call: taken.get(c.fd.shared)!, arg: c.nr === SYS.close ? 0 : 4 });
+    }
+    const results = making.run();
+    if (vdsoAt) r.findSyscall(vdsoAt);
+    fds.push(...opened.map((i) => Number(results[i])));
+  } else {
+    if (r.batched) {
+      unmapping.run();
+      if (vdsoAt) r.findSyscall(vdsoAt);
+    }
+    // As many paths a batch as the scratch area holds with room for the
+    // table (a process may map thousands of files).
+    for (let i = 0; i < opens.length; ) {
+      r.reset();
+      const opening = r.batch();
+      while (i < opens.length && (opening.length === 0 || r.room() > Buffer.byteLength(opens[i].path) + 1 + 65536)) {
+        opening.add(`opening ${opens[i].path}`, SYS.open, [r.str(opens[i].path), opens[i].flags | 0o2000000, 0]);
+        i++;
+      }
+      fds.push(...opening.run().map(Number));
+    }
+    // Descriptors of shared anonymous memory, handed over one by one.
+    const sharedFds = new Map(shared.map((i) => [i, src.transfer(r, src.sharedFd(plans[i].v.sharedMemory))]));
+    const mapping = r.batch();
+    for (const c of mapCalls) {
+      const fd = !c.fd ? undefined : 'open' in c.fd ? fds[c.fd.open] : sharedFds.get(c.fd.shared)!;
+      mapping.add(c.what, c.nr, fd === undefined ? c.args : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
+    }
+    mapping.run();
+  }
 
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;
   const copy = new PageCopy(r.pid, vpid, src);
@@ -808,7 +843,9 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, SYS.mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
   }
   for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);
-  finishing.run();
+  // In the process's next stop: nothing looks at its protections or its
+  // descriptors from outside before (the driver's next calls do, after).
+  finishing.defer();
 }
 
 /**

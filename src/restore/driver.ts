@@ -232,6 +232,9 @@ export function loadImageChain(path: string, known: LoadedImage[] = []): Promise
  * read as far as needed. */
 class InitReports {
   readonly seeds: number[] = [];
+  /** Where the seeds have a scratch area of their own (appshot-init's
+   * seed_scratch), if they do: 0n if not. */
+  seedScratch = 0n;
   started = false;
   private open = true;
   private pending = '';
@@ -249,8 +252,11 @@ class InitReports {
       const lines = this.pending.split('\n');
       this.pending = lines.pop()!;
       for (const line of lines) {
-        const [tag, a] = line.split(' ');
-        if (tag === 'C') this.seeds.push(Number(a));
+        const [tag, a, b] = line.split(' ');
+        if (tag === 'C') {
+          this.seeds.push(Number(a));
+          if (b && /^\d+$/.test(b)) this.seedScratch = BigInt(b);
+        }
         if (tag === 'S') this.started = true;
       }
     }
@@ -280,6 +286,8 @@ interface ReservedStandby {
 interface Supervisor {
   initPid: number;
   seeds: number[];
+  /** Where its seeds have a scratch area of their own (0n: none). */
+  seedScratch: bigint;
   lifeline: number;
   /** Waits for init's report that it runs as this application's (a
    * standby may still be taking its arguments); throws if it died. */
@@ -329,6 +337,7 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
   return {
     initPid: pid,
     seeds: status.seeds,
+    seedScratch: status.seedScratch,
     lifeline: lifelineFd,
     confirm: () => {
       const up = status.readUntil(() => status.started);
@@ -343,6 +352,10 @@ interface Made {
   proc: Process;
   pid: number;
   tids: number[];
+  /** Where it has a scratch area with room for the batch code, if it
+   * has one (a seed's own, or inherited from the process it was forked
+   * from): used if no mapping of the image is in its way. */
+  scratch?: bigint;
   /** Set once its memory is filled (fillMemory). */
   remote?: RemoteProcess;
 }
@@ -350,6 +363,14 @@ interface Made {
 /** Whether the process leaves SIGTRAP to its default action (neither a
  * handler of its own nor ignored). */
 const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 && a.handler !== 0n);
+
+/** Whether a process has a scratch area of ours at `at` (anonymous,
+ * readable, writable and executable, of the scratch area's size, as
+ * appshot-init maps it) and no mapping of the image is in its way. */
+function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: Vma[]): boolean {
+  const end = at + BigInt(RemoteProcess.scratchSize);
+  return seedMaps.some((l) => l.start === at && l.end === end && l.perms === 'rwxp' && !l.path) && !vmas.some((v) => v.start < end && at < v.end);
+}
 
 /** Whether a process shares pages copy-on-write with its parent: the
  * parent's memory is then filled before the process is forked from it. */
@@ -488,6 +509,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         standby = undefined;
       }
     }
+    if (taken) phase(standby ? 'standby taken' : 'standby gone');
     const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
@@ -613,13 +635,16 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
       const used = [...m.proc.vmas, ...seedMaps];
-      r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      // The scratch area it has already, if the image leaves it where it
+      // is (one stop fewer); else one mapped where the image has nothing.
+      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, m.proc.vmas) && r.adoptScratch(m.scratch)))
+        r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
       await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
       phase('memory');
       return r;
     };
-    const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [] }));
+    const queue: Made[] = roots.map((proc, i) => ({ proc, pid: seeds[i], tids: [], scratch: started2.seedScratch || undefined }));
     for (const m of queue) seize(m.pid);
     // Every seed runs under appshot's own seccomp filters, if any.
     const inheritedFilters = seedFilters(queue[0].pid);
@@ -682,12 +707,18 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       if (children.some(sharesWithParent)) {
-        await fillMemory(m);
+        // Its memory as it will be, before a child inherits it: the calls
+        // restoreMemory left for the next stop (protections, descriptors
+        // closed) run now.
+        (await fillMemory(m)).runDeferred();
         r.findSyscall(); // the vDSO has moved to the image's address
       }
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
-        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [] });
+        // Forked with its parent's scratch area (its memory filled, the
+        // one it uses now; else the seed's it has still).
+        const scratch = m.remote ? (m.remote.batched ? m.remote.scratch : undefined) : m.scratch;
+        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [], scratch });
       }
       for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
     }
@@ -715,7 +746,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // signal handlers: one batch, one stop.
       r.reset();
       const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
-      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...sigactionCalls(r, p.sigactions)]);
+      const handlers = sigactionCalls(r, p.sigactions);
+      phase('environment and handlers worked out');
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
       environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
@@ -750,6 +783,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
       for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
+      phase('main thread\'s batch');
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p);
       sealMemory(r, p.vmas);
@@ -763,11 +797,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Credentials last: after them the process may not be ours to change.
       credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
+      phase('limits and credentials');
       // Not in a batch: the batch code is in the scratch area. Nor
       // single-stepped: the thread would be left in the step's SIGTRAP
       // stop, and a tracer that dies after the commit lets it go with
       // that signal, which kills the application.
       r.unmapScratch();
+      phase('scratch unmapped');
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
@@ -805,6 +841,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // instances at once, after the last.
     // Its init runs as this application's (a standby has taken its
     // arguments meanwhile) before anything of it may run.
+    if (!opts.batchCommit) await reg.commitReady(commitPath);
     supervisor.confirm();
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
     if (!opts.batchCommit) {
@@ -876,6 +913,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().wait(pid, 1000);
       }
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
+    if (!opts.batchCommit) await reg.forgetCommit(commitPath);
     removeRedirTargets(madeDirs);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
     const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;

@@ -64,6 +64,10 @@ export interface CloneResult {
   threads: number;
   /** Time inside appshot for this instance: its plan, ports and restore. */
   cloneMs: number;
+  /** Its restore's injected system calls and batches of them: each one
+   * stop of the process, a round trip through the scheduler (see
+   * RestoreResult.injectedCalls). */
+  injectedCalls: number;
   ports: PortBinding[];
   /** Where its private copies of files go. */
   privateRoot: string;
@@ -225,7 +229,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, privilegesChecked: true, batchCommit: commitPath });
         debug(`instance ${i + 1} made in`, started);
         lifelines.push(r.lifeline!);
-        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
+        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, injectedCalls: r.injectedCalls, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         instanceEnv = config.env;
       } catch (e) {
         for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
@@ -241,6 +245,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       }
       opts.progress?.bytes((i + 1) * perInstance, aids.length * perInstance);
     }
+    await reg.commitReady(commitPath);
     killPoint('clone: committing');
     reg.commit(commitPath);
     return results;
@@ -249,6 +254,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // end first: the batch will never commit, and each init, seeing that,
     // kills its instance and leaves its registration to be released.
     for (const fd of lifelines.splice(0)) closeSync(fd);
+    await reg.forgetCommit(commitPath);
     for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
