@@ -73,13 +73,14 @@ describe('progress', () => {
     expect(last.done).toBe(last.total);
     expect(last.total).toBeGreaterThan(250);
 
-    // The restore counts the page data checked, then copied.
+    // The restore counts the page data copied (format 3: each chunk is
+    // checked on other threads just before it is copied, not counted twice).
     const back = spawnSync(process.execPath, [cli, 'restore', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, encoding: 'utf8', timeout: 120_000 });
     expect(back.status, back.stderr).toBe(0);
     const restoreLines = back.stderr.split('\n').filter((l) => l.startsWith(`appshot: restore ${join(out, 'ci.appshot')}: `));
     const lastRestore = amounts(restoreLines.at(-1)!)[0];
     expect(lastRestore.done).toBe(lastRestore.total);
-    expect(lastRestore.total).toBeGreaterThan(500);
+    expect(lastRestore.total).toBeGreaterThan(250);
     await sb.checksPass('ci', 2);
 
     // template create counts the snapshot's page data checked; clone, the
