@@ -89,6 +89,15 @@ export interface RestoreOptions {
    * it made removed. Meanwhile nothing of the application runs; should
    * this process die, init sees its lifeline end and removes it all. */
   hold?: () => Promise<boolean>;
+  /** Called once the restore is committed (init keeps the application
+   * from here on, whatever becomes of this process), just before its
+   * processes are let go, with its registration: what it is bound to is
+   * known, and listening sockets take connections into their backlog
+   * already (`appshot serve` forwards the connections it holds then, so
+   * that the forwarding thread's connect and the client's request overlap
+   * the processes' release and are waiting when they run). Not called
+   * for a batch of clones (committed by its caller). It must not throw. */
+  committed?: (record: AppRecord) => void;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -794,6 +803,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Committed: the keeper lets its copies of the connections go.
       handed.kept.finish();
       phase('committed');
+      opts.committed?.(record);
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.

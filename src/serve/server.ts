@@ -31,7 +31,7 @@ import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../r
 import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
-import { LocalRegistry, isEnded } from '../registry.js';
+import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
@@ -605,6 +605,9 @@ class Service {
       aid: this.name,
       lazy: true,
       preloaded: chain,
+      // Committed after a release (the processes not let go yet): running
+      // from here, and the held connections forwarded at once.
+      committed: (record) => this.committedEarly(record),
       hold: () => {
         heldNow(true);
         if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
@@ -674,6 +677,41 @@ class Service {
     }
   }
 
+  /** What committedEarly did for the restore under way: the connections
+   * it forwarded, and when. */
+  private early: { held: number } | undefined;
+
+  /**
+   * A released prepared instance, committed, its processes about to be let
+   * go (the driver's `committed`): made running and the held connections
+   * forwarded now, not once the restore has returned and its registration
+   * been read again. The forwarding thread connects to its listening
+   * socket (the handshake completes in the backlog) and passes the
+   * request on while this thread lets the processes go; they find it
+   * waiting. The commit is made, so a connection forwarded now is the
+   * instance's as if it had come a moment after the resume.
+   */
+  private committedEarly(record: AppRecord): void {
+    const inst = this.instances.get(this.name);
+    if (!inst || inst.state !== 'starting' || this.closing) return;
+    try {
+      this.running(inst, record.ports ?? []);
+      this.early = { held: this.held.length };
+      this.pump();
+    } catch (e) {
+      this.log('forward-failed', { instance: this.name, error: (e as Error).message });
+    }
+  }
+
+  /** The restored instance running, bound to its ports. */
+  private running(inst: Instance, ports: api.PortBinding[]): void {
+    inst.ports.clear();
+    this.fillPorts(inst, ports);
+    inst.state = 'running';
+    inst.lastActive = this.host.clock.now();
+    this.changed();
+  }
+
   private async restoreInstance(): Promise<void> {
     const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
     const from = inst.state;
@@ -684,6 +722,7 @@ class Service {
     const home = this.host.home;
     try {
       // Held ready (Prepared): let go on. Otherwise restored now.
+      this.early = undefined;
       const prepared = await this.releasePrepared();
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
@@ -710,15 +749,14 @@ class Service {
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       // Read, not settled: settling looks at its processes and tables
       // (~2 ms), and it was made just now. The ports it was bound to.
+      // Set meanwhile by committedEarly (the driver called it).
+      const early = this.early as { held: number } | undefined;
+      this.early = undefined;
       const rec = this.reg.get(this.name);
-      if (!rec || isEnded(rec)) throw new Error('it ended as soon as it was resumed');
-      inst.ports.clear();
-      this.fillPorts(inst, rec.ports ?? []);
-      inst.state = 'running';
-      inst.lastActive = this.host.clock.now();
+      if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
+      if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
-      this.changed();
-      const held = this.held.length;
+      const held = early ? early.held : this.held.length;
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
@@ -728,7 +766,7 @@ class Service {
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
       inst.pid = this.listenerPid(inst);
       this.pump();
-      await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      if (rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
       // Another suspended service may want what this one took.
       this.host.warmStandbys();
     } catch (e) {
