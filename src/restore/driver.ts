@@ -18,7 +18,7 @@ import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type LoadedImage, loadImage, parentPath, PARTS, unchangedOnDisk } from '../image/format.js';
+import { type LoadedImage, loadImage, parentPath, PARTS, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -73,6 +73,11 @@ export interface RestoreOptions {
    * else read again. This node and the files the image maps are checked
    * anyway (verifyImage): they can change meanwhile. Not disposed of. */
   preloaded?: LoadedImage[];
+  /** The caller made every check of unchangedOnDisk on `preloaded` that
+   * is not a stat call (who may change it, whether its signer is still
+   * trusted) within the last second, as serve does each second: the
+   * restore makes only the stat calls (sameFilesOnDisk). */
+  preloadedTrusted?: boolean;
   /** Part of a batch of clones that commits as one (see appshot-init):
    * the restore does not commit itself, and hands back its lifeline for
    * the batch to close once it has. */
@@ -377,7 +382,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     killPoint(`restore: ${what}`);
   };
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
-  const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(unchangedOnDisk) ? opts.preloaded : undefined;
+  const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(opts.preloadedTrusted ? sameFilesOnDisk : unchangedOnDisk) ? opts.preloaded : undefined;
   const chain = opts.loaded ? [opts.loaded] : (preloaded ?? (await loadChain(imagePath, meter, opts.signal)));
   phase(`image ${preloaded ? 'read and checked ahead of time' : 'read and checked'} (${chain.length} in its chain)`);
   const { image } = chain[0];

@@ -267,6 +267,7 @@ class Service {
         }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
+        this.readyCheckedAt = performance.now();
         this.seeds = seedCount(chain[0].image);
         // Where each inherited page is read from, while nothing waits.
         prepareChain(chain);
@@ -527,6 +528,7 @@ class Service {
    * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
     this.checkPrepared();
+    this.checkReady();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget) this.measureCpu();
     this.pump();
@@ -625,6 +627,25 @@ class Service {
       this.changed();
       this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
     });
+  }
+
+  /** When the preloaded image (ready) was last checked in full: loaded,
+   * or checkReady, or a resume's check. */
+  private readyCheckedAt = -Infinity;
+
+  /** Once a second, the checks of the preloaded image that are not stat
+   * calls (unchangedOnDisk: who may change it, whether its signer is still
+   * trusted), so that a resume within the second after makes only the
+   * stat calls (sameFilesOnDisk), and its restore (preloadedTrusted) too,
+   * where both made every check (a signature a link, twice: ~0.4-0.8 ms
+   * with the client waiting on this machine). Failing, it is let go of,
+   * and the next resume reads the image afresh. A prepared instance's
+   * chain is checkPrepared's. */
+  private checkReady(): void {
+    const now = performance.now();
+    if (!this.ready || this.prepared?.chain === this.ready || now - this.readyCheckedAt < 1000) return;
+    if (this.ready.every(unchangedOnDisk)) this.readyCheckedAt = now;
+    else this.forgetPreload();
   }
 
   /** When the held instance's image was last checked in full (checkPrepared). */
@@ -732,9 +753,13 @@ class Service {
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
-      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      // Checked in full within the last second (checkReady): stat calls.
+      const recent = performance.now() - this.readyCheckedAt < 1000;
+      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(recent ? sameFilesOnDisk : unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      else if (!prepared && !recent) this.readyCheckedAt = performance.now();
+      // The restore need not check again what was checked just now.
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: true });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
