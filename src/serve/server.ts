@@ -698,8 +698,8 @@ class Service {
     }
   }
 
-  /** What committedEarly did for the restore under way: the connections
-   * it forwarded, and when. */
+  /** Set by committedEarly for the restore under way: how many held
+   * connections it forwarded (the `restore` log line's `held`). */
   private early: { held: number } | undefined;
 
   /**
