@@ -24,6 +24,11 @@
 // environment, BENCH_AB_ROUNDS (3) rounds of BENCH_RUNS resumes each: a
 // same-run comparison of a change that a variable turns off ((f) too). Reported:
 // each round's p50 and the median of them, with the load average.
+// BENCH_AB_CLI=PATH (another build's bin/appshot.js, e.g. main's): the same
+// rounds with serve run alternately by that build and by this one (the
+// images are this build's); with BENCH_AB too, that variable is set for
+// both, so that each build's resumes without prepared instances
+// (BENCH_AB=APPSHOT_PREPARED=0) can be compared.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -164,8 +169,8 @@ let serveErr = '';
 /** The logs of the serve processes before the current one. */
 let earlierServeErr = '';
 /** `appshot serve`, as serve -d runs it, once it says it is ready. */
-async function startServe(extraEnv = {}) {
-  const child = spawn(process.execPath, [...RESIDENT, cli, 'serve'], { env: { ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+async function startServe(extraEnv = {}, serveCli = cli) {
+  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve'], { env: { ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
   earlierServeErr += serveErr;
   serveErr = '';
   child.stderr.on('data', (d) => (serveErr += d));
@@ -218,7 +223,27 @@ try {
   row('(c) suspended, through the front door', resumed);
   const cloned = CLONES ? await clonings(RUNS) : [];
   if (CLONES) row('(f) clone mode, none running, through the door', cloned);
-  if (process.env.BENCH_AB) {
+  if (process.env.BENCH_AB_CLI) {
+    const other = process.env.BENCH_AB_CLI;
+    const extra = process.env.BENCH_AB ? Object.fromEntries([process.env.BENCH_AB.split('=')]) : {};
+    const label = process.env.BENCH_AB ? ` (${process.env.BENCH_AB})` : '';
+    const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+    const p50s = { this: [], other: [] };
+    const loads = [];
+    for (let r = 0; r < rounds; r++)
+      for (const build of r % 2 ? ['this', 'other'] : ['other', 'this']) {
+        serve.kill('SIGTERM');
+        await new Promise((ok) => serve.on('exit', ok));
+        serve = await startServe(extra, build === 'this' ? cli : other);
+        const xs = await resumes(RUNS);
+        p50s[build].push(pct(xs, 50));
+        loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+        console.log(`    round ${r + 1}, ${build === 'this' ? 'this build' : other}${label}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}`);
+      }
+    const median = (xs) => pct(xs, 50);
+    console.log(`(c)${label} median of ${rounds} rounds' p50: ${other} ${ms(median(p50s.other))}, this build ${ms(median(p50s.this))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
+    report.push({ what: `(c) A/B builds${label}`, other: p50s.other, this: p50s.this, loads });
+  } else if (process.env.BENCH_AB) {
     const [name, value] = process.env.BENCH_AB.split('=');
     const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
     const p50s = { with: [], without: [] };

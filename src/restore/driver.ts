@@ -18,7 +18,7 @@ import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { awaitPagesCheck, type LoadedImage, loadImage, parentPath, PARTS, unchangedOnDisk } from '../image/format.js';
+import { awaitPagesCheck, type LoadedImage, loadImage, parentPath, PARTS, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -73,6 +73,11 @@ export interface RestoreOptions {
    * else read again. This node and the files the image maps are checked
    * anyway (verifyImage): they can change meanwhile. Not disposed of. */
   preloaded?: LoadedImage[];
+  /** The caller made every check of unchangedOnDisk on `preloaded` that
+   * is not a stat call (who may change it, whether its signer is still
+   * trusted) within the last second, as serve does each second: the
+   * restore makes only the stat calls (sameFilesOnDisk). */
+  preloadedTrusted?: boolean;
   /** Part of a batch of clones that commits as one (see appshot-init):
    * the restore does not commit itself, and hands back its lifeline for
    * the batch to close once it has. */
@@ -89,6 +94,15 @@ export interface RestoreOptions {
    * it made removed. Meanwhile nothing of the application runs; should
    * this process die, init sees its lifeline end and removes it all. */
   hold?: () => Promise<boolean>;
+  /** Called once the restore is committed (init keeps the application
+   * from here on, whatever becomes of this process), just before its
+   * processes are let go, with its registration: what it is bound to is
+   * known, and listening sockets take connections into their backlog
+   * already (`appshot serve` forwards the connections it holds then, so
+   * that the forwarding thread's connect and the client's request overlap
+   * the processes' release and are waiting when they run). Not called
+   * for a batch of clones (committed by its caller). It must not throw. */
+  committed?: (record: AppRecord) => void;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -394,7 +408,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     killPoint(`restore: ${what}`);
   };
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
-  const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(unchangedOnDisk) ? opts.preloaded : undefined;
+  const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(opts.preloadedTrusted ? sameFilesOnDisk : unchangedOnDisk) ? opts.preloaded : undefined;
   const chain = opts.loaded ? [opts.loaded] : (preloaded ?? (await loadChain(imagePath, meter, opts.signal)));
   phase(`image ${preloaded ? 'read and checked ahead of time' : 'read and checked'} (${chain.length} in its chain)`);
   const { image } = chain[0];
@@ -849,6 +863,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Committed: the keeper lets its copies of the connections go.
       handed.kept.finish();
       phase('committed');
+      opts.committed?.(record);
     }
     // Synchronized resume (steps 330–332): nothing of the restore remains
     // in the processes; all go at once.

@@ -31,7 +31,7 @@ import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../r
 import { addon } from '../native.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
-import { LocalRegistry, isEnded } from '../registry.js';
+import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { type ForwardEnds, Forwarder } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
@@ -267,6 +267,7 @@ class Service {
         }
         for (const l of known) if (!chain.includes(l)) l.dispose();
         this.ready = chain;
+        this.readyCheckedAt = performance.now();
         this.seeds = seedCount(chain[0].image);
         // Where each inherited page is read from, while nothing waits.
         prepareChain(chain);
@@ -527,6 +528,7 @@ class Service {
    * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
     this.checkPrepared();
+    this.checkReady();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget) this.measureCpu();
     this.pump();
@@ -605,6 +607,9 @@ class Service {
       aid: this.name,
       lazy: true,
       preloaded: chain,
+      // Committed after a release (the processes not let go yet): running
+      // from here, and the held connections forwarded at once.
+      committed: (record) => this.committedEarly(record),
       hold: () => {
         heldNow(true);
         if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
@@ -622,6 +627,25 @@ class Service {
       this.changed();
       this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
     });
+  }
+
+  /** When the preloaded image (ready) was last checked in full: loaded,
+   * or checkReady, or a resume's check. */
+  private readyCheckedAt = -Infinity;
+
+  /** Once a second, the checks of the preloaded image that are not stat
+   * calls (unchangedOnDisk: who may change it, whether its signer is still
+   * trusted), so that a resume within the second after makes only the
+   * stat calls (sameFilesOnDisk), and its restore (preloadedTrusted) too,
+   * where both made every check (a signature a link, twice: ~0.4-0.8 ms
+   * with the client waiting on this machine). Failing, it is let go of,
+   * and the next resume reads the image afresh. A prepared instance's
+   * chain is checkPrepared's. */
+  private checkReady(): void {
+    const now = performance.now();
+    if (!this.ready || this.prepared?.chain === this.ready || now - this.readyCheckedAt < 1000) return;
+    if (this.ready.every(unchangedOnDisk)) this.readyCheckedAt = now;
+    else this.forgetPreload();
   }
 
   /** When the held instance's image was last checked in full (checkPrepared). */
@@ -674,6 +698,41 @@ class Service {
     }
   }
 
+  /** Set by committedEarly for the restore under way: how many held
+   * connections it forwarded (the `restore` log line's `held`). */
+  private early: { held: number } | undefined;
+
+  /**
+   * A released prepared instance, committed, its processes about to be let
+   * go (the driver's `committed`): made running and the held connections
+   * forwarded now, not once the restore has returned and its registration
+   * been read again. The forwarding thread connects to its listening
+   * socket (the handshake completes in the backlog) and passes the
+   * request on while this thread lets the processes go; they find it
+   * waiting. The commit is made, so a connection forwarded now is the
+   * instance's as if it had come a moment after the resume.
+   */
+  private committedEarly(record: AppRecord): void {
+    const inst = this.instances.get(this.name);
+    if (!inst || inst.state !== 'starting' || this.closing) return;
+    try {
+      this.running(inst, record.ports ?? []);
+      this.early = { held: this.held.length };
+      this.pump();
+    } catch (e) {
+      this.log('forward-failed', { instance: this.name, error: (e as Error).message });
+    }
+  }
+
+  /** The restored instance running, bound to its ports. */
+  private running(inst: Instance, ports: api.PortBinding[]): void {
+    inst.ports.clear();
+    this.fillPorts(inst, ports);
+    inst.state = 'running';
+    inst.lastActive = this.host.clock.now();
+    this.changed();
+  }
+
   private async restoreInstance(): Promise<void> {
     const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
     const from = inst.state;
@@ -684,6 +743,7 @@ class Service {
     const home = this.host.home;
     try {
       // Held ready (Prepared): let go on. Otherwise restored now.
+      this.early = undefined;
       const prepared = await this.releasePrepared();
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
@@ -693,9 +753,13 @@ class Service {
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
-      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(unchangedOnDisk) ? this.ready : undefined;
+      // Checked in full within the last second (checkReady): stat calls.
+      const recent = performance.now() - this.readyCheckedAt < 1000;
+      const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(recent ? sameFilesOnDisk : unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready });
+      else if (!prepared && !recent) this.readyCheckedAt = performance.now();
+      // The restore need not check again what was checked just now.
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: true });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
@@ -710,15 +774,14 @@ class Service {
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       // Read, not settled: settling looks at its processes and tables
       // (~2 ms), and it was made just now. The ports it was bound to.
+      // Set meanwhile by committedEarly (the driver called it).
+      const early = this.early as { held: number } | undefined;
+      this.early = undefined;
       const rec = this.reg.get(this.name);
-      if (!rec || isEnded(rec)) throw new Error('it ended as soon as it was resumed');
-      inst.ports.clear();
-      this.fillPorts(inst, rec.ports ?? []);
-      inst.state = 'running';
-      inst.lastActive = this.host.clock.now();
+      if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
+      if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
-      this.changed();
-      const held = this.held.length;
+      const held = early ? early.held : this.held.length;
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
@@ -728,7 +791,7 @@ class Service {
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
       inst.pid = this.listenerPid(inst);
       this.pump();
-      await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      if (rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
       // Another suspended service may want what this one took.
       this.host.warmStandbys();
     } catch (e) {
