@@ -357,6 +357,25 @@ export function unchangedOnDisk(loaded: LoadedImage): boolean {
   }
 }
 
+/** Opens the page file of `loaded` again by its path (an image loaded
+ * without holdPages: a template a clone maps), refusing it unless it is
+ * still the very file that was checked (device, inode, size, mtime,
+ * ctime): its path may name another by now (a directory on the way
+ * renamed, a symbolic link changed), one nobody checked. */
+export function openPagesAsLoaded(loaded: LoadedImage): number {
+  const path = join(loaded.dir, PARTS.pages);
+  const at = loaded.manifest.parts.findIndex((part) => part.name === PARTS.pages);
+  const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  try {
+    if (fileIdentity(fstatSync(fd, { bigint: true })) !== loaded.identity.split(' ')[at])
+      throw new AppshotError(`${path} changed since it was checked (replaced, or written to): open it again`);
+    return fd;
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+}
+
 export interface PartDigest {
   size: number;
   crc: number;
