@@ -332,6 +332,39 @@ describe('templating refusals', () => {
     expect(sb.aids().filter((a) => a === 'switched')).toEqual([]);
   });
 
+  it("makes no template of an image whose page file was replaced once it was checked: the template gets the file checked", async () => {
+    const snap = join(dir, 'switched.snap');
+    cpSync(join(dir, 'snap'), snap, { recursive: true });
+    const pages = join(snap, 'pages.img');
+    const tpl = join(dir, 'switched-snap.template');
+    const child = spawn(process.execPath, [cli, 'template', 'create', snap, '-o', tpl], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: pages checked' },
+    });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    const stopped = () => {
+      try {
+        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+      } catch {
+        return false;
+      }
+    };
+    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the page file to be checked');
+    expect(child.exitCode, stderr).toBeNull();
+    // Another file at its path, one byte changed.
+    copyFileSync(pages, `${pages}.new`);
+    const fd = openSync(`${pages}.new`, 'r+');
+    writeSync(fd, Buffer.from([0x5a]), 0, 1, 8192);
+    closeSync(fd);
+    renameSync(`${pages}.new`, pages);
+    child.kill('SIGCONT');
+    const code = await exited;
+    expect(stderr).toMatch(/pages\.img changed since it was checked/);
+    expect(code).toBe(1);
+    expect(existsSync(tpl)).toBe(false);
+  });
+
   it('stops a batch at Ctrl-C, removing the instances it made (exit 130)', async () => {
     const batch = sb.start(['clone', join(dir, 'tpl.template'), '--aid', 'int', '--count', '100']);
     await waitFor(() => sb.aids().filter((a) => a.startsWith('int-')).length >= 2, 20_000, 'the first instances');
