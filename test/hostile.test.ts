@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
@@ -805,6 +805,47 @@ describe('signed images', () => {
     chmodSync(join(dir, 'pages.img'), 0o644);
     chmodSync(dir, 0o777);
     refuses(['template', 'create', dir, '-o', join(out, 'gw.template')], { code: 1, stderr: /group-writable is writable by others/ });
+  });
+
+  it("refuses an image whose parts, once opened, are another user's: the path checked was switched before they were opened", async () => {
+    // The same signed image twice: one this user's, one whose parts belong
+    // to someone else (who could rewrite pages.img once its chunks are
+    // checked). The restore is given a path through a symbolic link that
+    // names the first while the owners are checked, and the second once
+    // they are.
+    const mine = writeImage('switch-mine', readFileSync(join(good, 'image.pb')));
+    const theirs = writeImage('switch-theirs', readFileSync(join(good, 'image.pb')));
+    for (const part of ['manifest.pb', 'image.pb', 'pages.img']) chownSync(join(theirs, part), 65534, 65534);
+    refuses(['restore', theirs], { code: 1, stderr: /belongs to uid 65534, who could change it while it runs/ });
+    const link = join(out, 'switch-link');
+    rmSync(link, { force: true });
+    symlinkSync(mine, link);
+    const aidsBefore = sb.aids();
+    const child = spawn(process.execPath, [cli, 'restore', link, '--aid', 'switched'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: owners checked' },
+    });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    const stopped = () => {
+      try {
+        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+      } catch {
+        return false;
+      }
+    };
+    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the restore to check the owners');
+    expect(child.exitCode, stderr).toBeNull();
+    symlinkSync(theirs, `${link}.new`);
+    renameSync(`${link}.new`, link);
+    child.kill('SIGCONT');
+    const code = await exited;
+    if (sb.aids().includes('switched')) sb.run(['rm', '-f', 'switched']);
+    const lines = stderr.split('\n').filter((l) => l !== '');
+    expect(lines, stderr).toHaveLength(1);
+    expect(lines[0]).toMatch(/^appshot: \S*switch-link\/(image\.pb|pages\.img) belongs to uid 65534, who could change it while it runs/);
+    expect(code).toBe(1);
+    expect(sb.aids()).toEqual(aidsBefore);
   });
 
   it('restores an unsigned image only with --trust-image', async () => {

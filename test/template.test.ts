@@ -6,8 +6,8 @@
  * is run under rules, snapshotted, made a template and cloned 8 times; the
  * clones run at once, each answering for its own state.
  */
-import { spawnSync } from 'node:child_process';
-import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -297,6 +297,72 @@ describe('templating refusals', () => {
     expect(flipped.code).toBe(1);
     expect(flipped.stderr).toMatch(/checksum of pages\.img does not match/);
     expect(sb.aids().filter((a) => a === 'cut' || a === 'flipped')).toEqual([]);
+  });
+
+  it("refuses a clone when the template's page file was replaced after it was opened: the clone maps only the file checked", async () => {
+    const switched = join(dir, 'switched.template');
+    cpSync(join(dir, 'tpl.template'), switched, { recursive: true });
+    const pages = join(switched, 'pages.img');
+    // Stopped once the template is opened (its page file checked by its
+    // size and owner), before the clone maps it.
+    const child = spawn(process.execPath, [cli, 'clone', switched, '--aid', 'switched'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'restore: image read and checked (1 in its chain)' },
+    });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    const stopped = () => {
+      try {
+        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+      } catch {
+        return false;
+      }
+    };
+    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the clone to open the template');
+    expect(child.exitCode, stderr).toBeNull();
+    // Another file at its path (here the same bytes, a new inode: what
+    // it holds was never looked at).
+    copyFileSync(pages, `${pages}.new`);
+    renameSync(`${pages}.new`, pages);
+    child.kill('SIGCONT');
+    const code = await exited;
+    if (sb.aids().includes('switched')) sb.run(['rm', '-f', 'switched']);
+    expect(stderr).toMatch(/pages\.img changed since it was checked/);
+    expect(code).toBe(1);
+    expect(sb.aids().filter((a) => a === 'switched')).toEqual([]);
+  });
+
+  it("makes no template of an image whose page file was replaced once it was checked: the template gets the file checked", async () => {
+    const snap = join(dir, 'switched.snap');
+    cpSync(join(dir, 'snap'), snap, { recursive: true });
+    const pages = join(snap, 'pages.img');
+    const tpl = join(dir, 'switched-snap.template');
+    const child = spawn(process.execPath, [cli, 'template', 'create', snap, '-o', tpl], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: pages checked' },
+    });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    const stopped = () => {
+      try {
+        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+      } catch {
+        return false;
+      }
+    };
+    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the page file to be checked');
+    expect(child.exitCode, stderr).toBeNull();
+    // Another file at its path, one byte changed.
+    copyFileSync(pages, `${pages}.new`);
+    const fd = openSync(`${pages}.new`, 'r+');
+    writeSync(fd, Buffer.from([0x5a]), 0, 1, 8192);
+    closeSync(fd);
+    renameSync(`${pages}.new`, pages);
+    child.kill('SIGCONT');
+    const code = await exited;
+    expect(stderr).toMatch(/pages\.img changed since it was checked/);
+    expect(code).toBe(1);
+    expect(existsSync(tpl)).toBe(false);
   });
 
   it('stops a batch at Ctrl-C, removing the instances it made (exit 130)', async () => {

@@ -357,6 +357,25 @@ export function unchangedOnDisk(loaded: LoadedImage): boolean {
   }
 }
 
+/** Opens the page file of `loaded` again by its path (an image loaded
+ * without holdPages: a template a clone maps), refusing it unless it is
+ * still the very file that was checked (device, inode, size, mtime,
+ * ctime): its path may name another by now (a directory on the way
+ * renamed, a symbolic link changed), one nobody checked. */
+export function openPagesAsLoaded(loaded: LoadedImage): number {
+  const path = join(loaded.dir, PARTS.pages);
+  const at = loaded.manifest.parts.findIndex((part) => part.name === PARTS.pages);
+  const fd = openSync(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  try {
+    if (fileIdentity(fstatSync(fd, { bigint: true })) !== loaded.identity.split(' ')[at])
+      throw new AppshotError(`${path} changed since it was checked (replaced, or written to): open it again`);
+    return fd;
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+}
+
 export interface PartDigest {
   size: number;
   crc: number;
@@ -718,7 +737,6 @@ export function parentPath(imageDir: string, path: string): string {
  * only its size). So its directory and parts may be changed by no one but
  * this user and root. */
 function checkOnlyOwnerCanChange(dir: string): void {
-  const uid = process.geteuid?.() ?? 0;
   for (const path of [dir, ...Object.values(PARTS).map((p) => join(dir, p))]) {
     let st;
     try {
@@ -726,11 +744,18 @@ function checkOnlyOwnerCanChange(dir: string): void {
     } catch {
       continue; // a missing part is reported as such below
     }
-    if (st.uid !== uid && st.uid !== 0)
-      throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change it while it runs: copy the image to a directory of your own`);
-    if (st.mode & 0o022 && !st.isSymbolicLink())
-      throw new AppshotError(`${path} is writable by others, who could change it while it runs: chmod go-w ${path}`);
+    checkOwner(st, path);
   }
+}
+
+/** `st` (of `path`) belongs to this user or root, and no one else may
+ * write it. */
+function checkOwner(st: { uid: number; mode: number; isSymbolicLink(): boolean }, path: string): void {
+  const uid = process.geteuid?.() ?? 0;
+  if (st.uid !== uid && st.uid !== 0)
+    throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change it while it runs: copy the image to a directory of your own`);
+  if (st.mode & 0o022 && !st.isSymbolicLink())
+    throw new AppshotError(`${path} is writable by others, who could change it while it runs: chmod go-w ${path}`);
 }
 
 export interface LoadOptions {
@@ -817,7 +842,9 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     if (!signer.trusted && opts.trust !== 'report' && !imagesTrustedExplicitly())
       throw new AppshotError(`${path} is not an image this node trusts: ${signer.problem}; ${untrustedHint}`);
 
-    if (opts.trust !== 'report' && !temporary) checkOnlyOwnerCanChange(dir);
+    const mustBeOwned = opts.trust !== 'report' && !temporary;
+    if (mustBeOwned) checkOnlyOwnerCanChange(dir);
+    killPoint('image: owners checked');
     const digests = new Map<string, PartDigest>();
     // image.pb is read once, into the buffer that is checked and decoded:
     // no one can change it between the two.
@@ -826,6 +853,11 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     for (const part of manifest.parts) {
       const { fd, size } = openPart(dir, part.name);
       try {
+        // The very file opened, which is the one checked and then read,
+        // copied or mapped: the paths checked above may name another by
+        // now (a directory on the way renamed, a symbolic link changed),
+        // one that someone else could rewrite once its check is done.
+        if (mustBeOwned) checkOwner(fstatSync(fd), join(dir, part.name));
         identity.push(fileIdentity(fstatSync(fd, { bigint: true })));
         if (BigInt(size) !== part.size) throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
         const quick = opts.sizeOnly && part.name === PARTS.pages;

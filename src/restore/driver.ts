@@ -18,7 +18,7 @@ import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
-import { awaitPagesCheck, type LoadedImage, loadImage, parentPath, PARTS, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -419,7 +419,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   // A preloaded link's page file is the one it checked, held open since
   // (unchangedOnDisk made sure it is unchanged and still at its path);
   // the others are opened now, and closed at the end.
-  const pageFds = chain.map((l) => l.pagesFd ?? openSync(join(l.dir, PARTS.pages), 'r'));
+  const pageFds: number[] = [];
+  try {
+    for (const l of chain) pageFds.push(l.pagesFd ?? openPagesAsLoaded(l));
+  } catch (e) {
+    for (const [i, fd] of pageFds.entries()) if (chain[i].pagesFd !== fd) closeSync(fd);
+    if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
+    throw new AppshotError(`${opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`}: ${(e as Error).message}`);
+  }
   // Checks of the page files still going on (format 3): a chunk is read
   // only once checked, and all are waited for before anything runs.
   const pageChecks = chain.map((l) => l.pagesCheck);
@@ -614,7 +621,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // held descriptor by appshot's /proc entry, not /proc/self. Whole
       // paths: the seed's directory is its supervisor's, which need not be
       // ours (a standby's is /).
-      pagePaths: chain.map((l, i) => (ownPageFd(i) ? resolve(l.dir, PARTS.pages) : `/proc/${process.pid}/fd/${pageFds[i]}`)),
+      // The descriptor, never the path again: it is the file checked.
+      pagePaths: pageFds.map((fd) => `/proc/${process.pid}/fd/${fd}`),
       lazy: lazyRestore,
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.

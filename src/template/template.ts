@@ -9,7 +9,7 @@
  * template's own application.
  */
 import { uniqueTag } from '../holder.js';
-import { copyFileSync, cpSync, existsSync, linkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, encodeSignedManifest, encodeTemplate, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
@@ -88,6 +88,26 @@ function linkOrCopy(from: string, to: string): void {
   }
 }
 
+/** The page file that was checked (`checkedFd`, held open since), linked
+ * or copied to `to`. Linked by its path, the link must be that very file:
+ * the path may name another by now, which a clone, checking only its
+ * size, would map unread under this node's signature. Copied, it is
+ * copied from the descriptor. */
+function linkOrCopyChecked(from: string, to: string, checkedFd: number): void {
+  try {
+    linkSync(from, to);
+  } catch {
+    copyFileSync(`/proc/self/fd/${checkedFd}`, to);
+    return;
+  }
+  const linked = statSync(to);
+  const checked = fstatSync(checkedFd);
+  if (linked.dev !== checked.dev || linked.ino !== checked.ino) {
+    rmSync(to, { force: true });
+    throw new AppshotError(`${from} changed since it was checked (replaced): make the template again`);
+  }
+}
+
 export async function createTemplate(imagePath: string, output: string, opts: CreateOptions): Promise<TemplateSummary> {
   const dest = resolve(output);
   if (existsSync(dest)) throw new AppshotError(`${output} already exists`, ExitCode.conflict);
@@ -97,6 +117,8 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
   const progress = opts.progress;
   const interrupted = () => new AppshotError(TEMPLATE_INTERRUPTED, ExitCode.interrupted);
   const loaded = await loadImage(imagePath, {
+    // The page file checked stays open: the template gets that file.
+    holdPages: true,
     onPagesSize: (n) => progress?.bytes(checked, (size = n)),
     onBytes: (n) => progress?.bytes((checked += n), size),
     signal: opts.signal,
@@ -132,7 +154,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     const partial = journal.path;
     try {
       linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
-      linkOrCopy(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages));
+      linkOrCopyChecked(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages), loaded.pagesFd!);
       writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests), { mode: 0o600 });
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
