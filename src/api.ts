@@ -209,12 +209,14 @@ export function wait(aid: string, opts: CommonOptions = {}): Promise<number | un
 }
 
 /** Removes an ended application, its log, private copies and directories
- * (`appshot rm`); `force` ends a running one first. */
+ * (`appshot rm`), or the record of one a snapshot ended; `force` ends a
+ * running one first. */
 export function rm(aid: string, opts: CommonOptions & { force?: boolean } = {}): Promise<void> {
   return call(() => removeApp(registry(opts), aid, opts.force ?? false));
 }
 
-/** Removes every ended application (`appshot prune`); their AIDs. */
+/** Removes every ended application, and the records of those a snapshot
+ * ended (`appshot prune`); their AIDs. */
 export function prune(opts: CommonOptions = {}): Promise<string[]> {
   return call(() => pruneEnded(registry(opts)));
 }
