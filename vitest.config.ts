@@ -9,6 +9,9 @@ export default defineConfig({
   },
   test: {
     include: ['test/**/*.test.ts'],
+    // A throwaway APPSHOT_HOME for whatever runs without a Sandbox's: never
+    // the user's own (test/global-home.ts).
+    globalSetup: ['test/global-home.ts'],
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: 'forks',

@@ -184,9 +184,9 @@ export function exec(aid: string, command: string[], opts: CommonOptions = {}): 
 export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
   return call(async () => {
     const timeout = opts.timeout ?? 10;
-    if (!(timeout >= 0)) throw new AppshotError(`timeout wants a number of seconds, not ${timeout}`, ExitCode.usage);
+    if (!(timeout >= 0)) throw new AppshotError(`timeout ${timeout}: expected a number of seconds`, ExitCode.usage);
     const reg = registry(opts);
-    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM'), timeout);
+    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM', 'signal'), timeout);
   });
 }
 
@@ -195,7 +195,7 @@ export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
 export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
   return call(() => {
     const reg = registry(opts);
-    signalApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGKILL'));
+    signalApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGKILL', 'signal'));
   });
 }
 
@@ -209,12 +209,14 @@ export function wait(aid: string, opts: CommonOptions = {}): Promise<number | un
 }
 
 /** Removes an ended application, its log, private copies and directories
- * (`appshot rm`); `force` ends a running one first. */
+ * (`appshot rm`), or the record of one a snapshot ended; `force` ends a
+ * running one first. */
 export function rm(aid: string, opts: CommonOptions & { force?: boolean } = {}): Promise<void> {
   return call(() => removeApp(registry(opts), aid, opts.force ?? false));
 }
 
-/** Removes every ended application (`appshot prune`); their AIDs. */
+/** Removes every ended application, and the records of those a snapshot
+ * ended (`appshot prune`); their AIDs. */
 export function prune(opts: CommonOptions = {}): Promise<string[]> {
   return call(() => pruneEnded(registry(opts)));
 }
@@ -236,7 +238,7 @@ export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[
 export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   return call(() => {
     const timeoutMs = opts.timeoutMs ?? 10_000;
-    if (!(timeoutMs > 0)) throw new AppshotError(`timeoutMs wants a positive number, not ${timeoutMs}`, ExitCode.usage);
+    if (!(timeoutMs > 0)) throw new AppshotError(`timeoutMs ${timeoutMs}: expected a positive number`, ExitCode.usage);
     return snapshotApplication(registry(opts), aid, {
       output: opts.output,
       leaveRunning: opts.leaveRunning ?? false,
@@ -277,7 +279,7 @@ export function clone(template: string, opts: CloneOptions = {}): Promise<Clone[
   return call(async () => {
     const count = opts.count ?? 1;
     if (!(Number.isInteger(count) && count >= 1))
-      throw new AppshotError(`count wants a whole number of at least 1, not ${count}`, ExitCode.usage);
+      throw new AppshotError(`count ${count}: expected a whole number of at least 1`, ExitCode.usage);
     const made = await cloneTemplate(registry(opts), template, { aid: opts.aid, count, verify: opts.verify, signal: opts.signal });
     return made.map(({ createdDirs: _dirs, ...instance }) => instance);
   });

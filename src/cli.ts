@@ -6,9 +6,9 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { formatId, type ListeningCache, listProcesses, portsOf, portText, printColumns, tableRows } from './inspect.js';
+import { formatId, type ListeningCache, listProcesses, portsOf, portText, printColumns, processCommand, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
-import { type AppRecord, LocalRegistry, checkAid, isEnded, isRestoring } from './registry.js';
+import { type AppRecord, LocalRegistry, type SnapshottedRecord, checkAid, describeSnapshot, isEnded, isRestoring } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
@@ -115,6 +115,32 @@ export function buildProgram(): Command {
     };
   }
 
+  /** One AID a line, as docker prints the containers it acted on. */
+  function printAids(done: { aid: string }[]): void {
+    if (done.length) process.stdout.write(done.map((d) => d.aid).join('\n') + '\n');
+  }
+
+  /** An application a snapshot ended, as `ps -a --json` shows it. */
+  function snapshottedJson(r: SnapshottedRecord) {
+    return {
+      aid: r.aid,
+      state: r.state,
+      image: r.image,
+      snapshottedAt: r.snapshottedAt,
+      command: r.command,
+      detached: r.detached,
+      createdAt: r.createdAt,
+      ...(r.template ? { template: r.template } : {}),
+      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+      ports: [],
+      processes: [],
+    };
+  }
+
+  function snapshottedText(r: SnapshottedRecord): string {
+    return `snapshotted ${age(r.snapshottedAt)} ago`;
+  }
+
   function stateText(r: AppRecord): string {
     return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
   }
@@ -123,47 +149,70 @@ export function buildProgram(): Command {
     .command('ps')
     .description('list applications (state, age, image or template, ports), or the processes of one')
     .argument('[aid]', "only this application: its processes, virtual and system PIDs (like docker top)")
-    .option('-a, --all', 'ended applications too (kept until appshot rm or prune)', false)
+    .option('-a, --all', 'ended and snapshotted applications too (kept until appshot rm or prune, or the restore of a snapshotted one)', false)
     .option('-q, --quiet', 'only the AIDs, one a line', false)
     .option('--json', 'machine-readable output: every application with its processes', false)
     .addHelpText(
       'after',
-      '\nExamples:\n  appshot ps                 running applications\n  appshot ps -a              ended ones too, with their exit codes\n' +
+      '\nSTATE: running, restoring (a restore or clone under way), exited (CODE), or snapshotted (a\n' +
+        'snapshot ended it: IMAGE is where it went; restoring that image under its AID takes its place).\n\n' +
+        'Examples:\n  appshot ps                 running applications\n  appshot ps -a              ended and snapshotted ones too\n' +
         '  appshot ps -aq             every AID (appshot rm $(appshot ps -aq) removes them all)\n  appshot ps web             the processes of web',
     )
     .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
       const reg = registry();
-      const records = aid ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
+      // With -a, the applications a snapshot ended too (not restored since).
+      let snapshotted: SnapshottedRecord[] = [];
+      let records: AppRecord[];
+      if (!aid) {
+        records = reg.list().filter((r) => opts.all || !isEnded(r));
+        if (opts.all) snapshotted = reg.listSnapshotted();
+      } else if (!opts.all) records = [reg.require(aid)];
+      else {
+        const one = reg.get(aid) ? undefined : reg.getSnapshotted(aid);
+        records = one ? [] : [reg.requireAny(aid)];
+        if (one) snapshotted = [one];
+      }
+      const byAid = (a: { aid: string }, b: { aid: string }) => (a.aid < b.aid ? -1 : a.aid > b.aid ? 1 : 0);
       if (opts.quiet) {
-        if (records.length) process.stdout.write(records.map((r) => r.aid).join('\n') + '\n');
+        const aids = [...records, ...snapshotted].sort(byAid).map((r) => r.aid);
+        if (aids.length) process.stdout.write(aids.join('\n') + '\n');
         return;
       }
       const rows = listProcesses(reg, records);
       const cache: ListeningCache = new Map();
       if (opts.json) {
-        json('ps', records.map((r) => appJson(r, rows, cache)));
+        json('ps', [...records.map((r) => appJson(r, rows, cache)), ...snapshotted.map(snapshottedJson)].sort(byAid));
         return;
       }
       if (aid) {
-        if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
+        if (snapshotted.length) process.stdout.write(`${aid}: ${snapshottedText(snapshotted[0])} (${snapshotted[0].image})\n`);
+        else if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
         else
           printColumns(
             ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
-            rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), p.command]),
+            rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), processCommand(p)]),
           );
         return;
       }
+      const table: [string, string[]][] = [
+        ...records.map((r): [string, string[]] => [
+          r.aid,
+          [
+            r.aid,
+            stateText(r),
+            age(r.createdAt),
+            String(rows.filter((p) => p.aid === r.aid && !p.init).length),
+            r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
+            portsOf(r, rows, cache).map(portText).join(', ') || '-',
+            shellCommand(r.command),
+          ],
+        ]),
+        ...snapshotted.map((r): [string, string[]] => [r.aid, [r.aid, snapshottedText(r), age(r.createdAt), '0', r.image, '-', shellCommand(r.command)]]),
+      ];
       printColumns(
         ['AID', 'STATE', 'AGE', 'PROCS', 'IMAGE', 'PORTS', 'COMMAND'],
-        records.map((r) => [
-          r.aid,
-          stateText(r),
-          age(r.createdAt),
-          String(rows.filter((p) => p.aid === r.aid && !p.init).length),
-          r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-          portsOf(r, rows, cache).map(portText).join(', ') || '-',
-          r.command.join(' '),
-        ]),
+        table.sort((a, b) => byAid({ aid: a[0] }, { aid: b[0] })).map(([, row]) => row),
       );
     });
 
@@ -246,21 +295,23 @@ export function buildProgram(): Command {
     )
     .action(async (aid: string, opts: { follow: boolean; tail: string; timestamps: boolean }) => {
       const tail = opts.tail === 'all' ? undefined : Number(opts.tail);
-      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail wants a number of lines or 'all', not '${opts.tail}'`, ExitCode.usage);
+      if (tail !== undefined && !(Number.isInteger(tail) && tail >= 0)) throw new AppshotError(`--tail '${opts.tail}': expected a number of lines or 'all'`, ExitCode.usage);
       const reg = registry();
       let record: AppRecord;
-      try {
-        record = reg.requireAny(aid);
-      } catch (e) {
+      checkAid(aid);
+      const carried = reg.carriedLogPath(aid);
+      const snapshotted = reg.get(aid) ? undefined : reg.getSnapshotted(aid);
+      if (snapshotted || (!reg.get(aid) && existsSync(carried))) {
         // Snapshotted and not restored yet: its log waits for the restore.
-        const carried = reg.carriedLogPath(aid);
-        if (!(e instanceof AppshotError && e.exitCode === ExitCode.notFound && existsSync(carried))) throw e;
-        process.stderr.write(`appshot: '${aid}' was snapshotted and ended; its log waits for the restore of its image as '${aid}'\n`);
-        record = { aid, logPath: carried } as AppRecord;
+        if (existsSync(carried)) process.stderr.write(`appshot: '${aid}' was snapshotted and ended; its log waits for the restore of its image as '${aid}'\n`);
+        record = { aid, ...(existsSync(carried) ? { logPath: carried } : {}) } as AppRecord;
         opts.follow = false;
-      }
+      } else record = reg.requireAny(aid);
+      // Not a usage error: the command and the AID are right, there is
+      // only no log to show (exit 1, as docker logs of a container whose
+      // output was not kept).
       if (!record.logPath)
-        throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run'`, ExitCode.usage);
+        throw new AppshotError(`'${aid}' ran in the foreground: its output went to the terminal of 'appshot run', and no log was kept`, ExitCode.failure);
       const logPath = record.logPath;
       const { LogTimes: Times } = await import('./logtimes.js');
       if (opts.timestamps && existsSync(logPath) && !Times.read(logPath))
@@ -319,38 +370,53 @@ export function buildProgram(): Command {
     .command('stop')
     .description('end an application: a signal (default SIGTERM), a grace period, then SIGKILL')
     .argument('<aid...>', 'the applications')
-    .option('-s, --signal <name>', 'signal to send first', 'SIGTERM')
+    .option('-s, --signal <signal>', 'signal to send first: a name (TERM, SIGINT) or a number', 'SIGTERM')
     .option('-t, --time <seconds>', 'how long to wait for it to end before SIGKILL', '10')
+    .option('--json', 'print [{aid, exitCode}] as JSON', false)
     .addHelpText(
       'after',
-      '\nReturns once every process of the application has ended; the ended application is kept\n' +
-        '(appshot ps -a, logs) until appshot rm. The signal goes to the application\'s init, which\n' +
-        'passes it to the first process, or to every process once the first has exited.\n\n' +
+      '\nReturns once every process of the application has ended, and prints its AID; the ended\n' +
+        'application is kept (appshot ps -a, logs) until appshot rm. The signal goes to the\n' +
+        "application's init, which passes it to the first process, or to every process once the\n" +
+        'first has exited.\n\n' +
         'Examples:\n  appshot stop web\n  appshot stop -t 30 db          give it 30 s to shut down\n  appshot stop -s INT -t 5 web',
     )
-    .action(async (aids: string[], opts: { signal: string; time: string }) => {
+    .action(async (aids: string[], opts: { signal: string; time: string; json: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
       const grace = Number(opts.time);
-      if (!(grace >= 0)) throw new AppshotError(`--time wants a number of seconds, not '${opts.time}'`, ExitCode.usage);
+      if (!(grace >= 0)) throw new AppshotError(`--time '${opts.time}': expected a number of seconds`, ExitCode.usage);
       const records = aids.map((aid) => reg.require(aid));
-      await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
+      const ended = await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
+      // A snapshot that ended it meanwhile left no exit code.
+      const stopped = records.map((r, i) => {
+        const end = ended[i];
+        return { aid: r.aid, ...(end !== 'released' ? { exitCode: end.exitCode } : {}) };
+      });
+      if (opts.json) json('stop', stopped);
+      else printAids(stopped);
     });
 
   program
     .command('kill')
     .description('send one signal (default SIGKILL, as docker kill) to an application and return')
     .argument('<aid...>', 'the applications')
-    .option('-s, --signal <name>', 'signal to send', 'SIGKILL')
+    .option('-s, --signal <signal>', 'signal to send: a name (KILL, SIGHUP) or a number', 'SIGKILL')
+    .option('--json', 'print [{aid, signal}] as JSON', false)
     .addHelpText(
       'after',
-      '\nDoes not wait for the application to end (appshot stop does; appshot wait waits).\n\n' +
-        'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration',
+      '\nPrints the AID of each application signalled. Does not wait for the application to end\n' +
+        '(appshot stop does; appshot wait waits).\n\n' +
+        'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration\n  appshot kill -s 15 web',
     )
-    .action((aids: string[], opts: { signal: string }) => {
+    .action((aids: string[], opts: { signal: string; json: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
-      for (const r of aids.map((aid) => reg.require(aid))) signalApp(reg, r, sig);
+      const records = aids.map((aid) => reg.require(aid));
+      for (const r of records) signalApp(reg, r, sig);
+      const signalled = records.map((r) => ({ aid: r.aid, signal: sig }));
+      if (opts.json) json('kill', signalled);
+      else printAids(signalled);
     });
 
   program
@@ -371,7 +437,9 @@ export function buildProgram(): Command {
       for (const aid of aids) {
         const ended = await waitEnded(reg, aid);
         if (ended === 'released' || !ended) {
-          process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
+          const snapshotted = reg.getSnapshotted(aid);
+          if (snapshotted) process.stderr.write(`appshot: '${aid}' was ${describeSnapshot(snapshotted)}: no exit code\n`);
+          else process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
           status = ExitCode.failure;
           continue;
         }
@@ -386,32 +454,42 @@ export function buildProgram(): Command {
     .description('remove ended applications: record, log, private copies, REDIR PATH directories, port claims')
     .argument('<aid...>', 'the applications')
     .option('-f, --force', 'kill a running application (SIGKILL) and remove it', false)
+    .option('--json', 'print [{aid}] of those removed as JSON', false)
     .addHelpText(
       'after',
-      '\nA running application is refused without --force. Removing a clone removes its private\n' +
-        'copies of files: an image taken of it with --leave-running cannot be restored after.\n\n' +
+      '\nPrints the AID of each application removed. A running application is refused without\n' +
+        '--force. Removing a clone removes its private copies of files: an image taken of it with\n' +
+        '--leave-running cannot be restored after. Removing a snapshotted application (ps -a)\n' +
+        'removes its record and the log kept for its restore; its image, and what the image needs,\n' +
+        'stay.\n\n' +
         'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
     )
-    .action(async (aids: string[], opts: { force: boolean }) => {
+    .action(async (aids: string[], opts: { force: boolean; json: boolean }) => {
       const reg = registry();
+      const removed: { aid: string }[] = [];
       for (const aid of aids) {
         try {
           await removeApp(reg, aid, opts.force);
-          process.stdout.write(`${aid}\n`);
+          removed.push({ aid });
+          if (!opts.json) process.stdout.write(`${aid}\n`);
         } catch (e) {
           if (!(e instanceof AppshotError)) throw e;
           process.stderr.write(`appshot: ${e.message}\n`);
           setExitCode(e.exitCode);
         }
       }
+      if (opts.json) json('rm', removed);
     });
 
   program
     .command('prune')
-    .description('remove every ended application (as appshot rm does each)')
+    .description('remove every ended or snapshotted application (as appshot rm does each)')
+    .option('--json', 'print [{aid}] of those removed as JSON', false)
     .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
-    .action(() => {
-      for (const aid of pruneEnded(registry())) process.stdout.write(`${aid}\n`);
+    .action((opts: { json: boolean }) => {
+      const removed = pruneEnded(registry()).map((aid) => ({ aid }));
+      if (opts.json) json('prune', removed);
+      else printAids(removed);
     });
 
   program
@@ -445,7 +523,7 @@ export function buildProgram(): Command {
       const aid = opts.aid ?? aidArg;
       if (!aid) throw new AppshotError('which application? give its AID (appshot ps lists them)', ExitCode.usage);
       const timeout = Number(opts.timeout);
-      if (!(timeout > 0)) throw new AppshotError(`--timeout wants a positive number of seconds, not '${opts.timeout}'`, ExitCode.usage);
+      if (!(timeout > 0)) throw new AppshotError(`--timeout '${opts.timeout}': expected a positive number of seconds`, ExitCode.usage);
       const { parseDuration, formatDuration } = await import('./serve/spec.js');
       const tcpHoldSeconds = Math.ceil(parseDuration(opts.tcpHold, '--tcp-hold') / 1000);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\..*/, '').replace('T', '-');
@@ -693,7 +771,7 @@ export function buildProgram(): Command {
       ]);
       if (opts.trustImage) trustImagesExplicitly();
       const count = Number(opts.count);
-      if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1, not '${opts.count}'`, ExitCode.usage);
+      if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count '${opts.count}': expected a whole number of at least 1`, ExitCode.usage);
       if (opts.aid !== undefined) checkAid(opts.aid);
       const display = new ProgressDisplay(`clone ${path}`, progressMode(opts.progress));
       // Ctrl-C or SIGTERM: the batch stops after the instance being made, and
@@ -839,6 +917,18 @@ export function reportError(e: unknown): void {
   reportInternalError(e);
 }
 
+/** The command group that `words` name, if they name one and nothing
+ * else: the program itself for no words. */
+function commandGroup(program: Command, words: string[]): Command | undefined {
+  let target = program;
+  for (const word of words) {
+    const sub = target.commands.find((c) => c.name() === word || c.aliases().includes(word));
+    if (!sub) return undefined;
+    target = sub;
+  }
+  return target.commands.length > 0 ? target : undefined;
+}
+
 /**
  * Runs one command line (argv as process.argv: node, script, args...) to
  * its end: its output goes to process.stdout/stderr, its exit code through
@@ -850,6 +940,14 @@ export async function runCommand(argv: string[]): Promise<void> {
   const columns = currentRequest()?.tty.columns;
   if (currentRequest())
     program.configureOutput({ getOutHelpWidth: () => columns ?? 80, getErrHelpWidth: () => columns ?? 80 });
+  // `appshot` alone, or a group alone (`appshot template`): its help on
+  // stdout and exit 0, as docker and kubectl do. Nothing was asked that
+  // could fail; commander would print it on stderr and exit 2.
+  const group = commandGroup(program, argv.slice(2));
+  if (group) {
+    group.outputHelp();
+    return;
+  }
   try {
     // What a command killed with SIGKILL left half-written: removed before
     // every command's action (--help and --version have none).

@@ -17,7 +17,11 @@ export interface ProcessRow {
   state: string;
   threads: number;
   init: boolean;
+  /** Its argv joined by spaces, as ps(1) shows it ('[appshot-init]' for
+   * init, '[comm]' for a process without one). */
   command: string;
+  /** Its argv as it is (empty for init and a process without one). */
+  argv: string[];
 }
 
 const INIT_FLAG = 0x1;
@@ -31,6 +35,7 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
     const st = readStat(e.system);
     if (!st) continue; // died a moment ago; its entry goes at the next reap
     const init = (e.flags & INIT_FLAG) !== 0;
+    const argv = init ? [] : readCmdline(e.system);
     rows.push({
       aid: record.aid,
       vpid: e.virtual,
@@ -39,7 +44,8 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
       state: st.state,
       threads: st.threads,
       init,
-      command: init ? '[appshot-init]' : readCmdline(e.system).join(' ') || `[${st.comm}]`,
+      command: init ? '[appshot-init]' : argv.join(' ') || `[${st.comm}]`,
+      argv,
     });
   }
   return rows.sort((a, b) => a.vpid - b.vpid);
@@ -224,6 +230,24 @@ export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number
         note: e.flags & INIT_FLAG ? 'init' : e.flags & THREAD_FLAG ? `thread of ${e.owner}` : '',
       })),
   );
+}
+
+/** One argument as a shell needs it written to get it back: as it is if
+ * nothing in it is special to a shell, else in single quotes (an empty
+ * one too, which would vanish otherwise). */
+export function shellWord(arg: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, `'\\''`)}'`;
+}
+
+/** An argv as one command line a shell would run as that argv. */
+export function shellCommand(argv: string[]): string {
+  return argv.map(shellWord).join(' ');
+}
+
+/** How ps's tables show a process's command: its argv quoted as a shell
+ * would need it. */
+export function processCommand(p: ProcessRow): string {
+  return p.argv.length ? shellCommand(p.argv) : p.command;
 }
 
 const C_ESCAPES: Record<string, string> = { '\n': '\\n', '\t': '\\t', '\r': '\\r', '\x1b': '\\e' };

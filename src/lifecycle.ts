@@ -6,23 +6,34 @@
  * An application ends when its last process does: appshot-init then
  * removes what the kernel holds (SysV objects, tables) and writes the file
  * "exit" into its registration, which stays, with its log, until `rm`.
+ * One that a snapshot ended leaves its registration at once, and a record
+ * of the snapshot instead (registry.ts: SnapshottedRecord), until the
+ * restore of its image under its AID, `rm` or `prune`.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
 import { isSameProcess, readStat } from './procfs.js';
-import { type AppRecord, type LocalRegistry, isEnded } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, isEnded } from './registry.js';
 
 /** How often a waiter looks at the registration. */
 const POLL_MS = 50;
 
-/** "TERM", "sigterm", "SIGTERM" → "SIGTERM"; refuses unknown names. */
-export function signalName(name: string): NodeJS.Signals {
-  const upper = name.toUpperCase();
-  const sig = (upper.startsWith('SIG') ? upper : `SIG${upper}`) as NodeJS.Signals;
-  if (!(sig in osConstants.signals)) throw new AppshotError(`unknown signal '${name}'`, ExitCode.usage);
-  return sig;
+/** "TERM", "sigterm", "SIGTERM", "15" → "SIGTERM"; refuses unknown ones
+ * (`what`: the option, for the message), as kill(1) takes them. */
+export function signalName(name: string, what = '--signal'): NodeJS.Signals {
+  const signals = osConstants.signals as Record<string, number>;
+  if (/^\d+$/.test(name.trim())) {
+    const n = Number(name);
+    const found = Object.keys(signals).find((s) => signals[s] === n);
+    if (found) return found as NodeJS.Signals;
+  } else {
+    const upper = name.trim().toUpperCase();
+    const sig = upper.startsWith('SIG') ? upper : `SIG${upper}`;
+    if (sig in signals) return sig as NodeJS.Signals;
+  }
+  throw new AppshotError(`${what} '${name}': expected a signal name or number, such as TERM, SIGHUP or 9`, ExitCode.usage);
 }
 
 /** Sends one signal to an application: to its init, which passes it to the
@@ -103,6 +114,9 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
  * refused unless `force`, which kills it first.
  */
 export async function removeApp(reg: LocalRegistry, aid: string, force: boolean): Promise<void> {
+  checkAid(aid);
+  // Snapshotted and not restored since: its record and waiting log go.
+  if (!reg.get(aid) && reg.removeSnapshotted(aid)) return;
   let record = reg.requireAny(aid);
   if (!isEnded(record)) {
     if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
@@ -116,11 +130,13 @@ export async function removeApp(reg: LocalRegistry, aid: string, force: boolean)
   reg.remove(record);
 }
 
-/** `appshot prune`: removes every ended application; returns their AIDs. */
+/** `appshot prune`: removes every ended application, and the records of
+ * those a snapshot ended (their images stay); returns their AIDs. */
 export function pruneEnded(reg: LocalRegistry): string[] {
   const ended = reg.list().filter(isEnded);
   for (const r of ended) reg.remove(r);
-  return ended.map((r) => r.aid);
+  const snapshotted = reg.listSnapshotted().filter((r) => reg.removeSnapshotted(r.aid));
+  return [...ended, ...snapshotted].map((r) => r.aid).sort();
 }
 
 /** "4s", "12m", "3h", "2d": how long ago `iso` was. */

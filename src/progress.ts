@@ -44,7 +44,7 @@ export function progressMode(option: string | undefined): ProgressMode {
     case 'none':
       return option as ProgressMode;
     default:
-      throw new AppshotError(`--progress wants auto, bar, plain or none, not '${option}'`, ExitCode.usage);
+      throw new AppshotError(`--progress '${option}': expected auto, bar, plain or none`, ExitCode.usage);
   }
 }
 

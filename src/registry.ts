@@ -107,7 +107,34 @@ export interface AppRecord {
     /** It took over the log its image's application left (see
      * adoptCarriedLog): given back if the restore never commits. */
     adoptedLog?: boolean;
+    /** It took over the record of its AID's snapshot (adoptSnapshot):
+     * given back likewise. */
+    adoptedSnapshot?: boolean;
   };
+}
+
+/**
+ * An application that a snapshot ended, as `ps -a` shows it until the
+ * restore of its image under its AID takes its place (adoptSnapshot), or
+ * `rm` or `prune` removes it: as docker keeps a checkpointed container.
+ * Kept outside apps/ (snapshotted/AID.json), so that the AID's
+ * registration is free at once for that restore, as it always was; only a
+ * restore takes it over, `run` and `clone` under that AID are refused.
+ */
+export interface SnapshottedRecord {
+  aid: string;
+  state: 'snapshotted';
+  /** The image it went into ('-': a stream on standard output). */
+  image: string;
+  snapshottedAt: string;
+  command: string[];
+  detached: boolean;
+  /** When the application was run, restored or cloned. */
+  createdAt: string;
+  template?: { path: string; instance: number };
+  /** A clone's private copies: its image needs them, so `rm` of this
+   * record leaves them (the restored application's `rm` takes them). */
+  privateRoot?: string;
 }
 
 export interface PortBinding {
@@ -132,8 +159,10 @@ export function portRange(): [number, number] {
 export type RecordFill = (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>;
 
 export interface Registry {
-  /** Claims an AID; throws (ExitCode.conflict) if it is taken. */
-  register(aid: string, fill: RecordFill): AppRecord;
+  /** Claims an AID; throws (ExitCode.conflict) if it is taken, or held by
+   * the record of a snapshot, unless `restoring` (a restore takes that
+   * record over: adoptSnapshot). */
+  register(aid: string, fill: RecordFill, opts?: { restoring?: boolean }): AppRecord;
   /** Claims a fresh generated AID. */
   registerGenerated(fill: RecordFill): AppRecord;
   update(record: AppRecord): void;
@@ -192,6 +221,11 @@ export function isRestoring(record: AppRecord): boolean {
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 export function describeEnd(record: AppRecord): string {
   return `exited with code ${record.exitCode} at ${record.endedAt}`;
+}
+
+/** "snapshotted to /x/db.appshot at 2026-11-30T12:00:00.000Z" */
+export function describeSnapshot(record: SnapshottedRecord): string {
+  return `snapshotted to ${record.image === '-' ? 'a stream on standard output' : record.image} at ${record.snapshottedAt}`;
 }
 
 /** The file appshot-init writes when the last process of an application
@@ -264,7 +298,7 @@ export class LocalRegistry implements Registry {
     }
   }
 
-  register(aid: string, fill: RecordFill): AppRecord {
+  register(aid: string, fill: RecordFill, opts: { restoring?: boolean } = {}): AppRecord {
     checkAid(aid);
     const stateDir = join(this.appsDir, aid);
     if (!this.claim(stateDir)) {
@@ -274,8 +308,14 @@ export class LocalRegistry implements Registry {
       const settled = existing && this.settle(existing);
       if (settled && isEnded(settled))
         throw new AppshotError(`AID '${aid}' is in use by an application that has ended (${describeEnd(settled)}): 'appshot rm ${aid}' removes it`, ExitCode.conflict);
-      if (existing && !settled && this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
-      throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
+      if (!(existing && !settled && this.claim(stateDir))) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
+    }
+    // Checked once the AID is held: a snapshot of it cannot write its
+    // record meanwhile (it needs the AID registered to run).
+    const snapshotted = opts.restoring ? undefined : this.getSnapshotted(aid);
+    if (snapshotted) {
+      removeDir(stateDir);
+      throw new AppshotError(`AID '${aid}' is in use by an application that was ${describeSnapshot(snapshotted)}: restore the image, or 'appshot rm ${aid}' removes its record`, ExitCode.conflict);
     }
     return this.finishRegistration(aid, stateDir, fill);
   }
@@ -284,6 +324,7 @@ export class LocalRegistry implements Registry {
     for (;;) {
       const aid = `app-${randomBytes(4).toString('hex')}`;
       const stateDir = join(this.appsDir, aid);
+      if (existsSync(this.snapshottedPath(aid))) continue;
       if (this.claim(stateDir)) return this.finishRegistration(aid, stateDir, fill);
     }
   }
@@ -374,7 +415,12 @@ export class LocalRegistry implements Registry {
     checkAid(aid);
     const found = this.get(aid);
     const record = found && this.settle(found);
-    if (!record) throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
+    if (!record) {
+      const snapshotted = this.getSnapshotted(aid);
+      if (snapshotted)
+        throw new AppshotError(`'${aid}' is not running: it was ${describeSnapshot(snapshotted)} (restore the image, or 'appshot rm ${aid}' removes its record)`, ExitCode.failure);
+      throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
+    }
     return record;
   }
 
@@ -561,6 +607,7 @@ export class LocalRegistry implements Registry {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
       removeRedirTargets(r.madeDirs);
       if (r.adoptedLog) this.carryLog(record);
+      if (r.adoptedSnapshot) this.giveBackSnapshot(record);
     }
     removeDir(record.stateDir);
   }
@@ -583,8 +630,91 @@ export class LocalRegistry implements Registry {
    * file "released", which names the image for a foreground `appshot
    * run`), and its log is set aside for that restore. */
   markReleased(record: AppRecord, image: string): void {
-    writeFileSync(join(record.stateDir, 'released'), `${image}\n`);
+    // Its record first: from the file "released" on, init removes the
+    // registration as soon as the processes are gone.
+    const snapshotted: SnapshottedRecord = {
+      aid: record.aid,
+      state: 'snapshotted',
+      image,
+      snapshottedAt: new Date().toISOString(),
+      command: record.command,
+      detached: record.detached,
+      createdAt: record.createdAt,
+      ...(record.template ? { template: record.template } : {}),
+      ...(record.privateRoot ? { privateRoot: record.privateRoot } : {}),
+    };
+    mkdirSync(join(this.home, 'snapshotted'), { recursive: true, mode: 0o700 });
+    const file = this.snapshottedPath(record.aid);
+    writeFileSync(`${file}.tmp`, JSON.stringify(snapshotted, null, 2));
+    renameSync(`${file}.tmp`, file);
+    writeFileSync(join(record.stateDir, 'released'), `${image === '-' ? 'a stream on standard output' : image}\n`);
     this.carryLog(record);
+  }
+
+  /** Where the record of an application a snapshot ended is kept. */
+  private snapshottedPath(aid: string): string {
+    return join(this.home, 'snapshotted', `${aid}.json`);
+  }
+
+  /** The record of the snapshot that ended `aid`, if it is kept. */
+  getSnapshotted(aid: string): SnapshottedRecord | undefined {
+    if (!AID_PATTERN.test(aid)) return undefined;
+    try {
+      const r = JSON.parse(readFileSync(this.snapshottedPath(aid), 'utf8')) as SnapshottedRecord;
+      return r.aid === aid && r.state === 'snapshotted' ? r : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Every application a snapshot ended whose AID is not registered again
+   * (between a snapshot's record and the end of its processes, the
+   * registration is the one shown). */
+  listSnapshotted(): SnapshottedRecord[] {
+    let names: string[];
+    try {
+      names = readdirSync(join(this.home, 'snapshotted'));
+    } catch {
+      return [];
+    }
+    const out: SnapshottedRecord[] = [];
+    for (const name of names.sort()) {
+      if (!name.endsWith('.json')) continue;
+      const r = this.getSnapshotted(name.slice(0, -5));
+      if (r && !this.get(r.aid)) out.push(r);
+    }
+    return out;
+  }
+
+  /** `appshot rm` of a snapshotted application: its record and the log
+   * that waited for its restore. Its image, and what the image needs (a
+   * clone's private copies), stay. False if there was none. */
+  removeSnapshotted(aid: string): boolean {
+    const file = this.snapshottedPath(aid);
+    if (!existsSync(file)) return false;
+    const carried = this.carriedLogPath(aid);
+    rmSync(carried, { force: true });
+    rmSync(logTimesPath(carried), { force: true });
+    rmSync(file, { force: true });
+    return true;
+  }
+
+  /** A restore under the AID of an application a snapshot ended takes its
+   * place: that record moves into the new registration (given back by
+   * release if the restore never commits), as its log does. */
+  private adoptSnapshot(record: AppRecord): void {
+    const file = this.snapshottedPath(record.aid);
+    if (!record.restore || record.template || !existsSync(file)) return;
+    record.restore.adoptedSnapshot = true;
+    this.update(record);
+    renameSync(file, join(record.stateDir, 'snapshotted.json'));
+  }
+
+  private giveBackSnapshot(record: AppRecord): void {
+    const kept = join(record.stateDir, 'snapshotted.json');
+    if (!existsSync(kept)) return;
+    mkdirSync(join(this.home, 'snapshotted'), { recursive: true, mode: 0o700 });
+    renameSync(kept, this.snapshottedPath(record.aid));
   }
 
   /** Moves an application's log aside, to carriedLogPath. The processes
@@ -597,12 +727,13 @@ export class LocalRegistry implements Registry {
     if (existsSync(logTimesPath(record.logPath))) renameSync(logTimesPath(record.logPath), logTimesPath(this.carriedLogPath(record.aid)));
   }
 
-  /** A restore takes over the log that the snapshot of its AID set aside
-   * (markReleased), so the restored application appends to the output it
-   * wrote before. Noted in the record first: a restore that never commits
+  /** A restore takes over the record (adoptSnapshot) and the log that the
+   * snapshot of its AID set aside (markReleased), so the restored
+   * application appends to the output it wrote before. Noted in the record first: a restore that never commits
    * gives it back (release). A clone (record.template) is a new instance
    * with a log of its own, even under the AID of one that was snapshotted. */
   adoptCarriedLog(record: AppRecord): void {
+    this.adoptSnapshot(record);
     const carried = this.carriedLogPath(record.aid);
     if (!record.logPath || !record.restore || record.template || !existsSync(carried)) return;
     record.restore.adoptedLog = true;

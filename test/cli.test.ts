@@ -99,6 +99,31 @@ describe('help and errors', () => {
     }
   });
 
+  it('appshot alone, or a group alone, prints its help on stdout and exits 0, as docker does', () => {
+    for (const [args, usage] of [[[], 'appshot'], [['template'], 'appshot template'], [['key'], 'appshot key']] as const) {
+      const r = sb.run([...args]);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([0, '']);
+      expect(r.stdout.split('\n')[0]).toMatch(new RegExp(`^Usage: ${usage} \\[options\\] \\[command\\]`));
+    }
+    expect(sb.run([]).stdout).toMatch(/Exit status:/);
+  });
+
+  it("a bad option value is said one way everywhere: OPTION 'VALUE': expected WHAT", () => {
+    for (const [args, line] of [
+      [['snapshot', 'x', '--timeout', 'soon'], "--timeout 'soon': expected a positive number of seconds"],
+      [['snapshot', 'x', '--tcp-hold', 'long'], "--tcp-hold 'long': expected a duration such as 500ms, 30s, 5m or 1h"],
+      [['stop', 'x', '--time', 'later'], "--time 'later': expected a number of seconds"],
+      [['logs', 'x', '--tail', 'some'], "--tail 'some': expected a number of lines or 'all'"],
+      [['clone', 'x.template', '--count', '0'], "--count '0': expected a whole number of at least 1"],
+      [['snapshot', 'x', '--progress', 'loud'], "--progress 'loud': expected auto, bar, plain or none"],
+      [['kill', 'x', '-s', '99'], "--signal '99': expected a signal name or number, such as TERM, SIGHUP or 9"],
+      [['kill', 'x', '-s', 'SIGBOGUS'], "--signal 'SIGBOGUS': expected a signal name or number, such as TERM, SIGHUP or 9"],
+    ]) {
+      const r = sb.run(args as string[]);
+      expect([r.code, r.stderr], (args as string[]).join(' ')).toEqual([2, `appshot: ${line}\n`]);
+    }
+  });
+
   it('key import of a missing file names it, exit code 3', () => {
     const r = sb.run(['key', 'import', join(out, 'missing.pub')]);
     expect([r.code, r.stderr]).toEqual([3, `appshot: no such file: ${join(out, 'missing.pub')}\n`]);
@@ -241,7 +266,54 @@ describe('images as tar files', () => {
   });
 });
 
+describe('the state directory of the tests', () => {
+  it('is a throwaway one wherever no Sandbox gives one: never the user\'s (/var/lib/appshot for root)', () => {
+    // What a test spawns with process.env, or calls in this process without
+    // a home, gets this one (test/global-home.ts).
+    const home = process.env.APPSHOT_HOME;
+    expect(home).toBeDefined();
+    expect(home!.startsWith(join(tmpdir(), 'appshot-test-default-home-'))).toBe(true);
+    const r = spawnSync(process.execPath, [cli, 'snapshot', 'nobody-here'], { encoding: 'utf8' });
+    expect(r.stderr).toBe("appshot: no application with AID 'nobody-here'\n");
+    expect(existsSync(join(home!, 'apps'))).toBe(true);
+  });
+});
+
+describe('stop, kill, rm and prune', () => {
+  it('print the AIDs they acted on, one a line, or as JSON; kill takes signal numbers and names with or without SIG', async () => {
+    const sleeper = ['sh', '-c', 'trap "exit 3" HUP; while :; do sleep 0.1; done'];
+    for (const aid of ['sa', 'sb', 'ka', 'kb', 'kc']) expect(sb.run(['run', '-d', '--aid', aid, '--', ...sleeper]).code).toBe(0);
+    const stop = sb.run(['stop', '-t', '0', 'sa', 'sb']);
+    expect([stop.code, stop.stdout, stop.stderr]).toEqual([0, 'sa\nsb\n', '']);
+    expect(sb.run(['kill', '-s', '1', 'ka']).stdout).toBe('ka\n');
+    expect(sb.run(['wait', 'ka']).stdout).toBe('3\n');
+    expect(sb.run(['kill', '-s', 'hup', 'kb']).stdout).toBe('kb\n');
+    expect(sb.run(['wait', 'kb']).stdout).toBe('3\n');
+    expect(sb.json<Json[]>(['kill', '-s', 'SIGHUP', 'kc'])).toEqual([{ schema: 'appshot.kill/1', aid: 'kc', signal: 'SIGHUP' }]);
+    expect(sb.run(['wait', 'kc']).stdout).toBe('3\n');
+    expect(sb.run(['rm', 'sa']).stdout).toBe('sa\n');
+    expect(sb.json<Json[]>(['rm', 'sb'])).toEqual([{ schema: 'appshot.rm/1', aid: 'sb' }]);
+    expect(sb.run(['prune']).stdout.split('\n')).toEqual(expect.arrayContaining(['ka', 'kb', 'kc']));
+    expect(sb.json<Json[]>(['prune'])).toEqual([]);
+    expect(sb.run(['run', '-d', '--aid', 'sc', '--', ...sleeper]).code).toBe(0);
+    expect(sb.json<Json[]>(['stop', '-s', '1', 'sc'])).toEqual([{ schema: 'appshot.stop/1', aid: 'sc', exitCode: 3 }]);
+    expect(sb.run(['rm', 'sc']).code).toBe(0);
+  });
+});
+
 describe('an image that cannot be written', () => {
+  it('to a directory that takes no files: the message names the -o path and why', async () => {
+    const aid = 'nowhere';
+    expect(sb.run(['run', '-d', '--aid', aid, '--', 'sleep', '60']).code).toBe(0);
+    for (const [dest, dir] of [['/proc/x.appshot', '/proc'], ['/proc/x.tar.gz', '/proc']]) {
+      const r = sb.run(['snapshot', aid, '-o', dest]);
+      expect([r.code, r.stderr]).toEqual([1, `appshot: cannot snapshot '${aid}' to ${dest}: no file can be created in ${dir} (Operation not supported); the application was left running\n`]);
+    }
+    expect(sb.json<Json[]>(['ps', aid])[0].processes).toHaveLength(2);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+
+
   it('to a reader that goes away, or past a file size limit: one line, exit 1, the application goes on, nothing left', async () => {
     const aid = 'unwritten';
     expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);

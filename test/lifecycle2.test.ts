@@ -23,7 +23,9 @@ afterAll(async () => {
 
 interface PsApp {
   aid: string;
-  state: 'running' | 'exited';
+  state: 'running' | 'exited' | 'restoring' | 'snapshotted';
+  snapshottedAt?: string;
+  command: string[];
   exitCode?: number;
   endedAt?: string;
   createdAt: string;
@@ -31,7 +33,7 @@ interface PsApp {
   template?: { path: string; instance: number };
   privateRoot?: string;
   ports: { virtual: number; system: number; mode: string }[];
-  processes: { vpid: number; pid: number; init: boolean; command: string }[];
+  processes: { vpid: number; pid: number; init: boolean; command: string; argv: string[] }[];
 }
 
 const psAll = () => sb.json<PsApp[]>(['ps', '-a']);
@@ -87,8 +89,10 @@ describe('an ended application', () => {
     expect(sb.run(['run', '--aid', 'fg5', '--', 'sh', '-c', 'exit 5']).code).toBe(5);
     expect(app('fg5')).toMatchObject({ state: 'exited', exitCode: 5 });
     const logs = sb.run(['logs', 'fg5']);
-    expect(logs.code).toBe(2);
-    expect(logs.stderr).toMatch(/ran in the foreground/);
+    // The AID is right and the command well formed: a failure, not a
+    // usage error (exit 2).
+    expect(logs.code).toBe(1);
+    expect(logs.stderr).toBe("appshot: 'fg5' ran in the foreground: its output went to the terminal of 'appshot run', and no log was kept\n");
     expect(sb.run(['rm', 'fg5']).code).toBe(0);
   });
 
@@ -98,17 +102,17 @@ describe('an ended application', () => {
     expect(sb.run(['logs', '--tail', 'x', 'ts']).code).toBe(2);
     // Before anything else is looked at or said.
     const bad = sb.run(['logs', '--tail', '-3', 'no-such-app']);
-    expect([bad.code, bad.stderr]).toEqual([2, "appshot: --tail wants a number of lines or 'all', not '-3'\n"]);
+    expect([bad.code, bad.stderr]).toEqual([2, "appshot: --tail '-3': expected a number of lines or 'all'\n"]);
     expect(sb.run(['logs', '--tail', '0', 'ts']).stdout).toBe('');
     expect(sb.run(['rm', 'ts']).code).toBe(0);
   });
 });
 
-describe('ps of an argv with control characters', () => {
-  it('writes them as escapes: one row per application and per process, no terminal escape', async () => {
-    const argv = ['sh', '-c', 'echo READY; sleep 60', 'line\nbreak\ttab\x1b[31mred\x07'];
+describe('ps of an argv with control characters, spaces and an empty argument', () => {
+  it('quotes each argument as a shell needs it and writes control characters as escapes: one row per application and per process, no terminal escape', async () => {
+    const argv = ['sh', '-c', 'echo READY; sleep 60', 'line\nbreak\ttab\x1b[31mred\x07', '', "it's"];
     await runDetached('ctl', argv, /READY/);
-    const shown = 'sh -c echo READY; sleep 60 line\\nbreak\\ttab\\e[31mred\\x07';
+    const shown = "sh -c 'echo READY; sleep 60' 'line\\nbreak\\ttab\\e[31mred\\x07' '' 'it'\\''s'";
     const list = sb.run(['ps']).stdout.split('\n').filter(Boolean);
     expect(list).toHaveLength(2);
     expect(list[1]).toMatch(new RegExp(`^ctl\\s+running\\s.*\\s${shown.replace(/[\\[\]]/g, '\\$&')}$`));
@@ -119,6 +123,7 @@ describe('ps of an argv with control characters', () => {
     expect(processes[3]).toMatch(/\ssleep 60$/);
     // --json keeps the argv as it is.
     expect(app('ctl')!.processes.map((p) => p.command)).toEqual(['[appshot-init]', argv.join(' '), 'sleep 60']);
+    expect(app('ctl')!.processes.map((p) => p.argv)).toEqual([[], argv, ['sleep', '60']]);
     expect(sb.json<{ command: string[] }[]>(['ps', 'ctl'])[0].command).toEqual(argv);
     expect(sb.run(['rm', '-f', 'ctl']).code).toBe(0);
   });
@@ -341,6 +346,54 @@ describe('logs across a snapshot and its restore', () => {
     expect(sb.run(['rm', 'unended']).code).toBe(0);
   });
 
+  it('a snapshot that ends an application leaves it in ps -a as snapshotted, with its image and when, until its restore takes its place, rm or prune', async () => {
+    const command = ['sh', '-c', 'echo READY; while :; do sleep 0.1; done'];
+    await runDetached('kept', command, /READY/);
+    const image = join(dir, 'kept.appshot');
+    const t0 = Date.now();
+    expect(sb.run(['snapshot', 'kept', '-o', image]).code).toBe(0);
+    const a = app('kept')!;
+    expect(a).toMatchObject({ state: 'snapshotted', image, command, detached: true, ports: [], processes: [] });
+    expect(Date.parse(a.snapshottedAt!)).toBeGreaterThanOrEqual(Math.floor(t0 / 1000) * 1000);
+    expect(Date.parse(a.snapshottedAt!)).toBeGreaterThanOrEqual(Date.parse(a.createdAt));
+    expect(sb.run(['ps', '-a']).stdout).toMatch(new RegExp(`^kept\\s+snapshotted \\d+s ago\\s+\\d+s\\s+0\\s+${image}\\s+-\\s+sh -c 'echo READY; while :; do sleep 0.1; done'$`, 'm'));
+    expect(sb.run(['ps', '-aq']).stdout.split('\n')).toContain('kept');
+    expect(sb.run(['ps', '-q']).stdout.split('\n')).not.toContain('kept');
+    expect(sb.run(['ps', '-a', 'kept']).stdout).toMatch(new RegExp(`^kept: snapshotted \\d+s ago \\(${image}\\)\n$`));
+    // Commands that need it running, or its exit code, say where it went.
+    const stop = sb.run(['stop', 'kept']);
+    expect([stop.code, stop.stderr]).toEqual([1, `appshot: 'kept' is not running: it was snapshotted to ${image} at ${a.snapshottedAt} (restore the image, or 'appshot rm kept' removes its record)\n`]);
+    expect(sb.run(['wait', 'kept']).code).toBe(1);
+    // Its AID is taken but for the restore of an image: run is refused...
+    const again = sb.run(['run', '--aid', 'kept', '--', 'true']);
+    expect([again.code, again.stderr]).toEqual([4, `appshot: AID 'kept' is in use by an application that was snapshotted to ${image} at ${a.snapshottedAt}: restore the image, or 'appshot rm kept' removes its record\n`]);
+    expect(sb.allAids()).not.toContain('kept');
+    // ...while the restore takes its place without asking, as before.
+    const r = sb.run(['restore', image]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(psAll().filter((x) => x.aid === 'kept').map((x) => x.state)).toEqual(['running']);
+    // rm of a snapshotted one: its record and the log that waited, not its image.
+    expect(sb.run(['snapshot', 'kept', '-o', join(dir, 'kept2.appshot')]).code).toBe(0);
+    expect(app('kept')).toMatchObject({ state: 'snapshotted', image: join(dir, 'kept2.appshot') });
+    expect(existsSync(join(sb.home, 'logs', 'kept'))).toBe(true);
+    const rm = sb.run(['rm', 'kept']);
+    expect([rm.code, rm.stdout]).toEqual([0, 'kept\n']);
+    expect(app('kept')).toBeUndefined();
+    expect(existsSync(join(sb.home, 'logs', 'kept'))).toBe(false);
+    expect(existsSync(join(dir, 'kept2.appshot'))).toBe(true);
+    expect(sb.run(['logs', 'kept']).code).toBe(3);
+    // prune takes snapshotted ones too; a foreground one has no log to wait.
+    const fg = sb.start(['run', '--aid', 'keptfg', '--', 'sh', '-c', 'echo READY; exec </dev/null >/dev/null 2>&1; while :; do sleep 0.1; done']);
+    await fg.line(/^READY$/);
+    expect(sb.run(['snapshot', 'keptfg', '-o', join(dir, 'keptfg.appshot')]).code).toBe(0);
+    expect(app('keptfg')).toMatchObject({ state: 'snapshotted', detached: false });
+    const logs = sb.run(['logs', 'keptfg']);
+    expect([logs.code, logs.stderr]).toEqual([1, "appshot: 'keptfg' ran in the foreground: its output went to the terminal of 'appshot run', and no log was kept\n"]);
+    const prune = sb.run(['prune']);
+    expect([prune.code, prune.stdout.split('\n')]).toEqual([0, expect.arrayContaining(['keptfg'])]);
+    expect(app('keptfg')).toBeUndefined();
+  });
+
   it('the restored application appends to the log it had', async () => {
     await runDetached('counter', ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo "line $i"; sleep 0.05; done'], /line 3\n/);
     const image = join(dir, 'counter.appshot');
@@ -359,6 +412,8 @@ describe('logs across a snapshot and its restore', () => {
     expect(sb.run(['ps', '-a']).code).toBe(0);
     await waitFor(() => !sb.allAids().includes('counter'), 10_000, 'the abandoned restore to go');
     expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8')).toBe(before);
+    // And the record of the snapshot, which it had taken over.
+    expect(app('counter')).toMatchObject({ state: 'snapshotted', image });
     const r = sb.run(['restore', image]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 10_000, 'the restored counter to go on');
@@ -399,6 +454,13 @@ describe('rm of a clone', () => {
 
   it('removes its private copies, REDIR PATH directories and port claims', async () => {
     await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc: PORT_ALLOC, portMux: PORT_MUX }, 'tsrc', join(dir, 'tsnap'), join(dir, 'tpl'));
+    // The snapshot's source is kept as snapshotted: a clone is not the
+    // restore of its image, and may not take its AID.
+    const taken = sb.run(['clone', join(dir, 'tpl'), '--aid', 'tsrc']);
+    expect(taken.code, taken.stderr).toBe(4);
+    expect(taken.stderr).toContain(`AID 'tsrc' is in use by an application that was snapshotted to ${join(dir, 'tsnap')} at ${app('tsrc')!.snapshottedAt}: restore the image, or 'appshot rm tsrc' removes its record\n`);
+    expect(sb.allAids()).not.toContain('tsrc');
+    expect(sb.run(['rm', 'tsrc']).code).toBe(0);
     const c = sb.run(['clone', join(dir, 'tpl'), '--aid', 'cl', '--count', '2', '--json']);
     expect(c.code, c.stderr).toBe(0);
     const clones = JSON.parse(c.stdout) as { aid: string; privateRoot: string; ports: { virtual: number; system: number }[] }[];

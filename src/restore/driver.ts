@@ -545,9 +545,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
       ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
-    }));
+    }), { restoring: !opts.instance });
     phase('registered');
-    // Its log goes on where the snapshot that ended it left it.
+    // It takes the place of the snapshot that ended its AID's application
+    // (ps -a's record), and its log goes on where that left it.
     reg.adoptCarriedLog(record);
     opts.instance?.prepare();
     // After registering: a stale registration of the same AID, released

@@ -122,7 +122,7 @@ export function formatPortMap(p: PortMap): string {
 
 function count(value: unknown, what: string, min: number): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < min) throw new AppshotError(`${what} wants a whole number of at least ${min}, not '${value}'`, ExitCode.usage);
+  if (!Number.isInteger(n) || n < min) throw new AppshotError(`${what} '${value}': expected a whole number of at least ${min}`, ExitCode.usage);
   return n;
 }
 
@@ -131,7 +131,7 @@ function share(value: unknown, what: string): number {
   const text = String(value).trim();
   const n = text.endsWith('%') ? Number(text.slice(0, -1)) / 100 : Number(text);
   if (!Number.isFinite(n) || n < 0 || n > 64 || text === '' || text === '%')
-    throw new AppshotError(`${what} wants a share of a core (0.8 or 80%), not '${value}'`, ExitCode.usage);
+    throw new AppshotError(`${what} '${value}': expected a share of a core (0.8 or 80%)`, ExitCode.usage);
   return n;
 }
 

@@ -594,6 +594,11 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   } catch (e) {
     discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
+    // The first file made where the image goes: a directory that takes no
+    // files (/proc, a read-only mount, no write permission) is named with
+    // the -o it came from, not only as the page writer saw it.
+    const why = (e as Error).message.replace(/^creating [^:]*: /, '');
+    if (!toStream) throw new AppshotError(`cannot snapshot '${aid}' to ${opts.output}: no file can be created in ${dirname(output)} (${why}); the application was left running`);
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
   }
   const vpids = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
@@ -707,7 +712,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       }
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
-      reg.markReleased(record, toStream ? 'a stream on standard output' : output);
+      reg.markReleased(record, toStream ? '-' : output);
       clock.released();
       freezer.kill();
       connections.closeSilently();

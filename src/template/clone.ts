@@ -163,7 +163,7 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
 
 export async function clone(reg: LocalRegistry, templatePath: string, opts: CloneOptions): Promise<CloneResult[]> {
-  if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count wants a whole number of at least 1`, ExitCode.usage);
+  if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count '${opts.count}': expected a whole number of at least 1`, ExitCode.usage);
   const opened = now();
   const t = await openTemplate(templatePath, opts.verify ?? false);
   const debug = (what: string, since: number) => process.env.APPSHOT_DEBUG && process.stderr.write(`clone: ${what} ${(now() - since).toFixed(2)} ms\n`);
