@@ -752,6 +752,16 @@ class Service {
       // Held ready (Prepared): let go on. Otherwise restored now.
       this.early = undefined;
       const prepared = await this.releasePrepared();
+      if (!prepared && this.early) {
+        // Committed and made running (committedEarly), then failed (its
+        // processes killed by the restore): restored afresh below, as
+        // 'starting', so that a forward refused meanwhile waits for it
+        // (not a crash that starts a second restore beside this one), and
+        // judged by its own registration, not by the dead one's commit.
+        this.early = undefined;
+        inst.state = 'starting';
+        this.changed();
+      }
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
