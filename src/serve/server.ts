@@ -645,6 +645,9 @@ class Service {
     const now = performance.now();
     if (!this.ready || this.prepared?.chain === this.ready || now - this.readyCheckedAt < 1000) return;
     if (this.ready.every(unchangedOnDisk)) this.readyCheckedAt = now;
+    // A restore under way may be reading it (its page files, held open):
+    // only no longer trusted then, and let go of at the next tick after.
+    else if (this.instances.get(this.name)?.state === 'starting') this.readyCheckedAt = -Infinity;
     else this.forgetPreload();
   }
 
@@ -660,7 +663,11 @@ class Service {
     const now = performance.now();
     if (!p || now - this.preparedCheckedAt < 1000) return;
     this.preparedCheckedAt = now;
-    if (!p.chain.every(unchangedOnDisk)) void this.dropPrepared('its image changed, or is no longer trusted');
+    if (p.chain.every(unchangedOnDisk)) return;
+    // The preloaded image, if it is the same: no resume trusts it on stat
+    // calls any more (checkReady's second), it failed the check just now.
+    if (p.chain === this.ready) this.readyCheckedAt = -Infinity;
+    void this.dropPrepared('its image changed, or is no longer trusted');
   }
 
   /** Gives up the held instance (what it made removed); resolves once it
@@ -745,6 +752,16 @@ class Service {
       // Held ready (Prepared): let go on. Otherwise restored now.
       this.early = undefined;
       const prepared = await this.releasePrepared();
+      if (!prepared && this.early) {
+        // Committed and made running (committedEarly), then failed (its
+        // processes killed by the restore): restored afresh below, as
+        // 'starting', so that a forward refused meanwhile waits for it
+        // (not a crash that starts a second restore beside this one), and
+        // judged by its own registration, not by the dead one's commit.
+        this.early = undefined;
+        inst.state = 'starting';
+        this.changed();
+      }
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
@@ -758,8 +775,10 @@ class Service {
       const ready = prepared ? prepared.chain : this.ready?.[0]?.dir === this.lastImage && this.ready.every(recent ? sameFilesOnDisk : unchangedOnDisk) ? this.ready : undefined;
       if (!ready) this.forgetPreload();
       else if (!prepared && !recent) this.readyCheckedAt = performance.now();
-      // The restore need not check again what was checked just now.
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: true });
+      // The restore need not check again what was checked just now; a
+      // retry (below, after awaits) only if nothing failed it meanwhile and
+      // still within the second.
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
