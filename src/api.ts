@@ -14,6 +14,7 @@
  * their last process exits).
  */
 import { AppshotError, ExitCode } from './errors.js';
+import { homeScope } from './home.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, type ApplicationInfo } from './inspect.js';
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
@@ -108,7 +109,7 @@ export interface RestoreOptions extends CommonOptions {
 /** A restored application. */
 export type Restored = Omit<RestoreResult, 'createdDirs' | 'lifeline'>;
 
-export interface TemplateOptions {
+export interface TemplateOptions extends CommonOptions {
   /** Classify by this rules file instead of the rules the application ran
    * under. */
   rules?: string;
@@ -135,12 +136,14 @@ export interface CloneOptions extends CommonOptions {
  * really is on this node (`mode: 'allocate'`: its own). */
 export type Clone = Omit<CloneResult, 'createdDirs'>;
 
-/** Runs `body`, turning a system call's failure (ENOENT on a path given,
- * EACCES...) into an AppshotError as the CLI reports it; any other error is
- * a bug and goes through as it is. */
-async function call<T>(body: () => Promise<T> | T): Promise<T> {
+/** Runs `body` in the state directory `opts.home` names (homeScope: the
+ * keys and temporaries too, not only the registry), turning a system
+ * call's failure (ENOENT on a path given, EACCES...) into an AppshotError
+ * as the CLI reports it; any other error is a bug and goes through as it
+ * is. */
+async function call<T>(opts: CommonOptions, body: () => Promise<T> | T): Promise<T> {
   try {
-    return await body();
+    return await (opts.home ? homeScope.run(opts.home, body) : body());
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     if (!(e instanceof AppshotError) && err && typeof err.code === 'string' && err.syscall) {
@@ -156,7 +159,7 @@ const registry = (opts: CommonOptions) => new LocalRegistry(opts.home);
  * -d`) and resolves once it runs. Rejects with exitCode 127 if the command
  * is not found, 126 if it cannot be executed, 4 if the AID is taken. */
 export function run(command: string[], opts: RunOptions = {}): Promise<RunResult> {
-  return call(async () => {
+  return call(opts, async () => {
     let started: RunResult | undefined;
     await runHarness(registry(opts), command, {
       aid: opts.aid,
@@ -175,14 +178,14 @@ export function run(command: string[], opts: RunOptions = {}): Promise<RunResult
  * with this process's stdin, stdout and stderr; resolves with its exit
  * status (128 + N if killed by signal N). */
 export function exec(aid: string, command: string[], opts: CommonOptions = {}): Promise<number> {
-  return call(() => execIn(registry(opts), aid, command));
+  return call(opts, () => execIn(registry(opts), aid, command));
 }
 
 /** Ends the application (`appshot stop`): `signal`, then SIGKILL after
  * `timeout` seconds; resolves once every process is gone. The ended
  * application is kept (`ps({ all: true })`) until `rm`. */
 export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
-  return call(async () => {
+  return call(opts, async () => {
     const timeout = opts.timeout ?? 10;
     if (!(timeout >= 0)) throw new AppshotError(`timeout ${timeout}: expected a number of seconds`, ExitCode.usage);
     const reg = registry(opts);
@@ -193,7 +196,7 @@ export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
 /** Sends one signal (default SIGKILL) and resolves at once (`appshot
  * kill`). */
 export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
-  return call(() => {
+  return call(opts, () => {
     const reg = registry(opts);
     signalApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGKILL', 'signal'));
   });
@@ -202,7 +205,7 @@ export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
 /** Resolves with the exit code once the application has ended
  * (`appshot wait`); undefined if a snapshot ended it. */
 export function wait(aid: string, opts: CommonOptions = {}): Promise<number | undefined> {
-  return call(async () => {
+  return call(opts, async () => {
     const ended = await waitEnded(registry(opts), aid);
     return ended && ended !== 'released' ? ended.exitCode : undefined;
   });
@@ -212,19 +215,19 @@ export function wait(aid: string, opts: CommonOptions = {}): Promise<number | un
  * (`appshot rm`), or the record of one a snapshot ended; `force` ends a
  * running one first. */
 export function rm(aid: string, opts: CommonOptions & { force?: boolean } = {}): Promise<void> {
-  return call(() => removeApp(registry(opts), aid, opts.force ?? false));
+  return call(opts, () => removeApp(registry(opts), aid, opts.force ?? false));
 }
 
 /** Removes every ended application, and the records of those a snapshot
  * ended (`appshot prune`); their AIDs. */
 export function prune(opts: CommonOptions = {}): Promise<string[]> {
-  return call(() => pruneEnded(registry(opts)));
+  return call(opts, () => pruneEnded(registry(opts)));
 }
 
 /** The running applications of the registry (ended ones too with
  * `all`), or only `aid`, with their processes (`appshot ps --json`). */
 export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[]> {
-  return call(() => {
+  return call(opts, () => {
     const reg = registry(opts);
     const records = aid !== undefined ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
     return describeApplications(reg, records);
@@ -236,7 +239,7 @@ export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[
  * unless `leaveRunning`; a snapshot that fails leaves it running and no
  * image behind. */
 export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
-  return call(() => {
+  return call(opts, () => {
     const timeoutMs = opts.timeoutMs ?? 10_000;
     if (!(timeoutMs > 0)) throw new AppshotError(`timeoutMs ${timeoutMs}: expected a positive number`, ExitCode.usage);
     return snapshotApplication(registry(opts), aid, {
@@ -254,7 +257,7 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
 /** Brings an image back as a running application in the background
  * (`appshot restore`). A restore that fails leaves nothing behind. */
 export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
-  return call(async () => {
+  return call(opts, async () => {
     if (opts.aid !== undefined) checkAid(opts.aid);
     const { createdDirs: _dirs, lifeline: _lifeline, ...restored } = await restoreImage(registry(opts), image, {
       aid: opts.aid,
@@ -267,7 +270,7 @@ export function restore(image: string, opts: RestoreOptions = {}): Promise<Resto
 /** Turns a snapshot into a template at `output` (`appshot template create`),
  * classifying every resource for cloning. */
 export function templateCreate(snapshotImage: string, output: string, opts: TemplateOptions = {}): Promise<TemplateSummary> {
-  return call(() => {
+  return call(opts, () => {
     if (opts.name !== undefined) checkAid(opts.name);
     return createTemplate(snapshotImage, output, { rules: opts.rules, name: opts.name });
   });
@@ -276,7 +279,7 @@ export function templateCreate(snapshotImage: string, output: string, opts: Temp
 /** Stamps running instances from a template (`appshot clone`), each under
  * its own AID, in milliseconds each. */
 export function clone(template: string, opts: CloneOptions = {}): Promise<Clone[]> {
-  return call(async () => {
+  return call(opts, async () => {
     const count = opts.count ?? 1;
     if (!(Number.isInteger(count) && count >= 1))
       throw new AppshotError(`count ${count}: expected a whole number of at least 1`, ExitCode.usage);

@@ -217,6 +217,10 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     // redis on a fixed port of this file's own.
     process.env.APPSHOT_PORTS = TEST_PORTS;
     const dir = mkdtempSync(join(work, 'redis-'));
+    // Everything the calls keep is in the `home` they are given (the
+    // example's dir/appshot), its signing key too, not in $APPSHOT_HOME.
+    const envKeys = join(process.env.APPSHOT_HOME!, 'keys');
+    const envKeysBefore = existsSync(envKeys);
     redis = await startRedisClones({
       count: 3,
       dir,
@@ -226,6 +230,8 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     });
     const ports = redis.clones.map((c) => c.port);
     expect(new Set(ports).size).toBe(3);
+    expect(existsSync(join(dir, 'appshot', 'keys', 'self.key'))).toBe(true);
+    if (!envKeysBefore) expect(existsSync(envKeys)).toBe(false);
 
     for (const c of redis.clones) {
       expect(redisCli(c.port, ['DBSIZE', 'GET user:0', `GET user:${KEYS - 1}`])).toEqual([String(KEYS), 'name-0', `name-${KEYS - 1}`]);

@@ -90,7 +90,7 @@ export async function startRedisClones(opts: RedisClonesOptions): Promise<RedisC
   await clientsGone(opts.port, 10_000);
   // The snapshot ends the template redis: its port is free again after.
   const image = (await snapshot(redis.aid, { home, output: join(opts.dir, 'loaded.appshot') })).image;
-  const template = (await templateCreate(image, join(opts.dir, 'redis.template'))).template;
+  const template = (await templateCreate(image, join(opts.dir, 'redis.template'), { home })).template;
   const made = await clone(template, { home, count: opts.count, aid: 'redis' });
 
   const clones = made.map((c) => {
