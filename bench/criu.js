@@ -235,7 +235,7 @@ const ROWS = [
   ['held_drain', '    of which: the page file written out (ms)'],
   ['held_fsync', '    of which: its fsync (ms)'],
   ['held_checksum', '    of which: classifying, checksums of mapped files (ms)'],
-  ['held_commit', '    of which: the commit (page file read back and signed, metadata, syncs) (ms)'],
+  ['held_commit', '    of which: the commit (metadata signed, renamed into place, syncs) (ms)'],
   ['held_end', '  appshot: then ending it, seeing it gone (ms)'],
   ['snapshot_wall', 'whole snapshot command, wall (ms)'],
   ['snapshot_cpu', 'whole snapshot command, CPU (ms)'],
