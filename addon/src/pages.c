@@ -99,6 +99,20 @@ struct pw_sums {
   int nthreads, max_threads;
 };
 
+/* A hashing thread's chunk buffer, mapped for the thread's life and
+ * unmapped at its end. From malloc it would come, once glibc's mmap
+ * threshold has risen past a chunk (it does at the first free of one),
+ * out of the thread's own arena, which keeps it after free: a resident
+ * engine or `appshot serve` carried a chunk per hashing thread for good. */
+static uint8_t* chunk_buffer(size_t len) {
+  void* p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static void chunk_buffer_free(uint8_t* buf, size_t len) {
+  if (buf) munmap(buf, len);
+}
+
 /* Chunk i is whole in the file, or the last one and the file complete. */
 static int sums_ready(const struct pw_sums* s, size_t i) {
   uint64_t from = (uint64_t)i * PAGES_CHUNK;
@@ -115,7 +129,7 @@ static void* sums_main(void* arg) {
   struct pw_sums* s = me->s;
   int index = me->index;
   free(me);
-  uint8_t* buf = malloc(PAGES_CHUNK);
+  uint8_t* buf = chunk_buffer(PAGES_CHUNK);
   pthread_mutex_lock(&s->mu);
   if (!buf && !s->err) s->err = -ENOMEM;
   for (;;) {
@@ -152,7 +166,7 @@ static void* sums_main(void* arg) {
     pthread_cond_broadcast(&s->changed);
   }
   pthread_mutex_unlock(&s->mu);
-  free(buf);
+  chunk_buffer_free(buf, PAGES_CHUNK);
   return NULL;
 }
 
@@ -882,7 +896,7 @@ struct pages_check {
 
 static void* check_main(void* arg) {
   struct pages_check* c = arg;
-  uint8_t* buf = malloc(c->chunk);
+  uint8_t* buf = chunk_buffer(c->chunk);
   for (;;) {
     pthread_mutex_lock(&c->mu);
     if (c->stop || c->next >= c->nchunks || !buf) {
@@ -920,7 +934,7 @@ static void* check_main(void* arg) {
     pthread_cond_broadcast(&c->changed);
     pthread_mutex_unlock(&c->mu);
   }
-  free(buf);
+  chunk_buffer_free(buf, c->chunk);
   return NULL;
 }
 
