@@ -410,10 +410,12 @@ void mqueue_translate_read(int fd, char *buf, long n) {
   long sys = 0;
   while (fe < len && text[fe] >= '0' && text[fe] <= '9') sys = sys * 10 + (text[fe++] - '0');
   while (fe < len && text[fe] == ' ') fe++; /* the field's padding */
-  if (fe == fs) return;
+  /* A field wider than the one we write into is not the kernel's format
+   * as we know it (at most ~11 bytes): left as the kernel wrote it. */
+  if (fe == fs || fe - fs > 24) return;
   /* Outside the application (or nobody: 0): 0, as a PID namespace shows. */
   long virt = sys > 0 && sys <= INT32_MAX ? s2v_or0(APPSHOT_PID, (int32_t)sys) : 0;
-  char field[24];
+  char field[24]; /* fe - fs <= 24, checked above */
   char *e = put_decimal(field, (unsigned long)virt);
   if (e - field > fe - fs) e = put_decimal(field, 0); /* never wider than it was */
   while (e - field < fe - fs) *e++ = ' ';
