@@ -379,3 +379,32 @@ export async function redisImage(sb: Sandbox, port: number, keys: number, value:
   const s = sb.run(['snapshot', 'loader', '-o', image]);
   if (s.code !== 0) throw new Error(`appshot snapshot loader: ${s.stderr}`);
 }
+
+/**
+ * appshot run with APPSHOT_TEST_STOP_AT=`point` (the engine off): resolves
+ * once it has stopped itself there (killpoint.ts raises SIGSTOP), so that a
+ * test can change what it is about to use; `go()` lets it continue and
+ * resolves with its exit code and what it wrote on stderr.
+ */
+export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string }> }> {
+  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  const stopped = () => {
+    try {
+      return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
+    } catch {
+      return false;
+    }
+  };
+  await waitFor(() => stopped() || child.exitCode !== null, 50_000, what);
+  if (child.exitCode !== null) throw new Error(`appshot ${args.join(' ')} ended (${child.exitCode}) before '${point}': ${stderr}`);
+  return {
+    go: async () => {
+      child.kill('SIGCONT');
+      const code = await exited;
+      return { code, stderr };
+    },
+  };
+}

@@ -18,7 +18,7 @@ import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import type { Image, Manifest } from '../src/image/types.js';
-import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const other = new Sandbox();
@@ -322,25 +322,11 @@ describe('page data checked by chunks (format 3)', () => {
       const aidsBefore = sb.aids();
       // Stopped where the chunks' check starts: the size is checked, no
       // chunk read yet. The owner cuts the file, and it goes on.
-      const child = spawn(process.execPath, [cli, 'restore', ...(lazy ? ['--lazy'] : []), dir], {
-        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: checking pages' },
-      });
-      let stderr = '';
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-      const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-      const stopped = () => {
-        try {
-          return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
-        } catch {
-          return false;
-        }
-      };
-      await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the restore to reach its check');
-      expect(child.exitCode, stderr).toBeNull();
+      const stopped = await stoppedAt(sb, ['restore', ...(lazy ? ['--lazy'] : []), dir], 'image: checking pages', 'the restore to reach its check');
       const last = Math.ceil(size / MiB) - 1;
       truncateSync(join(dir, 'pages.img'), last * MiB);
-      child.kill('SIGCONT');
-      expect(await exited).toBe(1);
+      const { code, stderr } = await stopped.go();
+      expect(code).toBe(1);
       const lines = stderr.split('\n').filter((l) => l !== '');
       expect(lines, stderr).toHaveLength(1);
       expect(lines[0]).toMatch(new RegExp(`^appshot: cannot restore .*: corrupt image: pages.img cannot be read \\(chunk ${last}, bytes ${last * MiB}-\\d+: EIO\\)$`));
@@ -821,25 +807,10 @@ describe('signed images', () => {
     rmSync(link, { force: true });
     symlinkSync(mine, link);
     const aidsBefore = sb.aids();
-    const child = spawn(process.execPath, [cli, 'restore', link, '--aid', 'switched'], {
-      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: owners checked' },
-    });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-    const stopped = () => {
-      try {
-        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
-      } catch {
-        return false;
-      }
-    };
-    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the restore to check the owners');
-    expect(child.exitCode, stderr).toBeNull();
+    const stopped = await stoppedAt(sb, ['restore', link, '--aid', 'switched'], 'image: owners checked', 'the restore to check the owners');
     symlinkSync(theirs, `${link}.new`);
     renameSync(`${link}.new`, link);
-    child.kill('SIGCONT');
-    const code = await exited;
+    const { code, stderr } = await stopped.go();
     if (sb.aids().includes('switched')) sb.run(['rm', '-f', 'switched']);
     const lines = stderr.split('\n').filter((l) => l !== '');
     expect(lines, stderr).toHaveLength(1);

@@ -6,12 +6,12 @@
  * is run under rules, snapshotted, made a template and cloned 8 times; the
  * clones run at once, each answering for its own state.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, makeTemplfixWorld, runTemplfix, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
+import { cli, makeTemplfixWorld, runTemplfix, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
@@ -305,27 +305,12 @@ describe('templating refusals', () => {
     const pages = join(switched, 'pages.img');
     // Stopped once the template is opened (its page file checked by its
     // size and owner), before the clone maps it.
-    const child = spawn(process.execPath, [cli, 'clone', switched, '--aid', 'switched'], {
-      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'restore: image read and checked (1 in its chain)' },
-    });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-    const stopped = () => {
-      try {
-        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
-      } catch {
-        return false;
-      }
-    };
-    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the clone to open the template');
-    expect(child.exitCode, stderr).toBeNull();
+    const stopped = await stoppedAt(sb, ['clone', switched, '--aid', 'switched'], 'restore: image read and checked (1 in its chain)', 'the clone to open the template');
     // Another file at its path (here the same bytes, a new inode: what
     // it holds was never looked at).
     copyFileSync(pages, `${pages}.new`);
     renameSync(`${pages}.new`, pages);
-    child.kill('SIGCONT');
-    const code = await exited;
+    const { code, stderr } = await stopped.go();
     if (sb.aids().includes('switched')) sb.run(['rm', '-f', 'switched']);
     expect(stderr).toMatch(/pages\.img changed since it was checked/);
     expect(code).toBe(1);
@@ -337,29 +322,14 @@ describe('templating refusals', () => {
     cpSync(join(dir, 'snap'), snap, { recursive: true });
     const pages = join(snap, 'pages.img');
     const tpl = join(dir, 'switched-snap.template');
-    const child = spawn(process.execPath, [cli, 'template', 'create', snap, '-o', tpl], {
-      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'image: pages checked' },
-    });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-    const stopped = () => {
-      try {
-        return readFileSync(`/proc/${child.pid}/stat`, 'utf8').replace(/^.*\) /, '').startsWith('T');
-      } catch {
-        return false;
-      }
-    };
-    await waitFor(() => stopped() || child.exitCode !== null, 50_000, 'the page file to be checked');
-    expect(child.exitCode, stderr).toBeNull();
+    const stopped = await stoppedAt(sb, ['template', 'create', snap, '-o', tpl], 'image: pages checked', 'the page file to be checked');
     // Another file at its path, one byte changed.
     copyFileSync(pages, `${pages}.new`);
     const fd = openSync(`${pages}.new`, 'r+');
     writeSync(fd, Buffer.from([0x5a]), 0, 1, 8192);
     closeSync(fd);
     renameSync(`${pages}.new`, pages);
-    child.kill('SIGCONT');
-    const code = await exited;
+    const { code, stderr } = await stopped.go();
     expect(stderr).toMatch(/pages\.img changed since it was checked/);
     expect(code).toBe(1);
     expect(existsSync(tpl)).toBe(false);
