@@ -162,6 +162,15 @@ export class Freezer {
       if (code === 'ESRCH') return undefined; // exited
       // EPERM: gone too, or traced already (a debugger, another snapshot).
       const tracer = tracerOf(tid);
+      // Or ours already: a child forked by a seized process is attached to
+      // us by the kernel (PTRACE_O_TRACEFORK) and can show in /proc before
+      // its stop or its parent's fork event is reported. It is tracked
+      // like the others; its report marks it stopped.
+      if (code === 'EPERM' && tracer && tgidOf(tracer) === process.pid) {
+        this.threads.set(tid, t);
+        this.processes.add(pid);
+        return t;
+      }
       if (code === 'EPERM' && tracer)
         throw new AppshotError(`process ${this.vpidOf(pid) || `(system PID ${pid})`} is being traced by process ${tracer} (a debugger, or another snapshot); the application was left running`, ExitCode.conflict);
       if (code === 'EPERM' && !existsSync(`/proc/${tid}`)) return undefined;
@@ -471,6 +480,9 @@ function detachWhenStopped(tid: number): void {
 export function letGoIfUnsettled(r: TraceReport): boolean {
   if (!unsettled.delete(r.tid)) return false;
   if (r.kind === 'exited') return true;
+  // It stopped at a fork: the kernel attached the new child to us as well,
+  // and nobody else will let that one go.
+  if (r.kind === 'event' && (r.event === PTRACE_EVENT.fork || r.event === PTRACE_EVENT.vfork || r.event === PTRACE_EVENT.clone)) detachWhenStopped(r.msg);
   try {
     // A signal it was about to take is given back; a job-control stop's
     // signal too, so that it stops as it would have.
