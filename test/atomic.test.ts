@@ -18,7 +18,8 @@ import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, templfixTemplate, wai
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
 const ROOT = join(dir, 'srv');
-const base = 29000 + ((process.pid * 3) % 900);
+// Ports of their own (the map: helpers.ts, Sandbox).
+const base = 22000 + ((process.pid * 3) % 800);
 let ipcBefore = systemIpcIds();
 
 afterAll(async () => {

@@ -38,10 +38,17 @@ export const TEST_PORTS = '30000-32000';
 
 export class Sandbox {
   readonly home = mkdtempSync(join(tmpdir(), 'appshot-test-'));
-  /** Clones' ports come from a range of their own: the tests listen on
-   * fixed ports between 21000 and 30000 (redis 21000-26000, web
-   * 27100-27900, templates 28000-30000), which an allocation from the
-   * default range could take first. */
+  /** Clones' ports come from a range of their own (30000-32000): the
+   * tests listen on fixed ports below it, which an allocation from the
+   * default range could take first. Each test file has its own range,
+   * disjoint from the others' (files run at once):
+   *   17000-17999 serve-prepared   18000-18999 serve-standby
+   *   19000-19999 serve-hold       20000-20999 serve
+   *   21000-21999 redis            22000-23702 atomic
+   *   23800-23999 lifecycle2       24000-25999 etcd
+   *   26000-26504 servers          26600-26699 tcp, unprivileged (fixed)
+   *   26700-26999 uniqueness       27100-27899 web
+   *   28000-29998 template */
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;
   // test/output.test.ts sets it where it tests that.

@@ -447,8 +447,8 @@ describe('logs across a snapshot and its restore', () => {
 
 describe('rm of a clone', () => {
   const ROOT = join(dir, 'srv');
-  // Ports of their own: other tests listen between 21000 and 26000 and from 27100.
-  const base = 26100 + ((process.pid * 7) % 450) * 2;
+  // Ports of their own (the map: helpers.ts, Sandbox).
+  const base = 23800 + ((process.pid * 7) % 100) * 2;
   const PORT_ALLOC = base;
   const PORT_MUX = base + 1;
 

@@ -17,8 +17,8 @@ import { fixture, Sandbox, waitFor } from './helpers.js';
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-uniq-'));
 const CLONES = 8;
-// Beside the ranges other test files listen in (helpers.ts, Sandbox).
-const PORT = 26100 + (process.pid % 900);
+// Beside the ranges other test files listen in (the map: helpers.ts, Sandbox).
+const PORT = 26700 + (process.pid % 300);
 const HOOKS = join(dir, 'hooks.txt');
 
 interface Report {
