@@ -99,6 +99,20 @@ struct pw_sums {
   int nthreads, max_threads;
 };
 
+/* The CLOCK_REALTIME instant `ms` from now, as pthread_cond_timedwait
+ * wants it. */
+static struct timespec deadline_after(int ms) {
+  struct timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  t.tv_sec += ms / 1000;
+  t.tv_nsec += (long)(ms % 1000) * 1000000L;
+  if (t.tv_nsec >= 1000000000L) {
+    t.tv_sec++;
+    t.tv_nsec -= 1000000000L;
+  }
+  return t;
+}
+
 /* A hashing thread's chunk buffer, mapped for the thread's life and
  * unmapped at its end. From malloc it would come, once glibc's mmap
  * threshold has risen past a chunk (it does at the first free of one),
@@ -793,14 +807,7 @@ int pw_drain(page_writer* w, int timeout_ms) {
   int rc = flush(w);
   struct pw_queue* q = w->queue;
   if (rc || !q) return rc;
-  struct timespec until;
-  clock_gettime(CLOCK_REALTIME, &until);
-  until.tv_sec += timeout_ms / 1000;
-  until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-  if (until.tv_nsec >= 1000000000L) {
-    until.tv_sec++;
-    until.tv_nsec -= 1000000000L;
-  }
+  struct timespec until = deadline_after(timeout_ms);
   pthread_mutex_lock(&q->mu);
   while (!q->err && q->queued && pthread_cond_timedwait(&q->space, &q->mu, &until) == 0) {
   }
@@ -987,16 +994,7 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
   if (len > c->size - off) len = c->size - off;
   size_t first = (size_t)(off / c->chunk);
   size_t end = len ? (size_t)((off + len + c->chunk - 1) / c->chunk) : first;
-  struct timespec until;
-  if (timeout_ms >= 0) {
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-      until.tv_sec++;
-      until.tv_nsec -= 1000000000L;
-    }
-  }
+  struct timespec until = timeout_ms >= 0 ? deadline_after(timeout_ms) : (struct timespec){0, 0};
   int rc = 0;
   pthread_mutex_lock(&c->mu);
   for (size_t i = first; i < end;) {
