@@ -20,6 +20,8 @@
  *   free to bind; `service rm` then removes the service.
  * - serve killed with SIGKILL with a prepared instance held: its processes
  *   die with their tracer, init removes the registration and tables;
+ *   `service rm` then removes the suspend images and the snapshotted
+ *   record (`ps -a`) that named them;
  * - two services of one image, whose application listens on the same
  *   port: only one can be held (the other's prepare finds the port
  *   bound); resuming the other gives up the held one and restores;
@@ -214,6 +216,35 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
     expect(sb.run(['rm', 'db']).code).toBe(0);
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
+  it("service rm after a serve killed while holding a prepared instance takes the snapshotted record of the images it removes", async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    // One resume and one idle suspend: the service's state is in its own
+    // suspend image, which the snapshot's record (ps -a) names; the
+    // instance prepared from it has taken that record over.
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const suspendImage = show().lastImage;
+    expect(suspendImage.startsWith(join(sb.home, 'services', 'db') + '/')).toBe(true);
+    const held = pids('db');
+    serve.child.kill('SIGKILL');
+    await serve.exited;
+    // No appshot command in between (one would release the held
+    // instance's registration first): service rm's own stopping of the
+    // instance does, giving the record back just before the images go.
+    await waitFor(() => held.every((p) => !alive(p)), 10_000, 'the held processes and init to die with serve');
+    const rm = sb.run(['service', 'rm', 'db']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(existsSync(suspendImage)).toBe(false);
+    expect(sb.json<{ aid: string }[]>(['ps', '-a']).map((a) => a.aid)).not.toContain('db');
+    expect(existsSync(join(sb.home, 'snapshotted', 'db.json'))).toBe(false);
+    // Its log, which waited for the resume, went with the record.
+    expect(existsSync(join(sb.home, 'logs', 'db'))).toBe(false);
   });
 
   it('two services of one image on one port inside: resuming the one not held gives up the held one', async () => {
