@@ -19,7 +19,7 @@ import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, LocalRegistry } from './registry.js';
-import { restore as restoreImage, type RestoreResult } from './restore/driver.js';
+import { restore as restoreImage, RestoredWithError, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
 import { clone as cloneTemplate, type CloneResult } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
@@ -257,15 +257,20 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
 }
 
 /** Brings an image back as a running application in the background
- * (`appshot restore`). A restore that fails leaves nothing behind. */
+ * (`appshot restore`). A restore that fails leaves nothing behind, but
+ * for one that fails after its commit (exitCode 6, ExitCode.afterCommit):
+ * the application then runs and is registered, and the error's
+ * `restored` says what was restored. */
 export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
+  const shown = ({ createdDirs: _dirs, lifeline: _lifeline, ...restored }: RestoreResult): Restored => restored;
   return call(opts, async () => {
     if (opts.aid !== undefined) checkAid(opts.aid);
-    const { createdDirs: _dirs, lifeline: _lifeline, ...restored } = await restoreImage(registry(opts), image, {
-      aid: opts.aid,
-      lazy: opts.lazy ?? false,
-    });
-    return restored;
+    try {
+      return shown(await restoreImage(registry(opts), image, { aid: opts.aid, lazy: opts.lazy ?? false }));
+    } catch (e) {
+      if (e instanceof RestoredWithError) throw Object.assign(new AppshotError(e.message, e.exitCode), { restored: shown(e.restored) });
+      throw e;
+    }
   });
 }
 

@@ -568,7 +568,7 @@ export function buildProgram(): Command {
     )
     .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean; progress: string }) => {
       if (opts.aid !== undefined) checkAid(opts.aid);
-      const [{ trustImagesExplicitly }, { restore }, { ProgressDisplay, progressMode }] = await Promise.all([
+      const [{ trustImagesExplicitly }, { restore, RestoredWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./restore/driver.js'),
         import('./progress.js'),
@@ -576,19 +576,35 @@ export function buildProgram(): Command {
       if (opts.trustImage) trustImagesExplicitly();
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
+      // For ps: where it came from (a stream has no path to show).
+      const noteImage = (restored: { aid: string; image: string }) => {
+        const current = image === '-' ? undefined : reg.get(restored.aid);
+        if (current && !isEnded(current)) reg.update({ ...current, image: restored.image });
+      };
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
       let result;
       try {
         result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
+      } catch (e) {
+        // Committed, then a step failed: it runs all the same (exit 6).
+        if (e instanceof RestoredWithError)
+          try {
+            noteImage(e.restored);
+          } catch {
+            /* said already: a step failed */
+          }
+        throw e;
       } finally {
         uninstall();
         display.end();
       }
-      // For ps: where it came from (a stream has no path to show).
-      const current = image === '-' ? undefined : reg.get(result.aid);
-      if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
+      try {
+        noteImage(result);
+      } catch (e) {
+        throw new AppshotError(`restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`, ExitCode.afterCommit);
+      }
       if (opts.json)
         json('restore', {
           aid: result.aid,

@@ -273,6 +273,29 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     for (const name of ['db', 'db2']) expect(sb.run(['service', 'rm', name]).code).toBe(0);
   });
 
+  it('a resume that fails after its commit serves the instance it made (it runs), and says so', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    // Every restore of this serve fails at the step after its commit.
+    serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'restore: committed' });
+    await serve.line(/^ready$/);
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const held = appPids('db');
+    // Answered by the instance the failed step left running: not a
+    // second restore (which would fail the same way), nor a refusal.
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    expect(appPids('db')).toEqual(held);
+    await waitFor(() => events().some((e) => e.event === 'restore'), 5000, 'the restore to be logged');
+    expect(events().filter((e) => e.event === 'restore-incomplete')).toHaveLength(1);
+    expect(events().filter((e) => e.event === 'restore-failed')).toEqual([]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    expect(sb.run(['rm', 'db']).code).toBe(0);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
