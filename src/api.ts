@@ -16,17 +16,17 @@
 import { AppshotError, ExitCode } from './errors.js';
 import { homeScope } from './home.js';
 import { execIn, run as runHarness } from './harness.js';
-import { describeApplications, type ApplicationInfo } from './inspect.js';
+import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
-import { checkAid, isEnded, LocalRegistry } from './registry.js';
-import { restore as restoreImage, type RestoreResult } from './restore/driver.js';
+import { checkAid, LocalRegistry } from './registry.js';
+import { restore as restoreImage, RestoredWithError, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
 import { clone as cloneTemplate, type CloneResult } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
 
 export { AppshotError, ExitCode };
 export type { ApplicationInfo, SnapshotResult, TemplateSummary };
-export type { ListeningPort, ProcessRow } from './inspect.js';
+export type { ApplicationState, ExitedApplicationInfo, ListeningPort, LiveApplicationInfo, ProcessRow, SnapshottedApplicationInfo } from './inspect.js';
 export type { SnapshotPhases } from './snapshot/phases.js';
 export type { PortBinding } from './registry.js';
 export type { Action, Verdict } from './image/types.js';
@@ -71,7 +71,7 @@ export interface StopOptions extends KillOptions {
 }
 
 export interface PsOptions extends CommonOptions {
-  /** Ended applications too (`appshot ps -a`). */
+  /** Ended applications too, and those a snapshot ended (`appshot ps -a`). */
   all?: boolean;
 }
 
@@ -224,13 +224,15 @@ export function prune(opts: CommonOptions = {}): Promise<string[]> {
   return call(opts, () => pruneEnded(registry(opts)));
 }
 
-/** The running applications of the registry (ended ones too with
- * `all`), or only `aid`, with their processes (`appshot ps --json`). */
+/** The running applications of the registry, or only `aid`, with their
+ * processes (`appshot ps --json`, without the schema field); with `all`,
+ * as `ps -a`: the ended ones too (`state: 'exited'`, with exitCode) and
+ * those a snapshot ended (`state: 'snapshotted'`, with the image it went
+ * into), in AID order. */
 export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[]> {
   return call(opts, () => {
     const reg = registry(opts);
-    const records = aid !== undefined ? [opts.all ? reg.requireAny(aid) : reg.require(aid)] : reg.list().filter((r) => opts.all || !isEnded(r));
-    return describeApplications(reg, records);
+    return describeApplications(reg, selectApplications(reg, aid, opts.all ?? false));
   });
 }
 
@@ -255,15 +257,20 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
 }
 
 /** Brings an image back as a running application in the background
- * (`appshot restore`). A restore that fails leaves nothing behind. */
+ * (`appshot restore`). A restore that fails leaves nothing behind, but
+ * for one that fails after its commit (exitCode 6, ExitCode.afterCommit):
+ * the application then runs and is registered, and the error's
+ * `restored` says what was restored. */
 export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
+  const shown = ({ createdDirs: _dirs, lifeline: _lifeline, ...restored }: RestoreResult): Restored => restored;
   return call(opts, async () => {
     if (opts.aid !== undefined) checkAid(opts.aid);
-    const { createdDirs: _dirs, lifeline: _lifeline, ...restored } = await restoreImage(registry(opts), image, {
-      aid: opts.aid,
-      lazy: opts.lazy ?? false,
-    });
-    return restored;
+    try {
+      return shown(await restoreImage(registry(opts), image, { aid: opts.aid, lazy: opts.lazy ?? false }));
+    } catch (e) {
+      if (e instanceof RestoredWithError) throw Object.assign(new AppshotError(e.message, e.exitCode), { restored: shown(e.restored) });
+      throw e;
+    }
   });
 }
 

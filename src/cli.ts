@@ -6,9 +6,9 @@ import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { formatId, type ListeningCache, listProcesses, portsOf, portText, printColumns, processCommand, shellCommand, tableRows } from './inspect.js';
+import { type ApplicationInfo, describeApplications, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
-import { type AppRecord, LocalRegistry, type SnapshottedRecord, checkAid, describeSnapshot, isEnded, isRestoring } from './registry.js';
+import { type AppRecord, LocalRegistry, checkAid, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
@@ -97,52 +97,18 @@ export function buildProgram(): Command {
     );
   }
 
-  /** An application as `ps --json` shows it. */
-  function appJson(r: AppRecord, processes: ReturnType<typeof listProcesses>, cache: ListeningCache) {
-    return {
-      aid: r.aid,
-      state: isEnded(r) ? 'exited' : isRestoring(r) ? 'restoring' : 'running',
-      ...(isEnded(r) ? { exitCode: r.exitCode, endedAt: r.endedAt } : {}),
-      command: r.command,
-      detached: r.detached,
-      createdAt: r.createdAt,
-      ...(r.image ? { image: r.image } : {}),
-      ...(r.template ? { template: r.template } : {}),
-      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-      // Every port it listens on, translated or not; none once ended.
-      ports: portsOf(r, processes, cache),
-      processes: processes.filter((p) => p.aid === r.aid),
-    };
-  }
-
   /** One AID a line, as docker prints the containers it acted on. */
   function printAids(done: { aid: string }[]): void {
     if (done.length) process.stdout.write(done.map((d) => d.aid).join('\n') + '\n');
   }
 
-  /** An application a snapshot ended, as `ps -a --json` shows it. */
-  function snapshottedJson(r: SnapshottedRecord) {
-    return {
-      aid: r.aid,
-      state: r.state,
-      image: r.image,
-      snapshottedAt: r.snapshottedAt,
-      command: r.command,
-      detached: r.detached,
-      createdAt: r.createdAt,
-      ...(r.template ? { template: r.template } : {}),
-      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-      ports: [],
-      processes: [],
-    };
-  }
-
-  function snapshottedText(r: SnapshottedRecord): string {
-    return `snapshotted ${age(r.snapshottedAt)} ago`;
-  }
-
-  function stateText(r: AppRecord): string {
-    return isEnded(r) ? `exited (${r.exitCode}) ${age(r.endedAt!)} ago` : isRestoring(r) ? 'restoring' : 'running';
+  /** STATE as `ps` prints it. */
+  function stateText(a: ApplicationInfo): string {
+    return a.state === 'exited'
+      ? `exited (${a.exitCode}) ${age(a.endedAt)} ago`
+      : a.state === 'snapshotted'
+        ? `snapshotted ${age(a.snapshottedAt)} ago`
+        : a.state;
   }
 
   program
@@ -161,58 +127,40 @@ export function buildProgram(): Command {
     )
     .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
       const reg = registry();
-      // With -a, the applications a snapshot ended too (not restored since).
-      let snapshotted: SnapshottedRecord[] = [];
-      let records: AppRecord[];
-      if (!aid) {
-        records = reg.list().filter((r) => opts.all || !isEnded(r));
-        if (opts.all) snapshotted = reg.listSnapshotted();
-      } else if (!opts.all) records = [reg.require(aid)];
-      else {
-        const one = reg.get(aid) ? undefined : reg.getSnapshotted(aid);
-        records = one ? [] : [reg.requireAny(aid)];
-        if (one) snapshotted = [one];
-      }
-      const byAid = (a: { aid: string }, b: { aid: string }) => (a.aid < b.aid ? -1 : a.aid > b.aid ? 1 : 0);
+      // The Node API's ps() lists the same (inspect.ts).
+      const listing = selectApplications(reg, aid, opts.all);
       if (opts.quiet) {
-        const aids = [...records, ...snapshotted].sort(byAid).map((r) => r.aid);
+        const aids = listedAids(listing);
         if (aids.length) process.stdout.write(aids.join('\n') + '\n');
         return;
       }
-      const rows = listProcesses(reg, records);
-      const cache: ListeningCache = new Map();
+      const apps = describeApplications(reg, listing);
       if (opts.json) {
-        json('ps', [...records.map((r) => appJson(r, rows, cache)), ...snapshotted.map(snapshottedJson)].sort(byAid));
+        json('ps', apps);
         return;
       }
       if (aid) {
-        if (snapshotted.length) process.stdout.write(`${aid}: ${snapshottedText(snapshotted[0])} (${snapshotted[0].image})\n`);
-        else if (isEnded(records[0])) process.stdout.write(`${aid}: ${stateText(records[0])}\n`);
+        const [one] = apps;
+        if (one.state === 'snapshotted') process.stdout.write(`${aid}: ${stateText(one)} (${one.image})\n`);
+        else if (one.state === 'exited') process.stdout.write(`${aid}: ${stateText(one)}\n`);
         else
           printColumns(
             ['AID', 'VPID', 'PID', 'VPPID', 'STAT', 'THREADS', 'COMMAND'],
-            rows.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), processCommand(p)]),
+            one.processes.map((p) => [p.aid, String(p.vpid), String(p.pid), String(p.vppid), p.state, String(p.threads), processCommand(p)]),
           );
         return;
       }
-      const table: [string, string[]][] = [
-        ...records.map((r): [string, string[]] => [
-          r.aid,
-          [
-            r.aid,
-            stateText(r),
-            age(r.createdAt),
-            String(rows.filter((p) => p.aid === r.aid && !p.init).length),
-            r.template ? `${r.template.path} #${r.template.instance}` : (r.image ?? '-'),
-            portsOf(r, rows, cache).map(portText).join(', ') || '-',
-            shellCommand(r.command),
-          ],
-        ]),
-        ...snapshotted.map((r): [string, string[]] => [r.aid, [r.aid, snapshottedText(r), age(r.createdAt), '0', r.image, '-', shellCommand(r.command)]]),
-      ];
       printColumns(
         ['AID', 'STATE', 'AGE', 'PROCS', 'IMAGE', 'PORTS', 'COMMAND'],
-        table.sort((a, b) => byAid({ aid: a[0] }, { aid: b[0] })).map(([, row]) => row),
+        apps.map((a) => [
+          a.aid,
+          stateText(a),
+          age(a.createdAt),
+          String(a.processes.filter((p) => !p.init).length),
+          a.template ? `${a.template.path} #${a.template.instance}` : (a.image ?? '-'),
+          a.ports.map(portText).join(', ') || '-',
+          shellCommand(a.command),
+        ]),
       );
     });
 
@@ -620,7 +568,7 @@ export function buildProgram(): Command {
     )
     .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean; progress: string }) => {
       if (opts.aid !== undefined) checkAid(opts.aid);
-      const [{ trustImagesExplicitly }, { restore }, { ProgressDisplay, progressMode }] = await Promise.all([
+      const [{ trustImagesExplicitly }, { restore, RestoredWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./restore/driver.js'),
         import('./progress.js'),
@@ -628,19 +576,35 @@ export function buildProgram(): Command {
       if (opts.trustImage) trustImagesExplicitly();
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
+      // For ps: where it came from (a stream has no path to show).
+      const noteImage = (restored: { aid: string; image: string }) => {
+        const current = image === '-' ? undefined : reg.get(restored.aid);
+        if (current && !isEnded(current)) reg.update({ ...current, image: restored.image });
+      };
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
       let result;
       try {
         result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
+      } catch (e) {
+        // Committed, then a step failed: it runs all the same (exit 6).
+        if (e instanceof RestoredWithError)
+          try {
+            noteImage(e.restored);
+          } catch {
+            /* said already: a step failed */
+          }
+        throw e;
       } finally {
         uninstall();
         display.end();
       }
-      // For ps: where it came from (a stream has no path to show).
-      const current = image === '-' ? undefined : reg.get(result.aid);
-      if (current && !isEnded(current)) reg.update({ ...current, image: result.image });
+      try {
+        noteImage(result);
+      } catch (e) {
+        throw new AppshotError(`restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`, ExitCode.afterCommit);
+      }
       if (opts.json)
         json('restore', {
           aid: result.aid,

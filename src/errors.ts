@@ -10,6 +10,9 @@ export const ExitCode = {
   conflict: 4,
   /** The image asks for a credential or limit this user cannot grant. */
   denied: 5,
+  /** restore: the application was restored, is registered and runs, but
+   * a step after its commit failed (the message says which). */
+  afterCommit: 6,
   /** A bug: an error appshot did not expect (reported in one line). */
   internal: 70,
   /** The command given to `run` or `exec` could not be executed (as in sh). */

@@ -6,7 +6,7 @@ import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { descendantsOf, readCmdline, readStat } from './procfs.js';
-import { type AppRecord, type LocalRegistry, type PortBinding, isEnded } from './registry.js';
+import { type AppRecord, type LocalRegistry, type PortBinding, type SnapshottedRecord, isEnded, isRestoring } from './registry.js';
 
 export interface ProcessRow {
   aid: string;
@@ -181,35 +181,121 @@ export function portText(p: ListeningPort): string {
   return p.mode === 'allocate' ? `${p.virtual}->${p.system}` : p.mode === 'multiplex' ? `${p.virtual} (shared)` : String(p.virtual);
 }
 
-/** One application as `appshot ps --json` shows it. */
-export interface ApplicationInfo {
+/** What every application `ps` lists has, whatever its state. */
+interface ApplicationCommon {
   aid: string;
   command: string[];
   detached: boolean;
+  /** When it was run, restored or cloned. */
   createdAt: string;
   /** A clone: the template it was stamped from and its number in the batch. */
   template?: { path: string; instance: number };
   /** A clone's private copies of files. */
   privateRoot?: string;
-  /** Every TCP port it listens on, translated or not. */
+  /** Every TCP port it listens on, translated or not; none once ended. */
   ports: ListeningPort[];
+  /** Its live processes; none once ended. */
   processes: ProcessRow[];
 }
 
-/** The applications of `records` with their live processes. */
-export function describeApplications(registry: LocalRegistry, records: AppRecord[]): ApplicationInfo[] {
-  const rows = listProcesses(registry, records);
+/** Running, or `restoring`: a restore or clone under way, not committed
+ * yet. */
+export interface LiveApplicationInfo extends ApplicationCommon {
+  state: 'running' | 'restoring';
+  /** Restored: the image it came from. */
+  image?: string;
+}
+
+/** Ended, kept until `rm` or `prune` (`ps -a`). */
+export interface ExitedApplicationInfo extends ApplicationCommon {
+  state: 'exited';
+  /** 128 + N if signal N ended it. */
+  exitCode: number;
+  endedAt: string;
+  /** Restored: the image it came from. */
+  image?: string;
+}
+
+/** Ended by a snapshot and not restored under its AID since (`ps -a`);
+ * that restore takes its place, `rm` and `prune` remove its record. */
+export interface SnapshottedApplicationInfo extends ApplicationCommon {
+  state: 'snapshotted';
+  /** The image it went into ('-': a stream on standard output). */
+  image: string;
+  snapshottedAt: string;
+  ports: [];
+  processes: [];
+}
+
+/** One application as `appshot ps --json` shows it (docs/json.md), by
+ * its `state`. */
+export type ApplicationInfo = LiveApplicationInfo | ExitedApplicationInfo | SnapshottedApplicationInfo;
+export type ApplicationState = ApplicationInfo['state'];
+
+/** The applications one `ps` lists: registrations, and the records of
+ * those a snapshot ended. */
+export interface Listing {
+  records: AppRecord[];
+  snapshotted: SnapshottedRecord[];
+}
+
+/** What `ps [AID] [-a]` lists: the running applications, with `all` the
+ * ended ones and those a snapshot ended too; with `aid`, only that one (an
+ * unknown AID, or without `all` one that is not running, throws as
+ * require does). */
+export function selectApplications(registry: LocalRegistry, aid: string | undefined, all: boolean): Listing {
+  if (aid === undefined)
+    return { records: registry.list().filter((r) => all || !isEnded(r)), snapshotted: all ? registry.listSnapshotted() : [] };
+  if (!all) return { records: [registry.require(aid)], snapshotted: [] };
+  // A registration of the AID is the one shown (a restore of its image
+  // under way, or one that ended since).
+  const one = registry.get(aid) ? undefined : registry.getSnapshotted(aid);
+  return one ? { records: [], snapshotted: [one] } : { records: [registry.requireAny(aid)], snapshotted: [] };
+}
+
+const byAid = (a: { aid: string }, b: { aid: string }) => (a.aid < b.aid ? -1 : a.aid > b.aid ? 1 : 0);
+
+/** The AIDs of a listing, in order (`ps -q`). */
+export function listedAids(listing: Listing): string[] {
+  return [...listing.records, ...listing.snapshotted].sort(byAid).map((r) => r.aid);
+}
+
+/** The applications of `listing` with their live processes and ports, in
+ * AID order: `ps --json` and the API's ps(). */
+export function describeApplications(registry: LocalRegistry, listing: Listing): ApplicationInfo[] {
+  const rows = listProcesses(registry, listing.records);
   const cache: ListeningCache = new Map();
-  return records.map((r) => ({
-    aid: r.aid,
-    command: r.command,
-    detached: r.detached,
-    createdAt: r.createdAt,
-    ...(r.template ? { template: r.template } : {}),
-    ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
-    ports: portsOf(r, rows, cache),
-    processes: rows.filter((p) => p.aid === r.aid),
-  }));
+  const registered = listing.records.map((r): ApplicationInfo => {
+    const common = {
+      command: r.command,
+      detached: r.detached,
+      createdAt: r.createdAt,
+      ...(r.image ? { image: r.image } : {}),
+      ...(r.template ? { template: r.template } : {}),
+      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+      ports: portsOf(r, rows, cache),
+      processes: rows.filter((p) => p.aid === r.aid),
+    };
+    return isEnded(r)
+      ? { aid: r.aid, state: 'exited', exitCode: r.exitCode!, endedAt: r.endedAt!, ...common }
+      : { aid: r.aid, state: isRestoring(r) ? 'restoring' : 'running', ...common };
+  });
+  const snapshotted = listing.snapshotted.map(
+    (r): SnapshottedApplicationInfo => ({
+      aid: r.aid,
+      state: 'snapshotted',
+      image: r.image,
+      snapshottedAt: r.snapshottedAt,
+      command: r.command,
+      detached: r.detached,
+      createdAt: r.createdAt,
+      ...(r.template ? { template: r.template } : {}),
+      ...(r.privateRoot ? { privateRoot: r.privateRoot } : {}),
+      ports: [],
+      processes: [],
+    }),
+  );
+  return [...registered, ...snapshotted].sort(byAid);
 }
 
 const KEY_KINDS: Kind[] = ['semkey', 'shmkey', 'msgkey'];

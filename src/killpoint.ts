@@ -8,9 +8,13 @@
  * - APPSHOT_TEST_STOP_AT=NAME makes it stop itself (SIGSTOP) there, so that
  *   a test can send it a signal at that exact point, deterministically, and
  *   then continue it (SIGCONT): Ctrl-C in the middle of a long phase
- *   without guessing how long the phase takes.
+ *   without guessing how long the phase takes;
+ * - APPSHOT_TEST_FAIL_AT=NAME makes the step there fail (an Error thrown),
+ *   as a write that fails or a hook that throws would, so that tests can
+ *   prove what an error at that point leaves.
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');
   if (process.env.APPSHOT_TEST_STOP_AT === name) process.kill(process.pid, 'SIGSTOP');
+  if (process.env.APPSHOT_TEST_FAIL_AT === name) throw new Error(`failure injected at '${name}' (APPSHOT_TEST_FAIL_AT)`);
 }

@@ -92,13 +92,17 @@ describe('the package installed from its tarball', () => {
   it('type-checks a TypeScript user of the API against the installed declarations', async () => {
     writeFileSync(
       join(project, 'check.ts'),
-      `import { run, clone, AppshotError, type RunResult, type Clone } from 'appshot';\n` +
+      `import { run, clone, ps, AppshotError, type ApplicationInfo, type RunResult, type Clone } from 'appshot';\n` +
         `const started: Promise<RunResult> = run(['redis-server'], { aid: 'db' });\n` +
         `const clones: Promise<Clone[]> = clone('db.template', { count: 2 });\n` +
         `const code: number = new AppshotError('x').exitCode;\n` +
         `// @ts-expect-error: count is a number\n` +
         `clone('db.template', { count: '2' });\n` +
-        `export { started, clones, code };\n`,
+        `const described: Promise<string[]> = ps(undefined, { all: true }).then((apps: ApplicationInfo[]) =>\n` +
+        `  apps.map((a) => (a.state === 'snapshotted' ? a.image : a.state === 'exited' ? String(a.exitCode) : a.state)));\n` +
+        `// @ts-expect-error: only an exited application has an exit code\n` +
+        `ps().then((apps) => apps.map((a) => a.state === 'snapshotted' && a.exitCode));\n` +
+        `export { started, clones, code, described };\n`,
     );
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
     const r = await shAsync(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);
@@ -164,6 +168,58 @@ console.log(JSON.stringify(report));
     expect(report.running).toEqual(['api-clone-1', 'api-clone-2', 'api-tick-2']);
     expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
   }, 120_000);
+});
+
+describe("ps({ all: true }): the records `appshot ps -a` shows, typed by state", () => {
+  // A registry of its own: the package's tests above leave ended
+  // applications in the file's.
+  const own = new Sandbox();
+  afterAll(() => own.dispose());
+
+  it('lists the ended and the snapshotted applications as the CLI does, a snapshotted one with its image', async () => {
+    const api = await import('../src/api.js');
+    const home = own.home;
+    await api.run([fixture('ticker')], { home, aid: 'ps-snap' });
+    const image = join(work, 'ps-snap.appshot');
+    await api.snapshot('ps-snap', { home, output: image });
+    await api.run(['/bin/sh', '-c', 'exit 3'], { home, aid: 'ps-exit' });
+    expect(await api.wait('ps-exit', { home })).toBe(3);
+    await api.run([fixture('ticker')], { home, aid: 'ps-live' });
+    // The snapshot's registration goes once its processes are gone; its
+    // record is listed from then on.
+    await waitFor(() => !own.allAids().includes('ps-snap'), 10_000, "the snapshotted application's registration to go");
+
+    const listed = await api.ps(undefined, { home, all: true });
+    expect(listed.map((a) => [a.aid, a.state])).toEqual([
+      ['ps-exit', 'exited'],
+      ['ps-live', 'running'],
+      ['ps-snap', 'snapshotted'],
+    ]);
+    const [exited, live, snapped] = listed;
+    expect(snapped).toMatchObject({ state: 'snapshotted', image, snapshottedAt: expect.any(String), command: [fixture('ticker')], processes: [], ports: [] });
+    expect(exited).toMatchObject({ state: 'exited', exitCode: 3, endedAt: expect.any(String), processes: [] });
+    expect(live.processes.map((p) => p.vpid)).toEqual([1, 2]);
+    // Field for field what `ps -a --json` prints, but for its schema (the
+    // running one's process states change from one look to the next).
+    const cli = own.json<({ schema: string } & Record<string, unknown>)[]>(['ps', '-a']);
+    expect(cli.map((a) => a.aid)).toEqual(listed.map((a) => a.aid));
+    for (const i of [0, 2]) {
+      const { schema, ...record } = cli[i];
+      expect(schema).toBe('appshot.ps/1');
+      expect(listed[i]).toEqual(record);
+    }
+    // One by AID, as `ps -a AID`; without all, the running ones only.
+    expect(await api.ps('ps-snap', { home, all: true })).toEqual([snapped]);
+    expect((await api.ps(undefined, { home })).map((a) => a.aid)).toEqual(['ps-live']);
+    await expect(api.ps('ps-snap', { home })).rejects.toMatchObject({ exitCode: 1 });
+
+    // rm takes the snapshotted record, as prune would.
+    await api.rm('ps-snap', { home });
+    await api.rm('ps-live', { home, force: true });
+    await api.rm('ps-exit', { home });
+    expect(await api.ps(undefined, { home, all: true })).toEqual([]);
+    expect(existsSync(image), 'rm leaves the image').toBe(true);
+  });
 });
 
 describe('npm install -g', () => {

@@ -114,6 +114,48 @@ describe('a restore killed at any instant', () => {
     expect(sb.json<{ processes: unknown[] }[]>(['ps', 'done'])[0].processes).toHaveLength(3);
     expect(sb.run(['rm', '-f', 'done']).code).toBe(0);
   });
+
+  // A step after the commit that fails (here made to, at the phase named
+  // after the commit and before its processes are let go, and at the
+  // last) does not undo it: the application is left running and
+  // registered, and the failure said with an exit code of its own.
+  const SAID = (aid: string, point: string, prefix = 'appshot: ') =>
+    new RegExp(`^${prefix}restored .+ as '${aid}', which runs and is registered, but a step after its commit failed: failure injected at 'restore: ${point}'`);
+
+  for (const point of ['committed', 'resumed']) {
+    it(`failing just after '${point}': exit 6, one line, and the application runs`, async () => {
+      const aid = `fail-${point}`;
+      const r = spawnSync(process.execPath, [cli, 'restore', image, '--aid', aid], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: `restore: ${point}` },
+        encoding: 'utf8',
+        timeout: 50_000,
+      });
+      expect(r.status, r.stderr).toBe(6);
+      expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(SAID(aid, point))]);
+      await sb.checksPass(aid, 3);
+      const [app] = sb.json<{ state: string; image: string; processes: unknown[] }[]>(['ps', aid]);
+      expect(app).toMatchObject({ state: 'running', image });
+      expect(app.processes).toHaveLength(3);
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      await nothingLeftOf(aid, 'src');
+    });
+  }
+
+  it('failing just after its commit in a process that lives on (the API, as in the engine): its processes are let go, not left stopped', async () => {
+    const api = await import('../src/api.js');
+    process.env.APPSHOT_TEST_FAIL_AT = 'restore: committed';
+    const failed = await api.restore(image, { home: sb.home, aid: 'fail-api' }).catch((e: unknown) => e);
+    delete process.env.APPSHOT_TEST_FAIL_AT;
+    expect(failed).toMatchObject({ exitCode: 6, message: expect.stringMatching(SAID('fail-api', 'committed', '')), restored: { aid: 'fail-api', processes: 2 } });
+    // Still traced by this process, they would sit in a tracing stop
+    // and check nothing.
+    await sb.checksPass('fail-api', 3);
+    const [app] = sb.json<{ state: string; processes: { pid: number; init: boolean }[] }[]>(['ps', 'fail-api']);
+    expect(app.state).toBe('running');
+    for (const p of app.processes.filter((p) => !p.init)) expect(stateOf(p.pid)).not.toBe('t');
+    expect(sb.run(['rm', '-f', 'fail-api']).code).toBe(0);
+    await nothingLeftOf('fail-api', 'src');
+  });
 });
 
 /** A process's state letter (R, S, T for stopped...), '' once it is gone. */

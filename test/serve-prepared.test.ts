@@ -20,6 +20,8 @@
  *   free to bind; `service rm` then removes the service.
  * - serve killed with SIGKILL with a prepared instance held: its processes
  *   die with their tracer, init removes the registration and tables;
+ *   `service rm` then removes the suspend images and the snapshotted
+ *   record (`ps -a`) that named them;
  * - two services of one image, whose application listens on the same
  *   port: only one can be held (the other's prepare finds the port
  *   bound); resuming the other gives up the held one and restores;
@@ -216,6 +218,35 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 
+  it("service rm after a serve killed while holding a prepared instance takes the snapshotted record of the images it removes", async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    // One resume and one idle suspend: the service's state is in its own
+    // suspend image, which the snapshot's record (ps -a) names; the
+    // instance prepared from it has taken that record over.
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const suspendImage = show().lastImage;
+    expect(suspendImage.startsWith(join(sb.home, 'services', 'db') + '/')).toBe(true);
+    const held = pids('db');
+    serve.child.kill('SIGKILL');
+    await serve.exited;
+    // No appshot command in between (one would release the held
+    // instance's registration first): service rm's own stopping of the
+    // instance does, giving the record back just before the images go.
+    await waitFor(() => held.every((p) => !alive(p)), 10_000, 'the held processes and init to die with serve');
+    const rm = sb.run(['service', 'rm', 'db']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(existsSync(suspendImage)).toBe(false);
+    expect(sb.json<{ aid: string }[]>(['ps', '-a']).map((a) => a.aid)).not.toContain('db');
+    expect(existsSync(join(sb.home, 'snapshotted', 'db.json'))).toBe(false);
+    // Its log, which waited for the resume, went with the record.
+    expect(existsSync(join(sb.home, 'logs', 'db'))).toBe(false);
+  });
+
   it('two services of one image on one port inside: resuming the one not held gives up the held one', async () => {
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
@@ -240,6 +271,29 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['rm', other]).code).toBe(0);
     expect(sb.allAids()).toEqual([]);
     for (const name of ['db', 'db2']) expect(sb.run(['service', 'rm', name]).code).toBe(0);
+  });
+
+  it('a resume that fails after its commit serves the instance it made (it runs), and says so', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    // Every restore of this serve fails at the step after its commit.
+    serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'restore: committed' });
+    await serve.line(/^ready$/);
+    await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    const held = appPids('db');
+    // Answered by the instance the failed step left running: not a
+    // second restore (which would fail the same way), nor a refusal.
+    expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
+    expect(appPids('db')).toEqual(held);
+    await waitFor(() => events().some((e) => e.event === 'restore'), 5000, 'the restore to be logged');
+    expect(events().filter((e) => e.event === 'restore-incomplete')).toHaveLength(1);
+    expect(events().filter((e) => e.event === 'restore-failed')).toEqual([]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    expect(sb.run(['rm', 'db']).code).toBe(0);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {

@@ -175,7 +175,7 @@ export function registerServe(program: Command): void {
 
   service
     .command('rm')
-    .description("remove a service and its suspend images; its running instance is stopped")
+    .description("remove a service, its suspend images and the snapshotted record (ps -a) naming one; its running instance is stopped")
     .argument('<name>', 'the service')
     .option('--json', 'print {removed: NAME} as JSON', false)
     .addHelpText('after', '\nExamples:\n  appshot service rm db')

@@ -81,6 +81,28 @@ export function releaseRestored(made: Restored[]): Restored[] {
   return missed;
 }
 
+/** After a failure once the restore has committed (the application is
+ * init's to keep then, whatever befalls us): every thread that is still
+ * ours let go, as releaseRestored would, errors ignored. Those let go
+ * already answer ESRCH; a process stopped by job control gets its stop
+ * signal again, which changes nothing if it is in that stop already. */
+export function releaseWhatIsLeft(made: Restored[]): void {
+  for (const m of made) {
+    if (m.proc.groupStopped)
+      try {
+        process.kill(m.pid, m.proc.stopSignal || SIGSTOP);
+      } catch {
+        /* gone */
+      }
+    for (const tid of m.tids)
+      try {
+        addon().detach(tid, 0);
+      } catch {
+        /* let go already, or gone */
+      }
+  }
+}
+
 /** PTRACE_DETACH of a restored thread. One already let go may have killed
  * it meanwhile (a parent that kills its child as soon as it runs): dying,
  * it has nothing left to let go, and the restore has succeeded; its exit

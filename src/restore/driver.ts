@@ -8,8 +8,10 @@
  * parent was init, and every other process is forked from its restored
  * parent's seed, so parents, process groups and sessions come out as they
  * were. Each seed is then emptied and refilled from the image with system
- * calls run inside it. A failure at any step kills every process made so
- * far; init then removes the tables, the SysV objects and the registration.
+ * calls run inside it. A failure at any step before the commit kills
+ * every process made so far; init then removes the tables, the SysV
+ * objects and the registration. One after the commit leaves the
+ * application running (RestoredWithError).
  */
 import { restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { letGoIfUnsettled } from '../ptrace/freezer.js';
@@ -28,7 +30,7 @@ import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resour
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
-import { releaseRestored } from '../resources/jobcontrol.js';
+import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
@@ -161,6 +163,18 @@ export interface RestoreResult {
   /** What the restore could not carry and went on without, one line each
    * (the CLI prints them as warnings): never a privilege, never silent. */
   notKept: string[];
+}
+
+/** A restore that committed, then failed at a step after: the
+ * application exists, is registered and runs (see the restore's catch).
+ * `restored` is what the restore would have returned. */
+export class RestoredWithError extends AppshotError {
+  constructor(
+    message: string,
+    readonly restored: RestoreResult,
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
@@ -456,6 +470,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   // Time spent held (opts.hold): not the restore's own.
   let heldMs = 0;
+  // Set by the commit: what the restore made, as it would return it.
+  let committedResult: (() => RestoreResult) | undefined;
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
     // page file checked, 32 MiB of a process's memory copied): at each of
@@ -867,8 +883,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (!opts.batchCommit) await reg.commitReady(commitPath);
     supervisor.confirm();
     for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
+    const result = (): RestoreResult => ({
+      aid,
+      image: imagePath,
+      processes: made.length,
+      threads: made.reduce((n, m) => n + m.tids.length, 0),
+      initPid: record!.initPid!,
+      restoreMs: now() - verified - heldMs,
+      verifyMs: verified - started,
+      lazy: opts.lazy,
+      createdDirs: madeDirs,
+      ...(opts.batchCommit ? { lifeline } : {}),
+      credentialCalls,
+      seeds: roots.length,
+      fromStandby: fromStandby && record!.initPid === reserved!.init.pid,
+      injectedCalls: injected.calls - injectedBefore,
+      notKept,
+    });
     if (!opts.batchCommit) {
       reg.commit(commitPath);
+      committedResult = result;
       // Committed: the keeper lets its copies of the connections go.
       handed.kept.finish();
       phase('committed');
@@ -885,26 +919,39 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       lifeline = -1;
     }
     phase('resumed');
-    const done = now();
-    return {
-      aid,
-      image: imagePath,
-      processes: made.length,
-      threads: made.reduce((n, m) => n + m.tids.length, 0),
-      initPid: record.initPid,
-      restoreMs: done - verified - heldMs,
-      verifyMs: verified - started,
-      lazy: opts.lazy,
-      createdDirs: madeDirs,
-      ...(opts.batchCommit ? { lifeline } : {}),
-      credentialCalls,
-      seeds: roots.length,
-      fromStandby: fromStandby && record.initPid === reserved!.init.pid,
-      injectedCalls: injected.calls - injectedBefore,
-      notKept,
-    };
+    return result();
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
+    // Committed, then a step failed (letting the processes go, the
+    // progress output, the caller's `committed` hook): the application is
+    // not killed. From the commit on it exists: its registration says so,
+    // init keeps its processes, and appshot killed there leaves it running
+    // whole (atomic.test.ts). Killing it now would not undo the commit:
+    // the snapshot record and log it took over (adoptCarriedLog) are its
+    // own once committed, and went with it, under "nothing was left
+    // behind" (`ps -a` then listed nothing of the snapshotted application)
+    // - a worse state than the one a kill -9 of appshot leaves. So it is
+    // left running and registered, whatever of it is still ours let go,
+    // and the failure said apart (ExitCode.afterCommit).
+    if (committedResult) {
+      releaseWhatIsLeft(made);
+      try {
+        handover?.kept.finish();
+      } catch {
+        /* the keeper's copies go when its hold ends */
+      }
+      try {
+        if (lifeline >= 0) closeSync(lifeline);
+      } catch {
+        /* closed already */
+      }
+      lifeline = -1;
+      const restored = committedResult();
+      throw new RestoredWithError(
+        `restored ${imagePath} as '${restored.aid}', which runs and is registered, but a step after its commit failed: ${(e as Error).message}`,
+        restored,
+      );
+    }
     handover?.close();
     handover?.kept.abandon();
     for (const m of made) try {

@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage, type RestoreResult, seedCount } from '../restore/driver.js';
+import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
@@ -700,9 +700,18 @@ class Service {
     try {
       return { restored: await p.done, chain: p.chain };
     } catch (e) {
+      // Committed, then a step failed: it runs, and is the instance.
+      if (e instanceof RestoredWithError) return { restored: this.incomplete(e), chain: p.chain };
       if (current) this.log('prepared-failed', { instance: this.name, error: (e as Error).message });
       return undefined;
     }
+  }
+
+  /** A restore that failed after its commit left the instance running and
+   * registered (restore/driver.ts): it is served, the failure logged. */
+  private incomplete(e: RestoredWithError): RestoreResult {
+    this.log('restore-incomplete', { instance: this.name, error: e.message });
+    return e.restored;
   }
 
   /** Set by committedEarly for the restore under way: how many held
@@ -753,8 +762,10 @@ class Service {
       this.early = undefined;
       const prepared = await this.releasePrepared();
       if (!prepared && this.early) {
-        // Committed and made running (committedEarly), then failed (its
-        // processes killed by the restore): restored afresh below, as
+        // Made running by committedEarly, yet not handed back: since a
+        // failure after the commit comes back as the instance
+        // (RestoredWithError), only if the driver changes that. Then:
+        // restored afresh below, as
         // 'starting', so that a forward refused meanwhile waits for it
         // (not a crash that starts a second restore beside this one), and
         // judged by its own registration, not by the dead one's commit.
@@ -782,6 +793,7 @@ class Service {
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
+          if (e instanceof RestoredWithError) return this.incomplete(e);
           // Another service's prepared instance may hold what this one
           // needs (its port: services of one image, run one at a time):
           // those are given up and the restore tried once more.

@@ -11,10 +11,10 @@
  * JSON already and every language reads it; no second parser to keep.
  */
 import { uniqueTag } from '../holder.js';
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join, relative, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { checkAid, defaultHome } from '../registry.js';
+import { checkAid, defaultHome, LocalRegistry } from '../registry.js';
 
 export type ServiceMode = 'restore' | 'clone';
 
@@ -196,7 +196,7 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
 /** Where services and their runtime state live. */
 export class ServiceStore {
   readonly dir: string;
-  constructor(home = defaultHome()) {
+  constructor(private readonly home = defaultHome()) {
     this.dir = join(home, 'services');
   }
 
@@ -263,10 +263,24 @@ export class ServiceStore {
   }
 
   /** Removes the service and its suspend images. A running instance is
-   * the caller's to stop first. */
+   * the caller's to stop first.
+   *
+   * Serve's suspends are snapshots like any other: each leaves the record
+   * of a snapshotted application (`ps -a`), which keeps the instance's AID
+   * from another `run` and its log for the resume, and which the resume's
+   * restore takes over. Removed with the images it names, else `ps -a`
+   * would show an application whose image is gone. It can outlive serve's
+   * own bookkeeping: an instance held prepared when serve was killed
+   * gives the record back only when its registration is released, which
+   * may be the caller's own stopping of the instances, just before this. */
   remove(name: string): void {
     this.require(name);
     checkAid(name);
+    // Before the images go: killed in between, an image without a record
+    // is left, never a record without its image.
+    const reg = new LocalRegistry(this.home);
+    const record = reg.getSnapshotted(name);
+    if (record && isInside(record.image, this.workDir(name))) reg.removeSnapshotted(name);
     const doomed = join(this.dir, `.${name}.removed-${uniqueTag()}`);
     if (existsSync(this.workDir(name))) renameSync(this.workDir(name), doomed);
     rmSync(this.file(name), { force: true });
@@ -365,4 +379,23 @@ export interface Translation {
   port: number;
   /** Time the connection was held at the front door before forwarding. */
   heldMs: number;
+}
+
+/** Whether `path` is in directory `dir`, as spelled or with symbolic
+ * links resolved (serve names its images from $APPSHOT_HOME as it is
+ * spelled; a later command may spell it otherwise). */
+function isInside(path: string, dir: string): boolean {
+  const spellings = (p: string) => {
+    try {
+      return [resolve(p), realpathSync(p)];
+    } catch {
+      return [resolve(p)];
+    }
+  };
+  return spellings(dir).some((d) =>
+    spellings(path).some((p) => {
+      const rel = relative(d, p);
+      return rel !== '' && !rel.startsWith('..') && !rel.startsWith('/');
+    }),
+  );
 }
