@@ -456,7 +456,7 @@ describe('hostile tar streams', () => {
       child.stderr.on('data', (d) => (stderr += d));
       const stream = await tarOf(goodParts());
       child.stdin.write(stream.subarray(0, 4096 * 4));
-      await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
+      await waitFor(() => tmpEntries().length === 1, 30_000, 'the extraction to start');
       const exited = new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
       child.kill(signal);
       expect(await exited).toBe(code);
@@ -467,7 +467,7 @@ describe('hostile tar streams', () => {
   it('sweeps the extraction of a reader killed with SIGKILL at the next command', async () => {
     const child = spawn(process.execPath, [cli, 'restore', '-'], { env: sb.env });
     child.stdin.write((await tarOf(goodParts())).subarray(0, 4096 * 4));
-    await waitFor(() => tmpEntries().length === 1, 5000, 'the extraction to start');
+    await waitFor(() => tmpEntries().length === 1, 30_000, 'the extraction to start');
     const exited = new Promise((resolve) => child.on('close', resolve));
     child.kill('SIGKILL');
     await exited;
