@@ -526,11 +526,16 @@ function checksumFiles(image: Image): void {
   }
 }
 
+/** Waits (up to about 5 s) until init has removed the ended
+ * application's registration. A small application is gone within a
+ * millisecond or two of its kill: looked at again after 1 ms, then twice
+ * as long each time up to 25 ms, not after a whole 25 ms first. */
 async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
+  const until = Date.now() + 5000;
+  for (let nap = 1; ; nap = Math.min(nap * 2, 25)) {
     const r = reg.get(aid);
-    if (!r || reg.isStale(r)) return;
-    await sleep(25);
+    if (!r || reg.isStale(r) || Date.now() > until) return;
+    await sleep(nap);
   }
 }
 
