@@ -75,7 +75,8 @@
 /* The preload library's area for the tables and buffers of the batches a
  * snapshot runs from its copy of the code (appshot_batch_area): untouched
  * by the library itself, in its .bss (no memory until a snapshot writes
- * it). */
-#define APPSHOT_BATCH_AREA_SIZE 65536
+ * it), as large as the scratch area it stands for (src/ptrace/remote.ts),
+ * so that as many questions go in one stop. */
+#define APPSHOT_BATCH_AREA_SIZE (256 * 1024)
 
 #endif
