@@ -13,9 +13,12 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
@@ -79,6 +82,58 @@ class OpenTables {
   appshot_header* h_;
   int err_;
 };
+
+// A few table files kept mapped between reads (readTables): the engine
+// reads the same applications' tables over and over (a snapshot's freeze,
+// its frozen window, every look at a registration), and mapping the file
+// anew each time cost its page faults and an munmap's TLB shootdown across
+// the engine's threads, most of a read. The file is opened each time and
+// taken from here only if it is the same file (device and inode) as the
+// one mapped: a replaced or recreated file is mapped afresh. Each entry
+// holds its file's memory until it is evicted (kCachedTables at most).
+struct CachedTables {
+  dev_t dev;
+  ino_t ino;
+  appshot_header* h;
+  size_t size;
+};
+constexpr size_t kCachedTables = 8;
+std::vector<CachedTables> g_cached_tables;
+
+appshot_header* MappedTables(const std::string& path, int* err) {
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    *err = errno;
+    return nullptr;
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    *err = errno;
+    close(fd);
+    return nullptr;
+  }
+  for (size_t i = 0; i < g_cached_tables.size(); i++) {
+    CachedTables c = g_cached_tables[i];
+    if (c.dev != st.st_dev || c.ino != st.st_ino) continue;
+    // The most recent last, so that eviction takes the oldest.
+    g_cached_tables.erase(g_cached_tables.begin() + i);
+    g_cached_tables.push_back(c);
+    close(fd);
+    return c.h;
+  }
+  appshot_header* h = appshot_table_map_fd(fd);
+  *err = errno;
+  close(fd);
+  if (!h) return nullptr;
+  if (g_cached_tables.size() >= kCachedTables) {
+    munmap(g_cached_tables.front().h, g_cached_tables.front().size);
+    g_cached_tables.erase(g_cached_tables.begin());
+  }
+  // The size it was mapped with, not the header's (the application may
+  // write its file).
+  g_cached_tables.push_back({st.st_dev, st.st_ino, h, static_cast<size_t>(st.st_size)});
+  return h;
+}
 
 // The writers' common arguments: (path, kind, ...). Opens the tables for one
 // call; on failure throws and returns null.
@@ -193,12 +248,12 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
 Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
-  OpenTables t(path);
-  if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+  int err = 0;
+  appshot_header* h = MappedTables(path, &err);
+  if (!h) {
+    ThrowErrno(env, "opening tables " + path, err);
     return env.Undefined();
   }
-  appshot_header* h = t.get();
   Napi::Object out = Napi::Object::New(env);
   out.Set("aid", Napi::String::New(env, h->aid));
   out.Set("initPid", Napi::Number::New(env, h->init_pid));

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "trace.h"
+#include "appshot_batch.h"
 
 #include <elf.h>
 #include <errno.h>
@@ -413,61 +414,7 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  * rbx, r12 and r13 and the registers of the calls (rax, rcx, rdx...) are
  * used: no stack.
  */
-__asm__(
-    ".pushsection .rodata\n"
-    ".globl appshot_batch_code\n"
-    ".globl appshot_batch_stopped\n"
-    ".globl appshot_batch_code_end\n"
-    "appshot_batch_code:\n"
-    "  mov (%rbx), %r12\n"
-    "  lea 32(%rbx), %r13\n"
-    "1:\n"
-    "  test %r12, %r12\n"
-    "  jz 2f\n"
-    "  mov 0(%r13), %rax\n"
-    /* nr's high half: (a << 16) | k, argument a is entry k's result (k
-     * from 1), at 32 + (k-1)*64 + 56 = 64k + 24 from the table's start:
-     * written into the entry's argument a, then loaded with the others. */
-    "  mov %rax, %rcx\n"
-    "  shr $32, %rcx\n"
-    "  jz 3f\n"
-    "  movzwl %cx, %edx\n"
-    "  shl $6, %rdx\n"
-    "  mov 24(%rbx,%rdx), %rdx\n"
-    "  shr $16, %ecx\n"
-    "  and $7, %ecx\n"
-    "  mov %rdx, 8(%r13,%rcx,8)\n"
-    "3:\n"
-    "  mov %eax, %eax\n"
-    "  mov 8(%r13), %rdi\n"
-    "  mov 16(%r13), %rsi\n"
-    "  mov 24(%r13), %rdx\n"
-    "  mov 32(%r13), %r10\n"
-    "  mov 40(%r13), %r8\n"
-    "  mov 48(%r13), %r9\n"
-    "  syscall\n"
-    "  mov %rax, 56(%r13)\n"
-    "  cmp $-4095, %rax\n"
-    "  jb 4f\n"
-    /* Failed: the end, unless the header's flags say go on. */
-    "  testb $1, 24(%rbx)\n"
-    "  jz 2f\n"
-    "4:\n"
-    "  add $64, %r13\n"
-    "  dec %r12\n"
-    "  jmp 1b\n"
-    "2:\n"
-    "  mov $234, %eax\n" /* tgkill */
-    "  mov 8(%rbx), %rdi\n"
-    "  mov 16(%rbx), %rsi\n"
-    "  mov $19, %edx\n" /* SIGSTOP */
-    "  syscall\n"
-    "appshot_batch_stopped:\n"
-    /* Only if tgkill failed (a seccomp filter, say): a trap instead. */
-    "  int3\n"
-    "  jmp appshot_batch_stopped\n"
-    "appshot_batch_code_end:\n"
-    ".popsection\n");
+__asm__(".pushsection .rodata\n" APPSHOT_BATCH_CODE("appshot_batch_code", "appshot_batch_stopped", "appshot_batch_code_end") ".popsection\n");
 
 extern const unsigned char appshot_batch_code[], appshot_batch_stopped[], appshot_batch_code_end[];
 

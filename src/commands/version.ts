@@ -11,10 +11,15 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { printJson } from './json.js';
 
-/** package.json's version: the one `npm pack` ships. */
+let version: string | undefined;
+
+/** package.json's version: the one `npm pack` ships. Read once per
+ * process: the engine builds the command line (with --version) for every
+ * request, and a package updated under it goes on running the code it
+ * loaded, whose version this is. */
 export function appshotVersion(): string {
-  const pkg = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json');
-  return (JSON.parse(readFileSync(pkg, 'utf8')) as { version: string }).version;
+  version ??= (JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  return version;
 }
 
 export interface VersionInfo {

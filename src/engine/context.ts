@@ -68,6 +68,21 @@ export function readContext(pid: number | 'self'): Context {
   };
 }
 
+/** The parts of the engine's own context that only the engine itself
+ * could change (its credentials, filters, namespaces, root, label: it
+ * never does), read once; its cgroup and limits, which anyone with the
+ * rights may change from outside (a move to another cgroup, prlimit),
+ * read again for every request. */
+let ownFixed: Omit<Context, 'cgroup' | 'limits'> | undefined;
+
+export function ownContext(): Context {
+  if (!ownFixed) {
+    const { cgroup: _cgroup, limits: _limits, ...fixed } = readContext('self');
+    ownFixed = fixed;
+  }
+  return { ...ownFixed, cgroup: readFileSync('/proc/self/cgroup', 'utf8'), limits: readFileSync('/proc/self/limits', 'utf8') };
+}
+
 /** What differs between the engine's context and the client's, in a few
  * words; undefined if nothing does (or the client's cannot be read: then
  * it differs, "unreadable"). */

@@ -32,7 +32,7 @@ import { Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 import { leasesDir, newLeaseName } from '../holder.js';
-import { contextDifference, readContext } from './context.js';
+import { contextDifference, ownContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { LocalRegistry } from '../registry.js';
@@ -296,7 +296,7 @@ export class Engine {
     // Run here, the command would have the engine's capabilities, filters,
     // limits, namespaces and cgroup, not the client's: one that differs
     // runs it itself (context.ts).
-    const difference = contextDifference(readContext('self'), peerPid);
+    const difference = contextDifference(ownContext(), peerPid);
     if (difference) {
       socket.end(frame(Frame.REFUSED, Buffer.from(`the client runs in another context than the engine: ${difference}`)));
       return;

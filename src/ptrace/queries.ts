@@ -10,7 +10,7 @@
  * way an answer is read only after run().
  */
 import { type Injector } from './inject.js';
-import { type RemoteProcess } from './remote.js';
+import { type RemoteProcess, SYS, SyscallError } from './remote.js';
 
 /** A question's answer: the call's raw result (-errno on failure) and the
  * bytes of its buffer after the call. Filled by CallQueue.run(). */
@@ -54,6 +54,9 @@ export class CallQueue {
   /** Undefined: not asked for yet (null: none to be had). */
   private batches: RemoteProcess | null | undefined;
 
+  /** Pages a question mapped, to unmap by flush() (no batches). */
+  private unmaps: { addr: bigint; length: number }[] = [];
+
   /** `openBatches`: the process with its batch scratch mapped, or
    * undefined (one call at a time through `inj`); called on the first
    * run() that has questions, once the process may take injected calls. */
@@ -82,6 +85,24 @@ export class CallQueue {
     const a = this.ask(nr, args, opts);
     this.run();
     return a;
+  }
+
+  /** Has `length` bytes at `addr`, which a question mapped in the process,
+   * unmapped when the frozen window ends: with the batches' scratch area
+   * (RemoteProcess.unmapLater: one batch, or none if another stop comes
+   * first), or where there are no batches, by flush(), a call of its own. */
+  unmapLater(addr: bigint, length: number): void {
+    if (this.batches) this.batches.unmapLater(addr, length);
+    else this.unmaps.push({ addr, length });
+  }
+
+  /** Unmaps now what unmapLater left here (no batches): before the
+   * Injector is closed. Throws on the first that fails. */
+  flush(): void {
+    for (const { addr, length } of this.unmaps.splice(0)) {
+      const r = this.inj.call(SYS.munmap, [addr, length]);
+      if (r < 0n && r > -4096n) throw new SyscallError('unmapping a page the snapshot mapped', Number(-r));
+    }
   }
 
   /** Answers every question queued: one stop per thread asked. */

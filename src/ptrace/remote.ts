@@ -133,9 +133,16 @@ export class RemoteProcess {
   singleStep = true;
   private insn = 0n;
   scratch = 0n;
+  /** Bytes of the scratch area. */
+  private size = SCRATCH_SIZE;
+  /** The scratch area is the preload library's (adoptResident): not ours
+   * to unmap, and part of the process's memory like any other. */
+  private resident = false;
   private used = 0;
   /** Where the batch code is in the scratch area (0: no batches). */
   private batchCode = 0n;
+  /** Pages to unmap before the scratch area (unmapLater). */
+  private unmaps: { addr: bigint; length: number }[] = [];
   /** Calls handed over to run at the start of the next stop (defer). */
   private deferred: { calls: NamedCall[]; then?: (results: bigint[]) => void }[] = [];
   /** Scratch memory the deferred calls' arguments point into: kept by
@@ -251,20 +258,64 @@ export class RemoteProcess {
     return true;
   }
 
-  /** Where the scratch area is, if mapped: to be left out of what is read
-   * of the process's mappings. */
-  get scratchRange(): { start: bigint; end: bigint } | undefined {
-    return this.scratch ? { start: this.scratch, end: this.scratch + BigInt(SCRATCH_SIZE) } : undefined;
+  /**
+   * For a process that goes on running after (a snapshot), instead of
+   * mapBatchScratch: takes the batch code and the area for its tables that
+   * the preload library already has in the process (`resident`, from
+   * windows.ts: residentBatchOf), with no stop, none to unmap them after.
+   * false (nothing taken) unless the code there is byte for byte ours and
+   * the area is mapped readable and writable (in `maps`): a fault in the
+   * batch, every signal blocked, would reset the process's handler. The
+   * process must be frozen (no thread of its own changes them meanwhile).
+   */
+  adoptResident(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string }[]): boolean {
+    this.singleStep = false;
+    if (!batchingWanted()) return false;
+    const end = resident.area + BigInt(resident.size);
+    if (!(resident.size >= 4096) || !maps.some((m) => m.start <= resident.area && end <= m.end && m.perms.startsWith('rw'))) return false;
+    const { code } = batchCode();
+    try {
+      if (!addon().readMemory(this.pid, resident.code, code.length).equals(code)) return false;
+    } catch {
+      return false;
+    }
+    this.scratch = resident.area;
+    this.batchCode = resident.code;
+    this.size = resident.size;
+    this.resident = true;
+    this.used = 0;
+    return true;
   }
 
+  /** Where the scratch area is, if mapped: to be left out of what is read
+   * of the process's mappings (not the preload library's: that is the
+   * process's own). */
+  get scratchRange(): { start: bigint; end: bigint } | undefined {
+    return this.scratch && !this.resident ? { start: this.scratch, end: this.scratch + BigInt(this.size) } : undefined;
+  }
+
+  /** Has `length` bytes at `addr` (a page a question mapped) unmapped by
+   * unmapScratch, in one batch with any others, from the scratch area. */
+  unmapLater(addr: bigint, length: number): void {
+    this.unmaps.push({ addr, length });
+  }
+
+  /** Unmaps what unmapLater was given (in one stop), then the scratch
+   * area if it is ours. Throws on the first that fails. */
   unmapScratch(): void {
-    if (this.scratch) this.call('unmapping scratch memory', SYS.munmap, [this.scratch, SCRATCH_SIZE]);
+    const unmaps = this.unmaps.splice(0);
+    if (unmaps.length && this.scratch) {
+      const results = this.runQueries(unmaps.map(({ addr, length }) => ({ nr: SYS.munmap, args: [addr, length] })));
+      const failed = results.find((r) => r.ret < 0n && r.ret > -4096n);
+      if (failed) throw new SyscallError('unmapping a page the snapshot mapped', Number(-failed.ret));
+    }
+    if (this.scratch && !this.resident) this.call('unmapping scratch memory', SYS.munmap, [this.scratch, SCRATCH_SIZE]);
     this.scratch = 0n;
   }
 
   /** Frees everything put so far (but what deferred calls use). */
   reset(): void {
-    this.used = Math.max(this.batchCode ? BATCH_CODE_ROOM : 0, this.deferred.length ? this.deferredUsed : 0);
+    this.used = Math.max(this.batchCode && !this.resident ? BATCH_CODE_ROOM : 0, this.deferred.length ? this.deferredUsed : 0);
   }
 
   /**
@@ -321,7 +372,7 @@ export class RemoteProcess {
 
   /** Bytes of scratch memory still free for put(). */
   room(): number {
-    return SCRATCH_SIZE - ((this.used + 15) & ~15);
+    return this.size - ((this.used + 15) & ~15);
   }
 
   /** A batch of calls for thread `tid`, run together by its run(). */
@@ -347,7 +398,7 @@ export class RemoteProcess {
       // Taken along in this stop when it is the main thread's (as the
       // first calls of the batch), else run first in a stop of their own.
       const waiting = this.deferred.reduce((n, d) => n + d.calls.length, 0);
-      const room = Math.floor((SCRATCH_SIZE - ((this.used + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+      const room = Math.floor((this.size - ((this.used + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
       if (tid !== this.pid || !this.batchCode || clones || waiting + calls.length > room) this.runDeferred();
       else {
         const taken = this.deferred.splice(0);
@@ -379,7 +430,7 @@ export class RemoteProcess {
       return results;
     }
     const mark = this.used;
-    const room = Math.floor((SCRATCH_SIZE - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+    const room = Math.floor((this.size - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
     if (room < 1) throw new Error('scratch memory exhausted');
     if (calls.length > room && calls.some((c) => linkedCall(c) !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
     for (let at = 0; at < calls.length; at += room) {
@@ -429,7 +480,7 @@ export class RemoteProcess {
       let n = 0;
       while (at + n < calls.length) {
         const more = bytes + (((calls[at + n].buffer?.length ?? 0) + 15) & ~15);
-        if (base + more + BATCH_HEADER + (n + 1) * BATCH_ENTRY > SCRATCH_SIZE) break;
+        if (base + more + BATCH_HEADER + (n + 1) * BATCH_ENTRY > this.size) break;
         bytes = more;
         n++;
       }
@@ -472,7 +523,7 @@ export class RemoteProcess {
   /** Copies bytes into scratch memory; returns their address there. */
   put(data: Buffer): bigint {
     const at = (this.used + 15) & ~15;
-    if (at + data.length > SCRATCH_SIZE) throw new Error('scratch memory exhausted');
+    if (at + data.length > this.size) throw new Error('scratch memory exhausted');
     addon().writeMemory(this.pid, this.scratch + BigInt(at), data);
     this.used = at + data.length;
     return this.scratch + BigInt(at);

@@ -19,6 +19,7 @@ import { basename } from 'node:path';
 import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { AppshotError } from '../errors.js';
 import { addon, paths } from '../native.js';
+import type { MapsLine } from '../resources/memory.js';
 
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -73,6 +74,58 @@ function preloadMapping(maps: string): PreloadMapping | undefined {
     if (!found || start < found.start) found = { start, end: BigInt(`0x${m[2]}`), path, dev: m[4], inode: BigInt(m[5]) };
   }
   return found;
+}
+
+/** preloadMapping, from maps already read and parsed. */
+function preloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
+  const ours = preload();
+  const name = basename(ours);
+  let found: PreloadMapping | undefined;
+  for (const l of maps) {
+    if (l.pgoff !== 0n) continue;
+    const path = l.path.replace(/ \(deleted\)$/, '');
+    if (path !== ours && basename(path) !== name) continue;
+    const dev = `${l.major.toString(16).padStart(2, '0')}:${l.minor.toString(16).padStart(2, '0')}`;
+    if (!found || l.start < found.start) found = { start: l.start, end: l.end, path, dev, inode: l.ino };
+  }
+  return found;
+}
+
+/** residentBatchOf's answers, from the library's start, by the mapped
+ * file (path, device, inode): looked up once per library, not once per
+ * snapshot (null: the library has none). */
+const residentOffsets = new Map<string, { code: bigint; area: bigint; size: number } | null>();
+
+/** Where the preload library keeps its copy of the batch code and the
+ * area for its tables (addon/preload/preload_batch.c) in a process whose
+ * mappings are `maps`, or undefined: no library, one without them (an
+ * older build), or one whose file cannot be read. Not yet checked: the
+ * caller compares the code's bytes with its own and sees that the area is
+ * mapped writable (RemoteProcess.adoptResident), which a file changed in
+ * place since the offsets were cached would fail. */
+export function residentBatchOf(pid: number, maps: MapsLine[]): { code: bigint; area: bigint; size: number } | undefined {
+  const lib = preloadMappingIn(maps);
+  if (!lib) return undefined;
+  const key = `${lib.path}\0${lib.dev}\0${lib.inode}`;
+  let offsets = residentOffsets.get(key);
+  if (offsets === undefined) {
+    try {
+      const file = mappedFile(pid, lib);
+      const code = elfSymbol(file, 'appshot_resident_batch_code');
+      const area = elfSymbol(file, 'appshot_batch_area');
+      const size = elfSymbol(file, 'appshot_batch_area_size');
+      const bias = lib.start - firstLoadVaddr(file);
+      offsets =
+        code === undefined || area === undefined || size === undefined
+          ? null
+          : { code: bias + code - lib.start, area: bias + area - lib.start, size: Number(addon().readMemory(pid, bias + size, 8).readBigUInt64LE(0)) };
+    } catch {
+      return undefined;
+    }
+    residentOffsets.set(key, offsets);
+    while (residentOffsets.size > 16) residentOffsets.delete(residentOffsets.keys().next().value!);
+  }
+  return offsets ? { code: lib.start + offsets.code, area: lib.start + offsets.area, size: offsets.size } : undefined;
 }
 
 /** "major:minor" in hex, as /proc/PID/maps names a device. */

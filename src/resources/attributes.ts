@@ -47,7 +47,6 @@ const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
 const NR_mmap = 9;
-const NR_munmap = 11;
 const PAGE = 4096;
 const PROT_READ = 1;
 const MAP_PRIVATE = 2;
@@ -129,6 +128,8 @@ export interface AttributesAsked {
   schedAttr?: Map<number, Answer>;
   /** Each thread's speculation controls, in SPECULATION_CONTROLS order. */
   speculation: Map<number, Answer[]>;
+  /** A page mapped for dumpLockFuture to see whether it got locked. */
+  lockProbe: Answer;
 }
 
 /** Whether this kernel clamps utilization (CONFIG_UCLAMP_TASK): its
@@ -153,6 +154,9 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     ...(kernelHasUclamp() ? { schedAttr: new Map(tids.map((tid) => [tid, calls.ask(NR_sched_getattr, [0, 'buf', SCHED_ATTR_SIZE, 0], { tid, outLength: SCHED_ATTR_SIZE })])) } : {}),
     // Each thread's own: the prctl acts on the calling thread.
     speculation: new Map(tids.map((tid) => [tid, SPECULATION_CONTROLS.map((_, which) => calls.ask(NR.prctl, [PR_GET_SPECULATION_CTRL, which, 0, 0, 0], { tid }))])),
+    // Mapped with the other questions (no stop of its own); unmapped at
+    // the end of the frozen window (dumpLockFuture).
+    lockProbe: calls.ask(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]),
   };
 }
 
@@ -191,29 +195,30 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
 
 /**
  * Whether mlockall(MCL_FUTURE) is in effect: nothing in /proc says so,
- * but every mapping made meanwhile is locked, and the snapshot has just
- * made one, its scratch mapping (`scratch`). Where there is none (the
- * kernel refused executable memory: memory-deny-write-execute, or
- * APPSHOT_NO_BATCH) a page is mapped for the purpose and unmapped again:
- * two more injected calls. The lock shows in VmLck, the process's locked
- * total, beyond what its own locked mappings (`maps`, read before either
- * was made) add up to. (MCL_ONFAULT is not told apart: the restore locks
- * at once.)
+ * but every mapping made meanwhile is locked, and the snapshot made one
+ * with its questions (`asked.lockProbe`: a page of its own, not the
+ * batches' scratch area, which the preload library's area replaces). The
+ * lock shows in VmLck, the process's locked total, beyond what its own
+ * locked mappings (`maps`, read before the page was made) add up to.
+ * (MCL_ONFAULT is not told apart: the restore locks at once.)
  */
-export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], scratch: { start: bigint; end: bigint } | undefined, calls: CallQueue, what: string): void {
-  if (!p.attributes) return;
-  let probe: { start: bigint; end: bigint } | undefined = scratch;
-  if (!probe) {
-    const mapped = calls.askNow(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]).ret;
-    // Refused (no memory, the locked-memory limit): not known.
-    if (mapped < 0n && mapped > -4096n) return;
-    probe = { start: mapped, end: mapped + BigInt(PAGE) };
-  }
+export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], asked: AttributesAsked): void {
+  const mapped = asked.lockProbe.ret;
+  // Refused (no memory, the locked-memory limit): not known.
+  if (!p.attributes || (mapped < 0n && mapped > -4096n)) return;
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const lockedKb = BigInt(/^VmLck:\s+(\d+) kB/m.exec(status)?.[1] ?? '0');
   const ownKb = maps.filter((m) => m.vmFlags.includes('lo')).reduce((n, m) => n + (m.end - m.start) / 1024n, 0n);
-  if (lockedKb >= ownKb + (probe.end - probe.start) / 1024n) p.attributes.lockFuture = true;
-  if (!scratch) check(calls.askNow(NR_munmap, [probe.start, PAGE]).ret, `unmapping the page mapped in ${what} to see whether it locks new mappings`);
+  if (lockedKb >= ownKb + BigInt(PAGE) / 1024n) p.attributes.lockFuture = true;
+}
+
+/** As soon as the questions are answered, whatever happens next: the
+ * page dumpLockFuture looks at is unmapped when the frozen window ends
+ * (CallQueue.unmapLater: with the batches' scratch area, or in a stop of
+ * its own where there are no batches), not in a stop of its own now. */
+export function unmapLockProbeLater(asked: AttributesAsked, calls: CallQueue): void {
+  const mapped = asked.lockProbe.ret;
+  if (!(mapped < 0n && mapped > -4096n)) calls.unmapLater(mapped, PAGE);
 }
 
 /** The audit login uid (inherited by every child, and what audit records

@@ -22,7 +22,7 @@ import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot
 import { type ByteProgress, noProgress } from '../progress.js';
 import { standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
@@ -48,6 +48,7 @@ import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
+import { residentBatchOf } from '../ptrace/windows.js';
 import { readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
@@ -172,13 +173,17 @@ function emptyImage(record: AppRecord): Image {
 }
 
 /**
- * Maps a scratch area for batches of questions in `pid` (one injected
- * call) and records it in `areas`; undefined where batches cannot be had
- * (then each question is a call of its own).
+ * Where batches of questions run in `pid`, recorded in `areas`: the batch
+ * code and area the preload library has in every process of the
+ * application (no stop), else a scratch area mapped for them (one
+ * injected call, and one more to unmap it when the window ends);
+ * undefined where batches cannot be had (then each question is a call of
+ * its own). `maps`: the process's mappings, read while frozen.
  */
-function openBatchArea(pid: number, vdso: { start: bigint; end: bigint }, areas: Map<number, RemoteProcess>): RemoteProcess | undefined {
+function openBatchArea(pid: number, vdso: { start: bigint; end: bigint }, maps: MapsLine[], areas: Map<number, RemoteProcess>): RemoteProcess | undefined {
   const remote = new RemoteProcess(pid, vdso);
-  if (!remote.mapBatchScratch()) return undefined;
+  const resident = residentBatchOf(pid, maps);
+  if (!(resident && remote.adoptResident(resident, maps)) && !remote.mapBatchScratch()) return undefined;
   areas.set(pid, remote);
   return remote;
 }
@@ -224,6 +229,8 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     const maps = timed('smaps', () => readSmaps(pid));
     const vdso = maps.find((l) => l.path === '[vdso]');
     let inj: Injector;
+    /** The process's questions: what they mapped is unmapped on failure. */
+    let queue: CallQueue | undefined;
     try {
       inj = timed('injector open', () => Injector.open(pid, pid, vdso));
     } catch (e) {
@@ -234,7 +241,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       // Every question for the process is asked first and answered in one
       // stop per thread, from a scratch mapping made on the first answer
       // (batchAreas: unmapped when the frozen window ends).
-      const calls = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, batchAreas)));
+      const calls = (queue = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, maps, batchAreas))));
       // Credentials before any call is injected: a thread under seccomp is
       // exempted from its filters first.
       const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
@@ -247,13 +254,14 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
         fdOwners: askFdOwners(calls, pid),
       }));
       timed('questions answered', () => calls.run());
+      unmapLockProbeLater(asked.attributes, calls);
       const creds = credsAsked();
       const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
       proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
       proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
       timed('attributes', () => {
         dumpAttributes(proc, pid, asked.attributes, calls, what);
-        dumpLockFuture(proc, pid, maps, batchAreas.get(pid)?.scratchRange, calls, what);
+        dumpLockFuture(proc, pid, maps, asked.attributes);
       });
       timed('cgroups', () => dumpCgroup(proc, pid, what));
       proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
@@ -279,7 +287,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
       refuseChrootedSocketPaths(proc, what);
       timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
-      timed('injector close', () => inj.close());
+      timed('injector close', () => {
+        calls.flush();
+        inj.close();
+      });
       killPoint('snapshot: dumping memory');
       // Memory last: the stack's scratch bytes used above are back as they
       // were, and the batch scratch mapping is not in `maps`.
@@ -291,6 +302,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
       dumped.set(pid, maps);
       if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
     } catch (e) {
+      try {
+        queue?.flush();
+      } catch {
+        /* the process is gone */
+      }
       try {
         inj.close();
       } catch {
@@ -432,7 +448,7 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Rec
       const inj = Injector.open(pid, pid, vdso);
       // The dump's scratch area for batches, if it made one (else one is
       // made here), and left out of what is tracked.
-      const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, batchAreas));
+      const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, maps, batchAreas));
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
       try {
         const fd = timed('track: arm', () => armTracking(calls, pid, pagemapFd, previous[key], strays, maps, batchAreas.get(pid)?.scratchRange));
@@ -510,11 +526,16 @@ function checksumFiles(image: Image): void {
   }
 }
 
+/** Waits (up to about 5 s) until init has removed the ended
+ * application's registration. A small application is gone within a
+ * millisecond or two of its kill: looked at again after 1 ms, then twice
+ * as long each time up to 25 ms, not after a whole 25 ms first. */
 async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
+  const until = Date.now() + 5000;
+  for (let nap = 1; ; nap = Math.min(nap * 2, 25)) {
     const r = reg.get(aid);
-    if (!r || reg.isStale(r)) return;
-    await sleep(25);
+    if (!r || reg.isStale(r) || Date.now() > until) return;
+    await sleep(nap);
   }
 }
 
