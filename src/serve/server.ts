@@ -137,6 +137,10 @@ const KEEP_TRANSLATIONS = 50;
  * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
  * next to nothing. The others read theirs when a connection comes. */
 const PRELOAD_LIMIT = 8;
+/** Memory freed by a burst of work (a restore, a suspend, an image
+ * preloaded) goes back to the kernel this long after the last of it
+ * (ServeHost.worked). */
+const TRIM_AFTER_MS = 500;
 /** A standby taken by a resume is replaced this long after (standby.ts):
  * not while the resume and its first reply still want the CPU. */
 const STANDBY_REFILL_MS = 100;
@@ -283,6 +287,7 @@ class Service {
       .finally(() => {
         this.host.preloading--;
         if (this.preloading === loading) this.preloading = undefined;
+        this.host.worked();
       });
     this.preloading = loading;
   }
@@ -524,6 +529,12 @@ class Service {
     this.changed();
   }
 
+  /** Whether an instance is being started, suspended or stopped. */
+  busy(): boolean {
+    for (const i of this.instances.values()) if (i.state === 'starting' || i.state === 'suspending' || i.state === 'stopping') return true;
+    return false;
+  }
+
   /** Every tick: dead instances noticed, the CPU of running ones measured
    * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
@@ -612,6 +623,7 @@ class Service {
       committed: (record) => this.committedEarly(record),
       hold: () => {
         heldNow(true);
+        this.host.worked();
         if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
         return decision;
       },
@@ -621,6 +633,7 @@ class Service {
     this.changed();
     done.catch((e: Error) => {
       heldNow(false);
+      this.host.worked();
       if (this.prepared !== p) return; // given up on purpose, or released
       this.prepared = undefined;
       this.host.unprepared(this);
@@ -824,6 +837,7 @@ class Service {
         h.socket.destroy();
       }
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -881,6 +895,7 @@ class Service {
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
       this.log('suspend-failed', { instance: inst.aid, error: (e as Error).message, now: inst.state });
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -921,6 +936,7 @@ class Service {
       if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
         for (const h of this.held.splice(0)) h.socket.destroy();
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -936,6 +952,7 @@ class Service {
     }
     this.instances.delete(inst.aid);
     this.changed();
+    this.host.worked();
     this.pump();
   }
 
@@ -1073,6 +1090,9 @@ export class ServeHost {
   readonly preparedLimit: number;
   /** Preloads under way. */
   preloading = 0;
+  /** When freed memory is next given back (trimMemory), if at all:
+   * TRIM_AFTER_MS after the last work (performance.now()). */
+  private trimAt: number | undefined;
   private timer: NodeJS.Timeout | undefined;
   private stopping = false;
   private metricsServer: HttpServer | undefined;
@@ -1109,6 +1129,13 @@ export class ServeHost {
     // taken. Released by stop(); and should this process die, each sees
     // its lifeline end and goes with its seeds.
     if (this.standbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
+    // One malloc arena for the threads that have not taken one yet
+    // (libuv's pool, the tracer and forwarding threads): serve works in
+    // bursts, and what a thread's burst freed in an arena of its own
+    // stays resident, partly beyond what a trim (worked()) gives back.
+    // Node's and V8's own threads have theirs before this runs: `serve
+    // -d` starts with MALLOC_ARENA_MAX=1 for them (commands/serve.ts).
+    addon().mallocArenas(1);
     const maxHeld = heldRoom(specs.length);
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
@@ -1156,6 +1183,24 @@ export class ServeHost {
     for (const count of new Set(this.services.map((s) => s.standbyWanted()))) if (count !== undefined) warmStandbys(count);
   }
 
+  /** Work was done (a restore, a suspend, a clone or a drop ended, an
+   * image preloaded, an instance prepared): once there has been none for
+   * TRIM_AFTER_MS and none is under way, what it freed goes back to the
+   * kernel (tick). A restore or a suspend frees megabytes that malloc
+   * keeps on its free lists, resident for as long as the service
+   * sleeps: with 100 suspended services and one prepared, ~5 MiB of the
+   * serve process's PSS (bench/serve.js (e)). */
+  worked(): void {
+    this.trimAt = performance.now() + TRIM_AFTER_MS;
+  }
+
+  private trimWhenSettled(): void {
+    if (this.trimAt === undefined || performance.now() < this.trimAt || this.preloading) return;
+    if (this.services.some((s) => s.busy())) return;
+    this.trimAt = undefined;
+    addon().trimMemory();
+  }
+
   /** Whether one more preloaded image would be kept. */
   preloadRoom(): boolean {
     return this.holding.length + this.preloading < PRELOAD_LIMIT;
@@ -1184,6 +1229,7 @@ export class ServeHost {
       // standbys let go), once ended, are its zombies until waited for.
       addon().reapDetached();
       for (const s of this.services) s.tick();
+      this.trimWhenSettled();
     }, this.opts.tickMs ?? 200);
   }
 
