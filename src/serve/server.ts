@@ -342,6 +342,7 @@ class Service {
   /** Forwards what can be forwarded, then lets the policy start what the
    * rest waits for. */
   pump(): void {
+    let forwarded = false;
     while (this.held.length) {
       const h = this.held[0];
       if (h.socket.destroyed) {
@@ -352,12 +353,20 @@ class Service {
       if (!('forward' in route)) break;
       this.held.shift();
       this.forward(h, this.instances.get(route.forward)!);
+      forwarded = true;
     }
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     const actions = this.policy.decide([...this.instances.values()], this.held.length);
-    this.apply(this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start'));
-    this.changed();
+    const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
+    this.apply(applied);
+    // Written only if something changed: every tick pumps every service,
+    // and rewriting each one's state file five times a second was most
+    // of an idle serve's CPU (100 suspended services: 500 files a second).
+    if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
   }
+
+  /** held.length when changed() was last called. */
+  private heldWritten = 0;
 
   private forward(h: Held, inst: Instance): void {
     const target = inst.ports.get(h.port.public)!;
@@ -395,6 +404,7 @@ class Service {
     if (inst) {
       inst.active++;
       inst.lastActive = this.host.clock.now();
+      this.changed();
     }
     return this.ends(inst, port, p, at, () => client);
   }
@@ -417,11 +427,13 @@ class Service {
           heldMs: Math.round(heldMs * 1000) / 1000,
         });
         if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+        this.changed();
       },
       closed: (bytes) => {
         if (inst) {
           inst.active--;
           inst.lastActive = this.host.clock.now();
+          this.changed();
         }
         this.host.metrics?.active.dec({ service: this.name });
         this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-instance' }, bytes.toInstance);
@@ -565,6 +577,7 @@ class Service {
       if (initPid === undefined) continue;
       this.measured.add(inst.aid);
       inst.cpu = this.cpu.sample(inst.aid, initPid, now);
+      this.changed();
       this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
     }
   }
@@ -960,6 +973,7 @@ class Service {
    * at once, the state file (what `service show` reads) within 100 ms.
    * A change without it would show until the next one, however long. */
   changed(): void {
+    this.heldWritten = this.held.length;
     const counts: Partial<Record<InstanceStateName, number>> = {};
     for (const i of this.instances.values()) counts[i.state] = (counts[i.state] ?? 0) + 1;
     this.host.metrics?.setInstances(this.name, counts);
