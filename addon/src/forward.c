@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -113,7 +114,40 @@ struct fwd_loop {
   int backoff_fd;
   int backoff_armed;
   int backoff_ms;
+  // Connections the thread freed, kept for its next accepts (thread
+  // only; FWD_SPARE at most).
+  struct fwd_conn *spare;
+  int nspare;
 };
+
+// A connection is ~33 KiB (its two buffers): taken from malloc at each
+// accept, it takes the lock of an arena that serve's threads share with
+// Node's (one arena: commands/serve.ts), on the way from the client's
+// connect() to its first byte. The thread keeps a few it freed instead.
+#define FWD_SPARE 8
+
+// On the thread: a connection, zeroed but for its buffers.
+static struct fwd_conn *conn_take(struct fwd_loop *loop) {
+  struct fwd_conn *c = loop->spare;
+  if (!c) return calloc(1, sizeof *c);
+  loop->spare = c->next_dead;
+  loop->nspare--;
+  memset(c, 0, offsetof(struct fwd_conn, half));
+  for (int i = 0; i < 2; i++) memset(&c->half[i], 0, offsetof(struct fwd_half, buf));
+  c->prev = c->next = c->next_dead = NULL;
+  return c;
+}
+
+// On the thread: a connection done with, kept or freed.
+static void conn_give(struct fwd_loop *loop, struct fwd_conn *c) {
+  if (loop->nspare >= FWD_SPARE) {
+    free(c);
+    return;
+  }
+  c->next_dead = loop->spare;
+  loop->spare = c;
+  loop->nspare++;
+}
 
 static uint64_t now_ns(void) {
   struct timespec ts;
@@ -441,7 +475,7 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
     }
     struct fwd_event ev = {.id = (*next_id)++ | 0x80000000u, .lid = l->lid, .at_ns = now_ns(),
                            .peer_ip = ntohl(peer.sin_addr.s_addr), .peer_port = ntohs(peer.sin_port)};
-    struct fwd_conn *c = port ? calloc(1, sizeof *c) : NULL;
+    struct fwd_conn *c = port ? conn_take(loop) : NULL;
     int rc = -1, consumed = 0;
     if (c) {
       c->id = ev.id;
@@ -464,7 +498,7 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
       if (!consumed) l->group->held++;
       pthread_mutex_unlock(&loop->lock);
       if (consumed) continue;  // registration failed: the client is closed
-      free(c);
+      if (c) conn_give(loop, c);
       ev.kind = FWD_ACCEPTED;
       ev.fd = fd;
     }
@@ -616,12 +650,12 @@ static void *fwd_thread(void *arg) {
     pthread_mutex_unlock(&loop->lock);
     while (doomed) {
       struct fwd_conn *next = doomed->next_dead;
-      free(doomed);
+      conn_give(loop, doomed);
       doomed = next;
     }
     while (dead) {
       struct fwd_conn *next = dead->next_dead;
-      free(dead);
+      conn_give(loop, dead);
       dead = next;
     }
   }
@@ -784,6 +818,10 @@ void fwd_loop_stop(struct fwd_loop *loop) {
     free(c);
   }
   for (struct fwd_conn *c = loop->doomed, *next; c; c = next) {
+    next = c->next_dead;
+    free(c);
+  }
+  for (struct fwd_conn *c = loop->spare, *next; c; c = next) {
     next = c->next_dead;
     free(c);
   }
