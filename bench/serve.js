@@ -28,7 +28,9 @@
 // rounds with serve run alternately by that build and by this one (the
 // images are this build's); with BENCH_AB too, that variable is set for
 // both, so that each build's resumes without prepared instances
-// (BENCH_AB=APPSHOT_PREPARED=0) can be compared.
+// (BENCH_AB=APPSHOT_PREPARED=0) can be compared. BENCH_AB_HOT=N: each of
+// those rounds also measures (a) and (b), N of each interleaved, and
+// reports (b) - (a) at p50 per build (the front door's cost, A/B).
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -57,6 +59,7 @@ const CLONE_PUBLIC = APP + 5;
 const ONLY_E = process.env.BENCH_ONLY_E === '1';
 const CLONES = process.env.BENCH_CLONE !== '0' && !ONLY_E;
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
+const AB_HOT = Number(process.env.BENCH_AB_HOT ?? 0);
 /** Node's flags as \`appshot serve -d\` runs the serve process (commands/serve.ts). */
 const RESIDENT = ['--max-semi-space-size=1'];
 /** ...and its environment (residentEnv there): this build's; another's
@@ -258,6 +261,7 @@ try {
       const label = process.env.BENCH_AB ? ` (${process.env.BENCH_AB})` : '';
       const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
       const p50s = { this: [], other: [] };
+      const added = { this: [], other: [] };
       const loads = [];
       for (let r = 0; r < rounds; r++)
         for (const build of r % 2 ? ['this', 'other'] : ['other', 'this']) {
@@ -267,10 +271,23 @@ try {
           const xs = await resumes(RUNS);
           p50s[build].push(pct(xs, 50));
           loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
-          console.log(`    round ${r + 1}, ${build === 'this' ? 'this build' : other}${label}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}`);
+          let hot = '';
+          if (AB_HOT > 0) {
+            const direct = [];
+            const door = [];
+            for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
+            for (let i = 0; i < AB_HOT; i++) direct.push(await firstByte(APP)), door.push(await firstByte(PUBLIC));
+            added[build].push(pct(door, 50) - pct(direct, 50));
+            hot = `; (a) p50 ${ms(pct(direct, 50))}, (b) p50 ${ms(pct(door, 50))}, (b) - (a) ${ms(pct(door, 50) - pct(direct, 50))}`;
+          }
+          console.log(`    round ${r + 1}, ${build === 'this' ? 'this build' : other}${label}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${hot}`);
         }
       const median = (xs) => pct(xs, 50);
       console.log(`(c)${label} median of ${rounds} rounds' p50: ${other} ${ms(median(p50s.other))}, this build ${ms(median(p50s.this))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
+      if (AB_HOT > 0) {
+        console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${other} ${ms(median(added.other))}, this build ${ms(median(added.this))}\n`);
+        report.push({ what: '(b) - (a) A/B builds', other: added.other, this: added.this, loads });
+      }
       report.push({ what: `(c) A/B builds${label}`, other: p50s.other, this: p50s.this, loads });
     } else if (process.env.BENCH_AB) {
       const [name, value] = process.env.BENCH_AB.split('=');
