@@ -28,7 +28,9 @@
 // rounds with serve run alternately by that build and by this one (the
 // images are this build's); with BENCH_AB too, that variable is set for
 // both, so that each build's resumes without prepared instances
-// (BENCH_AB=APPSHOT_PREPARED=0) can be compared.
+// (BENCH_AB=APPSHOT_PREPARED=0) can be compared. BENCH_AB_HOT=N: each of
+// those rounds also measures (a) and (b), N of each interleaved, and
+// reports (b) - (a) at p50 per build (the front door's cost, A/B).
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -52,10 +54,17 @@ const COLD = APP + 2;
  * public port. */
 const CLONE_APP = APP + 3;
 const CLONE_PUBLIC = APP + 5;
-const CLONES = process.env.BENCH_CLONE !== '0';
+/** BENCH_ONLY_E=1: (e) alone (with BENCH_SMAPS=1, each process's PSS
+ * broken down), none of (a)-(d) and (f). */
+const ONLY_E = process.env.BENCH_ONLY_E === '1';
+const CLONES = process.env.BENCH_CLONE !== '0' && !ONLY_E;
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
+const AB_HOT = Number(process.env.BENCH_AB_HOT ?? 0);
 /** Node's flags as \`appshot serve -d\` runs the serve process (commands/serve.ts). */
 const RESIDENT = ['--max-semi-space-size=1'];
+/** ...and its environment (residentEnv there): this build's; another's
+ * (BENCH_AB_CLI) runs as it is. */
+const RESIDENT_ENV = { MALLOC_ARENA_MAX: '1' };
 /** (e)'s public ports: SERVICES_PORT, +1, ... */
 const SERVICES_PORT = APP + 4150;
 
@@ -136,6 +145,28 @@ function pssKiB(pid) {
   return m ? Number(m[1]) : NaN;
 }
 
+/** BENCH_SMAPS=1: where a kept process's PSS is (anonymous, file,
+ * shared memory; its largest mappings), one line each, to stderr. */
+function smapsDetail(pid) {
+  try {
+    const roll = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+    const kb = (k) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(roll)?.[1] ?? 0);
+    const comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+    const byName = new Map();
+    let name = '';
+    for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+      const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+      if (head) name = head[1] || '[anon]';
+      const m = /^Pss:\s+(\d+) kB/.exec(line);
+      if (m) byName.set(name, (byName.get(name) ?? 0) + Number(m[1]));
+    }
+    const top = [...byName].sort((a, b) => b[1] - a[1]).slice(0, 6).map(([n, v]) => `${n.split('/').pop()} ${(v / 1024).toFixed(1)}`);
+    process.stderr.write(`    ${pid} ${comm}: Pss ${(kb('Pss') / 1024).toFixed(1)} MiB (anon ${(kb('Pss_Anon') / 1024).toFixed(1)}, file ${(kb('Pss_File') / 1024).toFixed(1)}, shmem ${(kb('Pss_Shmem') / 1024).toFixed(1)}); largest: ${top.join(', ')}\n`);
+  } catch {
+    /* gone */
+  }
+}
+
 /** The processes appshot keeps for the state directory: `pid` (serve),
  * its descendants, and any process whose command line names the state
  * directory (an application's init, an engine). */
@@ -170,7 +201,7 @@ let serveErr = '';
 let earlierServeErr = '';
 /** `appshot serve`, as serve -d runs it, once it says it is ready. */
 async function startServe(extraEnv = {}, serveCli = cli) {
-  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve'], { env: { ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve'], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
   earlierServeErr += serveErr;
   serveErr = '';
   child.stderr.on('data', (d) => (serveErr += d));
@@ -201,100 +232,116 @@ try {
   serve = await startServe();
   console.log(`redis, ${KEYS} keys; serve pid ${serve.pid}; idle ${IDLE}\n`);
 
-  // (a) and (b) interleaved: the front door's connections keep it running.
-  await untilAnswers(PUBLIC);
-  for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
-  const direct = [];
-  const door = [];
-  for (let i = 0; i < HOT; i++) {
-    direct.push(await firstByte(APP));
-    door.push(await firstByte(PUBLIC));
-  }
-  row('(a) running, direct', direct);
-  row('(b) running, through the front door', door);
-  report.push({ what: '(b) - (a) p50', added: pct(door, 50) - pct(direct, 50) });
-  console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
+  if (!ONLY_E) {
+    // (a) and (b) interleaved: the front door's connections keep it running.
+    await untilAnswers(PUBLIC);
+    for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
+    const direct = [];
+    const door = [];
+    for (let i = 0; i < HOT; i++) {
+      direct.push(await firstByte(APP));
+      door.push(await firstByte(PUBLIC));
+    }
+    row('(a) running, direct', direct);
+    row('(b) running, through the front door', door);
+    report.push({ what: '(b) - (a) p50', added: pct(door, 50) - pct(direct, 50) });
+    console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
 
-  // (c) suspended, through the front door.
-  const resumes = (runs, atFirst) => whenIdle('db', PUBLIC, runs, atFirst);
-  const clonings = (runs) => whenIdle('dbc', CLONE_PUBLIC, runs);
-  let pss = NaN;
-  const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.pid)));
-  row('(c) suspended, through the front door', resumed);
-  const cloned = CLONES ? await clonings(RUNS) : [];
-  if (CLONES) row('(f) clone mode, none running, through the door', cloned);
-  if (process.env.BENCH_AB_CLI) {
-    const other = process.env.BENCH_AB_CLI;
-    const extra = process.env.BENCH_AB ? Object.fromEntries([process.env.BENCH_AB.split('=')]) : {};
-    const label = process.env.BENCH_AB ? ` (${process.env.BENCH_AB})` : '';
-    const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
-    const p50s = { this: [], other: [] };
-    const loads = [];
-    for (let r = 0; r < rounds; r++)
-      for (const build of r % 2 ? ['this', 'other'] : ['other', 'this']) {
-        serve.kill('SIGTERM');
-        await new Promise((ok) => serve.on('exit', ok));
-        serve = await startServe(extra, build === 'this' ? cli : other);
-        const xs = await resumes(RUNS);
-        p50s[build].push(pct(xs, 50));
-        loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
-        console.log(`    round ${r + 1}, ${build === 'this' ? 'this build' : other}${label}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}`);
+    // (c) suspended, through the front door.
+    const resumes = (runs, atFirst) => whenIdle('db', PUBLIC, runs, atFirst);
+    const clonings = (runs) => whenIdle('dbc', CLONE_PUBLIC, runs);
+    let pss = NaN;
+    const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.pid)));
+    row('(c) suspended, through the front door', resumed);
+    const cloned = CLONES ? await clonings(RUNS) : [];
+    if (CLONES) row('(f) clone mode, none running, through the door', cloned);
+    if (process.env.BENCH_AB_CLI) {
+      const other = process.env.BENCH_AB_CLI;
+      const extra = process.env.BENCH_AB ? Object.fromEntries([process.env.BENCH_AB.split('=')]) : {};
+      const label = process.env.BENCH_AB ? ` (${process.env.BENCH_AB})` : '';
+      const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+      const p50s = { this: [], other: [] };
+      const added = { this: [], other: [] };
+      const loads = [];
+      for (let r = 0; r < rounds; r++)
+        for (const build of r % 2 ? ['this', 'other'] : ['other', 'this']) {
+          serve.kill('SIGTERM');
+          await new Promise((ok) => serve.on('exit', ok));
+          serve = await startServe(extra, build === 'this' ? cli : other);
+          const xs = await resumes(RUNS);
+          p50s[build].push(pct(xs, 50));
+          loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+          let hot = '';
+          if (AB_HOT > 0) {
+            const direct = [];
+            const door = [];
+            for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
+            for (let i = 0; i < AB_HOT; i++) direct.push(await firstByte(APP)), door.push(await firstByte(PUBLIC));
+            added[build].push(pct(door, 50) - pct(direct, 50));
+            hot = `; (a) p50 ${ms(pct(direct, 50))}, (b) p50 ${ms(pct(door, 50))}, (b) - (a) ${ms(pct(door, 50) - pct(direct, 50))}`;
+          }
+          console.log(`    round ${r + 1}, ${build === 'this' ? 'this build' : other}${label}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${hot}`);
+        }
+      const median = (xs) => pct(xs, 50);
+      console.log(`(c)${label} median of ${rounds} rounds' p50: ${other} ${ms(median(p50s.other))}, this build ${ms(median(p50s.this))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
+      if (AB_HOT > 0) {
+        console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${other} ${ms(median(added.other))}, this build ${ms(median(added.this))}\n`);
+        report.push({ what: '(b) - (a) A/B builds', other: added.other, this: added.this, loads });
       }
-    const median = (xs) => pct(xs, 50);
-    console.log(`(c)${label} median of ${rounds} rounds' p50: ${other} ${ms(median(p50s.other))}, this build ${ms(median(p50s.this))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
-    report.push({ what: `(c) A/B builds${label}`, other: p50s.other, this: p50s.this, loads });
-  } else if (process.env.BENCH_AB) {
-    const [name, value] = process.env.BENCH_AB.split('=');
-    const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
-    const p50s = { with: [], without: [] };
-    const f50s = { with: [], without: [] };
-    const loads = [];
-    for (let r = 0; r < rounds; r++)
-      for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
-        serve.kill('SIGTERM');
-        await new Promise((ok) => serve.on('exit', ok));
-        serve = await startServe(variant === 'with' ? { [name]: value } : {});
-        // The instance keeps running across serves: the first resume waits
-        // for its idle suspend.
-        const xs = await resumes(RUNS);
-        p50s[variant].push(pct(xs, 50));
-        const fs = CLONES ? await clonings(RUNS) : [];
-        if (CLONES) f50s[variant].push(pct(fs, 50));
-        loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
-        console.log(`    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${CLONES ? `; (f) p50 ${ms(pct(fs, 50))}, p99 ${ms(pct(fs, 99))}` : ''}`);
-      }
-    const median = (xs) => pct(xs, 50);
-    console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
-    if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
-    console.log('');
-    report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
-    if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
-  }
-  console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
-  report.push({ what: 'serve PSS, suspended (MiB)', value: pss / 1024 });
+      report.push({ what: `(c) A/B builds${label}`, other: p50s.other, this: p50s.this, loads });
+    } else if (process.env.BENCH_AB) {
+      const [name, value] = process.env.BENCH_AB.split('=');
+      const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+      const p50s = { with: [], without: [] };
+      const f50s = { with: [], without: [] };
+      const loads = [];
+      for (let r = 0; r < rounds; r++)
+        for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
+          serve.kill('SIGTERM');
+          await new Promise((ok) => serve.on('exit', ok));
+          serve = await startServe(variant === 'with' ? { [name]: value } : {});
+          // The instance keeps running across serves: the first resume waits
+          // for its idle suspend.
+          const xs = await resumes(RUNS);
+          p50s[variant].push(pct(xs, 50));
+          const fs = CLONES ? await clonings(RUNS) : [];
+          if (CLONES) f50s[variant].push(pct(fs, 50));
+          loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+          console.log(`    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${CLONES ? `; (f) p50 ${ms(pct(fs, 50))}, p99 ${ms(pct(fs, 99))}` : ''}`);
+        }
+      const median = (xs) => pct(xs, 50);
+      console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
+      if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
+      console.log('');
+      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
+      if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
+    }
+    console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
+    report.push({ what: 'serve PSS, suspended (MiB)', value: pss / 1024 });
 
-  // (d) a cold start of redis loading the same dataset from its RDB file.
-  const rdbDir = join(home, 'rdb');
-  mkdirSync(rdbDir);
-  const maker = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no'], { stdio: 'ignore' });
-  await untilAnswers(COLD);
-  load(COLD);
-  execFileSync('redis-cli', ['-p', String(COLD), 'SAVE']);
-  maker.kill('SIGKILL');
-  await new Promise((r) => maker.on('exit', r));
-  const cold = [];
-  for (let i = 0; i < RUNS; i++) {
-    const t0 = process.hrtime.bigint();
-    const r = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no', '--save', ''], { stdio: 'ignore' });
+    // (d) a cold start of redis loading the same dataset from its RDB file.
+    const rdbDir = join(home, 'rdb');
+    mkdirSync(rdbDir);
+    const maker = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no'], { stdio: 'ignore' });
     await untilAnswers(COLD);
-    cold.push(Number(process.hrtime.bigint() - t0) / 1e6);
-    const keys = execFileSync('redis-cli', ['-p', String(COLD), 'DBSIZE'], { encoding: 'utf8' }).trim();
-    if (keys !== String(KEYS)) throw new Error(`cold redis has ${keys} keys`);
-    r.kill('SIGKILL');
-    await new Promise((ok) => r.on('exit', ok));
+    load(COLD);
+    execFileSync('redis-cli', ['-p', String(COLD), 'SAVE']);
+    maker.kill('SIGKILL');
+    await new Promise((r) => maker.on('exit', r));
+    const cold = [];
+    for (let i = 0; i < RUNS; i++) {
+      const t0 = process.hrtime.bigint();
+      const r = spawn('redis-server', ['--port', String(COLD), '--dir', rdbDir, '--dbfilename', 'dump.rdb', '--appendonly', 'no', '--save', ''], { stdio: 'ignore' });
+      await untilAnswers(COLD);
+      cold.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      const keys = execFileSync('redis-cli', ['-p', String(COLD), 'DBSIZE'], { encoding: 'utf8' }).trim();
+      if (keys !== String(KEYS)) throw new Error(`cold redis has ${keys} keys`);
+      r.kill('SIGKILL');
+      await new Promise((ok) => r.on('exit', ok));
+    }
+    row('(d) cold start, dataset from RDB', cold);
+    console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
   }
-  row('(d) cold start, dataset from RDB', cold);
-  console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
 
   // (e) SERVICES suspended services: serve restarted with them all (the
   // first, db, suspended by now), each of them never started or suspended.
@@ -332,6 +379,7 @@ try {
       const pids = keptProcesses(serve.pid);
       const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
       const own = pssKiB(serve.pid) / 1024;
+      if (process.env.BENCH_SMAPS) for (const p of pids) smapsDetail(p);
       console.log(`(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}): PSS of all appshot keeps running (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB, of which serve itself ${own.toFixed(1)} MiB`);
       report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}`, value: total / 1024, serve: own, processes: pids.length, suspended, prepared });
     }

@@ -364,6 +364,13 @@ interface Addon {
   lockFile(path: string): number;
   tryLockFile(path: string): number;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
+  /** At most `n` malloc arenas in this process from now on (M_ARENA_MAX):
+   * for a resident process, whose threads would each keep what a burst
+   * of work freed in an arena of its own. */
+  mallocArenas(n: number): boolean;
+  /** malloc_trim(0): the free pages of every arena back to the kernel;
+   * whether any went. */
+  trimMemory(): boolean;
   bind(path: string, kind: Kind, virtualId: number, systemId: number, flags?: number, owner?: number): void;
   mapSystem(path: string, kind: Kind, systemId: number, flags?: number, owner?: number): number;
   unmapSystem(path: string, kind: Kind, systemId: number): boolean;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -679,6 +680,25 @@ Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// mallocArenas(n): at most n malloc arenas in this process from now on
+// (mallopt M_ARENA_MAX). A resident process (appshot serve) does its
+// heavy work (a restore, an image decoded, V8's compilers on its worker
+// threads) in bursts between long idle stretches; each thread that
+// mallocs gets an arena of its own by default, and what a burst freed in
+// one stays that thread's, resident, until the process ends.
+Napi::Value MallocArenas(const Napi::CallbackInfo& info) {
+  int n = info[0].As<Napi::Number>().Int32Value();
+  return Napi::Boolean::New(info.Env(), n > 0 && mallopt(M_ARENA_MAX, n) == 1);
+}
+
+// trimMemory() -> whether any memory went back to the kernel: the free
+// pages of every malloc arena returned (malloc_trim(0) madvises them
+// away, wherever in the arena they are), so that what a burst of work
+// freed stops counting as the process's resident memory.
+Napi::Value TrimMemory(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), malloc_trim(0) == 1);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
@@ -697,6 +717,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
+  exports.Set("mallocArenas", Napi::Function::New(env, MallocArenas));
+  exports.Set("trimMemory", Napi::Function::New(env, TrimMemory));
   exports.Set("bind", Napi::Function::New(env, Bind));
   exports.Set("mapSystem", Napi::Function::New(env, MapSystem));
   exports.Set("unmapSystem", Napi::Function::New(env, UnmapSystem));

@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -38,6 +39,15 @@
 // listeners' accepts add (they stop at this bound: level-triggered, they
 // are taken up again at the next wake-up).
 #define FWD_OUT (FWD_BATCH * 4)
+// Reports that only keep Node's counts (a connection forwarded under a
+// grant, one closed) wait this long for company, so that Node's thread
+// wakes once per connection, not twice, and not between a client's
+// connect and its reply, where it competes for the CPU with the client
+// and the instance. Every other report (a connection handed over, a
+// connect refused or done, an instance dead) goes at once, with those
+// pending before it.
+// APPSHOT_FWD_LAZY_MS=0 sends every report at once (for comparison).
+#define FWD_LAZY_MS 1
 
 struct fwd_half {
   uint32_t off, len;  // pending bytes: buf[off, off + len)
@@ -113,7 +123,42 @@ struct fwd_loop {
   int backoff_fd;
   int backoff_armed;
   int backoff_ms;
+  // FWD_LAZY_MS, in ns (read once, on the thread that starts the loop).
+  uint64_t lazy_ns;
+  // Connections the thread freed, kept for its next accepts (thread
+  // only; FWD_SPARE at most).
+  struct fwd_conn *spare;
+  int nspare;
 };
+
+// A connection is ~33 KiB (its two buffers): taken from malloc at each
+// accept, it takes the lock of an arena that serve's threads share with
+// Node's (one arena: commands/serve.ts), on the way from the client's
+// connect() to its first byte. The thread keeps a few it freed instead.
+#define FWD_SPARE 8
+
+// On the thread: a connection, zeroed but for its buffers.
+static struct fwd_conn *conn_take(struct fwd_loop *loop) {
+  struct fwd_conn *c = loop->spare;
+  if (!c) return calloc(1, sizeof *c);
+  loop->spare = c->next_dead;
+  loop->nspare--;
+  memset(c, 0, offsetof(struct fwd_conn, half));
+  for (int i = 0; i < 2; i++) memset(&c->half[i], 0, offsetof(struct fwd_half, buf));
+  c->prev = c->next = c->next_dead = NULL;
+  return c;
+}
+
+// On the thread: a connection done with, kept or freed.
+static void conn_give(struct fwd_loop *loop, struct fwd_conn *c) {
+  if (loop->nspare >= FWD_SPARE) {
+    free(c);
+    return;
+  }
+  c->next_dead = loop->spare;
+  loop->spare = c;
+  loop->nspare++;
+}
 
 static uint64_t now_ns(void) {
   struct timespec ts;
@@ -441,7 +486,7 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
     }
     struct fwd_event ev = {.id = (*next_id)++ | 0x80000000u, .lid = l->lid, .at_ns = now_ns(),
                            .peer_ip = ntohl(peer.sin_addr.s_addr), .peer_port = ntohs(peer.sin_port)};
-    struct fwd_conn *c = port ? calloc(1, sizeof *c) : NULL;
+    struct fwd_conn *c = port ? conn_take(loop) : NULL;
     int rc = -1, consumed = 0;
     if (c) {
       c->id = ev.id;
@@ -464,7 +509,7 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
       if (!consumed) l->group->held++;
       pthread_mutex_unlock(&loop->lock);
       if (consumed) continue;  // registration failed: the client is closed
-      free(c);
+      if (c) conn_give(loop, c);
       ev.kind = FWD_ACCEPTED;
       ev.fd = fd;
     }
@@ -502,16 +547,30 @@ static void finish(struct fwd_loop *loop, struct fwd_conn *c, struct fwd_conn **
   *dead = c;
 }
 
+// Whether a report must reach Node at once (see FWD_LAZY_MS).
+static int urgent(const struct fwd_event *e) {
+  return e->kind != FWD_FORWARDED && e->kind != FWD_CLOSED;
+}
+
 static void *fwd_thread(void *arg) {
   struct fwd_loop *loop = arg;
   // (ps -L, /proc/PID/task/*/comm: which thread is the front door's)
   pthread_setname_np(pthread_self(), "appshot-fwd");
   struct epoll_event evs[FWD_BATCH];
   struct fwd_event out[FWD_OUT];
+  // Reports not yet sent (lazy ones: FWD_LAZY_MS), the first since when.
+  int nout = 0;
+  uint64_t pending_since = 0;
+  const uint64_t lazy = loop->lazy_ns;
   while (!__atomic_load_n(&loop->stopping, __ATOMIC_ACQUIRE)) {
-    int n = epoll_wait(loop->epfd, evs, FWD_BATCH, -1);
-    if (n < 0) continue;  // EINTR
-    int nout = 0;
+    int timeout = -1;
+    if (nout) {
+      uint64_t waited = now_ns() - pending_since;
+      timeout = waited >= lazy ? 0 : (int)((lazy - waited + 999999u) / 1000000u);
+    }
+    int n = epoll_wait(loop->epfd, evs, FWD_BATCH, timeout);
+    if (n < 0) n = 0;  // EINTR: the pending reports are still looked at
+    int from = nout;
     struct fwd_conn *dead = NULL;
     for (int i = 0; i < n; i++) {
       if (evs[i].data.u64 == 0) {  // a knock: stop (the loop's test) or doomed
@@ -607,7 +666,13 @@ static void *fwd_thread(void *arg) {
           .id = c->id, .kind = FWD_CLOSED, .err = err, .to_instance = c->half[0].bytes, .to_client = c->half[1].bytes, .at_ns = now_ns()};
       finish(loop, c, &dead);
     }
-    if (nout) loop->report(loop->ctx, out, nout);
+    int now_due = 0;
+    for (int i = from; i < nout && !now_due; i++) now_due = urgent(&out[i]);
+    if (nout && !from) pending_since = now_ns();
+    if (nout && (now_due || nout > FWD_OUT / 2 || now_ns() - pending_since >= lazy)) {
+      loop->report(loop->ctx, out, nout);
+      nout = 0;
+    }
     // Freed only now: a later event of this batch may name a connection
     // an earlier one closed, or one whose registration failed.
     pthread_mutex_lock(&loop->lock);
@@ -616,12 +681,12 @@ static void *fwd_thread(void *arg) {
     pthread_mutex_unlock(&loop->lock);
     while (doomed) {
       struct fwd_conn *next = doomed->next_dead;
-      free(doomed);
+      conn_give(loop, doomed);
       doomed = next;
     }
     while (dead) {
       struct fwd_conn *next = dead->next_dead;
-      free(dead);
+      conn_give(loop, dead);
       dead = next;
     }
   }
@@ -640,6 +705,8 @@ struct fwd_loop *fwd_loop_start(fwd_report_fn report, void *ctx, int *err) {
   loop->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   loop->backoff_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
   loop->backoff_ms = FWD_BACKOFF_FIRST_MS;
+  const char *lazy_ms = getenv("APPSHOT_FWD_LAZY_MS");
+  loop->lazy_ns = (uint64_t)(lazy_ms ? atoi(lazy_ms) : FWD_LAZY_MS) * 1000000u;
   pthread_mutex_init(&loop->lock, NULL);
   struct epoll_event ev = {.events = EPOLLIN, .data.u64 = FWD_TAG_KNOCK};
   struct epoll_event timer_ev = {.events = EPOLLIN, .data.u64 = FWD_TAG_BACKOFF};
@@ -784,6 +851,10 @@ void fwd_loop_stop(struct fwd_loop *loop) {
     free(c);
   }
   for (struct fwd_conn *c = loop->doomed, *next; c; c = next) {
+    next = c->next_dead;
+    free(c);
+  }
+  for (struct fwd_conn *c = loop->spare, *next; c; c = next) {
     next = c->next_dead;
     free(c);
   }

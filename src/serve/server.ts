@@ -137,6 +137,10 @@ const KEEP_TRANSLATIONS = 50;
  * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
  * next to nothing. The others read theirs when a connection comes. */
 const PRELOAD_LIMIT = 8;
+/** Memory freed by a burst of work (a restore, a suspend, an image
+ * preloaded) goes back to the kernel this long after the last of it
+ * (ServeHost.worked). */
+const TRIM_AFTER_MS = 500;
 /** A standby taken by a resume is replaced this long after (standby.ts):
  * not while the resume and its first reply still want the CPU. */
 const STANDBY_REFILL_MS = 100;
@@ -283,6 +287,7 @@ class Service {
       .finally(() => {
         this.host.preloading--;
         if (this.preloading === loading) this.preloading = undefined;
+        this.host.worked();
       });
     this.preloading = loading;
   }
@@ -337,6 +342,7 @@ class Service {
   /** Forwards what can be forwarded, then lets the policy start what the
    * rest waits for. */
   pump(): void {
+    let forwarded = false;
     while (this.held.length) {
       const h = this.held[0];
       if (h.socket.destroyed) {
@@ -347,12 +353,20 @@ class Service {
       if (!('forward' in route)) break;
       this.held.shift();
       this.forward(h, this.instances.get(route.forward)!);
+      forwarded = true;
     }
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     const actions = this.policy.decide([...this.instances.values()], this.held.length);
-    this.apply(this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start'));
-    this.changed();
+    const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
+    this.apply(applied);
+    // Written only if something changed: every tick pumps every service,
+    // and rewriting each one's state file five times a second was most
+    // of an idle serve's CPU (100 suspended services: 500 files a second).
+    if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
   }
+
+  /** held.length when changed() was last called. */
+  private heldWritten = 0;
 
   private forward(h: Held, inst: Instance): void {
     const target = inst.ports.get(h.port.public)!;
@@ -390,6 +404,7 @@ class Service {
     if (inst) {
       inst.active++;
       inst.lastActive = this.host.clock.now();
+      this.changed();
     }
     return this.ends(inst, port, p, at, () => client);
   }
@@ -412,11 +427,13 @@ class Service {
           heldMs: Math.round(heldMs * 1000) / 1000,
         });
         if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+        this.changed();
       },
       closed: (bytes) => {
         if (inst) {
           inst.active--;
           inst.lastActive = this.host.clock.now();
+          this.changed();
         }
         this.host.metrics?.active.dec({ service: this.name });
         this.host.metrics?.forwardedBytes.inc({ service: this.name, direction: 'to-instance' }, bytes.toInstance);
@@ -524,6 +541,12 @@ class Service {
     this.changed();
   }
 
+  /** Whether an instance is being started, suspended or stopped. */
+  busy(): boolean {
+    for (const i of this.instances.values()) if (i.state === 'starting' || i.state === 'suspending' || i.state === 'stopping') return true;
+    return false;
+  }
+
   /** Every tick: dead instances noticed, the CPU of running ones measured
    * (with a CPU target), idle ones suspended or dropped. */
   tick(): void {
@@ -554,6 +577,7 @@ class Service {
       if (initPid === undefined) continue;
       this.measured.add(inst.aid);
       inst.cpu = this.cpu.sample(inst.aid, initPid, now);
+      this.changed();
       this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
     }
   }
@@ -612,6 +636,7 @@ class Service {
       committed: (record) => this.committedEarly(record),
       hold: () => {
         heldNow(true);
+        this.host.worked();
         if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
         return decision;
       },
@@ -621,6 +646,7 @@ class Service {
     this.changed();
     done.catch((e: Error) => {
       heldNow(false);
+      this.host.worked();
       if (this.prepared !== p) return; // given up on purpose, or released
       this.prepared = undefined;
       this.host.unprepared(this);
@@ -836,6 +862,7 @@ class Service {
         h.socket.destroy();
       }
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -893,6 +920,7 @@ class Service {
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
       this.log('suspend-failed', { instance: inst.aid, error: (e as Error).message, now: inst.state });
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -933,6 +961,7 @@ class Service {
       if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
         for (const h of this.held.splice(0)) h.socket.destroy();
     }
+    this.host.worked();
     this.pump();
   }
 
@@ -948,6 +977,7 @@ class Service {
     }
     this.instances.delete(inst.aid);
     this.changed();
+    this.host.worked();
     this.pump();
   }
 
@@ -955,6 +985,7 @@ class Service {
    * at once, the state file (what `service show` reads) within 100 ms.
    * A change without it would show until the next one, however long. */
   changed(): void {
+    this.heldWritten = this.held.length;
     const counts: Partial<Record<InstanceStateName, number>> = {};
     for (const i of this.instances.values()) counts[i.state] = (counts[i.state] ?? 0) + 1;
     this.host.metrics?.setInstances(this.name, counts);
@@ -1085,6 +1116,9 @@ export class ServeHost {
   readonly preparedLimit: number;
   /** Preloads under way. */
   preloading = 0;
+  /** When freed memory is next given back (trimMemory), if at all:
+   * TRIM_AFTER_MS after the last work (performance.now()). */
+  private trimAt: number | undefined;
   private timer: NodeJS.Timeout | undefined;
   private stopping = false;
   private metricsServer: HttpServer | undefined;
@@ -1121,6 +1155,13 @@ export class ServeHost {
     // taken. Released by stop(); and should this process die, each sees
     // its lifeline end and goes with its seeds.
     if (this.standbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
+    // One malloc arena for the threads that have not taken one yet
+    // (libuv's pool, the tracer and forwarding threads): serve works in
+    // bursts, and what a thread's burst freed in an arena of its own
+    // stays resident, partly beyond what a trim (worked()) gives back.
+    // Node's and V8's own threads have theirs before this runs: `serve
+    // -d` starts with MALLOC_ARENA_MAX=1 for them (commands/serve.ts).
+    addon().mallocArenas(1);
     const maxHeld = heldRoom(specs.length);
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
@@ -1168,6 +1209,24 @@ export class ServeHost {
     for (const count of new Set(this.services.map((s) => s.standbyWanted()))) if (count !== undefined) warmStandbys(count);
   }
 
+  /** Work was done (a restore, a suspend, a clone or a drop ended, an
+   * image preloaded, an instance prepared): once there has been none for
+   * TRIM_AFTER_MS and none is under way, what it freed goes back to the
+   * kernel (tick). A restore or a suspend frees megabytes that malloc
+   * keeps on its free lists, resident for as long as the service
+   * sleeps: with 100 suspended services and one prepared, ~5 MiB of the
+   * serve process's PSS (bench/serve.js (e)). */
+  worked(): void {
+    this.trimAt = performance.now() + TRIM_AFTER_MS;
+  }
+
+  private trimWhenSettled(): void {
+    if (this.trimAt === undefined || performance.now() < this.trimAt || this.preloading) return;
+    if (this.services.some((s) => s.busy())) return;
+    this.trimAt = undefined;
+    addon().trimMemory();
+  }
+
   /** Whether one more preloaded image would be kept. */
   preloadRoom(): boolean {
     return this.holding.length + this.preloading < PRELOAD_LIMIT;
@@ -1196,6 +1255,7 @@ export class ServeHost {
       // standbys let go), once ended, are its zombies until waited for.
       addon().reapDetached();
       for (const s of this.services) s.tick();
+      this.trimWhenSettled();
     }, this.opts.tickMs ?? 200);
   }
 
