@@ -76,7 +76,6 @@
 #include <sys/prctl.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
-#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -441,20 +440,30 @@ static const char *state_file(char *buf, size_t size, const char *name) {
 /* --- When output reached the log (appshot logs --timestamps) ------------
  *
  * The application writes its log file itself: nothing of appshot is in
- * between to note when a line came. Init watches the file instead
- * (inotify, whose readiness comes as the SIGIO it already waits for) and
- * appends "MILLISECONDS SIZE" lines to .log.times: at that wall-clock time
- * the log held SIZE bytes. A line is then as old as the first record that
- * covers its end. At most one record per LOG_TIMES_MS: a burst of writes
- * merges into one pending inotify event (no further SIGIO) until init
- * reads it. Without an inotify instance (max_user_instances is 128 by
- * default, one per init) the size is looked at every LOG_POLL_MS instead:
- * coarser times, never none. The file is thinned when it reaches
- * LOG_TIMES_MAX, so a chatty application cannot fill the disk with it. */
+ * between to note when a line came. Init watches the log's directory
+ * instead and appends "MILLISECONDS SIZE" lines to .log.times: at that
+ * wall-clock time the log held SIZE bytes. A line is then as old as the
+ * first record that covers its end. At most one record per LOG_TIMES_MS:
+ * a burst of writes is one pending SIGIO until init looks.
+ *
+ * The watch is dnotify (fcntl F_NOTIFY), not inotify: an inotify instance
+ * counts against the user's max_user_instances (128 by default), which is
+ * the application's to use; one per init took them all once a hundred
+ * applications ran, and the applications' own inotify_init1 failed with
+ * EMFILE. dnotify has no such limit; its signal is the SIGIO init already
+ * waits for. It says only that something in the directory changed (our
+ * own .log.times too), so the log's size says whether the log did. Where
+ * F_NOTIFY fails, the size is looked at every LOG_POLL_MS instead: coarser
+ * times, never none. The file is thinned when it reaches LOG_TIMES_MAX, so
+ * a chatty application cannot fill the disk with it. */
 #define LOG_TIMES_MS 10
 #define LOG_POLL_MS 1000
 #define LOG_TIMES_MAX (256 * 1024)
 static int log_watch = -1, log_fd = -1, times_fd = -1;
+/* A SIGIO came since the log's size was last looked at: it may have
+ * grown (the signal also comes for the lifeline, and for any file of the
+ * directory). */
+static int log_maybe_changed = 1;
 static int64_t times_last_tick = -LOG_POLL_MS; /* monotonic ms */
 static off_t times_last_size = 0, times_written = 0; /* an empty log needs no record */
 
@@ -567,13 +576,18 @@ static void watch_log(void) {
   if (log_fd < 0 || (times_fd = open_times_file(O_CREAT)) < 0) return;
   struct stat times;
   if (fstat(times_fd, &times) == 0) times_written = times.st_size;
-  log_watch = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  snprintf(path, sizeof path, "/proc/self/fd/%d", log_fd);
-  if (log_watch >= 0 && (inotify_add_watch(log_watch, path, IN_MODIFY) < 0 ||
-                         fcntl(log_watch, F_SETOWN, getpid()) < 0 ||
-                         fcntl(log_watch, F_SETFL, O_ASYNC | O_NONBLOCK) < 0)) {
-    close(log_watch);
-    log_watch = -1;
+  /* The directory the log is in, as the log's descriptor names it. */
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", log_fd);
+  ssize_t n = readlink(self, path, sizeof path - 1);
+  char *slash = n > 0 ? memrchr(path, '/', (size_t)n) : NULL;
+  if (slash && !(n > 10 && memcmp(path + n - 10, " (deleted)", 10) == 0)) {
+    *slash = 0;
+    log_watch = open(slash == path ? "/" : path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (log_watch >= 0 && fcntl(log_watch, F_NOTIFY, DN_MODIFY | DN_MULTISHOT) != 0) {
+      close(log_watch);
+      log_watch = -1;
+    }
   }
   /* What came before the watch (the first process's first lines, a
    * restored application's log): as of now. */
@@ -586,7 +600,7 @@ static void watch_log(void) {
 }
 
 /* Notes the log's size now if it changed. Returns the milliseconds until
- * a pending change may be noted, or the next look without inotify (the
+ * a pending change may be noted, or the next look without a watch (the
  * loop waits no longer), or -1. The interval is on the monotonic clock:
  * a wall clock set back must not stop the records. */
 static int64_t note_log_time(void) {
@@ -595,18 +609,13 @@ static int64_t note_log_time(void) {
   int64_t interval = log_watch >= 0 ? LOG_TIMES_MS : LOG_POLL_MS;
   if (tick - times_last_tick < interval) {
     if (log_watch < 0) return times_last_tick + interval - tick;
-    /* Too soon: the event stays unread (later writes merge into it), and
-     * is looked at when the interval is over. */
-    struct pollfd p = {log_watch, POLLIN, 0};
-    return poll(&p, 1, 0) > 0 ? times_last_tick + interval - tick : -1;
+    /* Too soon: looked at when the interval is over, if a change may
+     * have come; later writes' signals merge meanwhile. */
+    return log_maybe_changed ? times_last_tick + interval - tick : -1;
   }
-  int changed = log_watch < 0;
-  if (log_watch >= 0) {
-    char buf[4096];
-    while (read(log_watch, buf, sizeof buf) > 0) changed = 1;
-  } else {
-    times_last_tick = tick;
-  }
+  int changed = log_watch < 0 || log_maybe_changed;
+  log_maybe_changed = 0;
+  if (log_watch < 0) times_last_tick = tick;
   struct stat st;
   if (!changed || fstat(log_fd, &st) != 0 || st.st_size == times_last_size)
     return log_watch < 0 ? interval : -1;
@@ -901,6 +910,7 @@ int main(int argc, char **argv) {
       timeout = (struct timespec){log_due / 1000, (log_due % 1000) * 1000000};
     siginfo_t si;
     int sig = sigtimedwait(&waited, &si, &timeout);
+    if (sig == SIGIO) log_maybe_changed = 1;
     if (sig < 0 || sig == SIGIO) continue;
     if (sig != SIGCHLD) {
       /* A terminal's Ctrl-C or Ctrl-\ already reached the whole foreground
