@@ -5,7 +5,7 @@
  * it (addon/init/appshot_init.c, note_log_time): at that wall-clock time
  * the log held SIZE bytes. A line is as old as the first record that
  * covers its end (to within appshot-init's 10 ms between records, 1 s
- * when it had no inotify instance; coarser in a long log, which init
+ * when it could not watch the log's directory; coarser in a long log, which init
  * thins); one written after the last record is as old as the log's
  * modification time.
  * The file travels with the log across a snapshot and the restore
