@@ -137,6 +137,28 @@ describe('a wait for any child caught by a snapshot between the kernel answering
       expect(await verdict(`waitany-${call}`)).toBe('PASS');
     });
 
+  // Init sweeps dead processes' entries every 2 s; one whose child's
+  // answer is still untranslated must stay, or the thread (stopped there
+  // a while: job control, a debugger, a loaded machine) is given a made-up
+  // virtual PID. Held past two sweeps, with and without a restore.
+  const pastSweeps = () => new Promise((r) => setTimeout(r, 5000));
+  it('wait4 held past init\'s sweeps between the answer and its translation: the child\'s entry stays, here and restored', async () => {
+    const held = async (aid: string) => {
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), 'wait4']);
+      await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
+      await waitFor(() => heldAfterWait(sb.systemPid(aid)), 10_000, `${aid} to be held after its wait`);
+    };
+    await held('waitany-swept');
+    await held('waitany-swept2');
+    await pastSweeps();
+    process.kill(sb.systemPid('waitany-swept'), 'SIGUSR1');
+    expect(await verdict('waitany-swept')).toBe('PASS');
+    const image = join(images, 'waitany-swept2');
+    sb.ok(['snapshot', 'waitany-swept2', '-o', image]);
+    sb.ok(['restore', image]);
+    expect(await verdict('waitany-swept2')).toBe('PASS');
+  });
+
   it('wait4 caught after the child was looked up, before the re-check: the entry was not dropped yet, so the restored thread finds it', async () => {
     const image = await heldInWait('waitany-looked', 'looked');
     sb.ok(['restore', image]);

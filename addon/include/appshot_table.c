@@ -1071,6 +1071,13 @@ int appshot_wait_held(const struct appshot_header *h, int slot,
                          __ATOMIC_ACQUIRE) == holder;
 }
 
+int appshot_wait_answered(const struct appshot_header *h, uint32_t slot,
+                          int32_t *holder) {
+  const struct appshot_wait_slot *s = &appshot_waits_of(h)->slot[slot];
+  *holder = __atomic_load_n(&s->holder, __ATOMIC_ACQUIRE);
+  return *holder != 0 && !marked(s->out);
+}
+
 int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
                       int32_t *vid) {
   const struct appshot_waits *w = appshot_waits_of(h);

@@ -307,6 +307,12 @@ int appshot_wait_end(struct appshot_header *h, int slot, int32_t holder);
  * handler that ran during its parent's call). */
 int appshot_wait_held(const struct appshot_header *h, int slot,
                       int32_t holder);
+/* Whether the slot is held (*holder: by whom) by a call the kernel has
+ * answered here and that has not ended: its thread has a child's system
+ * PID still to translate, and that child's entry must stay (init's sweep
+ * leaves dead processes' entries alone meanwhile). */
+int appshot_wait_answered(const struct appshot_header *h, uint32_t slot,
+                          int32_t *holder);
 /* The virtual PID the previous node's system PID `sid` had; 1 if found. */
 int appshot_prior_s2v(const struct appshot_header *h, int32_t sid,
                       int32_t *vid);

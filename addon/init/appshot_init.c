@@ -360,16 +360,35 @@ static int ipc_gone(enum appshot_kind kind, int32_t sid) {
 /* Drops entries whose object no longer exists: processes reaped by a parent
  * that does not run our library (or that ignores SIGCHLD), threads that died
  * with their process, IPC objects removed from outside. */
+/* Whether a live thread of the application is between a wait call's
+ * answer and its translation: the child the kernel reported is dead and
+ * reaped, but the thread still has to look its system PID up (it may
+ * have been stopped there, by job control or a debugger, for longer than
+ * a sweep takes to come: its wait then returned a made-up virtual PID).
+ * A slot whose holder is gone is not waited for. */
+static int wait_answer_pending(void) {
+  for (uint32_t slot = 0; slot < APPSHOT_WAIT_SLOTS; slot++) {
+    int32_t holder, stid;
+    if (appshot_wait_answered(tables, slot, &holder) &&
+        appshot_v2s(tables, APPSHOT_PID, holder, &stid) && kill(stid, 0) == 0)
+      return 1;
+  }
+  return 0;
+}
+
 static void sweep(void) {
   int32_t vid, sid;
   uint32_t flags;
+  /* Dead processes' entries stay while a wait's answer is untranslated
+   * (for a wait4, which child it was is only in the thread's register). */
+  int keep_dead = wait_answer_pending();
   for (int k = 0; k <= APPSHOT_MSGID; k++)
     for (uint32_t s = 0; s < tables->tables[k].capacity; s++) {
       if (!appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid,
                             &flags, NULL))
         continue;
       if (k == APPSHOT_PID) {
-        if (!(flags & APPSHOT_F_INIT) && kill(sid, 0) != 0 && errno == ESRCH)
+        if (!(flags & APPSHOT_F_INIT) && !keep_dead && kill(sid, 0) != 0 && errno == ESRCH)
           appshot_forget_process(tables, sid);
       } else if (ipc_gone((enum appshot_kind)k, sid)) {
         appshot_unmap_system(tables, (enum appshot_kind)k, sid);
