@@ -240,7 +240,7 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parents: string[], queueLimit?: number) => PageWriter;
+  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number) => PageWriter;
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];

@@ -466,26 +466,31 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
-  // new PageWriter(dir, parentPaths: string[], queueLimit?): an unnamed
+  // new PageWriter(dir, parentFds: number[], queueLimit?): an unnamed
   // file in dir; with a queue limit, written by a thread (see pw_open).
+  // The parents' page files are given as the descriptors their loader
+  // checked (and still holds), never by path: a path may name another file
+  // by now, whose bytes would decide which pages count as unchanged.
   explicit PageWriter(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageWriter>(info) {
     Napi::Env env = info.Env();
     std::string path = info[0].As<Napi::String>().Utf8Value();
     if (info.Length() > 1 && info[1].IsArray()) {
       auto parents = info[1].As<Napi::Array>();
       for (uint32_t i = 0; i < parents.Length(); i++) {
-        std::string p = parents.Get(i).As<Napi::String>().Utf8Value();
-        int fd = open(p.c_str(), O_RDONLY | O_CLOEXEC);
+        Napi::Value v = parents.Get(i);
+        if (!v.IsNumber()) {
+          Napi::TypeError::New(env, "parent page data: a descriptor").ThrowAsJavaScriptException();
+          return;
+        }
+        int fd = v.As<Napi::Number>().Int32Value();
         struct stat st;
-        if (fd < 0 || fstat(fd, &st)) {
-          ThrowErrno(env, "opening parent page data " + p, errno);
-          if (fd >= 0) close(fd);
+        if (fstat(fd, &st)) {
+          ThrowErrno(env, "parent page data (descriptor " + std::to_string(fd) + ")", errno);
           return;
         }
         void* m = st.st_size ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
-        close(fd);
         if (m == MAP_FAILED) {
-          ThrowErrno(env, "mapping parent page data " + p, errno);
+          ThrowErrno(env, "mapping parent page data (descriptor " + std::to_string(fd) + ")", errno);
           return;
         }
         maps_.push_back(static_cast<const uint8_t*>(m));
