@@ -939,6 +939,11 @@ Napi::Value GetFd(const Napi::CallbackInfo& info) {
 
 // peekPipe(fd) -> Buffer: what the pipe holds, copied with tee(2) so the
 // owner still reads all of it. The pipe's writers are stopped meanwhile.
+// Data written in packet mode (O_DIRECT, whatever the ends' flags are now)
+// keeps its boundaries in the pipe's buffers, which tee copies: there each
+// read returns one packet. The buffer then has `packets`, the length of
+// each in order. (A copy whose first read returns all of it is one packet
+// if reading one byte of a second copy drops the whole of it.)
 Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int src = info[0].As<Napi::Number>().Int32Value();
@@ -950,6 +955,7 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   int size = fcntl(src, F_GETPIPE_SZ);
   if (size > 0) fcntl(p[1], F_SETPIPE_SZ, size);
   std::vector<uint8_t> data;
+  std::vector<uint32_t> reads;
   ssize_t n = tee(src, p[1], static_cast<size_t>(size > 0 ? size : 65536), SPLICE_F_NONBLOCK);
   int e = errno;
   if (n > 0) {
@@ -959,6 +965,7 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
       ssize_t r = read(p[0], data.data() + got, n - got);
       if (r <= 0) break;
       got += r;
+      reads.push_back(static_cast<uint32_t>(r));
     }
     data.resize(got);
   }
@@ -975,7 +982,24 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "copying a pipe's " + std::to_string(held) + " bytes in flight", EMSGSIZE);
     return env.Undefined();
   }
-  return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
+  bool packets = reads.size() > 1;
+  if (reads.size() == 1 && data.size() > 1 && !pipe2(p, O_CLOEXEC | O_NONBLOCK)) {
+    if (size > 0) fcntl(p[1], F_SETPIPE_SZ, size);
+    if (tee(src, p[1], data.size(), SPLICE_F_NONBLOCK) == static_cast<ssize_t>(data.size())) {
+      uint8_t one;
+      int left = 0;
+      if (read(p[0], &one, 1) == 1 && ioctl(p[0], FIONREAD, &left) == 0) packets = left == 0;
+    }
+    close(p[0]);
+    close(p[1]);
+  }
+  auto out = Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
+  if (packets) {
+    auto lengths = Napi::Array::New(env, reads.size());
+    for (size_t i = 0; i < reads.size(); i++) lengths.Set(static_cast<uint32_t>(i), Napi::Number::New(env, reads[i]));
+    out.Set("packets", lengths);
+  }
+  return out;
 }
 
 // ---- SysV objects, read without changing them
