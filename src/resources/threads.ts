@@ -157,6 +157,10 @@ const ERESTART_RESTARTBLOCK = -516n;
 const SA_RESTART = 0x10000000n;
 const NR_nanosleep = 35n;
 const NR_clock_nanosleep = 230n;
+const NR_futex = 202n;
+const FUTEX_WAIT_BITSET = 9n;
+/** FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME */
+const FUTEX_FLAGS = 128n | 256n;
 /** Where user_regs_struct keeps the argument registers read here. */
 const ARG = { r10: 7 * 8, rdx: 12 * 8, rsi: 13 * 8, rdi: 14 * 8 } as const;
 
@@ -188,10 +192,11 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    same thread, `inPlace`). After a restore, a relative nanosleep or
  *    clock_nanosleep is made again for the time it had left, which the
  *    kernel wrote to its `rem` argument when it stopped (the request's
- *    register then names `rem`: the two may be one buffer anyway). One
- *    without `rem`, whose time left nothing shows, and any other such
- *    call (poll, a futex wait with a timeout) return EINTR (and so do the
- *    test pause points' sleeps, which the tests rely on).
+ *    register then names `rem`: the two may be one buffer anyway); a
+ *    futex wait until an absolute instant (FUTEX_WAIT_BITSET) is made
+ *    again as it was. One without `rem`, whose time left nothing shows,
+ *    and any other such call (poll, a relative FUTEX_WAIT) return EINTR
+ *    (and so do the test pause points' sleeps, which the tests rely on).
  */
 export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
   const out = Buffer.from(regs);
@@ -215,6 +220,10 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
         out.writeBigUInt64LE(left, req);
         rewind(orig);
       } else fail();
+    } else if (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT_BITSET) {
+      // Its timeout is an absolute instant, still in its arguments: made
+      // again as it was (sem_timedwait, pthread_cond_timedwait).
+      rewind(orig);
     } else fail();
   } else rewind(orig);
   return out;
