@@ -90,7 +90,7 @@ describe("process and thread odds: limits below their hard ones, umask, a long c
   roundTrips('podds', () => [fixture('procodds'), scratch()]);
 });
 
-describe('descriptor odds: a semaphore eventfd, a file O_APPEND|O_NOATIME|O_DSYNC at its offset, O_PATH, seqpacket records (an empty one too), an absolute CLOCK_BOOTTIME timerfd, pipes holding packets (O_DIRECT: in packet mode, and left)', () => {
+describe('descriptor odds: a semaphore eventfd, a file O_APPEND|O_NOATIME|O_DSYNC at its offset, one O_DIRECT, O_PATH, seqpacket records (an empty one too), an absolute CLOCK_BOOTTIME timerfd, pipes holding packets (O_DIRECT: in packet mode, and left)', () => {
   roundTrips('fodds', () => [fixture('fdodds'), scratch()], true);
 
   it('refuses a directory watched with dnotify (F_NOTIFY with F_SETSIG), naming it, and leaves the application running', async () => {
