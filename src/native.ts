@@ -230,7 +230,8 @@ interface Addon {
   /** Whether the `toff`th target of epoll `epfd` registered as `tfd` is
    * `fd`'s open file description (kcmp KCMP_EPOLL_TFD). */
   epollTargetIs(pid: number, epfd: number, tfd: number, toff: number, fd: number): boolean;
-  peekPipe(fd: number): Buffer;
+  /** `packets`: each packet's length, for data written in packet mode. */
+  peekPipe(fd: number): Buffer & { packets?: number[] };
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
   shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; data: Buffer };
   msgRead(msqid: number): {
@@ -240,7 +241,7 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parents: string[], queueLimit?: number) => PageWriter;
+  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number) => PageWriter;
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];

@@ -352,7 +352,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
-    ['odirect-pipe', () => /process 2 \(holder\) fd \d+: a pipe in packet mode \(O_DIRECT\) cannot be captured yet/],
     ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
     ['outside-cputime-timer', () => /process 2 \(holder\): POSIX timer 0 runs on the CPU-time clock of system PID \d+ \(clock_getcpuclockid\), a process outside the application, which cannot be captured yet/],
     ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],

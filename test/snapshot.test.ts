@@ -5,11 +5,11 @@
  * image behind.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, cli, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { alive, cli, fixture, Sandbox, stoppedAt, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-images-'));
@@ -280,6 +280,42 @@ describe('snapshot of a program with one of each resource', () => {
     expect(after.shm).not.toContain(ids.shmid[0].system);
     expect(after.msg).not.toContain(ids.msgid[0].system);
     expect(before.sem).toContain(ids.semid[0].system);
+  });
+});
+
+describe('an incremental snapshot of processes whose writes are not tracked', () => {
+  // A soft RLIMIT_NOFILE of 10 leaves no descriptor for dirty tracking:
+  // every page is compared with the parent's bytes.
+  const aid = 'untracked';
+  beforeAll(async () => {
+    startApp(aid, ['sh', '-c', `ulimit -n 10 && exec ${fixture('cowfork')}`]);
+    await waitFor(() => /^CHECK 2$/m.test(logOf(aid)), 20_000, 'the fixture to settle');
+  });
+
+  it('compares with the parent page files it checked, not with what their paths name later', async () => {
+    const first = sb.json<Json>(['snapshot', aid, '-o', join(out, 'untracked-1'), '--leave-running']);
+    const dest = join(out, 'untracked-2');
+    // Stopped once its parent is loaded and checked, before the page
+    // writer compares with it.
+    const stopped = await stoppedAt(sb, ['snapshot', aid, '-o', dest, '--leave-running'], 'snapshot: parent chain loaded', 'the snapshot to load its parent');
+    // Another file at the parent's page path, empty: compared with it, no
+    // page would be the parent's.
+    const pages = join(out, 'untracked-1', 'pages.img');
+    renameSync(pages, `${pages}.checked`);
+    writeFileSync(pages, '');
+    let r;
+    try {
+      r = await stopped.go();
+    } finally {
+      renameSync(`${pages}.checked`, pages);
+    }
+    expect(r.code, r.stderr).toBe(0);
+    const second = sb.json<Json>(['inspect', dest]);
+    expect(second.parent.path).toBe(join(out, 'untracked-1'));
+    // All but the few pages the program wrote since (stacks, counters).
+    expect(Number(second.stats.pagesFromParent)).toBeGreaterThan(Number(first.pages) - 64);
+    await checksContinue(aid);
+    sb.run(['rm', '-f', aid]);
   });
 });
 

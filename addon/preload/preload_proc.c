@@ -1,10 +1,12 @@
 /*
  * /proc/<pid> paths: the application names processes by virtual PID, the
  * kernel's /proc by system PID. "/proc/<vpid>" and
- * "/proc/<vpid>/task/<vtid>" are rewritten; a virtual PID the table does
- * not know is a process that does not exist (ENOENT). Every other path,
- * /proc/self and /proc/thread-self included (they already name the caller),
- * goes through untouched, after a check of its first bytes.
+ * "/proc/<vpid>/task/<vtid>" are rewritten, and so is
+ * "/proc/self/task/<vtid>" (there a number the table does not know, a
+ * system TID as listing the directory gives, goes through); a virtual PID
+ * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
+ * /proc/thread-self included (they already name the caller), goes through
+ * untouched, after a check of its first bytes.
  */
 #include "preload.h"
 
@@ -35,6 +37,20 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
     return path;
   const char *p = path + 6;
   pid_t vpid, spid, vtid = 0, stid = 0;
+  /* "/proc/self/task/<vtid>": the caller's own process, one of its
+   * threads by the TID gettid gave it. A number the table does not know
+   * goes through as it is: listing /proc/self/task gives system TIDs. */
+  if (strncmp(p, "self/task/", 10) == 0) {
+    const char *q = p + 10;
+    if (!parse_pid(&q, &vtid) || !v2s_pid(vtid, &stid)) return path;
+    if (strlen(q) + 40 >= PATH_MAX) {
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    char *d = put_decimal((char *)memcpy(buf, "/proc/self/task/", 16) + 16, stid);
+    strcpy(d, q);
+    return buf;
+  }
   if (!parse_pid(&p, &vpid)) return path;
   const char *rest = p;
   if (strncmp(p, "/task/", 6) == 0) {

@@ -466,26 +466,31 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
-  // new PageWriter(dir, parentPaths: string[], queueLimit?): an unnamed
+  // new PageWriter(dir, parentFds: number[], queueLimit?): an unnamed
   // file in dir; with a queue limit, written by a thread (see pw_open).
+  // The parents' page files are given as the descriptors their loader
+  // checked (and still holds), never by path: a path may name another file
+  // by now, whose bytes would decide which pages count as unchanged.
   explicit PageWriter(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageWriter>(info) {
     Napi::Env env = info.Env();
     std::string path = info[0].As<Napi::String>().Utf8Value();
     if (info.Length() > 1 && info[1].IsArray()) {
       auto parents = info[1].As<Napi::Array>();
       for (uint32_t i = 0; i < parents.Length(); i++) {
-        std::string p = parents.Get(i).As<Napi::String>().Utf8Value();
-        int fd = open(p.c_str(), O_RDONLY | O_CLOEXEC);
+        Napi::Value v = parents.Get(i);
+        if (!v.IsNumber()) {
+          Napi::TypeError::New(env, "parent page data: a descriptor").ThrowAsJavaScriptException();
+          return;
+        }
+        int fd = v.As<Napi::Number>().Int32Value();
         struct stat st;
-        if (fd < 0 || fstat(fd, &st)) {
-          ThrowErrno(env, "opening parent page data " + p, errno);
-          if (fd >= 0) close(fd);
+        if (fstat(fd, &st)) {
+          ThrowErrno(env, "parent page data (descriptor " + std::to_string(fd) + ")", errno);
           return;
         }
         void* m = st.st_size ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
-        close(fd);
         if (m == MAP_FAILED) {
-          ThrowErrno(env, "mapping parent page data " + p, errno);
+          ThrowErrno(env, "mapping parent page data (descriptor " + std::to_string(fd) + ")", errno);
           return;
         }
         maps_.push_back(static_cast<const uint8_t*>(m));
@@ -934,6 +939,11 @@ Napi::Value GetFd(const Napi::CallbackInfo& info) {
 
 // peekPipe(fd) -> Buffer: what the pipe holds, copied with tee(2) so the
 // owner still reads all of it. The pipe's writers are stopped meanwhile.
+// Data written in packet mode (O_DIRECT, whatever the ends' flags are now)
+// keeps its boundaries in the pipe's buffers, which tee copies: there each
+// read returns one packet. The buffer then has `packets`, the length of
+// each in order. (A copy whose first read returns all of it is one packet
+// if reading one byte of a second copy drops the whole of it.)
 Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int src = info[0].As<Napi::Number>().Int32Value();
@@ -945,6 +955,7 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
   int size = fcntl(src, F_GETPIPE_SZ);
   if (size > 0) fcntl(p[1], F_SETPIPE_SZ, size);
   std::vector<uint8_t> data;
+  std::vector<uint32_t> reads;
   ssize_t n = tee(src, p[1], static_cast<size_t>(size > 0 ? size : 65536), SPLICE_F_NONBLOCK);
   int e = errno;
   if (n > 0) {
@@ -954,6 +965,7 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
       ssize_t r = read(p[0], data.data() + got, n - got);
       if (r <= 0) break;
       got += r;
+      reads.push_back(static_cast<uint32_t>(r));
     }
     data.resize(got);
   }
@@ -970,7 +982,24 @@ Napi::Value PeekPipe(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "copying a pipe's " + std::to_string(held) + " bytes in flight", EMSGSIZE);
     return env.Undefined();
   }
-  return Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
+  bool packets = reads.size() > 1;
+  if (reads.size() == 1 && data.size() > 1 && !pipe2(p, O_CLOEXEC | O_NONBLOCK)) {
+    if (size > 0) fcntl(p[1], F_SETPIPE_SZ, size);
+    if (tee(src, p[1], data.size(), SPLICE_F_NONBLOCK) == static_cast<ssize_t>(data.size())) {
+      uint8_t one;
+      int left = 0;
+      if (read(p[0], &one, 1) == 1 && ioctl(p[0], FIONREAD, &left) == 0) packets = left == 0;
+    }
+    close(p[0]);
+    close(p[1]);
+  }
+  auto out = Napi::Buffer<uint8_t>::Copy(env, data.data(), data.size());
+  if (packets) {
+    auto lengths = Napi::Array::New(env, reads.size());
+    for (size_t i = 0; i < reads.size(); i++) lengths.Set(static_cast<uint32_t>(i), Napi::Number::New(env, reads[i]));
+    out.Set("packets", lengths);
+  }
+  return out;
 }
 
 // ---- SysV objects, read without changing them

@@ -578,6 +578,8 @@ export interface Pipe {
   data: Buffer;
   capacity: number;
   fifoPath: string;
+  /** Data written in packet mode (O_DIRECT): each packet's length. */
+  packets?: number[];
 }
 
 export interface Socket {

@@ -501,6 +501,10 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {
     if (p.capacity > limits.pipeMaxSize || p.data.length > Math.max(p.capacity, 65536)) corrupt(`pipe ${i} holds ${p.data.length} bytes in ${p.capacity} (pipe-max-size is ${limits.pipeMaxSize})`);
+    // Each packet a pipe buffer's worth at most (a page), none empty, all
+    // of the data.
+    const packets = p.packets ?? [];
+    if (packets.length && (packets.some((n) => n < 1 || n > 4096) || packets.reduce((a, n) => a + n, 0) !== p.data.length)) corrupt(`pipe ${i}'s packets do not make up its ${p.data.length} bytes`);
   }
 
   const vtids = new Set<number>();

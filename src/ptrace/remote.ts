@@ -54,6 +54,7 @@ export const SYS = {
   inotify_rm_watch: 255,
   timerfd_create: 283,
   timerfd_settime: 286,
+  clock_gettime: 228,
   set_robust_list: 273,
   signalfd4: 289,
   epoll_create1: 291,

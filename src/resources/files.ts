@@ -336,11 +336,15 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // addon/preload/preload_fd.c): the new application's tables.
   if (fd.path === h.image.tablesPath) return h.keep(openSync(h.tablesPath, plain));
   let got: number;
-  if (h.image.logPath && fd.path === h.image.logPath) got = h.log();
-  else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  // The new log is another file, which its writers append to: its
+  // position is its own.
+  if (h.image.logPath && fd.path === h.image.logPath) return h.log();
+  if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) got = h.keep(openSync(fd.path.replace(PROC_PID, `/proc/${restoredPid(h, fd.procVpid)}`), plain));
   else got = h.keep(openSync(filePath(h, p, fd), plain));
-  if (fd.pos && !(fd.flags & fs.O_APPEND)) addon().lseek(got, Number(fd.pos));
+  // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
+  // start there and lseek(SEEK_CUR) tells it.
+  if (fd.pos) addon().lseek(got, Number(fd.pos));
   return got;
 }
 

@@ -370,7 +370,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // and processes that shared its pages now each have their own.
         vma.kind = VmaKind.ANON;
         vma.path = '';
-        const d = unreadableNamed(what, l, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all));
+        const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all));
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
         vmas.push(vma);
         continue;
@@ -396,7 +396,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
         const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
-        const d = unreadableNamed(what, l, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked));
+        const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked));
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
         if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
       }
@@ -409,18 +409,44 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   return vmas;
 }
 
+/** pagemap's bit for a guard page (PM_GUARD_REGION, Linux 6.15). */
+const PM_GUARD_REGION = 1n << 58n;
+
+/** The first guard page of mapping `l`, as pagemap shows it, if any. */
+function guardPage(pagemapFd: number, l: MapsLine): bigint | undefined {
+  const pages = Number((l.end - l.start) / 4096n);
+  const buf = Buffer.alloc(Math.min(pages, 1 << 16) * 8);
+  for (let at = 0; at < pages; at += buf.length / 8) {
+    const n = readSync(pagemapFd, buf, 0, Math.min(buf.length, (pages - at) * 8), Number((l.start / 4096n + BigInt(at)) * 8n));
+    for (let i = 0; i + 8 <= n; i += 8) if (buf.readBigUInt64LE(i) & PM_GUARD_REGION) return l.start + BigInt(at + i / 8) * 4096n;
+    if (n <= 0) break;
+  }
+  return undefined;
+}
+
 /** Runs `read` (a copy of a mapping's pages); a page the kernel will not
  * read (EIO, EFAULT) refuses the snapshot naming the mapping, rather than
  * with the bare error. A private mapping of a deleted file reads so past
  * the file's end (truncated under the mapping): there the process would
  * take SIGBUS, which anonymous memory cannot give it back. */
-function unreadableNamed<T>(what: string, l: MapsLine, read: () => T): T {
+function unreadableNamed<T>(what: string, l: MapsLine, pagemapFd: number, read: () => T): T {
   try {
     return read();
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code !== 'EIO' && code !== 'EFAULT') throw e;
-    const why = l.path.endsWith(' (deleted)') ? ', past the end of the file (truncated under the mapping before it was deleted)' : '';
+    let guard: bigint | undefined;
+    try {
+      guard = guardPage(pagemapFd, l);
+    } catch {
+      // only the message is the poorer
+    }
+    const why =
+      guard !== undefined
+        ? `: its page at 0x${guard.toString(16)} is a guard page (MADV_GUARD_INSTALL)`
+        : l.path.endsWith(' (deleted)')
+          ? ', past the end of the file (truncated under the mapping before it was deleted)'
+          : '';
     throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} (${l.path || 'anonymous'}) cannot be read${why}, which cannot be captured`);
   }
 }
@@ -564,7 +590,9 @@ function mappedLazily(src: MemorySources, vpid: number, v: Vma): boolean {
   // environ are read only from anonymous memory (FOLL_ANON).
   // Memory marked MADV_WIPEONFORK or made MAP_DROPPABLE is copied: the
   // kernel takes either only on anonymous memory, which pages mapped
-  // from a file are not. Pages from a parent image are copied too.
+  // from a file are not; nor is a mapping that grows down (MAP_GROWSDOWN)
+  // one once pages of a file are mapped over it (VmFlags "gd" goes). Pages
+  // from a parent image are copied too.
   return (
     src.lazy &&
     !src.eager?.(vpid, v) &&
@@ -572,7 +600,8 @@ function mappedLazily(src: MemorySources, vpid: number, v: Vma): boolean {
     v.special !== '[stack]' &&
     !(v.pages?.fromParent.length) &&
     !v.vmFlags.includes('wf') &&
-    !v.vmFlags.includes('dp')
+    !v.vmFlags.includes('dp') &&
+    !v.vmFlags.includes('gd')
   );
 }
 

@@ -12,7 +12,7 @@ import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
-import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { type DumpContext, type RestoreContext } from './context.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
@@ -21,10 +21,11 @@ const O_DIRECT = 0o40000;
 
 /** The image's pipe for `fd` of `pid` (inode `ino`), recorded the first
  * time one of its ends is seen; `flags` are the descriptor's status flags.
- * A pipe in packet mode (O_DIRECT) is refused: its data would come back
- * without the boundaries between its writes. */
+ * Data written in packet mode (O_DIRECT; the ends may have left it since)
+ * is recorded with the length of each packet. (Bytes written outside
+ * packet mode just before a last packet cannot be told from it, and come
+ * back as part of it.) */
 export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string): number {
-  if (flags & O_DIRECT) throw new Unsupported(`${where}: a pipe in packet mode (O_DIRECT) cannot be captured yet`);
   const writeEnd = (flags & O_ACCMODE) === fs.O_WRONLY;
   return ctx.pipe(ino, () => {
     const dup = addon().getFd(pid, fd);
@@ -45,7 +46,8 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
         reader = reopened;
       }
       try {
-        return { ino, data: addon().peekPipe(reader), capacity: addon().pipeCapacity(reader), fifoPath };
+        const data = addon().peekPipe(reader);
+        return { ino, data, capacity: addon().pipeCapacity(reader), fifoPath, ...(data.packets ? { packets: data.packets } : {}) };
       } finally {
         if (reopened >= 0) closeSync(reopened);
       }
@@ -134,9 +136,23 @@ function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
   if (pipe.data.length) {
     // Through a non-blocking writer of our own: data that does not fit is
     // an error, not a hang.
+    // Packets are written one by one in packet mode, each one write.
+    const packets = pipe.packets ?? [];
     const filler = openSync(`/proc/self/fd/${made.write}`, fs.O_WRONLY | fs.O_NONBLOCK);
     try {
+      // (open refuses O_DIRECT on a pipe; F_SETFL takes it)
+      if (packets.length) addon().setStatusFlags(filler, fs.O_WRONLY | fs.O_NONBLOCK | O_DIRECT);
       let done = 0;
+      for (const n of packets) {
+        let wrote = 0;
+        try {
+          wrote = writeSync(filler, pipe.data, done, n);
+        } catch {
+          wrote = 0;
+        }
+        if (wrote !== n) throw new AppshotError(`pipe ${index}: its packet of ${n} bytes does not fit in it here (${done} bytes did)`);
+        done += n;
+      }
       while (done < pipe.data.length) {
         let n: number;
         try {

@@ -155,6 +155,14 @@ const ERESTARTNOINTR = -513n;
 const ERESTARTNOHAND = -514n;
 const ERESTART_RESTARTBLOCK = -516n;
 const SA_RESTART = 0x10000000n;
+const NR_nanosleep = 35n;
+const NR_clock_nanosleep = 230n;
+const NR_futex = 202n;
+const FUTEX_WAIT_BITSET = 9n;
+/** FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME */
+const FUTEX_FLAGS = 128n | 256n;
+/** Where user_regs_struct keeps the argument registers read here. */
+const ARG = { r10: 7 * 8, rdx: 12 * 8, rsi: 13 * 8, rdi: 14 * 8 } as const;
 
 /** The signal a thread will take first when it resumes, if it has a
  * handler: the lowest-numbered one pending for it (its own queue first,
@@ -179,9 +187,16 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    EINTR (ERESTARTNOHAND, and ERESTARTSYS unless the handler has
  *    SA_RESTART), or restarts once the handler returns;
  *  - otherwise it restarts. A call whose restart needs kernel state of the
- *    thread's own (nanosleep's remaining time: ERESTART_RESTARTBLOCK)
+ *    thread's own (a relative sleep's remaining time: ERESTART_RESTARTBLOCK)
  *    restarts through restart_syscall where that state is still there (the
- *    same thread, `inPlace`), and returns EINTR after a restore.
+ *    same thread, `inPlace`). After a restore, a relative nanosleep or
+ *    clock_nanosleep is made again for the time it had left, which the
+ *    kernel wrote to its `rem` argument when it stopped (the request's
+ *    register then names `rem`: the two may be one buffer anyway); a
+ *    futex wait until an absolute instant (FUTEX_WAIT_BITSET) is made
+ *    again as it was. One without `rem`, whose time left nothing shows,
+ *    and any other such call (poll, a relative FUTEX_WAIT) return EINTR
+ *    (and so do the test pause points' sleeps, which the tests rely on).
  */
 export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
   const out = Buffer.from(regs);
@@ -196,7 +211,20 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
   if (signal && (rax === ERESTARTNOHAND || rax === ERESTART_RESTARTBLOCK || (rax === ERESTARTSYS && !(signal.flags & SA_RESTART)))) fail();
   else if (rax === ERESTART_RESTARTBLOCK) {
     if (inPlace) rewind(219n /* restart_syscall */);
-    else fail();
+    else if (orig === NR_nanosleep || orig === NR_clock_nanosleep) {
+      // nanosleep(req: rdi, rem: rsi); clock_nanosleep(clock, flags,
+      // req: rdx, rem: r10), relative (an absolute one restarts as such).
+      const [req, rem] = orig === NR_nanosleep ? [ARG.rdi, ARG.rsi] : [ARG.rdx, ARG.r10];
+      const left = out.readBigUInt64LE(rem);
+      if (left) {
+        out.writeBigUInt64LE(left, req);
+        rewind(orig);
+      } else fail();
+    } else if (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT_BITSET) {
+      // Its timeout is an absolute instant, still in its arguments: made
+      // again as it was (sem_timedwait, pthread_cond_timedwait).
+      rewind(orig);
+    } else fail();
   } else rewind(orig);
   return out;
 }

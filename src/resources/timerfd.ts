@@ -9,6 +9,9 @@
  * restore, however long the image waited. One exception: a CLOCK_REALTIME
  * timer set absolute (TFD_TIMER_ABSTIME) names a wall-clock instant, which
  * is what it keeps, so that it fires at that instant (at once if it passed).
+ * A timer set absolute on another clock (CLOCK_MONOTONIC, CLOCK_BOOTTIME)
+ * is set absolute again, its time left from the clock's now in the
+ * restored process, so that its flags read back as they were.
  */
 import { type Fd, type Timerfd } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -17,6 +20,7 @@ const TFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
 const TFD_CLOEXEC = 0o2000000;
 const TFD_TIMER_ABSTIME = 1;
 const CLOCK_REALTIME = 0;
+const CLOCK_REALTIME_ALARM = 8;
 /** _IOW('T', 0, u64) */
 const TFD_IOC_SET_TICKS = 0x40085400;
 const NS = 1_000_000_000n;
@@ -40,7 +44,7 @@ export function dumpTimerfd(fdinfo: Map<string, string>): Timerfd {
   if (!Number.isInteger(clockid) || ticks === undefined || flags === undefined) throw new Error('timerfd with an fdinfo this kernel does not usually show');
   const valueNs = timespecNs(fdinfo.get('it_value'), 'it_value');
   const settimeFlags = parseInt(flags, 8);
-  const absoluteWallClock = clockid === CLOCK_REALTIME && (settimeFlags & TFD_TIMER_ABSTIME) !== 0 && valueNs !== 0n;
+  const absoluteWallClock = (clockid === CLOCK_REALTIME || clockid === CLOCK_REALTIME_ALARM) && (settimeFlags & TFD_TIMER_ABSTIME) !== 0 && valueNs !== 0n;
   return {
     clockid,
     ticks: BigInt(ticks),
@@ -63,11 +67,18 @@ export function restoreTimerfd(r: RemoteProcess, fd: Fd): number {
   // left (the kernel moves it on when it is read): it goes on a period on.
   const left = t.valueNs || t.intervalNs;
   if (left || t.deadlineNs) {
-    const absolute = t.deadlineNs !== 0n;
-    const value = absolute ? t.deadlineNs : left;
+    const wallClock = t.deadlineNs !== 0n;
+    const absolute = wallClock || (t.settimeFlags & TFD_TIMER_ABSTIME) !== 0;
+    let value = wallClock ? t.deadlineNs : left;
+    if (absolute && !wallClock) {
+      const now = r.put(Buffer.alloc(16));
+      r.call(`reading clock ${t.clockid} for timerfd ${fd.fd}`, SYS.clock_gettime, [t.clockid, now]);
+      const ts = r.get(now, 16);
+      value += ts.readBigInt64LE(0) * NS + ts.readBigInt64LE(8);
+    }
     const spec = r.put(r.u64s([t.intervalNs / NS, t.intervalNs % NS, value / NS, value % NS]));
     // TFD_TIMER_CANCEL_ON_SET only goes with an absolute wall-clock time.
-    r.call(`setting timerfd ${fd.fd}`, SYS.timerfd_settime, [made, absolute ? t.settimeFlags : 0, spec, 0]);
+    r.call(`setting timerfd ${fd.fd}`, SYS.timerfd_settime, [made, absolute ? (wallClock ? t.settimeFlags : TFD_TIMER_ABSTIME) : 0, spec, 0]);
   }
   if (t.ticks) r.call(`giving timerfd ${fd.fd} its ${t.ticks} unread expirations`, SYS.ioctl, [made, TFD_IOC_SET_TICKS, r.put(r.u64s([t.ticks]))]);
   return made;

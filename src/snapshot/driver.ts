@@ -136,13 +136,15 @@ async function parentChain(record: AppRecord): Promise<ParentResolver | undefine
   let expected = record.lastImage.id;
   try {
     while (path) {
-      const loaded = await loadImage(path, { asParent: true });
+      const loaded = await loadImage(path, { asParent: true, holdPages: true });
       chain.push(loaded);
       if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);
       path = loaded.image.parent ? parentPath(loaded.dir, loaded.image.parent.path) : undefined;
       expected = loaded.image.parent?.imageId ?? '';
     }
-    return new ParentResolver(chain);
+    const resolver = new ParentResolver(chain);
+    killPoint('snapshot: parent chain loaded');
+    return resolver;
   } catch (e) {
     for (const l of chain) l.dispose();
     process.stderr.write(`appshot: taking a full snapshot: the previous image cannot be used (${(e as Error).message})\n`);
@@ -611,7 +613,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   // the machine's available memory is queued for it.
   let pages: PageWriter;
   try {
-    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.paths ?? [], writeQueueLimit());
+    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit());
   } catch (e) {
     discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();

@@ -7,10 +7,8 @@
  * Comparing against the parent's bytes works on every kernel (this one has
  * no soft-dirty bits); it reads all memory but writes only what changed.
  */
-import { join } from 'node:path';
 import type { ParentPages } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
-import { PARTS } from '../image/format.js';
 import type { Image, PageRef } from '../image/types.js';
 
 const PAGE = 4096n;
@@ -24,12 +22,18 @@ interface Located {
 type PageMap = Map<bigint, Located>;
 
 export class ParentResolver {
-  /** Page files of the chain, newest first: PageWriter compares against them. */
-  readonly paths: string[];
+  /** Page files of the chain, newest first, as the descriptors that were
+   * checked when each link was loaded (LoadOptions.holdPages): PageWriter
+   * compares against them. Their paths may name other files by now. */
+  readonly fds: number[];
 
-  /** @param chain the parent image, then its parent, and so on */
+  /** @param chain the parent image, then its parent, and so on, each
+   * loaded with holdPages */
   constructor(readonly chain: LoadedImage[]) {
-    this.paths = chain.map((l) => join(l.dir, PARTS.pages));
+    this.fds = chain.map((l) => {
+      if (l.pagesFd === undefined) throw new Error(`${l.dir}: its page file was not kept open when it was checked`);
+      return l.pagesFd;
+    });
   }
 
   get head(): LoadedImage {
