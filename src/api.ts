@@ -19,9 +19,9 @@ import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, LocalRegistry } from './registry.js';
-import { restore as restoreImage, RestoredWithError, type RestoreResult } from './restore/driver.js';
-import { snapshot as snapshotApplication, type SnapshotResult } from './snapshot/driver.js';
-import { clone as cloneTemplate, type CloneResult } from './template/clone.js';
+import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit, type RestoreResult } from './restore/driver.js';
+import { snapshot as snapshotApplication, SnapshottedWithError as SnapshotFailedAfterCommit, type SnapshotResult } from './snapshot/driver.js';
+import { clone as cloneTemplate, ClonedWithError as CloneFailedAfterCommit, type CloneResult } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
 
 export { AppshotError, ExitCode };
@@ -136,6 +136,49 @@ export interface CloneOptions extends CommonOptions {
  * really is on this node (`mode: 'allocate'`: its own). */
 export type Clone = Omit<CloneResult, 'createdDirs'>;
 
+/** How restore() rejects when it failed at a step after its commit
+ * (exitCode 6, ExitCode.afterCommit; the message says which step): the
+ * application was restored all the same, is registered and runs, and
+ * `restored` is what restore() would have resolved with. Stop or rm it if
+ * it is not wanted. */
+export class RestoredWithError extends AppshotError {
+  constructor(
+    message: string,
+    readonly restored: Restored,
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
+}
+
+/** How clone() rejects when its batch failed at a step after its commit
+ * (exitCode 6): every instance of `cloned` exists, is registered and
+ * runs, as clone() would have resolved. */
+export class ClonedWithError extends AppshotError {
+  constructor(
+    message: string,
+    readonly cloned: Clone[],
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
+}
+
+/** How snapshot() rejects when it had ended the application, then failed
+ * at a step after (exitCode 6): the image at `image` is complete and is
+ * the application now (restore it to bring it back); the application has
+ * ended, its record `snapshotted` in ps({ all: true }). */
+export class SnapshottedWithError extends AppshotError {
+  constructor(
+    message: string,
+    /** The image, as `output` was given resolved ('-': standard output). */
+    readonly image: string,
+    readonly imageId: string,
+    /** The image it is incremental on, as SnapshotResult.parent. */
+    readonly parent?: string,
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
+}
+
 /** Runs `body` in the state directory `opts.home` names (homeScope: the
  * keys and temporaries too, not only the registry), turning a system
  * call's failure (ENOENT on a path given, EACCES...) into an AppshotError
@@ -239,7 +282,9 @@ export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[
 /** Freezes every process of the application and writes its image
  * (`appshot snapshot`). The application ends once the image is written,
  * unless `leaveRunning`; a snapshot that fails leaves it running and no
- * image behind. */
+ * image behind, but for one that fails once it has begun to end the
+ * application (SnapshottedWithError, exitCode 6): the image is complete
+ * and the application ended. */
 export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   return call(opts, () => {
     const timeoutMs = opts.timeoutMs ?? 10_000;
@@ -252,13 +297,16 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
       tcpClose: opts.tcpClose,
       tcpHoldSeconds: opts.tcpHoldSeconds,
       timeoutMs,
+    }).catch((e: unknown) => {
+      if (e instanceof SnapshotFailedAfterCommit) throw new SnapshottedWithError(e.message, e.image, e.imageId, e.parent);
+      throw e;
     });
   });
 }
 
 /** Brings an image back as a running application in the background
  * (`appshot restore`). A restore that fails leaves nothing behind, but
- * for one that fails after its commit (exitCode 6, ExitCode.afterCommit):
+ * for one that fails after its commit (RestoredWithError, exitCode 6):
  * the application then runs and is registered, and the error's
  * `restored` says what was restored. */
 export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
@@ -268,7 +316,7 @@ export function restore(image: string, opts: RestoreOptions = {}): Promise<Resto
     try {
       return shown(await restoreImage(registry(opts), image, { aid: opts.aid, lazy: opts.lazy ?? false }));
     } catch (e) {
-      if (e instanceof RestoredWithError) throw Object.assign(new AppshotError(e.message, e.exitCode), { restored: shown(e.restored) });
+      if (e instanceof RestoreFailedAfterCommit) throw new RestoredWithError(e.message, shown(e.restored));
       throw e;
     }
   });
@@ -284,13 +332,20 @@ export function templateCreate(snapshotImage: string, output: string, opts: Temp
 }
 
 /** Stamps running instances from a template (`appshot clone`), each under
- * its own AID, in milliseconds each. */
+ * its own AID, in milliseconds each. All or nothing, but for a batch that
+ * fails after its commit (ClonedWithError, exitCode 6): its instances
+ * all run then, listed in the error's `cloned`. */
 export function clone(template: string, opts: CloneOptions = {}): Promise<Clone[]> {
   return call(opts, async () => {
     const count = opts.count ?? 1;
     if (!(Number.isInteger(count) && count >= 1))
       throw new AppshotError(`count ${count}: expected a whole number of at least 1`, ExitCode.usage);
-    const made = await cloneTemplate(registry(opts), template, { aid: opts.aid, count, verify: opts.verify, signal: opts.signal });
-    return made.map(({ createdDirs: _dirs, ...instance }) => instance);
+    const shown = (made: CloneResult[]): Clone[] => made.map(({ createdDirs: _dirs, ...instance }) => instance);
+    try {
+      return shown(await cloneTemplate(registry(opts), template, { aid: opts.aid, count, verify: opts.verify, signal: opts.signal }));
+    } catch (e) {
+      if (e instanceof CloneFailedAfterCommit) throw new ClonedWithError(e.message, shown(e.cloned));
+      throw e;
+    }
   });
 }

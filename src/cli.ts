@@ -457,7 +457,8 @@ export function buildProgram(): Command {
     .addHelpText(
       'after',
       '\nBy default the application ends once its image is safely written, and its SysV objects are\n' +
-        'removed. A snapshot that fails leaves the application running and no image. Established TCP\n' +
+        'removed. A snapshot that fails leaves the application running and no image, but once it has\n' +
+        'begun to end it (exit 6): the image is whole and the application ended. Established TCP\n' +
         'connections are kept with TCP repair (CAP_NET_ADMIN): their peers carry on after the restore.\n' +
         'Until then a small appshot-keeper process holds them silent (--tcp-hold), so that a peer that\n' +
         'sends meanwhile is not reset. A resource that cannot be captured is refused by name, and\n' +
@@ -724,7 +725,8 @@ export function buildProgram(): Command {
         'files under copy-on-write rules are copied when an instance first writes them, PIDs and SysV\n' +
         'ids are the template\'s virtual ones bound to new objects, a multiplexed port is shared by all\n' +
         'instances, an allocated one is the instance\'s own (appshot port AID). All or nothing: if one\n' +
-        'instance fails, the ones made before it are removed.\n\n' +
+        'instance fails, the ones made before it are removed; once the batch has committed, a step that\n' +
+        'fails leaves every instance running (exit 6, naming them).\n\n' +
         'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
     )
     .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean; progress: string }) => {

@@ -10,8 +10,11 @@ export const ExitCode = {
   conflict: 4,
   /** The image asks for a credential or limit this user cannot grant. */
   denied: 5,
-  /** restore: the application was restored, is registered and runs, but
-   * a step after its commit failed (the message says which). */
+  /** What the command committed stands, but a step after its commit
+   * failed (the message says which): restore, the application was
+   * restored, is registered and runs; clone, every instance of the batch
+   * does; snapshot, the image is complete and the application was ended
+   * (the image is the application now). */
   afterCommit: 6,
   /** A bug: an error appshot did not expect (reported in one line). */
   internal: 70,

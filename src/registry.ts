@@ -628,7 +628,9 @@ export class LocalRegistry implements Registry {
    * released rather than kept as ended (the AID is free at once for the
    * image's restore; appshot-init removes the directory when it sees the
    * file "released", which names the image for a foreground `appshot
-   * run`), and its log is set aside for that restore. */
+   * run`). All or nothing: the file "released" is the snapshot's point of
+   * no return, and if it cannot be written, the record written before it
+   * goes. The log is set aside next (setAsideLog). */
   markReleased(record: AppRecord, image: string): void {
     // Its record first: from the file "released" on, init removes the
     // registration as soon as the processes are gone.
@@ -647,7 +649,18 @@ export class LocalRegistry implements Registry {
     const file = this.snapshottedPath(record.aid);
     writeFileSync(`${file}.tmp`, JSON.stringify(snapshotted, null, 2));
     renameSync(`${file}.tmp`, file);
-    writeFileSync(join(record.stateDir, 'released'), `${image === '-' ? 'a stream on standard output' : image}\n`);
+    try {
+      writeFileSync(join(record.stateDir, 'released'), `${image === '-' ? 'a stream on standard output' : image}\n`);
+    } catch (e) {
+      rmSync(file, { force: true });
+      throw e;
+    }
+  }
+
+  /** Released by a snapshot (markReleased): its log waits for the image's
+   * restore (adoptCarriedLog). Before its processes go: init removes the
+   * directory that holds it once they are gone. */
+  setAsideLog(record: AppRecord): void {
     this.carryLog(record);
   }
 

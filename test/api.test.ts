@@ -92,7 +92,7 @@ describe('the package installed from its tarball', () => {
   it('type-checks a TypeScript user of the API against the installed declarations', async () => {
     writeFileSync(
       join(project, 'check.ts'),
-      `import { run, clone, ps, AppshotError, type ApplicationInfo, type RunResult, type Clone } from 'appshot';\n` +
+      `import { run, clone, ps, restore, AppshotError, RestoredWithError, ClonedWithError, SnapshottedWithError, type ApplicationInfo, type RunResult, type Clone, type Restored } from 'appshot';\n` +
         `const started: Promise<RunResult> = run(['redis-server'], { aid: 'db' });\n` +
         `const clones: Promise<Clone[]> = clone('db.template', { count: 2 });\n` +
         `const code: number = new AppshotError('x').exitCode;\n` +
@@ -102,7 +102,16 @@ describe('the package installed from its tarball', () => {
         `  apps.map((a) => (a.state === 'snapshotted' ? a.image : a.state === 'exited' ? String(a.exitCode) : a.state)));\n` +
         `// @ts-expect-error: only an exited application has an exit code\n` +
         `ps().then((apps) => apps.map((a) => a.state === 'snapshotted' && a.exitCode));\n` +
-        `export { started, clones, code, described };\n`,
+        `// A failure after a commit says what stands, typed.\n` +
+        `const kept: Promise<string> = restore('db.appshot').then((r: Restored) => r.aid, (e: unknown) => {\n` +
+        `  if (e instanceof RestoredWithError) return e.restored.aid + e.exitCode;\n` +
+        `  if (e instanceof ClonedWithError) return e.cloned.map((c: Clone) => c.aid).join(' ');\n` +
+        `  if (e instanceof SnapshottedWithError) return e.image + e.imageId;\n` +
+        `  throw e;\n` +
+        `});\n` +
+        `// @ts-expect-error: only a RestoredWithError carries what was restored\n` +
+        `new AppshotError('x').restored;\n` +
+        `export { started, clones, code, described, kept };\n`,
     );
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
     const r = await shAsync(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);

@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, templfixTemplate, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -146,6 +146,7 @@ describe('a restore killed at any instant', () => {
     process.env.APPSHOT_TEST_FAIL_AT = 'restore: committed';
     const failed = await api.restore(image, { home: sb.home, aid: 'fail-api' }).catch((e: unknown) => e);
     delete process.env.APPSHOT_TEST_FAIL_AT;
+    expect(failed).toBeInstanceOf(api.RestoredWithError);
     expect(failed).toMatchObject({ exitCode: 6, message: expect.stringMatching(SAID('fail-api', 'committed', '')), restored: { aid: 'fail-api', processes: 2 } });
     // Still traced by this process, they would sit in a tracing stop
     // and check nothing.
@@ -309,6 +310,122 @@ describe('a snapshot killed while it commits its image', () => {
   });
 });
 
+describe('a snapshot that fails or is killed at a step', () => {
+  /** appshot snapshot AID -o OUT with the test-only point set in `env`
+   * (APPSHOT_TEST_FAIL_AT or _KILL_AT), in the command's own process. */
+  const snapshotWith = (aid: string, out: string, env: Record<string, string>) =>
+    spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', out], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+
+  async function started(aid: string): Promise<void> {
+    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '1']);
+    expect(r.code, r.stderr).toBe(0);
+    await sb.checksPass(aid, 2);
+  }
+
+  /** Its image is the application now: none of its processes is left, ps
+   * -a lists it as snapshotted into `image`, and the image restores whole
+   * under its AID, with the log it wrote before. */
+  async function endedInto(aid: string, image: string): Promise<void> {
+    await waitFor(() => processesNaming(`APPSHOT_AID=${aid}`).length === 0, 10_000, `the processes of ${aid} to be gone`);
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes(aid)), 10_000, `the registration of ${aid} to go`);
+    expect(sb.json<{ aid: string; state: string; image?: string }[]>(['ps', '-a']).filter((a) => a.aid === aid)).toEqual([
+      expect.objectContaining({ aid, state: 'snapshotted', image }),
+    ]);
+    const r = sb.run(['restore', image]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout.trim()).toBe(aid);
+    await sb.checksPass(aid, 3);
+    expect(sb.log(aid)).toMatch(/^CHECK 1$/m);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    await nothingLeftOf(aid, aid);
+  }
+
+  // Before its point of no return (the image in place, the application
+  // not yet released to it): as if it had not been tried.
+  for (const name of ['img', 'img.tar']) {
+    it(`failing once its image (${name}) is in place, before it ends the application: exit 1, one line, no image, and the application runs untraced`, async () => {
+      const aid = `sfail-${name.replace('.', '-')}`;
+      await started(aid);
+      const out = join(dir, `${aid}-out`);
+      mkdirSync(out);
+      const r = snapshotWith(aid, join(out, name), { APPSHOT_TEST_FAIL_AT: 'snapshot: image committed' });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([`appshot: cannot snapshot '${aid}': failure injected at 'snapshot: image committed' (APPSHOT_TEST_FAIL_AT); the application was left running`]);
+      expect(readdirSync(out)).toEqual([]);
+      await sb.checksPass(aid, 3);
+      const listed = sb.json<{ aid: string; state: string; processes: { pid: number }[] }[]>(['ps', '-a']).filter((a) => a.aid === aid);
+      expect(listed.map((a) => a.state)).toEqual(['running']);
+      for (const p of listed[0].processes) {
+        expect(stateOf(p.pid)).not.toBe('t');
+        expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+      }
+      // Nothing of the failed try in the way of the next.
+      const again = snapshotWith(aid, join(out, name), {});
+      expect(again.status, again.stderr).toBe(0);
+      await endedInto(aid, join(out, name));
+    });
+  }
+
+  it('failing once its image went whole to standard output, before it ends the application: exit 1, the application runs, and the line says the stream is whole', async () => {
+    const aid = 'sfail-stream';
+    await started(aid);
+    const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', '-'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: image committed' },
+      timeout: 50_000,
+      maxBuffer: 256 << 20,
+    });
+    expect(r.status, String(r.stderr)).toBe(1);
+    expect(String(r.stderr).trim().split('\n')).toEqual([
+      `appshot: cannot snapshot '${aid}': failure injected at 'snapshot: image committed' (APPSHOT_TEST_FAIL_AT); the application was left running (the image it had sent on standard output is whole: a copy, as with --leave-running)`,
+    ]);
+    // A tar stream, ended (two zero blocks).
+    expect(r.stdout.length).toBeGreaterThan(1024);
+    expect(r.stdout.subarray(r.stdout.length - 1024).every((b) => b === 0)).toBe(true);
+    await sb.checksPass(aid, 3);
+    expect(sb.json<{ state: string }[]>(['ps', aid]).map((a) => a.state)).toEqual(['running']);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    await nothingLeftOf(aid, aid);
+  });
+
+  // After it (the file "released" written): the image is the application,
+  // which is ended, never resumed, and the failure says so, exit 6.
+  for (const point of ['released', 'killed', 'ended']) {
+    it(`failing at '${point}', once it began to end the application: exit 6, one line, the application ended and its image complete`, async () => {
+      const aid = `sfail-${point}`;
+      await started(aid);
+      const image = join(dir, `${aid}.appshot`);
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_FAIL_AT: `snapshot: ${point}` });
+      expect(r.status, r.stderr).toBe(6);
+      expect(r.stderr.trim().split('\n')).toEqual([
+        `appshot: snapshot of '${aid}' written to ${image}, which is now the application (it was ended), but a step after its end began failed: failure injected at 'snapshot: ${point}' (APPSHOT_TEST_FAIL_AT)`,
+      ]);
+      await endedInto(aid, image);
+    });
+  }
+
+  it("failing once it began to end the application, through the API: rejects with SnapshottedWithError naming the image, which restores", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'sfail-api';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    process.env.APPSHOT_TEST_FAIL_AT = 'snapshot: released';
+    const failed = await api.snapshot(aid, { home: sb.home, output: image }).catch((e: unknown) => e);
+    delete process.env.APPSHOT_TEST_FAIL_AT;
+    expect(failed).toBeInstanceOf(api.SnapshottedWithError);
+    expect(failed).toMatchObject({ exitCode: 6, image, imageId: expect.any(String) });
+    await endedInto(aid, image);
+  });
+
+  it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
+    const aid = 'skill-released';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: released' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    await endedInto(aid, image);
+  });
+});
+
 describe('a batch of clones killed at any instant', () => {
   let template = '';
   const portAlloc = base + 901;
@@ -317,6 +434,57 @@ describe('a batch of clones killed at any instant', () => {
   beforeAll(async () => {
     template = join(dir, 'tpl');
     await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc, portMux }, 'tsrc', join(dir, 'tsnap'), template);
+  });
+
+  /** Every instance of `aids` runs, let go (not in a tracing stop), and
+   * answers for itself on its own port (templfix's CHECK). */
+  async function allRun(aids: string[]): Promise<void> {
+    for (const aid of aids) {
+      const [app] = sb.json<{ state: string; processes: { pid: number; init: boolean }[]; ports: { virtual: number; system: number; mode?: string }[] }[]>(['ps', aid]);
+      expect(app.state).toBe('running');
+      for (const p of app.processes.filter((p) => !p.init)) expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+      const own = app.ports.find((p) => p.virtual === portAlloc && p.mode === 'allocate');
+      expect(own, `${aid}: its own port`).toBeDefined();
+      expect((await tcpExchange(own!.system, 'CHECK\n')).trim()).toBe('OK');
+    }
+  }
+
+  async function removed(aids: string[]): Promise<void> {
+    for (const aid of aids) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    for (const aid of aids) {
+      await nothingLeftOf(aid, 'tsrc');
+      expect(existsSync(join(ROOT, 'instances', aid))).toBe(false);
+    }
+    for (const d of ['instances', 'home']) rmSync(join(ROOT, d), { recursive: true, force: true });
+  }
+
+  // Committed, the batch is done: a step that fails after it leaves every
+  // instance running, and says which exist, exit 6 (as a restore does).
+  it("failing just after the batch's commit: exit 6, one line naming every instance, and all 4 run", async () => {
+    const aids = ['kc-1', 'kc-2', 'kc-3', 'kc-4'];
+    const r = spawnSync(process.execPath, [cli, 'clone', template, '--aid', 'kc', '--count', '4'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'clone: committed' },
+      encoding: 'utf8',
+      timeout: 50_000,
+    });
+    expect(r.status, r.stderr).toBe(6);
+    expect(r.stderr.trim().split('\n')).toEqual([
+      `appshot: cloned ${template} as 'kc-1', 'kc-2', 'kc-3', 'kc-4', all 4 running and registered, but a step after the batch's commit failed: failure injected at 'clone: committed' (APPSHOT_TEST_FAIL_AT)`,
+    ]);
+    await allRun(aids);
+    await removed(aids);
+  });
+
+  it("failing just after the batch's commit, through the API: rejects with ClonedWithError listing the instances, which run", async () => {
+    const api = await import('../src/api.js');
+    process.env.APPSHOT_TEST_FAIL_AT = 'clone: committed';
+    const failed = await api.clone(template, { home: sb.home, aid: 'kapi', count: 2 }).catch((e: unknown) => e);
+    delete process.env.APPSHOT_TEST_FAIL_AT;
+    expect(failed).toBeInstanceOf(api.ClonedWithError);
+    expect(failed).toMatchObject({ exitCode: 6, cloned: [expect.objectContaining({ aid: 'kapi-1', instance: 1 }), expect.objectContaining({ aid: 'kapi-2', instance: 2 })] });
+    expect((failed as InstanceType<typeof api.ClonedWithError>).cloned[0]).not.toHaveProperty('createdDirs');
+    await allRun(['kapi-1', 'kapi-2']);
+    await removed(['kapi-1', 'kapi-2']);
   });
 
   for (const point of ['clone: instance 1', 'restore: init started', 'restore: fds', 'clone: instance 3', 'clone: committing']) {

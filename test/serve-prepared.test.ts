@@ -296,6 +296,28 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 
+  it('a suspend that fails once the instance is ending keeps its image, which the next connection resumes, with the write made before', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    // Every suspend of this serve fails at the last step of its snapshot,
+    // past its point of no return: the instance ended, its image whole.
+    serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'snapshot: ended' });
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
+    await waitFor(() => events().some((e) => e.event === 'suspend'), 15_000, 'the suspend to be logged');
+    expect(events().filter((e) => e.event.startsWith('suspend')).map((e) => e.event)).toEqual(['suspend-incomplete', 'suspend']);
+    expect(show().state).toBe('suspended');
+    // Resumed from the image that suspend wrote (not thrown away as a
+    // failed one's, nor the instance given up as crashed): the write is there.
+    expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    sb.run(['rm', 'db']);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);

@@ -262,6 +262,37 @@ describe('appshot serve, clone mode: python3 -m http.server', () => {
     expect((await webServe.exited).code).toBe(0);
     await waitFor(() => sb.aids().every((a) => !a.startsWith('web-')), 10_000, 'the last clone to stop with serve');
   });
+
+  it('a clone that fails after its commit is served (it runs) and said so, not made again', async () => {
+    // The service of the test above: every clone of this serve fails at
+    // the step after its batch's commit.
+    webServe = sb.start(['serve', '--config', join(out, 'services.json')], { APPSHOT_TEST_FAIL_AT: 'clone: committed' });
+    await webServe.line(/^ready$/);
+    await waitFor(() => show('web').instances.filter((i) => i.state === 'running').length === 1, 15_000, 'the warm clone');
+    const answer = await new Promise<string>((resolve, reject) => {
+      const req = request({ host: '127.0.0.1', port: WEB_PUBLIC, path: '/index.html', agent: false }, (res) => {
+        let body = '';
+        res.on('data', (d) => (body += d));
+        res.on('end', () => resolve(`${res.statusCode} ${body}`));
+      });
+      req.setTimeout(30_000, () => req.destroy(new Error('no answer in 30 s')));
+      req.on('error', reject);
+      req.end();
+    });
+    expect(answer).toBe('200 hello from a clone\n');
+    const events = () =>
+      webServe!.stderr
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { event: string; instance?: string });
+    await waitFor(() => events().some((e) => e.event === 'clone'), 5000, 'the clone to be logged');
+    expect(events().filter((e) => e.event.startsWith('clone')).map((e) => e.event)).toEqual(['clone-incomplete', 'clone']);
+    // The one registered is the one served: none made beside it.
+    expect(sb.aids().filter((a) => a.startsWith('web-'))).toEqual(show('web').instances.map((i) => i.aid));
+    webServe.child.kill('SIGTERM');
+    expect((await webServe.exited).code).toBe(0);
+    await waitFor(() => sb.aids().every((a) => !a.startsWith('web-')), 10_000, 'the clone to stop with serve');
+  });
 });
 
 describe('appshot serve, clone mode with a CPU target', () => {

@@ -16,7 +16,7 @@ const EXIT_MEANINGS: Record<keyof typeof ExitCode, string> = {
   notFound: 'no such application, image or directory',
   conflict: 'already exists: an AID in use, an output path taken',
   denied: 'the image asks for a credential or limit this user cannot grant',
-  afterCommit: 'restore: the application was restored and runs, but a step after failed (said in the message)',
+  afterCommit: 'committed, then a step failed: restored/cloned, it runs; snapshotted, it ended, its image whole',
   internal: 'a bug in appshot (APPSHOT_DEBUG=1 shows the stack)',
   notExecutable: 'run/exec: the command could not be executed',
   commandNotFound: 'run/exec: the command was not found',

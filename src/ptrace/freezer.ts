@@ -396,6 +396,21 @@ export class Freezer {
     for (const pid of [...this.processes]) if (![...this.threads.values()].some((t) => t.pid === pid)) this.processes.delete(pid);
   }
 
+  /** From now on every stopped thread dies with us (PTRACE_O_EXITKILL),
+   * as it would by kill(): an ending snapshot sets this before it releases
+   * the application to its image, so that appshot killed between the two
+   * cannot leave it running as well (a tracer's exit lets its tracees go
+   * on). resume() clears it again with the detach. */
+  dieWithUs(): void {
+    for (const t of this.threads.values())
+      if (t.stopped)
+        try {
+          addon().killOnExit(t.tid);
+        } catch {
+          /* it died meanwhile */
+        }
+  }
+
   /** Kills every process while it is still stopped (the snapshot's default
    * ending: the image is now the application). */
   kill(): void {

@@ -896,7 +896,13 @@ class Service {
       // any hold, and a connection only a keeper could carry (to a process
       // outside, or without TCP repair) makes the suspend fail instead,
       // the instance left running.
-      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 });
+      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 }).catch((e: unknown) => {
+        // Ended all the same, its image whole (the snapshot driver, past
+        // its point of no return): suspended into it, the failure logged.
+        if (!(e instanceof api.SnapshottedWithError)) throw e;
+        this.log('suspend-incomplete', { instance: inst.aid, error: e.message });
+        return { parent: e.parent };
+      });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.chain = r.parent && !full ? [...this.chain, output] : [output];
       this.lastImage = output;
@@ -940,7 +946,12 @@ class Service {
     this.changed();
     const t0 = process.hrtime.bigint();
     try {
-      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid });
+      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid }).catch((e: unknown) => {
+        // Committed, then a step failed: the instance runs, and is this one.
+        if (!(e instanceof api.ClonedWithError)) throw e;
+        this.log('clone-incomplete', { instance: aid, error: e.message });
+        return e.cloned;
+      });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       this.fillPorts(inst, made.ports);
       inst.state = 'running';

@@ -4,7 +4,11 @@
  * then end the application (default) or let it go on (--leave-running).
  *
  * Nothing half-done: until the image is renamed into place there is no
- * image, and on any failure every thread is resumed where it was.
+ * image, and a failure before the application is released to its image
+ * (markReleased, the point of no return of a snapshot that ends it)
+ * resumes every thread where it was and removes the image. One after it
+ * ends the application all the same: the image is the application then
+ * (SnapshottedWithError, exit 6).
  */
 import { uniqueTag } from '../holder.js';
 import { closeSync, createWriteStream, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
@@ -42,7 +46,7 @@ import { dumpZombies } from '../resources/zombies.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
-import { DEFAULT_HOLD_SECONDS, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
+import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
 import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer } from '../ptrace/freezer.js';
@@ -80,6 +84,22 @@ export interface SnapshotOptions {
    * point where that is safe, the application left running as it was and
    * nothing written, unless the image is already being committed. */
   signal?: AbortSignal;
+}
+
+/** A snapshot that ended its application, then failed at a step after
+ * its point of no return (markReleased): the image is complete and is the
+ * application now, which was ended (see the snapshot's catch). */
+export class SnapshottedWithError extends AppshotError {
+  constructor(
+    message: string,
+    /** Where the image is ('-': it went to standard output). */
+    readonly image: string,
+    readonly imageId: string,
+    /** The image it is incremental on, as SnapshotResult.parent. */
+    readonly parent?: string,
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
 }
 
 /** The one line an interrupted snapshot ends with. */
@@ -638,6 +658,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   /** Scratch areas mapped for batches of injected calls, by process. */
   const batchAreas = new Map<number, RemoteProcess>();
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
+  // The image in place (renamed there, or sent whole); the connections
+  // handed to a keeper; the application released to its image (the point
+  // of no return of a snapshot that ends it).
+  let committed = false;
+  let handedOver = false;
+  let released = false;
   try {
     // Written only by a snapshot's armAll, never during this one's freeze.
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
@@ -718,7 +744,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // image is committed before anything is killed, so that if writing it
     // fails, the application is given back alive (the catch below).
     await commit(image, pages, part, imageId, base);
+    committed = true;
     clock.end('commitMs');
+    killPoint('snapshot: image committed');
     if (!opts.leaveRunning) {
       // Before the application ends, a keeper holds its connections until
       // the restore (keeper.ts); if it cannot and the image needs it, the
@@ -728,20 +756,31 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         try {
           keeper.handOver({ home: reg.home, aid, imageId, holdSeconds });
         } catch (e) {
-          if (!toStream) rmSync(output, { recursive: true, force: true });
           throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
         }
+        handedOver = true;
         held = keeper.counts();
       }
+      // The point of no return: from the file "released" on, the image is
+      // the application, which must end. Its threads die with us first,
+      // so that appshot killed in between cannot leave it running beside
+      // its image (killed before the file, it ends as killed, the image on
+      // disk).
+      freezer.dieWithUs();
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? '-' : output);
+      released = true;
+      reg.setAsideLog(record);
+      killPoint('snapshot: released');
       clock.released();
       freezer.kill();
+      killPoint('snapshot: killed');
       connections.closeSilently();
       keeper.close();
       await waitReleased(reg, aid);
       clock.end('endMs');
+      killPoint('snapshot: ended');
     } else {
       if (becomesParent) {
         const current = reg.get(aid);
@@ -767,18 +806,55 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       ...(held?.held ? { keptConnections: { ...held, holdSeconds } } : {}),
     };
   } catch (e) {
+    if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
     pages.abort();
+    closeBatchAreas(batchAreas);
+    // Past the point of no return (markReleased): the image is complete
+    // and is the application now, whose registration says it ended and
+    // whose init removes it once its processes are gone. Resuming them
+    // would leave it running beside its image, released; so whatever is
+    // left of the ending is done, and the failure said apart
+    // (ExitCode.afterCommit), never as "left running".
+    if (released) {
+      freezer.kill();
+      try {
+        connections?.closeSilently();
+        keeper?.close();
+        await waitReleased(reg, aid);
+      } catch {
+        /* the connections' keeper holds its own copies; init removes the registration */
+      }
+      const where = toStream ? 'standard output' : output;
+      throw new SnapshottedWithError(
+        `snapshot of '${aid}' written to ${where}, which is now the application (it was ended), but a step after its end began failed: ${(e as Error).message}`,
+        toStream ? '-' : output,
+        imageId,
+        image.parent?.path,
+      );
+    }
     connections?.release();
     keeper?.close();
-    closeBatchAreas(batchAreas);
     freezer.resume();
+    // Before it, a failure leaves no image: one committed (a directory or
+    // a file) goes, and a keeper handed the connections lets them go.
+    // A stream sent whole on standard output cannot be taken back.
+    if (committed && !toStream) rmSync(output, { recursive: true, force: true });
+    if (handedOver)
+      try {
+        dropKept(reg.home, aid);
+      } catch {
+        /* no keeper left to drop */
+      }
     // armAll already stopped trusting the previous image before it reset
     // anything; the base of a failed pre-copy goes.
     discardBase(base);
     if (e instanceof Interrupted) throw new AppshotError(SNAPSHOT_INTERRUPTED, ExitCode.interrupted);
-    if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running`, ExitCode.failure);
-    if (e instanceof AppshotError) throw e;
-    throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running`);
+    // Whoever read the stream has the whole image, of an application that
+    // runs on: said, as what it is.
+    const sent = committed && toStream ? ' (the image it had sent on standard output is whole: a copy, as with --leave-running)' : '';
+    if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running${sent}`, ExitCode.failure);
+    if (e instanceof AppshotError) throw sent ? new AppshotError(e.message + sent, e.exitCode) : e;
+    throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running${sent}`);
   } finally {
     for (const l of parent?.chain ?? []) l.dispose();
     // Inside the committed image now, or discarded above.

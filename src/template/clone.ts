@@ -91,6 +91,18 @@ function instanceAids(reg: LocalRegistry, t: OpenedTemplate, opts: CloneOptions)
   return [...aids];
 }
 
+/** A batch of clones that committed, then failed at a step after: every
+ * instance of `cloned` exists, is registered and runs (see the clone's
+ * catch). */
+export class ClonedWithError extends AppshotError {
+  constructor(
+    message: string,
+    readonly cloned: CloneResult[],
+  ) {
+    super(message, ExitCode.afterCommit);
+  }
+}
+
 /** Nothing outside appshot listens on `port` (IPv4 wildcard). */
 function portIsFree(port: number): boolean {
   try {
@@ -174,6 +186,8 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   // open.
   const commitPath = reg.newCommitPath();
   const lifelines: number[] = [];
+  // Set by the batch's commit: from then on its instances are kept.
+  let committed = false;
   try {
     // Checked once for the whole batch: the node, and the files it maps
     // (but for a clone's private copies, which the template carries).
@@ -248,8 +262,23 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     await reg.commitReady(commitPath);
     killPoint('clone: committing');
     reg.commit(commitPath);
+    committed = true;
+    killPoint('clone: committed');
     return results;
   } catch (e) {
+    // Committed, then a step failed: every instance exists, registered and
+    // running, and init keeps it whatever befalls us (appshot killed here
+    // leaves them all). Killing them would not undo the commit, only say
+    // "removed" of instances that were whole; so they are kept, as a
+    // restore failing after its commit keeps its application, and the
+    // failure said apart (ExitCode.afterCommit) with the AIDs that exist.
+    if (committed) {
+      const aids = results.map((r) => r.aid);
+      throw new ClonedWithError(
+        `cloned ${t.path} as ${aids.map((a) => `'${a}'`).join(', ')}, ${aids.length === 1 ? 'which runs and is registered' : `all ${aids.length} running and registered`}, but a step after the batch's commit failed: ${(e as Error).message}`,
+        results,
+      );
+    }
     // All or nothing: the instances this batch made go too. Their lifelines
     // end first: the batch will never commit, and each init, seeing that,
     // kills its instance and leaves its registration to be released.
