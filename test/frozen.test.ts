@@ -136,6 +136,33 @@ describe('calls injected into the frozen application', () => {
     await goesOn('ba-shared');
   });
 
+  it("take the area's size from each process: one that changed its own is not believed for the next", async () => {
+    // An engine of its own: the first snapshot of the library in it is the
+    // one that would have been believed.
+    const own = new Sandbox();
+    try {
+      const started = (aid: string, mode: string) => {
+        const r = own.run(['run', '-d', '--aid', aid, '--', fixture('batcharea'), mode]);
+        expect(r.code, r.stderr).toBe(0);
+      };
+      const log = (aid: string) => readFileSync(join(own.home, 'apps', aid, 'log'), 'utf8');
+      const engine = own.run(['engine', 'start']);
+      expect(engine.code, engine.stderr).toBe(0);
+      started('liar', 'bigsize');
+      await waitFor(() => /^CHECK 2$/m.test(log('liar')), 10_000, 'liar to check itself');
+      expect(own.run(['snapshot', 'liar', '-o', join(dir, 'liar'), '--leave-running']).code).toBe(0);
+      started('honest', 'plain');
+      await waitFor(() => /^CHECK 2$/m.test(log('honest')), 10_000, 'honest to check itself');
+      expect(own.run(['snapshot', 'honest', '-o', join(dir, 'honest'), '--leave-running']).code).toBe(0);
+      const main = own.json<Json>(['ps', 'honest'])[0].processes.find((p: Json) => !p.init);
+      process.kill(main.pid, 'SIGHUP');
+      await waitFor(() => /^AREA (UN)?USED$/m.test(log('honest')), 10_000, 'honest to say whether its area was used');
+      expect(log('honest')).toMatch(/^AREA USED$/m);
+    } finally {
+      await own.dispose();
+    }
+  });
+
   it('are not run from a copy of the code the application changed', async () => {
     await startBatchArea('ba-patched', 'patched');
     const r = sb.run(['snapshot', 'ba-patched', '-o', join(dir, 'ba-patched'), '--leave-running']);
