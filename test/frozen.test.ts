@@ -108,6 +108,68 @@ describe('calls injected into the frozen application', () => {
     await goesOn('qa');
   });
 
+  // batcharea: the preload library's copy of the batch code and its area
+  // for the tables, which a snapshot runs its questions from (no mapping
+  // of its own), as the application left them, or tampered with.
+  async function startBatchArea(aid: string, mode: string): Promise<void> {
+    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('batcharea'), mode]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => checks(aid) >= 2 || /FAIL|NO LIBRARY/.test(logOf(aid)), 10_000, `${aid} to check itself`);
+    expect(logOf(aid)).toMatch(/^READY$/m);
+  }
+
+  it("are run from the preload library's copy of the batch code and its area", async () => {
+    await startBatchArea('ba-plain', 'plain');
+    expect(sb.run(['snapshot', 'ba-plain', '-o', join(dir, 'ba-plain'), '--leave-running']).code).toBe(0);
+    const main = sb.json<Json>(['ps', 'ba-plain'])[0].processes.find((p: Json) => !p.init);
+    process.kill(main.pid, 'SIGHUP');
+    await waitFor(() => /^AREA (UN)?USED$/m.test(logOf('ba-plain')), 10_000, 'ba-plain to say whether its area was used');
+    expect(logOf('ba-plain')).toMatch(/^AREA USED$/m);
+    await goesOn('ba-plain');
+  });
+
+  it('are not run from an area the application made shared (a process outside it could write it meanwhile)', async () => {
+    await startBatchArea('ba-shared', 'shared');
+    const r = sb.run(['snapshot', 'ba-shared', '-o', join(dir, 'ba-shared'), '--leave-running']);
+    expect(r.code, r.stderr).toBe(0);
+    // Its check: nothing was written into the shared area.
+    await goesOn('ba-shared');
+  });
+
+  it("take the area's size from each process: one that changed its own is not believed for the next", async () => {
+    // An engine of its own: the first snapshot of the library in it is the
+    // one that would have been believed.
+    const own = new Sandbox();
+    try {
+      const started = (aid: string, mode: string) => {
+        const r = own.run(['run', '-d', '--aid', aid, '--', fixture('batcharea'), mode]);
+        expect(r.code, r.stderr).toBe(0);
+      };
+      const log = (aid: string) => readFileSync(join(own.home, 'apps', aid, 'log'), 'utf8');
+      const engine = own.run(['engine', 'start']);
+      expect(engine.code, engine.stderr).toBe(0);
+      started('liar', 'bigsize');
+      await waitFor(() => /^CHECK 2$/m.test(log('liar')), 10_000, 'liar to check itself');
+      expect(own.run(['snapshot', 'liar', '-o', join(dir, 'liar'), '--leave-running']).code).toBe(0);
+      started('honest', 'plain');
+      await waitFor(() => /^CHECK 2$/m.test(log('honest')), 10_000, 'honest to check itself');
+      expect(own.run(['snapshot', 'honest', '-o', join(dir, 'honest'), '--leave-running']).code).toBe(0);
+      const main = own.json<Json>(['ps', 'honest'])[0].processes.find((p: Json) => !p.init);
+      process.kill(main.pid, 'SIGHUP');
+      await waitFor(() => /^AREA (UN)?USED$/m.test(log('honest')), 10_000, 'honest to say whether its area was used');
+      expect(log('honest')).toMatch(/^AREA USED$/m);
+    } finally {
+      await own.dispose();
+    }
+  });
+
+  it('are not run from a copy of the code the application changed', async () => {
+    await startBatchArea('ba-patched', 'patched');
+    const r = sb.run(['snapshot', 'ba-patched', '-o', join(dir, 'ba-patched'), '--leave-running']);
+    expect(r.code, r.stderr).toBe(0);
+    await goesOn('ba-patched');
+  });
+
   it('one call per question (APPSHOT_NO_BATCH=1) makes an image that restores as well', async () => {
     await startAttrs('qs');
     const r = snapshotOneCallEach(['qs', '-o', join(dir, 'qs')]);

@@ -26,14 +26,14 @@ const out = mkdtempSync(join(tmpdir(), 'appshot-serve-'));
 // Ports of their own, 20000-20999 (see Sandbox for the other files'
 // ranges), below the kernel's ephemeral range (32768-): the proxy's and the
 // clients' outgoing connections take ports from there.
-const base = 20000 + (process.pid % 200) * 5;
+const base = 20000 + (process.pid % 140) * 7;
 const APP = base; // redis, as the application knows its port
 const PUBLIC = base + 1; // the front door
 const METRICS = base + 2;
 const WEB_APP = base + 3;
 const WEB_PUBLIC = base + 4;
-const BUSY_APP = base + 5 + 1000; // a server that computes while a client is connected
-const BUSY_PUBLIC = base + 6 + 1000;
+const BUSY_APP = base + 5; // a server that computes while a client is connected
+const BUSY_PUBLIC = base + 6;
 const KEYS = 10_000;
 const CLIENTS = 200;
 

@@ -116,8 +116,18 @@ appshot_header* MappedTables(const std::string& path, int* err) {
   for (size_t i = 0; i < g_cached_tables.size(); i++) {
     CachedTables c = g_cached_tables[i];
     if (c.dev != st.st_dev || c.ino != st.st_ino) continue;
-    // The most recent last, so that eviction takes the oldest.
     g_cached_tables.erase(g_cached_tables.begin() + i);
+    // The file is the application's, to truncate or overwrite in place:
+    // checked again as appshot_table_map_fd checks a file it maps (a
+    // page of the mapping past a shorter file's end would be SIGBUS, the
+    // engine's death). If it changed, mapped afresh below, which refuses
+    // it if it is no table file any more.
+    if (static_cast<uint64_t>(st.st_size) != c.size || __atomic_load_n(&c.h->magic, __ATOMIC_ACQUIRE) != APPSHOT_TABLE_MAGIC ||
+        c.h->version != APPSHOT_TABLE_VERSION || c.h->size != c.size) {
+      munmap(c.h, c.size);
+      break;
+    }
+    // The most recent last, so that eviction takes the oldest.
     g_cached_tables.push_back(c);
     close(fd);
     return c.h;

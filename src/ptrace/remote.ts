@@ -267,14 +267,21 @@ export class RemoteProcess {
    * false (nothing taken) unless the code there is byte for byte ours and
    * the area is mapped readable and writable (in `maps`): a fault in the
    * batch, every signal blocked, would reset the process's handler. The
-   * process must be frozen (no thread of its own changes them meanwhile).
+   * process must be frozen (no thread of its own changes them meanwhile),
+   * and both must be private to it, the area anonymous memory as the
+   * library's .bss is: the application could have put a shared mapping
+   * there instead, which a process outside it, not frozen, could change
+   * between the check and the run, or while the batch runs (its calls,
+   * its answers).
    */
-  adoptResident(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string }[]): boolean {
+  adoptResident(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string; ino: bigint; path: string }[]): boolean {
     this.singleStep = false;
     if (!batchingWanted()) return false;
-    const end = resident.area + BigInt(resident.size);
-    if (!(resident.size >= 4096) || !maps.some((m) => m.start <= resident.area && end <= m.end && m.perms.startsWith('rw'))) return false;
     const { code } = batchCode();
+    const within = (start: bigint, end: bigint, ok: (m: { perms: string; ino: bigint; path: string }) => boolean) =>
+      maps.some((m) => m.start <= start && end <= m.end && m.perms[3] === 'p' && ok(m));
+    if (!(resident.size >= 4096) || !within(resident.area, resident.area + BigInt(resident.size), (m) => m.perms.startsWith('rw') && m.ino === 0n && m.path === '')) return false;
+    if (!within(resident.code, resident.code + BigInt(code.length), (m) => m.perms[2] === 'x')) return false;
     try {
       if (!addon().readMemory(this.pid, resident.code, code.length).equals(code)) return false;
     } catch {

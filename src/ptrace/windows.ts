@@ -91,10 +91,13 @@ function preloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
   return found;
 }
 
-/** residentBatchOf's answers, from the library's start, by the mapped
+/** residentBatchOf's symbols, from the library's start, by the mapped
  * file (path, device, inode): looked up once per library, not once per
- * snapshot (null: the library has none). */
-const residentOffsets = new Map<string, { code: bigint; area: bigint; size: number } | null>();
+ * snapshot (null: the library has none). The area's size is read from
+ * each process again, not kept here: it is the process's memory, which
+ * it may have changed, and what one process said must not be what
+ * another is taken to have. */
+const residentOffsets = new Map<string, { code: bigint; area: bigint; size: bigint } | null>();
 
 /** Where the preload library keeps its copy of the batch code and the
  * area for its tables (addon/preload/preload_batch.c) in a process whose
@@ -115,17 +118,21 @@ export function residentBatchOf(pid: number, maps: MapsLine[]): { code: bigint; 
       const area = elfSymbol(file, 'appshot_batch_area');
       const size = elfSymbol(file, 'appshot_batch_area_size');
       const bias = lib.start - firstLoadVaddr(file);
-      offsets =
-        code === undefined || area === undefined || size === undefined
-          ? null
-          : { code: bias + code - lib.start, area: bias + area - lib.start, size: Number(addon().readMemory(pid, bias + size, 8).readBigUInt64LE(0)) };
+      offsets = code === undefined || area === undefined || size === undefined ? null : { code: bias + code - lib.start, area: bias + area - lib.start, size: bias + size - lib.start };
     } catch {
       return undefined;
     }
     residentOffsets.set(key, offsets);
     while (residentOffsets.size > 16) residentOffsets.delete(residentOffsets.keys().next().value!);
   }
-  return offsets ? { code: lib.start + offsets.code, area: lib.start + offsets.area, size: offsets.size } : undefined;
+  if (!offsets) return undefined;
+  let size: number;
+  try {
+    size = Number(addon().readMemory(pid, lib.start + offsets.size, 8).readBigUInt64LE(0));
+  } catch {
+    return undefined;
+  }
+  return { code: lib.start + offsets.code, area: lib.start + offsets.area, size };
 }
 
 /** "major:minor" in hex, as /proc/PID/maps names a device. */

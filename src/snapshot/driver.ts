@@ -703,6 +703,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       clock.end('resumeMs');
       reportProfile('the frozen window');
     }
+    // The frozen window ends here: nothing below reads the application,
+    // which goes on now (--leave-running) or stays stopped, held for its
+    // end until the image is on disk (phases.ts). Taken before the
+    // hashing starts: that time is drainMs's (timed from trackMs's end),
+    // and counted in both the held time would look shorter than its parts.
+    image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
     // The page file's chunk digests are hashed from the file as the
     // writer thread puts it there, from now on: one thread beside the
     // writer's while it writes what is queued, every core once it is done
@@ -710,10 +716,6 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // would share its cores with the reading (measured: it cost more CPU
     // and more held time than it saved, on a loaded two-core machine).
     pages.startHashing(false);
-    // The frozen window ends here: nothing below reads the application,
-    // which goes on now (--leave-running) or stays stopped, held for its
-    // end until the image is on disk (phases.ts).
-    image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
     // Held until its end, the application needs its scratch areas no
     // more, but goes on with them if the snapshot fails or appshot dies:
     // unmapped now (its held time, not the reading of its state).
