@@ -122,8 +122,13 @@ export interface OwnCreds extends StatusCreds {
   securebits: number;
 }
 
+/** Read once for the life of the process (a serve restores many times):
+ * no other process can change them (capset, setuid and securebits act on
+ * the caller alone), and appshot never changes its own. Its limits are
+ * not kept: another process of the same user may change them (prlimit). */
+let ownCached: OwnCreds | undefined;
 export function ownCreds(): OwnCreds {
-  return { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() };
+  return (ownCached ??= { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() });
 }
 
 const ownStatus = () => parseStatus(statusFields('/proc/thread-self/status'));
