@@ -203,7 +203,9 @@ let earlierServeErr = '';
 async function startServe(extraEnv = {}, serveCli = cli) {
   const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve'], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
   earlierServeErr += serveErr;
-  serveErr = '';
+  // Each serve's log headed by the build that runs it (an A/B's logs,
+  // APPSHOT_DEBUG's restore phases among them, told apart).
+  serveErr = `=== serve ${serveCli}\n`;
   child.stderr.on('data', (d) => (serveErr += d));
   await new Promise((resolve, reject) => {
     child.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());

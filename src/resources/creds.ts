@@ -122,8 +122,13 @@ export interface OwnCreds extends StatusCreds {
   securebits: number;
 }
 
+/** Read once for the life of the process (a serve restores many times):
+ * no other process can change them (capset, setuid and securebits act on
+ * the caller alone), and appshot never changes its own. Its limits are
+ * not kept: another process of the same user may change them (prlimit). */
+let ownCached: OwnCreds | undefined;
 export function ownCreds(): OwnCreds {
-  return { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() };
+  return (ownCached ??= { ...parseStatus(statusFields('/proc/thread-self/status')), securebits: addon().securebits() });
 }
 
 const ownStatus = () => parseStatus(statusFields('/proc/thread-self/status'));
@@ -364,8 +369,20 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[], asked
   // All buffers first, while the scratch memory is surely writable.
   r.reset();
   const wanted = threadCreds(p);
-  const seeds = tids.map((tid) => threadStatus(r.pid, tid));
+  // The kernel's word on the main thread only: the other threads are its
+  // clones (createThreads), made with a copy of its credentials, and
+  // nothing injected since changes credentials (this is the first kind
+  // that does), so theirs are the same. Each /proc status read costs
+  // ~75 µs, more than most calls; a thread that takes a call is read
+  // again all the same (statusNow).
+  const mainSeed = threadStatus(r.pid, tids[0]);
+  const seeds = tids.map(() => mainSeed);
+  // A thread whose credentials and securebits are the wanted ones already
+  // (a restore by the user the image was taken as) takes no call, so no
+  // buffer either.
+  const settled = (i: number) => asked !== undefined && asked.securebits === wanted[i].creds.securebits && differingCredential(wanted[i].creds, seeds[i]) === undefined;
   const buffers = wanted.map(({ creds: c }, i) => {
+    if (settled(i)) return undefined;
     const seed = seeds[i];
     const extra = ((1n << BigInt(CAP.SETPCAP)) | (1n << BigInt(CAP.SETUID))) & seed.capPrm;
     return {
@@ -389,6 +406,8 @@ export function restoreCreds(r: RemoteProcess, p: Process, tids: number[], asked
   wanted.forEach(({ creds: want }, i) => {
     const tid = tids[i];
     const buf = buffers[i];
+    // Settled: every step below would find nothing to do.
+    if (!buf) return;
     let have = seeds[i];
     changed = false;
     let bits = seedBits;

@@ -36,6 +36,17 @@ function checksumOf(path: string, st: BigIntStats): number {
   return crc;
 }
 
+/** A file's status, or undefined where existsSync would say it is not
+ * there (missing, or not reachable): one stat where the two took two (a
+ * restore asks it of every library the image maps). */
+function statIfThere(path: string): BigIntStats | undefined {
+  try {
+    return statSync(path, { bigint: true, throwIfNoEntry: false });
+  } catch {
+    return undefined;
+  }
+}
+
 /** The sizes of this process's vDSO and vvar: the kernel's, the same for
  * every process it runs, read once (appshot's own maps are a few hundred
  * lines long). */
@@ -79,8 +90,8 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
       if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps shared, is missing on this node`);
       continue;
     }
-    if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
-    const st = statSync(f.path, { bigint: true });
+    const st = statIfThere(f.path);
+    if (!st) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
     if (f.crc32c && checksumOf(f.path, st) !== f.crc32c)
       throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
