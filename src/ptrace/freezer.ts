@@ -162,11 +162,14 @@ export class Freezer {
       if (code === 'ESRCH') return undefined; // exited
       // EPERM: gone too, or traced already (a debugger, another snapshot).
       const tracer = tracerOf(tid);
-      // Or ours already: a child forked by a seized process is attached to
-      // us by the kernel (PTRACE_O_TRACEFORK) and can show in /proc before
-      // its stop or its parent's fork event is reported. It is tracked
-      // like the others; its report marks it stopped.
-      if (code === 'EPERM' && tracer && tgidOf(tracer) === process.pid) {
+      // Or ours already: a child forked by a seized process (or a thread
+      // it made) is attached to us by the kernel (PTRACE_O_TRACEFORK,
+      // TRACECLONE) and can show in /proc before its stop or its creator's
+      // event is reported. It is tracked like the others; its report marks
+      // it stopped. Only then: this process (the engine) may trace others
+      // for another operation, and those stay refused.
+      const madeBySeized = tid !== pid ? this.processes.has(pid) : this.processes.has(readStat(pid)?.ppid ?? 0);
+      if (code === 'EPERM' && tracer && tgidOf(tracer) === process.pid && madeBySeized) {
         this.threads.set(tid, t);
         this.processes.add(pid);
         return t;
