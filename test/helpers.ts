@@ -42,8 +42,9 @@ export class Sandbox {
    * tests listen on fixed ports below it, which an allocation from the
    * default range could take first. Each test file has its own range,
    * disjoint from the others' (files run at once):
-   *   17000-17999 serve-prepared   18000-18999 serve-standby
-   *   19000-19999 serve-hold       20000-20999 serve
+   *   16000-16799 api              17000-17999 serve-prepared
+   *   18000-18999 serve-standby
+   *   19000-19999 serve-hold       20000-20999 serve (its busy server 20000-20979 too)
    *   21000-21999 redis            22000-23702 atomic
    *   23800-23999 lifecycle2       24000-25999 etcd
    *   26000-26504 servers          26600-26699 tcp, unprivileged (fixed)
