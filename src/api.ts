@@ -20,11 +20,11 @@ import { describeApplications, selectApplications, type ApplicationInfo } from '
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, LocalRegistry } from './registry.js';
 import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit, type RestoreResult } from './restore/driver.js';
-import { snapshot as snapshotApplication, SnapshottedWithError as SnapshotFailedAfterCommit, type SnapshotResult } from './snapshot/driver.js';
+import { snapshot as snapshotApplication, SnapshottedWithError, type SnapshotResult } from './snapshot/driver.js';
 import { clone as cloneTemplate, ClonedWithError as CloneFailedAfterCommit, type CloneResult } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
 
-export { AppshotError, ExitCode };
+export { AppshotError, ExitCode, SnapshottedWithError };
 export type { ApplicationInfo, SnapshotResult, TemplateSummary };
 export type { ApplicationState, ExitedApplicationInfo, ListeningPort, LiveApplicationInfo, ProcessRow, SnapshottedApplicationInfo } from './inspect.js';
 export type { SnapshotPhases } from './snapshot/phases.js';
@@ -162,23 +162,6 @@ export class ClonedWithError extends AppshotError {
   }
 }
 
-/** How snapshot() rejects when it had ended the application, then failed
- * at a step after (exitCode 6): the image at `image` is complete and is
- * the application now (restore it to bring it back); the application has
- * ended, its record `snapshotted` in ps({ all: true }). */
-export class SnapshottedWithError extends AppshotError {
-  constructor(
-    message: string,
-    /** The image, as `output` was given resolved ('-': standard output). */
-    readonly image: string,
-    readonly imageId: string,
-    /** The image it is incremental on, as SnapshotResult.parent. */
-    readonly parent?: string,
-  ) {
-    super(message, ExitCode.afterCommit);
-  }
-}
-
 /** Runs `body` in the state directory `opts.home` names (homeScope: the
  * keys and temporaries too, not only the registry), turning a system
  * call's failure (ENOENT on a path given, EACCES...) into an AppshotError
@@ -297,9 +280,6 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
       tcpClose: opts.tcpClose,
       tcpHoldSeconds: opts.tcpHoldSeconds,
       timeoutMs,
-    }).catch((e: unknown) => {
-      if (e instanceof SnapshotFailedAfterCommit) throw new SnapshottedWithError(e.message, e.image, e.imageId, e.parent);
-      throw e;
     });
   });
 }

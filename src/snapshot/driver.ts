@@ -88,11 +88,14 @@ export interface SnapshotOptions {
 
 /** A snapshot that ended its application, then failed at a step after
  * its point of no return (markReleased): the image is complete and is the
- * application now, which was ended (see the snapshot's catch). */
+ * application now, which was ended (see the snapshot's catch); its record
+ * is `snapshotted` in ps({ all: true }). The API's snapshot() rejects
+ * with it as it is (exitCode 6). */
 export class SnapshottedWithError extends AppshotError {
   constructor(
     message: string,
-    /** Where the image is ('-': it went to standard output). */
+    /** Where the image is, as `output` was given resolved ('-': it went
+     * to standard output). */
     readonly image: string,
     readonly imageId: string,
     /** The image it is incremental on, as SnapshotResult.parent. */
