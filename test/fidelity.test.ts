@@ -96,6 +96,10 @@ describe('descriptor odds: a semaphore eventfd, a file O_APPEND|O_NOATIME|O_DSYN
   it('refuses a directory watched with dnotify (F_NOTIFY with F_SETSIG), naming it, and leaves the application running', async () => {
     await refused('fodds-dn', [fixture('fdodds'), scratch(), '--dnotify'], /process 2 \(fdodds\) fd \d+: a directory given a signal \(F_SETSIG \d+\), so watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
   });
+
+  it('refuses a directory watched with dnotify on the default SIGIO (no F_SETSIG: known from the preload library), naming it, and leaves the application running', async () => {
+    await refused('fodds-dnio', [fixture('fdodds'), scratch(), '--dnotify-sigio'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
+  });
 });
 
 describe('mapping odds: MAP_GROWSDOWN (also --lazy), MAP_NORESERVE, a PROT_NONE gap, a private file mapping whose unwritten pages stay the file\'s', () => {
