@@ -86,7 +86,7 @@ async function refused(aid: string, argv: string[], message: RegExp): Promise<vo
   await stopped(aid);
 }
 
-describe("process and thread odds: limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep and sem_timedwait across it", () => {
+describe("process and thread odds: limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep, nanosleep without rem, sem_timedwait, poll, ppoll, select, pselect6, a relative FUTEX_WAIT, epoll_wait and epoll_pwait across it", () => {
   roundTrips('podds', () => [fixture('procodds'), scratch()]);
 });
 
@@ -95,6 +95,10 @@ describe('descriptor odds: a semaphore eventfd, a file O_APPEND|O_NOATIME|O_DSYN
 
   it('refuses a directory watched with dnotify (F_NOTIFY with F_SETSIG), naming it, and leaves the application running', async () => {
     await refused('fodds-dn', [fixture('fdodds'), scratch(), '--dnotify'], /process 2 \(fdodds\) fd \d+: a directory given a signal \(F_SETSIG \d+\), so watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
+  });
+
+  it('refuses a directory watched with dnotify on the default SIGIO (no F_SETSIG: known from the preload library), naming it, and leaves the application running', async () => {
+    await refused('fodds-dnio', [fixture('fdodds'), scratch(), '--dnotify-sigio'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
   });
 });
 

@@ -82,8 +82,8 @@ describe('virtual PIDs', () => {
 describe('a wait for any child caught by a snapshot between the kernel answering and the translation', () => {
   // The fixture holds the waiting thread at a test-only pause point of the
   // preload library (test/fixtures/common.h), in nanosleep, until a signal
-  // interrupts it; after a restore the sleep returns EINTR (threads.ts,
-  // resumeRegisters), so the thread translates the old node's system PID of
+  // interrupts it or it finds itself restored (its system PID changed),
+  // so the thread translates the old node's system PID of
   // its reaped child on the new node.
   const images = mkdtempSync(join(tmpdir(), 'appshot-waitany-'));
   afterAll(() => rmSync(images, { recursive: true, force: true }));

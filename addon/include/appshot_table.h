@@ -195,6 +195,11 @@ struct appshot_instance {
  * the application is in it (the lost notes were of sockets closed since),
  * so that a full array is not the end of noting. */
 #define APPSHOT_SOCKET_NOTES 64
+/* A note's level for a directory watched with dnotify (fcntl F_NOTIFY, name
+ * F_NOTIFY, value its mask), which nothing in /proc shows: `ino` is the
+ * directory's (no socket level is negative). A snapshot refuses a
+ * directory held with that inode number. */
+#define APPSHOT_NOTE_DNOTIFY (-1)
 #define APPSHOT_LOST_SEEN_BITS 65536
 
 struct appshot_socket_note {

@@ -915,7 +915,7 @@ static long fcntl_call(int raw, int fd, int cmd, void *arg) {
 
 /* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
  * SIGURG; F_GETLK reports the holder of a conflicting lock; F_DUPFD's copy
- * is tracked as its original is. Every other
+ * is tracked as its original is; F_NOTIFY is noted. Every other
  * command passes as it is. */
 long do_fcntl(int raw, int fd, int cmd, void *arg) {
   switch (cmd) {
@@ -951,6 +951,24 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
     case F_DUPFD_CLOEXEC: { /* the copy carries the marks (fd_marks_copy) */
       long r = fcntl_call(raw, fd, cmd, arg);
       if (r >= 0) fd_marks_copy(fd, (int)r);
+      return r;
+    }
+    case F_NOTIFY: {
+      /* A dnotify watch shows nowhere (not in fdinfo; with the default
+       * SIGIO not even as a signal): noted by the directory's inode for a
+       * snapshot to refuse (fdowner.ts). A watch dropped (mask 0) drops
+       * its note; one that ends otherwise (closed, one-shot) leaves it,
+       * which errs towards refusing. */
+      long r = fcntl_call(raw, fd, cmd, arg);
+      struct stat st;
+      if (r == 0 && g_h && SYS2(fstat, fd, &st) == 0) {
+        if ((long)arg)
+          appshot_note_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
+                              F_NOTIFY, (int32_t)(long)arg, 0, 0);
+        else
+          appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
+                                F_NOTIFY, 0, 0);
+      }
       return r;
     }
     case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */

@@ -20,8 +20,9 @@
  *
  * A clock_nanosleep until an absolute time is restarted as it was called
  * (ERESTARTNOHAND); one for a relative time restarts through the kernel's
- * own restart state, which a restore does not have: it returns EINTR
- * instead (threads.ts, resumeRegisters), and its clock needs nothing.
+ * own restart state, which a restore does not have: it is made again for
+ * its time left, or its full request (threads.ts, resumeRegisters), and
+ * its clock needs nothing.
  *
  * Only an id the image's tables map is rewritten (one the program got from
  * a raw system call, outside the library, is left as it was).

@@ -30,6 +30,7 @@ import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { NR } from '../ptrace/inject.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { NOTE_DNOTIFY } from './sockopts.js';
 
 const O_ASYNC = 0o20000;
 const O_PATH = 0o10000000;
@@ -57,6 +58,15 @@ export function askFdOwners(calls: CallQueue, pid: number): FdOwnersAsked {
   return asked;
 }
 
+/** Whether the preload library noted a dnotify watch on a directory with
+ * inode number `ino`, or may have and found no room to. */
+function dnotifyNoted(ctx: DumpContext, ino: bigint): boolean {
+  const seen = ctx.tables.sockets;
+  if (!seen) return false;
+  if (seen.notes.some((n) => n.level === NOTE_DNOTIFY && n.ino === ino)) return true;
+  return seen.lost > 0 && seen.lostSeen !== undefined && addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp');
+}
+
 /** Fills `fd.owner` of each descriptor of `fds` that has an owner or a
  * signal; `asked`: answered. */
 export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, what: string): void {
@@ -72,9 +82,16 @@ export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, 
     // A directory's signal serves dnotify (F_NOTIFY; a lease, the other
     // user of F_SETSIG, cannot be taken on one). Its watch shows nowhere
     // (not in fdinfo): restoring the signal without it would be silently
-    // wrong. (A watch left with the default SIGIO shows nothing at all.)
-    if (sig.ret > 0n && fd.kind === FdKind.FILE && (Number(ctx.image.files[fd.file]?.mode ?? 0) & S_IFMT) === S_IFDIR)
+    // wrong.
+    const dir = fd.kind === FdKind.FILE && (Number(ctx.image.files[fd.file]?.mode ?? 0) & S_IFMT) === S_IFDIR ? ctx.image.files[fd.file] : undefined;
+    if (sig.ret > 0n && dir)
       throw new Unsupported(`${what} fd ${fd.fd}: a directory given a signal (F_SETSIG ${sig.ret}), so watched with dnotify (F_NOTIFY), which the kernel does not show and cannot be captured yet`);
+    // One left with the default SIGIO is known only from the preload
+    // library's note of the F_NOTIFY call, by the directory's inode number
+    // (one of another filesystem with the same number, or a watch ended
+    // since, is refused too: never a watch lost without a word).
+    if (dir && dnotifyNoted(ctx, dir.ino))
+      throw new Unsupported(`${what} fd ${fd.fd}: a directory (${dir.path}) watched with dnotify (F_NOTIFY), which the kernel does not show and cannot be captured yet`);
     const type = own.out.readInt32LE(0);
     const system = own.out.readInt32LE(4);
     const async = (fd.flags & O_ASYNC) !== 0;

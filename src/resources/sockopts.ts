@@ -80,6 +80,9 @@ interface Spec {
 /** Where the numbers of options carried from the preload library's notes
  * start: apart from the kernel's, which read back otherwise. */
 const NOTED = 0x10000;
+/** The level of a note that is a directory's dnotify watch, not a socket
+ * option (APPSHOT_NOTE_DNOTIFY, appshot_table.h; fdowner.ts reads it). */
+export const NOTE_DNOTIFY = -1;
 
 const ALL: readonly SockKind[] = ['tcp', 'listen', 'udp', 'unix-stream', 'unix-listen', 'unix-dgram'];
 const INET: readonly SockKind[] = ['tcp', 'listen', 'udp'];
@@ -573,6 +576,7 @@ export function noted(seen: Notes, ino: bigint, kind: SockKind, port: number, re
   if (maybeLost(seen, ino, port, kind, false))
     throw new Unsupported(`${where} may have an option set that appshot cannot read back and could not note (the room for ${seen.lost} such notes was full): whether it has is not known`);
   for (const n of seen.notes) {
+    if (n.level === NOTE_DNOTIFY) continue; // a directory's (fdowner.ts), whatever its number
     const reuseportProgram = n.level === SOL_SOCKET && (n.name === SO_ATTACH_REUSEPORT_CBPF || n.name === SO_ATTACH_REUSEPORT_EBPF);
     const mine = n.ino === ino;
     const group = reuseportProgram && reuseport && port !== 0 && n.port === port && n.kind === (kind === 'udp' ? 'udp' : 'tcp');

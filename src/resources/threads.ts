@@ -157,7 +157,13 @@ const ERESTART_RESTARTBLOCK = -516n;
 const SA_RESTART = 0x10000000n;
 const NR_nanosleep = 35n;
 const NR_clock_nanosleep = 230n;
+const NR_poll = 7n;
 const NR_futex = 202n;
+/** epoll_wait, epoll_pwait, epoll_pwait2: they end with EINTR, not an
+ * -ERESTART code, when a stop (and so a snapshot's freeze) interrupts
+ * them. */
+const NR_epoll_waits = [232n, 281n, 441n];
+const FUTEX_WAIT = 0n;
 const FUTEX_WAIT_BITSET = 9n;
 /** FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME */
 const FUTEX_FLAGS = 128n | 256n;
@@ -194,14 +200,30 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    kernel wrote to its `rem` argument when it stopped (the request's
  *    register then names `rem`: the two may be one buffer anyway); a
  *    futex wait until an absolute instant (FUTEX_WAIT_BITSET) is made
- *    again as it was. One without `rem`, whose time left nothing shows,
- *    and any other such call (poll, a relative FUTEX_WAIT) return EINTR
- *    (and so do the test pause points' sleeps, which the tests rely on).
+ *    again as it was; poll and a relative FUTEX_WAIT are made again with
+ *    their full timeout (see below), and so is a sleep without `rem`,
+ *    whose time left nothing shows. ppoll, pselect6 and select stop
+ *    with ERESTARTNOHAND, their time left written back to their timeout,
+ *    and restart as any other call.
+ *  - epoll waits are never restarted by the kernel: a stop ends them with
+ *    EINTR at once (signal(7)), the snapshot's freeze too. One found
+ *    failed so with no handled signal to take is the freeze's doing, not
+ *    the program's: made again with its full timeout, as poll, here and
+ *    in the original that a snapshot leaves running. (A real signal that
+ *    ended it is still pending, and is taken: it stays EINTR; one already
+ *    taken left the thread in its handler, not at the call's end.)
  */
 export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
   const out = Buffer.from(regs);
   const orig = out.readBigInt64LE(REG.origRax);
   const rax = out.readBigInt64LE(REG.rax);
+  if (orig >= 0n && rax === -EINTR && NR_epoll_waits.includes(orig)) {
+    if (!signal) {
+      out.writeBigInt64LE(orig, REG.rax);
+      out.writeBigUInt64LE(out.readBigUInt64LE(REG.rip) - 2n, REG.rip);
+    }
+    return out;
+  }
   if (orig < 0n || ![ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(rax)) return out;
   const rewind = (nr: bigint) => {
     out.writeBigInt64LE(nr, REG.rax);
@@ -215,14 +237,26 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
       // nanosleep(req: rdi, rem: rsi); clock_nanosleep(clock, flags,
       // req: rdx, rem: r10), relative (an absolute one restarts as such).
       const [req, rem] = orig === NR_nanosleep ? [ARG.rdi, ARG.rsi] : [ARG.rdx, ARG.r10];
+      // Without rem, the time left shows nowhere: made again for its full
+      // request (longer than asked, as a timeout may be; never EINTR
+      // with no signal behind it: usleep's callers do not look).
       const left = out.readBigUInt64LE(rem);
-      if (left) {
-        out.writeBigUInt64LE(left, req);
-        rewind(orig);
-      } else fail();
+      if (left) out.writeBigUInt64LE(left, req);
+      rewind(orig);
     } else if (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT_BITSET) {
       // Its timeout is an absolute instant, still in its arguments: made
       // again as it was (sem_timedwait, pthread_cond_timedwait).
+      rewind(orig);
+    } else if (orig === NR_poll || (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT)) {
+      // The kernel kept the instant their timeout ends in the thread's
+      // restart block, which nothing outside the thread shows, and when
+      // the call began is recorded nowhere, so the time left cannot be
+      // had from the snapshot's time either: made again with the full
+      // timeout (or none: poll with -1, exact). It may wait longer than
+      // asked, which a timeout allows (a loaded machine does as much);
+      // EINTR with no signal behind it is not allowed (futex(2) has not
+      // woken spuriously since Linux 2.6.22) and is what programs get
+      // wrong.
       rewind(orig);
     } else fail();
   } else rewind(orig);
