@@ -585,17 +585,41 @@ export function buildProgram(): Command {
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
+      // What was made, on stdout as on success, also when a step after the
+      // commit failed (exit 6): it runs, and a script needs its AID.
+      const print = (result: Awaited<ReturnType<typeof restore>>, error?: string) => {
+        if (opts.json)
+          json('restore', {
+            aid: result.aid,
+            image: result.image,
+            processes: result.processes,
+            threads: result.threads,
+            initPid: result.initPid,
+            restoreMs: roundMs(result.restoreMs),
+            verifyMs: roundMs(result.verifyMs),
+            lazy: result.lazy,
+            injectedCalls: result.injectedCalls,
+            notKept: result.notKept,
+            ...(error ? { error } : {}),
+          });
+        else {
+          process.stdout.write(result.aid + '\n');
+          if (!error) process.stderr.write(`appshot: restored ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')} in ${result.restoreMs.toFixed(1)} ms\n`);
+        }
+      };
       let result;
       try {
         result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
-        if (e instanceof RestoredWithError)
+        if (e instanceof RestoredWithError) {
           try {
             noteImage(e.restored);
           } catch {
             /* said already: a step failed */
           }
+          print(e.restored, e.message);
+        }
         throw e;
       } finally {
         uninstall();
@@ -604,25 +628,11 @@ export function buildProgram(): Command {
       try {
         noteImage(result);
       } catch (e) {
-        throw new AppshotError(`restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`, ExitCode.afterCommit);
+        const error = `restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`;
+        print(result, error);
+        throw new AppshotError(error, ExitCode.afterCommit);
       }
-      if (opts.json)
-        json('restore', {
-          aid: result.aid,
-          image: result.image,
-          processes: result.processes,
-          threads: result.threads,
-          initPid: result.initPid,
-          restoreMs: roundMs(result.restoreMs),
-          verifyMs: roundMs(result.verifyMs),
-          lazy: result.lazy,
-          injectedCalls: result.injectedCalls,
-          notKept: result.notKept,
-        });
-      else {
-        process.stdout.write(result.aid + '\n');
-        process.stderr.write(`appshot: restored ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')} in ${result.restoreMs.toFixed(1)} ms\n`);
-      }
+      print(result);
       for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
     });
 
@@ -730,7 +740,7 @@ export function buildProgram(): Command {
         'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
     )
     .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean; progress: string }) => {
-      const [{ trustImagesExplicitly }, { clone }, { ProgressDisplay, progressMode }] = await Promise.all([
+      const [{ trustImagesExplicitly }, { clone, ClonedWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./template/clone.js'),
         import('./progress.js'),
@@ -745,6 +755,15 @@ export function buildProgram(): Command {
       // In the engine, the client going away (its Ctrl-C) stands for it.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
+      // The instances on stdout, also when a step after the batch's commit
+      // failed (exit 6): they run, and a script needs their AIDs.
+      const print = (results: Awaited<ReturnType<typeof clone>>) => {
+        if (opts.json) return json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })));
+        for (const r of results) {
+          const ports = r.ports.map(portText).join(' ');
+          process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
+        }
+      };
       let results;
       try {
         results = await clone(registry(), path, {
@@ -754,18 +773,15 @@ export function buildProgram(): Command {
           signal: interrupt.signal,
           progress: display,
         });
+      } catch (e) {
+        if (e instanceof ClonedWithError) print(e.cloned);
+        throw e;
       } finally {
         uninstall();
         display.end();
       }
-      if (opts.json) {
-        json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })));
-        return;
-      }
-      for (const r of results) {
-        const ports = r.ports.map(portText).join(' ');
-        process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
-      }
+      print(results);
+      if (opts.json) return;
       const ms = results.map((r) => r.cloneMs);
       process.stderr.write(`appshot: ${plural(results.length, 'instance')} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
     });

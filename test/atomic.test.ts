@@ -125,13 +125,18 @@ describe('a restore killed at any instant', () => {
   for (const point of ['committed', 'resumed']) {
     it(`failing just after '${point}': exit 6, one line, and the application runs`, async () => {
       const aid = `fail-${point}`;
-      const r = spawnSync(process.execPath, [cli, 'restore', image, '--aid', aid], {
+      // Its AID on stdout as on success (with --json, the result and the
+      // error): a script needs it, the application runs.
+      const json = point === 'resumed';
+      const r = spawnSync(process.execPath, [cli, 'restore', image, '--aid', aid, ...(json ? ['--json'] : [])], {
         env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: `restore: ${point}` },
         encoding: 'utf8',
         timeout: 50_000,
       });
       expect(r.status, r.stderr).toBe(6);
       expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(SAID(aid, point))]);
+      if (json) expect(JSON.parse(r.stdout)).toMatchObject({ schema: 'appshot.restore/1', aid, processes: 3, error: expect.stringMatching(SAID(aid, point, '')) });
+      else expect(r.stdout).toBe(`${aid}\n`);
       await sb.checksPass(aid, 3);
       const [app] = sb.json<{ state: string; image: string; processes: unknown[] }[]>(['ps', aid]);
       expect(app).toMatchObject({ state: 'running', image });
@@ -471,6 +476,8 @@ describe('a batch of clones killed at any instant', () => {
     expect(r.stderr.trim().split('\n')).toEqual([
       `appshot: cloned ${template} as 'kc-1', 'kc-2', 'kc-3', 'kc-4', all 4 running and registered, but a step after the batch's commit failed: failure injected at 'clone: committed' (APPSHOT_TEST_FAIL_AT)`,
     ]);
+    // On stdout as on success: they run.
+    expect(r.stdout.split('\n').filter(Boolean).map((l) => l.split('\t')[0])).toEqual(aids);
     await allRun(aids);
     await removed(aids);
   });
