@@ -318,6 +318,35 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 
+  it('a suspend whose bookkeeping fails after the snapshot stays suspended on its image, which the next connection resumes, with the write made before', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    // Every suspend of this serve fails in its bookkeeping (the pruning of
+    // older images), after the snapshot returned: the instance ended into
+    // its image, which is now the only copy of what it had.
+    serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'serve: suspend pruning' });
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
+    const failed = () => events().filter((e) => ['suspend-bookkeeping-failed', 'suspend-failed'].includes(e.event));
+    await waitFor(() => failed().length > 0, 15_000, 'the failure to be logged');
+    await waitFor(() => show().state !== 'suspending', 5000, 'the suspend to be over');
+    const { state, lastImage: suspendImage } = show();
+    // Resumed from the image that suspend wrote (not removed as a failed
+    // suspend's, nor the instance given up as crashed): the write is there.
+    expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
+    expect(state).toBe('suspended');
+    expect(suspendImage).not.toBe(image);
+    expect(existsSync(suspendImage)).toBe(true);
+    expect(events().filter((e) => e.event.startsWith('suspend')).map((e) => e.event)).toEqual(['suspend', 'suspend-bookkeeping-failed']);
+    expect(events().filter((e) => e.event === 'suspend-failed' || e.event === 'restore-failed')).toEqual([]);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    sb.run(['stop', 'db', '--signal', 'KILL']);
+    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+    sb.run(['rm', 'db']);
+    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+  });
+
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);

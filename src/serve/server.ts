@@ -29,6 +29,7 @@ import { loadImageChain, restore as restoreImage, RestoredWithError, type Restor
 import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
+import { killPoint } from '../killpoint.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
@@ -891,43 +892,72 @@ class Service {
     const output = join(dir, `${Date.now()}-${++this.seq}`);
     const full = this.chain.length >= MAX_CHAIN;
     const t0 = process.hrtime.bigint();
+    let r: { parent?: string };
+    let incomplete = undefined as Error | undefined;
     try {
       // Nothing held by a keeper: a suspended service may sleep longer than
       // any hold, and a connection only a keeper could carry (to a process
       // outside, or without TCP repair) makes the suspend fail instead,
       // the instance left running.
-      const r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 }).catch((e: unknown) => {
+      r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 }).catch((e: unknown) => {
         // Ended all the same, its image whole (the snapshot driver, past
         // its point of no return): suspended into it, the failure logged.
         if (!(e instanceof api.SnapshottedWithError)) throw e;
-        this.log('suspend-incomplete', { instance: inst.aid, error: e.message });
+        incomplete = e;
         return { parent: e.parent };
       });
-      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-      this.chain = r.parent && !full ? [...this.chain, output] : [output];
-      this.lastImage = output;
-      inst.state = 'suspended';
-      inst.ports.clear();
-      inst.pid = undefined;
-      this.counters.snapshots++;
-      this.changed();
-      this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
-      this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
-      this.prune(dir);
-      this.preload(true);
-      this.host.warmStandbys();
     } catch (e) {
-      // The snapshot driver leaves the application running when it fails.
+      // The snapshot driver leaves the application running when it fails;
+      // its partial output is no image of the service (lastImage and the
+      // chain are still the previous ones).
       inst.state = this.alive(inst) ? 'running' : 'crashed';
       inst.lastActive = this.host.clock.now();
       this.changed();
-      rmSync(output, { recursive: true, force: true });
+      if (output !== this.lastImage && !this.chain.includes(output)) rmSync(output, { recursive: true, force: true });
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
       this.log('suspend-failed', { instance: inst.aid, error: (e as Error).message, now: inst.state });
+      this.host.worked();
+      this.pump();
+      return;
     }
-    this.host.worked();
-    this.pump();
+    // From here the image is the application (its processes ended into
+    // it, with every write since the previous image): whatever fails next
+    // is bookkeeping, logged, and the service stays suspended on it.
+    const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+    this.chain = r.parent && !full ? [...this.chain, output] : [output];
+    this.lastImage = output;
+    inst.state = 'suspended';
+    inst.ports.clear();
+    inst.pid = undefined;
+    this.counters.snapshots++;
+    const step = (name: string, fn: () => void): void => {
+      try {
+        fn();
+      } catch (e) {
+        try {
+          this.log('suspend-bookkeeping-failed', { instance: inst.aid, image: output, step: name, error: (e as Error).message });
+        } catch {
+          // The log itself failing: nothing else to tell it to.
+        }
+      }
+    };
+    step('state', () => this.changed());
+    step('log', () => {
+      if (incomplete) this.log('suspend-incomplete', { instance: inst.aid, error: incomplete.message });
+      this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
+      this.host.metrics?.snapshotSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('suspend', { instance: inst.aid, idleMs, image: output, incremental: !!r.parent, ms: Math.round(ms * 100) / 100 });
+    });
+    step('prune', () => {
+      killPoint('serve: suspend pruning');
+      this.prune(dir);
+    });
+    step('preload', () => this.preload(true));
+    step('standbys', () => this.host.warmStandbys());
+    step('pump', () => {
+      this.host.worked();
+      this.pump();
+    });
   }
 
   /** Suspend images no longer in the chain of the last one. */
