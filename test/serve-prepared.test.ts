@@ -84,6 +84,19 @@ function appPids(aid: string): number[] {
     .map(Number);
 }
 
+/** The end of a test: serve stopped (SIGTERM, exit 0), the instance it
+ * left running ended, its record removed (`rmChecked`: that must succeed;
+ * not where a failed suspend may have left none), the service removed. */
+async function endServeAndService({ rmChecked }: { rmChecked: boolean }): Promise<void> {
+  serve!.child.kill('SIGTERM');
+  expect((await serve!.exited).code).toBe(0);
+  sb.run(['stop', 'db', '--signal', 'KILL']);
+  await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
+  const rm = sb.run(['rm', 'db']);
+  if (rmChecked) expect(rm.code).toBe(0);
+  expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+}
+
 /** A process's state letter (/proc/PID/stat): 't' is a tracing stop. */
 const stateOf = (pid: number) => {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -209,13 +222,8 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     serve = sb.start(['serve']);
     await serve.line(/^ready$/);
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
-    serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
     // (the instance it resumed keeps running across serves: ended here)
-    sb.run(['stop', 'db', '--signal', 'KILL']);
-    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
-    expect(sb.run(['rm', 'db']).code).toBe(0);
-    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+    await endServeAndService({ rmChecked: true });
   });
 
   it("service rm after a serve killed while holding a prepared instance takes the snapshotted record of the images it removes", async () => {
@@ -288,12 +296,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => events().some((e) => e.event === 'restore'), 5000, 'the restore to be logged');
     expect(events().filter((e) => e.event === 'restore-incomplete')).toHaveLength(1);
     expect(events().filter((e) => e.event === 'restore-failed')).toEqual([]);
-    serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
-    sb.run(['stop', 'db', '--signal', 'KILL']);
-    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
-    expect(sb.run(['rm', 'db']).code).toBe(0);
-    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+    await endServeAndService({ rmChecked: true });
   });
 
   it('a suspend that fails once the instance is ending keeps its image, which the next connection resumes, with the write made before', async () => {
@@ -310,12 +313,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // Resumed from the image that suspend wrote (not thrown away as a
     // failed one's, nor the instance given up as crashed): the write is there.
     expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
-    serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
-    sb.run(['stop', 'db', '--signal', 'KILL']);
-    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
-    sb.run(['rm', 'db']);
-    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+    await endServeAndService({ rmChecked: false });
   });
 
   it('a suspend whose bookkeeping fails after the snapshot stays suspended on its image, which the next connection resumes, with the write made before', async () => {
@@ -339,12 +337,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(existsSync(suspendImage)).toBe(true);
     expect(events().filter((e) => e.event.startsWith('suspend')).map((e) => e.event)).toEqual(['suspend', 'suspend-bookkeeping-failed']);
     expect(events().filter((e) => e.event === 'suspend-failed' || e.event === 'restore-failed')).toEqual([]);
-    serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
-    sb.run(['stop', 'db', '--signal', 'KILL']);
-    await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
-    sb.run(['rm', 'db']);
-    expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
+    await endServeAndService({ rmChecked: false });
   });
 
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {

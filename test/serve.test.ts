@@ -62,6 +62,19 @@ interface ServiceJson {
 
 const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
 
+/** GET /index.html from 127.0.0.1:`port`: "STATUS BODY". */
+const get = (port: number) =>
+  new Promise<string>((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port, path: '/index.html', agent: false }, (res) => {
+      let body = '';
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve(`${res.statusCode} ${body}`));
+    });
+    req.setTimeout(30_000, () => req.destroy(new Error('no answer in 30 s')));
+    req.on('error', reject);
+    req.end();
+  });
+
 /** System PIDs of an application's processes (init too). */
 function pids(aid: string): number[] {
   const apps = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']);
@@ -210,17 +223,6 @@ describe('appshot serve, clone mode: python3 -m http.server', () => {
     writeFileSync(rules, `PORT ${WEB_APP} ALLOCATE\n`);
     const r = sb.run(['run', '-d', '--aid', 'webtpl', '--rules', rules, '--', PYTHON, '-m', 'http.server', '-b', '127.0.0.1', '-d', www, String(WEB_APP)]);
     expect(r.code, r.stderr).toBe(0);
-    const get = (port: number) =>
-      new Promise<string>((resolve, reject) => {
-        const req = request({ host: '127.0.0.1', port, path: '/index.html', agent: false }, (res) => {
-          let body = '';
-          res.on('data', (d) => (body += d));
-          res.on('end', () => resolve(`${res.statusCode} ${body}`));
-        });
-        req.setTimeout(30_000, () => req.destroy(new Error('no answer in 30 s')));
-        req.on('error', reject);
-        req.end();
-      });
     await waitFor(() => sb.log('webtpl').includes('Serving HTTP'), 10_000, 'http.server to listen');
     expect(sb.run(['snapshot', 'webtpl', '-o', join(out, 'web.img')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(out, 'web.img'), '-o', join(out, 'web.template')]);
@@ -269,17 +271,7 @@ describe('appshot serve, clone mode: python3 -m http.server', () => {
     webServe = sb.start(['serve', '--config', join(out, 'services.json')], { APPSHOT_TEST_FAIL_AT: 'clone: committed' });
     await webServe.line(/^ready$/);
     await waitFor(() => show('web').instances.filter((i) => i.state === 'running').length === 1, 15_000, 'the warm clone');
-    const answer = await new Promise<string>((resolve, reject) => {
-      const req = request({ host: '127.0.0.1', port: WEB_PUBLIC, path: '/index.html', agent: false }, (res) => {
-        let body = '';
-        res.on('data', (d) => (body += d));
-        res.on('end', () => resolve(`${res.statusCode} ${body}`));
-      });
-      req.setTimeout(30_000, () => req.destroy(new Error('no answer in 30 s')));
-      req.on('error', reject);
-      req.end();
-    });
-    expect(answer).toBe('200 hello from a clone\n');
+    expect(await get(WEB_PUBLIC)).toBe('200 hello from a clone\n');
     const events = () =>
       webServe!.stderr
         .trim()
