@@ -232,6 +232,8 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
   const fail = () => out.writeBigInt64LE(-EINTR, REG.rax);
   if (signal && (rax === ERESTARTNOHAND || rax === ERESTART_RESTARTBLOCK || (rax === ERESTARTSYS && !(signal.flags & SA_RESTART)))) fail();
   else if (rax === ERESTART_RESTARTBLOCK) {
+    // The futex operation without its flags (private, clock), or -1.
+    const futexOp = orig === NR_futex ? out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS : -1n;
     if (inPlace) rewind(219n /* restart_syscall */);
     else if (orig === NR_nanosleep || orig === NR_clock_nanosleep) {
       // nanosleep(req: rdi, rem: rsi); clock_nanosleep(clock, flags,
@@ -243,11 +245,11 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
       const left = out.readBigUInt64LE(rem);
       if (left) out.writeBigUInt64LE(left, req);
       rewind(orig);
-    } else if (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT_BITSET) {
+    } else if (futexOp === FUTEX_WAIT_BITSET) {
       // Its timeout is an absolute instant, still in its arguments: made
       // again as it was (sem_timedwait, pthread_cond_timedwait).
       rewind(orig);
-    } else if (orig === NR_poll || (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT)) {
+    } else if (orig === NR_poll || futexOp === FUTEX_WAIT) {
       // The kernel kept the instant their timeout ends in the thread's
       // restart block, which nothing outside the thread shows, and when
       // the call began is recorded nowhere, so the time left cannot be
