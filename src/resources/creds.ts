@@ -25,7 +25,7 @@
  * the process is surely ours to write, restoreCreds, then restoreSeccomp
  * once the scratch memory is gone).
  */
-import { readFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
@@ -81,7 +81,7 @@ const SYS_CREDS = { setgroups: 116, setresuid: 117, setresgid: 119, setfsuid: 12
 
 function statusFields(path: string): Map<string, string> {
   const out = new Map<string, string>();
-  for (const line of readFileSync(path, 'utf8').split('\n')) {
+  for (const line of procText(path).split('\n')) {
     const i = line.indexOf(':');
     if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
   }

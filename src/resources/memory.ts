@@ -7,6 +7,7 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
 import { type Vma, VmaKind } from '../image/types.js';
@@ -114,7 +115,7 @@ export function readVmFlags(pid: number): Map<bigint, string[]> {
 export function readSmaps(pid: number): MapsLine[] {
   const out: MapsLine[] = [];
   let last: MapsLine | undefined;
-  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+  for (const line of procText(`/proc/${pid}/smaps`).split('\n')) {
     const m = HEADER.exec(line);
     if (m) {
       // Fields set here, not spread over mapsLine's object: the spread
