@@ -160,7 +160,8 @@ export interface DumpedCreds {
  */
 export function dumpCreds(pid: number, tids: number[], calls: CallQueue, what: string): () => DumpedCreds {
   const statuses = tids.map((tid) => threadStatus(pid, tid));
-  const own = ownStatus();
+  // appshot's own, read once (ownCreds): not a /proc read in the window.
+  const own = ownCreds();
   const contexts = statuses.map((st) => (inAppshotsContext(st, own) ? st.filterCount : 0));
   const filters = statuses.map((st, i) => {
     if (st.seccomp === 0 || contexts[i]) return [];
@@ -201,7 +202,7 @@ export function dumpCreds(pid: number, tids: number[], calls: CallQueue, what: s
  * as long as they are traced, so that calls can be injected (dirty
  * tracking does so outside a dump); false if that is not possible. */
 export function exemptFromSeccomp(pid: number, tids: number[]): boolean {
-  const own = ownStatus();
+  const own = ownCreds();
   for (const tid of tids) {
     const st = threadStatus(pid, tid);
     // Under appshot's own filters only: nothing to exempt it from that
