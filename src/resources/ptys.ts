@@ -154,6 +154,9 @@ export function dumpPtys(ctx: DumpContext): void {
         closeSync(master);
       }
     }
+  // No pair is the application's: nothing below to mark, and no process's
+  // stat to read again in the frozen window.
+  if (!pairs.length) return;
   for (const p of image.processes) {
     for (const fd of p.fds) {
       const m = SLAVE.exec(fd.path);
