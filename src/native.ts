@@ -217,6 +217,10 @@ interface Addon {
   crc32cFile(path: string): { size: number; crc: number };
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
   fdEntries(pid: number): { fd: number; target: string; info: string }[];
+  /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
+   * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
+   * readdirSync sorts them); undefined where one cannot be read. */
+  readProcFiles(paths: string[], kinds: Uint8Array): (string | Buffer | string[] | undefined)[];
   getFd(pid: number, fd: number): number;
   /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */

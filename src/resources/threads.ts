@@ -4,9 +4,8 @@
  * stack. Each is per thread in the kernel and none survives a restore by
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
-import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
-import { readStat } from '../procfs.js';
+import { procText, readStat } from '../procfs.js';
 import type { SigAction, Thread } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
@@ -47,7 +46,7 @@ export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, aske
   const st = readStat(t.tid);
   let wchan = '';
   try {
-    wchan = readFileSync(`/proc/${t.pid}/task/${t.tid}/wchan`, 'utf8');
+    wchan = procText(`/proc/${t.pid}/task/${t.tid}/wchan`);
   } catch {
     /* not readable */
   }
