@@ -372,8 +372,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     // socket of the holder's, drops every segment).
     ['last-ack', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is LAST_ACK; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
     ['closing', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is CLOSING; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
-    // Once taken for a deleted file, restored as one (EBADF to mq_send).
-    ['mqueue', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a POSIX message queue \\(/holder-mq-\\d+, unlinked\\) cannot be captured yet`)],
     ['pty-packet', (fd) => `process 2 (holder) fd ${fd}: a pty master in packet mode (TIOCPKT) cannot be captured yet`],
     ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
     ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],

@@ -7,6 +7,7 @@ import { describeInotify } from '../resources/inotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
+import { describeMessageQueue } from '../resources/mqueue.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
@@ -114,6 +115,8 @@ function describeFd(image: Image, fd: Fd): string {
       return describeTimerfd(fd.timerfd);
     case 'INOTIFY':
       return describeInotify(fd.inotifyWatches);
+    case 'MQUEUE':
+      return describeMessageQueue(image, fd);
     case 'PTY': {
       const pair = image.ptys?.[fd.pty?.pair ?? -1];
       return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${plural(pair?.input.length ?? 0, 'byte')} of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;

@@ -15,6 +15,7 @@ import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
+import { checkPosixQueues } from '../resources/mqueue.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -511,4 +512,5 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
   if (!memoryOnly) checkPtys(image);
   if (!memoryOnly) checkWaits(image, corrupt);
+  if (!memoryOnly) checkPosixQueues(image, corrupt);
 }

@@ -65,6 +65,7 @@ export const SYS = {
   membarrier: 324,
   mlock2: 325,
   rseq: 334,
+  mq_notify: 244,
   pidfd_open: 434,
   close_range: 436,
   pidfd_getfd: 438,

@@ -29,6 +29,7 @@ import { environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
@@ -791,6 +792,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreQueueNotifications(r, p, image);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
@@ -953,6 +955,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       );
     }
     handover?.close();
+    handover?.undo();
     handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');
