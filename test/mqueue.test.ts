@@ -138,6 +138,27 @@ describe('POSIX message queues: named and unlinked, their messages, flags and a 
     expect(sb.aids()).not.toContain('mq6');
   });
 
+  it('a template of unlinked queues: each clone its own, filled; a named queue is refused by template create, naming it', async () => {
+    await started('mqt', ['-']);
+    sb.ok(['snapshot', 'mqt', '-o', join(out, 'mqt')]);
+    sb.ok(['template', 'create', join(out, 'mqt'), '-o', join(out, 'mqt.template')]);
+    sb.ok(['clone', join(out, 'mqt.template'), '--aid', 'mqc', '--count', '2']);
+    for (const aid of ['mqc-1', 'mqc-2']) await sb.checksPass(aid);
+    // One uses its queues; the other's are its own, still as they were.
+    await sb.exercised('mqc-1', 'to use its queues');
+    await sb.checksPass('mqc-2');
+    await sb.exercised('mqc-2', 'to use its queues');
+    for (const aid of ['mqc-1', 'mqc-2']) await stopped(aid);
+
+    const name = queueName('template');
+    await started('mqn', [name]);
+    sb.ok(['snapshot', 'mqn', '-o', join(out, 'mqn')]);
+    const r = sb.run(['template', 'create', join(out, 'mqn'), '-o', join(out, 'mqn.template')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`a POSIX message queue named ${name} is a system-wide name and cannot be shared by clones`);
+    gone(name);
+  });
+
   it('a registration with a signal (its sigev_value unseen): refused by name, the application and its queues as they were', async () => {
     const name = queueName('signal');
     await started('mq7', [name, '--notify-signal']);
