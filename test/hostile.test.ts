@@ -499,6 +499,24 @@ function mqueueCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** AIO rings (resources/aio.ts): one idle ring of one page at a free
+ * address of process 0, changed by `change`. */
+function aioCases(): [string, (image: Image) => void, string][] {
+  const ring = (change: (r: NonNullable<Image['processes'][number]['aioRings']>[number]) => void) => (i: Image) => {
+    const p = i.processes[0];
+    const top = p.vmas.reduce((m, v) => (v.end > m && v.end < 0x7f0000000000n ? v.end : m), 0n);
+    const r = { address: top + (1n << 30n), length: 4096n, nrEvents: 62, id: 0, nr: 127, head: 0, tail: 0, events: Buffer.alloc(4096 - 32) };
+    change(r);
+    p.aioRings = [r];
+  };
+  return [
+    ['an AIO ring of a gigabyte', ring((r) => (r.length = 1n << 30n)), "process \\d+'s AIO context 0 is 1073741824 bytes"],
+    ['an AIO ring over a mapping', ring((r) => (r.address = 0n)), "process \\d+'s AIO context 0 is 4096 bytes at 0x0"],
+    ['an AIO ring whose head is past its events', ring((r) => (r.head = 500)), "process \\d+'s AIO context 0 has 127 events, head 500"],
+    ['an AIO ring with events cut short', ring((r) => (r.events = Buffer.alloc(8))), '8 bytes of events, for a ring of 4096 bytes'],
+  ];
+}
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
@@ -566,6 +584,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       i.processes[0].fds.push(fd);
     }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
     ...mqueueCases(),
+    ...aioCases(),
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

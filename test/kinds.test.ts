@@ -347,7 +347,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
-    ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],

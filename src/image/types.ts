@@ -185,6 +185,8 @@ export interface Process {
   stopSignal?: number;
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
+  /** Its AIO contexts (resources/aio.ts); absent in older images. */
+  aioRings?: AioRing[];
   attributes?: ProcessAttributes;
   /** 1 + its controlling terminal's index in Image.ptys; 0 or absent: none
    * in the image. */
@@ -478,6 +480,18 @@ export interface Fd {
   owner?: FdOwner;
   /** MQUEUE: index into Image.posixQueues. */
   mqueue?: number;
+}
+
+/** An idle AIO context's ring (resources/aio.ts). */
+export interface AioRing {
+  address: bigint;
+  length: bigint;
+  nrEvents: number;
+  id: number;
+  nr: number;
+  head: number;
+  tail: number;
+  events: Buffer;
 }
 
 /** A POSIX message queue (resources/mqueue.ts). */

@@ -66,6 +66,8 @@ export const SYS = {
   mlock2: 325,
   rseq: 334,
   mq_notify: 244,
+  io_setup: 206,
+  io_submit: 209,
   pidfd_open: 434,
   close_range: 436,
   pidfd_getfd: 438,

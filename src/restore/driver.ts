@@ -30,6 +30,7 @@ import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resour
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
+import { restoreAioRings } from '../resources/aio.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
@@ -674,7 +675,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedMaps = readMaps(m.pid);
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      const used = [...m.proc.vmas, ...seedMaps];
+      // AIO rings are moved to their addresses later: kept free.
+      const used = [...m.proc.vmas, ...seedMaps, ...(m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length }))];
       // The scratch area it has already, if the image leaves it where it
       // is (one stop fewer); else one mapped where the image has nothing.
       if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, m.proc.vmas) && r.adoptScratch(m.scratch)))
@@ -793,6 +795,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
+      restoreAioRings(r, p);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
