@@ -160,18 +160,20 @@ function freeSlots(pid: number, inj: Injector, ring: AioRing): number {
   if (fd < 0) throw new Error(`opening /dev/null in the process to count the free slots of its AIO context: errno ${-fd}`);
   const affinity = inj.callOut(NR.sched_getaffinity, [0, CPU_MASK_BYTES, 'out'], CPU_MASK_BYTES);
   if (affinity.ret < 0n) throw new Error(`sched_getaffinity: errno ${-affinity.ret}`);
-  const allowed = affinity.out;
+  // The kernel writes the mask's own size (its result); the rest of the
+  // buffer is whatever was there.
+  const allowed = affinity.out.subarray(0, Number(affinity.ret));
   const cpus: number[] = [];
-  for (let c = 0; c < CPU_MASK_BYTES * 8; c++) if (allowed[c >> 3] & (1 << (c & 7))) cpus.push(c);
+  for (let c = 0; c < allowed.length * 8; c++) if (allowed[c >> 3] & (1 << (c & 7))) cpus.push(c);
   const per = Math.floor((inj.scratchSize - 64) / 8);
   let taken = 0;
   try {
     for (let pass = 0; pass < 2; pass++)
       for (const cpu of cpus) {
-        const one = Buffer.alloc(CPU_MASK_BYTES);
+        const one = Buffer.alloc(allowed.length);
         one[cpu >> 3] |= 1 << (cpu & 7);
         addon().writeMemory(pid, scratch, one);
-        if (inj.call(NR.sched_setaffinity, [0, CPU_MASK_BYTES, scratch]) < 0n) continue;
+        if (inj.call(NR.sched_setaffinity, [0, one.length, scratch]) < 0n) continue;
         for (;;) {
           addon().writeMemory(pid, scratch, dummyRequests(scratch, fd, scratch, per));
           const got = inj.call(NR.io_submit, [ring.address, per, scratch + 64n]);
@@ -183,7 +185,7 @@ function freeSlots(pid: number, inj: Injector, ring: AioRing): number {
       }
   } finally {
     addon().writeMemory(pid, scratch, allowed);
-    inj.call(NR.sched_setaffinity, [0, CPU_MASK_BYTES, scratch]);
+    inj.call(NR.sched_setaffinity, [0, allowed.length, scratch]);
     inj.call(NR.close, [fd]);
   }
   return taken;
