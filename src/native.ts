@@ -349,6 +349,13 @@ interface Addon {
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
+  /** POSIX message queues (resources/mqueue.ts); names "/NAME". */
+  mqOpen(name: string, flags: number, mode: number, maxmsg: number, msgsize: number): number;
+  mqUnlink(name: string): void;
+  mqAttributes(fd: number): { maxmsg: number; msgsize: number; curmsgs: number };
+  /** Every message received and sent back in the same order: the queue as it was. */
+  mqTakeAndGiveBack(fd: number, msgsize: number): { priority: number; data: Buffer }[];
+  mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
   createTables(path: string, aid: string, salt: bigint): void;

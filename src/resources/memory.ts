@@ -366,9 +366,8 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         if (!vma.shmVid && !ctx.tables.tables.shmid.some((e) => e.system === Number(l.ino)))
           throw new Unsupported(`${what}: maps SysV segment ${l.ino}, which belongs to no application`);
       } else if (l.path.startsWith('/[aio]')) {
-        // The ring of an AIO context (io_setup): its requests live in the
-        // kernel, and nothing makes the context again.
-        throw new Unsupported(`${what}: an AIO context (io_setup, ring at 0x${l.start.toString(16)}) cannot be captured yet`);
+        // The ring of an AIO context (io_setup): aio.ts's (Process.aioRings).
+        continue;
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);

@@ -29,6 +29,8 @@ import { environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { restoreQueueNotifications } from '../resources/mqueue.js';
+import { restoreAioRings } from '../resources/aio.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
@@ -395,7 +397,7 @@ const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 &
 /** Whether a process has a scratch area of ours at `at` (anonymous,
  * readable, writable and executable, of the scratch area's size, as
  * appshot-init maps it) and no mapping of the image is in its way. */
-function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: Vma[]): boolean {
+function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: { start: bigint; end: bigint }[]): boolean {
   const end = at + BigInt(RemoteProcess.scratchSize);
   return seedMaps.some((l) => l.start === at && l.end === end && l.perms === 'rwxp' && !l.path) && !vmas.some((v) => v.start < end && at < v.end);
 }
@@ -673,10 +675,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedMaps = readMaps(m.pid);
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      const used = [...m.proc.vmas, ...seedMaps];
+      // AIO rings are moved to their addresses later: kept free.
+      const rings = (m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length }));
+      const used = [...m.proc.vmas, ...seedMaps, ...rings];
       // The scratch area it has already, if the image leaves it where it
       // is (one stop fewer); else one mapped where the image has nothing.
-      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, m.proc.vmas) && r.adoptScratch(m.scratch)))
+      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, [...m.proc.vmas, ...rings]) && r.adoptScratch(m.scratch)))
         r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
       await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
@@ -791,6 +795,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreQueueNotifications(r, p, image);
+      restoreAioRings(r, p);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
@@ -953,6 +959,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       );
     }
     handover?.close();
+    handover?.undo();
     handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');

@@ -43,6 +43,7 @@ import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
+import { dumpAioRings } from '../resources/aio.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
@@ -299,6 +300,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
     refuseChrootedSocketPaths(proc, what);
     timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
+    proc.aioRings = timed('aio', () => dumpAioRings(pid, inj, maps, what));
     timed('injector close', () => {
       calls.flush();
       inj.close();
