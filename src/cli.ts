@@ -577,11 +577,6 @@ export function buildProgram(): Command {
       if (opts.trustImage) trustImagesExplicitly();
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
-      // For ps: where it came from (a stream has no path to show).
-      const noteImage = (restored: { aid: string; image: string }) => {
-        const current = image === '-' ? undefined : reg.get(restored.aid);
-        if (current && !isEnded(current)) reg.update({ ...current, image: restored.image });
-      };
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
@@ -609,28 +604,16 @@ export function buildProgram(): Command {
       };
       let result;
       try {
-        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
+        // Where it came from, for ps, in its registration (a stream has no
+        // path to show).
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: image }) });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
-        if (e instanceof RestoredWithError) {
-          try {
-            noteImage(e.restored);
-          } catch {
-            /* said already: a step failed */
-          }
-          print(e.restored, e.message);
-        }
+        if (e instanceof RestoredWithError) print(e.restored, e.message);
         throw e;
       } finally {
         uninstall();
         display.end();
-      }
-      try {
-        noteImage(result);
-      } catch (e) {
-        const error = `restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`;
-        print(result, error);
-        throw new AppshotError(error, ExitCode.afterCommit);
       }
       print(result);
       for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
