@@ -21,9 +21,9 @@ import {
   renameSync,
   rmSync,
   statSync,
-  utimesSync,
   writeFileSync,
 } from 'node:fs';
+import { utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
@@ -262,13 +262,15 @@ const pendingCommits = new Map<string, { ready: boolean; done: boolean; made: Pr
 /**
  * State directories made ahead of the registrations that take them, in
  * the resident engine (enableSpareStateDirs): each an empty directory with
- * an empty app.json.tmp, in $APPSHOT_HOME/engine/spares, made off the
- * event loop while the engine waits. A registration renames one to
- * apps/AID (renameat2 RENAME_NOREPLACE: atomic, and refused if the name
- * is taken, as mkdir is), and writes its record into the app.json.tmp
- * there before renaming it to app.json, as always: on a busy disk a new
- * directory and a new file cost ~0.3-0.7 ms each, most of a
- * registration. A spare holds nothing and names nothing: killed at any
+ * an empty app.json, in $APPSHOT_HOME/engine/spares, made off the event
+ * loop while the engine waits. A registration renames one to apps/AID
+ * (renameat2 RENAME_NOREPLACE: atomic, and refused if the name is taken,
+ * as mkdir is), and writes its record into that app.json: on a busy disk
+ * a new directory, a new file and a rename cost ~0.3-0.7 ms each, most of
+ * a registration. An app.json that is empty or being written reads as no
+ * record, as a state directory without one does: "being registered right
+ * now" (get, dropOrphanDir); every later write replaces the file whole
+ * (update). A spare holds nothing and names nothing: killed at any
  * instant, what was taken is a registration killed after its mkdir
  * (dropOrphanDir), what was not is removed by the next engine
  * (removeSpareStateDirs).
@@ -308,7 +310,7 @@ function refillSpares(home: string): void {
   while (k.ready.length + k.making < SPARES_KEPT) {
     k.making++;
     const path = join(sparesDir(home), `${process.pid}-${randomBytes(6).toString('hex')}`);
-    const file = join(path, 'app.json.tmp');
+    const file = join(path, 'app.json');
     // Made with the modes mkdir and writeFileSync give them now; a
     // registration takes it only if its own umask gives the same.
     mkdir(sparesDir(home), { recursive: true, mode: 0o700 })
@@ -393,6 +395,7 @@ export class LocalRegistry implements Registry {
     // record meanwhile (it needs the AID registered to run).
     const snapshotted = opts.restoring ? undefined : this.getSnapshotted(aid);
     if (snapshotted) {
+      this.claimedSpares.delete(stateDir);
       removeDir(stateDir);
       throw new AppshotError(`AID '${aid}' is in use by an application that was ${describeSnapshot(snapshotted)}: restore the image, or 'appshot rm ${aid}' removes its record`, ExitCode.conflict);
     }
@@ -408,11 +411,16 @@ export class LocalRegistry implements Registry {
     }
   }
 
+  /** State directories claimed from a spare, whose app.json exists and is
+   * empty: the first record is written into it (finishRegistration). */
+  private readonly claimedSpares = new Set<string>();
+
   private claim(stateDir: string): boolean {
     const spare = takeSpare(this.home);
     if (spare) {
       try {
         addon().renameNoReplace(spare, stateDir);
+        this.claimedSpares.add(stateDir);
         return true;
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
@@ -454,10 +462,12 @@ export class LocalRegistry implements Registry {
       };
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
-      this.update(record);
+      if (this.claimedSpares.delete(stateDir)) writeFileSync(join(stateDir, 'app.json'), JSON.stringify(record, null, 2), { flag: 'r+' });
+      else this.update(record);
       noteHeld('aid', aid);
       return record;
     } catch (e) {
+      this.claimedSpares.delete(stateDir);
       removeDir(stateDir);
       rmSync(tables, { force: true });
       throw e;
@@ -600,12 +610,14 @@ export class LocalRegistry implements Registry {
       if (existsSync(commitPath)) {
         // Aged from the commit, not from when it was made: the sweep
         // keeps it a minute from now (a batch may have taken longer).
+        // Off this thread, while the processes are let go: the commit is
+        // the file's existence, and until this lands the sweep leaves it
+        // all the same, its holder (this command) being alive; died
+        // before, its inits see it at once, as their lifelines end.
         const now = new Date();
-        try {
-          utimesSync(commitPath, now, now);
-        } catch {
+        utimes(commitPath, now, now, () => {
           /* committed all the same */
-        }
+        });
         return;
       }
     }
