@@ -326,8 +326,11 @@ export class Engine {
     // supervisor runs, temporaries) is held while this file exists: until
     // the request ends, not the engine (holder.ts).
     // Made ahead while the engine waited, if it was (a new file costs
-    // ~0.4 ms on a busy disk); its client's PID written in afterwards,
-    // for whoever looks (nothing reads it: a lease is held by existing).
+    // ~0.4 ms on a busy disk), and left empty: a lease is held by
+    // existing, nothing reads what it says (one made now names its
+    // client's PID, for whoever looks). Not written into while the
+    // command runs: a write off this thread then competes with the
+    // command's processes for a core.
     const spare = this.spareLease?.ready ? this.spareLease : undefined;
     if (spare) {
       this.spareLease = undefined;
@@ -335,8 +338,7 @@ export class Engine {
     }
     const leaseFile = join(leasesDir(this.opts.home), ctx.lease!);
     try {
-      if (spare) writeFile(leaseFile, `${peerPid}\n`, { flag: 'r+' }).catch(() => {});
-      else writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
+      if (!spare) writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
     } catch (e) {
       this.log(`cannot make the lease of a request: ${(e as Error).message}`);
       socket.end(frame(Frame.REFUSED, Buffer.from('the engine cannot hold a request now')));
