@@ -375,6 +375,9 @@ interface Addon {
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;
   tryLockFile(path: string): number;
+  /** rename(from, to) unless something is at `to` (renameat2
+   * RENAME_NOREPLACE): throws with code EEXIST then, as mkdir would. */
+  renameNoReplace(from: string, to: string): void;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /** At most `n` malloc arenas in this process from now on (M_ARENA_MAX):
    * for a resident process, whose threads would each keep what a burst

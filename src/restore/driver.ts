@@ -107,6 +107,9 @@ export interface RestoreOptions {
    * the processes' release and are waiting when they run). Not called
    * for a batch of clones (committed by its caller). It must not throw. */
   committed?: (record: AppRecord) => void;
+  /** Where it came from, as `ps` shows it (AppRecord.image): written with
+   * its registration, not in a write of its own after the restore. */
+  recordImage?: string;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -560,6 +563,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
+      ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
       ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
