@@ -15,10 +15,9 @@
 // medians.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { summary } from './measure.js';
+import { cleanUpBuilds, engineEnv, pairedBuilds, summary } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Number(process.env.BENCH_RUNS ?? 5);
@@ -26,12 +25,9 @@ const row = Number(process.env.BENCH_ROW ?? 10);
 const sizes = (process.env.BENCH_SIZES ?? '0,16').split(',').map(Number);
 const STEPS = process.env.BENCH_STEPS === '1';
 const memapp = join(here, 'bench', 'bin', 'memapp');
-const builds = (process.env.BENCH_BUILDS ?? `this=${here}`).split(',').map((b) => {
-  const [name, dir] = b.split('=');
-  return { name, root: resolve(dir), home: mkdtempSync(join(tmpdir(), `appshot-bench-restore-profile-${name}-`)) };
-});
+const builds = pairedBuilds(here, 'restore-profile');
 const work = mkdtempSync(join(here, '.bench-images-restore-profile-'));
-const envOf = (b, extra = {}) => ({ ...process.env, APPSHOT_HOME: b.home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600', ...extra });
+const envOf = engineEnv;
 const node = (b, args, extra) => execFileSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { cwd: work, env: envOf(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
 let n = 0;
 
@@ -56,10 +52,7 @@ function restoreOnce(b, image) {
 const results = new Map(builds.map((b) => [b.name, new Map(sizes.map((s) => [s, []]))]));
 
 function cleanUp() {
-  for (const b of builds) {
-    spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), 'engine', 'stop'], { env: envOf(b, { APPSHOT_ENGINE: 'off' }), stdio: 'ignore' });
-    rmSync(b.home, { recursive: true, force: true });
-  }
+  cleanUpBuilds(builds);
   rmSync(work, { recursive: true, force: true });
 }
 process.on('SIGINT', () => {
