@@ -142,6 +142,10 @@ const PRELOAD_LIMIT = 8;
  * preloaded) goes back to the kernel this long after the last of it
  * (ServeHost.worked). */
 const TRIM_AFTER_MS = 500;
+/** What follows a resume but its clients' forwards (the log line, the
+ * process to watch, the registry's parent image) waits this long
+ * (restoreInstance). */
+const AFTER_RESUME_MS = 10;
 /** A standby taken by a resume is replaced this long after (standby.ts):
  * not while the resume and its first reply still want the CPU. */
 const STANDBY_REFILL_MS = 100;
@@ -343,19 +347,7 @@ class Service {
   /** Forwards what can be forwarded, then lets the policy start what the
    * rest waits for. */
   pump(): void {
-    let forwarded = false;
-    while (this.held.length) {
-      const h = this.held[0];
-      if (h.socket.destroyed) {
-        this.held.shift();
-        continue;
-      }
-      const route = this.policy.route([...this.instances.values()]);
-      if (!('forward' in route)) break;
-      this.held.shift();
-      this.forward(h, this.instances.get(route.forward)!);
-      forwarded = true;
-    }
+    const forwarded = this.forwardHeld();
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     const actions = this.policy.decide([...this.instances.values()], this.held.length);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
@@ -366,14 +358,35 @@ class Service {
     if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
   }
 
+  /** Forwards the held connections the policy routes to an instance, in
+   * order; whether it forwarded any. `reportLater`: what a connection's
+   * connect reports (its record, the metrics) waits for a microtask (see
+   * committedEarly). */
+  private forwardHeld(reportLater = false): boolean {
+    let forwarded = false;
+    while (this.held.length) {
+      const h = this.held[0];
+      if (h.socket.destroyed) {
+        this.held.shift();
+        continue;
+      }
+      const route = this.policy.route([...this.instances.values()]);
+      if (!('forward' in route)) break;
+      this.held.shift();
+      this.forward(h, this.instances.get(route.forward)!, reportLater);
+      forwarded = true;
+    }
+    return forwarded;
+  }
+
   /** held.length when changed() was last called. */
   private heldWritten = 0;
 
-  private forward(h: Held, inst: Instance): void {
+  private forward(h: Held, inst: Instance, reportLater = false): void {
     const target = inst.ports.get(h.port.public)!;
     inst.active++;
     inst.lastActive = this.host.clock.now();
-    this.host.forwarder.forward(h.socket, target.system, this.ends(inst, target.system, h.port, h.since, () => `${h.socket.remoteAddress}:${h.socket.remotePort}`, h));
+    this.host.forwarder.forward(h.socket, target.system, this.ends(inst, target.system, h.port, h.since, () => `${h.socket.remoteAddress}:${h.socket.remotePort}`, h), reportLater);
   }
 
   /**
@@ -759,9 +772,23 @@ class Service {
     const inst = this.instances.get(this.name);
     if (!inst || inst.state !== 'starting' || this.closing) return;
     try {
-      this.running(inst, record.ports ?? []);
+      inst.ports.clear();
+      this.fillPorts(inst, record.ports ?? []);
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
       this.early = { held: this.held.length };
-      this.pump();
+      // Only the connects now. Their records and metrics, the state file,
+      // the policy's next decisions and the thread's grant wait for a
+      // microtask: the driver goes on from here to let the processes go
+      // without returning to the event loop, and each of those is time
+      // between the commit and the instance's first instruction, with its
+      // clients waiting (a connection that comes meanwhile is held, and
+      // forwarded by that pump).
+      this.forwardHeld(true);
+      queueMicrotask(() => {
+        this.changed();
+        this.pump();
+      });
     } catch (e) {
       this.log('forward-failed', { instance: this.name, error: (e as Error).message });
     }
@@ -835,7 +862,7 @@ class Service {
       // Set meanwhile by committedEarly (the driver called it).
       const early = this.early as { held: number } | undefined;
       this.early = undefined;
-      const rec = this.reg.get(this.name);
+      let rec = early ? undefined : this.reg.get(this.name);
       if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
       if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
@@ -843,13 +870,21 @@ class Service {
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
-      // again: ~10 ms), long before the next suspend needs it.
+      // again: ~10 ms), long before the next suspend needs it. Those wait
+      // AFTER_RESUME_MS: the resumed application, the forwarding thread
+      // and the clients answer their first requests meanwhile, and on two
+      // cores this thread's /proc reads and file writes would compete with
+      // them for the CPU.
       this.pump();
+      await new Promise((r) => setTimeout(r, AFTER_RESUME_MS));
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
-      inst.pid = this.listenerPid(inst);
+      // Suspended or crashed meanwhile: neither is its own any more.
+      const still = (inst.state as InstanceStateName) === 'running';
+      if (still) inst.pid = this.listenerPid(inst);
       this.pump();
-      if (rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      if (still && early) rec = this.reg.get(this.name);
+      if (still && rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
       // Another suspended service may want what this one took.
       this.host.warmStandbys();
     } catch (e) {
