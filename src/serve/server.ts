@@ -201,9 +201,19 @@ class Service {
     const saved = host.store.readState(spec.name);
     const usable = saved?.lastImage && existsSync(saved.lastImage) ? saved : undefined;
     this.lastImage = usable?.lastImage ?? spec.from;
-    this.chain = usable ? ((saved as ServiceState & { chain?: string[] }).chain ?? [usable.lastImage!]) : [spec.from];
+    this.chain = usable ? (saved!.chain ?? [usable.lastImage!]) : [spec.from];
     if (usable) this.counters = { snapshots: saved!.snapshots, restores: saved!.restores, crashes: saved!.crashes };
+    // An image is in place only whole (the snapshot renames it there).
+    if (spec.mode === 'restore' && saved?.suspending && existsSync(saved.suspending.image)) this.interrupted = saved.suspending;
   }
+
+  /** restore mode: what a suspend under way when the previous serve
+   * wrote its state was writing (ServiceState.suspending), whole on
+   * disk; adopt() decides whether it is the service's last image. */
+  private interrupted: { image: string; chain: string[] } | undefined;
+  /** restore mode, while a suspend is under way: its image and the chain
+   * it ends (ServiceState.suspending). */
+  private suspending: { image: string; chain: string[] } | undefined;
 
   get name(): string {
     return this.spec.name;
@@ -231,6 +241,20 @@ class Service {
     if (this.spec.mode !== 'restore') return;
     const rec = this.reg.get(this.name);
     const live = rec && !isEnded(rec) && this.reg.settle(rec);
+    const interrupted = this.interrupted;
+    this.interrupted = undefined;
+    // The previous serve's suspend wrote its image whole and the instance
+    // is gone: it ended into that image (past the snapshot's point of no
+    // return), and the state that should have followed was never written
+    // (that serve died, or its writes failed). The image holds every
+    // write the instance made: it is the one to resume from, and pruning
+    // keeps it. (Still running, the instance was resumed by its failed
+    // snapshot, and the image is stale: the next suspend prunes it.)
+    if (!live && interrupted) {
+      this.lastImage = interrupted.image;
+      this.chain = interrupted.chain;
+      this.log('suspend-recovered', { instance: this.name, image: interrupted.image });
+    }
     if (live) {
       const inst = this.newInstance(this.name, 'running');
       this.fillPorts(inst, live.ports ?? []);
@@ -926,6 +950,26 @@ class Service {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const output = join(dir, `${Date.now()}-${++this.seq}`);
     const full = this.chain.length >= MAX_CHAIN;
+    // Written before the snapshot may end the processes, so that a serve
+    // that dies before writing what follows (or whose writes fail) is
+    // followed by one that resumes from this image, not from the one
+    // before it (losing every write since) while pruning this one. Not
+    // written, no suspend: the instance keeps running.
+    this.suspending = { image: output, chain: full ? [output] : [...this.chain, output] };
+    try {
+      if (this.stateTimer) clearTimeout(this.stateTimer);
+      this.stateTimer = undefined;
+      this.writeState(true);
+    } catch (e) {
+      this.suspending = undefined;
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
+      this.changed();
+      this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
+      this.log('suspend-failed', { instance: inst.aid, error: `its state could not be written first: ${(e as Error).message}`, now: inst.state });
+      this.pump();
+      return;
+    }
     const t0 = process.hrtime.bigint();
     let r: { parent?: string };
     let incomplete = undefined as Error | undefined;
@@ -945,6 +989,7 @@ class Service {
       // The snapshot driver leaves the application running when it fails;
       // its partial output is no image of the service (lastImage and the
       // chain are still the previous ones).
+      this.suspending = undefined;
       inst.state = this.alive(inst) ? 'running' : 'crashed';
       inst.lastActive = this.host.clock.now();
       this.changed();
@@ -961,6 +1006,7 @@ class Service {
     const ms = Number(process.hrtime.bigint() - t0) / 1e6;
     this.chain = r.parent && !full ? [...this.chain, output] : [output];
     this.lastImage = output;
+    this.suspending = undefined;
     inst.state = 'suspended';
     inst.ports.clear();
     inst.pid = undefined;
@@ -976,7 +1022,10 @@ class Service {
         }
       }
     };
-    step('state', () => this.changed());
+    step('state', () => {
+      killPoint('serve: suspend state');
+      this.changed();
+    });
     step('log', () => {
       if (incomplete) this.log('suspend-incomplete', { instance: inst.aid, error: incomplete.message });
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
@@ -1075,14 +1124,16 @@ class Service {
     }, 100);
   }
 
-  writeState(): void {
-    const state: ServiceState & { chain: string[] } = {
+  /** Writes the state file; `strict`: a failure is thrown, not logged. */
+  writeState(strict = false): void {
+    const state: ServiceState = {
       service: this.name,
       spec: this.spec,
       servePid: process.pid,
       updatedAt: new Date().toISOString(),
       ...(this.spec.mode === 'restore' ? { lastImage: this.lastImage } : {}),
       chain: this.chain,
+      ...(this.suspending ? { suspending: this.suspending } : {}),
       instances: [...this.instances.values()].map((i) => ({
         aid: i.aid,
         state: i.state,
@@ -1097,8 +1148,10 @@ class Service {
       connections: this.translations,
     };
     try {
+      killPoint('serve: state write');
       this.host.store.writeState(state);
     } catch (e) {
+      if (strict) throw e;
       this.log('state-write-failed', { error: (e as Error).message });
     }
   }
