@@ -169,11 +169,16 @@ interface Addon {
   /** exitKill: the tracee dies with us until keepOnExit (restores). */
   seize(tid: number, exitKill?: boolean): void;
   keepOnExit(tid: number): void;
+  /** keepOnExit of each, in one call; throws at the first that fails. */
+  keepOnExitAll(tids: number[]): void;
   /** The options seize(tid, true) sets, set again. */
   killOnExit(tid: number): void;
   interrupt(tid: number): void;
   cont(tid: number, sig: number): void;
   detach(tid: number, sig: number): void;
+  /** detach(tid, 0) of each in order, in one call, up to the first that
+   * fails: how many were let go. */
+  detachAll(tids: number[]): number;
   wait(tid: number, timeoutMs: number): TraceReport | null;
   /** The next report of one of `tids` (never another child of this process), or null after timeoutMs. */
   waitAny(tids: number[], timeoutMs: number): TraceReport | null;

@@ -597,31 +597,39 @@ export class LocalRegistry implements Registry {
 
   /** Commits: from now on, the restore's processes are the application's
    * even if this process dies. */
-  commit(commitPath: string): void {
+  commit(commitPath: string, opts: { ageLater?: boolean } = {}): void {
     const pending = pendingCommits.get(commitPath);
     pendingCommits.delete(commitPath);
     if (pending) pending.done = true;
     if (pending?.ready) {
+      let renamed = false;
       try {
         renameSync(commitPath + PENDING, commitPath);
+        renamed = true;
       } catch {
         /* removed meanwhile: made below */
       }
-      if (existsSync(commitPath)) {
-        // Aged from the commit, not from when it was made: the sweep
-        // keeps it a minute from now (a batch may have taken longer).
-        // Off this thread, while the processes are let go: the commit is
-        // the file's existence, and until this lands the sweep leaves it
-        // all the same, its holder (this command) being alive; died
-        // before, its inits see it at once, as their lifelines end.
-        const now = new Date();
-        utimes(commitPath, now, now, () => {
-          /* committed all the same */
-        });
+      if (renamed || existsSync(commitPath)) {
+        if (!opts.ageLater) this.ageCommit(commitPath);
         return;
       }
     }
     closeSync(openSync(commitPath, 'wx', 0o600));
+  }
+
+  /** A commit file made ahead (newCommitPath) aged from the commit, not
+   * from when it was made: the sweep keeps it a minute from now (a batch
+   * may have taken longer). commit() does it, unless told `ageLater` (a
+   * restore does it once its processes are let go, a client waiting on
+   * them). Off this thread: the commit is the file's existence, and until
+   * this lands the sweep leaves it all the same, its holder (this command)
+   * being alive; died before, its inits see it at once, as their
+   * lifelines end. */
+  ageCommit(commitPath: string): void {
+    const now = new Date();
+    utimes(commitPath, now, now, () => {
+      /* committed all the same */
+    });
   }
 
   /** Waits until the file newCommitPath started making for `commitPath`

@@ -68,6 +68,32 @@ Napi::Value KeepOnExit(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// keepOnExitAll(tids[]): keepOnExit of each, in one call (a restore's
+// commit clears PTRACE_O_EXITKILL on every thread it made, with a client
+// waiting on serve's prepared resume). Throws at the first that fails,
+// naming it; those before it are done.
+Napi::Value KeepOnExitAll(const Napi::CallbackInfo& info) {
+  auto a = info[0].As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    pid_t tid = a.Get(i).As<Napi::Number>().Int32Value();
+    if (Failed(info.Env(), trace_keep_on_exit(tid), "ptrace setoptions " + std::to_string(tid))) break;
+  }
+  return info.Env().Undefined();
+}
+
+// detachAll(tids[]) -> how many were let go (PTRACE_DETACH, no signal),
+// in order, before the first that failed (tids.length if none did): the
+// caller handles that one (ESRCH: killed meanwhile) and goes on after it.
+// One call for all of a restore's threads, the first let go running while
+// the others are.
+Napi::Value DetachAll(const Napi::CallbackInfo& info) {
+  auto a = info[0].As<Napi::Array>();
+  uint32_t i = 0;
+  for (; i < a.Length(); i++)
+    if (trace_detach(a.Get(i).As<Napi::Number>().Int32Value(), 0) < 0) break;
+  return Napi::Number::New(info.Env(), i);
+}
+
 Napi::Value KillOnExit(const Napi::CallbackInfo& info) {
   Failed(info.Env(), trace_kill_on_exit(Tid(info)), "ptrace setoptions " + std::to_string(Tid(info)));
   return info.Env().Undefined();
@@ -1188,6 +1214,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   };
   fn("seize", Seize);
   fn("keepOnExit", KeepOnExit);
+  fn("keepOnExitAll", KeepOnExitAll);
+  fn("detachAll", DetachAll);
   fn("killOnExit", KillOnExit);
   fn("interrupt", Interrupt);
   fn("cont", Cont);

@@ -77,7 +77,13 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
-  for (const m of others) for (const tid of m.tids) detachRestored(tid);
+  // One native call for all of them; one that fails (killed meanwhile:
+  // ESRCH) is handled as detachRestored does, and the rest go on.
+  const tids = others.flatMap((m) => m.tids);
+  for (let at = 0; at < tids.length; ) {
+    at += addon().detachAll(tids.slice(at));
+    if (at < tids.length) detachRestored(tids[at++]);
+  }
   return missed;
 }
 

@@ -871,6 +871,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // connections go live and the commit keeps the application.
     await heardInterrupt();
     if (opts.hold) {
+      // What the commit waits for (the commit file made ahead, init
+      // running as this application's), waited for now: the release does
+      // not, with a client waiting.
+      if (!opts.batchCommit) await reg.commitReady(commitPath);
+      supervisor.confirm();
       // Held (serve's prepared resume): every process made and stopped,
       // nothing of it live, nothing committed; what is left is ~0.5 ms.
       phase('held');
@@ -890,9 +895,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // instances at once, after the last.
     // Its init runs as this application's (a standby has taken its
     // arguments meanwhile) before anything of it may run.
-    if (!opts.batchCommit) await reg.commitReady(commitPath);
-    supervisor.confirm();
-    for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
+    if (!opts.hold) {
+      if (!opts.batchCommit) await reg.commitReady(commitPath);
+      supervisor.confirm();
+    }
+    addon().keepOnExitAll(made.flatMap((m) => m.tids));
     const result = (): RestoreResult => ({
       aid,
       image: imagePath,
@@ -911,7 +918,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       notKept,
     });
     if (!opts.batchCommit) {
-      reg.commit(commitPath);
+      // Its age (what the sweep goes by) set once the processes go.
+      reg.commit(commitPath, { ageLater: true });
       committedResult = result;
       // Committed: the keeper lets its copies of the connections go.
       handed.kept.finish();
@@ -925,6 +933,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const m of releaseRestored(made))
       process.stderr.write(`appshot: process ${m.proc.vpid} (${m.proc.comm}) could not be stopped by signal ${m.proc.stopSignal} again (its process group is orphaned here): stopped by SIGSTOP\n`);
     if (!opts.batchCommit) {
+      reg.ageCommit(commitPath);
       closeSync(lifeline);
       lifeline = -1;
     }
