@@ -30,6 +30,7 @@ import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
+import { currentRequest } from './engine/request.js';
 import { type MadeDir, removeRedirTargets } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
@@ -331,11 +332,17 @@ function refillSpares(home: string): void {
 /** A spare state directory of `home` whose modes are those a new one would
  * have now, taken; undefined if none. Replaced by refillSpareStateDirs,
  * once the command that took it is over: made meanwhile, its files would
- * compete with the command's own for the disk. */
+ * compete with the command's own for the disk. The umask is the one the
+ * engine set for the request (RequestContext.umask), never read with
+ * process.umask(), which sets it to 0 and back: a file the engine's file
+ * system pool creates in between (a spare's own, a lease, a concurrent
+ * command's) would be made without it, writable by everyone. Outside a
+ * request, none is taken. */
 function takeSpare(home: string): string | undefined {
   const k = sparesEnabled ? spareStateDirs.get(home) : undefined;
   if (!k?.ready.length) return undefined;
-  const umask = process.umask();
+  const umask = currentRequest()?.umask;
+  if (umask === undefined) return undefined;
   const i = k.ready.findIndex((s) => s.dirMode === (0o700 & ~umask) && s.fileMode === (0o666 & ~umask));
   return i >= 0 ? k.ready.splice(i, 1)[0].path : undefined;
 }

@@ -36,6 +36,12 @@ export interface RequestContext {
   /** What it registered and the ports it claimed under its lease: looked
    * at again when it ends (registry.ts releaseHeldBy). */
   held?: { aids: Set<string>; ports: Set<number> };
+  /** The umask the engine's gate set for it (the client's): what a spare
+   * state directory's modes are compared with (registry.ts takeSpare).
+   * Kept here because process.umask() cannot read the umask without
+   * writing it (0, then back), which files the engine's other threads
+   * create meanwhile would get. */
+  umask?: number;
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

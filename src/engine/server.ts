@@ -361,6 +361,7 @@ export class Engine {
     env.APPSHOT_HOME = this.opts.home;
     delete env.APPSHOT_ENGINE;
     const umask = Number.isInteger(msg.umask) ? msg.umask & 0o777 : 0o022;
+    ctx.umask = umask;
     const key = JSON.stringify([msg.cwd, Object.entries(env).sort(), umask]);
     let entered = false;
     try {
