@@ -138,6 +138,23 @@ describe('POSIX message queues: named and unlinked, their messages, flags and a 
     expect(sb.aids()).not.toContain('mq6');
   });
 
+  it('a restore killed (kill -9) after making the named queue: the next command removes it, as it removes an abandoned restore\'s SysV objects', async () => {
+    const name = queueName('killed');
+    await started('mq8', [name]);
+    sb.ok(['snapshot', 'mq8', '-o', join(out, 'mq8')]);
+    gone(name);
+    const r = spawnSync(process.execPath, [cli, 'restore', join(out, 'mq8')], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' }, encoding: 'utf8', timeout: 50_000 });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(sb.run(['ps']).code).toBe(0);
+    await waitFor(() => (sb.run(['ps']), !sb.aids().includes('mq8')), 10_000, 'the registration of mq8 to go');
+    expect(exists(name)).toBe(false);
+    // The image restores whole afterwards.
+    sb.ok(['restore', join(out, 'mq8')]);
+    await sb.checksPass('mq8');
+    await stopped('mq8');
+    gone(name);
+  });
+
   it('a template of unlinked queues: each clone its own, filled; a named queue is refused by template create, naming it', async () => {
     await started('mqt', ['-']);
     sb.ok(['snapshot', 'mqt', '-o', join(out, 'mqt')]);

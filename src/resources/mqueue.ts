@@ -194,7 +194,10 @@ function makeQueue(h: RestoreContext, q: PosixQueue): number | undefined {
   }
   // Made: gone again if anything fails, the unlinked one at once.
   if (q.deleted) addon().mqUnlink(name);
-  else h.undoOnFailure(() => addon().mqUnlink(name));
+  else {
+    h.undoOnFailure(() => addon().mqUnlink(name));
+    h.recordQueueMade?.(name);
+  }
   try {
     if (q.uid !== process.geteuid!() || q.gid !== process.getegid!()) fchownSync(fd, q.uid, q.gid);
     fchmodSync(fd, q.mode);
