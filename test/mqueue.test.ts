@@ -10,7 +10,7 @@
  * left). A registration with a signal is refused by name and the queue
  * left as it was.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -152,6 +152,34 @@ describe('POSIX message queues: named and unlinked, their messages, flags and a 
     sb.ok(['restore', join(out, 'mq8')]);
     await sb.checksPass('mq8');
     await stopped('mq8');
+    gone(name);
+  });
+
+  it('a full queue a process outside the application waits to send to: the snapshot refused by name, its message not lost', async () => {
+    const name = queueName('waiting');
+    await started('mq9', [name]);
+    // Full (5 of 5): the sender outside waits in mq_send.
+    const sender = spawn(fixture('mqueues'), ['--send', name, 'outside'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const senderDone = new Promise<number | null>((resolve) => sender.on('exit', (code) => resolve(code)));
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${sender.pid}/syscall`, 'utf8').startsWith('242 '); // mq_timedsend
+      } catch {
+        return false;
+      }
+    }, 10_000, 'the sender outside to wait for room');
+    const r = sb.run(['snapshot', 'mq9', '-o', join(out, 'mq9'), '--leave-running']);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(`the POSIX message queue ${name} held 5 messages, 6 were read: a process outside the application was waiting to send to it`);
+    // Receiving made room, which let its message in: its mq_send returned.
+    expect(await senderDone).toBe(0);
+    await sb.checksPass('mq9');
+    await stopped('mq9');
+    // The queue's five, and the one sent from outside, after them.
+    const drained = spawnSync(fixture('mqueues'), ['--drain', name], { encoding: 'utf8', timeout: 10_000 });
+    expect(drained.status, drained.stderr).toBe(0);
+    expect(drained.stdout.trim().split('\n')).toEqual(['5 bravo', '3 ', '1 alpha', '1 charlie', '0 delta', '0 outside']);
     gone(name);
   });
 
