@@ -980,6 +980,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     handover?.close();
     handover?.undo();
+    // Removed already: the registration no longer names them, so that its
+    // release cannot remove a queue of that name made since (by another
+    // restore of the image).
+    if (record?.restore?.madeQueues?.length) {
+      record.restore.madeQueues = [];
+      try {
+        reg.update(record);
+      } catch {
+        /* its directory is gone: nothing to release either */
+      }
+    }
     handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');
