@@ -880,10 +880,14 @@ int SendWhenRoom(int fd, const std::vector<MqMessage>& messages, size_t from) {
   pid_t pid = fork();
   if (pid < 0) return errno;
   if (pid == 0) {
+    // Only async-signal-safe calls from here: the parent has threads.
     setsid();
     if (fork() != 0) _exit(0);
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    char path[32] = "/proc/self/fd/";
+    char digits[12];
+    int n = 0;
+    for (unsigned v = static_cast<unsigned>(fd); n == 0 || v; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+    for (size_t at = strlen(path); n;) path[at++] = digits[--n], path[at] = 0;
     int wfd = open(path, O_WRONLY | O_CLOEXEC);
     if (wfd < 0) _exit(1);
     if (wfd > 0) syscall(SYS_close_range, 0, wfd - 1, 0);
