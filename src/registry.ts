@@ -105,6 +105,11 @@ export interface AppRecord {
     madePaths: string[];
     /** REDIR PATH target directories it made (see prepareRedirTargets). */
     madeDirs: MadeDir[];
+    /** Named POSIX message queues it made (resources/mqueue.ts): a queue
+     * outlives every process, so a restore killed before its commit would
+     * leave it on the node, and the next restore would take it for the
+     * application's. */
+    madeQueues?: string[];
     /** It took over the log its image's application left (see
      * adoptCarriedLog): given back if the restore never commits. */
     adoptedLog?: boolean;
@@ -728,6 +733,12 @@ export class LocalRegistry implements Registry {
     if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
       removeRedirTargets(r.madeDirs);
+      for (const name of r.madeQueues ?? [])
+        try {
+          addon().mqUnlink(name);
+        } catch {
+          /* removed already (the failed restore undid it) */
+        }
       if (r.adoptedLog) this.carryLog(record);
       if (r.adoptedSnapshot) this.giveBackSnapshot(record);
     }

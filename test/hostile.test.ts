@@ -514,6 +514,15 @@ function aioCases(): [string, (image: Image) => void, string][] {
     ['an AIO ring over a mapping', ring((r) => (r.address = 0n)), "process \\d+'s AIO context 0 is 4096 bytes at 0x0"],
     ['an AIO ring whose head is past its events', ring((r) => (r.head = 500)), "process \\d+'s AIO context 0 has 127 events, head 500"],
     ['an AIO ring with events cut short', ring((r) => (r.events = Buffer.alloc(8))), '8 bytes of events, for a ring of 4096 bytes'],
+    [
+      'two AIO rings at one address (the second mremap would unmap the first)',
+      (i) => {
+        ring(() => undefined)(i);
+        const rings = i.processes[0].aioRings!;
+        rings.push({ ...rings[0], id: 1 });
+      },
+      "process \\d+'s AIO context 1 overlaps its AIO context 0",
+    ],
   ];
 }
 

@@ -10,7 +10,7 @@
  * left). A registration with a signal is refused by name and the queue
  * left as it was.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -136,6 +136,51 @@ describe('POSIX message queues: named and unlinked, their messages, flags and a 
     expect(r.stderr).toMatch(/cannot make the POSIX message queue \S+( \(unlinked\))? \(\d+ messages of \d+ bytes\): EMFILE \(the restorer's RLIMIT_MSGQUEUE is used up\)/);
     expect(exists(name)).toBe(false);
     expect(sb.aids()).not.toContain('mq6');
+  });
+
+  it('a restore killed (kill -9) after making the named queue: the next command removes it, as it removes an abandoned restore\'s SysV objects', async () => {
+    const name = queueName('killed');
+    await started('mq8', [name]);
+    sb.ok(['snapshot', 'mq8', '-o', join(out, 'mq8')]);
+    gone(name);
+    const r = spawnSync(process.execPath, [cli, 'restore', join(out, 'mq8')], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' }, encoding: 'utf8', timeout: 50_000 });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(sb.run(['ps']).code).toBe(0);
+    await waitFor(() => (sb.run(['ps']), !sb.aids().includes('mq8')), 10_000, 'the registration of mq8 to go');
+    expect(exists(name)).toBe(false);
+    // The image restores whole afterwards.
+    sb.ok(['restore', join(out, 'mq8')]);
+    await sb.checksPass('mq8');
+    await stopped('mq8');
+    gone(name);
+  });
+
+  it('a full queue a process outside the application waits to send to: the snapshot refused by name, its message not lost', async () => {
+    const name = queueName('waiting');
+    await started('mq9', [name]);
+    // Full (5 of 5): the sender outside waits in mq_send.
+    const sender = spawn(fixture('mqueues'), ['--send', name, 'outside'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const senderDone = new Promise<number | null>((resolve) => sender.on('exit', (code) => resolve(code)));
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${sender.pid}/syscall`, 'utf8').startsWith('242 '); // mq_timedsend
+      } catch {
+        return false;
+      }
+    }, 10_000, 'the sender outside to wait for room');
+    const r = sb.run(['snapshot', 'mq9', '-o', join(out, 'mq9'), '--leave-running']);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(`the POSIX message queue ${name} held 5 messages, 6 were read: a process outside the application was waiting to send to it`);
+    // Receiving made room, which let its message in: its mq_send returned.
+    expect(await senderDone).toBe(0);
+    await sb.checksPass('mq9');
+    await stopped('mq9');
+    // The queue's five, and the one sent from outside, after them.
+    const drained = spawnSync(fixture('mqueues'), ['--drain', name], { encoding: 'utf8', timeout: 10_000 });
+    expect(drained.status, drained.stderr).toBe(0);
+    expect(drained.stdout.trim().split('\n')).toEqual(['5 bravo', '3 ', '1 alpha', '1 charlie', '0 delta', '0 outside']);
+    gone(name);
   });
 
   it('a template of unlinked queues: each clone its own, filled; a named queue is refused by template create, naming it', async () => {

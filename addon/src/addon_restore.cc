@@ -871,6 +871,37 @@ int MqSendAll(int fd, const std::vector<MqMessage>& messages, size_t from = 0) {
   return 0;
 }
 
+// Sends messages[from..] through a process of its own that waits for room
+// as mq_send does (its own blocking description of the queue, opened
+// through /proc/self/fd), then exits: init's child (a double fork) in a
+// session of its own, holding no other descriptor. 0, or the errno of
+// the fork.
+int SendWhenRoom(int fd, const std::vector<MqMessage>& messages, size_t from) {
+  pid_t pid = fork();
+  if (pid < 0) return errno;
+  if (pid == 0) {
+    // Only async-signal-safe calls from here: the parent has threads.
+    setsid();
+    if (fork() != 0) _exit(0);
+    char path[32] = "/proc/self/fd/";
+    char digits[12];
+    int n = 0;
+    for (unsigned v = static_cast<unsigned>(fd); n == 0 || v; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+    for (size_t at = strlen(path); n;) path[at++] = digits[--n], path[at] = 0;
+    int wfd = open(path, O_WRONLY | O_CLOEXEC);
+    if (wfd < 0) _exit(1);
+    if (wfd > 0) syscall(SYS_close_range, 0, wfd - 1, 0);
+    syscall(SYS_close_range, wfd + 1, ~0U, 0);
+    for (size_t i = from; i < messages.size(); i++)
+      while (syscall(SYS_mq_timedsend, wfd, messages[i].data.data(), messages[i].data.size(), messages[i].priority, nullptr))
+        if (errno != EINTR) _exit(1);
+    _exit(0);
+  }
+  while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+  }
+  return 0;
+}
+
 // mqTakeAndGiveBack(fd, msgsize) -> [{priority, data}]: every message of
 // the queue, received (there is no other way to read one) and at once sent
 // back in the order received, which is the queue's own (priority, then
@@ -894,7 +925,18 @@ Napi::Value MqTakeAndGiveBack(const Napi::CallbackInfo& info) {
     taken.push_back({priority, std::vector<char>(buf.begin(), buf.begin() + n)});
   }
   // Back whatever happened: a queue left short would be a loss.
-  int back = MqSendAll(fd, taken);
+  size_t sent = 0;
+  int back = 0;
+  for (; sent < taken.size(); sent++)
+    if (syscall(SYS_mq_timedsend, fd, taken[sent].data.data(), taken[sent].data.size(), taken[sent].priority, &now)) {
+      back = errno;
+      break;
+    }
+  // Full again before all went back: senders outside were waiting for
+  // room, and each receive let one's message in (the kernel hands a
+  // waiting sender's message to a full queue as soon as one is taken).
+  // Those that do not fit wait for room as their senders did.
+  if (back == EAGAIN || back == ETIMEDOUT) back = SendWhenRoom(fd, taken, sent);
   if (back) {
     ThrowErrno(env, "sending the messages of a message queue back (some are lost)", back);
     return env.Undefined();

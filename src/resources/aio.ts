@@ -271,6 +271,11 @@ export function checkAioRings(p: Process, corrupt: (what: string) => never): voi
     if (ring.nr !== eventsIn(length) || ring.events.length !== length - HEADER || ring.head >= ring.nr || ring.tail >= ring.nr || ring.id !== i || ring.nrEvents !== requestFor(ring.nr))
       corrupt(`${where} has ${ring.nr} events, head ${ring.head}, tail ${ring.tail}, index ${ring.id}, ${ring.events.length} bytes of events, for a ring of ${length} bytes`);
     for (const v of p.vmas) if (v.start < ring.address + ring.length && ring.address < v.end) corrupt(`${where} overlaps a mapping`);
+    // Each ring is moved onto its address with MREMAP_FIXED, which unmaps
+    // whatever is there: an earlier ring too.
+    rings.slice(0, i).forEach((other, j) => {
+      if (other.address < ring.address + ring.length && ring.address < other.address + other.length) corrupt(`${where} overlaps its AIO context ${j}`);
+    });
   });
 }
 

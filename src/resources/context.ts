@@ -275,6 +275,12 @@ export class RestoreContext {
     this.undoing.push(undo);
   }
 
+  /** Told the name of each named message queue made in the system, at
+   * once: the driver writes it into the registration, so that a restore
+   * killed (kill -9) before its commit has it removed by the next command,
+   * as its SysV objects are. */
+  recordQueueMade?: (name: string) => void;
+
   /** The restore failed: what it made in the system is removed. */
   undo(): void {
     for (const undo of this.undoing.splice(0).reverse())

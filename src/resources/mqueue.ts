@@ -17,7 +17,12 @@
  * then as it was before anything else of the snapshot happens, so a
  * snapshot that fails later leaves it exactly as it was. (A queue shared
  * with a process outside the application could see that process act in the
- * instant between; such sharing is not detected.)
+ * instant between; such sharing is not detected. But a sender outside that
+ * waits for room in a full queue is: the first receive lets its message in
+ * (the kernel hands it over as soon as there is room), so more messages
+ * are read than the queue held, and the snapshot is refused; those that no
+ * longer fit are sent by a process of appshot's that waits for room as the
+ * sender did, so that none is lost.)
  *
  * Notification: the queue's text ("QSIZE:.. NOTIFY:.. SIGNO:..
  * NOTIFY_PID:..") names the registered process and how it is notified,
@@ -130,6 +135,10 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
         throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} and holds ${attrs.curmsgs} messages, which cannot be read without firing it (receiving them and sending them back would), which cannot be captured yet`);
     }
     const messages = attrs.curmsgs ? addon().mqTakeAndGiveBack(own, attrs.msgsize) : [];
+    if (messages.length > attrs.curmsgs)
+      throw new Unsupported(
+        `${where}: ${named} held ${attrs.curmsgs} messages, ${messages.length} were read: a process outside the application was waiting to send to it (its message is in the queue, or will be once there is room), which cannot be captured`,
+      );
     if (messages.length !== attrs.curmsgs) throw new Error(`${where}: ${named} held ${attrs.curmsgs} messages, ${messages.length} were read (another process outside the application uses it)`);
     const queue: PosixQueue = {
       name,
@@ -194,7 +203,10 @@ function makeQueue(h: RestoreContext, q: PosixQueue): number | undefined {
   }
   // Made: gone again if anything fails, the unlinked one at once.
   if (q.deleted) addon().mqUnlink(name);
-  else h.undoOnFailure(() => addon().mqUnlink(name));
+  else {
+    h.undoOnFailure(() => addon().mqUnlink(name));
+    h.recordQueueMade?.(name);
+  }
   try {
     if (q.uid !== process.geteuid!() || q.gid !== process.getegid!()) fchownSync(fd, q.uid, q.gid);
     fchmodSync(fd, q.mode);

@@ -595,6 +595,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     handed.pagesCheck = pageChecks[0];
+    // A queue made is written into the registration before anything else
+    // is done with it, as madeDirs above.
+    const registered = record;
+    handed.recordQueueMade = (name) => {
+      (registered.restore!.madeQueues ??= []).push(name);
+      reg.update(registered);
+    };
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
@@ -973,6 +980,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     handover?.close();
     handover?.undo();
+    // Removed already: the registration no longer names them, so that its
+    // release cannot remove a queue of that name made since (by another
+    // restore of the image).
+    if (record?.restore?.madeQueues?.length) {
+      record.restore.madeQueues = [];
+      try {
+        reg.update(record);
+      } catch {
+        /* its directory is gone: nothing to release either */
+      }
+    }
     handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');
