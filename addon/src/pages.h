@@ -72,6 +72,13 @@ int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]);
 
 typedef struct {
   int file_fd;    /* the unnamed file in the image's directory */
+  /* The file mapped shared (see pw_open), or NULL: pages are then read
+   * straight into it, and `buf` is a window of it rather than a buffer of
+   * our own. `allocated`: the bytes fallocate'd so far (the file's size
+   * until pw_finish cuts it to `size`); `map_len`: the address range
+   * reserved for it. */
+  uint8_t* map;
+  uint64_t map_len, allocated;
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
   struct pw_sums* sums; /* SHA-256 per chunk of what is written */
   uint8_t* buf;
@@ -120,10 +127,14 @@ typedef struct {
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
- * pw_link, nothing is left behind. With a `queue_limit`, full buffers are
- * written by a thread of the writer's own while reading goes on: reading
- * an application's memory (while it is frozen) waits for the disk only
- * once that many bytes are waiting to be written. */
+ * pw_link, nothing is left behind. Where the file system can allocate
+ * ahead (fallocate), the file is mapped shared and pages are read from the
+ * application straight into it (its page cache): one copy, no buffer of
+ * our own, nothing to write out, and the chunk digests hashed from the
+ * mapping. Elsewhere (or with APPSHOT_PAGES_WRITE=1 in the environment),
+ * pages go through a buffer written with write(): with a `queue_limit`,
+ * full buffers are written by a thread of the writer's own while reading
+ * goes on, waiting for the disk only once that many bytes are queued. */
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. With
