@@ -63,9 +63,11 @@ struct pw_queue;
 #define PAGES_DIGEST 32
 
 /* The SHA-256 of each chunk of the page file, hashed by threads of the
- * writer's own from the file as the writer thread puts chunks in it (the
- * page cache, most likely), so that committing an image reads nothing
- * back; see pw_hash_start. */
+ * writer's own as chunks are complete in the file: from the mapping where
+ * the file is mapped, else read back from the file (the page cache, most
+ * likely), so that committing an image reads nothing back; each chunk
+ * hashed is sent to the disk at once (sync_file_range), so that the fsync
+ * finds little left. See pw_hash_start. */
 struct pw_sums;
 /* One-shot SHA-256 (OpenSSL's, which Node carries and exports): 0 or -EIO. */
 int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]);
@@ -154,10 +156,11 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
 uint64_t pw_written(page_writer* w);
 int pw_drain(page_writer* w, int timeout_ms);
 /* Lets the hashing threads start on what is written: one thread (`all`
- * 0: beside the writer thread while it writes what is queued) or one per
- * core. Until then, nothing is hashed: the snapshot calls it once the
- * application's state is read, so that the reading shares its cores with
- * no hashing. pw_finish hashes what is left on every core. */
+ * 0: beside the reading, or the writer thread while it writes what is
+ * queued) or one per core. Until then, nothing is hashed: a snapshot that
+ * leaves the application running calls it once the application's state
+ * is read, so that the reading shares its cores with no hashing; one that
+ * ends it, at once. pw_finish hashes what is left on every core. */
 void pw_hash_start(page_writer* w, int all);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */
