@@ -463,6 +463,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("written", &PageWriter::Written),
                         InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("startHashing", &PageWriter::StartHashing),
+                        InstanceMethod("reserve", &PageWriter::Reserve),
                         InstanceMethod("abort", &PageWriter::Abort)});
   }
 
@@ -650,6 +651,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     if (!Check(env) || !w_.buf) return env.Undefined();
     Failed(env, pw_drain(&w_, info[0].As<Napi::Number>().Int32Value()), "writing page data");
     return env.Undefined();
+  }
+
+  // reserve(bytes) -> 0 or -errno: see pw_reserve (an error is no failure).
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    int rc = open_ && w_.buf ? pw_reserve(&w_, U64(info[0])) : 0;
+    return Napi::Number::New(info.Env(), rc);
   }
 
   // startHashing(all): see pw_hash_start.

@@ -464,6 +464,21 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   return 0;
 }
 
+int pw_reserve(page_writer* w, uint64_t bytes) {
+  if (!w->map) return 0;
+  uint64_t end = (bytes + MAP_GRAIN - 1) / MAP_GRAIN * MAP_GRAIN;
+  if (end > w->map_len) end = w->map_len;
+  if (end <= w->size + w->buf_used) return 0;
+  if (end > w->allocated) {
+    /* No room: nothing reserved; the copying says so if it comes to it. */
+    if (fallocate(w->file_fd, 0, (off_t)w->allocated, (off_t)(end - w->allocated))) return -errno;
+    w->allocated = end;
+  }
+  uint64_t from = w->size + w->buf_used;
+  if (madvise(w->map + from, end - from, MADV_POPULATE_WRITE)) return -errno;
+  return 0;
+}
+
 /* Mapped: what the window holds is in the file; the hashing threads may
  * take it. */
 static void map_publish(page_writer* w) {
@@ -934,8 +949,10 @@ int pw_finish(page_writer* w) {
   int rc = 0;
   if (w->map) {
     map_publish(w);
-    /* What was allocated ahead goes: the file is what was written. */
-    if (w->allocated != w->size && ftruncate(w->file_fd, (off_t)w->size)) rc = -errno;
+    /* What was allocated ahead goes: the file is what was written (also
+     * past `allocated`, where a fallocate that failed halfway may have
+     * left some). */
+    if (ftruncate(w->file_fd, (off_t)w->size)) rc = -errno;
     w->allocated = w->size;
   } else {
     rc = flush(w);

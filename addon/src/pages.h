@@ -138,6 +138,14 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
  * full buffers are written by a thread of the writer's own while reading
  * goes on, waiting for the disk only once that many bytes are queued. */
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
+/* Makes the page cache of the file's first `bytes` now (allocated and
+ * faulted in, where it is mapped): called before the application is
+ * frozen with what its image will about hold, so that copying into the
+ * file then finds its pages there. Touching memory for the first time is
+ * most of what copying into it costs (on a VM whose host backs guest
+ * memory on demand, several times the copy). What is not used is cut off
+ * by pw_finish. 0, or -errno (nothing is wrong then: only not prepared). */
+int pw_reserve(page_writer* w, uint64_t bytes);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. With
  * `forked_from` (PAGES_ANON only), a page that is the very page the other

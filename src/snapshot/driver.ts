@@ -440,6 +440,13 @@ function memoryOnly(vpid: number, pid: number): Process {
 
 /** How many bytes may wait for the disk while memory is read: a quarter
  * of what the machine has available (at least 64 MiB). */
+/** The most of a page file prepared before the freeze (see snapshot):
+ * 32 MiB, or APPSHOT_RESERVE_MAX bytes (0: none; for measuring). */
+function reserveMax(): number {
+  const set = Number(process.env.APPSHOT_RESERVE_MAX);
+  return process.env.APPSHOT_RESERVE_MAX && Number.isFinite(set) && set >= 0 ? set : 32 << 20;
+}
+
 function writeQueueLimit(): number {
   const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
   return Math.max(64 << 20, m ? (Number(m[1]) * 1024) / 4 : 0);
@@ -672,7 +679,20 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     // For the progress shown only, so read before the freeze (smaps_rollup
     // walks every mapping): the processes in the tables now.
-    const estimate = progress === noProgress ? 0 : estimateImageBytes(roots);
+    // Also what a whole image's page file is prepared for (page cache
+    // allocated and faulted in) while the application still runs: first
+    // touches of memory are most of what copying it costs (measured, VM
+    // with free page reporting, load ~10: 16 MiB touched first 50-440 ms,
+    // again 0.7 ms), and they are not the frozen window's to pay. Not for
+    // an incremental one, which holds only what changed. At most
+    // reserveMax(): preparing all of 256 MiB took the frozen window from
+    // 0.60 to 0.25 s but the command's CPU from 0.47 to 0.74 s and its
+    // wall from 1.0 to 1.5 s (paired, load 12-18); its first 32 MiB, the
+    // frozen window 0.41 -> 0.25 s (--leave-running; 16 MiB: 25 -> 16 ms,
+    // default 53 -> 22 ms), CPU and wall unchanged (paired, load ~6).
+    const whole = !parent && !base;
+    const estimate = progress === noProgress && !whole ? 0 : estimateImageBytes(roots);
+    if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax())));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (armAll). Not a tar: its page file is not on disk for
     // the next one to compare.
