@@ -127,6 +127,9 @@ export interface PageWriter {
    * in) before the application is frozen: 0, or -errno (not prepared,
    * which is no failure). See pw_reserve. */
   reserve(bytes: number): number;
+  /** Lets go of the file once it is linked or streamed (abort, which it
+   * is, named for the path that succeeded): see PageWriter.Abort. */
+  close(): void;
   link(path: string): void;
   fd(): number;
   /** Bytes in the file so far (the writer thread's, not what is queued). */

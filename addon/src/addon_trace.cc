@@ -464,7 +464,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("startHashing", &PageWriter::StartHashing),
                         InstanceMethod("reserve", &PageWriter::Reserve),
-                        InstanceMethod("abort", &PageWriter::Abort)});
+                        InstanceMethod("abort", &PageWriter::Abort),
+                        InstanceMethod("close", &PageWriter::Abort)});
   }
 
   // new PageWriter(dir, parentFds: number[], queueLimit?): an unnamed
@@ -669,6 +670,10 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), w_.file_fd); }
 
   // abort(): closes the file (which vanishes if it was never linked).
+  // close(): the same, once it is linked (or streamed): nothing of it is
+  // held any longer, which a resident engine would otherwise do until the
+  // object is collected: the file's descriptor, and with it the disk
+  // space and page cache of an image removed meanwhile.
   Napi::Value Abort(const Napi::CallbackInfo& info) {
     if (open_) pw_abort(&w_);
     open_ = false;

@@ -400,6 +400,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // The base is the directory itself: its parts, not a nested one.
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
     rmSync(final, { recursive: true });
+    pages.close();
     return { dir, id, frozenMs, tracked, journal: base };
   } catch (e) {
     pages?.abort();
@@ -887,6 +888,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (e instanceof AppshotError) throw sent ? new AppshotError(e.message + sent, e.exitCode) : e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running${sent}`);
   } finally {
+    // Linked or streamed, or aborted above: nothing of it stays open (a
+    // resident engine would keep it until collected).
+    pages.close();
     for (const l of parent?.chain ?? []) l.dispose();
     // Inside the committed image now, or discarded above.
     base?.journal.done();
