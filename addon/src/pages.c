@@ -947,18 +947,15 @@ int pw_finish(page_writer* w) {
   close_mem(w);
   uint64_t t0 = monotonic_ns();
   int rc = 0;
-  if (w->map) {
-    map_publish(w);
-    /* What was allocated ahead goes: the file is what was written (also
-     * past `allocated`, where a fallocate that failed halfway may have
-     * left some). */
-    if (ftruncate(w->file_fd, (off_t)w->size)) rc = -errno;
-    w->allocated = w->size;
-  } else {
-    rc = flush(w);
-  }
+  if (w->map) map_publish(w);
+  else rc = flush(w);
   int rc2 = queue_stop(w, rc != 0);
   if (!rc) rc = rc2;
+  /* What was allocated ahead goes: the file is what was written (also
+   * past `allocated`, where a fallocate that failed halfway may have left
+   * some, mapped or not). */
+  if (!rc && ftruncate(w->file_fd, (off_t)w->size)) rc = -errno;
+  w->allocated = w->size;
   uint64_t t1 = monotonic_ns();
   /* The sync and the last digests at once: the hashing threads read the
    * page cache while it is written back. */
