@@ -17,8 +17,9 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cleanUpBuilds, engineEnv, median, pairedBuilds } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Number(process.env.BENCH_RUNS ?? 3);
@@ -30,16 +31,9 @@ const STEPS = process.env.BENCH_STEPS !== '0';
 const BATCHES = (process.env.BENCH_BATCHES ?? '8,32').split(',').filter(Boolean).map(Number);
 if (!BATCHES.every((n) => Number.isInteger(n) && n > 1)) throw new Error(`BENCH_BATCHES='${process.env.BENCH_BATCHES}': expected sizes above 1, e.g. 8,32`);
 const memapp = join(here, 'bench', 'bin', 'memapp');
-const builds = (process.env.BENCH_BUILDS ?? `this=${here}`).split(',').map((b) => {
-  const [name, dir] = b.split('=');
-  return { name, root: resolve(dir), home: mkdtempSync(join(tmpdir(), `appshot-bench-clone-profile-${name}-`)) };
-});
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
+const builds = pairedBuilds(here, 'clone-profile');
 const work = mkdtempSync(join(here, '.bench-images-clone-profile-'));
-const envOf = (b, extra = {}) => ({ ...process.env, APPSHOT_HOME: b.home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600', ...extra });
+const envOf = engineEnv;
 const node = (b, args, extra) => execFileSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { cwd: work, env: envOf(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
 let n = 0;
 
@@ -90,11 +84,7 @@ function batchOnce(b, count, counting) {
   if (rm.status !== 0) throw new Error(`${b.name}: rm failed`);
 }
 function cleanUp() {
-  for (const b of builds) {
-    spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), 'engine', 'stop'], { env: envOf(b, { APPSHOT_ENGINE: 'off' }), stdio: 'ignore' });
-    spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), 'rm', '-f', 'src'], { env: envOf(b, { APPSHOT_ENGINE: 'off' }), stdio: 'ignore' });
-    rmSync(b.home, { recursive: true, force: true });
-  }
+  cleanUpBuilds(builds, ['src']);
   rmSync(work, { recursive: true, force: true });
 }
 process.on('SIGINT', () => {

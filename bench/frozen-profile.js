@@ -16,24 +16,18 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cleanUpBuilds, engineEnv, median, pairedBuilds } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const rounds = Number(process.env.BENCH_ROUNDS ?? 15);
 const MIB = Number(process.env.BENCH_MIB ?? 0);
 const leaveRunning = process.env.BENCH_MODE === 'leave-running';
 const memapp = join(here, 'bench', 'bin', 'memapp');
-const builds = (process.env.BENCH_BUILDS ?? `this=${here}`).split(',').map((b) => {
-  const [name, dir] = b.split('=');
-  return { name, root: resolve(dir), home: mkdtempSync(join(tmpdir(), `appshot-bench-frozen-profile-${name}-`)) };
-});
-const median = (xs) => {
-  const s = [...xs].filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
+const builds = pairedBuilds(here, 'frozen-profile');
 const work = mkdtempSync(join(tmpdir(), 'appshot-bench-frozen-profile-images-'));
-const envOf = (b, extra = {}) => ({ ...process.env, APPSHOT_HOME: b.home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600', APPSHOT_PROFILE: '1', APPSHOT_DEBUG: '1', ...extra });
+const envOf = (b, extra = {}) => engineEnv(b, { APPSHOT_PROFILE: '1', APPSHOT_DEBUG: '1', ...extra });
 const cli = (b, args, extra) => spawnSync(join(b.root, 'bin', 'appshot'), args, { cwd: work, env: envOf(b, extra), encoding: 'utf8' });
 let n = 0;
 
@@ -78,10 +72,7 @@ function snapshotOnce(b) {
 }
 
 function cleanUp() {
-  for (const b of builds) {
-    spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), 'engine', 'stop'], { env: envOf(b, { APPSHOT_ENGINE: 'off' }), stdio: 'ignore' });
-    rmSync(b.home, { recursive: true, force: true });
-  }
+  cleanUpBuilds(builds);
   rmSync(work, { recursive: true, force: true });
 }
 process.on('SIGINT', () => {

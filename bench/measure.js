@@ -1,9 +1,11 @@
-// What the benchmarks share for measuring (bench/criu.js, bench/objects.js):
-// a command's wall and CPU time through bench/rusage, a series' median and
-// range, waiting for a condition.
-import { readFileSync } from 'node:fs';
+// What the benchmarks share for measuring (bench/criu.js, bench/objects.js,
+// the paired profiles): a command's wall and CPU time through bench/rusage,
+// a series' median and range, waiting for a condition, the builds a paired
+// run compares and their warm engines.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { dirname, join } from 'node:path';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const rusage = join(dirname(fileURLToPath(import.meta.url)), 'bin', 'rusage');
@@ -29,6 +31,41 @@ export function summary(xs) {
   const median = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
   const r = (x) => +x.toFixed(x < 10 ? 2 : 1);
   return { median: r(median), min: r(s[0]), max: r(s[s.length - 1]), n: s.length };
+}
+
+/** The median of the finite values of a series, unrounded (NaN if none). */
+export function median(xs) {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/** The builds a paired benchmark compares, from BENCH_BUILDS
+ * ("name=DIR,name=DIR"; default: the checkout `here` alone, named "this"),
+ * each with an APPSHOT_HOME of its own under the system's temporary
+ * directory, named after `tag`. */
+export function pairedBuilds(here, tag) {
+  return (process.env.BENCH_BUILDS ?? `this=${here}`).split(',').map((b) => {
+    const [name, dir] = b.split('=');
+    return { name, root: resolve(dir), home: mkdtempSync(join(tmpdir(), `appshot-bench-${tag}-${name}-`)) };
+  });
+}
+
+/** The environment of a build's commands: its own home, and its engine
+ * started by hand (`engine start`) and kept while the benchmark runs. */
+export const engineEnv = (b, extra = {}) => ({ ...process.env, APPSHOT_HOME: b.home, APPSHOT_ENGINE: 'manual', APPSHOT_ENGINE_IDLE: '600', ...extra });
+
+/** For each build: `appshot` run in-process (no engine) with `args`. */
+export const inProcess = (b, args, extra = {}) =>
+  spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { env: engineEnv(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
+
+/** Stops each build's engine, removes the applications `aids` (`rm -f`),
+ * then its home. */
+export function cleanUpBuilds(builds, aids = []) {
+  for (const b of builds) {
+    inProcess(b, ['engine', 'stop']);
+    for (const aid of aids) inProcess(b, ['rm', '-f', aid]);
+    rmSync(b.home, { recursive: true, force: true });
+  }
 }
 
 /** Polls ok() every 10 ms until it returns something truthy, which it

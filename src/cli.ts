@@ -577,11 +577,6 @@ export function buildProgram(): Command {
       if (opts.trustImage) trustImagesExplicitly();
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
-      // For ps: where it came from (a stream has no path to show).
-      const noteImage = (restored: { aid: string; image: string }) => {
-        const current = image === '-' ? undefined : reg.get(restored.aid);
-        if (current && !isEnded(current)) reg.update({ ...current, image: restored.image });
-      };
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
       const interrupt = new AbortController();
       const uninstall = onInterrupt('abort', () => interrupt.abort());
@@ -609,28 +604,16 @@ export function buildProgram(): Command {
       };
       let result;
       try {
-        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal });
+        // Where it came from, for ps, in its registration (a stream has no
+        // path to show).
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: image }) });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
-        if (e instanceof RestoredWithError) {
-          try {
-            noteImage(e.restored);
-          } catch {
-            /* said already: a step failed */
-          }
-          print(e.restored, e.message);
-        }
+        if (e instanceof RestoredWithError) print(e.restored, e.message);
         throw e;
       } finally {
         uninstall();
         display.end();
-      }
-      try {
-        noteImage(result);
-      } catch (e) {
-        const error = `restored ${result.image} as '${result.aid}', which runs and is registered, but its record could not be updated: ${(e as Error).message}`;
-        print(result, error);
-        throw new AppshotError(error, ExitCode.afterCommit);
       }
       print(result);
       for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
@@ -911,6 +894,17 @@ function commandGroup(program: Command, words: string[]): Command | undefined {
   return target.commands.length > 0 ? target : undefined;
 }
 
+/** A command line built ahead of the command that will parse it (the
+ * engine builds the next one while it waits: prepareProgram). */
+let spareProgram: Command | undefined;
+
+/** Builds the command line the next runCommand takes, now rather than
+ * while a client waits (~0.5 ms): it depends on nothing of the command
+ * (its environment, directory and output are looked up when it runs). */
+export function prepareProgram(): void {
+  spareProgram ??= buildProgram();
+}
+
 /**
  * Runs one command line (argv as process.argv: node, script, args...) to
  * its end: its output goes to process.stdout/stderr, its exit code through
@@ -918,7 +912,8 @@ function commandGroup(program: Command, words: string[]): Command | undefined {
  * too, in the context of a request (engine/request.ts).
  */
 export async function runCommand(argv: string[]): Promise<void> {
-  const program = buildProgram();
+  const program = spareProgram ?? buildProgram();
+  spareProgram = undefined;
   const columns = currentRequest()?.tty.columns;
   if (currentRequest())
     program.configureOutput({ getOutHelpWidth: () => columns ?? 80, getErrHelpWidth: () => columns ?? 80 });

@@ -176,11 +176,16 @@ interface Addon {
   /** exitKill: the tracee dies with us until keepOnExit (restores). */
   seize(tid: number, exitKill?: boolean): void;
   keepOnExit(tid: number): void;
+  /** keepOnExit of each, in one call; throws at the first that fails. */
+  keepOnExitAll(tids: number[]): void;
   /** The options seize(tid, true) sets, set again. */
   killOnExit(tid: number): void;
   interrupt(tid: number): void;
   cont(tid: number, sig: number): void;
   detach(tid: number, sig: number): void;
+  /** detach(tid, 0) of each in order, in one call, up to the first that
+   * fails: how many were let go. */
+  detachAll(tids: number[]): number;
   wait(tid: number, timeoutMs: number): TraceReport | null;
   /** The next report of one of `tids` (never another child of this process), or null after timeoutMs. */
   waitAny(tids: number[], timeoutMs: number): TraceReport | null;
@@ -224,6 +229,10 @@ interface Addon {
   crc32cFile(path: string): { size: number; crc: number };
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
   fdEntries(pid: number): { fd: number; target: string; info: string }[];
+  /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
+   * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
+   * readdirSync sorts them); undefined where one cannot be read. */
+  readProcFiles(paths: string[], kinds: Uint8Array): (string | Buffer | string[] | undefined)[];
   getFd(pid: number, fd: number): number;
   /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
@@ -352,6 +361,13 @@ interface Addon {
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
+  /** POSIX message queues (resources/mqueue.ts); names "/NAME". */
+  mqOpen(name: string, flags: number, mode: number, maxmsg: number, msgsize: number): number;
+  mqUnlink(name: string): void;
+  mqAttributes(fd: number): { maxmsg: number; msgsize: number; curmsgs: number };
+  /** Every message received and sent back in the same order: the queue as it was. */
+  mqTakeAndGiveBack(fd: number, msgsize: number): { priority: number; data: Buffer }[];
+  mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
   createTables(path: string, aid: string, salt: bigint): void;
@@ -371,6 +387,9 @@ interface Addon {
   /** An exclusive flock on `path` (made if need be); close the fd to unlock. */
   lockFile(path: string): number;
   tryLockFile(path: string): number;
+  /** rename(from, to) unless something is at `to` (renameat2
+   * RENAME_NOREPLACE): throws with code EEXIST then, as mkdir would. */
+  renameNoReplace(from: string, to: string): void;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /** At most `n` malloc arenas in this process from now on (M_ARENA_MAX):
    * for a resident process, whose threads would each keep what a burst

@@ -1,6 +1,122 @@
 /** Small readers of /proc, for `ps` and for telling a live process from a
- * reused PID. */
-import { readdirSync, readFileSync } from 'node:fs';
+ * reused PID; and the frozen window's gather (below), through which the
+ * resource modules read a frozen process's /proc. */
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { addon } from './native.js';
+
+/* ---- the frozen window's gather ----------------------------------------
+
+A snapshot reads some 60 files of a frozen process's /proc, several of them
+more than once (stat by four modules, status by three), each through a
+Node call of its own (open, fstat, read, read, close): on a quiet machine
+that, not the stops, was most of the tiny application's frozen window.
+gatherProc reads a list of them in one native call and keeps what it read
+until forgetGathered; meanwhile procText, procBytes, procLink and procDir
+(what the modules read /proc with) answer from it, and read the ordinary
+way whatever it does not hold (not in the list, or unreadable: the error
+is then the one it always was). The modules keep the parsing.
+
+What is gathered is read while the process is frozen, at the point of the
+window where its readers read it (the driver gathers twice: before any
+call is injected, and after its questions are answered, which change what
+status shows of its memory), and forgotten when the process is done: never
+kept across snapshots or processes. */
+
+export type ProcKind = 'text' | 'bytes' | 'link' | 'dir';
+const KIND_CODE: Record<ProcKind, number> = { text: 0, bytes: 1, link: 2, dir: 3 };
+
+/** By kind and path ('text:/proc/1/stat'). */
+const gathered = new Map<string, string | Buffer | string[]>();
+
+/** Reads every [kind, path] of `wanted` in one call, kept until
+ * forgetGathered (a path read again replaces what was kept). */
+export function gatherProc(wanted: [ProcKind, string][]): void {
+  const got = addon().readProcFiles(
+    wanted.map(([, path]) => path),
+    Uint8Array.from(wanted, ([kind]) => KIND_CODE[kind]),
+  );
+  wanted.forEach(([kind, path], i) => {
+    const v = got[i];
+    if (v === undefined) gathered.delete(`${kind}:${path}`);
+    else gathered.set(`${kind}:${path}`, v);
+  });
+}
+
+export function forgetGathered(): void {
+  gathered.clear();
+}
+
+/** A /proc file as text: gathered, or read now. */
+export function procText(path: string): string {
+  const v = gathered.get(`text:${path}`);
+  return typeof v === 'string' ? v : readFileSync(path, 'utf8');
+}
+
+/** A /proc file's bytes: gathered (a copy of its own), or read now. */
+export function procBytes(path: string): Buffer {
+  const v = gathered.get(`bytes:${path}`);
+  return Buffer.isBuffer(v) ? Buffer.from(v) : readFileSync(path);
+}
+
+/** A /proc link's target: gathered, or read now. */
+export function procLink(path: string): string {
+  const v = gathered.get(`link:${path}`);
+  return typeof v === 'string' ? v : readlinkSync(path);
+}
+
+/** A /proc directory's names, as readdirSync gives them: gathered, or read now. */
+export function procDir(path: string): string[] {
+  const v = gathered.get(`dir:${path}`);
+  return Array.isArray(v) ? [...v] : readdirSync(path);
+}
+
+/** What a snapshot reads of frozen process `pid` (threads `tids`) before
+ * any call is injected into it: its memory map (memory.ts), each thread's
+ * status (creds.ts: credentials, before seccomp is suspended), the
+ * process's status (signals.ts: the handled signals), its POSIX timers
+ * (timers.ts) and descriptor numbers (fdowner.ts). */
+export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, string][] {
+  const p = `/proc/${pid}`;
+  return [
+    ['text', `${p}/smaps`],
+    ['text', `${p}/status`],
+    ...tids.map((tid): [ProcKind, string] => ['text', `${p}/task/${tid}/status`]),
+    ['text', `${p}/timers`],
+    ['dir', `${p}/fd`],
+  ];
+}
+
+/** What a snapshot reads of frozen process `pid` once its questions are
+ * answered: stat (process.ts, ptys.ts, the driver), status (process.ts:
+ * umask; attributes.ts: the locked memory after the probe page), limits,
+ * auxv, command line, executable, directories (process.ts, limits.ts),
+ * attributes.ts's files, cgroups (cgroups.ts), and per thread its stat
+ * (threads.ts, attributes.ts), wait channel (threads.ts) and children
+ * (zombies.ts, through childrenOf). */
+export function gatheredAfterCalls(pid: number, tids: number[]): [ProcKind, string][] {
+  const p = `/proc/${pid}`;
+  const out: [ProcKind, string][] = [
+    ['text', `${p}/stat`],
+    ['text', `${p}/status`],
+    ['text', `${p}/limits`],
+    ['bytes', `${p}/auxv`],
+    ['text', `${p}/cmdline`],
+    ['link', `${p}/exe`],
+    ['link', `${p}/cwd`],
+    ['link', `${p}/root`],
+    ['text', `${p}/oom_score_adj`],
+    ['text', `${p}/coredump_filter`],
+    ['text', `${p}/loginuid`],
+    ['text', `${p}/personality`],
+    ['text', `${p}/cgroup`],
+    ['dir', `${p}/task`],
+  ];
+  for (const tid of tids) {
+    if (tid !== pid) out.push(['text', `/proc/${tid}/stat`], ['text', `${p}/task/${tid}/cgroup`]);
+    out.push(['text', `${p}/task/${tid}/stat`], ['text', `${p}/task/${tid}/wchan`], ['text', `${p}/task/${tid}/children`]);
+  }
+  return out;
+}
 
 export interface ProcStat {
   pid: number;
@@ -19,7 +135,7 @@ export interface ProcStat {
 export function readStat(pid: number): ProcStat | undefined {
   let text: string;
   try {
-    text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    text = procText(`/proc/${pid}/stat`);
   } catch {
     return undefined;
   }
@@ -43,7 +159,7 @@ export function readStat(pid: number): ProcStat | undefined {
 
 export function readCmdline(pid: number): string[] {
   try {
-    const raw = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    const raw = procText(`/proc/${pid}/cmdline`);
     return raw.split('\0').filter((s, i, a) => s !== '' || i < a.length - 1);
   } catch {
     return [];
@@ -63,13 +179,13 @@ export function childrenOf(pid: number): number[] {
   const out: number[] = [];
   let tasks: string[];
   try {
-    tasks = readdirSync(`/proc/${pid}/task`);
+    tasks = procDir(`/proc/${pid}/task`);
   } catch {
     return out;
   }
   for (const tid of tasks) {
     try {
-      const text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+      const text = procText(`/proc/${pid}/task/${tid}/children`).trim();
       if (text) out.push(...text.split(' ').map(Number));
     } catch {
       /* gone */

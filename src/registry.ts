@@ -21,10 +21,10 @@ import {
   renameSync,
   rmSync,
   statSync,
-  utimesSync,
   writeFileSync,
 } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { utimes } from 'node:fs';
+import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type TablesSnapshot } from './native.js';
@@ -259,6 +259,87 @@ const PENDING = '.pending';
  * made late is removed. */
 const pendingCommits = new Map<string, { ready: boolean; done: boolean; made: Promise<void> }>();
 
+/**
+ * State directories made ahead of the registrations that take them, in
+ * the resident engine (enableSpareStateDirs): each an empty directory with
+ * an empty app.json, in $APPSHOT_HOME/engine/spares, made off the event
+ * loop while the engine waits. A registration renames one to apps/AID
+ * (renameat2 RENAME_NOREPLACE: atomic, and refused if the name is taken,
+ * as mkdir is), and writes its record into that app.json: on a busy disk
+ * a new directory, a new file and a rename cost ~0.3-0.7 ms each, most of
+ * a registration. An app.json that is empty or being written reads as no
+ * record, as a state directory without one does: "being registered right
+ * now" (get, dropOrphanDir); every later write replaces the file whole
+ * (update). A spare holds nothing and names nothing: killed at any
+ * instant, what was taken is a registration killed after its mkdir
+ * (dropOrphanDir), what was not is removed by the next engine
+ * (removeSpareStateDirs).
+ */
+const SPARES_KEPT = 2;
+const spareStateDirs = new Map<string, { ready: { path: string; dirMode: number; fileMode: number }[]; making: number }>();
+let sparesEnabled = false;
+
+const sparesDir = (home: string) => join(home, 'engine', 'spares');
+
+/** From now on, registrations in this process take state directories made
+ * ahead of time (the engine's; a CLI process registers once). */
+export function enableSpareStateDirs(home: string): void {
+  sparesEnabled = true;
+  refillSpares(realpathSync(home));
+}
+
+/** Makes spare state directories of `home` until SPARES_KEPT are ready
+ * or being made (the engine, after each request). */
+export function refillSpareStateDirs(home: string): void {
+  refillSpares(realpathSync(home));
+}
+
+/** Removes every spare state directory of `home` (the engine starting,
+ * with its lock: any there are a dead engine's; or leaving). */
+export function removeSpareStateDirs(home: string): void {
+  sparesEnabled = false;
+  spareStateDirs.delete(realpathSync(home));
+  rmSync(sparesDir(home), { recursive: true, force: true });
+}
+
+function refillSpares(home: string): void {
+  if (!sparesEnabled) return;
+  let kept = spareStateDirs.get(home);
+  if (!kept) spareStateDirs.set(home, (kept = { ready: [], making: 0 }));
+  const k = kept;
+  while (k.ready.length + k.making < SPARES_KEPT) {
+    k.making++;
+    const path = join(sparesDir(home), `${process.pid}-${randomBytes(6).toString('hex')}`);
+    const file = join(path, 'app.json');
+    // Made with the modes mkdir and writeFileSync give them now; a
+    // registration takes it only if its own umask gives the same.
+    mkdir(sparesDir(home), { recursive: true, mode: 0o700 })
+      .then(() => mkdir(path, { mode: 0o700 }))
+      .then(() => writeFile(file, '', { flag: 'wx' }))
+      .then(() => Promise.all([stat(path), stat(file)]))
+      .then(
+        ([d, f]) => {
+          if (spareStateDirs.get(home) === k && sparesEnabled) k.ready.push({ path, dirMode: d.mode & 0o7777, fileMode: f.mode & 0o7777 });
+          else rmSync(path, { recursive: true, force: true });
+        },
+        () => rmSync(path, { recursive: true, force: true }),
+      )
+      .finally(() => k.making--);
+  }
+}
+
+/** A spare state directory of `home` whose modes are those a new one would
+ * have now, taken; undefined if none. Replaced by refillSpareStateDirs,
+ * once the command that took it is over: made meanwhile, its files would
+ * compete with the command's own for the disk. */
+function takeSpare(home: string): string | undefined {
+  const k = sparesEnabled ? spareStateDirs.get(home) : undefined;
+  if (!k?.ready.length) return undefined;
+  const umask = process.umask();
+  const i = k.ready.findIndex((s) => s.dirMode === (0o700 & ~umask) && s.fileMode === (0o666 & ~umask));
+  return i >= 0 ? k.ready.splice(i, 1)[0].path : undefined;
+}
+
 export class LocalRegistry implements Registry {
   readonly home: string;
   private readonly appsDir: string;
@@ -314,6 +395,7 @@ export class LocalRegistry implements Registry {
     // record meanwhile (it needs the AID registered to run).
     const snapshotted = opts.restoring ? undefined : this.getSnapshotted(aid);
     if (snapshotted) {
+      this.claimedSpares.delete(stateDir);
       removeDir(stateDir);
       throw new AppshotError(`AID '${aid}' is in use by an application that was ${describeSnapshot(snapshotted)}: restore the image, or 'appshot rm ${aid}' removes its record`, ExitCode.conflict);
     }
@@ -329,7 +411,28 @@ export class LocalRegistry implements Registry {
     }
   }
 
+  /** State directories claimed from a spare, whose app.json exists and is
+   * empty: the first record is written into it (finishRegistration). */
+  private readonly claimedSpares = new Set<string>();
+
   private claim(stateDir: string): boolean {
+    const spare = takeSpare(this.home);
+    if (spare) {
+      try {
+        addon().renameNoReplace(spare, stateDir);
+        this.claimedSpares.add(stateDir);
+        return true;
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'EEXIST' || code === 'ENOTEMPTY') {
+          rmSync(spare, { recursive: true, force: true });
+          return false;
+        }
+        // Another file system (EXDEV), or one without RENAME_NOREPLACE
+        // (EINVAL): made here as without spares.
+        rmSync(spare, { recursive: true, force: true });
+      }
+    }
     try {
       mkdirSync(stateDir, { mode: 0o700 });
       return true;
@@ -359,10 +462,12 @@ export class LocalRegistry implements Registry {
       };
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
-      this.update(record);
+      if (this.claimedSpares.delete(stateDir)) writeFileSync(join(stateDir, 'app.json'), JSON.stringify(record, null, 2), { flag: 'r+' });
+      else this.update(record);
       noteHeld('aid', aid);
       return record;
     } catch (e) {
+      this.claimedSpares.delete(stateDir);
       removeDir(stateDir);
       rmSync(tables, { force: true });
       throw e;
@@ -492,29 +597,39 @@ export class LocalRegistry implements Registry {
 
   /** Commits: from now on, the restore's processes are the application's
    * even if this process dies. */
-  commit(commitPath: string): void {
+  commit(commitPath: string, opts: { ageLater?: boolean } = {}): void {
     const pending = pendingCommits.get(commitPath);
     pendingCommits.delete(commitPath);
     if (pending) pending.done = true;
     if (pending?.ready) {
+      let renamed = false;
       try {
         renameSync(commitPath + PENDING, commitPath);
+        renamed = true;
       } catch {
         /* removed meanwhile: made below */
       }
-      if (existsSync(commitPath)) {
-        // Aged from the commit, not from when it was made: the sweep
-        // keeps it a minute from now (a batch may have taken longer).
-        const now = new Date();
-        try {
-          utimesSync(commitPath, now, now);
-        } catch {
-          /* committed all the same */
-        }
+      if (renamed || existsSync(commitPath)) {
+        if (!opts.ageLater) this.ageCommit(commitPath);
         return;
       }
     }
     closeSync(openSync(commitPath, 'wx', 0o600));
+  }
+
+  /** A commit file made ahead (newCommitPath) aged from the commit, not
+   * from when it was made: the sweep keeps it a minute from now (a batch
+   * may have taken longer). commit() does it, unless told `ageLater` (a
+   * restore does it once its processes are let go, a client waiting on
+   * them). Off this thread: the commit is the file's existence, and until
+   * this lands the sweep leaves it all the same, its holder (this command)
+   * being alive; died before, its inits see it at once, as their
+   * lifelines end. */
+  ageCommit(commitPath: string): void {
+    const now = new Date();
+    utimes(commitPath, now, now, () => {
+      /* committed all the same */
+    });
   }
 
   /** Waits until the file newCommitPath started making for `commitPath`
@@ -869,7 +984,11 @@ export class LocalRegistry implements Registry {
     // or left by a registration killed before it wrote app.json.
     const dir = join(this.appsDir, aid);
     try {
-      if (Date.now() - statSync(dir).mtimeMs > 60_000) {
+      // Its change time: a spare state directory renamed into place
+      // (enableSpareStateDirs) keeps the modification time of when it was
+      // made, and the rename sets the change time.
+      const st = statSync(dir);
+      if (Date.now() - Math.max(st.mtimeMs, st.ctimeMs) > 60_000) {
         removeDir(dir);
         this.removeLostTables(aid);
       }

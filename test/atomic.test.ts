@@ -561,3 +561,31 @@ describe('a batch of clones killed at any instant', () => {
     });
   }
 });
+
+describe('letting go what is left after a failure past the commit', () => {
+  it('a thread still ours but killed meanwhile has its exit taken, so that its parent can reap it', async () => {
+    // In a process that lives on (the engine, the API), an exit report left
+    // with the tracer keeps the dead child from its parent for good. The
+    // parent here is a shell waiting for its child; the child is stopped
+    // under this process's ptrace, as a restored one is, and killed, as by
+    // a process of the application let go before it.
+    const { releaseWhatIsLeft } = await import('../src/resources/jobcontrol.js');
+    const { addon } = await import('../src/native.js');
+    const sh = spawn('sh', ['-c', 'sleep 1000 & echo $!; wait $!; echo "reaped $?"'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    sh.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    try {
+      await waitFor(() => /^\d+\n/.test(out), 10_000, 'the child');
+      const child = Number(out.split('\n')[0]);
+      addon().seize(child, false);
+      addon().interrupt(child);
+      expect(addon().wait(child, 10_000)?.kind).toBe('stop');
+      process.kill(child, 'SIGKILL');
+      const made = [{ proc: { groupStopped: false, stopSignal: 0 }, pid: child, tids: [child] }];
+      releaseWhatIsLeft(made as unknown as Parameters<typeof releaseWhatIsLeft>[0]);
+      await waitFor(() => out.includes('reaped 137'), 10_000, 'the shell to reap its killed child');
+    } finally {
+      sh.kill('SIGKILL');
+    }
+  });
+});

@@ -477,6 +477,46 @@ describe('hostile tar streams', () => {
   });
 });
 
+/** POSIX message queues (resources/mqueue.ts): a descriptor of queue 0,
+ * changed by `change`; each case what validate.ts must say. */
+function mqueueCases(): [string, (image: Image) => void, string][] {
+  const queue = (change: (q: NonNullable<Image['posixQueues']>[number]) => void, fdIndex = 0) => (i: Image) => {
+    const q = { name: '/appshot-hostile', deleted: true, maxmsg: 4n, msgsize: 16n, mode: 0o600, uid: 0, gid: 0, messages: [{ priority: 1, data: Buffer.from('x') }], notifyVpid: 0 };
+    change(q);
+    i.posixQueues = [q];
+    const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+    Object.assign(fd, { fd: 904, kind: 17, mqueue: fdIndex, file: -1, path: '/appshot-hostile' });
+    i.processes[0].fds.push(fd);
+  };
+  return [
+    ['a message queue descriptor of a queue the image does not have', queue(() => {}, 5), 'fd 904 is message queue 5, which the image does not have'],
+    ['a message queue named with a slash inside', queue((q) => (q.name = '/../etc')), 'message queue 0 is named "/../etc", not a name mq_open takes'],
+    ['a message queue of 16 GiB messages', queue((q) => (q.msgsize = 1n << 34n)), 'message queue 0 holds 4 messages of 17179869184 bytes'],
+    ['a message queue holding more messages than its maxmsg', queue((q) => (q.messages = Array.from({ length: 5 }, () => ({ priority: 0, data: Buffer.from('y') })))), 'message queue 0 holds 5 messages, more than its 4'],
+    ['a message larger than its queue\'s msgsize', queue((q) => (q.messages = [{ priority: 0, data: Buffer.alloc(17) }])), 'message queue 0 holds a message of 17 bytes'],
+    ['a message of priority 40000', queue((q) => (q.messages = [{ priority: 40000, data: Buffer.alloc(1) }])), 'or of priority 40000'],
+    ['a message queue notifying a process that does not hold it', queue((q) => (q.notifyVpid = 777)), 'message queue 0 notifies process 777, which holds no descriptor of it'],
+  ];
+}
+
+/** AIO rings (resources/aio.ts): one idle ring of one page at a free
+ * address of process 0, changed by `change`. */
+function aioCases(): [string, (image: Image) => void, string][] {
+  const ring = (change: (r: NonNullable<Image['processes'][number]['aioRings']>[number]) => void) => (i: Image) => {
+    const p = i.processes[0];
+    const top = p.vmas.reduce((m, v) => (v.end > m && v.end < 0x7f0000000000n ? v.end : m), 0n);
+    const r = { address: top + (1n << 30n), length: 4096n, nrEvents: 62, id: 0, nr: 127, head: 0, tail: 0, events: Buffer.alloc(4096 - 32) };
+    change(r);
+    p.aioRings = [r];
+  };
+  return [
+    ['an AIO ring of a gigabyte', ring((r) => (r.length = 1n << 30n)), "process \\d+'s AIO context 0 is 1073741824 bytes"],
+    ['an AIO ring over a mapping', ring((r) => (r.address = 0n)), "process \\d+'s AIO context 0 is 4096 bytes at 0x0"],
+    ['an AIO ring whose head is past its events', ring((r) => (r.head = 500)), "process \\d+'s AIO context 0 has 127 events, head 500"],
+    ['an AIO ring with events cut short', ring((r) => (r.events = Buffer.alloc(8))), '8 bytes of events, for a ring of 4096 bytes'],
+  ];
+}
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
@@ -543,6 +583,8 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       fd.inotifyWatches = [{ wd: 1 << 30, path: '/', mask: 1 }];
       i.processes[0].fds.push(fd);
     }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
+    ...mqueueCases(),
+    ...aioCases(),
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

@@ -347,7 +347,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['fanotify', (fd) => `process 2 (holder) fd ${fd}: fanotify cannot be captured yet`],
     ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
-    ['aio', () => 'process 2 (holder): an AIO context (io_setup, ring at 0x'],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
@@ -372,8 +371,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     // socket of the holder's, drops every segment).
     ['last-ack', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is LAST_ACK; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
     ['closing', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is CLOSING; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
-    // Once taken for a deleted file, restored as one (EBADF to mq_send).
-    ['mqueue', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a POSIX message queue \\(/holder-mq-\\d+, unlinked\\) cannot be captured yet`)],
     ['pty-packet', (fd) => `process 2 (holder) fd ${fd}: a pty master in packet mode (TIOCPKT) cannot be captured yet`],
     ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
     ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],

@@ -376,6 +376,8 @@ describe('logs across a snapshot and its restore', () => {
     const r = sb.run(['restore', image]);
     expect(r.code, r.stderr).toBe(0);
     expect(psAll().filter((x) => x.aid === 'kept').map((x) => x.state)).toEqual(['running']);
+    // Its registration names the image it came from (ps's IMAGE).
+    expect(app('kept')).toMatchObject({ state: 'running', image });
     // rm of a snapshotted one: its record and the log that waited, not its image.
     expect(sb.run(['snapshot', 'kept', '-o', join(dir, 'kept2.appshot')]).code).toBe(0);
     expect(app('kept')).toMatchObject({ state: 'snapshotted', image: join(dir, 'kept2.appshot') });

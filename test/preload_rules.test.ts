@@ -154,6 +154,21 @@ describe('REDIR PATH', () => {
     expect(read(join(to, 'x.txt'))).toBe('inst');
   });
 
+  it("applies to posix_spawn's file actions: a chdir and an open that glibc's child makes past every wrapper", async () => {
+    const from = join(dir, 'spdata');
+    const to = join(dir, 'inst-spdata');
+    mkdirSync(from);
+    mkdirSync(to);
+    writeFileSync(join(from, 'in.txt'), 'template-in');
+    writeFileSync(join(to, 'in.txt'), 'instance-in');
+    // cat reads in.txt relative to the directory the file action chose, and
+    // writes to the file another file action opened as its stdout.
+    const lines = await run('spawnfa', ['spcat', from, 'in.txt', `${from}/out.txt`], { redirs: [{ kind: 'path', from, to }] });
+    expect(lines).toEqual([`spcat ${from} in.txt: status 0`, 'DONE']);
+    expect(read(join(to, 'out.txt'))).toBe('instance-in');
+    expect(existsSync(join(from, 'out.txt'))).toBe(false);
+  });
+
   it('leaves an application without rules as it was', async () => {
     const lines = await run('norules', ['write', join(dir, 'plain.txt'), 'plain', 'cat', join(dir, 'plain.txt')], {});
     expect(lines).toEqual([`write ${dir}/plain.txt: ok`, `cat ${dir}/plain.txt: plain`, 'DONE']);

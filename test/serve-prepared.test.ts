@@ -340,6 +340,43 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await endServeAndService({ rmChecked: false });
   });
 
+  it('a serve killed once its suspend has ended the instance, before the state after it is written, is followed by one that resumes from that image and keeps it', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    // Killed right after its first suspend's snapshot returned: the
+    // instance ended into the new image, the state after it not written.
+    serve = sb.start(['serve'], { APPSHOT_TEST_KILL_AT: 'serve: suspend state' });
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
+    expect((await serve.exited).signal).toBe('SIGKILL');
+    expect(sb.aids()).not.toContain('db');
+    // The next serve resumes from that image (not from the one before it,
+    // without the write), and its own next suspend builds on it.
+    serve = sb.start(['serve']);
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
+    expect(events().filter((e) => e.event === 'suspend-recovered')).toHaveLength(1);
+    const recovered = show().lastImage;
+    await waitFor(() => events().some((e) => e.event === 'suspend'), 15_000, 'the next suspend');
+    expect(show().lastImage).not.toBe(recovered);
+    expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
+    await endServeAndService({ rmChecked: false });
+  });
+
+  it('a suspend whose state cannot be written first does not begin: the instance keeps running', async () => {
+    const image = join(out, 'redis.img');
+    expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
+    serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'serve: state write' });
+    await serve.line(/^ready$/);
+    expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
+    const running = appPids('db');
+    await waitFor(() => events().some((e) => e.event === 'suspend-failed'), 15_000, 'the suspend to fail');
+    expect(events().filter((e) => e.event === 'suspend')).toEqual([]);
+    expect(running.every(alive)).toBe(true);
+    expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
+    await endServeAndService({ rmChecked: false });
+  });
+
   it('--prepared 0: a suspended service has no process, and resumes as before', async () => {
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);

@@ -229,6 +229,7 @@ static inline void ensure_init(void) {
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
+  X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
   X(pthread_getcpuclockid)
 

@@ -413,6 +413,17 @@ static enum path_op open_op(int flags) {
   return PATH_READ;
 }
 
+/* posix_spawn's file actions run in the child, inside glibc, past every
+ * wrapper: their paths are rewritten here, when they are recorded (glibc
+ * keeps its own copy of the path). These return an error number. */
+PATH_WRAPPER(int, posix_spawn_file_actions_addopen,
+             (posix_spawn_file_actions_t *fa, int fd, const char *path, int flags, mode_t mode),
+             (fa, fd, path, flags, mode), open_op(flags), errno,
+             REAL(posix_spawn_file_actions_addopen)(fa, fd, p, flags, mode))
+PATH_WRAPPER(int, posix_spawn_file_actions_addchdir_np,
+             (posix_spawn_file_actions_t *fa, const char *path), (fa, path), PATH_READ, errno,
+             REAL(posix_spawn_file_actions_addchdir_np)(fa, p))
+
 /* The open flags glibc's fopen derives from `mode`: 'r', 'w' or 'a', then
  * up to six more characters up to a ',' of which '+' and 'x' matter here.
  * A mode fopen rejects (EINVAL) opens nothing: read. */

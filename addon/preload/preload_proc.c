@@ -29,6 +29,20 @@ static int parse_pid(const char **p, pid_t *out) {
   return 1;
 }
 
+/* Writes "/proc/<spid or self>[/task/<stid>]<rest>" into buf; NULL with
+ * errno set if it would not fit. */
+static const char *put_proc_path(char buf[PATH_MAX], pid_t spid, pid_t stid, const char *rest) {
+  if (strlen(rest) + 40 >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  char *d = (char *)memcpy(buf, "/proc/", 6) + 6;
+  d = spid ? put_decimal(d, spid) : (char *)memcpy(d, "self", 4) + 4;
+  if (stid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, stid);
+  strcpy(d, rest);
+  return buf;
+}
+
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
@@ -43,31 +57,19 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
   if (strncmp(p, "self/task/", 10) == 0) {
     const char *q = p + 10;
     if (!parse_pid(&q, &vtid) || !v2s_pid(vtid, &stid)) return path;
-    if (strlen(q) + 40 >= PATH_MAX) {
-      errno = ENAMETOOLONG;
-      return NULL;
-    }
-    char *d = put_decimal((char *)memcpy(buf, "/proc/self/task/", 16) + 16, stid);
-    strcpy(d, q);
-    return buf;
+    return put_proc_path(buf, 0, stid, q);
   }
   if (!parse_pid(&p, &vpid)) return path;
   const char *rest = p;
   if (strncmp(p, "/task/", 6) == 0) {
     const char *q = p + 6;
-    if (parse_pid(&q, &vtid)) rest = q;
+    /* task 0 is no thread: left in the rest, for the kernel to refuse */
+    if (parse_pid(&q, &vtid) && vtid) rest = q;
   }
   if (vpid == 0 || !v2s_pid(vpid, &spid) ||
       (vtid && !v2s_pid(vtid, &stid))) {
     errno = ENOENT;
     return NULL;
   }
-  if (strlen(rest) + 40 >= PATH_MAX) {
-    errno = ENAMETOOLONG;
-    return NULL;
-  }
-  char *d = put_decimal((char *)memcpy(buf, "/proc/", 6) + 6, spid);
-  if (vtid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, stid);
-  strcpy(d, rest);
-  return buf;
+  return put_proc_path(buf, spid, stid, rest);
 }

@@ -671,6 +671,20 @@ Napi::Value TryLockFile(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+// renameNoReplace(from, to): renames `from` to `to` only if nothing is
+// at `to` (renameat2 RENAME_NOREPLACE), atomically: a directory made
+// ahead of time takes a name that mkdir would have claimed, and fails
+// as mkdir would (EEXIST) if the name is taken, never replacing an empty
+// directory of that name as rename(2) does. Throws with the errno's code
+// (EINVAL: a file system without it).
+Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string from = info[0].As<Napi::String>().Utf8Value();
+  std::string to = info[1].As<Napi::String>().Utf8Value();
+  if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) ThrowErrno(env, "renaming " + from + " to " + to, errno);
+  return env.Undefined();
+}
+
 // peerCredentials(fd) -> {pid, uid, gid}: who is at the other end of a
 // connected unix socket, as the kernel recorded it at connect()
 // (SO_PEERCRED): the engine serves only its own user.
@@ -726,6 +740,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setInstance", Napi::Function::New(env, SetInstance));
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
+  exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("mallocArenas", Napi::Function::New(env, MallocArenas));
   exports.Set("trimMemory", Napi::Function::New(env, TrimMemory));

@@ -815,6 +815,119 @@ Napi::Value SpawnDetachedAsync(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// POSIX message queues (resources/mqueue.ts), by their system calls: glibc
+// names a queue "/NAME", the kernel "NAME".
+struct MqAttr {
+  long flags, maxmsg, msgsize, curmsgs, pad[4];
+};
+
+const char* MqName(const std::string& name) { return name.c_str() + (name[0] == '/' ? 1 : 0); }
+
+// mqOpen(name, flags, mode, maxmsg, msgsize) -> fd, close-on-exec; maxmsg
+// 0: the system's default attributes (or an existing queue's).
+Napi::Value MqOpen(const Napi::CallbackInfo& info) {
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  MqAttr attr{};
+  attr.maxmsg = info[3].As<Napi::Number>().Int64Value();
+  attr.msgsize = info[4].As<Napi::Number>().Int64Value();
+  int fd = static_cast<int>(syscall(SYS_mq_open, MqName(name), Int(info[1]) | O_CLOEXEC, Int(info[2]), attr.maxmsg ? &attr : nullptr));
+  if (fd < 0) {
+    ThrowErrno(info.Env(), "mq_open " + name, errno);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), fd);
+}
+
+Napi::Value MqUnlink(const Napi::CallbackInfo& info) {
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  if (syscall(SYS_mq_unlink, MqName(name))) ThrowErrno(info.Env(), "mq_unlink " + name, errno);
+  return info.Env().Undefined();
+}
+
+// mqAttributes(fd) -> {maxmsg, msgsize, curmsgs}
+Napi::Value MqAttributes(const Napi::CallbackInfo& info) {
+  MqAttr attr{};
+  if (syscall(SYS_mq_getsetattr, Int(info[0]), nullptr, &attr)) {
+    ThrowErrno(info.Env(), "mq_getsetattr", errno);
+    return info.Env().Undefined();
+  }
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("maxmsg", Napi::Number::New(info.Env(), static_cast<double>(attr.maxmsg)));
+  o.Set("msgsize", Napi::Number::New(info.Env(), static_cast<double>(attr.msgsize)));
+  o.Set("curmsgs", Napi::Number::New(info.Env(), static_cast<double>(attr.curmsgs)));
+  return o;
+}
+
+struct MqMessage {
+  unsigned priority;
+  std::vector<char> data;
+};
+
+// Sends `messages` in order, without waiting; the first errno, 0 if all went.
+int MqSendAll(int fd, const std::vector<MqMessage>& messages, size_t from = 0) {
+  struct timespec now {};
+  for (size_t i = from; i < messages.size(); i++)
+    if (syscall(SYS_mq_timedsend, fd, messages[i].data.data(), messages[i].data.size(), messages[i].priority, &now)) return errno;
+  return 0;
+}
+
+// mqTakeAndGiveBack(fd, msgsize) -> [{priority, data}]: every message of
+// the queue, received (there is no other way to read one) and at once sent
+// back in the order received, which is the queue's own (priority, then
+// arrival): the queue ends as it was. `fd` is appshot's own description,
+// readable and writable, non-blocking.
+Napi::Value MqTakeAndGiveBack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]);
+  size_t msgsize = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
+  std::vector<MqMessage> taken;
+  std::vector<char> buf(msgsize);
+  struct timespec now {};
+  int err = 0;
+  for (;;) {
+    unsigned priority = 0;
+    ssize_t n = syscall(SYS_mq_timedreceive, fd, buf.data(), buf.size(), &priority, &now);
+    if (n < 0) {
+      if (errno != EAGAIN && errno != ETIMEDOUT) err = errno;
+      break;
+    }
+    taken.push_back({priority, std::vector<char>(buf.begin(), buf.begin() + n)});
+  }
+  // Back whatever happened: a queue left short would be a loss.
+  int back = MqSendAll(fd, taken);
+  if (back) {
+    ThrowErrno(env, "sending the messages of a message queue back (some are lost)", back);
+    return env.Undefined();
+  }
+  if (err) {
+    ThrowErrno(env, "mq_timedreceive", err);
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, taken.size());
+  for (size_t i = 0; i < taken.size(); i++) {
+    Napi::Object m = Napi::Object::New(env);
+    m.Set("priority", Napi::Number::New(env, taken[i].priority));
+    m.Set("data", Napi::Buffer<char>::Copy(env, taken[i].data.data(), taken[i].data.size()));
+    out.Set(static_cast<uint32_t>(i), m);
+  }
+  return out;
+}
+
+// mqSend(fd, [{priority, data}]): each sent in order, none waited for.
+Napi::Value MqSend(const Napi::CallbackInfo& info) {
+  auto list = info[1].As<Napi::Array>();
+  std::vector<MqMessage> messages(list.Length());
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    auto m = list.Get(i).As<Napi::Object>();
+    auto data = m.Get("data").As<Napi::Buffer<char>>();
+    messages[i].priority = static_cast<unsigned>(m.Get("priority").As<Napi::Number>().Uint32Value());
+    messages[i].data.assign(data.Data(), data.Data() + data.Length());
+  }
+  int err = MqSendAll(Int(info[0]), messages);
+  if (err) ThrowErrno(info.Env(), "mq_timedsend", err);
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 namespace appshot {
@@ -845,6 +958,11 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);
   fn("restoreMsg", RestoreMsg);
+  fn("mqOpen", MqOpen);
+  fn("mqUnlink", MqUnlink);
+  fn("mqAttributes", MqAttributes);
+  fn("mqTakeAndGiveBack", MqTakeAndGiveBack);
+  fn("mqSend", MqSend);
 }
 
 }  // namespace appshot

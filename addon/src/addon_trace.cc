@@ -68,6 +68,32 @@ Napi::Value KeepOnExit(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// keepOnExitAll(tids[]): keepOnExit of each, in one call (a restore's
+// commit clears PTRACE_O_EXITKILL on every thread it made, with a client
+// waiting on serve's prepared resume). Throws at the first that fails,
+// naming it; those before it are done.
+Napi::Value KeepOnExitAll(const Napi::CallbackInfo& info) {
+  auto a = info[0].As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    pid_t tid = a.Get(i).As<Napi::Number>().Int32Value();
+    if (Failed(info.Env(), trace_keep_on_exit(tid), "ptrace setoptions " + std::to_string(tid))) break;
+  }
+  return info.Env().Undefined();
+}
+
+// detachAll(tids[]) -> how many were let go (PTRACE_DETACH, no signal),
+// in order, before the first that failed (tids.length if none did): the
+// caller handles that one (ESRCH: killed meanwhile) and goes on after it.
+// One call for all of a restore's threads, the first let go running while
+// the others are.
+Napi::Value DetachAll(const Napi::CallbackInfo& info) {
+  auto a = info[0].As<Napi::Array>();
+  uint32_t i = 0;
+  for (; i < a.Length(); i++)
+    if (trace_detach(a.Get(i).As<Napi::Number>().Int32Value(), 0) < 0) break;
+  return Napi::Number::New(info.Env(), i);
+}
+
 Napi::Value KillOnExit(const Napi::CallbackInfo& info) {
   Failed(info.Env(), trace_kill_on_exit(Tid(info)), "ptrace setoptions " + std::to_string(Tid(info)));
   return info.Env().Undefined();
@@ -914,6 +940,74 @@ Napi::Value FdEntries(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// readProcFiles(paths, kinds) -> one entry per path: what a frozen
+// process's /proc shows, read in one call instead of one Node call (open,
+// fstat, read, read, close) per file. kinds[i]: 0 the file as text, 1 as
+// bytes, 2 the link's target, 3 the directory's names (sorted by strcmp,
+// '.' and '..' left out, as Node's readdirSync gives them). An entry that
+// cannot be read is undefined: the caller reads it the ordinary way, which
+// reports the error as it always did.
+Napi::Value ReadProcFiles(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array paths = info[0].As<Napi::Array>();
+  Napi::Uint8Array kinds = info[1].As<Napi::Uint8Array>();
+  uint32_t n = paths.Length();
+  Napi::Array out = Napi::Array::New(env, n);
+  std::vector<char> text(16384);
+  for (uint32_t i = 0; i < n && i < kinds.ElementLength(); i++) {
+    std::string path = paths.Get(i).As<Napi::String>().Utf8Value();
+    switch (kinds[i]) {
+      case 0:
+      case 1: {
+        int f = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (f < 0) break;
+        size_t len = 0;
+        bool ok = true;
+        for (;;) {
+          if (len == text.size()) text.resize(text.size() * 2);
+          ssize_t r = read(f, text.data() + len, text.size() - len);
+          if (r < 0 && errno == EINTR) continue;
+          if (r < 0) ok = false;
+          if (r <= 0) break;
+          len += static_cast<size_t>(r);
+        }
+        close(f);
+        if (!ok) break;
+        if (kinds[i] == 0) out.Set(i, Napi::String::New(env, text.data(), len));
+        else out.Set(i, Napi::Buffer<char>::Copy(env, text.data(), len));
+        break;
+      }
+      case 2: {
+        char target[4096];
+        ssize_t tl = readlink(path.c_str(), target, sizeof target);
+        // A target as long as the buffer may be cut short: read the usual way.
+        if (tl < 0 || tl == static_cast<ssize_t>(sizeof target)) break;
+        out.Set(i, Napi::String::New(env, target, static_cast<size_t>(tl)));
+        break;
+      }
+      case 3: {
+        DIR* d = opendir(path.c_str());
+        if (!d) break;
+        std::vector<std::string> names;
+        errno = 0;
+        while (struct dirent* e = readdir(d)) {
+          if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+          names.emplace_back(e->d_name);
+        }
+        bool ok = errno == 0;
+        closedir(d);
+        if (!ok) break;
+        std::sort(names.begin(), names.end(), [](const std::string& a, const std::string& b) { return strcmp(a.c_str(), b.c_str()) < 0; });
+        Napi::Array list = Napi::Array::New(env, names.size());
+        for (size_t k = 0; k < names.size(); k++) list.Set(static_cast<uint32_t>(k), Napi::String::New(env, names[k]));
+        out.Set(i, list);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
 // The pidfd of the last process getFd took a descriptor from: a dump
 // takes every descriptor of one process in a row, and opening a pidfd for
 // each cost as much as the copy. A pidfd names its process for good, so a
@@ -1132,6 +1226,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   };
   fn("seize", Seize);
   fn("keepOnExit", KeepOnExit);
+  fn("keepOnExitAll", KeepOnExitAll);
+  fn("detachAll", DetachAll);
   fn("killOnExit", KillOnExit);
   fn("interrupt", Interrupt);
   fn("cont", Cont);
@@ -1166,6 +1262,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("crc32cFile", Crc32cFile);
   fn("getFd", GetFd);
   fn("fdEntries", FdEntries);
+  fn("readProcFiles", ReadProcFiles);
   fn("sameDescription", SameDescription);
   fn("descriptionGroups", DescriptionGroups);
   fn("epollTargetIs", EpollTargetIs);

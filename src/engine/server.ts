@@ -21,8 +21,12 @@
  *  - log: what the engine has to say outside any command.
  *  - leases/NAME: one per request being served, removed when it ends: what
  *    the request claims for itself is held while it exists (holder.ts).
+ *    One more is made ahead for the next request, holding nothing.
+ *  - spares/: state directories made ahead for registrations (registry.ts
+ *    enableSpareStateDirs).
  */
 import { appendFileSync, chmodSync, closeSync, existsSync, ftruncateSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
@@ -35,7 +39,7 @@ import { leasesDir, newLeaseName } from '../holder.js';
 import { contextDifference, ownContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
-import { LocalRegistry } from '../registry.js';
+import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
 
 export interface EngineOptions {
   home: string;
@@ -110,6 +114,8 @@ export class Engine {
   private readonly started = Date.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
+  /** A lease made ahead of the request that takes it (prepareLease). */
+  private spareLease?: { name: string; ready: boolean };
   private resolveDone!: (code: number) => void;
   readonly done = new Promise<number>((r) => (this.resolveDone = r));
 
@@ -144,6 +150,8 @@ export class Engine {
     rmSync(this.paths.socket, { force: true });
     rmSync(leasesDir(this.opts.home), { recursive: true, force: true });
     mkdirSync(leasesDir(this.opts.home), { mode: 0o700 });
+    removeSpareStateDirs(this.opts.home);
+    this.prepareLease();
     const server = createServer((s) => this.accept(s));
     this.server = server;
     await new Promise<void>((ok, fail) => {
@@ -161,6 +169,7 @@ export class Engine {
     enableTemplateCache();
     keepChecksums();
     enableStandbys();
+    enableSpareStateDirs(this.opts.home);
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
     this.watchSocket();
@@ -316,9 +325,20 @@ export class Engine {
     // What the command claims for itself (ports, a registration before its
     // supervisor runs, temporaries) is held while this file exists: until
     // the request ends, not the engine (holder.ts).
+    // Made ahead while the engine waited, if it was (a new file costs
+    // ~0.4 ms on a busy disk), and left empty: a lease is held by
+    // existing, nothing reads what it says (one made now names its
+    // client's PID, for whoever looks). Not written into while the
+    // command runs: a write off this thread then competes with the
+    // command's processes for a core.
+    const spare = this.spareLease?.ready ? this.spareLease : undefined;
+    if (spare) {
+      this.spareLease = undefined;
+      ctx.lease = spare.name;
+    }
     const leaseFile = join(leasesDir(this.opts.home), ctx.lease!);
     try {
-      writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
+      if (!spare) writeFileSync(leaseFile, `${peerPid}\n`, { mode: 0o600, flag: 'wx' });
     } catch (e) {
       this.log(`cannot make the lease of a request: ${(e as Error).message}`);
       socket.end(frame(Frame.REFUSED, Buffer.from('the engine cannot hold a request now')));
@@ -372,7 +392,40 @@ export class Engine {
         this.log(`releasing what a request left: ${(e as Error).message}`);
       }
       this.checkDone();
+      // The next request's lease, state directories and command line,
+      // made now that this one has its answer.
+      this.prepareLease();
+      if (!this.leaving) {
+        try {
+          refillSpareStateDirs(this.opts.home);
+        } catch (e) {
+          this.log(`making spare state directories: ${(e as Error).message}`);
+        }
+      }
+      setImmediate(() => {
+        if (!this.leaving) void import('../cli.js').then((cli) => cli.prepareProgram(), () => {});
+      });
     }
+  }
+
+  /** Makes the next request's lease now, off this thread, so that a
+   * request does not wait for a new file to be made: a spare lease holds
+   * nothing (no claim names it until a request takes it), and goes with
+   * the engine (stop, or the next engine's sweep of leases/). */
+  private prepareLease(): void {
+    if (this.spareLease || this.leaving) return;
+    const spare = { name: newLeaseName(), ready: false };
+    this.spareLease = spare;
+    const path = join(leasesDir(this.opts.home), spare.name);
+    writeFile(path, '', { mode: 0o600, flag: 'wx' }).then(
+      () => {
+        if (this.spareLease === spare && !this.leaving) spare.ready = true;
+        else rmSync(path, { force: true });
+      },
+      () => {
+        if (this.spareLease === spare) this.spareLease = undefined;
+      },
+    );
   }
 
   /** Stops listening (the socket goes first, so that new clients run
@@ -390,6 +443,13 @@ export class Engine {
     if (!this.leaving || this.requests.size > 0) return;
     // Connections that never sent a request (or only read their answer).
     for (const s of this.connections) s.destroy();
+    if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });
+    this.spareLease = undefined;
+    try {
+      removeSpareStateDirs(this.opts.home);
+    } catch {
+      /* the next engine's */
+    }
     if (this.lockFd >= 0) closeSync(this.lockFd);
     this.lockFd = -1;
     this.log('left');
@@ -402,7 +462,10 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
   const engine = new Engine(opts);
   await engine.start();
   // Everything a command loads, loaded now rather than by the first one.
-  void import('../cli.js').catch((e) => engine.log(`loading the CLI: ${(e as Error).message}`));
+  void import('../cli.js').then(
+    (cli) => cli.prepareProgram(),
+    (e) => engine.log(`loading the CLI: ${(e as Error).message}`),
+  );
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);

@@ -7,6 +7,8 @@ import { describeInotify } from '../resources/inotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
+import { describeMessageQueue } from '../resources/mqueue.js';
+import { describeAioRings } from '../resources/aio.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
 import { printColumns } from '../inspect.js';
@@ -114,6 +116,8 @@ function describeFd(image: Image, fd: Fd): string {
       return describeTimerfd(fd.timerfd);
     case 'INOTIFY':
       return describeInotify(fd.inotifyWatches);
+    case 'MQUEUE':
+      return describeMessageQueue(image, fd);
     case 'PTY': {
       const pair = image.ptys?.[fd.pty?.pair ?? -1];
       return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${plural(pair?.input.length ?? 0, 'byte')} of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
@@ -190,6 +194,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f) + describeOwner(f)]), out);
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
+    if (describeAioRings(p)) out(`AIO contexts: ${describeAioRings(p)}\n`);
     if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
     if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }

@@ -55,6 +55,8 @@ export interface Image {
   ptys?: PtyPair[];
   /** Wait calls in flight (resources/waits.ts); absent in older images. */
   waits?: WaitSlot[];
+  /** POSIX message queues (resources/mqueue.ts); absent in older images. */
+  posixQueues?: PosixQueue[];
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
 }
 
@@ -183,6 +185,8 @@ export interface Process {
   stopSignal?: number;
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
+  /** Its AIO contexts (resources/aio.ts); absent in older images. */
+  aioRings?: AioRing[];
   attributes?: ProcessAttributes;
   /** 1 + its controlling terminal's index in Image.ptys; 0 or absent: none
    * in the image. */
@@ -436,6 +440,7 @@ export const FdKind = {
   PTY: 14,
   UNCONNECTED_STREAM: 15,
   PIDFD: 16,
+  MQUEUE: 17,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -473,6 +478,36 @@ export interface Fd {
    * O_ASYNC one, and of any other with an owner or a signal set; absent
    * otherwise (and, for one not O_ASYNC, in older images). */
   owner?: FdOwner;
+  /** MQUEUE: index into Image.posixQueues. */
+  mqueue?: number;
+}
+
+/** An idle AIO context's ring (resources/aio.ts). */
+export interface AioRing {
+  address: bigint;
+  length: bigint;
+  nrEvents: number;
+  id: number;
+  nr: number;
+  head: number;
+  tail: number;
+  events: Buffer;
+}
+
+/** A POSIX message queue (resources/mqueue.ts). */
+export interface PosixQueue {
+  /** "/NAME". */
+  name: string;
+  deleted: boolean;
+  maxmsg: bigint;
+  msgsize: bigint;
+  mode: number;
+  uid: number;
+  gid: number;
+  /** In the order mq_receive gives them. */
+  messages: { priority: number; data: Buffer }[];
+  /** The virtual PID registered with mq_notify (SIGEV_NONE); 0: none. */
+  notifyVpid: number;
 }
 
 export interface FdOwner {

@@ -15,6 +15,8 @@ import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
+import { checkPosixQueues } from '../resources/mqueue.js';
+import { checkAioRings } from '../resources/aio.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -190,6 +192,7 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkProcessState(p, vtids);
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
+  if (!memoryOnly) checkAioRings(p, corrupt);
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
     corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
@@ -511,4 +514,5 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
   if (!memoryOnly) checkPtys(image);
   if (!memoryOnly) checkWaits(image, corrupt);
+  if (!memoryOnly) checkPosixQueues(image, corrupt);
 }

@@ -75,6 +75,12 @@ export class Injector {
     return { ret, out: addon().readMemory(this.pid, this.scratch, outLength) };
   }
 
+  /** Where the scratch bytes are, for a call whose arguments point into
+   * each other (written there with writeMemory; put back by close()). */
+  get scratchAddress(): bigint {
+    return this.scratch;
+  }
+
   /** Bytes an out-parameter may take. */
   readonly scratchSize = SCRATCH;
 

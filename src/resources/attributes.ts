@@ -18,6 +18,7 @@
  * naming the attribute.
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { constants } from 'node:os';
 import type { Image, Process, ProcessAttributes, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -182,12 +183,12 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
 function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string): ProcessAttributes {
   check(asked.subreaper.ret, `whether ${what} is a child subreaper`);
   return {
-    oomScoreAdj: Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8')),
+    oomScoreAdj: Number(procText(`/proc/${pid}/oom_score_adj`)),
     childSubreaper: asked.subreaper.out.readInt32LE() !== 0,
     thpDisabled: check(asked.thpDisabled.ret, `THP disable of ${what}`) !== 0n,
     loginuid: dumpLoginuid(pid),
     membarrierRegistrations: dumpMembarrier(asked.membarrier, what),
-    coredumpFilter: parseInt(readFileSync(`/proc/${pid}/coredump_filter`, 'utf8'), 16),
+    coredumpFilter: parseInt(procText(`/proc/${pid}/coredump_filter`), 16),
     // A kernel before 6.3 has no MDWE (EINVAL): none then.
     mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
   };
@@ -206,7 +207,7 @@ export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], asked:
   const mapped = asked.lockProbe.ret;
   // Refused (no memory, the locked-memory limit): not known.
   if (!p.attributes || (mapped < 0n && mapped > -4096n)) return;
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const status = procText(`/proc/${pid}/status`);
   const lockedKb = BigInt(/^VmLck:\s+(\d+) kB/m.exec(status)?.[1] ?? '0');
   const ownKb = maps.filter((m) => m.vmFlags.includes('lo')).reduce((n, m) => n + (m.end - m.start) / 1024n, 0n);
   if (lockedKb >= ownKb + BigInt(PAGE) / 1024n) p.attributes.lockFuture = true;
@@ -225,7 +226,7 @@ export function unmapLockProbeLater(asked: AttributesAsked, calls: CallQueue): v
  * carry); undefined where the kernel has no audit (no such file). */
 function dumpLoginuid(pid: number): number | undefined {
   try {
-    return Number(readFileSync(`/proc/${pid}/loginuid`, 'utf8'));
+    return Number(procText(`/proc/${pid}/loginuid`));
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw e;
@@ -246,7 +247,7 @@ function dumpMembarrier(asked: Answer, what: string): number {
  * user. */
 function dumpPersonality(pid: number, calls: CallQueue, what: string): number {
   try {
-    return parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
+    return parseInt(procText(`/proc/${pid}/personality`), 16);
   } catch {
     return Number(check(calls.askNow(NR_personality, [PERSONALITY_QUERY]).ret, `the personality of ${what}`));
   }
@@ -279,7 +280,7 @@ function schedAttributes(tid: number, calls: CallQueue, what: string): { policy:
 }
 
 function dumpThreadAttributes(pid: number, tid: number, pdeathsig: Answer, timerSlack: Answer, calls: CallQueue, what: string): ThreadAttributes {
-  const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+  const stat = procText(`/proc/${pid}/task/${tid}/stat`);
   // Field 19 of proc(5): nice.
   const nice = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
   check(pdeathsig.ret, `the parent-death signal of ${what} thread ${tid}`);

@@ -11,7 +11,8 @@
  * Threads of one process in different cgroups (threaded cgroups) are
  * refused at snapshot.
  */
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { procDir, procText } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Process } from '../image/types.js';
@@ -21,7 +22,7 @@ import { nameProcess, Unsupported } from './context.js';
 function unifiedPath(procDir: string): string {
   let text = '';
   try {
-    text = readFileSync(join(procDir, 'cgroup'), 'utf8');
+    text = procText(join(procDir, 'cgroup'));
   } catch {
     return '';
   }
@@ -30,7 +31,7 @@ function unifiedPath(procDir: string): string {
 
 export function dumpCgroup(p: Process, pid: number, what: string): void {
   p.cgroup = unifiedPath(`/proc/${pid}`);
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+  for (const tid of procDir(`/proc/${pid}/task`)) {
     if (tid === String(pid)) continue; // the process's own, read above
     const there = unifiedPath(`/proc/${pid}/task/${tid}`);
     // Named by the TID the application knows (the system's where the

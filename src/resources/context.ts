@@ -134,6 +134,9 @@ export class RestoreContext {
   private readonly removeAtClose: string[] = [];
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
+  /** What undoes objects made outside the application (a named message
+   * queue) if the restore fails: run by undo(), newest first. */
+  private readonly undoing: (() => void)[] = [];
   /** Connections a keeper held since the snapshot (keeper.ts). */
   readonly kept = new KeptSockets();
   /** Established TCP connections, in repair mode until every process is made. */
@@ -264,6 +267,22 @@ export class RestoreContext {
     } finally {
       r.call('closing', SYS.close, [pidfd]);
     }
+  }
+
+  /** Registers what removes an object this restore made in the system
+   * (not in a process, which dies with a failed restore). */
+  undoOnFailure(undo: () => void): void {
+    this.undoing.push(undo);
+  }
+
+  /** The restore failed: what it made in the system is removed. */
+  undo(): void {
+    for (const undo of this.undoing.splice(0).reverse())
+      try {
+        undo();
+      } catch {
+        /* removed meanwhile */
+      }
   }
 
   close(): void {

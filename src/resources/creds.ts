@@ -25,7 +25,7 @@
  * the process is surely ours to write, restoreCreds, then restoreSeccomp
  * once the scratch memory is gone).
  */
-import { readFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
@@ -81,7 +81,7 @@ const SYS_CREDS = { setgroups: 116, setresuid: 117, setresgid: 119, setfsuid: 12
 
 function statusFields(path: string): Map<string, string> {
   const out = new Map<string, string>();
-  for (const line of readFileSync(path, 'utf8').split('\n')) {
+  for (const line of procText(path).split('\n')) {
     const i = line.indexOf(':');
     if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
   }
@@ -160,7 +160,8 @@ export interface DumpedCreds {
  */
 export function dumpCreds(pid: number, tids: number[], calls: CallQueue, what: string): () => DumpedCreds {
   const statuses = tids.map((tid) => threadStatus(pid, tid));
-  const own = ownStatus();
+  // appshot's own, read once (ownCreds): not a /proc read in the window.
+  const own = ownCreds();
   const contexts = statuses.map((st) => (inAppshotsContext(st, own) ? st.filterCount : 0));
   const filters = statuses.map((st, i) => {
     if (st.seccomp === 0 || contexts[i]) return [];
@@ -201,7 +202,7 @@ export function dumpCreds(pid: number, tids: number[], calls: CallQueue, what: s
  * as long as they are traced, so that calls can be injected (dirty
  * tracking does so outside a dump); false if that is not possible. */
 export function exemptFromSeccomp(pid: number, tids: number[]): boolean {
-  const own = ownStatus();
+  const own = ownCreds();
   for (const tid of tids) {
     const st = threadStatus(pid, tid);
     // Under appshot's own filters only: nothing to exempt it from that

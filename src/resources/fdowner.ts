@@ -23,7 +23,7 @@
  * set after locks.ts took the lease again, which leaves it as it is (only
  * giving a lease up clears it). test/fixtures/leasesig.c.
  */
-import { readdirSync } from 'node:fs';
+import { procDir } from '../procfs.js';
 import { type Fd, FdKind, type FdOwner, type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -51,7 +51,7 @@ export type FdOwnersAsked = Map<number, { owner: Answer; signal: Answer }>;
 
 export function askFdOwners(calls: CallQueue, pid: number): FdOwnersAsked {
   const asked: FdOwnersAsked = new Map();
-  for (const name of readdirSync(`/proc/${pid}/fd`)) {
+  for (const name of procDir(`/proc/${pid}/fd`)) {
     const fd = Number(name);
     asked.set(fd, { owner: calls.ask(NR.fcntl, [fd, F_GETOWN_EX, 'buf'], { outLength: 8 }), signal: calls.ask(NR.fcntl, [fd, F_GETSIG, 0]) });
   }

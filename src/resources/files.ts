@@ -7,7 +7,8 @@
  * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
  * datagram sockets unixdgram.ts's, UDP udp.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
- * timerfd and inotify each their own module's, pseudoterminals ptys.ts's
+ * timerfd and inotify each their own module's, POSIX message queues
+ * mqueue.ts's, pseudoterminals ptys.ts's
  * (after every process is read). Anything else is refused
  * by name.
  */
@@ -33,7 +34,7 @@ import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
 import { openUnconnected } from './unconnected.js';
 import { dumpPidfd, openPidfd } from './pidfd.js';
-import { refuseMessageQueue } from './mqueue.js';
+import { dumpMessageQueue, isMessageQueue, openMessageQueue } from './mqueue.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -128,8 +129,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;
+      } else if (st.isFile() && isMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`)) {
+        fd.kind = FdKind.MQUEUE;
+        fd.mqueue = dumpMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`, target, `${what} fd ${n}`);
       } else if (st.isFile() || st.isDirectory()) {
-        if (st.isFile()) refuseMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`, target, `${what} fd ${n}`);
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted, st);
         // /proc/PID/... of a process of the application: it follows that
         // process to its restored PID.
@@ -163,6 +166,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.PTY]: openPtyEnd,
   [FdKind.UNCONNECTED_STREAM]: openUnconnected,
   [FdKind.PIDFD]: openPidfd,
+  [FdKind.MQUEUE]: openMessageQueue,
 };
 
 /** Descriptors whose state lives in the process that made them (a
@@ -399,7 +403,7 @@ export function markSharedDescriptions(procs: { pid: number; fds: Fd[] }[]): voi
   const groups = new Map<string, { pid: number; fd: Fd }[]>();
   for (const p of procs)
     for (const fd of p.fds) {
-      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD && fd.kind !== FdKind.PIPE && fd.kind !== FdKind.FIFO && fd.kind !== FdKind.PIDFD) continue;
+      if (fd.kind !== FdKind.FILE && fd.kind !== FdKind.DEVICE && fd.kind !== FdKind.EVENTFD && fd.kind !== FdKind.PIPE && fd.kind !== FdKind.FIFO && fd.kind !== FdKind.PIDFD && fd.kind !== FdKind.MQUEUE) continue;
       const key = `${fd.kind}:${fd.file}:${fd.path}:${fd.pos}:${fd.flags}`;
       if (!groups.has(key)) groups.set(key, []);
       groups.get(key)!.push({ pid: p.pid, fd });

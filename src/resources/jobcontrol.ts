@@ -77,15 +77,23 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
-  for (const m of others) for (const tid of m.tids) detachRestored(tid);
+  // One native call for all of them; one that fails (killed meanwhile:
+  // ESRCH) is handled as detachRestored does, and the rest go on.
+  const tids = others.flatMap((m) => m.tids);
+  for (let at = 0; at < tids.length; ) {
+    at += addon().detachAll(tids.slice(at));
+    if (at < tids.length) detachRestored(tids[at++]);
+  }
   return missed;
 }
 
 /** After a failure once the restore has committed (the application is
  * init's to keep then, whatever befalls us): every thread that is still
- * ours let go, as releaseRestored would, errors ignored. Those let go
- * already answer ESRCH; a process stopped by job control gets its stop
- * signal again, which changes nothing if it is in that stop already. */
+ * ours let go, as releaseRestored would, errors ignored. A thread let go
+ * already answers ESRCH and has no report for us (wait() says ECHILD); one
+ * still ours but killed meanwhile has its exit taken, as in
+ * releaseRestored. A process stopped by job control gets its stop signal
+ * again, which changes nothing if it is in that stop already. */
 export function releaseWhatIsLeft(made: Restored[]): void {
   for (const m of made) {
     if (m.proc.groupStopped)
@@ -96,9 +104,9 @@ export function releaseWhatIsLeft(made: Restored[]): void {
       }
     for (const tid of m.tids)
       try {
-        addon().detach(tid, 0);
+        detachRestored(tid);
       } catch {
-        /* let go already, or gone */
+        /* gone, or the tracing failed: nothing more to do for it */
       }
   }
 }
@@ -107,7 +115,9 @@ export function releaseWhatIsLeft(made: Restored[]): void {
  * it meanwhile (a parent that kills its child as soon as it runs): dying,
  * it has nothing left to let go, and the restore has succeeded; its exit
  * is taken here, as its tracer's, so that its parent can reap it (which
- * it could not while the tracer, perhaps a resident engine, held it). */
+ * it could not while the tracer, perhaps a resident engine, held it). A
+ * thread that is not ours any more (let go before) makes wait() answer
+ * null at once. */
 function detachRestored(tid: number): void {
   for (let tries = 0; tries < 8; tries++) {
     try {
@@ -116,7 +126,7 @@ function detachRestored(tid: number): void {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
     }
-    const r = addon().waitAny([tid], 1000);
+    const r = addon().wait(tid, 1000);
     if (!r || r.kind === 'exited') return;
   }
 }

@@ -9,7 +9,7 @@
  * the restoring user has, unless it holds CAP_SYS_RESOURCE, and a limit it
  * cannot set is a refusal by name, never a silent cap.
  */
-import { readFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Image, Rlimit } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -44,7 +44,7 @@ export function parseLimits(text: string): Rlimit[] {
 
 /** `pid` may be 'self'. */
 export function readLimits(pid: number | 'self'): Rlimit[] {
-  return parseLimits(readFileSync(`/proc/${pid}/limits`, 'utf8'));
+  return parseLimits(procText(`/proc/${pid}/limits`));
 }
 
 export const dumpLimits = (pid: number): Rlimit[] => readLimits(pid);

@@ -1,34 +1,293 @@
 /**
- * POSIX message queues (mq_open). Not captured yet: a queue's descriptor
- * is refused by name at snapshot. Before this, a queue's descriptor, a
- * regular inode of the mqueue file system named "/NAME" (or "/NAME
- * (deleted)" once unlinked), passed for a file: restored as an empty
- * deleted file in its place, on which mq_send and mq_receive fail (EBADF),
- * while the restore said it worked. (The preload library translates the
- * notifier's PID a queue's text shows: addon/preload/preload_ipc.c.)
+ * POSIX message queues (mq_open). A queue's descriptor is a regular inode
+ * of the mqueue file system, named "/NAME" (or "/NAME (deleted)" once
+ * unlinked). Its state: the name, each descriptor's open flags (access
+ * mode, O_NONBLOCK) and text offset, the queue's attributes (mq_maxmsg,
+ * mq_msgsize), owner and mode, its messages with their priorities, and a
+ * notification registration (mq_notify). The queue is kept once in the
+ * image (Image.posixQueues), however many descriptors of however many
+ * processes hold it.
+ *
+ * Messages: the kernel has no way to read one without removing it. While
+ * the application is frozen, appshot opens a description of its own of the
+ * queue (readable, writable, non-blocking: the application's descriptions
+ * are not touched), receives every message and at once sends them back in
+ * the order received, which is the queue's own order (priority, then
+ * arrival), all in one native call (addon mqTakeAndGiveBack). The queue is
+ * then as it was before anything else of the snapshot happens, so a
+ * snapshot that fails later leaves it exactly as it was. (A queue shared
+ * with a process outside the application could see that process act in the
+ * instant between; such sharing is not detected.)
+ *
+ * Notification: the queue's text ("QSIZE:.. NOTIFY:.. SIGNO:..
+ * NOTIFY_PID:..") names the registered process and how it is notified,
+ * but not a signal's sigev_value nor SIGEV_THREAD's cookie, so only a
+ * SIGEV_NONE registration can be made again exactly: inside the restored
+ * owner, through its own descriptor. A signal or thread registration is
+ * refused by name, and so is a registration on a queue that holds
+ * messages (refilling an empty queue would fire it and so end it), and a
+ * registration by a process outside the application.
+ *
+ * Restore (each queue made once, in appshot's process, each description
+ * then opened from it and handed over):
+ * - a named queue that does not exist is created with the image's
+ *   attributes, mode and owner, and filled with its messages. If the
+ *   restore fails, it is removed again.
+ * - a named queue that exists (restored on the node where it was taken:
+ *   a queue outlives its processes) is the application's queue as it is
+ *   now, opened by name with its messages as they are now, like a file on
+ *   disk: it is neither emptied nor refilled. It must have the image's
+ *   attributes (mq_maxmsg, mq_msgsize), or the restore fails naming both:
+ *   another queue took the name.
+ * - an unlinked queue is created under a temporary name, unlinked at once,
+ *   and filled.
+ * Creation is charged to the restorer's RLIMIT_MSGQUEUE and bounded by
+ * /proc/sys/fs/mqueue (queues_max, msg_max, msgsize_max): a queue that
+ * cannot be made fails the restore with one message naming it and what
+ * bounds it, and nothing is left.
+ *
+ * Templates: an unlinked queue is each clone's own (duplicated); a named
+ * one is one system-wide name, which clones cannot each have (refused).
+ * (The preload library translates the notifier's PID a queue's text
+ * shows: addon/preload/preload_ipc.c.)
  */
-import { type BigIntStats, statfsSync } from 'node:fs';
-import { type DumpContext, Unsupported } from './context.js';
+import { type BigIntStats, closeSync, fchmodSync, fchownSync, constants as fs, openSync, readSync, statfsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { AppshotError } from '../errors.js';
+import { addon } from '../native.js';
+import { type Fd, FdKind, type Image, type PosixQueue, type Process } from '../image/types.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 
 /** statfs's f_type of the mqueue file system (linux/magic.h). */
 const MQUEUE_MAGIC = 0x19800202;
+const O_ACCMODE = 3;
+const DELETED = ' (deleted)';
+const SIGEV_SIGNAL = 0;
+const SIGEV_NONE = 1;
+/** The kernel's hard ceilings (ipc/mqueue.c, HARD_MSGMAX etc.) and
+ * MQ_PRIO_MAX: what an image may ask for. */
+export const MQ_LIMITS = { maxmsg: 65536, msgsize: 16 << 20, priority: 32768, nameBytes: 255 };
 
 /** Per snapshot: whether each anonymous device seen is the mqueue file
- * system's (one statfs per device, not per descriptor). */
-const seen = new WeakMap<DumpContext, Map<bigint, boolean>>();
+ * system's (one statfs per device, not per descriptor), and each queue's
+ * index in the image by its inode. */
+const seen = new WeakMap<DumpContext, { devices: Map<bigint, boolean>; queues: Map<string, number> }>();
 
-/** Throws Unsupported if the regular file `st` (stat of `procPath`, a
- * descriptor's /proc/PID/fd link, whose target is `target`) is a message
- * queue. Only a file on an anonymous device (major 0: tmpfs, mqueue and
- * the like) is looked at; disks' files cost nothing. */
-export function refuseMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: string, target: string, where: string): void {
-  if ((st.dev >> 8n) & 0xfffn) return;
-  let byDev = seen.get(ctx);
-  if (!byDev) seen.set(ctx, (byDev = new Map()));
-  let mqueue = byDev.get(st.dev);
+function seenBy(ctx: DumpContext) {
+  let s = seen.get(ctx);
+  if (!s) seen.set(ctx, (s = { devices: new Map(), queues: new Map() }));
+  return s;
+}
+
+/** Whether the regular file `st` (stat of `procPath`, a descriptor's
+ * /proc/PID/fd link) is a message queue. Only a file on an anonymous
+ * device (major 0: tmpfs, mqueue and the like) is looked at; disks' files
+ * cost nothing. */
+export function isMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: string): boolean {
+  if ((st.dev >> 8n) & 0xfffn) return false;
+  const { devices } = seenBy(ctx);
+  let mqueue = devices.get(st.dev);
   if (mqueue === undefined) {
     mqueue = statfsSync(procPath).type === MQUEUE_MAGIC;
-    byDev.set(st.dev, mqueue);
+    devices.set(st.dev, mqueue);
   }
-  if (mqueue) throw new Unsupported(`${where}: a POSIX message queue (${target.replace(/ \(deleted\)$/, '')}${target.endsWith(' (deleted)') ? ', unlinked' : ''}) cannot be captured yet`);
+  return mqueue;
+}
+
+/** The queue that descriptor `procPath` (/proc/PID/fd/N, whose link reads
+ * `target`) is of: its index in image.posixQueues, read once. */
+export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: string, target: string, where: string): number {
+  const { queues } = seenBy(ctx);
+  const key = `${st.dev}:${st.ino}`;
+  const known = queues.get(key);
+  if (known !== undefined) return known;
+  const deleted = target.endsWith(DELETED);
+  const name = deleted ? target.slice(0, -DELETED.length) : target;
+  const named = `the POSIX message queue ${name}${deleted ? ' (unlinked)' : ''}`;
+  let own: number;
+  try {
+    own = openSync(procPath, fs.O_RDWR | fs.O_NONBLOCK);
+  } catch (e) {
+    throw new Unsupported(`${where}: ${named} cannot be opened for reading and writing by appshot (${(e as NodeJS.ErrnoException).code}), which reading its messages needs`);
+  }
+  try {
+    const text = Buffer.alloc(128);
+    const status = text.toString('latin1', 0, readSync(own, text, 0, text.length, 0));
+    const field = (f: string) => Number(new RegExp(`${f}:\\s*(-?\\d+)`).exec(status)?.[1] ?? NaN);
+    const [notify, signo, notifyPid] = [field('NOTIFY'), field('SIGNO'), field('NOTIFY_PID')];
+    if (![notify, signo, notifyPid].every(Number.isInteger)) throw new Error(`${where}: ${named} reads "${status.trim()}", not what this kernel usually shows`);
+    const attrs = addon().mqAttributes(own);
+    let notifyVpid = 0;
+    if (notifyPid) {
+      notifyVpid = ctx.virtual('pid', notifyPid);
+      if (!notifyVpid) throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by system process ${notifyPid}, outside the application, which cannot be captured`);
+      if (notify !== SIGEV_NONE)
+        throw new Unsupported(
+          `${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} ${notify === SIGEV_SIGNAL ? `with signal ${signo} (SIGEV_SIGNAL)` : 'with a thread (SIGEV_THREAD)'}, whose sigev_value the kernel does not show, which cannot be captured yet`,
+        );
+      if (attrs.curmsgs)
+        throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} and holds ${attrs.curmsgs} messages, which cannot be read without firing it (receiving them and sending them back would), which cannot be captured yet`);
+    }
+    const messages = attrs.curmsgs ? addon().mqTakeAndGiveBack(own, attrs.msgsize) : [];
+    if (messages.length !== attrs.curmsgs) throw new Error(`${where}: ${named} held ${attrs.curmsgs} messages, ${messages.length} were read (another process outside the application uses it)`);
+    const queue: PosixQueue = {
+      name,
+      deleted,
+      maxmsg: BigInt(attrs.maxmsg),
+      msgsize: BigInt(attrs.msgsize),
+      mode: Number(st.mode) & 0o7777,
+      uid: Number(st.uid),
+      gid: Number(st.gid),
+      messages,
+      notifyVpid,
+    };
+    const all = (ctx.image.posixQueues ??= []);
+    all.push(queue);
+    queues.set(key, all.length - 1);
+    return all.length - 1;
+  } finally {
+    closeSync(own);
+  }
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** What explains a failure to make a queue: the bound the kernel applied. */
+function bound(code: string | undefined): string {
+  switch (code) {
+    case 'EMFILE':
+      return ' (the restorer\'s RLIMIT_MSGQUEUE is used up)';
+    case 'ENOSPC':
+      return ' (/proc/sys/fs/mqueue/queues_max queues exist)';
+    case 'EINVAL':
+      return ' (above /proc/sys/fs/mqueue/msg_max or msgsize_max)';
+    case 'ENOMEM':
+      return ' (out of memory, or the queue\'s size is above RLIMIT_MSGQUEUE)';
+    default:
+      return '';
+  }
+}
+
+/** The queue `i` of the image, made once for the whole restore: our
+ * description of it (readable and writable) if it was made now, or
+ * undefined if a queue of that name exists on this node (then each
+ * description is opened by name). */
+function makeQueue(h: RestoreContext, q: PosixQueue): number | undefined {
+  const what = `the POSIX message queue ${q.name}${q.deleted ? ' (unlinked)' : ''}`;
+  const create = (name: string) => h.keep(addon().mqOpen(name, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, Number(q.maxmsg), Number(q.msgsize)));
+  // An unlinked queue is made under its own name if that is free (its
+  // descriptors' links then read as they did), else a temporary one.
+  let name = q.name;
+  let fd: number;
+  try {
+    try {
+      fd = create(name);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      if (!q.deleted) return undefined;
+      fd = create((name = `/appshot-${process.pid}-${randomBytes(6).toString('hex')}`));
+    }
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new AppshotError(`cannot make ${what} (${q.maxmsg} messages of ${q.msgsize} bytes): ${code}${bound(code)}`);
+  }
+  // Made: gone again if anything fails, the unlinked one at once.
+  if (q.deleted) addon().mqUnlink(name);
+  else h.undoOnFailure(() => addon().mqUnlink(name));
+  try {
+    if (q.uid !== process.geteuid!() || q.gid !== process.getegid!()) fchownSync(fd, q.uid, q.gid);
+    fchmodSync(fd, q.mode);
+    addon().mqSend(fd, q.messages);
+  } catch (e) {
+    throw new AppshotError(`cannot fill ${what} with its ${q.messages.length} messages (owner ${q.uid}:${q.gid}, mode ${q.mode.toString(8)}): ${(e as Error).message}`);
+  }
+  return fd;
+}
+
+/** Our descriptor of the queue image fd `fd` of process `p` is of, opened
+ * with its flags and at its offset. */
+export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number {
+  const i = fd.mqueue ?? -1;
+  const q = h.image.posixQueues?.[i];
+  if (!q) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: a message queue the image does not hold`);
+  const made = h.once(`mqueue ${i}`, () => makeQueue(h, q));
+  const flags = fd.flags & (O_ACCMODE | fs.O_NONBLOCK);
+  let got: number;
+  if (made !== undefined) {
+    got = h.keep(openSync(`/proc/self/fd/${made}`, flags));
+  } else {
+    try {
+      got = h.keep(addon().mqOpen(q.name, flags, 0, 0, 0));
+    } catch (e) {
+      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot open the POSIX message queue ${q.name}, which exists on this node: ${(e as Error).message}`);
+    }
+    const a = addon().mqAttributes(got);
+    if (BigInt(a.maxmsg) !== q.maxmsg || BigInt(a.msgsize) !== q.msgsize)
+      throw new AppshotError(
+        `the POSIX message queue ${q.name} exists on this node with ${a.maxmsg} messages of ${a.msgsize} bytes, the image's has ${q.maxmsg} of ${q.msgsize}: another queue took its name (remove it to restore the image's)`,
+      );
+  }
+  if (fd.pos) addon().lseek(got, Number(fd.pos));
+  return got;
+}
+
+/** The notification registrations (SIGEV_NONE) of process `p`, made again
+ * inside it through its own descriptor of each queue, once its
+ * descriptors are in place. */
+export function restoreQueueNotifications(r: RemoteProcess, p: Process, image: Image): void {
+  (image.posixQueues ?? []).forEach((q, i) => {
+    if (q.notifyVpid !== p.vpid) return;
+    const fd = p.fds.find((f) => f.kind === FdKind.MQUEUE && f.mqueue === i);
+    if (!fd) throw new AppshotError(`process ${p.vpid} is registered for notification by the message queue ${q.name}, which it holds no descriptor of`);
+    r.reset();
+    // struct sigevent: sigev_value (8 bytes), sigev_signo, sigev_notify.
+    const sigevent = Buffer.alloc(64);
+    sigevent.writeInt32LE(SIGEV_NONE, 12);
+    r.call(`registering process ${p.vpid} for notification by the message queue ${q.name} (mq_notify)`, SYS.mq_notify, [fd.fd, r.put(sigevent)]);
+  });
+}
+
+/** What `inspect` says of a descriptor of it. */
+export function describeMessageQueue(image: Image, fd: Fd): string {
+  const q = image.posixQueues?.[fd.mqueue ?? -1];
+  if (!q) return 'POSIX message queue';
+  const bytes = q.messages.reduce((n, m) => n + m.data.length, 0);
+  return `POSIX message queue ${q.name}${q.deleted ? ' (unlinked)' : ''}, ${q.messages.length} of ${q.maxmsg} messages (${bytes} bytes, at most ${q.msgsize} each)${q.notifyVpid ? `, notifies process ${q.notifyVpid}` : ''}`;
+}
+
+/** Templates: whether clones can each have it. */
+export function queueRefusal(image: Image, fd: Fd): string | undefined {
+  const q = image.posixQueues?.[fd.mqueue ?? -1];
+  if (q && !q.deleted) return `a POSIX message queue named ${q.name} is a system-wide name and cannot be shared by clones`;
+  return undefined;
+}
+
+/** An image's queues, as the restore relies on them (image/validate.ts):
+ * names mq_open takes, attributes and messages within the kernel's hard
+ * ceilings and within each queue's own, every descriptor's queue in the
+ * image, a notification by a process that holds the queue. */
+export function checkPosixQueues(image: Image, corrupt: (what: string) => never): void {
+  const queues = image.posixQueues ?? [];
+  const held = new Map<number, Set<number>>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (fd.kind !== FdKind.MQUEUE) continue;
+      const i = fd.mqueue ?? -1;
+      if (!(Number.isInteger(i) && i >= 0 && i < queues.length)) corrupt(`process ${p.vpid}'s fd ${fd.fd} is message queue ${i}, which the image does not have`);
+      if (!held.has(i)) held.set(i, new Set());
+      held.get(i)!.add(p.vpid);
+    }
+  queues.forEach((q, i) => {
+    const where = `message queue ${i}`;
+    if (!/^\/[^/\0]+$/.test(q.name) || Buffer.byteLength(q.name) - 1 > MQ_LIMITS.nameBytes) corrupt(`${where} is named "${q.name.slice(0, 80)}", not a name mq_open takes`);
+    if (!(q.maxmsg >= 1n && q.maxmsg <= BigInt(MQ_LIMITS.maxmsg) && q.msgsize >= 1n && q.msgsize <= BigInt(MQ_LIMITS.msgsize)))
+      corrupt(`${where} holds ${q.maxmsg} messages of ${q.msgsize} bytes (the kernel's ceilings: ${MQ_LIMITS.maxmsg} of ${MQ_LIMITS.msgsize})`);
+    if (q.mode > 0o777) corrupt(`${where} has mode ${q.mode.toString(8)}`);
+    if (BigInt(q.messages.length) > q.maxmsg) corrupt(`${where} holds ${q.messages.length} messages, more than its ${q.maxmsg}`);
+    for (const m of q.messages)
+      if (BigInt(m.data.length) > q.msgsize || !(m.priority >= 0 && m.priority < MQ_LIMITS.priority))
+        corrupt(`${where} holds a message of ${m.data.length} bytes (at most ${q.msgsize}) or of priority ${m.priority} (below ${MQ_LIMITS.priority})`);
+    if (q.notifyVpid && !held.get(i)?.has(q.notifyVpid)) corrupt(`${where} notifies process ${q.notifyVpid}, which holds no descriptor of it`);
+  });
 }

@@ -4,8 +4,7 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { readFileSync, readlinkSync } from 'node:fs';
-import { readCmdline, readStat } from '../procfs.js';
+import { procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
@@ -16,7 +15,7 @@ import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
-  for (const line of readFileSync(`/proc/${pid}/status`, 'utf8').split('\n')) {
+  for (const line of procText(`/proc/${pid}/status`).split('\n')) {
     const i = line.indexOf(':');
     if (i > 0) out.set(line.slice(0, i), line.slice(i + 1).trim());
   }
@@ -26,7 +25,7 @@ function statusFields(pid: number): Map<string, string> {
 /** Fields 26–28 and 45–51 of /proc/PID/stat, plus the exact brk, which
  * only the process can tell (brk(0)). */
 function mmFields(pid: number, brk: bigint): MmFields {
-  const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const text = procText(`/proc/${pid}/stat`);
   const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
   // f[i] is field i + 3 of proc(5).
   const field = (n: number) => BigInt(f[n - 3]);
@@ -42,7 +41,7 @@ function mmFields(pid: number, brk: bigint): MmFields {
     argEnd: field(49),
     envStart: field(50),
     envEnd: field(51),
-    auxv: readFileSync(`/proc/${pid}/auxv`),
+    auxv: procBytes(`/proc/${pid}/auxv`),
   };
 }
 
@@ -94,7 +93,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
   const status = statusFields(pid);
-  const exe = readlinkSync(`/proc/${pid}/exe`);
+  const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
   return {
     vpid: ctx.virtual('pid', pid),
@@ -106,8 +105,8 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     argv: readCmdline(pid),
     creds: creds.threads[0],
     exe,
-    cwd: readlinkSync(`/proc/${pid}/cwd`),
-    root: readlinkSync(`/proc/${pid}/root`),
+    cwd: procLink(`/proc/${pid}/cwd`),
+    root: procLink(`/proc/${pid}/root`),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
     sigactions: [],

@@ -21,7 +21,8 @@
  * right after its setsid, before its children are forked, so that they
  * inherit it; its foreground group is set once every group is made.
  */
-import { closeSync, constants as fs, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readSync, writeSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type PtyPair } from '../image/types.js';
@@ -108,7 +109,7 @@ function refill(master: number, slave: number, termios: Buffer, input: Buffer, o
 /** The controlling terminal (device number) and its foreground group
  * (system PID) of a process, from /proc/PID/stat (fields 7 and 8). */
 function controllingTerminal(pid: number): { dev: number; tpgid: number } {
-  const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const text = procText(`/proc/${pid}/stat`);
   const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
   return { dev: Number(f[4]), tpgid: Number(f[5]) };
 }
@@ -153,6 +154,9 @@ export function dumpPtys(ctx: DumpContext): void {
         closeSync(master);
       }
     }
+  // No pair is the application's: nothing below to mark, and no process's
+  // stat to read again in the frozen window.
+  if (!pairs.length) return;
   for (const p of image.processes) {
     for (const fd of p.fds) {
       const m = SLAVE.exec(fd.path);

@@ -3,7 +3,7 @@
  * process: /proc shows only which are caught) and the process-wide queue of
  * pending signals. Masks and per-thread queues are the threads' (threads.ts).
  */
-import { readFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { addon } from '../native.js';
 import type { SigAction } from '../image/types.js';
 import { NR } from '../ptrace/inject.js';
@@ -18,7 +18,7 @@ const NSIG = 64;
 /** Signals whose disposition is not the default (SigCgt | SigIgn): only
  * those are asked for, one injected call each. */
 function nonDefault(pid: number): bigint {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const status = procText(`/proc/${pid}/status`);
   const field = (name: string) => BigInt('0x' + (new RegExp(`^${name}:\\s+([0-9a-f]+)`, 'm').exec(status)?.[1] ?? '0'));
   return field('SigCgt') | field('SigIgn');
 }

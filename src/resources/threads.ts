@@ -4,9 +4,8 @@
  * stack. Each is per thread in the kernel and none survives a restore by
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
-import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
-import { readStat } from '../procfs.js';
+import { procText, readStat } from '../procfs.js';
 import type { SigAction, Thread } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
@@ -47,7 +46,7 @@ export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, aske
   const st = readStat(t.tid);
   let wchan = '';
   try {
-    wchan = readFileSync(`/proc/${t.pid}/task/${t.tid}/wchan`, 'utf8');
+    wchan = procText(`/proc/${t.pid}/task/${t.tid}/wchan`);
   } catch {
     /* not readable */
   }
@@ -232,6 +231,8 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
   const fail = () => out.writeBigInt64LE(-EINTR, REG.rax);
   if (signal && (rax === ERESTARTNOHAND || rax === ERESTART_RESTARTBLOCK || (rax === ERESTARTSYS && !(signal.flags & SA_RESTART)))) fail();
   else if (rax === ERESTART_RESTARTBLOCK) {
+    // The futex operation without its flags (private, clock), or -1.
+    const futexOp = orig === NR_futex ? out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS : -1n;
     if (inPlace) rewind(219n /* restart_syscall */);
     else if (orig === NR_nanosleep || orig === NR_clock_nanosleep) {
       // nanosleep(req: rdi, rem: rsi); clock_nanosleep(clock, flags,
@@ -243,11 +244,11 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
       const left = out.readBigUInt64LE(rem);
       if (left) out.writeBigUInt64LE(left, req);
       rewind(orig);
-    } else if (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT_BITSET) {
+    } else if (futexOp === FUTEX_WAIT_BITSET) {
       // Its timeout is an absolute instant, still in its arguments: made
       // again as it was (sem_timedwait, pthread_cond_timedwait).
       rewind(orig);
-    } else if (orig === NR_poll || (orig === NR_futex && (out.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS) === FUTEX_WAIT)) {
+    } else if (orig === NR_poll || futexOp === FUTEX_WAIT) {
       // The kernel kept the instant their timeout ends in the thread's
       // restart block, which nothing outside the thread shows, and when
       // the call began is recorded nowhere, so the time left cannot be

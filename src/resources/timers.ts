@@ -33,7 +33,7 @@
  * timer's signal already queued comes back as an ordinary queued signal
  * (signals.ts), with its siginfo.
  */
-import { readFileSync } from 'node:fs';
+import { procText } from '../procfs.js';
 import { type PosixTimer, PosixTimerNotify } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
@@ -94,7 +94,7 @@ interface Listed {
 function listTimers(pid: number, what: string): Listed[] {
   let text: string;
   try {
-    text = readFileSync(`/proc/${pid}/timers`, 'utf8');
+    text = procText(`/proc/${pid}/timers`);
   } catch {
     return []; // a kernel without CONFIG_CHECKPOINT_RESTORE: none can be seen
   }

@@ -29,6 +29,8 @@ import { environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { restoreQueueNotifications } from '../resources/mqueue.js';
+import { restoreAioRings } from '../resources/aio.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
@@ -105,6 +107,9 @@ export interface RestoreOptions {
    * the processes' release and are waiting when they run). Not called
    * for a batch of clones (committed by its caller). It must not throw. */
   committed?: (record: AppRecord) => void;
+  /** Where it came from, as `ps` shows it (AppRecord.image): written with
+   * its registration, not in a write of its own after the restore. */
+  recordImage?: string;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -395,7 +400,7 @@ const trapIsDefault = (p: Process) => !p.sigactions.some((a) => a.signal === 5 &
 /** Whether a process has a scratch area of ours at `at` (anonymous,
  * readable, writable and executable, of the scratch area's size, as
  * appshot-init maps it) and no mapping of the image is in its way. */
-function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: Vma[]): boolean {
+function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; perms: string; path: string }[], vmas: { start: bigint; end: bigint }[]): boolean {
   const end = at + BigInt(RemoteProcess.scratchSize);
   return seedMaps.some((l) => l.start === at && l.end === end && l.perms === 'rwxp' && !l.path) && !vmas.some((v) => v.start < end && at < v.end);
 }
@@ -558,6 +563,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
+      ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
       restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
       ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
@@ -673,10 +679,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedMaps = readMaps(m.pid);
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      const used = [...m.proc.vmas, ...seedMaps];
+      // AIO rings are moved to their addresses later: kept free.
+      const rings = (m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length }));
+      const used = [...m.proc.vmas, ...seedMaps, ...rings];
       // The scratch area it has already, if the image leaves it where it
       // is (one stop fewer); else one mapped where the image has nothing.
-      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, m.proc.vmas) && r.adoptScratch(m.scratch)))
+      if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, [...m.proc.vmas, ...rings]) && r.adoptScratch(m.scratch)))
         r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
       phase(`process ${m.proc.vpid}`);
       await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
@@ -791,6 +799,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
+      restoreQueueNotifications(r, p, image);
+      restoreAioRings(r, p);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
       restoreLocks(r, p);
       phase('fds');
@@ -861,6 +871,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // connections go live and the commit keeps the application.
     await heardInterrupt();
     if (opts.hold) {
+      // What the commit waits for (the commit file made ahead, init
+      // running as this application's), waited for now: the release does
+      // not, with a client waiting.
+      if (!opts.batchCommit) await reg.commitReady(commitPath);
+      supervisor.confirm();
       // Held (serve's prepared resume): every process made and stopped,
       // nothing of it live, nothing committed; what is left is ~0.5 ms.
       phase('held');
@@ -880,9 +895,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // instances at once, after the last.
     // Its init runs as this application's (a standby has taken its
     // arguments meanwhile) before anything of it may run.
-    if (!opts.batchCommit) await reg.commitReady(commitPath);
-    supervisor.confirm();
-    for (const m of made) for (const tid of m.tids) addon().keepOnExit(tid);
+    if (!opts.hold) {
+      if (!opts.batchCommit) await reg.commitReady(commitPath);
+      supervisor.confirm();
+    }
+    addon().keepOnExitAll(made.flatMap((m) => m.tids));
     const result = (): RestoreResult => ({
       aid,
       image: imagePath,
@@ -901,7 +918,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       notKept,
     });
     if (!opts.batchCommit) {
-      reg.commit(commitPath);
+      // Its age (what the sweep goes by) set once the processes go.
+      reg.commit(commitPath, { ageLater: true });
       committedResult = result;
       // Committed: the keeper lets its copies of the connections go.
       handed.kept.finish();
@@ -915,6 +933,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const m of releaseRestored(made))
       process.stderr.write(`appshot: process ${m.proc.vpid} (${m.proc.comm}) could not be stopped by signal ${m.proc.stopSignal} again (its process group is orphaned here): stopped by SIGSTOP\n`);
     if (!opts.batchCommit) {
+      reg.ageCommit(commitPath);
       closeSync(lifeline);
       lifeline = -1;
     }
@@ -953,6 +972,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       );
     }
     handover?.close();
+    handover?.undo();
     handover?.kept.abandon();
     for (const m of made) try {
       process.kill(m.pid, 'SIGKILL');

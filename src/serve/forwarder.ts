@@ -100,8 +100,10 @@ export class Forwarder {
     }
   }
 
-  /** Forwards a paused, never-read client socket to 127.0.0.1:port. */
-  forward(socket: Socket, port: number, ends: ForwardEnds): void {
+  /** Forwards a paused, never-read client socket to 127.0.0.1:port;
+   * `reportLater`: its connect reported in a microtask, not before this
+   * returns. */
+  forward(socket: Socket, port: number, ends: ForwardEnds, reportLater = false): void {
     const fd = fdOf(socket);
     if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
     // (ids with the top bit set are the thread's own accepts)
@@ -115,7 +117,13 @@ export class Forwarder {
     }
     this.open.set(id, { socket, ends });
     // Over loopback the connect is usually done on return (forward.c).
-    if (rc === 1) this.connected({ socket, ends }, process.hrtime.bigint());
+    // reportLater: told in a microtask, the caller's synchronous work
+    // first (a resume lets its processes go).
+    if (rc === 1) {
+      const at = process.hrtime.bigint();
+      if (reportLater) queueMicrotask(() => this.connected({ socket, ends }, at));
+      else this.connected({ socket, ends }, at);
+    }
   }
 
   private connected(c: { socket?: Socket; ends: ForwardEnds }, at: bigint): void {

@@ -142,6 +142,10 @@ const PRELOAD_LIMIT = 8;
  * preloaded) goes back to the kernel this long after the last of it
  * (ServeHost.worked). */
 const TRIM_AFTER_MS = 500;
+/** What follows a resume but its clients' forwards (the log line, the
+ * process to watch, the registry's parent image) waits this long
+ * (restoreInstance). */
+const AFTER_RESUME_MS = 10;
 /** A standby taken by a resume is replaced this long after (standby.ts):
  * not while the resume and its first reply still want the CPU. */
 const STANDBY_REFILL_MS = 100;
@@ -197,9 +201,19 @@ class Service {
     const saved = host.store.readState(spec.name);
     const usable = saved?.lastImage && existsSync(saved.lastImage) ? saved : undefined;
     this.lastImage = usable?.lastImage ?? spec.from;
-    this.chain = usable ? ((saved as ServiceState & { chain?: string[] }).chain ?? [usable.lastImage!]) : [spec.from];
+    this.chain = usable ? (saved!.chain ?? [usable.lastImage!]) : [spec.from];
     if (usable) this.counters = { snapshots: saved!.snapshots, restores: saved!.restores, crashes: saved!.crashes };
+    // An image is in place only whole (the snapshot renames it there).
+    if (spec.mode === 'restore' && saved?.suspending && existsSync(saved.suspending.image)) this.interrupted = saved.suspending;
   }
+
+  /** restore mode: what a suspend under way when the previous serve
+   * wrote its state was writing (ServiceState.suspending), whole on
+   * disk; adopt() decides whether it is the service's last image. */
+  private interrupted: { image: string; chain: string[] } | undefined;
+  /** restore mode, while a suspend is under way: its image and the chain
+   * it ends (ServiceState.suspending). */
+  private suspending: { image: string; chain: string[] } | undefined;
 
   get name(): string {
     return this.spec.name;
@@ -227,6 +241,20 @@ class Service {
     if (this.spec.mode !== 'restore') return;
     const rec = this.reg.get(this.name);
     const live = rec && !isEnded(rec) && this.reg.settle(rec);
+    const interrupted = this.interrupted;
+    this.interrupted = undefined;
+    // The previous serve's suspend wrote its image whole and the instance
+    // is gone: it ended into that image (past the snapshot's point of no
+    // return), and the state that should have followed was never written
+    // (that serve died, or its writes failed). The image holds every
+    // write the instance made: it is the one to resume from, and pruning
+    // keeps it. (Still running, the instance was resumed by its failed
+    // snapshot, and the image is stale: the next suspend prunes it.)
+    if (!live && interrupted) {
+      this.lastImage = interrupted.image;
+      this.chain = interrupted.chain;
+      this.log('suspend-recovered', { instance: this.name, image: interrupted.image });
+    }
     if (live) {
       const inst = this.newInstance(this.name, 'running');
       this.fillPorts(inst, live.ports ?? []);
@@ -343,19 +371,7 @@ class Service {
   /** Forwards what can be forwarded, then lets the policy start what the
    * rest waits for. */
   pump(): void {
-    let forwarded = false;
-    while (this.held.length) {
-      const h = this.held[0];
-      if (h.socket.destroyed) {
-        this.held.shift();
-        continue;
-      }
-      const route = this.policy.route([...this.instances.values()]);
-      if (!('forward' in route)) break;
-      this.held.shift();
-      this.forward(h, this.instances.get(route.forward)!);
-      forwarded = true;
-    }
+    const forwarded = this.forwardHeld();
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     const actions = this.policy.decide([...this.instances.values()], this.held.length);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
@@ -366,14 +382,35 @@ class Service {
     if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
   }
 
+  /** Forwards the held connections the policy routes to an instance, in
+   * order; whether it forwarded any. `reportLater`: what a connection's
+   * connect reports (its record, the metrics) waits for a microtask (see
+   * committedEarly). */
+  private forwardHeld(reportLater = false): boolean {
+    let forwarded = false;
+    while (this.held.length) {
+      const h = this.held[0];
+      if (h.socket.destroyed) {
+        this.held.shift();
+        continue;
+      }
+      const route = this.policy.route([...this.instances.values()]);
+      if (!('forward' in route)) break;
+      this.held.shift();
+      this.forward(h, this.instances.get(route.forward)!, reportLater);
+      forwarded = true;
+    }
+    return forwarded;
+  }
+
   /** held.length when changed() was last called. */
   private heldWritten = 0;
 
-  private forward(h: Held, inst: Instance): void {
+  private forward(h: Held, inst: Instance, reportLater = false): void {
     const target = inst.ports.get(h.port.public)!;
     inst.active++;
     inst.lastActive = this.host.clock.now();
-    this.host.forwarder.forward(h.socket, target.system, this.ends(inst, target.system, h.port, h.since, () => `${h.socket.remoteAddress}:${h.socket.remotePort}`, h));
+    this.host.forwarder.forward(h.socket, target.system, this.ends(inst, target.system, h.port, h.since, () => `${h.socket.remoteAddress}:${h.socket.remotePort}`, h), reportLater);
   }
 
   /**
@@ -630,7 +667,12 @@ class Service {
     const t0 = process.hrtime.bigint();
     const done = restoreImage(this.reg, this.lastImage, {
       aid: this.name,
-      lazy: true,
+      // Its memory mapped from the page file, nothing copied (what it
+      // holds while suspended: redis with 10,000 keys 1.1 MiB of PSS);
+      // APPSHOT_PREPARED_EAGER=1 copies it in (3.5 MiB), which spares the
+      // resumed application the copy-on-write faults of its first pages
+      // (~0.7 ms of (c), README) and the next suspend storing it whole.
+      lazy: process.env.APPSHOT_PREPARED_EAGER !== '1',
       preloaded: chain,
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
@@ -759,9 +801,23 @@ class Service {
     const inst = this.instances.get(this.name);
     if (!inst || inst.state !== 'starting' || this.closing) return;
     try {
-      this.running(inst, record.ports ?? []);
+      inst.ports.clear();
+      this.fillPorts(inst, record.ports ?? []);
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
       this.early = { held: this.held.length };
-      this.pump();
+      // Only the connects now. Their records and metrics, the state file,
+      // the policy's next decisions and the thread's grant wait for a
+      // microtask: the driver goes on from here to let the processes go
+      // without returning to the event loop, and each of those is time
+      // between the commit and the instance's first instruction, with its
+      // clients waiting (a connection that comes meanwhile is held, and
+      // forwarded by that pump).
+      this.forwardHeld(true);
+      queueMicrotask(() => {
+        this.changed();
+        this.pump();
+      });
     } catch (e) {
       this.log('forward-failed', { instance: this.name, error: (e as Error).message });
     }
@@ -835,7 +891,7 @@ class Service {
       // Set meanwhile by committedEarly (the driver called it).
       const early = this.early as { held: number } | undefined;
       this.early = undefined;
-      const rec = this.reg.get(this.name);
+      let rec = early ? undefined : this.reg.get(this.name);
       if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
       if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
@@ -843,13 +899,21 @@ class Service {
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
-      // again: ~10 ms), long before the next suspend needs it.
+      // again: ~10 ms), long before the next suspend needs it. Those wait
+      // AFTER_RESUME_MS: the resumed application, the forwarding thread
+      // and the clients answer their first requests meanwhile, and on two
+      // cores this thread's /proc reads and file writes would compete with
+      // them for the CPU.
       this.pump();
+      await new Promise((r) => setTimeout(r, AFTER_RESUME_MS));
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
-      inst.pid = this.listenerPid(inst);
+      // Suspended or crashed meanwhile: neither is its own any more.
+      const still = (inst.state as InstanceStateName) === 'running';
+      if (still) inst.pid = this.listenerPid(inst);
       this.pump();
-      if (rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
+      if (still && early) rec = this.reg.get(this.name);
+      if (still && rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));
       // Another suspended service may want what this one took.
       this.host.warmStandbys();
     } catch (e) {
@@ -891,6 +955,26 @@ class Service {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const output = join(dir, `${Date.now()}-${++this.seq}`);
     const full = this.chain.length >= MAX_CHAIN;
+    // Written before the snapshot may end the processes, so that a serve
+    // that dies before writing what follows (or whose writes fail) is
+    // followed by one that resumes from this image, not from the one
+    // before it (losing every write since) while pruning this one. Not
+    // written, no suspend: the instance keeps running.
+    this.suspending = { image: output, chain: full ? [output] : [...this.chain, output] };
+    try {
+      if (this.stateTimer) clearTimeout(this.stateTimer);
+      this.stateTimer = undefined;
+      this.writeState(true);
+    } catch (e) {
+      this.suspending = undefined;
+      inst.state = 'running';
+      inst.lastActive = this.host.clock.now();
+      this.changed();
+      this.host.metrics?.snapshots.inc({ service: this.name, result: 'failed' });
+      this.log('suspend-failed', { instance: inst.aid, error: `its state could not be written first: ${(e as Error).message}`, now: inst.state });
+      this.pump();
+      return;
+    }
     const t0 = process.hrtime.bigint();
     let r: { parent?: string };
     let incomplete = undefined as Error | undefined;
@@ -910,6 +994,7 @@ class Service {
       // The snapshot driver leaves the application running when it fails;
       // its partial output is no image of the service (lastImage and the
       // chain are still the previous ones).
+      this.suspending = undefined;
       inst.state = this.alive(inst) ? 'running' : 'crashed';
       inst.lastActive = this.host.clock.now();
       this.changed();
@@ -926,6 +1011,7 @@ class Service {
     const ms = Number(process.hrtime.bigint() - t0) / 1e6;
     this.chain = r.parent && !full ? [...this.chain, output] : [output];
     this.lastImage = output;
+    this.suspending = undefined;
     inst.state = 'suspended';
     inst.ports.clear();
     inst.pid = undefined;
@@ -941,7 +1027,10 @@ class Service {
         }
       }
     };
-    step('state', () => this.changed());
+    step('state', () => {
+      killPoint('serve: suspend state');
+      this.changed();
+    });
     step('log', () => {
       if (incomplete) this.log('suspend-incomplete', { instance: inst.aid, error: incomplete.message });
       this.host.metrics?.snapshots.inc({ service: this.name, result: 'ok' });
@@ -1040,14 +1129,16 @@ class Service {
     }, 100);
   }
 
-  writeState(): void {
-    const state: ServiceState & { chain: string[] } = {
+  /** Writes the state file; `strict`: a failure is thrown, not logged. */
+  writeState(strict = false): void {
+    const state: ServiceState = {
       service: this.name,
       spec: this.spec,
       servePid: process.pid,
       updatedAt: new Date().toISOString(),
       ...(this.spec.mode === 'restore' ? { lastImage: this.lastImage } : {}),
       chain: this.chain,
+      ...(this.suspending ? { suspending: this.suspending } : {}),
       instances: [...this.instances.values()].map((i) => ({
         aid: i.aid,
         state: i.state,
@@ -1062,8 +1153,10 @@ class Service {
       connections: this.translations,
     };
     try {
+      killPoint('serve: state write');
       this.host.store.writeState(state);
     } catch (e) {
+      if (strict) throw e;
       this.log('state-write-failed', { error: (e as Error).message });
     }
   }

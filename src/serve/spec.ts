@@ -344,6 +344,16 @@ export interface ServiceState {
   updatedAt: string;
   /** The image the next restore starts from (restore mode). */
   lastImage?: string;
+  /** The suspend images lastImage builds on, oldest first, and it (restore
+   * mode): what pruning keeps. */
+  chain?: string[];
+  /** Restore mode, while a suspend is under way: the image its snapshot
+   * writes, and the chain it then ends, written before the snapshot may
+   * end the instance's processes. A serve that finds it at its start with
+   * that image whole on disk and the instance not running (the previous
+   * serve died before it wrote what followed) resumes from it: it holds
+   * every write the instance made. */
+  suspending?: { image: string; chain: string[] };
   instances: InstanceState[];
   held: number;
   snapshots: number;

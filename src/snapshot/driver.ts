@@ -43,17 +43,18 @@ import { dumpLocks } from '../resources/locks.js';
 import { dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
+import { dumpAioRings } from '../resources/aio.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
 import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
-import { Freezer } from '../ptrace/freezer.js';
+import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { residentBatchOf } from '../ptrace/windows.js';
-import { readStat } from '../procfs.js';
+import { forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
@@ -226,6 +227,109 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
   areas.clear();
 }
 
+/** One process of dumpAll, all its threads stopped; pushed to the image,
+ * `systemPids` and `dumped`. Its /proc is gathered (procfs.ts) in two
+ * reads: before any call is injected, and once its questions are answered;
+ * the caller forgets both when it is done. */
+function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>): void {
+  // Registers first: running system calls in the process (below) leaves
+  // an interrupted call rewound, and the image keeps it as it was.
+  const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
+  const tids = threads.map((t) => t.tid);
+  timed('gather (before calls)', () => gatherProc(gatheredBeforeCalls(pid, tids)));
+  // Read once: the vDSO for the injector, the shared objects and the
+  // memory dump below (the calls injected meanwhile map nothing).
+  const maps = timed('smaps', () => readSmaps(pid));
+  const vdso = maps.find((l) => l.path === '[vdso]');
+  let inj: Injector;
+  /** The process's questions: what they mapped is unmapped on failure. */
+  let queue: CallQueue | undefined;
+  try {
+    inj = timed('injector open', () => Injector.open(pid, pid, vdso));
+  } catch (e) {
+    throw new Unsupported(`${what}: ${(e as Error).message}`);
+  }
+  try {
+    // Every question for the process is asked first and answered in one
+    // stop per thread, from a scratch mapping made on the first answer
+    // (batchAreas: unmapped when the frozen window ends).
+    const calls = (queue = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, maps, batchAreas))));
+    // Credentials before any call is injected: a thread under seccomp is
+    // exempted from its filters first.
+    const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
+    const asked = timed('questions asked', () => ({
+      process: askProcess(calls),
+      threads: tids.map((tid) => askThread(calls, tid)),
+      timers: askPosixTimers(pid, calls, what),
+      attributes: askAttributes(calls, tids),
+      sigactions: askSigactions(pid, calls),
+      fdOwners: askFdOwners(calls, pid),
+    }));
+    timed('questions answered', () => calls.run());
+    timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
+    unmapLockProbeLater(asked.attributes, calls);
+    const creds = credsAsked();
+    const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
+    proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
+    proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
+    timed('attributes', () => {
+      dumpAttributes(proc, pid, asked.attributes, calls, what);
+      dumpLockFuture(proc, pid, maps, asked.attributes);
+    });
+    timed('cgroups', () => dumpCgroup(proc, pid, what));
+    proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
+    proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
+    proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
+    proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
+    timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
+    // With --leave-running, each thread goes on from here as the kernel
+    // would have taken it on: a pending signal's handler may make an
+    // interrupted call fail with EINTR rather than restart.
+    threads.forEach((t, i) => {
+      const th = proc.threads[i];
+      t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
+    });
+    proc.fds = timed('files', () => {
+      const sockets = new SocketTable(pid);
+      try {
+        return dumpFds(ctx, pid, what, sockets);
+      } finally {
+        sockets.close();
+      }
+    });
+    timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
+    refuseChrootedSocketPaths(proc, what);
+    timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
+    proc.aioRings = timed('aio', () => dumpAioRings(pid, inj, maps, what));
+    timed('injector close', () => {
+      calls.flush();
+      inj.close();
+    });
+    killPoint('snapshot: dumping memory');
+    // Memory last: the stack's scratch bytes used above are back as they
+    // were, and the batch scratch mapping is not in `maps`.
+    // Pages still shared with a parent of the image are recorded as such.
+    const ppid = timed('stat', () => readStat(pid)?.ppid);
+    proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
+    ctx.image.processes.push(proc);
+    systemPids.set(proc.vpid, pid);
+    dumped.set(pid, maps);
+    if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
+  } catch (e) {
+    try {
+      queue?.flush();
+    } catch {
+      /* the process is gone */
+    }
+    try {
+      inj.close();
+    } catch {
+      /* the process is gone */
+    }
+    throw e;
+  }
+}
+
 /** `dumped`: filled with each process dumped, its mappings as read while
  * frozen (its threads exempted from seccomp by then). */
 async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>): Promise<void> {
@@ -246,98 +350,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     // (each process is dumped in one go: its threads are all stopped).
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
-    // Registers first: running system calls in the process (below) leaves
-    // an interrupted call rewound, and the image keeps it as it was.
-    const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
-    // Read once: the vDSO for the injector, the shared objects and the
-    // memory dump below (the calls injected meanwhile map nothing).
-    const maps = timed('smaps', () => readSmaps(pid));
-    const vdso = maps.find((l) => l.path === '[vdso]');
-    let inj: Injector;
-    /** The process's questions: what they mapped is unmapped on failure. */
-    let queue: CallQueue | undefined;
     try {
-      inj = timed('injector open', () => Injector.open(pid, pid, vdso));
-    } catch (e) {
-      throw new Unsupported(`${what}: ${(e as Error).message}`);
-    }
-    try {
-      const tids = threads.map((t) => t.tid);
-      // Every question for the process is asked first and answered in one
-      // stop per thread, from a scratch mapping made on the first answer
-      // (batchAreas: unmapped when the frozen window ends).
-      const calls = (queue = new CallQueue(inj, () => timed('batch scratch', () => openBatchArea(pid, vdso!, maps, batchAreas))));
-      // Credentials before any call is injected: a thread under seccomp is
-      // exempted from its filters first.
-      const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
-      const asked = timed('questions asked', () => ({
-        process: askProcess(calls),
-        threads: tids.map((tid) => askThread(calls, tid)),
-        timers: askPosixTimers(pid, calls, what),
-        attributes: askAttributes(calls, tids),
-        sigactions: askSigactions(pid, calls),
-        fdOwners: askFdOwners(calls, pid),
-      }));
-      timed('questions answered', () => calls.run());
-      unmapLockProbeLater(asked.attributes, calls);
-      const creds = credsAsked();
-      const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
-      proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
-      proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
-      timed('attributes', () => {
-        dumpAttributes(proc, pid, asked.attributes, calls, what);
-        dumpLockFuture(proc, pid, maps, asked.attributes);
-      });
-      timed('cgroups', () => dumpCgroup(proc, pid, what));
-      proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
-      proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
-      proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
-      proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
-      timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
-      // With --leave-running, each thread goes on from here as the kernel
-      // would have taken it on: a pending signal's handler may make an
-      // interrupted call fail with EINTR rather than restart.
-      threads.forEach((t, i) => {
-        const th = proc.threads[i];
-        t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
-      });
-      proc.fds = timed('files', () => {
-        const sockets = new SocketTable(pid);
-        try {
-          return dumpFds(ctx, pid, what, sockets);
-        } finally {
-          sockets.close();
-        }
-      });
-      timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
-      refuseChrootedSocketPaths(proc, what);
-      timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
-      timed('injector close', () => {
-        calls.flush();
-        inj.close();
-      });
-      killPoint('snapshot: dumping memory');
-      // Memory last: the stack's scratch bytes used above are back as they
-      // were, and the batch scratch mapping is not in `maps`.
-      // Pages still shared with a parent of the image are recorded as such.
-      const ppid = timed('stat', () => readStat(pid)?.ppid);
-      proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
-      ctx.image.processes.push(proc);
-      systemPids.set(proc.vpid, pid);
-      dumped.set(pid, maps);
-      if (!ctx.image.node.xstateSize && proc.threads.length) ctx.image.node.xstateSize = proc.threads[0].xstate.length;
-    } catch (e) {
-      try {
-        queue?.flush();
-      } catch {
-        /* the process is gone */
-      }
-      try {
-        inj.close();
-      } catch {
-        /* the process is gone */
-      }
-      throw e;
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped);
+    } finally {
+      // What was gathered of this process's /proc is of this moment only.
+      forgetGathered();
     }
   }
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));

@@ -22,6 +22,7 @@ import { forkTreatment } from '../resources/memory.js';
 import { connectionName } from '../resources/tcp.js';
 import { templateProblem, unconnectedName } from '../resources/unconnected.js';
 import { unredirected } from '../resources/paths.js';
+import { describeMessageQueue, queueRefusal } from '../resources/mqueue.js';
 import { isPathRule, type ResourceRule, type RulesFile, ruleFor } from './rules.js';
 
 type Decision = { action: Action; reason: string };
@@ -218,6 +219,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       // The watches follow paths by name: a clone's REDIR PATH rules do
       // not move them (README: not covered yet).
       return { kind: 'inotify', name: `inotify on ${(fd.inotifyWatches ?? []).map((w) => w.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.MQUEUE:
+      return { kind: 'mqueue', name: describeMessageQueue(image, fd), ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
       return { kind: 'epoll', name: 'epoll', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.PTY:
@@ -331,7 +334,7 @@ export function refusals(image: Image, verdicts: Verdict[], rules: RulesFile | u
   for (const p of image.processes) {
     const owner = `process ${p.vpid} (${p.comm})`;
     for (const fd of p.fds) {
-      const why = fdRefusal(fd) ?? lockRefusal(image, fd, byRef.get(verdictRef.fd(p.vpid, fd))?.action ?? fdDecision(image, fd, rules).action);
+      const why = fdRefusal(fd) ?? queueRefusal(image, fd) ?? lockRefusal(image, fd, byRef.get(verdictRef.fd(p.vpid, fd))?.action ?? fdDecision(image, fd, rules).action);
       if (why) out.push(`${owner} fd ${fd.fd}: ${why}`);
     }
     for (const v of p.vmas) {

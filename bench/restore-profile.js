@@ -1,0 +1,115 @@
+// Where the time of one eager restore goes, end to end, with a warm
+// engine: per size (BENCH_SIZES, MiB of touched memory, default "0,16"; 0
+// is the tiny app), a memapp snapshotted once, then BENCH_ROW (default 10)
+// eager restores of its image in a row, each its own `appshot restore IMG
+// --aid X --json` through bin/appshot (the installed command: the native
+// client, and the engine), then all removed; BENCH_RUNS (default 5) such
+// rows, after one not counted.
+//
+// Paired A/B: BENCH_BUILDS="main=/work/main,new=." runs several builds
+// (each its own state directory, image and engine) in one run, their
+// restores alternating one by one. Prints per build and size the median
+// and range of the command's wall time, the restore's own time
+// (restoreMs) and its verification (verifyMs), and with BENCH_STEPS=1 the
+// median of each of the restore's APPSHOT_DEBUG phases. --json: raw
+// medians.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cleanUpBuilds, engineEnv, pairedBuilds, summary } from './measure.js';
+
+const here = join(dirname(fileURLToPath(import.meta.url)), '..');
+const runs = Number(process.env.BENCH_RUNS ?? 5);
+const row = Number(process.env.BENCH_ROW ?? 10);
+const sizes = (process.env.BENCH_SIZES ?? '0,16').split(',').map(Number);
+const STEPS = process.env.BENCH_STEPS === '1';
+const memapp = join(here, 'bench', 'bin', 'memapp');
+const builds = pairedBuilds(here, 'restore-profile');
+const work = mkdtempSync(join(here, '.bench-images-restore-profile-'));
+const envOf = engineEnv;
+const node = (b, args, extra) => execFileSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { cwd: work, env: envOf(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
+let n = 0;
+
+function restoreOnce(b, image) {
+  const aid = `r${n++}`;
+  const start = process.hrtime.bigint();
+  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, '--aid', aid, '--json'], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
+  const wall = Number(process.hrtime.bigint() - start) / 1e6;
+  if (r.status !== 0) throw new Error(`${b.name}: restore failed (${r.status}): ${r.stderr}`);
+  const made = JSON.parse(r.stdout);
+  const steps = [];
+  let last = 0;
+  for (const line of r.stderr.split('\n')) {
+    const m = /^([\d.]+) ms, (\d+) calls injected: (.*)$/.exec(line);
+    if (!m) continue;
+    steps.push([m[3].replace(/^process \d+$/, 'process').replace(/\(\d+ in its chain\)/, ''), Number(m[1]) - last]);
+    last = Number(m[1]);
+  }
+  return { aid, wall, restoreMs: made.restoreMs, verifyMs: made.verifyMs, steps };
+}
+
+const results = new Map(builds.map((b) => [b.name, new Map(sizes.map((s) => [s, []]))]));
+
+function cleanUp() {
+  cleanUpBuilds(builds);
+  rmSync(work, { recursive: true, force: true });
+}
+process.on('SIGINT', () => {
+  cleanUp();
+  process.exit(130);
+});
+
+try {
+  for (const b of builds) {
+    for (const mib of sizes) {
+      const aid = `src${mib}`;
+      node(b, ['run', '-d', '--aid', aid, '--', memapp, String(mib)]);
+      const log = join(b.home, 'apps', aid, 'log');
+      for (let i = 0; i < 200 && !/READY/.test((() => { try { return readFileSync(log, 'utf8'); } catch { return ''; } })()); i++) spawnSync('sleep', ['0.05']);
+      node(b, ['snapshot', aid, '-o', `${b.name}-${mib}.appshot`, '--full']);
+    }
+    node(b, ['engine', 'start'], { APPSHOT_ENGINE: 'manual' });
+  }
+  for (let i = -1; i < runs; i++) {
+    const order = i % 2 ? builds : [...builds].reverse();
+    for (const mib of sizes) {
+      const made = new Map(builds.map((b) => [b.name, []]));
+      for (let k = 0; k < row; k++) for (const b of order) made.get(b.name).push(restoreOnce(b, `${b.name}-${mib}.appshot`));
+      for (const b of order) {
+        if (i >= 0) results.get(b.name).get(mib).push(...made.get(b.name));
+        const rm = spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', ...made.get(b.name).map((c) => c.aid)], { cwd: work, env: envOf(b), stdio: 'ignore' });
+        if (rm.status !== 0) throw new Error(`${b.name}: rm failed`);
+      }
+    }
+  }
+  const load = readFileSync('/proc/loadavg', 'utf8').trim();
+  const report = {};
+  for (const b of builds) {
+    report[b.name] = {};
+    for (const mib of sizes) {
+      const all = results.get(b.name).get(mib);
+      const labels = [...new Set(all.flatMap((c) => c.steps.map(([l]) => l)))];
+      report[b.name][mib] = {
+        wallMs: summary(all.map((c) => c.wall)),
+        restoreMs: summary(all.map((c) => c.restoreMs)),
+        verifyMs: summary(all.map((c) => c.verifyMs)),
+        steps: Object.fromEntries(labels.map((l) => [l, summary(all.map((c) => c.steps.find(([x]) => x === l)?.[1]))?.median])),
+      };
+    }
+  }
+  if (process.argv.includes('--json')) console.log(JSON.stringify({ runs, row, load, builds: report }, null, 2));
+  else {
+    const names = builds.map((b) => b.name);
+    const fmt = (s) => (s ? `${s.median} (${s.min}–${s.max})` : '–');
+    console.log(`eager restores, ${runs} rows of ${row} per size and build, alternating; median (min–max) ms; load ${load}`);
+    console.log(`| | ${names.join(' | ')} |\n|---|${names.map(() => '---').join('|')}|`);
+    for (const mib of sizes) {
+      for (const k of ['wallMs', 'restoreMs', 'verifyMs']) console.log(`| ${mib} MiB: ${k} | ${names.map((x) => fmt(report[x][mib][k])).join(' | ')} |`);
+      const labels = [...new Set(names.flatMap((x) => Object.keys(report[x][mib].steps)))];
+      for (const l of labels) console.log(`| ${mib} MiB: ${l} | ${names.map((x) => report[x][mib].steps[l] ?? '–').join(' | ')} |`);
+    }
+  }
+} finally {
+  cleanUp();
+}

@@ -1,0 +1,280 @@
+/**
+ * AIO contexts (io_setup). A context is a ring the kernel maps into the
+ * process ("/[aio] (deleted)" in its maps): a 32-byte header (id, nr,
+ * head, tail, magic...) and `nr` completion events, whose address is the
+ * context's id (aio_context_t). The kernel follows the ring when it is
+ * moved (mremap), which is what a restore relies on, as CRIU's does
+ * (criu/aio.c): io_setup in the restored process, the new ring's tail
+ * brought where the old one was by requests that complete at once (a
+ * write of a byte to /dev/null), its head set (user space may reap by
+ * writing it, as libaio does), its events copied, and the ring moved to
+ * the old address.
+ *
+ * io_setup is asked for the number of events that gives a ring of the
+ * same size (the kernel makes room for max(n, 4 * CPUs) * 2 + 2 events,
+ * rounded up to whole pages, and the ring tells only the result): the
+ * restore fails, naming it, if this machine makes another size of it.
+ *
+ * Requests in flight (submitted, not completed) live only in the kernel:
+ * such a context cannot be captured, and the ring does not show them. They
+ * are found by counting the context's free request slots, while the
+ * process is frozen: of the `nr - 1` slots a context has, each is free,
+ * holds a completed event not yet reaped (head to tail), or is a request
+ * in flight. Requests that complete at once (a byte written to /dev/null)
+ * are submitted inside the process until the kernel refuses one (EAGAIN),
+ * on each CPU the thread may run on in turn, twice over (the kernel keeps
+ * free slots per CPU); those it took are the free slots, but for the
+ * `(nr - 1) mod req_batch` the kernel's shared count always keeps (it
+ * hands slots to a CPU a batch of `req_batch` at a time, and its count
+ * moves by whole batches from nr - 1). Fewer than `nr - 1 - unreaped`:
+ * the context is refused by name, with the count.
+ * (Slots a CPU the thread may not run on keeps would be counted as in
+ * flight: refused too, never wrong.) The events the probe left are then
+ * reaped by moving the head past them, the unreaped ones copied after
+ * them in their order: the context holds the same events as before, in
+ * the same order, its head and tail indices moved on by the probe's
+ * count (what a process that reaped as many events would see). A
+ * snapshot that fails leaves it so.
+ */
+import { readFileSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
+import { addon } from '../native.js';
+import type { AioRing, Process } from '../image/types.js';
+import type { Injector } from '../ptrace/inject.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { Unsupported } from './context.js';
+
+const HEADER = 32;
+const EVENT = 32;
+const PAGE = 4096;
+const AIO_RING_MAGIC = 0xa10a10a1;
+const NR = { open: 2, close: 3, io_submit: 209, sched_getaffinity: 204, sched_setaffinity: 203 };
+const IOCB_CMD_PWRITE = 1;
+const O_WRONLY = 1;
+const EAGAIN = 11;
+const CPU_MASK_BYTES = 128;
+/** Contexts per process, and the largest ring (aio-max-nr's default is
+ * 65536 events: 2 MiB), an image may ask for. */
+export const AIO_LIMITS = { rings: 64, ringBytes: 4 << 20 };
+
+interface Header {
+  id: number;
+  nr: number;
+  head: number;
+  tail: number;
+  magic: number;
+  compat: number;
+  incompat: number;
+  headerLength: number;
+}
+
+function header(b: Buffer): Header {
+  return { id: b.readUInt32LE(0), nr: b.readUInt32LE(4), head: b.readUInt32LE(8), tail: b.readUInt32LE(12), magic: b.readUInt32LE(16), compat: b.readUInt32LE(20), incompat: b.readUInt32LE(24), headerLength: b.readUInt32LE(28) };
+}
+
+/** num_possible_cpus(), as the kernel sizes a context's batches by it. */
+function possibleCpus(): number {
+  let n = 0;
+  for (const part of readFileSync('/sys/devices/system/cpu/possible', 'utf8').trim().split(',')) {
+    const [a, b] = part.split('-').map(Number);
+    n += b === undefined ? 1 : b - a + 1;
+  }
+  return n || 1;
+}
+
+/** Events a ring of `length` bytes holds. */
+function eventsIn(length: number): number {
+  return Math.floor((length - HEADER) / EVENT);
+}
+
+/** What io_setup is asked for to make a ring of `nr` events again: the
+ * kernel doubles the request and adds 2 (and rounds up to pages, which `nr`
+ * shows already). */
+function requestFor(nr: number): number {
+  return Math.max(1, Math.floor((nr - 2) / 2));
+}
+
+/** One iocb writing a byte to `fd` from `buf`, and `count` pointers to it,
+ * laid out at `at`: [iocb][pointers]. */
+function dummyRequests(at: bigint, fd: number, buf: bigint, count: number): Buffer {
+  const b = Buffer.alloc(64 + 8 * count);
+  b.writeUInt16LE(IOCB_CMD_PWRITE, 16);
+  b.writeUInt32LE(fd, 20);
+  b.writeBigUInt64LE(buf, 24);
+  b.writeBigUInt64LE(1n, 32);
+  for (let i = 0; i < count; i++) b.writeBigUInt64LE(at, 64 + 8 * i);
+  return b;
+}
+
+/**
+ * The AIO contexts of process `pid` (from its maps, read while frozen),
+ * each checked idle by counting its free slots through `inj` (see above).
+ */
+export function dumpAioRings(pid: number, inj: Injector, maps: { start: bigint; end: bigint; perms: string; path: string }[], what: string): AioRing[] {
+  const lines = maps.filter((l) => l.path.startsWith('/[aio]'));
+  if (!lines.length) return [];
+  const rings: AioRing[] = [];
+  const where = (l: { start?: bigint; address?: bigint }) => `${what}: the AIO context (io_setup) at 0x${(l.start ?? l.address ?? 0n).toString(16)}`;
+  for (const l of lines) {
+    const length = Number(l.end - l.start);
+    if (l.perms !== 'rw-s') throw new Unsupported(`${where(l)} is mapped ${l.perms}, not as the kernel maps it, which cannot be captured yet`);
+    const h = header(addon().readMemory(pid, l.start, HEADER));
+    if (h.magic !== AIO_RING_MAGIC || h.headerLength !== HEADER || h.nr !== eventsIn(length) || h.head >= h.nr || h.tail >= h.nr)
+      throw new Unsupported(`${where(l)} has a ring header this kernel does not usually write (nr ${h.nr}, head ${h.head}, tail ${h.tail}), which cannot be captured`);
+    rings.push({ address: l.start, length: BigInt(length), nrEvents: requestFor(h.nr), id: h.id, nr: h.nr, head: h.head, tail: h.tail, events: Buffer.alloc(0) });
+  }
+  rings.sort((a, b) => a.id - b.id);
+  // Made again in this order, each takes the lowest free index: the
+  // indices must be 0, 1, ... as they are.
+  rings.forEach((r, i) => {
+    if (r.id !== i) throw new Unsupported(`${what}: its AIO contexts have indices ${rings.map((x) => x.id).join(', ')} (one was destroyed before them), which a restore cannot give them again`);
+  });
+  for (const ring of rings) {
+    const before = addon().readMemory(pid, ring.address, Number(ring.length));
+    const taken = freeSlots(pid, inj, ring);
+    const unreaped = (ring.tail - ring.head + ring.nr) % ring.nr;
+    putBack(pid, ring, before, taken, unreaped);
+    // The kernel hands slots from the context's shared count to a CPU's
+    // only `req_batch` at a time, and gives them back so: what is left
+    // there below one batch can never be taken, and is the same amount
+    // always (the count starts at nr - 1 and moves by whole batches).
+    const batch = Math.max(1, Math.floor((ring.nr - 1) / (possibleCpus() * 4)));
+    const inFlight = ring.nr - 1 - unreaped - taken - ((ring.nr - 1) % batch);
+    if (inFlight > 0)
+      throw new Unsupported(
+        `${where(ring)} has ${inFlight} of its ${ring.nr - 1} request slots neither free nor holding a completed event: requests in flight (submitted, not completed), which live only in the kernel and cannot be captured`,
+      );
+    ring.events = before.subarray(HEADER);
+  }
+  return rings;
+}
+
+/** Submits requests that complete at once into `ring` until the kernel
+ * takes no more, on each CPU the thread may run on, twice over; how many
+ * it took. */
+function freeSlots(pid: number, inj: Injector, ring: AioRing): number {
+  const scratch = inj.scratchAddress;
+  const path = Buffer.from('/dev/null\0');
+  addon().writeMemory(pid, scratch, path);
+  const fd = Number(inj.call(NR.open, [scratch, O_WRONLY]));
+  if (fd < 0) throw new Error(`opening /dev/null in the process to count the free slots of its AIO context: errno ${-fd}`);
+  const affinity = inj.callOut(NR.sched_getaffinity, [0, CPU_MASK_BYTES, 'out'], CPU_MASK_BYTES);
+  if (affinity.ret < 0n) throw new Error(`sched_getaffinity: errno ${-affinity.ret}`);
+  // The kernel writes the mask's own size (its result); the rest of the
+  // buffer is whatever was there.
+  const allowed = affinity.out.subarray(0, Number(affinity.ret));
+  const cpus: number[] = [];
+  for (let c = 0; c < allowed.length * 8; c++) if (allowed[c >> 3] & (1 << (c & 7))) cpus.push(c);
+  const per = Math.floor((inj.scratchSize - 64) / 8);
+  let taken = 0;
+  try {
+    for (let pass = 0; pass < 2; pass++)
+      for (const cpu of cpus) {
+        const one = Buffer.alloc(allowed.length);
+        one[cpu >> 3] |= 1 << (cpu & 7);
+        addon().writeMemory(pid, scratch, one);
+        if (inj.call(NR.sched_setaffinity, [0, one.length, scratch]) < 0n) continue;
+        for (;;) {
+          addon().writeMemory(pid, scratch, dummyRequests(scratch, fd, scratch, per));
+          const got = inj.call(NR.io_submit, [ring.address, per, scratch + 64n]);
+          if (got === BigInt(-EAGAIN) || got === 0n) break;
+          if (got < 0n) throw new Error(`io_submit into the AIO context at 0x${ring.address.toString(16)}: errno ${-got}`);
+          taken += Number(got);
+          if (got < BigInt(per)) break;
+        }
+      }
+  } finally {
+    addon().writeMemory(pid, scratch, allowed);
+    inj.call(NR.sched_setaffinity, [0, allowed.length, scratch]);
+    inj.call(NR.close, [fd]);
+  }
+  return taken;
+}
+
+/** After the probe: its `taken` events (after the `unreaped` ones) are
+ * reaped by moving the head past as many, the unreaped ones written after
+ * them in their order (`before`: the ring as it was). */
+function putBack(pid: number, ring: AioRing, before: Buffer, taken: number, unreaped: number): void {
+  if (!taken) return;
+  const now = header(addon().readMemory(pid, ring.address, HEADER));
+  const head = (ring.head + taken) % ring.nr;
+  if (now.tail !== (ring.tail + taken) % ring.nr) throw new Error(`the AIO context at 0x${ring.address.toString(16)}: its tail moved to ${now.tail}, not ${(ring.tail + taken) % ring.nr}, while it was probed`);
+  for (let i = 0; i < unreaped; i++) {
+    const from = HEADER + ((ring.head + i) % ring.nr) * EVENT;
+    addon().writeMemory(pid, ring.address + BigInt(HEADER + ((head + i) % ring.nr) * EVENT), before.subarray(from, from + EVENT));
+  }
+  const h = Buffer.alloc(4);
+  h.writeUInt32LE(head);
+  addon().writeMemory(pid, ring.address + 8n, h);
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+/** The process's AIO contexts, made again inside it at their addresses,
+ * with their head, tail and unreaped events. After its memory (the
+ * addresses are free: the image maps nothing there) and descriptors (a
+ * /dev/null is opened and closed meanwhile). */
+export function restoreAioRings(r: RemoteProcess, p: Process): void {
+  for (const ring of p.aioRings ?? []) {
+    const where = `process ${p.vpid}: the AIO context at 0x${ring.address.toString(16)}`;
+    r.reset();
+    const ctxp = r.put(Buffer.alloc(8));
+    r.call(`${where}: io_setup(${ring.nrEvents})`, SYS.io_setup, [ring.nrEvents, ctxp]);
+    const made = r.get(ctxp, 8).readBigUInt64LE(0);
+    const h = header(addon().readMemory(r.pid, made, HEADER));
+    if (h.nr !== ring.nr || h.id !== ring.id)
+      throw new AppshotError(`${where}: io_setup(${ring.nrEvents}) made a ring of ${h.nr} events here (index ${h.id}), the image's has ${ring.nr} (index ${ring.id}): this machine's CPU count sizes rings differently`);
+    const count = ring.tail >= ring.head ? ring.tail : ring.nr + ring.tail;
+    if (count) {
+      const fd = Number(r.call(`${where}: opening /dev/null`, SYS.open, [r.str('/dev/null'), O_WRONLY]));
+      const per = Math.min(count, 256);
+      const at = r.put(Buffer.alloc(64 + 8 * per));
+      addon().writeMemory(r.pid, at, dummyRequests(at, fd, at, per));
+
+      let done = 0;
+      while (done < count) {
+        const got = r.raw(SYS.io_submit, [made, Math.min(per, count - done), at + 64n]);
+        if (got <= 0n) {
+          // Slots come back as events are reaped: the head is moved on
+          // below; no slot left with nothing to reap is a failure.
+          throw new AppshotError(`${where}: bringing its tail to ${ring.tail} took ${done} requests of ${count}, then io_submit gave ${got}`);
+        }
+        done += Number(got);
+        const head = Buffer.alloc(4);
+        head.writeUInt32LE(Math.min(done, ring.head));
+        addon().writeMemory(r.pid, made + 8n, head);
+      }
+      r.call(`${where}: closing /dev/null`, SYS.close, [fd]);
+    }
+    addon().writeMemory(r.pid, made + BigInt(HEADER), ring.events);
+    const head = Buffer.alloc(4);
+    head.writeUInt32LE(ring.head);
+    addon().writeMemory(r.pid, made + 8n, head);
+    const now = header(addon().readMemory(r.pid, made, HEADER));
+    if (now.tail !== ring.tail) throw new AppshotError(`${where}: its tail is ${now.tail}, not ${ring.tail}`);
+    const MREMAP_MAYMOVE = 1;
+    const MREMAP_FIXED = 2;
+    const moved = r.call(`${where}: moving its ring there`, SYS.mremap, [made, ring.length, ring.length, MREMAP_MAYMOVE | MREMAP_FIXED, ring.address]);
+    if (moved !== ring.address) throw new AppshotError(`${where}: its ring moved to 0x${moved.toString(16)}`);
+  }
+}
+
+/** An image's rings, as the restore relies on them (image/validate.ts). */
+export function checkAioRings(p: Process, corrupt: (what: string) => never): void {
+  const rings = p.aioRings ?? [];
+  if (rings.length > AIO_LIMITS.rings) corrupt(`process ${p.vpid} has ${rings.length} AIO contexts (at most ${AIO_LIMITS.rings})`);
+  rings.forEach((ring, i) => {
+    const where = `process ${p.vpid}'s AIO context ${i}`;
+    const length = Number(ring.length);
+    if (!(length >= PAGE && length <= AIO_LIMITS.ringBytes && length % PAGE === 0) || ring.address % BigInt(PAGE) !== 0n || ring.address + ring.length > 0x7ffffffff000n || ring.address < BigInt(PAGE))
+      corrupt(`${where} is ${ring.length} bytes at 0x${ring.address.toString(16)}`);
+    if (ring.nr !== eventsIn(length) || ring.events.length !== length - HEADER || ring.head >= ring.nr || ring.tail >= ring.nr || ring.id !== i || ring.nrEvents !== requestFor(ring.nr))
+      corrupt(`${where} has ${ring.nr} events, head ${ring.head}, tail ${ring.tail}, index ${ring.id}, ${ring.events.length} bytes of events, for a ring of ${length} bytes`);
+    for (const v of p.vmas) if (v.start < ring.address + ring.length && ring.address < v.end) corrupt(`${where} overlaps a mapping`);
+  });
+}
+
+/** What `inspect` says of them. */
+export function describeAioRings(p: Process): string {
+  return (p.aioRings ?? []).map((r) => `0x${r.address.toString(16)} (${r.nr} events, ${(r.tail - r.head + r.nr) % r.nr} completed not reaped)`).join(', ');
+}
