@@ -123,6 +123,13 @@ export interface PageWriter {
    * what is queued) or on every core. Not called, they are all computed
    * by finish. */
   startHashing(all: boolean): void;
+  /** Prepares the file's first `bytes` (page cache allocated and faulted
+   * in) before the application is frozen: 0, or -errno (not prepared,
+   * which is no failure). See pw_reserve. */
+  reserve(bytes: number): number;
+  /** Lets go of the file once it is linked or streamed (abort, which it
+   * is, named for the path that succeeded): see PageWriter.Abort. */
+  close(): void;
   link(path: string): void;
   fd(): number;
   /** Bytes in the file so far (the writer thread's, not what is queued). */

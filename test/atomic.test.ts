@@ -371,6 +371,46 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
+  // The page file's file system full halfway: through the page file mapped
+  // (its room allocated ahead, fallocate says ENOSPC) and through write()
+  // (APPSHOT_PAGES_WRITE=1, the path of a file system that cannot
+  // allocate ahead). A tmpfs of 4 MiB, an application of 8 MiB.
+  for (const path of ['mapped', 'written'] as const) {
+    it(`its file system full while pages are copied (${path}): exit 1, one line, nothing left on it, and the application runs untraced`, async () => {
+      const aid = `sfull-${path}`;
+      const r0 = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '8']);
+      expect(r0.code, r0.stderr).toBe(0);
+      await sb.checksPass(aid, 2);
+      const small = join(dir, `${aid}-fs`);
+      mkdirSync(small);
+      const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0700', 'tmpfs', small], { encoding: 'utf8' });
+      expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
+      try {
+        const r = snapshotWith(aid, join(small, 'img'), path === 'written' ? { APPSHOT_PAGES_WRITE: '1' } : {});
+        expect(r.status, r.stderr).toBe(1);
+        expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*No space left on device.*; the application was left running$`))]);
+        expect(readdirSync(small)).toEqual([]);
+        // Not even an unnamed file holds its blocks: the file system is empty.
+        const df = spawnSync('df', ['--output=used', '-B1', small], { encoding: 'utf8' });
+        expect(Number(df.stdout.trim().split('\n')[1])).toBe(0);
+      } finally {
+        spawnSync('umount', [small]);
+      }
+      await sb.checksPass(aid, 3);
+      const listed = sb.json<{ aid: string; state: string; processes: { pid: number }[] }[]>(['ps', '-a']).filter((a) => a.aid === aid);
+      expect(listed.map((a) => a.state)).toEqual(['running']);
+      for (const p of listed[0].processes) {
+        expect(stateOf(p.pid)).not.toBe('t');
+        expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+      }
+      // And its next snapshot, where there is room, is whole.
+      const image = join(dir, `${aid}.appshot`);
+      const again = snapshotWith(aid, image, path === 'written' ? { APPSHOT_PAGES_WRITE: '1' } : {});
+      expect(again.status, again.stderr).toBe(0);
+      await endedInto(aid, image);
+    });
+  }
+
   it('failing once its image went whole to standard output, before it ends the application: exit 1, the application runs, and the line says the stream is whole', async () => {
     const aid = 'sfail-stream';
     await started(aid);

@@ -5,7 +5,7 @@
  * same output and exit codes as the CLI in-process.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -336,6 +336,35 @@ describe('the resident engine', () => {
     await checksPass('victim');
     expect(leftovers()).toEqual([]);
     expect(inProcess(['rm', '-f', 'victim']).code).toBe(0);
+  });
+
+  it('holds nothing of an image once its snapshot is done: an image removed frees its disk at once', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const engine = status().pid;
+    await startApp('held');
+    const before = served();
+    const lr = run(['snapshot', 'held', '--leave-running', '--full', '-o', 'held-lr.appshot']);
+    expect(lr.code, lr.stderr).toBe(0);
+    const ended = run(['snapshot', 'held', '-o', 'held.appshot']);
+    expect(ended.code, ended.stderr).toBe(0);
+    expect(served()).toBe(before + 2);
+    // Not a descriptor of the engine's names a file under `out` (the page
+    // files, linked into the images, or unnamed and never linked).
+    const openUnderOut = () =>
+      readdirSync(`/proc/${engine}/fd`)
+        .map((fd) => {
+          try {
+            return readlinkSync(`/proc/${engine}/fd/${fd}`);
+          } catch {
+            return '';
+          }
+        })
+        .filter((target) => target.startsWith(`${out}/`));
+    expect(openUnderOut()).toEqual([]);
+    rmSync(join(out, 'held-lr.appshot'), { recursive: true });
+    rmSync(join(out, 'held.appshot'), { recursive: true });
+    expect(openUnderOut()).toEqual([]);
+    expect(leftovers()).toEqual([]);
   });
 
   it('keeps opened templates, and opens one again once it changed', async () => {

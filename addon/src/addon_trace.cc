@@ -489,7 +489,9 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("written", &PageWriter::Written),
                         InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("startHashing", &PageWriter::StartHashing),
-                        InstanceMethod("abort", &PageWriter::Abort)});
+                        InstanceMethod("reserve", &PageWriter::Reserve),
+                        InstanceMethod("abort", &PageWriter::Abort),
+                        InstanceMethod("close", &PageWriter::Abort)});
   }
 
   // new PageWriter(dir, parentFds: number[], queueLimit?): an unnamed
@@ -678,6 +680,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return env.Undefined();
   }
 
+  // reserve(bytes) -> 0 or -errno: see pw_reserve (an error is no failure).
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    int rc = open_ && w_.buf ? pw_reserve(&w_, U64(info[0])) : 0;
+    return Napi::Number::New(info.Env(), rc);
+  }
+
   // startHashing(all): see pw_hash_start.
   Napi::Value StartHashing(const Napi::CallbackInfo& info) {
     if (open_ && w_.buf) pw_hash_start(&w_, info[0].ToBoolean());
@@ -688,6 +696,10 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), w_.file_fd); }
 
   // abort(): closes the file (which vanishes if it was never linked).
+  // close(): the same, once it is linked (or streamed): nothing of it is
+  // held any longer, which a resident engine would otherwise do until the
+  // object is collected: the file's descriptor, and with it the disk
+  // space and page cache of an image removed meanwhile.
   Napi::Value Abort(const Napi::CallbackInfo& info) {
     if (open_) pw_abort(&w_);
     open_ = false;

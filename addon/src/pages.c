@@ -16,6 +16,10 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 #define PAGE 4096u
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAPPED (1ull << 62)
@@ -85,6 +89,7 @@ int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]) {
 
 struct pw_sums {
   int fd; /* the writer's file */
+  const uint8_t* map; /* the file mapped (see page_writer.map), or NULL */
   pthread_mutex_t mu;
   pthread_cond_t changed;
   uint64_t written; /* bytes in the file (what the writer thread wrote) */
@@ -143,9 +148,10 @@ static void* sums_main(void* arg) {
   struct pw_sums* s = me->s;
   int index = me->index;
   free(me);
-  uint8_t* buf = chunk_buffer(PAGES_CHUNK);
+  /* A file mapped is hashed where it is: no buffer, no copy. */
+  uint8_t* buf = s->map ? NULL : chunk_buffer(PAGES_CHUNK);
   pthread_mutex_lock(&s->mu);
-  if (!buf && !s->err) s->err = -ENOMEM;
+  if (!s->map && !buf && !s->err) s->err = -ENOMEM;
   for (;;) {
     while (!s->stop && !s->err && (index >= s->level || !sums_ready(s, s->next)) &&
            !(s->final && (uint64_t)s->next * PAGES_CHUNK >= s->written))
@@ -168,8 +174,11 @@ static void* sums_main(void* arg) {
     size_t len = s->written - from < PAGES_CHUNK ? (size_t)(s->written - from) : PAGES_CHUNK;
     pthread_mutex_unlock(&s->mu);
     uint8_t sum[PAGES_DIGEST];
-    int rc = read_mem(s->fd, from, buf, len);
-    if (!rc) rc = pages_sha256(buf, len, sum);
+    int rc = s->map ? pages_sha256(s->map + from, len, sum) : read_mem(s->fd, from, buf, len);
+    if (!rc && !s->map) rc = pages_sha256(buf, len, sum);
+    /* Its writing to the disk starts now, so that the fsync before the
+     * commit finds little left to do; a chunk is never written again. */
+    if (!rc) sync_file_range(s->fd, (off64_t)from, (off64_t)len, SYNC_FILE_RANGE_WRITE);
     pthread_mutex_lock(&s->mu);
     if (rc) {
       if (!s->err) s->err = rc;
@@ -347,28 +356,91 @@ static int queue_stop(page_writer* w, int discard) {
   return rc;
 }
 
+/* The page file mapped: a window of it is the writer's buffer. Pages are
+ * copied into the file's page cache directly (the kernel's copy from the
+ * application, nothing else), which the hashing threads then read where it
+ * is. Every byte of the mapping that is touched is allocated first
+ * (fallocate), so that no store into it can fault for want of space
+ * (SIGBUS): a full disk is an error returned by fallocate, the application
+ * left running, as a failed write() was. */
+#define MAP_GRAIN PAGES_CHUNK         /* a window: up to the next chunk boundary */
+#define MAP_GROW_MAX (64ull << 20)    /* allocated ahead at most */
+
+static int map_open(page_writer* w) {
+  const char* off = getenv("APPSHOT_PAGES_WRITE");
+  if (off && *off == '1') return -EOPNOTSUPP;
+  /* One address range for the whole file, whatever its size will be (a
+   * shared mapping of a file reserves no memory): each chunk stays where
+   * it is until the hashing threads are done with it. */
+  static const uint64_t lens[] = {16ull << 40, 1ull << 40, 64ull << 30};
+  for (size_t i = 0; i < sizeof lens / sizeof *lens; i++) {
+    void* m = mmap(NULL, lens[i], PROT_READ | PROT_WRITE, MAP_SHARED, w->file_fd, 0);
+    if (m == MAP_FAILED) continue;
+    /* Where fallocate is not supported, or there is no room for even a
+     * chunk, the buffered path (which says why at its first write). */
+    if (fallocate(w->file_fd, 0, 0, MAP_GRAIN)) {
+      munmap(m, lens[i]);
+      if (ftruncate(w->file_fd, 0)) return -errno;
+      return -EOPNOTSUPP;
+    }
+    w->map = m;
+    w->map_len = lens[i];
+    w->allocated = MAP_GRAIN;
+    return 0;
+  }
+  return -ENOMEM;
+}
+
+/* The next window: from `size` to the next chunk boundary, allocated (and
+ * then some, up to MAP_GROW_MAX, so that fallocate is not called for every
+ * chunk) and populated, so that storing into it cannot fault. */
+static int map_window(page_writer* w) {
+  uint64_t end = (w->size / MAP_GRAIN + 1) * MAP_GRAIN;
+  if (end > w->map_len) return -EFBIG;
+  if (end > w->allocated) {
+    uint64_t grow = w->allocated < MAP_GROW_MAX ? w->allocated : MAP_GROW_MAX;
+    uint64_t want = end + grow > w->map_len ? end : end + grow;
+    if (fallocate(w->file_fd, 0, (off_t)w->allocated, (off_t)(want - w->allocated))) {
+      /* Perhaps room for this window only. */
+      want = end;
+      if (fallocate(w->file_fd, 0, (off_t)w->allocated, (off_t)(want - w->allocated))) return -errno;
+    }
+    w->allocated = want;
+  }
+  /* Faulted in here, where a failure is an error code: a store into the
+   * window then finds its page. (EINVAL: a kernel before 5.14; the stores
+   * fault them in.) */
+  if (madvise(w->map + w->size, end - w->size, MADV_POPULATE_WRITE) && errno != EINVAL) return -errno;
+  w->buf = w->map + w->size;
+  w->buf_size = end - w->size;
+  w->buf_used = 0;
+  return 0;
+}
+
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   memset(w, 0, sizeof *w);
   w->file_fd = -1;
   w->mem_fd = -1;
-  w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
-  if (!w->buf) return -ENOMEM;
-  w->buf_size = WRITE_BUFFER;
   w->file_fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
-  if (w->file_fd < 0) {
-    int e = errno;
-    free(w->buf);
-    w->buf = NULL;
-    return -e;
-  }
+  if (w->file_fd < 0) return -errno;
   w->sums = sums_open(w->file_fd);
   if (!w->sums) {
     close(w->file_fd);
     w->file_fd = -1;
-    free(w->buf);
-    w->buf = NULL;
     return -ENOMEM;
   }
+  if (map_open(w) == 0) {
+    w->sums->map = w->map;
+    int rc = map_window(w);
+    if (rc) pw_abort(w);
+    return rc;
+  }
+  w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
+  if (!w->buf) {
+    pw_abort(w);
+    return -ENOMEM;
+  }
+  w->buf_size = WRITE_BUFFER;
   if (queue_limit) {
     struct pw_queue* q = calloc(1, sizeof *q);
     if (q) {
@@ -392,7 +464,35 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   return 0;
 }
 
+int pw_reserve(page_writer* w, uint64_t bytes) {
+  if (!w->map) return 0;
+  uint64_t end = (bytes + MAP_GRAIN - 1) / MAP_GRAIN * MAP_GRAIN;
+  if (end > w->map_len) end = w->map_len;
+  if (end <= w->size + w->buf_used) return 0;
+  if (end > w->allocated) {
+    /* No room: nothing reserved; the copying says so if it comes to it. */
+    if (fallocate(w->file_fd, 0, (off_t)w->allocated, (off_t)(end - w->allocated))) return -errno;
+    w->allocated = end;
+  }
+  uint64_t from = w->size + w->buf_used;
+  if (madvise(w->map + from, end - from, MADV_POPULATE_WRITE)) return -errno;
+  return 0;
+}
+
+/* Mapped: what the window holds is in the file; the hashing threads may
+ * take it. */
+static void map_publish(page_writer* w) {
+  if (!w->buf_used) return;
+  w->size += w->buf_used;
+  sums_published(w->sums, w->buf_used);
+  w->buf_used = 0;
+}
+
 static int flush(page_writer* w) {
+  if (w->map) {
+    map_publish(w);
+    return map_window(w);
+  }
   if (!w->buf_used) return 0;
   struct pw_queue* q = w->queue;
   if (!q) {
@@ -788,6 +888,27 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
 
 /* Bytes the writer has put in the file so far (all of them but what is
  * queued for its thread or still in the current buffer). */
+/* The buffer goes (a window of the mapping: the mapping goes, once no
+ * hashing thread reads it). */
+static void release_buffer(page_writer* w) {
+  if (w->map) {
+    if (w->sums) {
+      /* Hashing threads still at work (a finish that failed) stop first. */
+      pthread_mutex_lock(&w->sums->mu);
+      w->sums->stop = 1;
+      pthread_cond_broadcast(&w->sums->changed);
+      pthread_mutex_unlock(&w->sums->mu);
+      sums_join(w->sums);
+    }
+    munmap(w->map, w->map_len);
+    w->map = NULL;
+    if (w->sums) w->sums->map = NULL;
+  } else {
+    free(w->buf);
+  }
+  w->buf = NULL;
+}
+
 uint64_t pw_written(page_writer* w) {
   uint64_t queued = 0;
   struct pw_queue* q = w->queue;
@@ -825,9 +946,16 @@ static uint64_t monotonic_ns(void) {
 int pw_finish(page_writer* w) {
   close_mem(w);
   uint64_t t0 = monotonic_ns();
-  int rc = flush(w);
+  int rc = 0;
+  if (w->map) map_publish(w);
+  else rc = flush(w);
   int rc2 = queue_stop(w, rc != 0);
   if (!rc) rc = rc2;
+  /* What was allocated ahead goes: the file is what was written (also
+   * past `allocated`, where a fallocate that failed halfway may have left
+   * some, mapped or not). */
+  if (!rc && ftruncate(w->file_fd, (off_t)w->size)) rc = -errno;
+  w->allocated = w->size;
   uint64_t t1 = monotonic_ns();
   /* The sync and the last digests at once: the hashing threads read the
    * page cache while it is written back. */
@@ -842,8 +970,7 @@ int pw_finish(page_writer* w) {
   w->drain_ns = t1 - t0;
   w->fsync_ns = t2 - t1;
   w->hash_wait_ns = monotonic_ns() - t2;
-  free(w->buf);
-  w->buf = NULL;
+  release_buffer(w);
   return rc;
 }
 
@@ -873,10 +1000,9 @@ void pw_abort(page_writer* w) {
   queue_stop(w, 1);
   sums_free(w->sums);
   w->sums = NULL;
+  release_buffer(w);
   if (w->file_fd >= 0) close(w->file_fd);
   w->file_fd = -1;
-  free(w->buf);
-  w->buf = NULL;
 }
 
 /* ---- checking a page file by chunks, on threads of its own */

@@ -63,15 +63,24 @@ struct pw_queue;
 #define PAGES_DIGEST 32
 
 /* The SHA-256 of each chunk of the page file, hashed by threads of the
- * writer's own from the file as the writer thread puts chunks in it (the
- * page cache, most likely), so that committing an image reads nothing
- * back; see pw_hash_start. */
+ * writer's own as chunks are complete in the file: from the mapping where
+ * the file is mapped, else read back from the file (the page cache, most
+ * likely), so that committing an image reads nothing back; each chunk
+ * hashed is sent to the disk at once (sync_file_range), so that the fsync
+ * finds little left. See pw_hash_start. */
 struct pw_sums;
 /* One-shot SHA-256 (OpenSSL's, which Node carries and exports): 0 or -EIO. */
 int pages_sha256(const void* data, size_t len, uint8_t out[PAGES_DIGEST]);
 
 typedef struct {
   int file_fd;    /* the unnamed file in the image's directory */
+  /* The file mapped shared (see pw_open), or NULL: pages are then read
+   * straight into it, and `buf` is a window of it rather than a buffer of
+   * our own. `allocated`: the bytes fallocate'd so far (the file's size
+   * until pw_finish cuts it to `size`); `map_len`: the address range
+   * reserved for it. */
+  uint8_t* map;
+  uint64_t map_len, allocated;
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
   struct pw_sums* sums; /* SHA-256 per chunk of what is written */
   uint8_t* buf;
@@ -120,11 +129,23 @@ typedef struct {
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
- * pw_link, nothing is left behind. With a `queue_limit`, full buffers are
- * written by a thread of the writer's own while reading goes on: reading
- * an application's memory (while it is frozen) waits for the disk only
- * once that many bytes are waiting to be written. */
+ * pw_link, nothing is left behind. Where the file system can allocate
+ * ahead (fallocate), the file is mapped shared and pages are read from the
+ * application straight into it (its page cache): one copy, no buffer of
+ * our own, nothing to write out, and the chunk digests hashed from the
+ * mapping. Elsewhere (or with APPSHOT_PAGES_WRITE=1 in the environment),
+ * pages go through a buffer written with write(): with a `queue_limit`,
+ * full buffers are written by a thread of the writer's own while reading
+ * goes on, waiting for the disk only once that many bytes are queued. */
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
+/* Makes the page cache of the file's first `bytes` now (allocated and
+ * faulted in, where it is mapped): called before the application is
+ * frozen with what its image will about hold, so that copying into the
+ * file then finds its pages there. Touching memory for the first time is
+ * most of what copying into it costs (on a VM whose host backs guest
+ * memory on demand, several times the copy). What is not used is cut off
+ * by pw_finish. 0, or -errno (nothing is wrong then: only not prepared). */
+int pw_reserve(page_writer* w, uint64_t bytes);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. With
  * `forked_from` (PAGES_ANON only), a page that is the very page the other
@@ -143,10 +164,11 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
 uint64_t pw_written(page_writer* w);
 int pw_drain(page_writer* w, int timeout_ms);
 /* Lets the hashing threads start on what is written: one thread (`all`
- * 0: beside the writer thread while it writes what is queued) or one per
- * core. Until then, nothing is hashed: the snapshot calls it once the
- * application's state is read, so that the reading shares its cores with
- * no hashing. pw_finish hashes what is left on every core. */
+ * 0: beside the reading, or the writer thread while it writes what is
+ * queued) or one per core. Until then, nothing is hashed: a snapshot that
+ * leaves the application running calls it once the application's state
+ * is read, so that the reading shares its cores with no hashing; one that
+ * ends it, at once. pw_finish hashes what is left on every core. */
 void pw_hash_start(page_writer* w, int all);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */

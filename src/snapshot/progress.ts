@@ -75,6 +75,8 @@ export class ReportingPageWriter {
       written: () => pages.written(),
       drain: (ms: number) => pages.drain(ms),
       startHashing: (all: boolean) => pages.startHashing(all),
+      reserve: (bytes: number) => pages.reserve(bytes),
+      close: () => pages.close(),
       abort: () => pages.abort(),
       dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: Parameters<PageWriter['dump']>[5], forkedFrom?: Parameters<PageWriter['dump']>[6]) {
         const npages = Number((end - start) / BigInt(PAGE));
