@@ -131,9 +131,19 @@ export function dumpAioRings(pid: number, inj: Injector, maps: { start: bigint; 
   });
   for (const ring of rings) {
     const before = addon().readMemory(pid, ring.address, Number(ring.length));
-    const taken = freeSlots(pid, inj, ring);
     const unreaped = (ring.tail - ring.head + ring.nr) % ring.nr;
-    putBack(pid, ring, before, taken, unreaped);
+    let taken = 0;
+    let completed = 0;
+    try {
+      taken = freeSlots(pid, inj, ring);
+    } finally {
+      // However the probe ended (a failed call, a request of the
+      // application's completing meanwhile): none of its events is left
+      // for the application to reap.
+      completed = putBack(pid, ring, unreaped, inj.scratchAddress);
+    }
+    if (completed)
+      throw new Unsupported(`${where(ring)} had requests in flight: ${completed} completed while it was looked at, which cannot be captured`);
     // The kernel hands slots from the context's shared count to a CPU's
     // only `req_batch` at a time, and gives them back so: what is left
     // there below one batch can never be taken, and is the same amount
@@ -191,21 +201,35 @@ function freeSlots(pid: number, inj: Injector, ring: AioRing): number {
   return taken;
 }
 
-/** After the probe: its `taken` events (after the `unreaped` ones) are
- * reaped by moving the head past as many, the unreaped ones written after
- * them in their order (`before`: the ring as it was). */
-function putBack(pid: number, ring: AioRing, before: Buffer, taken: number, unreaped: number): void {
-  if (!taken) return;
-  const now = header(addon().readMemory(pid, ring.address, HEADER));
-  const head = (ring.head + taken) % ring.nr;
-  if (now.tail !== (ring.tail + taken) % ring.nr) throw new Error(`the AIO context at 0x${ring.address.toString(16)}: its tail moved to ${now.tail}, not ${(ring.tail + taken) % ring.nr}, while it was probed`);
-  for (let i = 0; i < unreaped; i++) {
-    const from = HEADER + ((ring.head + i) % ring.nr) * EVENT;
-    addon().writeMemory(pid, ring.address + BigInt(HEADER + ((head + i) % ring.nr) * EVENT), before.subarray(from, from + EVENT));
+/** After the probe: the ring's events from its head to its tail now are
+ * its `unreaped` ones, then the probe's (their iocb: `probeIocb`), mixed
+ * with completions of the application's own requests if any were in
+ * flight. The probe's are reaped: the others are written again in their
+ * order so that they end at the tail, and the head moved to the first of
+ * them. Returns how many of the application's own completed meanwhile. */
+function putBack(pid: number, ring: AioRing, unreaped: number, probeIocb: bigint): number {
+  const now = addon().readMemory(pid, ring.address, Number(ring.length));
+  const tail = header(now).tail;
+  if (tail >= ring.nr) throw new Error(`the AIO context at 0x${ring.address.toString(16)}: its tail became ${tail} of ${ring.nr} while it was probed`);
+  const count = (tail - ring.head + ring.nr) % ring.nr;
+  const kept: Buffer[] = [];
+  let completed = 0;
+  for (let i = 0; i < count; i++) {
+    const at = HEADER + ((ring.head + i) % ring.nr) * EVENT;
+    const event = now.subarray(at, at + EVENT);
+    if (i >= unreaped) {
+      if (event.readBigUInt64LE(8) === probeIocb) continue;
+      completed++;
+    }
+    kept.push(event);
   }
+  if (kept.length === count) return completed;
+  const head = (tail - kept.length + ring.nr) % ring.nr;
+  kept.forEach((event, i) => addon().writeMemory(pid, ring.address + BigInt(HEADER + ((head + i) % ring.nr) * EVENT), Buffer.from(event)));
   const h = Buffer.alloc(4);
   h.writeUInt32LE(head);
   addon().writeMemory(pid, ring.address + 8n, h);
+  return completed;
 }
 
 /* ---- restore ---------------------------------------------------------- */
