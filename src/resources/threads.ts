@@ -28,7 +28,7 @@ export interface ThreadAsked {
   requeued?: Answer;
 }
 
-const STOP_SIGNALS = new Set([19, 20, 21, 22]); // SIGSTOP SIGTSTP SIGTTIN SIGTTOU
+const SIGSTOP = 19;
 
 /**
  * A thread caught taking a signal (signal-delivery-stop: the kernel has
@@ -40,14 +40,14 @@ const STOP_SIGNALS = new Set([19, 20, 21, 22]); // SIGSTOP SIGTSTP SIGTTIN SIGTT
  * itself (the kernel takes any siginfo a thread sends itself), with its
  * siginfo as it was, while its signals are blocked for the questions:
  * pending, it is taken when the thread goes on, and the image sees it in
- * the thread's queue. A stop signal is left to the detach (job control
- * takes it, not a handler).
+ * the thread's queue. SIGSTOP, which no mask holds back and no handler
+ * sees, is left to the detach.
  */
 export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
   const tid = t.tid;
   return {
     requeued:
-      t.signal && t.siginfo && !STOP_SIGNALS.has(t.signal)
+      t.signal && t.siginfo && t.signal !== SIGSTOP
         ? calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: t.siginfo })
         : undefined,
     tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
