@@ -88,6 +88,25 @@ describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   roundTrips('ptim', [fixture('ptimers')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.050s; 2 clock 0, no signal, in \S+; 3 clock 7, signal 12 to thread \d+, in \S+ every 0\.070s; 4 clock 1, signal 34, disarmed/);
 });
 
+describe('a timer signal the freeze catches on its way in (signal-delivery-stop): taken with its own siginfo, once', () => {
+  roundTrips('tflood', [fixture('timerflood')], /POSIX timers: 0 clock 1, signal 10, in \S+ every 0\.000s; 1 clock 1, signal 34 to thread \d+, in \S+ every 0\.000s/);
+
+  // Timers every 200 and 300 us: most freezes catch a thread taking one,
+  // which the injected questions take out of that stop.
+  it('keeps its timers\' siginfo through repeated --leave-running snapshots', async () => {
+    const aid = 'tflood4';
+    run(['run', '-d', '--aid', aid, '--', fixture('timerflood')]);
+    await checksPass(aid);
+    for (let i = 0; i < 6; i++) {
+      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
+      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
+      await checksPass(aid, 2);
+    }
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+});
+
 describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });

@@ -23,7 +23,8 @@ export interface FrozenThread {
   pid: number;
   stopped: boolean;
   /** A signal caught on its way in (signal-delivery-stop): given back on
-   * resume, recorded as pending in the image. */
+   * resume, recorded as pending in the image; cleared once the snapshot
+   * has queued it again for the thread (threads.ts, askThread). */
   signal: number;
   siginfo?: Buffer;
   groupStop: boolean;

@@ -20,24 +20,63 @@ const THREAD_FLAG = 0x2;
 /** `regs` were read before any system call was run in the process: those
  * leave an interrupted call rewound, and the image keeps it as it was. */
 /** What dumpThread needs of the thread itself, asked with the other
- * kinds' questions: its TID address and its alternate signal stack. */
+ * kinds' questions: its TID address and its alternate signal stack; and
+ * the signal it was caught taking, queued again for it (see askThread). */
 export interface ThreadAsked {
   tidAddress: Answer;
   altstack: Answer;
+  requeued?: Answer;
 }
 
-export function askThread(calls: CallQueue, tid: number): ThreadAsked {
+const SIGSTOP = 19;
+
+/**
+ * A thread caught taking a signal (signal-delivery-stop: the kernel has
+ * dequeued it, a timer's expiry accounted and the timer re-armed) leaves
+ * that stop to run these questions, and the stop's siginfo with it: given
+ * back by the detach from any later stop, the signal would come as one
+ * from the kernel or the tracer (SI_KERNEL, SI_USER), with no value,
+ * timer id or sender. So it is queued again for the thread, by the thread
+ * itself (the kernel takes any siginfo a thread sends itself), with its
+ * siginfo as it was, while its signals are blocked for the questions:
+ * pending, it is taken when the thread goes on, and the image sees it in
+ * the thread's queue. SIGSTOP, which no mask holds back and no handler
+ * sees, is left to the detach.
+ */
+export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
+  const tid = t.tid;
   return {
+    requeued:
+      t.signal && t.siginfo && t.signal !== SIGSTOP
+        ? calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: t.siginfo })
+        : undefined,
     tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
     altstack: calls.ask(NR.sigaltstack, [0, 'buf'], { tid, outLength: 24 }),
   };
+}
+
+/** Once the questions have run (or failed): a caught signal that is
+ * queued again is no longer the thread's to be given on resume (it would
+ * come twice); one that could not be (the queue full: RLIMIT_SIGPENDING)
+ * stays, as before. */
+export function settleCaughtSignal(t: FrozenThread, asked: ThreadAsked): void {
+  let ret: bigint | undefined;
+  try {
+    ret = asked.requeued?.ret;
+  } catch {
+    return; // never answered: the thread's batch did not run
+  }
+  if (ret !== 0n) return;
+  t.signal = 0;
+  t.siginfo = undefined;
 }
 
 export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, asked: ThreadAsked): Thread {
   const a = addon();
   let pending = a.peekSiginfo(t.tid, false);
   // A signal that was being delivered when the thread stopped is still
-  // pending from the application's point of view.
+  // pending from the application's point of view (one queued again,
+  // askThread, is in the queue already).
   if (t.siginfo) pending = Buffer.concat([t.siginfo, pending]);
   const rseq = a.getRseq(t.tid);
   const robust = a.getRobustList(t.tid);

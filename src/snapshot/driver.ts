@@ -48,7 +48,7 @@ import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters } from '../resources/threads.js';
+import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
@@ -259,13 +259,19 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
     const asked = timed('questions asked', () => ({
       process: askProcess(calls),
-      threads: tids.map((tid) => askThread(calls, tid)),
+      threads: threads.map((t) => askThread(calls, t)),
       timers: askPosixTimers(pid, calls, what),
       attributes: askAttributes(calls, tids),
       sigactions: askSigactions(pid, calls),
       fdOwners: askFdOwners(calls, pid),
     }));
-    timed('questions answered', () => calls.run());
+    timed('questions answered', () => {
+      try {
+        calls.run();
+      } finally {
+        threads.forEach((t, i) => settleCaughtSignal(t, asked.threads[i]));
+      }
+    });
     timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
     unmapLockProbeLater(asked.attributes, calls);
     const creds = credsAsked();
