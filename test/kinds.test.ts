@@ -14,6 +14,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
+// Every directory a test of this file makes is under `out`: removed by
+// this file's afterAll, which runs also when a filter (-t) skips the
+// describe blocks whose own afterAll would have removed theirs.
 const out = mkdtempSync(join(tmpdir(), 'appshot-kinds-'));
 afterAll(async () => {
   await sb.dispose();
@@ -79,7 +82,7 @@ describe('timerfd: clock, flags, interval, time left and unread expirations', ()
 });
 
 describe('inotify: every watch at its number, with its mask, on its inode', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-inotify-'));
+  const dir = mkdtempSync(join(out, 'inotify-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
 });
@@ -118,7 +121,7 @@ describe("POSIX timers on another process's or thread's CPU-time clock (clock_ge
 describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, connected outside) and UDP, with their queues', () => {
   // The socket outside the application that `logger` is connected to, as
   // a Go program's journald socket or /dev/log would be.
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-dgram-'));
+  const dir = mkdtempSync(join(out, 'dgram-'));
   const sinkPath = join(dir, 'sink');
   let sink: ChildProcess | undefined;
   const startSink = async () => {
@@ -177,19 +180,19 @@ describe('pipes: each end with its own status flags, every byte in flight, the c
 });
 
 describe('FIFOs: each open description with its own flags (also O_RDWR), every byte in flight', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-fifos-'));
+  const dir = mkdtempSync(join(out, 'fifos-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
 });
 
 describe('deleted files still open: exact size, holes, contents, positions, flags, one file however often opened, also mapped', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-deleted-'));
+  const dir = mkdtempSync(join(out, 'deleted-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('dele', [fixture('deleted'), dir], /FILE\s+\S+\/small \(deleted\) pos=3/);
 });
 
 describe('files mapped privately, then deleted (a library replaced under a running server): code, data and written pages, zeros past the end, protections', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-deletedmaps-'));
+  const dir = mkdtempSync(join(out, 'deletedmaps-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('dmap', [fixture('deletedmaps'), dir], /process 2 \(deletedmaps\)/);
 });
@@ -213,7 +216,7 @@ describe('epoll sets whatever their targets: another epoll made later, a target 
 });
 
 describe('what outlives its name: a deleted working directory, a deleted FIFO, a listening socket whose file a restore finds there, a child holding its parent\'s /proc files', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-leftovers-'));
+  const dir = mkdtempSync(join(out, 'leftovers-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   // 'apart': the listener's path is the original's while it runs.
   roundTrips('left', [fixture('leftovers'), dir], /process 2 \(leftparent\): .*cwd \S+\/wd \(deleted\)/, 'apart');
@@ -582,7 +585,7 @@ describe('process attributes: OOM adjustment, subreaper, THP, personality, nice,
 });
 
 describe('2,000 descriptors duplicated from one open file description and 2,000 opened apart on one file: the first still one description, the others each its own', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-manyfds-'));
+  const dir = mkdtempSync(join(out, 'manyfds-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   // Each restored copy opens the files afresh: the original and the copy
   // share no description.
