@@ -266,6 +266,45 @@ describe('snapshot of a program with one of each resource', () => {
     await checksContinue(aid);
   });
 
+  it('writes the whole tar stream with -o - to a pipe whose reader pauses, though the CLI made the pipe non-blocking', async () => {
+    // Standard output is a pipe (a socket pair, as spawn makes it): the
+    // CLI's process.stdout makes it O_NONBLOCK, so a write to the full
+    // pipe gets EAGAIN. The reader stops once the stream has begun, long
+    // enough for the pipe to fill, then takes the rest.
+    const child = spawn(process.execPath, [cli, 'snapshot', aid, '-o', '-', '--full', '--leave-running'], { env: sb.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const chunks: Buffer[] = [];
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d));
+    child.stdout.once('data', () => {
+      child.stdout.pause();
+      setTimeout(() => child.stdout.resume(), 1000);
+    });
+    child.stdout.on('data', (d: Buffer) => chunks.push(d));
+    const code = await new Promise<number>((resolve) => child.on('close', (c) => resolve(c ?? -1)));
+    expect(code, stderr).toBe(0);
+    expect(stderr).toBe('');
+    const tar = Buffer.concat(chunks);
+    // More than the pipe and the reader's buffer hold, or nothing waited.
+    expect(tar.length).toBeGreaterThan(4 << 20);
+    const tarPath = join(out, 'paused.tar');
+    writeFileSync(tarPath, tar);
+    const fromFile = sb.json<Json>(['inspect', tarPath]);
+    expect(fromFile.processes).toHaveLength(2);
+    await checksContinue(aid);
+  });
+
+  it('fails with one line naming the errno when standard output cannot take the stream (-o - > /dev/full)', async () => {
+    const r = await new Promise<{ code: number; stderr: string }>((resolve) => {
+      const child = spawn(`${JSON.stringify(process.execPath)} ${JSON.stringify(cli)} snapshot ${aid} -o - --full --leave-running > /dev/full`, { shell: true, env: sb.env, stdio: ['ignore', 'inherit', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d));
+      child.on('close', (code) => resolve({ code: code ?? -1, stderr }));
+    });
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': writing the image to standard output: ENOSPC\\b.*; the application was left running`))]);
+    await checksContinue(aid);
+  });
+
   it('ends the application by default, removing its SysV objects', async () => {
     const before = systemIpcIds();
     const ids = sb.json<Json>(['table', aid]).tables;

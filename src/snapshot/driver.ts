@@ -11,7 +11,7 @@
  * (SnapshottedWithError, exit 6).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, createWriteStream, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,7 +24,7 @@ import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { standardOutput } from '../stdout.js';
+import { descriptorWriter, standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
@@ -612,8 +612,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       try {
         // Written to descriptor 1 directly, not through process.stdout: a
         // pipe's socket reports a reader gone as an 'error' event of its
-        // own, which the tar stream may trigger after it has failed.
-        await streamImageTar(createWriteStream('', { fd: 1, autoClose: false }), image, pages, part, imageId);
+        // own, which the tar stream may trigger after it has failed. And
+        // not with fs.createWriteStream, which gives up on a full
+        // non-blocking pipe (see descriptorWriter).
+        await streamImageTar(descriptorWriter(1), image, pages, part, imageId);
       } catch (e) {
         // Plain errors: the catch below says the application was left running.
         if ((e as NodeJS.ErrnoException).code === 'EPIPE') throw new Error('the reader of standard output went away before the image was written');
