@@ -28,6 +28,7 @@ export interface ThreadAsked {
   requeued?: Answer;
 }
 
+const SIGCONT = 18;
 const SIGSTOP = 19;
 
 /**
@@ -41,13 +42,16 @@ const SIGSTOP = 19;
  * siginfo as it was, while its signals are blocked for the questions:
  * pending, it is taken when the thread goes on, and the image sees it in
  * the thread's queue. SIGSTOP, which no mask holds back and no handler
- * sees, is left to the detach.
+ * sees, is left to the detach; so is SIGCONT, which would not stay
+ * pending: any stop signal sent to the process discards a pending SIGCONT
+ * (the kernel's job control), the SIGSTOP that ends each batch of
+ * questions (trace.c) among them, and its handler would never run.
  */
 export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
   const tid = t.tid;
   return {
     requeued:
-      t.signal && t.siginfo && t.signal !== SIGSTOP
+      t.signal && t.siginfo && t.signal !== SIGSTOP && t.signal !== SIGCONT
         ? calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: t.siginfo })
         : undefined,
     tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
