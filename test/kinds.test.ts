@@ -110,6 +110,36 @@ describe('a timer signal the freeze catches on its way in (signal-delivery-stop)
   });
 });
 
+describe('a SIGCONT pending when the freeze stops the application: kept, its handler run once', () => {
+  // A second thread sends the main thread SIGCONT one at a time; a lost
+  // one stalls the pair (no more CHECK lines). The batch of injected
+  // questions used to end with a SIGSTOP, which discards every pending
+  // SIGCONT of the process (the kernel's job control).
+  it('keeps every SIGCONT through repeated --leave-running snapshots', async () => {
+    const aid = 'cpong1';
+    run(['run', '-d', '--aid', aid, '--', fixture('contpong')]);
+    await checksPass(aid);
+    for (let i = 0; i < 8; i++) {
+      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
+      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
+      await checksPass(aid);
+    }
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+
+  it('comes back from a snapshot that ends it with its SIGCONTs going on', async () => {
+    const aid = 'cpong2';
+    run(['run', '-d', '--aid', aid, '--', fixture('contpong')]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    run(['restore', join(out, aid)]);
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
+});
+
 describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });

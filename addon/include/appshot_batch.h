@@ -61,7 +61,7 @@
     "  mov $234, %eax\n" /* tgkill */                                       \
     "  mov 8(%rbx), %rdi\n"                                                 \
     "  mov 16(%rbx), %rsi\n"                                                \
-    "  mov $19, %edx\n" /* SIGSTOP */                                       \
+    "  mov $5, %edx\n" /* SIGTRAP, not a stop signal: see trace.c */        \
     "  syscall\n"                                                           \
     STOPPED ":\n"                                                           \
     /* Only if tgkill failed (a seccomp filter, say): a trap instead. The   \

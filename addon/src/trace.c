@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -407,10 +408,16 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  * argument a (0-5, 0 the first) is the result of entry k (from 1), which
  * ran before it (a descriptor the batch made, say, that a later mmap of
  * the same batch maps). Then it stops itself
- * with tgkill(tgid, tid, SIGSTOP): a signal-delivery stop the tracer sees
- * (SIGSTOP cannot be blocked, and unlike the trap of an int3 it is not a
- * forced signal, which would reset a SIGTRAP handler the process has),
- * and it takes the thread back with its registers as they were. Only
+ * with tgkill(tgid, tid, SIGTRAP), the one signal left unblocked while it
+ * runs: a signal-delivery stop the tracer sees (and discards) even when
+ * the process ignores SIGTRAP, as a traced thread's signals are queued
+ * whatever their action. Not a stop signal: any stop signal sent to a
+ * process discards every SIGCONT pending in it (the kernel's job
+ * control), so that one pending when the application was frozen would
+ * be lost, its handler never run and the image without it (it was
+ * SIGSTOP). Not an int3's trap either: that is a forced signal, which
+ * resets an ignored SIGTRAP's action to the default. The thread is taken
+ * back with its registers as they were. Only
  * rbx, r12 and r13 and the registers of the calls (rax, rcx, rdx...) are
  * used: no stack.
  */
@@ -424,6 +431,39 @@ const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at) {
   return appshot_batch_code;
 }
 
+/* The process id the batch's tgkill gives (the table header's tgid, as
+ * the process sees itself): a SIGTRAP with another sender is not ours. */
+static pid_t sender_tgid(pid_t tid, uint64_t table) {
+  errno = 0;
+  long word = ptrace(PTRACE_PEEKDATA, tid, (void*)(table + 8), 0);
+  return errno ? -1 : (pid_t)word;
+}
+
+static pid_t tgid_of(pid_t tid) {
+  char path[64], buf[512];
+  snprintf(path, sizeof path, "/proc/%d/status", tid);
+  FILE* f = fopen(path, "r");
+  if (!f) return -1;
+  pid_t tgid = -1;
+  while (fgets(buf, sizeof buf, f))
+    if (sscanf(buf, "Tgid: %d", &tgid) == 1) break;
+  fclose(f);
+  return tgid;
+}
+
+/* A SIGTRAP of the process's own, taken out of its queue by the batch
+ * (which leaves only SIGTRAP unblocked), queued to the thread again:
+ * with its siginfo where the kernel lets a tracer give one (a negative
+ * si_code, sigqueue's), else as the tracer's tkill. */
+static void take_back_trap(pid_t tid, const siginfo_t* info) {
+  if (info->si_code < 0 && info->si_code != SI_TKILL) {
+    siginfo_t copy = *info;
+    pid_t tgid = tgid_of(tid);
+    if (tgid > 0 && syscall(SYS_rt_tgsigqueueinfo, tgid, tid, SIGTRAP, &copy) == 0) return;
+  }
+  syscall(SYS_tkill, tid, SIGTRAP);
+}
+
 int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
   struct user_regs_struct saved, r;
   int rc = trace_get_regs(tid, &saved);
@@ -434,15 +474,20 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
   r.rip = code;
   r.rbx = table;
   r.orig_rax = (unsigned long)-1;
-  /* Every signal blocked, as for a single call (trace_inject). */
-  uint64_t mask, all = ~0ull;
+  /* Every signal blocked, as for a single call (trace_inject), but the
+   * SIGTRAP that ends the batch. */
+  uint64_t mask, all_but_trap = ~0ull & ~(1ull << (SIGTRAP - 1));
   if ((rc = trace_get_sigmask(tid, &mask))) return rc;
-  if ((rc = trace_set_sigmask(tid, all))) return rc;
+  if ((rc = trace_set_sigmask(tid, all_but_trap))) return rc;
   if ((rc = trace_set_regs(tid, &r))) {
     trace_set_sigmask(tid, mask);
     return rc;
   }
   unsigned stops = 0;
+  /* A SIGTRAP of the process's own that was pending (or came meanwhile),
+   * taken instead of ours: set aside and queued again after. */
+  int foreign_traps = 0;
+  siginfo_t foreign_trap_info[2]; /* the thread's queue's and the process's */
   rc = -EINTR;
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_CONT, tid, 0, 0)) {
@@ -459,15 +504,21 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
       rc = -ESRCH;
       break;
     }
-    if (rep.kind == TRACE_SIGNAL && (rep.sig == SIGSTOP || rep.sig == SIGTRAP)) {
+    if (rep.kind == TRACE_SIGNAL && rep.sig == SIGTRAP) {
       struct user_regs_struct at;
-      if ((rc = trace_get_regs(tid, &at))) break;
-      /* Ours, at the end of the code: done (SIGTRAP: after the int3 that
-       * stands in for a tgkill that failed). */
-      if ((rep.sig == SIGSTOP && at.rip == code + stopped_at) || (rep.sig == SIGTRAP && at.rip == code + stopped_at + 1)) {
+      siginfo_t si;
+      if ((rc = trace_get_regs(tid, &at)) || (rc = trace_get_siginfo(tid, &si))) break;
+      /* Ours, at the end of the code: sent by the thread to itself, or
+       * the int3's trap just after, that stands in for a tgkill that
+       * failed (a seccomp filter). Done. */
+      if ((at.rip == code + stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(tid, table)) ||
+          (at.rip == code + stopped_at + 1 && si.si_code == SI_KERNEL)) {
         rc = 0;
         break;
       }
+      if (foreign_traps < 2) foreign_trap_info[foreign_traps++] = si;
+      rc = -EINTR;
+      continue;
     }
     /* A stop signal that was pending before (job control), set aside and
      * queued again after, as in trace_inject. */
@@ -491,6 +542,7 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
     rc = -EINTR;
   }
   take_back_stops(tid, stops);
+  for (int i = 0; i < foreign_traps; i++) take_back_trap(tid, &foreign_trap_info[i]);
   int rc3 = trace_set_sigmask(tid, mask);
   if (!rc) rc = rc3;
   trace_rewind(&saved);

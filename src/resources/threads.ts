@@ -42,10 +42,11 @@ const SIGSTOP = 19;
  * siginfo as it was, while its signals are blocked for the questions:
  * pending, it is taken when the thread goes on, and the image sees it in
  * the thread's queue. SIGSTOP, which no mask holds back and no handler
- * sees, is left to the detach; so is SIGCONT, which would not stay
- * pending: any stop signal sent to the process discards a pending SIGCONT
- * (the kernel's job control), the SIGSTOP that ends each batch of
- * questions (trace.c) among them, and its handler would never run.
+ * sees, is left to the detach; so is SIGCONT (c3c1f6f), which would not
+ * stay pending once any stop signal is sent to the process (the kernel's
+ * job control discards it). The batches end with a SIGTRAP now, no stop
+ * signal (trace.c); one of the process's own SIGTRAPs a batch takes out
+ * of the queue is queued again by the tracer after it.
  */
 export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
   const tid = t.tid;

@@ -793,8 +793,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // SIGTRAP handler the process has, or its ignoring SIGTRAP, to the
       // default (see RemoteProcess.singleStep): harmless only while its
       // own disposition is the default. Until the thread's signals are
-      // blocked again below, then, when it is. (Batches stop by SIGSTOP,
-      // no trap: this is for calls made one at a time.)
+      // blocked again below, then, when it is. (Batches end with a SIGTRAP
+      // the thread sends itself, not forced, no trap: this is for calls
+      // made one at a time.)
       r.singleStep = trapIsDefault(p);
       // The process-wide state, a clone's environment block and the
       // signal handlers: one batch, one stop.
