@@ -15,11 +15,11 @@
 // clones of a row (what a row of clones costs those that come late), the
 // command's wall time. --json: the raw medians.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanUpBuilds, engineEnv, median, pairedBuilds } from './measure.js';
+import { pairedCleanUp, engineEnv, median, pairedBuilds } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Number(process.env.BENCH_RUNS ?? 3);
@@ -83,14 +83,7 @@ function batchOnce(b, count, counting) {
   const rm = spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', ...made.map((c) => c.aid)], { cwd: work, env: envOf(b), stdio: 'ignore' });
   if (rm.status !== 0) throw new Error(`${b.name}: rm failed`);
 }
-function cleanUp() {
-  cleanUpBuilds(builds, ['src']);
-  rmSync(work, { recursive: true, force: true });
-}
-process.on('SIGINT', () => {
-  cleanUp();
-  process.exit(130);
-});
+const cleanUp = pairedCleanUp(builds, ['src'], [work]);
 
 try {
   for (const b of builds) {

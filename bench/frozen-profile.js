@@ -18,7 +18,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanUpBuilds, engineEnv, median, pairedBuilds } from './measure.js';
+import { pairedCleanUp, engineEnv, median, pairedBuilds } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const rounds = Number(process.env.BENCH_ROUNDS ?? 15);
@@ -71,14 +71,7 @@ function snapshotOnce(b) {
   return { frozenMs: j.frozenMs, heldMs: j.phases.heldMs, totalMs: j.totalMs, injectedCalls: j.injectedCalls, phases: j.phases, steps };
 }
 
-function cleanUp() {
-  cleanUpBuilds(builds);
-  rmSync(work, { recursive: true, force: true });
-}
-process.on('SIGINT', () => {
-  cleanUp();
-  process.exit(130);
-});
+const cleanUp = pairedCleanUp(builds, [], [work]);
 
 try {
   for (const b of builds) execFileSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), 'engine', 'start'], { env: envOf(b), stdio: 'ignore' });

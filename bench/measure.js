@@ -59,13 +59,25 @@ export const inProcess = (b, args, extra = {}) =>
   spawnSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { env: engineEnv(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
 
 /** Stops each build's engine, removes the applications `aids` (`rm -f`),
- * then its home. */
-export function cleanUpBuilds(builds, aids = []) {
+ * then its home, then the `paths` the benchmark made. */
+export function cleanUpBuilds(builds, aids = [], paths = []) {
   for (const b of builds) {
     inProcess(b, ['engine', 'stop']);
     for (const aid of aids) inProcess(b, ['rm', '-f', aid]);
     rmSync(b.home, { recursive: true, force: true });
   }
+  for (const p of paths) rmSync(p, { recursive: true, force: true });
+}
+
+/** The clean-up of a paired benchmark: run by the caller when it ends, and
+ * on Ctrl-C (then exit 130). */
+export function pairedCleanUp(builds, aids, paths) {
+  const cleanUp = () => cleanUpBuilds(builds, aids, paths);
+  process.on('SIGINT', () => {
+    cleanUp();
+    process.exit(130);
+  });
+  return cleanUp;
 }
 
 /** Polls ok() every 10 ms until it returns something truthy, which it

@@ -14,10 +14,10 @@
 // median of each of the restore's APPSHOT_DEBUG phases. --json: raw
 // medians.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanUpBuilds, engineEnv, pairedBuilds, summary } from './measure.js';
+import { pairedCleanUp, engineEnv, pairedBuilds, summary } from './measure.js';
 
 const here = join(dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Number(process.env.BENCH_RUNS ?? 5);
@@ -51,14 +51,7 @@ function restoreOnce(b, image) {
 
 const results = new Map(builds.map((b) => [b.name, new Map(sizes.map((s) => [s, []]))]));
 
-function cleanUp() {
-  cleanUpBuilds(builds);
-  rmSync(work, { recursive: true, force: true });
-}
-process.on('SIGINT', () => {
-  cleanUp();
-  process.exit(130);
-});
+const cleanUp = pairedCleanUp(builds, [], [work]);
 
 try {
   for (const b of builds) {

@@ -453,6 +453,10 @@ describe('what cannot be captured yet is refused by name, and the application go
         const line = readFileSync(`/proc/${systemPid(aid)}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
         expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
       }
+      // Gone at once, not at the file's end: what it holds (sysv-foreign's
+      // segment, which no application's tables know) would otherwise stay
+      // for minutes, a stray to atomic.test.ts's checks running beside.
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
     });
 });
 
