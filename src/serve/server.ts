@@ -621,6 +621,11 @@ class Service {
   }
 
   private apply(actions: Action[]): void {
+    // Stopping: nothing more is started, suspended or dropped. A clone
+    // started for `min` while close() stopped the others (a tick, a
+    // finished clone pumping) was made after its list was taken, and
+    // outlived serve.
+    if (this.closing) return;
     for (const a of actions) {
       if (a.kind === 'start') void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
       else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
@@ -1173,12 +1178,19 @@ class Service {
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
+    // Until none is left: a clone already being made when close() began
+    // joins the list when it is done.
     if (this.spec.mode === 'clone')
-      for (const i of [...this.instances.values()]) {
-        await api.stop(i.aid, { home: this.host.home, timeout: 2 }).catch(() => undefined);
-        await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
-        this.instances.delete(i.aid);
-      }
+      for (let round = 0; this.instances.size && round < 50; round++)
+        for (const i of [...this.instances.values()]) {
+          if (i.state === 'starting') {
+            await new Promise((r) => setTimeout(r, 100));
+            continue;
+          }
+          await api.stop(i.aid, { home: this.host.home, timeout: 2 }).catch(() => undefined);
+          await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
+          this.instances.delete(i.aid);
+        }
     this.writeState();
   }
 }
