@@ -164,6 +164,19 @@ describe('a restore killed at any instant', () => {
   });
 });
 
+/** The application checks itself (3 more times), is listed running, and
+ * none of its processes is stopped or traced: a failed snapshot left it
+ * as it was. */
+async function runsUntraced(aid: string): Promise<void> {
+  await sb.checksPass(aid, 3);
+  const listed = sb.json<{ aid: string; state: string; processes: { pid: number }[] }[]>(['ps', '-a']).filter((a) => a.aid === aid);
+  expect(listed.map((a) => a.state)).toEqual(['running']);
+  for (const p of listed[0].processes) {
+    expect(stateOf(p.pid)).not.toBe('t');
+    expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+  }
+}
+
 /** A process's state letter (R, S, T for stopped...), '' once it is gone. */
 function stateOf(pid: number): string {
   try {
@@ -357,13 +370,7 @@ describe('a snapshot that fails or is killed at a step', () => {
       expect(r.status, r.stderr).toBe(1);
       expect(r.stderr.trim().split('\n')).toEqual([`appshot: cannot snapshot '${aid}': failure injected at 'snapshot: image committed' (APPSHOT_TEST_FAIL_AT); the application was left running`]);
       expect(readdirSync(out)).toEqual([]);
-      await sb.checksPass(aid, 3);
-      const listed = sb.json<{ aid: string; state: string; processes: { pid: number }[] }[]>(['ps', '-a']).filter((a) => a.aid === aid);
-      expect(listed.map((a) => a.state)).toEqual(['running']);
-      for (const p of listed[0].processes) {
-        expect(stateOf(p.pid)).not.toBe('t');
-        expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
-      }
+      await runsUntraced(aid);
       // Nothing of the failed try in the way of the next.
       const again = snapshotWith(aid, join(out, name), {});
       expect(again.status, again.stderr).toBe(0);
@@ -396,13 +403,7 @@ describe('a snapshot that fails or is killed at a step', () => {
       } finally {
         spawnSync('umount', [small]);
       }
-      await sb.checksPass(aid, 3);
-      const listed = sb.json<{ aid: string; state: string; processes: { pid: number }[] }[]>(['ps', '-a']).filter((a) => a.aid === aid);
-      expect(listed.map((a) => a.state)).toEqual(['running']);
-      for (const p of listed[0].processes) {
-        expect(stateOf(p.pid)).not.toBe('t');
-        expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
-      }
+      await runsUntraced(aid);
       // And its next snapshot, where there is room, is whole.
       const image = join(dir, `${aid}.appshot`);
       const again = snapshotWith(aid, image, path === 'written' ? { APPSHOT_PAGES_WRITE: '1' } : {});
