@@ -62,9 +62,19 @@ const value = (i: number) => `value-${i}-${'y'.repeat(i % 30)}`;
 interface ServiceJson {
   state: string;
   lastImage: string;
+  snapshots: number;
   instances: { aid: string; state: string; prepared?: boolean }[];
 }
 const show = (name = 'db') => sb.json<ServiceJson>(['service', 'show', name]);
+/** Waits for the service's `n`th suspend. Not 'suspended' alone: serve
+ * writes its state file up to 100 ms after a change (longer when loaded),
+ * so right after a resume the file can still say 'suspended' (and
+ * prepared) from before it. */
+const suspended = (n: number, what: string) =>
+  waitFor(() => {
+    const s = show();
+    return s.state === 'suspended' && s.snapshots >= n;
+  }, 15_000, what);
 const prepared = (name = 'db') => show(name).instances[0]?.prepared === true;
 
 /** The processes of application `aid` (init too), from its tables: what
@@ -157,7 +167,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
 
     // Suspended after 1 s idle: those processes gone, a new instance
     // prepared from the suspend's image, which the next connection resumes.
-    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await suspended(1, 'the service to be suspended');
     await waitFor(() => held.every((p) => !alive(p)), 5000, 'the old processes to end');
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared again');
     const held2 = appPids('db');
@@ -170,7 +180,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // Suspended again and prepared; then its image changes on disk (a
     // part's times moved: its ctime with them). Not let go on: the image
     // is read afresh and restored.
-    await waitFor(() => show().state === 'suspended', 15_000, 'the second suspend');
+    await suspended(2, 'the second suspend');
     await waitFor(() => prepared(), 15_000, 'the third prepare');
     const held3 = appPids('db');
     utimesSync(join(show().lastImage, 'image.pb'), new Date(), new Date());
@@ -181,7 +191,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
 
     // Suspended and prepared once more, then serve stops: nothing of the
     // held instance is left.
-    await waitFor(() => show().state === 'suspended', 15_000, 'the third suspend');
+    await suspended(3, 'the third suspend');
     await waitFor(() => prepared(), 15_000, 'the fourth prepare');
     const held4 = pids('db');
     expect(held4.length).toBeGreaterThan(0);
@@ -235,7 +245,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // suspend image, which the snapshot's record (ps -a) names; the
     // instance prepared from it has taken that record over.
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
-    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await suspended(1, 'the service to be suspended');
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const suspendImage = show().lastImage;
     expect(suspendImage.startsWith(join(sb.home, 'services', 'db') + '/')).toBe(true);
@@ -383,7 +393,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     serve = sb.start(['serve', '--prepared', '0']);
     await serve.line(/^ready$/);
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
-    await waitFor(() => show().state === 'suspended', 15_000, 'the service to be suspended');
+    await suspended(1, 'the service to be suspended');
     // A prepare would have followed the suspend within ~50 ms: half a
     // second's grace before looking (a negative check, not a timing one).
     await new Promise((r) => setTimeout(r, 500));

@@ -157,7 +157,9 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
     // is then prepared (restored ahead and held stopped, none of the
     // processes that ran: serve-prepared.test.ts), which the 200 clients
     // below let go on.
-    await waitFor(() => show('db').state === 'suspended', 15_000, 'the service to be suspended');
+    // (Its count too: the state file lags a resume by up to 100 ms, and
+    // can still say 'suspended' from before it.)
+    await waitFor(() => show('db').state === 'suspended' && show('db').snapshots >= 1, 15_000, 'the service to be suspended');
     expect(running.filter(alive)).toEqual([]);
     expect(show('db').snapshots).toBe(1);
     await waitFor(() => show('db').instances[0]?.prepared === true, 15_000, 'its next instance to be prepared');
