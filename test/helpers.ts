@@ -143,7 +143,12 @@ export class Sandbox {
   }
 
   async dispose(): Promise<void> {
-    for (const aid of this.aids()) this.run(['stop', aid, '--signal', 'KILL']);
+    // One command for all: a file that leaves dozens running would spend
+    // its hook's minute starting one CLI per application on a loaded
+    // machine. One by one only if that fails (one of them went meanwhile).
+    const aids = this.aids();
+    if (aids.length && this.run(['stop', ...aids, '--signal', 'KILL']).code !== 0)
+      for (const aid of this.aids()) this.run(['stop', aid, '--signal', 'KILL']);
     for (const c of this.started) if (c.exitCode === null) c.kill('SIGKILL');
     await waitFor(() => this.aids().length === 0, 10_000).catch(() => undefined);
     await this.stopEngine();
