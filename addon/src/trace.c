@@ -453,16 +453,29 @@ static pid_t tgid_of(pid_t tid) {
 
 /* Whether a SIGTRAP waits in the thread's own queue (not the process's):
  * one the batch takes at its start came from there if so, as the kernel
- * takes a thread's own signals before its process's. */
+ * takes a thread's own signals before its process's. 1 or 0; -1 when it
+ * cannot be told (the queue unreadable, or longer than is worth reading
+ * before every batch: a backlog of real-time signals). */
 static int trap_pending_for_thread(pid_t tid) {
-  siginfo_t buf[16];
-  for (uint64_t off = 0;;) {
-    int n = trace_peek_siginfo(tid, 0, off, buf, 16);
-    if (n <= 0) return 0;
+  siginfo_t buf[32];
+  for (uint64_t off = 0; off < 4 * 32;) {
+    int n = trace_peek_siginfo(tid, 0, off, buf, 32);
+    if (n < 0) return -1;
     for (int i = 0; i < n; i++)
       if (buf[i].si_signo == SIGTRAP) return 1;
+    if (n < 32) return 0;
     off += (uint64_t)n;
   }
+  return -1;
+}
+
+/* Where a SIGTRAP that came while the batch ran was most likely sent, by
+ * its si_code: a tgkill's, or a trap or fault the kernel raised, to the
+ * thread; a kill's, a sigqueue's or a timer's to the process (one aimed
+ * at one thread is then taken as the process's: which thread takes it
+ * may change, but it is not kept from a thread that waits for it). */
+static int trap_sent_to_process(const siginfo_t* si) {
+  return !(si->si_code == SI_TKILL || si->si_code > 0);
 }
 
 /* A SIGTRAP of the process's own, taken out of its queue by the batch
@@ -543,17 +556,14 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
       }
       if (foreign_traps < 2) {
         /* Taken at the start (nothing of the code run yet): the thread's
-         * own if it had one, else the process's. Come meanwhile: a
-         * tgkill's, or a trap or fault the kernel raised, is the
-         * thread's; a kill's, sigqueue's or timer's most likely the
-         * process's (a sigqueue or timer aimed at one thread is taken
-         * as the process's: which thread takes it may change). */
+         * own if it had one, else the process's. Come meanwhile (or not
+         * told): by its si_code. */
         int to_process;
-        if (at.rip == code) {
+        if (at.rip == code && own_trap_pending >= 0) {
           to_process = !own_trap_pending;
           own_trap_pending = 0;
         } else {
-          to_process = !(si.si_code == SI_TKILL || si.si_code > 0);
+          to_process = trap_sent_to_process(&si);
         }
         foreign_trap_to_process[foreign_traps] = to_process;
         foreign_trap_info[foreign_traps++] = si;
