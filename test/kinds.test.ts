@@ -140,6 +140,65 @@ describe('a SIGCONT pending when the freeze stops the application: kept, its han
   });
 });
 
+describe('a real-time signal the freeze catches on its way in, with more of it queued behind: taken first, as sent', () => {
+  // A thread queues SIGRTMIN to itself with 1..8 and checks they come in
+  // order; a freeze catches it taking one most of the time. Queued again
+  // for the questions (askThread), the one caught came last: 2 3 ... 8 1.
+  it('keeps their order through repeated --leave-running snapshots', async () => {
+    const aid = 'rtord1';
+    run(['run', '-d', '--aid', aid, '--', fixture('rtorder')]);
+    await checksPass(aid);
+    for (let i = 0; i < 6; i++) {
+      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
+      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
+      await checksPass(aid);
+    }
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+
+  it('comes back with their order from a snapshot that ends it', async () => {
+    const aid = 'rtord2';
+    run(['run', '-d', '--aid', aid, '--', fixture('rtorder')]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    run(['restore', join(out, aid)]);
+    await checksPass(aid);
+  });
+});
+
+describe("a SIGTRAP pending for the process, which a batch of questions takes out of the queue: given back to the process's queue, as sent", () => {
+  // Every thread blocks SIGTRAP and one waits for it (sigtimedwait). Each
+  // batch ends with a SIGTRAP and so takes the pending one first; given
+  // back to the queue of the thread whose batch took it (the main
+  // thread's), the waiting thread never saw it again, and it came back as
+  // the snapshot's tkill (SI_TKILL), not the kill() it was.
+  it('is still the waiting thread\'s after --leave-running snapshots', async () => {
+    const aid = 'trapw1';
+    run(['run', '-d', '--aid', aid, '--', fixture('trapwait')]);
+    await checksPass(aid);
+    for (let i = 0; i < 2; i++) {
+      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
+      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
+      await checksPass(aid);
+      await exercised(aid);
+    }
+    run(['stop', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+
+  it("comes back pending for the process from a snapshot that ends it", async () => {
+    const aid = 'trapw2';
+    run(['run', '-d', '--aid', aid, '--', fixture('trapwait')]);
+    await checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid)]);
+    run(['restore', join(out, aid)]);
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
+});
+
 describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });

@@ -451,16 +451,50 @@ static pid_t tgid_of(pid_t tid) {
   return tgid;
 }
 
-/* A SIGTRAP of the process's own, taken out of its queue by the batch
- * (which leaves only SIGTRAP unblocked), queued to the thread again:
- * with its siginfo where the kernel lets a tracer give one (a negative
- * si_code, sigqueue's), else as the tracer's tkill. */
-static void take_back_trap(pid_t tid, const siginfo_t* info) {
-  if (info->si_code < 0 && info->si_code != SI_TKILL) {
-    siginfo_t copy = *info;
-    pid_t tgid = tgid_of(tid);
-    if (tgid > 0 && syscall(SYS_rt_tgsigqueueinfo, tgid, tid, SIGTRAP, &copy) == 0) return;
+/* Whether a SIGTRAP waits in the thread's own queue (not the process's):
+ * one the batch takes at its start came from there if so, as the kernel
+ * takes a thread's own signals before its process's. 1 or 0; -1 when it
+ * cannot be told (the queue unreadable, or longer than is worth reading
+ * before every batch: a backlog of real-time signals). */
+static int trap_pending_for_thread(pid_t tid) {
+  siginfo_t buf[32];
+  for (uint64_t off = 0; off < 4 * 32;) {
+    int n = trace_peek_siginfo(tid, 0, off, buf, 32);
+    if (n < 0) return -1;
+    for (int i = 0; i < n; i++)
+      if (buf[i].si_signo == SIGTRAP) return 1;
+    if (n < 32) return 0;
+    off += (uint64_t)n;
   }
+  return -1;
+}
+
+/* Where a SIGTRAP that came while the batch ran was most likely sent, by
+ * its si_code: a tgkill's, or a trap or fault the kernel raised, to the
+ * thread; a kill's, a sigqueue's or a timer's to the process (one aimed
+ * at one thread is then taken as the process's: which thread takes it
+ * may change, but it is not kept from a thread that waits for it). */
+static int trap_sent_to_process(const siginfo_t* si) {
+  return !(si->si_code == SI_TKILL || si->si_code > 0);
+}
+
+/* A SIGTRAP of the process's own, taken out of its queue by the batch
+ * (which leaves only SIGTRAP unblocked), queued again where it was: to
+ * the thread, or to the process, where whichever thread does not block
+ * it takes it (the batch's thread may well block it for good: a program
+ * whose signals all go to one thread waiting for them). With its siginfo
+ * where the kernel lets a tracer give one (a negative si_code, sigqueue's
+ * or a timer's); else as the tracer's tkill (to the thread) or kill (to
+ * the process, still SI_USER): the sender it names is then appshot. */
+static void take_back_trap(pid_t tid, const siginfo_t* info, int to_process) {
+  pid_t tgid = tgid_of(tid);
+  if (tgid > 0 && info->si_code < 0 && info->si_code != SI_TKILL) {
+    siginfo_t copy = *info;
+    long sent = to_process ? syscall(SYS_rt_sigqueueinfo, tgid, SIGTRAP, &copy)
+                           : syscall(SYS_rt_tgsigqueueinfo, tgid, tid, SIGTRAP, &copy);
+    if (sent == 0) return;
+  }
+  if (to_process && tgid > 0 && kill(tgid, SIGTRAP) == 0) return;
   syscall(SYS_tkill, tid, SIGTRAP);
 }
 
@@ -488,6 +522,10 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
    * taken instead of ours: set aside and queued again after. */
   int foreign_traps = 0;
   siginfo_t foreign_trap_info[2]; /* the thread's queue's and the process's */
+  int foreign_trap_to_process[2];
+  /* One pending before the batch is taken at its start, the thread's own
+   * first: whether it has one says which queue the first came from. */
+  int own_trap_pending = trap_pending_for_thread(tid);
   rc = -EINTR;
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_CONT, tid, 0, 0)) {
@@ -516,7 +554,20 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
         rc = 0;
         break;
       }
-      if (foreign_traps < 2) foreign_trap_info[foreign_traps++] = si;
+      if (foreign_traps < 2) {
+        /* Taken at the start (nothing of the code run yet): the thread's
+         * own if it had one, else the process's. Come meanwhile (or not
+         * told): by its si_code. */
+        int to_process;
+        if (at.rip == code && own_trap_pending >= 0) {
+          to_process = !own_trap_pending;
+          own_trap_pending = 0;
+        } else {
+          to_process = trap_sent_to_process(&si);
+        }
+        foreign_trap_to_process[foreign_traps] = to_process;
+        foreign_trap_info[foreign_traps++] = si;
+      }
       rc = -EINTR;
       continue;
     }
@@ -542,7 +593,7 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
     rc = -EINTR;
   }
   take_back_stops(tid, stops);
-  for (int i = 0; i < foreign_traps; i++) take_back_trap(tid, &foreign_trap_info[i]);
+  for (int i = 0; i < foreign_traps; i++) take_back_trap(tid, &foreign_trap_info[i], foreign_trap_to_process[i]);
   int rc3 = trace_set_sigmask(tid, mask);
   if (!rc) rc = rc3;
   trace_rewind(&saved);
