@@ -465,6 +465,33 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
     await sb.checksPass('proctask-copy');
   });
 
+  it("Node's fs.readdirSync (libuv: glibc's scandir) and fs.opendirSync (readdir) list the threads by virtual TID", async () => {
+    const aid = 'proctask-node';
+    const script = `const fs = require('fs');
+      const d = fs.opendirSync('/proc/self/task'); const readdir = [];
+      for (let e; (e = d.readSync()); ) readdir.push(Number(e.name));
+      d.closeSync();
+      const scandir = fs.readdirSync('/proc/self/task').map(Number);
+      console.log('LISTED ' + JSON.stringify({ pid: process.pid, scandir, readdir }));
+      setInterval(() => {}, 1000);`;
+    sb.ok(['run', '-d', '--aid', aid, '--', process.execPath, '-e', script]);
+    await waitFor(() => /^LISTED /m.test(sb.log(aid)), 15_000, `${aid} to list its threads`);
+    const listed = JSON.parse(/^LISTED (.*)$/m.exec(sb.log(aid))![1]) as { pid: number; scandir: number[]; readdir: number[] };
+    const table = new Map(sb.json<{ tables: { pid: Entry[] } }>(['table', aid]).tables.pid.map((e) => [e.virtual, e.system]));
+    const sysPid = table.get(listed.pid)!;
+    for (const ids of [listed.scandir, listed.readdir]) {
+      expect(ids).toContain(listed.pid);
+      for (const vtid of ids) {
+        // Each a virtual TID of the application, bound to a thread of this
+        // very process (unless that thread has ended since).
+        const stid = table.get(vtid);
+        expect(stid, `listed ${vtid}`).toBeDefined();
+        if (existsSync(`/proc/${stid}/status`)) expect(readFileSync(`/proc/${stid}/status`, 'utf8')).toMatch(new RegExp(`^Tgid:\\s+${sysPid}$`, 'm'));
+      }
+    }
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+
   // Small system ids with longer virtual ones (a container's PID
   // namespace, or ids wrapped at pid_max): the records grow, and a batch
   // that no longer fits the caller's buffer is cut and resumed. Made

@@ -223,7 +223,7 @@ static inline void ensure_init(void) {
   X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
   X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
-  X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(stat)          \
+  X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(scandir64) X(scandirat64) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \

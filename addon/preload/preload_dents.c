@@ -27,9 +27,11 @@
  *    in the caller's buffer, in place (see rewrite()).
  *  - readdir/readdir64 and readdir_r/readdir64_r: the entry glibc returns,
  *    one at a time; an entry of an outside process is skipped.
- * Not covered: scandir, glob, nftw and fts, which call glibc's readdir
- * from inside glibc; static programs and raw system calls; a listing in
- * progress across a snapshot (glibc's buffer keeps the old node's ids).
+ *  - scandir/scandirat (and their *64 names): our own loop on our readdir.
+ * Not covered: glob, nftw and fts, which call glibc's readdir from inside
+ * glibc; static programs and raw system calls (Go lists directories with
+ * its own getdents64); a listing in progress across a snapshot (glibc's
+ * buffer keeps the old node's ids).
  *
  * Which directory a descriptor is, is decided on the descriptor, never by
  * the path it was opened by: only when a batch holds an all-digit name
@@ -43,6 +45,7 @@
 #include "preload.h"
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <sys/vfs.h>
 
 #define PROC_SUPER_MAGIC 0x9fa0
@@ -412,4 +415,104 @@ API int closedir(DIR *dir) {
                                   __ATOMIC_RELEASE, __ATOMIC_RELAXED);
   }
   return REAL(closedir)(dir);
+}
+
+/* --- scandir ---------------------------------------------------------------
+ *
+ * glibc's scandir reads the directory with its internal readdir, out of
+ * reach, and libuv lists a directory with it (Node's fs.readdir). Ours
+ * is the same loop on our readdir, so that the filter, the sort and the
+ * caller see the names the application sees. It allocates the list, as
+ * its contract is (malloc, freed by the caller); never used in a signal
+ * handler. The directory is opened by our openat (a path under
+ * /proc/<vpid> made the system's). */
+
+typedef int (*scan_filter)(const struct dirent64 *);
+typedef int (*scan_compare)(const struct dirent64 **, const struct dirent64 **);
+
+static int scan(int dfd, const char *path, struct dirent64 ***list,
+                scan_filter filter, scan_compare compare) {
+  int fd = openat(dfd, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  DIR *dir = fdopendir(fd);
+  if (!dir) {
+    int err = errno;
+    SYS1(close, fd);
+    errno = err;
+    return -1;
+  }
+  int saved = errno, err = 0;
+  struct dirent64 **v = NULL;
+  size_t n = 0, cap = 0;
+  for (;;) {
+    errno = 0;
+    struct dirent64 *e = readdir_seen(dir);
+    if (!e) {
+      err = errno;
+      break;
+    }
+    if (filter) {
+      errno = 0; /* as glibc: the filter's errno is not ours */
+      if (!filter(e)) continue;
+    }
+    if (n == cap) {
+      size_t more = cap ? cap * 2 : 16;
+      struct dirent64 **w = realloc(v, more * sizeof *v);
+      if (!w) {
+        err = ENOMEM;
+        break;
+      }
+      v = w;
+      cap = more;
+    }
+    size_t size = offsetof(struct dirent64, d_name) + strlen(e->d_name) + 1;
+    struct dirent64 *copy = malloc(size);
+    if (!copy) {
+      err = ENOMEM;
+      break;
+    }
+    memcpy(copy, e, size);
+    v[n++] = copy;
+  }
+  closedir(dir);
+  if (err) {
+    while (n) free(v[--n]);
+    free(v);
+    errno = err;
+    return -1;
+  }
+  if (compare && n > 1)
+    qsort(v, n, sizeof *v, (int (*)(const void *, const void *))compare);
+  *list = v;
+  errno = saved;
+  return (int)n;
+}
+
+API int scandir64(const char *path, struct dirent64 ***list,
+                  scan_filter filter, scan_compare compare) {
+  ensure_init();
+  if (!g_h) return ((int (*)(const char *, struct dirent64 ***, scan_filter,
+                             scan_compare))real_fn[R_scandir64])(path, list, filter, compare);
+  return scan(AT_FDCWD, path, list, filter, compare);
+}
+API int scandirat64(int dfd, const char *path, struct dirent64 ***list,
+                    scan_filter filter, scan_compare compare) {
+  ensure_init();
+  if (!g_h) return ((int (*)(int, const char *, struct dirent64 ***, scan_filter,
+                             scan_compare))real_fn[R_scandirat64])(dfd, path, list, filter, compare);
+  return scan(dfd, path, list, filter, compare);
+}
+/* struct dirent is struct dirent64 on x86-64 (the same records, and glibc
+ * makes the one an alias of the other). */
+API int scandir(const char *path, struct dirent ***list,
+                int (*filter)(const struct dirent *),
+                int (*compare)(const struct dirent **, const struct dirent **)) {
+  return scandir64(path, (struct dirent64 ***)list, (scan_filter)filter,
+                   (scan_compare)compare);
+}
+API int scandirat(int dfd, const char *path, struct dirent ***list,
+                  int (*filter)(const struct dirent *),
+                  int (*compare)(const struct dirent **, const struct dirent **)) {
+  return scandirat64(dfd, path, (struct dirent64 ***)list, (scan_filter)filter,
+                     (scan_compare)compare);
 }
