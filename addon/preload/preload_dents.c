@@ -17,8 +17,9 @@
  * the tables do not know yet (a pthread that never asked its TID: threads
  * are mapped when first seen, preload_core.c) is mapped here, by the same
  * rule as a snapshot maps it (src/resources/threads.ts): it is the
- * process's thread by the kernel's word, and so ours. A task directory of
- * a process outside the application lists nothing.
+ * process's thread by the kernel's word, and so ours; the entries of the
+ * process's threads that ended are dropped first (forget_ended_threads).
+ * A task directory of a process outside the application lists nothing.
  *
  * Where the records are rewritten: glibc's readdir fills its buffer with
  * its internal getdents64, which no preload library can reach, so the
@@ -56,6 +57,7 @@ enum dir_kind { DIR_OTHER = 1, DIR_PROCESSES, DIR_THREADS };
 struct dir_of {
   int kind;      /* enum dir_kind */
   int32_t owner; /* DIR_THREADS: the system PID of the listed process */
+  int pruned;    /* forget_ended_threads(owner) done for this batch */
 };
 
 /* A decimal id, 1 to 10 digits, nothing else: its value, else 0. */
@@ -71,7 +73,7 @@ static int32_t digits_id(const char *s) {
 
 /* What directory `fd` is (see above). */
 static struct dir_of classify(int fd) {
-  struct dir_of d = {DIR_OTHER, 0};
+  struct dir_of d = {DIR_OTHER, 0, 0};
   struct statfs sf;
   if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return d;
   struct stat st;
@@ -98,14 +100,38 @@ static struct dir_of classify(int fd) {
   return d;
 }
 
+/* A thread mapped because it was listed never asked its TID, so nothing
+ * unmaps it when it ends (preload_core.c, thread_gone): a server whose
+ * short-lived threads are listed would fill the table. Before a thread
+ * is mapped on sight, the entries of `owner`'s threads that the kernel no
+ * longer knows in that thread group (tgkill with signal 0: ESRCH) go,
+ * each only while it is still the same pair. A scan of the table, only
+ * when a thread is first seen this way. */
+static void forget_ended_threads(int32_t owner) {
+  uint32_t capacity = g_h->tables[APPSHOT_PID].capacity;
+  for (uint32_t slot = 0; slot < capacity; slot++) {
+    int32_t vid, sid, of;
+    uint32_t flags;
+    if (!appshot_entry_at(g_h, APPSHOT_PID, slot, &vid, &sid, &flags, &of) ||
+        !(flags & APPSHOT_F_THREAD) || of != owner)
+      continue;
+    if (SYS3(tgkill, owner, sid, 0) == -ESRCH)
+      appshot_unmap_pair(g_h, APPSHOT_PID, vid, sid);
+  }
+}
+
 /* The virtual id of `sid` as listed in `d`, or 0: left out. */
-static int32_t listed(const struct dir_of *d, int32_t sid) {
+static int32_t listed(struct dir_of *d, int32_t sid) {
   int32_t v;
   if (appshot_s2v(g_h, APPSHOT_PID, sid, &v)) return v;
   if (d->kind != DIR_THREADS || sid == d->owner ||
       !appshot_s2v(g_h, APPSHOT_PID, d->owner, &v))
     return 0;
   /* A thread of one of our processes, not mapped yet (see above). */
+  if (!d->pruned) {
+    forget_ended_threads(d->owner);
+    d->pruned = 1;
+  }
   v = appshot_map_system(g_h, APPSHOT_PID, sid, APPSHOT_F_THREAD, d->owner);
   if (v <= 0) return 0;
   appshot_set_flags(g_h, APPSHOT_PID, d->owner, APPSHOT_F_THREADS);
@@ -189,7 +215,7 @@ static size_t put_renamed(char *at, const char *r, int old, int32_t vid) {
  * is left to the end of the buffer and write it out forward from the
  * start (what has grown so far is never more than the free space, which
  * is the room the records that fit need in all). */
-static long rewrite(int fd, const struct dir_of *d, char *buf, long n,
+static long rewrite(int fd, struct dir_of *d, char *buf, long n,
                     size_t cap, int old) {
   size_t minimum = record_size(old, 1);
   for (long at = 0; at < n;) {
@@ -321,7 +347,7 @@ static struct {
 
 static struct dir_of dir_kind(DIR *dir) {
   int fd = dirfd(dir);
-  if (fd < 0) return (struct dir_of){DIR_OTHER, 0};
+  if (fd < 0) return (struct dir_of){DIR_OTHER, 0, 0};
   if (fd < DIR_MEMO &&
       __atomic_load_n(&dir_memo[fd].dir, __ATOMIC_ACQUIRE) == (uintptr_t)dir)
     return dir_memo[fd].of;
