@@ -1,6 +1,8 @@
 /* The per-call cost of the id-carrying calls appshot intercepts. Prints one
  * JSON object of nanoseconds per call. Run it natively and under
  * `appshot run` in the same session and compare (bench/run.js does). */
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +13,16 @@
 #include <unistd.h>
 
 static volatile long sink;
+
+/* One listing of `dir` with opendir/readdir/closedir: the entries seen. */
+static long list(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) { perror(dir); exit(1); }
+  long n = 0;
+  while (readdir(d)) n++;
+  closedir(d);
+  return n;
+}
 
 static double now_ns(void) {
   struct timespec ts;
@@ -51,6 +63,26 @@ int main(int argc, char **argv) {
     int st;
     sink += waitpid(c, &st, 0);
   });
+  /* Listings (per listing): a directory of ordinary names, one of
+   * numbered names that is not /proc (each stream is classified once),
+   * and the two /proc listings that are translated. */
+  char numbered[] = "/tmp/appshot-micro-XXXXXX";
+  if (!mkdtemp(numbered)) { perror("mkdtemp"); return 1; }
+  char path[64];
+  for (int i = 1; i <= 1000; i++) {
+    snprintf(path, sizeof path, "%s/%d", numbered, i);
+    close(open(path, O_CREAT | O_WRONLY, 0600));
+  }
+  long lists = n / 10000 > 0 ? n / 10000 : 1;
+  TIME("list /usr/bin", lists, sink += list("/usr/bin"));
+  TIME("list 1000 numbered files", lists, sink += list(numbered));
+  TIME("list /proc/self/task", lists * 10, sink += list("/proc/self/task"));
+  TIME("list /proc", lists, sink += list("/proc"));
+  for (int i = 1; i <= 1000; i++) {
+    snprintf(path, sizeof path, "%s/%d", numbered, i);
+    unlink(path);
+  }
+  rmdir(numbered);
   printf("}\n");
   semctl(sem, 0, IPC_RMID);
   return 0;

@@ -432,6 +432,110 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
   });
 });
 
+describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64, getdents)', () => {
+  // The kernel lists system ids; the fixture compares each listing with
+  // the ids getpid(), gettid() and fork() gave it, and reaches every
+  // number /proc lists.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-proctask-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  it('give the virtual ids of the threads and processes, none of the system\'s, and go on doing so after a snapshot and restore', async () => {
+    const aid = 'proctask';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('proctask')]);
+    await sb.checksPass(aid);
+    // Of the 50 threads it listed and ended, at most the last is still in
+    // the tables (dropped when the next unknown thread is listed): 3 live
+    // ones, that one, and nothing piled up.
+    const sysPid = sb.systemPid(aid);
+    const threads = sb.json<{ tables: { pid: Entry[] } }>(['table', aid]).tables.pid.filter((e) => e.flags.includes('thread') && e.owner === sysPid);
+    expect(threads.length).toBeGreaterThanOrEqual(3);
+    expect(threads.length).toBeLessThanOrEqual(4);
+    await sb.exercised(aid, 'to start a thread and a child');
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to start a thread and a child after the restore');
+    await sb.checksPass(aid);
+  });
+
+  it('in a copy restored beside the original (--lazy), each lists its own', async () => {
+    const aid = 'proctask-orig';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('proctask')]);
+    await sb.checksPass(aid);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image, '--leave-running']);
+    sb.ok(['restore', image, '--aid', 'proctask-copy', '--lazy']);
+    await sb.checksPass('proctask-copy');
+    await sb.exercised('proctask-copy', 'to start a thread and a child');
+    await sb.checksPass(aid);
+    await sb.checksPass('proctask-copy');
+  });
+
+  it("Node's fs.readdirSync (libuv: glibc's scandir) and fs.opendirSync (readdir) list the threads by virtual TID", async () => {
+    const aid = 'proctask-node';
+    const script = `const fs = require('fs');
+      const d = fs.opendirSync('/proc/self/task'); const readdir = [];
+      for (let e; (e = d.readSync()); ) readdir.push(Number(e.name));
+      d.closeSync();
+      const scandir = fs.readdirSync('/proc/self/task').map(Number);
+      console.log('LISTED ' + JSON.stringify({ pid: process.pid, scandir, readdir }));
+      setInterval(() => {}, 1000);`;
+    sb.ok(['run', '-d', '--aid', aid, '--', process.execPath, '-e', script]);
+    await waitFor(() => /^LISTED /m.test(sb.log(aid)), 15_000, `${aid} to list its threads`);
+    const listed = JSON.parse(/^LISTED (.*)$/m.exec(sb.log(aid))![1]) as { pid: number; scandir: number[]; readdir: number[] };
+    const table = new Map(sb.json<{ tables: { pid: Entry[] } }>(['table', aid]).tables.pid.map((e) => [e.virtual, e.system]));
+    const sysPid = table.get(listed.pid)!;
+    for (const ids of [listed.scandir, listed.readdir]) {
+      expect(ids).toContain(listed.pid);
+      for (const vtid of ids) {
+        // Each a virtual TID of the application, bound to a thread of this
+        // very process (unless that thread has ended since).
+        const stid = table.get(vtid);
+        expect(stid, `listed ${vtid}`).toBeDefined();
+        if (existsSync(`/proc/${stid}/status`)) expect(readFileSync(`/proc/${stid}/status`, 'utf8')).toMatch(new RegExp(`^Tgid:\\s+${sysPid}$`, 'm'));
+      }
+    }
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+
+  // Small system ids with longer virtual ones (a container's PID
+  // namespace, or ids wrapped at pid_max): the records grow, and a batch
+  // that no longer fits the caller's buffer is cut and resumed. Made
+  // here in a PID namespace of its own whose pid_max (per namespace since
+  // Linux 6.14) is 4000, after 10,000 threads spent virtual ids; all of
+  // the application's commands run inside it, where its PIDs mean what
+  // they say.
+  const nsReason = pidNamespaceUnavailable();
+  it.skipIf(nsReason)(`records that grow: system TIDs under 4000, virtual ones above 10000 (a PID namespace)${nsReason ? ` (${nsReason})` : ''}`, () => {
+    const home = mkdtempSync(join(tmpdir(), 'appshot-proctask-ns-'));
+    try {
+      const script = [
+        'set -e',
+        'echo 4000 > /proc/sys/kernel/pid_max',
+        '"$0" "$1" run -d --aid ns -- "$2" burn 10000',
+        'log="$APPSHOT_HOME/apps/ns/log"',
+        'n=0; until grep -qE "^(CHECK 5|FAIL.*)$" "$log" || [ $n -ge 600 ]; do sleep 0.1; n=$((n+1)); done',
+        '"$0" "$1" stop ns --signal KILL >/dev/null',
+        'cat "$log"',
+      ].join('\n');
+      const r = spawnSync('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', script, process.execPath, cli, fixture('proctask')], {
+        env: { ...sb.env, APPSHOT_HOME: home },
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      expect(r.stderr).not.toMatch(/FAIL/);
+      expect(r.stdout).not.toMatch(/FAIL/);
+      expect(r.stdout).toMatch(/^CHECK 5$/m);
+      // The path under test was taken: threads whose ids grew.
+      expect(Number(/^GROWN (\d+)$/m.exec(r.stdout)?.[1])).toBeGreaterThan(0);
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
   // glibc's child joins the group by an internal setpgid: the group must
   // be the virtual one in the attribute and made the system's at the spawn.
@@ -483,4 +587,11 @@ function cgroupLists(): string[] {
     for (const n of names) files.push(join(mount[1], path, n));
   }
   return files.filter((f) => existsSync(f));
+}
+
+/** Why a PID namespace with a pid_max of its own cannot be made here, or
+ * '' when it can. */
+function pidNamespaceUnavailable(): string {
+  const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'sh', '-c', 'echo 4000 > /proc/sys/kernel/pid_max'], { encoding: 'utf8' });
+  return r.status === 0 ? '' : `no PID namespace with its own pid_max here: ${(r.stderr || String(r.error)).trim()}`;
 }

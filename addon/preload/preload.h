@@ -223,7 +223,7 @@ static inline void ensure_init(void) {
   X(sigtimedwait) X(sigwaitinfo) X(sigqueue) X(semtimedop) X(semctl)       \
   X(shmctl) X(shmat) X(msgctl) X(msgsnd) X(msgrcv) X(open) X(open64)       \
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
-  X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(stat)          \
+  X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(scandir64) X(scandirat64) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
@@ -427,6 +427,10 @@ HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 HIDDEN long do_creds_syscall(long nr, long a, long b, long c, long d, long e);
 /* setsockopt through syscall(): noted as setsockopt() notes (preload_net.c). */
 HIDDEN long do_setsockopt_syscall(long fd, long level, long name, long val, long len);
+
+/* preload_dents.c: getdents64 and getdents through syscall(), a listing
+ * of /proc or /proc/<pid>/task made virtual. */
+HIDDEN long do_getdents_syscall(long nr, long fd, long buf, long count);
 
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);

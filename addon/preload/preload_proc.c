@@ -3,7 +3,8 @@
  * kernel's /proc by system PID. "/proc/<vpid>" and
  * "/proc/<vpid>/task/<vtid>" are rewritten, and so is
  * "/proc/self/task/<vtid>" (there a number the table does not know, a
- * system TID as listing the directory gives, goes through); a virtual PID
+ * system TID as a listing the library did not translate gives (a raw
+ * getdents64, glob), goes through); a virtual PID
  * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
  * /proc/thread-self included (they already name the caller), goes through
  * untouched, after a check of its first bytes.
@@ -53,7 +54,8 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
   pid_t vpid, spid, vtid = 0, stid = 0;
   /* "/proc/self/task/<vtid>": the caller's own process, one of its
    * threads by the TID gettid gave it. A number the table does not know
-   * goes through as it is: listing /proc/self/task gives system TIDs. */
+   * goes through as it is: a listing we do not see (preload_dents.c)
+   * gives system TIDs. */
   if (strncmp(p, "self/task/", 10) == 0) {
     const char *q = p + 10;
     if (!parse_pid(&q, &vtid) || !v2s_pid(vtid, &stid)) return path;

@@ -111,6 +111,8 @@ API long syscall(long nr, ...) {
     case SYS_clock_nanosleep:
     case SYS_timer_create: return do_clock_syscall(nr, a, b, c, d);
     case SYS_setsockopt: return do_setsockopt_syscall(a, b, c, d, e);
+    case SYS_getdents64:
+    case SYS_getdents: return do_getdents_syscall(nr, a, b, c);
     case SYS_getsockopt:
     case SYS_sendmsg:
     case SYS_sendmmsg:
