@@ -365,8 +365,9 @@ interface Addon {
   mqOpen(name: string, flags: number, mode: number, maxmsg: number, msgsize: number): number;
   mqUnlink(name: string): void;
   mqAttributes(fd: number): { maxmsg: number; msgsize: number; curmsgs: number };
-  /** Every message received and sent back in the same order: the queue as it was. */
-  mqTakeAndGiveBack(fd: number, msgsize: number): { priority: number; data: Buffer }[];
+  /** Every message received and sent back in the same order, by a fork
+   * that gives them back even if appshot dies: the queue as it was. */
+  mqTakeAndGiveBack(fd: number, msgsize: number, killWhenTaken?: boolean): { priority: number; data: Buffer }[];
   mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
