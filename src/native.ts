@@ -221,6 +221,12 @@ interface Addon {
    * CPU affinity (as many bytes as the kernel's mask) and I/O priority,
    * asked from this process. */
   schedAttributes(tid: number): { policy: number; priority: number; affinity: Buffer; ioprio: number };
+  /** sched_setaffinity of any thread, from here. */
+  setAffinity(tid: number, mask: Buffer): void;
+  /** A process of its own that puts `mask` back as thread `tid`'s CPU
+   * affinity if appshot dies before releaseGuard (a probe that pins it). */
+  guardAffinity(tid: number, mask: Buffer): { fd: number; pid: number };
+  releaseGuard(guard: { fd: number; pid: number }): void;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
@@ -365,8 +371,9 @@ interface Addon {
   mqOpen(name: string, flags: number, mode: number, maxmsg: number, msgsize: number): number;
   mqUnlink(name: string): void;
   mqAttributes(fd: number): { maxmsg: number; msgsize: number; curmsgs: number };
-  /** Every message received and sent back in the same order: the queue as it was. */
-  mqTakeAndGiveBack(fd: number, msgsize: number): { priority: number; data: Buffer }[];
+  /** Every message received and sent back in the same order, by a fork
+   * that gives them back even if appshot dies: the queue as it was. */
+  mqTakeAndGiveBack(fd: number, msgsize: number, killWhenTaken?: boolean): { priority: number; data: Buffer }[];
   mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 

@@ -6,11 +6,11 @@
  * requests served. A context with a request in flight (a poll on a pipe
  * nobody writes to) is refused by name, and left working.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { fixture, Sandbox, snapshotKilledAt, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-aio-'));
@@ -79,4 +79,44 @@ describe('AIO contexts (io_setup): idle ones restored at their addresses with th
     await sb.exercised('aio4', 'to use its contexts');
     await stopped('aio4');
   });
+});
+
+// The probe for requests in flight moves the frozen thread from CPU to CPU
+// and submits requests into its contexts: a snapshot killed (kill -9)
+// meanwhile lets the application go on at once, and must leave none of
+// it behind. The test-only points: 'snapshot: aio pinned' kills appshot
+// once the thread is on its first CPU, before any request;
+// 'snapshot: aio put back' once the ring is put back, before the affinity.
+// (The application is held in a job-control stop meanwhile: see
+// snapshotKilledAt.)
+describe('a snapshot killed (kill -9) while it probes a context for requests in flight', () => {
+  for (const point of ['snapshot: aio pinned', 'snapshot: aio put back']) {
+    it(`at '${point}': the thread's CPU affinity, the process's descriptors and its contexts as they were, and it runs untraced`, async () => {
+      const aid = point.endsWith('pinned') ? 'aiok1' : 'aiok2';
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('aiorings')]);
+      await sb.checksPass(aid);
+      const pid = sb.systemPid(aid);
+      const descriptors = () => readdirSync(`/proc/${pid}/fd`).map((fd) => `${fd} ${readlinkSync(`/proc/${pid}/fd/${fd}`)}`).sort();
+      const cpus = () => /^Cpus_allowed_list:\s*(\S+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1];
+      const [fdsBefore, cpusBefore] = [descriptors(), cpus()];
+      const image = join(out, aid);
+      await snapshotKilledAt(sb, aid, pid, image, point);
+      expect(cpus()).toBe(cpusBefore);
+      expect(descriptors()).toEqual(fdsBefore);
+      expect(existsSync(image)).toBe(false);
+      process.kill(pid, 'SIGCONT');
+      // Its own checks: its affinity, each context's completed events not
+      // reaped (2 and 0); then those reaped with their tags and results,
+      // and new requests served.
+      await sb.checksPass(aid, 3);
+      await sb.exercised(aid, 'to use its contexts');
+      await sb.checksPass(aid, 2);
+      // The next snapshot is whole.
+      sb.ok(['snapshot', aid, '-o', image]);
+      sb.ok(['restore', image]);
+      await sb.checksPass(aid);
+      await sb.exercised(aid, 'to use its contexts');
+      await stopped(aid);
+    }, 180_000);
+  }
 });

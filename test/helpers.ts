@@ -421,3 +421,55 @@ export async function stoppedAt(sb: Sandbox, args: string[], point: string, what
     },
   };
 }
+
+/** A process's state letter (S, R, T for stopped...), '' once it is gone. */
+export function processState(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0];
+  } catch {
+    return '';
+  }
+}
+
+/** Processes whose command line has `word` as one of its arguments (the
+ * processes a killed appshot forked keep its command line). */
+export function processesWithArgument(word: string): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      if (readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0').includes(word)) out.push(Number(name));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
+/**
+ * `appshot snapshot AID -o image` killed (kill -9) at the test-only point
+ * `point` (APPSHOT_TEST_KILL_AT), the application (system PID `pid`) held
+ * in a job-control stop meanwhile: the kernel lets it go as appshot dies,
+ * and what appshot left to a process of its own to undo (a queue's
+ * messages given back, a thread's affinity) is undone a moment later; the
+ * stop keeps the application from looking in between, so that a test can
+ * see the state left when all is over. Returns once the application is
+ * let go (back in its stop, untraced) and no process of the killed
+ * snapshot is left; the caller continues it (SIGCONT).
+ */
+export async function snapshotKilledAt(sb: Sandbox, aid: string, pid: number, image: string, point: string): Promise<void> {
+  process.kill(pid, 'SIGSTOP');
+  await waitFor(() => processState(pid) === 'T', 10_000, `${aid} to stop`);
+  const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: point }, encoding: 'utf8', timeout: 50_000 });
+  if (r.signal !== 'SIGKILL') throw new Error(`appshot snapshot ${aid} was to be killed at '${point}', it ended with ${r.status}: ${r.stderr}`);
+  await waitFor(() => processesWithArgument(image).length === 0, 10_000, 'no process of the killed snapshot');
+  const untraced = () => {
+    try {
+      return /^TracerPid:\s+0$/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    } catch {
+      return true;
+    }
+  };
+  await waitFor(untraced, 10_000, `${aid} to be let go`);
+  if (processState(pid) !== 'T') throw new Error(`${aid} is not back in its stop once appshot died: state '${processState(pid) || 'gone'}': ${sb.log(aid).trim().split('\n').pop()}`);
+}

@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
-import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, snapshotKilledAt, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-mqueue-'));
@@ -221,4 +221,45 @@ describe('POSIX message queues: named and unlinked, their messages, flags and a 
     await stopped('mq7');
     gone(name);
   });
+});
+
+// The messages of a queue can only be read by receiving them (the highest
+// priority first), and a queue is a named object that outlives appshot: a
+// snapshot killed (kill -9) while it holds them must not lose them. The
+// test-only points: 'snapshot: mqueue taken' kills appshot once every
+// message of the first queue with messages has been received, before any
+// is sent back; 'snapshot: mqueue given back' once they are back. (The
+// application is held in a job-control stop meanwhile: see
+// snapshotKilledAt.)
+describe('a snapshot killed (kill -9) while it reads a queue\'s messages', () => {
+  for (const point of ['snapshot: mqueue taken', 'snapshot: mqueue given back']) {
+    it(`at '${point}': every queue holds its messages, in order, with their priorities and bytes, and the application runs untraced`, async () => {
+      const aid = point.endsWith('taken') ? 'mqk1' : 'mqk2';
+      const name = queueName(aid);
+      await started(aid, [name]);
+      const pid = sb.systemPid(aid);
+      await snapshotKilledAt(sb, aid, pid, join(out, aid), point);
+      // The named queue, seen from here: all five.
+      const q = addon().mqOpen(name, 0, 0, 0, 0);
+      try {
+        expect(addon().mqAttributes(q)).toEqual({ maxmsg: 5, msgsize: 64, curmsgs: 5 });
+      } finally {
+        closeSync(q);
+      }
+      expect(existsSync(join(out, aid))).toBe(false);
+      process.kill(pid, 'SIGCONT');
+      // Its own checks: each queue's message count; then each message
+      // received in order with its priority and bytes, and sent back.
+      await sb.checksPass(aid, 3);
+      await sb.exercised(aid, 'to use its queues');
+      await sb.checksPass(aid, 2);
+      // The next snapshot is whole, and the named queue as it was.
+      sb.ok(['snapshot', aid, '-o', join(out, aid)]);
+      expect(sb.ok(['inspect', join(out, aid)])).toMatch(new RegExp(`POSIX message queue ${name}, 5 of 5 messages \\(22 bytes, at most 64 each\\)`));
+      const drained = spawnSync(fixture('mqueues'), ['--drain', name], { encoding: 'utf8', timeout: 10_000 });
+      expect(drained.status, drained.stderr).toBe(0);
+      expect(drained.stdout.trim().split('\n')).toEqual(['5 bravo', '3 ', '1 alpha', '1 charlie', '0 delta']);
+      gone(name);
+    }, 180_000);
+  }
 });

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#include <signal.h>
 #include <sys/wait.h>
 #include <sys/syscall.h>
 
@@ -871,78 +872,231 @@ int MqSendAll(int fd, const std::vector<MqMessage>& messages, size_t from = 0) {
   return 0;
 }
 
-// Sends messages[from..] through a process of its own that waits for room
-// as mq_send does (its own blocking description of the queue, opened
-// through /proc/self/fd), then exits: init's child (a double fork) in a
-// session of its own, holding no other descriptor. 0, or the errno of
-// the fork.
-int SendWhenRoom(int fd, const std::vector<MqMessage>& messages, size_t from) {
-  pid_t pid = fork();
-  if (pid < 0) return errno;
-  if (pid == 0) {
-    // Only async-signal-safe calls from here: the parent has threads.
-    setsid();
-    if (fork() != 0) _exit(0);
-    char path[32] = "/proc/self/fd/";
-    char digits[12];
-    int n = 0;
-    for (unsigned v = static_cast<unsigned>(fd); n == 0 || v; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
-    for (size_t at = strlen(path); n;) path[at++] = digits[--n], path[at] = 0;
-    int wfd = open(path, O_WRONLY | O_CLOEXEC);
-    if (wfd < 0) _exit(1);
-    if (wfd > 0) syscall(SYS_close_range, 0, wfd - 1, 0);
-    syscall(SYS_close_range, wfd + 1, ~0U, 0);
-    for (size_t i = from; i < messages.size(); i++)
-      while (syscall(SYS_mq_timedsend, wfd, messages[i].data.data(), messages[i].data.size(), messages[i].priority, nullptr))
-        if (errno != EINTR) _exit(1);
-    _exit(0);
+// The messages a rotation took, laid end to end in memory of its own
+// (mmap, grown with mremap: the process that fills it is a fork of a
+// process with threads, where only async-signal-safe calls are sound):
+// each record is {priority, length} (two 32-bit words) then the bytes,
+// padded to 8.
+struct MqArena {
+  char* base = nullptr;
+  size_t used = 0, room = 0;
+  // Room for a record of up to `bytes` at the end; false if none can be had.
+  bool Reserve(size_t bytes) {
+    size_t need = used + 8 + ((bytes + 7) & ~size_t{7});
+    if (need <= room) return true;
+    size_t grown = room ? room : 1 << 16;
+    while (grown < need) grown *= 2;
+    void* p = base ? mremap(base, room, grown, MREMAP_MAYMOVE) : mmap(nullptr, grown, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return false;
+    base = static_cast<char*>(p);
+    room = grown;
+    return true;
   }
-  while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+  void Commit(unsigned priority, size_t bytes) {
+    uint32_t head[2] = {priority, static_cast<uint32_t>(bytes)};
+    memcpy(base + used, head, 8);
+    used += 8 + ((bytes + 7) & ~size_t{7});
   }
-  return 0;
+};
+
+// What the rotation's process writes after the messages (the same stream
+// as the arena's records): a record of priority ~0 and these two errnos.
+constexpr uint32_t kMqEnd = ~0u;
+
+// Writes all of `bytes` to `fd`; false if the reader is gone.
+bool WriteAll(int fd, const char* bytes, size_t n) {
+  while (n) {
+    ssize_t w = write(fd, bytes, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    bytes += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
 }
 
-// mqTakeAndGiveBack(fd, msgsize) -> [{priority, data}]: every message of
-// the queue, received (there is no other way to read one) and at once sent
-// back in the order received, which is the queue's own (priority, then
-// arrival): the queue ends as it was. `fd` is appshot's own description,
-// readable and writable, non-blocking.
-Napi::Value MqTakeAndGiveBack(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = Int(info[0]);
-  size_t msgsize = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
-  std::vector<MqMessage> taken;
-  std::vector<char> buf(msgsize);
+// The rotation itself, in a process of its own that appshot's death does
+// not end (see MqTakeAndGiveBack): every message received, then all sent
+// back in that order; those that no longer fit (a sender outside took the
+// room) sent by a child of its own that waits for room as the sender did.
+// Then the records, and the end record, written to `out`. Only
+// async-signal-safe calls.
+[[noreturn]] void RotateQueue(int fd, size_t msgsize, int out, int appshotAlive, bool killAppshotWhenTaken) {
+  // Out of appshot's session and deaf to what ends a command (Ctrl-C, a
+  // hang-up, a signal to its process group): once it has taken the
+  // messages, nothing but SIGKILL keeps it from giving them back.
+  setsid();
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2}) sigaction(sig, &ignore, nullptr);
+  int low = fd < out ? fd : out, high = fd < out ? out : fd;
+  int keep[3] = {low, high, appshotAlive};
+  // Every descriptor but the three closed (they are in any order).
+  for (int i = 0; i < 3; i++)
+    for (int j = i + 1; j < 3; j++)
+      if (keep[j] < keep[i]) {
+        int t = keep[i];
+        keep[i] = keep[j];
+        keep[j] = t;
+      }
+  if (keep[0] > 0) syscall(SYS_close_range, 0, keep[0] - 1, 0);
+  if (keep[1] > keep[0] + 1) syscall(SYS_close_range, keep[0] + 1, keep[1] - 1, 0);
+  if (keep[2] > keep[1] + 1) syscall(SYS_close_range, keep[1] + 1, keep[2] - 1, 0);
+  syscall(SYS_close_range, keep[2] + 1, ~0U, 0);
+
+  MqArena taken;
   struct timespec now {};
-  int err = 0;
+  int32_t received = 0, back = 0;
   for (;;) {
-    unsigned priority = 0;
-    ssize_t n = syscall(SYS_mq_timedreceive, fd, buf.data(), buf.size(), &priority, &now);
-    if (n < 0) {
-      if (errno != EAGAIN && errno != ETIMEDOUT) err = errno;
+    if (!taken.Reserve(msgsize)) {
+      received = ENOMEM;
       break;
     }
-    taken.push_back({priority, std::vector<char>(buf.begin(), buf.begin() + n)});
+    unsigned priority = 0;
+    ssize_t n = syscall(SYS_mq_timedreceive, fd, taken.base + taken.used + 8, msgsize, &priority, &now);
+    if (n < 0) {
+      if (errno != EAGAIN && errno != ETIMEDOUT) received = errno;
+      break;
+    }
+    taken.Commit(priority, static_cast<size_t>(n));
+  }
+  if (killAppshotWhenTaken) {
+    // Test only (APPSHOT_TEST_KILL_AT): appshot killed while the messages
+    // are out of the queue, and gone (every descriptor of its closed)
+    // before any is sent back.
+    kill(getppid(), SIGKILL);
+    char c;
+    while (read(appshotAlive, &c, 1) < 0 && errno == EINTR) {
+    }
   }
   // Back whatever happened: a queue left short would be a loss.
-  size_t sent = 0;
-  int back = 0;
-  for (; sent < taken.size(); sent++)
-    if (syscall(SYS_mq_timedsend, fd, taken[sent].data.data(), taken[sent].data.size(), taken[sent].priority, &now)) {
+  size_t at = 0;
+  for (; at < taken.used;) {
+    uint32_t head[2];
+    memcpy(head, taken.base + at, 8);
+    if (syscall(SYS_mq_timedsend, fd, taken.base + at + 8, head[1], head[0], &now)) {
       back = errno;
       break;
     }
+    at += 8 + ((head[1] + size_t{7}) & ~size_t{7});
+  }
   // Full again before all went back: senders outside were waiting for
   // room, and each receive let one's message in (the kernel hands a
   // waiting sender's message to a full queue as soon as one is taken).
   // Those that do not fit wait for room as their senders did.
-  if (back == EAGAIN || back == ETIMEDOUT) back = SendWhenRoom(fd, taken, sent);
+  if ((back == EAGAIN || back == ETIMEDOUT) && at < taken.used) {
+    pid_t waiter = fork();
+    if (waiter == 0) {
+      char path[32] = "/proc/self/fd/";
+      char digits[12];
+      int n = 0;
+      for (unsigned v = static_cast<unsigned>(fd); n == 0 || v; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+      for (size_t p = strlen(path); n;) path[p++] = digits[--n], path[p] = 0;
+      int wfd = open(path, O_WRONLY | O_CLOEXEC);
+      if (wfd < 0) _exit(1);
+      // Nothing else held: the stream's pipe would keep appshot waiting
+      // for its end as long as this waits for room.
+      if (wfd > 0) syscall(SYS_close_range, 0, wfd - 1, 0);
+      syscall(SYS_close_range, wfd + 1, ~0U, 0);
+      for (; at < taken.used;) {
+        uint32_t head[2];
+        memcpy(head, taken.base + at, 8);
+        while (syscall(SYS_mq_timedsend, wfd, taken.base + at + 8, head[1], head[0], nullptr))
+          if (errno != EINTR) _exit(1);
+        at += 8 + ((head[1] + size_t{7}) & ~size_t{7});
+      }
+      _exit(0);
+    }
+    back = waiter < 0 ? errno : 0;
+  }
+  uint32_t end[4] = {kMqEnd, 0, static_cast<uint32_t>(received), static_cast<uint32_t>(back)};
+  if (WriteAll(out, taken.base, taken.used)) WriteAll(out, reinterpret_cast<const char*>(end), sizeof end);
+  _exit(0);
+}
+
+// mqTakeAndGiveBack(fd, msgsize, killWhenTaken) -> [{priority, data}]:
+// every message of the queue, received (there is no other way to read
+// one) and at once sent back in the order received, which is the queue's
+// own (priority, then arrival): the queue ends as it was. `fd` is
+// appshot's own description, readable and writable, non-blocking.
+//
+// The queue outlives appshot, and while its messages are out of it only
+// the process holding them can put them back. So that appshot killed
+// (kill -9) at that instant loses none, that process is not appshot: a
+// fork of it, in a session of its own, which gives them back whatever
+// becomes of appshot, then passes them on through a pipe (read here until
+// it ends). killWhenTaken (test only) has it kill appshot once it holds
+// them, and wait for appshot to be gone before it gives them back.
+Napi::Value MqTakeAndGiveBack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]);
+  size_t msgsize = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
+  bool killWhenTaken = info.Length() > 2 && info[2].ToBoolean();
+  int data[2], alive[2];
+  if (pipe2(data, O_CLOEXEC)) {
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
+  if (pipe2(alive, O_CLOEXEC)) {
+    int err = errno;
+    close(data[0]);
+    close(data[1]);
+    ThrowErrno(env, "pipe", err);
+    return env.Undefined();
+  }
+  pid_t pid = fork();
+  if (pid == 0) RotateQueue(fd, msgsize, data[1], alive[0], killWhenTaken);
+  int forked = errno;
+  close(data[1]);
+  close(alive[0]);
+  std::vector<char> stream;
+  if (pid > 0) {
+    char chunk[1 << 16];
+    for (;;) {
+      ssize_t n = read(data[0], chunk, sizeof chunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      stream.insert(stream.end(), chunk, chunk + n);
+    }
+    while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+    }
+  }
+  close(data[0]);
+  close(alive[1]);
+  if (pid < 0) {
+    ThrowErrno(env, "fork (to read the messages of a message queue)", forked);
+    return env.Undefined();
+  }
+  std::vector<MqMessage> taken;
+  size_t at = 0;
+  int received = -1, back = -1;
+  while (at + 8 <= stream.size()) {
+    uint32_t head[2];
+    memcpy(head, stream.data() + at, 8);
+    if (head[0] == kMqEnd) {
+      if (at + 16 == stream.size()) {
+        uint32_t errs[2];
+        memcpy(errs, stream.data() + at + 8, 8);
+        received = static_cast<int>(errs[0]);
+        back = static_cast<int>(errs[1]);
+      }
+      break;
+    }
+    size_t bytes = head[1], next = at + 8 + ((bytes + 7) & ~size_t{7});
+    if (bytes > msgsize || next > stream.size()) break;
+    taken.push_back({head[0], std::vector<char>(stream.begin() + at + 8, stream.begin() + at + 8 + bytes)});
+    at = next;
+  }
+  if (received < 0) {
+    Napi::Error::New(env, "the process that read the messages of a message queue ended before it said they were all back").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   if (back) {
     ThrowErrno(env, "sending the messages of a message queue back (some are lost)", back);
     return env.Undefined();
   }
-  if (err) {
-    ThrowErrno(env, "mq_timedreceive", err);
+  if (received) {
+    ThrowErrno(env, "mq_timedreceive", received);
     return env.Undefined();
   }
   Napi::Array out = Napi::Array::New(env, taken.size());

@@ -25,6 +25,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include "addon.h"
@@ -357,6 +359,87 @@ Napi::Value SchedAttributes(const Napi::CallbackInfo& info) {
   out.Set("affinity", Napi::Buffer<uint8_t>::Copy(env, mask, static_cast<size_t>(bytes)));
   out.Set("ioprio", Napi::Number::New(env, static_cast<double>(ioprio)));
   return out;
+}
+
+// setAffinity(tid, mask): sched_setaffinity of any thread, from here.
+Napi::Value SetAffinity(const Napi::CallbackInfo& info) {
+  auto mask = info[1].As<Napi::Buffer<uint8_t>>();
+  if (syscall(SYS_sched_setaffinity, Tid(info), mask.Length(), mask.Data())) ThrowErrno(info.Env(), "sched_setaffinity", errno);
+  return info.Env().Undefined();
+}
+
+// The guard's process: waits for a byte (the probe is over, its tracer
+// put the mask back) or for the end of the pipe with none (its tracer
+// died first), then puts `mask` back on thread `tid` if the thread still
+// has a single CPU (one the probe gave it; a mask the application set
+// itself since is left alone), and exits. Only async-signal-safe calls:
+// the fork of a process with threads.
+[[noreturn]] void GuardAffinity(pid_t tid, const uint8_t* mask, size_t length, int released) {
+  setsid();
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2}) sigaction(sig, &ignore, nullptr);
+  if (released > 0) syscall(SYS_close_range, 0, released - 1, 0);
+  syscall(SYS_close_range, released + 1, ~0U, 0);
+  char c;
+  ssize_t n;
+  while ((n = read(released, &c, 1)) < 0 && errno == EINTR) {
+  }
+  if (n == 1) _exit(0);
+  uint8_t now[128];
+  long bytes = syscall(SYS_sched_getaffinity, tid, sizeof now, now);
+  int cpus = 0;
+  for (long i = 0; i < bytes; i++) cpus += __builtin_popcount(now[i]);
+  if (cpus == 1) syscall(SYS_sched_setaffinity, tid, length, mask);
+  _exit(0);
+}
+
+// guardAffinity(tid, mask) -> { fd, pid }: a process of its own (a fork,
+// in a session of its own, deaf to a terminal's signals) that puts `mask`
+// back as thread `tid`'s CPU affinity if appshot dies (kill -9) before it
+// says, with releaseGuard, that it did so itself: a probe that moves a
+// frozen thread from CPU to CPU must not leave it on one. `fd` is the
+// pipe appshot holds.
+Napi::Value GuardAffinityNow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t tid = Tid(info);
+  auto given = info[1].As<Napi::Buffer<uint8_t>>();
+  uint8_t mask[128] = {};
+  size_t length = std::min(given.Length(), sizeof mask);
+  memcpy(mask, given.Data(), length);
+  int pipefd[2];
+  if (pipe2(pipefd, O_CLOEXEC)) {
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
+  pid_t pid = fork();
+  if (pid == 0) GuardAffinity(tid, mask, length, pipefd[0]);
+  int err = errno;
+  close(pipefd[0]);
+  if (pid < 0) {
+    close(pipefd[1]);
+    ThrowErrno(env, "fork (a guard of a thread's CPU affinity)", err);
+    return env.Undefined();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("fd", Napi::Number::New(env, pipefd[1]));
+  out.Set("pid", Napi::Number::New(env, pid));
+  return out;
+}
+
+// releaseGuard({fd, pid}): the guard told that the mask is back, and
+// reaped.
+Napi::Value ReleaseGuard(const Napi::CallbackInfo& info) {
+  auto guard = info[0].As<Napi::Object>();
+  int fd = guard.Get("fd").As<Napi::Number>().Int32Value();
+  pid_t pid = guard.Get("pid").As<Napi::Number>().Int32Value();
+  char done = 1;
+  while (write(fd, &done, 1) < 0 && errno == EINTR) {
+  }
+  close(fd);
+  while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+  }
+  return info.Env().Undefined();
 }
 
 // securebits() -> this thread's PR_GET_SECUREBITS: what a restore's seeds
@@ -1252,6 +1335,9 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("suspendSeccomp", SuspendSeccomp);
   fn("securebits", Securebits);
   fn("schedAttributes", SchedAttributes);
+  fn("setAffinity", SetAffinity);
+  fn("guardAffinity", GuardAffinityNow);
+  fn("releaseGuard", ReleaseGuard);
   fn("readMemory", ReadMemory);
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);

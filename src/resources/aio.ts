@@ -20,8 +20,9 @@
  * are found by counting the context's free request slots, while the
  * process is frozen: of the `nr - 1` slots a context has, each is free,
  * holds a completed event not yet reaped (head to tail), or is a request
- * in flight. Requests that complete at once (a byte written to /dev/null)
- * are submitted inside the process until the kernel refuses one (EAGAIN),
+ * in flight. Requests that complete at once (a read of no bytes from a
+ * pipe or socket the process holds: probe(), quietDescriptor()) are
+ * submitted inside the process until the kernel refuses one (EAGAIN),
  * on each CPU the thread may run on in turn, twice over (the kernel keeps
  * free slots per CPU); those it took are the free slots, but for the
  * `(nr - 1) mod req_batch` the kernel's shared count always keeps (it
@@ -36,8 +37,9 @@
  * count (what a process that reaped as many events would see). A
  * snapshot that fails leaves it so.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
+import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 import type { AioRing, Process } from '../image/types.js';
 import type { Injector } from '../ptrace/inject.js';
@@ -48,11 +50,15 @@ const HEADER = 32;
 const EVENT = 32;
 const PAGE = 4096;
 const AIO_RING_MAGIC = 0xa10a10a1;
-const NR = { open: 2, close: 3, io_submit: 209, sched_getaffinity: 204, sched_setaffinity: 203 };
+const NR = { open: 2, close: 3, io_submit: 209, sched_setaffinity: 203 };
+const IOCB_CMD_PREAD = 0;
 const IOCB_CMD_PWRITE = 1;
 const O_WRONLY = 1;
+const O_RDWR = 2;
+const O_PATH = 0o10000000;
+/** /dev/null and /dev/zero's device numbers (1:3, 1:5). */
+const QUIET_DEVICES = [0x103, 0x105];
 const EAGAIN = 11;
-const CPU_MASK_BYTES = 128;
 /** Contexts per process, and the largest ring (aio-max-nr's default is
  * 65536 events: 2 MiB), an image may ask for. */
 export const AIO_LIMITS = { rings: 64, ringBytes: 4 << 20 };
@@ -94,16 +100,53 @@ function requestFor(nr: number): number {
   return Math.max(1, Math.floor((nr - 2) / 2));
 }
 
-/** One iocb writing a byte to `fd` from `buf`, and `count` pointers to it,
- * laid out at `at`: [iocb][pointers]. */
-function dummyRequests(at: bigint, fd: number, buf: bigint, count: number): Buffer {
+/** One iocb of `bytes` bytes (`opcode`: a read or a write) on `fd` at
+ * `buf`, and `count` pointers to it, laid out at `at`: [iocb][pointers]. */
+function dummyRequests(at: bigint, fd: number, buf: bigint, count: number, opcode = IOCB_CMD_PWRITE, bytes = 1n): Buffer {
   const b = Buffer.alloc(64 + 8 * count);
-  b.writeUInt16LE(IOCB_CMD_PWRITE, 16);
+  b.writeUInt16LE(opcode, 16);
   b.writeUInt32LE(fd, 20);
   b.writeBigUInt64LE(buf, 24);
-  b.writeBigUInt64LE(1n, 32);
+  b.writeBigUInt64LE(bytes, 32);
   for (let i = 0; i < count; i++) b.writeBigUInt64LE(at, 64 + 8 * i);
   return b;
+}
+
+/** A descriptor process `pid` holds that a request of no bytes completes
+ * on at once and touches nothing, so that the probe opens none of its own
+ * (one left open if appshot died meanwhile): a readable pipe or socket
+ * (their reads return before looking at any data when asked for none: a
+ * datagram is not consumed), a readable /dev/null or /dev/zero, else a
+ * write-only /dev/null. undefined if it holds none. */
+function quietDescriptor(pid: number): { fd: number; opcode: number } | undefined {
+  let writeOnly: { fd: number; opcode: number } | undefined;
+  let names: string[];
+  try {
+    names = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return undefined;
+  }
+  for (const name of names) {
+    const fd = Number(name);
+    let flags: number;
+    let target: string;
+    let device = false;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${name}`);
+      flags = parseInt(/^flags:\s*([0-7]+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${name}`, 'utf8'))?.[1] ?? 'x', 8);
+      if (target.startsWith('/')) {
+        const st = statSync(`/proc/${pid}/fd/${name}`);
+        device = st.isCharacterDevice() && QUIET_DEVICES.includes(st.rdev);
+      }
+    } catch {
+      continue;
+    }
+    if (!Number.isInteger(flags) || flags & O_PATH) continue;
+    const mode = flags & 3;
+    if ((mode === 0 || mode === O_RDWR) && (/^(pipe|socket):\[\d+\]$/.test(target) || device)) return { fd, opcode: IOCB_CMD_PREAD };
+    if (mode === O_WRONLY && device && (writeOnly === undefined || fd < writeOnly.fd)) writeOnly = { fd, opcode: IOCB_CMD_PWRITE };
+  }
+  return writeOnly;
 }
 
 /**
@@ -132,16 +175,7 @@ export function dumpAioRings(pid: number, inj: Injector, maps: { start: bigint; 
   for (const ring of rings) {
     const before = addon().readMemory(pid, ring.address, Number(ring.length));
     const unreaped = (ring.tail - ring.head + ring.nr) % ring.nr;
-    let taken = 0;
-    let completed = 0;
-    try {
-      taken = freeSlots(pid, inj, ring);
-    } finally {
-      // However the probe ended (a failed call, a request of the
-      // application's completing meanwhile): none of its events is left
-      // for the application to reap.
-      completed = putBack(pid, ring, unreaped, inj.scratchAddress);
-    }
+    const { taken, completed } = probe(pid, inj, ring, unreaped);
     if (completed)
       throw new Unsupported(`${where(ring)} had requests in flight: ${completed} completed while it was looked at, which cannot be captured`);
     // The kernel hands slots from the context's shared count to a CPU's
@@ -159,46 +193,90 @@ export function dumpAioRings(pid: number, inj: Injector, maps: { start: bigint; 
   return rings;
 }
 
-/** Submits requests that complete at once into `ring` until the kernel
- * takes no more, on each CPU the thread may run on, twice over; how many
- * it took. */
-function freeSlots(pid: number, inj: Injector, ring: AioRing): number {
+/**
+ * Submits requests that complete at once into `ring` until the kernel
+ * takes no more, on each CPU the thread may run on, twice over; then puts
+ * the ring back (putBack) and the thread's CPU affinity. How many it took,
+ * and how many of the application's own requests completed meanwhile.
+ *
+ * What it changes in the process is undone even if appshot is killed
+ * (kill -9) meanwhile, which lets the process go on at once: the thread is
+ * moved from CPU to CPU from here (not by calls injected into it), under a
+ * guard, a process of appshot's that puts its affinity back if appshot
+ * dies first (addon guardAffinity); the requests are made on a descriptor
+ * the process holds already (quietDescriptor: nothing opened in it, so
+ * nothing left open), and the ring is put back before the affinity. What
+ * is not covered: appshot killed between the first request and putBack
+ * leaves the probe's completed events in the ring for the application to
+ * reap (putting the ring back takes copies only a live tracer, or code of
+ * appshot's run inside the process, can make), and one killed inside an
+ * injected call lets that thread go on in the call's registers (the
+ * kernel resumes a tracee as its tracer dies, PTRACE_O_EXITKILL being set
+ * only once a snapshot ends the application). A process with no such
+ * descriptor gets a /dev/null of its own for the probe, left open if
+ * appshot dies before it is closed.
+ */
+function probe(pid: number, inj: Injector, ring: AioRing, unreaped: number): { taken: number; completed: number } {
   const scratch = inj.scratchAddress;
-  const path = Buffer.from('/dev/null\0');
-  addon().writeMemory(pid, scratch, path);
-  const fd = Number(inj.call(NR.open, [scratch, O_WRONLY]));
-  if (fd < 0) throw new Error(`opening /dev/null in the process to count the free slots of its AIO context: errno ${-fd}`);
-  const affinity = inj.callOut(NR.sched_getaffinity, [0, CPU_MASK_BYTES, 'out'], CPU_MASK_BYTES);
-  if (affinity.ret < 0n) throw new Error(`sched_getaffinity: errno ${-affinity.ret}`);
-  // The kernel writes the mask's own size (its result); the rest of the
-  // buffer is whatever was there.
-  const allowed = affinity.out.subarray(0, Number(affinity.ret));
+  const tid = inj.tid;
+  const quiet = quietDescriptor(pid);
+  let fd: number;
+  if (quiet) fd = quiet.fd;
+  else {
+    addon().writeMemory(pid, scratch, Buffer.from('/dev/null\0'));
+    fd = Number(inj.call(NR.open, [scratch, O_WRONLY]));
+    if (fd < 0) throw new Error(`opening /dev/null in the process to count the free slots of its AIO context: errno ${-fd}`);
+  }
+  const [opcode, bytes] = quiet?.opcode === IOCB_CMD_PREAD ? [IOCB_CMD_PREAD, 0n] : [IOCB_CMD_PWRITE, quiet ? 0n : 1n];
+  // The kernel's own size of a mask (its result).
+  const allowed = addon().schedAttributes(tid).affinity;
   const cpus: number[] = [];
   for (let c = 0; c < allowed.length * 8; c++) if (allowed[c >> 3] & (1 << (c & 7))) cpus.push(c);
   const per = Math.floor((inj.scratchSize - 64) / 8);
+  // From here when this appshot may (a thread of another owner, appshot
+  // without CAP_SYS_NICE: then neither may its guard), else inside.
+  const pin = (mask: Buffer): boolean => {
+    try {
+      addon().setAffinity(tid, mask);
+      return true;
+    } catch {
+      addon().writeMemory(pid, scratch, mask);
+      return inj.call(NR.sched_setaffinity, [0, mask.length, scratch]) >= 0n;
+    }
+  };
+  const guard = addon().guardAffinity(tid, allowed);
   let taken = 0;
+  let completed = 0;
   try {
-    for (let pass = 0; pass < 2; pass++)
-      for (const cpu of cpus) {
-        const one = Buffer.alloc(allowed.length);
-        one[cpu >> 3] |= 1 << (cpu & 7);
-        addon().writeMemory(pid, scratch, one);
-        if (inj.call(NR.sched_setaffinity, [0, one.length, scratch]) < 0n) continue;
-        for (;;) {
-          addon().writeMemory(pid, scratch, dummyRequests(scratch, fd, scratch, per));
-          const got = inj.call(NR.io_submit, [ring.address, per, scratch + 64n]);
-          if (got === BigInt(-EAGAIN) || got === 0n) break;
-          if (got < 0n) throw new Error(`io_submit into the AIO context at 0x${ring.address.toString(16)}: errno ${-got}`);
-          taken += Number(got);
-          if (got < BigInt(per)) break;
+    try {
+      for (let pass = 0; pass < 2; pass++)
+        for (const cpu of cpus) {
+          const one = Buffer.alloc(allowed.length);
+          one[cpu >> 3] |= 1 << (cpu & 7);
+          if (!pin(one)) continue;
+          killPoint('snapshot: aio pinned');
+          for (;;) {
+            addon().writeMemory(pid, scratch, dummyRequests(scratch, fd, scratch, per, opcode, bytes));
+            const got = inj.call(NR.io_submit, [ring.address, per, scratch + 64n]);
+            if (got === BigInt(-EAGAIN) || got === 0n) break;
+            if (got < 0n) throw new Error(`io_submit into the AIO context at 0x${ring.address.toString(16)}: errno ${-got}`);
+            taken += Number(got);
+            if (got < BigInt(per)) break;
+          }
         }
-      }
+    } finally {
+      // However the probe ended (a failed call, a request of the
+      // application's completing meanwhile): none of its events is left
+      // for the application to reap.
+      completed = putBack(pid, ring, unreaped, scratch);
+      killPoint('snapshot: aio put back');
+    }
   } finally {
-    addon().writeMemory(pid, scratch, allowed);
-    inj.call(NR.sched_setaffinity, [0, allowed.length, scratch]);
-    inj.call(NR.close, [fd]);
+    pin(allowed);
+    addon().releaseGuard(guard);
+    if (!quiet) inj.call(NR.close, [fd]);
   }
-  return taken;
+  return { taken, completed };
 }
 
 /** After the probe: the ring's events from its head to its tail now are

@@ -15,7 +15,12 @@
  * the order received, which is the queue's own order (priority, then
  * arrival), all in one native call (addon mqTakeAndGiveBack). The queue is
  * then as it was before anything else of the snapshot happens, so a
- * snapshot that fails later leaves it exactly as it was. (A queue shared
+ * snapshot that fails later leaves it exactly as it was. The queue
+ * outlives appshot, and while the messages are out of it only the process
+ * holding them can put them back: that process is a fork of appshot's in
+ * a session of its own, not appshot, so that appshot killed (kill -9)
+ * right then loses none (it gives them back, then hands appshot the
+ * copies through a pipe). (A queue shared
  * with a process outside the application could see that process act in the
  * instant between; such sharing is not detected. But a sender outside that
  * waits for room in a full queue is: the first receive lets its message in
@@ -59,6 +64,7 @@
 import { type BigIntStats, closeSync, fchmodSync, fchownSync, constants as fs, openSync, readSync, statfsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { AppshotError } from '../errors.js';
+import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PosixQueue, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -134,7 +140,8 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
       if (attrs.curmsgs)
         throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} and holds ${attrs.curmsgs} messages, which cannot be read without firing it (receiving them and sending them back would), which cannot be captured yet`);
     }
-    const messages = attrs.curmsgs ? addon().mqTakeAndGiveBack(own, attrs.msgsize) : [];
+    const messages = attrs.curmsgs ? addon().mqTakeAndGiveBack(own, attrs.msgsize, process.env.APPSHOT_TEST_KILL_AT === 'snapshot: mqueue taken') : [];
+    if (messages.length) killPoint('snapshot: mqueue given back');
     if (messages.length > attrs.curmsgs)
       throw new Unsupported(
         `${where}: ${named} held ${attrs.curmsgs} messages, ${messages.length} were read: a process outside the application was waiting to send to it (its message is in the queue, or will be once there is room), which cannot be captured`,
