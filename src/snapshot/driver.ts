@@ -547,6 +547,10 @@ function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Recor
   const tracking = { ...before.tracking };
   for (const pid of pids) {
     const key = processKey(pid);
+    // Not frozen yet: a short-lived child the tables list may be gone
+    // already (no start time: a key that names no process) or go during
+    // its plan (plannedTrackingFd); either way it has no plan.
+    if (key.endsWith(':0')) continue;
     const fd = plannedTrackingFd(pid, tracking[key]);
     if (fd !== undefined) tracking[key] = fd;
   }

@@ -16,6 +16,7 @@
  */
 import { readdirSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
+import { killPoint } from '../killpoint.js';
 import { readLimits, RLIMIT_NOFILE } from '../resources/limits.js';
 import { type MapsLine } from '../resources/memory.js';
 import { readStat } from '../procfs.js';
@@ -61,10 +62,15 @@ export function processKey(pid: number): string {
   return `${pid}:${readStat(pid)?.startTime ?? 0}`;
 }
 
-/** The lowest descriptor number a userfaultfd of appshot's is put at in
- * `pid`: high, but under its descriptor limit (snapfix sets 777). */
-function trackingFdMin(pid: number): number {
-  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+/** A process's soft limit on descriptor numbers. */
+function openFilesLimit(pid: number): number {
+  return Number(readLimits(pid)[RLIMIT_NOFILE].cur);
+}
+
+/** The lowest descriptor number a userfaultfd of appshot's is put at in a
+ * process whose soft descriptor limit is `soft`: high, but under that
+ * limit (snapfix sets 777). */
+function trackingFdMin(soft: number): number {
   return Math.max(10, Math.min(TRACKING_FD_MIN, soft - 16));
 }
 
@@ -72,21 +78,38 @@ function trackingFdMin(pid: number): number {
  * Where the userfaultfd that armTracking is about to make in `pid` will
  * be: its descriptor, if it has one already (`own`, a userfaultfd), else
  * the lowest free number from trackingFdMin on (or undefined: none is
- * free). Asked before the freeze, so that the registry records it then:
- * armTracking puts the new one there if that is still free, and only if
- * not is the registry written again while the application is frozen.
+ * free, or the process is gone). Asked before the freeze, so that the
+ * registry records it then: armTracking puts the new one there if that is
+ * still free, and only if not is the registry written again while the
+ * application is frozen.
+ *
+ * The process is not frozen yet: one of an application that forks all
+ * the time (a shell running short commands) may exit between any two of
+ * these reads. It is then neither frozen nor dumped, and needs no plan;
+ * its exit was once a failed snapshot ("ENOENT ... /proc/PID/limits").
+ * Nothing read here goes into the image: a plan that turns out wrong
+ * (the number taken meanwhile) only costs armTracking a registry write.
  */
 export function plannedTrackingFd(pid: number, own: number | undefined): number | undefined {
-  if (own !== undefined && isUserfaultfd(pid, own)) return own;
-  let used: Set<number>;
   try {
-    used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
-  } catch {
+    if (own !== undefined && isUserfaultfd(pid, own)) return own;
+    const used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+    // Where a test makes the process exit, between two reads.
+    killPoint(`snapshot: tracking of ${pid} planned from its descriptors`);
+    const soft = openFilesLimit(pid);
+    for (let fd = trackingFdMin(soft); fd < soft; fd++) if (!used.has(fd)) return fd;
     return undefined;
+  } catch (e) {
+    if (exited(e)) return undefined;
+    throw e;
   }
-  const soft = Number(readLimits(pid)[RLIMIT_NOFILE].cur);
-  for (let fd = trackingFdMin(pid); fd < soft; fd++) if (!used.has(fd)) return fd;
-  return undefined;
+}
+
+/** Whether `e` says the process read was gone (it exited, or it was
+ * reaped: its /proc directory goes with it). */
+function exited(e: unknown): boolean {
+  const code = (e as NodeJS.ErrnoException).code;
+  return code === 'ENOENT' || code === 'ESRCH';
 }
 
 /**
@@ -111,7 +134,7 @@ export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, ow
   let api: Answer | undefined;
   if (existing === undefined) {
     made = calls.ask(NR.userfaultfd, [O_CLOEXEC | UFFD_USER_MODE_ONLY]);
-    const lowest = trackingFdMin(pid);
+    const lowest = trackingFdMin(openFilesLimit(pid));
     const min = own !== undefined && own >= lowest ? own : lowest;
     moved = calls.ask(NR.fcntl, [made, F_DUPFD_CLOEXEC, min]);
     calls.ask(NR.close, [made]);
