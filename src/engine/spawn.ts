@@ -10,7 +10,10 @@ function spawnEngine(home: string, stderr: 'ignore' | 'pipe', onDemand = false) 
   // Its own session (detached): the terminal's Ctrl-C and hang-up are not
   // its. APPSHOT_HOME pinned: the engine serves this directory only.
   // As small a young generation as serve -d's (commands/serve.ts).
-  return spawn(process.execPath, ['--max-semi-space-size=1', entry, ...(onDemand ? ['--on-demand'] : [])], {
+  // --expose-gc: a snapshot empties that young generation before it
+  // freezes the application (driver.ts, collectBeforeFreeze), so that no
+  // collection falls in its frozen window.
+  return spawn(process.execPath, ['--max-semi-space-size=1', '--expose-gc', entry, ...(onDemand ? ['--on-demand'] : [])], {
     detached: true,
     stdio: ['ignore', 'ignore', stderr],
     env: { ...process.env, APPSHOT_HOME: home },

@@ -602,6 +602,19 @@ function checksumFiles(image: Image): void {
   }
 }
 
+/**
+ * Empties the young generation of our heap while the application still
+ * runs, where the process runs with gc exposed (the engine: spawn.ts), so
+ * that no collection falls in the frozen window: the window allocates
+ * less than the engine's young generation (1 MiB) holds. Measured (tiny
+ * application, engine at real-time priority, load 10-15): a scavenge of
+ * 0.5-0.85 ms fell in 8 of 31 windows; with this, in none of 31.
+ */
+function collectBeforeFreeze(): void {
+  const gc = (globalThis as { gc?: (options?: { type: 'minor' | 'major' }) => void }).gc;
+  if (typeof gc === 'function') timed('young generation collected', () => gc({ type: 'minor' }));
+}
+
 /** Waits (up to about 5 s) until init has removed the ended
  * application's registration. A small application is gone within a
  * millisecond or two of its kill: looked at again after 1 ms, then twice
@@ -744,6 +757,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
+    clock.outside(collectBeforeFreeze);
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     // Ended by this snapshot, the application stays stopped until its

@@ -61,6 +61,17 @@ export class PhaseClock {
     if (phase === 'freezeMs') this.frozenAt = t;
   }
 
+  /** Runs `step`, whose time is no phase's (the collection before the
+   * freeze: totalMs has it, freezeMs does not). */
+  outside<T>(step: () => T): T {
+    const t0 = now();
+    try {
+      return step();
+    } finally {
+      this.last += now() - t0;
+    }
+  }
+
   /** The page writer's own measure of its two phases, which end now. */
   endPageFile(part: { drainMs: number; fsyncMs: number; hashMs: number }): void {
     this.record('drainMs', part.drainMs);
