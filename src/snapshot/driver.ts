@@ -363,10 +363,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     // the window has lasted TURN_AFTER_MS: not before the first process nor
     // in a short window. A turn runs whatever else the process has queued
     // (in the engine: other clients' requests, their output, timers), all
-    // of it inside this application's frozen window: measured, one turn
-    // cost the tiny application's window 0.1-13 ms (engine unprioritised)
-    // and its median 3.85 -> 3.28 ms at real-time priority (paired, load
-    // 12-14). A Ctrl-C is heard within TURN_AFTER_MS and one process's dump.
+    // of it inside this application's frozen window: measured, one turn in
+    // the tiny application's window took 0.09-13 ms with the engine
+    // unprioritised (at real-time priority its effect on the median was
+    // within noise). A Ctrl-C is heard within TURN_AFTER_MS and one
+    // process's dump.
     if (now() - lastTurn >= TURN_AFTER_MS * 1000) {
       await new Promise((resolve) => setImmediate(resolve));
       lastTurn = now();
