@@ -97,6 +97,8 @@ try {
     report[b.name] = {
       frozenMs: +median(all.map((r) => r.frozenMs)).toFixed(3),
       frozenMinMax: [Math.min(...all.map((r) => r.frozenMs)), Math.max(...all.map((r) => r.frozenMs))],
+      // Round by round (--json): for paired differences between builds.
+      frozenEach: all.map((r) => r.frozenMs),
       heldMs: +median(all.map((r) => r.heldMs)).toFixed(2),
       totalMs: +median(all.map((r) => r.totalMs)).toFixed(2),
       injectedCalls: median(all.map((r) => r.injectedCalls)),
