@@ -204,11 +204,14 @@ interface Addon {
    * trace_inject_seed). */
   inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
   /** The code that runs a batch of system calls inside a thread, and the offset where it stops itself when done. */
-  batchCode(): { code: Buffer; stoppedAt: number };
+  /** frameRoom: bytes injectBatch's frame needs (see injectBatch). */
+  batchCode(): { code: Buffer; stoppedAt: number; frameRoom: number };
   /** Runs the batch whose table is at `table`, with that code copied at `code`, in one stop.
    * clones: a restore's batch of clone(CLONE_THREAD | CLONE_PTRACE) calls, whose threads
-   * are traced from their creation without a clone event each (trace_inject_batch_clones). */
-  injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean): void;
+   * are traced from their creation without a clone event each (trace_inject_batch_clones).
+   * frame: frameRoom bytes where the batch's signal frame goes, that takes the thread back
+   * to where it was on its own if appshot dies while it runs the batch (trace_inject_batch_framed). */
+  injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean, frame?: bigint): void;
   /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is

@@ -472,6 +472,48 @@ describe('a snapshot that fails or is killed at a step', () => {
   });
 });
 
+describe('a --leave-running snapshot killed while a thread runs an injected batch', () => {
+  /** Per thread of each process of `aid`: its blocked, ignored and caught
+   * signals (SigBlk, SigIgn, SigCgt of /proc/PID/task/TID/status). */
+  function signalState(aid: string): Record<string, string> {
+    const [app] = sb.json<{ processes: { pid: number }[] }[]>(['ps', aid]);
+    const out: Record<string, string> = {};
+    for (const { pid } of app.processes)
+      for (const tid of readdirSync(`/proc/${pid}/task`)) {
+        const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+        out[`${pid}/${tid}`] = ['SigBlk', 'SigIgn', 'SigCgt'].map((f) => new RegExp(`^${f}:\\s+(\\S+)$`, 'm').exec(status)?.[1]).join(' ');
+      }
+    return out;
+  }
+
+  // The thread runs the batch code with the batch's registers and every
+  // signal but the end's blocked, and appshot dies (kill -9, the OOM
+  // killer) before it takes the thread back: the thread must go back to
+  // where it was on its own, not die of the batch's SIGTRAP.
+  it("(native point 'batch: running'): the application goes on untraced, its checks pass, its threads' signal masks and dispositions as they were", async () => {
+    const aid = 'skill-batch';
+    const r0 = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '1']);
+    expect(r0.code, r0.stderr).toBe(0);
+    await sb.checksPass(aid, 2);
+    const before = signalState(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, '--leave-running'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'batch: running' },
+      encoding: 'utf8',
+      timeout: 50_000,
+    });
+    expect(r.signal, `the snapshot was to be killed at 'batch: running': ${r.stderr}`).toBe('SIGKILL');
+    await runsUntraced(aid);
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    expect(signalState(aid)).toEqual(before);
+    // And the next snapshot of it is whole.
+    const again = sb.run(['snapshot', aid, '-o', image, '--leave-running']);
+    expect(again.code, again.stderr).toBe(0);
+    await sb.checksPass(aid, 2);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
 describe('a batch of clones killed at any instant', () => {
   let template = '';
   const portAlloc = base + 901;

@@ -8,16 +8,18 @@
  * area first, none to unmap it after). The tracer checks that the bytes it
  * finds there are its own before it runs them.
  *
- * APPSHOT_BATCH_CODE(CODE, STOPPED, END): the instructions, as assembler
- * text, with global labels CODE (the start), STOPPED (where the thread
- * stops itself when done) and END, each a string literal.
+ * APPSHOT_BATCH_CODE(CODE, STOPPED, TRAPPED, END): the instructions, as
+ * assembler text, with global labels CODE (the start), STOPPED (where the
+ * thread stops itself when done), TRAPPED (the int3 that stands in for a
+ * stop that could not be sent) and END, each a string literal.
  */
 #ifndef APPSHOT_BATCH_H
 #define APPSHOT_BATCH_H
 
-#define APPSHOT_BATCH_CODE(CODE, STOPPED, END) \
+#define APPSHOT_BATCH_CODE(CODE, STOPPED, TRAPPED, END) \
   ".globl " CODE "\n"                          \
   ".globl " STOPPED "\n"                       \
+  ".globl " TRAPPED "\n"                       \
   ".globl " END "\n"                           \
     CODE ":\n"                                                              \
     "  mov (%rbx), %r12\n"                                                  \
@@ -61,12 +63,30 @@
     "  mov $234, %eax\n" /* tgkill */                                       \
     "  mov 8(%rbx), %rdi\n"                                                 \
     "  mov 16(%rbx), %rsi\n"                                                \
-    "  mov $5, %edx\n" /* SIGTRAP, not a stop signal: see trace.c */        \
+    /* The end signal, the flags' second byte (see trace.c). */             \
+    "  movzbl 25(%rbx), %edx\n"                                             \
     "  syscall\n"                                                           \
     STOPPED ":\n"                                                           \
+    /* Reached only when no tracer took the thread at that stop (it was     \
+     * killed meanwhile): back to where the thread was, its registers and   \
+     * mask as they were, by rt_sigreturn on the frame the tracer wrote at  \
+     * r14 (0: none), with the thread's alternate signal stack queried      \
+     * into it first, as rt_sigreturn sets that too. */                     \
+    "  test %rax, %rax\n"                                                   \
+    "  jnz 5f\n"                                                            \
+    "  test %r14, %r14\n"                                                   \
+    "  jz 5f\n"                                                             \
+    "  mov $131, %eax\n" /* sigaltstack(NULL, &uc_stack) */                 \
+    "  xor %edi, %edi\n"                                                    \
+    "  lea 24(%r14), %rsi\n"                                                \
+    "  syscall\n"                                                           \
+    "  lea 8(%r14), %rsp\n"                                                 \
+    "  mov $15, %eax\n" /* rt_sigreturn */                                  \
+    "  syscall\n"                                                           \
     /* Only if tgkill failed (a seccomp filter, say): a trap instead. The   \
      * jump back is to a local label: one to a global symbol of a shared    \
      * object may be assembled to go through its PLT. */                    \
+    TRAPPED ":\n"                                                           \
     "5:\n"                                                                  \
     "  int3\n"                                                              \
     "  jmp 5b\n"                                                            \

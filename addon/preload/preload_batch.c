@@ -10,7 +10,8 @@
 #include "appshot_batch.h"
 
 __asm__(".pushsection .text\n"
-        APPSHOT_BATCH_CODE("appshot_resident_batch_code", "appshot_resident_batch_stopped", "appshot_resident_batch_end")
+        APPSHOT_BATCH_CODE("appshot_resident_batch_code", "appshot_resident_batch_stopped", "appshot_resident_batch_trapped",
+                           "appshot_resident_batch_end")
         ".popsection\n");
 
 __attribute__((visibility("default"), used, aligned(4096))) unsigned char appshot_batch_area[APPSHOT_BATCH_AREA_SIZE];

@@ -280,17 +280,21 @@ Napi::Value BatchCode(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("code", Napi::Buffer<uint8_t>::Copy(env, code, size));
   out.Set("stoppedAt", Napi::Number::New(env, static_cast<double>(stopped_at)));
+  out.Set("frameRoom", Napi::Number::New(env, TRACE_BATCH_FRAME_ROOM));
   return out;
 }
 
-// injectBatch(tid, codeAddress, tableAddress, clones = false): runs the
-// batch in one stop; clones: its clone calls make threads traced without
-// a clone event each (trace_inject_batch_clones).
+// injectBatch(tid, codeAddress, tableAddress, clones = false, frame = 0n):
+// runs the batch in one stop; clones: its clone calls make threads traced
+// without a clone event each (trace_inject_batch_clones); frame: the
+// address of batchFrameRoom bytes for the frame that takes the thread back
+// on its own if appshot dies meanwhile (trace_inject_batch_framed).
 Napi::Value InjectBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   bool clones = info.Length() > 3 && info[3].ToBoolean().Value();
+  uint64_t frame = info.Length() > 4 && info[4].IsBigInt() ? U64(info[4]) : 0;
   int rc = clones ? trace_inject_batch_clones(Tid(info), U64(info[1]), U64(info[2]))
-                  : trace_inject_batch(Tid(info), U64(info[1]), U64(info[2]));
+                  : trace_inject_batch_framed(Tid(info), U64(info[1]), U64(info[2]), frame);
   Failed(env, rc, "running a batch of system calls in thread " + std::to_string(Tid(info)));
   return env.Undefined();
 }

@@ -7,10 +7,12 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <stddef.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -408,22 +410,32 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
  * argument a (0-5, 0 the first) is the result of entry k (from 1), which
  * ran before it (a descriptor the batch made, say, that a later mmap of
  * the same batch maps). Then it stops itself
- * with tgkill(tgid, tid, SIGTRAP), the one signal left unblocked while it
- * runs: a signal-delivery stop the tracer sees (and discards) even when
- * the process ignores SIGTRAP, as a traced thread's signals are queued
- * whatever their action. Not a stop signal: any stop signal sent to a
- * process discards every SIGCONT pending in it (the kernel's job
- * control), so that one pending when the application was frozen would
- * be lost, its handler never run and the image without it (it was
- * SIGSTOP). Not an int3's trap either: that is a forced signal, which
- * resets an ignored SIGTRAP's action to the default. The thread is taken
- * back with its registers as they were. Only
- * rbx, r12 and r13 and the registers of the calls (rax, rcx, rdx...) are
- * used: no stack.
+ * with tgkill(tgid, tid, SIG), SIG the end signal the tracer put in the
+ * second byte of the header's flags (choose_batch_end) and the one signal
+ * left unblocked while it runs: a signal-delivery stop the tracer sees
+ * (and discards) even when the process ignores SIG, as a traced thread's
+ * signals are queued whatever their action. Not a stop signal: any stop
+ * signal sent to a process discards every SIGCONT pending in it (the
+ * kernel's job control), so that one pending when the application was
+ * frozen would be lost, its handler never run and the image without it
+ * (it was SIGSTOP). Not an int3's trap either but where tgkill failed:
+ * that is a forced signal, which resets a blocked or ignored SIGTRAP's
+ * action to the default. The thread is taken back with its registers as
+ * they were. Only rbx, r12, r13 and r14 and the registers of the calls
+ * (rax, rcx, rdx...) are used: no stack.
+ *
+ * Should the tracer die while the thread runs the batch (kill -9 of
+ * appshot, the OOM killer; a snapshot does not kill the application with
+ * it), the thread is let go with the batch's registers and mask. It takes
+ * the end signal as the process has it, which is why that is one the
+ * process ignores where there is one; and past its tgkill, r14 points at
+ * a signal frame the tracer wrote (batch_frame: the thread's registers,
+ * mask and vector state as they were), onto which it rt_sigreturns: back
+ * where it was, as if the batch never ran.
  */
-__asm__(".pushsection .rodata\n" APPSHOT_BATCH_CODE("appshot_batch_code", "appshot_batch_stopped", "appshot_batch_code_end") ".popsection\n");
+__asm__(".pushsection .rodata\n" APPSHOT_BATCH_CODE("appshot_batch_code", "appshot_batch_stopped", "appshot_batch_trapped", "appshot_batch_code_end") ".popsection\n");
 
-extern const unsigned char appshot_batch_code[], appshot_batch_stopped[], appshot_batch_code_end[];
+extern const unsigned char appshot_batch_code[], appshot_batch_stopped[], appshot_batch_trapped[], appshot_batch_code_end[];
 
 const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at) {
   *size = (size_t)(appshot_batch_code_end - appshot_batch_code);
@@ -432,7 +444,7 @@ const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at) {
 }
 
 /* The process id the batch's tgkill gives (the table header's tgid, as
- * the process sees itself): a SIGTRAP with another sender is not ours. */
+ * the process sees itself): an end signal with another sender is not ours. */
 static pid_t sender_tgid(pid_t tid, uint64_t table) {
   errno = 0;
   long word = ptrace(PTRACE_PEEKDATA, tid, (void*)(table + 8), 0);
@@ -451,90 +463,279 @@ static pid_t tgid_of(pid_t tid) {
   return tgid;
 }
 
-/* Whether a SIGTRAP waits in the thread's own queue (not the process's):
- * one the batch takes at its start came from there if so, as the kernel
- * takes a thread's own signals before its process's. 1 or 0; -1 when it
- * cannot be told (the queue unreadable, or longer than is worth reading
- * before every batch: a backlog of real-time signals). */
-static int trap_pending_for_thread(pid_t tid) {
+/* Whether signal `sig` waits in the thread's own queue (not the
+ * process's): one the batch takes at its start came from there if so, as
+ * the kernel takes a thread's own signals before its process's. 1 or 0;
+ * -1 when it cannot be told (the queue unreadable, or longer than is worth
+ * reading before every batch: a backlog of real-time signals). */
+static int pending_for_thread(pid_t tid, int sig) {
   siginfo_t buf[32];
   for (uint64_t off = 0; off < 4 * 32;) {
     int n = trace_peek_siginfo(tid, 0, off, buf, 32);
     if (n < 0) return -1;
     for (int i = 0; i < n; i++)
-      if (buf[i].si_signo == SIGTRAP) return 1;
+      if (buf[i].si_signo == sig) return 1;
     if (n < 32) return 0;
     off += (uint64_t)n;
   }
   return -1;
 }
 
-/* Where a SIGTRAP that came while the batch ran was most likely sent, by
- * its si_code: a tgkill's, or a trap or fault the kernel raised, to the
+/* Where an end signal that came while the batch ran was most likely sent,
+ * by its si_code: a tgkill's, or a trap or fault the kernel raised, to the
  * thread; a kill's, a sigqueue's or a timer's to the process (one aimed
  * at one thread is then taken as the process's: which thread takes it
  * may change, but it is not kept from a thread that waits for it). */
-static int trap_sent_to_process(const siginfo_t* si) {
+static int sent_to_process(const siginfo_t* si) {
   return !(si->si_code == SI_TKILL || si->si_code > 0);
 }
 
-/* A SIGTRAP of the process's own, taken out of its queue by the batch
- * (which leaves only SIGTRAP unblocked), queued again where it was: to
- * the thread, or to the process, where whichever thread does not block
+/* A signal of the process's own, taken out of its queue by the batch
+ * (which leaves only its end signal unblocked), queued again where it was:
+ * to the thread, or to the process, where whichever thread does not block
  * it takes it (the batch's thread may well block it for good: a program
  * whose signals all go to one thread waiting for them). With its siginfo
  * where the kernel lets a tracer give one (a negative si_code, sigqueue's
  * or a timer's); else as the tracer's tkill (to the thread) or kill (to
  * the process, still SI_USER): the sender it names is then appshot. */
-static void take_back_trap(pid_t tid, const siginfo_t* info, int to_process) {
+static void take_back_signal(pid_t tid, const siginfo_t* info, int to_process) {
+  int sig = info->si_signo;
   pid_t tgid = tgid_of(tid);
   if (tgid > 0 && info->si_code < 0 && info->si_code != SI_TKILL) {
     siginfo_t copy = *info;
-    long sent = to_process ? syscall(SYS_rt_sigqueueinfo, tgid, SIGTRAP, &copy)
-                           : syscall(SYS_rt_tgsigqueueinfo, tgid, tid, SIGTRAP, &copy);
+    long sent = to_process ? syscall(SYS_rt_sigqueueinfo, tgid, sig, &copy)
+                           : syscall(SYS_rt_tgsigqueueinfo, tgid, tid, sig, &copy);
     if (sent == 0) return;
   }
-  if (to_process && tgid > 0 && kill(tgid, SIGTRAP) == 0) return;
-  syscall(SYS_tkill, tid, SIGTRAP);
+  if (to_process && tgid > 0 && kill(tgid, sig) == 0) return;
+  syscall(SYS_tkill, tid, sig);
 }
 
-int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
+/*
+ * The signal that ends a batch, and whether the thread may go back on its
+ * own (the frame of batch_frame). The batch stops at this signal, which a
+ * traced thread reports whatever its action (the kernel queues every
+ * signal of a traced task, ignored ones too); but if appshot is killed
+ * (kill -9, the OOM killer) while the thread runs the batch, the thread
+ * is let go untraced and takes the signal as the process has it. So,
+ * where it can be, one whose action is to be ignored, not caught (SigCgt)
+ * and pending nowhere (a sigwaitinfo or signalfd reader's would have to be
+ * taken and queued again): the first such of SIGURG, SIGWINCH and
+ * SIGCHLD. Otherwise SIGTRAP, as before: its default action would kill the
+ * process in that case, but it is the least likely to be waited for or
+ * caught. The frame is not used by a thread with a shadow stack (its
+ * rt_sigreturn wants a token that only a real signal leaves).
+ */
+typedef struct {
+  int sig;
+  int frame_ok;
+} batch_end;
+
+static uint64_t status_mask(const char* line, const char* field) {
+  size_t n = strlen(field);
+  if (strncmp(line, field, n) || line[n] != ':') return 0;
+  return strtoull(line + n + 1, NULL, 16);
+}
+
+static batch_end choose_batch_end(pid_t tid) {
+  batch_end end = {SIGTRAP, 1};
+  char path[64], line[512];
+  snprintf(path, sizeof path, "/proc/%d/status", tid);
+  FILE* f = fopen(path, "r");
+  if (!f) return end;
+  uint64_t caught = ~0ull, pending = ~0ull, shared = ~0ull;
+  while (fgets(line, sizeof line, f)) {
+    if (!strncmp(line, "SigCgt:", 7)) caught = status_mask(line, "SigCgt");
+    else if (!strncmp(line, "SigPnd:", 7)) pending = status_mask(line, "SigPnd");
+    else if (!strncmp(line, "ShdPnd:", 7)) shared = status_mask(line, "ShdPnd");
+    else if (!strncmp(line, "x86_Thread_features:", 20) && strstr(line, "shstk")) end.frame_ok = 0;
+  }
+  fclose(f);
+  static const int harmless[] = {SIGURG, SIGWINCH, SIGCHLD};
+  for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) {
+    uint64_t bit = 1ull << (harmless[i] - 1);
+    if (!((caught | pending | shared) & bit)) {
+      end.sig = harmless[i];
+      break;
+    }
+  }
+  return end;
+}
+
+/* The kernel's x86-64 signal frame, as rt_sigreturn reads it at the stack
+ * pointer less 8 (the return address a handler's ret took). */
+typedef struct {
+  uint64_t r8, r9, r10, r11, r12, r13, r14, r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags;
+  uint16_t cs, gs, fs, ss;
+  uint64_t err, trapno, oldmask, cr2, fpstate, reserved[8];
+} kernel_sigcontext;
+
+typedef struct {
+  uint64_t pretcode;
+  uint64_t uc_flags, uc_link;
+  struct {
+    uint64_t sp;
+    int32_t flags, pad;
+    uint64_t size;
+  } uc_stack; /* filled by the batch code itself (sigaltstack) */
+  kernel_sigcontext uc_mcontext;
+  uint64_t uc_sigmask;
+  unsigned char info[128];
+} kernel_rt_sigframe;
+
+_Static_assert(sizeof(kernel_sigcontext) == 256, "sigcontext layout");
+_Static_assert(offsetof(kernel_rt_sigframe, uc_stack) == 24, "the batch code writes uc_stack at 24");
+_Static_assert(sizeof(kernel_rt_sigframe) == 440, "rt_sigframe layout");
+
+#define UC_FP_XSTATE 0x1
+#define UC_SIGCONTEXT_SS 0x2
+#define UC_STRICT_RESTORE_SS 0x4
+#ifndef FP_XSTATE_MAGIC1
+#define FP_XSTATE_MAGIC1 0x46505853U
+#endif
+#ifndef FP_XSTATE_MAGIC2
+#define FP_XSTATE_MAGIC2 0x46505845U
+#endif
+/* Where the extended state goes in the frame (64-byte aligned, as xrstor
+ * wants: the frame itself is). */
+#define FRAME_FPSTATE 512
+#define FXSAVE_SW_BYTES 464
+
+/*
+ * Writes at `frame` (TRACE_BATCH_FRAME_ROOM bytes, 64-byte aligned) the
+ * signal frame that takes the thread back to `regs` (rewound: an
+ * interrupted call runs again) with signal mask `mask` and its floating
+ * point and vector state as it is now (the batch touches none of it): what
+ * the batch code's tail returns onto when no tracer took it at its end.
+ */
+static int batch_frame(pid_t tid, uint64_t frame, const struct user_regs_struct* regs, uint64_t mask) {
+  unsigned char buf[TRACE_BATCH_FRAME_ROOM] __attribute__((aligned(64)));
+  memset(buf, 0, FRAME_FPSTATE);
+  /* Room left for the magic word after it; a whole number of the
+   * regset's 8-byte units, or the kernel refuses. */
+  int xsize = trace_get_xstate(tid, buf + FRAME_FPSTATE, sizeof buf - FRAME_FPSTATE - 64);
+  if (xsize < 0) return xsize;
+  if (xsize < 576) return -EINVAL;
+  /* The software bytes rt_sigreturn checks, sized to what was read. */
+  uint32_t sw[4];
+  memcpy(sw, buf + FRAME_FPSTATE + FXSAVE_SW_BYTES, sizeof sw);
+  uint64_t xfeatures;
+  memcpy(&xfeatures, buf + FRAME_FPSTATE + FXSAVE_SW_BYTES + 8, 8);
+  uint32_t magic1 = FP_XSTATE_MAGIC1, extended = (uint32_t)xsize + 4, xstate_size = (uint32_t)xsize, magic2 = FP_XSTATE_MAGIC2;
+  if (sw[0] != FP_XSTATE_MAGIC1) xfeatures = 3; /* x87 and SSE */
+  memcpy(buf + FRAME_FPSTATE + FXSAVE_SW_BYTES, &magic1, 4);
+  memcpy(buf + FRAME_FPSTATE + FXSAVE_SW_BYTES + 4, &extended, 4);
+  memcpy(buf + FRAME_FPSTATE + FXSAVE_SW_BYTES + 8, &xfeatures, 8);
+  memcpy(buf + FRAME_FPSTATE + FXSAVE_SW_BYTES + 16, &xstate_size, 4);
+  memcpy(buf + FRAME_FPSTATE + xsize, &magic2, 4);
+  kernel_rt_sigframe* f = (kernel_rt_sigframe*)buf;
+  f->uc_flags = UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS;
+  kernel_sigcontext* c = &f->uc_mcontext;
+  c->r8 = regs->r8, c->r9 = regs->r9, c->r10 = regs->r10, c->r11 = regs->r11;
+  c->r12 = regs->r12, c->r13 = regs->r13, c->r14 = regs->r14, c->r15 = regs->r15;
+  c->rdi = regs->rdi, c->rsi = regs->rsi, c->rbp = regs->rbp, c->rbx = regs->rbx;
+  c->rdx = regs->rdx, c->rax = regs->rax, c->rcx = regs->rcx, c->rsp = regs->rsp;
+  c->rip = regs->rip, c->eflags = regs->eflags;
+  c->cs = (uint16_t)regs->cs, c->gs = (uint16_t)regs->gs, c->fs = (uint16_t)regs->fs, c->ss = (uint16_t)regs->ss;
+  c->fpstate = frame + FRAME_FPSTATE;
+  f->uc_sigmask = mask;
+  size_t len = FRAME_FPSTATE + (size_t)xsize + 4;
+  struct iovec local = {buf, len}, remote = {(void*)(uintptr_t)frame, len};
+  ssize_t n = process_vm_writev(tid, &local, 1, &remote, 1, 0);
+  if (n < 0) return fail();
+  return (size_t)n == len ? 0 : -EFAULT;
+}
+
+/* Puts the end signal in the table's flags word (its second byte, which
+ * the batch code gives tgkill). */
+static int set_end_signal(pid_t tid, uint64_t table, int sig) {
+  errno = 0;
+  long word = ptrace(PTRACE_PEEKDATA, tid, (void*)(table + 24), 0);
+  if (errno) return fail();
+  word = (long)(((unsigned long)word & ~0xff00ul) | ((unsigned long)sig << 8));
+  return ptrace(PTRACE_POKEDATA, tid, (void*)(table + 24), (void*)word) ? fail() : 0;
+}
+
+/* The test-only kill point of src/killpoint.ts in native code:
+ * APPSHOT_TEST_KILL_AT=NAME has appshot SIGKILL itself here, at an instant
+ * no point of its TypeScript can reach (a thread running injected code). */
+static void kill_point(const char* name) {
+  const char* at = getenv("APPSHOT_TEST_KILL_AT");
+  if (at && strcmp(at, name) == 0) kill(getpid(), SIGKILL);
+}
+
+/* Waits for the thread, which runs the batch code still (a batch that
+ * did not end in time), to stop: interrupted, so that its registers and
+ * mask can be put back. Signals it takes meanwhile are set aside as the
+ * batch's loop does (stops), the others left to the batch's error. */
+static void stop_running_batch(pid_t tid, unsigned* stops) {
+  if (ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+  for (int tries = 0; tries < 16; tries++) {
+    trace_report rep;
+    if (trace_wait(tid, 10000, &rep) || rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED) return;
+    if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
+      *stops |= 1u << rep.sig;
+      if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+      continue;
+    }
+    return; /* stopped: at the interrupt, or at a signal */
+  }
+}
+
+int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
   struct user_regs_struct saved, r;
   int rc = trace_get_regs(tid, &saved);
   if (rc) return rc;
-  r = saved;
   size_t size, stopped_at;
   trace_batch_code(&size, &stopped_at);
+  size_t trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
+  batch_end end = choose_batch_end(tid);
+  if ((rc = set_end_signal(tid, table, end.sig))) return rc;
+  uint64_t mask;
+  if ((rc = trace_get_sigmask(tid, &mask))) return rc;
+  /* Where the thread goes back to, by itself or by us: an interrupted
+   * call made to run again. */
+  struct user_regs_struct back = saved;
+  trace_rewind(&back);
+  r = saved;
   r.rip = code;
   r.rbx = table;
+  r.r14 = 0;
+  if (frame && end.frame_ok && batch_frame(tid, frame, &back, mask) == 0) r.r14 = frame;
   r.orig_rax = (unsigned long)-1;
   /* Every signal blocked, as for a single call (trace_inject), but the
-   * SIGTRAP that ends the batch. */
-  uint64_t mask, all_but_trap = ~0ull & ~(1ull << (SIGTRAP - 1));
-  if ((rc = trace_get_sigmask(tid, &mask))) return rc;
-  if ((rc = trace_set_sigmask(tid, all_but_trap))) return rc;
+   * one that ends the batch. */
+  uint64_t all_but_end = ~0ull & ~(1ull << (end.sig - 1));
+  if ((rc = trace_set_sigmask(tid, all_but_end))) return rc;
   if ((rc = trace_set_regs(tid, &r))) {
     trace_set_sigmask(tid, mask);
     return rc;
   }
   unsigned stops = 0;
-  /* A SIGTRAP of the process's own that was pending (or came meanwhile),
-   * taken instead of ours: set aside and queued again after. */
-  int foreign_traps = 0;
-  siginfo_t foreign_trap_info[2]; /* the thread's queue's and the process's */
-  int foreign_trap_to_process[2];
+  /* An end signal of the process's own that was pending (or came
+   * meanwhile), taken instead of ours: set aside and queued again after. */
+  int foreign = 0;
+  siginfo_t foreign_info[2]; /* the thread's queue's and the process's */
+  int foreign_to_process[2];
   /* One pending before the batch is taken at its start, the thread's own
    * first: whether it has one says which queue the first came from. */
-  int own_trap_pending = trap_pending_for_thread(tid);
+  int own_pending = pending_for_thread(tid, end.sig);
+  int running = 0; /* the thread runs the batch code, not stopped */
   rc = -EINTR;
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_CONT, tid, 0, 0)) {
       rc = fail();
       break;
     }
+    /* The thread runs the batch, its registers and mask the batch's. */
+    if (tries == 0) kill_point("batch: running");
     trace_report rep;
-    if ((rc = trace_wait(tid, 10000, &rep))) break;
+    if ((rc = trace_wait(tid, 10000, &rep))) {
+      running = 1;
+      break;
+    }
     if (rep.kind == TRACE_NONE) {
+      running = 1;
       rc = -ETIMEDOUT;
       break;
     }
@@ -542,31 +743,37 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
       rc = -ESRCH;
       break;
     }
-    if (rep.kind == TRACE_SIGNAL && rep.sig == SIGTRAP) {
+    if (rep.kind == TRACE_SIGNAL && (rep.sig == end.sig || rep.sig == SIGTRAP)) {
       struct user_regs_struct at;
       siginfo_t si;
       if ((rc = trace_get_regs(tid, &at)) || (rc = trace_get_siginfo(tid, &si))) break;
       /* Ours, at the end of the code: sent by the thread to itself, or
-       * the int3's trap just after, that stands in for a tgkill that
-       * failed (a seccomp filter). Done. */
-      if ((at.rip == code + stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(tid, table)) ||
-          (at.rip == code + stopped_at + 1 && si.si_code == SI_KERNEL)) {
+       * the int3's trap that stands in for a tgkill that failed (a
+       * seccomp filter). Done. */
+      if ((rep.sig == end.sig && at.rip == code + stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(tid, table)) ||
+          (rep.sig == SIGTRAP && at.rip == code + trapped_at + 1 && si.si_code == SI_KERNEL)) {
         rc = 0;
         break;
       }
-      if (foreign_traps < 2) {
+      if (rep.sig != end.sig) {
+        /* A trap elsewhere in the code (SIGTRAP is blocked but for the
+         * end): a fault, as below. */
+        rc = -EFAULT;
+        break;
+      }
+      if (foreign < 2) {
         /* Taken at the start (nothing of the code run yet): the thread's
          * own if it had one, else the process's. Come meanwhile (or not
          * told): by its si_code. */
         int to_process;
-        if (at.rip == code && own_trap_pending >= 0) {
-          to_process = !own_trap_pending;
-          own_trap_pending = 0;
+        if (at.rip == code && own_pending >= 0) {
+          to_process = !own_pending;
+          own_pending = 0;
         } else {
-          to_process = trap_sent_to_process(&si);
+          to_process = sent_to_process(&si);
         }
-        foreign_trap_to_process[foreign_traps] = to_process;
-        foreign_trap_info[foreign_traps++] = si;
+        foreign_to_process[foreign] = to_process;
+        foreign_info[foreign++] = si;
       }
       rc = -EINTR;
       continue;
@@ -592,14 +799,19 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) {
     }
     rc = -EINTR;
   }
+  /* Still in the batch code (it did not end in time): stopped first, or
+   * its registers and mask could not be put back, and it would go on to
+   * its end, unwatched. */
+  if (running) stop_running_batch(tid, &stops);
   take_back_stops(tid, stops);
-  for (int i = 0; i < foreign_traps; i++) take_back_trap(tid, &foreign_trap_info[i], foreign_trap_to_process[i]);
+  for (int i = 0; i < foreign; i++) take_back_signal(tid, &foreign_info[i], foreign_to_process[i]);
   int rc3 = trace_set_sigmask(tid, mask);
   if (!rc) rc = rc3;
-  trace_rewind(&saved);
-  int rc2 = trace_set_regs(tid, &saved);
+  int rc2 = trace_set_regs(tid, &back);
   return rc ? rc : rc2;
 }
+
+int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) { return trace_inject_batch_framed(tid, code, table, 0); }
 
 int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table) {
   /* Without PTRACE_O_TRACECLONE the kernel makes no clone event, and

@@ -115,6 +115,15 @@ const unsigned char* trace_batch_code(size_t* size, size_t* stopped_at);
  * thread's registers and signal mask are as they were after. */
 int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table);
 
+/* Bytes the batch's signal frame needs in the process (64-byte aligned):
+ * the frame, and the largest x86 extended state (AMX's) after it. */
+#define TRACE_BATCH_FRAME_ROOM 16384
+
+/* trace_inject_batch, with TRACE_BATCH_FRAME_ROOM bytes at `frame` (0:
+ * none) for a signal frame that takes the thread back to where it was on
+ * its own should the tracer die while it runs the batch. */
+int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame);
+
 /* The same for a batch of clone(CLONE_THREAD | CLONE_PTRACE) calls run in
  * a restore's thread (seized with exit-kill, seccomp not suspended): for
  * the batch, the thread's PTRACE_O_TRACECLONE is off, so that a clone

@@ -103,8 +103,8 @@ const NOT_RUN = 0x7fffffffffffffffn;
 /** The table's flags: a call that fails does not end the batch. */
 const BATCH_KEEP_GOING = 1n;
 
-let batchCodeBytes: { code: Buffer; stoppedAt: number } | undefined;
-function batchCode(): { code: Buffer; stoppedAt: number } {
+let batchCodeBytes: { code: Buffer; stoppedAt: number; frameRoom: number } | undefined;
+function batchCode(): { code: Buffer; stoppedAt: number; frameRoom: number } {
   batchCodeBytes ??= addon().batchCode();
   if (batchCodeBytes.code.length > BATCH_CODE_ROOM) throw new Error('the batch code does not fit its room');
   return batchCodeBytes;
@@ -283,7 +283,7 @@ export class RemoteProcess {
     const { code } = batchCode();
     const within = (start: bigint, end: bigint, ok: (m: { perms: string; ino: bigint; path: string }) => boolean) =>
       maps.some((m) => m.start <= start && end <= m.end && m.perms[3] === 'p' && ok(m));
-    if (!(resident.size >= 4096) || !within(resident.area, resident.area + BigInt(resident.size), (m) => m.perms.startsWith('rw') && m.ino === 0n && m.path === '')) return false;
+    if (!(resident.size >= 4096 + batchCode().frameRoom) || !within(resident.area, resident.area + BigInt(resident.size), (m) => m.perms.startsWith('rw') && m.ino === 0n && m.path === '')) return false;
     if (!within(resident.code, resident.code + BigInt(code.length), (m) => m.perms[2] === 'x')) return false;
     try {
       if (!addon().readMemory(this.pid, resident.code, code.length).equals(code)) return false;
@@ -383,7 +383,24 @@ export class RemoteProcess {
 
   /** Bytes of scratch memory still free for put(). */
   room(): number {
-    return this.size - ((this.used + 15) & ~15);
+    return this.usable - ((this.used + 15) & ~15);
+  }
+
+  /* The scratch area's last bytes (64-byte aligned, as the area is) hold
+   * the signal frame of each batch (trace_inject_batch_framed): where the
+   * thread goes back to on its own, should appshot die while it runs the
+   * batch. Only where there is batch code. */
+  private get frameRoom(): number {
+    return this.batchCode ? batchCode().frameRoom : 0;
+  }
+
+  /** Bytes of the scratch area for what is put there: all but the frame's. */
+  private get usable(): number {
+    return this.size - this.frameRoom;
+  }
+
+  private get frame(): bigint {
+    return this.scratch + BigInt(this.usable);
   }
 
   /** A batch of calls for thread `tid`, run together by its run(). */
@@ -409,7 +426,7 @@ export class RemoteProcess {
       // Taken along in this stop when it is the main thread's (as the
       // first calls of the batch), else run first in a stop of their own.
       const waiting = this.deferred.reduce((n, d) => n + d.calls.length, 0);
-      const room = Math.floor((this.size - ((this.used + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+      const room = Math.floor((this.usable - ((this.used + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
       if (tid !== this.pid || !this.batchCode || clones || waiting + calls.length > room) this.runDeferred();
       else {
         const taken = this.deferred.splice(0);
@@ -441,7 +458,7 @@ export class RemoteProcess {
       return results;
     }
     const mark = this.used;
-    const room = Math.floor((this.size - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
+    const room = Math.floor((this.usable - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
     if (room < 1) throw new Error('scratch memory exhausted');
     if (calls.length > room && calls.some((c) => linkedCall(c) !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
     for (let at = 0; at < calls.length; at += room) {
@@ -458,7 +475,7 @@ export class RemoteProcess {
       });
       const addr = this.put(table);
       injected.calls++;
-      addon().injectBatch(tid, this.batchCode, addr, clones);
+      addon().injectBatch(tid, this.batchCode, addr, clones, this.frame);
       const back = addon().readMemory(this.pid, addr, table.length);
       this.used = mark;
       for (let i = 0; i < chunk.length; i++) {
@@ -491,7 +508,7 @@ export class RemoteProcess {
       let n = 0;
       while (at + n < calls.length) {
         const more = bytes + (((calls[at + n].buffer?.length ?? 0) + 15) & ~15);
-        if (base + more + BATCH_HEADER + (n + 1) * BATCH_ENTRY > this.size) break;
+        if (base + more + BATCH_HEADER + (n + 1) * BATCH_ENTRY > this.usable) break;
         bytes = more;
         n++;
       }
@@ -518,7 +535,7 @@ export class RemoteProcess {
       });
       addon().writeMemory(this.pid, this.scratch + BigInt(base), whole);
       injected.calls++;
-      addon().injectBatch(tid, this.batchCode, this.scratch + BigInt(base + bytes));
+      addon().injectBatch(tid, this.batchCode, this.scratch + BigInt(base + bytes), false, this.frame);
       const back = addon().readMemory(this.pid, this.scratch + BigInt(base), whole.length);
       chunk.forEach((c, i) => {
         const ret = BigInt.asIntN(64, back.readBigUInt64LE(bytes + BATCH_HEADER + i * BATCH_ENTRY + 56));
@@ -534,7 +551,7 @@ export class RemoteProcess {
   /** Copies bytes into scratch memory; returns their address there. */
   put(data: Buffer): bigint {
     const at = (this.used + 15) & ~15;
-    if (at + data.length > this.size) throw new Error('scratch memory exhausted');
+    if (at + data.length > this.usable) throw new Error('scratch memory exhausted');
     addon().writeMemory(this.pid, this.scratch + BigInt(at), data);
     this.used = at + data.length;
     return this.scratch + BigInt(at);
