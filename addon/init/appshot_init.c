@@ -357,9 +357,6 @@ static int ipc_gone(enum appshot_kind kind, int32_t sid) {
   return rc != 0 && (errno == EINVAL || errno == EIDRM);
 }
 
-/* Drops entries whose object no longer exists: processes reaped by a parent
- * that does not run our library (or that ignores SIGCHLD), threads that died
- * with their process, IPC objects removed from outside. */
 /* Whether a live thread of the application is between a wait call's
  * answer and its translation: the child the kernel reported is dead and
  * reaped, but the thread still has to look its system PID up (it may
@@ -376,24 +373,59 @@ static int wait_answer_pending(void) {
   return 0;
 }
 
+/* The pair each PID slot held when the last sweep found its process gone
+ * (0: it did not). */
+static uint64_t found_dead[APPSHOT_PID_CAPACITY];
+
+/* Whether the process of the PID entry in `slot` is gone and its entry may
+ * go. The application's own wait wrappers drop the entries of the children
+ * they reap; what is left here is for processes reaped by a parent without
+ * our library. A child reaped by a wrapper whose thread has not translated
+ * the answer yet is just as gone in the system, and its entry must stay
+ * (the thread would make up a virtual PID): so the answers are looked at
+ * after the process was found gone, not once before the walk, while a
+ * fast-forking application reaps many children. And only on the second
+ * sweep that finds the same pair gone: the kernel releases the child
+ * before it writes the answer (wait4's rusage, waitid's siginfo), so
+ * right after the reap no answer shows yet. */
+static int pid_entry_dead(uint32_t slot, int32_t vid, int32_t sid,
+                          uint32_t flags) {
+  uint64_t pair = ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid;
+  if ((flags & APPSHOT_F_INIT) || kill(sid, 0) == 0 || errno != ESRCH) {
+    found_dead[slot] = 0;
+    return 0;
+  }
+  int again = found_dead[slot] == pair;
+  found_dead[slot] = pair;
+  return again && !wait_answer_pending();
+}
+
+/* Drops entries whose object no longer exists: processes reaped by a parent
+ * that does not run our library (or that ignores SIGCHLD), threads that died
+ * with their process, IPC objects removed from outside. */
 static void sweep(void) {
   int32_t vid, sid;
   uint32_t flags;
-  /* Dead processes' entries stay while a wait's answer is untranslated
-   * (for a wait4, which child it was is only in the thread's register). */
-  int keep_dead = wait_answer_pending();
-  for (int k = 0; k <= APPSHOT_MSGID; k++)
-    for (uint32_t s = 0; s < tables->tables[k].capacity; s++) {
+  for (int k = 0; k <= APPSHOT_MSGID; k++) {
+    uint32_t capacity = tables->tables[k].capacity;
+    /* The application can write its tables: found_dead's size holds. */
+    if (k == APPSHOT_PID && capacity > APPSHOT_PID_CAPACITY) capacity = APPSHOT_PID_CAPACITY;
+    for (uint32_t s = 0; s < capacity; s++) {
       if (!appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid,
-                            &flags, NULL))
+                            &flags, NULL)) {
+        if (k == APPSHOT_PID) found_dead[s] = 0;
         continue;
+      }
       if (k == APPSHOT_PID) {
-        if (!(flags & APPSHOT_F_INIT) && !keep_dead && kill(sid, 0) != 0 && errno == ESRCH)
-          appshot_forget_process(tables, sid);
+        /* Only this pair: the PID may have been reaped, forgotten and
+         * handed to a new process of the application since. */
+        if (pid_entry_dead(s, vid, sid, flags) && appshot_forget_pair(tables, vid, sid))
+          found_dead[s] = 0;
       } else if (ipc_gone((enum appshot_kind)k, sid)) {
         appshot_unmap_system(tables, (enum appshot_kind)k, sid);
       }
     }
+  }
 }
 
 /* Whether a process of the application lives that is not our descendant:
