@@ -13,7 +13,9 @@ export default defineConfig({
     // the user's own (test/global-home.ts).
     globalSetup: ['test/global-home.ts'],
     testTimeout: 60_000,
-    hookTimeout: 60_000,
+    // A file's afterAll stops every application it left and the engine
+    // (Sandbox.dispose: up to ~100 s when the machine is loaded).
+    hookTimeout: 120_000,
     pool: 'forks',
     // These tests start real process trees; two files at a time suits the
     // two cores CI has.

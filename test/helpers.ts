@@ -112,6 +112,23 @@ export class Sandbox {
     if (failed) throw new Error(`${aid}: ${failed[0]}`);
   }
 
+  /** `appshot args...` as run() does, without blocking the event loop;
+   * killed after `timeoutMs`. */
+  runAsync(args: string[], timeoutMs = 50_000): Promise<Result> {
+    const child = spawn(process.execPath, [cli, ...args], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    return new Promise((resolve) =>
+      child.on('close', (code, signal) => {
+        clearTimeout(timer);
+        resolve({ code, signal, stdout, stderr });
+      }),
+    );
+  }
+
   /** Starts `appshot args...` and returns a handle to talk to it. */
   start(args: string[], env: Record<string, string> = {}): Running {
     const child = spawn(process.execPath, [cli, ...args], { env: { ...this.env, ...env } });
@@ -146,9 +163,11 @@ export class Sandbox {
     // One command for all: a file that leaves dozens running would spend
     // its hook's minute starting one CLI per application on a loaded
     // machine. One by one only if that fails (one of them went meanwhile).
+    // Not spawnSync: a worker blocked for a minute misses its vitest RPC's
+    // answer ("Timeout calling onTaskUpdate", which fails the run).
     const aids = this.aids();
-    if (aids.length && this.run(['stop', ...aids, '--signal', 'KILL']).code !== 0)
-      for (const aid of this.aids()) this.run(['stop', aid, '--signal', 'KILL']);
+    if (aids.length && (await this.runAsync(['stop', ...aids, '--signal', 'KILL'])).code !== 0)
+      for (const aid of this.aids()) await this.runAsync(['stop', aid, '--signal', 'KILL']);
     for (const c of this.started) if (c.exitCode === null) c.kill('SIGKILL');
     await waitFor(() => this.aids().length === 0, 10_000).catch(() => undefined);
     await this.stopEngine();
@@ -160,7 +179,7 @@ export class Sandbox {
    * has left: it must not outlive its directory. */
   async stopEngine(): Promise<void> {
     if (!existsSync(join(this.home, 'engine', 'lock'))) return;
-    const r = spawnSync(process.execPath, [cli, 'engine', 'stop', '--json'], { env: this.env, encoding: 'utf8', timeout: 20_000 });
+    const r = await this.runAsync(['engine', 'stop', '--json'], 20_000);
     let pid: number | undefined;
     try {
       pid = (JSON.parse(r.stdout) as { pid?: number }).pid;
