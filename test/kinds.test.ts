@@ -33,6 +33,25 @@ const exercised = (aid: string) => sb.exercised(aid, 'to use its objects');
 
 const run = (args: string[]) => sb.ok(args);
 
+/**
+ * `fixtureName` run as `aid`, snapshotted `times` times with
+ * --leave-running (each image removed at once), its self-checks passing
+ * after each, and after each its objects used once more if `exercise`;
+ * then stopped.
+ */
+async function keepsThroughLeaveRunning(aid: string, fixtureName: string, times: number, { exercise = false } = {}): Promise<void> {
+  run(['run', '-d', '--aid', aid, '--', fixture(fixtureName)]);
+  await checksPass(aid);
+  for (let i = 0; i < times; i++) {
+    run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
+    rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
+    await checksPass(aid);
+    if (exercise) await exercised(aid);
+  }
+  run(['stop', aid]);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+}
+
 /** Both round trips of one fixture; `inspected` is what `inspect` must
  * say of the image. `alone`: the original and the restored copy would
  * disturb each other (they watch the same files): the original is stopped
@@ -97,16 +116,7 @@ describe('a timer signal the freeze catches on its way in (signal-delivery-stop)
   // Timers every 200 and 300 us: most freezes catch a thread taking one,
   // which the injected questions take out of that stop.
   it('keeps its timers\' siginfo through repeated --leave-running snapshots', async () => {
-    const aid = 'tflood4';
-    run(['run', '-d', '--aid', aid, '--', fixture('timerflood')]);
-    await checksPass(aid);
-    for (let i = 0; i < 6; i++) {
-      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
-      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
-      await checksPass(aid, 2);
-    }
-    run(['stop', aid]);
-    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    await keepsThroughLeaveRunning('tflood4', 'timerflood', 6);
   });
 });
 
@@ -116,16 +126,7 @@ describe('a SIGCONT pending when the freeze stops the application: kept, its han
   // questions used to end with a SIGSTOP, which discards every pending
   // SIGCONT of the process (the kernel's job control).
   it('keeps every SIGCONT through repeated --leave-running snapshots', async () => {
-    const aid = 'cpong1';
-    run(['run', '-d', '--aid', aid, '--', fixture('contpong')]);
-    await checksPass(aid);
-    for (let i = 0; i < 8; i++) {
-      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
-      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
-      await checksPass(aid);
-    }
-    run(['stop', aid]);
-    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    await keepsThroughLeaveRunning('cpong1', 'contpong', 8);
   });
 
   it('comes back from a snapshot that ends it with its SIGCONTs going on', async () => {
@@ -145,16 +146,7 @@ describe('a real-time signal the freeze catches on its way in, with more of it q
   // order; a freeze catches it taking one most of the time. Queued again
   // for the questions (askThread), the one caught came last: 2 3 ... 8 1.
   it('keeps their order through repeated --leave-running snapshots', async () => {
-    const aid = 'rtord1';
-    run(['run', '-d', '--aid', aid, '--', fixture('rtorder')]);
-    await checksPass(aid);
-    for (let i = 0; i < 6; i++) {
-      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
-      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
-      await checksPass(aid);
-    }
-    run(['stop', aid]);
-    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    await keepsThroughLeaveRunning('rtord1', 'rtorder', 6);
   });
 
   it('comes back with their order from a snapshot that ends it', async () => {
@@ -174,17 +166,7 @@ describe("a SIGTRAP pending for the process, which a batch of questions takes ou
   // thread's), the waiting thread never saw it again, and it came back as
   // the snapshot's tkill (SI_TKILL), not the kill() it was.
   it('is still the waiting thread\'s after --leave-running snapshots', async () => {
-    const aid = 'trapw1';
-    run(['run', '-d', '--aid', aid, '--', fixture('trapwait')]);
-    await checksPass(aid);
-    for (let i = 0; i < 2; i++) {
-      run(['snapshot', aid, '-o', join(out, `${aid}-${i}`), '--leave-running']);
-      rmSync(join(out, `${aid}-${i}`), { recursive: true, force: true });
-      await checksPass(aid);
-      await exercised(aid);
-    }
-    run(['stop', aid]);
-    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    await keepsThroughLeaveRunning('trapw1', 'trapwait', 2, { exercise: true });
   });
 
   it("comes back pending for the process from a snapshot that ends it", async () => {
