@@ -60,10 +60,6 @@ import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed } from './profile.js';
 
-/** How long the frozen window runs before it gives the event loop a
- * turn between two processes (dumpAll). */
-const TURN_AFTER_MS = 20;
-
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
 
@@ -348,7 +344,6 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
   const inImage = new Set(byProcess.map(([pid]) => pid));
-  let lastTurn = now();
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
@@ -358,20 +353,12 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     // says what the catch below does: every thread resumes where it was.
     if (!ctx.virtual('pid', pid))
       throw new Unsupported(`system PID ${pid} (${readComm(pid)}) is not in the application's tables: it runs without the preload library (a static binary, a raw clone or fork system call, or it lost its tables)`);
-    // A turn of the event loop between processes, so that Ctrl-C is heard
-    // (each process is dumped in one go: its threads are all stopped), once
-    // the window has lasted TURN_AFTER_MS: not before the first process nor
-    // in a short window. A turn runs whatever else the process has queued
-    // (in the engine: other clients' requests, their output, timers), all
-    // of it inside this application's frozen window: measured, one turn in
-    // the tiny application's window took 0.09-13 ms with the engine
-    // unprioritised (at real-time priority its effect on the median was
-    // within noise). A Ctrl-C is heard within TURN_AFTER_MS and one
-    // process's dump.
-    if (now() - lastTurn >= TURN_AFTER_MS * 1000) {
-      await new Promise((resolve) => setImmediate(resolve));
-      lastTurn = now();
-    }
+    // A turn of the event loop before each process, so that Ctrl-C is
+    // heard (each process is dumped in one go: its threads are all
+    // stopped). Not skipped in a short window (frozen7 tried: no turn
+    // before 20 ms): a one-process application's dump is then never
+    // interrupted, and its Ctrl-C went unheard (output.test.ts).
+    await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
       dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped);
