@@ -261,7 +261,10 @@ describe('a fast-forking application snapshotted again and again, left running',
     let taken = 0;
     for (let i = 0; i < 15; i++) {
       const image = join(images, `s${i}`);
-      const r = sb.run(['snapshot', aid, '--leave-running', '--full', '-o', image]);
+      // --timeout 5, not the default 10: most attempts are refused (the
+      // freezer's own limit, not this test's subject), and fifteen 10 s
+      // refusals made this one test 160 s of the suite.
+      const r = sb.run(['snapshot', aid, '--leave-running', '--full', '--timeout', '5', '-o', image]);
       // The freezer may not catch the storm outside every wrapper in time
       // (refused, the application left running): no harm, and no picture.
       if (r.code === 0) taken++;
