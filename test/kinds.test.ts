@@ -52,6 +52,24 @@ async function keepsThroughLeaveRunning(aid: string, fixtureName: string, times:
   await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
 }
 
+/**
+ * `argv` run as `aid`, its self-checks passing; a snapshot that ends it
+ * (whose `inspect` must match `inspected`, if given), then its restore,
+ * its checks passing again, and its objects used once more if `exercise`.
+ */
+async function comesBackFromEndingSnapshot(aid: string, argv: string[], { inspected, exercise = true }: { inspected?: RegExp; exercise?: boolean } = {}): Promise<void> {
+  run(['run', '-d', '--aid', aid, '--', ...argv]);
+  await checksPass(aid);
+  run(['snapshot', aid, '-o', join(out, aid)]);
+  if (inspected) expect(run(['inspect', join(out, aid)])).toMatch(inspected);
+  run(['restore', join(out, aid)]);
+  await checksPass(aid);
+  if (exercise) {
+    await exercised(aid);
+    await checksPass(aid);
+  }
+}
+
 /** Both round trips of one fixture; `inspected` is what `inspect` must
  * say of the image. `alone`: the original and the restored copy would
  * disturb each other (they watch the same files): the original is stopped
@@ -60,15 +78,7 @@ async function keepsThroughLeaveRunning(aid: string, fixtureName: string, times:
  * before the copy is restored. */
 function roundTrips(name: string, argv: string[], inspected: RegExp, alone: boolean | 'apart' = false): void {
   it('comes back exactly from a snapshot that ends it', async () => {
-    const aid = `${name}1`;
-    run(['run', '-d', '--aid', aid, '--', ...argv]);
-    await checksPass(aid);
-    run(['snapshot', aid, '-o', join(out, aid)]);
-    expect(run(['inspect', join(out, aid)])).toMatch(inspected);
-    run(['restore', join(out, aid)]);
-    await checksPass(aid);
-    await exercised(aid);
-    await checksPass(aid);
+    await comesBackFromEndingSnapshot(`${name}1`, argv, { inspected });
   });
 
   it('comes back exactly from a --leave-running snapshot, restored --lazy beside the original', async () => {
@@ -130,14 +140,7 @@ describe('a SIGCONT pending when the freeze stops the application: kept, its han
   });
 
   it('comes back from a snapshot that ends it with its SIGCONTs going on', async () => {
-    const aid = 'cpong2';
-    run(['run', '-d', '--aid', aid, '--', fixture('contpong')]);
-    await checksPass(aid);
-    run(['snapshot', aid, '-o', join(out, aid)]);
-    run(['restore', join(out, aid)]);
-    await checksPass(aid);
-    await exercised(aid);
-    await checksPass(aid);
+    await comesBackFromEndingSnapshot('cpong2', [fixture('contpong')]);
   });
 });
 
@@ -150,12 +153,7 @@ describe('a real-time signal the freeze catches on its way in, with more of it q
   });
 
   it('comes back with their order from a snapshot that ends it', async () => {
-    const aid = 'rtord2';
-    run(['run', '-d', '--aid', aid, '--', fixture('rtorder')]);
-    await checksPass(aid);
-    run(['snapshot', aid, '-o', join(out, aid)]);
-    run(['restore', join(out, aid)]);
-    await checksPass(aid);
+    await comesBackFromEndingSnapshot('rtord2', [fixture('rtorder')], { exercise: false });
   });
 });
 
@@ -170,14 +168,7 @@ describe("a SIGTRAP pending for the process, which a batch of questions takes ou
   });
 
   it("comes back pending for the process from a snapshot that ends it", async () => {
-    const aid = 'trapw2';
-    run(['run', '-d', '--aid', aid, '--', fixture('trapwait')]);
-    await checksPass(aid);
-    run(['snapshot', aid, '-o', join(out, aid)]);
-    run(['restore', join(out, aid)]);
-    await checksPass(aid);
-    await exercised(aid);
-    await checksPass(aid);
+    await comesBackFromEndingSnapshot('trapw2', [fixture('trapwait')]);
   });
 });
 
