@@ -490,5 +490,12 @@ export async function snapshotKilledAt(sb: Sandbox, aid: string, pid: number, im
     }
   };
   await waitFor(untraced, 10_000, `${aid} to be let go`);
-  if (processState(pid) !== 'T') throw new Error(`${aid} is not back in its stop once appshot died: state '${processState(pid) || 'gone'}': ${sb.log(aid).trim().split('\n').pop()}`);
+  // Let go, a thread the snapshot held is woken to enter the job-control
+  // stop again: 'R' for as long as it waits for a CPU. Let go and run on,
+  // it would not stop again by itself.
+  try {
+    await waitFor(() => processState(pid) === 'T', 10_000);
+  } catch {
+    throw new Error(`${aid} is not back in its stop once appshot died: state '${processState(pid) || 'gone'}': ${sb.log(aid).trim().split('\n').pop()}`);
+  }
 }
