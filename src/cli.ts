@@ -927,8 +927,11 @@ export async function runCommand(argv: string[]): Promise<void> {
   }
   try {
     // What a command killed with SIGKILL left half-written: removed before
-    // every command's action (--help and --version have none).
-    program.hook('preAction', async () => (await import('./image/partial.js')).removeStaleTemporaries());
+    // every command's action (--help and --version have none), and the
+    // ending of an application a killed snapshot left half-done finished.
+    program.hook('preAction', async () => {
+      if ((await import('./image/partial.js')).removeStaleTemporaries()) await (await import('./snapshot/ending.js')).recoverEndings();
+    });
     await program.parseAsync(argv);
   } catch (e) {
     reportError(e);

@@ -462,6 +462,44 @@ describe('a snapshot that fails or is killed at a step', () => {
     await endedInto(aid, image);
   });
 
+  // Killed (kill -9) between its image in place and the file "released":
+  // the kernel lets the application go on as appshot dies (unless its
+  // threads were already set to die with it), and the next command, any,
+  // settles it one way: before the ending is journaled, as if the snapshot
+  // had not been tried (no image, the application running untraced); from
+  // then on, as if it had ended (the rest of the application killed, its
+  // image the application).
+  for (const name of ['img', 'img.tar']) {
+    it(`killed once its image (${name}) is in place, before its ending is journaled: the next command removes the image, and the application runs untraced`, async () => {
+      const aid = `skill-placed-${name.replace('.', '-')}`;
+      await started(aid);
+      const out = join(dir, `${aid}-out`);
+      mkdirSync(out);
+      const r = snapshotWith(aid, join(out, name), { APPSHOT_TEST_KILL_AT: 'snapshot: image committed' });
+      expect(r.signal, r.stderr).toBe('SIGKILL');
+      expect(sb.run(['ps']).code).toBe(0);
+      expect(readdirSync(out)).toEqual([]);
+      await runsUntraced(aid);
+      expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+      const again = snapshotWith(aid, join(out, name), {});
+      expect(again.status, again.stderr).toBe(0);
+      await endedInto(aid, join(out, name));
+    });
+  }
+
+  for (const point of ['ending journaled', 'dies with appshot']) {
+    it(`killed at '${point}', before the file "released": the next command ends what is left of the application, and its image restores`, async () => {
+      const aid = `skill-${point.split(' ')[0]}`;
+      await started(aid);
+      const image = join(dir, `${aid}.appshot`);
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: `snapshot: ${point}` });
+      expect(r.signal, r.stderr).toBe('SIGKILL');
+      expect(sb.run(['ps']).code).toBe(0);
+      expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+      await endedInto(aid, image);
+    });
+  }
+
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';
     await started(aid);

@@ -166,7 +166,7 @@ export const newImageId = () => randomBytes(8).toString('hex');
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */
-export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, subdirs: Record<string, string> = {}): void {
+export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, subdirs: Record<string, string> = {}, beforePlacing?: (staged: string) => void): void {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = partial.path;
@@ -178,6 +178,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
     syncDir(tmp);
     killPoint('image: committing');
+    beforePlacing?.(tmp);
     renameSync(tmp, dest);
     partial.done();
     syncDir(parent);
@@ -243,7 +244,7 @@ export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' | 'zstd' {
  * assembled under a hidden name beside it (journaled, see partial.ts),
  * synced, then linked into place, which never replaces a file that
  * appeared meanwhile. */
-export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string): Promise<void> {
+export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' | 'zstd', image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, beforePlacing?: (staged: string) => void): Promise<void> {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = join(partial.path, 'image.tar');
@@ -277,6 +278,7 @@ export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' 
       closeSync(fd);
     }
     killPoint('image: committing');
+    beforePlacing?.(tmp);
     try {
       linkSync(tmp, dest);
     } catch (e) {

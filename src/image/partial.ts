@@ -7,7 +7,10 @@
  *  - `partial-OWNER-*`: the journal entry of a directory being written
  *    under a hidden name beside its destination (an image's
  *    `.NAME.partial-PID-RANDOM`, a pre-copy base, a template) until it is renamed
- *    into place; it may hold a whole page file.
+ *    into place; it may hold a whole page file;
+ *  - `ending-OWNER-*`: a snapshot's journal of the ending of its
+ *    application, which the next command finishes (snapshot/ending.ts),
+ *    not removes.
  */
 import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
@@ -17,7 +20,7 @@ import { defaultHome } from '../registry.js';
 
 /** KIND-PID-START-RANDOM, or KIND-PID-START-rLEASE-RANDOM for a request
  * of the engine (holder.ts): owned by the request, not the process. */
-const OWNED = /^(image|partial)-(\d+)-(\d+)-(?:r([0-9a-f]{16})-)?[0-9a-f]+$/;
+export const OWNED = /^(image|partial|ending)-(\d+)-(\d+)-(?:r([0-9a-f]{16})-)?[0-9a-f]+$/;
 
 /** $APPSHOT_HOME/tmp, made if need be. */
 export function temporariesDir(home = defaultHome()): string {
@@ -27,7 +30,7 @@ export function temporariesDir(home = defaultHome()): string {
 }
 
 /** A new name under temporariesDir owned by this command. */
-export function ownedName(kind: 'image' | 'partial', home = defaultHome()): string {
+export function ownedName(kind: 'image' | 'partial' | 'ending', home = defaultHome()): string {
   const h = currentHolder();
   return join(temporariesDir(home), `${kind}-${h.pid}-${h.startTime}-${h.request ? `r${h.request}-` : ''}${randomBytes(4).toString('hex')}`);
 }
@@ -60,18 +63,19 @@ export function makePartialDir(path: string, home = defaultHome()): PartialDir {
 }
 
 /** Removes the temporaries of owners that are gone: unpacked images, and
- * partial directories with their journal entries. */
-export function removeStaleTemporaries(home = defaultHome()): void {
+ * partial directories with their journal entries. Returns whether a
+ * snapshot's ending journal is there (snapshot/ending.ts recovers it). */
+export function removeStaleTemporaries(home = defaultHome()): boolean {
   const dir = join(home, 'tmp');
   let names: string[];
   try {
     names = readdirSync(dir);
   } catch {
-    return;
+    return false;
   }
   for (const name of names) {
     const m = OWNED.exec(name);
-    if (!m || holderAlive({ pid: Number(m[2]), startTime: Number(m[3]), ...(m[4] ? { request: m[4] } : {}) }, home)) continue;
+    if (!m || m[1] === 'ending' || holderAlive({ pid: Number(m[2]), startTime: Number(m[3]), ...(m[4] ? { request: m[4] } : {}) }, home)) continue;
     if (m[1] === 'partial') {
       try {
         const path = readFileSync(join(dir, name), 'utf8');
@@ -82,4 +86,5 @@ export function removeStaleTemporaries(home = defaultHome()): void {
     }
     rmSync(join(dir, name), { recursive: true, force: true });
   }
+  return names.some((n) => n.startsWith('ending-'));
 }

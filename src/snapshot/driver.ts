@@ -8,7 +8,8 @@
  * (markReleased, the point of no return of a snapshot that ends it)
  * resumes every thread where it was and removes the image. One after it
  * ends the application all the same: the image is the application then
- * (SnapshottedWithError, exit 6).
+ * (SnapshottedWithError, exit 6). appshot killed in between is settled by
+ * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
 import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
@@ -20,6 +21,7 @@ import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
 import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
+import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
@@ -644,10 +646,17 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       } finally {
         standardOutput.carriesImage = false;
       }
+      return;
     }
-    else if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId);
-    else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {});
+    // An image that ends its application: its ending journaled from the
+    // instant before the image is in place (ending.ts).
+    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged));
+    if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
+    else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
   };
+  /** The journal of the application's ending, from its image's placing
+   * on (a snapshot that ends it, to a directory or file). */
+  let ending: EndingJournal | undefined;
   if (!toStream) {
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
     if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
@@ -841,12 +850,15 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         handedOver = true;
         held = keeper.counts();
       }
-      // The point of no return: from the file "released" on, the image is
-      // the application, which must end. Its threads die with us first,
-      // so that appshot killed in between cannot leave it running beside
-      // its image (killed before the file, it ends as killed, the image on
-      // disk).
+      // The point of no return: journaled first, so that the next command
+      // ends the application if appshot is killed from here on (ending.ts;
+      // before, it removes the image). Then its threads die with us, so
+      // that appshot killed before the file "released" cannot leave it
+      // running beside its image, and the file says the image is it.
+      ending?.ending();
+      killPoint('snapshot: ending journaled');
       freezer.dieWithUs();
+      killPoint('snapshot: dies with appshot');
       // Ended by appshot, not by itself: the AID is released for the
       // image's restore rather than kept as an ended application.
       reg.markReleased(record, toStream ? '-' : output);
@@ -942,6 +954,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     for (const l of parent?.chain ?? []) l.dispose();
     // Inside the committed image now, or discarded above.
     base?.journal.done();
+    // Done, or undone above: nothing is left for the next command.
+    ending?.done();
   }
 }
 
