@@ -272,8 +272,13 @@ function probe(pid: number, inj: Injector, ring: AioRing, unreaped: number): { t
       killPoint('snapshot: aio put back');
     }
   } finally {
-    pin(allowed);
-    addon().releaseGuard(guard);
+    // The guard goes however the affinity's restore ends: kept, it would
+    // act later on a TID that may be another thread's by then.
+    try {
+      pin(allowed);
+    } finally {
+      addon().releaseGuard(guard);
+    }
     if (!quiet) inj.call(NR.close, [fd]);
   }
   return { taken, completed };
