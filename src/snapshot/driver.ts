@@ -268,6 +268,10 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     timed('questions answered', () => {
       try {
         calls.run();
+        // Where a test kills appshot once a caught real-time signal with
+        // more of it waiting behind was queued again: it must find them
+        // in the order sent, none lost.
+        if (asked.threads.some((a) => a.behind)) killPoint('snapshot: real-time signal queued again');
         threads.forEach((t, i) => putCaughtSignalFirst(calls, t, asked.threads[i]));
       } finally {
         threads.forEach((t, i) => settleCaughtSignal(t, asked.threads[i]));
