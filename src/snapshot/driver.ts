@@ -48,7 +48,7 @@ import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, putCaughtSignalFirst, settleCaughtSignal } from '../resources/threads.js';
+import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
@@ -272,7 +272,6 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
         // more of it waiting behind was queued again: it must find them
         // in the order sent, none lost.
         if (asked.threads.some((a) => a.behind)) killPoint('snapshot: real-time signal queued again');
-        threads.forEach((t, i) => putCaughtSignalFirst(calls, t, asked.threads[i]));
       } finally {
         threads.forEach((t, i) => settleCaughtSignal(t, asked.threads[i]));
       }
