@@ -155,6 +155,34 @@ describe('a real-time signal the freeze catches on its way in, with more of it q
   it('comes back with their order from a snapshot that ends it', async () => {
     await comesBackFromEndingSnapshot('rtord2', [fixture('rtorder')], { exercise: false });
   });
+
+  // appshot killed (kill -9) once the caught one is queued again: it was
+  // behind the others until a later stop moved them, and the thread let
+  // go took 2 3 ... 8 1 (or lost them, taken out and not yet given back).
+  it("keeps their order when appshot is killed once the caught one is queued again (point 'snapshot: real-time signal queued again')", async () => {
+    const aid = 'rtord3';
+    run(['run', '-d', '--aid', aid, '--', fixture('rtorder')]);
+    await checksPass(aid);
+    const pid = systemPid(aid);
+    const image = join(out, aid);
+    // The point is reached only by a snapshot whose freeze caught the
+    // thread taking one of the eight: most do.
+    let killed = false;
+    for (let i = 0; i < 40 && !killed; i++) {
+      const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, '--leave-running'], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: real-time signal queued again' },
+        encoding: 'utf8',
+        timeout: 50_000,
+      });
+      rmSync(image, { recursive: true, force: true });
+      if (r.signal === 'SIGKILL') killed = true;
+      else expect(r.status, r.stderr).toBe(0);
+    }
+    expect(killed, 'no snapshot caught the thread taking a signal with more behind it').toBe(true);
+    await waitFor(() => /^TracerPid:\s+0$/m.test(readFileSync(`/proc/${pid}/status`, 'utf8')), 10_000, `${aid} to be let go`);
+    await checksPass(aid);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
 });
 
 describe("a SIGTRAP pending for the process, which a batch of questions takes out of the queue: given back to the process's queue, as sent", () => {

@@ -58,11 +58,12 @@ export class Injector {
   }
 
   /** Runs a call that reads `input` from memory and may write back into
-   * it ('buf' in args is its address); returns the result and the bytes. */
-  callWith(nr: number, args: (bigint | number | 'buf')[], input: Buffer, tid = this.tid): { ret: bigint; out: Buffer } {
+   * it ('buf' in args is its address, { bufAt: n } the address n bytes
+   * into it); returns the result and the bytes. */
+  callWith(nr: number, args: (bigint | number | 'buf' | { bufAt: number })[], input: Buffer, tid = this.tid): { ret: bigint; out: Buffer } {
     if (input.length > SCRATCH) throw new Error('system call argument too large');
     addon().writeMemory(this.pid, this.scratch, input);
-    const ret = this.call(nr, args.map((a) => (a === 'buf' ? this.scratch : a)), tid);
+    const ret = this.call(nr, args.map((a) => (a === 'buf' ? this.scratch : typeof a === 'object' ? this.scratch + BigInt(a.bufAt) : a)), tid);
     return { ret, out: addon().readMemory(this.pid, this.scratch, input.length) };
   }
 

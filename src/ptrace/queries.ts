@@ -35,10 +35,12 @@ export class Answer {
   }
 }
 
-/** An argument: a number, 'buf' (the question's buffer), or the answer
- * of an earlier question for the same thread (first argument only: a
- * descriptor the queue made, say). */
-export type QueryArg = bigint | number | 'buf' | Answer;
+/** An argument: a number, 'buf' (the question's buffer), { bufAt: n }
+ * (the address n bytes into it: a call given two pointers), or the
+ * answer of an earlier question for the same thread (one argument of a
+ * question at most: a descriptor the queue made, say). */
+export type QueryArg = bigint | number | 'buf' | BufAt | Answer;
+export type BufAt = { bufAt: number };
 
 interface Question {
   tid: number;
@@ -72,8 +74,9 @@ export class CallQueue {
    * answer's `out`.
    */
   ask(nr: number, args: QueryArg[], opts: { tid?: number; input?: Buffer; outLength?: number } = {}): Answer {
-    if (args.some((a, i) => a instanceof Answer && (i > 0 || !this.queued.some((q) => q.answer === a && q.tid === (opts.tid ?? this.inj.tid)))))
-      throw new Error('only a first argument may be an answer, of a question queued before for the same thread');
+    const answers = args.filter((a) => a instanceof Answer);
+    if (answers.length > 1 || answers.some((a) => !this.queued.some((q) => q.answer === a && q.tid === (opts.tid ?? this.inj.tid))))
+      throw new Error('one argument at most may be an answer, of a question queued before for the same thread');
     const answer = new Answer();
     const buffer = opts.input ?? (opts.outLength ? Buffer.alloc(opts.outLength) : undefined);
     this.queued.push({ tid: opts.tid ?? this.inj.tid, nr, args, buffer, answer });
@@ -124,9 +127,10 @@ export class CallQueue {
     for (const tid of tids) {
       const mine = queued.filter((q) => q.tid === tid);
       const calls = mine.map((q) => {
-        const first = q.args[0];
-        if (!(first instanceof Answer)) return { ...q, args: q.args as (bigint | number | 'buf')[] };
-        return { ...q, args: [0, ...q.args.slice(1)] as (bigint | number | 'buf')[], firstArgOf: mine.findIndex((o) => o.answer === first) };
+        const arg = q.args.findIndex((a) => a instanceof Answer);
+        if (arg < 0) return { ...q, args: q.args as (bigint | number | 'buf' | BufAt)[] };
+        const from = mine.findIndex((o) => o.answer === q.args[arg]);
+        return { ...q, args: q.args.map((a, i) => (i === arg ? 0 : a)) as (bigint | number | 'buf' | BufAt)[], argFrom: { call: from, arg } };
       });
       const answers = this.batches.runQueries(calls, tid);
       mine.forEach((q, i) => q.answer.set(answers[i]));

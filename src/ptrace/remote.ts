@@ -529,7 +529,7 @@ export class RemoteProcess {
         const bufferAt = offset;
         offset += ((c.buffer?.length ?? 0) + 15) & ~15;
         table.writeBigUInt64LE(BigInt(c.nr) | linkOf(c, at), e);
-        c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, a === 'buf' ? addr : BigInt(a)), e + 8 + j * 8));
+        c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, a === 'buf' ? addr : typeof a === 'object' ? addr + BigInt(a.bufAt) : BigInt(a)), e + 8 + j * 8));
         table.writeBigUInt64LE(NOT_RUN, e + 56);
         return bufferAt;
       });
@@ -597,10 +597,11 @@ export interface NamedCall {
 }
 
 /** A question for RemoteProcess.runQueries: 'buf' in `args` is the
- * address of `buffer`, copied in before and read back after. */
+ * address of `buffer`, copied in before and read back after, and
+ * { bufAt: n } the address n bytes into it. */
 export interface QueryCall {
   nr: number;
-  args: (bigint | number | 'buf')[];
+  args: (bigint | number | 'buf' | { bufAt: number })[];
   buffer?: Buffer;
   /** As in BatchCall: an earlier question's result is the first argument. */
   firstArgOf?: number;

@@ -27,17 +27,15 @@ export interface ThreadAsked {
   altstack: Answer;
   requeued?: Answer;
   /** How many more of the requeued real-time signal waited in the
-   * thread's queue before it (see putCaughtSignalFirst). */
+   * thread's queue before it, taken out and queued again behind it (see
+   * sameSignalQueued). */
   behind?: number;
 }
 
-/** The most of them moved behind it (each one more call). */
+/** The most of them moved behind it (each two more calls). */
 const MAX_BEHIND = 256;
 const SIGRTMIN_KERNEL = 32;
 const SIGINFO_SIZE = 128;
-const READ_RECORDS = 4;
-const SFD_CLOEXEC = 0o2000000;
-const SFD_NONBLOCK = 0o4000;
 
 const SIGCONT = 18;
 const SIGSTOP = 19;
@@ -62,69 +60,50 @@ const SIGSTOP = 19;
 export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
   const tid = t.tid;
   const requeue = !!(t.signal && t.siginfo && t.signal !== SIGSTOP && t.signal !== SIGCONT);
+  const behind = requeue && t.signal >= SIGRTMIN_KERNEL ? sameSignalQueued(tid, t.signal) : [];
+  const taken = behind.map(() => calls.ask(SYS.rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], { tid, input: takeOne(t.signal) }));
+  const requeued = requeue ? calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: t.siginfo }) : undefined;
+  behind.forEach((info, i) => calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, taken[i], 'buf'], { tid, input: info }));
   return {
-    requeued: requeue ? calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: t.siginfo }) : undefined,
-    behind: requeue && t.signal >= SIGRTMIN_KERNEL ? sameSignalQueued(tid, t.signal) : 0,
+    requeued,
+    behind: behind.length,
     tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
     altstack: calls.ask(NR.sigaltstack, [0, 'buf'], { tid, outLength: 24 }),
   };
 }
 
-/** How many of real-time signal `sig` wait in thread `tid`'s own queue. */
-function sameSignalQueued(tid: number, sig: number): number {
+/**
+ * The siginfo of each instance of real-time signal `sig` that waits in
+ * thread `tid`'s own queue, in order (none if more than MAX_BEHIND).
+ *
+ * The kernel delivers one real-time signal's instances in the order they
+ * were sent; those waiting were sent after the one caught, but the caught
+ * one, queued again, would come after them (a --leave-running original,
+ * or an image, took 2 3 ... 8 1 of eight values queued in order). So, in
+ * the same batch of questions (askThread), before it is queued again,
+ * each is taken out of the queue (rt_sigtimedwait, no wait: the thread's
+ * own queue is read first, and they are its first instances), and after
+ * it, queued again with the siginfo it had (read here, through ptrace).
+ * Each is queued again under the number its take answered: one not taken
+ * (the answer an error) is not queued twice (an invalid signal). One
+ * batch, so that appshot killed at any instant (kill -9) leaves them all
+ * in the queue, in order: the thread runs a batch to its end on its own
+ * (trace.c). Where there are no batches (one call at a time), appshot
+ * killed between a take and its queueing loses that one.
+ */
+function sameSignalQueued(tid: number, sig: number): Buffer[] {
   const queued = addon().peekSiginfo(tid, false);
-  let n = 0;
-  for (let at = 0; at + SIGINFO_SIZE <= queued.length; at += SIGINFO_SIZE) if (queued.readInt32LE(at) === sig) n++;
-  return n;
+  const infos: Buffer[] = [];
+  for (let at = 0; at + SIGINFO_SIZE <= queued.length; at += SIGINFO_SIZE)
+    if (queued.readInt32LE(at) === sig) infos.push(Buffer.from(queued.subarray(at, at + SIGINFO_SIZE)));
+  return infos.length <= MAX_BEHIND ? infos : [];
 }
 
-/**
- * A real-time signal is queued again (askThread) behind those of the same
- * number that were sent after it and wait in the thread's queue: the
- * kernel delivers one signal's instances in the order they were sent,
- * and the thread would have taken them after it (a --leave-running
- * original, or an image, took 2 3 ... 8 1 of eight values queued in
- * order). So, once it is queued, those before it are taken out (a
- * signalfd of the thread's, read: the thread's own queue is read first,
- * and they are its first instances) and queued again behind it with the
- * siginfo each had (read beforehand through ptrace: what signalfd gives
- * is another layout). Two more stops of the thread, only then; where the
- * signalfd cannot be made or read (no descriptor left), they stay before
- * it, as they did.
- */
-export function putCaughtSignalFirst(calls: CallQueue, t: FrozenThread, asked: ThreadAsked): void {
-  const behind = asked.behind ?? 0;
-  if (!behind || behind > MAX_BEHIND || !asked.requeued || asked.requeued.ret !== 0n) return;
-  const tid = t.tid;
-  const before: Buffer[] = [];
-  const queued = addon().peekSiginfo(tid, false);
-  for (let at = 0; at + SIGINFO_SIZE <= queued.length && before.length < behind; at += SIGINFO_SIZE)
-    if (queued.readInt32LE(at) === t.signal) before.push(Buffer.from(queued.subarray(at, at + SIGINFO_SIZE)));
-  if (before.length !== behind) return;
-  const set = Buffer.alloc(8);
-  set.writeBigUInt64LE(1n << BigInt(t.signal - 1));
-  const fd = calls.ask(SYS.signalfd4, [-1, 'buf', 8, SFD_NONBLOCK | SFD_CLOEXEC], { tid, input: set });
-  // In reads of a few records: a question's buffer goes on the thread's
-  // stack where there are no batches (Injector.callWith: 512 bytes).
-  const reads: { answer: Answer; wanted: number }[] = [];
-  for (let left = behind; left > 0; left -= READ_RECORDS) {
-    const wanted = Math.min(left, READ_RECORDS);
-    reads.push({ answer: calls.ask(SYS.read, [fd, 'buf', wanted * SIGINFO_SIZE], { tid, outLength: wanted * SIGINFO_SIZE }), wanted });
-  }
-  calls.ask(NR.close, [fd], { tid });
-  calls.run();
-  // signalfd's records are as large as a siginfo: as many were taken as
-  // the reads say, up to the first that came short.
-  let n = 0;
-  for (const { answer, wanted } of reads) {
-    const got = answer.ret > 0n ? Number(answer.ret) / SIGINFO_SIZE : 0;
-    n += got;
-    if (got < wanted) break;
-  }
-  const again = before.slice(0, n).map((info) => calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, t.signal, 'buf'], { tid, input: info }));
-  calls.run();
-  const lost = again.filter((a) => a.ret !== 0n).length;
-  if (lost) throw new Error(`${lost} real-time signal(s) ${t.signal} of thread ${tid} could not be queued again behind the one it was taking`);
+/** rt_sigtimedwait's set of `sig` (8 bytes), then a timeout of none (16). */
+function takeOne(sig: number): Buffer {
+  const b = Buffer.alloc(24);
+  b.writeBigUInt64LE(1n << BigInt(sig - 1));
+  return b;
 }
 
 /** Once the questions have run (or failed): a caught signal that is
