@@ -14,6 +14,17 @@
 
 static volatile long sink;
 
+/* open, one read, close of `path` (a /proc file of a few hundred bytes, as
+ * glibc and runtimes read /proc/self/stat): the bytes read. */
+static long slurp(const char *path) {
+  char buf[4096];
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) { perror(path); exit(1); }
+  long n = read(fd, buf, sizeof buf);
+  close(fd);
+  return n;
+}
+
 /* One listing of `dir` with opendir/readdir/closedir: the entries seen. */
 static long list(const char *dir) {
   DIR *d = opendir(dir);
@@ -74,6 +85,11 @@ int main(int argc, char **argv) {
     close(open(path, O_CREAT | O_WRONLY, 0600));
   }
   long lists = n / 10000 > 0 ? n / 10000 : 1;
+  /* Files read whole: statm is not translated (what every other /proc
+   * file costs), stat and status are (a translated copy at each open). */
+  TIME("open+read+close /proc/self/statm", lists * 100, sink += slurp("/proc/self/statm"));
+  TIME("open+read+close /proc/self/stat", lists * 100, sink += slurp("/proc/self/stat"));
+  TIME("open+read+close /proc/self/status", lists * 100, sink += slurp("/proc/self/status"));
   TIME("list /usr/bin", lists, sink += list("/usr/bin"));
   TIME("list 1000 numbered files", lists, sink += list(numbered));
   TIME("list /proc/self/task", lists * 10, sink += list("/proc/self/task"));

@@ -572,6 +572,73 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
   });
 });
 
+describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<tid>, self, thread-self)', () => {
+  // The kernel writes them by system PID; the fixture compares their ids
+  // with getpid(), getppid(), getpgrp(), getsid(), gettid() and fork()'s.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-procstat-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  it('show the virtual ids, and go on doing so after a snapshot and restore (new system PIDs)', async () => {
+    const aid = 'procstat';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('procstat')]);
+    await sb.checksPass(aid);
+    const before = sb.systemPid(aid);
+    const image = join(images, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    sb.ok(['restore', image]);
+    await sb.checksPass(aid);
+    expect(sb.systemPid(aid)).not.toBe(before);
+    await sb.exercised(aid, 'to fork another child after the restore');
+    await sb.checksPass(aid);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+
+  it('`ps -o pid,ppid,pgid,sid,comm` run inside the application prints its virtual ids', async () => {
+    const aid = 'procstat-ps';
+    // Two sleeps: one in the shell's session, one in a session of its own.
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'sleep 1000 & setsid sleep 1000 & echo STARTED; wait']);
+    let rows: string[][] = [];
+    const ps = () => {
+      const r = sb.run(['exec', aid, '--', 'ps', '-e', '-o', 'pid=,ppid=,pgid=,sid=,comm=']);
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      rows = r.stdout.trim().split('\n').map((l) => l.trim().split(/\s+/));
+      return rows.filter((row) => row[4] === 'sleep').length === 2;
+    };
+    await waitFor(ps, 15_000, `${aid}'s two sleeps`);
+    const table = sb.json<{ tables: { pid: Entry[] } }>(['table', aid]).tables.pid;
+    const toSystem = new Map(table.map((e) => [e.virtual, e.system]));
+    const toVirtual = new Map(table.map((e) => [e.system, e.virtual]));
+    // What the kernel says of each listed process, in the application's ids
+    // (0: a process outside it, as a PID namespace shows one).
+    const seen: string[] = [];
+    for (const [pid, ppid, pgid, sid, comm] of rows) {
+      seen.push(comm);
+      const sys = toSystem.get(Number(pid));
+      expect(sys, `ps listed ${pid} (${comm}), no process of the application`).toBeDefined();
+      if (comm === 'ps') continue; // gone by now
+      const stat = readFileSync(`/proc/${sys}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const virt = (s: string) => toVirtual.get(Number(s)) ?? 0;
+      expect([Number(ppid), Number(pgid), Number(sid)], `${comm}: ${stat}`).toEqual([virt(f[1]), virt(f[2]), virt(f[3])]);
+      // None of them is the system id (the virtual ones are small, the
+      // system's are not, here).
+      expect(Number(pid)).not.toBe(sys);
+    }
+    expect(seen.filter((c) => c === 'sleep')).toHaveLength(2);
+    expect(seen).toContain('sh');
+    expect(seen).toContain('appshot-init');
+    // The shell's child and init's: parents by their virtual PIDs.
+    const byComm = (c: string) => rows.filter((row) => row[4] === c);
+    const sh = byComm('sh')[0];
+    expect(sh[1]).toBe('1');
+    for (const s of byComm('sleep')) expect(s[1]).toBe(sh[0]);
+    // One sleep in the shell's session, one leading its own.
+    expect(byComm('sleep').map((s) => s[3] === s[0]).sort()).toEqual([false, true]);
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  });
+});
+
 describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
   // glibc's child joins the group by an internal setpgid: the group must
   // be the virtual one in the attribute and made the system's at the spawn.

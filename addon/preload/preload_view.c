@@ -1,7 +1,9 @@
 /*
  * Files whose text names processes by system PID, read by the application:
  * /proc/locks, /proc/<pid>/fdinfo/<fd> (its "lock:" lines and a pidfd's
- * "Pid:" and "NSpid:"), and a cgroup's cgroup.procs, cgroup.threads and
+ * "Pid:" and "NSpid:"), a process's or thread's own stat and status
+ * (/proc/<pid|self|thread-self>[/task/<tid>]/stat|status: what ps, pgrep,
+ * pstree and top read), and a cgroup's cgroup.procs, cgroup.threads and
  * (cgroup v1) tasks.
  *
  * When one of them is opened for reading only (open & co., fopen "r"), the
@@ -17,9 +19,14 @@
  * and fstat shows a memfd.
  *
  * A process outside the application (not in the tables):
- *  - in a lock line or a pidfd's "Pid:", 0, as the kernel shows a process
- *    outside the reader's PID namespace (and as F_GETLK's l_pid shows it,
- *    preload_pid.c);
+ *  - in a lock line, a pidfd's "Pid:", and the ids of stat and status
+ *    (the parent, process group, session, terminal's foreground group,
+ *    tracer), 0, as the kernel shows a process outside the reader's PID
+ *    namespace (and as F_GETLK's l_pid, getppid, getpgid, getsid and
+ *    tcgetpgrp show it, preload_pid.c). The application's first process
+ *    is init's child, and init is virtual PID 1: its parent shows as 1,
+ *    as getppid() says; init's own parent, outside, as 0. The kernel's
+ *    -1 (no terminal's group) and 0 stay as they are;
  *  - in a cgroup's list, the line is left out, as cgroup v1 leaves out the
  *    processes a PID namespace does not see: a program that signals every
  *    PID it reads there must not be handed 0 (its own process group).
@@ -42,12 +49,30 @@
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
 
-enum view { VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST };
+enum view { VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS };
 
 static int ends_with_file(const char *path, size_t n, const char *name) {
   size_t m = strlen(name);
   return n >= m && !memcmp(path + n - m, name, m) &&
          (n == m || path[n - m - 1] == '/');
+}
+
+/* Past "<digits>/" at p, or NULL. */
+static const char *past_number(const char *p) {
+  if (*p < '0' || *p > '9') return NULL;
+  while (*p >= '0' && *p <= '9') p++;
+  return *p == '/' ? p + 1 : NULL;
+}
+
+/* The file of a process's or thread's directory that `p` (what follows
+ * "/proc/") names, "<self|thread-self|pid>[/task/<tid>]/<file>": <file>,
+ * or NULL for any other path (/proc/stat, /proc/self/net/stat). */
+static const char *task_file(const char *p) {
+  if (!strncmp(p, "self/", 5)) p += 5;
+  else if (!strncmp(p, "thread-self/", 12)) p += 12;
+  else if (!(p = past_number(p))) return NULL;
+  if (!strncmp(p, "task/", 5) && !(p = past_number(p + 5))) return NULL;
+  return p;
 }
 
 /* Which view `path` needs, by name only (a cgroup file is confirmed on the
@@ -60,6 +85,11 @@ static enum view view_of_name(const char *path) {
     const char *f = strstr(p, "/fdinfo/");
     if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
       return VIEW_FDINFO;
+    const char *file = task_file(p);
+    if (file && file[0] == 's' && file[1] == 't') {
+      if (!strcmp(file, "stat")) return VIEW_STAT;
+      if (!strcmp(file, "status")) return VIEW_STATUS;
+    }
     return VIEW_NONE;
   }
   size_t n = strlen(path);
@@ -91,16 +121,21 @@ static int parse_int(const char *s, const char *e, long *out) {
   return 1;
 }
 
-/* Copies [s, e) to *o, replacing the number at [ns, ne) by `v`. */
-static char *put_replaced(char *o, const char *s, const char *e,
-                          const char *ns, const char *ne, long v) {
+/* Copies [s, ns) to *o, then `v` in decimal. */
+static char *put_up_to_number(char *o, const char *s, const char *ns, long v) {
   memcpy(o, s, (size_t)(ns - s));
   o += ns - s;
   if (v < 0) {
     *o++ = '-';
     v = -v;
   }
-  o = put_decimal(o, (unsigned long)v);
+  return put_decimal(o, (unsigned long)v);
+}
+
+/* Copies [s, e) to *o, replacing the number at [ns, ne) by `v`. */
+static char *put_replaced(char *o, const char *s, const char *e,
+                          const char *ns, const char *ne, long v) {
+  o = put_up_to_number(o, s, ns, v);
   memcpy(o, ne, (size_t)(e - ne));
   return o + (e - ne);
 }
@@ -148,8 +183,89 @@ static char *pid_field_line(char *o, const char *s, const char *e,
   return o + (e - s);
 }
 
-/* One line [s, e), its '\n' included if it has one, translated into o
- * (room for e - s + 16 bytes). Returns the end of the output. */
+/* The id of a process or thread in its own stat or status: as shown(), but
+ * the caller's own thread, which the tables learn only when it first asks
+ * its TID (preload_core.c), is mapped as gettid() would map it (a thread
+ * reading /proc/thread-self/stat before ever calling gettid()). */
+static long shown_task(long sys) {
+  long v = shown(sys);
+  if (v == 0 && sys > 0 && sys == SYS0(gettid)) return self_vtid();
+  return v;
+}
+
+/* The number in [*t, e) up to the next blank, which *t is moved past. */
+static int next_field(const char **t, const char *e, const char **ns,
+                      const char **ne) {
+  const char *p = *t;
+  while (p < e && *p == ' ') p++;
+  *ns = p;
+  while (p < e && *p != ' ' && *p != '\n') p++;
+  *ne = p;
+  *t = p;
+  return p > *ns;
+}
+
+/* A stat file, whole (comm may hold blanks, ')' and '\n': it ends at the
+ * last ')'): "pid (comm) state ppid pgrp session tty_nr tpgid ...", the
+ * ids in fields 1, 4, 5, 6 and 8. Not in that shape: copied as it is. */
+static char *stat_text(char *o, const char *s, const char *e) {
+  const char *close = e;
+  while (close > s && close[-1] != ')') close--;
+  struct { const char *s, *e; long v; } id[5];
+  int n = 0, ok = close > s + 3;
+  const char *t = s, *fs = s, *fe = s;
+  ok = ok && next_field(&t, close, &fs, &fe) && parse_int(fs, fe, &id[0].v);
+  id[n].s = fs, id[n].e = fe, n++;
+  t = close;
+  ok = ok && next_field(&t, e, &fs, &fe); /* the state */
+  for (int field = 4; ok && field <= 8; field++) {
+    long v;
+    ok = next_field(&t, e, &fs, &fe) && parse_int(fs, fe, &v);
+    if (field == 7) continue; /* tty_nr */
+    id[n].s = fs, id[n].e = fe, id[n].v = v, n++;
+  }
+  if (!ok) {
+    memcpy(o, s, (size_t)(e - s));
+    return o + (e - s);
+  }
+  for (int i = 0; i < n; i++) {
+    o = put_up_to_number(o, s, id[i].s, i ? shown(id[i].v) : shown_task(id[i].v));
+    s = id[i].e;
+  }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
+/* A status line: "Tgid:", "Pid:", "PPid:", "TracerPid:" and the first
+ * number of "NStgid:", "NSpid:", "NSpgid:", "NSsid:" (the one of /proc's
+ * PID namespace, the tables' ids; deeper namespaces' ones stay), and
+ * "Ngid:" (a NUMA group's leader thread, 0 for none). The rest, "Name:"
+ * (escaped: no '\n' in it) included, as it is. */
+static char *status_line(char *o, const char *s, const char *e) {
+  static const struct { char name[11]; unsigned char len, task; } ids[] = {
+      {"Tgid:", 5, 1},   {"Ngid:", 5, 0},   {"Pid:", 4, 1},
+      {"PPid:", 5, 0},   {"TracerPid:", 10, 0}, {"NStgid:", 7, 1},
+      {"NSpid:", 6, 1},  {"NSpgid:", 7, 0}, {"NSsid:", 6, 0},
+  };
+  if (e - s > 4 && (s[0] == 'T' || s[0] == 'N' || s[0] == 'P'))
+    for (unsigned i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+      size_t n = ids[i].len;
+      if ((size_t)(e - s) <= n || memcmp(s, ids[i].name, n)) continue;
+      const char *ns = s + n, *ne;
+      while (ns < e && is_blank(*ns)) ns++;
+      ne = ns;
+      while (ne < e && !is_blank(*ne) && *ne != '\n') ne++;
+      long v;
+      if (!parse_int(ns, ne, &v)) break;
+      return put_replaced(o, s, e, ns, ne, ids[i].task ? shown_task(v) : shown(v));
+    }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
+/* One line [s, e), its '\n' included if it has one (a stat file: the
+ * whole text), translated into o (room for e - s + LINE_ROOM bytes).
+ * Returns the end of the output. */
 static char *translate_line(enum view v, char *o, const char *s,
                             const char *e) {
   switch (v) {
@@ -171,6 +287,8 @@ static char *translate_line(enum view v, char *o, const char *s,
       }
       break;
     }
+    case VIEW_STAT: return stat_text(o, s, e);
+    case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -190,9 +308,12 @@ static long write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
+/* At most five numbers of up to 10 digits (a stat file's) for others. */
+enum { LINE_ROOM = 64 };
+
 /* Copies the text of `src` (from its start) into `dst`, translated. */
 static long copy_translated(enum view v, int src, int dst) {
-  enum { RAW = 2048, LINE_ROOM = 16 };
+  enum { RAW = 2048 };
   char raw[RAW], out[RAW + LINE_ROOM];
   size_t have = 0, used = 0;
   int eof = 0;
@@ -206,10 +327,11 @@ static long copy_translated(enum view v, int src, int dst) {
     }
     /* The complete lines in raw; at the end of the file, the rest. A line
      * longer than the buffer (none of these files has one) goes through as
-     * it is, in pieces. */
+     * it is, in pieces. A stat file is one line whose comm may hold '\n'
+     * (a few hundred bytes): taken whole at its end. */
     size_t start = 0;
     for (;;) {
-      const char *nl = memchr(raw + start, '\n', have - start);
+      const char *nl = v == VIEW_STAT ? NULL : memchr(raw + start, '\n', have - start);
       size_t end = nl ? (size_t)(nl - raw) + 1 : 0;
       if (!nl) {
         if (start < have && (eof || (start == 0 && have == RAW))) end = have;
@@ -220,8 +342,7 @@ static long copy_translated(enum view v, int src, int dst) {
         if (r < 0) return r;
         used = 0;
       }
-      /* A line of at most RAW bytes grows by at most LINE_ROOM (one
-       * number of up to 10 digits for another). */
+      /* A line of at most RAW bytes grows by at most LINE_ROOM. */
       used = (size_t)(translate_line(v, out + used, raw + start, raw + end) - out);
       start = end;
     }
