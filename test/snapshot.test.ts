@@ -358,6 +358,41 @@ describe('an incremental snapshot of processes whose writes are not tracked', ()
   });
 });
 
+describe('the registration of an application whose processes come and go', () => {
+  // Each --leave-running snapshot records where each process's dirty
+  // tracking descriptor is (app.json's "tracking", by PID and start time).
+  // The entries of processes gone stayed: a forking application's
+  // registration grew by its children at every snapshot. Only their
+  // descriptor numbers matter (a live process may have inherited one).
+  it('keeps tracking entries of live processes, and of those gone one per descriptor number', async () => {
+    const aid = 'comego';
+    sb.ok(['run', '-d', '--aid', aid, '--', '/bin/sh', '-c', 'while :; do sleep 0.3 & sleep 0.3 & wait; done']);
+    const tracking = () => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')).tracking as Record<string, number>;
+    const gone = (key: string) => {
+      const [pid, start] = key.split(':').map(Number);
+      try {
+        return Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[19]) !== start;
+      } catch {
+        return true;
+      }
+    };
+    const seen = new Set<string>();
+    for (let i = 0; i < 6; i++) {
+      const before = sb.json<{ processes: unknown[] }[]>(['ps', aid])[0].processes.length;
+      expect(before).toBeGreaterThan(1);
+      sb.ok(['snapshot', aid, '-o', join(out, `comego-${i}`), '--leave-running']);
+      for (const key of Object.keys(tracking())) seen.add(key);
+      // The sleeps of this round end: the next snapshot sees new ones.
+      await new Promise((r) => setTimeout(r, 400));
+    }
+    // Kept whole, the map would hold every process any round saw.
+    const now = Object.keys(tracking());
+    expect(now.length, 'entries kept, of all the processes the rounds tracked').toBeLessThan(seen.size);
+    expect(now.filter((key) => !gone(key)).length).toBeGreaterThan(0);
+    sb.ok(['rm', '-f', aid]);
+  });
+});
+
 describe('snapshot failures leave the application running and no image', () => {
   it('refuses a resource it cannot capture, naming the process, fd and kind', async () => {
     startApp('inot', [fixture('holder'), 'fanotify']);

@@ -552,7 +552,7 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Rec
 function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Record<string, number> {
   const before = reg.get(aid);
   if (!before) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
-  const tracking = { ...before.tracking };
+  const tracking = keptTracking(before.tracking ?? {});
   for (const pid of pids) {
     const key = processKey(pid);
     // Not frozen yet: a short-lived child the tables list may be gone
@@ -564,6 +564,32 @@ function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Recor
   }
   reg.update({ ...before, lastImage: undefined, tracking });
   return tracking;
+}
+
+/**
+ * The registry's tracking entries worth keeping: every live process's, and
+ * of those of processes gone, one per descriptor number no kept entry has
+ * (a live process may have inherited that descriptor, which images must
+ * leave out: only the numbers matter). Kept whole, the map grew by each
+ * process of a forking application at every snapshot, and with it every
+ * write of the registration.
+ */
+function keptTracking(previous: Record<string, number>): Record<string, number> {
+  const kept: Record<string, number> = {};
+  const numbers = new Set<number>();
+  const gone: [string, number][] = [];
+  for (const [key, fd] of Object.entries(previous)) {
+    if (processKey(Number(key.split(':')[0])) === key) {
+      kept[key] = fd;
+      numbers.add(fd);
+    } else gone.push([key, fd]);
+  }
+  for (const [key, fd] of gone)
+    if (!numbers.has(fd)) {
+      kept[key] = fd;
+      numbers.add(fd);
+    }
+  return kept;
 }
 
 function readComm(pid: number): string {
