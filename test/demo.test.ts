@@ -4,16 +4,15 @@
  * shows: the restored counter goes on from where the snapshot ended it,
  * with the same virtual PID, and three clones count on their own.
  */
-import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { root } from './helpers.js';
+import { root, spawnAsync } from './helpers.js';
 
 describe('npm run demo', () => {
-  it('snapshots, restores and clones the counter, which goes on counting', () => {
+  it('snapshots, restores and clones the counter, which goes on counting', async () => {
     // APPSHOT_ENGINE=off: an engine the demo started would outlive its
     // temporary state directory by its idle time.
-    const r = spawnSync('bash', [join(root, 'demo', 'demo.sh')], { cwd: root, env: { ...process.env, APPSHOT_ENGINE: 'off', CI: 'true' }, encoding: 'utf8', timeout: 120_000 });
+    const r = await spawnAsync('bash', [join(root, 'demo', 'demo.sh')], { cwd: root, env: { ...process.env, APPSHOT_ENGINE: 'off', CI: 'true' }, timeout: 120_000 });
     expect(r.status, `${r.stdout}\n${r.stderr}`).toBe(0);
     const out = r.stdout;
     // Before the snapshot, then the same log after the restore: the count

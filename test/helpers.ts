@@ -114,19 +114,9 @@ export class Sandbox {
 
   /** `appshot args...` as run() does, without blocking the event loop;
    * killed after `timeoutMs`. */
-  runAsync(args: string[], timeoutMs = 50_000): Promise<Result> {
-    const child = spawn(process.execPath, [cli, ...args], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    return new Promise((resolve) =>
-      child.on('close', (code, signal) => {
-        clearTimeout(timer);
-        resolve({ code, signal, stdout, stderr });
-      }),
-    );
+  async runAsync(args: string[], timeoutMs = 50_000): Promise<Result> {
+    const r = await spawnAsync(process.execPath, [cli, ...args], { env: this.env, timeout: timeoutMs });
+    return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
   }
 
   /** Starts `appshot args...` and returns a handle to talk to it. */
@@ -237,6 +227,35 @@ export class Running {
   send(text: string): void {
     this.child.stdin.write(text);
   }
+}
+
+/**
+ * spawnSync's answer (status, signal, stdout, stderr), without blocking
+ * the worker: a vitest worker that does not turn its event loop for a
+ * minute after one of its RPC calls misses the answer ("Timeout calling
+ * onTaskUpdate", which fails the whole run). For any command that may take
+ * long on a loaded machine. Killed (SIGKILL) after `timeout` ms.
+ */
+export function spawnAsync(
+  command: string,
+  args: string[],
+  opts: { env?: NodeJS.ProcessEnv; cwd?: string; timeout?: number; input?: string } = {},
+): Promise<{ status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', (e) => (stderr += String(e)));
+    child.stdin.on('error', () => {});
+    child.stdin.end(opts.input ?? '');
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeout ?? 50_000);
+    child.on('close', (status, signal) => {
+      clearTimeout(timer);
+      resolve({ status, signal, stdout, stderr });
+    });
+  });
 }
 
 export async function waitFor(cond: () => boolean, timeoutMs = 10_000, what = 'condition'): Promise<void> {

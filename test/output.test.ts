@@ -10,7 +10,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, fixture, root, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, root, Sandbox, spawnAsync, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-output-'));
@@ -43,7 +43,7 @@ describe('progress', () => {
     const image = join(out, 'tty.appshot');
     // script(1) gives the command a pseudo-terminal, as a person has.
     const command = [process.execPath, cli, 'snapshot', 'tty', '-o', image].map((a) => `'${a}'`).join(' ');
-    const r = spawnSync('script', ['-q', '-e', '-c', command, '/dev/null'], { env: { ...sb.env, CI: '' }, encoding: 'utf8', timeout: 120_000 });
+    const r = await spawnAsync('script', ['-q', '-e', '-c', command, '/dev/null'], { env: { ...sb.env, CI: '' }, timeout: 120_000 });
     expect(r.status, r.stdout).toBe(0);
     expect(existsSync(image)).toBe(true);
     // Frames are redrawn in place (cursor to column 1), each with a bar.
@@ -63,7 +63,7 @@ describe('progress', () => {
 
   it('under CI, off a terminal: plain lines in MiB, the last at the total', async () => {
     await bigApp('ci', 256);
-    const r = spawnSync(process.execPath, [cli, 'snapshot', 'ci', '-o', join(out, 'ci.appshot')], { env: { ...sb.env, CI: '1' }, encoding: 'utf8', timeout: 120_000 });
+    const r = await spawnAsync(process.execPath, [cli, 'snapshot', 'ci', '-o', join(out, 'ci.appshot')], { env: { ...sb.env, CI: '1' }, timeout: 120_000 });
     expect(r.status, r.stderr).toBe(0);
     const lines = r.stderr.split('\n').filter((l) => l.startsWith('appshot: snapshot ci: '));
     expect(lines.length).toBeGreaterThan(1);
@@ -75,7 +75,7 @@ describe('progress', () => {
 
     // The restore counts the page data copied (format 3: each chunk is
     // checked on other threads just before it is copied, not counted twice).
-    const back = spawnSync(process.execPath, [cli, 'restore', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, encoding: 'utf8', timeout: 120_000 });
+    const back = await spawnAsync(process.execPath, [cli, 'restore', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, timeout: 120_000 });
     expect(back.status, back.stderr).toBe(0);
     const restoreLines = back.stderr.split('\n').filter((l) => l.startsWith(`appshot: restore ${join(out, 'ci.appshot')}: `));
     const lastRestore = amounts(restoreLines.at(-1)!)[0];
@@ -85,8 +85,8 @@ describe('progress', () => {
 
     // template create counts the snapshot's page data checked; clone, the
     // data each instance is given.
-    const lastPlain = (args: string[], label: string) => {
-      const r = spawnSync(process.execPath, [cli, ...args, '--progress=plain'], { env: sb.env, encoding: 'utf8', timeout: 120_000 });
+    const lastPlain = async (args: string[], label: string) => {
+      const r = await spawnAsync(process.execPath, [cli, ...args, '--progress=plain'], { env: sb.env, timeout: 120_000 });
       expect(r.status, r.stderr).toBe(0);
       const lines = r.stderr.split('\n').filter((l) => l.startsWith(`appshot: ${label}: `));
       expect(lines.length, r.stderr).toBeGreaterThan(0);
@@ -94,10 +94,10 @@ describe('progress', () => {
       return amounts(lines.at(-1)!)[0];
     };
     const template = join(out, 'ci.template');
-    const made = lastPlain(['template', 'create', join(out, 'ci.appshot'), '-o', template], `template ${template}`);
+    const made = await lastPlain(['template', 'create', join(out, 'ci.appshot'), '-o', template], `template ${template}`);
     expect(made.done).toBe(made.total);
     expect(made.total).toBeGreaterThan(250);
-    const cloned = lastPlain(['clone', template, '--aid', 'ci-copy', '--count', '2'], `clone ${template}`);
+    const cloned = await lastPlain(['clone', template, '--aid', 'ci-copy', '--count', '2'], `clone ${template}`);
     expect(cloned.done).toBe(cloned.total);
     expect(cloned.total).toBeGreaterThan(500);
     expect(sb.run(['rm', '-f', 'ci-copy-1', 'ci-copy-2']).code).toBe(0);

@@ -4,7 +4,7 @@ import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, rena
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, cli, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { alive, cli, type Entry, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
 import { paths } from '../src/native.js';
 import { windowsOf } from '../src/ptrace/windows.js';
 
@@ -543,7 +543,7 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
   // the application's commands run inside it, where its PIDs mean what
   // they say.
   const nsReason = pidNamespaceUnavailable();
-  it.skipIf(nsReason)(`records that grow: system TIDs under 4000, virtual ones above 10000 (a PID namespace)${nsReason ? ` (${nsReason})` : ''}`, () => {
+  it.skipIf(nsReason)(`records that grow: system TIDs under 4000, virtual ones above 10000 (a PID namespace)${nsReason ? ` (${nsReason})` : ''}`, async () => {
     const home = mkdtempSync(join(tmpdir(), 'appshot-proctask-ns-'));
     try {
       const script = [
@@ -555,9 +555,8 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
         '"$0" "$1" stop ns --signal KILL >/dev/null',
         'cat "$log"',
       ].join('\n');
-      const r = spawnSync('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', script, process.execPath, cli, fixture('proctask')], {
+      const r = await spawnAsync('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', script, process.execPath, cli, fixture('proctask')], {
         env: { ...sb.env, APPSHOT_HOME: home },
-        encoding: 'utf8',
         timeout: 120_000,
       });
       expect(r.stderr).not.toMatch(/FAIL/);
