@@ -341,6 +341,47 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
   });
 
+  it('a process caught in the preload library\'s init, its system PID read and not yet mapped, finishes its init first: restored, its virtual PID is its own', async () => {
+    // The init of a process just exec'd (a shell's /bin/true, forked and
+    // exec'd all the time) holds its system PID on its way into the
+    // tables, as a wrapper does. Caught there and restored, it mapped the
+    // old node's PID and took another virtual PID for itself. /usr/bin/env
+    // execs the fixture in its own process, whose init spins at the point.
+    // It spins there until the test lets it go: once the snapshot has it
+    // seized (it must then let it run out of its init), or is over.
+    const aid = 'initwindow';
+    const go = join(images, `${aid}-go`);
+    sb.ok(['run', '-d', '--aid', aid, '--', '/usr/bin/env', 'FIXTURE_SPIN_AT=init-pid-read', `FIXTURE_SPIN_UNTIL=${go}`, fixture('initpid')]);
+    await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid} to spin in its init`);
+    const pid = sb.systemPid(aid);
+    const image = join(images, aid);
+    let over = false;
+    const snapshot = sb.runAsync(['snapshot', aid, '--leave-running', '-o', image]).finally(() => (over = true));
+    const traced = () => /^TracerPid:\s+[1-9]/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    await waitFor(() => over || traced(), 30_000, `the snapshot to seize ${aid}`);
+    writeFileSync(go, '');
+    const taken = await snapshot;
+    expect(taken.code, taken.stderr).toBe(0);
+    const restored = `${aid}-r`;
+    sb.ok(['restore', image, '--aid', restored]);
+    try {
+      // Its getpid() names itself (kill reaches it), and stays.
+      await sb.checksPass(restored, 3);
+      await sb.checksPass(aid, 1);
+      const vpids = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', restored])[0].processes.map((p) => p.vpid);
+      expect(vpids).toEqual([1, 2]);
+      // Printed by main once its init is done: before the freeze (let
+      // finish its init, it went on) or after the restore, in either copy.
+      const said = `${sb.log(aid)}\n${sb.log(restored)}`.match(/^PID \d+$/gm) ?? [];
+      expect(said.length).toBeGreaterThan(0);
+      expect(new Set(said)).toEqual(new Set(['PID 2']));
+    } finally {
+      // The restored copy may have ended already (a failed self-check).
+      sb.run(['stop', restored, '--signal', 'KILL']);
+      sb.ok(['stop', aid, '--signal', 'KILL']);
+    }
+  });
+
   it('the preload library replaced on disk while the application runs (a rebuild): the windows are found in the copy the process maps', async () => {
     const aid = 'windows-rebuilt';
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('spawngroup')]);

@@ -92,6 +92,34 @@ describe('robustness', () => {
     await waitFor(() => tracersOf('/bin/sh', sb.home).length === 0, 10_000, 'the application to end');
   }, 300_000);
 
+  it('restores a process caught holding the dynamic loader\'s lock, and its threads use the loader on', async () => {
+    // The hang of the test above, made to happen: a /bin/true caught in
+    // the preload library's constructor, inside dlsym, held the loader's
+    // lock (a recursive mutex that keeps its holder's system TID) under
+    // its old TID; restored under a new one, its unlock was refused and
+    // its next dlsym waited forever, and its shell with it. Here the main
+    // thread holds that lock (dl_iterate_phdr's callback) and a second
+    // thread waits for it, both at the snapshot.
+    const r = sb.run(['run', '-d', '--aid', 'ldlock', '--', fixture('loaderlock')]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /^HOLDING$/m.test(sb.log('ldlock')), 10_000, 'the lock to be held');
+    const pid = sb.systemPid('ldlock');
+    const waiting = () => readdirSync(`/proc/${pid}/task`).some((t) => Number(t) !== pid && readFileSync(`/proc/${pid}/task/${t}/syscall`, 'utf8').startsWith('202 '));
+    await waitFor(waiting, 10_000, 'the second thread to wait for the lock');
+    const image = join(sb.home, 'ldlock-img');
+    const s = sb.run(['snapshot', 'ldlock', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    const restored = sb.run(['restore', image, '--aid', 'ldlock-r']);
+    expect(restored.code, restored.stderr).toBe(0);
+    try {
+      process.kill(sb.systemPid('ldlock-r'), 'SIGUSR1');
+      await sb.checksPass('ldlock-r', 3);
+    } finally {
+      expect(sb.run(['stop', 'ldlock-r', '--signal', 'KILL']).code).toBe(0);
+      rmSync(image, { recursive: true, force: true });
+    }
+  });
+
   it('leaves out a process that exits while the snapshot looks at it before its freeze, and the image restores', async () => {
     // The race of the test above, made to happen: the snapshot is stopped
     // between two reads of the planning of the child's dirty tracking,

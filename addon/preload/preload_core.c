@@ -27,7 +27,9 @@ static char *thread_pointer(void) {
 int g_init_state;
 void *real_fn[R_COUNT];
 
-static pid_t g_init_tid;
+/* The thread running init, by its thread pointer: a TID would change if
+ * a snapshot caught init and a restore brought it back. */
+static char *g_init_tp;
 static pthread_key_t g_thread_key;
 static int g_thread_key_ok;
 
@@ -57,6 +59,7 @@ static void init_tables(void) {
   /* Kept even if we cannot join below: our children may. */
   g_tables_fd = fd;
   int32_t spid = (int32_t)SYS0(getpid);
+  test_pause("init-pid-read");
   int32_t vpid = appshot_map_system(h, APPSHOT_PID, spid, 0, 0);
   if (vpid < 0) { /* table full: better real ids than wrong ones */
     appshot_table_close(h);
@@ -72,21 +75,26 @@ static void init_tables(void) {
  * (another library's constructor may run before ours). */
 void init_slow(void) {
   int expected = 0;
-  pid_t tid = (pid_t)SYS0(gettid);
+  char *tp = thread_pointer();
   if (__atomic_compare_exchange_n(&g_init_state, &expected, 1, 0,
                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-    __atomic_store_n(&g_init_tid, tid, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_init_tp, tp, __ATOMIC_RELEASE);
+    /* Init is a translation window (preload.h): it holds our system PID
+     * on its way into the tables, and the loader's lock inside dlsym
+     * (restored under a new TID, the thread could not unlock it). The
+     * mark's offset is published first, so that a snapshot sees it. */
+    appshot_id_window_tpoff =
+        (long)((char *)&t_id_window - thread_pointer());
+    ID_WINDOW();
     resolve_real();
     exec_capture_env();
     init_tables();
-    appshot_id_window_tpoff =
-        (long)((char *)&t_id_window - thread_pointer());
     __atomic_store_n(&g_init_state, 2, __ATOMIC_RELEASE);
     return;
   }
   /* Init itself calls open, mmap...: on its own thread that re-entry runs
    * pass-through (g_h is not set yet). Other threads wait for it. */
-  if (__atomic_load_n(&g_init_tid, __ATOMIC_ACQUIRE) == tid) return;
+  if (__atomic_load_n(&g_init_tp, __ATOMIC_ACQUIRE) == tp) return;
   while (__atomic_load_n(&g_init_state, __ATOMIC_ACQUIRE) != 2)
     SYS0(sched_yield);
 }

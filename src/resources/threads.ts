@@ -6,7 +6,7 @@
  */
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
-import type { SigAction, Thread } from '../image/types.js';
+import type { Process, SigAction, Thread } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
@@ -388,4 +388,69 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     batch.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
   }
   if (!calls) batch.run();
+}
+
+/** AT_BASE in the auxiliary vector: where the program's interpreter (the
+ * dynamic loader) is mapped; 0 for a static program. */
+const AT_BASE = 7n;
+const PROT_WRITE = 2;
+/** glibc's pthread_mutex_t (x86-64): int __lock, unsigned __count, int
+ * __owner, unsigned __nusers, int __kind, ...; 40 bytes, 8-aligned. */
+const MUTEX = { lock: 0, count: 4, owner: 8, nusers: 12, kind: 16, size: 40 } as const;
+/** __kind: the type in its low bits (1 recursive, 2 error-checking), and
+ * the robust, priority-inheritance and priority-protect bits, whose lock
+ * word holds a TID too (not these). */
+const MUTEX_TYPE_MASK = 3;
+const MUTEX_RECURSIVE = 1;
+const MUTEX_ERRORCHECK = 2;
+const MUTEX_ROBUST_PI_PP = 16 | 32 | 64;
+
+/**
+ * The dynamic loader's locks held across the snapshot, given their
+ * holder's new TID. glibc's loader (ld.so, its _rtld_global) guards
+ * dlopen, dlsym, dlclose, dl_iterate_phdr (which C++ exceptions unwind
+ * through) and thread creation with recursive mutexes that keep their
+ * holder's system TID (__owner) and compare it with the thread's cached
+ * one, which the restore makes the new TID (restoreThreadState). A thread
+ * caught holding one, restored, had its unlock refused (EPERM, which the
+ * loader ignores) and waited forever at its next call: a process caught
+ * in the preload library's constructor, inside dlsym, never got to main.
+ *
+ * A held recursive or error-checking mutex in the loader's writable data
+ * whose owner is one of the process's threads in the image is given that
+ * thread's new TID (`tids`, in the order of `p.threads`). The
+ * application's own mutexes, anywhere in its memory, are not looked for
+ * (README: not kept). Returns how many were rewritten.
+ */
+export function restoreLoaderLockOwners(pid: number, p: Process, tids: number[]): number {
+  let base = 0n;
+  for (let o = 0; o + 16 <= p.mm.auxv.length; o += 16)
+    if (p.mm.auxv.readBigUInt64LE(o) === AT_BASE) base = p.mm.auxv.readBigUInt64LE(o + 8);
+  const loader = base ? p.vmas.find((v) => v.start <= base && base < v.end && v.path) : undefined;
+  if (!loader) return 0;
+  const newTid = new Map(p.threads.map((t, i) => [t.tid, tids[i]]));
+  let rewritten = 0;
+  for (const v of p.vmas) {
+    if (v.path !== loader.path || !(v.prot & PROT_WRITE) || v.shared) continue;
+    // The loader's data is a few pages; a larger mapping of that name is
+    // not its data.
+    const length = Number(v.end - v.start);
+    if (length > 1 << 20) continue;
+    const data = addon().readMemory(pid, v.start, length);
+    for (let o = 0; o + MUTEX.size <= length; o += 8) {
+      const lock = data.readInt32LE(o + MUTEX.lock);
+      if (lock !== 1 && lock !== 2) continue;
+      const tid = newTid.get(data.readInt32LE(o + MUTEX.owner));
+      if (tid === undefined) continue;
+      const kind = data.readInt32LE(o + MUTEX.kind);
+      const type = kind & MUTEX_TYPE_MASK;
+      if (kind < 0 || kind & MUTEX_ROBUST_PI_PP || (type !== MUTEX_RECURSIVE && type !== MUTEX_ERRORCHECK)) continue;
+      if (data.readUInt32LE(o + MUTEX.nusers) === 0 || (type === MUTEX_RECURSIVE && data.readUInt32LE(o + MUTEX.count) === 0)) continue;
+      const b = Buffer.alloc(4);
+      b.writeInt32LE(tid);
+      addon().writeMemory(pid, v.start + BigInt(o + MUTEX.owner), b);
+      rewritten++;
+    }
+  }
+  return rewritten;
 }
