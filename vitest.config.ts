@@ -12,6 +12,8 @@ export default defineConfig({
     // A throwaway APPSHOT_HOME for whatever runs without a Sandbox's: never
     // the user's own (test/global-home.ts).
     globalSetup: ['test/global-home.ts'],
+    // A turn of each worker's event loop between tests (see the file).
+    setupFiles: ['test/turn-between-tests.ts'],
     testTimeout: 60_000,
     // A file's afterAll stops every application it left and the engine
     // (Sandbox.dispose: up to ~100 s when the machine is loaded).
