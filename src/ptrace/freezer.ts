@@ -418,9 +418,21 @@ export class Freezer {
    * closed: those this freezer closed, and those a child inherited by
    * forking while it was (or that a snapshot killed with it closed left).
    * Only processes still ours: a process that exited is not reported gone
-   * until we have seen it, so its PID cannot name another's memory. */
+   * until we have seen it, so its PID cannot name another's memory. And
+   * only where every thread we know is stopped, its reports read: a
+   * thread let run could have exec'd another program, where the gate's
+   * address is anything (an exec stops it, but the stop may not have
+   * been read); a process skipped so (an attempt that failed on a thread
+   * that would not stop) is held until the deadline at most. */
   private openGates(): void {
+    try {
+      for (let r; (r = addon().waitAny([...this.threads.keys()], 0)); ) this.handle(r);
+    } catch {
+      /* read again below, per thread */
+    }
+    const running = new Set([...this.threads.values()].filter((t) => !t.stopped).map((t) => t.pid));
     for (const pid of this.processes) {
+      if (running.has(pid)) continue;
       let windows = this.windows.get(pid);
       if (windows === undefined)
         try {

@@ -13,6 +13,12 @@
  * thread at the first instructions of the library's signal handler stub,
  * where the kernel's frame (and its siginfo's system PID) exists but the
  * mark is not raised yet, is inside too.
+ *
+ * Let run on, a thread that forks or reaps without a pause would be
+ * inside its next window at the next look: the freezer closes the
+ * process's freeze gate (closeGate), in front of which such a thread
+ * waits, outside any window, until the freezer opens it (openGate) or its
+ * deadline passes.
  */
 import { closeSync, openSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
