@@ -12,7 +12,7 @@
  * dist/); the fixture is B's. Prints one JSON object.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -22,6 +22,13 @@ if (!a || !b) {
   process.exit(2);
 }
 const storm = join(b, 'test', 'fixtures', 'bin', 'forkstorm');
+// Both builds whole before anything starts: a half-built one could start
+// the storm and not stop it.
+for (const f of [join(a, 'build', 'Release', 'appshot.node'), join(b, 'build', 'Release', 'appshot.node'), storm])
+  if (!existsSync(f)) {
+    console.error(`missing: ${f}`);
+    process.exit(2);
+  }
 const median = (xs) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
 const sleep = (ms) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
