@@ -141,6 +141,43 @@ HIDDEN void id_window_raised_above(uintptr_t older);
  * no longjmp guess (preload_jump.c). */
 HIDDEN void id_window_open_shared(uintptr_t sp);
 HIDDEN void id_window_close_shared(void);
+/* --- Freeze gate --------------------------------------------------------
+ *
+ * A thread that forks or reaps without a pause spends most of its time
+ * inside windows: a snapshot that lets it run on (windows.ts) catches it
+ * inside the next one nearly every time. So, as DMTCP's checkpoint
+ * barrier does, the snapshot closes a per-process gate (writes `closed`
+ * and `deadline_ns` by process_vm_writev; src/ptrace/freezer.ts) when it
+ * finds threads inside, and an outermost window (none open on the thread)
+ * does not begin while the gate is closed: the thread waits in front of
+ * it, outside, in FUTEX_WAIT_PRIVATE, where the snapshot stops it (a
+ * thread blocked in a system call outside any window is fine to take).
+ * Never inside an open window, nor in a handler that interrupted one (the
+ * window is open then), nor in the signal stub (it raises its window by
+ * itself): a thread holding a system id is never held.
+ *
+ * The snapshot opens the gate again (closed = 0) before it writes the
+ * image and before it lets the application go, whichever way it ends: a
+ * waiter stopped there and resumed, here or restored from the image,
+ * finds the word changed and returns at once (EAGAIN). The deadline
+ * (CLOCK_MONOTONIC, the node's) bounds what a snapshot killed with the
+ * gate closed leaves: the application goes on by itself once it passes;
+ * the snapshot keeps it a second ahead while it works. A deadline further
+ * ahead than any snapshot sets (another clock: a time namespace, an image
+ * restored on another boot) counts as passed. Each wait is capped, so a
+ * gate opened while a waiter was not stopped (the snapshot cannot wake a
+ * private futex) holds it at most that long. The exported alias
+ * appshot_freeze_gate names it for the snapshot; the wrappers use the
+ * hidden name (no GOT load on the hot path). */
+struct appshot_freeze_gate {
+  int32_t closed; /* the futex word: 0 open, 1 closed */
+  int32_t pad;
+  int64_t deadline_ns; /* closed until then at most (CLOCK_MONOTONIC) */
+};
+extern struct appshot_freeze_gate g_freeze_gate HIDDEN;
+/* Waits while the gate is closed and its deadline not passed (the slow
+ * path, preload_gate.c); errno is kept. */
+HIDDEN void freeze_gate_wait(void);
 /* Always inlined: `sp` must be the wrapper's own stack pointer. Taken in a
  * function of its own (LTO outlines these once they grow), it would lie
  * below the wrapper's frame, and a thread stopped back in that frame (at
@@ -156,6 +193,10 @@ WINDOW_INLINE void id_window_close(int *unused) {
   if (t_id_window.open > 0) t_id_window.open--;
 }
 WINDOW_INLINE int id_window_open(void) {
+  /* The freeze gate, in front of an outermost window only. */
+  if (UNLIKELY(__atomic_load_n(&g_freeze_gate.closed, __ATOMIC_RELAXED)) &&
+      __atomic_load_n(&t_id_window.open, __ATOMIC_RELAXED) <= 0)
+    freeze_gate_wait();
   uintptr_t sp = stack_pointer();
   if (UNLIKELY(__atomic_load_n(&g_tls_shared, __ATOMIC_RELAXED))) {
     id_window_open_shared(sp);

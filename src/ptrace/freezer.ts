@@ -13,9 +13,15 @@
  */
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
+import { killPoint } from '../killpoint.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
-import { insideWindow, registersOf, threadPointer, type Windows, windowsOf } from './windows.js';
+import { closeGate, insideWindow, openGate, registersOf, threadPointer, type Windows, windowsOf } from './windows.js';
+
+/** How far ahead the freeze gate's deadline is set, each round it is
+ * (re)closed: what a snapshot killed with the gate closed costs the
+ * application at most; the rounds are milliseconds apart. */
+const GATE_LEASE_MS = 1000;
 
 export interface FrozenThread {
   tid: number;
@@ -112,23 +118,38 @@ export class Freezer {
   }
 
   /** Stops everything, retrying until `timeoutMs`; throws (after resuming
-   * all) if some thread never settles. */
+   * all) if some thread never settles. Every freeze gate it closed is
+   * open again when it returns or throws: the image must not hold one
+   * closed, nor the application run on with one. */
   freeze(timeoutMs: number): void {
     const deadline = Date.now() + timeoutMs;
     let lastProblem = '';
-    for (let attempt = 0; ; attempt++) {
-      const settle = Math.min(Math.max(deadline - Date.now(), 0), 250 + attempt * 100);
-      const problem = this.attempt(settle);
-      if (!problem) return;
-      lastProblem = problem;
-      // Another attempt would only undo its job-control stop (the retry
-      // resumes what it seized) and let it leave the window on its own.
-      if (this.stoppedInWindow || Date.now() >= deadline) break;
-      // Threads that have not stopped stay seized for the next attempt.
-      this.resume(false);
-      // A vfork child must run to exec for its parent to settle.
-      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    try {
+      for (let attempt = 0; ; attempt++) {
+        const settle = Math.min(Math.max(deadline - Date.now(), 0), 250 + attempt * 100);
+        const problem = this.attempt(settle);
+        if (!problem) {
+          this.openGates();
+          return;
+        }
+        lastProblem = problem;
+        // Another attempt would only undo its job-control stop (the retry
+        // resumes what it seized) and let it leave the window on its own.
+        if (this.stoppedInWindow || Date.now() >= deadline) break;
+        // Open while the application runs between attempts: a vfork
+        // child waiting at its parent's gate (one memory) must get to its
+        // exec for the parent to stop.
+        this.openGates();
+        // Threads that have not stopped stay seized for the next attempt.
+        this.resume(false);
+        // A vfork child must run to exec for its parent to settle.
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+      }
+    } catch (e) {
+      this.openGates();
+      throw e;
     }
+    this.openGates();
     this.resume();
     const within = this.stoppedInWindow ? '' : ` within ${timeoutMs / 1000} s`;
     throw new AppshotError(`cannot stop the application${within}: ${lastProblem}; it was left running`);
@@ -249,8 +270,10 @@ export class Freezer {
             this.processes.add(pid);
           }
         } else if (r.event === PTRACE_EVENT.exec) {
-          // Another program: its preload library (if any) is elsewhere.
+          // Another program: its preload library (if any) is elsewhere,
+          // with a gate of its own, open.
           this.windows.delete(t.pid);
+          this.gated.delete(t.pid);
           // A thread other than the leader exec'd: it took the leader's TID
           // and its own is gone for good.
           if (r.msg !== r.tid) this.threads.delete(r.msg);
@@ -272,6 +295,14 @@ export class Freezer {
     let windowRounds = 0;
     for (;;) {
       this.discover();
+      // Stops that came by themselves first (a signal on its way in, an
+      // event), while threads ran on: an interrupt sent to a thread in a
+      // stop not yet reported stays pending and traps as soon as the
+      // thread is let run again, before it moves. Let run on out of its
+      // window, a thread taking a signal every round (SIGCHLD, in a storm
+      // of forks) was stopped again where it was, round after round, and
+      // the snapshot gave up.
+      for (let r; (r = addon().waitAny([...this.threads.keys()], 0)); ) this.handle(r);
       for (const t of this.threads.values())
         if (!t.stopped && !t.interrupted)
           try {
@@ -308,6 +339,7 @@ export class Freezer {
         if (stuck || Date.now() >= until) {
           return `${this.nameOf(stuck ?? inside[0])} stayed inside a translation of process ids (a wrapper of the preload library)${stuck ? ', stopped there by job control' : ''}`;
         }
+        this.closeGates(inside);
         this.runOn(inside, windowRounds++);
         continue;
       }
@@ -351,6 +383,72 @@ export class Freezer {
       if (windows && insideWindow(t.pid, regs, windows, (sharers.get(key(t.pid, regs)) ?? 0) > 1)) out.push(t);
     }
     return out;
+  }
+
+  /** Processes whose freeze gate this freezer closed. */
+  private readonly gated = new Set<number>();
+
+  /** Closes the freeze gate (windows.ts) of each process with a thread
+   * inside a window, and moves the deadline of those closed before on:
+   * the thread let run on out of its window waits, outside any, in front
+   * of its next one, where the next interrupt stops it (blocked in a
+   * system call outside a window: fine to take). Without the gate, a
+   * thread that forks or reaps without a pause is inside again nearly
+   * every time it is stopped. A process without the gate (an older
+   * library) is only let run on. */
+  private closeGates(inside: FrozenThread[]): void {
+    const first = this.gated.size === 0;
+    for (const t of inside) this.gated.add(t.pid);
+    for (const pid of this.gated) {
+      const windows = this.windows.get(pid);
+      if (!windows?.gate || !this.processes.has(pid)) {
+        this.gated.delete(pid);
+        continue;
+      }
+      try {
+        closeGate(pid, windows, GATE_LEASE_MS);
+      } catch {
+        this.gated.delete(pid); // gone
+      }
+    }
+    if (first && this.gated.size) killPoint('snapshot: freeze gate closed');
+  }
+
+  /** Opens every freeze gate of the application's processes that is
+   * closed: those this freezer closed, and those a child inherited by
+   * forking while it was (or that a snapshot killed with it closed left).
+   * Only processes still ours: a process that exited is not reported gone
+   * until we have seen it, so its PID cannot name another's memory. And
+   * only where every thread we know is stopped, its reports read: a
+   * thread let run could have exec'd another program, where the gate's
+   * address is anything (an exec stops it, but the stop may not have
+   * been read); a process skipped so (an attempt that failed on a thread
+   * that would not stop) is held until the deadline at most. */
+  private openGates(): void {
+    try {
+      for (let r; (r = addon().waitAny([...this.threads.keys()], 0)); ) this.handle(r);
+    } catch {
+      /* read again below, per thread */
+    }
+    const running = new Set([...this.threads.values()].filter((t) => !t.stopped).map((t) => t.pid));
+    for (const pid of this.processes) {
+      if (running.has(pid)) continue;
+      let windows = this.windows.get(pid);
+      if (windows === undefined)
+        try {
+          windows = windowsOf(pid) ?? null;
+          this.windows.set(pid, windows);
+        } catch {
+          continue; // no gate to be found: none that we closed either
+        }
+      if (!windows?.gate) continue;
+      try {
+        openGate(pid, windows);
+      } catch {
+        /* gone */
+      }
+    }
+    this.gated.clear();
   }
 
   /** Lets threads inside a window run a little (longer each round), to be

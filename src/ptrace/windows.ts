@@ -13,6 +13,12 @@
  * thread at the first instructions of the library's signal handler stub,
  * where the kernel's frame (and its siginfo's system PID) exists but the
  * mark is not raised yet, is inside too.
+ *
+ * Let run on, a thread that forks or reaps without a pause would be
+ * inside its next window at the next look: the freezer closes the
+ * process's freeze gate (closeGate), in front of which such a thread
+ * waits, outside any window, until the freezer opens it (openGate) or its
+ * deadline passes.
  */
 import { closeSync, openSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
@@ -45,6 +51,9 @@ export interface Windows {
   offset: bigint;
   entry: bigint;
   raised: bigint;
+  /** The process's freeze gate (struct appshot_freeze_gate), or 0n: a
+   * library without one. */
+  gate: bigint;
 }
 
 /** The preload library as a process maps it (a line of its maps at file
@@ -185,9 +194,12 @@ export function windowsOf(pid: number): Windows | undefined {
     throw new AppshotError(`it maps ${lib.path}, a preload library that does not say where its translations of process ids are (appshot_id_window_tpoff): another appshot's?`);
   const entry = elfSymbol(file, 'appshot_signal_entry');
   const raised = elfSymbol(file, 'appshot_signal_entry_raised');
+  const gate = elfSymbol(file, 'appshot_freeze_gate');
   try {
     const offset = addon().readMemory(pid, bias + at, 8).readBigInt64LE(0);
-    return offset === 0n ? undefined : { offset, entry: entry === undefined ? 0n : bias + entry, raised: raised === undefined ? 0n : bias + raised };
+    return offset === 0n
+      ? undefined
+      : { offset, entry: entry === undefined ? 0n : bias + entry, raised: raised === undefined ? 0n : bias + raised, gate: gate === undefined ? 0n : bias + gate };
   } catch {
     return undefined;
   }
@@ -236,4 +248,34 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
   if (open <= 0 || (!shared && regs.readBigUInt64LE(REG.rsp) > sp)) return false;
   const blocked = regs.readBigInt64LE(REG.origRax) >= 0n && BLOCKED.has(regs.readBigInt64LE(REG.rax));
   return !blocked;
+}
+
+/**
+ * The freeze gate (addon/preload/preload.h, "Freeze gate"): closed, an
+ * outermost translation window of the process does not begin until it is
+ * opened or its deadline passes; the thread waits in front of it, outside
+ * every window, blocked in a futex wait where a snapshot may take it. The
+ * deadline is CLOCK_MONOTONIC (process.hrtime's clock), `leaseMs` ahead:
+ * the bound on what a snapshot killed with the gate closed leaves behind.
+ * The deadline is written before the word, so that a thread never sees
+ * the gate closed with a stale deadline of an earlier snapshot (it would
+ * only go on, which is harmless anyway). Throws if the memory cannot be
+ * written (the process is gone).
+ */
+export function closeGate(pid: number, windows: Windows, leaseMs: number): void {
+  const deadline = Buffer.alloc(8);
+  deadline.writeBigInt64LE(process.hrtime.bigint() + BigInt(leaseMs) * 1_000_000n);
+  addon().writeMemory(pid, windows.gate + 8n, deadline);
+  addon().writeMemory(pid, windows.gate, GATE_CLOSED);
+}
+const GATE_CLOSED = Buffer.from([1, 0, 0, 0]);
+const GATE_OPEN = Buffer.from([0, 0, 0, 0]);
+
+/** Opens the freeze gate of `pid` if it is closed (read first: an open
+ * gate's page is not written, so not dirtied for the next image). Whether
+ * it was closed. */
+export function openGate(pid: number, windows: Windows): boolean {
+  if (addon().readMemory(pid, windows.gate, 4).readInt32LE(0) === 0) return false;
+  addon().writeMemory(pid, windows.gate, GATE_OPEN);
+  return true;
 }
