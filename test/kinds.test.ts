@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlink
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -21,6 +21,15 @@ const out = mkdtempSync(join(tmpdir(), 'appshot-kinds-'));
 afterAll(async () => {
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
+});
+// What a test leaves running is removed as it ends, not at the file's
+// end: a restored copy keeps checking itself (timerflood's timers every
+// 200 us, contpong's and rtorder's signals without pause each burn most of
+// a core), which for the rest of the file only took CPU from the tests
+// after it. No test uses another test's application.
+afterEach(async () => {
+  const left = sb.aids();
+  if (left.length) await sb.runAsync(['rm', '-f', ...left]);
 });
 
 const logOf = (aid: string) => sb.log(aid);
