@@ -160,9 +160,15 @@ async function finishEnding(home: string, e: EndingEntry): Promise<void> {
   const record = sameApplication(reg, e);
   // Released already (the snapshot was killed just after): its init ends it.
   if (!record || existsSync(join(record.stateDir, 'released'))) return;
-  if (!isEnded(record)) signalProcesses(reg, record, 'SIGKILL');
+  // In the snapshot's own order: released, its log set aside, then
+  // killed (killed first, its init could remove the registration, log and
+  // all, as soon as it saw "released", before the log was set aside). Held
+  // stopped meanwhile, so that it writes nothing more.
+  const running = !isEnded(record);
+  if (running) signalProcesses(reg, record, 'SIGSTOP');
   reg.markReleased(record, e.output);
   reg.setAsideLog(record);
+  if (running) signalProcesses(reg, record, 'SIGKILL');
   // Its init removes the registration once the processes are gone; one
   // that had already ended (or ends before it sees "released") wrote the
   // file "exit" instead, and the registration is released here.
