@@ -500,6 +500,19 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
+  it("killed at 'ending journaled', and the command that finishes the ending killed too once it stopped the application: the command after it finishes it", async () => {
+    const aid = 'skill-twice';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const recovering = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'ending: application stopped' }, encoding: 'utf8', timeout: 50_000 });
+    expect(recovering.signal, recovering.stderr).toBe('SIGKILL');
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+    await endedInto(aid, image);
+  });
+
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';
     await started(aid);

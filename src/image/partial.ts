@@ -86,5 +86,6 @@ export function removeStaleTemporaries(home = defaultHome()): boolean {
     }
     rmSync(join(dir, name), { recursive: true, force: true });
   }
-  return names.some((n) => n.startsWith('ending-'));
+  // An entry, or a claim on one (whose claimant may have been killed).
+  return names.some((n) => n.startsWith('ending-') || n.startsWith('.ending-'));
 }

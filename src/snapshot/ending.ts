@@ -29,9 +29,10 @@
 import { existsSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { holderAlive } from '../holder.js';
+import { currentHolder, holderAlive } from '../holder.js';
 import { OWNED, ownedName } from '../image/partial.js';
 import { signalProcesses } from '../inspect.js';
+import { killPoint } from '../killpoint.js';
 import { isSameProcess } from '../procfs.js';
 import { type AppRecord, defaultHome, isEnded, LocalRegistry } from '../registry.js';
 import { dropKept } from '../resources/keeper.js';
@@ -98,6 +99,21 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
   } catch {
     return;
   }
+  // Claims of recoverers that were killed themselves go back first, to be
+  // taken again below.
+  let taken = false;
+  for (const name of names) {
+    const r = CLAIM.exec(name);
+    if (r && !isSameProcess(Number(r[2]), Number(r[3])))
+      try {
+        renameSync(join(dir, name), join(dir, r[1]));
+        taken = true;
+      } catch {
+        /* taken back by another */
+      }
+  }
+  if (taken) names = readdirSync(dir);
+  const me = currentHolder();
   for (const name of names) {
     // An entry's next version, cut short with its writer.
     const tmp = /^(.+)\.tmp$/.exec(name);
@@ -108,32 +124,37 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
       continue;
     }
     // Taken by one command only: two that start at once would both act.
-    const claimed = join(dir, `.${name}.recovering-${process.pid}`);
+    const entry = join(dir, name);
+    const claimed = join(dir, `.${name}.recovering-${me.pid}-${me.startTime}`);
     try {
-      renameSync(join(dir, name), claimed);
+      renameSync(entry, claimed);
     } catch {
       continue;
     }
+    let e: EndingEntry;
     try {
-      const e = JSON.parse(readFileSync(claimed, 'utf8')) as EndingEntry;
+      e = JSON.parse(readFileSync(claimed, 'utf8')) as EndingEntry;
+    } catch {
+      // Cut short or not ours to read: nothing can be done with it.
+      rmSync(claimed, { force: true });
+      continue;
+    }
+    try {
       if (e.step === 'placing') undoPlacing(home, e);
       else if (e.step === 'ending') await finishEnding(home, e);
     } catch {
-      /* not ours to read (written by an older appshot, cut short): left as it is */
+      // Half done (a full disk, say): given back, for the next command to
+      // finish; every step above can be taken again.
+      renameSync(claimed, entry);
+      continue;
     }
     rmSync(claimed, { force: true });
   }
-  // Claims of recoverers that were killed themselves.
-  for (const name of names) {
-    const r = /^\.(.+)\.recovering-(\d+)$/.exec(name);
-    if (r && !isSameProcess(Number(r[2]), undefined))
-      try {
-        renameSync(join(dir, name), join(dir, r[1]));
-      } catch {
-        /* taken back by another */
-      }
-  }
 }
+
+/** A claim on an entry: its name, and the claiming command's PID and
+ * start time. */
+const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)$/;
 
 /** Step "placing": the image goes, the application runs on. */
 function undoPlacing(home: string, e: EndingEntry): void {
@@ -158,14 +179,22 @@ async function finishEnding(home: string, e: EndingEntry): Promise<void> {
   if (!stillPlaced(e)) return;
   const reg = new LocalRegistry(home);
   const record = sameApplication(reg, e);
-  // Released already (the snapshot was killed just after): its init ends it.
-  if (!record || existsSync(join(record.stateDir, 'released'))) return;
+  if (!record) return;
+  // Released already (the snapshot, or a recovery, was killed just after):
+  // what is left of it (held stopped by a killed recovery) is killed, and
+  // its init removes the registration.
+  if (existsSync(join(record.stateDir, 'released'))) {
+    reg.setAsideLog(record); // if it was not yet
+    if (!isEnded(record)) signalProcesses(reg, record, 'SIGKILL');
+    return;
+  }
   // In the snapshot's own order: released, its log set aside, then
   // killed (killed first, its init could remove the registration, log and
   // all, as soon as it saw "released", before the log was set aside). Held
   // stopped meanwhile, so that it writes nothing more.
   const running = !isEnded(record);
   if (running) signalProcesses(reg, record, 'SIGSTOP');
+  killPoint('ending: application stopped');
   reg.markReleased(record, e.output);
   reg.setAsideLog(record);
   if (running) signalProcesses(reg, record, 'SIGKILL');
