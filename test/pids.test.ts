@@ -81,7 +81,7 @@ describe('virtual PIDs', () => {
 
 describe('a wait for any child caught by a snapshot between the kernel answering and the translation', () => {
   // The fixture holds the waiting thread at a test-only pause point of the
-  // preload library (test/fixtures/common.h), in nanosleep, until a signal
+  // preload library (test/fixtures/common.h), in ppoll, until a signal
   // interrupts it or it finds itself restored (its system PID changed),
   // so the thread translates the old node's system PID of
   // its reaped child on the new node.
@@ -89,7 +89,7 @@ describe('a wait for any child caught by a snapshot between the kernel answering
   afterAll(() => rmSync(images, { recursive: true, force: true }));
   const heldAfterWait = (pid: number) => {
     try {
-      return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('35 '); // nanosleep
+      return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('271 '); // ppoll
     } catch {
       return false;
     }
