@@ -487,31 +487,25 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
-  for (const point of ['ending journaled', 'dies with appshot']) {
-    it(`killed at '${point}', before the file "released": the next command ends what is left of the application, and its image restores`, async () => {
-      const aid = `skill-${point.split(' ')[0]}`;
+  // The last case: the command that finishes the ending is killed too,
+  // once it stopped the application; the command after it finishes it.
+  for (const [point, recoveryKilledAt] of [['ending journaled'], ['dies with appshot'], ['ending journaled', 'ending: application stopped']]) {
+    const also = recoveryKilledAt ? `, and the command that finishes the ending killed at '${recoveryKilledAt}'` : '';
+    it(`killed at '${point}', before the file "released"${also}: the next command ends what is left of the application, and its image restores`, async () => {
+      const aid = `skill-${point.split(' ')[0]}${recoveryKilledAt ? '-twice' : ''}`;
       await started(aid);
       const image = join(dir, `${aid}.appshot`);
       const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: `snapshot: ${point}` });
       expect(r.signal, r.stderr).toBe('SIGKILL');
+      if (recoveryKilledAt) {
+        const recovering = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: recoveryKilledAt }, encoding: 'utf8', timeout: 50_000 });
+        expect(recovering.signal, recovering.stderr).toBe('SIGKILL');
+      }
       expect(sb.run(['ps']).code).toBe(0);
       expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
       await endedInto(aid, image);
     });
   }
-
-  it("killed at 'ending journaled', and the command that finishes the ending killed too once it stopped the application: the command after it finishes it", async () => {
-    const aid = 'skill-twice';
-    await started(aid);
-    const image = join(dir, `${aid}.appshot`);
-    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
-    expect(r.signal, r.stderr).toBe('SIGKILL');
-    const recovering = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'ending: application stopped' }, encoding: 'utf8', timeout: 50_000 });
-    expect(recovering.signal, recovering.stderr).toBe('SIGKILL');
-    expect(sb.run(['ps']).code).toBe(0);
-    expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
-    await endedInto(aid, image);
-  });
 
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';
