@@ -273,8 +273,16 @@ export function alive(pid: number): boolean {
   } catch {
     return false;
   }
-  const r = spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' });
-  return r.status === 0 && !r.stdout.trim().startsWith('Z');
+  // The state is the field after the command's closing parenthesis (the
+  // command may hold spaces and parentheses itself). Read from /proc, not
+  // `ps`: tests poll this every few ms and a process per poll adds up.
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return false;
+  }
+  return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
 }
 
 /** System ids of the SysV objects that exist now, by kind. */

@@ -146,7 +146,8 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     const held = async (aid: string) => {
       sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), 'wait4']);
       await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
-      await waitFor(() => heldAfterWait(sb.systemPid(aid)), 10_000, `${aid} to be held after its wait`);
+      const pid = sb.systemPid(aid); // a CLI each: asked once, not per poll
+      await waitFor(() => heldAfterWait(pid), 10_000, `${aid} to be held after its wait`);
     };
     await held('waitany-swept');
     await held('waitany-swept2');
@@ -188,11 +189,13 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('waitany'), 'blocked']);
     await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
-    await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4`);
+    const pid = sb.systemPid(aid); // a CLI each: asked once, not per poll
+    await waitFor(() => blocked(pid), 10_000, `${aid} to block in wait4`);
     const image = join(images, aid);
     sb.ok(['snapshot', aid, '-o', image]);
     sb.ok(['restore', image]);
-    await waitFor(() => blocked(sb.systemPid(aid)), 10_000, `${aid} to block in wait4 again`);
+    const restored = sb.systemPid(aid);
+    await waitFor(() => blocked(restored), 10_000, `${aid} to block in wait4 again`);
     process.kill(sb.systemPid(aid, child), 'SIGUSR1');
     expect(await verdict(aid)).toBe('PASS');
   });
@@ -204,11 +207,13 @@ describe('a wait for any child caught by a snapshot between the kernel answering
       await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
       const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
       const inWait = (pid: number) => /^(61|247) /.test(readFileSync(`/proc/${pid}/syscall`, 'utf8')); // wait4, waitid
-      await waitFor(() => inWait(sb.systemPid(aid)), 10_000, `${aid} to block in its wait`);
+      const pid = sb.systemPid(aid); // a CLI each: asked once, not per poll
+      await waitFor(() => inWait(pid), 10_000, `${aid} to block in its wait`);
       const image = join(images, aid);
       sb.ok(['snapshot', aid, '-o', image]);
       sb.ok(['restore', image]);
-      await waitFor(() => inWait(sb.systemPid(aid)), 10_000, `${aid} to block in its wait again`);
+      const restored = sb.systemPid(aid);
+      await waitFor(() => inWait(restored), 10_000, `${aid} to block in its wait again`);
       process.kill(sb.systemPid(aid, child), 'SIGUSR1');
       expect(await verdict(aid)).toBe('PASS');
     });
@@ -219,11 +224,13 @@ describe('a wait for any child caught by a snapshot between the kernel answering
     await waitFor(() => /^WAITING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const child = Number(/^WAITING (\d+)$/m.exec(sb.log(aid))![1]);
     const inMsgrcv = (pid: number) => readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('70 ');
-    await waitFor(() => inMsgrcv(sb.systemPid(aid)), 10_000, `${aid} to block in msgrcv`);
+    const pid = sb.systemPid(aid); // a CLI each: asked once, not per poll
+    await waitFor(() => inMsgrcv(pid), 10_000, `${aid} to block in msgrcv`);
     const image = join(images, aid);
     sb.ok(['snapshot', aid, '-o', image]);
     sb.ok(['restore', image]);
-    await waitFor(() => inMsgrcv(sb.systemPid(aid)), 10_000, `${aid} to block in msgrcv again`);
+    const restored = sb.systemPid(aid);
+    await waitFor(() => inMsgrcv(restored), 10_000, `${aid} to block in msgrcv again`);
     process.kill(sb.systemPid(aid, child), 'SIGUSR1');
     expect(await verdict(aid)).toBe('PASS');
   });
@@ -542,18 +549,20 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('cpuclocks'), 'sleeper']);
     await waitFor(() => /^SLEEPING \d+$/m.test(sb.log(aid)), 10_000, `${aid} to fork`);
     const idle = Number(/^SLEEPING (\d+)$/m.exec(sb.log(aid))![1]);
-    const inSleep = () => {
+    const inSleep = (pid: number) => {
       try {
-        return readFileSync(`/proc/${sb.systemPid(aid)}/syscall`, 'utf8').startsWith('230 '); // clock_nanosleep
+        return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('230 '); // clock_nanosleep
       } catch {
         return false; // ended (FAIL) or not there yet
       }
     };
-    await waitFor(inSleep, 10_000, `${aid} to block in clock_nanosleep`);
+    const pid = sb.systemPid(aid); // a CLI each: asked once, not per poll
+    await waitFor(() => inSleep(pid), 10_000, `${aid} to block in clock_nanosleep`);
     const image = join(images, aid);
     sb.ok(['snapshot', aid, '-o', image]);
     sb.ok(['restore', image]);
-    await waitFor(() => inSleep() || /^FAIL/m.test(sb.log(aid)), 10_000, `${aid} to block in clock_nanosleep again`);
+    const restored = sb.systemPid(aid);
+    await waitFor(() => inSleep(restored) || /^FAIL/m.test(sb.log(aid)), 10_000, `${aid} to block in clock_nanosleep again`);
     expect(/^FAIL.*$/m.exec(sb.log(aid))?.[0]).toBeUndefined();
     process.kill(sb.systemPid(aid, idle), 'SIGUSR2');
     await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
