@@ -491,13 +491,18 @@ static int scan(int dfd, const char *path, struct dirent64 ***list,
       v = w;
       cap = more;
     }
-    size_t size = offsetof(struct dirent64, d_name) + strlen(e->d_name) + 1;
+    /* As large as its d_reclen says (glibc's scandir copies that much, and
+     * a caller may copy d_reclen bytes of an entry); the name ends before. */
+    size_t used = offsetof(struct dirent64, d_name) + strlen(e->d_name) + 1;
+    size_t size = e->d_reclen > used ? e->d_reclen : used;
     struct dirent64 *copy = malloc(size);
     if (!copy) {
       err = ENOMEM;
       break;
     }
-    memcpy(copy, e, size);
+    memcpy(copy, e, used);
+    memset((char *)copy + used, 0, size - used);
+    copy->d_reclen = (unsigned short)size;
     v[n++] = copy;
   }
   closedir(dir);
