@@ -382,6 +382,9 @@ interface Addon {
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
+  /** Offset in a tables file of its lock's futex word (a robust mutex's:
+   * its holder's TID). */
+  readonly tablesLockOffset: number;
   /** Before a restored process runs: the image's wait slots and the
    * previous node's PIDs into new tables (appshot_table.h). */
   carryWaits(path: string, waits: WaitSlot[], prior: { virtual: number; system: number }[]): void;

@@ -482,8 +482,17 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
       sb.ok(['stop', aid, '--signal', 'KILL']);
     });
 
-  for (const call of ['getppid', 'kill', 'proc'] as const)
-    it(`${call === 'proc' ? 'access(/proc/<vpid>/stat)' : call}: the restored child's answer is the virtual one`, async () => {
+  const titles = {
+    getppid: 'getppid',
+    kill: 'kill',
+    proc: 'access(/proc/<vpid>/stat)',
+    ownpid: "a fork child's first getpid()",
+    owntid: "a thread's first gettid()",
+    semget: 'a keyed semget() making its semaphore',
+    lockwait: "a thread's first gettid() blocked on the tables' lock, held by a keyed semget",
+  } as const;
+  for (const call of ['getppid', 'kill', 'proc', 'ownpid', 'owntid', 'semget', 'lockwait'] as const)
+    it(`${titles[call]}: the restored child's answer is the virtual one`, async () => {
       const aid = `idwindow-${call}`;
       sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), call]);
       await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);

@@ -113,7 +113,13 @@ int pid_arg(pid_t vid, pid_t *sid, int err) {
   return 0;
 }
 
-static pid_t map_self(int32_t spid) {
+/* Our own PID, read from the kernel and mapped. A translation window
+ * (preload.h): stopped between the read and the mapping, snapshotted and
+ * restored, the thread would map the old node's PID as a new process. */
+static pid_t map_self(void) {
+  ID_WINDOW();
+  int32_t spid = (int32_t)SYS0(getpid);
+  test_pause("own-pid-read");
   int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0);
   /* Only a full table gets here. The system id is the least harmful answer:
    * 0 or -1 would make kill(getpid(), sig) signal a whole group. */
@@ -122,13 +128,13 @@ static pid_t map_self(int32_t spid) {
 
 pid_t self_vpid(void) {
   if (UNLIKELY(__atomic_load_n(&g_nocache, __ATOMIC_RELAXED)))
-    return map_self((int32_t)SYS0(getpid));
+    return map_self();
   int32_t v = g_vpid;
   if (LIKELY(v)) return v;
   /* A fork child learns its virtual PID when first asked (see
    * pid_atfork_child). Any thread or handler that races here computes the
    * same value: the table holds one entry per system PID. */
-  v = map_self((int32_t)SYS0(getpid));
+  v = map_self();
   g_vpid = v;
   return v;
 }
@@ -136,8 +142,11 @@ pid_t self_vpid(void) {
 pid_t self_vtid(void) {
   int nocache = __atomic_load_n(&g_nocache, __ATOMIC_RELAXED);
   if (LIKELY(t_vtid && !nocache)) return t_vtid;
+  /* A window, as map_self's: our TID is on its way into the tables. */
+  ID_WINDOW();
   int32_t stid = (int32_t)SYS0(gettid);
   int32_t spid = (int32_t)SYS0(getpid);
+  test_pause("own-tid-read");
   if (stid == spid) {
     pid_t v = self_vpid();
     if (!nocache) t_vtid = v;

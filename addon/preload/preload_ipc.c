@@ -44,6 +44,7 @@ static long create_keyed(const struct ipc_kind *k, key_t key, long size,
   sigset_t saved;
   *vid = -1;
   if (appshot_lock(g_h, &saved) != 0) return -errno;
+  test_pause("table-locked");
   int32_t skey;
   long r;
   if (appshot_v2s(g_h, k->key, key, &skey)) {
@@ -70,7 +71,10 @@ static long create_keyed(const struct ipc_kind *k, key_t key, long size,
   return r;
 }
 
+/* A translation window (preload.h): the system id the kernel returns is on
+ * its way into the tables, and a keyed creation holds the table lock. */
 static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
+  ID_WINDOW();
   int32_t skey = key, vid;
   long r;
   if (key != IPC_PRIVATE && !appshot_v2s(g_h, k->key, key, &skey)) {

@@ -6,6 +6,7 @@
 // Every function is synchronous and runs on the JS thread. That is on
 // purpose: ptrace belongs to the thread that attached, so the drivers must
 // keep to one OS thread.
+#include <cstddef>
 #include <napi.h>
 
 #include <cerrno>
@@ -732,6 +733,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  // Where a tables file keeps its lock's futex word (the mutex's first
+  // field): a snapshot checks that no thread it stopped holds it.
+  exports.Set("tablesLockOffset", Napi::Number::New(env, static_cast<double>(offsetof(struct appshot_header, lock))));
   exports.Set("carryWaits", Napi::Function::New(env, CarryWaits));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
   exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));

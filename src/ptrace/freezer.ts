@@ -16,7 +16,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
-import { closeGate, insideWindow, openGate, registersOf, threadPointer, type Windows, windowsOf } from './windows.js';
+import { closeGate, insideWindow, openGate, registersOf, tableLockHolder, threadPointer, type Windows, windowsOf } from './windows.js';
 
 /** How far ahead the freeze gate's deadline is set, each round it is
  * (re)closed: what a snapshot killed with the gate closed costs the
@@ -382,6 +382,19 @@ export class Freezer {
       }
       if (windows && insideWindow(t.pid, regs, windows, (sharers.get(key(t.pid, regs)) ?? 0) > 1)) out.push(t);
     }
+    // A thread stopped holding the tables' lock, inside a window or not,
+    // runs on until it lets go: the snapshot itself takes the lock (to map
+    // the threads it finds), and would wait for ever for a stopped holder;
+    // a waiter let run on (insideWindow) would never get through. One look
+    // per tables file.
+    const looked = new Set<string>();
+    for (const [pid, windows] of this.windows)
+      for (const m of windows?.tables ?? []) {
+        if (looked.has(m.inode)) continue;
+        looked.add(m.inode);
+        const holder = this.threads.get(tableLockHolder(pid, m));
+        if (holder?.stopped && !out.includes(holder)) out.push(holder);
+      }
     return out;
   }
 

@@ -28,7 +28,8 @@ import { addon, paths } from '../native.js';
 import type { MapsLine } from '../resources/memory.js';
 
 /** Offsets in x86-64 struct user_regs_struct. */
-const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
+const REG = { rax: 10 * 8, rdi: 14 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
+const SYS_FUTEX = 202n;
 /** The kernel's codes for a call interrupted in its sleep, to be restarted
  * (or to fail with EINTR), and EINTR itself. */
 const BLOCKED = new Set([-512n, -513n, -514n, -516n, -4n]);
@@ -54,6 +55,31 @@ export interface Windows {
   /** The process's freeze gate (struct appshot_freeze_gate), or 0n: a
    * library without one. */
   gate: bigint;
+  /** Where the process maps translation tables (appshot's files in
+   * /dev/shm, at offset 0), and the file's inode: a futex wait there is a
+   * wait for the tables' lock. */
+  tables: { start: bigint; end: bigint; inode: string }[];
+}
+
+/** The mappings of translation tables in a process's maps. */
+function tableMappings(maps: string): { start: bigint; end: bigint; inode: string }[] {
+  const out: { start: bigint; end: bigint; inode: string }[] = [];
+  for (const m of maps.matchAll(/^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ (\d+)\s+\/dev\/shm\/appshot-.*$/gm))
+    out.push({ start: BigInt(`0x${m[1]}`), end: BigInt(`0x${m[2]}`), inode: m[3] });
+  return out;
+}
+
+/** The bits of a robust futex word that hold its owner's TID. */
+const FUTEX_TID_MASK = 0x3fffffff;
+
+/** The system TID holding the tables' lock, read through the mapping `m`
+ * of process `pid`, or 0: free (or unreadable: the process is gone). */
+export function tableLockHolder(pid: number, m: { start: bigint }): number {
+  try {
+    return addon().readMemory(pid, m.start + BigInt(addon().tablesLockOffset), 4).readInt32LE(0) & FUTEX_TID_MASK;
+  } catch {
+    return 0;
+  }
 }
 
 /** The preload library as a process maps it (a line of its maps at file
@@ -199,7 +225,7 @@ export function windowsOf(pid: number): Windows | undefined {
     const offset = addon().readMemory(pid, bias + at, 8).readBigInt64LE(0);
     return offset === 0n
       ? undefined
-      : { offset, entry: entry === undefined ? 0n : bias + entry, raised: raised === undefined ? 0n : bias + raised, gate: gate === undefined ? 0n : bias + gate };
+      : { offset, entry: entry === undefined ? 0n : bias + entry, raised: raised === undefined ? 0n : bias + raised, gate: gate === undefined ? 0n : bias + gate, tables: tableMappings(maps) };
   } catch {
     return undefined;
   }
@@ -247,7 +273,18 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
   }
   if (open <= 0 || (!shared && regs.readBigUInt64LE(REG.rsp) > sp)) return false;
   const blocked = regs.readBigInt64LE(REG.origRax) >= 0n && BLOCKED.has(regs.readBigInt64LE(REG.rax));
-  return !blocked;
+  // Blocked waiting for the tables' lock, it still holds the id it came to
+  // map, and would map it in the new node's tables: run on (with the
+  // lock's holder: the freezer's insideWindows) until it is through.
+  return !blocked || waitsForTableLock(regs, windows);
+}
+
+/** Whether a thread (registers `regs`) is in a futex wait on a mapping of
+ * the tables: the only futex there is their lock. */
+function waitsForTableLock(regs: Buffer, windows: Windows): boolean {
+  if (regs.readBigInt64LE(REG.origRax) !== SYS_FUTEX) return false;
+  const at = regs.readBigUInt64LE(REG.rdi);
+  return windows.tables.some((m) => at >= m.start && at < m.end);
 }
 
 /**
