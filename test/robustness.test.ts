@@ -134,12 +134,16 @@ describe('robustness', () => {
     const r = sb.run(['run', '-d', '--aid', 'robust', '--', fixture('robustmutex')]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => /^HOLDING$/m.test(sb.log('robust')), 10_000, 'the mutexes to be held');
+    // One image taken with --leave-running, restored eagerly; then the
+    // last, restored lazily.
+    const running = join(sb.home, 'robust-running');
     const image = join(sb.home, 'robust-img');
+    expect(sb.run(['snapshot', 'robust', '-o', running, '--leave-running']).code).toBe(0);
     const s = sb.run(['snapshot', 'robust', '-o', image]);
     expect(s.code, s.stderr).toBe(0);
     try {
-      for (const [aid, lazy] of [['robust-r', []], ['robust-lazy', ['--lazy']]] as const) {
-        const restored = sb.run(['restore', image, '--aid', aid, ...lazy]);
+      for (const [aid, from, lazy] of [['robust-r', running, []], ['robust-lazy', image, ['--lazy']]] as const) {
+        const restored = sb.run(['restore', from, '--aid', aid, ...lazy]);
         expect(restored.code, restored.stderr).toBe(0);
         expect(restored.stderr.match(/^appshot: warning: not kept: process 2: thread \d+ was waiting for the robust mutex at 0x[0-9a-f]+: .*$/gm)).toHaveLength(1);
         try {
@@ -151,7 +155,7 @@ describe('robustness', () => {
         }
       }
     } finally {
-      rmSync(image, { recursive: true, force: true });
+      for (const dir of [running, image]) rmSync(dir, { recursive: true, force: true });
     }
   });
 
