@@ -130,7 +130,8 @@ describe('robustness', () => {
     // (robustmutex.c), one mid-lock, and after the restore has a thread
     // wait for four of them; each restore, eager and lazy, is checked on
     // its own. A seventh has a thread waiting for it at the snapshot,
-    // which nothing can mend: the restore warns of it.
+    // which nothing can mend: the restore warns of it. One thread's
+    // robust list is its own, not glibc's, and a cycle (the walk ends).
     const r = sb.run(['run', '-d', '--aid', 'robust', '--', fixture('robustmutex')]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => /^HOLDING$/m.test(sb.log('robust')), 10_000, 'the mutexes to be held');
