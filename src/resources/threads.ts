@@ -403,7 +403,8 @@ const MUTEX = { lock: 0, count: 4, owner: 8, nusers: 12, kind: 16, size: 40 } as
 const MUTEX_TYPE_MASK = 3;
 const MUTEX_RECURSIVE = 1;
 const MUTEX_ERRORCHECK = 2;
-const MUTEX_ROBUST_PI_PP = 16 | 32 | 64;
+const MUTEX_ROBUST = 16;
+const MUTEX_ROBUST_PI_PP = MUTEX_ROBUST | 32 | 64;
 
 /**
  * The dynamic loader's locks held across the snapshot, given their
@@ -491,8 +492,9 @@ const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
  * the thread's old TID, the waiters and owner-died bits kept), bounded
  * and cycle-safe, since the image is untrusted; a pointer that cannot be
  * read ends the walk, as it does the kernel's. __owner is rewritten only
- * in glibc's layout, and only where it holds the old TID (a mutex being
- * taken has not set it yet). Every word is read before any is written, so
+ * in glibc's layout (its futex offset, and a __kind with the robust bit),
+ * and only where it holds the old TID (a mutex being taken has not set it
+ * yet). Every word is read before any is written, so
  * that one thread's new TID is never taken for another's old one.
  * Mutexes that are not robust are listed nowhere (README: not kept).
  *
@@ -519,8 +521,9 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
       if ((value & FUTEX_TID_MASK) !== oldTid) return;
       writes.set(word, ((value & ~FUTEX_TID_MASK) | newTid) >>> 0);
       if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return;
-      const owner = word + BigInt(MUTEX.owner - MUTEX.lock);
-      if (a.readMemory(pid, owner, 4).readInt32LE(0) === oldTid) writes.set(owner, newTid);
+      const mutex = a.readMemory(pid, word - BigInt(MUTEX.lock), MUTEX.size);
+      if (!(mutex.readInt32LE(MUTEX.kind) & MUTEX_ROBUST)) return;
+      if (mutex.readInt32LE(MUTEX.owner) === oldTid) writes.set(word + BigInt(MUTEX.owner - MUTEX.lock), newTid);
     };
     try {
       const h = a.readMemory(pid, head, Number(ROBUST_HEAD_SIZE));
