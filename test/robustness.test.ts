@@ -120,6 +120,46 @@ describe('robustness', () => {
     }
   });
 
+  it('restores robust mutexes held across the snapshot: their holders give them up, waiters get them, and a holder that dies leaves them owner-dead', async () => {
+    // A robust or PI mutex keeps its holder's system TID in its futex
+    // word and in glibc's __owner. Restored under a new TID, the holder's
+    // unlock was refused (EPERM), a PI waiter found no task of the old
+    // TID (ESRCH: glibc asserts, the process aborts), and a holder that
+    // died left its mutexes held for good (the kernel marks owner-dead
+    // only words with the dying thread's TID). The fixture holds six
+    // (robustmutex.c), one mid-lock, and after the restore has a thread
+    // wait for four of them; each restore, eager and lazy, is checked on
+    // its own. A seventh has a thread waiting for it at the snapshot,
+    // which nothing can mend: the restore warns of it. One thread's
+    // robust list is its own, not glibc's, and a cycle (the walk ends).
+    const r = sb.run(['run', '-d', '--aid', 'robust', '--', fixture('robustmutex')]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /^HOLDING$/m.test(sb.log('robust')), 10_000, 'the mutexes to be held');
+    // One image taken with --leave-running, restored eagerly; then the
+    // last, restored lazily.
+    const running = join(sb.home, 'robust-running');
+    const image = join(sb.home, 'robust-img');
+    expect(sb.run(['snapshot', 'robust', '-o', running, '--leave-running']).code).toBe(0);
+    const s = sb.run(['snapshot', 'robust', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    try {
+      for (const [aid, from, lazy] of [['robust-r', running, []], ['robust-lazy', image, ['--lazy']]] as const) {
+        const restored = sb.run(['restore', from, '--aid', aid, ...lazy]);
+        expect(restored.code, restored.stderr).toBe(0);
+        expect(restored.stderr.match(/^appshot: warning: not kept: process 2: thread \d+ was waiting for the robust mutex at 0x[0-9a-f]+: .*$/gm)).toHaveLength(1);
+        try {
+          if (sb.aids().includes(aid)) process.kill(sb.systemPid(aid), 'SIGUSR1');
+          await waitFor(() => /^(MUTEXES KEPT|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid), 30_000, `${aid} to check its mutexes`);
+          expect(sb.log(aid)).toMatch(/^MUTEXES KEPT$/m);
+        } finally {
+          if (sb.aids().includes(aid)) expect(sb.run(['stop', aid, '--signal', 'KILL']).code).toBe(0);
+        }
+      }
+    } finally {
+      for (const dir of [running, image]) rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('leaves out a process that exits while the snapshot looks at it before its freeze, and the image restores', async () => {
     // The race of the test above, made to happen: the snapshot is stopped
     // between two reads of the planning of the child's dirty tracking,

@@ -403,7 +403,8 @@ const MUTEX = { lock: 0, count: 4, owner: 8, nusers: 12, kind: 16, size: 40 } as
 const MUTEX_TYPE_MASK = 3;
 const MUTEX_RECURSIVE = 1;
 const MUTEX_ERRORCHECK = 2;
-const MUTEX_ROBUST_PI_PP = 16 | 32 | 64;
+const MUTEX_ROBUST = 16;
+const MUTEX_ROBUST_PI_PP = MUTEX_ROBUST | 32 | 64;
 
 /**
  * The dynamic loader's locks held across the snapshot, given their
@@ -419,8 +420,10 @@ const MUTEX_ROBUST_PI_PP = 16 | 32 | 64;
  * A held recursive or error-checking mutex in the loader's writable data
  * whose owner is one of the process's threads in the image is given that
  * thread's new TID (`tids`, in the order of `p.threads`). The
- * application's own mutexes, anywhere in its memory, are not looked for
- * (README: not kept). Returns how many were rewritten.
+ * application's own robust mutexes are found through their holders'
+ * robust lists (restoreRobustMutexOwners); its other mutexes, anywhere in
+ * its memory, are not looked for (README: not kept). Returns how many
+ * were rewritten.
  */
 export function restoreLoaderLockOwners(pid: number, p: Process, tids: number[]): number {
   let base = 0n;
@@ -453,4 +456,111 @@ export function restoreLoaderLockOwners(pid: number, p: Process, tids: number[])
     }
   }
   return rewritten;
+}
+
+/** The kernel's struct robust_list_head: the list's first entry, the
+ * futex word's offset from an entry, the entry being taken or given up. */
+const ROBUST_HEAD_SIZE = 24n;
+/** The most entries the kernel walks in a dying thread's list (its
+ * ROBUST_LIST_LIMIT): an image's list longer than that, or a cycle, is
+ * not a list the kernel would have seen through either. */
+const ROBUST_LIST_LIMIT = 2048;
+/** An entry's low bit: the mutex is priority-inheritance. */
+const ROBUST_ENTRY_PI = 1n;
+const FUTEX_TID_MASK = 0x3fffffff;
+/** glibc's robust list links each mutex by its __list.__next member: the
+ * futex word (__lock) is 32 bytes before it (x86-64, struct
+ * __pthread_mutex_s), __owner 8 bytes after the word. A list with another
+ * offset is not glibc's, and only its futex words are the kernel's ABI. */
+const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
+
+/**
+ * The robust mutexes each thread held at the snapshot, given its new TID.
+ * A robust or priority-inheritance mutex keeps its holder's TID in its
+ * futex word, which the kernel reads: a thread that dies holding one has
+ * it marked owner-dead (EOWNERDEAD to the next locker) only where the
+ * word holds the dying thread's TID, and a PI waiter attaches to the task
+ * the word names (a stale TID: ESRCH, on which glibc waits forever or
+ * asserts). glibc also keeps it in __owner, which unlock compares with
+ * the thread's TID (a stale one: EPERM, the mutex never given up).
+ *
+ * Exact, not a search: every robust mutex a thread holds is linked in its
+ * robust list (set_robust_list, which the restore has registered again
+ * at the same address), and the one it was taking or giving up when
+ * caught is its list_op_pending. Walked as the kernel walks it when the
+ * thread exits (each entry's word rewritten only where its TID bits are
+ * the thread's old TID, the waiters and owner-died bits kept), bounded
+ * and cycle-safe, since the image is untrusted; a pointer that cannot be
+ * read ends the walk, as it does the kernel's. __owner is rewritten only
+ * in glibc's layout (its futex offset, and a __kind with the robust bit),
+ * and only where it holds the old TID (a mutex being taken has not set it
+ * yet). Every word is read before any is written, so
+ * that one thread's new TID is never taken for another's old one.
+ * Mutexes that are not robust are listed nowhere (README: not kept).
+ *
+ * One thing cannot be mended: a thread caught waiting in a futex call for
+ * the mutex its list_op_pending names (another thread's) holds its old
+ * TID in glibc's lock function's own frame across the wait, and takes the
+ * mutex under it once it is free (its unlock then refused, its death not
+ * seen by the kernel). Returned as a note for each such thread.
+ */
+export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]): string[] {
+  const a = addon();
+  const read64 = (addr: bigint): bigint => a.readMemory(pid, addr, 8).readBigUInt64LE(0);
+  const writes = new Map<bigint, number>();
+  const notes: string[] = [];
+  p.threads.forEach((t, i) => {
+    const oldTid = t.tid;
+    const newTid = tids[i];
+    if (!t.robustList || t.robustListLen !== ROBUST_HEAD_SIZE || newTid === undefined || newTid === oldTid) return;
+    const head = t.robustList;
+    const rewrite = (entry: bigint, futexOffset: bigint): void => {
+      const word = (entry & ~ROBUST_ENTRY_PI) + futexOffset;
+      if (word & 3n || writes.has(word)) return;
+      const value = a.readMemory(pid, word, 4).readUInt32LE(0);
+      if ((value & FUTEX_TID_MASK) !== oldTid) return;
+      writes.set(word, ((value & ~FUTEX_TID_MASK) | newTid) >>> 0);
+      if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return;
+      const mutex = a.readMemory(pid, word - BigInt(MUTEX.lock), MUTEX.size);
+      if (!(mutex.readInt32LE(MUTEX.kind) & MUTEX_ROBUST)) return;
+      if (mutex.readInt32LE(MUTEX.owner) === oldTid) writes.set(word + BigInt(MUTEX.owner - MUTEX.lock), newTid);
+    };
+    try {
+      const h = a.readMemory(pid, head, Number(ROBUST_HEAD_SIZE));
+      const futexOffset = h.readBigInt64LE(8);
+      const pending = h.readBigUInt64LE(16);
+      const seen = new Set<bigint>();
+      let entry = h.readBigUInt64LE(0);
+      // The kernel reads each entry's next before it handles the entry,
+      // and leaves the pending one to the end.
+      for (let n = 0; entry !== head && n < ROBUST_LIST_LIMIT; n++) {
+        const at = entry & ~ROBUST_ENTRY_PI;
+        if (seen.has(at)) break;
+        seen.add(at);
+        const next = read64(at);
+        if (entry !== pending) rewrite(entry, futexOffset);
+        entry = next;
+      }
+      if (pending) {
+        rewrite(pending, futexOffset);
+        const word = (pending & ~ROBUST_ENTRY_PI) + futexOffset;
+        const waiting = t.inSyscall === NR_futex && t.regs.readBigUInt64LE(ARG.rdi) === word;
+        if (waiting && (a.readMemory(pid, word, 4).readUInt32LE(0) & FUTEX_TID_MASK) !== oldTid)
+          notes.push(`thread ${t.vtid} was waiting for the robust mutex at 0x${word.toString(16)}: it takes it under its old TID (its unlock is refused)`);
+      }
+    } catch {
+      /* a pointer into nothing: the walk ends there, as the kernel's */
+    }
+  });
+  for (const [addr, value] of writes) {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(value);
+    try {
+      a.writeMemory(pid, addr, b);
+    } catch {
+      /* made read-only since: the kernel could not mark it either, nor
+       * the holder give it up */
+    }
+  }
+  return notes;
 }

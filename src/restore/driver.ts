@@ -49,7 +49,7 @@ import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
-import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreRobustMutexOwners, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -836,8 +836,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       r.reset();
       const mainCalls = r.batch();
       restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
-      // With the cached TIDs: the loader's locks a thread held.
+      // With the cached TIDs: the loader's locks a thread held, and the
+      // robust mutexes in the threads' robust lists.
       restoreLoaderLockOwners(m.pid, p, m.tids);
+      for (const note of restoreRobustMutexOwners(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
