@@ -504,10 +504,29 @@ export class Freezer {
    * cannot leave it running as well (a tracer's exit lets its tracees go
    * on). resume() clears it again with the detach. */
   dieWithUs(): void {
+    let first = true;
+    for (const threads of this.byProcess().values()) {
+      for (const t of threads)
+        if (t.stopped)
+          try {
+            addon().killOnExit(t.tid);
+          } catch {
+            /* it died meanwhile */
+          }
+      if (first) killPoint('snapshot: dies with appshot, one process');
+      first = false;
+    }
+  }
+
+  /** Undoes dieWithUs, the threads still stopped: appshot's death lets
+   * them go on again (a snapshot that fails past its journaled ending
+   * does this before it journals that it rolls back, so that the record
+   * never says "rolled back" of an application that would die with it). */
+  liveOn(): void {
     for (const t of this.threads.values())
       if (t.stopped)
         try {
-          addon().killOnExit(t.tid);
+          addon().keepOnExit(t.tid);
         } catch {
           /* it died meanwhile */
         }
