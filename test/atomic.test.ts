@@ -586,6 +586,22 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
+  // The Node API settles what a killed command left as the CLI does,
+  // before its operation: here ps() finds the application snapshotted.
+  it("killed at 'dies with appshot', then the API's ps(): the API ends what is left, and lists it snapshotted into its image", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-api';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: dies with appshot' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(endingEntries()).toHaveLength(1);
+    const listed = await api.ps(aid, { home: sb.home, all: true });
+    expect(listed).toEqual([expect.objectContaining({ aid, state: 'snapshotted', image })]);
+    expect(endingEntries()).toEqual([]);
+    await endedInto(aid, image);
+  });
+
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';
     await started(aid);

@@ -11,8 +11,9 @@
  * would hold two versions of one application, or lose track of one.
  *
  * So the snapshot journals its ending, and the next appshot command of
- * any kind (the CLI's preAction) finishes what a dead one left, one way
- * or the other, never half:
+ * any kind (the CLI's preAction, every call of the Node API:
+ * settleKilledCommands) finishes what a dead one left, one way or the
+ * other, never half:
  *  - "placing" (written before the image is renamed into place, with the
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
