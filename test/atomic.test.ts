@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -600,6 +600,44 @@ describe('a snapshot that fails or is killed at a step', () => {
     expect(listed).toEqual([expect.objectContaining({ aid, state: 'snapshotted', image })]);
     expect(endingEntries()).toEqual([]);
     await endedInto(aid, image);
+  });
+
+  // The command that finishes the ending cannot stop the application (a
+  // debugger, another snapshot traces one of its processes): nothing is
+  // decided, the entry waits for a later command, and what it had stopped
+  // is let go at once, also in a process that lives on (the API).
+  it("killed at 'ending journaled', one of its processes traced by another: the API's ps() decides nothing and lets go what it stopped; once the tracer is gone, the next call rolls back", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-traced';
+    await started(aid);
+    const pids = processesOf(aid);
+    const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    // The child: its parent, the first process, is seized before it.
+    const child = pids.find((p) => pids.includes(ppidOf(p)))!;
+    const parent = ppidOf(child);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const addonPath = join(root, 'build', 'Release', 'appshot.node');
+    const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      let said = '';
+      tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
+      await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
+      expect(tracerOf(child)).toBe(tracer.pid);
+      await api.ps(aid, { home: sb.home });
+      expect(endingEntries()).toHaveLength(1);
+      expect(existsSync(image)).toBe(true);
+      await waitFor(() => tracerOf(parent) === 0, 5000, 'the process it had stopped to be let go');
+      expect(stateOf(parent)).not.toBe('t');
+      await sb.checksPass(aid, 2);
+    } finally {
+      tracer.kill('SIGKILL');
+    }
+    await waitFor(() => tracerOf(child) === 0, 10_000, 'the other tracer to let the child go');
+    await api.ps(aid, { home: sb.home });
+    await rolledBack(aid, image, pids);
   });
 
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {

@@ -492,7 +492,18 @@ export class Freezer {
       this.threads.delete(t.tid);
     }
     if (final) {
-      for (const t of this.threads.values()) detachWhenStopped(t.tid);
+      // One seized but not yet interrupted (an attempt that failed while
+      // it seized, meeting another tracer) is interrupted now, to stop and
+      // be let go at once rather than at its next signal.
+      for (const t of this.threads.values()) {
+        if (!t.interrupted)
+          try {
+            addon().interrupt(t.tid);
+          } catch {
+            /* exited */
+          }
+        detachWhenStopped(t.tid);
+      }
       this.threads.clear();
     }
     for (const pid of [...this.processes]) if (![...this.threads.values()].some((t) => t.pid === pid)) this.processes.delete(pid);

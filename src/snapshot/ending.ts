@@ -228,7 +228,13 @@ function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry):
   // chose them): its init's children are found by the freezer.
   const roots = image.filter((p) => isSameProcess(p.pid, p.startTime) && addon().pidBelongs(p.pid, initPid, record.tables)).map((p) => p.pid);
   const freezer = new Freezer(roots, initPid);
-  freezer.freeze(HOLD_TIMEOUT_MS);
+  try {
+    freezer.freeze(HOLD_TIMEOUT_MS);
+  } catch (err) {
+    // Those it stopped before it failed (another tracer met) go on.
+    freezer.resume();
+    throw err;
+  }
   const whole = image.length > 0 && image.every((p) => freezer.processes.has(p.pid) && readStat(p.pid)?.startTime === p.startTime);
   return { freezer, whole };
 }
