@@ -887,7 +887,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // the image). Then its threads die with us, so that appshot killed
       // before the file "released" cannot leave it running beside its
       // image, and the file says the image is it.
-      ending?.ending([...freezer.processes].map((pid) => ({ pid, startTime: readStat(pid)?.startTime ?? 0 })));
+      ending?.ending(
+        [...freezer.processes].map((pid) => ({ pid, startTime: readStat(pid)?.startTime ?? 0 })),
+        connections.inRepair,
+      );
       journaledEnding = !!ending;
       killPoint('snapshot: ending journaled');
       freezer.dieWithUs();

@@ -28,10 +28,14 @@
  *    same one (its start time), and stops, none was dying (a process a
  *    SIGKILL was sent to never enters a ptrace stop again), so appshot
  *    died before it set any to die: rolled back as for "placing", the
- *    application runs on with all it did meanwhile. Otherwise (one gone,
- *    or one that does not stop) what is left is killed and the
- *    registration released to the image, as the snapshot would have
- *    done; `ps -a` lists it as snapshotted into the image.
+ *    application runs on with all it did meanwhile; unless the snapshot
+ *    left connections of it in TCP repair mode, which only it could let
+ *    go (the keeper holds them for the restore). Otherwise (one gone or
+ *    dying, or connections in repair mode) what is left is killed and
+ *    the registration released to the image, as the snapshot would have
+ *    done; `ps -a` lists it as snapshotted into the image. One it cannot
+ *    stop (another tracer, a thread that does not stop): nothing is
+ *    decided, what it stopped goes on, and a later command tries again.
  *  - "rolling-back" (a snapshot that failed past "ending", once its
  *    threads no longer die with it; or the next command, once it decided
  *    to roll back): as "placing".
@@ -70,6 +74,10 @@ interface EndingEntry {
   ino: number;
   /** From step "ending" on: every process of the image. */
   processes?: ImageProcess[];
+  /** From step "ending" on: how many of its connections are in TCP repair
+   * mode, held for the restore by a keeper (an application rolled back
+   * with them so could never use them again). */
+  connectionsInRepair?: number;
 }
 
 /** How long the next command tries to stop what is left of the
@@ -98,8 +106,8 @@ export class EndingJournal {
 
   /** The image, of `processes`, is in place and is the application from
    * the first of them set to die with appshot on. */
-  ending(processes: ImageProcess[]): void {
-    this.entry = { ...this.entry, step: 'ending', processes };
+  ending(processes: ImageProcess[], connectionsInRepair: number): void {
+    this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
     writeEntry(this.path, this.entry);
   }
 
@@ -251,7 +259,9 @@ async function finishEnding(home: string, e: EndingEntry, claimed: string): Prom
   if (existsSync(join(record.stateDir, 'released'))) return endIntoImage(reg, record, e);
   const { freezer, whole } = holdApplication(reg, record, e);
   killPoint('ending: application stopped');
-  if (whole) {
+  // Connections left in repair mode by the dead snapshot cannot be let go
+  // from here: the application keeps them only through its image.
+  if (whole && !e.connectionsInRepair) {
     // Journaled first (the claim, given back if this command is killed):
     // decided once, whatever the application does once let go.
     try {
