@@ -883,8 +883,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // The point of no return: journaled first, with the image's
       // processes, so that the next command ends what is left of the
       // application if appshot is killed once any of them was set to die
-      // with it (ending.ts; before, or with all of them whole, it removes
-      // the image). Then its threads die with us, so that appshot killed
+      // with it (ending.ts; before, or with all of them whole and none of
+      // its connections in repair mode, it removes the image). Then its threads die with us, so that appshot killed
       // before the file "released" cannot leave it running beside its
       // image, and the file says the image is it.
       ending?.ending(
