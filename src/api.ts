@@ -15,6 +15,7 @@
  */
 import { AppshotError, ExitCode } from './errors.js';
 import { homeScope } from './home.js';
+import { settleKilledCommands } from './image/partial.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
 import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
@@ -163,13 +164,20 @@ export class ClonedWithError extends AppshotError {
 }
 
 /** Runs `body` in the state directory `opts.home` names (homeScope: the
- * keys and temporaries too, not only the registry), turning a system
+ * keys and temporaries too, not only the registry), after settling what
+ * commands killed with SIGKILL left there, as every CLI command does
+ * first (settleKilledCommands: a snapshot killed while it ended its
+ * application is finished one way or the other); turning a system
  * call's failure (ENOENT on a path given, EACCES...) into an AppshotError
  * as the CLI reports it; any other error is a bug and goes through as it
  * is. */
 async function call<T>(opts: CommonOptions, body: () => Promise<T> | T): Promise<T> {
+  const settled = async () => {
+    await settleKilledCommands();
+    return body();
+  };
   try {
-    return await (opts.home ? homeScope.run(opts.home, body) : body());
+    return await (opts.home ? homeScope.run(opts.home, settled) : settled());
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     if (!(e instanceof AppshotError) && err && typeof err.code === 'string' && err.syscall) {

@@ -930,7 +930,7 @@ export async function runCommand(argv: string[]): Promise<void> {
     // every command's action (--help and --version have none), and the
     // ending of an application a killed snapshot left half-done finished.
     program.hook('preAction', async () => {
-      if ((await import('./image/partial.js')).removeStaleTemporaries()) await (await import('./snapshot/ending.js')).recoverEndings();
+      await (await import('./image/partial.js')).settleKilledCommands();
     });
     await program.parseAsync(argv);
   } catch (e) {

@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -487,25 +487,158 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
-  // The last case: the command that finishes the ending is killed too,
-  // once it stopped the application; the command after it finishes it.
-  for (const [point, recoveryKilledAt] of [['ending journaled'], ['dies with appshot'], ['ending journaled', 'ending: application stopped']]) {
-    const also = recoveryKilledAt ? `, and the command that finishes the ending killed at '${recoveryKilledAt}'` : '';
-    it(`killed at '${point}', before the file "released"${also}: the next command ends what is left of the application, and its image restores`, async () => {
-      const aid = `skill-${point.split(' ')[0]}${recoveryKilledAt ? '-twice' : ''}`;
+  /** The application's processes (init left out): system PIDs. */
+  const processesOf = (aid: string) => sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid])[0].processes.filter((p) => !p.init).map((p) => p.pid);
+  const endingEntries = () => readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'));
+
+  /** As if the snapshot had not been tried: no image, no journal entry,
+   * and the application runs on untraced, with everything it did since
+   * (its processes the same ones, its log going on); its next snapshot
+   * is whole. */
+  async function rolledBack(aid: string, image: string, pids: number[]): Promise<void> {
+    expect(existsSync(image)).toBe(false);
+    expect(endingEntries()).toEqual([]);
+    await runsUntraced(aid);
+    expect(processesOf(aid)).toEqual(pids);
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    const again = snapshotWith(aid, image, {});
+    expect(again.status, again.stderr).toBe(0);
+    await endedInto(aid, image);
+  }
+
+  // Killed once the ending is journaled but before any thread was set to
+  // die with it: the kernel lets the whole application go on. The next
+  // command (maybe much later) finds every process of the image alive and
+  // none dying, and rolls back rather than kill an application that went
+  // on working. Also when the command that rolls back is killed itself.
+  for (const recoveryKilledAt of [undefined, 'ending: rolling back']) {
+    const also = recoveryKilledAt ? `, and the command that rolls back killed at '${recoveryKilledAt}'` : '';
+    it(`killed at 'ending journaled', before any thread was set to die with it${also}: the next command rolls back, the application runs on with what it did meanwhile`, async () => {
+      const aid = `skill-journaled${recoveryKilledAt ? '-twice' : ''}`;
       await started(aid);
+      const pids = processesOf(aid);
       const image = join(dir, `${aid}.appshot`);
-      const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: `snapshot: ${point}` });
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
       expect(r.signal, r.stderr).toBe('SIGKILL');
+      // It goes on meanwhile, before any command looks.
+      await sb.checksPass(aid, 3);
       if (recoveryKilledAt) {
         const recovering = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: recoveryKilledAt }, encoding: 'utf8', timeout: 50_000 });
         expect(recovering.signal, recovering.stderr).toBe('SIGKILL');
       }
       expect(sb.run(['ps']).code).toBe(0);
-      expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+      await rolledBack(aid, image, pids);
+    });
+  }
+
+  // From the first thread set to die with appshot on, its death killed
+  // (some of) the application: the image is the application, what is
+  // left of it is ended. With a process killed and one not (the first of
+  // its two set to die), the image wins too: the application was being
+  // ended for it. And when the command that finishes the ending is killed
+  // too, once it stopped the application, the command after it finishes it.
+  for (const [point, recoveryKilledAt] of [['dies with appshot, one process'], ['dies with appshot'], ['dies with appshot', 'ending: application stopped']]) {
+    const also = recoveryKilledAt ? `, and the command that finishes the ending killed at '${recoveryKilledAt}'` : '';
+    it(`killed at '${point}', before the file "released"${also}: the next command ends what is left of the application, and its image restores`, async () => {
+      const aid = `skill-${point.includes('one') ? 'one' : 'dies'}${recoveryKilledAt ? '-twice' : ''}`;
+      await started(aid);
+      const pids = processesOf(aid);
+      expect(pids).toHaveLength(2);
+      const image = join(dir, `${aid}.appshot`);
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: `snapshot: ${point}` });
+      expect(r.signal, r.stderr).toBe('SIGKILL');
+      if (point.includes('one')) {
+        // One process died with appshot, the other runs on: the case
+        // where only some of the image's processes are dying.
+        await waitFor(() => pids.filter((p) => stateOf(p) === '' || stateOf(p) === 'Z').length === 1, 10_000, 'one of the two processes to die with appshot');
+        expect(pids.filter((p) => !['', 'Z'].includes(stateOf(p)))).toHaveLength(1);
+      }
+      if (recoveryKilledAt) {
+        const recovering = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: recoveryKilledAt }, encoding: 'utf8', timeout: 50_000 });
+        expect(recovering.signal, recovering.stderr).toBe('SIGKILL');
+      }
+      expect(sb.run(['ps']).code).toBe(0);
+      expect(endingEntries()).toEqual([]);
       await endedInto(aid, image);
     });
   }
+
+  // Failing once the ending is journaled, before the file "released":
+  // the snapshot undoes itself (no image, the application left running).
+  // Killed while it does, at any step of the undoing, the next command
+  // finishes the undoing: it never kills the application it resumed.
+  for (const killedAt of [undefined, 'failed, lives on without appshot', 'failed, rolling back', 'failed, application resumed']) {
+    const also = killedAt ? `, and killed at '${killedAt}'` : '';
+    it(`failing at 'dies with appshot'${also}: no image, the application runs on untraced`, async () => {
+      const aid = `sfail-dies${killedAt ? `-${killedAt.split(' ').pop()}` : ''}`;
+      await started(aid);
+      const pids = processesOf(aid);
+      const image = join(dir, `${aid}.appshot`);
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_FAIL_AT: 'snapshot: dies with appshot', ...(killedAt ? { APPSHOT_TEST_KILL_AT: `snapshot: ${killedAt}` } : {}) });
+      if (killedAt) expect(r.signal, r.stderr).toBe('SIGKILL');
+      else {
+        expect(r.status, r.stderr).toBe(1);
+        expect(r.stderr.trim().split('\n')).toEqual([`appshot: cannot snapshot '${aid}': failure injected at 'snapshot: dies with appshot' (APPSHOT_TEST_FAIL_AT); the application was left running`]);
+      }
+      await sb.checksPass(aid, 2);
+      expect(sb.run(['ps']).code).toBe(0);
+      await rolledBack(aid, image, pids);
+    });
+  }
+
+  // The Node API settles what a killed command left as the CLI does,
+  // before its operation: here ps() finds the application snapshotted.
+  it("killed at 'dies with appshot', then the API's ps(): the API ends what is left, and lists it snapshotted into its image", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-api';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: dies with appshot' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(endingEntries()).toHaveLength(1);
+    const listed = await api.ps(aid, { home: sb.home, all: true });
+    expect(listed).toEqual([expect.objectContaining({ aid, state: 'snapshotted', image })]);
+    expect(endingEntries()).toEqual([]);
+    await endedInto(aid, image);
+  });
+
+  // The command that finishes the ending cannot stop the application (a
+  // debugger, another snapshot traces one of its processes): nothing is
+  // decided, the entry waits for a later command, and what it had stopped
+  // is let go at once, also in a process that lives on (the API).
+  it("killed at 'ending journaled', one of its processes traced by another: the API's ps() decides nothing and lets go what it stopped; once the tracer is gone, the next call rolls back", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-traced';
+    await started(aid);
+    const pids = processesOf(aid);
+    const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    // The child: its parent, the first process, is seized before it.
+    const child = pids.find((p) => pids.includes(ppidOf(p)))!;
+    const parent = ppidOf(child);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const addonPath = join(root, 'build', 'Release', 'appshot.node');
+    const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      let said = '';
+      tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
+      await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
+      expect(tracerOf(child)).toBe(tracer.pid);
+      await api.ps(aid, { home: sb.home });
+      expect(endingEntries()).toHaveLength(1);
+      expect(existsSync(image)).toBe(true);
+      await waitFor(() => tracerOf(parent) === 0, 5000, 'the process it had stopped to be let go');
+      expect(stateOf(parent)).not.toBe('t');
+      await sb.checksPass(aid, 2);
+    } finally {
+      tracer.kill('SIGKILL');
+    }
+    await waitFor(() => tracerOf(child) === 0, 10_000, 'the other tracer to let the child go');
+    await api.ps(aid, { home: sb.home });
+    await rolledBack(aid, image, pids);
+  });
 
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';

@@ -620,4 +620,34 @@ describe('memcached with a client that stays connected', () => {
     client.socket.destroy();
     run(['stop', 'tcpmc', '-s', 'KILL']);
   });
+
+  // Killed once its ending is journaled, before any thread was set to die
+  // with it: the application is whole, but its connections are in repair
+  // mode (dropping every packet), held for the restore by a keeper, and
+  // only the dead snapshot could have let them go. Rolled back, it would
+  // run on with connections that never move again (an idle one: nothing
+  // tells it); so the image wins, and the restore carries them on.
+  it.runIf(existsSync(MEMCACHED) && isRoot)("a snapshot killed at 'ending journaled' with a connection in repair mode: the next command ends the application into its image, and after the restore the client's connection carries on", async () => {
+    const port = 26622;
+    run(['run', '-d', '--aid', 'tcpmck', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+    await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
+    const client = await Client.open(port);
+    client.read();
+    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const image = join(out, 'mck');
+    const killed = spawnSync(process.execPath, [cli, 'snapshot', 'tcpmck', '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' }, encoding: 'utf8' });
+    expect(killed.signal, killed.stderr).toBe('SIGKILL');
+    run(['ps']);
+    expect(existsSync(image)).toBe(true);
+    await waitFor(() => !sb.aids().includes('tcpmck'), 10_000, 'the application to end into its image');
+    expect(keepers(sb.home)).toHaveLength(1);
+    run(['restore', image]);
+    client.socket.write('get greeting\r\n');
+    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+    expect((await client.bytes(answer.length)).toString()).toBe(answer);
+    client.whole();
+    client.socket.destroy();
+    run(['stop', 'tcpmck', '-s', 'KILL']);
+  });
 });

@@ -89,3 +89,12 @@ export function removeStaleTemporaries(home = defaultHome()): boolean {
   // An entry, or a claim on one (whose claimant may have been killed).
   return names.some((n) => n.startsWith('ending-') || n.startsWith('.ending-'));
 }
+
+/** What commands killed with SIGKILL left: their temporaries removed, and
+ * the ending of an application a killed snapshot left half-done finished
+ * (snapshot/ending.ts, loaded only then). Before every command of the CLI
+ * (its preAction) and every call of the Node API (api.ts): one function,
+ * so that both settle the same things. */
+export async function settleKilledCommands(home = defaultHome()): Promise<void> {
+  if (removeStaleTemporaries(home)) await (await import('../snapshot/ending.js')).recoverEndings(home);
+}

@@ -505,7 +505,18 @@ export class Freezer {
       this.threads.delete(t.tid);
     }
     if (final) {
-      for (const t of this.threads.values()) detachWhenStopped(t.tid);
+      // One seized but not yet interrupted (an attempt that failed while
+      // it seized, meeting another tracer) is interrupted now, to stop and
+      // be let go at once rather than at its next signal.
+      for (const t of this.threads.values()) {
+        if (!t.interrupted)
+          try {
+            addon().interrupt(t.tid);
+          } catch {
+            /* exited */
+          }
+        detachWhenStopped(t.tid);
+      }
       this.threads.clear();
     }
     for (const pid of [...this.processes]) if (![...this.threads.values()].some((t) => t.pid === pid)) this.processes.delete(pid);
@@ -517,10 +528,29 @@ export class Freezer {
    * cannot leave it running as well (a tracer's exit lets its tracees go
    * on). resume() clears it again with the detach. */
   dieWithUs(): void {
+    let first = true;
+    for (const threads of this.byProcess().values()) {
+      for (const t of threads)
+        if (t.stopped)
+          try {
+            addon().killOnExit(t.tid);
+          } catch {
+            /* it died meanwhile */
+          }
+      if (first) killPoint('snapshot: dies with appshot, one process');
+      first = false;
+    }
+  }
+
+  /** Undoes dieWithUs, the threads still stopped: appshot's death lets
+   * them go on again (a snapshot that fails past its journaled ending
+   * does this before it journals that it rolls back, so that the record
+   * never says "rolled back" of an application that would die with it). */
+  liveOn(): void {
     for (const t of this.threads.values())
       if (t.stopped)
         try {
-          addon().killOnExit(t.tid);
+          addon().keepOnExit(t.tid);
         } catch {
           /* it died meanwhile */
         }

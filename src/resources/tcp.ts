@@ -121,6 +121,13 @@ export class HeldConnections {
   /** `keeper`: where a connection goes that repair mode cannot hold. */
   constructor(private readonly keeper: SocketsForKeeper) {}
 
+  /** How many of the application's connections this dump put in repair
+   * mode: they cannot move until let go (release), which only this
+   * process can do. */
+  get inRepair(): number {
+    return this.held.size;
+  }
+
   /** The connection behind `fd` of `pid` (socket inode `ino`). */
   /** `given`: a duplicate of the socket made already (SocketTable), now
    * this dump's: kept in repair mode, or closed. */

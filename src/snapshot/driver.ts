@@ -758,6 +758,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   // of no return of a snapshot that ends it).
   let committed = false;
   let handedOver = false;
+  let journaledEnding = false;
   let released = false;
   try {
     // Written only by a snapshot's armAll, never during this one's freeze.
@@ -879,12 +880,18 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         handedOver = true;
         held = keeper.counts();
       }
-      // The point of no return: journaled first, so that the next command
-      // ends the application if appshot is killed from here on (ending.ts;
-      // before, it removes the image). Then its threads die with us, so
-      // that appshot killed before the file "released" cannot leave it
-      // running beside its image, and the file says the image is it.
-      ending?.ending();
+      // The point of no return: journaled first, with the image's
+      // processes, so that the next command ends what is left of the
+      // application if appshot is killed once any of them was set to die
+      // with it (ending.ts; before, or with all of them whole and none of
+      // its connections in repair mode, it removes the image). Then its threads die with us, so that appshot killed
+      // before the file "released" cannot leave it running beside its
+      // image, and the file says the image is it.
+      ending?.ending(
+        [...freezer.processes].map((pid) => ({ pid, startTime: readStat(pid)?.startTime ?? 0 })),
+        connections.inRepair,
+      );
+      journaledEnding = !!ending;
       killPoint('snapshot: ending journaled');
       freezer.dieWithUs();
       killPoint('snapshot: dies with appshot');
@@ -953,9 +960,26 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         image.parent?.path,
       );
     }
+    // Past its journaled ending, the record must say what is true at
+    // every step: first the threads no longer die with us (killed now,
+    // the application runs on whole and the next command, finding it so,
+    // rolls back); then the entry says rolled back, before the
+    // application is let go and the image removed (killed then, the next
+    // command removes the image, never ends the application).
+    if (journaledEnding) {
+      freezer.liveOn();
+      killPoint('snapshot: failed, lives on without appshot');
+      try {
+        ending?.rollingBack();
+      } catch {
+        /* still "ending", of an application whole and not dying: rolled back too */
+      }
+      killPoint('snapshot: failed, rolling back');
+    }
     connections?.release();
     keeper?.close();
     freezer.resume();
+    killPoint('snapshot: failed, application resumed');
     // Before it, a failure leaves no image: one committed (a directory or
     // a file) goes, and a keeper handed the connections lets them go.
     // A stream sent whole on standard output cannot be taken back.

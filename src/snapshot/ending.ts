@@ -10,21 +10,38 @@
  * "killed" with its image on disk that nothing names. Either way the user
  * would hold two versions of one application, or lose track of one.
  *
- * So the snapshot journals its ending in two steps, and the next appshot
- * command of any kind (the CLI's preAction) finishes what a dead one
- * left, one way or the other, never half:
+ * So the snapshot journals its ending, and the next appshot command of
+ * any kind (the CLI's preAction, every call of the Node API:
+ * settleKilledCommands) finishes what a dead one left, one way or the
+ * other, never half:
  *  - "placing" (written before the image is renamed into place, with the
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
  *    go); the application was let go by the kernel and runs on, as after
  *    a failed snapshot.
  *  - "ending" (written once the image is in place and any keeper holds
- *    the connections, before the threads are set to die with us): the
- *    image is the application. What is left of the application is killed
- *    and its registration released to the image, as the snapshot would
- *    have done; `ps -a` lists it as snapshotted into the image.
+ *    the connections, with the image's processes by system PID and start
+ *    time, before the threads are set to die with us): the image is the
+ *    application if any of them was killed, as appshot's death kills each
+ *    one whose threads were set to die with it. The next command stops
+ *    (ptrace) what is left: if every process of the image is there, the
+ *    same one (its start time), and stops, none was dying (a process a
+ *    SIGKILL was sent to never enters a ptrace stop again), so appshot
+ *    died before it set any to die: rolled back as for "placing", the
+ *    application runs on with all it did meanwhile; unless the snapshot
+ *    left connections of it in TCP repair mode, which only it could let
+ *    go (the keeper holds them for the restore). Otherwise (one gone or
+ *    dying, or connections in repair mode) what is left is killed and
+ *    the registration released to the image, as the snapshot would have
+ *    done; `ps -a` lists it as snapshotted into the image. One it cannot
+ *    stop (another tracer, a thread that does not stop): nothing is
+ *    decided, what it stopped goes on, and a later command tries again.
+ *  - "rolling-back" (a snapshot that failed past "ending", once its
+ *    threads no longer die with it; or the next command, once it decided
+ *    to roll back): as "placing".
  * The journal entry lives under $APPSHOT_HOME/tmp, named after its owner
- * (partial.ts's rules), and goes once the registration says released.
+ * (partial.ts's rules), and goes once the registration says released, or
+ * once the image is removed.
  */
 import { existsSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -33,12 +50,21 @@ import { currentHolder, holderAlive } from '../holder.js';
 import { OWNED, ownedName } from '../image/partial.js';
 import { signalProcesses } from '../inspect.js';
 import { killPoint } from '../killpoint.js';
-import { isSameProcess } from '../procfs.js';
+import { addon } from '../native.js';
+import { isSameProcess, readStat } from '../procfs.js';
+import { Freezer } from '../ptrace/freezer.js';
 import { type AppRecord, defaultHome, isEnded, LocalRegistry } from '../registry.js';
 import { dropKept } from '../resources/keeper.js';
 
+/** A process of the image: its system PID and start time (a PID used
+ * again by another process is not it). */
+export interface ImageProcess {
+  pid: number;
+  startTime: number;
+}
+
 interface EndingEntry {
-  step: 'placing' | 'ending';
+  step: 'placing' | 'ending' | 'rolling-back';
   aid: string;
   initPid: number;
   initStartTime: number;
@@ -46,6 +72,22 @@ interface EndingEntry {
   output: string;
   dev: number;
   ino: number;
+  /** From step "ending" on: every process of the image. */
+  processes?: ImageProcess[];
+  /** From step "ending" on: how many of its connections are in TCP repair
+   * mode, held for the restore by a keeper (an application rolled back
+   * with them so could never use them again). */
+  connectionsInRepair?: number;
+}
+
+/** How long the next command tries to stop what is left of the
+ * application, to see whether all of it is there and none dying. */
+const HOLD_TIMEOUT_MS = 5000;
+
+/** Whole or not at all: a reader never sees half an entry. */
+function writeEntry(path: string, entry: EndingEntry): void {
+  writeFileSync(`${path}.tmp`, JSON.stringify(entry), { mode: 0o600 });
+  renameSync(`${path}.tmp`, path);
 }
 
 /** The journal of one snapshot's ending (see above). */
@@ -59,24 +101,26 @@ export class EndingJournal {
     const st = lstatSync(staged);
     this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino };
     this.path = ownedName('ending', home);
-    this.write();
+    writeEntry(this.path, this.entry);
   }
 
-  /** The image is in place and is the application from now on. */
-  ending(): void {
-    this.entry = { ...this.entry, step: 'ending' };
-    this.write();
+  /** The image, of `processes`, is in place and is the application from
+   * the first of them set to die with appshot on. */
+  ending(processes: ImageProcess[], connectionsInRepair: number): void {
+    this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
+    writeEntry(this.path, this.entry);
+  }
+
+  /** Undone by the snapshot, which failed past "ending": its application
+   * no longer dies with it, and its image goes. */
+  rollingBack(): void {
+    this.entry = { ...this.entry, step: 'rolling-back' };
+    writeEntry(this.path, this.entry);
   }
 
   /** Finished (released), or undone by the snapshot itself. */
   done(): void {
     rmSync(this.path, { force: true });
-  }
-
-  private write(): void {
-    // Whole or not at all: a reader never sees half an entry.
-    writeFileSync(`${this.path}.tmp`, JSON.stringify(this.entry), { mode: 0o600 });
-    renameSync(`${this.path}.tmp`, this.path);
   }
 }
 
@@ -100,13 +144,14 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
     return;
   }
   // Claims of recoverers that were killed themselves go back first, to be
-  // taken again below.
+  // taken again below (a claim's next version, cut short, goes).
   let taken = false;
   for (const name of names) {
     const r = CLAIM.exec(name);
     if (r && !isSameProcess(Number(r[2]), Number(r[3])))
       try {
-        renameSync(join(dir, name), join(dir, r[1]));
+        if (r[4]) rmSync(join(dir, name), { force: true });
+        else renameSync(join(dir, name), join(dir, r[1]));
         taken = true;
       } catch {
         /* taken back by another */
@@ -140,11 +185,12 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
       continue;
     }
     try {
-      if (e.step === 'placing') undoPlacing(home, e);
-      else if (e.step === 'ending') await finishEnding(home, e);
+      if (e.step === 'placing' || e.step === 'rolling-back') rollBack(home, e);
+      else if (e.step === 'ending') await finishEnding(home, e, claimed);
     } catch {
-      // Half done (a full disk, say): given back, for the next command to
-      // finish; every step above can be taken again.
+      // Half done (a full disk, an application that would not stop): given
+      // back, for the next command to finish; every step above can be
+      // taken again.
       renameSync(claimed, entry);
       continue;
     }
@@ -152,12 +198,13 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
   }
 }
 
-/** A claim on an entry: its name, and the claiming command's PID and
- * start time. */
-const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)$/;
+/** A claim on an entry: its name, the claiming command's PID and start
+ * time, and ".tmp" for its next version being written. */
+const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)(\.tmp)?$/;
 
-/** Step "placing": the image goes, the application runs on. */
-function undoPlacing(home: string, e: EndingEntry): void {
+/** Steps "placing" and "rolling-back": the image goes, the application
+ * runs on. */
+function rollBack(home: string, e: EndingEntry): void {
   if (stillPlaced(e)) rmSync(e.output, { recursive: true, force: true });
   try {
     dropKept(home, e.aid);
@@ -173,31 +220,84 @@ function sameApplication(reg: LocalRegistry, e: EndingEntry): AppRecord | undefi
   return record;
 }
 
-/** Step "ending": the image is the application, whose rest is ended and
+/** Stops (ptrace) what is left of the application; `whole`: every process
+ * of the image is among what stopped, the same process. A process sent
+ * SIGKILL (by appshot's death, its threads set to die with it) never
+ * enters a ptrace stop again, whether the signal is still pending or it
+ * is already exiting: stopped, it was not dying. And the SIGKILL was sent
+ * before this looks: the kernel sends it as the dead tracer exits, before
+ * it is seen gone (holderAlive). Throws (all let go) if it cannot stop
+ * them (traced by another, a thread that does not stop). */
+function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry): { freezer?: Freezer; whole: boolean } {
+  const initPid = reg.trustedInitPid(record);
+  if (isEnded(record) || !initPid) return { whole: false };
+  const image = e.processes ?? [];
+  // Only processes that still are the application's (as the snapshot
+  // chose them): its init's children are found by the freezer.
+  const roots = image.filter((p) => isSameProcess(p.pid, p.startTime) && addon().pidBelongs(p.pid, initPid, record.tables)).map((p) => p.pid);
+  const freezer = new Freezer(roots, initPid);
+  try {
+    freezer.freeze(HOLD_TIMEOUT_MS);
+  } catch (err) {
+    // Those it stopped before it failed (another tracer met) go on.
+    freezer.resume();
+    throw err;
+  }
+  const whole = image.length > 0 && image.every((p) => freezer.processes.has(p.pid) && readStat(p.pid)?.startTime === p.startTime);
+  return { freezer, whole };
+}
+
+/** Step "ending": rolled back if the whole application is there and none
+ * of it dying; else the image is the application, whose rest is ended and
  * whose registration is released to the image. */
-async function finishEnding(home: string, e: EndingEntry): Promise<void> {
+async function finishEnding(home: string, e: EndingEntry, claimed: string): Promise<void> {
   if (!stillPlaced(e)) return;
   const reg = new LocalRegistry(home);
   const record = sameApplication(reg, e);
   if (!record) return;
-  // Released already (the snapshot, or a recovery, was killed just after):
-  // what is left of it (held stopped by a killed recovery) is killed, and
-  // its init removes the registration.
-  if (existsSync(join(record.stateDir, 'released'))) {
-    reg.setAsideLog(record); // if it was not yet
-    if (!isEnded(record)) signalProcesses(reg, record, 'SIGKILL');
+  // Released already (the snapshot, or a recovery, was killed just after).
+  if (existsSync(join(record.stateDir, 'released'))) return endIntoImage(reg, record, e);
+  const { freezer, whole } = holdApplication(reg, record, e);
+  killPoint('ending: application stopped');
+  // Connections left in repair mode by the dead snapshot cannot be let go
+  // from here: the application keeps them only through its image.
+  if (whole && !e.connectionsInRepair) {
+    // Journaled first (the claim, given back if this command is killed):
+    // decided once, whatever the application does once let go.
+    try {
+      writeEntry(claimed, { ...e, step: 'rolling-back' });
+      killPoint('ending: rolling back');
+      rollBack(home, e);
+    } finally {
+      freezer!.resume();
+    }
     return;
   }
-  // In the snapshot's own order: released, its log set aside, then
-  // killed (killed first, its init could remove the registration, log and
-  // all, as soon as it saw "released", before the log was set aside). Held
-  // stopped meanwhile, so that it writes nothing more.
-  const running = !isEnded(record);
-  if (running) signalProcesses(reg, record, 'SIGSTOP');
-  killPoint('ending: application stopped');
-  reg.markReleased(record, e.output);
+  // In the snapshot's own order: dies with us, released, its log set
+  // aside, then killed (killed first, its init could remove the
+  // registration, log and all, as soon as it saw "released", before the
+  // log was set aside). Held stopped meanwhile, so that it writes nothing
+  // more.
+  try {
+    freezer?.dieWithUs();
+    reg.markReleased(record, e.output);
+  } catch (err) {
+    // Decided: what is left ends (the entry, given back, is finished by
+    // the next command), never held stopped while this command goes on.
+    freezer?.kill();
+    throw err;
+  }
+  await endIntoImage(reg, record, e, freezer);
+}
+
+/** What is left of an application released to its image: its log set
+ * aside (if it was not yet), its processes killed (those `held` first,
+ * whose exits are taken so that its init sees them go), and its
+ * registration gone. */
+async function endIntoImage(reg: LocalRegistry, record: AppRecord, e: EndingEntry, held?: Freezer): Promise<void> {
   reg.setAsideLog(record);
-  if (running) signalProcesses(reg, record, 'SIGKILL');
+  held?.kill();
+  if (!isEnded(record)) signalProcesses(reg, record, 'SIGKILL');
   // Its init removes the registration once the processes are gone; one
   // that had already ended (or ends before it sees "released") wrote the
   // file "exit" instead, and the registration is released here.
