@@ -412,7 +412,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
         const mode = vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile;
         const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
-        if (!ctx.parent && !forked) {
+        // Raw frames (pf) are one by one: PAGEMAP_SCAN passes over a
+        // VM_PFNMAP mapping as if it had no page, where pagemap shows them.
+        if (!ctx.parent && !forked && !l.pfnmap) {
           scanned.push({ vma, l, mode });
           vmas.push(vma);
           continue;
