@@ -8,6 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
 import type { Identity, TcpConnection, WaitSlot } from './image/types.js';
+import type { ParsedSmaps } from './procfs.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
@@ -109,9 +110,25 @@ export interface ParentPages {
   written?: Uint32Array;
 }
 
+/** dumpScanned's result: per mapping where its pages start in the file
+ * (`offsets`) and how many (first, count) pairs of `runs` are its
+ * (`counts`), in order; `pages`: the pages stored in all. */
+export interface ScannedPages {
+  offsets: Float64Array;
+  counts: Uint32Array;
+  runs: Uint32Array;
+  pages: number;
+}
+
 /** An image's page file, written unnamed (O_TMPFILE) and named at the end. */
 export interface PageWriter {
   dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages, forkedFrom?: ForkedFrom): DumpedPages;
+  /** What dump gives for each of several mappings of one process (no
+   * parent, no process forked from; PAGES_MODE anon or privateFile),
+   * `bounds` [start, end] each, in ascending order, in one call and one
+   * PAGEMAP_SCAN; undefined where the kernel has no PAGEMAP_SCAN (dump
+   * them one by one). A mapping that cannot be read throws, with `index`. */
+  dumpScanned(pid: number, pagemapFd: number, bounds: BigUint64Array, modes: Uint8Array): ScannedPages | undefined;
   append(data: Buffer): number;
   appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
   /** Flushed and synced: the SHA-256 of each chunk, hashed by the writer
@@ -241,7 +258,7 @@ interface Addon {
   /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
    * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
    * readdirSync sorts them); undefined where one cannot be read. */
-  readProcFiles(paths: string[], kinds: Uint8Array): (string | Buffer | string[] | undefined)[];
+  readProcFiles(paths: string[], kinds: Uint8Array): (string | Buffer | string[] | ParsedSmaps | undefined)[];
   getFd(pid: number, fd: number): number;
   /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */

@@ -22,11 +22,22 @@ call is injected, and after its questions are answered, which change what
 status shows of its memory), and forgotten when the process is done: never
 kept across snapshots or processes. */
 
-export type ProcKind = 'text' | 'bytes' | 'link' | 'dir';
-const KIND_CODE: Record<ProcKind, number> = { text: 0, bytes: 1, link: 2, dir: 3 };
+export type ProcKind = 'text' | 'bytes' | 'link' | 'dir' | 'smaps';
+const KIND_CODE: Record<ProcKind, number> = { text: 0, bytes: 1, link: 2, dir: 3, smaps: 4 };
+
+/** /proc/PID/smaps as the addon parses it (readProcFiles' kind 4): per
+ * mapping, [start, end, pgoff, ino] in `addr`, [major, minor, perms bits
+ * (r 1, w 2, x 4, s 8), kB anonymous, kB in swap] in `num`, its path, and
+ * its VmFlags line as it is. */
+export interface ParsedSmaps {
+  addr: BigUint64Array;
+  num: Float64Array;
+  paths: string[];
+  flags: (string | undefined)[];
+}
 
 /** By kind and path ('text:/proc/1/stat'). */
-const gathered = new Map<string, string | Buffer | string[]>();
+const gathered = new Map<string, string | Buffer | string[] | ParsedSmaps>();
 
 /** Reads every [kind, path] of `wanted` in one call, kept until
  * forgetGathered (a path read again replaces what was kept). */
@@ -64,6 +75,15 @@ export function procLink(path: string): string {
   return typeof v === 'string' ? v : readlinkSync(path);
 }
 
+/** A process's smaps, parsed: gathered, or read now (an error is the one
+ * reading it the usual way gives). */
+export function procSmaps(path: string): ParsedSmaps {
+  const v = gathered.get(`smaps:${path}`) ?? addon().readProcFiles([path], Uint8Array.of(KIND_CODE.smaps))[0];
+  if (v && typeof v === 'object' && 'addr' in v) return v;
+  readFileSync(path);
+  throw new Error(`${path} could not be read`);
+}
+
 /** A /proc directory's names, as readdirSync gives them: gathered, or read now. */
 export function procDir(path: string): string[] {
   const v = gathered.get(`dir:${path}`);
@@ -78,7 +98,7 @@ export function procDir(path: string): string[] {
 export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, string][] {
   const p = `/proc/${pid}`;
   return [
-    ['text', `${p}/smaps`],
+    ['smaps', `${p}/smaps`],
     ['text', `${p}/status`],
     ...tids.map((tid): [ProcKind, string] => ['text', `${p}/task/${tid}/status`]),
     ['text', `${p}/timers`],

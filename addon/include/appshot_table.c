@@ -289,6 +289,17 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
   return 1;
 }
 
+uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind kind,
+                            uint32_t slot) {
+  const struct appshot_table *t = &h->tables[kind];
+  const struct appshot_entry *e = entries_of(h, t);
+  uint32_t capacity = t->capacity;
+  /* A free entry's word is all zeros (entry_pair); what a used one holds
+   * is read again, ordered, by appshot_entry_at. */
+  while (slot < capacity && __atomic_load_n(&e[slot].stored, __ATOMIC_RELAXED) == 0) slot++;
+  return slot < capacity ? slot : capacity;
+}
+
 /* --- Locking and repair -------------------------------------------------- */
 
 /* Fills generation `gen` of both indexes of a table from its entries. */

@@ -568,6 +568,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "PageWriter",
                        {InstanceMethod("dump", &PageWriter::Dump),
+                        InstanceMethod("dumpScanned", &PageWriter::DumpScanned),
                         InstanceMethod("append", &PageWriter::Append),
                         InstanceMethod("appendFd", &PageWriter::AppendFd),
                         InstanceMethod("finish", &PageWriter::Finish),
@@ -693,6 +694,88 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     free(r.same);
     free(r.shared);
     return result;
+  }
+
+  // dumpScanned(pid, pagemapFd, bounds, modes) -> { offsets, counts, runs, pages }
+  // or undefined: what dump gives for each of several mappings of one
+  // process, none with a parent or a process forked from, in one call and
+  // one PAGEMAP_SCAN (pages_scan_present) per run of adjacent ones instead
+  // of a call and a pagemap read each. bounds: BigUint64Array [start, end] per mapping, ascending;
+  // modes: Uint8Array (PAGES_ANON or PAGES_PRIVATE_FILE). offsets:
+  // Float64Array, where each one's pages start; counts: Uint32Array, its
+  // runs; runs: Uint32Array, every one's (first, count) pairs in order;
+  // pages: how many were stored in all.
+  // Undefined where the kernel has no PAGEMAP_SCAN: the caller dumps them
+  // one by one. A mapping that cannot be read throws, with `index` its
+  // place in bounds.
+  Napi::Value DumpScanned(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env) || !w_.buf) return env.Undefined();
+    pid_t pid = Tid(info);
+    int pagemap = info[1].As<Napi::Number>().Int32Value();
+    auto bounds = info[2].As<Napi::BigUint64Array>();
+    auto modes = info[3].As<Napi::Uint8Array>();
+    size_t n = modes.ElementLength();
+    if (bounds.ElementLength() != 2 * n) {
+      Napi::TypeError::New(env, "dumpScanned: two bounds per mode").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    for (size_t i = 0; i < n; i++)
+      if (bounds[2 * i] >= bounds[2 * i + 1] || (i && bounds[2 * i] < bounds[2 * i - 1]) ||
+          (modes[i] != PAGES_ANON && modes[i] != PAGES_PRIVATE_FILE)) {
+        Napi::TypeError::New(env, "dumpScanned: mappings out of order, or a mode it does not take").ThrowAsJavaScriptException();
+        return env.Undefined();
+      }
+    auto offsets = Napi::Float64Array::New(env, n);
+    auto counts = Napi::Uint32Array::New(env, n);
+    std::vector<uint32_t> runs;
+    double pages = 0;
+    if (n) {
+      // One scan per run of adjacent mappings: what lies between them (a
+      // library's code and read-only data, not read) is not walked.
+      std::vector<struct appshot_page_region> regions;
+      for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && bounds[2 * j] == bounds[2 * j - 1]) j++;
+        struct appshot_page_region* got = nullptr;
+        long nr = pages_scan_present(pagemap, bounds[2 * i], bounds[2 * j - 1], &got);
+        if (nr == -ENOTTY || nr == -EINVAL || nr == -EOPNOTSUPP) return env.Undefined();
+        if (Failed(env, static_cast<int>(nr), "PAGEMAP_SCAN of process " + std::to_string(pid))) return env.Undefined();
+        regions.insert(regions.end(), got, got + nr);
+        free(got);
+        i = j;
+      }
+      size_t cursor = 0;
+      for (size_t i = 0; i < n; i++) {
+        pages_result r;
+        int rc = pw_dump_scanned(&w_, pid, regions.data(), regions.size(), &cursor, bounds[2 * i],
+                                 bounds[2 * i + 1], static_cast<pages_mode>(modes[i]), &r);
+        if (rc == 0) {
+          offsets[i] = static_cast<double>(r.data_offset);
+          counts[i] = static_cast<uint32_t>(r.nruns);
+          pages += static_cast<double>(r.pages_written);
+          runs.insert(runs.end(), r.runs, r.runs + 2 * r.nruns);
+        }
+        free(r.runs);
+        free(r.same);
+        free(r.shared);
+        if (rc) {
+          Napi::Error e = Napi::Error::New(env, "copying memory of process " + std::to_string(pid) + ": " + std::strerror(-rc));
+          const char* name = strerrorname_np(-rc);
+          e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
+          e.Set("errno", Napi::Number::New(env, -rc));
+          e.Set("index", Napi::Number::New(env, static_cast<double>(i)));
+          e.ThrowAsJavaScriptException();
+          return env.Undefined();
+        }
+      }
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("offsets", offsets);
+    o.Set("counts", counts);
+    o.Set("runs", Pairs(env, runs.data(), runs.size() / 2));
+    o.Set("pages", Napi::Number::New(env, pages));
+    return o;
   }
 
   // append(buffer) -> offset
@@ -1027,11 +1110,121 @@ Napi::Value FdEntries(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// One mapping's header line of /proc/PID/smaps (as maps prints it):
+// "start-end perms pgoff major:minor ino   path". False if it is not one.
+struct SmapsHeader {
+  uint64_t start, end, pgoff, ino;
+  unsigned major, minor, perms;
+  const char* path;
+  size_t path_len;
+};
+
+bool ParseSmapsHeader(const char* p, const char* end, SmapsHeader* h) {
+  auto hex = [&](uint64_t* out, char stop) {
+    const char* q = p;
+    uint64_t v = 0;
+    while (p < end && ((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f'))) v = v * 16 + static_cast<uint64_t>(*p <= '9' ? *p - '0' : *p - 'a' + 10), p++;
+    if (p == q || p >= end || *p != stop) return false;
+    p++;
+    *out = v;
+    return true;
+  };
+  uint64_t major, minor;
+  if (!hex(&h->start, '-') || !hex(&h->end, ' ')) return false;
+  if (end - p < 5 || p[4] != ' ') return false;
+  h->perms = (p[0] == 'r' ? 1 : 0) | (p[1] == 'w' ? 2 : 0) | (p[2] == 'x' ? 4 : 0) | (p[3] == 's' ? 8 : 0);
+  for (int i = 0; i < 4; i++)
+    if (p[i] == ' ' || p[i] == '\t') return false;
+  p += 5;
+  if (!hex(&h->pgoff, ' ') || !hex(&major, ':') || !hex(&minor, ' ')) return false;
+  h->major = static_cast<unsigned>(major);
+  h->minor = static_cast<unsigned>(minor);
+  const char* q = p;
+  uint64_t ino = 0;
+  while (p < end && *p >= '0' && *p <= '9') ino = ino * 10 + static_cast<uint64_t>(*p - '0'), p++;
+  if (p == q) return false;
+  h->ino = ino;
+  while (p < end && (*p == ' ' || *p == '\t')) p++;
+  h->path = p;
+  h->path_len = static_cast<size_t>(end - p);
+  return true;
+}
+
+// /proc/PID/smaps, parsed here rather than as text in JS (a snapshot reads
+// it in its frozen window, and parsing its ~25 lines per mapping in JS cost
+// about what the kernel took to print them): per mapping its header, its
+// kB of anonymous pages and in swap, and its VmFlags line as it is (a few
+// distinct lines in a process: the caller picks the flags it keeps once
+// per distinct line).
+// { addr: BigUint64Array [start, end, pgoff, ino] per mapping,
+//   num: Float64Array [major, minor, perms bits (r 1, w 2, x 4, s 8),
+//   anonKb, swapKb] per mapping, paths: [string], flags: [string] }.
+Napi::Value ParsedSmaps(Napi::Env env, const char* text, size_t len) {
+  struct Row {
+    SmapsHeader h;
+    double anon = 0, swap = 0;
+    const char* flags = nullptr;
+    size_t flags_len = 0;
+  };
+  std::vector<Row> rows;
+  const char* end = text + len;
+  for (const char* at = text; at < end;) {
+    const char* nl = static_cast<const char*>(memchr(at, '\n', static_cast<size_t>(end - at)));
+    if (!nl) nl = end;
+    char c = *at;
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')) {
+      Row r;
+      if (ParseSmapsHeader(at, nl, &r.h)) rows.push_back(r);
+    } else if (!rows.empty()) {
+      Row& r = rows.back();
+      size_t n = static_cast<size_t>(nl - at);
+      if (n >= 8 && !memcmp(at, "VmFlags:", 8)) {
+        const char* f = at + 8;
+        const char* e = nl;
+        while (f < e && (*f == ' ' || *f == '\t')) f++;
+        while (e > f && (e[-1] == ' ' || e[-1] == '\t')) e--;
+        r.flags = f;
+        r.flags_len = static_cast<size_t>(e - f);
+      } else if (n > 5 && !memcmp(at, "Swap:", 5)) {
+        r.swap = strtod(at + 5, nullptr);
+      } else if (n > 10 && !memcmp(at, "Anonymous:", 10)) {
+        r.anon = strtod(at + 10, nullptr);
+      }
+    }
+    at = nl + 1;
+  }
+  auto addr = Napi::BigUint64Array::New(env, rows.size() * 4);
+  auto num = Napi::Float64Array::New(env, rows.size() * 5);
+  auto paths = Napi::Array::New(env, rows.size());
+  auto flags = Napi::Array::New(env, rows.size());
+  for (size_t i = 0; i < rows.size(); i++) {
+    const Row& r = rows[i];
+    addr[i * 4] = r.h.start;
+    addr[i * 4 + 1] = r.h.end;
+    addr[i * 4 + 2] = r.h.pgoff;
+    addr[i * 4 + 3] = r.h.ino;
+    num[i * 5] = r.h.major;
+    num[i * 5 + 1] = r.h.minor;
+    num[i * 5 + 2] = r.h.perms;
+    num[i * 5 + 3] = r.anon;
+    num[i * 5 + 4] = r.swap;
+    paths.Set(static_cast<uint32_t>(i), Napi::String::New(env, r.h.path, r.h.path_len));
+    if (r.flags) flags.Set(static_cast<uint32_t>(i), Napi::String::New(env, r.flags, r.flags_len));
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("addr", addr);
+  o.Set("num", num);
+  o.Set("paths", paths);
+  o.Set("flags", flags);
+  return o;
+}
+
 // readProcFiles(paths, kinds) -> one entry per path: what a frozen
 // process's /proc shows, read in one call instead of one Node call (open,
 // fstat, read, read, close) per file. kinds[i]: 0 the file as text, 1 as
 // bytes, 2 the link's target, 3 the directory's names (sorted by strcmp,
-// '.' and '..' left out, as Node's readdirSync gives them). An entry that
+// '.' and '..' left out, as Node's readdirSync gives them), 4 an smaps
+// file parsed (ParsedSmaps). An entry that
 // cannot be read is undefined: the caller reads it the ordinary way, which
 // reports the error as it always did.
 Napi::Value ReadProcFiles(const Napi::CallbackInfo& info) {
@@ -1045,7 +1238,8 @@ Napi::Value ReadProcFiles(const Napi::CallbackInfo& info) {
     std::string path = paths.Get(i).As<Napi::String>().Utf8Value();
     switch (kinds[i]) {
       case 0:
-      case 1: {
+      case 1:
+      case 4: {
         int f = open(path.c_str(), O_RDONLY | O_CLOEXEC);
         if (f < 0) break;
         size_t len = 0;
@@ -1061,6 +1255,7 @@ Napi::Value ReadProcFiles(const Napi::CallbackInfo& info) {
         close(f);
         if (!ok) break;
         if (kinds[i] == 0) out.Set(i, Napi::String::New(env, text.data(), len));
+        else if (kinds[i] == 4) out.Set(i, ParsedSmaps(env, text.data(), len));
         else out.Set(i, Napi::Buffer<char>::Copy(env, text.data(), len));
         break;
       }

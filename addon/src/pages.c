@@ -832,6 +832,77 @@ long pages_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
   return (long)n;
 }
 
+long pages_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
+                        struct appshot_page_region** out) {
+  size_t n = 0, cap = 256;
+  struct appshot_page_region* v = malloc(cap * sizeof *v);
+  if (!v) return -ENOMEM;
+  uint64_t at = start;
+  while (at < end) {
+    if (n == cap) {
+      struct appshot_page_region* grown = realloc(v, 2 * cap * sizeof *v);
+      if (!grown) {
+        free(v);
+        return -ENOMEM;
+      }
+      v = grown;
+      cap *= 2;
+    }
+    struct appshot_pm_scan_arg arg = {0};
+    arg.size = sizeof arg;
+    arg.start = at;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)(v + n);
+    arg.vec_len = cap - n;
+    arg.category_anyof_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
+    arg.return_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED | APPSHOT_PAGE_IS_FILE |
+                      APPSHOT_PAGE_IS_PFNZERO;
+    long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
+    if (got < 0) {
+      int e = errno;
+      free(v);
+      return -e;
+    }
+    n += (size_t)got;
+    /* Stopped short only when the vector is full: a walk that does not
+     * move on is not taken for the whole range. */
+    if (arg.walk_end >= end) break;
+    if (arg.walk_end <= at) {
+      free(v);
+      return -EIO;
+    }
+    at = arg.walk_end;
+  }
+  *out = v;
+  return (long)n;
+}
+
+/* What pw_dump's wanted() says of a page, from its scan categories. */
+static int wanted_scanned(uint64_t c, pages_mode mode) {
+  if (mode == PAGES_ANON)
+    return (c & (APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED)) && !(c & APPSHOT_PAGE_IS_PFNZERO);
+  return (c & APPSHOT_PAGE_IS_SWAPPED) || ((c & APPSHOT_PAGE_IS_PRESENT) && !(c & APPSHOT_PAGE_IS_FILE));
+}
+
+int pw_dump_scanned(page_writer* w, pid_t pid, const struct appshot_page_region* regions,
+                    size_t nregions, size_t* cursor, uint64_t start, uint64_t end,
+                    pages_mode mode, pages_result* out) {
+  memset(out, 0, sizeof *out);
+  out->data_offset = position(w);
+  if (mode != PAGES_ANON && mode != PAGES_PRIVATE_FILE) return -EINVAL;
+  while (*cursor < nregions && regions[*cursor].end <= start) (*cursor)++;
+  size_t none = 0;
+  for (size_t i = *cursor; i < nregions && regions[i].start < end; i++) {
+    if (!wanted_scanned(regions[i].categories, mode)) continue;
+    uint64_t a = regions[i].start > start ? regions[i].start : start;
+    uint64_t b = regions[i].end < end ? regions[i].end : end;
+    int rc = copy_run(w, pid, start, (uint32_t)((a - start) / PAGE), (uint32_t)((b - a) / PAGE),
+                      NULL, &none, out, mode == PAGES_ANON);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset) {
   *offset = position(w);
   const uint8_t* p = data;

@@ -22,7 +22,10 @@ struct appshot_pm_scan_arg {
 #define APPSHOT_PM_SCAN_WP_MATCHING (1ull << 0)
 #define APPSHOT_PM_SCAN_CHECK_WPASYNC (1ull << 1)
 #define APPSHOT_PAGE_IS_WRITTEN (1ull << 1)
+#define APPSHOT_PAGE_IS_FILE (1ull << 2)
 #define APPSHOT_PAGE_IS_PRESENT (1ull << 3)
+#define APPSHOT_PAGE_IS_SWAPPED (1ull << 4)
+#define APPSHOT_PAGE_IS_PFNZERO (1ull << 5)
 
 /* Which pages of a mapping hold state of the process's own. */
 typedef enum {
@@ -153,6 +156,24 @@ int pw_reserve(page_writer* w, uint64_t bytes);
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
             pages_mode mode, const pages_parent* parent, const pages_forked_from* forked_from,
             pages_result* out);
+/* PAGEMAP_SCAN (Linux 6.7): every run of pages of [start, end) that is
+ * present or swapped, with its categories (APPSHOT_PAGE_IS_PRESENT,
+ * _SWAPPED, _FILE: not anonymous, _PFNZERO: the shared zero page), in
+ * ascending order, in *out (malloc'd): one ioctl, in place of a pagemap
+ * read per mapping. Returns their number, or -errno (ENOTTY or EINVAL
+ * where the kernel lacks it). */
+long pages_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
+                        struct appshot_page_region** out);
+/* As pw_dump of [start, end) with no parent and no process forked from,
+ * in mode PAGES_ANON or PAGES_PRIVATE_FILE, the pages taken from `regions`
+ * (pages_scan_present's, over a range holding this one) rather than from
+ * pagemap: a page is copied when pw_dump would copy it (pages of the zero
+ * page, which it reads and drops, are not read). `cursor`: where to start
+ * in `regions`, advanced past what ends before `end`, for a caller going
+ * through mappings in ascending order. */
+int pw_dump_scanned(page_writer* w, pid_t pid, const struct appshot_page_region* regions,
+                    size_t nregions, size_t* cursor, uint64_t start, uint64_t end,
+                    pages_mode mode, pages_result* out);
 /* Appends bytes (a SysV segment, a deleted file), padded to a page. */
 int pw_append(page_writer* w, const void* data, size_t len, uint64_t* offset);
 /* Copies every data extent of an open file (holes stay holes), appending it

@@ -204,7 +204,7 @@ export async function check(): Promise<CheckResult> {
     'incremental and --pre-copy snapshots read all memory and compare it with the parent image (exact, slower)');
   add('pagemap_scan', 'PAGEMAP_SCAN ioctl on /proc/PID/pagemap' + (uffd.ok ? ', reading and re-arming write protection' : ''), false,
     probe(uffd.ok ? 'dirty_tracking' : 'pagemap_scan'),
-    'incremental and --pre-copy snapshots read all memory and compare it with the parent image (exact, slower)');
+    'incremental and --pre-copy snapshots read all memory and compare it with the parent image (exact, slower); a snapshot reads the page map of each mapping it stores on its own (a little slower)');
   add('tcp_repair', 'TCP_REPAIR on a socket (needs CAP_NET_ADMIN)', false, probe('tcp_repair'),
     'established TCP connections are refused by name; snapshot --tcp-close records them as closed');
   add('raw_socket', 'a raw IP socket (needs CAP_NET_RAW)', false, probe('raw_socket'),

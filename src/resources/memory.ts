@@ -7,8 +7,8 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
-import { procText } from '../procfs.js';
-import { addon, PAGES_MODE, type PagesCheck } from '../native.js';
+import { procSmaps } from '../procfs.js';
+import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
@@ -106,48 +106,54 @@ export function readVmFlags(pid: number): Map<bigint, string[]> {
   return out;
 }
 
+/** Per distinct VmFlags line: the flags of it kept, and whether it says
+ * pf (raw frames). A process has a few distinct lines for dozens of
+ * mappings. */
+const keptOfLine = new Map<string, { kept: string[]; pfnmap: boolean }>();
+
+function keptVmFlags(line: string): { kept: string[]; pfnmap: boolean } {
+  let k = keptOfLine.get(line);
+  if (!k) {
+    const flags = line.split(/\s+/);
+    k = { kept: flags.filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)), pfnmap: flags.includes('pf') };
+    if (keptOfLine.size >= 1024) keptOfLine.clear();
+    keptOfLine.set(line, k);
+  }
+  return k;
+}
+
+const PERMS = Array.from({ length: 16 }, (_, b) => `${b & 1 ? 'r' : '-'}${b & 2 ? 'w' : '-'}${b & 4 ? 'x' : '-'}${b & 8 ? 's' : 'p'}`);
+
 /**
  * The memory map with each mapping's kept VmFlags and its kB in swap, from
  * one read of /proc/PID/smaps: what a dump reads once per process (smaps
  * walks the page tables; it holds the maps lines too), for the driver, the
- * shared-object pages and the memory dump alike.
+ * shared-object pages and the memory dump alike. Parsed by the addon
+ * (procSmaps): in JS, its ~25 lines per mapping cost a tiny application's
+ * frozen window 0.2 ms.
  */
 export function readSmaps(pid: number): MapsLine[] {
-  const text = procText(`/proc/${pid}/smaps`);
-  const out: MapsLine[] = [];
-  let last: MapsLine | undefined;
-  // Line by line without splitting the text, each line told by its first
-  // character (a header starts with a lowercase hex digit, a field with a
-  // capital): a snapshot parses smaps in its frozen window, and splitting
-  // it and trying each of its ~25 lines per mapping against the header
-  // cost twice this.
-  for (let at = 0; at < text.length; ) {
-    let nl = text.indexOf('\n', at);
-    if (nl < 0) nl = text.length;
-    const c = text.charCodeAt(at);
-    if ((c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x66)) {
-      const m = HEADER.exec(text.slice(at, nl));
-      if (m) {
-        // Fields set here, not spread over mapsLine's object: the spread
-        // made parsing smaps cost 2.5x its read.
-        last = mapsLine(m);
-        last.swapKb = 0;
-        last.anonKb = 0;
-        last.pfnmap = false;
-        out.push(last);
-      }
-    } else if (last) {
-      if (text.startsWith('VmFlags:', at)) {
-        const flags = text.slice(at + 8, nl).trim().split(/\s+/);
-        last.vmFlags = flags.filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f));
-        last.pfnmap = flags.includes('pf');
-      } else if (text.startsWith('Swap:', at)) {
-        last.swapKb = parseInt(text.slice(at + 5, nl), 10);
-      } else if (text.startsWith('Anonymous:', at)) {
-        last.anonKb = parseInt(text.slice(at + 10, nl), 10);
-      }
-    }
-    at = nl + 1;
+  const { addr, num, paths, flags } = procSmaps(`/proc/${pid}/smaps`);
+  const out: MapsLine[] = new Array(paths.length);
+  for (let i = 0; i < paths.length; i++) {
+    const path = paths[i];
+    const line = flags[i];
+    const k = line === undefined ? undefined : keptVmFlags(line);
+    out[i] = {
+      start: addr[i * 4],
+      end: addr[i * 4 + 1],
+      perms: PERMS[num[i * 5 + 2]],
+      pgoff: addr[i * 4 + 2],
+      major: num[i * 5],
+      minor: num[i * 5 + 1],
+      ino: addr[i * 4 + 3],
+      path,
+      // Copies: a mapping's flags are its own (the image keeps them).
+      vmFlags: k ? [...k.kept] : path === '[stack]' ? ['gd'] : [],
+      swapKb: num[i * 5 + 4],
+      anonKb: num[i * 5 + 3],
+      pfnmap: k ? k.pfnmap : false,
+    };
   }
   return out;
 }
@@ -338,6 +344,10 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   let pagemapFd = -1;
   // A file maps in several pieces (code, data, ...): stat once.
   const fileIds = new Map<string, number>();
+  /** Mappings with nothing to compare with (no parent image, no process
+   * forked from): their pages are read together at the end, in one call
+   * and one PAGEMAP_SCAN (dumpScannedPages). */
+  const scanned: Scanned[] = [];
   try {
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
     for (const l of maps) {
@@ -401,6 +411,14 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         vma.pages = { offset: 0n, runs: [], fromParent: [] };
       } else if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
         const mode = vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile;
+        const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
+        // Raw frames (pf) are one by one: PAGEMAP_SCAN passes over a
+        // VM_PFNMAP mapping as if it had no page, where pagemap shows them.
+        if (!ctx.parent && !forked && !l.pfnmap) {
+          scanned.push({ vma, l, mode });
+          vmas.push(vma);
+          continue;
+        }
         // With dirty tracking, a page not written since the parent is the
         // parent's and is not even read; an untracked mapping (null) is
         // compared page by page with the parent's copy.
@@ -408,18 +426,61 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
-        const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
         const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked));
         vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
         if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
       }
       vmas.push(vma);
     }
+    dumpScannedPages(ctx, pid, what, pagemapFd, scanned);
   } finally {
     if (pagemapFd >= 0) closeSync(pagemapFd);
     if (forkParent) closeSync(forkParent.pagemapFd);
   }
   return vmas;
+}
+
+interface Scanned {
+  vma: Vma;
+  l: MapsLine;
+  mode: number;
+}
+
+/** The pages of mappings `list` (in ascending order, none with a parent or
+ * a process forked from) into their Vma: in one call and one PAGEMAP_SCAN
+ * where the kernel has it (a tiny application's ~12 mappings cost a call
+ * and a pagemap read each), else one by one. */
+function dumpScannedPages(ctx: DumpContext, pid: number, what: string, pagemapFd: number, list: Scanned[]): void {
+  if (!list.length) return;
+  const bounds = new BigUint64Array(list.length * 2);
+  const modes = new Uint8Array(list.length);
+  list.forEach((s, i) => {
+    bounds[2 * i] = s.l.start;
+    bounds[2 * i + 1] = s.l.end;
+    modes[i] = s.mode;
+  });
+  let d: ScannedPages | undefined;
+  try {
+    d = ctx.pages.dumpScanned(pid, pagemapFd, bounds, modes);
+  } catch (e) {
+    const i = (e as { index?: number }).index;
+    // Named as a mapping read alone names it.
+    if (i !== undefined && list[i]) unreadableNamed(what, list[i].l, pagemapFd, () => { throw e; });
+    throw e;
+  }
+  if (!d) {
+    for (const s of list) {
+      const one = unreadableNamed(what, s.l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, s.l.start, s.l.end, s.mode));
+      s.vma.pages = { offset: BigInt(one.offset), runs: pairs(one.runs), fromParent: [] };
+    }
+    return;
+  }
+  let at = 0;
+  list.forEach((s, i) => {
+    const n = d.counts[i] * 2;
+    s.vma.pages = { offset: BigInt(d.offsets[i]), runs: Array.from(d.runs.subarray(at, at + n)), fromParent: [] };
+    at += n;
+  });
 }
 
 /** pagemap's bit for a guard page (PM_GUARD_REGION, Linux 6.15). */

@@ -68,7 +68,7 @@ export class ReportingPageWriter {
     const pages = this.pages;
     // Every method delegated explicitly: the addon's methods must be
     // called on the addon's object.
-    return {
+    const writer: PageWriter = {
       finish: () => pages.finish(),
       link: (path: string) => pages.link(path),
       fd: () => pages.fd(),
@@ -103,6 +103,46 @@ export class ReportingPageWriter {
         }
         return { offset, runs: Uint32Array.from(runs), same: new Uint32Array(0), shared: new Uint32Array(0), pages: stored };
       },
+      // In groups of at most a slice of address space, so that the display
+      // moves as they are read; a mapping larger than a slice alone,
+      // sliced (dump above).
+      dumpScanned(pid: number, pagemapFd: number, bounds: BigUint64Array, modes: Uint8Array) {
+        const n = modes.length;
+        const offsets = new Float64Array(n);
+        const counts = new Uint32Array(n);
+        const runs: number[] = [];
+        let stored = 0;
+        for (let i = 0; i < n; ) {
+          const size = (k: number) => Number((bounds[2 * k + 1] - bounds[2 * k]) / BigInt(PAGE));
+          if (size(i) > SLICE_PAGES) {
+            const d = writer.dump(pid, pagemapFd, bounds[2 * i], bounds[2 * i + 1], modes[i]);
+            offsets[i] = d.offset;
+            counts[i] = d.runs.length / 2;
+            for (const r of d.runs) runs.push(r);
+            stored += d.pages;
+            i++;
+            continue;
+          }
+          let j = i + 1;
+          for (let total = size(i); j < n && size(j) <= SLICE_PAGES && total + size(j) <= SLICE_PAGES; j++) total += size(j);
+          let d: ReturnType<PageWriter['dumpScanned']>;
+          try {
+            d = pages.dumpScanned(pid, pagemapFd, bounds.subarray(2 * i, 2 * j), modes.subarray(i, j));
+          } catch (e) {
+            if (typeof (e as { index?: number }).index === 'number') (e as { index: number }).index += i;
+            throw e;
+          }
+          if (!d) return undefined;
+          offsets.set(d.offsets, i);
+          counts.set(d.counts, i);
+          for (const r of d.runs) runs.push(r);
+          stored += d.pages;
+          self.taken += d.pages * PAGE;
+          self.report();
+          i = j;
+        }
+        return { offsets, counts, runs: Uint32Array.from(runs), pages: stored };
+      },
       appendFd(fd: number, length: number) {
         const r = pages.appendFd(fd, length);
         for (let i = 1; i < r.runs.length; i += 2) self.taken += r.runs[i] * PAGE;
@@ -115,6 +155,7 @@ export class ReportingPageWriter {
         return offset;
       },
     };
+    return writer;
   }
 
   /** Waits for the writer thread to write what it was handed, reporting
