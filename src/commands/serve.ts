@@ -354,9 +354,10 @@ async function hostInEngine(
       })()),
   };
   setHosted(entry);
+  // -d prints the serving PID alone, as a serve -d of its own does.
   for (const line of o.banner) {
     toLog(line);
-    process.stdout.write(line);
+    if (!o.detach) process.stdout.write(line);
   }
   served.log({ event: 'ready', services: o.specs.map((s) => s.name), engine: process.pid });
   if (o.detach) {

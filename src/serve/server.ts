@@ -5,8 +5,9 @@
  * lost) while one is restored or cloned, then forwarded.
  *
  * `ServeHost` owns services and nothing process-wide (no signal handlers,
- * no exit), so that the resident engine can own one later; the CLI's
- * `serve` command is a thin shell around it.
+ * no exit), so that the resident engine can host one (ServeOptions.shared,
+ * commands/serve.ts hostInEngine); the CLI's `serve` command is a thin
+ * shell around it.
  *
  * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
  * the bytes of every forwarded connection; this module decides where each
