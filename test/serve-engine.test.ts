@@ -5,7 +5,7 @@
  *   holds the front door (and /metrics), the engine does not idle out
  *   while it serves, `engine status` lists it; a second serve, hosted or
  *   not, is refused with one line and changes nothing; Ctrl-C stops it,
- *   and then the engine idles out;
+ *   the same engine then hosts the next serve, and idles out after it;
  * - `serve -d` returns the engine's PID; `engine stop` stops serving
  *   gracefully before the engine leaves;
  * - the engine killed with SIGKILL while it hosts a prepared instance:
@@ -143,6 +143,17 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(events(serve).map((e) => e.event)).toContain('stopping');
     expect(show()).toMatchObject({ served: false });
     expect(await refused(PUBLIC)).toBe(true);
+
+    // The same engine hosts the next serve as well (its forwarding thread,
+    // the process's one, now reports to that serve).
+    const again = sb.start(['serve', '--prepared', '0'], { TEST_SERVE: 'hosted' });
+    running.push(again);
+    await again.line(/^ready$/);
+    expect(lockHolder()).toBe(`${engine} engine`);
+    const pongs = await Promise.all(Array.from({ length: 20 }, () => tcpExchange(PUBLIC, 'ping\n', 30_000)));
+    expect(pongs.filter((p) => !/^pong \d+\n$/.test(p))).toEqual([]);
+    again.child.kill('SIGINT');
+    expect((await again.exited).code).toBe(0);
     await waitFor(() => !alive(engine), 20_000, 'the engine to idle out once it serves nothing');
   });
 

@@ -35,7 +35,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
-import { type ForwardEnds, Forwarder } from './forwarder.js';
+import { type ForwardEnds, Forwarder, newListenerGroup } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
@@ -1324,7 +1324,7 @@ export class ServeHost {
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
       if (wanted > maxHeld) this.log({ service: spec.name, event: 'max-held', wanted, allowed: maxHeld, why: 'RLIMIT_NOFILE' });
-      this.services.push(new Service(spec, this, this.services.length + 1, Math.min(wanted, maxHeld)));
+      this.services.push(new Service(spec, this, newListenerGroup(), Math.min(wanted, maxHeld)));
     }
   }
 
