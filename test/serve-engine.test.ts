@@ -150,6 +150,9 @@ describe('appshot serve hosted by the resident engine', () => {
     running.push(again);
     await again.line(/^ready$/);
     expect(lockHolder()).toBe(`${engine} engine`);
+    // Suspended first, so that the connections are held and resumed (the
+    // thread hands each over to this serve), not only forwarded.
+    await waitFor(() => events(again).some((e) => e.event === 'suspend'), 30_000, 'the next serve to suspend the instance it took over');
     const pongs = await Promise.all(Array.from({ length: 20 }, () => tcpExchange(PUBLIC, 'ping\n', 30_000)));
     expect(pongs.filter((p) => !/^pong \d+\n$/.test(p))).toEqual([]);
     again.child.kill('SIGINT');
