@@ -151,7 +151,10 @@ export function registerServe(program: Command): void {
       const w = (s: string) => process.stdout.write(s);
       const prepared = v.instances[0]?.prepared ? ', its next instance prepared (restored ahead, held stopped)' : '';
       w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${prepared}${v.held ? `, ${plural(v.held, 'connection')} held` : ''}\n`);
-      w(`served       ${v.served ? `by appshot serve, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
+      const { serveLockHolder } = await import('../serve/lock.js');
+      const holder = serveLockHolder(join(store.dir, '..'));
+      const inEngine = v.served && holder?.engine === true && holder.pid === v.servePid;
+      w(`served       ${v.served ? `by appshot serve${inEngine ? ' in the resident engine' : ''}, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
