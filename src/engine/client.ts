@@ -7,10 +7,10 @@
  * Run here, never sent (answer undefined):
  *  - commands that need this process's terminal, environment, stdin or
  *    signals: run, exec, logs -f, wait, check, engine;
- *  - serve --foreground, and a serve with test knobs or debug output
- *    (APPSHOT_TEST_FAIL_AT and the like, APPSHOT_DEBUG: read from the process's environment
- *    while it runs, and the engine's is not the client's for long). Any
- *    other serve is hosted by the engine (commands/serve.ts), which, with
+ *  - serve --foreground, and a serve with a failure or kill point or
+ *    debug output (SERVE_HERE: read from the process's environment while
+ *    it runs, and the engine's is not the client's for long). Any other
+ *    serve is hosted by the engine (commands/serve.ts), which, with
  *    APPSHOT_ENGINE=auto, is started for it if none runs;
  *  - any command line naming standard input or output ('-', /dev/...,
  *    /proc/self/...): the engine's are not the client's;
