@@ -65,6 +65,10 @@ const RESIDENT = ['--max-semi-space-size=1'];
 /** ...and its environment (residentEnv there): this build's; another's
  * (BENCH_AB_CLI) runs as it is. */
 const RESIDENT_ENV = { MALLOC_ARENA_MAX: '1' };
+/** Where serve runs for (a)-(d) and (f): 'own' (a process of its own,
+ * `serve --foreground`) or 'hosted' (the resident engine, as `appshot
+ * serve` runs by default). (e) is measured both ways. */
+const SERVE_MODE = process.env.BENCH_SERVE ?? 'own';
 /** (e)'s public ports: SERVICES_PORT, +1, ... */
 const SERVICES_PORT = APP + 4150;
 
@@ -115,7 +119,7 @@ function idleSince(service, since) {
   try {
     const s = JSON.parse(readFileSync(join(home, 'services', service, 'state.json'), 'utf8'));
     const idle = s.spec.mode === 'clone' ? s.instances.length === 0 : s.instances[0]?.state === 'suspended';
-    return idle && s.servePid === serve.pid && Date.parse(s.updatedAt) > since;
+    return idle && s.servePid === serve.hostPid && Date.parse(s.updatedAt) > since;
   } catch {
     return false;
   }
@@ -199,9 +203,25 @@ let serve;
 let serveErr = '';
 /** The logs of the serve processes before the current one. */
 let earlierServeErr = '';
-/** `appshot serve`, as serve -d runs it, once it says it is ready. */
-async function startServe(extraEnv = {}, serveCli = cli) {
-  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve'], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+/** The PID that serves (the lock's holder: serve's own process, or the
+ * engine hosting it). */
+const servingPid = () => Number(readFileSync(join(home, 'services', 'serve.lock'), 'utf8').trim().split(' ')[0]);
+/** The engine's PID, if one runs for `home`. */
+function enginePid() {
+  try {
+    const pid = Number(readFileSync(join(home, 'engine', 'lock'), 'utf8').trim());
+    return pid > 0 && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('engine/main.js') ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+/** `appshot serve`, as serve -d runs it, once it says it is ready; its
+ * `hostPid` is the process that serves (`mode` hosted: the engine's). */
+async function startServe(extraEnv = {}, serveCli = cli, mode = SERVE_MODE, args = []) {
+  // Another build (BENCH_AB_CLI) serves in its own process, and may not
+  // know --foreground.
+  const where = serveCli === cli && mode === 'own' ? ['--foreground'] : [];
+  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve', ...where, ...args], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
   earlierServeErr += serveErr;
   // Each serve's log headed by the build that runs it (an A/B's logs,
   // APPSHOT_DEBUG's restore phases among them, told apart).
@@ -211,6 +231,7 @@ async function startServe(extraEnv = {}, serveCli = cli) {
     child.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
     child.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
   });
+  child.hostPid = serveCli === cli && mode === 'hosted' ? servingPid() : child.pid;
   return child;
 }
 try {
@@ -232,7 +253,7 @@ try {
     appshot('service', 'add', 'dbc', '--mode', 'clone', '--from', join(home, 'redis.template'), '--port', `127.0.0.1:${CLONE_PUBLIC}:${CLONE_APP}`, '--idle', IDLE, '--min', '0', '--max', '1');
   }
   serve = await startServe();
-  console.log(`redis, ${KEYS} keys; serve pid ${serve.pid}; idle ${IDLE}\n`);
+  console.log(`redis, ${KEYS} keys; serve pid ${serve.hostPid} (${SERVE_MODE === 'hosted' ? 'hosted by the engine' : 'its own process'}); idle ${IDLE}\n`);
 
   if (!ONLY_E) {
     // (a) and (b) interleaved: the front door's connections keep it running.
@@ -253,7 +274,7 @@ try {
     const resumes = (runs, atFirst) => whenIdle('db', PUBLIC, runs, atFirst);
     const clonings = (runs) => whenIdle('dbc', CLONE_PUBLIC, runs);
     let pss = NaN;
-    const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.pid)));
+    const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.hostPid)));
     row('(c) suspended, through the front door', resumed);
     const cloned = CLONES ? await clonings(RUNS) : [];
     if (CLONES) row('(f) clone mode, none running, through the door', cloned);
@@ -353,15 +374,18 @@ try {
     if (CLONES) appshot('service', 'rm', 'dbc');
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
-    // Twice: as serve runs by default (the most recently suspended
-    // services' next instances prepared, held stopped), and without any
-    // prepared (APPSHOT_PREPARED=0), in the same run.
-    for (const [label, extra] of [['default', {}], ['APPSHOT_PREPARED=0', { APPSHOT_PREPARED: '0' }]]) {
+    // As serve runs by default (the most recently suspended services'
+    // next instances prepared, held stopped), and without any prepared
+    // (--prepared 0); each in its own process and hosted by the engine,
+    // in the same run (BENCH_E_MODES=own,hosted).
+    const modes = (process.env.BENCH_E_MODES ?? 'own,hosted').split(',');
+    for (const [label, args] of [['default', []], ['--prepared 0', ['--prepared', '0']]])
+    for (const mode of modes) {
       if (serve.exitCode === null) {
         serve.kill('SIGTERM');
         await new Promise((r) => serve.on('exit', r));
       }
-      serve = await startServe(extra);
+      serve = await startServe({}, cli, mode, args);
       // Settled: every service's state written, whatever serve does ahead
       // of a resume done (its log quiet for a second).
       for (let quiet = 0, seen = -1; quiet < 5; ) {
@@ -378,12 +402,21 @@ try {
       });
       const suspended = states.filter((s) => s?.state === 'suspended').length;
       const prepared = states.filter((s) => s?.prepared).length;
-      const pids = keptProcesses(serve.pid);
+      const pids = keptProcesses(serve.hostPid);
       const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
-      const own = pssKiB(serve.pid) / 1024;
+      const own = pssKiB(serve.hostPid) / 1024;
       if (process.env.BENCH_SMAPS) for (const p of pids) smapsDetail(p);
-      console.log(`(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}): PSS of all appshot keeps running (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB, of which serve itself ${own.toFixed(1)} MiB`);
-      report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}`, value: total / 1024, serve: own, processes: pids.length, suspended, prepared });
+      // In its own process, with an engine running beside it (as the
+      // commands before started one): what both keep.
+      const engine = mode === 'own' ? enginePid() : undefined;
+      const beside = engine ? keptProcesses(engine).filter((p) => !pids.includes(p)) : [];
+      const besideKiB = beside.reduce((n, p) => n + (pssKiB(p) || 0), 0);
+      const where = mode === 'hosted' ? 'hosted by the engine' : 'its own process';
+      console.log(
+        `(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}, ${where}): PSS of all appshot keeps running for them (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB, of which the ${mode === 'hosted' ? 'engine' : 'serve process'} ${own.toFixed(1)} MiB` +
+          (engine ? `; with the engine beside it (${beside.length} more): ${((total + besideKiB) / 1024).toFixed(1)} MiB` : ''),
+      );
+      report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}, ${mode}`, value: total / 1024, serve: own, processes: pids.length, suspended, prepared, ...(engine ? { withEngine: (total + besideKiB) / 1024 } : {}) });
     }
   }
   if (process.env.BENCH_JSON) console.log(JSON.stringify(report));

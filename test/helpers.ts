@@ -42,7 +42,8 @@ export class Sandbox {
    * tests listen on fixed ports below it, which an allocation from the
    * default range could take first. Each test file has its own range,
    * disjoint from the others' (files run at once):
-   *   16000-16799 api              17000-17999 serve-prepared
+   *   16000-16799 api              16800-16999 serve-engine
+   *   17000-17999 serve-prepared
    *   18000-18999 serve-standby
    *   19000-19999 serve-hold       20000-20999 serve (its busy server 20000-20979 too)
    *   21000-21999 redis            22000-23702 atomic
@@ -119,8 +120,13 @@ export class Sandbox {
     return { code: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
   }
 
-  /** Starts `appshot args...` and returns a handle to talk to it. */
+  /** Starts `appshot args...` and returns a handle to talk to it.
+   * `appshot serve` runs in its own process (--foreground), as the serve
+   * files were written for (they look at its process), unless
+   * TEST_SERVE=hosted: then as the CLI runs it by default, hosted by the
+   * resident engine (serve-engine.test.ts tests that mode itself). */
   start(args: string[], env: Record<string, string> = {}): Running {
+    if (args[0] === 'serve' && (env.TEST_SERVE ?? process.env.TEST_SERVE) !== 'hosted' && !args.includes('--foreground')) args = [...args, '--foreground'];
     const child = spawn(process.execPath, [cli, ...args], { env: { ...this.env, ...env } });
     this.started.push(child);
     return new Running(child);

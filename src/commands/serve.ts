@@ -4,18 +4,25 @@
  * door and the policy live in src/serve/server.ts and policy.ts.
  */
 import type { Command } from 'commander';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { currentRequest, requestStorage, type RequestContext } from '../engine/request.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
+import type { HostedServe } from '../engine/hosted.js';
 import { printJson } from './json.js';
 import { plural } from '../words.js';
 
 
 const collect = (v: string, prev: string[]) => [...prev, v];
 
-function alivePid(pid: number | undefined): boolean {
+async function alivePid(pid: number | undefined): Promise<boolean> {
   if (!pid) return false;
+  // A serve process, or an engine, killed and not yet waited for by its
+  // parent serves nothing.
+  const { readStat } = await import('../procfs.js');
+  const state = readStat(pid)?.state;
+  if (state === 'Z' || state === 'X') return false;
   try {
     process.kill(pid, 0);
     return true;
@@ -42,7 +49,7 @@ export interface ServiceView extends ServiceSpec {
 }
 
 async function view(spec: ServiceSpec, state: ServiceState | undefined): Promise<ServiceView> {
-  const served = alivePid(state?.servePid);
+  const served = await alivePid(state?.servePid);
   let instances = state?.instances ?? [];
   if (!served) {
     // Nobody watches it: what the registry says now.
@@ -144,7 +151,10 @@ export function registerServe(program: Command): void {
       const w = (s: string) => process.stdout.write(s);
       const prepared = v.instances[0]?.prepared ? ', its next instance prepared (restored ahead, held stopped)' : '';
       w(`service      ${v.name} (${v.mode})\nstate        ${v.state}${prepared}${v.held ? `, ${plural(v.held, 'connection')} held` : ''}\n`);
-      w(`served       ${v.served ? `by appshot serve, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
+      const { serveLockHolder } = await import('../serve/lock.js');
+      const holder = serveLockHolder(join(store.dir, '..'));
+      const inEngine = v.served && holder?.engine === true && holder.pid === v.servePid;
+      w(`served       ${v.served ? `by appshot serve${inEngine ? ' in the resident engine' : ''}, pid ${v.servePid}` : 'no (appshot serve is not running)'}\n`);
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
@@ -184,7 +194,7 @@ export function registerServe(program: Command): void {
       const store = new ServiceStore();
       store.require(name);
       const state = store.readState(name);
-      if (alivePid(state?.servePid))
+      if (await alivePid(state?.servePid))
         throw new AppshotError(`service '${name}' is being served by appshot serve (pid ${state!.servePid}): stop it first`, ExitCode.conflict);
       const api = await import('../api.js');
       for (const i of state?.instances ?? []) await api.rm(i.aid, { force: true }).catch(() => undefined);
@@ -197,16 +207,20 @@ export function registerServe(program: Command): void {
     .description('the front door: listen on every service\'s public ports, restore or clone instances on demand, suspend them when idle')
     .option('--config <file>', 'serve the services of this file ({"services": [...]}, see templates/services.json) instead of those added with `service add`')
     .option('--metrics <[host:]port>', 'answer GET /metrics (Prometheus text format) here')
-    .option('-d, --detach', 'run in the background; print its PID; its log goes to $APPSHOT_HOME/services/serve.log (or --log)', false)
+    .option('-d, --detach', 'run in the background (in the resident engine, or a process of its own); print the PID serving; its log goes to $APPSHOT_HOME/services/serve.log (or --log)', false)
+    .option('--foreground', 'serve in this process, not in the resident engine (as with APPSHOT_ENGINE=off)', false)
     .option('--log <file>', 'with -d: write the log here')
     .option('--prepared <k>', 'keep the next instance of the K most recently suspended restore-mode services restored ahead of time, held stopped, so that a connection only resumes it (0: none; default 2, or the config file\'s "prepared")')
     .addHelpText(
       'after',
       '\nExamples:\n  appshot serve\n  appshot serve --config templates/services.json --metrics 127.0.0.1:9464\n  appshot serve -d\n\n' +
         'One JSON line per decision (restore, suspend, clone, drop, crash) goes to stderr. SIGINT or SIGTERM\n' +
-        'stops serving: clones are stopped, a restore-mode instance keeps running and the next serve takes it over.',
+        'stops serving: clones are stopped, a restore-mode instance keeps running and the next serve takes it over.\n' +
+        'With a resident engine (APPSHOT_ENGINE=auto starts one), the engine serves and this command stays\n' +
+        'attached to it (its Ctrl-C stops serving) or, with -d, returns; `appshot engine status` shows it,\n' +
+        '`appshot engine stop` stops it. One serve per state directory: a second is refused.',
     )
-    .action(async (opts: { config?: string; metrics?: string; detach: boolean; log?: string; prepared?: string }) => {
+    .action(async (opts: { config?: string; metrics?: string; detach: boolean; foreground: boolean; log?: string; prepared?: string }) => {
       const { ServiceStore, loadConfig, parsePortMap, formatPortMap, parsePrepared } = await import('../serve/spec.js');
       const { defaultHome } = await import('../registry.js');
       const home = defaultHome();
@@ -215,21 +229,153 @@ export function registerServe(program: Command): void {
       const prepared = opts.prepared !== undefined ? parsePrepared(opts.prepared) : specs.prepared;
       if (!specs.length) throw new AppshotError('no services to serve: add one with `appshot service add` or give --config FILE', ExitCode.usage);
       const metricsAt = opts.metrics ? parsePortMap(opts.metrics.includes(':') || !/^\d+$/.test(opts.metrics) ? opts.metrics : `127.0.0.1:${opts.metrics}`) : undefined;
+      const metricsOn = metricsAt ? { host: metricsAt.host, port: metricsAt.public } : undefined;
+      const banner = [
+        ...specs.map((s) => `serving ${s.name} (${s.mode}) on ${s.ports.map(formatPortMap).join(', ')}\n`),
+        ...(metricsAt ? [`metrics on http://${metricsAt.host}:${metricsAt.public}/metrics\n`] : []),
+        'ready\n',
+      ];
+      // Run by the resident engine (the client sent it there): hosted.
+      const request = currentRequest();
+      if (request) return hostInEngine(request, { home, specs, prepared, metricsOn, detach: opts.detach, logPath: resolve(opts.log ?? join(store.dir, 'serve.log')), banner });
       if (opts.detach) return detach(store.dir, opts.log);
+      const { takeServeLock, releaseServeLock } = await import('../serve/lock.js');
+      const lock = takeServeLock(home, false);
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
       const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
-      await host.start(metricsAt ? { host: metricsAt.host, port: metricsAt.public } : undefined);
-      for (const s of specs) process.stdout.write(`serving ${s.name} (${s.mode}) on ${s.ports.map(formatPortMap).join(', ')}\n`);
-      if (metricsAt) process.stdout.write(`metrics on http://${metricsAt.host}:${metricsAt.public}/metrics\n`);
-      process.stdout.write('ready\n');
+      await host.start(metricsOn);
+      for (const line of banner) process.stdout.write(line);
       host.log({ event: 'ready', services: specs.map((s) => s.name) });
       await new Promise<void>((resolve) => {
         const end = () => void host.stop().then(resolve);
         process.once('SIGINT', end);
         process.once('SIGTERM', end);
       });
+      releaseServeLock(lock);
     });
+}
+
+/**
+ * `appshot serve` in the resident engine: the same front door (ServeHost)
+ * in the engine's process instead of one of its own. It runs outside the
+ * request that started it, under a context of its own (request.ts): its
+ * output goes to its log file, and to the client while one is attached;
+ * what it claims before an application owns it is held by a lease of its
+ * own (holder.ts), removed when it stops, and by the engine's process
+ * (a kill -9 of the engine frees it, as a kill -9 of a serve process
+ * does); one serve per state directory (serve/lock.ts) holds in the
+ * engine too. Attached (no -d), the request lets the engine's context
+ * gate go and waits: the client's Ctrl-C, SIGTERM or going away stops
+ * serving, as they stop a serve of its own; `appshot engine stop` stops
+ * it too, and the client then leaves with 0 as well.
+ */
+async function hostInEngine(
+  request: RequestContext,
+  o: { home: string; specs: ServiceSpec[]; prepared?: number; metricsOn?: { host: string; port: number }; detach: boolean; logPath: string; banner: string[] },
+): Promise<void> {
+  const { takeServeLock, releaseServeLock } = await import('../serve/lock.js');
+  const { leasesDir, newLeaseName } = await import('../holder.js');
+  const { setHosted } = await import('../engine/hosted.js');
+  const { ServeHost } = await import('../serve/server.js');
+  const { ServeMetrics } = await import('../serve/metrics.js');
+  const { LocalRegistry } = await import('../registry.js');
+  const lock = takeServeLock(o.home, true);
+  let attached: RequestContext | undefined = o.detach ? undefined : request;
+  const toLog = (chunk: Buffer | string) => {
+    try {
+      appendFileSync(o.logPath, chunk, { mode: 0o600 });
+    } catch {
+      /* nowhere to say it */
+    }
+  };
+  const lease = newLeaseName();
+  const leaseFile = join(leasesDir(o.home), lease);
+  const own: RequestContext = {
+    write: (fd, chunk) => {
+      toLog(chunk);
+      if (attached && !attached.disconnected) attached.write(fd, chunk);
+    },
+    tty: { stdout: false, stderr: false },
+    ci: request.ci,
+    path: request.path,
+    trustImages: request.trustImages,
+    onDisconnect: new Set(),
+    disconnected: false,
+    lease,
+    umask: request.umask,
+  };
+  let host: InstanceType<typeof ServeHost> | undefined;
+  const letGo = () => {
+    rmSync(leaseFile, { force: true });
+    try {
+      if (own.held) new LocalRegistry(o.home).releaseHeldBy(lease, own.held);
+    } catch (e) {
+      toLog(`appshot: releasing what serve held: ${(e as Error).message}\n`);
+    }
+    releaseServeLock(lock);
+  };
+  try {
+    writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });
+    host = await requestStorage.run(own, async () => {
+      const h = new ServeHost(o.specs, {
+        home: o.home,
+        metrics: new ServeMetrics(),
+        prepared: o.prepared,
+        shared: true,
+        log: (entry) => own.write(2, Buffer.from(JSON.stringify({ ts: new Date().toISOString(), ...entry }) + '\n')),
+      });
+      await h.start(o.metricsOn);
+      return h;
+    });
+  } catch (e) {
+    letGo();
+    throw e;
+  }
+  const served = host;
+  let stopping: Promise<void> | undefined;
+  let stoppedBy = '';
+  let ended!: () => void;
+  const done = new Promise<void>((r) => (ended = r));
+  const entry: HostedServe = {
+    services: o.specs.map((s) => s.name),
+    since: Date.now(),
+    log: o.logPath,
+    ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
+    attached: () => !!attached && !attached.disconnected,
+    stop: (why) =>
+      (stopping ??= (async () => {
+        stoppedBy = why;
+        served.log({ event: 'stopping', why });
+        try {
+          await requestStorage.run(own, () => served.stop());
+        } finally {
+          letGo();
+          setHosted(undefined);
+          ended();
+        }
+      })()),
+  };
+  setHosted(entry);
+  // -d prints the serving PID alone, as a serve -d of its own does.
+  for (const line of o.banner) {
+    toLog(line);
+    if (!o.detach) process.stdout.write(line);
+  }
+  served.log({ event: 'ready', services: o.specs.map((s) => s.name), engine: process.pid });
+  if (o.detach) {
+    process.stdout.write(`${process.pid}\n`);
+    return;
+  }
+  // Nothing more of the current directory, environment or umask is read
+  // for this request: other clients' commands need not wait for it.
+  request.leaveGate?.();
+  const onGone = () => void entry.stop(request.disconnected ? 'its client went away' : 'interrupted');
+  request.onDisconnect.add(onGone);
+  await done;
+  request.onDisconnect.delete(onGone);
+  attached = undefined;
+  if (stoppedBy === 'the engine is leaving') process.stderr.write('appshot: serve stopped: the engine is leaving\n');
 }
 
 /** Node's flags for a process that stays resident (serve -d, the engine):

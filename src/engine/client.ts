@@ -6,8 +6,12 @@
  *
  * Run here, never sent (answer undefined):
  *  - commands that need this process's terminal, environment, stdin or
- *    signals: run, exec, logs -f, wait, check, engine, and serve (a
- *    long-running front door with listeners and signals of its own);
+ *    signals: run, exec, logs -f, wait, check, engine;
+ *  - serve --foreground, and a serve with a failure or kill point or
+ *    debug output (SERVE_HERE: read from the process's environment while
+ *    it runs, and the engine's is not the client's for long). Any other
+ *    serve is hosted by the engine (commands/serve.ts), which, with
+ *    APPSHOT_ENGINE=auto, is started for it if none runs;
  *  - any command line naming standard input or output ('-', /dev/...,
  *    /proc/self/...): the engine's are not the client's;
  *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
@@ -19,7 +23,11 @@ import { connect, type Socket } from 'node:net';
 import { enginePaths, defaultHome } from '../home.js';
 import { Frame, FrameReader, type Control, type Request } from './protocol.js';
 
-const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine', 'serve']);
+const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine']);
+/** A serve with one of these set runs here: a failure or kill point, or
+ * debug output, aimed at this process (see the engine's settings rule,
+ * server.ts handle). */
+const SERVE_HERE = ['APPSHOT_TEST_FAIL_AT', 'APPSHOT_TEST_KILL_AT', 'APPSHOT_TEST_STOP_AT', 'APPSHOT_DEBUG'];
 /** Commands that start an engine with APPSHOT_ENGINE=auto: those a warm
  * engine makes faster by more than its start costs. */
 const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
@@ -47,6 +55,7 @@ export function servedByEngine(argv: string[]): boolean {
   if (process.env.APPSHOT_TEST_KILL_AT) return false;
   const command = argv.find((a) => !a.startsWith('-'));
   if (command !== undefined && IN_PROCESS.has(command)) return false;
+  if (command === 'serve' && (argv.includes('--foreground') || SERVE_HERE.some((k) => process.env[k] !== undefined))) return false;
   if (command === 'logs' && argv.some((a) => a === '--follow' || /^-[a-zA-Z]*f/.test(a))) return false;
   return !argv.some((a) => a === '-' || a.startsWith('/dev/') || a.startsWith('/proc/self/') || /^--?[a-zA-Z-]+=(-|\/dev\/|\/proc\/self\/)/.test(a));
 }
@@ -63,15 +72,39 @@ function openSocket(path: string): Promise<Socket | undefined> {
   });
 }
 
+/** APPSHOT_ENGINE=auto and none runs: `serve` starts one and waits for
+ * it (the engine is where a front door lives: `serve -d` then leaves no
+ * process of its own), or for one starting already; undefined if none
+ * answers (serve then runs here). */
+async function engineForServe(home: string): Promise<Socket | undefined> {
+  const paths = enginePaths(home);
+  if (!engineStarting(paths.lock)) {
+    const { startEngine } = await import('./spawn.js');
+    await startEngine(home, async () => {
+      const s = await openSocket(paths.socket);
+      s?.destroy();
+      return !!s;
+    });
+  }
+  for (let i = 0; i < 200; i++) {
+    const s = await openSocket(paths.socket);
+    if (s) return s;
+    if (!engineStarting(paths.lock)) return undefined;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return undefined;
+}
+
 /** Sends `argv` to the engine and relays its output; the exit code, or
  * undefined if the command is to run in this process. */
 export async function viaEngine(argv: string[]): Promise<number | undefined> {
   if (!servedByEngine(argv)) return undefined;
   const home = defaultHome();
   const paths = enginePaths(home);
-  const socket = await openSocket(paths.socket);
+  let socket = await openSocket(paths.socket);
+  const command = argv.find((a) => !a.startsWith('-'));
+  if (!socket && command === 'serve' && startsOnDemand() && existsSync(home)) socket = await engineForServe(home);
   if (!socket) {
-    const command = argv.find((a) => !a.startsWith('-'));
     if (startsOnDemand() && command && STARTS_ENGINE.has(command) && existsSync(home) && !engineStarting(paths.lock)) {
       // For the next command: this one runs here, now.
       const { startEngineInBackground } = await import('./spawn.js');

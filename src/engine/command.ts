@@ -9,6 +9,16 @@ import { plural } from '../words.js';
 
 
 
+/** `engine status`: the serve it hosts, if any. */
+function servingLine(serving: unknown): string {
+  const s = serving as { services: string[]; since: string; attached: boolean; log: string; metrics?: string } | null | undefined;
+  if (!s) return '';
+  return (
+    ` and not while it serves\nserving ${s.services.join(', ')} since ${s.since} (appshot serve${s.attached ? ', its client attached' : ' -d'}); log ${s.log}` +
+    (s.metrics ? `; metrics ${s.metrics}` : '')
+  );
+}
+
 export function registerEngine(program: Command): void {
   const engine = program
     .command('engine')
@@ -19,8 +29,9 @@ export function registerEngine(program: Command): void {
         'logs -f, wait, check and anything reading stdin or writing a stream to stdout) instead of\n' +
         'starting cold. By default (APPSHOT_ENGINE unset or auto), clone, restore and snapshot start\n' +
         'one when none runs; manual: use one that runs, start none; off: never use one.\n' +
+        'It hosts `appshot serve` (see appshot serve --help).\n' +
         'It leaves after APPSHOT_ENGINE_IDLE seconds (default 60)\n' +
-        'without a command, and on SIGTERM. See README, "The resident engine".\n\n' +
+        'without a command (not while it serves), and on SIGTERM (stopping its serve first). See README, "The resident engine".\n\n' +
         'Examples:\n  appshot engine start\n  appshot engine status --json\n  appshot engine stop',
     );
 
@@ -63,7 +74,11 @@ export function registerEngine(program: Command): void {
       const { controlEngine } = await import('./client.js');
       const status = await controlEngine('stop', home);
       if (opts.json) printJson('engine stop', status ?? { running: false, home });
-      else process.stdout.write(status ? `engine ${status.pid} leaving\n` : `no engine runs for ${home}\n`);
+      else if (!status) process.stdout.write(`no engine runs for ${home}\n`);
+      else {
+        const serving = status.serving as { services: string[] } | null | undefined;
+        process.stdout.write(`engine ${status.pid} leaving${serving ? ` (it stops serving ${serving.services.join(', ')} first)` : ''}\n`);
+      }
     });
 
   engine
@@ -80,7 +95,7 @@ export function registerEngine(program: Command): void {
       else
         process.stdout.write(
           `engine ${status.pid} serving ${home}: up ${status.uptimeSeconds} s, ${plural(Number(status.commandsServed), 'command')} served, ${status.commandsRunning} running` +
-            `${status.leaving ? ', leaving' : ''}; leaves after ${status.idleSeconds} s idle\n`,
+            `${status.leaving ? ', leaving' : ''}; leaves after ${status.idleSeconds} s idle${servingLine(status.serving)}\n`,
         );
     });
 }

@@ -42,6 +42,11 @@ export interface RequestContext {
    * writing it (0, then back), which files the engine's other threads
    * create meanwhile would get. */
   umask?: number;
+  /** Lets the engine's context gate go before the request ends (a serve
+   * that stays attached to its client: what it needed of the current
+   * directory, environment and umask it has read; the commands of other
+   * clients must not wait for it to end). */
+  leaveGate?: () => void;
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

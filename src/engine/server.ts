@@ -40,6 +40,12 @@ import { contextDifference, ownContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
+import { hostedServe, hostedStatus, onHostedChange, stopHosted } from './hosted.js';
+
+/** APPSHOT_* variables that say which engine, not how a command works. */
+const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
+const settings = (env: Record<string, string | undefined>): Map<string, string> =>
+  new Map(Object.entries(env).filter((e): e is [string, string] => e[0].startsWith('APPSHOT_') && !ENGINE_OWN.has(e[0]) && e[1] !== undefined));
 
 export interface EngineOptions {
   home: string;
@@ -59,6 +65,11 @@ class ContextGate {
   private current: string | undefined;
   private running = 0;
   private waiting: { key: string; apply: () => void; go: () => void }[] = [];
+
+  /** No command runs or waits. */
+  idle(): boolean {
+    return this.running === 0 && this.waiting.length === 0;
+  }
 
   async enter(key: string, apply: () => void): Promise<void> {
     if (this.running === 0 && this.waiting.length === 0) {
@@ -114,6 +125,10 @@ export class Engine {
   private readonly started = Date.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
+  /** The engine's own APPSHOT_* settings, as it was started: what the
+   * environment is put back to between commands, and what a hosted serve
+   * must want (handle). */
+  private readonly ownSettings = settings(process.env);
   /** A lease made ahead of the request that takes it (prepareLease). */
   private spareLease?: { name: string; ready: boolean };
   private resolveDone!: (code: number) => void;
@@ -170,6 +185,10 @@ export class Engine {
     keepChecksums();
     enableStandbys();
     enableSpareStateDirs(this.opts.home);
+    onHostedChange(() => {
+      this.armIdle();
+      this.checkDone();
+    });
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
     this.armIdle();
     this.watchSocket();
@@ -219,7 +238,8 @@ export class Engine {
 
   private armIdle(): void {
     clearTimeout(this.idleTimer);
-    if (this.leaving || this.connections.size > 0) return;
+    // A hosted serve is work, with or without a client attached.
+    if (this.leaving || this.connections.size > 0 || hostedServe()) return;
     this.idleTimer = setTimeout(() => {
       this.log(`idle for ${this.opts.idleSeconds} s: leaving`);
       void this.stop();
@@ -282,6 +302,7 @@ export class Engine {
       leaving: this.leaving,
       templateCache: templateCacheStats(),
       standbys: standbyStats(),
+      serving: hostedStatus(),
     };
   }
 
@@ -309,6 +330,18 @@ export class Engine {
     if (difference) {
       socket.end(frame(Frame.REFUSED, Buffer.from(`the client runs in another context than the engine: ${difference}`)));
       return;
+    }
+    // A hosted serve reads its APPSHOT_* settings (test knobs, debug
+    // output, ports...) from process.env for as long as it runs, and that
+    // is each command's in turn, and the engine's own between commands:
+    // only a serve that wants the engine's own is hosted.
+    if (msg.argv.find((a) => !a.startsWith('-')) === 'serve') {
+      const wanted = settings(msg.env ?? {});
+      const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => wanted.get(k) !== this.ownSettings.get(k));
+      if (differs.length) {
+        socket.end(frame(Frame.REFUSED, Buffer.from(`serve's ${differs.join(', ')} differ from the engine's own: it runs in its own process`)));
+        return;
+      }
     }
     const ctx: RequestContext = {
       write: (stream, chunk) => {
@@ -372,6 +405,12 @@ export class Engine {
         process.chdir(msg.cwd);
       });
       entered = true;
+      ctx.leaveGate = () => {
+        if (!entered) return;
+        entered = false;
+        this.gate.leave();
+        this.ownEnvWhenIdle();
+      };
       if (process.cwd() !== resolve(msg.cwd)) throw new AppshotError(`cannot change into ${msg.cwd} (the current directory of the command)`, ExitCode.failure);
       const { runCommand } = await import('../cli.js');
       await requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv]));
@@ -380,6 +419,8 @@ export class Engine {
       requestStorage.run(ctx, () => reportError(e));
     } finally {
       if (entered) this.gate.leave();
+      entered = false;
+      this.ownEnvWhenIdle();
       this.requests.delete(ctx);
       const code = Buffer.alloc(4);
       code.writeInt32BE(ctx.exitCode ?? 0);
@@ -407,6 +448,14 @@ export class Engine {
         if (!this.leaving) void import('../cli.js').then((cli) => cli.prepareProgram(), () => {});
       });
     }
+  }
+
+  /** Between commands, the engine's own APPSHOT_* settings again, not
+   * the last command's: a hosted serve works between commands too. */
+  private ownEnvWhenIdle(): void {
+    if (!this.gate.idle()) return;
+    for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && !ENGINE_OWN.has(k)) delete process.env[k];
+    for (const [k, v] of this.ownSettings) process.env[k] = v;
   }
 
   /** Makes the next request's lease now, off this thread, so that a
@@ -437,11 +486,24 @@ export class Engine {
     clearTimeout(this.idleTimer);
     rmSync(this.paths.socket, { force: true });
     this.server?.close();
+    // A hosted serve stops as a serve of its own stops at SIGTERM (its
+    // attached client, if any, then gets its exit code): then the engine
+    // leaves.
+    if (hostedServe()) {
+      this.log('stopping the serve it hosts');
+      void stopHosted('the engine is leaving').then(
+        () => this.checkDone(),
+        (e) => {
+          this.log(`stopping the serve it hosts: ${(e as Error).message}`);
+          this.checkDone();
+        },
+      );
+    }
     this.checkDone();
   }
 
   private checkDone(): void {
-    if (!this.leaving || this.requests.size > 0) return;
+    if (!this.leaving || this.requests.size > 0 || hostedServe()) return;
     // Connections that never sent a request (or only read their answer).
     for (const s of this.connections) s.destroy();
     if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });

@@ -16,7 +16,13 @@ function spawnEngine(home: string, stderr: 'ignore' | 'pipe', onDemand = false) 
   return spawn(process.execPath, ['--max-semi-space-size=1', '--expose-gc', entry, ...(onDemand ? ['--on-demand'] : [])], {
     detached: true,
     stdio: ['ignore', 'ignore', stderr],
-    env: { ...process.env, APPSHOT_HOME: home },
+    // One malloc arena for all its threads, as `serve -d` has
+    // (commands/serve.ts residentEnv), unless set: it may host a serve,
+    // whose work in bursts otherwise leaves freed memory resident in
+    // per-thread arenas (bench/serve.js (e), 100 suspended services:
+    // the engine hosting them 35-40 MiB of PSS without, 28-32 with, as
+    // much as serve in its own process).
+    env: { MALLOC_ARENA_MAX: '1', ...process.env, APPSHOT_HOME: home },
   });
 }
 

@@ -78,26 +78,107 @@ interface NativeForward {
 
 const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _handle?: { fd?: number } })._handle?.fd;
 
+/**
+ * The forwarding thread is the process's one (addon_forward.cc), and so
+ * is the callback its events come to: the first forwardInit's. A process
+ * may have several Forwarders over its life (the resident engine hosts one
+ * serve after another; tests make several), so what the events are
+ * matched with (connections by id, listeners by id) is the process's too,
+ * with ids never reused: a second Forwarder's events once went to the
+ * first one's, whose listeners were gone, and every connection the thread
+ * handed over was closed (found by serve.test.ts run hosted).
+ */
+const open = new Map<number, { socket?: Socket; ends: ForwardEnds }>();
+const listeners = new Map<number, { ends: ListenerEnds; seen: number }>();
+let seq = 0;
+let lastLid = 0;
+let lastGroup = 0;
+let shared: NativeForward | undefined;
+let initTried = false;
+
+function nativeForward(): NativeForward | undefined {
+  if (initTried) return shared;
+  initTried = true;
+  const a = addon() as unknown as Partial<NativeForward>;
+  if (typeof a.forwardInit !== 'function' || typeof a.forwardConnect !== 'function') return undefined;
+  try {
+    a.forwardInit(dispatch);
+    shared = a as NativeForward;
+  } catch {
+    // The thread is the process's one, and another worker thread has
+    // it (or it could not start): the Node proxy does the work.
+  }
+  return shared;
+}
+
+/** A group id for forwardListen never used before in this process: the
+ * thread keeps a group (its held count, its bound) for its whole life. */
+export function newListenerGroup(): number {
+  return ++lastGroup;
+}
+
+function connectedNow(c: { socket?: Socket; ends: ForwardEnds }, at: bigint): void {
+  c.ends.connected(at);
+  // The thread holds its own descriptor of the client's socket; ours goes
+  // (a close of one descriptor is no shutdown: the client sees nothing).
+  c.socket?.destroy();
+}
+
+function dispatch(events: Float64Array): void {
+  const native = shared!;
+  for (let i = 0; i < events.length; i += FIELDS) {
+    const id = events[i];
+    const kind = events[i + 1];
+    if (kind === FWD_DIED) {
+      listeners.get(events[i + 6])?.ends.died(events[i + 10], events[i + 11]);
+      continue;
+    }
+    if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
+      const lid = events[i + 6];
+      const l = listeners.get(lid);
+      if (kind === FWD_ACCEPTED) {
+        const fd = events[i + 7];
+        let socket: Socket;
+        try {
+          socket = new Socket({ fd, allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+        } catch {
+          closeSync(fd); // not a socket Node can take: the client sees a close
+          native.forwardUnhold(lid, 1);
+          continue;
+        }
+        // Held until its descriptor here is closed (forwarded, given
+        // up or the client gone): then the thread may accept another.
+        socket.once('close', () => native.forwardUnhold(lid, 1));
+        if (l) l.ends.accepted(socket);
+        else socket.destroy(); // released meanwhile: as a closed server would
+        continue;
+      }
+      const ip = events[i + 8];
+      const client = `${ip >>> 24}.${(ip >>> 16) & 255}.${(ip >>> 8) & 255}.${ip & 255}:${events[i + 9]}`;
+      const at = BigInt(events[i + 5]);
+      if (l) l.seen++;
+      const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
+      open.set(id, { ends });
+      ends.connected(at);
+      continue;
+    }
+    const c = open.get(id);
+    if (!c) continue;
+    if (kind === FWD_CONNECTED) {
+      connectedNow(c, BigInt(events[i + 5]));
+      continue;
+    }
+    open.delete(id);
+    if (kind === FWD_REFUSED) c.ends.refused(errnoName(events[i + 2]));
+    else c.ends.closed({ toInstance: events[i + 3], toClient: events[i + 4] });
+  }
+}
+
 export class Forwarder {
-  private readonly native: NativeForward | undefined;
+  private readonly native: NativeForward | undefined = nativeForward();
   /** Which path moves the bytes (tests make sure it is the native one). */
   get path(): 'native' | 'node' {
     return this.native ? 'native' : 'node';
-  }
-  private readonly open = new Map<number, { socket?: Socket; ends: ForwardEnds }>();
-  private readonly listeners = new Map<number, { ends: ListenerEnds; seen: number }>();
-  private seq = 0;
-
-  constructor() {
-    const a = addon() as unknown as Partial<NativeForward>;
-    if (typeof a.forwardInit !== 'function' || typeof a.forwardConnect !== 'function') return;
-    try {
-      a.forwardInit((events) => this.dispatch(events));
-      this.native = a as NativeForward;
-    } catch {
-      // The thread is the process's one, and another worker thread has
-      // it (or it could not start): the Node proxy does the work.
-    }
   }
 
   /** Forwards a paused, never-read client socket to 127.0.0.1:port;
@@ -107,7 +188,7 @@ export class Forwarder {
     const fd = fdOf(socket);
     if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
     // (ids with the top bit set are the thread's own accepts)
-    const id = (this.seq = (this.seq + 1) & 0x7fffffff);
+    const id = (seq = (seq + 1) & 0x7fffffff);
     const rc = this.native.forwardConnect(fd, port, id);
     if (rc < 0) {
       // Told at once (no descriptor left, refused on the spot): told as the
@@ -115,22 +196,15 @@ export class Forwarder {
       setImmediate(() => ends.refused(errnoName(-rc)));
       return;
     }
-    this.open.set(id, { socket, ends });
+    open.set(id, { socket, ends });
     // Over loopback the connect is usually done on return (forward.c).
     // reportLater: told in a microtask, the caller's synchronous work
     // first (a resume lets its processes go).
     if (rc === 1) {
       const at = process.hrtime.bigint();
-      if (reportLater) queueMicrotask(() => this.connected({ socket, ends }, at));
-      else this.connected({ socket, ends }, at);
+      if (reportLater) queueMicrotask(() => connectedNow({ socket, ends }, at));
+      else connectedNow({ socket, ends }, at);
     }
-  }
-
-  private connected(c: { socket?: Socket; ends: ForwardEnds }, at: bigint): void {
-    c.ends.connected(at);
-    // The thread holds its own descriptor of the client's socket; ours goes
-    // (a close of one descriptor is no shutdown: the client sees nothing).
-    c.socket?.destroy();
   }
 
   /**
@@ -148,9 +222,9 @@ export class Forwarder {
   takeOver(server: Server, ends: ListenerEnds, group = 0, maxHeld = 0xffffffff): number | undefined {
     const fd = fdOf(server);
     if (!this.native || typeof fd !== 'number' || fd < 0) return undefined;
-    const lid = this.listeners.size + 1 + Math.max(0, ...this.listeners.keys());
+    const lid = ++lastLid;
     if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
-    this.listeners.set(lid, { ends, seen: 0 });
+    listeners.set(lid, { ends, seen: 0 });
     server.close();
     return lid;
   }
@@ -161,65 +235,15 @@ export class Forwarder {
    * Returns how many it forwarded that this side has not heard of yet: 0
    * means the caller's counts are whole. */
   route(lid: number, port: number, capacity: number, pid = 0): number {
-    const l = this.listeners.get(lid);
+    const l = listeners.get(lid);
     if (!l || !this.native) return 0;
     return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0, pid > 0 ? pid : 0);
   }
 
   /** The thread stops accepting on the listener. */
   release(lid: number): void {
-    if (!this.listeners.delete(lid)) return;
+    if (!listeners.delete(lid)) return;
     this.native?.forwardUnlisten(lid);
-  }
-
-  private dispatch(events: Float64Array): void {
-    for (let i = 0; i < events.length; i += FIELDS) {
-      const id = events[i];
-      const kind = events[i + 1];
-      if (kind === FWD_DIED) {
-        this.listeners.get(events[i + 6])?.ends.died(events[i + 10], events[i + 11]);
-        continue;
-      }
-      if (kind === FWD_FORWARDED || kind === FWD_ACCEPTED) {
-        const lid = events[i + 6];
-        const l = this.listeners.get(lid);
-        if (kind === FWD_ACCEPTED) {
-          const fd = events[i + 7];
-          const native = this.native!;
-          let socket: Socket;
-          try {
-            socket = new Socket({ fd, allowHalfOpen: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
-          } catch {
-            closeSync(fd); // not a socket Node can take: the client sees a close
-            native.forwardUnhold(lid, 1);
-            continue;
-          }
-          // Held until its descriptor here is closed (forwarded, given
-          // up or the client gone): then the thread may accept another.
-          socket.once('close', () => native.forwardUnhold(lid, 1));
-          if (l) l.ends.accepted(socket);
-          else socket.destroy(); // released meanwhile: as a closed server would
-          continue;
-        }
-        const ip = events[i + 8];
-        const client = `${ip >>> 24}.${(ip >>> 16) & 255}.${(ip >>> 8) & 255}.${ip & 255}:${events[i + 9]}`;
-        const at = BigInt(events[i + 5]);
-        if (l) l.seen++;
-        const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
-        this.open.set(id, { ends });
-        ends.connected(at);
-        continue;
-      }
-      const c = this.open.get(id);
-      if (!c) continue;
-      if (kind === FWD_CONNECTED) {
-        this.connected(c, BigInt(events[i + 5]));
-        continue;
-      }
-      this.open.delete(id);
-      if (kind === FWD_REFUSED) c.ends.refused(errnoName(events[i + 2]));
-      else c.ends.closed({ toInstance: events[i + 3], toClient: events[i + 4] });
-    }
   }
 }
 

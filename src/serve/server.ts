@@ -5,8 +5,9 @@
  * lost) while one is restored or cloned, then forwarded.
  *
  * `ServeHost` owns services and nothing process-wide (no signal handlers,
- * no exit), so that the resident engine can own one later; the CLI's
- * `serve` command is a thin shell around it.
+ * no exit), so that the resident engine can host one (ServeOptions.shared,
+ * commands/serve.ts hostInEngine); the CLI's `serve` command is a thin
+ * shell around it.
  *
  * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
  * the bytes of every forwarded connection; this module decides where each
@@ -34,7 +35,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
-import { type ForwardEnds, Forwarder } from './forwarder.js';
+import { type ForwardEnds, Forwarder, newListenerGroup } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
@@ -56,6 +57,11 @@ export interface ServeOptions {
    * the most recently suspended: DEFAULT_PREPARED unless given;
    * APPSHOT_PREPARED=N overrides it (for comparison runs). */
   prepared?: number;
+  /** Hosted by the resident engine (commands/serve.ts hostInEngine): the
+   * process is not serve's own. Its standby supervisors are the engine's
+   * (kept by it for every restore, and not ended when serve stops), and
+   * its threads' malloc arenas are left as the engine has them. */
+  shared?: boolean;
 }
 
 interface Instance {
@@ -1139,7 +1145,9 @@ class Service {
     const state: ServiceState = {
       service: this.name,
       spec: this.spec,
-      servePid: process.pid,
+      // 0 once closed: a serve hosted by the engine leaves a process that
+      // lives on, which would otherwise still look like serving it.
+      servePid: this.closing ? 0 : process.pid,
       updatedAt: new Date().toISOString(),
       ...(this.spec.mode === 'restore' ? { lastImage: this.lastImage } : {}),
       chain: this.chain,
@@ -1273,6 +1281,8 @@ export class ServeHost {
   /** Whether resumes and clones take standby supervisors (standby.ts);
    * APPSHOT_STANDBYS=0: none, for comparison. */
   private readonly standbys = process.env.APPSHOT_STANDBYS !== '0';
+  /** Whether the standbys are this serve's to start and end. */
+  private readonly ownStandbys: boolean;
 
   constructor(
     specs: ServiceSpec[],
@@ -1300,19 +1310,21 @@ export class ServeHost {
     // Clone mode's is started by its first clone, and replaced as it is
     // taken. Released by stop(); and should this process die, each sees
     // its lifeline end and goes with its seeds.
-    if (this.standbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
+    // In the engine, its own are used: enabled for all its restores.
+    this.ownStandbys = this.standbys && !opts.shared;
+    if (this.ownStandbys) enableStandbys({ keepPerCount: 1, refillAfterMs: STANDBY_REFILL_MS });
     // One malloc arena for the threads that have not taken one yet
     // (libuv's pool, the tracer and forwarding threads): serve works in
     // bursts, and what a thread's burst freed in an arena of its own
     // stays resident, partly beyond what a trim (worked()) gives back.
     // Node's and V8's own threads have theirs before this runs: `serve
     // -d` starts with MALLOC_ARENA_MAX=1 for them (commands/serve.ts).
-    addon().mallocArenas(1);
+    if (!opts.shared) addon().mallocArenas(1);
     const maxHeld = heldRoom(specs.length);
     for (const spec of specs) {
       const wanted = spec.maxHeld ?? DEFAULT_MAX_HELD;
       if (wanted > maxHeld) this.log({ service: spec.name, event: 'max-held', wanted, allowed: maxHeld, why: 'RLIMIT_NOFILE' });
-      this.services.push(new Service(spec, this, this.services.length + 1, Math.min(wanted, maxHeld)));
+      this.services.push(new Service(spec, this, newListenerGroup(), Math.min(wanted, maxHeld)));
     }
   }
 
@@ -1410,7 +1422,7 @@ export class ServeHost {
     if (this.timer) clearInterval(this.timer);
     this.metricsServer?.close();
     for (const s of this.services) await s.close();
-    if (this.standbys) await this.endStandbys();
+    if (this.ownStandbys) await this.endStandbys();
   }
 
   /** Lets go of every standby, and waits (a second at most) until each

@@ -1,0 +1,229 @@
+/**
+ * `appshot serve` hosted by the resident engine (commands/serve.ts
+ * hostInEngine, engine/hosted.ts), against serve in its own process:
+ * - attached: the client prints what serve prints, the engine's process
+ *   holds the front door (and /metrics), the engine does not idle out
+ *   while it serves, `engine status` lists it; a second serve, hosted or
+ *   not, is refused with one line and changes nothing; Ctrl-C stops it,
+ *   the same engine then hosts the next serve, and idles out after it;
+ * - `serve -d` returns the engine's PID; `engine stop` stops serving
+ *   gracefully before the engine leaves;
+ * - the engine killed with SIGKILL while it hosts a prepared instance:
+ *   the next `appshot serve` takes everything over and answers;
+ * - `serve --foreground` serves in its own process while an engine runs
+ *   (the serve files run in that mode: helpers.ts Sandbox.start).
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { alive, cli, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-serve-engine-'));
+// Ports of their own, 16800-16999 (see Sandbox for the other files').
+const base = 16800 + (process.pid % 50) * 4;
+const APP = base;
+const PUBLIC = base + 1;
+const METRICS = base + 2;
+
+const running: Running[] = [];
+
+afterAll(async () => {
+  for (const s of running) if (s.child.exitCode === null) s.child.kill('SIGKILL');
+  await Promise.all(running.map((s) => s.exited));
+  await sb.stopEngine();
+  sb.run(['rm', '-f', 'db']);
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/** `appshot args...` with extra environment. */
+const runWith = (args: string[], env: Record<string, string>) => spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+
+interface EngineStatus {
+  running?: boolean;
+  pid: number;
+  serving: { services: string[]; attached: boolean; metrics?: string } | null;
+}
+const engineStatus = () => sb.json<EngineStatus>(['engine', 'status']);
+
+/** An engine that leaves after 3 s without a command (or a serve). */
+function startEngine(): number {
+  const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '3' });
+  expect(r.status, r.stderr).toBe(0);
+  return (JSON.parse(r.stdout) as { pid: number }).pid;
+}
+
+interface Shown {
+  state: string;
+  served: boolean;
+  servePid: number | null;
+  instances: { state: string; prepared?: boolean }[];
+}
+const show = () => sb.json<Shown>(['service', 'show', 'db']);
+
+const lockHolder = () => readFileSync(join(sb.home, 'services', 'serve.lock'), 'utf8').trim();
+
+const events = (s: Running) =>
+  s.stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { event: string });
+
+const metrics = () =>
+  new Promise<string>((resolve, reject) => {
+    const req = request({ host: '127.0.0.1', port: METRICS, path: '/metrics', agent: false }, (res) => {
+      let body = '';
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve(body));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+
+const refused = async (port: number) => {
+  try {
+    await tcpExchange(port, 'ping\n', 2000);
+    return false;
+  } catch (e) {
+    return /ECONNREFUSED/.test((e as Error).message);
+  }
+};
+
+describe('appshot serve hosted by the resident engine', () => {
+  beforeAll(async () => {
+    const image = join(out, 'db.img');
+    await snapshotListener(sb, 'tpl', APP, image);
+    sb.ok(['rm', '-f', 'tpl']);
+    const add = sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '500ms']);
+    expect(add.code, add.stderr).toBe(0);
+    // The engine the snapshot started (default idle time) goes: each test
+    // starts its own.
+    await sb.stopEngine();
+  });
+
+  it('serves from the engine while a client is attached, never idles out meanwhile, refuses a second serve, and stops at Ctrl-C', async () => {
+    const engine = startEngine();
+    const serve = sb.start(['serve', '--metrics', String(METRICS)], { TEST_SERVE: 'hosted' });
+    running.push(serve);
+    await serve.line(/^ready$/);
+    // The engine holds the front door, not the client.
+    expect(lockHolder()).toBe(`${engine} engine`);
+    expect(show()).toMatchObject({ served: true, servePid: engine });
+    expect(engineStatus().serving).toMatchObject({ services: ['db'], attached: true, metrics: `http://127.0.0.1:${METRICS}/metrics` });
+    expect(sb.ok(['service', 'show', 'db'])).toMatch(new RegExp(`^served +by appshot serve in the resident engine, pid ${engine}$`, 'm'));
+    expect(sb.ok(['engine', 'status'])).toMatch(/^serving db since .* \(appshot serve, its client attached\); log .*serve\.log; metrics http:/m);
+
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    // Suspended after 500 ms idle, resumed again, all well past the
+    // engine's 3 s idle time: it stays.
+    await waitFor(() => events(serve).some((e) => e.event === 'suspend'), 30_000, 'the suspend, in the log the client relays');
+    await new Promise((r) => setTimeout(r, 4000));
+    expect(alive(engine)).toBe(true);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    expect(events(serve).filter((e) => e.event === 'restore').length).toBeGreaterThanOrEqual(1);
+    expect(await metrics()).toMatch(/^appshot_serve_restore_seconds_count\{service="db"\} [1-9]/m);
+    // Its log goes to services/serve.log too.
+    expect(readFileSync(join(sb.home, 'services', 'serve.log'), 'utf8')).toMatch(/"event":"ready"/);
+
+    // A second serve, hosted or in its own process: one line, nothing done.
+    for (const args of [['serve'], ['serve', '--foreground']]) {
+      const second = sb.run(args);
+      expect(second.code, second.stderr).toBe(4);
+      expect(second.stderr.trim()).toBe(`appshot: appshot serve already runs for ${sb.home} (hosted by the resident engine, pid ${engine}): one front door per state directory`);
+    }
+    expect(show()).toMatchObject({ served: true, servePid: engine });
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+
+    // Ctrl-C: serving stops (the instance keeps running, as ever), the
+    // client leaves with 0, and the engine, idle now, leaves too.
+    serve.child.kill('SIGINT');
+    expect((await serve.exited).code).toBe(0);
+    expect(events(serve).map((e) => e.event)).toContain('stopping');
+    expect(show()).toMatchObject({ served: false });
+    expect(await refused(PUBLIC)).toBe(true);
+
+    // The same engine hosts the next serve as well (its forwarding thread,
+    // the process's one, now reports to that serve).
+    const again = sb.start(['serve', '--prepared', '0'], { TEST_SERVE: 'hosted' });
+    running.push(again);
+    await again.line(/^ready$/);
+    expect(lockHolder()).toBe(`${engine} engine`);
+    // Suspended first, so that the connections are held and resumed (the
+    // thread hands each over to this serve), not only forwarded.
+    await waitFor(() => events(again).some((e) => e.event === 'suspend'), 30_000, 'the next serve to suspend the instance it took over');
+    const pongs = await Promise.all(Array.from({ length: 20 }, () => tcpExchange(PUBLIC, 'ping\n', 30_000)));
+    expect(pongs.filter((p) => !/^pong \d+\n$/.test(p))).toEqual([]);
+    again.child.kill('SIGINT');
+    expect((await again.exited).code).toBe(0);
+    await waitFor(() => !alive(engine), 20_000, 'the engine to idle out once it serves nothing');
+  });
+
+  it('serve -d returns the engine\'s PID; engine stop stops serving gracefully, then leaves', async () => {
+    const engine = startEngine();
+    const r = runWith(['serve', '-d', '--prepared', '0'], {});
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toBe(`${engine}\n`);
+    expect(engineStatus().serving).toMatchObject({ services: ['db'], attached: false });
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    await new Promise((r) => setTimeout(r, 4000));
+    expect(alive(engine)).toBe(true);
+
+    const stop = sb.run(['engine', 'stop']);
+    expect(stop.stdout).toBe(`engine ${engine} leaving (it stops serving db first)\n`);
+    await waitFor(() => !alive(engine), 20_000, 'the engine to leave');
+    expect(show()).toMatchObject({ served: false });
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(readFileSync(join(sb.home, 'services', 'serve.log'), 'utf8')).toMatch(/"event":"stopping","why":"the engine is leaving"/);
+  });
+
+  it('the engine killed with SIGKILL while it hosts a prepared instance leaves nothing the next serve cannot take over', async () => {
+    const engine = startEngine();
+    const r = runWith(['serve', '-d'], {});
+    expect(r.status, r.stderr).toBe(0);
+    // Suspended and its next instance prepared: processes held stopped
+    // under the engine's ptrace, its port claimed.
+    await waitFor(() => show().instances[0]?.state === 'suspended' && show().instances[0]?.prepared === true, 30_000, 'a prepared instance');
+    const held = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']).find((a) => a.aid === 'db')!.processes.map((p) => p.pid);
+    expect(held.length).toBeGreaterThan(0);
+    process.kill(engine, 'SIGKILL');
+    await waitFor(() => !alive(engine), 10_000, 'the engine to die');
+    await waitFor(() => held.every((p) => !alive(p)), 10_000, 'the held processes to die with their tracer');
+    expect(show()).toMatchObject({ served: false });
+
+    // The next serve (a new engine, started for it): everything taken over.
+    const next = sb.start(['serve'], { TEST_SERVE: 'hosted' });
+    running.push(next);
+    await next.line(/^ready$/);
+    const second = engineStatus().pid;
+    expect(second).not.toBe(engine);
+    expect(lockHolder()).toBe(`${second} engine`);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    expect(show()).toMatchObject({ served: true, servePid: second, state: 'running' });
+    next.child.kill('SIGTERM');
+    expect((await next.exited).code).toBe(0);
+    await sb.stopEngine();
+  });
+
+  it('serve --foreground serves in its own process while an engine runs, and the engine then refuses to host a second', async () => {
+    const engine = startEngine();
+    const serve = sb.start(['serve', '--foreground']);
+    running.push(serve);
+    await serve.line(/^ready$/);
+    expect(lockHolder()).toBe(`${serve.child.pid} process`);
+    expect(show()).toMatchObject({ served: true, servePid: serve.child.pid });
+    expect(engineStatus().serving).toBe(null);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
+    const second = sb.run(['serve']);
+    expect(second.code).toBe(4);
+    expect(second.stderr.trim()).toBe(`appshot: appshot serve already runs for ${sb.home} (pid ${serve.child.pid}): one front door per state directory`);
+    serve.child.kill('SIGTERM');
+    expect((await serve.exited).code).toBe(0);
+    expect(show()).toMatchObject({ served: false });
+    await sb.stopEngine();
+    expect(alive(engine)).toBe(false);
+  });
+});
