@@ -114,4 +114,14 @@ describe('mapping odds: MAP_GROWSDOWN (also --lazy), MAP_NORESERVE, a PROT_NONE 
     if (!supported) t.skip();
     await refused('modds-guard', [fixture('memodds'), dir, '--guard'], /process 2 \(memodds\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(anonymous\) cannot be read: its page at 0x[0-9a-f]+ is a guard page \(MADV_GUARD_INSTALL\), which cannot be captured/);
   });
+
+  it('refuses a guard page in a mapping larger than a slice (32 MiB, read on its own), naming it, and leaves the application running', async (t) => {
+    const dir = scratch();
+    run(['run', '-d', '--aid', 'modds-bigprobe', '--', fixture('memodds'), dir, '--guard-big']);
+    await waitFor(() => /^GUARD [01]$/m.test(sb.log('modds-bigprobe')), 10_000, 'the fixture to start');
+    const supported = /^GUARD 1$/m.test(sb.log('modds-bigprobe'));
+    await stopped('modds-bigprobe');
+    if (!supported) t.skip();
+    await refused('modds-bigguard', [fixture('memodds'), dir, '--guard-big'], /process 2 \(memodds\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(anonymous\) cannot be read: its page at 0x[0-9a-f]+ is a guard page \(MADV_GUARD_INSTALL\), which cannot be captured/);
+  });
 });

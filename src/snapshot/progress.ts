@@ -112,14 +112,25 @@ export class ReportingPageWriter {
         const counts = new Uint32Array(n);
         const runs: number[] = [];
         let stored = 0;
+        // Mapping k alone, through dump; its errors carry its place, as
+        // dumpScanned's do (the caller names the mapping by it).
+        const dumpOne = (k: number): void => {
+          let d: ReturnType<PageWriter['dump']>;
+          try {
+            d = writer.dump(pid, pagemapFd, bounds[2 * k], bounds[2 * k + 1], modes[k]);
+          } catch (e) {
+            if (e && typeof e === 'object') (e as { index?: number }).index = k;
+            throw e;
+          }
+          offsets[k] = d.offset;
+          counts[k] = d.runs.length / 2;
+          for (const r of d.runs) runs.push(r);
+          stored += d.pages;
+        };
         for (let i = 0; i < n; ) {
           const size = (k: number) => Number((bounds[2 * k + 1] - bounds[2 * k]) / BigInt(PAGE));
           if (size(i) > SLICE_PAGES) {
-            const d = writer.dump(pid, pagemapFd, bounds[2 * i], bounds[2 * i + 1], modes[i]);
-            offsets[i] = d.offset;
-            counts[i] = d.runs.length / 2;
-            for (const r of d.runs) runs.push(r);
-            stored += d.pages;
+            dumpOne(i);
             i++;
             continue;
           }
@@ -132,7 +143,15 @@ export class ReportingPageWriter {
             if (typeof (e as { index?: number }).index === 'number') (e as { index: number }).index += i;
             throw e;
           }
-          if (!d) return undefined;
+          if (!d) {
+            // No PAGEMAP_SCAN: the caller dumps each mapping, unless some
+            // are copied already (a larger one before, or an earlier
+            // group), whose pages would be written twice: the rest here,
+            // one by one.
+            if (i === 0) return undefined;
+            for (; i < j; i++) dumpOne(i);
+            continue;
+          }
           offsets.set(d.offsets, i);
           counts.set(d.counts, i);
           for (const r of d.runs) runs.push(r);
