@@ -131,7 +131,10 @@ describe('robustness', () => {
     // wait for four of them; each restore, eager and lazy, is checked on
     // its own. A seventh has a thread waiting for it at the snapshot,
     // which nothing can mend: the restore warns of it. One thread's
-    // robust list is its own, not glibc's, and a cycle (the walk ends).
+    // robust list is its own, not glibc's, and a cycle (the walk ends);
+    // another's ends in the head's address with the PI bit set, which
+    // the kernel takes for the head (the word past it, which a walk taking
+    // the head for an entry rewrote, keeps its value).
     const r = sb.run(['run', '-d', '--aid', 'robust', '--', fixture('robustmutex')]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => /^HOLDING$/m.test(sb.log('robust')), 10_000, 'the mutexes to be held');

@@ -533,7 +533,9 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
       let entry = h.readBigUInt64LE(0);
       // The kernel reads each entry's next before it handles the entry,
       // and leaves the pending one to the end.
-      for (let n = 0; entry !== head && n < ROBUST_LIST_LIMIT; n++) {
+      // The end is the head, as the kernel sees it: with the PI bit
+      // stripped (a list that ends in the head's address | 1 ends there).
+      for (let n = 0; (entry & ~ROBUST_ENTRY_PI) !== head && n < ROBUST_LIST_LIMIT; n++) {
         const at = entry & ~ROBUST_ENTRY_PI;
         if (seen.has(at)) break;
         seen.add(at);
