@@ -4,9 +4,10 @@
  * stack. Each is per thread in the kernel and none survives a restore by
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
+import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
-import type { Process, SigAction, Thread } from '../image/types.js';
+import type { Process, SigAction, Thread, Vma } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
@@ -475,6 +476,50 @@ const FUTEX_TID_MASK = 0x3fffffff;
 const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
 
 /**
+ * What a restore's robust-list walks have rewritten in memory that
+ * processes share, by what the memory is (device, inode and offset in the
+ * object, the same in every process that maps it), each word with the
+ * value it held before. Each process's words are read before any is
+ * written, but the processes are restored one after another: a mutex in
+ * shared memory held by one process restored first holds its holder's new
+ * TID when the next process's walk reads it, which may be a TID one of the
+ * next process's threads had at the snapshot (another thread's list_op_
+ * pending names the mutex it waits for). Such a walk compares with the
+ * value the word had in the image, kept here, not with the live one.
+ */
+export class RobustWordsRewritten {
+  private readonly before = new Map<string, number>();
+
+  /** Where in which shared object an address of process `pid` lies, if
+   * in one of its shared mappings `vmas` (the image's, known here; the
+   * live object from /proc/PID/maps, read only when a word is in one). */
+  identities(pid: number, vmas: readonly Vma[]): (addr: bigint) => string | undefined {
+    let shared: { start: bigint; end: bigint; offset: bigint; object: string }[] | undefined;
+    return (addr) => {
+      if (!vmas.some((v) => v.shared && addr >= v.start && addr < v.end)) return undefined;
+      shared ??= readFileSync(`/proc/${pid}/maps`, 'utf8')
+        .split('\n')
+        .map((line) => line.match(/^([0-9a-f]+)-([0-9a-f]+) \S\S\Ss ([0-9a-f]+) (\S+) (\d+)/))
+        .filter((m) => m !== null)
+        .map((m) => ({ start: BigInt(`0x${m[1]}`), end: BigInt(`0x${m[2]}`), offset: BigInt(`0x${m[3]}`), object: `${m[4]}:${m[5]}` }));
+      const v = shared.find((v) => addr >= v.start && addr < v.end);
+      return v && `${v.object}:${v.offset + (addr - v.start)}`;
+    };
+  }
+
+  /** The value the word `key` names had before this restore rewrote it. */
+  original(key: string | undefined): number | undefined {
+    return key === undefined ? undefined : this.before.get(key);
+  }
+
+  /** Word `key` held `value` before this restore rewrote it (the first
+   * rewrite's is kept: the image's). */
+  rewrote(key: string | undefined, value: number): void {
+    if (key !== undefined && !this.before.has(key)) this.before.set(key, value);
+  }
+}
+
+/**
  * The robust mutexes each thread held at the snapshot, given its new TID.
  * A robust or priority-inheritance mutex keeps its holder's TID in its
  * futex word, which the kernel reads: a thread that dies holding one has
@@ -495,7 +540,9 @@ const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
  * in glibc's layout (its futex offset, and a __kind with the robust bit),
  * and only where it holds the old TID (a mutex being taken has not set it
  * yet). Every word is read before any is written, so
- * that one thread's new TID is never taken for another's old one.
+ * that one thread's new TID is never taken for another's old one; a word
+ * in memory shared with a process restored before is compared as it was
+ * in the image (`rewritten`, the restore's record of such words).
  * Mutexes that are not robust are listed nowhere (README: not kept).
  *
  * One thing cannot be mended: a thread caught waiting in a futex call for
@@ -504,10 +551,15 @@ const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
  * mutex under it once it is free (its unlock then refused, its death not
  * seen by the kernel). Returned as a note for each such thread.
  */
-export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]): string[] {
+export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[], rewritten: RobustWordsRewritten): string[] {
   const a = addon();
   const read64 = (addr: bigint): bigint => a.readMemory(pid, addr, 8).readBigUInt64LE(0);
-  const writes = new Map<bigint, number>();
+  const identity = rewritten.identities(pid, p.vmas);
+  /** A word as the image had it: in shared memory another process's walk
+   * rewrote, the value before. */
+  const read32 = (addr: bigint): number => rewritten.original(identity(addr)) ?? a.readMemory(pid, addr, 4).readUInt32LE(0);
+  /** Each word to write: its new value and the value it had. */
+  const writes = new Map<bigint, { value: number; was: number }>();
   const notes: string[] = [];
   p.threads.forEach((t, i) => {
     const oldTid = t.tid;
@@ -517,13 +569,15 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
     const rewrite = (entry: bigint, futexOffset: bigint): void => {
       const word = (entry & ~ROBUST_ENTRY_PI) + futexOffset;
       if (word & 3n || writes.has(word)) return;
-      const value = a.readMemory(pid, word, 4).readUInt32LE(0);
+      const value = read32(word);
       if ((value & FUTEX_TID_MASK) !== oldTid) return;
-      writes.set(word, ((value & ~FUTEX_TID_MASK) | newTid) >>> 0);
+      writes.set(word, { value: ((value & ~FUTEX_TID_MASK) | newTid) >>> 0, was: value });
       if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return;
-      const mutex = a.readMemory(pid, word - BigInt(MUTEX.lock), MUTEX.size);
-      if (!(mutex.readInt32LE(MUTEX.kind) & MUTEX_ROBUST)) return;
-      if (mutex.readInt32LE(MUTEX.owner) === oldTid) writes.set(word + BigInt(MUTEX.owner - MUTEX.lock), newTid);
+      const kind = a.readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
+      if (!(kind & MUTEX_ROBUST)) return;
+      const owner = word + BigInt(MUTEX.owner - MUTEX.lock);
+      const was = read32(owner);
+      if ((was | 0) === oldTid) writes.set(owner, { value: newTid, was });
     };
     try {
       const h = a.readMemory(pid, head, Number(ROBUST_HEAD_SIZE));
@@ -547,18 +601,19 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
         rewrite(pending, futexOffset);
         const word = (pending & ~ROBUST_ENTRY_PI) + futexOffset;
         const waiting = t.inSyscall === NR_futex && t.regs.readBigUInt64LE(ARG.rdi) === word;
-        if (waiting && (a.readMemory(pid, word, 4).readUInt32LE(0) & FUTEX_TID_MASK) !== oldTid)
+        if (waiting && (read32(word) & FUTEX_TID_MASK) !== oldTid)
           notes.push(`thread ${t.vtid} was waiting for the robust mutex at 0x${word.toString(16)}: it takes it under its old TID (its unlock is refused)`);
       }
     } catch {
       /* a pointer into nothing: the walk ends there, as the kernel's */
     }
   });
-  for (const [addr, value] of writes) {
+  for (const [addr, { value, was }] of writes) {
     const b = Buffer.alloc(4);
-    b.writeUInt32LE(value);
+    b.writeUInt32LE(value >>> 0);
     try {
       a.writeMemory(pid, addr, b);
+      rewritten.rewrote(identity(addr), was);
     } catch {
       /* made read-only since: the kernel could not mark it either, nor
        * the holder give it up */

@@ -49,7 +49,7 @@ import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
-import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreRobustMutexOwners, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -783,6 +783,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // System ids of the image's node, made this node's: in calls blocked
     // on them, restarted here, and in the siginfo of pending signals.
     const ids = new IdsAcrossRestore(image, tables);
+    // Robust futex words in memory the processes share, rewritten by one
+    // process's walk, are compared by the next as the image had them.
+    const robustWords = new RobustWordsRewritten();
     for (const m of made) {
       const p = m.proc;
       await heardInterrupt();
@@ -839,7 +842,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.
       restoreLoaderLockOwners(m.pid, p, m.tids);
-      for (const note of restoreRobustMutexOwners(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
+      for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
