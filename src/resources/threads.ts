@@ -6,7 +6,7 @@
  */
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
-import { type Process, type SigAction, type Thread, VmaKind } from '../image/types.js';
+import { type Image, type Process, type SigAction, type Thread, VmaKind } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
@@ -591,12 +591,17 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
  * the kernel's, bounded and cycle-safe as restoreRobustMutexOwners'; a
  * pointer that cannot be read ends it. Returns how many lists were
  * emptied.
+ *
+ * The translation tables, which every process maps shared, do not count:
+ * the freezer lets no thread stay stopped holding their lock, and the
+ * restore makes new ones. A process with no other file mapped shared
+ * (most) is not looked at: no read per thread.
  */
-export function disarmRobustLists(processes: Process[]): number {
+export function disarmRobustLists(image: Pick<Image, 'processes' | 'tablesPath'>): number {
   const a = addon();
   let emptied = 0;
-  for (const p of processes) {
-    const files = p.vmas.filter((v) => v.kind === VmaKind.FILE_SHARED);
+  for (const p of image.processes) {
+    const files = p.vmas.filter((v) => v.kind === VmaKind.FILE_SHARED && v.path !== image.tablesPath);
     if (!files.length) continue;
     const inFile = (addr: bigint) => files.some((v) => addr >= v.start && addr < v.end);
     const inShared = (addr: bigint) => p.vmas.some((v) => v.shared && addr >= v.start && addr < v.end);

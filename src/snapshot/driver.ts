@@ -898,7 +898,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // The application moves into its image rather than dying: the
       // kernel's robust-list walk at its kill must not mark the mutexes it
       // holds in files mapped shared owner-dead (threads.ts).
-      disarmRobustLists(image.processes);
+      disarmRobustLists(image);
       freezer.kill();
       killPoint('snapshot: killed');
       connections.closeSilently();
@@ -942,7 +942,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // (ExitCode.afterCommit), never as "left running".
     if (released) {
       try {
-        disarmRobustLists(image.processes);
+        disarmRobustLists(image);
       } catch {
         /* best effort: the ending goes on */
       }
