@@ -474,6 +474,26 @@ const FUTEX_TID_MASK = 0x3fffffff;
  * offset is not glibc's, and only its futex words are the kernel's ABI. */
 const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
 
+/** FUTEX_LOCK_PI and FUTEX_LOCK_PI2 (without FUTEX_FLAGS). */
+const FUTEX_LOCK_PIS = [6n, 13n];
+
+/**
+ * Whether thread `t`, waiting in the kernel for the robust mutex whose
+ * futex word is `word`, gets it under its TID now after all: a
+ * priority-inheritance lock (FUTEX_LOCK_PI) is handed over by the kernel,
+ * which writes the taker's own TID into the word, not the old one glibc
+ * keeps in its frame; and glibc's unlock of a PI mutex of the normal type
+ * compares that word (a recursive one compares __owner, which glibc sets
+ * from the frame: refused). Only glibc's layout tells the type.
+ * test/fixtures/futexwait.c's PI waiters unlock theirs after a restore.
+ */
+function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: bigint): boolean {
+  if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return false;
+  if (!FUTEX_LOCK_PIS.includes(t.regs.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS)) return false;
+  const kind = addon().readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
+  return (kind & MUTEX_TYPE_MASK) === 0;
+}
+
 /**
  * The robust mutexes each thread held at the snapshot, given its new TID.
  * A robust or priority-inheritance mutex keeps its holder's TID in its
@@ -545,7 +565,7 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
         rewrite(pending, futexOffset);
         const word = (pending & ~ROBUST_ENTRY_PI) + futexOffset;
         const waiting = t.inSyscall === NR_futex && t.regs.readBigUInt64LE(ARG.rdi) === word;
-        if (waiting && (a.readMemory(pid, word, 4).readUInt32LE(0) & FUTEX_TID_MASK) !== oldTid)
+        if (waiting && (a.readMemory(pid, word, 4).readUInt32LE(0) & FUTEX_TID_MASK) !== oldTid && !handedOverByKernel(pid, t, word, futexOffset))
           notes.push(`thread ${t.vtid} was waiting for the robust mutex at 0x${word.toString(16)}: it takes it under its old TID (its unlock is refused)`);
       }
     } catch {
