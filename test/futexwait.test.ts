@@ -9,7 +9,8 @@
  * and a condition variable waited for in each of: the
  * process's own memory (threads of one process, the control), shared
  * anonymous memory, a SysV segment and a POSIX shm file in /dev/shm (forked
- * children waiting, the main process the holder and waker).
+ * children waiting, the main process the holder and waker), each also with
+ * the child waiting on a second mapping of the object at another address.
  */
 import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -90,11 +91,13 @@ describe('a thread snapshotted in a futex wait on shared memory wakes when anoth
     // Not named appshot-*: the freezer takes a /dev/shm/appshot-* mapping
     // for translation tables, and a futex word in it for their lock.
     const name = `/futexwait-test-${randomBytes(6).toString('hex')}`;
-    const areas = ['private', 'anon', 'sysv', 'file'];
+    // alias-*: the child waits on a second mapping of the object, at
+    // another address, and is woken through the first.
+    const areas = ['private', 'anon', 'sysv', 'file', 'alias-anon', 'alias-sysv', 'alias-file'];
     const aid = 'fw';
     const image = join(sb.home, 'fw-img');
     try {
-      await started(aid, areas, ['private', 'anon', 'sysv', `file:${name}`]);
+      await started(aid, areas, ['private', 'anon', 'sysv', `file:${name}`, 'alias-anon', 'alias-sysv', `alias-file:${name}-alias`]);
       const s = sb.run(['snapshot', aid, '-o', image]);
       expect(s.code, s.stderr).toBe(0);
       const r = sb.run(['restore', image]);
@@ -110,14 +113,14 @@ describe('a thread snapshotted in a futex wait on shared memory wakes when anoth
     } finally {
       if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
       rmSync(image, { recursive: true, force: true });
-      rmSync(`/dev/shm${name}`, { force: true });
+      for (const file of [name, `${name}-alias`]) rmSync(`/dev/shm${file}`, { force: true });
     }
   });
 
   it('from a --leave-running snapshot restored under another AID beside the original, both woken', async () => {
     // Not the /dev/shm file: the original and its copy would both map the
     // one file, and each wake the other's waiters.
-    const areas = ['private', 'anon', 'sysv'];
+    const areas = ['private', 'anon', 'sysv', 'alias-anon', 'alias-sysv'];
     const image = join(sb.home, 'fwl-img');
     try {
       await started('fwl', areas, areas);
