@@ -64,7 +64,9 @@ export interface Windows {
 /** The mappings of translation tables in a process's maps. */
 function tableMappings(maps: string): { start: bigint; end: bigint; inode: string }[] {
   const out: { start: bigint; end: bigint; inode: string }[] = [];
-  for (const m of maps.matchAll(/^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ (\d+)\s+\/dev\/shm\/appshot-.*$/gm))
+  // Named as the registry names them (registry.ts newTablesPath): an
+  // application's own file under /dev/shm/appshot-... is not taken for them.
+  for (const m of maps.matchAll(/^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ (\d+)\s+\/dev\/shm\/appshot-[0-9a-f]{8}-[\w.-]+-[0-9a-f]{16}(?: \(deleted\))?$/gm))
     out.push({ start: BigInt(`0x${m[1]}`), end: BigInt(`0x${m[2]}`), inode: m[3] });
   return out;
 }

@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
-import type { Process, SigAction, Thread, Vma } from '../image/types.js';
+import { type Image, type Process, type SigAction, type Thread, type Vma, VmaKind } from '../image/types.js';
 import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
@@ -475,6 +475,26 @@ const FUTEX_TID_MASK = 0x3fffffff;
  * offset is not glibc's, and only its futex words are the kernel's ABI. */
 const GLIBC_ROBUST_FUTEX_OFFSET = -32n;
 
+/** FUTEX_LOCK_PI and FUTEX_LOCK_PI2 (without FUTEX_FLAGS). */
+const FUTEX_LOCK_PIS = [6n, 13n];
+
+/**
+ * Whether thread `t`, waiting in the kernel for the robust mutex whose
+ * futex word is `word`, gets it under its TID now after all: a
+ * priority-inheritance lock (FUTEX_LOCK_PI) is handed over by the kernel,
+ * which writes the taker's own TID into the word, not the old one glibc
+ * keeps in its frame; and glibc's unlock of a PI mutex of the normal type
+ * compares that word (a recursive one compares __owner, which glibc sets
+ * from the frame: refused). Only glibc's layout tells the type.
+ * test/fixtures/futexwait.c's PI waiters unlock theirs after a restore.
+ */
+function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: bigint): boolean {
+  if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return false;
+  if (!FUTEX_LOCK_PIS.includes(t.regs.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS)) return false;
+  const kind = addon().readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
+  return (kind & MUTEX_TYPE_MASK) === 0;
+}
+
 /**
  * What a restore's robust-list walks have rewritten in memory that
  * processes share, by what the memory is (device, inode and offset in the
@@ -601,7 +621,7 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
         rewrite(pending, futexOffset);
         const word = (pending & ~ROBUST_ENTRY_PI) + futexOffset;
         const waiting = t.inSyscall === NR_futex && t.regs.readBigUInt64LE(ARG.rdi) === word;
-        if (waiting && (read32(word) & FUTEX_TID_MASK) !== oldTid)
+        if (waiting && (read32(word) & FUTEX_TID_MASK) !== oldTid && !handedOverByKernel(pid, t, word, futexOffset))
           notes.push(`thread ${t.vtid} was waiting for the robust mutex at 0x${word.toString(16)}: it takes it under its old TID (its unlock is refused)`);
       }
     } catch {
@@ -620,4 +640,85 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
     }
   }
   return notes;
+}
+
+/**
+ * The robust futex lists of an application that a snapshot ends, emptied
+ * just before its kill, where a robust mutex a thread holds lies in a file
+ * mapped shared. The kernel walks a dying thread's robust list and marks
+ * each mutex whose futex word holds the thread's TID owner-dead (the word
+ * becomes FUTEX_OWNER_DIED with the waiters bit, and no TID) and wakes a
+ * waiter. But the application does not die there: it goes on in its
+ * image. A word in memory the image holds (the process's own, shared
+ * anonymous memory, a SysV segment) comes back as the image has it, and
+ * the marking dies with the old process. A file mapped shared (a POSIX shm
+ * object in /dev/shm, a database's file) is not in the image: the restore
+ * maps it as it is, and found the mutex owner-dead although its holder
+ * lives on; its waiter took it with EOWNERDEAD, and the holder's unlock was
+ * refused (EPERM: the word names no one, so restoreRobustMutexOwners had
+ * no old TID to replace).
+ *
+ * Only a thread with an entry (or the pending one) whose word is in a
+ * shared file mapping of its process is touched: its list head is made
+ * empty (its next pointing at itself, no pending entry), so the kernel's
+ * walk finds nothing. That head is the thread's own memory (glibc's is in
+ * its thread descriptor), which dies with it a moment later; the image
+ * holds it as it was. A head that is itself in a shared mapping is left
+ * alone: emptying it would change what outlives the process. The walk is
+ * the kernel's, bounded and cycle-safe as restoreRobustMutexOwners'; a
+ * pointer that cannot be read ends it. Returns how many lists were
+ * emptied.
+ *
+ * The translation tables, which every process maps shared, do not count:
+ * the freezer lets no thread stay stopped holding their lock, and the
+ * restore makes new ones. A process with no other file mapped shared
+ * (most) is not looked at: no read per thread.
+ */
+export function disarmRobustLists(image: Pick<Image, 'processes' | 'tablesPath'>): number {
+  const a = addon();
+  let emptied = 0;
+  for (const p of image.processes) {
+    const files = p.vmas.filter((v) => v.kind === VmaKind.FILE_SHARED && v.path !== image.tablesPath);
+    if (!files.length) continue;
+    const inFile = (addr: bigint) => files.some((v) => addr >= v.start && addr < v.end);
+    const inShared = (addr: bigint) => p.vmas.some((v) => v.shared && addr >= v.start && addr < v.end);
+    for (const t of p.threads) {
+      if (!t.robustList || t.robustListLen !== ROBUST_HEAD_SIZE) continue;
+      const head = t.robustList;
+      let h: Buffer;
+      try {
+        h = a.readMemory(p.pid, head, Number(ROBUST_HEAD_SIZE));
+      } catch {
+        continue; /* the kernel cannot read it either */
+      }
+      const futexOffset = h.readBigInt64LE(8);
+      const pending = h.readBigUInt64LE(16);
+      const wordOf = (entry: bigint) => BigInt.asUintN(64, (entry & ~ROBUST_ENTRY_PI) + futexOffset);
+      let holdsInFile = pending !== 0n && inFile(wordOf(pending));
+      const seen = new Set<bigint>();
+      try {
+        let entry = h.readBigUInt64LE(0);
+        for (let n = 0; !holdsInFile && (entry & ~ROBUST_ENTRY_PI) !== head && n < ROBUST_LIST_LIMIT; n++) {
+          const at = entry & ~ROBUST_ENTRY_PI;
+          if (seen.has(at)) break;
+          seen.add(at);
+          holdsInFile = inFile(wordOf(entry));
+          entry = a.readMemory(p.pid, at, 8).readBigUInt64LE(0);
+        }
+      } catch {
+        /* a pointer into nothing: the kernel's walk ends there too */
+      }
+      if (!holdsInFile || inShared(head)) continue;
+      const empty = Buffer.from(h);
+      empty.writeBigUInt64LE(head, 0);
+      empty.writeBigUInt64LE(0n, 16);
+      try {
+        a.writeMemory(p.pid, head, empty);
+        emptied++;
+      } catch {
+        /* read-only: the kernel's walk marks as before */
+      }
+    }
+  }
+  return emptied;
 }

@@ -50,7 +50,7 @@ import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { askThread, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
+import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
 import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
@@ -902,6 +902,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       reg.setAsideLog(record);
       killPoint('snapshot: released');
       clock.released();
+      // The application moves into its image rather than dying: the
+      // kernel's robust-list walk at its kill must not mark the mutexes it
+      // holds in files mapped shared owner-dead (threads.ts).
+      disarmRobustLists(image);
       freezer.kill();
       killPoint('snapshot: killed');
       connections.closeSilently();
@@ -944,6 +948,11 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // left of the ending is done, and the failure said apart
     // (ExitCode.afterCommit), never as "left running".
     if (released) {
+      try {
+        disarmRobustLists(image);
+      } catch {
+        /* best effort: the ending goes on */
+      }
       freezer.kill();
       try {
         connections?.closeSilently();

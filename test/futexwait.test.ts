@@ -1,0 +1,142 @@
+/**
+ * Threads caught by a snapshot in a futex wait on memory that processes
+ * share (PostgreSQL's backends sleep in sem_wait on semaphores in its shared
+ * memory; servers share process-shared mutexes and condition variables),
+ * restored, then woken by another process of the application: the waiter
+ * restarts its futex call on the restored mapping, and the wake after the
+ * restore must reach it. The fixture (futexwait.c) has two semaphores (one
+ * waited for until an instant), a mutex, a robust mutex, a robust PI mutex
+ * and a condition variable waited for in each of: the
+ * process's own memory (threads of one process, the control), shared
+ * anonymous memory, a SysV segment and a POSIX shm file in /dev/shm (forked
+ * children waiting, the main process the holder and waker), each also with
+ * the child waiting on a second mapping of the object at another address.
+ */
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+const WAITS = ['sem', 'timed', 'mutex', 'robust', 'pi', 'cond'];
+
+/** How many threads of `aid`'s processes are in a futex wait: futex (202),
+ * or restart_syscall (219), where the kernel restarts a futex wait with a
+ * timeout that a stop interrupted (the original after a --leave-running
+ * snapshot). */
+function inFutex(aid: string): number {
+  let n = 0;
+  for (const p of sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid])[0].processes) {
+    if (p.init) continue;
+    for (const t of readdirSync(`/proc/${p.pid}/task`))
+      try {
+        if (/^(202|219) /.test(readFileSync(`/proc/${p.pid}/task/${t}/syscall`, 'utf8'))) n++;
+      } catch {
+        /* gone */
+      }
+  }
+  return n;
+}
+
+/** Releases `aid`'s waiters (SIGUSR1 to its main process) and checks that
+ * every one wakes: ALL WOKE, else the waits whose WOKE line never came. */
+async function released(aid: string, areas: string[]): Promise<void> {
+  process.kill(sb.systemPid(aid), 'SIGUSR1');
+  const done = () => /^(ALL WOKE|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid);
+  await waitFor(done, 30_000, `${aid}'s waiters to wake`).catch(() => undefined);
+  const log = sb.log(aid);
+  const missing = areas.flatMap((a) => WAITS.map((w) => `${a} ${w}`)).filter((w) => !log.includes(`WOKE ${w}\n`));
+  expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
+  expect(missing, `${aid}: waits that never woke`).toEqual([]);
+  expect(log).toMatch(/^ALL WOKE$/m);
+}
+
+/** Waits until each of `aid`'s waiters is in its futex wait; fails on a
+ * FAIL line (a waiter that fell out of its wait). */
+async function waiting(aid: string, areas: string[]): Promise<void> {
+  const all = areas.length * WAITS.length;
+  await waitFor(() => inFutex(aid) === all || /^FAIL/m.test(sb.log(aid)), 10_000, `${aid}'s ${all} waiters to be in their futex waits`);
+  expect(sb.log(aid).match(/^FAIL.*$/gm) ?? []).toEqual([]);
+}
+
+/** Starts the fixture on `areas` and waits until each of its waiters is in
+ * its futex wait. */
+async function started(aid: string, areas: string[], args: string[]): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('futexwait'), ...args]);
+  expect(r.code, r.stderr).toBe(0);
+  await waitFor(() => /^READY$/m.test(sb.log(aid)), 10_000, `${aid} to start`);
+  await waiting(aid, areas);
+}
+
+/** The restore's warnings: one for each area's robust mutex waiter (README:
+ * it takes the mutex under its old TID), none for its PI one (the kernel
+ * hands that over under its TID now), nothing else. */
+function expectWarnings(stderr: string, areas: string[]): void {
+  const warnings = stderr.match(/^appshot: warning: .*$/gm) ?? [];
+  const robust = /^appshot: warning: not kept: process \d+: thread \d+ was waiting for the robust mutex at 0x[0-9a-f]+: it takes it under its old TID \(its unlock is refused\)$/;
+  expect(warnings.filter((l) => !robust.test(l))).toEqual([]);
+  expect(warnings).toHaveLength(areas.length);
+}
+
+describe('a thread snapshotted in a futex wait on shared memory wakes when another process wakes it after the restore', () => {
+  it('from a snapshot that ends the application: its own memory, shared anonymous memory, a SysV segment and a /dev/shm file', async () => {
+    // The file's robust mutex, held by the main process: the snapshot's
+    // kill of the application ran the kernel's robust-list walk for the
+    // thread holding it, which marked it owner-dead in the file (no TID,
+    // FUTEX_OWNER_DIED), a file the image does not hold. Restored, its
+    // waiter got EOWNERDEAD and its holder's unlock EPERM.
+    // Not named appshot-*: the freezer takes a /dev/shm/appshot-* mapping
+    // for translation tables, and a futex word in it for their lock.
+    const name = `/futexwait-test-${randomBytes(6).toString('hex')}`;
+    // alias-*: the child waits on a second mapping of the object, at
+    // another address, and is woken through the first.
+    const areas = ['private', 'anon', 'sysv', 'file', 'alias-anon', 'alias-sysv', 'alias-file'];
+    const aid = 'fw';
+    const image = join(sb.home, 'fw-img');
+    try {
+      await started(aid, areas, ['private', 'anon', 'sysv', `file:${name}`, 'alias-anon', 'alias-sysv', `alias-file:${name}-alias`]);
+      const s = sb.run(['snapshot', aid, '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      const r = sb.run(['restore', image]);
+      expect(r.code, r.stderr).toBe(0);
+      expectWarnings(r.stderr, areas);
+      try {
+        // Each waiter restarted its wait, none fell out of it.
+        await waiting(aid, areas);
+        await released(aid, areas);
+      } finally {
+        if (sb.aids().includes(aid)) expect(sb.run(['stop', aid, '--signal', 'KILL']).code).toBe(0);
+      }
+    } finally {
+      if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
+      rmSync(image, { recursive: true, force: true });
+      for (const file of [name, `${name}-alias`]) rmSync(`/dev/shm${file}`, { force: true });
+    }
+  });
+
+  it('from a --leave-running snapshot restored under another AID beside the original, both woken', async () => {
+    // Not the /dev/shm file: the original and its copy would both map the
+    // one file, and each wake the other's waiters.
+    const areas = ['private', 'anon', 'sysv', 'alias-anon', 'alias-sysv'];
+    const image = join(sb.home, 'fwl-img');
+    try {
+      await started('fwl', areas, areas);
+      const s = sb.run(['snapshot', 'fwl', '-o', image, '--leave-running']);
+      expect(s.code, s.stderr).toBe(0);
+      const r = sb.run(['restore', image, '--aid', 'fwl-r']);
+      expect(r.code, r.stderr).toBe(0);
+      expectWarnings(r.stderr, areas);
+      await waiting('fwl-r', areas);
+      // The copy first: waking it must not need (nor wake) the original.
+      await released('fwl-r', areas);
+      expect(inFutex('fwl')).toBe(areas.length * WAITS.length);
+      await released('fwl', areas);
+    } finally {
+      for (const aid of ['fwl', 'fwl-r']) if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
+      rmSync(image, { recursive: true, force: true });
+    }
+  });
+});
