@@ -961,12 +961,33 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       );
     }
     // Past its journaled ending, the record must say what is true at
-    // every step: first the threads no longer die with us (killed now,
-    // the application runs on whole and the next command, finding it so,
-    // rolls back); then the entry says rolled back, before the
-    // application is let go and the image removed (killed then, the next
-    // command removes the image, never ends the application).
+    // every step, so that a kill anywhere leaves one consistent way out:
+    // first, while the threads still die with us, the connections leave
+    // repair mode and the entry says none is left in it (killed before,
+    // the application dies and its image is it; after, the next command
+    // finds it whole with nothing only the image could carry on); then
+    // the threads no longer die with us (killed now, the application runs
+    // on whole and the next command, finding it so, rolls back); then the
+    // entry says rolled back, before the application is let go and the
+    // image removed (killed then, the next command removes the image,
+    // never ends the application).
     if (journaledEnding) {
+      let letGo = true;
+      try {
+        connections?.release();
+      } catch {
+        // One that would not leave repair mode: the entry keeps its count
+        // (killed before the end of the undoing, the image carries it on).
+        letGo = false;
+      }
+      killPoint('snapshot: failed, connections released');
+      if (letGo)
+        try {
+          ending?.connectionsReleased();
+        } catch {
+          /* still counted in repair mode: killed now, the image wins, as it would have */
+        }
+      killPoint('snapshot: failed, nothing in repair mode');
       freezer.liveOn();
       killPoint('snapshot: failed, lives on without appshot');
       try {

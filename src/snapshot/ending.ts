@@ -38,7 +38,11 @@
  *    decided, what it stopped goes on, and a later command tries again.
  *  - "rolling-back" (a snapshot that failed past "ending", once its
  *    threads no longer die with it; or the next command, once it decided
- *    to roll back): as "placing".
+ *    to roll back): as "placing". Such a snapshot first takes its
+ *    connections out of repair mode and journals "ending" again with
+ *    none in it, while its threads still die with it: killed anywhere in
+ *    its undoing, the application is either dead (the image is it) or
+ *    whole with nothing held (rolled back).
  * The journal entry lives under $APPSHOT_HOME/tmp, named after its owner
  * (partial.ts's rules), and goes once the registration says released, or
  * once the image is removed.
@@ -108,6 +112,14 @@ export class EndingJournal {
    * the first of them set to die with appshot on. */
   ending(processes: ImageProcess[], connectionsInRepair: number): void {
     this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
+    writeEntry(this.path, this.entry);
+  }
+
+  /** The snapshot, failing past "ending", took its connections out of
+   * repair mode (the application still dies with it): killed from here
+   * on, the next command finds nothing only the image could carry on. */
+  connectionsReleased(): void {
+    this.entry = { ...this.entry, connectionsInRepair: 0 };
     writeEntry(this.path, this.entry);
   }
 
