@@ -18,7 +18,9 @@
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
  *    go); the application was let go by the kernel and runs on, as after
- *    a failed snapshot.
+ *    a failed snapshot, except that connections the snapshot held in TCP
+ *    repair mode stay so (nothing here can reach them: a gap the README
+ *    states).
  *  - "ending" (written once the image is in place and any keeper holds
  *    the connections, with the image's processes by system PID and start
  *    time, before the threads are set to die with us): the image is the
