@@ -893,6 +893,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       );
       journaledEnding = !!ending;
       killPoint('snapshot: ending journaled');
+      ending?.witnessDiesWithUs();
+      killPoint('snapshot: witness dies with appshot');
       freezer.dieWithUs();
       killPoint('snapshot: dies with appshot');
       // Ended by appshot, not by itself: the AID is released for the
@@ -989,6 +991,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
         }
       killPoint('snapshot: failed, nothing in repair mode');
       freezer.liveOn();
+      ending?.witnessLivesOn();
       killPoint('snapshot: failed, lives on without appshot');
       try {
         ending?.rollingBack();

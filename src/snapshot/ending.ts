@@ -25,7 +25,12 @@
  *    the connections, with the image's processes by system PID and start
  *    time, before the threads are set to die with us): the image is the
  *    application if any of them was killed, as appshot's death kills each
- *    one whose threads were set to die with it. The next command stops
+ *    one whose threads were set to die with it. The entry names a witness
+ *    (witness.ts), set to die with us just before the first thread: found
+ *    alive and not dying, no thread was set to die, and it is rolled back
+ *    as for "placing" (unless connections are in repair mode, below),
+ *    whatever processes of it exited by themselves since. A witness found
+ *    dead says nothing; then the application is looked at: the next command stops
  *    (ptrace) what is left: if every process of the image is there, the
  *    same one (its start time), and stops, none was dying (a process a
  *    SIGKILL was sent to never enters a ptrace stop again), so appshot
@@ -59,6 +64,7 @@ import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 import { isSameProcess, readStat } from '../procfs.js';
 import { Freezer } from '../ptrace/freezer.js';
+import { endWitness, startWitness, type WitnessId, witnessDiesWithUs, witnessLivesOn, witnessUntouched } from '../ptrace/witness.js';
 import { type AppRecord, defaultHome, isEnded, LocalRegistry } from '../registry.js';
 import { dropKept } from '../resources/keeper.js';
 
@@ -84,6 +90,10 @@ interface EndingEntry {
    * mode, held for the restore by a keeper (an application rolled back
    * with them so could never use them again). */
   connectionsInRepair?: number;
+  /** A process set to die with the snapshot just before the first thread
+   * of the application (witness.ts): found alive and not dying, none of
+   * the application was set to die. */
+  witness?: WitnessId;
 }
 
 /** How long the next command tries to stop what is left of the
@@ -105,7 +115,10 @@ export class EndingJournal {
    * to be renamed (or linked) to `output`. */
   constructor(home: string, record: AppRecord, output: string, staged: string) {
     const st = lstatSync(staged);
-    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino };
+    // Started just before the entry that names it: a command killed in
+    // between leaves it sleeping out its day, nothing more.
+    const witness = startWitness();
+    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}) };
     this.path = ownedName('ending', home);
     writeEntry(this.path, this.entry);
   }
@@ -115,6 +128,19 @@ export class EndingJournal {
   ending(processes: ImageProcess[], connectionsInRepair: number): void {
     this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
     writeEntry(this.path, this.entry);
+  }
+
+  /** The witness dies with us from here, before any thread of the
+   * application does (call it just before Freezer.dieWithUs, from the
+   * same thread). */
+  witnessDiesWithUs(): void {
+    witnessDiesWithUs(this.entry.witness);
+  }
+
+  /** The witness no longer dies with us (after Freezer.liveOn: the last
+   * to stop dying, as it was the first to start). */
+  witnessLivesOn(): void {
+    witnessLivesOn(this.entry.witness);
   }
 
   /** The snapshot, failing past "ending", took its connections out of
@@ -134,6 +160,7 @@ export class EndingJournal {
 
   /** Finished (released), or undone by the snapshot itself. */
   done(): void {
+    endWitness(this.entry.witness);
     rmSync(this.path, { force: true });
   }
 }
@@ -219,6 +246,7 @@ const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)(\.tmp)?$/;
 /** Steps "placing" and "rolling-back": the image goes, the application
  * runs on. */
 function rollBack(home: string, e: EndingEntry): void {
+  endWitness(e.witness);
   if (stillPlaced(e)) rmSync(e.output, { recursive: true, force: true });
   try {
     dropKept(home, e.aid);
@@ -265,12 +293,27 @@ function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry):
  * of it dying; else the image is the application, whose rest is ended and
  * whose registration is released to the image. */
 async function finishEnding(home: string, e: EndingEntry, claimed: string): Promise<void> {
-  if (!stillPlaced(e)) return;
   const reg = new LocalRegistry(home);
-  const record = sameApplication(reg, e);
-  if (!record) return;
+  const record = stillPlaced(e) ? sameApplication(reg, e) : undefined;
+  if (!record) {
+    endWitness(e.witness);
+    return;
+  }
   // Released already (the snapshot, or a recovery, was killed just after).
-  if (existsSync(join(record.stateDir, 'released'))) return endIntoImage(reg, record, e);
+  if (existsSync(join(record.stateDir, 'released'))) {
+    endWitness(e.witness);
+    return endIntoImage(reg, record, e);
+  }
+  // The witness alive and not dying: no thread of the application was set
+  // to die, whatever processes of it exited by themselves since (hours
+  // ago, maybe). Rolled back without looking at the application (ended
+  // either way).
+  if (witnessUntouched(e.witness, HOLD_TIMEOUT_MS) && !e.connectionsInRepair) {
+    writeEntry(claimed, { ...e, step: 'rolling-back' });
+    killPoint('ending: rolling back');
+    rollBack(home, e);
+    return;
+  }
   const { freezer, whole } = holdApplication(reg, record, e);
   killPoint('ending: application stopped');
   // Connections left in repair mode by the dead snapshot cannot be let go
