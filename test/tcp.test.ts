@@ -651,6 +651,33 @@ describe('memcached with a client that stays connected', () => {
     run(['stop', 'tcpmck', '-s', 'KILL']);
   });
 
+  // Killed once its image is in place (its first journal step), before the
+  // keeper's hand-over: the application, let go by the kernel, runs on, and
+  // the next command takes the connections the snapshot held out of repair
+  // mode (pidfd_getfd), so that the client's connection carries on.
+  it.runIf(existsSync(MEMCACHED) && isRoot)("a snapshot killed at 'image committed' with a connection in repair mode: the next command rolls back, and the application answers on the client's connection", async () => {
+    const port = 26629;
+    const aid = 'tcpmcp';
+    run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+    await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
+    const client = await Client.open(port);
+    client.read();
+    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const image = join(out, aid);
+    const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: image committed' }, encoding: 'utf8' });
+    expect(killed.signal, killed.stderr).toBe('SIGKILL');
+    run(['ps']);
+    expect(existsSync(image)).toBe(false);
+    expect(sb.aids()).toContain(aid);
+    client.socket.write('get greeting\r\n');
+    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+    expect((await client.bytes(answer.length)).toString()).toBe(answer);
+    client.whole();
+    client.socket.destroy();
+    run(['stop', aid, '-s', 'KILL']);
+  });
+
   // Failing once its ending is journaled (the connections held in repair
   // mode by the snapshot and handed to a keeper), and killed at each step
   // of the undoing: the connections leave repair mode while the threads

@@ -679,7 +679,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     }
     // An image that ends its application: its ending journaled from the
     // instant before the image is in place (ending.ts).
-    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged));
+    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged, connections?.journaled()));
     if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
     else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
   };

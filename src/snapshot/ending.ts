@@ -18,9 +18,9 @@
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
  *    go); the application was let go by the kernel and runs on, as after
- *    a failed snapshot, except that connections the snapshot held in TCP
- *    repair mode stay so (nothing here can reach them: a gap the README
- *    states).
+ *    a failed snapshot; the connections the snapshot held in TCP repair
+ *    mode, journaled with it, are taken out of it (tcp.ts,
+ *    releaseLeftInRepair).
  *  - "ending" (written once the image is in place and any keeper holds
  *    the connections, with the image's processes by system PID and start
  *    time, before the threads are set to die with us): the image is the
@@ -36,8 +36,8 @@
  *    SIGKILL was sent to never enters a ptrace stop again), so appshot
  *    died before it set any to die: rolled back as for "placing", the
  *    application runs on with all it did meanwhile; unless the snapshot
- *    left connections of it in TCP repair mode, which only it could let
- *    go (the keeper holds them for the restore). Otherwise (one gone or
+ *    left connections of it in TCP repair mode (the keeper holds them
+ *    for the restore, which carries them on). Otherwise (one gone or
  *    dying, or connections in repair mode) what is left is killed and
  *    the registration released to the image, as the snapshot would have
  *    done; `ps -a` lists it as snapshotted into the image. One it cannot
@@ -67,6 +67,7 @@ import { Freezer } from '../ptrace/freezer.js';
 import { endWitness, startWitness, type WitnessId, witnessDiesWithUs, witnessLivesOn, witnessUntouched } from '../ptrace/witness.js';
 import { type AppRecord, defaultHome, isEnded, LocalRegistry } from '../registry.js';
 import { dropKept } from '../resources/keeper.js';
+import { type HeldSocket, releaseLeftInRepair } from '../resources/tcp.js';
 
 /** A process of the image: its system PID and start time (a PID used
  * again by another process is not it). */
@@ -94,6 +95,9 @@ interface EndingEntry {
    * of the application (witness.ts): found alive and not dying, none of
    * the application was set to die. */
   witness?: WitnessId;
+  /** The connections the snapshot held in repair mode: an application
+   * rolled back gets them out of it again. */
+  heldInRepair?: HeldSocket[];
 }
 
 /** How long the next command tries to stop what is left of the
@@ -113,12 +117,12 @@ export class EndingJournal {
 
   /** Journals step "placing" for `staged`, the directory or file about
    * to be renamed (or linked) to `output`. */
-  constructor(home: string, record: AppRecord, output: string, staged: string) {
+  constructor(home: string, record: AppRecord, output: string, staged: string, heldInRepair: HeldSocket[] = []) {
     const st = lstatSync(staged);
     // Started just before the entry that names it: a command killed in
     // between leaves it sleeping out its day, nothing more.
     const witness = startWitness();
-    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}) };
+    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) };
     this.path = ownedName('ending', home);
     writeEntry(this.path, this.entry);
   }
@@ -147,7 +151,7 @@ export class EndingJournal {
    * repair mode (the application still dies with it): killed from here
    * on, the next command finds nothing only the image could carry on. */
   connectionsReleased(): void {
-    this.entry = { ...this.entry, connectionsInRepair: 0 };
+    this.entry = { ...this.entry, connectionsInRepair: 0, heldInRepair: undefined };
     writeEntry(this.path, this.entry);
   }
 
@@ -247,6 +251,9 @@ const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)(\.tmp)?$/;
  * runs on. */
 function rollBack(home: string, e: EndingEntry): void {
   endWitness(e.witness);
+  // The application runs on: what the dead snapshot held in repair mode
+  // leaves it (taken again from the application by pidfd_getfd).
+  releaseLeftInRepair(e.heldInRepair ?? []);
   if (stillPlaced(e)) rmSync(e.output, { recursive: true, force: true });
   try {
     dropKept(home, e.aid);
@@ -316,8 +323,8 @@ async function finishEnding(home: string, e: EndingEntry, claimed: string): Prom
   }
   const { freezer, whole } = holdApplication(reg, record, e);
   killPoint('ending: application stopped');
-  // Connections left in repair mode by the dead snapshot cannot be let go
-  // from here: the application keeps them only through its image.
+  // Connections left in repair mode by the dead snapshot are the keeper's,
+  // held for the image's restore, from this step on: the image wins.
   if (whole && !e.connectionsInRepair) {
     // Journaled first (the claim, given back if this command is killed):
     // decided once, whatever the application does once let go.
