@@ -531,6 +531,37 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
+  // Killed at 'ending journaled', and one of its processes exits before the
+  // next command looks (here its child, killed: to appshot, the same as an
+  // exit of its own). The application was never set to die: the witness
+  // that would have died first is alive and not dying, so the next command
+  // rolls back, rather than give the registration to a stale image and
+  // kill what runs on. The witness is ended too.
+  it("killed at 'ending journaled', then a process of it exits by itself: the next command rolls back (its witness was never set to die), the rest runs on", async () => {
+    const aid = 'skill-journaled-exited';
+    await started(aid);
+    const pids = processesOf(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const [entry] = endingEntries();
+    const witness = (JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { witness?: { pid: number } }).witness;
+    expect(witness, 'the entry names its witness').toBeDefined();
+    expect(stateOf(witness!.pid)).not.toBe('');
+    const child = pids.find((p) => pids.includes(Number(/^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1])))!;
+    expect(child).toBeDefined();
+    process.kill(child, 'SIGKILL');
+    await waitFor(() => ['', 'Z'].includes(stateOf(child)), 10_000, 'the child to exit');
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(existsSync(image)).toBe(false);
+    expect(endingEntries()).toEqual([]);
+    await waitFor(() => ['', 'Z'].includes(stateOf(witness!.pid)), 10_000, 'the witness to be ended');
+    const rest = pids.filter((p) => p !== child);
+    expect(sb.json<{ aid: string; state: string }[]>(['ps', '-a']).filter((a) => a.aid === aid).map((a) => a.state)).toEqual(['running']);
+    for (const p of rest) expect(['', 'Z']).not.toContain(stateOf(p));
+    sb.run(['stop', aid, '-s', 'KILL']);
+  });
+
   // From the first thread set to die with appshot on, its death killed
   // (some of) the application: the image is the application, what is
   // left of it is ended. With a process killed and one not (the first of
@@ -602,10 +633,11 @@ describe('a snapshot that fails or is killed at a step', () => {
     await endedInto(aid, image);
   });
 
-  // The command that finishes the ending cannot stop the application (a
-  // debugger, another snapshot traces one of its processes): nothing is
-  // decided, the entry waits for a later command, and what it had stopped
-  // is let go at once, also in a process that lives on (the API).
+  // The command that finishes the ending has no witness to go by (gone:
+  // killed here) and cannot stop the application (a debugger, another
+  // snapshot traces one of its processes): nothing is decided, the entry
+  // waits for a later command, and what it had stopped is let go at once,
+  // also in a process that lives on (the API).
   it("killed at 'ending journaled', one of its processes traced by another: the API's ps() decides nothing and lets go what it stopped; once the tracer is gone, the next call rolls back", async () => {
     const api = await import('../src/api.js');
     const aid = 'skill-traced';
@@ -619,6 +651,10 @@ describe('a snapshot that fails or is killed at a step', () => {
     const image = join(dir, `${aid}.appshot`);
     const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
     expect(r.signal, r.stderr).toBe('SIGKILL');
+    const [entry] = endingEntries();
+    const witness = (JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { witness: { pid: number } }).witness;
+    process.kill(witness.pid, 'SIGKILL');
+    await waitFor(() => ['', 'Z'].includes(stateOf(witness.pid)), 10_000, 'the witness to be gone');
     const addonPath = join(root, 'build', 'Release', 'appshot.node');
     const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
     try {

@@ -650,4 +650,87 @@ describe('memcached with a client that stays connected', () => {
     client.socket.destroy();
     run(['stop', 'tcpmck', '-s', 'KILL']);
   });
+
+  // Killed once its image is in place (its first journal step), before the
+  // keeper's hand-over: the application, let go by the kernel, runs on, and
+  // the next command takes the connections the snapshot held out of repair
+  // mode (pidfd_getfd), so that the client's connection carries on.
+  it.runIf(existsSync(MEMCACHED) && isRoot)("a snapshot killed at 'image committed' with a connection in repair mode: the next command rolls back, and the application answers on the client's connection", async () => {
+    const port = 26629;
+    const aid = 'tcpmcp';
+    run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+    await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
+    const client = await Client.open(port);
+    client.read();
+    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const image = join(out, aid);
+    const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: image committed' }, encoding: 'utf8' });
+    expect(killed.signal, killed.stderr).toBe('SIGKILL');
+    run(['ps']);
+    expect(existsSync(image)).toBe(false);
+    expect(sb.aids()).toContain(aid);
+    client.socket.write('get greeting\r\n');
+    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+    expect((await client.bytes(answer.length)).toString()).toBe(answer);
+    client.whole();
+    client.socket.destroy();
+    run(['stop', aid, '-s', 'KILL']);
+  });
+
+  // Failing once its ending is journaled (the connections held in repair
+  // mode by the snapshot and handed to a keeper), and killed at each step
+  // of the undoing: the connections leave repair mode while the threads
+  // still die with the snapshot, and the entry says so before they stop
+  // dying with it. Killed while they still do, the application dies and
+  // its image is it (restored, the client carries on); killed after, the
+  // next command rolls back and the application, run on, answers on the
+  // very connection (in repair mode still, it would drop every packet).
+  const undoing: [string, 'image' | 'rolled back'][] = [
+    ['connections released', 'image'],
+    ['nothing in repair mode', 'image'],
+    ['lives on without appshot', 'rolled back'],
+    ['rolling back', 'rolled back'],
+  ];
+  for (const [n, [point, outcome]] of undoing.entries()) {
+    it.runIf(existsSync(MEMCACHED) && isRoot)(`failing at 'dies with appshot' with a connection in repair mode, killed at 'failed, ${point}': ${outcome === 'image' ? 'the image is the application and the client carries on after the restore' : 'the application runs on and answers on the client\'s connection'}`, async () => {
+      const port = 26630 + n;
+      const aid = `tcpmcu${n}`;
+      run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+      await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
+      const client = await Client.open(port);
+      client.read();
+      client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+      expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+      const image = join(out, aid);
+      const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: dies with appshot', APPSHOT_TEST_KILL_AT: `snapshot: failed, ${point}` },
+        encoding: 'utf8',
+      });
+      expect(killed.signal, killed.stderr).toBe('SIGKILL');
+      run(['ps']);
+      if (outcome === 'image') {
+        expect(existsSync(image)).toBe(true);
+        await waitFor(() => !sb.aids().includes(aid), 10_000, 'the application to end into its image');
+        run(['restore', image]);
+      } else {
+        expect(existsSync(image)).toBe(false);
+        expect(sb.aids()).toContain(aid);
+        const keeps = (pid: number) => {
+          try {
+            return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[1] === join(sb.home, 'keep', `${aid}.sock`);
+          } catch {
+            return false;
+          }
+        };
+        await waitFor(() => !keepers(sb.home).some(keeps), 10_000, 'the keeper to let the connections go');
+      }
+      client.socket.write('get greeting\r\n');
+      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      client.whole();
+      client.socket.destroy();
+      run(['stop', aid, '-s', 'KILL']);
+    });
+  }
 });

@@ -48,7 +48,7 @@
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
  */
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync, fstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, type RepairedConnection } from '../native.js';
@@ -115,7 +115,7 @@ export interface SeenConnection {
 export class HeldConnections {
   /** `snapshot --tcp-close`: record connections as closed, without repair. */
   closeConnections = false;
-  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean }>();
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; pid: number }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
 
   /** `keeper`: where a connection goes that repair mode cannot hold. */
@@ -187,7 +187,7 @@ export class HeldConnections {
     }
     // Held from here: whatever fails next, release() takes it out again.
     const options = CARRIED_OPTIONS.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
-    const held = { fd: dup, options, locked: false };
+    const held = { fd: dup, options, locked: false, pid };
     this.held.set(ino, held);
     let c: RepairedConnection;
     // The rest of what the application set (sockopts.ts); kernel TLS and
@@ -243,6 +243,18 @@ export class HeldConnections {
     if (failure) throw failure;
   }
 
+  /** What a command that finds this one killed needs to take the
+   * connections out of repair mode in the application that ran on
+   * (releaseLeftInRepair): journaled with the ending (ending.ts). */
+  journaled(): HeldSocket[] {
+    return [...this.held].map(([ino, { options, locked, pid }]) => ({
+      pid,
+      ino: String(ino),
+      locked,
+      reuseAddr: options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR)?.value ?? 0,
+    }));
+  }
+
   /** Before the application is ended: our duplicates go to `keeper`
    * (keeper.ts) too, which hands them to a keeper process that holds them
    * in repair mode until the restore. Still ours: if that fails, release()
@@ -256,6 +268,73 @@ export class HeldConnections {
   closeSilently(): void {
     for (const { fd } of this.held.values()) closeSync(fd);
     this.held.clear();
+  }
+}
+
+/** A connection a snapshot held in repair mode, as journaled: the process
+ * that held it (system PID), its socket inode, whether the snapshot's
+ * filter was attached, and the SO_REUSEADDR that leaving repair mode
+ * clears. */
+export interface HeldSocket {
+  pid: number;
+  ino: string;
+  locked: boolean;
+  reuseAddr: number;
+}
+
+/** A snapshot killed while it held `sockets` in repair mode, its
+ * application let go by the kernel and running on: each socket still in
+ * one of `pids` (found by inode, whatever descriptor holds it now) leaves
+ * repair mode as release() would have done it. Best effort, socket by
+ * socket: one the application closed meanwhile is gone. */
+export function releaseLeftInRepair(sockets: HeldSocket[]): void {
+  const byPid = new Map<number, Set<string>>();
+  for (const h of sockets) {
+    if (!byPid.has(h.pid)) byPid.set(h.pid, new Set());
+    byPid.get(h.pid)!.add(h.ino);
+  }
+  const done = new Set<string>();
+  for (const [pid, inos] of byPid) {
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const n of fds) {
+      let link: string;
+      try {
+        link = readlinkSync(`/proc/${pid}/fd/${n}`);
+      } catch {
+        continue;
+      }
+      const ino = /^socket:\[(\d+)\]$/.exec(link)?.[1];
+      if (!ino || !inos.has(ino) || done.has(ino)) continue;
+      const h = sockets.find((x) => x.ino === ino)!;
+      let fd: number;
+      try {
+        fd = addon().getFd(pid, Number(n));
+      } catch {
+        continue;
+      }
+      try {
+        // Replaced between the look and the copy: not it.
+        if (String(fstatSync(fd).ino) !== ino) continue;
+        if (h.locked)
+          try {
+            addon().tcpLock(fd, false);
+          } catch (e) {
+            if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+          }
+        addon().tcpRepair(fd, -1);
+        if (h.reuseAddr) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, h.reuseAddr);
+        done.add(ino);
+      } catch {
+        /* one that cannot be let go stays as it is */
+      } finally {
+        closeSync(fd);
+      }
+    }
   }
 }
 

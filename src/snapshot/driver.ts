@@ -679,7 +679,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     }
     // An image that ends its application: its ending journaled from the
     // instant before the image is in place (ending.ts).
-    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged));
+    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged, connections?.journaled()));
     if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
     else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
   };
@@ -893,6 +893,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       );
       journaledEnding = !!ending;
       killPoint('snapshot: ending journaled');
+      ending?.witnessDiesWithUs();
+      killPoint('snapshot: witness dies with appshot');
       freezer.dieWithUs();
       killPoint('snapshot: dies with appshot');
       // Ended by appshot, not by itself: the AID is released for the
@@ -970,13 +972,35 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       );
     }
     // Past its journaled ending, the record must say what is true at
-    // every step: first the threads no longer die with us (killed now,
-    // the application runs on whole and the next command, finding it so,
-    // rolls back); then the entry says rolled back, before the
-    // application is let go and the image removed (killed then, the next
-    // command removes the image, never ends the application).
+    // every step, so that a kill anywhere leaves one consistent way out:
+    // first, while the threads still die with us, the connections leave
+    // repair mode and the entry says none is left in it (killed before,
+    // the application dies and its image is it; after, the next command
+    // finds it whole with nothing only the image could carry on); then
+    // the threads no longer die with us (killed now, the application runs
+    // on whole and the next command, finding it so, rolls back); then the
+    // entry says rolled back, before the application is let go and the
+    // image removed (killed then, the next command removes the image,
+    // never ends the application).
     if (journaledEnding) {
+      let letGo = true;
+      try {
+        connections?.release();
+      } catch {
+        // One that would not leave repair mode: the entry keeps its count
+        // (killed before the end of the undoing, the image carries it on).
+        letGo = false;
+      }
+      killPoint('snapshot: failed, connections released');
+      if (letGo)
+        try {
+          ending?.connectionsReleased();
+        } catch {
+          /* still counted in repair mode: killed now, the image wins, as it would have */
+        }
+      killPoint('snapshot: failed, nothing in repair mode');
       freezer.liveOn();
+      ending?.witnessLivesOn();
       killPoint('snapshot: failed, lives on without appshot');
       try {
         ending?.rollingBack();

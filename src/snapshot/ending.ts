@@ -18,19 +18,26 @@
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
  *    go); the application was let go by the kernel and runs on, as after
- *    a failed snapshot.
+ *    a failed snapshot; the connections the snapshot held in TCP repair
+ *    mode, journaled with it, are taken out of it (tcp.ts,
+ *    releaseLeftInRepair).
  *  - "ending" (written once the image is in place and any keeper holds
  *    the connections, with the image's processes by system PID and start
  *    time, before the threads are set to die with us): the image is the
  *    application if any of them was killed, as appshot's death kills each
- *    one whose threads were set to die with it. The next command stops
+ *    one whose threads were set to die with it. The entry names a witness
+ *    (witness.ts), set to die with us just before the first thread: found
+ *    alive and not dying, no thread was set to die, and it is rolled back
+ *    as for "placing" (unless connections are in repair mode, below),
+ *    whatever processes of it exited by themselves since. A witness found
+ *    dead says nothing; then the application is looked at: the next command stops
  *    (ptrace) what is left: if every process of the image is there, the
  *    same one (its start time), and stops, none was dying (a process a
  *    SIGKILL was sent to never enters a ptrace stop again), so appshot
  *    died before it set any to die: rolled back as for "placing", the
  *    application runs on with all it did meanwhile; unless the snapshot
- *    left connections of it in TCP repair mode, which only it could let
- *    go (the keeper holds them for the restore). Otherwise (one gone or
+ *    left connections of it in TCP repair mode (the keeper holds them
+ *    for the restore, which carries them on). Otherwise (one gone or
  *    dying, or connections in repair mode) what is left is killed and
  *    the registration released to the image, as the snapshot would have
  *    done; `ps -a` lists it as snapshotted into the image. One it cannot
@@ -38,7 +45,11 @@
  *    decided, what it stopped goes on, and a later command tries again.
  *  - "rolling-back" (a snapshot that failed past "ending", once its
  *    threads no longer die with it; or the next command, once it decided
- *    to roll back): as "placing".
+ *    to roll back): as "placing". Such a snapshot first takes its
+ *    connections out of repair mode and journals "ending" again with
+ *    none in it, while its threads still die with it: killed anywhere in
+ *    its undoing, the application is either dead (the image is it) or
+ *    whole with nothing held (rolled back).
  * The journal entry lives under $APPSHOT_HOME/tmp, named after its owner
  * (partial.ts's rules), and goes once the registration says released, or
  * once the image is removed.
@@ -53,8 +64,10 @@ import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 import { isSameProcess, readStat } from '../procfs.js';
 import { Freezer } from '../ptrace/freezer.js';
+import { endWitness, startWitness, type WitnessId, witnessDiesWithUs, witnessLivesOn, witnessUntouched } from '../ptrace/witness.js';
 import { type AppRecord, defaultHome, isEnded, LocalRegistry } from '../registry.js';
 import { dropKept } from '../resources/keeper.js';
+import { type HeldSocket, releaseLeftInRepair } from '../resources/tcp.js';
 
 /** A process of the image: its system PID and start time (a PID used
  * again by another process is not it). */
@@ -78,6 +91,13 @@ interface EndingEntry {
    * mode, held for the restore by a keeper (an application rolled back
    * with them so could never use them again). */
   connectionsInRepair?: number;
+  /** A process set to die with the snapshot just before the first thread
+   * of the application (witness.ts): found alive and not dying, none of
+   * the application was set to die. */
+  witness?: WitnessId;
+  /** The connections the snapshot held in repair mode: an application
+   * rolled back gets them out of it again. */
+  heldInRepair?: HeldSocket[];
 }
 
 /** How long the next command tries to stop what is left of the
@@ -97,9 +117,12 @@ export class EndingJournal {
 
   /** Journals step "placing" for `staged`, the directory or file about
    * to be renamed (or linked) to `output`. */
-  constructor(home: string, record: AppRecord, output: string, staged: string) {
+  constructor(home: string, record: AppRecord, output: string, staged: string, heldInRepair: HeldSocket[] = []) {
     const st = lstatSync(staged);
-    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino };
+    // Started just before the entry that names it: a command killed in
+    // between leaves it sleeping out its day, nothing more.
+    const witness = startWitness();
+    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) };
     this.path = ownedName('ending', home);
     writeEntry(this.path, this.entry);
   }
@@ -108,6 +131,27 @@ export class EndingJournal {
    * the first of them set to die with appshot on. */
   ending(processes: ImageProcess[], connectionsInRepair: number): void {
     this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
+    writeEntry(this.path, this.entry);
+  }
+
+  /** The witness dies with us from here, before any thread of the
+   * application does (call it just before Freezer.dieWithUs, from the
+   * same thread). */
+  witnessDiesWithUs(): void {
+    witnessDiesWithUs(this.entry.witness);
+  }
+
+  /** The witness no longer dies with us (after Freezer.liveOn: the last
+   * to stop dying, as it was the first to start). */
+  witnessLivesOn(): void {
+    witnessLivesOn(this.entry.witness);
+  }
+
+  /** The snapshot, failing past "ending", took its connections out of
+   * repair mode (the application still dies with it): killed from here
+   * on, the next command finds nothing only the image could carry on. */
+  connectionsReleased(): void {
+    this.entry = { ...this.entry, connectionsInRepair: 0, heldInRepair: undefined };
     writeEntry(this.path, this.entry);
   }
 
@@ -120,6 +164,7 @@ export class EndingJournal {
 
   /** Finished (released), or undone by the snapshot itself. */
   done(): void {
+    endWitness(this.entry.witness);
     rmSync(this.path, { force: true });
   }
 }
@@ -205,6 +250,10 @@ const CLAIM = /^\.(.+)\.recovering-(\d+)-(\d+)(\.tmp)?$/;
 /** Steps "placing" and "rolling-back": the image goes, the application
  * runs on. */
 function rollBack(home: string, e: EndingEntry): void {
+  endWitness(e.witness);
+  // The application runs on: what the dead snapshot held in repair mode
+  // leaves it (taken again from the application by pidfd_getfd).
+  releaseLeftInRepair(e.heldInRepair ?? []);
   if (stillPlaced(e)) rmSync(e.output, { recursive: true, force: true });
   try {
     dropKept(home, e.aid);
@@ -251,16 +300,31 @@ function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry):
  * of it dying; else the image is the application, whose rest is ended and
  * whose registration is released to the image. */
 async function finishEnding(home: string, e: EndingEntry, claimed: string): Promise<void> {
-  if (!stillPlaced(e)) return;
   const reg = new LocalRegistry(home);
-  const record = sameApplication(reg, e);
-  if (!record) return;
+  const record = stillPlaced(e) ? sameApplication(reg, e) : undefined;
+  if (!record) {
+    endWitness(e.witness);
+    return;
+  }
   // Released already (the snapshot, or a recovery, was killed just after).
-  if (existsSync(join(record.stateDir, 'released'))) return endIntoImage(reg, record, e);
+  if (existsSync(join(record.stateDir, 'released'))) {
+    endWitness(e.witness);
+    return endIntoImage(reg, record, e);
+  }
+  // The witness alive and not dying: no thread of the application was set
+  // to die, whatever processes of it exited by themselves since (hours
+  // ago, maybe). Rolled back without looking at the application (ended
+  // either way).
+  if (witnessUntouched(e.witness, HOLD_TIMEOUT_MS) && !e.connectionsInRepair) {
+    writeEntry(claimed, { ...e, step: 'rolling-back' });
+    killPoint('ending: rolling back');
+    rollBack(home, e);
+    return;
+  }
   const { freezer, whole } = holdApplication(reg, record, e);
   killPoint('ending: application stopped');
-  // Connections left in repair mode by the dead snapshot cannot be let go
-  // from here: the application keeps them only through its image.
+  // Connections left in repair mode by the dead snapshot are the keeper's,
+  // held for the image's restore, from this step on: the image wins.
   if (whole && !e.connectionsInRepair) {
     // Journaled first (the claim, given back if this command is killed):
     // decided once, whatever the application does once let go.
