@@ -490,8 +490,9 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     owntid: "a thread's first gettid()",
     semget: 'a keyed semget() making its semaphore',
     lockwait: "a thread's first gettid() blocked on the tables' lock, held by a keyed semget",
+    exitwait: "a thread's exit blocked on the tables' lock (outside any wrapper), held by a keyed semget",
   } as const;
-  for (const call of ['getppid', 'kill', 'proc', 'ownpid', 'owntid', 'semget', 'lockwait'] as const)
+  for (const call of ['getppid', 'kill', 'proc', 'ownpid', 'owntid', 'semget', 'lockwait', 'exitwait'] as const)
     it(`${titles[call]}: the restored child's answer is the virtual one`, async () => {
       const aid = `idwindow-${call}`;
       sb.ok(['run', '-d', '--aid', aid, '--', fixture('idwindow'), call]);

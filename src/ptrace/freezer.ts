@@ -16,7 +16,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { addon, type TraceReport } from '../native.js';
 import { childrenOf, readStat } from '../procfs.js';
-import { closeGate, insideWindow, openGate, registersOf, tableLockHolder, threadPointer, type Windows, windowsOf } from './windows.js';
+import { closeGate, insideWindow, openGate, registersOf, tableLockHolder, threadPointer, waitsForTableLock, type Windows, windowsOf } from './windows.js';
 
 /** How far ahead the freeze gate's deadline is set, each round it is
  * (re)closed: what a snapshot killed with the gate closed costs the
@@ -380,7 +380,7 @@ export class Freezer {
         }
         this.windows.set(t.pid, windows);
       }
-      if (windows && insideWindow(t.pid, regs, windows, (sharers.get(key(t.pid, regs)) ?? 0) > 1)) out.push(t);
+      if (windows && (insideWindow(t.pid, regs, windows, (sharers.get(key(t.pid, regs)) ?? 0) > 1) || waitsForTableLock(regs, windows))) out.push(t);
     }
     // A thread stopped holding the tables' lock, inside a window or not,
     // runs on until it lets go: the snapshot itself takes the lock (to map
