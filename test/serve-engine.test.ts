@@ -202,7 +202,9 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(second).not.toBe(engine);
     expect(lockHolder()).toBe(`${second} engine`);
     expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
-    expect(show()).toMatchObject({ served: true, servePid: second, state: 'running' });
+    // Answered is what shows it ran; by the time show() looks, a loaded
+    // machine may have let the service's idle time pass (suspended again).
+    expect(show()).toMatchObject({ served: true, servePid: second });
     next.child.kill('SIGTERM');
     expect((await next.exited).code).toBe(0);
     await sb.stopEngine();
