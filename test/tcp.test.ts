@@ -589,19 +589,22 @@ describe('redis-server with 50 clients in the middle of a pipelined workload', (
 
 const MEMCACHED = '/usr/bin/memcached';
 
+/** memcached under appshot as `aid` on `port`, with a client connected
+ * that stored "greeting" = "hello" (its answer read). */
+async function memcachedWithClient(aid: string, port: number): Promise<Client> {
+  run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
+  await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
+  const client = await Client.open(port);
+  client.read();
+  client.socket.write('set greeting 0 0 5\r\nhello\r\n');
+  expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+  return client;
+}
+
 describe('memcached with a client that stays connected', () => {
   it.runIf(existsSync(MEMCACHED) && isRoot)('answers the client\'s pipelined and new requests after the restore', async () => {
     const port = 26621;
-    run(['run', '-d', '--aid', 'tcpmc', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
-    let client: Client | undefined;
-    await waitFor(() => {
-      const probe = spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]);
-      return probe.status === 0;
-    }, 10_000, 'memcached to listen');
-    client = await Client.open(port);
-    client.read();
-    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
-    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const client = await memcachedWithClient('tcpmc', port);
     client.stop();
     // 100 requests whose answers the client has not read at the snapshot.
     client.socket.write('get greeting\r\n'.repeat(100));
@@ -629,12 +632,7 @@ describe('memcached with a client that stays connected', () => {
   // tells it); so the image wins, and the restore carries them on.
   it.runIf(existsSync(MEMCACHED) && isRoot)("a snapshot killed at 'ending journaled' with a connection in repair mode: the next command ends the application into its image, and after the restore the client's connection carries on", async () => {
     const port = 26622;
-    run(['run', '-d', '--aid', 'tcpmck', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
-    await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
-    const client = await Client.open(port);
-    client.read();
-    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
-    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const client = await memcachedWithClient('tcpmck', port);
     const image = join(out, 'mck');
     const killed = spawnSync(process.execPath, [cli, 'snapshot', 'tcpmck', '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' }, encoding: 'utf8' });
     expect(killed.signal, killed.stderr).toBe('SIGKILL');
@@ -658,12 +656,7 @@ describe('memcached with a client that stays connected', () => {
   it.runIf(existsSync(MEMCACHED) && isRoot)("a snapshot killed at 'image committed' with a connection in repair mode: the next command rolls back, and the application answers on the client's connection", async () => {
     const port = 26629;
     const aid = 'tcpmcp';
-    run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
-    await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
-    const client = await Client.open(port);
-    client.read();
-    client.socket.write('set greeting 0 0 5\r\nhello\r\n');
-    expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+    const client = await memcachedWithClient(aid, port);
     const image = join(out, aid);
     const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: image committed' }, encoding: 'utf8' });
     expect(killed.signal, killed.stderr).toBe('SIGKILL');
@@ -696,12 +689,7 @@ describe('memcached with a client that stays connected', () => {
     it.runIf(existsSync(MEMCACHED) && isRoot)(`failing at 'dies with appshot' with a connection in repair mode, killed at 'failed, ${point}': ${outcome === 'image' ? 'the image is the application and the client carries on after the restore' : 'the application runs on and answers on the client\'s connection'}`, async () => {
       const port = 26630 + n;
       const aid = `tcpmcu${n}`;
-      run(['run', '-d', '--aid', aid, '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
-      await waitFor(() => spawnSync('bash', ['-c', `exec 3<>/dev/tcp/127.0.0.1/${port}`]).status === 0, 10_000, 'memcached to listen');
-      const client = await Client.open(port);
-      client.read();
-      client.socket.write('set greeting 0 0 5\r\nhello\r\n');
-      expect((await client.bytes(8)).toString()).toBe('STORED\r\n');
+      const client = await memcachedWithClient(aid, port);
       const image = join(out, aid);
       const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], {
         env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: dies with appshot', APPSHOT_TEST_KILL_AT: `snapshot: failed, ${point}` },
