@@ -883,7 +883,9 @@ export function reportError(e: unknown): void {
 }
 
 /** The command group that `words` name, if they name one and nothing
- * else: the program itself for no words. */
+ * else: the program itself for no words. A command with subcommands that
+ * does something itself (`serve`, whose one subcommand is `stop`) is not
+ * a group here. */
 function commandGroup(program: Command, words: string[]): Command | undefined {
   let target = program;
   for (const word of words) {
@@ -891,7 +893,8 @@ function commandGroup(program: Command, words: string[]): Command | undefined {
     if (!sub) return undefined;
     target = sub;
   }
-  return target.commands.length > 0 ? target : undefined;
+  const acts = !!(target as unknown as { _actionHandler?: unknown })._actionHandler;
+  return target.commands.length > 0 && !acts ? target : undefined;
 }
 
 /** A command line built ahead of the command that will parse it (the

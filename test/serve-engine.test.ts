@@ -11,7 +11,11 @@
  * - the engine killed with SIGKILL while it hosts a prepared instance:
  *   the next `appshot serve` takes everything over and answers;
  * - `serve --foreground` serves in its own process while an engine runs
- *   (the serve files run in that mode: helpers.ts Sandbox.start).
+ *   (the serve files run in that mode: helpers.ts Sandbox.start);
+ * - `serve stop`: a hosted serve, attached or -d, stops and the engine
+ *   stays (it answers, it hosts the next serve), nothing listens on the
+ *   public port; a serve of its own is sent SIGTERM; nothing serving:
+ *   one line, exit 3.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -19,7 +23,7 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, cli, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
+import { alive, cli, root, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-engine-'));
@@ -46,13 +50,14 @@ const runWith = (args: string[], env: Record<string, string>) => spawnSync(proce
 interface EngineStatus {
   running?: boolean;
   pid: number;
+  commandsServed: number;
   serving: { services: string[]; attached: boolean; metrics?: string } | null;
 }
 const engineStatus = () => sb.json<EngineStatus>(['engine', 'status']);
 
-/** An engine that leaves after 3 s without a command (or a serve). */
-function startEngine(): number {
-  const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '3' });
+/** An engine that leaves after 3 s (or `idle`) without a command (or a serve). */
+function startEngine(idle = '3'): number {
+  const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: idle });
   expect(r.status, r.stderr).toBe(0);
   return (JSON.parse(r.stdout) as { pid: number }).pid;
 }
@@ -227,5 +232,80 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(show()).toMatchObject({ served: false });
     await sb.stopEngine();
     expect(alive(engine)).toBe(false);
+  });
+
+  it('serve stop stops a hosted serve, attached or -d, and the engine stays; stops a serve of its own; says so when nothing serves', async () => {
+    // Long enough an idle time that the engine cannot idle out between
+    // the stop and the checks that it stayed.
+    const engine = startEngine('120');
+    const pong = /^pong \d+\n$/;
+
+    // Attached, stopped by a `serve stop` the engine runs itself.
+    const serve = sb.start(['serve', '--prepared', '0', '--metrics', String(METRICS)], { TEST_SERVE: 'hosted' });
+    running.push(serve);
+    await serve.line(/^ready$/);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    const stop = sb.run(['serve', 'stop']);
+    expect({ code: stop.code, stdout: stop.stdout, stderr: stop.stderr }).toEqual({
+      code: 0,
+      stdout: `stopped serving db (hosted by the resident engine, pid ${engine}, which keeps running)\n`,
+      stderr: '',
+    });
+    // Returned once stopped: nothing listens on the public port or
+    // /metrics, the attached client left with 0 and said why.
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(await refused(METRICS)).toBe(true);
+    const ended = await serve.exited;
+    expect(ended.code).toBe(0);
+    expect(serve.stderr).toMatch(/^appshot: serve stopped: asked by appshot serve stop$/m);
+    expect(events(serve)).toContainEqual(expect.objectContaining({ event: 'stopping', why: 'asked by appshot serve stop' }));
+    // The engine stays and answers, serving nothing.
+    expect(alive(engine)).toBe(true);
+    expect(engineStatus()).toMatchObject({ running: true, pid: engine, serving: null });
+    // The instance as SIGTERM leaves it: running (it answers on its own
+    // port), or suspended if its 500 ms idle time passed first.
+    const after = show();
+    expect(after.served).toBe(false);
+    expect(['running', 'suspended']).toContain(after.state);
+    if (after.state === 'running') expect(await tcpExchange(APP, 'ping\n', 30_000)).toMatch(pong);
+
+    // A new serve starts in the same engine (-d), takes the instance
+    // over, and is stopped by a client that does not use the engine
+    // (APPSHOT_ENGINE=off): the engine's control request.
+    const d = runWith(['serve', '-d', '--prepared', '0'], {});
+    expect(d.status, d.stderr).toBe(0);
+    expect(d.stdout).toBe(`${engine}\n`);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    const stopJson = runWith(['serve', 'stop', '--json'], { APPSHOT_ENGINE: 'off' });
+    expect(stopJson.status, stopJson.stderr).toBe(0);
+    const stopped = JSON.parse(stopJson.stdout) as Record<string, unknown>;
+    expect(stopped).toEqual({ schema: 'appshot.serve-stop/1', home: sb.home, pid: engine, engine: true, services: ['db'] });
+    const docs = readFileSync(join(root, 'docs', 'json.md'), 'utf8');
+    const section = docs.slice(docs.search(/^## .*`appshot\.serve-stop\/1`/m)).split('\n## ')[0];
+    expect(Object.keys(stopped).filter((k) => k !== 'schema' && !new RegExp(`\\b${k}\\b`).test(section))).toEqual([]);
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    expect(readFileSync(join(sb.home, 'services', 'serve.log'), 'utf8')).toMatch(/"event":"stopping","why":"asked by appshot serve stop"/);
+
+    // Nothing serving: one line, exit 3, with or without the engine.
+    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+      for (const args of [['serve', 'stop'], ['serve', 'stop', '--json']]) {
+        const none = runWith(args, env);
+        expect({ env, args, code: none.status, stdout: none.stdout, stderr: none.stderr }).toEqual({ env, args, code: 3, stdout: '', stderr: `appshot: appshot serve is not running for ${sb.home}\n` });
+      }
+    }
+
+    // A serve of its own: sent SIGTERM, waited for.
+    const own = sb.start(['serve', '--foreground', '--prepared', '0']);
+    running.push(own);
+    await own.line(/^ready$/);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    const stopOwn = sb.run(['serve', 'stop']);
+    expect({ code: stopOwn.code, stdout: stopOwn.stdout, stderr: stopOwn.stderr }).toEqual({ code: 0, stdout: `stopped serving db (pid ${own.child.pid})\n`, stderr: '' });
+    expect((await own.exited).code).toBe(0);
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(show()).toMatchObject({ served: false });
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    await sb.stopEngine();
   });
 });

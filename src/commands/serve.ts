@@ -202,7 +202,7 @@ export function registerServe(program: Command): void {
       if (opts.json) printJson('service rm', { removed: name });
     });
 
-  program
+  const serve = program
     .command('serve')
     .description('the front door: listen on every service\'s public ports, restore or clone instances on demand, suspend them when idle')
     .option('--config <file>', 'serve the services of this file ({"services": [...]}, see templates/services.json) instead of those added with `service add`')
@@ -218,7 +218,8 @@ export function registerServe(program: Command): void {
         'stops serving: clones are stopped, a restore-mode instance keeps running and the next serve takes it over.\n' +
         'With a resident engine (APPSHOT_ENGINE=auto starts one), the engine serves and this command stays\n' +
         'attached to it (its Ctrl-C stops serving) or, with -d, returns; `appshot engine status` shows it,\n' +
-        '`appshot engine stop` stops it. One serve per state directory: a second is refused.',
+        '`appshot serve stop` stops it (the engine stays), `appshot engine stop` stops both.\n' +
+        'One serve per state directory: a second is refused.',
     )
     .action(async (opts: { config?: string; metrics?: string; detach: boolean; foreground: boolean; log?: string; prepared?: string }) => {
       const { ServiceStore, loadConfig, parsePortMap, formatPortMap, parsePrepared } = await import('../serve/spec.js');
@@ -254,6 +255,75 @@ export function registerServe(program: Command): void {
       });
       releaseServeLock(lock);
     });
+
+  serve
+    .command('stop')
+    .description('stop serving, whether the resident engine hosts the serve (the engine stays) or it runs in a process of its own (sent SIGTERM)')
+    .option('--json', 'print what was stopped as JSON', false)
+    .addHelpText(
+      'after',
+      '\nExamples:\n  appshot serve -d && appshot serve stop\n  appshot serve stop --json\n\n' +
+        'Returns once serving has stopped: its public ports and /metrics closed. Instances are left as\n' +
+        'SIGTERM leaves them: a restore-mode instance running keeps running, a suspended one stays\n' +
+        'suspended (its image kept), and the next serve takes either over; clones are stopped and\n' +
+        'removed. An attached `appshot serve` then leaves with 0. Nothing serving: exit 3.',
+    )
+    .action(async (opts: { json: boolean }) => {
+      const stopped = await stopServe();
+      if (opts.json) printJson('serve stop', stopped);
+      else
+        process.stdout.write(
+          `stopped serving ${stopped.services.join(', ') || 'nothing'} (${stopped.engine ? `hosted by the resident engine, pid ${stopped.pid}, which keeps running` : `pid ${stopped.pid}`})\n`,
+        );
+    });
+}
+
+/** How long a serve in its own process is given to stop after SIGTERM. */
+const SERVE_STOP_WAIT_MS = 60_000;
+
+/** `appshot serve stop`: whoever holds the front door (serve/lock.ts) stops
+ * serving, as at SIGTERM; returns once it has. */
+async function stopServe(): Promise<{ home: string; pid: number; engine: boolean; services: string[] }> {
+  const { defaultHome } = await import('../registry.js');
+  const home = resolve(defaultHome());
+  const { serveLockTaken } = await import('../serve/lock.js');
+  const holder = serveLockTaken(home);
+  if (!holder) throw new AppshotError(`appshot serve is not running for ${home}`, ExitCode.notFound);
+  if (holder.engine) {
+    const { hostedServe, SERVE_STOP_WHY } = await import('../engine/hosted.js');
+    const here = holder.pid === process.pid ? hostedServe() : undefined;
+    if (here) {
+      // Run by the engine that hosts it.
+      await here.stop(SERVE_STOP_WHY);
+      return { home, pid: holder.pid, engine: true, services: here.services };
+    }
+    const { controlEngine } = await import('../engine/client.js');
+    const answer = await controlEngine('serve-stop', home);
+    if (!answer) throw new AppshotError(`the resident engine that serves (pid ${holder.pid}) does not answer on its socket`, ExitCode.failure);
+    if (answer.refused) throw new AppshotError(`the resident engine refused: ${String(answer.refused)}`, ExitCode.failure);
+    if (typeof answer.failed === 'string') throw new AppshotError(`stopping the serve the engine hosts: ${answer.failed}`, ExitCode.failure);
+    if (!Array.isArray(answer.stopped)) throw new AppshotError(`appshot serve is not running for ${home}`, ExitCode.notFound);
+    return { home, pid: holder.pid, engine: true, services: answer.stopped as string[] };
+  }
+  // A serve of its own: SIGTERM is how it is stopped (commands/serve.ts
+  // above), and it lets the lock go as it leaves.
+  const { ServiceStore } = await import('../serve/spec.js');
+  const store = new ServiceStore(home);
+  const services = store
+    .listKnown()
+    .map((s) => s.name)
+    .filter((n) => store.readState(n)?.servePid === holder.pid);
+  try {
+    process.kill(holder.pid, 'SIGTERM');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw new AppshotError(`cannot signal the serve process ${holder.pid}: ${(e as Error).message}`, ExitCode.failure);
+  }
+  const deadline = Date.now() + SERVE_STOP_WAIT_MS;
+  while (serveLockTaken(home)?.pid === holder.pid && (await alivePid(holder.pid))) {
+    if (Date.now() > deadline) throw new AppshotError(`the serve process ${holder.pid} did not stop within ${SERVE_STOP_WAIT_MS / 1000} s of SIGTERM`, ExitCode.failure);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { home, pid: holder.pid, engine: false, services };
 }
 
 /**
@@ -375,7 +445,9 @@ async function hostInEngine(
   await done;
   request.onDisconnect.delete(onGone);
   attached = undefined;
-  if (stoppedBy === 'the engine is leaving') process.stderr.write('appshot: serve stopped: the engine is leaving\n');
+  // Stopped from elsewhere (engine stop, serve stop): said, as it is not
+  // this client's doing; its exit code is 0 all the same.
+  if (stoppedBy !== 'interrupted' && stoppedBy !== 'its client went away') process.stderr.write(`appshot: serve stopped: ${stoppedBy}\n`);
 }
 
 /** Node's flags for a process that stays resident (serve -d, the engine):

@@ -50,12 +50,28 @@ function engineStarting(lock: string): boolean {
   }
 }
 
+/** serve's options that take a value (its value is no subcommand). */
+const SERVE_VALUE_OPTIONS = new Set(['--config', '--metrics', '--log', '--prepared']);
+
+/** Whether `argv` (after `appshot`) is `serve stop`, which stops a serve
+ * and hosts none: it never starts an engine, and the engine's rule for
+ * what a hosted serve may want (server.ts handle) is not for it. */
+export function isServeStop(argv: string[]): boolean {
+  const at = argv.findIndex((a) => !a.startsWith('-'));
+  if (argv[at] !== 'serve') return false;
+  for (let i = at + 1; i < argv.length; i++) {
+    if (SERVE_VALUE_OPTIONS.has(argv[i])) i++;
+    else if (!argv[i].startsWith('-')) return argv[i] === 'stop';
+  }
+  return false;
+}
+
 /** Whether `argv` (after `appshot`) may be run by the engine. */
 export function servedByEngine(argv: string[]): boolean {
   if (process.env.APPSHOT_TEST_KILL_AT) return false;
   const command = argv.find((a) => !a.startsWith('-'));
   if (command !== undefined && IN_PROCESS.has(command)) return false;
-  if (command === 'serve' && (argv.includes('--foreground') || SERVE_HERE.some((k) => process.env[k] !== undefined))) return false;
+  if (command === 'serve' && !isServeStop(argv) && (argv.includes('--foreground') || SERVE_HERE.some((k) => process.env[k] !== undefined))) return false;
   if (command === 'logs' && argv.some((a) => a === '--follow' || /^-[a-zA-Z]*f/.test(a))) return false;
   return !argv.some((a) => a === '-' || a.startsWith('/dev/') || a.startsWith('/proc/self/') || /^--?[a-zA-Z-]+=(-|\/dev\/|\/proc\/self\/)/.test(a));
 }
@@ -103,7 +119,7 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
   const paths = enginePaths(home);
   let socket = await openSocket(paths.socket);
   const command = argv.find((a) => !a.startsWith('-'));
-  if (!socket && command === 'serve' && startsOnDemand() && existsSync(home)) socket = await engineForServe(home);
+  if (!socket && command === 'serve' && !isServeStop(argv) && startsOnDemand() && existsSync(home)) socket = await engineForServe(home);
   if (!socket) {
     if (startsOnDemand() && command && STARTS_ENGINE.has(command) && existsSync(home) && !engineStarting(paths.lock)) {
       // For the next command: this one runs here, now.
@@ -179,8 +195,8 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
   });
 }
 
-/** A control request (`appshot engine status|stop`): the engine's answer,
- * or undefined if none runs. */
+/** A control request (`appshot engine status|stop`, `appshot serve
+ * stop`): the engine's answer, or undefined if none runs. */
 export async function controlEngine(kind: Control['kind'], home = defaultHome()): Promise<Record<string, unknown> | undefined> {
   const socket = await openSocket(enginePaths(home).socket);
   if (!socket) return undefined;

@@ -6,8 +6,9 @@
  *
  * At most one hosted serve per engine, as there is at most one serve per
  * state directory (serve/lock.ts): while it runs the engine does not idle
- * out, and `appshot engine stop` (or SIGTERM) stops it gracefully, as
- * SIGTERM stops a serve in its own process, before the engine leaves.
+ * out; `appshot serve stop` stops it gracefully, as SIGTERM stops a serve
+ * in its own process, and the engine stays; `appshot engine stop` (or
+ * SIGTERM) does the same before the engine leaves.
  */
 export interface HostedServe {
   services: string[];
@@ -22,6 +23,10 @@ export interface HostedServe {
    * it has (the same promise for every caller). */
   stop(why: string): Promise<void>;
 }
+
+/** Why a serve stopped by `appshot serve stop` stopped (its log's
+ * "stopping" event, and the line its attached client prints). */
+export const SERVE_STOP_WHY = 'asked by appshot serve stop';
 
 let hosted: HostedServe | undefined;
 let onChange: () => void = () => {};

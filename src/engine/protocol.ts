@@ -3,8 +3,9 @@
  * it imports nothing.
  *
  * The client sends one request, a line of JSON (Request, or Control for
- * `appshot engine status|stop`). The engine answers with frames: a type
- * byte, a 32-bit big-endian length, the payload.
+ * `appshot engine status|stop` and `appshot serve stop`). The engine
+ * answers with frames: a type byte, a 32-bit big-endian length, the
+ * payload.
  *  - ACCEPTED: the engine runs the command. Before it, the client may fall
  *    back to running the command itself (the engine was leaving, or it
  *    refused); after it, never (the command may have done things).
@@ -39,7 +40,9 @@ export interface Request {
 }
 
 export interface Control {
-  kind: 'status' | 'stop';
+  /** serve-stop: stop the serve the engine hosts (answered once it has
+   * stopped), the engine staying. */
+  kind: 'status' | 'stop' | 'serve-stop';
 }
 
 export function frame(type: number, payload: Buffer = Buffer.alloc(0)): Buffer {

@@ -40,7 +40,8 @@ import { contextDifference, ownContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
-import { hostedServe, hostedStatus, onHostedChange, stopHosted } from './hosted.js';
+import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
+import { isServeStop } from './client.js';
 
 /** APPSHOT_* variables that say which engine, not how a command works. */
 const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
@@ -315,6 +316,18 @@ export class Engine {
       socket.end(frame(Frame.STATUS, Buffer.from(answer)), () => stopping && void this.stop());
       return;
     }
+    if (msg.kind === 'serve-stop') {
+      // Answered once serving has stopped (its ports closed), so that the
+      // client can say so; the engine stays.
+      const serving = hostedServe();
+      let failed: string | undefined;
+      if (serving) {
+        this.log(`asked to stop the serve it hosts by pid ${peerPid}`);
+        await stopHosted(SERVE_STOP_WHY).catch((e: Error) => (failed = e.message));
+      }
+      socket.end(frame(Frame.STATUS, Buffer.from(JSON.stringify({ ...this.status(), stopped: serving ? serving.services : null, ...(failed ? { failed } : {}) }))));
+      return;
+    }
     if (msg.kind !== 'command' || !Array.isArray(msg.argv) || typeof msg.cwd !== 'string') {
       socket.destroy();
       return;
@@ -335,7 +348,7 @@ export class Engine {
     // output, ports...) from process.env for as long as it runs, and that
     // is each command's in turn, and the engine's own between commands:
     // only a serve that wants the engine's own is hosted.
-    if (msg.argv.find((a) => !a.startsWith('-')) === 'serve') {
+    if (msg.argv.find((a) => !a.startsWith('-')) === 'serve' && !isServeStop(msg.argv)) {
       const wanted = settings(msg.env ?? {});
       const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => wanted.get(k) !== this.ownSettings.get(k));
       if (differs.length) {

@@ -8,7 +8,7 @@
  * kernel drops the lock however its holder ends (kill -9 included), so
  * the next serve never has a stale file to guess about.
  */
-import { closeSync, ftruncateSync, mkdirSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
@@ -23,6 +23,32 @@ export function serveLockHolder(home: string): { pid: number; engine: boolean } 
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Who serves now: the holder its file names, if that process has the
+ * file open (it keeps it open for as long as it holds the lock). The file
+ * alone could name a serve killed with SIGKILL, whose PID may be someone
+ * else's by now; the lock cannot be tested without taking it, which would
+ * make a serve starting at that instant refuse.
+ */
+export function serveLockTaken(home: string): { pid: number; engine: boolean } | undefined {
+  const h = serveLockHolder(home);
+  if (!h) return undefined;
+  let file: string;
+  try {
+    file = realpathSync(serveLockPath(home));
+    for (const fd of readdirSync(`/proc/${h.pid}/fd`)) {
+      try {
+        if (readlinkSync(`/proc/${h.pid}/fd/${fd}`) === file) return h;
+      } catch {
+        /* closed meanwhile */
+      }
+    }
+  } catch {
+    /* no such file, or no such process */
+  }
+  return undefined;
 }
 
 /** Takes the lock (its descriptor: close it to let go), or throws the one
