@@ -15,15 +15,18 @@
  * - `serve stop`: a hosted serve, attached or -d, stops and the engine
  *   stays (it answers, it hosts the next serve), nothing listens on the
  *   public port; a serve of its own is sent SIGTERM; nothing serving:
- *   one line, exit 3.
+ *   one line, exit 3;
+ * - the native client (build/Release/appshot-client) hands `serve` to
+ *   the engine itself, attached (Ctrl-C stops serving) and -d, and runs
+ *   Node for `serve --foreground`.
  */
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, cli, root, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
+import { alive, cli, root, Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-engine-'));
@@ -305,6 +308,53 @@ describe('appshot serve hosted by the resident engine', () => {
     expect((await own.exited).code).toBe(0);
     expect(await refused(PUBLIC)).toBe(true);
     expect(show()).toMatchObject({ served: false });
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    await sb.stopEngine();
+  });
+
+  it('the native client hands serve to the engine itself: attached until Ctrl-C, -d; serve --foreground goes to Node', async () => {
+    const nativeClient = join(root, 'build', 'Release', 'appshot-client');
+    const engine = startEngine('120');
+    const native = (args: string[]) => spawnSync(nativeClient, args, { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+    const exe = (pid: number) => readlinkSync(`/proc/${pid}/exe`);
+    const pong = /^pong \d+\n$/;
+
+    const before = engineStatus().commandsServed;
+    const attached = new Running(spawn(nativeClient, ['serve', '--prepared', '0'], { env: sb.env }));
+    running.push(attached);
+    await attached.line(/^ready$/);
+    // The client attached is the native one (Node's would be node), and
+    // the engine serves.
+    expect(exe(attached.child.pid!)).toBe(realpathSync(nativeClient));
+    expect(engineStatus().commandsServed).toBeGreaterThan(before);
+    expect(lockHolder()).toBe(`${engine} engine`);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    // Its log is streamed (one JSON line per event, on stderr).
+    await waitFor(() => events(attached).some((e) => e.event === 'listen'), 30_000, 'the listen event in the relayed log');
+    attached.child.kill('SIGINT');
+    expect((await attached.exited).code).toBe(0);
+    expect(events(attached).map((e) => e.event)).toContain('stopping');
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+
+    // -d: the engine's PID, as Node's client prints it.
+    const d = native(['serve', '-d', '--prepared', '0']);
+    expect({ code: d.status, stdout: d.stdout }).toEqual({ code: 0, stdout: `${engine}\n` });
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    const stop = native(['serve', 'stop']);
+    expect({ code: stop.status, stdout: stop.stdout }).toEqual({ code: 0, stdout: `stopped serving db (hosted by the resident engine, pid ${engine}, which keeps running)\n` });
+    expect(await refused(PUBLIC)).toBe(true);
+
+    // --foreground: Node runs it, in the client's own process.
+    const own = new Running(spawn(nativeClient, ['serve', '--foreground', '--prepared', '0'], { env: sb.env }));
+    running.push(own);
+    await own.line(/^ready$/);
+    expect(exe(own.child.pid!)).toBe(realpathSync(process.execPath));
+    expect(lockHolder()).toBe(`${own.child.pid} process`);
+    expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(pong);
+    own.child.kill('SIGTERM');
+    const ownEnd = await own.exited;
+    expect({ code: ownEnd.code, signal: ownEnd.signal, stderr: ownEnd.stderr }).toEqual({ code: 0, signal: null, stderr: expect.anything() });
     expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
     await sb.stopEngine();
   });

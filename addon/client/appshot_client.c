@@ -74,17 +74,24 @@ static void run_in_node(void) {
 
 /* src/engine/client.ts servedByEngine: commands that need this process's
  * terminal, environment, stdin or signals, and command lines naming
- * standard input or output, run here. */
+ * standard input or output, run here. `serve` is handed over like any
+ * command (hosted, it streams its log until Ctrl-C, which is passed on
+ * below as for any command), but for `serve --foreground` and a serve
+ * with a failure point or debug output aimed at this process (client.ts
+ * SERVE_HERE). No engine running: Node starts one for it. */
 static int served_by_engine(int argc, char **argv) {
   if (getenv("APPSHOT_TEST_KILL_AT")) return 0;
   const char *command = NULL;
   for (int i = 1; i < argc && !command; i++)
     if (argv[i][0] != '-') command = argv[i];
-  static const char *const here[] = {"run", "exec", "wait", "check", "engine", "serve"};
+  static const char *const here[] = {"run", "exec", "wait", "check", "engine"};
   for (size_t i = 0; command && i < sizeof here / sizeof *here; i++)
     if (strcmp(command, here[i]) == 0) return 0;
+  int serve = command && strcmp(command, "serve") == 0;
+  if (serve && (getenv("APPSHOT_TEST_FAIL_AT") || getenv("APPSHOT_TEST_STOP_AT") || getenv("APPSHOT_DEBUG"))) return 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
+    if (serve && strcmp(a, "--foreground") == 0) return 0;
     if (command && strcmp(command, "logs") == 0) {
       if (strcmp(a, "--follow") == 0) return 0;
       if (a[0] == '-' && a[1] != '-') {
