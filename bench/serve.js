@@ -30,7 +30,13 @@
 // both, so that each build's resumes without prepared instances
 // (BENCH_AB=APPSHOT_PREPARED=0) can be compared. BENCH_AB_HOT=N: each of
 // those rounds also measures (a) and (b), N of each interleaved, and
-// reports (b) - (a) at p50 per build (the front door's cost, A/B).
+// reports (b) - (a) at p50 per build (the front door's cost, A/B). With
+// BENCH_SERVE=hosted, both builds' serves are hosted, each by an engine
+// of its own build (the engine is stopped after each round); with own,
+// both run in their own process.
+// BENCH_AB_SERVE=1: (c) in rounds alternately with serve in its own
+// process and hosted by the engine (this build; the engine stays between
+// rounds): the cost of hosting, same run.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -218,10 +224,14 @@ function enginePid() {
 /** `appshot serve`, as serve -d runs it, once it says it is ready; its
  * `hostPid` is the process that serves (`mode` hosted: the engine's). */
 async function startServe(extraEnv = {}, serveCli = cli, mode = SERVE_MODE, args = []) {
-  // Another build (BENCH_AB_CLI) serves in its own process, and may not
-  // know --foreground.
+  // Another build (BENCH_AB_CLI) may not know --foreground: in its own
+  // process by APPSHOT_ENGINE=off, which every build heeds or ignores.
   const where = serveCli === cli && mode === 'own' ? ['--foreground'] : [];
-  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve', ...where, ...args], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const modeEnv = serveCli !== cli && mode === 'own' ? { APPSHOT_ENGINE: 'off' } : {};
+  const child = spawn(process.execPath, [...RESIDENT, serveCli, 'serve', ...where, ...args], { env: { ...(serveCli === cli ? RESIDENT_ENV : {}), ...env, ...modeEnv, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  child.exited = new Promise((r) => child.once('exit', r));
+  child.mode = mode;
+  child.cli = serveCli;
   earlierServeErr += serveErr;
   // Each serve's log headed by the build that runs it (an A/B's logs,
   // APPSHOT_DEBUG's restore phases among them, told apart).
@@ -231,8 +241,24 @@ async function startServe(extraEnv = {}, serveCli = cli, mode = SERVE_MODE, args
     child.stdout.on('data', (d) => /^ready$/m.test(String(d)) && resolve());
     child.on('exit', () => reject(new Error(`serve exited: ${serveErr}`)));
   });
-  child.hostPid = serveCli === cli && mode === 'hosted' ? servingPid() : child.pid;
+  child.hostPid = mode === 'hosted' ? servingPid() : child.pid;
   return child;
+}
+/** Stops the serve running (its client, attached, stops a hosted one),
+ * and with `engineToo` the engine that hosted it, waiting until it left. */
+async function stopServe(engineToo = false) {
+  serve.kill('SIGTERM');
+  await serve.exited;
+  const pid = serve.mode === 'hosted' && engineToo ? enginePid() : undefined;
+  if (!pid) return;
+  execFileSync(process.execPath, [serve.cli, 'engine', 'stop'], { env, stdio: 'ignore' });
+  for (const deadline = Date.now() + 30_000; Date.now() < deadline; await sleep(20))
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+  throw new Error(`engine ${pid} did not leave`);
 }
 try {
   // The image: redis with 10,000 keys under appshot.
@@ -288,8 +314,7 @@ try {
       const loads = [];
       for (let r = 0; r < rounds; r++)
         for (const build of r % 2 ? ['this', 'other'] : ['other', 'this']) {
-          serve.kill('SIGTERM');
-          await new Promise((ok) => serve.on('exit', ok));
+          await stopServe(true);
           serve = await startServe(extra, build === 'this' ? cli : other);
           const xs = await resumes(RUNS);
           p50s[build].push(pct(xs, 50));
@@ -312,6 +337,22 @@ try {
         report.push({ what: '(b) - (a) A/B builds', other: added.other, this: added.this, loads });
       }
       report.push({ what: `(c) A/B builds${label}`, other: p50s.other, this: p50s.this, loads });
+    } else if (process.env.BENCH_AB_SERVE === '1') {
+      const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
+      const p50s = { own: [], hosted: [] };
+      const loads = [];
+      for (let r = 0; r < rounds; r++)
+        for (const mode of r % 2 ? ['hosted', 'own'] : ['own', 'hosted']) {
+          await stopServe();
+          serve = await startServe({}, cli, mode);
+          const xs = await resumes(RUNS);
+          p50s[mode].push(pct(xs, 50));
+          loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
+          console.log(`    round ${r + 1}, ${mode === 'own' ? 'its own process' : 'hosted by the engine'}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}`);
+        }
+      const median = (xs) => pct(xs, 50);
+      console.log(`(c) median of ${rounds} rounds' p50: own process ${ms(median(p50s.own))}, hosted ${ms(median(p50s.hosted))}; load average ${Math.min(...loads)}-${Math.max(...loads)}\n`);
+      report.push({ what: '(c) A/B own process, hosted', own: p50s.own, hosted: p50s.hosted, loads });
     } else if (process.env.BENCH_AB) {
       const [name, value] = process.env.BENCH_AB.split('=');
       const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
@@ -320,8 +361,7 @@ try {
       const loads = [];
       for (let r = 0; r < rounds; r++)
         for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
-          serve.kill('SIGTERM');
-          await new Promise((ok) => serve.on('exit', ok));
+          await stopServe();
           serve = await startServe(variant === 'with' ? { [name]: value } : {});
           // The instance keeps running across serves: the first resume waits
           // for its idle suspend.
@@ -369,8 +409,7 @@ try {
   // (e) SERVICES suspended services: serve restarted with them all (the
   // first, db, suspended by now), each of them never started or suspended.
   if (SERVICES > 0) {
-    serve.kill('SIGTERM');
-    await new Promise((r) => serve.on('exit', r));
+    await stopServe();
     if (CLONES) appshot('service', 'rm', 'dbc');
     for (let i = 1; i < SERVICES; i++)
       appshot('service', 'add', `db${i}`, '--from', join(home, 'redis.img'), '--port', `127.0.0.1:${SERVICES_PORT + i}:${APP}`, '--idle', IDLE);
@@ -381,10 +420,7 @@ try {
     const modes = (process.env.BENCH_E_MODES ?? 'own,hosted').split(',');
     for (const [label, args] of [['default', []], ['--prepared 0', ['--prepared', '0']]])
     for (const mode of modes) {
-      if (serve.exitCode === null) {
-        serve.kill('SIGTERM');
-        await new Promise((r) => serve.on('exit', r));
-      }
+      await stopServe();
       serve = await startServe({}, cli, mode, args);
       // Settled: every service's state written, whatever serve does ahead
       // of a resume done (its log quiet for a second).
@@ -424,10 +460,7 @@ try {
   // BENCH_LOG=FILE: the serve process's log (with APPSHOT_DEBUG=1, the
   // restore's phase timings), to see where a resume's time goes.
   if (process.env.BENCH_LOG) writeFileSync(process.env.BENCH_LOG, earlierServeErr + serveErr);
-  if (serve && serve.exitCode === null) {
-    serve.kill('SIGTERM');
-    await new Promise((r) => serve.on('exit', r));
-  }
+  if (serve) await stopServe(true);
   for (const aid of ['db', 'loader', 'tloader'])
     try {
       execFileSync(process.execPath, [cli, 'stop', aid, '--signal', 'KILL'], { env, stdio: 'ignore' });
