@@ -25,7 +25,7 @@ import { mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync } from 'n
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { alive, cli, root, Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -45,6 +45,14 @@ afterAll(async () => {
   sb.run(['rm', '-f', 'db']);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
+});
+
+// A test that failed leaves no serve behind for the next (which would
+// find the front door taken), nor its engine.
+afterEach(async () => {
+  for (const s of running) if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill('SIGKILL');
+  await Promise.all(running.map((s) => s.exited));
+  await sb.stopEngine();
 });
 
 /** `appshot args...` with extra environment. */
@@ -219,7 +227,9 @@ describe('appshot serve hosted by the resident engine', () => {
   });
 
   it('serve --foreground serves in its own process while an engine runs, and the engine then refuses to host a second', async () => {
-    const engine = startEngine();
+    // Not the 3 s idle time: serving nothing, the engine must not leave
+    // while a loaded machine starts the serve beside it.
+    const engine = startEngine('120');
     const serve = sb.start(['serve', '--foreground']);
     running.push(serve);
     await serve.line(/^ready$/);
