@@ -67,6 +67,15 @@ describe('mappings keep VM_MAYWRITE, their madvise state (dc wf dd hg nh mg sr r
   roundTrips('mattr', [fixture('memattrs'), dir]);
 });
 
+describe('a program snapshotted while it reads /proc/self/smaps and maps goes on in the mapping it was in', () => {
+  // The restored process's listings are other texts (a --lazy restore
+  // lists the page file where there was anonymous memory, one mapping as
+  // two): at the same byte offset, the fixture read on in another
+  // mapping's record (memattrs once read its dp region's flags without
+  // "dp", frozen in the middle of that region's record).
+  roundTrips('lst', [fixture('listreader')]);
+});
+
 /** kB of memory that each process of `aid` holds alone (Private_Clean +
  * Private_Dirty of smaps_rollup), summed: pages shared between them count
  * in none. */

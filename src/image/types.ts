@@ -480,6 +480,19 @@ export interface Fd {
   owner?: FdOwner;
   /** MQUEUE: index into Image.posixQueues. */
   mqueue?: number;
+  /** A /proc listing of mappings read part way: where its reader is, by
+   * mapping (resources/listings.ts); absent otherwise and in older images. */
+  listingPosition?: ListingPosition;
+}
+
+/** A place in a /proc listing of mappings: the record of the mapping that
+ * starts at `address`, its line `line` (from 0), byte `column` of that
+ * line; or the listing's end. */
+export interface ListingPosition {
+  address: bigint;
+  line: number;
+  column: number;
+  atEnd: boolean;
 }
 
 /** An idle AIO context's ring (resources/aio.ts). */

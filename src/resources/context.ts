@@ -132,6 +132,9 @@ export class RestoreContext {
   private readonly mine: number[] = [];
   /** Directories made only to be entered (removedDirectory). */
   private readonly removeAtClose: string[] = [];
+  /** What waits until every process's memory is as it will run
+   * (whenMemoryIsFinal). */
+  private readonly afterMemory: (() => void)[] = [];
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
   /** What undoes objects made outside the application (a named message
@@ -289,6 +292,18 @@ export class RestoreContext {
       } catch {
         /* removed meanwhile */
       }
+  }
+
+  /** Runs `step` once every process's memory is final: filled, its
+   * protections and advice given, the restore's scratch areas unmapped
+   * (what reads a process's own listing of its mappings, listings.ts). */
+  whenMemoryIsFinal(step: () => void): void {
+    this.afterMemory.push(step);
+  }
+
+  /** Every process's memory is final: what waited for it runs. */
+  memoryIsFinal(): void {
+    for (const step of this.afterMemory.splice(0)) step();
   }
 
   close(): void {

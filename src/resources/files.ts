@@ -35,6 +35,7 @@ import { openPtyEnd } from './ptys.js';
 import { openUnconnected } from './unconnected.js';
 import { dumpPidfd, openPidfd } from './pidfd.js';
 import { dumpMessageQueue, isMessageQueue, openMessageQueue } from './mqueue.js';
+import { dumpListingPosition, isMappingListing, positionInListing } from './listings.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -60,7 +61,10 @@ function lockLinesOf(text: string): string[] {
     .map((l) => l.slice(5));
 }
 
-export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable): Fd[] {
+/** `frozenMappings(pid)`: the start addresses of the mappings a frozen
+ * process of the application had before appshot mapped anything in it,
+ * if known (for a descriptor reading a listing of them, listings.ts). */
+export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, frozenMappings?: (pid: number) => Set<bigint> | undefined): Fd[] {
   const fds: Fd[] = [];
   // Closed meanwhile (impossible while frozen, but cheap to allow): left out.
   for (const entry of addon().fdEntries(pid)) {
@@ -138,6 +142,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         // process to its restored PID.
         const proc = PROC_PID.exec(target);
         if (proc) fd.procVpid = ctx.virtual('pid', Number(proc[1])) || undefined;
+        // Read part way, a listing of mappings keeps its reader's place by
+        // mapping: its bytes are another text after a restore.
+        if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, frozenMappings?.(Number(proc![1])));
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
@@ -344,8 +351,19 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // position is its own.
   if (h.image.logPath && fd.path === h.image.logPath) return h.log();
   if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
-  else if (fd.procVpid) got = h.keep(openSync(fd.path.replace(PROC_PID, `/proc/${restoredPid(h, fd.procVpid)}`), plain));
-  else got = h.keep(openSync(filePath(h, p, fd), plain));
+  else if (fd.procVpid) {
+    const path = fd.path.replace(PROC_PID, `/proc/${restoredPid(h, fd.procVpid)}`);
+    got = h.keep(openSync(path, plain));
+    // A listing of mappings read part way: its place there is found once
+    // the process's memory is as it will run (our descriptor shares the
+    // offset with the application's).
+    const at = fd.listingPosition;
+    if (at && isMappingListing(path)) {
+      const listing = got;
+      h.whenMemoryIsFinal(() => positionInListing(listing, path, at));
+      return got;
+    }
+  } else got = h.keep(openSync(filePath(h, p, fd), plain));
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
   if (fd.pos) addon().lseek(got, Number(fd.pos));

@@ -874,6 +874,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    // Every process's memory as it will run: descriptors reading a listing
+    // of a process's mappings are put at their place in it (listings.ts).
+    handed.memoryIsFinal();
     // Every chunk of every page file checked (a --lazy restore maps them
     // unread; an eager one has copied only checked chunks, the rest are
     // checked all the same), before anything of the image may run.

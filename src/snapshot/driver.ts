@@ -304,7 +304,12 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     proc.fds = timed('files', () => {
       const sockets = new SocketTable(pid);
       try {
-        return dumpFds(ctx, pid, what, sockets);
+        // A process's mappings as it had them, before appshot mapped
+        // its scratch area: this one's, or one dumped before it.
+        return dumpFds(ctx, pid, what, sockets, (listed) => {
+          const had = listed === pid ? maps : dumped.get(listed);
+          return had && new Set(had.map((l) => l.start));
+        });
       } finally {
         sockets.close();
       }
