@@ -681,6 +681,30 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
       rmSync(home, { recursive: true, force: true });
     }
   });
+
+  // A buffer under 32 bytes holds a record of a 4-digit name (24 bytes)
+  // but not one of a 5-digit name (32): the kernel hands the short one
+  // over and moves past it, and its virtual name does not fit. The
+  // caller gets EINVAL, as the kernel answers a buffer too small, and
+  // must find the record still there when it retries with a larger one.
+  it.skipIf(nsReason)(`getdents64 and getdents through a 24-byte buffer lose no thread whose name grows (a PID namespace)${nsReason ? ` (${nsReason})` : ''}`, async () => {
+    const home = mkdtempSync(join(tmpdir(), 'appshot-dentsmall-'));
+    try {
+      const script = ['set -e', 'echo 4000 > /proc/sys/kernel/pid_max', '"$0" "$1" run -- "$2"'].join('\n');
+      const r = await spawnAsync('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', script, process.execPath, cli, fixture('dentsmall')], {
+        env: { ...sb.env, APPSHOT_HOME: home },
+        timeout: 300_000,
+      });
+      expect(r.stdout + r.stderr).not.toMatch(/FAIL/);
+      // The case under test was made: a thread of a 5-digit virtual TID
+      // on a system TID under 4000.
+      expect(r.stdout).toMatch(/^kept thread: virtual TID \d{5,}, system TID \d{1,4}, /m);
+      expect(r.stdout).toMatch(/^PASS$/m);
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<tid>, self, thread-self)', () => {
