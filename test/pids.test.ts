@@ -774,6 +774,52 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   });
 });
 
+describe('a thread\'s children and a sched file', () => {
+  // The kernel writes them by system PID; each fixture compares the ids
+  // it reads with the ones getpid(), gettid() and fork() gave it, and the
+  // restore gives every process a new system PID.
+  const images = mkdtempSync(join(tmpdir(), 'appshot-procmore-'));
+  afterAll(() => rmSync(images, { recursive: true, force: true }));
+
+  const roundTrip = async (aid: string, args: string[], leaveRunning: boolean) => {
+    sb.ok(['run', '-d', '--aid', aid, '--', ...args]);
+    await sb.checksPass(aid);
+    const before = sb.systemPid(aid);
+    const image = join(images, aid);
+    if (leaveRunning) {
+      sb.ok(['snapshot', aid, '-o', image, '--leave-running']);
+      sb.ok(['restore', image, '--aid', `${aid}-copy`, '--lazy']);
+      await sb.checksPass(`${aid}-copy`);
+      await sb.exercised(`${aid}-copy`, 'to fork another child after the restore');
+      await sb.checksPass(`${aid}-copy`);
+      await sb.checksPass(aid);
+      expect(sb.systemPid(`${aid}-copy`)).not.toBe(before);
+      sb.ok(['stop', `${aid}-copy`, '--signal', 'KILL']);
+    } else {
+      sb.ok(['snapshot', aid, '-o', image]);
+      sb.ok(['restore', image]);
+      await sb.checksPass(aid);
+      expect(sb.systemPid(aid)).not.toBe(before);
+      await sb.exercised(aid, 'to fork another child after the restore');
+      await sb.checksPass(aid);
+    }
+    sb.ok(['stop', aid, '--signal', 'KILL']);
+  };
+
+  it('task/<tid>/children lists each thread\'s children by virtual PID, none outside the application, before and after a restore', async () => {
+    await roundTrip('procchildren', [fixture('procchildren')], false);
+  });
+
+  it('sched\'s first line names the process or thread by virtual id, before and after a restore', async () => {
+    await roundTrip('procsched', [fixture('procsched')], false);
+  });
+
+  it('children and sched in a copy restored beside the original (--lazy, --leave-running): each its own', async () => {
+    await roundTrip('procchildren-orig', [fixture('procchildren')], true);
+    await roundTrip('procsched-orig', [fixture('procsched')], true);
+  });
+});
+
 describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
   // glibc's child joins the group by an internal setpgid: the group must
   // be the virtual one in the attribute and made the system's at the spawn.

@@ -3,8 +3,11 @@
  * /proc/locks, /proc/<pid>/fdinfo/<fd> (its "lock:" lines and a pidfd's
  * "Pid:" and "NSpid:"), a process's or thread's own stat and status
  * (/proc/<pid|self|thread-self>[/task/<tid>]/stat|status: what ps, pgrep,
- * pstree and top read), and a cgroup's cgroup.procs, cgroup.threads and
- * (cgroup v1) tasks.
+ * pstree and top read), a thread's children (task/<tid>/children, the
+ * PIDs of the children it forked, space-separated: one outside the
+ * application left out) and a process's or thread's sched (its first line
+ * "comm (<pid>, #threads: n)"), and a cgroup's cgroup.procs,
+ * cgroup.threads and (cgroup v1) tasks.
  *
  * When one of them is opened for reading only (open & co., fopen "r"), the
  * descriptor the application gets holds the file's text as of the open,
@@ -49,7 +52,10 @@
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
 
-enum view { VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS };
+enum view {
+  VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS,
+  VIEW_CHILDREN, VIEW_SCHED
+};
 
 static int ends_with_file(const char *path, size_t n, const char *name) {
   size_t m = strlen(name);
@@ -86,9 +92,13 @@ static enum view view_of_name(const char *path) {
     if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
       return VIEW_FDINFO;
     const char *file = task_file(p);
-    if (file && file[0] == 's' && file[1] == 't') {
+    if (!file) return VIEW_NONE;
+    if (file[0] == 's') {
       if (!strcmp(file, "stat")) return VIEW_STAT;
       if (!strcmp(file, "status")) return VIEW_STATUS;
+      if (!strcmp(file, "sched")) return VIEW_SCHED;
+    } else if (!strcmp(file, "children")) { /* only under task/<tid> */
+      return VIEW_CHILDREN;
     }
     return VIEW_NONE;
   }
@@ -263,8 +273,27 @@ static char *status_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* The first line of a sched file, "comm (pid, #threads: n)\n" (comm may
+ * hold anything, even that shape: the last one counts), its pid that of
+ * the process or thread. Any other line as it is. */
+static char *sched_line(char *o, const char *s, const char *e) {
+  static const char tail[] = ", #threads: ";
+  enum { TAIL = sizeof tail - 1 };
+  if (e - s > TAIL + 4 && e[-1] == '\n' && e[-2] == ')')
+    for (const char *t = e - 2 - TAIL; t > s; t--) {
+      if (*t != ',' || memcmp(t, tail, TAIL)) continue;
+      const char *ns = t;
+      while (ns > s && ns[-1] >= '0' && ns[-1] <= '9') ns--;
+      long v;
+      if (ns > s && ns[-1] == '(' && parse_int(ns, t, &v))
+        return put_replaced(o, s, e, ns, t, shown_task(v));
+    }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
- * whole text), translated into o (room for e - s + LINE_ROOM bytes).
+ * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
 static char *translate_line(enum view v, char *o, const char *s,
                             const char *e) {
@@ -276,9 +305,10 @@ static char *translate_line(enum view v, char *o, const char *s,
       if (e - s > 6 && !memcmp(s, "NSpid:", 6))
         return pid_field_line(o, s, e, 6);
       break;
-    case VIEW_PIDLIST: {
+    case VIEW_PIDLIST:
+    case VIEW_CHILDREN: { /* "<pid>\n" lines; "<pid> " items */
       const char *ne = s;
-      while (ne < e && *ne != '\n') ne++;
+      while (ne < e && *ne != '\n' && *ne != ' ') ne++;
       long sys;
       if (parse_int(s, ne, &sys) && sys > 0) {
         long virt = shown(sys);
@@ -289,6 +319,7 @@ static char *translate_line(enum view v, char *o, const char *s,
     }
     case VIEW_STAT: return stat_text(o, s, e);
     case VIEW_STATUS: return status_line(o, s, e);
+    case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -328,10 +359,12 @@ static long copy_translated(enum view v, int src, int dst) {
     /* The complete lines in raw; at the end of the file, the rest. A line
      * longer than the buffer (none of these files has one) goes through as
      * it is, in pieces. A stat file is one line whose comm may hold '\n'
-     * (a few hundred bytes): taken whole at its end. */
+     * (a few hundred bytes): taken whole at its end. A children file is
+     * one line of "<pid> " items: taken item by item. */
+    char sep = v == VIEW_CHILDREN ? ' ' : '\n';
     size_t start = 0;
     for (;;) {
-      const char *nl = v == VIEW_STAT ? NULL : memchr(raw + start, '\n', have - start);
+      const char *nl = v == VIEW_STAT ? NULL : memchr(raw + start, sep, have - start);
       size_t end = nl ? (size_t)(nl - raw) + 1 : 0;
       if (!nl) {
         if (start < have && (eof || (start == 0 && have == RAW))) end = have;
