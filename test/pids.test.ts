@@ -774,7 +774,7 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   });
 });
 
-describe('a thread\'s children and a sched file', () => {
+describe('a thread\'s children, a sched file, and these files opened relative to a directory descriptor of /proc', () => {
   // The kernel writes them by system PID; each fixture compares the ids
   // it reads with the ones getpid(), gettid() and fork() gave it, and the
   // restore gives every process a new system PID.
@@ -812,6 +812,12 @@ describe('a thread\'s children and a sched file', () => {
 
   it('sched\'s first line names the process or thread by virtual id, before and after a restore', async () => {
     await roundTrip('procsched', [fixture('procsched')], false);
+  });
+
+  it('stat, status, children, sched, locks and fdinfo opened with openat under /proc, /proc/<pid>, /proc/self and task/<tid>, before and after a restore', async () => {
+    const lock = join(images, 'procat.lock');
+    writeFileSync(lock, '');
+    await roundTrip('procat', [fixture('procat'), lock], false);
   });
 
   it('children and sched in a copy restored beside the original (--lazy, --leave-running): each its own', async () => {

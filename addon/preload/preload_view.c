@@ -34,10 +34,14 @@
  *    processes a PID namespace does not see: a program that signals every
  *    PID it reads there must not be handed 0 (its own process group).
  *
- * Not covered: these files opened relative to a directory descriptor
- * (openat(dirfd, "locks")), by a static program or raw system calls; a
- * cgroup.procs opened read-write is read untranslated (its writes are
- * translated, preload_cgroup.c). A file that cannot be copied (no memory
+ * Also these files opened relative to a directory descriptor of /proc
+ * (openat(dirfd, "stat") under /proc/<pid>, /proc/<pid>/task/<tid> or
+ * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
+ * makes the system's): the directory is known by its descriptor's link,
+ * read only when the name is one of those. Not covered: a path relative
+ * to a working directory inside /proc, a static program or raw system
+ * calls (openat2 among them); a cgroup.procs opened read-write is read
+ * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
  * for the memfd, too many descriptors) fails the open with that error
  * rather than show system PIDs.
  *
@@ -420,22 +424,71 @@ static NOINLINE long substitute(int fd, enum view v) {
   return r < 0 ? r : 0;
 }
 
-/* The translated copy in the place of `fd` when the path needs one: 0, or
- * -errno with fd left as it was. */
-long view_fill(int fd, const char *path, int flags) {
+/* Whether the last name of the relative `path` is one a view is made for
+ * under a directory of /proc (the name alone does not tell: "stat" under
+ * /proc is /proc/stat): stat, status, sched, children, locks, or a number
+ * (a descriptor's fdinfo). A few compares, for every relative open. */
+static int at_name(const char *path) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  switch (base[0]) {
+    case 's':
+      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched");
+    case 'c': return !strcmp(base, "children");
+    case 'l': return !strcmp(base, "locks");
+    default:
+      if (!*base) return 0;
+      for (; *base; base++)
+        if (*base < '0' || *base > '9') return 0;
+      return 1;
+  }
+}
+
+/* Which view `path`, opened relative to the directory `dirfd`, needs: the
+ * directory is known by its descriptor's link ("/proc", "/proc/<pid>",
+ * "/proc/<pid>/task/<tid>", ".../fdinfo"), read only when the name is one
+ * of at_name's, and the whole path judged as an absolute one is. */
+static NOINLINE enum view view_of_at(int dirfd, const char *path) {
+  enum view v = view_of_name(path); /* a cgroup's list: by its name */
+  if (v != VIEW_NONE || !at_name(path)) return v;
+  char link[32] = "/proc/self/fd/", full[512];
+  *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, link, full, 256);
+  size_t len = strlen(path);
+  if (n < 5 || n >= 256 || memcmp(full, "/proc", 5) || (size_t)n + 1 + len >= sizeof full)
+    return VIEW_NONE;
+  full[n] = '/';
+  memcpy(full + n + 1, path, len + 1);
+  return view_of_name(full);
+}
+
+/* The translated copy in the place of `fd`, opened by `path` relative to
+ * `dirfd` (AT_FDCWD: the working directory, not looked at), when it needs
+ * one: 0, or -errno with fd left as it was. */
+long view_fill_at(int dirfd, int fd, const char *path, int flags) {
   if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
-  enum view v = view_of_name(path);
+  enum view v = path[0] == '/' || dirfd == AT_FDCWD || dirfd < 0
+                    ? view_of_name(path)
+                    : view_of_at(dirfd, path);
   if (LIKELY(v == VIEW_NONE)) return 0;
   return substitute(fd, v);
 }
 
-int view_opened(int fd, const char *path, int flags) {
-  long r = view_fill(fd, path, flags);
+long view_fill(int fd, const char *path, int flags) {
+  return view_fill_at(AT_FDCWD, fd, path, flags);
+}
+
+int view_opened_at(int dirfd, int fd, const char *path, int flags) {
+  long r = view_fill_at(dirfd, fd, path, flags);
   if (r < 0) {
     SYS1(close, fd);
     return (int)fail((int)-r);
   }
   return fd;
+}
+
+int view_opened(int fd, const char *path, int flags) {
+  return view_opened_at(AT_FDCWD, fd, path, flags);
 }
