@@ -379,9 +379,13 @@ static inline int proc_at_hooked(int dirfd, const char *path) {
          ((path[0] >= '1' && path[0] <= '9') ||
           (path[0] == 't' && !strncmp(path, "task/", 5)));
 }
-/* The relative path to hand the kernel: `path`, or buf holding it with
- * the system ids; NULL with errno set (ENOENT: no such virtual id). */
-HIDDEN const char *proc_at_path(int dirfd, const char *path, char buf[PATH_MAX]);
+/* Which directory of /proc `dirfd` is, by its link: one system call. */
+enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS };
+HIDDEN int proc_dir_kind(int dirfd);
+/* The relative path to hand the kernel under a directory of that kind:
+ * `path`, or buf holding it with the system ids; NULL with errno set
+ * (ENOENT: no such virtual id). */
+HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 

@@ -490,9 +490,12 @@ API int open64(const char *path, int flags, ...) {
 enum { AT_OPENAT, AT_OPENAT64, AT_OPENAT_2, AT_OPENAT64_2 };
 static NOINLINE int openat_proc_slow(int which, int fd, const char *path,
                                      int flags, mode_t mode) {
-  ID_WINDOW(); /* a system id in the path from here to the call's return */
+  int kind = proc_dir_kind(fd);
+  /* Under /proc, a system id in the path from its lookup to the call's
+   * return (not elsewhere: an open of a FIFO may block for good). */
+  ID_WINDOW_IF(kind != PROC_DIR_NONE);
   char buf[PATH_MAX];
-  const char *p = proc_at_path(fd, path, buf);
+  const char *p = kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
   if (!p) return -1;
   switch (which) {
     case AT_OPENAT: return REAL(openat)(fd, p, flags, mode);

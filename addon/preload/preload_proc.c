@@ -102,22 +102,29 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
  * "<vpid>[/task/<vtid>]<rest>"), "/proc/<pid>/task" ("<vtid><rest>") or
  * "/proc/<pid>" ("task/<vtid><rest>"). Any other directory: the path as
  * it is. A virtual id the tables do not know: ENOENT, as above. */
-const char *proc_at_path(int dirfd, const char *path, char buf[PATH_MAX]) {
+int proc_dir_kind(int dirfd) {
   char link[32] = "/proc/self/fd/", dir[64];
   *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
   long n = SYS4(readlinkat, AT_FDCWD, link, dir, sizeof dir - 1);
-  if (n < 5 || n >= (long)sizeof dir - 1 || memcmp(dir, "/proc", 5)) return path;
+  if (n < 5 || n >= (long)sizeof dir - 1 || memcmp(dir, "/proc", 5)) return PROC_DIR_NONE;
   dir[n] = '\0';
-  if (n == 5) return path[0] >= '1' && path[0] <= '9' ? pid_rest(path, buf, 0) : path;
+  if (n == 5) return PROC_DIR_ROOT;
   /* "/proc/<digits>" or "/proc/<digits>/task" */
   const char *d = dir + 5;
   pid_t ignored;
-  if (*d++ != '/' || !parse_pid(&d, &ignored)) return path;
+  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_NONE;
+  if (!*d) return PROC_DIR_PROCESS;
+  return strcmp(d, "/task") ? PROC_DIR_NONE : PROC_DIR_TASKS;
+}
+
+const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
   const char *q = path;
   pid_t vtid, stid;
-  if (!strcmp(d, "/task")) {
+  if (kind == PROC_DIR_ROOT) { /* "<vpid>[/task/<vtid>]<rest>" */
+    return parse_pid(&q, &vtid) ? pid_rest(path, buf, 0) : path; /* "12abc": as it is */
+  } else if (kind == PROC_DIR_TASKS) {
     if (!parse_pid(&q, &vtid)) return path;
-  } else if (!*d && !strncmp(path, "task/", 5)) {
+  } else if (kind == PROC_DIR_PROCESS && !strncmp(path, "task/", 5)) {
     q += 5;
     if (!parse_pid(&q, &vtid)) return path;
   } else {
