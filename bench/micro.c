@@ -25,6 +25,16 @@ static long slurp(const char *path) {
   return n;
 }
 
+/* The same, relative to the directory `dirfd`. */
+static long slurp_at(int dirfd, const char *name) {
+  char buf[4096];
+  int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) { perror(name); exit(1); }
+  long n = read(fd, buf, sizeof buf);
+  close(fd);
+  return n;
+}
+
 /* One listing of `dir` with opendir/readdir/closedir: the entries seen. */
 static long list(const char *dir) {
   DIR *d = opendir(dir);
@@ -84,12 +94,30 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/%d", numbered, i);
     close(open(path, O_CREAT | O_WRONLY, 0600));
   }
+  snprintf(path, sizeof path, "%s/a", numbered);
+  close(open(path, O_CREAT | O_WRONLY, 0600));
   long lists = n / 10000 > 0 ? n / 10000 : 1;
   /* Files read whole: statm is not translated (what every other /proc
    * file costs), stat and status are (a translated copy at each open). */
   TIME("open+read+close /proc/self/statm", lists * 100, sink += slurp("/proc/self/statm"));
   TIME("open+read+close /proc/self/stat", lists * 100, sink += slurp("/proc/self/stat"));
   TIME("open+read+close /proc/self/status", lists * 100, sink += slurp("/proc/self/status"));
+  /* Opens that are not translated, absolute and relative to a directory
+   * descriptor (every relative open's name is looked at), and the
+   * translated ones relative to a descriptor of /proc/self and /proc. */
+  int tmpdirfd = open(numbered, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int selfdirfd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int procdirfd = open("/proc", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  char pidstat[32];
+  snprintf(pidstat, sizeof pidstat, "%d/stat", (int)self);
+  TIME("open+close /dev/null", lists * 100, sink += close(open("/dev/null", O_RDONLY | O_CLOEXEC)));
+  TIME("openat(dir, a)+close", lists * 100, sink += close(openat(tmpdirfd, "a", O_RDONLY | O_CLOEXEC)));
+  TIME("openat(/proc/self, statm)+read+close", lists * 100, sink += slurp_at(selfdirfd, "statm"));
+  TIME("openat(/proc/self, stat)+read+close", lists * 100, sink += slurp_at(selfdirfd, "stat"));
+  TIME("openat(/proc, <pid>/stat)+read+close", lists * 100, sink += slurp_at(procdirfd, pidstat));
+  close(tmpdirfd);
+  close(selfdirfd);
+  close(procdirfd);
   TIME("list /usr/bin", lists, sink += list("/usr/bin"));
   TIME("list 1000 numbered files", lists, sink += list(numbered));
   TIME("list /proc/self/task", lists * 10, sink += list("/proc/self/task"));
@@ -98,6 +126,8 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/%d", numbered, i);
     unlink(path);
   }
+  snprintf(path, sizeof path, "%s/a", numbered);
+  unlink(path);
   rmdir(numbered);
   printf("}\n");
   semctl(sem, 0, IPC_RMID);

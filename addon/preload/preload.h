@@ -366,6 +366,26 @@ HIDDEN int view_opened(int fd, const char *path, int flags);
 /* The same for a descriptor the caller will close itself on failure
  * (fopen's): 0, or -errno with fd untouched. */
 HIDDEN long view_fill(int fd, const char *path, int flags);
+/* view_opened for an open relative to the directory `dirfd`. */
+HIDDEN int view_opened_at(int dirfd, int fd, const char *path, int flags);
+
+/* preload_proc.c: a path relative to a directory of /proc that begins with
+ * a number ("<pid>/status" under /proc, "<tid>/stat" under
+ * /proc/<pid>/task) or "task/" (under /proc/<pid>) may name a process or
+ * thread by virtual id. Only then is the directory looked at
+ * (proc_at_path). */
+static inline int proc_at_hooked(int dirfd, const char *path) {
+  return g_h && dirfd >= 0 && path &&
+         ((path[0] >= '1' && path[0] <= '9') ||
+          (path[0] == 't' && !strncmp(path, "task/", 5)));
+}
+/* Which directory of /proc `dirfd` is, by its link: one system call. */
+enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS };
+HIDDEN int proc_dir_kind(int dirfd);
+/* The relative path to hand the kernel under a directory of that kind:
+ * `path`, or buf holding it with the system ids; NULL with errno set
+ * (ENOENT: no such virtual id). */
+HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -505,7 +525,7 @@ HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
 /* Whether the path must go through path_slow: an absolute path while the
  * instance has rules, or one under "/proc/". Relative paths are never
  * rewritten (nor, so, *at() calls with a directory fd and a relative path):
- * only what the application names absolutely. No tables, or no rules and
+ * only what the application names absolutely (but see proc_at_hooked). No tables, or no rules and
  * no "/proc/" prefix: a few loads and branches, and the wrapper calls the
  * real function with nothing of ours on its stack. */
 static inline int path_hooked(const char *path) {

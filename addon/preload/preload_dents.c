@@ -206,7 +206,10 @@ static size_t put_renamed(char *at, const char *r, int old, int32_t vid) {
  * last record kept), for the next call. Returns the new length, 0 if every
  * record was left out (the caller reads on: 0 would mean the end), or
  * -EINVAL if not even the first record fits (as the kernel answers a
- * buffer too small for one).
+ * buffer too small for one; the descriptor's offset set back to `before`,
+ * where it was before the call, so that the record is not lost to a
+ * caller that retries with a larger buffer: only a buffer under
+ * RENAMED_MAX bytes can be too small for one renamed record).
  *
  * Three passes, none needing memory of its own: (1) look every id up and
  * note the answer in its record; (2) forward, remove the records left out
@@ -216,7 +219,7 @@ static size_t put_renamed(char *at, const char *r, int old, int32_t vid) {
  * start (what has grown so far is never more than the free space, which
  * is the room the records that fit need in all). */
 static long rewrite(int fd, struct dir_of *d, char *buf, long n,
-                    size_t cap, int old) {
+                    size_t cap, int old, int64_t before) {
   size_t minimum = record_size(old, 1);
   for (long at = 0; at < n;) {
     size_t rl = reclen_of(buf + at);
@@ -274,7 +277,10 @@ static long rewrite(int fd, struct dir_of *d, char *buf, long n,
     keep = at;
     resume = off_of(r);
   }
-  if (keep == 0) return -EINVAL;
+  if (keep == 0) {
+    if (before >= 0 && SYS3(lseek, fd, before, SEEK_SET) < 0) return -EIO;
+    return -EINVAL;
+  }
   if (keep < m && SYS3(lseek, fd, resume, SEEK_SET) < 0) return -EIO;
   char *from = buf + cap - keep;
   memmove(from, buf, keep);
@@ -307,17 +313,24 @@ static int has_number(const char *buf, long n, int old) {
   return 0;
 }
 
+/* The largest record a renamed one can need: a 10-digit id. A buffer at
+ * least this large holds any first record. */
+#define RENAMED_MAX 32
+
 /* getdents64 (nr SYS_getdents64) or getdents (SYS_getdents), translated:
  * the kernel's convention, -errno. */
 static long do_getdents(long nr, int fd, void *buf, size_t count) {
   int old = nr == SYS_getdents;
   ID_WINDOW(); /* system ids in the buffer until they are translated */
   for (;;) {
+    /* A buffer too small for a renamed record: where to go back to (one
+     * more system call, only for such buffers). */
+    int64_t before = count < RENAMED_MAX ? SYS3(lseek, fd, 0, SEEK_CUR) : -1;
     long n = sys6(nr, fd, (long)buf, (long)count, 0, 0, 0);
     if (n <= 0 || !has_number(buf, n, old)) return n;
     struct dir_of d = classify(fd);
     if (d.kind == DIR_OTHER) return n;
-    n = rewrite(fd, &d, buf, n, count, old);
+    n = rewrite(fd, &d, buf, n, count, old, before);
     if (n != 0) return n;
     /* every one left out: the next batch */
   }

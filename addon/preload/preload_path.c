@@ -12,7 +12,9 @@
  * Relative paths, and *at() calls with a directory fd and a relative
  * path, are not rewritten: they name what the kernel finds from the
  * caller's working directory or that fd. (A working directory inside a
- * redirected tree is the rewritten one, since chdir is translated.)
+ * redirected tree is the rewritten one, since chdir is translated.) The
+ * one exception: openat's virtual PID or TID at the start of a path
+ * relative to a descriptor of /proc (preload_proc.c, proc_at_path).
  *
  * REDIR PATH: from/rest is to/rest, for every call.
  *
@@ -482,18 +484,41 @@ API int open64(const char *path, int flags, ...) {
   return view_opened(fd, path, flags);
 }
 
+/* An openat whose relative path may name a process by virtual id under a
+ * descriptor of /proc (proc_at_hooked): the path with the system ids.
+ * Which of the four openat functions: `which`. */
+enum { AT_OPENAT, AT_OPENAT64, AT_OPENAT_2, AT_OPENAT64_2 };
+static NOINLINE int openat_proc_slow(int which, int fd, const char *path,
+                                     int flags, mode_t mode) {
+  int kind = proc_dir_kind(fd);
+  /* Under /proc, a system id in the path from its lookup to the call's
+   * return (not elsewhere: an open of a FIFO may block for good). */
+  ID_WINDOW_IF(kind != PROC_DIR_NONE);
+  char buf[PATH_MAX];
+  const char *p = kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
+  if (!p) return -1;
+  switch (which) {
+    case AT_OPENAT: return REAL(openat)(fd, p, flags, mode);
+    case AT_OPENAT64: return REAL(openat64)(fd, p, flags, mode);
+    case AT_OPENAT_2: return REAL(__openat_2)(fd, p, flags);
+    default: return REAL(__openat64_2)(fd, p, flags);
+  }
+}
+
 API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  int got = openat_m(fd, path, flags, mode);
+  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT, fd, path, flags, mode)
+                                     : openat_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return view_opened(got, path, flags);
+  return view_opened_at(fd, got, path, flags);
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  int got = openat64_m(fd, path, flags, mode);
+  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT64, fd, path, flags, mode)
+                                     : openat64_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return view_opened(got, path, flags);
+  return view_opened_at(fd, got, path, flags);
 }
 
 /* The fortified opens (no O_CREAT): reads may need a translated view. */
@@ -513,10 +538,14 @@ API int __open64_2(const char *path, int flags) {
   return view_opened(open64_2_m(path, flags), path, flags);
 }
 API int __openat_2(int fd, const char *path, int flags) {
-  return view_opened(openat_2_m(fd, path, flags), path, flags);
+  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT_2, fd, path, flags, 0)
+                                     : openat_2_m(fd, path, flags);
+  return view_opened_at(fd, got, path, flags);
 }
 API int __openat64_2(int fd, const char *path, int flags) {
-  return view_opened(openat64_2_m(fd, path, flags), path, flags);
+  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT64_2, fd, path, flags, 0)
+                                     : openat64_2_m(fd, path, flags);
+  return view_opened_at(fd, got, path, flags);
 }
 PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode),
              PATH_TRUNC, -1, REAL(creat)(p, mode))

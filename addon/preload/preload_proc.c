@@ -7,7 +7,8 @@
  * getdents64, glob), goes through); a virtual PID
  * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
  * /proc/thread-self included (they already name the caller), goes through
- * untouched, after a check of its first bytes.
+ * untouched, after a check of its first bytes. The same numbers in a path
+ * relative to a descriptor of /proc: proc_at_path, below.
  */
 #include "preload.h"
 
@@ -30,38 +31,30 @@ static int parse_pid(const char **p, pid_t *out) {
   return 1;
 }
 
-/* Writes "/proc/<spid or self>[/task/<stid>]<rest>" into buf; NULL with
- * errno set if it would not fit. */
-static const char *put_proc_path(char buf[PATH_MAX], pid_t spid, pid_t stid, const char *rest) {
+/* Writes "[/proc/]<spid or self>[/task/<stid>]<rest>" into buf (the
+ * prefix if `absolute`); NULL with errno set if it would not fit. */
+static const char *put_ids_path(char buf[PATH_MAX], int absolute, pid_t spid,
+                                pid_t stid, const char *rest) {
   if (strlen(rest) + 40 >= PATH_MAX) {
     errno = ENAMETOOLONG;
     return NULL;
   }
-  char *d = (char *)memcpy(buf, "/proc/", 6) + 6;
+  char *d = absolute ? (char *)memcpy(buf, "/proc/", 6) + 6 : buf;
   d = spid ? put_decimal(d, spid) : (char *)memcpy(d, "self", 4) + 4;
   if (stid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, stid);
   strcpy(d, rest);
   return buf;
 }
 
-/* Returns the path to hand to the kernel: `path` itself, or `buf` holding
- * the rewritten one; NULL with errno set when the path must fail. The
- * wrappers that use it are in preload_path.c (path_slow). */
-const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  if (!path || path[0] != '/' || strncmp(path, "/proc/", 6) != 0 || !g_h)
-    return path;
-  const char *p = path + 6;
+static const char *put_proc_path(char buf[PATH_MAX], pid_t spid, pid_t stid, const char *rest) {
+  return put_ids_path(buf, 1, spid, stid, rest);
+}
+
+/* What follows "/proc/" (or a descriptor of /proc), "<vpid>[/task/<vtid>]
+ * <rest>", with the system ids, into buf (after "/proc/" if `absolute`). */
+static const char *pid_rest(const char *p, char buf[PATH_MAX], int absolute) {
   pid_t vpid, spid, vtid = 0, stid = 0;
-  /* "/proc/self/task/<vtid>": the caller's own process, one of its
-   * threads by the TID gettid gave it. A number the table does not know
-   * goes through as it is: a listing we do not see (preload_dents.c)
-   * gives system TIDs. */
-  if (strncmp(p, "self/task/", 10) == 0) {
-    const char *q = p + 10;
-    if (!parse_pid(&q, &vtid) || !v2s_pid(vtid, &stid)) return path;
-    return put_proc_path(buf, 0, stid, q);
-  }
-  if (!parse_pid(&p, &vpid)) return path;
+  if (!parse_pid(&p, &vpid)) return NULL;
   const char *rest = p;
   if (strncmp(p, "/task/", 6) == 0) {
     const char *q = p + 6;
@@ -73,5 +66,81 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
     errno = ENOENT;
     return NULL;
   }
-  return put_proc_path(buf, spid, stid, rest);
+  return put_ids_path(buf, absolute, spid, stid, rest);
+}
+
+/* Returns the path to hand to the kernel: `path` itself, or `buf` holding
+ * the rewritten one; NULL with errno set when the path must fail. The
+ * wrappers that use it are in preload_path.c (path_slow). */
+const char *proc_path(const char *path, char buf[PATH_MAX]) {
+  if (!path || path[0] != '/' || strncmp(path, "/proc/", 6) != 0 || !g_h)
+    return path;
+  const char *p = path + 6;
+  pid_t vpid, vtid = 0, stid = 0;
+  /* "/proc/self/task/<vtid>": the caller's own process, one of its
+   * threads by the TID gettid gave it. A number the table does not know
+   * goes through as it is: a listing we do not see (preload_dents.c)
+   * gives system TIDs. */
+  if (strncmp(p, "self/task/", 10) == 0) {
+    const char *q = p + 10;
+    if (!parse_pid(&q, &vtid) || !v2s_pid(vtid, &stid)) return path;
+    return put_proc_path(buf, 0, stid, q);
+  }
+  const char *q = p;
+  if (!parse_pid(&q, &vpid)) return path;
+  return pid_rest(p, buf, 1);
+}
+
+/* --- Relative to a descriptor of /proc -------------------------------------
+ *
+ * openat(procfd, "<vpid>/status") (htop, systemd and procps-ng's newer
+ * library open a process's directory by the name a listing gave, then
+ * its files relative to it): the listing gave the virtual id
+ * (preload_dents.c), the kernel wants the system one. Which directory the
+ * descriptor is, is read from its link (/proc/self/fd/N), only when the
+ * path starts with a number or "task/" (proc_at_hooked): "/proc" (then
+ * "<vpid>[/task/<vtid>]<rest>"), "/proc/<pid>/task" ("<vtid><rest>") or
+ * "/proc/<pid>" ("task/<vtid><rest>"). Any other directory: the path as
+ * it is. A virtual id the tables do not know: ENOENT, as above. */
+int proc_dir_kind(int dirfd) {
+  char link[32] = "/proc/self/fd/", dir[64];
+  *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, link, dir, sizeof dir - 1);
+  if (n < 5 || n >= (long)sizeof dir - 1 || memcmp(dir, "/proc", 5)) return PROC_DIR_NONE;
+  dir[n] = '\0';
+  if (n == 5) return PROC_DIR_ROOT;
+  /* "/proc/<digits>" or "/proc/<digits>/task" */
+  const char *d = dir + 5;
+  pid_t ignored;
+  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_NONE;
+  if (!*d) return PROC_DIR_PROCESS;
+  return strcmp(d, "/task") ? PROC_DIR_NONE : PROC_DIR_TASKS;
+}
+
+const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
+  const char *q = path;
+  pid_t vtid, stid;
+  if (kind == PROC_DIR_ROOT) { /* "<vpid>[/task/<vtid>]<rest>" */
+    return parse_pid(&q, &vtid) ? pid_rest(path, buf, 0) : path; /* "12abc": as it is */
+  } else if (kind == PROC_DIR_TASKS) {
+    if (!parse_pid(&q, &vtid)) return path;
+  } else if (kind == PROC_DIR_PROCESS && !strncmp(path, "task/", 5)) {
+    q += 5;
+    if (!parse_pid(&q, &vtid)) return path;
+  } else {
+    return path;
+  }
+  if (!vtid) return path; /* task 0: for the kernel to refuse */
+  if (!v2s_pid(vtid, &stid)) {
+    errno = ENOENT;
+    return NULL;
+  }
+  if (strlen(q) + 20 >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  char *o = buf;
+  if (path[0] == 't') o = (char *)memcpy(o, "task/", 5) + 5;
+  strcpy(put_decimal(o, (unsigned long)stid), q);
+  return buf;
 }

@@ -3,8 +3,11 @@
  * /proc/locks, /proc/<pid>/fdinfo/<fd> (its "lock:" lines and a pidfd's
  * "Pid:" and "NSpid:"), a process's or thread's own stat and status
  * (/proc/<pid|self|thread-self>[/task/<tid>]/stat|status: what ps, pgrep,
- * pstree and top read), and a cgroup's cgroup.procs, cgroup.threads and
- * (cgroup v1) tasks.
+ * pstree and top read), a thread's children (task/<tid>/children, the
+ * PIDs of the children it forked, space-separated: one outside the
+ * application left out) and a process's or thread's sched (its first line
+ * "comm (<pid>, #threads: n)"), and a cgroup's cgroup.procs,
+ * cgroup.threads and (cgroup v1) tasks.
  *
  * When one of them is opened for reading only (open & co., fopen "r"), the
  * descriptor the application gets holds the file's text as of the open,
@@ -31,10 +34,14 @@
  *    processes a PID namespace does not see: a program that signals every
  *    PID it reads there must not be handed 0 (its own process group).
  *
- * Not covered: these files opened relative to a directory descriptor
- * (openat(dirfd, "locks")), by a static program or raw system calls; a
- * cgroup.procs opened read-write is read untranslated (its writes are
- * translated, preload_cgroup.c). A file that cannot be copied (no memory
+ * Also these files opened relative to a directory descriptor of /proc
+ * (openat(dirfd, "stat") under /proc/<pid>, /proc/<pid>/task/<tid> or
+ * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
+ * makes the system's): the directory is known by its descriptor's link,
+ * read only when the name is one of those. Not covered: a path relative
+ * to a working directory inside /proc, a static program or raw system
+ * calls (openat2 among them); a cgroup.procs opened read-write is read
+ * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
  * for the memfd, too many descriptors) fails the open with that error
  * rather than show system PIDs.
  *
@@ -49,7 +56,10 @@
 #define CGROUP_SUPER_MAGIC 0x27e0eb
 #define CGROUP2_SUPER_MAGIC 0x63677270
 
-enum view { VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS };
+enum view {
+  VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS,
+  VIEW_CHILDREN, VIEW_SCHED
+};
 
 static int ends_with_file(const char *path, size_t n, const char *name) {
   size_t m = strlen(name);
@@ -86,9 +96,13 @@ static enum view view_of_name(const char *path) {
     if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
       return VIEW_FDINFO;
     const char *file = task_file(p);
-    if (file && file[0] == 's' && file[1] == 't') {
+    if (!file) return VIEW_NONE;
+    if (file[0] == 's') {
       if (!strcmp(file, "stat")) return VIEW_STAT;
       if (!strcmp(file, "status")) return VIEW_STATUS;
+      if (!strcmp(file, "sched")) return VIEW_SCHED;
+    } else if (!strcmp(file, "children")) { /* only under task/<tid> */
+      return VIEW_CHILDREN;
     }
     return VIEW_NONE;
   }
@@ -263,8 +277,27 @@ static char *status_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* The first line of a sched file, "comm (pid, #threads: n)\n" (comm may
+ * hold anything, even that shape: the last one counts), its pid that of
+ * the process or thread. Any other line as it is. */
+static char *sched_line(char *o, const char *s, const char *e) {
+  static const char tail[] = ", #threads: ";
+  enum { TAIL = sizeof tail - 1 };
+  if (e - s > TAIL + 4 && e[-1] == '\n' && e[-2] == ')')
+    for (const char *t = e - 2 - TAIL; t > s; t--) {
+      if (*t != ',' || memcmp(t, tail, TAIL)) continue;
+      const char *ns = t;
+      while (ns > s && ns[-1] >= '0' && ns[-1] <= '9') ns--;
+      long v;
+      if (ns > s && ns[-1] == '(' && parse_int(ns, t, &v))
+        return put_replaced(o, s, e, ns, t, shown_task(v));
+    }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
- * whole text), translated into o (room for e - s + LINE_ROOM bytes).
+ * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
 static char *translate_line(enum view v, char *o, const char *s,
                             const char *e) {
@@ -276,9 +309,10 @@ static char *translate_line(enum view v, char *o, const char *s,
       if (e - s > 6 && !memcmp(s, "NSpid:", 6))
         return pid_field_line(o, s, e, 6);
       break;
-    case VIEW_PIDLIST: {
+    case VIEW_PIDLIST:
+    case VIEW_CHILDREN: { /* "<pid>\n" lines; "<pid> " items */
       const char *ne = s;
-      while (ne < e && *ne != '\n') ne++;
+      while (ne < e && *ne != '\n' && *ne != ' ') ne++;
       long sys;
       if (parse_int(s, ne, &sys) && sys > 0) {
         long virt = shown(sys);
@@ -289,6 +323,7 @@ static char *translate_line(enum view v, char *o, const char *s,
     }
     case VIEW_STAT: return stat_text(o, s, e);
     case VIEW_STATUS: return status_line(o, s, e);
+    case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -328,10 +363,12 @@ static long copy_translated(enum view v, int src, int dst) {
     /* The complete lines in raw; at the end of the file, the rest. A line
      * longer than the buffer (none of these files has one) goes through as
      * it is, in pieces. A stat file is one line whose comm may hold '\n'
-     * (a few hundred bytes): taken whole at its end. */
+     * (a few hundred bytes): taken whole at its end. A children file is
+     * one line of "<pid> " items: taken item by item. */
+    char sep = v == VIEW_CHILDREN ? ' ' : '\n';
     size_t start = 0;
     for (;;) {
-      const char *nl = v == VIEW_STAT ? NULL : memchr(raw + start, '\n', have - start);
+      const char *nl = v == VIEW_STAT ? NULL : memchr(raw + start, sep, have - start);
       size_t end = nl ? (size_t)(nl - raw) + 1 : 0;
       if (!nl) {
         if (start < have && (eof || (start == 0 && have == RAW))) end = have;
@@ -387,22 +424,71 @@ static NOINLINE long substitute(int fd, enum view v) {
   return r < 0 ? r : 0;
 }
 
-/* The translated copy in the place of `fd` when the path needs one: 0, or
- * -errno with fd left as it was. */
-long view_fill(int fd, const char *path, int flags) {
+/* Whether the last name of the relative `path` is one a view is made for
+ * under a directory of /proc (the name alone does not tell: "stat" under
+ * /proc is /proc/stat): stat, status, sched, children, locks, or a number
+ * (a descriptor's fdinfo). A few compares, for every relative open. */
+static int at_name(const char *path) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  switch (base[0]) {
+    case 's':
+      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched");
+    case 'c': return !strcmp(base, "children");
+    case 'l': return !strcmp(base, "locks");
+    default:
+      if (!*base) return 0;
+      for (; *base; base++)
+        if (*base < '0' || *base > '9') return 0;
+      return 1;
+  }
+}
+
+/* Which view `path`, opened relative to the directory `dirfd`, needs: the
+ * directory is known by its descriptor's link ("/proc", "/proc/<pid>",
+ * "/proc/<pid>/task/<tid>", ".../fdinfo"), read only when the name is one
+ * of at_name's, and the whole path judged as an absolute one is. */
+static NOINLINE enum view view_of_at(int dirfd, const char *path) {
+  enum view v = view_of_name(path); /* a cgroup's list: by its name */
+  if (v != VIEW_NONE || !at_name(path)) return v;
+  char link[32] = "/proc/self/fd/", full[512];
+  *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, link, full, 256);
+  size_t len = strlen(path);
+  if (n < 5 || n >= 256 || memcmp(full, "/proc", 5) || (size_t)n + 1 + len >= sizeof full)
+    return VIEW_NONE;
+  full[n] = '/';
+  memcpy(full + n + 1, path, len + 1);
+  return view_of_name(full);
+}
+
+/* The translated copy in the place of `fd`, opened by `path` relative to
+ * `dirfd` (AT_FDCWD: the working directory, not looked at), when it needs
+ * one: 0, or -errno with fd left as it was. */
+long view_fill_at(int dirfd, int fd, const char *path, int flags) {
   if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
-  enum view v = view_of_name(path);
+  enum view v = path[0] == '/' || dirfd == AT_FDCWD || dirfd < 0
+                    ? view_of_name(path)
+                    : view_of_at(dirfd, path);
   if (LIKELY(v == VIEW_NONE)) return 0;
   return substitute(fd, v);
 }
 
-int view_opened(int fd, const char *path, int flags) {
-  long r = view_fill(fd, path, flags);
+long view_fill(int fd, const char *path, int flags) {
+  return view_fill_at(AT_FDCWD, fd, path, flags);
+}
+
+int view_opened_at(int dirfd, int fd, const char *path, int flags) {
+  long r = view_fill_at(dirfd, fd, path, flags);
   if (r < 0) {
     SYS1(close, fd);
     return (int)fail((int)-r);
   }
   return fd;
+}
+
+int view_opened(int fd, const char *path, int flags) {
+  return view_opened_at(AT_FDCWD, fd, path, flags);
 }
