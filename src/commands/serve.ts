@@ -242,17 +242,27 @@ export function registerServe(program: Command): void {
       if (opts.detach) return detach(store.dir, opts.log);
       const { takeServeLock, releaseServeLock } = await import('../serve/lock.js');
       const lock = takeServeLock(home, false);
+      // Listening from the moment the lock names this process: `serve stop`
+      // may send SIGTERM as soon as it finds the lock held, and whoever
+      // waits for "ready" as soon as it reads it; without a listener Node
+      // dies by the signal, half started. One that comes while the host
+      // starts is acted on once it has.
+      let stopAsked = false;
+      let end = () => void (stopAsked = true);
+      const onSignal = () => end();
+      process.once('SIGINT', onSignal);
+      process.once('SIGTERM', onSignal);
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
       const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
       await host.start(metricsOn);
-      for (const line of banner) process.stdout.write(line);
-      host.log({ event: 'ready', services: specs.map((s) => s.name) });
-      await new Promise<void>((resolve) => {
-        const end = () => void host.stop().then(resolve);
-        process.once('SIGINT', end);
-        process.once('SIGTERM', end);
-      });
+      const stopped = new Promise<void>((resolve) => (end = () => void host.stop().then(resolve)));
+      if (stopAsked) end();
+      else {
+        for (const line of banner) process.stdout.write(line);
+        host.log({ event: 'ready', services: specs.map((s) => s.name) });
+      }
+      await stopped;
       releaseServeLock(lock);
     });
 
