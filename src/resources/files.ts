@@ -63,8 +63,9 @@ function lockLinesOf(text: string): string[] {
 
 /** `frozenMappings(pid)`: the start addresses of the mappings a frozen
  * process of the application had before appshot mapped anything in it,
- * if known (for a descriptor reading a listing of them, listings.ts). */
-export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, frozenMappings?: (pid: number) => Set<bigint> | undefined): Fd[] {
+ * if known; `listingsBefore`: the listings of mappings read before any
+ * call was injected (both for a descriptor reading one, listings.ts). */
+export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, frozenMappings?: (pid: number) => Set<bigint> | undefined, listingsBefore?: Map<string, Buffer>): Fd[] {
   const fds: Fd[] = [];
   // Closed meanwhile (impossible while frozen, but cheap to allow): left out.
   for (const entry of addon().fdEntries(pid)) {
@@ -144,7 +145,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         if (proc) fd.procVpid = ctx.virtual('pid', Number(proc[1])) || undefined;
         // Read part way, a listing of mappings keeps its reader's place by
         // mapping: its bytes are another text after a restore.
-        if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, frozenMappings?.(Number(proc![1])));
+        if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, listingsBefore?.get(target), frozenMappings?.(Number(proc![1])));
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
@@ -360,7 +361,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     const at = fd.listingPosition;
     if (at && isMappingListing(path)) {
       const listing = got;
-      h.whenMemoryIsFinal(() => positionInListing(listing, path, at));
+      h.whenMemoryIsFinal(() => positionInListing(listing, at));
       return got;
     }
   } else got = h.keep(openSync(filePath(h, p, fd), plain));

@@ -16,16 +16,19 @@
  *
  * So the snapshot keeps where the reader is by mapping: the record of the
  * mapping it is in, the line in that record and the byte in the line,
- * found in the listing as the frozen process has it (appshot's own
- * mappings of the moment left out). The restore puts the descriptor at the
- * same line of the same mapping's record in the restored listing, once
- * every process's memory is as it will run (RestoreContext.
- * whenMemoryIsFinal). The reader goes on with that mapping's remaining
- * lines as they are now, then the mappings after it: not byte for byte
- * what the original would have read (the counts are the restored
- * process's), but never another mapping's lines in its record.
+ * found in the listing as the frozen processes had it before appshot
+ * injected any call (a page appshot maps may merge with the application's
+ * mapping next to it into one record that starts at appshot's address).
+ * The restore puts the descriptor at the same line of the record of the
+ * mapping that holds that address in the restored listing (a restore may
+ * map as one what were two adjacent mappings), once every process's
+ * memory is as it will run (RestoreContext.whenMemoryIsFinal). The reader
+ * goes on with that mapping's remaining lines as they are now, then the
+ * mappings after it: not byte for byte what the original would have read
+ * (the counts are the restored process's), but never another mapping's
+ * lines in its record.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
 import { type ListingPosition } from '../image/types.js';
 import { addon } from '../native.js';
 
@@ -36,9 +39,12 @@ export function isMappingListing(path: string): boolean {
   return LISTING.test(path);
 }
 
-/** One mapping's record: bytes [start, end) of the listing. */
+/** One mapping's record: bytes [start, end) of the listing; `address`:
+ * the mapping's start, `last`: its end (maps, smaps: the header's range)
+ * or undefined (numa_maps: its header has the start only). */
 interface ListingRecord {
   address: bigint;
+  last?: bigint;
   start: number;
   end: number;
 }
@@ -47,8 +53,8 @@ const NL = 0x0a;
 const isLowerHex = (c: number) => (c >= 0x30 && c <= 0x39) || (c >= 0x61 && c <= 0x66);
 
 /** The records of a listing: each starts with a line that begins with its
- * mapping's address in lowercase hex, then '-' (maps, smaps: the range)
- * or ' ' (numa_maps). smaps's other lines begin with a capital. */
+ * mapping's address in lowercase hex, then '-' and the end (maps, smaps:
+ * the range) or ' ' (numa_maps). smaps's other lines begin with a capital. */
 function records(text: Buffer): ListingRecord[] {
   const out: ListingRecord[] = [];
   for (let at = 0; at < text.length; ) {
@@ -58,7 +64,13 @@ function records(text: Buffer): ListingRecord[] {
     while (i < next && i - at <= 16 && isLowerHex(text[i])) i++;
     if (i > at && i < next && (text[i] === 0x2d || text[i] === 0x20)) {
       if (out.length) out[out.length - 1].end = at;
-      out.push({ address: BigInt(`0x${text.toString('latin1', at, i)}`), start: at, end: text.length });
+      const rec: ListingRecord = { address: BigInt(`0x${text.toString('latin1', at, i)}`), start: at, end: text.length };
+      if (text[i] === 0x2d) {
+        let j = i + 1;
+        while (j < next && j - i <= 17 && isLowerHex(text[j])) j++;
+        if (j > i + 1) rec.last = BigInt(`0x${text.toString('latin1', i + 1, j)}`);
+      }
+      out.push(rec);
     }
     at = next;
   }
@@ -93,17 +105,31 @@ export function listingPosition(text: Buffer, pos: number, leaveOut?: (address: 
 
 /**
  * The byte of `text` (a listing) that is at `at`: in the record of the
- * same mapping, the same line and byte (at most the line's end, its
- * newline). A mapping no longer listed: the start of the next one's
- * record; a line its record no longer has: the next record. `at` comes
- * from an image: every number of it is only compared, never trusted as a
- * length.
+ * mapping that holds the address now, the same line and byte (at most the
+ * line's end, its newline). That mapping may have grown: a restore maps
+ * as one what were two adjacent mappings (a block moved next to another
+ * with mremap), and the reader goes on with the rest of that record,
+ * never the next mapping's. Maps and smaps give the range: the record
+ * whose range holds the address; numa_maps the start only: the record
+ * with the greatest start at or below it. No mapping holds it any more:
+ * the start of the next one's record; a line its record no longer has:
+ * the next record. `at` comes from an image: every number of it is only
+ * compared, never trusted as a length.
  */
 export function listingOffset(text: Buffer, at: ListingPosition): number {
   if (at.atEnd) return text.length;
-  const r = records(text).find((rec) => rec.address >= at.address);
-  if (!r) return text.length;
-  if (r.address !== at.address) return r.start;
+  const all = records(text);
+  let r: ListingRecord | undefined;
+  for (const rec of all) {
+    if (rec.address > at.address) break;
+    r = rec;
+  }
+  // numa_maps: no end to compare with, the greatest start at or below.
+  if (r && r.last !== undefined && at.address >= r.last) r = undefined;
+  if (!r) {
+    const next = all.find((rec) => rec.address > at.address);
+    return next ? next.start : text.length;
+  }
   let lineStart = r.start;
   for (let l = 0; l < at.line; l++) {
     const nl = text.indexOf(NL, lineStart);
@@ -115,17 +141,76 @@ export function listingOffset(text: Buffer, at: ListingPosition): number {
   return Math.min(lineStart + at.column, lineEnd);
 }
 
+/**
+ * At snapshot, before any call is injected into any of the frozen
+ * processes `pids`: the listings of mappings that their descriptors are
+ * open on, each as read now, by path. appshot's calls map pages in a
+ * process (the lock probe, the batch scratch area) that may merge with
+ * one of its own mappings, so that a listing read later has another
+ * record there, starting at appshot's address; the reader's place is
+ * found in these texts, which have only the application's mappings. One
+ * look at each descriptor's target; a listing is read only where one is
+ * open on it.
+ */
+export function listingsBeforeCalls(pids: number[]): Map<string, Buffer> {
+  const texts = new Map<string, Buffer>();
+  for (const pid of pids) {
+    let names: string[];
+    try {
+      names = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue; // gone: its dump says so
+    }
+    for (const name of names) {
+      let target: string;
+      try {
+        target = readlinkSync(`/proc/${pid}/fd/${name}`);
+      } catch {
+        continue;
+      }
+      if (!isMappingListing(target) || texts.has(target)) continue;
+      try {
+        texts.set(target, readFileSync(target));
+      } catch {
+        /* its process is gone or not ours to read: the dump reads it then */
+      }
+    }
+  }
+  return texts;
+}
+
 /** At snapshot: where the reader of `path` (a listing of a frozen
- * process), at byte `pos`, is. `frozenStarts`: the start addresses of the
- * mappings that process had when frozen, if known; records of others
- * (appshot's scratch areas) are left out. */
-export function dumpListingPosition(path: string, pos: bigint, frozenStarts?: Set<bigint>): ListingPosition {
+ * process), at byte `pos`, is. `before`: the listing as read before any
+ * call was injected (listingsBeforeCalls), if it was; else it is read now
+ * and the records of mappings that do not start where the frozen process
+ * had one (`frozenStarts`, if known: appshot's scratch areas) are left
+ * out. */
+export function dumpListingPosition(path: string, pos: bigint, before?: Buffer, frozenStarts?: Set<bigint>): ListingPosition {
+  if (before) return listingPosition(before, Number(pos));
   return listingPosition(readFileSync(path), Number(pos), frozenStarts && ((address) => !frozenStarts.has(address)));
 }
 
+/** The whole text of listing descriptor `fd`, read from its start with
+ * pread (its offset, shared with the application's descriptor, moves
+ * not). */
+function readWhole(fd: number): Buffer {
+  const chunks: Buffer[] = [];
+  let at = 0;
+  for (;;) {
+    const chunk = Buffer.allocUnsafe(65536);
+    const got = readSync(fd, chunk, 0, chunk.length, at);
+    if (got === 0) break;
+    chunks.push(chunk.subarray(0, got));
+    at += got;
+  }
+  return Buffer.concat(chunks);
+}
+
 /** At restore, once the listed process's memory is final: our descriptor
- * `fd` of `path` (the restored process's listing; the application's
- * descriptor shares its offset) put at `at`. */
-export function positionInListing(fd: number, path: string, at: ListingPosition): void {
-  addon().lseek(fd, listingOffset(readFileSync(path), at));
+ * `fd` of the restored process's listing (the application's descriptor
+ * shares its offset) put at `at`. Read through `fd` itself: it sees the
+ * memory it was opened on, with no second permission check after the
+ * process's credentials are its own. */
+export function positionInListing(fd: number, at: ListingPosition): void {
+  addon().lseek(fd, listingOffset(readWhole(fd), at));
 }

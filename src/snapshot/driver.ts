@@ -32,6 +32,7 @@ import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } fr
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, markSharedDescriptions } from '../resources/files.js';
+import { listingsBeforeCalls } from '../resources/listings.js';
 import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
@@ -233,7 +234,7 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
  * `systemPids` and `dumped`. Its /proc is gathered (procfs.ts) in two
  * reads: before any call is injected, and once its questions are answered;
  * the caller forgets both when it is done. */
-function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>): void {
+function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, listingsBefore: Map<string, Buffer>): void {
   // Registers first: running system calls in the process (below) leaves
   // an interrupted call rewound, and the image keeps it as it was.
   const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
@@ -304,12 +305,19 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     proc.fds = timed('files', () => {
       const sockets = new SocketTable(pid);
       try {
-        // A process's mappings as it had them, before appshot mapped
-        // its scratch area: this one's, or one dumped before it.
-        return dumpFds(ctx, pid, what, sockets, (listed) => {
-          const had = listed === pid ? maps : dumped.get(listed);
-          return had && new Set(had.map((l) => l.start));
-        });
+        // Listings of mappings as read before any call was injected; a
+        // process's mappings as it had them then, for one opened since.
+        return dumpFds(
+          ctx,
+          pid,
+          what,
+          sockets,
+          (listed) => {
+            const had = listed === pid ? maps : dumped.get(listed);
+            return had && new Set(had.map((l) => l.start));
+          },
+          listingsBefore,
+        );
       } finally {
         sockets.close();
       }
@@ -354,6 +362,9 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
   const inImage = new Set(byProcess.map(([pid]) => pid));
+  // Before anything is injected into any of them too: calls map pages
+  // that may merge with the application's in a listing (listings.ts).
+  const listingsBefore = timed('listings', () => listingsBeforeCalls(byProcess.map(([pid]) => pid)));
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
@@ -371,7 +382,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
-      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped);
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, listingsBefore);
     } finally {
       // What was gathered of this process's /proc is of this moment only.
       forgetGathered();
