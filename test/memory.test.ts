@@ -74,6 +74,22 @@ describe('a program snapshotted while it reads /proc/self/smaps and maps goes on
   // mapping's record (memattrs once read its dp region's flags without
   // "dp", frozen in the middle of that region's record).
   roundTrips('lst', [fixture('listreader')]);
+
+  // /proc/PID/task/TID/... of a thread other than the main one (what
+  // /proc/thread-self/... is there): a restore places descriptors before
+  // it makes the other threads, and the old TID is another process's or
+  // none by then.
+  it("refuses, in one line, a descriptor of another thread's /proc directory, and leaves the program running", async () => {
+    const aid = 'lstt';
+    run(['run', '-d', '--aid', aid, '--', fixture('listreader'), '--other-thread']);
+    await sb.checksPass(aid);
+    const r = sb.run(['snapshot', aid, '-o', join(out, aid)]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/process 2 \(listreader\) fd \d+: \/proc\/\d+\/task\/\d+\/maps is of thread \d+, not its process's main thread; a descriptor of another thread's \/proc files cannot be captured yet; the application was left running/);
+    await sb.checksPass(aid);
+    await exercised(aid);
+  });
 });
 
 /** kB of memory that each process of `aid` holds alone (Private_Clean +
