@@ -20,7 +20,7 @@
  * mappings of the moment left out). The restore puts the descriptor at the
  * same line of the same mapping's record in the restored listing, once
  * every process's memory is as it will run (RestoreContext.
- * whenMemoryIsFinal). The reader goes on with that mapping's remaining
+ * whenProcessesAreFinal). The reader goes on with that mapping's remaining
  * lines as they are now, then the mappings after it: not byte for byte
  * what the original would have read (the counts are the restored
  * process's), but never another mapping's lines in its record.
