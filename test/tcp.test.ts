@@ -671,6 +671,45 @@ describe('memcached with a client that stays connected', () => {
     run(['stop', aid, '-s', 'KILL']);
   });
 
+  // Killed while its dump holds the client's connection in repair mode,
+  // before any image is in place (the default snapshot, and
+  // --leave-running): the connection was journaled just before it entered
+  // repair mode (step "holding"), the application, let go by the kernel,
+  // runs on, and the next command takes the connection out of repair mode
+  // (pidfd_getfd), filter and all, so that the client's next request on
+  // it is answered. One killed just after the journal, before the
+  // connection entered repair mode, leaves it as it is.
+  const dumping: [point: string, leaveRunning: boolean][] = [
+    ['connection in repair mode', false],
+    ['dumping memory', false],
+    ['dumping memory', true],
+    ['connection journaled', false],
+  ];
+  for (const [n, [point, leaveRunning]] of dumping.entries()) {
+    it.runIf(existsSync(MEMCACHED) && isRoot)(`a snapshot${leaveRunning ? ' --leave-running' : ''} killed at '${point}' while dumping: the next command lets the connection out of repair mode, and the application answers on the client's connection`, async () => {
+      const port = 26634 + n;
+      const aid = `tcpmcd${n}`;
+      const client = await memcachedWithClient(aid, port);
+      const image = join(out, aid);
+      const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, ...(leaveRunning ? ['--leave-running'] : [])], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: `snapshot: ${point}` },
+        encoding: 'utf8',
+      });
+      expect(killed.signal, killed.stderr).toBe('SIGKILL');
+      run(['ps']);
+      expect(existsSync(image)).toBe(false);
+      expect(sb.aids()).toContain(aid);
+      const temporaries = join(sb.home, 'tmp');
+      expect((existsSync(temporaries) ? readdirSync(temporaries) : []).filter((name) => /^\.?ending-/.test(name))).toEqual([]);
+      client.socket.write('get greeting\r\n');
+      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      client.whole();
+      client.socket.destroy();
+      run(['stop', aid, '-s', 'KILL']);
+    });
+  }
+
   // Failing once its ending is journaled (the connections held in repair
   // mode by the snapshot and handed to a keeper), and killed at each step
   // of the undoing: the connections leave repair mode while the threads
