@@ -49,7 +49,10 @@
  *    the registration released to the image, as the snapshot would have
  *    done; `ps -a` lists it as snapshotted into the image. One it cannot
  *    stop (another tracer, a thread that does not stop): nothing is
- *    decided, what it stopped goes on, and a later command tries again.
+ *    decided, what it stopped goes on, and a later command tries again
+ *    (one that only looks, such as ps, not before UNDECIDED_BACKOFF_MS
+ *    unless what was in the way is gone: the entry notes when it was
+ *    tried and what stood in the way).
  *  - "rolling-back" (a snapshot that failed past "ending", once its
  *    threads no longer die with it; or the next command, once it decided
  *    to roll back): as "placing". Such a snapshot first takes its
@@ -106,7 +109,27 @@ interface EndingEntry {
   /** The connections the snapshot held in repair mode (or was about to
    * put in it): an application rolled back gets them out of it again. */
   heldInRepair?: HeldSocket[];
+  /** Step "ending": when a command last tried to decide it and could not
+   * (ms since the epoch), and what it saw in the way then. */
+  undecided?: { at: number; obstacles: Obstacle[] };
 }
+
+/** What keeps a command from stopping the application: one of its
+ * processes traced by another (`tracer`), or a thread of it that sleeps
+ * uninterruptibly (`tid`, state D). */
+interface Obstacle {
+  pid: number;
+  startTime: number;
+  tracer?: number;
+  tid?: number;
+}
+
+/** How long a command that only looks (ps, ls, logs, the API's ps:
+ * settleKilledCommands' lookOnly) leaves an "ending" entry alone once a
+ * command could not decide it, unless what was in the way is gone: each
+ * try may wait HOLD_TIMEOUT_MS and stops (ptrace) the application. A
+ * command that acts tries every time. */
+const UNDECIDED_BACKOFF_MS = 60_000;
 
 /** How long the next command tries to stop what is left of the
  * application, to see whether all of it is there and none dying. */
@@ -238,8 +261,65 @@ function stillPlaced(e: EndingEntry): boolean {
   }
 }
 
+/** What keeps the image's processes from being stopped now, as /proc
+ * shows it (no ptrace): traced by another, or a thread in state D. */
+function obstaclesOf(e: EndingEntry): Obstacle[] {
+  const found: Obstacle[] = [];
+  for (const p of e.processes ?? []) {
+    if (!isSameProcess(p.pid, p.startTime)) continue;
+    const tracer = tracerOf(p.pid);
+    if (tracer && tracer !== process.pid) found.push({ ...p, tracer });
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${p.pid}/task`);
+    } catch {
+      continue;
+    }
+    for (const tid of tids) if (readStat(Number(tid))?.state === 'D') found.push({ ...p, tid: Number(tid) });
+  }
+  return found;
+}
+
+function tracerOf(pid: number): number {
+  try {
+    return Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+/** Whether `o` is still in the way. */
+function stillInTheWay(o: Obstacle): boolean {
+  if (!isSameProcess(o.pid, o.startTime)) return false;
+  if (o.tracer) return tracerOf(o.pid) === o.tracer;
+  return o.tid !== undefined && readStat(o.tid)?.state === 'D';
+}
+
+/** An "ending" entry a command could not decide lately, and whose
+ * obstacle (if one was seen) is still there: a command that only looks
+ * leaves it for later, rather than wait and stop the application again. */
+function decidedNotNow(e: EndingEntry): boolean {
+  const u = e.undecided;
+  if (e.step !== 'ending' || !u) return false;
+  // A clock set back counts as the back-off over.
+  const age = Date.now() - u.at;
+  if (age < 0 || age >= UNDECIDED_BACKOFF_MS) return false;
+  return u.obstacles.length === 0 || u.obstacles.some(stillInTheWay);
+}
+
+/** APPSHOT_DEBUG=1: what the settling of an entry does (tests count it). */
+function debug(what: string): void {
+  if (process.env.APPSHOT_DEBUG) process.stderr.write(`appshot: ${what}\n`);
+}
+
+export interface RecoverOptions {
+  /** The command only looks (ps, ls, logs...): an entry tried lately and
+   * left undecided is left for later (UNDECIDED_BACKOFF_MS). */
+  lookOnly?: boolean;
+}
+
 /** Finishes the endings of snapshots whose owner is gone (see above). */
-export async function recoverEndings(home = defaultHome()): Promise<void> {
+export async function recoverEndings(home = defaultHome(), opts: RecoverOptions = {}): Promise<void> {
   const dir = join(home, 'tmp');
   let names: string[];
   try {
@@ -273,6 +353,18 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
       continue;
     }
     const entry = join(dir, name);
+    if (opts.lookOnly) {
+      let seen: EndingEntry | undefined;
+      try {
+        seen = parseEntry(readFileSync(entry, 'utf8'));
+      } catch {
+        /* claimed by another meanwhile, or unreadable: as below */
+      }
+      if (seen && decidedNotNow(seen)) {
+        debug(`the ending of '${seen.aid}' (a killed snapshot) is left undecided for now: tried ${Math.round((Date.now() - seen.undecided!.at) / 1000)} s ago; a command acting on it tries again`);
+        continue;
+      }
+    }
     // Taken by one command only: two that start at once would both act.
     const claimed = join(dir, `.${name}.recovering-${me.pid}-${me.startTime}`);
     try {
@@ -295,7 +387,14 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
     } catch {
       // Half done (a full disk, an application that would not stop): given
       // back, for the next command to finish; every step above can be
-      // taken again.
+      // taken again. Noted, with what was in the way, so that commands
+      // that only look do not each wait and stop the application again.
+      if (e.step === 'ending')
+        try {
+          writeEntry(claimed, { ...e, undecided: { at: Date.now(), obstacles: obstaclesOf(e) } });
+        } catch {
+          /* given back as it was */
+        }
       renameSync(claimed, entry);
       continue;
     }
@@ -345,6 +444,7 @@ function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry):
   // chose them): its init's children are found by the freezer.
   const roots = image.filter((p) => isSameProcess(p.pid, p.startTime) && addon().pidBelongs(p.pid, initPid, record.tables)).map((p) => p.pid);
   const freezer = new Freezer(roots, initPid);
+  debug(`the ending of '${e.aid}' (a killed snapshot): stopping the application to decide it`);
   try {
     freezer.freeze(HOLD_TIMEOUT_MS);
   } catch (err) {
