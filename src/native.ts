@@ -327,6 +327,15 @@ interface Addon {
   /** Every packet to the socket dropped (true), as if lost on the way,
    * or not; EEXIST for a socket with a filter of its own. */
   tcpLock(fd: number, on: boolean): void;
+  /** A guardian of the sockets held in repair mode, which lets each out
+   * of it the moment appshot is gone (tcp_repair.h): the channel to it. */
+  tcpGuardStart(): number;
+  /** Hands it a duplicate of socket `fd` (before it enters repair mode):
+   * `locked`, the drop-all filter may be attached; `reuse`, the
+   * application's SO_REUSEADDR. */
+  tcpGuardAdd(guard: number, fd: number, locked: boolean, reuse: number): void;
+  /** It lets go of the sockets untouched, and `guard` is closed. */
+  tcpGuardDisarm(guard: number): void;
   /** An appshot-keeper holds `fds` at `path` for image `imageId`, at most `holdSeconds` (tcp.ts). */
   keepConnections(binary: string, path: string, imageId: string, holdSeconds: number, fds: number[]): void;
   /** The kept sockets of image `imageId` ([] if dropped for another image) and the connection to say keeperDone on, null if no keeper is at `path`. */

@@ -41,6 +41,28 @@ Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// tcpGuardStart() -> the channel to a new guardian of the sockets held in
+// repair mode; tcpGuardAdd(guard, fd, locked, reuse); tcpGuardDisarm(guard)
+// (tcp_repair.h).
+Napi::Value TcpGuardStart(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  int guard = -1;
+  if (Failed(info.Env(), tcp_guard_start(&guard, &step), &step)) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), guard);
+}
+
+Napi::Value TcpGuardAdd(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_guard_add(Int(info[0]), Int(info[1]), info[2].ToBoolean(), Int(info[3]), &step), &step);
+  return info.Env().Undefined();
+}
+
+Napi::Value TcpGuardDisarm(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_guard_disarm(Int(info[0]), &step), &step);
+  return info.Env().Undefined();
+}
+
 // tcpLock(fd, on): every packet to the socket dropped (1) or not (0).
 Napi::Value TcpLock(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
@@ -320,6 +342,9 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   };
   fn("tcpRepair", TcpRepair);
   fn("tcpLock", TcpLock);
+  fn("tcpGuardStart", TcpGuardStart);
+  fn("tcpGuardAdd", TcpGuardAdd);
+  fn("tcpGuardDisarm", TcpGuardDisarm);
   fn("socketFilterLength", SocketFilterLength);
   fn("tcpRead", TcpRead);
   fn("tcpMake", TcpMake);

@@ -77,4 +77,17 @@ int tcp_state(int fd);
  * an application is given for a connection that was not kept. */
 int tcp_reset_socket(int family, int* out, const char** step);
 
+/* A guardian of the sockets a snapshot holds in repair mode: a process of
+ * its own (a fork, then init's), which is handed a duplicate of each
+ * socket before it enters repair mode, and lets out of it each one still
+ * in it (its filter detached if `locked`, SO_REUSEADDR set back to
+ * `reuse`) the moment the snapshot's process is gone, however it died:
+ * the end of *guard it holds closes then. Disarmed, it lets go of them
+ * untouched (the image carries them on, or they were let out already).
+ * Returns the end of the channel to it (close-on-exec) in *guard. */
+int tcp_guard_start(int* guard, const char** step);
+int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step);
+/* Disarms the guardian and closes `guard`. */
+int tcp_guard_disarm(int guard, const char** step);
+
 #endif

@@ -12,7 +12,11 @@
  * window and timestamp clock and its integer socket options are read. The socket
  * stays in repair mode while the application is frozen: ended after the
  * snapshot, its sockets close without a FIN or RST reaching the peer. Left
- * running (or if the snapshot fails), they leave repair mode again.
+ * running (or if the snapshot fails), they leave repair mode again. Only
+ * the snapshot's process can let them out: killed (kill -9) before, a
+ * guardian it forked lets them out at once (tcp_repair.h, tcp_guard_*),
+ * and the journal (ending.ts) has the next command do it where the
+ * guardian could not.
  *
  * Restore: a new socket in repair mode, bound and connected without a
  * handshake, its queues refilled; it leaves repair mode only once every
@@ -127,6 +131,11 @@ export class HeldConnections {
    * (releaseLeftInRepair). Throwing, it stops the dump before the socket
    * is touched. */
   onHold: ((socket: HeldSocket) => void) | undefined;
+  /** The channel to the guardian (tcp_repair.h), started with the first
+   * socket held: it lets each socket out of repair mode the moment this
+   * process dies, without waiting for a next command; -1 if it could not
+   * be started (the journal still covers it). */
+  private guard: number | undefined;
 
   /** `keeper`: where a connection goes that repair mode cannot hold. */
   constructor(private readonly keeper: SocketsForKeeper) {}
@@ -190,6 +199,7 @@ export class HeldConnections {
       throw e;
     }
     killPoint('snapshot: connection journaled');
+    this.guarded(dup, journal);
     try {
       addon().tcpRepair(dup, 1);
     } catch (e) {
@@ -238,6 +248,33 @@ export class HeldConnections {
     return this.remember(ino, { ...c, ino, closed: false, socketOptions: [...options, ...extras] });
   }
 
+  /** Hands `fd` to the guardian, started if need be. Best effort: without
+   * it, a command after this one's death lets the socket out (journal). */
+  private guarded(fd: number, journal: HeldSocket): void {
+    try {
+      this.guard ??= addon().tcpGuardStart();
+      if (this.guard >= 0) addon().tcpGuardAdd(this.guard, fd, journal.locked, journal.reuseAddr);
+    } catch {
+      this.disarm();
+      this.guard = -1;
+    }
+  }
+
+  /** The guardian lets go of the sockets untouched: from here, this
+   * process's death must leave them in repair mode (the image carries
+   * them on: call it before the ending is journaled), or they are out of
+   * it already. */
+  disarm(): void {
+    const guard = this.guard;
+    this.guard = undefined;
+    if (guard === undefined || guard < 0) return;
+    try {
+      addon().tcpGuardDisarm(guard);
+    } catch {
+      /* gone: it acts only on this process's death */
+    }
+  }
+
   private remember(ino: bigint, c: TcpConnection): TcpConnection {
     this.dumped.set(ino, c);
     return c;
@@ -264,6 +301,8 @@ export class HeldConnections {
         closeSync(fd);
       }
     }
+    // Once they are out (killed before, the guardian lets them out).
+    this.disarm();
     if (failure) throw failure;
   }
 
@@ -285,6 +324,7 @@ export class HeldConnections {
   /** The application was ended: our duplicates are closed, which in
    * repair mode tells the peers nothing (a keeper holds its own). */
   closeSilently(): void {
+    this.disarm();
     for (const { fd } of this.held.values()) closeSync(fd);
     this.held.clear();
   }

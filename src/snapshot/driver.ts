@@ -899,6 +899,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // its connections in repair mode, it removes the image). Then its threads die with us, so that appshot killed
       // before the file "released" cannot leave it running beside its
       // image, and the file says the image is it.
+      // The guardian that would let the connections out of repair mode at
+      // our death is disarmed first: from the ending on, the image carries
+      // them on (killed in between, the journal says "placing": rolled
+      // back, and the next command lets them out).
+      connections.disarm();
+      killPoint('snapshot: guardian disarmed');
       ending?.ending(
         [...freezer.processes].map((pid) => ({ pid, startTime: readStat(pid)?.startTime ?? 0 })),
         connections.inRepair,
@@ -1052,7 +1058,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     for (const l of parent?.chain ?? []) l.dispose();
     // Inside the committed image now, or discarded above.
     base?.journal.done();
-    // Done, or undone above: nothing is left for the next command.
+    // Done, or undone above: nothing is left for the next command, nor
+    // for the guardian (disarmed already but where a step threw first).
+    connections?.disarm();
     endingJournal?.done();
   }
 }

@@ -20,7 +20,8 @@
  *    repair mode a connection drops every packet, and only the snapshot
  *    could let it out): no image is in place, the application, let go by
  *    the kernel, runs on, and its connections still in repair mode are
- *    taken out of it (tcp.ts, releaseLeftInRepair).
+ *    taken out of it (tcp.ts, releaseLeftInRepair). Most often its
+ *    guardian (tcp.ts) did so already, at the instant appshot died.
  *  - "placing" (written before the image is renamed into place, with the
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
