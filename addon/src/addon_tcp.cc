@@ -41,14 +41,19 @@ Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// tcpGuardStart() -> the channel to a new guardian of the sockets held in
-// repair mode; tcpGuardAdd(guard, fd, locked, reuse); tcpGuardDisarm(guard)
-// (tcp_repair.h).
+// tcpGuardStart(binary) -> {fd, pid}: the channel to a new guardian of the
+// sockets held in repair mode, and its PID; tcpGuardAdd(fd, socket, locked,
+// reuse); tcpGuardDisarm(fd, pid) (tcp_repair.h).
 Napi::Value TcpGuardStart(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
   int guard = -1;
-  if (Failed(info.Env(), tcp_guard_start(&guard, &step), &step)) return info.Env().Undefined();
-  return Napi::Number::New(info.Env(), guard);
+  pid_t pid = 0;
+  std::string binary = info[0].As<Napi::String>().Utf8Value();
+  if (Failed(info.Env(), tcp_guard_start(binary.c_str(), &guard, &pid, &step), &step)) return info.Env().Undefined();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("fd", guard);
+  o.Set("pid", static_cast<double>(pid));
+  return o;
 }
 
 Napi::Value TcpGuardAdd(const Napi::CallbackInfo& info) {
@@ -59,7 +64,7 @@ Napi::Value TcpGuardAdd(const Napi::CallbackInfo& info) {
 
 Napi::Value TcpGuardDisarm(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
-  Failed(info.Env(), tcp_guard_disarm(Int(info[0]), &step), &step);
+  Failed(info.Env(), tcp_guard_disarm(Int(info[0]), Int(info[1]), &step), &step);
   return info.Env().Undefined();
 }
 

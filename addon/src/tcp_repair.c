@@ -14,15 +14,12 @@
 #include <netinet/ip6.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/prctl.h>
+#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -495,126 +492,42 @@ fail_errno:
   return rc;
 }
 
-/* ---- the guardian (tcp_repair.h) ----------------------------------------
- * Forked from appshot, a process with threads: only system calls from
- * here on in the child (no malloc, no stdio), as after any fork there. */
+extern char** environ;
 
-enum { GUARD_ADD = 1, GUARD_DISARM = 2 };
+/* ---- the guardian's channel (tcp_repair.h; the guardian itself is
+ * addon/guard/appshot_guard.c) ---------------------------------------- */
 
-typedef struct {
-  int32_t kind;
-  int32_t locked;
-  int32_t reuse;
-} guard_msg;
-
-typedef struct {
-  int fd;
-  int32_t locked;
-  int32_t reuse;
-} guarded;
-
-/* As many as a snapshot could hold: untouched pages of the mapping cost
- * nothing. */
-#define GUARD_MAX (1 << 20)
-
-static void guard_release(const guarded* g) {
-  int on = 0;
-  socklen_t len = sizeof on;
-  /* Let out already (release), or never put in: not to be touched. */
-  if (getsockopt(g->fd, SOL_TCP, TCP_REPAIR, &on, &len) || on != 1) return;
-  int unused = 0;
-  if (g->locked) setsockopt(g->fd, SOL_SOCKET, SO_DETACH_FILTER, &unused, sizeof unused);
-  int off = -1; /* TCP_REPAIR_OFF_NO_WP: no window probe */
-  setsockopt(g->fd, SOL_TCP, TCP_REPAIR, &off, sizeof off);
-  if (g->reuse) setsockopt(g->fd, SOL_SOCKET, SO_REUSEADDR, &g->reuse, sizeof g->reuse);
-}
-
-static void guard_run(int ctl) {
-  guarded* held = mmap(NULL, GUARD_MAX * sizeof(guarded), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (held == MAP_FAILED) _exit(1);
-  size_t n = 0;
-  for (;;) {
-    guard_msg m;
-    struct iovec iov = {&m, sizeof m};
-    union {
-      struct cmsghdr align;
-      char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct msghdr mh = {0};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = control.buf;
-    mh.msg_controllen = sizeof control.buf;
-    ssize_t r = recvmsg(ctl, &mh, MSG_CMSG_CLOEXEC);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      /* appshot is gone: what it held is let out. */
-      for (size_t i = 0; i < n; i++) guard_release(&held[i]);
-      _exit(0);
-    }
-    if ((size_t)r < sizeof m) continue;
-    if (m.kind == GUARD_DISARM) _exit(0);
-    struct cmsghdr* c = CMSG_FIRSTHDR(&mh);
-    if (m.kind != GUARD_ADD || !c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    int fd;
-    memcpy(&fd, CMSG_DATA(c), sizeof fd);
-    if (n == GUARD_MAX) {
-      close(fd);
-      continue;
-    }
-    held[n].fd = fd;
-    held[n].locked = m.locked;
-    held[n].reuse = m.reuse;
-    n++;
-  }
-}
-
-int tcp_guard_start(int* guard, const char** step) {
+int tcp_guard_start(const char* binary, int* guard, pid_t* pid, const char** step) {
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv)) FAIL("making the channel to the connections' guardian");
-  pid_t mid = fork();
-  if (mid < 0) {
-    int e = errno;
-    close(sv[0]);
-    close(sv[1]);
-    errno = e;
-    FAIL("forking the connections' guardian");
-  }
-  if (mid == 0) {
-    /* The guardian is the grandchild, init's (nobody waits for it), in a
-     * session of its own (a Ctrl-C to appshot's terminal is not for it),
-     * holding nothing of appshot's but its end of the channel. */
-    if (setsid() < 0) _exit(1);
-    pid_t g = fork();
-    if (g != 0) _exit(g < 0);
-    prctl(PR_SET_NAME, "appshot-guard", 0, 0, 0);
-    /* Deaf to what is meant for appshot or a terminal (as the affinity
-     * guard, addon_trace.cc): it ends when appshot does. */
-    struct sigaction ignore;
-    memset(&ignore, 0, sizeof ignore);
-    ignore.sa_handler = SIG_IGN;
-    const int deaf[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2};
-    for (size_t i = 0; i < sizeof deaf / sizeof deaf[0]; i++) sigaction(deaf[i], &ignore, NULL);
-    int ctl = sv[1];
-    if (ctl > 0) syscall(SYS_close_range, 0, ctl - 1, 0);
-    syscall(SYS_close_range, ctl + 1, ~0U, 0);
-    guard_run(ctl);
-  }
+  /* Spawned (vfork-like), not forked: the snapshot starts it with the
+   * application frozen, and a fork would make each page appshot writes
+   * afterwards fault once (its page tables write-protected for the copy).
+   * In a session of its own (a Ctrl-C to appshot's terminal is not for
+   * it), its end of the channel as descriptor 0 and nothing else. */
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawnattr_init(&attr);
+  posix_spawn_file_actions_adddup2(&actions, sv[1], 0);
+  posix_spawn_file_actions_addclosefrom_np(&actions, 1);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+  char* const argv[] = {(char*)"appshot-guard", NULL};
+  int rc = posix_spawn(pid, binary, &actions, &attr, argv, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
   close(sv[1]);
-  int status = 0;
-  while (waitpid(mid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  if (rc) {
     close(sv[0]);
-    errno = EAGAIN;
-    FAIL("forking the connections' guardian");
+    errno = rc;
+    FAIL("starting the connections' guardian");
   }
   *guard = sv[0];
   return 0;
 }
 
 int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step) {
-  guard_msg m = {GUARD_ADD, locked, reuse};
+  tcp_guard_msg m = {TCP_GUARD_ADD, locked, reuse};
   struct iovec iov = {&m, sizeof m};
   union {
     struct cmsghdr align;
@@ -638,13 +551,17 @@ int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step) {
   return 0;
 }
 
-int tcp_guard_disarm(int guard, const char** step) {
-  guard_msg m = {GUARD_DISARM, 0, 0};
+int tcp_guard_disarm(int guard, pid_t pid, const char** step) {
+  tcp_guard_msg m = {TCP_GUARD_DISARM, 0, 0};
   ssize_t r;
   while ((r = send(guard, &m, sizeof m, MSG_NOSIGNAL)) < 0 && errno == EINTR) {
   }
   int e = errno;
   close(guard);
+  /* It exits at once, told or not (the channel closed): reaped, as a
+   * resident engine would otherwise gather them. */
+  while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+  }
   if (r < 0) {
     errno = e;
     FAIL("disarming the connections' guardian");

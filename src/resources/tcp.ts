@@ -14,7 +14,7 @@
  * snapshot, its sockets close without a FIN or RST reaching the peer. Left
  * running (or if the snapshot fails), they leave repair mode again. Only
  * the snapshot's process can let them out: killed (kill -9) before, a
- * guardian it forked lets them out at once (tcp_repair.h, tcp_guard_*),
+ * guardian it started lets them out at once (appshot-guard, tcp_repair.h),
  * and the journal (ending.ts) has the next command do it where the
  * guardian could not.
  *
@@ -56,7 +56,7 @@ import { closeSync, fstatSync, readdirSync, readFileSync, readlinkSync } from 'n
 import { AppshotError } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
-import { addon, type RepairedConnection } from '../native.js';
+import { addon, paths, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
@@ -133,9 +133,9 @@ export class HeldConnections {
   onHold: ((socket: HeldSocket) => void) | undefined;
   /** The channel to the guardian (tcp_repair.h), started with the first
    * socket held: it lets each socket out of repair mode the moment this
-   * process dies, without waiting for a next command; -1 if it could not
-   * be started (the journal still covers it). */
-  private guard: number | undefined;
+   * process dies, without waiting for a next command; null if it could
+   * not be started (the journal still covers it). */
+  private guard: { fd: number; pid: number } | null | undefined;
 
   /** `keeper`: where a connection goes that repair mode cannot hold. */
   constructor(private readonly keeper: SocketsForKeeper) {}
@@ -252,11 +252,11 @@ export class HeldConnections {
    * it, a command after this one's death lets the socket out (journal). */
   private guarded(fd: number, journal: HeldSocket): void {
     try {
-      this.guard ??= addon().tcpGuardStart();
-      if (this.guard >= 0) addon().tcpGuardAdd(this.guard, fd, journal.locked, journal.reuseAddr);
+      if (this.guard === undefined) this.guard = addon().tcpGuardStart(paths.guard);
+      if (this.guard) addon().tcpGuardAdd(this.guard.fd, fd, journal.locked, journal.reuseAddr);
     } catch {
       this.disarm();
-      this.guard = -1;
+      this.guard = null;
     }
   }
 
@@ -267,9 +267,9 @@ export class HeldConnections {
   disarm(): void {
     const guard = this.guard;
     this.guard = undefined;
-    if (guard === undefined || guard < 0) return;
+    if (!guard) return;
     try {
-      addon().tcpGuardDisarm(guard);
+      addon().tcpGuardDisarm(guard.fd, guard.pid);
     } catch {
       /* gone: it acts only on this process's death */
     }
