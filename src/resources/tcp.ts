@@ -222,7 +222,13 @@ export class HeldConnections {
     const held = { fd: dup, options: [] as SocketOption[], locked: false, journal };
     this.held.set(ino, held);
     killPoint('snapshot: connection in repair mode');
-    const options = (held.options = CARRIED_OPTIONS.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) })));
+    // SO_REUSEADDR as the application had it, read before repair mode
+    // (which reads back 2, "forced", whatever it was).
+    const options = (held.options = CARRIED_OPTIONS.map(([level, name]) => ({
+      level,
+      name,
+      value: level === SOL_SOCKET && name === SO_REUSEADDR ? journal.reuseAddr : addon().getSockOpt(dup, level, name),
+    })));
     let c: RepairedConnection;
     // The rest of what the application set (sockopts.ts); kernel TLS and
     // other upper layers refused by name.
