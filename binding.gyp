@@ -1,11 +1,13 @@
 {
-  # Five products, all built by `npm install` (node-gyp):
+  # Six products, all built by `npm install` (node-gyp):
   #  - appshot.node: the Node addon (tables, ptrace, page data)
   #  - appshot_preload.so: the LD_PRELOAD library, plain C, which lives
   #    inside the user's programs and so must not drag in libstdc++
   #  - appshot-init: each application's supervisor (virtual PID 1)
   #  - appshot-keeper: holds an ended application's TCP connections
   #    until its restore (addon/keeper/appshot_keeper.c)
+  #  - appshot-guard: lets a snapshot's TCP connections out of repair
+  #    mode if the snapshot dies (addon/guard/appshot_guard.c)
   #  - appshot-client: the `appshot` command's hand-over to a resident
   #    engine, without starting Node (addon/client/appshot_client.c)
   "target_defaults": {
@@ -57,6 +59,12 @@
       "target_name": "appshot-keeper",
       "type": "executable",
       "sources": ["addon/keeper/appshot_keeper.c"],
+      "ldflags": ["-Wl,--as-needed"]
+    },
+    {
+      "target_name": "appshot-guard",
+      "type": "executable",
+      "sources": ["addon/guard/appshot_guard.c"],
       "ldflags": ["-Wl,--as-needed"]
     },
     {

@@ -170,10 +170,11 @@ export class ClonedWithError extends AppshotError {
  * application is finished one way or the other); turning a system
  * call's failure (ENOENT on a path given, EACCES...) into an AppshotError
  * as the CLI reports it; any other error is a bug and goes through as it
- * is. */
-async function call<T>(opts: CommonOptions, body: () => Promise<T> | T): Promise<T> {
+ * is. `lookOnly`: the call only looks (ps), as settleKilledCommands takes
+ * it. */
+async function call<T>(opts: CommonOptions, body: () => Promise<T> | T, lookOnly = false): Promise<T> {
   const settled = async () => {
-    await settleKilledCommands();
+    await settleKilledCommands(undefined, { lookOnly });
     return body();
   };
   try {
@@ -267,7 +268,7 @@ export function ps(aid?: string, opts: PsOptions = {}): Promise<ApplicationInfo[
   return call(opts, () => {
     const reg = registry(opts);
     return describeApplications(reg, selectApplications(reg, aid, opts.all ?? false));
-  });
+  }, true);
 }
 
 /** Freezes every process of the application and writes its image

@@ -932,14 +932,20 @@ export async function runCommand(argv: string[]): Promise<void> {
     // What a command killed with SIGKILL left half-written: removed before
     // every command's action (--help and --version have none), and the
     // ending of an application a killed snapshot left half-done finished.
-    program.hook('preAction', async () => {
-      await (await import('./image/partial.js')).settleKilledCommands();
+    // A command that only looks leaves an ending tried lately and left
+    // undecided for later (ending.ts): each try stops the application.
+    program.hook('preAction', async (_program, action) => {
+      await (await import('./image/partial.js')).settleKilledCommands(undefined, { lookOnly: LOOK_ONLY.has(action.name()) });
     });
     await program.parseAsync(argv);
   } catch (e) {
     reportError(e);
   }
 }
+
+/** The commands that only look: ps, table, logs, inspect, template show,
+ * key ls, port (settleKilledCommands' lookOnly). */
+const LOOK_ONLY = new Set(['ps', 'table', 'logs', 'inspect', 'show', 'ls', 'port']);
 
 /** The CLI process: one command, then the process ends. */
 export async function main(): Promise<void> {

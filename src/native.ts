@@ -18,6 +18,7 @@ export const paths = {
   preload: join(release, 'appshot_preload.so'),
   init: join(release, 'appshot-init'),
   keeper: join(release, 'appshot-keeper'),
+  guard: join(release, 'appshot-guard'),
 };
 
 /** The resource kinds of the translation tables, in the header's order. */
@@ -327,6 +328,16 @@ interface Addon {
   /** Every packet to the socket dropped (true), as if lost on the way,
    * or not; EEXIST for a socket with a filter of its own. */
   tcpLock(fd: number, on: boolean): void;
+  /** A guardian of the sockets held in repair mode, which lets each out
+   * of it the moment appshot is gone (appshot-guard, tcp_repair.h): the
+   * channel to it, and its PID. */
+  tcpGuardStart(binary: string): { fd: number; pid: number };
+  /** Hands it a duplicate of socket `socket` (before it enters repair
+   * mode): `locked`, the drop-all filter may be attached; `reuse`, the
+   * application's SO_REUSEADDR. */
+  tcpGuardAdd(fd: number, socket: number, locked: boolean, reuse: number): void;
+  /** It lets go of the sockets untouched; `fd` is closed and it is reaped. */
+  tcpGuardDisarm(fd: number, pid: number): void;
   /** An appshot-keeper holds `fds` at `path` for image `imageId`, at most `holdSeconds` (tcp.ts). */
   keepConnections(binary: string, path: string, imageId: string, holdSeconds: number, fds: number[]): void;
   /** The kept sockets of image `imageId` ([] if dropped for another image) and the connection to say keeperDone on, null if no keeper is at `path`. */

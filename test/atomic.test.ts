@@ -678,6 +678,76 @@ describe('a snapshot that fails or is killed at a step', () => {
     await rolledBack(aid, image, pids);
   });
 
+  // The same entry, that no command can decide while the tracer stays:
+  // each try stops (ptrace) the application and may wait 5 s. A command
+  // that only looks (the CLI's ps, the API's ps) tries it once, then
+  // leaves it for later while what was in the way is still there; a
+  // command that acts still tries each time; and once the tracer is gone,
+  // the next ps tries at once and rolls back. (APPSHOT_DEBUG says each
+  // time the application is stopped to decide it.)
+  it("killed at 'ending journaled', one of its processes traced by another: ps after ps stops the application only the first time, a command that acts tries again, and once the tracer is gone ps rolls back", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-backoff';
+    await started(aid);
+    const pids = processesOf(aid);
+    const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    const child = pids.find((p) => pids.includes(ppidOf(p)))!;
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const [entry] = endingEntries();
+    const witness = (JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { witness: { pid: number } }).witness;
+    process.kill(witness.pid, 'SIGKILL');
+    await waitFor(() => ['', 'Z'].includes(stateOf(witness.pid)), 10_000, 'the witness to be gone');
+    const addonPath = join(root, 'build', 'Release', 'appshot.node');
+    const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const stopsToDecide = /stopping the application to decide it/;
+    const debugged = (args: string[]) => spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_DEBUG: '1' }, encoding: 'utf8', timeout: 50_000 });
+    try {
+      let said = '';
+      tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
+      await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
+      const first = debugged(['ps']);
+      expect(first.status, first.stderr).toBe(0);
+      expect(first.stderr).toMatch(stopsToDecide);
+      expect(endingEntries()).toHaveLength(1);
+      for (let i = 0; i < 3; i++) {
+        const again = debugged(['ps', '--json']);
+        expect(again.status, again.stderr).toBe(0);
+        expect(again.stderr).not.toMatch(stopsToDecide);
+        expect(again.stderr).toMatch(new RegExp(`the ending of '${aid}' \\(a killed snapshot\\) is left undecided for now`));
+      }
+      // The API's ps, in this process: what it writes on stderr is taken.
+      const written: string[] = [];
+      const write = process.stderr.write;
+      process.env.APPSHOT_DEBUG = '1';
+      process.stderr.write = ((chunk: string | Uint8Array) => written.push(String(chunk)) > 0) as typeof process.stderr.write;
+      try {
+        await api.ps(aid, { home: sb.home });
+      } finally {
+        process.stderr.write = write;
+        delete process.env.APPSHOT_DEBUG;
+      }
+      expect(written.join('')).not.toMatch(stopsToDecide);
+      expect(written.join('')).toMatch(/is left undecided for now/);
+      // A command that acts (exec) tries again, and decides nothing either.
+      const acting = debugged(['exec', aid, '--', 'true']);
+      expect(acting.status, acting.stderr).toBe(0);
+      expect(acting.stderr).toMatch(stopsToDecide);
+      expect(endingEntries()).toHaveLength(1);
+      expect(existsSync(image)).toBe(true);
+      await sb.checksPass(aid, 2);
+    } finally {
+      tracer.kill('SIGKILL');
+    }
+    await waitFor(() => tracerOf(child) === 0, 10_000, 'the other tracer to let the child go');
+    const last = debugged(['ps']);
+    expect(last.status, last.stderr).toBe(0);
+    expect(last.stderr).toMatch(stopsToDecide);
+    await rolledBack(aid, image, pids);
+  });
+
   it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
     const aid = 'skill-released';
     await started(aid);

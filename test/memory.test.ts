@@ -92,6 +92,16 @@ describe('a program snapshotted while it reads /proc/self/smaps and maps goes on
   });
 });
 
+describe('a program snapshotted while it reads its /proc texts goes on at the same line, or at their end', () => {
+  // The restored process's /proc/self/io, limits, status and timers are
+  // other texts (its own counts and PIDs): at the same byte offset, the
+  // fixture read io's second line from its middle (its first, the bytes
+  // read, has nine digits in the original and one in the restored
+  // process: "io goes on with "", not with its wchar line"), and a text
+  // read to its end whose PID gained a digit gave the end of a line again.
+  roundTrips('prd', [fixture('procreader')]);
+});
+
 /** kB of memory that each process of `aid` holds alone (Private_Clean +
  * Private_Dirty of smaps_rollup), summed: pages shared between them count
  * in none. */

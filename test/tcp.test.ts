@@ -11,7 +11,7 @@
  *
  * Ports 26600-26999 are this file's.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { connect, createServer, type Socket } from 'node:net';
 import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -149,6 +149,36 @@ function keepers(home: string): number[] {
     }
   }
   return found;
+}
+
+/** The guardians (appshot-guard, tcp_repair.h) of snapshots of this
+ * file's sandbox. */
+function guardians(): number[] {
+  return readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .map(Number)
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'appshot-guard' && readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`APPSHOT_HOME=${sb.home}`);
+      } catch {
+        return false;
+      }
+    });
+}
+
+/** The journal entries of killed snapshots' endings (ending.ts). */
+function endingEntries(): string[] {
+  const dir = join(sb.home, 'tmp');
+  return (existsSync(dir) ? readdirSync(dir) : []).filter((name) => /^\.?ending-/.test(name));
+}
+
+/** A process's state letter (T: stopped), '' once it is gone. */
+function stateOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[0];
+  } catch {
+    return '';
+  }
 }
 
 /** byte i of BIG is i % 251; the first index where `b` differs, or -1. */
@@ -670,6 +700,91 @@ describe('memcached with a client that stays connected', () => {
     client.socket.destroy();
     run(['stop', aid, '-s', 'KILL']);
   });
+
+  // Killed while its dump holds the client's connection in repair mode,
+  // before any image is in place (the default snapshot, and
+  // --leave-running), or once its image is in place: a guardian the
+  // snapshot forked (appshot-guard, handed each socket just before it
+  // entered repair mode) lets the connection out of repair mode, filter
+  // and all, the moment appshot dies: the client's next request on it is
+  // answered before any other command runs. The next command finds it out
+  // of repair mode already, and its journal entry goes. One killed just
+  // after the journal, before the connection entered repair mode, leaves
+  // it as it is.
+  const killedHolding: [point: string, leaveRunning: boolean][] = [
+    ['connection in repair mode', false],
+    ['dumping memory', false],
+    ['dumping memory', true],
+    ['connection journaled', false],
+    ['image committed', false],
+  ];
+  for (const [n, [point, leaveRunning]] of killedHolding.entries()) {
+    it.runIf(existsSync(MEMCACHED) && isRoot)(`a snapshot${leaveRunning ? ' --leave-running' : ''} killed at '${point}': its guardian lets the connection out of repair mode at once, and the application answers on the client's connection before any command`, async () => {
+      const port = 26634 + n;
+      const aid = `tcpmcd${n}`;
+      const client = await memcachedWithClient(aid, port);
+      const image = join(out, aid);
+      const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, ...(leaveRunning ? ['--leave-running'] : [])], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: `snapshot: ${point}` },
+        encoding: 'utf8',
+      });
+      expect(killed.signal, killed.stderr).toBe('SIGKILL');
+      client.socket.write('get greeting\r\n');
+      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      await waitFor(() => guardians().length === 0, 10_000, 'the guardian to end');
+      run(['ps']);
+      expect(existsSync(image)).toBe(false);
+      expect(sb.aids()).toContain(aid);
+      expect(endingEntries()).toEqual([]);
+      client.socket.write('get greeting\r\n');
+      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      client.whole();
+      client.socket.destroy();
+      run(['stop', aid, '-s', 'KILL']);
+    });
+  }
+
+  // Where the guardian cannot act, the journal does: killed once the
+  // guardian was disarmed, just before the ending is journaled (the image
+  // in place: "placing"), or with the guardian itself killed first, while
+  // dumping ("holding"), the snapshot leaves the connection in repair mode,
+  // and the next command lets it out (pidfd_getfd), filter and all.
+  for (const [n, point] of ['guardian disarmed', 'dumping memory'].entries()) {
+    const guardianKilled = point === 'dumping memory';
+    it.runIf(existsSync(MEMCACHED) && isRoot)(`a snapshot killed at '${point}'${guardianKilled ? ' with its guardian killed first' : ''}: the next command lets the connection out of repair mode, and the application answers on the client's connection`, async () => {
+      const port = 26639 + n * 70;
+      const aid = `tcpmcj${n}`;
+      const client = await memcachedWithClient(aid, port);
+      const image = join(out, aid);
+      const env = { ...sb.env, APPSHOT_ENGINE: 'off', [guardianKilled ? 'APPSHOT_TEST_STOP_AT' : 'APPSHOT_TEST_KILL_AT']: `snapshot: ${point}` };
+      if (guardianKilled) {
+        const snapshot = spawn(process.execPath, [cli, 'snapshot', aid, '-o', image], { env, stdio: 'ignore' });
+        const ended = new Promise((r) => snapshot.once('exit', r));
+        await waitFor(() => stateOf(snapshot.pid!) === 'T', 20_000, 'the snapshot to stop at the point');
+        const [guardian] = guardians();
+        expect(guardian).toBeDefined();
+        process.kill(guardian, 'SIGKILL');
+        await waitFor(() => !guardians().includes(guardian), 10_000, 'the guardian to be gone');
+        snapshot.kill('SIGKILL');
+        await ended;
+      } else {
+        const killed = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image], { env, encoding: 'utf8' });
+        expect(killed.signal, killed.stderr).toBe('SIGKILL');
+      }
+      expect(endingEntries()).toHaveLength(1);
+      run(['ps']);
+      expect(existsSync(image)).toBe(false);
+      expect(sb.aids()).toContain(aid);
+      expect(endingEntries()).toEqual([]);
+      client.socket.write('get greeting\r\n');
+      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      client.whole();
+      client.socket.destroy();
+      run(['stop', aid, '-s', 'KILL']);
+    });
+  }
 
   // Failing once its ending is journaled (the connections held in repair
   // mode by the snapshot and handed to a keeper), and killed at each step

@@ -41,6 +41,33 @@ Napi::Value TcpRepair(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// tcpGuardStart(binary) -> {fd, pid}: the channel to a new guardian of the
+// sockets held in repair mode, and its PID; tcpGuardAdd(fd, socket, locked,
+// reuse); tcpGuardDisarm(fd, pid) (tcp_repair.h).
+Napi::Value TcpGuardStart(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  int guard = -1;
+  pid_t pid = 0;
+  std::string binary = info[0].As<Napi::String>().Utf8Value();
+  if (Failed(info.Env(), tcp_guard_start(binary.c_str(), &guard, &pid, &step), &step)) return info.Env().Undefined();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("fd", guard);
+  o.Set("pid", static_cast<double>(pid));
+  return o;
+}
+
+Napi::Value TcpGuardAdd(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_guard_add(Int(info[0]), Int(info[1]), info[2].ToBoolean(), Int(info[3]), &step), &step);
+  return info.Env().Undefined();
+}
+
+Napi::Value TcpGuardDisarm(const Napi::CallbackInfo& info) {
+  const char* step = nullptr;
+  Failed(info.Env(), tcp_guard_disarm(Int(info[0]), Int(info[1]), &step), &step);
+  return info.Env().Undefined();
+}
+
 // tcpLock(fd, on): every packet to the socket dropped (1) or not (0).
 Napi::Value TcpLock(const Napi::CallbackInfo& info) {
   const char* step = nullptr;
@@ -320,6 +347,9 @@ void RegisterTcp(Napi::Env env, Napi::Object exports) {
   };
   fn("tcpRepair", TcpRepair);
   fn("tcpLock", TcpLock);
+  fn("tcpGuardStart", TcpGuardStart);
+  fn("tcpGuardAdd", TcpGuardAdd);
+  fn("tcpGuardDisarm", TcpGuardDisarm);
   fn("socketFilterLength", SocketFilterLength);
   fn("tcpRead", TcpRead);
   fn("tcpMake", TcpMake);

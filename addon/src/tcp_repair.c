@@ -18,7 +18,9 @@
 #include <string.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
+#include <spawn.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 
@@ -488,4 +490,81 @@ fail_errno:
   if (c >= 0) close(c);
   close(l);
   return rc;
+}
+
+extern char** environ;
+
+/* ---- the guardian's channel (tcp_repair.h; the guardian itself is
+ * addon/guard/appshot_guard.c) ---------------------------------------- */
+
+int tcp_guard_start(const char* binary, int* guard, pid_t* pid, const char** step) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv)) FAIL("making the channel to the connections' guardian");
+  /* Spawned (vfork-like), not forked: the snapshot starts it with the
+   * application frozen, and a fork would make each page appshot writes
+   * afterwards fault once (its page tables write-protected for the copy).
+   * In a session of its own (a Ctrl-C to appshot's terminal is not for
+   * it), its end of the channel as descriptor 0 and nothing else. */
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawnattr_init(&attr);
+  posix_spawn_file_actions_adddup2(&actions, sv[1], 0);
+  posix_spawn_file_actions_addclosefrom_np(&actions, 1);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+  char* const argv[] = {(char*)"appshot-guard", NULL};
+  int rc = posix_spawn(pid, binary, &actions, &attr, argv, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  close(sv[1]);
+  if (rc) {
+    close(sv[0]);
+    errno = rc;
+    FAIL("starting the connections' guardian");
+  }
+  *guard = sv[0];
+  return 0;
+}
+
+int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step) {
+  tcp_guard_msg m = {TCP_GUARD_ADD, locked, reuse};
+  struct iovec iov = {&m, sizeof m};
+  union {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int))];
+  } control;
+  memset(&control, 0, sizeof control);
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = control.buf;
+  mh.msg_controllen = sizeof control.buf;
+  struct cmsghdr* c = CMSG_FIRSTHDR(&mh);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  ssize_t r;
+  while ((r = sendmsg(guard, &mh, MSG_NOSIGNAL)) < 0 && errno == EINTR) {
+  }
+  if (r < 0) FAIL("handing a socket to the connections' guardian");
+  return 0;
+}
+
+int tcp_guard_disarm(int guard, pid_t pid, const char** step) {
+  tcp_guard_msg m = {TCP_GUARD_DISARM, 0, 0};
+  ssize_t r;
+  while ((r = send(guard, &m, sizeof m, MSG_NOSIGNAL)) < 0 && errno == EINTR) {
+  }
+  int e = errno;
+  close(guard);
+  /* It exits at once, told or not (the channel closed): reaped, as a
+   * resident engine would otherwise gather them. */
+  while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+  }
+  if (r < 0) {
+    errno = e;
+    FAIL("disarming the connections' guardian");
+  }
+  return 0;
 }

@@ -7,6 +7,7 @@
 #define APPSHOT_TCP_REPAIR_H
 
 #include <stdint.h>
+#include <sys/types.h>
 #include <netinet/in.h>
 
 typedef struct {
@@ -76,5 +77,28 @@ int tcp_state(int fd);
 /* A connected TCP socket of `family` whose connection was reset: what
  * an application is given for a connection that was not kept. */
 int tcp_reset_socket(int family, int* out, const char** step);
+
+/* A guardian of the sockets a snapshot holds in repair mode: a process of
+ * its own (`binary`, addon/guard/appshot_guard.c, spawned in a session of
+ * its own; *pid), which is handed a duplicate of
+ * each socket before it enters repair mode, and lets out of it each one
+ * still in it (its filter detached if `locked`, SO_REUSEADDR set back to
+ * `reuse`) the moment the snapshot's process is gone, however it died:
+ * the end of *guard it holds closes then. Disarmed, it lets go of them
+ * untouched (the image carries them on, or they were let out already).
+ * Returns the end of the channel to it (close-on-exec) in *guard. */
+int tcp_guard_start(const char* binary, int* guard, pid_t* pid, const char** step);
+int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step);
+/* Disarms the guardian, closes `guard` and reaps it. */
+int tcp_guard_disarm(int guard, pid_t pid, const char** step);
+
+/* A message on the channel (SOCK_SEQPACKET); TCP_GUARD_ADD carries the
+ * socket (SCM_RIGHTS). */
+enum { TCP_GUARD_ADD = 1, TCP_GUARD_DISARM = 2 };
+typedef struct {
+  int32_t kind;
+  int32_t locked;
+  int32_t reuse;
+} tcp_guard_msg;
 
 #endif

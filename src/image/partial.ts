@@ -94,7 +94,10 @@ export function removeStaleTemporaries(home = defaultHome()): boolean {
  * the ending of an application a killed snapshot left half-done finished
  * (snapshot/ending.ts, loaded only then). Before every command of the CLI
  * (its preAction) and every call of the Node API (api.ts): one function,
- * so that both settle the same things. */
-export async function settleKilledCommands(home = defaultHome()): Promise<void> {
-  if (removeStaleTemporaries(home)) await (await import('../snapshot/ending.js')).recoverEndings(home);
+ * so that both settle the same things. `lookOnly`: the command only looks
+ * (ps, ls, logs...): an ending tried lately and left undecided (another
+ * tracer, a thread in state D) is left for a later command rather than
+ * tried again each time (ending.ts). */
+export async function settleKilledCommands(home = defaultHome(), opts: { lookOnly?: boolean } = {}): Promise<void> {
+  if (removeStaleTemporaries(home)) await (await import('../snapshot/ending.js')).recoverEndings(home, opts);
 }

@@ -483,6 +483,17 @@ export interface Fd {
   /** A /proc listing of mappings read part way: where its reader is, by
    * mapping (resources/listings.ts); absent otherwise and in older images. */
   listingPosition?: ListingPosition;
+  /** Another /proc text read part way or to its end: where its reader is,
+   * by line (resources/proctext.ts); absent otherwise and in older images. */
+  textPosition?: TextPosition;
+}
+
+/** A place in a /proc text: its line `line` (from 0), byte `column` of
+ * that line; or its end. */
+export interface TextPosition {
+  atEnd: boolean;
+  line: number;
+  column: number;
 }
 
 /** A place in a /proc listing of mappings: the record of the mapping that

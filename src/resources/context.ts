@@ -132,9 +132,9 @@ export class RestoreContext {
   private readonly mine: number[] = [];
   /** Directories made only to be entered (removedDirectory). */
   private readonly removeAtClose: string[] = [];
-  /** What waits until every process's memory is as it will run
-   * (whenMemoryIsFinal). */
-  private readonly afterMemory: (() => void)[] = [];
+  /** What waits until every process is as it will run
+   * (whenProcessesAreFinal). */
+  private readonly afterProcesses: (() => void)[] = [];
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
   /** What undoes objects made outside the application (a named message
@@ -294,16 +294,18 @@ export class RestoreContext {
       }
   }
 
-  /** Runs `step` once every process's memory is final: filled, its
-   * protections and advice given, the restore's scratch areas unmapped
-   * (what reads a process's own listing of its mappings, listings.ts). */
-  whenMemoryIsFinal(step: () => void): void {
-    this.afterMemory.push(step);
+  /** Runs `step` once every process is as it will run: its memory
+   * filled, its protections and advice given, the restore's scratch areas
+   * unmapped; its threads, timers, limits and credentials restored (what
+   * reads a process's own /proc text: its listing of its mappings,
+   * listings.ts; its status, timers, io, proctext.ts). */
+  whenProcessesAreFinal(step: () => void): void {
+    this.afterProcesses.push(step);
   }
 
-  /** Every process's memory is final: what waited for it runs. */
-  memoryIsFinal(): void {
-    for (const step of this.afterMemory.splice(0)) step();
+  /** Every process is as it will run: what waited for it runs. */
+  processesAreFinal(): void {
+    for (const step of this.afterProcesses.splice(0)) step();
   }
 
   close(): void {

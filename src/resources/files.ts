@@ -36,6 +36,7 @@ import { openUnconnected } from './unconnected.js';
 import { dumpPidfd, openPidfd } from './pidfd.js';
 import { dumpMessageQueue, isMessageQueue, openMessageQueue } from './mqueue.js';
 import { dumpListingPosition, isMappingListing, positionInListing } from './listings.js';
+import { dumpTextPosition, positionInText } from './proctext.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -148,6 +149,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         // Read part way, a listing of mappings keeps its reader's place by
         // mapping: its bytes are another text after a restore.
         if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, listingsBefore?.get(target), frozenMappings?.(Number(proc![1])));
+        // Another /proc text read part way or to its end keeps its place
+        // by line, for the same reason.
+        else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, target, fd.flags, fd.pos);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
@@ -350,12 +354,14 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // addon/preload/preload_fd.c): the new application's tables.
   if (fd.path === h.image.tablesPath) return h.keep(openSync(h.tablesPath, plain));
   let got: number;
+  let path: string | undefined;
   // The new log is another file, which its writers append to: its
   // position is its own.
   if (h.image.logPath && fd.path === h.image.logPath) return h.log();
   if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
-    const path = restoredProcPath(fd.path, restoredPid(h, fd.procVpid));
+    const proc = restoredProcPath(fd.path, restoredPid(h, fd.procVpid));
+    path = proc;
     got = h.keep(openSync(path, plain));
     // A listing of mappings read part way: its place there is found once
     // the process's memory is as it will run (our descriptor shares the
@@ -363,13 +369,21 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     const at = fd.listingPosition;
     if (at && isMappingListing(path)) {
       const listing = got;
-      h.whenMemoryIsFinal(() => positionInListing(listing, at));
+      h.whenProcessesAreFinal(() => positionInListing(listing, at));
       return got;
     }
-  } else got = h.keep(openSync(filePath(h, p, fd), plain));
+  } else got = h.keep(openSync((path = filePath(h, p, fd)), plain));
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
   if (fd.pos) addon().lseek(got, Number(fd.pos));
+  // Another /proc text: its place by line, once the processes it shows
+  // are as they will run.
+  const at = fd.textPosition;
+  if (at && path !== undefined) {
+    const text = got;
+    const textPath = path;
+    h.whenProcessesAreFinal(() => positionInText(text, textPath, plain, at));
+  }
   return got;
 }
 

@@ -22,7 +22,7 @@
  * The restore puts the descriptor at the same line of the record of the
  * mapping that holds that address in the restored listing (a restore may
  * map as one what were two adjacent mappings), once every process's
- * memory is as it will run (RestoreContext.whenMemoryIsFinal). The reader
+ * memory is as it will run (RestoreContext.whenProcessesAreFinal). The reader
  * goes on with that mapping's remaining lines as they are now, then the
  * mappings after it: not byte for byte what the original would have read
  * (the counts are the restored process's), but never another mapping's

@@ -12,7 +12,11 @@
  * window and timestamp clock and its integer socket options are read. The socket
  * stays in repair mode while the application is frozen: ended after the
  * snapshot, its sockets close without a FIN or RST reaching the peer. Left
- * running (or if the snapshot fails), they leave repair mode again.
+ * running (or if the snapshot fails), they leave repair mode again. Only
+ * the snapshot's process can let them out: killed (kill -9) before, a
+ * guardian it started lets them out at once (appshot-guard, tcp_repair.h),
+ * and the journal (ending.ts) has the next command do it where the
+ * guardian could not.
  *
  * Restore: a new socket in repair mode, bound and connected without a
  * handshake, its queues refilled; it leaves repair mode only once every
@@ -50,8 +54,9 @@
  */
 import { closeSync, fstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
+import { killPoint } from '../killpoint.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
-import { addon, type RepairedConnection } from '../native.js';
+import { addon, paths, type RepairedConnection } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
@@ -72,6 +77,8 @@ const SOL_SOCKET = 1;
 const IPPROTO_TCP = 6;
 const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
+/** Read back, 1 while the socket is in repair mode. */
+const TCP_REPAIR = 19;
 
 /** The integer options a connection carries over: what the application
  * chose for it (Nagle, keep-alive and its timing, a user timeout). Buffer
@@ -115,8 +122,20 @@ export interface SeenConnection {
 export class HeldConnections {
   /** `snapshot --tcp-close`: record connections as closed, without repair. */
   closeConnections = false;
-  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; pid: number }>();
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; journal: HeldSocket }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
+
+  /** Told of each socket just before it enters repair mode: only this
+   * process can let it out again, so the driver journals it (ending.ts),
+   * and a command that finds this one killed lets it out
+   * (releaseLeftInRepair). Throwing, it stops the dump before the socket
+   * is touched. */
+  onHold: ((socket: HeldSocket) => void) | undefined;
+  /** The channel to the guardian (tcp_repair.h), started with the first
+   * socket held: it lets each socket out of repair mode the moment this
+   * process dies, without waiting for a next command; null if it could
+   * not be started (the journal still covers it). */
+  private guard: { fd: number; pid: number } | null | undefined;
 
   /** `keeper`: where a connection goes that repair mode cannot hold. */
   constructor(private readonly keeper: SocketsForKeeper) {}
@@ -167,6 +186,20 @@ export class HeldConnections {
     noted(notes, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
     const dup = duplicate();
+    // Journaled before it enters repair mode (killed after, a command that
+    // finds only the journal must be able to let it out), with what the
+    // application had set: whether it has a filter of its own (then the
+    // snapshot attaches none and none is detached), and its SO_REUSEADDR
+    // (read in repair mode, it says "forced"; leaving repair mode clears it).
+    const journal = socketAsHeld(dup, pid, ino);
+    try {
+      this.onHold?.(journal);
+    } catch (e) {
+      closeSync(dup);
+      throw e;
+    }
+    killPoint('snapshot: connection journaled');
+    this.guarded(dup, journal);
     try {
       addon().tcpRepair(dup, 1);
     } catch (e) {
@@ -186,9 +219,16 @@ export class HeldConnections {
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
     // Held from here: whatever fails next, release() takes it out again.
-    const options = CARRIED_OPTIONS.map(([level, name]) => ({ level, name, value: addon().getSockOpt(dup, level, name) }));
-    const held = { fd: dup, options, locked: false, pid };
+    const held = { fd: dup, options: [] as SocketOption[], locked: false, journal };
     this.held.set(ino, held);
+    killPoint('snapshot: connection in repair mode');
+    // SO_REUSEADDR as the application had it, read before repair mode
+    // (which reads back 2, "forced", whatever it was).
+    const options = (held.options = CARRIED_OPTIONS.map(([level, name]) => ({
+      level,
+      name,
+      value: level === SOL_SOCKET && name === SO_REUSEADDR ? journal.reuseAddr : addon().getSockOpt(dup, level, name),
+    })));
     let c: RepairedConnection;
     // The rest of what the application set (sockopts.ts); kernel TLS and
     // other upper layers refused by name.
@@ -212,6 +252,33 @@ export class HeldConnections {
     }
     if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
     return this.remember(ino, { ...c, ino, closed: false, socketOptions: [...options, ...extras] });
+  }
+
+  /** Hands `fd` to the guardian, started if need be. Best effort: without
+   * it, a command after this one's death lets the socket out (journal). */
+  private guarded(fd: number, journal: HeldSocket): void {
+    try {
+      if (this.guard === undefined) this.guard = addon().tcpGuardStart(paths.guard);
+      if (this.guard) addon().tcpGuardAdd(this.guard.fd, fd, journal.locked, journal.reuseAddr);
+    } catch {
+      this.disarm();
+      this.guard = null;
+    }
+  }
+
+  /** The guardian lets go of the sockets untouched: from here, this
+   * process's death must leave them in repair mode (the image carries
+   * them on: call it before the ending is journaled), or they are out of
+   * it already. */
+  disarm(): void {
+    const guard = this.guard;
+    this.guard = undefined;
+    if (!guard) return;
+    try {
+      addon().tcpGuardDisarm(guard.fd, guard.pid);
+    } catch {
+      /* gone: it acts only on this process's death */
+    }
   }
 
   private remember(ino: bigint, c: TcpConnection): TcpConnection {
@@ -240,6 +307,8 @@ export class HeldConnections {
         closeSync(fd);
       }
     }
+    // Once they are out (killed before, the guardian lets them out).
+    this.disarm();
     if (failure) throw failure;
   }
 
@@ -247,12 +316,7 @@ export class HeldConnections {
    * connections out of repair mode in the application that ran on
    * (releaseLeftInRepair): journaled with the ending (ending.ts). */
   journaled(): HeldSocket[] {
-    return [...this.held].map(([ino, { options, locked, pid }]) => ({
-      pid,
-      ino: String(ino),
-      locked,
-      reuseAddr: options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR)?.value ?? 0,
-    }));
+    return [...this.held.values()].map((h) => h.journal);
   }
 
   /** Before the application is ended: our duplicates go to `keeper`
@@ -266,6 +330,7 @@ export class HeldConnections {
   /** The application was ended: our duplicates are closed, which in
    * repair mode tells the peers nothing (a keeper holds its own). */
   closeSilently(): void {
+    this.disarm();
     for (const { fd } of this.held.values()) closeSync(fd);
     this.held.clear();
   }
@@ -273,8 +338,9 @@ export class HeldConnections {
 
 /** A connection a snapshot held in repair mode, as journaled: the process
  * that held it (system PID), its socket inode, whether the snapshot's
- * filter was attached, and the SO_REUSEADDR that leaving repair mode
- * clears. */
+ * filter may be attached (false: the application has one of its own,
+ * which is never detached), and the application's SO_REUSEADDR, which
+ * leaving repair mode clears. */
 export interface HeldSocket {
   pid: number;
   ino: string;
@@ -282,11 +348,24 @@ export interface HeldSocket {
   reuseAddr: number;
 }
 
+/** `fd` (socket `ino` of `pid`), out of repair mode still, as journaled.
+ * The application is frozen: no filter of its own can come meanwhile. */
+function socketAsHeld(fd: number, pid: number, ino: bigint): HeldSocket {
+  let ownFilter: boolean;
+  try {
+    ownFilter = addon().socketFilterLength(fd) > 0;
+  } catch {
+    // An eBPF filter (EACCES: it cannot be read back) is one of its own.
+    ownFilter = true;
+  }
+  return { pid, ino: String(ino), locked: !ownFilter, reuseAddr: addon().getSockOpt(fd, SOL_SOCKET, SO_REUSEADDR) };
+}
+
 /** A snapshot killed while it held `sockets` in repair mode, its
  * application let go by the kernel and running on: each socket still in
- * one of `pids` (found by inode, whatever descriptor holds it now) leaves
- * repair mode as release() would have done it. Best effort, socket by
- * socket: one the application closed meanwhile is gone. */
+ * one of `pids` (found by inode, whatever descriptor holds it now) and
+ * still in repair mode leaves it as release() would have done it. Best
+ * effort, socket by socket: one the application closed meanwhile is gone. */
 export function releaseLeftInRepair(sockets: HeldSocket[]): void {
   const byPid = new Map<number, Set<string>>();
   for (const h of sockets) {
@@ -318,8 +397,10 @@ export function releaseLeftInRepair(sockets: HeldSocket[]): void {
         continue;
       }
       try {
-        // Replaced between the look and the copy: not it.
-        if (String(fstatSync(fd).ino) !== ino) continue;
+        // Replaced between the look and the copy: not it. Out of repair
+        // mode: journaled just before it would have entered it, or let out
+        // already; nothing of it is the snapshot's to undo.
+        if (String(fstatSync(fd).ino) !== ino || addon().getSockOpt(fd, IPPROTO_TCP, TCP_REPAIR) !== 1) continue;
         if (h.locked)
           try {
             addon().tcpLock(fd, false);

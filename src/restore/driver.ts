@@ -874,9 +874,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
-    // Every process's memory as it will run: descriptors reading a listing
-    // of a process's mappings are put at their place in it (listings.ts).
-    handed.memoryIsFinal();
+    // Every process as it will run: descriptors reading a /proc text of
+    // one (a listing of its mappings, its status, timers...) are put at
+    // their place in it (listings.ts, proctext.ts).
+    handed.processesAreFinal();
     // Every chunk of every page file checked (a --lazy restore maps them
     // unread; an eager one has copied only checked chunks, the rest are
     // checked all the same), before anything of the image may run.

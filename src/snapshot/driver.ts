@@ -695,12 +695,20 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     }
     // An image that ends its application: its ending journaled from the
     // instant before the image is in place (ending.ts).
-    const journal = opts.leaveRunning ? undefined : (staged: string) => (ending = new EndingJournal(reg.home, record, output, staged, connections?.journaled()));
+    const journal = opts.leaveRunning
+      ? undefined
+      : (staged: string) => {
+          ending = endingJournal ??= new EndingJournal(reg.home, record);
+          ending.placing(output, staged, connections?.journaled());
+        };
     if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
     else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
   };
-  /** The journal of the application's ending, from its image's placing
-   * on (a snapshot that ends it, to a directory or file). */
+  /** The journal of the snapshot's ending, from its first connection
+   * put in TCP repair mode, or its image's placing, on. */
+  let endingJournal: EndingJournal | undefined;
+  /** The same, once it journaled the image's placing (a snapshot that
+   * ends its application, to a directory or file). */
   let ending: EndingJournal | undefined;
   if (!toStream) {
     if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
@@ -817,6 +825,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
+    // Only this process can let a connection out of repair mode: killed
+    // while it holds one (whatever the kind of snapshot), the next command
+    // does, from the journal (ending.ts).
+    connections.onHold = (socket) => (endingJournal ??= new EndingJournal(reg.home, record)).holding(socket);
     keeper = ctx.keeper;
     keeper.keeping = !opts.leaveRunning && holdSeconds > 0 && keeperPathFits(reg.home, aid);
     if (base) image.parent = { imageId: base.id, path: 'base' };
@@ -903,6 +915,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       // its connections in repair mode, it removes the image). Then its threads die with us, so that appshot killed
       // before the file "released" cannot leave it running beside its
       // image, and the file says the image is it.
+      // The guardian that would let the connections out of repair mode at
+      // our death is disarmed first: from the ending on, the image carries
+      // them on (killed in between, the journal says "placing": rolled
+      // back, and the next command lets them out).
+      connections.disarm();
+      killPoint('snapshot: guardian disarmed');
       ending?.ending(
         [...freezer.processes].map((pid) => ({ pid, startTime: readStat(pid)?.startTime ?? 0 })),
         connections.inRepair,
@@ -1056,8 +1074,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     for (const l of parent?.chain ?? []) l.dispose();
     // Inside the committed image now, or discarded above.
     base?.journal.done();
-    // Done, or undone above: nothing is left for the next command.
-    ending?.done();
+    // Done, or undone above: nothing is left for the next command, nor
+    // for the guardian (disarmed already but where a step threw first).
+    connections?.disarm();
+    endingJournal?.done();
   }
 }
 

@@ -14,6 +14,14 @@
  * any kind (the CLI's preAction, every call of the Node API:
  * settleKilledCommands) finishes what a dead one left, one way or the
  * other, never half:
+ *  - "holding" (written just before the snapshot puts its first
+ *    connection in TCP repair mode, a line naming each one added just
+ *    before it enters it; with --leave-running and to a stream too: in
+ *    repair mode a connection drops every packet, and only the snapshot
+ *    could let it out): no image is in place, the application, let go by
+ *    the kernel, runs on, and its connections still in repair mode are
+ *    taken out of it (tcp.ts, releaseLeftInRepair). Most often its
+ *    guardian (tcp.ts) did so already, at the instant appshot died.
  *  - "placing" (written before the image is renamed into place, with the
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
@@ -42,7 +50,10 @@
  *    the registration released to the image, as the snapshot would have
  *    done; `ps -a` lists it as snapshotted into the image. One it cannot
  *    stop (another tracer, a thread that does not stop): nothing is
- *    decided, what it stopped goes on, and a later command tries again.
+ *    decided, what it stopped goes on, and a later command tries again
+ *    (one that only looks, such as ps, not before UNDECIDED_BACKOFF_MS
+ *    unless what was in the way is gone: the entry notes when it was
+ *    tried and what stood in the way).
  *  - "rolling-back" (a snapshot that failed past "ending", once its
  *    threads no longer die with it; or the next command, once it decided
  *    to roll back): as "placing". Such a snapshot first takes its
@@ -54,7 +65,7 @@
  * (partial.ts's rules), and goes once the registration says released, or
  * once the image is removed.
  */
-import { existsSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { currentHolder, holderAlive } from '../holder.js';
@@ -77,14 +88,15 @@ export interface ImageProcess {
 }
 
 interface EndingEntry {
-  step: 'placing' | 'ending' | 'rolling-back';
+  step: 'holding' | 'placing' | 'ending' | 'rolling-back';
   aid: string;
   initPid: number;
   initStartTime: number;
-  /** The image's path, and the identity of what was renamed there. */
-  output: string;
-  dev: number;
-  ino: number;
+  /** From step "placing" on: the image's path, and the identity of what
+   * was renamed there. */
+  output?: string;
+  dev?: number;
+  ino?: number;
   /** From step "ending" on: every process of the image. */
   processes?: ImageProcess[];
   /** From step "ending" on: how many of its connections are in TCP repair
@@ -95,10 +107,30 @@ interface EndingEntry {
    * of the application (witness.ts): found alive and not dying, none of
    * the application was set to die. */
   witness?: WitnessId;
-  /** The connections the snapshot held in repair mode: an application
-   * rolled back gets them out of it again. */
+  /** The connections the snapshot held in repair mode (or was about to
+   * put in it): an application rolled back gets them out of it again. */
   heldInRepair?: HeldSocket[];
+  /** Step "ending": when a command last tried to decide it and could not
+   * (ms since the epoch), and what it saw in the way then. */
+  undecided?: { at: number; obstacles: Obstacle[] };
 }
+
+/** What keeps a command from stopping the application: one of its
+ * processes traced by another (`tracer`), or a thread of it that sleeps
+ * uninterruptibly (`tid`, state D). */
+interface Obstacle {
+  pid: number;
+  startTime: number;
+  tracer?: number;
+  tid?: number;
+}
+
+/** How long a command that only looks (ps, ls, logs, the API's ps:
+ * settleKilledCommands' lookOnly) leaves an "ending" entry alone once a
+ * command could not decide it, unless what was in the way is gone: each
+ * try may wait HOLD_TIMEOUT_MS and stops (ptrace) the application. A
+ * command that acts tries every time. */
+const UNDECIDED_BACKOFF_MS = 60_000;
 
 /** How long the next command tries to stop what is left of the
  * application, to see whether all of it is there and none dying. */
@@ -110,28 +142,79 @@ function writeEntry(path: string, entry: EndingEntry): void {
   renameSync(`${path}.tmp`, path);
 }
 
-/** The journal of one snapshot's ending (see above). */
+/** An entry as written: one line, and at step "holding" one more line per
+ * socket appended. A last line cut short (its writer killed) is of a
+ * socket that never entered repair mode: left out. */
+function parseEntry(text: string): EndingEntry {
+  const [head, ...appended] = text.split('\n');
+  const e = JSON.parse(head) as EndingEntry;
+  const sockets: HeldSocket[] = [];
+  for (const line of appended)
+    try {
+      sockets.push(JSON.parse(line) as HeldSocket);
+    } catch {
+      /* cut short */
+    }
+  if (sockets.length) e.heldInRepair = [...(e.heldInRepair ?? []), ...sockets];
+  return e;
+}
+
+/** The journal of one snapshot's ending (see above), written from its
+ * first step on: "holding" (the first connection put in repair mode) or
+ * "placing". */
 export class EndingJournal {
   private readonly path: string;
   private entry: EndingEntry;
+  private written = false;
+  /** Step "holding": the entry, open to append its sockets to. */
+  private appending: number | undefined;
+
+  constructor(home: string, record: AppRecord) {
+    this.path = ownedName('ending', home);
+    this.entry = { step: 'holding', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0 };
+  }
+
+  private write(entry: EndingEntry): void {
+    this.stopAppending();
+    writeEntry(this.path, entry);
+    this.entry = entry;
+    this.written = true;
+  }
+
+  private stopAppending(): void {
+    if (this.appending !== undefined) closeSync(this.appending);
+    this.appending = undefined;
+  }
+
+  /** Step "holding": `socket` is about to be put in TCP repair mode:
+   * killed from here until "placing", with no image in place, the
+   * application runs on and the next command lets it out of it. One line
+   * appended per socket (rewriting the entry each time would cost the
+   * frozen application the square of its connections). */
+  holding(socket: HeldSocket): void {
+    if (this.entry.step !== 'holding') throw new Error(`the ending journal is at step ${this.entry.step}: no connection enters repair mode now`);
+    if (this.appending === undefined) {
+      this.write(this.entry);
+      this.appending = openSync(this.path, 'a');
+    }
+    writeSync(this.appending, `\n${JSON.stringify(socket)}`);
+  }
 
   /** Journals step "placing" for `staged`, the directory or file about
    * to be renamed (or linked) to `output`. */
-  constructor(home: string, record: AppRecord, output: string, staged: string, heldInRepair: HeldSocket[] = []) {
+  placing(output: string, staged: string, heldInRepair: HeldSocket[] = []): void {
     const st = lstatSync(staged);
     // Started just before the entry that names it: a command killed in
     // between leaves it sleeping out its day, nothing more.
     const witness = startWitness();
-    this.entry = { step: 'placing', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0, output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) };
-    this.path = ownedName('ending', home);
-    writeEntry(this.path, this.entry);
+    const { heldInRepair: _before, ...rest } = this.entry;
+    this.write({ ...rest, step: 'placing', output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) });
   }
 
   /** The image, of `processes`, is in place and is the application from
    * the first of them set to die with appshot on. */
   ending(processes: ImageProcess[], connectionsInRepair: number): void {
-    this.entry = { ...this.entry, step: 'ending', processes, connectionsInRepair };
-    writeEntry(this.path, this.entry);
+    this.write({ ...this.entry, step: 'ending', processes, connectionsInRepair });
   }
 
   /** The witness dies with us from here, before any thread of the
@@ -151,26 +234,26 @@ export class EndingJournal {
    * repair mode (the application still dies with it): killed from here
    * on, the next command finds nothing only the image could carry on. */
   connectionsReleased(): void {
-    this.entry = { ...this.entry, connectionsInRepair: 0, heldInRepair: undefined };
-    writeEntry(this.path, this.entry);
+    this.write({ ...this.entry, connectionsInRepair: 0, heldInRepair: undefined });
   }
 
   /** Undone by the snapshot, which failed past "ending": its application
    * no longer dies with it, and its image goes. */
   rollingBack(): void {
-    this.entry = { ...this.entry, step: 'rolling-back' };
-    writeEntry(this.path, this.entry);
+    this.write({ ...this.entry, step: 'rolling-back' });
   }
 
   /** Finished (released), or undone by the snapshot itself. */
   done(): void {
+    this.stopAppending();
     endWitness(this.entry.witness);
-    rmSync(this.path, { force: true });
+    if (this.written) rmSync(this.path, { force: true });
   }
 }
 
 /** Whether `path` is still what the snapshot renamed there. */
 function stillPlaced(e: EndingEntry): boolean {
+  if (!e.output) return false;
   try {
     const st = lstatSync(e.output);
     return st.dev === e.dev && st.ino === e.ino;
@@ -179,8 +262,65 @@ function stillPlaced(e: EndingEntry): boolean {
   }
 }
 
+/** What keeps the image's processes from being stopped now, as /proc
+ * shows it (no ptrace): traced by another, or a thread in state D. */
+function obstaclesOf(e: EndingEntry): Obstacle[] {
+  const found: Obstacle[] = [];
+  for (const p of e.processes ?? []) {
+    if (!isSameProcess(p.pid, p.startTime)) continue;
+    const tracer = tracerOf(p.pid);
+    if (tracer && tracer !== process.pid) found.push({ ...p, tracer });
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${p.pid}/task`);
+    } catch {
+      continue;
+    }
+    for (const tid of tids) if (readStat(Number(tid))?.state === 'D') found.push({ ...p, tid: Number(tid) });
+  }
+  return found;
+}
+
+function tracerOf(pid: number): number {
+  try {
+    return Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+/** Whether `o` is still in the way. */
+function stillInTheWay(o: Obstacle): boolean {
+  if (!isSameProcess(o.pid, o.startTime)) return false;
+  if (o.tracer) return tracerOf(o.pid) === o.tracer;
+  return o.tid !== undefined && readStat(o.tid)?.state === 'D';
+}
+
+/** An "ending" entry a command could not decide lately, and whose
+ * obstacle (if one was seen) is still there: a command that only looks
+ * leaves it for later, rather than wait and stop the application again. */
+function decidedNotNow(e: EndingEntry): boolean {
+  const u = e.undecided;
+  if (e.step !== 'ending' || !u) return false;
+  // A clock set back counts as the back-off over.
+  const age = Date.now() - u.at;
+  if (age < 0 || age >= UNDECIDED_BACKOFF_MS) return false;
+  return u.obstacles.length === 0 || u.obstacles.some(stillInTheWay);
+}
+
+/** APPSHOT_DEBUG=1: what the settling of an entry does (tests count it). */
+function debug(what: string): void {
+  if (process.env.APPSHOT_DEBUG) process.stderr.write(`appshot: ${what}\n`);
+}
+
+export interface RecoverOptions {
+  /** The command only looks (ps, ls, logs...): an entry tried lately and
+   * left undecided is left for later (UNDECIDED_BACKOFF_MS). */
+  lookOnly?: boolean;
+}
+
 /** Finishes the endings of snapshots whose owner is gone (see above). */
-export async function recoverEndings(home = defaultHome()): Promise<void> {
+export async function recoverEndings(home = defaultHome(), opts: RecoverOptions = {}): Promise<void> {
   const dir = join(home, 'tmp');
   let names: string[];
   try {
@@ -213,8 +353,20 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
       rmSync(join(dir, name), { force: true });
       continue;
     }
-    // Taken by one command only: two that start at once would both act.
     const entry = join(dir, name);
+    if (opts.lookOnly) {
+      let seen: EndingEntry | undefined;
+      try {
+        seen = parseEntry(readFileSync(entry, 'utf8'));
+      } catch {
+        /* claimed by another meanwhile, or unreadable: as below */
+      }
+      if (seen && decidedNotNow(seen)) {
+        debug(`the ending of '${seen.aid}' (a killed snapshot) is left undecided for now: tried ${Math.round((Date.now() - seen.undecided!.at) / 1000)} s ago; a command acting on it tries again`);
+        continue;
+      }
+    }
+    // Taken by one command only: two that start at once would both act.
     const claimed = join(dir, `.${name}.recovering-${me.pid}-${me.startTime}`);
     try {
       renameSync(entry, claimed);
@@ -223,19 +375,27 @@ export async function recoverEndings(home = defaultHome()): Promise<void> {
     }
     let e: EndingEntry;
     try {
-      e = JSON.parse(readFileSync(claimed, 'utf8')) as EndingEntry;
+      e = parseEntry(readFileSync(claimed, 'utf8'));
     } catch {
       // Cut short or not ours to read: nothing can be done with it.
       rmSync(claimed, { force: true });
       continue;
     }
     try {
-      if (e.step === 'placing' || e.step === 'rolling-back') rollBack(home, e);
+      if (e.step === 'holding') releaseLeftInRepair(e.heldInRepair ?? []);
+      else if (e.step === 'placing' || e.step === 'rolling-back') rollBack(home, e);
       else if (e.step === 'ending') await finishEnding(home, e, claimed);
     } catch {
       // Half done (a full disk, an application that would not stop): given
       // back, for the next command to finish; every step above can be
-      // taken again.
+      // taken again. Noted, with what was in the way, so that commands
+      // that only look do not each wait and stop the application again.
+      if (e.step === 'ending')
+        try {
+          writeEntry(claimed, { ...e, undecided: { at: Date.now(), obstacles: obstaclesOf(e) } });
+        } catch {
+          /* given back as it was */
+        }
       renameSync(claimed, entry);
       continue;
     }
@@ -254,7 +414,7 @@ function rollBack(home: string, e: EndingEntry): void {
   // The application runs on: what the dead snapshot held in repair mode
   // leaves it (taken again from the application by pidfd_getfd).
   releaseLeftInRepair(e.heldInRepair ?? []);
-  if (stillPlaced(e)) rmSync(e.output, { recursive: true, force: true });
+  if (stillPlaced(e)) rmSync(e.output!, { recursive: true, force: true });
   try {
     dropKept(home, e.aid);
   } catch {
@@ -285,6 +445,7 @@ function holdApplication(reg: LocalRegistry, record: AppRecord, e: EndingEntry):
   // chose them): its init's children are found by the freezer.
   const roots = image.filter((p) => isSameProcess(p.pid, p.startTime) && addon().pidBelongs(p.pid, initPid, record.tables)).map((p) => p.pid);
   const freezer = new Freezer(roots, initPid);
+  debug(`the ending of '${e.aid}' (a killed snapshot): stopping the application to decide it`);
   try {
     freezer.freeze(HOLD_TIMEOUT_MS);
   } catch (err) {
@@ -344,7 +505,7 @@ async function finishEnding(home: string, e: EndingEntry, claimed: string): Prom
   // more.
   try {
     freezer?.dieWithUs();
-    reg.markReleased(record, e.output);
+    reg.markReleased(record, e.output!);
   } catch (err) {
     // Decided: what is left ends (the entry, given back, is finished by
     // the next command), never held stopped while this command goes on.
