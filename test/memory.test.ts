@@ -99,6 +99,11 @@ describe('a program snapshotted while it reads its /proc texts goes on at the sa
   // read, has nine digits in the original and one in the restored
   // process: "io goes on with "", not with its wchar line"), and a text
   // read to its end whose PID gained a digit gave the end of a line again.
+  // A status read up to its fourth line went on in the middle of that line
+  // ("status goes on with "6075", not with its Ngid line": the snapshot's
+  // "t (tracing stop)" is longer than "R (running)"), and a /proc/self/stat
+  // read 20 bytes counted as read to its end ("stat read 20 bytes gives 0
+  // bytes more").
   roundTrips('prd', [fixture('procreader')]);
 });
 

@@ -151,7 +151,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, listingsBefore?.get(target), frozenMappings?.(Number(proc![1])));
         // Another /proc text read part way or to its end keeps its place
         // by line, for the same reason.
-        else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, target, fd.flags, fd.pos);
+        else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, fd.flags, fd.pos);
         if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);

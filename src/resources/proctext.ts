@@ -26,24 +26,34 @@
  *
  * The text the snapshot reads is not quite the one the reader had: the
  * snapshot itself shows in it (a traced, stopped process's status says
- * so and names its tracer, a longer text), and counters went on. A reader
- * whose offset falls inside the last line, past its start, had read that
- * line whole (line-oriented readers read whole lines; what grew is the
- * snapshot's own mark): it is at the end. The same marks of the restore
- * (the restored process is traced while its descriptors are placed) are
- * not taken out: a reader placed by line after a status's TracerPid line
- * lands a few bytes late once the tracer is gone.
+ * so, "t (tracing stop)" where the reader saw "R (running)", and names
+ * its tracer in TracerPid, a longer text), and counters went on. So in a
+ * status (only there: another text's reader may well stop inside a
+ * line), an offset at most STATUS_MARKS bytes before a line's end is the
+ * start of the next line (the reader had read that line whole, the marks
+ * before it moved it back), and one inside the last line, past its
+ * start, is the end. The same marks of the restore (the restored process
+ * is traced while its descriptors are placed) are not taken out: a reader
+ * placed by line after a status's State or TracerPid line lands a few
+ * bytes away from its line's start once the tracer is gone.
  *
- * Files left at their byte offset: those that are not text (a NUL byte in
- * them), that are indexed by address or record (mem, pagemap, kpage*,
- * kcore), whose read consumes (kmsg), larger than TEXT_LIMIT, and
+ * Only the texts of SAFE_TEXT are placed: reading them has no effect and
+ * touches no memory of the (frozen) process. Any other file keeps its
+ * byte offset: drivers' entries under /proc (a read may act), kmsg (a
+ * read consumes, and blocks), cmdline, environ, auxv (read the process's
+ * memory: a region registered with userfaultfd waits on the frozen
+ * process forever), mem, pagemap, kcore. A file is classified by the
+ * kernel's name of the open file (readlink of its descriptor), never by
+ * the name an image gives, and its text is read through an open of our
+ * own of that file (O_RDONLY | O_NONBLOCK), never through the
+ * application's descriptor (its flags, its seq_file). Also left at their
+ * byte offset: texts with a NUL byte, larger than TEXT_LIMIT, and
  * descriptors that cannot read.
  */
-import { closeSync, constants as fs, openSync, readSync, statfsSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readlinkSync, readSync, statfsSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { type TextPosition } from '../image/types.js';
 import { addon } from '../native.js';
-import { isMappingListing } from './listings.js';
 
 const PROC_SUPER_MAGIC = 0x9fa0;
 /** A text longer than this is left at its byte offset: no line-oriented
@@ -53,20 +63,46 @@ const TEXT_LIMIT = 1 << 20;
 const O_ACCMODE = 3;
 const NL = 0x0a;
 
-/** /proc files that are not text read line by line: indexed by address
- * or page frame, or read destructively. */
-const NOT_TEXT = /^\/proc\/(?:kmsg|kcore|kpagecount|kpageflags|kpagecgroup|(?:\d+|self|thread-self)(?:\/task\/\d+)?\/(?:mem|pagemap))$/;
+/** A status's lines that the snapshot's own marks lengthen (State, by 5
+ * bytes; TracerPid, by the digits of our PID) end at most this many bytes
+ * past where the reader's did. */
+const STATUS_MARKS = 16;
 
-/** Whether the descriptor (open with `flags` on `target`) reads a /proc
- * text this module places: `link` names it (/proc/PID/fd/N, or our own
- * descriptor's). */
-function placesText(link: string, target: string, flags: number): boolean {
-  if ((flags & O_ACCMODE) === fs.O_WRONLY) return false;
-  if (!target.startsWith('/proc/') || NOT_TEXT.test(target) || isMappingListing(target)) return false;
+/** The /proc texts placed by line, as the kernel names them: a process's
+ * or thread's (/proc/PID[/task/TID]/...) and the system's. Their reads
+ * act on nothing and read no memory of a process. */
+const SAFE_TEXT = /^\/proc\/(?:\d+(?:\/task\/\d+)?\/(?:io|limits|oom_score|oom_score_adj|sched|schedstat|stat|statm|status|timers)|cpuinfo|loadavg|meminfo|stat|uptime|version|vmstat)$/;
+
+/** The canonical name of the /proc text that `link` (/proc/PID/fd/N, or
+ * our own descriptor's), open with `flags`, reads, if this module places
+ * it; undefined otherwise. */
+function placedText(link: string, flags: number): string | undefined {
+  if ((flags & O_ACCMODE) === fs.O_WRONLY) return undefined;
   try {
-    return Number(statfsSync(link).type) === PROC_SUPER_MAGIC;
+    const path = readlinkSync(link);
+    if (!SAFE_TEXT.test(path) || Number(statfsSync(link).type) !== PROC_SUPER_MAGIC) return undefined;
+    return path;
   } catch {
-    return false;
+    return undefined;
+  }
+}
+
+/** The text of the file `link` names (what `placedText` named), through
+ * an open of our own: the link itself, not the name, which is the file's
+ * in its own mount of /proc (a restore's, of the restored PID namespace,
+ * where our /proc shows another process under that PID). Undefined if
+ * we may not open it. */
+function readTextAt(link: string): Buffer | undefined {
+  let fd: number;
+  try {
+    fd = openSync(link, fs.O_RDONLY | fs.O_NONBLOCK);
+  } catch {
+    return undefined; // not ours to read (a mode the process had, we have not): its byte offset
+  }
+  try {
+    return readText(fd);
+  } finally {
+    closeSync(fd);
   }
 }
 
@@ -87,8 +123,9 @@ function readText(fd: number): Buffer | undefined {
   return text.includes(0) ? undefined : text;
 }
 
-/** Where byte `pos` of `text` is, by line. */
-export function textPosition(text: Buffer, pos: number): TextPosition {
+/** Where byte `pos` of `text` is, by line; `status`: the text is a
+ * /proc/PID/status (its snapshot's marks, see above). */
+export function textPosition(text: Buffer, pos: number, status = false): TextPosition {
   if (pos >= text.length) return { atEnd: true, line: 0, column: 0 };
   let line = 0;
   let lineStart = 0;
@@ -96,11 +133,14 @@ export function textPosition(text: Buffer, pos: number): TextPosition {
     line++;
     lineStart = i + 1;
   }
-  // Inside the last line, past its start: that line was read whole, and
-  // the text grew since (see above).
   const nl = text.indexOf(NL, lineStart);
-  const last = nl < 0 || nl === text.length - 1;
-  if (last && pos > lineStart) return { atEnd: true, line: 0, column: 0 };
+  if (status && pos > lineStart) {
+    // Inside the last line: that line was read whole.
+    if (nl < 0 || nl === text.length - 1) return { atEnd: true, line: 0, column: 0 };
+    // Close to its end: that line was read whole, the marks before it
+    // moved it back; the reader is at the next one's start.
+    if (nl + 1 - pos <= STATUS_MARKS) return { atEnd: false, line: line + 1, column: 0 };
+  }
   return { atEnd: false, line, column: pos - lineStart };
 }
 
@@ -123,39 +163,40 @@ export function textOffset(text: Buffer, at: TextPosition): number {
 }
 
 /** At snapshot: where the reader of descriptor `n` of frozen process
- * `pid` (open with `flags` on `target`, at byte `pos` > 0) is in its
- * /proc text; undefined if it is not one (it keeps its byte offset). */
-export function dumpTextPosition(pid: number, n: number, target: string, flags: number, pos: bigint): TextPosition | undefined {
+ * `pid` (open with `flags`, at byte `pos` > 0) is in its /proc text;
+ * undefined if it is not one we place (it keeps its byte offset). */
+export function dumpTextPosition(pid: number, n: number, flags: number, pos: bigint): TextPosition | undefined {
   const link = `/proc/${pid}/fd/${n}`;
-  if (pos <= 0n || !placesText(link, target, flags)) return undefined;
-  let fd: number;
+  const path = pos > 0n ? placedText(link, flags) : undefined;
+  if (!path) return undefined;
   try {
-    fd = openSync(link, fs.O_RDONLY | fs.O_NONBLOCK);
-  } catch {
-    return undefined; // not ours to read (a mode the process had, we have not): its byte offset
-  }
-  try {
-    const text = readText(fd);
-    return text && textPosition(text, Number(pos));
+    const text = readTextAt(link);
+  return text && textPosition(text, Number(pos), path.endsWith('/status'));
   } catch {
     return undefined;
-  } finally {
-    closeSync(fd);
   }
 }
 
 /** At restore, once the processes the text shows are as they will run:
  * our descriptor `fd` of `path` (the application's shares its offset),
- * opened with `flags`, put at `at` in its text. */
+ * opened with `flags`, put at `at` in its text. What it is comes from the
+ * descriptor, not from `path` (the image's). */
 export function positionInText(fd: number, path: string, flags: number, at: TextPosition): void {
-  if (!placesText(`/proc/self/fd/${fd}`, path, flags)) return;
+  const link = `/proc/self/fd/${fd}`;
+  if (!placedText(link, flags)) return;
   let text: Buffer | undefined;
   try {
-    text = readText(fd);
+    text = readTextAt(link);
   } catch (e) {
     throw new AppshotError(`reading ${path} to put its reader where it was: ${(e as Error).message}`);
   }
   // No longer a text we place (grown past the limit): its byte offset,
   // which it already has.
-  if (text) addon().lseek(fd, textOffset(text, at));
+  if (!text) return;
+  // Through 0 first: a seq_file seeked to the byte it already is at keeps
+  // the record it had found there, and the first seek (at open, to the
+  // image's byte offset) found it in the text as it was then (a timer
+  // not yet made: the first record, read again from that byte).
+  addon().lseek(fd, 0);
+  addon().lseek(fd, textOffset(text, at));
 }
