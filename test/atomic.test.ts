@@ -9,7 +9,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -916,5 +916,20 @@ describe('letting go what is left after a failure past the commit', () => {
     } finally {
       sh.kill('SIGKILL');
     }
+  });
+});
+
+describe("a killed snapshot's journal damaged by other means than a kill", () => {
+  it('is settled by the next command, not given back for ever: a line that names no socket is left out', () => {
+    // A "holding" entry of a snapshot that is gone (a PID above any
+    // pid_max), with lines no snapshot writes: null, a number, a socket
+    // without its inode, and a last line cut short (as a kill leaves it).
+    const dir = join(sb.home, 'tmp');
+    mkdirSync(dir, { recursive: true });
+    const name = 'ending-2147483646-1-0badc0de';
+    const head = { step: 'holding', aid: 'gone', initPid: 0, initStartTime: 0, output: join(dir, 'nowhere'), dev: 0, ino: 0 };
+    writeFileSync(join(dir, name), [JSON.stringify(head), 'null', '7', '{"pid":1}', '{"pid":1,"ino":"12'].join('\n'));
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(readdirSync(dir).filter((f) => f.includes('0badc0de'))).toEqual([]);
   });
 });

@@ -16,9 +16,11 @@
  * on which appshot sends tcp_guard_msg messages (tcp_repair.h): ADD, with
  * the socket (SCM_RIGHTS), whether the snapshot's filter may be attached
  * (never when the application has a filter of its own), and the
- * application's SO_REUSEADDR (which leaving repair mode clears); DISARM,
- * once the sockets are out of repair mode or the image carries them on:
- * then it exits, touching nothing. If the channel ends without DISARM,
+ * application's SO_REUSEADDR (which leaving repair mode clears); DISARM
+ * exits touching nothing (appshot disarms it with SIGKILL instead, which
+ * needs no message to get through: tcp_guard_disarm), once the sockets
+ * are out of repair mode or the image carries them on. If the channel
+ * ends without either,
  * appshot is gone: each socket still in repair mode is let out of it (no
  * window probe), its filter detached, its SO_REUSEADDR set back, and it
  * exits. The next appshot command does the same from the snapshot's
@@ -33,6 +35,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -69,6 +72,13 @@ int main(void) {
   ignore.sa_handler = SIG_IGN;
   const int deaf[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2};
   for (size_t i = 0; i < sizeof deaf / sizeof deaf[0]; i++) sigaction(deaf[i], &ignore, NULL);
+  /* As many descriptors as it may hold: past the soft limit the kernel
+   * would drop a socket handed over (MSG_CTRUNC) without a word. */
+  struct rlimit files;
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   guarded* held = mmap(NULL, GUARD_MAX * sizeof(guarded), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (held == MAP_FAILED) return 1;
   size_t n = 0;

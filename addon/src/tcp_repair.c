@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <signal.h>
 #include <linux/filter.h>
 #include <netinet/ip.h>
 #include <netinet/ip6.h>
@@ -552,17 +553,20 @@ int tcp_guard_add(int guard, int fd, int locked, int reuse, const char** step) {
 }
 
 int tcp_guard_disarm(int guard, pid_t pid, const char** step) {
-  tcp_guard_msg m = {TCP_GUARD_DISARM, 0, 0};
-  ssize_t r;
-  while ((r = send(guard, &m, sizeof m, MSG_NOSIGNAL)) < 0 && errno == EINTR) {
-  }
+  /* Killed before its channel closes, not told: a DISARM message that
+   * could not be sent (no memory for it) would leave the guardian to read
+   * the channel's end as appshot's death and let out sockets the image
+   * now carries; and a guardian stopped (SIGSTOP, a frozen cgroup) would
+   * never read it and hold up the wait below. SIGKILL is neither: it
+   * touches nothing. `pid` is our child, not reaped yet, so the number
+   * cannot be another process's. Reaped, as a resident engine would
+   * otherwise gather them. */
+  int killed = kill(pid, SIGKILL);
   int e = errno;
   close(guard);
-  /* It exits at once, told or not (the channel closed): reaped, as a
-   * resident engine would otherwise gather them. */
   while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
   }
-  if (r < 0) {
+  if (killed < 0 && e != ESRCH) {
     errno = e;
     FAIL("disarming the connections' guardian");
   }

@@ -96,6 +96,11 @@ const CARRIED_OPTIONS: [level: number, name: number][] = [
   [IPPROTO_TCP, 18], // TCP_USER_TIMEOUT
 ];
 
+/** SO_REUSEADDR as repair mode reads it back (2, "forced"), which images
+ * written before it was read ahead of repair mode recorded whatever the
+ * application had: not known, so left as the kernel makes it. */
+const forcedReuse = (o: SocketOption) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR && o.value === 2;
+
 /** "127.0.0.1:6379 → 127.0.0.1:40112", as messages name a connection. */
 export function connectionName(c: { localAddress: string; localPort: number; peerAddress: string; peerPort: number }): string {
   const at = (a: string, p: number) => (a.includes(':') ? `[${a}]:${p}` : `${a}:${p}`);
@@ -136,6 +141,8 @@ export class HeldConnections {
    * process dies, without waiting for a next command; null if it could
    * not be started (the journal still covers it). */
   private guard: { fd: number; pid: number } | null | undefined;
+  /** A hand-over to the guardian failed: no more are tried. */
+  private guardFull = false;
 
   /** `keeper`: where a connection goes that repair mode cannot hold. */
   constructor(private readonly keeper: SocketsForKeeper) {}
@@ -191,8 +198,9 @@ export class HeldConnections {
     // application had set: whether it has a filter of its own (then the
     // snapshot attaches none and none is detached), and its SO_REUSEADDR
     // (read in repair mode, it says "forced"; leaving repair mode clears it).
-    const journal = socketAsHeld(dup, pid, ino);
+    let journal: HeldSocket;
     try {
+      journal = socketAsHeld(dup, pid, ino);
       this.onHold?.(journal);
     } catch (e) {
       closeSync(dup);
@@ -257,12 +265,20 @@ export class HeldConnections {
   /** Hands `fd` to the guardian, started if need be. Best effort: without
    * it, a command after this one's death lets the socket out (journal). */
   private guarded(fd: number, journal: HeldSocket): void {
+    if (this.guardFull) return;
     try {
       if (this.guard === undefined) this.guard = addon().tcpGuardStart(paths.guard);
-      if (this.guard) addon().tcpGuardAdd(this.guard.fd, fd, journal.locked, journal.reuseAddr);
     } catch {
-      this.disarm();
       this.guard = null;
+    }
+    if (!this.guard) return;
+    try {
+      addon().tcpGuardAdd(this.guard.fd, fd, journal.locked, journal.reuseAddr);
+    } catch {
+      // This one and those after are the journal's alone; the guardian
+      // stays armed for those it holds already (if it died, disarm()
+      // reaps it).
+      this.guardFull = true;
     }
   }
 
@@ -273,6 +289,7 @@ export class HeldConnections {
   disarm(): void {
     const guard = this.guard;
     this.guard = undefined;
+    this.guardFull = false;
     if (!guard) return;
     try {
       addon().tcpGuardDisarm(guard.fd, guard.pid);
@@ -519,7 +536,7 @@ export class ConnectionMaker {
       } else addon().tcpRelease(m.fd, neverSent(m.c));
       m.repaired = false;
       const extras = extrasOf(m.c.socketOptions, CARRIED_OPTIONS);
-      for (const o of m.c.socketOptions) if (!extras.includes(o)) addon().setSockOpt(m.fd, o.level, o.name, o.value);
+      for (const o of m.c.socketOptions) if (!extras.includes(o) && !forcedReuse(o)) addon().setSockOpt(m.fd, o.level, o.name, o.value);
       if (!m.kept) {
         // A kept socket is the original, its options its own already.
         const where = `the TCP connection ${connectionName(m.c)}`;

@@ -142,6 +142,11 @@ function writeEntry(path: string, entry: EndingEntry): void {
   renameSync(`${path}.tmp`, path);
 }
 
+function isHeldSocket(s: unknown): s is HeldSocket {
+  const h = s as HeldSocket | null;
+  return typeof h === 'object' && h !== null && Number.isSafeInteger(h.pid) && h.pid > 0 && typeof h.ino === 'string' && /^\d+$/.test(h.ino);
+}
+
 /** An entry as written: one line, and at step "holding" one more line per
  * socket appended. A last line cut short (its writer killed) is of a
  * socket that never entered repair mode: left out. */
@@ -155,7 +160,11 @@ function parseEntry(text: string): EndingEntry {
     } catch {
       /* cut short */
     }
-  if (sockets.length) e.heldInRepair = [...(e.heldInRepair ?? []), ...sockets];
+  // Only what names a socket the way the snapshot wrote it: anything else
+  // (a file damaged by other means than a kill) would make the release
+  // throw, and the entry be given back and tried again by every command.
+  const held = [...(Array.isArray(e.heldInRepair) ? e.heldInRepair : []), ...sockets].filter(isHeldSocket);
+  e.heldInRepair = held.length ? held : undefined;
   return e;
 }
 
