@@ -640,16 +640,17 @@ describe('a snapshot that fails or is killed at a step', () => {
   // snapshot traces one of its processes): nothing is decided, the entry
   // waits for a later command, and what it had stopped is let go at once,
   // also in a process that lives on (the API).
-  it("killed at 'ending journaled', one of its processes traced by another: the API's ps() decides nothing and lets go what it stopped; once the tracer is gone, the next call rolls back", async () => {
-    const api = await import('../src/api.js');
-    const aid = 'skill-traced';
+  const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+  const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+
+  /** A snapshot of `aid` killed at 'ending journaled', its witness killed
+   * too, and the application's child (its parent, the first process, is
+   * seized before it) seized by another tracer: an entry that no command
+   * can decide while that tracer stays. */
+  async function undecidable(aid: string) {
     await started(aid);
     const pids = processesOf(aid);
-    const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
-    const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
-    // The child: its parent, the first process, is seized before it.
     const child = pids.find((p) => pids.includes(ppidOf(p)))!;
-    const parent = ppidOf(child);
     const image = join(dir, `${aid}.appshot`);
     const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
     expect(r.signal, r.stderr).toBe('SIGKILL');
@@ -659,10 +660,22 @@ describe('a snapshot that fails or is killed at a step', () => {
     await waitFor(() => ['', 'Z'].includes(stateOf(witness.pid)), 10_000, 'the witness to be gone');
     const addonPath = join(root, 'build', 'Release', 'appshot.node');
     const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let said = '';
+    tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
     try {
-      let said = '';
-      tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
       await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
+    } catch (e) {
+      tracer.kill('SIGKILL');
+      throw e;
+    }
+    return { pids, child, parent: ppidOf(child), image, tracer };
+  }
+
+  it("killed at 'ending journaled', one of its processes traced by another: the API's ps() decides nothing and lets go what it stopped; once the tracer is gone, the next call rolls back", async () => {
+    const api = await import('../src/api.js');
+    const aid = 'skill-traced';
+    const { pids, child, parent, image, tracer } = await undecidable(aid);
+    try {
       expect(tracerOf(child)).toBe(tracer.pid);
       await api.ps(aid, { home: sb.home });
       expect(endingEntries()).toHaveLength(1);
@@ -688,26 +701,10 @@ describe('a snapshot that fails or is killed at a step', () => {
   it("killed at 'ending journaled', one of its processes traced by another: ps after ps stops the application only the first time, a command that acts tries again, and once the tracer is gone ps rolls back", async () => {
     const api = await import('../src/api.js');
     const aid = 'skill-backoff';
-    await started(aid);
-    const pids = processesOf(aid);
-    const ppidOf = (pid: number) => Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
-    const tracerOf = (pid: number) => Number(/^TracerPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
-    const child = pids.find((p) => pids.includes(ppidOf(p)))!;
-    const image = join(dir, `${aid}.appshot`);
-    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: ending journaled' });
-    expect(r.signal, r.stderr).toBe('SIGKILL');
-    const [entry] = endingEntries();
-    const witness = (JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { witness: { pid: number } }).witness;
-    process.kill(witness.pid, 'SIGKILL');
-    await waitFor(() => ['', 'Z'].includes(stateOf(witness.pid)), 10_000, 'the witness to be gone');
-    const addonPath = join(root, 'build', 'Release', 'appshot.node');
-    const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const { pids, child, image, tracer } = await undecidable(aid);
     const stopsToDecide = /stopping the application to decide it/;
     const debugged = (args: string[]) => spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_DEBUG: '1' }, encoding: 'utf8', timeout: 50_000 });
     try {
-      let said = '';
-      tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
-      await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
       const first = debugged(['ps']);
       expect(first.status, first.stderr).toBe(0);
       expect(first.stderr).toMatch(stopsToDecide);
