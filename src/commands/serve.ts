@@ -12,6 +12,7 @@ import type { ServiceSpec, ServiceState } from '../serve/spec.js';
 import type { HostedServe } from '../engine/hosted.js';
 import { printJson } from './json.js';
 import { plural } from '../words.js';
+import { hostedHoldPoint, killPoint } from '../killpoint.js';
 
 
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -252,6 +253,7 @@ export function registerServe(program: Command): void {
       const onSignal = () => end();
       process.once('SIGINT', onSignal);
       process.once('SIGTERM', onSignal);
+      killPoint('serve: locked');
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
       const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
@@ -283,7 +285,11 @@ export function registerServe(program: Command): void {
       if (opts.json) printJson('serve stop', stopped);
       else
         process.stdout.write(
-          `stopped serving ${stopped.services.join(', ') || 'nothing'} (${stopped.engine ? `hosted by the resident engine, pid ${stopped.pid}, which keeps running` : `pid ${stopped.pid}`})\n`,
+          // A serve of its own stopped before it wrote its state names no
+          // service yet.
+          stopped.services.length
+            ? `stopped serving ${stopped.services.join(', ')} (${stopped.engine ? `hosted by the resident engine, pid ${stopped.pid}, which keeps running` : `pid ${stopped.pid}`})\n`
+            : `stopped serve pid ${stopped.pid} (it was still starting)\n`,
         );
     });
 }
@@ -395,7 +401,42 @@ async function hostInEngine(
     }
     releaseServeLock(lock);
   };
+  // Hosted from the moment the lock names the engine, before its front
+  // door has started: `serve stop` or `engine stop`, which find the lock
+  // held, then find this entry too. A stop asked while it starts is
+  // acted on once the start has ended (stopped, or failed).
+  let started!: (h: InstanceType<typeof ServeHost> | undefined) => void;
+  const startEnded = new Promise<InstanceType<typeof ServeHost> | undefined>((r) => (started = r));
+  let stopping: Promise<void> | undefined;
+  let stoppedBy = '';
+  let ended!: () => void;
+  const done = new Promise<void>((r) => (ended = r));
+  const entry: HostedServe = {
+    services: o.specs.map((s) => s.name),
+    since: Date.now(),
+    log: o.logPath,
+    ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
+    attached: () => !!attached && !attached.disconnected,
+    starting: () => !host,
+    stop: (why) =>
+      (stopping ??= (async () => {
+        stoppedBy = why;
+        const served = await startEnded;
+        // A start that failed has let everything go already.
+        if (!served) return;
+        served.log({ event: 'stopping', why });
+        try {
+          await requestStorage.run(own, () => served.stop());
+        } finally {
+          letGo();
+          setHosted(undefined);
+          ended();
+        }
+      })()),
+  };
+  setHosted(entry);
   try {
+    await hostedHoldPoint();
     writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });
     host = await requestStorage.run(own, async () => {
       const h = new ServeHost(o.specs, {
@@ -410,33 +451,20 @@ async function hostInEngine(
     });
   } catch (e) {
     letGo();
+    setHosted(undefined);
+    started(undefined);
+    ended();
     throw e;
   }
   const served = host;
-  let stopping: Promise<void> | undefined;
-  let stoppedBy = '';
-  let ended!: () => void;
-  const done = new Promise<void>((r) => (ended = r));
-  const entry: HostedServe = {
-    services: o.specs.map((s) => s.name),
-    since: Date.now(),
-    log: o.logPath,
-    ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
-    attached: () => !!attached && !attached.disconnected,
-    stop: (why) =>
-      (stopping ??= (async () => {
-        stoppedBy = why;
-        served.log({ event: 'stopping', why });
-        try {
-          await requestStorage.run(own, () => served.stop());
-        } finally {
-          letGo();
-          setHosted(undefined);
-          ended();
-        }
-      })()),
-  };
-  setHosted(entry);
+  started(served);
+  if (stopping) {
+    // Asked to stop while it started: never ready.
+    await done;
+    attached = undefined;
+    process.stderr.write(`appshot: serve stopped before it was ready: ${stoppedBy}\n`);
+    return;
+  }
   // -d prints the serving PID alone, as a serve -d of its own does.
   for (const line of o.banner) {
     toLog(line);
