@@ -410,6 +410,33 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(show()).toMatchObject({ served: false });
   });
 
+  it('a serve of its own ignores SIGTERM and SIGINT that come while it stops: it stops once, exits 0 and lets the lock go', async () => {
+    // Stopped (SIGSTOP) in the middle of its graceful stop, so that the
+    // next signals come exactly then.
+    const own = new Running(spawn(process.execPath, [cli, 'serve', '--foreground', '--prepared', '0'], { env: { ...sb.env, APPSHOT_TEST_STOP_AT: 'serve: stopping' } }));
+    running.push(own);
+    await own.line(/^ready$/);
+    const pid = own.child.pid!;
+    const status = () => readFileSync(`/proc/${pid}/status`, 'utf8');
+    own.child.kill('SIGTERM');
+    await waitFor(() => /^State:\s+T/m.test(status()), 30_000, 'the serve to stop in the middle of its stop');
+    own.child.kill('SIGTERM');
+    own.child.kill('SIGINT');
+    try {
+      // Both pending (SIGINT 2: bit 1, SIGTERM 15: bit 14).
+      const pending = () => status().split('\n').filter((l) => /^(ShdPnd|SigPnd):/.test(l)).reduce((m, l) => m | BigInt(`0x${l.split(/\s+/)[1]}`), 0n);
+      await waitFor(() => (pending() & ((1n << 14n) | (1n << 1n))) === ((1n << 14n) | (1n << 1n)), 30_000, 'SIGTERM and SIGINT to be pending');
+    } finally {
+      own.child.kill('SIGCONT');
+    }
+    const ended = await own.exited;
+    expect({ code: ended.code, signal: ended.signal }).toEqual({ code: 0, signal: null });
+    // Let go: the lock file names no one, nothing listens.
+    expect(lockHolder()).toBe('');
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(show()).toMatchObject({ served: false });
+  });
+
   it('the native client hands serve to the engine itself: attached until Ctrl-C, -d; serve --foreground goes to Node', async () => {
     const nativeClient = join(root, 'build', 'Release', 'appshot-client');
     const engine = startEngine('120');

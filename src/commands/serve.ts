@@ -248,17 +248,31 @@ export function registerServe(program: Command): void {
       // waits for "ready" as soon as it reads it; without a listener Node
       // dies by the signal, half started. One that comes while the host
       // starts is acted on once it has.
+      // Listening for good (process.on, not once): a second signal while
+      // it stops (two `serve stop`s, a retry, Ctrl-C then SIGTERM) is
+      // ignored, instead of killing it with its lock file still naming it.
       let stopAsked = false;
       let end = () => void (stopAsked = true);
-      const onSignal = () => end();
-      process.once('SIGINT', onSignal);
-      process.once('SIGTERM', onSignal);
+      const onSignal = () => {
+        if (stopAsked) return;
+        stopAsked = true;
+        end();
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
       killPoint('serve: locked');
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
       const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
       await host.start(metricsOn);
-      const stopped = new Promise<void>((resolve) => (end = () => void host.stop().then(resolve)));
+      const stopped = new Promise<void>(
+        (resolve) =>
+          (end = () => {
+            const stopping = host.stop();
+            killPoint('serve: stopping');
+            void stopping.then(resolve);
+          }),
+      );
       if (stopAsked) end();
       else {
         for (const line of banner) process.stdout.write(line);
