@@ -23,6 +23,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -435,6 +436,40 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(lockHolder()).toBe('');
     expect(await refused(PUBLIC)).toBe(true);
     expect(show()).toMatchObject({ served: false });
+  });
+
+  it('the engine refuses a command from a client of another build with one line; serve with a stray argument (serve stpo) is refused', async () => {
+    const engine = startEngine('120');
+    // A request as a client of another build sends it.
+    const answer = await new Promise<Buffer>((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      const s = connect(join(sb.home, 'engine', 'engine.sock'), () =>
+        s.write(JSON.stringify({ kind: 'command', argv: ['serve', 'stop'], cwd: process.cwd(), env: {}, umask: 0o22, tty: { stdout: false, stderr: false }, build: '1:2' }) + '\n'),
+      );
+      s.on('data', (d) => chunks.push(d));
+      s.on('end', () => resolve(Buffer.concat(chunks)));
+      s.on('error', reject);
+    });
+    const why = `the client is of another build of appshot than the engine (1:2, the engine's `;
+    expect(String.fromCharCode(answer[0])).toBe('R');
+    expect(answer.subarray(5).toString()).toMatch(new RegExp(`^${why.replace(/[()]/g, '\\$&')}\\d+:\\d+\\): it runs the command itself$`));
+    expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toContain(why);
+    // Both clients of this build are served by it.
+    const before = engineStatus().commandsServed;
+    sb.ok(['ps']);
+    const native = spawnSync(join(root, 'build', 'Release', 'appshot-client'), ['ps'], { env: sb.env, encoding: 'utf8' });
+    expect(native.status, native.stderr).toBe(0);
+    expect(engineStatus().commandsServed).toBe(before + 2);
+
+    // A typo of a subcommand is no serve: one line, exit 2, nothing
+    // serves (with the engine or without).
+    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+      const typo = runWith(['serve', 'stpo'], env);
+      expect({ env, code: typo.status, stderr: typo.stderr }).toEqual({ env, code: 2, stderr: "appshot: too many arguments for 'serve'. Expected 0 arguments but got 1.\n" });
+    }
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    expect(await refused(PUBLIC)).toBe(true);
+    await sb.stopEngine();
   });
 
   it('the native client hands serve to the engine itself: attached until Ctrl-C, -d; serve --foreground goes to Node', async () => {

@@ -205,6 +205,9 @@ export function registerServe(program: Command): void {
 
   const serve = program
     .command('serve')
+    // `serve stpo` is a typo, not a serve: refused with one line
+    // (Commander would otherwise hand it to serve's action and start one).
+    .allowExcessArguments(false)
     .description('the front door: listen on every service\'s public ports, restore or clone instances on demand, suspend them when idle')
     .option('--config <file>', 'serve the services of this file ({"services": [...]}, see templates/services.json) instead of those added with `service add`')
     .option('--metrics <[host:]port>', 'answer GET /metrics (Prometheus text format) here')
