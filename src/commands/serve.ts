@@ -6,6 +6,7 @@
 import type { Command } from 'commander';
 import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { constants } from 'node:os';
 import { currentRequest, requestStorage, type RequestContext } from '../engine/request.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
@@ -346,10 +347,19 @@ async function stopServe(): Promise<{ home: string; pid: number; engine: boolean
     .listKnown()
     .map((s) => s.name)
     .filter((n) => store.readState(n)?.servePid === holder.pid);
+  // Signalled through a pidfd, and only while that process still holds
+  // the lock file open: between finding it and signalling it, it may have
+  // ended and its PID become someone else's.
+  const { addon } = await import('../native.js');
+  let pidfd = -1;
   try {
-    process.kill(holder.pid, 'SIGTERM');
+    pidfd = addon().pidfdOpen(holder.pid, 0);
+    if (serveLockTaken(home)?.pid === holder.pid) addon().pidfdSendSignal(pidfd, constants.signals.SIGTERM);
   } catch (e) {
+    // ESRCH: it has ended (and let the lock go) meanwhile.
     if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw new AppshotError(`cannot signal the serve process ${holder.pid}: ${(e as Error).message}`, ExitCode.failure);
+  } finally {
+    if (pidfd >= 0) closeSync(pidfd);
   }
   const deadline = Date.now() + SERVE_STOP_WAIT_MS;
   while (serveLockTaken(home)?.pid === holder.pid && (await alivePid(holder.pid))) {
