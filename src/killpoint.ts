@@ -18,3 +18,19 @@ export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_STOP_AT === name) process.kill(process.pid, 'SIGSTOP');
   if (process.env.APPSHOT_TEST_FAIL_AT === name) throw new Error(`failure injected at '${name}' (APPSHOT_TEST_FAIL_AT)`);
 }
+
+/**
+ * APPSHOT_TEST_HOSTED_HOLD=FILE: a serve hosted by the resident engine,
+ * once it holds the front door's lock, waits while FILE exists before it
+ * starts, so that a test can stop it in that window, then let it go on.
+ * It waits without blocking the engine (which answers meanwhile), unlike
+ * a stop point. A knob of its own because APPSHOT_TEST_STOP_AT makes a
+ * client run serve itself (engine/client.ts SERVE_HERE); with this one
+ * set for both the engine and the client, the engine hosts the serve.
+ */
+export async function hostedHoldPoint(): Promise<void> {
+  const file = process.env.APPSHOT_TEST_HOSTED_HOLD;
+  if (!file) return;
+  const { existsSync } = await import('node:fs');
+  while (existsSync(file)) await new Promise((r) => setTimeout(r, 20));
+}

@@ -362,6 +362,9 @@ interface Addon {
   peerName(fd: number): Buffer | null;
   /** pidfd_open(pid, flags): flags 0 or PIDFD_NONBLOCK. */
   pidfdOpen(pid: number, flags: number): number;
+  /** pidfd_send_signal(pidfd, signal): throws with code ESRCH if the
+   * process it names has ended. */
+  pidfdSendSignal(pidfd: number, signal: number): void;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
   sockOpen(family: number, type: number): number;
   sockBind(fd: number, addr: Buffer): void;

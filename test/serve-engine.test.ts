@@ -21,8 +21,9 @@
  *   Node for `serve --foreground`.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -319,6 +320,155 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(await refused(PUBLIC)).toBe(true);
     expect(show()).toMatchObject({ served: false });
     expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    await sb.stopEngine();
+  });
+
+  it('serve stop, or engine stop, while a hosted serve starts waits for it and stops it; the serve never comes up', async () => {
+    // The hosted serve waits, once it holds the front door's lock and
+    // before its ports listen, while this file exists: the window a stop
+    // once missed (it said "not running", and the serve came up).
+    const hold = join(out, 'hold');
+    const knob = { APPSHOT_TEST_HOSTED_HOLD: hold };
+    const engineLog = () => readFileSync(join(sb.home, 'engine', 'log'), 'utf8');
+    /** An engine whose serve -d is starting, held in that window. */
+    const starting = async () => {
+      writeFileSync(hold, '');
+      const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', ...knob });
+      expect(r.status, r.stderr).toBe(0);
+      const pid = (JSON.parse(r.stdout) as { pid: number }).pid;
+      const d = new Running(spawn(process.execPath, [cli, 'serve', '-d', '--prepared', '0'], { env: { ...sb.env, ...knob } }));
+      running.push(d);
+      await waitFor(() => existsSync(join(sb.home, 'services', 'serve.lock')) && lockHolder() === `${pid} engine`, 30_000, 'the hosted serve to take the lock');
+      expect(engineStatus().serving).toMatchObject({ services: ['db'], starting: true });
+      return { pid, d };
+    };
+    /** The serve -d stopped before it was ready: it says so, and nothing serves. */
+    const neverReady = async (d: Running, why: string) => {
+      const started = await d.exited;
+      expect({ code: started.code, stdout: started.stdout }).toEqual({ code: 0, stdout: '' });
+      expect(started.stderr).toMatch(new RegExp(`^appshot: serve stopped before it was ready: ${why}$`, 'm'));
+      expect(await refused(PUBLIC)).toBe(true);
+      expect(show()).toMatchObject({ served: false });
+    };
+    try {
+      // serve stop (the engine's control request): it waits for the
+      // start, then stops it; the engine stays.
+      const first = await starting();
+      const stop = new Running(spawn(process.execPath, [cli, 'serve', 'stop'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' } }));
+      running.push(stop);
+      await waitFor(
+        () => stop.child.exitCode !== null || engineLog().includes(`asked to stop the serve it hosts by pid ${stop.child.pid}`),
+        30_000,
+        'the control request to reach the engine',
+      );
+      rmSync(hold);
+      const stopped = await stop.exited;
+      expect({ code: stopped.code, stdout: stopped.stdout, stderr: stopped.stderr }).toEqual({
+        code: 0,
+        stdout: `stopped serving db (hosted by the resident engine, pid ${first.pid}, which keeps running)`,
+        stderr: '',
+      });
+      await neverReady(first.d, 'asked by appshot serve stop');
+      expect(engineStatus()).toMatchObject({ pid: first.pid, serving: null });
+      await sb.stopEngine();
+
+      // engine stop: the same, and the engine then leaves.
+      const second = await starting();
+      const leave = sb.run(['engine', 'stop']);
+      expect(leave.stdout).toBe(`engine ${second.pid} leaving (it stops serving db first)\n`);
+      rmSync(hold);
+      await neverReady(second.d, 'the engine is leaving');
+      await waitFor(() => !alive(second.pid), 20_000, 'the engine to leave');
+    } finally {
+      rmSync(hold, { force: true });
+    }
+  });
+
+  it('serve stop of a serve of its own that is still starting says so', async () => {
+    // Stopped (SIGSTOP) once it holds the lock, before it has written any
+    // state: serve stop finds it by the lock and sends SIGTERM, which it
+    // acts on once continued.
+    const own = new Running(spawn(process.execPath, [cli, 'serve', '--foreground', '--prepared', '0'], { env: { ...sb.env, APPSHOT_TEST_STOP_AT: 'serve: locked' } }));
+    running.push(own);
+    const pid = own.child.pid!;
+    const status = () => readFileSync(`/proc/${pid}/status`, 'utf8');
+    await waitFor(() => /^State:\s+T/m.test(status()), 30_000, 'the serve to stop at its stop point');
+    expect(lockHolder()).toBe(`${pid} process`);
+    const stop = new Running(spawn(process.execPath, [cli, 'serve', 'stop'], { env: sb.env }));
+    running.push(stop);
+    try {
+      // SIGTERM (15: bit 14) pending for the stopped process.
+      const pending = () => status().split('\n').filter((l) => /^(ShdPnd|SigPnd):/.test(l)).some((l) => (BigInt(`0x${l.split(/\s+/)[1]}`) >> 14n) & 1n);
+      await waitFor(() => stop.child.exitCode !== null || pending(), 30_000, 'serve stop to send SIGTERM');
+    } finally {
+      process.kill(pid, 'SIGCONT');
+    }
+    const stopped = await stop.exited;
+    expect({ code: stopped.code, stdout: stopped.stdout, stderr: stopped.stderr }).toEqual({ code: 0, stdout: `stopped serve pid ${pid} (it was still starting)`, stderr: '' });
+    const ended = await own.exited;
+    expect({ code: ended.code, stdout: ended.stdout }).toEqual({ code: 0, stdout: '' });
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(show()).toMatchObject({ served: false });
+  });
+
+  it('a serve of its own ignores SIGTERM and SIGINT that come while it stops: it stops once, exits 0 and lets the lock go', async () => {
+    // Stopped (SIGSTOP) in the middle of its graceful stop, so that the
+    // next signals come exactly then.
+    const own = new Running(spawn(process.execPath, [cli, 'serve', '--foreground', '--prepared', '0'], { env: { ...sb.env, APPSHOT_TEST_STOP_AT: 'serve: stopping' } }));
+    running.push(own);
+    await own.line(/^ready$/);
+    const pid = own.child.pid!;
+    const status = () => readFileSync(`/proc/${pid}/status`, 'utf8');
+    own.child.kill('SIGTERM');
+    await waitFor(() => /^State:\s+T/m.test(status()), 30_000, 'the serve to stop in the middle of its stop');
+    own.child.kill('SIGTERM');
+    own.child.kill('SIGINT');
+    try {
+      // Both pending (SIGINT 2: bit 1, SIGTERM 15: bit 14).
+      const pending = () => status().split('\n').filter((l) => /^(ShdPnd|SigPnd):/.test(l)).reduce((m, l) => m | BigInt(`0x${l.split(/\s+/)[1]}`), 0n);
+      await waitFor(() => (pending() & ((1n << 14n) | (1n << 1n))) === ((1n << 14n) | (1n << 1n)), 30_000, 'SIGTERM and SIGINT to be pending');
+    } finally {
+      own.child.kill('SIGCONT');
+    }
+    const ended = await own.exited;
+    expect({ code: ended.code, signal: ended.signal }).toEqual({ code: 0, signal: null });
+    // Let go: the lock file names no one, nothing listens.
+    expect(lockHolder()).toBe('');
+    expect(await refused(PUBLIC)).toBe(true);
+    expect(show()).toMatchObject({ served: false });
+  });
+
+  it('the engine refuses a command from a client of another build with one line; serve with a stray argument (serve stpo) is refused', async () => {
+    const engine = startEngine('120');
+    // A request as a client of another build sends it.
+    const answer = await new Promise<Buffer>((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      const s = connect(join(sb.home, 'engine', 'engine.sock'), () =>
+        s.write(JSON.stringify({ kind: 'command', argv: ['serve', 'stop'], cwd: process.cwd(), env: {}, umask: 0o22, tty: { stdout: false, stderr: false }, build: '1:2' }) + '\n'),
+      );
+      s.on('data', (d) => chunks.push(d));
+      s.on('end', () => resolve(Buffer.concat(chunks)));
+      s.on('error', reject);
+    });
+    const why = `the client is of another build of appshot than the engine (1:2, the engine's `;
+    expect(String.fromCharCode(answer[0])).toBe('R');
+    expect(answer.subarray(5).toString()).toMatch(new RegExp(`^${why.replace(/[()]/g, '\\$&')}\\d+:\\d+\\): it runs the command itself$`));
+    expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toContain(why);
+    // Both clients of this build are served by it.
+    const before = engineStatus().commandsServed;
+    sb.ok(['ps']);
+    const native = spawnSync(join(root, 'build', 'Release', 'appshot-client'), ['ps'], { env: sb.env, encoding: 'utf8' });
+    expect(native.status, native.stderr).toBe(0);
+    expect(engineStatus().commandsServed).toBe(before + 2);
+
+    // A typo of a subcommand is no serve: one line, exit 2, nothing
+    // serves (with the engine or without).
+    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+      const typo = runWith(['serve', 'stpo'], env);
+      expect({ env, code: typo.status, stderr: typo.stderr }).toEqual({ env, code: 2, stderr: "appshot: too many arguments for 'serve'. Expected 0 arguments but got 1.\n" });
+    }
+    expect(engineStatus()).toMatchObject({ pid: engine, serving: null });
+    expect(await refused(PUBLIC)).toBe(true);
     await sb.stopEngine();
   });
 

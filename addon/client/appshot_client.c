@@ -43,33 +43,52 @@ static char **g_argv;
 
 static int g_argc;
 
-/* node bin/appshot.js, beside this program in its package
- * (build/Release/../../bin), with the same arguments: the command runs as
- * it would have without this client. */
+/* The package this program belongs to (build/Release/../..): 0, or -1. */
+static int package_dir(char *dir, size_t size) {
+  ssize_t n = readlink("/proc/self/exe", dir, size - 1);
+  if (n <= 0) return -1;
+  dir[n] = '\0';
+  for (int up = 0; up < 3; up++) {
+    char *slash = strrchr(dir, '/');
+    if (!slash) return -1;
+    *slash = '\0';
+  }
+  return 0;
+}
+
+/* node bin/appshot.js, beside this program in its package, with the same
+ * arguments: the command runs as it would have without this client. */
 static void run_in_node(void) {
   char self[PATH_MAX], script[PATH_MAX + 32];
-  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-  if (n > 0) {
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    for (int up = 0; slash && up < 2; up++) {
-      *slash = '\0';
-      slash = strrchr(self, '/');
-    }
-    if (slash) {
-      *slash = '\0';
-      snprintf(script, sizeof script, "%s/bin/appshot.js", self);
-      char **args = calloc((size_t)g_argc + 2, sizeof *args);
-      if (args) {
-        args[0] = "node";
-        args[1] = script;
-        for (int i = 1; i < g_argc; i++) args[i + 1] = g_argv[i];
-        execvp("node", args);
-      }
+  if (package_dir(self, sizeof self) == 0) {
+    snprintf(script, sizeof script, "%s/bin/appshot.js", self);
+    char **args = calloc((size_t)g_argc + 2, sizeof *args);
+    if (args) {
+      args[0] = "node";
+      args[1] = script;
+      for (int i = 1; i < g_argc; i++) args[i + 1] = g_argv[i];
+      execvp("node", args);
     }
   }
   fprintf(stderr, "appshot: cannot run node bin/appshot.js: %s\n", strerror(errno));
   exit(70);
+}
+
+/* src/engine/protocol.ts buildId: the inode and modification time (ns) of
+ * dist/engine/protocol.js in this package; "unknown" if it cannot be
+ * read (as Node's client says then). */
+static void build_id(char *id, size_t size) {
+  char dir[PATH_MAX], file[PATH_MAX + 32];
+  struct stat st;
+  if (package_dir(dir, sizeof dir) == 0) {
+    snprintf(file, sizeof file, "%s/dist/engine/protocol.js", dir);
+    if (stat(file, &st) == 0) {
+      snprintf(id, size, "%llu:%llu", (unsigned long long)st.st_ino,
+               (unsigned long long)st.st_mtim.tv_sec * 1000000000ull + (unsigned long long)st.st_mtim.tv_nsec);
+      return;
+    }
+  }
+  snprintf(id, size, "unknown");
 }
 
 /* src/engine/client.ts servedByEngine: commands that need this process's
@@ -234,6 +253,10 @@ static void build_request(struct text *t, int argc, char **argv) {
     puts_(t, num);
   }
   puts_(t, ci_variable_set(getenv("CI")) ? "},\"ci\":true" : "},\"ci\":false");
+  char build[64];
+  build_id(build, sizeof build);
+  puts_(t, ",\"build\":");
+  put_string(t, build);
   const char *path = getenv("PATH");
   if (path) {
     puts_(t, ",\"path\":");

@@ -53,6 +53,13 @@ Napi::Value PidfdOpen(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd);
 }
 
+// pidfdSendSignal(pidfd, signal): the signal to the process the pidfd
+// names, never to one that took its PID after it ended (ESRCH then).
+Napi::Value PidfdSendSignal(const Napi::CallbackInfo& info) {
+  if (syscall(SYS_pidfd_send_signal, Int(info[0]), Int(info[1]), nullptr, 0) < 0) ThrowErrno(info.Env(), "pidfd_send_signal", errno);
+  return info.Env().Undefined();
+}
+
 Napi::Value Pipe(const Napi::CallbackInfo& info) {
   int p[2];
   if (pipe2(p, O_CLOEXEC)) {
@@ -1134,6 +1141,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   };
   fn("pipe", Pipe);
   fn("pidfdOpen", PidfdOpen);
+  fn("pidfdSendSignal", PidfdSendSignal);
   fn("socketPair", SocketPair);
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);

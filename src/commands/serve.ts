@@ -6,12 +6,14 @@
 import type { Command } from 'commander';
 import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { constants } from 'node:os';
 import { currentRequest, requestStorage, type RequestContext } from '../engine/request.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
 import type { HostedServe } from '../engine/hosted.js';
 import { printJson } from './json.js';
 import { plural } from '../words.js';
+import { hostedHoldPoint, killPoint } from '../killpoint.js';
 
 
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -204,6 +206,9 @@ export function registerServe(program: Command): void {
 
   const serve = program
     .command('serve')
+    // `serve stpo` is a typo, not a serve: refused with one line
+    // (Commander would otherwise hand it to serve's action and start one).
+    .allowExcessArguments(false)
     .description('the front door: listen on every service\'s public ports, restore or clone instances on demand, suspend them when idle')
     .option('--config <file>', 'serve the services of this file ({"services": [...]}, see templates/services.json) instead of those added with `service add`')
     .option('--metrics <[host:]port>', 'answer GET /metrics (Prometheus text format) here')
@@ -247,16 +252,31 @@ export function registerServe(program: Command): void {
       // waits for "ready" as soon as it reads it; without a listener Node
       // dies by the signal, half started. One that comes while the host
       // starts is acted on once it has.
+      // Listening for good (process.on, not once): a second signal while
+      // it stops (two `serve stop`s, a retry, Ctrl-C then SIGTERM) is
+      // ignored, instead of killing it with its lock file still naming it.
       let stopAsked = false;
       let end = () => void (stopAsked = true);
-      const onSignal = () => end();
-      process.once('SIGINT', onSignal);
-      process.once('SIGTERM', onSignal);
+      const onSignal = () => {
+        if (stopAsked) return;
+        stopAsked = true;
+        end();
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
+      killPoint('serve: locked');
       const { ServeHost } = await import('../serve/server.js');
       const { ServeMetrics } = await import('../serve/metrics.js');
       const host = new ServeHost(specs, { home, metrics: new ServeMetrics(), prepared });
       await host.start(metricsOn);
-      const stopped = new Promise<void>((resolve) => (end = () => void host.stop().then(resolve)));
+      const stopped = new Promise<void>(
+        (resolve) =>
+          (end = () => {
+            const stopping = host.stop();
+            killPoint('serve: stopping');
+            void stopping.then(resolve);
+          }),
+      );
       if (stopAsked) end();
       else {
         for (const line of banner) process.stdout.write(line);
@@ -283,7 +303,11 @@ export function registerServe(program: Command): void {
       if (opts.json) printJson('serve stop', stopped);
       else
         process.stdout.write(
-          `stopped serving ${stopped.services.join(', ') || 'nothing'} (${stopped.engine ? `hosted by the resident engine, pid ${stopped.pid}, which keeps running` : `pid ${stopped.pid}`})\n`,
+          // A serve of its own stopped before it wrote its state names no
+          // service yet.
+          stopped.services.length
+            ? `stopped serving ${stopped.services.join(', ')} (${stopped.engine ? `hosted by the resident engine, pid ${stopped.pid}, which keeps running` : `pid ${stopped.pid}`})\n`
+            : `stopped serve pid ${stopped.pid} (it was still starting)\n`,
         );
     });
 }
@@ -323,10 +347,19 @@ async function stopServe(): Promise<{ home: string; pid: number; engine: boolean
     .listKnown()
     .map((s) => s.name)
     .filter((n) => store.readState(n)?.servePid === holder.pid);
+  // Signalled through a pidfd, and only while that process still holds
+  // the lock file open: between finding it and signalling it, it may have
+  // ended and its PID become someone else's.
+  const { addon } = await import('../native.js');
+  let pidfd = -1;
   try {
-    process.kill(holder.pid, 'SIGTERM');
+    pidfd = addon().pidfdOpen(holder.pid, 0);
+    if (serveLockTaken(home)?.pid === holder.pid) addon().pidfdSendSignal(pidfd, constants.signals.SIGTERM);
   } catch (e) {
+    // ESRCH: it has ended (and let the lock go) meanwhile.
     if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw new AppshotError(`cannot signal the serve process ${holder.pid}: ${(e as Error).message}`, ExitCode.failure);
+  } finally {
+    if (pidfd >= 0) closeSync(pidfd);
   }
   const deadline = Date.now() + SERVE_STOP_WAIT_MS;
   while (serveLockTaken(home)?.pid === holder.pid && (await alivePid(holder.pid))) {
@@ -395,7 +428,42 @@ async function hostInEngine(
     }
     releaseServeLock(lock);
   };
+  // Hosted from the moment the lock names the engine, before its front
+  // door has started: `serve stop` or `engine stop`, which find the lock
+  // held, then find this entry too. A stop asked while it starts is
+  // acted on once the start has ended (stopped, or failed).
+  let started!: (h: InstanceType<typeof ServeHost> | undefined) => void;
+  const startEnded = new Promise<InstanceType<typeof ServeHost> | undefined>((r) => (started = r));
+  let stopping: Promise<void> | undefined;
+  let stoppedBy = '';
+  let ended!: () => void;
+  const done = new Promise<void>((r) => (ended = r));
+  const entry: HostedServe = {
+    services: o.specs.map((s) => s.name),
+    since: Date.now(),
+    log: o.logPath,
+    ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
+    attached: () => !!attached && !attached.disconnected,
+    starting: () => !host,
+    stop: (why) =>
+      (stopping ??= (async () => {
+        stoppedBy = why;
+        const served = await startEnded;
+        // A start that failed has let everything go already.
+        if (!served) return;
+        served.log({ event: 'stopping', why });
+        try {
+          await requestStorage.run(own, () => served.stop());
+        } finally {
+          letGo();
+          setHosted(undefined);
+          ended();
+        }
+      })()),
+  };
+  setHosted(entry);
   try {
+    await hostedHoldPoint();
     writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });
     host = await requestStorage.run(own, async () => {
       const h = new ServeHost(o.specs, {
@@ -410,33 +478,20 @@ async function hostInEngine(
     });
   } catch (e) {
     letGo();
+    setHosted(undefined);
+    started(undefined);
+    ended();
     throw e;
   }
   const served = host;
-  let stopping: Promise<void> | undefined;
-  let stoppedBy = '';
-  let ended!: () => void;
-  const done = new Promise<void>((r) => (ended = r));
-  const entry: HostedServe = {
-    services: o.specs.map((s) => s.name),
-    since: Date.now(),
-    log: o.logPath,
-    ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
-    attached: () => !!attached && !attached.disconnected,
-    stop: (why) =>
-      (stopping ??= (async () => {
-        stoppedBy = why;
-        served.log({ event: 'stopping', why });
-        try {
-          await requestStorage.run(own, () => served.stop());
-        } finally {
-          letGo();
-          setHosted(undefined);
-          ended();
-        }
-      })()),
-  };
-  setHosted(entry);
+  started(served);
+  if (stopping) {
+    // Asked to stop while it started: never ready.
+    await done;
+    attached = undefined;
+    process.stderr.write(`appshot: serve stopped before it was ready: ${stoppedBy}\n`);
+    return;
+  }
   // -d prints the serving PID alone, as a serve -d of its own does.
   for (const line of o.banner) {
     toLog(line);

@@ -21,7 +21,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { ciVariableSet } from './request.js';
 import { connect, type Socket } from 'node:net';
 import { enginePaths, defaultHome } from '../home.js';
-import { Frame, FrameReader, type Control, type Request } from './protocol.js';
+import { buildId, Frame, FrameReader, type Control, type Request } from './protocol.js';
 
 const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine']);
 /** A serve with one of these set runs here: a failure or kill point, or
@@ -140,6 +140,7 @@ export async function viaEngine(argv: string[]): Promise<number | undefined> {
     tty: { stdout: !!process.stdout.isTTY, stderr: !!process.stderr.isTTY, columns: process.stdout.columns ?? process.stderr.columns },
     ci: ciVariableSet(process.env.CI),
     path: process.env.PATH,
+    build: buildId(),
   };
   return new Promise((resolve) => {
     let accepted = false;

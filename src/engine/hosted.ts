@@ -19,6 +19,9 @@ export interface HostedServe {
   metrics?: string;
   /** Whether a client waits on it (`appshot serve` without -d). */
   attached(): boolean;
+  /** Whether its front door is still starting (the lock taken, its ports
+   * not all listening yet): a stop asked now is acted on once it has. */
+  starting(): boolean;
   /** Stops serving, as SIGTERM stops a serve of its own; resolves once
    * it has (the same promise for every caller). */
   stop(why: string): Promise<void>;
@@ -50,6 +53,7 @@ export function hostedStatus(): Record<string, unknown> | null {
     services: hosted.services,
     since: new Date(hosted.since).toISOString(),
     attached: hosted.attached(),
+    ...(hosted.starting() ? { starting: true } : {}),
     log: hosted.log,
     ...(hosted.metrics ? { metrics: hosted.metrics } : {}),
   };

@@ -1,6 +1,6 @@
 /**
  * The engine's wire format, on its unix socket. Imported by the client, so
- * it imports nothing.
+ * it imports nothing but node:fs.
  *
  * The client sends one request, a line of JSON (Request, or Control for
  * `appshot engine status|stop` and `appshot serve stop`). The engine
@@ -14,6 +14,27 @@
  *  - EXIT: the command's exit code (int32), the last frame.
  *  - STATUS: an answer to a Control (JSON), the last frame.
  */
+import { statSync } from 'node:fs';
+
+/**
+ * Which build of appshot a process runs: this compiled file's inode and
+ * modification time (every build rewrites it). A command request carries
+ * the client's; an engine started from another build (one still resident
+ * after an upgrade or a rebuild) refuses it, and the client runs the
+ * command itself: an older engine could not know what the command means
+ * now (one that predates `serve stop` would host a serve for it). The
+ * native client (addon/client/appshot_client.c) sends the same, from
+ * dist/engine/protocol.js beside it.
+ */
+export function buildId(): string {
+  try {
+    const st = statSync(new URL(import.meta.url), { bigint: true });
+    return `${st.ino}:${st.mtimeNs}`;
+  } catch {
+    return 'unknown';
+  }
+}
+
 export const Frame = {
   ACCEPTED: 0x41, // 'A'
   REFUSED: 0x52, // 'R'
@@ -37,6 +58,8 @@ export interface Request {
   ci?: boolean;
   /** The client's PATH: where the programs a command runs are looked for. */
   path?: string;
+  /** The client's buildId(): an engine of another build refuses it. */
+  build?: string;
 }
 
 export interface Control {

@@ -32,7 +32,7 @@ import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { Frame, frame, type Control, type Request } from './protocol.js';
+import { buildId, Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
 import { leasesDir, newLeaseName } from '../holder.js';
@@ -130,6 +130,8 @@ export class Engine {
    * environment is put back to between commands, and what a hosted serve
    * must want (handle). */
   private readonly ownSettings = settings(process.env);
+  /** The build this engine runs (protocol.ts), as it was when it started. */
+  private readonly build = buildId();
   /** A lease made ahead of the request that takes it (prepareLease). */
   private spareLease?: { name: string; ready: boolean };
   private resolveDone!: (code: number) => void;
@@ -334,6 +336,14 @@ export class Engine {
     }
     if (this.leaving) {
       socket.end(frame(Frame.REFUSED, Buffer.from('the engine is leaving')));
+      return;
+    }
+    // A client of another build (protocol.ts buildId) runs the command
+    // itself: this engine's code may not mean what the client's does.
+    if (msg.build !== this.build) {
+      const why = `the client is of another build of appshot than the engine (${String(msg.build ?? 'none')}, the engine's ${this.build}): it runs the command itself`;
+      this.log(why);
+      socket.end(frame(Frame.REFUSED, Buffer.from(why)));
       return;
     }
     // Run here, the command would have the engine's capabilities, filters,

@@ -1417,13 +1417,19 @@ export class ServeHost {
     }, this.opts.tickMs ?? 200);
   }
 
-  async stop(): Promise<void> {
-    this.stopping = true;
-    if (this.timer) clearInterval(this.timer);
-    this.metricsServer?.close();
-    for (const s of this.services) await s.close();
-    if (this.ownStandbys) await this.endStandbys();
+  /** Stops serving; resolves once it has. Every caller gets the same
+   * stop (a second one, as from SIGINT then SIGTERM, must not close each
+   * service again while the first closes it). */
+  stop(): Promise<void> {
+    return (this.stopped ??= (async () => {
+      this.stopping = true;
+      if (this.timer) clearInterval(this.timer);
+      this.metricsServer?.close();
+      for (const s of this.services) await s.close();
+      if (this.ownStandbys) await this.endStandbys();
+    })());
   }
+  private stopped?: Promise<void>;
 
   /** Lets go of every standby, and waits (a second at most) until each
    * has ended with its seeds and been waited for: none outlives serve. */
