@@ -167,7 +167,10 @@ export class Sandbox {
     for (const c of this.started) if (c.exitCode === null) c.kill('SIGKILL');
     await waitFor(() => this.aids().length === 0, 10_000).catch(() => undefined);
     await this.stopEngine();
-    rmSync(this.home, { recursive: true, force: true });
+    // Retried: an application's init may still be putting its last files
+    // in place (its log's times, "exit" by rename) while the directory is
+    // walked, and rmdir then finds it not empty (seen once in CI).
+    rmSync(this.home, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
   }
 
   /** Stops the resident engine of this sandbox's state directory, if one
