@@ -1,16 +1,28 @@
 // Virtual PIDs: translation in both directions for real process trees.
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { alive, cli, type Entry, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
+
 import { addon, paths } from '../src/native.js';
 import { windowsOf } from '../src/ptrace/windows.js';
 
+/** A temporary directory for the describe block it is called in: made
+ * before the block's first test and removed after its last, so that a run
+ * which filters the block out (-t) leaves nothing behind, as a
+ * mkdtempSync at collection, whose afterAll never runs then, did. */
+function scratchDir(prefix: string): string {
+  const path = join(tmpdir(), `${prefix}${process.pid}-${randomBytes(4).toString('hex')}`);
+  beforeAll(() => mkdirSync(path, { mode: 0o700 }));
+  afterAll(() => rmSync(path, { recursive: true, force: true }));
+  return path;
+}
+
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
-
 
 describe('virtual PIDs', () => {
   it('gives a tree of 65 concurrently forking processes unique ids and a consistent table', async () => {
@@ -85,8 +97,7 @@ describe('a wait for any child caught by a snapshot between the kernel answering
   // interrupts it or it finds itself restored (its system PID changed),
   // so the thread translates the old node's system PID of
   // its reaped child on the new node.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-waitany-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-waitany-');
   const heldAfterWait = (pid: number) => {
     try {
       return readFileSync(`/proc/${pid}/syscall`, 'utf8').startsWith('271 '); // ppoll
@@ -252,8 +263,7 @@ describe('a wait for any child caught by a snapshot between the kernel answering
 });
 
 describe('a fast-forking application snapshotted again and again, left running', () => {
-  const images = mkdtempSync(join(tmpdir(), 'appshot-storm-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-storm-');
   // forkstorm reaps a child every few microseconds and checks that waitpid
   // gives the virtual PID fork gave. Init's sweep of dead processes' entries
   // (every 2 s) once dropped the entry of a child just reaped, whose answer
@@ -345,8 +355,7 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
   // after the kernel's answer, for kill after the translation. The
   // snapshot must let it run out of the wrapper (src/ptrace/windows.ts);
   // caught inside, restored, it would use the old node's system PID.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-idwindow-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-idwindow-');
   it('a window left by a siglongjmp out of a handler does not hold the thread inside for good', async () => {
     const aid = 'windowjmp';
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('windowjmp')]);
@@ -506,8 +515,7 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
 });
 
 describe('signals pending across a snapshot', () => {
-  const images = mkdtempSync(join(tmpdir(), 'appshot-sigpend-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-sigpend-');
   it('are taken after the restore with the virtual PID of their sender (sigtimedwait, SA_SIGINFO handler)', async () => {
     const aid = 'sigpend';
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('sigpend')]);
@@ -525,8 +533,7 @@ describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pth
   // The fixture keeps the clock ids it made in memory, as a program would,
   // and checks each against /proc: the ids encode virtual PIDs and TIDs,
   // which the preload library makes this node's at each use.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-cpuclocks-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-cpuclocks-');
 
   it('name the virtual ids, never the system process with that number, and go on naming them after a snapshot and restore', async () => {
     const aid = 'cpuclocks';
@@ -584,8 +591,7 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
   // The kernel lists system ids; the fixture compares each listing with
   // the ids getpid(), gettid() and fork() gave it, and reaches every
   // number /proc lists.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-proctask-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-proctask-');
 
   it('give the virtual ids of the threads and processes, none of the system\'s, and go on doing so after a snapshot and restore', async () => {
     const aid = 'proctask';
@@ -710,8 +716,7 @@ describe('listings of /proc and /proc/<pid>/task (readdir, readdir_r, getdents64
 describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<tid>, self, thread-self)', () => {
   // The kernel writes them by system PID; the fixture compares their ids
   // with getpid(), getppid(), getpgrp(), getsid(), gettid() and fork()'s.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-procstat-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-procstat-');
 
   it('show the virtual ids, and go on doing so after a snapshot and restore (new system PIDs)', async () => {
     const aid = 'procstat';
@@ -778,8 +783,7 @@ describe('a thread\'s children, a sched file, and these files opened relative to
   // The kernel writes them by system PID; each fixture compares the ids
   // it reads with the ones getpid(), gettid() and fork() gave it, and the
   // restore gives every process a new system PID.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-procmore-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-procmore-');
 
   const roundTrip = async (aid: string, args: string[], leaveRunning: boolean) => {
     sb.ok(['run', '-d', '--aid', aid, '--', ...args]);
@@ -829,8 +833,7 @@ describe('a thread\'s children, a sched file, and these files opened relative to
 describe('posix_spawn into a process group kept in an attribute (POSIX_SPAWN_SETPGROUP)', () => {
   // glibc's child joins the group by an internal setpgid: the group must
   // be the virtual one in the attribute and made the system's at the spawn.
-  const images = mkdtempSync(join(tmpdir(), 'appshot-spawngroup-'));
-  afterAll(() => rmSync(images, { recursive: true, force: true }));
+  const images = scratchDir('appshot-spawngroup-');
 
   it('reads back the virtual group, and spawns into it before and after a snapshot and restore', async () => {
     const aid = 'spawngroup';
