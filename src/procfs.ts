@@ -84,6 +84,26 @@ export function procSmaps(path: string): ParsedSmaps {
   throw new Error(`${path} could not be read`);
 }
 
+/** Each open descriptor of process `pid` with what it points to (its
+ * /proc/PID/fd link), read now: none if the process is gone, and one
+ * closed between the listing and its link left out. */
+export function descriptorLinks(pid: number): { fd: string; link: string }[] {
+  let names: string[];
+  try {
+    names = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return [];
+  }
+  const out: { fd: string; link: string }[] = [];
+  for (const fd of names)
+    try {
+      out.push({ fd, link: readlinkSync(`/proc/${pid}/fd/${fd}`) });
+    } catch {
+      /* closed meanwhile */
+    }
+  return out;
+}
+
 /** A /proc directory's names, as readdirSync gives them: gathered, or read now. */
 export function procDir(path: string): string[] {
   const v = gathered.get(`dir:${path}`);

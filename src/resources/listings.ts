@@ -28,9 +28,10 @@
  * (the counts are the restored process's), but never another mapping's
  * lines in its record.
  */
-import { readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
+import { readFileSync, readSync } from 'node:fs';
 import { type ListingPosition } from '../image/types.js';
 import { addon } from '../native.js';
+import { descriptorLinks } from '../procfs.js';
 
 const LISTING = /^\/proc\/\d+(?:\/task\/\d+)?\/(?:maps|smaps|numa_maps)$/;
 
@@ -154,20 +155,9 @@ export function listingOffset(text: Buffer, at: ListingPosition): number {
  */
 export function listingsBeforeCalls(pids: number[]): Map<string, Buffer> {
   const texts = new Map<string, Buffer>();
-  for (const pid of pids) {
-    let names: string[];
-    try {
-      names = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue; // gone: its dump says so
-    }
-    for (const name of names) {
-      let target: string;
-      try {
-        target = readlinkSync(`/proc/${pid}/fd/${name}`);
-      } catch {
-        continue;
-      }
+  // A process gone has none: its dump says so.
+  for (const pid of pids)
+    for (const { link: target } of descriptorLinks(pid)) {
       if (!isMappingListing(target) || texts.has(target)) continue;
       try {
         texts.set(target, readFileSync(target));
@@ -175,7 +165,6 @@ export function listingsBeforeCalls(pids: number[]): Map<string, Buffer> {
         /* its process is gone or not ours to read: the dump reads it then */
       }
     }
-  }
   return texts;
 }
 

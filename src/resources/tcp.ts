@@ -52,11 +52,12 @@
  * (its next read says ECONNRESET). Otherwise such a snapshot is refused,
  * naming the connection.
  */
-import { closeSync, fstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, paths, type RepairedConnection } from '../native.js';
+import { descriptorLinks } from '../procfs.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
@@ -391,19 +392,7 @@ export function releaseLeftInRepair(sockets: HeldSocket[]): void {
   }
   const done = new Set<string>();
   for (const [pid, inos] of byPid) {
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const n of fds) {
-      let link: string;
-      try {
-        link = readlinkSync(`/proc/${pid}/fd/${n}`);
-      } catch {
-        continue;
-      }
+    for (const { fd: n, link } of descriptorLinks(pid)) {
       const ino = /^socket:\[(\d+)\]$/.exec(link)?.[1];
       if (!ino || !inos.has(ino) || done.has(ino)) continue;
       const h = sockets.find((x) => x.ino === ino)!;

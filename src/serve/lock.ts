@@ -8,7 +8,8 @@
  * kernel drops the lock however its holder ends (kill -9 included), so
  * the next serve never has a stale file to guess about.
  */
-import { closeSync, ftruncateSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdirSync, readFileSync, realpathSync, writeSync } from 'node:fs';
+import { descriptorLinks } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
@@ -38,17 +39,11 @@ export function serveLockTaken(home: string): { pid: number; engine: boolean } |
   let file: string;
   try {
     file = realpathSync(serveLockPath(home));
-    for (const fd of readdirSync(`/proc/${h.pid}/fd`)) {
-      try {
-        if (readlinkSync(`/proc/${h.pid}/fd/${fd}`) === file) return h;
-      } catch {
-        /* closed meanwhile */
-      }
-    }
   } catch {
-    /* no such file, or no such process */
+    return undefined; // no such file
   }
-  return undefined;
+  // A process gone holds nothing.
+  return descriptorLinks(h.pid).some((d) => d.link === file) ? h : undefined;
 }
 
 /** Takes the lock (its descriptor: close it to let go), or throws the one

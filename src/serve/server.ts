@@ -35,6 +35,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
+import { descriptorLinks } from '../procfs.js';
 import { type ForwardEnds, Forwarder, newListenerGroup } from './forwarder.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
@@ -535,21 +536,8 @@ class Service {
       if (!procs.length) return undefined;
       const inodes = listeningInodes(procs[0].pid, port);
       if (!inodes.size) return undefined;
-      for (const p of procs) {
-        let fds: string[];
-        try {
-          fds = readdirSync(`/proc/${p.pid}/fd`);
-        } catch {
-          continue; // ended meanwhile
-        }
-        for (const fd of fds) {
-          try {
-            if (inodes.has(readlinkSync(`/proc/${p.pid}/fd/${fd}`))) return p.pid;
-          } catch {
-            // closed meanwhile
-          }
-        }
-      }
+      // One that ended meanwhile has none.
+      for (const p of procs) if (descriptorLinks(p.pid).some((d) => inodes.has(d.link))) return p.pid;
     } catch {
       // No /proc, or the application ended meanwhile.
     }
