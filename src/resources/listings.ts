@@ -32,6 +32,7 @@ import { readFileSync, readSync } from 'node:fs';
 import { type ListingPosition } from '../image/types.js';
 import { addon } from '../native.js';
 import { descriptorLinks } from '../procfs.js';
+import { lineOf, offsetOfLine } from './proctext.js';
 
 const LISTING = /^\/proc\/\d+(?:\/task\/\d+)?\/(?:maps|smaps|numa_maps)$/;
 
@@ -90,13 +91,7 @@ export function listingPosition(text: Buffer, pos: number, leaveOut?: (address: 
     const length = r.end - r.start;
     if (pos < seen + length) {
       const into = r.start + (pos - seen);
-      let line = 0;
-      let lineStart = r.start;
-      for (let i = r.start; i < into; i++)
-        if (text[i] === NL) {
-          line++;
-          lineStart = i + 1;
-        }
+      const { line, lineStart } = lineOf(text, into, r.start);
       return { address: r.address, line, column: into - lineStart, atEnd: false };
     }
     seen += length;
@@ -131,15 +126,7 @@ export function listingOffset(text: Buffer, at: ListingPosition): number {
     const next = all.find((rec) => rec.address > at.address);
     return next ? next.start : text.length;
   }
-  let lineStart = r.start;
-  for (let l = 0; l < at.line; l++) {
-    const nl = text.indexOf(NL, lineStart);
-    if (nl < 0 || nl + 1 >= r.end) return r.end;
-    lineStart = nl + 1;
-  }
-  const nl = text.indexOf(NL, lineStart);
-  const lineEnd = nl < 0 || nl >= r.end ? r.end : nl;
-  return Math.min(lineStart + at.column, lineEnd);
+  return offsetOfLine(text, at.line, at.column, r.start, r.end);
 }
 
 /**

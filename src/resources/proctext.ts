@@ -123,16 +123,40 @@ function readText(fd: number): Buffer | undefined {
   return text.includes(0) ? undefined : text;
 }
 
+/** The line (from 0) of text[start...] that byte `pos` is in, and where
+ * that line starts. Shared with listings.ts, which counts within one
+ * mapping's record. */
+export function lineOf(text: Buffer, pos: number, start = 0): { line: number; lineStart: number } {
+  let line = 0;
+  let lineStart = start;
+  for (let i = text.indexOf(NL, start); i >= 0 && i < pos; i = text.indexOf(NL, i + 1)) {
+    line++;
+    lineStart = i + 1;
+  }
+  return { line, lineStart };
+}
+
+/** The byte at line `line`, byte `column` of text[start, end) (at most
+ * that line's end, its newline); a line it does not have: `end`. The
+ * numbers come from an image: only compared, never trusted as lengths.
+ * Shared with listings.ts (one mapping's record). */
+export function offsetOfLine(text: Buffer, line: number, column: number, start = 0, end = text.length): number {
+  let lineStart = start;
+  for (let l = 0; l < line; l++) {
+    const nl = text.indexOf(NL, lineStart);
+    if (nl < 0 || nl + 1 >= end) return end;
+    lineStart = nl + 1;
+  }
+  const nl = text.indexOf(NL, lineStart);
+  const lineEnd = nl < 0 || nl >= end ? end : nl;
+  return Math.min(lineStart + column, lineEnd);
+}
+
 /** Where byte `pos` of `text` is, by line; `status`: the text is a
  * /proc/PID/status (its snapshot's marks, see above). */
 export function textPosition(text: Buffer, pos: number, status = false): TextPosition {
   if (pos >= text.length) return { atEnd: true, line: 0, column: 0 };
-  let line = 0;
-  let lineStart = 0;
-  for (let i = text.indexOf(NL); i >= 0 && i < pos; i = text.indexOf(NL, i + 1)) {
-    line++;
-    lineStart = i + 1;
-  }
+  const { line, lineStart } = lineOf(text, pos);
   const nl = text.indexOf(NL, lineStart);
   if (status && pos > lineStart) {
     // Inside the last line: that line was read whole.
@@ -150,16 +174,7 @@ export function textPosition(text: Buffer, pos: number, status = false): TextPos
  * an image: its numbers are only compared, never trusted as lengths.
  */
 export function textOffset(text: Buffer, at: TextPosition): number {
-  if (at.atEnd) return text.length;
-  let lineStart = 0;
-  for (let l = 0; l < at.line; l++) {
-    const nl = text.indexOf(NL, lineStart);
-    if (nl < 0 || nl + 1 >= text.length) return text.length;
-    lineStart = nl + 1;
-  }
-  const nl = text.indexOf(NL, lineStart);
-  const lineEnd = nl < 0 ? text.length : nl;
-  return Math.min(lineStart + at.column, lineEnd);
+  return at.atEnd ? text.length : offsetOfLine(text, at.line, at.column);
 }
 
 /** At snapshot: where the reader of descriptor `n` of frozen process
