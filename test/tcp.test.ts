@@ -631,6 +631,22 @@ async function memcachedWithClient(aid: string, port: number): Promise<Client> {
   return client;
 }
 
+/** The client's next request, on the same connection, is answered with
+ * what was stored before (memcachedWithClient). */
+async function greeted(client: Client): Promise<void> {
+  client.socket.write('get greeting\r\n');
+  const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
+  expect((await client.bytes(answer.length)).toString()).toBe(answer);
+}
+
+/** The client read every byte it was sent, then goes, and so does the
+ * application. */
+function hangUp(client: Client, aid: string): void {
+  client.whole();
+  client.socket.destroy();
+  run(['stop', aid, '-s', 'KILL']);
+}
+
 describe('memcached with a client that stays connected', () => {
   it.runIf(existsSync(MEMCACHED) && isRoot)('answers the client\'s pipelined and new requests after the restore', async () => {
     const port = 26621;
@@ -671,12 +687,8 @@ describe('memcached with a client that stays connected', () => {
     await waitFor(() => !sb.aids().includes('tcpmck'), 10_000, 'the application to end into its image');
     expect(keepers(sb.home)).toHaveLength(1);
     run(['restore', image]);
-    client.socket.write('get greeting\r\n');
-    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
-    expect((await client.bytes(answer.length)).toString()).toBe(answer);
-    client.whole();
-    client.socket.destroy();
-    run(['stop', 'tcpmck', '-s', 'KILL']);
+    await greeted(client);
+    hangUp(client, 'tcpmck');
   });
 
   // Killed once its image is in place (its first journal step), before the
@@ -693,12 +705,8 @@ describe('memcached with a client that stays connected', () => {
     run(['ps']);
     expect(existsSync(image)).toBe(false);
     expect(sb.aids()).toContain(aid);
-    client.socket.write('get greeting\r\n');
-    const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
-    expect((await client.bytes(answer.length)).toString()).toBe(answer);
-    client.whole();
-    client.socket.destroy();
-    run(['stop', aid, '-s', 'KILL']);
+    await greeted(client);
+    hangUp(client, aid);
   });
 
   // Killed while its dump holds the client's connection in repair mode,
@@ -729,19 +737,14 @@ describe('memcached with a client that stays connected', () => {
         encoding: 'utf8',
       });
       expect(killed.signal, killed.stderr).toBe('SIGKILL');
-      client.socket.write('get greeting\r\n');
-      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
-      expect((await client.bytes(answer.length)).toString()).toBe(answer);
+      await greeted(client);
       await waitFor(() => guardians().length === 0, 10_000, 'the guardian to end');
       run(['ps']);
       expect(existsSync(image)).toBe(false);
       expect(sb.aids()).toContain(aid);
       expect(endingEntries()).toEqual([]);
-      client.socket.write('get greeting\r\n');
-      expect((await client.bytes(answer.length)).toString()).toBe(answer);
-      client.whole();
-      client.socket.destroy();
-      run(['stop', aid, '-s', 'KILL']);
+      await greeted(client);
+      hangUp(client, aid);
     });
   }
 
@@ -777,12 +780,8 @@ describe('memcached with a client that stays connected', () => {
       expect(existsSync(image)).toBe(false);
       expect(sb.aids()).toContain(aid);
       expect(endingEntries()).toEqual([]);
-      client.socket.write('get greeting\r\n');
-      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
-      expect((await client.bytes(answer.length)).toString()).toBe(answer);
-      client.whole();
-      client.socket.destroy();
-      run(['stop', aid, '-s', 'KILL']);
+      await greeted(client);
+      hangUp(client, aid);
     });
   }
 
@@ -828,12 +827,8 @@ describe('memcached with a client that stays connected', () => {
         };
         await waitFor(() => !keepers(sb.home).some(keeps), 10_000, 'the keeper to let the connections go');
       }
-      client.socket.write('get greeting\r\n');
-      const answer = 'VALUE greeting 0 5\r\nhello\r\nEND\r\n';
-      expect((await client.bytes(answer.length)).toString()).toBe(answer);
-      client.whole();
-      client.socket.destroy();
-      run(['stop', aid, '-s', 'KILL']);
+      await greeted(client);
+      hangUp(client, aid);
     });
   }
 });
