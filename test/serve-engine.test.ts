@@ -379,6 +379,27 @@ describe('appshot serve hosted by the resident engine', () => {
       rmSync(hold);
       await neverReady(second.d, 'the engine is leaving');
       await waitFor(() => !alive(second.pid), 20_000, 'the engine to leave');
+
+      // An attached serve whose client is killed while it starts: it
+      // stops once started, as the client's going away stops a ready one
+      // (it served on, with nobody attached, before).
+      writeFileSync(hold, '');
+      const third = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', ...knob });
+      expect(third.status, third.stderr).toBe(0);
+      const thirdPid = (JSON.parse(third.stdout) as { pid: number }).pid;
+      const client = new Running(spawn(process.execPath, [cli, 'serve', '--prepared', '0'], { env: { ...sb.env, ...knob } }));
+      running.push(client);
+      await waitFor(() => existsSync(join(sb.home, 'services', 'serve.lock')) && lockHolder() === `${thirdPid} engine`, 30_000, 'the hosted serve to take the lock');
+      expect(engineStatus().serving).toMatchObject({ services: ['db'], starting: true, attached: true });
+      client.child.kill('SIGKILL');
+      await client.exited;
+      rmSync(hold);
+      await waitFor(() => engineStatus().serving === null, 30_000, 'the hosted serve to stop');
+      expect(await refused(PUBLIC)).toBe(true);
+      expect(show()).toMatchObject({ served: false });
+      expect(readFileSync(join(sb.home, 'services', 'serve.log'), 'utf8')).toMatch(/"event":"stopping","why":"its client went away"/);
+      expect(engineStatus()).toMatchObject({ pid: thirdPid });
+      await sb.stopEngine();
     } finally {
       rmSync(hold, { force: true });
     }

@@ -462,6 +462,12 @@ async function hostInEngine(
       })()),
   };
   setHosted(entry);
+  // Attached, the client's Ctrl-C, SIGTERM or going away stops serving
+  // from the start on: one that leaves while the front door still starts
+  // stops it once started, as a stop asked then does (else it would serve
+  // on with nobody attached and no -d asked).
+  const onGone = () => void entry.stop(request.disconnected ? 'its client went away' : 'interrupted');
+  if (!o.detach) request.onDisconnect.add(onGone);
   try {
     await hostedHoldPoint();
     writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });
@@ -477,6 +483,7 @@ async function hostInEngine(
       return h;
     });
   } catch (e) {
+    request.onDisconnect.delete(onGone);
     letGo();
     setHosted(undefined);
     started(undefined);
@@ -488,6 +495,7 @@ async function hostInEngine(
   if (stopping) {
     // Asked to stop while it started: never ready.
     await done;
+    request.onDisconnect.delete(onGone);
     attached = undefined;
     process.stderr.write(`appshot: serve stopped before it was ready: ${stoppedBy}\n`);
     return;
@@ -505,8 +513,6 @@ async function hostInEngine(
   // Nothing more of the current directory, environment or umask is read
   // for this request: other clients' commands need not wait for it.
   request.leaveGate?.();
-  const onGone = () => void entry.stop(request.disconnected ? 'its client went away' : 'interrupted');
-  request.onDisconnect.add(onGone);
   await done;
   request.onDisconnect.delete(onGone);
   attached = undefined;
