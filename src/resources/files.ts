@@ -15,6 +15,7 @@
 import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
+import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
@@ -63,14 +64,30 @@ function lockLinesOf(text: string): string[] {
     .map((l) => l.slice(5));
 }
 
-/** `frozenMappings(pid)`: the start addresses of the mappings a frozen
- * process of the application had before appshot mapped anything in it,
- * if known; `listingsBefore`: the listings of mappings read before any
- * call was injected (both for a descriptor reading one, listings.ts). */
-export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, frozenMappings?: (pid: number) => Set<bigint> | undefined, listingsBefore?: Map<string, Buffer>): Fd[] {
+/** What the snapshot read of a frozen process before it injected any
+ * call (all optional: what is missing is read now). */
+export interface SeenBeforeCalls {
+  /** Its descriptors, links and fdinfo (addon fdEntries): read once for
+   * both the look for listings below and the dump, which it would
+   * otherwise cost twice in the frozen window (a readlink is ~16 us). The
+   * calls asked meanwhile open, close and move none of the application's
+   * descriptors; the userfaultfd tracking makes later is not in it. */
+  entries?: FdEntry[];
+  /** The start addresses of the mappings a frozen process of the
+   * application had before appshot mapped anything in it, if known. */
+  frozenMappings?: (pid: number) => Set<bigint> | undefined;
+  /** The listings of mappings read then (for a descriptor reading one,
+   * listings.ts). */
+  listings?: Map<string, Buffer>;
+}
+
+export type FdEntry = ReturnType<ReturnType<typeof addon>['fdEntries']>[number];
+
+export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
+  const { frozenMappings, listings: listingsBefore } = seen;
   // Closed meanwhile (impossible while frozen, but cheap to allow): left out.
-  for (const entry of addon().fdEntries(pid)) {
+  for (const entry of seen.entries ?? addon().fdEntries(pid)) {
     const n = entry.fd;
     const target = entry.target;
     const info = parseFdinfo(entry.info);
@@ -96,13 +113,13 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
-    const connection = bracket?.[1] === 'socket' ? sockets.connection(pid, n, BigInt(bracket[2])) : undefined;
+    const connection = bracket?.[1] === 'socket' ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
-      fd.tcp = ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets, sockets.takeDup(BigInt(bracket![2])));
+      fd.tcp = timed('tcp: dump', () => ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets, sockets.takeDup(BigInt(bracket![2]))));
     } else if (bracket && bracket[1] === 'socket') {
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);

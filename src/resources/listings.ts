@@ -31,7 +31,6 @@
 import { readFileSync, readSync } from 'node:fs';
 import { type ListingPosition } from '../image/types.js';
 import { addon } from '../native.js';
-import { descriptorLinks } from '../procfs.js';
 import { lineOf, offsetOfLine } from './proctext.js';
 
 const LISTING = /^\/proc\/\d+(?:\/task\/\d+)?\/(?:maps|smaps|numa_maps)$/;
@@ -136,22 +135,20 @@ export function listingOffset(text: Buffer, at: ListingPosition): number {
  * process (the lock probe, the batch scratch area) that may merge with
  * one of its own mappings, so that a listing read later has another
  * record there, starting at appshot's address; the reader's place is
- * found in these texts, which have only the application's mappings. One
- * look at each descriptor's target; a listing is read only where one is
- * open on it.
+ * found in these texts, which have only the application's mappings.
+ * `targets`: the links of their descriptors (read once for this and for
+ * their dump); a listing is read only where one is open on it.
  */
-export function listingsBeforeCalls(pids: number[]): Map<string, Buffer> {
+export function listingsBeforeCalls(targets: Iterable<string>): Map<string, Buffer> {
   const texts = new Map<string, Buffer>();
-  // A process gone has none: its dump says so.
-  for (const pid of pids)
-    for (const { link: target } of descriptorLinks(pid)) {
-      if (!isMappingListing(target) || texts.has(target)) continue;
-      try {
-        texts.set(target, readFileSync(target));
-      } catch {
-        /* its process is gone or not ours to read: the dump reads it then */
-      }
+  for (const target of targets) {
+    if (!isMappingListing(target) || texts.has(target)) continue;
+    try {
+      texts.set(target, readFileSync(target));
+    } catch {
+      /* its process is gone or not ours to read: the dump reads it then */
     }
+  }
   return texts;
 }
 

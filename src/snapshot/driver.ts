@@ -31,7 +31,7 @@ import { type AppRecord, type LocalRegistry } from '../registry.js';
 import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
-import { dumpFds, markSharedDescriptions } from '../resources/files.js';
+import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } from '../resources/files.js';
 import { listingsBeforeCalls } from '../resources/listings.js';
 import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
@@ -234,7 +234,7 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
  * `systemPids` and `dumped`. Its /proc is gathered (procfs.ts) in two
  * reads: before any call is injected, and once its questions are answered;
  * the caller forgets both when it is done. */
-function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, listingsBefore: Map<string, Buffer>): void {
+function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, seen: SeenBeforeCalls): void {
   // Registers first: running system calls in the process (below) leaves
   // an interrupted call rewound, and the image keeps it as it was.
   const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
@@ -305,19 +305,16 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     proc.fds = timed('files', () => {
       const sockets = new SocketTable(pid);
       try {
-        // Listings of mappings as read before any call was injected; a
-        // process's mappings as it had them then, for one opened since.
-        return dumpFds(
-          ctx,
-          pid,
-          what,
-          sockets,
-          (listed) => {
+        // Descriptors and listings of mappings as read before any call
+        // was injected; a process's mappings as it had them then, for a
+        // listing opened since.
+        return dumpFds(ctx, pid, what, sockets, {
+          ...seen,
+          frozenMappings: (listed) => {
             const had = listed === pid ? maps : dumped.get(listed);
             return had && new Set(had.map((l) => l.start));
           },
-          listingsBefore,
-        );
+        });
       } finally {
         sockets.close();
       }
@@ -355,6 +352,16 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
   }
 }
 
+/** A process's descriptors (addon fdEntries), or undefined if it cannot
+ * be read now (its dump then reads them again, and says why). */
+function fdEntriesOrUndefined(pid: number): FdEntry[] | undefined {
+  try {
+    return addon().fdEntries(pid);
+  } catch {
+    return undefined;
+  }
+}
+
 /** `dumped`: filled with each process dumped, its mappings as read while
  * frozen (its threads exempted from seccomp by then). */
 async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>): Promise<void> {
@@ -364,7 +371,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   const inImage = new Set(byProcess.map(([pid]) => pid));
   // Before anything is injected into any of them too: calls map pages
   // that may merge with the application's in a listing (listings.ts).
-  const listingsBefore = timed('listings', () => listingsBeforeCalls(byProcess.map(([pid]) => pid)));
+  // Each process's descriptors are read once, here, for that look and
+  // for its dump (a process gone meanwhile: its dump reads and says so).
+  const fdsBefore = timed('descriptors', () => new Map(byProcess.map(([pid]) => [pid, fdEntriesOrUndefined(pid)])));
+  const listingsBefore = timed('listings', () => listingsBeforeCalls([...fdsBefore.values()].flatMap((entries) => (entries ?? []).map((e) => e.target))));
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
@@ -382,7 +392,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
-      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, listingsBefore);
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore });
     } finally {
       // What was gathered of this process's /proc is of this moment only.
       forgetGathered();
