@@ -55,6 +55,7 @@
 import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { killPoint } from '../killpoint.js';
+import { timed } from '../snapshot/profile.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, paths, type RepairedConnection } from '../native.js';
 import { descriptorLinks } from '../procfs.js';
@@ -193,7 +194,7 @@ export class HeldConnections {
     // What the preload library saw set and nothing reads back (MD5 keys).
     noted(notes, ino, 'tcp', seen.port, false, [], where);
     if (this.closeConnections) return this.remember(ino, { ...emptyConnection(ino, seen.family, named), closed: true });
-    const dup = duplicate();
+    const dup = timed('tcp: duplicate', duplicate);
     // Journaled before it enters repair mode (killed after, a command that
     // finds only the journal must be able to let it out), with what the
     // application had set: whether it has a filter of its own (then the
@@ -201,16 +202,16 @@ export class HeldConnections {
     // (read in repair mode, it says "forced"; leaving repair mode clears it).
     let journal: HeldSocket;
     try {
-      journal = socketAsHeld(dup, pid, ino);
-      this.onHold?.(journal);
+      journal = timed('tcp: as held', () => socketAsHeld(dup, pid, ino));
+      timed('tcp: journaled', () => this.onHold?.(journal));
     } catch (e) {
       closeSync(dup);
       throw e;
     }
     killPoint('snapshot: connection journaled');
-    this.guarded(dup, journal);
+    timed('tcp: guarded', () => this.guarded(dup, journal));
     try {
-      addon().tcpRepair(dup, 1);
+      timed('tcp: repair', () => addon().tcpRepair(dup, 1));
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EPERM' && this.keeper.keeping) {
         // Without repair mode, the very socket, live, waits for the
@@ -233,24 +234,24 @@ export class HeldConnections {
     killPoint('snapshot: connection in repair mode');
     // SO_REUSEADDR as the application had it, read before repair mode
     // (which reads back 2, "forced", whatever it was).
-    const options = (held.options = CARRIED_OPTIONS.map(([level, name]) => ({
+    const options = (held.options = timed('tcp: options', () => CARRIED_OPTIONS.map(([level, name]) => ({
       level,
       name,
       value: level === SOL_SOCKET && name === SO_REUSEADDR ? journal.reuseAddr : addon().getSockOpt(dup, level, name),
-    })));
+    }))));
     let c: RepairedConnection;
     // The rest of what the application set (sockopts.ts); kernel TLS and
     // other upper layers refused by name.
-    refuseUlp(dup, where);
-    const extras = readExtras(dup, 'tcp', seen.family, SOCK_STREAM, CARRIED_OPTIONS, where);
+    timed('tcp: ulp', () => refuseUlp(dup, where));
+    const extras = timed('tcp: extras', () => readExtras(dup, 'tcp', seen.family, SOCK_STREAM, CARRIED_OPTIONS, where));
     try {
       // What the peer sends from now on is dropped, not acknowledged: it
       // would be missing from the image. The peer sends it again, to the
       // original (--leave-running) or, if the restore is quick enough, to
       // the restored connection (see the top of this file).
-      addon().tcpLock(dup, true);
+      timed('tcp: lock', () => addon().tcpLock(dup, true));
       held.locked = true;
-      c = addon().tcpRead(dup);
+      c = timed('tcp: read', () => addon().tcpRead(dup));
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EEXIST')
         throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
