@@ -26,16 +26,18 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, fixture, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
+import { alive, fixture, root, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-hold-'));
 // Ports of their own, 19000-19999 (see Sandbox for the other files').
-const base = 19000 + (process.pid % 250) * 4;
+const base = 19000 + (process.pid % 166) * 6;
 const APP = base;
 const PUBLIC = base + 1;
 const APP2 = base + 2;
 const PUBLIC2 = base + 3;
+const APP3 = base + 4;
+const PUBLIC3 = base + 5;
 const MAX_HELD = 4;
 const CLIENTS = 40;
 /** Descriptors the serve process may open besides held connections while
@@ -44,12 +46,15 @@ const SLACK = 2;
 
 let serve: Running | undefined;
 let serve2: Running | undefined;
+let serve3: Running | undefined;
+let otherTracer: ChildProcess | undefined;
 let stopper: ChildProcess | undefined;
 
 afterAll(async () => {
   stopper?.kill('SIGKILL');
-  for (const s of [serve, serve2]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
-  await Promise.all([serve?.exited, serve2?.exited]);
+  otherTracer?.kill('SIGKILL');
+  for (const s of [serve, serve2, serve3]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
+  await Promise.all([serve?.exited, serve2?.exited, serve3?.exited]);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
 });
@@ -281,5 +286,60 @@ describe('appshot serve: a preloaded image', () => {
     expect(openFiles(pid)).not.toContain(`${next} (deleted)`);
     serve2.child.kill('SIGTERM');
     expect((await serve2.exited).code).toBe(0);
+  });
+});
+
+describe('appshot serve: a suspend that fails', () => {
+  it('leaves the instance running and answering from the same process, logs why, and suspends once what was in the way is gone', async () => {
+    const image = join(out, 'fail.img');
+    await snapshotListener(sb, 'tpl3', APP3, image);
+    const config = join(out, 'fail.json');
+    writeFileSync(config, JSON.stringify({ prepared: 0, services: [{ name: 'fail', from: image, ports: [`127.0.0.1:${PUBLIC3}:${APP3}`], idle: '1s' }] }));
+    serve3 = sb.start(['serve', '--config', config]);
+    await serve3.line(/^ready$/);
+    const shown = () => sb.json<{ state: string; snapshots: number }>(['service', 'show', 'fail']);
+    const pong = async () => Number(/^pong (\d+)\n$/.exec(await tcpExchange(PUBLIC3, 'ping\n', 30_000))?.[1]);
+    const first = await pong();
+    expect(first).toBeGreaterThan(0);
+    const server = vpids('fail').get(2)!;
+    expect(server).toBeGreaterThan(0);
+
+    // A connection left open (the server, one client at a time, waits in
+    // its read): no idle time runs while it is there. Meanwhile another
+    // tracer seizes the server, which runs on (a seize does not stop it)
+    // but which no snapshot can stop while it is traced.
+    const open = connect(PUBLIC3, '127.0.0.1');
+    await new Promise<void>((r, j) => open.once('connect', () => r()).once('error', j));
+    const addonPath = join(root, 'build', 'Release', 'appshot.node');
+    otherTracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${server}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let said = '';
+    otherTracer.stdout!.on('data', (d: Buffer) => (said += d.toString()));
+    await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the server');
+    open.end('ping\n');
+    await new Promise<void>((r) => open.once('close', () => r()).resume());
+
+    const failures = () => serve3!.stderr.split('\n').filter((l) => l.includes('"event":"suspend-failed"'));
+    await waitFor(() => failures().length > 0, 30_000, 'a suspend to fail');
+    const failed = JSON.parse(failures()[0]) as { instance: string; error: string; now: string };
+    expect(failed).toMatchObject({ instance: 'fail', now: 'running' });
+    expect(failed.error).toMatch(new RegExp(`being traced by process ${otherTracer.pid}.*left running`));
+    // Still the same process, still answering, its count going on.
+    expect(alive(server)).toBe(true);
+    expect(vpids('fail').get(2)).toBe(server);
+    expect(shown()).toMatchObject({ snapshots: 0 });
+    expect(['running', 'suspending']).toContain(shown().state);
+    const during = await pong();
+    expect(during).toBeGreaterThan(first + 1);
+
+    // The tracer gone, the next idle suspend goes through: the process
+    // ends into an image, and the next connection resumes it with its
+    // count.
+    otherTracer.kill('SIGKILL');
+    otherTracer = undefined;
+    await waitFor(() => shown().snapshots === 1 && shown().state === 'suspended', 30_000, 'the suspend once the tracer is gone');
+    expect(alive(server)).toBe(false);
+    expect(await pong()).toBe(during + 1);
+    serve3.child.kill('SIGTERM');
+    expect((await serve3.exited).code).toBe(0);
   });
 });
