@@ -31,13 +31,15 @@ import { alive, fixture, root, type Running, Sandbox, snapshotListener, tcpExcha
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-hold-'));
 // Ports of their own, 19000-19999 (see Sandbox for the other files').
-const base = 19000 + (process.pid % 166) * 6;
+const base = 19000 + (process.pid % 125) * 8;
 const APP = base;
 const PUBLIC = base + 1;
 const APP2 = base + 2;
 const PUBLIC2 = base + 3;
 const APP3 = base + 4;
 const PUBLIC3 = base + 5;
+const APP4 = base + 6;
+const PUBLIC4 = base + 7;
 const MAX_HELD = 4;
 const CLIENTS = 40;
 /** Descriptors the serve process may open besides held connections while
@@ -47,14 +49,15 @@ const SLACK = 2;
 let serve: Running | undefined;
 let serve2: Running | undefined;
 let serve3: Running | undefined;
+let serve4: Running | undefined;
 let otherTracer: ChildProcess | undefined;
 let stopper: ChildProcess | undefined;
 
 afterAll(async () => {
   stopper?.kill('SIGKILL');
   otherTracer?.kill('SIGKILL');
-  for (const s of [serve, serve2, serve3]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
-  await Promise.all([serve?.exited, serve2?.exited, serve3?.exited]);
+  for (const s of [serve, serve2, serve3, serve4]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
+  await Promise.all([serve?.exited, serve2?.exited, serve3?.exited, serve4?.exited]);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
 });
@@ -341,5 +344,60 @@ describe('appshot serve: a suspend that fails', () => {
     expect(await pong()).toBe(during + 1);
     serve3.child.kill('SIGTERM');
     expect((await serve3.exited).code).toBe(0);
+  });
+});
+
+describe('appshot serve: an instance busy computing without connections', () => {
+  it('is not suspended while it uses --busy-cpu of a core, and is once it stops computing', async () => {
+    // Answers "pong N"; "spin" starts a thread that computes until the
+    // file `stop` exists, and the connection ends.
+    const stop = join(out, 'busy-stop');
+    const script = [
+      'import os, socket, sys, threading',
+      'def spin():',
+      '    n = 0',
+      '    while not os.path.exists(sys.argv[1]): n += 1',
+      's = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)',
+      `s.bind(("127.0.0.1", ${APP4})); s.listen(16); print("LISTENING", flush=True)`,
+      'answered = 0',
+      'while True:',
+      '    c, _ = s.accept(); line = c.makefile().readline()',
+      '    if line == "spin\\n": threading.Thread(target=spin, daemon=True).start(); c.sendall(b"spinning\\n")',
+      '    else: answered += 1; c.sendall(b"pong %d\\n" % answered)',
+      '    c.close()',
+    ].join('\n');
+    const r = sb.run(['run', '-d', '--aid', 'spintpl', '--', '/usr/bin/python3', '-c', script, stop]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('spintpl').includes('LISTENING'), 10_000, 'the server to listen');
+    const image = join(out, 'spin.img');
+    expect(sb.run(['snapshot', 'spintpl', '-o', image]).code).toBe(0);
+    // 5% of a core: reached by a loop that computes on any machine, however loaded.
+    const add = sb.run(['service', 'add', 'spin', '--from', image, '--port', `127.0.0.1:${PUBLIC4}:${APP4}`, '--idle', '1s', '--busy-cpu', '5%']);
+    expect(add.code, add.stderr).toBe(0);
+    const shown = () => sb.json<{ state: string; snapshots: number; busyCpu: number; instances: { cpu?: number }[] }>(['service', 'show', 'spin']);
+    expect(shown().busyCpu).toBe(0.05);
+    expect(sb.run(['service', 'show', 'spin']).stdout).toMatch(/busy at 5% cpu/);
+    serve4 = sb.start(['serve', '--prepared', '0']);
+    await serve4.line(/^ready$/);
+    const events = () => serve4!.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event: string; instance?: string });
+    expect(await tcpExchange(PUBLIC4, 'ping\n', 30_000)).toBe('pong 1\n');
+    expect(await tcpExchange(PUBLIC4, 'spin\n', 30_000)).toBe('spinning\n');
+    const server = vpids('spin').get(2)!;
+    await waitFor(() => events().some((e) => e.event === 'busy' && e.instance === 'spin'), 30_000, 'the instance to be found busy');
+    // Three times its idle time without a connection: still running, the
+    // same process, never suspended (before --busy-cpu it was suspended
+    // a second after the connection ended, computing or not).
+    await new Promise((r) => setTimeout(r, 3000));
+    expect(events().filter((e) => e.event === 'suspend' || e.event === 'suspend-failed')).toEqual([]);
+    expect(shown()).toMatchObject({ state: 'running', snapshots: 0 });
+    expect(alive(server)).toBe(true);
+    // It stops computing: suspended after its idle time, and resumed
+    // with its count by the next connection.
+    writeFileSync(stop, '');
+    await waitFor(() => shown().snapshots === 1 && shown().state === 'suspended', 30_000, 'the suspend once it stopped computing');
+    expect(alive(server)).toBe(false);
+    expect(await tcpExchange(PUBLIC4, 'ping\n', 30_000)).toBe('pong 2\n');
+    serve4.child.kill('SIGTERM');
+    expect((await serve4.exited).code).toBe(0);
   });
 });

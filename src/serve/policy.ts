@@ -18,7 +18,10 @@
  *   `concurrency` can still saturate an instance that computes.
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
- *   never below `min` running; the one idle longest goes first.
+ *   never below `min` running; the one idle longest goes first. With
+ *   `busyCpu`, a window in which an instance used that much CPU counts as
+ *   activity (server.ts sets its lastActive): it is not idle while it
+ *   computes, connections or not.
  * - warm: clone mode keeps `min` instances running or starting.
  */
 import type { InstanceStateName, ServiceSpec } from './spec.js';

@@ -77,8 +77,10 @@ interface Instance {
    * thread watches it while it holds a grant to the instance. */
   pid?: number;
   /** Cores its processes used over the last second, measured each tick
-   * when the service has a CPU target (cpu.ts). */
+   * when the service has a CPU target or a busy-CPU share (cpu.ts). */
   cpu?: number;
+  /** Kept from idling by its CPU alone (busyCpu), at the last window. */
+  keptBusy?: boolean;
 }
 
 interface Held {
@@ -585,7 +587,7 @@ class Service {
     this.checkPrepared();
     this.checkReady();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
-    if (this.spec.cpuTarget) this.measureCpu();
+    if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
     this.pump();
   }
 
@@ -609,9 +611,24 @@ class Service {
       if (initPid === undefined) continue;
       this.measured.add(inst.aid);
       inst.cpu = this.cpu.sample(inst.aid, initPid, now);
+      this.keepIfBusy(inst);
       this.changed();
       this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
     }
+  }
+
+  /** With a busy-CPU share: an instance that used at least that much over
+   * the last window counts as active now (its idle time starts again), and
+   * the start of such a stretch without connections is logged once. */
+  private keepIfBusy(inst: Instance): void {
+    const busyCpu = this.spec.busyCpu;
+    if (!busyCpu || inst.cpu === undefined) return;
+    const busy = inst.cpu >= busyCpu;
+    if (busy) {
+      inst.lastActive = this.host.clock.now();
+      if (!inst.keptBusy && inst.active === 0) this.log('busy', { instance: inst.aid, cpu: Math.round(inst.cpu * 100) / 100, busyCpu });
+    }
+    inst.keptBusy = busy && inst.active === 0;
   }
 
   private apply(actions: Action[]): void {

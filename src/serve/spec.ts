@@ -54,6 +54,12 @@ export interface ServiceSpec {
    * instance serves connections and uses at least this much CPU, one more
    * is started (policy.ts). 0 or absent: CPU is not looked at. */
   cpuTarget?: number;
+  /** Either mode: a share of one core; an instance that uses at least
+   * this much is busy, not idle, with or without connections (its idle
+   * time starts once it uses less): a database compacting or a worker
+   * finishing a job is not suspended or dropped in the middle of it. 0 or
+   * absent: idle means without connections alone. */
+  busyCpu?: number;
 }
 
 /** The front door's hold per service unless `--max-held` says otherwise;
@@ -147,6 +153,7 @@ export interface ServiceInput {
   concurrency?: number | string;
   maxHeld?: number | string;
   cpuTarget?: number | string;
+  busyCpu?: number | string;
 }
 
 /** Checks and completes a service; `base` resolves a relative `from`. */
@@ -190,7 +197,8 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
   const maxHeld = count(input.maxHeld ?? DEFAULT_MAX_HELD, '--max-held', 1);
   const cpuTarget = share(input.cpuTarget ?? 0, '--cpu-target');
   if (cpuTarget && mode !== 'clone') throw new AppshotError(`service '${input.name}': --cpu-target starts clones, and restore mode runs one instance`, ExitCode.usage);
-  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld, ...(cpuTarget ? { cpuTarget } : {}) };
+  const busyCpu = share(input.busyCpu ?? 0, '--busy-cpu');
+  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld, ...(cpuTarget ? { cpuTarget } : {}), ...(busyCpu ? { busyCpu } : {}) };
 }
 
 /** Where services and their runtime state live. */
