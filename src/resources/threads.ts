@@ -291,7 +291,10 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    register then names `rem`: the two may be one buffer anyway); a
  *    futex wait until an absolute instant (FUTEX_WAIT_BITSET) is made
  *    again as it was; poll and a relative FUTEX_WAIT are made again with
- *    their full timeout (see below), and so is a sleep without `rem`,
+ *    their full timeout (see below), and so is a sleep without `rem`
+ *    (the preload library makes a program's poll a ppoll and gives its
+ *    nanosleep and usleep a `rem`: preload_wait.c; these are for raw and
+ *    libc-internal calls),
  *    whose time left nothing shows. ppoll, pselect6 and select stop
  *    with ERESTARTNOHAND, their time left written back to their timeout,
  *    and restart as any other call.

@@ -1,0 +1,98 @@
+/**
+ * A wait with a timeout caught by a snapshot waits, once restored, for the
+ * time it had left, not its whole timeout again (issue 12: "poll across
+ * the restore"). The preload library makes poll a ppoll and gives
+ * nanosleep and usleep a `rem` (addon/preload/preload_wait.c), where the
+ * kernel writes the time left when a stop interrupts them; the restore
+ * makes the call again with that (src/resources/threads.ts). The fixture
+ * (timeleft.c) has three threads waiting 8 s each, over and over, in
+ * poll, usleep and nanosleep(req, NULL); each checks its wait ends
+ * normally and never early. Here, each restored thread is read back in its
+ * call: the timeout it waits with is what was left (less than 8 s, as
+ * more than 2 s had gone by when it was frozen), not 8 s again.
+ */
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-timeleft-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const WAIT_NS = 8_000_000_000n;
+const THREADS = ['poll8', 'usleep8', 'nanosleep8'];
+
+/** Each named thread's system call and arguments (/proc/PID/task/TID/syscall),
+ * or undefined while one is not in a call. */
+function calls(pid: number): Map<string, bigint[]> | undefined {
+  const found = new Map<string, bigint[]>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const name = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+    if (!THREADS.includes(name)) continue;
+    const fields = readFileSync(`/proc/${pid}/task/${tid}/syscall`, 'utf8').trim().split(' ');
+    if (!/^\d+$/.test(fields[0])) return undefined; // running
+    found.set(name, fields.slice(0, 7).map((f) => BigInt(f)));
+  }
+  return found.size === THREADS.length ? found : undefined;
+}
+
+/** The timespec at `addr` in process `pid`, in ns. */
+function timespecAt(pid: number, addr: bigint): bigint {
+  const fd = openSync(`/proc/${pid}/mem`, 'r');
+  try {
+    const b = Buffer.alloc(16);
+    readSync(fd, b, 0, 16, addr);
+    return b.readBigInt64LE(0) * 1_000_000_000n + b.readBigInt64LE(8);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** What each thread waits for in the call it is in: ppoll (271) its
+ * timeout (arg 3), clock_nanosleep (230) its request (arg 3), poll (7)
+ * its milliseconds (arg 3). */
+function timeouts(pid: number): Record<string, { nr: number; ns: bigint }> {
+  const seen = calls(pid)!;
+  const outOf: Record<string, { nr: number; ns: bigint }> = {};
+  for (const [name, c] of seen) {
+    const nr = Number(c[0]);
+    outOf[name] = { nr, ns: nr === 7 ? c[3] * 1_000_000n : timespecAt(pid, c[3]) };
+  }
+  return outOf;
+}
+
+describe('waits with a timeout across a snapshot and restore', () => {
+  it('poll, usleep and nanosleep without rem wait for the time they had left, not their whole timeout again', async () => {
+    sb.ok(['run', '-d', '--aid', 'tl', '--', fixture('timeleft')]);
+    await sb.checksPass('tl', 2);
+    let pid = sb.systemPid('tl');
+    await waitFor(() => calls(pid) !== undefined, 10_000, 'every thread in its wait');
+    // As run: each waits with 8 s, and is in the call it can say it in.
+    const before = timeouts(pid);
+    expect(Object.fromEntries(Object.entries(before).map(([n, t]) => [n, t.nr]))).toEqual({ poll8: 271, usleep8: 230, nanosleep8: 230 });
+    for (const t of Object.values(before)) expect(t.ns).toBe(WAIT_NS);
+    // More than 2 s into their first wait (each started before the
+    // first CHECK line): at least 2 s are gone from what each has left.
+    await new Promise((r) => setTimeout(r, 2500));
+    sb.ok(['snapshot', 'tl', '-o', join(out, 'tl')]);
+    sb.ok(['restore', join(out, 'tl')]);
+    pid = sb.systemPid('tl');
+    await waitFor(() => calls(pid) !== undefined, 10_000, 'every restored thread back in its wait');
+    const after = timeouts(pid);
+    for (const name of THREADS) {
+      expect(after[name].nr, name).toBe(before[name].nr);
+      // What was left when frozen (the restore takes less than 6 s: a
+      // thread that had finished its wait meanwhile would be in its next,
+      // at 8 s, and fail this too; the first wait cannot end in 2.5 s).
+      expect(after[name].ns, `${name} waits ${after[name].ns} ns`).toBeLessThan(WAIT_NS - 2_000_000_000n);
+      expect(after[name].ns, name).toBeGreaterThan(0n);
+    }
+    // Each wait ends normally and not early: the fixture's checks go on.
+    await sb.checksPass('tl', 2);
+  });
+});
