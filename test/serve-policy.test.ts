@@ -45,6 +45,26 @@ describe('serve policy', () => {
     expect(p.decide([db], 0)).toEqual([]);
   });
 
+  it('busy CPU: an instance computing is not idle, connections or not; its idle time starts once it computes less', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy({ ...restoreKnobs, idleMs: 500, busyCpu: 0.1 }, clock);
+    const db: InstanceView = { aid: 'db', state: 'running', active: 0, lastActive: 0, cpu: 0.5 };
+    clock.advance(10_000);
+    // Measured busy (however long since its last connection): kept.
+    expect(p.decide([db], 0)).toEqual([]);
+    // Measured quiet: idle by its lastActive (the server sets it at each
+    // window that found it busy).
+    db.cpu = 0.05;
+    db.lastActive = clock.now();
+    clock.advance(499);
+    expect(p.decide([db], 0)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([db], 0)).toEqual([{ kind: 'suspend', aid: 'db', idleMs: 500 }]);
+    // Without busyCpu, CPU keeps nothing.
+    const plain = new Policy({ ...restoreKnobs, idleMs: 500 }, clock);
+    expect(plain.decide([{ ...db, cpu: 0.9 }], 0)).toEqual([{ kind: 'suspend', aid: 'db', idleMs: 500 }]);
+  });
+
   it('restore mode with idle 0 never suspends', () => {
     const clock = new FakeClock();
     const p = new Policy({ ...restoreKnobs, idleMs: 0 }, clock);

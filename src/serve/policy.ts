@@ -19,9 +19,9 @@
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first. With
- *   `busyCpu`, a window in which an instance used that much CPU counts as
- *   activity (server.ts sets its lastActive): it is not idle while it
- *   computes, connections or not.
+ *   `busyCpu`, an instance whose last measurement found it using that much
+ *   CPU is not idle, connections or not, and its idle time starts from
+ *   the last window that found it so (server.ts sets its lastActive).
  * - warm: clone mode keeps `min` instances running or starting.
  */
 import type { InstanceStateName, ServiceSpec } from './spec.js';
@@ -64,7 +64,7 @@ export type Action =
   | { kind: 'suspend'; aid: string; idleMs: number }
   | { kind: 'drop'; aid: string; idleMs: number };
 
-type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number };
+type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number; busyCpu?: number };
 
 export class Policy {
   constructor(
@@ -120,7 +120,7 @@ export class Policy {
     }
     if (this.spec.idleMs > 0 && held === 0) {
       const idle = instances
-        .filter((i) => i.state === 'running' && i.active === 0 && now - i.lastActive >= this.spec.idleMs)
+        .filter((i) => i.state === 'running' && i.active === 0 && now - i.lastActive >= this.spec.idleMs && !this.computing(i))
         .sort((a, b) => a.lastActive - b.lastActive);
       // Clone mode keeps min running; restore mode's one instance may go
       // to zero (it comes back with everything it had).
@@ -133,5 +133,13 @@ export class Policy {
       }
     }
     return actions;
+  }
+
+  /** Busy by its CPU at the last measurement (busyCpu): not idle until a
+   * measurement says it computes less, however short `idleMs` is next to
+   * the measuring window. */
+  private computing(i: InstanceView): boolean {
+    const busy = this.spec.busyCpu ?? 0;
+    return busy > 0 && (i.cpu ?? 0) >= busy;
   }
 }
