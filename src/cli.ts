@@ -4,6 +4,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { type ApplicationInfo, describeApplications, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
@@ -575,6 +576,9 @@ export function buildProgram(): Command {
         import('./progress.js'),
       ]);
       if (opts.trustImage) trustImagesExplicitly();
+      // Named as snapshot names it, by its absolute path, in --json and in
+      // the registration ps shows: a relative one means nothing elsewhere.
+      const imagePath = image === '-' ? image : resolve(image);
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
@@ -586,7 +590,7 @@ export function buildProgram(): Command {
         if (opts.json)
           json('restore', {
             aid: result.aid,
-            image: result.image,
+            image: imagePath,
             processes: result.processes,
             threads: result.threads,
             initPid: result.initPid,
@@ -606,7 +610,7 @@ export function buildProgram(): Command {
       try {
         // Where it came from, for ps, in its registration (a stream has no
         // path to show).
-        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: image }) });
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: imagePath }) });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
         if (e instanceof RestoredWithError) print(e.restored, e.message);

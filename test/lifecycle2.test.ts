@@ -373,11 +373,15 @@ describe('logs across a snapshot and its restore', () => {
     expect([again.code, again.stderr]).toEqual([4, `appshot: AID 'kept' is in use by an application that was snapshotted to ${image} at ${a.snapshottedAt}: restore the image, or 'appshot rm kept' removes its record\n`]);
     expect(sb.allAids()).not.toContain('kept');
     // ...while the restore takes its place without asking, as before.
-    const r = sb.run(['restore', image]);
-    expect(r.code, r.stderr).toBe(0);
+    // Given as a path relative to where it ran: --json and ps name the
+    // image as snapshot did, by its absolute path.
+    const r = spawnSync(process.execPath, [cli, 'restore', 'kept.appshot', '--json'], { env: sb.env, cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ aid: 'kept', image });
     expect(psAll().filter((x) => x.aid === 'kept').map((x) => x.state)).toEqual(['running']);
     // Its registration names the image it came from (ps's IMAGE).
     expect(app('kept')).toMatchObject({ state: 'running', image });
+    expect(sb.run(['ps', '-a']).stdout).toMatch(new RegExp(`^kept\\s+running\\s+\\d+s\\s+\\d+\\s+${image}\\s`, 'm'));
     // rm of a snapshotted one: its record and the log that waited, not its image.
     expect(sb.run(['snapshot', 'kept', '-o', join(dir, 'kept2.appshot')]).code).toBe(0);
     expect(app('kept')).toMatchObject({ state: 'snapshotted', image: join(dir, 'kept2.appshot') });
