@@ -372,6 +372,7 @@ export function buildProgram(): Command {
     .command('wait')
     .description('wait until each application has ended and print its exit code (like docker wait)')
     .argument('<aid...>', 'the applications')
+    .option('--json', 'print [{aid, exitCode, endedAt}] as JSON, once all have ended', false)
     .addHelpText(
       'after',
       "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
@@ -379,10 +380,11 @@ export function buildProgram(): Command {
         'appshot rm, leaves no exit code: that is an error.\n\n' +
         'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
     )
-    .action(async (aids: string[]) => {
+    .action(async (aids: string[], opts: { json: boolean }) => {
       const reg = registry();
       for (const aid of aids) reg.requireAny(aid);
       let status: number = ExitCode.ok;
+      const waited: { aid: string; exitCode?: number; endedAt?: string }[] = [];
       for (const aid of aids) {
         const ended = await waitEnded(reg, aid);
         if (ended === 'released' || !ended) {
@@ -390,11 +392,15 @@ export function buildProgram(): Command {
           if (snapshotted) process.stderr.write(`appshot: '${aid}' was ${describeSnapshot(snapshotted)}: no exit code\n`);
           else process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
           status = ExitCode.failure;
+          waited.push({ aid });
           continue;
         }
-        process.stdout.write(`${ended.exitCode}\n`);
+        // Without --json, each code as soon as it is known (docker wait).
+        if (!opts.json) process.stdout.write(`${ended.exitCode}\n`);
+        waited.push({ aid, exitCode: ended.exitCode, endedAt: ended.endedAt });
         status = ended.exitCode ?? ExitCode.failure;
       }
+      if (opts.json) json('wait', waited);
       setExitCode(status);
     });
 

@@ -186,6 +186,13 @@ describe('wait, stop, kill', () => {
     writeFileSync(go('w2'), '');
     expect(await exited).toBe(4);
     expect(stdout).toBe('3\n4\n');
+    // --json: one element per AID in the order given; the status the last one's.
+    const j = sb.run(['wait', 'w2', 'w1', '--json']);
+    expect([j.code, j.stderr]).toEqual([3, '']);
+    expect(JSON.parse(j.stdout)).toEqual([
+      { schema: 'appshot.wait/1', aid: 'w2', exitCode: 4, endedAt: app('w2')!.endedAt },
+      { schema: 'appshot.wait/1', aid: 'w1', exitCode: 3, endedAt: app('w1')!.endedAt },
+    ]);
     expect(sb.run(['wait', 'nope']).code).toBe(3);
     expect(sb.run(['rm', 'w1', 'w2']).code).toBe(0);
   });
@@ -368,6 +375,7 @@ describe('logs across a snapshot and its restore', () => {
     const stop = sb.run(['stop', 'kept']);
     expect([stop.code, stop.stderr]).toEqual([1, `appshot: 'kept' is not running: it was snapshotted to ${image} at ${a.snapshottedAt} (restore the image, or 'appshot rm kept' removes its record)\n`]);
     expect(sb.run(['wait', 'kept']).code).toBe(1);
+    expect(sb.run(['wait', 'kept', '--json'])).toMatchObject({ code: 1, stdout: '' });
     // Its AID is taken but for the restore of an image: run is refused...
     const again = sb.run(['run', '--aid', 'kept', '--', 'true']);
     expect([again.code, again.stderr]).toEqual([4, `appshot: AID 'kept' is in use by an application that was snapshotted to ${image} at ${a.snapshottedAt}: restore the image, or 'appshot rm kept' removes its record\n`]);
