@@ -7,7 +7,7 @@ import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } fr
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { type ApplicationInfo, describeApplications, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
+import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
@@ -89,11 +89,10 @@ export function buildProgram(): Command {
 
   /** Table entries with their flags by name (appshot_table.h). */
   function tableJson(tables: TablesSnapshot['tables']) {
-    const names: Record<number, string> = { 0x1: 'init', 0x2: 'thread', 0x4: 'has-threads' };
     return Object.fromEntries(
       Object.entries(tables).map(([kind, entries]) => [
         kind,
-        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, names) })),
+        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, ENTRY_FLAG_NAMES) })),
       ]),
     );
   }

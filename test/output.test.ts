@@ -158,6 +158,8 @@ describe('--json', () => {
     expect(inspect.stats.frozenMs).toBeGreaterThan(0);
     expect(inspect.stats.frozenUs).toBeUndefined();
     expect(inspect.created).toBeUndefined();
+    // Table entries' flags by name, as table --json gives them.
+    expect(inspect.tables.find((t: Json) => t.kind === 'pid').entries.find((e: Json) => e.virtual === 1).flags).toEqual(['init']);
     expect(schema(['template', 'create', join(out, 'js.appshot'), '-o', join(out, 'js.template')])).toEqual(['appshot.template-create/1']);
     expect(schema(['template', 'show', join(out, 'js.template')])).toEqual(['appshot.template-show/1']);
     const clones = sb.json<Json[]>(['clone', join(out, 'js.template'), '--aid', 'jc', '--count', '2']);
