@@ -494,6 +494,11 @@ describe('rm of a clone', () => {
     const listed = sb.run(['ps']).stdout;
     expect(listed).toMatch(new RegExp(`^cl-1\\s+running\\s+\\d+s\\s+\\d+\\s+${join(dir, 'tpl')} #1\\s+${PORT_ALLOC}->\\d+, ${PORT_MUX} \\(shared\\)`, 'm'));
     const [one, two] = clones;
+    // The batch's commit file, one for both: kept while either is registered.
+    const commitOf = (aid: string): string => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')).restore.commitPath;
+    const commit = commitOf(one.aid);
+    expect(commitOf(two.aid)).toBe(commit);
+    expect(existsSync(commit)).toBe(true);
     const onePort = String(one.ports.find((p) => p.virtual === PORT_ALLOC)!.system);
     // Ended, it holds no port; its copies stay until rm.
     expect(sb.run(['stop', one.aid]).code).toBe(0);
@@ -502,8 +507,11 @@ describe('rm of a clone', () => {
     expect(app(one.aid)).toMatchObject({ state: 'exited', ports: [] });
     expect(existsSync(one.privateRoot)).toBe(true);
     expect(sb.run(['rm', one.aid]).code).toBe(0);
-    // rm -f of the running one: the same, killed first.
+    expect(existsSync(commit)).toBe(true);
+    // rm -f of the running one: the same, killed first; and with the last
+    // of the batch, its commit file.
     expect(sb.run(['rm', '-f', two.aid]).code).toBe(0);
+    expect(existsSync(commit)).toBe(false);
     for (const x of clones) {
       expect(existsSync(x.privateRoot)).toBe(false);
       expect(existsSync(join(ROOT, 'instances', x.aid))).toBe(false);
