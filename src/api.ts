@@ -14,6 +14,7 @@
  * their last process exits).
  */
 import { AppshotError, ExitCode } from './errors.js';
+import { resolve } from 'node:path';
 import { homeScope } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
 import { execIn, run as runHarness } from './harness.js';
@@ -299,11 +300,14 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
  * the application then runs and is registered, and the error's
  * `restored` says what was restored. */
 export function restore(image: string, opts: RestoreOptions = {}): Promise<Restored> {
-  const shown = ({ createdDirs: _dirs, lifeline: _lifeline, ...restored }: RestoreResult): Restored => restored;
+  // Named by its absolute path, as snapshot() names it and as ps shows it
+  // ('-', a tar stream on stdin, has none).
+  const imagePath = image === '-' ? image : resolve(image);
+  const shown = ({ createdDirs: _dirs, lifeline: _lifeline, ...restored }: RestoreResult): Restored => ({ ...restored, image: imagePath });
   return call(opts, async () => {
     if (opts.aid !== undefined) checkAid(opts.aid);
     try {
-      return shown(await restoreImage(registry(opts), image, { aid: opts.aid, lazy: opts.lazy ?? false }));
+      return shown(await restoreImage(registry(opts), image, { aid: opts.aid, lazy: opts.lazy ?? false, ...(image === '-' ? {} : { recordImage: imagePath }) }));
     } catch (e) {
       if (e instanceof RestoreFailedAfterCommit) throw new RestoredWithError(e.message, shown(e.restored));
       throw e;

@@ -4,9 +4,10 @@
  */
 import { Command, CommanderError } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
-import { type ApplicationInfo, describeApplications, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
+import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
@@ -88,11 +89,10 @@ export function buildProgram(): Command {
 
   /** Table entries with their flags by name (appshot_table.h). */
   function tableJson(tables: TablesSnapshot['tables']) {
-    const names: Record<number, string> = { 0x1: 'init', 0x2: 'thread', 0x4: 'has-threads' };
     return Object.fromEntries(
       Object.entries(tables).map(([kind, entries]) => [
         kind,
-        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, names) })),
+        (entries as { virtual: number; system: number; flags: number; owner: number }[]).map((e) => ({ virtual: e.virtual, system: e.system, owner: e.owner, flags: flagNames(e.flags, ENTRY_FLAG_NAMES) })),
       ]),
     );
   }
@@ -371,6 +371,7 @@ export function buildProgram(): Command {
     .command('wait')
     .description('wait until each application has ended and print its exit code (like docker wait)')
     .argument('<aid...>', 'the applications')
+    .option('--json', 'print [{aid, exitCode, endedAt}] as JSON, once all have ended', false)
     .addHelpText(
       'after',
       "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
@@ -378,10 +379,11 @@ export function buildProgram(): Command {
         'appshot rm, leaves no exit code: that is an error.\n\n' +
         'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
     )
-    .action(async (aids: string[]) => {
+    .action(async (aids: string[], opts: { json: boolean }) => {
       const reg = registry();
       for (const aid of aids) reg.requireAny(aid);
       let status: number = ExitCode.ok;
+      const waited: { aid: string; exitCode?: number; endedAt?: string }[] = [];
       for (const aid of aids) {
         const ended = await waitEnded(reg, aid);
         if (ended === 'released' || !ended) {
@@ -389,11 +391,15 @@ export function buildProgram(): Command {
           if (snapshotted) process.stderr.write(`appshot: '${aid}' was ${describeSnapshot(snapshotted)}: no exit code\n`);
           else process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
           status = ExitCode.failure;
+          waited.push({ aid });
           continue;
         }
-        process.stdout.write(`${ended.exitCode}\n`);
+        // Without --json, each code as soon as it is known (docker wait).
+        if (!opts.json) process.stdout.write(`${ended.exitCode}\n`);
+        waited.push({ aid, exitCode: ended.exitCode, endedAt: ended.endedAt });
         status = ended.exitCode ?? ExitCode.failure;
       }
+      if (opts.json) json('wait', waited);
       setExitCode(status);
     });
 
@@ -575,6 +581,9 @@ export function buildProgram(): Command {
         import('./progress.js'),
       ]);
       if (opts.trustImage) trustImagesExplicitly();
+      // Named as snapshot names it, by its absolute path, in --json and in
+      // the registration ps shows: a relative one means nothing elsewhere.
+      const imagePath = image === '-' ? image : resolve(image);
       const reg = registry();
       const display = new ProgressDisplay(`restore ${image === '-' ? 'stdin' : image}`, progressMode(opts.progress));
       // Ctrl-C or SIGTERM: what was made is removed, as after a failure.
@@ -586,7 +595,7 @@ export function buildProgram(): Command {
         if (opts.json)
           json('restore', {
             aid: result.aid,
-            image: result.image,
+            image: imagePath,
             processes: result.processes,
             threads: result.threads,
             initPid: result.initPid,
@@ -606,7 +615,7 @@ export function buildProgram(): Command {
       try {
         // Where it came from, for ps, in its registration (a stream has no
         // path to show).
-        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: image }) });
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: imagePath }) });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
         if (e instanceof RestoredWithError) print(e.restored, e.message);

@@ -26,6 +26,9 @@ export interface ProcessRow {
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
+/** A table entry's flags by name (appshot_table.h, APPSHOT_F_*): what
+ * `table --json` and `inspect --json` print, never the bits. */
+export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads' };
 
 export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
   const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));

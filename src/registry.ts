@@ -749,6 +749,28 @@ export class LocalRegistry implements Registry {
     this.release(record);
     if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
     removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
+    this.dropCommitFile(record);
+  }
+
+  /** The commit file of the restore or clone batch `record` came from,
+   * once no registered application came from it: only an init whose
+   * lifeline is still open looks at it (restore_committed), and each of
+   * those is registered. Else it stayed until a later restore or clone
+   * swept it (newCommitPath), after every instance was gone. A record
+   * being written this instant is of a restore that has not committed:
+   * not one of a batch whose instance is removed. */
+  private dropCommitFile(record: AppRecord): void {
+    const commitPath = record.restore?.commitPath;
+    if (!commitPath || dirname(commitPath) !== join(this.home, 'commits')) return;
+    for (const aid of readdirSync(this.appsDir)) {
+      if (aid === record.aid || aid.startsWith('.')) continue;
+      try {
+        if ((JSON.parse(readFileSync(join(this.appsDir, aid, 'app.json'), 'utf8')) as AppRecord).restore?.commitPath === commitPath) return;
+      } catch {
+        /* not written yet, or being removed */
+      }
+    }
+    rmSync(commitPath, { force: true });
   }
 
   /** Where the log of an application a snapshot ended waits for the

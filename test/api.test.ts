@@ -8,7 +8,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { redisCli, startRedisClones, type RedisClones } from '../examples/vitest-redis/redis-clones.js';
 import { fixture, root, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
@@ -87,6 +87,12 @@ describe('the package installed from its tarball', () => {
     for (const f of ['dist/api.js', 'dist/api.d.ts', 'dist/cli.js', 'bin/appshot.js', 'build/Release/appshot.node', 'build/Release/appshot_preload.so', 'build/Release/appshot-init'])
       expect(existsSync(join(installed, f)), f).toBe(true);
     expect(existsSync(join(installed, 'test'))).toBe(false);
+    // What its READMEs link to is there (docs/json.md, the example).
+    for (const readme of ['README.md', 'templates/README.md']) {
+      const links = [...readFileSync(join(installed, readme), 'utf8').matchAll(/\]\(([^)#:]+)\)/g)].map((m) => join(dirname(readme), m[1]));
+      expect(links.length, readme).toBeGreaterThan(0);
+      for (const link of links) expect(existsSync(join(installed, link)), `${readme} links to ${link}`).toBe(true);
+    }
   });
 
   it('type-checks a TypeScript user of the API against the installed declarations', async () => {

@@ -99,6 +99,28 @@ describe('help and errors', () => {
     }
   });
 
+  it('a word past a command\'s arguments is refused, nothing done; variadic commands take all theirs', () => {
+    // run's command, with its own arguments, as many as it has.
+    for (const aid of ['xa', 'xb']) {
+      const r = sb.run(['run', '--aid', aid, '--', 'sh', '-c', 'echo hi "$@"', 'sh', 'one', 'two']);
+      expect([r.code, r.stdout], aid).toEqual([0, 'hi one two\n']);
+    }
+    for (const [args, line] of [
+      [['version', 'extra'], "too many arguments for 'version'. Expected 0 arguments but got 1."],
+      [['prune', 'extra'], "too many arguments for 'prune'. Expected 0 arguments but got 1."],
+      [['logs', 'xa', 'xb'], "too many arguments for 'logs'. Expected 1 argument but got 2."],
+      [['ps', '-a', 'x', 'y'], "too many arguments for 'ps'. Expected 1 argument but got 2."],
+      [['key', 'ls', 'x'], "too many arguments for 'ls'. Expected 0 arguments but got 1."],
+      [['engine', 'status', 'x'], "too many arguments for 'status'. Expected 0 arguments but got 1."],
+    ]) {
+      const r = sb.run(args);
+      expect([r.code, r.stdout, r.stderr], args.join(' ')).toEqual([2, '', `appshot: ${line}\n`]);
+    }
+    // `prune extra` pruned nothing; rm takes every AID it is given.
+    expect(sb.run(['ps', '-a', '-q']).stdout.split('\n')).toEqual(expect.arrayContaining(['xa', 'xb']));
+    expect(sb.run(['rm', 'xa', 'xb'])).toMatchObject({ code: 0, stdout: 'xa\nxb\n' });
+  });
+
   it('appshot alone, or a group alone, prints its help on stdout and exits 0, as docker does', () => {
     for (const [args, usage] of [[[], 'appshot'], [['template'], 'appshot template'], [['key'], 'appshot key']] as const) {
       const r = sb.run([...args]);

@@ -186,6 +186,13 @@ describe('wait, stop, kill', () => {
     writeFileSync(go('w2'), '');
     expect(await exited).toBe(4);
     expect(stdout).toBe('3\n4\n');
+    // --json: one element per AID in the order given; the status the last one's.
+    const j = sb.run(['wait', 'w2', 'w1', '--json']);
+    expect([j.code, j.stderr]).toEqual([3, '']);
+    expect(JSON.parse(j.stdout)).toEqual([
+      { schema: 'appshot.wait/1', aid: 'w2', exitCode: 4, endedAt: app('w2')!.endedAt },
+      { schema: 'appshot.wait/1', aid: 'w1', exitCode: 3, endedAt: app('w1')!.endedAt },
+    ]);
     expect(sb.run(['wait', 'nope']).code).toBe(3);
     expect(sb.run(['rm', 'w1', 'w2']).code).toBe(0);
   });
@@ -368,16 +375,21 @@ describe('logs across a snapshot and its restore', () => {
     const stop = sb.run(['stop', 'kept']);
     expect([stop.code, stop.stderr]).toEqual([1, `appshot: 'kept' is not running: it was snapshotted to ${image} at ${a.snapshottedAt} (restore the image, or 'appshot rm kept' removes its record)\n`]);
     expect(sb.run(['wait', 'kept']).code).toBe(1);
+    expect(sb.run(['wait', 'kept', '--json'])).toMatchObject({ code: 1, stdout: '' });
     // Its AID is taken but for the restore of an image: run is refused...
     const again = sb.run(['run', '--aid', 'kept', '--', 'true']);
     expect([again.code, again.stderr]).toEqual([4, `appshot: AID 'kept' is in use by an application that was snapshotted to ${image} at ${a.snapshottedAt}: restore the image, or 'appshot rm kept' removes its record\n`]);
     expect(sb.allAids()).not.toContain('kept');
     // ...while the restore takes its place without asking, as before.
-    const r = sb.run(['restore', image]);
-    expect(r.code, r.stderr).toBe(0);
+    // Given as a path relative to where it ran: --json and ps name the
+    // image as snapshot did, by its absolute path.
+    const r = spawnSync(process.execPath, [cli, 'restore', 'kept.appshot', '--json'], { env: sb.env, cwd: dir, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ aid: 'kept', image });
     expect(psAll().filter((x) => x.aid === 'kept').map((x) => x.state)).toEqual(['running']);
     // Its registration names the image it came from (ps's IMAGE).
     expect(app('kept')).toMatchObject({ state: 'running', image });
+    expect(sb.run(['ps', '-a']).stdout).toMatch(new RegExp(`^kept\\s+running\\s+\\d+s\\s+\\d+\\s+${image}\\s`, 'm'));
     // rm of a snapshotted one: its record and the log that waited, not its image.
     expect(sb.run(['snapshot', 'kept', '-o', join(dir, 'kept2.appshot')]).code).toBe(0);
     expect(app('kept')).toMatchObject({ state: 'snapshotted', image: join(dir, 'kept2.appshot') });
@@ -482,6 +494,11 @@ describe('rm of a clone', () => {
     const listed = sb.run(['ps']).stdout;
     expect(listed).toMatch(new RegExp(`^cl-1\\s+running\\s+\\d+s\\s+\\d+\\s+${join(dir, 'tpl')} #1\\s+${PORT_ALLOC}->\\d+, ${PORT_MUX} \\(shared\\)`, 'm'));
     const [one, two] = clones;
+    // The batch's commit file, one for both: kept while either is registered.
+    const commitOf = (aid: string): string => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')).restore.commitPath;
+    const commit = commitOf(one.aid);
+    expect(commitOf(two.aid)).toBe(commit);
+    expect(existsSync(commit)).toBe(true);
     const onePort = String(one.ports.find((p) => p.virtual === PORT_ALLOC)!.system);
     // Ended, it holds no port; its copies stay until rm.
     expect(sb.run(['stop', one.aid]).code).toBe(0);
@@ -490,8 +507,11 @@ describe('rm of a clone', () => {
     expect(app(one.aid)).toMatchObject({ state: 'exited', ports: [] });
     expect(existsSync(one.privateRoot)).toBe(true);
     expect(sb.run(['rm', one.aid]).code).toBe(0);
-    // rm -f of the running one: the same, killed first.
+    expect(existsSync(commit)).toBe(true);
+    // rm -f of the running one: the same, killed first; and with the last
+    // of the batch, its commit file.
     expect(sb.run(['rm', '-f', two.aid]).code).toBe(0);
+    expect(existsSync(commit)).toBe(false);
     for (const x of clones) {
       expect(existsSync(x.privateRoot)).toBe(false);
       expect(existsSync(join(ROOT, 'instances', x.aid))).toBe(false);

@@ -158,6 +158,8 @@ describe('--json', () => {
     expect(inspect.stats.frozenMs).toBeGreaterThan(0);
     expect(inspect.stats.frozenUs).toBeUndefined();
     expect(inspect.created).toBeUndefined();
+    // Table entries' flags by name, as table --json gives them.
+    expect(inspect.tables.find((t: Json) => t.kind === 'pid').entries.find((e: Json) => e.virtual === 1).flags).toEqual(['init']);
     expect(schema(['template', 'create', join(out, 'js.appshot'), '-o', join(out, 'js.template')])).toEqual(['appshot.template-create/1']);
     expect(schema(['template', 'show', join(out, 'js.template')])).toEqual(['appshot.template-show/1']);
     const clones = sb.json<Json[]>(['clone', join(out, 'js.template'), '--aid', 'jc', '--count', '2']);
@@ -176,6 +178,9 @@ describe('--json', () => {
     expect(sb.json<Json[]>(['service', 'ls'])).toEqual([]);
     const check = sb.run(['check', '--json']);
     expect(JSON.parse(check.stdout).schema).toBe('appshot.check/1');
+    expect(sb.run(['run', '--aid', 'jw', '--', 'true']).code).toBe(0);
+    expect(schema(['wait', 'jw'])).toEqual(['appshot.wait/1']);
+    expect(sb.run(['rm', 'jw']).code).toBe(0);
   }, 120_000);
 
   it('has every field it prints named in docs/json.md, and the README quotes them as printed', async () => {
@@ -194,6 +199,7 @@ describe('--json', () => {
     const d = mkdtempSync(join(out, 'docs-'));
     expect(sb.run(['run', '-d', '--aid', 'doc', '--', fixture('ticker')]).code).toBe(0);
     await waitFor(() => sb.log('doc').length > 0, 10_000, 'ticker output');
+    expect(sb.run(['run', '--aid', 'doc-ended', '--', 'true']).code).toBe(0);
     const outputs: Json[] = [
       sb.json(['ps', 'doc']),
       sb.json(['table', 'doc']),
@@ -206,6 +212,7 @@ describe('--json', () => {
       sb.json(['version']),
       sb.json(['check']),
       sb.json(['engine', 'status']),
+      sb.json(['wait', 'doc-ended']),
     ];
     for (const o of outputs) expect(undocumented(o), (Array.isArray(o) ? o[0] : o).schema).toEqual([]);
     // The README's own quotes of images --json and check --json.
@@ -216,7 +223,7 @@ describe('--json', () => {
       `{schema: "appshot.version/1", ${Object.keys(outputs[8]).slice(1).join(', ').replace('kernel', 'kernel: {release, machine}')}}`,
     ];
     for (const quote of quotes) expect(readme.includes(quote), `the README quotes ${quote}`).toBe(true);
-    for (const aid of ['doc', 'doc-clone']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    for (const aid of ['doc', 'doc-clone', 'doc-ended']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   }, 120_000);
 });
 

@@ -2,8 +2,8 @@
  * One look for every command's help and errors, applied to the whole
  * command tree once it is built: commander's own errors ("error: unknown
  * command") come out as appshot's do (`appshot: ...`, one line, exit code
- * 2), boolean flags carry no "(default: false)", and `appshot --help` ends
- * with the exit codes.
+ * 2), words past a command's arguments are refused, boolean flags carry no
+ * "(default: false)", and `appshot --help` ends with the exit codes.
  */
 import { type Command, Help, type Option } from 'commander';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -97,6 +97,10 @@ function style(cmd: Command): void {
   cmd.configureHelp({ ...cmd.configureHelp(), optionDescription });
   cmd.configureOutput({ ...cmd.configureOutput(), outputError: (str, write) => write(appshotErrorLine(str)) });
   cmd.showHelpAfterError(false);
+  // commander 12 drops words past a command's declared arguments without a
+  // word (`appshot logs a b` showed a's log): a word appshot does not read
+  // is a mistake to say, not to guess at.
+  cmd.allowExcessArguments(false);
   cmd.exitOverride();
   const groups = cmd.commands.length > 0;
   for (const sub of cmd.commands) style(sub);

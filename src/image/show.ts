@@ -11,7 +11,8 @@ import { describeMessageQueue } from '../resources/mqueue.js';
 import { describeAioRings } from '../resources/aio.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
-import { printColumns } from '../inspect.js';
+import { flagNames } from '../commands/json.js';
+import { ENTRY_FLAG_NAMES, printColumns } from '../inspect.js';
 import { plural } from '../words.js';
 import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
 import { toJson } from './format.js';
@@ -133,7 +134,8 @@ function describeFd(image: Image, fd: Fd): string {
 export function imageJson(manifest: Manifest, image: Image, signer: Signer): unknown {
   // The image's own fields (proto/image.proto), but times in ms as every
   // command gives them, the instant named as everywhere (createdAt), and
-  // a mapping's protection by name beside its bits.
+  // a mapping's protection by name beside its bits; a table entry's flags
+  // by name, as `table --json` gives them.
   const { created, stats, ...rest } = image;
   const usToMs = (us: bigint) => Math.round(Number(us)) / 1000;
   return toJson({
@@ -155,6 +157,7 @@ export function imageJson(manifest: Manifest, image: Image, signer: Signer): unk
       })),
       fds: p.fds.map((f) => ({ ...f, kindName: fdKindName[f.kind] })),
     })),
+    tables: image.tables.map((t) => ({ ...t, entries: t.entries.map((e) => ({ ...e, flags: flagNames(e.flags, ENTRY_FLAG_NAMES) })) })),
   });
 }
 

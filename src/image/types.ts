@@ -47,7 +47,8 @@ export interface Image {
   tablesPath: string;
   /** The rules the application ran under (`run --rules`), if any. */
   rules?: Rules;
-  /** Each resource's templating verdict (FIG. 8), computed at snapshot. */
+  /** Each resource's templating verdict (what a clone does with it, by a
+   * rule or by the standard criteria), computed at snapshot. */
   verdicts: Verdict[];
   /** The instance section of its tables, as evaluated for it. */
   /** Pseudoterminals whose master the application holds (resources/ptys.ts);
@@ -80,7 +81,7 @@ export interface Identity {
   libcSeeded: boolean;
 }
 
-/** A snapshot virtual template: template.pb beside an image (FIG. 7). */
+/** A snapshot virtual template: template.pb beside an image. */
 export interface Template {
   magic: string;
   name: string;
@@ -101,7 +102,7 @@ export interface Rules {
 
 export type Action = 'share' | 'copy-on-write' | 'duplicate' | 'virtualize' | 'multiplex' | 'allocate' | 'recreate';
 
-/** What cloning does with one resource (FIG. 9). */
+/** What cloning does with one resource. */
 export interface Verdict {
   /** Which resource: "vma:VPID:START" (hex), "fd:VPID:FD", "port:N", "sem:VID", "shm:VID", "msg:VID", "pid:VPID", "pipe:INDEX", "env:NAME". */
   ref: string;

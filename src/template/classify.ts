@@ -1,6 +1,6 @@
 /**
  * Classification of every resource of an image into what cloning does with
- * it (FIG. 8): a rule decides when one matches (step 360); otherwise the
+ * it: a rule decides when one matches (step 360); otherwise the
  * standard criteria do (steps 364-388), and each verdict's reason names
  * the criteria that decided, so `inspect` can say why.
  *
@@ -10,7 +10,7 @@
  * else by duplicating it (376); a system-wide unique id is multiplexed when
  * clients outside depend on it (380, 382), else virtualized (384); a
  * network-unique one is allocated (386, 388). Resources the kernel provides
- * anew on each node are recreated (FIG. 9 step 402).
+ * anew on each node are recreated (step 402, at cloning).
  *
  * Some resources cannot be templated at all (a name that is unique on the
  * system and that clones cannot each have): classify gives them 'recreate',

@@ -656,7 +656,7 @@ export function identityHooks(rules: RulesFile | undefined, props: Record<Proper
 
 /**
  * The rule that decides a resource: the first of the file that matches
- * (FIG. 8 step 360). `subject` is a path for FILE (matched by a rule for
+ * (the specification's step 360). `subject` is a path for FILE (matched by a rule for
  * it or for a directory above it); for MEMORY a mapping's special name
  * ("[heap]"), its file's path, or '' for unnamed anonymous memory ('*'
  * matches every subject that is not a path); a port number; an IPC key.
