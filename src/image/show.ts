@@ -175,7 +175,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {

@@ -193,6 +193,9 @@ export interface Process {
   ctty?: number;
   /** Its cgroup v2 path (resources/cgroups.ts); '' or absent: not recorded. */
   cgroup?: string;
+  /** The virtual TID of the parent's thread that forked it (process.ts,
+   * dumpForkingThreads); 0 or absent: the parent's main thread. */
+  parentVtid?: number;
 }
 
 export interface ProcessAttributes {

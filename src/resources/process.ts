@@ -124,6 +124,36 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   };
 }
 
+/**
+ * Which thread of its parent forked each process: in the kernel a child's
+ * parent (real_parent) is that thread, not the process. Its
+ * PR_SET_PDEATHSIG comes when that thread exits, and waitpid with
+ * __WNOTHREAD finds it from that thread only. The kernel lists a child in
+ * /proc/PPID/task/TID/children of that thread; a child of the main thread
+ * keeps 0. Run with every process of the image dumped (each one's threads
+ * have their virtual TIDs) and all still frozen; read only for parents of
+ * more than one thread.
+ */
+export function dumpForkingThreads(processes: Process[]): void {
+  const bySystemPid = new Map(processes.map((p) => [p.pid, p]));
+  for (const parent of processes) {
+    if (parent.threads.length < 2) continue;
+    for (const t of parent.threads) {
+      if (t.tid === parent.pid) continue;
+      let listed: string;
+      try {
+        listed = procText(`/proc/${parent.pid}/task/${t.tid}/children`);
+      } catch {
+        continue; // a thread that exited holds no children
+      }
+      for (const word of listed.split(' ')) {
+        const child = word ? bySystemPid.get(Number(word)) : undefined;
+        if (child && child.vppid === parent.vpid) child.parentVtid = t.vtid;
+      }
+    }
+  }
+}
+
 /* ---- restore ---------------------------------------------------------- */
 
 /**

@@ -37,7 +37,7 @@ import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
-import { askProcess, dumpProcess, refuseChrootedSocketPaths } from '../resources/process.js';
+import { askProcess, dumpForkingThreads, dumpProcess, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
@@ -389,6 +389,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     }
   }
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
+  timed('forking threads', () => dumpForkingThreads(ctx.image.processes));
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('socket notes', () => forgetClosedSockets(ctx));
