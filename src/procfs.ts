@@ -132,7 +132,7 @@ export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, str
  * auxv, command line, executable, directories (process.ts, limits.ts),
  * attributes.ts's files, cgroups (cgroups.ts), and per thread its stat
  * (threads.ts, attributes.ts), wait channel (threads.ts) and children
- * (zombies.ts, through childrenOf). */
+ * (zombies.ts). */
 export function gatheredAfterCalls(pid: number, tids: number[]): [ProcKind, string][] {
   const p = `/proc/${pid}`;
   const out: [ProcKind, string][] = [

@@ -195,7 +195,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (describeAioRings(p)) out(`AIO contexts: ${describeAioRings(p)}\n`);
-    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
+    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`}${z.parentVtid ? `, forked by thread ${z.parentVtid}` : ''})`).join(', ')}\n`);
     if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {

@@ -250,6 +250,9 @@ export interface Zombie {
   /** As waitpid reports it. */
   status: number;
   comm: string;
+  /** The virtual TID of the thread that forked it; 0 or absent: the main
+   * thread. */
+  parentVtid?: number;
 }
 
 export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;

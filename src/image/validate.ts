@@ -469,6 +469,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     for (const z of p.zombies ?? []) {
       if (!(Number.isInteger(z.vpid) && z.vpid > 0) || byVpid.has(z.vpid) || zombieVpids.has(z.vpid)) corrupt(`process ${p.vpid} has a zombie child with virtual PID ${z.vpid}, which is taken or invalid`);
       zombieVpids.add(z.vpid);
+      if (z.parentVtid && !p.threads.some((t) => t.vtid === z.parentVtid)) corrupt(`process ${p.vpid}'s zombie child ${z.vpid} was forked by thread ${z.parentVtid}, which is not one of its threads`);
     }
 
   for (const s of image.shmSegments) {

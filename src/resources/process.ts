@@ -156,21 +156,22 @@ export function dumpForkingThreads(processes: Process[]): void {
 
 /* ---- restore ---------------------------------------------------------- */
 
-/** Whether `child` was forked by a thread of `parent` other than its main
- * one: that thread must then be made before the child is forked from it. */
-export function forkedByOtherThread(parent: Process, child: Process): boolean {
-  return !!child.parentVtid && child.parentVtid !== parent.threads[0]?.vtid;
+/** Whether a child of `parent` (a process, or a zombie) was forked by a
+ * thread other than its main one (`parentVtid`, as the image has it): that
+ * thread must then be made before the child is forked from it. */
+export function forkedByOtherThread(parent: Process, parentVtid: number | undefined): boolean {
+  return !!parentVtid && parentVtid !== parent.threads[0]?.vtid;
 }
 
-/** The system TID of the thread of `parent` that forks `child` at restore,
- * so that the kernel makes that thread its parent again (dumpForkingThreads).
- * `tids`: the parent's threads as made, in the image's order (its main
- * thread alone until the others are). */
-export function forkingTid(parent: Process, child: Process, tids: number[]): number {
-  if (!forkedByOtherThread(parent, child)) return tids[0];
-  const i = parent.threads.findIndex((t) => t.vtid === child.parentVtid);
+/** The system TID of the thread of `parent` that forks a child of
+ * `parentVtid` at restore, so that the kernel makes that thread its parent
+ * again (dumpForkingThreads, dumpZombies). `tids`: the parent's threads as
+ * made, in the image's order (its main thread alone until the others are). */
+export function forkingTid(parent: Process, parentVtid: number | undefined, tids: number[]): number {
+  if (!forkedByOtherThread(parent, parentVtid)) return tids[0];
+  const i = parent.threads.findIndex((t) => t.vtid === parentVtid);
   // The image was validated: the thread is the parent's, and made.
-  if (i < 0 || tids[i] === undefined) throw new Error(`process ${child.vpid}'s forking thread ${child.parentVtid} is not made`);
+  if (i < 0 || tids[i] === undefined) throw new Error(`process ${parent.vpid}'s thread ${parentVtid}, which forked a child, is not made`);
   return tids[i];
 }
 

@@ -775,11 +775,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         (await fillMemory(m)).runDeferred();
         r.findSyscall(); // the vDSO has moved to the image's address
       }
-      // A child that another of its threads forked is forked from that
-      // thread (the kernel's parent of it: its death signal, __WNOTHREAD
-      // waits): the threads are made first, with the seed's scratch area
-      // for their batch if its memory is not filled yet.
-      if (children.some((c) => forkedByOtherThread(m.proc, c))) {
+      // A child (or zombie) that another of its threads forked is forked
+      // from that thread (the kernel's parent of it: its death signal,
+      // __WNOTHREAD waits): the threads are made first, with the seed's
+      // scratch area for their batch if its memory is not filled yet.
+      if ([...children, ...(m.proc.zombies ?? [])].some((c) => forkedByOtherThread(m.proc, c.parentVtid))) {
         let remote = m.remote;
         if (!remote) {
           remote = new RemoteProcess(m.pid);
@@ -787,14 +787,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         }
         makeThreads(m, remote);
       }
+      const madeTids = m.tids.length ? m.tids : [m.pid];
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
         // Forked with its parent's scratch area (its memory filled, the
         // one it uses now; else the seed's it has still).
         const scratch = m.remote ? (m.remote.batched ? m.remote.scratch : undefined) : m.scratch;
-        queue.push({ proc: child, pid: forkFrom(m.pid, forkingTid(m.proc, child, m.tids.length ? m.tids : [m.pid])), tids: [], scratch });
+        queue.push({ proc: child, pid: forkFrom(m.pid, forkingTid(m.proc, child.parentVtid, madeTids)), tids: [], scratch });
       }
-      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
+      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom, (z) => forkingTid(m.proc, z.parentVtid, madeTids))) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');

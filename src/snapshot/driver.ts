@@ -293,7 +293,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
     proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
     proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
-    proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
+    proc.zombies = timed('zombies', () => dumpZombies(ctx, pid, proc.threads));
     timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
     // With --leave-running, each thread goes on from here as the kernel
     // would have taken it on: a pending signal's handler may make an
