@@ -4,7 +4,7 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
+import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
@@ -125,32 +125,27 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 }
 
 /**
- * Which thread of its parent forked each process: in the kernel a child's
- * parent (real_parent) is that thread, not the process. Its
+ * Which thread of process `p` forked each of its children: in the kernel a
+ * child's parent (real_parent) is that thread, not the process. Its
  * PR_SET_PDEATHSIG comes when that thread exits, and waitpid with
  * __WNOTHREAD finds it from that thread only. The kernel lists a child in
- * /proc/PPID/task/TID/children of that thread; a child of the main thread
- * keeps 0. Run with every process of the image dumped (each one's threads
- * have their virtual TIDs) and all still frozen; read only for parents of
- * more than one thread.
+ * /proc/PID/task/TID/children of that thread (gathered with the process's
+ * /proc: no read of its own); the children of threads other than the main
+ * one are noted in `ctx`, for dumpForkingThreads.
  */
-export function dumpForkingThreads(processes: Process[]): void {
-  const bySystemPid = new Map(processes.map((p) => [p.pid, p]));
-  for (const parent of processes) {
-    if (parent.threads.length < 2) continue;
-    for (const t of parent.threads) {
-      if (t.tid === parent.pid) continue;
-      let listed: string;
-      try {
-        listed = procText(`/proc/${parent.pid}/task/${t.tid}/children`);
-      } catch {
-        continue; // a thread that exited holds no children
-      }
-      for (const word of listed.split(' ')) {
-        const child = word ? bySystemPid.get(Number(word)) : undefined;
-        if (child && child.vppid === parent.vpid) child.parentVtid = t.vtid;
-      }
-    }
+export function noteForkingThreads(ctx: DumpContext, p: Process): void {
+  for (const t of p.threads) {
+    if (t.tid === p.pid) continue;
+    for (const child of childrenOfThread(p.pid, t.tid)) ctx.forkingThreads.set(child, { vppid: p.vpid, vtid: t.vtid });
+  }
+}
+
+/** Each process's parentVtid, as noteForkingThreads found it while its
+ * parent was dumped; 0 (none) for a child of a main thread. */
+export function dumpForkingThreads(ctx: DumpContext, processes: Process[]): void {
+  for (const p of processes) {
+    const forked = ctx.forkingThreads.get(p.pid);
+    if (forked && forked.vppid === p.vppid) p.parentVtid = forked.vtid;
   }
 }
 

@@ -13,7 +13,7 @@
 import { readFileSync } from 'node:fs';
 import { type Thread, type Zombie } from '../image/types.js';
 import { addon } from '../native.js';
-import { procText, readStat } from '../procfs.js';
+import { childrenOfThread, readStat } from '../procfs.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { freeAddress, readMaps } from './memory.js';
 import type { DumpContext } from './context.js';
@@ -31,13 +31,7 @@ const EAGAIN = 11;
 export function dumpZombies(ctx: DumpContext, pid: number, threads: Pick<Thread, 'tid' | 'vtid'>[]): Zombie[] {
   const out: Zombie[] = [];
   for (const t of threads) {
-    let listed: string;
-    try {
-      listed = procText(`/proc/${pid}/task/${t.tid}/children`).trim();
-    } catch {
-      continue;
-    }
-    for (const child of listed ? listed.split(' ').map(Number) : []) {
+    for (const child of childrenOfThread(pid, t.tid)) {
       let stat: string;
       try {
         stat = readFileSync(`/proc/${child}/stat`, 'utf8');
