@@ -689,6 +689,9 @@ describe('process attributes: OOM adjustment, subreaper, THP, personality, nice,
 
 describe('a child forked by a second thread: that thread stays its parent (waitpid with __WNOTHREAD finds it, and its zombie, there only), and its death signal comes when that thread exits', () => {
   roundTrips('fthr', [fixture('forkthread')], /zombie children: 4 \(exit status 5, forked by thread 5\)\n[\s\S]*\nprocess 3 \(forkthread\): [^\n]*, forked by thread 5 of 2\n/);
+  // No live child, so none shares the parent's pages: the thread is made
+  // while the seed is still the seed (its memory filled after).
+  describe('the zombie alone', () => roundTrips('fthz', [fixture('forkthread'), 'zombie'], /zombie children: 3 \(exit status 5, forked by thread 4\)\n/));
 });
 
 describe('2,000 descriptors duplicated from one open file description and 2,000 opened apart on one file: the first still one description, the others each its own', () => {

@@ -719,9 +719,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
       return pid;
     };
-    /** Its threads, in the image's order, made once (before the tree's
-     * next level where a child was forked by one of them). Every signal
-     * of theirs blocked, as the main thread's is (seize). */
+    /** Its threads, in the image's order, made once: while the tree is
+     * made where one of them forked a child or zombie, else with the rest
+     * of the process's state. Every signal of theirs blocked, as the main
+     * thread's is (seize). */
     const makeThreads = (m: Made, r: RemoteProcess): void => {
       if (m.tids.length) return;
       m.tids = [m.pid];
