@@ -132,7 +132,7 @@ export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, str
  * auxv, command line, executable, directories (process.ts, limits.ts),
  * attributes.ts's files, cgroups (cgroups.ts), and per thread its stat
  * (threads.ts, attributes.ts), wait channel (threads.ts) and children
- * (zombies.ts, through childrenOf). */
+ * (zombies.ts, process.ts: which thread forked each child). */
 export function gatheredAfterCalls(pid: number, tids: number[]): [ProcKind, string][] {
   const p = `/proc/${pid}`;
   const out: [ProcKind, string][] = [
@@ -213,25 +213,28 @@ export function isSameProcess(pid: number, startTime: number | undefined): boole
   return startTime === undefined || st.startTime === startTime;
 }
 
+/** The children of thread `tid` of `pid`: those whose parent in the kernel
+ * (real_parent) is that thread, the one that forked them. None if the
+ * thread is gone. */
+export function childrenOfThread(pid: number, tid: number | string): number[] {
+  try {
+    const text = procText(`/proc/${pid}/task/${tid}/children`).trim();
+    return text ? text.split(' ').map(Number) : [];
+  } catch {
+    return []; // gone
+  }
+}
+
 /** The children of every thread of `pid` (the kernel lists a child under
  * the thread that made it). */
 export function childrenOf(pid: number): number[] {
-  const out: number[] = [];
   let tasks: string[];
   try {
     tasks = procDir(`/proc/${pid}/task`);
   } catch {
-    return out;
+    return [];
   }
-  for (const tid of tasks) {
-    try {
-      const text = procText(`/proc/${pid}/task/${tid}/children`).trim();
-      if (text) out.push(...text.split(' ').map(Number));
-    } catch {
-      /* gone */
-    }
-  }
-  return out;
+  return tasks.flatMap((tid) => childrenOfThread(pid, tid));
 }
 
 /** Every descendant of `pid`, parents before their children. */

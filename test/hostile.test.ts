@@ -578,6 +578,9 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'has 5000 multicast memberships'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
+    ['a child forked by a thread its parent does not have', (i) => (i.processes[1].parentVtid = 99999), 'process \\d+ was forked by thread 99999, which is not a thread of its parent \\d+'],
+    ['a process forked by a thread of a process that is not its parent', (i) => (i.processes[0].parentVtid = i.processes[0].threads[1].vtid), 'process \\d+ was forked by thread \\d+, which is not a thread of its parent \\d+'],
+    ['a zombie forked by a thread its parent does not have', (i) => (i.processes[0].zombies = [{ vpid: 77777, status: 0, comm: 'z', parentVtid: 99999 }]), "zombie child 77777 was forked by thread 99999, which is not one of its threads"],
     ['a POSIX timer id a restore would count up to', (i) => (i.processes[0].posixTimers = [{ id: 2_000_000_000, clockid: 1, notify: 0, signal: 14, value: 0n, vtid: 0, valueNs: 0n, intervalNs: 0n, overrun: 0 }]), 'POSIX timer ids add up to 2000000001'],
     ['a file lock whose range ends before it starts', (i) => {
       i.processes[0].fds.find((f) => f.kind === 0)!.locks = [{ kind: 1, write: true, start: 20n, end: 10n, toEof: false }];

@@ -687,6 +687,13 @@ describe('process attributes: OOM adjustment, subreaper, THP, personality, nice,
   roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
 });
 
+describe('a child forked by a second thread: that thread stays its parent (waitpid with __WNOTHREAD finds it, and its zombie, there only), and its death signal comes when that thread exits', () => {
+  roundTrips('fthr', [fixture('forkthread')], /zombie children: 4 \(exit status 5, forked by thread 5\)\n[\s\S]*\nprocess 3 \(forkthread\): [^\n]*, forked by thread 5 of 2\n/);
+  // No live child, so none shares the parent's pages: the thread is made
+  // while the seed is still the seed (its memory filled after).
+  describe('the zombie alone', () => roundTrips('fthz', [fixture('forkthread'), 'zombie'], /zombie children: 3 \(exit status 5, forked by thread 4\)\n/));
+});
+
 describe('2,000 descriptors duplicated from one open file description and 2,000 opened apart on one file: the first still one description, the others each its own', () => {
   const dir = mkdtempSync(join(out, 'manyfds-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -178,7 +178,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
@@ -198,7 +198,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (describeAioRings(p)) out(`AIO contexts: ${describeAioRings(p)}\n`);
-    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`})`).join(', ')}\n`);
+    if (p.zombies?.length) out(`zombie children: ${p.zombies.map((z) => `${z.vpid} (${z.status & 0x7f ? `killed by signal ${z.status & 0x7f}` : `exit status ${z.status >> 8}`}${z.parentVtid ? `, forked by thread ${z.parentVtid}` : ''})`).join(', ')}\n`);
     if (p.posixTimers?.length) out(`POSIX timers: ${p.posixTimers.map(describePosixTimer).join('; ')}\n`);
   }
   if (image.semaphores.length || image.shmSegments.length || image.msgQueues.length) {

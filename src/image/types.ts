@@ -194,6 +194,9 @@ export interface Process {
   ctty?: number;
   /** Its cgroup v2 path (resources/cgroups.ts); '' or absent: not recorded. */
   cgroup?: string;
+  /** The virtual TID of the parent's thread that forked it (process.ts,
+   * dumpForkingThreads); 0 or absent: the parent's main thread. */
+  parentVtid?: number;
 }
 
 export interface ProcessAttributes {
@@ -248,6 +251,9 @@ export interface Zombie {
   /** As waitpid reports it. */
   status: number;
   comm: string;
+  /** The virtual TID of the thread that forked it; 0 or absent: the main
+   * thread. */
+  parentVtid?: number;
 }
 
 export const PosixTimerNotify = { SIGNAL: 0, NONE: 1, THREAD: 2 } as const;

@@ -443,6 +443,13 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     }
     for (const v of path) rooted.add(v);
   }
+  // The thread that forked a process (its real_parent) is one of its
+  // parent's: the restore forks it from that thread.
+  for (const p of image.processes) {
+    if (!p.parentVtid || memoryOnly) continue;
+    const parent = byVpid.get(p.vppid);
+    if (!parent?.threads.some((t) => t.vtid === p.parentVtid)) corrupt(`process ${p.vpid} was forked by thread ${p.parentVtid}, which is not a thread of its parent ${p.vppid}`);
+  }
   // Zombies are bound in the PID table too: their ids are PIDs like any,
   // and each is a fork at restore.
   const zombies = image.processes.reduce((n, p) => n + (p.zombies?.length ?? 0), 0);
@@ -462,6 +469,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     for (const z of p.zombies ?? []) {
       if (!(Number.isInteger(z.vpid) && z.vpid > 0) || byVpid.has(z.vpid) || zombieVpids.has(z.vpid)) corrupt(`process ${p.vpid} has a zombie child with virtual PID ${z.vpid}, which is taken or invalid`);
       zombieVpids.add(z.vpid);
+      if (z.parentVtid && !p.threads.some((t) => t.vtid === z.parentVtid)) corrupt(`process ${p.vpid}'s zombie child ${z.vpid} was forked by thread ${z.parentVtid}, which is not one of its threads`);
     }
 
   for (const s of image.shmSegments) {

@@ -40,6 +40,11 @@ export class DumpContext {
    * no second read, nor /proc/locks (whose every read can wait for an RCU
    * grace period of the whole machine, milliseconds while frozen). */
   readonly fdLockLines = new Map<string, string[]>();
+  /** By a child's system PID: its parent's (virtual PID) thread that forked
+   * it (virtual TID), where that is not the parent's main thread, as
+   * process.ts read it from the parent's gathered children lists while the
+   * parent was dumped; set on the children once all are dumped. */
+  readonly forkingThreads = new Map<number, { vppid: number; vtid: number }>();
   /** Set when the dump itself wrote the tables (a thread given its virtual
    * TID): the driver reads them again for the image only then. */
   tablesWritten = false;

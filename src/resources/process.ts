@@ -4,7 +4,7 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
+import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
@@ -124,7 +124,51 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   };
 }
 
+/**
+ * Which thread of process `p` forked each of its children: in the kernel a
+ * child's parent (real_parent) is that thread, not the process. Its
+ * PR_SET_PDEATHSIG comes when that thread exits, and waitpid with
+ * __WNOTHREAD finds it from that thread only. The kernel lists a child in
+ * /proc/PID/task/TID/children of that thread (gathered with the process's
+ * /proc: no read of its own); the children of threads other than the main
+ * one are noted in `ctx`, for dumpForkingThreads.
+ */
+export function noteForkingThreads(ctx: DumpContext, p: Process): void {
+  for (const t of p.threads) {
+    if (t.tid === p.pid) continue;
+    for (const child of childrenOfThread(p.pid, t.tid)) ctx.forkingThreads.set(child, { vppid: p.vpid, vtid: t.vtid });
+  }
+}
+
+/** Each process's parentVtid, as noteForkingThreads found it while its
+ * parent was dumped; 0 (none) for a child of a main thread. */
+export function dumpForkingThreads(ctx: DumpContext, processes: Process[]): void {
+  for (const p of processes) {
+    const forked = ctx.forkingThreads.get(p.pid);
+    if (forked && forked.vppid === p.vppid) p.parentVtid = forked.vtid;
+  }
+}
+
 /* ---- restore ---------------------------------------------------------- */
+
+/** Whether a child of `parent` (a process, or a zombie) was forked by a
+ * thread other than its main one (`parentVtid`, as the image has it): that
+ * thread must then be made before the child is forked from it. */
+export function forkedByOtherThread(parent: Process, parentVtid: number | undefined): boolean {
+  return !!parentVtid && parentVtid !== parent.threads[0]?.vtid;
+}
+
+/** The system TID of the thread of `parent` that forks a child of
+ * `parentVtid` at restore, so that the kernel makes that thread its parent
+ * again (dumpForkingThreads, dumpZombies). `tids`: the parent's threads as
+ * made, in the image's order (its main thread alone until the others are). */
+export function forkingTid(parent: Process, parentVtid: number | undefined, tids: number[]): number {
+  if (!forkedByOtherThread(parent, parentVtid)) return tids[0];
+  const i = parent.threads.findIndex((t) => t.vtid === parentVtid);
+  // The image was validated: the thread is the parent's, and made.
+  if (i < 0 || tids[i] === undefined) throw new Error(`process ${parent.vpid}'s thread ${parentVtid}, which forked a child, is not made`);
+  return tids[i];
+}
 
 /**
  * A unix socket's path is the process's own, resolved in its root

@@ -11,9 +11,9 @@
  * that dumps core (the seed dies without a core).
  */
 import { readFileSync } from 'node:fs';
-import { type Zombie } from '../image/types.js';
+import { type Thread, type Zombie } from '../image/types.js';
 import { addon } from '../native.js';
-import { childrenOf, readStat } from '../procfs.js';
+import { childrenOfThread, readStat } from '../procfs.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { freeAddress, readMaps } from './memory.js';
 import type { DumpContext } from './context.js';
@@ -24,35 +24,43 @@ const RLIMIT_CORE = 4;
 const PR_SET_NAME = 15;
 const EAGAIN = 11;
 
-/** The zombie children of `pid` (from every thread's children list), with
- * the status waitpid will report (field 52 of /proc/PID/stat). */
-export function dumpZombies(ctx: DumpContext, pid: number): Zombie[] {
+/** The zombie children of `pid` (from each of its `threads`' children
+ * list), with the status waitpid will report (field 52 of /proc/PID/stat)
+ * and the thread that forked them, if not the main one (its parent in the
+ * kernel: __WNOTHREAD waits reap it from there only). */
+export function dumpZombies(ctx: DumpContext, pid: number, threads: Pick<Thread, 'tid' | 'vtid'>[]): Zombie[] {
   const out: Zombie[] = [];
-  for (const child of childrenOf(pid)) {
-    let stat: string;
-    try {
-      stat = readFileSync(`/proc/${child}/stat`, 'utf8');
-    } catch {
-      continue; // reaped meanwhile
+  for (const t of threads) {
+    for (const child of childrenOfThread(pid, t.tid)) {
+      let stat: string;
+      try {
+        stat = readFileSync(`/proc/${child}/stat`, 'utf8');
+      } catch {
+        continue; // reaped meanwhile
+      }
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      // f[i] is field i + 3 of proc(5).
+      if (f[0] !== 'Z') continue;
+      const zombie: Zombie = { vpid: ctx.virtual('pid', child), status: Number(f[49]), comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) };
+      if (t.tid !== pid) zombie.parentVtid = t.vtid;
+      out.push(zombie);
     }
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // f[i] is field i + 3 of proc(5).
-    if (f[0] !== 'Z') continue;
-    out.push({ vpid: ctx.virtual('pid', child), status: Number(f[49]), comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) });
   }
   return out.sort((a, b) => a.vpid - b.vpid);
 }
 
 /**
  * Makes `p`'s zombies, while the tree is made: `forkFrom` forks a traced,
- * stopped seed from the parent's. Returns their virtual -> system PIDs, to
- * be bound in the tables. The SIGCHLD each death sends the parent is taken
- * back: it had them (or the image's pending signals say so) already.
+ * stopped seed from the parent's thread `tid`, `forkingTid` tells which
+ * thread forks a zombie (the one that had forked it). Returns their
+ * virtual -> system PIDs, to be bound in the tables. The SIGCHLD each
+ * death sends the parent is taken back: it had them (or the image's
+ * pending signals say so) already.
  */
-export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefined, forkFrom: (pid: number) => number): Map<number, number> {
+export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefined, forkFrom: (pid: number, tid: number) => number, forkingTid: (z: Zombie) => number): Map<number, number> {
   const made = new Map<number, number>();
   for (const z of zombies ?? []) {
-    const pid = forkFrom(parent.pid);
+    const pid = forkFrom(parent.pid, forkingTid(z));
     made.set(z.vpid, pid);
     const seed = new RemoteProcess(pid);
     const signal = z.status & 0x7f;

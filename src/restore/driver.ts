@@ -40,7 +40,7 @@ import { requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
+import { forkedByOtherThread, forkingTid, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
@@ -712,12 +712,21 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // member, and is killed once the tree is made (init, the subreaper,
     // adopts the member, as it had). vsid/vpgid -> placeholder's PID.
     const placeholders = new Map<number, number>();
-    const forkFrom = (parent: number): number => {
-      const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, []));
+    const forkFrom = (parent: number, tid = parent): number => {
+      const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, [], tid));
       forked.push(pid); // killed on failure, whatever happens next
       const rep = addon().wait(pid, 10_000);
       if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
       return pid;
+    };
+    /** Its threads, in the image's order, made once: while the tree is
+     * made where one of them forked a child or zombie, else with the rest
+     * of the process's state. Every signal of theirs blocked, as the main
+     * thread's is (seize). */
+    const makeThreads = (m: Made, r: RemoteProcess): void => {
+      if (m.tids.length) return;
+      m.tids = [m.pid];
+      createThreads(r, m.proc.threads.length - 1, m.tids);
     };
     // 0: a session or group outside the application (the terminal's, for
     // an application run in the foreground): a terminal does not travel,
@@ -767,14 +776,27 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         (await fillMemory(m)).runDeferred();
         r.findSyscall(); // the vDSO has moved to the image's address
       }
+      // A child (or zombie) that another of its threads forked is forked
+      // from that thread (the kernel's parent of it: its death signal,
+      // __WNOTHREAD waits): the threads are made first, with the seed's
+      // scratch area for their batch if its memory is not filled yet.
+      if ([...children, ...(m.proc.zombies ?? [])].some((c) => forkedByOtherThread(m.proc, c.parentVtid))) {
+        let remote = m.remote;
+        if (!remote) {
+          remote = new RemoteProcess(m.pid);
+          if (m.scratch !== undefined) remote.adoptScratch(m.scratch);
+        }
+        makeThreads(m, remote);
+      }
+      const madeTids = m.tids.length ? m.tids : [m.pid];
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
         // Forked with its parent's scratch area (its memory filled, the
         // one it uses now; else the seed's it has still).
         const scratch = m.remote ? (m.remote.batched ? m.remote.scratch : undefined) : m.scratch;
-        queue.push({ proc: child, pid: forkFrom(m.pid), tids: [], scratch });
+        queue.push({ proc: child, pid: forkFrom(m.pid, forkingTid(m.proc, child.parentVtid, madeTids)), tids: [], scratch });
       }
-      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom)) addon().bind(tables, 'pid', vpid, pid);
+      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom, (z) => forkingTid(m.proc, z.parentVtid, madeTids))) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
@@ -820,9 +842,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // queued again (requeueSignals) and would be taken by one.
       r.singleStep = false;
       addon().setSigmask(m.pid, ~0n);
-      m.tids = [m.pid];
-      // They inherit the main thread's mask: every signal blocked.
-      createThreads(r, p.threads.length - 1, m.tids);
+      // They inherit the main thread's mask: every signal blocked. Made
+      // already where a child was forked by one of them.
+      makeThreads(m, r);
       // Each thread's own state in a stop of its own, but the main
       // thread's: its calls go in one batch with the descriptors' owners,
       // the credentials' first questions, the attributes and the interval

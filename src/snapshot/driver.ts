@@ -37,7 +37,7 @@ import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
-import { askProcess, dumpProcess, refuseChrootedSocketPaths } from '../resources/process.js';
+import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
@@ -293,7 +293,8 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
     proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
     proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
-    proc.zombies = timed('zombies', () => dumpZombies(ctx, pid));
+    proc.zombies = timed('zombies', () => dumpZombies(ctx, pid, proc.threads));
+    timed('children by thread', () => noteForkingThreads(ctx, proc));
     timed('job control', () => dumpJobControl(proc, threads.find((t) => t.groupStop)?.stopSignal, what));
     // With --leave-running, each thread goes on from here as the kernel
     // would have taken it on: a pending signal's handler may make an
@@ -399,6 +400,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     }
   }
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
+  timed('forking threads', () => dumpForkingThreads(ctx, ctx.image.processes));
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('socket notes', () => forgetClosedSockets(ctx));
