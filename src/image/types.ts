@@ -193,6 +193,9 @@ export interface Process {
   ctty?: number;
   /** Its cgroup v2 path (resources/cgroups.ts); '' or absent: not recorded. */
   cgroup?: string;
+  /** cwd under /proc/PID of one of the application's processes: its
+   * virtual PID (resources/procpaths.ts); 0 or absent otherwise. */
+  cwdProcVpid?: number;
 }
 
 export interface ProcessAttributes {
