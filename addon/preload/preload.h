@@ -380,17 +380,27 @@ static inline int cwd_in_proc(void) {
 }
 static inline void cwd_moved(void) { g_cwd_in_proc = -1; }
 
+/* Whether `path` begins with a name that is a number, "<digits>" or
+ * "<digits>/..." (not "2024-01.log"): what an id is in a path. */
+static inline int starts_with_number(const char *path) {
+  if (path[0] < '1' || path[0] > '9') return 0;
+  const char *s = path + 1;
+  while (*s >= '0' && *s <= '9') s++;
+  return *s == '/' || *s == '\0';
+}
+
 /* A path relative to a directory of /proc (a descriptor of one, or the
  * working directory inside /proc with AT_FDCWD) that begins with a number
  * ("<pid>/status" under /proc, "<tid>/stat" under /proc/<pid>/task) or
  * "task/" (under /proc/<pid>) may name a process or thread by virtual id.
- * Only then is the directory looked at (proc_at_path). */
+ * Only then is the directory looked at (proc_at_path): a name of digits
+ * under a directory descriptor costs a statfs call (proc_dir_link). */
 static inline int proc_at_hooked(int dirfd, const char *path) {
   return g_h && path &&
-         ((path[0] >= '1' && path[0] <= '9') ||
-          (path[0] == 't' && !strncmp(path, "task/", 5))) &&
+         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5))) &&
          (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
 }
+#define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
 /* The directory `dirfd` (AT_FDCWD: the working directory) names, into
  * dir[size]: its length, or -1 when it is not /proc or inside it. */
 HIDDEN long proc_dir_link(int dirfd, char *dir, size_t size);

@@ -453,6 +453,13 @@ static int fopen_flags(const char *mode) {
   return fl;
 }
 
+/* The directory argument of a wrapper whose call creates or removes
+ * (mkdir, unlink, creat, truncate...): never a directory of /proc, whose
+ * process directories hold nothing such a call can make or remove, so a
+ * relative name that starts with a digit ("123.tmp" under a directory
+ * descriptor, as rm -r removes it) costs no look at the directory. */
+#define NO_PROC_DIR (-1)
+
 /* The mode argument exists only when the flags create a file. */
 #define OPEN_MODE(flags, mode)                          \
   mode_t mode = 0;                                      \
@@ -529,9 +536,9 @@ API int __openat_2(int fd, const char *path, int flags) {
 API int __openat64_2(int fd, const char *path, int flags) {
   return view_opened_at(fd, openat64_2_m(fd, path, flags), path, flags);
 }
-PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode), AT_FDCWD,
+PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_TRUNC, -1, REAL(creat)(p, mode))
-PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode), AT_FDCWD,
+PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_TRUNC, -1, REAL(creat64)(p, mode))
 PATH_FN(static inline, FILE *, fopen_m, (const char *path, const char *mode),
         (path, mode), AT_FDCWD, open_op(fopen_flags(mode)), NULL, REAL(fopen)(p, mode))
@@ -610,17 +617,17 @@ API int fchdir(int fd) {
   cwd_moved();
   return (int)libc_ret(r);
 }
-PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode), AT_FDCWD,
+PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_CREATE, -1, (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode)))
 PATH_WRAPPER(int, mkdirat, (int fd, const char *path, mode_t mode),
-             (fd, path, mode), fd, PATH_CREATE, -1,
+             (fd, path, mode), NO_PROC_DIR, PATH_CREATE, -1,
              (int)libc_ret(SYS3(mkdirat, fd, p, mode)))
-PATH_WRAPPER(int, unlink, (const char *path), (path), AT_FDCWD, PATH_REMOVE, -1,
+PATH_WRAPPER(int, unlink, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0)))
 PATH_WRAPPER(int, unlinkat, (int fd, const char *path, int flags),
-             (fd, path, flags), fd, PATH_REMOVE, -1,
+             (fd, path, flags), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, fd, p, flags)))
-PATH_WRAPPER(int, rmdir, (const char *path), (path), AT_FDCWD, PATH_REMOVE, -1,
+PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)))
 
 /* --- Through syscall() ----------------------------------------------------
@@ -680,14 +687,14 @@ static int do_remove(const char *p) {
   if (r == -EISDIR) r = SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR);
   return (int)libc_ret(r);
 }
-PATH_WRAPPER(int, remove, (const char *path), (path), AT_FDCWD, PATH_REMOVE, -1,
+PATH_WRAPPER(int, remove, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              do_remove(p))
 
-PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length), AT_FDCWD,
+PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length), NO_PROC_DIR,
              length ? PATH_WRITE : PATH_TRUNC, -1,
              (int)libc_ret(SYS2(truncate, p, length)))
 PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
-             (path, length), AT_FDCWD, length ? PATH_WRITE : PATH_TRUNC, -1,
+             (path, length), NO_PROC_DIR, length ? PATH_WRITE : PATH_TRUNC, -1,
              (int)libc_ret(SYS2(truncate, p, length)))
 
 /* rename: two paths, either or both hooked. */

@@ -15,6 +15,7 @@
 
 #include <limits.h>
 #include <string.h>
+#include <sys/vfs.h>
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -111,10 +112,17 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
 
 /* The directory `dirfd` names (AT_FDCWD: the calling thread's working
  * directory) into dir[size], terminated: its length, or -1 when it is not
- * /proc or inside it, or does not fit. One system call. */
+ * /proc or inside it, or does not fit. A descriptor is asked its file
+ * system first: reading its link costs several times a stat call, and
+ * most directories a name starting with a digit is looked up under are
+ * not /proc. */
 long proc_dir_link(int dirfd, char *dir, size_t size) {
   char link[32] = "/proc/thread-self/cwd";
-  if (dirfd != AT_FDCWD) *put_decimal((char *)memcpy(link, "/proc/self/fd/", 14) + 14, (unsigned long)dirfd) = '\0';
+  if (dirfd != AT_FDCWD) {
+    struct statfs sf;
+    if (SYS2(fstatfs, dirfd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return -1;
+    *put_decimal((char *)memcpy(link, "/proc/self/fd/", 14) + 14, (unsigned long)dirfd) = '\0';
+  }
   long n = SYS4(readlinkat, AT_FDCWD, link, dir, size - 1);
   if (n < 5 || n >= (long)size - 1 || memcmp(dir, "/proc", 5) || (n > 5 && dir[5] != '/')) return -1;
   dir[n] = '\0';
