@@ -120,6 +120,7 @@ int main(int argc, char **argv) {
   snprintf(path, sizeof path, "%s/a", numbered);
   TIME("fstatat(AT_FDCWD, /tmp/.../a)", n / 10, sink += fstatat(AT_FDCWD, path, &st, 0));
   TIME("fstatat(dir, a)", n / 10, sink += fstatat(tmpdirfd, "a", &st, 0));
+  TIME("fstatat(dir, 7)", n / 10, sink += fstatat(tmpdirfd, "7", &st, 0));
   if (chdir(numbered) != 0) { perror("chdir"); return 1; }
   TIME("stat(7) in a directory", n / 10, sink += stat("7", &st));
   if (chdir("/") != 0) { perror("chdir /"); return 1; }
