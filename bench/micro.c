@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <sys/ipc.h>
 #include <sys/sem.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -112,6 +113,17 @@ int main(int argc, char **argv) {
   snprintf(pidstat, sizeof pidstat, "%d/stat", (int)self);
   TIME("open+close /dev/null", lists * 100, sink += close(open("/dev/null", O_RDONLY | O_CLOEXEC)));
   TIME("openat(dir, a)+close", lists * 100, sink += close(openat(tmpdirfd, "a", O_RDONLY | O_CLOEXEC)));
+  /* stat calls on ordinary paths: absolute, relative to a directory
+   * descriptor, and a name starting with a digit relative to the working
+   * directory (such names are looked at: under /proc they are PIDs). */
+  struct stat st;
+  snprintf(path, sizeof path, "%s/a", numbered);
+  TIME("fstatat(AT_FDCWD, /tmp/.../a)", n / 10, sink += fstatat(AT_FDCWD, path, &st, 0));
+  TIME("fstatat(dir, a)", n / 10, sink += fstatat(tmpdirfd, "a", &st, 0));
+  TIME("fstatat(dir, 7)", n / 10, sink += fstatat(tmpdirfd, "7", &st, 0));
+  if (chdir(numbered) != 0) { perror("chdir"); return 1; }
+  TIME("stat(7) in a directory", n / 10, sink += stat("7", &st));
+  if (chdir("/") != 0) { perror("chdir /"); return 1; }
   TIME("openat(/proc/self, statm)+read+close", lists * 100, sink += slurp_at(selfdirfd, "statm"));
   TIME("openat(/proc/self, stat)+read+close", lists * 100, sink += slurp_at(selfdirfd, "stat"));
   TIME("openat(/proc, <pid>/stat)+read+close", lists * 100, sink += slurp_at(procdirfd, pidstat));

@@ -824,9 +824,21 @@ describe('a thread\'s children, a sched file, and these files opened relative to
     await roundTrip('procat', [fixture('procat'), lock], false);
   });
 
+  it('/proc/<pid> through syscall() (openat2, SYS_openat, SYS_open), through stat, access and readlink relative to a descriptor of /proc, and relative to a working directory inside /proc, before and after a restore', async () => {
+    const marker = join(images, 'procpaths.marker');
+    writeFileSync(marker, '');
+    await roundTrip('procpaths', [fixture('procpaths'), marker], false);
+  });
+
   it('children and sched in a copy restored beside the original (--lazy, --leave-running): each its own', async () => {
     await roundTrip('procchildren-orig', [fixture('procchildren')], true);
     await roundTrip('procsched-orig', [fixture('procsched')], true);
+  });
+
+  it('/proc/<pid> through syscall(), *at calls and a working directory inside /proc in a copy restored beside the original (--lazy, --leave-running): each its own', async () => {
+    const marker = join(images, 'procpaths-orig.marker');
+    writeFileSync(marker, '');
+    await roundTrip('procpaths-orig', [fixture('procpaths'), marker], true);
   });
 });
 

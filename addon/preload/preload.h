@@ -369,16 +369,41 @@ HIDDEN long view_fill(int fd, const char *path, int flags);
 /* view_opened for an open relative to the directory `dirfd`. */
 HIDDEN int view_opened_at(int dirfd, int fd, const char *path, int flags);
 
-/* preload_proc.c: a path relative to a directory of /proc that begins with
- * a number ("<pid>/status" under /proc, "<tid>/stat" under
- * /proc/<pid>/task) or "task/" (under /proc/<pid>) may name a process or
- * thread by virtual id. Only then is the directory looked at
- * (proc_at_path). */
-static inline int proc_at_hooked(int dirfd, const char *path) {
-  return g_h && dirfd >= 0 && path &&
-         ((path[0] >= '1' && path[0] <= '9') ||
-          (path[0] == 't' && !strncmp(path, "task/", 5)));
+/* preload_proc.c: whether the working directory is inside /proc (1), not
+ * (0), or not known yet (-1); cwd_in_proc_slow finds out (one readlink)
+ * and keeps the answer until the next chdir or fchdir (cwd_moved). */
+extern int g_cwd_in_proc HIDDEN;
+HIDDEN int cwd_in_proc_slow(void);
+static inline int cwd_in_proc(void) {
+  int in = g_cwd_in_proc;
+  return in >= 0 ? in : cwd_in_proc_slow();
 }
+static inline void cwd_moved(void) { g_cwd_in_proc = -1; }
+
+/* Whether `path` begins with a name that is a number, "<digits>" or
+ * "<digits>/..." (not "2024-01.log"): what an id is in a path. */
+static inline int starts_with_number(const char *path) {
+  if (path[0] < '1' || path[0] > '9') return 0;
+  const char *s = path + 1;
+  while (*s >= '0' && *s <= '9') s++;
+  return *s == '/' || *s == '\0';
+}
+
+/* A path relative to a directory of /proc (a descriptor of one, or the
+ * working directory inside /proc with AT_FDCWD) that begins with a number
+ * ("<pid>/status" under /proc, "<tid>/stat" under /proc/<pid>/task) or
+ * "task/" (under /proc/<pid>) may name a process or thread by virtual id.
+ * Only then is the directory looked at (proc_at_path): a name of digits
+ * under a directory descriptor costs a statfs call (proc_dir_link). */
+static inline int proc_at_hooked(int dirfd, const char *path) {
+  return g_h && path &&
+         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5))) &&
+         (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
+}
+#define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
+/* The directory `dirfd` (AT_FDCWD: the working directory) names, into
+ * dir[size]: its length, or -1 when it is not /proc or inside it. */
+HIDDEN long proc_dir_link(int dirfd, char *dir, size_t size);
 /* Which directory of /proc `dirfd` is, by its link: one system call. */
 enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS };
 HIDDEN int proc_dir_kind(int dirfd);
@@ -493,6 +518,12 @@ HIDDEN long do_setsockopt_syscall(long fd, long level, long name, long val, long
  * of /proc or /proc/<pid>/task made virtual. */
 HIDDEN long do_getdents_syscall(long nr, long fd, long buf, long count);
 
+/* preload_path.c: the calls that take a path (open, openat, openat2,
+ * stat, lstat, newfstatat, statx, access, faccessat, faccessat2,
+ * readlink, readlinkat, chdir) and fchdir through syscall(): the path the
+ * wrappers would hand the kernel, and an open's translated view. */
+HIDDEN long do_path_syscall(long nr, long a, long b, long c, long d, long e);
+
 /* preload_exec.c */
 HIDDEN void exec_capture_env(void);
 
@@ -524,14 +555,21 @@ HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
 
 /* Whether the path must go through path_slow: an absolute path while the
  * instance has rules, or one under "/proc/". Relative paths are never
- * rewritten (nor, so, *at() calls with a directory fd and a relative path):
- * only what the application names absolutely (but see proc_at_hooked). No tables, or no rules and
- * no "/proc/" prefix: a few loads and branches, and the wrapper calls the
- * real function with nothing of ours on its stack. */
+ * rewritten by the rules (nor, so, *at() calls with a directory fd and a
+ * relative path): only what the application names absolutely (but see
+ * proc_at_hooked). No tables, or no rules and no "/proc/" prefix: a few
+ * loads and branches, and the wrapper calls the real function with
+ * nothing of ours on its stack. */
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
   if (LIKELY(!h) || !path || path[0] != '/') return 0;
   return h->instance.redirs || strncmp(path, "/proc/", 6) == 0;
+}
+
+/* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
+ * one): path_hooked, or a virtual id under a directory of /proc. */
+static inline int at_path_hooked(int dirfd, const char *path) {
+  return UNLIKELY(path_hooked(path)) || UNLIKELY(proc_at_hooked(dirfd, path));
 }
 
 /* preload_path.c: the path to hand to the kernel for a hooked path: `path`
@@ -540,6 +578,10 @@ static inline int path_hooked(const char *path) {
  * besides buf its frame holds a struct stat or two. */
 HIDDEN const char *path_slow(const char *path, enum path_op op,
                              char buf[PATH_MAX]);
+/* The same for a path relative to a directory of kind `kind`
+ * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
+HIDDEN const char *at_path_slow(int kind, const char *path, enum path_op op,
+                                char buf[PATH_MAX]);
 
 /* The slow half of a path wrapper lives in a function of its own, so that
  * the PATH_MAX buffer is only on the stack when a path is rewritten: some
@@ -547,14 +589,17 @@ HIDDEN const char *path_slow(const char *path, enum path_op op,
  * small alternate signal stacks. */
 #define NOINLINE __attribute__((noinline))
 
-/* In a slow half: declares `p`, the path to use, or returns `err`. A path
- * under /proc/<vpid> holds a system PID from here to the call's return: a
+/* In a slow half: declares `p`, the path to use for `path` relative to
+ * `dirfd`, or returns `err`. A path under /proc/<vpid>, or relative to a
+ * directory of /proc, holds a system PID from here to the call's return: a
  * translation window (see above) for the rest of the function (not for
- * other paths: a copy-on-write copy may take long, and holds no id). */
-#define SLOW_PATH(p, path, op, err)                                 \
-  ID_WINDOW_IF(strncmp((path), "/proc/", 6) == 0);                  \
-  char p##_buf[PATH_MAX];                               \
-  const char *p = path_slow((path), (op), p##_buf);     \
+ * other paths: a copy-on-write copy may take long, and an open of a FIFO
+ * may block for good; neither holds an id). */
+#define SLOW_PATH(p, dirfd, path, op, err)                                   \
+  int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
+  ID_WINDOW_IF(p##_kind != PROC_DIR_NONE || strncmp((path), "/proc/", 6) == 0); \
+  char p##_buf[PATH_MAX];                                                    \
+  const char *p = at_path_slow(p##_kind, (path), (op), p##_buf);             \
   if (!p) return err
 
 #endif

@@ -49,7 +49,6 @@
 #include <stdlib.h>
 #include <sys/vfs.h>
 
-#define PROC_SUPER_MAGIC 0x9fa0
 #define PROC_ROOT_INO 1
 
 enum dir_kind { DIR_OTHER = 1, DIR_PROCESSES, DIR_THREADS };

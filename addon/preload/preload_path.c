@@ -13,8 +13,9 @@
  * path, are not rewritten: they name what the kernel finds from the
  * caller's working directory or that fd. (A working directory inside a
  * redirected tree is the rewritten one, since chdir is translated.) The
- * one exception: openat's virtual PID or TID at the start of a path
- * relative to a descriptor of /proc (preload_proc.c, proc_at_path).
+ * one exception: a virtual PID or TID at the start of a path relative to
+ * a directory of /proc, a descriptor's or the working directory
+ * (preload_proc.c, proc_at_path), for every wrapper here.
  *
  * REDIR PATH: from/rest is to/rest, for every call.
  *
@@ -48,7 +49,9 @@
  * relative to it reach the original), and calls without a wrapper here:
  * exec's path, link, symlink, chmod, chown, utimensat, rename with flags
  * (renameat2), xattrs, mknod, statfs, realpath and getcwd's answers, and
- * programs that make raw system calls or link libc statically.
+ * programs that make raw system calls or link libc statically (not
+ * syscall(): its open, openat, openat2, stat and readlink calls are
+ * rewritten, do_path_syscall).
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
@@ -383,6 +386,11 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
   return original(path, p, buf);
 }
 
+const char *at_path_slow(int kind, const char *path, enum path_op op, char buf[PATH_MAX]) {
+  if (path[0] == '/') return path_slow(path, op, buf);
+  return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
+}
+
 /* --- The wrappers ---------------------------------------------------------
  *
  * Calls that are cancellation points or build libc objects go to the real
@@ -391,17 +399,18 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
  * in its own frame, calls it with the rewritten one. */
 
 /* Defines the function `name` (parameters PARAMS, among them `path`), with
- * the given linkage, and its slow half. ARGS: the parameters' names; CALL:
- * the call, with the path to use in `p`. */
-#define PATH_FN(linkage, rtype, name, PARAMS, ARGS, op, err, CALL) \
+ * the given linkage, and its slow half. ARGS: the parameters' names; dirfd:
+ * the directory the path is relative to (AT_FDCWD for the calls without
+ * one); CALL: the call, with the path to use in `p`. */
+#define PATH_FN(linkage, rtype, name, PARAMS, ARGS, dirfd, op, err, CALL) \
   static NOINLINE rtype name##_slow PARAMS {                        \
-    SLOW_PATH(p, path, (op), (err));                               \
+    SLOW_PATH(p, (dirfd), path, (op), (err));                      \
     test_pause("path-rewritten");                                  \
     return CALL;                                                   \
   }                                                                \
   linkage rtype name PARAMS {                                      \
     ensure_init();                                                 \
-    if (UNLIKELY(path_hooked(path))) return name##_slow ARGS;      \
+    if (at_path_hooked((dirfd), path)) return name##_slow ARGS;    \
     const char *p = path;                                          \
     return CALL;                                                   \
   }
@@ -420,10 +429,10 @@ static enum path_op open_op(int flags) {
  * keeps its own copy of the path). These return an error number. */
 PATH_WRAPPER(int, posix_spawn_file_actions_addopen,
              (posix_spawn_file_actions_t *fa, int fd, const char *path, int flags, mode_t mode),
-             (fa, fd, path, flags, mode), open_op(flags), errno,
+             (fa, fd, path, flags, mode), AT_FDCWD, open_op(flags), errno,
              REAL(posix_spawn_file_actions_addopen)(fa, fd, p, flags, mode))
 PATH_WRAPPER(int, posix_spawn_file_actions_addchdir_np,
-             (posix_spawn_file_actions_t *fa, const char *path), (fa, path), PATH_READ, errno,
+             (posix_spawn_file_actions_t *fa, const char *path), (fa, path), AT_FDCWD, PATH_READ, errno,
              REAL(posix_spawn_file_actions_addchdir_np)(fa, p))
 
 /* The open flags glibc's fopen derives from `mode`: 'r', 'w' or 'a', then
@@ -444,6 +453,13 @@ static int fopen_flags(const char *mode) {
   return fl;
 }
 
+/* The directory argument of a wrapper whose call creates or removes
+ * (mkdir, unlink, creat, truncate...): never a directory of /proc, whose
+ * process directories hold nothing such a call can make or remove, so a
+ * relative name that starts with a digit ("123.tmp" under a directory
+ * descriptor, as rm -r removes it) costs no look at the directory. */
+#define NO_PROC_DIR (-1)
+
 /* The mode argument exists only when the flags create a file. */
 #define OPEN_MODE(flags, mode)                          \
   mode_t mode = 0;                                      \
@@ -457,17 +473,17 @@ static int fopen_flags(const char *mode) {
 /* open & co.: the variadic ones take their mode first, then share the
  * non-variadic shape. */
 PATH_FN(static inline, int, open_m, (const char *path, int flags, mode_t mode),
-             (path, flags, mode), open_op(flags), -1,
+             (path, flags, mode), AT_FDCWD, open_op(flags), -1,
              REAL(open)(p, flags, mode))
 PATH_FN(static inline, int, open64_m, (const char *path, int flags, mode_t mode),
-             (path, flags, mode), open_op(flags), -1,
+             (path, flags, mode), AT_FDCWD, open_op(flags), -1,
              REAL(open64)(p, flags, mode))
 PATH_FN(static inline, int, openat_m, (int fd, const char *path, int flags, mode_t mode),
-             (fd, path, flags, mode), open_op(flags), -1,
+             (fd, path, flags, mode), fd, open_op(flags), -1,
              REAL(openat)(fd, p, flags, mode))
 PATH_FN(static inline, int, openat64_m,
              (int fd, const char *path, int flags, mode_t mode),
-             (fd, path, flags, mode), open_op(flags), -1,
+             (fd, path, flags, mode), fd, open_op(flags), -1,
              REAL(openat64)(fd, p, flags, mode))
 
 API int open(const char *path, int flags, ...) {
@@ -484,52 +500,29 @@ API int open64(const char *path, int flags, ...) {
   return view_opened(fd, path, flags);
 }
 
-/* An openat whose relative path may name a process by virtual id under a
- * descriptor of /proc (proc_at_hooked): the path with the system ids.
- * Which of the four openat functions: `which`. */
-enum { AT_OPENAT, AT_OPENAT64, AT_OPENAT_2, AT_OPENAT64_2 };
-static NOINLINE int openat_proc_slow(int which, int fd, const char *path,
-                                     int flags, mode_t mode) {
-  int kind = proc_dir_kind(fd);
-  /* Under /proc, a system id in the path from its lookup to the call's
-   * return (not elsewhere: an open of a FIFO may block for good). */
-  ID_WINDOW_IF(kind != PROC_DIR_NONE);
-  char buf[PATH_MAX];
-  const char *p = kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
-  if (!p) return -1;
-  switch (which) {
-    case AT_OPENAT: return REAL(openat)(fd, p, flags, mode);
-    case AT_OPENAT64: return REAL(openat64)(fd, p, flags, mode);
-    case AT_OPENAT_2: return REAL(__openat_2)(fd, p, flags);
-    default: return REAL(__openat64_2)(fd, p, flags);
-  }
-}
-
 API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT, fd, path, flags, mode)
-                                     : openat_m(fd, path, flags, mode);
+  int got = openat_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
   return view_opened_at(fd, got, path, flags);
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
-  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT64, fd, path, flags, mode)
-                                     : openat64_m(fd, path, flags, mode);
+  int got = openat64_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
   return view_opened_at(fd, got, path, flags);
 }
 
 /* The fortified opens (no O_CREAT): reads may need a translated view. */
 PATH_FN(static inline, int, open_2_m, (const char *path, int flags),
-        (path, flags), open_op(flags), -1, REAL(__open_2)(p, flags))
+        (path, flags), AT_FDCWD, open_op(flags), -1, REAL(__open_2)(p, flags))
 PATH_FN(static inline, int, open64_2_m, (const char *path, int flags),
-        (path, flags), open_op(flags), -1, REAL(__open64_2)(p, flags))
+        (path, flags), AT_FDCWD, open_op(flags), -1, REAL(__open64_2)(p, flags))
 PATH_FN(static inline, int, openat_2_m, (int fd, const char *path, int flags),
-        (fd, path, flags), open_op(flags), -1, REAL(__openat_2)(fd, p, flags))
+        (fd, path, flags), fd, open_op(flags), -1, REAL(__openat_2)(fd, p, flags))
 PATH_FN(static inline, int, openat64_2_m,
-        (int fd, const char *path, int flags), (fd, path, flags),
+        (int fd, const char *path, int flags), (fd, path, flags), fd,
         open_op(flags), -1, REAL(__openat64_2)(fd, p, flags))
 API int __open_2(const char *path, int flags) {
   return view_opened(open_2_m(path, flags), path, flags);
@@ -538,23 +531,19 @@ API int __open64_2(const char *path, int flags) {
   return view_opened(open64_2_m(path, flags), path, flags);
 }
 API int __openat_2(int fd, const char *path, int flags) {
-  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT_2, fd, path, flags, 0)
-                                     : openat_2_m(fd, path, flags);
-  return view_opened_at(fd, got, path, flags);
+  return view_opened_at(fd, openat_2_m(fd, path, flags), path, flags);
 }
 API int __openat64_2(int fd, const char *path, int flags) {
-  int got = proc_at_hooked(fd, path) ? openat_proc_slow(AT_OPENAT64_2, fd, path, flags, 0)
-                                     : openat64_2_m(fd, path, flags);
-  return view_opened_at(fd, got, path, flags);
+  return view_opened_at(fd, openat64_2_m(fd, path, flags), path, flags);
 }
-PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode),
+PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_TRUNC, -1, REAL(creat)(p, mode))
-PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode),
+PATH_WRAPPER(int, creat64, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_TRUNC, -1, REAL(creat64)(p, mode))
 PATH_FN(static inline, FILE *, fopen_m, (const char *path, const char *mode),
-        (path, mode), open_op(fopen_flags(mode)), NULL, REAL(fopen)(p, mode))
+        (path, mode), AT_FDCWD, open_op(fopen_flags(mode)), NULL, REAL(fopen)(p, mode))
 PATH_FN(static inline, FILE *, fopen64_m,
-        (const char *path, const char *mode), (path, mode),
+        (const char *path, const char *mode), (path, mode), AT_FDCWD,
         open_op(fopen_flags(mode)), NULL, REAL(fopen64)(p, mode))
 
 /* A stream opened for reading whose file needs a translated view gets it
@@ -573,60 +562,124 @@ API FILE *fopen(const char *path, const char *mode) {
 API FILE *fopen64(const char *path, const char *mode) {
   return fopen_view(fopen64_m(path, mode), path, mode);
 }
-PATH_WRAPPER(DIR *, opendir, (const char *path), (path), PATH_READ, NULL,
+PATH_WRAPPER(DIR *, opendir, (const char *path), (path), AT_FDCWD, PATH_READ, NULL,
              REAL(opendir)(p))
 PATH_WRAPPER(int, stat, (const char *restrict path, struct stat *restrict st),
-             (path, st), PATH_READ, -1, REAL(stat)(p, st))
+             (path, st), AT_FDCWD, PATH_READ, -1, REAL(stat)(p, st))
 PATH_WRAPPER(int, stat64,
              (const char *restrict path, struct stat64 *restrict st),
-             (path, st), PATH_READ, -1, REAL(stat64)(p, st))
+             (path, st), AT_FDCWD, PATH_READ, -1, REAL(stat64)(p, st))
 PATH_WRAPPER(int, lstat, (const char *restrict path, struct stat *restrict st),
-             (path, st), PATH_READ, -1, REAL(lstat)(p, st))
+             (path, st), AT_FDCWD, PATH_READ, -1, REAL(lstat)(p, st))
 PATH_WRAPPER(int, lstat64,
              (const char *restrict path, struct stat64 *restrict st),
-             (path, st), PATH_READ, -1, REAL(lstat64)(p, st))
+             (path, st), AT_FDCWD, PATH_READ, -1, REAL(lstat64)(p, st))
 PATH_WRAPPER(int, fstatat,
              (int fd, const char *restrict path, struct stat *restrict st,
               int flags),
-             (fd, path, st, flags), PATH_READ, -1,
+             (fd, path, st, flags), fd, PATH_READ, -1,
              REAL(fstatat)(fd, p, st, flags))
 PATH_WRAPPER(int, fstatat64,
              (int fd, const char *restrict path, struct stat64 *restrict st,
               int flags),
-             (fd, path, st, flags), PATH_READ, -1,
+             (fd, path, st, flags), fd, PATH_READ, -1,
              REAL(fstatat64)(fd, p, st, flags))
 PATH_WRAPPER(int, statx,
              (int fd, const char *restrict path, int flags, unsigned int mask,
               struct statx *restrict st),
-             (fd, path, flags, mask, st), PATH_READ, -1,
+             (fd, path, flags, mask, st), fd, PATH_READ, -1,
              REAL(statx)(fd, p, flags, mask, st))
-PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode),
+PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode), AT_FDCWD,
              PATH_READ, -1, REAL(access)(p, mode))
 PATH_WRAPPER(int, faccessat, (int fd, const char *path, int mode, int flags),
-             (fd, path, mode, flags), PATH_READ, -1,
+             (fd, path, mode, flags), fd, PATH_READ, -1,
              REAL(faccessat)(fd, p, mode, flags))
 PATH_WRAPPER(ssize_t, readlink,
              (const char *restrict path, char *restrict out, size_t size),
-             (path, out, size), PATH_READ, -1, REAL(readlink)(p, out, size))
+             (path, out, size), AT_FDCWD, PATH_READ, -1, REAL(readlink)(p, out, size))
 PATH_WRAPPER(ssize_t, readlinkat,
              (int fd, const char *restrict path, char *restrict out,
               size_t size),
-             (fd, path, out, size), PATH_READ, -1,
+             (fd, path, out, size), fd, PATH_READ, -1,
              REAL(readlinkat)(fd, p, out, size))
-PATH_WRAPPER(int, chdir, (const char *path), (path), PATH_READ, -1,
-             REAL(chdir)(p))
-PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode),
+PATH_FN(static inline, int, chdir_m, (const char *path), (path), AT_FDCWD, PATH_READ, -1,
+        REAL(chdir)(p))
+/* Whether the working directory is inside /proc is found again when a
+ * relative path needs it (cwd_in_proc). */
+API int chdir(const char *path) {
+  int r = chdir_m(path);
+  cwd_moved();
+  return r;
+}
+API int fchdir(int fd) {
+  ensure_init();
+  long r = SYS1(fchdir, fd);
+  cwd_moved();
+  return (int)libc_ret(r);
+}
+PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_CREATE, -1, (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode)))
 PATH_WRAPPER(int, mkdirat, (int fd, const char *path, mode_t mode),
-             (fd, path, mode), PATH_CREATE, -1,
+             (fd, path, mode), NO_PROC_DIR, PATH_CREATE, -1,
              (int)libc_ret(SYS3(mkdirat, fd, p, mode)))
-PATH_WRAPPER(int, unlink, (const char *path), (path), PATH_REMOVE, -1,
+PATH_WRAPPER(int, unlink, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0)))
 PATH_WRAPPER(int, unlinkat, (int fd, const char *path, int flags),
-             (fd, path, flags), PATH_REMOVE, -1,
+             (fd, path, flags), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, fd, p, flags)))
-PATH_WRAPPER(int, rmdir, (const char *path), (path), PATH_REMOVE, -1,
+PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)))
+
+/* --- Through syscall() ----------------------------------------------------
+ *
+ * The same paths for a program that makes the call with syscall(): openat2
+ * above all (glibc has no function for it), and open, stat, readlink...
+ * The kernel's call, with the kernel's arguments and conventions, but the
+ * path the wrappers would hand it; an open's descriptor gets the view its
+ * text needs (preload_view.c). */
+static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, long e, int dirfd,
+                                       const char *path, enum path_op op) {
+  SLOW_PATH(p, dirfd, path, op, -1);
+  if (dirfd == AT_FDCWD && path == (const char *)a) a = (long)p; /* open, stat... */
+  else b = (long)p; /* the *at calls' */
+  return libc_ret(sys6(nr, a, b, c, d, e, 0));
+}
+
+long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
+  int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
+  const char *path;
+  switch (nr) {
+    case SYS_fchdir: {
+      long r = sys6(nr, a, 0, 0, 0, 0, 0);
+      cwd_moved();
+      return libc_ret(r);
+    }
+    case SYS_open: flags = (int)b; /* fall through */
+    case SYS_stat:
+    case SYS_lstat:
+    case SYS_access:
+    case SYS_readlink:
+    case SYS_chdir: path = (const char *)a; break;
+    case SYS_openat2: {
+      const struct { uint64_t flags; } *how = (const void *)c;
+      flags = how && (size_t)d >= sizeof *how ? (int)how->flags : O_RDONLY;
+      dirfd = (int)a;
+      path = (const char *)b;
+      break;
+    }
+    case SYS_openat: flags = (int)c; /* fall through */
+    default: /* newfstatat, statx, faccessat, faccessat2, readlinkat */
+      dirfd = (int)a;
+      path = (const char *)b;
+  }
+  enum path_op op = flags == -1 ? PATH_READ : open_op(flags);
+  long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, path, op)
+                                               : libc_ret(sys6(nr, a, b, c, d, e, 0));
+  if (nr == SYS_chdir) cwd_moved();
+  if (flags == -1 || r < 0) return r;
+  if ((flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened((int)r, path);
+  return view_opened_at(dirfd, (int)r, path, flags);
+}
 
 /* glibc's remove() calls unlink and rmdir internally, past our wrappers. */
 static int do_remove(const char *p) {
@@ -634,14 +687,14 @@ static int do_remove(const char *p) {
   if (r == -EISDIR) r = SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR);
   return (int)libc_ret(r);
 }
-PATH_WRAPPER(int, remove, (const char *path), (path), PATH_REMOVE, -1,
+PATH_WRAPPER(int, remove, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
              do_remove(p))
 
-PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length),
+PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length), NO_PROC_DIR,
              length ? PATH_WRITE : PATH_TRUNC, -1,
              (int)libc_ret(SYS2(truncate, p, length)))
 PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
-             (path, length), length ? PATH_WRITE : PATH_TRUNC, -1,
+             (path, length), NO_PROC_DIR, length ? PATH_WRITE : PATH_TRUNC, -1,
              (int)libc_ret(SYS2(truncate, p, length)))
 
 /* rename: two paths, either or both hooked. */

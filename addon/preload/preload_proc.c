@@ -8,12 +8,14 @@
  * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
  * /proc/thread-self included (they already name the caller), goes through
  * untouched, after a check of its first bytes. The same numbers in a path
- * relative to a descriptor of /proc: proc_at_path, below.
+ * relative to a descriptor of /proc or a working directory inside it:
+ * proc_at_path, below.
  */
 #include "preload.h"
 
 #include <limits.h>
 #include <string.h>
+#include <sys/vfs.h>
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -101,13 +103,50 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
  * path starts with a number or "task/" (proc_at_hooked): "/proc" (then
  * "<vpid>[/task/<vtid>]<rest>"), "/proc/<pid>/task" ("<vtid><rest>") or
  * "/proc/<pid>" ("task/<vtid><rest>"). Any other directory: the path as
- * it is. A virtual id the tables do not know: ENOENT, as above. */
-int proc_dir_kind(int dirfd) {
-  char link[32] = "/proc/self/fd/", dir[64];
-  *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
-  long n = SYS4(readlinkat, AT_FDCWD, link, dir, sizeof dir - 1);
-  if (n < 5 || n >= (long)sizeof dir - 1 || memcmp(dir, "/proc", 5)) return PROC_DIR_NONE;
+ * it is. A virtual id the tables do not know: ENOENT, as above.
+ *
+ * The working directory is such a directory for a relative path with
+ * AT_FDCWD or without a directory argument (chdir("/proc"), then
+ * open("<vpid>/status")): its link is /proc/thread-self/cwd, read only
+ * while cwd_in_proc() says it is inside /proc. */
+
+/* The directory `dirfd` names (AT_FDCWD: the calling thread's working
+ * directory) into dir[size], terminated: its length, or -1 when it is not
+ * /proc or inside it, or does not fit. A descriptor is asked its file
+ * system first: reading its link costs several times a stat call, and
+ * most directories a name starting with a digit is looked up under are
+ * not /proc. */
+long proc_dir_link(int dirfd, char *dir, size_t size) {
+  char link[32] = "/proc/thread-self/cwd";
+  if (dirfd != AT_FDCWD) {
+    struct statfs sf;
+    if (SYS2(fstatfs, dirfd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return -1;
+    *put_decimal((char *)memcpy(link, "/proc/self/fd/", 14) + 14, (unsigned long)dirfd) = '\0';
+  }
+  long n = SYS4(readlinkat, AT_FDCWD, link, dir, size - 1);
+  if (n < 5 || n >= (long)size - 1 || memcmp(dir, "/proc", 5) || (n > 5 && dir[5] != '/')) return -1;
   dir[n] = '\0';
+  return n;
+}
+
+/* Whether the working directory is inside /proc: 1, 0, or -1 (not known:
+ * at the start, and after each chdir or fchdir of ours, cwd_moved()). A
+ * thread that left the shared working directory (unshare(CLONE_FS)) and
+ * moves its own shares this with the others: at worst a stale 0 there,
+ * until the next move. */
+int g_cwd_in_proc = -1;
+
+int cwd_in_proc_slow(void) {
+  char dir[64];
+  int in = proc_dir_link(AT_FDCWD, dir, sizeof dir) >= 0;
+  g_cwd_in_proc = in;
+  return in;
+}
+
+int proc_dir_kind(int dirfd) {
+  char dir[64];
+  long n = proc_dir_link(dirfd, dir, sizeof dir);
+  if (n < 0) return PROC_DIR_NONE;
   if (n == 5) return PROC_DIR_ROOT;
   /* "/proc/<digits>" or "/proc/<digits>/task" */
   const char *d = dir + 5;

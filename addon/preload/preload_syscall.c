@@ -1,7 +1,8 @@
 /*
  * syscall(): programs that make id system calls through it (gettid before
  * glibc 2.30, tgkill, pidfd_open, sched_setattr, kcmp, ioprio_set, libnuma's
- * move_pages, CPU-time clocks...) get the same
+ * move_pages, CPU-time clocks...) and path calls (openat2, which glibc has
+ * no function for; open, stat, readlink... of /proc/<pid>) get the same
  * translation as through the libc functions. The kernel's conventions are
  * kept where they differ from libc's (getpriority returns 20 - nice);
  * errors are -1 and errno, as syscall() reports them.
@@ -111,6 +112,20 @@ API long syscall(long nr, ...) {
     case SYS_clock_nanosleep:
     case SYS_timer_create: return do_clock_syscall(nr, a, b, c, d);
     case SYS_setsockopt: return do_setsockopt_syscall(a, b, c, d, e);
+    case SYS_open:
+    case SYS_openat:
+    case SYS_openat2:
+    case SYS_stat:
+    case SYS_lstat:
+    case SYS_newfstatat:
+    case SYS_statx:
+    case SYS_access:
+    case SYS_faccessat:
+    case SYS_faccessat2:
+    case SYS_readlink:
+    case SYS_readlinkat:
+    case SYS_chdir:
+    case SYS_fchdir: return do_path_syscall(nr, a, b, c, d, e);
     case SYS_getdents64:
     case SYS_getdents: return do_getdents_syscall(nr, a, b, c);
     case SYS_getsockopt:

@@ -38,9 +38,9 @@
  * (openat(dirfd, "stat") under /proc/<pid>, /proc/<pid>/task/<tid> or
  * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
  * makes the system's): the directory is known by its descriptor's link,
- * read only when the name is one of those. Not covered: a path relative
- * to a working directory inside /proc, a static program or raw system
- * calls (openat2 among them); a cgroup.procs opened read-write is read
+ * read only when the name is one of those; the same relative to a working
+ * directory inside /proc, and through syscall() (openat2 among them). Not
+ * covered: a static program or raw system calls; a cgroup.procs opened read-write is read
  * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
  * for the memfd, too many descriptors) fails the open with that error
  * rather than show system PIDs.
@@ -445,31 +445,31 @@ static int at_name(const char *path) {
 }
 
 /* Which view `path`, opened relative to the directory `dirfd`, needs: the
- * directory is known by its descriptor's link ("/proc", "/proc/<pid>",
+ * directory is known by its link (a descriptor's, or the working
+ * directory's for AT_FDCWD) ("/proc", "/proc/<pid>",
  * "/proc/<pid>/task/<tid>", ".../fdinfo"), read only when the name is one
  * of at_name's, and the whole path judged as an absolute one is. */
 static NOINLINE enum view view_of_at(int dirfd, const char *path) {
   enum view v = view_of_name(path); /* a cgroup's list: by its name */
   if (v != VIEW_NONE || !at_name(path)) return v;
-  char link[32] = "/proc/self/fd/", full[512];
-  *put_decimal(link + 14, (unsigned long)dirfd) = '\0';
-  long n = SYS4(readlinkat, AT_FDCWD, link, full, 256);
+  char full[512];
+  long n = proc_dir_link(dirfd, full, 256);
   size_t len = strlen(path);
-  if (n < 5 || n >= 256 || memcmp(full, "/proc", 5) || (size_t)n + 1 + len >= sizeof full)
-    return VIEW_NONE;
+  if (n < 0 || (size_t)n + 1 + len >= sizeof full) return VIEW_NONE;
   full[n] = '/';
   memcpy(full + n + 1, path, len + 1);
   return view_of_name(full);
 }
 
 /* The translated copy in the place of `fd`, opened by `path` relative to
- * `dirfd` (AT_FDCWD: the working directory, not looked at), when it needs
+ * `dirfd` (AT_FDCWD: the working directory, looked at only while it is
+ * inside /proc), when it needs
  * one: 0, or -errno with fd left as it was. */
 long view_fill_at(int dirfd, int fd, const char *path, int flags) {
   if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
-  enum view v = path[0] == '/' || dirfd == AT_FDCWD || dirfd < 0
+  enum view v = path[0] == '/' || (dirfd < 0 && !(dirfd == AT_FDCWD && cwd_in_proc()))
                     ? view_of_name(path)
                     : view_of_at(dirfd, path);
   if (LIKELY(v == VIEW_NONE)) return 0;

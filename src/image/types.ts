@@ -197,6 +197,9 @@ export interface Process {
   /** The virtual TID of the parent's thread that forked it (process.ts,
    * dumpForkingThreads); 0 or absent: the parent's main thread. */
   parentVtid?: number;
+  /** cwd under /proc/PID of one of the application's processes: its
+   * virtual PID (resources/procpaths.ts); 0 or absent otherwise. */
+  cwdProcVpid?: number;
 }
 
 export interface ProcessAttributes {

@@ -16,6 +16,7 @@ import { type Action, type FileIdentity, type Image, type Pipe, type Process, ty
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
 import { privateCopy, redirected, unredirected } from './paths.js';
+import { restoredProcPath } from './procpaths.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
 
@@ -180,9 +181,11 @@ export class RestoreContext {
 
   /** A clone's working directory: redirected, or in a copy-on-write
    * directory the instance's own copy of it (relative writes must not
-   * reach the template's files, and relative reads find what they did). */
+   * reach the template's files, and relative reads find what they did).
+   * One in a process's /proc directory: the restored process's. */
   workingDirectory(p: Process): string {
     if (p.cwd.endsWith(DELETED)) return this.removedDirectory(p.cwd.slice(0, -DELETED.length));
+    if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
     return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);

@@ -12,7 +12,7 @@
  * (after every process is read). Anything else is refused
  * by name.
  */
-import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
+import { constants as fs, openSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
@@ -38,12 +38,11 @@ import { dumpPidfd, openPidfd } from './pidfd.js';
 import { dumpMessageQueue, isMessageQueue, openMessageQueue } from './mqueue.js';
 import { dumpListingPosition, isMappingListing, positionInListing } from './listings.js';
 import { dumpTextPosition, positionInText } from './proctext.js';
+import { dumpProcVpid, PROC_PID, restoredProcPath } from './procpaths.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
 const O_CLOEXEC = 0o2000000;
-const PROC_PID = /^\/proc\/(\d+)(?=\/|$)/;
-const PROC_TASK = /^\/proc\/(\d+)\/task\/(\d+)(?=\/|$)/;
 
 function parseFdinfo(text: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -160,12 +159,10 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted, st);
         // /proc/PID/... of a process of the application: it follows that
         // process to its restored PID.
-        const proc = PROC_PID.exec(target);
-        if (proc) fd.procVpid = ctx.virtual('pid', Number(proc[1])) || undefined;
-        if (proc) refuseOtherThreadsProc(ctx, target, `${what} fd ${n}`);
+        fd.procVpid = dumpProcVpid(ctx, target, `${what} fd ${n}`);
         // Read part way, a listing of mappings keeps its reader's place by
         // mapping: its bytes are another text after a restore.
-        if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, listingsBefore?.get(target), frozenMappings?.(Number(proc![1])));
+        if (fd.procVpid && fd.pos > 0n && isMappingListing(target)) fd.listingPosition = dumpListingPosition(target, fd.pos, listingsBefore?.get(target), frozenMappings?.(Number(PROC_PID.exec(target)![1])));
         // Another /proc text read part way or to its end keeps its place
         // by line, for the same reason.
         else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, fd.flags, fd.pos);
@@ -377,8 +374,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   if (h.image.logPath && fd.path === h.image.logPath) return h.log();
   if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
-    const proc = restoredProcPath(fd.path, restoredPid(h, fd.procVpid));
-    path = proc;
+    path = restoredProcPath(h, fd.path, fd.procVpid);
     got = h.keep(openSync(path, plain));
     // A listing of mappings read part way: its place there is found once
     // the process's memory is as it will run (our descriptor shares the
@@ -402,47 +398,6 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     h.whenProcessesAreFinal(() => positionInText(text, textPath, plain, at));
   }
   return got;
-}
-
-/** /proc/PID/task/TID/... (what /proc/thread-self/... opens) and
- * /proc/TID/... name a thread. The restore follows PID to the restored
- * process, and TID with it where it is the main thread's (the same
- * number); it places a process's descriptors before making its other
- * threads, so a descriptor of one of those cannot be followed: refused
- * here, in one line, rather than opened at the old TID (another process's
- * by then, or none). */
-function refuseOtherThreadsProc(ctx: DumpContext, target: string, what: string): void {
-  const task = PROC_TASK.exec(target);
-  if (task && task[1] !== task[2] && ctx.virtual('pid', Number(task[1])))
-    throw new Unsupported(`${what}: ${target} is of thread ${task[2]}, not its process's main thread; a descriptor of another thread's /proc files cannot be captured yet`);
-  if (task) return;
-  const pid = PROC_PID.exec(target)![1];
-  let tgid: string | undefined;
-  try {
-    tgid = /^Tgid:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'latin1'))?.[1];
-  } catch {
-    return; // gone, or not a process: as before
-  }
-  if (tgid && tgid !== pid && ctx.virtual('pid', Number(tgid)))
-    throw new Unsupported(`${what}: ${target} is of thread ${pid} of process ${tgid}, not its main thread; a descriptor of another thread's /proc files cannot be captured yet`);
-}
-
-/** `path` (/proc/PID/... as snapshotted) of restored process `pid`: the
- * main thread's task directory follows it too. Another thread's is
- * refused at snapshot; an image that has one anyway is refused here. */
-function restoredProcPath(path: string, pid: number): string {
-  const task = PROC_TASK.exec(path);
-  if (!task) return path.replace(PROC_PID, `/proc/${pid}`);
-  if (task[1] !== task[2]) throw new AppshotError(`a descriptor names ${path}, a thread's /proc directory other than its process's main one, which a restore cannot follow`);
-  return path.replace(PROC_TASK, `/proc/${pid}/task/${pid}`);
-}
-
-/** The system PID of the restored process `vpid`, from the new tables (it
- * is bound there once made, before any descriptor is placed). */
-function restoredPid(h: RestoreContext, vpid: number): number {
-  const pid = addon().readTables(h.tablesPath).tables.pid?.find((e) => e.virtual === vpid)?.system;
-  if (pid === undefined) throw new AppshotError(`a descriptor names /proc of process ${vpid}, which this restore did not make`);
-  return pid;
 }
 
 /** Where a clone's file descriptor points: a REDIR PATH target, the

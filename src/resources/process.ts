@@ -8,7 +8,8 @@ import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat 
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
-import { type DumpContext, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, Unsupported } from './context.js';
+import { dumpProcVpid } from './procpaths.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
@@ -95,8 +96,10 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
+  const cwd = procLink(`/proc/${pid}/cwd`);
+  const vpid = ctx.virtual('pid', pid);
   return {
-    vpid: ctx.virtual('pid', pid),
+    vpid,
     vppid: ctx.virtual('pid', st.ppid),
     vpgid: ctx.virtual('pid', st.pgrp),
     vsid: ctx.virtual('pid', st.session),
@@ -105,7 +108,9 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     argv: readCmdline(pid),
     creds: creds.threads[0],
     exe,
-    cwd: procLink(`/proc/${pid}/cwd`),
+    cwd,
+    // In a process's /proc directory: follows that process.
+    cwdProcVpid: dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`),
     root: procLink(`/proc/${pid}/root`),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
