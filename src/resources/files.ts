@@ -12,7 +12,7 @@
  * (after every process is read). Anything else is refused
  * by name.
  */
-import { constants as fs, openSync, statSync } from 'node:fs';
+import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
@@ -82,6 +82,23 @@ export interface SeenBeforeCalls {
 
 export type FdEntry = ReturnType<ReturnType<typeof addon>['fdEntries']>[number];
 
+/** Descriptors whose fdinfo moves while the application is frozen: a
+ * timerfd's time left and expirations (time), an eventfd's count (a
+ * process outside the application may write it). Read again at the
+ * process's own turn, as the rest of its state is, not taken from the
+ * list read before every process's calls: a timerfd of a process dumped
+ * after a large one was otherwise recorded as of seconds before (kinds'
+ * timerfd fixture: "alarm is due in 3597624 ms, not 3597464"). */
+const MOVING_FDINFO = new Set(['anon_inode:[timerfd]', 'anon_inode:[eventfd]']);
+
+function fdinfoNow(pid: number, fd: number, before: string): string {
+  try {
+    return readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+  } catch {
+    return before; // closed meanwhile: impossible while frozen
+  }
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
   const { frozenMappings, listings: listingsBefore } = seen;
@@ -89,7 +106,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
   for (const entry of seen.entries ?? addon().fdEntries(pid)) {
     const n = entry.fd;
     const target = entry.target;
-    const info = parseFdinfo(entry.info);
+    const info = parseFdinfo(seen.entries && MOVING_FDINFO.has(target) ? fdinfoNow(pid, n, entry.info) : entry.info);
     if (target === 'anon_inode:[userfaultfd]' && ctx.trackingFds.includes(n)) continue; // appshot's own
     const lockLines = lockLinesOf((info as Map<string, string> & { raw: string }).raw);
     if (lockLines.length) ctx.fdLockLines.set(`${pid}:${n}`, lockLines);
