@@ -468,7 +468,12 @@ async function hostInEngine(
   // stops it once started, as a stop asked then does (else it would serve
   // on with nobody attached and no -d asked).
   const onGone = () => void entry.stop(request.disconnected ? 'its client went away' : 'interrupted');
-  if (!o.detach) request.onDisconnect.add(onGone);
+  if (!o.detach) {
+    request.onDisconnect.add(onGone);
+    // Gone or interrupted already (while the request waited at the
+    // engine's gate, or loaded the serve's code): the handlers ran then.
+    if (request.disconnected || request.interrupted) onGone();
+  }
   try {
     await hostedHoldPoint();
     writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });

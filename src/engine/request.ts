@@ -30,6 +30,9 @@ export interface RequestContext {
   /** Called if the client goes away (Ctrl-C, killed) before the end. */
   onDisconnect: Set<() => void>;
   disconnected: boolean;
+  /** The client sent its Ctrl-C (the handlers then in onDisconnect were
+   * called): for a handler added later, which would miss it. */
+  interrupted?: boolean;
   /** The request's lease ($APPSHOT_HOME/engine/leases/NAME, see holder.ts): what
    * it claims for itself is held while the file exists. */
   lease?: string;

@@ -408,7 +408,9 @@ export class Engine {
     socket.on('close', disconnected);
     // Anything the client sends after its request is its Ctrl-C.
     socket.on('data', (d) => {
-      if (d.includes('interrupt') && !ctx.disconnected) for (const h of [...ctx.onDisconnect]) h();
+      if (!d.includes('interrupt') || ctx.disconnected) return;
+      ctx.interrupted = true;
+      for (const h of [...ctx.onDisconnect]) h();
     });
     this.requests.add(ctx);
     this.served++;
