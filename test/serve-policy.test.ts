@@ -48,18 +48,25 @@ describe('serve policy', () => {
   it('busy CPU: an instance computing is not idle, connections or not; its idle time starts once it computes less', () => {
     const clock = new FakeClock(0);
     const p = new Policy({ ...restoreKnobs, idleMs: 500, busyCpu: 0.1 }, clock);
-    const db: InstanceView = { aid: 'db', state: 'running', active: 0, lastActive: 0, cpu: 0.5 };
+    const db: InstanceView = { aid: 'db', state: 'running', active: 0, lastActive: 0, cpu: 0.5, cpuFrom: 0 };
     clock.advance(10_000);
     // Measured busy (however long since its last connection): kept.
     expect(p.decide([db], 0)).toEqual([]);
-    // Measured quiet: idle by its lastActive (the server sets it at each
-    // window that found it busy).
+    // Measured quiet, over a window that began at its last activity (the
+    // server sets lastActive at each window that found it busy): idle by
+    // its lastActive.
     db.cpu = 0.05;
     db.lastActive = clock.now();
+    db.cpuFrom = clock.now();
     clock.advance(499);
     expect(p.decide([db], 0)).toEqual([]);
     clock.advance(1);
     expect(p.decide([db], 0)).toEqual([{ kind: 'suspend', aid: 'db', idleMs: 500 }]);
+    // Quiet, but over a window that began before its last connection
+    // closed (a job it started then shows in no window yet), or not
+    // measured at all: kept until a window after it says so.
+    expect(p.decide([{ ...db, cpuFrom: db.lastActive - 1 }], 0)).toEqual([]);
+    expect(p.decide([{ ...db, cpuFrom: undefined }], 0)).toEqual([]);
     // Without busyCpu, CPU keeps nothing.
     const plain = new Policy({ ...restoreKnobs, idleMs: 500 }, clock);
     expect(plain.decide([{ ...db, cpu: 0.9 }], 0)).toEqual([{ kind: 'suspend', aid: 'db', idleMs: 500 }]);

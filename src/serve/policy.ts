@@ -19,9 +19,10 @@
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first. With
- *   `busyCpu`, an instance whose last measurement found it using that much
- *   CPU is not idle, connections or not, and its idle time starts from
- *   the last window that found it so (server.ts sets its lastActive).
+ *   `busyCpu`, an instance is idle only once a measurement over a window
+ *   that began after its last activity found it using less than that,
+ *   connections or not; a window that found it busy is activity
+ *   (server.ts sets its lastActive).
  * - warm: clone mode keeps `min` instances running or starting.
  */
 import type { InstanceStateName, ServiceSpec } from './spec.js';
@@ -55,6 +56,10 @@ export interface InstanceView {
   /** Cores the instance's processes used over the last measurement
    * (0.5: half of one core); 0 when not measured. */
   cpu?: number;
+  /** Clock time the last measurement's window began (undefined: none
+   * yet). With busyCpu, an instance is idle only once a window that began
+   * at or after its last activity found it quiet. */
+  cpuFrom?: number;
 }
 
 export type Route = { forward: string } | { hold: true };
@@ -135,11 +140,13 @@ export class Policy {
     return actions;
   }
 
-  /** Busy by its CPU at the last measurement (busyCpu): not idle until a
-   * measurement says it computes less, however short `idleMs` is next to
-   * the measuring window. */
+  /** Busy by its CPU (busyCpu): not idle until a measurement over a
+   * window that began at or after its last activity found it computing
+   * less, however short `idleMs` is next to the window (a job started just
+   * before its connection closed shows in no earlier window). */
   private computing(i: InstanceView): boolean {
     const busy = this.spec.busyCpu ?? 0;
-    return busy > 0 && (i.cpu ?? 0) >= busy;
+    if (busy <= 0) return false;
+    return (i.cpu ?? 0) >= busy || i.cpuFrom === undefined || i.cpuFrom < i.lastActive;
   }
 }

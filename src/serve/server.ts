@@ -81,6 +81,10 @@ interface Instance {
   cpu?: number;
   /** Kept from idling by its CPU alone (busyCpu), at the last window. */
   keptBusy?: boolean;
+  /** Clock time of its last CPU sample, and the start of the window the
+   * last measurement covered (policy.ts InstanceView.cpuFrom). */
+  cpuAt?: number;
+  cpuFrom?: number;
 }
 
 interface Held {
@@ -604,13 +608,16 @@ class Service {
         this.cpu.forget(aid);
         this.host.metrics?.cpu.remove({ service: this.name, instance: aid });
         const inst = this.instances.get(aid);
-        if (inst) inst.cpu = undefined;
+        if (inst) inst.cpu = inst.cpuAt = inst.cpuFrom = undefined;
       }
     for (const inst of this.instances.values()) {
       const initPid = inst.state === 'running' ? this.reg.get(inst.aid)?.initPid : undefined;
       if (initPid === undefined) continue;
       this.measured.add(inst.aid);
       inst.cpu = this.cpu.sample(inst.aid, initPid, now);
+      // The first sample covers no window (cpu.ts: 0 at the first).
+      inst.cpuFrom = inst.cpuAt;
+      inst.cpuAt = this.host.clock.now();
       this.keepIfBusy(inst);
       this.changed();
       this.host.metrics?.cpu.set({ service: this.name, instance: inst.aid }, inst.cpu);
