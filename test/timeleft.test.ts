@@ -5,11 +5,12 @@
  * nanosleep and usleep a `rem` (addon/preload/preload_wait.c), where the
  * kernel writes the time left when a stop interrupts them; the restore
  * makes the call again with that (src/resources/threads.ts). The fixture
- * (timeleft.c) has three threads waiting 8 s each, over and over, in
+ * (timeleft.c) has three threads waiting 60 s each, over and over, in
  * poll, usleep and nanosleep(req, NULL); each checks its wait ends
- * normally and never early. Here, each restored thread is read back in its
- * call: the timeout it waits with is what was left (less than 8 s, as
- * more than 2 s had gone by when it was frozen), not 8 s again.
+ * normally and never early (not within this test: the restored waits end
+ * after it). Here, each restored thread is read back in its call: the
+ * timeout it waits with is what was left (less than 58 s, as more than
+ * 2 s had gone by when it was frozen), not 60 s again.
  */
 import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -24,8 +25,8 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
-const WAIT_NS = 8_000_000_000n;
-const THREADS = ['poll8', 'usleep8', 'nanosleep8'];
+const WAIT_NS = 60_000_000_000n;
+const THREADS = ['poll60', 'usleep60', 'nanosleep60'];
 
 /** Each named thread's system call and arguments (/proc/PID/task/TID/syscall),
  * or undefined while one is not in a call. */
@@ -72,9 +73,9 @@ describe('waits with a timeout across a snapshot and restore', () => {
     await sb.checksPass('tl', 2);
     let pid = sb.systemPid('tl');
     await waitFor(() => calls(pid) !== undefined, 10_000, 'every thread in its wait');
-    // As run: each waits with 8 s, and is in the call it can say it in.
+    // As run: each waits with 60 s, and is in the call it can say it in.
     const before = timeouts(pid);
-    expect(Object.fromEntries(Object.entries(before).map(([n, t]) => [n, t.nr]))).toEqual({ poll8: 271, usleep8: 230, nanosleep8: 230 });
+    expect(Object.fromEntries(Object.entries(before).map(([n, t]) => [n, t.nr]))).toEqual({ poll60: 271, usleep60: 230, nanosleep60: 230 });
     for (const t of Object.values(before)) expect(t.ns).toBe(WAIT_NS);
     // More than 2 s into their first wait (each started before the
     // first CHECK line): at least 2 s are gone from what each has left.
@@ -86,13 +87,13 @@ describe('waits with a timeout across a snapshot and restore', () => {
     const after = timeouts(pid);
     for (const name of THREADS) {
       expect(after[name].nr, name).toBe(before[name].nr);
-      // What was left when frozen (the restore takes less than 6 s: a
-      // thread that had finished its wait meanwhile would be in its next,
-      // at 8 s, and fail this too; the first wait cannot end in 2.5 s).
+      // What was left when frozen (a thread that had finished its wait
+      // meanwhile would be in its next, at 60 s, and fail this too).
       expect(after[name].ns, `${name} waits ${after[name].ns} ns`).toBeLessThan(WAIT_NS - 2_000_000_000n);
       expect(after[name].ns, name).toBeGreaterThan(0n);
     }
-    // Each wait ends normally and not early: the fixture's checks go on.
+    // The restored fixture runs on, its checks passing (its waits end
+    // after this test; it is removed with the sandbox).
     await sb.checksPass('tl', 2);
   });
 });
