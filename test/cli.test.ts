@@ -42,7 +42,8 @@ describe('version and check', () => {
     expect(c.schema).toBe('appshot.check/1');
     const ids = c.features.map((f: Json) => f.id);
     for (const id of ['ptrace_scope', 'ptrace_seize', 'ptrace_interrupt', 'process_vm_readv', 'process_vm_writev', 'pidfd_getfd', 'seccomp_filters',
-      'userfaultfd', 'pagemap_scan', 'tcp_repair', 'cap_sys_resource', 'cap_checkpoint_restore', 'memfd', 'dev_shm', 'sysv_ipc'])
+      'userfaultfd', 'pagemap_scan', 'tcp_repair', 'cap_sys_resource', 'cap_checkpoint_restore', 'memfd', 'dev_shm', 'sysv_ipc',
+      'cap_setuid_setgid', 'cap_setpcap', 'cap_sys_nice', 'zstd'])
       expect(ids).toContain(id);
     for (const f of c.features) {
       expect(typeof f.present).toBe('boolean');
@@ -64,6 +65,10 @@ describe('version and check', () => {
     const c = JSON.parse(r.stdout);
     expect(c.features.find((f: Json) => f.id === 'tcp_repair')).toMatchObject({ present: false, detail: 'EPERM' });
     expect(c.features.find((f: Json) => f.id === 'seccomp_filters').present).toBe(false);
+    // What restoring other users' images and SCHED_DEADLINE need: not an
+    // ordinary user's.
+    for (const id of ['cap_setuid_setgid', 'cap_setpcap', 'cap_sys_nice']) expect(c.features.find((f: Json) => f.id === id), id).toMatchObject({ present: false });
+    expect(c.features.find((f: Json) => f.id === 'cap_setuid_setgid').detail).toBe('not held: CAP_SETUID, CAP_SETGID');
     expect(c.core).toBe(true);
   });
 });

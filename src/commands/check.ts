@@ -54,6 +54,10 @@ function effectiveCaps(): bigint {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
   return m ? BigInt('0x' + m[1]) : 0n;
 }
+const CAP_SETGID = 6;
+const CAP_SETUID = 7;
+const CAP_SETPCAP = 8;
+const CAP_SYS_NICE = 23;
 const CAP_SYS_PTRACE = 19;
 const CAP_SYS_ADMIN = 21;
 const CAP_SYS_RESOURCE = 24;
@@ -216,6 +220,20 @@ export async function check(): Promise<CheckResult> {
   add('cap_checkpoint_restore', 'CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in the effective set', false,
     { ok: ckpt, detail: has(caps, CAP_CHECKPOINT_RESTORE) ? 'CAP_CHECKPOINT_RESTORE held' : has(caps, CAP_SYS_ADMIN) ? 'CAP_SYS_ADMIN held' : 'neither held' },
     "a restored process's /proc/PID/exe names the seed; shared anonymous memory is read through the process's own mapping");
+  const heldOrNot = (...wanted: [string, number][]) => {
+    const missing = wanted.filter(([, c]) => !has(caps, c)).map(([n]) => n);
+    return { ok: missing.length === 0, detail: missing.length ? `not held: ${missing.join(', ')}` : 'held' };
+  };
+  add('cap_setuid_setgid', 'CAP_SETUID and CAP_SETGID in the effective set', false, heldOrNot(['CAP_SETUID', CAP_SETUID], ['CAP_SETGID', CAP_SETGID]),
+    "an image whose processes ran as another user, group or supplementary groups than this user's is refused at restore, naming the id; this user's own images restore");
+  add('cap_setpcap', 'CAP_SETPCAP in the effective set', false, heldOrNot(['CAP_SETPCAP', CAP_SETPCAP]),
+    "an image whose processes dropped capabilities from their bounding set, or set securebits, is refused at restore, naming them");
+  add('cap_sys_nice', 'CAP_SYS_NICE in the effective set', false, heldOrNot(['CAP_SYS_NICE', CAP_SYS_NICE]),
+    'a thread under SCHED_DEADLINE is refused at restore; the real-time policies and nice values within RLIMIT_RTPRIO and RLIMIT_NICE restore');
+  const zstd = spawnSync('zstd', ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  add('zstd', 'the zstd program (on PATH)', false,
+    { ok: zstd.status === 0, detail: zstd.status === 0 ? zstd.stdout.trim().replace(/^\*\*\* /, '').split(',')[0] : codeOf(zstd.error ?? `exit ${zstd.status}`) },
+    '-o X.tar.zst and restoring a .tar.zst are refused, naming the program; .tar, .tar.gz and image directories work');
   const sysv = ['sysv_sem', 'sysv_shm', 'sysv_msg'].map((n) => [n.slice(5), probe(n)] as const);
   const sysvFailed = sysv.filter(([, o]) => !o.ok);
   add('sysv_ipc', 'SysV semaphores, shared memory and message queues (IPC_PRIVATE, then removed)', false,
