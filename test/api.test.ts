@@ -76,8 +76,11 @@ describe('the package installed from its tarball', () => {
     mkdirSync(project);
     writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module' }));
     // From the registry, as a user's CI would; node-gyp builds the native
-    // parts at install.
-    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', tarball], project, process.env, 230_000);
+    // parts at install. --prefer-offline: packages npm's cache holds (the
+    // suite's own `npm ci` put them there) are taken without asking the
+    // registry whether each is still current, as a CI with a cache does:
+    // seconds of round trips per install.
+    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, process.env, 230_000);
     expect(install.code, install.output).toBe(0);
     // npm pack and npm install (a native build) take minutes on a loaded
     // machine: the hook's own limit, above the commands' own.
@@ -252,7 +255,9 @@ describe('npm install -g', () => {
     const installs = await Promise.all(
       [tarball, checkout].map(async (what, i) => {
         const prefix = join(work, `global-${i}`);
-        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', what], work, process.env, 230_000);
+        // --prefer-offline as above (the checkout's prepare step installs
+        // its dependencies with npm's settings, this one too).
+        const r = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', '--prefer-offline', what], work, process.env, 230_000);
         return { what, prefix, ...r };
       }),
     );

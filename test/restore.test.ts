@@ -253,11 +253,30 @@ describe('a double-forking daemon', () => {
     const [, daemon] = sb.json<Json>(['inspect', image]).processes;
     expect(daemon).toMatchObject({ vppid: 1 });
     expect(daemon.vsid).not.toBe(daemon.vpid);
+    // Restored by the resident engine, which lives on after the restore
+    // (its tracees are let go only by what it does, not by its exit).
+    sb.ok(['engine', 'start']);
     restore(image);
     const before = daemonChecks();
     await waitFor(() => daemonChecks() >= before + 5 || /FAIL/.test(logOf('daemon2')), 10_000, 'the restored daemon');
     expect(logOf('daemon2')).not.toMatch(/FAIL/);
     expect(logOf('daemon2')).toContain(`DAEMON ${daemon.vsid} CHECK`);
+    // No process of it is still traced: the session's placeholder leader,
+    // killed once the daemon was forked from it, was, a zombie its parent
+    // (init) could not reap while the engine held its exit, and the
+    // application never ended (stop gave up after 30 s).
+    for (const p of sb.json<Json>(['ps', 'daemon2'])[0].processes) {
+      let status = '';
+      try {
+        status = readFileSync(`/proc/${p.pid}/status`, 'utf8');
+      } catch {
+        continue; // reaped meanwhile
+      }
+      expect(status, `process ${p.vpid} (${p.pid})`).toMatch(/^TracerPid:\s+0$/m);
+    }
+    const stop = sb.run(['stop', 'daemon2', '--signal', 'KILL']);
+    expect(stop.code, stop.stderr).toBe(0);
+    expect(sb.aids()).not.toContain('daemon2');
   });
 });
 

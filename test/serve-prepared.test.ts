@@ -319,6 +319,10 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
     await waitFor(() => events().some((e) => e.event === 'suspend'), 15_000, 'the suspend to be logged');
     expect(events().filter((e) => e.event.startsWith('suspend')).map((e) => e.event)).toEqual(['suspend-incomplete', 'suspend']);
+    // Its state file follows the event up to 100 ms later (see suspended()
+    // above): a `service show` that answers at once (the native client,
+    // served by the engine in a few ms) can still read 'suspending'.
+    await waitFor(() => show().state !== 'suspending', 5000, 'the suspend to be over');
     expect(show().state).toBe('suspended');
     // Resumed from the image that suspend wrote (not thrown away as a
     // failed one's, nor the instance given up as crashed): the write is there.
@@ -368,7 +372,8 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(events().filter((e) => e.event === 'suspend-recovered')).toHaveLength(1);
     const recovered = show().lastImage;
     await waitFor(() => events().some((e) => e.event === 'suspend'), 15_000, 'the next suspend');
-    expect(show().lastImage).not.toBe(recovered);
+    // The state file names the new image up to 100 ms after the event.
+    await waitFor(() => show().lastImage !== recovered, 5000, "the next suspend's image in the service's state");
     expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
     await endServeAndService({ rmChecked: false });
   });

@@ -150,6 +150,9 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
     expect(redis(PUBLIC, ['SET before kept!', 'DBSIZE', `GET key:${KEYS - 1}`])).toEqual(['OK', String(KEYS + 1), value(KEYS - 1)]);
     const running = pids('db');
     expect(running.length).toBeGreaterThan(0);
+    // The state file names the connection up to 100 ms after it came (a
+    // `service show` through the native client answers sooner than that).
+    await waitFor(() => show('db').connections.length > 0, 5000, 'the connection in the service\'s state');
     const first = show('db');
     expect(first.connections.at(-1)).toMatchObject({ public: PUBLIC, instance: 'db', port: APP });
 

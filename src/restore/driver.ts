@@ -744,7 +744,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
           placeholders.set(m.proc.vsid, leader);
           addon().bind(tables, 'pid', m.proc.vsid, leader);
         } else {
-          process.kill(m.pid, 'SIGKILL');
+          endTracee(m.pid);
         }
         m.pid = forkFrom(leader);
       }
@@ -799,7 +799,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom, (z) => forkingTid(m.proc, z.parentVtid, madeTids))) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
-    for (const pid of placeholders.values()) process.kill(pid, 'SIGKILL');
+    for (const pid of placeholders.values()) endTracee(pid);
 
     phase('tree made');
     // System ids of the image's node, made this node's: in calls blocked
@@ -1065,6 +1065,24 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   } finally {
     for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);
     if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
+  }
+}
+
+/** Kills a process this restore traces and takes its exit report, ours
+ * as its tracer: only then is its parent (init) told that it exited, and
+ * reaps it. A CLI's exit lets its tracees go anyway; the engine lives on,
+ * and a placeholder killed and not waited for stayed a zombie for the
+ * engine's life, its application never ending (stop gave up after 30 s). */
+function endTracee(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return; // gone
+  }
+  // A report taken before (a stop) may come first; SIGKILL's is the exit.
+  for (let i = 0; i < 10; i++) {
+    const r = addon().wait(pid, 1000);
+    if (!r || r.kind === 'exited') return;
   }
 }
 
