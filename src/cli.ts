@@ -334,7 +334,7 @@ export function buildProgram(): Command {
       const sig = signalName(opts.signal);
       const grace = Number(opts.time);
       if (!(grace >= 0)) throw new AppshotError(`--time '${opts.time}': expected a number of seconds`, ExitCode.usage);
-      const records = aids.map((aid) => reg.require(aid));
+      const records = requireEach(reg, aids, 'stopped');
       const ended = await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
       // A snapshot that ended it meanwhile left no exit code.
       const stopped = records.map((r, i) => {
@@ -360,7 +360,7 @@ export function buildProgram(): Command {
     .action((aids: string[], opts: { signal: string; json: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
-      const records = aids.map((aid) => reg.require(aid));
+      const records = requireEach(reg, aids, 'signalled');
       for (const r of records) signalApp(reg, r, sig);
       const signalled = records.map((r) => ({ aid: r.aid, signal: sig }));
       if (opts.json) json('kill', signalled);
@@ -957,6 +957,21 @@ export async function runCommand(argv: string[]): Promise<void> {
 const LOOK_ONLY = new Set(['ps', 'table', 'logs', 'inspect', 'show', 'ls', 'port']);
 
 /** The CLI process: one command, then the process ends. */
+/** Each AID's running application, every one checked before any is acted
+ * on: one that cannot be (unknown, ended) refuses the whole command, and
+ * with several the line says the others were left as they were. */
+function requireEach(reg: LocalRegistry, aids: string[], done: string): AppRecord[] {
+  return aids.map((aid) => {
+    try {
+      return reg.require(aid);
+    } catch (e) {
+      const others = aids.filter((a) => a !== aid);
+      if (e instanceof AppshotError && others.length) throw new AppshotError(`${e.message}; none was ${done} (${others.map((a) => `'${a}'`).join(', ')} left as before)`, e.exitCode);
+      throw e;
+    }
+  });
+}
+
 export async function main(): Promise<void> {
   // Errors outside the command's own promise (a stream's 'error' event, a
   // callback) are reported the same way.

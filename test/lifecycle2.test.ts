@@ -73,6 +73,15 @@ describe('an ended application', () => {
     const s = sb.run(['stop', 'ends']);
     expect(s.code).toBe(1);
     expect(s.stderr).toMatch(/'ends' is not running \(exited with code 7 at .*'appshot rm ends' removes it\)/);
+    // With others named: none is acted on, and the line says so.
+    sb.ok(['run', '-d', '--aid', 'bystander', '--', 'sleep', '600']);
+    for (const [verb, done] of [['stop', 'stopped'], ['kill', 'signalled']]) {
+      const both = sb.run([verb, 'bystander', 'ends']);
+      expect(both.code, verb).toBe(1);
+      expect(both.stderr, verb).toMatch(new RegExp(`'ends' is not running .*; none was ${done} \\('bystander' left as before\\)\n$`));
+      expect(sb.json<PsApp[]>(['ps']).map((x) => x.aid), verb).toContain('bystander');
+    }
+    expect(sb.run(['rm', '-f', 'bystander']).code).toBe(0);
     // Its AID stays taken until it is removed, as a container's name.
     const again = sb.run(['run', '--aid', 'ends', '--', 'true']);
     expect(again.code).toBe(4);
