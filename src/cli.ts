@@ -956,7 +956,6 @@ export async function runCommand(argv: string[]): Promise<void> {
  * key ls, port (settleKilledCommands' lookOnly). */
 const LOOK_ONLY = new Set(['ps', 'table', 'logs', 'inspect', 'show', 'ls', 'port']);
 
-/** The CLI process: one command, then the process ends. */
 /** Each AID's running application, every one checked before any is acted
  * on: one that cannot be (unknown, ended) refuses the whole command, and
  * with several the line says the others were left as they were. */
@@ -972,6 +971,7 @@ function requireEach(reg: LocalRegistry, aids: string[], done: string): AppRecor
   });
 }
 
+/** The CLI process: one command, then the process ends. */
 export async function main(): Promise<void> {
   // Errors outside the command's own promise (a stream's 'error' event, a
   // callback) are reported the same way.
