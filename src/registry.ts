@@ -492,17 +492,23 @@ export class LocalRegistry implements Registry {
     renameSync(`${file}.tmp`, file);
   }
 
+  /** `aid`'s app.json as written, nothing settled; undefined if it cannot
+   * be read. */
+  private readRecordFile(aid: string): AppRecord | undefined {
+    try {
+      return JSON.parse(readFileSync(join(this.appsDir, aid, 'app.json'), 'utf8')) as AppRecord;
+    } catch {
+      return undefined;
+    }
+  }
+
   get(aid: string): AppRecord | undefined {
     if (!AID_PATTERN.test(aid)) return undefined;
     const stateDir = join(this.appsDir, aid);
-    let record: AppRecord;
-    try {
-      record = JSON.parse(readFileSync(join(stateDir, 'app.json'), 'utf8')) as AppRecord;
-    } catch {
-      // Registered this instant but not written yet, or half-removed by a
-      // supervisor that is cleaning up: either way, not an app to act on.
-      return undefined;
-    }
+    const record = this.readRecordFile(aid);
+    // Registered this instant but not written yet, or half-removed by a
+    // supervisor that is cleaning up: either way, not an app to act on.
+    if (!record) return undefined;
     // The file init wrote when the last process ended is the truth, even
     // over an app.json written after it (a harness that was slow to note
     // its init's PID).
@@ -764,11 +770,8 @@ export class LocalRegistry implements Registry {
     if (!commitPath || dirname(commitPath) !== join(this.home, 'commits')) return;
     for (const aid of readdirSync(this.appsDir)) {
       if (aid === record.aid || aid.startsWith('.')) continue;
-      try {
-        if ((JSON.parse(readFileSync(join(this.appsDir, aid, 'app.json'), 'utf8')) as AppRecord).restore?.commitPath === commitPath) return;
-      } catch {
-        /* not written yet, or being removed */
-      }
+      // One not written yet, or being removed, has no say.
+      if (this.readRecordFile(aid)?.restore?.commitPath === commitPath) return;
     }
     rmSync(commitPath, { force: true });
   }
