@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, root, Sandbox, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, seizedByAnotherTracer, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
@@ -658,16 +658,7 @@ describe('a snapshot that fails or is killed at a step', () => {
     const witness = (JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { witness: { pid: number } }).witness;
     process.kill(witness.pid, 'SIGKILL');
     await waitFor(() => ['', 'Z'].includes(stateOf(witness.pid)), 10_000, 'the witness to be gone');
-    const addonPath = join(root, 'build', 'Release', 'appshot.node');
-    const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${child}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let said = '';
-    tracer.stdout.on('data', (d: Buffer) => (said += d.toString()));
-    try {
-      await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the child');
-    } catch (e) {
-      tracer.kill('SIGKILL');
-      throw e;
-    }
+    const tracer = await seizedByAnotherTracer(child);
     return { pids, child, parent: ppidOf(child), image, tracer };
   }
 

@@ -3,7 +3,7 @@
  * gets its own APPSHOT_HOME, so files can run in parallel and leave nothing
  * in the developer's registry.
  */
-import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
@@ -423,6 +423,24 @@ export async function snapshotListener(sb: Sandbox, aid: string, port: number, i
   await waitFor(() => sb.log(aid).includes('LISTENING'), 10_000, `${aid} to listen`);
   const snap = sb.run(['snapshot', aid, '-o', image]);
   if (snap.code !== 0) throw new Error(`snapshot ${aid}: ${snap.stderr}`);
+}
+
+/** Another tracer than appshot: a process that seizes `pid` (PTRACE_SEIZE
+ * does not stop it) and holds it until killed, so that no snapshot can
+ * stop it meanwhile. Resolves once it has seized; killed if it does not
+ * within 10 s. */
+export async function seizedByAnotherTracer(pid: number): Promise<ChildProcess> {
+  const addonPath = join(root, 'build', 'Release', 'appshot.node');
+  const tracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${pid}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let said = '';
+  tracer.stdout!.on('data', (d: Buffer) => (said += d.toString()));
+  try {
+    await waitFor(() => said.includes('seized'), 10_000, `another tracer to seize ${pid}`);
+  } catch (e) {
+    tracer.kill('SIGKILL');
+    throw e;
+  }
+  return tracer;
 }
 
 /** Redis commands as one pipelined write through redis-cli; the replies as

@@ -26,7 +26,7 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { alive, fixture, root, type Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
+import { alive, fixture, type Running, Sandbox, seizedByAnotherTracer, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-hold-'));
@@ -313,11 +313,7 @@ describe('appshot serve: a suspend that fails', () => {
     // but which no snapshot can stop while it is traced.
     const open = connect(PUBLIC3, '127.0.0.1');
     await new Promise<void>((r, j) => open.once('connect', () => r()).once('error', j));
-    const addonPath = join(root, 'build', 'Release', 'appshot.node');
-    otherTracer = spawn(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).seize(${server}); console.log('seized'); setInterval(() => {}, 1e6);`], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let said = '';
-    otherTracer.stdout!.on('data', (d: Buffer) => (said += d.toString()));
-    await waitFor(() => said.includes('seized'), 10_000, 'the other tracer to seize the server');
+    otherTracer = await seizedByAnotherTracer(server);
     open.end('ping\n');
     await new Promise<void>((r) => open.once('close', () => r()).resume());
 
