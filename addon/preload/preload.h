@@ -267,6 +267,7 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(scandir64) X(scandirat64) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
+  X(getcwd) X(realpath)                                                    \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
@@ -288,6 +289,7 @@ int __open_2(const char *, int);
 int __open64_2(const char *, int);
 int __openat_2(int, const char *, int);
 int __openat64_2(int, const char *, int);
+void __chk_fail(void) __attribute__((noreturn));
 
 /* --- System calls without libc (preload_core.c) -------------------------- */
 
@@ -552,6 +554,14 @@ enum path_op {
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* The kernel's answers in system ids made virtual, in place (preload_proc.c):
+ * proc_answer_to_virtual rewrites "/proc/<spid>[/task/<stid>]..." at s
+ * (len bytes, room for cap) and returns its new length, cut at cap;
+ * proc_link_answer does it for readlink's answer `out` (n bytes of `size`)
+ * of the link `path` relative to dirfd: a link of the kernel's to
+ * "/proc/<spid>...", or /proc/self's or thread-self's "<spid>...". */
+HIDDEN size_t proc_answer_to_virtual(char *s, size_t len, size_t cap);
+HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t size);
 
 /* Whether the path must go through path_slow: an absolute path while the
  * instance has rules, or one under "/proc/". Relative paths are never

@@ -48,18 +48,20 @@
  * itself (a symlink's target, a working directory inside `from`: calls
  * relative to it reach the original), and calls without a wrapper here:
  * exec's path, link, symlink, chmod, chown, utimensat, rename with flags
- * (renameat2), xattrs, mknod, statfs, realpath and getcwd's answers, and
+ * (renameat2), xattrs, mknod, statfs, realpath (but for /proc/<vpid>), and
  * programs that make raw system calls or link libc statically (not
  * syscall(): its open, openat, openat2, stat and readlink calls are
  * rewritten, do_path_syscall).
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
- * read/write. The one PATH_MAX buffer is in the slow half of a wrapper
+ * read/write, and a realloc of an answer libc allocated itself (getcwd's,
+ * realpath's) that a virtual id makes longer. The one PATH_MAX buffer is in the slow half of a wrapper
  * (two for rename), only when a path is rewritten; path_slow works in it.
  */
 #include "preload.h"
 
+#include <stdlib.h>
 #include <sys/mman.h>
 
 /* --- Matching ------------------------------------------------------------ */
@@ -594,14 +596,127 @@ PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode), AT_FDCWD,
 PATH_WRAPPER(int, faccessat, (int fd, const char *path, int mode, int flags),
              (fd, path, mode, flags), fd, PATH_READ, -1,
              REAL(faccessat)(fd, p, mode, flags))
-PATH_WRAPPER(ssize_t, readlink,
-             (const char *restrict path, char *restrict out, size_t size),
-             (path, out, size), AT_FDCWD, PATH_READ, -1, REAL(readlink)(p, out, size))
-PATH_WRAPPER(ssize_t, readlinkat,
-             (int fd, const char *restrict path, char *restrict out,
-              size_t size),
-             (fd, path, out, size), fd, PATH_READ, -1,
-             REAL(readlinkat)(fd, p, out, size))
+PATH_FN(static inline, ssize_t, readlink_m,
+        (const char *restrict path, char *restrict out, size_t size),
+        (path, out, size), AT_FDCWD, PATH_READ, -1, REAL(readlink)(p, out, size))
+PATH_FN(static inline, ssize_t, readlinkat_m,
+        (int fd, const char *restrict path, char *restrict out, size_t size),
+        (fd, path, out, size), fd, PATH_READ, -1, REAL(readlinkat)(fd, p, out, size))
+
+/* --- Answers that hold a system PID ----------------------------------------
+ *
+ * readlink of /proc/self or of a link into /proc/<pid>, getcwd inside
+ * /proc/<pid>, realpath of either: the kernel answers with system ids,
+ * made virtual here (preload_proc.c). From the call to the rewrite the
+ * thread holds a system id: a translation window, for a path under /proc
+ * or a relative one (the only ones whose answer may be rewritten). */
+static inline int answer_may_hold_ids(const char *path) {
+  return g_h && path && (path[0] != '/' || !strncmp(path, "/proc/", 6));
+}
+#define ANSWER_WINDOW(path) ID_WINDOW_IF(answer_may_hold_ids(path))
+
+/* An answer that filled the caller's buffer may be a longer one cut, whose
+ * ids would be cut too: read whole, made virtual, then cut. Only then is a
+ * PATH_MAX buffer on the stack (crash handlers readlink /proc/self/exe on
+ * small alternate signal stacks). */
+static NOINLINE long link_answer_whole(int dirfd, const char *path, char *out, size_t size) {
+  char whole[PATH_MAX];
+  long n = readlinkat_m(dirfd, path, whole, sizeof whole);
+  n = proc_link_answer(dirfd, path, whole, n, sizeof whole);
+  if (n > (long)size) n = (long)size;
+  if (n > 0) memcpy(out, whole, (size_t)n);
+  return n;
+}
+/* readlink's answer n (of the link `path` under dirfd) into out[size],
+ * with virtual ids. */
+static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
+  if (n > 0 && (size_t)n == size && answer_may_hold_ids(path)) return link_answer_whole(dirfd, path, out, size);
+  return proc_link_answer(dirfd, path, out, n, size);
+}
+
+API ssize_t readlink(const char *restrict path, char *restrict out, size_t size) {
+  ensure_init();
+  ANSWER_WINDOW(path);
+  return link_answer(AT_FDCWD, path, out, readlink_m(path, out, size), size);
+}
+API ssize_t readlinkat(int fd, const char *restrict path, char *restrict out, size_t size) {
+  ensure_init();
+  ANSWER_WINDOW(path);
+  return link_answer(fd, path, out, readlinkat_m(fd, path, out, size), size);
+}
+/* What _FORTIFY_SOURCE builds call (Debian builds its packages so): the
+ * same, after glibc's check of the buffer's size. */
+API ssize_t __readlink_chk(const char *path, char *out, size_t size, size_t outlen) {
+  if (size > outlen) __chk_fail();
+  return readlink(path, out, size);
+}
+API ssize_t __readlinkat_chk(int fd, const char *path, char *out, size_t size, size_t outlen) {
+  if (size > outlen) __chk_fail();
+  return readlinkat(fd, path, out, size);
+}
+
+/* r (getcwd's or realpath's answer, not NULL) with virtual ids: in the
+ * caller's buffer `given` of `given_size` bytes (errno `too_long` if it
+ * no longer fits), or in the one libc allocated, grown if it must be. */
+static NOINLINE char *virtual_answer_slow(char *r, char *given, size_t given_size, int too_long) {
+  char tmp[PATH_MAX];
+  size_t was = strlen(r);
+  if (was >= sizeof tmp) return r;
+  memcpy(tmp, r, was);
+  size_t len = proc_answer_to_virtual(tmp, was, sizeof tmp - 1);
+  tmp[len] = '\0';
+  if (given) {
+    if (len + 1 > given_size) {
+      errno = too_long;
+      return NULL;
+    }
+  } else if (len > was) {
+    char *grown = realloc(r, len + 1);
+    if (!grown) {
+      free(r);
+      errno = ENOMEM;
+      return NULL;
+    }
+    r = grown;
+  }
+  return memcpy(r, tmp, len + 1);
+}
+static inline char *virtual_answer(char *r, char *given, size_t given_size, int too_long) {
+  if (!r || !g_h || strncmp(r, "/proc/", 6) || r[6] < '0' || r[6] > '9') return r;
+  return virtual_answer_slow(r, given, given_size, too_long);
+}
+
+API char *getcwd(char *buf, size_t size) {
+  ensure_init();
+  ID_WINDOW_IF(g_h && cwd_in_proc());
+  return virtual_answer(REAL(getcwd)(buf, size), buf, size, ERANGE);
+}
+API char *__getcwd_chk(char *buf, size_t size, size_t buflen) {
+  if (size > buflen) __chk_fail();
+  return getcwd(buf, size);
+}
+
+/* realpath resolves inside glibc, past every wrapper: a /proc/<vpid> path
+ * (absolute, or relative to a working directory in /proc) is given to it
+ * with the system ids. No other rule applies to it (its answer would name
+ * a redirection's private side). */
+static NOINLINE char *realpath_proc(const char *path, char *resolved) {
+  char buf[PATH_MAX];
+  const char *p = path[0] == '/' ? proc_path(path, buf) : proc_at_path(proc_dir_kind(AT_FDCWD), path, buf);
+  return p ? REAL(realpath)(p, resolved) : NULL;
+}
+API char *realpath(const char *restrict path, char *restrict resolved) {
+  ensure_init();
+  ANSWER_WINDOW(path);
+  int proc = g_h && path && (!strncmp(path, "/proc/", 6) || proc_at_hooked(AT_FDCWD, path));
+  char *r = proc ? realpath_proc(path, resolved) : REAL(realpath)(path, resolved);
+  return virtual_answer(r, resolved, PATH_MAX, ENAMETOOLONG);
+}
+API char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) {
+  if (resolvedlen < PATH_MAX) __chk_fail();
+  return realpath(path, resolved);
+}
+API char *canonicalize_file_name(const char *path) { return realpath(path, NULL); }
 PATH_FN(static inline, int, chdir_m, (const char *path), (path), AT_FDCWD, PATH_READ, -1,
         REAL(chdir)(p))
 /* Whether the working directory is inside /proc is found again when a
@@ -673,8 +788,12 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       path = (const char *)b;
   }
   enum path_op op = flags == -1 ? PATH_READ : open_op(flags);
+  int link = nr == SYS_readlink || nr == SYS_readlinkat;
+  ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, path, op)
                                                : libc_ret(sys6(nr, a, b, c, d, e, 0));
+  if (link) return nr == SYS_readlink ? link_answer(dirfd, path, (char *)b, r, (size_t)c)
+                                      : link_answer(dirfd, path, (char *)c, r, (size_t)d);
   if (nr == SYS_chdir) cwd_moved();
   if (flags == -1 || r < 0) return r;
   if ((flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened((int)r, path);

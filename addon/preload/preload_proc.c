@@ -183,3 +183,72 @@ const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
   strcpy(put_decimal(o, (unsigned long)stid), q);
   return buf;
 }
+
+/* --- Answers that name a process by its system id --------------------------
+ *
+ * The kernel answers in system ids too: the link /proc/self is "<spid>",
+ * /proc/thread-self "<spid>/task/<stid>", and a descriptor, working
+ * directory or root inside /proc/<pid> links to "/proc/<spid>/...". So
+ * does getcwd() there, and realpath() of such a path. The application
+ * would take those numbers for virtual ones (and open another process's
+ * /proc, or none) once a restore has given it new system ids: they are
+ * made the virtual ones it knows. A number the tables do not know (a
+ * process outside the application) is left as it is. */
+
+/* The decimal at s[0..len), ending at len or a '/': its length, 0 if none. */
+static size_t decimal_at(const char *s, size_t len, pid_t *out) {
+  size_t i = 0;
+  long v = 0;
+  for (; i < len && s[i] >= '0' && s[i] <= '9'; i++) {
+    v = v * 10 + (s[i] - '0');
+    if (v > INT32_MAX) return 0;
+  }
+  if (i == 0 || (i < len && s[i] != '/')) return 0;
+  *out = (pid_t)v;
+  return i;
+}
+
+/* Rewrites "<spid>[/task/<stid>]<rest>" at s (len bytes, not terminated;
+ * room for cap) with the virtual ids. Returns the new length, at most cap:
+ * an answer that grows past it is cut, as readlink cuts one. */
+static size_t ids_to_virtual(char *s, size_t len, size_t cap) {
+  pid_t spid, stid = 0, vpid, vtid = 0;
+  size_t n = decimal_at(s, len, &spid), old = n;
+  if (!n || !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return len;
+  if (len - n > 6 && !memcmp(s + n, "/task/", 6)) {
+    size_t t = decimal_at(s + n + 6, len - n - 6, &stid);
+    if (t && appshot_s2v(g_h, APPSHOT_PID, stid, &vtid)) old = n + 6 + t;
+  }
+  char head[40]; /* "<vpid>/task/<vtid>": at most 10 + 6 + 10 */
+  char *d = put_decimal(head, (unsigned long)vpid);
+  if (vtid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, (unsigned long)vtid);
+  size_t h = (size_t)(d - head), rest = len - old;
+  if (h > cap) h = cap;
+  if (rest > cap - h) rest = cap - h;
+  memmove(s + h, s + old, rest);
+  memcpy(s, head, h);
+  return h + rest;
+}
+
+size_t proc_answer_to_virtual(char *s, size_t len, size_t cap) {
+  if (!g_h || len < 7 || memcmp(s, "/proc/", 6) || s[6] < '0' || s[6] > '9') return len;
+  return 6 + ids_to_virtual(s + 6, len - 6, cap - 6);
+}
+
+long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
+  if (!g_h || n <= 0 || !path) return n;
+  int absolute = path[0] == '/';
+  if (out[0] == '/') {
+    /* A link made by the kernel: under /proc, or relative to a directory
+     * of it (asked only now: few answers look like this). */
+    if (n < 7 || memcmp(out, "/proc/", 6) || out[6] < '0' || out[6] > '9') return n;
+    if (absolute ? strncmp(path, "/proc/", 6) != 0 : proc_dir_kind(dirfd) == PROC_DIR_NONE) return n;
+    return (long)proc_answer_to_virtual(out, (size_t)n, size);
+  }
+  /* "/proc/self" and "/proc/thread-self", or "self" and "thread-self"
+   * under /proc. */
+  const char *name = absolute && !strncmp(path, "/proc/", 6) ? path + 6 : absolute ? NULL : path;
+  if (!name || (strcmp(name, "self") && strcmp(name, "thread-self"))) return n;
+  if (!absolute && proc_dir_kind(dirfd) != PROC_DIR_ROOT) return n;
+  return (long)ids_to_virtual(out, (size_t)n, size);
+}
