@@ -124,6 +124,17 @@ int main(int argc, char **argv) {
   if (chdir(numbered) != 0) { perror("chdir"); return 1; }
   TIME("stat(7) in a directory", n / 10, sink += stat("7", &st));
   if (chdir("/") != 0) { perror("chdir /"); return 1; }
+  /* Answers that may hold a PID (made virtual under appshot): a link the
+   * kernel makes in /proc, /proc/self itself, one outside /proc, and
+   * getcwd outside /proc. */
+  char link[4096];
+  TIME("readlink(/proc/self/exe)", n / 10, sink += readlink("/proc/self/exe", link, sizeof link));
+  TIME("readlink(/proc/self)", n / 10, sink += readlink("/proc/self", link, sizeof link));
+  snprintf(path, sizeof path, "%s/link", numbered);
+  if (symlink("a", path) != 0) { perror("symlink"); return 1; }
+  TIME("readlink(/tmp/.../link)", n / 10, sink += readlink(path, link, sizeof link));
+  unlink(path);
+  TIME("getcwd", n / 10, sink += getcwd(link, sizeof link) != NULL);
   TIME("openat(/proc/self, statm)+read+close", lists * 100, sink += slurp_at(selfdirfd, "statm"));
   TIME("openat(/proc/self, stat)+read+close", lists * 100, sink += slurp_at(selfdirfd, "stat"));
   TIME("openat(/proc, <pid>/stat)+read+close", lists * 100, sink += slurp_at(procdirfd, pidstat));
