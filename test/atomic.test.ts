@@ -9,23 +9,20 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cli, fixture, Sandbox, seizedByAnotherTracer, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
-const dir = mkdtempSync(join(tmpdir(), 'appshot-atomic-'));
+const dir = scratchDir('appshot-atomic-');
 const ROOT = join(dir, 'srv');
 // Ports of their own (the map: helpers.ts, Sandbox).
 const base = 22000 + ((process.pid * 3) % 800);
 let ipcBefore = systemIpcIds();
 
-afterAll(async () => {
-  await sb.dispose();
-  rmSync(dir, { recursive: true, force: true });
-});
+afterAll(() => sb.dispose());
 
 /** appshot with APPSHOT_TEST_KILL_AT=point: it must die of SIGKILL there.
  * The SysV objects outside every application just before are the baseline

@@ -12,13 +12,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixture, Sandbox, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
-const out = mkdtempSync(join(tmpdir(), 'appshot-fidelity-'));
+const out = scratchDir('appshot-fidelity-');
 const dirs: string[] = [];
 afterAll(async () => {
   await sb.dispose();
-  rmSync(out, { recursive: true, force: true });
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
 

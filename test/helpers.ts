@@ -43,7 +43,13 @@ export interface Result {
 export const TEST_PORTS = '30000-32000';
 
 export class Sandbox {
-  readonly home = mkdtempSync(join(tmpdir(), 'appshot-test-'));
+  /** The state directory, made when first asked for: a file whose tests a
+   * -t run filters out never makes it, where a mkdtempSync at collection
+   * left it behind (the afterAll that removes it does not run then). */
+  get home(): string {
+    return (this.madeHome ??= mkdtempSync(join(tmpdir(), 'appshot-test-')));
+  }
+  private madeHome: string | undefined;
   /** Clones' ports come from a range of their own (30000-32000): the
    * tests listen on fixed ports below it, which an allocation from the
    * default range could take first. Each test file has its own range,
@@ -60,7 +66,13 @@ export class Sandbox {
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;
   // test/output.test.ts sets it where it tests that.
-  readonly env = { ...process.env, CI: '', APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS };
+  get env(): NodeJS.ProcessEnv {
+    return (this.builtEnv ??= { ...this.startEnv, CI: '', APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS });
+  }
+  private builtEnv: NodeJS.ProcessEnv | undefined;
+  /** The environment as the sandbox was made (a test may set a variable
+   * in process.env for an in-process call before the first command). */
+  private readonly startEnv = { ...process.env };
   private readonly started: ChildProcessWithoutNullStreams[] = [];
 
   /** Runs `appshot args...` to completion (bin/appshot, as installed). */
@@ -162,6 +174,7 @@ export class Sandbox {
   }
 
   async dispose(): Promise<void> {
+    if (this.madeHome === undefined) return; // never used
     // One command for all: a file that leaves dozens running would spend
     // its hook's minute starting one CLI per application on a loaded
     // machine. One by one only if that fails (one of them went meanwhile).

@@ -8,18 +8,15 @@
  * `run` whose application is snapshotted says where it went.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alive, cli, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
-const dir = mkdtempSync(join(tmpdir(), 'appshot-life-'));
-afterAll(async () => {
-  await sb.dispose();
-  rmSync(dir, { recursive: true, force: true });
-});
+const dir = scratchDir('appshot-life-');
+afterAll(() => sb.dispose());
 
 interface PsApp {
   aid: string;

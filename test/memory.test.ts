@@ -8,19 +8,16 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixture, Sandbox, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 import { addon, PAGES_MODE } from '../src/native.js';
 import { readSmaps } from '../src/resources/memory.js';
 
 const sb = new Sandbox();
-const out = mkdtempSync(join(tmpdir(), 'appshot-memory-'));
-afterAll(async () => {
-  await sb.dispose();
-  rmSync(out, { recursive: true, force: true });
-});
+const out = scratchDir('appshot-memory-');
+afterAll(() => sb.dispose());
 
 type Ps = { processes: { vpid: number; pid: number; init: boolean }[] }[];
 const processes = (aid: string) => sb.json<Ps>(['ps', aid])[0].processes.filter((p) => !p.init);
@@ -62,8 +59,7 @@ function roundTrips(name: string, argv: string[], after?: (aid: string) => void 
 }
 
 describe('mappings keep VM_MAYWRITE, their madvise state (dc wf dd hg nh mg sr rr) and MAP_DROPPABLE, with their data', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'appshot-memattrs-'));
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const dir = scratchDir('appshot-memattrs-');
   roundTrips('mattr', [fixture('memattrs'), dir]);
 });
 

@@ -1,25 +1,14 @@
 // Virtual PIDs: translation in both directions for real process trees.
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { alive, cli, type Entry, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 
 import { addon, paths } from '../src/native.js';
 import { windowsOf } from '../src/ptrace/windows.js';
-
-/** A temporary directory for the describe block it is called in: made
- * before the block's first test and removed after its last, so that a run
- * which filters the block out (-t) leaves nothing behind, as a
- * mkdtempSync at collection, whose afterAll never runs then, did. */
-function scratchDir(prefix: string): string {
-  const path = join(tmpdir(), `${prefix}${process.pid}-${randomBytes(4).toString('hex')}`);
-  beforeAll(() => mkdirSync(path, { mode: 0o700 }));
-  afterAll(() => rmSync(path, { recursive: true, force: true }));
-  return path;
-}
 
 const sb = new Sandbox();
 /** CHECK lines waited for where each is a whole check of ids a fixture

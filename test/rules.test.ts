@@ -3,8 +3,7 @@
  * classification of a real image's resources (FIG. 8), with and without
  * rules.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
@@ -26,6 +25,7 @@ import {
   SET_ENVS,
 } from '../src/template/rules.js';
 import { fixture, root, Sandbox, waitFor } from './helpers.js';
+import { scratchDir } from './scratch.js';
 
 const templates = join(root, 'templates');
 const props: Record<Property, string> = { 'application-id': 'web-3', instance: '3', hostname: 'node7', template: 'web' };
@@ -332,13 +332,10 @@ describe('the rules language', () => {
 
 describe('classification of a real image', () => {
   const sb = new Sandbox();
-  const out = mkdtempSync(join(tmpdir(), 'appshot-rules-'));
+  const out = scratchDir('appshot-rules-');
   let image: Image;
   let port: number;
-  afterAll(async () => {
-    await sb.dispose();
-    rmSync(out, { recursive: true, force: true });
-  });
+  afterAll(() => sb.dispose());
 
   beforeAll(async () => {
     const aid = 'tpl';
