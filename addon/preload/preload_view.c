@@ -6,8 +6,9 @@
  * pstree and top read), a thread's children (task/<tid>/children, the
  * PIDs of the children it forked, space-separated: one outside the
  * application left out) and a process's or thread's sched (its first line
- * "comm (<pid>, #threads: n)"), and a cgroup's cgroup.procs,
- * cgroup.threads and (cgroup v1) tasks.
+ * "comm (<pid>, #threads: n)"), a process's POSIX timers (each one's
+ * "notify: signal/pid.<pid>" or ".../tid.<tid>", its target), and a
+ * cgroup's cgroup.procs, cgroup.threads and (cgroup v1) tasks.
  *
  * When one of them is opened for reading only (open & co., fopen "r"), the
  * descriptor the application gets holds the file's text as of the open,
@@ -58,7 +59,7 @@
 
 enum view {
   VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS,
-  VIEW_CHILDREN, VIEW_SCHED
+  VIEW_CHILDREN, VIEW_SCHED, VIEW_TIMERS
 };
 
 static int ends_with_file(const char *path, size_t n, const char *name) {
@@ -103,6 +104,8 @@ static enum view view_of_name(const char *path) {
       if (!strcmp(file, "sched")) return VIEW_SCHED;
     } else if (!strcmp(file, "children")) { /* only under task/<tid> */
       return VIEW_CHILDREN;
+    } else if (!strcmp(file, "timers")) {
+      return VIEW_TIMERS;
     }
     return VIEW_NONE;
   }
@@ -296,6 +299,23 @@ static char *sched_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* A timers line: "notify: <how>/pid.<pid>" (the process) or
+ * ".../tid.<tid>" (SIGEV_THREAD_ID: the thread), the timer's target. Any
+ * other line as it is. */
+static char *timers_line(char *o, const char *s, const char *e) {
+  if (e - s > 13 && !memcmp(s, "notify: ", 8)) {
+    const char *dot = s + 8;
+    while (dot < e && *dot != '.' && *dot != '\n') dot++;
+    const char *ns = dot + 1, *ne = ns;
+    while (ne < e && *ne != '\n') ne++;
+    long v;
+    if (dot - s > 3 && dot < e && (!memcmp(dot - 3, "pid", 3) || !memcmp(dot - 3, "tid", 3)) && parse_int(ns, ne, &v))
+      return put_replaced(o, s, e, ns, ne, dot[-3] == 't' ? shown_task(v) : shown(v));
+  }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
  * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
@@ -324,6 +344,7 @@ static char *translate_line(enum view v, char *o, const char *s,
     case VIEW_STAT: return stat_text(o, s, e);
     case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_SCHED: return sched_line(o, s, e);
+    case VIEW_TIMERS: return timers_line(o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -426,7 +447,7 @@ static NOINLINE long substitute(int fd, enum view v) {
 
 /* Whether the last name of the relative `path` is one a view is made for
  * under a directory of /proc (the name alone does not tell: "stat" under
- * /proc is /proc/stat): stat, status, sched, children, locks, or a number
+ * /proc is /proc/stat): stat, status, sched, children, locks, timers, or a number
  * (a descriptor's fdinfo). A few compares, for every relative open. */
 static int at_name(const char *path) {
   const char *base = strrchr(path, '/');
@@ -436,6 +457,7 @@ static int at_name(const char *path) {
       return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched");
     case 'c': return !strcmp(base, "children");
     case 'l': return !strcmp(base, "locks");
+    case 't': return !strcmp(base, "timers");
     default:
       if (!*base) return 0;
       for (; *base; base++)
