@@ -6,7 +6,7 @@
  * in this process through the API.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -338,4 +338,35 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     expect(r.output).toMatch(/Test Files\s+2 passed \(2\)/);
     expect(r.output).toMatch(/Tests\s+3 passed \(3\)/);
   }, 120_000);
+});
+
+describe('npm install on a machine without a compiler', () => {
+  it('stops before node-gyp with one line naming what to install', async () => {
+    // The package's install step, as npm runs it, in a copy of what it
+    // needs (node-gyp, if it ran, would rebuild the copy's build/, not
+    // this checkout's), with a PATH that has node, sh (npm runs scripts
+    // with it), make and python3 but no compiler: a bare Debian machine
+    // with Node.
+    const pkg = mkdtempSync(join(work, 'nocc-'));
+    for (const f of ['package.json', 'binding.gyp', 'scripts']) cpSync(join(root, f), join(pkg, f), { recursive: true });
+    const bin = join(pkg, 'path');
+    mkdirSync(bin);
+    const which = (p: string) => sh('/bin/sh', ['-c', `command -v ${p}`], { cwd: pkg }).stdout.trim();
+    symlinkSync(process.execPath, join(bin, 'node'));
+    for (const p of ['sh', 'make', 'python3']) symlinkSync(which(p), join(bin, p));
+    // npm's own script (`npm` is a link to it), run by this node.
+    const npmCli = realpathSync(which('npm'));
+    const env = { ...process.env, PATH: bin, CC: '', CXX: '' };
+    delete env.PYTHON;
+    delete env.npm_config_python;
+    const r = await shAsync(process.execPath, [npmCli, 'run-script', '--silent', 'install'], pkg, env, 60_000);
+    expect(r.code, r.output).not.toBe(0);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines, r.output).toEqual(['appshot: building the native addon needs g++, make and python3 (not found: g++, cc): apt-get install -y g++ make python3']);
+    expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
+
+    // With the machine's PATH, the check says nothing and lets node-gyp go.
+    const ok = sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg });
+    expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
+  });
 });
