@@ -59,6 +59,14 @@ function shAsync(
 
 let tarball = '';
 
+/** A copy of this checkout as git has it (tracked files and those not yet
+ * added, none it ignores): no node_modules, dist or build. */
+function copyCleanCheckout(dest: string): void {
+  const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
+  expect(listed.status, listed.stderr).toBe(0);
+  for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(dest, f));
+}
+
 describe('the package installed from its tarball', () => {
   const project = join(work, 'project');
   const installed = join(project, 'node_modules', 'appshot');
@@ -66,11 +74,16 @@ describe('the package installed from its tarball', () => {
   const appshot = (args: string[]) => sh(bin, args, { cwd: project, env: sb.env });
 
   beforeAll(async () => {
-    // --ignore-scripts: dist/ was built before the suite ran (npm test
-    // builds it); recompiling it here would rewrite files that the tests
-    // running meanwhile load.
-    expect(existsSync(join(root, 'dist', 'api.js')), 'dist/ is built (npm run build)').toBe(true);
-    const pack = await shAsync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], root, process.env, 60_000);
+    // Packed from a copy of the checkout as git has it, without dist/: npm
+    // pack must build what the package runs (prepare). Its node_modules are
+    // this checkout's, linked: compiling needs them, packing leaves them
+    // out. (Not packed here: recompiling dist/ would rewrite files that
+    // the tests running meanwhile load.)
+    const packed = join(work, 'packed');
+    copyCleanCheckout(packed);
+    expect(existsSync(join(packed, 'dist'))).toBe(false);
+    symlinkSync(join(root, 'node_modules'), join(packed, 'node_modules'));
+    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 170_000);
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
@@ -82,9 +95,42 @@ describe('the package installed from its tarball', () => {
     // seconds of round trips per install.
     const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, process.env, 230_000);
     expect(install.code, install.output).toBe(0);
-    // npm pack and npm install (a native build) take minutes on a loaded
-    // machine: the hook's own limit, above the commands' own.
-  }, 300_000);
+    // npm pack (tsc) and npm install (a native build) take minutes on a
+    // loaded machine: the hook's own limit, above the commands' own.
+  }, 420_000);
+
+  it('was packed with every module bin/appshot loads, and their packages among its dependencies', () => {
+    const unpacked = join(work, 'unpacked');
+    mkdirSync(unpacked);
+    const tar = sh('tar', ['-xzf', tarball, '-C', unpacked], { cwd: work });
+    expect(tar.code, tar.stderr).toBe(0);
+    const pkg = join(unpacked, 'package');
+    const { dependencies } = JSON.parse(readFileSync(join(pkg, 'package.json'), 'utf8')) as { dependencies: Record<string, string> };
+    // From the command's script, each module it imports, statically or
+    // not, and each of theirs (a line that starts with import or export:
+    // not the examples in doc comments).
+    const seen = new Set<string>();
+    const todo = ['bin/appshot.js'];
+    const packages = new Set<string>();
+    while (todo.length) {
+      const file = todo.pop()!;
+      if (seen.has(file)) continue;
+      seen.add(file);
+      expect(existsSync(join(pkg, file)), `${file} (imported by the command) is in the tarball`).toBe(true);
+      const text = readFileSync(join(pkg, file), 'utf8');
+      const specifiers = [...text.matchAll(/^\s*(?:import|export)\b[^;]*?\bfrom\s*'([^']+)'|^\s*import\s*'([^']+)'|\bimport\('([^']+)'\)/gm)].map((m) => m[1] ?? m[2] ?? m[3]);
+      for (const spec of specifiers) {
+        if (spec.startsWith('.')) todo.push(join(dirname(file), spec));
+        else if (!spec.startsWith('node:')) packages.add(spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0]);
+      }
+    }
+    expect(seen.has('dist/cli.js') && seen.has('proto/generated/image-proto.js'), [...seen].join(' ')).toBe(true);
+    for (const name of packages) expect(Object.keys(dependencies), `${name} is a dependency, installed with the package`).toContain(name);
+    // What the shell script runs: the client, built at install from the
+    // sources binding.gyp names.
+    expect(readFileSync(join(pkg, 'bin', 'appshot'), 'utf8')).toContain('build/Release/appshot-client');
+    expect(existsSync(join(pkg, 'addon', 'client', 'appshot_client.c'))).toBe(true);
+  });
 
   it('holds the compiled API with its types and the native parts built at install, and no tests', () => {
     for (const f of ['dist/api.js', 'dist/api.d.ts', 'dist/cli.js', 'bin/appshot.js', 'build/Release/appshot.node', 'build/Release/appshot_preload.so', 'build/Release/appshot-init'])
@@ -246,9 +292,7 @@ describe('npm install -g', () => {
     // A checkout as git has it: no node_modules, dist or build. npm links a
     // checkout without installing its dependencies; prepare installs them.
     const checkout = join(work, 'checkout');
-    const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
-    expect(listed.status, listed.stderr).toBe(0);
-    for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(checkout, f));
+    copyCleanCheckout(checkout);
     expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
 
     // Into prefixes of their own, not the machine's global one.
