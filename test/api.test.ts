@@ -286,6 +286,37 @@ describe("ps({ all: true }): the records `appshot ps -a` shows, typed by state",
   });
 });
 
+describe('stop({ timeoutMs }): milliseconds, as every other call takes its time', () => {
+  const own = new Sandbox();
+  afterAll(() => own.dispose());
+
+  it('waits timeoutMs before SIGKILL; the seconds of the old `timeout` still work; both, or a bad value, are refused', async () => {
+    const api = await import('../src/api.js');
+    const home = own.home;
+    // A shell that outlives SIGTERM, saying when it got one.
+    const deaf = ['/bin/sh', '-c', 'trap "echo TERM" TERM; echo up; while :; do sleep 0.1; done'];
+    const log = (aid: string) => own.log(aid);
+    await api.run(deaf, { home, aid: 'deaf' });
+    await waitFor(() => log('deaf').includes('up'), 10_000, 'the shell to start');
+    // Refused before anything is sent: the shell says nothing of a TERM.
+    await expect(api.stop('deaf', { home, timeoutMs: -1 })).rejects.toMatchObject({ exitCode: 2, message: 'timeoutMs -1: expected a number of milliseconds' });
+    await expect(api.stop('deaf', { home, timeoutMs: 5, timeout: 1 })).rejects.toMatchObject({ exitCode: 2 });
+    expect(log('deaf')).not.toContain('TERM');
+    expect((await api.ps('deaf', { home }))[0].state).toBe('running');
+
+    // SIGTERM changes nothing: SIGKILL ends it.
+    await api.stop('deaf', { home, timeoutMs: 50 });
+    expect((await api.ps('deaf', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+
+    // The deprecated name, in seconds.
+    await api.run(deaf, { home, aid: 'deaf-old' });
+    await waitFor(() => log('deaf-old').includes('up'), 10_000, 'the shell to start');
+    await api.stop('deaf-old', { home, timeout: 0.05 });
+    expect((await api.ps('deaf-old', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+    for (const aid of ['deaf', 'deaf-old']) await api.rm(aid, { home });
+  });
+});
+
 describe('npm install -g', () => {
   it('installs a working appshot command from the tarball and from a clean checkout', async () => {
     expect(tarball, 'the tarball packed above').not.toBe('');

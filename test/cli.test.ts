@@ -198,6 +198,34 @@ describe('human output', () => {
   });
 });
 
+describe('JSON: one meaning per field name', () => {
+  it("ps gives an application's command as argv, as its processes' argv; clone names its template as ps does", async () => {
+    expect(sb.run(['run', '-d', '--aid', 'named', '--', fixture('ticker'), 'x y']).code).toBe(0);
+    await waitFor(() => sb.log('named').length > 0, 10_000, 'ticker output');
+    const [app] = sb.json<Json[]>(['ps', 'named']);
+    // argv is an argument vector wherever it appears; command keeps what
+    // appshot.ps/1 promised (the application's argv; a process's line).
+    expect(app.schema).toBe('appshot.ps/1');
+    expect(app.argv).toEqual([fixture('ticker'), 'x y']);
+    expect(app.command).toEqual(app.argv);
+    const ticker = app.processes.find((p: Json) => !p.init);
+    expect(ticker.argv).toEqual(app.argv);
+    expect(ticker.command).toBe(`${fixture('ticker')} x y`);
+
+    const image = join(out, 'named.appshot');
+    const template = join(out, 'named.template');
+    expect(sb.run(['snapshot', 'named', '-o', image]).code).toBe(0);
+    expect(sb.run(['template', 'create', image, '-o', template]).code).toBe(0);
+    const clones = sb.json<Json[]>(['clone', template, '--aid', 'named-c', '--count', '2']);
+    expect(clones.map((c) => [c.aid, c.instance, c.template])).toEqual([
+      ['named-c-1', 1, { path: template, instance: 1 }],
+      ['named-c-2', 2, { path: template, instance: 2 }],
+    ]);
+    for (const c of clones) expect(sb.json<Json[]>(['ps', '-a', c.aid])[0].template).toEqual(c.template);
+    for (const aid of ['named', 'named-c-1', 'named-c-2']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
 const logOf = (aid: string) => sb.log(aid);
 const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
 async function checksPass(aid: string, n = 10): Promise<void> {
