@@ -4,7 +4,7 @@
  * hostile ones, all through the real CLI.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -408,7 +408,17 @@ describe('appshot images', () => {
     const file = sb.run(['snapshot', aid, '-o', join(dir, 'c.tar'), '--leave-running']);
     expect(file.code, file.stderr).toBe(0);
     expect(file.stderr).not.toContain('incremental');
-    expect(sb.json<Json>(['inspect', join(dir, 'c.tar')]).parent).toBeUndefined();
+    const inspected = sb.json<Json>(['inspect', join(dir, 'c.tar')]);
+    expect(inspected.parent).toBeUndefined();
+    // The same stream compressed, and one cut short in its page data: a
+    // listing reads the header at the start, not what follows.
+    const tar = readFileSync(join(dir, 'c.tar'));
+    writeFileSync(join(dir, 'c.tar.gz'), gzipSync(tar));
+    writeFileSync(join(dir, 'c.tar.zst'), zstdSync(tar));
+    const pagesHeader = tar.indexOf(Buffer.from('pages.img\0'));
+    expect(pagesHeader % 512).toBe(0);
+    writeFileSync(join(dir, 'cut.tar'), tar.subarray(0, pagesHeader + 512 + 4096));
+    expect(sb.run(['inspect', join(dir, 'cut.tar')]).code).not.toBe(0);
     expect(sb.run(['template', 'create', join(dir, 'a'), '-o', join(dir, 't')]).code).toBe(0);
     mkdirSync(join(dir, 'junk'));
     writeFileSync(join(dir, 'junk', 'manifest.pb'), 'not a manifest');
@@ -417,11 +427,13 @@ describe('appshot images', () => {
     const listed = sb.json<Json>(['images', dir]);
     expect(listed.schema).toBe('appshot.images/1');
     const byName = new Map<string, Json>(listed.images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
-    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'junk', 't']);
+    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar', 'junk', 't']);
     expect(byName.get('a')).toMatchObject({ type: 'image', app: aid, processes: 2, parent: null, trusted: true });
     expect(byName.get('b')).toMatchObject({ type: 'image', app: aid, parent: join(dir, 'a') });
     expect(byName.get('b').bytes).toBeLessThan(byName.get('a').bytes);
-    expect(byName.get('c.tar')).toMatchObject({ type: 'file' });
+    for (const file of ['c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar'])
+      expect(byName.get(file), file).toMatchObject({ type: 'file', app: aid, createdAt: inspected.createdAt, processes: 2, parent: null, trusted: true });
+    expect(byName.get('c.tar.gz').bytes).toBe(statSync(join(dir, 'c.tar.gz')).size);
     expect(byName.get('t')).toMatchObject({ type: 'template', app: aid });
     expect(byName.get('junk').error).toMatch(/manifest|image/);
     // An image directory named by itself lists itself; the table form.
@@ -430,6 +442,7 @@ describe('appshot images', () => {
     expect(table.code).toBe(0);
     expect(table.stdout.split('\n')[0]).toMatch(/^PATH\s+TYPE\s+APP\s+CREATED\s+SIZE\s+PROCS\s+PARENT$/);
     expect(table.stdout).toMatch(/\/b\s+image\s+listed\s.*\/a\n/);
+    expect(table.stdout).toMatch(/\/c\.tar\.zst\s+file\s+listed\s+\S+ ago\s+\S+ \S+\s+2\s+-\n/);
     const missing = sb.run(['images', join(out, 'nowhere')]);
     expect(missing.code).toBe(3);
     expect(missing.stderr).toMatch(/^appshot: no such directory: .*\n$/);
