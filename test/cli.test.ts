@@ -226,6 +226,48 @@ describe('JSON: one meaning per field name', () => {
   });
 });
 
+describe('every --json output names its schema, an empty list too', () => {
+  it('a list command gives its list in one object with --json-object (schema version 2), empty or not; --json stays an array', async () => {
+    // A registry with nothing in it: the lists are empty.
+    const empty = new Sandbox();
+    try {
+      expect(empty.run(['ps', '--json']).stdout.trim()).toBe('[]'); // version 1, as scripts have it
+      const asObject = (args: string[], code = 0) => {
+        const r = empty.run([...args, '--json-object']);
+        expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(code);
+        return JSON.parse(r.stdout) as Json;
+      };
+      expect(asObject(['ps'])).toEqual({ schema: 'appshot.ps/2', apps: [] });
+      expect(asObject(['ps', '-a'])).toEqual({ schema: 'appshot.ps/2', apps: [] });
+      expect(asObject(['prune'])).toEqual({ schema: 'appshot.prune/2', apps: [] });
+      expect(asObject(['service', 'ls'])).toEqual({ schema: 'appshot.service-ls/2', services: [] });
+
+      // An application that listens on nothing: port lists nothing.
+      expect(empty.run(['run', '-d', '--aid', 'quiet', '--', fixture('ticker')]).code).toBe(0);
+      expect(asObject(['port', 'quiet'])).toEqual({ schema: 'appshot.port/2', ports: [] });
+      // Not empty: the elements of version 1, without their schema.
+      const [v1] = empty.json<Json[]>(['ps', '-a']);
+      const v2 = asObject(['ps', '-a']);
+      const { schema, ...element } = v1;
+      expect(schema).toBe('appshot.ps/1');
+      expect(v2.apps.map((a: Json) => a.aid)).toEqual([element.aid]);
+      expect(Object.keys(v2.apps[0])).toEqual(Object.keys(element));
+      expect(asObject(['key', 'ls']).schema).toBe('appshot.key-ls/2');
+      expect(asObject(['kill', 'quiet'])).toEqual({ schema: 'appshot.kill/2', apps: [{ aid: 'quiet', signal: 'SIGKILL' }] });
+      expect(asObject(['wait', 'quiet'], 137)).toMatchObject({ schema: 'appshot.wait/2', apps: [{ aid: 'quiet', exitCode: 137 }] });
+      expect(asObject(['rm', 'quiet'])).toEqual({ schema: 'appshot.rm/2', apps: [{ aid: 'quiet' }] });
+      expect(empty.run(['run', '-d', '--aid', 'ended', '--', fixture('ticker')]).code).toBe(0);
+      expect(asObject(['stop', 'ended'])).toEqual({ schema: 'appshot.stop/2', apps: [{ aid: 'ended', exitCode: 143 }] });
+      expect(asObject(['prune'])).toEqual({ schema: 'appshot.prune/2', apps: [{ aid: 'ended' }] });
+      // Each command that lists things offers it.
+      for (const c of ['ps', 'stop', 'kill', 'wait', 'rm', 'prune', 'clone', 'port', 'key ls', 'service ls'])
+        expect(empty.run([...c.split(' '), '--help']).stdout, c).toMatch(new RegExp(`--json-object .*appshot\\.${c.replace(' ', '-')}/2`, 's'));
+    } finally {
+      await empty.dispose();
+    }
+  });
+});
+
 const logOf = (aid: string) => sb.log(aid);
 const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
 async function checksPass(aid: string, n = 10): Promise<void> {
