@@ -461,6 +461,9 @@ describe('appshot images', () => {
     expect(pagesHeader % 512).toBe(0);
     writeFileSync(join(dir, 'cut.tar'), tar.subarray(0, pagesHeader + 512 + 4096));
     expect(sb.run(['inspect', join(dir, 'cut.tar')]).code).not.toBe(0);
+    // Image files that are not: listed with what is wrong, nothing else.
+    writeFileSync(join(dir, 'foreign.tar'), tarOf(tarHeader('etc/passwd', 4), pad(Buffer.from('root'))));
+    writeFileSync(join(dir, 'garbage.tar.gz'), Buffer.from([0x1f, 0x8b, 1, 2, 3, 4]));
     expect(sb.run(['template', 'create', join(dir, 'a'), '-o', join(dir, 't')]).code).toBe(0);
     mkdirSync(join(dir, 'junk'));
     writeFileSync(join(dir, 'junk', 'manifest.pb'), 'not a manifest');
@@ -469,7 +472,9 @@ describe('appshot images', () => {
     const listed = sb.json<Json>(['images', dir]);
     expect(listed.schema).toBe('appshot.images/1');
     const byName = new Map<string, Json>(listed.images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
-    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar', 'junk', 't']);
+    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar', 'foreign.tar', 'garbage.tar.gz', 'junk', 't']);
+    expect(byName.get('foreign.tar')).toMatchObject({ type: 'file', app: null, error: expect.stringContaining("holds 'etc/passwd', which is not a part of an image") });
+    expect(byName.get('garbage.tar.gz')).toMatchObject({ type: 'file', app: null, error: expect.stringMatching(/not a complete tar stream/) });
     expect(byName.get('a')).toMatchObject({ type: 'image', app: aid, processes: 2, parent: null, trusted: true });
     expect(byName.get('b')).toMatchObject({ type: 'image', app: aid, parent: join(dir, 'a') });
     expect(byName.get('b').bytes).toBeLessThan(byName.get('a').bytes);
