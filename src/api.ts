@@ -67,8 +67,11 @@ export interface KillOptions extends CommonOptions {
 }
 
 export interface StopOptions extends KillOptions {
-  /** Seconds to wait for it to end after `signal` (default SIGTERM)
-   * before SIGKILL; 10 by default, as `appshot stop -t`. */
+  /** Milliseconds to wait for it to end after `signal` (default SIGTERM)
+   * before SIGKILL; 10 000 by default, as `appshot stop -t 10`. */
+  timeoutMs?: number;
+  /** @deprecated Seconds, the name of the first API: use `timeoutMs`, as
+   * every other call takes its time. Giving both is refused. */
   timeout?: number;
 }
 
@@ -218,14 +221,17 @@ export function exec(aid: string, command: string[], opts: CommonOptions = {}): 
 }
 
 /** Ends the application (`appshot stop`): `signal`, then SIGKILL after
- * `timeout` seconds; resolves once every process is gone. The ended
+ * `timeoutMs`; resolves once every process is gone. The ended
  * application is kept (`ps({ all: true })`) until `rm`. */
 export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
   return call(opts, async () => {
-    const timeout = opts.timeout ?? 10;
-    if (!(timeout >= 0)) throw new AppshotError(`timeout ${timeout}: expected a number of seconds`, ExitCode.usage);
+    if (opts.timeoutMs !== undefined && opts.timeout !== undefined)
+      throw new AppshotError('stop takes timeoutMs or timeout (seconds, deprecated), not both', ExitCode.usage);
+    if (opts.timeout !== undefined && !(opts.timeout >= 0)) throw new AppshotError(`timeout ${opts.timeout}: expected a number of seconds`, ExitCode.usage);
+    const timeoutMs = opts.timeoutMs ?? (opts.timeout !== undefined ? opts.timeout * 1000 : 10_000);
+    if (!(timeoutMs >= 0)) throw new AppshotError(`timeoutMs ${timeoutMs}: expected a number of milliseconds`, ExitCode.usage);
     const reg = registry(opts);
-    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM', 'signal'), timeout);
+    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM', 'signal'), timeoutMs / 1000);
   });
 }
 

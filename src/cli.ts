@@ -18,7 +18,7 @@ import { standardOutput } from './stdout.js';
 import { plural } from './words.js';
 import { applyHouseStyle } from './commands/style.js';
 import { registerCompletion } from './commands/completion.js';
-import { flagNames, ms as roundMs, printJson, withSchema } from './commands/json.js';
+import { flagNames, jsonObjectOption, ms as roundMs, printJson, wantsJson, withSchema } from './commands/json.js';
 import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
@@ -118,6 +118,7 @@ export function buildProgram(): Command {
     .option('-a, --all', 'ended and snapshotted applications too (kept until appshot rm or prune, or the restore of a snapshotted one)', false)
     .option('-q, --quiet', 'only the AIDs, one a line', false)
     .option('--json', 'machine-readable output: every application with its processes', false)
+    .option(...jsonObjectOption('ps'))
     .addHelpText(
       'after',
       '\nSTATE: running, restoring (a restore or clone under way), exited (CODE), or snapshotted (a\n' +
@@ -125,7 +126,7 @@ export function buildProgram(): Command {
         'Examples:\n  appshot ps                 running applications\n  appshot ps -a              ended and snapshotted ones too\n' +
         '  appshot ps -aq             every AID (appshot rm $(appshot ps -aq) removes them all)\n  appshot ps web             the processes of web',
     )
-    .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean }) => {
+    .action((aid: string | undefined, opts: { all: boolean; quiet: boolean; json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       // The Node API's ps() lists the same (inspect.ts).
       const listing = selectApplications(reg, aid, opts.all);
@@ -135,8 +136,8 @@ export function buildProgram(): Command {
         return;
       }
       const apps = describeApplications(reg, listing);
-      if (opts.json) {
-        json('ps', apps);
+      if (wantsJson(opts)) {
+        json('ps', apps, opts);
         return;
       }
       if (aid) {
@@ -321,6 +322,7 @@ export function buildProgram(): Command {
     .option('-s, --signal <signal>', 'signal to send first: a name (TERM, SIGINT) or a number', 'SIGTERM')
     .option('-t, --time <seconds>', 'how long to wait for it to end before SIGKILL', '10')
     .option('--json', 'print [{aid, exitCode}] as JSON', false)
+    .option(...jsonObjectOption('stop'))
     .addHelpText(
       'after',
       '\nReturns once every process of the application has ended, and prints its AID; the ended\n' +
@@ -329,7 +331,7 @@ export function buildProgram(): Command {
         'first has exited.\n\n' +
         'Examples:\n  appshot stop web\n  appshot stop -t 30 db          give it 30 s to shut down\n  appshot stop -s INT -t 5 web',
     )
-    .action(async (aids: string[], opts: { signal: string; time: string; json: boolean }) => {
+    .action(async (aids: string[], opts: { signal: string; time: string; json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
       const grace = Number(opts.time);
@@ -341,7 +343,7 @@ export function buildProgram(): Command {
         const end = ended[i];
         return { aid: r.aid, ...(end !== 'released' ? { exitCode: end.exitCode } : {}) };
       });
-      if (opts.json) json('stop', stopped);
+      if (wantsJson(opts)) json('stop', stopped, opts);
       else printAids(stopped);
     });
 
@@ -351,19 +353,20 @@ export function buildProgram(): Command {
     .argument('<aid...>', 'the applications')
     .option('-s, --signal <signal>', 'signal to send: a name (KILL, SIGHUP) or a number', 'SIGKILL')
     .option('--json', 'print [{aid, signal}] as JSON', false)
+    .option(...jsonObjectOption('kill'))
     .addHelpText(
       'after',
       '\nPrints the AID of each application signalled. Does not wait for the application to end\n' +
         '(appshot stop does; appshot wait waits).\n\n' +
         'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration\n  appshot kill -s 15 web',
     )
-    .action((aids: string[], opts: { signal: string; json: boolean }) => {
+    .action((aids: string[], opts: { signal: string; json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
       const records = requireEach(reg, aids, 'signalled');
       for (const r of records) signalApp(reg, r, sig);
       const signalled = records.map((r) => ({ aid: r.aid, signal: sig }));
-      if (opts.json) json('kill', signalled);
+      if (wantsJson(opts)) json('kill', signalled, opts);
       else printAids(signalled);
     });
 
@@ -372,6 +375,7 @@ export function buildProgram(): Command {
     .description('wait until each application has ended and print its exit code (like docker wait)')
     .argument('<aid...>', 'the applications')
     .option('--json', 'print [{aid, exitCode, endedAt}] as JSON, once all have ended', false)
+    .option(...jsonObjectOption('wait'))
     .addHelpText(
       'after',
       "\nPrints one exit code a line, in the order given; the exit status is the last one's.\n" +
@@ -379,7 +383,7 @@ export function buildProgram(): Command {
         'appshot rm, leaves no exit code: that is an error.\n\n' +
         'Examples:\n  appshot wait web\n  appshot run -d --aid job -- ./batch && appshot wait job && appshot logs job',
     )
-    .action(async (aids: string[], opts: { json: boolean }) => {
+    .action(async (aids: string[], opts: { json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       for (const aid of aids) reg.requireAny(aid);
       let status: number = ExitCode.ok;
@@ -395,11 +399,11 @@ export function buildProgram(): Command {
           continue;
         }
         // Without --json, each code as soon as it is known (docker wait).
-        if (!opts.json) process.stdout.write(`${ended.exitCode}\n`);
+        if (!wantsJson(opts)) process.stdout.write(`${ended.exitCode}\n`);
         waited.push({ aid, exitCode: ended.exitCode, endedAt: ended.endedAt });
         status = ended.exitCode ?? ExitCode.failure;
       }
-      if (opts.json) json('wait', waited);
+      if (wantsJson(opts)) json('wait', waited, opts);
       setExitCode(status);
     });
 
@@ -409,6 +413,7 @@ export function buildProgram(): Command {
     .argument('<aid...>', 'the applications')
     .option('-f, --force', 'kill a running application (SIGKILL) and remove it', false)
     .option('--json', 'print [{aid}] of those removed as JSON', false)
+    .option(...jsonObjectOption('rm'))
     .addHelpText(
       'after',
       '\nPrints the AID of each application removed. A running application is refused without\n' +
@@ -418,31 +423,32 @@ export function buildProgram(): Command {
         'stay.\n\n' +
         'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
     )
-    .action(async (aids: string[], opts: { force: boolean; json: boolean }) => {
+    .action(async (aids: string[], opts: { force: boolean; json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       const removed: { aid: string }[] = [];
       for (const aid of aids) {
         try {
           await removeApp(reg, aid, opts.force);
           removed.push({ aid });
-          if (!opts.json) process.stdout.write(`${aid}\n`);
+          if (!wantsJson(opts)) process.stdout.write(`${aid}\n`);
         } catch (e) {
           if (!(e instanceof AppshotError)) throw e;
           process.stderr.write(`appshot: ${e.message}\n`);
           setExitCode(e.exitCode);
         }
       }
-      if (opts.json) json('rm', removed);
+      if (wantsJson(opts)) json('rm', removed, opts);
     });
 
   program
     .command('prune')
     .description('remove every ended or snapshotted application (as appshot rm does each)')
     .option('--json', 'print [{aid}] of those removed as JSON', false)
+    .option(...jsonObjectOption('prune'))
     .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
-    .action((opts: { json: boolean }) => {
+    .action((opts: { json: boolean; jsonObject: boolean }) => {
       const removed = pruneEnded(registry()).map((aid) => ({ aid }));
-      if (opts.json) json('prune', removed);
+      if (wantsJson(opts)) json('prune', removed, opts);
       else printAids(removed);
     });
 
@@ -719,6 +725,7 @@ export function buildProgram(): Command {
     .option('-n, --count <n>', 'how many instances', '1')
     .option('--verify', "checksum the template's page data too (checked when the template was made; its size always is)", false)
     .option('--json', 'print [{aid, ports, cloneMs, ...}] as JSON', false)
+    .option(...jsonObjectOption('clone'))
     .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
     .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
@@ -731,7 +738,7 @@ export function buildProgram(): Command {
         'fails leaves every instance running (exit 6, naming them).\n\n' +
         'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
     )
-    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; trustImage: boolean; progress: string }) => {
+    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; jsonObject: boolean; trustImage: boolean; progress: string }) => {
       const [{ trustImagesExplicitly }, { clone, ClonedWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./template/clone.js'),
@@ -750,7 +757,7 @@ export function buildProgram(): Command {
       // The instances on stdout, also when a step after the batch's commit
       // failed (exit 6): they run, and a script needs their AIDs.
       const print = (results: Awaited<ReturnType<typeof clone>>) => {
-        if (opts.json) return json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })));
+        if (wantsJson(opts)) return json('clone', results.map(({ createdDirs: _, cloneMs, ...r }) => ({ ...r, cloneMs: roundMs(cloneMs) })), opts);
         for (const r of results) {
           const ports = r.ports.map(portText).join(' ');
           process.stdout.write(`${r.aid}${ports ? `\t${ports}` : ''}\n`);
@@ -773,7 +780,7 @@ export function buildProgram(): Command {
         display.end();
       }
       print(results);
-      if (opts.json) return;
+      if (wantsJson(opts)) return;
       const ms = results.map((r) => r.cloneMs);
       process.stderr.write(`appshot: ${plural(results.length, 'instance')} in ${ms.reduce((a, b) => a + b, 0).toFixed(1)} ms (${Math.min(...ms).toFixed(1)} ms the fastest)\n`);
     });
@@ -816,12 +823,13 @@ export function buildProgram(): Command {
     .command('ls')
     .description('list the keys this node trusts (its own first)')
     .option('--json', 'machine-readable output', false)
+    .option(...jsonObjectOption('key ls'))
     .addHelpText('after', '\nExample:\n  appshot key ls')
-    .action(async (opts: { json: boolean }) => {
+    .action(async (opts: { json: boolean; jsonObject: boolean }) => {
       const { selfKey, trustedKeys } = await import('./image/trust.js');
       selfKey(); // made at first use, and listing is one
       const keys = trustedKeys().map((k) => ({ id: k.id, name: k.name, file: k.file }));
-      if (opts.json) json('key ls', keys);
+      if (wantsJson(opts)) json('key ls', keys, opts);
       else printColumns(['ID', 'NAME', 'FILE'], keys.map((k) => [k.id, k.name, k.file]));
     });
 
@@ -831,13 +839,14 @@ export function buildProgram(): Command {
     .argument('<aid>', 'the application')
     .argument('[port]', 'only this port, as the application knows it: prints the port to connect to')
     .option('--json', 'machine-readable output', false)
+    .option(...jsonObjectOption('port'))
     .addHelpText(
       'after',
       '\nMODE: allocate (a port of its own, translated), multiplex (one port shared by the clones of a\n' +
         'template), direct (no rule translates it: the port it asked for).\n\n' +
         'Examples:\n  appshot port db-1\n  redis-cli -p $(appshot port db-1 6379) ping',
     )
-    .action((aid: string, port: string | undefined, opts: { json: boolean }) => {
+    .action((aid: string, port: string | undefined, opts: { json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       const record = reg.require(aid);
       let rows = portsOf(record, listProcesses(reg, [record]));
@@ -846,7 +855,7 @@ export function buildProgram(): Command {
         rows = rows.filter((p) => p.virtual === Number(port));
         if (!rows.length) throw new AppshotError(`'${aid}' does not listen on port ${port}`, ExitCode.notFound);
       }
-      if (opts.json) json('port', rows);
+      if (wantsJson(opts)) json('port', rows, opts);
       else if (port !== undefined) process.stdout.write(`${rows[0].system}\n`);
       else printColumns(['PORT', 'HOST PORT', 'MODE'], rows.map((p) => [String(p.virtual), String(p.system), p.mode]));
     });

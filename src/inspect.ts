@@ -187,6 +187,10 @@ export function portText(p: ListeningPort): string {
 /** What every application `ps` lists has, whatever its state. */
 interface ApplicationCommon {
   aid: string;
+  /** The command it was run with, as `argv` (the name every output uses
+   * for an argument vector: a process's `command` is a line of text). */
+  argv: string[];
+  /** @deprecated The same as argv: appshot.ps/1 has it. */
   command: string[];
   detached: boolean;
   /** When it was run, restored or cloned. */
@@ -270,6 +274,7 @@ export function describeApplications(registry: LocalRegistry, listing: Listing):
   const cache: ListeningCache = new Map();
   const registered = listing.records.map((r): ApplicationInfo => {
     const common = {
+      argv: r.command,
       command: r.command,
       detached: r.detached,
       createdAt: r.createdAt,
@@ -289,6 +294,7 @@ export function describeApplications(registry: LocalRegistry, listing: Listing):
       state: 'snapshotted',
       image: r.image,
       snapshottedAt: r.snapshottedAt,
+      argv: r.command,
       command: r.command,
       detached: r.detached,
       createdAt: r.createdAt,

@@ -6,7 +6,7 @@
  * in this process through the API.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -59,6 +59,14 @@ function shAsync(
 
 let tarball = '';
 
+/** A copy of this checkout as git has it (tracked files and those not yet
+ * added, none it ignores): no node_modules, dist or build. */
+function copyCleanCheckout(dest: string): void {
+  const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
+  expect(listed.status, listed.stderr).toBe(0);
+  for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(dest, f));
+}
+
 describe('the package installed from its tarball', () => {
   const project = join(work, 'project');
   const installed = join(project, 'node_modules', 'appshot');
@@ -66,11 +74,16 @@ describe('the package installed from its tarball', () => {
   const appshot = (args: string[]) => sh(bin, args, { cwd: project, env: sb.env });
 
   beforeAll(async () => {
-    // --ignore-scripts: dist/ was built before the suite ran (npm test
-    // builds it); recompiling it here would rewrite files that the tests
-    // running meanwhile load.
-    expect(existsSync(join(root, 'dist', 'api.js')), 'dist/ is built (npm run build)').toBe(true);
-    const pack = await shAsync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], root, process.env, 60_000);
+    // Packed from a copy of the checkout as git has it, without dist/: npm
+    // pack must build what the package runs (prepare). Its node_modules are
+    // this checkout's, linked: compiling needs them, packing leaves them
+    // out. (Not packed here: recompiling dist/ would rewrite files that
+    // the tests running meanwhile load.)
+    const packed = join(work, 'packed');
+    copyCleanCheckout(packed);
+    expect(existsSync(join(packed, 'dist'))).toBe(false);
+    symlinkSync(join(root, 'node_modules'), join(packed, 'node_modules'));
+    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 170_000);
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
@@ -82,9 +95,42 @@ describe('the package installed from its tarball', () => {
     // seconds of round trips per install.
     const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, process.env, 230_000);
     expect(install.code, install.output).toBe(0);
-    // npm pack and npm install (a native build) take minutes on a loaded
-    // machine: the hook's own limit, above the commands' own.
-  }, 300_000);
+    // npm pack (tsc) and npm install (a native build) take minutes on a
+    // loaded machine: the hook's own limit, above the commands' own.
+  }, 420_000);
+
+  it('was packed with every module bin/appshot loads, and their packages among its dependencies', () => {
+    const unpacked = join(work, 'unpacked');
+    mkdirSync(unpacked);
+    const tar = sh('tar', ['-xzf', tarball, '-C', unpacked], { cwd: work });
+    expect(tar.code, tar.stderr).toBe(0);
+    const pkg = join(unpacked, 'package');
+    const { dependencies } = JSON.parse(readFileSync(join(pkg, 'package.json'), 'utf8')) as { dependencies: Record<string, string> };
+    // From the command's script, each module it imports, statically or
+    // not, and each of theirs (a line that starts with import or export:
+    // not the examples in doc comments).
+    const seen = new Set<string>();
+    const todo = ['bin/appshot.js'];
+    const packages = new Set<string>();
+    while (todo.length) {
+      const file = todo.pop()!;
+      if (seen.has(file)) continue;
+      seen.add(file);
+      expect(existsSync(join(pkg, file)), `${file} (imported by the command) is in the tarball`).toBe(true);
+      const text = readFileSync(join(pkg, file), 'utf8');
+      const specifiers = [...text.matchAll(/^\s*(?:import|export)\b[^;]*?\bfrom\s*'([^']+)'|^\s*import\s*'([^']+)'|\bimport\('([^']+)'\)/gm)].map((m) => m[1] ?? m[2] ?? m[3]);
+      for (const spec of specifiers) {
+        if (spec.startsWith('.')) todo.push(join(dirname(file), spec));
+        else if (!spec.startsWith('node:')) packages.add(spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0]);
+      }
+    }
+    expect(seen.has('dist/cli.js') && seen.has('proto/generated/image-proto.js'), [...seen].join(' ')).toBe(true);
+    for (const name of packages) expect(Object.keys(dependencies), `${name} is a dependency, installed with the package`).toContain(name);
+    // What the shell script runs: the client, built at install from the
+    // sources binding.gyp names.
+    expect(readFileSync(join(pkg, 'bin', 'appshot'), 'utf8')).toContain('build/Release/appshot-client');
+    expect(existsSync(join(pkg, 'addon', 'client', 'appshot_client.c'))).toBe(true);
+  });
 
   it('holds the compiled API with its types and the native parts built at install, and no tests', () => {
     for (const f of ['dist/api.js', 'dist/api.d.ts', 'dist/cli.js', 'bin/appshot.js', 'build/Release/appshot.node', 'build/Release/appshot_preload.so', 'build/Release/appshot-init'])
@@ -240,15 +286,44 @@ describe("ps({ all: true }): the records `appshot ps -a` shows, typed by state",
   });
 });
 
+describe('stop({ timeoutMs }): milliseconds, as every other call takes its time', () => {
+  const own = new Sandbox();
+  afterAll(() => own.dispose());
+
+  it('waits timeoutMs before SIGKILL; the seconds of the old `timeout` still work; both, or a bad value, are refused', async () => {
+    const api = await import('../src/api.js');
+    const home = own.home;
+    // A shell that outlives SIGTERM, saying when it got one.
+    const deaf = ['/bin/sh', '-c', 'trap "echo TERM" TERM; echo up; while :; do sleep 0.1; done'];
+    const log = (aid: string) => own.log(aid);
+    await api.run(deaf, { home, aid: 'deaf' });
+    await waitFor(() => log('deaf').includes('up'), 10_000, 'the shell to start');
+    // Refused before anything is sent: the shell says nothing of a TERM.
+    await expect(api.stop('deaf', { home, timeoutMs: -1 })).rejects.toMatchObject({ exitCode: 2, message: 'timeoutMs -1: expected a number of milliseconds' });
+    await expect(api.stop('deaf', { home, timeoutMs: 5, timeout: 1 })).rejects.toMatchObject({ exitCode: 2 });
+    expect(log('deaf')).not.toContain('TERM');
+    expect((await api.ps('deaf', { home }))[0].state).toBe('running');
+
+    // SIGTERM changes nothing: SIGKILL ends it.
+    await api.stop('deaf', { home, timeoutMs: 50 });
+    expect((await api.ps('deaf', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+
+    // The deprecated name, in seconds.
+    await api.run(deaf, { home, aid: 'deaf-old' });
+    await waitFor(() => log('deaf-old').includes('up'), 10_000, 'the shell to start');
+    await api.stop('deaf-old', { home, timeout: 0.05 });
+    expect((await api.ps('deaf-old', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+    for (const aid of ['deaf', 'deaf-old']) await api.rm(aid, { home });
+  });
+});
+
 describe('npm install -g', () => {
   it('installs a working appshot command from the tarball and from a clean checkout', async () => {
     expect(tarball, 'the tarball packed above').not.toBe('');
     // A checkout as git has it: no node_modules, dist or build. npm links a
     // checkout without installing its dependencies; prepare installs them.
     const checkout = join(work, 'checkout');
-    const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
-    expect(listed.status, listed.stderr).toBe(0);
-    for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(checkout, f));
+    copyCleanCheckout(checkout);
     expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
 
     // Into prefixes of their own, not the machine's global one.
@@ -338,4 +413,35 @@ describe('examples/vitest-redis: a loaded redis, one clone per test worker', () 
     expect(r.output).toMatch(/Test Files\s+2 passed \(2\)/);
     expect(r.output).toMatch(/Tests\s+3 passed \(3\)/);
   }, 120_000);
+});
+
+describe('npm install on a machine without a compiler', () => {
+  it('stops before node-gyp with one line naming what to install', async () => {
+    // The package's install step, as npm runs it, in a copy of what it
+    // needs (node-gyp, if it ran, would rebuild the copy's build/, not
+    // this checkout's), with a PATH that has node, sh (npm runs scripts
+    // with it), make and python3 but no compiler: a bare Debian machine
+    // with Node.
+    const pkg = mkdtempSync(join(work, 'nocc-'));
+    for (const f of ['package.json', 'binding.gyp', 'scripts']) cpSync(join(root, f), join(pkg, f), { recursive: true });
+    const bin = join(pkg, 'path');
+    mkdirSync(bin);
+    const which = (p: string) => sh('/bin/sh', ['-c', `command -v ${p}`], { cwd: pkg }).stdout.trim();
+    symlinkSync(process.execPath, join(bin, 'node'));
+    for (const p of ['sh', 'make', 'python3']) symlinkSync(which(p), join(bin, p));
+    // npm's own script (`npm` is a link to it), run by this node.
+    const npmCli = realpathSync(which('npm'));
+    const env = { ...process.env, PATH: bin, CC: '', CXX: '' };
+    delete env.PYTHON;
+    delete env.npm_config_python;
+    const r = await shAsync(process.execPath, [npmCli, 'run-script', '--silent', 'install'], pkg, env, 60_000);
+    expect(r.code, r.output).not.toBe(0);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines, r.output).toEqual(['appshot: building the native addon needs g++, make and python3 (not found: g++, cc): apt-get install -y g++ make python3']);
+    expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
+
+    // With the machine's PATH, the check says nothing and lets node-gyp go.
+    const ok = sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg });
+    expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
+  });
 });

@@ -4,7 +4,7 @@
  * hostile ones, all through the real CLI.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -198,6 +198,76 @@ describe('human output', () => {
   });
 });
 
+describe('JSON: one meaning per field name', () => {
+  it("ps gives an application's command as argv, as its processes' argv; clone names its template as ps does", async () => {
+    expect(sb.run(['run', '-d', '--aid', 'named', '--', fixture('ticker'), 'x y']).code).toBe(0);
+    await waitFor(() => sb.log('named').length > 0, 10_000, 'ticker output');
+    const [app] = sb.json<Json[]>(['ps', 'named']);
+    // argv is an argument vector wherever it appears; command keeps what
+    // appshot.ps/1 promised (the application's argv; a process's line).
+    expect(app.schema).toBe('appshot.ps/1');
+    expect(app.argv).toEqual([fixture('ticker'), 'x y']);
+    expect(app.command).toEqual(app.argv);
+    const ticker = app.processes.find((p: Json) => !p.init);
+    expect(ticker.argv).toEqual(app.argv);
+    expect(ticker.command).toBe(`${fixture('ticker')} x y`);
+
+    const image = join(out, 'named.appshot');
+    const template = join(out, 'named.template');
+    expect(sb.run(['snapshot', 'named', '-o', image]).code).toBe(0);
+    expect(sb.run(['template', 'create', image, '-o', template]).code).toBe(0);
+    const clones = sb.json<Json[]>(['clone', template, '--aid', 'named-c', '--count', '2']);
+    expect(clones.map((c) => [c.aid, c.instance, c.template])).toEqual([
+      ['named-c-1', 1, { path: template, instance: 1 }],
+      ['named-c-2', 2, { path: template, instance: 2 }],
+    ]);
+    for (const c of clones) expect(sb.json<Json[]>(['ps', '-a', c.aid])[0].template).toEqual(c.template);
+    for (const aid of ['named', 'named-c-1', 'named-c-2']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+});
+
+describe('every --json output names its schema, an empty list too', () => {
+  it('a list command gives its list in one object with --json-object (schema version 2), empty or not; --json stays an array', async () => {
+    // A registry with nothing in it: the lists are empty.
+    const empty = new Sandbox();
+    try {
+      expect(empty.run(['ps', '--json']).stdout.trim()).toBe('[]'); // version 1, as scripts have it
+      const asObject = (args: string[], code = 0) => {
+        const r = empty.run([...args, '--json-object']);
+        expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(code);
+        return JSON.parse(r.stdout) as Json;
+      };
+      expect(asObject(['ps'])).toEqual({ schema: 'appshot.ps/2', apps: [] });
+      expect(asObject(['ps', '-a'])).toEqual({ schema: 'appshot.ps/2', apps: [] });
+      expect(asObject(['prune'])).toEqual({ schema: 'appshot.prune/2', apps: [] });
+      expect(asObject(['service', 'ls'])).toEqual({ schema: 'appshot.service-ls/2', services: [] });
+
+      // An application that listens on nothing: port lists nothing.
+      expect(empty.run(['run', '-d', '--aid', 'quiet', '--', fixture('ticker')]).code).toBe(0);
+      expect(asObject(['port', 'quiet'])).toEqual({ schema: 'appshot.port/2', ports: [] });
+      // Not empty: the elements of version 1, without their schema.
+      const [v1] = empty.json<Json[]>(['ps', '-a']);
+      const v2 = asObject(['ps', '-a']);
+      const { schema, ...element } = v1;
+      expect(schema).toBe('appshot.ps/1');
+      expect(v2.apps.map((a: Json) => a.aid)).toEqual([element.aid]);
+      expect(Object.keys(v2.apps[0])).toEqual(Object.keys(element));
+      expect(asObject(['key', 'ls']).schema).toBe('appshot.key-ls/2');
+      expect(asObject(['kill', 'quiet'])).toEqual({ schema: 'appshot.kill/2', apps: [{ aid: 'quiet', signal: 'SIGKILL' }] });
+      expect(asObject(['wait', 'quiet'], 137)).toMatchObject({ schema: 'appshot.wait/2', apps: [{ aid: 'quiet', exitCode: 137 }] });
+      expect(asObject(['rm', 'quiet'])).toEqual({ schema: 'appshot.rm/2', apps: [{ aid: 'quiet' }] });
+      expect(empty.run(['run', '-d', '--aid', 'ended', '--', fixture('ticker')]).code).toBe(0);
+      expect(asObject(['stop', 'ended'])).toEqual({ schema: 'appshot.stop/2', apps: [{ aid: 'ended', exitCode: 143 }] });
+      expect(asObject(['prune'])).toEqual({ schema: 'appshot.prune/2', apps: [{ aid: 'ended' }] });
+      // Each command that lists things offers it.
+      for (const c of ['ps', 'stop', 'kill', 'wait', 'rm', 'prune', 'clone', 'port', 'key ls', 'service ls'])
+        expect(empty.run([...c.split(' '), '--help']).stdout, c).toMatch(new RegExp(`--json-object .*appshot\\.${c.replace(' ', '-')}/2`, 's'));
+    } finally {
+      await empty.dispose();
+    }
+  });
+});
+
 const logOf = (aid: string) => sb.log(aid);
 const lastCheck = (aid: string) => Math.max(0, ...[...logOf(aid).matchAll(/^CHECK (\d+)$/gm)].map((m) => Number(m[1])));
 async function checksPass(aid: string, n = 10): Promise<void> {
@@ -380,7 +450,20 @@ describe('appshot images', () => {
     const file = sb.run(['snapshot', aid, '-o', join(dir, 'c.tar'), '--leave-running']);
     expect(file.code, file.stderr).toBe(0);
     expect(file.stderr).not.toContain('incremental');
-    expect(sb.json<Json>(['inspect', join(dir, 'c.tar')]).parent).toBeUndefined();
+    const inspected = sb.json<Json>(['inspect', join(dir, 'c.tar')]);
+    expect(inspected.parent).toBeUndefined();
+    // The same stream compressed, and one cut short in its page data: a
+    // listing reads the header at the start, not what follows.
+    const tar = readFileSync(join(dir, 'c.tar'));
+    writeFileSync(join(dir, 'c.tar.gz'), gzipSync(tar));
+    writeFileSync(join(dir, 'c.tar.zst'), zstdSync(tar));
+    const pagesHeader = tar.indexOf(Buffer.from('pages.img\0'));
+    expect(pagesHeader % 512).toBe(0);
+    writeFileSync(join(dir, 'cut.tar'), tar.subarray(0, pagesHeader + 512 + 4096));
+    expect(sb.run(['inspect', join(dir, 'cut.tar')]).code).not.toBe(0);
+    // Image files that are not: listed with what is wrong, nothing else.
+    writeFileSync(join(dir, 'foreign.tar'), tarOf(tarHeader('etc/passwd', 4), pad(Buffer.from('root'))));
+    writeFileSync(join(dir, 'garbage.tar.gz'), Buffer.from([0x1f, 0x8b, 1, 2, 3, 4]));
     expect(sb.run(['template', 'create', join(dir, 'a'), '-o', join(dir, 't')]).code).toBe(0);
     mkdirSync(join(dir, 'junk'));
     writeFileSync(join(dir, 'junk', 'manifest.pb'), 'not a manifest');
@@ -389,11 +472,15 @@ describe('appshot images', () => {
     const listed = sb.json<Json>(['images', dir]);
     expect(listed.schema).toBe('appshot.images/1');
     const byName = new Map<string, Json>(listed.images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
-    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'junk', 't']);
+    expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar', 'foreign.tar', 'garbage.tar.gz', 'junk', 't']);
+    expect(byName.get('foreign.tar')).toMatchObject({ type: 'file', app: null, error: expect.stringContaining("holds 'etc/passwd', which is not a part of an image") });
+    expect(byName.get('garbage.tar.gz')).toMatchObject({ type: 'file', app: null, error: expect.stringMatching(/not a complete tar stream/) });
     expect(byName.get('a')).toMatchObject({ type: 'image', app: aid, processes: 2, parent: null, trusted: true });
     expect(byName.get('b')).toMatchObject({ type: 'image', app: aid, parent: join(dir, 'a') });
     expect(byName.get('b').bytes).toBeLessThan(byName.get('a').bytes);
-    expect(byName.get('c.tar')).toMatchObject({ type: 'file' });
+    for (const file of ['c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar'])
+      expect(byName.get(file), file).toMatchObject({ type: 'file', app: aid, createdAt: inspected.createdAt, processes: 2, parent: null, trusted: true });
+    expect(byName.get('c.tar.gz').bytes).toBe(statSync(join(dir, 'c.tar.gz')).size);
     expect(byName.get('t')).toMatchObject({ type: 'template', app: aid });
     expect(byName.get('junk').error).toMatch(/manifest|image/);
     // An image directory named by itself lists itself; the table form.
@@ -402,6 +489,7 @@ describe('appshot images', () => {
     expect(table.code).toBe(0);
     expect(table.stdout.split('\n')[0]).toMatch(/^PATH\s+TYPE\s+APP\s+CREATED\s+SIZE\s+PROCS\s+PARENT$/);
     expect(table.stdout).toMatch(/\/b\s+image\s+listed\s.*\/a\n/);
+    expect(table.stdout).toMatch(/\/c\.tar\.zst\s+file\s+listed\s+\S+ ago\s+\S+ \S+\s+2\s+-\n/);
     const missing = sb.run(['images', join(out, 'nowhere')]);
     expect(missing.code).toBe(3);
     expect(missing.stderr).toMatch(/^appshot: no such directory: .*\n$/);

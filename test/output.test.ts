@@ -259,7 +259,7 @@ describe('completion', () => {
   const offers = (out: string) => out.split('\n').slice(0, -1).map((l) => (l.trim() ? l.trim().split(/\s+/).sort() : null));
   // The last line offers files (each shell words them its own way).
   const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js', 'appshot restore /tm'];
-  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--json', '--signal', '--time', '-s', '-t'], ['--json'], [expect.stringMatching(/^\/?tmp\/?$/)]];
+  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--json', '--json-object', '--signal', '--time', '-s', '-t'], ['--json'], [expect.stringMatching(/^\/?tmp\/?$/)]];
 
   it('bash, loaded as the README says, completes subcommands and a command\'s options', () => {
     const q = (w: string) => `'${w}'`;

@@ -3,7 +3,8 @@
  * `docker images` lists what a node holds. appshot keeps no store of its
  * own (an image is wherever `-o` put it), so the user names the
  * directories; each entry is read as `inspect` reads it (its manifest and
- * metadata, never its page data), and one that is not a well-formed image
+ * metadata, never its page data: of a stream file, only the start, where
+ * appshot writes them), and one that is not a well-formed image
  * is listed with what is wrong with it rather than failing the listing.
  */
 import type { Command } from 'commander';
@@ -14,8 +15,9 @@ import { printJson } from './json.js';
 
 export interface ImageEntry {
   path: string;
-  /** image: a directory; file: a .tar/.tar.gz/.tar.zst stream file (not opened:
-   * listing would unpack it); template: an image with template.pb. */
+  /** image: a directory; file: a .tar/.tar.gz/.tar.zst stream file (its
+   * header only is read: the start of the stream, never its page data);
+   * template: an image with template.pb. */
   type: 'image' | 'template' | 'file';
   /** The AID of the application it was taken of. */
   app: string | null;
@@ -64,9 +66,20 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
     parent: null,
     trusted: null,
   });
-  if (st.isFile() && STREAM_FILE.test(path)) return { ...entry('file', st.size), createdAt: st.mtime.toISOString() };
+  const { PARTS, loadImage, readImageFileHeader } = await import('../image/format.js');
+  if (st.isFile() && STREAM_FILE.test(path)) {
+    const e = { ...entry('file', st.size), createdAt: st.mtime.toISOString() };
+    try {
+      const header = await readImageFileHeader(path);
+      if (!header) return e; // parts in another order: its metadata may come last
+      const { image, signer } = header;
+      return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: signer.trusted !== undefined };
+    } catch (err) {
+      if (!(err instanceof AppshotError)) throw err;
+      return { ...e, error: err.message.replace(/^corrupt image: /, '') };
+    }
+  }
   if (!st.isDirectory()) return undefined;
-  const { PARTS, loadImage } = await import('../image/format.js');
   if (!existsSync(join(path, PARTS.manifest))) return undefined;
   const { TEMPLATE_PART, openTemplate } = await import('../template/template.js');
   const isTemplate = existsSync(join(path, TEMPLATE_PART));
@@ -149,8 +162,8 @@ export function registerImages(program: Command): void {
       'after',
       '\nEach directory entry that is an image, a template or a .tar/.tar.gz/.tar.zst image file is listed with\n' +
         'the application it was taken of, when, its size on disk, and the image an incremental one builds\n' +
-        'on. Stream files are not opened (listing would unpack them). An entry that is not a well-formed\n' +
-        'image is listed with what is wrong with it.\n\nExamples:\n  appshot images\n  appshot images ~/snapshots /srv/templates --json',
+        'on. Of a stream file only the header at its start is read, never its page data. An entry that is\n' +
+        'not a well-formed image is listed with what is wrong with it.\n\nExamples:\n  appshot images\n  appshot images ~/snapshots /srv/templates --json',
     )
     .action(async (dirs: string[], opts: { json?: boolean; quiet?: boolean }) => {
       const result = await listImages(dirs.length ? dirs : ['.']);

@@ -4,7 +4,9 @@
  *    (the version changes only when a field changes meaning or goes);
  *  - a command that lists things (ps, clone, port, key ls, service ls)
  *    prints an array, each element carrying the schema, so that
- *    `jq '.[0]'` and existing scripts go on working;
+ *    `jq '.[0]'` and existing scripts go on working; with --json-object,
+ *    version 2 of its schema, one object {schema, LIST: [...]}, which names
+ *    its schema also when the list is empty (an empty array cannot);
  *  - times in milliseconds named ...Ms, rounded to the microsecond;
  *    instants as ISO 8601 strings named ...At;
  *  - flags by name, never as raw bits; nothing internal.
@@ -26,10 +28,46 @@ export function withSchema<T extends object>(command: string, value: T): { schem
   return { schema: schemaOf(command), ...value };
 }
 
+/** The commands that list things, with the name of their list in
+ * version 2 of their schema (--json-object). */
+const LISTS: Record<string, string> = {
+  ps: 'apps',
+  stop: 'apps',
+  kill: 'apps',
+  wait: 'apps',
+  rm: 'apps',
+  prune: 'apps',
+  clone: 'clones',
+  port: 'ports',
+  'key ls': 'keys',
+  'service ls': 'services',
+};
+
+/** What a list command's options ask for: version 1 (--json, an array)
+ * or 2 (--json-object). */
+export interface ListJsonOptions {
+  json: boolean;
+  jsonObject?: boolean;
+}
+
+/** Whether a command was asked for JSON, in either form. */
+export const wantsJson = (opts: ListJsonOptions): boolean => opts.json || opts.jsonObject === true;
+
+/** The --json-object option of a list command: its flags and help. */
+export function jsonObjectOption(command: string): [string, string, boolean] {
+  return ['--json-object', `as --json, but one object {schema, ${LISTS[command]}: [...]} (${schemaOf(command, 2)}), which names its schema even when the list is empty`, false];
+}
+
 /** Prints a command's JSON on stdout: an object with its schema, or an
- * array whose every element has it. */
-export function printJson(command: string, value: object | object[]): void {
-  const out = Array.isArray(value) ? value.map((v) => withSchema(command, v)) : withSchema(command, value);
+ * array whose every element has it; with `opts.jsonObject`, a list in one
+ * object, version 2 of its schema. */
+export function printJson(command: string, value: object | object[], opts?: ListJsonOptions): void {
+  let out: object;
+  if (!Array.isArray(value)) out = withSchema(command, value);
+  else if (opts?.jsonObject) {
+    if (!LISTS[command]) throw new Error(`appshot: ${command} has no list form`);
+    out = { schema: schemaOf(command, 2), [LISTS[command]]: value };
+  } else out = value.map((v) => withSchema(command, v));
   process.stdout.write(JSON.stringify(out, null, 2) + '\n');
 }
 

@@ -11,7 +11,7 @@ import { currentRequest, requestStorage, type RequestContext } from '../engine/r
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
 import type { HostedServe } from '../engine/hosted.js';
-import { printJson } from './json.js';
+import { jsonObjectOption, printJson, wantsJson } from './json.js';
 import { plural } from '../words.js';
 import { hostedHoldPoint, killPoint } from '../killpoint.js';
 
@@ -126,12 +126,13 @@ export function registerServe(program: Command): void {
     .command('ls')
     .description('list services and their state')
     .option('--json', 'machine-readable output', false)
+    .option(...jsonObjectOption('service ls'))
     .addHelpText('after', '\nExamples:\n  appshot service ls\n  appshot service ls --json')
-    .action(async (opts: { json: boolean }) => {
+    .action(async (opts: { json: boolean; jsonObject: boolean }) => {
       const { ServiceStore, formatPortMap, formatDuration } = await import('../serve/spec.js');
       const store = new ServiceStore();
       const views = await Promise.all(store.listKnown().map((s) => view(s, store.readState(s.name))));
-      if (opts.json) return printJson('service ls', views);
+      if (wantsJson(opts)) return printJson('service ls', views, opts);
       const { printColumns } = await import('../inspect.js');
       printColumns(
         ['NAME', 'MODE', 'STATE', 'PORTS', 'IDLE', 'SERVED', 'FROM'],

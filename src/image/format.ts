@@ -787,6 +787,93 @@ export interface LoadOptions {
   deferPagesCheck?: boolean;
 }
 
+/** Decodes and checks an image's manifest: its magic, format and parts,
+ * then who signed it, before anything else of the image is read (a
+ * manifest no trusted key signed is refused unless `trust` is 'report'). */
+function checkManifest(manifestBytes: Buffer, path: string, trust: LoadOptions['trust']): { manifest: Manifest; signer: Signer } {
+  const manifest = decode<Manifest>(ManifestType, manifestBytes, PARTS.manifest);
+  if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
+  if (!READABLE_FORMATS.includes(manifest.formatVersion))
+    throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads formats ${READABLE_FORMATS.join(', ')})`);
+  const listed = manifest.parts.map((p) => p.name);
+  for (const name of listed)
+    if (!LISTED_PARTS.includes(name as (typeof LISTED_PARTS)[number]))
+      throw new AppshotError(`corrupt image: its manifest lists '${name}', which is not a part of an image`);
+  for (const name of LISTED_PARTS) {
+    const n = listed.filter((l) => l === name).length;
+    if (n !== 1) throw new AppshotError(`corrupt image: its manifest lists ${name} ${n === 0 ? 'not at all' : `${n} times`}`);
+  }
+  for (const part of manifest.parts) checkChunkTable(part, manifest.formatVersion);
+  const signer = checkSignature(MANIFEST_DOMAIN, signedContent(ManifestType, manifest), manifest.signature, manifest.keyId);
+  if (!signer.trusted && trust !== 'report' && !imagesTrustedExplicitly())
+    throw new AppshotError(`${path} is not an image this node trusts: ${signer.problem}; ${untrustedHint}`);
+  return { manifest, signer };
+}
+
+/** What an image file's header says: its manifest, who signed it, and
+ * its metadata. */
+export interface ImageFileHeader {
+  manifest: Manifest;
+  signer: Signer;
+  image: Image;
+}
+
+/**
+ * The header of an image file (.tar, .tar.gz, .tar.zst: `appshot images`),
+ * checked as loadImage checks it but for the page data, which is neither
+ * read nor uncompressed: appshot writes the manifest and the metadata
+ * first (streamImageTar), so only the start of the stream is. Undefined
+ * for a tar whose parts come in another order (rewritten by another
+ * tool): its metadata might lie behind all of its page data.
+ */
+export async function readImageFileHeader(path: string): Promise<ImageFileHeader | undefined> {
+  const extract = (await loadTar()).extract();
+  const input = openImageFile(path);
+  // Ended by the loop below once it has the two parts: that end of the
+  // input is no failure.
+  const feeding = pipeline(input, extract).catch((e: Error) => e);
+  const wanted = [PARTS.manifest, PARTS.image];
+  const parts: Buffer[] = [];
+  let outOfOrder = false;
+  try {
+    for await (const entry of extract) {
+      const { name, type, size = 0 } = entry.header;
+      if (!KNOWN_PARTS.has(name)) throw new AppshotError(`not an appshot image: ${path} holds '${name}', which is not a part of an image`);
+      if (name !== wanted[parts.length]) {
+        outOfOrder = true;
+        break;
+      }
+      if (type !== 'file') throw new AppshotError(`corrupt image: ${path} holds ${name} as a ${type}, not a regular file`);
+      if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
+      const chunks: Buffer[] = [];
+      for await (const chunk of entry) chunks.push(chunk as Buffer);
+      parts.push(Buffer.concat(chunks));
+      if (parts.length === wanted.length) break;
+    }
+  } catch (e) {
+    if (e instanceof AppshotError) throw e;
+    throw new AppshotError(`corrupt image: ${path} is not a complete tar stream (${(e as Error).message})`);
+  } finally {
+    extract.destroy();
+    await feeding;
+  }
+  if (outOfOrder) return undefined;
+  if (parts.length < wanted.length) throw new AppshotError(`corrupt image: ${path} ends before its ${wanted[parts.length]}`);
+  const [manifestBytes, imageBytes] = parts;
+  const { manifest, signer } = checkManifest(manifestBytes, path, 'report');
+  const listed = (name: string) => manifest.parts.find((p) => p.name === name)!;
+  const imagePart = listed(PARTS.image);
+  const d = digestBuffer(imageBytes);
+  if (BigInt(d.size) !== imagePart.size) throw new AppshotError(`corrupt image: ${PARTS.image} is ${d.size} bytes, expected ${imagePart.size} (truncated?)`);
+  if (d.crc !== imagePart.crc32c) throw new AppshotError(`corrupt image: checksum of ${PARTS.image} does not match`);
+  if (signer.trusted && (imagePart.sha256.length !== 32 || !d.sha256.equals(imagePart.sha256)))
+    throw new AppshotError(`corrupt image: SHA-256 of ${PARTS.image} does not match its signed manifest`);
+  checkWireCounts(ImageType, imageBytes);
+  const image = decode<Image>(ImageType, imageBytes, PARTS.image);
+  validateImage(image, listed(PARTS.pages).size);
+  return { manifest, signer, image };
+}
+
 /** Opens an image (directory, tar file or '-' for stdin) and verifies it
  * before returning it: the manifest lists every part with its size and
  * checksums and is signed by a trusted key, every part matches, and the
@@ -823,26 +910,8 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   };
   try {
     if (!existsSync(join(dir, PARTS.manifest))) throw new AppshotError(`not an appshot image: ${path} (no ${PARTS.manifest})`);
-    const manifestBytes = readSmallPart(dir, PARTS.manifest, PART_CEILING[PARTS.manifest]);
-    const manifest = decode<Manifest>(ManifestType, manifestBytes, PARTS.manifest);
-    if (manifest.magic !== MAGIC) throw new AppshotError(`not an appshot image: ${path}`);
-    if (!READABLE_FORMATS.includes(manifest.formatVersion))
-      throw new AppshotError(`image format ${manifest.formatVersion} is not supported (this appshot reads formats ${READABLE_FORMATS.join(', ')})`);
+    const { manifest, signer } = checkManifest(readSmallPart(dir, PARTS.manifest, PART_CEILING[PARTS.manifest]), path, opts.trust);
     const chunked = manifest.formatVersion >= CHUNKED_FORMAT;
-    const listed = manifest.parts.map((p) => p.name);
-    for (const name of listed)
-      if (!LISTED_PARTS.includes(name as (typeof LISTED_PARTS)[number]))
-        throw new AppshotError(`corrupt image: its manifest lists '${name}', which is not a part of an image`);
-    for (const name of LISTED_PARTS) {
-      const n = listed.filter((l) => l === name).length;
-      if (n !== 1) throw new AppshotError(`corrupt image: its manifest lists ${name} ${n === 0 ? 'not at all' : `${n} times`}`);
-    }
-    for (const part of manifest.parts) checkChunkTable(part, manifest.formatVersion);
-
-    // Who signed it, before anything else of it is read.
-    const signer = checkSignature(MANIFEST_DOMAIN, signedContent(ManifestType, manifest), manifest.signature, manifest.keyId);
-    if (!signer.trusted && opts.trust !== 'report' && !imagesTrustedExplicitly())
-      throw new AppshotError(`${path} is not an image this node trusts: ${signer.problem}; ${untrustedHint}`);
 
     const mustBeOwned = opts.trust !== 'report' && !temporary;
     if (mustBeOwned) checkOnlyOwnerCanChange(dir);

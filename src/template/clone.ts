@@ -60,6 +60,8 @@ export const CLONE_INTERRUPTED = 'interrupted: no instance was left';
 export interface CloneResult {
   aid: string;
   instance: number;
+  /** The template it was stamped from and its number, as ps shows it. */
+  template: { path: string; instance: number };
   processes: number;
   threads: number;
   /** Time inside appshot for this instance: its plan, ports and restore. */
@@ -243,7 +245,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, privilegesChecked: true, batchCommit: commitPath });
         debug(`instance ${i + 1} made in`, started);
         lifelines.push(r.lifeline!);
-        results.push({ aid, instance: i + 1, processes: r.processes, threads: r.threads, cloneMs: now() - started, injectedCalls: r.injectedCalls, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
+        results.push({ aid, instance: i + 1, template: { path: t.path, instance: i + 1 }, processes: r.processes, threads: r.threads, cloneMs: now() - started, injectedCalls: r.injectedCalls, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
         instanceEnv = config.env;
       } catch (e) {
         for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);

@@ -1,0 +1,60 @@
+#!/usr/bin/env node
+/**
+ * npm's `install` step runs this before node-gyp builds the native parts.
+ * Without a compiler, node-gyp fails with dozens of lines in which the
+ * cause (`g++: not found`, a missing libc.a at the static link of
+ * appshot-init) is easy to miss; this says it in one line, with what to
+ * install, and exits 1 before node-gyp starts.
+ *
+ * What node-gyp's Makefiles call: $CC (make's default `cc`) for C, $CXX
+ * (make's default `g++`) for C++ and for linking, `make`, and Python 3 for
+ * gyp itself ($PYTHON or npm's `python` setting, else python3 or python).
+ * appshot-init is linked -static-pie, which needs libc.a (libc6-dev; g++
+ * brings it on Debian).
+ */
+import { spawnSync } from 'node:child_process';
+import { accessSync, constants, existsSync } from 'node:fs';
+import { delimiter, isAbsolute, join } from 'node:path';
+
+/** The path of `command` as a shell would find it, or undefined. */
+function found(command) {
+  if (!command) return undefined;
+  const candidates = isAbsolute(command) || command.includes('/') ? [command] : (process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, command));
+  for (const path of candidates) {
+    try {
+      accessSync(path, constants.X_OK);
+      return path;
+    } catch {
+      // not there, or not executable
+    }
+  }
+  return undefined;
+}
+
+/** The first word of a setting like CC="ccache gcc" is the program run. */
+const program = (setting, fallback) => (setting?.trim() ? setting.trim().split(/\s+/)[0] : fallback);
+
+const cc = program(process.env.CC, 'cc');
+const cxx = program(process.env.CXX, 'g++');
+const python = program(process.env.PYTHON ?? process.env.npm_config_python, undefined);
+
+// Each missing tool, and the Debian package that brings it.
+const missing = [];
+if (!found(cxx)) missing.push([cxx, 'g++']);
+if (!found(cc)) missing.push([cc, 'g++']);
+if (!found('make')) missing.push(['make', 'make']);
+if (python ? !found(python) : !found('python3') && !found('python')) missing.push([python ?? 'python3', 'python3']);
+if (found(cc)) {
+  // cc answers a bare "libc.a" when it has none to link with.
+  const r = spawnSync(found(cc), ['-print-file-name=libc.a'], { encoding: 'utf8' });
+  const libc = r.status === 0 ? r.stdout.trim() : '';
+  if (!isAbsolute(libc) || !existsSync(libc)) missing.push(['libc.a (C library headers and static library)', 'libc6-dev']);
+}
+
+if (missing.length) {
+  const names = [...new Set(missing.map(([tool]) => tool))].join(', ');
+  const packages = [...new Set(['g++', 'make', 'python3', ...missing.map(([, pkg]) => pkg)])].join(' ');
+  const how = found('apt-get') || existsSync('/etc/debian_version') ? `apt-get install -y ${packages}` : `install a C and C++ compiler, make, python3 and the C library's static library`;
+  process.stderr.write(`appshot: building the native addon needs g++, make and python3 (not found: ${names}): ${how}\n`);
+  process.exit(1);
+}
