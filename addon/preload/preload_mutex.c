@@ -70,36 +70,33 @@ __asm__(".symver appshot_real_mutex_unlock, __pthread_mutex_unlock@GLIBC_2.2.5")
 #define KIND_ROBUST 16
 #define KIND_PI 32
 
+/* Whether no thread of this process has TID `tid` now (tgkill with
+ * signal 0). Apart: the scan below stays a leaf. */
+static __attribute__((noinline)) int no_thread_has(int32_t tid) {
+  return sys6(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0) == -ESRCH;
+}
+
 /* The new TID of a thread of this process whose old TID was `old`; 0 if
- * none, or if a thread of this process has `old` now. */
+ * none, or if a thread of this process has `old` now (one made after the
+ * restore may have been given it back: the owner may be that thread). */
 static int32_t moved_tid(int32_t old) {
   int32_t n = __atomic_load_n(&g_tid_moves.count, __ATOMIC_ACQUIRE);
   if (n > TID_MOVES_MAX) n = TID_MOVES_MAX;
-  int32_t now = 0;
   for (int32_t i = 0; i < n; i++)
     if (g_tid_moves.move[i].old_tid == old) {
-      now = g_tid_moves.move[i].new_tid;
-      break;
+      int32_t now = g_tid_moves.move[i].new_tid;
+      return now > 0 && no_thread_has(old) ? now : 0;
     }
-  if (now <= 0) return 0;
-  /* Our own thread now, or another's: its owner may be that thread. */
-  if (sys6(SYS_tgkill, SYS0(getpid), old, 0, 0, 0, 0) != -ESRCH) return 0;
-  return now;
+  return 0;
 }
 
-/* The owner fields glibc compares of the mutex `m` the program passed,
- * given their holder's new TID where they hold an old one. A compare and
- * swap: another thread may lock, unlock or mend it at the same time, and
- * only the exact old value is replaced. */
-static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m) {
-  if (!m) return;
+/* The owner fields glibc compares of the mutex `m` the program passed
+ * (its __kind `kind`), given their holder's new TID where they hold an old
+ * one. A compare and swap: another thread may lock, unlock or mend it at
+ * the same time, and only the exact old value is replaced. errno is not
+ * touched (raw system calls only). */
+static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m, int kind) {
   struct __pthread_mutex_s *d = &m->__data;
-  int kind = __atomic_load_n(&d->__kind, __ATOMIC_RELAXED);
-  /* Robust ones: mended through the robust lists at restore. */
-  if (kind & KIND_ROBUST) return;
-  int type = kind & KIND_TYPE_MASK;
-  if (!(kind & KIND_PI) && type != KIND_RECURSIVE && type != KIND_ERRORCHECK) return;
-  int saved = errno;
   /* Compared by recursive and error-checking ones (PI and
    * priority-protect ones too), and set by every PI lock. */
   int owner = __atomic_load_n(&d->__owner, __ATOMIC_RELAXED);
@@ -117,12 +114,20 @@ static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m) {
                                   (word & ~FUTEX_TID_MASK) | now, 0,
                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   }
-  errno = saved;
 }
 
+/* Only while there are moves, and only kinds whose owner fields glibc
+ * compares: recursive, error-checking or PI, not robust (those are
+ * mended through the robust lists at restore). A normal mutex costs a
+ * restored process a second load. */
 static inline __attribute__((always_inline)) void mend(pthread_mutex_t *m) {
-  if (UNLIKELY(__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED)))
-    mend_owner(m);
+  if (LIKELY(!__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED)) || !m) return;
+  int kind = __atomic_load_n(&m->__data.__kind, __ATOMIC_RELAXED);
+  int type = kind & KIND_TYPE_MASK;
+  if ((kind & KIND_ROBUST) ||
+      (!(kind & KIND_PI) && type != KIND_RECURSIVE && type != KIND_ERRORCHECK))
+    return;
+  mend_owner(m, kind);
 }
 
 API int pthread_mutex_lock(pthread_mutex_t *m) {
