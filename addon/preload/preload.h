@@ -441,6 +441,9 @@ HIDDEN void child_reset_ids(int32_t vid);
 
 /* preload_pid.c */
 HIDDEN void pid_atfork_child(void);
+/* preload_mutex.c: in a fork child, whose one thread is none of those the
+ * restore's TID moves name. */
+HIDDEN void tid_moves_forget(void);
 HIDDEN long do_kill(pid_t pid, int sig);
 HIDDEN long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig);
 HIDDEN long do_wait4(pid_t pid, int *status, int options, struct rusage *ru);

@@ -130,6 +130,16 @@ static inline __attribute__((always_inline)) void mend(pthread_mutex_t *m) {
   mend_owner(m, kind);
 }
 
+/* A fork child's one thread is none of the threads the moves name: a
+ * mutex held by another of the parent's threads is held by no thread of
+ * the child's, mended or not, and one the forking thread held keeps the
+ * parent's TID, as glibc leaves it in any fork. Written only if set, so
+ * that a fork does not copy the page for nothing. */
+void tid_moves_forget(void) {
+  if (__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_tid_moves.count, 0, __ATOMIC_RELAXED);
+}
+
 API int pthread_mutex_lock(pthread_mutex_t *m) {
   mend(m);
   return appshot_real_mutex_lock(m);
