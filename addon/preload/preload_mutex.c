@@ -30,7 +30,8 @@
  * TID (tgkill with signal 0: is it a thread of ours now?): safe wherever
  * glibc's own calls are. glibc's internal callers (pthread_cond_wait's
  * unlock and relock of its mutex, for one) do not come through here: see
- * the README ("Mutexes held across a restore").
+ * the README's list of what is not kept ("Mutexes that are not robust,
+ * held across a restore"). A fork child forgets the moves.
  */
 #include "preload.h"
 
@@ -51,10 +52,10 @@ extern struct appshot_tid_moves appshot_tid_moves
     __attribute__((alias("g_tid_moves"), visibility("default")));
 
 /* glibc's functions by their second public names, so that ours, which
- * take the first, never find themselves (and need no dlsym, nor init:
- * these are called before any constructor runs). Only the plain versions
- * exist on x86-64. timedlock and clocklock have no second name: found by
- * dlsym at init (REAL_FUNCS). */
+ * take the first, never find themselves, and need no dlsym nor init
+ * (other libraries' constructors lock mutexes before ours runs). glibc
+ * exports those names at version GLIBC_2.2.5 only. timedlock and
+ * clocklock have no second name: found by dlsym at init (REAL_FUNCS). */
 extern int appshot_real_mutex_lock(pthread_mutex_t *m);
 extern int appshot_real_mutex_trylock(pthread_mutex_t *m);
 extern int appshot_real_mutex_unlock(pthread_mutex_t *m);
