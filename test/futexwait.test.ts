@@ -140,3 +140,46 @@ describe('a thread snapshotted in a futex wait on shared memory wakes when anoth
     }
   });
 });
+
+/**
+ * Mutexes that are not robust, held across the restore (mutexown.c): a
+ * recursive, an error-checking and a priority-inheritance one, whose owner
+ * fields hold their holder's TID at the snapshot. The preload library
+ * mends each when the program next passes it (preload_mutex.c), from the
+ * moves the restore gave it; restored twice, from the moves of both.
+ */
+describe('mutexes that are not robust, held across a restore, work after it', () => {
+  /** Runs the fixture under `aid`, takes it through `restores` (each the
+   * restore's extra arguments: one snapshot and restore per entry, the
+   * mutexes untouched in between), then lets it use them. */
+  async function roundTrips(aid: string, restores: string[][]): Promise<void> {
+    const image = join(sb.home, `${aid}-img`);
+    try {
+      const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('mutexown')]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => /^(HOLDING|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid} to hold its mutexes`);
+      for (const [i, extra] of restores.entries()) {
+        const s = sb.run(['snapshot', aid, '-o', `${image}-${i}`]);
+        expect(s.code, s.stderr).toBe(0);
+        const t = sb.run(['restore', `${image}-${i}`, ...extra]);
+        expect(t.code, t.stderr).toBe(0);
+        expect(t.stderr.match(/^appshot: warning: .*$/gm) ?? []).toEqual([]);
+      }
+      process.kill(sb.systemPid(aid), 'SIGUSR1');
+      // The fixture's own alarm ends a step that hangs with a FAIL line.
+      await waitFor(() => /^(ALL OK|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid), 60_000, `${aid}'s verdict`);
+      const log = sb.log(aid);
+      expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
+      for (const check of ['recursive relock count 2', 'recursive unlocked twice', 'recursive trylock count 2, unlocked twice', 'errorcheck relock EDEADLK', 'errorcheck unlocked', 'pi unlocked', 'pi contender got it'])
+        expect(log).toContain(`CHECK ${check}\n`);
+      expect(log).toMatch(/^ALL OK$/m);
+    } finally {
+      if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
+      for (const i of restores.keys()) rmSync(`${image}-${i}`, { recursive: true, force: true });
+    }
+  }
+
+  it('restored eagerly', () => roundTrips('mo', [[]]));
+  it('restored with --lazy', () => roundTrips('mol', [['--lazy']]));
+  it('restored twice, untouched in between: the first TIDs are mended too', () => roundTrips('mo2', [[], []]));
+});

@@ -595,6 +595,9 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       fd.inotifyWatches = [{ wd: 1 << 30, path: '/', mask: 1 }];
       i.processes[0].fds.push(fd);
     }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
+    // The restore writes the TID moves there (resources/mutexes.ts).
+    ['a table of TID moves in shared or absent memory', (i) => (i.processes[0].tidMovesAddress = 0x10n), "process \\d+'s table of TID moves at 0x10 is not in private writable memory of its own"],
+    ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 4096"],
     ...mqueueCases(),
     ...aioCases(),
   ];

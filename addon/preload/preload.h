@@ -273,7 +273,7 @@ static inline void ensure_init(void) {
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
   X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
-  X(pthread_getcpuclockid)
+  X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock)
 
 enum {
 #define X(n) R_##n,
@@ -443,6 +443,9 @@ HIDDEN void child_reset_ids(int32_t vid);
 
 /* preload_pid.c */
 HIDDEN void pid_atfork_child(void);
+/* preload_mutex.c: in a fork child, whose one thread is none of those the
+ * restore's TID moves name. */
+HIDDEN void tid_moves_forget(void);
 HIDDEN long do_kill(pid_t pid, int sig);
 HIDDEN long do_tgkill(long nr, pid_t tgid, pid_t tid, int sig);
 HIDDEN long do_wait4(pid_t pid, int *status, int options, struct rusage *ru);

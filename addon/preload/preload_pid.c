@@ -77,6 +77,7 @@ static __thread int t_in_fork TLS_IE;
  * glibc's own fork work: before the child's other atfork handlers (most of
  * them) and before fork() returns, whoever called it. */
 void pid_atfork_child(void) {
+  tid_moves_forget();
   if (!g_h) return;
   /* Each page the child writes here is a copy-on-write fault on every
    * fork, so write only what must change. The child's memory is its own,

@@ -179,6 +179,9 @@ export interface Process {
   /** PR_GET_DUMPABLE: 0, 1 or 2. */
   dumpable: number;
   glibcTidOffset: number;
+  /** Where its preload library keeps the TID moves (resources/mutexes.ts);
+   * 0 or absent: no such library. */
+  tidMovesAddress?: bigint;
   itimers: ITimer[];
   /** Absent in older images: none. */
   posixTimers?: PosixTimer[];
@@ -342,6 +345,10 @@ export interface Thread {
   /** Absent in older images: the process's creds then. */
   creds?: Creds;
   attributes?: ThreadAttributes;
+  /** The system TIDs it had before earlier restores, newest first, that
+   * a mutex may still name (resources/mutexes.ts); absent in older
+   * images: none. */
+  earlierTids?: number[];
 }
 
 export interface Rseq {

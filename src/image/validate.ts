@@ -17,6 +17,7 @@ import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
 import { checkPosixQueues } from '../resources/mqueue.js';
 import { checkAioRings } from '../resources/aio.js';
+import { checkTidMoves } from '../resources/mutexes.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -193,6 +194,7 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
   if (!memoryOnly) checkAioRings(p, corrupt);
+  if (!memoryOnly) checkTidMoves(p, corrupt);
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
     corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);

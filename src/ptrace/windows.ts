@@ -172,6 +172,33 @@ export function residentBatchOf(pid: number, maps: MapsLine[]): { code: bigint; 
   return { code: lib.start + offsets.code, area: lib.start + offsets.area, size };
 }
 
+/** tidMovesOf's offsets from the library's start, by the mapped file, as
+ * residentOffsets (null: the library has none). */
+const tidMovesOffsets = new Map<string, bigint | null>();
+
+/** Where the preload library keeps its TID moves (appshot_tid_moves,
+ * addon/preload/preload_mutex.c) in a process whose mappings are `maps`,
+ * or undefined: no library, an older one without them, or one whose file
+ * cannot be read. */
+export function tidMovesOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  if (!lib) return undefined;
+  const key = `${lib.path}\0${lib.dev}\0${lib.inode}`;
+  let offset = tidMovesOffsets.get(key);
+  if (offset === undefined) {
+    try {
+      const file = mappedFile(pid, lib);
+      const at = elfSymbol(file, 'appshot_tid_moves');
+      offset = at === undefined ? null : lib.start - firstLoadVaddr(file) + at - lib.start;
+    } catch {
+      return undefined;
+    }
+    tidMovesOffsets.set(key, offset);
+    while (tidMovesOffsets.size > 16) tidMovesOffsets.delete(tidMovesOffsets.keys().next().value!);
+  }
+  return offset === null ? undefined : lib.start + offset;
+}
+
 /** "major:minor" in hex, as /proc/PID/maps names a device. */
 function deviceName(dev: bigint): string {
   const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);

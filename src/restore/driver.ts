@@ -49,6 +49,7 @@ import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
+import { restoreTidMoves } from '../resources/mutexes.js';
 import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
@@ -864,6 +865,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.
       restoreLoaderLockOwners(m.pid, p, m.tids);
+      // Mutexes that are not robust: mended by the preload library where
+      // the program next uses them, from the moves written here.
+      for (const note of restoreTidMoves(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);

@@ -34,6 +34,7 @@ import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } from '../resources/files.js';
 import { listingsBeforeCalls } from '../resources/listings.js';
 import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
+import { dumpTidMoves } from '../resources/mutexes.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
@@ -291,6 +292,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     });
     timed('cgroups', () => dumpCgroup(proc, pid, what));
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
+    timed('tid moves', () => dumpTidMoves(pid, maps, proc));
     proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
     proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
     proc.zombies = timed('zombies', () => dumpZombies(ctx, pid, proc.threads));

@@ -1,0 +1,170 @@
+/*
+ * Mutex owners mended after a restore.
+ *
+ * glibc's recursive and error-checking mutexes keep their holder's system
+ * TID in __owner and compare it with the calling thread's (cached in its
+ * descriptor) on relock and unlock; a priority-inheritance mutex keeps it
+ * in its futex word too, which glibc compares on unlock and the kernel
+ * reads when another thread contends (FUTEX_LOCK_PI attaches to the task
+ * the word names). A restore gives every thread a new TID, so a mutex held
+ * across it names a TID no thread has any more: its holder's unlock is
+ * refused (EPERM), a recursive relock waits for itself forever, an
+ * error-checking one misses EDEADLK, and a PI contender gets ESRCH from
+ * the kernel, on which glibc waits forever.
+ *
+ * Nothing lists such mutexes (robust ones are in their holders' robust
+ * lists and mended at restore, src/resources/threads.ts), and searching
+ * memory for their shape would be a guess. So they are mended where the
+ * program names them: the restore writes the process's moves (each
+ * thread's TID at the snapshot, and at the snapshots before it, paired
+ * with its TID now) into appshot_tid_moves, and the mutex calls below,
+ * while there are moves, look at the mutex they are given before glibc
+ * does. Its owner is rewritten only where its kind says glibc keeps a TID
+ * there and the TID is one of the moves' old ones that no thread of this
+ * process has now (a thread made after the restore may have been given an
+ * old TID back: then the owner may be that thread, and is left alone).
+ *
+ * Hot path: one load of the count, which is 0 unless this process was
+ * restored with TIDs that changed, then glibc's function. Nothing
+ * allocated, no lock, a system call only when a mutex's owner is an old
+ * TID (tgkill with signal 0: is it a thread of ours now?): safe wherever
+ * glibc's own calls are. glibc's internal callers (pthread_cond_wait's
+ * unlock and relock of its mutex, for one) do not come through here: see
+ * the README's list of what is not kept ("Mutexes that are not robust,
+ * held across a restore"). A fork child forgets the moves.
+ */
+#include "preload.h"
+
+#include <linux/futex.h>
+
+/* Written by the restore (src/resources/mutexes.ts), which reads the
+ * capacity from here: the library decides how many it holds. */
+#define TID_MOVES_MAX 256
+struct appshot_tid_moves {
+  int32_t count; /* moves in use; 0: nothing to mend (the hot path's test) */
+  int32_t capacity;
+  struct {
+    int32_t old_tid, new_tid;
+  } move[TID_MOVES_MAX];
+};
+static struct appshot_tid_moves g_tid_moves = {0, TID_MOVES_MAX, {{0, 0}}};
+extern struct appshot_tid_moves appshot_tid_moves
+    __attribute__((alias("g_tid_moves"), visibility("default")));
+
+/* glibc's functions by their second public names, so that ours, which
+ * take the first, never find themselves, and need no dlsym nor init
+ * (other libraries' constructors lock mutexes before ours runs). glibc
+ * exports those names at version GLIBC_2.2.5 only. timedlock and
+ * clocklock have no second name: found by dlsym at init (REAL_FUNCS). */
+extern int appshot_real_mutex_lock(pthread_mutex_t *m);
+extern int appshot_real_mutex_trylock(pthread_mutex_t *m);
+extern int appshot_real_mutex_unlock(pthread_mutex_t *m);
+__asm__(".symver appshot_real_mutex_lock, __pthread_mutex_lock@GLIBC_2.2.5");
+__asm__(".symver appshot_real_mutex_trylock, __pthread_mutex_trylock@GLIBC_2.2.5");
+__asm__(".symver appshot_real_mutex_unlock, __pthread_mutex_unlock@GLIBC_2.2.5");
+
+/* __kind (x86-64 struct __pthread_mutex_s: __lock, __count, __owner,
+ * __nusers, __kind): the type in the low two bits, and flag bits. */
+#define KIND_TYPE_MASK 3
+#define KIND_RECURSIVE 1
+#define KIND_ERRORCHECK 2
+#define KIND_ROBUST 16
+#define KIND_PI 32
+
+/* Whether no thread of this process has TID `tid` now (tgkill with
+ * signal 0). Apart: the scan below stays a leaf. */
+static __attribute__((noinline)) int no_thread_has(int32_t tid) {
+  return sys6(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0) == -ESRCH;
+}
+
+/* The new TID of a thread of this process whose old TID was `old`; 0 if
+ * none, or if a thread of this process has `old` now (one made after the
+ * restore may have been given it back: the owner may be that thread). */
+static int32_t moved_tid(int32_t old) {
+  int32_t n = __atomic_load_n(&g_tid_moves.count, __ATOMIC_ACQUIRE);
+  if (n > TID_MOVES_MAX) n = TID_MOVES_MAX;
+  for (int32_t i = 0; i < n; i++)
+    if (g_tid_moves.move[i].old_tid == old) {
+      int32_t now = g_tid_moves.move[i].new_tid;
+      return now > 0 && no_thread_has(old) ? now : 0;
+    }
+  return 0;
+}
+
+/* The owner fields glibc compares of the mutex `m` the program passed
+ * (its __kind `kind`), given their holder's new TID where they hold an old
+ * one. A compare and swap: another thread may lock, unlock or mend it at
+ * the same time, and only the exact old value is replaced. errno is not
+ * touched (raw system calls only). */
+static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m, int kind) {
+  struct __pthread_mutex_s *d = &m->__data;
+  /* Compared by recursive and error-checking ones (PI and
+   * priority-protect ones too), and set by every PI lock. */
+  int owner = __atomic_load_n(&d->__owner, __ATOMIC_RELAXED);
+  int32_t now;
+  if (owner > 0 && (now = moved_tid(owner)))
+    __atomic_compare_exchange_n(&d->__owner, &owner, now, 0, __ATOMIC_RELAXED,
+                                __ATOMIC_RELAXED);
+  if (kind & KIND_PI) {
+    /* The futex word: the holder's TID and the kernel's waiters and
+     * owner-died bits, which stay. */
+    int word = __atomic_load_n(&d->__lock, __ATOMIC_RELAXED);
+    int32_t tid = word & FUTEX_TID_MASK;
+    if (tid && (now = moved_tid(tid)))
+      __atomic_compare_exchange_n(&d->__lock, &word,
+                                  (word & ~FUTEX_TID_MASK) | now, 0,
+                                  __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  }
+}
+
+/* Only while there are moves, and only kinds whose owner fields glibc
+ * compares: recursive, error-checking or PI, not robust (those are
+ * mended through the robust lists at restore). A normal mutex costs a
+ * restored process a second load. */
+static inline __attribute__((always_inline)) void mend(pthread_mutex_t *m) {
+  if (LIKELY(!__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED)) || !m) return;
+  int kind = __atomic_load_n(&m->__data.__kind, __ATOMIC_RELAXED);
+  int type = kind & KIND_TYPE_MASK;
+  if ((kind & KIND_ROBUST) ||
+      (!(kind & KIND_PI) && type != KIND_RECURSIVE && type != KIND_ERRORCHECK))
+    return;
+  mend_owner(m, kind);
+}
+
+/* A fork child's one thread is none of the threads the moves name: a
+ * mutex held by another of the parent's threads is held by no thread of
+ * the child's, mended or not, and one the forking thread held keeps the
+ * parent's TID, as glibc leaves it in any fork. Written only if set, so
+ * that a fork does not copy the page for nothing. */
+void tid_moves_forget(void) {
+  if (__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_tid_moves.count, 0, __ATOMIC_RELAXED);
+}
+
+API int pthread_mutex_lock(pthread_mutex_t *m) {
+  mend(m);
+  return appshot_real_mutex_lock(m);
+}
+
+API int pthread_mutex_trylock(pthread_mutex_t *m) {
+  mend(m);
+  return appshot_real_mutex_trylock(m);
+}
+
+API int pthread_mutex_unlock(pthread_mutex_t *m) {
+  mend(m);
+  return appshot_real_mutex_unlock(m);
+}
+
+API int pthread_mutex_timedlock(pthread_mutex_t *m, const struct timespec *t) {
+  ensure_init();
+  mend(m);
+  return REAL(pthread_mutex_timedlock)(m, t);
+}
+
+API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
+                                const struct timespec *t) {
+  ensure_init();
+  mend(m);
+  return REAL(pthread_mutex_clocklock)(m, c, t);
+}
