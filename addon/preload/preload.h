@@ -267,7 +267,7 @@ static inline void ensure_init(void) {
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(scandir64) X(scandirat64) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
-  X(getcwd) X(realpath)                                                    \
+  X(getcwd) X(get_current_dir_name) X(realpath)                            \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \

@@ -609,19 +609,23 @@ PATH_FN(static inline, ssize_t, readlinkat_m,
  * /proc/<pid>, realpath of either: the kernel answers with system ids,
  * made virtual here (preload_proc.c). From the call to the rewrite the
  * thread holds a system id: a translation window, for a path under /proc
- * or a relative one (the only ones whose answer may be rewritten). */
+ * or /dev/fd, or a relative one (the only links whose answer may be
+ * rewritten). */
 static inline int answer_may_hold_ids(const char *path) {
-  return g_h && path && (path[0] != '/' || !strncmp(path, "/proc/", 6));
+  return g_h && path && (path[0] != '/' || !strncmp(path, "/proc/", 6) || !strncmp(path, "/dev/fd/", 8));
 }
 #define ANSWER_WINDOW(path) ID_WINDOW_IF(answer_may_hold_ids(path))
 
 /* An answer that filled the caller's buffer may be a longer one cut, whose
- * ids would be cut too: read whole, made virtual, then cut. Only then is a
- * PATH_MAX buffer on the stack (crash handlers readlink /proc/self/exe on
- * small alternate signal stacks). */
+ * ids would be cut too: read whole, made virtual, then cut. One PATH_MAX
+ * buffer on the stack, only then (crash handlers readlink /proc/self/exe
+ * on small alternate signal stacks): a path that names the caller itself
+ * (/proc/self, /proc/thread-self, /dev/fd) is read again by the kernel as
+ * it is, not through the wrapper's slow half and its buffer. */
 static NOINLINE long link_answer_whole(int dirfd, const char *path, char *out, size_t size) {
   char whole[PATH_MAX];
-  long n = readlinkat_m(dirfd, path, whole, sizeof whole);
+  int as_is = !strncmp(path, "/proc/self", 10) || !strncmp(path, "/proc/thread-self", 17) || !strncmp(path, "/dev/fd/", 8);
+  long n = as_is ? libc_ret(SYS4(readlinkat, dirfd, path, whole, sizeof whole)) : readlinkat_m(dirfd, path, whole, sizeof whole);
   n = proc_link_answer(dirfd, path, whole, n, sizeof whole);
   if (n > (long)size) n = (long)size;
   if (n > 0) memcpy(out, whole, (size_t)n);
@@ -655,22 +659,24 @@ API ssize_t __readlinkat_chk(int fd, const char *path, char *out, size_t size, s
   return readlinkat(fd, path, out, size);
 }
 
-/* r (getcwd's or realpath's answer, not NULL) with virtual ids: in the
- * caller's buffer `given` of `given_size` bytes (errno `too_long` if it
- * no longer fits), or in the one libc allocated, grown if it must be. */
-static NOINLINE char *virtual_answer_slow(char *r, char *given, size_t given_size, int too_long) {
-  char tmp[PATH_MAX];
+/* r (getcwd's or realpath's answer, not NULL) with virtual ids, at most
+ * `limit` bytes with its terminator (errno `too_long` if it no longer
+ * fits: the caller's buffer, or what it asked libc to allocate): in the
+ * caller's buffer `given`, or in the one libc allocated, grown if it must
+ * be. Room for the ids to grow past PATH_MAX, to tell that. */
+static NOINLINE char *virtual_answer_slow(char *r, char *given, size_t limit, int too_long) {
+  char tmp[PATH_MAX + 32];
   size_t was = strlen(r);
-  if (was >= sizeof tmp) return r;
+  if (was >= PATH_MAX) return r;
   memcpy(tmp, r, was);
   size_t len = proc_answer_to_virtual(tmp, was, sizeof tmp - 1);
   tmp[len] = '\0';
-  if (given) {
-    if (len + 1 > given_size) {
-      errno = too_long;
-      return NULL;
-    }
-  } else if (len > was) {
+  if (len + 1 > limit) {
+    if (!given) free(r);
+    errno = too_long;
+    return NULL;
+  }
+  if (!given && len > was) {
     char *grown = realloc(r, len + 1);
     if (!grown) {
       free(r);
@@ -681,15 +687,25 @@ static NOINLINE char *virtual_answer_slow(char *r, char *given, size_t given_siz
   }
   return memcpy(r, tmp, len + 1);
 }
-static inline char *virtual_answer(char *r, char *given, size_t given_size, int too_long) {
+static inline char *virtual_answer(char *r, char *given, size_t limit, int too_long) {
   if (!r || !g_h || strncmp(r, "/proc/", 6) || r[6] < '0' || r[6] > '9') return r;
-  return virtual_answer_slow(r, given, given_size, too_long);
+  return virtual_answer_slow(r, given, limit, too_long);
 }
 
+/* getcwd and realpath open their window whatever they are asked: a
+ * working directory in /proc is not always known (a thread with its own,
+ * a raw chdir), and realpath of another path may end there (/dev/fd). */
 API char *getcwd(char *buf, size_t size) {
   ensure_init();
-  ID_WINDOW_IF(g_h && cwd_in_proc());
-  return virtual_answer(REAL(getcwd)(buf, size), buf, size, ERANGE);
+  ID_WINDOW();
+  /* getcwd(NULL, 0) allocates what it needs; else `size` is the bound. */
+  return virtual_answer(REAL(getcwd)(buf, size), buf, size ? size : PATH_MAX, ERANGE);
+}
+/* glibc's own get_current_dir_name calls its getcwd past the wrapper. */
+API char *get_current_dir_name(void) {
+  ensure_init();
+  ID_WINDOW();
+  return virtual_answer(REAL(get_current_dir_name)(), NULL, PATH_MAX, ERANGE);
 }
 API char *__getcwd_chk(char *buf, size_t size, size_t buflen) {
   if (size > buflen) __chk_fail();
@@ -707,7 +723,7 @@ static NOINLINE char *realpath_proc(const char *path, char *resolved) {
 }
 API char *realpath(const char *restrict path, char *restrict resolved) {
   ensure_init();
-  ANSWER_WINDOW(path);
+  ID_WINDOW();
   int proc = g_h && path && (!strncmp(path, "/proc/", 6) || proc_at_hooked(AT_FDCWD, path));
   char *r = proc ? realpath_proc(path, resolved) : REAL(realpath)(path, resolved);
   return virtual_answer(r, resolved, PATH_MAX, ENAMETOOLONG);

@@ -217,7 +217,10 @@ static size_t ids_to_virtual(char *s, size_t len, size_t cap) {
   if (!n || !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return len;
   if (len - n > 6 && !memcmp(s + n, "/task/", 6)) {
     size_t t = decimal_at(s + n + 6, len - n - 6, &stid);
-    if (t && appshot_s2v(g_h, APPSHOT_PID, stid, &vtid)) old = n + 6 + t;
+    /* The caller's own thread may not be in the tables yet (it never
+     * asked its TID): mapped as gettid() would map it. */
+    if (t && (appshot_s2v(g_h, APPSHOT_PID, stid, &vtid) || (stid == (pid_t)SYS0(gettid) && (vtid = self_vtid()))))
+      old = n + 6 + t;
   }
   char head[40]; /* "<vpid>/task/<vtid>": at most 10 + 6 + 10 */
   char *d = put_decimal(head, (unsigned long)vpid);
@@ -235,15 +238,72 @@ size_t proc_answer_to_virtual(char *s, size_t len, size_t cap) {
   return 6 + ids_to_virtual(s + 6, len - 6, cap - 6);
 }
 
+/* Whether `name` (a path's tail, terminated) is one of the kernel's links
+ * that may point into /proc: "cwd", "root", "exe", "fd/<n>" or
+ * "map_files/<range>" (or, under an fd directory, "<n>"), with nothing
+ * after it. Past one of those a path goes on through the link (to a
+ * user's symlink under /proc/self/root/...), whose target is the user's
+ * text, never rewritten. */
+static int all_digits(const char *s) {
+  if (!*s) return 0;
+  for (; *s; s++)
+    if (*s < '0' || *s > '9') return 0;
+  return 1;
+}
+
+static int kernel_link_name(const char *name, int in_fd_dir) {
+  const char *slash = strchr(name, '/');
+  if (!slash) {
+    if (in_fd_dir) return all_digits(name);
+    return !strcmp(name, "cwd") || !strcmp(name, "root") || !strcmp(name, "exe");
+  }
+  const char *rest = slash + 1;
+  if (strchr(rest, '/') || !*rest) return 0;
+  if (slash - name == 2 && !memcmp(name, "fd", 2)) return all_digits(rest);
+  return slash - name == 9 && !memcmp(name, "map_files", 9);
+}
+
+/* The link `path` names relative to /proc's own directory (what follows
+ * "/proc/"): "<pid|self|thread-self>[/task/<tid>]/<kernel link>". */
+static int kernel_link_under_proc(const char *p) {
+  if (!strncmp(p, "self/", 5)) p += 5;
+  else if (!strncmp(p, "thread-self/", 12)) p += 12;
+  else {
+    pid_t ignored;
+    if (!parse_pid(&p, &ignored) || *p++ != '/') return 0;
+  }
+  if (!strncmp(p, "task/", 5)) {
+    pid_t ignored;
+    p += 5;
+    if (!parse_pid(&p, &ignored) || *p++ != '/') return 0;
+  }
+  return kernel_link_name(p, 0);
+}
+
+/* The same for a path relative to dirfd (AT_FDCWD: the working
+ * directory), by the directory's link. */
+static int kernel_link_at(int dirfd, const char *path) {
+  char dir[64];
+  long n = proc_dir_link(dirfd, dir, sizeof dir);
+  if (n < 0) return 0;
+  if (n == 5) return kernel_link_under_proc(path); /* "/proc" */
+  /* "/proc/<pid>[/task/<tid>][/fd]" */
+  int fd_dir = n > 8 && !memcmp(dir + n - 3, "/fd", 3);
+  return kernel_link_name(path, fd_dir);
+}
+
 long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
   if (!g_h || n <= 0 || !path) return n;
   int absolute = path[0] == '/';
   if (out[0] == '/') {
-    /* A link made by the kernel: under /proc, or relative to a directory
-     * of it (asked only now: few answers look like this). */
+    /* A link the kernel made, to "/proc/<spid>...": under /proc, or
+     * /dev/fd/<n> (a link to /proc/self/fd), or relative to a directory of
+     * /proc (asked only now: few answers look like this). */
     if (n < 7 || memcmp(out, "/proc/", 6) || out[6] < '0' || out[6] > '9') return n;
-    if (absolute ? strncmp(path, "/proc/", 6) != 0 : proc_dir_kind(dirfd) == PROC_DIR_NONE) return n;
-    return (long)proc_answer_to_virtual(out, (size_t)n, size);
+    int kernels = absolute ? (!strncmp(path, "/proc/", 6) && kernel_link_under_proc(path + 6)) ||
+                                 (!strncmp(path, "/dev/fd/", 8) && all_digits(path + 8))
+                           : kernel_link_at(dirfd, path);
+    return kernels ? (long)proc_answer_to_virtual(out, (size_t)n, size) : n;
   }
   /* "/proc/self" and "/proc/thread-self", or "self" and "thread-self"
    * under /proc. */
