@@ -131,7 +131,7 @@ describe('the engine keeps clones ready', () => {
     expect(await info(ownPort(made))).toMatchObject({ state: 'template', mapped: 'template' });
   }, 240_000);
 
-  it('refills to the last batch size, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
+  it('refills to the largest recent batch, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
     const first = cloneJson(['-n', '3']);
     expect(first.map((c) => !!c.prepared)).toEqual([true, false, false]);
     await waitFor(() => held() === 3, 60_000, 'three instances held');

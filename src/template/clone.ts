@@ -359,6 +359,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // instance's if every instance came from the pool. The other pool
     // instances' commit files become links to it (init follows them), so
     // that the batch still commits as one, by one rename.
+    const committing = now();
     const target = batchCommit ?? heldCommits.shift()!;
     for (const p of heldCommits) {
       await reg.forgetCommit(p);
@@ -369,9 +370,12 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     reg.commit(target);
     committed = true;
     killPoint('clone: committed');
+    debug('committed in', committing);
     // Made ahead by the pool: registered when it was made, by the engine.
     // Now as one made by this command (ps's CREATED).
-    if (pool) for (const r of results) pool.adopt(r.aid);
+    const adopting = now();
+    if (pool) await Promise.all(results.filter((r) => r.prepared).map((r) => pool.adopt(r.aid)));
+    if (pool) debug('registrations of the pool instances updated in', adopting);
     return results;
   } catch (e) {
     // Committed, then a step failed: every instance exists, registered and

@@ -24,8 +24,9 @@
  * demand. `ps` shows a held instance as it is, `restoring` (registered,
  * uncommitted, not run), as it shows serve's prepared ones.
  *
- * How much: refilled after each clone served to the size of the batch it
- * asked for (the last), at most APPSHOT_CLONE_POOL (default 32; 0: none).
+ * How much: refilled after each clone served to the largest batch asked
+ * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
+ * none).
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
@@ -35,6 +36,8 @@
  * its init kills what is left when its lifeline (ours) ends uncommitted.
  */
 import { readFileSync } from 'node:fs';
+import { rename, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { requestStorage } from '../engine/request.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
@@ -79,10 +82,28 @@ export class Pool {
     readonly t: OpenedTemplate,
   ) {}
 
-  /** A clone of `count` instances: what is kept from now on. */
+  /** The batch sizes asked for in the last POOL_IDLE_MS, with when. */
+  private readonly asked: { at: number; count: number }[] = [];
+
+  /** A clone of `count` instances: kept from now on is the largest batch
+   * asked for within the last POOL_IDLE_MS (a user who alternates single
+   * clones and batches of 8 is served both), at most the cap. */
   demand(count: number): void {
-    this.target = Math.min(count, cap());
     this.lastUsed = Date.now();
+    this.asked.push({ at: this.lastUsed, count });
+    this.resize();
+  }
+
+  /** The target from the recent demand; held instances above it go. */
+  resize(): void {
+    const since = Date.now() - POOL_IDLE_MS;
+    while (this.asked.length && this.asked[0].at < since) this.asked.shift();
+    this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
+    for (const [n, h] of this.slots)
+      if (n > this.target && h.isHeld) {
+        this.slots.delete(n);
+        h.decide(false);
+      }
   }
 
   /** The held instance `n` let go on and resumed, uncommitted; undefined
@@ -102,10 +123,14 @@ export class Pool {
 
   /** Its registration as if this command had made it (ps's CREATED, the
    * command that made it). */
-  adopt(aid: string): void {
+  async adopt(aid: string): Promise<void> {
     const r = this.reg.get(aid);
     if (!r) return;
-    this.reg.update({ ...r, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) });
+    // As registry.update writes it, off this thread: a batch's are written
+    // at once (~1 ms each on a busy disk, one after another).
+    const file = join(r.stateDir, 'app.json');
+    await writeFile(`${file}.tmp`, JSON.stringify({ ...r, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
+    await rename(`${file}.tmp`, file);
   }
 
   done(): void {
@@ -254,6 +279,7 @@ function watch(): void {
     for (const p of pools.values()) {
       if (Date.now() - p.lastUsed > POOL_IDLE_MS) void giveUp(p, 'not used for a minute');
       else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
+      else p.resize();
     }
   }, 1000);
   timer.unref();
