@@ -360,8 +360,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // instances' commit files become links to it (init follows them), so
     // that the batch still commits as one, by one rename.
     const committing = now();
-    const target = batchCommit ?? heldCommits.shift()!;
+    const target = batchCommit ?? heldCommits[0];
     for (const p of heldCommits) {
+      if (p === target) continue;
       await reg.forgetCommit(p);
       symlinkSync(basename(target), p);
     }
