@@ -145,6 +145,17 @@ describe('the engine keeps clones ready', () => {
     // The batch committed as one: each init saw it committed.
     for (const c of batch) await waitFor(() => existsSync(join(sb.home, 'apps', c.aid, 'committed')), 10_000, `${c.aid} committed`);
     await waitFor(() => held() === 3, 60_000, 'three held again');
+    // One held instance killed while it waits: the batch makes that one
+    // now, and nothing of the dead one is left.
+    const victim = ps().find((a) => a.state === 'restoring' && a.processes.length > 1);
+    const victimPids = victim.processes.filter((p: Json) => p.pid !== record(victim.aid).initPid).map((p: Json) => p.pid as number);
+    for (const pid of victimPids) process.kill(pid, 'SIGKILL');
+    const mended = cloneJson(['-n', '3']);
+    expect(mended.filter((c) => c.prepared).length).toBe(2);
+    expect(mended.map((c) => c.aid)).not.toContain(victim.aid);
+    for (const c of mended) await isTemplateInstance(c);
+    await waitFor(() => !ps().some((a) => a.aid === victim.aid), 10_000, 'the killed held instance to be released');
+    await waitFor(() => held() === 3, 60_000, 'three held again');
     expect(cloneJson(['--no-prepared'])[0].prepared).toBeUndefined();
     expect(cloneJson([], { APPSHOT_CLONE_POOL: '0' })[0].prepared).toBeUndefined();
     // An AID asked for is never a held one's.
