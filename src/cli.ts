@@ -728,6 +728,7 @@ export function buildProgram(): Command {
     .option(...jsonObjectOption('clone'))
     .option('--trust-image', 'clone the template even if no key this node trusts signed it (you vouch for it)', false)
     .option('--progress <how>', PROGRESS_HELP, 'auto')
+    .option('--no-prepared', "make every instance now, none of those the engine holds ready (APPSHOT_CLONE_POOL=0: none held)")
     .addHelpText(
       'after',
       '\nMemory is mapped copy-on-write from the template (clones share its pages until they write),\n' +
@@ -738,7 +739,7 @@ export function buildProgram(): Command {
         'fails leaves every instance running (exit 6, naming them).\n\n' +
         'Examples:\n  appshot clone db.template --aid db-a\n  appshot clone db.template --count 8 --json',
     )
-    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; jsonObject: boolean; trustImage: boolean; progress: string }) => {
+    .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; jsonObject: boolean; trustImage: boolean; progress: string; prepared: boolean }) => {
       const [{ trustImagesExplicitly }, { clone, ClonedWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./template/clone.js'),
@@ -771,6 +772,7 @@ export function buildProgram(): Command {
           verify: opts.verify,
           signal: interrupt.signal,
           progress: display,
+          noPrepared: !opts.prepared,
         });
       } catch (e) {
         if (e instanceof ClonedWithError) print(e.cloned);

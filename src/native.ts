@@ -322,7 +322,9 @@ interface Addon {
   /** F_ADD_SEALS. */
   addSeals(fd: number, seals: number): void;
   /** `early`: options set between socket() and bind(). */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[] }): number;
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean }): number;
+  /** A socket listenSocket bound with `listen: false` listens now. */
+  listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
   tcpRepair(fd: number, mode: 1 | 0 | -1): void;
   /** Every packet to the socket dropped (true), as if lost on the way,

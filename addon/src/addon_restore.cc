@@ -286,15 +286,33 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     rc = bind(fd, reinterpret_cast<sockaddr*>(&a),
               static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
   }
-  if (rc || listen(fd, backlog > 0 ? backlog : SOMAXCONN)) {
+  // listen: false binds only (a clone held by the engine on a multiplexed
+  // port: listening, it would take its share of the port's connections
+  // while it cannot answer them); listenNow listens once it is let go.
+  bool now = !o.Has("listen") || o.Get("listen").ToBoolean();
+  if (rc || (now && listen(fd, backlog > 0 ? backlog : SOMAXCONN))) {
     int e = errno;
     close(fd);
-    ThrowErrno(env, "listening on " + what, e);
+    ThrowErrno(env, (now ? "listening on " : "binding ") + what, e);
     return env.Undefined();
   }
   int zero = 0;
-  if (inet && !reuseaddr) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &zero, sizeof zero);
+  if (now && inet && !reuseaddr) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &zero, sizeof zero);
   return Napi::Number::New(env, fd);
+}
+
+// listenNow(fd, backlog, reuseaddr): a socket listenSocket bound with
+// listen: false starts listening, SO_REUSEADDR as the application had it.
+Napi::Value ListenNow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]), backlog = Int(info[1]);
+  if (listen(fd, backlog > 0 ? backlog : SOMAXCONN)) {
+    ThrowErrno(env, "listen", errno);
+    return env.Undefined();
+  }
+  int zero = 0;
+  if (!info[2].ToBoolean()) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &zero, sizeof zero);
+  return env.Undefined();
 }
 
 // --- SysV
@@ -1159,6 +1177,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("fileSeals", FileSeals);
   fn("addSeals", AddSeals);
   fn("listenSocket", ListenSocket);
+  fn("listenNow", ListenNow);
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);
   fn("restoreMsg", RestoreMsg);

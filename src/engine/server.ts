@@ -39,6 +39,7 @@ import { leasesDir, newLeaseName } from '../holder.js';
 import { contextDifference, ownContext } from './context.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
+import { clonePoolStats, enableClonePool, refillClonePools, releaseClonePools } from '../template/pool.js';
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
@@ -121,6 +122,8 @@ export class Engine {
   private readonly connections = new Set<Socket>();
   private readonly requests = new Set<RequestContext>();
   private idleTimer?: NodeJS.Timeout;
+  /** Its held clones given up (stop): it may leave. */
+  private poolReleased = false;
   private leaving = false;
   private served = 0;
   private readonly started = Date.now();
@@ -187,6 +190,7 @@ export class Engine {
     enableTemplateCache();
     keepChecksums();
     enableStandbys();
+    enableClonePool((line) => this.log(line));
     enableSpareStateDirs(this.opts.home);
     onHostedChange(() => {
       this.armIdle();
@@ -305,6 +309,7 @@ export class Engine {
       leaving: this.leaving,
       templateCache: templateCacheStats(),
       standbys: standbyStats(),
+      clonePool: clonePoolStats(),
       serving: hostedStatus(),
     };
   }
@@ -460,8 +465,10 @@ export class Engine {
       }
       this.checkDone();
       // The next request's lease, state directories and command line,
-      // made now that this one has its answer.
+      // made now that this one has its answer; and the clones it took
+      // from the pool (template/pool.ts).
       this.prepareLease();
+      if (!this.leaving) refillClonePools();
       if (!this.leaving) {
         try {
           refillSpareStateDirs(this.opts.home);
@@ -511,6 +518,18 @@ export class Engine {
     clearTimeout(this.idleTimer);
     rmSync(this.paths.socket, { force: true });
     this.server?.close();
+    // The clones it holds go before it does (template/pool.ts).
+    void releaseClonePools().then(
+      () => {
+        this.poolReleased = true;
+        this.checkDone();
+      },
+      (e: Error) => {
+        this.log(`giving up the clone pool: ${e.message}`);
+        this.poolReleased = true;
+        this.checkDone();
+      },
+    );
     // A hosted serve stops as a serve of its own stops at SIGTERM (its
     // attached client, if any, then gets its exit code): then the engine
     // leaves.
@@ -528,7 +547,7 @@ export class Engine {
   }
 
   private checkDone(): void {
-    if (!this.leaving || this.requests.size > 0 || hostedServe()) return;
+    if (!this.leaving || this.requests.size > 0 || hostedServe() || !this.poolReleased) return;
     // Connections that never sent a request (or only read their answer).
     for (const s of this.connections) s.destroy();
     if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });

@@ -10,7 +10,7 @@ import { type BigIntStats, closeSync, constants as fs, existsSync, mkdtempSync, 
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import { type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -153,6 +153,23 @@ export class RestoreContext {
   /** The page file's check, if it is still going on (format 3): what is
    * read of it here waits for its chunks. */
   pagesCheck?: { check: PagesCheck; chunkSize: number };
+  /** A clone held by the engine until a clone command takes it
+   * (template/pool.ts): its listeners on a multiplexed port are bound
+   * now and listen only at listenHeld(), else the kernel would hand them
+   * their share of the port's connections while nothing answers. */
+  listenAtRelease = false;
+  private readonly heldListeners: { fd: number; backlog: number; reuseaddr: boolean }[] = [];
+
+  /** A bound listener of listenAtRelease, to listen at listenHeld(). */
+  listenLater(fd: number, backlog: number, reuseaddr: boolean): void {
+    this.heldListeners.push({ fd, backlog, reuseaddr });
+  }
+
+  /** The held clone is let go: its multiplexed listeners listen (our
+   * descriptors of them are still open until close()). */
+  listenHeld(): void {
+    for (const l of this.heldListeners.splice(0)) addon().listenNow(l.fd, l.backlog, l.reuseaddr);
+  }
 
   constructor(
     readonly image: Image,

@@ -341,9 +341,12 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${s.address}: a live socket listens there`, ExitCode.conflict);
     const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
     check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
+    // A held clone's listener on the shared port listens once it is let go.
+    const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where) }));
+      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}) }));
+      if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
       // Shared only among sockets that all ask for it: the template's

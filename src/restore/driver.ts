@@ -596,6 +596,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     handed.pagesCheck = pageChecks[0];
+    // A clone held for the engine's pool (template/pool.ts).
+    handed.listenAtRelease = !!opts.hold && !!opts.instance;
     // A queue made is written into the registration before anything else
     // is done with it, as madeDirs above.
     const registered = record;
@@ -930,6 +932,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (!go) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
     }
     handed.tcp.release();
+    handed.listenHeld();
     handed.close();
     phase('threads');
 

@@ -21,7 +21,7 @@ import { keysDir } from '../image/trust.js';
 
 const LIMIT = 32;
 let enabled = false;
-const entries = new Map<string, { key: string; opened: OpenedTemplate }>();
+const entries = new Map<string, { key: string; opened: OpenedTemplate; manifest: string; trust: string }>();
 let hits = 0;
 let misses = 0;
 
@@ -85,8 +85,22 @@ export async function cachedTemplate(
   const after = stateOf(path, manifest, trust);
   if (after && after.key === before.key) {
     entries.delete(before.where);
-    entries.set(before.where, { key: before.key, opened });
+    entries.set(before.where, { key: before.key, opened, manifest, trust });
     while (entries.size > LIMIT) entries.delete(entries.keys().next().value!);
   }
   return opened;
+}
+
+/** Whether the template `opened` was decoded from (its `template` object,
+ * as every hit hands it out) is still the cached one, and nothing it was
+ * made from has changed since, by the same checks as a clone's open:
+ * what the engine holds made from it (pool.ts) is checked so while it is
+ * held. */
+export function stillCached(opened: Pick<OpenedTemplate, 'path' | 'template'>): boolean {
+  for (const [where, e] of entries) {
+    if (e.opened.template !== opened.template) continue;
+    const now = stateOf(where, e.manifest, e.trust);
+    return !!now && now.where === where && now.key === e.key;
+  }
+  return false;
 }

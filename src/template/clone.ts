@@ -17,9 +17,9 @@
  *    own, its IDENTITY hooks run once it resumed (resources/identity.ts),
  *    and memory is handled as a fork child's (resources/memory.ts).
  */
-import { closeSync, cpSync, existsSync, rmSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, rmSync, symlinkSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { randomBytes } from 'node:crypto';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -37,6 +37,7 @@ import { identityHooks, instanceConfig, privateCopyPath, type Property } from '.
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
 import type { ByteProgress } from '../progress.js';
+import { clonePoolOf } from './pool.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -51,6 +52,9 @@ export interface CloneOptions {
   /** Told after each instance the bytes of memory made so far: each
    * instance has the template's whole page data, mapped or copied. */
   progress?: ByteProgress;
+  /** Made now, not taken from the engine's pool of instances held ready
+   * (pool.ts): `clone --no-prepared`, APPSHOT_CLONE_POOL=0. */
+  noPrepared?: boolean;
 }
 
 /** The one line an interrupted clone ends with (with how many instances
@@ -75,6 +79,21 @@ export interface CloneResult {
   privateRoot: string;
   /** Directories made for its REDIR PATH targets. */
   createdDirs: MadeDir[];
+  /** Made ahead of the clone and held ready by the engine (pool.ts): its
+   * cloneMs is then the time from its release on (injectedCalls are still
+   * those its making took, ahead of time). */
+  prepared?: true;
+}
+
+/** An AID for an instance of `t` when none was asked for: the template's
+ * name and a random part (also the pool's, pool.ts: its instances are
+ * named as the ones made on demand). */
+export function generatedAid(reg: LocalRegistry, t: OpenedTemplate, taken: Set<string> = new Set()): string {
+  const base = t.template.name.replace(/[^A-Za-z0-9_.-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 50) || 'clone';
+  for (;;) {
+    const aid = `${base}-${randomBytes(3).toString('hex')}`;
+    if (!taken.has(aid) && !reg.get(aid)) return aid;
+  }
 }
 
 function instanceAids(reg: LocalRegistry, t: OpenedTemplate, opts: CloneOptions): string[] {
@@ -84,12 +103,8 @@ function instanceAids(reg: LocalRegistry, t: OpenedTemplate, opts: CloneOptions)
     aids.forEach(checkAid);
     return aids;
   }
-  const base = t.template.name.replace(/[^A-Za-z0-9_.-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 50) || 'clone';
   const aids = new Set<string>();
-  while (aids.size < n) {
-    const aid = `${base}-${randomBytes(3).toString('hex')}`;
-    if (!reg.get(aid)) aids.add(aid);
-  }
+  while (aids.size < n) aids.add(generatedAid(reg, t, aids));
   return [...aids];
 }
 
@@ -176,6 +191,101 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
 
+/** One instance to make: its AID, its number in its batch, the commit
+ * file its init waits for, and (the engine's pool, pool.ts) a hold. */
+export interface InstanceStart {
+  aid: string;
+  instance: number;
+  commitPath: string;
+  /** Awaited once its processes are made and stopped, before any runs
+   * (RestoreOptions.hold): the pool keeps it so until a clone takes it. */
+  hold?: () => Promise<boolean>;
+}
+
+/** An instance made and resumed, not yet committed: its lifeline is the
+ * batch's to close once it has committed. */
+export interface MadeInstance {
+  made: CloneResult;
+  lifeline: number;
+  /** Its evaluated SET ENV and identity variables (for its IDENTITY hooks). */
+  env: string[];
+  props: Record<Property, string>;
+}
+
+/**
+ * Makes one instance of `t` (rules applied: ports, REDIR PATH, SET ENV,
+ * DUPLICATE copies, a fresh identity) and resumes it, uncommitted. What it
+ * made goes if it fails. The same for an instance made on demand and for
+ * one the engine holds ahead of a clone (pool.ts), so that the two cannot
+ * differ.
+ */
+export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: InstanceStart): Promise<MadeInstance> {
+  const started = now();
+  const { aid } = s;
+  const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
+  // A directory of this instance's own, even if an earlier instance had
+  // its AID: a snapshot of that one still needs its copies.
+  const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
+  let ports: ReturnType<typeof planPorts> | undefined;
+  const props: Record<Property, string> = { 'application-id': aid, instance: String(s.instance), hostname: hostname(), template: t.template.name };
+  try {
+    ports = planPorts(reg, aid, t);
+    const evaluated = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+    const identity = cloneIdentity(t.loaded.image, t.rules);
+    const config = { ...evaluated, env: withIdentityEnv(evaluated.env, identity), identity };
+    const plan: InstancePlan = {
+      action: (ref) => actions.get(ref),
+      config,
+      ports: ports.own,
+      privateRoot,
+      record: { rules: t.template.rules, template: { path: t.path, instance: s.instance }, privateRoot, ports: ports.bindings },
+      prepare: () => {
+        inheritPrivateCopies(t, privateRoot);
+        config.redirs.push(...duplicateFiles(t, privateRoot));
+      },
+    };
+    // A held instance's time is from its release on: what a clone waited
+    // for it.
+    let released = started;
+    const hold = s.hold;
+    const r = await restore(reg, t.path, {
+      aid,
+      lazy: true,
+      instance: plan,
+      loaded: t.loaded,
+      privilegesChecked: true,
+      batchCommit: s.commitPath,
+      ...(hold
+        ? {
+            hold: async () => {
+              const go = await hold();
+              released = now();
+              return go;
+            },
+          }
+        : {}),
+    });
+    const made: CloneResult = {
+      aid,
+      instance: s.instance,
+      template: { path: t.path, instance: s.instance },
+      processes: r.processes,
+      threads: r.threads,
+      cloneMs: now() - released,
+      injectedCalls: r.injectedCalls,
+      ports: ports.bindings,
+      privateRoot,
+      createdDirs: r.createdDirs,
+      ...(hold ? { prepared: true } : {}),
+    };
+    return { made, lifeline: r.lifeline!, env: config.env, props };
+  } catch (e) {
+    for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
+    rmSync(privateRoot, { recursive: true, force: true });
+    throw e;
+  }
+}
+
 export async function clone(reg: LocalRegistry, templatePath: string, opts: CloneOptions): Promise<CloneResult[]> {
   if (!(Number.isInteger(opts.count) && opts.count >= 1)) throw new AppshotError(`--count '${opts.count}': expected a whole number of at least 1`, ExitCode.usage);
   const opened = now();
@@ -183,13 +293,20 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   const debug = (what: string, since: number) => process.env.APPSHOT_DEBUG && process.stderr.write(`clone: ${what} ${(now() - since).toFixed(2)} ms\n`);
   debug('template opened in', opened);
   const results: CloneResult[] = [];
-  // The batch commits as one: until this file exists, each instance's init
+  // The batch commits as one: until its file exists, each instance's init
   // kills it if we die (see appshot-init), and our lifelines to them stay
-  // open.
-  const commitPath = reg.newCommitPath();
+  // open. Made once an instance is made here (one taken from the pool
+  // has a commit file of its own: see the commit below).
+  let batchCommit: string | undefined;
+  const commitPath = () => (batchCommit ??= reg.newCommitPath());
+  // The commit files of the instances taken from the pool (pool.ts).
+  const heldCommits: string[] = [];
   const lifelines: number[] = [];
   // Set by the batch's commit: from then on its instances are kept.
   let committed = false;
+  // Instances of the engine's pool are named as generated AIDs are: only
+  // a clone without --aid takes them.
+  const pool = opts.aid === undefined && !opts.noPrepared ? clonePoolOf(reg, t) : undefined;
   try {
     // Checked once for the whole batch: the node, and the files it maps
     // (but for a clone's private copies, which the template carries).
@@ -198,6 +315,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     const verifying = now();
     verifyImage(t.loaded.image, carried);
     debug('node and mapped files checked in', verifying);
+    // Those of instances made here (one taken from the pool has its own).
     const aids = instanceAids(reg, t, opts);
     // The privilege rule too: the same image and user for every instance.
     try {
@@ -206,66 +324,62 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       if (e instanceof AppshotError) throw new AppshotError(`cannot clone ${t.path} as '${aids[0]}': ${e.message}`, e.exitCode);
       throw e;
     }
+    pool?.demand(opts.count);
     const perInstance = t.loaded.digests.get(PARTS.pages)?.size ?? 0;
-    opts.progress?.bytes(0, aids.length * perInstance);
-    const actions = new Map<string, Action>(t.template.verdicts.map((v) => [v.ref, v.action]));
-    for (let i = 0; i < aids.length; i++) {
+    opts.progress?.bytes(0, opts.count * perInstance);
+    for (let i = 0; i < opts.count; i++) {
       // A turn of the event loop, so that a signal that came in is seen.
       if (opts.signal) await new Promise((resolve) => setImmediate(resolve));
       if (opts.signal?.aborted) throw new AppshotError(CLONE_INTERRUPTED, ExitCode.interrupted);
-      const aid = aids[i];
       killPoint(`clone: instance ${i + 1}`);
       const started = now();
-      const existing = reg.get(aid);
-      if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
-      // A directory of this instance's own, even if an earlier instance had
-      // its AID: a snapshot of that one still needs its copies.
-      const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
-      let ports: ReturnType<typeof planPorts> | undefined;
-      const props: Record<Property, string> = { 'application-id': aid, instance: String(i + 1), hostname: hostname(), template: t.template.name };
-      // The instance's evaluated SET ENV and identity variables.
-      let instanceEnv: string[] = [];
-      try {
-        ports = planPorts(reg, aid, t);
-        const evaluated = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
-        const identity = cloneIdentity(t.loaded.image, t.rules);
-        const config = { ...evaluated, env: withIdentityEnv(evaluated.env, identity), identity };
-        const plan: InstancePlan = {
-          action: (ref) => actions.get(ref),
-          config,
-          ports: ports.own,
-          privateRoot,
-          record: { rules: t.template.rules, template: { path: t.path, instance: i + 1 }, privateRoot, ports: ports.bindings },
-          prepare: () => {
-            inheritPrivateCopies(t, privateRoot);
-            config.redirs.push(...duplicateFiles(t, privateRoot));
-          },
-        };
-        debug(`instance ${i + 1} planned in`, started);
-        const r = await restore(reg, t.path, { aid, lazy: true, instance: plan, loaded: t.loaded, privilegesChecked: true, batchCommit: commitPath });
+      // Held ready by the engine (pool.ts): let go on.
+      const taken = pool ? await pool.take(i + 1) : undefined;
+      let m: MadeInstance;
+      if (taken) {
+        m = taken;
+        heldCommits.push(taken.commitPath);
+        debug(`instance ${i + 1} taken from the pool in`, started);
+      } else {
+        const aid = aids[i];
+        const existing = reg.get(aid);
+        if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
+        m = await makeInstance(reg, t, { aid, instance: i + 1, commitPath: commitPath() });
         debug(`instance ${i + 1} made in`, started);
-        lifelines.push(r.lifeline!);
-        results.push({ aid, instance: i + 1, template: { path: t.path, instance: i + 1 }, processes: r.processes, threads: r.threads, cloneMs: now() - started, injectedCalls: r.injectedCalls, ports: ports.bindings, privateRoot, createdDirs: r.createdDirs });
-        instanceEnv = config.env;
-      } catch (e) {
-        for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
-        rmSync(privateRoot, { recursive: true, force: true });
-        throw e;
       }
+      lifelines.push(m.lifeline);
+      results.push(m.made);
       // Once it runs: a hook that fails fails the batch, and this instance
       // goes with the others made (it is in `results`).
       if (t.rules?.identity.hooks.length) {
-        const record = reg.require(aid);
-        const env = { ...applicationEnv(record), ...Object.fromEntries(instanceEnv.map((e) => [e.slice(0, e.indexOf('=')), e.slice(e.indexOf('=') + 1)])) };
-        await runIdentityHooks(identityHooks(t.rules, props), t.loaded.image, record, env, t.rules.source);
+        const record = reg.require(m.made.aid);
+        const env = { ...applicationEnv(record), ...Object.fromEntries(m.env.map((e) => [e.slice(0, e.indexOf('=')), e.slice(e.indexOf('=') + 1)])) };
+        await runIdentityHooks(identityHooks(t.rules, m.props), t.loaded.image, record, env, t.rules.source);
       }
-      opts.progress?.bytes((i + 1) * perInstance, aids.length * perInstance);
+      opts.progress?.bytes((i + 1) * perInstance, opts.count * perInstance);
     }
-    await reg.commitReady(commitPath);
+    // One file commits the batch: the batch's own, or the first pool
+    // instance's if every instance came from the pool. The other pool
+    // instances' commit files become links to it (init follows them), so
+    // that the batch still commits as one, by one rename.
+    const committing = now();
+    const target = batchCommit ?? heldCommits[0];
+    for (const p of heldCommits) {
+      if (p === target) continue;
+      await reg.forgetCommit(p);
+      symlinkSync(basename(target), p);
+    }
+    await reg.commitReady(target);
     killPoint('clone: committing');
-    reg.commit(commitPath);
+    reg.commit(target);
     committed = true;
     killPoint('clone: committed');
+    debug('committed in', committing);
+    // Made ahead by the pool: registered when it was made, by the engine.
+    // Now as one made by this command (ps's CREATED).
+    const adopting = now();
+    if (pool) await Promise.all(results.filter((r) => r.prepared).map((r) => pool.adopt(r.aid)));
+    if (pool) debug('registrations of the pool instances updated in', adopting);
     return results;
   } catch (e) {
     // Committed, then a step failed: every instance exists, registered and
@@ -285,7 +399,11 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // end first: the batch will never commit, and each init, seeing that,
     // kills its instance and leaves its registration to be released.
     for (const fd of lifelines.splice(0)) closeSync(fd);
-    await reg.forgetCommit(commitPath);
+    if (batchCommit) await reg.forgetCommit(batchCommit);
+    for (const p of heldCommits) {
+      await reg.forgetCommit(p);
+      rmSync(p, { force: true });
+    }
     for (const made of results) await discard(reg, made);
     if (results.length && e instanceof AppshotError)
       throw new AppshotError(`${e.message} (${results.length === 1 ? 'the instance made before it was' : `the ${results.length} instances made before it were`} removed)`, e.exitCode);
@@ -293,5 +411,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
   } finally {
     for (const fd of lifelines) closeSync(fd);
     t.loaded.dispose();
+    // Refilled once the command has answered (pool.ts).
+    pool?.done();
   }
 }

@@ -1,0 +1,298 @@
+/**
+ * Clones made ahead of time (the resident engine only): for each template
+ * cloned recently without --aid, a few instances restored in full and
+ * held at the point of resuming, so that `appshot clone T` served by the
+ * engine only lets one go on and commits it (~1 ms) instead of making it
+ * (~10-20 ms: every process and mapping made by injected calls).
+ *
+ * A held instance is made exactly as one made on demand (makeInstance:
+ * the template's rules applied, ports allocated, SET ENV and REDIR PATH
+ * evaluated for it, a fresh identity), by the same restore that `appshot
+ * serve` holds its prepared instances with (RestoreOptions.hold): every
+ * process made and stopped under our ptrace, its memory mapped
+ * copy-on-write from the template's page file, nothing run, nothing
+ * committed. Its IDENTITY hooks run once a clone has taken it and it runs,
+ * as for one made then.
+ *
+ * Why it is registered while held: its AID is in every process it has
+ * (APPSHOT_AID in its environment, SET ENV and REDIR PATH evaluated with
+ * it, its port claims, its init's state directory and tables), so it is
+ * made under the AID it will have, a generated one (`NAME-xxxxxx`, as a
+ * clone without --aid gets). Binding an AID asked for (--aid) after the
+ * fact would mean rewriting each process's environment and the evaluated
+ * rules in its memory and renaming its state: such clones are made on
+ * demand. `ps` shows a held instance as it is, `restoring` (registered,
+ * uncommitted, not run), as it shows serve's prepared ones.
+ *
+ * How much: refilled after each clone served to the largest batch asked
+ * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
+ * none).
+ * Given up (its processes killed, its registration, ports and copies
+ * removed, as after an interrupted restore) when the template changes or
+ * goes (checked each second as a clone's open checks it: template cache),
+ * after POOL_IDLE_MS without a clone of it, when memory runs low, and when
+ * the engine leaves. Nothing of it outlives the engine however it ends:
+ * its processes are traced with PTRACE_O_EXITKILL until committed, and
+ * its init kills what is left when its lifeline (ours) ends uncommitted.
+ */
+import { readFileSync } from 'node:fs';
+import { rename, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { requestStorage } from '../engine/request.js';
+import { currentHolder, harnessOf } from '../holder.js';
+import type { LocalRegistry } from '../registry.js';
+import { stillCached } from './cache.js';
+import { generatedAid, makeInstance, type MadeInstance } from './clone.js';
+import type { OpenedTemplate } from './template.js';
+
+/** Most instances held per template (APPSHOT_CLONE_POOL). */
+const DEFAULT_CAP = 32;
+/** A template's pool is given up this long after its last clone. */
+const POOL_IDLE_MS = 60_000;
+/** Refilling stops, and what is held is given up, below this much
+ * available memory (MemAvailable) or this share of all memory. */
+const LOW_MEMORY_BYTES = 256 * 2 ** 20;
+const LOW_MEMORY_SHARE = 0.05;
+/** Instances that failed to be made in a row before a pool gives up. */
+const MOST_FAILURES = 3;
+
+interface Held {
+  aid: string;
+  instance: number;
+  commitPath: string;
+  /** Every process made and stopped (the hold reached). */
+  isHeld: boolean;
+  held: Promise<boolean>;
+  decide: (go: boolean) => void;
+  made: Promise<MadeInstance>;
+}
+
+export class Pool {
+  /** By instance number: a batch's Nth instance is the Nth held (its
+   * INSTANCE property and registration say which it is). */
+  readonly slots = new Map<number, Held>();
+  target = 0;
+  lastUsed = Date.now();
+  refilling = false;
+  /** A clone served from it ended: refill once it has answered. */
+  wanted = false;
+  failures = 0;
+  constructor(
+    readonly reg: LocalRegistry,
+    readonly t: OpenedTemplate,
+  ) {}
+
+  /** The batch sizes asked for in the last POOL_IDLE_MS, with when. */
+  private readonly asked: { at: number; count: number }[] = [];
+
+  /** A clone of `count` instances: kept from now on is the largest batch
+   * asked for within the last POOL_IDLE_MS (a user who alternates single
+   * clones and batches of 8 is served both), at most the cap. */
+  demand(count: number): void {
+    this.lastUsed = Date.now();
+    this.asked.push({ at: this.lastUsed, count });
+    this.resize();
+  }
+
+  /** The target from the recent demand; held instances above it go. */
+  resize(): void {
+    const since = Date.now() - POOL_IDLE_MS;
+    while (this.asked.length && this.asked[0].at < since) this.asked.shift();
+    this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
+    for (const [n, h] of this.slots)
+      if (n > this.target && h.isHeld) {
+        this.slots.delete(n);
+        h.decide(false);
+      }
+  }
+
+  /** The held instance `n` let go on and resumed, uncommitted; undefined
+   * if none is held (or it could not be let go: the clone makes it). */
+  async take(n: number): Promise<(MadeInstance & { commitPath: string }) | undefined> {
+    const h = this.slots.get(n);
+    if (!h?.isHeld) return undefined;
+    this.slots.delete(n);
+    h.decide(true);
+    try {
+      return { ...(await h.made), commitPath: h.commitPath };
+    } catch {
+      await this.reg.forgetCommit(h.commitPath);
+      return undefined;
+    }
+  }
+
+  /** Its registration as if this command had made it (ps's CREATED, the
+   * command that made it). */
+  async adopt(aid: string): Promise<void> {
+    const r = this.reg.get(aid);
+    if (!r) return;
+    // As registry.update writes it, off this thread: a batch's are written
+    // at once (~1 ms each on a busy disk, one after another).
+    const file = join(r.stateDir, 'app.json');
+    await writeFile(`${file}.tmp`, JSON.stringify({ ...r, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
+    await rename(`${file}.tmp`, file);
+  }
+
+  done(): void {
+    this.wanted = true;
+  }
+}
+
+let enabled = false;
+const pools = new Map<string, Pool>();
+let timer: NodeJS.Timeout | undefined;
+let log: (line: string) => void = () => {};
+
+function cap(): number {
+  const v = process.env.APPSHOT_CLONE_POOL;
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : DEFAULT_CAP;
+}
+
+/** In the engine: clones without --aid take held instances, and
+ * refillClonePools makes them. */
+export function enableClonePool(logLine?: (line: string) => void): void {
+  enabled = true;
+  if (logLine) log = logLine;
+}
+
+/** The pool of `t`'s template for this clone, made if there is none;
+ * undefined outside the engine, with APPSHOT_CLONE_POOL=0, or while
+ * memory is low. One of an earlier state of the template goes. */
+export function clonePoolOf(reg: LocalRegistry, t: OpenedTemplate): Pool | undefined {
+  if (!enabled || cap() < 1 || memoryLow()) return undefined;
+  let p = pools.get(t.path);
+  if (p && (p.t.template !== t.template || p.reg.home !== reg.home)) {
+    void giveUp(p, 'its template changed');
+    p = undefined;
+  }
+  if (!p) pools.set(t.path, (p = new Pool(reg, t)));
+  watch();
+  return p;
+}
+
+/** Called by the engine once a request has answered: each pool a clone
+ * used is refilled, one instance at a time (each competes for the CPU
+ * with whatever the client does next). */
+export function refillClonePools(): void {
+  for (const p of pools.values()) {
+    if (!p.wanted) continue;
+    p.wanted = false;
+    // Outside the request: what the held instances claim is the
+    // engine's (held while it lives), not the ended request's.
+    requestStorage.exit(() => void refill(p));
+  }
+}
+
+async function refill(p: Pool): Promise<void> {
+  if (p.refilling) return;
+  p.refilling = true;
+  try {
+    while (enabled && pools.get(p.t.path) === p) {
+      let n = 1;
+      while (n <= p.target && p.slots.has(n)) n++;
+      if (n > p.target) break;
+      if (memoryLow()) {
+        await giveUpAll('memory is low');
+        break;
+      }
+      const h = hold(p, n);
+      if (await h.held) p.failures = 0;
+      else if (++p.failures >= MOST_FAILURES) {
+        await giveUp(p, 'its instances cannot be made');
+        break;
+      }
+    }
+  } finally {
+    p.refilling = false;
+  }
+}
+
+/** Starts making instance `n` of `p` to be held. */
+function hold(p: Pool, n: number): Held {
+  let decide!: (go: boolean) => void;
+  const decision = new Promise<boolean>((r) => (decide = r));
+  let heldNow!: (held: boolean) => void;
+  const held = new Promise<boolean>((r) => (heldNow = r));
+  const aid = generatedAid(p.reg, p.t);
+  const commitPath = p.reg.newCommitPath();
+  const h: Held = { aid, instance: n, commitPath, isHeld: false, held, decide, made: undefined as unknown as Promise<MadeInstance> };
+  p.slots.set(n, h);
+  h.made = makeInstance(p.reg, p.t, {
+    aid,
+    instance: n,
+    commitPath,
+    hold: () => {
+      h.isHeld = true;
+      heldNow(true);
+      return decision;
+    },
+  });
+  h.made.catch((e: Error) => {
+    heldNow(false);
+    if (p.slots.get(n) === h) p.slots.delete(n);
+    // Given up (the decision false) or failed: its commit file goes.
+    void p.reg.forgetCommit(commitPath);
+    if (h.isHeld === false) log(`clone pool: instance of ${p.t.path} not made: ${e.message}`);
+  });
+  return h;
+}
+
+/** Gives up `p`: its held instances go (what they made removed). */
+async function giveUp(p: Pool, why: string): Promise<void> {
+  if (pools.get(p.t.path) === p) pools.delete(p.t.path);
+  const held = [...p.slots.values()];
+  p.slots.clear();
+  if (held.length) log(`clone pool of ${p.t.path} given up (${held.length} held): ${why}`);
+  for (const h of held) h.decide(false);
+  await Promise.all(held.map((h) => h.made.catch(() => undefined)));
+  if (!pools.size && timer) {
+    clearInterval(timer);
+    timer = undefined;
+  }
+}
+
+/** Every pool given up: the engine leaving, memory low. Resolves once
+ * every held instance is gone. */
+export async function giveUpAll(why: string): Promise<void> {
+  await Promise.all([...pools.values()].map((p) => giveUp(p, why)));
+}
+
+/** The engine leaves: nothing more is held or made. */
+export async function releaseClonePools(): Promise<void> {
+  enabled = false;
+  await giveUpAll('the engine is leaving');
+}
+
+/** Per template: instances held, and how many are kept (engine status). */
+export const clonePoolStats = () => Object.fromEntries([...pools].map(([path, p]) => [path, { held: [...p.slots.values()].filter((h) => h.isHeld).length, target: p.target }]));
+
+/** Once a second while any pool exists: each is given up if its template
+ * changed or went, if it was not used for POOL_IDLE_MS, or if memory is
+ * low. */
+function watch(): void {
+  if (timer) return;
+  timer = setInterval(() => {
+    if (memoryLow()) {
+      void giveUpAll('memory is low');
+      return;
+    }
+    for (const p of pools.values()) {
+      if (Date.now() - p.lastUsed > POOL_IDLE_MS) void giveUp(p, 'not used for a minute');
+      else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
+      else p.resize();
+    }
+  }, 1000);
+  timer.unref();
+}
+
+function memoryLow(): boolean {
+  try {
+    const m = readFileSync('/proc/meminfo', 'utf8');
+    const avail = Number(/^MemAvailable:\s+(\d+) kB/m.exec(m)?.[1]) * 1024;
+    const total = Number(/^MemTotal:\s+(\d+) kB/m.exec(m)?.[1]) * 1024;
+    if (!Number.isFinite(avail) || !Number.isFinite(total)) return false;
+    return avail < LOW_MEMORY_BYTES || avail < total * LOW_MEMORY_SHARE;
+  } catch {
+    return false;
+  }
+}

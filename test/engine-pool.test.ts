@@ -1,0 +1,206 @@
+/**
+ * The engine's pool of clones held ready (src/template/pool.ts), on
+ * templfix (test/fixtures/templfix: an allocated and a multiplexed port, a
+ * home per AID by SET ENV, a redirected config directory, copy-on-write
+ * data, a virtualized semaphore; CHECK answers its own verdict on all of
+ * it): a clone without --aid served from the pool runs with the
+ * template's state and is registered as one made on demand; the pool
+ * refills to the last batch's size; nothing it holds outlives the engine
+ * (stopped, or killed with SIGKILL) or the template.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { alive, cli, Sandbox, tcpExchange, templfixTemplate, type TemplfixWorld, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-pool-'));
+const base = 27000 + ((process.pid * 7) % 98);
+const world: TemplfixWorld = { root: join(dir, 'srv'), rules: join(dir, 'templfix.rules'), portAlloc: base, portMux: base + 1 };
+const tpl = join(dir, 'tpl.template');
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+const inProcess = (args: string[], env: Record<string, string> = {}) => {
+  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+};
+const status = (): Json => JSON.parse(inProcess(['engine', 'status', '--json']).stdout);
+/** Instances held for the template now (0 without a pool). */
+const held = (): number => status().clonePool?.[tpl]?.held ?? 0;
+const cloneJson = (args: string[] = [], env: Record<string, string> = {}): Json[] => {
+  const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--json', ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+  if (r.status !== 0) throw new Error(`clone failed (${r.status}): ${r.stderr}`);
+  return JSON.parse(r.stdout);
+};
+const ps = (): Json[] => JSON.parse(inProcess(['ps', '--json']).stdout);
+const record = (aid: string): Json => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8'));
+/** Every process of the instances held now (their inits too), from the
+ * registry: what must not outlive the pool. */
+const heldProcesses = (): number[] =>
+  ps()
+    .filter((a) => a.state === 'restoring')
+    .flatMap((a) => [record(a.aid).initPid as number, ...a.processes.map((p: Json) => p.pid as number)]);
+const gone = (pids: number[]) => pids.every((pid) => !alive(pid) || !existsSync(`/proc/${pid}`) || /^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8')));
+const ownPort = (c: Json) => c.ports.find((p: Json) => p.virtual === world.portAlloc).system as number;
+const ask = async (port: number, command: string) => (await tcpExchange(port, command + '\n')).trim();
+async function info(port: number): Promise<Record<string, string>> {
+  const line = await ask(port, 'INFO');
+  return Object.fromEntries(line.split(' ').map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+}
+/** The instance answers for the template's state, with its own AID where
+ * the rules put it, and its own verdict on all of it is OK. */
+async function isTemplateInstance(c: Json): Promise<void> {
+  expect(await info(ownPort(c))).toMatchObject({ home: join(world.root, 'home', c.aid), semid: '0', sem: '7', shm: 'template', msgs: '1', state: 'template', config: '-', mapped: 'template', heap: 'ok' });
+  expect(await ask(ownPort(c), 'CHECK')).toBe('OK');
+}
+/** What a registration says that is not the instance's own (its AID,
+ * ports, paths, times and processes are). */
+function shape(own: Json): Json {
+  // Paths made for it carry its AID.
+  const r = JSON.parse(JSON.stringify(own).replaceAll(own.aid, 'AID'));
+  const { aid: _a, stateDir: _s, tables: _t, logPath: _l, createdAt, keySalt: _k, tablesCreated: _tc, initPid: _i, initStartTime: _is, harnessPid, harnessStartTime: _hs, harnessRequest, privateRoot: _p, restore, ports, ...rest } = r;
+  return {
+    ...rest,
+    keys: Object.keys(r).sort(),
+    createdRecently: Date.now() - Date.parse(createdAt) < 30_000,
+    harnessPid: typeof harnessPid,
+    harnessRequest: typeof harnessRequest,
+    restore: { ...restore, commitPath: typeof restore?.commitPath, madePaths: restore?.madePaths?.length },
+    ports: ports.map((p: Json) => ({ ...p, system: p.mode === 'allocate' ? 'own' : p.system })),
+  };
+}
+/** ps --json of an application, but for what is its own. */
+const psShape = (own: Json) => {
+  const a = JSON.parse(JSON.stringify(own).replaceAll(own.aid, 'AID'));
+  return { ...a, createdAt: undefined, privateRoot: undefined, ports: a.ports.length, processes: a.processes.map((p: Json) => ({ ...p, pid: undefined, ppid: undefined, pgid: undefined, sid: undefined, startTime: undefined })) };
+};
+
+beforeAll(async () => {
+  await templfixTemplate(sb, world, 'tf', join(dir, 'snap'), tpl);
+}, 120_000);
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('the engine keeps clones ready', () => {
+  it('serves a clone from its pool: the template state, its own verdict OK, registered as one made on demand; then refills', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    // The first clone of the template is made on demand, and asks for one.
+    const [made] = cloneJson();
+    expect(made.prepared).toBeUndefined();
+    await waitFor(() => held() === 1, 30_000, 'an instance held');
+    // Held: registered under the AID it will have, uncommitted, every
+    // process stopped and traced by the engine.
+    const [waiting] = ps().filter((a) => a.state === 'restoring');
+    expect(waiting.aid).toMatch(/^[A-Za-z0-9_.-]+-[0-9a-f]{6}$/);
+    const app = waiting.processes.filter((p: Json) => p.pid !== record(waiting.aid).initPid);
+    expect(app.length).toBeGreaterThan(0);
+    for (const p of app) expect(readFileSync(`/proc/${p.pid}/status`, 'utf8')).toMatch(new RegExp(`^TracerPid:\\s+${status().pid}$`, 'm'));
+    const [taken] = cloneJson();
+    expect(taken).toMatchObject({ aid: waiting.aid, instance: 1, prepared: true });
+    await isTemplateInstance(made);
+    await isTemplateInstance(taken);
+    // The same registration and listing as the one made on demand.
+    expect(shape(record(taken.aid))).toEqual(shape(record(made.aid)));
+    const listed = ps();
+    const [a, b] = [made.aid, taken.aid].map((aid) => listed.find((x) => x.aid === aid));
+    expect(b.state).toBe('running');
+    expect(psShape(b)).toEqual(psShape(a));
+    // Its own identity: a multiplexed port shared, an allocated one its own.
+    expect(ownPort(taken)).not.toBe(ownPort(made));
+    // Refilled, with another instance.
+    await waitFor(() => held() === 1, 30_000, 'the pool refilled');
+    expect(ps().find((x) => x.state === 'restoring').aid).not.toBe(taken.aid);
+    // The held one does not listen on the multiplexed port yet: each
+    // connection there is answered, by one of the two that run (one held
+    // listening would get about a third of them, and leave them waiting).
+    const homes = new Set<string>();
+    for (let i = 0; i < 24; i++) {
+      const line = (await tcpExchange(world.portMux, 'INFO\n', 3000)).trim();
+      homes.add(/home=(\S+)/.exec(line)![1]);
+    }
+    expect([...homes].sort()).toEqual([made.aid, taken.aid].map((aid) => join(world.root, 'home', aid)).sort());
+    // Writes stay its own.
+    expect(await ask(ownPort(taken), 'SET mine')).toBe('OK');
+    expect(await info(ownPort(taken))).toMatchObject({ state: 'mine', mapped: 'mine' });
+    expect(await info(ownPort(made))).toMatchObject({ state: 'template', mapped: 'template' });
+  }, 240_000);
+
+  it('refills to the largest recent batch, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
+    const first = cloneJson(['-n', '3']);
+    expect(first.map((c) => !!c.prepared)).toEqual([true, false, false]);
+    await waitFor(() => held() === 3, 60_000, 'three instances held');
+    const batch = cloneJson(['-n', '3']);
+    expect(batch.map((c) => [c.instance, c.prepared])).toEqual([
+      [1, true],
+      [2, true],
+      [3, true],
+    ]);
+    for (const c of batch) await isTemplateInstance(c);
+    // The batch committed as one: each init saw it committed.
+    for (const c of batch) await waitFor(() => existsSync(join(sb.home, 'apps', c.aid, 'committed')), 10_000, `${c.aid} committed`);
+    await waitFor(() => held() === 3, 60_000, 'three held again');
+    // One held instance killed while it waits: the batch makes that one
+    // now, and nothing of the dead one is left.
+    const victim = ps().find((a) => a.state === 'restoring' && a.processes.length > 1);
+    const victimPids = victim.processes.filter((p: Json) => p.pid !== record(victim.aid).initPid).map((p: Json) => p.pid as number);
+    for (const pid of victimPids) process.kill(pid, 'SIGKILL');
+    const mended = cloneJson(['-n', '3']);
+    expect(mended.filter((c) => c.prepared).length).toBe(2);
+    expect(mended.map((c) => c.aid)).not.toContain(victim.aid);
+    for (const c of mended) await isTemplateInstance(c);
+    await waitFor(() => !ps().some((a) => a.aid === victim.aid), 10_000, 'the killed held instance to be released');
+    await waitFor(() => held() === 3, 60_000, 'three held again');
+    expect(cloneJson(['--no-prepared'])[0].prepared).toBeUndefined();
+    expect(cloneJson([], { APPSHOT_CLONE_POOL: '0' })[0].prepared).toBeUndefined();
+    // An AID asked for is never a held one's.
+    const named = cloneJson(['--aid', 'named']);
+    expect(named[0]).toMatchObject({ aid: 'named' });
+    expect(named[0].prepared).toBeUndefined();
+    await isTemplateInstance(named[0]);
+  }, 240_000);
+
+  it('gives the pool up once its template is removed', async () => {
+    await waitFor(() => held() === 3, 60_000, 'three held');
+    const pids = heldProcesses();
+    expect(pids.length).toBeGreaterThanOrEqual(6);
+    const aside = `${tpl}.aside`;
+    renameSync(tpl, aside);
+    await waitFor(() => gone(pids), 20_000, 'the held instances to go with their template');
+    await waitFor(() => ps().every((a) => a.state !== 'restoring'), 10_000, 'their registrations to go');
+    expect(status().clonePool[tpl]).toBeUndefined();
+    renameSync(aside, tpl);
+  }, 240_000);
+
+  it('leaves nothing held behind when the engine stops', async () => {
+    cloneJson(['-n', '2']);
+    await waitFor(() => held() === 2, 60_000, 'two held');
+    const pids = heldProcesses();
+    expect(pids.length).toBeGreaterThanOrEqual(4);
+    const engine = status().pid as number;
+    expect(inProcess(['engine', 'stop']).code).toBe(0);
+    await waitFor(() => !alive(engine), 20_000, 'the engine to leave');
+    expect(gone(pids)).toBe(true);
+    expect(ps().filter((a) => a.state === 'restoring')).toEqual([]);
+  }, 240_000);
+
+  it('leaves nothing held behind when the engine is killed with SIGKILL', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    cloneJson(['-n', '2']);
+    await waitFor(() => held() === 2, 60_000, 'two held');
+    const pids = heldProcesses();
+    expect(pids.length).toBeGreaterThanOrEqual(4);
+    const aids = ps().filter((a) => a.state === 'restoring').map((a) => a.aid);
+    const running = ps().filter((a) => a.state === 'running').map((a) => a.aid);
+    process.kill(status().pid, 'SIGKILL');
+    await waitFor(() => gone(pids), 20_000, 'the held instances to go with the engine');
+    // Their registrations are taken back; the clones it made run on.
+    await waitFor(() => !ps().some((a) => aids.includes(a.aid)), 10_000, 'their registrations to go');
+    expect(ps().filter((a) => a.state === 'running').map((a) => a.aid)).toEqual(running);
+  }, 240_000);
+});
