@@ -679,6 +679,9 @@ export interface Socket {
   kept?: boolean;
   /** A unix stream/seqpacket socket whose peer closed; absent: not. */
   peerGone?: boolean;
+  /** A TCP listener installed from outside (serve's public listener):
+   * the key its restore is handed a descriptor under; absent or "": not. */
+  inherited?: string;
 }
 
 export interface MulticastMembership {

@@ -36,7 +36,7 @@ import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
-import { requireKept } from '../resources/sockets.js';
+import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
@@ -110,6 +110,16 @@ export interface RestoreOptions {
   /** Where it came from, as `ps` shows it (AppRecord.image): written with
    * its registration, not in a write of its own after the restore. */
   recordImage?: string;
+  /** Descriptors of this process installed in the application as they
+   * are, by key: for each inherited socket the image names (`appshot
+   * serve`'s public listener, resources/sockets.ts). An image naming a key
+   * not given here is refused before anything is made. The caller keeps
+   * them (none is closed here). */
+  inherit?: ReadonlyMap<string, number>;
+  /** The image's ordinary TCP listener of this address family at this
+   * virtual port is replaced by the descriptor given for `key` (serve's
+   * first restore of an image whose listener it has not taken over yet). */
+  inheritAt?: { port: number; family: number; key: string };
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -492,6 +502,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
     if (!opts.privilegesChecked) checkPrivileges(image);
+    requireInherited(image, opts.inherit ?? new Map());
     const verified = now();
     phase('node verified');
     const aid = opts.aid ?? image.aid;
@@ -595,6 +606,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     restoreWaits(image, tables);
     const handed = (handover = new RestoreContext(image, pageFds[0], record.logPath!, opts.instance, config.redirs, tables));
     handed.pagesCheck = pageChecks[0];
+    if (opts.inherit) handed.inherit = opts.inherit;
+    handed.inheritAt = opts.inheritAt;
     // A queue made is written into the registration before anything else
     // is done with it, as madeDirs above.
     const registered = record;
