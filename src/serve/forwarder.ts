@@ -229,6 +229,17 @@ export class Forwarder {
     return lid;
   }
 
+  /** takeOver for a listening descriptor of ours rather than a Node
+   * server's (serve's shared listener, when it cannot be shared after
+   * all): the thread takes a duplicate, the caller closes its own. */
+  takeOverFd(fd: number, ends: ListenerEnds, group = 0, maxHeld = 0xffffffff): number | undefined {
+    if (!this.native) return undefined;
+    const lid = ++lastLid;
+    if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
+    listeners.set(lid, { ends, seen: 0 });
+    return lid;
+  }
+
   /** The grant of a listener: up to `capacity` connections open at once
    * to 127.0.0.1:port (port 0: none); `pid`, the instance's process, is
    * watched by the thread, which revokes the grant when it ends (died).

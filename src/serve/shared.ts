@@ -1,0 +1,136 @@
+/**
+ * The public listener of a restore-mode service, shared with its instance
+ * (the specification's port translation, done by the kernel): serve's own
+ * listening socket is installed in the restored application in place of
+ * the application's listener on APP_PORT (same descriptor number and
+ * flags there, the same open file as serve's), and the instance accepts
+ * its clients itself. No proxy, no copy: a connection costs what it costs
+ * reaching the server directly (bench/serve.js (b) against (a)).
+ *
+ * serve never accepts on it. While no instance holds it (suspended,
+ * crashed, being restored), serve watches it for readability (watch): a
+ * connection waits in the kernel's accept queue meanwhile, not reset and
+ * not lost, and the restored instance accepts it. A suspend records the
+ * socket by key (Socket.inherited: the snapshot does not dump it) and the
+ * next restore is handed serve's descriptor for that key, so a connection
+ * that comes while the snapshot runs stays queued across it.
+ *
+ * What serve no longer sees it asks the kernel: the connections the
+ * instance accepted (sock_diag, connections(): the established sockets on
+ * the public port that have a file, i.e. were accepted; serve accepts
+ * none, so each is the instance's; /proc/PID/net/tcp would walk and format
+ * every socket of the namespace, 5-6 ms each here, where sock_diag answers
+ * for established sockets only, unformatted), and those still waiting
+ * (the accept queue, TCP_INFO of the listener: one call).
+ *
+ * Not shared (problem() says why, and serve falls back to forwarding):
+ * clone mode, several public ports, an image whose listener on APP_PORT is
+ * missing, of the other address family, or not alone (another listening
+ * port, a second socket on it).
+ */
+import { closeSync, fstatSync } from 'node:fs';
+import { addon } from '../native.js';
+import { FdKind, type Image, virtualPort } from '../image/types.js';
+import type { InheritedListener } from '../resources/context.js';
+
+const AF_INET6 = 10;
+const AF_INET = 2;
+
+export class SharedListener {
+  /** The key images name it by: one per service's application port. */
+  readonly key: string;
+  readonly family: number;
+  readonly address: string;
+  private readonly ino: bigint;
+  private watchId: number | undefined;
+  private watching = false;
+  /** Accepted connections already recorded (by inode). */
+  private readonly seen = new Set<number>();
+
+  constructor(
+    /** serve's descriptor of the listening socket. */
+    readonly fd: number,
+    readonly publicPort: number,
+    readonly appPort: number,
+    onWaiting: () => void,
+  ) {
+    this.key = `serve:${appPort}`;
+    const info = addon().sockInfo(fd);
+    this.family = info.family;
+    this.address = addon().tcpEndpoint(fd).address;
+    this.ino = fstatSync(fd, { bigint: true }).ino;
+    this.watchId = addon().watchReadable(fd, () => {
+      this.watching = false;
+      onWaiting();
+    });
+    this.watching = true;
+  }
+
+  /** Watched again for a waiting connection (no instance holds it, or one
+   * being restored will take what waits: told once more, harmlessly). */
+  watch(): void {
+    if (this.watching || this.watchId === undefined) return;
+    this.watching = true;
+    addon().watchAgain(this.watchId);
+  }
+
+  /** Connections waiting in its accept queue. */
+  queued(): number {
+    try {
+      return addon().listenQueue(this.fd);
+    } catch {
+      return 0;
+    }
+  }
+
+  /** The connections accepted on it (by the instance: serve accepts none),
+   * and which of them were not seen by an earlier call. */
+  connections(): { count: number; fresh: { remote: string; port: number }[] } {
+    const now = addon()
+      .tcpEstablished(this.family, this.publicPort)
+      .filter((c) => c.ino !== 0);
+    const fresh = now.filter((c) => !this.seen.has(c.ino));
+    this.seen.clear();
+    for (const c of now) this.seen.add(c.ino);
+    return { count: now.length, fresh: fresh.map((c) => ({ remote: c.remote, port: c.port })) };
+  }
+
+  /** What the restore is handed (RestoreOptions.inherit, inheritAt). */
+  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string } } {
+    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key } };
+  }
+
+  /** What the snapshot records by key (SnapshotOptions.inherited). */
+  snapshotOptions(): ReadonlyMap<bigint, InheritedListener> {
+    return new Map([[this.ino, { key: this.key, family: this.family, address: this.address, port: this.publicPort }]]);
+  }
+
+  /** Why the image's application cannot be given this listener, or
+   * undefined if it can. */
+  problem(image: Image): string | undefined {
+    const listeners = new Map<bigint, { family: number; port: number; inherited?: string }>();
+    for (const p of image.processes)
+      for (const f of p.fds)
+        if (f.kind === FdKind.TCP_LISTEN && f.socket) listeners.set(f.socket.ino, { family: f.socket.family, port: virtualPort(image, f.socket.port), inherited: f.socket.inherited });
+    const all = [...listeners.values()];
+    const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
+    if (foreign) return `the image names a listener inherited from '${foreign.inherited}', not '${this.key}'`;
+    if (all.some((l) => l.inherited === this.key)) return all.length === 1 ? undefined : 'the application listens on several TCP sockets';
+    const atApp = all.filter((l) => l.port === this.appPort);
+    if (!atApp.length) return `the image has no TCP socket listening on port ${this.appPort}`;
+    if (all.length > 1) return atApp.length > 1 ? `the application listens on port ${this.appPort} with ${atApp.length} sockets` : 'the application listens on several TCP ports';
+    if (atApp[0].family !== this.family) return `the application's listener is ${familyName(atApp[0].family)}, the public one ${familyName(this.family)}`;
+    return undefined;
+  }
+
+  /** Stops watching; `closeFd`: its descriptor closed too (the forwarder
+   * took a duplicate of its own, or serve stops). */
+  close(closeFd: boolean): void {
+    if (this.watchId !== undefined) addon().unwatch(this.watchId);
+    this.watchId = undefined;
+    this.watching = false;
+    if (closeFd) closeSync(this.fd);
+  }
+}
+
+const familyName = (f: number) => (f === AF_INET ? 'IPv4' : f === AF_INET6 ? 'IPv6' : `family ${f}`);
