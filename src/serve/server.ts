@@ -370,6 +370,9 @@ class Service {
     };
   }
 
+  /** listen() is done (prepare waits for it). */
+  private listened = false;
+
   async listen(): Promise<void> {
     for (const p of this.spec.ports) {
       // An instance adopted from a previous serve that shared its listener
@@ -410,6 +413,8 @@ class Service {
       if (lid !== undefined) this.grants.set(p.public, lid);
       this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
     }
+    this.listened = true;
+    this.prepare(false);
   }
 
   /**
@@ -818,6 +823,9 @@ class Service {
   private prepare(suspendedNow: boolean): void {
     if (this.spec.mode !== 'restore' || this.prepared || this.closing) return;
     if (this.instances.get(this.name)?.state !== 'suspended') return;
+    // Not before the public listener exists: it may be the instance's
+    // (shared.ts). listen() prepares once it does.
+    if (!this.listened) return;
     const chain = this.ready;
     if (!chain || chain[0].dir !== this.lastImage) return;
     // A registration of the AID (a crash's, ended) is removed by the

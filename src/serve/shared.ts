@@ -25,8 +25,9 @@
  *
  * Not shared (problem() says why, and serve falls back to forwarding):
  * clone mode, several public ports, an image whose listener on APP_PORT is
- * missing, of the other address family, or not alone (another listening
- * port, a second socket on it).
+ * missing, only of the other address family, or not alone (another
+ * listening port, two sockets of the family on it). A dual-stack server's
+ * other-family listener on APP_PORT stays its own.
  */
 import { closeSync, fstatSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -115,11 +116,16 @@ export class SharedListener {
     const all = [...listeners.values()];
     const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
     if (foreign) return `the image names a listener inherited from '${foreign.inherited}', not '${this.key}'`;
-    if (all.some((l) => l.inherited === this.key)) return all.length === 1 ? undefined : 'the application listens on several TCP sockets';
-    const atApp = all.filter((l) => l.port === this.appPort);
-    if (!atApp.length) return `the image has no TCP socket listening on port ${this.appPort}`;
-    if (all.length > 1) return atApp.length > 1 ? `the application listens on port ${this.appPort} with ${atApp.length} sockets` : 'the application listens on several TCP ports';
-    if (atApp[0].family !== this.family) return `the application's listener is ${familyName(atApp[0].family)}, the public one ${familyName(this.family)}`;
+    const elsewhere = all.filter((l) => !l.inherited && l.port !== this.appPort);
+    if (elsewhere.length) return `the application listens on several TCP ports (${[this.appPort, ...new Set(elsewhere.map((l) => l.port))].join(', ')})`;
+    if (all.some((l) => l.inherited === this.key)) return undefined;
+    // Of a dual-stack server's two listeners on the port (redis's default:
+    // 0.0.0.0 and ::), the one of the public listener's family is replaced;
+    // the other stays the application's own.
+    const same = all.filter((l) => l.port === this.appPort && l.family === this.family);
+    if (!all.length) return `the image has no TCP socket listening on port ${this.appPort}`;
+    if (!same.length) return `the application's listener on port ${this.appPort} is ${familyName(all[0].family)}, the public one ${familyName(this.family)}`;
+    if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
     return undefined;
   }
 
