@@ -1016,6 +1016,8 @@ class Service {
     this.changed();
     const t0 = process.hrtime.bigint();
     const home = this.host.home;
+    // Shared: those waiting in the listener's queue are the ones held.
+    const queuedAtStart = this.shared?.queued() ?? 0;
     try {
       // Held ready (Prepared): let go on. Otherwise restored now.
       this.early = undefined;
@@ -1084,7 +1086,7 @@ class Service {
       if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
       if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
-      const held = early ? early.held : this.held.length;
+      const held = (early ? early.held : this.held.length) + queuedAtStart;
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
