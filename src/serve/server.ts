@@ -377,7 +377,9 @@ class Service {
     for (const p of this.spec.ports) {
       // An instance adopted from a previous serve that shared its listener
       // still holds (and accepts on) it: that socket is the public one.
-      const adopted = this.mayShare() ? this.adoptedListener(p) : undefined;
+      // (Whatever APPSHOT_SHARE_LISTENER says now: that socket is the
+      // public port, and only the instance may accept on it.)
+      const adopted = this.spec.mode === 'restore' && this.spec.ports.length === 1 ? this.adoptedListener(p) : undefined;
       const running = this.instances.get(this.name);
       if (adopted !== undefined && running) {
         this.shared = new SharedListener(adopted, p.public, p.app, () => this.pump());
