@@ -20,10 +20,13 @@
  * and for when the thread is not ours (another worker thread of the
  * process has it).
  *
- * Handing the accepted socket itself to the instance (SCM_RIGHTS, the
- * specification's port translation) would save the copy too, but needs the
- * instance's own accept() to return a socket it did not accept: a channel
- * into restored applications and an accept the preload library fakes.
+ * Handing the accepted socket itself to the instance (SCM_RIGHTS) would
+ * save the copy too, but needs the instance's own accept() to return a
+ * socket it did not accept: a channel into restored applications and an
+ * accept the preload library fakes. Restore mode's one instance needs
+ * neither: it is given the listening socket itself at its restore and
+ * accepts on it (shared.ts); this path is clone mode's, and restore
+ * mode's when that listener cannot be shared.
  */
 import { closeSync } from 'node:fs';
 import { connect, type Server, Socket } from 'node:net';

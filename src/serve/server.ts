@@ -12,13 +12,12 @@
  * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
  * the bytes of every forwarded connection; this module decides where each
  * goes (directly, or through a grant the thread uses until revoked: see
- * grant()) and hears when it opened, was refused or closed. The specification's
- * alternative, handing the accepted socket to the instance (SCM_RIGHTS
- * into a process of the application, or the instance taking over the
- * public port), saves a copy per byte, but it needs a channel into a
- * restored application that does not exist yet and an instance that
- * accepts on a socket it did not create; forwarding works with any server
- * today. bench/serve.js measures what it costs.
+ * grant()) and hears when it opened, was refused or closed. That is clone
+ * mode's path (several instances behind one port). Restore mode's one
+ * instance takes over the public port instead (shared.ts): serve's
+ * listener is installed in it at its restore and it accepts its clients
+ * itself, no proxy and no copy; forwarding remains where that listener
+ * cannot be shared (fallBack). bench/serve.js measures both.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
