@@ -24,12 +24,18 @@ const O_ACCMODE = 3;
 const DELETED = ' (deleted)';
 
 /** A listening socket the caller installed in the application and keeps
- * (`appshot serve`'s public listener): the image names it by `key`. */
+ * (`appshot serve`'s public listener): the image names it by `key`, with
+ * the application's own listener it replaced (made again from these where
+ * the caller does not hand it over: RestoreOptions.ownListeners). */
 export interface InheritedListener {
   key: string;
   family: number;
   address: string;
+  /** The application's (virtual) port. */
   port: number;
+  backlog: number;
+  reuseaddr: boolean;
+  v6only: boolean;
 }
 
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused
@@ -167,6 +173,9 @@ export class RestoreContext {
   /** An ordinary TCP listener at this virtual port becomes the inherited
    * one of `key` (RestoreOptions.inheritAt). */
   inheritAt?: { port: number; family: number; key: string };
+  /** Inherited listeners of these keys are made as the application's own
+   * again (RestoreOptions.ownListeners). */
+  ownListeners: ReadonlySet<string> = new Set();
   /** Established TCP connections, in repair mode until every process is made. */
   readonly tcp = new ConnectionMaker(this.kept);
   /** The page file's check, if it is still going on (format 3): what is

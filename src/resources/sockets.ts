@@ -345,12 +345,12 @@ export function inheritedSocket(ctx: DumpContext, ino: bigint): Socket | undefin
     address: l.address,
     port: l.port,
     listening: true,
-    backlog: 0,
+    backlog: l.backlog,
     peerIno: 0n,
     queued: Buffer.alloc(0),
-    reuseaddr: false,
+    reuseaddr: l.reuseaddr,
     reuseport: false,
-    v6only: false,
+    v6only: l.v6only,
     inherited: l.key,
   };
 }
@@ -358,11 +358,11 @@ export function inheritedSocket(ctx: DumpContext, ino: bigint): Socket | undefin
 /** Before anything is made: every inherited socket of the image has a
  * descriptor handed for its key (an image is untrusted: one that names a
  * key this restore was not given is refused, whoever wrote it). */
-export function requireInherited(image: Image, given: ReadonlyMap<string, number>): void {
+export function requireInherited(image: Image, given: ReadonlyMap<string, number>, ownAgain: ReadonlySet<string>): void {
   for (const p of image.processes)
     for (const f of p.fds) {
       const key = f.socket?.inherited;
-      if (!key || given.has(key)) continue;
+      if (!key || given.has(key) || ownAgain.has(key)) continue;
       const name = INHERITED_KEY.test(key) ? `'${key}'` : 'a malformed key';
       throw new AppshotError(
         `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: the image names the listener inherited from ${name}, which only the service that snapshotted it (appshot serve) can hand to its restore; none was given`,
@@ -384,7 +384,9 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
   if (fd.kind !== FdKind.TCP_LISTEN) return undefined;
   const at = h.inheritAt;
   const key = s.inherited || (at && !h.plan && s.family === at.family && virtualPort(h.image, s.port) === at.port ? at.key : undefined);
-  if (!key) return undefined;
+  // Made as the application's own listener again, from what the image
+  // recorded of it.
+  if (!key || (!h.inherit.has(key) && h.ownListeners.has(key))) return undefined;
   const given = h.inherit.get(key);
   if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
   addon().setStatusFlags(given, fd.flags);

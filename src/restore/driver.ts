@@ -120,6 +120,10 @@ export interface RestoreOptions {
    * virtual port is replaced by the descriptor given for `key` (serve's
    * first restore of an image whose listener it has not taken over yet). */
   inheritAt?: { port: number; family: number; key: string };
+  /** Inherited listeners of these keys, when not handed over (inherit),
+   * are made as the application's own listener they replaced (serve
+   * forwarding to an instance whose image was taken while it shared). */
+  ownListeners?: ReadonlySet<string>;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -502,7 +506,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
     if (!opts.privilegesChecked) checkPrivileges(image);
-    requireInherited(image, opts.inherit ?? new Map());
+    requireInherited(image, opts.inherit ?? new Map(), opts.ownListeners ?? new Set());
     const verified = now();
     phase('node verified');
     const aid = opts.aid ?? image.aid;
@@ -608,6 +612,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     handed.pagesCheck = pageChecks[0];
     if (opts.inherit) handed.inherit = opts.inherit;
     handed.inheritAt = opts.inheritAt;
+    if (opts.ownListeners) handed.ownListeners = opts.ownListeners;
     // A queue made is written into the registration before anything else
     // is done with it, as madeDirs above.
     const registered = record;

@@ -495,15 +495,14 @@ class Service {
   /** The restore's options for the shared listener, if this image's
    * application can be given it; otherwise the front door falls back to
    * forwarding (fallBack) and there are none. */
-  private shareWith(image: LoadedImage['image'] | undefined): ReturnType<SharedListener['restoreOptions']> | {} {
+  private shareWith(image: LoadedImage['image'] | undefined): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
     const s = this.shared;
-    if (!s) return {};
-    const why = image ? s.problem(image) : 'the image could not be read ahead';
-    if (why) {
-      this.fallBack(why);
-      return {};
-    }
-    return s.restoreOptions();
+    const why = !s ? undefined : image ? s.problem(image) : 'the image could not be read ahead';
+    if (s && !why) return s.restoreOptions();
+    if (why) this.fallBack(why);
+    // Forwarding: an image taken while the listener was shared names it
+    // by key; the application gets its own listener back, as it was.
+    return { ownListeners: new Set(this.spec.ports.map((p) => SharedListener.keyOf(p.app))) };
   }
 
   private accept(socket: Socket, port: PortMap): void {
@@ -1146,6 +1145,9 @@ class Service {
     }
   }
 
+  /** suspend() is reading what the application's own listener was. */
+  private learning = false;
+
   private async suspend(inst: Instance, idleMs: number): Promise<void> {
     // Shared: a client may have connected since the last sample (the
     // instance accepted it, or it waits in the queue): not idle then.
@@ -1154,6 +1156,20 @@ class Service {
       if (inst.active || this.shared.queued()) {
         inst.lastActive = this.host.clock.now();
         return;
+      }
+      // Adopted from a previous serve: what the application's own
+      // listener was is read from the image it was restored from.
+      if (!this.shared.knowsOriginal) {
+        if (this.learning) return; // (the policy asks again each tick)
+        this.learning = true;
+        await loadImageChain(this.lastImage)
+          .then((chain) => {
+            this.shared?.problem(chain[0].image);
+            chain.forEach((l) => l.dispose());
+          })
+          .catch(() => undefined)
+          .finally(() => (this.learning = false));
+        if (inst.state !== 'running' || this.closing) return;
       }
     }
     inst.state = 'suspending';

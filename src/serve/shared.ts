@@ -47,6 +47,15 @@ export class SharedListener {
   private watching = false;
   /** Accepted connections already recorded (by inode). */
   private readonly seen = new Set<number>();
+  /** The application's own listener that this one replaces, as an image
+   * of it said (problem()): recorded in each suspend image with the key,
+   * so that a serve forwarding after all can give it back its own. */
+  private original: { address: string; backlog: number; reuseaddr: boolean; v6only: boolean } | undefined;
+
+  /** The key images name the listener of application port `appPort` by. */
+  static keyOf(appPort: number): string {
+    return `serve:${appPort}`;
+  }
 
   constructor(
     /** serve's descriptor of the listening socket. */
@@ -55,7 +64,7 @@ export class SharedListener {
     readonly appPort: number,
     onWaiting: () => void,
   ) {
-    this.key = `serve:${appPort}`;
+    this.key = SharedListener.keyOf(appPort);
     const info = addon().sockInfo(fd);
     this.family = info.family;
     this.address = addon().tcpEndpoint(fd).address;
@@ -101,24 +110,39 @@ export class SharedListener {
     return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key } };
   }
 
-  /** What the snapshot records by key (SnapshotOptions.inherited). */
+  /** Whether an image has told what the application's own listener was
+   * (problem() has seen one): snapshotOptions needs it. */
+  get knowsOriginal(): boolean {
+    return this.original !== undefined;
+  }
+
+  /** What the snapshot records by key (SnapshotOptions.inherited): the
+   * application's own listener it stands for. */
   snapshotOptions(): ReadonlyMap<bigint, InheritedListener> {
-    return new Map([[this.ino, { key: this.key, family: this.family, address: this.address, port: this.publicPort }]]);
+    const own = this.original ?? { address: this.family === AF_INET6 ? '::' : '0.0.0.0', backlog: 511, reuseaddr: true, v6only: false };
+    return new Map([[this.ino, { key: this.key, family: this.family, port: this.appPort, ...own }]]);
   }
 
   /** Why the image's application cannot be given this listener, or
    * undefined if it can. */
   problem(image: Image): string | undefined {
-    const listeners = new Map<bigint, { family: number; port: number; inherited?: string }>();
+    const listeners = new Map<bigint, { family: number; port: number; inherited?: string; own: NonNullable<SharedListener['original']> }>();
     for (const p of image.processes)
-      for (const f of p.fds)
-        if (f.kind === FdKind.TCP_LISTEN && f.socket) listeners.set(f.socket.ino, { family: f.socket.family, port: virtualPort(image, f.socket.port), inherited: f.socket.inherited });
+      for (const f of p.fds) {
+        const s = f.socket;
+        if (f.kind === FdKind.TCP_LISTEN && s)
+          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only } });
+      }
     const all = [...listeners.values()];
     const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
     if (foreign) return `the image names a listener inherited from '${foreign.inherited}', not '${this.key}'`;
     const elsewhere = all.filter((l) => !l.inherited && l.port !== this.appPort);
     if (elsewhere.length) return `the application listens on several TCP ports (${[this.appPort, ...new Set(elsewhere.map((l) => l.port))].join(', ')})`;
-    if (all.some((l) => l.inherited === this.key)) return undefined;
+    const mine = all.find((l) => l.inherited === this.key);
+    if (mine) {
+      this.original = mine.own;
+      return undefined;
+    }
     // Of a dual-stack server's two listeners on the port (redis's default:
     // 0.0.0.0 and ::), the one of the public listener's family is replaced;
     // the other stays the application's own.
@@ -126,6 +150,7 @@ export class SharedListener {
     if (!all.length) return `the image has no TCP socket listening on port ${this.appPort}`;
     if (!same.length) return `the application's listener on port ${this.appPort} is ${familyName(all[0].family)}, the public one ${familyName(this.family)}`;
     if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
+    this.original = same[0].own;
     return undefined;
   }
 
