@@ -381,7 +381,7 @@ class Service {
       const adopted = this.spec.mode === 'restore' && this.spec.ports.length === 1 ? this.adoptedListener(p) : undefined;
       const running = this.instances.get(this.name);
       if (adopted !== undefined && running) {
-        this.shared = new SharedListener(adopted, p.public, p.app, () => this.pump());
+        this.shared = new SharedListener(adopted, p.public, p.app, () => this.connectionWaits());
         for (const [pub, m] of running.ports) m.system = pub;
         running.pid = this.listenerPid(running);
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true, adopted: true });
@@ -405,7 +405,7 @@ class Service {
         // descriptor of ours, never accepted on (shared.ts).
         const fd = addon().dupFd((server as unknown as { _handle: { fd: number } })._handle.fd);
         server.close();
-        this.shared = new SharedListener(fd, p.public, p.app, () => this.pump());
+        this.shared = new SharedListener(fd, p.public, p.app, () => this.connectionWaits());
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true });
         continue;
       }
@@ -528,6 +528,21 @@ class Service {
     // of an idle serve's CPU (100 suspended services: 500 files a second).
     if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
     this.watchShared();
+  }
+
+  /**
+   * Shared: a connection came to the listener. No instance runs: the
+   * policy restores it. One runs (and accepts it itself): it was active
+   * now. Its connections are otherwise seen only at each tick, and a
+   * stream of short ones (a client connecting for each request) would
+   * look idle and be suspended under load; so while it runs the listener
+   * is watched too, but once per tick (tick re-arms it): at most one
+   * wake-up of this thread per tick, none per connection.
+   */
+  private connectionWaits(): void {
+    const inst = this.instances.get(this.name);
+    if (inst?.state === 'running') inst.lastActive = this.host.clock.now();
+    else this.pump();
   }
 
   /** Shared: the listener watched for a waiting connection while no
@@ -736,6 +751,7 @@ class Service {
     this.checkPrepared();
     this.checkReady();
     for (const inst of this.instances.values()) this.sampleShared(inst);
+    if (this.shared && this.instances.get(this.name)?.state === 'running') this.shared.watch();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
     this.pump();
