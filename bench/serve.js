@@ -377,6 +377,9 @@ try {
         for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
           // Suspended first: a running instance is adopted by the next
           // serve as it is (its listener shared or not).
+          // (its state file may still say suspended from before the last
+          // resume: first an idle time and a tick past it)
+          await sleep(parseInt(IDLE, 10) + 1000);
           const since = Date.now();
           while (!idleSince('db', since - 60_000)) await sleep(20);
           await stopServe();
@@ -395,8 +398,9 @@ try {
             }
             added[variant].push(pct(door, 50) - pct(direct, 50));
             if (forwarding) v4v6.push(pct(direct4, 50) - pct(direct, 50));
+            const shared = /"event":"listen"[^\n]*"shared":true/.test(serveErr);
             console.log(
-              `    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (a) [::1] p50 ${ms(pct(direct, 50))}, (b) p50 ${ms(pct(door, 50))}, (b) - (a) ${ms(pct(door, 50) - pct(direct, 50))}` +
+              `    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`} (listener ${shared ? 'shared' : 'forwarded'}): (a) [::1] p50 ${ms(pct(direct, 50))}, (b) p50 ${ms(pct(door, 50))}, (b) - (a) ${ms(pct(door, 50) - pct(direct, 50))}` +
                 (forwarding ? `; (a4) 127.0.0.1 p50 ${ms(pct(direct4, 50))}` : ''),
             );
           }

@@ -291,6 +291,13 @@ describe('appshot serve, restore mode with the public listener shared with the i
     expect(first.some((pid) => socketsOf(pid).has(publicListener!)), 'the instance holds the public listener').toBe(true);
     expect(listenerInode(SHARED_APP), 'nothing listens on the application port').toBeUndefined();
 
+    // A stream of short connections, each shorter than serve's tick, for
+    // three idle times: busy, not idle (serve never sees them accepted).
+    const streamEnd = Date.now() + 3000;
+    while (Date.now() < streamEnd) expect(redis(SHARED_PUBLIC, ['PING'])).toEqual(['PONG']);
+    expect(show('shared').snapshots).toBe(0);
+    expect(first.filter(alive)).toEqual(first);
+
     // A client that stays: the instance accepted it, serve did not; its
     // connection is counted and shown from the kernel.
     const client = connect(SHARED_PUBLIC, '127.0.0.1');
