@@ -1645,7 +1645,13 @@ export class ServeHost {
       // The supervisors this process started (the instances' appshot-init,
       // standbys let go), once ended, are its zombies until waited for.
       addon().reapDetached();
-      for (const s of this.services) s.tick();
+      // One service's failure is logged, not the end of the others' ticks.
+      for (const s of this.services)
+        try {
+          s.tick();
+        } catch (e) {
+          this.log({ service: s.name, event: 'tick-failed', error: (e as Error).message });
+        }
       this.trimWhenSettled();
     }, this.opts.tickMs ?? 200);
   }
