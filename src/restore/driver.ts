@@ -124,6 +124,10 @@ export interface RestoreOptions {
    * are made as the application's own listener they replaced (serve
    * forwarding to an instance whose image was taken while it shared). */
   ownListeners?: ReadonlySet<string>;
+  /** Decides inherit, inheritAt and ownListeners from the image once it
+   * is read and verified (serve: whether its listener can be shared with
+   * this image's application); what it returns overrides those. */
+  inheritFor?: (image: LoadedImage['image']) => Pick<RestoreOptions, 'inherit' | 'inheritAt' | 'ownListeners'>;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -506,6 +510,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
     if (!opts.privilegesChecked) checkPrivileges(image);
+    if (opts.inheritFor) opts = { ...opts, ...opts.inheritFor(image) };
     requireInherited(image, opts.inherit ?? new Map(), opts.ownListeners ?? new Set());
     const verified = now();
     phase('node verified');

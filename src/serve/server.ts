@@ -34,7 +34,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
-import { descriptorLinks } from '../procfs.js';
+import { descriptorLinks, isSameProcess } from '../procfs.js';
 import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
 import { SharedListener } from './shared.js';
 import { CpuMeter } from './cpu.js';
@@ -495,9 +495,9 @@ class Service {
   /** The restore's options for the shared listener, if this image's
    * application can be given it; otherwise the front door falls back to
    * forwarding (fallBack) and there are none. */
-  private shareWith(image: LoadedImage['image'] | undefined): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
+  private shareWith(image: LoadedImage['image']): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
     const s = this.shared;
-    const why = !s ? undefined : image ? s.problem(image) : 'the image could not be read ahead';
+    const why = s?.problem(image);
     if (s && !why) return s.restoreOptions();
     if (why) this.fallBack(why);
     // Forwarding: an image taken while the listener was shared names it
@@ -751,6 +751,12 @@ class Service {
     this.checkPrepared();
     this.checkReady();
     for (const inst of this.instances.values()) this.sampleShared(inst);
+    // Shared, no forwarding thread watches the process holding the
+    // listener (listenerPid): its end is the instance's crash, looked for
+    // here, even if a helper of it still holds a copy that nobody accepts
+    // on (what waits in the queue then waits for the restore).
+    for (const inst of this.instances.values())
+      if (this.shared && inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, undefined)) this.crashed(inst, `process ${inst.pid} ended`);
     if (this.shared && this.instances.get(this.name)?.state === 'running') this.shared.watch();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
@@ -855,9 +861,8 @@ class Service {
     const t0 = process.hrtime.bigint();
     // Held with the public listener installed: connections wait in its
     // accept queue, and its release lets the instance accept them.
-    const share = this.shareWith(chain[0].image);
     const done = restoreImage(this.reg, this.lastImage, {
-      ...share,
+      inheritFor: (image) => this.shareWith(image),
       aid: this.name,
       // Its memory mapped from the page file, nothing copied (what it
       // holds while suspended: redis with 10,000 keys 1.1 MiB of PSS);
@@ -1055,18 +1060,6 @@ class Service {
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
       // A preload under way is the reading the restore would do itself.
       if (!prepared && this.preloading) await this.preloading;
-      // Shared: whether the listener can be given is read from the image,
-      // read now if no preload did.
-      if (!prepared && this.shared && this.ready?.[0]?.dir !== this.lastImage) {
-        this.forgetPreload();
-        try {
-          this.ready = await loadImageChain(this.lastImage);
-          this.readyCheckedAt = performance.now();
-          this.host.preloaded(this);
-        } catch {
-          // The restore reads it again and says what is wrong with it.
-        }
-      }
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
@@ -1078,8 +1071,9 @@ class Service {
       // The restore need not check again what was checked just now; a
       // retry (below, after awaits) only if nothing failed it meanwhile and
       // still within the second.
-      const share = prepared ? {} : this.shareWith(ready?.[0]?.image);
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { ...share, aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
+      // Whether the listener can be shared is decided on the image the
+      // restore reads (shareWith).
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
