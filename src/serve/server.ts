@@ -138,6 +138,9 @@ interface Prepared {
   done: Promise<RestoreResult>;
 }
 
+const O_RDWR = 2;
+const O_NONBLOCK = 0o4000;
+
 /** Longest parent chain of suspend images before a full snapshot: each
  * link is read at every restore. */
 const MAX_CHAIN = 4;
@@ -431,6 +434,10 @@ class Service {
     this.shared = undefined;
     const p = this.spec.ports[0];
     this.log('share-fallback', { port: p.public, why, now: 'forwarding' });
+    // An instance given it before set its status flags to its own (one open
+    // file): a blocking listener would block the forwarding thread's accept,
+    // with its lock held (found hung so).
+    addon().setStatusFlags(s.fd, O_RDWR | O_NONBLOCK);
     const lid = this.host.forwarder.takeOverFd(s.fd, this.listenerEnds(p), this.group, this.maxHeld);
     if (lid !== undefined) {
       this.grants.set(p.public, lid);
