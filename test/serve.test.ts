@@ -302,16 +302,16 @@ describe('appshot serve, restore mode with the public listener shared with the i
     // three idle times: busy, not idle (serve never sees them accepted).
     const streamEnd = Date.now() + 3000;
     while (Date.now() < streamEnd) expect(redis(SHARED_PUBLIC, ['PING'])).toEqual(['PONG']);
-    expect(show('shared').snapshots).toBe(0);
-    expect(first.filter(alive)).toEqual(first);
-
-    // A client that stays: the instance accepted it, serve did not; its
-    // connection is counted and shown from the kernel.
+    // A client that stays, right away (an idle time after the stream, the
+    // suspend may begin, and carry it): the instance accepted it, serve did
+    // not; its connection is counted and shown from the kernel.
     const client = connect(SHARED_PUBLIC, '127.0.0.1');
     let pong = '';
     client.on('data', (d) => (pong += d));
     await new Promise((resolve, reject) => client.once('connect', resolve).once('error', reject));
     client.write('PING\r\n');
+    expect(first.filter(alive)).toEqual(first);
+    expect(show('shared').snapshots).toBe(0);
     await waitFor(() => pong === '+PONG\r\n', 10_000, 'PONG');
     await waitFor(() => show('shared').connections.some((c) => c.client === `127.0.0.1:${client.localPort}`), 5000, 'the connection in `service show`').catch((e: Error) => {
       throw new Error(`${e.message}: ${JSON.stringify(show('shared'))}\n${sharedServe!.stderr}`);
@@ -359,6 +359,18 @@ describe('appshot serve, restore mode with the public listener shared with the i
       expect(pids('shared').some((pid) => socketsOf(pid).has(publicListener!))).toBe(true);
       expect(listenerInode(SHARED_PUBLIC)).toBe(publicListener);
       expect(events().filter((e) => e.event === 'share-fallback')).toEqual([]);
+
+      // Its suspend images name serve's listener by key: shown as such,
+      // and a restore outside serve (not handed it) is refused in one
+      // line, nothing made.
+      const last = sb.json<{ lastImage: string }>(['service', 'show', 'shared']).lastImage;
+      expect(sb.run(['inspect', last]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 0\\.0\\.0\\.0:${SHARED_APP}, inherited from 'serve:${SHARED_APP}'`));
+      const before = sb.aids();
+      const r = sb.run(['restore', last, '--aid', 'outside']);
+      expect(r.code).toBe(4);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(new RegExp(`the image names the listener inherited from 'serve:${SHARED_APP}', which only the service that snapshotted it \\(appshot serve\\) can hand to its restore; none was given`));
+      expect(sb.aids()).toEqual(before);
     } finally {
       clearInterval(goOn);
     }
