@@ -34,6 +34,14 @@
 // BENCH_SERVE=hosted, both builds' serves are hosted, each by an engine
 // of its own build (the engine is stopped after each round); with own,
 // both run in their own process.
+// BENCH_AB=APPSHOT_SHARE_LISTENER=0 BENCH_AB_HOT=N: each round also
+// measures (a) and (b), N of each interleaved, and reports (b) - (a) at p50
+// with the public listener shared with the instance (unset) and with the
+// forwarding front door (=0). Shared, the instance's IPv4 listener on its
+// port is serve's public one: (a) is then reached on its other listener,
+// [::1]:APP (redis listens on both families by default), in both variants
+// alike; the forwarding variant also measures 127.0.0.1:APP, for the
+// difference between the two families (reported as (a4)).
 // BENCH_AB_SERVE=1: (c) in rounds alternately with serve in its own
 // process and hosted by the engine (this build; the engine stays between
 // rounds): the cost of hosting, same run.
@@ -66,6 +74,10 @@ const ONLY_E = process.env.BENCH_ONLY_E === '1';
 const CLONES = process.env.BENCH_CLONE !== '0' && !ONLY_E;
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
 const AB_HOT = Number(process.env.BENCH_AB_HOT ?? 0);
+/** Where (a) reaches the instance: with the listener shared (the default),
+ * its IPv4 listener on APP is the public one, and [::1]:APP is its own. */
+const SHARING = process.env.APPSHOT_SHARE_LISTENER !== '0';
+const DIRECT_HOST = SHARING ? '::1' : '127.0.0.1';
 /** Node's flags as \`appshot serve -d\` runs the serve process (commands/serve.ts). */
 const RESIDENT = ['--max-semi-space-size=1'];
 /** ...and its environment (residentEnv there): this build's; another's
@@ -88,10 +100,10 @@ const ms = (x) => (x >= 1 ? `${x.toFixed(2)} ms` : `${(x * 1000).toFixed(0)} µs
 
 /** connect() to the first byte of the reply to PING, in ms; rejects if
  * refused or reset. */
-function firstByte(port) {
+function firstByte(port, host = '127.0.0.1') {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const s = connect({ port, host: '127.0.0.1', noDelay: true });
+    const s = connect({ port, host, noDelay: true });
     s.on('connect', () => s.write('PING\r\n'));
     s.once('data', () => {
       resolve(Number(process.hrtime.bigint() - t0) / 1e6);
@@ -284,14 +296,14 @@ try {
   if (!ONLY_E) {
     // (a) and (b) interleaved: the front door's connections keep it running.
     await untilAnswers(PUBLIC);
-    for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP); // warm-up
+    for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP, DIRECT_HOST); // warm-up
     const direct = [];
     const door = [];
     for (let i = 0; i < HOT; i++) {
-      direct.push(await firstByte(APP));
+      direct.push(await firstByte(APP, DIRECT_HOST));
       door.push(await firstByte(PUBLIC));
     }
-    row('(a) running, direct', direct);
+    row(`(a) running, direct (${DIRECT_HOST})`, direct);
     row('(b) running, through the front door', door);
     report.push({ what: '(b) - (a) p50', added: pct(door, 50) - pct(direct, 50) });
     console.log(`    the proxy adds ${ms(pct(door, 50) - pct(direct, 50))} at p50\n`);
@@ -358,11 +370,40 @@ try {
       const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
       const p50s = { with: [], without: [] };
       const f50s = { with: [], without: [] };
+      const added = { with: [], without: [] };
+      const v4v6 = [];
       const loads = [];
       for (let r = 0; r < rounds; r++)
         for (const variant of r % 2 ? ['with', 'without'] : ['without', 'with']) {
+          // Suspended first: a running instance is adopted by the next
+          // serve as it is (its listener shared or not).
+          // (its state file may still say suspended from before the last
+          // resume: first an idle time and a tick past it)
+          await sleep(parseInt(IDLE, 10) + 1000);
+          const since = Date.now();
+          while (!idleSince('db', since - 60_000)) await sleep(20);
           await stopServe();
           serve = await startServe(variant === 'with' ? { [name]: value } : {});
+          if (AB_HOT > 0) {
+            await untilAnswers(PUBLIC);
+            for (let i = 0; i < 50; i++) await firstByte(PUBLIC), await firstByte(APP, '::1');
+            const direct = [];
+            const door = [];
+            const direct4 = [];
+            const forwarding = variant === 'with' ? value === '0' : false;
+            for (let i = 0; i < AB_HOT; i++) {
+              direct.push(await firstByte(APP, '::1'));
+              door.push(await firstByte(PUBLIC));
+              if (forwarding) direct4.push(await firstByte(APP));
+            }
+            added[variant].push(pct(door, 50) - pct(direct, 50));
+            if (forwarding) v4v6.push(pct(direct4, 50) - pct(direct, 50));
+            const shared = /"event":"listen"[^\n]*"shared":true/.test(serveErr);
+            console.log(
+              `    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`} (listener ${shared ? 'shared' : 'forwarded'}): (a) [::1] p50 ${ms(pct(direct, 50))}, (b) p50 ${ms(pct(door, 50))}, (b) - (a) ${ms(pct(door, 50) - pct(direct, 50))}` +
+                (forwarding ? `; (a4) 127.0.0.1 p50 ${ms(pct(direct4, 50))}` : ''),
+            );
+          }
           // The instance keeps running across serves: the first resume waits
           // for its idle suspend.
           const xs = await resumes(RUNS);
@@ -376,6 +417,10 @@ try {
       console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
       if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
       console.log('');
+      if (AB_HOT > 0) {
+        console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${name} unset ${ms(median(added.without))}, ${name}=${value} ${ms(median(added.with))}; (a4) - (a) ${v4v6.length ? ms(median(v4v6)) : '-'}`);
+        report.push({ what: `(b) - (a) A/B ${name}=${value}`, without: added.without, with: added.with, v4MinusV6: v4v6, loads });
+      }
       report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
       if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
     }

@@ -25,6 +25,7 @@ import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit,
 import { snapshot as snapshotApplication, SnapshottedWithError, type SnapshotResult } from './snapshot/driver.js';
 import { clone as cloneTemplate, ClonedWithError as CloneFailedAfterCommit, type CloneResult } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
+import type { InheritedListener } from './resources/context.js';
 
 export { AppshotError, ExitCode, SnapshottedWithError };
 export type { ApplicationInfo, SnapshotResult, TemplateSummary };
@@ -101,6 +102,10 @@ export interface SnapshotOptions extends CommonOptions {
    * for a restore on this host; 0: not held (a connection only the keeper
    * could carry is then refused). Default 900. */
   tcpHoldSeconds?: number;
+  /** Listening sockets of the application that are the caller's (by
+   * inode): recorded by key, not dumped; the restore of the image must be
+   * handed them (`appshot serve`'s public listener). */
+  inherited?: ReadonlyMap<bigint, InheritedListener>;
 }
 
 export interface RestoreOptions extends CommonOptions {
@@ -296,6 +301,7 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
       tcpClose: opts.tcpClose,
       tcpHoldSeconds: opts.tcpHoldSeconds,
       timeoutMs,
+      inherited: opts.inherited,
     });
   });
 }

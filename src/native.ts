@@ -384,6 +384,17 @@ interface Addon {
   /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
    * listening on `port` in this network namespace (sock_diag). */
   tcpListeningInodes(family: number, port: number): number[];
+  /** Established TCP connections whose local port is `port` (sock_diag);
+   * ino 0: still in a listener's accept queue. */
+  tcpEstablished(family: number, port: number): { ino: number; remote: string; port: number }[];
+  /** callback(status) once the listener `fd` has a connection waiting, on
+   * this event loop; not again until watchAgain. Returns its id. */
+  watchReadable(fd: number, callback: (status: number) => void): number;
+  watchAgain(id: number): void;
+  unwatch(id: number): void;
+  /** Connections waiting in the accept queue of listening TCP socket `fd`. */
+  listenQueue(fd: number): number;
+  dupFd(fd: number): number;
   /** The socket's source filter for a multicast group (a raw sockaddr) on
    * interface `ifindex`, at level IPPROTO_IP or IPPROTO_IPV6; null when it
    * is not a member. */

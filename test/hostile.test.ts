@@ -97,6 +97,10 @@ function crafted(name: string, change: (image: Image) => void): string {
   return writeImage(name, encodeImage(image));
 }
 
+/** A TCP listener as a snapshot by `appshot serve` records its public
+ * one: by key, nothing of it dumped. */
+const inheritedListener = (key: string) => ({ ino: 4345n, family: 2, type: 1, address: '127.0.0.1', port: 16379, listening: true, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, inherited: key });
+
 interface Refusal {
   code: number;
   stderr: RegExp;
@@ -598,6 +602,16 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     // The restore writes the TID moves there (resources/mutexes.ts).
     ['a table of TID moves in shared or absent memory', (i) => (i.processes[0].tidMovesAddress = 0x10n), "process \\d+'s table of TID moves at 0x10 is not in private writable memory of its own"],
     ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 4096"],
+    ['an inherited socket that is not a TCP listener', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 904, kind: 12, socket: { ...inheritedListener('serve:6379'), type: 2, listening: false } });
+      i.processes[0].fds.push(fd);
+    }, 'is an inherited socket that is not a TCP listener'],
+    ['an inherited listener whose key is not a key', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 905, kind: 5, socket: inheritedListener('../../etc/passwd') });
+      i.processes[0].fds.push(fd);
+    }, 'is an inherited socket .* whose key is not'],
     ...mqueueCases(),
     ...aioCases(),
   ];
@@ -607,6 +621,19 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['inspect', dir], corrupt(message));
       refuses(['restore', dir], corrupt(message));
     });
+
+  it("refuses to restore an image naming a listener inherited from a key it was not given (serve's public listener), leaving nothing", () => {
+    const dir = crafted('inherited-listener', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 906, kind: 5, flags: 0o4002, socket: inheritedListener('serve:6379') });
+      i.processes[0].fds.push(fd);
+    });
+    // Well formed: shown as what it is.
+    const shown = sb.run(['inspect', dir]);
+    expect(shown.code, shown.stderr).toBe(0);
+    expect(shown.stdout).toMatch(/906\s+TCP_LISTEN\s+listening 127\.0\.0\.1:16379, inherited from 'serve:6379'/);
+    refuses(['restore', dir], { code: 4, stderr: /fd 906: the image names the listener inherited from 'serve:6379', which only the service that snapshotted it \(appshot serve\) can hand to its restore; none was given/ });
+  });
 
   it('refuses inotify watch numbers that add up across descriptors', () => {
     const dir = crafted('watches-across-fds', (i) => {

@@ -30,6 +30,10 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { alive, cli, root, Running, Sandbox, snapshotListener, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
+// The forwarding front door: these tests check that the public port closes
+// with serve. A restore-mode instance given the shared listener (the
+// default) keeps it, and answers on it, across serves (serve.test.ts).
+Object.assign(sb.env, { APPSHOT_SHARE_LISTENER: '0' });
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-engine-'));
 // Ports of their own, 16800-16999 (see Sandbox for the other files').
 const base = 16800 + (process.pid % 50) * 4;

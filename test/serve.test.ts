@@ -11,7 +11,7 @@
  * Clone mode: Python's http.server as a template, from 0 instances to max
  * under a burst, every request answered, back to min after idle.
  */
-import { existsSync, mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { connect } from 'node:net';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -26,7 +26,7 @@ const out = mkdtempSync(join(tmpdir(), 'appshot-serve-'));
 // Ports of their own, 20000-20999 (see Sandbox for the other files'
 // ranges), below the kernel's ephemeral range (32768-): the proxy's and the
 // clients' outgoing connections take ports from there.
-const base = 20000 + (process.pid % 140) * 7;
+const base = 20000 + (process.pid % 83) * 12;
 const APP = base; // redis, as the application knows its port
 const PUBLIC = base + 1; // the front door
 const METRICS = base + 2;
@@ -34,15 +34,24 @@ const WEB_APP = base + 3;
 const WEB_PUBLIC = base + 4;
 const BUSY_APP = base + 5; // a server that computes while a client is connected
 const BUSY_PUBLIC = base + 6;
+const SHARED_APP = base + 7; // redis whose listener is replaced by serve's
+const SHARED_PUBLIC = base + 8;
+const TWO_PUBLIC = base + 9; // a server on two ports: not shared
+const TWO_A = base + 10;
+const TWO_B = base + 11;
 const KEYS = 10_000;
 const CLIENTS = 200;
 
 let serve: Running | undefined;
 let webServe: Running | undefined;
+let sharedServe: Running | undefined;
 
 afterAll(async () => {
-  for (const s of [serve, webServe]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
-  await Promise.all([serve?.exited, webServe?.exited]);
+  for (const s of [serve, webServe, sharedServe]) if (s && s.child.exitCode === null) s.child.kill('SIGTERM');
+  // (one that stops itself at a stop point does so at each snapshot)
+  const goOn = setInterval(() => sharedServe?.child.exitCode === null && sharedServe.child.kill('SIGCONT'), 100);
+  await Promise.all([serve?.exited, webServe?.exited, sharedServe?.exited]);
+  clearInterval(goOn);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
 });
@@ -142,7 +151,9 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
     expect(add).toMatchObject({ name: 'db', idleMs: 1000 });
     expect(show('db')).toMatchObject({ state: 'suspended', served: false });
 
-    serve = sb.start(['serve', '--metrics', String(METRICS)]);
+    // The forwarding front door (clone mode's, and restore mode's when the
+    // listener cannot be shared): the shared listener has its own test below.
+    serve = sb.start(['serve', '--metrics', String(METRICS)], { APPSHOT_SHARE_LISTENER: '0' });
     await serve.line(/^ready$/);
     expect(show('db')).toMatchObject({ state: 'suspended', served: true });
 
@@ -215,6 +226,196 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
 
     serve.child.kill('SIGTERM');
     expect((await serve.exited).code).toBe(0);
+  });
+});
+
+/** The socket inodes ("socket:[N]") a process holds. */
+function socketsOf(pid: number): Set<string> {
+  const links = new Set<string>();
+  try {
+    for (const fd of readdirSync(`/proc/${pid}/fd`))
+      try {
+        const l = readlinkSync(`/proc/${pid}/fd/${fd}`);
+        if (l.startsWith('socket:')) links.add(l);
+      } catch {
+        /* closed meanwhile */
+      }
+  } catch {
+    /* gone */
+  }
+  return links;
+}
+
+/** The inode of the socket listening on 127.0.0.1:`port` (/proc/net/tcp). */
+function listenerInode(port: number): string | undefined {
+  const hex = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1] === hex && f[3] === '0A') return `socket:[${f[9]}]`;
+  }
+  return undefined;
+}
+
+/** Whether the process is stopped (SIGSTOP: state T). */
+const stopped = (pid: number) => {
+  try {
+    return /^State:\s+T/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  } catch {
+    return false;
+  }
+};
+
+describe('appshot serve, restore mode with the public listener shared with the instance', () => {
+  it("the instance accepts on serve's own listener; suspended, a client waits in its queue, even during the snapshot; all answered, the data kept, after kill -9 too", async () => {
+    const image = join(out, 'shared-redis.img');
+    // This serve alone (it stops itself in the first snapshot it takes),
+    // and the AID redisImage takes free again, whatever ran before.
+    for (const name of sb.json<{ name: string }[]>(['service', 'ls']).map((x) => x.name)) sb.run(['service', 'rm', name]);
+    sb.run(['rm', 'loader']);
+    await redisImage(sb, SHARED_APP, KEYS, value, image);
+    expect(sb.run(['service', 'add', 'shared', '--from', image, '--port', `127.0.0.1:${SHARED_PUBLIC}:${SHARED_APP}`, '--idle', '1s']).code).toBe(0);
+    // Stops itself in the middle of its first suspend's snapshot (the
+    // instance frozen): a client connects then.
+    sharedServe = sb.start(['serve'], { APPSHOT_TEST_STOP_AT: 'snapshot: dumping memory' });
+    const servePid = sharedServe.child.pid!;
+    await sharedServe.line(/^ready$/);
+    const events = () =>
+      sharedServe!.stderr
+        .trim()
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .map((l) => JSON.parse(l) as { event: string; service?: string; shared?: boolean; why?: string })
+        .filter((e) => e.service === 'shared');
+    expect(events().find((e) => e.event === 'listen')).toMatchObject({ shared: true });
+
+    expect(redis(SHARED_PUBLIC, ['SET before kept!', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
+    const first = pids('shared');
+    // One socket, serve's and the instance's: the one listening on the
+    // public port (forwarding, the instance would listen on its own).
+    const publicListener = listenerInode(SHARED_PUBLIC);
+    expect(publicListener).toBeDefined();
+    expect(socketsOf(servePid).has(publicListener!)).toBe(true);
+    expect(first.some((pid) => socketsOf(pid).has(publicListener!)), 'the instance holds the public listener').toBe(true);
+    expect(listenerInode(SHARED_APP), 'nothing listens on the application port').toBeUndefined();
+
+    // A stream of short connections, each shorter than serve's tick, for
+    // three idle times: busy, not idle (serve never sees them accepted).
+    const streamEnd = Date.now() + 3000;
+    while (Date.now() < streamEnd) expect(redis(SHARED_PUBLIC, ['PING'])).toEqual(['PONG']);
+    // A client that stays, right away (an idle time after the stream, the
+    // suspend may begin, and carry it): the instance accepted it, serve did
+    // not; its connection is counted and shown from the kernel.
+    const client = connect(SHARED_PUBLIC, '127.0.0.1');
+    let pong = '';
+    client.on('data', (d) => (pong += d));
+    await new Promise((resolve, reject) => client.once('connect', resolve).once('error', reject));
+    client.write('PING\r\n');
+    expect(first.filter(alive)).toEqual(first);
+    expect(show('shared').snapshots).toBe(0);
+    await waitFor(() => pong === '+PONG\r\n', 10_000, 'PONG');
+    await waitFor(() => show('shared').connections.some((c) => c.client === `127.0.0.1:${client.localPort}`), 5000, 'the connection in `service show`').catch((e: Error) => {
+      throw new Error(`${e.message}: ${JSON.stringify(show('shared'))}\n${sharedServe!.stderr}`);
+    });
+    const s1 = show('shared');
+    expect(s1.connections.find((c) => c.client === `127.0.0.1:${client.localPort}`)).toMatchObject({ public: SHARED_PUBLIC, instance: 'shared', port: SHARED_PUBLIC });
+    expect(s1.instances[0]).toMatchObject({ state: 'running', active: 1 });
+    expect(sb.run(['service', 'show', 'shared']).stdout).toMatch(new RegExp(`127\\.0\\.0\\.1:${client.localPort}\\s+${SHARED_PUBLIC}\\s+shared\\s+${SHARED_PUBLIC}`));
+    // Not idle while it is connected, however long.
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(show('shared').snapshots).toBe(0);
+    client.destroy();
+
+    // Idle: the suspend begins, and serve stops in its snapshot.
+    await waitFor(() => stopped(servePid), 30_000, 'serve to stop in the snapshot');
+    const during = mgetAll(SHARED_PUBLIC);
+    let answered = false;
+    void during.then(() => (answered = true), () => undefined);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(answered).toBe(false);
+    process.kill(servePid, 'SIGCONT');
+    // Every later suspend stops too: let it go on each time.
+    const goOn = setInterval(() => stopped(servePid) && process.kill(servePid, 'SIGCONT'), 50);
+    try {
+      await during; // every key, and 'kept!'
+      expect(first.filter(alive), 'the first instance ended in the suspend').toEqual([]);
+      await waitFor(() => events().filter((e) => e.event === 'restore').length >= 2, 5000, 'the second restore');
+
+      // Suspended again, its processes gone; clients connect meanwhile.
+      await waitFor(() => show('shared').state === 'suspended' && show('shared').snapshots >= 2, 30_000, 'the second suspend');
+      const second = pids('shared');
+      await waitFor(() => show('shared').instances[0]?.prepared === true, 15_000, 'its next instance to be prepared');
+      const results = await Promise.allSettled(Array.from({ length: 50 }, () => mgetAll(SHARED_PUBLIC)));
+      const failed = results.filter((x) => x.status === 'rejected').map((x) => String((x as PromiseRejectedResult).reason));
+      expect(failed, failed.slice(0, 3).join('\n')).toEqual([]);
+      expect(second.filter((p) => pids('shared').includes(p) && !alive(p))).toEqual([]);
+
+      // kill -9 of the instance: restored from the last snapshot, with
+      // serve's listener again, and the next request works.
+      const victims = pids('shared');
+      for (const pid of victims) process.kill(pid, 'SIGKILL');
+      await waitFor(() => victims.every((p) => !alive(p)), 5000, 'the instance to die');
+      expect(redis(SHARED_PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
+      await waitFor(() => events().some((e) => e.event === 'crash'), 5000, 'the crash to be logged');
+      expect(pids('shared').some((pid) => socketsOf(pid).has(publicListener!))).toBe(true);
+      expect(listenerInode(SHARED_PUBLIC)).toBe(publicListener);
+      expect(events().filter((e) => e.event === 'share-fallback')).toEqual([]);
+
+      // Its suspend images name serve's listener by key: shown as such,
+      // and a restore outside serve (not handed it) is refused in one
+      // line, nothing made.
+      const last = sb.json<{ lastImage: string }>(['service', 'show', 'shared']).lastImage;
+      expect(sb.run(['inspect', last]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 0\\.0\\.0\\.0:${SHARED_APP}, inherited from 'serve:${SHARED_APP}'`));
+      const before = sb.aids();
+      const r = sb.run(['restore', last, '--aid', 'outside']);
+      expect(r.code).toBe(4);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(new RegExp(`the image names the listener inherited from 'serve:${SHARED_APP}', which only the service that snapshotted it \\(appshot serve\\) can hand to its restore; none was given`));
+      expect(sb.aids()).toEqual(before);
+    } finally {
+      clearInterval(goOn);
+    }
+    sharedServe.child.kill('SIGTERM');
+    expect((await sharedServe.exited).code).toBe(0);
+  });
+
+  it('falls back to forwarding, and says why, when the application listens on more than the port', async () => {
+    // One snapshot holding two listeners on two ports.
+    const script = [
+      'import socket, time',
+      'def listen(port):',
+      '    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)',
+      '    s.bind(("127.0.0.1", port)); s.listen(16); return s',
+      `a = listen(${TWO_A}); b = listen(${TWO_B})`,
+      'print("LISTENING", flush=True)',
+      'while True:',
+      '    c, _ = a.accept(); c.sendall(b"two ports\\n"); c.close()',
+    ].join('\n');
+    const r = sb.run(['run', '-d', '--aid', 'twoports', '--', PYTHON, '-c', script]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('twoports').includes('LISTENING'), 10_000, 'the server to listen');
+    expect(sb.run(['snapshot', 'twoports', '-o', join(out, 'twoports.img')]).code).toBe(0);
+    expect(sb.run(['service', 'add', 'two', '--from', join(out, 'twoports.img'), '--port', `127.0.0.1:${TWO_PUBLIC}:${TWO_A}`]).code).toBe(0);
+    const twoServe = sb.start(['serve']);
+    try {
+      await twoServe.line(/^ready$/);
+      const answer = await new Promise<string>((resolve, reject) => {
+        const c = connect(TWO_PUBLIC, '127.0.0.1');
+        let got = '';
+        c.on('data', (d) => (got += d));
+        c.on('close', () => resolve(got));
+        c.on('error', reject);
+      });
+      expect(answer, twoServe.stderr).toBe('two ports\n');
+      await waitFor(() => twoServe.stderr.includes('"event":"share-fallback"'), 5000, 'the fallback to be logged');
+      const line = twoServe.stderr.split('\n').find((l) => l.includes('"event":"share-fallback"'))!;
+      expect(JSON.parse(line)).toMatchObject({ service: 'two', why: `the application listens on several TCP ports (${TWO_A}, ${TWO_B})`, now: 'forwarding' });
+      await waitFor(() => show('two').connections.length > 0, 5000, 'the forwarded connection in `service show`');
+      expect(show('two').connections[0]).toMatchObject({ port: TWO_A });
+    } finally {
+      twoServe.child.kill('SIGTERM');
+      await twoServe.exited;
+    }
+    expect(sb.run(['service', 'rm', 'two']).code).toBe(0);
   });
 });
 

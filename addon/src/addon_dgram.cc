@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <arpa/inet.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -165,6 +166,32 @@ Napi::Value TcpListeningInodes(const Napi::CallbackInfo& info) {
   }
   Napi::Array out = Napi::Array::New(env, n);
   for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, all[i]));
+  free(all);
+  return out;
+}
+
+// tcpEstablished(family, port) -> [{ ino, remote, port }]: the established
+// TCP connections whose local port is `port` in this network namespace
+// (sock_diag); ino 0: not accepted yet.
+Napi::Value TcpEstablished(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sockdiag_tcp_conn* all = nullptr;
+  int family = Int(info[0]);
+  long n = sockdiag_tcp_established(family, static_cast<uint16_t>(Int(info[1])), &all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) {
+    char text[INET6_ADDRSTRLEN] = "";
+    inet_ntop(all[i].family, all[i].remote, text, sizeof text);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ino", Napi::Number::New(env, all[i].ino));
+    o.Set("remote", Napi::String::New(env, text));
+    o.Set("port", Napi::Number::New(env, all[i].rport));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
   free(all);
   return out;
 }
@@ -345,6 +372,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("udpInject", UdpInject);
   fn("udpSockets", UdpSockets);
   fn("tcpListeningInodes", TcpListeningInodes);
+  fn("tcpEstablished", TcpEstablished);
   fn("multicastFilter", MulticastFilter);
   fn("multicastJoin", MulticastJoin);
   fn("ifIndex", IfIndex);

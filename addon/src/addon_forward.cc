@@ -3,7 +3,14 @@
 // connects, refusals and closes, a batch per wake-up.
 #include <napi.h>
 
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <uv.h>
+
 #include <cerrno>
+#include <map>
 #include <vector>
 
 #include "addon.h"
@@ -167,7 +174,104 @@ Napi::Value ForwardUnlisten(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+// A listener serve shares with its instance (server.ts): watched for a
+// connection waiting in its accept queue, never accepted on. On Node's own
+// event loop (uv_poll), not the forwarding thread: nothing is moved, and
+// the one event (a connection waits) is for this thread anyway. Level-
+// triggered and one-shot: stopped at each report, until watchAgain.
+int FdArg(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
+
+struct ReadableWatch {
+  uv_poll_t poll;
+  Napi::FunctionReference callback;
+  uint32_t id;
+};
+std::map<uint32_t, ReadableWatch*> watches;
+uint32_t lastWatch = 0;
+
+void OnReadable(uv_poll_t* handle, int status, int) {
+  auto* w = static_cast<ReadableWatch*>(handle->data);
+  uv_poll_stop(handle);
+  Napi::Env env = w->callback.Env();
+  Napi::HandleScope scope(env);
+  // An error (the socket closed under it) is told as readiness: the
+  // caller looks at the listener and finds out.
+  w->callback.MakeCallback(Napi::Object::New(env), {Napi::Number::New(env, status)});
+}
+
+// watchReadable(fd, callback) -> id: callback(status) once the listener
+// has a connection waiting (accept would not block); then not again
+// until watchAgain(id).
+Napi::Value WatchReadable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) {
+    Napi::Error::New(env, "watchReadable: no event loop").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto* w = new ReadableWatch();
+  w->id = ++lastWatch;
+  w->callback = Napi::Persistent(info[1].As<Napi::Function>());
+  w->poll.data = w;
+  int rc = uv_poll_init(loop, &w->poll, FdArg(info[0]));
+  if (rc == 0) rc = uv_poll_start(&w->poll, UV_READABLE, OnReadable);
+  if (rc != 0) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), [](uv_handle_t* h) { delete static_cast<ReadableWatch*>(h->data); });
+    ThrowErrno(env, "watching the listener", -rc);
+    return env.Undefined();
+  }
+  watches[w->id] = w;
+  return Napi::Number::New(env, w->id);
+}
+
+Napi::Value WatchAgain(const Napi::CallbackInfo& info) {
+  auto it = watches.find(static_cast<uint32_t>(FdArg(info[0])));
+  if (it != watches.end()) uv_poll_start(&it->second->poll, UV_READABLE, OnReadable);
+  return info.Env().Undefined();
+}
+
+// Stops watching for good (the descriptor is the caller's, left open).
+Napi::Value Unwatch(const Napi::CallbackInfo& info) {
+  auto it = watches.find(static_cast<uint32_t>(FdArg(info[0])));
+  if (it == watches.end()) return info.Env().Undefined();
+  ReadableWatch* w = it->second;
+  watches.erase(it);
+  uv_poll_stop(&w->poll);
+  uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), [](uv_handle_t* h) { delete static_cast<ReadableWatch*>(h->data); });
+  return info.Env().Undefined();
+}
+
+// listenQueue(fd) -> connections waiting in a listening TCP socket's accept
+// queue (TCP_INFO's tcpi_unacked is sk_ack_backlog while listening).
+Napi::Value ListenQueue(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct tcp_info ti = {};
+  socklen_t tl = sizeof ti;
+  if (getsockopt(FdArg(info[0]), IPPROTO_TCP, TCP_INFO, &ti, &tl) < 0) {
+    ThrowErrno(env, "reading TCP_INFO", errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, ti.tcpi_state == 10 /* TCP_LISTEN */ ? ti.tcpi_unacked : 0);
+}
+
+// dupFd(fd) -> a duplicate, close-on-exec (a listener kept after the Node
+// server that made it is closed).
+Napi::Value DupFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = fcntl(FdArg(info[0]), F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) {
+    ThrowErrno(env, "dup", errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
 void RegisterForward(Napi::Env env, Napi::Object exports) {
+  exports.Set("watchReadable", Napi::Function::New(env, WatchReadable));
+  exports.Set("watchAgain", Napi::Function::New(env, WatchAgain));
+  exports.Set("unwatch", Napi::Function::New(env, Unwatch));
+  exports.Set("listenQueue", Napi::Function::New(env, ListenQueue));
+  exports.Set("dupFd", Napi::Function::New(env, DupFd));
   exports.Set("forwardInit", Napi::Function::New(env, ForwardInit));
   exports.Set("forwardConnect", Napi::Function::New(env, ForwardConnect));
   exports.Set("forwardListen", Napi::Function::New(env, ForwardListen));

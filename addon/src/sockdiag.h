@@ -32,4 +32,15 @@ long sockdiag_udp_all(int family, sockdiag_udp** out);
  * bucket of the established one too (milliseconds even when nearly empty). */
 long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out);
 
+typedef struct {
+  uint32_t ino;      /* 0: no socket file yet (waiting in an accept queue) */
+  uint8_t family;
+  uint8_t remote[16]; /* network order, 4 bytes used for AF_INET */
+  uint16_t rport;    /* host order */
+} sockdiag_tcp_conn;
+
+/* The established TCP connections of `family` whose local port is `port`
+ * (host order), in this network namespace. */
+long sockdiag_tcp_established(int family, uint16_t port, sockdiag_tcp_conn** out);
+
 #endif

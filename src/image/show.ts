@@ -89,7 +89,7 @@ function describeFd(image: Image, fd: Fd): string {
       return `${fd.path} ${end} end, ${plural(p?.data.length ?? 0, 'byte')} buffered, capacity ${p?.capacity ?? 0}`;
     }
     case 'TCP_LISTEN':
-      return `listening ${fd.socket?.address}:${fd.socket?.port}`;
+      return `listening ${fd.socket?.address}:${fd.socket?.port}${fd.socket?.inherited ? `, inherited from '${fd.socket.inherited}' (installed by the restore's caller)` : ''}`;
     case 'TCP_ESTABLISHED': {
       const c = fd.tcp;
       if (!c) return 'tcp connection';

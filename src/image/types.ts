@@ -686,6 +686,10 @@ export interface Socket {
   kept?: boolean;
   /** A unix stream/seqpacket socket whose peer closed; absent: not. */
   peerGone?: boolean;
+  /** A TCP listener installed from outside (serve's public listener):
+   * the key its restore is handed a descriptor under (the other fields:
+   * the application's own listener it replaced); absent or "": not. */
+  inherited?: string;
 }
 
 export interface MulticastMembership {

@@ -308,6 +308,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
+    if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
+      corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {
       const held = t.heldAt ? t.heldAt - 1 : t.fd;
       if (!fdNumbers.has(held) || !(t.fd >= 0 && t.fd < 1 << 20)) corrupt(`${where} watches fd ${held} (registered as ${t.fd}), which ${who} does not have`);
@@ -323,6 +325,9 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     checkLocks(fd, where);
   }
 }
+
+/** What an inherited socket's key may be (serve's are "serve:PORT"). */
+export const INHERITED_KEY = /^[A-Za-z0-9:._-]{1,64}$/;
 
 /** A socket's queued datagrams and options: bounded, each datagram in
  * range, its shutdown state a pair of bits. */

@@ -23,6 +23,21 @@ import { ConnectionMaker, HeldConnections } from './tcp.js';
 const O_ACCMODE = 3;
 const DELETED = ' (deleted)';
 
+/** A listening socket the caller installed in the application and keeps
+ * (`appshot serve`'s public listener): the image names it by `key`, with
+ * the application's own listener it replaced (made again from these where
+ * the caller does not hand it over: RestoreOptions.ownListeners). */
+export interface InheritedListener {
+  key: string;
+  family: number;
+  address: string;
+  /** The application's (virtual) port. */
+  port: number;
+  backlog: number;
+  reuseaddr: boolean;
+  v6only: boolean;
+}
+
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused
  * rather than an image written that would not restore. */
 export class Unsupported extends Error {}
@@ -49,6 +64,9 @@ export class DumpContext {
   /** Set when the dump itself wrote the tables (a thread given its virtual
    * TID): the driver reads them again for the image only then. */
   tablesWritten = false;
+  /** Sockets that are not the application's, by inode: recorded by key,
+   * not dumped (SnapshotOptions.inherited, sockets.ts inheritedSocket). */
+  inherited: ReadonlyMap<bigint, InheritedListener> = new Map();
 
   constructor(
     readonly image: Image,
@@ -148,6 +166,16 @@ export class RestoreContext {
   private readonly undoing: (() => void)[] = [];
   /** Connections a keeper held since the snapshot (keeper.ts). */
   readonly kept = new KeptSockets();
+  /** Descriptors of this process the caller hands over by key, for the
+   * image's inherited sockets (RestoreOptions.inherit): installed as they
+   * are, never closed here. */
+  inherit: ReadonlyMap<string, number> = new Map();
+  /** An ordinary TCP listener at this virtual port becomes the inherited
+   * one of `key` (RestoreOptions.inheritAt). */
+  inheritAt?: { port: number; family: number; key: string };
+  /** Inherited listeners of these keys are made as the application's own
+   * again (RestoreOptions.ownListeners). */
+  ownListeners: ReadonlySet<string> = new Set();
   /** Established TCP connections, in repair mode until every process is made. */
   readonly tcp = new ConnectionMaker(this.kept);
   /** The page file's check, if it is still going on (format 3): what is

@@ -29,7 +29,7 @@ import { dumpPipe, openPipeEnd } from './pipes.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
 import { openConnection } from './tcp.js';
 import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
-import { openSocket, socketKind, type SocketTable } from './sockets.js';
+import { inheritedSocket, openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
@@ -129,10 +129,14 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
-    const connection = bracket?.[1] === 'socket' ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
+    const inherited = bracket?.[1] === 'socket' ? inheritedSocket(ctx, BigInt(bracket[2])) : undefined;
+    const connection = bracket?.[1] === 'socket' && !inherited ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
+    } else if (inherited) {
+      fd.kind = FdKind.TCP_LISTEN;
+      fd.socket = inherited;
     } else if (connection) {
       fd.kind = FdKind.TCP_ESTABLISHED;
       fd.tcp = timed('tcp: dump', () => ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets, sockets.takeDup(BigInt(bracket![2]))));

@@ -14,12 +14,21 @@
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
  * the shared one (listenAddress).
+ *
+ * Inherited listeners: `appshot serve` installs its own public listener in
+ * a restore-mode instance in place of the application's (serve/server.ts).
+ * That socket is serve's, not the application's: a snapshot records only
+ * the key it was installed under (and what it is, for `image show`), and
+ * a restore installs the very descriptor its caller hands it for that key,
+ * nothing made, or is refused before anything is made (requireInherited).
+ * The connections waiting in its accept queue stay there meanwhile.
  */
 import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { INHERITED_KEY } from '../image/validate.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
@@ -324,7 +333,65 @@ export function requireKept(image: Image, kept: KeptSockets): void {
     }
 }
 
+/** The socket `ino`, if it is one the caller installed and keeps
+ * (DumpContext.inherited): recorded by its key, nothing of it read. */
+export function inheritedSocket(ctx: DumpContext, ino: bigint): Socket | undefined {
+  const l = ctx.inherited.get(ino);
+  if (!l) return undefined;
+  return {
+    ino,
+    family: l.family,
+    type: SOCK_STREAM,
+    address: l.address,
+    port: l.port,
+    listening: true,
+    backlog: l.backlog,
+    peerIno: 0n,
+    queued: Buffer.alloc(0),
+    reuseaddr: l.reuseaddr,
+    reuseport: false,
+    v6only: l.v6only,
+    inherited: l.key,
+  };
+}
+
+/** Before anything is made: every inherited socket of the image has a
+ * descriptor handed for its key (an image is untrusted: one that names a
+ * key this restore was not given is refused, whoever wrote it). */
+export function requireInherited(image: Image, given: ReadonlyMap<string, number>, ownAgain: ReadonlySet<string>): void {
+  for (const p of image.processes)
+    for (const f of p.fds) {
+      const key = f.socket?.inherited;
+      if (!key || given.has(key) || ownAgain.has(key)) continue;
+      const name = INHERITED_KEY.test(key) ? `'${key}'` : 'a malformed key';
+      throw new AppshotError(
+        `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: the image names the listener inherited from ${name}, which only the service that snapshotted it (appshot serve) can hand to its restore; none was given`,
+        ExitCode.conflict,
+      );
+    }
+}
+
 /* ---- restore ---------------------------------------------------------- */
+
+/** The caller's descriptor for this listener, if it is to be installed
+ * rather than made: one the image names as inherited, or the ordinary
+ * listener at the port the caller asked to put its own in place of
+ * (RestoreContext.inheritAt). Never kept (closed) here: it is the
+ * caller's. Its status flags are the open file's, shared with the caller:
+ * set to the application's, which serve, not accepting on it while the
+ * instance exists, does not mind. */
+function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined {
+  if (fd.kind !== FdKind.TCP_LISTEN) return undefined;
+  const at = h.inheritAt;
+  const key = s.inherited || (at && !h.plan && s.family === at.family && virtualPort(h.image, s.port) === at.port ? at.key : undefined);
+  // Made as the application's own listener again, from what the image
+  // recorded of it.
+  if (!key || (!h.inherit.has(key) && h.ownListeners.has(key))) return undefined;
+  const given = h.inherit.get(key);
+  if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
+  addon().setStatusFlags(given, fd.flags);
+  return given;
+}
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */
 export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
@@ -332,6 +399,8 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   if (s.kept) return keptEnd(h, s, fd);
   if (s.peerGone) return loneEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
+  const inherited = inheritedEnd(h, s, fd);
+  if (inherited !== undefined) return inherited;
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
     // A unix listener's file left behind by the ended original goes; one

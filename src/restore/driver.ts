@@ -36,7 +36,7 @@ import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
-import { requireKept } from '../resources/sockets.js';
+import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
@@ -111,6 +111,24 @@ export interface RestoreOptions {
   /** Where it came from, as `ps` shows it (AppRecord.image): written with
    * its registration, not in a write of its own after the restore. */
   recordImage?: string;
+  /** Descriptors of this process installed in the application as they
+   * are, by key: for each inherited socket the image names (`appshot
+   * serve`'s public listener, resources/sockets.ts). An image naming a key
+   * not given here is refused before anything is made. The caller keeps
+   * them (none is closed here). */
+  inherit?: ReadonlyMap<string, number>;
+  /** The image's ordinary TCP listener of this address family at this
+   * virtual port is replaced by the descriptor given for `key` (serve's
+   * first restore of an image whose listener it has not taken over yet). */
+  inheritAt?: { port: number; family: number; key: string };
+  /** Inherited listeners of these keys, when not handed over (inherit),
+   * are made as the application's own listener they replaced (serve
+   * forwarding to an instance whose image was taken while it shared). */
+  ownListeners?: ReadonlySet<string>;
+  /** Decides inherit, inheritAt and ownListeners from the image once it
+   * is read and verified (serve: whether its listener can be shared with
+   * this image's application); what it returns overrides those. */
+  inheritFor?: (image: LoadedImage['image']) => Pick<RestoreOptions, 'inherit' | 'inheritAt' | 'ownListeners'>;
 }
 
 /** The privilege rule: nothing the image recorded (credentials, limits)
@@ -493,6 +511,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
     if (!opts.privilegesChecked) checkPrivileges(image);
+    if (opts.inheritFor) opts = { ...opts, ...opts.inheritFor(image) };
+    requireInherited(image, opts.inherit ?? new Map(), opts.ownListeners ?? new Set());
     const verified = now();
     phase('node verified');
     const aid = opts.aid ?? image.aid;
@@ -598,6 +618,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     handed.pagesCheck = pageChecks[0];
     // A clone held for the engine's pool (template/pool.ts).
     handed.listenAtRelease = !!opts.hold && !!opts.instance;
+    if (opts.inherit) handed.inherit = opts.inherit;
+    handed.inheritAt = opts.inheritAt;
+    if (opts.ownListeners) handed.ownListeners = opts.ownListeners;
     // A queue made is written into the registration before anything else
     // is done with it, as madeDirs above.
     const registered = record;

@@ -20,10 +20,13 @@
  * and for when the thread is not ours (another worker thread of the
  * process has it).
  *
- * Handing the accepted socket itself to the instance (SCM_RIGHTS, the
- * specification's port translation) would save the copy too, but needs the
- * instance's own accept() to return a socket it did not accept: a channel
- * into restored applications and an accept the preload library fakes.
+ * Handing the accepted socket itself to the instance (SCM_RIGHTS) would
+ * save the copy too, but needs the instance's own accept() to return a
+ * socket it did not accept: a channel into restored applications and an
+ * accept the preload library fakes. Restore mode's one instance needs
+ * neither: it is given the listening socket itself at its restore and
+ * accepts on it (shared.ts); this path is clone mode's, and restore
+ * mode's when that listener cannot be shared.
  */
 import { closeSync } from 'node:fs';
 import { connect, type Server, Socket } from 'node:net';
@@ -226,6 +229,17 @@ export class Forwarder {
     if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
     listeners.set(lid, { ends, seen: 0 });
     server.close();
+    return lid;
+  }
+
+  /** takeOver for a listening descriptor of ours rather than a Node
+   * server's (serve's shared listener, when it cannot be shared after
+   * all): the thread takes a duplicate, the caller closes its own. */
+  takeOverFd(fd: number, ends: ListenerEnds, group = 0, maxHeld = 0xffffffff): number | undefined {
+    if (!this.native) return undefined;
+    const lid = ++lastLid;
+    if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
+    listeners.set(lid, { ends, seen: 0 });
     return lid;
   }
 

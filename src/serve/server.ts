@@ -12,13 +12,12 @@
  * Forwarding (forwarder.ts) is a native thread that accepts and shuttles
  * the bytes of every forwarded connection; this module decides where each
  * goes (directly, or through a grant the thread uses until revoked: see
- * grant()) and hears when it opened, was refused or closed. The specification's
- * alternative, handing the accepted socket to the instance (SCM_RIGHTS
- * into a process of the application, or the instance taking over the
- * public port), saves a copy per byte, but it needs a channel into a
- * restored application that does not exist yet and an instance that
- * accepts on a socket it did not create; forwarding works with any server
- * today. bench/serve.js measures what it costs.
+ * grant()) and hears when it opened, was refused or closed. That is clone
+ * mode's path (several instances behind one port). Restore mode's one
+ * instance takes over the public port instead (shared.ts): serve's
+ * listener is installed in it at its restore and it accepts its clients
+ * itself, no proxy and no copy; forwarding remains where that listener
+ * cannot be shared (fallBack). bench/serve.js measures both.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -35,8 +34,9 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
-import { descriptorLinks } from '../procfs.js';
-import { type ForwardEnds, Forwarder, newListenerGroup } from './forwarder.js';
+import { descriptorLinks, isSameProcess } from '../procfs.js';
+import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
+import { SharedListener } from './shared.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Clock, Policy, systemClock, type Action } from './policy.js';
@@ -138,6 +138,9 @@ interface Prepared {
   done: Promise<RestoreResult>;
 }
 
+const O_RDWR = 2;
+const O_NONBLOCK = 0o4000;
+
 /** Longest parent chain of suspend images before a full snapshot: each
  * link is read at every restore. */
 const MAX_CHAIN = 4;
@@ -176,6 +179,12 @@ class Service {
   readonly translations: Translation[] = [];
   /** public port → the forwarding thread's listener (forwarder.ts). */
   private readonly grants = new Map<number, number>();
+  /** restore mode, one public port: the listener shared with the instance
+   * (shared.ts) instead of forwarding, until fallBack. */
+  private shared: SharedListener | undefined;
+  /** performance.now() before which the shared listener is not watched
+   * (after a failed restore: not one restore after another at once). */
+  private watchAfter = 0;
   /** restore mode: the image the next restore starts from, and the chain
    * of suspend images it builds on (oldest first; `from` is never ours to
    * delete). */
@@ -343,12 +352,48 @@ class Service {
   private fillPorts(inst: Instance, bindings: api.PortBinding[]): void {
     for (const p of this.spec.ports) {
       const b = bindings.find((x) => x.virtual === p.app && x.mode === 'allocate');
-      inst.ports.set(p.public, { app: p.app, system: b ? b.system : p.app });
+      // Shared: the instance listens on the public port itself.
+      inst.ports.set(p.public, { app: p.app, system: this.shared ? p.public : b ? b.system : p.app });
     }
   }
 
+  /** Whether the public listener is shared with the instance (shared.ts):
+   * restore mode with one public port, unless APPSHOT_SHARE_LISTENER=0. */
+  private mayShare(): boolean {
+    return this.spec.mode === 'restore' && this.spec.ports.length === 1 && process.env.APPSHOT_SHARE_LISTENER !== '0';
+  }
+
+  /** What the forwarding thread tells of a listener it took over. */
+  private listenerEnds(p: PortMap): ListenerEnds {
+    return {
+      accepted: (socket) => this.accept(socket, p),
+      forwarded: (port, client, at) => this.forwardedAtOnce(p, port, client, at),
+      died: (port, pid) => this.died(pid),
+    };
+  }
+
+  /** listen() is done (prepare waits for it). */
+  private listened = false;
+
   async listen(): Promise<void> {
     for (const p of this.spec.ports) {
+      // An instance adopted from a previous serve that shared its listener
+      // still holds (and accepts on) it: that socket is the public one.
+      // (Whatever APPSHOT_SHARE_LISTENER says now: that socket is the
+      // public port, and only the instance may accept on it.)
+      const adopted = this.spec.mode === 'restore' && this.spec.ports.length === 1 ? this.adoptedListener(p) : undefined;
+      const running = this.instances.get(this.name);
+      if (adopted !== undefined && running) {
+        this.shared = new SharedListener(adopted, p.public, p.app, () => this.connectionWaits());
+        for (const [pub, m] of running.ports) m.system = pub;
+        running.pid = this.listenerPid(running);
+        this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true, adopted: true });
+        continue;
+      }
+      // One it forwarded to (a previous serve's, without sharing) listens
+      // on its own port: forwarded to as before, for as long as it runs.
+      const sharing = this.mayShare() && running?.state !== 'running';
+      if (this.mayShare() && !sharing) this.log('share-fallback', { port: p.public, why: 'the running instance adopted listens on its own port', now: 'forwarding' });
       const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket, p));
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
@@ -358,20 +403,113 @@ class Service {
         });
       });
       server.on('error', (e) => this.log('listener-error', { port: p.public, error: e.message }));
+      if (sharing) {
+        // Node's server only bound it: from here the socket is a
+        // descriptor of ours, never accepted on (shared.ts).
+        const fd = addon().dupFd((server as unknown as { _handle: { fd: number } })._handle.fd);
+        server.close();
+        this.shared = new SharedListener(fd, p.public, p.app, () => this.connectionWaits());
+        this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true });
+        continue;
+      }
       this.listeners.push(server);
-      const lid = this.host.forwarder.takeOver(
-        server,
-        {
-          accepted: (socket) => this.accept(socket, p),
-          forwarded: (port, client, at) => this.forwardedAtOnce(p, port, client, at),
-          died: (port, pid) => this.died(pid),
-        },
-        this.group,
-        this.maxHeld,
-      );
+      const lid = this.host.forwarder.takeOver(server, this.listenerEnds(p), this.group, this.maxHeld);
       if (lid !== undefined) this.grants.set(p.public, lid);
       this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
     }
+    this.listened = true;
+    this.prepare(false);
+  }
+
+  /**
+   * The listener cannot be shared with this image's application
+   * (SharedListener.problem): from now on the front door forwards, as in
+   * clone mode, for as long as this serve runs. Only ever while no
+   * instance holds it (before a restore): what waits in its accept queue
+   * is accepted by the forwarding thread and held for that restore.
+   */
+  private fallBack(why: string): void {
+    const s = this.shared;
+    if (!s) return;
+    this.shared = undefined;
+    const p = this.spec.ports[0];
+    this.log('share-fallback', { port: p.public, why, now: 'forwarding' });
+    // An instance given it before set its status flags to its own (one open
+    // file): a blocking listener would block the forwarding thread's accept,
+    // with its lock held (found hung so).
+    addon().setStatusFlags(s.fd, O_RDWR | O_NONBLOCK);
+    const lid = this.host.forwarder.takeOverFd(s.fd, this.listenerEnds(p), this.group, this.maxHeld);
+    if (lid !== undefined) {
+      this.grants.set(p.public, lid);
+      s.close(true);
+      return;
+    }
+    // No native thread: Node's server accepts on our descriptor.
+    s.close(false);
+    const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket, p));
+    server.on('error', (e) => this.log('listener-error', { port: p.public, error: e.message }));
+    server.listen({ fd: s.fd });
+    this.listeners.push(server);
+  }
+
+  /** The running instance's own descriptor of a listener on the public
+   * port (one a previous serve installed in it), duplicated here; or
+   * undefined. */
+  private adoptedListener(p: PortMap): number | undefined {
+    const inst = this.instances.get(this.name);
+    if (inst?.state !== 'running') return undefined;
+    try {
+      const reg = this.reg;
+      const rec = reg.get(inst.aid);
+      if (!rec) return undefined;
+      const procs = listProcesses(reg, [rec]).filter((x) => !x.init);
+      if (!procs.length) return undefined;
+      const inodes = listeningInodes(procs[0].pid, p.public);
+      for (const x of procs)
+        for (const d of descriptorLinks(x.pid)) if (inodes.has(d.link)) return addon().getFd(x.pid, Number(d.fd));
+    } catch {
+      // Gone meanwhile: the public port is bound afresh.
+    }
+    return undefined;
+  }
+
+  /** Shared listener, instance running: what the instance accepted, from
+   * the kernel (serve sees none of it): its connections' count (its
+   * activity, for idleness) and a translation for each new one. */
+  private sampleShared(inst: Instance): void {
+    const s = this.shared;
+    if (!s || inst.state !== 'running') return;
+    let seen: ReturnType<SharedListener['connections']>;
+    try {
+      seen = s.connections();
+    } catch (e) {
+      this.log('connections-unknown', { error: (e as Error).message });
+      return;
+    }
+    const waiting = s.queued();
+    const before = inst.active;
+    inst.active = seen.count;
+    if (seen.count || waiting) inst.lastActive = this.host.clock.now();
+    this.host.metrics?.active.set({ service: this.name }, seen.count);
+    for (const c of seen.fresh) {
+      this.host.metrics?.connections.inc({ service: this.name, outcome: 'shared' });
+      this.translations.push({ at: new Date().toISOString(), client: `${c.remote}:${c.port}`, public: s.publicPort, instance: inst.aid, port: s.publicPort, heldMs: 0 });
+      if (this.translations.length > KEEP_TRANSLATIONS) this.translations.shift();
+    }
+    if (seen.fresh.length || before !== seen.count) this.changed();
+  }
+
+  /** The restore's options for the shared listener, if this image's
+   * application can be given it; otherwise the front door falls back to
+   * forwarding (fallBack) and there are none. */
+  private shareWith(image: LoadedImage['image']): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
+    const s = this.shared;
+    const why = s?.problem(image);
+    if (s && !why) return s.restoreOptions();
+    if (why) this.fallBack(why);
+    // Forwarding: an image taken while the listener was shared names it
+    // by key; the application gets its own listener back, as it was.
+    return { ownListeners: new Set(this.spec.ports.map((p) => SharedListener.keyOf(p.app))) };
   }
 
   private accept(socket: Socket, port: PortMap): void {
@@ -385,14 +523,43 @@ class Service {
    * rest waits for. */
   pump(): void {
     const forwarded = this.forwardHeld();
-    this.host.metrics?.held.set({ service: this.name }, this.held.length);
-    const actions = this.policy.decide([...this.instances.values()], this.held.length);
+    // Shared: those waiting in the listener's accept queue are held too
+    // (by the kernel), for the metrics and the policy alike.
+    const waiting = this.held.length + (this.shared?.queued() ?? 0);
+    this.host.metrics?.held.set({ service: this.name }, waiting);
+    const actions = this.policy.decide([...this.instances.values()], waiting);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,
     // and rewriting each one's state file five times a second was most
     // of an idle serve's CPU (100 suspended services: 500 files a second).
     if (forwarded || applied.length || this.held.length !== this.heldWritten) this.changed();
+    this.watchShared();
+  }
+
+  /**
+   * Shared: a connection came to the listener. No instance runs: the
+   * policy restores it. One runs (and accepts it itself): it was active
+   * now. Its connections are otherwise seen only at each tick, and a
+   * stream of short ones (a client connecting for each request) would
+   * look idle and be suspended under load; so while it runs the listener
+   * is watched too, but once per tick (tick re-arms it): at most one
+   * wake-up of this thread per tick, none per connection.
+   */
+  private connectionWaits(): void {
+    const inst = this.instances.get(this.name);
+    if (inst?.state === 'running') inst.lastActive = this.host.clock.now();
+    else this.pump();
+  }
+
+  /** Shared: the listener watched for a waiting connection while no
+   * instance would accept it (suspended, crashed), so that one arriving
+   * restores it at once. */
+  private watchShared(): void {
+    const state = this.instances.get(this.name)?.state;
+    if (!this.shared || (state !== 'suspended' && state !== 'crashed') || this.closing) return;
+    if (performance.now() < this.watchAfter) return;
+    this.shared.watch();
   }
 
   /** Forwards the held connections the policy routes to an instance, in
@@ -590,6 +757,14 @@ class Service {
   tick(): void {
     this.checkPrepared();
     this.checkReady();
+    for (const inst of this.instances.values()) this.sampleShared(inst);
+    // Shared, no forwarding thread watches the process holding the
+    // listener (listenerPid): its end is the instance's crash, looked for
+    // here, even if a helper of it still holds a copy that nobody accepts
+    // on (what waits in the queue then waits for the restore).
+    for (const inst of this.instances.values())
+      if (this.shared && inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, undefined)) this.crashed(inst, `process ${inst.pid} ended`);
+    if (this.shared && this.instances.get(this.name)?.state === 'running') this.shared.watch();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
     this.pump();
@@ -677,6 +852,9 @@ class Service {
   private prepare(suspendedNow: boolean): void {
     if (this.spec.mode !== 'restore' || this.prepared || this.closing) return;
     if (this.instances.get(this.name)?.state !== 'suspended') return;
+    // Not before the public listener exists: it may be the instance's
+    // (shared.ts). listen() prepares once it does.
+    if (!this.listened) return;
     const chain = this.ready;
     if (!chain || chain[0].dir !== this.lastImage) return;
     // A registration of the AID (a crash's, ended) is removed by the
@@ -688,7 +866,10 @@ class Service {
     let heldNow!: (held: boolean) => void;
     const held = new Promise<boolean>((r) => (heldNow = r));
     const t0 = process.hrtime.bigint();
+    // Held with the public listener installed: connections wait in its
+    // accept queue, and its release lets the instance accept them.
     const done = restoreImage(this.reg, this.lastImage, {
+      inheritFor: (image) => this.shareWith(image),
       aid: this.name,
       // Its memory mapped from the page file, nothing copied (what it
       // holds while suspended: redis with 10,000 keys 1.1 MiB of PSS);
@@ -863,6 +1044,8 @@ class Service {
     this.changed();
     const t0 = process.hrtime.bigint();
     const home = this.host.home;
+    // Shared: those waiting in the listener's queue are the ones held.
+    const queuedAtStart = this.shared?.queued() ?? 0;
     try {
       // Held ready (Prepared): let go on. Otherwise restored now.
       this.early = undefined;
@@ -895,7 +1078,9 @@ class Service {
       // The restore need not check again what was checked just now; a
       // retry (below, after awaits) only if nothing failed it meanwhile and
       // still within the second.
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
+      // Whether the listener can be shared is decided on the image the
+      // restore reads (shareWith).
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
@@ -918,7 +1103,7 @@ class Service {
       if (!early && (!rec || isEnded(rec))) throw new Error('it ended as soon as it was resumed');
       if (!early) this.running(inst, rec!.ports ?? []);
       this.counters.restores++;
-      const held = early ? early.held : this.held.length;
+      const held = (early ? early.held : this.held.length) + queuedAtStart;
       // The held go first, even before the decision's log line and the
       // metric (their clients wait); then the thread's grant gets the
       // process to watch, and the record learns its parent image (read
@@ -944,6 +1129,12 @@ class Service {
       this.changed();
       this.forgetPreload(); // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
+      // Shared: those waiting in the accept queue wait on; the next try
+      // in a second, not at once.
+      if (this.shared) {
+        this.watchAfter = performance.now() + 1000;
+        setTimeout(() => this.pump(), 1000).unref();
+      }
       // Those waiting would wait for ever: they are told by a close.
       for (const h of this.held.splice(0)) {
         this.host.metrics?.connections.inc({ service: this.name, outcome: 'failed' });
@@ -971,7 +1162,33 @@ class Service {
     }
   }
 
+  /** suspend() is reading what the application's own listener was. */
+  private learning = false;
+
   private async suspend(inst: Instance, idleMs: number): Promise<void> {
+    // Shared: a client may have connected since the last sample (the
+    // instance accepted it, or it waits in the queue): not idle then.
+    if (this.shared) {
+      this.sampleShared(inst);
+      if (inst.active || this.shared.queued()) {
+        inst.lastActive = this.host.clock.now();
+        return;
+      }
+      // Adopted from a previous serve: what the application's own
+      // listener was is read from the image it was restored from.
+      if (!this.shared.knowsOriginal) {
+        if (this.learning) return; // (the policy asks again each tick)
+        this.learning = true;
+        await loadImageChain(this.lastImage)
+          .then((chain) => {
+            this.shared?.problem(chain[0].image);
+            chain.forEach((l) => l.dispose());
+          })
+          .catch(() => undefined)
+          .finally(() => (this.learning = false));
+        if (inst.state !== 'running' || this.closing) return;
+      }
+    }
     inst.state = 'suspending';
     this.changed();
     const dir = join(this.host.store.workDir(this.name), 'images');
@@ -1006,7 +1223,9 @@ class Service {
       // any hold, and a connection only a keeper could carry (to a process
       // outside, or without TCP repair) makes the suspend fail instead,
       // the instance left running.
-      r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0 }).catch((e: unknown) => {
+      // The shared listener is serve's: recorded by key, not dumped, and
+      // what comes meanwhile waits in its queue for the next restore.
+      r = await api.snapshot(inst.aid, { home: this.host.home, output, full, tcpHoldSeconds: 0, inherited: this.shared?.snapshotOptions() }).catch((e: unknown) => {
         // Ended all the same, its image whole (the snapshot driver, past
         // its point of no return): suspended into it, the failure logged.
         if (!(e instanceof api.SnapshottedWithError)) throw e;
@@ -1191,6 +1410,9 @@ class Service {
     if (this.stateTimer) clearTimeout(this.stateTimer);
     this.stateTimer = undefined;
     for (const s of this.listeners) s.close();
+    // A running instance keeps its copy, and accepts on it; the next serve
+    // takes that one over (adoptedListener).
+    this.shared?.close(true);
     for (const lid of this.grants.values()) this.host.forwarder.release(lid);
     this.grants.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
@@ -1424,7 +1646,13 @@ export class ServeHost {
       // The supervisors this process started (the instances' appshot-init,
       // standbys let go), once ended, are its zombies until waited for.
       addon().reapDetached();
-      for (const s of this.services) s.tick();
+      // One service's failure is logged, not the end of the others' ticks.
+      for (const s of this.services)
+        try {
+          s.tick();
+        } catch (e) {
+          this.log({ service: s.name, event: 'tick-failed', error: (e as Error).message });
+        }
       this.trimWhenSettled();
     }, this.opts.tickMs ?? 200);
   }

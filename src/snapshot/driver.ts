@@ -53,7 +53,7 @@ import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
 import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
-import { DumpContext, nameProcess, Unsupported } from '../resources/context.js';
+import { DumpContext, type InheritedListener, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
@@ -89,6 +89,10 @@ export interface SnapshotOptions {
    * point where that is safe, the application left running as it was and
    * nothing written, unless the image is already being committed. */
   signal?: AbortSignal;
+  /** Sockets of the application that are the caller's, by inode: recorded
+   * by key, not dumped (`appshot serve`'s public listener, installed in
+   * the instance; resources/sockets.ts). */
+  inherited?: ReadonlyMap<bigint, InheritedListener>;
 }
 
 /** A snapshot that ended its application, then failed at a step after
@@ -837,6 +841,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     reporting.report();
     // Processes created while we were stopping the others mapped themselves.
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
+    if (opts.inherited) ctx.inherited = opts.inherited;
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
     // Only this process can let a connection out of repair mode: killed

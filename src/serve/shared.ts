@@ -1,0 +1,167 @@
+/**
+ * The public listener of a restore-mode service, shared with its instance
+ * (the specification's port translation, done by the kernel): serve's own
+ * listening socket is installed in the restored application in place of
+ * the application's listener on APP_PORT (same descriptor number and
+ * flags there, the same open file as serve's), and the instance accepts
+ * its clients itself. No proxy, no copy: a connection costs what it costs
+ * reaching the server directly (bench/serve.js (b) against (a)).
+ *
+ * serve never accepts on it. While no instance holds it (suspended,
+ * crashed, being restored), serve watches it for readability (watch): a
+ * connection waits in the kernel's accept queue meanwhile, not reset and
+ * not lost, and the restored instance accepts it. A suspend records the
+ * socket by key (Socket.inherited: the snapshot does not dump it) and the
+ * next restore is handed serve's descriptor for that key, so a connection
+ * that comes while the snapshot runs stays queued across it.
+ *
+ * What serve no longer sees it asks the kernel: the connections the
+ * instance accepted (sock_diag, connections(): the established sockets on
+ * the public port that have a file, i.e. were accepted; serve accepts
+ * none, so each is the instance's; /proc/PID/net/tcp would walk and format
+ * every socket of the namespace, 5-6 ms each here, where sock_diag answers
+ * for established sockets only, unformatted), and those still waiting
+ * (the accept queue, TCP_INFO of the listener: one call).
+ *
+ * Not shared (problem() says why, and serve falls back to forwarding):
+ * clone mode, several public ports, an image whose listener on APP_PORT is
+ * missing, only of the other address family, or not alone (another
+ * listening port, two sockets of the family on it). A dual-stack server's
+ * other-family listener on APP_PORT stays its own.
+ */
+import { closeSync, fstatSync } from 'node:fs';
+import { addon } from '../native.js';
+import { FdKind, type Image, virtualPort } from '../image/types.js';
+import type { InheritedListener } from '../resources/context.js';
+
+const AF_INET6 = 10;
+const AF_INET = 2;
+
+export class SharedListener {
+  /** The key images name it by: one per service's application port. */
+  readonly key: string;
+  readonly family: number;
+  readonly address: string;
+  private readonly ino: bigint;
+  private watchId: number | undefined;
+  private watching = false;
+  /** Accepted connections already recorded (by inode). */
+  private readonly seen = new Set<number>();
+  /** The application's own listener that this one replaces, as an image
+   * of it said (problem()): recorded in each suspend image with the key,
+   * so that a serve forwarding after all can give it back its own. */
+  private original: { address: string; backlog: number; reuseaddr: boolean; v6only: boolean } | undefined;
+
+  /** The key images name the listener of application port `appPort` by. */
+  static keyOf(appPort: number): string {
+    return `serve:${appPort}`;
+  }
+
+  constructor(
+    /** serve's descriptor of the listening socket. */
+    readonly fd: number,
+    readonly publicPort: number,
+    readonly appPort: number,
+    onWaiting: () => void,
+  ) {
+    this.key = SharedListener.keyOf(appPort);
+    const info = addon().sockInfo(fd);
+    this.family = info.family;
+    this.address = addon().tcpEndpoint(fd).address;
+    this.ino = fstatSync(fd, { bigint: true }).ino;
+    this.watchId = addon().watchReadable(fd, () => {
+      this.watching = false;
+      onWaiting();
+    });
+    this.watching = true;
+  }
+
+  /** Watched again for a waiting connection (no instance holds it, or one
+   * being restored will take what waits: told once more, harmlessly). */
+  watch(): void {
+    if (this.watching || this.watchId === undefined) return;
+    this.watching = true;
+    addon().watchAgain(this.watchId);
+  }
+
+  /** Connections waiting in its accept queue. */
+  queued(): number {
+    try {
+      return addon().listenQueue(this.fd);
+    } catch {
+      return 0;
+    }
+  }
+
+  /** The connections accepted on it (by the instance: serve accepts none),
+   * and which of them were not seen by an earlier call. */
+  connections(): { count: number; fresh: { remote: string; port: number }[] } {
+    const now = addon()
+      .tcpEstablished(this.family, this.publicPort)
+      .filter((c) => c.ino !== 0);
+    const fresh = now.filter((c) => !this.seen.has(c.ino));
+    this.seen.clear();
+    for (const c of now) this.seen.add(c.ino);
+    return { count: now.length, fresh: fresh.map((c) => ({ remote: c.remote, port: c.port })) };
+  }
+
+  /** What the restore is handed (RestoreOptions.inherit, inheritAt). */
+  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string } } {
+    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key } };
+  }
+
+  /** Whether an image has told what the application's own listener was
+   * (problem() has seen one): snapshotOptions needs it. */
+  get knowsOriginal(): boolean {
+    return this.original !== undefined;
+  }
+
+  /** What the snapshot records by key (SnapshotOptions.inherited): the
+   * application's own listener it stands for. */
+  snapshotOptions(): ReadonlyMap<bigint, InheritedListener> {
+    const own = this.original ?? { address: this.family === AF_INET6 ? '::' : '0.0.0.0', backlog: 511, reuseaddr: true, v6only: false };
+    return new Map([[this.ino, { key: this.key, family: this.family, port: this.appPort, ...own }]]);
+  }
+
+  /** Why the image's application cannot be given this listener, or
+   * undefined if it can. */
+  problem(image: Image): string | undefined {
+    const listeners = new Map<bigint, { family: number; port: number; inherited?: string; own: NonNullable<SharedListener['original']> }>();
+    for (const p of image.processes)
+      for (const f of p.fds) {
+        const s = f.socket;
+        if (f.kind === FdKind.TCP_LISTEN && s)
+          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only } });
+      }
+    const all = [...listeners.values()];
+    const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
+    if (foreign) return `the image names a listener inherited from '${foreign.inherited}', not '${this.key}'`;
+    const elsewhere = all.filter((l) => !l.inherited && l.port !== this.appPort);
+    if (elsewhere.length) return `the application listens on several TCP ports (${[this.appPort, ...new Set(elsewhere.map((l) => l.port))].join(', ')})`;
+    const mine = all.find((l) => l.inherited === this.key);
+    if (mine) {
+      this.original = mine.own;
+      return undefined;
+    }
+    // Of a dual-stack server's two listeners on the port (redis's default:
+    // 0.0.0.0 and ::), the one of the public listener's family is replaced;
+    // the other stays the application's own.
+    const same = all.filter((l) => l.port === this.appPort && l.family === this.family);
+    if (!all.length) return `the image has no TCP socket listening on port ${this.appPort}`;
+    if (!same.length) return `the application's listener on port ${this.appPort} is ${familyName(all[0].family)}, the public one ${familyName(this.family)}`;
+    if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
+    this.original = same[0].own;
+    return undefined;
+  }
+
+  /** Stops watching; `closeFd`: its descriptor closed too (the forwarder
+   * took a duplicate of its own, or serve stops). */
+  close(closeFd: boolean): void {
+    if (this.watchId !== undefined) addon().unwatch(this.watchId);
+    this.watchId = undefined;
+    this.watching = false;
+    if (closeFd) closeSync(this.fd);
+  }
+}
+
+const familyName = (f: number) => (f === AF_INET ? 'IPv4' : f === AF_INET6 ? 'IPv6' : `family ${f}`);
