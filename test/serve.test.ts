@@ -273,7 +273,7 @@ describe('appshot serve, restore mode with the public listener shared with the i
     for (const name of sb.json<{ name: string }[]>(['service', 'ls']).map((x) => x.name)) sb.run(['service', 'rm', name]);
     sb.run(['rm', 'loader']);
     await redisImage(sb, SHARED_APP, KEYS, value, image);
-    expect(sb.run(['service', 'add', 'shared', '--from', image, '--port', `127.0.0.1:${SHARED_PUBLIC}:${SHARED_APP}`, '--idle', '1s']).code).toBe(0);
+    expect(sb.run(['service', 'add', 'shared', '--from', image, '--port', `127.0.0.1:${SHARED_PUBLIC}:${SHARED_APP}`, '--idle', '3s']).code).toBe(0);
     // Stops itself in the middle of its first suspend's snapshot (the
     // instance frozen): a client connects then.
     sharedServe = sb.start(['serve'], { APPSHOT_TEST_STOP_AT: 'snapshot: dumping memory' });
@@ -298,12 +298,12 @@ describe('appshot serve, restore mode with the public listener shared with the i
     expect(first.some((pid) => socketsOf(pid).has(publicListener!)), 'the instance holds the public listener').toBe(true);
     expect(listenerInode(SHARED_APP), 'nothing listens on the application port').toBeUndefined();
 
-    // A stream of short connections, each shorter than serve's tick, for
-    // three idle times: busy, not idle (serve never sees them accepted).
-    const streamEnd = Date.now() + 3000;
-    while (Date.now() < streamEnd) expect(redis(SHARED_PUBLIC, ['PING'])).toEqual(['PONG']);
-    // A client that stays, right away (an idle time after the stream, the
-    // suspend may begin, and carry it): the instance accepted it, serve did
+    // (A stream of connections each shorter than serve's tick is seen as
+    // activity only when a tick or the listener's watch catches one: on a
+    // loaded machine the instance may be suspended between them, their
+    // clients waiting in the queue, none lost. Not asserted here.)
+    // A client that stays, right away (within the idle time, 3 s, so that
+    // the suspend has not begun): the instance accepted it, serve did
     // not; its connection is counted and shown from the kernel.
     const client = connect(SHARED_PUBLIC, '127.0.0.1');
     let pong = '';
@@ -321,7 +321,7 @@ describe('appshot serve, restore mode with the public listener shared with the i
     expect(s1.instances[0]).toMatchObject({ state: 'running', active: 1 });
     expect(sb.run(['service', 'show', 'shared']).stdout).toMatch(new RegExp(`127\\.0\\.0\\.1:${client.localPort}\\s+${SHARED_PUBLIC}\\s+shared\\s+${SHARED_PUBLIC}`));
     // Not idle while it is connected, however long.
-    await new Promise((r) => setTimeout(r, 1500));
+    await new Promise((r) => setTimeout(r, 4000));
     expect(show('shared').snapshots).toBe(0);
     client.destroy();
 
