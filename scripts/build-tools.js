@@ -31,12 +31,13 @@ function found(command) {
   return undefined;
 }
 
-/** The first word of a setting like CC="ccache gcc" is the program run. */
-const program = (setting, fallback) => (setting?.trim() ? setting.trim().split(/\s+/)[0] : fallback);
+/** The words of a setting like CC="ccache gcc", as make's shell splits them; the first is the program run. */
+const words = (setting, fallback) => (setting?.trim() ? setting.trim().split(/\s+/) : [fallback]);
 
-const cc = program(process.env.CC, 'cc');
-const cxx = program(process.env.CXX, 'g++');
-const python = program(process.env.PYTHON ?? process.env.npm_config_python, undefined);
+const ccWords = words(process.env.CC, 'cc');
+const cc = ccWords[0];
+const cxx = words(process.env.CXX, 'g++')[0];
+const python = (process.env.PYTHON ?? process.env.npm_config_python)?.trim().split(/\s+/)[0] || undefined;
 
 // Each missing tool, and the Debian package that brings it.
 const missing = [];
@@ -45,8 +46,10 @@ if (!found(cc)) missing.push([cc, 'g++']);
 if (!found('make')) missing.push(['make', 'make']);
 if (python ? !found(python) : !found('python3') && !found('python')) missing.push([python ?? 'python3', 'python3']);
 if (found(cc)) {
-  // cc answers a bare "libc.a" when it has none to link with.
-  const r = spawnSync(found(cc), ['-print-file-name=libc.a'], { encoding: 'utf8' });
+  // cc answers a bare "libc.a" when it has none to link with. Every word of
+  // CC is run: a launcher (ccache, sccache, distcc) would take the option
+  // as its own.
+  const r = spawnSync(found(cc), [...ccWords.slice(1), '-print-file-name=libc.a'], { encoding: 'utf8' });
   const libc = r.status === 0 ? r.stdout.trim() : '';
   if (!isAbsolute(libc) || !existsSync(libc)) missing.push(['libc.a (C library headers and static library)', 'libc6-dev']);
 }

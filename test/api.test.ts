@@ -441,7 +441,17 @@ describe('npm install on a machine without a compiler', () => {
     expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
 
     // With the machine's PATH, the check says nothing and lets node-gyp go.
-    const ok = sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg });
+    const check = (env: NodeJS.ProcessEnv) => sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg, env: { ...process.env, ...env } });
+    const ok = check({});
     expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
+
+    // A compiler launcher in CC runs the compiler it is given, and takes an
+    // option before it as its own (ccache: "invalid option"): the check
+    // asks `ccache gcc`, not `ccache`, where libc.a is.
+    const launchers = join(pkg, 'launchers');
+    mkdirSync(launchers);
+    writeFileSync(join(launchers, 'ccache'), '#!/bin/sh\ncase "$1" in -*) echo "ccache: invalid option -- $1" >&2; exit 1;; esac\nexec "$@"\n', { mode: 0o755 });
+    const launched = check({ PATH: `${launchers}:${process.env.PATH}`, CC: 'ccache gcc' });
+    expect(launched, launched.stderr).toMatchObject({ code: 0, stderr: '' });
   });
 });
