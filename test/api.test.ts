@@ -428,7 +428,11 @@ describe('npm install on a machine without a compiler', () => {
     mkdirSync(bin);
     const which = (p: string) => sh('/bin/sh', ['-c', `command -v ${p}`], { cwd: pkg }).stdout.trim();
     symlinkSync(process.execPath, join(bin, 'node'));
-    for (const p of ['sh', 'make', 'python3']) symlinkSync(which(p), join(bin, p));
+    for (const p of ['sh', 'make']) symlinkSync(which(p), join(bin, p));
+    // The interpreter itself: a python3 on PATH may be a shim (pyenv) that
+    // needs the PATH taken away here to find it, and the check runs it.
+    const python3 = sh('python3', ['-c', 'import sys; print(sys.executable)'], { cwd: pkg }).stdout.trim();
+    symlinkSync(python3, join(bin, 'python3'));
     // npm's own script (`npm` is a link to it), run by this node.
     const npmCli = realpathSync(which('npm'));
     const env = { ...process.env, PATH: bin, CC: '', CXX: '' };
@@ -441,7 +445,9 @@ describe('npm install on a machine without a compiler', () => {
     expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
 
     // With the machine's PATH, the check says nothing and lets node-gyp go.
-    const check = (env: NodeJS.ProcessEnv) => sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg, env: { ...process.env, ...env } });
+    const machine = { ...process.env };
+    for (const k of ['PYTHON', 'npm_config_python', 'NODE_GYP_FORCE_PYTHON', 'CC', 'CXX']) delete machine[k];
+    const check = (env: NodeJS.ProcessEnv) => sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg, env: { ...machine, ...env } });
     const ok = check({});
     expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
 
@@ -453,5 +459,17 @@ describe('npm install on a machine without a compiler', () => {
     writeFileSync(join(launchers, 'ccache'), '#!/bin/sh\ncase "$1" in -*) echo "ccache: invalid option -- $1" >&2; exit 1;; esac\nexec "$@"\n', { mode: 0o755 });
     const launched = check({ PATH: `${launchers}:${process.env.PATH}`, CC: 'ccache gcc' });
     expect(launched, launched.stderr).toMatchObject({ code: 0, stderr: '' });
+
+    // node-gyp passes over a Python setting that names nothing (python3
+    // and python are next), but NODE_GYP_FORCE_PYTHON is the only one it
+    // tries.
+    const gone = join(pkg, 'gone', 'python3');
+    for (const env of [{ PYTHON: gone }, { npm_config_python: gone }]) {
+      const r = check(env);
+      expect(r, `${JSON.stringify(env)}: ${r.stderr}`).toMatchObject({ code: 0, stderr: '' });
+    }
+    const forced = check({ NODE_GYP_FORCE_PYTHON: gone, PYTHON: python3 });
+    expect(forced.code).toBe(1);
+    expect(forced.stderr).toBe(`appshot: NODE_GYP_FORCE_PYTHON=${gone} not found: install it or unset NODE_GYP_FORCE_PYTHON\n`);
   });
 });
