@@ -68,8 +68,14 @@ function pythonProblem() {
 const missing = [];
 // Each variable that names a tool which is not there.
 const settings = [];
-if (!found(cxx)) missing.push([cxx, 'g++']);
-if (!found(cc)) missing.push([cc, 'g++']);
+// A compiler the user chose is theirs to install (or unset): naming the
+// Debian package of the default one would not help.
+for (const [name, program, fallback] of [['CXX', cxx, 'g++'], ['CC', cc, 'cc']]) {
+  if (found(program)) continue;
+  const setting = process.env[name]?.trim();
+  if (setting) settings.push(`${name}=${/\s/.test(setting) ? `"${setting}"` : setting} not found: install it or unset ${name}`);
+  else missing.push([fallback, 'g++']);
+}
 if (!found('make')) missing.push(['make', 'make']);
 const python = pythonProblem();
 if (python?.tool) missing.push([python.tool, 'python3']);

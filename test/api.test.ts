@@ -471,5 +471,13 @@ describe('npm install on a machine without a compiler', () => {
     const forced = check({ NODE_GYP_FORCE_PYTHON: gone, PYTHON: python3 });
     expect(forced.code).toBe(1);
     expect(forced.stderr).toBe(`appshot: NODE_GYP_FORCE_PYTHON=${gone} not found: install it or unset NODE_GYP_FORCE_PYTHON\n`);
+
+    // A compiler named in CC that is not there is the user's to install or
+    // unset; Debian's g++ package would not bring it. (g++ now on the
+    // stripped PATH, no clang.)
+    symlinkSync(which('g++'), join(bin, 'g++'));
+    const clang = check({ PATH: bin, CC: 'clang' });
+    expect(clang.code).toBe(1);
+    expect(clang.stderr).toBe('appshot: CC=clang not found: install it or unset CC\n');
   });
 });
