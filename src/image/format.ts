@@ -700,29 +700,49 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
   });
 }
 
-/** A tar file's stream, uncompressed if it is gzip or zstd (told by its
- * magic number, whatever its name). */
-function openImageFile(path: string): NodeJS.ReadableStream {
-  const head = Buffer.alloc(4);
-  const fd = openSync(path, 'r');
-  let n: number;
+/** Why an image file could not be opened, in words. */
+function openFailure(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'EACCES') return 'permission denied';
+  if (code === 'ELOOP') return 'it is a symbolic link';
+  if (code === 'ENOENT') return 'it is gone';
+  return code ?? String(e);
+}
+
+/**
+ * A tar file's stream, uncompressed if it is gzip or zstd (told by its
+ * magic number, whatever its name). The file is opened once and read
+ * through that descriptor, never blocking: what was a file when its
+ * directory was read may be a FIFO by now, whose open would wait for a
+ * writer forever. It must be a regular file; `follow: false` (a listing,
+ * which looked at the entry itself) does not go through a symbolic link.
+ * An open that fails is an AppshotError: one unreadable file is a line,
+ * not a crash.
+ */
+function openImageFile(path: string, { follow = true } = {}): NodeJS.ReadableStream {
+  let fd: number;
   try {
-    n = readSync(fd, head, 0, 4, 0);
+    fd = openSync(path, fsc.O_RDONLY | fsc.O_NONBLOCK | (follow ? 0 : fsc.O_NOFOLLOW));
+  } catch (e) {
+    throw new AppshotError(`cannot read ${path}: ${openFailure(e)}`);
+  }
+  let ours = true; // until the read stream takes it
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new AppshotError(`not an appshot image: ${path} is ${st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : 'a device'}, not a regular file`);
+    const head = Buffer.alloc(4);
+    const n = readSync(fd, head, 0, 4, 0);
+    // zstd reads from its own copy of the descriptor, at offset 0 (the
+    // read above does not move it).
+    if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) return zstdDecompressFrom(fd, path);
+    const file = createReadStream(path, { fd, start: 0 });
+    ours = false;
+    if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
+    // Errors of either stream end the last one, which extractTar reports.
+    return pipelineCallback(file, createGunzip(), () => {});
   } finally {
-    closeSync(fd);
+    if (ours) closeSync(fd);
   }
-  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) {
-    const zfd = openSync(path, 'r');
-    try {
-      return zstdDecompressFrom(zfd, path);
-    } finally {
-      closeSync(zfd); // zstd has its own
-    }
-  }
-  const file = createReadStream(path);
-  if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
-  // Errors of either stream end the last one, which extractTar reports.
-  return pipelineCallback(file, createGunzip(), () => {});
 }
 
 /** Where an image's parent is: a relative path is inside the image (a
@@ -828,7 +848,7 @@ export interface ImageFileHeader {
  */
 export async function readImageFileHeader(path: string): Promise<ImageFileHeader | undefined> {
   const extract = (await loadTar()).extract();
-  const input = openImageFile(path);
+  const input = openImageFile(path, { follow: false });
   // Ended by the loop below once it has the two parts: that end of the
   // input is no failure.
   const feeding = pipeline(input, extract).catch((e: Error) => e);
