@@ -511,6 +511,19 @@ describe('appshot images', () => {
     expect(byName.get('x.tar')).toMatchObject({ type: 'file', app: null, error: `not an appshot image: ${join(dir, 'x.tar')} is a FIFO, not a regular file` });
     expect(byName.get('foreign.tar').error).toContain("holds 'etc/passwd'");
   });
+
+  it('lists a small file of a gigabyte of zeros as what it is, from its start alone', () => {
+    // 33 KiB of zstd; the tar parser passes over zero blocks without end,
+    // so only a limit on what it is fed stops it before the gigabyte.
+    const dir = mkdtempSync(join(out, 'zeros-'));
+    const made = spawnSync('/bin/sh', ['-c', `head -c ${2 ** 30} /dev/zero | zstd -q -c > zeros.tar.zst`], { cwd: dir });
+    expect(made.status, String(made.stderr)).toBe(0);
+    const r = sb.run(['images', dir, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).images).toMatchObject([
+      { path: join(dir, 'zeros.tar.zst'), type: 'file', app: null, error: expect.stringMatching(/ does not start with its manifest\.pb: \d+ bytes of its tar stream read without it$/) },
+    ]);
+  });
 });
 
 /** One ustar header block for `name` of `type` ('0' file, '2' symlink). */

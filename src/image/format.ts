@@ -33,7 +33,7 @@ import {
 } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
-import { pipeline as pipelineCallback } from 'node:stream';
+import { pipeline as pipelineCallback, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
@@ -830,6 +830,13 @@ function checkManifest(manifestBytes: Buffer, path: string, trust: LoadOptions['
   return { manifest, signer };
 }
 
+const TAR_BLOCK = 512;
+/** What a tar stream written by appshot holds before the end of its
+ * image.pb besides the manifest's and image.pb's bytes: their headers and
+ * padding (a KiB or two), and what the pipe from the decompressor and the
+ * parser's own buffer hold ahead of the parser (tens of KiB). */
+const HEADER_SLACK = 1 << 20;
+
 /** What an image file's header says: its manifest, who signed it, and
  * its metadata. */
 export interface ImageFileHeader {
@@ -849,11 +856,24 @@ export interface ImageFileHeader {
 export async function readImageFileHeader(path: string): Promise<ImageFileHeader | undefined> {
   const extract = (await loadTar()).extract();
   const input = openImageFile(path, { follow: false });
-  // Ended by the loop below once it has the two parts: that end of the
-  // input is no failure.
-  const feeding = pipeline(input, extract).catch((e: Error) => e);
   const wanted = [PARTS.manifest, PARTS.image];
   const parts: Buffer[] = [];
+  // The parser passes over zero blocks and pax headers without end, and
+  // a few KiB of zstd make gigabytes of them: what is fed to it is
+  // counted, and the stream ends once it is more than the entries seen so
+  // far plus HEADER_SLACK, which a file appshot wrote never is.
+  let allowed = HEADER_SLACK;
+  let fed = 0;
+  const metered = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      fed += chunk.length;
+      if (fed <= allowed) done(null, chunk);
+      else done(new AppshotError(`corrupt image: ${path} does not start with its ${wanted[parts.length]}: ${fed} bytes of its tar stream read without it`));
+    },
+  });
+  // Ended by the loop below once it has the two parts: that end of the
+  // input is no failure.
+  const feeding = pipeline(input, metered, extract).catch((e: Error) => e);
   let outOfOrder = false;
   try {
     for await (const entry of extract) {
@@ -865,9 +885,18 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
       }
       if (type !== 'file') throw new AppshotError(`corrupt image: ${path} holds ${name} as a ${type}, not a regular file`);
       if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
-      const chunks: Buffer[] = [];
-      for await (const chunk of entry) chunks.push(chunk as Buffer);
-      parts.push(Buffer.concat(chunks));
+      allowed += TAR_BLOCK + Math.ceil(size / TAR_BLOCK) * TAR_BLOCK;
+      // Into one buffer of the size the header gives (at most the part's
+      // ceiling), not gathered and then copied: half the memory at the top.
+      const bytes = Buffer.alloc(size);
+      let at = 0;
+      for await (const chunk of entry) {
+        const c = chunk as Buffer;
+        if (at + c.length > size) throw new AppshotError(`corrupt image: ${name} in ${path} is longer than its tar header says`);
+        at += c.copy(bytes, at);
+      }
+      if (at !== size) throw new AppshotError(`corrupt image: ${path} ends inside its ${name}`);
+      parts.push(bytes);
       if (parts.length === wanted.length) break;
     }
   } catch (e) {
