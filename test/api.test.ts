@@ -308,12 +308,30 @@ describe('stop({ timeoutMs }): milliseconds, as every other call takes its time'
     await api.stop('deaf', { home, timeoutMs: 50 });
     expect((await api.ps('deaf', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
 
+    // timeoutMs: 0 is SIGKILL at once, not a default wait nor none.
+    await api.run(deaf, { home, aid: 'deaf-0' });
+    await waitFor(() => log('deaf-0').includes('up'), 10_000, 'the shell to start');
+    await api.stop('deaf-0', { home, timeoutMs: 0 });
+    expect((await api.ps('deaf-0', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+
+    // A shell that ends by SIGTERM a second after it comes: a long wait
+    // lets it (143); one cut a thousandfold short (timeoutMs read as
+    // microseconds, `timeout` as milliseconds) kills it first (137).
+    const slow = ['/bin/sh', '-c', 'trap "trap - TERM; echo TERM; sleep 1; kill -TERM $$" TERM; echo up; while :; do sleep 0.1; done'];
+    for (const [aid, wait] of [['slow', { timeoutMs: 30_000 }], ['slow-old', { timeout: 30 }]] as const) {
+      await api.run(slow, { home, aid });
+      await waitFor(() => log(aid).includes('up'), 10_000, 'the shell to start');
+      await api.stop(aid, { home, ...wait });
+      expect((await api.ps(aid, { home, all: true }))[0], aid).toMatchObject({ state: 'exited', exitCode: 143 });
+      expect(log(aid)).toContain('TERM');
+    }
+
     // The deprecated name, in seconds.
     await api.run(deaf, { home, aid: 'deaf-old' });
     await waitFor(() => log('deaf-old').includes('up'), 10_000, 'the shell to start');
     await api.stop('deaf-old', { home, timeout: 0.05 });
     expect((await api.ps('deaf-old', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
-    for (const aid of ['deaf', 'deaf-old']) await api.rm(aid, { home });
+    for (const aid of ['deaf', 'deaf-old', 'deaf-0', 'slow', 'slow-old']) await api.rm(aid, { home });
   });
 });
 
