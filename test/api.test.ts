@@ -308,12 +308,30 @@ describe('stop({ timeoutMs }): milliseconds, as every other call takes its time'
     await api.stop('deaf', { home, timeoutMs: 50 });
     expect((await api.ps('deaf', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
 
+    // timeoutMs: 0 is SIGKILL at once, not a default wait nor none.
+    await api.run(deaf, { home, aid: 'deaf-0' });
+    await waitFor(() => log('deaf-0').includes('up'), 10_000, 'the shell to start');
+    await api.stop('deaf-0', { home, timeoutMs: 0 });
+    expect((await api.ps('deaf-0', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
+
+    // A shell that ends by SIGTERM a second after it comes: a long wait
+    // lets it (143); one cut a thousandfold short (timeoutMs read as
+    // microseconds, `timeout` as milliseconds) kills it first (137).
+    const slow = ['/bin/sh', '-c', 'trap "trap - TERM; echo TERM; sleep 1; kill -TERM $$" TERM; echo up; while :; do sleep 0.1; done'];
+    for (const [aid, wait] of [['slow', { timeoutMs: 30_000 }], ['slow-old', { timeout: 30 }]] as const) {
+      await api.run(slow, { home, aid });
+      await waitFor(() => log(aid).includes('up'), 10_000, 'the shell to start');
+      await api.stop(aid, { home, ...wait });
+      expect((await api.ps(aid, { home, all: true }))[0], aid).toMatchObject({ state: 'exited', exitCode: 143 });
+      expect(log(aid)).toContain('TERM');
+    }
+
     // The deprecated name, in seconds.
     await api.run(deaf, { home, aid: 'deaf-old' });
     await waitFor(() => log('deaf-old').includes('up'), 10_000, 'the shell to start');
     await api.stop('deaf-old', { home, timeout: 0.05 });
     expect((await api.ps('deaf-old', { home, all: true }))[0]).toMatchObject({ state: 'exited', exitCode: 137 });
-    for (const aid of ['deaf', 'deaf-old']) await api.rm(aid, { home });
+    for (const aid of ['deaf', 'deaf-old', 'deaf-0', 'slow', 'slow-old']) await api.rm(aid, { home });
   });
 });
 
@@ -428,7 +446,11 @@ describe('npm install on a machine without a compiler', () => {
     mkdirSync(bin);
     const which = (p: string) => sh('/bin/sh', ['-c', `command -v ${p}`], { cwd: pkg }).stdout.trim();
     symlinkSync(process.execPath, join(bin, 'node'));
-    for (const p of ['sh', 'make', 'python3']) symlinkSync(which(p), join(bin, p));
+    for (const p of ['sh', 'make']) symlinkSync(which(p), join(bin, p));
+    // The interpreter itself: a python3 on PATH may be a shim (pyenv) that
+    // needs the PATH taken away here to find it, and the check runs it.
+    const python3 = sh('python3', ['-c', 'import sys; print(sys.executable)'], { cwd: pkg }).stdout.trim();
+    symlinkSync(python3, join(bin, 'python3'));
     // npm's own script (`npm` is a link to it), run by this node.
     const npmCli = realpathSync(which('npm'));
     const env = { ...process.env, PATH: bin, CC: '', CXX: '' };
@@ -441,7 +463,39 @@ describe('npm install on a machine without a compiler', () => {
     expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
 
     // With the machine's PATH, the check says nothing and lets node-gyp go.
-    const ok = sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg });
+    const machine = { ...process.env };
+    for (const k of ['PYTHON', 'npm_config_python', 'NODE_GYP_FORCE_PYTHON', 'CC', 'CXX']) delete machine[k];
+    const check = (env: NodeJS.ProcessEnv) => sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg, env: { ...machine, ...env } });
+    const ok = check({});
     expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
+
+    // A compiler launcher in CC runs the compiler it is given, and takes an
+    // option before it as its own (ccache: "invalid option"): the check
+    // asks `ccache gcc`, not `ccache`, where libc.a is.
+    const launchers = join(pkg, 'launchers');
+    mkdirSync(launchers);
+    writeFileSync(join(launchers, 'ccache'), '#!/bin/sh\ncase "$1" in -*) echo "ccache: invalid option -- $1" >&2; exit 1;; esac\nexec "$@"\n', { mode: 0o755 });
+    const launched = check({ PATH: `${launchers}:${process.env.PATH}`, CC: 'ccache gcc' });
+    expect(launched, launched.stderr).toMatchObject({ code: 0, stderr: '' });
+
+    // node-gyp passes over a Python setting that names nothing (python3
+    // and python are next), but NODE_GYP_FORCE_PYTHON is the only one it
+    // tries.
+    const gone = join(pkg, 'gone', 'python3');
+    for (const env of [{ PYTHON: gone }, { npm_config_python: gone }]) {
+      const r = check(env);
+      expect(r, `${JSON.stringify(env)}: ${r.stderr}`).toMatchObject({ code: 0, stderr: '' });
+    }
+    const forced = check({ NODE_GYP_FORCE_PYTHON: gone, PYTHON: python3 });
+    expect(forced.code).toBe(1);
+    expect(forced.stderr).toBe(`appshot: NODE_GYP_FORCE_PYTHON=${gone} not found: install it or unset NODE_GYP_FORCE_PYTHON\n`);
+
+    // A compiler named in CC that is not there is the user's to install or
+    // unset; Debian's g++ package would not bring it. (g++ now on the
+    // stripped PATH, no clang.)
+    symlinkSync(which('g++'), join(bin, 'g++'));
+    const clang = check({ PATH: bin, CC: 'clang' });
+    expect(clang.code).toBe(1);
+    expect(clang.stderr).toBe('appshot: CC=clang not found: install it or unset CC\n');
   });
 });

@@ -495,6 +495,35 @@ describe('appshot images', () => {
     expect(missing.stderr).toMatch(/^appshot: no such directory: .*\n$/);
     expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   });
+
+  it('lists an image file it cannot read with why, and goes on with the others', () => {
+    // A FIFO where a file was (swapped after the directory was read, or
+    // put there): opened without blocking, it is refused as not a regular
+    // file; an unreadable file (another user's, mode 0600) takes the same
+    // way, as a line of the listing rather than the end of it.
+    const dir = mkdtempSync(join(out, 'unreadable-'));
+    expect(spawnSync('mkfifo', [join(dir, 'x.tar')]).status).toBe(0);
+    writeFileSync(join(dir, 'foreign.tar'), tarOf(tarHeader('etc/passwd', 4), pad(Buffer.from('root'))));
+    const r = sb.run(['images', dir, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const byName = new Map<string, Json>(JSON.parse(r.stdout).images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
+    expect([...byName.keys()]).toEqual(['foreign.tar', 'x.tar']);
+    expect(byName.get('x.tar')).toMatchObject({ type: 'file', app: null, error: `not an appshot image: ${join(dir, 'x.tar')} is a FIFO, not a regular file` });
+    expect(byName.get('foreign.tar').error).toContain("holds 'etc/passwd'");
+  });
+
+  it('lists a small file of a gigabyte of zeros as what it is, from its start alone', () => {
+    // 33 KiB of zstd; the tar parser passes over zero blocks without end,
+    // so only a limit on what it is fed stops it before the gigabyte.
+    const dir = mkdtempSync(join(out, 'zeros-'));
+    const made = spawnSync('/bin/sh', ['-c', `head -c ${2 ** 30} /dev/zero | zstd -q -c > zeros.tar.zst`], { cwd: dir });
+    expect(made.status, String(made.stderr)).toBe(0);
+    const r = sb.run(['images', dir, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).images).toMatchObject([
+      { path: join(dir, 'zeros.tar.zst'), type: 'file', app: null, error: expect.stringMatching(/ does not start with its manifest\.pb: \d+ bytes of its tar stream read without it$/) },
+    ]);
+  });
 });
 
 /** One ustar header block for `name` of `type` ('0' file, '2' symlink). */

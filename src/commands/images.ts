@@ -67,7 +67,9 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
     trusted: null,
   });
   const { PARTS, loadImage, readImageFileHeader } = await import('../image/format.js');
-  if (st.isFile() && STREAM_FILE.test(path)) {
+  // Anything but a directory or a link named as a stream file is read as
+  // one: a FIFO or a device is listed with what is wrong with it.
+  if (!st.isDirectory() && !st.isSymbolicLink() && STREAM_FILE.test(path)) {
     const e = { ...entry('file', st.size), createdAt: st.mtime.toISOString() };
     try {
       const header = await readImageFileHeader(path);

@@ -33,7 +33,7 @@ import {
 } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
-import { pipeline as pipelineCallback } from 'node:stream';
+import { pipeline as pipelineCallback, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
@@ -700,29 +700,49 @@ async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<s
   });
 }
 
-/** A tar file's stream, uncompressed if it is gzip or zstd (told by its
- * magic number, whatever its name). */
-function openImageFile(path: string): NodeJS.ReadableStream {
-  const head = Buffer.alloc(4);
-  const fd = openSync(path, 'r');
-  let n: number;
+/** Why an image file could not be opened, in words. */
+function openFailure(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'EACCES') return 'permission denied';
+  if (code === 'ELOOP') return 'it is a symbolic link';
+  if (code === 'ENOENT') return 'it is gone';
+  return code ?? String(e);
+}
+
+/**
+ * A tar file's stream, uncompressed if it is gzip or zstd (told by its
+ * magic number, whatever its name). The file is opened once and read
+ * through that descriptor, never blocking: what was a file when its
+ * directory was read may be a FIFO by now, whose open would wait for a
+ * writer forever. It must be a regular file; `follow: false` (a listing,
+ * which looked at the entry itself) does not go through a symbolic link.
+ * An open that fails is an AppshotError: one unreadable file is a line,
+ * not a crash.
+ */
+function openImageFile(path: string, { follow = true } = {}): NodeJS.ReadableStream {
+  let fd: number;
   try {
-    n = readSync(fd, head, 0, 4, 0);
+    fd = openSync(path, fsc.O_RDONLY | fsc.O_NONBLOCK | (follow ? 0 : fsc.O_NOFOLLOW));
+  } catch (e) {
+    throw new AppshotError(`cannot read ${path}: ${openFailure(e)}`);
+  }
+  let ours = true; // until the read stream takes it
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new AppshotError(`not an appshot image: ${path} is ${st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : 'a device'}, not a regular file`);
+    const head = Buffer.alloc(4);
+    const n = readSync(fd, head, 0, 4, 0);
+    // zstd reads from its own copy of the descriptor, at offset 0 (the
+    // read above does not move it).
+    if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) return zstdDecompressFrom(fd, path);
+    const file = createReadStream(path, { fd, start: 0 });
+    ours = false;
+    if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
+    // Errors of either stream end the last one, which extractTar reports.
+    return pipelineCallback(file, createGunzip(), () => {});
   } finally {
-    closeSync(fd);
+    if (ours) closeSync(fd);
   }
-  if (n >= 4 && head.readUInt32LE(0) === 0xfd2fb528) {
-    const zfd = openSync(path, 'r');
-    try {
-      return zstdDecompressFrom(zfd, path);
-    } finally {
-      closeSync(zfd); // zstd has its own
-    }
-  }
-  const file = createReadStream(path);
-  if (!(n >= 2 && head[0] === 0x1f && head[1] === 0x8b)) return file;
-  // Errors of either stream end the last one, which extractTar reports.
-  return pipelineCallback(file, createGunzip(), () => {});
 }
 
 /** Where an image's parent is: a relative path is inside the image (a
@@ -810,6 +830,13 @@ function checkManifest(manifestBytes: Buffer, path: string, trust: LoadOptions['
   return { manifest, signer };
 }
 
+const TAR_BLOCK = 512;
+/** What a tar stream written by appshot holds before the end of its
+ * image.pb besides the manifest's and image.pb's bytes: their headers and
+ * padding (a KiB or two), and what the pipe from the decompressor and the
+ * parser's own buffer hold ahead of the parser (tens of KiB). */
+const HEADER_SLACK = 1 << 20;
+
 /** What an image file's header says: its manifest, who signed it, and
  * its metadata. */
 export interface ImageFileHeader {
@@ -828,12 +855,25 @@ export interface ImageFileHeader {
  */
 export async function readImageFileHeader(path: string): Promise<ImageFileHeader | undefined> {
   const extract = (await loadTar()).extract();
-  const input = openImageFile(path);
-  // Ended by the loop below once it has the two parts: that end of the
-  // input is no failure.
-  const feeding = pipeline(input, extract).catch((e: Error) => e);
+  const input = openImageFile(path, { follow: false });
   const wanted = [PARTS.manifest, PARTS.image];
   const parts: Buffer[] = [];
+  // The parser passes over zero blocks and pax headers without end, and
+  // a few KiB of zstd make gigabytes of them: what is fed to it is
+  // counted, and the stream ends once it is more than the entries seen so
+  // far plus HEADER_SLACK, which a file appshot wrote never is.
+  let allowed = HEADER_SLACK;
+  let fed = 0;
+  const metered = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      fed += chunk.length;
+      if (fed <= allowed) done(null, chunk);
+      else done(new AppshotError(`corrupt image: ${path} does not start with its ${wanted[parts.length]}: ${fed} bytes of its tar stream read without it`));
+    },
+  });
+  // Ended by the loop below once it has the two parts: that end of the
+  // input is no failure.
+  const feeding = pipeline(input, metered, extract).catch((e: Error) => e);
   let outOfOrder = false;
   try {
     for await (const entry of extract) {
@@ -845,9 +885,18 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
       }
       if (type !== 'file') throw new AppshotError(`corrupt image: ${path} holds ${name} as a ${type}, not a regular file`);
       if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
-      const chunks: Buffer[] = [];
-      for await (const chunk of entry) chunks.push(chunk as Buffer);
-      parts.push(Buffer.concat(chunks));
+      allowed += TAR_BLOCK + Math.ceil(size / TAR_BLOCK) * TAR_BLOCK;
+      // Into one buffer of the size the header gives (at most the part's
+      // ceiling), not gathered and then copied: half the memory at the top.
+      const bytes = Buffer.alloc(size);
+      let at = 0;
+      for await (const chunk of entry) {
+        const c = chunk as Buffer;
+        if (at + c.length > size) throw new AppshotError(`corrupt image: ${name} in ${path} is longer than its tar header says`);
+        at += c.copy(bytes, at);
+      }
+      if (at !== size) throw new AppshotError(`corrupt image: ${path} ends inside its ${name}`);
+      parts.push(bytes);
       if (parts.length === wanted.length) break;
     }
   } catch (e) {
