@@ -53,8 +53,19 @@ function processes(aid: string, s = sb): { vpid: number; pid: number; command: s
 }
 
 /** Virtual PID → identity, for every process of the application. */
+/** Each listed process's identity, by virtual PID; one that ended between
+ * the listing and the read (a PostgreSQL backend whose client left) is
+ * left out. */
 function identities(aid: string, s = sb): Map<number, Record<string, string>> {
-  return new Map(processes(aid, s).map((p) => [p.vpid, identity(p.pid)]));
+  const out = new Map<number, Record<string, string>>();
+  for (const p of processes(aid, s)) {
+    try {
+      out.set(p.vpid, identity(p.pid));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT' && (e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+    }
+  }
+  return out;
 }
 
 /** The system PIDs of every descendant of `pid`. */
@@ -436,7 +447,7 @@ describe('PostgreSQL 15', () => {
     expect(descendants(init).filter((p) => !listed.has(p))).toEqual([]);
     const before = identities('pg');
     const postgresUid = readFileSync('/etc/passwd', 'utf8').match(/^postgres:[^:]*:(\d+):/m)![1];
-    for (const p of processes('pg').filter((x) => !x.command.startsWith('runuser'))) expect(before.get(p.vpid)!.Uid.split('\t')[0]).toBe(postgresUid);
+    for (const p of processes('pg').filter((x) => !x.command.startsWith('runuser') && before.has(x.vpid))) expect(before.get(p.vpid)!.Uid.split('\t')[0]).toBe(postgresUid);
 
     await pgRoundTrip(port, 'pg', sb, dir);
     const after = identities('pg');
