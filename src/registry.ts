@@ -774,6 +774,9 @@ export class LocalRegistry implements Registry {
       if (this.readRecordFile(aid)?.restore?.commitPath === commitPath) return;
     }
     rmSync(commitPath, { force: true });
+    // Or the file made ahead for it, if it never committed (a held clone
+    // of the engine's pool whose engine was killed).
+    rmSync(commitPath + PENDING, { force: true });
   }
 
   /** Where the log of an application a snapshot ended waits for the

@@ -9,7 +9,7 @@
  * (stopped, or killed with SIGKILL) or the template.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,15 +23,19 @@ const tpl = join(dir, 'tpl.template');
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
+/** A pool lives a minute without a clone: on a loaded machine a test's
+ * waits may take longer, and the pool it counts on would be given up.
+ * Each test sizes the pool it uses with a clone of its own. */
+const poolEnv = { APPSHOT_CLONE_POOL_IDLE_MS: '600000' };
 const inProcess = (args: string[], env: Record<string, string> = {}) => {
-  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...poolEnv, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 };
 const status = (): Json => JSON.parse(inProcess(['engine', 'status', '--json']).stdout);
 /** Instances held for the template now (0 without a pool). */
 const held = (): number => status().clonePool?.[tpl]?.held ?? 0;
 const cloneJson = (args: string[] = [], env: Record<string, string> = {}): Json[] => {
-  const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--json', ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--json', ...args], { env: { ...sb.env, ...poolEnv, ...env }, encoding: 'utf8', timeout: 50_000 });
   if (r.status !== 0) throw new Error(`clone failed (${r.status}): ${r.stderr}`);
   return JSON.parse(r.stdout);
 };
@@ -132,6 +136,9 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('refills to the largest recent batch, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
+    // One held, whatever the test before left.
+    cloneJson();
+    await waitFor(() => held() === 1, 60_000, 'one instance held');
     const first = cloneJson(['-n', '3']);
     expect(first.map((c) => !!c.prepared)).toEqual([true, false, false]);
     await waitFor(() => held() === 3, 60_000, 'three instances held');
@@ -166,6 +173,7 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('gives the pool up once its template is removed', async () => {
+    cloneJson(['-n', '3']);
     await waitFor(() => held() === 3, 60_000, 'three held');
     const pids = heldProcesses();
     expect(pids.length).toBeGreaterThanOrEqual(6);
@@ -197,10 +205,22 @@ describe('the engine keeps clones ready', () => {
     expect(pids.length).toBeGreaterThanOrEqual(4);
     const aids = ps().filter((a) => a.state === 'restoring').map((a) => a.aid);
     const running = ps().filter((a) => a.state === 'running').map((a) => a.aid);
+    // What each held instance has besides its processes.
+    const records = aids.map(record);
+    const roots = records.map((r) => r.privateRoot as string).filter(Boolean);
+    const commits = records.map((r) => r.restore.commitPath as string);
+    expect(roots.length).toBe(aids.length);
+    expect(commits.every((c) => typeof c === 'string')).toBe(true);
+    const claimed = () => readdirSync(join(sb.home, 'ports')).filter((p) => aids.includes(readFileSync(join(sb.home, 'ports', p), 'utf8').split(' ')[0]));
+    expect(claimed().length).toBeGreaterThan(0);
     process.kill(status().pid, 'SIGKILL');
     await waitFor(() => gone(pids), 20_000, 'the held instances to go with the engine');
     // Their registrations are taken back; the clones it made run on.
     await waitFor(() => !ps().some((a) => aids.includes(a.aid)), 10_000, 'their registrations to go');
     expect(ps().filter((a) => a.state === 'running').map((a) => a.aid)).toEqual(running);
+    // Nor their private roots, port claims and commit files.
+    expect(roots.filter((r) => existsSync(r))).toEqual([]);
+    expect(claimed()).toEqual([]);
+    expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
 });

@@ -30,7 +30,8 @@
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
- * after POOL_IDLE_MS without a clone of it, when memory runs low, and when
+ * after POOL_IDLE_MS (or APPSHOT_CLONE_POOL_IDLE_MS, as the last clone's
+ * environment says) without a clone of it, when memory runs low, and when
  * the engine leaves. Nothing of it outlives the engine however it ends:
  * its processes are traced with PTRACE_O_EXITKILL until committed, and
  * its init kills what is left when its lifeline (ours) ends uncommitted.
@@ -47,7 +48,9 @@ import type { OpenedTemplate } from './template.js';
 
 /** Most instances held per template (APPSHOT_CLONE_POOL). */
 const DEFAULT_CAP = 32;
-/** A template's pool is given up this long after its last clone. */
+/** A template's pool is given up this long after its last clone
+ * (APPSHOT_CLONE_POOL_IDLE_MS, for tests and benches: a loaded machine
+ * may take longer than a minute between the clones a test makes). */
 const POOL_IDLE_MS = 60_000;
 /** Refilling stops, and what is held is given up, below this much
  * available memory (MemAvailable) or this share of all memory. */
@@ -82,13 +85,16 @@ export class Pool {
     readonly t: OpenedTemplate,
   ) {}
 
-  /** The batch sizes asked for in the last POOL_IDLE_MS, with when. */
+  /** The batch sizes asked for in the last idleMs, with when. */
   private readonly asked: { at: number; count: number }[] = [];
+  /** How long it lives without a clone: the last clone's setting. */
+  idleMs = POOL_IDLE_MS;
 
   /** A clone of `count` instances: kept from now on is the largest batch
    * asked for within the last POOL_IDLE_MS (a user who alternates single
    * clones and batches of 8 is served both), at most the cap. */
   demand(count: number): void {
+    this.idleMs = idleLimit();
     this.lastUsed = Date.now();
     this.asked.push({ at: this.lastUsed, count });
     this.resize();
@@ -96,7 +102,7 @@ export class Pool {
 
   /** The target from the recent demand; held instances above it go. */
   resize(): void {
-    const since = Date.now() - POOL_IDLE_MS;
+    const since = Date.now() - this.idleMs;
     while (this.asked.length && this.asked[0].at < since) this.asked.shift();
     this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
     for (const [n, h] of this.slots)
@@ -142,6 +148,11 @@ let enabled = false;
 const pools = new Map<string, Pool>();
 let timer: NodeJS.Timeout | undefined;
 let log: (line: string) => void = () => {};
+
+function idleLimit(): number {
+  const v = process.env.APPSHOT_CLONE_POOL_IDLE_MS;
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : POOL_IDLE_MS;
+}
 
 function cap(): number {
   const v = process.env.APPSHOT_CLONE_POOL;
@@ -267,7 +278,7 @@ export async function releaseClonePools(): Promise<void> {
 export const clonePoolStats = () => Object.fromEntries([...pools].map(([path, p]) => [path, { held: [...p.slots.values()].filter((h) => h.isHeld).length, target: p.target }]));
 
 /** Once a second while any pool exists: each is given up if its template
- * changed or went, if it was not used for POOL_IDLE_MS, or if memory is
+ * changed or went, if it was not used for its idleMs, or if memory is
  * low. */
 function watch(): void {
   if (timer) return;
@@ -277,7 +288,7 @@ function watch(): void {
       return;
     }
     for (const p of pools.values()) {
-      if (Date.now() - p.lastUsed > POOL_IDLE_MS) void giveUp(p, 'not used for a minute');
+      if (Date.now() - p.lastUsed > p.idleMs) void giveUp(p, `not used for ${p.idleMs / 1000} s`);
       else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
       else p.resize();
     }
