@@ -172,6 +172,28 @@ describe('the engine keeps clones ready', () => {
     await isTemplateInstance(named[0]);
   }, 240_000);
 
+  it('holds clones for the context that asked for them: another APPSHOT_PORTS gets its own ports, made now, then held for it', async () => {
+    cloneJson();
+    await waitFor(() => held() >= 1, 60_000, 'an instance held');
+    const heldAids = ps().filter((a) => a.state === 'restoring').map((a) => a.aid);
+    // Ten ports of this file's range (27000-27099) that its fixed ones are not.
+    const from = base - 27000 >= 10 ? 27000 : 27090;
+    const inRange = (port: number) => port >= from && port <= from + 9;
+    const env = { APPSHOT_PORTS: `${from}-${from + 9}` };
+    const [own] = cloneJson([], env);
+    expect(own.prepared).toBeUndefined();
+    expect(heldAids).not.toContain(own.aid);
+    expect(inRange(ownPort(own))).toBe(true);
+    await isTemplateInstance(own);
+    // Refilled in its context: what is held now has ports of its range,
+    // and is what its next clone takes.
+    await waitFor(() => held() >= 1 && ps().some((a) => a.state === 'restoring' && !heldAids.includes(a.aid)), 60_000, 'the pool refilled');
+    const [next] = cloneJson([], env);
+    expect(next.prepared).toBe(true);
+    expect(inRange(ownPort(next))).toBe(true);
+    await isTemplateInstance(next);
+  }, 240_000);
+
   it('gives the pool up once its template is removed', async () => {
     cloneJson(['-n', '3']);
     await waitFor(() => held() === 3, 60_000, 'three held');
@@ -223,4 +245,5 @@ describe('the engine keeps clones ready', () => {
     expect(claimed()).toEqual([]);
     expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
+
 });

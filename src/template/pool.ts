@@ -39,7 +39,7 @@
 import { readFileSync } from 'node:fs';
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { requestStorage } from '../engine/request.js';
+import { currentRequest, requestStorage, type RequestSetting } from '../engine/request.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
 import { stillCached } from './cache.js';
@@ -61,6 +61,8 @@ const MOST_FAILURES = 3;
 
 interface Held {
   aid: string;
+  /** The context (the engine's gate's key) it was made in. */
+  key: string;
   instance: number;
   commitPath: string;
   /** Every process made and stopped (the hold reached). */
@@ -79,6 +81,9 @@ export class Pool {
   refilling = false;
   /** A clone served from it ended: refill once it has answered. */
   wanted = false;
+  /** The context of the last clone that sized it: what it is refilled
+   * in, and the only one its held instances are taken for. */
+  setting: RequestSetting | undefined;
   failures = 0;
   constructor(
     readonly reg: LocalRegistry,
@@ -94,6 +99,18 @@ export class Pool {
    * asked for within the last POOL_IDLE_MS (a user who alternates single
    * clones and batches of 8 is served both), at most the cap. */
   demand(count: number): void {
+    const setting = currentRequest()?.context;
+    if (setting?.key !== this.setting?.key) {
+      // Asked for in another context: what is held was made for the
+      // last one (its ports from that APPSHOT_PORTS, files under that
+      // umask) and goes; the pool is refilled for this one.
+      for (const [n, h] of this.slots)
+        if (h.isHeld) {
+          this.slots.delete(n);
+          h.decide(false);
+        }
+      this.setting = setting;
+    }
     this.idleMs = idleLimit();
     this.lastUsed = Date.now();
     this.asked.push({ at: this.lastUsed, count });
@@ -116,7 +133,7 @@ export class Pool {
    * if none is held (or it could not be let go: the clone makes it). */
   async take(n: number): Promise<(MadeInstance & { commitPath: string }) | undefined> {
     const h = this.slots.get(n);
-    if (!h?.isHeld) return undefined;
+    if (!h?.isHeld || h.key !== currentRequest()?.context?.key) return undefined;
     this.slots.delete(n);
     h.decide(true);
     try {
@@ -161,10 +178,16 @@ function cap(): number {
 
 /** In the engine: clones without --aid take held instances, and
  * refillClonePools makes them. */
-export function enableClonePool(logLine?: (line: string) => void): void {
+export function enableClonePool(logLine: (line: string) => void, inContext: InContext): void {
   enabled = true;
-  if (logLine) log = logLine;
+  log = logLine;
+  runInContext = inContext;
 }
+
+/** Runs `make` once the engine has set `setting` (its context gate),
+ * which stays set until it resolves. */
+type InContext = <T>(setting: RequestSetting, make: () => Promise<T>) => Promise<T>;
+let runInContext: InContext | undefined;
 
 /** The pool of `t`'s template for this clone, made if there is none;
  * undefined outside the engine, with APPSHOT_CLONE_POOL=0, or while
@@ -189,7 +212,8 @@ export function refillClonePools(): void {
     if (!p.wanted) continue;
     p.wanted = false;
     // Outside the request: what the held instances claim is the
-    // engine's (held while it lives), not the ended request's.
+    // engine's (held while it lives), not the ended request's. In its
+    // context all the same (refill).
     requestStorage.exit(() => void refill(p));
   }
 }
@@ -206,8 +230,24 @@ async function refill(p: Pool): Promise<void> {
         await giveUpAll('memory is low');
         break;
       }
-      const h = hold(p, n);
-      if (await h.held) p.failures = 0;
+      const setting = p.setting;
+      if (!setting || !runInContext) break;
+      let held = false;
+      try {
+        // Made through the engine's gate, in the context of the command
+        // that asked for it, while no command of another runs: held, it
+        // has read what it needs of it.
+        held = await runInContext(setting, () => hold(p, n, setting.key).held);
+      } catch (e) {
+        log(`clone pool: cannot set the context of ${p.t.path}'s clones: ${(e as Error).message}`);
+      }
+      const h = p.slots.get(n);
+      if (h && h.key !== p.setting?.key && h.isHeld) {
+        // Asked for in another context meanwhile.
+        p.slots.delete(n);
+        h.decide(false);
+      }
+      if (held) p.failures = 0;
       else if (++p.failures >= MOST_FAILURES) {
         await giveUp(p, 'its instances cannot be made');
         break;
@@ -219,14 +259,14 @@ async function refill(p: Pool): Promise<void> {
 }
 
 /** Starts making instance `n` of `p` to be held. */
-function hold(p: Pool, n: number): Held {
+function hold(p: Pool, n: number, key: string): Held {
   let decide!: (go: boolean) => void;
   const decision = new Promise<boolean>((r) => (decide = r));
   let heldNow!: (held: boolean) => void;
   const held = new Promise<boolean>((r) => (heldNow = r));
   const aid = generatedAid(p.reg, p.t);
   const commitPath = p.reg.newCommitPath();
-  const h: Held = { aid, instance: n, commitPath, isHeld: false, held, decide, made: undefined as unknown as Promise<MadeInstance> };
+  const h: Held = { aid, key, instance: n, commitPath, isHeld: false, held, decide, made: undefined as unknown as Promise<MadeInstance> };
   p.slots.set(n, h);
   h.made = makeInstance(p.reg, p.t, {
     aid,
