@@ -747,6 +747,11 @@ export class LocalRegistry implements Registry {
         }
       if (r.adoptedLog) this.carryLog(record);
       if (r.adoptedSnapshot) this.giveBackSnapshot(record);
+      // And the commit file made ahead for it (a held clone of an engine
+      // killed with SIGKILL): named after its maker, it would otherwise
+      // wait for a sweep. A batch still under way makes it again at its
+      // commit.
+      if (dirname(r.commitPath) === join(this.home, 'commits')) rmSync(r.commitPath + PENDING, { force: true });
     }
     removeDir(record.stateDir);
   }
