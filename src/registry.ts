@@ -587,7 +587,15 @@ export class LocalRegistry implements Registry {
         const w = (name.endsWith(PENDING) ? name.slice(0, -PENDING.length) : name).split('.');
         const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
         try {
-          if (now - statSync(join(dir, name)).mtimeMs > COMMIT_KEPT_MS && !holderAlive(holder, this.home)) rmSync(join(dir, name), { force: true });
+          // The file itself, not what a link points at: a batch's held
+          // clones (template/pool.ts) commit through links to one file,
+          // and once that is swept, a link followed throws and would be
+          // kept forever. A link whose file is gone is of no use to any
+          // init (each looks at its own once, at its commit).
+          const path = join(dir, name);
+          const st = lstatSync(path);
+          if (now - st.mtimeMs <= COMMIT_KEPT_MS) continue;
+          if ((st.isSymbolicLink() && !existsSync(path)) || !holderAlive(holder, this.home)) rmSync(path, { force: true });
         } catch {
           /* swept by another */
         }

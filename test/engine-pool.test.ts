@@ -9,7 +9,7 @@
  * (stopped, or killed with SIGKILL) or the template.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, lstatSync, lutimesSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -246,4 +246,15 @@ describe('the engine keeps clones ready', () => {
     expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
 
+  it('sweeps a commit link whose file is gone (a batch of held clones commits through links)', () => {
+    const link = join(sb.home, 'commits', `${2 ** 22 + 1}.0.-.0123456789ab`);
+    mkdirSync(join(sb.home, 'commits'), { recursive: true });
+    symlinkSync('gone', link);
+    const old = new Date(Date.now() - 5 * 60_000);
+    lutimesSync(link, old, old);
+    // A command of its own (not the engine's, which may have swept just now).
+    const made = inProcess(['clone', tpl, '--json']);
+    expect(made.code).toBe(0);
+    expect(() => lstatSync(link)).toThrow(/ENOENT/);
+  }, 120_000);
 });

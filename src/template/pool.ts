@@ -36,7 +36,7 @@
  * its processes are traced with PTRACE_O_EXITKILL until committed, and
  * its init kills what is left when its lifeline (ours) ends uncommitted.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { currentRequest, requestStorage, type RequestSetting } from '../engine/request.js';
@@ -281,8 +281,9 @@ function hold(p: Pool, n: number, key: string): Held {
   h.made.catch((e: Error) => {
     heldNow(false);
     if (p.slots.get(n) === h) p.slots.delete(n);
-    // Given up (the decision false) or failed: its commit file goes.
-    void p.reg.forgetCommit(commitPath);
+    // Given up (the decision false) or failed: its commit file goes, and
+    // whatever stands under its name (only a clone that took it links it).
+    void p.reg.forgetCommit(commitPath).then(() => rmSync(commitPath, { force: true }));
     if (h.isHeld === false) log(`clone pool: instance of ${p.t.path} not made: ${e.message}`);
   });
   return h;
