@@ -92,6 +92,9 @@ export interface AppRecord {
   /** A clone's private copies of files (copy-on-write, duplicate): kept
    * when it is snapshotted and restored. */
   privateRoot?: string;
+  /** Held ready by the engine for a clone to come (template/pool.ts), not
+   * yet taken: `ps` lists it only with -a. Gone once a clone takes it. */
+  heldReady?: boolean;
   /** TCP ports it listens on that the registry knows of: `virtual` is the
    * port the application asks for, `system` the one it has. */
   ports?: PortBinding[];

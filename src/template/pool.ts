@@ -21,8 +21,10 @@
  * clone without --aid gets). Binding an AID asked for (--aid) after the
  * fact would mean rewriting each process's environment and the evaluated
  * rules in its memory and renaming its state: such clones are made on
- * demand. `ps` shows a held instance as it is, `restoring` (registered,
- * uncommitted, not run), as it shows serve's prepared ones.
+ * demand. `ps -a` shows a held instance as it is, `restoring` (registered,
+ * uncommitted, not run), as it shows serve's prepared ones; `ps` leaves
+ * it out (its record says heldReady until a clone takes it): it is not
+ * an application anyone made yet, and `engine status` counts them.
  *
  * How much: refilled after each clone served to the largest batch asked
  * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
@@ -152,7 +154,8 @@ export class Pool {
     // As registry.update writes it, off this thread: a batch's are written
     // at once (~1 ms each on a busy disk, one after another).
     const file = join(r.stateDir, 'app.json');
-    await writeFile(`${file}.tmp`, JSON.stringify({ ...r, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
+    const { heldReady: _held, ...taken } = r;
+    await writeFile(`${file}.tmp`, JSON.stringify({ ...taken, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
     await rename(`${file}.tmp`, file);
   }
 
