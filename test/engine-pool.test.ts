@@ -140,7 +140,8 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('refills to the largest recent batch, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
-    // One held, whatever the test before left.
+    // An engine, and one held, whatever the test before left.
+    expect(inProcess(['engine', 'start']).code).toBe(0);
     cloneJson();
     await waitFor(() => held() === 1, 60_000, 'one instance held');
     const first = cloneJson(['-n', '3']);
@@ -177,6 +178,7 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('holds clones for the context that asked for them: another APPSHOT_PORTS gets its own ports, made now, then held for it', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
     cloneJson();
     await waitFor(() => held() >= 1, 60_000, 'an instance held');
     const heldAids = psAll().filter((a) => a.state === 'restoring').map((a) => a.aid);
@@ -199,6 +201,7 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('gives the pool up once its template is removed', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
     cloneJson(['-n', '3']);
     await waitFor(() => held() === 3, 60_000, 'three held');
     const pids = heldProcesses();
@@ -212,6 +215,7 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('leaves nothing held behind when the engine stops', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
     cloneJson(['-n', '2']);
     await waitFor(() => held() === 2, 60_000, 'two held');
     const pids = heldProcesses();
