@@ -252,7 +252,8 @@ export interface Listing {
  * require does). */
 export function selectApplications(registry: LocalRegistry, aid: string | undefined, all: boolean): Listing {
   if (aid === undefined)
-    return { records: registry.list().filter((r) => all || !isEnded(r)), snapshotted: all ? registry.listSnapshotted() : [] };
+    // Clones the engine holds ready (template/pool.ts) only with -a.
+    return { records: registry.list().filter((r) => all || (!isEnded(r) && !r.heldReady)), snapshotted: all ? registry.listSnapshotted() : [] };
   if (!all) return { records: [registry.require(aid)], snapshotted: [] };
   // A registration of the AID is the one shown (a restore of its image
   // under way, or one that ended since).

@@ -92,6 +92,9 @@ export interface AppRecord {
   /** A clone's private copies of files (copy-on-write, duplicate): kept
    * when it is snapshotted and restored. */
   privateRoot?: string;
+  /** Held ready by the engine for a clone to come (template/pool.ts), not
+   * yet taken: `ps` lists it only with -a. Gone once a clone takes it. */
+  heldReady?: boolean;
   /** TCP ports it listens on that the registry knows of: `virtual` is the
    * port the application asks for, `system` the one it has. */
   ports?: PortBinding[];
@@ -587,7 +590,15 @@ export class LocalRegistry implements Registry {
         const w = (name.endsWith(PENDING) ? name.slice(0, -PENDING.length) : name).split('.');
         const holder: Holder = w.length === 4 ? { pid: Number(w[0]), startTime: Number(w[1]), ...(w[2] !== '-' ? { request: w[2] } : {}) } : { pid: Number(w[0]), startTime: 0 };
         try {
-          if (now - statSync(join(dir, name)).mtimeMs > COMMIT_KEPT_MS && !holderAlive(holder, this.home)) rmSync(join(dir, name), { force: true });
+          // The file itself, not what a link points at: a batch's held
+          // clones (template/pool.ts) commit through links to one file,
+          // and once that is swept, a link followed throws and would be
+          // kept forever. A link whose file is gone is of no use to any
+          // init (each looks at its own once, at its commit).
+          const path = join(dir, name);
+          const st = lstatSync(path);
+          if (now - st.mtimeMs <= COMMIT_KEPT_MS) continue;
+          if ((st.isSymbolicLink() && !existsSync(path)) || !holderAlive(holder, this.home)) rmSync(path, { force: true });
         } catch {
           /* swept by another */
         }
@@ -747,6 +758,11 @@ export class LocalRegistry implements Registry {
         }
       if (r.adoptedLog) this.carryLog(record);
       if (r.adoptedSnapshot) this.giveBackSnapshot(record);
+      // And the commit file made ahead for it (a held clone of an engine
+      // killed with SIGKILL): named after its maker, it would otherwise
+      // wait for a sweep. A batch still under way makes it again at its
+      // commit.
+      if (dirname(r.commitPath) === join(this.home, 'commits')) rmSync(r.commitPath + PENDING, { force: true });
     }
     removeDir(record.stateDir);
   }
@@ -774,6 +790,9 @@ export class LocalRegistry implements Registry {
       if (this.readRecordFile(aid)?.restore?.commitPath === commitPath) return;
     }
     rmSync(commitPath, { force: true });
+    // Or the file made ahead for it, if it never committed (a held clone
+    // of the engine's pool whose engine was killed).
+    rmSync(commitPath + PENDING, { force: true });
   }
 
   /** Where the log of an application a snapshot ended waits for the

@@ -9,7 +9,7 @@
  * (stopped, or killed with SIGKILL) or the template.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, lstatSync, lutimesSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,24 +23,30 @@ const tpl = join(dir, 'tpl.template');
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
+/** A pool lives a minute without a clone: on a loaded machine a test's
+ * waits may take longer, and the pool it counts on would be given up.
+ * Each test sizes the pool it uses with a clone of its own. */
+const poolEnv = { APPSHOT_CLONE_POOL_IDLE_MS: '600000' };
 const inProcess = (args: string[], env: Record<string, string> = {}) => {
-  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...poolEnv, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 };
 const status = (): Json => JSON.parse(inProcess(['engine', 'status', '--json']).stdout);
 /** Instances held for the template now (0 without a pool). */
 const held = (): number => status().clonePool?.[tpl]?.held ?? 0;
 const cloneJson = (args: string[] = [], env: Record<string, string> = {}): Json[] => {
-  const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--json', ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--json', ...args], { env: { ...sb.env, ...poolEnv, ...env }, encoding: 'utf8', timeout: 50_000 });
   if (r.status !== 0) throw new Error(`clone failed (${r.status}): ${r.stderr}`);
   return JSON.parse(r.stdout);
 };
 const ps = (): Json[] => JSON.parse(inProcess(['ps', '--json']).stdout);
+/** ps -a: held instances too (plain ps leaves them out). */
+const psAll = (): Json[] => JSON.parse(inProcess(['ps', '--json', '-a']).stdout);
 const record = (aid: string): Json => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8'));
 /** Every process of the instances held now (their inits too), from the
  * registry: what must not outlive the pool. */
 const heldProcesses = (): number[] =>
-  ps()
+  psAll()
     .filter((a) => a.state === 'restoring')
     .flatMap((a) => [record(a.aid).initPid as number, ...a.processes.map((p: Json) => p.pid as number)]);
 const gone = (pids: number[]) => pids.every((pid) => !alive(pid) || !existsSync(`/proc/${pid}`) || /^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8')));
@@ -96,7 +102,9 @@ describe('the engine keeps clones ready', () => {
     await waitFor(() => held() === 1, 30_000, 'an instance held');
     // Held: registered under the AID it will have, uncommitted, every
     // process stopped and traced by the engine.
-    const [waiting] = ps().filter((a) => a.state === 'restoring');
+    const [waiting] = psAll().filter((a) => a.state === 'restoring');
+    // Not an application anyone made yet: plain ps leaves it out.
+    expect(ps().map((a) => a.aid)).toEqual([made.aid]);
     expect(waiting.aid).toMatch(/^[A-Za-z0-9_.-]+-[0-9a-f]{6}$/);
     const app = waiting.processes.filter((p: Json) => p.pid !== record(waiting.aid).initPid);
     expect(app.length).toBeGreaterThan(0);
@@ -115,7 +123,7 @@ describe('the engine keeps clones ready', () => {
     expect(ownPort(taken)).not.toBe(ownPort(made));
     // Refilled, with another instance.
     await waitFor(() => held() === 1, 30_000, 'the pool refilled');
-    expect(ps().find((x) => x.state === 'restoring').aid).not.toBe(taken.aid);
+    expect(psAll().find((x) => x.state === 'restoring').aid).not.toBe(taken.aid);
     // The held one does not listen on the multiplexed port yet: each
     // connection there is answered, by one of the two that run (one held
     // listening would get about a third of them, and leave them waiting).
@@ -132,6 +140,10 @@ describe('the engine keeps clones ready', () => {
   }, 240_000);
 
   it('refills to the largest recent batch, whose instances it serves in order; --no-prepared and APPSHOT_CLONE_POOL=0 make them now', async () => {
+    // An engine, and one held, whatever the test before left.
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    cloneJson();
+    await waitFor(() => held() === 1, 60_000, 'one instance held');
     const first = cloneJson(['-n', '3']);
     expect(first.map((c) => !!c.prepared)).toEqual([true, false, false]);
     await waitFor(() => held() === 3, 60_000, 'three instances held');
@@ -147,14 +159,14 @@ describe('the engine keeps clones ready', () => {
     await waitFor(() => held() === 3, 60_000, 'three held again');
     // One held instance killed while it waits: the batch makes that one
     // now, and nothing of the dead one is left.
-    const victim = ps().find((a) => a.state === 'restoring' && a.processes.length > 1);
+    const victim = psAll().find((a) => a.state === 'restoring' && a.processes.length > 1);
     const victimPids = victim.processes.filter((p: Json) => p.pid !== record(victim.aid).initPid).map((p: Json) => p.pid as number);
     for (const pid of victimPids) process.kill(pid, 'SIGKILL');
     const mended = cloneJson(['-n', '3']);
     expect(mended.filter((c) => c.prepared).length).toBe(2);
     expect(mended.map((c) => c.aid)).not.toContain(victim.aid);
     for (const c of mended) await isTemplateInstance(c);
-    await waitFor(() => !ps().some((a) => a.aid === victim.aid), 10_000, 'the killed held instance to be released');
+    await waitFor(() => !psAll().some((a) => a.aid === victim.aid), 10_000, 'the killed held instance to be released');
     await waitFor(() => held() === 3, 60_000, 'three held again');
     expect(cloneJson(['--no-prepared'])[0].prepared).toBeUndefined();
     expect(cloneJson([], { APPSHOT_CLONE_POOL: '0' })[0].prepared).toBeUndefined();
@@ -165,19 +177,45 @@ describe('the engine keeps clones ready', () => {
     await isTemplateInstance(named[0]);
   }, 240_000);
 
+  it('holds clones for the context that asked for them: another APPSHOT_PORTS gets its own ports, made now, then held for it', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    cloneJson();
+    await waitFor(() => held() >= 1, 60_000, 'an instance held');
+    const heldAids = psAll().filter((a) => a.state === 'restoring').map((a) => a.aid);
+    // Ten ports of this file's range (27000-27099) that its fixed ones are not.
+    const from = base - 27000 >= 10 ? 27000 : 27090;
+    const inRange = (port: number) => port >= from && port <= from + 9;
+    const env = { APPSHOT_PORTS: `${from}-${from + 9}` };
+    const [own] = cloneJson([], env);
+    expect(own.prepared).toBeUndefined();
+    expect(heldAids).not.toContain(own.aid);
+    expect(inRange(ownPort(own))).toBe(true);
+    await isTemplateInstance(own);
+    // Refilled in its context: what is held now has ports of its range,
+    // and is what its next clone takes.
+    await waitFor(() => held() >= 1 && psAll().some((a) => a.state === 'restoring' && !heldAids.includes(a.aid)), 60_000, 'the pool refilled');
+    const [next] = cloneJson([], env);
+    expect(next.prepared).toBe(true);
+    expect(inRange(ownPort(next))).toBe(true);
+    await isTemplateInstance(next);
+  }, 240_000);
+
   it('gives the pool up once its template is removed', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    cloneJson(['-n', '3']);
     await waitFor(() => held() === 3, 60_000, 'three held');
     const pids = heldProcesses();
     expect(pids.length).toBeGreaterThanOrEqual(6);
     const aside = `${tpl}.aside`;
     renameSync(tpl, aside);
     await waitFor(() => gone(pids), 20_000, 'the held instances to go with their template');
-    await waitFor(() => ps().every((a) => a.state !== 'restoring'), 10_000, 'their registrations to go');
+    await waitFor(() => psAll().every((a) => a.state !== 'restoring'), 10_000, 'their registrations to go');
     expect(status().clonePool[tpl]).toBeUndefined();
     renameSync(aside, tpl);
   }, 240_000);
 
   it('leaves nothing held behind when the engine stops', async () => {
+    expect(inProcess(['engine', 'start']).code).toBe(0);
     cloneJson(['-n', '2']);
     await waitFor(() => held() === 2, 60_000, 'two held');
     const pids = heldProcesses();
@@ -186,7 +224,7 @@ describe('the engine keeps clones ready', () => {
     expect(inProcess(['engine', 'stop']).code).toBe(0);
     await waitFor(() => !alive(engine), 20_000, 'the engine to leave');
     expect(gone(pids)).toBe(true);
-    expect(ps().filter((a) => a.state === 'restoring')).toEqual([]);
+    expect(psAll().filter((a) => a.state === 'restoring')).toEqual([]);
   }, 240_000);
 
   it('leaves nothing held behind when the engine is killed with SIGKILL', async () => {
@@ -195,12 +233,36 @@ describe('the engine keeps clones ready', () => {
     await waitFor(() => held() === 2, 60_000, 'two held');
     const pids = heldProcesses();
     expect(pids.length).toBeGreaterThanOrEqual(4);
-    const aids = ps().filter((a) => a.state === 'restoring').map((a) => a.aid);
+    const aids = psAll().filter((a) => a.state === 'restoring').map((a) => a.aid);
     const running = ps().filter((a) => a.state === 'running').map((a) => a.aid);
+    // What each held instance has besides its processes.
+    const records = aids.map(record);
+    const roots = records.map((r) => r.privateRoot as string).filter(Boolean);
+    const commits = records.map((r) => r.restore.commitPath as string);
+    expect(roots.length).toBe(aids.length);
+    expect(commits.every((c) => typeof c === 'string')).toBe(true);
+    const claimed = () => readdirSync(join(sb.home, 'ports')).filter((p) => aids.includes(readFileSync(join(sb.home, 'ports', p), 'utf8').split(' ')[0]));
+    expect(claimed().length).toBeGreaterThan(0);
     process.kill(status().pid, 'SIGKILL');
     await waitFor(() => gone(pids), 20_000, 'the held instances to go with the engine');
     // Their registrations are taken back; the clones it made run on.
-    await waitFor(() => !ps().some((a) => aids.includes(a.aid)), 10_000, 'their registrations to go');
+    await waitFor(() => !psAll().some((a) => aids.includes(a.aid)), 10_000, 'their registrations to go');
     expect(ps().filter((a) => a.state === 'running').map((a) => a.aid)).toEqual(running);
+    // Nor their private roots, port claims and commit files.
+    expect(roots.filter((r) => existsSync(r))).toEqual([]);
+    expect(claimed()).toEqual([]);
+    expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
+
+  it('sweeps a commit link whose file is gone (a batch of held clones commits through links)', () => {
+    const link = join(sb.home, 'commits', `${2 ** 22 + 1}.0.-.0123456789ab`);
+    mkdirSync(join(sb.home, 'commits'), { recursive: true });
+    symlinkSync('gone', link);
+    const old = new Date(Date.now() - 5 * 60_000);
+    lutimesSync(link, old, old);
+    // A command of its own (not the engine's, which may have swept just now).
+    const made = inProcess(['clone', tpl, '--json']);
+    expect(made.code).toBe(0);
+    expect(() => lstatSync(link)).toThrow(/ENOENT/);
+  }, 120_000);
 });

@@ -50,6 +50,16 @@ export interface RequestContext {
    * directory, environment and umask it has read; the commands of other
    * clients must not wait for it to end). */
   leaveGate?: () => void;
+  /** The context the engine's gate set for it (current directory,
+   * APPSHOT_* environment, umask): `key` says which, `apply` sets it
+   * again. What the engine makes for later commands of this context (its
+   * pool of clones, template/pool.ts) is made under it, through the gate. */
+  context?: RequestSetting;
+}
+
+export interface RequestSetting {
+  key: string;
+  apply: () => void;
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

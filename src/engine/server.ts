@@ -190,7 +190,20 @@ export class Engine {
     enableTemplateCache();
     keepChecksums();
     enableStandbys();
-    enableClonePool((line) => this.log(line));
+    enableClonePool(
+      (line) => this.log(line),
+      // Held clones are made in the context of the command that asked
+      // for them, as it would have made them (ports, umask, rules' paths).
+      async (setting, make) => {
+        await this.gate.enter(setting.key, setting.apply);
+        try {
+          return await make();
+        } finally {
+          this.gate.leave();
+          this.ownEnvWhenIdle();
+        }
+      },
+    );
     enableSpareStateDirs(this.opts.home);
     onHostedChange(() => {
       this.armIdle();
@@ -427,13 +440,15 @@ export class Engine {
     ctx.umask = umask;
     const key = JSON.stringify([msg.cwd, Object.entries(env).sort(), umask]);
     let entered = false;
+    const apply = () => {
+      for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
+      Object.assign(process.env, env);
+      process.umask(umask);
+      process.chdir(msg.cwd);
+    };
+    ctx.context = { key, apply };
     try {
-      await this.gate.enter(key, () => {
-        for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
-        Object.assign(process.env, env);
-        process.umask(umask);
-        process.chdir(msg.cwd);
-      });
+      await this.gate.enter(key, apply);
       entered = true;
       ctx.leaveGate = () => {
         if (!entered) return;

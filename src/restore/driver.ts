@@ -150,7 +150,7 @@ export interface InstancePlan extends ClonePlan {
   /** The tables' instance section: REDIR PATH, copy-on-write paths, SET ENV. */
   config: InstanceConfig;
   /** Registry fields of the new application. */
-  record: Pick<AppRecord, 'rules' | 'template' | 'privateRoot' | 'ports'>;
+  record: Pick<AppRecord, 'rules' | 'template' | 'privateRoot' | 'ports' | 'heldReady'>;
   /** Makes what the instance needs before it is restored (its private
    * copies in privateRoot): run once it is registered, so that a restore
    * killed at any instant after leaves them to be removed with it. */

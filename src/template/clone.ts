@@ -238,7 +238,7 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       config,
       ports: ports.own,
       privateRoot,
-      record: { rules: t.template.rules, template: { path: t.path, instance: s.instance }, privateRoot, ports: ports.bindings },
+      record: { rules: t.template.rules, template: { path: t.path, instance: s.instance }, privateRoot, ports: ports.bindings, ...(s.hold ? { heldReady: true } : {}) },
       prepare: () => {
         inheritPrivateCopies(t, privateRoot);
         config.redirs.push(...duplicateFiles(t, privateRoot));

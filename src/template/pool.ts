@@ -21,8 +21,10 @@
  * clone without --aid gets). Binding an AID asked for (--aid) after the
  * fact would mean rewriting each process's environment and the evaluated
  * rules in its memory and renaming its state: such clones are made on
- * demand. `ps` shows a held instance as it is, `restoring` (registered,
- * uncommitted, not run), as it shows serve's prepared ones.
+ * demand. `ps -a` shows a held instance as it is, `restoring` (registered,
+ * uncommitted, not run), as it shows serve's prepared ones; `ps` leaves
+ * it out (its record says heldReady until a clone takes it): it is not
+ * an application anyone made yet, and `engine status` counts them.
  *
  * How much: refilled after each clone served to the largest batch asked
  * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
@@ -30,15 +32,16 @@
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
- * after POOL_IDLE_MS without a clone of it, when memory runs low, and when
+ * after POOL_IDLE_MS (or APPSHOT_CLONE_POOL_IDLE_MS, as the last clone's
+ * environment says) without a clone of it, when memory runs low, and when
  * the engine leaves. Nothing of it outlives the engine however it ends:
  * its processes are traced with PTRACE_O_EXITKILL until committed, and
  * its init kills what is left when its lifeline (ours) ends uncommitted.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { requestStorage } from '../engine/request.js';
+import { currentRequest, requestStorage, type RequestSetting } from '../engine/request.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
 import { stillCached } from './cache.js';
@@ -47,7 +50,9 @@ import type { OpenedTemplate } from './template.js';
 
 /** Most instances held per template (APPSHOT_CLONE_POOL). */
 const DEFAULT_CAP = 32;
-/** A template's pool is given up this long after its last clone. */
+/** A template's pool is given up this long after its last clone
+ * (APPSHOT_CLONE_POOL_IDLE_MS, for tests and benches: a loaded machine
+ * may take longer than a minute between the clones a test makes). */
 const POOL_IDLE_MS = 60_000;
 /** Refilling stops, and what is held is given up, below this much
  * available memory (MemAvailable) or this share of all memory. */
@@ -58,6 +63,8 @@ const MOST_FAILURES = 3;
 
 interface Held {
   aid: string;
+  /** The context (the engine's gate's key) it was made in. */
+  key: string;
   instance: number;
   commitPath: string;
   /** Every process made and stopped (the hold reached). */
@@ -76,19 +83,37 @@ export class Pool {
   refilling = false;
   /** A clone served from it ended: refill once it has answered. */
   wanted = false;
+  /** The context of the last clone that sized it: what it is refilled
+   * in, and the only one its held instances are taken for. */
+  setting: RequestSetting | undefined;
   failures = 0;
   constructor(
     readonly reg: LocalRegistry,
     readonly t: OpenedTemplate,
   ) {}
 
-  /** The batch sizes asked for in the last POOL_IDLE_MS, with when. */
+  /** The batch sizes asked for in the last idleMs, with when. */
   private readonly asked: { at: number; count: number }[] = [];
+  /** How long it lives without a clone: the last clone's setting. */
+  idleMs = POOL_IDLE_MS;
 
   /** A clone of `count` instances: kept from now on is the largest batch
    * asked for within the last POOL_IDLE_MS (a user who alternates single
    * clones and batches of 8 is served both), at most the cap. */
   demand(count: number): void {
+    const setting = currentRequest()?.context;
+    if (setting?.key !== this.setting?.key) {
+      // Asked for in another context: what is held was made for the
+      // last one (its ports from that APPSHOT_PORTS, files under that
+      // umask) and goes; the pool is refilled for this one.
+      for (const [n, h] of this.slots)
+        if (h.isHeld) {
+          this.slots.delete(n);
+          h.decide(false);
+        }
+      this.setting = setting;
+    }
+    this.idleMs = idleLimit();
     this.lastUsed = Date.now();
     this.asked.push({ at: this.lastUsed, count });
     this.resize();
@@ -96,7 +121,7 @@ export class Pool {
 
   /** The target from the recent demand; held instances above it go. */
   resize(): void {
-    const since = Date.now() - POOL_IDLE_MS;
+    const since = Date.now() - this.idleMs;
     while (this.asked.length && this.asked[0].at < since) this.asked.shift();
     this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
     for (const [n, h] of this.slots)
@@ -110,7 +135,7 @@ export class Pool {
    * if none is held (or it could not be let go: the clone makes it). */
   async take(n: number): Promise<(MadeInstance & { commitPath: string }) | undefined> {
     const h = this.slots.get(n);
-    if (!h?.isHeld) return undefined;
+    if (!h?.isHeld || h.key !== currentRequest()?.context?.key) return undefined;
     this.slots.delete(n);
     h.decide(true);
     try {
@@ -129,7 +154,8 @@ export class Pool {
     // As registry.update writes it, off this thread: a batch's are written
     // at once (~1 ms each on a busy disk, one after another).
     const file = join(r.stateDir, 'app.json');
-    await writeFile(`${file}.tmp`, JSON.stringify({ ...r, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
+    const { heldReady: _held, ...taken } = r;
+    await writeFile(`${file}.tmp`, JSON.stringify({ ...taken, createdAt: new Date().toISOString(), ...harnessOf(currentHolder()) }, null, 2));
     await rename(`${file}.tmp`, file);
   }
 
@@ -143,6 +169,11 @@ const pools = new Map<string, Pool>();
 let timer: NodeJS.Timeout | undefined;
 let log: (line: string) => void = () => {};
 
+function idleLimit(): number {
+  const v = process.env.APPSHOT_CLONE_POOL_IDLE_MS;
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : POOL_IDLE_MS;
+}
+
 function cap(): number {
   const v = process.env.APPSHOT_CLONE_POOL;
   return v !== undefined && /^\d+$/.test(v) ? Number(v) : DEFAULT_CAP;
@@ -150,10 +181,16 @@ function cap(): number {
 
 /** In the engine: clones without --aid take held instances, and
  * refillClonePools makes them. */
-export function enableClonePool(logLine?: (line: string) => void): void {
+export function enableClonePool(logLine: (line: string) => void, inContext: InContext): void {
   enabled = true;
-  if (logLine) log = logLine;
+  log = logLine;
+  runInContext = inContext;
 }
+
+/** Runs `make` once the engine has set `setting` (its context gate),
+ * which stays set until it resolves. */
+type InContext = <T>(setting: RequestSetting, make: () => Promise<T>) => Promise<T>;
+let runInContext: InContext | undefined;
 
 /** The pool of `t`'s template for this clone, made if there is none;
  * undefined outside the engine, with APPSHOT_CLONE_POOL=0, or while
@@ -178,7 +215,8 @@ export function refillClonePools(): void {
     if (!p.wanted) continue;
     p.wanted = false;
     // Outside the request: what the held instances claim is the
-    // engine's (held while it lives), not the ended request's.
+    // engine's (held while it lives), not the ended request's. In its
+    // context all the same (refill).
     requestStorage.exit(() => void refill(p));
   }
 }
@@ -195,8 +233,24 @@ async function refill(p: Pool): Promise<void> {
         await giveUpAll('memory is low');
         break;
       }
-      const h = hold(p, n);
-      if (await h.held) p.failures = 0;
+      const setting = p.setting;
+      if (!setting || !runInContext) break;
+      let held = false;
+      try {
+        // Made through the engine's gate, in the context of the command
+        // that asked for it, while no command of another runs: held, it
+        // has read what it needs of it.
+        held = await runInContext(setting, () => hold(p, n, setting.key).held);
+      } catch (e) {
+        log(`clone pool: cannot set the context of ${p.t.path}'s clones: ${(e as Error).message}`);
+      }
+      const h = p.slots.get(n);
+      if (h && h.key !== p.setting?.key && h.isHeld) {
+        // Asked for in another context meanwhile.
+        p.slots.delete(n);
+        h.decide(false);
+      }
+      if (held) p.failures = 0;
       else if (++p.failures >= MOST_FAILURES) {
         await giveUp(p, 'its instances cannot be made');
         break;
@@ -208,14 +262,14 @@ async function refill(p: Pool): Promise<void> {
 }
 
 /** Starts making instance `n` of `p` to be held. */
-function hold(p: Pool, n: number): Held {
+function hold(p: Pool, n: number, key: string): Held {
   let decide!: (go: boolean) => void;
   const decision = new Promise<boolean>((r) => (decide = r));
   let heldNow!: (held: boolean) => void;
   const held = new Promise<boolean>((r) => (heldNow = r));
   const aid = generatedAid(p.reg, p.t);
   const commitPath = p.reg.newCommitPath();
-  const h: Held = { aid, instance: n, commitPath, isHeld: false, held, decide, made: undefined as unknown as Promise<MadeInstance> };
+  const h: Held = { aid, key, instance: n, commitPath, isHeld: false, held, decide, made: undefined as unknown as Promise<MadeInstance> };
   p.slots.set(n, h);
   h.made = makeInstance(p.reg, p.t, {
     aid,
@@ -230,8 +284,9 @@ function hold(p: Pool, n: number): Held {
   h.made.catch((e: Error) => {
     heldNow(false);
     if (p.slots.get(n) === h) p.slots.delete(n);
-    // Given up (the decision false) or failed: its commit file goes.
-    void p.reg.forgetCommit(commitPath);
+    // Given up (the decision false) or failed: its commit file goes, and
+    // whatever stands under its name (only a clone that took it links it).
+    void p.reg.forgetCommit(commitPath).then(() => rmSync(commitPath, { force: true }));
     if (h.isHeld === false) log(`clone pool: instance of ${p.t.path} not made: ${e.message}`);
   });
   return h;
@@ -267,7 +322,7 @@ export async function releaseClonePools(): Promise<void> {
 export const clonePoolStats = () => Object.fromEntries([...pools].map(([path, p]) => [path, { held: [...p.slots.values()].filter((h) => h.isHeld).length, target: p.target }]));
 
 /** Once a second while any pool exists: each is given up if its template
- * changed or went, if it was not used for POOL_IDLE_MS, or if memory is
+ * changed or went, if it was not used for its idleMs, or if memory is
  * low. */
 function watch(): void {
   if (timer) return;
@@ -277,7 +332,7 @@ function watch(): void {
       return;
     }
     for (const p of pools.values()) {
-      if (Date.now() - p.lastUsed > POOL_IDLE_MS) void giveUp(p, 'not used for a minute');
+      if (Date.now() - p.lastUsed > p.idleMs) void giveUp(p, `not used for ${p.idleMs / 1000} s`);
       else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
       else p.resize();
     }
