@@ -21,9 +21,10 @@ import { addon } from '../native.js';
 import { tidMovesOf } from '../ptrace/windows.js';
 import type { MapsLine } from './memory.js';
 
-/** struct appshot_tid_moves: int32 count, int32 capacity, then `capacity`
- * pairs of int32 (old TID, new TID). */
-const HEADER = 8;
+/** struct appshot_tid_moves: int32 count, int32 capacity, int32 glibc's
+ * TID offset in a thread's descriptor (0: not known), int32 reserved, then
+ * `capacity` pairs of int32 (old TID, new TID). */
+const HEADER = 16;
 const MOVE = 8;
 /** More than any library of ours holds: a larger capacity read from a
  * process is not our library's. */
@@ -119,6 +120,7 @@ export function restoreTidMoves(pid: number, p: Process, tids: number[]): string
   const table = Buffer.alloc(HEADER + kept.length * MOVE);
   table.writeInt32LE(kept.length, 0);
   table.writeInt32LE(capacity, 4);
+  table.writeInt32LE(p.glibcTidOffset, 8);
   kept.forEach((m, i) => {
     table.writeInt32LE(m.oldTid, HEADER + i * MOVE);
     table.writeInt32LE(m.newTid, HEADER + i * MOVE + 4);
