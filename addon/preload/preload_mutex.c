@@ -141,8 +141,12 @@ static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m, int kind, i
     int32_t tid = word & FUTEX_TID_MASK, now;
     if (!tid || tid == self || !(now = moved_tid(tid))) return;
     if ((pshared && now != self) || !no_holder_has(tid, pshared)) return;
-    __atomic_compare_exchange_n(&d->__lock, &word, (word & ~FUTEX_TID_MASK) | now,
-                                0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    /* Again while the TID is still the old one: a waiter's FUTEX_LOCK_PI
+     * (restarted by the restore) may set FUTEX_WAITERS in between, and a
+     * word left with the old TID would have glibc's unlock refused. */
+    while (!__atomic_compare_exchange_n(&d->__lock, &word, (word & ~FUTEX_TID_MASK) | now,
+                                        0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      if ((word & FUTEX_TID_MASK) != tid) break;
   }
 }
 
