@@ -20,14 +20,16 @@
  * with its TID now) into appshot_tid_moves, and the mutex calls below,
  * while there are moves, look at the mutex they are given before glibc
  * does. Its owner is rewritten only where its kind says glibc keeps a TID
- * there and the TID is one of the moves' old ones that no thread of this
- * process has now (a thread made after the restore may have been given an
- * old TID back: then the owner may be that thread, and is left alone).
+ * there, by the thread the old TID moved to (mend_owner says the one
+ * exception), and only where no thread that could hold the mutex has the
+ * old TID now (a thread made after the restore, or another process's,
+ * may have been given it back: then the owner may be that thread, and is
+ * left alone).
  *
  * Hot path: one load of the count, which is 0 unless this process was
  * restored with TIDs that changed, then glibc's function. Nothing
  * allocated, no lock, a system call only when a mutex's owner is an old
- * TID (tgkill with signal 0: is it a thread of ours now?): safe wherever
+ * TID that moved to the caller (signal 0: has a thread it now?): safe wherever
  * glibc's own calls are. glibc's internal callers (pthread_cond_wait's
  * unlock and relock of its mutex, for one) do not come through here: see
  * the README's list of what is not kept ("Mutexes that are not robust,
