@@ -40,7 +40,11 @@
       # LTO lets the table lookups (appshot_table.c) inline into the
       # wrappers: they sit on every translated call's path.
       "cflags": ["-fPIC", "-fvisibility=hidden", "-ftls-model=initial-exec", "-flto"],
-      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-flto", "-O2"],
+      # --no-undefined: a symbol left undefined (the .symver asm of
+      # preload_mutex.c dropped by LTO, say) would stop every program under
+      # appshot from loading; the link refuses it instead. Weak references
+      # (appshot_test_pause) are still allowed.
+      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-O2"],
       "libraries": ["-ldl", "-lpthread"]
     },
     {

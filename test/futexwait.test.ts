@@ -183,3 +183,14 @@ describe('mutexes that are not robust, held across a restore, work after it', ()
   it('restored with --lazy', () => roundTrips('mol', [['--lazy']]));
   it('restored twice, untouched in between: the first TIDs are mended too', () => roundTrips('mo2', [[], []]));
 });
+
+/**
+ * A process-shared mutex held by another process's thread that has a TID
+ * this process's moves name as old (mutexshared.c, which writes the moves
+ * a restore would): the library leaves it to its holder.
+ */
+it('a process-shared mutex held under an old TID by another process is not taken over', () => {
+  const r = sb.run(['run', '--', fixture('mutexshared')]);
+  expect(r.stdout, r.stderr).toMatch(/^ALL OK$/m);
+  expect(r.code, r.stderr).toBe(0);
+});

@@ -601,7 +601,16 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
     // The restore writes the TID moves there (resources/mutexes.ts).
     ['a table of TID moves in shared or absent memory', (i) => (i.processes[0].tidMovesAddress = 0x10n), "process \\d+'s table of TID moves at 0x10 is not in private writable memory of its own"],
-    ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 4096"],
+    ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 256"],
+    ['more earlier TIDs in a process than its table of TID moves holds', (i) => {
+      const t = i.processes[0].threads[0];
+      const twin = structuredClone(t);
+      twin.vtid = t.vtid + 1;
+      twin.tid = t.tid + 1;
+      t.earlierTids = Array.from({ length: 200 }, (_, k) => 1000 + k);
+      twin.earlierTids = Array.from({ length: 200 }, (_, k) => 2000 + k);
+      i.processes[0].threads.push(twin);
+    }, "process \\d+'s threads have 400 earlier TIDs, more than its table of TID moves holds \\(256\\)"],
     ['an inherited socket that is not a TCP listener', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
       Object.assign(fd, { fd: 904, kind: 12, socket: { ...inheritedListener('serve:6379'), type: 2, listening: false } });

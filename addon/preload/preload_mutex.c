@@ -20,14 +20,16 @@
  * with its TID now) into appshot_tid_moves, and the mutex calls below,
  * while there are moves, look at the mutex they are given before glibc
  * does. Its owner is rewritten only where its kind says glibc keeps a TID
- * there and the TID is one of the moves' old ones that no thread of this
- * process has now (a thread made after the restore may have been given an
- * old TID back: then the owner may be that thread, and is left alone).
+ * there, by the thread the old TID moved to (mend_owner says the one
+ * exception), and only where no thread that could hold the mutex has the
+ * old TID now (a thread made after the restore, or another process's,
+ * may have been given it back: then the owner may be that thread, and is
+ * left alone).
  *
  * Hot path: one load of the count, which is 0 unless this process was
  * restored with TIDs that changed, then glibc's function. Nothing
  * allocated, no lock, a system call only when a mutex's owner is an old
- * TID (tgkill with signal 0: is it a thread of ours now?): safe wherever
+ * TID that moved to the caller (signal 0: has a thread it now?): safe wherever
  * glibc's own calls are. glibc's internal callers (pthread_cond_wait's
  * unlock and relock of its mutex, for one) do not come through here: see
  * the README's list of what is not kept ("Mutexes that are not robust,
@@ -37,17 +39,22 @@
 
 #include <linux/futex.h>
 
-/* Written by the restore (src/resources/mutexes.ts), which reads the
- * capacity from here: the library decides how many it holds. */
+/* Written by the restore (src/resources/mutexes.ts), which holds to this
+ * layout and capacity: the restore finds the table by its symbol in the
+ * library it maps, never where an image says. */
 #define TID_MOVES_MAX 256
 struct appshot_tid_moves {
   int32_t count; /* moves in use; 0: nothing to mend (the hot path's test) */
   int32_t capacity;
+  /* Where glibc keeps a thread's system TID, from its thread pointer
+   * (what it compares __owner with); 0: not known, asked of the kernel. */
+  int32_t glibc_tid_offset;
+  int32_t reserved;
   struct {
     int32_t old_tid, new_tid;
   } move[TID_MOVES_MAX];
 };
-static struct appshot_tid_moves g_tid_moves = {0, TID_MOVES_MAX, {{0, 0}}};
+static struct appshot_tid_moves g_tid_moves = {0, TID_MOVES_MAX, 0, 0, {{0, 0}}};
 extern struct appshot_tid_moves appshot_tid_moves
     __attribute__((alias("g_tid_moves"), visibility("default")));
 
@@ -70,57 +77,86 @@ __asm__(".symver appshot_real_mutex_unlock, __pthread_mutex_unlock@GLIBC_2.2.5")
 #define KIND_ERRORCHECK 2
 #define KIND_ROBUST 16
 #define KIND_PI 32
+#define KIND_PSHARED 128
 
-/* Whether no thread of this process has TID `tid` now (tgkill with
- * signal 0). Apart: the scan below stays a leaf. */
-static __attribute__((noinline)) int no_thread_has(int32_t tid) {
-  return sys6(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0) == -ESRCH;
+/* The calling thread's system TID as glibc has it (the restore rewrote
+ * it there): one load from the thread's own descriptor where the restore
+ * said where, else a system call. */
+static inline __attribute__((always_inline)) int32_t own_tid(void) {
+  long off = __atomic_load_n(&g_tid_moves.glibc_tid_offset, __ATOMIC_RELAXED);
+  if (LIKELY(off >= 16 && off < 4096 && !(off & 3))) {
+    int32_t tid;
+    __asm__("movl %%fs:(%1), %0" : "=r"(tid) : "r"(off));
+    return tid;
+  }
+  return (int32_t)SYS0(gettid);
+}
+
+/* Whether no thread that could hold the mutex has TID `tid` now (signal
+ * 0): of this process for a private mutex (one made after the restore may
+ * have been given an old TID back), of any process for a process-shared
+ * one (another process sharing it may have been given it). Apart: the
+ * scan below stays a leaf. */
+static __attribute__((noinline)) int no_holder_has(int32_t tid, int pshared) {
+  long r = pshared ? sys6(SYS_tkill, tid, 0, 0, 0, 0, 0)
+                   : sys6(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0);
+  return r == -ESRCH;
 }
 
 /* The new TID of a thread of this process whose old TID was `old`; 0 if
- * none, or if a thread of this process has `old` now (one made after the
- * restore may have been given it back: the owner may be that thread). */
+ * none. */
 static int32_t moved_tid(int32_t old) {
   int32_t n = __atomic_load_n(&g_tid_moves.count, __ATOMIC_ACQUIRE);
   if (n > TID_MOVES_MAX) n = TID_MOVES_MAX;
   for (int32_t i = 0; i < n; i++)
     if (g_tid_moves.move[i].old_tid == old) {
       int32_t now = g_tid_moves.move[i].new_tid;
-      return now > 0 && no_thread_has(old) ? now : 0;
+      return now > 0 ? now : 0;
     }
   return 0;
 }
 
 /* The owner fields glibc compares of the mutex `m` the program passed
  * (its __kind `kind`), given their holder's new TID where they hold an old
- * one. A compare and swap: another thread may lock, unlock or mend it at
- * the same time, and only the exact old value is replaced. errno is not
- * touched (raw system calls only). */
-static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m, int kind) {
+ * one. Only the holder compares __owner, so only the holder rewrites it:
+ * the caller, where the old TID moved to it. Another thread that finds an
+ * old TID there (a contender, or a thread given that TID back) leaves it
+ * to the holder's next call. The one exception is a private PI mutex's
+ * futex word, which the kernel reads when a contender waits: that
+ * contender mends it, where no thread of this process has the old TID
+ * (then none can hold the mutex under it). A compare and swap: another
+ * thread may lock, unlock or mend it at the same time, and only the exact
+ * old value is replaced. errno is not touched (raw system calls only). */
+static __attribute__((noinline)) void mend_owner(pthread_mutex_t *m, int kind, int32_t self) {
   struct __pthread_mutex_s *d = &m->__data;
+  int pshared = !!(kind & KIND_PSHARED);
   /* Compared by recursive and error-checking ones (PI and
    * priority-protect ones too), and set by every PI lock. */
   int owner = __atomic_load_n(&d->__owner, __ATOMIC_RELAXED);
-  int32_t now;
-  if (owner > 0 && (now = moved_tid(owner)))
-    __atomic_compare_exchange_n(&d->__owner, &owner, now, 0, __ATOMIC_RELAXED,
+  if (owner > 0 && owner != self && moved_tid(owner) == self && no_holder_has(owner, pshared))
+    __atomic_compare_exchange_n(&d->__owner, &owner, self, 0, __ATOMIC_RELAXED,
                                 __ATOMIC_RELAXED);
   if (kind & KIND_PI) {
     /* The futex word: the holder's TID and the kernel's waiters and
      * owner-died bits, which stay. */
     int word = __atomic_load_n(&d->__lock, __ATOMIC_RELAXED);
-    int32_t tid = word & FUTEX_TID_MASK;
-    if (tid && (now = moved_tid(tid)))
-      __atomic_compare_exchange_n(&d->__lock, &word,
-                                  (word & ~FUTEX_TID_MASK) | now, 0,
-                                  __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    int32_t tid = word & FUTEX_TID_MASK, now;
+    if (!tid || tid == self || !(now = moved_tid(tid))) return;
+    if ((pshared && now != self) || !no_holder_has(tid, pshared)) return;
+    /* Again while the TID is still the old one: a waiter's FUTEX_LOCK_PI
+     * (restarted by the restore) may set FUTEX_WAITERS in between, and a
+     * word left with the old TID would have glibc's unlock refused. */
+    while (!__atomic_compare_exchange_n(&d->__lock, &word, (word & ~FUTEX_TID_MASK) | now,
+                                        0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      if ((word & FUTEX_TID_MASK) != tid) break;
   }
 }
 
 /* Only while there are moves, and only kinds whose owner fields glibc
  * compares: recursive, error-checking or PI, not robust (those are
  * mended through the robust lists at restore). A normal mutex costs a
- * restored process a second load. */
+ * restored process a second load; one its caller holds under its TID now
+ * (mended, or locked since), a third and a fourth. */
 static inline __attribute__((always_inline)) void mend(pthread_mutex_t *m) {
   if (LIKELY(!__atomic_load_n(&g_tid_moves.count, __ATOMIC_RELAXED)) || !m) return;
   int kind = __atomic_load_n(&m->__data.__kind, __ATOMIC_RELAXED);
@@ -128,7 +164,14 @@ static inline __attribute__((always_inline)) void mend(pthread_mutex_t *m) {
   if ((kind & KIND_ROBUST) ||
       (!(kind & KIND_PI) && type != KIND_RECURSIVE && type != KIND_ERRORCHECK))
     return;
-  mend_owner(m, kind);
+  int owner = __atomic_load_n(&m->__data.__owner, __ATOMIC_RELAXED);
+  /* Free, or the caller's under its TID now: nothing to mend. */
+  if (owner == 0 &&
+      !((kind & KIND_PI) && (__atomic_load_n(&m->__data.__lock, __ATOMIC_RELAXED) & FUTEX_TID_MASK)))
+    return;
+  int32_t self = own_tid();
+  if (owner == self) return;
+  mend_owner(m, kind, self);
 }
 
 /* A fork child's one thread is none of the threads the moves name: a

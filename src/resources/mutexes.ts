@@ -19,15 +19,16 @@
 import type { Process, Thread } from '../image/types.js';
 import { addon } from '../native.js';
 import { tidMovesOf } from '../ptrace/windows.js';
-import type { MapsLine } from './memory.js';
+import { readMaps, type MapsLine } from './memory.js';
 
-/** struct appshot_tid_moves: int32 count, int32 capacity, then `capacity`
- * pairs of int32 (old TID, new TID). */
-const HEADER = 8;
+/** struct appshot_tid_moves: int32 count, int32 capacity, int32 glibc's
+ * TID offset in a thread's descriptor (0: not known), int32 reserved, then
+ * `capacity` pairs of int32 (old TID, new TID). */
+const HEADER = 16;
 const MOVE = 8;
-/** More than any library of ours holds: a larger capacity read from a
- * process is not our library's. */
-const CAPACITY_MAX = 4096;
+/** The moves the library holds (TID_MOVES_MAX in preload_mutex.c): fixed,
+ * never read from a process, whose memory the image wrote. */
+const CAPACITY = 256;
 /** The kernel's PID_MAX_LIMIT: no TID is above it. */
 const TID_MAX = 4 * 1024 * 1024;
 
@@ -39,7 +40,7 @@ function readMoves(pid: number, address: bigint): { oldTid: number; newTid: numb
     const header = addon().readMemory(pid, address, HEADER);
     const count = header.readInt32LE(0);
     const capacity = header.readInt32LE(4);
-    if (!(capacity > 0 && capacity <= CAPACITY_MAX && count > 0 && count <= capacity)) return [];
+    if (!(capacity === CAPACITY && count > 0 && count <= capacity)) return [];
     const data = addon().readMemory(pid, address + BigInt(HEADER), count * MOVE);
     const moves = [];
     for (let i = 0; i < count; i++) moves.push({ oldTid: data.readInt32LE(i * MOVE), newTid: data.readInt32LE(i * MOVE + 4) });
@@ -77,10 +78,13 @@ export function checkTidMoves(p: Process, corrupt: (what: string) => never): voi
   const PROT_WRITE = 2;
   if (address && !p.vmas.some((v) => v.start <= address && address + BigInt(HEADER) <= v.end && v.prot & PROT_WRITE && !v.shared))
     corrupt(`process ${p.vpid}'s table of TID moves at 0x${address.toString(16)} is not in private writable memory of its own`);
+  let total = 0;
   for (const t of p.threads) {
     const earlier = t.earlierTids ?? [];
-    if (earlier.length > CAPACITY_MAX || !earlier.every(isTid)) corrupt(`thread ${t.vtid}'s earlier TIDs are not TIDs, or more than ${CAPACITY_MAX}`);
+    if (earlier.length > CAPACITY || !earlier.every(isTid)) corrupt(`thread ${t.vtid}'s earlier TIDs are not TIDs, or more than ${CAPACITY}`);
+    total += earlier.length;
   }
+  if (total > CAPACITY) corrupt(`process ${p.vpid}'s threads have ${total} earlier TIDs, more than its table of TID moves holds (${CAPACITY})`);
 }
 
 /** The moves process `p`'s threads make, their TIDs now `tids` (in the
@@ -109,16 +113,20 @@ export function tidMoves(threads: Thread[], tids: number[]): { oldTid: number; n
  * about.
  */
 export function restoreTidMoves(pid: number, p: Process, tids: number[]): string[] {
-  const address = p.tidMovesAddress ?? 0n;
-  if (!address) return [];
+  if (!p.tidMovesAddress) return [];
   const moves = tidMoves(p.threads, tids);
-  const capacity = addon().readMemory(pid, address + 4n, 4).readInt32LE(0);
-  if (!(capacity > 0 && capacity <= CAPACITY_MAX))
-    return moves.length ? [`its preload library's table of TID moves at 0x${address.toString(16)} says it holds ${capacity}: mutexes held across the restore keep their old owner TIDs`] : [];
+  if (!moves.length) return [];
+  // Where the library the restored process maps keeps the table, by its
+  // symbol: the image's address is only a sign the process had one (an
+  // image could name any writable memory of the process).
+  const address = tidMovesOf(pid, readMaps(pid));
+  if (address === undefined) return ['its preload library\'s table of TID moves is not found: mutexes held across the restore keep their old owner TIDs'];
+  const capacity = CAPACITY;
   const kept = moves.slice(0, capacity);
   const table = Buffer.alloc(HEADER + kept.length * MOVE);
   table.writeInt32LE(kept.length, 0);
   table.writeInt32LE(capacity, 4);
+  table.writeInt32LE(p.glibcTidOffset, 8);
   kept.forEach((m, i) => {
     table.writeInt32LE(m.oldTid, HEADER + i * MOVE);
     table.writeInt32LE(m.newTid, HEADER + i * MOVE + 4);
