@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { median } from './measure.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const bench = join(root, 'bench', 'bin', 'mutex');
@@ -18,10 +19,6 @@ const runs = Number(process.env.BENCH_RUNS ?? 7);
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-'));
 const env = { ...process.env, APPSHOT_HOME: home };
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 const native = [];
 const under = [];

@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { median } from './measure.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const micro = join(root, 'bench', 'bin', 'micro');
@@ -15,10 +16,6 @@ const runs = Number(process.env.BENCH_RUNS ?? 7);
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-'));
 const env = { ...process.env, APPSHOT_HOME: home };
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 const native = [];
 const under = [];
