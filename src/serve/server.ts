@@ -19,7 +19,7 @@
  * itself, no proxy and no copy; forwarding remains where that listener
  * cannot be shared (fallBack). bench/serve.js measures both.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
@@ -144,6 +144,11 @@ const O_NONBLOCK = 0o4000;
 /** Longest parent chain of suspend images before a full snapshot: each
  * link is read at every restore. */
 const MAX_CHAIN = 4;
+/** Restores of a shared listener's instance that may fail in a row, a
+ * second apart, their clients waiting in its accept queue, before the
+ * forwarding front door takes the listener over (fallBack) and a further
+ * failure closes them. */
+const SHARED_FAILURES = 3;
 /** CPU is measured once a second (measureCpu): a 200 ms tick holds
  * too few of /proc's clock ticks. */
 const CPU_WINDOW_MS = 1000;
@@ -185,6 +190,8 @@ class Service {
   /** performance.now() before which the shared listener is not watched
    * (after a failed restore: not one restore after another at once). */
   private watchAfter = 0;
+  /** Restores that failed in a row while the listener was shared. */
+  private sharedFailures = 0;
   /** restore mode: the image the next restore starts from, and the chain
    * of suspend images it builds on (oldest first; `from` is never ours to
    * delete). */
@@ -384,7 +391,7 @@ class Service {
       const adopted = this.spec.mode === 'restore' && this.spec.ports.length === 1 ? this.adoptedListener(p) : undefined;
       const running = this.instances.get(this.name);
       if (adopted !== undefined && running) {
-        this.shared = new SharedListener(adopted, p.public, p.app, () => this.connectionWaits());
+        this.shared = this.sharedListener(adopted, p);
         for (const [pub, m] of running.ports) m.system = pub;
         running.pid = this.listenerPid(running);
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true, adopted: true });
@@ -408,7 +415,7 @@ class Service {
         // descriptor of ours, never accepted on (shared.ts).
         const fd = addon().dupFd((server as unknown as { _handle: { fd: number } })._handle.fd);
         server.close();
-        this.shared = new SharedListener(fd, p.public, p.app, () => this.connectionWaits());
+        this.shared = this.sharedListener(fd, p);
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true });
         continue;
       }
@@ -421,9 +428,20 @@ class Service {
     this.prepare(false);
   }
 
+  /** A SharedListener of our descriptor `fd`, closed if it cannot be made. */
+  private sharedListener(fd: number, p: PortMap): SharedListener {
+    try {
+      return new SharedListener(fd, p.public, p.app, () => this.connectionWaits());
+    } catch (e) {
+      closeSync(fd);
+      throw e;
+    }
+  }
+
   /**
    * The listener cannot be shared with this image's application
-   * (SharedListener.problem): from now on the front door forwards, as in
+   * (SharedListener.problem), or its restores keep failing (SHARED_FAILURES,
+   * its clients waiting): from now on the front door forwards, as in
    * clone mode, for as long as this serve runs. Only ever while no
    * instance holds it (before a restore): what waits in its accept queue
    * is accepted by the forwarding thread and held for that restore.
@@ -547,9 +565,15 @@ class Service {
    * wake-up of this thread per tick, none per connection.
    */
   private connectionWaits(): void {
-    const inst = this.instances.get(this.name);
-    if (inst?.state === 'running') inst.lastActive = this.host.clock.now();
-    else this.pump();
+    // Called from the addon's poll callback: an exception here would end
+    // serve with every service.
+    try {
+      const inst = this.instances.get(this.name);
+      if (inst?.state === 'running') inst.lastActive = this.host.clock.now();
+      else this.pump();
+    } catch (e) {
+      this.log('watch-failed', { error: (e as Error).message });
+    }
   }
 
   /** Shared: the listener watched for a waiting connection while no
@@ -737,6 +761,11 @@ class Service {
     // so that the AID can be taken again; a clone's goes now.
     if (this.spec.mode === 'restore') {
       inst.state = 'crashed';
+      // Shared: its other processes (workers, forked helpers) hold the
+      // public listener too and would go on accepting from its queue, a
+      // half application serving while the restore never comes (its watch
+      // never fires while they drain it). They go now.
+      if (this.shared) void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
       this.host.warmStandbys();
     }
     else {
@@ -1115,6 +1144,7 @@ class Service {
       this.pump();
       await new Promise((r) => setTimeout(r, AFTER_RESUME_MS));
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
+      this.sharedFailures = 0;
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
       // Suspended or crashed meanwhile: neither is its own any more.
       const still = (inst.state as InstanceStateName) === 'running';
@@ -1130,8 +1160,13 @@ class Service {
       this.forgetPreload(); // the next try reads the image afresh
       this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Shared: those waiting in the accept queue wait on; the next try
-      // in a second, not at once.
-      if (this.shared) {
+      // in a second, not at once. After SHARED_FAILURES in a row, the
+      // forwarding front door takes the listener (fallBack): it accepts
+      // what waits and holds it for the next restore, whose failure closes
+      // them, as below; clients are told, not left waiting for ever.
+      if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
+        this.fallBack(`${this.sharedFailures} restores in a row failed: ${(e as Error).message}`);
+      } else if (this.shared) {
         this.watchAfter = performance.now() + 1000;
         setTimeout(() => this.pump(), 1000).unref();
       }
