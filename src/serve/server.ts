@@ -192,6 +192,9 @@ class Service {
   private watchAfter = 0;
   /** Restores that failed in a row while the listener was shared. */
   private sharedFailures = 0;
+  /** Shared: the removal of a crashed instance's other processes
+   * (crashed), awaited by the next restore. */
+  private crashRemoval: Promise<void> | undefined;
   /** restore mode: the image the next restore starts from, and the chain
    * of suspend images it builds on (oldest first; `from` is never ours to
    * delete). */
@@ -765,7 +768,7 @@ class Service {
       // public listener too and would go on accepting from its queue, a
       // half application serving while the restore never comes (its watch
       // never fires while they drain it). They go now.
-      if (this.shared) void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
+      if (this.shared) this.crashRemoval = api.rm(inst.aid, { home: this.host.home, force: true }).then(() => undefined, () => undefined);
       this.host.warmStandbys();
     }
     else {
@@ -1091,6 +1094,10 @@ class Service {
         inst.state = 'starting';
         this.changed();
       }
+      // The crash's removal of what was left of it (shared) ends before
+      // anything is registered under its AID again.
+      if (this.crashRemoval) await this.crashRemoval;
+      this.crashRemoval = undefined;
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
