@@ -128,13 +128,39 @@ function preloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
   return found;
 }
 
-/** residentBatchOf's symbols, from the library's start, by the mapped
- * file (path, device, inode): looked up once per library, not once per
- * snapshot (null: the library has none). The area's size is read from
- * each process again, not kept here: it is the process's memory, which
- * it may have changed, and what one process said must not be what
- * another is taken to have. */
-const residentOffsets = new Map<string, { code: bigint; area: bigint; size: bigint } | null>();
+/** Offsets of the preload library's symbols from its start, by the mapped
+ * file (path, device, inode) and the symbols asked for: looked up once per
+ * library, not once per snapshot or restore (null: the library lacks one
+ * of them). */
+const symbolOffsets = new Map<string, Record<string, bigint> | null>();
+
+/** The offsets from the start of `lib` (as the process `pid` maps it) of
+ * each of `names`' symbols in it; null if it lacks one, undefined if its
+ * file cannot be read. */
+function librarySymbols<K extends string>(pid: number, lib: PreloadMapping, names: readonly K[]): Record<K, bigint> | null | undefined {
+  const key = `${lib.path}\0${lib.dev}\0${lib.inode}\0${names.join(',')}`;
+  let offsets = symbolOffsets.get(key);
+  if (offsets === undefined) {
+    try {
+      const file = mappedFile(pid, lib);
+      const base = firstLoadVaddr(file);
+      const found: Record<string, bigint> = {};
+      for (const name of names) {
+        const at = elfSymbol(file, name);
+        if (at === undefined) break;
+        found[name] = at - base;
+      }
+      offsets = Object.keys(found).length === names.length ? found : null;
+    } catch {
+      return undefined;
+    }
+    symbolOffsets.set(key, offsets);
+    while (symbolOffsets.size > 16) symbolOffsets.delete(symbolOffsets.keys().next().value!);
+  }
+  return offsets as Record<K, bigint> | null;
+}
+
+const RESIDENT_SYMBOLS = ['appshot_resident_batch_code', 'appshot_batch_area', 'appshot_batch_area_size'] as const;
 
 /** Where the preload library keeps its copy of the batch code and the
  * area for its tables (addon/preload/preload_batch.c) in a process whose
@@ -142,39 +168,22 @@ const residentOffsets = new Map<string, { code: bigint; area: bigint; size: bigi
  * older build), or one whose file cannot be read. Not yet checked: the
  * caller compares the code's bytes with its own and sees that the area is
  * mapped writable (RemoteProcess.adoptResident), which a file changed in
- * place since the offsets were cached would fail. */
+ * place since the offsets were cached would fail. The area's size is read
+ * from each process again, not kept: it is the process's memory, which
+ * it may have changed, and what one process said must not be what
+ * another is taken to have. */
 export function residentBatchOf(pid: number, maps: MapsLine[]): { code: bigint; area: bigint; size: number } | undefined {
   const lib = preloadMappingIn(maps);
-  if (!lib) return undefined;
-  const key = `${lib.path}\0${lib.dev}\0${lib.inode}`;
-  let offsets = residentOffsets.get(key);
-  if (offsets === undefined) {
-    try {
-      const file = mappedFile(pid, lib);
-      const code = elfSymbol(file, 'appshot_resident_batch_code');
-      const area = elfSymbol(file, 'appshot_batch_area');
-      const size = elfSymbol(file, 'appshot_batch_area_size');
-      const bias = lib.start - firstLoadVaddr(file);
-      offsets = code === undefined || area === undefined || size === undefined ? null : { code: bias + code - lib.start, area: bias + area - lib.start, size: bias + size - lib.start };
-    } catch {
-      return undefined;
-    }
-    residentOffsets.set(key, offsets);
-    while (residentOffsets.size > 16) residentOffsets.delete(residentOffsets.keys().next().value!);
-  }
-  if (!offsets) return undefined;
+  const offsets = lib && librarySymbols(pid, lib, RESIDENT_SYMBOLS);
+  if (!lib || !offsets) return undefined;
   let size: number;
   try {
-    size = Number(addon().readMemory(pid, lib.start + offsets.size, 8).readBigUInt64LE(0));
+    size = Number(addon().readMemory(pid, lib.start + offsets.appshot_batch_area_size, 8).readBigUInt64LE(0));
   } catch {
     return undefined;
   }
-  return { code: lib.start + offsets.code, area: lib.start + offsets.area, size };
+  return { code: lib.start + offsets.appshot_resident_batch_code, area: lib.start + offsets.appshot_batch_area, size };
 }
-
-/** tidMovesOf's offsets from the library's start, by the mapped file, as
- * residentOffsets (null: the library has none). */
-const tidMovesOffsets = new Map<string, bigint | null>();
 
 /** Where the preload library keeps its TID moves (appshot_tid_moves,
  * addon/preload/preload_mutex.c) in a process whose mappings are `maps`,
@@ -182,21 +191,8 @@ const tidMovesOffsets = new Map<string, bigint | null>();
  * cannot be read. */
 export function tidMovesOf(pid: number, maps: MapsLine[]): bigint | undefined {
   const lib = preloadMappingIn(maps);
-  if (!lib) return undefined;
-  const key = `${lib.path}\0${lib.dev}\0${lib.inode}`;
-  let offset = tidMovesOffsets.get(key);
-  if (offset === undefined) {
-    try {
-      const file = mappedFile(pid, lib);
-      const at = elfSymbol(file, 'appshot_tid_moves');
-      offset = at === undefined ? null : lib.start - firstLoadVaddr(file) + at - lib.start;
-    } catch {
-      return undefined;
-    }
-    tidMovesOffsets.set(key, offset);
-    while (tidMovesOffsets.size > 16) tidMovesOffsets.delete(tidMovesOffsets.keys().next().value!);
-  }
-  return offset === null ? undefined : lib.start + offset;
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_tid_moves'] as const);
+  return lib && offsets ? lib.start + offsets.appshot_tid_moves : undefined;
 }
 
 /** "major:minor" in hex, as /proc/PID/maps names a device. */
