@@ -68,21 +68,19 @@ static void* push(struct grow* g) {
 
 typedef int (*each_fn)(struct nlmsghdr*, void*);
 
-/* One dump request, each reply made an item of `size` bytes by `each`:
- * the number of items, *out the array (the caller frees it), or -errno. */
-static long collect(const void* req, size_t len, each_fn each, size_t size, void** out) {
-  struct grow g = {NULL, 0, 0, size};
-  int rc = dump(req, len, each, &g);
+/* One dump request, each reply made an item of g->size bytes by `each`,
+ * which is handed g (or the struct g begins): the number of items, *out
+ * the array (the caller frees it), or -errno. */
+static long collect(const void* req, size_t len, each_fn each, struct grow* g, void** out) {
+  int rc = dump(req, len, each, g);
   if (rc) {
-    free(g.items);
+    free(g->items);
     return rc;
   }
-  *out = g.items;
-  return (long)g.n;
+  *out = g->items;
+  return (long)g->n;
 }
 
-/* Every socket of one IP protocol and family in `states` (a bit per TCP
- * state). */
 /* A dump request for the sockets of one IP protocol and family in
  * `states` (a bit per TCP state). */
 struct inet_dump {
@@ -103,7 +101,7 @@ static struct inet_dump inet_dump_of(int family, int protocol, uint32_t states) 
 
 static long inet_all(int family, int protocol, uint32_t states, each_fn each, size_t size, void** out) {
   struct inet_dump req = inet_dump_of(family, protocol, states);
-  return collect(&req, sizeof req, each, size, out);
+  return collect(&req, sizeof req, each, &(struct grow){NULL, 0, 0, size}, out);
 }
 
 static int each_unix(struct nlmsghdr* h, void* ctx) {
@@ -140,7 +138,7 @@ long sockdiag_unix_all(sockdiag_unix** out) {
   req.r.sdiag_family = AF_UNIX;
   req.r.udiag_states = ~0u;
   req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN;
-  return collect(&req, sizeof req, each_unix, sizeof(sockdiag_unix), (void**)out);
+  return collect(&req, sizeof req, each_unix, &(struct grow){NULL, 0, 0, sizeof(sockdiag_unix)}, (void**)out);
 }
 
 static int each_udp(struct nlmsghdr* h, void* ctx) {
@@ -164,6 +162,14 @@ struct listening_ctx {
   uint16_t port; /* network byte order */
 };
 
+/* collect, for the TCP sockets in `states` whose local port is `port`
+ * (the callback skips the others: c->port). */
+static long tcp_on_port(int family, uint32_t states, uint16_t port, each_fn each, size_t size, void** out) {
+  struct inet_dump req = inet_dump_of(family, IPPROTO_TCP, states);
+  struct listening_ctx c = {{NULL, 0, 0, size}, htons(port)};
+  return collect(&req, sizeof req, each, &c.g, out);
+}
+
 static int each_listening(struct nlmsghdr* h, void* ctx) {
   struct listening_ctx* c = ctx;
   struct inet_diag_msg* m = NLMSG_DATA(h);
@@ -176,15 +182,7 @@ static int each_listening(struct nlmsghdr* h, void* ctx) {
 
 long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out) {
   /* TCP_LISTEN alone: only the listening hash is walked. */
-  struct inet_dump req = inet_dump_of(family, IPPROTO_TCP, 1u << 10);
-  struct listening_ctx c = {{NULL, 0, 0, sizeof(uint32_t)}, htons(port)};
-  int rc = dump(&req, sizeof req, each_listening, &c);
-  if (rc) {
-    free(c.g.items);
-    return rc;
-  }
-  *out = c.g.items;
-  return (long)c.g.n;
+  return tcp_on_port(family, 1u << 10, port, each_listening, sizeof(uint32_t), (void**)out);
 }
 
 static int each_established(struct nlmsghdr* h, void* ctx) {
@@ -203,13 +201,5 @@ static int each_established(struct nlmsghdr* h, void* ctx) {
 
 long sockdiag_tcp_established(int family, uint16_t port, sockdiag_tcp_conn** out) {
   /* TCP_ESTABLISHED alone (1 << 1). */
-  struct inet_dump req = inet_dump_of(family, IPPROTO_TCP, 1u << 1);
-  struct listening_ctx c = {{NULL, 0, 0, sizeof(sockdiag_tcp_conn)}, htons(port)};
-  int rc = dump(&req, sizeof req, each_established, &c);
-  if (rc) {
-    free(c.g.items);
-    return rc;
-  }
-  *out = c.g.items;
-  return (long)c.g.n;
+  return tcp_on_port(family, 1u << 1, port, each_established, sizeof(sockdiag_tcp_conn), (void**)out);
 }
