@@ -202,31 +202,44 @@ async function interruptedAt(point: string, args: string[], env: Record<string, 
 }
 
 describe('a restore interrupted by Ctrl-C', () => {
-  let image = '';
+  // The phases' tests need a tree of processes, not bytes: a small image.
+  // The big one (256 MiB of heap) only where Ctrl-C must land while its
+  // page data are checked or copied, which takes a while.
+  let small = '';
   let tarImage = '';
-  let before: Record<string, string> = {};
+  let big = '';
+  const before = new Map<string, Record<string, string>>();
   const tmpEntries = () => (existsSync(join(sb.home, 'tmp')) ? readdirSync(join(sb.home, 'tmp')) : []);
 
-  beforeAll(async () => {
-    // 256 MiB of heap: copying it into the restored process takes a while.
-    const r = sb.run(['run', '-d', '--aid', 'bigsrc', '--', fixture('snapfix'), '-1', '256']);
+  /** An image of snapfix with `mib` MiB of heap, its source `aid` ended
+   * (by a second snapshot, to `tar`, if given). */
+  async function imageOf(aid: string, mib: number, tar?: string): Promise<string> {
+    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', String(mib)]);
     expect(r.code, r.stderr).toBe(0);
-    await sb.checksPass('bigsrc', 2);
-    image = join(dir, 'big.appshot');
-    tarImage = join(dir, 'big.tar');
-    const s1 = sb.run(['snapshot', 'bigsrc', '-o', image, '--leave-running']);
+    await sb.checksPass(aid, 2);
+    const image = join(dir, `${aid}.appshot`);
+    const s1 = sb.run(['snapshot', aid, '-o', image, ...(tar ? ['--leave-running'] : [])]);
     expect(s1.code, s1.stderr).toBe(0);
-    const s2 = sb.run(['snapshot', 'bigsrc', '-o', tarImage]);
-    expect(s2.code, s2.stderr).toBe(0);
-    await waitFor(() => !sb.aids().includes('bigsrc'), 10_000, 'the source to end');
-    before = digest(image);
+    if (tar) {
+      const s2 = sb.run(['snapshot', aid, '-o', tar]);
+      expect(s2.code, s2.stderr).toBe(0);
+    }
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    before.set(image, digest(image));
+    return image;
+  }
+
+  beforeAll(async () => {
+    tarImage = join(dir, 'smallsrc.tar');
+    small = await imageOf('smallsrc', 8, tarImage);
+    big = await imageOf('bigsrc', 256);
   }, 120_000);
 
-  /** Nothing of the restore the moment appshot has exited, before any
-   * other command could sweep up after it. */
-  async function nothingLeftAtOnce(aid: string): Promise<void> {
+  /** Nothing of the restore (as `aid`, of `source`'s image) the moment
+   * appshot has exited, before any other command could sweep up after it. */
+  async function nothingLeftAtOnce(aid: string, source = 'smallsrc'): Promise<void> {
     expect(processesNaming(aid)).toEqual([]);
-    expect(processesNaming('APPSHOT_AID=bigsrc')).toEqual([]);
+    expect(processesNaming(`APPSHOT_AID=${source}`)).toEqual([]);
     expect(sb.allAids()).not.toContain(aid);
     expect(sb.shmFiles().filter((f) => f.includes(`-${aid}-`))).toEqual([]);
     expect(tmpEntries()).toEqual([]);
@@ -238,47 +251,47 @@ describe('a restore interrupted by Ctrl-C', () => {
 
   const INTERRUPTED = 'appshot: interrupted: nothing was restored, the image is as it was';
 
-  // 'process 2' comes just before its 256 MiB are copied (while the tree
-  // is made: its child shares those pages), 'memory' just after; 'process
-  // 3' is the last process's copy, after which only the commit was left.
+  // 'process 2' comes just before its heap is copied (while the tree is
+  // made: its child shares those pages), 'memory' just after; 'process 3'
+  // is the last process's copy, after which only the commit was left.
   for (const phase of ['registered', 'init started', 'process 2', 'memory', 'tree made', 'fds', 'process 3']) {
     it(`at '${phase}': one line, exit 130, nothing left, the image as it was`, async () => {
       const aid = `intr-${phase.replace(' ', '-')}`;
-      const r = await interruptedAt(`restore: ${phase}`, ['restore', image, '--aid', aid]);
+      const r = await interruptedAt(`restore: ${phase}`, ['restore', small, '--aid', aid]);
       expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
       expect(r.stdout).toBe('');
       expect(r.code).toBe(130);
       await nothingLeftAtOnce(aid);
-      expect(digest(image)).toEqual(before);
+      expect(digest(small)).toEqual(before.get(small));
     }, 120_000);
   }
 
   it('while its 256 MiB of page data are checked: at once, not once they all are', async () => {
     // Killed (SIGKILL, not exit 130) if it checked them all before
     // hearing Ctrl-C.
-    const r = await interruptedAt('image: checking pages', ['restore', image, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    const r = await interruptedAt('image: checking pages', ['restore', big, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
     expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
     expect(r.code).toBe(130);
-    await nothingLeftAtOnce('intr-check');
+    await nothingLeftAtOnce('intr-check', 'bigsrc');
   }, 120_000);
 
   it("while one process's 256 MiB are copied: after the slice being copied, not once they all are", async () => {
     // Killed (SIGKILL, not exit 130) if the copy went on to its second
     // 32 MiB slice after Ctrl-C came during the first.
-    const r = await interruptedAt('restore: process 2 slice 1', ['restore', image, '--aid', 'intr-copy'], { APPSHOT_TEST_KILL_AT: 'restore: process 2 slice 2' });
+    const r = await interruptedAt('restore: process 2 slice 1', ['restore', big, '--aid', 'intr-copy'], { APPSHOT_TEST_KILL_AT: 'restore: process 2 slice 2' });
     expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
     expect(r.code).toBe(130);
-    await nothingLeftAtOnce('intr-copy');
-    expect(digest(image)).toEqual(before);
+    await nothingLeftAtOnce('intr-copy', 'bigsrc');
+    expect(digest(big)).toEqual(before.get(big));
   }, 120_000);
 
   it('template create, while the 256 MiB are checked: one line, exit 130, no template and nothing half-made', async () => {
     const out = join(dir, 'intr.template');
-    const r = await interruptedAt('image: checking pages', ['template', 'create', image, '-o', out], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    const r = await interruptedAt('image: checking pages', ['template', 'create', big, '-o', out], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
     expect(r.stderr.trim().split('\n')).toEqual(['appshot: interrupted: no template was made, the snapshot is as it was']);
     expect(r.code).toBe(130);
     expect(readdirSync(dir).filter((f) => f.includes('intr.template'))).toEqual([]);
-    expect(digest(image)).toEqual(before);
+    expect(digest(big)).toEqual(before.get(big));
   }, 120_000);
 
   it('of a .tar image: its extraction is removed too', async () => {
@@ -289,12 +302,12 @@ describe('a restore interrupted by Ctrl-C', () => {
   }, 120_000);
 
   it('once every process is made, too late to undo: restored whole, and it runs', async () => {
-    const r = await interruptedAt('restore: threads', ['restore', image, '--aid', 'late']);
+    const r = await interruptedAt('restore: threads', ['restore', small, '--aid', 'late']);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toBe('late\n');
     await sb.checksPass('late', 3);
     expect(sb.run(['rm', '-f', 'late']).code).toBe(0);
-    await nothingLeftOf('late', 'bigsrc');
+    await nothingLeftOf('late', 'smallsrc');
   }, 120_000);
 });
 
