@@ -18,7 +18,7 @@ import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import type { Image, Manifest } from '../src/image/types.js';
-import { cli, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const other = new Sandbox();
@@ -115,7 +115,10 @@ function refuses(args: string[], expected: Refusal, opts: { input?: Buffer; trac
   const aidsBefore = sb.aids();
   const shmBefore = sb.shmFiles();
   const traceFile = join(out, 'strace.log');
-  const command = opts.trace ? ['strace', '-f', '-qq', '-e', 'trace=open,openat,openat2', '-o', traceFile, process.execPath, cli, ...args] : [process.execPath, cli, ...args];
+  // As users run it (bin/appshot: the resident engine refuses it, no Node
+  // started per image), but under strace in a process of its own: what
+  // it must not open is opened by that process or not at all.
+  const command = opts.trace ? ['strace', '-f', '-qq', '-e', 'trace=open,openat,openat2', '-o', traceFile, process.execPath, cli, ...args] : [appshot, ...args];
   // Killed if it hangs (an image that makes appshot wait for ever is a
   // refusal that never comes); no bound on how long a loaded machine takes.
   const r = spawnSync(command[0], command.slice(1), { env: sb.env, input: opts.input ?? '', encoding: 'utf8', timeout: 50_000 });
