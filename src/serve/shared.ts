@@ -101,7 +101,7 @@ export class SharedListener {
    * and which of them were not seen by an earlier call. */
   connections(): { count: number; fresh: { remote: string; port: number }[] } {
     const now = addon()
-      .tcpEstablished(this.family, this.publicPort)
+      .tcpEstablished(this.family, this.publicPort, this.address)
       .filter((c) => c.ino !== 0);
     const fresh = now.filter((c) => !this.seen.has(c.ino));
     this.seen.clear();
