@@ -17,9 +17,16 @@
  *   refuses it the instance's descriptors) says so in one line and exits,
  *   rather than failing to bind the port the instance holds; a serve that
  *   can adopts the instance as before.
+ * - Restores that keep failing (the program replaced under the image)
+ *   while a client waits in the shared listener's queue: after 3 in a row
+ *   the forwarding front door takes the listener, accepts the client, and
+ *   closes it when the next restore fails (told, not left waiting).
+ * - A kill -9 of the instance's process that holds the shared listener
+ *   (its helper holds it too): the helper goes with the crash, before any
+ *   client comes, and the next client is answered by a restored instance.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -29,10 +36,14 @@ import { alive, command, fixture, type Running, Sandbox, waitFor } from './helpe
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
 // Ports of their own, 26505-26599 (see Sandbox for the other files').
-const base = 26505 + (process.pid % 23) * 4;
+const base = 26505 + (process.pid % 11) * 8;
 const APP = base;
 const PUBLIC = base + 1;
 const PUBLIC2 = base + 2;
+const FAILING_APP = base + 3; // a server whose restores fail
+const FAILING_PUBLIC = base + 4;
+const CRASH_APP = base + 5; // a server with a helper process holding its listener
+const CRASH_PUBLIC = base + 6;
 /** listenopts's backlog (serve's own is 4096). */
 const BACKLOG = 7;
 
@@ -41,7 +52,7 @@ let serve: Running | undefined;
 afterAll(async () => {
   if (serve && serve.child.exitCode === null) serve.child.kill('SIGTERM');
   await serve?.exited;
-  for (const aid of ['opts', 'adopted', 'outside']) sb.run(['rm', '--force', aid]);
+  for (const aid of ['opts', 'adopted', 'outside', 'failing', 'crashing']) sb.run(['rm', '--force', aid]);
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
 });
@@ -162,5 +173,99 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
     expect(await ask(PUBLIC2)).toBe('OK 4\n');
     expect(await ask(PUBLIC)).toMatch(/^OK \d+\n$/);
+  });
+});
+
+describe('appshot serve: a shared listener whose instance fails', () => {
+  let serve2: Running | undefined;
+  afterAll(async () => {
+    if (serve2 && serve2.child.exitCode === null) serve2.child.kill('SIGTERM');
+    await serve2?.exited;
+  });
+
+  beforeAll(async () => {
+    if (serve && serve.child.exitCode === null) serve.child.kill('SIGTERM');
+    await serve?.exited;
+    for (const name of ['opts', 'adopted']) sb.run(['service', 'rm', name]);
+    // A program run from a copy, which is then replaced (an upgrade under
+    // a suspended service): every restore of its image is refused.
+    const program = join(out, 'failing-server');
+    copyFileSync(fixture('sharedlisten'), program);
+    const r = sb.run(['run', '-d', '--aid', 'failapp', '--', program, String(FAILING_APP)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('failapp').includes('LISTENING'), 10_000, 'the failing server to listen');
+    const s1 = sb.run(['snapshot', 'failapp', '-o', join(out, 'failing.img')]);
+    expect(s1.code, s1.stderr).toBe(0);
+    copyFileSync(fixture('listenopts'), program);
+    // A server with a helper process that holds its listener too.
+    const c = sb.run(['run', '-d', '--aid', 'crashapp', '--', fixture('sharedlisten'), String(CRASH_APP)]);
+    expect(c.code, c.stderr).toBe(0);
+    await waitFor(() => sb.log('crashapp').includes('LISTENING'), 10_000, 'the crashing server to listen');
+    const s2 = sb.run(['snapshot', 'crashapp', '-o', join(out, 'crashing.img')]);
+    expect(s2.code, s2.stderr).toBe(0);
+    for (const [name, image, port, app] of [['failing', 'failing.img', FAILING_PUBLIC, FAILING_APP], ['crashing', 'crashing.img', CRASH_PUBLIC, CRASH_APP]] as const) {
+      const add = sb.run(['service', 'add', name, '--from', join(out, image), '--port', `127.0.0.1:${port}:${app}`, '--idle', '1h']);
+      expect(add.code, add.stderr).toBe(0);
+    }
+    serve2 = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+    await serve2.line(/^ready$/);
+    expect(events(serve2, 'failing').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
+  });
+
+  it('after 3 failed restores in a row, with a client waiting in the queue, the forwarding front door takes the listener, accepts the client, and closes it at the next failure', async () => {
+    const log = () => events(serve2!, 'failing') as { event: string; why?: string; error?: string }[];
+    const client = connect(FAILING_PUBLIC, '127.0.0.1');
+    let got = '';
+    let closed = false;
+    client.on('data', (d) => (got += d));
+    client.on('error', () => undefined); // a reset is a close too
+    client.on('close', () => (closed = true));
+    await new Promise((resolve, reject) => client.once('connect', resolve).once('error', reject));
+    await waitFor(() => log().some((e) => e.event === 'share-fallback'), 60_000, 'the fallback to forwarding').catch((e: Error) => {
+      throw new Error(`${e.message}\n${serve2!.stderr}`);
+    });
+    const failures = log().filter((e) => e.event === 'restore-failed');
+    expect(failures.length).toBeGreaterThanOrEqual(3);
+    expect(log().find((e) => e.event === 'share-fallback')!.why).toMatch(/^3 restores in a row failed: /);
+    // The client that waited in the queue through them is told: accepted
+    // by the forwarding thread, then closed when the next restore fails.
+    await waitFor(() => closed, 60_000, 'the waiting client to be closed');
+    expect(got).toBe('');
+    expect(log().filter((e) => e.event === 'restore-failed').length).toBeGreaterThan(failures.length);
+    expect(show('failing').state).not.toBe('running');
+  });
+
+  it('a kill -9 of the instance process holding the shared listener ends its other processes at once, and the next client is answered', async () => {
+    const asked = (port: number) =>
+      new Promise<string>((resolve, reject) => {
+        const c = connect(port, '127.0.0.1');
+        let got = '';
+        c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
+        c.on('connect', () => c.write('ping\n'));
+        c.on('data', (d) => (got += d));
+        c.on('error', reject);
+        c.on('close', () => resolve(got));
+      });
+    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    const pids = sb
+      .json<{ aid: string; processes: { vpid: number; pid: number; init: boolean }[] }[]>(['ps'])
+      .find((a) => a.aid === 'crashing')!
+      .processes.filter((p) => !p.init)
+      .sort((a, b) => a.vpid - b.vpid)
+      .map((p) => p.pid);
+    expect(pids.length).toBeGreaterThanOrEqual(2);
+    const [server, ...others] = pids;
+    // Its helper holds the listener too (and would go on holding the
+    // queue, nobody accepting).
+    process.kill(server, 'SIGKILL');
+    await waitFor(() => events(serve2!, 'crashing').some((e) => e.event === 'crash'), 10_000, 'the crash to be seen').catch((e: Error) => {
+      throw new Error(`${e.message}\n${serve2!.stderr}`);
+    });
+    // No client comes meanwhile: the helpers go because of the crash.
+    await waitFor(() => others.every((p) => !alive(p)), 10_000, "the instance's other processes to end");
+    // Answered by an instance restored from the image (its count as the
+    // image had it), not by what was left of the crashed one.
+    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    await waitFor(() => show('crashing').restores === 2, 10_000, 'the second restore in `service show`');
   });
 });
