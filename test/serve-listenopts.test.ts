@@ -213,7 +213,7 @@ describe('appshot serve: a shared listener whose instance fails', () => {
   });
 
   it('after 3 failed restores in a row, with a client waiting in the queue, the forwarding front door takes the listener, accepts the client, and closes it at the next failure', async () => {
-    const log = () => events(serve2!, 'failing') as { event: string; why?: string; error?: string }[];
+    const log = () => events(serve2!, 'failing') as { event: string; ts: string; why?: string; error?: string }[];
     const client = connect(FAILING_PUBLIC, '127.0.0.1');
     let got = '';
     let closed = false;
@@ -224,8 +224,10 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     await waitFor(() => log().some((e) => e.event === 'share-fallback'), 60_000, 'the fallback to forwarding').catch((e: Error) => {
       throw new Error(`${e.message}\n${serve2!.stderr}`);
     });
-    const failures = log().filter((e) => e.event === 'restore-failed');
+    const failures = log().filter((e) => e.event === 'restore-failed') as { ts: string }[];
     expect(failures.length).toBeGreaterThanOrEqual(3);
+    // Tried a second apart, not one after another at once.
+    for (let i = 1; i < 3; i++) expect(Date.parse(failures[i].ts) - Date.parse(failures[i - 1].ts)).toBeGreaterThanOrEqual(1000);
     expect(log().find((e) => e.event === 'share-fallback')!.why).toMatch(/^3 restores in a row failed: /);
     // The client that waited in the queue through them is told: accepted
     // by the forwarding thread, then closed when the next restore fails.

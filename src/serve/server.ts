@@ -608,10 +608,16 @@ class Service {
   pump(): void {
     const forwarded = this.forwardHeld();
     // Shared: those waiting in the listener's accept queue are held too
-    // (by the kernel), for the metrics and the policy alike.
-    const waiting = this.held.length + (this.shared?.queued() ?? 0);
+    // (by the kernel), for the metrics and the policy alike; but for a
+    // second after a failed restore (watchAfter) they ask for none, or
+    // this pump (every tick's, the failure's own) would start the next
+    // try at once: SHARED_FAILURES in a few milliseconds, the front door
+    // given up on a passing failure.
+    const queued = this.shared?.queued() ?? 0;
+    const waiting = this.held.length + queued;
     this.host.metrics?.held.set({ service: this.name }, waiting);
-    const actions = this.policy.decide([...this.instances.values()], waiting);
+    const asking = performance.now() < this.watchAfter ? this.held.length : waiting;
+    const actions = this.policy.decide([...this.instances.values()], asking);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,
