@@ -384,9 +384,10 @@ interface Addon {
   /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
    * listening on `port` in this network namespace (sock_diag). */
   tcpListeningInodes(family: number, port: number): number[];
-  /** Established TCP connections whose local port is `port` (sock_diag);
-   * ino 0: still in a listener's accept queue. */
-  tcpEstablished(family: number, port: number): { ino: number; remote: string; port: number }[];
+  /** Established TCP connections whose local port is `port` (sock_diag),
+   * and whose local address is `local` if given and not a wildcard (a
+   * listener's bound address); ino 0: still in a listener's accept queue. */
+  tcpEstablished(family: number, port: number, local?: string): { ino: number; remote: string; port: number }[];
   /** callback(status) once the listener `fd` has a connection waiting, on
    * this event loop; not again until watchAgain. Returns its id. */
   watchReadable(fd: number, callback: (status: number) => void): number;

@@ -60,7 +60,8 @@ export class Sandbox {
    *   19000-19999 serve-hold       20000-20999 serve (its busy server 20000-20979 too)
    *   21000-21999 redis            22000-23702 atomic
    *   23800-23999 lifecycle2       24000-25999 etcd
-   *   26000-26504 servers          26600-26699 tcp, unprivileged (fixed)
+   *   26000-26504 servers          26505-26599 serve-listenopts
+   *   26600-26699 tcp, unprivileged (fixed)
    *   26700-26999 uniqueness       27100-27899 web
    *   27000-27099 engine-pool      28000-29998 template */
   // CI empty: the commands print what a person off a terminal sees (no

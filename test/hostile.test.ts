@@ -634,17 +634,28 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['restore', dir], corrupt(message));
     });
 
-  it("refuses to restore an image naming a listener inherited from a key it was not given (serve's public listener), leaving nothing", () => {
+  it("restores an image naming a listener inherited from serve's public listener, not handed one, with the application's own listener made again", () => {
     const dir = crafted('inherited-listener', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
-      Object.assign(fd, { fd: 906, kind: 5, flags: 0o4002, socket: inheritedListener('serve:6379') });
+      Object.assign(fd, { fd: 906, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), backlog: 9 } });
       i.processes[0].fds.push(fd);
     });
     // Well formed: shown as what it is.
     const shown = sb.run(['inspect', dir]);
     expect(shown.code, shown.stderr).toBe(0);
     expect(shown.stdout).toMatch(/906\s+TCP_LISTEN\s+listening 127\.0\.0\.1:16379, inherited from 'serve:6379'/);
-    refuses(['restore', dir], { code: 4, stderr: /fd 906: the image names the listener inherited from 'serve:6379', which only the service that snapshotted it \(appshot serve\) can hand to its restore; none was given/ });
+    // A plain restore (outside serve: nothing handed): its own listener,
+    // bound where the image says, with its backlog.
+    const r = sb.run(['restore', dir, '--aid', 'inherited']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const pids = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']).find((a) => a.aid === 'inherited')!.processes.map((p) => p.pid);
+      const ss = spawnSync('ss', ['-Hltnp', 'src 127.0.0.1:16379'], { encoding: 'utf8' }).stdout.trim();
+      expect(ss).toMatch(/^LISTEN\s+0\s+9\s+127\.0\.0\.1:16379\s/);
+      expect(pids.some((pid) => ss.includes(`pid=${pid},fd=906)`)), `${ss} ${pids}`).toBe(true);
+    } finally {
+      sb.run(['rm', '--force', 'inherited']);
+    }
   });
 
   it('refuses inotify watch numbers that add up across descriptors', () => {

@@ -79,4 +79,21 @@ describe('sharing the public listener (IPv4, 127.0.0.1)', () => {
     c.destroy();
     acceptor.close();
   });
+
+  it('does not count a connection on the same port to another local address (another listener there)', async () => {
+    const port = addon().tcpEndpoint(fd).port;
+    // 127.0.0.2 is loopback too: a listener of its own on the same port,
+    // as another server bound to another address of the host may be.
+    const other = createServer();
+    await new Promise<void>((resolve, reject) => other.once('error', reject).listen(port, '127.0.0.2', () => resolve()));
+    const accepted = new Promise<void>((resolve) => other.once('connection', () => resolve()));
+    const c = connect(port, '127.0.0.2');
+    await new Promise((resolve, reject) => c.once('connect', resolve).once('error', reject));
+    await accepted;
+    // Accepted (a socket file): counted if only the port were matched.
+    expect(addon().tcpEstablished(2, port).filter((x) => x.ino !== 0).length).toBeGreaterThan(0);
+    expect(shared.connections()).toEqual({ count: 0, fresh: [] });
+    c.destroy();
+    other.close();
+  });
 });

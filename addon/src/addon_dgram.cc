@@ -170,14 +170,27 @@ Napi::Value TcpListeningInodes(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// tcpEstablished(family, port) -> [{ ino, remote, port }]: the established
-// TCP connections whose local port is `port` in this network namespace
-// (sock_diag); ino 0: not accepted yet.
+// tcpEstablished(family, port, local?) -> [{ ino, remote, port }]: the
+// established TCP connections whose local port is `port` in this network
+// namespace (sock_diag), and whose local address is `local` if given (a
+// listener's bound address; a wildcard one matches any); ino 0: not
+// accepted yet.
 Napi::Value TcpEstablished(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   sockdiag_tcp_conn* all = nullptr;
   int family = Int(info[0]);
-  long n = sockdiag_tcp_established(family, static_cast<uint16_t>(Int(info[1])), &all);
+  uint8_t local[16] = {0};
+  static const uint8_t any[16] = {0};
+  bool byAddress = info.Length() > 2 && info[2].IsString();
+  if (byAddress) {
+    std::string text = info[2].As<Napi::String>();
+    if (inet_pton(family, text.c_str(), local) != 1) {
+      Napi::TypeError::New(env, "tcpEstablished: not an address of the family: " + text).ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    if (memcmp(local, any, family == AF_INET ? 4 : 16) == 0) byAddress = false;
+  }
+  long n = sockdiag_tcp_established(family, static_cast<uint16_t>(Int(info[1])), byAddress ? local : nullptr, &all);
   if (n < 0) {
     ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
     return env.Undefined();

@@ -13,7 +13,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* Sends one dump request and calls `each` for every reply message. */
+/* The dump changed while it was read (NLM_F_DUMP_INTR on a reply): its
+ * answer may miss or repeat sockets. Asked again, this many times at most. */
+#define DUMP_INTERRUPTED 1
+#define DUMP_TRIES 8
+
+/* Sends one dump request and calls `each` for every reply message; 0, or
+ * DUMP_INTERRUPTED if a reply said the dump was not consistent (every
+ * message was still handed to `each`), or -errno. */
 static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*), void* ctx) {
   int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
   if (fd < 0) return -errno;
@@ -26,7 +33,7 @@ static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*
     return -e;
   }
   static __thread char buf[32768] __attribute__((aligned(8)));
-  int rc = 0;
+  int rc = 0, interrupted = 0;
   for (;;) {
     ssize_t n = recv(fd, buf, sizeof buf, 0);
     if (n < 0) {
@@ -36,6 +43,7 @@ static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*
     }
     struct nlmsghdr* h = (struct nlmsghdr*)buf;
     for (; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+      if (h->nlmsg_flags & NLM_F_DUMP_INTR) interrupted = 1;
       if (h->nlmsg_type == NLMSG_DONE) goto out;
       if (h->nlmsg_type == NLMSG_ERROR) {
         struct nlmsgerr* err = NLMSG_DATA(h);
@@ -47,7 +55,7 @@ static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*
   }
 out:
   close(fd);
-  return rc;
+  return rc ? rc : interrupted ? DUMP_INTERRUPTED : 0;
 }
 
 struct grow {
@@ -72,10 +80,17 @@ typedef int (*each_fn)(struct nlmsghdr*, void*);
  * which is handed g (or the struct g begins): the number of items, *out
  * the array (the caller frees it), or -errno. */
 static long collect(const void* req, size_t len, each_fn each, struct grow* g, void** out) {
-  int rc = dump(req, len, each, g);
+  int rc = DUMP_INTERRUPTED;
+  /* An inconsistent dump's items are dropped and the dump asked again: a
+   * socket missed or seen twice would be a connection not counted, or a
+   * peer not found. Tables that keep changing under every try: -EAGAIN. */
+  for (int i = 0; i < DUMP_TRIES && rc == DUMP_INTERRUPTED; i++) {
+    g->n = 0;
+    rc = dump(req, len, each, g);
+  }
   if (rc) {
     free(g->items);
-    return rc;
+    return rc == DUMP_INTERRUPTED ? -EAGAIN : rc;
   }
   *out = g->items;
   return (long)g->n;
@@ -160,20 +175,29 @@ long sockdiag_udp_all(int family, sockdiag_udp** out) {
 struct listening_ctx {
   struct grow g;
   uint16_t port; /* network byte order */
+  /* The local address too, unless NULL (any): 4 bytes (AF_INET) or 16. */
+  const uint8_t* local;
+  size_t local_len;
 };
 
 /* collect, for the TCP sockets in `states` whose local port is `port`
- * (the callback skips the others: c->port). */
-static long tcp_on_port(int family, uint32_t states, uint16_t port, each_fn each, size_t size, void** out) {
+ * and, if `local` is given, whose local address is that (the callback
+ * skips the others: on_port). */
+static long tcp_on_port(int family, uint32_t states, uint16_t port, const uint8_t* local, each_fn each, size_t size, void** out) {
   struct inet_dump req = inet_dump_of(family, IPPROTO_TCP, states);
-  struct listening_ctx c = {{NULL, 0, 0, size}, htons(port)};
+  struct listening_ctx c = {{NULL, 0, 0, size}, htons(port), local, family == AF_INET ? 4 : 16};
   return collect(&req, sizeof req, each, &c.g, out);
+}
+
+static int on_port(const struct listening_ctx* c, const struct inet_diag_msg* m) {
+  if (m->id.idiag_sport != c->port) return 0;
+  return !c->local || memcmp(m->id.idiag_src, c->local, c->local_len) == 0;
 }
 
 static int each_listening(struct nlmsghdr* h, void* ctx) {
   struct listening_ctx* c = ctx;
   struct inet_diag_msg* m = NLMSG_DATA(h);
-  if (m->id.idiag_sport != c->port) return 0;
+  if (!on_port(c, m)) return 0;
   uint32_t* ino = push(&c->g);
   if (!ino) return -ENOMEM;
   *ino = m->idiag_inode;
@@ -182,13 +206,13 @@ static int each_listening(struct nlmsghdr* h, void* ctx) {
 
 long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out) {
   /* TCP_LISTEN alone: only the listening hash is walked. */
-  return tcp_on_port(family, 1u << 10, port, each_listening, sizeof(uint32_t), (void**)out);
+  return tcp_on_port(family, 1u << 10, port, NULL, each_listening, sizeof(uint32_t), (void**)out);
 }
 
 static int each_established(struct nlmsghdr* h, void* ctx) {
   struct listening_ctx* c = ctx;
   struct inet_diag_msg* m = NLMSG_DATA(h);
-  if (m->id.idiag_sport != c->port) return 0;
+  if (!on_port(c, m)) return 0;
   sockdiag_tcp_conn* t = push(&c->g);
   if (!t) return -ENOMEM;
   memset(t, 0, sizeof *t);
@@ -199,7 +223,7 @@ static int each_established(struct nlmsghdr* h, void* ctx) {
   return 0;
 }
 
-long sockdiag_tcp_established(int family, uint16_t port, sockdiag_tcp_conn** out) {
+long sockdiag_tcp_established(int family, uint16_t port, const uint8_t* local, sockdiag_tcp_conn** out) {
   /* TCP_ESTABLISHED alone (1 << 1). */
-  return tcp_on_port(family, 1u << 1, port, each_established, sizeof(sockdiag_tcp_conn), (void**)out);
+  return tcp_on_port(family, 1u << 1, port, local, each_established, sizeof(sockdiag_tcp_conn), (void**)out);
 }

@@ -40,7 +40,10 @@ typedef struct {
 } sockdiag_tcp_conn;
 
 /* The established TCP connections of `family` whose local port is `port`
- * (host order), in this network namespace. */
-long sockdiag_tcp_established(int family, uint16_t port, sockdiag_tcp_conn** out);
+ * (host order) and, unless `local` is NULL, whose local address is `local`
+ * (network order, 4 bytes for AF_INET, 16 for AF_INET6), in this network
+ * namespace. A dump the kernel says changed while it was read is asked
+ * again (-EAGAIN if it keeps changing). */
+long sockdiag_tcp_established(int family, uint16_t port, const uint8_t* local, sockdiag_tcp_conn** out);
 
 #endif

@@ -129,7 +129,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       sigmask: 0n,
     };
     const bracket = /^(\w+):\[(\d+)\]$/.exec(target);
-    const inherited = bracket?.[1] === 'socket' ? inheritedSocket(ctx, BigInt(bracket[2])) : undefined;
+    const inherited = bracket?.[1] === 'socket' ? inheritedSocket(ctx, BigInt(bracket[2]), () => sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets)) : undefined;
     const connection = bracket?.[1] === 'socket' && !inherited ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
     if (bracket && bracket[1] === 'pipe') {
       fd.kind = FdKind.PIPE;

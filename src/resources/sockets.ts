@@ -17,11 +17,14 @@
  *
  * Inherited listeners: `appshot serve` installs its own public listener in
  * a restore-mode instance in place of the application's (serve/server.ts).
- * That socket is serve's, not the application's: a snapshot records only
- * the key it was installed under (and what it is, for `image show`), and
- * a restore installs the very descriptor its caller hands it for that key,
- * nothing made, or is refused before anything is made (requireInherited).
- * The connections waiting in its accept queue stay there meanwhile.
+ * That socket is serve's, not the application's: a snapshot records the
+ * key it was installed under with the application's listener it stands
+ * for (address, port, and the backlog and options the socket has), and a
+ * restore installs the very descriptor its caller hands it for that key,
+ * given those options and backlog (the kernel copies a listener's options
+ * into what it accepts), nothing made. A restore handed nothing (a plain
+ * `appshot restore`) makes the application's own listener again from the
+ * record. The connections waiting in its accept queue stay there meanwhile.
  */
 import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -334,10 +337,16 @@ export function requireKept(image: Image, kept: KeptSockets): void {
 }
 
 /** The socket `ino`, if it is one the caller installed and keeps
- * (DumpContext.inherited): recorded by its key, nothing of it read. */
-export function inheritedSocket(ctx: DumpContext, ino: bigint): Socket | undefined {
+ * (DumpContext.inherited): recorded by its key, as the application's own
+ * listener it stands for (its address and port), with the backlog and
+ * options the socket has now (`live`: describe() of it): those the
+ * restore gave it from the application's image (inheritedEnd), and any
+ * the application set on it since. A restore that makes the application's
+ * listener again (a plain one, or serve forwarding) makes it so. */
+export function inheritedSocket(ctx: DumpContext, ino: bigint, live: () => Socket): Socket | undefined {
   const l = ctx.inherited.get(ino);
   if (!l) return undefined;
+  const now = live();
   return {
     ino,
     family: l.family,
@@ -345,20 +354,26 @@ export function inheritedSocket(ctx: DumpContext, ino: bigint): Socket | undefin
     address: l.address,
     port: l.port,
     listening: true,
-    backlog: l.backlog,
+    backlog: now.backlog || l.backlog,
     peerIno: 0n,
     queued: Buffer.alloc(0),
     reuseaddr: l.reuseaddr,
     reuseport: false,
     v6only: l.v6only,
     inherited: l.key,
+    ...(now.options?.length ? { options: now.options } : {}),
   };
 }
 
 /** Before anything is made: every inherited socket of the image has a
- * descriptor handed for its key (an image is untrusted: one that names a
- * key this restore was not given is refused, whoever wrote it). */
+ * descriptor handed for its key, or is to be made as the application's
+ * own listener again (`ownAgain`, or every one when the caller hands none:
+ * a plain restore of an image taken under `appshot serve` gets its own
+ * listener back, bound to its port with its options). One naming a key a
+ * caller that hands some was not given is refused (an image is untrusted:
+ * whoever wrote it). */
 export function requireInherited(image: Image, given: ReadonlyMap<string, number>, ownAgain: ReadonlySet<string>): void {
+  if (!given.size) return;
   for (const p of image.processes)
     for (const f of p.fds) {
       const key = f.socket?.inherited;
@@ -385,12 +400,48 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
   const at = h.inheritAt;
   const key = s.inherited || (at && !h.plan && s.family === at.family && virtualPort(h.image, s.port) === at.port ? at.key : undefined);
   // Made as the application's own listener again, from what the image
-  // recorded of it.
-  if (!key || (!h.inherit.has(key) && h.ownListeners.has(key))) return undefined;
+  // recorded of it (a caller handing none: a plain restore).
+  if (!key || (!h.inherit.has(key) && (h.ownListeners.has(key) || !h.inherit.size))) return undefined;
   const given = h.inherit.get(key);
   if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
   addon().setStatusFlags(given, fd.flags);
+  asApplicationListener(h, given, s, `fd ${fd.fd}: the listener inherited from '${key}'`);
   return given;
+}
+
+/**
+ * The caller's listener given the application's own listener's options
+ * and backlog, as the image recorded them: the kernel copies a listener's
+ * options into every socket it accepts (TCP_NODELAY, SO_KEEPALIVE and its
+ * timers, locked buffer sizes, ...), and a listener's own (TCP_DEFER_ACCEPT,
+ * TCP_FASTOPEN, ...) decide what it accepts, so the application must find
+ * its own there, not the caller's. Once per restore, however many
+ * descriptors share it. Those that decide a bind (SO_BINDTODEVICE,
+ * IP_FREEBIND, ...) are not set: the caller's socket is bound already,
+ * where the caller chose. listen() again only changes the backlog.
+ */
+function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string): void {
+  h.once(`inherited ${s.ino}`, () => {
+    applyListenerOptions(sock, s, where);
+    return sock;
+  });
+}
+
+/** Gives the caller's listening socket `sock` the options and backlog of
+ * the application's listener `s` (an image's record of it), as
+ * asApplicationListener does: for `appshot serve`, which gives them its
+ * public listener as soon as it has read the image, so that connections
+ * waiting in its queue before a restore are made with them too (the
+ * kernel copies a listener's options into a connection when its handshake
+ * completes, not when it is accepted). */
+export function applyListenerOptions(sock: number, s: Socket, where: string): void {
+  check(s, 'listen', where);
+  applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
+  try {
+    if (s.backlog > 0) addon().listenNow(sock, s.backlog, true);
+  } catch (e) {
+    throw new AppshotError(`${where}: its backlog (${s.backlog}) cannot be set: ${(e as Error).message}`);
+  }
 }
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */

@@ -113,8 +113,11 @@ export interface RestoreOptions {
   recordImage?: string;
   /** Descriptors of this process installed in the application as they
    * are, by key: for each inherited socket the image names (`appshot
-   * serve`'s public listener, resources/sockets.ts). An image naming a key
-   * not given here is refused before anything is made. The caller keeps
+   * serve`'s public listener, resources/sockets.ts), given the options
+   * and backlog the image recorded of the application's listener. With
+   * some given, an image naming a key not given here (nor in ownListeners)
+   * is refused before anything is made; with none (a plain restore), each
+   * is made as the application's own listener again. The caller keeps
    * them (none is closed here). */
   inherit?: ReadonlyMap<string, number>;
   /** The image's ordinary TCP listener of this address family at this

@@ -30,6 +30,7 @@ import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
 import { killPoint } from '../killpoint.js';
+import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
@@ -334,6 +335,7 @@ class Service {
         this.ready = chain;
         this.readyCheckedAt = performance.now();
         this.seeds = seedCount(chain[0].image);
+        this.ownOptions();
         // Where each inherited page is read from, while nothing waits.
         prepareChain(chain);
         this.host.preloaded(this);
@@ -404,6 +406,9 @@ class Service {
       // on its own port: forwarded to as before, for as long as it runs.
       const sharing = this.mayShare() && running?.state !== 'running';
       if (this.mayShare() && !sharing) this.log('share-fallback', { port: p.public, why: 'the running instance adopted listens on its own port', now: 'forwarding' });
+      // Shared: its image read first (preload), so that the listener has
+      // the application's options before the first client (below).
+      if (sharing) await this.preloading?.catch(() => undefined);
       const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket, p));
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
@@ -419,6 +424,7 @@ class Service {
         const fd = addon().dupFd((server as unknown as { _handle: { fd: number } })._handle.fd);
         server.close();
         this.shared = this.sharedListener(fd, p);
+        this.ownOptions();
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true });
         continue;
       }
@@ -429,6 +435,25 @@ class Service {
     }
     this.listened = true;
     this.prepare(false);
+  }
+
+  /**
+   * Shared, no instance holding it: the listener given the options and
+   * backlog of the application's own, as the preloaded image records it
+   * (SharedListener.takeOwnOptions), before a client waits in its queue.
+   * An image whose application cannot have it is left to the restore,
+   * which falls back to forwarding (shareWith); one whose options cannot
+   * be set is logged, and the restore says so again if it cannot either.
+   */
+  private ownOptions(): void {
+    const s = this.shared;
+    const state = this.instances.get(this.name)?.state;
+    if (!s || !this.ready || (state !== 'suspended' && state !== 'crashed')) return;
+    try {
+      if (s.problem(this.ready[0].image) === undefined) s.takeOwnOptions();
+    } catch (e) {
+      this.log('listener-options-failed', { error: (e as Error).message });
+    }
   }
 
   /** A SharedListener of our descriptor `fd`, closed if it cannot be made. */
@@ -475,23 +500,61 @@ class Service {
 
   /** The running instance's own descriptor of a listener on the public
    * port (one a previous serve installed in it), duplicated here; or
-   * undefined. */
+   * undefined if it has none. One it has that this serve cannot take
+   * (pidfd_getfd, or /proc/PID/fd, refused: a serve with fewer privileges
+   * than the instance, say) is the public port itself, which the instance
+   * accepts on: serve can neither bind the port nor forward to it, and
+   * says so in one line rather than failing to bind (EADDRINUSE). */
   private adoptedListener(p: PortMap): number | undefined {
     const inst = this.instances.get(this.name);
     if (inst?.state !== 'running') return undefined;
+    let procs: ReturnType<typeof listProcesses>;
+    let inodes: Set<string>;
+    let refused: string | undefined;
     try {
       const reg = this.reg;
       const rec = reg.get(inst.aid);
       if (!rec) return undefined;
-      const procs = listProcesses(reg, [rec]).filter((x) => !x.init);
+      procs = listProcesses(reg, [rec]).filter((x) => !x.init);
       if (!procs.length) return undefined;
-      const inodes = listeningInodes(procs[0].pid, p.public);
-      for (const x of procs)
-        for (const d of descriptorLinks(x.pid)) if (inodes.has(d.link)) return addon().getFd(x.pid, Number(d.fd));
-    } catch {
+      inodes = listeningInodes(procs[0].pid, p.public);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
       // Gone meanwhile: the public port is bound afresh.
+      if (code !== 'EACCES' && code !== 'EPERM') return undefined;
+      // Its network namespace cannot be told: if the port listens in
+      // ours, it is the instance's (the bind would fail anyway).
+      procs = [];
+      inodes = new Set();
+      for (const family of [2, 10]) for (const ino of addon().tcpListeningInodes(family, p.public)) inodes.add(`socket:[${ino}]`);
+      if (inodes.size) refused = `its processes cannot be looked into: ${code}`;
     }
-    return undefined;
+    if (!inodes.size) return undefined;
+    for (const x of procs) {
+      let links: { fd: string; link: string }[];
+      try {
+        links = readdirSync(`/proc/${x.pid}/fd`).map((fd) => ({ fd, link: readlinkSync(`/proc/${x.pid}/fd/${fd}`) }));
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        // Ended meanwhile (or a descriptor closed while read): the others.
+        if (code === 'ENOENT' || code === 'ESRCH') continue;
+        refused ??= `its descriptors cannot be read: ${code ?? (e as Error).message}`;
+        continue;
+      }
+      for (const d of links) {
+        if (!inodes.has(d.link)) continue;
+        try {
+          return addon().getFd(x.pid, Number(d.fd));
+        } catch (e) {
+          refused ??= `pidfd_getfd of its fd ${d.fd}: ${(e as Error).message}`;
+        }
+      }
+    }
+    if (refused === undefined) return undefined;
+    throw new AppshotError(
+      `service ${this.name}: its running instance ${inst.aid} holds the public port ${p.public} (the listener a previous serve gave it), and this serve cannot take it over (${refused}); run serve with the privileges of the one that started the instance, or end the instance (appshot rm --force ${inst.aid})`,
+      ExitCode.conflict,
+    );
   }
 
   /** Shared listener, instance running: what the instance accepted, from
@@ -545,10 +608,16 @@ class Service {
   pump(): void {
     const forwarded = this.forwardHeld();
     // Shared: those waiting in the listener's accept queue are held too
-    // (by the kernel), for the metrics and the policy alike.
-    const waiting = this.held.length + (this.shared?.queued() ?? 0);
+    // (by the kernel), for the metrics and the policy alike; but for a
+    // second after a failed restore (watchAfter) they ask for none, or
+    // this pump (every tick's, the failure's own) would start the next
+    // try at once: SHARED_FAILURES in a few milliseconds, the front door
+    // given up on a passing failure.
+    const queued = this.shared?.queued() ?? 0;
+    const waiting = this.held.length + queued;
     this.host.metrics?.held.set({ service: this.name }, waiting);
-    const actions = this.policy.decide([...this.instances.values()], waiting);
+    const asking = performance.now() < this.watchAfter ? this.held.length : waiting;
+    const actions = this.policy.decide([...this.instances.values()], asking);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,

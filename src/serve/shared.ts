@@ -31,8 +31,9 @@
  */
 import { closeSync, fstatSync } from 'node:fs';
 import { addon } from '../native.js';
-import { FdKind, type Image, virtualPort } from '../image/types.js';
+import { FdKind, type Image, type Socket, virtualPort } from '../image/types.js';
 import type { InheritedListener } from '../resources/context.js';
+import { applyListenerOptions } from '../resources/sockets.js';
 
 const AF_INET6 = 10;
 const AF_INET = 2;
@@ -51,6 +52,9 @@ export class SharedListener {
    * of it said (problem()): recorded in each suspend image with the key,
    * so that a serve forwarding after all can give it back its own. */
   private original: { address: string; backlog: number; reuseaddr: boolean; v6only: boolean } | undefined;
+  /** The image's record of that listener (problem()): its options and
+   * backlog, which takeOwnOptions gives this socket. */
+  private own: Socket | undefined;
 
   /** The key images name the listener of application port `appPort` by. */
   static keyOf(appPort: number): string {
@@ -97,7 +101,7 @@ export class SharedListener {
    * and which of them were not seen by an earlier call. */
   connections(): { count: number; fresh: { remote: string; port: number }[] } {
     const now = addon()
-      .tcpEstablished(this.family, this.publicPort)
+      .tcpEstablished(this.family, this.publicPort, this.address)
       .filter((c) => c.ino !== 0);
     const fresh = now.filter((c) => !this.seen.has(c.ino));
     this.seen.clear();
@@ -126,12 +130,12 @@ export class SharedListener {
   /** Why the image's application cannot be given this listener, or
    * undefined if it can. */
   problem(image: Image): string | undefined {
-    const listeners = new Map<bigint, { family: number; port: number; inherited?: string; own: NonNullable<SharedListener['original']> }>();
+    const listeners = new Map<bigint, { family: number; port: number; inherited?: string; own: NonNullable<SharedListener['original']>; socket: Socket }>();
     for (const p of image.processes)
       for (const f of p.fds) {
         const s = f.socket;
         if (f.kind === FdKind.TCP_LISTEN && s)
-          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only } });
+          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only }, socket: s });
       }
     const all = [...listeners.values()];
     const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
@@ -141,6 +145,7 @@ export class SharedListener {
     const mine = all.find((l) => l.inherited === this.key);
     if (mine) {
       this.original = mine.own;
+      this.own = mine.socket;
       return undefined;
     }
     // Of a dual-stack server's two listeners on the port (redis's default:
@@ -151,7 +156,22 @@ export class SharedListener {
     if (!same.length) return `the application's listener on port ${this.appPort} is ${familyName(all[0].family)}, the public one ${familyName(this.family)}`;
     if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
     this.original = same[0].own;
+    this.own = same[0].socket;
     return undefined;
+  }
+
+  /**
+   * Gives this socket the options and backlog of the application's
+   * listener that the last image problem() accepted recorded (none if it
+   * accepted none). Only while no instance holds it (the instance's own
+   * changes to it stay), and before a restore installs it: connections
+   * that wait in its queue meanwhile are made with the application's
+   * options (the kernel copies a listener's into each when its handshake
+   * completes, not when it is accepted), not serve's. The restore sets
+   * them again (resources/sockets.ts): the same, nothing to do.
+   */
+  takeOwnOptions(): void {
+    if (this.own) applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`);
   }
 
   /** Stops watching; `closeFd`: its descriptor closed too (the forwarder

@@ -1,0 +1,273 @@
+/**
+ * `appshot serve` sharing its public listener with a restore-mode instance
+ * (src/serve/shared.ts) keeps the application's own listener as it was:
+ *
+ * - The options the application set on its listener (TCP_NODELAY,
+ *   SO_KEEPALIVE and its timers, a fixed receive buffer: copied by the
+ *   kernel into every socket accepted; TCP_DEFER_ACCEPT: the listener's
+ *   own) and its backlog are the shared listener's while the instance
+ *   holds it, after the first restore (from the application's own image)
+ *   and after a restore from a suspend image (which names serve's listener
+ *   by key). test/fixtures/listenopts checks each socket it accepts itself.
+ * - A plain `appshot restore` of a suspend image (outside serve, nothing
+ *   handed) makes the application's listener again, on its own port, with
+ *   those options and backlog.
+ * - A serve that cannot take over the listener a previous serve left in a
+ *   running instance (started without CAP_SYS_PTRACE, so that the kernel
+ *   refuses it the instance's descriptors) says so in one line and exits,
+ *   rather than failing to bind the port the instance holds; a serve that
+ *   can adopts the instance as before.
+ * - Restores that keep failing (the program replaced under the image)
+ *   while a client waits in the shared listener's queue: after 3 in a row
+ *   the forwarding front door takes the listener, accepts the client, and
+ *   closes it when the next restore fails (told, not left waiting).
+ * - A kill -9 of the instance's process that holds the shared listener
+ *   (its helper holds it too): the helper goes with the crash, before any
+ *   client comes, and the next client is answered by a restored instance.
+ */
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { alive, command, fixture, type Running, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
+// Ports of their own, 26505-26599 (see Sandbox for the other files').
+const base = 26505 + (process.pid % 11) * 8;
+const APP = base;
+const PUBLIC = base + 1;
+const PUBLIC2 = base + 2;
+const FAILING_APP = base + 3; // a server whose restores fail
+const FAILING_PUBLIC = base + 4;
+const CRASH_APP = base + 5; // a server with a helper process holding its listener
+const CRASH_PUBLIC = base + 6;
+/** listenopts's backlog (serve's own is 4096). */
+const BACKLOG = 7;
+
+let serve: Running | undefined;
+
+afterAll(async () => {
+  if (serve && serve.child.exitCode === null) serve.child.kill('SIGTERM');
+  await serve?.exited;
+  for (const aid of ['opts', 'adopted', 'outside', 'failing', 'crashing']) sb.run(['rm', '--force', aid]);
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+/** Says a line to 127.0.0.1:`port`; all it was told before it closed. */
+const ask = (port: number) =>
+  new Promise<string>((resolve, reject) => {
+    const c = connect(port, '127.0.0.1');
+    let got = '';
+    c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
+    c.on('connect', () => c.write('hello\n'));
+    c.on('data', (d) => (got += d));
+    c.on('error', reject);
+    c.on('close', () => resolve(got));
+  });
+
+/** The backlog of the socket listening on 127.0.0.1:`port` (ss's Send-Q
+ * of a listener: sock_diag's idiag_wqueue), or -1 if none listens. */
+function backlogAt(port: number): number {
+  const r = spawnSync('ss', ['-Hltn', `src 127.0.0.1:${port}`], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`ss: ${r.stderr}`);
+  const f = r.stdout.trim().split(/\s+/);
+  return f.length >= 3 && f[0] === 'LISTEN' ? Number(f[2]) : -1;
+}
+
+interface ServiceJson {
+  state: string;
+  snapshots: number;
+  restores: number;
+  lastImage: string;
+  instances: { state: string }[];
+}
+const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
+
+/** The JSON log lines of `name` so far. */
+const events = (s: Running, name: string) =>
+  s.stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { event: string; service?: string; shared?: boolean; adopted?: boolean })
+    .filter((e) => e.service === name);
+
+describe("appshot serve: the shared listener is the application's own", () => {
+  beforeAll(async () => {
+    const r = sb.run(['run', '-d', '--aid', 'optsapp', '--', fixture('listenopts'), String(APP)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('optsapp').includes('LISTENING'), 10_000, 'listenopts to listen');
+    // Reached directly, its own listener: the baseline the checks hold to.
+    expect(await ask(APP)).toBe('OK 1\n');
+    expect(backlogAt(APP)).toBe(BACKLOG);
+    const s = sb.run(['snapshot', 'optsapp', '-o', join(out, 'opts.img')]);
+    expect(s.code, s.stderr).toBe(0);
+    await waitFor(() => backlogAt(APP) === -1, 10_000, 'the snapshotted server to end');
+    for (const [name, port, idle] of [['opts', PUBLIC, '1s'], ['adopted', PUBLIC2, '1h']] as const) {
+      const add = sb.run(['service', 'add', name, '--from', join(out, 'opts.img'), '--port', `127.0.0.1:${port}:${APP}`, '--idle', idle]);
+      expect(add.code, add.stderr).toBe(0);
+    }
+    // No instance restored ahead of time (prepared): the first client's
+    // connection is made (its handshake completed) in serve's listener
+    // before the restore, and must have the application's options too.
+    serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+    await serve.line(/^ready$/);
+    expect(events(serve, 'opts').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
+  });
+
+  it('accepted sockets have the options of the application\'s listener, and the listener its backlog, after a restore from its image and from a suspend image', async () => {
+    // The first restore: from the application's own image.
+    expect(await ask(PUBLIC)).toBe('OK 2\n');
+    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(backlogAt(APP), 'the instance listens on the public port only').toBe(-1);
+    // Idle 1 s: suspended, its image naming serve's listener by key.
+    await waitFor(() => show('opts').state === 'suspended' && show('opts').snapshots >= 1, 30_000, 'the suspend');
+    const image = show('opts').lastImage;
+    expect(sb.run(['inspect', image]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 127\\.0\\.0\\.1:${APP}, inherited from 'serve:${APP}'`));
+    // The next restore: from that image.
+    expect(await ask(PUBLIC)).toBe('OK 3\n');
+    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(show('opts').restores).toBe(2);
+  });
+
+  it('a plain restore of a suspend image makes the application its own listener again, with its options and backlog', async () => {
+    await waitFor(() => show('opts').state === 'suspended' && show('opts').snapshots >= 2, 30_000, 'the second suspend');
+    const image = show('opts').lastImage;
+    const r = sb.run(['restore', image, '--aid', 'outside']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      expect(await ask(APP)).toBe('OK 4\n');
+      expect(backlogAt(APP)).toBe(BACKLOG);
+    } finally {
+      sb.run(['rm', '--force', 'outside']);
+    }
+    await waitFor(() => backlogAt(APP) === -1, 10_000, 'the plain restore to end');
+  });
+
+  it('a serve that cannot take over a running instance\'s listener says so in one line; one that can adopts it', async () => {
+    // An instance that outlives its serve, holding the public listener.
+    expect(await ask(PUBLIC2)).toBe('OK 2\n');
+    serve!.child.kill('SIGTERM');
+    expect((await serve!.exited).code).toBe(0);
+    const pids = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']).find((a) => a.aid === 'adopted')!.processes.map((p) => p.pid);
+    expect(pids.filter(alive)).toEqual(pids);
+    expect(backlogAt(PUBLIC2)).toBe(BACKLOG);
+
+    // Without CAP_SYS_PTRACE (the instance has it): the kernel refuses
+    // this serve the instance's descriptors.
+    const refused = spawnSync('setpriv', ['--bounding-set', '-sys_ptrace', '--inh-caps', '-sys_ptrace', command, 'serve', '--foreground'], { env: sb.env, encoding: 'utf8', timeout: 60_000 });
+    expect(refused.status, refused.stderr).toBe(4);
+    const said = refused.stderr.split('\n').filter((l) => l && !l.startsWith('{'));
+    expect(said).toHaveLength(1);
+    expect(said[0]).toMatch(new RegExp(`service adopted: its running instance adopted holds the public port ${PUBLIC2} .*, and this serve cannot take it over \\(.+\\); run serve with the privileges`));
+    expect(refused.stderr).not.toMatch(/EADDRINUSE/);
+    // Nothing of it touched: the instance answers on.
+    expect(pids.filter(alive)).toEqual(pids);
+    expect(await ask(PUBLIC2)).toBe('OK 3\n');
+
+    serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+    await serve.line(/^ready$/);
+    expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
+    expect(await ask(PUBLIC2)).toBe('OK 4\n');
+    expect(await ask(PUBLIC)).toMatch(/^OK \d+\n$/);
+  });
+});
+
+describe('appshot serve: a shared listener whose instance fails', () => {
+  let serve2: Running | undefined;
+  afterAll(async () => {
+    if (serve2 && serve2.child.exitCode === null) serve2.child.kill('SIGTERM');
+    await serve2?.exited;
+  });
+
+  beforeAll(async () => {
+    if (serve && serve.child.exitCode === null) serve.child.kill('SIGTERM');
+    await serve?.exited;
+    for (const name of ['opts', 'adopted']) sb.run(['service', 'rm', name]);
+    // A program run from a copy, which is then replaced (an upgrade under
+    // a suspended service): every restore of its image is refused.
+    const program = join(out, 'failing-server');
+    copyFileSync(fixture('sharedlisten'), program);
+    const r = sb.run(['run', '-d', '--aid', 'failapp', '--', program, String(FAILING_APP)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('failapp').includes('LISTENING'), 10_000, 'the failing server to listen');
+    const s1 = sb.run(['snapshot', 'failapp', '-o', join(out, 'failing.img')]);
+    expect(s1.code, s1.stderr).toBe(0);
+    copyFileSync(fixture('listenopts'), program);
+    // A server with a helper process that holds its listener too.
+    const c = sb.run(['run', '-d', '--aid', 'crashapp', '--', fixture('sharedlisten'), String(CRASH_APP)]);
+    expect(c.code, c.stderr).toBe(0);
+    await waitFor(() => sb.log('crashapp').includes('LISTENING'), 10_000, 'the crashing server to listen');
+    const s2 = sb.run(['snapshot', 'crashapp', '-o', join(out, 'crashing.img')]);
+    expect(s2.code, s2.stderr).toBe(0);
+    for (const [name, image, port, app] of [['failing', 'failing.img', FAILING_PUBLIC, FAILING_APP], ['crashing', 'crashing.img', CRASH_PUBLIC, CRASH_APP]] as const) {
+      const add = sb.run(['service', 'add', name, '--from', join(out, image), '--port', `127.0.0.1:${port}:${app}`, '--idle', '1h']);
+      expect(add.code, add.stderr).toBe(0);
+    }
+    serve2 = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+    await serve2.line(/^ready$/);
+    expect(events(serve2, 'failing').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
+  });
+
+  it('after 3 failed restores in a row, with a client waiting in the queue, the forwarding front door takes the listener, accepts the client, and closes it at the next failure', async () => {
+    const log = () => events(serve2!, 'failing') as { event: string; ts: string; why?: string; error?: string }[];
+    const client = connect(FAILING_PUBLIC, '127.0.0.1');
+    let got = '';
+    let closed = false;
+    client.on('data', (d) => (got += d));
+    client.on('error', () => undefined); // a reset is a close too
+    client.on('close', () => (closed = true));
+    await new Promise((resolve, reject) => client.once('connect', resolve).once('error', reject));
+    await waitFor(() => log().some((e) => e.event === 'share-fallback'), 60_000, 'the fallback to forwarding').catch((e: Error) => {
+      throw new Error(`${e.message}\n${serve2!.stderr}`);
+    });
+    const failures = log().filter((e) => e.event === 'restore-failed') as { ts: string }[];
+    expect(failures.length).toBeGreaterThanOrEqual(3);
+    // Tried a second apart, not one after another at once.
+    for (let i = 1; i < 3; i++) expect(Date.parse(failures[i].ts) - Date.parse(failures[i - 1].ts)).toBeGreaterThanOrEqual(1000);
+    expect(log().find((e) => e.event === 'share-fallback')!.why).toMatch(/^3 restores in a row failed: /);
+    // The client that waited in the queue through them is told: accepted
+    // by the forwarding thread, then closed when the next restore fails.
+    await waitFor(() => closed, 60_000, 'the waiting client to be closed');
+    expect(got).toBe('');
+    expect(log().filter((e) => e.event === 'restore-failed').length).toBeGreaterThan(failures.length);
+    expect(show('failing').state).not.toBe('running');
+  });
+
+  it('a kill -9 of the instance process holding the shared listener ends its other processes at once, and the next client is answered', async () => {
+    const asked = (port: number) =>
+      new Promise<string>((resolve, reject) => {
+        const c = connect(port, '127.0.0.1');
+        let got = '';
+        c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
+        c.on('connect', () => c.write('ping\n'));
+        c.on('data', (d) => (got += d));
+        c.on('error', reject);
+        c.on('close', () => resolve(got));
+      });
+    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    const pids = sb
+      .json<{ aid: string; processes: { vpid: number; pid: number; init: boolean }[] }[]>(['ps'])
+      .find((a) => a.aid === 'crashing')!
+      .processes.filter((p) => !p.init)
+      .sort((a, b) => a.vpid - b.vpid)
+      .map((p) => p.pid);
+    expect(pids.length).toBeGreaterThanOrEqual(2);
+    const [server, ...others] = pids;
+    // Its helper holds the listener too (and would go on holding the
+    // queue, nobody accepting).
+    process.kill(server, 'SIGKILL');
+    await waitFor(() => events(serve2!, 'crashing').some((e) => e.event === 'crash'), 10_000, 'the crash to be seen').catch((e: Error) => {
+      throw new Error(`${e.message}\n${serve2!.stderr}`);
+    });
+    // No client comes meanwhile: the helpers go because of the crash.
+    await waitFor(() => others.every((p) => !alive(p)), 10_000, "the instance's other processes to end");
+    // Answered by an instance restored from the image (its count as the
+    // image had it), not by what was left of the crashed one.
+    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    await waitFor(() => show('crashing').restores === 2, 10_000, 'the second restore in `service show`');
+  });
+});
