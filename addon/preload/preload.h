@@ -273,7 +273,8 @@ static inline void ensure_init(void) {
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
   X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
-  X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock)
+  X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
+  X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait)
 
 enum {
 #define X(n) R_##n,
