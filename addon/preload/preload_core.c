@@ -100,6 +100,8 @@ void init_slow(void) {
      * mark's offset is published first, so that a snapshot sees it. */
     appshot_id_window_tpoff =
         (long)((char *)&t_id_window - thread_pointer());
+    appshot_timed_wait_tpoff =
+        (long)((char *)&t_timed_wait - thread_pointer());
     ID_WINDOW();
     resolve_real();
     exec_capture_env();
