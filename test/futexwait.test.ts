@@ -223,6 +223,7 @@ describe('condition waits on mutexes that keep a TID, across a restore', () => {
       const log = sb.log(aid);
       expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
       for (const check of [
+        'relocking pi woken, owner its TID now, relock EDEADLK, unlocked',
         'waiting errorcheck woken, owner its TID now, relock EDEADLK, unlocked',
         'waiting recursive woken, owner its TID now, relock count 2, unlocked twice',
         'held errorcheck timedwait ETIMEDOUT, relock EDEADLK',

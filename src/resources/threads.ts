@@ -15,6 +15,7 @@ import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
 import { timedWaitTpoffOf } from '../ptrace/windows.js';
 import type { MapsLine } from './memory.js';
+import { tidMoves } from './mutexes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -570,6 +571,49 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
   if (!FUTEX_LOCK_PIS.includes(t.regs.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS)) return false;
   const kind = addon().readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
   return (kind & MUTEX_TYPE_MASK) === 0;
+}
+
+/**
+ * At restore, once the threads have their new TIDs (`tids`, in the order
+ * of p.threads) and the robust lists were walked: the futex word of each
+ * private priority-inheritance mutex a thread was caught waiting to take
+ * (FUTEX_LOCK_PI, to be made again) is given its holder's TID now, where
+ * it names a TID one of the process's threads had at the snapshot (or
+ * before). The kernel attaches a PI waiter to the task the word names: an
+ * old TID is no task (ESRCH, on which glibc waits forever) or another's.
+ * A mutex that is not robust is in no list, and its holder mends its word
+ * only at its next call on it (addon/preload/preload_mutex.c), after the
+ * waiter's restarted call. Private only (FUTEX_PRIVATE_FLAG): a shared
+ * word may be another process's holder's. A word naming a TID some thread
+ * has now is left (mended by the robust walk, or ambiguous). The waiter
+ * itself takes the mutex under its TID now (the kernel writes it), and
+ * glibc's __owner from the TID it read before (the preload library's
+ * condition waits mend that; its mutex calls, at its next one).
+ */
+export function restorePiWaitWords(pid: number, p: Process, tids: number[]): void {
+  const waiting = p.threads.filter((t) => {
+    const op = t.regs.readBigUInt64LE(ARG.rsi);
+    return t.regs.readBigInt64LE(REG.origRax) === NR_futex && op & 128n && FUTEX_LOCK_PIS.includes(op & ~FUTEX_FLAGS) && [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(t.regs.readBigInt64LE(REG.rax));
+  });
+  if (!waiting.length) return;
+  const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
+  const now = new Set(tids);
+  for (const t of waiting) {
+    const at = t.regs.readBigUInt64LE(ARG.rdi);
+    if (at & 3n) continue;
+    let word: number;
+    try {
+      word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+    } catch {
+      continue;
+    }
+    const tid = word & FUTEX_TID_MASK;
+    const to = moved.get(tid);
+    if (!tid || to === undefined || now.has(tid)) continue;
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
+    addon().writeMemory(pid, at, b);
+  }
 }
 
 /**
