@@ -194,3 +194,51 @@ it('a process-shared mutex held under an old TID by another process is not taken
   expect(r.stdout, r.stderr).toMatch(/^ALL OK$/m);
   expect(r.code, r.stderr).toBe(0);
 });
+
+/**
+ * Condition waits on mutexes whose owner fields hold a TID (condwait.c):
+ * glibc's pthread_cond_wait gives the mutex up and takes it again inside
+ * itself, past the library's mutex calls, so the library's cond calls
+ * mend the mutex (preload_mutex.c). A thread holding an error-checking, a
+ * recursive and a PI error-checking mutex across the restore then waits
+ * with each (unmended: EPERM at once, the mutex still held), and threads
+ * caught in a condition wait are woken after it; each comes back holding
+ * its mutex under its TID now.
+ */
+describe('condition waits on mutexes that keep a TID, across a restore', () => {
+  async function roundTrip(aid: string, extra: string[]): Promise<void> {
+    const image = join(sb.home, `${aid}-img`);
+    try {
+      const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('condwait')]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => /^(HOLDING|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid} to hold its mutexes and wait`);
+      const s = sb.run(['snapshot', aid, '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      const t = sb.run(['restore', image, ...extra]);
+      expect(t.code, t.stderr).toBe(0);
+      expect(t.stderr.match(/^appshot: warning: .*$/gm) ?? []).toEqual([]);
+      process.kill(sb.systemPid(aid), 'SIGUSR1');
+      // The fixture's own alarm ends a step that hangs with a FAIL line.
+      await waitFor(() => /^(ALL OK|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid), 60_000, `${aid}'s verdict`);
+      const log = sb.log(aid);
+      expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
+      for (const check of [
+        'relocking pi woken, owner its TID now, relock EDEADLK, unlocked',
+        'waiting errorcheck woken, owner its TID now, relock EDEADLK, unlocked',
+        'waiting recursive woken, owner its TID now, relock count 2, unlocked twice',
+        'held errorcheck timedwait ETIMEDOUT, relock EDEADLK',
+        'held errorcheck wait woken, unlocked',
+        'held recursive clockwait ETIMEDOUT, relock count 2, unlocked twice',
+        'held pi timedwait ETIMEDOUT, relock EDEADLK, unlocked',
+      ])
+        expect(log).toContain(`CHECK ${check}\n`);
+      expect(log).toMatch(/^ALL OK$/m);
+    } finally {
+      if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
+      rmSync(image, { recursive: true, force: true });
+    }
+  }
+
+  it('restored eagerly', () => roundTrip('cw', []));
+  it('restored with --lazy', () => roundTrip('cwl', ['--lazy']));
+});

@@ -2,11 +2,15 @@
  * A wait with a timeout caught by a snapshot waits, once restored, for the
  * time it had left, not its whole timeout again (issue 12: "poll across
  * the restore"). The preload library makes poll a ppoll and gives
- * nanosleep and usleep a `rem` (addon/preload/preload_wait.c), where the
- * kernel writes the time left when a stop interrupts them; the restore
- * makes the call again with that (src/resources/threads.ts). The fixture
- * (timeleft.c) has three threads waiting 60 s each, over and over, in
- * poll, usleep and nanosleep(req, NULL); each checks its wait ends
+ * nanosleep, usleep and a relative clock_nanosleep a `rem`
+ * (addon/preload/preload_wait.c, preload_clock.c), where the kernel writes
+ * the time left when a stop interrupts them; the restore makes the call
+ * again with that (src/resources/threads.ts). An epoll wait writes
+ * nothing back: the library notes the instant its timeout ends, and the
+ * snapshot gives the call what was left when the freeze began
+ * (threads.ts timeLeftOfWaits). The fixture (timeleft.c) has six threads
+ * waiting 60 s each, over and over, in poll, usleep, nanosleep(req, NULL),
+ * clock_nanosleep(..., NULL), epoll_wait and epoll_pwait; each checks its wait ends
  * normally and never early (not within this test: the restored waits end
  * after it). Here, each restored thread is read back in its call: the
  * timeout it waits with is what was left (less than 58 s, as more than
@@ -26,7 +30,7 @@ afterAll(async () => {
 });
 
 const WAIT_NS = 60_000_000_000n;
-const THREADS = ['poll60', 'usleep60', 'nanosleep60'];
+const THREADS = ['poll60', 'usleep60', 'nanosleep60', 'clocksleep60', 'epoll60', 'epollp60'];
 
 /** Each named thread's system call and arguments (/proc/PID/task/TID/syscall),
  * or undefined while one is not in a call. */
@@ -56,33 +60,38 @@ function timespecAt(pid: number, addr: bigint): bigint {
 
 /** What each thread waits for in the call it is in: ppoll (271) its
  * timeout (arg 3), clock_nanosleep (230) its request (arg 3), poll (7)
- * its milliseconds (arg 3). */
+ * its milliseconds (arg 3), epoll_wait (232) and epoll_pwait (281) theirs
+ * (arg 4). */
 function timeouts(pid: number): Record<string, { nr: number; ns: bigint }> {
   const seen = calls(pid)!;
   const outOf: Record<string, { nr: number; ns: bigint }> = {};
   for (const [name, c] of seen) {
     const nr = Number(c[0]);
-    outOf[name] = { nr, ns: nr === 7 ? c[3] * 1_000_000n : timespecAt(pid, c[3]) };
+    const ms = nr === 7 ? c[3] : nr === 232 || nr === 281 ? c[4] : undefined;
+    outOf[name] = { nr, ns: ms !== undefined ? ms * 1_000_000n : timespecAt(pid, c[3]) };
   }
   return outOf;
 }
 
 describe('waits with a timeout across a snapshot and restore', () => {
-  it('poll, usleep and nanosleep without rem wait for the time they had left, not their whole timeout again', async () => {
-    sb.ok(['run', '-d', '--aid', 'tl', '--', fixture('timeleft')]);
-    await sb.checksPass('tl', 2);
-    let pid = sb.systemPid('tl');
+  it.each([
+    ['restored eagerly', 'tl', []],
+    ['restored with --lazy', 'tll', ['--lazy']],
+  ])('poll, usleep, nanosleep and clock_nanosleep without rem, epoll_wait and epoll_pwait wait for the time they had left, not their whole timeout again (%s)', async (_how, aid, extra) => {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('timeleft')]);
+    await sb.checksPass(aid, 2);
+    let pid = sb.systemPid(aid);
     await waitFor(() => calls(pid) !== undefined, 10_000, 'every thread in its wait');
     // As run: each waits with 60 s, and is in the call it can say it in.
     const before = timeouts(pid);
-    expect(Object.fromEntries(Object.entries(before).map(([n, t]) => [n, t.nr]))).toEqual({ poll60: 271, usleep60: 230, nanosleep60: 230 });
+    expect(Object.fromEntries(Object.entries(before).map(([n, t]) => [n, t.nr]))).toEqual({ poll60: 271, usleep60: 230, nanosleep60: 230, clocksleep60: 230, epoll60: 232, epollp60: 281 });
     for (const t of Object.values(before)) expect(t.ns).toBe(WAIT_NS);
     // More than 2 s into their first wait (each started before the
     // first CHECK line): at least 2 s are gone from what each has left.
     await new Promise((r) => setTimeout(r, 2500));
-    sb.ok(['snapshot', 'tl', '-o', join(out, 'tl')]);
-    sb.ok(['restore', join(out, 'tl')]);
-    pid = sb.systemPid('tl');
+    sb.ok(['snapshot', aid, '-o', join(out, aid)]);
+    sb.ok(['restore', join(out, aid), ...extra]);
+    pid = sb.systemPid(aid);
     await waitFor(() => calls(pid) !== undefined, 10_000, 'every restored thread back in its wait');
     const after = timeouts(pid);
     for (const name of THREADS) {
@@ -94,6 +103,6 @@ describe('waits with a timeout across a snapshot and restore', () => {
     }
     // The restored fixture runs on, its checks passing (its waits end
     // after this test; it is removed with the sandbox).
-    await sb.checksPass('tl', 2);
+    await sb.checksPass(aid, 2);
   });
 });

@@ -114,6 +114,16 @@ struct appshot_id_window {
   uintptr_t began[APPSHOT_WINDOW_DEPTH];
 };
 extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
+
+/* An epoll wait with a timeout, as the thread began it (preload_wait.c):
+ * the CLOCK_MONOTONIC instant its timeout ends (0: none) and its
+ * arguments. Read by a snapshot (src/resources/threads.ts TIMED_WAIT). */
+struct appshot_timed_wait {
+  int64_t deadline;
+  int64_t epfd, events, maxevents, timeout;
+};
+extern __thread struct appshot_timed_wait t_timed_wait TLS_IE HIDDEN;
+extern long appshot_timed_wait_tpoff __attribute__((visibility("default")));
 extern long appshot_id_window_tpoff __attribute__((visibility("default")));
 /* Set for good once a clone() with CLONE_VM but not CLONE_SETTLS was made:
  * the child runs on its parent's thread pointer, so two threads share one
@@ -273,7 +283,9 @@ static inline void ensure_init(void) {
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
   X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
-  X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock)
+  X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
+  X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
+  X(epoll_wait) X(epoll_pwait)
 
 enum {
 #define X(n) R_##n,

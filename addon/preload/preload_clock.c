@@ -167,9 +167,14 @@ API int clock_settime(clockid_t clk, const struct timespec *ts) {
  * process's is the caller's process clock), then the call. A cancellation
  * point in glibc; here, for a clock that needs no translating too,
  * glibc's own, so that it stays one for the ordinary clocks. Returns an
- * error number, not -1. */
+ * error number, not -1. A relative sleep always has a `rem` (ours where
+ * the program gave none), as nanosleep's (preload_wait.c): the kernel
+ * writes the time left there when a stop interrupts it, and a restore
+ * sleeps for that, not the whole request again. */
 API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
                         struct timespec *rem) {
+  struct timespec left;
+  if (!rem && !(flags & TIMER_ABSTIME)) rem = &left;
   ensure_init();
   int (*real)(clockid_t, int, const struct timespec *, struct timespec *) =
       REAL(clock_nanosleep);

@@ -47,6 +47,21 @@ static void resolve_real(void) {
 #undef X
   };
   for (int i = 0; i < R_COUNT; i++) real_fn[i] = dlsym(RTLD_NEXT, names[i]);
+  /* glibc keeps the condition waits under two versions each, the first a
+   * compatibility one for another layout of pthread_cond_t: the one that
+   * programs link against is named, not left to dlsym's choice. */
+  static const struct {
+    int index;
+    const char *name, *version;
+  } versioned[] = {
+      {R_pthread_cond_wait, "pthread_cond_wait", "GLIBC_2.3.2"},
+      {R_pthread_cond_timedwait, "pthread_cond_timedwait", "GLIBC_2.3.2"},
+      {R_pthread_cond_clockwait, "pthread_cond_clockwait", "GLIBC_2.34"},
+  };
+  for (unsigned i = 0; i < sizeof versioned / sizeof *versioned; i++) {
+    void *f = dlvsym(RTLD_NEXT, versioned[i].name, versioned[i].version);
+    if (f) real_fn[versioned[i].index] = f;
+  }
 }
 
 static void init_tables(void) {
@@ -85,6 +100,8 @@ void init_slow(void) {
      * mark's offset is published first, so that a snapshot sees it. */
     appshot_id_window_tpoff =
         (long)((char *)&t_id_window - thread_pointer());
+    appshot_timed_wait_tpoff =
+        (long)((char *)&t_timed_wait - thread_pointer());
     ID_WINDOW();
     resolve_real();
     exec_capture_env();

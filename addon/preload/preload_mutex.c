@@ -211,3 +211,44 @@ API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
   mend(m);
   return REAL(pthread_mutex_clocklock)(m, c, t);
 }
+
+/* Condition waits give their mutex up and take it again inside glibc
+ * (__pthread_mutex_unlock_usercnt, __pthread_mutex_cond_lock), past the
+ * calls above. Mended before: a mutex held across a restore and then
+ * waited with names its holder's old TID, and glibc's unlock inside the
+ * wait compares it (EPERM at once, the mutex still held: a program's
+ * `while (!ready) pthread_cond_wait(...)` would spin). Mended after: a
+ * restore may come while the thread waits, and glibc's relock of a PI
+ * mutex sets __owner from the TID it read before its FUTEX_LOCK_PI (the
+ * old one, if a snapshot caught it there); the next condition wait would
+ * compare that. The hot path is mend's one load of the count on each
+ * side (a restore may set it during the wait), and ensure_init's. Not
+ * interposed: glibc's compatibility versions (GLIBC_2.2.5) for programs
+ * built before 2.3.2, whose pthread_cond_t is laid out otherwise; a
+ * program linked against them reaches ours, which forward to the
+ * current ones (none such is supported). */
+API int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) {
+  ensure_init();
+  mend(m);
+  int r = REAL(pthread_cond_wait)(c, m);
+  mend(m);
+  return r;
+}
+
+API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
+                               const struct timespec *t) {
+  ensure_init();
+  mend(m);
+  int r = REAL(pthread_cond_timedwait)(c, m, t);
+  mend(m);
+  return r;
+}
+
+API int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
+                               clockid_t clock, const struct timespec *t) {
+  ensure_init();
+  mend(m);
+  int r = REAL(pthread_cond_clockwait)(c, m, clock, t);
+  mend(m);
+  return r;
+}

@@ -23,14 +23,26 @@
  * much), never shorter; the same as across a restore, where the time the
  * image waited is not counted either (as timerfd.ts does for timers).
  *
+ * An epoll wait ends at a stop with EINTR (signal(7)), and writes nothing
+ * back; the restore makes it again (src/resources/threads.ts
+ * resumeRegisters). So epoll_wait and epoll_pwait with a timeout keep, in
+ * the thread's t_timed_wait, the CLOCK_MONOTONIC instant it ends and the
+ * call's arguments; a snapshot that finds the thread in that very call
+ * (the same arguments in its registers) gives the call the time that was
+ * left when the freeze began (src/resources/threads.ts timeLeftOfWaits):
+ * never less than was left, longer by at most the freeze's own time.
+ * The price: a clock read and a few TLS stores per wait with a timeout.
+ *
  * Not covered: calls made inside libc (sleep already passes a `rem`;
  * getaddrinfo's polls do not go through these symbols), raw system calls,
- * and a relative FUTEX_WAIT (which takes no `rem`).
+ * epoll_pwait2 (its timeout is in memory), and a relative FUTEX_WAIT
+ * (which takes no `rem`).
  */
 #include "preload.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <time.h>
 
@@ -71,4 +83,49 @@ API int nanosleep(const struct timespec *req, struct timespec *rem) {
 API int usleep(useconds_t usec) {
   struct timespec req = {usec / 1000000, (long)(usec % 1000000) * 1000L}, left;
   return __nanosleep(&req, &left);
+}
+
+/* The epoll wait with a timeout the thread is in (see above): read by
+ * the snapshot at the thread pointer plus appshot_timed_wait_tpoff, with
+ * this layout (src/resources/threads.ts TIMED_WAIT). */
+__thread struct appshot_timed_wait t_timed_wait TLS_IE HIDDEN;
+long appshot_timed_wait_tpoff API;
+
+static int epoll_timed(int epfd, struct epoll_event *events, int max, int timeout,
+                       const sigset_t *mask, int pwait) {
+  ensure_init();
+  int (*wait)(int, struct epoll_event *, int, int) = REAL(epoll_wait);
+  int (*pwait_fn)(int, struct epoll_event *, int, int, const sigset_t *) = REAL(epoll_pwait);
+  if (UNLIKELY(!wait || !pwait_fn)) /* only inside our own init */
+    return (int)libc_ret(sys6(SYS_epoll_pwait, epfd, (long)events, max, timeout, (long)mask, 8));
+  if (timeout <= 0) return pwait ? pwait_fn(epfd, events, max, timeout, mask) : wait(epfd, events, max, timeout);
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now); /* ours: the vDSO for this clock */
+  /* A handler's wait nested in this one puts back what it found. The
+   * instant last: a record is whole once it is set. */
+  struct appshot_timed_wait outer = t_timed_wait;
+  t_timed_wait.deadline = 0;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.epfd = epfd;
+  t_timed_wait.events = (int64_t)(uintptr_t)events;
+  t_timed_wait.maxevents = max;
+  t_timed_wait.timeout = timeout;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.deadline = (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec + (int64_t)timeout * 1000000LL;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  int r = pwait ? pwait_fn(epfd, events, max, timeout, mask) : wait(epfd, events, max, timeout);
+  int e = errno;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait = outer;
+  errno = e;
+  return r;
+}
+
+API int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout) {
+  return epoll_timed(epfd, events, max, timeout, NULL, 0);
+}
+
+API int epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout,
+                    const sigset_t *mask) {
+  return epoll_timed(epfd, events, max, timeout, mask, 1);
 }

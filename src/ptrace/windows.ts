@@ -195,6 +195,22 @@ export function tidMovesOf(pid: number, maps: MapsLine[]): bigint | undefined {
   return lib && offsets ? lib.start + offsets.appshot_tid_moves : undefined;
 }
 
+/** Where, from a thread's pointer, the preload library keeps the epoll
+ * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
+ * addon/preload/preload_wait.c), in a process whose mappings are `maps`;
+ * undefined: no library, an older one, or one that has not set it yet. */
+export function timedWaitTpoffOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_timed_wait_tpoff'] as const);
+  if (!lib || !offsets) return undefined;
+  try {
+    const tpoff = addon().readMemory(pid, lib.start + offsets.appshot_timed_wait_tpoff, 8).readBigInt64LE(0);
+    return tpoff === 0n ? undefined : tpoff;
+  } catch {
+    return undefined;
+  }
+}
+
 /** "major:minor" in hex, as /proc/PID/maps names a device. */
 function deviceName(dev: bigint): string {
   const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);

@@ -64,6 +64,10 @@ export class DumpContext {
   /** Set when the dump itself wrote the tables (a thread given its virtual
    * TID): the driver reads them again for the image only then. */
   tablesWritten = false;
+  /** CLOCK_MONOTONIC (process.hrtime) in ns just before the freeze began,
+   * 0n if not known: a wait's time left is counted to it (threads.ts
+   * timeLeftOfWaits). */
+  freezeBegan = 0n;
   /** Sockets that are not the application's, by inode: recorded by key,
    * not dumped (SnapshotOptions.inherited, sockets.ts inheritedSocket). */
   inherited: ReadonlyMap<bigint, InheritedListener> = new Map();

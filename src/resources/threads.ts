@@ -13,6 +13,9 @@ import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
+import { timedWaitTpoffOf } from '../ptrace/windows.js';
+import type { MapsLine } from './memory.js';
+import { tidMoves } from './mutexes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -358,6 +361,78 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
   return out;
 }
 
+/** struct appshot_timed_wait (addon/preload/preload.h): the
+ * CLOCK_MONOTONIC instant (ns) an epoll wait's timeout ends, 0 for none,
+ * then its arguments (epfd, events, maxevents, timeout), int64 each. */
+const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, size: 40 } as const;
+/** epoll_wait and epoll_pwait: a timeout in milliseconds (arg 4, r10). */
+const NR_epoll_ms_waits = [232n, 281n];
+
+/** Whether a thread's registers `regs` show an epoll wait with its timeout
+ * in milliseconds that a stop ended with EINTR (see resumeRegisters). */
+function inEpollWait(regs: Buffer): boolean {
+  return NR_epoll_ms_waits.includes(regs.readBigInt64LE(REG.origRax)) && regs.readBigInt64LE(REG.rax) === -EINTR && regs.readBigUInt64LE(REG.fsBase) !== 0n;
+}
+
+/**
+ * At snapshot, for each thread of process `pid` (stopped; mappings
+ * `maps`) caught in epoll_wait or epoll_pwait with a timeout: its timeout
+ * argument (in `regs`, the image's registers, which the restore makes the
+ * call again with) becomes the time that was left when the freeze began,
+ * from the instant the preload library's wrapper noted the wait ends
+ * (addon/preload/preload_wait.c). The kernel writes nothing back for an
+ * epoll wait, so without this it was made again with its whole timeout.
+ * Only where the note is for that very call (its arguments are the ones in
+ * the registers); rounded up to a millisecond, so never less than was
+ * left (more by at most the freeze's own time). The note is the process's
+ * memory: read as data, the time left bounded by the call's own timeout.
+ */
+export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number, Buffer>, freezeBegan: bigint): void {
+  if (!freezeBegan) return;
+  const waiting = [...regs].filter(([, r]) => inEpollWait(r));
+  if (!waiting.length) return;
+  const tpoff = timedWaitTpoffOf(pid, maps);
+  if (tpoff === undefined) return;
+  for (const [tid, r] of waiting) {
+    let note: Buffer;
+    try {
+      note = addon().readMemory(pid, BigInt.asUintN(64, r.readBigUInt64LE(REG.fsBase) + tpoff), TIMED_WAIT.size);
+    } catch {
+      continue;
+    }
+    const deadline = note.readBigInt64LE(TIMED_WAIT.deadline);
+    const timeout = note.readBigInt64LE(TIMED_WAIT.timeout);
+    const int = (at: number) => BigInt.asIntN(32, r.readBigUInt64LE(at));
+    if (deadline <= 0n || timeout <= 0n || timeout > 0x7fffffffn) continue;
+    if (note.readBigInt64LE(TIMED_WAIT.epfd) !== int(ARG.rdi) || note.readBigUInt64LE(TIMED_WAIT.events) !== r.readBigUInt64LE(ARG.rsi) ||
+        note.readBigInt64LE(TIMED_WAIT.maxevents) !== int(ARG.rdx) || timeout !== int(ARG.r10))
+      continue;
+    const leftNs = deadline - freezeBegan;
+    let leftMs = leftNs <= 0n ? 0n : (leftNs + 999_999n) / 1_000_000n;
+    if (leftMs > timeout) leftMs = timeout;
+    const out = Buffer.from(r);
+    out.writeBigUInt64LE(leftMs, ARG.r10);
+    regs.set(tid, out);
+  }
+}
+
+/**
+ * At restore, before the threads run: the preload library's note of the
+ * epoll wait each thread was caught in (see timeLeftOfWaits) is cleared.
+ * It holds an instant of the clock before the restore, and the call is
+ * made again with the time left in its registers: a later snapshot that
+ * took the note for that call (its timeout may be the same, if the first
+ * freeze caught it at its start) would count from an instant of another
+ * time. Cleared, the call is made again with what its registers say.
+ */
+export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]): void {
+  const waiting = p.threads.filter((t) => inEpollWait(t.regs));
+  if (!waiting.length) return;
+  const tpoff = timedWaitTpoffOf(pid, maps());
+  if (tpoff === undefined) return;
+  for (const t of waiting) addon().writeMemory(pid, BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline)), Buffer.alloc(8));
+}
+
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
  * stack, name, FPU state, and glibc's cached TID made true again. Each
  * call acts on the calling thread: one batch run in that thread, or, with
@@ -496,6 +571,49 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
   if (!FUTEX_LOCK_PIS.includes(t.regs.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS)) return false;
   const kind = addon().readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
   return (kind & MUTEX_TYPE_MASK) === 0;
+}
+
+/**
+ * At restore, once the threads have their new TIDs (`tids`, in the order
+ * of p.threads) and the robust lists were walked: the futex word of each
+ * private priority-inheritance mutex a thread was caught waiting to take
+ * (FUTEX_LOCK_PI, to be made again) is given its holder's TID now, where
+ * it names a TID one of the process's threads had at the snapshot (or
+ * before). The kernel attaches a PI waiter to the task the word names: an
+ * old TID is no task (ESRCH, on which glibc waits forever) or another's.
+ * A mutex that is not robust is in no list, and its holder mends its word
+ * only at its next call on it (addon/preload/preload_mutex.c), after the
+ * waiter's restarted call. Private only (FUTEX_PRIVATE_FLAG): a shared
+ * word may be another process's holder's. A word naming a TID some thread
+ * has now is left (mended by the robust walk, or ambiguous). The waiter
+ * itself takes the mutex under its TID now (the kernel writes it), and
+ * glibc's __owner from the TID it read before (the preload library's
+ * condition waits mend that; its mutex calls, at its next one).
+ */
+export function restorePiWaitWords(pid: number, p: Process, tids: number[]): void {
+  const waiting = p.threads.filter((t) => {
+    const op = t.regs.readBigUInt64LE(ARG.rsi);
+    return t.regs.readBigInt64LE(REG.origRax) === NR_futex && op & 128n && FUTEX_LOCK_PIS.includes(op & ~FUTEX_FLAGS) && [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(t.regs.readBigInt64LE(REG.rax));
+  });
+  if (!waiting.length) return;
+  const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
+  const now = new Set(tids);
+  for (const t of waiting) {
+    const at = t.regs.readBigUInt64LE(ARG.rdi);
+    if (at & 3n) continue;
+    let word: number;
+    try {
+      word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+    } catch {
+      continue;
+    }
+    const tid = word & FUTEX_TID_MASK;
+    const to = moved.get(tid);
+    if (!tid || to === undefined || now.has(tid)) continue;
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
+    addon().writeMemory(pid, at, b);
+  }
 }
 
 /**

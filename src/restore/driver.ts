@@ -50,7 +50,7 @@ import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { restoreTidMoves } from '../resources/mutexes.js';
-import { createThreads, firstHandledSignal, restoreLoaderLockOwners, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, forgetTimedWaits, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -896,7 +896,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Mutexes that are not robust: mended by the preload library where
       // the program next uses them, from the moves written here.
       for (const note of restoreTidMoves(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
+      forgetTimedWaits(m.pid, p, () => readMaps(m.pid));
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
+      restorePiWaitWords(m.pid, p, m.tids);
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);

@@ -52,7 +52,7 @@ import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
-import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal } from '../resources/threads.js';
+import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal, timeLeftOfWaits } from '../resources/threads.js';
 import { DumpContext, type InheritedListener, nameProcess, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
@@ -248,6 +248,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
   // Read once: the vDSO for the injector, the shared objects and the
   // memory dump below (the calls injected meanwhile map nothing).
   const maps = timed('smaps', () => readSmaps(pid));
+  timed('time left of waits', () => timeLeftOfWaits(pid, maps, regs, ctx.freezeBegan));
   const vdso = maps.find((l) => l.path === '[vdso]');
   let inj: Injector;
   /** The process's questions: what they mapped is unmapped on failure. */
@@ -827,6 +828,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
     clock.outside(collectBeforeFreeze);
+    const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
     // Ended by this snapshot, the application stays stopped until its
@@ -841,6 +843,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     reporting.report();
     // Processes created while we were stopping the others mapped themselves.
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
+    ctx.freezeBegan = freezeBegan;
     if (opts.inherited) ctx.inherited = opts.inherited;
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
