@@ -254,6 +254,33 @@ describe('the engine keeps clones ready', () => {
     expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
 
+  it("keeps what a client's APPSHOT_CLONE_POOL asked for, whatever the engine's own environment says", async () => {
+    // An engine started with the pool off in its own environment (as a
+    // suite that turns pools off for its other files would start it),
+    // serving clients that did not turn it off. Between commands the
+    // engine's environment is its own again: the pool's once-a-second
+    // check must not read its size from that (it did: it then gave up
+    // what it held, and the next clone made its instance on demand).
+    const engine = status();
+    if (engine.running) {
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(engine.pid), 20_000, 'the engine to leave');
+    }
+    expect(inProcess(['engine', 'start'], { APPSHOT_CLONE_POOL: '0' }).code).toBe(0);
+    const [made] = cloneJson();
+    expect(made.prepared).toBeUndefined();
+    await waitFor(() => held() === 1, 60_000, 'an instance held');
+    // The check runs each second: a few of them, with the engine idle.
+    await new Promise((r) => setTimeout(r, 3000));
+    expect(held()).toBe(1);
+    const [taken] = cloneJson();
+    expect(taken.prepared).toBe(true);
+    await isTemplateInstance(taken);
+    // The engine's own setting still holds for a client of its own context.
+    expect(cloneJson([], { APPSHOT_CLONE_POOL: '0' })[0].prepared).toBeUndefined();
+    expect(inProcess(['engine', 'stop']).code).toBe(0);
+  }, 240_000);
+
   it('sweeps a commit link whose file is gone (a batch of held clones commits through links)', () => {
     const link = join(sb.home, 'commits', `${2 ** 22 + 1}.0.-.0123456789ab`);
     mkdirSync(join(sb.home, 'commits'), { recursive: true });

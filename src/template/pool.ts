@@ -96,6 +96,13 @@ export class Pool {
   private readonly asked: { at: number; count: number }[] = [];
   /** How long it lives without a clone: the last clone's setting. */
   idleMs = POOL_IDLE_MS;
+  /** How many it may hold: the last clone's APPSHOT_CLONE_POOL. Read when
+   * it asks, in its context: the once-a-second check (watch) runs
+   * outside any request, where the environment is the engine's own (or
+   * another context's), and reading it there gave up what a client had
+   * asked to be held whenever the engine was started with another
+   * setting (a suite turning pools off for its other files). */
+  limit = DEFAULT_CAP;
 
   /** A clone of `count` instances: kept from now on is the largest batch
    * asked for within the last POOL_IDLE_MS (a user who alternates single
@@ -114,6 +121,7 @@ export class Pool {
       this.setting = setting;
     }
     this.idleMs = idleLimit();
+    this.limit = cap();
     this.lastUsed = Date.now();
     this.asked.push({ at: this.lastUsed, count });
     this.resize();
@@ -123,7 +131,7 @@ export class Pool {
   resize(): void {
     const since = Date.now() - this.idleMs;
     while (this.asked.length && this.asked[0].at < since) this.asked.shift();
-    this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
+    this.target = Math.min(this.limit, Math.max(0, ...this.asked.map((a) => a.count)));
     for (const [n, h] of this.slots)
       if (n > this.target && h.isHeld) {
         this.slots.delete(n);
