@@ -14,14 +14,27 @@
  * committed. Its IDENTITY hooks run once a clone has taken it and it runs,
  * as for one made then.
  *
- * Why it is registered while held: its AID is in every process it has
- * (APPSHOT_AID in its environment, SET ENV and REDIR PATH evaluated with
- * it, its port claims, its init's state directory and tables), so it is
- * made under the AID it will have, a generated one (`NAME-xxxxxx`, as a
- * clone without --aid gets). Binding an AID asked for (--aid) after the
- * fact would mean rewriting each process's environment and the evaluated
- * rules in its memory and renaming its state: such clones are made on
- * demand. `ps -a` shows a held instance as it is, `restoring` (registered,
+ * Why it is registered while held: its AID is in much of what it is
+ * made of, so it is made under the AID it will have, a generated one
+ * (`NAME-xxxxxx`, as a clone without --aid gets). Binding an AID asked
+ * for (--aid) to a held instance is not done, because it cannot be done
+ * as one step that either happens or not: the AID is
+ *  - the name of its state directory (apps/AID), which its init, running
+ *    already, was given with the AID itself (its commit, log and
+ *    release of the registration go by them), and of its tables
+ *    (/dev/shm/appshot-…-AID-…, mapped and open in every process);
+ *  - in its port claims (ports/N name their owner) and the directory of
+ *    its private copies (instances/AID.…);
+ *  - in what its rules evaluated with <APPL-ID>: SET ENV values in each
+ *    process's environment block (written in its memory before the
+ *    hold), REDIR PATH targets in its tables, made as directories, and
+ *    possibly opened already as its descriptors, DUPLICATE copies.
+ * Renaming would rewrite memory of every process (a block of another
+ * size: an injected mmap), redo the redirections of descriptors already
+ * open, and move files and directories in a dozen places while init
+ * runs, with no state from which a crash half-way could be undone or
+ * finished by either name's cleanup. Such clones are made on demand.
+ * `ps -a` shows a held instance as it is, `restoring` (registered,
  * uncommitted, not run), as it shows serve's prepared ones; `ps` leaves
  * it out (its record says heldReady until a clone takes it): it is not
  * an application anyone made yet, and `engine status` counts them.
