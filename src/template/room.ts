@@ -49,8 +49,14 @@ function readNumber(path: string): number {
   }
 }
 
+/** The last count of a user's tasks, reused for a second: a scan of
+ * /proc costs a few ms, and a batch made on demand asks before each
+ * instance. */
+let counted: { uid: number; at: number; n: number } | undefined;
+
 /** Tasks (threads) of processes owned by `uid`: what RLIMIT_NPROC counts. */
 function tasksOf(uid: number): number {
+  if (counted && counted.uid === uid && Date.now() - counted.at < 1000) return counted.n;
   let n = 0;
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
@@ -64,6 +70,7 @@ function tasksOf(uid: number): number {
       /* gone meanwhile */
     }
   }
+  counted = { uid, at: Date.now(), n };
   return n;
 }
 
