@@ -254,6 +254,92 @@ describe('the engine keeps clones ready', () => {
     expect(readdirSync(join(sb.home, 'commits')).filter((f) => commits.some((c) => c.endsWith(f.replace(/\.pending$/, ''))))).toEqual([]);
   }, 240_000);
 
+  it("keeps what a client's APPSHOT_CLONE_POOL asked for, whatever the engine's own environment says", async () => {
+    // An engine started with the pool off in its own environment (as a
+    // suite that turns pools off for its other files would start it),
+    // serving clients that did not turn it off. Between commands the
+    // engine's environment is its own again: the pool's once-a-second
+    // check must not read its size from that (it did: it then gave up
+    // what it held, and the next clone made its instance on demand).
+    const engine = status();
+    if (engine.running) {
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(engine.pid), 20_000, 'the engine to leave');
+    }
+    expect(inProcess(['engine', 'start'], { APPSHOT_CLONE_POOL: '0' }).code).toBe(0);
+    const [made] = cloneJson();
+    expect(made.prepared).toBeUndefined();
+    await waitFor(() => held() === 1, 60_000, 'an instance held');
+    // The check runs each second: a few of them, with the engine idle.
+    await new Promise((r) => setTimeout(r, 3000));
+    expect(held()).toBe(1);
+    const [taken] = cloneJson();
+    expect(taken.prepared).toBe(true);
+    await isTemplateInstance(taken);
+    // The engine's own setting still holds for a client of its own context.
+    expect(cloneJson([], { APPSHOT_CLONE_POOL: '0' })[0].prepared).toBeUndefined();
+    expect(inProcess(['engine', 'stop']).code).toBe(0);
+  }, 240_000);
+
+  it("holds no more clones than the engine has descriptors for, and gives held ones up rather than fail a clone", async () => {
+    // A command under a lower RLIMIT_NOFILE (soft and hard: Node raises
+    // its soft limit to the hard one, the engine's and the client's alike,
+    // and a client whose limits differ from the engine's runs its command
+    // itself). Without the descriptors numbered 80 and above the test
+    // runner may have been given (a program holding one above its limit
+    // cannot be restored: its number cannot be placed).
+    const limited = (nofile: number, args: string[], env: Record<string, string> = {}) => {
+      const closeRest = 'for f in /proc/$$/fd/*; do n=${f##*/}; if [ "$n" -ge 80 ]; then eval "exec $n>&-"; fi; done 2>/dev/null';
+      const r = spawnSync('bash', ['-c', `${closeRest}; ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, cli, ...args], { env: { ...sb.env, ...poolEnv, ...env }, encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const engine = status();
+    if (engine.running) {
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(engine.pid), 20_000, 'the engine to leave');
+    }
+    // A template of a program that ran under the lowest of the limits
+    // below (a clone may not be given a higher hard limit than its
+    // client has).
+    const low = join(dir, 'lowfd.template');
+    const off = { APPSHOT_ENGINE: 'off' };
+    expect(limited(80, ['run', '-d', '--aid', 'lowfd', '--', 'sleep', '100000'], off).code).toBe(0);
+    expect(limited(80, ['snapshot', 'lowfd', '-o', join(dir, 'lowfd.appshot')], off).code).toBe(0);
+    expect(limited(80, ['template', 'create', join(dir, 'lowfd.appshot'), '-o', low], off).code).toBe(0);
+    const pool = () => status().clonePool?.[low] ?? { held: 0, target: 0 };
+    expect(limited(200, ['engine', 'start']).code).toBe(0);
+    const pid = status().pid as number;
+    try {
+      const fds = () => readdirSync(`/proc/${pid}/fd`).length;
+      const first = limited(200, ['clone', low, '-n', '32', '--json']);
+      expect(first.stderr).toBe('');
+      expect(first.code).toBe(0);
+      expect(JSON.parse(first.stdout).length).toBe(32);
+      // Asked for 32, it holds what half of the engine's free descriptors
+      // allow, and says so by its target.
+      await waitFor(() => pool().held === pool().target && pool().target > 0 && pool().target < 32, 60_000, 'the pool to fill to what the engine has room for');
+      const before = pool().held;
+      expect(fds()).toBeLessThan(200 - 32);
+      // The engine's limit lowered to a few more than it has open (and the
+      // client's to match): a clone made on demand now needs the held
+      // clones' room (what the engine keeps free for the commands it
+      // serves), and gets it.
+      const lowered = Math.max(80, fds() + 4);
+      expect(spawnSync('prlimit', ['--pid', String(pid), `--nofile=${lowered}:${lowered}`]).status).toBe(0);
+      const made = limited(lowered, ['clone', low, '--no-prepared', '--json']);
+      expect(made.stderr).toBe('');
+      expect(made.code).toBe(0);
+      const [c] = JSON.parse(made.stdout);
+      expect(ps().find((a: Json) => a.aid === c.aid)?.state).toBe('running');
+      expect(pool().held).toBeLessThan(before);
+      expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toMatch(/held instance\(s\) given up to make room for a clone/);
+    } finally {
+      // Not left to the next test with the limit it was given here.
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(pid), 20_000, 'the engine to leave');
+    }
+  }, 240_000);
+
   it('sweeps a commit link whose file is gone (a batch of held clones commits through links)', () => {
     const link = join(sb.home, 'commits', `${2 ** 22 + 1}.0.-.0123456789ab`);
     mkdirSync(join(sb.home, 'commits'), { recursive: true });

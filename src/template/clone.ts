@@ -37,7 +37,8 @@ import { identityHooks, instanceConfig, privateCopyPath, type Property } from '.
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
 import type { ByteProgress } from '../progress.js';
-import { clonePoolOf } from './pool.js';
+import { anyHeld, clonePoolOf, giveUpAll, makeRoomFor } from './pool.js';
+import { isShortOfRoom } from './room.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -344,7 +345,19 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         const aid = aids[i];
         const existing = reg.get(aid);
         if (existing && !reg.isStale(existing)) throw new AppshotError(`AID '${aid}' is already registered`, ExitCode.conflict);
-        m = await makeInstance(reg, t, { aid, instance: i + 1, commitPath: commitPath() });
+        // Held instances give up their room if this one needs it (the
+        // pools shrink rather than the clone fail: pool.ts makeRoomFor),
+        // and if it failed for want of descriptors or processes all the
+        // same, every held instance goes and it is made once more.
+        await makeRoomFor(t, pool, opts.count);
+        const start = { aid, instance: i + 1, commitPath: commitPath() };
+        try {
+          m = await makeInstance(reg, t, start);
+        } catch (e) {
+          if (!isShortOfRoom(e) || !anyHeld()) throw e;
+          await giveUpAll('a clone ran short of descriptors or processes');
+          m = await makeInstance(reg, t, start);
+        }
         debug(`instance ${i + 1} made in`, started);
       }
       lifelines.push(m.lifeline);

@@ -14,21 +14,37 @@
  * committed. Its IDENTITY hooks run once a clone has taken it and it runs,
  * as for one made then.
  *
- * Why it is registered while held: its AID is in every process it has
- * (APPSHOT_AID in its environment, SET ENV and REDIR PATH evaluated with
- * it, its port claims, its init's state directory and tables), so it is
- * made under the AID it will have, a generated one (`NAME-xxxxxx`, as a
- * clone without --aid gets). Binding an AID asked for (--aid) after the
- * fact would mean rewriting each process's environment and the evaluated
- * rules in its memory and renaming its state: such clones are made on
- * demand. `ps -a` shows a held instance as it is, `restoring` (registered,
+ * Why it is registered while held: its AID is in much of what it is
+ * made of, so it is made under the AID it will have, a generated one
+ * (`NAME-xxxxxx`, as a clone without --aid gets). Binding an AID asked
+ * for (--aid) to a held instance is not done, because it cannot be done
+ * as one step that either happens or not: the AID is
+ *  - the name of its state directory (apps/AID), which its init, running
+ *    already, was given with the AID itself (its commit, log and
+ *    release of the registration go by them), and of its tables
+ *    (/dev/shm/appshot-…-AID-…, mapped and open in every process);
+ *  - in its port claims (ports/N name their owner) and the directory of
+ *    its private copies (instances/AID.…);
+ *  - in what its rules evaluated with <APPL-ID>: SET ENV values in each
+ *    process's environment block (written in its memory before the
+ *    hold), REDIR PATH targets in its tables, made as directories, and
+ *    possibly opened already as its descriptors, DUPLICATE copies.
+ * Renaming would rewrite memory of every process (a block of another
+ * size: an injected mmap), redo the redirections of descriptors already
+ * open, and move files and directories in a dozen places while init
+ * runs, with no state from which a crash half-way could be undone or
+ * finished by either name's cleanup. Such clones are made on demand.
+ * `ps -a` shows a held instance as it is, `restoring` (registered,
  * uncommitted, not run), as it shows serve's prepared ones; `ps` leaves
  * it out (its record says heldReady until a clone takes it): it is not
  * an application anyone made yet, and `engine status` counts them.
  *
  * How much: refilled after each clone served to the largest batch asked
  * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
- * none).
+ * none), and no more than the engine has room for (room.ts: the pools
+ * together take at most half of the engine's free descriptors and of the
+ * user's and the system's free processes); a clone that needs room the
+ * held instances take has them given up first (makeRoomFor).
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
@@ -38,13 +54,14 @@
  * its processes are traced with PTRACE_O_EXITKILL until committed, and
  * its init kills what is left when its lifeline (ours) ends uncommitted.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { currentRequest, requestStorage, type RequestSetting } from '../engine/request.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
 import { stillCached } from './cache.js';
+import { isShortOfRoom, type Room, roomNow, roomToHold, roomToMake } from './room.js';
 import { generatedAid, makeInstance, type MadeInstance } from './clone.js';
 import type { OpenedTemplate } from './template.js';
 
@@ -90,12 +107,35 @@ export class Pool {
   constructor(
     readonly reg: LocalRegistry,
     readonly t: OpenedTemplate,
-  ) {}
+  ) {
+    this.need = instanceNeed(t);
+  }
+
+  /** Instances held now. */
+  heldCount(): number {
+    let n = 0;
+    for (const h of this.slots.values()) if (h.isHeld) n++;
+    return n;
+  }
 
   /** The batch sizes asked for in the last idleMs, with when. */
   private readonly asked: { at: number; count: number }[] = [];
   /** How long it lives without a clone: the last clone's setting. */
   idleMs = POOL_IDLE_MS;
+  /** How many it may hold: the last clone's APPSHOT_CLONE_POOL. Read when
+   * it asks, in its context: the once-a-second check (watch) runs
+   * outside any request, where the environment is the engine's own (or
+   * another context's), and reading it there gave up what a client had
+   * asked to be held whenever the engine was started with another
+   * setting (a suite turning pools off for its other files). */
+  limit = DEFAULT_CAP;
+  /** How many the engine had room for when it last refilled (room.ts):
+   * the pool keeps no more, whatever was asked. */
+  roomFor = Infinity;
+  /** What one held instance takes: the engine's descriptors (learnt from
+   * the instances made: the most one took) and the user's tasks (its
+   * init and every thread of the template). */
+  readonly need: Room;
 
   /** A clone of `count` instances: kept from now on is the largest batch
    * asked for within the last POOL_IDLE_MS (a user who alternates single
@@ -114,6 +154,7 @@ export class Pool {
       this.setting = setting;
     }
     this.idleMs = idleLimit();
+    this.limit = cap();
     this.lastUsed = Date.now();
     this.asked.push({ at: this.lastUsed, count });
     this.resize();
@@ -123,7 +164,7 @@ export class Pool {
   resize(): void {
     const since = Date.now() - this.idleMs;
     while (this.asked.length && this.asked[0].at < since) this.asked.shift();
-    this.target = Math.min(cap(), Math.max(0, ...this.asked.map((a) => a.count)));
+    this.target = Math.min(this.limit, this.roomFor, Math.max(0, ...this.asked.map((a) => a.count)));
     for (const [n, h] of this.slots)
       if (n > this.target && h.isHeld) {
         this.slots.delete(n);
@@ -224,6 +265,10 @@ export function refillClonePools(): void {
 async function refill(p: Pool): Promise<void> {
   if (p.refilling) return;
   p.refilling = true;
+  // What the engine has room for is looked at again (something may have
+  // freed some since the last refill).
+  p.roomFor = Infinity;
+  p.resize();
   try {
     while (enabled && pools.get(p.t.path) === p) {
       let n = 1;
@@ -233,16 +278,32 @@ async function refill(p: Pool): Promise<void> {
         await giveUpAll('memory is low');
         break;
       }
+      if (!roomToHold(roomNow(), heldNeeds(), p.need)) {
+        // No more: what it holds is what it keeps until room is found
+        // (at its next refill).
+        noRoom(p, n);
+        break;
+      }
       const setting = p.setting;
       if (!setting || !runInContext) break;
       let held = false;
+      const fdsBefore = openFds();
+      let made: Held | undefined;
       try {
         // Made through the engine's gate, in the context of the command
         // that asked for it, while no command of another runs: held, it
         // has read what it needs of it.
-        held = await runInContext(setting, () => hold(p, n, setting.key).held);
+        held = await runInContext(setting, () => (made = hold(p, n, setting.key)).held);
       } catch (e) {
         log(`clone pool: cannot set the context of ${p.t.path}'s clones: ${(e as Error).message}`);
+      }
+      // The descriptors it keeps open in the engine, as far as can be
+      // seen (a command served meanwhile counts too: more, never fewer,
+      // is assumed from then on).
+      if (held) p.need.fds = Math.max(p.need.fds, openFds() - fdsBefore);
+      else if (made && (await made.made.then(() => false, isShortOfRoom))) {
+        noRoom(p, n);
+        break;
       }
       const h = p.slots.get(n);
       if (h && h.key !== p.setting?.key && h.isHeld) {
@@ -259,6 +320,75 @@ async function refill(p: Pool): Promise<void> {
   } finally {
     p.refilling = false;
   }
+}
+
+/** `p` has no room for its instance `n` (and those after). */
+function noRoom(p: Pool, n: number): void {
+  if (p.roomFor !== n - 1) log(`clone pool of ${p.t.path}: room for ${n - 1} held instance(s) only (the engine's descriptors, the user's or the system's processes)`);
+  p.roomFor = n - 1;
+  p.resize();
+}
+
+/** Descriptors the engine has open. */
+function openFds(): number {
+  try {
+    return readdirSync('/proc/self/fd').length;
+  } catch {
+    return 0;
+  }
+}
+
+/** What one instance of `t` takes (a first guess at its descriptors,
+ * learnt better once one is held). */
+function instanceNeed(t: OpenedTemplate): Room {
+  const threads = t.loaded.image.processes.reduce((n, p) => n + Math.max(1, p.threads.length), 0);
+  return { fds: 8, tasks: threads + 1 };
+}
+
+/** What every pool holds, together. */
+function heldNeeds(): Room {
+  const total: Room = { fds: 0, tasks: 0 };
+  for (const p of pools.values()) {
+    const n = p.heldCount();
+    total.fds += n * p.need.fds;
+    total.tasks += n * p.need.tasks;
+  }
+  return total;
+}
+
+/**
+ * Before a clone makes an instance of `t` on demand: if the engine's
+ * descriptors or the user's processes are short of what it needs and
+ * anything is held, held instances are given up until they are not
+ * (shrinking the pools rather than failing the clone): other templates'
+ * first, then those of `own` (the clone's pool) numbered above `keepUpTo`
+ * (what the clone has left to take), the highest first.
+ */
+export async function makeRoomFor(t: OpenedTemplate, own: Pool | undefined, keepUpTo: number): Promise<void> {
+  if (!anyHeld()) return;
+  const need = own?.need ?? instanceNeed(t);
+  const order: [Pool, number, Held][] = [];
+  for (const p of pools.values()) if (p !== own) for (const [n, h] of p.slots) if (h.isHeld) order.push([p, n, h]);
+  order.sort((a, b) => b[1] - a[1]);
+  if (own) for (const [n, h] of [...own.slots].sort((a, b) => b[0] - a[0])) if (h.isHeld && n > keepUpTo) order.push([own, n, h]);
+  let given = 0;
+  for (const [p, n, h] of order) {
+    if (roomToMake(roomNow(), need)) break;
+    if (p.slots.get(n) !== h) continue;
+    p.slots.delete(n);
+    // Kept smaller from now on, until it finds room again.
+    p.roomFor = Math.min(p.roomFor, p.heldCount());
+    h.decide(false);
+    await h.made.catch(() => undefined);
+    given++;
+  }
+  if (given) log(`clone pool: ${given} held instance(s) given up to make room for a clone of ${t.path}`);
+}
+
+/** Whether any pool holds an instance. */
+export function anyHeld(): boolean {
+  for (const p of pools.values()) if (p.heldCount() > 0) return true;
+  return false;
 }
 
 /** Starts making instance `n` of `p` to be held. */
