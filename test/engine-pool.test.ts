@@ -26,7 +26,9 @@ type Json = any;
 /** A pool lives a minute without a clone: on a loaded machine a test's
  * waits may take longer, and the pool it counts on would be given up.
  * Each test sizes the pool it uses with a clone of its own. */
-const poolEnv = { APPSHOT_CLONE_POOL_IDLE_MS: '600000' };
+// The pool on (the sandbox has it off for every other file) at its
+// default size.
+const poolEnv = { APPSHOT_CLONE_POOL: '32', APPSHOT_CLONE_POOL_IDLE_MS: '600000' };
 const inProcess = (args: string[], env: Record<string, string> = {}) => {
   const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...poolEnv, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };

@@ -67,8 +67,12 @@ export class Sandbox {
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;
   // test/output.test.ts sets it where it tests that.
+  // APPSHOT_CLONE_POOL=0: no clones held ready by the engine. Each clone
+  // served would otherwise be made again in the background (a batch of 8,
+  // eight more restores) for a minute nobody clones; engine-pool.test.ts
+  // tests the pool with it on. A clone is the same either way (its tests).
   get env(): NodeJS.ProcessEnv {
-    return (this.builtEnv ??= { ...this.startEnv, CI: '', APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS });
+    return (this.builtEnv ??= { ...this.startEnv, CI: '', APPSHOT_HOME: this.home, APPSHOT_PORTS: TEST_PORTS, APPSHOT_CLONE_POOL: '0' });
   }
   private builtEnv: NodeJS.ProcessEnv | undefined;
   /** The environment as the sandbox was made (a test may set a variable
