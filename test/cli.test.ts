@@ -3,13 +3,13 @@
  * in appshot's one style, and images as tar, tar.gz and tar.zst files, including
  * hostile ones, all through the real CLI.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-cli-'));
@@ -510,6 +510,57 @@ describe('appshot images', () => {
     expect([...byName.keys()]).toEqual(['foreign.tar', 'x.tar']);
     expect(byName.get('x.tar')).toMatchObject({ type: 'file', app: null, error: `not an appshot image: ${join(dir, 'x.tar')} is a FIFO, not a regular file` });
     expect(byName.get('foreign.tar').error).toContain("holds 'etc/passwd'");
+  });
+
+  it('leaves out an entry removed while it is read, lists one that lost a part with why, and never fails the listing', async () => {
+    const aid = 'vanishing';
+    const dir = mkdtempSync(join(out, 'vanishing-'));
+    expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+    await waitFor(() => lastCheck(aid) >= 3, 10_000, 'snapfix to start');
+    for (const o of ['a', 'f.tar']) {
+      const r = sb.run(['snapshot', aid, '-o', join(dir, o), '--leave-running', '--full']);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    const copies = () => {
+      for (const c of ['b', 'c']) {
+        rmSync(join(dir, c), { recursive: true, force: true });
+        expect(spawnSync('cp', ['-a', join(dir, 'a'), join(dir, c)]).status).toBe(0);
+      }
+      writeFileSync(join(dir, 'g.tar'), readFileSync(join(dir, 'f.tar')));
+    };
+    const listedNames = (stdout: string) => (JSON.parse(stdout).images as Json[]).map((i) => [i.path.slice(dir.length + 1), i.error ?? null]);
+
+    // Each stopped between the read of the directory and that of the entry:
+    // the image directory b, the image file g.tar removed; c loses its
+    // image.pb, a part read after the manifest.
+    for (const [entry, change, expected] of [
+      ['b', () => rmSync(join(dir, 'b'), { recursive: true }), [['a', null], ['c', null], ['f.tar', null], ['g.tar', null]]],
+      ['g.tar', () => rmSync(join(dir, 'g.tar')), [['a', null], ['b', null], ['c', null], ['f.tar', null]]],
+      ['c', () => rmSync(join(dir, 'c', 'image.pb')), [['a', null], ['b', null], ['c', expect.stringContaining('image.pb')], ['f.tar', null], ['g.tar', null]]],
+    ] as [string, () => void, unknown[]][]) {
+      copies();
+      const stopped = await stoppedAt(sb, ['images', dir, '--json'], `images: describing ${entry}`, `images to reach ${entry}`);
+      change();
+      const r = await stopped.go();
+      expect(r.code, `${entry}: ${r.stderr}`).toBe(0);
+      expect(listedNames(r.stdout), entry).toEqual(expected);
+    }
+
+    // Removed and made again without end while listings run: each lists
+    // what it found, none fails.
+    copies();
+    const churn = spawn('/bin/sh', ['-c', `while :; do rm -rf ${dir}/b ${dir}/g.tar; cp -a ${dir}/a ${dir}/b; cp ${dir}/f.tar ${dir}/g.tar; done`], { stdio: 'ignore' });
+    try {
+      for (let i = 0; i < 6; i++) {
+        const r = await spawnAsync(process.execPath, [cli, 'images', dir, '--json'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' } });
+        expect(r.status, r.stderr).toBe(0);
+        const names = listedNames(r.stdout).map(([n]) => n);
+        expect(names).toEqual(expect.arrayContaining(['a', 'c', 'f.tar']));
+      }
+    } finally {
+      churn.kill('SIGKILL');
+    }
   });
 
   it('lists a small file of a gigabyte of zeros as what it is, from its start alone', () => {

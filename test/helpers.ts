@@ -491,10 +491,12 @@ export async function redisImage(sb: Sandbox, port: number, keys: number, value:
  * test can change what it is about to use; `go()` lets it continue and
  * resolves with its exit code and what it wrote on stderr.
  */
-export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string }> }> {
+export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string; stdout: string }> }> {
   const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
   let stderr = '';
+  let stdout = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   const stopped = () => {
     try {
@@ -509,7 +511,7 @@ export async function stoppedAt(sb: Sandbox, args: string[], point: string, what
     go: async () => {
       child.kill('SIGCONT');
       const code = await exited;
-      return { code, stderr };
+      return { code, stderr, stdout };
     },
   };
 }
