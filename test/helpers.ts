@@ -101,9 +101,18 @@ export class Sandbox {
   async checksPass(aid: string, n = 5): Promise<void> {
     const checks = () => (this.log(aid).match(/^CHECK \d+$/gm) ?? []).length;
     const from = checks();
-    await waitFor(() => checks() >= from + n || /FAIL/.test(this.log(aid)), 15_000, `${n} more self-checks of ${aid}`);
+    // A bound on a hung fixture, not a rate: one that touches a gigabyte
+    // before its first check takes tens of seconds on a loaded machine.
+    await waitFor(() => checks() >= from + n || /FAIL/.test(this.log(aid)), 60_000, `${n} more self-checks of ${aid}`);
     const failed = /^FAIL.*$/m.exec(this.log(aid));
     if (failed) throw new Error(`${aid}: ${failed[0]}`);
+  }
+
+  /** json(), without blocking the event loop (runAsync). */
+  async jsonAsync<T = unknown>(args: string[]): Promise<T> {
+    const r = await this.runAsync([...args, '--json']);
+    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout) as T;
   }
 
   /** `appshot args...`, which must succeed: its standard output. */
