@@ -136,7 +136,7 @@ describe('kill -9 of the process group of a foreground run: appshot and the supe
       expect(systemIpcIds().sem).toEqual(expect.arrayContaining(t.semid.map((e) => e.system)));
       // Stopped without its supervisor: signalled straight, waited for,
       // and then nothing of it is left.
-      const stop = sb.run(['stop', '-t', '30', 'grpd']);
+      const stop = await sb.runAsync(['stop', '-t', '30', 'grpd']);
       expect(stop.code, stop.stderr).toBe(0);
       expect(alive(daemon)).toBe(false);
       expect(psAll().map((a) => a.aid)).not.toContain('grpd');
