@@ -37,6 +37,12 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
     if (e.flags & THREAD_FLAG) continue;
     const st = readStat(e.system);
     if (!st) continue; // died a moment ago; its entry goes at the next reap
+    // Dead, and its parent is no process of the application: its init was
+    // killed (kill -9 of a foreground run's process group, say) and
+    // whatever adopted it has not reaped it. Not the application's any
+    // more, and no init of it will drop the entry: not listed. A zombie
+    // whose parent is in the application is listed, as ps(1) shows it.
+    if (st.state === 'Z' && !toVirtual.has(st.ppid)) continue;
     const init = (e.flags & INIT_FLAG) !== 0;
     const argv = init ? [] : readCmdline(e.system);
     rows.push({

@@ -106,9 +106,18 @@ export class Sandbox {
   async checksPass(aid: string, n = 5): Promise<void> {
     const checks = () => (this.log(aid).match(/^CHECK \d+$/gm) ?? []).length;
     const from = checks();
-    await waitFor(() => checks() >= from + n || /FAIL/.test(this.log(aid)), 15_000, `${n} more self-checks of ${aid}`);
+    // A bound on a hung fixture, not a rate: one that touches a gigabyte
+    // before its first check takes tens of seconds on a loaded machine.
+    await waitFor(() => checks() >= from + n || /FAIL/.test(this.log(aid)), 60_000, `${n} more self-checks of ${aid}`);
     const failed = /^FAIL.*$/m.exec(this.log(aid));
     if (failed) throw new Error(`${aid}: ${failed[0]}`);
+  }
+
+  /** json(), without blocking the event loop (runAsync). */
+  async jsonAsync<T = unknown>(args: string[]): Promise<T> {
+    const r = await this.runAsync([...args, '--json']);
+    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+    return JSON.parse(r.stdout) as T;
   }
 
   /** `appshot args...`, which must succeed: its standard output. */
@@ -496,10 +505,12 @@ export async function redisImage(sb: Sandbox, port: number, keys: number, value:
  * test can change what it is about to use; `go()` lets it continue and
  * resolves with its exit code and what it wrote on stderr.
  */
-export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string }> }> {
+export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string; stdout: string }> }> {
   const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
   let stderr = '';
+  let stdout = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   const stopped = () => {
     try {
@@ -514,7 +525,7 @@ export async function stoppedAt(sb: Sandbox, args: string[], point: string, what
     go: async () => {
       child.kill('SIGCONT');
       const code = await exited;
-      return { code, stderr };
+      return { code, stderr, stdout };
     },
   };
 }

@@ -10,9 +10,14 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { alive, cli, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
+
+// Tests of twenty commands and more in a row: on a loaded machine each
+// command takes seconds (its Node start alone), and the suite's minute
+// is not enough. Only a bound on a hung test: nothing here is timed.
+vi.setConfig({ testTimeout: 240_000 });
 
 const sb = new Sandbox();
 const dir = scratchDir('appshot-life-');
@@ -42,53 +47,53 @@ const STUBBORN = ['sh', '-c', 'trap "" TERM; echo READY; while :; do sleep 0.1; 
 async function runDetached(aid: string, command: string[], ready?: RegExp): Promise<PsApp> {
   const r = sb.run(['run', '-d', '--aid', aid, '--', ...command]);
   expect(r.code, r.stderr).toBe(0);
-  if (ready) await waitFor(() => ready.test(sb.run(['logs', aid]).stdout), 10_000, `${aid} to start`);
+  if (ready) await waitFor(() => ready.test(sb.run(['logs', aid]).stdout), 30_000, `${aid} to start`);
   return app(aid)!;
 }
 
 describe('an ended application', () => {
   it('is kept with its exit code, end time and log; its kernel objects go at once', async () => {
     await runDetached('ends', ['sh', '-c', 'echo first; echo second; exit 7']);
-    const w = sb.run(['wait', 'ends']);
+    const w = await sb.runAsync(['wait', 'ends']);
     expect(w.stdout).toBe('7\n');
     expect(w.code).toBe(7);
     const a = app('ends')!;
     expect(a).toMatchObject({ state: 'exited', exitCode: 7, ports: [], processes: [] });
     expect(Date.parse(a.endedAt!)).toBeGreaterThanOrEqual(Date.parse(a.createdAt));
     expect(tableFilesOf('ends')).toEqual([]);
-    expect(sb.run(['logs', 'ends']).stdout).toBe('first\nsecond\n');
-    expect(sb.run(['logs', '--tail', '1', 'ends']).stdout).toBe('second\n');
-    expect(sb.run(['logs', '-f', 'ends']).stdout).toBe('first\nsecond\n');
+    expect((await sb.runAsync(['logs', 'ends'])).stdout).toBe('first\nsecond\n');
+    expect((await sb.runAsync(['logs', '--tail', '1', 'ends'])).stdout).toBe('second\n');
+    expect((await sb.runAsync(['logs', '-f', 'ends'])).stdout).toBe('first\nsecond\n');
     // Listed with -a only; -q prints AIDs.
-    expect(sb.json<PsApp[]>(['ps']).map((x) => x.aid)).not.toContain('ends');
-    expect(sb.run(['ps', '-q']).stdout.split('\n')).not.toContain('ends');
-    expect(sb.run(['ps', '-aq']).stdout.split('\n')).toContain('ends');
-    const table = sb.run(['ps', '-a']).stdout;
+    expect((await sb.jsonAsync<PsApp[]>(['ps'])).map((x) => x.aid)).not.toContain('ends');
+    expect((await sb.runAsync(['ps', '-q'])).stdout.split('\n')).not.toContain('ends');
+    expect((await sb.runAsync(['ps', '-aq'])).stdout.split('\n')).toContain('ends');
+    const table = (await sb.runAsync(['ps', '-a'])).stdout;
     expect(table.split('\n')[0]).toMatch(/^AID\s+STATE\s+AGE\s+PROCS\s+IMAGE\s+PORTS\s+COMMAND$/);
     expect(table).toMatch(/^ends\s+exited \(7\) \d+s ago\s/m);
     // Commands that need it running say it has ended.
-    const s = sb.run(['stop', 'ends']);
+    const s = await sb.runAsync(['stop', 'ends']);
     expect(s.code).toBe(1);
     expect(s.stderr).toMatch(/'ends' is not running \(exited with code 7 at .*'appshot rm ends' removes it\)/);
     // With others named: none is acted on, and the line says so.
     sb.ok(['run', '-d', '--aid', 'bystander', '--', 'sleep', '600']);
     for (const [verb, done] of [['stop', 'stopped'], ['kill', 'signalled']]) {
-      const both = sb.run([verb, 'bystander', 'ends']);
+      const both = await sb.runAsync([verb, 'bystander', 'ends']);
       expect(both.code, verb).toBe(1);
       expect(both.stderr, verb).toMatch(new RegExp(`'ends' is not running .*; none was ${done} \\('bystander' left as before\\)\n$`));
-      expect(sb.json<PsApp[]>(['ps']).map((x) => x.aid), verb).toContain('bystander');
+      expect((await sb.jsonAsync<PsApp[]>(['ps'])).map((x) => x.aid), verb).toContain('bystander');
     }
-    expect(sb.run(['rm', '-f', 'bystander']).code).toBe(0);
+    expect((await sb.runAsync(['rm', '-f', 'bystander'])).code).toBe(0);
     // Its AID stays taken until it is removed, as a container's name.
-    const again = sb.run(['run', '--aid', 'ends', '--', 'true']);
+    const again = await sb.runAsync(['run', '--aid', 'ends', '--', 'true']);
     expect(again.code).toBe(4);
     expect(again.stderr).toMatch(/AID 'ends' is in use by an application that has ended .*'appshot rm ends' removes it/);
-    const rm = sb.run(['rm', 'ends']);
+    const rm = await sb.runAsync(['rm', 'ends']);
     expect(rm.code, rm.stderr).toBe(0);
     expect(sb.allAids()).not.toContain('ends');
-    expect(sb.run(['logs', 'ends']).code).toBe(3);
-    expect(sb.run(['run', '--aid', 'ends', '--', 'true']).code).toBe(0);
-    expect(sb.run(['rm', 'ends']).code).toBe(0);
+    expect((await sb.runAsync(['logs', 'ends'])).code).toBe(3);
+    expect((await sb.runAsync(['run', '--aid', 'ends', '--', 'true'])).code).toBe(0);
+    expect((await sb.runAsync(['rm', 'ends'])).code).toBe(0);
   });
 
   it('keeps a foreground application too, with its exit code', () => {
@@ -234,7 +239,7 @@ describe('wait, stop, kill', () => {
   it('kill sends one signal and returns; SIGKILL by default', async () => {
     await runDetached('k', [fixture('waiter')], /READY/);
     expect(sb.run(['kill', '-s', 'HUP', 'k']).code).toBe(0);
-    await waitFor(() => sb.run(['logs', 'k']).stdout.includes('HUP'), 10_000, 'HUP in the log');
+    await waitFor(() => sb.run(['logs', 'k']).stdout.includes('HUP'), 30_000, 'HUP in the log');
     expect(app('k')!.state).toBe('running');
     expect(sb.run(['kill', 'k']).code).toBe(0);
     expect(sb.run(['wait', 'k']).stdout).toBe('137\n');
@@ -285,18 +290,18 @@ describe('logs across a snapshot and its restore', () => {
     expect(readdirSync(`/proc/${initPid}/fd`).map((fd) => readlinkSync(`/proc/${initPid}/fd/${fd}`))).not.toContain('anon_inode:inotify');
     const tA = Date.now();
     writeFileSync(go(1), '');
-    await waitFor(() => sb.run(['logs', 'stamped']).stdout.includes('second\n'), 10_000, 'the second line');
+    await waitFor(() => sb.run(['logs', 'stamped']).stdout.includes('second\n'), 30_000, 'the second line');
     const image = join(dir, 'stamped.appshot');
-    expect(sb.run(['snapshot', 'stamped', '-o', image]).code).toBe(0);
+    expect((await sb.runAsync(['snapshot', 'stamped', '-o', image])).code).toBe(0);
     // Snapshotted: its carried log keeps its times.
-    const waiting = sb.run(['logs', '-t', 'stamped']);
+    const waiting = await sb.runAsync(['logs', '-t', 'stamped']);
     expect(waiting.code, waiting.stderr).toBe(0);
     expect(waiting.stdout.split('\n').filter(Boolean).map((l) => l.split(' ')[1])).toEqual(['first', 'second']);
-    expect(sb.run(['restore', image]).code).toBe(0);
+    expect((await sb.runAsync(['restore', image])).code).toBe(0);
     const tC = Date.now();
     writeFileSync(go(2), '');
-    await waitFor(() => sb.run(['logs', 'stamped']).stdout.includes('third\n'), 10_000, 'the third line, after the restore');
-    const r = sb.run(['logs', '--timestamps', 'stamped']);
+    await waitFor(() => sb.run(['logs', 'stamped']).stdout.includes('third\n'), 30_000, 'the third line, after the restore');
+    const r = await sb.runAsync(['logs', '--timestamps', 'stamped']);
     expect(r.code, r.stderr).toBe(0);
     const lines = r.stdout.split('\n').filter(Boolean).map((l) => /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (.*)$/.exec(l));
     expect(lines.every(Boolean), r.stdout).toBe(true);
@@ -310,20 +315,20 @@ describe('logs across a snapshot and its restore', () => {
     // time is from before the restore returned.
     expect(at.second).toBeLessThanOrEqual(tC);
     expect(at.third).toBeLessThanOrEqual(Date.now());
-    expect(sb.run(['logs', '-t', '--tail', '1', 'stamped']).stdout).toMatch(/^\S+Z third\n$/);
-    expect(sb.run(['rm', '-f', 'stamped']).code).toBe(0);
+    expect((await sb.runAsync(['logs', '-t', '--tail', '1', 'stamped'])).stdout).toMatch(/^\S+Z third\n$/);
+    expect((await sb.runAsync(['rm', '-f', 'stamped'])).code).toBe(0);
 
     // A log the application truncates: its times start afresh, so a line
     // written after is not given the time of one the truncation removed.
     const timesOf = (aid: string) => readFileSync(join(sb.home, 'apps', aid, '.log.times'), 'latin1').trim();
     await runDetached('truncated', ['sh', '-c', `echo 0123456789; ${waitGo(5)}; truncate -s 0 /dev/stdout; echo new; ${waitGo(3)}; echo later; while :; do sleep 1; done`], /^0123456789\n/);
-    await waitFor(() => timesOf('truncated').endsWith(' 11'), 10_000, 'the record of the first line');
+    await waitFor(() => timesOf('truncated').endsWith(' 11'), 30_000, 'the record of the first line');
     writeFileSync(go(5), '');
-    await waitFor(() => sb.log('truncated') === 'new\n' && timesOf('truncated').endsWith(' 4'), 10_000, 'the record of the truncated log');
+    await waitFor(() => sb.log('truncated') === 'new\n' && timesOf('truncated').endsWith(' 4'), 30_000, 'the record of the truncated log');
     const tD = Date.now();
     writeFileSync(go(3), '');
-    await waitFor(() => sb.log('truncated').includes('later\n'), 10_000, 'the line after');
-    const cutLines = sb.run(['logs', '-t', 'truncated']).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
+    await waitFor(() => sb.log('truncated').includes('later\n'), 30_000, 'the line after');
+    const cutLines = (await sb.runAsync(['logs', '-t', 'truncated'])).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
     expect(cutLines.map((l) => l[1])).toEqual(['new', 'later']);
     expect(Date.parse(cutLines[0][0])).toBeLessThanOrEqual(tD);
     // Before, the records after the truncation were ignored, and this line
@@ -335,32 +340,34 @@ describe('logs across a snapshot and its restore', () => {
     // application is snapshotted, then one more line after the restore.
     await runDetached('chatty', ['sh', '-c', `echo start; ${waitGo(4)}; echo more; while :; do sleep 1; done`], /start\n/);
     const chattyImage = join(dir, 'chatty.appshot');
-    expect(sb.run(['snapshot', 'chatty', '-o', chattyImage]).code).toBe(0);
+    const chattySnap = await sb.runAsync(['snapshot', 'chatty', '-o', chattyImage]);
+    expect(chattySnap.code, chattySnap.stderr).toBe(0);
     const carriedTimes = join(sb.home, 'logs', '.chatty.times');
     const [firstMs] = readFileSync(carriedTimes, 'latin1').split(' ').map(Number);
     // Records for bytes the log has not reached yet are harmless: each
     // line takes the first record covering its end.
     const padding = Array.from({ length: 20_000 }, (_, i) => `${firstMs + i} 6\n`).join('');
     appendFileSync(carriedTimes, padding);
-    expect(sb.run(['restore', chattyImage]).code).toBe(0);
+    const chattyBack = await sb.runAsync(['restore', chattyImage]);
+    expect(chattyBack.code, chattyBack.stderr).toBe(0);
     const tE = Date.now();
     writeFileSync(go(4), '');
-    await waitFor(() => sb.log('chatty').includes('more\n'), 10_000, 'the line after the restore');
+    await waitFor(() => sb.log('chatty').includes('more\n'), 30_000, 'the line after the restore');
     const times = join(sb.home, 'apps', 'chatty', '.log.times');
-    await waitFor(() => readFileSync(times, 'latin1').trim().endsWith(' 11'), 10_000, 'the record of the last line');
+    await waitFor(() => readFileSync(times, 'latin1').trim().endsWith(' 11'), 30_000, 'the record of the last line');
     expect(statSync(times).size).toBeLessThan(256 * 1024);
-    const chattyLines = sb.run(['logs', '-t', 'chatty']).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
+    const chattyLines = (await sb.runAsync(['logs', '-t', 'chatty'])).stdout.split('\n').filter(Boolean).map((l) => l.split(' '));
     expect(chattyLines.map((l) => l[1])).toEqual(['start', 'more']);
     expect(Date.parse(chattyLines[0][0])).toBe(firstMs);
     expect(Date.parse(chattyLines[1][0])).toBeGreaterThanOrEqual(tE);
-    for (const aid of ['truncated', 'chatty']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    for (const aid of ['truncated', 'chatty']) expect((await sb.runAsync(['rm', '-f', aid])).code).toBe(0);
 
     // A last line without its newline is printed too, followed or not.
     await runDetached('unended', ['sh', '-c', 'printf "a\\nb"']);
-    expect(sb.run(['wait', 'unended']).code).toBe(0);
+    expect((await sb.runAsync(['wait', 'unended'])).code).toBe(0);
     for (const args of [['logs', '-t', 'unended'], ['logs', '-f', '-t', 'unended']])
-      expect(sb.run(args).stdout.split('\n').map((l) => l.replace(/^\S+Z /, '')), args.join(' ')).toEqual(['a', 'b']);
-    expect(sb.run(['rm', 'unended']).code).toBe(0);
+      expect((await sb.runAsync(args)).stdout.split('\n').map((l) => l.replace(/^\S+Z /, '')), args.join(' ')).toEqual(['a', 'b']);
+    expect((await sb.runAsync(['rm', 'unended'])).code).toBe(0);
   });
 
   it('a snapshot that ends an application leaves it in ps -a as snapshotted, with its image and when, until its restore takes its place, rm or prune', async () => {
@@ -434,13 +441,13 @@ describe('logs across a snapshot and its restore', () => {
     const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' } });
     expect(killed.signal).toBe('SIGKILL');
     expect(sb.run(['ps', '-a']).code).toBe(0);
-    await waitFor(() => !sb.allAids().includes('counter'), 10_000, 'the abandoned restore to go');
+    await waitFor(() => !sb.allAids().includes('counter'), 30_000, 'the abandoned restore to go');
     expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8')).toBe(before);
     // And the record of the snapshot, which it had taken over.
     expect(app('counter')).toMatchObject({ state: 'snapshotted', image });
     const r = sb.run(['restore', image]);
     expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 10_000, 'the restored counter to go on');
+    await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 30_000, 'the restored counter to go on');
     const after = sb.run(['logs', 'counter']).stdout;
     expect(after.startsWith(before)).toBe(true);
     expect(existsSync(join(sb.home, 'logs', 'counter'))).toBe(false);

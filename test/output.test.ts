@@ -136,23 +136,23 @@ describe('progress', () => {
 
 describe('--json', () => {
   it('every command gives its schema', async () => {
-    const schema = (args: string[]) => {
-      const v = sb.json<Json>(args);
+    const schema = async (args: string[]) => {
+      const v = await sb.jsonAsync<Json>(args);
       return Array.isArray(v) ? v.map((e) => e.schema) : [v.schema];
     };
-    const run = sb.run(['run', '-d', '--json', '--aid', 'js', '--', fixture('ticker')]);
+    const run = await sb.runAsync(['run', '-d', '--json', '--aid', 'js', '--', fixture('ticker')]);
     expect(JSON.parse(run.stdout).schema).toBe('appshot.run/1');
-    await waitFor(() => sb.log('js').length > 0, 10_000, 'ticker output');
-    expect(schema(['ps'])).toContain('appshot.ps/1');
-    expect(new Set(schema(['ps', 'js']))).toEqual(new Set(['appshot.ps/1']));
-    const table = sb.json<Json>(['table', 'js']);
+    await waitFor(() => sb.log('js').length > 0, 30_000, 'ticker output');
+    expect(await schema(['ps'])).toContain('appshot.ps/1');
+    expect(new Set(await schema(['ps', 'js']))).toEqual(new Set(['appshot.ps/1']));
+    const table = await sb.jsonAsync<Json>(['table', 'js']);
     expect(table.schema).toBe('appshot.table/1');
     expect(table.tables.pid.find((e: Json) => e.virtual === 1).flags).toEqual(['init']);
-    const snap = sb.json<Json>(['snapshot', 'js', '-o', join(out, 'js.appshot')]);
+    const snap = await sb.jsonAsync<Json>(['snapshot', 'js', '-o', join(out, 'js.appshot')]);
     expect(snap.schema).toBe('appshot.snapshot/1');
     // Milliseconds to the microsecond.
     for (const t of [snap.frozenMs, snap.totalMs]) expect(Math.round(t * 1000)).toBeCloseTo(t * 1000, 6);
-    const inspect = sb.json<Json>(['inspect', join(out, 'js.appshot')]);
+    const inspect = await sb.jsonAsync<Json>(['inspect', join(out, 'js.appshot')]);
     expect(inspect.schema).toBe('appshot.inspect/1');
     expect(typeof inspect.createdAt).toBe('string');
     expect(inspect.stats.frozenMs).toBeGreaterThan(0);
@@ -160,27 +160,27 @@ describe('--json', () => {
     expect(inspect.created).toBeUndefined();
     // Table entries' flags by name, as table --json gives them.
     expect(inspect.tables.find((t: Json) => t.kind === 'pid').entries.find((e: Json) => e.virtual === 1).flags).toEqual(['init']);
-    expect(schema(['template', 'create', join(out, 'js.appshot'), '-o', join(out, 'js.template')])).toEqual(['appshot.template-create/1']);
-    expect(schema(['template', 'show', join(out, 'js.template')])).toEqual(['appshot.template-show/1']);
-    const clones = sb.json<Json[]>(['clone', join(out, 'js.template'), '--aid', 'jc', '--count', '2']);
+    expect(await schema(['template', 'create', join(out, 'js.appshot'), '-o', join(out, 'js.template')])).toEqual(['appshot.template-create/1']);
+    expect(await schema(['template', 'show', join(out, 'js.template')])).toEqual(['appshot.template-show/1']);
+    const clones = await sb.jsonAsync<Json[]>(['clone', join(out, 'js.template'), '--aid', 'jc', '--count', '2']);
     expect(clones.map((c) => c.schema)).toEqual(['appshot.clone/1', 'appshot.clone/1']);
     expect(clones[0].createdDirs).toBeUndefined();
-    const restored = sb.json<Json>(['restore', join(out, 'js.appshot'), '--aid', 'js2']);
+    const restored = await sb.jsonAsync<Json>(['restore', join(out, 'js.appshot'), '--aid', 'js2']);
     expect(restored.schema).toBe('appshot.restore/1');
     for (const internal of ['createdDirs', 'lifeline', 'credentialCalls']) expect(restored[internal]).toBeUndefined();
-    expect(schema(['port', 'js2'])).toEqual([]); // no ports: an empty list
-    expect(new Set(schema(['key', 'ls']))).toEqual(new Set(['appshot.key-ls/1']));
-    const images = sb.json<Json>(['images', out]);
+    expect(await schema(['port', 'js2'])).toEqual([]); // no ports: an empty list
+    expect(new Set(await schema(['key', 'ls']))).toEqual(new Set(['appshot.key-ls/1']));
+    const images = await sb.jsonAsync<Json>(['images', out]);
     expect(images.schema).toBe('appshot.images/1');
     expect(images.images.find((i: Json) => i.path === join(out, 'js.appshot')).createdAt).toBeTruthy();
-    expect(schema(['version'])).toEqual(['appshot.version/1']);
-    expect(schema(['engine', 'status'])).toEqual(['appshot.engine-status/1']);
-    expect(sb.json<Json[]>(['service', 'ls'])).toEqual([]);
-    const check = sb.run(['check', '--json']);
+    expect(await schema(['version'])).toEqual(['appshot.version/1']);
+    expect(await schema(['engine', 'status'])).toEqual(['appshot.engine-status/1']);
+    expect(await sb.jsonAsync<Json[]>(['service', 'ls'])).toEqual([]);
+    const check = await sb.runAsync(['check', '--json']);
     expect(JSON.parse(check.stdout).schema).toBe('appshot.check/1');
-    expect(sb.run(['run', '--aid', 'jw', '--', 'true']).code).toBe(0);
-    expect(schema(['wait', 'jw'])).toEqual(['appshot.wait/1']);
-    expect(sb.run(['rm', 'jw']).code).toBe(0);
+    expect((await sb.runAsync(['run', '--aid', 'jw', '--', 'true'])).code).toBe(0);
+    expect(await schema(['wait', 'jw'])).toEqual(['appshot.wait/1']);
+    expect((await sb.runAsync(['rm', 'jw'])).code).toBe(0);
   }, 120_000);
 
   it('has every field it prints named in docs/json.md, and the README quotes them as printed', async () => {
@@ -197,22 +197,22 @@ describe('--json', () => {
       return Object.keys(first).filter((k) => k !== 'schema' && !new RegExp(`\\b${k}\\b`).test(text));
     };
     const d = mkdtempSync(join(out, 'docs-'));
-    expect(sb.run(['run', '-d', '--aid', 'doc', '--', fixture('ticker')]).code).toBe(0);
-    await waitFor(() => sb.log('doc').length > 0, 10_000, 'ticker output');
-    expect(sb.run(['run', '--aid', 'doc-ended', '--', 'true']).code).toBe(0);
+    expect((await sb.runAsync(['run', '-d', '--aid', 'doc', '--', fixture('ticker')])).code).toBe(0);
+    await waitFor(() => sb.log('doc').length > 0, 30_000, 'ticker output');
+    expect((await sb.runAsync(['run', '--aid', 'doc-ended', '--', 'true'])).code).toBe(0);
     const outputs: Json[] = [
-      sb.json(['ps', 'doc']),
-      sb.json(['table', 'doc']),
-      sb.json(['snapshot', 'doc', '-o', join(d, 'doc.appshot')]),
-      sb.json(['restore', join(d, 'doc.appshot')]),
-      sb.json(['template', 'create', join(d, 'doc.appshot'), '-o', join(d, 'doc.template')]),
-      sb.json(['template', 'show', join(d, 'doc.template')]),
-      sb.json(['clone', join(d, 'doc.template'), '--aid', 'doc-clone']),
-      sb.json(['images', d]),
-      sb.json(['version']),
-      sb.json(['check']),
-      sb.json(['engine', 'status']),
-      sb.json(['wait', 'doc-ended']),
+      await sb.jsonAsync(['ps', 'doc']),
+      await sb.jsonAsync(['table', 'doc']),
+      await sb.jsonAsync(['snapshot', 'doc', '-o', join(d, 'doc.appshot')]),
+      await sb.jsonAsync(['restore', join(d, 'doc.appshot')]),
+      await sb.jsonAsync(['template', 'create', join(d, 'doc.appshot'), '-o', join(d, 'doc.template')]),
+      await sb.jsonAsync(['template', 'show', join(d, 'doc.template')]),
+      await sb.jsonAsync(['clone', join(d, 'doc.template'), '--aid', 'doc-clone']),
+      await sb.jsonAsync(['images', d]),
+      await sb.jsonAsync(['version']),
+      await sb.jsonAsync(['check']),
+      await sb.jsonAsync(['engine', 'status']),
+      await sb.jsonAsync(['wait', 'doc-ended']),
     ];
     for (const o of outputs) expect(undocumented(o), (Array.isArray(o) ? o[0] : o).schema).toEqual([]);
     // The README's own quotes of images --json and check --json.
@@ -223,7 +223,7 @@ describe('--json', () => {
       `{schema: "appshot.version/1", ${Object.keys(outputs[8]).slice(1).join(', ').replace('kernel', 'kernel: {release, machine}')}}`,
     ];
     for (const quote of quotes) expect(readme.includes(quote), `the README quotes ${quote}`).toBe(true);
-    for (const aid of ['doc', 'doc-clone', 'doc-ended']) expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    for (const aid of ['doc', 'doc-clone', 'doc-ended']) expect((await sb.runAsync(['rm', '-f', aid])).code).toBe(0);
   }, 120_000);
 });
 

@@ -6,11 +6,15 @@
  * metadata, never its page data: of a stream file, only the start, where
  * appshot writes them), and one that is not a well-formed image
  * is listed with what is wrong with it rather than failing the listing.
+ * An entry removed while the listing reads it (between the directory's
+ * read and its own, or half-way through it) is not listed: it is no
+ * longer there, whatever it was.
  */
 import type { Command } from 'commander';
 import { existsSync, lstatSync, readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
+import { killPoint } from '../killpoint.js';
 import { printJson } from './json.js';
 
 export interface ImageEntry {
@@ -109,6 +113,46 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
   }
 }
 
+/** An error that says a file or directory went away while being read:
+ * what a removal in the middle of the listing gives (a directory gone,
+ * or one of its parts; a path whose directory became something else). */
+function vanishedError(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ENOENT' || code === 'ENOTDIR';
+}
+
+function stillThere(path: string): boolean {
+  try {
+    lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** describe, for an entry that may be removed meanwhile: one gone by the
+ * end is left out (whatever reading it found, such as a part missing),
+ * one that is still there but lost a part as it was read is listed with
+ * that; only other failures end the listing. */
+async function describeEntry(path: string): Promise<ImageEntry | undefined> {
+  let found: ImageEntry | undefined;
+  try {
+    found = await describe(path);
+  } catch (err) {
+    if (!vanishedError(err)) throw err;
+    let st;
+    try {
+      st = lstatSync(path);
+    } catch {
+      return undefined; // gone: nothing to list
+    }
+    const why = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'a part of it was removed while it was read' : 'it changed while it was read';
+    return { path, type: st.isDirectory() ? 'image' : 'file', app: null, createdAt: null, bytes: st.isFile() ? st.size : 0, processes: null, parent: null, trusted: null, error: why };
+  }
+  if (found?.error !== undefined && !stillThere(path)) return undefined;
+  return found;
+}
+
 export async function listImages(dirs: string[]): Promise<ImagesResult> {
   const images: ImageEntry[] = [];
   for (const d of dirs) {
@@ -120,15 +164,25 @@ export async function listImages(dirs: string[]): Promise<ImagesResult> {
       throw new AppshotError(`no such directory: ${d}`, ExitCode.notFound);
     }
     // A directory that is itself an image is listed as one.
-    const self = st.isDirectory() ? await describe(dir) : undefined;
+    const self = st.isDirectory() ? await describeEntry(dir) : undefined;
     if (self) {
       images.push(self);
       continue;
     }
     if (!st.isDirectory()) throw new AppshotError(`not a directory: ${d}`, ExitCode.usage);
-    for (const name of readdirSync(dir).sort()) {
+    let names: string[];
+    try {
+      names = readdirSync(dir).sort();
+    } catch (err) {
+      // Removed since it was looked at: as if it had not been there.
+      if (vanishedError(err)) throw new AppshotError(`no such directory: ${d}`, ExitCode.notFound);
+      throw err;
+    }
+    for (const name of names) {
       if (name.startsWith('.')) continue; // half-written images (.NAME.partial-PID-RANDOM) and the like
-      const found = await describe(join(dir, name));
+      // Where a test removes an entry between the directory's read and its own.
+      killPoint(`images: describing ${name}`);
+      const found = await describeEntry(join(dir, name));
       if (found) images.push(found);
     }
   }
