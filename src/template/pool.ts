@@ -43,8 +43,9 @@
  * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
  * none), and no more than the engine has room for (room.ts: the pools
  * together take at most half of the engine's free descriptors and of the
- * user's and the system's free processes); a clone that needs room the
- * held instances take has them given up first (makeRoomFor).
+ * user's, the cgroup's and the system's free processes); a clone that
+ * needs room the held instances take has them given up first
+ * (makeRoomFor), the fewest that make it.
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
