@@ -9,10 +9,14 @@
  * (stopped, or killed with SIGKILL) or the template.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, lutimesSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, lstatSync, lutimesSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { constants } from 'node:os';
+import { AppshotError } from '../src/errors.js';
+import { SyscallError } from '../src/ptrace/remote.js';
+import { isShortOfRoom } from '../src/template/room.js';
 import { alive, cli, Sandbox, tcpExchange, templfixTemplate, type TemplfixWorld, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -85,6 +89,40 @@ const psShape = (own: Json) => {
   const a = JSON.parse(JSON.stringify(own).replaceAll(own.aid, 'AID'));
   return { ...a, createdAt: undefined, privateRoot: undefined, ports: a.ports.length, processes: a.processes.map((p: Json) => ({ ...p, pid: undefined, ppid: undefined, pgid: undefined, sid: undefined, startTime: undefined })) };
 };
+
+/** A command under a lower RLIMIT_NOFILE (soft and hard: Node raises
+ * its soft limit to the hard one, the engine's and the client's alike,
+ * and a client whose limits differ from the engine's runs its command
+ * itself). Without the descriptors numbered 80 and above the test
+ * runner may have been given (a program holding one above its limit
+ * cannot be restored: its number cannot be placed). */
+const limited = (nofile: number, args: string[], env: Record<string, string> = {}) => {
+  const closeRest = 'for f in /proc/$$/fd/*; do n=${f##*/}; if [ "$n" -ge 80 ]; then eval "exec $n>&-"; fi; done 2>/dev/null';
+  const r = spawnSync('bash', ['-c', `${closeRest}; ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, cli, ...args], { env: { ...sb.env, ...poolEnv, ...env }, encoding: 'utf8', timeout: 50_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+};
+/** A template of a program that ran under the lowest of the limits the
+ * tests give (a clone may not be given a higher hard limit than its
+ * client has): `sleep`, an init and one process per instance. */
+const low = join(dir, 'lowfd.template');
+function lowTemplate(): string {
+  if (existsSync(low)) return low;
+  const off = { APPSHOT_ENGINE: 'off' };
+  expect(limited(80, ['run', '-d', '--aid', 'lowfd', '--', 'sleep', '100000'], off).code).toBe(0);
+  expect(limited(80, ['snapshot', 'lowfd', '-o', join(dir, 'lowfd.appshot')], off).code).toBe(0);
+  expect(limited(80, ['template', 'create', join(dir, 'lowfd.appshot'), '-o', low], off).code).toBe(0);
+  return low;
+}
+const lowPool = () => status().clonePool?.[low] ?? { held: 0, target: 0 };
+const engineLog = () => readFileSync(join(sb.home, 'engine', 'log'), 'utf8');
+/** No engine running (one a test before left stopped and gone). */
+async function noEngine(): Promise<void> {
+  const engine = status();
+  if (engine.running) {
+    expect(inProcess(['engine', 'stop']).code).toBe(0);
+    await waitFor(() => !alive(engine.pid), 20_000, 'the engine to leave');
+  }
+}
 
 beforeAll(async () => {
   await templfixTemplate(sb, world, 'tf', join(dir, 'snap'), tpl);
@@ -290,25 +328,9 @@ describe('the engine keeps clones ready', () => {
     // itself). Without the descriptors numbered 80 and above the test
     // runner may have been given (a program holding one above its limit
     // cannot be restored: its number cannot be placed).
-    const limited = (nofile: number, args: string[], env: Record<string, string> = {}) => {
-      const closeRest = 'for f in /proc/$$/fd/*; do n=${f##*/}; if [ "$n" -ge 80 ]; then eval "exec $n>&-"; fi; done 2>/dev/null';
-      const r = spawnSync('bash', ['-c', `${closeRest}; ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, cli, ...args], { env: { ...sb.env, ...poolEnv, ...env }, encoding: 'utf8', timeout: 50_000 });
-      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-    };
-    const engine = status();
-    if (engine.running) {
-      expect(inProcess(['engine', 'stop']).code).toBe(0);
-      await waitFor(() => !alive(engine.pid), 20_000, 'the engine to leave');
-    }
-    // A template of a program that ran under the lowest of the limits
-    // below (a clone may not be given a higher hard limit than its
-    // client has).
-    const low = join(dir, 'lowfd.template');
-    const off = { APPSHOT_ENGINE: 'off' };
-    expect(limited(80, ['run', '-d', '--aid', 'lowfd', '--', 'sleep', '100000'], off).code).toBe(0);
-    expect(limited(80, ['snapshot', 'lowfd', '-o', join(dir, 'lowfd.appshot')], off).code).toBe(0);
-    expect(limited(80, ['template', 'create', join(dir, 'lowfd.appshot'), '-o', low], off).code).toBe(0);
-    const pool = () => status().clonePool?.[low] ?? { held: 0, target: 0 };
+    await noEngine();
+    lowTemplate();
+    const pool = lowPool;
     expect(limited(200, ['engine', 'start']).code).toBe(0);
     const pid = status().pid as number;
     try {
@@ -334,13 +356,141 @@ describe('the engine keeps clones ready', () => {
       const [c] = JSON.parse(made.stdout);
       expect(ps().find((a: Json) => a.aid === c.aid)?.state).toBe('running');
       expect(pool().held).toBeLessThan(before);
-      expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toMatch(/held instance\(s\) given up to make room for a clone/);
+      expect(engineLog()).toMatch(/held instance\(s\) given up to make room for a clone/);
     } finally {
       // Not left to the next test with the limit it was given here.
       expect(inProcess(['engine', 'stop']).code).toBe(0);
       await waitFor(() => !alive(pid), 20_000, 'the engine to leave');
     }
   }, 240_000);
+
+  it('keeps what it holds when it finds no room to refill, whatever numbers a clone left it (a batch takes 1..k)', async () => {
+    await noEngine();
+    lowTemplate();
+    expect(limited(200, ['engine', 'start']).code).toBe(0);
+    const pid = status().pid as number;
+    try {
+      const fds = () => readdirSync(`/proc/${pid}/fd`).length;
+      const clone = (nofile: number, n: number) => {
+        const r = limited(nofile, ['clone', low, '-n', String(n), '--json']);
+        expect(r.stderr).toBe('');
+        expect(r.code).toBe(0);
+        return JSON.parse(r.stdout) as Json[];
+      };
+      // Enough held that the engine has over 80 descriptors open (the
+      // template's hard limit: the engine's is not lowered below it).
+      clone(200, 12);
+      await waitFor(() => lowPool().held === lowPool().target && lowPool().target >= 10, 60_000, 'the pool filled');
+      const before = lowPool().held;
+      // The engine's limit lowered to a little more than it has open: a
+      // batch of 2 takes instances 1 and 2 (the client's limit matched),
+      // and no room is found to make 1 and 2 again. 3 and above are held
+      // still, and kept: what it holds is what it keeps.
+      const lowered = fds() + 12;
+      expect(lowered).toBeGreaterThanOrEqual(80);
+      expect(spawnSync('prlimit', ['--pid', String(pid), `--nofile=${lowered}:${lowered}`]).status).toBe(0);
+      expect(clone(lowered, 2).map((c) => [c.instance, c.prepared])).toEqual([
+        [1, true],
+        [2, true],
+      ]);
+      await waitFor(() => /room for \d+ held instance\(s\) only/.test(engineLog()), 30_000, 'the refill to find no room');
+      // The pool is resized each second by its target: a few of them.
+      await new Promise((r) => setTimeout(r, 3000));
+      expect(lowPool().held).toBeGreaterThanOrEqual(before - 2);
+      expect(engineLog()).toMatch(new RegExp(`room for ${lowPool().held} held instance\\(s\\) only`));
+    } finally {
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(pid), 20_000, 'the engine to leave');
+    }
+  }, 240_000);
+
+  it("holds no more clones than the engine's pids cgroup has room for (pids.max)", async (ctx) => {
+    // A pids cgroup of its own (v1's controller, or v2's where it is on).
+    const v1 = '/sys/fs/cgroup/pids';
+    const v2 = '/sys/fs/cgroup';
+    const root = existsSync(`${v1}/cgroup.procs`) ? v1 : existsSync(`${v2}/cgroup.controllers`) && /\bpids\b/.test(readFileSync(`${v2}/cgroup.subtree_control`, 'utf8')) ? v2 : undefined;
+    const group = root && join(root, `appshot-pool-${process.pid}`);
+    try {
+      if (group) mkdirSync(group);
+    } catch {
+      /* not ours to make */
+    }
+    if (!group || !existsSync(`${group}/pids.max`)) return ctx.skip();
+    await noEngine();
+    lowTemplate();
+    expect(inProcess(['engine', 'start']).code).toBe(0);
+    const pid = status().pid as number;
+    try {
+      writeFileSync(`${group}/cgroup.procs`, String(pid));
+      const current = () => Number(readFileSync(`${group}/pids.current`, 'utf8'));
+      const clone = () => {
+        // In the engine's cgroup: one in another runs its command itself.
+        const r = spawnSync('sh', ['-c', `echo $$ > ${group}/cgroup.procs && exec "$0" "$@"`, process.execPath, cli, 'clone', low, '-n', '8', '--json'], { env: { ...sb.env, ...poolEnv }, encoding: 'utf8', timeout: 50_000 });
+        expect(r.stderr).toBe('');
+        expect(r.status).toBe(0);
+      };
+      // Unlimited, 8 held; then 26 tasks more than it has (the client's
+      // threads and the engine's to come among them): the 8 taken go on
+      // running, and a
+      // pool that keeps to half of what is free holds a few instances (an
+      // init and a sleep each), not 8, without the kernel having refused
+      // it a single process (pids.events: the forks pids.max failed).
+      clone();
+      await waitFor(() => lowPool().held === 8, 60_000, 'eight held');
+      const refused = () => Number(/^max (\d+)/m.exec(readFileSync(`${group}/pids.events`, 'utf8'))?.[1] ?? 0);
+      writeFileSync(`${group}/pids.max`, String(current() + 26));
+      clone();
+      await waitFor(() => lowPool().held === lowPool().target && lowPool().target > 0 && lowPool().target < 8, 60_000, 'the pool to fill to what the cgroup has room for');
+      expect(engineLog()).toMatch(/room for \d+ held instance\(s\) only .*the cgroup's/);
+      expect(refused()).toBe(0);
+    } finally {
+      expect(inProcess(['engine', 'stop']).code).toBe(0);
+      await waitFor(() => !alive(pid), 20_000, 'the engine to leave');
+      // What runs in it (the clones made) back where the test runs.
+      const home = readFileSync('/proc/self/cgroup', 'utf8').split('\n').find((l) => (root === v1 ? /^\d+:[^:]*\bpids\b[^:]*:/ : /^0::/).test(l))!.replace(/^[^:]*:[^:]*:/, '');
+      for (const p of readFileSync(`${group}/cgroup.procs`, 'utf8').split('\n').filter(Boolean)) {
+        try {
+          writeFileSync(join(root!, home, 'cgroup.procs'), p);
+        } catch {
+          /* gone */
+        }
+      }
+      await waitFor(() => readFileSync(`${group}/cgroup.procs`, 'utf8').trim() === '', 10_000, 'the cgroup to empty');
+      rmdirSync(group);
+    }
+  }, 240_000);
+
+  it('counts as short of room what held instances take room from, not any EAGAIN', () => {
+    // A real EAGAIN of non-blocking I/O (an empty FIFO read): nothing
+    // held frees anything for it.
+    const fifo = join(dir, 'fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    const fd = openSync(fifo, fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
+    let again: unknown;
+    try {
+      readSync(fd, Buffer.alloc(1));
+    } catch (e) {
+      again = e;
+    } finally {
+      closeSync(fd);
+    }
+    expect((again as NodeJS.ErrnoException).code).toBe('EAGAIN');
+    expect(isShortOfRoom(again)).toBe(false);
+    // As a restore reports what its injected calls got: a fork or a
+    // thread the user's (or cgroup's) processes had no room for is; a
+    // descriptor the restored process had no room for (its own limit) is
+    // not, nor an EAGAIN of another call.
+    const wrapped = (e: Error) => new AppshotError(`cannot clone t as 'a': ${e.message}; nothing was left behind`);
+    expect(isShortOfRoom(wrapped(new SyscallError('fork', constants.errno.EAGAIN)))).toBe(true);
+    expect(isShortOfRoom(wrapped(new SyscallError('creating a thread', constants.errno.EAGAIN)))).toBe(true);
+    expect(isShortOfRoom(wrapped(new SyscallError('dup2', constants.errno.EMFILE)))).toBe(false);
+    expect(isShortOfRoom(wrapped(new SyscallError('flock', constants.errno.EAGAIN)))).toBe(false);
+    expect(isShortOfRoom(wrapped(new Error('sock_diag: Resource temporarily unavailable')))).toBe(false);
+    expect(isShortOfRoom(wrapped(new Error('starting /x/appshot-init: Resource temporarily unavailable')))).toBe(true);
+    // The engine's own descriptors, and the system's.
+    expect(isShortOfRoom(wrapped(new Error("EMFILE: too many open files, open '/x'")))).toBe(true);
+    expect(isShortOfRoom(wrapped(new SyscallError('socket', constants.errno.ENFILE)))).toBe(true);
+  });
 
   it('sweeps a commit link whose file is gone (a batch of held clones commits through links)', () => {
     const link = join(sb.home, 'commits', `${2 ** 22 + 1}.0.-.0123456789ab`);

@@ -38,7 +38,7 @@ import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
 import type { ByteProgress } from '../progress.js';
 import { anyHeld, clonePoolOf, giveUpAll, makeRoomFor } from './pool.js';
-import { isShortOfRoom } from './room.js';
+import { isShortOfRoom, tasksChanged } from './room.js';
 
 export interface CloneOptions {
   /** The AID, or with count > 1 the prefix of AIDs AID-1 ... AID-N. */
@@ -266,6 +266,10 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
           }
         : {}),
     });
+    // Its init and threads, which the user's task count (room.ts), reused
+    // for a second, has not seen start (a held one's are counted by the
+    // pool once held).
+    if (!hold) tasksChanged(r.threads + 1);
     const made: CloneResult = {
       aid,
       instance: s.instance,
@@ -348,13 +352,19 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         // Held instances give up their room if this one needs it (the
         // pools shrink rather than the clone fail: pool.ts makeRoomFor),
         // and if it failed for want of descriptors or processes all the
-        // same, every held instance goes and it is made once more.
+        // same, every held instance goes and it is made once more: under
+        // the same AID and batch commit file, so only once nothing of
+        // the first attempt is left under that AID (the restore's failure
+        // waits for its registration to be released, for a while: if it
+        // is still there, the failure stands). Its ports and private
+        // copies went with it (makeInstance), and the commit file, the
+        // batch's, was never its own to remove.
         await makeRoomFor(t, pool, opts.count);
         const start = { aid, instance: i + 1, commitPath: commitPath() };
         try {
           m = await makeInstance(reg, t, start);
         } catch (e) {
-          if (!isShortOfRoom(e) || !anyHeld()) throw e;
+          if (!isShortOfRoom(e) || !anyHeld() || reg.get(aid)) throw e;
           await giveUpAll('a clone ran short of descriptors or processes');
           m = await makeInstance(reg, t, start);
         }

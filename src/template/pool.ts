@@ -43,8 +43,9 @@
  * for within the last minute, at most APPSHOT_CLONE_POOL (default 32; 0:
  * none), and no more than the engine has room for (room.ts: the pools
  * together take at most half of the engine's free descriptors and of the
- * user's and the system's free processes); a clone that needs room the
- * held instances take has them given up first (makeRoomFor).
+ * user's, the cgroup's and the system's free processes); a clone that
+ * needs room the held instances take has them given up first
+ * (makeRoomFor), the fewest that make it.
  * Given up (its processes killed, its registration, ports and copies
  * removed, as after an interrupted restore) when the template changes or
  * goes (checked each second as a clone's open checks it: template cache),
@@ -61,7 +62,7 @@ import { currentRequest, requestStorage, type RequestSetting } from '../engine/r
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
 import { stillCached } from './cache.js';
-import { isShortOfRoom, type Room, roomNow, roomToHold, roomToMake } from './room.js';
+import { isShortOfRoom, type Room, roomNow, roomToHold, roomToMake, tasksChanged } from './room.js';
 import { generatedAid, makeInstance, type MadeInstance } from './clone.js';
 import type { OpenedTemplate } from './template.js';
 
@@ -77,6 +78,8 @@ const LOW_MEMORY_BYTES = 256 * 2 ** 20;
 const LOW_MEMORY_SHARE = 0.05;
 /** Instances that failed to be made in a row before a pool gives up. */
 const MOST_FAILURES = 3;
+/** How many instances' descriptors a pool's need is learnt from. */
+const FD_SAMPLES = 5;
 
 interface Held {
   aid: string;
@@ -118,6 +121,16 @@ export class Pool {
     return n;
   }
 
+  /** The highest number held (0: none). Numbers are not compact: a clone
+   * takes 1..k, and k+1.. stay held (an instance's number is in what it
+   * was made with: its INSTANCE property, its registration), so keeping
+   * what is held means keeping up to this one. */
+  highestHeld(): number {
+    let top = 0;
+    for (const [n, h] of this.slots) if (h.isHeld && n > top) top = n;
+    return top;
+  }
+
   /** The batch sizes asked for in the last idleMs, with when. */
   private readonly asked: { at: number; count: number }[] = [];
   /** How long it lives without a clone: the last clone's setting. */
@@ -129,13 +142,29 @@ export class Pool {
    * asked to be held whenever the engine was started with another
    * setting (a suite turning pools off for its other files). */
   limit = DEFAULT_CAP;
-  /** How many the engine had room for when it last refilled (room.ts):
-   * the pool keeps no more, whatever was asked. */
+  /** Up to which number the engine had room for when it last refilled
+   * (room.ts): the pool keeps none above it, whatever was asked. */
   roomFor = Infinity;
+  /** The room last logged (noRoom): said once, not at each refill. */
+  roomSaid: number | undefined;
   /** What one held instance takes: the engine's descriptors (learnt from
-   * the instances made: the most one took) and the user's tasks (its
-   * init and every thread of the template). */
+   * the instances made: see learnFds) and the user's tasks (its init and
+   * every thread of the template). */
   readonly need: Room;
+  /** Descriptors each of the last instances held was seen to take. */
+  private readonly fdSamples: number[] = [];
+
+  /** One more instance held, seen to take `fds` of the engine's
+   * descriptors: what the engine opened or closed for anything else
+   * meanwhile (a command it served) counts too, so the need is the
+   * median of the last few seen, which one such spike, up or down, does
+   * not move, and which follows a template whose instances take more. */
+  learnFds(fds: number): void {
+    this.fdSamples.push(Math.max(1, fds));
+    if (this.fdSamples.length > FD_SAMPLES) this.fdSamples.shift();
+    const sorted = [...this.fdSamples].sort((a, b) => a - b);
+    this.need.fds = sorted[Math.floor(sorted.length / 2)];
+  }
 
   /** A clone of `count` instances: kept from now on is the largest batch
    * asked for within the last POOL_IDLE_MS (a user who alternates single
@@ -273,7 +302,11 @@ async function refill(p: Pool): Promise<void> {
     while (enabled && pools.get(p.t.path) === p) {
       let n = 1;
       while (n <= p.target && p.slots.has(n)) n++;
-      if (n > p.target) break;
+      if (n > p.target) {
+        // Filled: a shortage found again later is said again.
+        p.roomSaid = undefined;
+        break;
+      }
       if (memoryLow()) {
         await giveUpAll('memory is low');
         break;
@@ -298,10 +331,12 @@ async function refill(p: Pool): Promise<void> {
         log(`clone pool: cannot set the context of ${p.t.path}'s clones: ${(e as Error).message}`);
       }
       // The descriptors it keeps open in the engine, as far as can be
-      // seen (a command served meanwhile counts too: more, never fewer,
-      // is assumed from then on).
-      if (held) p.need.fds = Math.max(p.need.fds, openFds() - fdsBefore);
-      else if (made && (await made.made.then(() => false, isShortOfRoom))) {
+      // seen (learnFds), and its tasks, which the user's count, reused for
+      // a second, did not see start (room.ts).
+      if (held) {
+        p.learnFds(openFds() - fdsBefore);
+        tasksChanged(p.need.tasks);
+      } else if (made && (await made.made.then(() => false, isShortOfRoom))) {
         noRoom(p, n);
         break;
       }
@@ -322,10 +357,15 @@ async function refill(p: Pool): Promise<void> {
   }
 }
 
-/** `p` has no room for its instance `n` (and those after). */
+/** `p` has no room for its instance `n` (the lowest number free): what
+ * it holds is what it keeps, numbered above `n` as well (a clone took
+ * those below), until its next refill finds room again. */
 function noRoom(p: Pool, n: number): void {
-  if (p.roomFor !== n - 1) log(`clone pool of ${p.t.path}: room for ${n - 1} held instance(s) only (the engine's descriptors, the user's or the system's processes)`);
-  p.roomFor = n - 1;
+  p.roomFor = Math.max(n - 1, p.highestHeld());
+  const held = p.heldCount();
+  if (p.roomSaid !== held)
+    log(`clone pool of ${p.t.path}: room for ${held} held instance(s) only (the engine's descriptors, the user's, the cgroup's or the system's processes)`);
+  p.roomSaid = held;
   p.resize();
 }
 
@@ -372,14 +412,22 @@ export async function makeRoomFor(t: OpenedTemplate, own: Pool | undefined, keep
   order.sort((a, b) => b[1] - a[1]);
   if (own) for (const [n, h] of [...own.slots].sort((a, b) => b[0] - a[0])) if (h.isHeld && n > keepUpTo) order.push([own, n, h]);
   let given = 0;
+  // Read once: what each instance given up frees is added to it. (Read
+  // again, the user's tasks would be the count of a moment ago, reused
+  // for a second: no room seen freed, every held instance given up.)
+  const room = roomNow();
   for (const [p, n, h] of order) {
-    if (roomToMake(roomNow(), need)) break;
+    if (roomToMake(room, need)) break;
     if (p.slots.get(n) !== h) continue;
     p.slots.delete(n);
-    // Kept smaller from now on, until it finds room again.
-    p.roomFor = Math.min(p.roomFor, p.heldCount());
+    // Kept smaller from now on, until it finds room again: what it still
+    // holds, whatever numbers those have.
+    p.roomFor = Math.min(p.roomFor, p.highestHeld());
     h.decide(false);
     await h.made.catch(() => undefined);
+    room.fds += p.need.fds;
+    room.tasks += p.need.tasks;
+    tasksChanged(-p.need.tasks);
     given++;
   }
   if (given) log(`clone pool: ${given} held instance(s) given up to make room for a clone of ${t.path}`);

@@ -5,19 +5,21 @@
  * app, more for one with listeners or connections to hand over) and
  * processes of the user alive (its init and every thread of every
  * process of the template). 32 per template, several templates, could
- * take the engine's RLIMIT_NOFILE or the user's RLIMIT_NPROC (or the
- * system's PIDs) from the commands it serves and from the user's own
+ * take the engine's RLIMIT_NOFILE, the user's RLIMIT_NPROC, the pids
+ * limit of the engine's cgroup (a container's usual limit) or the
+ * system's PIDs from the commands it serves and from the user's own
  * programs. So the pools together keep to half of what is free of each,
  * counting what they hold as free (they give it up when asked: see
- * makeRoom), and a clone that needs more than is free has the pools give
- * up instances first rather than fail.
+ * makeRoomFor), and a clone that needs more than is free has the pools
+ * give up instances first rather than fail.
  *
- * Read from /proc when asked (once per refill, and before an instance
- * made on demand while instances are held): the engine's own descriptors
- * and limits, the tasks of the user (only when its RLIMIT_NPROC is
- * finite) and of the system.
+ * Read from /proc (and the cgroup's files) when asked: before each
+ * instance a refill makes, and before each instance made on demand while
+ * instances are held. The user's tasks are counted by a scan of /proc,
+ * reused for a second and kept up to date meanwhile with what the pools
+ * are known to have started or ended (tasksChanged).
  */
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 export interface Room {
   /** Descriptors the engine may still open, and tasks the user and the
@@ -40,28 +42,47 @@ function softLimit(what: string): number {
   }
 }
 
-function readNumber(path: string): number {
+/** The number in file `path`; `otherwise` if it holds none ('max') or
+ * cannot be read. */
+function readNumber(path: string, otherwise = Infinity): number {
   try {
-    const n = Number(readFileSync(path, 'utf8').trim());
-    return Number.isFinite(n) ? n : Infinity;
+    const text = readFileSync(path, 'utf8').trim();
+    return /^\d+$/.test(text) ? Number(text) : otherwise;
   } catch {
-    return Infinity;
+    return otherwise;
   }
 }
 
 /** The last count of a user's tasks, reused for a second: a scan of
  * /proc costs a few ms, and a batch made on demand asks before each
- * instance. */
+ * instance. What the pools start and end meanwhile is added to it
+ * (tasksChanged): read again within the second, it would say the same
+ * and have a give-up free nothing, or a refill make one too many. */
 let counted: { uid: number; at: number; n: number } | undefined;
 
-/** Tasks (threads) of processes owned by `uid`: what RLIMIT_NPROC counts. */
+/** `delta` tasks of the engine's user started (an instance made) or
+ * ended (one given up) since the last count. */
+export function tasksChanged(delta: number): void {
+  if (counted) counted.n = Math.max(0, counted.n + delta);
+}
+
+/** The real UID of process `pid` (what RLIMIT_NPROC counts by: the
+ * first of the four on the Uid: line), or undefined if it is gone. */
+function realUid(pid: string): number | undefined {
+  const line = /^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return line ? Number(line[1]) : undefined;
+}
+
+/** Tasks (threads) of processes whose real UID is `uid`: what
+ * RLIMIT_NPROC counts. (/proc/PID's owner is the effective UID: a setuid
+ * program's, or a daemon's that dropped only that, would be miscounted.) */
 function tasksOf(uid: number): number {
   if (counted && counted.uid === uid && Date.now() - counted.at < 1000) return counted.n;
   let n = 0;
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     try {
-      if (statSync(`/proc/${name}`).uid !== uid) continue;
+      if (realUid(name) !== uid) continue;
       const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
       // num_threads: the 18th field after the command's closing parenthesis.
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
@@ -72,6 +93,40 @@ function tasksOf(uid: number): number {
   }
   counted = { uid, at: Date.now(), n };
   return n;
+}
+
+/** Tasks the engine's pids cgroup and each above it may still start: the
+ * least of pids.max - pids.current along the way up (Infinity where it
+ * says 'max', or where nothing can be read). cgroup v2 (the "0::" line
+ * of /proc/self/cgroup, under /sys/fs/cgroup or /sys/fs/cgroup/unified)
+ * and v1's pids controller (/sys/fs/cgroup/pids). */
+function cgroupTasks(): number {
+  let lines: string[];
+  try {
+    lines = readFileSync('/proc/self/cgroup', 'utf8').split('\n');
+  } catch {
+    return Infinity;
+  }
+  // [where the hierarchy is mounted, the engine's cgroup in it]
+  const places: [string, string][] = [];
+  for (const line of lines) {
+    const m = /^\d+:([^:]*):(\/.*)$/.exec(line);
+    if (!m) continue;
+    if (m[1] === '') places.push(['/sys/fs/cgroup', m[2]], ['/sys/fs/cgroup/unified', m[2]]);
+    else if (m[1].split(',').includes('pids')) places.push(['/sys/fs/cgroup/pids', m[2]]);
+  }
+  let free = Infinity;
+  for (const [root, path] of places) {
+    // The cgroup, then each above it, up to where it is mounted (the
+    // hierarchy's root has no pids.max; a container's namespace's has).
+    const parts = path.split('/').filter(Boolean);
+    for (let n = parts.length; n >= 0; n--) {
+      const dir = [root, ...parts.slice(0, n)].join('/');
+      const max = readNumber(`${dir}/pids.max`);
+      if (Number.isFinite(max)) free = Math.min(free, max - readNumber(`${dir}/pids.current`, 0));
+    }
+  }
+  return free;
 }
 
 /** Whether the engine has CAP_SYS_ADMIN or CAP_SYS_RESOURCE (bits 21
@@ -99,8 +154,15 @@ export function roomNow(): Room {
     }
   }
   // The system's: PIDs and threads (loadavg's 4th field: running/all tasks).
-  const all = Number(/^\S+ \S+ \S+ \d+\/(\d+)/.exec(readFileSync('/proc/loadavg', 'utf8'))?.[1]);
-  let tasks = Math.min(readNumber('/proc/sys/kernel/pid_max'), readNumber('/proc/sys/kernel/threads-max')) - (Number.isFinite(all) ? all : 0);
+  let all = 0;
+  try {
+    all = Number(/^\S+ \S+ \S+ \d+\/(\d+)/.exec(readFileSync('/proc/loadavg', 'utf8'))?.[1]) || 0;
+  } catch {
+    /* unreadable: none counted */
+  }
+  let tasks = Math.min(readNumber('/proc/sys/kernel/pid_max'), readNumber('/proc/sys/kernel/threads-max')) - all;
+  // The cgroup's (pids.max): the kernel holds root to it too.
+  tasks = Math.min(tasks, cgroupTasks());
   // The user's, where the kernel holds it to it: not for root, nor with
   // CAP_SYS_ADMIN or CAP_SYS_RESOURCE (a scan of /proc spared then).
   const nproc = softLimit('Max processes');
@@ -126,9 +188,31 @@ export function roomToMake(room: Room, need: Room): boolean {
   return room.fds >= need.fds + SPARE.fds && room.tasks >= need.tasks + SPARE.tasks;
 }
 
-/** A failure that more descriptors or processes would have avoided. */
+/**
+ * A failure that more descriptors or processes would have avoided: one
+ * held instances take room from. EMFILE of the engine's own calls (its
+ * RLIMIT_NOFILE: Node's and the addon's errors, by code or by the text a
+ * restore's error keeps of them: it says what failed in words, not the
+ * code), ENFILE (the system's) from anything, and EAGAIN only from what
+ * starts a process or thread (the user's RLIMIT_NPROC, the cgroup's
+ * pids.max, the system's PIDs): the restore's injected fork and clone
+ * ("fork failed: EAGAIN", "creating a thread failed: EAGAIN", or
+ * EWOULDBLOCK, the same number's other name), the
+ * addon's start of init or its forks ("starting ...", "fork (...)").
+ * Not an EAGAIN of anything else (non-blocking I/O, sock_diag, a lock),
+ * nor an EMFILE of a call injected into a restored process: its own
+ * limit, which nothing held counts against.
+ */
 export function isShortOfRoom(e: unknown): boolean {
-  const err = e as NodeJS.ErrnoException | undefined;
-  if (err?.code && ['EMFILE', 'ENFILE', 'EAGAIN'].includes(err.code)) return true;
-  return /\b(EMFILE|ENFILE|EAGAIN)\b|too many open files|resource temporarily unavailable/i.test(String(err?.message ?? ''));
+  const err = e as (NodeJS.ErrnoException & { call?: string }) | undefined;
+  if (!err) return false;
+  if (err.code === 'EMFILE' || err.code === 'ENFILE') return true;
+  if (err.code === 'EAGAIN' && /^(spawn|fork|clone|vfork)/.test(err.syscall ?? '')) return true;
+  const text = String(err.message ?? '');
+  // Node's ("EMFILE: too many open files, open '...'") and the addon's
+  // ("opening tables ...: Too many open files"); an injected call's
+  // failure reads "<call> failed: EMFILE" instead.
+  if (/\bEMFILE: too many open files\b|: Too many open files(?! in system)\b/.test(text)) return true;
+  if (/\bENFILE\b|Too many open files in system/.test(text)) return true;
+  return /\b(fork|creating a thread) failed: (EAGAIN|EWOULDBLOCK)\b|\b(starting \/\S+|fork \([^)]*\)): Resource temporarily unavailable\b/.test(text);
 }
