@@ -624,6 +624,30 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 905, kind: 5, socket: inheritedListener('../../etc/passwd') });
       i.processes[0].fds.push(fd);
     }, 'is an inherited socket .* whose key is not'],
+    // Bound as recorded: neither may widen where the port listens (an
+    // unparsed address bound the wildcard; an IPv4 one as IPv6, '::').
+    ...(
+      [
+        ['a TCP listener whose address is not an address', 2, 'localhost'],
+        ['an IPv6 TCP listener whose address is IPv4', 10, '127.0.0.1'],
+        ['an IPv4 TCP listener whose address is IPv6', 2, '::1'],
+        ['a TCP listener of family AF_UNIX', 1, '127.0.0.1'],
+      ] as const
+    ).map(([what, family, address]): [string, (i: Image) => void, string] => [
+      what,
+      (i) => {
+        const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+        Object.assign(fd, { fd: 907, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), inherited: undefined, family, address, backlog: 9 } });
+        i.processes[0].fds.push(fd);
+      },
+      `fd 907 is a TCP listener of family ${family} at '${address.replace(/\./g, '\\.')}', not an IPv4 \\(2\\) or IPv6 \\(10\\) address of its family`,
+    ]),
+    // Likewise for one inherited from serve (a plain restore binds it).
+    ['an inherited listener whose address is not an address', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 908, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), address: '127.0.0.1 ' } });
+      i.processes[0].fds.push(fd);
+    }, "fd 908 is a TCP listener of family 2 at '127\\.0\\.0\\.1 ', not an IPv4"],
     ...mqueueCases(),
     ...aioCases(),
   ];
