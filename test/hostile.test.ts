@@ -12,12 +12,16 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import type { Image, Manifest } from '../src/image/types.js';
+import { addon } from '../src/native.js';
+import { LocalRegistry } from '../src/registry.js';
+import { restore } from '../src/restore/driver.js';
 import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -679,6 +683,31 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       expect(pids.some((pid) => ss.includes(`pid=${pid},fd=906)`)), `${ss} ${pids}`).toBe(true);
     } finally {
       sb.run(['rm', '--force', 'inherited']);
+    }
+  });
+
+  it("refuses a restore handed serve's listener for one key of an image naming another, leaving nothing", async () => {
+    const dir = crafted('inherited-other-key', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 909, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6380'), backlog: 9 } });
+      i.processes[0].fds.push(fd);
+    });
+    // What serve hands a restore (RestoreOptions.inherit): its listener,
+    // for its own application port's key.
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const aidsBefore = sb.aids();
+    try {
+      const fd = (server as unknown as { _handle: { fd: number } })._handle.fd;
+      const restoring = restore(new LocalRegistry(sb.home), dir, { aid: 'handed', lazy: false, inherit: new Map([['serve:6379', fd]]) });
+      await expect(restoring).rejects.toThrow(/fd 909: the image names the listener inherited from 'serve:6380', which only the service that snapshotted it \(appshot serve\) can hand to its restore; this one was handed 'serve:6379', not it/);
+      expect(tmpEntries()).toEqual([]);
+      expect(readdirSync(privateTmp)).toEqual([]);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // The caller's listener is the caller's still, listening.
+      expect(addon().tcpEndpoint(fd).backlog).toBeGreaterThan(0);
+    } finally {
+      server.close();
     }
   });
 

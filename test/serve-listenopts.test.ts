@@ -5,10 +5,12 @@
  * - The options the application set on its listener (TCP_NODELAY,
  *   SO_KEEPALIVE and its timers, a fixed receive buffer: copied by the
  *   kernel into every socket accepted; TCP_DEFER_ACCEPT: the listener's
- *   own) and its backlog are the shared listener's while the instance
- *   holds it, after the first restore (from the application's own image)
- *   and after a restore from a suspend image (which names serve's listener
- *   by key). test/fixtures/listenopts checks each socket it accepts itself.
+ *   own) are the shared listener's while the instance holds it, after the
+ *   first restore (from the application's own image) and after a restore
+ *   from a suspend image (which names serve's listener by key);
+ *   test/fixtures/listenopts checks each socket it accepts itself. Its
+ *   backlog stays serve's longer one (clients wait in its queue for a
+ *   restore), and a suspend image records the application's own.
  * - A plain `appshot restore` of a suspend image (outside serve, nothing
  *   handed) makes the application's listener again, on its own port, with
  *   those options and backlog.
@@ -44,8 +46,12 @@ const FAILING_APP = base + 3; // a server whose restores fail
 const FAILING_PUBLIC = base + 4;
 const CRASH_APP = base + 5; // a server with a helper process holding its listener
 const CRASH_PUBLIC = base + 6;
-/** listenopts's backlog (serve's own is 4096). */
+/** listenopts's backlog; the shared listener keeps serve's longer one
+ * (SERVE_BACKLOG: its clients wait there while it is restored, and a SYN
+ * past a backlog of 7 would be dropped) while the application holds it,
+ * and a suspend image records the application's own. */
 const BACKLOG = 7;
+const SERVE_BACKLOG = 4096;
 
 let serve: Running | undefined;
 
@@ -118,18 +124,19 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(events(serve, 'opts').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
   });
 
-  it('accepted sockets have the options of the application\'s listener, and the listener its backlog, after a restore from its image and from a suspend image', async () => {
+  it('accepted sockets have the options of the application\'s listener, and the listener serve\'s backlog, after a restore from its image and from a suspend image', async () => {
     // The first restore: from the application's own image.
     expect(await ask(PUBLIC)).toBe('OK 2\n');
-    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     expect(backlogAt(APP), 'the instance listens on the public port only').toBe(-1);
     // Idle 1 s: suspended, its image naming serve's listener by key.
     await waitFor(() => show('opts').state === 'suspended' && show('opts').snapshots >= 1, 30_000, 'the suspend');
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     const image = show('opts').lastImage;
     expect(sb.run(['inspect', image]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 127\\.0\\.0\\.1:${APP}, inherited from 'serve:${APP}'`));
     // The next restore: from that image.
     expect(await ask(PUBLIC)).toBe('OK 3\n');
-    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     expect(show('opts').restores).toBe(2);
   });
 
@@ -154,7 +161,7 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect((await serve!.exited).code).toBe(0);
     const pids = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']).find((a) => a.aid === 'adopted')!.processes.map((p) => p.pid);
     expect(pids.filter(alive)).toEqual(pids);
-    expect(backlogAt(PUBLIC2)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC2)).toBe(SERVE_BACKLOG);
 
     // Without CAP_SYS_PTRACE (the instance has it): the kernel refuses
     // this serve the instance's descriptors.
