@@ -33,7 +33,12 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
+import { FdKind } from '../src/image/types.js';
 import { alive, command, fixture, type Running, Sandbox, waitFor } from './helpers.js';
+
+const IPPROTO_IP = 0;
+const IP_FREEBIND = 15;
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
@@ -134,6 +139,19 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     const image = show('opts').lastImage;
     expect(sb.run(['inspect', image]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 127\\.0\\.0\\.1:${APP}, inherited from 'serve:${APP}'`));
+    // The application's own backlog and its bind option (IP_FREEBIND,
+    // which serve's bound socket was not given), as its first image had
+    // them: recorded for a plain restore to make its listener again.
+    for (const path of [join(out, 'opts.img'), image]) {
+      const loaded = await loadImage(path, { trust: 'report' });
+      try {
+        const listener = loaded.image.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!.socket!;
+        expect(listener.backlog, path).toBe(BACKLOG);
+        expect(listener.options?.filter((o) => o.level === IPPROTO_IP && o.name === IP_FREEBIND).map((o) => o.value), path).toEqual([1]);
+      } finally {
+        loaded.dispose();
+      }
+    }
     // The next restore: from that image.
     expect(await ask(PUBLIC)).toBe('OK 3\n');
     expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
