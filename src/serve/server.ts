@@ -1397,7 +1397,6 @@ class Service {
     inst.ports.clear();
     inst.pid = undefined;
     this.counters.snapshots++;
-
     const step = (name: string, fn: () => void): void => {
       try {
         fn();
