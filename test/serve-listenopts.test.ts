@@ -28,7 +28,7 @@
  *   client comes, and the next client is answered by a restored instance.
  */
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -198,6 +198,40 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
     expect(await ask(PUBLIC2)).toBe('OK 4\n');
     expect(await ask(PUBLIC)).toMatch(/^OK \d+\n$/);
+  });
+
+  it("an adopted instance whose image cannot tell what its own listener was is not suspended (no listener made up for a plain restore to bind); once it can, it is, with the application's", async () => {
+    serve!.child.kill('SIGTERM');
+    expect((await serve!.exited).code).toBe(0);
+    // Idle soon now; the image it was restored from refused by loadImage
+    // (writable by others): what its listener was cannot be read.
+    const specFile = join(sb.home, 'services', 'adopted.json');
+    writeFileSync(specFile, JSON.stringify({ ...JSON.parse(readFileSync(specFile, 'utf8')), idleMs: 1000 }));
+    const from = join(out, 'opts.img');
+    chmodSync(from, 0o777);
+    try {
+      serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+      await serve.line(/^ready$/);
+      expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
+      await waitFor(() => events(serve!, 'adopted').some((e) => e.event === 'suspend-deferred'), 30_000, 'the suspend to be deferred');
+      const deferred = events(serve, 'adopted').find((e) => e.event === 'suspend-deferred') as unknown as { why: string };
+      expect(deferred.why).toMatch(/what the application's own listener was is not known: .*writable by others/);
+      expect(show('adopted').state).toBe('running');
+      expect(show('adopted').snapshots).toBe(0);
+      expect(await ask(PUBLIC2)).toBe('OK 5\n');
+    } finally {
+      chmodSync(from, 0o755);
+    }
+    // Readable again: suspended at its next idle, its image recording
+    // the application's listener (127.0.0.1), not a wildcard.
+    await waitFor(() => show('adopted').state === 'suspended' && show('adopted').snapshots >= 1, 30_000, 'the suspend');
+    const loaded = await loadImage(show('adopted').lastImage, { trust: 'report' });
+    try {
+      const listener = loaded.image.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!.socket!;
+      expect(listener).toMatchObject({ inherited: `serve:${APP}`, address: '127.0.0.1', backlog: BACKLOG });
+    } finally {
+      loaded.dispose();
+    }
   });
 });
 
