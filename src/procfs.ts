@@ -86,12 +86,16 @@ export function procSmaps(path: string): ParsedSmaps {
 
 /** Each open descriptor of process `pid` with what it points to (its
  * /proc/PID/fd link), read now: none if the process is gone, and one
- * closed between the listing and its link left out. */
-export function descriptorLinks(pid: number): { fd: string; link: string }[] {
+ * closed between the listing and its link left out. `refusedThrows`: a
+ * process whose descriptors this one may not read (EACCES, EPERM) throws
+ * rather than looking like one that has none. */
+export function descriptorLinks(pid: number, refusedThrows = false): { fd: string; link: string }[] {
   let names: string[];
   try {
     names = readdirSync(`/proc/${pid}/fd`);
-  } catch {
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (refusedThrows && (code === 'EACCES' || code === 'EPERM')) throw e;
     return [];
   }
   const out: { fd: string; link: string }[] = [];

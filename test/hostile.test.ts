@@ -12,12 +12,16 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import type { Image, Manifest } from '../src/image/types.js';
+import { addon } from '../src/native.js';
+import { LocalRegistry } from '../src/registry.js';
+import { restore } from '../src/restore/driver.js';
 import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -624,6 +628,30 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 905, kind: 5, socket: inheritedListener('../../etc/passwd') });
       i.processes[0].fds.push(fd);
     }, 'is an inherited socket .* whose key is not'],
+    // Bound as recorded: neither may widen where the port listens (an
+    // unparsed address bound the wildcard; an IPv4 one as IPv6, '::').
+    ...(
+      [
+        ['a TCP listener whose address is not an address', 2, 'localhost'],
+        ['an IPv6 TCP listener whose address is IPv4', 10, '127.0.0.1'],
+        ['an IPv4 TCP listener whose address is IPv6', 2, '::1'],
+        ['a TCP listener of family AF_UNIX', 1, '127.0.0.1'],
+      ] as const
+    ).map(([what, family, address]): [string, (i: Image) => void, string] => [
+      what,
+      (i) => {
+        const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+        Object.assign(fd, { fd: 907, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), inherited: undefined, family, address, backlog: 9 } });
+        i.processes[0].fds.push(fd);
+      },
+      `fd 907 is a TCP listener of family ${family} at '${address.replace(/\./g, '\\.')}', not an IPv4 \\(2\\) or IPv6 \\(10\\) address of its family`,
+    ]),
+    // Likewise for one inherited from serve (a plain restore binds it).
+    ['an inherited listener whose address is not an address', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 908, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), address: '127.0.0.1 ' } });
+      i.processes[0].fds.push(fd);
+    }, "fd 908 is a TCP listener of family 2 at '127\\.0\\.0\\.1 ', not an IPv4"],
     ...mqueueCases(),
     ...aioCases(),
   ];
@@ -655,6 +683,31 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       expect(pids.some((pid) => ss.includes(`pid=${pid},fd=906)`)), `${ss} ${pids}`).toBe(true);
     } finally {
       sb.run(['rm', '--force', 'inherited']);
+    }
+  });
+
+  it("refuses a restore handed serve's listener for one key of an image naming another, leaving nothing", async () => {
+    const dir = crafted('inherited-other-key', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 909, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6380'), backlog: 9 } });
+      i.processes[0].fds.push(fd);
+    });
+    // What serve hands a restore (RestoreOptions.inherit): its listener,
+    // for its own application port's key.
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const aidsBefore = sb.aids();
+    try {
+      const fd = (server as unknown as { _handle: { fd: number } })._handle.fd;
+      const restoring = restore(new LocalRegistry(sb.home), dir, { aid: 'handed', lazy: false, inherit: new Map([['serve:6379', fd]]) });
+      await expect(restoring).rejects.toThrow(/fd 909: the image names the listener inherited from 'serve:6380', which only the service that snapshotted it \(appshot serve\) can hand to its restore; this one was handed 'serve:6379', not it/);
+      expect(tmpEntries()).toEqual([]);
+      expect(readdirSync(privateTmp)).toEqual([]);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // The caller's listener is the caller's still, listening.
+      expect(addon().tcpEndpoint(fd).backlog).toBeGreaterThan(0);
+    } finally {
+      server.close();
     }
   });
 

@@ -5,10 +5,12 @@
  * - The options the application set on its listener (TCP_NODELAY,
  *   SO_KEEPALIVE and its timers, a fixed receive buffer: copied by the
  *   kernel into every socket accepted; TCP_DEFER_ACCEPT: the listener's
- *   own) and its backlog are the shared listener's while the instance
- *   holds it, after the first restore (from the application's own image)
- *   and after a restore from a suspend image (which names serve's listener
- *   by key). test/fixtures/listenopts checks each socket it accepts itself.
+ *   own) are the shared listener's while the instance holds it, after the
+ *   first restore (from the application's own image) and after a restore
+ *   from a suspend image (which names serve's listener by key);
+ *   test/fixtures/listenopts checks each socket it accepts itself. Its
+ *   backlog stays serve's longer one (clients wait in its queue for a
+ *   restore), and a suspend image records the application's own.
  * - A plain `appshot restore` of a suspend image (outside serve, nothing
  *   handed) makes the application's listener again, on its own port, with
  *   those options and backlog.
@@ -26,12 +28,17 @@
  *   client comes, and the next client is answered by a restored instance.
  */
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
+import { FdKind } from '../src/image/types.js';
 import { alive, command, fixture, type Running, Sandbox, waitFor } from './helpers.js';
+
+const IPPROTO_IP = 0;
+const IP_FREEBIND = 15;
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
@@ -44,8 +51,12 @@ const FAILING_APP = base + 3; // a server whose restores fail
 const FAILING_PUBLIC = base + 4;
 const CRASH_APP = base + 5; // a server with a helper process holding its listener
 const CRASH_PUBLIC = base + 6;
-/** listenopts's backlog (serve's own is 4096). */
+/** listenopts's backlog; the shared listener keeps serve's longer one
+ * (SERVE_BACKLOG: its clients wait there while it is restored, and a SYN
+ * past a backlog of 7 would be dropped) while the application holds it,
+ * and a suspend image records the application's own. */
 const BACKLOG = 7;
+const SERVE_BACKLOG = 4096;
 
 let serve: Running | undefined;
 
@@ -118,18 +129,32 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(events(serve, 'opts').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
   });
 
-  it('accepted sockets have the options of the application\'s listener, and the listener its backlog, after a restore from its image and from a suspend image', async () => {
+  it('accepted sockets have the options of the application\'s listener, and the listener serve\'s backlog, after a restore from its image and from a suspend image', async () => {
     // The first restore: from the application's own image.
     expect(await ask(PUBLIC)).toBe('OK 2\n');
-    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     expect(backlogAt(APP), 'the instance listens on the public port only').toBe(-1);
     // Idle 1 s: suspended, its image naming serve's listener by key.
     await waitFor(() => show('opts').state === 'suspended' && show('opts').snapshots >= 1, 30_000, 'the suspend');
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     const image = show('opts').lastImage;
     expect(sb.run(['inspect', image]).stdout).toMatch(new RegExp(`TCP_LISTEN\\s+listening 127\\.0\\.0\\.1:${APP}, inherited from 'serve:${APP}'`));
+    // The application's own backlog and its bind option (IP_FREEBIND,
+    // which serve's bound socket was not given), as its first image had
+    // them: recorded for a plain restore to make its listener again.
+    for (const path of [join(out, 'opts.img'), image]) {
+      const loaded = await loadImage(path, { trust: 'report' });
+      try {
+        const listener = loaded.image.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!.socket!;
+        expect(listener.backlog, path).toBe(BACKLOG);
+        expect(listener.options?.filter((o) => o.level === IPPROTO_IP && o.name === IP_FREEBIND).map((o) => o.value), path).toEqual([1]);
+      } finally {
+        loaded.dispose();
+      }
+    }
     // The next restore: from that image.
     expect(await ask(PUBLIC)).toBe('OK 3\n');
-    expect(backlogAt(PUBLIC)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC)).toBe(SERVE_BACKLOG);
     expect(show('opts').restores).toBe(2);
   });
 
@@ -154,7 +179,7 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect((await serve!.exited).code).toBe(0);
     const pids = sb.json<{ aid: string; processes: { pid: number }[] }[]>(['ps']).find((a) => a.aid === 'adopted')!.processes.map((p) => p.pid);
     expect(pids.filter(alive)).toEqual(pids);
-    expect(backlogAt(PUBLIC2)).toBe(BACKLOG);
+    expect(backlogAt(PUBLIC2)).toBe(SERVE_BACKLOG);
 
     // Without CAP_SYS_PTRACE (the instance has it): the kernel refuses
     // this serve the instance's descriptors.
@@ -173,6 +198,40 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
     expect(await ask(PUBLIC2)).toBe('OK 4\n');
     expect(await ask(PUBLIC)).toMatch(/^OK \d+\n$/);
+  });
+
+  it("an adopted instance whose image cannot tell what its own listener was is not suspended (no listener made up for a plain restore to bind); once it can, it is, with the application's", async () => {
+    serve!.child.kill('SIGTERM');
+    expect((await serve!.exited).code).toBe(0);
+    // Idle soon now; the image it was restored from refused by loadImage
+    // (writable by others): what its listener was cannot be read.
+    const specFile = join(sb.home, 'services', 'adopted.json');
+    writeFileSync(specFile, JSON.stringify({ ...JSON.parse(readFileSync(specFile, 'utf8')), idleMs: 1000 }));
+    const from = join(out, 'opts.img');
+    chmodSync(from, 0o777);
+    try {
+      serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+      await serve.line(/^ready$/);
+      expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
+      await waitFor(() => events(serve!, 'adopted').some((e) => e.event === 'suspend-deferred'), 30_000, 'the suspend to be deferred');
+      const deferred = events(serve, 'adopted').find((e) => e.event === 'suspend-deferred') as unknown as { why: string };
+      expect(deferred.why).toMatch(/what the application's own listener was is not known: .*writable by others/);
+      expect(show('adopted').state).toBe('running');
+      expect(show('adopted').snapshots).toBe(0);
+      expect(await ask(PUBLIC2)).toBe('OK 5\n');
+    } finally {
+      chmodSync(from, 0o755);
+    }
+    // Readable again: suspended at its next idle, its image recording
+    // the application's listener (127.0.0.1), not a wildcard.
+    await waitFor(() => show('adopted').state === 'suspended' && show('adopted').snapshots >= 1, 30_000, 'the suspend');
+    const loaded = await loadImage(show('adopted').lastImage, { trust: 'report' });
+    try {
+      const listener = loaded.image.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!.socket!;
+      expect(listener).toMatchObject({ inherited: `serve:${APP}`, address: '127.0.0.1', backlog: BACKLOG });
+    } finally {
+      loaded.dispose();
+    }
   });
 });
 

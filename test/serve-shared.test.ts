@@ -42,6 +42,23 @@ describe('sharing the public listener (IPv4, 127.0.0.1)', () => {
     expect(shared.queued()).toBe(0);
   });
 
+  it("never makes up the application's own listener: unknown until an image it accepts tells it (a suspend would record a guess a plain restore binds)", () => {
+    const fresh = new SharedListener(addon().dupFd(fd), shared.publicPort, APP, () => undefined);
+    try {
+      expect(fresh.knowsOriginal).toBe(false);
+      expect(() => fresh.snapshotOptions()).toThrow(`what the application's own listener on port ${APP} was is not known`);
+      // An image it cannot share with tells it nothing.
+      expect(fresh.problem(imageOf(listener(2, APP, 'serve:9999')))).toBeDefined();
+      expect(() => fresh.snapshotOptions()).toThrow(/is not known/);
+      const own = listener(2, APP);
+      Object.assign(own.socket, { address: '127.0.0.1', backlog: 5 });
+      expect(fresh.problem(imageOf(own))).toBeUndefined();
+      expect([...fresh.snapshotOptions().values()][0]).toMatchObject({ key: `serve:${APP}`, family: 2, port: APP, address: '127.0.0.1', backlog: 5 });
+    } finally {
+      fresh.close(true);
+    }
+  });
+
   it('shares with the one IPv4 listener on the port, and with a dual-stack pair (the IPv6 one stays its own)', () => {
     expect(shared.problem(imageOf(listener(2, APP)))).toBeUndefined();
     expect(shared.problem(imageOf(listener(2, APP), listener(10, APP)))).toBeUndefined();

@@ -255,13 +255,25 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
-    inet_pton(AF_INET, address.c_str(), &a.sin_addr);
+    // An image is untrusted: an address that does not parse would bind
+    // the wildcard (sin_addr left zero), the application's port then open
+    // on every interface.
+    if (inet_pton(AF_INET, address.c_str(), &a.sin_addr) != 1) {
+      close(fd);
+      Napi::Error::New(env, "not an IPv4 address: '" + address + "'").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
     rc = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
   } else if (family == AF_INET6) {
     sockaddr_in6 a{};
     a.sin6_family = AF_INET6;
     a.sin6_port = htons(port);
-    inet_pton(AF_INET6, address.c_str(), &a.sin6_addr);
+    // Likewise: '127.0.0.1' given as IPv6 would bind '::', dual-stack.
+    if (inet_pton(AF_INET6, address.c_str(), &a.sin6_addr) != 1) {
+      close(fd);
+      Napi::Error::New(env, "not an IPv6 address: '" + address + "'").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
     rc = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
   } else {
     sockaddr_un a{};

@@ -14,7 +14,11 @@
 #include <unistd.h>
 
 /* The dump changed while it was read (NLM_F_DUMP_INTR on a reply): its
- * answer may miss or repeat sockets. Asked again, this many times at most. */
+ * answer may miss or repeat sockets. Asked again, this many times at most.
+ * inet_diag and unix_diag do not set the flag (as of Linux 6.x they walk
+ * their hash tables without a sequence check): this only guards against a
+ * kernel that does. Their dumps may still miss or repeat a socket that
+ * comes or goes while they are read, and nothing here can tell. */
 #define DUMP_INTERRUPTED 1
 #define DUMP_TRIES 8
 
@@ -81,9 +85,11 @@ typedef int (*each_fn)(struct nlmsghdr*, void*);
  * the array (the caller frees it), or -errno. */
 static long collect(const void* req, size_t len, each_fn each, struct grow* g, void** out) {
   int rc = DUMP_INTERRUPTED;
-  /* An inconsistent dump's items are dropped and the dump asked again: a
-   * socket missed or seen twice would be a connection not counted, or a
-   * peer not found. Tables that keep changing under every try: -EAGAIN. */
+  /* A dump the kernel says was inconsistent (only one that sets
+   * NLM_F_DUMP_INTR: see DUMP_INTERRUPTED) has its items dropped and is
+   * asked again: a socket missed or seen twice would be a connection not
+   * counted, or a peer not found. Tables that keep changing under every
+   * try: -EAGAIN. */
   for (int i = 0; i < DUMP_TRIES && rc == DUMP_INTERRUPTED; i++) {
     g->n = 0;
     rc = dump(req, len, each, g);

@@ -12,6 +12,7 @@
  * empty message is two bytes), `validateImage` on the decoded image.
  */
 import { readFileSync } from 'node:fs';
+import { isIPv4, isIPv6 } from 'node:net';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
@@ -308,6 +309,10 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
+    // Bound as recorded: an address that is not one of its family would
+    // bind the wildcard (every interface) or, as IPv6, dual-stack.
+    if (fd.kind === FdKind.TCP_LISTEN && fd.socket && !((fd.socket.family === 2 && isIPv4(fd.socket.address)) || (fd.socket.family === 10 && isIPv6(fd.socket.address) && !fd.socket.address.includes('%'))))
+      corrupt(`${where} is a TCP listener of family ${fd.socket.family} at '${String(fd.socket.address).slice(0, 64)}', not an IPv4 (2) or IPv6 (10) address of its family`);
     if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
       corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {

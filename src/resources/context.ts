@@ -12,7 +12,7 @@ import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
-import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, verdictRef, type Vma, VmaKind } from '../image/types.js';
+import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, type SocketOption, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
 import { privateCopy, redirected, unredirected } from './paths.js';
@@ -36,6 +36,11 @@ export interface InheritedListener {
   backlog: number;
   reuseaddr: boolean;
   v6only: boolean;
+  /** Its options that decide a bind (SO_BINDTODEVICE, IP_FREEBIND, ...),
+   * as its image recorded them: the caller's socket, bound already, was
+   * not given them (resources/sockets.ts bindOptions), yet a restore that
+   * makes the application's listener again needs them. */
+  bindOptions?: SocketOption[];
 }
 
 /** A resource the snapshot cannot capture yet: the whole snapshot is refused

@@ -31,7 +31,6 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
-import { INHERITED_KEY } from '../image/validate.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
@@ -338,7 +337,7 @@ export function requireKept(image: Image, kept: KeptSockets): void {
 
 /** The socket `ino`, if it is one the caller installed and keeps
  * (DumpContext.inherited): recorded by its key, as the application's own
- * listener it stands for (its address and port), with the backlog and
+ * listener it stands for (its address, port and backlog), with the
  * options the socket has now (`live`: describe() of it): those the
  * restore gave it from the application's image (inheritedEnd), and any
  * the application set on it since. A restore that makes the application's
@@ -354,15 +353,38 @@ export function inheritedSocket(ctx: DumpContext, ino: bigint, live: () => Socke
     address: l.address,
     port: l.port,
     listening: true,
-    backlog: now.backlog || l.backlog,
+    // The application's, as recorded: the socket's own is the caller's
+    // longer one (asApplicationListener).
+    backlog: l.backlog,
     peerIno: 0n,
     queued: Buffer.alloc(0),
     reuseaddr: l.reuseaddr,
     reuseport: false,
     v6only: l.v6only,
     inherited: l.key,
-    ...(now.options?.length ? { options: now.options } : {}),
+    ...withBindOptions(now.options ?? [], l.bindOptions ?? []),
   };
+}
+
+/** The options of listener record `s` that decide its bind: those a
+ * caller's socket, bound already, is not given (asApplicationListener),
+ * kept by the caller to be recorded again (InheritedListener.bindOptions). */
+export function bindOptions(s: Socket): Socket['options'] & object {
+  const options = s.options ?? [];
+  let early: { level: number; name: number }[];
+  try {
+    early = earlyBytes(options, BASE_OPTIONS, 'a listener');
+  } catch {
+    return [];
+  }
+  return options.filter((o) => early.some((e) => e.level === o.level && e.name === o.name));
+}
+
+/** `live`, the options a caller's socket has, with the application's
+ * `bind` ones (which it could not be given) in place of any of the same. */
+function withBindOptions(live: NonNullable<Socket['options']>, bind: NonNullable<Socket['options']>): Pick<Socket, 'options'> {
+  const all = [...live.filter((o) => !bind.some((b) => b.level === o.level && b.name === o.name)), ...bind];
+  return all.length ? { options: all } : {};
 }
 
 /** Before anything is made: every inherited socket of the image has a
@@ -378,9 +400,9 @@ export function requireInherited(image: Image, given: ReadonlyMap<string, number
     for (const f of p.fds) {
       const key = f.socket?.inherited;
       if (!key || given.has(key) || ownAgain.has(key)) continue;
-      const name = INHERITED_KEY.test(key) ? `'${key}'` : 'a malformed key';
+      // (A key is well formed here: validate.ts refused any other.)
       throw new AppshotError(
-        `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: the image names the listener inherited from ${name}, which only the service that snapshotted it (appshot serve) can hand to its restore; none was given`,
+        `${nameProcess(p.vpid, p.comm)} fd ${f.fd}: the image names the listener inherited from '${key}', which only the service that snapshotted it (appshot serve) can hand to its restore; this one was handed ${[...given.keys()].map((k) => `'${k}'`).join(', ')}, not it`,
         ExitCode.conflict,
       );
     }
@@ -418,11 +440,15 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
  * its own there, not the caller's. Once per restore, however many
  * descriptors share it. Those that decide a bind (SO_BINDTODEVICE,
  * IP_FREEBIND, ...) are not set: the caller's socket is bound already,
- * where the caller chose. listen() again only changes the backlog.
+ * where the caller chose (the caller keeps them, to be recorded again:
+ * InheritedListener.bindOptions). listen() again only changes the backlog.
  */
 function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string): void {
   h.once(`inherited ${s.ino}`, () => {
-    applyListenerOptions(sock, s, where);
+    // Never a shorter queue than the caller's: its clients wait there
+    // while the restore runs (serve's 4096 against redis's 511, python's
+    // 5), and a SYN past the backlog is dropped (retried after a second).
+    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog);
     return sock;
   });
 }
@@ -434,13 +460,14 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
  * waiting in its queue before a restore are made with them too (the
  * kernel copies a listener's options into a connection when its handshake
  * completes, not when it is accepted). */
-export function applyListenerOptions(sock: number, s: Socket, where: string): void {
+export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0): void {
   check(s, 'listen', where);
   applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
+  const backlog = Math.max(s.backlog, minBacklog);
   try {
-    if (s.backlog > 0) addon().listenNow(sock, s.backlog, true);
+    if (backlog > 0) addon().listenNow(sock, backlog, true);
   } catch (e) {
-    throw new AppshotError(`${where}: its backlog (${s.backlog}) cannot be set: ${(e as Error).message}`);
+    throw new AppshotError(`${where}: its backlog (${backlog}) cannot be set: ${(e as Error).message}`);
   }
 }
 

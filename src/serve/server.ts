@@ -406,9 +406,16 @@ class Service {
       // on its own port: forwarded to as before, for as long as it runs.
       const sharing = this.mayShare() && running?.state !== 'running';
       if (this.mayShare() && !sharing) this.log('share-fallback', { port: p.public, why: 'the running instance adopted listens on its own port', now: 'forwarding' });
-      // Shared: its image read first (preload), so that the listener has
-      // the application's options before the first client (below).
-      if (sharing) await this.preloading?.catch(() => undefined);
+      // Bound at once, before its image is read (preload: seconds per GiB,
+      // one service after another): no client refused meanwhile. The
+      // application's options are given to the listener when the preload
+      // has decoded the image (ownOptions, there and below). A client that
+      // connects before gets a connection the kernel made with serve's
+      // options (Node sets none on a listener: the kernel's defaults, no
+      // TCP_NODELAY, no keepalive), which it keeps: it waits in the queue,
+      // and the restore it starts (which awaits the preload) gives the
+      // application that connection as it is; those after it get the
+      // application's options.
       const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket, p));
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
@@ -424,6 +431,7 @@ class Service {
         const fd = addon().dupFd((server as unknown as { _handle: { fd: number } })._handle.fd);
         server.close();
         this.shared = this.sharedListener(fd, p);
+        // If the preload finished first (it has no listener to give them to).
         this.ownOptions();
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true });
         continue;
@@ -484,6 +492,12 @@ class Service {
     // file): a blocking listener would block the forwarding thread's accept,
     // with its lock held (found hung so).
     addon().setStatusFlags(s.fd, O_RDWR | O_NONBLOCK);
+    // Its clients held by the forwarder now: serve's queue length again.
+    try {
+      s.serveBacklog();
+    } catch (e) {
+      this.log('listener-backlog-failed', { port: p.public, error: (e as Error).message });
+    }
     const lid = this.host.forwarder.takeOverFd(s.fd, this.listenerEnds(p), this.group, this.maxHeld);
     if (lid !== undefined) {
       this.grants.set(p.public, lid);
@@ -533,12 +547,11 @@ class Service {
     for (const x of procs) {
       let links: { fd: string; link: string }[];
       try {
-        links = readdirSync(`/proc/${x.pid}/fd`).map((fd) => ({ fd, link: readlinkSync(`/proc/${x.pid}/fd/${fd}`) }));
+        // A process ended meanwhile has none; a descriptor closed while
+        // read is left out, the others looked at.
+        links = descriptorLinks(x.pid, true);
       } catch (e) {
-        const code = (e as NodeJS.ErrnoException).code;
-        // Ended meanwhile (or a descriptor closed while read): the others.
-        if (code === 'ENOENT' || code === 'ESRCH') continue;
-        refused ??= `its descriptors cannot be read: ${code ?? (e as Error).message}`;
+        refused ??= `its descriptors cannot be read: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`;
         continue;
       }
       for (const d of links) {
@@ -1290,14 +1303,29 @@ class Service {
       if (!this.shared.knowsOriginal) {
         if (this.learning) return; // (the policy asks again each tick)
         this.learning = true;
+        let why: string | undefined;
         await loadImageChain(this.lastImage)
           .then((chain) => {
-            this.shared?.problem(chain[0].image);
-            chain.forEach((l) => l.dispose());
+            try {
+              why = this.shared?.problem(chain[0].image);
+            } finally {
+              chain.forEach((l) => l.dispose());
+            }
           })
-          .catch(() => undefined)
+          .catch((e: Error) => (why = e.message))
           .finally(() => (this.learning = false));
-        if (inst.state !== 'running' || this.closing) return;
+        if (inst.state !== 'running' || this.closing || !this.shared) return;
+        // Still unknown: not suspended. Its image would record the
+        // listener with nothing true to say of it, and a plain restore
+        // makes the application's listener again from that record (a
+        // guess would be the wildcard: an application that listened on
+        // 127.0.0.1 back on every interface). It runs on, asked again
+        // after another idle period.
+        if (!this.shared.knowsOriginal) {
+          inst.lastActive = this.host.clock.now();
+          this.log('suspend-deferred', { instance: inst.aid, why: `what the application's own listener was is not known: ${why ?? 'its image names none'} (${this.lastImage})`, now: 'running' });
+          return;
+        }
       }
     }
     inst.state = 'suspending';
@@ -1380,6 +1408,10 @@ class Service {
         }
       }
     };
+    // The instance is gone: serve's queue length again, for the clients
+    // that wait for the next restore (an application's own listen() on it
+    // may have shortened it).
+    step('backlog', () => this.shared?.serveBacklog());
     step('state', () => {
       killPoint('serve: suspend state');
       this.changed();

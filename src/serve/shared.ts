@@ -33,10 +33,15 @@ import { closeSync, fstatSync } from 'node:fs';
 import { addon } from '../native.js';
 import { FdKind, type Image, type Socket, virtualPort } from '../image/types.js';
 import type { InheritedListener } from '../resources/context.js';
-import { applyListenerOptions } from '../resources/sockets.js';
+import { applyListenerOptions, bindOptions } from '../resources/sockets.js';
 
 const AF_INET6 = 10;
 const AF_INET = 2;
+/** The public listener's backlog at the least, whatever the application's
+ * (redis 511, python's http.server 5): while no instance accepts, every
+ * client of a burst waits in its queue for the restore, and a SYN past the
+ * backlog is dropped (the client retries after a second). */
+export const SERVE_BACKLOG = 4096;
 
 export class SharedListener {
   /** The key images name it by: one per service's application port. */
@@ -51,7 +56,7 @@ export class SharedListener {
   /** The application's own listener that this one replaces, as an image
    * of it said (problem()): recorded in each suspend image with the key,
    * so that a serve forwarding after all can give it back its own. */
-  private original: { address: string; backlog: number; reuseaddr: boolean; v6only: boolean } | undefined;
+  private original: { address: string; backlog: number; reuseaddr: boolean; v6only: boolean; bindOptions: NonNullable<Socket['options']> } | undefined;
   /** The image's record of that listener (problem()): its options and
    * backlog, which takeOwnOptions gives this socket. */
   private own: Socket | undefined;
@@ -121,9 +126,14 @@ export class SharedListener {
   }
 
   /** What the snapshot records by key (SnapshotOptions.inherited): the
-   * application's own listener it stands for. */
+   * application's own listener it stands for. Never made up: a plain
+   * restore makes that listener again from the record, and a guessed
+   * wildcard would open an application that listened on 127.0.0.1 on
+   * every interface. Unknown (knowsOriginal false): throws, and the
+   * caller does not suspend. */
   snapshotOptions(): ReadonlyMap<bigint, InheritedListener> {
-    const own = this.original ?? { address: this.family === AF_INET6 ? '::' : '0.0.0.0', backlog: 511, reuseaddr: true, v6only: false };
+    const own = this.original;
+    if (!own) throw new Error(`what the application's own listener on port ${this.appPort} was is not known (no image of it has been read)`);
     return new Map([[this.ino, { key: this.key, family: this.family, port: this.appPort, ...own }]]);
   }
 
@@ -135,7 +145,7 @@ export class SharedListener {
       for (const f of p.fds) {
         const s = f.socket;
         if (f.kind === FdKind.TCP_LISTEN && s)
-          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only }, socket: s });
+          listeners.set(s.ino, { family: s.family, port: virtualPort(image, s.port), inherited: s.inherited, own: { address: s.address, backlog: s.backlog, reuseaddr: s.reuseaddr, v6only: s.v6only, bindOptions: bindOptions(s) }, socket: s });
       }
     const all = [...listeners.values()];
     const foreign = all.find((l) => l.inherited && l.inherited !== this.key);
@@ -171,7 +181,14 @@ export class SharedListener {
    * them again (resources/sockets.ts): the same, nothing to do.
    */
   takeOwnOptions(): void {
-    if (this.own) applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`);
+    if (this.own) applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+  }
+
+  /** Its queue serve's length again (SERVE_BACKLOG, or the application's
+   * if longer): after a suspend, or when the forwarding front door takes
+   * it, an application's own listen() on it may have shortened it. */
+  serveBacklog(): void {
+    addon().listenNow(this.fd, Math.max(this.original?.backlog ?? 0, SERVE_BACKLOG), true);
   }
 
   /** Stops watching; `closeFd`: its descriptor closed too (the forwarder
