@@ -242,3 +242,18 @@ describe('condition waits on mutexes that keep a TID, across a restore', () => {
   it('restored eagerly', () => roundTrip('cw', []));
   it('restored with --lazy', () => roundTrip('cwl', ['--lazy']));
 });
+
+/**
+ * A program bound to glibc's compatibility condition waits (GLIBC_2.2.5,
+ * another pthread_cond_t layout: condcompat.c) passes the library's waits
+ * by to glibc's own, which carry the current versions
+ * (addon/preload/preload.map); unversioned, they took such references and
+ * forwarded them to the current functions, a crash. The fixture also finds
+ * the library's at the current versions, as programs linked since reach them.
+ */
+it('a program bound to the GLIBC_2.2.5 condition waits runs under appshot', () => {
+  const r = sb.run(['run', '--', fixture('condcompat')]);
+  expect(r.stdout, r.stderr).toContain('CHECK current versions are the library\'s\n');
+  expect(r.stdout, r.stderr).toMatch(/^ALL OK$/m);
+  expect(r.code, r.stderr).toBe(0);
+});
