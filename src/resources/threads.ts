@@ -13,8 +13,8 @@ import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
-import { timedWaitTpoffOf } from '../ptrace/windows.js';
-import type { MapsLine } from './memory.js';
+import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js';
+import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
@@ -363,8 +363,17 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
 
 /** struct appshot_timed_wait (addon/preload/preload.h): the
  * CLOCK_MONOTONIC instant (ns) an epoll wait's timeout ends, 0 for none,
- * then its arguments (epfd, events, maxevents, timeout), int64 each. */
-const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, size: 40 } as const;
+ * then its arguments (epfd, events, maxevents, timeout), the wrapper's
+ * stack pointer and the restore generation it was noted in, 8 bytes each. */
+const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, sp: 40, generation: 48, size: 56 } as const;
+
+/** Whether [addr, addr+len) lies in one private writable mapping of `maps`
+ * that is not the stack guard or a special one ([vvar], [vdso]...):
+ * where the restore may write a word an image points at. */
+function inWritablePrivate(maps: MapsLine[], addr: bigint, len: number): boolean {
+  return maps.some((m) => addr >= m.start && addr + BigInt(len) <= m.end && m.perms[1] === 'w' && m.perms[3] === 'p' &&
+    !(m.path.startsWith('[') && m.path !== '[heap]' && m.path !== '[stack]'));
+}
 /** epoll_wait and epoll_pwait: a timeout in milliseconds (arg 4, r10). */
 const NR_epoll_ms_waits = [232n, 281n];
 
@@ -392,7 +401,14 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
   const waiting = [...regs].filter(([, r]) => inEpollWait(r));
   if (!waiting.length) return;
   const tpoff = timedWaitTpoffOf(pid, maps);
-  if (tpoff === undefined) return;
+  const genAt = restoreGenerationAddrOf(pid, maps);
+  if (tpoff === undefined || genAt === undefined) return;
+  let generation: bigint;
+  try {
+    generation = addon().readMemory(pid, genAt, 8).readBigInt64LE(0);
+  } catch {
+    return;
+  }
   for (const [tid, r] of waiting) {
     let note: Buffer;
     try {
@@ -400,6 +416,11 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
     } catch {
       continue;
     }
+    // A note from before a restore (its instant of another clock's time),
+    // or left by a call the thread jumped out of (siglongjmp from a
+    // handler: its stack above the wrapper's), is not this call's.
+    if (note.readBigInt64LE(TIMED_WAIT.generation) !== generation) continue;
+    if (r.readBigUInt64LE(REG.rsp) >= note.readBigUInt64LE(TIMED_WAIT.sp)) continue;
     const deadline = note.readBigInt64LE(TIMED_WAIT.deadline);
     const timeout = note.readBigInt64LE(TIMED_WAIT.timeout);
     const int = (at: number) => BigInt.asIntN(32, r.readBigUInt64LE(at));
@@ -417,20 +438,44 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
 }
 
 /**
- * At restore, before the threads run: the preload library's note of the
- * epoll wait each thread was caught in (see timeLeftOfWaits) is cleared.
- * It holds an instant of the clock before the restore, and the call is
- * made again with the time left in its registers: a later snapshot that
- * took the note for that call (its timeout may be the same, if the first
- * freeze caught it at its start) would count from an instant of another
- * time. Cleared, the call is made again with what its registers say.
+ * At restore, before the threads run: the preload library's restore
+ * generation is counted up, so that a later snapshot takes no note made
+ * before this restore (see timeLeftOfWaits): each holds an instant of the
+ * clock before it, and a thread stopped between its note and its call, or
+ * that left a call by a jump, would otherwise be given a time left
+ * counted from then (none, at once). The note of the epoll wait each
+ * thread was caught in is cleared as well (the call is made again with
+ * the time left in its registers). The addresses are the library's symbol
+ * in the live mappings and the image's thread pointers: each written only
+ * inside a writable private mapping, and a failure skips it (the wait may
+ * then be given its whole timeout again, never less), not the restore.
  */
 export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]): void {
+  const live = maps();
+  const genAt = restoreGenerationAddrOf(pid, live);
+  if (genAt !== undefined && inWritablePrivate(live, genAt, 8)) {
+    try {
+      const b = addon().readMemory(pid, genAt, 8);
+      b.writeBigInt64LE(BigInt.asIntN(64, b.readBigInt64LE(0) + 1n));
+      addon().writeMemory(pid, genAt, b);
+    } catch {
+      // Left: the notes it would have set aside are matched by their
+      // arguments and stack pointer still.
+    }
+  }
   const waiting = p.threads.filter((t) => inEpollWait(t.regs));
   if (!waiting.length) return;
-  const tpoff = timedWaitTpoffOf(pid, maps());
+  const tpoff = timedWaitTpoffOf(pid, live);
   if (tpoff === undefined) return;
-  for (const t of waiting) addon().writeMemory(pid, BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline)), Buffer.alloc(8));
+  for (const t of waiting) {
+    const at = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline));
+    if (!inWritablePrivate(live, at, 8)) continue;
+    try {
+      addon().writeMemory(pid, at, Buffer.alloc(8));
+    } catch {
+      // The generation sets the note aside anyway.
+    }
+  }
 }
 
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
@@ -584,11 +629,18 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
  * A mutex that is not robust is in no list, and its holder mends its word
  * only at its next call on it (addon/preload/preload_mutex.c), after the
  * waiter's restarted call. Private only (FUTEX_PRIVATE_FLAG): a shared
- * word may be another process's holder's. A word naming a TID some thread
- * has now is left (mended by the robust walk, or ambiguous). The waiter
- * itself takes the mutex under its TID now (the kernel writes it), and
- * glibc's __owner from the TID it read before (the preload library's
- * condition waits mend that; its mutex calls, at its next one).
+ * word may be another process's holder's. Robust ones (the mutex's kind
+ * says so) are the robust walk's, which wrote them already. A word that
+ * names a thread's TID at this snapshot is that thread's, even if the
+ * TID was given to another of its threads now (its word was written
+ * before the restore, when no thread had that TID but the holder); one
+ * that names an older TID (an earlier restore's) that some thread has now
+ * is left, as it may be that thread's. The waiter itself takes the mutex
+ * under its TID now (the kernel writes it), and glibc's __owner from the
+ * TID it read before (the preload library's condition waits mend that;
+ * its mutex calls, at its next one). The word's address is the image's
+ * registers': written only inside a writable private mapping, a failure
+ * skipping that word, not the restore.
  */
 export function restorePiWaitWords(pid: number, p: Process, tids: number[]): void {
   const waiting = p.threads.filter((t) => {
@@ -597,22 +649,27 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
   });
   if (!waiting.length) return;
   const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
+  const atSnapshot = new Set(p.threads.map((t) => t.tid));
   const now = new Set(tids);
+  const live = readMaps(pid);
   for (const t of waiting) {
     const at = t.regs.readBigUInt64LE(ARG.rdi);
-    if (at & 3n) continue;
-    let word: number;
+    if (at & 3n || !inWritablePrivate(live, at, 4)) continue;
     try {
-      word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+      const word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+      const tid = word & FUTEX_TID_MASK;
+      const to = moved.get(tid);
+      if (!tid || to === undefined || (!atSnapshot.has(tid) && now.has(tid))) continue;
+      // glibc's mutex: its kind four words on (a raw PI futex word may have
+      // no kind beside it: read only where the mapping holds it).
+      if (inWritablePrivate(live, at + BigInt(MUTEX.kind - MUTEX.lock), 4) &&
+          addon().readMemory(pid, at + BigInt(MUTEX.kind - MUTEX.lock), 4).readInt32LE(0) & MUTEX_ROBUST) continue;
+      const b = Buffer.alloc(4);
+      b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
+      addon().writeMemory(pid, at, b);
     } catch {
-      continue;
+      // Left as it was: the waiter's call may fail as it would have.
     }
-    const tid = word & FUTEX_TID_MASK;
-    const to = moved.get(tid);
-    if (!tid || to === undefined || now.has(tid)) continue;
-    const b = Buffer.alloc(4);
-    b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
-    addon().writeMemory(pid, at, b);
   }
 }
 
