@@ -4,7 +4,7 @@
  * stack. Each is per thread in the kernel and none survives a restore by
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
 import { type Image, type Process, type SigAction, type Thread, type Vma, VmaKind } from '../image/types.js';
@@ -367,6 +367,20 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
  * stack pointer and the restore generation it was noted in, 8 bytes each. */
 const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, sp: 40, generation: 48, size: 56 } as const;
 
+/** Whether process `pid` is in our time namespace (both unknown, on a
+ * kernel without them: the same). Not known: taken as another. */
+function sameTimeNamespace(pid: number): boolean {
+  const ns = (p: string) => {
+    try {
+      return readlinkSync(`/proc/${p}/ns/time`);
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'none' : undefined;
+    }
+  };
+  const ours = ns('self');
+  return ours !== undefined && ours === ns(String(pid));
+}
+
 /** Whether [addr, addr+len) lies in one private writable mapping of `maps`
  * that is not the stack guard or a special one ([vvar], [vdso]...):
  * where the restore may write a word an image points at. */
@@ -400,6 +414,10 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
   if (!freezeBegan) return;
   const waiting = [...regs].filter(([, r]) => inEpollWait(r));
   if (!waiting.length) return;
+  // freezeBegan is our CLOCK_MONOTONIC, the note the process's: in another
+  // time namespace they differ by its offsets. Its calls keep their whole
+  // timeout (longer, never shorter).
+  if (!sameTimeNamespace(pid)) return;
   const tpoff = timedWaitTpoffOf(pid, maps);
   const genAt = restoreGenerationAddrOf(pid, maps);
   if (tpoff === undefined || genAt === undefined) return;
