@@ -127,6 +127,11 @@ struct appshot_timed_wait {
   int64_t epfd, events, maxevents, timeout;
   uint64_t sp;
   int64_t generation;
+  /* Not the epoll wait's: the mutex of the condition wait the thread is
+   * in (preload_mutex.c), 0 for none. A restore gives a private PI one's
+   * word its holder's TID now, which glibc's relock inside the wait
+   * hands the kernel. */
+  uint64_t cond_mutex;
 };
 extern int64_t appshot_restore_generation __attribute__((visibility("default")));
 extern __thread struct appshot_timed_wait t_timed_wait TLS_IE HIDDEN;

@@ -252,14 +252,21 @@ API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
  * since glibc 2.3.2 name, and what dlsym's unversioned lookups take. A
  * program bound to the compatibility versions (GLIBC_2.2.5, another
  * layout of pthread_cond_t) passes them by to glibc's own: its waits are
- * not mended (test/fixtures/condcompat.c). */
+ * not mended (test/fixtures/condcompat.c). Each notes its mutex in the
+ * thread's t_timed_wait.cond_mutex while glibc waits, for the restore
+ * (src/resources/threads.ts restorePiWaitWords). */
 API int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) {
   ensure_init();
   int (*real)(pthread_cond_t *, pthread_mutex_t *) =
       REAL_OR_LOOKUP(pthread_cond_wait, "GLIBC_2.3.2");
   if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
   int r = real(c, m);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }
@@ -271,7 +278,12 @@ API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
       REAL_OR_LOOKUP(pthread_cond_timedwait, "GLIBC_2.3.2");
   if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
   int r = real(c, m, t);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }
@@ -284,7 +296,12 @@ API int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
       REAL_OR_LOOKUP(pthread_cond_clockwait, "GLIBC_2.34");
   if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
   int r = real(c, m, clock, t);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }

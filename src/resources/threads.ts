@@ -364,8 +364,9 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
 /** struct appshot_timed_wait (addon/preload/preload.h): the
  * CLOCK_MONOTONIC instant (ns) an epoll wait's timeout ends, 0 for none,
  * then its arguments (epfd, events, maxevents, timeout), the wrapper's
- * stack pointer and the restore generation it was noted in, 8 bytes each. */
-const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, sp: 40, generation: 48, size: 56 } as const;
+ * stack pointer and the restore generation it was noted in; then the
+ * mutex of the condition wait the thread is in (0: none); 8 bytes each. */
+const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, sp: 40, generation: 48, condMutex: 56, size: 64 } as const;
 
 /** Whether process `pid` is in our time namespace (both unknown, on a
  * kernel without them: the same). Not known: taken as another. */
@@ -547,6 +548,8 @@ const MUTEX_RECURSIVE = 1;
 const MUTEX_ERRORCHECK = 2;
 const MUTEX_ROBUST = 16;
 const MUTEX_ROBUST_PI_PP = MUTEX_ROBUST | 32 | 64;
+const MUTEX_PI = 32;
+const MUTEX_PSHARED = 128;
 
 /**
  * The dynamic loader's locks held across the snapshot, given their
@@ -656,7 +659,12 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
  * is left, as it may be that thread's. The waiter itself takes the mutex
  * under its TID now (the kernel writes it), and glibc's __owner from the
  * TID it read before (the preload library's condition waits mend that;
- * its mutex calls, at its next one). The word's address is the image's
+ * its mutex calls, at its next one). So is the word of the mutex of a
+ * thread blocked on a condition variable (the library's condition wait
+ * notes it, TIMED_WAIT.condMutex), where it is a private PI mutex that is
+ * not robust: glibc retakes it with FUTEX_LOCK_PI once the thread is
+ * woken, which may be before its holder's next call mends it
+ * (test/fixtures/condpi.c). The word's address is the image's
  * registers': written only inside a writable private mapping, a failure
  * skipping that word, not the restore.
  */
@@ -665,13 +673,31 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
     const op = t.regs.readBigUInt64LE(ARG.rsi);
     return t.regs.readBigInt64LE(REG.origRax) === NR_futex && op & 128n && FUTEX_LOCK_PIS.includes(op & ~FUTEX_FLAGS) && [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(t.regs.readBigInt64LE(REG.rax));
   });
-  if (!waiting.length) return;
+  if (!p.threads.some((t) => t.regs.readBigInt64LE(REG.origRax) === NR_futex)) return;
+  const live = readMaps(pid);
+  // Threads blocked on a condition variable (in another futex call) whose
+  // mutex, noted by the library's condition wait, is a private PI one
+  // that is not robust: glibc retakes it with FUTEX_LOCK_PI once woken.
+  const words: bigint[] = waiting.map((t) => t.regs.readBigUInt64LE(ARG.rdi));
+  const tpoff = timedWaitTpoffOf(pid, live);
+  for (const t of tpoff === undefined ? [] : p.threads) {
+    if (waiting.includes(t) || t.regs.readBigInt64LE(REG.origRax) !== NR_futex || t.regs.readBigUInt64LE(REG.fsBase) === 0n) continue;
+    const noteAt = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff! + BigInt(TIMED_WAIT.condMutex));
+    if (!inWritablePrivate(live, noteAt, 8)) continue;
+    try {
+      const m = addon().readMemory(pid, noteAt, 8).readBigUInt64LE(0);
+      if (!m || m & 3n || !inWritablePrivate(live, m, MUTEX.size)) continue;
+      const kind = addon().readMemory(pid, m + BigInt(MUTEX.kind), 4).readInt32LE(0);
+      if (kind >= 0 && kind & MUTEX_PI && !(kind & (MUTEX_ROBUST | MUTEX_PSHARED))) words.push(m + BigInt(MUTEX.lock));
+    } catch {
+      // No note read: the thread is left as before.
+    }
+  }
+  if (!words.length) return;
   const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
   const atSnapshot = new Set(p.threads.map((t) => t.tid));
   const now = new Set(tids);
-  const live = readMaps(pid);
-  for (const t of waiting) {
-    const at = t.regs.readBigUInt64LE(ARG.rdi);
+  for (const at of new Set(words)) {
     if (at & 3n || !inWritablePrivate(live, at, 4)) continue;
     try {
       const word = addon().readMemory(pid, at, 4).readUInt32LE(0);
