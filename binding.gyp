@@ -44,7 +44,11 @@
       # preload_mutex.c dropped by LTO, say) would stop every program under
       # appshot from loading; the link refuses it instead. Weak references
       # (appshot_test_pause) are still allowed.
-      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-O2"],
+      # The version script (addon/preload/preload.map) versions the
+      # condition waits as glibc's current ones, so that programs bound to
+      # glibc's compatibility versions pass the library by.
+      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-O2",
+                  "-Wl,--version-script=<!(pwd)/addon/preload/preload.map"],
       "libraries": ["-ldl", "-lpthread"]
     },
     {

@@ -242,3 +242,45 @@ describe('condition waits on mutexes that keep a TID, across a restore', () => {
   it('restored eagerly', () => roundTrip('cw', []));
   it('restored with --lazy', () => roundTrip('cwl', ['--lazy']));
 });
+
+/**
+ * A program bound to glibc's compatibility condition waits (GLIBC_2.2.5,
+ * another pthread_cond_t layout: condcompat.c) passes the library's waits
+ * by to glibc's own, which carry the current versions
+ * (addon/preload/preload.map); unversioned, they took such references and
+ * forwarded them to the current functions, a crash. The fixture also finds
+ * the library's at the current versions, as programs linked since reach them.
+ */
+it('a program bound to the GLIBC_2.2.5 condition waits runs under appshot', () => {
+  const r = sb.run(['run', '--', fixture('condcompat')]);
+  expect(r.stdout, r.stderr).toContain('CHECK current versions are the library\'s\n');
+  expect(r.stdout, r.stderr).toMatch(/^ALL OK$/m);
+  expect(r.code, r.stderr).toBe(0);
+});
+
+/**
+ * A thread blocked on a condition variable whose private PI mutex another
+ * thread holds across the restore (condpi.c): glibc retakes the mutex with
+ * FUTEX_LOCK_PI once the thread is woken, and its word must name the
+ * holder's TID now (the library's condition wait notes the mutex; the
+ * restore rewrites its word). Left naming the old TID: ESRCH, and glibc
+ * waits forever (the fixture's alarm: FAIL).
+ */
+it('a condition waiter whose private PI mutex is held across the restore comes back holding it', async () => {
+  const aid = 'cpi';
+  const image = join(sb.home, `${aid}-img`);
+  try {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('condpi')]);
+    await waitFor(() => /^(HOLDING|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid} to hold its mutex`);
+    sb.ok(['snapshot', aid, '-o', image]);
+    const t = sb.run(['restore', image]);
+    expect(t.code, t.stderr).toBe(0);
+    await waitFor(() => /^(ALL OK|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid), 30_000, `${aid}'s verdict`);
+    const log = sb.log(aid);
+    expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
+    expect(log).toMatch(/^ALL OK$/m);
+  } finally {
+    if (sb.aids().includes(aid)) sb.run(['stop', aid, '--signal', 'KILL']);
+    rmSync(image, { recursive: true, force: true });
+  }
+});

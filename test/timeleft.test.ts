@@ -106,3 +106,40 @@ describe('waits with a timeout across a snapshot and restore', () => {
     await sb.checksPass(aid, 2);
   });
 });
+
+/**
+ * A note from before a restore is not taken for a call after it
+ * (epollstale.c): the thread is held between the library's note of its
+ * epoll wait and the call until it runs restored, the noted instant
+ * passing meanwhile; once restored and in its call, a second snapshot
+ * must leave the call its timeout (each restore counts up the library's
+ * generation, and the snapshot takes only notes of the current one). Taken,
+ * the stale note gave no time left, and the wait ended at once after the
+ * second restore. The fixture checks it waited its whole timeout from the
+ * instant it went on into the call.
+ */
+it('an epoll wait noted before a restore is not cut short by the next snapshot', async () => {
+  const aid = 'tls';
+  sb.ok(['run', '-d', '--aid', aid, '--', fixture('epollstale')]);
+  await waitFor(() => /^(NOTED|FAIL.*)$/m.test(sb.log(aid)), 10_000, 'the wait noted');
+  // The noted instant (5 s on) passes while the thread is held.
+  await new Promise((r) => setTimeout(r, 5500));
+  sb.ok(['snapshot', aid, '-o', join(out, `${aid}-1`)]);
+  sb.ok(['restore', join(out, `${aid}-1`)]);
+  let pid = sb.systemPid(aid);
+  const inCall = () => {
+    try {
+      return readFileSync(`/proc/${pid}/task/${pid}/syscall`, 'utf8').split(' ')[0] === '232';
+    } catch {
+      return false;
+    }
+  };
+  await waitFor(inCall, 10_000, 'the restored thread in its epoll_wait');
+  sb.ok(['snapshot', aid, '-o', join(out, `${aid}-2`)]);
+  sb.ok(['restore', join(out, `${aid}-2`)]);
+  pid = sb.systemPid(aid);
+  await waitFor(() => /^(ALL OK|FAIL.*)$/m.test(sb.log(aid)) || !sb.aids().includes(aid), 30_000, 'the verdict');
+  const log = sb.log(aid);
+  expect(log.match(/^FAIL.*$/gm) ?? [], log).toEqual([]);
+  expect(log).toMatch(/^ALL OK$/m);
+});

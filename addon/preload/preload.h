@@ -116,12 +116,24 @@ struct appshot_id_window {
 extern __thread struct appshot_id_window t_id_window TLS_IE HIDDEN;
 
 /* An epoll wait with a timeout, as the thread began it (preload_wait.c):
- * the CLOCK_MONOTONIC instant its timeout ends (0: none) and its
- * arguments. Read by a snapshot (src/resources/threads.ts TIMED_WAIT). */
+ * the CLOCK_MONOTONIC instant its timeout ends (0: none), its arguments,
+ * the wrapper's stack pointer (the call is below it; a thread that jumped
+ * out of the wrapper is above) and the restore generation it was noted in
+ * (appshot_restore_generation, which each restore of the process counts
+ * up: an instant noted before a restore is of another clock's time). Read
+ * by a snapshot (src/resources/threads.ts TIMED_WAIT). */
 struct appshot_timed_wait {
   int64_t deadline;
   int64_t epfd, events, maxevents, timeout;
+  uint64_t sp;
+  int64_t generation;
+  /* Not the epoll wait's: the mutex of the condition wait the thread is
+   * in (preload_mutex.c), 0 for none. A restore gives a private PI one's
+   * word its holder's TID now, which glibc's relock inside the wait
+   * hands the kernel. */
+  uint64_t cond_mutex;
 };
+extern int64_t appshot_restore_generation __attribute__((visibility("default")));
 extern __thread struct appshot_timed_wait t_timed_wait TLS_IE HIDDEN;
 extern long appshot_timed_wait_tpoff __attribute__((visibility("default")));
 extern long appshot_id_window_tpoff __attribute__((visibility("default")));

@@ -30,13 +30,16 @@
  * restored with TIDs that changed, then glibc's function. Nothing
  * allocated, no lock, a system call only when a mutex's owner is an old
  * TID that moved to the caller (signal 0: has a thread it now?): safe wherever
- * glibc's own calls are. glibc's internal callers (pthread_cond_wait's
- * unlock and relock of its mutex, for one) do not come through here: see
+ * glibc's own calls are. glibc's internal callers do not come through
+ * here, except that the condition waits' unlock and relock of their mutex
+ * are mended around the wait by our condition waits below (glibc's current
+ * versions only; the GLIBC_2.2.5 compatibility ones are glibc's alone): see
  * the README's list of what is not kept ("Mutexes that are not robust,
  * held across a restore"). A fork child forgets the moves.
  */
 #include "preload.h"
 
+#include <dlfcn.h>
 #include <linux/futex.h>
 
 /* Written by the restore (src/resources/mutexes.ts), which holds to this
@@ -199,17 +202,37 @@ API int pthread_mutex_unlock(pthread_mutex_t *m) {
   return appshot_real_mutex_unlock(m);
 }
 
+/* glibc's function at `index` (REAL_FUNCS), as init resolved it. Null
+ * before that, in a call made on init's own thread while init resolves
+ * them (another library's code run by dlsym), or where glibc has none
+ * (pthread_cond_clockwait before 2.30): then asked for now, and if glibc
+ * has none, the caller fails with ENOSYS rather than jump to 0. */
+static void *real_or_lookup(int index, const char *name, const char *version) {
+  void *f = __atomic_load_n(&real_fn[index], __ATOMIC_RELAXED);
+  if (LIKELY(f != NULL)) return f;
+  if (version) f = dlvsym(RTLD_NEXT, name, version);
+  return f ? f : dlsym(RTLD_NEXT, name);
+}
+#define REAL_OR_LOOKUP(n, version) \
+  ((__typeof__(&n))real_or_lookup(R_##n, #n, version))
+
 API int pthread_mutex_timedlock(pthread_mutex_t *m, const struct timespec *t) {
   ensure_init();
+  int (*real)(pthread_mutex_t *, const struct timespec *) =
+      REAL_OR_LOOKUP(pthread_mutex_timedlock, NULL);
+  if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
-  return REAL(pthread_mutex_timedlock)(m, t);
+  return real(m, t);
 }
 
 API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
                                 const struct timespec *t) {
   ensure_init();
+  int (*real)(pthread_mutex_t *, clockid_t, const struct timespec *) =
+      REAL_OR_LOOKUP(pthread_mutex_clocklock, NULL);
+  if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
-  return REAL(pthread_mutex_clocklock)(m, c, t);
+  return real(m, c, t);
 }
 
 /* Condition waits give their mutex up and take it again inside glibc
@@ -222,15 +245,28 @@ API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
  * mutex sets __owner from the TID it read before its FUTEX_LOCK_PI (the
  * old one, if a snapshot caught it there); the next condition wait would
  * compare that. The hot path is mend's one load of the count on each
- * side (a restore may set it during the wait), and ensure_init's. Not
- * interposed: glibc's compatibility versions (GLIBC_2.2.5) for programs
- * built before 2.3.2, whose pthread_cond_t is laid out otherwise; a
- * program linked against them reaches ours, which forward to the
- * current ones (none such is supported). */
+ * side (a restore may set it during the wait), and ensure_init's.
+ *
+ * These three carry glibc's current versions (GLIBC_2.3.2, and 2.34 for
+ * clockwait: addon/preload/preload.map), which is what programs linked
+ * since glibc 2.3.2 name, and what dlsym's unversioned lookups take. A
+ * program bound to the compatibility versions (GLIBC_2.2.5, another
+ * layout of pthread_cond_t) passes them by to glibc's own: its waits are
+ * not mended (test/fixtures/condcompat.c). Each notes its mutex in the
+ * thread's t_timed_wait.cond_mutex while glibc waits, for the restore
+ * (src/resources/threads.ts restorePiWaitWords). */
 API int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) {
   ensure_init();
+  int (*real)(pthread_cond_t *, pthread_mutex_t *) =
+      REAL_OR_LOOKUP(pthread_cond_wait, "GLIBC_2.3.2");
+  if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
-  int r = REAL(pthread_cond_wait)(c, m);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  int r = real(c, m);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }
@@ -238,8 +274,16 @@ API int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) {
 API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
                                const struct timespec *t) {
   ensure_init();
+  int (*real)(pthread_cond_t *, pthread_mutex_t *, const struct timespec *) =
+      REAL_OR_LOOKUP(pthread_cond_timedwait, "GLIBC_2.3.2");
+  if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
-  int r = REAL(pthread_cond_timedwait)(c, m, t);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  int r = real(c, m, t);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }
@@ -247,8 +291,17 @@ API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
 API int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
                                clockid_t clock, const struct timespec *t) {
   ensure_init();
+  int (*real)(pthread_cond_t *, pthread_mutex_t *, clockid_t,
+              const struct timespec *) =
+      REAL_OR_LOOKUP(pthread_cond_clockwait, "GLIBC_2.34");
+  if (UNLIKELY(!real)) return ENOSYS;
   mend(m);
-  int r = REAL(pthread_cond_clockwait)(c, m, clock, t);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  int r = real(c, m, clock, t);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
   mend(m);
   return r;
 }

@@ -90,6 +90,9 @@ API int usleep(useconds_t usec) {
  * this layout (src/resources/threads.ts TIMED_WAIT). */
 __thread struct appshot_timed_wait t_timed_wait TLS_IE HIDDEN;
 long appshot_timed_wait_tpoff API;
+/* Counted up by each restore of the process (src/resources/threads.ts
+ * forgetTimedWaits), never by the library: see struct appshot_timed_wait. */
+int64_t appshot_restore_generation API;
 
 static int epoll_timed(int epfd, struct epoll_event *events, int max, int timeout,
                        const sigset_t *mask, int pwait) {
@@ -110,9 +113,12 @@ static int epoll_timed(int epfd, struct epoll_event *events, int max, int timeou
   t_timed_wait.events = (int64_t)(uintptr_t)events;
   t_timed_wait.maxevents = max;
   t_timed_wait.timeout = timeout;
+  t_timed_wait.sp = stack_pointer();
+  t_timed_wait.generation = __atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED);
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   t_timed_wait.deadline = (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec + (int64_t)timeout * 1000000LL;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  test_pause("epoll-noted");
   int r = pwait ? pwait_fn(epfd, events, max, timeout, mask) : wait(epfd, events, max, timeout);
   int e = errno;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);

@@ -211,6 +211,15 @@ export function timedWaitTpoffOf(pid: number, maps: MapsLine[]): bigint | undefi
   }
 }
 
+/** Where the preload library of a process whose mappings are `maps` keeps
+ * its restore generation (appshot_restore_generation, preload_wait.c),
+ * which each restore counts up; undefined: no library, or an older one. */
+export function restoreGenerationAddrOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_restore_generation'] as const);
+  return lib && offsets ? lib.start + offsets.appshot_restore_generation : undefined;
+}
+
 /** "major:minor" in hex, as /proc/PID/maps names a device. */
 function deviceName(dev: bigint): string {
   const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);

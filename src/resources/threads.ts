@@ -4,7 +4,7 @@
  * stack. Each is per thread in the kernel and none survives a restore by
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
 import { procText, readStat } from '../procfs.js';
 import { type Image, type Process, type SigAction, type Thread, type Vma, VmaKind } from '../image/types.js';
@@ -13,8 +13,8 @@ import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
-import { timedWaitTpoffOf } from '../ptrace/windows.js';
-import type { MapsLine } from './memory.js';
+import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js';
+import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
@@ -363,8 +363,32 @@ export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = fals
 
 /** struct appshot_timed_wait (addon/preload/preload.h): the
  * CLOCK_MONOTONIC instant (ns) an epoll wait's timeout ends, 0 for none,
- * then its arguments (epfd, events, maxevents, timeout), int64 each. */
-const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, size: 40 } as const;
+ * then its arguments (epfd, events, maxevents, timeout), the wrapper's
+ * stack pointer and the restore generation it was noted in; then the
+ * mutex of the condition wait the thread is in (0: none); 8 bytes each. */
+const TIMED_WAIT = { deadline: 0, epfd: 8, events: 16, maxevents: 24, timeout: 32, sp: 40, generation: 48, condMutex: 56, size: 64 } as const;
+
+/** Whether process `pid` is in our time namespace (both unknown, on a
+ * kernel without them: the same). Not known: taken as another. */
+function sameTimeNamespace(pid: number): boolean {
+  const ns = (p: string) => {
+    try {
+      return readlinkSync(`/proc/${p}/ns/time`);
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'none' : undefined;
+    }
+  };
+  const ours = ns('self');
+  return ours !== undefined && ours === ns(String(pid));
+}
+
+/** Whether [addr, addr+len) lies in one private writable mapping of `maps`
+ * that is not the stack guard or a special one ([vvar], [vdso]...):
+ * where the restore may write a word an image points at. */
+function inWritablePrivate(maps: MapsLine[], addr: bigint, len: number): boolean {
+  return maps.some((m) => addr >= m.start && addr + BigInt(len) <= m.end && m.perms[1] === 'w' && m.perms[3] === 'p' &&
+    !(m.path.startsWith('[') && m.path !== '[heap]' && m.path !== '[stack]'));
+}
 /** epoll_wait and epoll_pwait: a timeout in milliseconds (arg 4, r10). */
 const NR_epoll_ms_waits = [232n, 281n];
 
@@ -391,8 +415,19 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
   if (!freezeBegan) return;
   const waiting = [...regs].filter(([, r]) => inEpollWait(r));
   if (!waiting.length) return;
+  // freezeBegan is our CLOCK_MONOTONIC, the note the process's: in another
+  // time namespace they differ by its offsets. Its calls keep their whole
+  // timeout (longer, never shorter).
+  if (!sameTimeNamespace(pid)) return;
   const tpoff = timedWaitTpoffOf(pid, maps);
-  if (tpoff === undefined) return;
+  const genAt = restoreGenerationAddrOf(pid, maps);
+  if (tpoff === undefined || genAt === undefined) return;
+  let generation: bigint;
+  try {
+    generation = addon().readMemory(pid, genAt, 8).readBigInt64LE(0);
+  } catch {
+    return;
+  }
   for (const [tid, r] of waiting) {
     let note: Buffer;
     try {
@@ -400,6 +435,11 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
     } catch {
       continue;
     }
+    // A note from before a restore (its instant of another clock's time),
+    // or left by a call the thread jumped out of (siglongjmp from a
+    // handler: its stack above the wrapper's), is not this call's.
+    if (note.readBigInt64LE(TIMED_WAIT.generation) !== generation) continue;
+    if (r.readBigUInt64LE(REG.rsp) >= note.readBigUInt64LE(TIMED_WAIT.sp)) continue;
     const deadline = note.readBigInt64LE(TIMED_WAIT.deadline);
     const timeout = note.readBigInt64LE(TIMED_WAIT.timeout);
     const int = (at: number) => BigInt.asIntN(32, r.readBigUInt64LE(at));
@@ -417,20 +457,44 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
 }
 
 /**
- * At restore, before the threads run: the preload library's note of the
- * epoll wait each thread was caught in (see timeLeftOfWaits) is cleared.
- * It holds an instant of the clock before the restore, and the call is
- * made again with the time left in its registers: a later snapshot that
- * took the note for that call (its timeout may be the same, if the first
- * freeze caught it at its start) would count from an instant of another
- * time. Cleared, the call is made again with what its registers say.
+ * At restore, before the threads run: the preload library's restore
+ * generation is counted up, so that a later snapshot takes no note made
+ * before this restore (see timeLeftOfWaits): each holds an instant of the
+ * clock before it, and a thread stopped between its note and its call, or
+ * that left a call by a jump, would otherwise be given a time left
+ * counted from then (none, at once). The note of the epoll wait each
+ * thread was caught in is cleared as well (the call is made again with
+ * the time left in its registers). The addresses are the library's symbol
+ * in the live mappings and the image's thread pointers: each written only
+ * inside a writable private mapping, and a failure skips it (the wait may
+ * then be given its whole timeout again, never less), not the restore.
  */
 export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]): void {
+  const live = maps();
+  const genAt = restoreGenerationAddrOf(pid, live);
+  if (genAt !== undefined && inWritablePrivate(live, genAt, 8)) {
+    try {
+      const b = addon().readMemory(pid, genAt, 8);
+      b.writeBigInt64LE(BigInt.asIntN(64, b.readBigInt64LE(0) + 1n));
+      addon().writeMemory(pid, genAt, b);
+    } catch {
+      // Left: the notes it would have set aside are matched by their
+      // arguments and stack pointer still.
+    }
+  }
   const waiting = p.threads.filter((t) => inEpollWait(t.regs));
   if (!waiting.length) return;
-  const tpoff = timedWaitTpoffOf(pid, maps());
+  const tpoff = timedWaitTpoffOf(pid, live);
   if (tpoff === undefined) return;
-  for (const t of waiting) addon().writeMemory(pid, BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline)), Buffer.alloc(8));
+  for (const t of waiting) {
+    const at = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline));
+    if (!inWritablePrivate(live, at, 8)) continue;
+    try {
+      addon().writeMemory(pid, at, Buffer.alloc(8));
+    } catch {
+      // The generation sets the note aside anyway.
+    }
+  }
 }
 
 /** Per-thread kernel state: TID address, robust list, rseq, alternate
@@ -484,6 +548,8 @@ const MUTEX_RECURSIVE = 1;
 const MUTEX_ERRORCHECK = 2;
 const MUTEX_ROBUST = 16;
 const MUTEX_ROBUST_PI_PP = MUTEX_ROBUST | 32 | 64;
+const MUTEX_PI = 32;
+const MUTEX_PSHARED = 128;
 
 /**
  * The dynamic loader's locks held across the snapshot, given their
@@ -584,35 +650,70 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
  * A mutex that is not robust is in no list, and its holder mends its word
  * only at its next call on it (addon/preload/preload_mutex.c), after the
  * waiter's restarted call. Private only (FUTEX_PRIVATE_FLAG): a shared
- * word may be another process's holder's. A word naming a TID some thread
- * has now is left (mended by the robust walk, or ambiguous). The waiter
- * itself takes the mutex under its TID now (the kernel writes it), and
- * glibc's __owner from the TID it read before (the preload library's
- * condition waits mend that; its mutex calls, at its next one).
+ * word may be another process's holder's. Robust ones (the mutex's kind
+ * says so) are the robust walk's, which wrote them already. A word that
+ * names a thread's TID at this snapshot is that thread's, even if the
+ * TID was given to another of its threads now (its word was written
+ * before the restore, when no thread had that TID but the holder); one
+ * that names an older TID (an earlier restore's) that some thread has now
+ * is left, as it may be that thread's. The waiter itself takes the mutex
+ * under its TID now (the kernel writes it), and glibc's __owner from the
+ * TID it read before (the preload library's condition waits mend that;
+ * its mutex calls, at its next one). So is the word of the mutex of a
+ * thread blocked on a condition variable (the library's condition wait
+ * notes it, TIMED_WAIT.condMutex), where it is a private PI mutex that is
+ * not robust: glibc retakes it with FUTEX_LOCK_PI once the thread is
+ * woken, which may be before its holder's next call mends it
+ * (test/fixtures/condpi.c). The word's address is the image's
+ * registers': written only inside a writable private mapping, a failure
+ * skipping that word, not the restore.
  */
 export function restorePiWaitWords(pid: number, p: Process, tids: number[]): void {
   const waiting = p.threads.filter((t) => {
     const op = t.regs.readBigUInt64LE(ARG.rsi);
     return t.regs.readBigInt64LE(REG.origRax) === NR_futex && op & 128n && FUTEX_LOCK_PIS.includes(op & ~FUTEX_FLAGS) && [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(t.regs.readBigInt64LE(REG.rax));
   });
-  if (!waiting.length) return;
-  const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
-  const now = new Set(tids);
-  for (const t of waiting) {
-    const at = t.regs.readBigUInt64LE(ARG.rdi);
-    if (at & 3n) continue;
-    let word: number;
+  if (!p.threads.some((t) => t.regs.readBigInt64LE(REG.origRax) === NR_futex)) return;
+  const live = readMaps(pid);
+  // Threads blocked on a condition variable (in another futex call) whose
+  // mutex, noted by the library's condition wait, is a private PI one
+  // that is not robust: glibc retakes it with FUTEX_LOCK_PI once woken.
+  const words: bigint[] = waiting.map((t) => t.regs.readBigUInt64LE(ARG.rdi));
+  const tpoff = timedWaitTpoffOf(pid, live);
+  for (const t of tpoff === undefined ? [] : p.threads) {
+    if (waiting.includes(t) || t.regs.readBigInt64LE(REG.origRax) !== NR_futex || t.regs.readBigUInt64LE(REG.fsBase) === 0n) continue;
+    const noteAt = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff! + BigInt(TIMED_WAIT.condMutex));
+    if (!inWritablePrivate(live, noteAt, 8)) continue;
     try {
-      word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+      const m = addon().readMemory(pid, noteAt, 8).readBigUInt64LE(0);
+      if (!m || m & 3n || !inWritablePrivate(live, m, MUTEX.size)) continue;
+      const kind = addon().readMemory(pid, m + BigInt(MUTEX.kind), 4).readInt32LE(0);
+      if (kind >= 0 && kind & MUTEX_PI && !(kind & (MUTEX_ROBUST | MUTEX_PSHARED))) words.push(m + BigInt(MUTEX.lock));
     } catch {
-      continue;
+      // No note read: the thread is left as before.
     }
-    const tid = word & FUTEX_TID_MASK;
-    const to = moved.get(tid);
-    if (!tid || to === undefined || now.has(tid)) continue;
-    const b = Buffer.alloc(4);
-    b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
-    addon().writeMemory(pid, at, b);
+  }
+  if (!words.length) return;
+  const moved = new Map(tidMoves(p.threads, tids).map((m) => [m.oldTid, m.newTid]));
+  const atSnapshot = new Set(p.threads.map((t) => t.tid));
+  const now = new Set(tids);
+  for (const at of new Set(words)) {
+    if (at & 3n || !inWritablePrivate(live, at, 4)) continue;
+    try {
+      const word = addon().readMemory(pid, at, 4).readUInt32LE(0);
+      const tid = word & FUTEX_TID_MASK;
+      const to = moved.get(tid);
+      if (!tid || to === undefined || (!atSnapshot.has(tid) && now.has(tid))) continue;
+      // glibc's mutex: its kind four words on (a raw PI futex word may have
+      // no kind beside it: read only where the mapping holds it).
+      if (inWritablePrivate(live, at + BigInt(MUTEX.kind - MUTEX.lock), 4) &&
+          addon().readMemory(pid, at + BigInt(MUTEX.kind - MUTEX.lock), 4).readInt32LE(0) & MUTEX_ROBUST) continue;
+      const b = Buffer.alloc(4);
+      b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
+      addon().writeMemory(pid, at, b);
+    } catch {
+      // Left as it was: the waiter's call may fail as it would have.
+    }
   }
 }
 
