@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
-import { descendantsOf, readCmdline, readStat } from './procfs.js';
+import { descendantsOf, isSameProcess, readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding, type SnapshottedRecord, isEnded, isRestoring } from './registry.js';
 
 export interface ProcessRow {
@@ -32,18 +32,17 @@ export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [
 
 export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
   const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
+  // The application's init, if the process the record names still is it
+  // (alive, same start time): never the tables' word, which any process
+  // of the application may have rewritten.
+  const initPid = record.initPid && record.initPid > 1 && record.initStartTime !== undefined && isSameProcess(record.initPid, record.initStartTime) ? record.initPid : 0;
   const rows: ProcessRow[] = [];
   for (const e of tables.tables.pid) {
     if (e.flags & THREAD_FLAG) continue;
     const st = readStat(e.system);
     if (!st) continue; // died a moment ago; its entry goes at the next reap
-    // Dead, and its parent is no process of the application: its init was
-    // killed (kill -9 of a foreground run's process group, say) and
-    // whatever adopted it has not reaped it. Not the application's any
-    // more, and no init of it will drop the entry: not listed. A zombie
-    // whose parent is in the application is listed, as ps(1) shows it.
-    if (st.state === 'Z' && !toVirtual.has(st.ppid)) continue;
     const init = (e.flags & INIT_FLAG) !== 0;
+    if (!listed(record, e.system, init, st, initPid)) continue;
     const argv = init ? [] : readCmdline(e.system);
     rows.push({
       aid: record.aid,
@@ -58,6 +57,32 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
     });
   }
   return rows.sort((a, b) => a.vpid - b.vpid);
+}
+
+/** Whether the process of a table entry is the application's, to list:
+ * - its init, while the process the record names is it (same start time),
+ *   a zombie too while the live `appshot run` that started it has not
+ *   reaped it yet;
+ * - while that init lives, a process below it (a zombie whose parent is in
+ *   the application, with a table entry or not, as ps(1) shows it), or one
+ *   whose environment names the application's tables (`appshot exec`);
+ * - once it is dead (kill -9 of a foreground run's process group, say), a
+ *   live process whose environment names the tables, never a zombie:
+ *   whatever adopted it has not reaped it, and no init of the application
+ *   will drop its entry.
+ * A PID reused by another program since the entry was written is none of
+ * these (appshot_pid_belongs), and not listed. */
+function listed(record: AppRecord, pid: number, init: boolean, st: { state: string; startTime: number; ppid: number }, initPid: number): boolean {
+  if (init) {
+    // A record that names no init yet (a restore under way): as the tables say.
+    if (!record.initPid || record.initStartTime === undefined) return st.state !== 'Z';
+    if (pid !== record.initPid || st.startTime !== record.initStartTime) return false;
+    // Its zombie, only while the `appshot run` that started it lives on
+    // to reap it: once that is gone too, whatever adopted it has not.
+    return st.state !== 'Z' || (st.ppid === record.harnessPid && record.harnessStartTime !== undefined && isSameProcess(record.harnessPid, record.harnessStartTime));
+  }
+  if (!initPid && st.state === 'Z') return false;
+  return addon().pidBelongs(pid, initPid, record.tables);
 }
 
 /** Sends `sig` to every process of the application but its init, straight

@@ -4,7 +4,7 @@
  * hostile ones, all through the real CLI.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -538,24 +538,64 @@ describe('appshot images', () => {
 
     // Each stopped between the read of the directory and that of the entry:
     // the image directory b, the image file g.tar removed; c loses its
-    // image.pb, a part read after the manifest.
-    for (const [entry, change, expected] of [
-      ['b', () => rmSync(join(dir, 'b'), { recursive: true }), [['a', null], ['c', null], ['f.tar', null], ['g.tar', null]]],
-      ['g.tar', () => rmSync(join(dir, 'g.tar')), [['a', null], ['b', null], ['c', null], ['f.tar', null]]],
-      ['c', () => rmSync(join(dir, 'c', 'image.pb')), [['a', null], ['b', null], ['c', expect.stringContaining('image.pb')], ['f.tar', null], ['g.tar', null]]],
-    ] as [string, () => void, unknown[]][]) {
-      copies();
-      const stopped = await stoppedAt(sb, ['images', dir, '--json'], `images: describing ${entry}`, `images to reach ${entry}`);
-      change();
-      const r = await stopped.go();
-      expect(r.code, `${entry}: ${r.stderr}`).toBe(0);
-      expect(listedNames(r.stdout), entry).toEqual(expected);
+    // image.pb, a part read after the manifest. Then stopped once the
+    // entry was looked at (a directory), b swapped for a link to an image
+    // tar file or for such a file not named as one: neither is extracted
+    // (nothing unpacked under APPSHOT_HOME/tmp, b not listed as the image
+    // the tar holds) and, as a fresh listing would, both are left out.
+    // Then c loses image.pb between the listing of its parts and their
+    // sizes (ENOENT): listed with why. Last, stopped once c is open, c
+    // removed (what is read through the open directory is then empty) and
+    // replaced by an empty directory, listed with why, or by a file, left
+    // out as a fresh listing would.
+    const unpacked: string[] = [];
+    const tmp = join(sb.env.APPSHOT_HOME!, 'tmp');
+    const watch = setInterval(() => {
+      try {
+        unpacked.push(...readdirSync(tmp));
+      } catch {
+        /* not made yet */
+      }
+    }, 2);
+    const swapB = (make: () => void) => () => {
+      rmSync(join(dir, 'b'), { recursive: true });
+      make();
+    };
+    const replaceC = (make: () => void) => () => {
+      rmSync(join(dir, 'c'), { recursive: true });
+      make();
+    };
+    const all = (but: string) => [['a', null], ['b', null], ['c', null], ['f.tar', null], ['g.tar', null]].filter(([n]) => n !== but);
+    try {
+      for (const [entry, point, change, expected] of [
+        ['b', 'describing', () => rmSync(join(dir, 'b'), { recursive: true }), all('b')],
+        ['g.tar', 'describing', () => rmSync(join(dir, 'g.tar')), all('g.tar')],
+        ['c', 'describing', () => rmSync(join(dir, 'c', 'image.pb')), [['a', null], ['b', null], ['c', expect.stringContaining('image.pb')], ['f.tar', null], ['g.tar', null]]],
+        ['b', 'looked at', swapB(() => symlinkSync(join(dir, 'f.tar'), join(dir, 'b'))), all('b')],
+        ['b', 'looked at', swapB(() => writeFileSync(join(dir, 'b'), readFileSync(join(dir, 'f.tar')))), all('b')],
+        ['c', 'sizing', () => rmSync(join(dir, 'c', 'image.pb')), [['a', null], ['b', null], ['c', 'a part of it was removed while it was read'], ['f.tar', null], ['g.tar', null]]],
+        ['c', 'reading', replaceC(() => mkdirSync(join(dir, 'c'))), [['a', null], ['b', null], ['c', expect.stringMatching(/\(no manifest\.pb\)$/)], ['f.tar', null], ['g.tar', null]]],
+        ['c', 'reading', replaceC(() => writeFileSync(join(dir, 'c'), 'x')), all('c')],
+      ] as [string, string, () => void, unknown[]][]) {
+        copies();
+        const stopped = await stoppedAt(sb, ['images', dir, '--json'], `images: ${point} ${entry}`, `images to reach ${point} ${entry}`);
+        change();
+        const r = await stopped.go();
+        expect(r.code, `${point} ${entry}: ${r.stderr}`).toBe(0);
+        expect(listedNames(r.stdout), `${point} ${entry}`).toEqual(expected);
+      }
+    } finally {
+      clearInterval(watch);
     }
+    expect(unpacked).toEqual([]);
 
     // Removed and made again without end while listings run: each lists
     // what it found, none fails.
     copies();
-    const churn = spawn('/bin/sh', ['-c', `while :; do rm -rf ${dir}/b ${dir}/g.tar; cp -a ${dir}/a ${dir}/b; cp ${dir}/f.tar ${dir}/g.tar; done`], { stdio: 'ignore' });
+    // In a process group of its own, killed as one: a cp -a left running
+    // would race the removal of the sandbox.
+    const churn = spawn('/bin/sh', ['-c', `while :; do rm -rf ${dir}/b ${dir}/g.tar; cp -a ${dir}/a ${dir}/b; cp ${dir}/f.tar ${dir}/g.tar; done`], { stdio: 'ignore', detached: true });
+    const churnEnded = new Promise((resolve) => churn.on('exit', resolve));
     try {
       for (let i = 0; i < 6; i++) {
         const r = await spawnAsync(process.execPath, [cli, 'images', dir, '--json'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' } });
@@ -564,7 +604,10 @@ describe('appshot images', () => {
         expect(names).toEqual(expect.arrayContaining(['a', 'c', 'f.tar']));
       }
     } finally {
-      churn.kill('SIGKILL');
+      process.kill(-churn.pid!, 'SIGKILL');
+      await churnEnded;
+      // The group's last members (a cp) gone too.
+      await waitFor(() => !readdirSync('/proc').some((p) => /^\d+$/.test(p) && pgidOf(p) === churn.pid), 10_000, 'the churn group to end');
     }
   });
 
@@ -581,6 +624,15 @@ describe('appshot images', () => {
     ]);
   });
 });
+
+/** The process group of process `pid`, undefined once it is gone. */
+function pgidOf(pid: string): number | undefined {
+  try {
+    return Number(readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')[2]);
+  } catch {
+    return undefined;
+  }
+}
 
 /** One ustar header block for `name` of `type` ('0' file, '2' symlink). */
 function tarHeader(name: string, size: number, type = '0', link = ''): Buffer {

@@ -39,6 +39,13 @@ export interface Result {
   stderr: string;
 }
 
+/** The output of `appshot args... --json` (json, jsonAsync), which must
+ * have succeeded. */
+function parseJsonResult<T>(args: string[], r: Result): T {
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
+
 /** The range clones in tests are allocated ports from. */
 export const TEST_PORTS = '30000-32000';
 
@@ -87,9 +94,7 @@ export class Sandbox {
   }
 
   json<T = unknown>(args: string[]): T {
-    const r = this.run([...args, '--json']);
-    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
-    return JSON.parse(r.stdout) as T;
+    return parseJsonResult<T>(args, this.run([...args, '--json']));
   }
 
   /** An application's log ('' before it has one). */
@@ -115,9 +120,7 @@ export class Sandbox {
 
   /** json(), without blocking the event loop (runAsync). */
   async jsonAsync<T = unknown>(args: string[]): Promise<T> {
-    const r = await this.runAsync([...args, '--json']);
-    if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
-    return JSON.parse(r.stdout) as T;
+    return parseJsonResult<T>(args, await this.runAsync([...args, '--json']));
   }
 
   /** `appshot args...`, which must succeed: its standard output. */

@@ -11,8 +11,8 @@
  * longer there, whatever it was.
  */
 import type { Command } from 'commander';
-import { existsSync, lstatSync, readdirSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, constants, existsSync, lstatSync, openSync, readdirSync, statSync, type Stats } from 'node:fs';
+import { basename, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { printJson } from './json.js';
@@ -48,9 +48,12 @@ const STREAM_FILE = /\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/;
 
 /** Bytes of every regular file under `dir` (an image's parts, a template's
  * private copies), without following links. */
-function diskBytes(dir: string): number {
+function diskBytes(dir: string, stopAs?: string): number {
   let total = 0;
-  for (const name of readdirSync(dir)) {
+  const names = readdirSync(dir);
+  // Where a test removes a part listed but not yet looked at (ENOENT).
+  if (stopAs !== undefined) killPoint(`images: sizing ${stopAs}`);
+  for (const name of names) {
     const st = lstatSync(join(dir, name));
     if (st.isDirectory()) total += diskBytes(join(dir, name));
     else if (st.isFile()) total += st.size;
@@ -86,30 +89,48 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
     }
   }
   if (!st.isDirectory()) return undefined;
-  if (!existsSync(join(path, PARTS.manifest))) return undefined;
-  const { TEMPLATE_PART, openTemplate } = await import('../template/template.js');
-  const isTemplate = existsSync(join(path, TEMPLATE_PART));
-  const e = entry(isTemplate ? 'template' : 'image', diskBytes(path));
+  // Where a test swaps the entry (for a link to a tar, a file) after it
+  // was looked at.
+  killPoint(`images: looked at ${basename(path)}`);
+  // The directory looked at, opened once without following a link: its
+  // parts are read through the descriptor (/proc/self/fd/N), so an entry
+  // swapped meanwhile for a link to a tar file is never extracted (nor its
+  // page data read), and one swapped for a file fails the open (ELOOP,
+  // ENOTDIR), which describeEntry takes as a change while read.
+  const fd = openSync(path, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
   try {
-    if (isTemplate) {
-      const t = await openTemplate(path, false, 'report');
-      try {
-        const { image } = t.loaded;
-        return { ...e, app: image.aid, createdAt: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
-      } finally {
-        t.loaded.dispose();
-      }
-    }
-    const loaded = await loadImage(path, { sizeOnly: true, trust: 'report' });
+    const at = `/proc/self/fd/${fd}`;
+    if (!existsSync(join(at, PARTS.manifest))) return undefined;
+    const { TEMPLATE_PART, openTemplate } = await import('../template/template.js');
+    // Where a test replaces the entry once it is open: what is read
+    // through the descriptor then is a removed directory (ENOENT).
+    killPoint(`images: reading ${basename(path)}`);
+    const isTemplate = existsSync(join(at, TEMPLATE_PART));
+    const e = entry(isTemplate ? 'template' : 'image', diskBytes(at, basename(path)));
     try {
-      const { image } = loaded;
-      return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
-    } finally {
-      loaded.dispose();
+      if (isTemplate) {
+        const t = await openTemplate(at, false, 'report');
+        try {
+          const { image } = t.loaded;
+          return { ...e, app: image.aid, createdAt: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
+        } finally {
+          t.loaded.dispose();
+        }
+      }
+      const loaded = await loadImage(at, { sizeOnly: true, trust: 'report', directoryOnly: true });
+      try {
+        const { image } = loaded;
+        return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
+      } finally {
+        loaded.dispose();
+      }
+    } catch (err) {
+      if (!(err instanceof AppshotError)) throw err;
+      // Said of the entry, not of the descriptor it was read through.
+      return { ...e, error: err.message.split(at).join(path).replace(/^corrupt image: /, '') };
     }
-  } catch (err) {
-    if (!(err instanceof AppshotError)) throw err;
-    return { ...e, error: err.message.replace(/^corrupt image: /, '') };
+  } finally {
+    closeSync(fd);
   }
 }
 
@@ -118,16 +139,9 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
  * or one of its parts; a path whose directory became something else). */
 function vanishedError(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code === 'ENOENT' || code === 'ENOTDIR';
-}
-
-function stillThere(path: string): boolean {
-  try {
-    lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
+  // ELOOP: a directory looked at, then swapped for a link (opened with
+  // O_NOFOLLOW).
+  return code === 'ENOENT' || code === 'ENOTDIR' || code === 'ELOOP';
 }
 
 /** describe, for an entry that may be removed meanwhile: one gone by the
@@ -140,17 +154,32 @@ async function describeEntry(path: string): Promise<ImageEntry | undefined> {
     found = await describe(path);
   } catch (err) {
     if (!vanishedError(err)) throw err;
-    let st;
-    try {
-      st = lstatSync(path);
-    } catch {
-      return undefined; // gone: nothing to list
-    }
+    const st = listableNow(path);
+    if (!st) return undefined;
     const why = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'a part of it was removed while it was read' : 'it changed while it was read';
     return { path, type: st.isDirectory() ? 'image' : 'file', app: null, createdAt: null, bytes: st.isFile() ? st.size : 0, processes: null, parent: null, trusted: null, error: why };
   }
-  if (found?.error !== undefined && !stillThere(path)) return undefined;
+  if (found?.error === undefined) return found;
+  // What is wrong may be that it changed as it was read: a directory
+  // now gone, or now something a fresh listing would leave out or list
+  // as another type, is listed as a fresh listing would.
+  const st = listableNow(path);
+  if (!st) return undefined;
+  if (st.isDirectory() !== (found.type !== 'file')) return { ...found, type: st.isDirectory() ? 'image' : 'file', bytes: st.isFile() ? st.size : 0, error: 'it changed while it was read' };
   return found;
+}
+
+/** What is at `path` now, if a fresh listing would list it: a directory,
+ * or anything but a link named as a stream file; undefined when it is gone
+ * or would be left out (a link, a file not named as a stream file). */
+function listableNow(path: string): Stats | undefined {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return undefined;
+  }
+  return st.isDirectory() || (!st.isSymbolicLink() && STREAM_FILE.test(path)) ? st : undefined;
 }
 
 export async function listImages(dirs: string[]): Promise<ImagesResult> {
@@ -175,6 +204,7 @@ export async function listImages(dirs: string[]): Promise<ImagesResult> {
       names = readdirSync(dir).sort();
     } catch (err) {
       // Removed since it was looked at: as if it had not been there.
+      if ((err as NodeJS.ErrnoException).code === 'ENOTDIR') throw new AppshotError(`not a directory: ${d}`, ExitCode.usage);
       if (vanishedError(err)) throw new AppshotError(`no such directory: ${d}`, ExitCode.notFound);
       throw err;
     }

@@ -790,6 +790,11 @@ export interface LoadOptions {
   trust?: 'require' | 'report';
   /** Read as the parent of another image, for its memory only. */
   asParent?: boolean;
+  /** A directory only (the listing, `appshot images`): a file or anything
+   * else at `path` is refused, never extracted as a tar stream, so that an
+   * entry swapped for a link to a large tar after it was looked at costs
+   * nothing (a stream file is read by readImageFileHeader, with ceilings). */
+  directoryOnly?: boolean;
   /** Told of the page data's size once known, then of each piece of it
    * checked (a progress display: checking a large image takes seconds). */
   onPagesSize?: (size: number) => void;
@@ -941,7 +946,9 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     } catch {
       throw new AppshotError(`no such image: ${path}`, ExitCode.notFound);
     }
-    if (st.isFile()) {
+    if (opts.directoryOnly && !st.isDirectory()) {
+      throw new AppshotError(`not an appshot image: ${path} is not a directory`);
+    } else if (st.isFile()) {
       dir = await extractTar(openImageFile(path), path);
       temporary = true;
     } else if (!st.isDirectory()) {
