@@ -235,6 +235,24 @@ API int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
   return real(m, c, t);
 }
 
+/* Around glibc's wait: its mutex mended before (held across a restore)
+ * and after (a restore during the wait), and noted in the thread's state
+ * meanwhile for the restore (a nested wait, from a signal handler, puts
+ * the outer one's note back). */
+static inline uint64_t cond_wait_begins(pthread_mutex_t *m) {
+  mend(m);
+  uint64_t outer = t_timed_wait.cond_mutex;
+  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  return outer;
+}
+
+static inline void cond_wait_ends(pthread_mutex_t *m, uint64_t outer) {
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_timed_wait.cond_mutex = outer;
+  mend(m);
+}
+
 /* Condition waits give their mutex up and take it again inside glibc
  * (__pthread_mutex_unlock_usercnt, __pthread_mutex_cond_lock), past the
  * calls above. Mended before: a mutex held across a restore and then
@@ -260,14 +278,9 @@ API int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m) {
   int (*real)(pthread_cond_t *, pthread_mutex_t *) =
       REAL_OR_LOOKUP(pthread_cond_wait, "GLIBC_2.3.2");
   if (UNLIKELY(!real)) return ENOSYS;
-  mend(m);
-  uint64_t outer = t_timed_wait.cond_mutex;
-  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  uint64_t outer = cond_wait_begins(m);
   int r = real(c, m);
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_timed_wait.cond_mutex = outer;
-  mend(m);
+  cond_wait_ends(m, outer);
   return r;
 }
 
@@ -277,14 +290,9 @@ API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
   int (*real)(pthread_cond_t *, pthread_mutex_t *, const struct timespec *) =
       REAL_OR_LOOKUP(pthread_cond_timedwait, "GLIBC_2.3.2");
   if (UNLIKELY(!real)) return ENOSYS;
-  mend(m);
-  uint64_t outer = t_timed_wait.cond_mutex;
-  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  uint64_t outer = cond_wait_begins(m);
   int r = real(c, m, t);
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_timed_wait.cond_mutex = outer;
-  mend(m);
+  cond_wait_ends(m, outer);
   return r;
 }
 
@@ -295,13 +303,8 @@ API int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
               const struct timespec *) =
       REAL_OR_LOOKUP(pthread_cond_clockwait, "GLIBC_2.34");
   if (UNLIKELY(!real)) return ENOSYS;
-  mend(m);
-  uint64_t outer = t_timed_wait.cond_mutex;
-  t_timed_wait.cond_mutex = (uint64_t)(uintptr_t)m;
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  uint64_t outer = cond_wait_begins(m);
   int r = real(c, m, clock, t);
-  __atomic_signal_fence(__ATOMIC_SEQ_CST);
-  t_timed_wait.cond_mutex = outer;
-  mend(m);
+  cond_wait_ends(m, outer);
   return r;
 }
