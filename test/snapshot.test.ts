@@ -411,6 +411,11 @@ describe('snapshot failures leave the application running and no image', () => {
   it('gives up on a process that never settles (a vfork in progress) after --timeout, resuming all', async () => {
     startApp('vfork', [fixture('vforker'), '60']);
     await waitFor(() => /CHILD/.test(logOf('vfork')));
+    // The child may print before its parent is asleep in the vfork (on
+    // its way there it is seized like any thread, and then can only be
+    // let go once the vfork ends): the snapshot is asked once it sleeps.
+    const parent = sb.json<Json>(['ps', 'vfork'])[0].processes.find((x: Json) => x.vpid === 2).pid;
+    await waitFor(() => /\) D /.test(readFileSync(`/proc/${parent}/stat`, 'utf8')), 10_000, 'the vfork parent to sleep (D)');
     const started = Date.now();
     const r = sb.run(['snapshot', 'vfork', '-o', join(out, 'vfork'), '--timeout', '1']);
     expect(r.code).toBe(1);
