@@ -250,7 +250,8 @@ export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
 }
 
 /** Resolves with the exit code once the application has ended
- * (`appshot wait`); undefined if a snapshot ended it. */
+ * (`appshot wait`); undefined if a snapshot ended it, or it was lost (its
+ * init killed with it: no exit code). */
 export function wait(aid: string, opts: CommonOptions = {}): Promise<number | undefined> {
   return call(opts, async () => {
     const ended = await waitEnded(registry(opts), aid);

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
-import { type AppRecord, LocalRegistry, checkAid, describeSnapshot, isEnded } from './registry.js';
+import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
 import { registerImages } from './commands/images.js';
@@ -105,7 +105,7 @@ export function buildProgram(): Command {
   /** STATE as `ps` prints it. */
   function stateText(a: ApplicationInfo): string {
     return a.state === 'exited'
-      ? `exited (${a.exitCode}) ${age(a.endedAt)} ago`
+      ? `exited (${a.lost ? 'lost' : a.exitCode}) ${age(a.endedAt)} ago`
       : a.state === 'snapshotted'
         ? `snapshotted ${age(a.snapshottedAt)} ago`
         : a.state;
@@ -396,6 +396,12 @@ export function buildProgram(): Command {
           else process.stderr.write(`appshot: '${aid}' was released before it ended (a snapshot ended it, or it was removed): no exit code\n`);
           status = ExitCode.failure;
           waited.push({ aid });
+          continue;
+        }
+        if (ended.lost) {
+          process.stderr.write(`appshot: '${aid}' was ${describeEnd(ended)}\n`);
+          status = ExitCode.failure;
+          waited.push({ aid, endedAt: ended.endedAt });
           continue;
         }
         // Without --json, each code as soon as it is known (docker wait).

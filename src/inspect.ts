@@ -247,8 +247,12 @@ export interface LiveApplicationInfo extends ApplicationCommon {
 /** Ended, kept until `rm` or `prune` (`ps -a`). */
 export interface ExitedApplicationInfo extends ApplicationCommon {
   state: 'exited';
-  /** 128 + N if signal N ended it. */
-  exitCode: number;
+  /** 128 + N if signal N ended it; absent if `lost`. */
+  exitCode?: number;
+  /** Its init was killed with it: nobody wrote how it ended; kept for
+   * `rm` to remove the data made for it (a clone's private copies, REDIR
+   * PATH directories). */
+  lost?: true;
   endedAt: string;
   /** Restored: the image it came from. */
   image?: string;
@@ -317,7 +321,7 @@ export function describeApplications(registry: LocalRegistry, listing: Listing):
       processes: rows.filter((p) => p.aid === r.aid),
     };
     return isEnded(r)
-      ? { aid: r.aid, state: 'exited', exitCode: r.exitCode!, endedAt: r.endedAt!, ...common }
+      ? { aid: r.aid, state: 'exited', ...(r.lost ? { lost: true as const } : { exitCode: r.exitCode! }), endedAt: r.endedAt!, ...common }
       : { aid: r.aid, state: isRestoring(r) ? 'restoring' : 'running', ...common };
   });
   const snapshotted = listing.snapshotted.map(

@@ -50,8 +50,14 @@ export interface AppRecord {
    * init writes): the record stays, with its log, until `appshot rm` or
    * `appshot prune`, as docker keeps an exited container. */
   state?: 'exited';
-  /** The exit code of virtual PID 2 (128 + N if killed by signal N). */
+  /** The exit code of virtual PID 2 (128 + N if killed by signal N);
+   * absent if `lost`. */
   exitCode?: number;
+  /** Ended without a word: its init was killed (SIGKILL) with the
+   * application, so nobody wrote how it ended. Only an application with
+   * data made for it alone (privateRoot, madeDirs) is kept so, for `rm`
+   * to remove that data; any other is released at once (settle). */
+  lost?: true;
   endedAt?: string;
   /** The image it was restored from (`appshot restore`). */
   image?: string;
@@ -229,7 +235,18 @@ export function isRestoring(record: AppRecord): boolean {
 
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 export function describeEnd(record: AppRecord): string {
+  if (record.lost) return `lost: its init was killed, no exit code; found ended at ${record.endedAt}`;
   return `exited with code ${record.exitCode} at ${record.endedAt}`;
+}
+
+/** Whether `record` has data made for it alone on disk (a clone's private
+ * copies, the REDIR PATH directories made for it) that only `rm` of its
+ * record removes: a restore that never committed has none (release
+ * removes what it made). */
+function holdsMadeData(record: AppRecord): boolean {
+  const r = record.restore;
+  if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) return false;
+  return !!record.privateRoot || !!record.madeDirs?.length || !!r?.madeDirs.length;
 }
 
 /** "snapshotted to /x/db.appshot at 2026-11-30T12:00:00.000Z" */
@@ -726,11 +743,29 @@ export class LocalRegistry implements Registry {
     // processes: init writes the file "exit" before it exits.
     const now = this.get(record.aid);
     if (now && isEnded(now)) return now;
-    this.release(record);
-    return undefined;
+    if (!holdsMadeData(record)) {
+      this.release(record);
+      return undefined;
+    }
+    // Kept as ended, its live parts released: released whole, its private
+    // copies and REDIR PATH directories would stay on disk with no record
+    // left for `rm` to name them by.
+    this.release(record, { keepRecord: true });
+    const lost: AppRecord = { ...record, state: 'exited', lost: true, endedAt: new Date().toISOString() };
+    delete lost.exitCode;
+    try {
+      this.update(lost);
+    } catch {
+      /* removed meanwhile (rm of the same record) */
+    }
+    return lost;
   }
 
-  release(record: AppRecord): void {
+  /** Removes what an application holds on the node: its SysV objects,
+   * tables and port claims (and what an uncommitted restore made for it),
+   * then its registration, unless `keepRecord` (settle keeps a lost one's
+   * for `rm`). */
+  release(record: AppRecord, opts: { keepRecord?: boolean } = {}): void {
     const t = this.readTables(record);
     if (t) {
       // Only objects the kernel confirms are the application's: the ids in
@@ -764,7 +799,7 @@ export class LocalRegistry implements Registry {
       // commit.
       if (dirname(r.commitPath) === join(this.home, 'commits')) rmSync(r.commitPath + PENDING, { force: true });
     }
-    removeDir(record.stateDir);
+    if (!opts.keepRecord) removeDir(record.stateDir);
   }
 
   remove(record: AppRecord): void {

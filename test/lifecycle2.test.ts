@@ -29,6 +29,7 @@ interface PsApp {
   snapshottedAt?: string;
   command: string[];
   exitCode?: number;
+  lost?: boolean;
   endedAt?: string;
   createdAt: string;
   image?: string;
@@ -532,5 +533,39 @@ describe('rm of a clone', () => {
       expect(tableFilesOf(x.aid)).toEqual([]);
     }
     expect(claims()).toEqual([]);
+  });
+
+  it('whose init was killed with it (SIGKILL): kept as lost, without exit code, until rm removes its private copies and REDIR PATH directories', async () => {
+    if (!existsSync(join(dir, 'tpl'))) await templfixTemplate(sb, { root: ROOT, rules: join(dir, 'templfix.rules'), portAlloc: PORT_ALLOC, portMux: PORT_MUX }, 'tsrc', join(dir, 'tsnap'), join(dir, 'tpl'));
+    const c = sb.run(['clone', join(dir, 'tpl'), '--aid', 'lost', '--json']);
+    expect(c.code, c.stderr).toBe(0);
+    const [x] = JSON.parse(c.stdout) as { aid: string; privateRoot: string; ports: { virtual: number; system: number }[] }[];
+    expect((await tcpExchange(x.ports.find((p) => p.virtual === PORT_ALLOC)!.system, 'SET mine\n')).trim()).toBe('OK');
+    const redir = join(ROOT, 'instances', x.aid);
+    expect(existsSync(redir)).toBe(true);
+    // Every process at once, its init among them: nobody writes how it ended.
+    const procs = app(x.aid)!.processes;
+    expect(procs.some((p) => p.init)).toBe(true);
+    for (const p of procs) process.kill(p.pid, 'SIGKILL');
+    await waitFor(() => procs.every((p) => !alive(p.pid)), 30_000, 'the clone and its init to die');
+    await waitFor(() => app(x.aid)?.state === 'exited', 30_000, 'the clone to be found ended');
+    const lost = app(x.aid)!;
+    expect(lost).toMatchObject({ state: 'exited', lost: true, processes: [], ports: [] });
+    expect(lost.exitCode).toBeUndefined();
+    expect(sb.run(['ps', '-a']).stdout).toMatch(new RegExp(`^${x.aid}\\s+exited \\(lost\\)`, 'm'));
+    const w = sb.run(['wait', x.aid]);
+    expect(w.code).toBe(1);
+    expect(w.stdout).toBe('');
+    expect(w.stderr).toMatch(new RegExp(`^appshot: '${x.aid}' was lost: its init was killed, no exit code; found ended at \\S+\\n$`));
+    // Its data is there for rm to name, and only rm removes it.
+    expect(existsSync(x.privateRoot)).toBe(true);
+    expect(existsSync(redir)).toBe(true);
+    expect(tableFilesOf(x.aid)).toEqual([]);
+    const taken = sb.run(['run', '--aid', x.aid, '--', 'true']);
+    expect(taken.code).toBe(4);
+    expect(sb.run(['rm', x.aid]).code).toBe(0);
+    expect(existsSync(x.privateRoot)).toBe(false);
+    expect(existsSync(redir)).toBe(false);
+    expect(sb.allAids()).not.toContain(x.aid);
   });
 });
