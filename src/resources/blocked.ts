@@ -14,9 +14,10 @@
  * them with ERESTARTNOHAND): their queue id is rewritten the same way,
  * else the call fails with EINVAL here, or waits on another application's
  * queue that has the old number. semop and semtimedop are never restarted
- * (the freezer's interrupt makes them fail with EINTR at once, as a stop
- * signal does), and the program's retry goes through the library again,
- * which translates afresh.
+ * by the kernel (the freezer's interrupt makes them fail with EINTR at
+ * once, as a stop signal does): caught so, with no handled signal behind
+ * it, the restore makes them again (threads.ts, resumeRegisters), with
+ * their semaphore set's id rewritten the same way.
  *
  * A clock_nanosleep until an absolute time is restarted as it was called
  * (ERESTARTNOHAND); one for a relative time restarts through the kernel's
@@ -33,7 +34,8 @@ import { addon, type Kind } from '../native.js';
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rsi: 13 * 8, rdi: 14 * 8, origRax: 15 * 8 } as const;
 const ERESTART = new Set([-512n, -513n, -514n, -516n]);
-const NR = { wait4: 61n, waitid: 247n, msgsnd: 69n, msgrcv: 70n, clock_nanosleep: 230n } as const;
+const NR = { wait4: 61n, waitid: 247n, msgsnd: 69n, msgrcv: 70n, clock_nanosleep: 230n, semop: 65n, semtimedop: 220n } as const;
+const EINTR = -4n;
 const P_PID = 1n;
 const P_PGID = 2n;
 
@@ -61,6 +63,10 @@ function idArgument(regs: Buffer): { at: number; kind: Kind; how: Encoding } | u
     case NR.msgsnd:
     case NR.msgrcv:
       return a0 >= 0n ? { at: REG.rdi, kind: 'msgid', how: 'plain' } : undefined;
+    // semop and semtimedop end with EINTR on a stop: made again.
+    case NR.semop:
+    case NR.semtimedop:
+      return a0 >= 0n ? { at: REG.rdi, kind: 'semid', how: 'plain' } : undefined;
     case NR.clock_nanosleep:
       if (a0 < 0n && (a0 & 3n) !== 3n && decode(Number(a0), 'cpuclock') !== 0) return { at: REG.rdi, kind: 'pid', how: 'cpuclock' };
       return undefined;
@@ -97,7 +103,8 @@ export class IdsAcrossRestore {
 /** `regs` with a blocked call's id made this node's (a copy), or `regs`
  * itself when there is nothing to rewrite. */
 export function retargetBlockedCall(regs: Buffer, ids: IdsAcrossRestore): Buffer {
-  if (regs.readBigInt64LE(REG.origRax) < 0n || !ERESTART.has(regs.readBigInt64LE(REG.rax))) return regs;
+  const rax = regs.readBigInt64LE(REG.rax);
+  if (regs.readBigInt64LE(REG.origRax) < 0n || !(ERESTART.has(rax) || rax === EINTR)) return regs;
   const arg = idArgument(regs);
   if (!arg) return regs;
   const raw = Number(BigInt.asIntN(32, regs.readBigInt64LE(arg.at)));

@@ -256,6 +256,10 @@ const NR_futex = 202n;
  * -ERESTART code, when a stop (and so a snapshot's freeze) interrupts
  * them. */
 const NR_epoll_waits = [232n, 281n, 441n];
+/** The other calls a stop ends with EINTR (signal(7)): semop,
+ * rt_sigtimedwait (sigtimedwait, sigwaitinfo), semtimedop. A semaphore
+ * call's id is made this node's by the restore (blocked.ts). */
+const NR_ended_by_stops = [...NR_epoll_waits, 65n, 128n, 220n];
 const FUTEX_WAIT = 0n;
 const FUTEX_WAIT_BITSET = 9n;
 /** FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME */
@@ -301,19 +305,23 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    whose time left nothing shows. ppoll, pselect6 and select stop
  *    with ERESTARTNOHAND, their time left written back to their timeout,
  *    and restart as any other call.
- *  - epoll waits are never restarted by the kernel: a stop ends them with
- *    EINTR at once (signal(7)), the snapshot's freeze too. One found
- *    failed so with no handled signal to take is the freeze's doing, not
- *    the program's: made again with its full timeout, as poll, here and
- *    in the original that a snapshot leaves running. (A real signal that
+ *  - epoll waits, semop, semtimedop, sigtimedwait and sigwaitinfo are
+ *    never restarted by the kernel: a stop ends them with EINTR at once
+ *    (signal(7)), the snapshot's freeze too. One found failed so with no
+ *    handled signal to take is the freeze's doing, not the program's: made
+ *    again with its full timeout, as poll, here and in the original that
+ *    a snapshot leaves running (an epoll wait noted by the preload
+ *    library gets its time left: timeLeftOfWaits). (A real signal that
  *    ended it is still pending, and is taken: it stays EINTR; one already
- *    taken left the thread in its handler, not at the call's end.)
+ *    taken left the thread in its handler, not at the call's end. A
+ *    signal sigtimedwait waits for is blocked: it stays pending, and the
+ *    call made again takes it.)
  */
 export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
   const out = Buffer.from(regs);
   const orig = out.readBigInt64LE(REG.origRax);
   const rax = out.readBigInt64LE(REG.rax);
-  if (orig >= 0n && rax === -EINTR && NR_epoll_waits.includes(orig)) {
+  if (orig >= 0n && rax === -EINTR && NR_ended_by_stops.includes(orig)) {
     if (!signal) {
       out.writeBigInt64LE(orig, REG.rax);
       out.writeBigUInt64LE(out.readBigUInt64LE(REG.rip) - 2n, REG.rip);
