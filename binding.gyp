@@ -49,7 +49,17 @@
       # glibc's compatibility versions pass the library by.
       "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-O2",
                   "-Wl,--version-script=<!(pwd)/addon/preload/preload.map"],
-      "libraries": ["-ldl", "-lpthread"]
+      "libraries": ["-ldl", "-lpthread"],
+      # The link reads the version script, but gyp's make rules give a link
+      # no prerequisites but objects: an empty object made from the script
+      # puts it among them, so that an edit of the script relinks.
+      "actions": [{
+        "action_name": "preload_version_script",
+        "inputs": ["addon/preload/preload.map"],
+        "outputs": ["<(INTERMEDIATE_DIR)/preload_map.o"],
+        "action": ["cc", "-c", "-x", "c", "/dev/null", "-o", "<@(_outputs)"],
+        "process_outputs_as_sources": 1
+      }]
     },
     {
       "target_name": "appshot-init",

@@ -86,24 +86,30 @@ export function procSmaps(path: string): ParsedSmaps {
 
 /** Each open descriptor of process `pid` with what it points to (its
  * /proc/PID/fd link), read now: none if the process is gone, and one
- * closed between the listing and its link left out. `refusedThrows`: a
- * process whose descriptors this one may not read (EACCES, EPERM) throws
- * rather than looking like one that has none. */
+ * closed between the listing and its link (ENOENT) left out.
+ * `refusedThrows`: a process whose descriptors, or one of them, this one
+ * may not read (EACCES, EPERM: the directory's owner, or the kernel's
+ * ptrace check on each link, which a process holding capabilities the
+ * reader lacks fails) throws, in one line naming the descriptor and why,
+ * rather than looking like one that has none or has closed it. */
 export function descriptorLinks(pid: number, refusedThrows = false): { fd: string; link: string }[] {
+  const refused = (code: string | undefined) => code === 'EACCES' || code === 'EPERM';
   let names: string[];
   try {
     names = readdirSync(`/proc/${pid}/fd`);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (refusedThrows && (code === 'EACCES' || code === 'EPERM')) throw e;
+    if (refusedThrows && refused(code)) throw Object.assign(new Error(`process ${pid}'s descriptors cannot be listed (${code})`), { code });
     return [];
   }
   const out: { fd: string; link: string }[] = [];
   for (const fd of names)
     try {
       out.push({ fd, link: readlinkSync(`/proc/${pid}/fd/${fd}`) });
-    } catch {
-      /* closed meanwhile */
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (refusedThrows && refused(code)) throw Object.assign(new Error(`process ${pid}'s fd ${fd} cannot be read (${code}: the kernel's access check on its target refused this process)`), { code });
+      // Closed meanwhile, or (not asked to throw) not readable: left out.
     }
   return out;
 }

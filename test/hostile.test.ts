@@ -18,12 +18,15 @@ import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
-import type { Image, Manifest } from '../src/image/types.js';
+import { type Image, type Manifest, VmaKind } from '../src/image/types.js';
+import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
 import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
+/** Where a thread's registers hold its thread pointer (fs_base). */
+const FS_BASE = REG.fsBase;
 const sb = new Sandbox();
 const other = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-'));
@@ -608,6 +611,26 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'inotify watch numbers and POSIX timer ids add up to 1073741824'],
     // The restore writes the TID moves there (resources/mutexes.ts).
     ['a table of TID moves in shared or absent memory', (i) => (i.processes[0].tidMovesAddress = 0x10n), "process \\d+'s table of TID moves at 0x10 is not in private writable memory of its own"],
+    // The restore writes each thread's new TID into glibc's descriptor,
+    // at its thread pointer plus this offset (resources/threads.ts).
+    ...(
+      [
+        ['shared anonymous memory', (v) => v.kind === VmaKind.SHARED_ANON && v.prot === 3],
+        ['a read-only file mapping', (v) => v.kind === VmaKind.FILE_PRIVATE && !(v.prot & 2)],
+        ['no mapping of the image', undefined],
+      ] as const
+    ).map(([where, pick]): [string, (i: Image) => void, string] => [
+      `a thread pointer that puts glibc's cached TID in ${where}`,
+      (i) => {
+        const p = i.processes.find((q) => q.glibcTidOffset && (!pick || q.vmas.some(pick)))!;
+        const at = pick ? p.vmas.find(pick)!.start + 0x100n : 0x10000n;
+        const regs = Buffer.from(p.threads[0].regs);
+        regs.writeBigUInt64LE(at - BigInt(p.glibcTidOffset), FS_BASE);
+        p.threads[0].regs = regs;
+      },
+      "thread \\d+'s glibc TID at 0x[0-9a-f]+ is not in private writable memory of its process",
+    ]),
+    ['a glibc TID offset outside a thread descriptor', (i) => (i.processes.find((q) => q.glibcTidOffset)!.glibcTidOffset = 0x10000), "process \\d+'s glibc TID offset 65536 is not one in a thread descriptor"],
     ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 256"],
     ['more earlier TIDs in a process than its table of TID moves holds', (i) => {
       const t = i.processes[0].threads[0];

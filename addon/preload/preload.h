@@ -299,14 +299,46 @@ static inline void ensure_init(void) {
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
   X(epoll_wait) X(epoll_pwait)
 
+/* glibc's compatibility versions that the library's own compatibility
+ * versions (COMPAT_VERSION) hand on to, where theirs differ from the
+ * current function (another ABI, or another behaviour): index name,
+ * symbol, version. Resolved with dlvsym at init; null where this glibc
+ * has no such version (then no program can be bound to it either). */
+#define REAL_COMPAT_FUNCS(X)                                                \
+  X(timer_create_2_2_5, timer_create, "GLIBC_2.2.5")                       \
+  X(posix_spawn_2_2_5, posix_spawn, "GLIBC_2.2.5")                         \
+  X(posix_spawnp_2_2_5, posix_spawnp, "GLIBC_2.2.5")
+
 enum {
 #define X(n) R_##n,
   REAL_FUNCS(X)
+#undef X
+  R_PLAIN_COUNT,
+  R_COMPAT_BEFORE = R_PLAIN_COUNT - 1,
+#define X(n, sym, ver) R_##n,
+  REAL_COMPAT_FUNCS(X)
 #undef X
   R_COUNT
 };
 extern void *real_fn[R_COUNT] HIDDEN;
 #define REAL(n) ((__typeof__(&n))real_fn[R_##n])
+
+/* Defines the library's function for a compatibility version of a glibc
+ * symbol (`symbol@version`, never the default: preload.map names those).
+ * glibc keeps an old version of a few functions for programs linked
+ * before it changed (another ABI, or behaviour): a program bound to it
+ * names that version, and an unversioned definition of ours would take
+ * the reference and treat it as the current function. The C name is the
+ * library's own (appshot_compat_*), kept local by preload.map: only the
+ * versioned name is exported. */
+#define COMPAT_VERSION(symbol_at_version) \
+  __attribute__((visibility("default"), symver(symbol_at_version)))
+/* A symbol version of the function it is given to (`symbol@@version`: the
+ * default; `symbol@version`: an older one of the same ABI). A function with
+ * more than one version has a C name of its own (appshot_current_*, kept
+ * local by preload.map): named as the symbol, the linker's plugin took its
+ * plain definition and the versioned ones for two definitions. */
+#define SYMVER(symbol_at_version) __attribute__((symver(symbol_at_version)))
 
 /* Only declared by the fortified headers, which we turn off. */
 int __open_2(const char *, int);

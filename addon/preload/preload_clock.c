@@ -215,9 +215,33 @@ static int timer_args(clockid_t clk, clockid_t *sys_clk, struct sigevent **evp,
 }
 
 /* Through glibc's, which makes SIGEV_THREAD's helper thread. */
-API int timer_create(clockid_t clk, struct sigevent *evp, timer_t *timerid) {
+/* timer_create@GLIBC_2.3.3, librt's before glibc 2.34 moved it into libc,
+ * is the same function under its older version: programs linked before
+ * 2.34 reach the same wrapper. */
+API SYMVER("timer_create@@GLIBC_2.34") SYMVER("timer_create@GLIBC_2.3.3")
+int appshot_current_timer_create(clockid_t clk, struct sigevent *evp, timer_t *timerid) {
   ensure_init();
   int (*real)(clockid_t, struct sigevent *, timer_t *) = REAL(timer_create);
+  if (!real) return (int)fail(ENOSYS);
+  if (!g_h) return real(clk, evp, timerid);
+  ID_WINDOW();
+  clockid_t sys_clk;
+  struct sigevent copy;
+  int e = timer_args(clk, &sys_clk, &evp, &copy);
+  if (e) return (int)fail(e);
+  return real(sys_clk, evp, timerid);
+}
+
+/* timer_create@GLIBC_2.2.5: the ABI before glibc 2.3.3, whose timer id is
+ * an index into glibc's own table of timers, which that version's
+ * timer_settime, timer_gettime... take. Its clock and target thread are
+ * translated as the current one's, then glibc's function of the same
+ * version makes the timer (the current one's id would be no index). */
+COMPAT_VERSION("timer_create@GLIBC_2.2.5")
+int appshot_compat_timer_create_2_2_5(clockid_t clk, struct sigevent *evp, int *timerid) {
+  ensure_init();
+  int (*real)(clockid_t, struct sigevent *, int *) =
+      (int (*)(clockid_t, struct sigevent *, int *))real_fn[R_timer_create_2_2_5];
   if (!real) return (int)fail(ENOSYS);
   if (!g_h) return real(clk, evp, timerid);
   ID_WINDOW();

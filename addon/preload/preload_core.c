@@ -41,12 +41,22 @@ static void thread_gone(void *value) {
 }
 
 static void resolve_real(void) {
-  static const char *const names[R_COUNT] = {
+  static const char *const names[R_PLAIN_COUNT] = {
 #define X(n) #n,
       REAL_FUNCS(X)
 #undef X
   };
-  for (int i = 0; i < R_COUNT; i++) real_fn[i] = dlsym(RTLD_NEXT, names[i]);
+  for (int i = 0; i < R_PLAIN_COUNT; i++) real_fn[i] = dlsym(RTLD_NEXT, names[i]);
+  static const struct {
+    const char *name, *version;
+  } compat[R_COUNT - R_PLAIN_COUNT] = {
+#define X(n, sym, ver) {#sym, ver},
+      REAL_COMPAT_FUNCS(X)
+#undef X
+  };
+  for (int i = R_PLAIN_COUNT; i < R_COUNT; i++)
+    real_fn[i] = dlvsym(RTLD_NEXT, compat[i - R_PLAIN_COUNT].name,
+                        compat[i - R_PLAIN_COUNT].version);
   /* glibc keeps the condition waits under two versions each, the first a
    * compatibility one for another layout of pthread_cond_t: the one that
    * programs link against is named, not left to dlsym's choice. */

@@ -368,11 +368,19 @@ static int spawn_attr(const posix_spawnattr_t *attr, posix_spawnattr_t *copy,
   return 0;
 }
 
-API int posix_spawn(pid_t *restrict pid, const char *restrict path,
-                    const posix_spawn_file_actions_t *fa,
-                    const posix_spawnattr_t *restrict attr,
-                    char *const argv[restrict], char *const envp[restrict]) {
+typedef int spawn_fn(pid_t *restrict, const char *restrict,
+                     const posix_spawn_file_actions_t *,
+                     const posix_spawnattr_t *restrict, char *const[restrict],
+                     char *const[restrict]);
+
+/* posix_spawn or posix_spawnp through glibc's `real` (either version). */
+static int spawn_through(spawn_fn *real, pid_t *restrict pid,
+                         const char *restrict path,
+                         const posix_spawn_file_actions_t *fa,
+                         const posix_spawnattr_t *restrict attr,
+                         char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
+  if (!real) return ENOSYS;
   ID_WINDOW(); /* the group's system PID, then the child's, until mapped */
   posix_spawnattr_t attr_copy;
   const posix_spawnattr_t *use;
@@ -382,24 +390,46 @@ API int posix_spawn(pid_t *restrict pid, const char *restrict path,
   tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
-  int rc = REAL(posix_spawn)(&spid, path, fa, use, argv, env);
+  int rc = real(&spid, path, fa, use, argv, env);
   return spawned(rc, spid, pid);
 }
 
-API int posix_spawnp(pid_t *restrict pid, const char *restrict file,
-                     const posix_spawn_file_actions_t *fa,
-                     const posix_spawnattr_t *restrict attr,
-                     char *const argv[restrict], char *const envp[restrict]) {
+API SYMVER("posix_spawn@@GLIBC_2.15")
+int appshot_current_posix_spawn(pid_t *restrict pid, const char *restrict path,
+                                const posix_spawn_file_actions_t *fa,
+                                const posix_spawnattr_t *restrict attr,
+                                char *const argv[restrict], char *const envp[restrict]) {
   ensure_init();
-  ID_WINDOW(); /* the group's system PID, then the child's, until mapped */
-  posix_spawnattr_t attr_copy;
-  const posix_spawnattr_t *use;
-  int e = spawn_attr(attr, &attr_copy, &use);
-  if (e) return e;
-  if (g_h) self_vpid(); /* mapped before the child looks for us */
-  tables_fd_keep_across_exec();
-  pid_t spid = 0;
-  APP_ENV(env, envp ? envp : empty_env);
-  int rc = REAL(posix_spawnp)(&spid, file, fa, use, argv, env);
-  return spawned(rc, spid, pid);
+  return spawn_through(REAL(posix_spawn), pid, path, fa, attr, argv, envp);
+}
+
+API SYMVER("posix_spawnp@@GLIBC_2.15")
+int appshot_current_posix_spawnp(pid_t *restrict pid, const char *restrict file,
+                                 const posix_spawn_file_actions_t *fa,
+                                 const posix_spawnattr_t *restrict attr,
+                                 char *const argv[restrict], char *const envp[restrict]) {
+  ensure_init();
+  return spawn_through(REAL(posix_spawnp), pid, file, fa, attr, argv, envp);
+}
+
+/* posix_spawn@GLIBC_2.2.5 and posix_spawnp@GLIBC_2.2.5, before 2.15: a
+ * program the kernel cannot execute (ENOEXEC) is run by /bin/sh instead.
+ * glibc's functions of that version do that (the current ones fail), so
+ * those are what these go through. */
+COMPAT_VERSION("posix_spawn@GLIBC_2.2.5")
+int appshot_compat_posix_spawn_2_2_5(pid_t *restrict pid, const char *restrict path,
+                                     const posix_spawn_file_actions_t *fa,
+                                     const posix_spawnattr_t *restrict attr,
+                                     char *const argv[restrict], char *const envp[restrict]) {
+  ensure_init();
+  return spawn_through((spawn_fn *)real_fn[R_posix_spawn_2_2_5], pid, path, fa, attr, argv, envp);
+}
+
+COMPAT_VERSION("posix_spawnp@GLIBC_2.2.5")
+int appshot_compat_posix_spawnp_2_2_5(pid_t *restrict pid, const char *restrict file,
+                                      const posix_spawn_file_actions_t *fa,
+                                      const posix_spawnattr_t *restrict attr,
+                                      char *const argv[restrict], char *const envp[restrict]) {
+  ensure_init();
+  return spawn_through((spawn_fn *)real_fn[R_posix_spawnp_2_2_5], pid, file, fa, attr, argv, envp);
 }

@@ -296,8 +296,12 @@ API int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
   return r;
 }
 
-API int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
-                               clockid_t clock, const struct timespec *t) {
+/* pthread_cond_clockwait@GLIBC_2.30, libpthread's before glibc 2.34 moved
+ * it into libc, is the same function under its first version: programs
+ * linked against 2.30-2.33 reach the same wait. */
+API SYMVER("pthread_cond_clockwait@@GLIBC_2.34") SYMVER("pthread_cond_clockwait@GLIBC_2.30")
+int appshot_current_pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
+                                           clockid_t clock, const struct timespec *t) {
   ensure_init();
   int (*real)(pthread_cond_t *, pthread_mutex_t *, clockid_t,
               const struct timespec *) =

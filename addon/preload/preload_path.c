@@ -721,7 +721,8 @@ static NOINLINE char *realpath_proc(const char *path, char *resolved) {
   const char *p = path[0] == '/' ? proc_path(path, buf) : proc_at_path(proc_dir_kind(AT_FDCWD), path, buf);
   return p ? REAL(realpath)(p, resolved) : NULL;
 }
-API char *realpath(const char *restrict path, char *restrict resolved) {
+API SYMVER("realpath@@GLIBC_2.3")
+char *appshot_current_realpath(const char *restrict path, char *restrict resolved) {
   ensure_init();
   ID_WINDOW();
   int proc = g_h && path && (!strncmp(path, "/proc/", 6) || proc_at_hooked(AT_FDCWD, path));
@@ -730,9 +731,20 @@ API char *realpath(const char *restrict path, char *restrict resolved) {
 }
 API char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) {
   if (resolvedlen < PATH_MAX) __chk_fail();
-  return realpath(path, resolved);
+  return appshot_current_realpath(path, resolved);
 }
-API char *canonicalize_file_name(const char *path) { return realpath(path, NULL); }
+/* realpath@GLIBC_2.2.5, before 2.3, allocated nothing: a null `resolved`
+ * is EINVAL. glibc's function of that version is that check, then the
+ * current one: so is this, with the current wrapper. */
+COMPAT_VERSION("realpath@GLIBC_2.2.5")
+char *appshot_compat_realpath_2_2_5(const char *restrict path, char *restrict resolved) {
+  if (!resolved) {
+    errno = EINVAL;
+    return NULL;
+  }
+  return appshot_current_realpath(path, resolved);
+}
+API char *canonicalize_file_name(const char *path) { return appshot_current_realpath(path, NULL); }
 PATH_FN(static inline, int, chdir_m, (const char *path), (path), AT_FDCWD, PATH_READ, -1,
         REAL(chdir)(p))
 /* Whether the working directory is inside /proc is found again when a

@@ -757,13 +757,24 @@ API int prlimit64(pid_t pid, enum __rlimit_resource res,
   return (int)do_pid_first(SYS_prlimit64, pid, res, L(nl), L(ol), 0, 0);
 }
 
-API int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
+API SYMVER("sched_getaffinity@@GLIBC_2.3.4")
+int appshot_current_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
   ensure_init();
   long r = do_pid_first(SYS_sched_getaffinity, pid, L(size), L(set), 0, 0, 0);
   if (r < 0) return -1;
   /* As glibc: the kernel fills only its own mask size, the rest is 0. */
   memset((char *)set + r, 0, size - (size_t)r);
   return 0;
+}
+
+/* sched_getaffinity@GLIBC_2.3.3, before the mask's size was an argument
+ * (2.3.4): a mask of 1024 CPUs. glibc's function of that version is this
+ * call of the current one; taken by the current wrapper instead, the
+ * mask's address would be read as its size and a stray register as the
+ * mask. */
+COMPAT_VERSION("sched_getaffinity@GLIBC_2.3.3")
+int appshot_compat_sched_getaffinity_2_3_3(pid_t pid, cpu_set_t *set) {
+  return appshot_current_sched_getaffinity(pid, 128, set);
 }
 
 /* Raw kernel convention for getpriority (20 - nice); libc converts. */

@@ -19,6 +19,7 @@ import { checkWaits } from '../resources/waits.js';
 import { checkPosixQueues } from '../resources/mqueue.js';
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
+import { checkGlibcTidWrites } from '../resources/threads.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -196,6 +197,7 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (!memoryOnly) checkFds(image, p, limits);
   if (!memoryOnly) checkAioRings(p, corrupt);
   if (!memoryOnly) checkTidMoves(p, corrupt);
+  if (!memoryOnly) checkGlibcTidWrites(p, corrupt);
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
     corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);

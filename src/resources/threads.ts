@@ -390,13 +390,84 @@ function sameTimeNamespace(pid: number): boolean {
   return ours !== undefined && ours === ns(String(pid));
 }
 
-/** Whether [addr, addr+len) lies in one private writable mapping of `maps`
- * that is not the stack guard or a special one ([vvar], [vdso]...):
- * where the restore may write a word an image points at. */
-function inWritablePrivate(maps: MapsLine[], addr: bigint, len: number): boolean {
-  return maps.some((m) => addr >= m.start && addr + BigInt(len) <= m.end && m.perms[1] === 'w' && m.perms[3] === 'p' &&
-    !(m.path.startsWith('[') && m.path !== '[heap]' && m.path !== '[stack]'));
+/** The image's mappings whose memory the restore may read or write
+ * where an image points it (a thread pointer, a robust list, a futex
+ * word): ordinary memory, not [vdso], [vvar] or [vsyscall]. */
+const ORDINARY_VMA_KINDS: readonly number[] = [VmaKind.ANON, VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED, VmaKind.SHARED_ANON, VmaKind.SYSV_SHM];
+const PROT_READ_ = 1;
+const PROT_WRITE_ = 2;
+
+/**
+ * Where the restore may touch memory at an address an image gives (the
+ * image is untrusted: anyone may have written it): only inside one
+ * mapping the image says the process has, readable to read, writable to
+ * write, and, to write anything but a robust mutex's words, private (a
+ * shared mapping is another process's memory too, or a file's). With the
+ * live mappings `live`, the range must lie in one of those as well, with
+ * the same permissions: the restore's own scratch memory, or any mapping
+ * not the image's, is never touched.
+ */
+export class ImageMemory {
+  constructor(private readonly vmas: readonly Vma[], private readonly live?: MapsLine[]) {}
+
+  private vmaOf(addr: bigint, len: number): Vma | undefined {
+    const end = addr + BigInt(len);
+    return this.vmas.find((v) => addr >= v.start && end <= v.end && ORDINARY_VMA_KINDS.includes(v.kind));
+  }
+
+  private inLive(addr: bigint, len: number, ok: (perms: string) => boolean): boolean {
+    return !this.live || this.live.some((m) => addr >= m.start && addr + BigInt(len) <= m.end && ok(m.perms));
+  }
+
+  /** [addr, addr+len) may be read. */
+  readable(addr: bigint, len: number): boolean {
+    const v = this.vmaOf(addr, len);
+    return !!v && !!(v.prot & PROT_READ_) && this.inLive(addr, len, (p) => p[0] === 'r');
+  }
+
+  /** [addr, addr+len) may be written: in a private writable mapping. */
+  writablePrivate(addr: bigint, len: number): boolean {
+    const v = this.vmaOf(addr, len);
+    return !!v && !!(v.prot & PROT_WRITE_) && !v.shared && this.inLive(addr, len, (p) => p[1] === 'w' && p[3] === 'p');
+  }
+
+  /** [addr, addr+len) may be written, private or shared: only a robust
+   * mutex's futex word and __owner, which the kernel itself writes at a
+   * thread's death wherever the robust list points (a mutex shared
+   * between processes is the reason robust mutexes exist). */
+  writable(addr: bigint, len: number): boolean {
+    const v = this.vmaOf(addr, len);
+    return !!v && !!(v.prot & PROT_WRITE_) && this.inLive(addr, len, (p) => p[1] === 'w');
+  }
 }
+
+/** Where glibc's cached TID of a thread lies (its thread pointer plus the
+ * image's offset into glibc's thread descriptor), if the restore writes
+ * it: neither is 0. */
+export function glibcTidAddress(t: Thread, glibcTidOffset: number): bigint | undefined {
+  const fsBase = t.regs.length >= REG.fsBase + 8 ? t.regs.readBigUInt64LE(REG.fsBase) : 0n;
+  return glibcTidOffset && fsBase ? BigInt.asUintN(64, fsBase + BigInt(glibcTidOffset)) : undefined;
+}
+
+/** The offsets findGlibcTidOffset finds: past the descriptor's first
+ * pointers, inside its first page, a 4-byte word. */
+const isGlibcTidOffset = (o: number) => Number.isInteger(o) && o >= 0x40 && o + 4 <= 0x1000 && o % 4 === 0;
+
+/** An image's glibc TID offset and thread pointers (untrusted input): the
+ * restore writes each thread's new TID there, so each must lie in private
+ * writable memory the image gives the process (not a shared mapping,
+ * whose file or other processes would be written, nor a read-only one). */
+export function checkGlibcTidWrites(p: Process, corrupt: (what: string) => never): void {
+  if (!p.glibcTidOffset) return;
+  if (!isGlibcTidOffset(p.glibcTidOffset)) corrupt(`process ${p.vpid}'s glibc TID offset ${p.glibcTidOffset} is not one in a thread descriptor`);
+  const memory = new ImageMemory(p.vmas);
+  for (const t of p.threads) {
+    const at = glibcTidAddress(t, p.glibcTidOffset);
+    if (at !== undefined && !memory.writablePrivate(at, 4))
+      corrupt(`thread ${t.vtid}'s glibc TID at 0x${at.toString(16)} is not in private writable memory of its process`);
+  }
+}
+
 /** epoll_wait and epoll_pwait: a timeout in milliseconds (arg 4, r10). */
 const NR_epoll_ms_waits = [232n, 281n];
 
@@ -479,8 +550,9 @@ export function timeLeftOfWaits(pid: number, maps: MapsLine[], regs: Map<number,
  */
 export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]): void {
   const live = maps();
+  const memory = new ImageMemory(p.vmas, live);
   const genAt = restoreGenerationAddrOf(pid, live);
-  if (genAt !== undefined && inWritablePrivate(live, genAt, 8)) {
+  if (genAt !== undefined && memory.writablePrivate(genAt, 8)) {
     try {
       const b = addon().readMemory(pid, genAt, 8);
       b.writeBigInt64LE(BigInt.asIntN(64, b.readBigInt64LE(0) + 1n));
@@ -496,7 +568,7 @@ export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]
   if (tpoff === undefined) return;
   for (const t of waiting) {
     const at = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff + BigInt(TIMED_WAIT.deadline));
-    if (!inWritablePrivate(live, at, 8)) continue;
+    if (!memory.writablePrivate(at, 8)) continue;
     try {
       addon().writeMemory(pid, at, Buffer.alloc(8));
     } catch {
@@ -511,15 +583,18 @@ export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]
  * `calls` (a batch of that thread's, the main thread's, that goes on with
  * other kinds' calls), added to it for its caller to run, with scratch
  * memory not reset until it has. */
-export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, calls?: CallBatch): void {
+export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, memory: ImageMemory, calls?: CallBatch): void {
   // Neither is touched by the batch code, which uses no FPU and writes no
   // memory of the thread's: set from here, before it runs.
   addon().setXstate(tid, t.xstate);
-  const fsBase = t.regs.readBigUInt64LE(REG.fsBase);
-  if (glibcTidOffset && fsBase) {
+  // Where the image's thread pointer says: only in private writable memory
+  // the image gives the process (an image naming any other was refused
+  // already, checkGlibcTidWrites; this holds for the live mappings too).
+  const tidAt = glibcTidAddress(t, glibcTidOffset);
+  if (tidAt !== undefined && memory.writablePrivate(tidAt, 4)) {
     const b = Buffer.alloc(4);
     b.writeInt32LE(tid);
-    addon().writeMemory(r.pid, fsBase + BigInt(glibcTidOffset), b);
+    addon().writeMemory(r.pid, tidAt, b);
   }
   if (!calls) r.reset();
   const batch = calls ?? r.batch(tid);
@@ -640,10 +715,13 @@ const FUTEX_LOCK_PIS = [6n, 13n];
  * from the frame: refused). Only glibc's layout tells the type.
  * test/fixtures/futexwait.c's PI waiters unlock theirs after a restore.
  */
-function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: bigint): boolean {
+function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: bigint, memory: ImageMemory): boolean {
   if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return false;
   if (!FUTEX_LOCK_PIS.includes(t.regs.readBigUInt64LE(ARG.rsi) & ~FUTEX_FLAGS)) return false;
-  const kind = addon().readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
+  // The kind beside the word, read only where the image's mapping holds it.
+  const kindAt = word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind);
+  if (!memory.readable(kindAt, 4)) return false;
+  const kind = addon().readMemory(pid, kindAt, 4).readInt32LE(0);
   return (kind & MUTEX_TYPE_MASK) === 0;
 }
 
@@ -683,6 +761,7 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
   });
   if (!p.threads.some((t) => t.regs.readBigInt64LE(REG.origRax) === NR_futex)) return;
   const live = readMaps(pid);
+  const memory = new ImageMemory(p.vmas, live);
   // Threads blocked on a condition variable (in another futex call) whose
   // mutex, noted by the library's condition wait, is a private PI one
   // that is not robust: glibc retakes it with FUTEX_LOCK_PI once woken.
@@ -691,10 +770,10 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
   for (const t of tpoff === undefined ? [] : p.threads) {
     if (waiting.includes(t) || t.regs.readBigInt64LE(REG.origRax) !== NR_futex || t.regs.readBigUInt64LE(REG.fsBase) === 0n) continue;
     const noteAt = BigInt.asUintN(64, t.regs.readBigUInt64LE(REG.fsBase) + tpoff! + BigInt(TIMED_WAIT.condMutex));
-    if (!inWritablePrivate(live, noteAt, 8)) continue;
+    if (!memory.writablePrivate(noteAt, 8)) continue;
     try {
       const m = addon().readMemory(pid, noteAt, 8).readBigUInt64LE(0);
-      if (!m || m & 3n || !inWritablePrivate(live, m, MUTEX.size)) continue;
+      if (!m || m & 3n || !memory.writablePrivate(m, MUTEX.size)) continue;
       const kind = addon().readMemory(pid, m + BigInt(MUTEX.kind), 4).readInt32LE(0);
       if (kind >= 0 && kind & MUTEX_PI && !(kind & (MUTEX_ROBUST | MUTEX_PSHARED))) words.push(m + BigInt(MUTEX.lock));
     } catch {
@@ -706,7 +785,7 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
   const atSnapshot = new Set(p.threads.map((t) => t.tid));
   const now = new Set(tids);
   for (const at of new Set(words)) {
-    if (at & 3n || !inWritablePrivate(live, at, 4)) continue;
+    if (at & 3n || !memory.writablePrivate(at, 4)) continue;
     try {
       const word = addon().readMemory(pid, at, 4).readUInt32LE(0);
       const tid = word & FUTEX_TID_MASK;
@@ -714,7 +793,7 @@ export function restorePiWaitWords(pid: number, p: Process, tids: number[]): voi
       if (!tid || to === undefined || (!atSnapshot.has(tid) && now.has(tid))) continue;
       // glibc's mutex: its kind four words on (a raw PI futex word may have
       // no kind beside it: read only where the mapping holds it).
-      if (inWritablePrivate(live, at + BigInt(MUTEX.kind - MUTEX.lock), 4) &&
+      if (memory.readable(at + BigInt(MUTEX.kind - MUTEX.lock), 4) &&
           addon().readMemory(pid, at + BigInt(MUTEX.kind - MUTEX.lock), 4).readInt32LE(0) & MUTEX_ROBUST) continue;
       const b = Buffer.alloc(4);
       b.writeUInt32LE(((word & ~FUTEX_TID_MASK) | to) >>> 0);
@@ -803,11 +882,24 @@ export class RobustWordsRewritten {
  */
 export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[], rewritten: RobustWordsRewritten): string[] {
   const a = addon();
-  const read64 = (addr: bigint): bigint => a.readMemory(pid, addr, 8).readBigUInt64LE(0);
+  // Every address here is the image's (its list heads, and what its memory
+  // links from them): read only inside its readable mappings, written only
+  // inside its writable ones (see ImageMemory.writable). The live mappings
+  // are read once, by the first thread with a list to walk.
+  let known: ImageMemory | undefined;
+  const memory = () => (known ??= new ImageMemory(p.vmas, readMaps(pid)));
+  const outside = (addr: bigint) => new Error(`0x${addr.toString(16)} is not in the image's memory`);
+  const read64 = (addr: bigint): bigint => {
+    if (!memory().readable(addr, 8)) throw outside(addr);
+    return a.readMemory(pid, addr, 8).readBigUInt64LE(0);
+  };
   const identity = rewritten.identities(pid, p.vmas);
   /** A word as the image had it: in shared memory another process's walk
    * rewrote, the value before. */
-  const read32 = (addr: bigint): number => rewritten.original(identity(addr)) ?? a.readMemory(pid, addr, 4).readUInt32LE(0);
+  const read32 = (addr: bigint): number => {
+    if (!memory().readable(addr, 4)) throw outside(addr);
+    return rewritten.original(identity(addr)) ?? a.readMemory(pid, addr, 4).readUInt32LE(0);
+  };
   /** Each word to write: its new value and the value it had. */
   const writes = new Map<bigint, { value: number; was: number }>();
   const notes: string[] = [];
@@ -817,19 +909,26 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
     if (!t.robustList || t.robustListLen !== ROBUST_HEAD_SIZE || newTid === undefined || newTid === oldTid) return;
     const head = t.robustList;
     const rewrite = (entry: bigint, futexOffset: bigint): void => {
-      const word = (entry & ~ROBUST_ENTRY_PI) + futexOffset;
+      const word = BigInt.asUintN(64, (entry & ~ROBUST_ENTRY_PI) + futexOffset);
       if (word & 3n || writes.has(word)) return;
       const value = read32(word);
       if ((value & FUTEX_TID_MASK) !== oldTid) return;
+      // A word of the thread's that the kernel could not write either ends
+      // its walk, as the kernel's (outside the image's writable memory).
+      if (!memory().writable(word, 4)) throw outside(word);
       writes.set(word, { value: ((value & ~FUTEX_TID_MASK) | newTid) >>> 0, was: value });
       if (futexOffset !== GLIBC_ROBUST_FUTEX_OFFSET) return;
-      const kind = a.readMemory(pid, word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind), 4).readInt32LE(0);
+      const kindAt = word - BigInt(MUTEX.lock) + BigInt(MUTEX.kind);
+      if (!memory().readable(kindAt, 4)) return;
+      const kind = a.readMemory(pid, kindAt, 4).readInt32LE(0);
       if (!(kind & MUTEX_ROBUST)) return;
       const owner = word + BigInt(MUTEX.owner - MUTEX.lock);
+      if (!memory().writable(owner, 4)) return;
       const was = read32(owner);
       if ((was | 0) === oldTid) writes.set(owner, { value: newTid, was });
     };
     try {
+      if (!memory().readable(head, Number(ROBUST_HEAD_SIZE))) throw outside(head);
       const h = a.readMemory(pid, head, Number(ROBUST_HEAD_SIZE));
       const futexOffset = h.readBigInt64LE(8);
       const pending = h.readBigUInt64LE(16);
@@ -849,9 +948,9 @@ export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[]
       }
       if (pending) {
         rewrite(pending, futexOffset);
-        const word = (pending & ~ROBUST_ENTRY_PI) + futexOffset;
+        const word = BigInt.asUintN(64, (pending & ~ROBUST_ENTRY_PI) + futexOffset);
         const waiting = t.inSyscall === NR_futex && t.regs.readBigUInt64LE(ARG.rdi) === word;
-        if (waiting && (read32(word) & FUTEX_TID_MASK) !== oldTid && !handedOverByKernel(pid, t, word, futexOffset))
+        if (waiting && (read32(word) & FUTEX_TID_MASK) !== oldTid && !handedOverByKernel(pid, t, word, futexOffset, memory()))
           notes.push(`thread ${t.vtid} was waiting for the robust mutex at 0x${word.toString(16)}: it takes it under its old TID (its unlock is refused)`);
       }
     } catch {

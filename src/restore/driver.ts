@@ -50,7 +50,7 @@ import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { restoreTidMoves } from '../resources/mutexes.js';
-import { createThreads, firstHandledSignal, forgetTimedWaits, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -880,16 +880,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // timers (one stop where there were three or more).
       // Signals queued again after every thread's state (the order in
       // which the threads' queues are filled is no matter: each is its own).
+      const threadMemory = new ImageMemory(p.vmas, readMaps(m.pid));
       p.threads.forEach((t, i) => {
         if (i === 0) return;
         addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
-        restoreThreadState(r, t, m.tids[i], p.glibcTidOffset);
+        restoreThreadState(r, t, m.tids[i], p.glibcTidOffset, threadMemory);
       });
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
       const mainCalls = r.batch();
-      restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
+      restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, threadMemory, mainCalls);
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.
       restoreLoaderLockOwners(m.pid, p, m.tids);

@@ -551,7 +551,7 @@ class Service {
         // read is left out, the others looked at.
         links = descriptorLinks(x.pid, true);
       } catch (e) {
-        refused ??= `its descriptors cannot be read: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`;
+        refused ??= (e as Error).message;
         continue;
       }
       for (const d of links) {

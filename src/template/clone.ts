@@ -355,16 +355,20 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         // same, every held instance goes and it is made once more: under
         // the same AID and batch commit file, so only once nothing of
         // the first attempt is left under that AID (the restore's failure
-        // waits for its registration to be released, for a while: if it
-        // is still there, the failure stands). Its ports and private
-        // copies went with it (makeInstance), and the commit file, the
-        // batch's, was never its own to remove.
+        // waits for its registration to be released, for a while: one
+        // still there whose processes are all gone is released here, as
+        // a stale one is before the first attempt; one that still runs,
+        // or says how it ended, stands, and so does the failure). Its
+        // ports and private copies went with it (makeInstance), and the
+        // commit file, the batch's, was never its own to remove.
         await makeRoomFor(t, pool, opts.count);
         const start = { aid, instance: i + 1, commitPath: commitPath() };
         try {
           m = await makeInstance(reg, t, start);
         } catch (e) {
-          if (!isShortOfRoom(e) || !anyHeld() || reg.get(aid)) throw e;
+          if (!isShortOfRoom(e) || !anyHeld()) throw e;
+          const left = reg.get(aid);
+          if (left && reg.settle(left) !== undefined) throw e;
           await giveUpAll('a clone ran short of descriptors or processes');
           m = await makeInstance(reg, t, start);
         }

@@ -95,36 +95,72 @@ function tasksOf(uid: number): number {
   return n;
 }
 
+/** A path field of /proc/PID/mountinfo, its octal escapes (\040 for a
+ * space...) undone. */
+const unescapeMountPath = (field: string) => field.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+
+/**
+ * The directories whose pids.max (and pids.current) hold the engine to a
+ * number of tasks: its pids cgroup and each above it, as far up as a mount
+ * shows them, from /proc/self/cgroup (`cgroups`) and /proc/self/mountinfo
+ * (`mounts`). cgroup v2 (the "0::" line, a mount of type cgroup2) and v1's
+ * pids controller (a mount of type cgroup whose options name pids); any
+ * other v1 controller says nothing of tasks and is ignored. A cgroup is
+ * looked for only under a mount of its hierarchy whose root holds it
+ * (/proc/self/cgroup names it from the cgroup namespace's root, mountinfo
+ * each mount's root likewise): one outside every such mount (a path with
+ * "..", which a cgroup namespace shows for a cgroup above its root) is
+ * not under any, and is not looked for. No directory is ever named
+ * outside a mount point.
+ */
+export function pidsCgroupDirs(cgroups: string, mounts: string): string[] {
+  const v2: { root: string; at: string }[] = [];
+  const v1: { root: string; at: string }[] = [];
+  for (const line of mounts.split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (after === undefined) continue;
+    const f = before.split(' ');
+    const [type, , options = ''] = after.split(' ');
+    if (f.length < 5) continue;
+    const mount = { root: unescapeMountPath(f[3]), at: unescapeMountPath(f[4]) };
+    if (type === 'cgroup2') v2.push(mount);
+    else if (type === 'cgroup' && options.split(',').includes('pids')) v1.push(mount);
+  }
+  const plain = (path: string) => path.startsWith('/') && !path.includes('\0') && !path.split('/').some((part) => part === '..' || part === '.');
+  const dirs: string[] = [];
+  for (const line of cgroups.split('\n')) {
+    const m = /^\d+:([^:]*):(.*)$/.exec(line);
+    if (!m || !plain(m[2])) continue;
+    const cgroup = m[2];
+    const v1Pids = m[1].split(',').includes('pids');
+    if (m[1] !== '' && !v1Pids) continue;
+    for (const { root, at } of m[1] === '' ? v2 : v1) {
+      if (!plain(root) || !plain(at)) continue;
+      const within = root === '/' ? cgroup : cgroup === root ? '/' : cgroup.startsWith(`${root}/`) ? cgroup.slice(root.length) : undefined;
+      if (within === undefined) continue;
+      // The cgroup, then each above it, up to the mount's root (the
+      // hierarchy's root has no pids.max; a container's namespace's has).
+      const parts = within.split('/').filter(Boolean);
+      for (let n = parts.length; n >= 0; n--) dirs.push([at === '/' ? '' : at, ...parts.slice(0, n)].join('/') || '/');
+    }
+  }
+  return [...new Set(dirs)];
+}
+
 /** Tasks the engine's pids cgroup and each above it may still start: the
  * least of pids.max - pids.current along the way up (Infinity where it
- * says 'max', or where nothing can be read). cgroup v2 (the "0::" line
- * of /proc/self/cgroup, under /sys/fs/cgroup or /sys/fs/cgroup/unified)
- * and v1's pids controller (/sys/fs/cgroup/pids). */
+ * says 'max', or where nothing can be read): see pidsCgroupDirs. */
 function cgroupTasks(): number {
-  let lines: string[];
+  let dirs: string[];
   try {
-    lines = readFileSync('/proc/self/cgroup', 'utf8').split('\n');
+    dirs = pidsCgroupDirs(readFileSync('/proc/self/cgroup', 'utf8'), readFileSync('/proc/self/mountinfo', 'utf8'));
   } catch {
     return Infinity;
   }
-  // [where the hierarchy is mounted, the engine's cgroup in it]
-  const places: [string, string][] = [];
-  for (const line of lines) {
-    const m = /^\d+:([^:]*):(\/.*)$/.exec(line);
-    if (!m) continue;
-    if (m[1] === '') places.push(['/sys/fs/cgroup', m[2]], ['/sys/fs/cgroup/unified', m[2]]);
-    else if (m[1].split(',').includes('pids')) places.push(['/sys/fs/cgroup/pids', m[2]]);
-  }
   let free = Infinity;
-  for (const [root, path] of places) {
-    // The cgroup, then each above it, up to where it is mounted (the
-    // hierarchy's root has no pids.max; a container's namespace's has).
-    const parts = path.split('/').filter(Boolean);
-    for (let n = parts.length; n >= 0; n--) {
-      const dir = [root, ...parts.slice(0, n)].join('/');
-      const max = readNumber(`${dir}/pids.max`);
-      if (Number.isFinite(max)) free = Math.min(free, max - readNumber(`${dir}/pids.current`, 0));
-    }
+  for (const dir of dirs) {
+    const max = readNumber(`${dir}/pids.max`);
+    if (Number.isFinite(max)) free = Math.min(free, max - readNumber(`${dir}/pids.current`, 0));
   }
   return free;
 }
