@@ -25,7 +25,7 @@ import { portTable, type Process, verdictRef, type Vma } from '../image/types.js
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
-import { environBlock } from '../resources/environ.js';
+import { applicationIds, environBlock } from '../resources/environ.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
@@ -40,7 +40,7 @@ import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { forkedByOtherThread, forkingTid, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
+import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
@@ -851,14 +851,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // the thread sends itself, not forced, no trap: this is for calls
       // made one at a time.)
       r.singleStep = trapIsDefault(p);
-      // The process-wide state, a clone's environment block and the
+      // The process-wide state, its environment block (naming the
+      // application it is now, with a clone's SET ENV values) and the
       // signal handlers: one batch, one stop.
       r.reset();
-      const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
+      const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
       const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
-      environ?.fill(results[0]);
+      const environStrings = environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
@@ -889,6 +890,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
       const mainCalls = r.batch();
+      // /proc/PID/environ moved to the environment's new strings.
+      if (environStrings) {
+        const c = moveEnvironCall(r, p, environStrings);
+        mainCalls.add(c.what, c.nr, c.args);
+      }
       restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, mainCalls);
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.
