@@ -8,6 +8,7 @@ import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat 
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
+import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
@@ -115,6 +116,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     root: procLink(`/proc/${pid}/root`),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
+    timeOffsets: dumpTimeOffsets(pid, nameProcess(vpid, st.comm)),
     sigactions: [],
     sharedPending: Buffer.alloc(0),
     threads: [],

@@ -21,11 +21,12 @@ import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
-import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
+import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock } from '../resources/environ.js';
+import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
@@ -141,6 +142,7 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   checkCredentials(image, own);
   checkLimits(image, readLimits('self'), own);
   checkSchedulingPrivileges(image, own.capEff);
+  timeNamespaceFor(image, own);
 }
 
 /** The one line an interrupted restore ends with. */
@@ -358,7 +360,7 @@ interface Supervisor {
  * nothing else happens meanwhile. A standby's seeds exist already: the
  * restore goes on while it takes its arguments, and confirm() waits for
  * it. */
-function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby): Supervisor {
+function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby, timeNamespace?: TimeOffsets): Supervisor {
   let init: StartedInit | undefined;
   let reports: InitReports | undefined;
   if (reserved) {
@@ -369,6 +371,7 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
     try {
       const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
+      if (timeNamespace) args.push('--timens', timeNamespaceArgument(timeNamespace));
       init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
     } finally {
       closeSync(log);
@@ -524,7 +527,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const roots = rootProcesses(image);
     // A supervisor the engine started ahead of time, if it keeps one: named
     // in the registration from the start.
-    const taken = reserveStandby(roots.length);
+    // The clock offsets of a time namespace of its own, where its own
+    // differ from ours (timens.ts): made by a supervisor started for it,
+    // before its seeds (a standby's were forked in ours).
+    const timeNamespace = timeNamespaceFor(image, ownCreds());
+    const taken = timeNamespace ? undefined : reserveStandby(roots.length);
     if (taken) {
       // Its seeds seized now (dying with us from here), so that each has
       // stopped by the time the tree is made: the registration's writes
@@ -647,7 +654,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const reserved = standby;
     standby = undefined;
     const fromStandby = reserved !== undefined;
-    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved));
+    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved, timeNamespace));
     lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
