@@ -126,6 +126,38 @@ function roundTrips(name: string, argv: string[], inspected: RegExp, alone: bool
   });
 }
 
+describe('a descriptor numbered above the RLIMIT_NOFILE the process lowered after opening it', () => {
+  const dir = mkdtempSync(join(out, 'highfd-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  describe('the soft limit lowered to 64', () => {
+    roundTrips('hfds', [fixture('highfd'), 'soft', dir], /^900\s+FILE\s+\S+\/highfd-\d+ pos=3$/m);
+  });
+  describe('the soft and the hard limit lowered to 64', () => {
+    roundTrips('hfdh', [fixture('highfd'), 'hard', dir], /^900\s+FILE\s+\S+\/highfd-\d+ pos=3$/m);
+  });
+
+  it('comes back in each clone of a template, at its number in a private copy, under the limits it had', async () => {
+    run(['run', '-d', '--aid', 'hfdt', '--', fixture('highfd'), 'hard', dir]);
+    await checksPass('hfdt');
+    run(['snapshot', 'hfdt', '-o', join(out, 'hfdt')]);
+    run(['template', 'create', join(out, 'hfdt'), '-o', join(out, 'hfdt.template')]);
+    run(['clone', join(out, 'hfdt.template'), '--aid', 'hfdc', '--count', '2']);
+    for (const aid of ['hfdc-1', 'hfdc-2']) {
+      await checksPass(aid);
+      await exercised(aid);
+    }
+  });
+
+  // With CAP_SYS_RESOURCE, the restore raises the limit for the while.
+  const mayRaiseLimits = (BigInt(`0x${/^CapEff:\s+([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]}`) >> 24n) & 1n;
+  it.skipIf(mayRaiseLimits)('is refused by name, nothing made, where the restore runs under a hard limit at or below the number and may not raise it', () => {
+    const r = spawnSync('prlimit', ['--nofile=512:512', process.execPath, cli, 'restore', join(out, 'hfdt'), '--aid', 'hfdlow'], { env: sb.env, encoding: 'utf8' });
+    expect(r.status).toBe(5);
+    expect(r.stderr).toMatch(/^appshot: cannot restore \S+: process 2 \(highfd\): it holds descriptor \d+, not below the hard RLIMIT_NOFILE this restore runs with \(512\), which only CAP_SYS_RESOURCE may raise\n$/);
+    expect(sb.run(['ps', '-a', '-q']).stdout.split('\n')).not.toContain('hfdlow');
+  });
+});
+
 describe('timerfd: clock, flags, interval, time left and unread expirations', () => {
   roundTrips('tfd', [fixture('timerfds')], /TIMERFD\s+timerfd clock 0 at \d{4}-.*, 0 unread/);
 });

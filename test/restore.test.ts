@@ -6,7 +6,8 @@
  * offsets and listening socket.
  */
 import { createRequire } from 'node:module';
-import { appendFileSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { appendFileSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -14,7 +15,7 @@ import { loadImageChain } from '../src/restore/driver.js';
 import { prepareChain, preparedRuns } from '../src/restore/prepared.js';
 import { inheritedCopyRuns } from '../src/resources/memory.js';
 import { resolveProcess } from '../src/snapshot/parent.js';
-import { alive, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
+import { alive, command, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -367,5 +368,59 @@ describe('restores that fail leave nothing behind', () => {
     await nothingLeft('taken-2', ipc);
     expect(alive(pidOf('taken', 2))).toBe(true);
     await checksPass('taken', 3);
+  });
+});
+
+describe('an application in a time namespace of its own (unshare --time)', () => {
+  // unshare --time, and the namespace a restore makes, need CAP_SYS_ADMIN
+  // and a kernel with time namespaces (5.6).
+  const capEff = BigInt(`0x${/^CapEff:\s+([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]}`);
+  const mayMake = ((capEff >> 21n) & 1n) === 1n && existsSync('/proc/self/timens_offsets');
+  const OFFSET = '100000';
+  /** timens run as `aid` in a namespace whose clocks are OFFSET seconds
+   * ahead of the node's, by `appshot run` started there (`wrap`: what
+   * runs appshot inside it). */
+  async function startInNamespace(aid: string, wrap: string[] = []): Promise<void> {
+    const r = spawnSync('unshare', ['--time', '--fork', '--monotonic', OFFSET, '--boottime', OFFSET, ...wrap, command, 'run', '-d', '--aid', aid, '--', fixture('timens')], { env: sb.env, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    await checksPass(aid, 3);
+    expect(logOf(aid)).toMatch(new RegExp(`^OFFSETS monotonic\\s+${OFFSET}\\s+0;boottime\\s+${OFFSET}\\s+0;$`, 'm'));
+  }
+
+  it.skipIf(!mayMake)('comes back with its clock offsets: restored --lazy beside it, and from a snapshot that ends it', async () => {
+    await startInNamespace('tns');
+    const beside = snapshot('tns', 'tns-running', ['--leave-running']);
+    expect(sb.run(['inspect', beside]).stdout).toMatch(new RegExp(`^process 2 \\(timens\\): .*, time namespace: monotonic \\+${OFFSET} s, boottime \\+${OFFSET} s$`, 'm'));
+    restore(beside, ['--aid', 'tns2', '--lazy']);
+    await checksPass('tns2', 3);
+    await checksPass('tns', 3);
+    restore(snapshot('tns', 'tns-ended'));
+    await checksPass('tns', 3);
+    // SIGHUP: the clocks read once more, by a handler.
+    process.kill(pidOf('tns', 2), 'SIGHUP');
+    await waitFor(() => /^EXERCISED$/m.test(logOf('tns')) || /FAIL/.test(logOf('tns')), 10_000, 'tns to read its clocks');
+    await checksPass('tns', 3);
+    sb.run(['stop', 'tns', '-s', 'KILL']);
+    sb.run(['stop', 'tns2', '-s', 'KILL']);
+  });
+
+  it.skipIf(!mayMake)('is refused by name, nothing made, where the restore may not make the namespace (no CAP_SYS_ADMIN)', async () => {
+    // Neither the application nor the restore holds CAP_SYS_ADMIN: the
+    // credentials are no reason to refuse, the namespace is. Without an
+    // engine, which would restore with its own capabilities.
+    const drop = ['setpriv', '--bounding-set=-sys_admin', '--inh-caps=-sys_admin'];
+    await startInNamespace('tnsu', drop);
+    const image = snapshot('tnsu', 'tnsu', ['--leave-running']);
+    const ipc = systemIpcIds();
+    const r = spawnSync(drop[0], [...drop.slice(1), command, 'restore', image, '--aid', 'tnsu2'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+    expect(r.status).toBe(5);
+    expect(r.stderr).toBe(
+      `appshot: cannot restore ${image}: process 2 (timens) ran in a time namespace whose clocks differ from this restore's (CLOCK_MONOTONIC +${OFFSET} s, CLOCK_BOOTTIME +${OFFSET} s): making one with its offsets needs CAP_SYS_ADMIN\n`,
+    );
+    expect(sb.aids()).not.toContain('tnsu2');
+    expect(sb.shmFiles().some((f) => f.includes('-tnsu2-'))).toBe(false);
+    expect(strayIpcIds(ipc)).toEqual([]);
+    await checksPass('tnsu', 3);
+    sb.run(['stop', 'tnsu', '-s', 'KILL']);
   });
 });

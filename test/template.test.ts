@@ -11,7 +11,7 @@ import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, rea
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, makeTemplfixWorld, runTemplfix, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
+import { cli, fixture, makeTemplfixWorld, runTemplfix, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-templ-'));
@@ -363,5 +363,45 @@ describe('templating refusals', () => {
       .map((p) => readFileSync(join(sb.home, 'ports', p), 'utf8').split(' ')[0]);
     expect(owners.filter((a) => a.startsWith('taken-'))).toEqual([]);
     sb.run(['stop', 'taken-2', '-s', 'KILL']);
+  });
+});
+
+describe("a restored or cloned application's environment names it", () => {
+  // A sandbox of its own: the applications above are counted by AID.
+  const own = new Sandbox();
+  afterAll(() => own.dispose());
+
+  /** envids's verdict in `aid`'s log, and its two children (one started
+   * by execv, one by a raw execve system call) among `aid`'s processes. */
+  async function namesItself(aid: string): Promise<void> {
+    await waitFor(() => /^(ENVIDS OK|FAIL)/m.test(own.log(aid)), 15_000, `${aid} to check its environment`);
+    const verdict = /^ENVIDS OK aid=(\S+) libc=(\d+) raw=(\d+)$/m.exec(own.log(aid));
+    expect(verdict, own.log(aid)).not.toBeNull();
+    expect(verdict![1]).toBe(aid);
+    const [ps] = own.json<{ processes: { vpid: number; command: string }[] }[]>(['ps', aid, '--json']);
+    const children = ps.processes.filter((p) => p.command.endsWith(' child 4')).map((p) => p.vpid);
+    expect(children.sort()).toEqual([Number(verdict![2]), Number(verdict![3])].sort());
+  }
+
+  it('after a restore under another AID and in each clone: getenv, /proc/PID/environ and the programs it executes', async () => {
+    const out = mkdtempSync(join(dir, 'envids-'));
+    expect(own.run(['run', '-d', '--aid', 'envsrc', '--', fixture('envids')]).code).toBe(0);
+    await waitFor(() => own.log('envsrc').includes('READY aid=envsrc'), 10_000, 'envids to start');
+    const snap = own.run(['snapshot', 'envsrc', '-o', join(out, 'snap'), '--leave-running']);
+    expect(snap.code, snap.stderr).toBe(0);
+    // Beside the source, whose table file still exists: a child started
+    // with the old variables would join it.
+    const r = own.run(['restore', join(out, 'snap'), '--aid', 'envcopy']);
+    expect(r.code, r.stderr).toBe(0);
+    await namesItself('envcopy');
+    expect(own.log('envsrc')).not.toMatch(/ENVIDS|FAIL/);
+    const t = own.run(['template', 'create', join(out, 'snap'), '-o', join(out, 'tpl')]);
+    expect(t.code, t.stderr).toBe(0);
+    const c = own.run(['clone', join(out, 'tpl'), '--aid', 'envclone', '--count', '2']);
+    expect(c.code, c.stderr).toBe(0);
+    for (const aid of ['envclone-1', 'envclone-2']) await namesItself(aid);
+    const [src] = own.json<{ processes: unknown[] }[]>(['ps', 'envsrc', '--json']);
+    expect(src.processes).toHaveLength(2); // its init and envids: no child joined it
+    for (const aid of own.aids()) own.run(['stop', aid, '-s', 'KILL']);
   });
 });

@@ -4,6 +4,7 @@
  *   appshot-init --tables PATH --state-dir DIR --preload LIB --aid A
  *                [--status-fd N] -- cmd args...
  *   appshot-init ... --seeds N      (for `appshot restore`)
+ *                [--timens MONOTONIC_NS,BOOTTIME_NS]
  *   appshot-init --standby 1 --preload LIB --status-fd N --seeds N
  *                --lifeline FD      (a standby, see below)
  *
@@ -66,6 +67,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -96,6 +98,9 @@ static int status_fd = -1;
  * once the restore is committed, or for `appshot run`. */
 static int lifeline_fd = -1;
 static const char *commit_path;
+/* --timens: the clock offsets of the time namespace the seeds are forked
+ * into (src/resources/timens.ts), or NULL for ours. */
+static const char *time_offsets;
 #define MAX_SEEDS 4096
 /* Seeds not reaped yet (0 once reaped: the PID may be anyone's since). */
 static pid_t seed_pids[MAX_SEEDS];
@@ -136,6 +141,49 @@ static void die(const char *what) {
   for (int k = 0; k < seed_count; k++)
     if (seed_pids[k] > 1) kill(seed_pids[k], SIGKILL);
   exit(125);
+}
+
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+
+/* "S NS" of an offset in nanoseconds, as timens_offsets takes it: the
+ * nanoseconds within 0..999999999, the seconds signed. */
+static void offset_text(char *buf, size_t cap, const char *clock, long long ns) {
+  long long s = ns / 1000000000LL, rest = ns % 1000000000LL;
+  if (rest < 0) {
+    rest += 1000000000LL;
+    s--;
+  }
+  snprintf(buf, cap, "%s %lld %lld\n", clock, s, rest);
+}
+
+/* A time namespace with the offsets `spec` ("MONOTONIC_NS,BOOTTIME_NS")
+ * for our children from here on: unshared, its offsets written before any
+ * process is in it (the kernel refuses them after). Not for us: init's
+ * own clocks do not matter. Needs CAP_SYS_ADMIN (the driver checked). */
+static void unshare_time_namespace(const char *spec) {
+  char *end;
+  long long mono = strtoll(spec, &end, 10);
+  if (*end != ',') {
+    errno = EINVAL;
+    die("--timens");
+  }
+  long long boot = strtoll(end + 1, &end, 10);
+  if (*end) {
+    errno = EINVAL;
+    die("--timens");
+  }
+  if (unshare(CLONE_NEWTIME) != 0) die("making a time namespace (unshare CLONE_NEWTIME)");
+  char text[128];
+  offset_text(text, sizeof text, "monotonic", mono);
+  size_t len = strlen(text);
+  offset_text(text + len, sizeof text - len, "boottime", boot);
+  int fd = open("/proc/self/timens_offsets", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) die("/proc/self/timens_offsets");
+  ssize_t n = write(fd, text, strlen(text));
+  if (n != (ssize_t)strlen(text)) die("writing the time namespace's offsets");
+  close(fd);
 }
 
 static void report(const char *fmt, long a, long b) {
@@ -828,6 +876,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(opt, "--lifeline")) lifeline_fd = atoi(val);
     else if (!strcmp(opt, "--commit")) commit_path = val;
     else if (!strcmp(opt, "--standby")) standby = atoi(val) != 0;
+    else if (!strcmp(opt, "--timens")) time_offsets = val;
     else {
       fprintf(stderr, "appshot-init: unknown option %s\n", opt);
       return 125;
@@ -836,7 +885,8 @@ int main(int argc, char **argv) {
   int usable = standby ? preload_lib && !tables_path && !state_dir && !aid && !commit_path && seeds >= 0 &&
                              seeds <= MAX_SEEDS && lifeline_fd >= 0 && status_fd >= 0
                        : tables_path && state_dir && preload_lib && aid && !(seeds < 0 && i + 1 >= argc) &&
-                             seeds <= MAX_SEEDS && (lifeline_fd >= 0) == (commit_path != NULL);
+                             seeds <= MAX_SEEDS && (lifeline_fd >= 0) == (commit_path != NULL) &&
+                             (!time_offsets || seeds >= 0);
   if (!usable) {
     fprintf(stderr,
             "usage: appshot-init --tables PATH --state-dir DIR --preload LIB "
@@ -915,6 +965,7 @@ int main(int argc, char **argv) {
   } else {
     /* Restored applications run in the background from the start. */
     first_alive = 0;
+    if (time_offsets) unshare_time_namespace(time_offsets);
     if (!standby) map_seed_scratch();
     for (int k = 0; !standby && k < seeds; k++) {
       seed_pids[seed_count++] = fork_seed(0);

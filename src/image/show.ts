@@ -14,7 +14,7 @@ import { connectionName } from '../resources/tcp.js';
 import { flagNames } from '../commands/json.js';
 import { ENTRY_FLAG_NAMES, printColumns } from '../inspect.js';
 import { plural } from '../words.js';
-import { fdKindName, type Fd, type Image, type Manifest, vmaKindName } from './types.js';
+import { fdKindName, type Fd, type Image, type Manifest, type Process, vmaKindName } from './types.js';
 import { toJson } from './format.js';
 import type { Signer } from './trust.js';
 
@@ -178,7 +178,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
     out,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}${timeNamespaceText(p)}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
@@ -215,4 +215,13 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
   }
   out('\ntables:\n');
   printColumns(['KIND', 'VIRTUAL', 'SYSTEM'], image.tables.flatMap((t) => t.entries.map((e) => [t.kind, String(e.virtual), String(e.system)])), out);
+}
+
+/** ", clocks offset monotonic +S s boottime +S s" for a process whose time
+ * namespace is not the node's (resources/timens.ts). */
+function timeNamespaceText(p: Process): string {
+  const t = p.timeOffsets;
+  if (!t || (t.monotonicNs === 0n && t.boottimeNs === 0n)) return '';
+  const s = (ns: bigint) => `${ns >= 0n ? '+' : ''}${Number(ns) / 1e9} s`;
+  return `, time namespace: monotonic ${s(t.monotonicNs)}, boottime ${s(t.boottimeNs)}`;
 }

@@ -182,6 +182,8 @@ export interface Process {
   /** Where its preload library keeps the TID moves (resources/mutexes.ts);
    * 0 or absent: no such library. */
   tidMovesAddress?: bigint;
+  /** Its time namespace's clock offsets (resources/timens.ts). */
+  timeOffsets?: TimeOffsets;
   itimers: ITimer[];
   /** Absent in older images: none. */
   posixTimers?: PosixTimer[];
@@ -756,4 +758,9 @@ export interface MsgQueue {
 export interface Table {
   kind: string;
   entries: { virtual: number; system: number; flags: number; owner: number }[];
+}
+
+export interface TimeOffsets {
+  monotonicNs: bigint;
+  boottimeNs: bigint;
 }

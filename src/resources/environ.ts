@@ -1,10 +1,19 @@
 /**
- * A restored process's environment, for SET ENV rules (FIG. 8): a clone's
- * processes were started as the template's, so their environment names the
- * template. getenv() reads glibc's `__environ`; a new array with the
- * instance's values is written into the process and `__environ` pointed at
- * it. /proc/PID/environ keeps showing the strings the process started with
- * (moving env_start needs CAP_SYS_RESOURCE).
+ * A restored process's environment, as getenv() and /proc/PID/environ
+ * show it and as its children inherit it. Two sources of change:
+ * - the variables naming the application (APPSHOT_AID, APPSHOT_TABLES,
+ *   set by harness.ts and read by the preload library as each program
+ *   starts): every restore makes a new table file, and a clone or a
+ *   restore under --aid runs as another application. A process that kept
+ *   the old ones would show them, and a program it executes past the
+ *   preload library's exec wrapper (a raw execve) would start in the
+ *   source's table file while it still exists, or in none;
+ * - SET ENV rules (FIG. 8): a clone's processes were started as the
+ *   template's, so their environment names the template.
+ * getenv() reads glibc's `__environ`; a new array with the new values is
+ * written into the process and `__environ` pointed at it, and its strings
+ * become what /proc/PID/environ shows (env_start and env_end, moved by
+ * PR_SET_MM_MAP, which needs no privilege without a new executable).
  */
 import { AppshotError } from '../errors.js';
 import { elfSymbol, firstLoadVaddr } from '../elf.js';
@@ -102,32 +111,92 @@ function environOf(p: Process, read: () => string[]): string[] {
   return env;
 }
 
-/** `env` with each "NAME=value" of `set` replacing its NAME or added. */
-export function withValues(env: string[], set: string[]): string[] {
-  const name = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
-  const replaced = new Set(set.map(name));
-  return [...env.filter((e) => !replaced.has(name(e))), ...set];
+/** The same for the strings /proc/PID/environ shows. */
+const startupEnv = new WeakMap<Process, string[]>();
+
+function startedOf(p: Process, read: () => string[]): string[] {
+  let env = startupEnv.get(p);
+  if (!env) startupEnv.set(p, (env = read()));
+  return env;
 }
 
-/** Gives the stopped, restored process `r` the environment `env` with the
- * values of `set` (SET ENV), as getenv() and its children will see it: a
- * block mapped for it by `call`, which the caller runs in a batch of its
+const varName = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
+
+/** `env` with each "NAME=value" of `set` replacing its NAME or added. */
+export function withValues(env: string[], set: string[]): string[] {
+  const replaced = new Set(set.map(varName));
+  return [...env.filter((e) => !replaced.has(varName(e))), ...set];
+}
+
+/** `env` with each "NAME=value" of `renamed` in the place of its NAME,
+ * where `env` has it: a process that removed a variable is not given it. */
+function withRenamed(env: string[], renamed: string[]): string[] {
+  const values = new Map(renamed.map((e) => [varName(e), e]));
+  return env.map((e) => values.get(varName(e)) ?? e);
+}
+
+/** The variables that put a process in the application `aid` whose table
+ * file is `tables` (as harness.ts applicationEnv sets them). */
+export function applicationIds(aid: string, tables: string): string[] {
+  return [`APPSHOT_AID=${aid}`, `APPSHOT_TABLES=${tables}`];
+}
+
+/** Where an environment block's strings lie, for /proc/PID/environ. */
+export interface EnvRange {
+  start: bigint;
+  end: bigint;
+}
+
+/** The strings /proc/PID/environ shows of process `pid` (those it started
+ * with, between env_start and env_end): an exec's copy, which setenv()
+ * does not change. */
+function startupStrings(pid: number, mm: Process['mm']): string[] {
+  const length = Number(mm.envEnd - mm.envStart);
+  if (!mm.envStart || length <= 0 || length > 1 << 24) return [];
+  const text = addon().readMemory(pid, mm.envStart, length).toString('latin1');
+  return text.split('\0').slice(0, text.endsWith('\0') ? -1 : undefined);
+}
+
+const same = (a: string[], b: string[]) => a.length === b.length && a.every((e, i) => e === b[i]);
+
+/** Gives the stopped, restored process `r` its environment with the
+ * variables of `renamed` replaced where it has them (the application's
+ * identity) and the values of `set` (SET ENV) replaced or added, both as
+ * getenv() and its children see it (the array `__environ` points at) and
+ * as /proc/PID/environ shows it (the strings the process started with):
+ * a block mapped for it by `call`, which the caller runs in a batch of its
  * own, then `fill` with that call's result (the block's address), which
- * writes it and points the process's environ at it. Undefined if there
- * is nothing to set. */
-export function environBlock(r: RemoteProcess, p: Process, set: string[]): { call: NamedCall; fill(base: bigint): void } | undefined {
-  if (!set.length) return undefined;
+ * writes the block, points the process's environ at it and returns where
+ * the new startup strings are, if they changed, for PR_SET_MM_MAP's
+ * env_start and env_end. Undefined if nothing changes, or for a process
+ * without glibc (whose environ appshot cannot find). */
+export function environBlock(
+  r: RemoteProcess,
+  p: Process,
+  set: string[],
+  renamed: string[] = [],
+): { call: NamedCall; fill(base: bigint): EnvRange | undefined } | undefined {
+  if (!set.length && !renamed.length) return undefined;
   const at = environAddress(p);
   if (at === undefined) return undefined;
-  const env = withValues(environOf(p, () => readEnviron(r.pid, at)), set);
+  const had = environOf(p, () => readEnviron(r.pid, at));
+  const env = withValues(withRenamed(had, renamed), set);
+  const startedWith = startedOf(p, () => startupStrings(r.pid, p.mm));
+  const startup = withValues(withRenamed(startedWith, renamed), set);
+  const startupChanged = !same(startup, startedWith);
+  if (same(env, had) && !startupChanged) return undefined;
+  // The pointer array, the strings it points at, then the startup strings
+  // (/proc/PID/environ reads them as one range).
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
   const arrayBytes = (env.length + 1) * 8;
-  const size = arrayBytes + strings.reduce((n, b) => n + b.length, 0);
+  const stringBytes = strings.reduce((n, b) => n + b.length, 0);
+  const startupBlock = startupChanged ? Buffer.from(startup.map((e) => e + '\0').join(''), 'latin1') : Buffer.alloc(0);
+  const size = arrayBytes + stringBytes + startupBlock.length;
   const PROT_RW = 3;
   const MAP_PRIVATE_ANON = 0x02 | 0x20;
   return {
     call: { what: 'mapping the environment', nr: SYS.mmap, args: [0, (size + 4095) & ~4095, PROT_RW, MAP_PRIVATE_ANON, -1, 0] },
-    fill(base: bigint): void {
+    fill(base: bigint): EnvRange | undefined {
       const block = Buffer.alloc(size);
       let off = arrayBytes;
       strings.forEach((s, i) => {
@@ -135,10 +204,12 @@ export function environBlock(r: RemoteProcess, p: Process, set: string[]): { cal
         s.copy(block, off);
         off += s.length;
       });
+      startupBlock.copy(block, off);
       addon().writeMemory(r.pid, base, block);
       const pointer = Buffer.alloc(8);
       pointer.writeBigUInt64LE(base);
       addon().writeMemory(r.pid, at, pointer);
+      return startupChanged ? { start: base + BigInt(off), end: base + BigInt(size) } : undefined;
     },
   };
 }

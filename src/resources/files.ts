@@ -434,18 +434,23 @@ const RLIMIT_NOFILE = 7;
 
 /** A process may hold descriptors at or above its soft RLIMIT_NOFILE (it
  * lowered the limit after opening them; the preload library's descriptor
- * of the table file sits at 1000 in a program that set 777), but dup3
- * refuses such numbers: the soft limit is raised to the hard one while the
- * descriptors are placed. Returns what sets it back. */
+ * of the table file sits at 1000 in a program that set 777), even above
+ * its hard one (lowered too), but dup3 refuses such numbers: the soft
+ * limit is raised to the hard one while the descriptors are placed, and
+ * the hard one to just past the highest number if it is below it (which
+ * takes CAP_SYS_RESOURCE: limits.ts checkLimits refused the restore
+ * before anything was made without it). Returns what sets them back;
+ * restoreLimits sets the image's after. */
 function allowNumbersUpTo(r: RemoteProcess, highest: number): () => void {
   const { cur: soft, max: hard } = readLimits(r.pid).find((l) => l.resource === RLIMIT_NOFILE)!;
   if (BigInt(highest) < soft) return () => {};
-  const set = (cur: bigint) => {
+  const set = (cur: bigint, max: bigint) => {
     r.reset();
-    r.call('setting RLIMIT_NOFILE', SYS.prlimit64, [0, RLIMIT_NOFILE, r.put(r.u64s([cur, hard])), 0]);
+    r.call('setting RLIMIT_NOFILE', SYS.prlimit64, [0, RLIMIT_NOFILE, r.put(r.u64s([cur, max])), 0]);
   };
-  set(hard);
-  return () => set(soft);
+  const top = BigInt(highest) < hard ? hard : BigInt(highest) + 1n;
+  set(top, top);
+  return () => set(soft, hard);
 }
 
 /**

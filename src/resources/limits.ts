@@ -74,9 +74,21 @@ export function limitRefusal(limits: Rlimit[], own: Rlimit[], creds: Pick<OwnCre
   return undefined;
 }
 
+/** The same for a process's descriptors: one numbered at or above the
+ * hard RLIMIT_NOFILE the seeds inherit (`own`) can be placed only by
+ * raising that limit for the while (files.ts allowNumbersUpTo), which
+ * needs CAP_SYS_RESOURCE. `fds`: the process's descriptor numbers. */
+export function descriptorRefusal(fds: number[], own: Rlimit[], creds: Pick<OwnCreds, 'capEff'>): string | undefined {
+  if (hasCap(creds.capEff, CAP.SYS_RESOURCE) || !fds.length) return undefined;
+  const hard = own.find((l) => l.resource === RLIMIT_NOFILE)?.max;
+  const highest = fds.reduce((a, b) => Math.max(a, b));
+  if (hard === undefined || BigInt(highest) < hard) return undefined;
+  return `it holds descriptor ${highest}, not below the hard RLIMIT_NOFILE this restore runs with (${show(hard)}), which only CAP_SYS_RESOURCE may raise`;
+}
+
 export function checkLimits(image: Image, own: Rlimit[], creds: Pick<OwnCreds, 'capEff'>): void {
   for (const p of image.processes) {
-    const why = limitRefusal(p.rlimits, own, creds);
+    const why = limitRefusal(p.rlimits, own, creds) ?? descriptorRefusal(p.fds.map((f) => f.fd), own, creds);
     if (why) throw new AppshotError(`${nameProcess(p.vpid, p.comm)}: ${why}`, ExitCode.denied);
   }
 }

@@ -8,8 +8,10 @@ import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat 
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
+import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
+import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
@@ -114,6 +116,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     root: procLink(`/proc/${pid}/root`),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
+    timeOffsets: dumpTimeOffsets(pid, nameProcess(vpid, st.comm)),
     sigactions: [],
     sharedPending: Buffer.alloc(0),
     threads: [],
@@ -220,17 +223,29 @@ const O_CLOEXEC = 0o2000000;
  * main thread, run after these in the same stop; their results are
  * returned. Scratch memory is the caller's to reset first (`more`'s
  * arguments may be there already). */
+/** A struct prctl_mm_map of `mm` in `r`'s scratch memory, naming `exeFd`
+ * (-1: the executable kept), its environment strings at `env` if given. */
+function putMmMap(r: RemoteProcess, mm: Process['mm'], auxv: bigint, exeFd: number, env?: EnvRange): bigint {
+  const map = Buffer.alloc(104);
+  const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, env?.start ?? mm.envStart, env?.end ?? mm.envEnd, auxv];
+  fields.forEach((v, i) => map.writeBigUInt64LE(v, i * 8));
+  map.writeUInt32LE(mm.auxv.length, 96);
+  map.writeInt32LE(exeFd, 100);
+  return r.put(map);
+}
+
+/** The call that moves /proc/PID/environ to `env` (environ.ts's new
+ * startup strings), every other mm field as restoreProcessState set it:
+ * for a batch run after it. Its arguments are in scratch memory. */
+export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): NamedCall {
+  const map = putMmMap(r, p.mm, r.put(p.mm.auxv), -1, env);
+  return { what: 'moving the environment strings (PR_SET_MM_MAP)', nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, map, 104, 0] };
+}
+
 export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
-  const mmMap = (exeFd: number): bigint => {
-    const map = Buffer.alloc(104);
-    const fields = [mm.startCode, mm.endCode, mm.startData, mm.endData, mm.startBrk, mm.brk, mm.startStack, mm.argStart, mm.argEnd, mm.envStart, mm.envEnd, auxv];
-    fields.forEach((v, i) => map.writeBigUInt64LE(v, i * 8));
-    map.writeUInt32LE(mm.auxv.length, 96);
-    map.writeInt32LE(exeFd, 100);
-    return r.put(map);
-  };
+  const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
   const exe = r.str(p.exe.replace(/ \(deleted\)$/, ''));
   const tail: { what: string; nr: number; args: (bigint | number)[] }[] = [
     { what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] },

@@ -21,11 +21,12 @@ import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
 import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
-import { portTable, type Process, verdictRef, type Vma } from '../image/types.js';
+import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
-import { environBlock } from '../resources/environ.js';
+import { applicationIds, environBlock } from '../resources/environ.js';
+import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
@@ -40,7 +41,7 @@ import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
-import { forkedByOtherThread, forkingTid, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
+import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
@@ -141,6 +142,7 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   checkCredentials(image, own);
   checkLimits(image, readLimits('self'), own);
   checkSchedulingPrivileges(image, own.capEff);
+  timeNamespaceFor(image, own);
 }
 
 /** The one line an interrupted restore ends with. */
@@ -358,7 +360,7 @@ interface Supervisor {
  * nothing else happens meanwhile. A standby's seeds exist already: the
  * restore goes on while it takes its arguments, and confirm() waits for
  * it. */
-function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby): Supervisor {
+function startInit(record: AppRecord, count: number, commitPath: string, reserved?: ReservedStandby, timeNamespace?: TimeOffsets): Supervisor {
   let init: StartedInit | undefined;
   let reports: InitReports | undefined;
   if (reserved) {
@@ -369,6 +371,7 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
     try {
       const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
+      if (timeNamespace) args.push('--timens', timeNamespaceArgument(timeNamespace));
       init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
     } finally {
       closeSync(log);
@@ -524,7 +527,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const roots = rootProcesses(image);
     // A supervisor the engine started ahead of time, if it keeps one: named
     // in the registration from the start.
-    const taken = reserveStandby(roots.length);
+    // The clock offsets of a time namespace of its own, where its own
+    // differ from ours (timens.ts): made by a supervisor started for it,
+    // before its seeds (a standby's were forked in ours).
+    const timeNamespace = timeNamespaceFor(image, ownCreds());
+    const taken = timeNamespace ? undefined : reserveStandby(roots.length);
     if (taken) {
       // Its seeds seized now (dying with us from here), so that each has
       // stopped by the time the tree is made: the registration's writes
@@ -647,7 +654,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const reserved = standby;
     standby = undefined;
     const fromStandby = reserved !== undefined;
-    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved));
+    const started2 = (supervisor = startInit(record, roots.length, commitPath, reserved, timeNamespace));
     lifeline = started2.lifeline;
     phase('init started');
     seeds.push(...started2.seeds);
@@ -851,14 +858,15 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // the thread sends itself, not forced, no trap: this is for calls
       // made one at a time.)
       r.singleStep = trapIsDefault(p);
-      // The process-wide state, a clone's environment block and the
+      // The process-wide state, its environment block (naming the
+      // application it is now, with a clone's SET ENV values) and the
       // signal handlers: one batch, one stop.
       r.reset();
-      const environ = opts.instance ? environBlock(r, p, opts.instance.config.env) : undefined;
+      const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
       const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
-      environ?.fill(results[0]);
+      const environStrings = environ?.fill(results[0]);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
@@ -890,6 +898,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
       const mainCalls = r.batch();
+      // /proc/PID/environ moved to the environment's new strings.
+      if (environStrings) {
+        const c = moveEnvironCall(r, p, environStrings);
+        mainCalls.add(c.what, c.nr, c.args);
+      }
       restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, threadMemory, mainCalls);
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.

@@ -38,6 +38,7 @@ import { dumpTidMoves } from '../resources/mutexes.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
 import { refuseSharedFdTables } from '../resources/fdtable.js';
+import { checkOneTimeNamespace } from '../resources/timens.js';
 import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
@@ -408,6 +409,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   }
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
   timed('forking threads', () => dumpForkingThreads(ctx, ctx.image.processes));
+  checkOneTimeNamespace(ctx.image.processes);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('socket notes', () => forgetClosedSockets(ctx));
