@@ -365,7 +365,9 @@ describe('page data checked by chunks (format 3)', () => {
     }
     const restored = withChunks('table-restore', (p) => (p.chunkSha256 = p.chunkSha256.subarray(32)));
     refuses(['restore', restored], corrupt(/chunk digests for pages.img/));
-  });
+    // Nine commands, eight of them Node under strace: past the default
+    // minute at load 25 (72 s seen).
+  }, 180_000);
 
   it('refuses a chunk table given to image.pb', () => {
     const dir = join(out, 'image-chunks');
