@@ -150,7 +150,7 @@ describe('the package installed from its tarball', () => {
     copyCleanCheckout(packed);
     expect(existsSync(join(packed, 'dist'))).toBe(false);
     symlinkSync(join(root, 'node_modules'), join(packed, 'node_modules'));
-    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 170_000);
+    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 400_000);
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
@@ -160,11 +160,13 @@ describe('the package installed from its tarball', () => {
     // suite's own `npm ci` put them there) are taken without asking the
     // registry whether each is still current, as a CI with a cache does:
     // seconds of round trips per install.
-    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, installEnv(), 300_000);
+    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, installEnv(), 600_000);
     expect(install.code, install.output).toBe(0);
     // npm pack (tsc) and npm install (a native build) take minutes on a
-    // loaded machine: the hook's own limit, above the commands' own.
-  }, 520_000);
+    // loaded machine: the hook's own limit, above the commands' own. Those
+    // bound a hung npm, not a slow one (230 s killed the install at load
+    // 13, 300 s at load 22).
+  }, 1_100_000);
 
   it('was packed with every module bin/appshot loads, and their packages among its dependencies', () => {
     const unpacked = join(work, 'unpacked');
