@@ -5,7 +5,7 @@
  * (examples/vitest-redis: one loaded redis, a clone per test worker) run
  * in this process through the API.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -13,12 +13,23 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { redisCli, startRedisClones, type RedisClones } from '../examples/vitest-redis/redis-clones.js';
 import { fixture, root, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 
-const work = mkdtempSync(join(tmpdir(), 'appshot-api-'));
+/** This file's scratch directory: made before its first test, not at
+ * collection (a file whose tests a -t run filters out would leave it
+ * behind: no hook runs then). */
+let work = '';
 const sb = new Sandbox();
 
+beforeAll(() => {
+  work = mkdtempSync(join(tmpdir(), 'appshot-api-'));
+});
+
 afterAll(async () => {
+  // An `npm install -g` still running (its test filtered out, or failed
+  // before it waited) writes under `work`.
+  globalInstall?.kill();
+  await globalInstall?.done;
   await sb.dispose();
-  rmSync(work, { recursive: true, force: true });
+  if (work) rmSync(work, { recursive: true, force: true });
 });
 
 function sh(command: string, args: string[], opts: { cwd: string; env?: NodeJS.ProcessEnv; timeout?: number }) {
@@ -36,9 +47,26 @@ function shAsync(
   cwd: string,
   env: NodeJS.ProcessEnv = process.env,
   timeout = 170_000,
-): Promise<{ code: number | null; stdout: string; stderr: string; output: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+): Promise<ShResult> {
+  return startSh(command, args, cwd, env, timeout).done;
+}
+
+type ShResult = { code: number | null; stdout: string; stderr: string; output: string };
+
+/** shAsync(), with the child: a command started ahead of the test that
+ * waits for it, which the file's afterAll ends if it still runs. */
+function startSh(command: string, args: string[], cwd: string, env: NodeJS.ProcessEnv, timeout: number): { child: ChildProcess; done: Promise<ShResult>; kill: () => void } {
+  // A group of its own: a kill ends what it started too (npm's node-gyp
+  // and make, tsc), not npm alone.
+  const child = spawn(command, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const kill = () => {
+    try {
+      process.kill(-child.pid!, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  };
+  const done = new Promise<ShResult>((resolve) => {
     let stdout = '';
     let stderr = '';
     let output = '';
@@ -47,7 +75,7 @@ function shAsync(
     const timer = setTimeout(() => {
       stderr += `\n(killed after ${timeout} ms)`;
       output += `\n(killed after ${timeout} ms)`;
-      child.kill('SIGKILL');
+      kill();
     }, timeout);
     child.on('error', (e) => ((stderr += String(e)), (output += String(e))));
     child.on('close', (code) => {
@@ -55,7 +83,14 @@ function shAsync(
       resolve({ code, stdout, stderr, output });
     });
   });
+  return { child, done, kill };
 }
+
+/** The environment of an `npm install` that builds the native parts:
+ * node-gyp's make given a job per core (JOBS, node-gyp's own setting, as
+ * a CI user sets it), not one, so that a build waits less for a core the
+ * other test worker leaves idle. What is built is the same. */
+const installEnv = (): NodeJS.ProcessEnv => ({ ...process.env, JOBS: 'max' });
 
 let tarball = '';
 
@@ -67,13 +102,45 @@ function copyCleanCheckout(dest: string): void {
   for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(dest, f));
 }
 
+/** `npm install -g` of a clean checkout (tested below): started by the
+ * tarball's beforeAll, so that it runs while that one packs and installs
+ * (each waits on npm's cache and the disk a good part of the time), not
+ * after; the test waits for it. */
+let globalInstall: (ReturnType<typeof startSh> & { checkout: string; prefix: string }) | undefined;
+function startGlobalInstall(): NonNullable<typeof globalInstall> {
+  if (globalInstall) return globalInstall;
+  // A checkout as git has it: no node_modules, dist or build. npm links a
+  // checkout without installing its dependencies; prepare installs them.
+  const checkout = join(work, 'checkout');
+  copyCleanCheckout(checkout);
+  expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
+  // Into a prefix of its own, not the machine's global one. The checkout
+  // (whose prepare step installs, compiles and builds): the tarball's
+  // install, its native build included, is the project's above, and a
+  // global one differs only in where npm puts it (another native build:
+  // ~40 s of CPU of the suite's time).
+  const prefix = join(work, 'global');
+  // --prefer-offline as the tarball's (the checkout's prepare step
+  // installs its dependencies with npm's settings, this one too). Its
+  // bound is on a hung install, beside the tarball's, not on a slow one:
+  // 400 s was passed at load 22 (npm install of the dev dependencies,
+  // tsc and node-gyp in turn).
+  const install = startSh('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', '--prefer-offline', checkout], work, installEnv(), 900_000);
+  globalInstall = { ...install, checkout, prefix };
+  return globalInstall;
+}
+
 describe('the package installed from its tarball', () => {
-  const project = join(work, 'project');
-  const installed = join(project, 'node_modules', 'appshot');
-  const bin = join(project, 'node_modules', '.bin', 'appshot');
+  let project = '';
+  let installed = '';
+  let bin = '';
   const appshot = (args: string[]) => sh(bin, args, { cwd: project, env: sb.env });
 
   beforeAll(async () => {
+    project = join(work, 'project');
+    installed = join(project, 'node_modules', 'appshot');
+    bin = join(project, 'node_modules', '.bin', 'appshot');
+    startGlobalInstall();
     // Packed from a copy of the checkout as git has it, without dist/: npm
     // pack must build what the package runs (prepare). Its node_modules are
     // this checkout's, linked: compiling needs them, packing leaves them
@@ -83,7 +150,7 @@ describe('the package installed from its tarball', () => {
     copyCleanCheckout(packed);
     expect(existsSync(join(packed, 'dist'))).toBe(false);
     symlinkSync(join(root, 'node_modules'), join(packed, 'node_modules'));
-    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 170_000);
+    const pack = await shAsync('npm', ['pack', '--silent', '--pack-destination', work], packed, process.env, 400_000);
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
@@ -93,11 +160,13 @@ describe('the package installed from its tarball', () => {
     // suite's own `npm ci` put them there) are taken without asking the
     // registry whether each is still current, as a CI with a cache does:
     // seconds of round trips per install.
-    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, process.env, 230_000);
+    const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, installEnv(), 600_000);
     expect(install.code, install.output).toBe(0);
     // npm pack (tsc) and npm install (a native build) take minutes on a
-    // loaded machine: the hook's own limit, above the commands' own.
-  }, 420_000);
+    // loaded machine: the hook's own limit, above the commands' own. Those
+    // bound a hung npm, not a slow one (230 s killed the install at load
+    // 13, 300 s at load 22).
+  }, 1_100_000);
 
   it('was packed with every module bin/appshot loads, and their packages among its dependencies', () => {
     const unpacked = join(work, 'unpacked');
@@ -337,21 +406,8 @@ describe('stop({ timeoutMs }): milliseconds, as every other call takes its time'
 
 describe('npm install -g', () => {
   it('installs a working appshot command from a clean checkout', async () => {
-    // A checkout as git has it: no node_modules, dist or build. npm links a
-    // checkout without installing its dependencies; prepare installs them.
-    const checkout = join(work, 'checkout');
-    copyCleanCheckout(checkout);
-    expect(existsSync(join(checkout, 'node_modules'))).toBe(false);
-
-    // Into a prefix of its own, not the machine's global one. The checkout
-    // (whose prepare step installs, compiles and builds): the tarball's
-    // install, its native build included, is the project's above, and a
-    // global one differs only in where npm puts it (another native build:
-    // ~40 s of CPU of the suite's time).
-    const prefix = join(work, 'global');
-    // --prefer-offline as above (the checkout's prepare step installs its
-    // dependencies with npm's settings, this one too).
-    const { code, output } = await shAsync('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', '--prefer-offline', checkout], work, process.env, 230_000);
+    const { checkout, prefix, done } = startGlobalInstall();
+    const { code, output } = await done;
     expect(code, `npm install -g ${checkout}:\n${output}`).toBe(0);
     const version = sh(join(prefix, 'bin', 'appshot'), ['--version'], { cwd: work });
     expect(version.stdout.trim(), version.stderr).toBe('0.1.0');
@@ -364,7 +420,8 @@ describe('npm install -g', () => {
     const [aid, preload] = run.stdout.trim().split(' ');
     expect(aid).toMatch(/^[\w.-]+$/);
     expect(preload).toBe(join(checkout, 'build', 'Release', 'appshot_preload.so'));
-  }, 300_000);
+    // Run alone (-t), the install starts here: its own bound, and more.
+  }, 960_000);
 });
 
 describe('examples/vitest-redis: a loaded redis, one clone per test worker', () => {

@@ -311,6 +311,15 @@ export async function waitFor(cond: () => boolean, timeoutMs = 10_000, what = 'c
   }
 }
 
+/** waitFor() for a condition that must itself wait (a socket's answer). */
+export async function waitForAsync(cond: () => Promise<boolean>, timeoutMs = 10_000, what = 'condition'): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 /** Whether a system PID names a live (non-zombie) process. */
 export function alive(pid: number): boolean {
   try {

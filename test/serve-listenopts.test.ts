@@ -41,7 +41,12 @@ const IPPROTO_IP = 0;
 const IP_FREEBIND = 15;
 
 const sb = new Sandbox();
-const out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
+/** The images' directory: made before the first test, not at collection
+ * (a -t run that filters out every test here runs no hook to remove it). */
+let out = '';
+beforeAll(() => {
+  out = mkdtempSync(join(tmpdir(), 'appshot-serve-listenopts-'));
+});
 // Ports of their own, 26505-26599 (see Sandbox for the other files').
 const base = 26505 + (process.pid % 11) * 8;
 const APP = base;
@@ -65,7 +70,7 @@ afterAll(async () => {
   await serve?.exited;
   for (const aid of ['opts', 'adopted', 'outside', 'failing', 'crashing']) sb.run(['rm', '--force', aid]);
   await sb.dispose();
-  rmSync(out, { recursive: true, force: true });
+  if (out) rmSync(out, { recursive: true, force: true });
 });
 
 /** Says a line to 127.0.0.1:`port`; all it was told before it closed. */
@@ -125,7 +130,9 @@ describe("appshot serve: the shared listener is the application's own", () => {
     // connection is made (its handshake completed) in serve's listener
     // before the restore, and must have the application's options too.
     serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
-    await serve.line(/^ready$/);
+    // A bound on a serve that never gets ready, not on how fast: past the
+    // default 20 s at load 25.
+    await serve.line(/^ready$/, 60_000);
     expect(events(serve, 'opts').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
   });
 
@@ -196,7 +203,7 @@ describe("appshot serve: the shared listener is the application's own", () => {
     expect(await ask(PUBLIC2)).toBe('OK 3\n');
 
     serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, 60_000);
     expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
     expect(await ask(PUBLIC2)).toBe('OK 4\n');
     expect(await ask(PUBLIC)).toMatch(/^OK \d+\n$/);
@@ -213,7 +220,7 @@ describe("appshot serve: the shared listener is the application's own", () => {
     chmodSync(from, 0o777);
     try {
       serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
-      await serve.line(/^ready$/);
+      await serve.line(/^ready$/, 60_000);
       expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
       await waitFor(() => events(serve!, 'adopted').some((e) => e.event === 'suspend-deferred'), 30_000, 'the suspend to be deferred');
       const deferred = events(serve, 'adopted').find((e) => e.event === 'suspend-deferred') as unknown as { why: string };
