@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest';
 import { cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
-import { ownedTests, Slots } from './parallel.js';
+import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
 // Every directory a test of this file makes is under `out`: removed by
@@ -25,7 +25,7 @@ afterAll(async () => {
 });
 // Each describe block runs beside the others (its own tests one after
 // another): most of a test's time is spent waiting for self-checks, one
-// every 100 ms, which the tests beside it use. Three at a time: more
+// every 100 ms, which the tests beside it use; three at a time (maxConcurrency): more
 // would only queue on two cores (a fixture such as timerflood, contpong
 // or rtorder burns most of one). What a test leaves running is removed
 // as it ends (ownedTests), not at the file's end: a restored copy keeps
@@ -34,7 +34,7 @@ afterAll(async () => {
 const describe = vitestDescribe.concurrent;
 /** describe, or skipped when `cond` is false. */
 const describeIf = (cond: boolean) => (cond ? describe : describe.skip);
-const { test: it, ok: run, start, attempt, systemPid, exercised: exercisedAs, adopt } = ownedTests(sb, new Slots(3));
+const { test: it, ok: run, start, attempt, systemPid, exercised: exercisedAs, adopt } = ownedTests(sb);
 // The engine started with the file: the first tests' snapshots are not
 // run by a cold Node while one starts in the background.
 beforeAll(async () => {

@@ -10,27 +10,6 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import { it, type TestContext } from 'vitest';
 import { type Result, type Sandbox, waitFor } from './helpers.js';
 
-/** At most `n` holders at once; the others wait their turn, in order. */
-export class Slots {
-  private free: number;
-  private readonly waiting: (() => void)[] = [];
-  constructor(n: number) {
-    this.free = n;
-  }
-  async take(): Promise<void> {
-    if (this.free > 0) {
-      this.free--;
-      return;
-    }
-    await new Promise<void>((resolve) => this.waiting.push(resolve));
-  }
-  give(): void {
-    const next = this.waiting.shift();
-    if (next) next();
-    else this.free++;
-  }
-}
-
 /** The AID a command line of `run` or `restore` names with --aid (a
  * restore without one takes the image's, registered by its run). */
 function aidOf(args: string[]): string | undefined {
@@ -41,12 +20,12 @@ function aidOf(args: string[]): string | undefined {
 }
 
 /**
- * Tests of `sb` that run `slots` at a time, each removing (rm -f) the
- * applications it started as it ends, passed or failed: a restored copy
- * left running keeps checking itself (some burn most of a core), which
- * only took CPU from the tests after it.
+ * Tests of `sb`, each removing (rm -f) the applications it started as it
+ * ends, passed or failed: a restored copy left running keeps checking
+ * itself (some burn most of a core), which only took CPU from the tests
+ * after it. How many run at once: vitest.config.ts, maxConcurrency.
  */
-export function ownedTests(sb: Sandbox, slots: Slots) {
+export function ownedTests(sb: Sandbox) {
   const owned = new AsyncLocalStorage<Set<string>>();
   const own = (args: string[]) => {
     const aid = aidOf(args);
@@ -60,16 +39,11 @@ export function ownedTests(sb: Sandbox, slots: Slots) {
       name,
       async (ctx) => {
         const aids = new Set<string>();
-        await slots.take();
         try {
           await owned.run(aids, () => fn(ctx));
         } finally {
-          try {
-            const left = [...aids].filter((aid) => sb.aids().includes(aid));
-            if (left.length) await sb.runAsync(['rm', '-f', ...left]);
-          } finally {
-            slots.give();
-          }
+          const left = [...aids].filter((aid) => sb.aids().includes(aid));
+          if (left.length) await sb.runAsync(['rm', '-f', ...left]);
         }
       },
       timeout,

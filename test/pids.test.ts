@@ -5,7 +5,7 @@ import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe as vitestDescribe, expect, type TestContext } from 'vitest';
 import { alive, cli, command, type Entry, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
-import { ownedTests, Slots } from './parallel.js';
+import { ownedTests } from './parallel.js';
 import { scratchDir } from './scratch.js';
 
 import { addon, paths } from '../src/native.js';
@@ -22,11 +22,11 @@ afterAll(() => sb.dispose());
 // Each describe block runs beside the others (its own tests one after
 // another): most of a test's time is spent waiting (for self-checks, one
 // every 100 ms; for a fixture to reach its point; for init's sweeps),
-// which the tests beside it use. Three at a time on two cores. What a
+// which the tests beside it use; three at a time (maxConcurrency). What a
 // test started is removed as it ends (ownedTests): a storm or a restored
 // copy left running only took CPU from the tests after it.
 const describe = vitestDescribe.concurrent;
-const { test: it, ok, start, attempt, systemPid, exercised, waitForAsync } = ownedTests(sb, new Slots(3));
+const { test: it, ok, start, attempt, systemPid, exercised, waitForAsync } = ownedTests(sb);
 // One resident engine for the whole file, started first and kept: the
 // snapshots, restores and ps of the tests are handed to it warm, not run
 // by a Node started cold until one has started in the background.
