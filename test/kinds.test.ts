@@ -36,9 +36,11 @@ const describe = vitestDescribe.concurrent;
 const describeIf = (cond: boolean) => (cond ? describe : describe.skip);
 const { test: it, ok: run, start, attempt, systemPid, exercised: exercisedAs, adopt } = ownedTests(sb);
 // The engine started with the file: the first tests' snapshots are not
-// run by a cold Node while one starts in the background.
+// run by a cold Node while one starts in the background. The API (what
+// starts the applications) loaded meanwhile, not inside the first tests'
+// time (vitest compiles its modules: seconds on a loaded machine).
 beforeAll(async () => {
-  const r = await spawnAsync(command, ['engine', 'start'], { env: sb.env });
+  const [r] = await Promise.all([spawnAsync(command, ['engine', 'start'], { env: sb.env }), import('../src/api.js')]);
   expect(r.status, r.stderr).toBe(0);
 });
 

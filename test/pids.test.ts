@@ -29,9 +29,11 @@ const describe = vitestDescribe.concurrent;
 const { test: it, ok, start, attempt, systemPid, exercised, waitForAsync } = ownedTests(sb);
 // One resident engine for the whole file, started first and kept: the
 // snapshots, restores and ps of the tests are handed to it warm, not run
-// by a Node started cold until one has started in the background.
+// by a Node started cold until one has started in the background. The
+// API (what starts the applications) loaded meanwhile, not inside the
+// first tests' time (vitest compiles its modules: seconds when loaded).
 beforeAll(async () => {
-  const r = await spawnAsync(command, ['engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE_IDLE: '1800' } });
+  const [r] = await Promise.all([spawnAsync(command, ['engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE_IDLE: '1800' } }), import('../src/api.js')]);
   expect(r.status, r.stderr).toBe(0);
 });
 
