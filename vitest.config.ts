@@ -23,5 +23,10 @@ export default defineConfig({
     // two cores CI has.
     maxWorkers: 2,
     minWorkers: 1,
+    // Tests of a file that runs its describe blocks beside each other
+    // (kinds, pids: test/parallel.ts) start three at a time: most of their
+    // time is spent waiting for self-checks, and more would only queue on
+    // two cores. A test waits for its turn before its timeout starts.
+    maxConcurrency: 3,
   },
 });

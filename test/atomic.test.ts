@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox, seizedByAnotherTracer, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, command, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -23,6 +23,27 @@ const base = 22000 + ((process.pid * 3) % 800);
 let ipcBefore = systemIpcIds();
 
 afterAll(() => sb.dispose());
+
+// One resident engine for the whole file, started first and kept (not
+// gone after 60 s in which only commands with APPSHOT_ENGINE=off ran):
+// every command a test runs to look or to set up (ps, rm, restore,
+// snapshot; not run) is handed to it warm, not run by a Node started
+// cold (~0.5 s of CPU each, several per test). The commands under
+// test (killed, failed or interrupted at a point) run in their own
+// process as before.
+beforeAll(async () => {
+  const r = await spawnAsync(command, ['engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE_IDLE: '1800' } });
+  expect(r.status, r.stderr).toBe(0);
+});
+
+/** `appshot run -d --aid AID -- argv...` through the API in this process:
+ * the same start (harness, init, preload), without a Node started cold
+ * for it (run is a command the engine does not take). What is tested
+ * here is what comes after. */
+async function runDetached(aid: string, argv: string[]): Promise<void> {
+  const api = await import('../src/api.js');
+  await api.run(argv, { home: sb.home, aid });
+}
 
 /** appshot with APPSHOT_TEST_KILL_AT=point: it must die of SIGKILL there.
  * The SysV objects outside every application just before are the baseline
@@ -76,8 +97,7 @@ describe('a restore killed at any instant', () => {
   let before: Record<string, string> = {};
 
   beforeAll(async () => {
-    const r = sb.run(['run', '-d', '--aid', 'src', '--', fixture('snapfix'), String(base), '2']);
-    expect(r.code, r.stderr).toBe(0);
+    await runDetached('src', [fixture('snapfix'), String(base), '2']);
     await waitFor(() => /^CHECK 2$/m.test(readFileSync(join(sb.home, 'apps', 'src', 'log'), 'utf8')), 10_000, 'snapfix to start');
     image = join(dir, 'snap');
     const s = sb.run(['snapshot', 'src', '-o', image]);
@@ -214,8 +234,7 @@ describe('a restore interrupted by Ctrl-C', () => {
   /** An image of snapfix with `mib` MiB of heap, its source `aid` ended
    * (by a second snapshot, to `tar`, if given). */
   async function imageOf(aid: string, mib: number, tar?: string): Promise<string> {
-    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', String(mib)]);
-    expect(r.code, r.stderr).toBe(0);
+    await runDetached(aid, [fixture('snapfix'), '-1', String(mib)]);
     await sb.checksPass(aid, 2);
     const image = join(dir, `${aid}.appshot`);
     const s1 = sb.run(['snapshot', aid, '-o', image, ...(tar ? ['--leave-running'] : [])]);
@@ -313,8 +332,7 @@ describe('a restore interrupted by Ctrl-C', () => {
 
 describe('a snapshot killed while it commits its image', () => {
   it('leaves its half-written directory only until the next command, and the application running', async () => {
-    const r = sb.run(['run', '-d', '--aid', 'big', '--', fixture('snapfix'), '-1', '64']);
-    expect(r.code, r.stderr).toBe(0);
+    await runDetached('big', [fixture('snapfix'), '-1', '64']);
     const log = () => readFileSync(join(sb.home, 'apps', 'big', 'log'), 'utf8');
     await waitFor(() => /^CHECK 1$/m.test(log()), 10_000, 'snapfix to start');
     const out = join(dir, 'killed-snapshot');
@@ -345,8 +363,7 @@ describe('a snapshot that fails or is killed at a step', () => {
     spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', out], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
 
   async function started(aid: string): Promise<void> {
-    const r = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '1']);
-    expect(r.code, r.stderr).toBe(0);
+    await runDetached(aid, [fixture('snapfix'), '-1', '1']);
     await sb.checksPass(aid, 2);
   }
 
@@ -395,8 +412,7 @@ describe('a snapshot that fails or is killed at a step', () => {
   for (const path of ['mapped', 'written'] as const) {
     it(`its file system full while pages are copied (${path}): exit 1, one line, nothing left on it, and the application runs untraced`, async () => {
       const aid = `sfull-${path}`;
-      const r0 = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '8']);
-      expect(r0.code, r0.stderr).toBe(0);
+      await runDetached(aid, [fixture('snapfix'), '-1', '8']);
       await sb.checksPass(aid, 2);
       const small = join(dir, `${aid}-fs`);
       mkdirSync(small);
@@ -776,8 +792,7 @@ describe('a --leave-running snapshot killed while a thread runs an injected batc
   // where it was on its own, not die of the batch's SIGTRAP.
   it("(native point 'batch: running'): the application goes on untraced, its checks pass, its threads' signal masks and dispositions as they were", async () => {
     const aid = 'skill-batch';
-    const r0 = sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '1']);
-    expect(r0.code, r0.stderr).toBe(0);
+    await runDetached(aid, [fixture('snapfix'), '-1', '1']);
     await sb.checksPass(aid, 2);
     const before = signalState(aid);
     const image = join(dir, `${aid}.appshot`);
