@@ -158,7 +158,7 @@ describe('a descriptor numbered above the RLIMIT_NOFILE the process lowered afte
 
   // With CAP_SYS_RESOURCE, the restore raises the limit for the while.
   const mayRaiseLimits = (BigInt(`0x${/^CapEff:\s+([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]}`) >> 24n) & 1n;
-  it.skipIf(mayRaiseLimits)('is refused by name, nothing made, where the restore runs under a hard limit at or below the number and may not raise it', () => {
+  it.skipIf(mayRaiseLimits)('is refused by name, nothing made, where the restore runs under a hard limit at or below the number and may not raise it', async () => {
     const r = spawnSync('prlimit', ['--nofile=512:512', process.execPath, cli, 'restore', join(out, 'hfdt'), '--aid', 'hfdlow'], { env: sb.env, encoding: 'utf8' });
     expect(r.status).toBe(5);
     expect(r.stderr).toMatch(/^appshot: cannot restore \S+: process 2 \(highfd\): it holds descriptor \d+, not below the hard RLIMIT_NOFILE this restore runs with \(512\), which only CAP_SYS_RESOURCE may raise\n$/);

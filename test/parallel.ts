@@ -103,5 +103,10 @@ export function ownedTests(sb: Sandbox) {
    * command run under setpriv, say). */
   const adopt = (aid: string) => owned.getStore()?.add(aid);
 
+  /** `test`, skipped (reported as such) where `condition` holds, as
+   * vitest's it.skipIf. */
+  test.skipIf = (condition: unknown) =>
+    condition ? (name: string, fn: (ctx: TestContext) => Promise<void> | void, timeout?: number) => it.skip(name, fn, timeout) : test;
+
   return { test, attempt, ok, start, systemPid, exercised, adopt, waitForAsync };
 }
