@@ -289,12 +289,19 @@ describe.runIf(isRoot)('credentials the kernel lets a restore make only in its o
     const { image } = await loadImage(join(dir, 'cc-flags'), { trust: 'report' });
     const size = BigInt(statSync(join(dir, 'cc-flags', 'pages.img')).size);
     expect(() => validateImage(image, size)).not.toThrow();
+    // A copy as a decoded image is: structuredClone turns its Buffers
+    // (registers, which validation reads) into plain Uint8Arrays.
+    const copy = () => {
+      const c = structuredClone(image);
+      for (const p of c.processes) for (const t of p.threads) t.regs = Buffer.from(t.regs);
+      return c;
+    };
     for (const flags of [1n, 4n, 8n, 16n]) {
-      const bad = structuredClone(image);
+      const bad = copy();
       bad.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = flags;
       expect(() => validateImage(bad, size)).toThrow(/^corrupt image: .*seccomp filter flags/);
     }
-    const logged = structuredClone(image);
+    const logged = copy();
     logged.processes.find((p) => p.threads[0].creds?.seccompFilters.length)!.threads[0].creds!.seccompFilters[1].flags = 2n;
     expect(() => validateImage(logged, size)).not.toThrow();
   });
