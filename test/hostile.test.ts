@@ -1086,3 +1086,21 @@ describe('a thread attribute this node cannot give back is refused at restore, b
   });
 });
 
+
+describe('time namespace offsets the kernel would not take are refused before anything is made', () => {
+  // The restore makes a namespace only with CAP_SYS_ADMIN and CAP_SYS_TIME
+  // (restore.test.ts); then offsets that would put one of this node's
+  // clocks below 0 or past KTIME_SEC_MAX / 2 are named, not left for
+  // appshot-init to die of.
+  const caps = BigInt(`0x${/^CapEff:\s+([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]}`);
+  const mayMake = ((caps >> 21n) & 1n) === 1n && ((caps >> 25n) & 1n) === 1n && existsSync('/proc/self/timens_offsets');
+  it.skipIf(!mayMake).each([
+    ['a boot clock set back further than this node has been up', -(10n ** 9n) * 10n ** 9n, /CLOCK_BOOTTIME with that offset would read -/],
+    ['a boot clock beyond the kernel\'s range', 9_000_000_000n * 10n ** 9n, /CLOCK_BOOTTIME with that offset would read \d/],
+  ])('%s', (_what, boottimeNs, message) => {
+    const dir = crafted(`timens-${boottimeNs < 0n ? 'negative' : 'huge'}`, (i) => {
+      for (const p of i.processes) p.timeOffsets = { monotonicNs: 0n, boottimeNs };
+    });
+    refuses(['restore', dir], { code: 5, stderr: new RegExp(`^appshot: cannot restore \\S+: process 2 \\(\\S+\\) ran in a time namespace whose clocks differ from this restore's .*${message.source}.*, outside what the kernel allows \\(0 to 4611686018 s\\)$`) });
+  });
+});

@@ -36,7 +36,7 @@ import { type CallQueue } from '../ptrace/queries.js';
 import { REG } from './threads.js';
 
 /** Capability numbers (linux/capability.h) this module reasons about. */
-export const CAP = { SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24 } as const;
+export const CAP = { SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24, SYS_TIME: 25 } as const;
 const CAP_NAMES = [
   'chown', 'dac_override', 'dac_read_search', 'fowner', 'fsetid', 'kill', 'setgid', 'setuid', 'setpcap', 'linux_immutable',
   'net_bind_service', 'net_broadcast', 'net_admin', 'net_raw', 'ipc_lock', 'ipc_owner', 'sys_module', 'sys_rawio', 'sys_chroot',

@@ -10,9 +10,14 @@
  * readable by anyone who may trace it). A restore whose node offsets differ
  * from the ones the application had makes a time namespace with them:
  * appshot-init unshares one before it forks the seeds (--timens), which the
- * whole tree is then forked into. That needs CAP_SYS_ADMIN; without it the
- * restore is refused by name before anything is made. Where they are the
- * same (the usual case: both in the node's namespace) nothing is done.
+ * whole tree is then forked into. The unshare needs CAP_SYS_ADMIN, the
+ * writing of its offsets CAP_SYS_TIME too (a container given only
+ * SYS_ADMIN has not), and the kernel takes only offsets that keep each
+ * clock of this node between 0 and KTIME_SEC_MAX / 2 seconds (a boot
+ * clock set back to zero on a node that has been up for less time than
+ * the one it ran on cannot be had): without either, the restore is
+ * refused by name before anything is made. Where they are the same (the
+ * usual case: both in the node's namespace) nothing is done.
  */
 import { readFileSync, readlinkSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -21,6 +26,10 @@ import { nameProcess, Unsupported } from './context.js';
 import { CAP, hasCap, type OwnCreds } from './creds.js';
 
 const NS_PER_S = 1_000_000_000n;
+/** The kernel's limit on a clock (KTIME_MAX in seconds): an offset's
+ * seconds must lie within ±this, a clock with it within [0, this / 2]
+ * (kernel/time/namespace.c, proc_timens_set_offset). */
+const KTIME_SEC_MAX = 9_223_372_036n;
 
 /** /proc/PID/timens_offsets: "monotonic S NS" and "boottime S NS" lines
  * (the clocks may be named by number on older kernels: 1 and 7). The
@@ -100,8 +109,29 @@ export function timeNamespaceFor(image: Image, creds: Pick<OwnCreds, 'capEff'>, 
   if (same(want, here)) return undefined;
   const what = `${nameProcess(recorded[0].vpid, recorded[0].comm)} ran in a time namespace whose clocks differ from this restore's (CLOCK_MONOTONIC ${seconds(want.monotonicNs - here.monotonicNs)}, CLOCK_BOOTTIME ${seconds(want.boottimeNs - here.boottimeNs)})`;
   if (!own) throw new AppshotError(`${what}, and this kernel has no time namespaces`, ExitCode.denied);
-  if (!hasCap(creds.capEff, CAP.SYS_ADMIN)) throw new AppshotError(`${what}: making one with its offsets needs CAP_SYS_ADMIN`, ExitCode.denied);
+  const missing = [CAP.SYS_ADMIN, CAP.SYS_TIME].filter((c) => !hasCap(creds.capEff, c));
+  if (missing.length)
+    throw new AppshotError(`${what}: making one with its offsets needs CAP_SYS_ADMIN and CAP_SYS_TIME (this restore lacks ${missing.map((c) => (c === CAP.SYS_ADMIN ? 'CAP_SYS_ADMIN' : 'CAP_SYS_TIME')).join(' and ')})`, ExitCode.denied);
+  const clocks = nodeClocks(here);
+  for (const [name, offset, node] of [['CLOCK_MONOTONIC', want.monotonicNs, clocks.monotonicNs], ['CLOCK_BOOTTIME', want.boottimeNs, clocks.boottimeNs]] as const) {
+    const s = offset / NS_PER_S;
+    const at = (node + offset) / NS_PER_S;
+    if (s > KTIME_SEC_MAX || s < -KTIME_SEC_MAX || node + offset < 0n || at > KTIME_SEC_MAX / 2n)
+      throw new AppshotError(`${what}: this node's ${name} with that offset would read ${seconds(node + offset).replace(/^\+/, '')}, outside what the kernel allows (0 to ${KTIME_SEC_MAX / 2n} s)`, ExitCode.denied);
+  }
   return want;
+}
+
+/** This node's CLOCK_MONOTONIC and CLOCK_BOOTTIME (outside any time
+ * namespace), as the kernel checks offsets against them: ours less the
+ * offsets of the namespace we run in (`own`). Boot time from /proc/uptime
+ * (namespaced as well; to 10 ms, enough for a range check). */
+function nodeClocks(own: TimeOffsets): TimeOffsets {
+  const monotonic = process.hrtime.bigint();
+  const [up] = readFileSync('/proc/uptime', 'utf8').split(' ');
+  const [whole, frac = '0'] = up.split('.');
+  const boottime = BigInt(whole) * NS_PER_S + BigInt(frac.padEnd(9, '0').slice(0, 9));
+  return { monotonicNs: monotonic - own.monotonicNs, boottimeNs: boottime - own.boottimeNs };
 }
 
 /** appshot-init's --timens value: "MONOTONIC_NS,BOOTTIME_NS". */
