@@ -16,7 +16,7 @@
 import { restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { letGoIfUnsettled } from '../ptrace/freezer.js';
 import { currentHolder, harnessOf } from '../holder.js';
-import { closeSync, constants as fs, openSync, readSync } from 'node:fs';
+import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -353,6 +353,28 @@ interface Supervisor {
   close(): void;
 }
 
+/** The last line appshot-init wrote to the log at or after byte `from`
+ * ("appshot-init: WHAT: ERROR", what it says before it dies), without its
+ * prefix; undefined if none. At most the last 4 KiB are read. */
+function lastInitWords(logPath: string, from: number): string | undefined {
+  let fd: number;
+  try {
+    fd = openSync(logPath, fs.O_RDONLY);
+  } catch {
+    return undefined;
+  }
+  try {
+    const size = fstatSync(fd).size;
+    const start = Math.max(from, size - 4096);
+    const buf = Buffer.alloc(Math.max(0, size - start));
+    const n = buf.length ? readSync(fd, buf, 0, buf.length, start) : 0;
+    const lines = buf.subarray(0, n).toString('utf8').split('\n').filter((l) => l.startsWith('appshot-init: '));
+    return lines.length ? lines[lines.length - 1].slice('appshot-init: '.length).slice(0, 300) : undefined;
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** Starts the application's init with `count` seeds, or has a reserved
  * standby become it (standby.ts); returns their PIDs and the write end of
  * its lifeline: until `commitPath` exists, init kills the application if
@@ -367,9 +389,13 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
     if (configure(reserved.init, { tables: record.tables, stateDir: record.stateDir, aid: record.aid, commitPath, logPath: record.logPath! })) ({ init, reports } = reserved);
     else reserved.reports.forget();
   }
+  // Where what this init says begins in the log: the line it dies with,
+  // should it (appshot-init: WHAT: ERROR), is the reason.
+  let saidFrom = -1;
   if (!init) {
     const log = openSync(record.logPath!, fs.O_WRONLY | fs.O_CREAT | fs.O_APPEND, 0o600);
     try {
+      saidFrom = fstatSync(log).size;
       const args = ['--tables', record.tables, '--state-dir', record.stateDir, '--preload', paths.preload, '--aid', record.aid];
       if (timeNamespace) args.push('--timens', timeNamespaceArgument(timeNamespace));
       init = addon().spawnDetached(paths.init, [paths.init, ...args, '--status-fd', '3', '--seeds', String(count), '--lifeline', '4', '--commit', commitPath], log);
@@ -380,7 +406,10 @@ function startInit(record: AppRecord, count: number, commitPath: string, reserve
   const { pid, lifelineFd } = init;
   const status = reports ?? new InitReports(init.statusFd);
   const fromStandby = reports !== undefined;
-  const died = () => new AppshotError('the application supervisor died while starting');
+  const died = () => {
+    const last = saidFrom >= 0 ? lastInitWords(record.logPath!, saidFrom) : undefined;
+    return new AppshotError(`the application supervisor died while starting${last ? ` (${last})` : ''}`);
+  };
   let ok = false;
   try {
     ok = status.readUntil(() => status.started || (fromStandby && status.seeds.length >= count));
