@@ -15,6 +15,9 @@
 
 static volatile long sink;
 
+/* glibc's versioned stat (no header declares it since 2.33). */
+int __xstat(int ver, const char *path, struct stat *st);
+
 /* open, one read, close of `path` (a /proc file of a few hundred bytes, as
  * glibc and runtimes read /proc/self/stat): the bytes read. */
 static long slurp(const char *path) {
@@ -119,6 +122,10 @@ int main(int argc, char **argv) {
   struct stat st;
   snprintf(path, sizeof path, "%s/a", numbered);
   TIME("fstatat(AT_FDCWD, /tmp/.../a)", n / 10, sink += fstatat(AT_FDCWD, path, &st, 0));
+  /* The same through stat, and through __xstat, which a program built
+   * against glibc before 2.33 calls for it (a wrapper of its own). */
+  TIME("stat(/tmp/.../a)", n / 10, sink += stat(path, &st));
+  TIME("__xstat(/tmp/.../a)", n / 10, sink += __xstat(1, path, &st));
   TIME("fstatat(dir, a)", n / 10, sink += fstatat(tmpdirfd, "a", &st, 0));
   TIME("fstatat(dir, 7)", n / 10, sink += fstatat(tmpdirfd, "7", &st, 0));
   if (chdir(numbered) != 0) { perror("chdir"); return 1; }

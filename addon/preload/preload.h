@@ -288,7 +288,9 @@ static inline void ensure_init(void) {
   X(openat) X(openat64) X(__open_2) X(__open64_2) X(__openat_2)            \
   X(__openat64_2) X(creat) X(creat64) X(fopen) X(fopen64) X(opendir) X(readdir64) X(readdir64_r) X(closedir) X(scandir64) X(scandirat64) X(stat)          \
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
-  X(access) X(faccessat) X(readlink) X(readlinkat) X(chdir) X(close)      \
+  X(__xstat) X(__xstat64) X(__lxstat) X(__lxstat64) X(__fxstatat)        \
+  X(__fxstatat64) X(access) X(faccessat) X(euidaccess) X(eaccess)         \
+  X(readlink) X(readlinkat) X(chdir) X(close)      \
   X(getcwd) X(get_current_dir_name) X(realpath)                            \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
@@ -346,6 +348,15 @@ int __open64_2(const char *, int);
 int __openat_2(int, const char *, int);
 int __openat64_2(int, const char *, int);
 void __chk_fail(void) __attribute__((noreturn));
+/* glibc's versioned stat calls, declared by <sys/stat.h> until 2.33: what
+ * programs built before it call for stat, lstat and fstatat (its inline
+ * functions did), still exported. */
+int __xstat(int, const char *, struct stat *);
+int __xstat64(int, const char *, struct stat64 *);
+int __lxstat(int, const char *, struct stat *);
+int __lxstat64(int, const char *, struct stat64 *);
+int __fxstatat(int, int, const char *, struct stat *, int);
+int __fxstatat64(int, int, const char *, struct stat64 *, int);
 
 /* --- System calls without libc (preload_core.c) -------------------------- */
 

@@ -44,14 +44,32 @@
  *  - A directory present on both sides is listed from the private one
  *    (listings are not merged).
  *
+ * Rewritten, each with the wrapper below: open, openat, creat, fopen
+ * (and their 64 and fortified names), opendir, readlink, readlinkat,
+ * chdir, mkdir, mkdirat, unlink, unlinkat, rmdir, remove, rename,
+ * renameat, truncate, shm_open, shm_unlink, posix_spawn's file actions;
+ * and every way a program asks about a file without opening it, so that it
+ * sees the file its open would reach (a copy-on-write path's private copy,
+ * with that copy's size, mode and inode, once a write made it):
+ *  - stat, lstat, fstatat, statx (and stat64, lstat64, fstatat64);
+ *  - glibc's versioned __xstat, __lxstat, __fxstatat (and their 64
+ *    names), what programs built against glibc before 2.33 call for
+ *    stat, lstat and fstatat (its <sys/stat.h> made those inline calls
+ *    to them);
+ *  - access, faccessat (faccessat2 under it), euidaccess, eaccess;
+ *  - syscall() with SYS_open, openat, openat2, stat, lstat, newfstatat,
+ *    statx, access, faccessat, faccessat2, readlink, readlinkat, chdir
+ *    (do_path_syscall).
+ *
  * Not rewritten: relative paths (see above), paths the kernel follows
  * itself (a symlink's target, a working directory inside `from`: calls
- * relative to it reach the original), and calls without a wrapper here:
+ * relative to it reach the original), calls without a wrapper here:
  * exec's path, link, symlink, chmod, chown, utimensat, rename with flags
- * (renameat2), xattrs, mknod, statfs, realpath (but for /proc/<vpid>), and
- * programs that make raw system calls or link libc statically (not
- * syscall(): its open, openat, openat2, stat and readlink calls are
- * rewritten, do_path_syscall).
+ * (renameat2), xattrs, mknod, statfs and statvfs, realpath (but for
+ * /proc/<vpid>), the path calls glibc makes inside its own functions
+ * (ftw and nftw, glob, fts: they reach the kernel past every wrapper),
+ * and programs that make raw system calls (a syscall instruction, not
+ * syscall()) or link libc statically.
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
@@ -596,6 +614,31 @@ PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode), AT_FDCWD,
 PATH_WRAPPER(int, faccessat, (int fd, const char *path, int mode, int flags),
              (fd, path, mode, flags), fd, PATH_READ, -1,
              REAL(faccessat)(fd, p, mode, flags))
+/* glibc's own euidaccess calls its access or stat past the wrappers. */
+PATH_WRAPPER(int, euidaccess, (const char *path, int mode), (path, mode), AT_FDCWD,
+             PATH_READ, -1, REAL(euidaccess)(p, mode))
+PATH_WRAPPER(int, eaccess, (const char *path, int mode), (path, mode), AT_FDCWD,
+             PATH_READ, -1, REAL(eaccess)(p, mode))
+/* The versioned stat calls that programs built against glibc before 2.33
+ * make in place of stat, lstat and fstatat (and their 64 names): each is
+ * glibc's, with the path rewritten. One version each (GLIBC_2.2.5, the
+ * *at ones GLIBC_2.4), so unversioned here (preload.map). */
+PATH_WRAPPER(int, __xstat, (int ver, const char *path, struct stat *st),
+             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__xstat)(ver, p, st))
+PATH_WRAPPER(int, __xstat64, (int ver, const char *path, struct stat64 *st),
+             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__xstat64)(ver, p, st))
+PATH_WRAPPER(int, __lxstat, (int ver, const char *path, struct stat *st),
+             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__lxstat)(ver, p, st))
+PATH_WRAPPER(int, __lxstat64, (int ver, const char *path, struct stat64 *st),
+             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__lxstat64)(ver, p, st))
+PATH_WRAPPER(int, __fxstatat,
+             (int ver, int fd, const char *path, struct stat *st, int flags),
+             (ver, fd, path, st, flags), fd, PATH_READ, -1,
+             REAL(__fxstatat)(ver, fd, p, st, flags))
+PATH_WRAPPER(int, __fxstatat64,
+             (int ver, int fd, const char *path, struct stat64 *st, int flags),
+             (ver, fd, path, st, flags), fd, PATH_READ, -1,
+             REAL(__fxstatat64)(ver, fd, p, st, flags))
 PATH_FN(static inline, ssize_t, readlink_m,
         (const char *restrict path, char *restrict out, size_t size),
         (path, out, size), AT_FDCWD, PATH_READ, -1, REAL(readlink)(p, out, size))
