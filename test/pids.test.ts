@@ -325,11 +325,21 @@ describe('a fast-forking application snapshotted again and again, left running',
     try {
       await sb.checksPass(aid, 3);
       const storm = await systemPid(aid, 3);
-      const r = await spawnAsync(process.execPath, [cli, 'snapshot', aid, '--leave-running', '--full', '-o', join(images, aid)], {
-        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: freeze gate closed' },
-        timeout: 50_000,
-      });
-      expect(r.signal, `the snapshot was to be killed with the gate closed: ${r.status} ${r.stderr}`).toBe('SIGKILL');
+      // The gate closes only when a freeze finds a thread of the storm
+      // inside a window: nearly always, but a slowed storm can be found
+      // outside every one, and that snapshot just succeeds. Asked again.
+      let r: Awaited<ReturnType<typeof spawnAsync>> | undefined;
+      for (let attempt = 0; attempt < 10 && r?.signal !== 'SIGKILL'; attempt++) {
+        if (r) {
+          expect(r.status, r.stderr).toBe(0);
+          rmSync(join(images, aid), { recursive: true, force: true });
+        }
+        r = await spawnAsync(process.execPath, [cli, 'snapshot', aid, '--leave-running', '--full', '-o', join(images, aid)], {
+          env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'snapshot: freeze gate closed' },
+          timeout: 50_000,
+        });
+      }
+      expect(r!.signal, `the snapshot was to be killed with the gate closed: ${r!.status} ${r!.stderr}`).toBe('SIGKILL');
       // Nobody opens it now: the storm's stays closed (its children's go
       // with them), and only its deadline lets the storm through.
       expect(await closedGates(aid)).toContain(storm);
