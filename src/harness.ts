@@ -14,7 +14,7 @@
  */
 import { currentHolder, harnessOf } from './holder.js';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants as fsConstants, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { createInterface } from 'node:readline';
 import { isatty } from 'node:tty';
@@ -25,6 +25,7 @@ import { addon, type InstanceConfig, paths } from './native.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
+import { CAP, hasCap, ownCreds } from './resources/creds.js';
 import { type AppRecord, type Registry } from './registry.js';
 
 export interface RunOptions {
@@ -214,11 +215,40 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   throw new AppshotError(`the supervisor of '${record.aid}' died (exit ${code})`, code || ExitCode.failure);
 }
 
+/** What `exec` runs the command under so that it reads the clocks A's
+ * processes read: nothing, or nsenter into the time namespace A's init
+ * forks them into (a restore made one with the offsets A had,
+ * resources/timens.ts). A process outside it would see CLOCK_MONOTONIC
+ * and CLOCK_BOOTTIME jump against its siblings', and every later snapshot
+ * of A refuse it (one namespace per application). Entering needs
+ * CAP_SYS_ADMIN, as making it did. */
+function timeNamespaceEntry(record: AppRecord): string[] {
+  if (!record.initPid) return [];
+  let theirs: string;
+  let ours: string;
+  try {
+    theirs = readlinkSync(`/proc/${record.initPid}/ns/time_for_children`);
+    ours = readlinkSync('/proc/self/ns/time');
+  } catch {
+    return []; // no time namespaces here, or init gone (the exec fails on its own)
+  }
+  if (theirs === ours) return [];
+  if (!hasCap(ownCreds().capEff, CAP.SYS_ADMIN))
+    throw new AppshotError(`'${record.aid}' runs in a time namespace of its own (restored with the clock offsets it had): running a command in it needs CAP_SYS_ADMIN`, ExitCode.denied);
+  return ['nsenter', `--time=/proc/${record.initPid}/ns/time_for_children`, '--'];
+}
+
 /** `appshot exec A -- cmd`: runs cmd inside A's virtual view. */
 export async function execIn(registry: Registry, aid: string, command: string[]): Promise<number> {
   if (command.length === 0) throw new AppshotError('no command given: appshot exec A -- cmd args...', ExitCode.usage);
   const record = registry.require(aid);
-  const child = spawn(command[0], command.slice(1), { stdio: 'inherit', env: applicationEnv(record) });
+  const env = applicationEnv(record);
+  const entry = timeNamespaceEntry(record);
+  // nsenter itself runs without the preload library, which would take the
+  // system PID in its /proc path for a virtual one; `env` gives it back to
+  // the command.
+  const argv = entry.length ? [...entry, 'env', `LD_PRELOAD=${env.LD_PRELOAD}`, ...command] : command;
+  const child = spawn(argv[0], argv.slice(1), { stdio: 'inherit', env: entry.length ? { ...env, LD_PRELOAD: process.env.LD_PRELOAD ?? '' } : env });
   const stopForwarding = forwardSignals((sig) => child.kill(sig));
   return await new Promise<number>((resolve, reject) => {
     child.on('error', (e: NodeJS.ErrnoException) =>

@@ -396,6 +396,13 @@ describe('an application in a time namespace of its own (unshare --time)', () =>
     await checksPass('tns', 3);
     restore(snapshot('tns', 'tns-ended'));
     await checksPass('tns', 3);
+    // A command run in it reads its clocks, and does not keep it from
+    // being snapshotted (one namespace per application).
+    const inside = sb.start(['exec', 'tns', '--', 'sh', '-c', 'cat /proc/self/timens_offsets; exec sleep 60 </dev/null >/dev/null 2>&1']);
+    await inside.line(new RegExp(`^monotonic\\s+${OFFSET}\\s+0$`));
+    snapshot('tns', 'tns-with-exec', ['--leave-running']);
+    inside.child.kill('SIGTERM');
+    await inside.exited;
     // SIGHUP: the clocks read once more, by a handler.
     process.kill(pidOf('tns', 2), 'SIGHUP');
     await waitFor(() => /^EXERCISED$/m.test(logOf('tns')) || /FAIL/.test(logOf('tns')), 10_000, 'tns to read its clocks');
