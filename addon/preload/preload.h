@@ -290,7 +290,7 @@ static inline void ensure_init(void) {
   X(stat64) X(lstat) X(lstat64) X(fstatat) X(fstatat64) X(statx)          \
   X(__xstat) X(__xstat64) X(__lxstat) X(__lxstat64) X(__fxstatat)        \
   X(__fxstatat64) X(access) X(faccessat) X(euidaccess) X(eaccess)         \
-  X(readlink) X(readlinkat) X(chdir) X(close)      \
+  X(readlink) X(readlinkat) X(chdir) X(close) X(fchmodat) X(lutimes) \
   X(getcwd) X(get_current_dir_name) X(realpath)                            \
   X(closefrom) X(fcntl64) X(read) X(write) X(recvmsg) X(sendmsg)          \
   X(recvmmsg) X(sendmmsg)                                                  \
@@ -357,6 +357,9 @@ int __lxstat(int, const char *, struct stat *);
 int __lxstat64(int, const char *, struct stat64 *);
 int __fxstatat(int, int, const char *, struct stat *, int);
 int __fxstatat64(int, int, const char *, struct stat64 *, int);
+/* The same for mknod and mknodat. */
+int __xmknod(int, const char *, mode_t, dev_t *);
+int __xmknodat(int, int, const char *, mode_t, dev_t *);
 
 /* --- System calls without libc (preload_core.c) -------------------------- */
 
@@ -611,13 +614,20 @@ HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
  * rewritten to the system PID, then the instance's REDIR PATH and
  * copy-on-write rules applied. What the call will do with the path decides
  * which side of a copy-on-write rule it sees. */
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452 /* Linux 6.6; headers before it lack the name */
+#endif
 enum path_op {
-  PATH_READ,   /* open O_RDONLY, stat, access, readlink, opendir, chdir */
+  PATH_READ,   /* open O_RDONLY, stat, access, readlink, opendir, chdir, getxattr */
   PATH_WRITE,  /* an open that may write: copies a COW file up first */
   PATH_TRUNC,  /* the same, but the old contents are not needed (O_TRUNC) */
   PATH_CREATE, /* mkdir, open O_CREAT|O_EXCL, fopen "x": creates privately */
   PATH_REMOVE, /* unlink, rmdir, a rename's source */
   PATH_TARGET, /* a rename's destination: the private side */
+  PATH_ATTR,   /* chmod, chown, utimes, setxattr, link's source: copies a COW
+                * file, directory or node up first, following a symlink */
+  PATH_LATTR,  /* the same for a call that does not follow a final symlink
+                * (lchown, AT_SYMLINK_NOFOLLOW): a symlink is copied as one */
 };
 
 /* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`

@@ -35,9 +35,21 @@
  *    truncate to 0) skips the contents. An original that does not exist is
  *    not copied: the call creates the private file. An original that is not
  *    a regular file (a device, a FIFO, a directory) is used as it is.
- *  - mkdir and open O_CREAT|O_EXCL (fopen "x") create on the private side
- *    (EEXIST, and nothing copied, if either side has the path); a rename's
- *    destination is the private side.
+ *  - A call that changes metadata (chmod, chown, the utime family, setxattr
+ *    and removexattr, and link's existing name) never reaches the original,
+ *    which the template and every other clone share: it first makes the
+ *    private side from it (copy_attr_up): a regular file copied as above
+ *    (the original's mode and times, not its owner nor its xattrs); a
+ *    directory made with the original's mode (its entries then no longer
+ *    listed, see below); a symlink the call does not follow (lchown,
+ *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
+ *    device node made anew (a device without CAP_MKNOD: EPERM). A call that
+ *    follows a symlink copies what the link leads to, as an open for
+ *    writing does.
+ *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
+ *    mknod and mkfifo create on the private side (EEXIST, and nothing
+ *    copied, if either side has the path); a rename's destination is the
+ *    private side.
  *  - unlink, rmdir and a rename's source act on the private side; one that
  *    would remove a path the original has fails with EROFS, since the
  *    original would show through again (there are no whiteouts).
@@ -48,6 +60,11 @@
  * (and their 64 and fortified names), opendir, readlink, readlinkat,
  * chdir, mkdir, mkdirat, unlink, unlinkat, rmdir, remove, rename,
  * renameat, truncate, shm_open, shm_unlink, posix_spawn's file actions;
+ * chmod, fchmodat, chown, lchown, fchownat, utimensat, utimes, utime,
+ * futimesat, lutimes, setxattr, lsetxattr, removexattr, lremovexattr,
+ * getxattr, lgetxattr, listxattr, llistxattr; symlink, symlinkat, link,
+ * linkat, mknod, mknodat, mkfifo, mkfifoat (and glibc's versioned
+ * __xmknod, __xmknodat, what mknod compiled to before glibc 2.33);
  * and every way a program asks about a file without opening it, so that it
  * sees the file its open would reach (a copy-on-write path's private copy,
  * with that copy's size, mode and inode, once a write made it):
@@ -58,29 +75,39 @@
  *    to them);
  *  - access, faccessat (faccessat2 under it), euidaccess, eaccess;
  *  - syscall() with SYS_open, openat, openat2, stat, lstat, newfstatat,
- *    statx, access, faccessat, faccessat2, readlink, readlinkat, chdir
- *    (do_path_syscall).
+ *    statx, access, faccessat, faccessat2, readlink, readlinkat, chdir,
+ *    and with the metadata calls above, mknod, mknodat and symlink
+ *    (do_path_syscall: one path, first or after a directory).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
  * itself (a symlink's target, a working directory inside `from`: calls
- * relative to it reach the original), calls without a wrapper here:
- * exec's path, link, symlink, chmod, chown, utimensat, rename with flags
- * (renameat2), xattrs, mknod, statfs and statvfs, realpath (but for
- * /proc/<vpid>), the path calls glibc makes inside its own functions
- * (ftw and nftw, glob, fts: they reach the kernel past every wrapper),
- * and programs that make raw system calls (a syscall instruction, not
- * syscall()) or link libc statically.
+ * relative to it reach the original; so a write, chmod or chown through
+ * a symlink on the private side, one the clone made or copied up, whose
+ * target is an absolute path under a copy-on-write rule not yet copied,
+ * reaches that original), calls without a wrapper here: exec's path,
+ * rename with flags (renameat2), syscall() with SYS_link, linkat or
+ * symlinkat (two paths, or the path third: do_path_syscall takes
+ * neither), statfs and statvfs, realpath (but for /proc/<vpid>), the path
+ * calls glibc makes inside its own functions (ftw and nftw, glob, fts:
+ * they reach the kernel past every wrapper), and programs that make raw
+ * system calls (a syscall instruction, not syscall()) or link libc
+ * statically.
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
- * read/write, and a realloc of an answer libc allocated itself (getcwd's,
- * realpath's) that a virtual id makes longer. The one PATH_MAX buffer is in the slow half of a wrapper
- * (two for rename), only when a path is rewritten; path_slow works in it.
+ * read/write or a symlink's target is copied up, and a realloc of an
+ * answer libc allocated itself (getcwd's, realpath's) that a virtual id
+ * makes longer. The one PATH_MAX buffer is in the slow half of a wrapper
+ * (two for rename and link), only when a path is rewritten; path_slow
+ * works in it.
  */
 #include "preload.h"
 
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/time.h>
+#include <sys/xattr.h>
+#include <utime.h>
 
 /* --- Matching ------------------------------------------------------------ */
 
@@ -303,6 +330,13 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   }
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, st.st_mode & 07777);
+  /* The original's times, as a chmod or chown of it would have left them
+   * (a write that follows sets its own). On the temporary name: a copy
+   * another process made and wrote meanwhile keeps its own. */
+  if (!err) {
+    struct timespec times[2] = {st.st_atim, st.st_mtim};
+    SYS4(utimensat, dst, NULL, times, 0);
+  }
   SYS1(close, src);
   SYS1(close, dst);
   int left = 1; /* tmp still there */
@@ -325,6 +359,61 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   if (left) SYS3(unlinkat, dir, tmp, 0);
   SYS1(close, dir);
   return err;
+}
+
+/* A call that changes the metadata of a COW path (PATH_ATTR, PATH_LATTR)
+ * whose private side does not exist yet: the private side is made from the
+ * original first, so that the call changes the clone's own file and never
+ * the template's, which every other clone sees. A regular file is copied
+ * (copy_up); a directory is made with the original's mode (its entries
+ * stay on the original side, and are no longer listed: listings are not
+ * merged); a symlink the call does not follow is made with the same
+ * target; a FIFO, socket or device node is made anew (a device needs
+ * CAP_MKNOD: without it the call fails with EPERM rather than reach the
+ * original). Nothing on the original side: the call fails on the private
+ * side as it would have on the original. Returns 0 or -errno. */
+static NOINLINE int copy_attr_up(const struct cow *c, int follow) {
+  struct stat st;
+  long r = sys6(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
+                follow ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
+  if (r == -ENOENT || r == -ENOTDIR) return 0;
+  if (r < 0) return (int)r;
+  if (S_ISREG(st.st_mode)) {
+    int rc = copy_up(c, 1);
+    return rc == 1 ? -EAGAIN : rc; /* it was replaced meanwhile */
+  }
+  make_parents(c);
+  char *pv = priv_side(c);
+  mode_t perm = st.st_mode & 07777;
+  if (S_ISDIR(st.st_mode)) {
+    r = SYS3(mkdirat, AT_FDCWD, pv, perm);
+  } else if (S_ISLNK(st.st_mode)) {
+    /* The target in a page of its own, not a second PATH_MAX buffer on a
+     * stack that may be small; the original side's name is needed while
+     * it is read, so the private side is asked for again after. */
+    long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m < 0 && m > -4096) return (int)m;
+    char *target = (char *)m;
+    long n = SYS4(readlinkat, AT_FDCWD, orig_side(c), target, PATH_MAX - 1);
+    if (n >= 0) {
+      target[n] = '\0';
+      r = SYS3(symlinkat, target, AT_FDCWD, pv = priv_side(c));
+    } else {
+      r = n;
+    }
+    SYS2(munmap, target, PATH_MAX);
+  } else {
+    unsigned int dev = (unsigned int)st.st_rdev; /* the kernel's encoding */
+    r = SYS4(mknodat, AT_FDCWD, pv, st.st_mode & (S_IFMT | 07777), dev);
+  }
+  if (r == -EEXIST) return 0; /* another process made it meanwhile */
+  if (r < 0) return (int)r;
+  /* As the original is (the umask took bits; the times a chmod keeps). */
+  if (!S_ISLNK(st.st_mode)) SYS4(fchmodat, AT_FDCWD, pv, perm, 0);
+  struct timespec times[2] = {st.st_atim, st.st_mtim};
+  SYS4(utimensat, AT_FDCWD, pv, times, AT_SYMLINK_NOFOLLOW);
+  return 0;
 }
 
 /* --- path_slow ----------------------------------------------------------- */
@@ -402,6 +491,17 @@ const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
     case PATH_TARGET:
       if (!lexists(pv = priv_side(&c), &st)) make_parents(&c);
       return priv_side(&c);
+    case PATH_ATTR:
+    case PATH_LATTR: {
+      /* Never the original: its metadata is every clone's. */
+      if (lexists(pv = priv_side(&c), &st)) return pv;
+      int rc = copy_attr_up(&c, op == PATH_ATTR);
+      if (rc < 0) {
+        errno = -rc;
+        return NULL;
+      }
+      return priv_side(&c);
+    }
   }
   return original(path, p, buf);
 }
@@ -435,6 +535,11 @@ const char *at_path_slow(int kind, const char *path, enum path_op op, char buf[P
     return CALL;                                                   \
   }
 #define PATH_WRAPPER(...) PATH_FN(API, __VA_ARGS__)
+
+/* A metadata call's: whether it follows a final symlink. */
+static inline enum path_op attr_op(int flags) {
+  return (flags & AT_SYMLINK_NOFOLLOW) ? PATH_LATTR : PATH_ATTR;
+}
 
 static enum path_op open_op(int flags) {
   /* Fails on an existing file: no copy needed to find out. */
@@ -833,8 +938,32 @@ static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, 
 
 long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
+  enum path_op op = PATH_READ;
   const char *path;
   switch (nr) {
+    /* Calls that change metadata or make a name (the wrappers above): the
+     * path first, or after a directory. */
+    case SYS_chmod:
+    case SYS_chown:
+    case SYS_utime:
+    case SYS_utimes:
+    case SYS_setxattr:
+    case SYS_removexattr: op = PATH_ATTR; path = (const char *)a; break;
+    case SYS_lchown:
+    case SYS_lsetxattr:
+    case SYS_lremovexattr: op = PATH_LATTR; path = (const char *)a; break;
+    case SYS_getxattr:
+    case SYS_lgetxattr:
+    case SYS_listxattr:
+    case SYS_llistxattr: path = (const char *)a; break;
+    case SYS_mknod: op = PATH_CREATE; path = (const char *)a; break;
+    case SYS_symlink: op = PATH_CREATE; path = (const char *)b; break;
+    case SYS_mknodat: op = PATH_CREATE; dirfd = (int)a; path = (const char *)b; break;
+    case SYS_fchmodat:
+    case SYS_futimesat: op = PATH_ATTR; dirfd = (int)a; path = (const char *)b; break;
+    case SYS_fchmodat2:
+    case SYS_utimensat: op = attr_op((int)d); dirfd = (int)a; path = (const char *)b; break;
+    case SYS_fchownat: op = attr_op((int)e); dirfd = (int)a; path = (const char *)b; break;
     case SYS_fchdir: {
       long r = sys6(nr, a, 0, 0, 0, 0, 0);
       cwd_moved();
@@ -858,7 +987,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       dirfd = (int)a;
       path = (const char *)b;
   }
-  enum path_op op = flags == -1 ? PATH_READ : open_op(flags);
+  if (flags != -1) op = open_op(flags);
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, path, op)
@@ -886,6 +1015,138 @@ PATH_WRAPPER(int, truncate, (const char *path, off_t length), (path, length), NO
 PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
              (path, length), NO_PROC_DIR, length ? PATH_WRITE : PATH_TRUNC, -1,
              (int)libc_ret(SYS2(truncate, p, length)))
+
+/* --- Metadata and new names -------------------------------------------------
+ *
+ * Calls that change a file without opening it: under a copy-on-write rule
+ * they act on the private side, made from the original first (PATH_ATTR:
+ * copy_attr_up), so that a clone never changes what its template and every
+ * other clone share. Those that read metadata (getxattr, listxattr) see the
+ * side an open would. Raw system calls, as the kernel has each (glibc's
+ * own make only that call), but glibc's fchmodat with flags (it emulates
+ * AT_SYMLINK_NOFOLLOW on kernels without fchmodat2) and lutimes (its
+ * checked conversion to utimensat). */
+PATH_WRAPPER(int, chmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
+             PATH_ATTR, -1, (int)libc_ret(SYS3(fchmodat, AT_FDCWD, p, mode)))
+PATH_WRAPPER(int, fchmodat, (int fd, const char *path, mode_t mode, int flags),
+             (fd, path, mode, flags), NO_PROC_DIR, attr_op(flags), -1,
+             flags ? REAL(fchmodat)(fd, p, mode, flags)
+                   : (int)libc_ret(SYS3(fchmodat, fd, p, mode)))
+PATH_WRAPPER(int, chown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
+             NO_PROC_DIR, PATH_ATTR, -1,
+             (int)libc_ret(SYS5(fchownat, AT_FDCWD, p, uid, gid, 0)))
+PATH_WRAPPER(int, lchown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
+             NO_PROC_DIR, PATH_LATTR, -1,
+             (int)libc_ret(SYS5(fchownat, AT_FDCWD, p, uid, gid, AT_SYMLINK_NOFOLLOW)))
+PATH_WRAPPER(int, fchownat, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
+             (fd, path, uid, gid, flags), NO_PROC_DIR, attr_op(flags), -1,
+             (int)libc_ret(SYS5(fchownat, fd, p, uid, gid, flags)))
+/* utimensat's path may be NULL (the descriptor itself): never hooked. */
+PATH_WRAPPER(int, utimensat,
+             (int fd, const char *path, const struct timespec times[2], int flags),
+             (fd, path, times, flags), NO_PROC_DIR, attr_op(flags), -1,
+             (int)libc_ret(SYS4(utimensat, fd, p, times, flags)))
+PATH_WRAPPER(int, utimes, (const char *path, const struct timeval times[2]),
+             (path, times), NO_PROC_DIR, PATH_ATTR, -1,
+             (int)libc_ret(SYS2(utimes, p, times)))
+PATH_WRAPPER(int, utime, (const char *path, const struct utimbuf *times),
+             (path, times), NO_PROC_DIR, PATH_ATTR, -1,
+             (int)libc_ret(SYS2(utime, p, times)))
+PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval times[2]),
+             (fd, path, times), NO_PROC_DIR, PATH_ATTR, -1,
+             (int)libc_ret(SYS3(futimesat, fd, p, times)))
+PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
+             (path, times), NO_PROC_DIR, PATH_LATTR, -1, REAL(lutimes)(p, times))
+PATH_WRAPPER(int, setxattr,
+             (const char *path, const char *name, const void *value, size_t size, int flags),
+             (path, name, value, size, flags), NO_PROC_DIR, PATH_ATTR, -1,
+             (int)libc_ret(SYS5(setxattr, p, name, value, size, flags)))
+PATH_WRAPPER(int, lsetxattr,
+             (const char *path, const char *name, const void *value, size_t size, int flags),
+             (path, name, value, size, flags), NO_PROC_DIR, PATH_LATTR, -1,
+             (int)libc_ret(SYS5(lsetxattr, p, name, value, size, flags)))
+PATH_WRAPPER(int, removexattr, (const char *path, const char *name), (path, name),
+             NO_PROC_DIR, PATH_ATTR, -1, (int)libc_ret(SYS2(removexattr, p, name)))
+PATH_WRAPPER(int, lremovexattr, (const char *path, const char *name), (path, name),
+             NO_PROC_DIR, PATH_LATTR, -1, (int)libc_ret(SYS2(lremovexattr, p, name)))
+PATH_WRAPPER(ssize_t, getxattr,
+             (const char *path, const char *name, void *value, size_t size),
+             (path, name, value, size), NO_PROC_DIR, PATH_READ, -1,
+             libc_ret(SYS4(getxattr, p, name, value, size)))
+PATH_WRAPPER(ssize_t, lgetxattr,
+             (const char *path, const char *name, void *value, size_t size),
+             (path, name, value, size), NO_PROC_DIR, PATH_READ, -1,
+             libc_ret(SYS4(lgetxattr, p, name, value, size)))
+PATH_WRAPPER(ssize_t, listxattr, (const char *path, char *list, size_t size),
+             (path, list, size), NO_PROC_DIR, PATH_READ, -1,
+             libc_ret(SYS3(listxattr, p, list, size)))
+PATH_WRAPPER(ssize_t, llistxattr, (const char *path, char *list, size_t size),
+             (path, list, size), NO_PROC_DIR, PATH_READ, -1,
+             libc_ret(SYS3(llistxattr, p, list, size)))
+
+/* New names: created on the private side, like mkdir (EEXIST if either
+ * side has the path). A symlink's target is its contents, not rewritten. */
+PATH_WRAPPER(int, symlink, (const char *target, const char *path), (target, path),
+             NO_PROC_DIR, PATH_CREATE, -1,
+             (int)libc_ret(SYS3(symlinkat, target, AT_FDCWD, p)))
+PATH_WRAPPER(int, symlinkat, (const char *target, int fd, const char *path),
+             (target, fd, path), NO_PROC_DIR, PATH_CREATE, -1,
+             (int)libc_ret(SYS3(symlinkat, target, fd, p)))
+/* glibc's mknodat: the kernel takes a 32-bit device number, same layout. */
+static int mknodat_raw(int fd, const char *p, mode_t mode, dev_t dev) {
+  if ((unsigned int)dev != dev) {
+    errno = EINVAL;
+    return -1;
+  }
+  return (int)libc_ret(SYS4(mknodat, fd, p, mode, (unsigned int)dev));
+}
+PATH_WRAPPER(int, mknod, (const char *path, mode_t mode, dev_t dev), (path, mode, dev),
+             NO_PROC_DIR, PATH_CREATE, -1, mknodat_raw(AT_FDCWD, p, mode, dev))
+PATH_WRAPPER(int, mknodat, (int fd, const char *path, mode_t mode, dev_t dev),
+             (fd, path, mode, dev), NO_PROC_DIR, PATH_CREATE, -1, mknodat_raw(fd, p, mode, dev))
+PATH_WRAPPER(int, mkfifo, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
+             PATH_CREATE, -1, mknodat_raw(AT_FDCWD, p, S_IFIFO | mode, 0))
+PATH_WRAPPER(int, mkfifoat, (int fd, const char *path, mode_t mode), (fd, path, mode),
+             NO_PROC_DIR, PATH_CREATE, -1, mknodat_raw(fd, p, S_IFIFO | mode, 0))
+/* What mknod and mknodat compiled to before glibc 2.33 (as __xstat for
+ * stat): version 0 (_MKNOD_VER) only, as glibc's. */
+static int xmknodat_raw(int ver, int fd, const char *p, mode_t mode, const dev_t *dev) {
+  if (ver != 0) {
+    errno = EINVAL;
+    return -1;
+  }
+  return mknodat_raw(fd, p, mode, *dev);
+}
+PATH_WRAPPER(int, __xmknod, (int ver, const char *path, mode_t mode, dev_t *dev),
+             (ver, path, mode, dev), NO_PROC_DIR, PATH_CREATE, -1,
+             xmknodat_raw(ver, AT_FDCWD, p, mode, dev))
+PATH_WRAPPER(int, __xmknodat, (int ver, int fd, const char *path, mode_t mode, dev_t *dev),
+             (ver, fd, path, mode, dev), NO_PROC_DIR, PATH_CREATE, -1,
+             xmknodat_raw(ver, fd, p, mode, dev))
+
+/* link: two paths, either or both hooked. The new name is made on the
+ * private side; an existing one under a copy-on-write rule is copied up
+ * first (PATH_ATTR), so that the new name never shares the template's
+ * inode, which a write through it would change. */
+static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *to,
+                                int flags) {
+  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
+  char a_buf[PATH_MAX], b_buf[PATH_MAX];
+  const char *a = from, *b = to;
+  /* The new name first: EEXIST copies nothing. */
+  if (path_hooked(to) && !(b = path_slow(to, PATH_CREATE, b_buf))) return -1;
+  if (path_hooked(from) &&
+      !(a = path_slow(from, (flags & AT_SYMLINK_FOLLOW) ? PATH_ATTR : PATH_LATTR, a_buf)))
+    return -1;
+  return (int)libc_ret(SYS5(linkat, fd1, a, fd2, b, flags));
+}
+API int linkat(int fd1, const char *from, int fd2, const char *to, int flags) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return linkat_slow(fd1, from, fd2, to, flags);
+  return (int)libc_ret(SYS5(linkat, fd1, from, fd2, to, flags));
+}
+API int link(const char *from, const char *to) { return linkat(AT_FDCWD, from, AT_FDCWD, to, 0); }
 
 /* rename: two paths, either or both hooked. */
 static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,

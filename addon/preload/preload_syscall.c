@@ -125,7 +125,28 @@ API long syscall(long nr, ...) {
     case SYS_readlink:
     case SYS_readlinkat:
     case SYS_chdir:
-    case SYS_fchdir: return do_path_syscall(nr, a, b, c, d, e);
+    case SYS_fchdir:
+    case SYS_chmod:
+    case SYS_fchmodat:
+    case SYS_fchmodat2:
+    case SYS_chown:
+    case SYS_lchown:
+    case SYS_fchownat:
+    case SYS_utime:
+    case SYS_utimes:
+    case SYS_futimesat:
+    case SYS_utimensat:
+    case SYS_setxattr:
+    case SYS_lsetxattr:
+    case SYS_removexattr:
+    case SYS_lremovexattr:
+    case SYS_getxattr:
+    case SYS_lgetxattr:
+    case SYS_listxattr:
+    case SYS_llistxattr:
+    case SYS_mknod:
+    case SYS_mknodat:
+    case SYS_symlink: return do_path_syscall(nr, a, b, c, d, e);
     case SYS_getdents64:
     case SYS_getdents: return do_getdents_syscall(nr, a, b, c);
     case SYS_getsockopt:
