@@ -36,7 +36,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
-import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, type SockKind } from './sockopts.js';
+import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -448,6 +448,9 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
     // Never a shorter queue than the caller's: its clients wait there
     // while the restore runs (serve's 4096 against redis's 511, python's
     // 5), and a SYN past the backlog is dropped (retried after a second).
+    // What cannot be given back a fresh socket's value is the same here as
+    // when serve gave the image's options to it ahead of the restore
+    // (SharedListener.takeOwnOptions), which logged it.
     applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog);
     return sock;
   });
@@ -459,9 +462,19 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
  * public listener as soon as it has read the image, so that connections
  * waiting in its queue before a restore are made with them too (the
  * kernel copies a listener's options into a connection when its handshake
- * completes, not when it is accepted). */
-export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0): void {
+ * completes, not when it is accepted).
+ *
+ * The socket outlives the images it is given (serve's, one restore after
+ * another): an option an earlier image gave it, or its application set on
+ * it after its image was taken (then crashed, restored from that image),
+ * that `s` does not carry goes back to a fresh socket's value first
+ * (resetExtras), or the next application and every connection queued for
+ * it would have it. Returns what could not be given back (resetExtras),
+ * one line each. */
+export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0): string[] {
   check(s, 'listen', where);
+  const { family, type } = addon().sockInfo(sock);
+  const stale = resetExtras(sock, 'listen', family, type, s.options ?? [], BASE_OPTIONS, where);
   applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
   const backlog = Math.max(s.backlog, minBacklog);
   try {
@@ -469,6 +482,7 @@ export function applyListenerOptions(sock: number, s: Socket, where: string, min
   } catch (e) {
     throw new AppshotError(`${where}: its backlog (${backlog}) cannot be set: ${(e as Error).message}`);
   }
+  return stale;
 }
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */

@@ -458,7 +458,8 @@ class Service {
     const state = this.instances.get(this.name)?.state;
     if (!s || !this.ready || (state !== 'suspended' && state !== 'crashed')) return;
     try {
-      if (s.problem(this.ready[0].image) === undefined) s.takeOwnOptions();
+      const stale = s.problem(this.ready[0].image) === undefined ? s.takeOwnOptions() : [];
+      if (stale.length) this.log('listener-options-stale', { image: this.lastImage, stale });
     } catch (e) {
       this.log('listener-options-failed', { error: (e as Error).message });
     }

@@ -179,9 +179,15 @@ export class SharedListener {
    * options (the kernel copies a listener's into each when its handshake
    * completes, not when it is accepted), not serve's. The restore sets
    * them again (resources/sockets.ts): the same, nothing to do.
+   *
+   * Options it has that this image's listener has not (an earlier
+   * image's, or set by an instance after its image was taken, which then
+   * crashed) go back to a fresh socket's first (applyListenerOptions).
+   * Returns those that cannot, one line each.
    */
-  takeOwnOptions(): void {
-    if (this.own) applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+  takeOwnOptions(): string[] {
+    if (!this.own) return [];
+    return applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
   }
 
   /** Its queue serve's length again (SERVE_BACKLOG, or the application's
