@@ -842,7 +842,6 @@ class Service {
     if (inst.state !== 'running') return;
     this.counters.crashes++;
     this.host.metrics?.crashes.inc({ service: this.name });
-    this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     // Its ended registration goes when it is restored (restoreInstance),
     // so that the AID can be taken again; a clone's goes now.
     if (this.spec.mode === 'restore') {
@@ -852,12 +851,20 @@ class Service {
       // half application serving while the restore never comes (its watch
       // never fires while they drain it). They go now.
       if (this.shared) this.crashRemoval = api.rm(inst.aid, { home: this.host.home, force: true }).then(() => undefined, () => undefined);
+      // The listener has the options the instance left on it, which may
+      // be some its image has not (set after it was taken): the image's
+      // again, before the next client's connection is made with them and
+      // waits for the restore from that image (logged after: a client
+      // told of the crash finds them so). Not read yet: when it has been.
+      if (this.shared && this.ready) this.ownOptions();
+      else if (this.shared && !this.preloading && this.host.preloadRoom()) this.preload();
       this.host.warmStandbys();
     }
     else {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
     }
+    this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     this.changed();
   }
 
