@@ -24,7 +24,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
-import { type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
@@ -1296,6 +1296,20 @@ class Service {
 
   /** suspend() is reading what the application's own listener was. */
   private learning = false;
+  /** What suspend() read of an adopted instance's image that did not tell
+   * what the application's own listener was: the image, its chain's files
+   * as they were then (chainOnDisk), and why. The same image, unchanged,
+   * says the same: not read again each idle period (reading and verifying
+   * a chain is a restore's reading, seconds for GiB). Another image, or
+   * one changed on disk since (made readable again, replaced), is read
+   * again. (A key trusted since is not noticed until then: serve's
+   * restart reads it.) */
+  private unlearnt: { image: string; onDisk: string; why: string } | undefined;
+
+  /** The files of the service's chain as they are on disk now. */
+  private chainOnDisk(): string {
+    return [...new Set([...this.chain, this.lastImage])].map(imageIdentityOnDisk).join('\n');
+  }
 
   private async suspend(inst: Instance, idleMs: number): Promise<void> {
     // Shared: a client may have connected since the last sample (the
@@ -1310,18 +1324,24 @@ class Service {
       // listener was is read from the image it was restored from.
       if (!this.shared.knowsOriginal) {
         if (this.learning) return; // (the policy asks again each tick)
-        this.learning = true;
-        let why: string | undefined;
-        await loadImageChain(this.lastImage)
-          .then((chain) => {
-            try {
-              why = this.shared?.problem(chain[0].image);
-            } finally {
-              chain.forEach((l) => l.dispose());
-            }
-          })
-          .catch((e: Error) => (why = e.message))
-          .finally(() => (this.learning = false));
+        const image = this.lastImage;
+        const onDisk = this.chainOnDisk();
+        const known = this.unlearnt?.image === image && this.unlearnt.onDisk === onDisk ? this.unlearnt : undefined;
+        let why: string | undefined = known?.why;
+        if (!known) {
+          this.learning = true;
+          await loadImageChain(image)
+            .then((chain) => {
+              try {
+                why = this.shared?.problem(chain[0].image);
+              } finally {
+                chain.forEach((l) => l.dispose());
+              }
+            })
+            .catch((e: Error) => (why = e.message))
+            .finally(() => (this.learning = false));
+          this.unlearnt = this.shared && !this.shared.knowsOriginal ? { image, onDisk, why: why ?? 'its image names none' } : undefined;
+        }
         if (inst.state !== 'running' || this.closing || !this.shared) return;
         // Still unknown: not suspended. Its image would record the
         // listener with nothing true to say of it, and a plain restore
