@@ -204,10 +204,19 @@ describe("the application's listener options, one image after another", () => {
       // and set, would be one): loopback's, far above both.
       expect((await connection([TCP_MAXSEG]))[0]).toBeGreaterThan(1000);
 
+      // Handed to a restore of that very image: it need not read and give
+      // them back again (RestoreOptions.inheritGiven); the instance may
+      // change them, so the next restore must.
+      expect(pub.restoreOptions().inheritGiven).toEqual(new Set([`serve:${APP}`]));
+      expect(pub.restoreOptions().inheritGiven).toBeUndefined();
+
       // Image 3: nothing set at all.
       expect(pub.problem(imageWith([]))).toBeUndefined();
       expect(pub.takeOwnOptions()).toEqual([]);
       expect(await connection([TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_BUF_LOCK])).toEqual(freshly([TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, SO_BUF_LOCK]));
+      // Another image than the one given (read again by the restore): not.
+      expect(pub.problem(imageWith([]))).toBeUndefined();
+      expect(pub.restoreOptions().inheritGiven).toBeUndefined();
     } finally {
       closeSync(fresh);
     }

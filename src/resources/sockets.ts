@@ -427,7 +427,7 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
   const given = h.inherit.get(key);
   if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
   addon().setStatusFlags(given, fd.flags);
-  asApplicationListener(h, given, s, `fd ${fd.fd}: the listener inherited from '${key}'`);
+  asApplicationListener(h, given, s, `fd ${fd.fd}: the listener inherited from '${key}'`, !h.inheritGiven.has(key));
   return given;
 }
 
@@ -443,15 +443,16 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
  * where the caller chose (the caller keeps them, to be recorded again:
  * InheritedListener.bindOptions). listen() again only changes the backlog.
  */
-function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string): void {
+function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string, reset: boolean): void {
   h.once(`inherited ${s.ino}`, () => {
     // Never a shorter queue than the caller's: its clients wait there
     // while the restore runs (serve's 4096 against redis's 511, python's
     // 5), and a SYN past the backlog is dropped (retried after a second).
     // What cannot be given back a fresh socket's value is the same here as
     // when serve gave the image's options to it ahead of the restore
-    // (SharedListener.takeOwnOptions), which logged it.
-    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog);
+    // (SharedListener.takeOwnOptions), which logged it; given them just
+    // so (`reset` false: RestoreContext.inheritGiven), nothing to give back.
+    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog, reset);
     return sock;
   });
 }
@@ -469,12 +470,15 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
  * it after its image was taken (then crashed, restored from that image),
  * that `s` does not carry goes back to a fresh socket's value first
  * (resetExtras), or the next application and every connection queued for
- * it would have it. Returns what could not be given back (resetExtras),
- * one line each. */
-export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0): string[] {
+ * it would have it (`reset` false: the caller knows it has none). Returns
+ * what could not be given back (resetExtras), one line each. */
+export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0, reset = true): string[] {
   check(s, 'listen', where);
-  const { family, type } = addon().sockInfo(sock);
-  const stale = resetExtras(sock, 'listen', family, type, s.options ?? [], BASE_OPTIONS, where);
+  let stale: string[] = [];
+  if (reset) {
+    const { family, type } = addon().sockInfo(sock);
+    stale = resetExtras(sock, 'listen', family, type, s.options ?? [], BASE_OPTIONS, where);
+  }
   applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
   const backlog = Math.max(s.backlog, minBacklog);
   try {

@@ -627,7 +627,8 @@ export function resetExtras(sock: number, kind: SockKind, family: number, type: 
     }
   }
   const lockAt = specs.findIndex(isLock);
-  if (lockAt >= 0 && fresh.raw.lengths[lockAt] >= 0) setBack(specs[lockAt], lockAt, readRaw(sock, specs));
+  // (Read again only if a size was set: a read of every option is ~0.15 ms.)
+  if (lockAt >= 0 && fresh.raw.lengths[lockAt] >= 0) setBack(specs[lockAt], lockAt, sized.length ? readRaw(sock, specs) : now);
   else
     for (const s of sized)
       stale.push(`${where}: ${s.label} is a fresh socket's size again, but stays locked (the connections it accepts are not autotuned): this kernel has no SO_BUF_LOCK to unlock it with`);

@@ -60,6 +60,11 @@ export class SharedListener {
   /** The image's record of that listener (problem()): its options and
    * backlog, which takeOwnOptions gives this socket. */
   private own: Socket | undefined;
+  /** The record takeOwnOptions last gave this socket the options of,
+   * until an instance is handed it (restoreOptions), which may change
+   * them: a restore of that very record need not read and give them back
+   * again (RestoreOptions.inheritGiven). */
+  private given: Socket | undefined;
 
   /** The key images name the listener of application port `appPort` by. */
   static keyOf(appPort: number): string {
@@ -115,8 +120,11 @@ export class SharedListener {
   }
 
   /** What the restore is handed (RestoreOptions.inherit, inheritAt). */
-  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string } } {
-    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key } };
+  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string }; inheritGiven?: ReadonlySet<string> } {
+    // Of the image problem() has just accepted (the restore's own).
+    const given = this.given !== undefined && this.given === this.own;
+    this.given = undefined;
+    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key }, ...(given ? { inheritGiven: new Set([this.key]) } : {}) };
   }
 
   /** Whether an image has told what the application's own listener was
@@ -186,8 +194,11 @@ export class SharedListener {
    * Returns those that cannot, one line each.
    */
   takeOwnOptions(): string[] {
+    this.given = undefined;
     if (!this.own) return [];
-    return applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+    const stale = applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+    this.given = this.own;
+    return stale;
   }
 
   /** Its queue serve's length again (SERVE_BACKLOG, or the application's
