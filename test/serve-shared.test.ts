@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { FdKind, type Image } from '../src/image/types.js';
 import { SharedListener } from '../src/serve/shared.js';
+import { optionLabel, readExtras, resetExtras } from '../src/resources/sockopts.js';
 
 const APP = 6379;
 let server: Server;
@@ -219,6 +220,39 @@ describe("the application's listener options, one image after another", () => {
       expect(pub.restoreOptions().inheritGiven).toBeUndefined();
     } finally {
       closeSync(fresh);
+    }
+  });
+  it.each([
+    ['IPv4', '127.0.0.1', 2],
+    ['IPv6', '::1', 10],
+  ] as const)("an %s listener given many options is a fresh socket's again for every one, but what the kernel cannot give back, which is said", async (_, host, family) => {
+    const s = createServer();
+    await new Promise<void>((resolve, reject) => s.once('error', reject).listen(0, host, () => resolve()));
+    const sock = addon().dupFd((s as unknown as { _handle: { fd: number } })._handle.fd);
+    s.close();
+    const BASE: [number, number][] = [[1, 2], [1, 15], [41, 26]];
+    const shown = () => readExtras(sock, 'listen', family, 1, BASE, 'the listener').map((o) => optionLabel(o.level, o.name));
+    try {
+      // SO_SNDBUF, SO_RCVBUF (locked), SO_KEEPALIVE, SO_PRIORITY, SO_RCVLOWAT;
+      // IP_TOS, IP_TTL; TCP_NODELAY, TCP_MAXSEG, keepalive timers,
+      // TCP_LINGER2, TCP_DEFER_ACCEPT, TCP_USER_TIMEOUT, TCP_FASTOPEN,
+      // TCP_NOTSENT_LOWAT; IPv6: its hop limit and traffic class.
+      const set = [[1, 7, 50000], [1, 8, 50000], [1, 9, 1], [1, 12, 3], [1, 18, 10], [0, 1, 16], [0, 2, 33], [6, 1, 1], [6, 2, 1000], [6, 4, 77], [6, 5, 11], [6, 6, 5], [6, 8, 30], [6, 9, 5], [6, 18, 5000], [6, 23, 5], [6, 25, 100]];
+      if (family === 10) set.push([41, 16, 33], [41, 67, 8]);
+      for (const [l, n, v] of set) addon().setSockOpt(sock, l, n, v);
+      expect(shown().length).toBeGreaterThanOrEqual(set.length);
+      // Those kept stay (with their lock bit); the others go.
+      const keep = readExtras(sock, 'listen', family, 1, BASE, 'the listener').filter((o) => ['TCP_KEEPIDLE', 'SO_RCVBUF'].includes(optionLabel(o.level, o.name)));
+      expect(resetExtras(sock, 'listen', family, 1, keep, BASE, 'the listener')).toEqual([]);
+      expect(shown()).toEqual(['SO_RCVBUF', 'SO_BUF_LOCK', 'TCP_KEEPIDLE']);
+      expect(addon().getSockOpt(sock, 1, 72)).toBe(2);
+      expect(resetExtras(sock, 'listen', family, 1, [], BASE, 'the listener')).toEqual([]);
+      expect(shown()).toEqual([]);
+      // A listener's window clamp cannot go back to 0: said, not hidden.
+      addon().setSockOpt(sock, 6, 10, 5000);
+      expect(resetExtras(sock, 'listen', family, 1, [], BASE, 'the listener')).toEqual([expect.stringMatching(/^the listener: TCP_WINDOW_CLAMP cannot be given back a fresh socket's value: /)]);
+    } finally {
+      closeSync(sock);
     }
   });
 });

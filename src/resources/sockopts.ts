@@ -572,7 +572,8 @@ const UNSET: readonly (readonly [level: number, name: number, value: number])[] 
  *
  * - A buffer size is set to a fresh socket's, and its lock bit (which
  *   that setsockopt sets, and which turns the kernel's autotuning of the
- *   connections accepted off) cleared through SO_BUF_LOCK. A kernel
+ *   connections accepted off) cleared through SO_BUF_LOCK (a kept size
+ *   keeps its bit). A kernel
  *   without SO_BUF_LOCK (before 5.14) cannot clear it: no setsockopt
  *   does (SO_RCVBUF 0 sets the minimum size, locked); said so.
  * - TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_SYNCNT read as the
@@ -627,9 +628,18 @@ export function resetExtras(sock: number, kind: SockKind, family: number, type: 
     }
   }
   const lockAt = specs.findIndex(isLock);
-  // (Read again only if a size was set: a read of every option is ~0.15 ms.)
-  if (lockAt >= 0 && fresh.raw.lengths[lockAt] >= 0) setBack(specs[lockAt], lockAt, sized.length ? readRaw(sock, specs) : now);
-  else
+  if (lockAt >= 0 && fresh.raw.lengths[lockAt] >= 0) {
+    // A fresh socket's bits, and those of the sizes kept (set by the
+    // application, which an image records with SO_BUF_LOCK anyway).
+    const want = fresh.raw.data.readInt32LE(offsetsOf(specs)[lockAt]) | specs.filter((s) => s.lockBit && kept(s)).reduce((bits, s) => bits | s.lockBit!, 0);
+    if (!kept(specs[lockAt])) {
+      try {
+        if (addon().getSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK) !== want) addon().setSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK, want);
+      } catch (e) {
+        stale.push(`${where}: its buffer sizes cannot be unlocked (SO_BUF_LOCK ${want}): ${(e as Error).message}`);
+      }
+    }
+  } else
     for (const s of sized)
       stale.push(`${where}: ${s.label} is a fresh socket's size again, but stays locked (the connections it accepts are not autotuned): this kernel has no SO_BUF_LOCK to unlock it with`);
   return stale;
