@@ -119,7 +119,8 @@ export class SharedListener {
     return { count: now.length, fresh: fresh.map((c) => ({ remote: c.remote, port: c.port })) };
   }
 
-  /** What the restore is handed (RestoreOptions.inherit, inheritAt). */
+  /** What the restore is handed (RestoreOptions.inherit, inheritAt, and
+   * inheritGiven if takeOwnOptions gave it this very image's options). */
   restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string }; inheritGiven?: ReadonlySet<string> } {
     // Of the image problem() has just accepted (the restore's own).
     const given = this.given !== undefined && this.given === this.own;
