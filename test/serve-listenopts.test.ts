@@ -19,6 +19,10 @@
  *   refuses it the instance's descriptors) says so in one line and exits,
  *   rather than failing to bind the port the instance holds; a serve that
  *   can adopts the instance as before.
+ * - An adopted instance whose image cannot tell what its own listener was
+ *   is not suspended, idle period after idle period; the image is read
+ *   once for it (test/fixtures/openwatch counts the opens of its
+ *   manifest), and again once it changed on disk (made readable).
  * - Restores that keep failing (the program replaced under the image)
  *   while a client waits in the shared listener's queue: after 3 in a row
  *   the forwarding front door takes the listener, accepts the client, and
@@ -27,7 +31,7 @@
  *   (its helper holds it too): the helper goes with the crash, before any
  *   client comes, and the next client is answered by a restored instance.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -35,7 +39,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { FdKind } from '../src/image/types.js';
-import { alive, command, fixture, type Running, Sandbox, waitFor } from './helpers.js';
+import { alive, command, fixture, Running, Sandbox, waitFor } from './helpers.js';
 
 const IPPROTO_IP = 0;
 const IP_FREEBIND = 15;
@@ -218,18 +222,32 @@ describe("appshot serve: the shared listener is the application's own", () => {
     writeFileSync(specFile, JSON.stringify({ ...JSON.parse(readFileSync(specFile, 'utf8')), idleMs: 1000 }));
     const from = join(out, 'opts.img');
     chmodSync(from, 0o777);
+    // Each open of a file of that image, as the kernel tells it.
+    const watch = new Running(spawn(fixture('openwatch'), [from]));
     try {
+      await watch.line(/^WATCHING$/);
+      const manifestOpens = () => watch.output().filter((l) => l === 'OPEN manifest.pb').length;
+      const deferrals = () => events(serve!, 'adopted').filter((e) => e.event === 'suspend-deferred');
       serve = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
       await serve.line(/^ready$/, 60_000);
       expect(events(serve, 'adopted').find((e) => e.event === 'listen')).toMatchObject({ shared: true, adopted: true });
-      await waitFor(() => events(serve!, 'adopted').some((e) => e.event === 'suspend-deferred'), 30_000, 'the suspend to be deferred');
-      const deferred = events(serve, 'adopted').find((e) => e.event === 'suspend-deferred') as unknown as { why: string };
+      await waitFor(() => deferrals().length > 0, 30_000, 'the suspend to be deferred');
+      const deferred = deferrals()[0] as unknown as { why: string };
       expect(deferred.why).toMatch(/what the application's own listener was is not known: .*writable by others/);
+      // Read once: the idle periods after it defer for the same reason
+      // without reading the image again (unchanged on disk).
+      const opened = manifestOpens();
+      expect(opened).toBeGreaterThan(0);
+      const seen = deferrals().length;
+      await waitFor(() => deferrals().length >= seen + 2, 30_000, 'two more idle periods');
+      expect((deferrals().at(-1) as unknown as { why: string }).why).toBe(deferred.why);
+      expect(manifestOpens()).toBe(opened);
       expect(show('adopted').state).toBe('running');
       expect(show('adopted').snapshots).toBe(0);
       expect(await ask(PUBLIC2)).toBe('OK 5\n');
     } finally {
       chmodSync(from, 0o755);
+      watch.child.kill('SIGKILL');
     }
     // Readable again: suspended at its next idle, its image recording
     // the application's listener (127.0.0.1), not a wildcard.
@@ -292,10 +310,10 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     await waitFor(() => log().some((e) => e.event === 'share-fallback'), 60_000, 'the fallback to forwarding').catch((e: Error) => {
       throw new Error(`${e.message}\n${serve2!.stderr}`);
     });
-    // The failures before the fallback (the log, read now, may hold the
-    // next one already on a slow machine).
-    const fallbackAt = log().findIndex((e) => e.event === 'share-fallback');
-    const failures = log().slice(0, fallbackAt).filter((e) => e.event === 'restore-failed') as { ts: string }[];
+    // Those before the fallback: the failure that closes the client may
+    // be logged a few milliseconds after it, before this reads the log.
+    const fellBack = log().findIndex((e) => e.event === 'share-fallback');
+    const failures = log().slice(0, fellBack).filter((e) => e.event === 'restore-failed') as { ts: string }[];
     expect(failures.length).toBeGreaterThanOrEqual(3);
     // Tried a second apart, not one after another at once.
     for (let i = 1; i < 3; i++) expect(Date.parse(failures[i].ts) - Date.parse(failures[i - 1].ts)).toBeGreaterThanOrEqual(1000);

@@ -339,6 +339,22 @@ export function sameFilesOnDisk(loaded: LoadedImage): boolean {
   }
 }
 
+/** The identity of an image directory and of its parts on disk (device,
+ * inode, size, mtime, ctime each; "-" for one missing), without reading
+ * them: whether the image at `path` may read otherwise now than when this
+ * was taken (written, replaced, chmod-ed). */
+export function imageIdentityOnDisk(path: string): string {
+  return [path, ...Object.values(PARTS).map((p) => join(path, p))]
+    .map((f) => {
+      try {
+        return fileIdentity(lstatSync(f, { bigint: true }));
+      } catch {
+        return '-';
+      }
+    })
+    .join(' ');
+}
+
 /** Whether every part of a loaded image is still the file that was read
  * and checked: any write, truncate, chmod, rename over or replacement
  * moves one of device, inode, size, mtime or ctime. A caller that keeps a

@@ -185,6 +185,9 @@ export class RestoreContext {
   /** Inherited listeners of these keys are made as the application's own
    * again (RestoreOptions.ownListeners). */
   ownListeners: ReadonlySet<string> = new Set();
+  /** Handed descriptors that have this image's listener options already
+   * (RestoreOptions.inheritGiven). */
+  inheritGiven: ReadonlySet<string> = new Set();
   /** Established TCP connections, in repair mode until every process is made. */
   readonly tcp = new ConnectionMaker(this.kept);
   /** The page file's check, if it is still going on (format 3): what is

@@ -36,7 +36,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
-import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, type SockKind } from './sockopts.js';
+import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -427,7 +427,7 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
   const given = h.inherit.get(key);
   if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
   addon().setStatusFlags(given, fd.flags);
-  asApplicationListener(h, given, s, `fd ${fd.fd}: the listener inherited from '${key}'`);
+  asApplicationListener(h, given, s, `fd ${fd.fd}: the listener inherited from '${key}'`, !h.inheritGiven.has(key));
   return given;
 }
 
@@ -443,12 +443,16 @@ function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined 
  * where the caller chose (the caller keeps them, to be recorded again:
  * InheritedListener.bindOptions). listen() again only changes the backlog.
  */
-function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string): void {
+function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where: string, reset: boolean): void {
   h.once(`inherited ${s.ino}`, () => {
     // Never a shorter queue than the caller's: its clients wait there
     // while the restore runs (serve's 4096 against redis's 511, python's
     // 5), and a SYN past the backlog is dropped (retried after a second).
-    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog);
+    // What cannot be given back a fresh socket's value is the same here as
+    // when serve gave the image's options to it ahead of the restore
+    // (SharedListener.takeOwnOptions), which logged it; given them just
+    // so (`reset` false: RestoreContext.inheritGiven), nothing to give back.
+    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog, reset);
     return sock;
   });
 }
@@ -459,9 +463,22 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
  * public listener as soon as it has read the image, so that connections
  * waiting in its queue before a restore are made with them too (the
  * kernel copies a listener's options into a connection when its handshake
- * completes, not when it is accepted). */
-export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0): void {
+ * completes, not when it is accepted).
+ *
+ * The socket outlives the images it is given (serve's, one restore after
+ * another): an option an earlier image gave it, or its application set on
+ * it after its image was taken (then crashed, restored from that image),
+ * that `s` does not carry goes back to a fresh socket's value first
+ * (resetExtras), or the next application and every connection queued for
+ * it would have it (`reset` false: the caller knows it has none). Returns
+ * what could not be given back (resetExtras), one line each. */
+export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0, reset = true): string[] {
   check(s, 'listen', where);
+  let stale: string[] = [];
+  if (reset) {
+    const { family, type } = addon().sockInfo(sock);
+    stale = resetExtras(sock, 'listen', family, type, s.options ?? [], BASE_OPTIONS, where);
+  }
   applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
   const backlog = Math.max(s.backlog, minBacklog);
   try {
@@ -469,6 +486,7 @@ export function applyListenerOptions(sock: number, s: Socket, where: string, min
   } catch (e) {
     throw new AppshotError(`${where}: its backlog (${backlog}) cannot be set: ${(e as Error).message}`);
   }
+  return stale;
 }
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */

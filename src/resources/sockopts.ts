@@ -546,6 +546,105 @@ export function applyExtras(sock: number, options: SocketOption[], own: readonly
   }
 }
 
+/** SO_BUF_LOCK: the buffer sizes' lock bits, read and set (Linux 5.14). */
+const SO_BUF_LOCK = 72;
+
+/** Options whose "not set" the kernel shows as a default it derives
+ * (user_mss 0 reads as the default MSS, linger2 0 as tcp_fin_timeout, a
+ * TTL or hop limit of -1 as the sysctl's): setting the value a fresh
+ * socket shows would pin it (TCP_MAXSEG 536 clamps every connection's
+ * MSS), this asks for "not set" again. */
+const UNSET: readonly (readonly [level: number, name: number, value: number])[] = [
+  [IPPROTO_TCP, 2, 0], // TCP_MAXSEG
+  [IPPROTO_TCP, 8, 0], // TCP_LINGER2
+  [IPPROTO_IP, 2, -1], // IP_TTL
+  [IPPROTO_IPV6, 16, -1], // IPV6_UNICAST_HOPS
+];
+
+/**
+ * Gives back to `sock` the value a fresh socket of its family and type
+ * has for every catalogue option of `kind` that it has otherwise and
+ * `keep` does not carry: for a caller's socket that an earlier image's
+ * options were given (or its application set some on), before the next
+ * image's are (applyExtras). Those that decide a bind are not touched
+ * (the caller bound it where it chose). Returns what could not be given
+ * back, one line each (the socket is left as it is for those):
+ *
+ * - A buffer size is set to a fresh socket's, and its lock bit (which
+ *   that setsockopt sets, and which turns the kernel's autotuning of the
+ *   connections accepted off) cleared through SO_BUF_LOCK (a kept size
+ *   keeps its bit). A kernel
+ *   without SO_BUF_LOCK (before 5.14) cannot clear it: no setsockopt
+ *   does (SO_RCVBUF 0 sets the minimum size, locked); said so.
+ * - TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_SYNCNT read as the
+ *   sysctl's while never set, and cannot be unset (0 is refused): they
+ *   get the sysctl's value of now, which a later change of the sysctl
+ *   does not follow.
+ * - TCP_WINDOW_CLAMP cannot go back to 0 on a listener (the kernel takes
+ *   0 only before the socket is bound), nor a listener's own
+ *   TCP_FASTOPEN_KEY be dropped: said so.
+ */
+export function resetExtras(sock: number, kind: SockKind, family: number, type: number, keep: SocketOption[], own: readonly Pair[], where: string): string[] {
+  const specs = specsFor(kind, family, own);
+  const fresh = freshDefaults(kind, family, type, specs);
+  const kept = (s: Spec) => keep.some((o) => o.level === s.level && o.name === s.name);
+  const stale: string[] = [];
+  const freshBytes = (i: number) => fresh.raw.data.subarray(offsetsOf(specs)[i], offsetsOf(specs)[i] + fresh.raw.lengths[i]);
+  const setBack = (s: Spec, i: number, now: RawBatch) => {
+    if (kept(s) || s.early || sameRaw(specs, now, fresh.raw, i)) return;
+    if (fresh.raw.lengths[i] < 0) return; // the kernel has none to give back
+    try {
+      const unset = UNSET.find(([l, n]) => l === s.level && n === s.name);
+      if (unset) addon().setSockOpt(sock, s.level, s.name, unset[2]);
+      else addon().setSockOptBytes(sock, s.level, s.name, Buffer.from(freshBytes(i)));
+    } catch (e) {
+      stale.push(`${where}: ${s.label} cannot be given back a fresh socket's value: ${(e as Error).message}`);
+      return;
+    }
+    const after = readRaw(sock, [s]);
+    const at = offsetsOf(specs)[i];
+    const same = after.lengths[0] === fresh.raw.lengths[i] && after.data.subarray(0, after.lengths[0]).equals(fresh.raw.data.subarray(at, at + fresh.raw.lengths[i]));
+    if (!same) stale.push(`${where}: ${s.label} is not a fresh socket's after it was given back (the kernel keeps its own)`);
+  };
+  const now = readRaw(sock, specs);
+  const differs = (s: Spec, i: number) => !kept(s) && !sameRaw(specs, now, fresh.raw, i) && fresh.raw.lengths[i] >= 0;
+  const isLock = (s: Spec) => s.level === SOL_SOCKET && s.name === SO_BUF_LOCK;
+  // The others first; then the buffer sizes, whose setsockopt sets their
+  // lock bits; then those bits, read again.
+  for (const [i, s] of specs.entries()) if (!s.lockBit && !isLock(s)) setBack(s, i, now);
+  const sized = specs.filter((s, i) => s.lockBit && differs(s, i));
+  for (const s of sized) {
+    const i = specs.indexOf(s);
+    // As applyExtras gives one: half what the kernel shows.
+    const half = Math.max(1, Math.floor(fresh.raw.data.readInt32LE(offsetsOf(specs)[i]) / 2));
+    try {
+      try {
+        addon().setSockOpt(sock, SOL_SOCKET, s.name === SO_SNDBUF ? SO_SNDBUFFORCE : SO_RCVBUFFORCE, half);
+      } catch {
+        addon().setSockOpt(sock, SOL_SOCKET, s.name, half);
+      }
+    } catch (e) {
+      stale.push(`${where}: ${s.label} cannot be given back a fresh socket's size: ${(e as Error).message}`);
+    }
+  }
+  const lockAt = specs.findIndex(isLock);
+  if (lockAt >= 0 && fresh.raw.lengths[lockAt] >= 0) {
+    // A fresh socket's bits, and those of the sizes kept (set by the
+    // application, which an image records with SO_BUF_LOCK anyway).
+    const want = fresh.raw.data.readInt32LE(offsetsOf(specs)[lockAt]) | specs.filter((s) => s.lockBit && kept(s)).reduce((bits, s) => bits | s.lockBit!, 0);
+    if (!kept(specs[lockAt])) {
+      try {
+        if (addon().getSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK) !== want) addon().setSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK, want);
+      } catch (e) {
+        stale.push(`${where}: its buffer sizes cannot be unlocked (SO_BUF_LOCK ${want}): ${(e as Error).message}`);
+      }
+    }
+  } else
+    for (const s of sized)
+      stale.push(`${where}: ${s.label} is a fresh socket's size again, but stays locked (the connections it accepts are not autotuned): this kernel has no SO_BUF_LOCK to unlock it with`);
+  return stale;
+}
+
 /* ---- what only the preload library saw ---------------------------------- */
 
 /** What the preload library noted of the application's sockets, and what

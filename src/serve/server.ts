@@ -24,7 +24,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
-import { type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
@@ -458,7 +458,8 @@ class Service {
     const state = this.instances.get(this.name)?.state;
     if (!s || !this.ready || (state !== 'suspended' && state !== 'crashed')) return;
     try {
-      if (s.problem(this.ready[0].image) === undefined) s.takeOwnOptions();
+      const stale = s.problem(this.ready[0].image) === undefined ? s.takeOwnOptions() : [];
+      if (stale.length) this.log('listener-options-stale', { image: this.lastImage, stale });
     } catch (e) {
       this.log('listener-options-failed', { error: (e as Error).message });
     }
@@ -841,7 +842,6 @@ class Service {
     if (inst.state !== 'running') return;
     this.counters.crashes++;
     this.host.metrics?.crashes.inc({ service: this.name });
-    this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     // Its ended registration goes when it is restored (restoreInstance),
     // so that the AID can be taken again; a clone's goes now.
     if (this.spec.mode === 'restore') {
@@ -851,12 +851,20 @@ class Service {
       // half application serving while the restore never comes (its watch
       // never fires while they drain it). They go now.
       if (this.shared) this.crashRemoval = api.rm(inst.aid, { home: this.host.home, force: true }).then(() => undefined, () => undefined);
+      // The listener has the options the instance left on it, which may
+      // be some its image has not (set after it was taken): the image's
+      // again, before the next client's connection is made with them and
+      // waits for the restore from that image (logged after: a client
+      // told of the crash finds them so). Not read yet: when it has been.
+      if (this.shared && this.ready) this.ownOptions();
+      else if (this.shared && !this.preloading && this.host.preloadRoom()) this.preload();
       this.host.warmStandbys();
     }
     else {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
     }
+    this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     this.changed();
   }
 
@@ -1288,6 +1296,20 @@ class Service {
 
   /** suspend() is reading what the application's own listener was. */
   private learning = false;
+  /** What suspend() read of an adopted instance's image that did not tell
+   * what the application's own listener was: the image, its chain's files
+   * as they were then (chainOnDisk), and why. The same image, unchanged,
+   * says the same: not read again each idle period (reading and verifying
+   * a chain is a restore's reading, seconds for GiB). Another image, or
+   * one changed on disk since (made readable again, replaced), is read
+   * again. (A key trusted since is not noticed until then: serve's
+   * restart reads it.) */
+  private unlearnt: { image: string; onDisk: string; why: string } | undefined;
+
+  /** The files of the service's chain as they are on disk now. */
+  private chainOnDisk(): string {
+    return [...new Set([...this.chain, this.lastImage])].map(imageIdentityOnDisk).join('\n');
+  }
 
   private async suspend(inst: Instance, idleMs: number): Promise<void> {
     // Shared: a client may have connected since the last sample (the
@@ -1302,18 +1324,24 @@ class Service {
       // listener was is read from the image it was restored from.
       if (!this.shared.knowsOriginal) {
         if (this.learning) return; // (the policy asks again each tick)
-        this.learning = true;
-        let why: string | undefined;
-        await loadImageChain(this.lastImage)
-          .then((chain) => {
-            try {
-              why = this.shared?.problem(chain[0].image);
-            } finally {
-              chain.forEach((l) => l.dispose());
-            }
-          })
-          .catch((e: Error) => (why = e.message))
-          .finally(() => (this.learning = false));
+        const image = this.lastImage;
+        const onDisk = this.chainOnDisk();
+        const known = this.unlearnt?.image === image && this.unlearnt.onDisk === onDisk ? this.unlearnt : undefined;
+        let why: string | undefined = known?.why;
+        if (!known) {
+          this.learning = true;
+          await loadImageChain(image)
+            .then((chain) => {
+              try {
+                why = this.shared?.problem(chain[0].image);
+              } finally {
+                chain.forEach((l) => l.dispose());
+              }
+            })
+            .catch((e: Error) => (why = e.message))
+            .finally(() => (this.learning = false));
+          this.unlearnt = this.shared && !this.shared.knowsOriginal ? { image, onDisk, why: why ?? 'its image names none' } : undefined;
+        }
         if (inst.state !== 'running' || this.closing || !this.shared) return;
         // Still unknown: not suspended. Its image would record the
         // listener with nothing true to say of it, and a plain restore

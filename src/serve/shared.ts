@@ -60,6 +60,11 @@ export class SharedListener {
   /** The image's record of that listener (problem()): its options and
    * backlog, which takeOwnOptions gives this socket. */
   private own: Socket | undefined;
+  /** The record takeOwnOptions last gave this socket the options of,
+   * until an instance is handed it (restoreOptions), which may change
+   * them: a restore of that very record need not read and give them back
+   * again (RestoreOptions.inheritGiven). */
+  private given: Socket | undefined;
 
   /** The key images name the listener of application port `appPort` by. */
   static keyOf(appPort: number): string {
@@ -114,9 +119,13 @@ export class SharedListener {
     return { count: now.length, fresh: fresh.map((c) => ({ remote: c.remote, port: c.port })) };
   }
 
-  /** What the restore is handed (RestoreOptions.inherit, inheritAt). */
-  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string } } {
-    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key } };
+  /** What the restore is handed (RestoreOptions.inherit, inheritAt, and
+   * inheritGiven if takeOwnOptions gave it this very image's options). */
+  restoreOptions(): { inherit: ReadonlyMap<string, number>; inheritAt: { port: number; family: number; key: string }; inheritGiven?: ReadonlySet<string> } {
+    // Of the image problem() has just accepted (the restore's own).
+    const given = this.given !== undefined && this.given === this.own;
+    this.given = undefined;
+    return { inherit: new Map([[this.key, this.fd]]), inheritAt: { port: this.appPort, family: this.family, key: this.key }, ...(given ? { inheritGiven: new Set([this.key]) } : {}) };
   }
 
   /** Whether an image has told what the application's own listener was
@@ -179,9 +188,18 @@ export class SharedListener {
    * options (the kernel copies a listener's into each when its handshake
    * completes, not when it is accepted), not serve's. The restore sets
    * them again (resources/sockets.ts): the same, nothing to do.
+   *
+   * Options it has that this image's listener has not (an earlier
+   * image's, or set by an instance after its image was taken, which then
+   * crashed) go back to a fresh socket's first (applyListenerOptions).
+   * Returns those that cannot, one line each.
    */
-  takeOwnOptions(): void {
-    if (this.own) applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+  takeOwnOptions(): string[] {
+    this.given = undefined;
+    if (!this.own) return [];
+    const stale = applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
+    this.given = this.own;
+    return stale;
   }
 
   /** Its queue serve's length again (SERVE_BACKLOG, or the application's
