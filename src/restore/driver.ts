@@ -865,8 +865,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
-      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
-      const environStrings = environ?.fill(results[0]);
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
+      const environStrings = environ?.fill(environ.call ? results[0] : undefined);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
