@@ -711,6 +711,31 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }
   });
 
+  // env_start and env_end are the image's: read at restore (the strings
+  // /proc/PID/environ shows, which the new APPSHOT_TABLES replaces) only
+  // where the image maps them readable. Unmapped, every restore of such an
+  // image failed once its processes were made ("reading process memory").
+  it('restores an image whose environment strings (env_start, env_end) lie in no mapping, leaving them as they are', async () => {
+    const unmapped = (vmas: Image['processes'][number]['vmas']) => {
+      for (let at = 0x10000n; ; at += 0x10000n) if (!vmas.some((v) => v.start < at + 0x1000n && at < v.end)) return at;
+    };
+    const dir = crafted('environ-unmapped', (i) => {
+      for (const p of i.processes) {
+        p.mm.envStart = unmapped(p.vmas);
+        p.mm.envEnd = p.mm.envStart + 0x1000n;
+      }
+    });
+    const r = sb.run(['restore', dir, '--aid', 'envunmapped']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const log = () => readFileSync(join(sb.home, 'apps', 'envunmapped', 'log'), 'utf8');
+      await waitFor(() => /^CHECK \d+$/m.test(log()) || /FAIL/.test(log()), 15_000, 'the restored fixture to check itself');
+      expect(log()).not.toMatch(/FAIL/);
+    } finally {
+      sb.run(['rm', '--force', 'envunmapped']);
+    }
+  });
+
   it("refuses a restore handed serve's listener for one key of an image naming another, leaving nothing", async () => {
     const dir = crafted('inherited-other-key', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);

@@ -127,13 +127,14 @@ function environOf(p: Process, read: () => string[]): string[] {
   return env;
 }
 
-/** The same for the strings /proc/PID/environ shows. */
-const startupEnv = new WeakMap<Process, string[]>();
+/** The same for the strings /proc/PID/environ shows (null: they are not
+ * to be changed, see startupStrings). */
+const startupEnv = new WeakMap<Process, string[] | null>();
 
-function startedOf(p: Process, read: () => string[]): string[] {
+function startedOf(p: Process, read: () => string[] | undefined): string[] | undefined {
   let env = startupEnv.get(p);
-  if (!env) startupEnv.set(p, (env = read()));
-  return env;
+  if (env === undefined) startupEnv.set(p, (env = read() ?? null));
+  return env ?? undefined;
 }
 
 const varName = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
@@ -165,11 +166,23 @@ export interface EnvRange {
 
 /** The strings /proc/PID/environ shows of process `pid` (those it started
  * with, between env_start and env_end): an exec's copy, which setenv()
- * does not change. */
-function startupStrings(pid: number, mm: Process['mm']): string[] {
+ * does not change. The range is the image's (untrusted): read only where
+ * one readable mapping of the image holds it, as the process now has it;
+ * undefined otherwise, or if it cannot be read all the same (a file
+ * mapping past its file's end): the strings are then left as they are,
+ * and the restore goes on (every restore of such an image failed, once
+ * its processes were made). */
+function startupStrings(pid: number, p: Process): string[] | undefined {
+  const mm = p.mm;
   const length = Number(mm.envEnd - mm.envStart);
-  if (!mm.envStart || length <= 0 || length > 1 << 24) return [];
-  const text = addon().readMemory(pid, mm.envStart, length).toString('latin1');
+  if (!mm.envStart || length <= 0) return [];
+  if (length > 1 << 24 || !new ImageMemory(p.vmas).readable(mm.envStart, length)) return undefined;
+  let text: string;
+  try {
+    text = addon().readMemory(pid, mm.envStart, length).toString('latin1');
+  } catch {
+    return undefined;
+  }
   return text.split('\0').slice(0, text.endsWith('\0') ? -1 : undefined);
 }
 
@@ -232,22 +245,30 @@ export function environBlock(
   if (!set.length && !renamed.length) return undefined;
   const at = environAddress(p);
   if (at === undefined) return undefined;
-  const had = environOf(p, () => readEnviron(r.pid, at));
+  // The array and its strings are the image's (untrusted): where they
+  // cannot be read, the environment is left as it is, as a process
+  // without glibc's is, rather than the restore failing.
+  let had: string[];
+  try {
+    had = environOf(p, () => readEnviron(r.pid, at));
+  } catch {
+    return undefined;
+  }
   const env = withValues(withRenamed(had, renamed), set);
-  const startedWith = startedOf(p, () => startupStrings(r.pid, p.mm));
-  const startup = withValues(withRenamed(startedWith, renamed), set);
-  const startupChanged = !same(startup, startedWith);
+  const startedWith = startedOf(p, () => startupStrings(r.pid, p));
+  const startup = startedWith && withValues(withRenamed(startedWith, renamed), set);
+  const startupChanged = !!startedWith && !same(startup!, startedWith);
   if (same(env, had) && !startupChanged) return undefined;
   const environArray = addon().readMemory(r.pid, at, 8).readBigUInt64LE();
   const earlier = earlierBlock(r.pid, p, environArray);
   // The startup strings an earlier block holds (env_start points into it)
   // are written again with it, as they are, not overwritten.
-  const startupInEarlier = !!earlier && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
+  const startupInEarlier = !!earlier && !!startup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
   const withStartup = startupChanged || startupInEarlier;
   // The header, the startup strings (/proc/PID/environ reads them as one
   // range, right past the header, where the next restore looks for it),
   // then the pointer array and the strings it points at.
-  const startupBlock = withStartup ? Buffer.from(startup.map((e) => e + '\0').join(''), 'latin1') : Buffer.alloc(0);
+  const startupBlock = withStartup ? Buffer.from(startup!.map((e) => e + '\0').join(''), 'latin1') : Buffer.alloc(0);
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
   const arrayAt = (HEADER_BYTES + startupBlock.length + 7) & ~7;
   const arrayBytes = (env.length + 1) * 8;
@@ -270,7 +291,9 @@ export function environBlock(
     addon().writeMemory(r.pid, at, pointer);
     return withStartup ? { start: base + BigInt(HEADER_BYTES), end: base + BigInt(HEADER_BYTES + startupBlock.length) } : undefined;
   };
-  if (earlier && size <= earlier.length) return { fill: () => write(earlier.base, earlier.length) };
+  // Not over startup strings that env_start keeps pointing at.
+  const overStartup = !!earlier && !withStartup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
+  if (earlier && size <= earlier.length && !overStartup) return { fill: () => write(earlier.base, earlier.length) };
   // Room to grow by half: a block that keeps outgrowing the last is
   // mapped again only as often as its size doubles.
   const pages = (n: number) => Math.ceil(n / 4096) * 4096;
