@@ -614,11 +614,13 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     // The restore writes the TID moves there (resources/mutexes.ts).
     ['a table of TID moves in shared or absent memory', (i) => (i.processes[0].tidMovesAddress = 0x10n), "process \\d+'s table of TID moves at 0x10 is not in private writable memory of its own"],
     // The restore writes each thread's new TID into glibc's descriptor,
-    // at its thread pointer plus this offset (resources/threads.ts).
+    // at its thread pointer plus this offset (resources/threads.ts), where
+    // that is private writable memory; shared writable memory is a stack a
+    // program may give its thread (restore.test.ts, sharedstack), not
+    // written; anywhere else no descriptor can be.
     ...(
       [
-        ['shared anonymous memory', (v) => v.kind === VmaKind.SHARED_ANON && v.prot === 3],
-        ['a read-only file mapping', (v) => v.kind === VmaKind.FILE_PRIVATE && !(v.prot & 2)],
+        ['a read-only file mapping', (v: Image['processes'][number]['vmas'][number]) => v.kind === VmaKind.FILE_PRIVATE && !(v.prot & 2)],
         ['no mapping of the image', undefined],
       ] as const
     ).map(([where, pick]): [string, (i: Image) => void, string] => [
@@ -630,7 +632,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
         regs.writeBigUInt64LE(at - BigInt(p.glibcTidOffset), FS_BASE);
         p.threads[0].regs = regs;
       },
-      "thread \\d+'s glibc TID at 0x[0-9a-f]+ is not in private writable memory of its process",
+      "thread \\d+'s glibc TID at 0x[0-9a-f]+ is not in writable memory of its process",
     ]),
     ['a glibc TID offset outside a thread descriptor', (i) => (i.processes.find((q) => q.glibcTidOffset)!.glibcTidOffset = 0x10000), "process \\d+'s glibc TID offset 65536 is not one in a thread descriptor"],
     ['an earlier TID that is no TID', (i) => (i.processes[0].threads[0].earlierTids = [5, -7]), "thread \\d+'s earlier TIDs are not TIDs, or more than 256"],
@@ -708,6 +710,31 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       expect(pids.some((pid) => ss.includes(`pid=${pid},fd=906)`)), `${ss} ${pids}`).toBe(true);
     } finally {
       sb.run(['rm', '--force', 'inherited']);
+    }
+  });
+
+  // env_start and env_end are the image's: read at restore (the strings
+  // /proc/PID/environ shows, which the new APPSHOT_TABLES replaces) only
+  // where the image maps them readable. Unmapped, every restore of such an
+  // image failed once its processes were made ("reading process memory").
+  it('restores an image whose environment strings (env_start, env_end) lie in no mapping, leaving them as they are', async () => {
+    const unmapped = (vmas: Image['processes'][number]['vmas']) => {
+      for (let at = 0x10000n; ; at += 0x10000n) if (!vmas.some((v) => v.start < at + 0x1000n && at < v.end)) return at;
+    };
+    const dir = crafted('environ-unmapped', (i) => {
+      for (const p of i.processes) {
+        p.mm.envStart = unmapped(p.vmas);
+        p.mm.envEnd = p.mm.envStart + 0x1000n;
+      }
+    });
+    const r = sb.run(['restore', dir, '--aid', 'envunmapped']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const log = () => readFileSync(join(sb.home, 'apps', 'envunmapped', 'log'), 'utf8');
+      await waitFor(() => /^CHECK \d+$/m.test(log()) || /FAIL/.test(log()), 15_000, 'the restored fixture to check itself');
+      expect(log()).not.toMatch(/FAIL/);
+    } finally {
+      sb.run(['rm', '--force', 'envunmapped']);
     }
   });
 

@@ -434,3 +434,23 @@ describe('an application in a time namespace of its own (unshare --time)', () =>
     sb.run(['stop', aid, '-s', 'KILL']);
   });
 });
+
+// glibc puts a thread's descriptor, its cached TID among it, at the top of
+// a stack the program gives it (pthread_attr_setstack); in MAP_SHARED
+// memory, the restore does not write the TID there (the memory is another
+// process's too). Such an image is a program's ordinary one, which the
+// snapshot takes: the restore called it corrupt.
+describe('a thread on a stack of its own in shared memory (pthread_attr_setstack)', () => {
+  it("restores it, saying glibc's cached TID there is not made the new one, and the thread goes on", async () => {
+    const aid = 'sharedstack';
+    start(aid, [fixture('sharedstack')]);
+    await waitFor(() => /^(READY desc=in-shared-stack|FAIL.*)$/m.test(logOf(aid)), 10_000, 'the thread to run on its shared stack');
+    expect(logOf(aid)).not.toMatch(/FAIL/);
+    const image = snapshot(aid, 'sharedstack');
+    const r = restore(image);
+    expect(r.notKept.join('\n')).toMatch(/^process 2: thread \d+: glibc's cached TID at 0x[0-9a-f]+ is in shared memory/m);
+    await waitFor(() => /^(SHAREDSTACK OK|FAIL.*)$/m.test(logOf(aid)), 15_000, 'the verdict of sharedstack');
+    expect(/^(SHAREDSTACK OK|FAIL.*)$/m.exec(logOf(aid))![0]).toBe('SHAREDSTACK OK');
+    sb.run(['stop', aid, '-s', 'KILL']);
+  });
+});

@@ -404,4 +404,30 @@ describe("a restored or cloned application's environment names it", () => {
     expect(src.processes).toHaveLength(2); // its init and envids: no child joined it
     for (const aid of own.aids()) own.run(['stop', aid, '-s', 'KILL']);
   });
+
+  // Each restore gives a new table file, so each rewrites the environment
+  // block (environ.ts): one made by an earlier restore, part of the image
+  // now, is written again in place, not left behind for a new mapping (an
+  // application restored over and over, as serve's scale-to-zero does,
+  // grew by one mapping a restore).
+  it('restored again and again: getenv and /proc/PID/environ name the new table file, and the mappings stay as many', async () => {
+    const out = mkdtempSync(join(dir, 'envagain-'));
+    expect(own.run(['run', '-d', '--aid', 'envagain', '--', fixture('envids'), 'again']).code).toBe(0);
+    await waitFor(() => own.log('envagain').includes('READY aid=envagain'), 10_000, 'envids to start');
+    const counts: number[] = [];
+    for (let n = 1; n <= 4; n++) {
+      const image = join(out, `snap${n}`);
+      const snap = own.run(['snapshot', 'envagain', '-o', image]);
+      expect(snap.code, snap.stderr).toBe(0);
+      const r = own.run(['restore', image]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => new RegExp(`^(AGAIN ${n} OK|FAIL)`, 'm').test(own.log('envagain')), 15_000, `envids to check restore ${n}`);
+      const line = new RegExp(`^AGAIN ${n} OK maps=(\\d+)$`, 'm').exec(own.log('envagain'));
+      expect(line, own.log('envagain')).not.toBeNull();
+      counts.push(Number(line![1]));
+    }
+    // The first restore maps the block; the later ones add nothing.
+    expect(counts.slice(1), `mappings after each restore: ${counts.join(' ')}`).toEqual(counts.slice(1).map(() => counts[0]));
+    own.run(['stop', 'envagain', '-s', 'KILL']);
+  });
 });

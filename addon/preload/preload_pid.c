@@ -724,8 +724,6 @@ long do_pid_first(long nr, long pid, long b, long c, long d, long e, long f) {
   }
 #define L(x) ((long)(x))
 
-PID_FIRST(int, sched_setaffinity, (pid_t pid, size_t n, const cpu_set_t *set),
-          L(n), L(set), 0, 0, 0)
 PID_FIRST(int, sched_setscheduler,
           (pid_t pid, int policy, const struct sched_param *p), policy, L(p),
           0, 0, 0)
@@ -775,6 +773,23 @@ int appshot_current_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
 COMPAT_VERSION("sched_getaffinity@GLIBC_2.3.3")
 int appshot_compat_sched_getaffinity_2_3_3(pid_t pid, cpu_set_t *set) {
   return appshot_current_sched_getaffinity(pid, 128, set);
+}
+
+API SYMVER("sched_setaffinity@@GLIBC_2.3.4")
+int appshot_current_sched_setaffinity(pid_t pid, size_t size,
+                                      const cpu_set_t *set) {
+  ensure_init();
+  return (int)do_pid_first(SYS_sched_setaffinity, pid, L(size), L(set), 0, 0,
+                           0);
+}
+
+/* sched_setaffinity@GLIBC_2.3.3, the same before the size argument: glibc's
+ * function of that version calls the current one with a mask of 1024 CPUs.
+ * Taken by the current wrapper, the mask's address was read as its size
+ * (EFAULT, or another mask). */
+COMPAT_VERSION("sched_setaffinity@GLIBC_2.3.3")
+int appshot_compat_sched_setaffinity_2_3_3(pid_t pid, const cpu_set_t *set) {
+  return appshot_current_sched_setaffinity(pid, 128, set);
 }
 
 /* Raw kernel convention for getpriority (20 - nice); libc converts. */

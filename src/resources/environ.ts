@@ -14,12 +14,28 @@
  * written into the process and `__environ` pointed at it, and its strings
  * become what /proc/PID/environ shows (env_start and env_end, moved by
  * PR_SET_MM_MAP, which needs no privilege without a new executable).
+ *
+ * Every restore changes APPSHOT_TABLES, so every restore of a glibc
+ * process writes such a block; the one an earlier restore wrote is part of
+ * the image's memory by then. A new mapping each time grew an application
+ * restored over and over (serve's scale-to-zero) by a mapping a restore:
+ * the block begins with a header (ENV_MAGIC, its mapping's length) by
+ * which the next restore finds it, where env_start or `__environ` point,
+ * and writes it again in place when the new one fits. Found in memory of
+ * the image (untrusted), it is written only where the image and the live
+ * process both have private writable memory: the process's own, which
+ * anything the image holds could change as well. It is never unmapped: a
+ * block that no longer fits is left as it is (what the program kept of
+ * it stays readable), and the new one is mapped with room to grow, so
+ * such blocks are few whatever the number of restores.
  */
 import { AppshotError } from '../errors.js';
 import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { readMaps } from './memory.js';
+import { ImageMemory } from './threads.js';
 
 const LIBC = /\/libc(\.so\.6|-[\d.]+\.so)$/;
 const MAX_VARS = 1 << 16;
@@ -111,13 +127,14 @@ function environOf(p: Process, read: () => string[]): string[] {
   return env;
 }
 
-/** The same for the strings /proc/PID/environ shows. */
-const startupEnv = new WeakMap<Process, string[]>();
+/** The same for the strings /proc/PID/environ shows (null: they are not
+ * to be changed, see startupStrings). */
+const startupEnv = new WeakMap<Process, string[] | null>();
 
-function startedOf(p: Process, read: () => string[]): string[] {
+function startedOf(p: Process, read: () => string[] | undefined): string[] | undefined {
   let env = startupEnv.get(p);
-  if (!env) startupEnv.set(p, (env = read()));
-  return env;
+  if (env === undefined) startupEnv.set(p, (env = read() ?? null));
+  return env ?? undefined;
 }
 
 const varName = (e: string) => e.slice(0, Math.max(0, e.indexOf('=')));
@@ -149,12 +166,59 @@ export interface EnvRange {
 
 /** The strings /proc/PID/environ shows of process `pid` (those it started
  * with, between env_start and env_end): an exec's copy, which setenv()
- * does not change. */
-function startupStrings(pid: number, mm: Process['mm']): string[] {
+ * does not change. The range is the image's (untrusted): read only where
+ * one readable mapping of the image holds it, as the process now has it;
+ * undefined otherwise, or if it cannot be read all the same (a file
+ * mapping past its file's end): the strings are then left as they are,
+ * and the restore goes on (every restore of such an image failed, once
+ * its processes were made). */
+function startupStrings(pid: number, p: Process): string[] | undefined {
+  const mm = p.mm;
   const length = Number(mm.envEnd - mm.envStart);
-  if (!mm.envStart || length <= 0 || length > 1 << 24) return [];
-  const text = addon().readMemory(pid, mm.envStart, length).toString('latin1');
+  if (!mm.envStart || length <= 0) return [];
+  if (length > 1 << 24 || !new ImageMemory(p.vmas).readable(mm.envStart, length)) return undefined;
+  let text: string;
+  try {
+    text = addon().readMemory(pid, mm.envStart, length).toString('latin1');
+  } catch {
+    return undefined;
+  }
   return text.split('\0').slice(0, text.endsWith('\0') ? -1 : undefined);
+}
+
+/** An environment block's header: ENV_MAGIC, then the length of the
+ * mapping it begins (u64), then where its pointer array is (u64, from
+ * the block's start); the startup strings follow at once. */
+const ENV_MAGIC = Buffer.from('appshot environ\0', 'latin1');
+const HEADER_BYTES = 32;
+/** No block of ours is larger: the startup strings are read up to 16 MiB,
+ * the pointer array and its strings are bounded the same way. */
+const MAX_BLOCK = 1 << 26;
+
+/** The environment block an earlier restore wrote into this process (its
+ * start and its mapping's length), where env_start (its startup strings)
+ * or `__environ` (its pointer array, when it had no startup strings)
+ * points right past its header; undefined if neither does, or the header
+ * is not one of ours, or its memory is not private writable memory of
+ * both the image and the live process. */
+function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bigint; length: number } | undefined {
+  const image = new ImageMemory(p.vmas);
+  let live: ImageMemory | undefined;
+  for (const base of new Set([p.mm.envStart - BigInt(HEADER_BYTES), environArray - BigInt(HEADER_BYTES)])) {
+    if (base <= 0n || base % 4096n || !image.readable(base, HEADER_BYTES)) continue;
+    let header: Buffer;
+    try {
+      header = addon().readMemory(pid, base, HEADER_BYTES);
+    } catch {
+      continue;
+    }
+    if (!header.subarray(0, ENV_MAGIC.length).equals(ENV_MAGIC)) continue;
+    const length = header.readBigUInt64LE(16);
+    if (length % 4096n || length < 4096n || length > BigInt(MAX_BLOCK)) continue;
+    live ??= new ImageMemory(p.vmas, readMaps(pid));
+    if (live.writablePrivate(base, Number(length))) return { base, length: Number(length) };
+  }
+  return undefined;
 }
 
 const same = (a: string[], b: string[]) => a.length === b.length && a.every((e, i) => e === b[i]);
@@ -164,52 +228,80 @@ const same = (a: string[], b: string[]) => a.length === b.length && a.every((e, 
  * identity) and the values of `set` (SET ENV) replaced or added, both as
  * getenv() and its children see it (the array `__environ` points at) and
  * as /proc/PID/environ shows it (the strings the process started with):
- * a block mapped for it by `call`, which the caller runs in a batch of its
- * own, then `fill` with that call's result (the block's address), which
- * writes the block, points the process's environ at it and returns where
- * the new startup strings are, if they changed, for PR_SET_MM_MAP's
- * env_start and env_end. Undefined if nothing changes, or for a process
- * without glibc (whose environ appshot cannot find). */
+ * a block written in place of the one an earlier restore left, where it
+ * fits, else mapped for it by `call`, which the caller runs in a batch of
+ * its own; then `fill` with that call's result (the new block's address;
+ * nothing without a call), which writes the block, points the process's
+ * environ at it and returns where the new startup strings are, if they
+ * changed, for PR_SET_MM_MAP's env_start and env_end. Undefined if
+ * nothing changes, or for a process without glibc (whose environ appshot
+ * cannot find). */
 export function environBlock(
   r: RemoteProcess,
   p: Process,
   set: string[],
   renamed: string[] = [],
-): { call: NamedCall; fill(base: bigint): EnvRange | undefined } | undefined {
+): { call?: NamedCall; fill(mapped?: bigint): EnvRange | undefined } | undefined {
   if (!set.length && !renamed.length) return undefined;
   const at = environAddress(p);
   if (at === undefined) return undefined;
-  const had = environOf(p, () => readEnviron(r.pid, at));
+  // The array and its strings are the image's (untrusted): where they
+  // cannot be read, the environment is left as it is, as a process
+  // without glibc's is, rather than the restore failing.
+  let had: string[];
+  try {
+    had = environOf(p, () => readEnviron(r.pid, at));
+  } catch {
+    return undefined;
+  }
   const env = withValues(withRenamed(had, renamed), set);
-  const startedWith = startedOf(p, () => startupStrings(r.pid, p.mm));
-  const startup = withValues(withRenamed(startedWith, renamed), set);
-  const startupChanged = !same(startup, startedWith);
+  const startedWith = startedOf(p, () => startupStrings(r.pid, p));
+  const startup = startedWith && withValues(withRenamed(startedWith, renamed), set);
+  const startupChanged = !!startedWith && !same(startup!, startedWith);
   if (same(env, had) && !startupChanged) return undefined;
-  // The pointer array, the strings it points at, then the startup strings
-  // (/proc/PID/environ reads them as one range).
+  const environArray = addon().readMemory(r.pid, at, 8).readBigUInt64LE();
+  const earlier = earlierBlock(r.pid, p, environArray);
+  // The startup strings an earlier block holds (env_start points into it)
+  // are written again with it, as they are, not overwritten.
+  const startupInEarlier = !!earlier && !!startup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
+  const withStartup = startupChanged || startupInEarlier;
+  // The header, the startup strings (/proc/PID/environ reads them as one
+  // range, right past the header, where the next restore looks for it),
+  // then the pointer array and the strings it points at.
+  const startupBlock = withStartup ? Buffer.from(startup!.map((e) => e + '\0').join(''), 'latin1') : Buffer.alloc(0);
   const strings = env.map((e) => Buffer.from(e + '\0', 'latin1'));
+  const arrayAt = (HEADER_BYTES + startupBlock.length + 7) & ~7;
   const arrayBytes = (env.length + 1) * 8;
-  const stringBytes = strings.reduce((n, b) => n + b.length, 0);
-  const startupBlock = startupChanged ? Buffer.from(startup.map((e) => e + '\0').join(''), 'latin1') : Buffer.alloc(0);
-  const size = arrayBytes + stringBytes + startupBlock.length;
+  const size = arrayAt + arrayBytes + strings.reduce((n, b) => n + b.length, 0);
+  const write = (base: bigint, length: number): EnvRange | undefined => {
+    const block = Buffer.alloc(length);
+    ENV_MAGIC.copy(block);
+    block.writeBigUInt64LE(BigInt(length), 16);
+    block.writeBigUInt64LE(BigInt(arrayAt), 24);
+    startupBlock.copy(block, HEADER_BYTES);
+    let off = arrayAt + arrayBytes;
+    strings.forEach((s, i) => {
+      block.writeBigUInt64LE(base + BigInt(off), arrayAt + i * 8);
+      s.copy(block, off);
+      off += s.length;
+    });
+    addon().writeMemory(r.pid, base, block);
+    const pointer = Buffer.alloc(8);
+    pointer.writeBigUInt64LE(base + BigInt(arrayAt));
+    addon().writeMemory(r.pid, at, pointer);
+    return withStartup ? { start: base + BigInt(HEADER_BYTES), end: base + BigInt(HEADER_BYTES + startupBlock.length) } : undefined;
+  };
+  // Not over startup strings that env_start keeps pointing at.
+  const overStartup = !!earlier && !withStartup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
+  if (earlier && size <= earlier.length && !overStartup) return { fill: () => write(earlier.base, earlier.length) };
+  // Room to grow by half: a block that keeps outgrowing the last is
+  // mapped again only as often as its size doubles.
+  const pages = (n: number) => Math.ceil(n / 4096) * 4096;
+  const length = Math.max(pages(size), Math.min(MAX_BLOCK, pages(size * 1.5)));
   const PROT_RW = 3;
   const MAP_PRIVATE_ANON = 0x02 | 0x20;
   return {
-    call: { what: 'mapping the environment', nr: SYS.mmap, args: [0, (size + 4095) & ~4095, PROT_RW, MAP_PRIVATE_ANON, -1, 0] },
-    fill(base: bigint): EnvRange | undefined {
-      const block = Buffer.alloc(size);
-      let off = arrayBytes;
-      strings.forEach((s, i) => {
-        block.writeBigUInt64LE(base + BigInt(off), i * 8);
-        s.copy(block, off);
-        off += s.length;
-      });
-      startupBlock.copy(block, off);
-      addon().writeMemory(r.pid, base, block);
-      const pointer = Buffer.alloc(8);
-      pointer.writeBigUInt64LE(base);
-      addon().writeMemory(r.pid, at, pointer);
-      return startupChanged ? { start: base + BigInt(off), end: base + BigInt(size) } : undefined;
-    },
+    call: { what: 'mapping the environment', nr: SYS.mmap, args: [0, length, PROT_RW, MAP_PRIVATE_ANON, -1, 0] },
+    fill: (mapped?: bigint) => write(mapped!, length),
   };
 }

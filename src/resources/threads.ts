@@ -454,17 +454,22 @@ export function glibcTidAddress(t: Thread, glibcTidOffset: number): bigint | und
 const isGlibcTidOffset = (o: number) => Number.isInteger(o) && o >= 0x40 && o + 4 <= 0x1000 && o % 4 === 0;
 
 /** An image's glibc TID offset and thread pointers (untrusted input): the
- * restore writes each thread's new TID there, so each must lie in private
- * writable memory the image gives the process (not a shared mapping,
- * whose file or other processes would be written, nor a read-only one). */
+ * restore writes each thread's new TID there where it lies in private
+ * writable memory the image gives the process. In a shared writable
+ * mapping it is not written (its file or other processes would be), but
+ * the image is no less a program's own: glibc puts the descriptor at the
+ * top of a stack the program gives the thread (pthread_attr_setstack),
+ * which may be MAP_SHARED memory (restoreThreadState says what is not
+ * kept). Anywhere else (read-only, or in no mapping of the image) no
+ * thread's descriptor can be: the image is corrupt. */
 export function checkGlibcTidWrites(p: Process, corrupt: (what: string) => never): void {
   if (!p.glibcTidOffset) return;
   if (!isGlibcTidOffset(p.glibcTidOffset)) corrupt(`process ${p.vpid}'s glibc TID offset ${p.glibcTidOffset} is not one in a thread descriptor`);
   const memory = new ImageMemory(p.vmas);
   for (const t of p.threads) {
     const at = glibcTidAddress(t, p.glibcTidOffset);
-    if (at !== undefined && !memory.writablePrivate(at, 4))
-      corrupt(`thread ${t.vtid}'s glibc TID at 0x${at.toString(16)} is not in private writable memory of its process`);
+    if (at !== undefined && !memory.writable(at, 4))
+      corrupt(`thread ${t.vtid}'s glibc TID at 0x${at.toString(16)} is not in writable memory of its process`);
   }
 }
 
@@ -583,18 +588,24 @@ export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]
  * `calls` (a batch of that thread's, the main thread's, that goes on with
  * other kinds' calls), added to it for its caller to run, with scratch
  * memory not reset until it has. */
-export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, memory: ImageMemory, calls?: CallBatch): void {
+export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, memory: ImageMemory, calls?: CallBatch): string | undefined {
   // Neither is touched by the batch code, which uses no FPU and writes no
   // memory of the thread's: set from here, before it runs.
   addon().setXstate(tid, t.xstate);
   // Where the image's thread pointer says: only in private writable memory
-  // the image gives the process (an image naming any other was refused
-  // already, checkGlibcTidWrites; this holds for the live mappings too).
+  // the image gives the process, and the live process has (an image
+  // naming memory not writable was refused already, checkGlibcTidWrites).
+  // In shared memory (a stack the program gave the thread) it is left as
+  // it was, and said so: the memory is other processes' or a file's too.
   const tidAt = glibcTidAddress(t, glibcTidOffset);
+  let notKept: string | undefined;
   if (tidAt !== undefined && memory.writablePrivate(tidAt, 4)) {
     const b = Buffer.alloc(4);
     b.writeInt32LE(tid);
     addon().writeMemory(r.pid, tidAt, b);
+  } else if (tidAt !== undefined) {
+    const where = memory.writable(tidAt, 4) ? 'is in shared memory (a stack the program gave the thread?), which the restore does not write' : 'is not in writable memory of the process as restored';
+    notKept = `thread ${t.vtid}: glibc's cached TID at 0x${tidAt.toString(16)} ${where}: glibc's calls that name the thread by it (pthread_kill) name its old TID`;
   }
   if (!calls) r.reset();
   const batch = calls ?? r.batch(tid);
@@ -614,6 +625,7 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     batch.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
   }
   if (!calls) batch.run();
+  return notKept;
 }
 
 /** AT_BASE in the auxiliary vector: where the program's interpreter (the

@@ -901,8 +901,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
-      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ ? [environ.call] : []), ...handlers]);
-      const environStrings = environ?.fill(results[0]);
+      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
+      const environStrings = environ?.fill(environ.call ? results[0] : undefined);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
@@ -928,7 +928,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       p.threads.forEach((t, i) => {
         if (i === 0) return;
         addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
-        restoreThreadState(r, t, m.tids[i], p.glibcTidOffset, threadMemory);
+        const note = restoreThreadState(r, t, m.tids[i], p.glibcTidOffset, threadMemory);
+        if (note) notKept.push(`process ${p.vpid}: ${note}`);
       });
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
@@ -939,7 +940,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         const c = moveEnvironCall(r, p, environStrings);
         mainCalls.add(c.what, c.nr, c.args);
       }
-      restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, threadMemory, mainCalls);
+      const mainNote = restoreThreadState(r, p.threads[0], m.pid, p.glibcTidOffset, threadMemory, mainCalls);
+      if (mainNote) notKept.push(`process ${p.vpid}: ${mainNote}`);
       // With the cached TIDs: the loader's locks a thread held, and the
       // robust mutexes in the threads' robust lists.
       restoreLoaderLockOwners(m.pid, p, m.tids);
