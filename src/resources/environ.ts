@@ -223,6 +223,29 @@ function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bi
 
 const same = (a: string[], b: string[]) => a.length === b.length && a.every((e, i) => e === b[i]);
 
+/** Whether the new block's pointer array (at `arrayAt`) and its strings
+ * `strings` would put every string where the earlier block at `base` has
+ * one, and as many: a program may keep what getenv() returned, a pointer
+ * into that block, and must find the same variable there after the
+ * rewrite (a value of another length, another AID's table path, would
+ * move every string after it: a new block is mapped instead, the earlier
+ * one left as it is). */
+function keepsItsPlaces(pid: number, base: bigint, arrayAt: number, strings: Buffer[]): boolean {
+  try {
+    const header = addon().readMemory(pid, base, HEADER_BYTES);
+    if (Number(header.readBigUInt64LE(24)) !== arrayAt) return false;
+    const array = addon().readMemory(pid, base + BigInt(arrayAt), (strings.length + 1) * 8);
+    let off = arrayAt + (strings.length + 1) * 8;
+    for (let i = 0; i < strings.length; i++) {
+      if (array.readBigUInt64LE(i * 8) !== base + BigInt(off)) return false;
+      off += strings[i].length;
+    }
+    return array.readBigUInt64LE(strings.length * 8) === 0n;
+  } catch {
+    return false;
+  }
+}
+
 /** Gives the stopped, restored process `r` its environment with the
  * variables of `renamed` replaced where it has them (the application's
  * identity) and the values of `set` (SET ENV) replaced or added, both as
@@ -293,7 +316,7 @@ export function environBlock(
   };
   // Not over startup strings that env_start keeps pointing at.
   const overStartup = !!earlier && !withStartup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
-  if (earlier && size <= earlier.length && !overStartup) return { fill: () => write(earlier.base, earlier.length) };
+  if (earlier && size <= earlier.length && !overStartup && keepsItsPlaces(r.pid, earlier.base, arrayAt, strings)) return { fill: () => write(earlier.base, earlier.length) };
   // Room to grow by half: a block that keeps outgrowing the last is
   // mapped again only as often as its size doubles.
   const pages = (n: number) => Math.ceil(n / 4096) * 4096;
