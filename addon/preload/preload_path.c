@@ -35,17 +35,34 @@
  *    truncate to 0) skips the contents. An original that does not exist is
  *    not copied: the call creates the private file. An original that is not
  *    a regular file (a device, a FIFO, a directory) is used as it is.
- *  - A call that changes metadata (chmod, chown, the utime family, setxattr
- *    and removexattr, and link's existing name) never reaches the original,
- *    which the template and every other clone share: it first makes the
- *    private side from it (copy_attr_up): a regular file copied as above
- *    (the original's mode and times, not its owner nor its xattrs); a
- *    directory made with the original's mode (its entries then no longer
- *    listed, see below); a symlink the call does not follow (lchown,
+ *  - A call that changes metadata (chmod, lchmod, chown, the utime family,
+ *    setxattr and removexattr, and link's existing name) never reaches the
+ *    original, which the template and every other clone share: it first
+ *    makes the private side from it (copy_attr_up): a regular file copied
+ *    as above (the original's mode and times, not its xattrs); a directory
+ *    made with the original's mode (its entries then no longer listed, see
+ *    below); a symlink the call does not follow (lchown,
  *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
- *    device node made anew (a device without CAP_MKNOD: EPERM). A call that
- *    follows a symlink copies what the link leads to, as an open for
- *    writing does.
+ *    device node made anew (a device without CAP_MKNOD: EPERM). Every copy
+ *    (a write's too) gets the original's owner when the caller has
+ *    CAP_CHOWN (chown before chmod, as cp -a); without it the copy is the
+ *    caller's, and a set-user-ID or set-group-ID bit of a file someone
+ *    else owns is dropped (as cp -p): no copy grants more than the
+ *    original. Before copying, what the kernel would refuse on the
+ *    original is refused: EPERM for a chmod, chown or utime with explicit
+ *    times of a file the caller's fsuid does not own (without CAP_FOWNER,
+ *    CAP_CHOWN for chown), EOPNOTSUPP for a chmod of a symlink itself,
+ *    EPERM for a directory as link's source, ENODATA for removexattr of a
+ *    name the side a read sees lacks, EINVAL for flags (and nanoseconds)
+ *    the kernel or glibc rejects before its lookup.
+ *  - A final symlink that a call follows (every open, stat, access,
+ *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW) is followed
+ *    here, on the side in use, when the path is under a copy-on-write
+ *    rule: its target, an absolute one as it is and a relative one against
+ *    the link's virtual directory, is matched again (at most 40 links,
+ *    then ELOOP). So a link the clone made or copied up, whose absolute
+ *    target is an original, leads to the clone's copy of it, and a
+ *    relative one copied up still finds its target.
  *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
  *    mknod and mkfifo create on the private side (EEXIST, and nothing
  *    copied, if either side has the path); a rename's destination is the
@@ -60,7 +77,7 @@
  * (and their 64 and fortified names), opendir, readlink, readlinkat,
  * chdir, mkdir, mkdirat, unlink, unlinkat, rmdir, remove, rename,
  * renameat, truncate, shm_open, shm_unlink, posix_spawn's file actions;
- * chmod, fchmodat, chown, lchown, fchownat, utimensat, utimes, utime,
+ * chmod, fchmodat, lchmod, chown, lchown, fchownat, utimensat, utimes, utime,
  * futimesat, lutimes, setxattr, lsetxattr, removexattr, lremovexattr,
  * getxattr, lgetxattr, listxattr, llistxattr; symlink, symlinkat, link,
  * linkat, mknod, mknodat, mkfifo, mkfifoat (and glibc's versioned
@@ -80,26 +97,53 @@
  *    (do_path_syscall: one path, first or after a directory).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
- * itself (a symlink's target, a working directory inside `from`: calls
- * relative to it reach the original; so a write, chmod or chown through
- * a symlink on the private side, one the clone made or copied up, whose
- * target is an absolute path under a copy-on-write rule not yet copied,
- * reaches that original), calls without a wrapper here: exec's path,
- * rename with flags (renameat2), syscall() with SYS_link, linkat or
- * symlinkat (two paths, or the path third: do_path_syscall takes
- * neither), statfs and statvfs, realpath (but for /proc/<vpid>), the path
- * calls glibc makes inside its own functions (ftw and nftw, glob, fts:
- * they reach the kernel past every wrapper), and programs that make raw
- * system calls (a syscall instruction, not syscall()) or link libc
- * statically.
+ * itself (a symlink in a path's middle components, or a working directory
+ * inside `from`: calls relative to it reach the original; a private
+ * link's absolute target there reaches the original, a relative one is
+ * looked for on the private side; ".." in a followed target is taken
+ * lexically against the link's virtual directory), calls without a
+ * wrapper here: exec's path, rename with flags (renameat2), syscall() with
+ * SYS_link, linkat or symlinkat (two paths, or the path third:
+ * do_path_syscall takes neither), statfs and statvfs, realpath (but for
+ * /proc/<vpid>), the path calls glibc makes inside its own functions (ftw
+ * and nftw, glob, fts: they reach the kernel past every wrapper), and
+ * programs that make raw system calls (a syscall instruction, not
+ * syscall()) or link libc statically.
+ *
+ * Not covered yet, under a copy-on-write rule:
+ *  - Metadata calls on a descriptor (fchmod, fchown, fchownat with
+ *    AT_EMPTY_PATH, futimens, futimes, fsetxattr, fremovexattr) change
+ *    the file it is open on: one opened read-only on an original changes
+ *    the template's (it would take knowing, per descriptor, which rule and
+ *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
+ *    relative source) of such a descriptor: the new private name is a
+ *    second name of the original's inode.
+ *  - copy_attr_up makes a directory, symlink or node under its final name
+ *    and then gives it its mode, owner and times: a second process that
+ *    changes it in between may lose its change (regular files are copied
+ *    under a temporary name and renamed without replacing).
+ *  - The temporary name is "<name>.appshot-cow.<tid>": a signal handler
+ *    that copies the same file on the same thread, interrupting a copy,
+ *    removes the interrupted copy as a dead one (the outer copy fails).
+ *  - A chmod, utime or setxattr of a regular file copies it whole, however
+ *    large.
+ *  - A file the clone copied up by writing it (with write permission, not
+ *    ownership) is the clone's: a later chmod of it succeeds where the
+ *    kernel refuses the original. setxattr XATTR_REPLACE of a missing name
+ *    and removexattr through syscall() copy before failing with ENODATA;
+ *    a chown that changes the owner without CAP_CHOWN, by the file's
+ *    owner, copies before the kernel's EPERM; user xattrs' permission
+ *    (write access) is checked on the copy, not the original.
+ *  - An original the caller may not read (mode 0200 for its owner, say)
+ *    cannot be copied: a metadata call on it fails with EACCES.
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
- * read/write or a symlink's target is copied up, and a realloc of an
- * answer libc allocated itself (getcwd's, realpath's) that a virtual id
- * makes longer. The one PATH_MAX buffer is in the slow half of a wrapper
- * (two for rename and link), only when a path is rewritten; path_slow
- * works in it.
+ * read/write, a symlink's target is copied up or followed, or link needs
+ * its second path, and a realloc of an answer libc allocated itself
+ * (getcwd's, realpath's) that a virtual id makes longer. The one PATH_MAX
+ * buffer is in the slow half of a wrapper, only when a path is rewritten;
+ * path_slow works in it.
  */
 #include "preload.h"
 
@@ -108,6 +152,31 @@
 #include <sys/time.h>
 #include <sys/xattr.h>
 #include <utime.h>
+
+/* The system calls glibc's functions make (x86-64 has the old ones): a
+ * program's seccomp filter that allows what glibc does allows the
+ * wrappers' calls too. */
+#ifdef SYS_chmod
+#define CHMOD_RAW(p, mode) SYS2(chmod, p, mode)
+#define CHOWN_RAW(p, uid, gid) SYS3(chown, p, uid, gid)
+#define LCHOWN_RAW(p, uid, gid) SYS3(lchown, p, uid, gid)
+#define SYMLINK_RAW(target, p) SYS2(symlink, target, p)
+#define LINK_RAW(a, b) SYS2(link, a, b)
+#define MKDIR_RAW(p, mode) SYS2(mkdir, p, mode)
+#define UNLINK_RAW(p) SYS1(unlink, p)
+#define RMDIR_RAW(p) SYS1(rmdir, p)
+#define RENAME_RAW(a, b) SYS2(rename, a, b)
+#else
+#define CHMOD_RAW(p, mode) SYS3(fchmodat, AT_FDCWD, p, mode)
+#define CHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, 0)
+#define LCHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, AT_SYMLINK_NOFOLLOW)
+#define SYMLINK_RAW(target, p) SYS3(symlinkat, target, AT_FDCWD, p)
+#define LINK_RAW(a, b) SYS5(linkat, AT_FDCWD, a, AT_FDCWD, b, 0)
+#define MKDIR_RAW(p, mode) SYS3(mkdirat, AT_FDCWD, p, mode)
+#define UNLINK_RAW(p) SYS3(unlinkat, AT_FDCWD, p, 0)
+#define RMDIR_RAW(p) SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)
+#define RENAME_RAW(a, b) SYS4(renameat, AT_FDCWD, a, AT_FDCWD, b)
+#endif
 
 /* --- Matching ------------------------------------------------------------ */
 
@@ -1067,17 +1136,17 @@ API int fchdir(int fd) {
   return (int)libc_ret(r);
 }
 PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
-             PATH_CREATE, -1, (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode)))
+             PATH_CREATE, -1, (int)libc_ret(MKDIR_RAW(p, mode)))
 PATH_WRAPPER(int, mkdirat, (int fd, const char *path, mode_t mode),
              (fd, path, mode), NO_PROC_DIR, PATH_CREATE, -1,
              (int)libc_ret(SYS3(mkdirat, fd, p, mode)))
 PATH_WRAPPER(int, unlink, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
-             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0)))
+             (int)libc_ret(UNLINK_RAW(p)))
 PATH_WRAPPER(int, unlinkat, (int fd, const char *path, int flags),
              (fd, path, flags), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, fd, p, flags)))
 PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
-             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)))
+             (int)libc_ret(RMDIR_RAW(p)))
 
 /* --- Through syscall() ----------------------------------------------------
  *
@@ -1169,8 +1238,8 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
 
 /* glibc's remove() calls unlink and rmdir internally, past our wrappers. */
 static int do_remove(const char *p) {
-  long r = SYS3(unlinkat, AT_FDCWD, p, 0);
-  if (r == -EISDIR) r = SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR);
+  long r = UNLINK_RAW(p);
+  if (r == -EISDIR) r = RMDIR_RAW(p);
   return (int)libc_ret(r);
 }
 PATH_WRAPPER(int, remove, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
@@ -1196,19 +1265,6 @@ PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
  * where the architecture has them, utimensat for the utime family; but
  * glibc's own fchmodat with flags (it emulates AT_SYMLINK_NOFOLLOW on
  * kernels without fchmodat2) and lutimes (its checked conversion). */
-#ifdef SYS_chmod
-#define CHMOD_RAW(p, mode) SYS2(chmod, p, mode)
-#define CHOWN_RAW(p, uid, gid) SYS3(chown, p, uid, gid)
-#define LCHOWN_RAW(p, uid, gid) SYS3(lchown, p, uid, gid)
-#define SYMLINK_RAW(target, p) SYS2(symlink, target, p)
-#define LINK_RAW(a, b) SYS2(link, a, b)
-#else
-#define CHMOD_RAW(p, mode) SYS3(fchmodat, AT_FDCWD, p, mode)
-#define CHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, 0)
-#define LCHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, AT_SYMLINK_NOFOLLOW)
-#define SYMLINK_RAW(target, p) SYS3(symlinkat, target, AT_FDCWD, p)
-#define LINK_RAW(a, b) SYS5(linkat, AT_FDCWD, a, AT_FDCWD, b, 0)
-#endif
 PATH_WRAPPER(int, chmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_ATTR | PATH_OWNER, -1, (int)libc_ret(CHMOD_RAW(p, mode)))
 PATH_WRAPPER(int, fchmodat, (int fd, const char *path, mode_t mode, int flags),
@@ -1418,33 +1474,41 @@ API int link(const char *from, const char *to) {
   return (int)libc_ret(LINK_RAW(from, to));
 }
 
-/* rename: two paths, either or both hooked. */
+/* rename: two paths, either or both hooked. One PATH_MAX buffer on the
+ * stack (rename is async-signal-safe), the second in a page mapped for the
+ * call. */
 static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
-                                  const char *to) {
+                                  const char *to, int raw_rename) {
   /* /proc/<vpid> paths: see SLOW_PATH */
   ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
-  char a_buf[PATH_MAX], b_buf[PATH_MAX];
-  const char *a = from, *b = to;
-  if (path_hooked(from) && !(a = path_slow(from, PATH_REMOVE, a_buf)))
+  char a_buf[PATH_MAX];
+  long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) {
+    errno = (int)-m;
     return -1;
-  if (path_hooked(to) && !(b = path_slow(to, PATH_TARGET, b_buf))) return -1;
-  return (int)libc_ret(SYS4(renameat, fd1, a, fd2, b));
-}
-
-static inline int renameat_fast(int fd1, const char *from, int fd2,
-                                const char *to) {
-  ensure_init();
-  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
-    return renameat_slow(fd1, from, fd2, to);
-  return (int)libc_ret(SYS4(renameat, fd1, from, fd2, to));
+  }
+  char *b_buf = (char *)m;
+  const char *a = from, *b = to;
+  int r = -1;
+  if ((!path_hooked(from) || (a = path_slow(from, PATH_REMOVE, a_buf))) &&
+      (!path_hooked(to) || (b = path_slow(to, PATH_TARGET, b_buf))))
+    r = (int)libc_ret(raw_rename ? RENAME_RAW(a, b) : SYS4(renameat, fd1, a, fd2, b));
+  SYS2(munmap, b_buf, PATH_MAX); /* raw: errno kept */
+  return r;
 }
 
 API int renameat(int fd1, const char *from, int fd2, const char *to) {
-  return renameat_fast(fd1, from, fd2, to);
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return renameat_slow(fd1, from, fd2, to, 0);
+  return (int)libc_ret(SYS4(renameat, fd1, from, fd2, to));
 }
 
 API int rename(const char *from, const char *to) {
-  return renameat_fast(AT_FDCWD, from, AT_FDCWD, to);
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return renameat_slow(AT_FDCWD, from, AT_FDCWD, to, 1);
+  return (int)libc_ret(RENAME_RAW(from, to));
 }
 
 /* POSIX shared memory: glibc's shm_open and shm_unlink open and unlink
