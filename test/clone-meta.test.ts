@@ -175,6 +175,8 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   // syscall(SYS_symlink, s, s): the name made privately, its target as given.
   expect(lstatSync(d('selfl'), { throwIfNoEntry: false })).toBeUndefined();
   expect(lstatSync(priv(d('selfl'))).isSymbolicLink()).toBe(true);
+  // Copies are made under temporary names and renamed into place: none left.
+  expect(readdirSync(priv(data)).filter((n) => n.includes('.appshot-cow.'))).toEqual([]);
   // utime of the set-user-ID file: a copy with the original's owner.
   const su = lstatSync(priv(d('su')));
   expect(su.mode & 0o7777).toBe(0o4755);

@@ -43,7 +43,8 @@
  *    made with the original's mode (its entries then no longer listed, see
  *    below); a symlink the call does not follow (lchown,
  *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
- *    device node made anew (a device without CAP_MKNOD: EPERM). Every copy
+ *    device node made anew (a device without CAP_MKNOD: EPERM), each
+ *    under a temporary name and put in place as a file's copy is. Every copy
  *    (a write's too) gets the original's owner when the caller has
  *    CAP_CHOWN (chown before chmod, as cp -a); without it the copy is the
  *    caller's, and a set-user-ID or set-group-ID bit of a file someone
@@ -118,10 +119,6 @@
  *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
  *    relative source) of such a descriptor: the new private name is a
  *    second name of the original's inode.
- *  - copy_attr_up makes a directory, symlink or node under its final name
- *    and then gives it its mode, owner and times: a second process that
- *    changes it in between may lose its change (regular files are copied
- *    under a temporary name and renamed without replacing).
  *  - The temporary name is "<name>.appshot-cow.<tid>": a signal handler
  *    that copies the same file on the same thread, interrupting a copy,
  *    removes the interrupted copy as a dead one (the outer copy fails).
@@ -371,6 +368,52 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
+/* A copy is made under a temporary name beside the private path,
+ * "<name>.appshot-cow.<tid>", then renamed into place without replacing:
+ * of two processes copying at once, one copy wins and both use it. Writes
+ * that name into tmp and the private name's last component to *base (in
+ * the caller's buffer: good while the private side is the one asked for),
+ * and returns a descriptor (O_PATH) of their directory, or -errno. */
+static long tmp_beside(const struct cow *c, char tmp[NAME_MAX + 1], const char **base) {
+  char *pv = priv_side(c);
+  char *slash = strrchr(pv, '/'); /* pv is absolute */
+  *base = slash + 1;
+  size_t bl = strlen(*base);
+  if (bl == 0 || bl + 13 + 10 >= NAME_MAX + 1) return bl ? -ENAMETOOLONG : -EISDIR;
+  memcpy(tmp, *base, bl);
+  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
+                        (unsigned long)SYS0(gettid));
+  *d = '\0';
+  if (slash == pv) return SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  *slash = '\0';
+  long dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  *slash = '/';
+  return dir;
+}
+
+/* Puts the finished copy `tmp` in place as `base` (both in dir) unless
+ * something is there already (another process's copy: then that one is
+ * the copy, and 0). */
+static int put_in_place(long dir, const char *tmp, const char *base, int is_dir) {
+  int left = 1; /* tmp still there */
+  int err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base, RENAME_NOREPLACE, 0);
+  if (err == 0) {
+    left = 0;
+  } else if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
+    err = is_dir ? -EPERM : (int)SYS5(linkat, dir, tmp, dir, base, 0);
+    if (err == -EPERM) { /* no links: renamed, if nothing is there */
+      struct stat st;
+      err = sys6(SYS_newfstatat, dir, (long)base, (long)&st, AT_SYMLINK_NOFOLLOW, 0, 0) == 0
+                ? -EEXIST
+                : (int)SYS4(renameat, dir, tmp, dir, base);
+      if (err == 0) left = 0;
+    }
+  }
+  if (err == -EEXIST) err = 0;
+  if (left) SYS3(unlinkat, dir, tmp, is_dir ? AT_REMOVEDIR : 0);
+  return err;
+}
+
 /* A write is about to go to the private path of a COW rule that does not
  * exist yet. Returns 0 to use the private path, 1 to use the original (not
  * a regular file), or -errno. Not inlined: its frame is only needed for a
@@ -396,29 +439,9 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     return r < 0 ? (int)r : 1;
   }
   make_parents(c);
-  /* The copy is made under a temporary name beside the private path,
-   * "<name>.appshot-cow.<tid>", named relative to their directory. */
-  char *pv = priv_side(c);
-  char *slash = strrchr(pv, '/'); /* pv is absolute */
-  const char *base = slash + 1;
-  size_t bl = strlen(base);
   char tmp[NAME_MAX + 1];
-  if (bl == 0 || bl + 13 + 10 >= sizeof tmp) {
-    SYS1(close, src);
-    return bl ? -ENAMETOOLONG : -EISDIR;
-  }
-  memcpy(tmp, base, bl);
-  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
-                    (unsigned long)SYS0(gettid));
-  *d = '\0';
-  long dir;
-  if (slash == pv) {
-    dir = SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
-  } else {
-    *slash = '\0';
-    dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    *slash = '/';
-  }
+  const char *base;
+  long dir = tmp_beside(c, tmp, &base);
   if (dir < 0) {
     SYS1(close, src);
     return (int)dir;
@@ -445,24 +468,8 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   }
   SYS1(close, src);
   SYS1(close, dst);
-  int left = 1; /* tmp still there */
-  if (!err) {
-    /* Not replacing: another process may have copied it meanwhile, and
-     * may be writing to its copy already. Then that copy is the one. */
-    err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base,
-                    RENAME_NOREPLACE, 0);
-    if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
-      err = (int)SYS5(linkat, dir, tmp, dir, base, 0);
-      if (err == -EPERM) { /* no links */
-        err = (int)SYS4(renameat, dir, tmp, dir, base);
-        if (err == 0) left = 0;
-      }
-    } else if (err == 0) {
-      left = 0;
-    }
-    if (err == -EEXIST) err = 0;
-  }
-  if (left) SYS3(unlinkat, dir, tmp, 0);
+  if (!err) err = put_in_place(dir, tmp, base, 0);
+  else SYS3(unlinkat, dir, tmp, 0);
   SYS1(close, dir);
   return err;
 }
@@ -495,40 +502,54 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
     int rc = copy_up(c, 1);
     return rc == 1 ? -EAGAIN : rc; /* it was replaced meanwhile */
   }
-  make_parents(c);
-  char *pv = priv_side(c);
-  mode_t perm = st.st_mode & 07777;
-  if (S_ISDIR(st.st_mode)) {
-    r = SYS3(mkdirat, AT_FDCWD, pv, perm);
-  } else if (S_ISLNK(st.st_mode)) {
-    /* The target in a page of its own, not a second PATH_MAX buffer on a
-     * stack that may be small; the original side's name is needed while
-     * it is read, so the private side is asked for again after. */
+  /* Made under a temporary name, given its owner, mode and times there,
+   * then put in place: no other process sees it half made, nor loses a
+   * change it made meanwhile to one that is already in place. A symlink's
+   * target is read first, in a page of its own (not a second PATH_MAX
+   * buffer on a stack that may be small), while the original side's name
+   * is at hand. */
+  char *target = NULL;
+  if (S_ISLNK(st.st_mode)) {
     long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m < 0 && m > -4096) return (int)m;
-    char *target = (char *)m;
+    target = (char *)m;
     long n = SYS4(readlinkat, AT_FDCWD, orig_side(c), target, PATH_MAX - 1);
-    if (n >= 0) {
-      target[n] = '\0';
-      r = SYS3(symlinkat, target, AT_FDCWD, pv = priv_side(c));
-    } else {
-      r = n;
+    if (n < 0) {
+      SYS2(munmap, target, PATH_MAX);
+      return (int)n;
     }
-    SYS2(munmap, target, PATH_MAX);
-  } else {
-    unsigned int dev = (unsigned int)st.st_rdev; /* the kernel's encoding */
-    r = SYS4(mknodat, AT_FDCWD, pv, (st.st_mode & S_IFMT) | 0600, dev);
+    target[n] = '\0';
   }
-  if (r == -EEXIST) return 0; /* another process made it meanwhile */
-  if (r < 0) return (int)r;
-  /* The original's owner where the caller may give it, then its mode (the
-   * umask took bits) and the times a chmod keeps. */
-  perm = copy_owner(AT_FDCWD, pv, &st);
-  if (!S_ISLNK(st.st_mode)) SYS4(fchmodat, AT_FDCWD, pv, perm, 0);
-  struct timespec times[2] = {st.st_atim, st.st_mtim};
-  SYS4(utimensat, AT_FDCWD, pv, times, AT_SYMLINK_NOFOLLOW);
-  return 0;
+  make_parents(c);
+  char tmp[NAME_MAX + 1];
+  const char *base;
+  long dir = tmp_beside(c, tmp, &base);
+  if (dir >= 0) {
+    int is_dir = S_ISDIR(st.st_mode);
+    for (int i = 0; i < 2; i++) {
+      if (is_dir) r = SYS3(mkdirat, dir, tmp, 0700);
+      else if (target) r = SYS3(symlinkat, target, dir, tmp);
+      else r = SYS4(mknodat, dir, tmp, (st.st_mode & S_IFMT) | 0600,
+                    (unsigned int)st.st_rdev); /* the kernel's encoding */
+      if (r != -EEXIST) break;
+      SYS3(unlinkat, dir, tmp, is_dir ? AT_REMOVEDIR : 0); /* a dead copy's */
+    }
+    if (r == 0) {
+      /* The original's owner where the caller may give it, then its mode
+       * (the umask took bits) and the times a chmod keeps. */
+      mode_t perm = copy_owner((int)dir, tmp, &st);
+      if (!target) SYS4(fchmodat, dir, tmp, perm, 0);
+      struct timespec times[2] = {st.st_atim, st.st_mtim};
+      SYS4(utimensat, dir, tmp, times, AT_SYMLINK_NOFOLLOW);
+      r = put_in_place(dir, tmp, base, is_dir);
+    }
+    SYS1(close, dir);
+  } else {
+    r = dir;
+  }
+  if (target) SYS2(munmap, target, PATH_MAX);
+  return (int)r;
 }
 
 /* --- path_slow ----------------------------------------------------------- */
