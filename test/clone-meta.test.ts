@@ -101,6 +101,8 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   chmodSync(outside, 0o755);
   writeFileSync(join(outside, 'o'), 'o\n');
   symlinkSync(`${data}/../outside`, d('outl'));
+  writeFileSync(d('nest'), 'n\n');
+  chmodSync(d('nest'), 0o644);
   mkdirSync(conf);
   for (const f of [confFile, ...['cmt', 'cmc-1', 'cmc-2'].map((aid) => join(inst, aid, 'app.conf'))]) {
     mkdirSync(join(f, '..'), { recursive: true });
@@ -118,7 +120,7 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   expect(clones.map((c) => c.aid)).toEqual(['cmc-1', 'cmc-2']);
   for (const c of clones) await checksPass(c.aid);
   const before = { file: meta(file), sysFile: meta(sysFile), sub: meta(sub), link: meta(link) };
-  const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl'];
+  const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl', 'nest'];
   const beforeReview = Object.fromEntries(review.map((n) => [n, meta(d(n))]));
 
   await sb.exercised('cmc-1', 'to change its files\' metadata');
@@ -175,6 +177,10 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   // syscall(SYS_symlink, s, s): the name made privately, its target as given.
   expect(lstatSync(d('selfl'), { throwIfNoEntry: false })).toBeUndefined();
   expect(lstatSync(priv(d('selfl'))).isSymbolicLink()).toBe(true);
+  // A copy nested in another on the same thread (a signal handler's): one
+  // copy, both calls on it.
+  expect(readFileSync(priv(d('nest')), 'utf8')).toBe('n\ninner\n');
+  expect(statSync(priv(d('nest'))).mode & 0o7777).toBe(0o640);
   // Copies are made under temporary names and renamed into place: none left.
   expect(readdirSync(priv(data)).filter((n) => n.includes('.appshot-cow.'))).toEqual([]);
   // utime of the set-user-ID file: a copy with the original's owner.

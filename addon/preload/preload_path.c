@@ -119,9 +119,6 @@
  *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
  *    relative source) of such a descriptor: the new private name is a
  *    second name of the original's inode.
- *  - The temporary name is "<name>.appshot-cow.<tid>": a signal handler
- *    that copies the same file on the same thread, interrupting a copy,
- *    removes the interrupted copy as a dead one (the outer copy fails).
  *  - A chmod, utime or setxattr of a regular file copies it whole, however
  *    large.
  *  - A file the clone copied up by writing it (with write permission, not
@@ -368,8 +365,14 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
+/* The copies this thread is making: a signal handler that copies while
+ * the thread it interrupted is copying gets a temporary name of its own
+ * (the same one would be taken for a dead copy's and removed). */
+static __thread unsigned t_cow_nesting TLS_IE;
+
 /* A copy is made under a temporary name beside the private path,
- * "<name>.appshot-cow.<tid>", then renamed into place without replacing:
+ * "<name>.appshot-cow.<tid>" (".<n>" more when nested, t_cow_nesting),
+ * then renamed into place without replacing:
  * of two processes copying at once, one copy wins and both use it. Writes
  * that name into tmp and the private name's last component to *base (in
  * the caller's buffer: good while the private side is the one asked for),
@@ -379,10 +382,15 @@ static long tmp_beside(const struct cow *c, char tmp[NAME_MAX + 1], const char *
   char *slash = strrchr(pv, '/'); /* pv is absolute */
   *base = slash + 1;
   size_t bl = strlen(*base);
-  if (bl == 0 || bl + 13 + 10 >= NAME_MAX + 1) return bl ? -ENAMETOOLONG : -EISDIR;
+  size_t nested = t_cow_nesting > 1 ? 11 : 0; /* room for ".<n>" */
+  if (bl == 0 || bl + 13 + 10 + nested >= NAME_MAX + 1) return bl ? -ENAMETOOLONG : -EISDIR;
   memcpy(tmp, *base, bl);
   char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
                         (unsigned long)SYS0(gettid));
+  if (t_cow_nesting > 1) { /* a signal handler's copy, inside another */
+    *d++ = '.';
+    d = put_decimal(d, t_cow_nesting - 1);
+  }
   *d = '\0';
   if (slash == pv) return SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
   *slash = '\0';
@@ -441,8 +449,10 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   make_parents(c);
   char tmp[NAME_MAX + 1];
   const char *base;
+  t_cow_nesting++;
   long dir = tmp_beside(c, tmp, &base);
   if (dir < 0) {
+    t_cow_nesting--;
     SYS1(close, src);
     return (int)dir;
   }
@@ -453,10 +463,12 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     if (dst == -EEXIST) SYS3(unlinkat, dir, tmp, 0); /* a dead copy's */
   }
   if (dst < 0) {
+    t_cow_nesting--;
     SYS1(close, src);
     SYS1(close, dir);
     return (int)dst;
   }
+  test_pause("cow-copying"); /* a signal handler's copy may come here */
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
   /* The original's times, as a chmod or chown of it would have left them
@@ -470,6 +482,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   SYS1(close, dst);
   if (!err) err = put_in_place(dir, tmp, base, 0);
   else SYS3(unlinkat, dir, tmp, 0);
+  t_cow_nesting--;
   SYS1(close, dir);
   return err;
 }
@@ -524,6 +537,7 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
   make_parents(c);
   char tmp[NAME_MAX + 1];
   const char *base;
+  t_cow_nesting++;
   long dir = tmp_beside(c, tmp, &base);
   if (dir >= 0) {
     int is_dir = S_ISDIR(st.st_mode);
@@ -548,6 +562,7 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
   } else {
     r = dir;
   }
+  t_cow_nesting--;
   if (target) SYS2(munmap, target, PATH_MAX);
   return (int)r;
 }
