@@ -53,8 +53,9 @@
  *    original is refused: EPERM for a chmod, chown or utime with explicit
  *    times of a file the caller's fsuid does not own (without CAP_FOWNER,
  *    CAP_CHOWN for chown), EOPNOTSUPP for a chmod of a symlink itself,
- *    EPERM for a directory as link's source, ENODATA for removexattr of a
- *    name the side a read sees lacks, EINVAL for flags (and nanoseconds)
+ *    EPERM for a directory as link's source, ENODATA for removexattr (or
+ *    setxattr XATTR_REPLACE) of a name the side a read sees lacks, EEXIST
+ *    for setxattr XATTR_CREATE of one it has, EINVAL for flags (and nanoseconds)
  *    the kernel or glibc rejects before its lookup.
  *  - A final symlink that a call follows (every open, stat, access,
  *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW) is followed
@@ -123,9 +124,7 @@
  *    large.
  *  - A file the clone copied up by writing it (with write permission, not
  *    ownership) is the clone's: a later chmod of it succeeds where the
- *    kernel refuses the original. setxattr XATTR_REPLACE of a missing name
- *    and removexattr through syscall() copy before failing with ENODATA;
- *    a chown that changes the owner without CAP_CHOWN, by the file's
+ *    kernel refuses the original. A chown that changes the owner without CAP_CHOWN, by the file's
  *    owner, copies before the kernel's EPERM; user xattrs' permission
  *    (write access) is checked on the copy, not the original.
  *  - An original the caller may not read (mode 0200 for its owner, say)
@@ -806,11 +805,6 @@ static inline int chown_op(int flags) {
   return attr_op(flags) | PATH_CHOWNER;
 }
 
-/* setxattr's: unknown flags are EINVAL before the lookup. */
-static inline int setxattr_op(int flags, int nofollow) {
-  if (flags & ~(XATTR_CREATE | XATTR_REPLACE)) return PATH_EINVAL;
-  return nofollow ? PATH_LATTR : PATH_ATTR;
-}
 
 /* posix_spawn's file actions run in the child, inside glibc, past every
  * wrapper: their paths are rewritten here, when they are recorded (glibc
@@ -1191,10 +1185,14 @@ PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -
  * The kernel's call, with the kernel's arguments and conventions, but the
  * path the wrappers would hand it; an open's descriptor gets the view its
  * text needs (preload_view.c). */
+static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const char *name,
+                                const void *value, size_t size, int flags); /* below */
+
 static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, long e, int dirfd,
                                        int at, int op) {
   long v[5] = {a, b, c, d, e};
   const char *path = (const char *)v[at];
+  if (nr == SYS_utimensat) op = utimens_op((const struct timespec *)c, (int)d);
   SLOW_PATH(p, dirfd, path, op, -1);
   v[at] = (long)p; /* by position: another argument may be the same string */
   return libc_ret(sys6(nr, v[0], v[1], v[2], v[3], v[4], 0));
@@ -1211,10 +1209,17 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_utime:
     case SYS_utimes: op = times_op((const void *)b, 0); break;
     case SYS_setxattr:
-    case SYS_lsetxattr: op = setxattr_op((int)e, nr == SYS_lsetxattr); break;
-    case SYS_removexattr: op = PATH_ATTR; break;
+    case SYS_lsetxattr:
+    case SYS_removexattr:
+    case SYS_lremovexattr: {
+      int set = nr == SYS_setxattr || nr == SYS_lsetxattr;
+      int nofollow = nr == SYS_lsetxattr || nr == SYS_lremovexattr;
+      if (path_hooked((const char *)a))
+        return xattr_slow(set, nofollow, (const char *)a, (const char *)b, (const void *)c, (size_t)d,
+                          (int)e);
+      return libc_ret(sys6(nr, a, b, c, d, e, 0));
+    }
     case SYS_lchown: op = PATH_LATTR | PATH_CHOWNER; break;
-    case SYS_lremovexattr: op = PATH_LATTR; break;
     case SYS_getxattr:
     case SYS_listxattr: break;
     case SYS_lgetxattr:
@@ -1229,7 +1234,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       dirfd = (int)a;
       at = 1;
       break;
-    case SYS_utimensat: op = utimens_op((const struct timespec *)c, (int)d); dirfd = (int)a; at = 1; break;
+    case SYS_utimensat: dirfd = (int)a; at = 1; break; /* op: reads times, slow path only */
     case SYS_fchownat: op = chown_op((int)e); dirfd = (int)a; at = 1; break;
     case SYS_fchdir: {
       long r = sys6(nr, a, 0, 0, 0, 0, 0);
@@ -1369,33 +1374,45 @@ PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval tim
 PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
              (path, times), NO_PROC_DIR, timeval_op(times) | PATH_LATTR, -1,
              REAL(lutimes)(p, times))
-PATH_WRAPPER(int, setxattr,
-             (const char *path, const char *name, const void *value, size_t size, int flags),
-             (path, name, value, size, flags), NO_PROC_DIR, setxattr_op(flags, 0), -1,
-             (int)libc_ret(SYS5(setxattr, p, name, value, size, flags)))
-PATH_WRAPPER(int, lsetxattr,
-             (const char *path, const char *name, const void *value, size_t size, int flags),
-             (path, name, value, size, flags), NO_PROC_DIR, setxattr_op(flags, 1), -1,
-             (int)libc_ret(SYS5(lsetxattr, p, name, value, size, flags)))
-/* removexattr: a name the file does not have is ENODATA, asked of the side
- * a read sees before anything is copied up (a directory's copy would hide
- * its entries for nothing). */
-static NOINLINE int removexattr_slow(const char *path, const char *name, int nofollow) {
+/* setxattr and removexattr: what the file's xattrs decide (XATTR_CREATE
+ * of a name it has: EEXIST; XATTR_REPLACE, or removexattr, of a name it
+ * lacks: ENODATA) is asked of the side a read sees before anything is
+ * copied up (a directory's copy would hide its entries for nothing). */
+static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const char *name,
+                                const void *value, size_t size, int flags) {
+  if (set && (flags & ~(XATTR_CREATE | XATTR_REPLACE))) return libc_ret(-EINVAL);
   SLOW_PATH(p, AT_FDCWD, path, PATH_READ | (nofollow ? PATH_NOFOLLOW : 0), -1);
-  long r = nofollow ? SYS4(lgetxattr, p, name, NULL, 0) : SYS4(getxattr, p, name, NULL, 0);
-  if (r == -ENODATA || r == -ENOENT || r == -ENOTDIR || r == -EOPNOTSUPP || r == -ERANGE)
-    return (int)libc_ret(r);
+  if (!set || flags) {
+    long r = nofollow ? SYS4(lgetxattr, p, name, NULL, 0) : SYS4(getxattr, p, name, NULL, 0);
+    if (set && r >= 0 && (flags & XATTR_CREATE)) return libc_ret(-EEXIST);
+    if (set && r == -ENODATA && !(flags & XATTR_REPLACE)) r = 0;
+    if (r == -ENODATA || r == -ENOENT || r == -ENOTDIR || r == -EOPNOTSUPP || r == -ERANGE)
+      return libc_ret(r);
+  }
   if (!(p = at_path_slow(p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
-  return (int)libc_ret(nofollow ? SYS2(lremovexattr, p, name) : SYS2(removexattr, p, name));
+  if (set)
+    return libc_ret(nofollow ? SYS5(lsetxattr, p, name, value, size, flags)
+                             : SYS5(setxattr, p, name, value, size, flags));
+  return libc_ret(nofollow ? SYS2(lremovexattr, p, name) : SYS2(removexattr, p, name));
+}
+API int setxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(1, 0, path, name, value, size, flags);
+  return (int)libc_ret(SYS5(setxattr, path, name, value, size, flags));
+}
+API int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(1, 1, path, name, value, size, flags);
+  return (int)libc_ret(SYS5(lsetxattr, path, name, value, size, flags));
 }
 API int removexattr(const char *path, const char *name) {
   ensure_init();
-  if (UNLIKELY(path_hooked(path))) return removexattr_slow(path, name, 0);
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(0, 0, path, name, NULL, 0, 0);
   return (int)libc_ret(SYS2(removexattr, path, name));
 }
 API int lremovexattr(const char *path, const char *name) {
   ensure_init();
-  if (UNLIKELY(path_hooked(path))) return removexattr_slow(path, name, 1);
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(0, 1, path, name, NULL, 0, 0);
   return (int)libc_ret(SYS2(lremovexattr, path, name));
 }
 PATH_WRAPPER(ssize_t, getxattr,
