@@ -124,9 +124,17 @@
  *    large.
  *  - A file the clone copied up by writing it (with write permission, not
  *    ownership) is the clone's: a later chmod of it succeeds where the
- *    kernel refuses the original. A chown that changes the owner without CAP_CHOWN, by the file's
- *    owner, copies before the kernel's EPERM; user xattrs' permission
- *    (write access) is checked on the copy, not the original.
+ *    kernel refuses the original. A chown that changes the owner without
+ *    CAP_CHOWN, by the file's owner, copies before the kernel's EPERM;
+ *    the write access that user xattrs and a utime to the current time
+ *    need is checked on the copy (the caller's, when it does not own the
+ *    original), not on the original.
+ *  - A final symlink that leads out of the copy-on-write tree is followed
+ *    out of it, as the kernel would: a chmod or write through it changes
+ *    what it leads to (also when `from` itself is such a symlink). A
+ *    symlink in a middle component is not (see above): what the kernel
+ *    reaches through it is copied to the private side under the path's
+ *    own name.
  *  - An original the caller may not read (mode 0200 for its owner, say)
  *    cannot be copied: a metadata call on it fails with EACCES.
  *
