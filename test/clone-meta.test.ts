@@ -6,11 +6,32 @@
  * symlink, and symlink, mkfifo and link (cowmeta.c lists them). Under a
  * REDIR PATH rule a chmod changes the instance's side.
  *
+ * Also the review's cases (cowmeta.c lists them): a symlink the clone made
+ * or copied up is followed by the wrappers, so a write or chmod through it
+ * reaches the clone's copy, and a relative target is found beside the
+ * link's own name; lchmod; what the kernel refuses (link of a directory,
+ * removexattr of a missing name, lchmod of a symlink, chmod of another's
+ * file without CAP_FOWNER) copies nothing; a copy made as root keeps the
+ * original's owner and so never becomes a root-owned set-user-ID file.
+ *
  * None of these had a wrapper: under a copy-on-write rule they reached the
  * original, so one clone's chmod changed the file for the template and
  * every other clone, and its new names appeared in the template's tree.
  */
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
@@ -33,6 +54,7 @@ const inst = join(dir, 'inst');
 const confFile = join(conf, 'app.conf');
 const MTIME = 1_000_000_000; // the fixture's utimensat and lutimes
 const GID_CHANGED = 4242; // the fixture's chown, as root
+const root = process.getuid!() === 0;
 
 /** More self-checks of `aid`, failing with the FAIL line it printed. */
 async function checksPass(aid: string) {
@@ -57,6 +79,30 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   mkdirSync(sub);
   chmodSync(sub, 0o755);
   symlinkSync('a', link);
+  // The review's cases (cowmeta.c).
+  const d = (n: string) => join(data, n);
+  const outside = join(dir, 'outside');
+  writeFileSync(d('r'), 'r\n');
+  chmodSync(d('r'), 0o644);
+  symlinkSync('r', d('rl'));
+  symlinkSync('r', d('nl'));
+  writeFileSync(d('r2'), 'r2\n');
+  chmodSync(d('r2'), 0o600);
+  symlinkSync(d('r2'), d('abs'));
+  writeFileSync(d('m'), 'm\n');
+  chmodSync(d('m'), 0o644);
+  mkdirSync(d('d2'));
+  chmodSync(d('d2'), 0o755);
+  writeFileSync(join(d('d2'), 'e'), 'e\n');
+  writeFileSync(d('su'), 'su\n');
+  if (root) chownSync(d('su'), 65534, 65534);
+  chmodSync(d('su'), 0o4755);
+  mkdirSync(outside);
+  chmodSync(outside, 0o755);
+  writeFileSync(join(outside, 'o'), 'o\n');
+  symlinkSync(`${data}/../outside`, d('outl'));
+  writeFileSync(d('nest'), 'n\n');
+  chmodSync(d('nest'), 0o644);
   mkdirSync(conf);
   for (const f of [confFile, ...['cmt', 'cmc-1', 'cmc-2'].map((aid) => join(inst, aid, 'app.conf'))]) {
     mkdirSync(join(f, '..'), { recursive: true });
@@ -74,6 +120,8 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   expect(clones.map((c) => c.aid)).toEqual(['cmc-1', 'cmc-2']);
   for (const c of clones) await checksPass(c.aid);
   const before = { file: meta(file), sysFile: meta(sysFile), sub: meta(sub), link: meta(link) };
+  const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl', 'nest'];
+  const beforeReview = Object.fromEntries(review.map((n) => [n, meta(d(n))]));
 
   await sb.exercised('cmc-1', 'to change its files\' metadata');
   await checksPass('cmc-1');
@@ -83,7 +131,7 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   const copy = lstatSync(priv(file));
   expect(copy.mode & 0o7777).toBe(0o640);
   expect(copy.mtimeMs).toBe(MTIME * 1000);
-  if (process.getuid!() === 0) expect(copy.gid).toBe(GID_CHANGED);
+  if (root) expect(copy.gid).toBe(GID_CHANGED);
   expect(statSync(priv(sysFile)).mode & 0o7777).toBe(0o640);
   expect(statSync(priv(sub)).isDirectory()).toBe(true);
   expect(statSync(priv(sub)).mode & 0o7777).toBe(0o700);
@@ -108,6 +156,37 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   // Under REDIR PATH the chmod reached the instance's file, and only it.
   expect(statSync(join(inst, 'cmc-1', 'app.conf')).mode & 0o7777).toBe(0o640);
   for (const f of [confFile, join(inst, 'cmc-2', 'app.conf')]) expect(statSync(f).mode & 0o7777).toBe(0o600);
+
+  // The review's cases: the template's files as they were, and the
+  // clone's private side as the kernel would have made it.
+  expect(readFileSync(file, 'utf8')).toBe('template\n');
+  expect(readFileSync(priv(file), 'utf8')).toBe('template\nclone\n');
+  for (const n of review) expect(meta(d(n)), n).toEqual(beforeReview[n]);
+  expect(meta(d('r2')).mode & 0o7777).toBe(0o600); // chmod through abs
+  expect(statSync(priv(d('r2'))).mode & 0o7777).toBe(0o640);
+  expect(lstatSync(priv(d('rl'))).isSymbolicLink()).toBe(true); // lchown
+  expect(statSync(priv(d('m'))).mode & 0o7777).toBe(0o600); // lchmod
+  // Refused calls copied nothing: no private nl, d2 (its listing kept).
+  expect(existsSync(priv(d('nl')))).toBe(false);
+  expect(existsSync(priv(d('d2')))).toBe(false);
+  expect(existsSync(priv(d('d2.link'))) || existsSync(d('d2.link'))).toBe(false);
+  expect(readdirSync(d('d2'))).toEqual(['e']);
+  // chmod through outl: the outside directory itself, not a private one.
+  expect(existsSync(priv(d('outl')))).toBe(false);
+  expect(statSync(outside).mode & 0o7777).toBe(0o700);
+  // syscall(SYS_symlink, s, s): the name made privately, its target as given.
+  expect(lstatSync(d('selfl'), { throwIfNoEntry: false })).toBeUndefined();
+  expect(lstatSync(priv(d('selfl'))).isSymbolicLink()).toBe(true);
+  // A copy nested in another on the same thread (a signal handler's): one
+  // copy, both calls on it.
+  expect(readFileSync(priv(d('nest')), 'utf8')).toBe('n\ninner\n');
+  expect(statSync(priv(d('nest'))).mode & 0o7777).toBe(0o640);
+  // Copies are made under temporary names and renamed into place: none left.
+  expect(readdirSync(priv(data)).filter((n) => n.includes('.appshot-cow.'))).toEqual([]);
+  // utime of the set-user-ID file: a copy with the original's owner.
+  const su = lstatSync(priv(d('su')));
+  expect(su.mode & 0o7777).toBe(0o4755);
+  if (root) expect([su.uid, su.gid]).toEqual([65534, 65534]);
 
   // The other clone still sees the originals (mode, no xattr, no names).
   await checksPass('cmc-2');

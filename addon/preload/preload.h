@@ -618,7 +618,7 @@ HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
 #define SYS_fchmodat2 452 /* Linux 6.6; headers before it lack the name */
 #endif
 enum path_op {
-  PATH_READ,   /* open O_RDONLY, stat, access, readlink, opendir, chdir, getxattr */
+  PATH_READ,   /* open O_RDONLY, stat, access, opendir, chdir, getxattr */
   PATH_WRITE,  /* an open that may write: copies a COW file up first */
   PATH_TRUNC,  /* the same, but the old contents are not needed (O_TRUNC) */
   PATH_CREATE, /* mkdir, open O_CREAT|O_EXCL, fopen "x": creates privately */
@@ -628,6 +628,27 @@ enum path_op {
                 * file, directory or node up first, following a symlink */
   PATH_LATTR,  /* the same for a call that does not follow a final symlink
                 * (lchown, AT_SYMLINK_NOFOLLOW): a symlink is copied as one */
+  PATH_OP_MASK = 15,
+  /* Or'ed into PATH_READ, PATH_WRITE or PATH_TRUNC: the call does not
+   * follow a final symlink (lstat, readlink, lgetxattr, O_NOFOLLOW,
+   * AT_SYMLINK_NOFOLLOW). Without it, those and PATH_ATTR resolve a final
+   * symlink under a rule themselves (path_slow), so that its target is
+   * found as the clone sees it: a private copy, never the original to
+   * write to, a relative target beside the link's own virtual name. */
+  PATH_NOFOLLOW = 16,
+  /* Or'ed into PATH_ATTR or PATH_LATTR: what the kernel would refuse, found
+   * on the original before anything is copied up. PATH_OWNER: EPERM unless
+   * the caller's fsuid owns the file or it has CAP_FOWNER (chmod, utimes
+   * with explicit times); PATH_CHOWNER: the same with CAP_CHOWN (chown);
+   * PATH_NOLINK: EOPNOTSUPP on a symlink (fchmodat AT_SYMLINK_NOFOLLOW,
+   * lchmod); PATH_NODIR: EPERM on a directory (link's source). */
+  PATH_OWNER = 32,
+  PATH_CHOWNER = 64,
+  PATH_NOLINK = 128,
+  PATH_NODIR = 256,
+  /* The arguments are ones the kernel (or glibc) refuses with EINVAL before
+   * it looks the path up: path_slow fails so, copying nothing. */
+  PATH_EINVAL = 512,
 };
 
 /* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`
@@ -665,13 +686,12 @@ static inline int at_path_hooked(int dirfd, const char *path) {
 /* preload_path.c: the path to hand to the kernel for a hooked path: `path`
  * itself, or a pointer into buf holding the rewritten one; NULL with errno
  * set when the call must fail. Uses buf as its only large scratch space:
- * besides buf its frame holds a struct stat or two. */
-HIDDEN const char *path_slow(const char *path, enum path_op op,
-                             char buf[PATH_MAX]);
+ * besides buf its frame holds a struct stat or two; resolving a symlink
+ * (op without PATH_NOFOLLOW) maps one page for the target meanwhile. */
+HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
  * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
-HIDDEN const char *at_path_slow(int kind, const char *path, enum path_op op,
-                                char buf[PATH_MAX]);
+HIDDEN const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]);
 
 /* The slow half of a path wrapper lives in a function of its own, so that
  * the PATH_MAX buffer is only on the stack when a path is rewritten: some

@@ -35,17 +35,36 @@
  *    truncate to 0) skips the contents. An original that does not exist is
  *    not copied: the call creates the private file. An original that is not
  *    a regular file (a device, a FIFO, a directory) is used as it is.
- *  - A call that changes metadata (chmod, chown, the utime family, setxattr
- *    and removexattr, and link's existing name) never reaches the original,
- *    which the template and every other clone share: it first makes the
- *    private side from it (copy_attr_up): a regular file copied as above
- *    (the original's mode and times, not its owner nor its xattrs); a
- *    directory made with the original's mode (its entries then no longer
- *    listed, see below); a symlink the call does not follow (lchown,
+ *  - A call that changes metadata (chmod, lchmod, chown, the utime family,
+ *    setxattr and removexattr, and link's existing name) never reaches the
+ *    original, which the template and every other clone share: it first
+ *    makes the private side from it (copy_attr_up): a regular file copied
+ *    as above (the original's mode and times, not its xattrs); a directory
+ *    made with the original's mode (its entries then no longer listed, see
+ *    below); a symlink the call does not follow (lchown,
  *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
- *    device node made anew (a device without CAP_MKNOD: EPERM). A call that
- *    follows a symlink copies what the link leads to, as an open for
- *    writing does.
+ *    device node made anew (a device without CAP_MKNOD: EPERM), each
+ *    under a temporary name and put in place as a file's copy is. Every copy
+ *    (a write's too) gets the original's owner when the caller has
+ *    CAP_CHOWN (chown before chmod, as cp -a); without it the copy is the
+ *    caller's, and a set-user-ID or set-group-ID bit of a file someone
+ *    else owns is dropped (as cp -p): no copy grants more than the
+ *    original. Before copying, what the kernel would refuse on the
+ *    original is refused: EPERM for a chmod, chown or utime with explicit
+ *    times of a file the caller's fsuid does not own (without CAP_FOWNER,
+ *    CAP_CHOWN for chown), EOPNOTSUPP for a chmod of a symlink itself,
+ *    EPERM for a directory as link's source, ENODATA for removexattr (or
+ *    setxattr XATTR_REPLACE) of a name the side a read sees lacks, EEXIST
+ *    for setxattr XATTR_CREATE of one it has, EINVAL for flags (and nanoseconds)
+ *    the kernel or glibc rejects before its lookup.
+ *  - A final symlink that a call follows (every open, stat, access,
+ *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW) is followed
+ *    here, on the side in use, when the path is under a copy-on-write
+ *    rule: its target, an absolute one as it is and a relative one against
+ *    the link's virtual directory, is matched again (at most 40 links,
+ *    then ELOOP). So a link the clone made or copied up, whose absolute
+ *    target is an original, leads to the clone's copy of it, and a
+ *    relative one copied up still finds its target.
  *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
  *    mknod and mkfifo create on the private side (EEXIST, and nothing
  *    copied, if either side has the path); a rename's destination is the
@@ -60,7 +79,7 @@
  * (and their 64 and fortified names), opendir, readlink, readlinkat,
  * chdir, mkdir, mkdirat, unlink, unlinkat, rmdir, remove, rename,
  * renameat, truncate, shm_open, shm_unlink, posix_spawn's file actions;
- * chmod, fchmodat, chown, lchown, fchownat, utimensat, utimes, utime,
+ * chmod, fchmodat, lchmod, chown, lchown, fchownat, utimensat, utimes, utime,
  * futimesat, lutimes, setxattr, lsetxattr, removexattr, lremovexattr,
  * getxattr, lgetxattr, listxattr, llistxattr; symlink, symlinkat, link,
  * linkat, mknod, mknodat, mkfifo, mkfifoat (and glibc's versioned
@@ -80,26 +99,52 @@
  *    (do_path_syscall: one path, first or after a directory).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
- * itself (a symlink's target, a working directory inside `from`: calls
- * relative to it reach the original; so a write, chmod or chown through
- * a symlink on the private side, one the clone made or copied up, whose
- * target is an absolute path under a copy-on-write rule not yet copied,
- * reaches that original), calls without a wrapper here: exec's path,
- * rename with flags (renameat2), syscall() with SYS_link, linkat or
- * symlinkat (two paths, or the path third: do_path_syscall takes
- * neither), statfs and statvfs, realpath (but for /proc/<vpid>), the path
- * calls glibc makes inside its own functions (ftw and nftw, glob, fts:
- * they reach the kernel past every wrapper), and programs that make raw
- * system calls (a syscall instruction, not syscall()) or link libc
- * statically.
+ * itself (a symlink in a path's middle components, or a working directory
+ * inside `from`: calls relative to it reach the original; a private
+ * link's absolute target there reaches the original, a relative one is
+ * looked for on the private side; ".." in a followed target is taken
+ * lexically against the link's virtual directory), calls without a
+ * wrapper here: exec's path, rename with flags (renameat2), syscall() with
+ * SYS_link, linkat or symlinkat (two paths, or the path third:
+ * do_path_syscall takes neither), statfs and statvfs, realpath (but for
+ * /proc/<vpid>), the path calls glibc makes inside its own functions (ftw
+ * and nftw, glob, fts: they reach the kernel past every wrapper), and
+ * programs that make raw system calls (a syscall instruction, not
+ * syscall()) or link libc statically.
+ *
+ * Not covered yet, under a copy-on-write rule:
+ *  - Metadata calls on a descriptor (fchmod, fchown, fchownat with
+ *    AT_EMPTY_PATH, futimens, futimes, fsetxattr, fremovexattr) change
+ *    the file it is open on: one opened read-only on an original changes
+ *    the template's (it would take knowing, per descriptor, which rule and
+ *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
+ *    relative source) of such a descriptor: the new private name is a
+ *    second name of the original's inode.
+ *  - A chmod, utime or setxattr of a regular file copies it whole, however
+ *    large.
+ *  - A file the clone copied up by writing it (with write permission, not
+ *    ownership) is the clone's: a later chmod of it succeeds where the
+ *    kernel refuses the original. A chown that changes the owner without
+ *    CAP_CHOWN, by the file's owner, copies before the kernel's EPERM;
+ *    the write access that user xattrs and a utime to the current time
+ *    need is checked on the copy (the caller's, when it does not own the
+ *    original), not on the original.
+ *  - A final symlink that leads out of the copy-on-write tree is followed
+ *    out of it, as the kernel would: a chmod or write through it changes
+ *    what it leads to (also when `from` itself is such a symlink). A
+ *    symlink in a middle component is not (see above): what the kernel
+ *    reaches through it is copied to the private side under the path's
+ *    own name.
+ *  - An original the caller may not read (mode 0200 for its owner, say)
+ *    cannot be copied: a metadata call on it fails with EACCES.
  *
  * Everything here runs on the caller's stack with raw system calls: no
  * allocation except an anonymous mapping while a copy falls back to
- * read/write or a symlink's target is copied up, and a realloc of an
- * answer libc allocated itself (getcwd's, realpath's) that a virtual id
- * makes longer. The one PATH_MAX buffer is in the slow half of a wrapper
- * (two for rename and link), only when a path is rewritten; path_slow
- * works in it.
+ * read/write, a symlink's target is copied up or followed, or link needs
+ * its second path, and a realloc of an answer libc allocated itself
+ * (getcwd's, realpath's) that a virtual id makes longer. The one PATH_MAX
+ * buffer is in the slow half of a wrapper, only when a path is rewritten;
+ * path_slow works in it.
  */
 #include "preload.h"
 
@@ -108,6 +153,31 @@
 #include <sys/time.h>
 #include <sys/xattr.h>
 #include <utime.h>
+
+/* The system calls glibc's functions make (x86-64 has the old ones): a
+ * program's seccomp filter that allows what glibc does allows the
+ * wrappers' calls too. */
+#ifdef SYS_chmod
+#define CHMOD_RAW(p, mode) SYS2(chmod, p, mode)
+#define CHOWN_RAW(p, uid, gid) SYS3(chown, p, uid, gid)
+#define LCHOWN_RAW(p, uid, gid) SYS3(lchown, p, uid, gid)
+#define SYMLINK_RAW(target, p) SYS2(symlink, target, p)
+#define LINK_RAW(a, b) SYS2(link, a, b)
+#define MKDIR_RAW(p, mode) SYS2(mkdir, p, mode)
+#define UNLINK_RAW(p) SYS1(unlink, p)
+#define RMDIR_RAW(p) SYS1(rmdir, p)
+#define RENAME_RAW(a, b) SYS2(rename, a, b)
+#else
+#define CHMOD_RAW(p, mode) SYS3(fchmodat, AT_FDCWD, p, mode)
+#define CHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, 0)
+#define LCHOWN_RAW(p, uid, gid) SYS5(fchownat, AT_FDCWD, p, uid, gid, AT_SYMLINK_NOFOLLOW)
+#define SYMLINK_RAW(target, p) SYS3(symlinkat, target, AT_FDCWD, p)
+#define LINK_RAW(a, b) SYS5(linkat, AT_FDCWD, a, AT_FDCWD, b, 0)
+#define MKDIR_RAW(p, mode) SYS3(mkdirat, AT_FDCWD, p, mode)
+#define UNLINK_RAW(p) SYS3(unlinkat, AT_FDCWD, p, 0)
+#define RMDIR_RAW(p) SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)
+#define RENAME_RAW(a, b) SYS4(renameat, AT_FDCWD, a, AT_FDCWD, b)
+#endif
 
 /* --- Matching ------------------------------------------------------------ */
 
@@ -176,6 +246,37 @@ static int lexists(const char *p, struct stat *st) {
               0, 0) == 0;
 }
 
+/* Whether the caller has capability `cap` in its effective set (raw capget:
+ * the wrapper would translate a PID it is not given). */
+static int has_cap(int cap) {
+  struct { uint32_t version; int pid; } hdr = {0x20080522, 0}; /* _LINUX_CAPABILITY_VERSION_3 */
+  struct { uint32_t effective, permitted, inheritable; } data[2];
+  if (SYS2(capget, &hdr, data) < 0) return 0;
+  return (int)(data[cap / 32].effective >> (cap % 32)) & 1;
+}
+
+/* The caller's file-system uid, which the kernel compares with an owner
+ * (setfsuid(-1) changes nothing and answers the current one). */
+static uid_t fs_uid(void) { return (uid_t)SYS1(setfsuid, -1); }
+
+/* What a private copy of a file of `st` may keep of its owner and mode, as
+ * cp -a and cp -p do: with CAP_CHOWN the copy is given the original's owner
+ * (chown before chmod: a chown clears set-id bits); without it the copy is
+ * the caller's, and a set-user-ID or set-group-ID bit of a file someone
+ * else owns is dropped, so that no copy ever grants more than the
+ * original did. Returns the mode to give the copy; `name` relative to
+ * `dirfd`, or the descriptor itself when name is "" (AT_EMPTY_PATH). */
+static mode_t copy_owner(int dirfd, const char *name, const struct stat *st) {
+  mode_t perm = st->st_mode & 07777;
+  if (has_cap(0 /* CAP_CHOWN */)) {
+    if (sys6(SYS_fchownat, dirfd, (long)name, st->st_uid, st->st_gid,
+             AT_SYMLINK_NOFOLLOW | (*name ? 0 : AT_EMPTY_PATH), 0) == 0)
+      return perm;
+  }
+  if (st->st_uid != fs_uid() && !S_ISDIR(st->st_mode)) perm &= ~(mode_t)(S_ISUID | S_ISGID);
+  return perm;
+}
+
 /* The two sides of a copy-on-write rule share the caller's one buffer: the
  * rest of the path (what follows `from`) sits at offset k = max(fl, tl),
  * and the side in use has its prefix (`from` or `to`) written just before
@@ -223,8 +324,8 @@ static void make_parents(const struct cow *c) {
         return;
       }
       pv = priv_side(c);
-      if (SYS3(mkdirat, AT_FDCWD, pv, st.st_mode & 07777) == 0)
-        SYS2(chmod, pv, st.st_mode & 07777); /* the umask took bits */
+      if (SYS3(mkdirat, AT_FDCWD, pv, st.st_mode & 07777) == 0) /* the umask took bits: */
+        SYS4(fchmodat, AT_FDCWD, pv, copy_owner(AT_FDCWD, pv, &st), 0);
     }
     *s = '/';
   }
@@ -271,17 +372,80 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
+/* The copies this thread is making: a signal handler that copies while
+ * the thread it interrupted is copying gets a temporary name of its own
+ * (the same one would be taken for a dead copy's and removed). */
+static __thread unsigned t_cow_nesting TLS_IE;
+
+/* A copy is made under a temporary name beside the private path,
+ * "<name>.appshot-cow.<tid>" (".<n>" more when nested, t_cow_nesting),
+ * then renamed into place without replacing:
+ * of two processes copying at once, one copy wins and both use it. Writes
+ * that name into tmp and the private name's last component to *base (in
+ * the caller's buffer: good while the private side is the one asked for),
+ * and returns a descriptor (O_PATH) of their directory, or -errno. */
+static long tmp_beside(const struct cow *c, char tmp[NAME_MAX + 1], const char **base) {
+  char *pv = priv_side(c);
+  char *slash = strrchr(pv, '/'); /* pv is absolute */
+  *base = slash + 1;
+  size_t bl = strlen(*base);
+  size_t nested = t_cow_nesting > 1 ? 11 : 0; /* room for ".<n>" */
+  if (bl == 0 || bl + 13 + 10 + nested >= NAME_MAX + 1) return bl ? -ENAMETOOLONG : -EISDIR;
+  memcpy(tmp, *base, bl);
+  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
+                        (unsigned long)SYS0(gettid));
+  if (t_cow_nesting > 1) { /* a signal handler's copy, inside another */
+    *d++ = '.';
+    d = put_decimal(d, t_cow_nesting - 1);
+  }
+  *d = '\0';
+  if (slash == pv) return SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  *slash = '\0';
+  long dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  *slash = '/';
+  return dir;
+}
+
+/* Puts the finished copy `tmp` in place as `base` (both in dir) unless
+ * something is there already (another process's copy: then that one is
+ * the copy, and 0). */
+static int put_in_place(long dir, const char *tmp, const char *base, int is_dir) {
+  int left = 1; /* tmp still there */
+  int err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base, RENAME_NOREPLACE, 0);
+  if (err == 0) {
+    left = 0;
+  } else if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
+    err = is_dir ? -EPERM : (int)SYS5(linkat, dir, tmp, dir, base, 0);
+    if (err == -EPERM) { /* no links: renamed, if nothing is there */
+      struct stat st;
+      err = sys6(SYS_newfstatat, dir, (long)base, (long)&st, AT_SYMLINK_NOFOLLOW, 0, 0) == 0
+                ? -EEXIST
+                : (int)SYS4(renameat, dir, tmp, dir, base);
+      if (err == 0) left = 0;
+    }
+  }
+  if (err == -EEXIST) err = 0;
+  if (left) SYS3(unlinkat, dir, tmp, is_dir ? AT_REMOVEDIR : 0);
+  return err;
+}
+
 /* A write is about to go to the private path of a COW rule that does not
  * exist yet. Returns 0 to use the private path, 1 to use the original (not
  * a regular file), or -errno. Not inlined: its frame is only needed for a
  * copy. */
 static NOINLINE int copy_up(const struct cow *c, int contents) {
-  long src = SYS3(openat, AT_FDCWD, orig_side(c),
-                  O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  /* Not following a symlink: path_slow resolved those the call follows; one
+   * it does not follow (O_NOFOLLOW) is left to the kernel's answer. Without
+   * touching the template's atime where the caller may (O_NOATIME: owner or
+   * CAP_FOWNER only). */
+  int fl = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW;
+  long src = SYS3(openat, AT_FDCWD, orig_side(c), fl | O_NOATIME);
+  if (src == -EPERM) src = SYS3(openat, AT_FDCWD, orig_side(c), fl);
   if (src == -ENOENT || src == -ENOTDIR) {
     make_parents(c); /* the call creates it, or not */
     return 0;
   }
+  if (src == -ELOOP) return 1;
   if (src < 0) return (int)src;
   struct stat st;
   long r = SYS2(fstat, src, &st);
@@ -290,30 +454,12 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     return r < 0 ? (int)r : 1;
   }
   make_parents(c);
-  /* The copy is made under a temporary name beside the private path,
-   * "<name>.appshot-cow.<tid>", named relative to their directory. */
-  char *pv = priv_side(c);
-  char *slash = strrchr(pv, '/'); /* pv is absolute */
-  const char *base = slash + 1;
-  size_t bl = strlen(base);
   char tmp[NAME_MAX + 1];
-  if (bl == 0 || bl + 13 + 10 >= sizeof tmp) {
-    SYS1(close, src);
-    return bl ? -ENAMETOOLONG : -EISDIR;
-  }
-  memcpy(tmp, base, bl);
-  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
-                    (unsigned long)SYS0(gettid));
-  *d = '\0';
-  long dir;
-  if (slash == pv) {
-    dir = SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
-  } else {
-    *slash = '\0';
-    dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    *slash = '/';
-  }
+  const char *base;
+  t_cow_nesting++;
+  long dir = tmp_beside(c, tmp, &base);
   if (dir < 0) {
+    t_cow_nesting--;
     SYS1(close, src);
     return (int)dir;
   }
@@ -324,12 +470,14 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     if (dst == -EEXIST) SYS3(unlinkat, dir, tmp, 0); /* a dead copy's */
   }
   if (dst < 0) {
+    t_cow_nesting--;
     SYS1(close, src);
     SYS1(close, dir);
     return (int)dst;
   }
+  test_pause("cow-copying"); /* a signal handler's copy may come here */
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
-  if (!err) err = (int)SYS2(fchmod, dst, st.st_mode & 07777);
+  if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
   /* The original's times, as a chmod or chown of it would have left them
    * (a write that follows sets its own). On the temporary name: a copy
    * another process made and wrote meanwhile keeps its own. */
@@ -339,24 +487,9 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   }
   SYS1(close, src);
   SYS1(close, dst);
-  int left = 1; /* tmp still there */
-  if (!err) {
-    /* Not replacing: another process may have copied it meanwhile, and
-     * may be writing to its copy already. Then that copy is the one. */
-    err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base,
-                    RENAME_NOREPLACE, 0);
-    if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
-      err = (int)SYS5(linkat, dir, tmp, dir, base, 0);
-      if (err == -EPERM) { /* no links */
-        err = (int)SYS4(renameat, dir, tmp, dir, base);
-        if (err == 0) left = 0;
-      }
-    } else if (err == 0) {
-      left = 0;
-    }
-    if (err == -EEXIST) err = 0;
-  }
-  if (left) SYS3(unlinkat, dir, tmp, 0);
+  if (!err) err = put_in_place(dir, tmp, base, 0);
+  else SYS3(unlinkat, dir, tmp, 0);
+  t_cow_nesting--;
   SYS1(close, dir);
   return err;
 }
@@ -372,141 +505,237 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
  * CAP_MKNOD: without it the call fails with EPERM rather than reach the
  * original). Nothing on the original side: the call fails on the private
  * side as it would have on the original. Returns 0 or -errno. */
-static NOINLINE int copy_attr_up(const struct cow *c, int follow) {
+static NOINLINE int copy_attr_up(const struct cow *c, int op) {
   struct stat st;
   long r = sys6(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
-                follow ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
-  if (r == -ENOENT || r == -ENOTDIR) return 0;
+                (op & PATH_OP_MASK) == PATH_ATTR ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
+  if (r == -ENOENT) return 0; /* the call fails (or creates) privately */
   if (r < 0) return (int)r;
+  /* What the kernel would refuse on the original: refused here, nothing
+   * copied (a copy would be the caller's, to change at will). */
+  if ((op & PATH_NOLINK) && S_ISLNK(st.st_mode)) return -EOPNOTSUPP;
+  if ((op & PATH_NODIR) && S_ISDIR(st.st_mode)) return -EPERM;
+  if ((op & (PATH_OWNER | PATH_CHOWNER)) && st.st_uid != fs_uid() &&
+      !has_cap(op & PATH_CHOWNER ? 0 /* CAP_CHOWN */ : 3 /* CAP_FOWNER */))
+    return -EPERM;
   if (S_ISREG(st.st_mode)) {
     int rc = copy_up(c, 1);
     return rc == 1 ? -EAGAIN : rc; /* it was replaced meanwhile */
   }
-  make_parents(c);
-  char *pv = priv_side(c);
-  mode_t perm = st.st_mode & 07777;
-  if (S_ISDIR(st.st_mode)) {
-    r = SYS3(mkdirat, AT_FDCWD, pv, perm);
-  } else if (S_ISLNK(st.st_mode)) {
-    /* The target in a page of its own, not a second PATH_MAX buffer on a
-     * stack that may be small; the original side's name is needed while
-     * it is read, so the private side is asked for again after. */
+  /* Made under a temporary name, given its owner, mode and times there,
+   * then put in place: no other process sees it half made, nor loses a
+   * change it made meanwhile to one that is already in place. A symlink's
+   * target is read first, in a page of its own (not a second PATH_MAX
+   * buffer on a stack that may be small), while the original side's name
+   * is at hand. */
+  char *target = NULL;
+  if (S_ISLNK(st.st_mode)) {
     long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m < 0 && m > -4096) return (int)m;
-    char *target = (char *)m;
+    target = (char *)m;
     long n = SYS4(readlinkat, AT_FDCWD, orig_side(c), target, PATH_MAX - 1);
-    if (n >= 0) {
-      target[n] = '\0';
-      r = SYS3(symlinkat, target, AT_FDCWD, pv = priv_side(c));
-    } else {
-      r = n;
+    if (n < 0) {
+      SYS2(munmap, target, PATH_MAX);
+      return (int)n;
     }
-    SYS2(munmap, target, PATH_MAX);
-  } else {
-    unsigned int dev = (unsigned int)st.st_rdev; /* the kernel's encoding */
-    r = SYS4(mknodat, AT_FDCWD, pv, st.st_mode & (S_IFMT | 07777), dev);
+    target[n] = '\0';
   }
-  if (r == -EEXIST) return 0; /* another process made it meanwhile */
-  if (r < 0) return (int)r;
-  /* As the original is (the umask took bits; the times a chmod keeps). */
-  if (!S_ISLNK(st.st_mode)) SYS4(fchmodat, AT_FDCWD, pv, perm, 0);
-  struct timespec times[2] = {st.st_atim, st.st_mtim};
-  SYS4(utimensat, AT_FDCWD, pv, times, AT_SYMLINK_NOFOLLOW);
-  return 0;
+  make_parents(c);
+  char tmp[NAME_MAX + 1];
+  const char *base;
+  t_cow_nesting++;
+  long dir = tmp_beside(c, tmp, &base);
+  if (dir >= 0) {
+    int is_dir = S_ISDIR(st.st_mode);
+    for (int i = 0; i < 2; i++) {
+      if (is_dir) r = SYS3(mkdirat, dir, tmp, 0700);
+      else if (target) r = SYS3(symlinkat, target, dir, tmp);
+      else r = SYS4(mknodat, dir, tmp, (st.st_mode & S_IFMT) | 0600,
+                    (unsigned int)st.st_rdev); /* the kernel's encoding */
+      if (r != -EEXIST) break;
+      SYS3(unlinkat, dir, tmp, is_dir ? AT_REMOVEDIR : 0); /* a dead copy's */
+    }
+    if (r == 0) {
+      /* The original's owner where the caller may give it, then its mode
+       * (the umask took bits) and the times a chmod keeps. */
+      mode_t perm = copy_owner((int)dir, tmp, &st);
+      if (!target) SYS4(fchmodat, dir, tmp, perm, 0);
+      struct timespec times[2] = {st.st_atim, st.st_mtim};
+      SYS4(utimensat, dir, tmp, times, AT_SYMLINK_NOFOLLOW);
+      r = put_in_place(dir, tmp, base, is_dir);
+    }
+    SYS1(close, dir);
+  } else {
+    r = dir;
+  }
+  t_cow_nesting--;
+  if (target) SYS2(munmap, target, PATH_MAX);
+  return (int)r;
 }
 
 /* --- path_slow ----------------------------------------------------------- */
 
 /* The path as the caller gave it (with /proc/<vpid> rewritten, again: buf
- * was reused). Lexical normalization is only for matching: it would change
- * what ".." after a symlink means. */
-static const char *original(const char *path, const char *p,
-                            char buf[PATH_MAX]) {
-  return p == path ? path : proc_path(path, buf);
+ * was reused), or the path a symlink led to (in `page`). Lexical
+ * normalization is only for matching: it would change what ".." after a
+ * symlink means. */
+static const char *original(const char *path, const char *p, char buf[PATH_MAX],
+                            const char *page) {
+  if (p == path) return path;
+  if (p == page) return (const char *)memcpy(buf, page, strlen(page) + 1);
+  return proc_path(path, buf);
 }
 
-const char *path_slow(const char *path, enum path_op op, char buf[PATH_MAX]) {
+/* The most symlinks one lookup follows, as the kernel's MAXSYMLINKS. */
+enum { MAX_HOPS = 40 };
+
+/* path_slow once a rule may apply: p is the path to match (path itself,
+ * its /proc/<vpid> rewrite in buf, or where a symlink led, in *page). */
+static const char *path_rules(const char *path, const char *p, int op, char buf[PATH_MAX],
+                              char **page) {
+  const struct appshot_instance *in = &g_h->instance;
+  int base = op & PATH_OP_MASK;
+  int follow = !(op & PATH_NOFOLLOW) &&
+               (base == PATH_READ || base == PATH_WRITE || base == PATH_TRUNC || base == PATH_ATTR);
+  for (int hops = 0;; hops++) {
+    /* buf = the normalized path (in place when p is buf). One that does
+     * not fit cannot be matched: fail rather than let it reach the
+     * original. */
+    long nl = normalize(p, buf);
+    if (nl < 0) {
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    const struct appshot_redir *r = match(in, buf);
+    if (!r) return original(path, p, buf, *page);
+    size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+    size_t rl = (size_t)nl - fl;
+    if (tl + rl >= PATH_MAX) {
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    if (r->kind != APPSHOT_REDIR_COW) { /* buf = to + rest */
+      memmove(buf + tl, buf + fl, rl + 1);
+      return (const char *)memcpy(buf, r->to, tl);
+    }
+
+    struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl};
+    memmove(buf + c.k, buf + fl, rl + 1);
+    struct stat st;
+    const char *pv;
+    if (follow) {
+      /* A final symlink the kernel would follow: followed here, from the
+       * side in use. Left to the kernel, a private link's absolute target
+       * would reach the template's original (a write, a chmod), and a
+       * relative one would be looked for beside the private link. Its
+       * target is then matched as a path of its own: an absolute one as
+       * it is, a relative one against the link's virtual directory. */
+      const char *side = priv_side(&c);
+      if (!lexists(side, &st)) side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
+      if (side && S_ISLNK(st.st_mode)) {
+        if (hops == MAX_HOPS) {
+          errno = ELOOP;
+          return NULL;
+        }
+        if (!*page) {
+          long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+          if (m < 0 && m > -4096) {
+            errno = (int)-m;
+            return NULL;
+          }
+          *page = (char *)m;
+        }
+        char *t = *page;
+        long n = SYS4(readlinkat, AT_FDCWD, side, t, PATH_MAX - 1);
+        if (n < 0 || n == PATH_MAX - 1) {
+          errno = n < 0 ? (int)-n : ENAMETOOLONG;
+          return NULL;
+        }
+        t[n] = '\0';
+        if (t[0] != '/') {
+          const char *v = orig_side(&c); /* the link's virtual name */
+          size_t dl = (size_t)(strrchr(v, '/') - v);
+          if (dl + 1 + (size_t)n >= PATH_MAX) {
+            errno = ENAMETOOLONG;
+            return NULL;
+          }
+          memmove(t + dl + 1, t, (size_t)n + 1);
+          memcpy(t, v, dl);
+          t[dl] = '/';
+        }
+        p = t;
+        continue;
+      }
+    }
+    switch (base) {
+      case PATH_READ:
+        if (lexists(pv = priv_side(&c), &st)) return pv;
+        break; /* the original */
+      case PATH_WRITE:
+      case PATH_TRUNC: {
+        if (lexists(pv = priv_side(&c), &st)) return pv;
+        int rc = copy_up(&c, base == PATH_WRITE);
+        if (rc == 0) return priv_side(&c);
+        if (rc < 0) {
+          errno = -rc;
+          return NULL;
+        }
+        break; /* not a regular file: the original */
+      }
+      case PATH_CREATE:
+        /* As the kernel would answer, without creating anything on the
+         * original side nor copying anything to find out. */
+        if (lexists(priv_side(&c), &st) || lexists(orig_side(&c), &st)) {
+          errno = EEXIST;
+          return NULL;
+        }
+        make_parents(&c);
+        return priv_side(&c);
+      case PATH_REMOVE:
+        if (lexists(orig_side(&c), &st)) {
+          errno = EROFS;
+          return NULL;
+        }
+        return priv_side(&c);
+      case PATH_TARGET:
+        if (!lexists(pv = priv_side(&c), &st)) make_parents(&c);
+        return priv_side(&c);
+      case PATH_ATTR:
+      case PATH_LATTR: {
+        /* Never the original: its metadata is every clone's. */
+        if (lexists(pv = priv_side(&c), &st)) return pv;
+        int rc = copy_attr_up(&c, op);
+        if (rc < 0) {
+          errno = -rc;
+          return NULL;
+        }
+        return priv_side(&c);
+      }
+    }
+    return original(path, p, buf, *page);
+  }
+}
+
+const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
+  if (op & PATH_EINVAL) {
+    errno = EINVAL;
+    return NULL;
+  }
   const char *p = path;
   if (strncmp(path, "/proc/", 6) == 0) {
     p = proc_path(path, buf);
     if (!p) return NULL;
   }
-  const struct appshot_instance *in = &g_h->instance;
-  if (!in->redirs) return p;
-  /* buf = the normalized path (in place when p is buf). One that does not
-   * fit cannot be matched: fail rather than let it reach the original. */
-  long nl = normalize(p, buf);
-  if (nl < 0) {
-    errno = ENAMETOOLONG;
-    return NULL;
-  }
-  const struct appshot_redir *r = match(in, buf);
-  if (!r) return original(path, p, buf);
-  size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
-  size_t rl = (size_t)nl - fl;
-  if (tl + rl >= PATH_MAX) {
-    errno = ENAMETOOLONG;
-    return NULL;
-  }
-  if (r->kind != APPSHOT_REDIR_COW) { /* buf = to + rest */
-    memmove(buf + tl, buf + fl, rl + 1);
-    return (const char *)memcpy(buf, r->to, tl);
-  }
-
-  struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl};
-  memmove(buf + c.k, buf + fl, rl + 1);
-  struct stat st;
-  const char *pv;
-  switch (op) {
-    case PATH_READ:
-      if (lexists(pv = priv_side(&c), &st)) return pv;
-      break; /* the original */
-    case PATH_WRITE:
-    case PATH_TRUNC: {
-      if (lexists(pv = priv_side(&c), &st)) return pv;
-      int rc = copy_up(&c, op == PATH_WRITE);
-      if (rc == 0) return priv_side(&c);
-      if (rc < 0) {
-        errno = -rc;
-        return NULL;
-      }
-      break; /* not a regular file: the original */
-    }
-    case PATH_CREATE:
-      /* As the kernel would answer, without creating anything on the
-       * original side nor copying anything to find out. */
-      if (lexists(priv_side(&c), &st) || lexists(orig_side(&c), &st)) {
-        errno = EEXIST;
-        return NULL;
-      }
-      make_parents(&c);
-      return priv_side(&c);
-    case PATH_REMOVE:
-      if (lexists(orig_side(&c), &st)) {
-        errno = EROFS;
-        return NULL;
-      }
-      return priv_side(&c);
-    case PATH_TARGET:
-      if (!lexists(pv = priv_side(&c), &st)) make_parents(&c);
-      return priv_side(&c);
-    case PATH_ATTR:
-    case PATH_LATTR: {
-      /* Never the original: its metadata is every clone's. */
-      if (lexists(pv = priv_side(&c), &st)) return pv;
-      int rc = copy_attr_up(&c, op == PATH_ATTR);
-      if (rc < 0) {
-        errno = -rc;
-        return NULL;
-      }
-      return priv_side(&c);
-    }
-  }
-  return original(path, p, buf);
+  if (!g_h->instance.redirs) return p;
+  char *page = NULL; /* mapped at the first symlink followed */
+  const char *r = path_rules(path, p, op, buf, &page);
+  if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
+  return r;
 }
 
-const char *at_path_slow(int kind, const char *path, enum path_op op, char buf[PATH_MAX]) {
+const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
@@ -537,17 +766,53 @@ const char *at_path_slow(int kind, const char *path, enum path_op op, char buf[P
 #define PATH_WRAPPER(...) PATH_FN(API, __VA_ARGS__)
 
 /* A metadata call's: whether it follows a final symlink. */
-static inline enum path_op attr_op(int flags) {
+static inline int attr_op(int flags) {
   return (flags & AT_SYMLINK_NOFOLLOW) ? PATH_LATTR : PATH_ATTR;
 }
 
-static enum path_op open_op(int flags) {
+/* A call that reads (stat, access...): whether it follows a final symlink. */
+static inline int read_op(int flags) {
+  return (flags & AT_SYMLINK_NOFOLLOW) ? PATH_READ | PATH_NOFOLLOW : PATH_READ;
+}
+
+static int open_op(int flags) {
   /* Fails on an existing file: no copy needed to find out. */
   if ((flags & (O_CREAT | O_EXCL)) == (O_CREAT | O_EXCL)) return PATH_CREATE;
-  if (flags & O_TRUNC) return PATH_TRUNC;
-  if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_CREAT)) return PATH_WRITE;
-  return PATH_READ;
+  int nofollow = flags & O_NOFOLLOW ? PATH_NOFOLLOW : 0;
+  if (flags & O_TRUNC) return PATH_TRUNC | nofollow;
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_CREAT)) return PATH_WRITE | nofollow;
+  return PATH_READ | nofollow;
 }
+
+/* chmod's (fchmodat's flags, as glibc checks them): the caller must own
+ * the file; AT_SYMLINK_NOFOLLOW on a symlink is EOPNOTSUPP. */
+static inline int chmod_op(int flags) {
+  if (flags & ~AT_SYMLINK_NOFOLLOW) return PATH_EINVAL;
+  return flags ? PATH_LATTR | PATH_OWNER | PATH_NOLINK : PATH_ATTR | PATH_OWNER;
+}
+
+/* The utime family's: explicit times need the owner (or CAP_FOWNER), the
+ * current time only write access; flags and nanoseconds the kernel refuses
+ * before its lookup. */
+static inline int nsec_ok(long ns) {
+  return (ns >= 0 && ns < 1000000000L) || ns == UTIME_NOW || ns == UTIME_OMIT;
+}
+static int utimens_op(const struct timespec *t, int flags) {
+  if (flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH)) return PATH_EINVAL;
+  if (t && (!nsec_ok(t[0].tv_nsec) || !nsec_ok(t[1].tv_nsec))) return PATH_EINVAL;
+  int now = !t || (t[0].tv_nsec == UTIME_NOW && t[1].tv_nsec == UTIME_NOW);
+  return attr_op(flags) | (now ? 0 : PATH_OWNER);
+}
+static inline int times_op(const void *times, int nofollow) {
+  return (nofollow ? PATH_LATTR : PATH_ATTR) | (times ? PATH_OWNER : 0);
+}
+
+/* chown's: the kernel checks the flags first. */
+static inline int chown_op(int flags) {
+  if (flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH)) return PATH_EINVAL;
+  return attr_op(flags) | PATH_CHOWNER;
+}
+
 
 /* posix_spawn's file actions run in the child, inside glibc, past every
  * wrapper: their paths are rewritten here, when they are recorded (glibc
@@ -695,29 +960,29 @@ PATH_WRAPPER(int, stat64,
              (const char *restrict path, struct stat64 *restrict st),
              (path, st), AT_FDCWD, PATH_READ, -1, REAL(stat64)(p, st))
 PATH_WRAPPER(int, lstat, (const char *restrict path, struct stat *restrict st),
-             (path, st), AT_FDCWD, PATH_READ, -1, REAL(lstat)(p, st))
+             (path, st), AT_FDCWD, PATH_READ | PATH_NOFOLLOW, -1, REAL(lstat)(p, st))
 PATH_WRAPPER(int, lstat64,
              (const char *restrict path, struct stat64 *restrict st),
-             (path, st), AT_FDCWD, PATH_READ, -1, REAL(lstat64)(p, st))
+             (path, st), AT_FDCWD, PATH_READ | PATH_NOFOLLOW, -1, REAL(lstat64)(p, st))
 PATH_WRAPPER(int, fstatat,
              (int fd, const char *restrict path, struct stat *restrict st,
               int flags),
-             (fd, path, st, flags), fd, PATH_READ, -1,
+             (fd, path, st, flags), fd, read_op(flags), -1,
              REAL(fstatat)(fd, p, st, flags))
 PATH_WRAPPER(int, fstatat64,
              (int fd, const char *restrict path, struct stat64 *restrict st,
               int flags),
-             (fd, path, st, flags), fd, PATH_READ, -1,
+             (fd, path, st, flags), fd, read_op(flags), -1,
              REAL(fstatat64)(fd, p, st, flags))
 PATH_WRAPPER(int, statx,
              (int fd, const char *restrict path, int flags, unsigned int mask,
               struct statx *restrict st),
-             (fd, path, flags, mask, st), fd, PATH_READ, -1,
+             (fd, path, flags, mask, st), fd, read_op(flags), -1,
              REAL(statx)(fd, p, flags, mask, st))
 PATH_WRAPPER(int, access, (const char *path, int mode), (path, mode), AT_FDCWD,
              PATH_READ, -1, REAL(access)(p, mode))
 PATH_WRAPPER(int, faccessat, (int fd, const char *path, int mode, int flags),
-             (fd, path, mode, flags), fd, PATH_READ, -1,
+             (fd, path, mode, flags), fd, read_op(flags), -1,
              REAL(faccessat)(fd, p, mode, flags))
 /* glibc's own euidaccess calls its access or stat past the wrappers. */
 PATH_WRAPPER(int, euidaccess, (const char *path, int mode), (path, mode), AT_FDCWD,
@@ -733,23 +998,23 @@ PATH_WRAPPER(int, __xstat, (int ver, const char *path, struct stat *st),
 PATH_WRAPPER(int, __xstat64, (int ver, const char *path, struct stat64 *st),
              (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__xstat64)(ver, p, st))
 PATH_WRAPPER(int, __lxstat, (int ver, const char *path, struct stat *st),
-             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__lxstat)(ver, p, st))
+             (ver, path, st), AT_FDCWD, PATH_READ | PATH_NOFOLLOW, -1, REAL(__lxstat)(ver, p, st))
 PATH_WRAPPER(int, __lxstat64, (int ver, const char *path, struct stat64 *st),
-             (ver, path, st), AT_FDCWD, PATH_READ, -1, REAL(__lxstat64)(ver, p, st))
+             (ver, path, st), AT_FDCWD, PATH_READ | PATH_NOFOLLOW, -1, REAL(__lxstat64)(ver, p, st))
 PATH_WRAPPER(int, __fxstatat,
              (int ver, int fd, const char *path, struct stat *st, int flags),
-             (ver, fd, path, st, flags), fd, PATH_READ, -1,
+             (ver, fd, path, st, flags), fd, read_op(flags), -1,
              REAL(__fxstatat)(ver, fd, p, st, flags))
 PATH_WRAPPER(int, __fxstatat64,
              (int ver, int fd, const char *path, struct stat64 *st, int flags),
-             (ver, fd, path, st, flags), fd, PATH_READ, -1,
+             (ver, fd, path, st, flags), fd, read_op(flags), -1,
              REAL(__fxstatat64)(ver, fd, p, st, flags))
 PATH_FN(static inline, ssize_t, readlink_m,
         (const char *restrict path, char *restrict out, size_t size),
-        (path, out, size), AT_FDCWD, PATH_READ, -1, REAL(readlink)(p, out, size))
+        (path, out, size), AT_FDCWD, PATH_READ | PATH_NOFOLLOW, -1, REAL(readlink)(p, out, size))
 PATH_FN(static inline, ssize_t, readlinkat_m,
         (int fd, const char *restrict path, char *restrict out, size_t size),
-        (fd, path, out, size), fd, PATH_READ, -1, REAL(readlinkat)(fd, p, out, size))
+        (fd, path, out, size), fd, PATH_READ | PATH_NOFOLLOW, -1, REAL(readlinkat)(fd, p, out, size))
 
 /* --- Answers that hold a system PID ----------------------------------------
  *
@@ -909,17 +1174,17 @@ API int fchdir(int fd) {
   return (int)libc_ret(r);
 }
 PATH_WRAPPER(int, mkdir, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
-             PATH_CREATE, -1, (int)libc_ret(SYS3(mkdirat, AT_FDCWD, p, mode)))
+             PATH_CREATE, -1, (int)libc_ret(MKDIR_RAW(p, mode)))
 PATH_WRAPPER(int, mkdirat, (int fd, const char *path, mode_t mode),
              (fd, path, mode), NO_PROC_DIR, PATH_CREATE, -1,
              (int)libc_ret(SYS3(mkdirat, fd, p, mode)))
 PATH_WRAPPER(int, unlink, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
-             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, 0)))
+             (int)libc_ret(UNLINK_RAW(p)))
 PATH_WRAPPER(int, unlinkat, (int fd, const char *path, int flags),
              (fd, path, flags), NO_PROC_DIR, PATH_REMOVE, -1,
              (int)libc_ret(SYS3(unlinkat, fd, p, flags)))
 PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
-             (int)libc_ret(SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR)))
+             (int)libc_ret(RMDIR_RAW(p)))
 
 /* --- Through syscall() ----------------------------------------------------
  *
@@ -928,69 +1193,89 @@ PATH_WRAPPER(int, rmdir, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -
  * The kernel's call, with the kernel's arguments and conventions, but the
  * path the wrappers would hand it; an open's descriptor gets the view its
  * text needs (preload_view.c). */
+static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const char *name,
+                                const void *value, size_t size, int flags); /* below */
+
 static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, long e, int dirfd,
-                                       const char *path, enum path_op op) {
+                                       int at, int op) {
+  long v[5] = {a, b, c, d, e};
+  const char *path = (const char *)v[at];
+  if (nr == SYS_utimensat) op = utimens_op((const struct timespec *)c, (int)d);
   SLOW_PATH(p, dirfd, path, op, -1);
-  if (dirfd == AT_FDCWD && path == (const char *)a) a = (long)p; /* open, stat... */
-  else b = (long)p; /* the *at calls' */
-  return libc_ret(sys6(nr, a, b, c, d, e, 0));
+  v[at] = (long)p; /* by position: another argument may be the same string */
+  return libc_ret(sys6(nr, v[0], v[1], v[2], v[3], v[4], 0));
 }
 
 long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
-  enum path_op op = PATH_READ;
-  const char *path;
+  int op = PATH_READ, at = 0;       /* at: the path's argument, 0 or 1 */
   switch (nr) {
     /* Calls that change metadata or make a name (the wrappers above): the
      * path first, or after a directory. */
-    case SYS_chmod:
-    case SYS_chown:
+    case SYS_chmod: op = PATH_ATTR | PATH_OWNER; break;
+    case SYS_chown: op = PATH_ATTR | PATH_CHOWNER; break;
     case SYS_utime:
-    case SYS_utimes:
+    case SYS_utimes: op = times_op((const void *)b, 0); break;
     case SYS_setxattr:
-    case SYS_removexattr: op = PATH_ATTR; path = (const char *)a; break;
-    case SYS_lchown:
     case SYS_lsetxattr:
-    case SYS_lremovexattr: op = PATH_LATTR; path = (const char *)a; break;
+    case SYS_removexattr:
+    case SYS_lremovexattr: {
+      int set = nr == SYS_setxattr || nr == SYS_lsetxattr;
+      int nofollow = nr == SYS_lsetxattr || nr == SYS_lremovexattr;
+      if (path_hooked((const char *)a))
+        return xattr_slow(set, nofollow, (const char *)a, (const char *)b, (const void *)c, (size_t)d,
+                          (int)e);
+      return libc_ret(sys6(nr, a, b, c, d, e, 0));
+    }
+    case SYS_lchown: op = PATH_LATTR | PATH_CHOWNER; break;
     case SYS_getxattr:
+    case SYS_listxattr: break;
     case SYS_lgetxattr:
-    case SYS_listxattr:
-    case SYS_llistxattr: path = (const char *)a; break;
-    case SYS_mknod: op = PATH_CREATE; path = (const char *)a; break;
-    case SYS_symlink: op = PATH_CREATE; path = (const char *)b; break;
-    case SYS_mknodat: op = PATH_CREATE; dirfd = (int)a; path = (const char *)b; break;
-    case SYS_fchmodat:
-    case SYS_futimesat: op = PATH_ATTR; dirfd = (int)a; path = (const char *)b; break;
+    case SYS_llistxattr: op = PATH_READ | PATH_NOFOLLOW; break;
+    case SYS_mknod: op = PATH_CREATE; break;
+    case SYS_symlink: op = PATH_CREATE; at = 1; break;
+    case SYS_mknodat: op = PATH_CREATE; dirfd = (int)a; at = 1; break;
+    case SYS_fchmodat: op = PATH_ATTR | PATH_OWNER; dirfd = (int)a; at = 1; break;
+    case SYS_futimesat: op = times_op((const void *)c, 0); dirfd = (int)a; at = 1; break;
     case SYS_fchmodat2:
-    case SYS_utimensat: op = attr_op((int)d); dirfd = (int)a; path = (const char *)b; break;
-    case SYS_fchownat: op = attr_op((int)e); dirfd = (int)a; path = (const char *)b; break;
+      op = (d & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH)) ? PATH_EINVAL : chmod_op((int)d & AT_SYMLINK_NOFOLLOW);
+      dirfd = (int)a;
+      at = 1;
+      break;
+    case SYS_utimensat: dirfd = (int)a; at = 1; break; /* op: reads times, slow path only */
+    case SYS_fchownat: op = chown_op((int)e); dirfd = (int)a; at = 1; break;
     case SYS_fchdir: {
       long r = sys6(nr, a, 0, 0, 0, 0, 0);
       cwd_moved();
       return libc_ret(r);
     }
-    case SYS_open: flags = (int)b; /* fall through */
-    case SYS_stat:
+    case SYS_open: flags = (int)b; break;
     case SYS_lstat:
+    case SYS_readlink: op = PATH_READ | PATH_NOFOLLOW; break;
+    case SYS_stat:
     case SYS_access:
-    case SYS_readlink:
-    case SYS_chdir: path = (const char *)a; break;
+    case SYS_chdir: break;
     case SYS_openat2: {
       const struct { uint64_t flags; } *how = (const void *)c;
       flags = how && (size_t)d >= sizeof *how ? (int)how->flags : O_RDONLY;
       dirfd = (int)a;
-      path = (const char *)b;
+      at = 1;
       break;
     }
-    case SYS_openat: flags = (int)c; /* fall through */
-    default: /* newfstatat, statx, faccessat, faccessat2, readlinkat */
+    case SYS_openat: flags = (int)c; dirfd = (int)a; at = 1; break;
+    case SYS_newfstatat: op = read_op((int)d); dirfd = (int)a; at = 1; break;
+    case SYS_statx: op = read_op((int)c); dirfd = (int)a; at = 1; break;
+    case SYS_faccessat2: op = read_op((int)d); dirfd = (int)a; at = 1; break;
+    case SYS_readlinkat: op = PATH_READ | PATH_NOFOLLOW; dirfd = (int)a; at = 1; break;
+    default: /* faccessat */
       dirfd = (int)a;
-      path = (const char *)b;
+      at = 1;
   }
+  const char *path = (const char *)(at ? b : a);
   if (flags != -1) op = open_op(flags);
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
-  long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, path, op)
+  long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, at, op)
                                                : libc_ret(sys6(nr, a, b, c, d, e, 0));
   if (link) return nr == SYS_readlink ? link_answer(dirfd, path, (char *)b, r, (size_t)c)
                                       : link_answer(dirfd, path, (char *)c, r, (size_t)d);
@@ -1002,8 +1287,8 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
 
 /* glibc's remove() calls unlink and rmdir internally, past our wrappers. */
 static int do_remove(const char *p) {
-  long r = SYS3(unlinkat, AT_FDCWD, p, 0);
-  if (r == -EISDIR) r = SYS3(unlinkat, AT_FDCWD, p, AT_REMOVEDIR);
+  long r = UNLINK_RAW(p);
+  if (r == -EISDIR) r = RMDIR_RAW(p);
   return (int)libc_ret(r);
 }
 PATH_WRAPPER(int, remove, (const char *path), (path), NO_PROC_DIR, PATH_REMOVE, -1,
@@ -1021,74 +1306,142 @@ PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
  * Calls that change a file without opening it: under a copy-on-write rule
  * they act on the private side, made from the original first (PATH_ATTR:
  * copy_attr_up), so that a clone never changes what its template and every
- * other clone share. Those that read metadata (getxattr, listxattr) see the
- * side an open would. Raw system calls, as the kernel has each (glibc's
- * own make only that call), but glibc's fchmodat with flags (it emulates
- * AT_SYMLINK_NOFOLLOW on kernels without fchmodat2) and lutimes (its
- * checked conversion to utimensat). */
+ * other clone share; what the kernel would refuse on the original (a file
+ * the caller does not own, bad flags) is refused first, nothing copied.
+ * Those that read metadata (getxattr, listxattr) see the side an open
+ * would. Raw system calls, the ones glibc's functions make (a program's
+ * seccomp filter allows those): chmod, chown, lchown, symlink and link
+ * where the architecture has them, utimensat for the utime family; but
+ * glibc's own fchmodat with flags (it emulates AT_SYMLINK_NOFOLLOW on
+ * kernels without fchmodat2) and lutimes (its checked conversion). */
 PATH_WRAPPER(int, chmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
-             PATH_ATTR, -1, (int)libc_ret(SYS3(fchmodat, AT_FDCWD, p, mode)))
+             PATH_ATTR | PATH_OWNER, -1, (int)libc_ret(CHMOD_RAW(p, mode)))
 PATH_WRAPPER(int, fchmodat, (int fd, const char *path, mode_t mode, int flags),
-             (fd, path, mode, flags), NO_PROC_DIR, attr_op(flags), -1,
+             (fd, path, mode, flags), NO_PROC_DIR, chmod_op(flags), -1,
              flags ? REAL(fchmodat)(fd, p, mode, flags)
                    : (int)libc_ret(SYS3(fchmodat, fd, p, mode)))
+/* glibc's lchmod calls its own fchmodat, past the wrapper above. */
+PATH_WRAPPER(int, lchmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
+             chmod_op(AT_SYMLINK_NOFOLLOW), -1,
+             REAL(fchmodat)(AT_FDCWD, p, mode, AT_SYMLINK_NOFOLLOW))
 PATH_WRAPPER(int, chown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
-             NO_PROC_DIR, PATH_ATTR, -1,
-             (int)libc_ret(SYS5(fchownat, AT_FDCWD, p, uid, gid, 0)))
+             NO_PROC_DIR, chown_op(0), -1, (int)libc_ret(CHOWN_RAW(p, uid, gid)))
 PATH_WRAPPER(int, lchown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
-             NO_PROC_DIR, PATH_LATTR, -1,
-             (int)libc_ret(SYS5(fchownat, AT_FDCWD, p, uid, gid, AT_SYMLINK_NOFOLLOW)))
+             NO_PROC_DIR, chown_op(AT_SYMLINK_NOFOLLOW), -1,
+             (int)libc_ret(LCHOWN_RAW(p, uid, gid)))
 PATH_WRAPPER(int, fchownat, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
-             (fd, path, uid, gid, flags), NO_PROC_DIR, attr_op(flags), -1,
+             (fd, path, uid, gid, flags), NO_PROC_DIR, chown_op(flags), -1,
              (int)libc_ret(SYS5(fchownat, fd, p, uid, gid, flags)))
-/* utimensat's path may be NULL (the descriptor itself): never hooked. */
-PATH_WRAPPER(int, utimensat,
-             (int fd, const char *path, const struct timespec times[2], int flags),
-             (fd, path, times, flags), NO_PROC_DIR, attr_op(flags), -1,
-             (int)libc_ret(SYS4(utimensat, fd, p, times, flags)))
+/* utimensat's path may be NULL (the descriptor itself): glibc's function
+ * refuses that with EINVAL (syscall() keeps the kernel's meaning). */
+PATH_FN(static inline, int, utimensat_m,
+        (int fd, const char *path, const struct timespec times[2], int flags),
+        (fd, path, times, flags), NO_PROC_DIR, utimens_op(times, flags), -1,
+        (int)libc_ret(SYS4(utimensat, fd, p, times, flags)))
+API int utimensat(int fd, const char *path, const struct timespec times[2], int flags) {
+  /* <sys/stat.h> declares path nonnull: the compiler would drop the test. */
+  __asm__("" : "+r"(path));
+  if (!path) {
+    errno = EINVAL;
+    return -1;
+  }
+  return utimensat_m(fd, path, times, flags);
+}
+/* utimes, utime and futimesat: utimensat with the times converted, as
+ * glibc's (a bad tv_usec is a bad tv_nsec to the kernel: EINVAL). */
+static int timeval_op(const struct timeval *tv) {
+  if (tv && (tv[0].tv_usec < 0 || tv[0].tv_usec >= 1000000 || tv[1].tv_usec < 0 ||
+             tv[1].tv_usec >= 1000000))
+    return PATH_EINVAL;
+  return times_op(tv, 0);
+}
+static int utimes_raw(int fd, const char *p, const struct timeval *tv) {
+  struct timespec ts[2];
+  if (tv) {
+    ts[0] = (struct timespec){tv[0].tv_sec, tv[0].tv_usec * 1000};
+    ts[1] = (struct timespec){tv[1].tv_sec, tv[1].tv_usec * 1000};
+  }
+  return (int)libc_ret(SYS4(utimensat, fd, p, tv ? ts : NULL, 0));
+}
+static int utime_raw(const char *p, const struct utimbuf *t) {
+  struct timespec ts[2];
+  if (t) {
+    ts[0] = (struct timespec){t->actime, 0};
+    ts[1] = (struct timespec){t->modtime, 0};
+  }
+  return (int)libc_ret(SYS4(utimensat, AT_FDCWD, p, t ? ts : NULL, 0));
+}
 PATH_WRAPPER(int, utimes, (const char *path, const struct timeval times[2]),
-             (path, times), NO_PROC_DIR, PATH_ATTR, -1,
-             (int)libc_ret(SYS2(utimes, p, times)))
+             (path, times), NO_PROC_DIR, timeval_op(times), -1,
+             utimes_raw(AT_FDCWD, p, times))
 PATH_WRAPPER(int, utime, (const char *path, const struct utimbuf *times),
-             (path, times), NO_PROC_DIR, PATH_ATTR, -1,
-             (int)libc_ret(SYS2(utime, p, times)))
+             (path, times), NO_PROC_DIR, times_op(times, 0), -1, utime_raw(p, times))
 PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval times[2]),
-             (fd, path, times), NO_PROC_DIR, PATH_ATTR, -1,
-             (int)libc_ret(SYS3(futimesat, fd, p, times)))
+             (fd, path, times), NO_PROC_DIR, timeval_op(times), -1,
+             utimes_raw(fd, p, times))
 PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
-             (path, times), NO_PROC_DIR, PATH_LATTR, -1, REAL(lutimes)(p, times))
-PATH_WRAPPER(int, setxattr,
-             (const char *path, const char *name, const void *value, size_t size, int flags),
-             (path, name, value, size, flags), NO_PROC_DIR, PATH_ATTR, -1,
-             (int)libc_ret(SYS5(setxattr, p, name, value, size, flags)))
-PATH_WRAPPER(int, lsetxattr,
-             (const char *path, const char *name, const void *value, size_t size, int flags),
-             (path, name, value, size, flags), NO_PROC_DIR, PATH_LATTR, -1,
-             (int)libc_ret(SYS5(lsetxattr, p, name, value, size, flags)))
-PATH_WRAPPER(int, removexattr, (const char *path, const char *name), (path, name),
-             NO_PROC_DIR, PATH_ATTR, -1, (int)libc_ret(SYS2(removexattr, p, name)))
-PATH_WRAPPER(int, lremovexattr, (const char *path, const char *name), (path, name),
-             NO_PROC_DIR, PATH_LATTR, -1, (int)libc_ret(SYS2(lremovexattr, p, name)))
+             (path, times), NO_PROC_DIR, timeval_op(times) | PATH_LATTR, -1,
+             REAL(lutimes)(p, times))
+/* setxattr and removexattr: what the file's xattrs decide (XATTR_CREATE
+ * of a name it has: EEXIST; XATTR_REPLACE, or removexattr, of a name it
+ * lacks: ENODATA) is asked of the side a read sees before anything is
+ * copied up (a directory's copy would hide its entries for nothing). */
+static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const char *name,
+                                const void *value, size_t size, int flags) {
+  if (set && (flags & ~(XATTR_CREATE | XATTR_REPLACE))) return libc_ret(-EINVAL);
+  SLOW_PATH(p, AT_FDCWD, path, PATH_READ | (nofollow ? PATH_NOFOLLOW : 0), -1);
+  if (!set || flags) {
+    long r = nofollow ? SYS4(lgetxattr, p, name, NULL, 0) : SYS4(getxattr, p, name, NULL, 0);
+    if (set && r >= 0 && (flags & XATTR_CREATE)) return libc_ret(-EEXIST);
+    if (set && r == -ENODATA && !(flags & XATTR_REPLACE)) r = 0;
+    if (r == -ENODATA || r == -ENOENT || r == -ENOTDIR || r == -EOPNOTSUPP || r == -ERANGE)
+      return libc_ret(r);
+  }
+  if (!(p = at_path_slow(p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
+  if (set)
+    return libc_ret(nofollow ? SYS5(lsetxattr, p, name, value, size, flags)
+                             : SYS5(setxattr, p, name, value, size, flags));
+  return libc_ret(nofollow ? SYS2(lremovexattr, p, name) : SYS2(removexattr, p, name));
+}
+API int setxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(1, 0, path, name, value, size, flags);
+  return (int)libc_ret(SYS5(setxattr, path, name, value, size, flags));
+}
+API int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(1, 1, path, name, value, size, flags);
+  return (int)libc_ret(SYS5(lsetxattr, path, name, value, size, flags));
+}
+API int removexattr(const char *path, const char *name) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(0, 0, path, name, NULL, 0, 0);
+  return (int)libc_ret(SYS2(removexattr, path, name));
+}
+API int lremovexattr(const char *path, const char *name) {
+  ensure_init();
+  if (UNLIKELY(path_hooked(path))) return (int)xattr_slow(0, 1, path, name, NULL, 0, 0);
+  return (int)libc_ret(SYS2(lremovexattr, path, name));
+}
 PATH_WRAPPER(ssize_t, getxattr,
              (const char *path, const char *name, void *value, size_t size),
              (path, name, value, size), NO_PROC_DIR, PATH_READ, -1,
              libc_ret(SYS4(getxattr, p, name, value, size)))
 PATH_WRAPPER(ssize_t, lgetxattr,
              (const char *path, const char *name, void *value, size_t size),
-             (path, name, value, size), NO_PROC_DIR, PATH_READ, -1,
+             (path, name, value, size), NO_PROC_DIR, PATH_READ | PATH_NOFOLLOW, -1,
              libc_ret(SYS4(lgetxattr, p, name, value, size)))
 PATH_WRAPPER(ssize_t, listxattr, (const char *path, char *list, size_t size),
              (path, list, size), NO_PROC_DIR, PATH_READ, -1,
              libc_ret(SYS3(listxattr, p, list, size)))
 PATH_WRAPPER(ssize_t, llistxattr, (const char *path, char *list, size_t size),
-             (path, list, size), NO_PROC_DIR, PATH_READ, -1,
+             (path, list, size), NO_PROC_DIR, PATH_READ | PATH_NOFOLLOW, -1,
              libc_ret(SYS3(llistxattr, p, list, size)))
 
 /* New names: created on the private side, like mkdir (EEXIST if either
  * side has the path). A symlink's target is its contents, not rewritten. */
 PATH_WRAPPER(int, symlink, (const char *target, const char *path), (target, path),
-             NO_PROC_DIR, PATH_CREATE, -1,
-             (int)libc_ret(SYS3(symlinkat, target, AT_FDCWD, p)))
+             NO_PROC_DIR, PATH_CREATE, -1, (int)libc_ret(SYMLINK_RAW(target, p)))
 PATH_WRAPPER(int, symlinkat, (const char *target, int fd, const char *path),
              (target, fd, path), NO_PROC_DIR, PATH_CREATE, -1,
              (int)libc_ret(SYS3(symlinkat, target, fd, p)))
@@ -1127,54 +1480,96 @@ PATH_WRAPPER(int, __xmknodat, (int ver, int fd, const char *path, mode_t mode, d
 /* link: two paths, either or both hooked. The new name is made on the
  * private side; an existing one under a copy-on-write rule is copied up
  * first (PATH_ATTR), so that the new name never shares the template's
- * inode, which a write through it would change. */
+ * inode, which a write through it would change. What the kernel refuses
+ * (bad flags, a missing or directory source, an existing new name) is
+ * refused before anything is made or copied. One PATH_MAX buffer on the
+ * stack (link is async-signal-safe; alternate signal stacks are small), the
+ * second in a page mapped for the call. */
 static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *to,
-                                int flags) {
-  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
-  char a_buf[PATH_MAX], b_buf[PATH_MAX];
-  const char *a = from, *b = to;
-  /* The new name first: EEXIST copies nothing. */
-  if (path_hooked(to) && !(b = path_slow(to, PATH_CREATE, b_buf))) return -1;
-  if (path_hooked(from) &&
-      !(a = path_slow(from, (flags & AT_SYMLINK_FOLLOW) ? PATH_ATTR : PATH_LATTR, a_buf)))
+                                int flags, int raw_link) {
+  if (flags & ~(AT_SYMLINK_FOLLOW | AT_EMPTY_PATH)) {
+    errno = EINVAL;
     return -1;
-  return (int)libc_ret(SYS5(linkat, fd1, a, fd2, b, flags));
+  }
+  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
+  char a_buf[PATH_MAX];
+  long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) {
+    errno = (int)-m;
+    return -1;
+  }
+  char *b_buf = (char *)m;
+  int follow = flags & AT_SYMLINK_FOLLOW, r = -1;
+  const char *a = from, *b = to;
+  if (path_hooked(from)) {
+    /* The source as a read sees it: missing or a directory, nothing made. */
+    struct stat st;
+    if (!(a = path_slow(from, PATH_READ | (follow ? 0 : PATH_NOFOLLOW), a_buf))) goto out;
+    long e = sys6(SYS_newfstatat, fd1, (long)a, (long)&st, follow ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
+    if (e == 0 && S_ISDIR(st.st_mode)) e = -EPERM;
+    if (e < 0) {
+      r = (int)libc_ret(e);
+      goto out;
+    }
+  }
+  /* The new name next: EEXIST copies nothing. */
+  if (path_hooked(to) && !(b = path_slow(to, PATH_CREATE, b_buf))) goto out;
+  if (path_hooked(from) &&
+      !(a = path_slow(from, (follow ? PATH_ATTR : PATH_LATTR) | PATH_NODIR, a_buf)))
+    goto out;
+  r = (int)libc_ret(raw_link ? LINK_RAW(a, b) : SYS5(linkat, fd1, a, fd2, b, flags));
+out:
+  SYS2(munmap, b_buf, PATH_MAX); /* raw: errno kept */
+  return r;
 }
 API int linkat(int fd1, const char *from, int fd2, const char *to, int flags) {
   ensure_init();
   if (UNLIKELY(path_hooked(from) || path_hooked(to)))
-    return linkat_slow(fd1, from, fd2, to, flags);
+    return linkat_slow(fd1, from, fd2, to, flags, 0);
   return (int)libc_ret(SYS5(linkat, fd1, from, fd2, to, flags));
 }
-API int link(const char *from, const char *to) { return linkat(AT_FDCWD, from, AT_FDCWD, to, 0); }
-
-/* rename: two paths, either or both hooked. */
-static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
-                                  const char *to) {
-  /* /proc/<vpid> paths: see SLOW_PATH */
-  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
-  char a_buf[PATH_MAX], b_buf[PATH_MAX];
-  const char *a = from, *b = to;
-  if (path_hooked(from) && !(a = path_slow(from, PATH_REMOVE, a_buf)))
-    return -1;
-  if (path_hooked(to) && !(b = path_slow(to, PATH_TARGET, b_buf))) return -1;
-  return (int)libc_ret(SYS4(renameat, fd1, a, fd2, b));
-}
-
-static inline int renameat_fast(int fd1, const char *from, int fd2,
-                                const char *to) {
+API int link(const char *from, const char *to) {
   ensure_init();
   if (UNLIKELY(path_hooked(from) || path_hooked(to)))
-    return renameat_slow(fd1, from, fd2, to);
-  return (int)libc_ret(SYS4(renameat, fd1, from, fd2, to));
+    return linkat_slow(AT_FDCWD, from, AT_FDCWD, to, 0, 1);
+  return (int)libc_ret(LINK_RAW(from, to));
+}
+
+/* rename: two paths, either or both hooked. One PATH_MAX buffer on the
+ * stack (rename is async-signal-safe), the second in a page mapped for the
+ * call. */
+static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
+                                  const char *to, int raw_rename) {
+  /* /proc/<vpid> paths: see SLOW_PATH */
+  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
+  char a_buf[PATH_MAX];
+  long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) {
+    errno = (int)-m;
+    return -1;
+  }
+  char *b_buf = (char *)m;
+  const char *a = from, *b = to;
+  int r = -1;
+  if ((!path_hooked(from) || (a = path_slow(from, PATH_REMOVE, a_buf))) &&
+      (!path_hooked(to) || (b = path_slow(to, PATH_TARGET, b_buf))))
+    r = (int)libc_ret(raw_rename ? RENAME_RAW(a, b) : SYS4(renameat, fd1, a, fd2, b));
+  SYS2(munmap, b_buf, PATH_MAX); /* raw: errno kept */
+  return r;
 }
 
 API int renameat(int fd1, const char *from, int fd2, const char *to) {
-  return renameat_fast(fd1, from, fd2, to);
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return renameat_slow(fd1, from, fd2, to, 0);
+  return (int)libc_ret(SYS4(renameat, fd1, from, fd2, to));
 }
 
 API int rename(const char *from, const char *to) {
-  return renameat_fast(AT_FDCWD, from, AT_FDCWD, to);
+  ensure_init();
+  if (UNLIKELY(path_hooked(from) || path_hooked(to)))
+    return renameat_slow(AT_FDCWD, from, AT_FDCWD, to, 1);
+  return (int)libc_ret(RENAME_RAW(from, to));
 }
 
 /* POSIX shared memory: glibc's shm_open and shm_unlink open and unlink
