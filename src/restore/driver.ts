@@ -952,8 +952,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreLoaderLockOwners(m.pid, p, m.tids);
       // Mutexes that are not robust: mended by the preload library where
       // the program next uses them, from the moves written here.
-      for (const note of restoreTidMoves(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
-      forgetTimedWaits(m.pid, p, () => readMaps(m.pid));
+      // The maps read above serve them: nothing since has mapped or
+      // unmapped anything (the main thread's batch has not run).
+      for (const note of restoreTidMoves(m.pid, p, m.tids, mapsNow)) notKept.push(`process ${p.vpid}: ${note}`);
+      forgetTimedWaits(m.pid, p, () => mapsNow);
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restorePiWaitWords(m.pid, p, m.tids);
       restoreFdOwners(r, p, handed, mainCalls);
