@@ -291,8 +291,9 @@ export class RemoteProcess {
   /** Whether `resident` (residentBatchOf) can run batches: batches wanted,
    * the code there byte for byte ours in an executable private mapping,
    * the area large enough and within one readable, writable, private
-   * mapping (`maps`) that is anonymous memory, or, with `privateFile`, a
-   * private mapping of a file too (see moveToResident). */
+   * mapping (`maps`) of anonymous memory; with `privateFile`, within
+   * adjacent readable, writable, private mappings, anonymous or of a file
+   * (see moveToResident). */
   private residentUsable(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string; ino: bigint; path: string }[], privateFile: boolean): boolean {
     if (!batchingWanted()) return false;
     const { code } = batchCode();
