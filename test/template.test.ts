@@ -7,10 +7,12 @@
  * clones run at once, each answering for its own state.
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { elfSymbol, firstLoadVaddr } from '../src/elf.js';
 import { cli, fixture, makeTemplfixWorld, runTemplfix, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, tcpExchange, type TemplfixWorld, waitFor, type Entry } from './helpers.js';
 
 const sb = new Sandbox();
@@ -145,6 +147,43 @@ describe('templates and clones', () => {
     const p = sb.run(['port', 'c-3', String(PORT_ALLOC)]);
     expect(p.code, p.stderr).toBe(0);
     expect(Number(p.stdout.trim())).toBe(ownPort(clones[2]));
+  });
+
+  it("runs each clone's last batches from its own preload library, whose table names the clone's process, and leaves no scratch area", () => {
+    // Where the library keeps its batch area: a table a batch ran from
+    // (16-byte aligned, somewhere in it) starts with its count, then the
+    // process and thread it ran in (remote.ts runCalls). A clone's names
+    // its own process only if its main thread's batch ran there
+    // (moveToResident); otherwise it holds what the template's snapshot
+    // left, naming the template's process.
+    const lib = fileURLToPath(new URL('../build/Release/appshot_preload.so', import.meta.url));
+    const areaOffset = elfSymbol(lib, 'appshot_batch_area')! - firstLoadVaddr(lib);
+    const AREA = 256 << 10;
+    for (const c of clones) {
+      const withLib = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', c.aid])[0].processes.filter((p) => readFileSync(`/proc/${p.pid}/maps`, 'utf8').includes(lib));
+      expect(withLib.length, c.aid).toBeGreaterThan(0);
+      for (const { pid } of withLib) {
+        const maps = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n');
+        const first = maps.find((l) => l.endsWith(lib) && l.split(/\s+/)[2] === '00000000')!;
+        const area = BigInt(`0x${first.split('-')[0]}`) + areaOffset;
+        const bytes = Buffer.alloc(AREA);
+        const fd = openSync(`/proc/${pid}/mem`, 'r');
+        try {
+          readSync(fd, bytes, 0, AREA, area);
+        } finally {
+          closeSync(fd);
+        }
+        const tables = [];
+        for (let at = 0; at + 24 <= AREA; at += 16) {
+          const count = bytes.readBigUInt64LE(at);
+          if (count > 0n && count < 4096n && bytes.readBigUInt64LE(at + 8) === BigInt(pid) && bytes.readBigUInt64LE(at + 16) === BigInt(pid)) tables.push(at);
+        }
+        expect(tables.length, `${c.aid}: process ${pid}: a table of its own in its library's batch area`).toBeGreaterThan(0);
+        // The scratch area (anonymous, readable, writable and executable)
+        // is gone.
+        expect(maps.filter((l) => /^\S+ rwxp 00000000 00:00 0\s*$/.test(l)), `${c.aid}: process ${pid}`).toEqual([]);
+      }
+    }
   });
 
   it('keeps a write in one clone invisible to the others and to the template', async () => {

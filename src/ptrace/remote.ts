@@ -279,22 +279,83 @@ export class RemoteProcess {
    */
   adoptResident(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string; ino: bigint; path: string }[]): boolean {
     this.singleStep = false;
-    if (!batchingWanted()) return false;
-    const { code } = batchCode();
-    const within = (start: bigint, end: bigint, ok: (m: { perms: string; ino: bigint; path: string }) => boolean) =>
-      maps.some((m) => m.start <= start && end <= m.end && m.perms[3] === 'p' && ok(m));
-    if (!(resident.size >= 4096 + batchCode().frameRoom) || !within(resident.area, resident.area + BigInt(resident.size), (m) => m.perms.startsWith('rw') && m.ino === 0n && m.path === '')) return false;
-    if (!within(resident.code, resident.code + BigInt(code.length), (m) => m.perms[2] === 'x')) return false;
-    try {
-      if (!addon().readMemory(this.pid, resident.code, code.length).equals(code)) return false;
-    } catch {
-      return false;
-    }
+    if (!this.residentUsable(resident, maps, false)) return false;
     this.scratch = resident.area;
     this.batchCode = resident.code;
     this.size = resident.size;
     this.resident = true;
     this.used = 0;
+    return true;
+  }
+
+  /** Whether `resident` (residentBatchOf) can run batches: batches wanted,
+   * the code there byte for byte ours in an executable private mapping,
+   * the area large enough and within one readable, writable, private
+   * mapping (`maps`) of anonymous memory; with `privateFile`, within
+   * adjacent readable, writable, private mappings, anonymous or of a file
+   * (see moveToResident). */
+  private residentUsable(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string; ino: bigint; path: string }[], privateFile: boolean): boolean {
+    if (!batchingWanted()) return false;
+    const { code } = batchCode();
+    const within = (start: bigint, end: bigint, ok: (m: { perms: string; ino: bigint; path: string }) => boolean) =>
+      maps.some((m) => m.start <= start && end <= m.end && m.perms[3] === 'p' && ok(m));
+    const areaOk = (m: { perms: string; ino: bigint; path: string }) => m.perms.startsWith('rw') && m.perms[3] === 'p' && (privateFile || (m.ino === 0n && m.path === ''));
+    if (!(resident.size >= 4096 + batchCode().frameRoom)) return false;
+    if (privateFile) {
+      // A restored area is made of several mappings where the image held
+      // some of its pages and not others: each piece must be fit, and
+      // they must leave no gap.
+      let at = resident.area;
+      const end = resident.area + BigInt(resident.size);
+      for (const m of [...maps].sort((a, b) => (a.start < b.start ? -1 : 1))) {
+        if (m.end <= at || m.start > at) continue;
+        if (!areaOk(m)) return false;
+        at = m.end;
+        if (at >= end) break;
+      }
+      if (at < end) return false;
+    } else if (!within(resident.area, resident.area + BigInt(resident.size), areaOk)) return false;
+    if (!within(resident.code, resident.code + BigInt(code.length), (m) => m.perms[2] === 'x')) return false;
+    try {
+      return addon().readMemory(this.pid, resident.code, code.length).equals(code);
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * For a restored process whose memory is all in place (the image's
+   * preload library mapped where it was), its signals blocked and its
+   * main thread stopped: the batches from here on run from the library's
+   * copy of the batch code and table area (`resident`, residentBatchOf)
+   * instead of the scratch area, and `calls`, a batch of the main thread
+   * that has not run, unmaps the scratch area (first, as nothing in it
+   * points there): one stop fewer than unmapping it alone, which cannot be
+   * done from a batch running in it (unmapScratch). false (nothing
+   * changed) unless the code there is byte for byte ours and the area is
+   * mapped readable, writable and private (`maps`, read since the memory
+   * was made). Calls deferred with their arguments in the scratch area
+   * run before the unmap: at the latest first in `calls`' stop (defer).
+   *
+   * Unlike a frozen application's (adoptResident), the area may be a
+   * private mapping of a file: a clone's or --lazy restore's memory is the
+   * page file mapped copy-on-write. What a batch reads there is what we
+   * wrote first (its table and arguments, each write making the page the
+   * process's own) and the frame the kernel writes; nothing of the process
+   * runs meanwhile. The library's area is appshot's, not the program's:
+   * what is left in it is what a snapshot's questions leave.
+   */
+  moveToResident(resident: { code: bigint; area: bigint; size: number }, maps: { start: bigint; end: bigint; perms: string; ino: bigint; path: string }[], calls: CallBatch): boolean {
+    if (this.resident || !this.batchCode || !this.scratch || this.unmaps.length) return false;
+    if (!this.residentUsable(resident, maps, true)) return false;
+    const scratchArea = this.scratch;
+    const scratchSize = this.size;
+    this.scratch = resident.area;
+    this.batchCode = resident.code;
+    this.size = resident.size;
+    this.resident = true;
+    this.used = 0;
+    calls.add('unmapping scratch memory', SYS.munmap, [scratchArea, scratchSize]);
     return true;
   }
 
@@ -322,6 +383,9 @@ export class RemoteProcess {
     }
     if (this.scratch && !this.resident) this.call('unmapping scratch memory', SYS.munmap, [this.scratch, SCRATCH_SIZE]);
     this.scratch = 0n;
+    // No batch code is left to run from (its table area gone, or ours
+    // unmapped): calls after this are injected one at a time.
+    this.batchCode = 0n;
   }
 
   /** Frees everything put so far (but what deferred calls use). */

@@ -110,16 +110,17 @@ export function tidMoves(threads: Thread[], tids: number[]): { oldTid: number; n
  * of p.threads): the process's moves written into its preload library,
  * which mends its mutexes from them as the program uses them. Returns
  * what was not kept (moves beyond the library's capacity), to be warned
- * about.
+ * about. `maps`: the process's mappings, if the caller has them read
+ * since its memory was made.
  */
-export function restoreTidMoves(pid: number, p: Process, tids: number[]): string[] {
+export function restoreTidMoves(pid: number, p: Process, tids: number[], maps?: MapsLine[]): string[] {
   if (!p.tidMovesAddress) return [];
   const moves = tidMoves(p.threads, tids);
   if (!moves.length) return [];
   // Where the library the restored process maps keeps the table, by its
   // symbol: the image's address is only a sign the process had one (an
   // image could name any writable memory of the process).
-  const address = tidMovesOf(pid, readMaps(pid));
+  const address = tidMovesOf(pid, maps ?? readMaps(pid));
   if (address === undefined) return ['its preload library\'s table of TID moves is not found: mutexes held across the restore keep their old owner TIDs'];
   const capacity = CAPACITY;
   const kept = moves.slice(0, capacity);

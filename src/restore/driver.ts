@@ -39,6 +39,7 @@ import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
+import { residentBatchOf } from '../ptrace/windows.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
@@ -924,7 +925,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // timers (one stop where there were three or more).
       // Signals queued again after every thread's state (the order in
       // which the threads' queues are filled is no matter: each is its own).
-      const threadMemory = new ImageMemory(p.vmas, readMaps(m.pid));
+      const mapsNow = readMaps(m.pid);
+      const threadMemory = new ImageMemory(p.vmas, mapsNow);
       p.threads.forEach((t, i) => {
         if (i === 0) return;
         addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
@@ -935,6 +937,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
       const mainCalls = r.batch();
+      // From here on, batches run from the preload library's copy of the
+      // batch code (the process's memory is in place), and this one
+      // unmaps the scratch area: no stop of its own for that.
+      const resident = residentBatchOf(m.pid, mapsNow);
+      if (resident) r.moveToResident(resident, mapsNow, mainCalls);
       // /proc/PID/environ moved to the environment's new strings.
       if (environStrings) {
         const c = moveEnvironCall(r, p, environStrings);
@@ -947,8 +954,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreLoaderLockOwners(m.pid, p, m.tids);
       // Mutexes that are not robust: mended by the preload library where
       // the program next uses them, from the moves written here.
-      for (const note of restoreTidMoves(m.pid, p, m.tids)) notKept.push(`process ${p.vpid}: ${note}`);
-      forgetTimedWaits(m.pid, p, () => readMaps(m.pid));
+      // The maps read above serve them: nothing since has mapped or
+      // unmapped anything (the main thread's batch has not run).
+      for (const note of restoreTidMoves(m.pid, p, m.tids, mapsNow)) notKept.push(`process ${p.vpid}: ${note}`);
+      forgetTimedWaits(m.pid, p, () => mapsNow);
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restorePiWaitWords(m.pid, p, m.tids);
       restoreFdOwners(r, p, handed, mainCalls);
@@ -970,10 +979,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       credentialCalls += restoreCreds(r, p, m.tids, seedCreds());
       restoreParentDeathSignals(r, p, m.tids);
       phase('limits and credentials');
-      // Not in a batch: the batch code is in the scratch area. Nor
-      // single-stepped: the thread would be left in the step's SIGTRAP
-      // stop, and a tracer that dies after the commit lets it go with
-      // that signal, which kills the application.
+      // Unmapped by the main thread's batch if that ran from the preload
+      // library's batch code; else now, not in a batch: the batch code is
+      // in the scratch area. Nor single-stepped: the thread would be left
+      // in the step's SIGTRAP stop, and a tracer that dies after the
+      // commit lets it go with that signal, which kills the application.
       r.unmapScratch();
       phase('scratch unmapped');
       credentialCalls += restoreSeccomp(r, seccomp);
