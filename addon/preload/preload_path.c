@@ -718,6 +718,22 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
   }
 }
 
+/* Whether `path` is under a copy-on-write rule (matched as path_slow
+ * would first match it; nothing looked up). link's source checks are for
+ * those only. buf is scribbled on. */
+static int cow_rule(const char *path, char buf[PATH_MAX]) {
+  const char *p = path;
+  if (strncmp(path, "/proc/", 6) == 0 && !(p = proc_path(path, buf))) return 0;
+  if (!g_h->instance.redirs || normalize(p, buf) < 0) return 0;
+  const struct appshot_redir *r = match(&g_h->instance, buf);
+  return r && r->kind == APPSHOT_REDIR_COW;
+}
+
+/* A "/proc/" path, NULL allowed (the kernel answers EFAULT for it). */
+static inline int proc_prefixed(const char *path) {
+  return path && strncmp(path, "/proc/", 6) == 0;
+}
+
 const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   if (op & PATH_EINVAL) {
     errno = EINVAL;
@@ -1482,26 +1498,24 @@ PATH_WRAPPER(int, __xmknodat, (int ver, int fd, const char *path, mode_t mode, d
  * first (PATH_ATTR), so that the new name never shares the template's
  * inode, which a write through it would change. What the kernel refuses
  * (bad flags, a missing or directory source, an existing new name) is
- * refused before anything is made or copied. One PATH_MAX buffer on the
- * stack (link is async-signal-safe; alternate signal stacks are small), the
- * second in a page mapped for the call. */
+ * refused before anything is made or copied. Everything else (no rule, a
+ * REDIR rule) is the kernel's to answer: one rewrite per path, nothing
+ * checked. One PATH_MAX buffer on the stack (link is async-signal-safe;
+ * alternate signal stacks are small); a page is mapped for the call only
+ * when both paths are rewritten. */
 static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *to,
                                 int flags, int raw_link) {
   if (flags & ~(AT_SYMLINK_FOLLOW | AT_EMPTY_PATH)) {
     errno = EINVAL;
     return -1;
   }
-  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
+  ID_WINDOW_IF(proc_prefixed(from) || proc_prefixed(to));
   char a_buf[PATH_MAX];
-  long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m < 0 && m > -4096) {
-    errno = (int)-m;
-    return -1;
-  }
-  char *b_buf = (char *)m;
+  char *page = NULL;
   int follow = flags & AT_SYMLINK_FOLLOW, r = -1;
   const char *a = from, *b = to;
-  if (path_hooked(from)) {
+  int cow = path_hooked(from) && cow_rule(from, a_buf);
+  if (cow) {
     /* The source as a read sees it: missing or a directory, nothing made. */
     struct stat st;
     if (!(a = path_slow(from, PATH_READ | (follow ? 0 : PATH_NOFOLLOW), a_buf))) goto out;
@@ -1511,15 +1525,28 @@ static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *
       r = (int)libc_ret(e);
       goto out;
     }
+  } else if (path_hooked(from) && !(a = path_slow(from, PATH_READ, a_buf))) {
+    goto out; /* no copy-on-write rule: the rewrite whatever the op */
   }
-  /* The new name next: EEXIST copies nothing. */
-  if (path_hooked(to) && !(b = path_slow(to, PATH_CREATE, b_buf))) goto out;
-  if (path_hooked(from) &&
-      !(a = path_slow(from, (follow ? PATH_ATTR : PATH_LATTR) | PATH_NODIR, a_buf)))
+  /* The new name next: EEXIST copies nothing. a_buf is free when the
+   * source was not rewritten and will not be again. */
+  if (path_hooked(to)) {
+    char *b_buf = a_buf;
+    if (cow || a != from) {
+      long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m < 0 && m > -4096) {
+        errno = (int)-m;
+        return -1;
+      }
+      b_buf = page = (char *)m;
+    }
+    if (!(b = path_slow(to, PATH_CREATE, b_buf))) goto out;
+  }
+  if (cow && !(a = path_slow(from, (follow ? PATH_ATTR : PATH_LATTR) | PATH_NODIR, a_buf)))
     goto out;
   r = (int)libc_ret(raw_link ? LINK_RAW(a, b) : SYS5(linkat, fd1, a, fd2, b, flags));
 out:
-  SYS2(munmap, b_buf, PATH_MAX); /* raw: errno kept */
+  if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
   return r;
 }
 API int linkat(int fd1, const char *from, int fd2, const char *to, int flags) {
@@ -1536,25 +1563,32 @@ API int link(const char *from, const char *to) {
 }
 
 /* rename: two paths, either or both hooked. One PATH_MAX buffer on the
- * stack (rename is async-signal-safe), the second in a page mapped for the
- * call. */
+ * stack (rename is async-signal-safe); a page is mapped for the call only
+ * when both paths are rewritten (a temporary file renamed into place under
+ * a REDIR rule, or where no rule matches, costs glibc's one system call). */
 static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
                                   const char *to, int raw_rename) {
   /* /proc/<vpid> paths: see SLOW_PATH */
-  ID_WINDOW_IF(strncmp(from, "/proc/", 6) == 0 || strncmp(to, "/proc/", 6) == 0);
+  ID_WINDOW_IF(proc_prefixed(from) || proc_prefixed(to));
   char a_buf[PATH_MAX];
-  long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m < 0 && m > -4096) {
-    errno = (int)-m;
-    return -1;
-  }
-  char *b_buf = (char *)m;
+  char *page = NULL;
   const char *a = from, *b = to;
   int r = -1;
-  if ((!path_hooked(from) || (a = path_slow(from, PATH_REMOVE, a_buf))) &&
-      (!path_hooked(to) || (b = path_slow(to, PATH_TARGET, b_buf))))
-    r = (int)libc_ret(raw_rename ? RENAME_RAW(a, b) : SYS4(renameat, fd1, a, fd2, b));
-  SYS2(munmap, b_buf, PATH_MAX); /* raw: errno kept */
+  if (path_hooked(from) && !(a = path_slow(from, PATH_REMOVE, a_buf))) return -1;
+  if (path_hooked(to)) {
+    char *b_buf = a_buf; /* free when the source was not rewritten */
+    if (a != from) {
+      long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m < 0 && m > -4096) {
+        errno = (int)-m;
+        return -1;
+      }
+      b_buf = page = (char *)m;
+    }
+    b = path_slow(to, PATH_TARGET, b_buf);
+  }
+  if (b) r = (int)libc_ret(raw_rename ? RENAME_RAW(a, b) : SYS4(renameat, fd1, a, fd2, b));
+  if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
   return r;
 }
 
