@@ -624,6 +624,9 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
     memmove(buf + c.k, buf + fl, rl + 1);
     struct stat st;
     const char *pv;
+    /* Whether the follow step found the private side (not a symlink): the
+     * switch then asks nothing again. */
+    enum { SEEN_NOTHING, SEEN_PRIVATE, SEEN_NOT_PRIVATE } seen = SEEN_NOTHING;
     if (follow) {
       /* A final symlink the kernel would follow: followed here, from the
        * side in use. Left to the kernel, a private link's absolute target
@@ -632,7 +635,8 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
        * target is then matched as a path of its own: an absolute one as
        * it is, a relative one against the link's virtual directory. */
       const char *side = priv_side(&c);
-      if (!lexists(side, &st)) side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
+      seen = lexists(side, &st) ? SEEN_PRIVATE : SEEN_NOT_PRIVATE;
+      if (seen == SEEN_NOT_PRIVATE) side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
       if (side && S_ISLNK(st.st_mode)) {
         if (hops == MAX_HOPS) {
           errno = ELOOP;
@@ -671,11 +675,11 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
     }
     switch (base) {
       case PATH_READ:
-        if (lexists(pv = priv_side(&c), &st)) return pv;
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
         break; /* the original */
       case PATH_WRITE:
       case PATH_TRUNC: {
-        if (lexists(pv = priv_side(&c), &st)) return pv;
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
         int rc = copy_up(&c, base == PATH_WRITE);
         if (rc == 0) return priv_side(&c);
         if (rc < 0) {
@@ -705,7 +709,7 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
       case PATH_ATTR:
       case PATH_LATTR: {
         /* Never the original: its metadata is every clone's. */
-        if (lexists(pv = priv_side(&c), &st)) return pv;
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
         int rc = copy_attr_up(&c, op);
         if (rc < 0) {
           errno = -rc;
