@@ -287,6 +287,7 @@ struct cow {
   char *buf;
   const char *from, *to;
   size_t fl, tl, k;
+  int dir_only; /* the path had a trailing '/', cut from the rest */
 };
 
 static char *orig_side(const struct cow *c) {
@@ -449,6 +450,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   if (src < 0) return (int)src;
   struct stat st;
   long r = SYS2(fstat, src, &st);
+  if (r == 0 && c->dir_only && !S_ISDIR(st.st_mode)) r = -ENOTDIR;
   if (r < 0 || !S_ISREG(st.st_mode)) {
     SYS1(close, src);
     return r < 0 ? (int)r : 1;
@@ -511,6 +513,7 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
                 (op & PATH_OP_MASK) == PATH_ATTR ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
   if (r == -ENOENT) return 0; /* the call fails (or creates) privately */
   if (r < 0) return (int)r;
+  if (c->dir_only && !S_ISDIR(st.st_mode)) return -ENOTDIR; /* "file/" */
   /* What the kernel would refuse on the original: refused here, nothing
    * copied (a copy would be the caller's, to change at will). */
   if ((op & PATH_NOLINK) && S_ISLNK(st.st_mode)) return -EOPNOTSUPP;
@@ -590,6 +593,12 @@ static const char *original(const char *path, const char *p, char buf[PATH_MAX],
 /* The most symlinks one lookup follows, as the kernel's MAXSYMLINKS. */
 enum { MAX_HOPS = 40 };
 
+/* A private path returned with the trailing '/' path_rules cut. */
+static const char *with_slash(const char *side, char *cut) {
+  if (cut) *cut = '/';
+  return side;
+}
+
 /* path_slow once a rule may apply: p is the path to match (path itself,
  * its /proc/<vpid> rewrite in buf, or where a symlink led, in *page). */
 static const char *path_rules(const char *path, const char *p, int op, char buf[PATH_MAX],
@@ -620,8 +629,18 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
       return (const char *)memcpy(buf, r->to, tl);
     }
 
-    struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl};
+    struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl, 0};
     memmove(buf + c.k, buf + fl, rl + 1);
+    /* A trailing '/' (normalize keeps one): the lookups and copies here name
+     * the entry itself, without it (a copy's name would be empty, and
+     * make_parents would take the entry for a parent); it is put back on
+     * the private path returned, where the kernel checks it. */
+    char *cut = NULL;
+    if (rl && buf[c.k + rl - 1] == '/') {
+      cut = buf + c.k + rl - 1;
+      *cut = '\0';
+      c.dir_only = 1;
+    }
     struct stat st;
     const char *pv;
     /* Whether the follow step found the private side (not a symlink): the
@@ -669,19 +688,23 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
           memcpy(t, v, dl);
           t[dl] = '/';
         }
+        if (cut) { /* the kernel follows it, and wants a directory */
+          size_t n2 = strlen(t);
+          if (n2 + 1 < PATH_MAX) memcpy(t + n2, "/", 2);
+        }
         p = t;
         continue;
       }
     }
     switch (base) {
       case PATH_READ:
-        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return with_slash(priv_side(&c), cut);
         break; /* the original */
       case PATH_WRITE:
       case PATH_TRUNC: {
-        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return with_slash(priv_side(&c), cut);
         int rc = copy_up(&c, base == PATH_WRITE);
-        if (rc == 0) return priv_side(&c);
+        if (rc == 0) return with_slash(priv_side(&c), cut);
         if (rc < 0) {
           errno = -rc;
           return NULL;
@@ -696,26 +719,26 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
           return NULL;
         }
         make_parents(&c);
-        return priv_side(&c);
+        return with_slash(priv_side(&c), cut);
       case PATH_REMOVE:
         if (lexists(orig_side(&c), &st)) {
           errno = EROFS;
           return NULL;
         }
-        return priv_side(&c);
+        return with_slash(priv_side(&c), cut);
       case PATH_TARGET:
         if (!lexists(pv = priv_side(&c), &st)) make_parents(&c);
-        return priv_side(&c);
+        return with_slash(priv_side(&c), cut);
       case PATH_ATTR:
       case PATH_LATTR: {
         /* Never the original: its metadata is every clone's. */
-        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return priv_side(&c);
+        if (seen ? seen == SEEN_PRIVATE : lexists(priv_side(&c), &st)) return with_slash(priv_side(&c), cut);
         int rc = copy_attr_up(&c, op);
         if (rc < 0) {
           errno = -rc;
           return NULL;
         }
-        return priv_side(&c);
+        return with_slash(priv_side(&c), cut);
       }
     }
     return original(path, p, buf, *page);
