@@ -103,6 +103,21 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   symlinkSync(`${data}/../outside`, d('outl'));
   writeFileSync(d('nest'), 'n\n');
   chmodSync(d('nest'), 0o644);
+  // The second review's (cowmeta.c): a trailing '/', a relative ".." link
+  // reached through a symlinked directory, a chain out of the rule and back.
+  mkdirSync(d('ts'));
+  chmodSync(d('ts'), 0o755);
+  writeFileSync(join(d('ts'), 'e'), 'e\n');
+  mkdirSync(d('rv/bin'), { recursive: true });
+  mkdirSync(d('rv/lib'));
+  mkdirSync(d('lib'));
+  writeFileSync(d('rv/lib/app'), 'app\n');
+  writeFileSync(d('lib/app'), 'decoy\n');
+  symlinkSync('rv/bin', d('bin'));
+  symlinkSync('../lib/app', d('rv/bin/app'));
+  writeFileSync(d('r3'), 'r3\n');
+  chmodSync(d('r3'), 0o644);
+  symlinkSync(d('r3'), join(dir, 'outback'));
   mkdirSync(conf);
   for (const f of [confFile, ...['cmt', 'cmc-1', 'cmc-2'].map((aid) => join(inst, aid, 'app.conf'))]) {
     mkdirSync(join(f, '..'), { recursive: true });
@@ -120,7 +135,7 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   expect(clones.map((c) => c.aid)).toEqual(['cmc-1', 'cmc-2']);
   for (const c of clones) await checksPass(c.aid);
   const before = { file: meta(file), sysFile: meta(sysFile), sub: meta(sub), link: meta(link) };
-  const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl', 'nest'];
+  const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl', 'nest', 'ts', 'rv/lib/app', 'lib/app', 'r3'];
   const beforeReview = Object.fromEntries(review.map((n) => [n, meta(d(n))]));
 
   await sb.exercised('cmc-1', 'to change its files\' metadata');
@@ -187,6 +202,15 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   const su = lstatSync(priv(d('su')));
   expect(su.mode & 0o7777).toBe(0o4755);
   if (root) expect([su.uid, su.gid]).toEqual([65534, 65534]);
+
+  // The second review's: the copies are the clone's, the originals as they were.
+  expect(statSync(priv(d('ts'))).mode & 0o7777).toBe(0o700);
+  expect(readFileSync(d('rv/lib/app'), 'utf8')).toBe('app\n');
+  expect(readFileSync(d('lib/app'), 'utf8')).toBe('decoy\n');
+  expect(readFileSync(priv(d('rv/lib/app')), 'utf8')).toBe('app\nclone\n');
+  expect(existsSync(priv(d('lib/app')))).toBe(false);
+  expect(statSync(priv(d('r3'))).mode & 0o7777).toBe(0o600);
+  expect(lstatSync(d('l2'), { throwIfNoEntry: false })).toBeUndefined();
 
   // The other clone still sees the originals (mode, no xattr, no names).
   await checksPass('cmc-2');

@@ -593,6 +593,70 @@ static const char *original(const char *path, const char *p, char buf[PATH_MAX],
 /* The most symlinks one lookup follows, as the kernel's MAXSYMLINKS. */
 enum { MAX_HOPS = 40 };
 
+/* Whether the relative path t has a ".." component. */
+static int has_dotdot(const char *t) {
+  for (const char *s = t; *s; s++)
+    if (s[0] == '.' && s[1] == '.' && (s == t || s[-1] == '/') && (!s[2] || s[2] == '/')) return 1;
+  return 0;
+}
+
+/* Reads the symlink `link` (in the PATH_MAX buffer that starts at
+ * c->buf, or at link itself when c is NULL: a link outside the rules) into
+ * the page t, as an absolute path. A relative target is joined to the
+ * link's directory: lexically (under a rule its virtual name, the
+ * original side's) unless the target has a ".." component: the kernel
+ * takes ".." from where the directory really is, which is elsewhere when
+ * it was reached through a symlink (D/bin -> r/v2/bin, bin/app ->
+ * ../lib/app is r/v2/lib/app, not D/lib/app). Then the directory is
+ * resolved by the kernel (opened O_PATH, its /proc/self/fd name read back
+ * into link's buffer) and a private one named by its virtual name. Raw
+ * calls, no allocation. Returns 0 or -errno. */
+static int link_target(char *link, const struct cow *c, char *t) {
+  long n = SYS4(readlinkat, AT_FDCWD, link, t, PATH_MAX);
+  if (n < 0) return (int)n;
+  if (n >= PATH_MAX) return -ENAMETOOLONG; /* no room for its '\0' */
+  t[n] = '\0';
+  if (t[0] == '/') return 0;
+  const char *d;
+  size_t dl;
+  if (!has_dotdot(t)) {
+    d = c ? orig_side(c) : link; /* the link's virtual name */
+    dl = (size_t)(strrchr(d, '/') - d);
+  } else {
+    char *slash = strrchr(link, '/'); /* link is absolute */
+    long fd;
+    if (slash == link) {
+      fd = SYS3(openat, AT_FDCWD, "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    } else {
+      *slash = '\0';
+      fd = SYS3(openat, AT_FDCWD, link, O_PATH | O_DIRECTORY | O_CLOEXEC);
+      *slash = '/';
+    }
+    if (fd < 0) return (int)fd;
+    char name[32] = "/proc/self/fd/";
+    *put_decimal(name + 14, (unsigned long)fd) = '\0';
+    char *phys = c ? c->buf : link;
+    long m = SYS4(readlinkat, AT_FDCWD, name, phys, PATH_MAX);
+    SYS1(close, fd);
+    if (m < 0) return (int)m;
+    if (m >= PATH_MAX || phys[0] != '/') return m >= PATH_MAX ? -ENAMETOOLONG : -ENOENT;
+    dl = m == 1 ? 0 : (size_t)m; /* "/": the root */
+    if (c && dl >= c->tl && !memcmp(phys, c->to, c->tl) && (dl == c->tl || phys[c->tl] == '/')) {
+      /* A private directory: its virtual name, for the rules to match. */
+      if (dl - c->tl + c->fl >= PATH_MAX) return -ENAMETOOLONG;
+      memmove(phys + c->fl, phys + c->tl, dl - c->tl);
+      memcpy(phys, c->from, c->fl);
+      dl = dl - c->tl + c->fl;
+    }
+    d = phys;
+  }
+  if (dl + 1 + (size_t)n >= PATH_MAX) return -ENAMETOOLONG;
+  memmove(t + dl + 1, t, (size_t)n + 1);
+  memcpy(t, d, dl);
+  t[dl] = '/';
+  return 0;
+}
+
 /* A private path returned with the trailing '/' path_rules cut. */
 static const char *with_slash(const char *side, char *cut) {
   if (cut) *cut = '/';
@@ -617,6 +681,26 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
       return NULL;
     }
     const struct appshot_redir *r = match(in, buf);
+    if (!r && hops && follow) {
+      /* A link led out of the rules: the kernel would follow any further
+       * link there, and one may lead back under a rule, so followed here
+       * too (p is in *page). */
+      struct stat lst;
+      if (lexists(p, &lst) && S_ISLNK(lst.st_mode)) {
+        if (hops == MAX_HOPS) {
+          errno = ELOOP;
+          return NULL;
+        }
+        memcpy(buf, p, strlen(p) + 1);
+        int rc = link_target(buf, NULL, *page);
+        if (rc < 0) {
+          errno = -rc;
+          return NULL;
+        }
+        p = *page;
+        continue;
+      }
+    }
     if (!r) return original(path, p, buf, *page);
     size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
     size_t rl = (size_t)nl - fl;
@@ -653,7 +737,7 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
        * relative one would be looked for beside the private link. Its
        * target is then matched as a path of its own: an absolute one as
        * it is, a relative one against the link's virtual directory. */
-      const char *side = priv_side(&c);
+      char *side = priv_side(&c);
       seen = lexists(side, &st) ? SEEN_PRIVATE : SEEN_NOT_PRIVATE;
       if (seen == SEEN_NOT_PRIVATE) side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
       if (side && S_ISLNK(st.st_mode)) {
@@ -670,24 +754,12 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
           }
           *page = (char *)m;
         }
-        char *t = *page;
-        long n = SYS4(readlinkat, AT_FDCWD, side, t, PATH_MAX - 1);
-        if (n < 0 || n == PATH_MAX - 1) {
-          errno = n < 0 ? (int)-n : ENAMETOOLONG;
+        int rc = link_target((char *)side, &c, *page);
+        if (rc < 0) {
+          errno = -rc;
           return NULL;
         }
-        t[n] = '\0';
-        if (t[0] != '/') {
-          const char *v = orig_side(&c); /* the link's virtual name */
-          size_t dl = (size_t)(strrchr(v, '/') - v);
-          if (dl + 1 + (size_t)n >= PATH_MAX) {
-            errno = ENAMETOOLONG;
-            return NULL;
-          }
-          memmove(t + dl + 1, t, (size_t)n + 1);
-          memcpy(t, v, dl);
-          t[dl] = '/';
-        }
+        char *t = *page;
         if (cut) { /* the kernel follows it, and wants a directory */
           size_t n2 = strlen(t);
           if (n2 + 1 < PATH_MAX) memcpy(t + n2, "/", 2);
