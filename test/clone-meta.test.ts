@@ -118,6 +118,9 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   writeFileSync(d('r3'), 'r3\n');
   chmodSync(d('r3'), 0o644);
   symlinkSync(d('r3'), join(dir, 'outback'));
+  mkdirSync(d('l'.repeat(240)));
+  chmodSync(d('l'.repeat(240)), 0o755);
+  symlinkSync(data + '/'.repeat(4095 - data.length - 2) + '/r', d('t4095'));
   mkdirSync(conf);
   for (const f of [confFile, ...['cmt', 'cmc-1', 'cmc-2'].map((aid) => join(inst, aid, 'app.conf'))]) {
     mkdirSync(join(f, '..'), { recursive: true });
@@ -210,6 +213,8 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   expect(readFileSync(priv(d('rv/lib/app')), 'utf8')).toBe('app\nclone\n');
   expect(existsSync(priv(d('lib/app')))).toBe(false);
   expect(statSync(priv(d('r3'))).mode & 0o7777).toBe(0o600);
+  expect(statSync(priv(d('l'.repeat(240)))).mode & 0o7777).toBe(0o700);
+  expect(statSync(d('l'.repeat(240))).mode & 0o7777).toBe(0o755);
   expect(lstatSync(d('l2'), { throwIfNoEntry: false })).toBeUndefined();
 
   // The other clone still sees the originals (mode, no xattr, no names).

@@ -255,9 +255,11 @@ static int has_cap(int cap) {
   return (int)(data[cap / 32].effective >> (cap % 32)) & 1;
 }
 
-/* The caller's file-system uid, which the kernel compares with an owner
- * (setfsuid(-1) changes nothing and answers the current one). */
-static uid_t fs_uid(void) { return (uid_t)SYS1(setfsuid, -1); }
+/* The caller's uid as the kernel compares it with an owner: the effective
+ * one (the file-system uid follows it unless the program calls setfsuid,
+ * which a seccomp filter such as systemd's @system-service may refuse, or
+ * kill for). */
+static uid_t fs_uid(void) { return (uid_t)SYS0(geteuid); }
 
 /* What a private copy of a file of `st` may keep of its owner and mode, as
  * cp -a and cp -p do: with CAP_CHOWN the copy is given the original's owner
@@ -268,7 +270,9 @@ static uid_t fs_uid(void) { return (uid_t)SYS1(setfsuid, -1); }
  * `dirfd`, or the descriptor itself when name is "" (AT_EMPTY_PATH). */
 static mode_t copy_owner(int dirfd, const char *name, const struct stat *st) {
   mode_t perm = st->st_mode & 07777;
-  if (has_cap(0 /* CAP_CHOWN */)) {
+  /* Given away only where the caller may still chmod it afterwards: with
+   * CAP_CHOWN but not CAP_FOWNER, the copy stays the caller's. */
+  if (has_cap(0 /* CAP_CHOWN */) && (st->st_uid == fs_uid() || has_cap(3 /* CAP_FOWNER */))) {
     if (sys6(SYS_fchownat, dirfd, (long)name, st->st_uid, st->st_gid,
              AT_SYMLINK_NOFOLLOW | (*name ? 0 : AT_EMPTY_PATH), 0) == 0)
       return perm;
@@ -379,7 +383,8 @@ static int copy_contents(int src, int dst) {
 static __thread unsigned t_cow_nesting TLS_IE;
 
 /* A copy is made under a temporary name beside the private path,
- * "<name>.appshot-cow.<tid>" (".<n>" more when nested, t_cow_nesting),
+ * ".appshot-cow.<tid>" (".<n>" more when nested, t_cow_nesting; not built
+ * from the name, which may be too long to take a suffix),
  * then renamed into place without replacing:
  * of two processes copying at once, one copy wins and both use it. Writes
  * that name into tmp and the private name's last component to *base (in
@@ -389,11 +394,8 @@ static long tmp_beside(const struct cow *c, char tmp[NAME_MAX + 1], const char *
   char *pv = priv_side(c);
   char *slash = strrchr(pv, '/'); /* pv is absolute */
   *base = slash + 1;
-  size_t bl = strlen(*base);
-  size_t nested = t_cow_nesting > 1 ? 11 : 0; /* room for ".<n>" */
-  if (bl == 0 || bl + 13 + 10 + nested >= NAME_MAX + 1) return bl ? -ENAMETOOLONG : -EISDIR;
-  memcpy(tmp, *base, bl);
-  char *d = put_decimal((char *)memcpy(tmp + bl, ".appshot-cow.", 13) + 13,
+  if (!**base) return -EISDIR;
+  char *d = put_decimal((char *)memcpy(tmp, ".appshot-cow.", 13) + 13,
                         (unsigned long)SYS0(gettid));
   if (t_cow_nesting > 1) { /* a signal handler's copy, inside another */
     *d++ = '.';
@@ -405,6 +407,12 @@ static long tmp_beside(const struct cow *c, char tmp[NAME_MAX + 1], const char *
   long dir = SYS3(openat, AT_FDCWD, pv, O_PATH | O_DIRECTORY | O_CLOEXEC);
   *slash = '/';
   return dir;
+}
+
+/* Removes a dead copy's temporary name (of any kind: names are per thread,
+ * not per file). */
+static void remove_dead(long dir, const char *tmp) {
+  if (SYS3(unlinkat, dir, tmp, 0) == -EISDIR) SYS3(unlinkat, dir, tmp, AT_REMOVEDIR);
 }
 
 /* Puts the finished copy `tmp` in place as `base` (both in dir) unless
@@ -469,7 +477,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   for (int i = 0; i < 2 && dst == -EEXIST; i++) {
     dst = SYS4(openat, dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
                0600);
-    if (dst == -EEXIST) SYS3(unlinkat, dir, tmp, 0); /* a dead copy's */
+    if (dst == -EEXIST) remove_dead(dir, tmp);
   }
   if (dst < 0) {
     t_cow_nesting--;
@@ -557,7 +565,7 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
       else r = SYS4(mknodat, dir, tmp, (st.st_mode & S_IFMT) | 0600,
                     (unsigned int)st.st_rdev); /* the kernel's encoding */
       if (r != -EEXIST) break;
-      SYS3(unlinkat, dir, tmp, is_dir ? AT_REMOVEDIR : 0); /* a dead copy's */
+      remove_dead(dir, tmp);
     }
     if (r == 0) {
       /* The original's owner where the caller may give it, then its mode
@@ -915,17 +923,21 @@ static inline int nsec_ok(long ns) {
 static int utimens_op(const struct timespec *t, int flags) {
   if (flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH)) return PATH_EINVAL;
   if (t && (!nsec_ok(t[0].tv_nsec) || !nsec_ok(t[1].tv_nsec))) return PATH_EINVAL;
-  int now = !t || (t[0].tv_nsec == UTIME_NOW && t[1].tv_nsec == UTIME_NOW);
-  return attr_op(flags) | (now ? 0 : PATH_OWNER);
+  /* Only an explicit time needs the owner: UTIME_NOW and UTIME_OMIT in
+   * any mix need write access at most. */
+  int explicit_time = t && ((t[0].tv_nsec != UTIME_NOW && t[0].tv_nsec != UTIME_OMIT) ||
+                            (t[1].tv_nsec != UTIME_NOW && t[1].tv_nsec != UTIME_OMIT));
+  return attr_op(flags) | (explicit_time ? PATH_OWNER : 0);
 }
 static inline int times_op(const void *times, int nofollow) {
   return (nofollow ? PATH_LATTR : PATH_ATTR) | (times ? PATH_OWNER : 0);
 }
 
-/* chown's: the kernel checks the flags first. */
-static inline int chown_op(int flags) {
+/* chown's: the kernel checks the flags first; chown(-1, -1) changes
+ * nothing and anyone may make it. */
+static inline int chown_op(int flags, uid_t uid, gid_t gid) {
   if (flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH)) return PATH_EINVAL;
-  return attr_op(flags) | PATH_CHOWNER;
+  return attr_op(flags) | (uid == (uid_t)-1 && gid == (gid_t)-1 ? 0 : PATH_CHOWNER);
 }
 
 
@@ -1328,7 +1340,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
     /* Calls that change metadata or make a name (the wrappers above): the
      * path first, or after a directory. */
     case SYS_chmod: op = PATH_ATTR | PATH_OWNER; break;
-    case SYS_chown: op = PATH_ATTR | PATH_CHOWNER; break;
+    case SYS_chown: op = chown_op(0, (uid_t)b, (gid_t)c); break;
     case SYS_utime:
     case SYS_utimes: op = times_op((const void *)b, 0); break;
     case SYS_setxattr:
@@ -1342,7 +1354,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
                           (int)e);
       return libc_ret(sys6(nr, a, b, c, d, e, 0));
     }
-    case SYS_lchown: op = PATH_LATTR | PATH_CHOWNER; break;
+    case SYS_lchown: op = chown_op(AT_SYMLINK_NOFOLLOW, (uid_t)b, (gid_t)c); break;
     case SYS_getxattr:
     case SYS_listxattr: break;
     case SYS_lgetxattr:
@@ -1358,7 +1370,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       at = 1;
       break;
     case SYS_utimensat: dirfd = (int)a; at = 1; break; /* op: reads times, slow path only */
-    case SYS_fchownat: op = chown_op((int)e); dirfd = (int)a; at = 1; break;
+    case SYS_fchownat: op = chown_op((int)e, (uid_t)c, (gid_t)d); dirfd = (int)a; at = 1; break;
     case SYS_fchdir: {
       long r = sys6(nr, a, 0, 0, 0, 0, 0);
       cwd_moved();
@@ -1440,12 +1452,12 @@ PATH_WRAPPER(int, lchmod, (const char *path, mode_t mode), (path, mode), NO_PROC
              chmod_op(AT_SYMLINK_NOFOLLOW), -1,
              REAL(fchmodat)(AT_FDCWD, p, mode, AT_SYMLINK_NOFOLLOW))
 PATH_WRAPPER(int, chown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
-             NO_PROC_DIR, chown_op(0), -1, (int)libc_ret(CHOWN_RAW(p, uid, gid)))
+             NO_PROC_DIR, chown_op(0, uid, gid), -1, (int)libc_ret(CHOWN_RAW(p, uid, gid)))
 PATH_WRAPPER(int, lchown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
-             NO_PROC_DIR, chown_op(AT_SYMLINK_NOFOLLOW), -1,
+             NO_PROC_DIR, chown_op(AT_SYMLINK_NOFOLLOW, uid, gid), -1,
              (int)libc_ret(LCHOWN_RAW(p, uid, gid)))
 PATH_WRAPPER(int, fchownat, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
-             (fd, path, uid, gid, flags), NO_PROC_DIR, chown_op(flags), -1,
+             (fd, path, uid, gid, flags), NO_PROC_DIR, chown_op(flags, uid, gid), -1,
              (int)libc_ret(SYS5(fchownat, fd, p, uid, gid, flags)))
 /* utimensat's path may be NULL (the descriptor itself): glibc's function
  * refuses that with EINVAL (syscall() keeps the kernel's meaning). */
@@ -1495,7 +1507,7 @@ PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval tim
              (fd, path, times), NO_PROC_DIR, timeval_op(times), -1,
              utimes_raw(fd, p, times))
 PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
-             (path, times), NO_PROC_DIR, timeval_op(times) | PATH_LATTR, -1,
+             (path, times), NO_PROC_DIR, (timeval_op(times) & ~PATH_OP_MASK) | PATH_LATTR, -1,
              REAL(lutimes)(p, times))
 /* setxattr and removexattr: what the file's xattrs decide (XATTR_CREATE
  * of a name it has: EEXIST; XATTR_REPLACE, or removexattr, of a name it
