@@ -61,10 +61,14 @@
  *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW) is followed
  *    here, on the side in use, when the path is under a copy-on-write
  *    rule: its target, an absolute one as it is and a relative one against
- *    the link's virtual directory, is matched again (at most 40 links,
- *    then ELOOP). So a link the clone made or copied up, whose absolute
- *    target is an original, leads to the clone's copy of it, and a
- *    relative one copied up still finds its target.
+ *    the link's virtual directory (resolved by the kernel when the target
+ *    has a "..", which counts from where a symlinked directory really
+ *    is), is matched again (at most 40 links, then ELOOP); once one link
+ *    was followed, links outside the rules are followed too, so a chain
+ *    that leaves the tree and comes back is matched again. So a link the
+ *    clone made or copied up, whose absolute target is an original, leads
+ *    to the clone's copy of it, and a relative one copied up still finds
+ *    its target.
  *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
  *    mknod and mkfifo create on the private side (EEXIST, and nothing
  *    copied, if either side has the path); a rename's destination is the
@@ -132,9 +136,19 @@
  *  - A final symlink that leads out of the copy-on-write tree is followed
  *    out of it, as the kernel would: a chmod or write through it changes
  *    what it leads to (also when `from` itself is such a symlink). A
- *    symlink in a middle component is not (see above): what the kernel
- *    reaches through it is copied to the private side under the path's
- *    own name.
+ *    symlink in a middle component is not resolved here (see above): the
+ *    kernel follows it from the side in use, so a private one (made by the
+ *    clone, or copied up by an lchown) whose target is an original
+ *    directory, absolute or relative, leads the call to the template's
+ *    files: a write, unlink, mkdir or rename through D/ld/f with private
+ *    D/ld -> D/real changes the template's D/real/f. (It would take
+ *    resolving every component, one lstat each, or openat2 with
+ *    RESOLVE_NO_SYMLINKS on the parent and an *at call.)
+ *  - Check and use are two system calls: another thread that swaps a
+ *    symlink in between (after the private side was looked at, before the
+ *    call) has the kernel follow it, to an original too. (It would take
+ *    acting through a descriptor, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW
+ *    where the final link was resolved here.)
  *  - An original the caller may not read (mode 0200 for its owner, say)
  *    cannot be copied: a metadata call on it fails with EACCES.
  *
