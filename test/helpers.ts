@@ -233,6 +233,15 @@ export class Running {
   stderr = '';
   readonly exited: Promise<Result>;
 
+  /** The JSON lines of its standard error so far, parsed (serve's log:
+   * one object a decision, an `event` in each). */
+  logged<T extends { event: string }>(): T[] {
+    return this.stderr
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as T);
+  }
+
   constructor(readonly child: ChildProcessWithoutNullStreams) {
     this.out = createInterface({ input: child.stdout });
     this.out.on('line', (l) => {

@@ -88,11 +88,7 @@ const show = () => sb.json<Shown>(['service', 'show', 'db']);
 
 const lockHolder = () => readFileSync(join(sb.home, 'services', 'serve.lock'), 'utf8').trim();
 
-const events = (s: Running) =>
-  s.stderr
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { event: string });
+const events = (s: Running) => s.logged();
 
 const metrics = () =>
   new Promise<string>((resolve, reject) => {

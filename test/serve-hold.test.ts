@@ -375,7 +375,7 @@ describe('appshot serve: an instance busy computing without connections', () => 
     expect(sb.run(['service', 'show', 'spin']).stdout).toMatch(/busy at 5% cpu/);
     serve4 = sb.start(['serve', '--prepared', '0']);
     await serve4.line(/^ready$/);
-    const events = () => serve4!.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event: string; instance?: string });
+    const events = () => serve4!.logged<{ event: string; instance?: string }>();
     expect(await tcpExchange(PUBLIC4, 'ping\n', 30_000)).toBe('pong 1\n');
     expect(await tcpExchange(PUBLIC4, 'spin\n', 30_000)).toBe('spinning\n');
     const server = vpids('spin').get(2)!;

@@ -108,12 +108,7 @@ interface ServiceJson {
 const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
 
 /** The JSON log lines of `name` so far. */
-const events = (s: Running, name: string) =>
-  s.stderr
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { event: string; service?: string; shared?: boolean; adopted?: boolean })
-    .filter((e) => e.service === name);
+const events = (s: Running, name: string) => s.logged<{ event: string; service?: string; shared?: boolean; adopted?: boolean }>().filter((e) => e.service === name);
 
 describe("appshot serve: the shared listener is the application's own", () => {
   beforeAll(async () => {

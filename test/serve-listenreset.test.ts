@@ -53,12 +53,7 @@ const ask = (port: number, line: string) =>
     c.on('close', () => resolve(got));
   });
 
-const events = (s: Running, name: string) =>
-  s.stderr
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { event: string; service?: string; shared?: boolean })
-    .filter((e) => e.service === name);
+const events = (s: Running, name: string) => s.logged<{ event: string; service?: string; shared?: boolean }>().filter((e) => e.service === name);
 
 describe("appshot serve: the shared listener is given back what the next instance's image had", () => {
   beforeAll(async () => {

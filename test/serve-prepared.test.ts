@@ -113,12 +113,7 @@ const stateOf = (pid: number) => {
   return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
 };
 
-const events = () =>
-  serve!.stderr
-    .trim()
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { event: string; service?: string; prepared?: boolean; why?: string });
+const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string }>();
 
 /** Whether `port` can be bound on 127.0.0.1 (nobody holds it). */
 const bindable = (port: number) =>

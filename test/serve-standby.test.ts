@@ -78,12 +78,7 @@ interface Logged {
   event: string;
   standby?: boolean;
 }
-const events = (s: Running) =>
-  s.stderr
-    .trim()
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Logged);
+const events = (s: Running) => s.logged<Logged>();
 
 describe('appshot serve: standby supervisors', () => {
   beforeAll(async () => {

@@ -279,13 +279,7 @@ describe('appshot serve, restore mode with the public listener shared with the i
     sharedServe = sb.start(['serve'], { APPSHOT_TEST_STOP_AT: 'snapshot: dumping memory' });
     const servePid = sharedServe.child.pid!;
     await sharedServe.line(/^ready$/);
-    const events = () =>
-      sharedServe!.stderr
-        .trim()
-        .split('\n')
-        .filter((l) => l.startsWith('{'))
-        .map((l) => JSON.parse(l) as { event: string; service?: string; shared?: boolean; why?: string })
-        .filter((e) => e.service === 'shared');
+    const events = () => sharedServe!.logged<{ event: string; service?: string; shared?: boolean; why?: string }>().filter((e) => e.service === 'shared');
     expect(events().find((e) => e.event === 'listen')).toMatchObject({ shared: true });
 
     expect(redis(SHARED_PUBLIC, ['SET before kept!', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
