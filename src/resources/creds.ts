@@ -46,7 +46,7 @@ const CAP_NAMES = [
 ];
 export const hasCap = (set: bigint, cap: number) => (set >> BigInt(cap)) & 1n ? true : false;
 const capList = (set: bigint): number[] => [...Array(64).keys()].filter((c) => hasCap(set, c));
-const capName = (c: number) => `CAP_${(CAP_NAMES[c] ?? String(c)).toUpperCase()}`;
+export const capName = (c: number) => `CAP_${(CAP_NAMES[c] ?? String(c)).toUpperCase()}`;
 
 const PR = {
   GET_DUMPABLE: 3,

@@ -23,7 +23,7 @@ import { readFileSync, readlinkSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Image, TimeOffsets } from '../image/types.js';
 import { nameProcess, Unsupported } from './context.js';
-import { CAP, hasCap, type OwnCreds } from './creds.js';
+import { CAP, capName, hasCap, type OwnCreds } from './creds.js';
 
 const NS_PER_S = 1_000_000_000n;
 /** The kernel's limit on a clock (KTIME_MAX in seconds): an offset's
@@ -111,7 +111,7 @@ export function timeNamespaceFor(image: Image, creds: Pick<OwnCreds, 'capEff'>, 
   if (!own) throw new AppshotError(`${what}, and this kernel has no time namespaces`, ExitCode.denied);
   const missing = [CAP.SYS_ADMIN, CAP.SYS_TIME].filter((c) => !hasCap(creds.capEff, c));
   if (missing.length)
-    throw new AppshotError(`${what}: making one with its offsets needs CAP_SYS_ADMIN and CAP_SYS_TIME (this restore lacks ${missing.map((c) => (c === CAP.SYS_ADMIN ? 'CAP_SYS_ADMIN' : 'CAP_SYS_TIME')).join(' and ')})`, ExitCode.denied);
+    throw new AppshotError(`${what}: making one with its offsets needs CAP_SYS_ADMIN and CAP_SYS_TIME (this restore lacks ${missing.map(capName).join(' and ')})`, ExitCode.denied);
   const clocks = nodeClocks(here);
   for (const [name, offset, node] of [['CLOCK_MONOTONIC', want.monotonicNs, clocks.monotonicNs], ['CLOCK_BOOTTIME', want.boottimeNs, clocks.boottimeNs]] as const) {
     const s = offset / NS_PER_S;
