@@ -196,12 +196,12 @@ const HEADER_BYTES = 32;
 const MAX_BLOCK = 1 << 26;
 
 /** The environment block an earlier restore wrote into this process (its
- * start and its mapping's length), where env_start (its startup strings)
+ * start, its mapping's length and where its pointer array was), where env_start (its startup strings)
  * or `__environ` (its pointer array, when it had no startup strings)
  * points right past its header; undefined if neither does, or the header
  * is not one of ours, or its memory is not private writable memory of
  * both the image and the live process. */
-function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bigint; length: number } | undefined {
+function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bigint; length: number; arrayAt: number } | undefined {
   const image = new ImageMemory(p.vmas);
   let live: ImageMemory | undefined;
   for (const base of new Set([p.mm.envStart - BigInt(HEADER_BYTES), environArray - BigInt(HEADER_BYTES)])) {
@@ -216,7 +216,7 @@ function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bi
     const length = header.readBigUInt64LE(16);
     if (length % 4096n || length < 4096n || length > BigInt(MAX_BLOCK)) continue;
     live ??= new ImageMemory(p.vmas, readMaps(pid));
-    if (live.writablePrivate(base, Number(length))) return { base, length: Number(length) };
+    if (live.writablePrivate(base, Number(length))) return { base, length: Number(length), arrayAt: Number(header.readBigUInt64LE(24)) };
   }
   return undefined;
 }
@@ -224,16 +224,16 @@ function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bi
 const same = (a: string[], b: string[]) => a.length === b.length && a.every((e, i) => e === b[i]);
 
 /** Whether the new block's pointer array (at `arrayAt`) and its strings
- * `strings` would put every string where the earlier block at `base` has
+ * `strings` would put every string where the earlier block `earlier` has
  * one, and as many: a program may keep what getenv() returned, a pointer
  * into that block, and must find the same variable there after the
  * rewrite (a value of another length, another AID's table path, would
  * move every string after it: a new block is mapped instead, the earlier
  * one left as it is). */
-function keepsItsPlaces(pid: number, base: bigint, arrayAt: number, strings: Buffer[]): boolean {
+function keepsItsPlaces(pid: number, earlier: { base: bigint; arrayAt: number }, arrayAt: number, strings: Buffer[]): boolean {
+  if (earlier.arrayAt !== arrayAt) return false;
+  const { base } = earlier;
   try {
-    const header = addon().readMemory(pid, base, HEADER_BYTES);
-    if (Number(header.readBigUInt64LE(24)) !== arrayAt) return false;
     const array = addon().readMemory(pid, base + BigInt(arrayAt), (strings.length + 1) * 8);
     let off = arrayAt + (strings.length + 1) * 8;
     for (let i = 0; i < strings.length; i++) {
@@ -316,7 +316,7 @@ export function environBlock(
   };
   // Not over startup strings that env_start keeps pointing at.
   const overStartup = !!earlier && !withStartup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
-  if (earlier && size <= earlier.length && !overStartup && keepsItsPlaces(r.pid, earlier.base, arrayAt, strings)) return { fill: () => write(earlier.base, earlier.length) };
+  if (earlier && size <= earlier.length && !overStartup && keepsItsPlaces(r.pid, earlier, arrayAt, strings)) return { fill: () => write(earlier.base, earlier.length) };
   // Room to grow by half: a block that keeps outgrowing the last is
   // mapped again only as often as its size doubles.
   const pages = (n: number) => Math.ceil(n / 4096) * 4096;
