@@ -190,6 +190,9 @@ export class RestoreContext {
   inheritGiven: ReadonlySet<string> = new Set();
   /** Established TCP connections, in repair mode until every process is made. */
   readonly tcp = new ConnectionMaker(this.kept);
+  /** What a resource's restore could not carry and went on without, one
+   * line each: the restore's result lists them (RestoreResult.notKept). */
+  readonly notKept: string[] = [];
   /** The page file's check, if it is still going on (format 3): what is
    * read of it here waits for its chunks. */
   pagesCheck?: { check: PagesCheck; chunkSize: number };

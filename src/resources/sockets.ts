@@ -452,7 +452,9 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
     // when serve gave the image's options to it ahead of the restore
     // (SharedListener.takeOwnOptions), which logged it; given them just
     // so (`reset` false: RestoreContext.inheritGiven), nothing to give back.
-    applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog, reset);
+    // Without that (serve had not read the image before the restore, or
+    // the options moved since), the restore's result says so.
+    h.notKept.push(...applyListenerOptions(sock, s, where, addon().tcpEndpoint(sock).backlog, reset));
     return sock;
   });
 }
@@ -487,6 +489,15 @@ export function applyListenerOptions(sock: number, s: Socket, where: string, min
     throw new AppshotError(`${where}: its backlog (${backlog}) cannot be set: ${(e as Error).message}`);
   }
   return stale;
+}
+
+/** Gives the caller's listening socket `sock` back a fresh socket's value
+ * of every option it carries (resetExtras, as applyListenerOptions does
+ * first), for a listener whose next image is not read yet: serve's, after
+ * the instance that held it crashed. Returns what cannot be, one line each. */
+export function resetListenerOptions(sock: number, where: string): string[] {
+  const { family, type } = addon().sockInfo(sock);
+  return resetExtras(sock, 'listen', family, type, [], BASE_OPTIONS, where);
 }
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */

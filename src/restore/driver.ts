@@ -1053,7 +1053,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       seeds: roots.length,
       fromStandby: fromStandby && record!.initPid === reserved!.init.pid,
       injectedCalls: injected.calls - injectedBefore,
-      notKept,
+      notKept: [...(handover?.notKept ?? []), ...notKept],
     });
     if (!opts.batchCommit) {
       // Its age (what the sweep goes by) set once the processes go.

@@ -158,7 +158,9 @@ const KEEP_TRANSLATIONS = 50;
 /** Services whose next image is kept read and decoded (preload), the
  * most recently suspended: a decoded image is held in this process (redis
  * with 10,000 keys: ~0.5 MiB), and a hundred suspended services must cost
- * next to nothing. The others read theirs when a connection comes. */
+ * next to nothing. The others read theirs when a connection comes.
+ * APPSHOT_PRELOADED=N overrides it (0: every image read when a connection
+ * comes, as with more services than this). */
 const PRELOAD_LIMIT = 8;
 /** Memory freed by a burst of work (a restore, a suspend, an image
  * preloaded) goes back to the kernel this long after the last of it
@@ -459,6 +461,17 @@ class Service {
     if (!s || !this.ready || (state !== 'suspended' && state !== 'crashed')) return;
     try {
       const stale = s.problem(this.ready[0].image) === undefined ? s.takeOwnOptions() : [];
+      if (stale.length) this.log('listener-options-stale', { image: this.lastImage, stale });
+    } catch (e) {
+      this.log('listener-options-failed', { error: (e as Error).message });
+    }
+  }
+
+  /** Shared, no instance holding it, its next image not read: every
+   * option back to a fresh socket's (SharedListener.takeFreshOptions). */
+  private freshOptions(): void {
+    try {
+      const stale = this.shared!.takeFreshOptions();
       if (stale.length) this.log('listener-options-stale', { image: this.lastImage, stale });
     } catch (e) {
       this.log('listener-options-failed', { error: (e as Error).message });
@@ -857,7 +870,13 @@ class Service {
       // waits for the restore from that image (logged after: a client
       // told of the crash finds them so). Not read yet: when it has been.
       if (this.shared && this.ready) this.ownOptions();
-      else if (this.shared && !this.preloading && this.host.preloadRoom()) this.preload();
+      else if (this.shared) {
+        // Not read yet: until it is, a fresh socket's options, as before
+        // serve's first read of an image (a client queued meanwhile gets
+        // those, not what the crashed instance set).
+        this.freshOptions();
+        if (!this.preloading && this.host.preloadRoom()) this.preload();
+      }
       this.host.warmStandbys();
     }
     else {
@@ -948,7 +967,7 @@ class Service {
     }
   }
 
-  /** Lets go of the preloaded image (ServeHost keeps PRELOAD_LIMIT). */
+  /** Lets go of the preloaded image (ServeHost keeps preloadLimit). */
   forgetPreload(): void {
     if (!this.ready) return;
     const chain = this.ready;
@@ -1243,6 +1262,8 @@ class Service {
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.sharedFailures = 0;
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
+      // What the restore went on without (the CLI's warnings): never silent.
+      if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       // Suspended or crashed meanwhile: neither is its own any more.
       const still = (inst.state as InstanceStateName) === 'running';
       if (still) inst.pid = this.listenerPid(inst);
@@ -1673,6 +1694,9 @@ export class ServeHost {
    * prepared first: at most `preparedLimit`. */
   private readonly preparedOnes: Service[] = [];
   readonly preparedLimit: number;
+  /** Services whose next image is kept read (PRELOAD_LIMIT, or
+   * APPSHOT_PRELOADED). */
+  readonly preloadLimit: number;
   /** Preloads under way. */
   preloading = 0;
   /** When freed memory is next given back (trimMemory), if at all:
@@ -1700,6 +1724,8 @@ export class ServeHost {
     this.store = new ServiceStore(opts.home);
     const fromEnv = process.env.APPSHOT_PREPARED;
     this.preparedLimit = fromEnv !== undefined && /^\d+$/.test(fromEnv) ? Number(fromEnv) : (opts.prepared ?? DEFAULT_PREPARED);
+    const preloadedEnv = process.env.APPSHOT_PRELOADED;
+    this.preloadLimit = preloadedEnv !== undefined && /^\d+$/.test(preloadedEnv) ? Number(preloadedEnv) : PRELOAD_LIMIT;
     // Restores check the files an image maps (libraries, the program)
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
@@ -1734,12 +1760,12 @@ export class ServeHost {
   }
 
   /** `s` has just preloaded its image: the one that did longest ago lets
-   * go of its own, if more than PRELOAD_LIMIT hold one. */
+   * go of its own, if more than preloadLimit hold one. */
   preloaded(s: Service): void {
     const at = this.holding.indexOf(s);
     if (at >= 0) this.holding.splice(at, 1);
     this.holding.push(s);
-    while (this.holding.length > PRELOAD_LIMIT) this.holding.shift()!.forgetPreload();
+    while (this.holding.length > this.preloadLimit) this.holding.shift()!.forgetPreload();
   }
 
   /** Room for one more prepared service (`s`): given if the limit allows,
@@ -1792,7 +1818,7 @@ export class ServeHost {
 
   /** Whether one more preloaded image would be kept. */
   preloadRoom(): boolean {
-    return this.holding.length + this.preloading < PRELOAD_LIMIT;
+    return this.holding.length + this.preloading < this.preloadLimit;
   }
 
   async start(metricsAt?: { host: string; port: number }): Promise<void> {

@@ -33,7 +33,7 @@ import { closeSync, fstatSync } from 'node:fs';
 import { addon } from '../native.js';
 import { FdKind, type Image, type Socket, virtualPort } from '../image/types.js';
 import type { InheritedListener } from '../resources/context.js';
-import { applyListenerOptions, bindOptions } from '../resources/sockets.js';
+import { applyListenerOptions, bindOptions, resetListenerOptions } from '../resources/sockets.js';
 
 const AF_INET6 = 10;
 const AF_INET = 2;
@@ -200,6 +200,18 @@ export class SharedListener {
     const stale = applyListenerOptions(this.fd, this.own, `the public listener on port ${this.publicPort}, given the options of the application's on port ${this.appPort}`, SERVE_BACKLOG);
     this.given = this.own;
     return stale;
+  }
+
+  /**
+   * Every option back to a fresh socket's, none of an image's: after the
+   * instance that held it crashed, while its image is not read yet, so
+   * that a connection queued meanwhile gets none of what the crashed
+   * instance set (takeOwnOptions once it is read; the restore sets them
+   * again in any case). Returns those that cannot, one line each.
+   */
+  takeFreshOptions(): string[] {
+    this.given = undefined;
+    return resetListenerOptions(this.fd, `the public listener on port ${this.publicPort}, given a fresh socket's options until the next image is read`);
   }
 
   /** Its queue serve's length again (SERVE_BACKLOG, or the application's
