@@ -87,10 +87,10 @@
  *    private D/real; the template's D/real is never reached, and no
  *    private directory is made in the link's place. The cost: one lstat
  *    per middle component below `from` per call under a copy-on-write
- *    rule (and one more where the private side ends). A ".." in the path
- *    as the caller wrote it is still taken lexically (it was dropped with
- *    the component before it, for matching): D/ld/../x is D/x, where the
- *    kernel would take the directory above ld's target.
+ *    rule (and one more where the private side ends; bench/cow.js). A
+ *    ".." in the path as the caller wrote it is still taken lexically (it
+ *    was dropped with the component before it, for matching): D/ld/../x
+ *    is D/x, where the kernel would take the directory above ld's target.
  *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
  *    mknod and mkfifo create on the private side (EEXIST, and nothing
  *    copied, if either side has the path); a rename's destination is the
@@ -161,26 +161,29 @@
  *    component, then the kernel walks the path again for the call. A
  *    component made a symlink in between (a link put where nothing was, or
  *    where a directory was renamed away, after path_slow looked, before
- *    the call) is followed by the kernel, to an original too. Only the clone's own
- *    processes write its private tree, through these wrappers, and no
- *    instance's wrappers write the originals: so on the private side this
- *    is the application racing itself (one thread's rename or symlink
- *    landing inside another thread's call); on the original side it takes
- *    someone changing the template's files, which breaks every clone
- *    anyway. openat2 with RESOLVE_NO_SYMLINKS would close it for opens
- *    only, and is not used: the open wrappers hand the path to glibc's
- *    open and fopen (cancellation points; fopen builds its FILE), so each
- *    would have to open here instead, and posix_spawn's file actions open
- *    inside glibc in the child; RESOLVE_NO_SYMLINKS refuses a link
- *    anywhere, `to` and the directories above it too (a private root under
- *    a symlinked $APPSHOT_HOME or /tmp), so `to` would be opened first and
- *    the rest resolved beneath it, two more system calls per open; and
- *    glibc's open never makes openat2, so a seccomp filter that allows
- *    what glibc does may refuse it (or kill for it): the racy path would
- *    stay as the fallback. chmod, unlink, rename, mkdir and the rest have
- *    no such form at all (AT_SYMLINK_NOFOLLOW covers the last component
- *    only; O_NOFOLLOW on each component would be an openat per component,
- *    and an *at call on the last directory's descriptor).
+ *    the call) is followed by the kernel, to an original too. Only the
+ *    clone's own processes write its private tree, through these
+ *    wrappers, and no clone writes the originals: so on the private side
+ *    this is the application racing itself (one thread's rename or
+ *    symlink landing inside another thread's call); on the original side
+ *    it takes someone changing the template's files (the application the
+ *    template was made from, still running, say), which changes every
+ *    clone's view anyway. openat2 with RESOLVE_NO_SYMLINKS would close
+ *    it for opens only, and is not used: the open wrappers hand the
+ *    path to glibc's open and fopen (cancellation points; fopen builds
+ *    its FILE), so each would have to open here instead, and
+ *    posix_spawn's file actions open inside glibc in the child;
+ *    RESOLVE_NO_SYMLINKS refuses a link anywhere, `to` and the
+ *    directories above it too (a private root under a symlinked
+ *    $APPSHOT_HOME or /tmp), so `to` would be opened first and the rest
+ *    resolved beneath it, two more system calls per open; and glibc's
+ *    open never makes openat2, so a seccomp filter that allows what
+ *    glibc does may refuse it (or kill for it): the racy path would
+ *    stay as the fallback. chmod, unlink, rename, mkdir and the rest
+ *    have no such form at all (AT_SYMLINK_NOFOLLOW covers the last
+ *    component only; O_NOFOLLOW on each component would be an openat
+ *    per component, and an *at call on the last directory's
+ *    descriptor).
  *  - An original the caller may not read (mode 0200 for its owner, say)
  *    cannot be copied: a metadata call on it fails with EACCES.
  *
