@@ -63,10 +63,47 @@ static double now_ns(void) {
     first = 0;                                        \
   } while (0)
 
+/* MICRO_COW=D (a directory, under a copy-on-write rule in a clone): only
+ * the path calls such a rule rewrites, on a file three directories below
+ * D, read from the original (nothing private) and on one with a private
+ * copy (the first write made it): every call lstats each directory on the
+ * way (middle components may be symlinks). A copy-on-write rule applies
+ * only in a clone: this prints READY and waits for SIGHUP first, so that
+ * bench/cow.js snapshots it waiting and signals each clone. */
+static int cow_only(const char *d, long n) {
+  sigset_t hup;
+  sigemptyset(&hup);
+  sigaddset(&hup, SIGHUP);
+  sigprocmask(SIG_BLOCK, &hup, NULL);
+  printf("READY\n");
+  fflush(stdout);
+  int sig;
+  while (sigwait(&hup, &sig) != 0) {
+  }
+  char orig[4096], priv[4096];
+  snprintf(orig, sizeof orig, "%s/a/b/c/f", d);
+  snprintf(priv, sizeof priv, "%s/p/q/r/g", d);
+  int fd = open(priv, O_WRONLY | O_APPEND); /* the copy, under a rule */
+  if (fd < 0) { perror(priv); return 1; }
+  close(fd);
+  int first = 1;
+  struct stat st;
+  printf("{");
+  TIME("stat(D/a/b/c/f) original", n / 10, sink += stat(orig, &st));
+  TIME("open+close(D/a/b/c/f) original", n / 10, sink += close(open(orig, O_RDONLY | O_CLOEXEC)));
+  TIME("stat(D/p/q/r/g) private copy", n / 10, sink += stat(priv, &st));
+  TIME("open+close(D/p/q/r/g, O_WRONLY) private copy", n / 10,
+       sink += close(open(priv, O_WRONLY | O_CLOEXEC)));
+  printf("}\n");
+  fflush(stdout);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   long n = argc > 1 ? atol(argv[1]) : 2000000;
   long forks = argc > 2 ? atol(argv[2]) : 2000;
   int first = 1;
+  if (getenv("MICRO_COW")) return cow_only(getenv("MICRO_COW"), n);
   int sem = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
   if (sem < 0) { perror("semget"); return 1; }
   struct sembuf up = {0, 1, 0}, down = {0, -1, 0};

@@ -687,7 +687,8 @@ static inline int at_path_hooked(int dirfd, const char *path) {
  * itself, or a pointer into buf holding the rewritten one; NULL with errno
  * set when the call must fail. Uses buf as its only large scratch space:
  * besides buf its frame holds a struct stat or two; resolving a symlink
- * (op without PATH_NOFOLLOW) maps one page for the target meanwhile. */
+ * (a final one, op without PATH_NOFOLLOW, or one in a middle component
+ * under a copy-on-write rule) maps two pages for its target meanwhile. */
 HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
  * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */

@@ -69,6 +69,28 @@
  *    clone made or copied up, whose absolute target is an original, leads
  *    to the clone's copy of it, and a relative one copied up still finds
  *    its target.
+ *  - A symlink in a middle component (every component but the last, for
+ *    every call, O_NOFOLLOW or not) is resolved here too, under a
+ *    copy-on-write rule: the path below `from` is walked component by
+ *    component, each looked at (lstat) on the side in use: the private side
+ *    while the prefix exists there, else the original (a missing private
+ *    prefix means every longer one is missing too: the rest is asked of
+ *    the original only). A link's target, with the components after it,
+ *    is matched again as a final link's is (its target absolute as it is,
+ *    relative against the link's virtual directory, ".." counted from
+ *    where that directory really is; the same 40 links in all, then
+ *    ELOOP); once a link led out of the rules, middle links there are
+ *    followed too. So D/ld/f with ld -> D/real (absolute or relative, the
+ *    template's link, one the clone made, or one it copied up) is D/real/f:
+ *    a write copies D/real/f up under its own name, a chmod changes that
+ *    copy, an unlink of the original is EROFS, a new name is made in the
+ *    private D/real; the template's D/real is never reached, and no
+ *    private directory is made in the link's place. The cost: one lstat
+ *    per middle component below `from` per call under a copy-on-write
+ *    rule (and one more where the private side ends; bench/cow.js). A
+ *    ".." in the path as the caller wrote it is still taken lexically (it
+ *    was dropped with the component before it, for matching): D/ld/../x
+ *    is D/x, where the kernel would take the directory above ld's target.
  *  - mkdir, open O_CREAT|O_EXCL (fopen "x"), symlink, link's new name,
  *    mknod and mkfifo create on the private side (EEXIST, and nothing
  *    copied, if either side has the path); a rename's destination is the
@@ -103,11 +125,9 @@
  *    (do_path_syscall: one path, first or after a directory).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
- * itself (a symlink in a path's middle components, or a working directory
- * inside `from`: calls relative to it reach the original; a private
- * link's absolute target there reaches the original, a relative one is
- * looked for on the private side; ".." in a followed target is taken
- * lexically against the link's virtual directory), calls without a
+ * itself (a working directory inside `from`: calls relative to it reach
+ * the original, through whatever links the kernel meets on their way; a
+ * symlink that is `from` itself or a directory above it), calls without a
  * wrapper here: exec's path, rename with flags (renameat2), syscall() with
  * SYS_link, linkat or symlinkat (two paths, or the path third:
  * do_path_syscall takes neither), statfs and statvfs, realpath (but for
@@ -133,22 +153,37 @@
  *    the write access that user xattrs and a utime to the current time
  *    need is checked on the copy (the caller's, when it does not own the
  *    original), not on the original.
- *  - A final symlink that leads out of the copy-on-write tree is followed
- *    out of it, as the kernel would: a chmod or write through it changes
- *    what it leads to (also when `from` itself is such a symlink). A
- *    symlink in a middle component is not resolved here (see above): the
- *    kernel follows it from the side in use, so a private one (made by the
- *    clone, or copied up by an lchown) whose target is an original
- *    directory, absolute or relative, leads the call to the template's
- *    files: a write, unlink, mkdir or rename through D/ld/f with private
- *    D/ld -> D/real changes the template's D/real/f. (It would take
- *    resolving every component, one lstat each, or openat2 with
- *    RESOLVE_NO_SYMLINKS on the parent and an *at call.)
- *  - Check and use are two system calls: another thread that swaps a
- *    symlink in between (after the private side was looked at, before the
- *    call) has the kernel follow it, to an original too. (It would take
- *    acting through a descriptor, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW
- *    where the final link was resolved here.)
+ *  - A symlink, final or in a middle component, that leads out of the
+ *    copy-on-write tree is followed out of it, as the kernel would: a
+ *    chmod or write through it changes what it leads to (also when `from`
+ *    itself is such a symlink).
+ *  - Check and use are two system calls: path_slow looks at each
+ *    component, then the kernel walks the path again for the call. A
+ *    component made a symlink in between (a link put where nothing was, or
+ *    where a directory was renamed away, after path_slow looked, before
+ *    the call) is followed by the kernel, to an original too. Only the
+ *    clone's own processes write its private tree, through these
+ *    wrappers, and no clone writes the originals: so on the private side
+ *    this is the application racing itself (one thread's rename or
+ *    symlink landing inside another thread's call); on the original side
+ *    it takes someone changing the template's files (the application the
+ *    template was made from, still running, say), which changes every
+ *    clone's view anyway. openat2 with RESOLVE_NO_SYMLINKS would close
+ *    it for opens only, and is not used: the open wrappers hand the
+ *    path to glibc's open and fopen (cancellation points; fopen builds
+ *    its FILE), so each would have to open here instead, and
+ *    posix_spawn's file actions open inside glibc in the child;
+ *    RESOLVE_NO_SYMLINKS refuses a link anywhere, `to` and the
+ *    directories above it too (a private root under a symlinked
+ *    $APPSHOT_HOME or /tmp), so `to` would be opened first and the rest
+ *    resolved beneath it, two more system calls per open; and glibc's
+ *    open never makes openat2, so a seccomp filter that allows what
+ *    glibc does may refuse it (or kill for it): the racy path would
+ *    stay as the fallback. chmod, unlink, rename, mkdir and the rest
+ *    have no such form at all (AT_SYMLINK_NOFOLLOW covers the last
+ *    component only; O_NOFOLLOW on each component would be an openat
+ *    per component, and an *at call on the last directory's
+ *    descriptor).
  *  - An original the caller may not read (mode 0200 for its owner, say)
  *    cannot be copied: a metadata call on it fails with EACCES.
  *
@@ -679,6 +714,85 @@ static int link_target(char *link, const struct cow *c, char *t) {
   return 0;
 }
 
+/* The page path_rules maps at the first symlink it follows: the target
+ * being matched in its first PATH_MAX bytes, and in the second the
+ * components that followed a middle-component link, carried over while
+ * link_target uses the path's buffer. */
+enum { LINK_PAGE = 2 * PATH_MAX };
+
+static int map_link_page(char **page) {
+  if (*page) return 0;
+  long m = sys6(SYS_mmap, 0, LINK_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) return (int)m;
+  *page = (char *)m;
+  return 0;
+}
+
+/* The first symlink among the middle components of a path (every one but
+ * the last, which the call itself decides whether to follow), as the
+ * kernel would meet it walking the path. Under a copy-on-write rule (c) the
+ * components walked are those of the rest (what follows `from`), each
+ * looked at on the side in use: the private side while its prefixes exist
+ * there, else the original (once a private prefix is missing, every longer
+ * one is too: *priv_missing is set, and nothing private is asked again).
+ * Outside the rules (c NULL, once a link was followed) `path`, an absolute
+ * normalized path, is walked as it is. One lstat per component, and one
+ * more where the private side ends. Stops at a component that does not
+ * exist or is not a directory (the kernel fails there, or the call makes
+ * it). Returns the name of the link, on its side, cut by a '\0' at *slash
+ * (the '/' that followed it), or NULL. */
+static char *middle_link(const struct cow *c, char *path, char **slash, int *priv_missing) {
+  char *end = path + strlen(path);
+  if (end > path + 1 && end[-1] == '/') end--; /* a trailing '/' (outside the rules) */
+  char *last = end;
+  while (last > path && *--last != '/') {
+  }
+  struct stat st;
+  for (char *s = path + 1; s <= last; s++) {
+    if (*s != '/') continue;
+    *s = '\0';
+    char *side = NULL;
+    if (!c) {
+      side = lexists(path, &st) ? path : NULL;
+    } else {
+      if (!*priv_missing) {
+        char *pv = priv_side(c);
+        if (lexists(pv, &st)) side = pv;
+        else *priv_missing = 1;
+      }
+      if (!side && lexists(orig_side(c), &st)) side = orig_side(c);
+    }
+    if (side && S_ISLNK(st.st_mode)) {
+      *slash = s;
+      return side;
+    }
+    *s = '/';
+    if (!side || !S_ISDIR(st.st_mode)) return NULL;
+  }
+  return NULL;
+}
+
+/* Into the page: the target of the middle-component link `link` (cut at
+ * slash, see middle_link), made absolute as link_target makes a final
+ * link's, followed by the components after it (and the trailing '/' a
+ * rule's rest had cut, dir_only). They are carried in the page's second
+ * half meanwhile: link_target may write the link's physical directory over
+ * the path's buffer. Returns 0 or -errno. */
+static int middle_target(char *link, char *slash, const struct cow *c, int dir_only, char *page) {
+  char *carry = page + PATH_MAX;
+  size_t n = strlen(slash + 1);
+  if (n + 3 > PATH_MAX) return -ENAMETOOLONG; /* '/', the components, '/', '\0' */
+  carry[0] = '/';
+  memcpy(carry + 1, slash + 1, n + 1);
+  if (dir_only) memcpy(carry + 1 + n, "/", 2);
+  int rc = link_target(link, c, page);
+  if (rc < 0) return rc;
+  size_t tl = strlen(page), cl = strlen(carry);
+  if (tl + cl >= PATH_MAX) return -ENAMETOOLONG;
+  memcpy(page + tl, carry, cl + 1);
+  return 0;
+}
+
 /* A private path returned with the trailing '/' path_rules cut. */
 static const char *with_slash(const char *side, char *cut) {
   if (cut) *cut = '/';
@@ -703,10 +817,28 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
       return NULL;
     }
     const struct appshot_redir *r = match(in, buf);
-    if (!r && hops && follow) {
+    if (!r && hops) {
       /* A link led out of the rules: the kernel would follow any further
        * link there, and one may lead back under a rule, so followed here
-       * too (p is in *page). */
+       * too (p is in *page): one in a middle component whatever the call,
+       * a final one if the call follows it. */
+      char *slash;
+      char *ml = middle_link(NULL, buf, &slash, NULL);
+      if (ml) {
+        if (hops == MAX_HOPS) {
+          errno = ELOOP;
+          return NULL;
+        }
+        int rc = middle_target(ml, slash, NULL, 0, *page);
+        if (rc < 0) {
+          errno = -rc;
+          return NULL;
+        }
+        p = *page;
+        continue;
+      }
+    }
+    if (!r && hops && follow) {
       struct stat lst;
       if (lexists(p, &lst) && S_ISLNK(lst.st_mode)) {
         if (hops == MAX_HOPS) {
@@ -749,9 +881,33 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
     }
     struct stat st;
     const char *pv;
-    /* Whether the follow step found the private side (not a symlink): the
-     * switch then asks nothing again. */
-    enum { SEEN_NOTHING, SEEN_PRIVATE, SEEN_NOT_PRIVATE } seen = SEEN_NOTHING;
+    /* A symlink in a middle component, on the side in use: left to the
+     * kernel, a private link (made by the clone, or copied up) or an
+     * original one whose target is an original directory would lead a
+     * write, unlink or chmod through it to the template's files. Its
+     * target, with the components after it, is matched again, as a final
+     * link's is below (the same 40 links at most). */
+    int priv_missing = 0;
+    char *slash;
+    char *ml = middle_link(&c, buf + c.k, &slash, &priv_missing);
+    if (ml) {
+      if (hops == MAX_HOPS) {
+        errno = ELOOP;
+        return NULL;
+      }
+      int rc = map_link_page(page);
+      if (rc == 0) rc = middle_target(ml, slash, &c, c.dir_only, *page);
+      if (rc < 0) {
+        errno = -rc;
+        return NULL;
+      }
+      p = *page;
+      continue;
+    }
+    /* Whether the private side was found (not a symlink), or is known
+     * missing: the switch then asks nothing again. */
+    enum { SEEN_NOTHING, SEEN_PRIVATE, SEEN_NOT_PRIVATE } seen =
+        priv_missing ? SEEN_NOT_PRIVATE : SEEN_NOTHING;
     if (follow) {
       /* A final symlink the kernel would follow: followed here, from the
        * side in use. Left to the kernel, a private link's absolute target
@@ -759,24 +915,17 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
        * relative one would be looked for beside the private link. Its
        * target is then matched as a path of its own: an absolute one as
        * it is, a relative one against the link's virtual directory. */
-      char *side = priv_side(&c);
-      seen = lexists(side, &st) ? SEEN_PRIVATE : SEEN_NOT_PRIVATE;
-      if (seen == SEEN_NOT_PRIVATE) side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
+      char *side = NULL;
+      if (!seen) seen = lexists(priv_side(&c), &st) ? SEEN_PRIVATE : SEEN_NOT_PRIVATE;
+      if (seen == SEEN_PRIVATE) side = priv_side(&c);
+      else side = lexists(orig_side(&c), &st) ? orig_side(&c) : NULL;
       if (side && S_ISLNK(st.st_mode)) {
         if (hops == MAX_HOPS) {
           errno = ELOOP;
           return NULL;
         }
-        if (!*page) {
-          long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-          if (m < 0 && m > -4096) {
-            errno = (int)-m;
-            return NULL;
-          }
-          *page = (char *)m;
-        }
-        int rc = link_target((char *)side, &c, *page);
+        int rc = map_link_page(page);
+        if (rc == 0) rc = link_target(side, &c, *page);
         if (rc < 0) {
           errno = -rc;
           return NULL;
@@ -868,7 +1017,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   if (!g_h->instance.redirs) return p;
   char *page = NULL; /* mapped at the first symlink followed */
   const char *r = path_rules(path, p, op, buf, &page);
-  if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
+  if (page) SYS2(munmap, page, LINK_PAGE); /* raw: errno kept */
   return r;
 }
 

@@ -1,0 +1,123 @@
+/**
+ * A clone's calls through a symlink in a middle component of a path under a
+ * copy-on-write rule (D/L/f, with L a symlink to an original directory)
+ * change the clone's own copies, never the template's originals, which
+ * every other clone shares: a write, a chmod, an unlink, a create and a
+ * mkdir, through an absolute link, a relative one, a chain of two, a
+ * relative one with "..", one the clone copied up, one it made itself, and
+ * one that leads out of the rule to a directory whose own link leads back;
+ * a loop of links is ELOOP (cowlink.c lists them).
+ *
+ * The kernel follows such a link itself, from the side in use: before
+ * the preload library resolved middle components, a write through D/absl/f
+ * wrote the template's D/real/f, and an unlink through it removed it.
+ */
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, expect, it } from 'vitest';
+import { fixture, Sandbox } from './helpers.js';
+
+const sb = new Sandbox();
+const dir = mkdtempSync(join(tmpdir(), 'appshot-clonesymlink-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const data = join(dir, 'data'); // copy-on-write
+const real = join(data, 'real');
+const labels = ['absl', 'rell', 'chain', 'up', 'cpl', 'mine', 'out'];
+
+/** More self-checks of `aid`, failing with the FAIL line it printed. */
+async function checksPass(aid: string) {
+  await sb.checksPass(aid, 3).catch((e: Error) => {
+    const fails = sb.log(aid).match(/^FAIL.*$/gm);
+    throw fails ? new Error(`${aid}:\n${fails.join('\n')}`) : e;
+  });
+}
+
+/** What the clone's calls may change in the originals, as seen from outside. */
+function originals() {
+  return Object.fromEntries(
+    readdirSync(real)
+      .sort()
+      .map((n) => {
+        const s = lstatSync(join(real, n));
+        return [n, { mode: s.mode, ino: s.ino, mtimeMs: s.mtimeMs, text: readFileSync(join(real, n), 'utf8') }];
+      }),
+  );
+}
+
+it('a clone\'s calls through a middle-component symlink change its own copies, never the template\'s', async () => {
+  mkdirSync(real, { recursive: true });
+  chmodSync(real, 0o755);
+  for (const x of labels) {
+    for (const op of ['w', 'u']) writeFileSync(join(real, `${op}-${x}`), `${op}\n`);
+    writeFileSync(join(real, `c-${x}`), '');
+    for (const op of ['w', 'c', 'u']) chmodSync(join(real, `${op}-${x}`), 0o644);
+  }
+  symlinkSync(real, join(data, 'absl'));
+  symlinkSync('real', join(data, 'rell'));
+  symlinkSync('hop', join(data, 'chain'));
+  symlinkSync(real, join(data, 'hop'));
+  mkdirSync(join(data, 'sub'));
+  symlinkSync('../real', join(data, 'sub', 'up'));
+  symlinkSync(real, join(data, 'cpl'));
+  mkdirSync(join(dir, 'outdir'));
+  symlinkSync(real, join(dir, 'outdir', 'back'));
+  symlinkSync(`${data}/../outdir`, join(data, 'outmid'));
+  symlinkSync('loopb', join(data, 'loopa'));
+  symlinkSync('loopa', join(data, 'loopb'));
+  const rules = join(dir, 'cowlink.rules');
+  writeFileSync(rules, `FILE "${data}" COPY-ON-WRITE\n`);
+  sb.ok(['run', '-d', '--aid', 'clt', '--rules', rules, '--', fixture('cowlink'), data]);
+  await checksPass('clt');
+
+  sb.ok(['snapshot', 'clt', '-o', join(dir, 'snap')]);
+  sb.ok(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl')]);
+  const clones = sb.json<{ aid: string; privateRoot: string }[]>(['clone', join(dir, 'tpl'), '--aid', 'clc', '--count', '2']);
+  expect(clones.map((c) => c.aid)).toEqual(['clc-1', 'clc-2']);
+  for (const c of clones) await checksPass(c.aid);
+  const before = originals();
+
+  await sb.exercised('clc-1', 'to write through middle-component symlinks');
+  await checksPass('clc-1');
+
+  // The template's originals as they were: contents, modes, inodes, times,
+  // and no name added or removed.
+  expect(originals()).toEqual(before);
+  for (const l of ['absl', 'rell', 'chain', 'hop', 'cpl']) expect(lstatSync(join(data, l)).isSymbolicLink()).toBe(true);
+
+  // The clone's private side holds the changes, under the real directory's
+  // name: no private directory made in a link's place.
+  const priv = (p: string) => join(clones[0].privateRoot, p);
+  for (const x of labels) {
+    expect(readFileSync(priv(join(real, `w-${x}`)), 'utf8'), x).toBe('w\nclone\n');
+    expect(statSync(priv(join(real, `c-${x}`))).mode & 0o7777, x).toBe(0o600);
+    expect(readFileSync(priv(join(real, `n-${x}`)), 'utf8'), x).toBe('new\n');
+    expect(statSync(priv(join(real, `d-${x}`))).isDirectory(), x).toBe(true);
+    expect(existsSync(priv(join(real, `t-${x}`))), x).toBe(false);
+    expect(existsSync(priv(join(real, `u-${x}`))), x).toBe(false);
+  }
+  for (const l of ['absl', 'rell', 'chain', 'hop', 'sub/up', 'outmid']) expect(existsSync(priv(join(data, l))), l).toBe(false);
+  expect(lstatSync(priv(join(data, 'mine'))).isSymbolicLink()).toBe(true);
+  expect(lstatSync(priv(join(data, 'cpl'))).isSymbolicLink()).toBe(true);
+  expect(existsSync(join(data, 'mine'))).toBe(false);
+
+  // The other clone still sees the originals, and has no copies.
+  await checksPass('clc-2');
+  expect(existsSync(join(clones[1].privateRoot, real))).toBe(false);
+});
