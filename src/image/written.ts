@@ -127,9 +127,19 @@ function privateDir(dir: string): boolean {
   return st.isDirectory() && st.uid === process.geteuid?.() && (st.mode & 0o022) === 0;
 }
 
-/** At most KEEP records, the oldest (by mtime) removed first. */
+/** At most KEEP records, the oldest (by mtime) removed first; and the
+ * temporary name of one whose writer was killed before its rename (older
+ * than a minute: a writer that lives writes and renames in microseconds). */
 function prune(dir: string): void {
-  const names = readdirSync(dir).filter((n) => IMAGE_ID.test(n));
+  const all = readdirSync(dir);
+  for (const n of all.filter((n) => n.startsWith('.'))) {
+    try {
+      if (Date.now() - lstatSync(join(dir, n)).mtimeMs > 60_000) rmSync(join(dir, n), { force: true });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const names = all.filter((n) => IMAGE_ID.test(n));
   if (names.length <= KEEP) return;
   const aged = names.map((n) => {
     try {
