@@ -571,13 +571,16 @@ export function buildProgram(): Command {
     .option('--aid <name>', "the AID to run it as (default: the image's own)")
     .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
     .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
+    .option('--verify', "checksum the page data even if this node's snapshot wrote it and it is unchanged since", false)
     .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
     .option('--trust-image', 'run the image even if no key this node trusts signed it (you vouch for it)', false)
     .option('--progress <how>', PROGRESS_HELP, 'auto')
     .addHelpText(
       'after',
       "\nThe image is verified first (its signature, checksums, format and structure, this node's kernel\n" +
-        'and the files it maps). Only images signed by this node\'s key or one it imported (appshot key)\n' +
+        'and the files it maps; the page data\'s checksums are skipped only for a page file this state\n' +
+        'directory\'s snapshot wrote and nothing changed since: --verify checks them all the same).\n' +
+        'Only images signed by this node\'s key or one it imported (appshot key)\n' +
         'are restored, unless --trust-image is given. A restore that fails leaves no process, SysV\n' +
         'object or table behind. The application runs in the background with the same virtual PIDs\n' +
         'and SysV ids; output that went to a terminal goes to its log. A --lazy restore needs the\n' +
@@ -585,7 +588,7 @@ export function buildProgram(): Command {
         'Examples:\n  appshot restore db.appshot\n  appshot restore db.appshot --aid db2\n  ssh node1 appshot snapshot db -o - | appshot restore -\n' +
         '  appshot restore --trust-image downloaded.appshot',
     )
-    .action(async (image: string, opts: { aid?: string; lazy: boolean; json: boolean; trustImage: boolean; progress: string }) => {
+    .action(async (image: string, opts: { aid?: string; lazy: boolean; verify: boolean; json: boolean; trustImage: boolean; progress: string }) => {
       if (opts.aid !== undefined) checkAid(opts.aid);
       const [{ trustImagesExplicitly }, { restore, RestoredWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
@@ -613,6 +616,7 @@ export function buildProgram(): Command {
             initPid: result.initPid,
             restoreMs: roundMs(result.restoreMs),
             verifyMs: roundMs(result.verifyMs),
+            pagesChecked: result.pagesChecked,
             lazy: result.lazy,
             injectedCalls: result.injectedCalls,
             notKept: result.notKept,
@@ -627,7 +631,7 @@ export function buildProgram(): Command {
       try {
         // Where it came from, for ps, in its registration (a stream has no
         // path to show).
-        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: imagePath }) });
+        result = await restore(reg, image, { aid: opts.aid, lazy: opts.lazy, verifyPages: opts.verify, progress: display, signal: interrupt.signal, ...(image === '-' ? {} : { recordImage: imagePath }) });
       } catch (e) {
         // Committed, then a step failed: it runs all the same (exit 6).
         if (e instanceof RestoredWithError) print(e.restored, e.message);

@@ -288,7 +288,9 @@ describe('a restore interrupted by Ctrl-C', () => {
   it('while its 256 MiB of page data are checked: at once, not once they all are', async () => {
     // Killed (SIGKILL, not exit 130) if it checked them all before
     // hearing Ctrl-C.
-    const r = await interruptedAt('image: checking pages', ['restore', big, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
+    // --verify: written by this node and unchanged, they would not be
+    // checked at all (src/image/written.ts).
+    const r = await interruptedAt('image: checking pages', ['restore', '--verify', big, '--aid', 'intr-check'], { APPSHOT_TEST_KILL_AT: 'image: pages checked' });
     expect(r.stderr.trim().split('\n')).toEqual([INTERRUPTED]);
     expect(r.code).toBe(130);
     await nothingLeftAtOnce('intr-check', 'bigsrc');

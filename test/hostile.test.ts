@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -240,6 +240,60 @@ describe('manifests that lie about the parts (signed again)', () => {
       ['image.pb', join(good, 'image.pb')],
     ]);
     refuses(['inspect', dir], corrupt('lists image.pb 2 times'));
+  });
+});
+
+describe('a page file this node wrote, unchanged since, is not checked again (src/image/written.ts)', () => {
+  let written = '';
+  beforeAll(async () => {
+    const r = sb.run(['run', '-d', '--aid', 'writer', '--', fixture('snapfix'), '0', '2']);
+    if (r.code !== 0) throw new Error(r.stderr);
+    await waitFor(() => /^CHECK 2$/m.test(sb.log('writer')), 10_000, 'the fixture to settle');
+    written = join(out, 'written');
+    const s = sb.run(['snapshot', 'writer', '-o', written]);
+    if (s.code !== 0) throw new Error(s.stderr);
+    await waitFor(() => !sb.aids().includes('writer'), 10_000, 'the application to end');
+  });
+
+  /** Restores `image` (with `args`), says whether its pages were checked,
+   * and removes what it made. */
+  function restoredChecked(image: string, ...args: string[]): boolean {
+    const r = sb.run(['restore', image, '--aid', 'written', '--json', ...args]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', '--force', 'written']).code).toBe(0);
+    return (JSON.parse(r.stdout) as { pagesChecked: boolean }).pagesChecked;
+  }
+
+  it('restores it without reading its chunks, and checks them all with --verify', () => {
+    expect(restoredChecked(written)).toBe(false);
+    expect(restoredChecked(written, '--lazy')).toBe(false);
+    expect(restoredChecked(written, '--verify')).toBe(true);
+  });
+
+  it('checks it once it was changed in place (the same file, the same size): a byte flipped is refused, eager and --lazy, and the byte put back restores', () => {
+    const pages = join(written, 'pages.img');
+    const at = statSync(pages).size - 100;
+    const flip = () => {
+      const fd = openSync(pages, 'r+');
+      try {
+        const b = Buffer.alloc(1);
+        readSync(fd, b, 0, 1, at);
+        b[0] ^= 0x01;
+        writeSync(fd, b, 0, 1, at);
+      } finally {
+        closeSync(fd);
+      }
+    };
+    const ino = statSync(pages).ino;
+    flip();
+    expect(statSync(pages).ino).toBe(ino);
+    const ipcBefore = systemIpcIds();
+    for (const lazy of [[], ['--lazy']]) refuses(['restore', ...lazy, written], corrupt(/corrupt image: checksum of pages.img does not match its manifest \(chunk \d+, /));
+    expect(strayIpcIds(ipcBefore)).toEqual([]);
+    // Its bytes as written again, but not the file recorded: checked, and
+    // found good.
+    flip();
+    expect(restoredChecked(written)).toBe(true);
   });
 });
 

@@ -45,6 +45,7 @@ import { type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
+import { recordWritten, writtenHere, writtenIdentity } from './written.js';
 import { onInterrupt } from '../engine/request.js';
 
 export const MAGIC = 'appshot-image';
@@ -173,6 +174,9 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
+    // As named, in our staging directory: what a restore may find again
+    // unchanged (written.ts), recorded once the image is in place.
+    const written = writtenIdentity(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
     writeSynced(join(tmp, PARTS.image), imageBytes);
     writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
@@ -182,6 +186,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     renameSync(tmp, dest);
     partial.done();
     syncDir(parent);
+    recordWritten(written, imageId, pagesPart.chunks);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
     partial.done();
@@ -314,6 +319,9 @@ export interface LoadedImage {
   /** LoadOptions.deferPagesCheck: the page file's check, still going on
    * (stopped by dispose), and its chunk size. */
   pagesCheck?: { check: PagesCheck; chunkSize: number };
+  /** Its page file's chunks were not checked: this state directory wrote
+   * it and it is unchanged since (LoadOptions.trustWritten, written.ts). */
+  pagesAsWritten?: boolean;
 }
 
 const fileIdentity = (st: BigIntStats) => `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
@@ -826,6 +834,9 @@ export interface LoadOptions {
    * copies each chunk only once it is checked, and waits for all of it
    * before the application runs. */
   deferPagesCheck?: boolean;
+  /** A format 3 page file this state directory wrote, unchanged since
+   * (written.ts), is not checked again (a restore, unless --verify). */
+  trustWritten?: boolean;
 }
 
 /** Decodes and checks an image's manifest: its magic, format and parts,
@@ -973,6 +984,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   }
   let pagesFd: number | undefined;
   let pagesCheck: PagesCheck | undefined;
+  let pagesAsWritten = false;
   const dispose = () => {
     pagesCheck?.stop();
     pagesCheck = undefined;
@@ -1010,7 +1022,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
           // Vouched for by its chunk table (checked against the file on a
           // thread per core), not by a CRC or a digest of the whole.
           d = { size, crc: part.crc32c, sha256: part.sha256, chunkSize: part.chunkSize, chunks: part.chunkSha256 };
-          if (!quick) {
+          // Written by this state directory and unchanged since: checked
+          // as it was written (written.ts), unless asked again.
+          pagesAsWritten = !quick && !!opts.trustWritten && mustBeOwned && signer.trusted?.name === 'self' && writtenHere(fd, manifest.imageId, part.chunkSha256);
+          if (!quick && !pagesAsWritten) {
             killPoint('image: checking pages');
             pagesCheck = new (addon().PagesCheck)(fd, size, part.chunkSize, part.chunkSha256);
             if (!opts.deferPagesCheck) {
@@ -1044,7 +1059,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
-    const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' ') };
+    const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' '), ...(pagesAsWritten ? { pagesAsWritten } : {}) };
     // (getters: dispose closes and stops them)
     Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });
     const chunkSize = digests.get(PARTS.pages)?.chunkSize ?? 0;

@@ -66,6 +66,9 @@ const PAGE_SIZE = 4096;
 export interface RestoreOptions {
   aid?: string;
   lazy: boolean;
+  /** Check the page data even where this state directory wrote it and it
+   * is unchanged since (LoadOptions.verifyPages). */
+  verifyPages?: boolean;
   /** Set when stamping a clone from a template (FIG. 9). */
   instance?: InstancePlan;
   /** An image loaded and verified already (clones of one template): not
@@ -178,6 +181,9 @@ export interface RestoreResult {
   /** The restore's own time: from the verified image to the resumed app. */
   restoreMs: number;
   verifyMs: number;
+  /** Whether every page file's chunks were checked; false where this
+   * state directory wrote one and it is unchanged since (written.ts). */
+  pagesChecked: boolean;
   lazy: boolean;
   /** Directories made for its REDIR PATH targets. */
   createdDirs: MadeDir[];
@@ -249,13 +255,13 @@ class ProgressMeter {
  * is checked (seconds per GiB) ends it at once. `known`: a chain loaded
  * already (the previous image of a service, still unchanged on disk),
  * taken as it is from the link where the new chain joins it. */
-async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], forLater = false): Promise<LoadedImage[]> {
+async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSignal, known: LoadedImage[] = [], forLater = false, verifyPages = false): Promise<LoadedImage[]> {
   // Page files of format 3 are checked by chunks on threads of their own
   // while the restore goes on (LoadedImage.pagesCheck); one held for later
   // (serve's preload) is checked whole now. Either way the file checked
   // stays open, and is the one the restore copies or maps: its path may
   // name another file by then.
-  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages: true, deferPagesCheck: !forLater };
+  const hooks = { onPagesSize: (n: number) => meter.toCheck(n), onBytes: (n: number) => meter.add(n), signal, holdPages: true, deferPagesCheck: !forLater, trustWritten: !verifyPages };
   const interrupted = (e: unknown) => {
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
@@ -489,7 +495,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   };
   const meter = new ProgressMeter(opts.progress ?? noProgress, !opts.lazy && !opts.instance);
   const preloaded = opts.preloaded?.length && resolve(opts.preloaded[0].dir) === resolve(imagePath) && opts.preloaded.every(opts.preloadedTrusted ? sameFilesOnDisk : unchangedOnDisk) ? opts.preloaded : undefined;
-  const chain = opts.loaded ? [opts.loaded] : (preloaded ?? (await loadChain(imagePath, meter, opts.signal)));
+  const chain = opts.loaded ? [opts.loaded] : (preloaded ?? (await loadChain(imagePath, meter, opts.signal, [], false, opts.verifyPages)));
   phase(`image ${preloaded ? 'read and checked ahead of time' : 'read and checked'} (${chain.length} in its chain)`);
   const { image } = chain[0];
   let record: AppRecord | undefined;
@@ -1046,6 +1052,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       initPid: record!.initPid!,
       restoreMs: now() - verified - heldMs,
       verifyMs: verified - started,
+      pagesChecked: !chain.some((l) => l.pagesAsWritten),
       lazy: opts.lazy,
       createdDirs: madeDirs,
       ...(opts.batchCommit ? { lifeline } : {}),
