@@ -39,7 +39,8 @@
  *    setxattr and removexattr, and link's existing name) never reaches the
  *    original, which the template and every other clone share: it first
  *    makes the private side from it (copy_attr_up): a regular file copied
- *    as above (the original's mode and times, not its xattrs); a directory
+ *    as above (the original's mode, times and the xattrs the caller may
+ *    set: copy_xattrs, as for a write's copy); a directory
  *    made with the original's mode (its entries then no longer listed, see
  *    below); a symlink the call does not follow (lchown,
  *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
@@ -391,6 +392,27 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
+/* Copies src's extended attributes to dst, as cp -a does: each one the
+ * caller may set (user.*, and security.*, trusted.* or an ACL as its
+ * capabilities allow; one it may not is left out). Without them a
+ * removexattr of a name the original has would find no such name on the
+ * copy. A mapping for the names and one value, only when there are any. */
+static void copy_xattrs(int src, int dst) {
+  long n = SYS3(flistxattr, src, NULL, 0);
+  if (n <= 0) return;
+  enum { VAL = 64 * 1024 }; /* XATTR_SIZE_MAX */
+  size_t size = (size_t)n + VAL;
+  long m = sys6(SYS_mmap, 0, (long)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) return;
+  char *list = (char *)m, *val = list + n;
+  long got = SYS3(flistxattr, src, list, n); /* ERANGE if it grew meanwhile */
+  for (char *name = list; got > 0 && name < list + got; name += strlen(name) + 1) {
+    long v = SYS4(fgetxattr, src, name, val, VAL);
+    if (v >= 0) SYS5(fsetxattr, dst, name, val, v, 0);
+  }
+  SYS2(munmap, list, size);
+}
+
 /* The copies this thread is making: a signal handler that copies while
  * the thread it interrupted is copying gets a temporary name of its own
  * (the same one would be taken for a dead copy's and removed). */
@@ -502,6 +524,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   test_pause("cow-copying"); /* a signal handler's copy may come here */
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
+  if (!err) copy_xattrs((int)src, (int)dst);
   /* The original's times, as a chmod or chown of it would have left them
    * (a write that follows sets its own). On the temporary name: a copy
    * another process made and wrote meanwhile keeps its own. */
