@@ -102,6 +102,10 @@
  *    statx, access, faccessat, faccessat2, readlink, readlinkat, chdir,
  *    and with the metadata calls above, mknod, mknodat and symlink
  *    (do_path_syscall: one path, first or after a directory).
+ * The same metadata calls made on a descriptor (fchmod, fchown, futimens,
+ * fsetxattr..., and those above given AT_EMPTY_PATH or a NULL path) are
+ * preload_cowfd.c's: on an original, they change the private side, and
+ * the descriptor moves there (it lists what does not move).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
  * itself (a symlink in a path's middle components, or a working directory
@@ -110,21 +114,28 @@
  * looked for on the private side; ".." in a followed target is taken
  * lexically against the link's virtual directory), calls without a
  * wrapper here: exec's path, rename with flags (renameat2), syscall() with
- * SYS_link, linkat or symlinkat (two paths, or the path third:
- * do_path_syscall takes neither), statfs and statvfs, realpath (but for
+ * SYS_link, linkat (but AT_EMPTY_PATH: preload_cowfd.c) or symlinkat (two
+ * paths, or the path third: do_path_syscall takes neither), statfs and statvfs, realpath (but for
  * /proc/<vpid>), the path calls glibc makes inside its own functions (ftw
  * and nftw, glob, fts: they reach the kernel past every wrapper), and
  * programs that make raw system calls (a syscall instruction, not
  * syscall()) or link libc statically.
  *
  * Not covered yet, under a copy-on-write rule:
- *  - Metadata calls on a descriptor (fchmod, fchown, fchownat with
- *    AT_EMPTY_PATH, futimens, futimes, fsetxattr, fremovexattr) change
- *    the file it is open on: one opened read-only on an original changes
- *    the template's (it would take knowing, per descriptor, which rule and
- *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
- *    relative source) of such a descriptor: the new private name is a
- *    second name of the original's inode.
+ *  - A descriptor's move to the private copy (preload_cowfd.c) changes
+ *    this process's descriptor table only: a copy of the descriptor in
+ *    another process (fork, SCM_RIGHTS) or another number (dup) stays on
+ *    the original until a metadata call through it moves it too; a
+ *    memory mapping of the original stays on it; locks held through it
+ *    are dropped with the old descriptor. A directory's descriptor, or a
+ *    FIFO's or device's open for I/O, does not move at all: the change is
+ *    the private side's, and its fstat keeps showing the original's.
+ *  - A descriptor is known to be on an original by its name as the kernel
+ *    gives it, symlinks resolved: under a rule whose `from` has a symlink
+ *    in it, its metadata calls reach the original. linkat of a relative
+ *    source under a descriptor of an original directory makes a second
+ *    name of the original's inode.
+ *  - A directory's xattrs are not copied with it.
  *  - A chmod, utime or setxattr of a regular file copies it whole, however
  *    large.
  *  - A file the clone copied up by writing it (with write permission, not
@@ -1480,7 +1491,7 @@ PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
  * kernels without fchmodat2) and lutimes (its checked conversion). */
 PATH_WRAPPER(int, chmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_ATTR | PATH_OWNER, -1, (int)libc_ret(CHMOD_RAW(p, mode)))
-PATH_WRAPPER(int, fchmodat, (int fd, const char *path, mode_t mode, int flags),
+PATH_FN(HIDDEN, int, fchmodat_path, (int fd, const char *path, mode_t mode, int flags),
              (fd, path, mode, flags), NO_PROC_DIR, chmod_op(flags), -1,
              flags ? REAL(fchmodat)(fd, p, mode, flags)
                    : (int)libc_ret(SYS3(fchmodat, fd, p, mode)))
@@ -1493,7 +1504,7 @@ PATH_WRAPPER(int, chown, (const char *path, uid_t uid, gid_t gid), (path, uid, g
 PATH_WRAPPER(int, lchown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
              NO_PROC_DIR, chown_op(AT_SYMLINK_NOFOLLOW, uid, gid), -1,
              (int)libc_ret(LCHOWN_RAW(p, uid, gid)))
-PATH_WRAPPER(int, fchownat, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
+PATH_FN(HIDDEN, int, fchownat_path, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
              (fd, path, uid, gid, flags), NO_PROC_DIR, chown_op(flags, uid, gid), -1,
              (int)libc_ret(SYS5(fchownat, fd, p, uid, gid, flags)))
 /* utimensat's path may be NULL (the descriptor itself): glibc's function
@@ -1502,7 +1513,7 @@ PATH_FN(static inline, int, utimensat_m,
         (int fd, const char *path, const struct timespec times[2], int flags),
         (fd, path, times, flags), NO_PROC_DIR, utimens_op(times, flags), -1,
         (int)libc_ret(SYS4(utimensat, fd, p, times, flags)))
-API int utimensat(int fd, const char *path, const struct timespec times[2], int flags) {
+int utimensat_path(int fd, const char *path, const struct timespec times[2], int flags) {
   /* <sys/stat.h> declares path nonnull: the compiler would drop the test. */
   __asm__("" : "+r"(path));
   if (!path) {
@@ -1540,7 +1551,7 @@ PATH_WRAPPER(int, utimes, (const char *path, const struct timeval times[2]),
              utimes_raw(AT_FDCWD, p, times))
 PATH_WRAPPER(int, utime, (const char *path, const struct utimbuf *times),
              (path, times), NO_PROC_DIR, times_op(times, 0), -1, utime_raw(p, times))
-PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval times[2]),
+PATH_FN(HIDDEN, int, futimesat_path, (int fd, const char *path, const struct timeval times[2]),
              (fd, path, times), NO_PROC_DIR, timeval_op(times), -1,
              utimes_raw(fd, p, times))
 PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
@@ -1697,7 +1708,7 @@ out:
   if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
   return r;
 }
-API int linkat(int fd1, const char *from, int fd2, const char *to, int flags) {
+int linkat_path(int fd1, const char *from, int fd2, const char *to, int flags) {
   ensure_init();
   if (UNLIKELY(path_hooked(from) || path_hooked(to)))
     return linkat_slow(fd1, from, fd2, to, flags, 0);
@@ -1792,3 +1803,43 @@ API int shm_unlink(const char *name) {
   if (r < 0 && errno == EPERM) errno = EACCES; /* as glibc says it */
   return r;
 }
+
+/* --- For descriptors (preload_cowfd.c) ------------------------------------
+ *
+ * A metadata call on a descriptor open on an original is made on the
+ * private side, as a path call's: these give preload_cowfd.c the same
+ * matching, refusals and copy, by the descriptor's name as the kernel
+ * gives it (readlink of /proc/self/fd/N: absolute, symlinks resolved). */
+
+int cow_fd_named(const char *name) {
+  const struct appshot_redir *r = match(&g_h->instance, name);
+  if (!r || r->kind != APPSHOT_REDIR_COW) return 0;
+  /* A private side inside `from` is the clone's own already. */
+  size_t tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+  return strncmp(name, r->to, tl) || (name[tl] != '\0' && name[tl] != '/');
+}
+
+int cow_fd_private(char buf[PATH_MAX], int op, const struct stat *fd_st, const char **priv) {
+  const struct appshot_redir *r = match(&g_h->instance, buf);
+  if (!r || r->kind != APPSHOT_REDIR_COW) return 1;
+  size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+  size_t rl = strlen(buf) - fl;
+  if (tl + rl >= PATH_MAX || fl + rl >= PATH_MAX) return -ENAMETOOLONG;
+  struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl, 0};
+  memmove(buf + c.k, buf + fl, rl + 1);
+  /* The very inode the descriptor is open on, under that name now: not
+   * one renamed or replaced since, whose copy would be of another file. */
+  struct stat st;
+  if (!lexists(orig_side(&c), &st) || st.st_dev != fd_st->st_dev || st.st_ino != fd_st->st_ino)
+    return 1;
+  if (!lexists(priv_side(&c), &st)) {
+    int rc = copy_attr_up(&c, op);
+    if (rc < 0) return rc;
+  }
+  *priv = priv_side(&c);
+  return 0;
+}
+
+int path_chmod_op(int flags) { return chmod_op(flags); }
+int path_chown_op(int flags, uid_t uid, gid_t gid) { return chown_op(flags, uid, gid); }
+int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, flags); }
