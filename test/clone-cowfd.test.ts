@@ -1,8 +1,9 @@
 /**
  * A clone's metadata calls on a descriptor open on a copy-on-write
- * original (fchmod, fchown, fchownat and fchmodat2 with AT_EMPTY_PATH,
- * futimens, futimes, fsetxattr, fremovexattr, linkat AT_EMPTY_PATH, and
- * through syscall(): cowfd.c lists them) change its private copy, and the
+ * original (fchmod, fchown, fchownat, fchmodat2 and utimensat with
+ * AT_EMPTY_PATH, futimesat with a NULL path, futimens, futimes,
+ * fsetxattr, fremovexattr, linkat AT_EMPTY_PATH, and through syscall():
+ * cowfd.c lists them) change its private copy, and the
  * descriptor moves to the copy: the same contents at the same offset, its
  * fstat showing the change. A descriptor the template opened and the
  * clone was restored with is moved the same way. The template's original
@@ -35,7 +36,7 @@ const TEXT = '0123456789\n';
 const MTIME = 1_000_000_000; // the fixture's futimens, futimes, utimensat
 const GID_CHANGED = 4242; // the fixture's fchown and fchownat, as root
 const root = process.getuid!() === 0;
-const FILES = ['held', 'own', 'owat', 'tn', 'tv', 'xs', 'xr', 'xn', 'sys', 'sys2', 'c2', 'ln', 'su'];
+const FILES = ['held', 'own', 'owat', 'tn', 'tv', 'ue', 'fs', 'xs', 'xr', 'xn', 'sys', 'sys2', 'c2', 'ln', 'su'];
 
 /** More self-checks of `aid`, failing with the FAIL line it printed. */
 async function checksPass(aid: string) {
@@ -97,7 +98,7 @@ it('a descriptor open on an original: its metadata calls change the clone\'s cop
   expect(statSync(priv('held')).mode & 0o7777).toBe(0o640);
   expect(statSync(priv('sys')).mode & 0o7777).toBe(0o640);
   expect(statSync(priv('c2')).mode & 0o7777).toBe(0o640);
-  for (const n of ['tn', 'tv', 'sys2']) expect(statSync(priv(n)).mtimeMs, n).toBe(MTIME * 1000);
+  for (const n of ['tn', 'tv', 'ue', 'fs', 'sys2']) expect(statSync(priv(n)).mtimeMs, n).toBe(MTIME * 1000);
   if (root) for (const n of ['own', 'owat']) expect(statSync(priv(n)).gid, n).toBe(GID_CHANGED);
   if (xattrs) {
     expect(xattr(priv('xs'), 'user.appshot')).toBe('user.appshot=clone');
