@@ -493,8 +493,10 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   /* Not following a symlink: path_slow resolved those the call follows; one
    * it does not follow (O_NOFOLLOW) is left to the kernel's answer. Without
    * touching the template's atime where the caller may (O_NOATIME: owner or
-   * CAP_FOWNER only). */
-  int fl = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW;
+   * CAP_FOWNER only). O_NONBLOCK: an original FIFO is only looked at
+   * (used as it is), and a blocking read-only open of it would wait for a
+   * writer, for good when there is none. */
+  int fl = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
   long src = SYS3(openat, AT_FDCWD, orig_side(c), fl | O_NOATIME);
   if (src == -EPERM) src = SYS3(openat, AT_FDCWD, orig_side(c), fl);
   if (src == -ENOENT || src == -ENOTDIR) {
