@@ -123,8 +123,9 @@ static long call_on_path(const struct fd_call *c, const char *p, mode_t type) {
     case SYS_fchmod:
     case SYS_fchmodat2: {
       long mode = c->nr == SYS_fchmod ? c->a[0] : c->a[1];
-      if (S_ISLNK(type)) return -EOPNOTSUPP; /* as the kernel answers for a link */
-      return SYS3(fchmodat, AT_FDCWD, p, mode);
+      long r = sys6(SYS_fchmodat2, AT_FDCWD, (long)p, mode, AT_SYMLINK_NOFOLLOW, 0, 0);
+      if (r != -ENOSYS) return r; /* Linux before 6.6: */
+      return S_ISLNK(type) ? -EOPNOTSUPP : SYS3(fchmodat, AT_FDCWD, p, mode);
     }
     case SYS_fchown: return SYS5(fchownat, AT_FDCWD, p, c->a[0], c->a[1], AT_SYMLINK_NOFOLLOW);
     case SYS_fchownat: return SYS5(fchownat, AT_FDCWD, p, c->a[1], c->a[2], AT_SYMLINK_NOFOLLOW);
@@ -200,18 +201,22 @@ static NOINLINE long on_original(const struct fd_call *c) {
 
   int moves = fl >= 0 && !S_ISDIR(st.st_mode) && (S_ISREG(st.st_mode) || (fl & O_PATH));
   long nfd = -1;
-  if (moves) {
-    int of = (fl & O_PATH) ? O_PATH | O_NOFOLLOW | O_CLOEXEC
-                           : (fl & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)) | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC;
+  struct stat pst, nst;
+  if (sys6(SYS_newfstatat, AT_FDCWD, (long)priv, (long)&pst, AT_SYMLINK_NOFOLLOW, 0, 0) < 0) pst = st;
+  if (moves && (pst.st_mode & S_IFMT) == (st.st_mode & S_IFMT)) {
+    /* The descriptor's own flags (O_NOFOLLOW only if it had it: F_GETFL
+     * shows it); the file opened must be the one looked at, not what a
+     * symlink put there since leads to. */
+    int of = (fl & O_PATH) ? O_PATH | (fl & O_NOFOLLOW) | O_CLOEXEC
+                           : (fl & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)) | O_NOCTTY | O_CLOEXEC;
     nfd = SYS4(openat, AT_FDCWD, priv, of, 0);
     if (nfd == -EPERM && (of & O_NOATIME)) nfd = SYS4(openat, AT_FDCWD, priv, of & ~O_NOATIME, 0);
-    struct stat nst;
-    if (nfd >= 0 && (SYS2(fstat, nfd, &nst) < 0 || (nst.st_mode & S_IFMT) != (st.st_mode & S_IFMT))) {
-      SYS1(close, nfd); /* not a copy of this file: changed by name */
+    if (nfd >= 0 && (SYS2(fstat, nfd, &nst) < 0 || nst.st_dev != pst.st_dev || nst.st_ino != pst.st_ino)) {
+      SYS1(close, nfd); /* changed by name instead */
       nfd = -1;
     }
   }
-  if (nfd < 0) return call_on_path(c, priv, st.st_mode & S_IFMT);
+  if (nfd < 0) return call_on_path(c, priv, pst.st_mode & S_IFMT);
   r = call_on_fd(c, (int)nfd);
   if (r >= 0) {
     if (!(fl & O_PATH)) {
