@@ -132,7 +132,9 @@
  *    the private side's, and its fstat keeps showing the original's.
  *  - A descriptor is known to be on an original by its name as the kernel
  *    gives it, symlinks resolved: under a rule whose `from` has a symlink
- *    in it, its metadata calls reach the original. linkat of a relative
+ *    in it, its metadata calls reach the original. So does a path call
+ *    through a descriptor's /proc/self/fd/N (chmod of it: the kernel
+ *    follows the magic link; no rule matches /proc). linkat of a relative
  *    source under a descriptor of an original directory makes a second
  *    name of the original's inode.
  *  - A directory's xattrs are not copied with it.
