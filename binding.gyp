@@ -44,10 +44,14 @@
       # preload_mutex.c dropped by LTO, say) would stop every program under
       # appshot from loading; the link refuses it instead. Weak references
       # (appshot_test_pause) are still allowed.
+      # -flto-partition=one: a top-level .symver asm renames the references
+      # of its own object only, and LTO puts top-level asm in one partition
+      # of several: which functions share it changed with every file added
+      # (preload_mutex.c's real mutex calls went undefined).
       # The version script (addon/preload/preload.map) versions the
       # condition waits as glibc's current ones, so that programs bound to
       # glibc's compatibility versions pass the library by.
-      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-O2",
+      "ldflags": ["-Wl,--as-needed", "-Wl,-z,now", "-Wl,--no-undefined", "-flto", "-flto-partition=one", "-O2",
                   "-Wl,--version-script=<!(pwd)/addon/preload/preload.map"],
       "libraries": ["-ldl", "-lpthread"],
       # The link reads the version script, but gyp's make rules give a link

@@ -37,6 +37,7 @@
 #include <sys/shm.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -693,6 +694,34 @@ HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
  * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
 HIDDEN const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]);
+
+/* preload_path.c, for preload_cowfd.c (metadata calls on a descriptor):
+ *  - cow_fd_named: whether `name`, absolute (a descriptor's, as the
+ *    kernel names it), is under a copy-on-write rule's `from` and not its
+ *    private side; no system call.
+ *  - cow_fd_private: the private side of `name` (in buf), made from the
+ *    original as a metadata call `op` (PATH_ATTR or PATH_LATTR with its
+ *    refusals) makes it, if it does not exist yet. 0 with *priv pointing
+ *    into buf; 1 when the original under that name is not the inode of
+ *    fd_st (renamed or replaced since: nothing made); or -errno.
+ *  - the ops the path calls give chmod, chown and the utime family.
+ *  - the path wrappers of the calls that may name a descriptor itself
+ *    (AT_EMPTY_PATH, a NULL path), whose public names preload_cowfd.c
+ *    defines. */
+HIDDEN int cow_fd_named(const char *name);
+HIDDEN int cow_fd_private(char buf[PATH_MAX], int op, const struct stat *fd_st, const char **priv);
+HIDDEN int path_chmod_op(int flags);
+HIDDEN int path_chown_op(int flags, uid_t uid, gid_t gid);
+HIDDEN int path_utimens_op(const struct timespec *t, int flags);
+HIDDEN int fchmodat_path(int fd, const char *path, mode_t mode, int flags);
+HIDDEN int fchownat_path(int fd, const char *path, uid_t uid, gid_t gid, int flags);
+HIDDEN int utimensat_path(int fd, const char *path, const struct timespec times[2], int flags);
+HIDDEN int futimesat_path(int fd, const char *path, const struct timeval times[2]);
+HIDDEN int linkat_path(int fd1, const char *from, int fd2, const char *to, int flags);
+/* preload_cowfd.c: the same calls through syscall() (fchmod, fchown,
+ * fsetxattr, fremovexattr; fchownat, fchmodat2, utimensat, futimesat and
+ * linkat when they name the descriptor itself), or do_path_syscall. */
+HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
 
 /* The slow half of a path wrapper lives in a function of its own, so that
  * the PATH_MAX buffer is only on the stack when a path is rewritten: some

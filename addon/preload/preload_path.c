@@ -39,7 +39,8 @@
  *    setxattr and removexattr, and link's existing name) never reaches the
  *    original, which the template and every other clone share: it first
  *    makes the private side from it (copy_attr_up): a regular file copied
- *    as above (the original's mode and times, not its xattrs); a directory
+ *    as above (the original's mode, times and the xattrs the caller may
+ *    set: copy_xattrs, as for a write's copy); a directory
  *    made with the original's mode (its entries then no longer listed, see
  *    below); a symlink the call does not follow (lchown,
  *    AT_SYMLINK_NOFOLLOW) made with the same target; a FIFO, socket or
@@ -123,27 +124,40 @@
  *    statx, access, faccessat, faccessat2, readlink, readlinkat, chdir,
  *    and with the metadata calls above, mknod, mknodat and symlink
  *    (do_path_syscall: one path, first or after a directory).
+ * The same metadata calls made on a descriptor (fchmod, fchown, futimens,
+ * fsetxattr..., and those above given AT_EMPTY_PATH or a NULL path) are
+ * preload_cowfd.c's: on an original, they change the private side, and
+ * the descriptor moves there (it lists what does not move).
  *
  * Not rewritten: relative paths (see above), paths the kernel follows
  * itself (a working directory inside `from`: calls relative to it reach
  * the original, through whatever links the kernel meets on their way; a
  * symlink that is `from` itself or a directory above it), calls without a
  * wrapper here: exec's path, rename with flags (renameat2), syscall() with
- * SYS_link, linkat or symlinkat (two paths, or the path third:
- * do_path_syscall takes neither), statfs and statvfs, realpath (but for
+ * SYS_link, linkat (but AT_EMPTY_PATH: preload_cowfd.c) or symlinkat (two
+ * paths, or the path third: do_path_syscall takes neither), statfs and statvfs, realpath (but for
  * /proc/<vpid>), the path calls glibc makes inside its own functions (ftw
  * and nftw, glob, fts: they reach the kernel past every wrapper), and
  * programs that make raw system calls (a syscall instruction, not
  * syscall()) or link libc statically.
  *
  * Not covered yet, under a copy-on-write rule:
- *  - Metadata calls on a descriptor (fchmod, fchown, fchownat with
- *    AT_EMPTY_PATH, futimens, futimes, fsetxattr, fremovexattr) change
- *    the file it is open on: one opened read-only on an original changes
- *    the template's (it would take knowing, per descriptor, which rule and
- *    side it was opened under). So does linkat with AT_EMPTY_PATH (or a
- *    relative source) of such a descriptor: the new private name is a
- *    second name of the original's inode.
+ *  - A descriptor's move to the private copy (preload_cowfd.c) changes
+ *    this process's descriptor table only: a copy of the descriptor in
+ *    another process (fork, SCM_RIGHTS) or another number (dup) stays on
+ *    the original until a metadata call through it moves it too; a
+ *    memory mapping of the original stays on it; locks held through it
+ *    are dropped with the old descriptor. A directory's descriptor, or a
+ *    FIFO's or device's open for I/O, does not move at all: the change is
+ *    the private side's, and its fstat keeps showing the original's.
+ *  - A descriptor is known to be on an original by its name as the kernel
+ *    gives it, symlinks resolved: under a rule whose `from` has a symlink
+ *    in it, its metadata calls reach the original. So does a path call
+ *    through a descriptor's /proc/self/fd/N (chmod of it: the kernel
+ *    follows the magic link; no rule matches /proc). linkat of a relative
+ *    source under a descriptor of an original directory makes a second
+ *    name of the original's inode.
+ *  - A directory's xattrs are not copied with it.
  *  - A chmod, utime or setxattr of a regular file copies it whole, however
  *    large.
  *  - A file the clone copied up by writing it (with write permission, not
@@ -426,6 +440,27 @@ static int copy_contents(int src, int dst) {
   return err;
 }
 
+/* Copies src's extended attributes to dst, as cp -a does: each one the
+ * caller may set (user.*, and security.*, trusted.* or an ACL as its
+ * capabilities allow; one it may not is left out). Without them a
+ * removexattr of a name the original has would find no such name on the
+ * copy. A mapping for the names and one value, only when there are any. */
+static void copy_xattrs(int src, int dst) {
+  long n = SYS3(flistxattr, src, NULL, 0);
+  if (n <= 0) return;
+  enum { VAL = 64 * 1024 }; /* XATTR_SIZE_MAX */
+  size_t size = (size_t)n + VAL;
+  long m = sys6(SYS_mmap, 0, (long)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m < 0 && m > -4096) return;
+  char *list = (char *)m, *val = list + n;
+  long got = SYS3(flistxattr, src, list, n); /* ERANGE if it grew meanwhile */
+  for (char *name = list; got > 0 && name < list + got; name += strlen(name) + 1) {
+    long v = SYS4(fgetxattr, src, name, val, VAL);
+    if (v >= 0) SYS5(fsetxattr, dst, name, val, v, 0);
+  }
+  SYS2(munmap, list, size);
+}
+
 /* The copies this thread is making: a signal handler that copies while
  * the thread it interrupted is copying gets a temporary name of its own
  * (the same one would be taken for a dead copy's and removed). */
@@ -495,8 +530,10 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   /* Not following a symlink: path_slow resolved those the call follows; one
    * it does not follow (O_NOFOLLOW) is left to the kernel's answer. Without
    * touching the template's atime where the caller may (O_NOATIME: owner or
-   * CAP_FOWNER only). */
-  int fl = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW;
+   * CAP_FOWNER only). O_NONBLOCK: an original FIFO is only looked at
+   * (used as it is), and a blocking read-only open of it would wait for a
+   * writer, for good when there is none. */
+  int fl = O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
   long src = SYS3(openat, AT_FDCWD, orig_side(c), fl | O_NOATIME);
   if (src == -EPERM) src = SYS3(openat, AT_FDCWD, orig_side(c), fl);
   if (src == -ENOENT || src == -ENOTDIR) {
@@ -537,6 +574,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
   test_pause("cow-copying"); /* a signal handler's copy may come here */
   int err = contents ? copy_contents((int)src, (int)dst) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
+  if (!err) copy_xattrs((int)src, (int)dst);
   /* The original's times, as a chmod or chown of it would have left them
    * (a write that follows sets its own). On the temporary name: a copy
    * another process made and wrote meanwhile keeps its own. */
@@ -1606,7 +1644,7 @@ PATH_WRAPPER(int, truncate64, (const char *path, off64_t length),
  * kernels without fchmodat2) and lutimes (its checked conversion). */
 PATH_WRAPPER(int, chmod, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_ATTR | PATH_OWNER, -1, (int)libc_ret(CHMOD_RAW(p, mode)))
-PATH_WRAPPER(int, fchmodat, (int fd, const char *path, mode_t mode, int flags),
+PATH_FN(HIDDEN, int, fchmodat_path, (int fd, const char *path, mode_t mode, int flags),
              (fd, path, mode, flags), NO_PROC_DIR, chmod_op(flags), -1,
              flags ? REAL(fchmodat)(fd, p, mode, flags)
                    : (int)libc_ret(SYS3(fchmodat, fd, p, mode)))
@@ -1619,7 +1657,7 @@ PATH_WRAPPER(int, chown, (const char *path, uid_t uid, gid_t gid), (path, uid, g
 PATH_WRAPPER(int, lchown, (const char *path, uid_t uid, gid_t gid), (path, uid, gid),
              NO_PROC_DIR, chown_op(AT_SYMLINK_NOFOLLOW, uid, gid), -1,
              (int)libc_ret(LCHOWN_RAW(p, uid, gid)))
-PATH_WRAPPER(int, fchownat, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
+PATH_FN(HIDDEN, int, fchownat_path, (int fd, const char *path, uid_t uid, gid_t gid, int flags),
              (fd, path, uid, gid, flags), NO_PROC_DIR, chown_op(flags, uid, gid), -1,
              (int)libc_ret(SYS5(fchownat, fd, p, uid, gid, flags)))
 /* utimensat's path may be NULL (the descriptor itself): glibc's function
@@ -1628,7 +1666,7 @@ PATH_FN(static inline, int, utimensat_m,
         (int fd, const char *path, const struct timespec times[2], int flags),
         (fd, path, times, flags), NO_PROC_DIR, utimens_op(times, flags), -1,
         (int)libc_ret(SYS4(utimensat, fd, p, times, flags)))
-API int utimensat(int fd, const char *path, const struct timespec times[2], int flags) {
+int utimensat_path(int fd, const char *path, const struct timespec times[2], int flags) {
   /* <sys/stat.h> declares path nonnull: the compiler would drop the test. */
   __asm__("" : "+r"(path));
   if (!path) {
@@ -1666,7 +1704,7 @@ PATH_WRAPPER(int, utimes, (const char *path, const struct timeval times[2]),
              utimes_raw(AT_FDCWD, p, times))
 PATH_WRAPPER(int, utime, (const char *path, const struct utimbuf *times),
              (path, times), NO_PROC_DIR, times_op(times, 0), -1, utime_raw(p, times))
-PATH_WRAPPER(int, futimesat, (int fd, const char *path, const struct timeval times[2]),
+PATH_FN(HIDDEN, int, futimesat_path, (int fd, const char *path, const struct timeval times[2]),
              (fd, path, times), NO_PROC_DIR, timeval_op(times), -1,
              utimes_raw(fd, p, times))
 PATH_WRAPPER(int, lutimes, (const char *path, const struct timeval times[2]),
@@ -1823,7 +1861,7 @@ out:
   if (page) SYS2(munmap, page, PATH_MAX); /* raw: errno kept */
   return r;
 }
-API int linkat(int fd1, const char *from, int fd2, const char *to, int flags) {
+int linkat_path(int fd1, const char *from, int fd2, const char *to, int flags) {
   ensure_init();
   if (UNLIKELY(path_hooked(from) || path_hooked(to)))
     return linkat_slow(fd1, from, fd2, to, flags, 0);
@@ -1918,3 +1956,43 @@ API int shm_unlink(const char *name) {
   if (r < 0 && errno == EPERM) errno = EACCES; /* as glibc says it */
   return r;
 }
+
+/* --- For descriptors (preload_cowfd.c) ------------------------------------
+ *
+ * A metadata call on a descriptor open on an original is made on the
+ * private side, as a path call's: these give preload_cowfd.c the same
+ * matching, refusals and copy, by the descriptor's name as the kernel
+ * gives it (readlink of /proc/self/fd/N: absolute, symlinks resolved). */
+
+int cow_fd_named(const char *name) {
+  const struct appshot_redir *r = match(&g_h->instance, name);
+  if (!r || r->kind != APPSHOT_REDIR_COW) return 0;
+  /* A private side inside `from` is the clone's own already. */
+  size_t tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+  return strncmp(name, r->to, tl) || (name[tl] != '\0' && name[tl] != '/');
+}
+
+int cow_fd_private(char buf[PATH_MAX], int op, const struct stat *fd_st, const char **priv) {
+  const struct appshot_redir *r = match(&g_h->instance, buf);
+  if (!r || r->kind != APPSHOT_REDIR_COW) return 1;
+  size_t fl = r->from_len, tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+  size_t rl = strlen(buf) - fl;
+  if (tl + rl >= PATH_MAX || fl + rl >= PATH_MAX) return -ENAMETOOLONG;
+  struct cow c = {buf, r->from, r->to, fl, tl, fl > tl ? fl : tl, 0};
+  memmove(buf + c.k, buf + fl, rl + 1);
+  /* The very inode the descriptor is open on, under that name now: not
+   * one renamed or replaced since, whose copy would be of another file. */
+  struct stat st;
+  if (!lexists(orig_side(&c), &st) || st.st_dev != fd_st->st_dev || st.st_ino != fd_st->st_ino)
+    return 1;
+  if (!lexists(priv_side(&c), &st)) {
+    int rc = copy_attr_up(&c, op);
+    if (rc < 0) return rc;
+  }
+  *priv = priv_side(&c);
+  return 0;
+}
+
+int path_chmod_op(int flags) { return chmod_op(flags); }
+int path_chown_op(int flags, uid_t uid, gid_t gid) { return chown_op(flags, uid, gid); }
+int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, flags); }

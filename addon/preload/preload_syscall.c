@@ -2,8 +2,9 @@
  * syscall(): programs that make id system calls through it (gettid before
  * glibc 2.30, tgkill, pidfd_open, sched_setattr, kcmp, ioprio_set, libnuma's
  * move_pages, CPU-time clocks...) and path calls (openat2, which glibc has
- * no function for; open, stat, readlink... of /proc/<pid>) get the same
- * translation as through the libc functions. The kernel's conventions are
+ * no function for; open, stat, readlink... of /proc/<pid>; fchmod,
+ * fsetxattr... of a descriptor open on a copy-on-write original) get the
+ * same translation as through the libc functions. The kernel's conventions are
  * kept where they differ from libc's (getpriority returns 20 - nice);
  * errors are -1 and errno, as syscall() reports them.
  */
@@ -128,14 +129,10 @@ API long syscall(long nr, ...) {
     case SYS_fchdir:
     case SYS_chmod:
     case SYS_fchmodat:
-    case SYS_fchmodat2:
     case SYS_chown:
     case SYS_lchown:
-    case SYS_fchownat:
     case SYS_utime:
     case SYS_utimes:
-    case SYS_futimesat:
-    case SYS_utimensat:
     case SYS_setxattr:
     case SYS_lsetxattr:
     case SYS_removexattr:
@@ -147,6 +144,17 @@ API long syscall(long nr, ...) {
     case SYS_mknod:
     case SYS_mknodat:
     case SYS_symlink: return do_path_syscall(nr, a, b, c, d, e);
+    /* Metadata calls that may name a descriptor (preload_cowfd.c); the
+     * *at ones given a path go on to do_path_syscall. */
+    case SYS_fchmod:
+    case SYS_fchown:
+    case SYS_fsetxattr:
+    case SYS_fremovexattr:
+    case SYS_fchmodat2:
+    case SYS_fchownat:
+    case SYS_futimesat:
+    case SYS_utimensat:
+    case SYS_linkat: return do_cowfd_syscall(nr, a, b, c, d, e);
     case SYS_getdents64:
     case SYS_getdents: return do_getdents_syscall(nr, a, b, c);
     case SYS_getsockopt:
