@@ -51,14 +51,19 @@ async function checksPass(aid: string) {
 
 /** What the clone's calls may change in the originals, as seen from outside. */
 function originals() {
-  return Object.fromEntries(
-    readdirSync(real)
-      .sort()
-      .map((n) => {
-        const s = lstatSync(join(real, n));
-        return [n, { mode: s.mode, ino: s.ino, mtimeMs: s.mtimeMs, text: readFileSync(join(real, n), 'utf8') }];
-      }),
-  );
+  const self = lstatSync(real);
+  return {
+    // real itself (a trailing '/' through a link: chmod, utime)
+    '.': { mode: self.mode, ino: self.ino, mtimeMs: self.mtimeMs },
+    ...Object.fromEntries(
+      readdirSync(real)
+        .sort()
+        .map((n) => {
+          const s = lstatSync(join(real, n));
+          return [n, { mode: s.mode, ino: s.ino, mtimeMs: s.mtimeMs, text: readFileSync(join(real, n), 'utf8') }];
+        }),
+    ),
+  };
 }
 
 it('a clone\'s calls through a middle-component symlink change its own copies, never the template\'s', async () => {
@@ -112,6 +117,10 @@ it('a clone\'s calls through a middle-component symlink change its own copies, n
     expect(existsSync(priv(join(real, `t-${x}`))), x).toBe(false);
     expect(existsSync(priv(join(real, `u-${x}`))), x).toBe(false);
   }
+  // Changed through "mine/" and "absl/" with AT_SYMLINK_NOFOLLOW, which
+  // the trailing '/' makes follow: the clone's real.
+  expect(statSync(priv(real)).mode & 0o7777).toBe(0o700);
+  expect(statSync(priv(real)).mtimeMs).toBe(978307200000);
   for (const l of ['absl', 'rell', 'chain', 'hop', 'sub/up', 'outmid']) expect(existsSync(priv(join(data, l))), l).toBe(false);
   expect(lstatSync(priv(join(data, 'mine'))).isSymbolicLink()).toBe(true);
   expect(lstatSync(priv(join(data, 'cpl'))).isSymbolicLink()).toBe(true);

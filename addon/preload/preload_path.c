@@ -59,7 +59,9 @@
  *    for setxattr XATTR_CREATE of one it has, EINVAL for flags (and nanoseconds)
  *    the kernel or glibc rejects before its lookup.
  *  - A final symlink that a call follows (every open, stat, access,
- *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW) is followed
+ *    chdir, chmod... without O_NOFOLLOW or AT_SYMLINK_NOFOLLOW; and with
+ *    them, for a call that looks its path up rather than its parent, when
+ *    a '/' follows the link's name, as the kernel then follows it) is followed
  *    here, on the side in use, when the path is under a copy-on-write
  *    rule: its target, an absolute one as it is and a relative one against
  *    the link's virtual directory (resolved by the kernel when the target
@@ -845,6 +847,12 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
   int base = op & PATH_OP_MASK;
   int follow = !(op & PATH_NOFOLLOW) &&
                (base == PATH_READ || base == PATH_WRITE || base == PATH_TRUNC || base == PATH_ATTR);
+  /* A call that looks its path up (not one on its parent: create, remove,
+   * rename): a trailing '/' makes the kernel follow a final symlink even
+   * where the call would not (AT_SYMLINK_NOFOLLOW, O_NOFOLLOW, lchown),
+   * so it is followed here too. */
+  int lookup = base == PATH_READ || base == PATH_WRITE || base == PATH_TRUNC ||
+               base == PATH_ATTR || base == PATH_LATTR;
   for (int hops = 0;; hops++) {
     /* buf = the normalized path (in place when p is buf). One that does
      * not fit cannot be matched: fail rather than let it reach the
@@ -876,21 +884,33 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
         continue;
       }
     }
-    if (!r && hops && follow) {
-      struct stat lst;
-      if (lexists(p, &lst) && S_ISLNK(lst.st_mode)) {
-        if (hops == MAX_HOPS) {
-          errno = ELOOP;
-          return NULL;
+    if (!r && hops) {
+      /* p is *page here (where the last link led). A trailing '/' is
+       * taken off to look at the entry itself (lstat would follow it),
+       * and put back after the target, where the kernel checks it. */
+      char *pw = *page;
+      size_t pl = strlen(pw), kept = pl;
+      int slash = lookup && pl > 1 && pw[pl - 1] == '/';
+      if (follow || slash) {
+        while (slash && kept > 1 && pw[kept - 1] == '/') pw[--kept] = '\0';
+        struct stat lst;
+        if (lexists(pw, &lst) && S_ISLNK(lst.st_mode)) {
+          if (hops == MAX_HOPS) {
+            errno = ELOOP;
+            return NULL;
+          }
+          memcpy(buf, pw, kept + 1);
+          int rc = link_target(buf, NULL, *page);
+          if (rc < 0) {
+            errno = -rc;
+            return NULL;
+          }
+          size_t n2 = strlen(*page);
+          if (slash && n2 + 1 < PATH_MAX) memcpy(*page + n2, "/", 2);
+          p = *page;
+          continue;
         }
-        memcpy(buf, p, strlen(p) + 1);
-        int rc = link_target(buf, NULL, *page);
-        if (rc < 0) {
-          errno = -rc;
-          return NULL;
-        }
-        p = *page;
-        continue;
+        if (kept < pl) pw[kept] = '/';
       }
     }
     if (!r) return original(path, p, buf, *page);
@@ -946,7 +966,7 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
      * missing: the switch then asks nothing again. */
     enum { SEEN_NOTHING, SEEN_PRIVATE, SEEN_NOT_PRIVATE } seen =
         priv_missing ? SEEN_NOT_PRIVATE : SEEN_NOTHING;
-    if (follow) {
+    if (follow || (cut && lookup)) {
       /* A final symlink the kernel would follow: followed here, from the
        * side in use. Left to the kernel, a private link's absolute target
        * would reach the template's original (a write, a chmod), and a
