@@ -67,7 +67,7 @@ export interface RestoreOptions {
   aid?: string;
   lazy: boolean;
   /** Check the page data even where this state directory wrote it and it
-   * is unchanged since (LoadOptions.verifyPages). */
+   * is unchanged since (LoadOptions.trustWritten false). */
   verifyPages?: boolean;
   /** Set when stamping a clone from a template (FIG. 9). */
   instance?: InstancePlan;
@@ -181,8 +181,9 @@ export interface RestoreResult {
   /** The restore's own time: from the verified image to the resumed app. */
   restoreMs: number;
   verifyMs: number;
-  /** Whether every page file's chunks were checked; false where this
-   * state directory wrote one and it is unchanged since (written.ts). */
+  /** Whether any page file of the image and its parents was checked;
+   * false when this state directory wrote every one of them and each is
+   * unchanged since (written.ts). */
   pagesChecked: boolean;
   lazy: boolean;
   /** Directories made for its REDIR PATH targets. */
@@ -1052,7 +1053,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       initPid: record!.initPid!,
       restoreMs: now() - verified - heldMs,
       verifyMs: verified - started,
-      pagesChecked: !chain.some((l) => l.pagesAsWritten),
+      pagesChecked: chain.some((l) => !l.pagesAsWritten),
       lazy: opts.lazy,
       createdDirs: madeDirs,
       ...(opts.batchCommit ? { lifeline } : {}),

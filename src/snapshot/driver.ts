@@ -20,6 +20,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
 import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
+import { recordWritten, writtenIdentity } from '../image/written.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
@@ -468,6 +469,9 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     commitImageDir(final, image, pages, part, id);
     // The base is the directory itself: its parts, not a nested one.
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
+    // The rename moved the page file's ctime: recorded again as it is now
+    // (written.ts), or every restore would check the base, most of the data.
+    recordWritten(writtenIdentity(join(dir, PARTS.pages)), id, part.chunks);
     rmSync(final, { recursive: true });
     pages.close();
     return { dir, id, frozenMs, tracked, journal: base };
