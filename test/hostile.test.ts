@@ -268,6 +268,7 @@ describe('a page file this node wrote, unchanged since, is not checked again (sr
     expect(restoredChecked(written)).toBe(false);
     expect(restoredChecked(written, '--lazy')).toBe(false);
     expect(restoredChecked(written, '--verify')).toBe(true);
+    expect(restoredChecked(written, '--lazy', '--verify')).toBe(true);
   });
 
   it('checks it once it was changed in place (the same file, the same size): a byte flipped is refused, eager and --lazy, and the byte put back restores', () => {
@@ -1043,6 +1044,11 @@ describe('signed images', () => {
     rmSync(exported, { force: true });
     expect(other.run(['key', 'export', '-o', exported]).code).toBe(0);
     expect(readFileSync(exported, 'utf8')).toMatch(/^-----BEGIN PUBLIC KEY-----/);
+    // Not as 'self': that names this node's own key (src/image/written.ts
+    // trusts only its pages by their record).
+    const asSelf = sb.run(['key', 'import', exported, '--name', 'self']);
+    expect(asSelf.code).toBe(2);
+    expect(asSelf.stderr).toMatch(/^appshot: 'self' names this node's own key: import the key under another name\n$/);
     const imported = sb.run(['key', 'import', exported, '--name', 'other-node']);
     expect(imported.code).toBe(0);
     expect(sb.run(['key', 'ls']).stdout).toMatch(/other-node/);

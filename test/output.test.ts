@@ -77,8 +77,9 @@ describe('progress', () => {
     expect(last.total).toBeGreaterThan(60);
 
     // The restore counts the page data copied (format 3: each chunk is
-    // checked on other threads just before it is copied, not counted twice).
-    const back = await spawnAsync(process.execPath, [cli, 'restore', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, timeout: 120_000 });
+    // checked on other threads just before it is copied, not counted twice;
+    // --verify: written here, they would not be checked at all).
+    const back = await spawnAsync(process.execPath, [cli, 'restore', '--verify', join(out, 'ci.appshot'), '--progress=plain'], { env: sb.env, timeout: 120_000 });
     expect(back.status, back.stderr).toBe(0);
     const restoreLines = back.stderr.split('\n').filter((l) => l.startsWith(`appshot: restore ${join(out, 'ci.appshot')}: `));
     const lastRestore = amounts(restoreLines.at(-1)!)[0];

@@ -34,6 +34,7 @@ declare -A needs=(
   [/usr/bin/ipcrm]=util-linux
   [/usr/bin/flock]=util-linux
   [/usr/bin/pgrep]=procps
+  [/usr/bin/ss]=iproute2
 )
 
 missing=()

@@ -12,6 +12,7 @@
  * accepts itself. (Image after image on one socket, read by getsockopt:
  * serve-shared.test.ts.)
  */
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -50,6 +51,14 @@ const ask = (port: number, line: string) =>
     c.on('error', reject);
     c.on('close', () => resolve(got));
   });
+
+/** The backlog of what listens on 127.0.0.1:`port` (ss's Send-Q for a
+ * listener), -1 if nothing does. */
+const backlogOf = (port: number): number => {
+  const r = spawnSync('ss', ['-Hltn', `src 127.0.0.1:${port}`], { encoding: 'utf8' });
+  const fields = r.stdout.trim().split(/\s+/);
+  return fields.length >= 3 ? Number(fields[2]) : -1;
+};
 
 const events = (s: Running, name: string) => s.logged<{ event: string; service?: string; shared?: boolean; was?: string }>().filter((e) => e.service === name);
 
@@ -111,6 +120,11 @@ describe.each([
       throw new Error(`${e.message}\n${serve.stderr}`);
     });
     expect(alive(pids[0])).toBe(false);
+    // Its queue serve's again (the crashed one listened with 7), before a
+    // client queues for the restore: a burst waits rather than losing SYNs.
+    await waitFor(() => backlogOf(PUBLIC) >= 4096, 10_000, "the public listener's queue to be serve's again").catch((e: Error) => {
+      throw new Error(`${e.message} (it is ${backlogOf(PUBLIC)})`);
+    });
     // Connected now, queued until the restore from the image (its count
     // as the image had it); checked by the restored server.
     expect(await ask(PUBLIC, 'hello')).toBe('OK 2\n');

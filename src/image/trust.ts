@@ -215,6 +215,16 @@ export const untrustedHint = 'if you trust it, run again with --trust-image, or 
 
 // `appshot key ...`
 
+/** The id of this node's own key, undefined if it has none yet (never
+ * made here: an image it did not sign cannot be its own). */
+export function ownKeyId(home = defaultHome()): string | undefined {
+  try {
+    return readSelfKey(home)?.id;
+  } catch {
+    return undefined;
+  }
+}
+
 export function exportKey(home = defaultHome()): string {
   return createPublicKey(selfKey(home).key).export({ type: 'spki', format: 'pem' }).toString();
 }
@@ -236,6 +246,9 @@ export function importKey(file: string, name: string | undefined, home = default
   if (known) throw new AppshotError(`key ${id} is trusted already (as ${known.name})`, ExitCode.conflict);
   const label = name ?? id;
   if (!KEY_NAME.test(label)) throw new AppshotError(`'${label}' cannot name a key: letters, digits, '_', '.', '-'`, ExitCode.usage);
+  // What this node's own key is called wherever keys are listed: another
+  // node's key under that name would pass for this node's.
+  if (label === 'self') throw new AppshotError(`'self' names this node's own key: import the key under another name`, ExitCode.usage);
   const dest = join(trustedDir(home), `${label}.pub`);
   try {
     writeFileSync(dest, key.export({ type: 'spki', format: 'pem' }), { mode: 0o644, flag: 'wx' });

@@ -6,7 +6,7 @@
  * chunk table before the application may read it (format.ts, PagesCheck):
  * the file is not covered by the signature, and anyone who can write it
  * could change what the application runs. That costs reading and hashing
- * the whole file (~0.4 ms per MiB here), and a lazy restore cannot resume
+ * the whole file (~0.5 ms per MiB here), and a lazy restore cannot resume
  * before it ends: the application would read chunks not checked yet.
  *
  * When `snapshot` has just written a page file, it records here, under the
@@ -24,8 +24,9 @@
  *    its own even within the same clock tick; before, a change made by
  *    the owner within that tick (a few ms) would go unseen.
  * What it does not catch: corruption below the file system (a bad disk
- * block) that changes no timestamp. `appshot restore --verify-pages`
- * checks every chunk all the same.
+ * block) that changes no timestamp. `appshot restore --verify` checks
+ * every chunk all the same. Only on file systems whose timestamps the
+ * local kernel keeps (LOCAL_TIMES).
  *
  *   $APPSHOT_HOME/written/<image id>   {"dev","ino","size","mtimeNs","ctimeNs","chunks"}
  *
@@ -34,10 +35,16 @@
  * first.
  */
 import { createHash } from 'node:crypto';
-import { type BigIntStats, closeSync, constants as fsc, fstatSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fsc, fstatSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmSync, statfsSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { defaultHome } from '../home.js';
 import { uniqueTag } from '../holder.js';
+
+/** File systems whose inode numbers and timestamps this kernel keeps
+ * itself: ext4, xfs, btrfs, tmpfs. On FUSE, NFS, CIFS, 9p... a server
+ * reports them (sshfs: ctime follows mtime, which the owner can set), so
+ * a page file there is always checked. */
+const LOCAL_TIMES = new Set([0xef53, 0x58465342, 0x9123683e, 0x01021994]);
 
 /** Records kept: a few hundred bytes each. */
 const KEEP = 512;
@@ -111,6 +118,7 @@ export function writtenHere(fd: number, imageId: string, chunks: Buffer, home = 
     if (!st.isFile() || st.uid !== process.geteuid?.() || st.size > MAX_RECORD) return false;
     const buf = Buffer.alloc(st.size);
     if (readSync(rfd, buf, 0, st.size, 0) !== st.size) return false;
+    if (!LOCAL_TIMES.has(statfsSync(`/proc/self/fd/${fd}`).type)) return false;
     const recorded = JSON.parse(buf.toString('utf8')) as Partial<Record>;
     const now = identityOf(fstatSync(fd, { bigint: true }), chunks);
     return (Object.keys(now) as (keyof Record)[]).every((k) => recorded[k] === now[k]);

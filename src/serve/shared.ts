@@ -211,7 +211,12 @@ export class SharedListener {
    */
   takeFreshOptions(): string[] {
     this.given = undefined;
-    return resetListenerOptions(this.fd, `the public listener on port ${this.publicPort}, given a fresh socket's options until the next image is read`);
+    const stale = resetListenerOptions(this.fd, `the public listener on port ${this.publicPort}, given a fresh socket's options until the next image is read`);
+    // And serve's queue: the crashed instance's listen() may have made it
+    // as short as its own, and a burst waiting for the restore would lose
+    // SYNs (retried a second or three later).
+    this.serveBacklog();
+    return stale;
   }
 
   /** Its queue serve's length again (SERVE_BACKLOG, or the application's
