@@ -7,8 +7,9 @@
  * A child touches MIB MiB (as bench/memapp does) and is stopped; each
  * METHOD then copies all of it into a fresh O_TMPFILE in DIR, and one JSON
  * line per METHOD says how long the copy took (copyMs: the frozen part),
- * the fsync after it (fsyncMs), and the /proc/vmstat counters that moved
- * (page faults, page cache allocations). Methods:
+ * the fsync after it (fsyncMs), of the copy the reads and the writes
+ * apart (readMs, writeMs), and the /proc/vmstat counters that moved
+ * (machine-wide: page faults, page allocations). Methods:
  *   mapped     fallocate + MAP_SHARED + MADV_POPULATE_WRITE per 1 MiB
  *              window + pread(/proc/PID/mem) into the window (pages.c
  *              since 62ecc4a)
@@ -20,7 +21,9 @@
  *   splice     pread into the warm buffer, vmsplice it into a pipe, splice
  *              the pipe to the file (what CRIU's page transfer does, the
  *              parasite's vmsplice replaced by our copy)
- * Prefix a method with "pre:" to fallocate the whole file first. */
+ * Prefix a method with "pre:" to fallocate the whole file first, or with
+ * "pw:" to write zeros over all of it first, untimed but shown apart
+ * (prewriteMs): what pw_reserve does before the freeze. */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
