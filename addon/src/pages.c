@@ -28,7 +28,11 @@
 #define PM_PFN (((1ull << 55)) - 1)
 /* Pagemap entries read per pread: 512 KiB covers 256 MiB of address space. */
 #define PM_CHUNK 65536u
-#define WRITE_BUFFER (8u << 20)
+/* The buffered path's buffers: a few, allocated and touched when the
+ * writer opens (before the application is frozen), then used over and
+ * over. See warm_buffer. */
+#define WRITE_BUFFER (2u << 20)
+#define WRITE_POOL 4
 
 /* ---- CRC-32C (Castagnoli): the SSE4.2 instruction where the CPU has it,
  * a table otherwise. One checksum per image part; a flipped bit anywhere
@@ -130,6 +134,20 @@ static uint8_t* chunk_buffer(size_t len) {
 
 static void chunk_buffer_free(uint8_t* buf, size_t len) {
   if (buf) munmap(buf, len);
+}
+
+/* A write buffer, every page of it touched now. Memory touched for the
+ * first time is what copying costs most on a VM (each page faulted in,
+ * and where the host shadows the guest's page tables or backs its memory
+ * on demand, a trap to the host as well): the frozen window should only
+ * copy into pages already there. Measured (bench/frozenio, 256 MiB, load
+ * ~2): reading /proc/PID/mem into a buffer touched beforehand and write()
+ * of it, 85-250 ms; into fresh buffers, 1180 ms; into the page file
+ * mapped shared, 700-1250 ms (see map_open). */
+static uint8_t* warm_buffer(void) {
+  uint8_t* b = chunk_buffer(WRITE_BUFFER);
+  if (b) memset(b, 0, WRITE_BUFFER);
+  return b;
 }
 
 /* Chunk i is whole in the file, or the last one and the file complete. */
@@ -323,7 +341,7 @@ static void* writer_main(void* arg) {
     if (rc && !q->err) q->err = rc;
     q->queued -= c->len;
     if (q->nspare < q->spare_cap) q->spare[q->nspare++] = c->buf;
-    else free(c->buf);
+    else chunk_buffer_free(c->buf, WRITE_BUFFER);
     free(c);
     pthread_cond_broadcast(&q->space);
   }
@@ -334,11 +352,11 @@ static void* writer_main(void* arg) {
 static void queue_free(struct pw_queue* q) {
   for (struct chunk* c = q->head; c;) {
     struct chunk* next = c->next;
-    free(c->buf);
+    chunk_buffer_free(c->buf, WRITE_BUFFER);
     free(c);
     c = next;
   }
-  for (size_t i = 0; i < q->nspare; i++) free(q->spare[i]);
+  for (size_t i = 0; i < q->nspare; i++) chunk_buffer_free(q->spare[i], WRITE_BUFFER);
   free(q->spare);
   pthread_mutex_destroy(&q->mu);
   pthread_cond_destroy(&q->work);
@@ -373,9 +391,20 @@ static int queue_stop(page_writer* w, int discard) {
 #define MAP_GRAIN PAGES_CHUNK         /* a window: up to the next chunk boundary */
 #define MAP_GROW_MAX (64ull << 20)    /* allocated ahead at most */
 
+/* Only with APPSHOT_PAGES_MAP=1 (and not APPSHOT_PAGES_WRITE=1): no
+ * longer the default. Storing into a shared file mapping is the costliest
+ * copy there is where page faults are expensive: each page of the window
+ * is faulted in (page_mkwrite, its unwritten extent), then the first
+ * store into it traps again where the host shadows the page tables, and
+ * the write-back must write-protect it. On this project's VM, 256 MiB of
+ * a stopped process: 700-1250 ms this way, 85-250 ms read into a warm
+ * buffer and written with write() (bench/frozenio, same run), whose page
+ * cache pages the kernel fills through its own mapping. */
 static int map_open(page_writer* w) {
   const char* off = getenv("APPSHOT_PAGES_WRITE");
   if (off && *off == '1') return -EOPNOTSUPP;
+  const char* on = getenv("APPSHOT_PAGES_MAP");
+  if (!on || *on != '1') return -EOPNOTSUPP;
   /* One address range for the whole file, whatever its size will be (a
    * shared mapping of a file reserves no memory): each chunk stays where
    * it is until the hashing threads are done with it. */
@@ -442,7 +471,7 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
     if (rc) pw_abort(w);
     return rc;
   }
-  w->buf = aligned_alloc(PAGE, WRITE_BUFFER);
+  w->buf = warm_buffer();
   if (!w->buf) {
     pw_abort(w);
     return -ENOMEM;
@@ -454,8 +483,16 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
       q->fd = w->file_fd;
       q->sums = w->sums;
       q->limit = queue_limit;
-      q->spare_cap = 16;
+      /* The whole pool now, warm: the reading then waits for a buffer the
+       * thread has written rather than touch a new one. */
+      uint64_t pool = queue_limit / WRITE_BUFFER;
+      q->spare_cap = pool < 2 ? 2 : pool > WRITE_POOL ? WRITE_POOL : (size_t)pool;
       q->spare = calloc(q->spare_cap, sizeof *q->spare);
+      while (q->spare && q->nspare + 1 < q->spare_cap) {
+        uint8_t* b = warm_buffer();
+        if (!b) break;
+        q->spare[q->nspare++] = b;
+      }
       pthread_mutex_init(&q->mu, NULL);
       pthread_cond_init(&q->work, NULL);
       pthread_cond_init(&q->space, NULL);
@@ -471,8 +508,47 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
   return 0;
 }
 
+static const uint8_t zero_page[PAGE];
+
+/* Buffered: the page cache of the file's next `bytes` made now by writing
+ * zeros there (from one zero page, many times over: nothing touched on our
+ * side), at the place the pages will go, which the copying then writes
+ * over (write() from the file's offset, which this leaves where it was).
+ * Getting the page cache's pages is most of what write() costs where
+ * memory is touched for the first time (or taken back from others): on
+ * this project's VM, 256 MiB written into a file 62-1770 ms (load 7-9),
+ * 16-117 ms over pages written beforehand (bench/frozenio pw:buffered,
+ * same run). A full disk here is no failure: the copying meets it again
+ * past what was reserved, and says so. */
+static int reserve_written(page_writer* w, uint64_t bytes) {
+  enum { ZEROS = 512 };
+  static struct iovec zeros[ZEROS];
+  if (!zeros[0].iov_base)
+    for (int i = 0; i < ZEROS; i++) zeros[i] = (struct iovec){(void*)zero_page, PAGE};
+  uint64_t end = (bytes + PAGE - 1) / PAGE * PAGE;
+  /* From where the next page goes (what is queued or in the buffer lies
+   * before it, written by write() at the file's offset; this moves it
+   * not), or from what an earlier call reserved. */
+  uint64_t at = w->size + w->buf_used;
+  if (w->allocated > at) at = w->allocated;
+  while (at < end) {
+    uint64_t n = (end - at) / PAGE;
+    int cnt = n < ZEROS ? (int)n : ZEROS;
+    ssize_t done = pwritev(w->file_fd, zeros, cnt, (off_t)at);
+    if (done < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (done == 0) return -ENOSPC;
+    at += (uint64_t)done / PAGE * PAGE;
+    w->allocated = at;
+    if ((uint64_t)done % PAGE) return -ENOSPC;
+  }
+  return 0;
+}
+
 int pw_reserve(page_writer* w, uint64_t bytes) {
-  if (!w->map) return 0;
+  if (!w->map) return reserve_written(w, bytes);
   uint64_t end = (bytes + MAP_GRAIN - 1) / MAP_GRAIN * MAP_GRAIN;
   if (end > w->map_len) end = w->map_len;
   if (end <= w->size + w->buf_used) return 0;
@@ -522,13 +598,20 @@ static int flush(page_writer* w) {
       q->queued += c->len;
       pthread_cond_signal(&q->work);
     }
-    uint8_t* next = q->nspare ? q->spare[--q->nspare] : NULL;
-    pthread_mutex_unlock(&q->mu);
     if (err) {
+      pthread_mutex_unlock(&q->mu);
       free(c);
       return err;
     }
-    w->buf = next ? next : aligned_alloc(PAGE, WRITE_BUFFER);
+    /* The next buffer is one the thread is done with (the pool's are all
+     * warm); a pool that could not be made whole (no spare at all, and
+     * none queued) gets a buffer touched now. */
+    while (!q->err && !q->nspare && q->queued) pthread_cond_wait(&q->space, &q->mu);
+    uint8_t* next = q->nspare ? q->spare[--q->nspare] : NULL;
+    err = q->err;
+    pthread_mutex_unlock(&q->mu);
+    w->buf = next ? next : err ? NULL : warm_buffer();
+    if (err) return err;
     if (!w->buf) return -ENOMEM;
   }
   w->size += w->buf_used;
@@ -640,8 +723,6 @@ static int was_written(const pages_parent* p, size_t* cursor, uint32_t idx) {
     (*cursor)++;
   return *cursor < p->nwritten && p->written[2 * *cursor] <= idx;
 }
-
-static const uint8_t zero_page[PAGE];
 
 /* Copies pages [first, first+count) of the mapping into the buffer, drops
  * those the parent already holds unchanged (and, for anonymous memory,
@@ -982,7 +1063,7 @@ static void release_buffer(page_writer* w) {
     w->map = NULL;
     if (w->sums) w->sums->map = NULL;
   } else {
-    free(w->buf);
+    chunk_buffer_free(w->buf, WRITE_BUFFER);
   }
   w->buf = NULL;
 }

@@ -83,7 +83,7 @@ typedef struct {
    * until pw_finish cuts it to `size`); `map_len`: the address range
    * reserved for it. */
   uint8_t* map;
-  uint64_t map_len, allocated;
+  uint64_t map_len, allocated; /* buffered: the end of what pw_reserve wrote */
   uint64_t size;  /* bytes written so far; always a multiple of the page size */
   struct pw_sums* sums; /* SHA-256 per chunk of what is written */
   uint8_t* buf;
@@ -132,22 +132,27 @@ typedef struct {
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
- * pw_link, nothing is left behind. Where the file system can allocate
- * ahead (fallocate), the file is mapped shared and pages are read from the
- * application straight into it (its page cache): one copy, no buffer of
- * our own, nothing to write out, and the chunk digests hashed from the
- * mapping. Elsewhere (or with APPSHOT_PAGES_WRITE=1 in the environment),
- * pages go through a buffer written with write(): with a `queue_limit`,
- * full buffers are written by a thread of the writer's own while reading
- * goes on, waiting for the disk only once that many bytes are queued. */
+ * pw_link, nothing is left behind. Pages are read from the application
+ * into a few buffers of our own, allocated and touched here (so before
+ * the freeze), and written with write(): with a `queue_limit`, full
+ * buffers are written by a thread of the writer's own while reading goes
+ * on (the pool: up to 4 buffers of 2 MiB, fewer if the limit is lower),
+ * the reading waiting for one written out when none is free. A full disk
+ * is write()'s ENOSPC. The chunk digests are hashed from the file's page
+ * cache, read back.
+ * With APPSHOT_PAGES_MAP=1 in the environment (where the file system can
+ * allocate ahead: fallocate), the file is instead mapped shared and pages
+ * read straight into it: one copy less, but a fault per page, which costs
+ * more than the copy on a VM (see map_open in pages.c). */
 int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
-/* Makes the page cache of the file's first `bytes` now (allocated and
- * faulted in, where it is mapped): called before the application is
- * frozen with what its image will about hold, so that copying into the
- * file then finds its pages there. Touching memory for the first time is
- * most of what copying into it costs (on a VM whose host backs guest
- * memory on demand, several times the copy). What is not used is cut off
- * by pw_finish. 0, or -errno (nothing is wrong then: only not prepared). */
+/* Makes the page cache of the file's first `bytes` now (written with
+ * zeros, or allocated and faulted in where it is mapped): called before
+ * the application is frozen with what its image will about hold, so that
+ * copying into the file then finds its pages there. Getting memory for
+ * the first time is most of what copying into it costs (on a VM whose
+ * host backs guest memory on demand, several times the copy). What is
+ * not used is cut off by pw_finish. 0, or -errno (nothing is wrong then:
+ * only not prepared). */
 int pw_reserve(page_writer* w, uint64_t bytes);
 /* Copies the selected pages of [start, end) in `pid`. `pagemap_fd` is the
  * tracee's /proc/PID/pagemap, opened by the caller once per process. With

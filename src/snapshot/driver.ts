@@ -515,10 +515,19 @@ function memoryOnly(vpid: number, pid: number): Process {
 /** How many bytes may wait for the disk while memory is read: a quarter
  * of what the machine has available (at least 64 MiB). */
 /** The most of a page file prepared before the freeze (see snapshot):
- * 32 MiB, or APPSHOT_RESERVE_MAX bytes (0: none; for measuring). */
+ * as much as may wait for the disk (writeQueueLimit), or
+ * APPSHOT_RESERVE_MAX bytes (0: none; for measuring). Written with zeros
+ * (pw_reserve), the page cache costs before the freeze what it would
+ * cost inside it, and a little more (the zeros' copy): 256 MiB on this
+ * VM, --leave-running frozen 948 -> 213 ms, the command's wall 1518 ->
+ * 1586 ms (bench/frozen-profile, paired, medians of 5, load ~6). The page file mapped (APPSHOT_PAGES_MAP=1) is prepared by
+ * faulting it in, whose cost only moves for its first 32 MiB (it was the
+ * default for that path: all of 256 MiB took the command's CPU from 0.47
+ * to 0.74 s and its wall from 1.0 to 1.5 s, paired, load 12-18). */
 function reserveMax(): number {
   const set = Number(process.env.APPSHOT_RESERVE_MAX);
-  return process.env.APPSHOT_RESERVE_MAX && Number.isFinite(set) && set >= 0 ? set : 32 << 20;
+  if (process.env.APPSHOT_RESERVE_MAX && Number.isFinite(set) && set >= 0) return set;
+  return process.env.APPSHOT_PAGES_MAP === '1' ? 32 << 20 : writeQueueLimit();
 }
 
 function writeQueueLimit(): number {
@@ -820,11 +829,9 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // with free page reporting, load ~10: 16 MiB touched first 50-440 ms,
     // again 0.7 ms), and they are not the frozen window's to pay. Not for
     // an incremental one, which holds only what changed. At most
-    // reserveMax(): preparing all of 256 MiB took the frozen window from
-    // 0.60 to 0.25 s but the command's CPU from 0.47 to 0.74 s and its
-    // wall from 1.0 to 1.5 s (paired, load 12-18); its first 32 MiB, the
-    // frozen window 0.41 -> 0.25 s (--leave-running; 16 MiB: 25 -> 16 ms,
-    // default 53 -> 22 ms), CPU and wall unchanged (paired, load ~6).
+    // reserveMax(): written with zeros (pw_reserve), all of 256 MiB took
+    // the frozen window (--leave-running) from 0.95 to 0.21 s, the
+    // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
     const estimate = progress === noProgress && !whole ? 0 : estimateImageBytes(roots);
     if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax())));
