@@ -846,19 +846,28 @@ int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table) {
 int trace_fork_stopped(pid_t tid, uint64_t syscall_insn, unsigned long flags, long* ret, pid_t* child) {
   long args[6] = {(long)flags, 0, 0, 0, 0, 0};
   *child = 0;
-  int rc = trace_inject_forking(tid, syscall_insn, SYS_clone, args, ret, child);
+  /* The child takes its tracing options from the thread as it is forked:
+   * with PTRACE_O_EXITKILL, it dies with us even before it is waited for
+   * below. The thread has its own options back after (those trace_seize
+   * set: no process with a seccomp filter is forked, so none had them
+   * suspended). */
+  int rc = trace_kill_on_exit(tid);
+  if (rc) return rc;
+  rc = trace_inject_forking(tid, syscall_insn, SYS_clone, args, ret, child);
+  int back = trace_keep_on_exit(tid);
+  if (!rc) rc = back;
   if (*child <= 0) return rc;
   /* Its first stop may come before or after its creator's event. */
   trace_report rep;
   int wrc = trace_wait(*child, 10000, &rep);
   if (!wrc && (rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED)) wrc = rep.kind == TRACE_NONE ? -ETIMEDOUT : -ESRCH;
   if (!wrc) wrc = trace_kill_on_exit(*child);
-  if (wrc) {
+  if (wrc || rc) {
     trace_end_child(*child);
     *child = 0;
     return rc ? rc : wrc;
   }
-  return rc;
+  return 0;
 }
 
 /* Kills a child made by trace_fork_stopped and waits until it is dead: its

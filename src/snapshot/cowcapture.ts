@@ -30,7 +30,7 @@
  * read from the process while frozen too, before armAll resets it for
  * the next snapshot (tracking.ts).
  */
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
 import { type MapsLine, type PrivateCopy } from '../resources/memory.js';
@@ -116,6 +116,9 @@ export class CowCapture {
     // appshot injects no fork into a process with a seccomp filter: the
     // filter may refuse it, or kill the process for it.
     for (const tid of tids) if (seccompMode(pid, tid) !== 0) return 'it has a seccomp filter';
+    // A fork waits until a userfaultfd told of forks has its event read:
+    // by the application, frozen.
+    if (forkAwaitedByUserfaultfd(pid)) return 'it has a userfaultfd told of forks (UFFD_FEATURE_EVENT_FORK), whose reader is frozen';
     let bytes = 0;
     for (const l of maps) if (l.perms[3] === 'p') bytes += ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
     if (bytes < this.minBytes) return `its private memory (${Math.round(bytes / 1024)} kB) is below ${Math.round(this.minBytes / 1024)} kB, where copying costs less than a fork`;
@@ -163,6 +166,30 @@ export class CowCapture {
     this.copies.splice(this.copies.indexOf(copy), 1);
     timed('cow: end copy', () => addon().endChild(copy.pid));
   }
+}
+
+const UFFD_FEATURE_EVENT_FORK = 0x2n;
+
+/** Whether a userfaultfd of `pid` asked for fork events (fdinfo's "API:
+ * api:features:ioctls" line, in hex). appshot's own (tracking.ts) does not. */
+function forkAwaitedByUserfaultfd(pid: number): boolean {
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return false;
+  }
+  for (const fd of fds) {
+    try {
+      if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== 'anon_inode:[userfaultfd]') continue;
+      const m = /^API:\s*[0-9a-f]+:([0-9a-f]+):/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+      // Unreadable: taken as told, which only costs a frozen copy.
+      if (!m || BigInt('0x' + m[1]) & UFFD_FEATURE_EVENT_FORK) return true;
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return false;
 }
 
 /** The Seccomp field of a thread's status (0: none, 2: filter). */

@@ -1,0 +1,83 @@
+/**
+ * Copy-on-write capture (snapshot --leave-running, src/snapshot/cowcapture.ts):
+ * each process forked while frozen, its private memory read from that copy
+ * once the application goes on. The fixture (cowcapture.c) writes its
+ * buffer pass after pass and checks that memory and its own place in the
+ * pass are of one instant, that its MAP_SHARED, MADV_WIPEONFORK and
+ * MADV_DONTFORK regions are as it left them, and that it never gets a
+ * SIGCHLD nor finds a child with waitpid(-1, __WALL): the copy is no one's
+ * in the application.
+ */
+import { readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox } from './helpers.js';
+import { scratchDir } from './scratch.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+/** Every child of `pid` (all its threads'), as the kernel lists them. */
+function childrenOf(pid: number): number[] {
+  return readdirSync(`/proc/${pid}/task`).flatMap((t) =>
+    readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8')
+      .split(/\s+/)
+      .filter(Boolean)
+      .map(Number),
+  );
+}
+
+const initOf = (aid: string) => sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid])[0].processes.find((p) => p.init)!.pid;
+
+describe('copy-on-write capture', () => {
+  const out = scratchDir('appshot-cow-');
+
+  it('captures memory being written at one instant, special regions as they were, unseen by the application', async () => {
+    const aid = 'cow';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '64']);
+    await sb.checksPass(aid);
+    const whole = sb.json<Json>(['snapshot', aid, '-o', join(out, 'whole'), '--leave-running']);
+    // Read from a copy, not frozen (the copy is forked: ps shows none left).
+    expect(whole.cowCapture).toEqual({ copied: 1, frozen: [] });
+    expect(childrenOf(initOf(aid))).toEqual([sb.systemPid(aid)]);
+    // The original goes on: no SIGCHLD, no child found, its memory intact.
+    await sb.checksPass(aid);
+    sb.ok(['restore', join(out, 'whole'), '--aid', 'cow-whole']);
+    await sb.checksPass('cow-whole');
+    // Incremental on it: the pages written since, known from the record
+    // armed at the freeze, read from the next copy.
+    const incr = sb.json<Json>(['snapshot', aid, '-o', join(out, 'incr'), '--leave-running']);
+    expect(incr.cowCapture).toEqual({ copied: 1, frozen: [] });
+    expect(incr.pagesFromParent).toBeGreaterThan(0);
+    sb.ok(['restore', join(out, 'incr'), '--aid', 'cow-incr']);
+    await sb.checksPass('cow-incr');
+    await sb.checksPass(aid);
+  });
+
+  it('reads memory frozen when told not to, or where it is small, and says why', async () => {
+    const aid = 'cowoff';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '8']);
+    await sb.checksPass(aid);
+    const off = sb.json<Json>(['snapshot', aid, '-o', join(out, 'off'), '--leave-running', '--no-cow-capture']);
+    expect(off.cowCapture).toBeUndefined();
+    sb.ok(['restore', join(out, 'off'), '--aid', 'cowoff-r']);
+    await sb.checksPass('cowoff-r');
+    const on = sb.json<Json>(['snapshot', aid, '-o', join(out, 'on'), '--leave-running']);
+    expect(on.cowCapture).toEqual({ copied: 1, frozen: [] });
+    sb.ok(['restore', join(out, 'on'), '--aid', 'cowoff-on']);
+    await sb.checksPass('cowoff-on');
+    await sb.checksPass(aid);
+    // 1 MiB and the fixture's regions: below the threshold, read frozen.
+    sb.ok(['run', '-d', '--aid', 'cowsmall', '--', fixture('cowcapture'), '1']);
+    await sb.checksPass('cowsmall');
+    const small = sb.json<Json>(['snapshot', 'cowsmall', '-o', join(out, 'small'), '--leave-running']);
+    expect(small.cowCapture.copied).toBe(0);
+    expect(small.cowCapture.frozen).toHaveLength(1);
+    expect(small.cowCapture.frozen[0].why).toMatch(/below/);
+    sb.ok(['restore', join(out, 'small'), '--aid', 'cowsmall-r']);
+    await sb.checksPass('cowsmall-r');
+  });
+});
