@@ -355,7 +355,7 @@ const NOT_AS_IN_FORK = ['dc', 'wf', 'dp'];
 /** Whether mapping `l`'s private pages can be read from a copy made by
  * fork: not raw frames (VM_PFNMAP, which fork does not copy as memory),
  * nor what the child does not get as the parent had it. */
-function sameInCopy(l: MapsLine): boolean {
+export function sameInCopy(l: MapsLine): boolean {
   return !l.pfnmap && !l.vmFlags.some((f) => NOT_AS_IN_FORK.includes(f));
 }
 

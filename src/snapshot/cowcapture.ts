@@ -33,18 +33,22 @@
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
-import { type MapsLine, type PrivateCopy } from '../resources/memory.js';
+import { type MapsLine, type PrivateCopy, sameInCopy } from '../resources/memory.js';
 import { timed } from './profile.js';
 
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
 
 /**
- * Below this many bytes of private memory, the process is read frozen:
- * its fork and the copy's end cost more than copying. Measured (VM, 2
- * cores, bench/criu.js frozen_lr): see cowMinBytes.
+ * Below this many bytes of private memory to read from a copy, the
+ * process is read frozen: its fork (an injected call, its event and the
+ * copy's first stop, several round trips with the tracee) costs the
+ * frozen window more than copying. Measured with bench/cow-threshold.js
+ * (VM, 2 cores shared, load 5-7; median frozenMs of 9, forked / copied):
+ * memapp 0 MiB (~0.1 MiB of its own) 55 / 46 ms, 1 MiB 60 / 75, 2 MiB
+ * 38 / 65, 4 MiB 29 / 45; 16 MiB 69 / 205.
  */
-const DEFAULT_MIN_BYTES = 4 << 20;
+const DEFAULT_MIN_BYTES = 1 << 20;
 
 /** APPSHOT_COW_MIN_BYTES (for measuring), else DEFAULT_MIN_BYTES. */
 function cowMinBytes(): number {
@@ -120,7 +124,7 @@ export class CowCapture {
     // by the application, frozen.
     if (forkAwaitedByUserfaultfd(pid)) return 'it has a userfaultfd told of forks (UFFD_FEATURE_EVENT_FORK), whose reader is frozen';
     let bytes = 0;
-    for (const l of maps) if (l.perms[3] === 'p') bytes += ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
+    for (const l of maps) if (l.perms[3] === 'p' && sameInCopy(l)) bytes += ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
     if (bytes < this.minBytes) return `its private memory (${Math.round(bytes / 1024)} kB) is below ${Math.round(this.minBytes / 1024)} kB, where copying costs less than a fork`;
     return undefined;
   }
