@@ -8,10 +8,11 @@
  * SIGCHLD nor finds a child with waitpid(-1, __WALL): the copy is no one's
  * in the application.
  */
-import { readFileSync, readdirSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox } from './helpers.js';
+import { cli, fixture, processState, Sandbox, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -54,6 +55,48 @@ describe('copy-on-write capture', () => {
     expect(incr.pagesFromParent).toBeGreaterThan(0);
     sb.ok(['restore', join(out, 'incr'), '--aid', 'cow-incr']);
     await sb.checksPass('cow-incr');
+    await sb.checksPass(aid);
+  });
+
+  it('lets the application run while the copy waits, and leaves no copy when appshot is killed then, or fails', async () => {
+    const aid = 'cowkill';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '16']);
+    await sb.checksPass(aid);
+    const app = sb.systemPid(aid);
+    const init = initOf(aid);
+    const dest = join(out, 'killed');
+    const snap = spawn(process.execPath, [cli, 'snapshot', aid, '-o', dest, '--leave-running'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'snapshot: reading the copies' },
+      stdio: 'ignore',
+    });
+    await waitFor(() => processState(snap.pid!) === 'T' || snap.exitCode !== null, 50_000, 'the snapshot to stop before reading the copies');
+    expect(snap.exitCode).toBeNull();
+    // The copy: init's child, stopped under trace; the application runs
+    // on meanwhile, finding no child and getting no SIGCHLD.
+    const copy = childrenOf(init).filter((p) => p !== app);
+    expect(copy).toHaveLength(1);
+    expect(processState(copy[0])).toBe('t');
+    await sb.checksPass(aid);
+    snap.kill('SIGKILL');
+    await new Promise((r) => snap.on('close', r));
+    // It dies with appshot, and init reaps it.
+    await waitFor(() => processState(copy[0]) === '', 10_000, 'the copy to die with appshot');
+    expect(childrenOf(init)).toEqual([app]);
+    expect(existsSync(dest)).toBe(false);
+    await sb.checksPass(aid);
+    // A failure while the copies are read: no image, no copy, the
+    // application left running.
+    const failed = spawn(process.execPath, [cli, 'snapshot', aid, '-o', join(out, 'failed'), '--leave-running'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: reading the copies' },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let stderr = '';
+    failed.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    const code = await new Promise((r) => failed.on('close', r));
+    expect(code).not.toBe(0);
+    expect(stderr).toMatch(/left running/);
+    expect(existsSync(join(out, 'failed'))).toBe(false);
+    expect(childrenOf(init)).toEqual([app]);
     await sb.checksPass(aid);
   });
 

@@ -897,6 +897,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // The memory the copies hold, read now that the application runs
     // (before the hashing starts: the reading has both cores).
     if (cow?.pending) {
+      killPoint('snapshot: reading the copies');
       timed('cow: read copies', () => cow.readAll());
       reportProfile('the reading of the copies');
     }
