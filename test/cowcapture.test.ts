@@ -58,6 +58,20 @@ describe('copy-on-write capture', () => {
     await sb.checksPass(aid);
   });
 
+  it('reads a lazily restored application from its copy too, its page file mapping included', async () => {
+    const aid = 'cowlazy';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '16']);
+    await sb.checksPass(aid);
+    sb.ok(['snapshot', aid, '-o', join(out, 'lazy-src')]);
+    sb.ok(['restore', join(out, 'lazy-src'), '--aid', aid, '--lazy']);
+    await sb.checksPass(aid);
+    const r = sb.json<Json>(['snapshot', aid, '-o', join(out, 'lazy-lr'), '--leave-running']);
+    expect(r.cowCapture).toEqual({ copied: 1, frozen: [] });
+    sb.ok(['restore', join(out, 'lazy-lr'), '--aid', 'cowlazy-r']);
+    await sb.checksPass('cowlazy-r');
+    await sb.checksPass(aid);
+  });
+
   it('lets the application run while the copy waits, and leaves no copy when appshot is killed then, or fails', async () => {
     const aid = 'cowkill';
     sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '16']);

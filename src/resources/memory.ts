@@ -330,13 +330,6 @@ function sharesWith(parent: ForkParent | undefined, v: Vma): boolean {
 }
 
 /**
- * @param forkedFrom the system PID of the process's parent, when that is a
- *   process of the image too and frozen with it: pages the two still share
- *   copy-on-write are recorded as such (PageRef.cowShared), not stored again.
- *   (Not while the application runs, as in a pre-copy: the parent could
- *   write the page between the two reads.)
- */
-/**
  * A copy-on-write copy of a process, made while it was frozen
  * (snapshot/cowcapture.ts): its private pages are read from `pid` at the
  * same addresses, by the reads given to `later`, which run once the
@@ -359,6 +352,26 @@ export function sameInCopy(l: MapsLine): boolean {
   return !l.pfnmap && !l.vmFlags.some((f) => NOT_AS_IN_FORK.includes(f));
 }
 
+/** An image's page file, mapped private by a lazy restore. */
+const PAGE_FILE = /\/pages\.img( \(deleted\))?$/;
+
+/** About how many bytes of mapping `l` dumpMemory reads from a copy:
+ * its private pages (smaps, read while frozen), or the whole of a page
+ * file's mapping, which is stored whole. */
+export function bytesFromCopy(l: MapsLine): number {
+  if (l.perms[3] !== 'p' || !sameInCopy(l)) return 0;
+  if (PAGE_FILE.test(l.path)) return Number(l.end - l.start);
+  if (l.ino !== 0n && l.path.endsWith(' (deleted)')) return 0;
+  return ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
+}
+
+/**
+ * @param forkedFrom the system PID of the process's parent, when that is a
+ *   process of the image too and frozen with it: pages the two still share
+ *   copy-on-write are recorded as such (PageRef.cowShared), not stored again.
+ *   (Not while the application runs, as in a pre-copy: the parent could
+ *   write the page between the two reads.)
+ */
 /** `maps`: the process's map as readSmaps read it, with the VmFlags (the
  * process still frozen since). `copy`: where its private pages are read
  * later (the rest is read now, the process frozen); never with
@@ -410,7 +423,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
-      } else if (!shared && (/\/pages\.img( \(deleted\))?$/.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
+      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
         // Memory a lazy restore mapped from an image's page file: the
         // application's own, stored whole so the next image stands alone.
         // So is a private mapping of a file deleted since (a library
@@ -422,8 +435,15 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // and processes that shared its pages now each have their own.
         vma.kind = VmaKind.ANON;
         vma.path = '';
-        const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all));
-        vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
+        const read = (from: number, fd: number) => {
+          const d = unreadableNamed(what, l, fd, () => ctx.pages.dump(from, fd, l.start, l.end, PAGES_MODE.all));
+          vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
+        };
+        // A page file is never written once committed: the copy reads its
+        // pages the process has not touched as the process would have. A
+        // deleted file may still be written through another descriptor.
+        if (copy && sameInCopy(l) && PAGE_FILE.test(l.path)) copy.later((fd) => read(copy.pid, fd));
+        else read(pid, pagemapFd);
         vmas.push(vma);
         continue;
       } else if (l.ino !== 0n && l.path.startsWith('/')) {

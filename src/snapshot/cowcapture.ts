@@ -33,8 +33,9 @@
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
-import { type MapsLine, type PrivateCopy, sameInCopy } from '../resources/memory.js';
+import { bytesFromCopy, type MapsLine, type PrivateCopy } from '../resources/memory.js';
 import { timed } from './profile.js';
+import { type ProcStat } from '../procfs.js';
 
 const CLONE_PARENT = 0x8000;
 const SIGCHLD = 17;
@@ -96,8 +97,8 @@ export class CowCapture {
    * read frozen (said why, in the report and with APPSHOT_DEBUG).
    * `syscallInsn`: a syscall instruction in it (the injector's).
    */
-  copyOf(pid: number, tids: number[], maps: MapsLine[], syscallInsn: bigint, ppid: number | undefined, what: string): PrivateCopy | undefined {
-    const why = this.whyFrozen(pid, tids, maps, ppid);
+  copyOf(pid: number, tids: number[], maps: MapsLine[], syscallInsn: bigint, stat: ProcStat | undefined, what: string): PrivateCopy | undefined {
+    const why = this.whyFrozen(pid, tids, maps, stat);
     if (why) return this.frozen(what, why);
     let made: { ret: bigint; child: number };
     try {
@@ -115,8 +116,11 @@ export class CowCapture {
   }
 
   /** Why `pid`'s memory is read frozen, or undefined if it can be copied. */
-  private whyFrozen(pid: number, tids: number[], maps: MapsLine[], ppid: number | undefined): string | undefined {
-    if (ppid !== this.initPid) return "its parent is a process of the application, which would see the copy as its child";
+  private whyFrozen(pid: number, tids: number[], maps: MapsLine[], stat: ProcStat | undefined): string | undefined {
+    if (stat?.ppid !== this.initPid) return "its parent is a process of the application, which would see the copy as its child";
+    // The copy's exit signal is the process's (CLONE_PARENT): init reaps
+    // only children that send SIGCHLD (its waitpid has no __WALL).
+    if (stat.exitSignal !== SIGCHLD) return `its exit signal is ${stat.exitSignal}, not SIGCHLD: appshot-init would not reap the copy`;
     // appshot injects no fork into a process with a seccomp filter: the
     // filter may refuse it, or kill the process for it.
     for (const tid of tids) if (seccompMode(pid, tid) !== 0) return 'it has a seccomp filter';
@@ -124,7 +128,7 @@ export class CowCapture {
     // by the application, frozen.
     if (forkAwaitedByUserfaultfd(pid)) return 'it has a userfaultfd told of forks (UFFD_FEATURE_EVENT_FORK), whose reader is frozen';
     let bytes = 0;
-    for (const l of maps) if (l.perms[3] === 'p' && sameInCopy(l)) bytes += ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
+    for (const l of maps) bytes += bytesFromCopy(l);
     if (bytes < this.minBytes) return `its private memory (${Math.round(bytes / 1024)} kB) is below ${Math.round(this.minBytes / 1024)} kB, where copying costs less than a fork`;
     return undefined;
   }

@@ -348,10 +348,11 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // Memory last: the stack's scratch bytes used above are back as they
     // were, and the batch scratch mapping is not in `maps`.
     // Pages still shared with a parent of the image are recorded as such.
-    const ppid = timed('stat', () => readStat(pid)?.ppid);
+    const stat = timed('stat', () => readStat(pid));
+    const ppid = stat?.ppid;
     // --leave-running: forked now, everything else of the process read,
     // so that its private pages are read from the copy once it goes on.
-    const copy = ctx.cow?.copyOf(pid, tids, maps, inj.syscallInstruction, ppid, what);
+    const copy = ctx.cow?.copyOf(pid, tids, maps, inj.syscallInstruction, stat, what);
     proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps, copy));
     ctx.image.processes.push(proc);
     systemPids.set(proc.vpid, pid);
