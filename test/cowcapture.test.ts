@@ -9,7 +9,7 @@
  * in the application.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { cli, fixture, processState, Sandbox, waitFor } from './helpers.js';
@@ -112,6 +112,39 @@ describe('copy-on-write capture', () => {
     expect(existsSync(join(out, 'failed'))).toBe(false);
     expect(childrenOf(init)).toEqual([app]);
     await sb.checksPass(aid);
+  });
+
+  it("reads memory frozen, saying why, where the fork is refused (the pids cgroup's limit)", async (ctx) => {
+    // A pids cgroup of its own (v1's controller, or v2's where it is on),
+    // with no room for one more task.
+    const v1 = '/sys/fs/cgroup/pids';
+    const v2 = '/sys/fs/cgroup';
+    const root = existsSync(`${v1}/cgroup.procs`) ? v1 : existsSync(`${v2}/cgroup.controllers`) && /\bpids\b/.test(readFileSync(`${v2}/cgroup.subtree_control`, 'utf8')) ? v2 : undefined;
+    const group = root && join(root, `appshot-cow-${process.pid}`);
+    try {
+      if (group) mkdirSync(group);
+    } catch {
+      /* not ours to make */
+    }
+    if (!group || !existsSync(`${group}/pids.max`)) return ctx.skip();
+    const aid = 'cowpids';
+    try {
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '16']);
+      await sb.checksPass(aid);
+      writeFileSync(`${group}/cgroup.procs`, String(sb.systemPid(aid)));
+      writeFileSync(`${group}/pids.max`, readFileSync(`${group}/pids.current`, 'utf8').trim());
+      const r = sb.json<Json>(['snapshot', aid, '-o', join(out, 'pids'), '--leave-running']);
+      expect(r.cowCapture.copied).toBe(0);
+      expect(r.cowCapture.frozen).toEqual([{ process: expect.stringContaining('cowcapture'), why: 'its fork failed (EAGAIN)' }]);
+      await sb.checksPass(aid);
+      writeFileSync(`${group}/pids.max`, 'max');
+      sb.ok(['restore', join(out, 'pids'), '--aid', 'cowpids-r']);
+      await sb.checksPass('cowpids-r');
+    } finally {
+      sb.run(['rm', '-f', aid]);
+      await waitFor(() => readFileSync(`${group}/cgroup.procs`, 'utf8').trim() === '', 10_000, 'the cgroup to empty');
+      rmdirSync(group);
+    }
   });
 
   it('reads memory frozen when told not to, or where it is small, and says why', async () => {
