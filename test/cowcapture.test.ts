@@ -114,6 +114,17 @@ describe('copy-on-write capture', () => {
     await sb.checksPass(aid);
   });
 
+  it('reads memory frozen, saying why, in a process with a seccomp filter', async () => {
+    const aid = 'cowseccomp';
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('seccompwrap'), fixture('cowcapture'), '16']);
+    await sb.checksPass(aid);
+    const r = sb.json<Json>(['snapshot', aid, '-o', join(out, 'seccomp'), '--leave-running']);
+    expect(r.cowCapture).toEqual({ copied: 0, frozen: [{ process: expect.stringContaining('cowcapture'), why: 'it has a seccomp filter' }] });
+    await sb.checksPass(aid);
+    sb.ok(['restore', join(out, 'seccomp'), '--aid', 'cowseccomp-r']);
+    await sb.checksPass('cowseccomp-r');
+  });
+
   it("reads memory frozen, saying why, where the fork is refused (the pids cgroup's limit)", async (ctx) => {
     // A pids cgroup of its own (v1's controller, or v2's where it is on),
     // with no room for one more task.
