@@ -13,6 +13,10 @@
 // alternates by round). Per size, BENCH_RUNS rounds (default 5): median and
 // min-max of
 //   frozen, --leave-running   appshot's frozenMs; CRIU's "Frozen time"
+//                             (appshot's memory read from copy-on-write
+//                             copies, then read once the app runs on:
+//                             lr_copy; and the same with
+//                             --no-cow-capture on the same app)
 //   frozen, default           the same, the application ended by the
 //                             snapshot; appshot also keeps it stopped until
 //                             its image is on disk (held, shown apart)
@@ -164,9 +168,19 @@ async function appshotRound(mib, round, r) {
   const dir = join(work, `a${mib}-${round}`);
   mkdirSync(dir);
   const aid = await appshotApp(`a${mib}r${round}`, mib);
+  // Copy-on-write capture (the default) and the frozen copy it replaced
+  // (--no-cow-capture), on the same application, which goes first
+  // alternating by round.
+  const lrFrozen = () => {
+    const lr = appshot('snapshot', aid, '-o', join(dir, 'lr-frozen'), '--leave-running', '--full', '--no-cow-capture');
+    r.frozen_lr_nocow.push(lr.json.frozenMs);
+  };
+  if (round % 2) lrFrozen();
   const lr = appshot('snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full');
   r.frozen_lr.push(lr.json.frozenMs);
   r.lr_track.push(lr.json.phases.trackMs);
+  r.lr_copy.push(lr.json.phases.copyMs ?? 0);
+  if (!(round % 2)) lrFrozen();
   const def = appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
   r.frozen_default.push(def.json.frozenMs);
   r.held_default.push(def.json.phases.heldMs);
@@ -230,6 +244,8 @@ async function criuRound(criu, mib, round, r) {
 const ROWS = [
   ['frozen_lr', 'frozen, --leave-running (ms)'],
   ['lr_track', '  appshot: of which arming dirty tracking for the next one (ms)'],
+  ['lr_copy', '  appshot: then reading the copy-on-write copies, app running (ms)'],
+  ['frozen_lr_nocow', '  appshot: frozen, --leave-running --no-cow-capture (ms)'],
   ['frozen_default', 'frozen, default snapshot (ms)'],
   ['held_default', '  appshot: kept stopped until the image is on disk (ms)'],
   ['held_drain', '    of which: the page file written out (ms)'],

@@ -87,6 +87,10 @@ export interface SnapshotOptions extends CommonOptions {
   /** Resume the application afterwards instead of ending it; the next
    * snapshot is incremental. Default false. */
   leaveRunning?: boolean;
+  /** With leaveRunning: false copies all memory while the application is
+   * frozen, rather than from a copy-on-write fork of each process made
+   * then. Default true (APPSHOT_COW_CAPTURE=0: false). */
+  cowCapture?: boolean;
   /** Do not build on the application's previous image. Default false. */
   full?: boolean;
   /** Copy memory while the application runs, then freeze it only for the
@@ -297,6 +301,7 @@ export function snapshot(aid: string, opts: SnapshotOptions): Promise<SnapshotRe
     return snapshotApplication(registry(opts), aid, {
       output: opts.output,
       leaveRunning: opts.leaveRunning ?? false,
+      cowCapture: opts.cowCapture,
       full: opts.full ?? false,
       preCopy: opts.preCopy ?? false,
       tcpClose: opts.tcpClose,

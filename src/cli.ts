@@ -465,6 +465,7 @@ export function buildProgram(): Command {
     .option('--aid <name>', 'the application')
     .option('-o, --output <path>', "image directory to create; a file if it ends in .tar, .tar.gz (gzip) or .tar.zst (zstd, with the zstd program); '-' for a tar stream on stdout (default: ./AID-TIME.appshot)")
     .option('--leave-running', 'resume the application afterwards instead of ending it; the next directory snapshot is incremental on this one', false)
+    .option('--no-cow-capture', 'with --leave-running, copy all memory while the application is frozen rather than from a copy-on-write fork of each process made then (also APPSHOT_COW_CAPTURE=0)')
     .option('--full', 'do not build on the previous image (no incremental snapshot; .tar, .tar.gz, .tar.zst and - are always whole)', false)
     .option('--pre-copy', 'copy memory while the application runs, then freeze it only for the pages written meanwhile (the first copy goes in the image\'s base/)', false)
     .option('--timeout <seconds>', 'give up if some thread cannot be stopped within this time', '10')
@@ -484,7 +485,7 @@ export function buildProgram(): Command {
         'Examples:\n  appshot snapshot dbserver -o db.appshot\n  appshot snapshot dbserver -o db.tar.gz       one compressed file\n  appshot snapshot dbserver --leave-running\n' +
         '  appshot snapshot dbserver -o - | ssh node2 appshot restore -',
     )
-    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; tcpHold: string; json: boolean; progress: string }) => {
+    .action(async (aidArg: string | undefined, opts: { aid?: string; output?: string; leaveRunning: boolean; cowCapture: boolean; full: boolean; preCopy: boolean; timeout: string; tcpClose: boolean; tcpHold: string; json: boolean; progress: string }) => {
       if (opts.aid !== undefined && aidArg !== undefined && opts.aid !== aidArg)
         throw new AppshotError(`two applications named: '${aidArg}' and --aid '${opts.aid}'; give one`, ExitCode.usage);
       const aid = opts.aid ?? aidArg;
@@ -505,6 +506,7 @@ export function buildProgram(): Command {
         result = await snapshot(registry(), aid, {
           output: opts.output ?? `${aid}-${stamp}.appshot`,
           leaveRunning: opts.leaveRunning,
+          cowCapture: opts.cowCapture,
           full: opts.full,
           preCopy: opts.preCopy,
           tcpClose: opts.tcpClose,

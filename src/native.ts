@@ -221,6 +221,12 @@ interface Addon {
   /** seed: the thread is a restore's seed, its signals all blocked (see
    * trace_inject_seed). */
   inject(tid: number, syscallInsn: bigint, nr: number, args: (bigint | number)[], seed?: boolean): bigint;
+  /** clone(flags) run in the stopped thread `tid` (traced with PTRACE_O_TRACEFORK): its
+   * child is traced from its birth, waited for in its first stop and set to die with us;
+   * child 0 if there is none (ret: the call's result, -errno). */
+  forkStopped(tid: number, syscallInsn: bigint, flags: bigint): { ret: bigint; child: number };
+  /** Kills a child of forkStopped and waits for its death (its real parent reaps it). */
+  endChild(pid: number): void;
   /** The code that runs a batch of system calls inside a thread, and the offset where it stops itself when done. */
   /** frameRoom: bytes injectBatch's frame needs (see injectBatch). */
   batchCode(): { code: Buffer; stoppedAt: number; frameRoom: number };

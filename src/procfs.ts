@@ -180,6 +180,8 @@ export interface ProcStat {
   startTime: number;
   /** CPU time used, user and system, in clock ticks (USER_HZ, 100 a second). */
   cpuTicks: number;
+  /** The signal its parent gets at its exit (SIGCHLD for a fork). */
+  exitSignal: number;
 }
 
 export function readStat(pid: number): ProcStat | undefined {
@@ -204,6 +206,7 @@ export function readStat(pid: number): ProcStat | undefined {
     threads: Number(f[17]),
     startTime: Number(f[19]),
     cpuTicks: Number(f[11]) + Number(f[12]),
+    exitSignal: Number(f[35]),
   };
 }
 

@@ -42,7 +42,7 @@ async function goesOn(aid: string): Promise<void> {
   expect(logOf(aid)).not.toMatch(/FAIL.*/);
 }
 
-const PHASES = ['freezeMs', 'dumpMs', 'trackMs', 'resumeMs', 'drainMs', 'fsyncMs', 'hashMs', 'checksumMs', 'commitMs', 'endMs', 'heldMs'];
+const PHASES = ['freezeMs', 'dumpMs', 'trackMs', 'resumeMs', 'copyMs', 'drainMs', 'fsyncMs', 'hashMs', 'checksumMs', 'commitMs', 'endMs', 'heldMs'];
 
 describe('snapshot phases', () => {
   it('--leave-running: held exactly as long as frozen, the commit after', async () => {

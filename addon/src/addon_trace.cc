@@ -271,6 +271,27 @@ Napi::Value Inject(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(env, static_cast<int64_t>(ret));
 }
 
+// forkStopped(tid, syscallInsn: bigint, flags: bigint) -> { ret: bigint, child }: clone(flags)
+// run in the stopped thread `tid`; the child traced, stopped at its birth and set to die
+// with us (trace_fork_stopped); child 0 if there is none (ret says why).
+Napi::Value ForkStopped(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  long ret = 0;
+  pid_t child = 0;
+  int rc = trace_fork_stopped(Tid(info), U64(info[1]), static_cast<unsigned long>(U64(info[2])), &ret, &child);
+  if (Failed(env, rc, "forking thread " + std::to_string(Tid(info)))) return env.Undefined();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ret", Napi::BigInt::New(env, static_cast<int64_t>(ret)));
+  o.Set("child", child);
+  return o;
+}
+
+// endChild(pid): kills a child of forkStopped and waits for its death.
+Napi::Value EndChild(const Napi::CallbackInfo& info) {
+  Failed(info.Env(), trace_end_child(Tid(info)), "ending copy " + std::to_string(Tid(info)));
+  return info.Env().Undefined();
+}
+
 // batchCode() -> { code: Buffer, stoppedAt }: the code that runs a batch of
 // system calls inside a thread (trace.c), to copy into the process.
 Napi::Value BatchCode(const Napi::CallbackInfo& info) {
@@ -1527,6 +1548,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("getRseq", GetRseq);
   fn("getRobustList", GetRobustList);
   fn("inject", Inject);
+  fn("forkStopped", ForkStopped);
+  fn("endChild", EndChild);
   fn("waitAny", WaitAny);
   fn("batchCode", BatchCode);
   fn("injectBatch", InjectBatch);

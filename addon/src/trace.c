@@ -337,7 +337,12 @@ static void take_back_stops(pid_t tid, unsigned stops) {
  * that arrived meanwhile) are not expected while every thread of the
  * application is stopped; one is an error rather than something to lose,
  * but for a pending stop signal, set aside in *stops. */
-static int step_to_syscall_stop(pid_t tid, unsigned* stops) {
+static int step_to_syscall_stop_forking(pid_t tid, unsigned* stops, pid_t* forked);
+static int step_to_syscall_stop(pid_t tid, unsigned* stops) { return step_to_syscall_stop_forking(tid, stops, NULL); }
+
+/* step_to_syscall_stop; `forked` (if not NULL) gets the PID (in our PID
+ * namespace) of the task that a fork or clone event on the way announced. */
+static int step_to_syscall_stop_forking(pid_t tid, unsigned* stops, pid_t* forked) {
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
     trace_report r;
@@ -346,6 +351,8 @@ static int step_to_syscall_stop(pid_t tid, unsigned* stops) {
     if (r.kind == TRACE_NONE) return -ETIMEDOUT;
     if (r.kind == TRACE_EXITED) return -ESRCH;
     if (r.kind == TRACE_SYSCALL) return 0;
+    if (forked && r.kind == TRACE_EVENT && (r.event == PTRACE_EVENT_FORK || r.event == PTRACE_EVENT_CLONE || r.event == PTRACE_EVENT_VFORK))
+      *forked = (pid_t)r.msg;
     if (r.kind == TRACE_SIGNAL && is_stop_signal(r.sig)) {
       *stops |= 1u << r.sig;
       continue;
@@ -362,6 +369,10 @@ static int step_to_syscall_stop(pid_t tid, unsigned* stops) {
 }
 
 int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret) {
+  return trace_inject_forking(tid, syscall_insn, nr, args, ret, NULL);
+}
+
+int trace_inject_forking(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret, pid_t* forked) {
   struct user_regs_struct saved, r;
   int rc = trace_get_regs(tid, &saved);
   if (rc) return rc;
@@ -379,7 +390,7 @@ int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], 
   }
   /* Entry, then exit: two stops, and no byte of the tracee is written. */
   unsigned stops = 0;
-  if ((rc = step_to_syscall_stop(tid, &stops)) == 0) rc = step_to_syscall_stop(tid, &stops);
+  if ((rc = step_to_syscall_stop_forking(tid, &stops, forked)) == 0) rc = step_to_syscall_stop_forking(tid, &stops, forked);
   take_back_stops(tid, stops);
   int rc3 = trace_set_sigmask(tid, mask);
   if (!rc) rc = rc3;
@@ -821,4 +832,55 @@ int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table) {
   int rc = trace_inject_batch(tid, code, table);
   int rc2 = trace_kill_on_exit(tid);
   return rc ? rc : rc2;
+}
+
+/* A copy-on-write copy of the stopped process `tid` belongs to (snapshot
+ * --leave-running, src/snapshot/cowcapture.ts): clone(flags) run in
+ * thread `tid`, which is traced with PTRACE_O_TRACEFORK, so that the new
+ * process is traced by us from its birth and stops before its first
+ * instruction (PTRACE_EVENT_STOP: it was seized). It is waited for in
+ * that stop here and set to die with us (PTRACE_O_EXITKILL): let go, it
+ * would run the application's code as a second instance of it. *ret: the
+ * call's result (the child's PID in the caller's namespace, or -errno);
+ * *child: its PID in ours, 0 if there is none. */
+int trace_fork_stopped(pid_t tid, uint64_t syscall_insn, unsigned long flags, long* ret, pid_t* child) {
+  long args[6] = {(long)flags, 0, 0, 0, 0, 0};
+  *child = 0;
+  /* The child takes its tracing options from the thread as it is forked:
+   * with PTRACE_O_EXITKILL, it dies with us even before it is waited for
+   * below. The thread has its own options back after (those trace_seize
+   * set: no process with a seccomp filter is forked, so none had them
+   * suspended). */
+  int rc = trace_kill_on_exit(tid);
+  if (rc) return rc;
+  rc = trace_inject_forking(tid, syscall_insn, SYS_clone, args, ret, child);
+  int back = trace_keep_on_exit(tid);
+  if (!rc) rc = back;
+  if (*child <= 0) return rc;
+  /* Its first stop may come before or after its creator's event. */
+  trace_report rep;
+  int wrc = trace_wait(*child, 10000, &rep);
+  if (!wrc && (rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED)) wrc = rep.kind == TRACE_NONE ? -ETIMEDOUT : -ESRCH;
+  if (!wrc) wrc = trace_kill_on_exit(*child);
+  if (wrc || rc) {
+    trace_end_child(*child);
+    *child = 0;
+    return rc ? rc : wrc;
+  }
+  return 0;
+}
+
+/* Kills a child made by trace_fork_stopped and waits until it is dead: its
+ * tracer's wait (ours) hands it to its real parent, which reaps it. */
+int trace_end_child(pid_t child) {
+  if (syscall(SYS_kill, child, SIGKILL) && errno != ESRCH) return fail();
+  for (int tries = 0; tries < 100; tries++) {
+    trace_report rep;
+    int rc = trace_wait(child, 10000, &rep);
+    if (rc == -ECHILD) return 0;
+    if (rc) return rc;
+    if (rep.kind == TRACE_EXITED) return 0;
+    if (rep.kind == TRACE_NONE) return -ETIMEDOUT;
+  }
+  return -EINTR;
 }

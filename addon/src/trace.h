@@ -97,6 +97,14 @@ int trace_suspend_seccomp(pid_t tid, int exit_kill);
  * registers are restored afterwards, except that a system call the thread
  * had been interrupted in is rewound to restart (see trace_rewind). */
 int trace_inject(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret);
+/* trace_inject; *forked (if not NULL, and set only then) the PID of the
+ * task a fork or clone event of the call announced. */
+int trace_inject_forking(pid_t tid, uint64_t syscall_insn, long nr, const long args[6], long* ret, pid_t* forked);
+/* A copy-on-write copy of the process of stopped thread `tid`, stopped at
+ * its birth, traced by us and dying with us (trace.c). */
+int trace_fork_stopped(pid_t tid, uint64_t syscall_insn, unsigned long flags, long* ret, pid_t* child);
+/* Kills a child made by trace_fork_stopped and waits for its death. */
+int trace_end_child(pid_t child);
 /* The same for a seed that a restore rebuilds: the caller must have blocked
  * all its signals (the restore driver does when it seizes a seed, and its
  * children inherit the mask), and its registers are the restore's to

@@ -82,6 +82,12 @@ export class Injector {
     return this.scratch;
   }
 
+  /** The `syscall` instruction calls are run at (in the vDSO): usable
+   * after close(), which only puts the scratch bytes back. */
+  get syscallInstruction(): bigint {
+    return this.insn;
+  }
+
   /** Bytes an out-parameter may take. */
   readonly scratchSize = SCRATCH;
 

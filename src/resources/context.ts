@@ -19,6 +19,7 @@ import { privateCopy, redirected, unredirected } from './paths.js';
 import { restoredProcPath } from './procpaths.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
+import type { CowCapture } from '../snapshot/cowcapture.js';
 
 const O_ACCMODE = 3;
 const DELETED = ' (deleted)';
@@ -76,6 +77,10 @@ export class DumpContext {
   /** Sockets that are not the application's, by inode: recorded by key,
    * not dumped (SnapshotOptions.inherited, sockets.ts inheritedSocket). */
   inherited: ReadonlyMap<bigint, InheritedListener> = new Map();
+  /** --leave-running: each process's private memory read from a
+   * copy-on-write copy of it once the application goes on, where it can
+   * be (snapshot/cowcapture.ts). */
+  cow?: CowCapture;
 
   constructor(
     readonly image: Image,

@@ -330,6 +330,42 @@ function sharesWith(parent: ForkParent | undefined, v: Vma): boolean {
 }
 
 /**
+ * A copy-on-write copy of a process, made while it was frozen
+ * (snapshot/cowcapture.ts): its private pages are read from `pid` at the
+ * same addresses, by the reads given to `later`, which run once the
+ * application goes on (with the copy's pagemap open).
+ */
+export interface PrivateCopy {
+  pid: number;
+  later(read: (pagemapFd: number) => void): void;
+}
+
+/** VmFlags of private memory a fork's child does not have as the parent
+ * has it: MADV_DONTFORK (absent), MADV_WIPEONFORK (zero), droppable
+ * (MAP_DROPPABLE, which the kernel may empty at any time). */
+const NOT_AS_IN_FORK = ['dc', 'wf', 'dp'];
+
+/** Whether mapping `l`'s private pages can be read from a copy made by
+ * fork: not raw frames (VM_PFNMAP, which fork does not copy as memory),
+ * nor what the child does not get as the parent had it. */
+export function sameInCopy(l: MapsLine): boolean {
+  return !l.pfnmap && !l.vmFlags.some((f) => NOT_AS_IN_FORK.includes(f));
+}
+
+/** An image's page file, mapped private by a lazy restore. */
+const PAGE_FILE = /\/pages\.img( \(deleted\))?$/;
+
+/** About how many bytes of mapping `l` dumpMemory reads from a copy:
+ * its private pages (smaps, read while frozen), or the whole of a page
+ * file's mapping, which is stored whole. */
+export function bytesFromCopy(l: MapsLine): number {
+  if (l.perms[3] !== 'p' || !sameInCopy(l)) return 0;
+  if (PAGE_FILE.test(l.path)) return Number(l.end - l.start);
+  if (l.ino !== 0n && l.path.endsWith(' (deleted)')) return 0;
+  return ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
+}
+
+/**
  * @param forkedFrom the system PID of the process's parent, when that is a
  *   process of the image too and frozen with it: pages the two still share
  *   copy-on-write are recorded as such (PageRef.cowShared), not stored again.
@@ -337,10 +373,16 @@ function sharesWith(parent: ForkParent | undefined, v: Vma): boolean {
  *   write the page between the two reads.)
  */
 /** `maps`: the process's map as readSmaps read it, with the VmFlags (the
- * process still frozen since). */
-export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string, forkedFrom?: number, maps: MapsLine[] = readSmaps(pid)): Vma[] {
+ * process still frozen since). `copy`: where its private pages are read
+ * later (the rest is read now, the process frozen); never with
+ * `forkedFrom`, whose pages would be compared as the parent has them
+ * then, not at the freeze. */
+export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: string, forkedFrom?: number, maps: MapsLine[] = readSmaps(pid), copy?: PrivateCopy): Vma[] {
+  if (copy && forkedFrom !== undefined) throw new Error('a process forked from another of the image is read frozen');
   const vmas: Vma[] = [];
   const forkParent = forkedFrom !== undefined ? openForkParent(forkedFrom) : undefined;
+  /** As `scanned`, read from the copy. */
+  const scannedInCopy: Scanned[] = [];
   let pagemapFd = -1;
   // A file maps in several pieces (code, data, ...): stat once.
   const fileIds = new Map<string, number>();
@@ -381,7 +423,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
-      } else if (!shared && (/\/pages\.img( \(deleted\))?$/.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
+      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
         // Memory a lazy restore mapped from an image's page file: the
         // application's own, stored whole so the next image stands alone.
         // So is a private mapping of a file deleted since (a library
@@ -393,8 +435,15 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // and processes that shared its pages now each have their own.
         vma.kind = VmaKind.ANON;
         vma.path = '';
-        const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, PAGES_MODE.all));
-        vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
+        const read = (from: number, fd: number) => {
+          const d = unreadableNamed(what, l, fd, () => ctx.pages.dump(from, fd, l.start, l.end, PAGES_MODE.all));
+          vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: [] };
+        };
+        // A page file is never written once committed: the copy reads its
+        // pages the process has not touched as the process would have. A
+        // deleted file may still be written through another descriptor.
+        if (copy && sameInCopy(l) && PAGE_FILE.test(l.path)) copy.later((fd) => read(copy.pid, fd));
+        else read(pid, pagemapFd);
         vmas.push(vma);
         continue;
       } else if (l.ino !== 0n && l.path.startsWith('/')) {
@@ -414,25 +463,33 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
         // Raw frames (pf) are one by one: PAGEMAP_SCAN passes over a
         // VM_PFNMAP mapping as if it had no page, where pagemap shows them.
+        const inCopy = copy !== undefined && sameInCopy(l);
         if (!ctx.parent && !forked && !l.pfnmap) {
-          scanned.push({ vma, l, mode });
+          (inCopy ? scannedInCopy : scanned).push({ vma, l, mode });
           vmas.push(vma);
           continue;
         }
         // With dirty tracking, a page not written since the parent is the
         // parent's and is not even read; an untracked mapping (null) is
-        // compared page by page with the parent's copy.
+        // compared page by page with the parent's copy. Which pages were
+        // written is the process's, read now: the copy has no tracking,
+        // and armAll resets the process's before it goes on.
         const written = ctx.parent && ctx.trackedPids.has(pid) ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
-        const d = unreadableNamed(what, l, pagemapFd, () => ctx.pages.dump(pid, pagemapFd, l.start, l.end, mode, parent, forked));
-        vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
-        if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
+        const read = (from: number, fd: number) => {
+          const d = unreadableNamed(what, l, fd, () => ctx.pages.dump(from, fd, l.start, l.end, mode, parent, forked));
+          vma.pages = { offset: BigInt(d.offset), runs: pairs(d.runs), fromParent: pairs(d.same) };
+          if (d.shared.length) vma.pages.cowShared = pairs(d.shared);
+        };
+        if (inCopy) copy.later((fd) => read(copy.pid, fd));
+        else read(pid, pagemapFd);
       }
       vmas.push(vma);
     }
     dumpScannedPages(ctx, pid, what, pagemapFd, scanned);
+    if (copy && scannedInCopy.length) copy.later((fd) => dumpScannedPages(ctx, copy.pid, what, fd, scannedInCopy));
   } finally {
     if (pagemapFd >= 0) closeSync(pagemapFd);
     if (forkParent) closeSync(forkParent.pagemapFd);

@@ -65,6 +65,7 @@ import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed } from './profile.js';
+import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
@@ -73,6 +74,10 @@ export interface SnapshotOptions {
   /** A directory to create, or '-' for a tar stream on stdout. */
   output: string;
   leaveRunning: boolean;
+  /** With leaveRunning: false reads every process's memory while it is
+   * frozen, never from a copy-on-write copy (cowcapture.ts); also
+   * APPSHOT_COW_CAPTURE=0. */
+  cowCapture?: boolean;
   timeoutMs: number;
   /** Do not build on the application's previous image. */
   full: boolean;
@@ -141,6 +146,9 @@ export interface SnapshotResult {
   preCopyFrozenMs?: number;
   totalMs: number;
   leftRunning: boolean;
+  /** --leave-running: which processes' memory was read from copy-on-write
+   * copies, and why the others' was read frozen (cowcapture.ts). */
+  cowCapture?: CowCaptureReport;
   /** System calls injected into the application (each a ptrace round
    * trip while it is frozen). */
   injectedCalls: number;
@@ -341,8 +349,12 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // Memory last: the stack's scratch bytes used above are back as they
     // were, and the batch scratch mapping is not in `maps`.
     // Pages still shared with a parent of the image are recorded as such.
-    const ppid = timed('stat', () => readStat(pid)?.ppid);
-    proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps));
+    const stat = timed('stat', () => readStat(pid));
+    const ppid = stat?.ppid;
+    // --leave-running: forked now, everything else of the process read,
+    // so that its private pages are read from the copy once it goes on.
+    const copy = ctx.cow?.copyOf(pid, tids, maps, inj.syscallInstruction, stat, what);
+    proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps, copy));
     ctx.image.processes.push(proc);
     systemPids.set(proc.vpid, pid);
     dumped.set(pid, maps);
@@ -810,6 +822,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let held: { held: number; needed: number } | undefined;
   /** Scratch areas mapped for batches of injected calls, by process. */
   const batchAreas = new Map<number, RemoteProcess>();
+  /** Left running, it goes on once copies of its memory are made. */
+  const cow = opts.leaveRunning && cowCaptureWanted(opts.cowCapture) ? new CowCapture(record.initPid) : undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   // The image in place (renamed there, or sent whole); the connections
   // handed to a keeper; the application released to its image (the point
@@ -857,6 +871,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Processes created while we were stopping the others mapped themselves.
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     ctx.freezeBegan = freezeBegan;
+    if (cow) ctx.cow = cow;
     if (opts.inherited) ctx.inherited = opts.inherited;
     connections = ctx.tcp;
     connections.closeConnections = opts.tcpClose ?? false;
@@ -891,6 +906,14 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     image.stats.frozenUs = BigInt(Math.round((opts.leaveRunning ? clock.phases.heldMs : clock.sinceFrozen()) * 1000));
     // Printed once the window is timed: writing the report is not part of it.
     if (!opts.leaveRunning) reportProfile('the frozen window');
+    // The memory the copies hold, read now that the application runs
+    // (before the hashing starts: the reading has both cores).
+    if (cow?.pending) {
+      killPoint('snapshot: reading the copies');
+      timed('cow: read copies', () => cow.readAll());
+      reportProfile('the reading of the copies');
+    }
+    clock.end('copyMs');
     // The page file's chunk digests are hashed as its chunks are complete
     // in the file, from now on with --leave-running (from the freeze on
     // otherwise, above): one thread while what is queued is written (the
@@ -1005,11 +1028,13 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       ...(base ? { preCopyFrozenMs: base.frozenMs } : {}),
       totalMs: (now() - started) / 1000,
       leftRunning: opts.leaveRunning,
+      ...(cow ? { cowCapture: cow.report } : {}),
       injectedCalls: injected.calls - injectedBefore,
       ...(held?.held ? { keptConnections: { ...held, holdSeconds } } : {}),
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
+    cow?.endAll();
     pages.abort();
     closeBatchAreas(batchAreas);
     // Past the point of no return (markReleased): the image is complete
@@ -1113,6 +1138,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // for the guardian (disarmed already but where a step threw first).
     connections?.disarm();
     endingJournal?.done();
+    // Read, or the snapshot failed: none outlives it.
+    cow?.endAll();
   }
 }
 

@@ -24,6 +24,9 @@ export interface SnapshotPhases {
   /** --leave-running: letting every thread go on (the last part of the
    * frozen window). */
   resumeMs: number;
+  /** --leave-running: reading the private memory of the copies made by
+   * fork while frozen (cowcapture.ts), the application running. */
+  copyMs: number;
   /** Waiting for the page writer's thread to write what it still held. */
   drainMs: number;
   /** fsync of the page file. */
@@ -49,7 +52,7 @@ type Timed = Exclude<keyof SnapshotPhases, 'heldMs'>;
 const now = () => Number(process.hrtime.bigint() / 1000n);
 
 export class PhaseClock {
-  readonly phases: SnapshotPhases = { freezeMs: 0, dumpMs: 0, trackMs: 0, resumeMs: 0, drainMs: 0, fsyncMs: 0, hashMs: 0, checksumMs: 0, commitMs: 0, endMs: 0, heldMs: 0 };
+  readonly phases: SnapshotPhases = { freezeMs: 0, dumpMs: 0, trackMs: 0, resumeMs: 0, copyMs: 0, drainMs: 0, fsyncMs: 0, hashMs: 0, checksumMs: 0, commitMs: 0, endMs: 0, heldMs: 0 };
   private last = now();
   private frozenAt = 0;
 
