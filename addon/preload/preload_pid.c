@@ -982,17 +982,28 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
     }
     case F_NOTIFY: {
       /* A dnotify watch shows nowhere (not in fdinfo; with the default
-       * SIGIO not even as a signal): noted by the directory's inode for a
-       * snapshot to refuse (fdowner.ts). A watch dropped (mask 0) drops
-       * its note; one that ends otherwise (closed, one-shot) leaves it,
-       * which errs towards refusing. */
+       * SIGIO not even as a signal): noted by the directory's inode, with
+       * its mask, for a snapshot to carry (fdowner.ts). The kernel ORs a
+       * mask into the watch of the same description, so the note does
+       * too. A watch dropped (no event bit: DN_MULTISHOT alone drops it
+       * as 0 does) drops its note; one that ends otherwise (closed,
+       * one-shot fired) leaves it: a snapshot refuses a one-shot watch and
+       * forgets the notes of directories no longer held. */
       long r = fcntl_call(raw, fd, cmd, arg);
       struct stat st;
       if (r == 0 && g_h && SYS2(fstat, fd, &st) == 0) {
-        if ((long)arg)
+        uint32_t mask = (uint32_t)(unsigned long)arg;
+        if (mask & ~(uint32_t)DN_MULTISHOT) {
+          for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+            const struct appshot_socket_note *e = &g_h->sockets.note[i];
+            if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == (uint64_t)st.st_ino &&
+                __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
+                e->level == APPSHOT_NOTE_DNOTIFY && e->name == F_NOTIFY)
+              mask |= (uint32_t)e->value;
+          }
           appshot_note_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
-                              F_NOTIFY, (int32_t)(long)arg, 0, 0);
-        else
+                              F_NOTIFY, (int32_t)mask, 0, 0);
+        } else
           appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
                                 F_NOTIFY, 0, 0);
       }
