@@ -121,6 +121,10 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
   it('refuses a one-shot watch (no DN_MULTISHOT: the kernel drops it unseen when it fires), naming it, and leaves the application running', async () => {
     await refused('fodds-dnone', [fixture('fdodds'), scratch(), '--dnotify-oneshot'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with a one-shot dnotify watch \(F_NOTIFY without DN_MULTISHOT\), which the kernel drops unseen when it fires: whether it is still there is not known, so it cannot be captured/);
   });
+
+  it('refuses a watched directory held through a second descriptor too (which of them holds the watch is not known), naming it, and leaves the application running', async () => {
+    await refused('fodds-dntwo', [fixture('fdodds'), scratch(), '--dnotify-twice'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), also held as process 2 fd \d+: which of them holds the watch is not known, so it cannot be captured/);
+  });
 });
 
 describe('mapping odds: MAP_GROWSDOWN (also --lazy), MAP_NORESERVE, a PROT_NONE gap, a private file mapping whose unwritten pages stay the file\'s', () => {
