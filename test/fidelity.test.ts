@@ -122,6 +122,22 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
     await refused('fodds-dnone', [fixture('fdodds'), scratch(), '--dnotify-oneshot'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with a one-shot dnotify watch \(F_NOTIFY without DN_MULTISHOT\), which the kernel drops unseen when it fires: whether it is still there is not known, so it cannot be captured/);
   });
 
+  it('carries no watch for a directory whose watched descriptor was closed and that was opened again (the close ended the watch, and its note)', async () => {
+    const aid = 'fodds-dnreopen';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-reopen']);
+    await sb.checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const shown = run(['inspect', join(out, aid)]);
+    expect(shown).toMatch(/\/watched /);
+    expect(shown).not.toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await stopped(copy);
+  });
+
   it('refuses a watched directory held through a second descriptor too (which of them holds the watch is not known), naming it, and leaves the application running', async () => {
     await refused('fodds-dntwo', [fixture('fdodds'), scratch(), '--dnotify-twice'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), also held as process 2 fd \d+: which of them holds the watch is not known, so it cannot be captured/);
   });
