@@ -26,7 +26,8 @@
  * A directory's dnotify watch (F_NOTIFY) belongs to the description and
  * the process that made it, and the kernel shows it nowhere: the preload
  * library notes each F_NOTIFY call by the directory's inode, with the
- * mask. A DN_MULTISHOT watch held through one descriptor of the whole
+ * mask, and drops the note when the descriptor it was made through (or a
+ * copy) is closed, which ends the watch. A DN_MULTISHOT watch held through one descriptor of the whole
  * application is carried as the mask on that descriptor's owner record,
  * and made again at restore (F_NOTIFY before the owner, which F_NOTIFY
  * sets to its caller) and noted again. Refused by name: a one-shot watch
