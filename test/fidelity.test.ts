@@ -92,13 +92,54 @@ describe("process and thread odds: limits below their hard ones, umask, a long c
 
 describe('descriptor odds: a semaphore eventfd, a file O_APPEND|O_NOATIME|O_DSYNC at its offset, one O_DIRECT, O_PATH, seqpacket records (an empty one too), an absolute CLOCK_BOOTTIME timerfd, pipes holding packets (O_DIRECT: in packet mode, and left)', () => {
   roundTrips('fodds', () => [fixture('fdodds'), scratch()], true);
+});
 
-  it('refuses a directory watched with dnotify (F_NOTIFY with F_SETSIG), naming it, and leaves the application running', async () => {
-    await refused('fodds-dn', [fixture('fdodds'), scratch(), '--dnotify'], /process 2 \(fdodds\) fd \d+: a directory given a signal \(F_SETSIG \d+\), so watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
+describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, known from the preload library\'s note), with F_SETSIG (the signal carries si_fd) and on the default SIGIO: a file made in it after the restore brings the signal', () => {
+  describe('with F_SETSIG', () => {
+    roundTrips('fodds-dn', () => [fixture('fdodds'), scratch(), '--dnotify'], true);
   });
 
-  it('refuses a directory watched with dnotify on the default SIGIO (no F_SETSIG: known from the preload library), naming it, and leaves the application running', async () => {
-    await refused('fodds-dnio', [fixture('fdodds'), scratch(), '--dnotify-sigio'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), which the kernel does not show and cannot be captured yet/);
+  describe('on the default SIGIO', () => {
+    roundTrips('fodds-dnio', () => [fixture('fdodds'), scratch(), '--dnotify-sigio'], true);
+  });
+
+  it('carries the watch through a second snapshot of the restored copy (noted again in its tables)', async () => {
+    const aid = 'fodds-dn-again';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify']);
+    await sb.checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, `${aid}-1`)]);
+    run(['restore', join(out, `${aid}-1`)]);
+    await sb.checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, `${aid}-2`)]);
+    run(['restore', join(out, `${aid}-2`)]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use its state');
+    await sb.checksPass(aid);
+    await stopped(aid);
+  });
+
+  it('refuses a one-shot watch (no DN_MULTISHOT: the kernel drops it unseen when it fires), naming it, and leaves the application running', async () => {
+    await refused('fodds-dnone', [fixture('fdodds'), scratch(), '--dnotify-oneshot'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with a one-shot dnotify watch \(F_NOTIFY without DN_MULTISHOT\), which the kernel drops unseen when it fires: whether it is still there is not known, so it cannot be captured/);
+  });
+
+  it('carries no watch for a directory whose watched descriptor was closed and that was opened again (the close ended the watch, and its note)', async () => {
+    const aid = 'fodds-dnreopen';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-reopen']);
+    await sb.checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const shown = run(['inspect', join(out, aid)]);
+    expect(shown).toMatch(/\/watched /);
+    expect(shown).not.toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await stopped(copy);
+  });
+
+  it('refuses a watched directory held through a second descriptor too (which of them holds the watch is not known), naming it, and leaves the application running', async () => {
+    await refused('fodds-dntwo', [fixture('fdodds'), scratch(), '--dnotify-twice'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), also held as process 2 fd \d+: which of them holds the watch is not known, so it cannot be captured/);
   });
 });
 

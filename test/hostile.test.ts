@@ -597,6 +597,29 @@ function aioCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** A directory's dnotify watch (resources/fdowner.ts): fd 905 of process
+ * 0 on a directory (or on a regular file: `onFile`), watched with `mask`. */
+function dnotifyCases(): [string, (image: Image) => void, string][] {
+  const watched = (mask: number, onFile = false) => (i: Image) => {
+    const p = i.processes[0];
+    const base = p.fds.find((f) => f.kind === 0)!;
+    const fd = structuredClone(base);
+    if (!onFile) {
+      const dir = structuredClone(i.files[base.file]);
+      Object.assign(dir, { path: '/tmp', mode: 0o40755, size: 0n, contents: undefined, deleted: false });
+      i.files.push(dir);
+      fd.file = i.files.length - 1;
+    } else i.files[base.file].mode = 0o100644;
+    Object.assign(fd, { fd: 905, path: onFile ? base.path : '/tmp', description: 0, locks: [], owner: { type: 1, vpid: p.vpid, signal: 0, dnotify: mask } });
+    p.fds.push(fd);
+  };
+  return [
+    ['a dnotify watch with a bit the kernel does not know', watched(0x80000044), 'fd 905 has a dnotify watch of mask 0x80000044, not one of events \\(0x3f\\) with DN_MULTISHOT'],
+    ['a one-shot dnotify watch (never recorded)', watched(0x4), 'fd 905 has a dnotify watch of mask 0x4, not one of events'],
+    ['a dnotify watch on a regular file', watched(0x80000004, true), 'fd 905 has a dnotify watch but is not a directory'],
+  ];
+}
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
@@ -736,6 +759,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, "fd 908 is a TCP listener of family 2 at '127\\.0\\.0\\.1 ', not an IPv4"],
     ...mqueueCases(),
     ...aioCases(),
+    ...dnotifyCases(),
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

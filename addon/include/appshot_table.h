@@ -196,9 +196,10 @@ struct appshot_instance {
  * so that a full array is not the end of noting. */
 #define APPSHOT_SOCKET_NOTES 64
 /* A note's level for a directory watched with dnotify (fcntl F_NOTIFY, name
- * F_NOTIFY, value its mask), which nothing in /proc shows: `ino` is the
- * directory's (no socket level is negative). A snapshot refuses a
- * directory held with that inode number. */
+ * F_NOTIFY, value its mask, ORed as the kernel ORs a watch's masks), which
+ * nothing in /proc shows: `ino` is the directory's (no socket level is
+ * negative). A snapshot carries a DN_MULTISHOT watch of a directory held
+ * through one descriptor, and refuses the rest (fdowner.ts). */
 #define APPSHOT_NOTE_DNOTIFY (-1)
 #define APPSHOT_LOST_SEEN_BITS 65536
 

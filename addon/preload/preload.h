@@ -579,6 +579,12 @@ HIDDEN void translated_reads_mark(int fd, int on);
 /* preload_ipc.c: the text a read of a message queue returned (n bytes,
  * ending at the descriptor's offset now), its NOTIFY_PID made virtual. */
 HIDDEN void mqueue_translate_read(int fd, char *buf, long n);
+/* preload_pid.c: descriptors a dnotify watch was made through, whose
+ * close ends it (and drops its note). */
+HIDDEN int dnotify_marked(int fd);
+HIDDEN void dnotify_copy(int from, int to);
+HIDDEN void dnotify_closing(int fd);
+HIDDEN void dnotify_closing_range(unsigned int first, unsigned int last);
 /* preload_fd.c: the marks above, carried by a copy of a descriptor. */
 HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);

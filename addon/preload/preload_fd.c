@@ -154,6 +154,7 @@ static void tables_fd_moved(int t, int moved, int keep_old) {
 
 long do_close(int fd) {
   if (UNLIKELY(is_tables_fd(fd))) return 0;
+  dnotify_closing(fd);
   translated_reads_forget(fd);
   cgroup_procs_forget(fd);
   return libc_ret(SYS1(close, fd));
@@ -162,6 +163,7 @@ long do_close(int fd) {
 API int close(int fd) {
   ensure_init();
   if (UNLIKELY(is_tables_fd(fd))) return 0;
+  dnotify_closing(fd);
   translated_reads_forget(fd);
   cgroup_procs_forget(fd);
   /* Called by dlsym itself, while init resolves REAL(close)? */
@@ -172,6 +174,7 @@ API int close(int fd) {
 /* close_range over our number: the two ranges on either side of it. */
 long do_close_range(unsigned int first, unsigned int last, int flags) {
   if (!(flags & CLOSE_RANGE_CLOEXEC)) {
+    dnotify_closing_range(first, last);
     translated_reads_forget_range(first, last);
     cgroup_procs_forget_range(first, last);
   }
@@ -193,6 +196,7 @@ API int close_range(unsigned int first, unsigned int last, int flags) {
 
 API void closefrom(int lowfd) {
   ensure_init();
+  dnotify_closing_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   translated_reads_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   cgroup_procs_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
@@ -215,11 +219,15 @@ void fd_marks_copy(int from, int to) {
   int sfd = translated_reads_marked(from), procs = cgroup_procs_marked(from);
   translated_reads_mark(to, sfd);
   cgroup_procs_mark(to, procs);
+  dnotify_copy(from, to);
 }
 
 long do_dup3(long nr, int oldfd, int newfd, int flags) {
   int moved = -1;
   if (UNLIKELY(is_tables_fd(newfd)) && oldfd != newfd) moved = tables_fd_move(newfd);
+  /* dup2 onto a descriptor closes it first (when oldfd is open). */
+  if (UNLIKELY(dnotify_marked(newfd)) && oldfd != newfd && SYS2(fcntl, oldfd, F_GETFD) >= 0)
+    dnotify_closing(newfd);
   long r = nr == SYS_dup2 ? SYS2(dup2, oldfd, newfd)
                           : SYS3(dup3, oldfd, newfd, flags);
   if (UNLIKELY(moved >= 0) && r < 0) tables_fd_moved(newfd, moved, 1);

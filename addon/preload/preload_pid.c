@@ -940,6 +940,54 @@ static long fcntl_call(int raw, int fd, int cmd, void *arg) {
   return real(fd, cmd, arg);
 }
 
+/* The descriptors (below DNOTIFY_TRACKED) this process made a dnotify
+ * watch through, and their copies: closing any of them ends the watch
+ * (the kernel flushes a description's watch at every close by the table
+ * that made it), so the note goes with it, and a directory opened again
+ * later is not taken for watched. Whose marks they are, by virtual PID:
+ * a forked child's close does not end its parent's watch, and the marks
+ * come back with the memory after a restore, the PID with them. */
+#define DNOTIFY_TRACKED 1024
+static uint64_t dnotify_fds[DNOTIFY_TRACKED / 64];
+static pid_t dnotify_marker;
+
+int dnotify_marked(int fd) {
+  return fd >= 0 && fd < DNOTIFY_TRACKED &&
+         (__atomic_load_n(&dnotify_fds[fd / 64], __ATOMIC_RELAXED) >> (fd % 64) & 1);
+}
+
+static void dnotify_mark(int fd, int on) {
+  if (fd < 0 || fd >= DNOTIFY_TRACKED) return;
+  if (on && dnotify_marker != self_vpid()) {
+    /* Marks inherited across fork: the parent's watches, not ours. */
+    for (unsigned i = 0; i < DNOTIFY_TRACKED / 64; i++)
+      __atomic_store_n(&dnotify_fds[i], 0, __ATOMIC_RELAXED);
+    dnotify_marker = self_vpid();
+  }
+  uint64_t bit = (uint64_t)1 << (fd % 64);
+  if (on) __atomic_or_fetch(&dnotify_fds[fd / 64], bit, __ATOMIC_RELAXED);
+  else __atomic_and_fetch(&dnotify_fds[fd / 64], ~bit, __ATOMIC_RELAXED);
+}
+
+void dnotify_copy(int from, int to) {
+  if (dnotify_marked(from)) dnotify_mark(to, 1);
+  else if (dnotify_marked(to)) dnotify_mark(to, 0);
+}
+
+/* Before `fd` is closed (or replaced by dup2): a watch made through it in
+ * this process ends, and its note goes. */
+void dnotify_closing(int fd) {
+  if (LIKELY(!dnotify_marked(fd))) return;
+  dnotify_mark(fd, 0);
+  struct stat st;
+  if (dnotify_marker == self_vpid() && g_h && SYS2(fstat, fd, &st) == 0)
+    appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY, F_NOTIFY, 0, 0);
+}
+
+void dnotify_closing_range(unsigned int first, unsigned int last) {
+  for (unsigned int fd = first; fd <= last && fd < DNOTIFY_TRACKED; fd++) dnotify_closing((int)fd);
+}
+
 /* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
  * SIGURG; F_GETLK reports the holder of a conflicting lock; F_DUPFD's copy
  * is tracked as its original is; F_NOTIFY is noted. Every other
@@ -982,19 +1030,33 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
     }
     case F_NOTIFY: {
       /* A dnotify watch shows nowhere (not in fdinfo; with the default
-       * SIGIO not even as a signal): noted by the directory's inode for a
-       * snapshot to refuse (fdowner.ts). A watch dropped (mask 0) drops
-       * its note; one that ends otherwise (closed, one-shot) leaves it,
-       * which errs towards refusing. */
+       * SIGIO not even as a signal): noted by the directory's inode, with
+       * its mask, for a snapshot to carry (fdowner.ts). The kernel ORs a
+       * mask into the watch of the same description, so the note does
+       * too. A watch dropped (no event bit: DN_MULTISHOT alone drops it
+       * as 0 does), or ended by a close of its descriptor
+       * (dnotify_closing), drops its note; a one-shot one that fired
+       * leaves it: a snapshot refuses one-shot watches. */
       long r = fcntl_call(raw, fd, cmd, arg);
       struct stat st;
       if (r == 0 && g_h && SYS2(fstat, fd, &st) == 0) {
-        if ((long)arg)
+        uint32_t mask = (uint32_t)(unsigned long)arg;
+        if (mask & ~(uint32_t)DN_MULTISHOT) {
+          for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+            const struct appshot_socket_note *e = &g_h->sockets.note[i];
+            if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == (uint64_t)st.st_ino &&
+                __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
+                e->level == APPSHOT_NOTE_DNOTIFY && e->name == F_NOTIFY)
+              mask |= (uint32_t)e->value;
+          }
           appshot_note_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
-                              F_NOTIFY, (int32_t)(long)arg, 0, 0);
-        else
+                              F_NOTIFY, (int32_t)mask, 0, 0);
+          dnotify_mark(fd, 1);
+        } else {
           appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
                                 F_NOTIFY, 0, 0);
+          dnotify_mark(fd, 0);
+        }
       }
       return r;
     }

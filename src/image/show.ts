@@ -74,8 +74,9 @@ function describeOwner(fd: Fd): string {
   if (!fd.owner) return '';
   const who = fd.owner.vpid ? `${['thread', 'process', 'process group'][fd.owner.type]} ${fd.owner.vpid}` : 'nobody';
   const signal = fd.owner.signal ? ` by signal ${fd.owner.signal}` : '';
+  const watch = fd.owner.dnotify ? `, watched with dnotify (mask 0x${(fd.owner.dnotify >>> 0).toString(16)})` : '';
   // O_ASYNC: 0o20000.
-  return fd.flags & 0o20000 ? `, O_ASYNC to ${who}${signal}` : `, owned by ${who}${signal}`;
+  return (fd.flags & 0o20000 ? `, O_ASYNC to ${who}${signal}` : `, owned by ${who}${signal}`) + watch;
 }
 
 function describeFd(image: Image, fd: Fd): string {

@@ -560,6 +560,9 @@ export interface FdOwner {
   vpid: number;
   /** F_GETSIG; 0: SIGIO. */
   signal: number;
+  /** A directory's dnotify watch mask (F_NOTIFY, DN_MULTISHOT among it);
+   * 0 or absent: none (and in older images). */
+  dnotify?: number;
 }
 
 export interface PtyPair {

@@ -16,6 +16,7 @@ import { isIPv4, isIPv6 } from 'node:net';
 import { totalmem } from 'node:os';
 import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
+import { dnotifyRecordFault } from '../resources/fdowner.js';
 import { checkPosixQueues } from '../resources/mqueue.js';
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
@@ -329,6 +330,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
     if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
+    const dnotify = dnotifyRecordFault(image, fd);
+    if (dnotify) corrupt(`${where} ${dnotify}`);
     checkLocks(fd, where);
   }
 }

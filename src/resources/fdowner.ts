@@ -22,9 +22,23 @@
  * descriptor; the lease made its taker the owner): kept with the others,
  * set after locks.ts took the lease again, which leaves it as it is (only
  * giving a lease up clears it). test/fixtures/leasesig.c.
+ *
+ * A directory's dnotify watch (F_NOTIFY) belongs to the description and
+ * the process that made it, and the kernel shows it nowhere: the preload
+ * library notes each F_NOTIFY call by the directory's inode, with the
+ * mask, and drops the note when the descriptor it was made through (or a
+ * copy) is closed, which ends the watch. A DN_MULTISHOT watch held through one descriptor of the whole
+ * application is carried as the mask on that descriptor's owner record,
+ * and made again at restore (F_NOTIFY before the owner, which F_NOTIFY
+ * sets to its caller) and noted again. Refused by name: a one-shot watch
+ * (the kernel drops it unseen when it fires: whether it is still there is
+ * not known), and a noted directory held through more than one
+ * descriptor (which of them holds the watch is not known).
+ * test/fixtures/fdodds.c --dnotify, --dnotify-sigio, --dnotify-oneshot.
  */
+import { statSync } from 'node:fs';
 import { procDir } from '../procfs.js';
-import { type Fd, FdKind, type FdOwner, type Process } from '../image/types.js';
+import { type Fd, FdKind, type FdOwner, type Image, type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { NR } from '../ptrace/inject.js';
@@ -41,6 +55,10 @@ const F_SETFL = 4;
 const F_SETSIG = 10;
 const F_GETSIG = 11;
 const F_SETOWN_EX = 15;
+const F_NOTIFY = 1026;
+/** dnotify's event bits (DN_ACCESS .. DN_ATTRIB) and DN_MULTISHOT. */
+const DN_EVENTS = 0x3f;
+const DN_MULTISHOT = 0x80000000;
 const F_GETOWN_EX = 16;
 const OWNER_KINDS = ['thread', 'process', 'process group'];
 
@@ -58,13 +76,16 @@ export function askFdOwners(calls: CallQueue, pid: number): FdOwnersAsked {
   return asked;
 }
 
-/** Whether the preload library noted a dnotify watch on a directory with
- * inode number `ino`, or may have and found no room to. */
-function dnotifyNoted(ctx: DumpContext, ino: bigint): boolean {
+/** The dnotify watch the preload library noted on a directory with inode
+ * number `ino` (its mask, as the kernel ORs it together), 'lost' if a
+ * note may have found no room, or undefined. */
+function dnotifyNoted(ctx: DumpContext, ino: bigint): number | 'lost' | undefined {
   const seen = ctx.tables.sockets;
-  if (!seen) return false;
-  if (seen.notes.some((n) => n.level === NOTE_DNOTIFY && n.ino === ino)) return true;
-  return seen.lost > 0 && seen.lostSeen !== undefined && addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp');
+  if (!seen) return undefined;
+  const note = seen.notes.find((n) => n.level === NOTE_DNOTIFY && n.name === F_NOTIFY && n.ino === ino);
+  if (note) return note.value >>> 0;
+  if (seen.lost > 0 && (seen.lostSeen === undefined || addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp'))) return 'lost';
+  return undefined;
 }
 
 /** Fills `fd.owner` of each descriptor of `fds` that has an owner or a
@@ -81,26 +102,70 @@ export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, 
     if (sig.ret < 0n) throw new Error(`reading the signal of ${what} fd ${fd.fd}: errno ${-sig.ret}`);
     // A directory's signal serves dnotify (F_NOTIFY; a lease, the other
     // user of F_SETSIG, cannot be taken on one). Its watch shows nowhere
-    // (not in fdinfo): restoring the signal without it would be silently
-    // wrong.
+    // (not in fdinfo): known only from the preload library's note of the
+    // F_NOTIFY call, by the directory's inode number (one of another
+    // filesystem with the same number is taken for it: checkDnotify
+    // refuses a noted number held twice).
     const dir = fd.kind === FdKind.FILE && (Number(ctx.image.files[fd.file]?.mode ?? 0) & S_IFMT) === S_IFDIR ? ctx.image.files[fd.file] : undefined;
-    if (sig.ret > 0n && dir)
+    const watch = dir ? dnotifyNoted(ctx, dir.ino) : undefined;
+    if (watch === 'lost')
+      throw new Unsupported(`${what} fd ${fd.fd}: a directory (${dir!.path}) that may be watched with dnotify (F_NOTIFY): the room for the notes of such watches was full, so whether it is, and how, is not known`);
+    // A signal with no watch noted: one made where the preload library
+    // does not see (a raw system call instruction) would be lost.
+    if (sig.ret > 0n && dir && watch === undefined)
       throw new Unsupported(`${what} fd ${fd.fd}: a directory given a signal (F_SETSIG ${sig.ret}), so watched with dnotify (F_NOTIFY), which the kernel does not show and cannot be captured yet`);
-    // One left with the default SIGIO is known only from the preload
-    // library's note of the F_NOTIFY call, by the directory's inode number
-    // (one of another filesystem with the same number, or a watch ended
-    // since, is refused too: never a watch lost without a word).
-    if (dir && dnotifyNoted(ctx, dir.ino))
-      throw new Unsupported(`${what} fd ${fd.fd}: a directory (${dir.path}) watched with dnotify (F_NOTIFY), which the kernel does not show and cannot be captured yet`);
+    if (watch !== undefined && !(watch & DN_MULTISHOT))
+      throw new Unsupported(`${what} fd ${fd.fd}: a directory (${dir!.path}) watched with a one-shot dnotify watch (F_NOTIFY without DN_MULTISHOT), which the kernel drops unseen when it fires: whether it is still there is not known, so it cannot be captured`);
     const type = own.out.readInt32LE(0);
     const system = own.out.readInt32LE(4);
     const async = (fd.flags & O_ASYNC) !== 0;
-    if (!system && !sig.ret && !async) continue;
+    if (!system && !sig.ret && !async && watch === undefined) continue;
     if (type < 0 || type > 2) throw new Unsupported(`${what} fd ${fd.fd}: an owner of type ${type} cannot be captured yet`);
     const vpid = system ? ctx.virtual('pid', system) : 0;
     if (system && !vpid) throw new Unsupported(`${what} fd ${fd.fd}: ${async ? 'its signal-driven I/O (O_ASYNC) goes to' : 'its owner (F_SETOWN) is'} ${OWNER_KINDS[type]} ${system}, outside the application, which cannot be captured`);
-    fd.owner = { type, vpid, signal: Number(sig.ret) };
+    fd.owner = { type, vpid, signal: Number(sig.ret), ...(watch !== undefined ? { dnotify: watch } : {}) };
   }
+}
+
+/** Once every process is seen: a dnotify watch belongs to one description
+ * and one process's table, and its note only names the directory's inode.
+ * A noted directory held through any other descriptor of the application
+ * (another description, a copy, another process's) is refused: which of
+ * them holds the watch is not known. */
+export function checkDnotify(image: Image): void {
+  const holders = new Map<bigint, { p: Process; fd: Fd }[]>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const file = fd.kind === FdKind.FILE ? image.files[fd.file] : undefined;
+      if (!file || (Number(file.mode) & S_IFMT) !== S_IFDIR) continue;
+      holders.set(file.ino, [...(holders.get(file.ino) ?? []), { p, fd }]);
+    }
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (!fd.owner?.dnotify) continue;
+      const file = image.files[fd.file];
+      const other = holders.get(file.ino)!.find((h) => h.fd !== fd);
+      if (other)
+        throw new Unsupported(`process ${p.vpid} (${p.comm}) fd ${fd.fd}: a directory (${file.path}) watched with dnotify (F_NOTIFY), also held as process ${other.p.vpid} fd ${other.fd.fd}: which of them holds the watch is not known, so it cannot be captured`);
+    }
+}
+
+/** The directory inode numbers of the image's dnotify watches, whose notes
+ * a snapshot keeps (sockopts.ts forgetClosed). */
+export function dnotifyInos(image: Image): bigint[] {
+  return image.processes.flatMap((p) => p.fds.filter((fd) => fd.owner?.dnotify).map((fd) => image.files[fd.file].ino));
+}
+
+/** A hostile image: a dnotify mask with bits the kernel does not know, no
+ * event, or no DN_MULTISHOT (never recorded), or on a descriptor that is
+ * not a directory, is refused before anything is made. */
+export function dnotifyRecordFault(image: Image, fd: Fd): string | undefined {
+  const mask = fd.owner?.dnotify;
+  if (!mask) return undefined;
+  if (mask & ~(DN_EVENTS | DN_MULTISHOT) || !(mask & DN_EVENTS) || !(mask & DN_MULTISHOT)) return `has a dnotify watch of mask 0x${(mask >>> 0).toString(16)}, not one of events (0x3f) with DN_MULTISHOT`;
+  const file = fd.kind === FdKind.FILE ? image.files[fd.file] : undefined;
+  if (!file || (Number(file.mode) & S_IFMT) !== S_IFDIR) return 'has a dnotify watch but is not a directory';
+  return undefined;
 }
 
 /** Sets each descriptor's owner and signal again (an O_ASYNC one's
@@ -114,6 +179,19 @@ export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext,
   const pids = addon().readTables(h.tablesPath).tables.pid ?? [];
   for (const fd of owned) {
     const where = `process ${p.vpid} fd ${fd.fd}`;
+    // The watch first: F_NOTIFY makes its caller the owner, which the
+    // recorded one then replaces.
+    if (fd.owner.dnotify) {
+      calls.add(`${where}: watching its directory with dnotify (mask 0x${(fd.owner.dnotify >>> 0).toString(16)})`, SYS.fcntl, [fd.fd, F_NOTIFY, fd.owner.dnotify >>> 0]);
+      // Noted again, as the preload library noted the original's: a later
+      // snapshot carries it too. By the inode of what the descriptor is
+      // once placed (a clone's may be its own copy), when it is.
+      const mask = fd.owner.dnotify | 0;
+      h.whenProcessesAreFinal(() => {
+        const ino = statSync(`/proc/${r.pid}/fd/${fd.fd}`, { bigint: true }).ino;
+        addon().noteSocket(h.tablesPath, { ino, level: NOTE_DNOTIFY, name: F_NOTIFY, value: mask, port: 0, kind: '' });
+      });
+    }
     if (fd.flags & O_ASYNC) {
       calls.add(`${where}: clearing O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags & ~O_ASYNC]);
       calls.add(`${where}: setting O_ASYNC`, SYS.fcntl, [fd.fd, F_SETFL, fd.flags]);

@@ -36,6 +36,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
+import { dnotifyInos } from './fdowner.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
@@ -312,7 +313,7 @@ export function forgetClosedSockets(ctx: DumpContext): void {
       return [{ ino: s.ino, kind: s.type === SOCK_DGRAM ? 'udp' : 'listen', port: s.port, reuseport: !!s.reuseport }];
     }),
   );
-  forgetClosed(ctx.tablesPath, ctx.tables.sockets ?? NOTHING_NOTED, held);
+  forgetClosed(ctx.tablesPath, ctx.tables.sockets ?? NOTHING_NOTED, held, dnotifyInos(ctx.image));
 }
 
 /** Before anything is made: every socket the image says a keeper held is

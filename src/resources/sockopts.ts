@@ -732,13 +732,16 @@ export interface HeldSocket {
 
 /** Once every process of the application is seen, all stopped: notes of
  * sockets none of them holds any more go, so that the room in the tables
- * is not used up by sockets long closed; and notes that found no room are
+ * is not used up by sockets long closed (nor by directories no longer
+ * watched); and notes that found no room are
  * forgotten once no socket the application holds may have been theirs
  * (nor a reuseport group it is in), so that a full table once is not a
  * reuseport socket refused for good. (The application is stopped: nothing
  * notes meanwhile.) */
-export function forgetClosed(tablesPath: string, seen: Notes, held: readonly HeldSocket[]): void {
-  const inImage = new Set(held.map((h) => h.ino));
+export function forgetClosed(tablesPath: string, seen: Notes, held: readonly HeldSocket[], watchedDirs: readonly bigint[] = []): void {
+  // The notes of directories' dnotify watches the image carries stay too
+  // (fdowner.ts), keyed by the directory's inode.
+  const inImage = new Set([...held.map((h) => h.ino), ...watchedDirs]);
   const closed = seen.notes.filter((n) => !inImage.has(n.ino));
   if (closed.length) addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
   if (!seen.lost || !seen.lostSeen) return;

@@ -34,7 +34,7 @@ import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } from '../resources/files.js';
 import { listingsBeforeCalls } from '../resources/listings.js';
-import { askFdOwners, dumpFdOwners } from '../resources/fdowner.js';
+import { askFdOwners, checkDnotify, dumpFdOwners } from '../resources/fdowner.js';
 import { dumpTidMoves } from '../resources/mutexes.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
@@ -421,6 +421,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     }
   }
   timed('shared descriptions', () => markSharedDescriptions(ctx.image.processes));
+  checkDnotify(ctx.image);
   timed('forking threads', () => dumpForkingThreads(ctx, ctx.image.processes));
   checkOneTimeNamespace(ctx.image.processes);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
