@@ -181,6 +181,22 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
     await stopped(copy);
   });
 
+  it('carries a close-on-exec watch through an exec that failed (its note, dropped before the exec, comes back)', async () => {
+    const aid = 'fodds-dnexec-fails';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-exec-fails']);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use its state');
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    expect(run(['inspect', join(out, aid)])).toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await sb.checksPass(copy);
+    await stopped(copy);
+  });
+
   it('refuses a watched directory held through a second descriptor too (which of them holds the watch is not known), naming it, and leaves the application running', async () => {
     await refused('fodds-dntwo', [fixture('fdodds'), scratch(), '--dnotify-twice'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), also held as process 2 fd \d+: which of them holds the watch is not known, so it cannot be captured/);
   });
