@@ -73,6 +73,9 @@ export interface SocketNote {
   value: number;
   port: number;
   kind: 'tcp' | 'udp' | '';
+  /** A dnotify watch's (NOTE_DNOTIFY): the virtual PID of the process that
+   * made it, whose descriptor table owns it (0 for the others). */
+  maker?: number;
 }
 
 /** What one wait on the tracees reported (addon/src/trace.h). */

@@ -138,6 +138,65 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
     await stopped(copy);
   });
 
+  /** `mode` ends its watch across an exec of itself and opens the directory
+   * again: the image carries no watch, and a file made in the directory
+   * after the restore brings no signal (a phantom watch's default SIGIO
+   * would be pending: the fixture keeps it blocked and looks). */
+  async function noWatchAfterExec(aid: string, mode: string): Promise<void> {
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), mode]);
+    await sb.checksPass(aid);
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const shown = run(['inspect', join(out, aid)]);
+    expect(shown).toMatch(/\/watched /);
+    expect(shown).not.toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await stopped(copy);
+  }
+
+  it('carries no watch for a directory whose watched descriptor had FD_CLOEXEC, after an exec (which closed it, ending the watch) and the directory opened again', async () => {
+    await noWatchAfterExec('fodds-dnexec-cloexec', '--dnotify-exec-cloexec');
+  });
+
+  it('carries no watch for a directory whose watched descriptor came through an exec and was closed by the new program, then opened again', async () => {
+    await noWatchAfterExec('fodds-dnexec-close', '--dnotify-exec-close');
+  });
+
+  it('carries a watch kept through an exec (no FD_CLOEXEC): a file made in the directory after the restore brings its signal', async () => {
+    const aid = 'fodds-dnexec-keep';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-exec-keep']);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use its state');
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    expect(run(['inspect', join(out, aid)])).toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await sb.checksPass(copy);
+    await stopped(copy);
+  });
+
+  it('carries a close-on-exec watch through an exec that failed (its note, dropped before the exec, comes back)', async () => {
+    const aid = 'fodds-dnexec-fails';
+    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-exec-fails']);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to use its state');
+    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    expect(run(['inspect', join(out, aid)])).toContain('watched with dnotify');
+    await stopped(aid);
+    const copy = `${aid}-copy`;
+    run(['restore', join(out, aid), '--aid', copy]);
+    await sb.checksPass(copy);
+    await sb.exercised(copy, 'to use its state');
+    await sb.checksPass(copy);
+    await stopped(copy);
+  });
+
   it('refuses a watched directory held through a second descriptor too (which of them holds the watch is not known), naming it, and leaves the application running', async () => {
     await refused('fodds-dntwo', [fixture('fdodds'), scratch(), '--dnotify-twice'], /process 2 \(fdodds\) fd \d+: a directory \(\S*\/watched\) watched with dnotify \(F_NOTIFY\), also held as process 2 fd \d+: which of them holds the watch is not known, so it cannot be captured/);
   });

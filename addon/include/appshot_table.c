@@ -939,9 +939,9 @@ void appshot_forget_lost(struct appshot_header *h) {
   __atomic_store_n(&h->sockets.lost, 0, __ATOMIC_RELEASE);
 }
 
-void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
-                         int32_t name, int32_t value, uint16_t port,
-                         uint8_t type) {
+static void note(struct appshot_header *h, uint64_t ino, int32_t level,
+                 int32_t name, int32_t value, uint16_t port, uint8_t type,
+                 int32_t maker) {
   struct appshot_socket_notes *n = &h->sockets;
   struct appshot_socket_note *slot = NULL;
   for (int i = 0; i < APPSHOT_SOCKET_NOTES && !slot; i++) {
@@ -974,9 +974,21 @@ void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
   __atomic_store_n(&slot->level, level, __ATOMIC_RELAXED);
   __atomic_store_n(&slot->name, name, __ATOMIC_RELAXED);
   __atomic_store_n(&slot->value, value, __ATOMIC_RELAXED);
+  __atomic_store_n(&slot->maker, maker, __ATOMIC_RELAXED);
   __atomic_store_n(&slot->port, port, __ATOMIC_RELAXED);
   __atomic_store_n(&slot->type, type, __ATOMIC_RELAXED);
   __atomic_store_n(&slot->ready, 1, __ATOMIC_RELEASE);
+}
+
+void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
+                         int32_t name, int32_t value, uint16_t port,
+                         uint8_t type) {
+  note(h, ino, level, name, value, port, type, 0);
+}
+
+void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
+                          int32_t maker) {
+  note(h, ino, APPSHOT_NOTE_DNOTIFY, F_NOTIFY, mask, 0, 0, maker);
 }
 
 void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,

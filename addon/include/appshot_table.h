@@ -47,7 +47,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 8u
+#define APPSHOT_TABLE_VERSION 9u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -198,8 +198,11 @@ struct appshot_instance {
 /* A note's level for a directory watched with dnotify (fcntl F_NOTIFY, name
  * F_NOTIFY, value its mask, ORed as the kernel ORs a watch's masks), which
  * nothing in /proc shows: `ino` is the directory's (no socket level is
- * negative). A snapshot carries a DN_MULTISHOT watch of a directory held
- * through one descriptor, and refuses the rest (fdowner.ts). */
+ * negative), `maker` the virtual PID of the process whose F_NOTIFY made
+ * it (its descriptor table owns the watch: a program it execs finds its
+ * inherited watched descriptors by it, preload_pid.c). A snapshot carries
+ * a DN_MULTISHOT watch of a directory held through one descriptor, and
+ * refuses the rest (fdowner.ts). */
 #define APPSHOT_NOTE_DNOTIFY (-1)
 #define APPSHOT_LOST_SEEN_BITS 65536
 
@@ -208,6 +211,7 @@ struct appshot_socket_note {
   int32_t level;  /* setsockopt's level and name */
   int32_t name;
   int32_t value;  /* IP_MULTICAST_IF: the interface index; IPV6_MTU: it */
+  int32_t maker;  /* APPSHOT_NOTE_DNOTIFY: the watcher's virtual PID; else 0 */
   uint16_t port;  /* the socket's own port when noted (0: unbound) */
   uint8_t type;   /* SOCK_STREAM 1, SOCK_DGRAM 2 */
   uint8_t ready;  /* 1 once the fields above are stored */
@@ -342,6 +346,11 @@ int appshot_prior_add(struct appshot_header *h, int32_t vid, int32_t sid);
 void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
                          int32_t name, int32_t value, uint16_t port,
                          uint8_t type);
+/* Notes a dnotify watch of directory `ino` with `mask`, made by the
+ * process of virtual PID `maker` (APPSHOT_NOTE_DNOTIFY), replacing its
+ * note. Lock-free and async-signal-safe. */
+void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
+                          int32_t maker);
 /* Drops the notes of (level, name) of socket `ino`, and with `port` set,
  * of every socket of `type` noted on that port (a reuseport group's
  * program goes for the whole group). */

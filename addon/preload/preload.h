@@ -585,6 +585,21 @@ HIDDEN int dnotify_marked(int fd);
 HIDDEN void dnotify_copy(int from, int to);
 HIDDEN void dnotify_closing(int fd);
 HIDDEN void dnotify_closing_range(unsigned int first, unsigned int last);
+/* Around an exec (preload_exec.c): the notes of watches its close-on-exec
+ * closes go before it, and come back if it fails; in the new program, the
+ * watched descriptors it inherited are marked again (init). */
+#define DNOTIFY_EXEC_MAX APPSHOT_SOCKET_NOTES /* one note a directory */
+struct dnotify_exec {
+  int n;
+  struct {
+    int fd;
+    int32_t mask;
+    uint64_t ino;
+  } w[DNOTIFY_EXEC_MAX];
+};
+HIDDEN void dnotify_exec_closing(struct dnotify_exec *x);
+HIDDEN void dnotify_exec_failed(const struct dnotify_exec *x);
+HIDDEN void dnotify_after_exec(void);
 /* preload_fd.c: the marks above, carried by a copy of a descriptor. */
 HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);

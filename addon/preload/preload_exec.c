@@ -258,21 +258,33 @@ API int execve(const char *path, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
   APP_ENV(env, envp);
-  return REAL(execve)(path, argv, env);
+  struct dnotify_exec closing;
+  dnotify_exec_closing(&closing);
+  int r = REAL(execve)(path, argv, env);
+  if (UNLIKELY(closing.n)) dnotify_exec_failed(&closing);
+  return r;
 }
 
 API int execvpe(const char *file, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
   APP_ENV(env, envp);
-  return REAL(execvpe)(file, argv, env);
+  struct dnotify_exec closing;
+  dnotify_exec_closing(&closing);
+  int r = REAL(execvpe)(file, argv, env);
+  if (UNLIKELY(closing.n)) dnotify_exec_failed(&closing);
+  return r;
 }
 
 API int fexecve(int fd, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
   APP_ENV(env, envp);
-  return REAL(fexecve)(fd, argv, env);
+  struct dnotify_exec closing;
+  dnotify_exec_closing(&closing);
+  int r = REAL(fexecve)(fd, argv, env);
+  if (UNLIKELY(closing.n)) dnotify_exec_failed(&closing);
+  return r;
 }
 
 API int execv(const char *path, char *const argv[]) {

@@ -988,6 +988,125 @@ void dnotify_closing_range(unsigned int first, unsigned int last) {
   for (unsigned int fd = first; fd <= last && fd < DNOTIFY_TRACKED; fd++) dnotify_closing((int)fd);
 }
 
+/* This process's note of a dnotify watch of directory `ino`, its mask; 0
+ * when there is none. */
+static int32_t dnotify_noted_mask(uint64_t ino) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    const struct appshot_socket_note *e = &g_h->sockets.note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == ino &&
+        __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
+        e->level == APPSHOT_NOTE_DNOTIFY && e->name == F_NOTIFY)
+      return e->value;
+  }
+  return 0;
+}
+
+/* Before an exec: the kernel closes the descriptors with FD_CLOEXEC once
+ * the exec cannot fail any more, which ends a watch made through one of
+ * them, so their notes go now, and `x` keeps them. The new program can
+ * not drop them itself (the descriptors, and our marks, are gone by the
+ * time it runs), and a note left would be restored as a watch that no
+ * longer exists (on the default SIGIO, its first event kills). Dropped
+ * before rather than after: a snapshot between the two sees the
+ * descriptor still open without its note, which is exact if the exec then
+ * goes through (the copy execs too, and closes it); if it fails,
+ * dnotify_exec_failed watches again. */
+void dnotify_exec_closing(struct dnotify_exec *x) {
+  x->n = 0;
+  if (!g_h || dnotify_marker != self_vpid()) return; /* marks not ours */
+  uint64_t any = 0;
+  for (unsigned i = 0; i < DNOTIFY_TRACKED / 64; i++)
+    any |= __atomic_load_n(&dnotify_fds[i], __ATOMIC_RELAXED);
+  if (LIKELY(!any)) return;
+  for (int fd = 0; fd < DNOTIFY_TRACKED; fd++) {
+    struct stat st;
+    if (!dnotify_marked(fd)) continue;
+    long fl = SYS2(fcntl, fd, F_GETFD);
+    if (fl < 0 || !(fl & FD_CLOEXEC) || SYS2(fstat, fd, &st) != 0) continue;
+    int32_t mask = dnotify_noted_mask((uint64_t)st.st_ino);
+    if (!mask) continue; /* a copy of one dropped already */
+    if (x->n < DNOTIFY_EXEC_MAX) {
+      x->w[x->n].fd = fd;
+      x->w[x->n].ino = (uint64_t)st.st_ino;
+      x->w[x->n].mask = mask;
+      x->n++;
+    }
+    appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY, F_NOTIFY, 0, 0);
+  }
+}
+
+/* The exec failed: the descriptors are still open, and so are their
+ * watches (unless a snapshot was taken between the drop and here: its
+ * copy has the descriptor without the watch). F_NOTIFY again with the
+ * mask noted makes both true (the kernel ORs it into a watch that is
+ * there), keeping the owner, which F_NOTIFY sets to its caller; then the
+ * note again. Only on this failure path. */
+void dnotify_exec_failed(const struct dnotify_exec *x) {
+  int saved = errno;
+  for (int i = 0; i < x->n; i++) {
+    struct f_owner_ex owner;
+    struct stat st;
+    int fd = x->w[i].fd;
+    if (SYS2(fstat, fd, &st) != 0 || (uint64_t)st.st_ino != x->w[i].ino) continue;
+    long got = SYS3(fcntl, fd, F_GETOWN_EX, &owner);
+    if (SYS3(fcntl, fd, F_NOTIFY, (long)(uint32_t)x->w[i].mask) != 0) continue;
+    if (got == 0) SYS3(fcntl, fd, F_SETOWN_EX, &owner);
+    appshot_note_dnotify(g_h, x->w[i].ino, x->w[i].mask | dnotify_noted_mask(x->w[i].ino),
+                         self_vpid());
+  }
+  errno = saved;
+}
+
+/* At start, in a program this process exec'd: a watched descriptor
+ * without FD_CLOEXEC came through the exec, its watch with it (the
+ * descriptor table is the same), but not our marks of it, so its close
+ * would not drop the note. Marked again: the descriptors of directories
+ * noted as watched by this process. Only when some note is ours: no
+ * system call otherwise. */
+void dnotify_after_exec(void) {
+  pid_t me = self_vpid();
+  int ours = 0;
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES && !ours; i++) {
+    const struct appshot_socket_note *e = &g_h->sockets.note[i];
+    ours = __atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) &&
+           __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
+           e->level == APPSHOT_NOTE_DNOTIFY && e->maker == me;
+  }
+  if (LIKELY(!ours)) return;
+  long dir = SYS4(openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+  if (dir < 0) return;
+  char buf[2048] __attribute__((aligned(8)));
+  long n;
+  while ((n = SYS3(getdents64, dir, buf, sizeof buf)) > 0) {
+    for (long off = 0; off < n;) {
+      const struct {
+        uint64_t ino;
+        int64_t off;
+        unsigned short reclen;
+        unsigned char type;
+        char name[];
+      } *d = (const void *)(buf + off);
+      off += d->reclen;
+      int fd = 0, digits = 0;
+      for (const char *c = d->name; *c >= '0' && *c <= '9' && fd < DNOTIFY_TRACKED; c++, digits++)
+        fd = fd * 10 + (*c - '0');
+      if (!digits || d->name[digits] || fd >= DNOTIFY_TRACKED || fd == dir) continue;
+      struct stat st;
+      if (SYS2(fstat, fd, &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+      for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+        const struct appshot_socket_note *e = &g_h->sockets.note[i];
+        if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == (uint64_t)st.st_ino &&
+            __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
+            e->level == APPSHOT_NOTE_DNOTIFY && e->maker == me) {
+          dnotify_mark(fd, 1);
+          break;
+        }
+      }
+    }
+  }
+  SYS1(close, dir);
+}
+
 /* F_SETOWN/F_GETOWN(_EX) name the process or group that gets SIGIO and
  * SIGURG; F_GETLK reports the holder of a conflicting lock; F_DUPFD's copy
  * is tracked as its original is; F_NOTIFY is noted. Every other
@@ -1042,15 +1161,10 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       if (r == 0 && g_h && SYS2(fstat, fd, &st) == 0) {
         uint32_t mask = (uint32_t)(unsigned long)arg;
         if (mask & ~(uint32_t)DN_MULTISHOT) {
-          for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
-            const struct appshot_socket_note *e = &g_h->sockets.note[i];
-            if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) == (uint64_t)st.st_ino &&
-                __atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) &&
-                e->level == APPSHOT_NOTE_DNOTIFY && e->name == F_NOTIFY)
-              mask |= (uint32_t)e->value;
-          }
-          appshot_note_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,
-                              F_NOTIFY, (int32_t)mask, 0, 0);
+          mask |= (uint32_t)dnotify_noted_mask((uint64_t)st.st_ino);
+          /* By its maker: a program this process execs finds the watched
+           * descriptors it inherits by it (dnotify_after_exec). */
+          appshot_note_dnotify(g_h, (uint64_t)st.st_ino, (int32_t)mask, self_vpid());
           dnotify_mark(fd, 1);
         } else {
           appshot_unnote_socket(g_h, (uint64_t)st.st_ino, APPSHOT_NOTE_DNOTIFY,

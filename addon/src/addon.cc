@@ -326,6 +326,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     n.Set("level", Napi::Number::New(env, e.level));
     n.Set("name", Napi::Number::New(env, e.name));
     n.Set("value", Napi::Number::New(env, e.value));
+    n.Set("maker", Napi::Number::New(env, e.maker));
     n.Set("port", Napi::Number::New(env, e.port));
     n.Set("kind", e.type == SOCK_STREAM ? "tcp" : e.type == SOCK_DGRAM ? "udp" : "");
     notes.Set(k++, n);
@@ -455,8 +456,9 @@ Napi::Value ForgetLostNotes(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// noteSocket(path, { ino, level, name, value, port, kind }): what the
-// preload library would have noted of a socket the restore made.
+// noteSocket(path, { ino, level, name, value, port, kind, maker? }): what
+// the preload library would have noted of a socket the restore made (or of
+// a dnotify watch, level APPSHOT_NOTE_DNOTIFY, made by process `maker`).
 Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -469,6 +471,12 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   std::string kind = o.Get("kind").As<Napi::String>().Utf8Value();
+  int32_t level = o.Get("level").As<Napi::Number>().Int32Value();
+  if (level == APPSHOT_NOTE_DNOTIFY) {
+    int32_t maker = o.Has("maker") && o.Get("maker").IsNumber() ? o.Get("maker").As<Napi::Number>().Int32Value() : 0;
+    appshot_note_dnotify(t.get(), ino, o.Get("value").As<Napi::Number>().Int32Value(), maker);
+    return env.Undefined();
+  }
   appshot_note_socket(t.get(), ino, o.Get("level").As<Napi::Number>().Int32Value(), o.Get("name").As<Napi::Number>().Int32Value(),
                       o.Get("value").As<Napi::Number>().Int32Value(), static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value()),
                       kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0);

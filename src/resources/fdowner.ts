@@ -183,13 +183,14 @@ export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext,
     // recorded one then replaces.
     if (fd.owner.dnotify) {
       calls.add(`${where}: watching its directory with dnotify (mask 0x${(fd.owner.dnotify >>> 0).toString(16)})`, SYS.fcntl, [fd.fd, F_NOTIFY, fd.owner.dnotify >>> 0]);
-      // Noted again, as the preload library noted the original's: a later
+      // Noted again, as the preload library noted the original's (made by
+      // this process: a program it execs finds the watch by it): a later
       // snapshot carries it too. By the inode of what the descriptor is
       // once placed (a clone's may be its own copy), when it is.
       const mask = fd.owner.dnotify | 0;
       h.whenProcessesAreFinal(() => {
         const ino = statSync(`/proc/${r.pid}/fd/${fd.fd}`, { bigint: true }).ino;
-        addon().noteSocket(h.tablesPath, { ino, level: NOTE_DNOTIFY, name: F_NOTIFY, value: mask, port: 0, kind: '' });
+        addon().noteSocket(h.tablesPath, { ino, level: NOTE_DNOTIFY, name: F_NOTIFY, value: mask, port: 0, kind: '', maker: p.vpid });
       });
     }
     if (fd.flags & O_ASYNC) {
