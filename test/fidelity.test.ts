@@ -138,6 +138,10 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
     await stopped(copy);
   });
 
+  it('carries no watch for a directory a child watched and exited (the kernel closed its descriptor unseen): its note is the child\'s, not this process\'s', async () => {
+    await noWatchAfterExec('fodds-dnchild', '--dnotify-child');
+  });
+
   /** `mode` ends its watch across an exec of itself and opens the directory
    * again: the image carries no watch, and a file made in the directory
    * after the restore brings no signal (a phantom watch's default SIGIO

@@ -54,6 +54,7 @@ const EBADF = 9n;
 const F_SETFL = 4;
 const F_SETSIG = 10;
 const F_GETSIG = 11;
+const F_SETOWN = 8;
 const F_SETOWN_EX = 15;
 const F_NOTIFY = 1026;
 /** dnotify's event bits (DN_ACCESS .. DN_ATTRIB) and DN_MULTISHOT. */
@@ -79,10 +80,14 @@ export function askFdOwners(calls: CallQueue, pid: number): FdOwnersAsked {
 /** The dnotify watch the preload library noted on a directory with inode
  * number `ino` (its mask, as the kernel ORs it together), 'lost' if a
  * note may have found no room, or undefined. */
-function dnotifyNoted(ctx: DumpContext, ino: bigint): number | 'lost' | undefined {
+function dnotifyNoted(ctx: DumpContext, vpid: number, ino: bigint): number | 'lost' | undefined {
   const seen = ctx.tables.sockets;
   if (!seen) return undefined;
-  const note = seen.notes.find((n) => n.level === NOTE_DNOTIFY && n.name === F_NOTIFY && n.ino === ino);
+  // Made by this very process (whose descriptor table holds the watch):
+  // the note of one made elsewhere on the same directory (a child that
+  // watched it and exited, its descriptor closed by the kernel where the
+  // preload library does not see) says nothing of this descriptor.
+  const note = seen.notes.find((n) => n.level === NOTE_DNOTIFY && n.name === F_NOTIFY && n.ino === ino && n.maker === vpid);
   if (note) return note.value >>> 0;
   if (seen.lost > 0 && (seen.lostSeen === undefined || addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp'))) return 'lost';
   return undefined;
@@ -90,7 +95,7 @@ function dnotifyNoted(ctx: DumpContext, ino: bigint): number | 'lost' | undefine
 
 /** Fills `fd.owner` of each descriptor of `fds` that has an owner or a
  * signal; `asked`: answered. */
-export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, what: string): void {
+export function dumpFdOwners(ctx: DumpContext, processVpid: number, fds: Fd[], asked: FdOwnersAsked, what: string): void {
   for (const fd of fds) {
     const answers = asked.get(fd.fd);
     if (!answers) throw new Error(`${what} fd ${fd.fd}: its owner was not asked for`);
@@ -107,7 +112,7 @@ export function dumpFdOwners(ctx: DumpContext, fds: Fd[], asked: FdOwnersAsked, 
     // filesystem with the same number is taken for it: checkDnotify
     // refuses a noted number held twice).
     const dir = fd.kind === FdKind.FILE && (Number(ctx.image.files[fd.file]?.mode ?? 0) & S_IFMT) === S_IFDIR ? ctx.image.files[fd.file] : undefined;
-    const watch = dir ? dnotifyNoted(ctx, dir.ino) : undefined;
+    const watch = dir ? dnotifyNoted(ctx, processVpid, dir.ino) : undefined;
     if (watch === 'lost')
       throw new Unsupported(`${what} fd ${fd.fd}: a directory (${dir!.path}) that may be watched with dnotify (F_NOTIFY): the room for the notes of such watches was full, so whether it is, and how, is not known`);
     // A signal with no watch noted: one made where the preload library
@@ -204,6 +209,10 @@ export function restoreFdOwners(r: RemoteProcess, p: Process, h: RestoreContext,
       owner.writeInt32LE(fd.owner.type, 0);
       owner.writeInt32LE(system, 4);
       calls.add(`${where}: setting its owner, ${OWNER_KINDS[fd.owner.type]} ${fd.owner.vpid}`, SYS.fcntl, [fd.fd, F_SETOWN_EX, r.put(owner)]);
+    } else if (fd.owner.dnotify) {
+      // None recorded: F_NOTIFY above made this process the owner, which
+      // the original's descriptor was not (its owner set to 0 since).
+      calls.add(`${where}: clearing the owner F_NOTIFY gave it`, SYS.fcntl, [fd.fd, F_SETOWN, 0]);
     }
     if (fd.owner.signal) calls.add(`${where}: setting its signal ${fd.owner.signal}`, SYS.fcntl, [fd.fd, F_SETSIG, fd.owner.signal]);
   }

@@ -9,8 +9,15 @@
  * The copy never runs a single instruction of the application: the thread
  * that forks it is traced with PTRACE_O_TRACEFORK, so the copy is traced
  * by us from its birth and waited for in its first stop; it dies with us
- * (PTRACE_O_EXITKILL) and is killed once read. No one in the application
- * may see it either. A plain fork would make it the process's child: its
+ * (PTRACE_O_EXITKILL) and is killed once read. It keeps out of the
+ * application's way as far as it can (it is still a process of the
+ * application's process group and user, in /proc, counted against
+ * RLIMIT_NPROC and the pids cgroup while it lives: the fork falls back to
+ * a frozen read where those refuse it, and the application's own fork in
+ * that time may fail with EAGAIN where it was at the limit; and the pages
+ * the application writes before the copy is read are copied, charged to
+ * its memory cgroup). It shares the descriptor table (CLONE_FILES), so it
+ * holds no file open of its own. A plain fork would make it the process's child: its
  * exit a SIGCHLD, its zombie there for a waitpid(-1, __WALL) to find
  * (exit_signal 0 spares the signal but not the zombie). With CLONE_PARENT
  * it is the child of the process's parent instead, which for a process
@@ -38,6 +45,12 @@ import { timed } from './profile.js';
 import { type ProcStat } from '../procfs.js';
 
 const CLONE_PARENT = 0x8000;
+/** The copy shares the process's descriptor table: with a table of its
+ * own it would hold a reference to every open file, and what the
+ * application closes meanwhile would not be (no FIN on a TCP socket, no
+ * EOF on a pipe, no flock released, no space of a deleted file freed)
+ * until the copy is read, seconds for a large one. */
+const CLONE_FILES = 0x400;
 const SIGCHLD = 17;
 
 /**
@@ -102,7 +115,7 @@ export class CowCapture {
     if (why) return this.frozen(what, why);
     let made: { ret: bigint; child: number };
     try {
-      made = timed('cow: fork', () => addon().forkStopped(pid, syscallInsn, BigInt(CLONE_PARENT | SIGCHLD)));
+      made = timed('cow: fork', () => addon().forkStopped(pid, syscallInsn, BigInt(CLONE_PARENT | CLONE_FILES | SIGCHLD)));
     } catch (e) {
       return this.frozen(what, `its fork failed: ${(e as Error).message}`);
     }

@@ -337,7 +337,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
         sockets.close();
       }
     });
-    timed('fd owners', () => dumpFdOwners(ctx, proc.fds, asked.fdOwners, what));
+    timed('fd owners', () => dumpFdOwners(ctx, proc.vpid, proc.fds, asked.fdOwners, what));
     refuseChrootedSocketPaths(proc, what);
     timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
     proc.aioRings = timed('aio', () => dumpAioRings(pid, inj, maps, what));
