@@ -518,8 +518,10 @@ static const uint8_t zero_page[PAGE];
  * memory is touched for the first time (or taken back from others): on
  * this project's VM, 256 MiB written into a file 62-1770 ms (load 7-9),
  * 16-117 ms over pages written beforehand (bench/frozenio pw:buffered,
- * same run). A full disk here is no failure: the copying meets it again
- * past what was reserved, and says so. */
+ * same run). A full disk here is no failure of the snapshot (the copying
+ * meets it again past what was reserved, and says so); so that it is
+ * none of the application's either, the caller reserves at most half of
+ * the file system's free space (snapshot/driver.ts reserveRoom). */
 static int reserve_written(page_writer* w, uint64_t bytes) {
   enum { ZEROS = 512 };
   static struct iovec zeros[ZEROS];

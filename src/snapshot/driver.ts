@@ -12,7 +12,7 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, statfsSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -525,8 +525,6 @@ function memoryOnly(vpid: number, pid: number): Process {
   };
 }
 
-/** How many bytes may wait for the disk while memory is read: a quarter
- * of what the machine has available (at least 64 MiB). */
 /** The most of a page file prepared before the freeze (see snapshot):
  * as much as may wait for the disk (writeQueueLimit), or
  * APPSHOT_RESERVE_MAX bytes (0: none; for measuring). Written with zeros
@@ -543,6 +541,22 @@ function reserveMax(): number {
   return process.env.APPSHOT_PAGES_MAP === '1' ? 32 << 20 : writeQueueLimit();
 }
 
+/** Zeros written ahead take the file system's space before the pages
+ * do: never more than half of what is free in `dir`'s, so that a snapshot
+ * on a nearly full disk does not fill it for the application and every
+ * other writer meanwhile (its own writes past it still fail with ENOSPC,
+ * as before). */
+function reserveRoom(dir: string): number {
+  try {
+    const fs = statfsSync(dir);
+    return Math.floor((Number(fs.bavail) * Number(fs.bsize)) / 2);
+  } catch {
+    return 0;
+  }
+}
+
+/** How many bytes may wait for the disk while memory is read: a quarter
+ * of what the machine has available (at least 64 MiB). */
 function writeQueueLimit(): number {
   const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
   return Math.max(64 << 20, m ? (Number(m[1]) * 1024) / 4 : 0);
@@ -849,7 +863,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
     const estimate = progress === noProgress && !whole ? 0 : estimateImageBytes(roots);
-    if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax())));
+    if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (armAll). Not a tar: its page file is not on disk for
     // the next one to compare.
