@@ -159,6 +159,11 @@
  *    follows the magic link; no rule matches /proc). linkat of a relative
  *    source under a descriptor of an original directory makes a second
  *    name of the original's inode.
+ *  - A descriptor is moved by number (dup3 over it) after the copy: a
+ *    thread that closes it and gets the number again for another file
+ *    while the copy is made has that one replaced. A thread that unshared
+ *    its descriptor table is read through /proc/self/fd all the same, and
+ *    without /proc mounted no descriptor is known to be on an original.
  *  - A directory's xattrs are not copied with it.
  *  - A chmod, utime or setxattr of a regular file copies it whole, however
  *    large.
