@@ -21,7 +21,7 @@ import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
-import { fixture, Sandbox } from './helpers.js';
+import { fixture, Sandbox, twoClones } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-clonecowfd-'));
@@ -38,13 +38,8 @@ const GID_CHANGED = 4242; // the fixture's fchown and fchownat, as root
 const root = process.getuid!() === 0;
 const FILES = ['held', 'own', 'owat', 'tn', 'tv', 'ue', 'fs', 'xs', 'xr', 'xn', 'sys', 'sys2', 'c2', 'ln', 'su'];
 
-/** More self-checks of `aid`, failing with the FAIL line it printed. */
-async function checksPass(aid: string) {
-  await sb.checksPass(aid, 3).catch((e: Error) => {
-    const fails = sb.log(aid).match(/^FAIL.*$/gm);
-    throw fails ? new Error(`${aid}:\n${fails.join('\n')}`) : e;
-  });
-}
+/** 3 more self-checks of `aid` (the fixture's first FAIL line, if any). */
+const checksPass = (aid: string) => sb.checksPass(aid, 3);
 
 /** Everything a metadata call may change, as seen from outside. */
 function meta(path: string) {
@@ -78,11 +73,7 @@ it('a descriptor open on an original: its metadata calls change the clone\'s cop
   writeFileSync(rules, `FILE "${data}" COPY-ON-WRITE\n`);
   sb.ok(['run', '-d', '--aid', 'cft', '--rules', rules, '--', fixture('cowfd'), data]);
   await checksPass('cft');
-  sb.ok(['snapshot', 'cft', '-o', join(dir, 'snap')]);
-  sb.ok(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl')]);
-  const clones = sb.json<{ aid: string; privateRoot: string }[]>(['clone', join(dir, 'tpl'), '--aid', 'cfc', '--count', '2']);
-  expect(clones.map((c) => c.aid)).toEqual(['cfc-1', 'cfc-2']);
-  for (const c of clones) await checksPass(c.aid);
+  const clones = await twoClones(sb, 'cft', dir, 'cfc');
 
   const names = [...FILES, 'dir', 'fifo'];
   const before = Object.fromEntries(names.map((n) => [n, meta(d(n))]));

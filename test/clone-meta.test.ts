@@ -35,7 +35,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
-import { fixture, Sandbox } from './helpers.js';
+import { fixture, Sandbox, twoClones } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-clonemeta-'));
@@ -56,13 +56,8 @@ const MTIME = 1_000_000_000; // the fixture's utimensat and lutimes
 const GID_CHANGED = 4242; // the fixture's chown, as root
 const root = process.getuid!() === 0;
 
-/** More self-checks of `aid`, failing with the FAIL line it printed. */
-async function checksPass(aid: string) {
-  await sb.checksPass(aid, 3).catch((e: Error) => {
-    const fails = sb.log(aid).match(/^FAIL.*$/gm);
-    throw fails ? new Error(`${aid}:\n${fails.join('\n')}`) : e;
-  });
-}
+/** 3 more self-checks of `aid` (the fixture's first FAIL line, if any). */
+const checksPass = (aid: string) => sb.checksPass(aid, 3);
 
 /** What a metadata call may change, as seen from outside. */
 function meta(path: string) {
@@ -132,11 +127,7 @@ it('a clone changes the metadata of its own copies, never the template\'s origin
   sb.ok(['run', '-d', '--aid', 'cmt', '--rules', rules, '--', fixture('cowmeta'), file, sysFile, sub, link, confFile]);
   await checksPass('cmt');
 
-  sb.ok(['snapshot', 'cmt', '-o', join(dir, 'snap')]);
-  sb.ok(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl')]);
-  const clones = sb.json<{ aid: string; privateRoot: string }[]>(['clone', join(dir, 'tpl'), '--aid', 'cmc', '--count', '2']);
-  expect(clones.map((c) => c.aid)).toEqual(['cmc-1', 'cmc-2']);
-  for (const c of clones) await checksPass(c.aid);
+  const clones = await twoClones(sb, 'cmt', dir, 'cmc');
   const before = { file: meta(file), sysFile: meta(sysFile), sub: meta(sub), link: meta(link) };
   const review = ['r', 'rl', 'nl', 'r2', 'abs', 'm', 'd2', 'su', 'outl', 'nest', 'ts', 'rv/lib/app', 'lib/app', 'r3'];
   const beforeReview = Object.fromEntries(review.map((n) => [n, meta(d(n))]));

@@ -28,7 +28,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
-import { fixture, Sandbox } from './helpers.js';
+import { fixture, Sandbox, twoClones } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-clonesymlink-'));
@@ -41,13 +41,8 @@ const data = join(dir, 'data'); // copy-on-write
 const real = join(data, 'real');
 const labels = ['absl', 'rell', 'chain', 'up', 'cpl', 'mine', 'out'];
 
-/** More self-checks of `aid`, failing with the FAIL line it printed. */
-async function checksPass(aid: string) {
-  await sb.checksPass(aid, 3).catch((e: Error) => {
-    const fails = sb.log(aid).match(/^FAIL.*$/gm);
-    throw fails ? new Error(`${aid}:\n${fails.join('\n')}`) : e;
-  });
-}
+/** 3 more self-checks of `aid` (the fixture's first FAIL line, if any). */
+const checksPass = (aid: string) => sb.checksPass(aid, 3);
 
 /** What the clone's calls may change in the originals, as seen from outside. */
 function originals() {
@@ -91,11 +86,7 @@ it('a clone\'s calls through a middle-component symlink change its own copies, n
   sb.ok(['run', '-d', '--aid', 'clt', '--rules', rules, '--', fixture('cowlink'), data]);
   await checksPass('clt');
 
-  sb.ok(['snapshot', 'clt', '-o', join(dir, 'snap')]);
-  sb.ok(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl')]);
-  const clones = sb.json<{ aid: string; privateRoot: string }[]>(['clone', join(dir, 'tpl'), '--aid', 'clc', '--count', '2']);
-  expect(clones.map((c) => c.aid)).toEqual(['clc-1', 'clc-2']);
-  for (const c of clones) await checksPass(c.aid);
+  const clones = await twoClones(sb, 'clt', dir, 'clc');
   const before = originals();
 
   await sb.exercised('clc-1', 'to write through middle-component symlinks');

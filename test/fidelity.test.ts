@@ -123,30 +123,19 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
   });
 
   it('carries no watch for a directory whose watched descriptor was closed and that was opened again (the close ended the watch, and its note)', async () => {
-    const aid = 'fodds-dnreopen';
-    run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), '--dnotify-reopen']);
-    await sb.checksPass(aid);
-    run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
-    const shown = run(['inspect', join(out, aid)]);
-    expect(shown).toMatch(/\/watched /);
-    expect(shown).not.toContain('watched with dnotify');
-    await stopped(aid);
-    const copy = `${aid}-copy`;
-    run(['restore', join(out, aid), '--aid', copy]);
-    await sb.checksPass(copy);
-    await sb.exercised(copy, 'to use its state');
-    await stopped(copy);
+    await noWatch('fodds-dnreopen', '--dnotify-reopen');
   });
 
   it('carries no watch for a directory a child watched and exited (the kernel closed its descriptor unseen): its note is the child\'s, not this process\'s', async () => {
-    await noWatchAfterExec('fodds-dnchild', '--dnotify-child');
+    await noWatch('fodds-dnchild', '--dnotify-child');
   });
 
-  /** `mode` ends its watch across an exec of itself and opens the directory
-   * again: the image carries no watch, and a file made in the directory
-   * after the restore brings no signal (a phantom watch's default SIGIO
-   * would be pending: the fixture keeps it blocked and looks). */
-  async function noWatchAfterExec(aid: string, mode: string): Promise<void> {
+  /** `mode` leaves a note of a watch its directory no longer has (closed,
+   * across an exec, a child's) and holds the directory: the image carries
+   * no watch, and a file made in the directory after the restore brings no
+   * signal (a phantom watch's default SIGIO would be pending: the fixture
+   * keeps it blocked and looks). */
+  async function noWatch(aid: string, mode: string): Promise<void> {
     run(['run', '-d', '--aid', aid, '--', fixture('fdodds'), scratch(), mode]);
     await sb.checksPass(aid);
     run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
@@ -162,11 +151,11 @@ describe('a directory watched with dnotify (F_NOTIFY DN_CREATE|DN_MULTISHOT, kno
   }
 
   it('carries no watch for a directory whose watched descriptor had FD_CLOEXEC, after an exec (which closed it, ending the watch) and the directory opened again', async () => {
-    await noWatchAfterExec('fodds-dnexec-cloexec', '--dnotify-exec-cloexec');
+    await noWatch('fodds-dnexec-cloexec', '--dnotify-exec-cloexec');
   });
 
   it('carries no watch for a directory whose watched descriptor came through an exec and was closed by the new program, then opened again', async () => {
-    await noWatchAfterExec('fodds-dnexec-close', '--dnotify-exec-close');
+    await noWatch('fodds-dnexec-close', '--dnotify-exec-close');
   });
 
   /** `mode` keeps its watch across an exec of itself: the image carries

@@ -463,6 +463,19 @@ export async function templfixTemplate(sb: Sandbox, world: TemplfixWorld, aid: s
   if (t.code !== 0) throw new Error(`template create failed: ${t.stderr}`);
 }
 
+/** Snapshots `aid` (ending it) into `dir`/snap, makes the template
+ * `dir`/tpl of it and two clones of that, `prefix`-1 and `prefix`-2, each
+ * through 3 more of its own self-checks: how the clone tests begin. */
+export async function twoClones(sb: Sandbox, aid: string, dir: string, prefix: string): Promise<{ aid: string; privateRoot: string }[]> {
+  sb.ok(['snapshot', aid, '-o', join(dir, 'snap')]);
+  sb.ok(['template', 'create', join(dir, 'snap'), '-o', join(dir, 'tpl')]);
+  const clones = sb.json<{ aid: string; privateRoot: string }[]>(['clone', join(dir, 'tpl'), '--aid', prefix, '--count', '2']);
+  const aids = clones.map((c) => c.aid).join(' ');
+  if (aids !== `${prefix}-1 ${prefix}-2`) throw new Error(`clones ${aids}, not ${prefix}-1 ${prefix}-2`);
+  for (const c of clones) await sb.checksPass(c.aid, 3);
+  return clones;
+}
+
 /** Runs test/fixtures/sharedlisten (a server on `port`) as `aid`, waits
  * for it to listen and snapshots it to `image` (which ends it): what a
  * serve test restores on demand. */
