@@ -37,12 +37,13 @@
  * read from the process while frozen too, before armAll resets it for
  * the next snapshot (tracking.ts).
  */
-import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { addon } from '../native.js';
 import { bytesFromCopy, type MapsLine, type PrivateCopy } from '../resources/memory.js';
 import { timed } from './profile.js';
 import { type ProcStat } from '../procfs.js';
+import { isUserfaultfd } from './tracking.js';
 
 const CLONE_PARENT = 0x8000;
 /** The copy shares the process's descriptor table: with a table of its
@@ -202,7 +203,7 @@ function forkAwaitedByUserfaultfd(pid: number): boolean {
   }
   for (const fd of fds) {
     try {
-      if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== 'anon_inode:[userfaultfd]') continue;
+      if (!isUserfaultfd(pid, Number(fd))) continue;
       const m = /^API:\s*[0-9a-f]+:([0-9a-f]+):/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
       // Unreadable: taken as told, which only costs a frozen copy.
       if (!m || BigInt('0x' + m[1]) & UFFD_FEATURE_EVENT_FORK) return true;
