@@ -42,7 +42,7 @@ import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js'
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type MessageSchema, messageType } from './schema.js';
-import { checkSignature, imagesTrustedExplicitly, ownKeyId, type Signer, signWithSelf, untrustedHint } from './trust.js';
+import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
 import { recordWritten, writtenHere, writtenIdentity } from './written.js';
@@ -1024,7 +1024,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
           d = { size, crc: part.crc32c, sha256: part.sha256, chunkSize: part.chunkSize, chunks: part.chunkSha256 };
           // Written by this state directory and unchanged since: checked
           // as it was written (written.ts), unless asked again.
-          pagesAsWritten = !quick && !!opts.trustWritten && mustBeOwned && !!signer.trusted && signer.keyId === ownKeyId() && writtenHere(fd, manifest.imageId, part.chunkSha256);
+          pagesAsWritten = !quick && !!opts.trustWritten && mustBeOwned && !!signer.trusted && isOwnKey(signer.trusted) && writtenHere(fd, manifest.imageId, part.chunkSha256);
           if (!quick && !pagesAsWritten) {
             killPoint('image: checking pages');
             pagesCheck = new (addon().PagesCheck)(fd, size, part.chunkSize, part.chunkSha256);

@@ -215,14 +215,10 @@ export const untrustedHint = 'if you trust it, run again with --trust-image, or 
 
 // `appshot key ...`
 
-/** The id of this node's own key, undefined if it has none yet (never
- * made here: an image it did not sign cannot be its own). */
-export function ownKeyId(home = defaultHome()): string | undefined {
-  try {
-    return readSelfKey(home)?.id;
-  } catch {
-    return undefined;
-  }
+/** Whether `key` (a Signer's trusted key) is this node's own: the one
+ * trustedKeys read from self.key, whatever a key was imported as. */
+export function isOwnKey(key: TrustedKey, home = defaultHome()): boolean {
+  return key.file === selfKeyPath(home);
 }
 
 export function exportKey(home = defaultHome()): string {
