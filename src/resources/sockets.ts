@@ -29,7 +29,7 @@
 import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import { type Fd, FdKind, type Image, type Process, type Socket, verdictRef, virtualPort } from '../image/types.js';
+import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
@@ -477,11 +477,7 @@ function asApplicationListener(h: RestoreContext, sock: number, s: Socket, where
  * what could not be given back (resetExtras), one line each. */
 export function applyListenerOptions(sock: number, s: Socket, where: string, minBacklog = 0, reset = true): string[] {
   check(s, 'listen', where);
-  let stale: string[] = [];
-  if (reset) {
-    const { family, type } = addon().sockInfo(sock);
-    stale = resetExtras(sock, 'listen', family, type, s.options ?? [], BASE_OPTIONS, where);
-  }
+  const stale = reset ? resetListenerOptions(sock, where, s.options ?? []) : [];
   applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
   const backlog = Math.max(s.backlog, minBacklog);
   try {
@@ -493,12 +489,13 @@ export function applyListenerOptions(sock: number, s: Socket, where: string, min
 }
 
 /** Gives the caller's listening socket `sock` back a fresh socket's value
- * of every option it carries (resetExtras, as applyListenerOptions does
- * first), for a listener whose next image is not read yet: serve's, after
- * the instance that held it crashed. Returns what cannot be, one line each. */
-export function resetListenerOptions(sock: number, where: string): string[] {
+ * of every option it carries but those of `keep` (resetExtras):
+ * applyListenerOptions first, and serve's listener whose next image is
+ * not read yet (after the instance that held it crashed), keeping none.
+ * Returns what cannot be, one line each. */
+export function resetListenerOptions(sock: number, where: string, keep: SocketOption[] = []): string[] {
   const { family, type } = addon().sockInfo(sock);
-  return resetExtras(sock, 'listen', family, type, [], BASE_OPTIONS, where);
+  return resetExtras(sock, 'listen', family, type, keep, BASE_OPTIONS, where);
 }
 
 /** Our descriptor for a listening socket or an end of a unix socket pair. */
