@@ -263,6 +263,9 @@ interface Addon {
   crc32c(data: Buffer, seed?: number): number;
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
   crc32cFile(path: string): { size: number; crc: number };
+  /** Unmaps the buffers kept warm between page files that lay unused
+   * `unusedSeconds` or more (all of them with 0); how many. */
+  releaseKeptBuffers(unusedSeconds: number): number;
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
   fdEntries(pid: number): { fd: number; target: string; info: string }[];
   /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,

@@ -122,18 +122,78 @@ static struct timespec deadline_after(int ms) {
   return t;
 }
 
-/* A hashing thread's chunk buffer, mapped for the thread's life and
- * unmapped at its end. From malloc it would come, once glibc's mmap
- * threshold has risen past a chunk (it does at the first free of one),
- * out of the thread's own arena, which keeps it after free: a resident
- * engine or `appshot serve` carried a chunk per hashing thread for good. */
+/* Buffers kept between uses, in this process: a resident engine or
+ * `appshot serve` writes and checks one page file after another, and a
+ * buffer mapped afresh each time is memory touched for the first time
+ * each time, which on a VM costs far more than the copying into it (see
+ * warm_buffer; the page writer's pool, 4 x 2 MiB made warm per snapshot,
+ * and a 4 MiB buffer per checksummed file took 15-45 ms of a tiny
+ * application's snapshot on this project's VM, whose freed memory the
+ * host takes back). At most KEPT_MAX buffers of at most WRITE_BUFFER bytes
+ * (16 MiB), so that a page file's chunk size, which an image names, never
+ * makes us keep more; and none longer than the caller lets them lie
+ * unused (pages_release_kept, from the engine's and serve's timers).
+ * Kept as they are: MADV_FREE would let the kernel take them under
+ * pressure, but a buffer used again after it cost ~3 ms per MiB here
+ * (the checksum of libc through one: 3.3 ms against 0.35). */
+#define KEPT_MAX 8
+static struct kept_buffer {
+  uint8_t* p;
+  size_t len;
+  time_t since; /* CLOCK_MONOTONIC seconds */
+} kept[KEPT_MAX];
+static int nkept;
+static pthread_mutex_t kept_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static time_t monotonic_seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec;
+}
+
 static uint8_t* chunk_buffer(size_t len) {
-  void* p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  uint8_t* p = NULL;
+  pthread_mutex_lock(&kept_mu);
+  for (int i = nkept - 1; i >= 0; i--)
+    if (kept[i].len == len) {
+      p = kept[i].p;
+      kept[i] = kept[--nkept];
+      break;
+    }
+  pthread_mutex_unlock(&kept_mu);
+  if (p) return p;
+  p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   return p == MAP_FAILED ? NULL : p;
 }
 
 static void chunk_buffer_free(uint8_t* buf, size_t len) {
+  if (!buf) return;
+  if (len <= WRITE_BUFFER) {
+    pthread_mutex_lock(&kept_mu);
+    if (nkept < KEPT_MAX) {
+      kept[nkept++] = (struct kept_buffer){buf, len, monotonic_seconds()};
+      buf = NULL;
+    }
+    pthread_mutex_unlock(&kept_mu);
+  }
   if (buf) munmap(buf, len);
+}
+
+int pages_release_kept(int unused_seconds) {
+  struct kept_buffer gone[KEPT_MAX];
+  int ngone = 0;
+  time_t now = monotonic_seconds();
+  pthread_mutex_lock(&kept_mu);
+  for (int i = 0; i < nkept;)
+    if (now - kept[i].since >= unused_seconds) {
+      gone[ngone++] = kept[i];
+      kept[i] = kept[--nkept];
+    } else {
+      i++;
+    }
+  pthread_mutex_unlock(&kept_mu);
+  for (int i = 0; i < ngone; i++) munmap(gone[i].p, gone[i].len);
+  return ngone;
 }
 
 /* A write buffer, every page of it touched now. Memory touched for the
@@ -148,6 +208,29 @@ static uint8_t* warm_buffer(void) {
   uint8_t* b = chunk_buffer(WRITE_BUFFER);
   if (b) memset(b, 0, WRITE_BUFFER);
   return b;
+}
+
+int pages_crc32c_fd(int fd, uint32_t* crc, uint64_t* size) {
+  uint8_t* buf = chunk_buffer(PAGES_CHUNK);
+  if (!buf) return -ENOMEM;
+  uint32_t c = 0;
+  uint64_t n = 0;
+  int rc = 0;
+  for (;;) {
+    ssize_t got = read(fd, buf, PAGES_CHUNK);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      rc = -errno;
+      break;
+    }
+    if (got == 0) break;
+    c = pages_crc32c(c, buf, (size_t)got);
+    n += (uint64_t)got;
+  }
+  chunk_buffer_free(buf, PAGES_CHUNK);
+  *crc = c;
+  *size = n;
+  return rc;
 }
 
 /* Chunk i is whole in the file, or the last one and the file complete. */

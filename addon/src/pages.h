@@ -130,6 +130,12 @@ typedef struct {
 } pages_result;
 
 uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
+/* CRC-32C and size of what is left to read of `fd`, read through one of
+ * the buffers this process keeps warm (pages.c); 0 or -errno. */
+int pages_crc32c_fd(int fd, uint32_t* crc, uint64_t* size);
+/* Unmaps the buffers kept warm (pages.c) that lay unused for at least
+ * `unused_seconds`; how many. */
+int pages_release_kept(int unused_seconds);
 
 /* Opens an unnamed file (O_TMPFILE) in `dir`: if the writer dies before
  * pw_link, nothing is left behind. Pages are read from the application

@@ -240,6 +240,9 @@ export class Engine {
       // The appshot-init processes its restores started, once ended, are
       // its zombies until waited for.
       addon().reapDetached();
+      // The page files' buffers kept warm between commands (pages.c): not
+      // held through a quiet half minute.
+      addon().releaseKeptBuffers(30);
       let ino: number | undefined;
       try {
         ino = lstatSync(this.paths.socket).ino;

@@ -1843,6 +1843,9 @@ export class ServeHost {
       // The supervisors this process started (the instances' appshot-init,
       // standbys let go), once ended, are its zombies until waited for.
       addon().reapDetached();
+      // The page files' buffers kept warm between restores and snapshots
+      // (pages.c): not held through a quiet half minute.
+      addon().releaseKeptBuffers(30);
       // One service's failure is logged, not the end of the others' ticks.
       for (const s of this.services)
         try {
