@@ -309,6 +309,9 @@ interface Addon {
   /** The same on a thread of the pool: this thread does not wait for the
    * program's exec. outFd stays open until it settles. */
   spawnDetachedAsync(path: string, argv: string[], outFd: number): Promise<{ pid: number; statusFd: number; lifelineFd: number }>;
+  /** Starts a program in a session of its own, its standard descriptors
+   * on /dev/null; its PID (reaped by reapDetached). */
+  spawnQuiet(path: string, argv: string[]): number;
   /** Waits for those spawnDetached started that have ended; how many. */
   reapDetached(): number;
   /** Copies page data into a stopped process: runs of [index into fds,

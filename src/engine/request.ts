@@ -10,9 +10,11 @@
  * the command's code runs (callbacks and promises included).
  *
  * This module is imported by the command path (cli.ts, trust.ts,
- * format.ts...), so it must stay tiny: no import but async_hooks.
+ * format.ts...), so it must stay tiny: no import but Node's own modules.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
+import { accessSync, constants as fsc, statSync } from 'node:fs';
+import { delimiter, join } from 'node:path';
 
 export interface RequestContext {
   /** Sends a chunk to the client's stdout (1) or stderr (2). */
@@ -130,4 +132,19 @@ export function onInterrupt(kind: 'abort' | 'exit', handler: (sig: NodeJS.Signal
 export function commandPath(): string {
   const r = currentRequest();
   return (r ? r.path : process.env.PATH) ?? '';
+}
+
+/** The program `name` as the command's PATH finds it, if it does. */
+export function programOnPath(name: string): string | undefined {
+  for (const dir of commandPath().split(delimiter)) {
+    if (!dir) continue;
+    const candidate = join(dir, name);
+    try {
+      accessSync(candidate, fsc.X_OK);
+      if (statSync(candidate).isFile()) return candidate;
+    } catch {
+      /* not here */
+    }
+  }
+  return undefined;
 }

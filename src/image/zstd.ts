@@ -6,26 +6,12 @@
  * -dq` to read. Without the program, .tar.zst is refused by name.
  */
 import { spawn } from 'node:child_process';
-import { accessSync, constants as fsc, statSync } from 'node:fs';
-import { delimiter, join } from 'node:path';
 import { PassThrough, type Writable } from 'node:stream';
 import { AppshotError, ExitCode } from '../errors.js';
-import { commandPath } from '../engine/request.js';
+import { programOnPath } from '../engine/request.js';
 
 /** The zstd program on PATH, if there is one. */
-export function zstdProgram(): string | undefined {
-  for (const dir of commandPath().split(delimiter)) {
-    if (!dir) continue;
-    const candidate = join(dir, 'zstd');
-    try {
-      accessSync(candidate, fsc.X_OK);
-      if (statSync(candidate).isFile()) return candidate;
-    } catch {
-      /* not here */
-    }
-  }
-  return undefined;
-}
+export const zstdProgram = (): string | undefined => programOnPath('zstd');
 
 /** The zstd program, or the one line that says how to get it. */
 export function requireZstd(what: string): string {

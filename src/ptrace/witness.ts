@@ -16,9 +16,9 @@
  * its ending, which names it; it sleeps a day at most, so that one whose
  * entry was never written (appshot killed in between) does not stay.
  */
-import { spawn } from 'node:child_process';
 import { isSameProcess, readStat } from '../procfs.js';
 import { addon } from '../native.js';
+import { programOnPath } from '../engine/request.js';
 
 /** How long a witness lives if nothing ends it: a witness that exited
  * by itself only sends the next command back to looking at the
@@ -32,15 +32,16 @@ export interface WitnessId {
 }
 
 /** Starts a witness; undefined if it cannot be (no `sleep`): the next
- * command then looks at the application only. */
+ * command then looks at the application only. Through posix_spawn
+ * (spawnQuiet), not child_process.spawn, whose fork of the whole process
+ * cost 5-11 ms of the window the application is held in. */
 export function startWitness(): WitnessId | undefined {
   try {
-    const child = spawn('sleep', [String(WITNESS_SECONDS)], { detached: true, stdio: 'ignore' });
-    child.on('error', () => {});
-    child.unref();
-    const pid = child.pid;
-    const startTime = pid ? readStat(pid)?.startTime : undefined;
-    if (!pid || startTime === undefined) return undefined;
+    const sleep = programOnPath('sleep');
+    if (!sleep) return undefined;
+    const pid = addon().spawnQuiet(sleep, ['sleep', String(WITNESS_SECONDS)]);
+    const startTime = readStat(pid)?.startTime;
+    if (startTime === undefined) return undefined;
     return { pid, startTime };
   } catch {
     return undefined;
@@ -73,7 +74,8 @@ export function witnessLivesOn(w: WitnessId | undefined): void {
   }
 }
 
-/** Ends the witness (its parent, or init, reaps it). */
+/** Ends the witness (reaped by its parent, the engine's reapDetached, or
+ * by init once the command's process has left). */
 export function endWitness(w: WitnessId | undefined): void {
   if (!w || !isSameProcess(w.pid, w.startTime)) return;
   try {
