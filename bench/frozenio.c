@@ -18,6 +18,8 @@
  *   bufcold    the same with a fresh 8 MiB buffer per round, as the
  *              writer thread's queue gets them (aligned_alloc)
  *   vmreadv    process_vm_readv into the warm buffer, then write()
+ *   direct     buffered, but the file opened O_DIRECT: no page cache, the
+ *              writes go to the disk from the buffer as they are made
  *   splice     pread into the warm buffer, vmsplice it into a pipe, splice
  *              the pipe to the file (what CRIU's page transfer does, the
  *              parasite's vmsplice replaced by our copy)
@@ -119,7 +121,8 @@ int main(int argc, char** argv) {
     if (pre) method += 4;
     int prewrite = !strncmp(method, "pw:", 3);
     if (prewrite) method += 3;
-    int fd = open(argv[1], O_RDWR | O_TMPFILE, 0600);
+    int direct = !strcmp(method, "direct");
+    int fd = open(argv[1], O_RDWR | O_TMPFILE | (direct ? O_DIRECT : 0), 0600);
     if (fd < 0) die("O_TMPFILE");
     if (pre && fallocate(fd, 0, 0, (off_t)size)) die("fallocate");
     /* pw: the page cache made beforehand, by writing zeros from the warm
@@ -146,7 +149,7 @@ int main(int argc, char** argv) {
         read_ms += now_ms() - a;
       }
       munmap(map, size);
-    } else if (!strcmp(method, "buffered") || !strcmp(method, "bufcold")) {
+    } else if (!strcmp(method, "buffered") || !strcmp(method, "bufcold") || direct) {
       int cold = !strcmp(method, "bufcold");
       for (size_t at = 0; at < size; at += BUF) {
         size_t n = size - at < BUF ? size - at : BUF;
