@@ -813,7 +813,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   // the machine's available memory is queued for it.
   let pages: PageWriter;
   try {
-    pages = new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit());
+    pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit()));
   } catch (e) {
     discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
@@ -862,13 +862,13 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the frozen window (--leave-running) from 0.95 to 0.21 s, the
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
-    const estimate = progress === noProgress && !whole ? 0 : estimateImageBytes(roots);
+    const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
     if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (armAll). Not a tar: its page file is not on disk for
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
+    const planned = becomesParent ? timed('tracking prepared', () => prepareTracking(reg, aid, roots)) : {};
     clock.outside(collectBeforeFreeze);
     const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
