@@ -587,10 +587,12 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
   const engine = new Engine(opts);
   await engine.start();
   // Everything a command loads, loaded now rather than by the first one.
-  void import('../cli.js').then(
-    (cli) => cli.prepareProgram(),
-    (e) => engine.log(`loading the CLI: ${(e as Error).message}`),
-  );
+  void import('../cli.js')
+    .then(async (cli) => {
+      cli.prepareProgram();
+      await cli.loadCommandModules();
+    })
+    .catch((e) => engine.log(`loading the CLI: ${(e as Error).message}`));
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);

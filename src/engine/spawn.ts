@@ -12,8 +12,11 @@ function spawnEngine(home: string, stderr: 'ignore' | 'pipe', onDemand = false) 
   // As small a young generation as serve -d's (commands/serve.ts).
   // --expose-gc: a snapshot empties that young generation before it
   // freezes the application (driver.ts, collectBeforeFreeze), so that no
-  // collection falls in its frozen window.
-  return spawn(process.execPath, ['--max-semi-space-size=1', '--expose-gc', entry, ...(onDemand ? ['--on-demand'] : [])], {
+  // collection falls in its frozen window. --no-lazy: every function
+  // compiled as its module loads, at the engine's start (it loads the
+  // commands' modules then: server.ts), not in a command's first run
+  // (cli.ts, compileEagerly, says what that saves).
+  return spawn(process.execPath, ['--max-semi-space-size=1', '--expose-gc', '--no-lazy', entry, ...(onDemand ? ['--on-demand'] : [])], {
     detached: true,
     stdio: ['ignore', 'ignore', stderr],
     // One malloc arena for all its threads, as `serve -d` has
