@@ -217,9 +217,10 @@ async function criuRound(criu, mib, round, r) {
   r.snapshot_cpu.push(def.cpuMs);
   // appshot's image is on the disk when its command returns (the page file
   // fsynced before the commit, the commit synced); CRIU's is in the page
-  // cache. The same durability for CRIU: its image's files synced after.
+  // cache. The same durability for CRIU: its image's files and directory
+  // synced after.
   const files = readdirSync(join(dir, 'img')).map((f) => join(dir, 'img', f));
-  r.snapshot_wall_durable.push(def.wallMs + timed('sync', files).wallMs);
+  r.snapshot_wall_durable.push(def.wallMs + timed('sync', [...files, join(dir, 'img'), dir]).wallMs);
   await app.exited; // reaped: its PID is free for the restore
   const pidfile = join(dir, 'pid');
   const restored = async (lazyDaemon) => {

@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
     if (prewrite) method += 3;
     int direct = !strcmp(method, "direct");
     int fd = open(argv[1], O_RDWR | O_TMPFILE | (direct ? O_DIRECT : 0), 0600);
-    if (fd < 0) die("O_TMPFILE");
+    if (fd < 0) die(direct ? "O_TMPFILE|O_DIRECT (not on tmpfs)" : "O_TMPFILE");
     if (pre && fallocate(fd, 0, 0, (off_t)size)) die("fallocate");
     /* pw: the page cache made beforehand, by writing zeros from the warm
      * buffer (what the frozen window then only overwrites). */

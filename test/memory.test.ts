@@ -192,6 +192,8 @@ describe('the pages a snapshot stores, found with one PAGEMAP_SCAN, are those a 
             again.close();
           }
           expect(readFileSync(join(writers[2], 'pages')).equals(stored)).toBe(true);
+          // (And buffers were kept: this is not three writers with fresh ones.)
+          expect(addon().releaseKeptBuffers(0)).toBeGreaterThan(0);
           // And a file's checksum read through a kept buffer, twice, is its bytes'.
           const crc = addon().crc32c(stored);
           expect([addon().crc32cFile(join(writers[2], 'pages')), addon().crc32cFile(join(writers[0], 'pages'))]).toEqual([

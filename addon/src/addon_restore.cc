@@ -809,7 +809,8 @@ Napi::Value SpawnDetached(const Napi::CallbackInfo& info) {
 // spawnQuiet(path, argv[]) -> pid: starts a program in a session of its
 // own, every signal at its default and none blocked, with /dev/null for
 // its standard descriptors and nothing else of ours (all of Node's and
-// ours are close-on-exec); reaped by reapDetached. For the snapshot's
+// ours are close-on-exec); reaped by reapDetached in the engine and
+// serve, by init once a command's process has left. For the snapshot's
 // witness (ptrace/witness.ts): child_process.spawn forks the whole
 // engine, 5-11 ms of a snapshot's held window where posix_spawn (which
 // shares our memory until the exec) takes a fraction of one.

@@ -130,8 +130,9 @@ static struct timespec deadline_after(int ms) {
  * and a 4 MiB buffer per checksummed file took 15-45 ms of a tiny
  * application's snapshot on this project's VM, whose freed memory the
  * host takes back). At most KEPT_MAX buffers of at most WRITE_BUFFER bytes
- * (16 MiB), so that a page file's chunk size, which an image names, never
- * makes us keep more; and none longer than the caller lets them lie
+ * (16 MiB), and only of the write and chunk sizes, so that a page file's
+ * chunk size, which an image names, never makes us keep more or other;
+ * and none longer than the caller lets them lie
  * unused (pages_release_kept, from the engine's and serve's timers).
  * Kept as they are: MADV_FREE would let the kernel take them under
  * pressure, but a buffer used again after it cost ~3 ms per MiB here
@@ -168,7 +169,10 @@ static uint8_t* chunk_buffer(size_t len) {
 
 static void chunk_buffer_free(uint8_t* buf, size_t len) {
   if (!buf) return;
-  if (len <= WRITE_BUFFER) {
+  /* Only the sizes used over and over: a page file's chunk size of
+   * another kind (an image names it) would take slots the writer's
+   * buffers then find full. */
+  if (len == WRITE_BUFFER || len == PAGES_CHUNK) {
     pthread_mutex_lock(&kept_mu);
     if (nkept < KEPT_MAX) {
       kept[nkept++] = (struct kept_buffer){buf, len, monotonic_seconds()};
@@ -579,12 +583,11 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
       pthread_mutex_init(&q->mu, NULL);
       pthread_cond_init(&q->work, NULL);
       pthread_cond_init(&q->space, NULL);
+      /* No thread (EAGAIN under a pids limit): queue_free gives back the
+       * pool made above and its array (emptied first, it read a NULL
+       * array's entries). */
       if (q->spare && pthread_create(&q->thread, NULL, writer_main, q) == 0) w->queue = q;
-      else {
-        free(q->spare);
-        q->spare = NULL;
-        queue_free(q);
-      }
+      else queue_free(q);
     }
     /* Without a thread, writing is synchronous: slower, not wrong. */
   }

@@ -134,9 +134,10 @@ export function commandPath(): string {
   return (r ? r.path : process.env.PATH) ?? '';
 }
 
-/** The program `name` as the command's PATH finds it, if it does. */
-export function programOnPath(name: string): string | undefined {
-  for (const dir of commandPath().split(delimiter)) {
+/** The program `name` as `searchPath` (the command's PATH) finds it, if
+ * it does. */
+export function programOnPath(name: string, searchPath = commandPath()): string | undefined {
+  for (const dir of searchPath.split(delimiter)) {
     if (!dir) continue;
     const candidate = join(dir, name);
     try {

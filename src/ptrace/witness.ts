@@ -37,7 +37,9 @@ export interface WitnessId {
  * cost 5-11 ms of the window the application is held in. */
 export function startWitness(): WitnessId | undefined {
   try {
-    const sleep = programOnPath('sleep');
+    // This process's PATH, not a client's (the engine's command may come
+    // with a minimal one): the witness is appshot's, not the command's.
+    const sleep = programOnPath('sleep', `${process.env.PATH ?? ''}:/usr/bin:/bin`);
     if (!sleep) return undefined;
     const pid = addon().spawnQuiet(sleep, ['sleep', String(WITNESS_SECONDS)]);
     const startTime = readStat(pid)?.startTime;
