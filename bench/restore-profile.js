@@ -11,8 +11,8 @@
 // restores alternating one by one. Prints per build and size the median
 // and range of the command's wall time, the restore's own time
 // (restoreMs) and its verification (verifyMs), and with BENCH_STEPS=1 the
-// median of each of the restore's APPSHOT_DEBUG phases. --json: raw
-// medians.
+// median of each of the restore's APPSHOT_DEBUG phases. BENCH_LAZY=1:
+// `--lazy` restores instead. --json: raw medians.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -24,6 +24,7 @@ const runs = Number(process.env.BENCH_RUNS ?? 5);
 const row = Number(process.env.BENCH_ROW ?? 10);
 const sizes = (process.env.BENCH_SIZES ?? '0,16').split(',').map(Number);
 const STEPS = process.env.BENCH_STEPS === '1';
+const LAZY = process.env.BENCH_LAZY === '1';
 const memapp = join(here, 'bench', 'bin', 'memapp');
 const builds = pairedBuilds(here, 'restore-profile');
 const work = mkdtempSync(join(here, '.bench-images-restore-profile-'));
@@ -34,7 +35,7 @@ let n = 0;
 function restoreOnce(b, image) {
   const aid = `r${n++}`;
   const start = process.hrtime.bigint();
-  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, '--aid', aid, '--json'], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
+  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, '--aid', aid, '--json', ...(LAZY ? ['--lazy'] : [])], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
   const wall = Number(process.hrtime.bigint() - start) / 1e6;
   if (r.status !== 0) throw new Error(`${b.name}: restore failed (${r.status}): ${r.stderr}`);
   const made = JSON.parse(r.stdout);
@@ -91,11 +92,11 @@ try {
       };
     }
   }
-  if (process.argv.includes('--json')) console.log(JSON.stringify({ runs, row, load, builds: report }, null, 2));
+  if (process.argv.includes('--json')) console.log(JSON.stringify({ lazy: LAZY, runs, row, load, builds: report }, null, 2));
   else {
     const names = builds.map((b) => b.name);
     const fmt = (s) => (s ? `${s.median} (${s.min}–${s.max})` : '–');
-    console.log(`eager restores, ${runs} rows of ${row} per size and build, alternating; median (min–max) ms; load ${load}`);
+    console.log(`${LAZY ? 'lazy' : 'eager'} restores, ${runs} rows of ${row} per size and build, alternating; median (min–max) ms; load ${load}`);
     console.log(`| | ${names.join(' | ')} |\n|---|${names.map(() => '---').join('|')}|`);
     for (const mib of sizes) {
       for (const k of ['wallMs', 'restoreMs', 'verifyMs']) console.log(`| ${mib} MiB: ${k} | ${names.map((x) => fmt(report[x][mib][k])).join(' | ')} |`);

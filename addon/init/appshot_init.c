@@ -310,6 +310,64 @@ static void unmap_seed_scratch(void) {
   seed_scratch_at = 0;
 }
 
+/* A standby's seed gives up its memory (the copy of appshot-init it was
+ * forked as) before it waits: all but the scratch area and the kernel's
+ * vDSO, its data pages and the vsyscall page, which is what the restore
+ * driver unmaps first (src/resources/memory.ts restoreMemory). Done here,
+ * while the standby waits for a restore, it is not done in the first stop
+ * the restore spends on the seed (about half a millisecond of its time).
+ * The seed then runs from code written into the scratch area, which needs
+ * nothing else, not even a stack: one munmap per mapping, then pause()
+ * for ever. The driver overwrites that code with its batch code once the
+ * seed is stopped and its own; the seed never runs it again. Where
+ * anything is unexpected (no scratch area, more mappings than the buffer
+ * holds, another architecture), the seed keeps its memory and waits as
+ * any other seed does. */
+static void empty_standby_seed(void) {
+#if defined(__x86_64__)
+  if (!seed_scratch_at) return;
+  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  static char maps[16384];
+  size_t n = 0;
+  ssize_t got = 0;
+  while (n < sizeof maps - 1 && (got = read(fd, maps + n, sizeof maps - 1 - n)) > 0) n += (size_t)got;
+  close(fd);
+  /* Full, or cut short: not all of it was read. */
+  if (n == 0 || n >= sizeof maps - 1 || got < 0) return;
+  maps[n] = 0;
+  unsigned char *code = (unsigned char *)seed_scratch_at, *at = code;
+  /* Each munmap takes 27 bytes of code; the area is far larger. */
+  const unsigned char *limit = code + SEED_SCRATCH_SIZE - 64;
+  for (char *line = maps; *line; ) {
+    char *next = strchr(line, '\n');
+    if (next) *next = 0;
+    char *end;
+    unsigned long start = strtoul(line, &end, 16), stop = *end == '-' ? strtoul(end + 1, &end, 16) : 0;
+    if (!stop || stop <= start) return;
+    int kept = (start <= seed_scratch_at && seed_scratch_at < stop) || strstr(line, "[vdso]") || strstr(line, "[vvar]") ||
+               strstr(line, "[vvar_vclock]") || strstr(line, "[vsyscall]");
+    if (!kept) {
+      if (at + 27 > limit) return;
+      unsigned long length = stop - start;
+      unsigned int nr = SYS_munmap;
+      *at++ = 0x48, *at++ = 0xbf, memcpy(at, &start, 8), at += 8;  /* mov rdi, start */
+      *at++ = 0x48, *at++ = 0xbe, memcpy(at, &length, 8), at += 8; /* mov rsi, length */
+      *at++ = 0xb8, memcpy(at, &nr, 4), at += 4;                    /* mov eax, SYS_munmap */
+      *at++ = 0x0f, *at++ = 0x05;                                   /* syscall */
+    }
+    if (!next) break;
+    line = next + 1;
+  }
+  unsigned int nr = SYS_pause;
+  *at++ = 0xb8, memcpy(at, &nr, 4), at += 4; /* again: mov eax, SYS_pause */
+  *at++ = 0x0f, *at++ = 0x05;                /* syscall */
+  *at++ = 0xeb, *at++ = 0xf7;                /* jmp again */
+  __builtin___clear_cache((char *)code, (char *)at);
+  ((void (*)(void))(void *)code)();
+#endif
+}
+
 static pid_t fork_seed(int standby) {
   pid_t init = getpid();
   pid_t pid = fork();
@@ -320,6 +378,7 @@ static pid_t fork_seed(int standby) {
     /* A standby's seed may wait long: it must not outlive us. */
     if (standby && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != init)) _exit(1);
     drop_rseq();
+    if (standby) empty_standby_seed();
     for (;;) pause();
   }
   return pid;

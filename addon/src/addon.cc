@@ -71,28 +71,15 @@ void CopyString(char (&dst)[N], const std::string& src) {
   dst[n] = '\0';
 }
 
-// Opens a table file for the length of one call.
-class OpenTables {
- public:
-  explicit OpenTables(const std::string& path)
-      : h_(appshot_table_open(path.c_str())), err_(errno) {}
-  ~OpenTables() { appshot_table_close(h_); }
-  appshot_header* get() const { return h_; }
-  int err() const { return err_; }
-
- private:
-  appshot_header* h_;
-  int err_;
-};
-
-// A few table files kept mapped between reads (readTables): the engine
-// reads the same applications' tables over and over (a snapshot's freeze,
-// its frozen window, every look at a registration), and mapping the file
-// anew each time cost its page faults and an munmap's TLB shootdown across
-// the engine's threads, most of a read. The file is opened each time and
-// taken from here only if it is the same file (device and inode) as the
-// one mapped: a replaced or recreated file is mapped afresh. Each entry
-// holds its file's memory until it is evicted (kCachedTables at most).
+// A few table files kept mapped between reads (readTables) and writes
+// (OpenTables): the engine reads the same applications' tables over and
+// over (a snapshot's freeze, its frozen window, every look at a
+// registration), and mapping the file anew each time cost its page faults
+// and an munmap's TLB shootdown across the engine's threads, most of a
+// read. The file is opened each time and taken from here only if it is the
+// same file (device and inode) as the one mapped: a replaced or recreated
+// file is mapped afresh. Each entry holds its file's memory until it is
+// evicted (kCachedTables at most).
 struct CachedTables {
   dev_t dev;
   ino_t ino;
@@ -146,6 +133,22 @@ appshot_header* MappedTables(const std::string& path, int* err) {
   g_cached_tables.push_back({st.st_dev, st.st_ino, h, static_cast<size_t>(st.st_size)});
   return h;
 }
+
+// A table file for one call, taken from the mappings kept (MappedTables):
+// a restore writes its new tables a dozen times (its instance section,
+// each PID and port bound, each socket noted), and mapping the file for
+// each write, then unmapping it, cost each its page faults and an
+// munmap's TLB shootdown across the engine's threads.
+class OpenTables {
+ public:
+  explicit OpenTables(const std::string& path) : h_(MappedTables(path, &err_)) {}
+  appshot_header* get() const { return h_; }
+  int err() const { return err_; }
+
+ private:
+  int err_ = 0;
+  appshot_header* h_;
+};
 
 // The writers' common arguments: (path, kind, ...). Opens the tables for one
 // call; on failure throws and returns null.

@@ -495,7 +495,18 @@ export class Engine {
         }
       }
       setImmediate(() => {
-        if (!this.leaving) void import('../cli.js').then((cli) => cli.prepareProgram(), () => {});
+        if (this.leaving) return;
+        void import('../cli.js').then(
+          (cli) => {
+            cli.prepareProgram();
+            // The young generation emptied while nothing runs (1 MiB, see
+            // spawn.ts): what this command left there is collected now,
+            // not in the middle of the next (a restore's own allocations
+            // fill it once; with the last command's garbage, twice).
+            if (this.gate.idle() && typeof gc === 'function') gc({ type: 'minor' });
+          },
+          () => {},
+        );
       });
     }
   }

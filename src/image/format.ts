@@ -41,7 +41,7 @@ import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
-import { type MessageSchema, messageType } from './schema.js';
+import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
@@ -67,8 +67,6 @@ const ImageType = messageType('appshot.image.Image');
 const ManifestType = messageType('appshot.image.Manifest');
 const TemplateType = messageType('appshot.image.Template');
 
-const LONG_TYPES = new Set(['int64', 'uint64', 'sint64', 'fixed64', 'sfixed64']);
-
 /** bigint → decimal string, which protobufjs takes for 64-bit fields. */
 function toWire(value: unknown): unknown {
   if (typeof value === 'bigint') return value.toString();
@@ -82,21 +80,23 @@ function toWire(value: unknown): unknown {
   return value;
 }
 
-/** The reverse, guided by the schema: 64-bit fields become bigint, absent
- * messages undefined. */
+/** Each message type's fields that hold messages: what fromWire walks. */
+const messageFieldsOf = new Map<MessageSchema, FieldSchema[]>();
+
+/** What toObject (longs as BigInt) leaves to do, guided by the schema:
+ * absent messages undefined, not null. Only the message fields are
+ * walked: 64-bit fields are bigint already, and the rest as they are. */
 function fromWire(type: MessageSchema, obj: Record<string, unknown>): Record<string, unknown> {
-  for (const field of type.fieldsArray) {
+  let fields = messageFieldsOf.get(type);
+  if (!fields) messageFieldsOf.set(type, (fields = type.fieldsArray.filter((f) => f.resolvedType)));
+  for (const field of fields) {
     const v = obj[field.name];
     if (v === null || v === undefined) {
-      if (field.resolvedType && !field.repeated) obj[field.name] = undefined;
+      if (!field.repeated) obj[field.name] = undefined;
       continue;
     }
-    const conv = (x: unknown): unknown => {
-      if (field.resolvedType) return fromWire(field.resolvedType, x as Record<string, unknown>);
-      if (LONG_TYPES.has(field.type)) return BigInt(x as string);
-      return x;
-    };
-    obj[field.name] = field.repeated ? (v as unknown[]).map(conv) : conv(v);
+    if (field.repeated) for (const x of v as Record<string, unknown>[]) fromWire(field.resolvedType!, x);
+    else fromWire(field.resolvedType!, v as Record<string, unknown>);
   }
   return obj;
 }
@@ -114,7 +114,11 @@ function encode(type: MessageSchema, value: object): Buffer {
 function decode<T>(type: MessageSchema, bytes: Buffer, what: string): T {
   try {
     const msg = type.codec.decode(bytes);
-    const obj = type.codec.toObject(msg, { longs: String, defaults: true, arrays: true });
+    // 64-bit fields straight to bigint (Long.toBigInt): not each through
+    // Long.toString (a division per digit) and BigInt of that string,
+    // the most of an image's decoding, and of the garbage a restore in
+    // the engine collected.
+    const obj = type.codec.toObject(msg, { longs: BigInt, defaults: true, arrays: true });
     return fromWire(type, obj) as T;
   } catch (e) {
     throw new AppshotError(`corrupt image: ${what} cannot be decoded (${(e as Error).message})`);

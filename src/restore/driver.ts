@@ -57,7 +57,7 @@ import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
-import { configure, letGo, reserveStandby, type StartedInit } from './standby.js';
+import { configure, letGo, refillAfterRestore, reserveStandby, type StartedInit } from './standby.js';
 import { killPoint } from '../killpoint.js';
 
 const THREAD_FLAG = 0x2;
@@ -540,6 +540,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let standby: ReservedStandby | undefined;
   // Its seeds, seized already.
   const preSeized = new Set<number>();
+  // The seed count of the standby asked for, replaced once this ends.
+  let standbyCount: number | undefined;
   const commitPath = opts.batchCommit ?? reg.newCommitPath();
   // Time spent held (opts.hold): not the restore's own.
   let heldMs = 0;
@@ -574,6 +576,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // differ from ours (timens.ts): made by a supervisor started for it,
     // before its seeds (a standby's were forked in ours).
     const timeNamespace = timeNamespaceFor(image, ownCreds());
+    if (!timeNamespace) standbyCount = roots.length;
     const taken = timeNamespace ? undefined : reserveStandby(roots.length);
     if (taken) {
       // Its seeds seized now (dying with us from here), so that each has
@@ -1170,6 +1173,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   } finally {
     for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);
     if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
+    if (standbyCount !== undefined) refillAfterRestore(standbyCount);
   }
 }
 

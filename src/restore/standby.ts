@@ -133,8 +133,25 @@ export function reserveStandby(count: number): StartedInit | undefined {
   if (!k) kept.set(count, (k = { ready: [], starting: 0 }));
   const s = k.ready.shift();
   if (refillAfterMs > 0) setTimeout(() => enabled && refill(count), refillAfterMs).unref();
+  // Another is ready for the next restore: the replacement is started
+  // once this restore has ended (refillAfterRestore). Started now, its
+  // spawn, exec and seed forks ran on the second of this machine's two
+  // cores while the restore's tracer and tracee take turns on the first,
+  // and with anything else running the restore waited for a core. None
+  // left (the instances of a batch of clones take one after another):
+  // started at once, so that the next restore finds one.
+  else if (s && k.ready.length > 0) refillLater.add(count);
   else refill(count);
   return s;
+}
+
+/** Seed counts whose standby taken is replaced once its restore ends. */
+const refillLater = new Set<number>();
+
+/** A restore that reserved a standby (reserveStandby) has ended, however:
+ * the standby it took is replaced now if that was put off. */
+export function refillAfterRestore(count: number): void {
+  if (refillLater.delete(count) && enabled) refill(count);
 }
 
 /**
