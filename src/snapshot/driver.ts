@@ -29,7 +29,7 @@ import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot
 import { type ByteProgress, noProgress } from '../progress.js';
 import { descriptorWriter, standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } from '../resources/files.js';
@@ -296,14 +296,13 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       }
     });
     timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
-    unmapLockProbeLater(asked.attributes, calls);
     const creds = credsAsked();
     const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
     proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
     proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
     timed('attributes', () => {
       dumpAttributes(proc, pid, asked.attributes, calls, what);
-      dumpLockFuture(proc, pid, maps, asked.attributes);
+      dumpLockFuture(proc, asked.attributes, what);
     });
     timed('cgroups', () => dumpCgroup(proc, pid, what));
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
