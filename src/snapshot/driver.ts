@@ -64,7 +64,7 @@ import { forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, re
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armingAnswered, type ArmingAsked, armTracking, askArming, plannedTrackingFd, processKey, protectTracked } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
-import { reportProfile, timed } from './profile.js';
+import { reportProfile, timed, windowOpens } from './profile.js';
 import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
 const INIT_FLAG = 0x1;
@@ -917,6 +917,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
+    windowOpens();
     // Ended by this snapshot, the application stays stopped until its
     // image is on disk whatever the order: the chunks are hashed (one
     // thread) and sent to the disk (sync_file_range) as they are read, on
