@@ -136,11 +136,16 @@ export interface AttributesAsked {
   lockProbe: { mapped: Answer; dontneed: Answer; unmapped: Answer };
 }
 
+let uclamp: boolean | undefined;
+
 /** Whether this kernel clamps utilization (CONFIG_UCLAMP_TASK): its
  * system-wide clamp settings exist only then. Without it sched_getattr
- * reads 0 for both clamps and sched_setattr refuses them (EOPNOTSUPP). */
+ * reads 0 for both clamps and sched_setattr refuses them (EOPNOTSUPP).
+ * Built in or not, for as long as the kernel runs: looked at once per
+ * appshot process, not in every frozen window. */
 export function kernelHasUclamp(): boolean {
-  return existsSync('/proc/sys/kernel/sched_util_clamp_min');
+  uclamp ??= existsSync('/proc/sys/kernel/sched_util_clamp_min');
+  return uclamp;
 }
 
 export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked {
