@@ -256,6 +256,12 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
 interface ArmingInDump {
   /** Where prepareTracking planned each process's userfaultfd. */
   planned: Record<string, number>;
+  /** Each process's key (processKey) by system PID, as prepareTracking
+   * read it before the freeze: one that exited since and whose PID was
+   * taken again is named by a key that names no process, whose tracking
+   * the next snapshot does not trust (it compares). A process not listed
+   * (forked since) is read in the window. */
+  keys: Map<number, string>;
   strays: number[];
   /** Each process tracked: its key and userfaultfd. */
   tracking: Record<string, number>;
@@ -304,7 +310,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // high number no question uses. The batch scratch area, mapped on the
     // first answer if it is, is not in `maps` (read before), so nothing
     // leaves it out of what is registered.
-    const key = arming ? timed('track: key', () => processKey(pid)) : '';
+    const key = arming ? (arming.keys.get(pid) ?? timed('track: key', () => processKey(pid))) : '';
     const armingAsked: ArmingAsked | undefined = arming && timed('track: asked', () => askArming(calls, pid, arming.planned[key], arming.strays, maps));
     timed('questions answered', () => {
       try {
@@ -667,9 +673,10 @@ function recordTracking(reg: LocalRegistry, aid: string, previous: Record<string
  * after this makes the next one whole, which is only slower); and where
  * each process of `pids` will have its userfaultfd is recorded now, as
  * images must leave it out whatever happens once it exists. The arming writes
- * the registry again only if one could not be put where planned.
+ * the registry again only if one could not be put where planned. `keys`:
+ * told each process's key, read now rather than in the frozen window.
  */
-function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Record<string, number> {
+function prepareTracking(reg: LocalRegistry, aid: string, pids: number[], keys?: Map<number, string>): Record<string, number> {
   const before = reg.get(aid);
   if (!before) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const tracking = keptTracking(before.tracking ?? {});
@@ -679,6 +686,7 @@ function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Recor
     // already (no start time: a key that names no process) or go during
     // its plan (plannedTrackingFd); either way it has no plan.
     if (key.endsWith(':0')) continue;
+    keys?.set(pid, key);
     const fd = plannedTrackingFd(pid, tracking[key]);
     if (fd !== undefined) tracking[key] = fd;
   }
@@ -912,7 +920,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // the freeze on (ArmingInDump). Not a tar: its page file is not on disk for
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    const planned = becomesParent ? prepareTracking(reg, aid, roots) : {};
+    const keys = new Map<number, string>();
+    const planned = becomesParent ? prepareTracking(reg, aid, roots, keys) : {};
     clock.outside(collectBeforeFreeze);
     const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
@@ -944,7 +953,7 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     const dumped = new Map<number, MapsLine[]>();
-    const arming: ArmingInDump | undefined = becomesParent ? { planned, strays: [...new Set(Object.values(planned))], tracking: {} } : undefined;
+    const arming: ArmingInDump | undefined = becomesParent ? { planned, keys, strays: [...new Set(Object.values(planned))], tracking: {} } : undefined;
     try {
       await dumpAll(ctx, freezer, interrupted, batchAreas, dumped, arming);
     } catch (e) {
