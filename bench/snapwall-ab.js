@@ -128,6 +128,13 @@ try {
         const v = (b) => rows.filter((x) => x.size === size && x.what === what && x.build === b).map((x) => x[k]);
         process.stdout.write(`  ${k.padEnd(12)} ${fmt(v('old'))} / ${fmt(v('new'))}\n`);
       }
+      // Paired by round (the two builds' snapshots of the same round run
+      // one after the other): less swayed by the load's swings than the
+      // medians above, whose tails differ run to run.
+      const frozen = (b) => rows.filter((x) => x.size === size && x.what === what && x.build === b).map((x) => x.frozen);
+      const old = frozen('old');
+      const diffs = frozen('new').map((f, i) => f - old[i]);
+      process.stdout.write(`  frozen, paired by round: new - old median ${median(diffs).toFixed(2)} ms, new lower in ${diffs.filter((d) => d < 0).length} of ${diffs.length}\n`);
     }
 } finally {
   for (const b of Object.keys(builds)) cli(b, ['engine', 'stop'], { stdio: 'ignore' });
