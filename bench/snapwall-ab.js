@@ -6,6 +6,8 @@
 //   node bench/snapwall-ab.js OLD_CHECKOUT NEW_CHECKOUT
 //   BENCH_SIZES=16,256 (MiB) BENCH_RUNS=5 BENCH_LR=1 (also --leave-running)
 //   BENCH_OLD_ENV, BENCH_NEW_ENV: settings of one build's (below)
+//   BENCH_WARM=1: unmeasured rounds first, per size and build (an
+//   engine's first few snapshots run its code cold: 20-35 ms frozen)
 //
 // Per size, round and build: the command's wall and CPU (bench/rusage: the
 // client's; plus the engine's CPU meanwhile, from its /proc/PID/stat),
@@ -88,10 +90,10 @@ function round(size, r, b) {
   try {
     if (withLr) {
       const lr = appshot(b, ['snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full']);
-      record(size, b, 'lr', { wall: lr.wall, cpu: lr.cpu, frozen: lr.json.frozenMs, ...lr.json.phases });
+      record(size, b, 'lr', { wall: lr.wall, cpu: lr.cpu, frozen: lr.json.frozenMs, injected: lr.json.injectedCalls, ...lr.json.phases });
     }
     const def = appshot(b, ['snapshot', aid, '-o', join(dir, 'img'), '--full']);
-    record(size, b, 'def', { wall: def.wall, cpu: def.cpu, frozen: def.json.frozenMs, ...def.json.phases });
+    record(size, b, 'def', { wall: def.wall, cpu: def.cpu, frozen: def.json.frozenMs, injected: def.json.injectedCalls, ...def.json.phases });
   } finally {
     cli(b, ['rm', '-f', aid]);
     rmSync(dir, { recursive: true, force: true });
@@ -107,8 +109,9 @@ try {
     engines[b] = JSON.parse(cli(b, ['engine', 'status', '--json']).stdout).pid;
     if (!engines[b]) throw new Error(`${b}: the engine did not start`);
   }
-  // One round each unmeasured: the engines' code warm.
-  for (const b of Object.keys(builds)) for (const size of sizes) round(size, 'w', b);
+  // Rounds unmeasured: the engines' code warm.
+  const warm = Number(process.env.BENCH_WARM ?? 1);
+  for (let w = 0; w < warm; w++) for (const b of Object.keys(builds)) for (const size of sizes) round(size, `w${w}`, b);
   rows.length = 0;
   for (let r = 0; r < runs; r++)
     for (const size of sizes) {
@@ -125,6 +128,13 @@ try {
         const v = (b) => rows.filter((x) => x.size === size && x.what === what && x.build === b).map((x) => x[k]);
         process.stdout.write(`  ${k.padEnd(12)} ${fmt(v('old'))} / ${fmt(v('new'))}\n`);
       }
+      // Paired by round (the two builds' snapshots of the same round run
+      // one after the other): less swayed by the load's swings than the
+      // medians above, whose tails differ run to run.
+      const frozen = (b) => rows.filter((x) => x.size === size && x.what === what && x.build === b).map((x) => x.frozen);
+      const old = frozen('old');
+      const diffs = frozen('new').map((f, i) => f - old[i]);
+      process.stdout.write(`  frozen, paired by round: new - old median ${median(diffs).toFixed(2)} ms, new lower in ${diffs.filter((d) => d < 0).length} of ${diffs.length}\n`);
     }
 } finally {
   for (const b of Object.keys(builds)) cli(b, ['engine', 'stop'], { stdio: 'ignore' });

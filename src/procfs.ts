@@ -138,7 +138,7 @@ export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, str
 
 /** What a snapshot reads of frozen process `pid` once its questions are
  * answered: stat (process.ts, ptys.ts, the driver), status (process.ts:
- * umask; attributes.ts: the locked memory after the probe page), limits,
+ * umask), limits,
  * auxv, command line, executable, directories (process.ts, limits.ts),
  * attributes.ts's files, cgroups (cgroups.ts), and per thread its stat
  * (threads.ts, attributes.ts), wait channel (threads.ts) and children

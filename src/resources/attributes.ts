@@ -27,7 +27,6 @@ import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
-import type { MapsLine } from './memory.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -48,6 +47,9 @@ const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
 const NR_mmap = 9;
+const NR_munmap = 11;
+const NR_madvise = 28;
+const MADV_DONTNEED = 4;
 const PAGE = 4096;
 const PROT_READ = 1;
 const MAP_PRIVATE = 2;
@@ -129,15 +131,21 @@ export interface AttributesAsked {
   schedAttr?: Map<number, Answer>;
   /** Each thread's speculation controls, in SPECULATION_CONTROLS order. */
   speculation: Map<number, Answer[]>;
-  /** A page mapped for dumpLockFuture to see whether it got locked. */
-  lockProbe: Answer;
+  /** A page mapped for dumpLockFuture to see whether it got locked, and
+   * what was said of it (see dumpLockFuture). */
+  lockProbe: { mapped: Answer; dontneed: Answer; unmapped: Answer };
 }
+
+let uclamp: boolean | undefined;
 
 /** Whether this kernel clamps utilization (CONFIG_UCLAMP_TASK): its
  * system-wide clamp settings exist only then. Without it sched_getattr
- * reads 0 for both clamps and sched_setattr refuses them (EOPNOTSUPP). */
+ * reads 0 for both clamps and sched_setattr refuses them (EOPNOTSUPP).
+ * Built in or not, for as long as the kernel runs: looked at once per
+ * appshot process, not in every frozen window. */
 export function kernelHasUclamp(): boolean {
-  return existsSync('/proc/sys/kernel/sched_util_clamp_min');
+  uclamp ??= existsSync('/proc/sys/kernel/sched_util_clamp_min');
+  return uclamp;
 }
 
 export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked {
@@ -155,10 +163,15 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     ...(kernelHasUclamp() ? { schedAttr: new Map(tids.map((tid) => [tid, calls.ask(NR_sched_getattr, [0, 'buf', SCHED_ATTR_SIZE, 0], { tid, outLength: SCHED_ATTR_SIZE })])) } : {}),
     // Each thread's own: the prctl acts on the calling thread.
     speculation: new Map(tids.map((tid) => [tid, SPECULATION_CONTROLS.map((_, which) => calls.ask(NR.prctl, [PR_GET_SPECULATION_CTRL, which, 0, 0, 0], { tid }))])),
-    // Mapped with the other questions (no stop of its own); unmapped at
-    // the end of the frozen window (dumpLockFuture).
-    lockProbe: calls.ask(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]),
+    // Mapped, looked at and unmapped with the other questions: no stop
+    // of its own (dumpLockFuture).
+    lockProbe: askLockProbe(calls),
   };
+}
+
+function askLockProbe(calls: CallQueue): AttributesAsked['lockProbe'] {
+  const mapped = calls.ask(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]);
+  return { mapped, dontneed: calls.ask(NR_madvise, [mapped, PAGE, MADV_DONTNEED]), unmapped: calls.ask(NR_munmap, [mapped, PAGE]) };
 }
 
 /** Fills `p`'s attributes and each of its threads'; `asked`: answered.
@@ -196,30 +209,24 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
 
 /**
  * Whether mlockall(MCL_FUTURE) is in effect: nothing in /proc says so,
- * but every mapping made meanwhile is locked, and the snapshot made one
- * with its questions (`asked.lockProbe`: a page of its own, not the
- * batches' scratch area, which the preload library's area replaces). The
- * lock shows in VmLck, the process's locked total, beyond what its own
- * locked mappings (`maps`, read before the page was made) add up to.
- * (MCL_ONFAULT is not told apart: the restore locks at once.)
+ * but every mapping made meanwhile is locked (VM_LOCKED, with MCL_ONFAULT
+ * too), and the snapshot made one with its questions (`asked.lockProbe`:
+ * a page of its own, not the batches' scratch area, which the preload
+ * library's area replaces). The kernel refuses MADV_DONTNEED on a locked
+ * mapping (EINVAL, madvise(2)), which it grants on any other anonymous
+ * one: asked in the same batch, and the page unmapped there too, so that
+ * the probe costs no stop of its own and nothing is left to unmap. (It
+ * used to read VmLck from /proc while the page was still mapped, and to
+ * unmap it when the frozen window ended: one more stop, 0.3-0.4 ms of a
+ * tiny application's window.) (MCL_ONFAULT is not told apart: the restore
+ * locks at once.)
  */
-export function dumpLockFuture(p: Process, pid: number, maps: MapsLine[], asked: AttributesAsked): void {
-  const mapped = asked.lockProbe.ret;
-  // Refused (no memory, the locked-memory limit): not known.
-  if (!p.attributes || (mapped < 0n && mapped > -4096n)) return;
-  const status = procText(`/proc/${pid}/status`);
-  const lockedKb = BigInt(/^VmLck:\s+(\d+) kB/m.exec(status)?.[1] ?? '0');
-  const ownKb = maps.filter((m) => m.vmFlags.includes('lo')).reduce((n, m) => n + (m.end - m.start) / 1024n, 0n);
-  if (lockedKb >= ownKb + BigInt(PAGE) / 1024n) p.attributes.lockFuture = true;
-}
-
-/** As soon as the questions are answered, whatever happens next: the
- * page dumpLockFuture looks at is unmapped when the frozen window ends
- * (CallQueue.unmapLater: with the batches' scratch area, or in a stop of
- * its own where there are no batches), not in a stop of its own now. */
-export function unmapLockProbeLater(asked: AttributesAsked, calls: CallQueue): void {
-  const mapped = asked.lockProbe.ret;
-  if (!(mapped < 0n && mapped > -4096n)) calls.unmapLater(mapped, PAGE);
+export function dumpLockFuture(p: Process, asked: AttributesAsked, what: string): void {
+  const { mapped, dontneed, unmapped } = asked.lockProbe;
+  // Refused (no memory, the locked-memory limit): not known, nothing to unmap.
+  if (mapped.ret < 0n && mapped.ret > -4096n) return;
+  if (unmapped.ret < 0n) throw new Error(`unmapping a page the snapshot mapped in ${what}: ${errnoName(unmapped.ret)}`);
+  if (p.attributes && dontneed.ret === -EINVAL) p.attributes.lockFuture = true;
 }
 
 /** The audit login uid (inherited by every child, and what audit records

@@ -473,7 +473,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // parent's and is not even read; an untracked mapping (null) is
         // compared page by page with the parent's copy. Which pages were
         // written is the process's, read now: the copy has no tracking,
-        // and armAll resets the process's before it goes on.
+        // and protectTracked resets the process's before it goes on.
         const written = ctx.parent && ctx.trackedPids.has(pid) ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }

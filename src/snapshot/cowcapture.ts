@@ -34,7 +34,7 @@
  * mappings (the application goes on writing them), MADV_DONTFORK ranges
  * (absent in the copy), MADV_WIPEONFORK ranges (zero in it), droppable
  * ones, raw frames. Which pages were written since the parent image is
- * read from the process while frozen too, before armAll resets it for
+ * read from the process while frozen too, before protectTracked resets it for
  * the next snapshot (tracking.ts).
  */
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';

@@ -29,7 +29,7 @@ import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot
 import { type ByteProgress, noProgress } from '../progress.js';
 import { descriptorWriter, standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
-import { askAttributes, dumpAttributes, dumpLockFuture, unmapLockProbeLater } from '../resources/attributes.js';
+import { askAttributes, dumpAttributes, dumpLockFuture } from '../resources/attributes.js';
 import { dumpCgroup } from '../resources/cgroups.js';
 import { dumpWaits } from '../resources/waits.js';
 import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } from '../resources/files.js';
@@ -62,9 +62,9 @@ import { ParentResolver } from './parent.js';
 import { residentBatchOf } from '../ptrace/windows.js';
 import { forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
-import { armTracking, plannedTrackingFd, processKey } from './tracking.js';
+import { armingAnswered, type ArmingAsked, armTracking, askArming, plannedTrackingFd, processKey, protectTracked } from './tracking.js';
 import { estimateImageBytes, ReportingPageWriter } from './progress.js';
-import { reportProfile, timed } from './profile.js';
+import { reportProfile, timed, windowOpens } from './profile.js';
 import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
 const INIT_FLAG = 0x1;
@@ -245,11 +245,33 @@ function closeBatchAreas(areas: Map<number, RemoteProcess>): void {
   areas.clear();
 }
 
+/**
+ * Dirty tracking armed in each process as it is dumped (a snapshot that
+ * becomes the next one's parent): its calls go with the process's
+ * questions, in the same stop, where they took one of their own after
+ * the dump (armAll: 0.3-1 ms of a tiny application's --leave-running
+ * window, 2 -> 1 injected calls); its pages are protected once its
+ * memory is read. recordArming writes the registry after, if need be.
+ */
+interface ArmingInDump {
+  /** Where prepareTracking planned each process's userfaultfd. */
+  planned: Record<string, number>;
+  /** Each process's key (processKey) by system PID, as prepareTracking
+   * read it before the freeze: one that exited since and whose PID was
+   * taken again is named by a key that names no process, whose tracking
+   * the next snapshot does not trust (it compares). A process not listed
+   * (forked since) is read in the window. */
+  keys: Map<number, string>;
+  strays: number[];
+  /** Each process tracked: its key and userfaultfd. */
+  tracking: Record<string, number>;
+}
+
 /** One process of dumpAll, all its threads stopped; pushed to the image,
  * `systemPids` and `dumped`. Its /proc is gathered (procfs.ts) in two
  * reads: before any call is injected, and once its questions are answered;
  * the caller forgets both when it is done. */
-function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, seen: SeenBeforeCalls): void {
+function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, seen: SeenBeforeCalls, arming?: ArmingInDump): void {
   // Registers first: running system calls in the process (below) leaves
   // an interrupted call rewound, and the image keeps it as it was.
   const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
@@ -284,6 +306,12 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       sigactions: askSigactions(pid, calls),
       fdOwners: askFdOwners(calls, pid),
     }));
+    // Last of the questions: its userfaultfd, made in this stop, is at a
+    // high number no question uses. The batch scratch area, mapped on the
+    // first answer if it is, is not in `maps` (read before), so nothing
+    // leaves it out of what is registered.
+    const key = arming ? (arming.keys.get(pid) ?? timed('track: key', () => processKey(pid))) : '';
+    const armingAsked: ArmingAsked | undefined = arming && timed('track: asked', () => askArming(calls, pid, arming.planned[key], arming.strays, maps));
     timed('questions answered', () => {
       try {
         calls.run();
@@ -295,15 +323,24 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
         threads.forEach((t, i) => settleCaughtSignal(t, asked.threads[i]));
       }
     });
+    let trackingFd: number | undefined;
+    if (armingAsked) {
+      trackingFd = timed('track: answered', () => armingAnswered(calls, armingAsked));
+      // Images leave it out from now on, whatever number it got (the one
+      // planned, unless that was taken meanwhile): its descriptors are
+      // dumped below.
+      const made = trackingFd ?? (armingAsked.moved && armingAsked.moved.ret >= 0n ? Number(armingAsked.moved.ret) : undefined);
+      if (made !== undefined && !ctx.trackingFds.includes(made)) ctx.trackingFds.push(made);
+      if (trackingFd !== undefined) arming!.tracking[key] = trackingFd;
+    }
     timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
-    unmapLockProbeLater(asked.attributes, calls);
     const creds = credsAsked();
     const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
     proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
     proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
     timed('attributes', () => {
       dumpAttributes(proc, pid, asked.attributes, calls, what);
-      dumpLockFuture(proc, pid, maps, asked.attributes);
+      dumpLockFuture(proc, asked.attributes, what);
     });
     timed('cgroups', () => dumpCgroup(proc, pid, what));
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
@@ -355,6 +392,16 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // so that its private pages are read from the copy once it goes on.
     const copy = ctx.cow?.copyOf(pid, tids, maps, inj.syscallInstruction, stat, what);
     proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps, copy));
+    // The pages written since the parent read (dumpMemory), they are
+    // protected: from here on, writes are tracked.
+    if (trackingFd !== undefined) {
+      const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+      try {
+        protectTracked(armingAsked!, pagemapFd);
+      } finally {
+        closeSync(pagemapFd);
+      }
+    }
     ctx.image.processes.push(proc);
     systemPids.set(proc.vpid, pid);
     dumped.set(pid, maps);
@@ -386,7 +433,7 @@ function fdEntriesOrUndefined(pid: number): FdEntry[] | undefined {
 
 /** `dumped`: filled with each process dumped, its mappings as read while
  * frozen (its threads exempted from seccomp by then). */
-async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>): Promise<void> {
+async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>, arming?: ArmingInDump): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
@@ -414,7 +461,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
-      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore });
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore }, arming);
     } finally {
       // What was gathered of this process's /proc is of this moment only.
       forgetGathered();
@@ -563,7 +610,8 @@ function writeQueueLimit(): number {
 }
 
 /**
- * Arms dirty tracking in every process (still frozen), and returns the
+ * Arms dirty tracking in every process of a pre-copy's brief freeze (a
+ * snapshot arms it with each process's dump: ArmingInDump), and returns the
  * system PIDs where it took (the others' pages will be compared).
  *
  * Order matters for a snapshot that fails: the previous image stops being
@@ -573,7 +621,7 @@ function writeQueueLimit(): number {
  * (prepareTracking, whose record is `previous`), but for a userfaultfd not
  * put where planned.
  */
-function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Record<string, number>, batchAreas: Map<number, RemoteProcess>, dumped?: Map<number, MapsLine[]>): Set<number> {
+function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Record<string, number>, batchAreas: Map<number, RemoteProcess>): Set<number> {
   const strays = [...new Set(Object.values(previous))];
   const tracking: Record<string, number> = {};
   const tracked = new Set<number>();
@@ -581,15 +629,11 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Rec
     for (const [pid, threads] of freezer.byProcess()) {
       const key = timed('track: key', () => processKey(pid));
       // The userfaultfd calls below must not meet the process's filters.
-      // A process dumped in this freeze was exempted (or refused) then,
-      // and its mappings read.
-      const known = dumped?.get(pid);
-      if (!known && !timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
-      const maps = known ?? timed('track: maps', () => readMaps(pid));
+      if (!timed('track: seccomp', () => exemptFromSeccomp(pid, threads.map((t) => t.tid)))) continue;
+      const maps = timed('track: maps', () => readMaps(pid));
       const vdso = maps.find((l) => l.path === '[vdso]');
       const inj = Injector.open(pid, pid, vdso);
-      // The dump's scratch area for batches, if it made one (else one is
-      // made here), and left out of what is tracked.
+      // A scratch area for batches, left out of what is tracked.
       const calls = new CallQueue(inj, () => batchAreas.get(pid) ?? openBatchArea(pid, vdso!, maps, batchAreas));
       const pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
       try {
@@ -604,29 +648,35 @@ function armAll(reg: LocalRegistry, aid: string, freezer: Freezer, previous: Rec
       }
     }
   } finally {
-    // Processes that are gone keep no entry; their numbers stay known as
-    // long as a live process might have inherited one. Written only if a
-    // userfaultfd is not where prepareTracking recorded it: the registry's
-    // write is the dearest step of the frozen window.
-    const changed = Object.entries(tracking).some(([key, fd]) => previous[key] !== fd);
-    const current = changed ? reg.get(aid) : undefined;
-    if (current) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
+    recordTracking(reg, aid, previous, tracking);
   }
   return tracked;
 }
 
+/** Each userfaultfd armed (`tracking`, by process key) recorded with the
+ * application, where it is not where prepareTracking recorded it
+ * (`previous`): processes that are gone keep no entry; their numbers stay
+ * known as long as a live process might have inherited one. Written only
+ * then: the registry's write is the dearest step of the frozen window. */
+function recordTracking(reg: LocalRegistry, aid: string, previous: Record<string, number>, tracking: Record<string, number>): void {
+  const changed = Object.entries(tracking).some(([key, fd]) => previous[key] !== fd);
+  const current = changed ? reg.get(aid) : undefined;
+  if (current) timed('track: registry', () => reg.update({ ...current, tracking: { ...previous, ...tracking } }));
+}
+
 /**
- * Before the freeze of a snapshot that arms dirty tracking (armAll), so
+ * Before the freeze of a snapshot that arms dirty tracking (ArmingInDump, armAll), so
  * that the registry's write (its dearest step) is not part of the frozen
  * window: the application's previous image is no longer trusted as a
- * parent, as armAll is about to reset the record of pages written since
+ * parent, as the arming is about to reset the record of pages written since
  * it (the parent chain, if any, is loaded by then; a snapshot that fails
  * after this makes the next one whole, which is only slower); and where
  * each process of `pids` will have its userfaultfd is recorded now, as
- * images must leave it out whatever happens once it exists. armAll writes
- * the registry again only if one could not be put where planned.
+ * images must leave it out whatever happens once it exists. The arming writes
+ * the registry again only if one could not be put where planned. `keys`:
+ * told each process's key, read now rather than in the frozen window.
  */
-function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Record<string, number> {
+function prepareTracking(reg: LocalRegistry, aid: string, pids: number[], keys?: Map<number, string>): Record<string, number> {
   const before = reg.get(aid);
   if (!before) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const tracking = keptTracking(before.tracking ?? {});
@@ -636,6 +686,7 @@ function prepareTracking(reg: LocalRegistry, aid: string, pids: number[]): Recor
     // already (no start time: a key that names no process) or go during
     // its plan (plannedTrackingFd); either way it has no plan.
     if (key.endsWith(':0')) continue;
+    keys?.set(pid, key);
     const fd = plannedTrackingFd(pid, tracking[key]);
     if (fd !== undefined) tracking[key] = fd;
   }
@@ -848,7 +899,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
   let journaledEnding = false;
   let released = false;
   try {
-    // Written only by a snapshot's armAll, never during this one's freeze.
+    // Written only by a snapshot's arming, of which this one's dump adds
+    // each userfaultfd it makes (ArmingInDump).
     const trackingFds = [...new Set(Object.values(reg.get(aid)?.tracking ?? {}))];
     // For the progress shown only, so read before the freeze (smaps_rollup
     // walks every mapping): the processes in the tables now.
@@ -865,14 +917,16 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
     if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
-    // the freeze on (armAll). Not a tar: its page file is not on disk for
+    // the freeze on (ArmingInDump). Not a tar: its page file is not on disk for
     // the next one to compare.
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
-    const planned = becomesParent ? timed('tracking prepared', () => prepareTracking(reg, aid, roots)) : {};
+    const keys = new Map<number, string>();
+    const planned = becomesParent ? timed('tracking prepared', () => prepareTracking(reg, aid, roots, keys)) : {};
     clock.outside(collectBeforeFreeze);
     const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');
+    windowOpens();
     // Ended by this snapshot, the application stays stopped until its
     // image is on disk whatever the order: the chunks are hashed (one
     // thread) and sent to the disk (sync_file_range) as they are read, on
@@ -899,10 +953,21 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     const dumped = new Map<number, MapsLine[]>();
-    await dumpAll(ctx, freezer, interrupted, batchAreas, dumped);
+    const arming: ArmingInDump | undefined = becomesParent ? { planned, keys, strays: [...new Set(Object.values(planned))], tracking: {} } : undefined;
+    try {
+      await dumpAll(ctx, freezer, interrupted, batchAreas, dumped, arming);
+    } catch (e) {
+      // Whatever became of the dump, each userfaultfd made is recorded
+      // (images must leave it out).
+      if (arming) recordTracking(reg, aid, planned, arming.tracking);
+      throw e;
+    }
     clock.end('dumpMs');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
-    if (becomesParent) armed = timed('track (armAll)', () => [...armAll(reg, aid, freezer, planned, batchAreas, dumped)].map(processKey));
+    if (arming) {
+      recordTracking(reg, aid, planned, arming.tracking);
+      armed = Object.keys(arming.tracking);
+    }
     clock.end('trackMs');
     if (opts.leaveRunning) {
       timed('batch scratch unmapped', () => closeBatchAreas(batchAreas));
@@ -1132,8 +1197,8 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       } catch {
         /* no keeper left to drop */
       }
-    // armAll already stopped trusting the previous image before it reset
-    // anything; the base of a failed pre-copy goes.
+    // prepareTracking already stopped trusting the previous image before
+    // anything was reset; the base of a failed pre-copy goes.
     discardBase(base);
     if (e instanceof Interrupted) throw new AppshotError(SNAPSHOT_INTERRUPTED, ExitCode.interrupted);
     // Whoever read the stream has the whole image, of an application that

@@ -18,8 +18,12 @@ export interface SnapshotPhases {
   freezeMs: number;
   /** Reading every process's state and memory: the frozen window. */
   dumpMs: number;
-  /** --leave-running: arming dirty tracking for the next snapshot (still
-   * frozen, part of the frozen window). */
+  /** --leave-running: what is left of arming dirty tracking for the next
+   * snapshot once every process is dumped (still frozen, part of the
+   * frozen window): the registry's write, where a userfaultfd could not be
+   * put where planned. The arming itself goes with each process's dump
+   * (its calls with the process's questions, the protection after its
+   * memory): in dumpMs. */
   trackMs: number;
   /** --leave-running: letting every thread go on (the last part of the
    * frozen window). */

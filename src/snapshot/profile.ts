@@ -25,11 +25,32 @@ export function timed<T>(name: string, step: () => T): T {
   }
 }
 
+/** What was counted before the window the next report is of opened
+ * (windowOpens): printed apart, after it. */
+let before: Map<string, { ms: number; calls: number; injected: number }> | undefined;
+
+/** The window the next report is of opens now: what was counted so far
+ * (the collection and page file prepared before the freeze, the freeze
+ * itself) is not part of it, and is printed apart, so that it is not
+ * taken for the window's. */
+export function windowOpens(): void {
+  if (!enabled) return;
+  before = new Map(spent);
+  spent.clear();
+}
+
 /** Prints what was counted since the last report, most costly first. */
 export function reportProfile(title: string): void {
   if (!enabled) return;
-  const rows = [...spent].sort((a, b) => b[1].ms - a[1].ms);
+  const print = (rows: Map<string, { ms: number; calls: number; injected: number }>) => {
+    for (const [name, s] of [...rows].sort((a, b) => b[1].ms - a[1].ms)) process.stderr.write(`  ${s.ms.toFixed(3).padStart(9)} ms  ${String(s.calls).padStart(4)}x  ${name}${s.injected ? ` (${s.injected} calls injected)` : ''}\n`);
+  };
   process.stderr.write(`appshot: profile of ${title}:\n`);
-  for (const [name, s] of rows) process.stderr.write(`  ${s.ms.toFixed(3).padStart(9)} ms  ${String(s.calls).padStart(4)}x  ${name}${s.injected ? ` (${s.injected} calls injected)` : ''}\n`);
+  print(spent);
+  if (before?.size) {
+    process.stderr.write(`appshot: profile of what came before it (not in it):\n`);
+    print(before);
+  }
   spent.clear();
+  before = undefined;
 }

@@ -112,21 +112,33 @@ function exited(e: unknown): boolean {
   return code === 'ENOENT' || code === 'ESRCH';
 }
 
+/** What askArming queued for one process: read by armingAnswered once
+ * the queue ran, then protectTracked. */
+export interface ArmingAsked {
+  existing?: number;
+  made?: Answer;
+  moved?: Answer;
+  api?: Answer;
+  ranges: { m: MapsLine; registered: Answer }[];
+}
+
 /**
- * Makes sure `pid` has a userfaultfd of its own (at `own`, the one made for
- * it before, or a new one; userfaultfds at the numbers in `strays`,
- * inherited from a parent or left by an earlier failure, are closed), with
- * every writable anonymous mapping of `maps` (read while it was stopped)
- * registered for write-protection, and protects all their pages now: from
- * here on, writes are tracked. Returns the descriptor, or undefined if the
- * process cannot be tracked (then its pages are compared).
+ * Queues on `calls`, to run with whatever else is asked of `pid` in the
+ * same stop, what makes sure it has a userfaultfd of its own (at `own`,
+ * the one made for it before, or a new one; userfaultfds at the numbers
+ * in `strays`, inherited from a parent or left by an earlier failure, are
+ * closed), with every writable anonymous mapping of `maps` (read while it
+ * was stopped) registered for write-protection. Registering protects no
+ * page: what a dump reads of the pages written since the parent
+ * (scanWritten) is the same before and after; protectTracked does, once
+ * the process's memory is read.
  *
- * Every call goes in one batch (calls.run()): the new userfaultfd is
- * passed on as the answer of the call that made it, and a call after one
- * that failed fails harmlessly on the bad descriptor it is given; what
- * failed is seen after, and what was made is closed again.
+ * The new userfaultfd is passed on as the answer of the call that made
+ * it, and a call after one that failed fails harmlessly on the bad
+ * descriptor it is given; what failed is seen after (armingAnswered), and
+ * what was made is closed again.
  */
-export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, own: number | undefined, strays: number[], maps: MapsLine[], exclude?: { start: bigint }): number | undefined {
+export function askArming(calls: CallQueue, pid: number, own: number | undefined, strays: number[], maps: MapsLine[], exclude?: { start: bigint }): ArmingAsked {
   const existing = own !== undefined && isUserfaultfd(pid, own) ? own : undefined;
   for (const n of strays) if (n !== existing && isUserfaultfd(pid, n)) calls.ask(NR.close, [n]);
   let made: Answer | undefined;
@@ -150,21 +162,51 @@ export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, ow
     reg.writeBigUInt64LE(UFFDIO_REGISTER_MODE_WP, 16);
     return { m, registered: calls.ask(NR.ioctl, [moved ?? existing!, UFFDIO_REGISTER, 'buf'], { input: reg }) };
   });
-  timed('track: calls', () => calls.run());
+  return { existing, made, moved, api, ranges };
+}
+
+/** Once askArming's calls ran: the process's userfaultfd, or undefined
+ * if the process cannot be tracked (then its pages are compared). One
+ * made that the kernel would not set up is closed again (a stop of its
+ * own, on that rare failure only). */
+export function armingAnswered(calls: CallQueue, asked: ArmingAsked): number | undefined {
+  const { made, moved, api } = asked;
   if (made && isErr(made.ret)) return undefined;
   if (moved && isErr(moved.ret)) return undefined;
-  const fd = existing ?? Number(moved!.ret);
+  const fd = asked.existing ?? Number(moved!.ret);
   if (api && isErr(api.ret)) {
     calls.askNow(NR.close, [fd]);
     return undefined;
   }
   // Registered with another userfaultfd: its writes would be reset by no
   // one. The process is not tracked.
-  if (ranges.some((r) => r.registered.ret === EBUSY)) return undefined;
-  for (const { m, registered } of ranges) {
+  if (asked.ranges.some((r) => r.registered.ret === EBUSY)) return undefined;
+  return fd;
+}
+
+/** Protects every page of the mappings askArming registered (for a
+ * process armingAnswered gave a descriptor): from here on, writes are
+ * tracked. After the dump's own reading of which pages were written
+ * since the parent, which this resets. */
+export function protectTracked(asked: ArmingAsked, pagemapFd: number): void {
+  for (const { m, registered } of asked.ranges) {
     // A mapping the kernel will not track (VM_PFNMAP, say) is compared:
     // the scan finds it unregistered.
     if (!isErr(registered.ret)) timed('track: scan', () => addon().scanWritten(pagemapFd, m.start, m.end, true));
   }
+}
+
+/**
+ * askArming, its calls run at once (calls.run()), armingAnswered and
+ * protectTracked: from here on, writes are tracked. Returns the
+ * descriptor, or undefined if the process cannot be tracked (then its
+ * pages are compared). For a process whose dump is not under way (a
+ * pre-copy's brief freeze).
+ */
+export function armTracking(calls: CallQueue, pid: number, pagemapFd: number, own: number | undefined, strays: number[], maps: MapsLine[], exclude?: { start: bigint }): number | undefined {
+  const asked = askArming(calls, pid, own, strays, maps, exclude);
+  timed('track: calls', () => calls.run());
+  const fd = armingAnswered(calls, asked);
+  if (fd !== undefined) protectTracked(asked, pagemapFd);
   return fd;
 }
