@@ -58,6 +58,12 @@ function readMoves(pid: number, address: bigint): { oldTid: number; newTid: numb
 export function dumpTidMoves(pid: number, maps: MapsLine[], proc: Process): void {
   const address = tidMovesOf(pid, maps);
   if (address === undefined) return;
+  // A process stopped while the dynamic loader is still mapping the
+  // library (an exec just made, as a forking program's children are) has
+  // the symbol's page mapped, but not yet writable: nothing of the library
+  // ran, so there are no moves, and an address there would make the image
+  // fail its own check at restore (checkTidMoves), seen under load.
+  if (!maps.some((m) => m.start <= address && address + BigInt(HEADER) <= m.end && m.perms[1] === 'w' && m.perms[3] === 'p')) return;
   proc.tidMovesAddress = address;
   const moves = readMoves(pid, address);
   for (const t of proc.threads) {
