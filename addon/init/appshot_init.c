@@ -279,14 +279,16 @@ extern const unsigned int __rseq_size __attribute__((weak));
 /* A seed gives up its rseq area itself: the restore would otherwise spend
  * an injected call on it (restore/driver.ts looks, and still does it if
  * this could not). The length must be the one registered: glibc's
- * __rseq_size, or the original 32 bytes of struct rseq. */
-static void drop_rseq(void) {
-  if (&__rseq_size == NULL || &__rseq_offset == NULL || __rseq_size == 0) return;
+ * __rseq_size, or the original 32 bytes of struct rseq. Returns whether
+ * no rseq area is registered any more. */
+static int drop_rseq(void) {
+  if (&__rseq_size == NULL || &__rseq_offset == NULL || __rseq_size == 0) return 1;
   char *tp;
   __asm__("mov %%fs:0, %0" : "=r"(tp));
   const unsigned lengths[] = {__rseq_size, 32};
   for (size_t k = 0; k < sizeof lengths / sizeof lengths[0]; k++)
-    if (syscall(SYS_rseq, tp + __rseq_offset, lengths[k], 1 /* RSEQ_FLAG_UNREGISTER */, 0x53053053 /* RSEQ_SIG */) == 0) return;
+    if (syscall(SYS_rseq, tp + __rseq_offset, lengths[k], 1 /* RSEQ_FLAG_UNREGISTER */, 0x53053053 /* RSEQ_SIG */) == 0) return 1;
+  return 0;
 }
 
 /* The scratch area every seed starts with, mapped here before the seeds
@@ -377,8 +379,10 @@ static pid_t fork_seed(int standby) {
     if (lifeline_fd >= 0) close(lifeline_fd);
     /* A standby's seed may wait long: it must not outlive us. */
     if (standby && (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != init)) _exit(1);
-    drop_rseq();
-    if (standby) empty_standby_seed();
+    /* Emptied only without an rseq area: the kernel writes to it (in
+     * the TLS it would unmap) at the next preemption, and the seed would
+     * die of SIGSEGV at the restore's first call (review24). */
+    if (drop_rseq() && standby) empty_standby_seed();
     for (;;) pause();
   }
   return pid;

@@ -36,6 +36,9 @@ export interface MapsLine {
    * smaps counts nowhere. */
   anonKb?: number;
   pfnmap?: boolean;
+  /** From smaps only: registered for userfaultfd write-protection (`uw`),
+   * as dirty tracking registers what it tracks (snapshot/tracking.ts). */
+  uffdWp?: boolean;
 }
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
@@ -109,13 +112,13 @@ export function readVmFlags(pid: number): Map<bigint, string[]> {
 /** Per distinct VmFlags line: the flags of it kept, and whether it says
  * pf (raw frames). A process has a few distinct lines for dozens of
  * mappings. */
-const keptOfLine = new Map<string, { kept: string[]; pfnmap: boolean }>();
+const keptOfLine = new Map<string, { kept: string[]; pfnmap: boolean; uffdWp: boolean }>();
 
-function keptVmFlags(line: string): { kept: string[]; pfnmap: boolean } {
+function keptVmFlags(line: string): { kept: string[]; pfnmap: boolean; uffdWp: boolean } {
   let k = keptOfLine.get(line);
   if (!k) {
     const flags = line.split(/\s+/);
-    k = { kept: flags.filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)), pfnmap: flags.includes('pf') };
+    k = { kept: flags.filter((f) => Object.hasOwn(KEPT_VM_FLAGS, f)), pfnmap: flags.includes('pf'), uffdWp: flags.includes('uw') };
     if (keptOfLine.size >= 1024) keptOfLine.clear();
     keptOfLine.set(line, k);
   }
@@ -153,6 +156,7 @@ export function readSmaps(pid: number): MapsLine[] {
       swapKb: num[i * 5 + 4],
       anonKb: num[i * 5 + 3],
       pfnmap: k ? k.pfnmap : false,
+      uffdWp: k ? k.uffdWp : false,
     };
   }
   return out;
@@ -474,7 +478,14 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         // compared page by page with the parent's copy. Which pages were
         // written is the process's, read now: the copy has no tracking,
         // and protectTracked resets the process's before it goes on.
-        const written = ctx.parent && ctx.trackedPids.has(pid) ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
+        // Only a mapping registered before this snapshot (`uw` in its
+        // VmFlags, read before the questions, whose batch registers the
+        // others; readMaps's lines do not say: compared): a range registered just now, or again after the
+        // application dropped it (closed its userfaultfd, mremap), holds
+        // no record of what was written since the parent, whatever a
+        // kernel left of its write-protect bits (review24).
+        const tracked = ctx.parent && ctx.trackedPids.has(pid) && l.uffdWp === true;
+        const written = tracked ? addon().scanWritten(pagemapFd, l.start, l.end, false) : null;
         const parent = written
           ? { index: new Uint32Array(0), file: new Uint32Array(0), offset: new BigUint64Array(0), written }
           : ctx.parent?.pagesFor(vpid, l.start, l.end);
