@@ -712,6 +712,20 @@ struct Spawned {
   int lifeline_fd = -1;
 };
 
+// A program we start runs in a session of its own (not ended with the
+// terminal or the command's process group), no signal blocked and every
+// one at its default: Node ignores SIGPIPE and blocks others, which a
+// child would otherwise inherit. `attr` is initialised here.
+static void OwnSessionDefaultSignals(posix_spawnattr_t* attr) {
+  posix_spawnattr_init(attr);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(attr, &none);
+  posix_spawnattr_setsigdefault(attr, &all);
+  posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+}
+
 // The work of spawnDetached, on any thread: 0 or an errno, with `what`
 // saying which step failed.
 int SpawnDetachedNow(const std::string& path, std::vector<std::string> args, int out, char** envp, Spawned* got, std::string* what) {
@@ -752,13 +766,7 @@ int SpawnDetachedNow(const std::string& path, std::vector<std::string> args, int
   posix_spawn_file_actions_adddup2(&fa, status_w, 3);
   posix_spawn_file_actions_adddup2(&fa, life_r, 4);
   posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);  // Node ignores SIGPIPE; init must not
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  OwnSessionDefaultSignals(&attr);
   pid_t pid;
   int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv.data(), envp);
   posix_spawn_file_actions_destroy(&fa);
@@ -827,13 +835,7 @@ Napi::Value SpawnQuiet(const Napi::CallbackInfo& info) {
   posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
   posix_spawn_file_actions_adddup2(&fa, 1, 2);
   posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  OwnSessionDefaultSignals(&attr);
   pid_t pid;
   int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
