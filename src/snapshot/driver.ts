@@ -265,6 +265,8 @@ interface ArmingInDump {
   strays: number[];
   /** Each process tracked: its key and userfaultfd. */
   tracking: Record<string, number>;
+  /** Writes `tracking` into the registry now (recordTracking). */
+  record: () => void;
 }
 
 /** One process of dumpAll, all its threads stopped; pushed to the image,
@@ -332,6 +334,12 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       const made = trackingFd ?? (armingAsked.moved && armingAsked.moved.ret >= 0n ? Number(armingAsked.moved.ret) : undefined);
       if (made !== undefined && !ctx.trackingFds.includes(made)) ctx.trackingFds.push(made);
       if (trackingFd !== undefined) arming!.tracking[key] = trackingFd;
+      // Not where planned (the number was taken since prepareTracking):
+      // recorded at once, not after the whole dump, so that appshot killed
+      // meanwhile leaves no userfaultfd at a number the registry does not
+      // know, which every later snapshot of the process would refuse
+      // (review24). The rare case only: the write is the window's dearest.
+      if (trackingFd !== undefined && trackingFd !== arming!.planned[key]) arming!.record();
     }
     timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
     const creds = credsAsked();
@@ -953,19 +961,22 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     if (base) image.parent = { imageId: base.id, path: 'base' };
     else if (parent) image.parent = { imageId: parent.head.manifest.imageId, path: record.lastImage!.path };
     const dumped = new Map<number, MapsLine[]>();
-    const arming: ArmingInDump | undefined = becomesParent ? { planned, keys, strays: [...new Set(Object.values(planned))], tracking: {} } : undefined;
+    const tracking: Record<string, number> = {};
+    const arming: ArmingInDump | undefined = becomesParent
+      ? { planned, keys, strays: [...new Set(Object.values(planned))], tracking, record: () => recordTracking(reg, aid, planned, tracking) }
+      : undefined;
     try {
       await dumpAll(ctx, freezer, interrupted, batchAreas, dumped, arming);
     } catch (e) {
       // Whatever became of the dump, each userfaultfd made is recorded
       // (images must leave it out).
-      if (arming) recordTracking(reg, aid, planned, arming.tracking);
+      arming?.record();
       throw e;
     }
     clock.end('dumpMs');
     image.stats.dumpUs = BigInt(Math.round(clock.sinceFrozen() * 1000));
     if (arming) {
-      recordTracking(reg, aid, planned, arming.tracking);
+      arming.record();
       armed = Object.keys(arming.tracking);
     }
     clock.end('trackMs');
