@@ -82,7 +82,13 @@ async function startApp(aid: string): Promise<number> {
     const t = table(aid);
     if (ps.length !== 1 || t.semid.length !== 1 || t.shmid.length !== 1 || t.msgid.length !== 1) return false;
     pid = ps[0].pid;
-    return /Uid:\s+65534/.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    // The one listed may be the parent, exiting once it has forked the
+    // child that stays (its /proc entry gone between ps and here).
+    try {
+      return /Uid:\s+65534/.test(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    } catch {
+      return false;
+    }
   }, 10_000, `${aid}: its process as uid 65534 with its three objects`);
   return pid;
 }
