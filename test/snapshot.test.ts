@@ -425,8 +425,11 @@ describe('snapshot failures leave the application running and no image', () => {
     const procs = sb.json<Json>(['ps', 'vfork'])[0].processes.filter((x: Json) => !x.init);
     expect(procs).toHaveLength(2);
     const child = procs.find((p: Json) => p.pid !== parent);
-    expect(tracerOf(child.pid)).toBe(0);
-    expect(threadStates(child.pid)).not.toContain('t');
+    // Let go at once if it had stopped; one seized whose stop was not yet
+    // reported when the freezer gave up is let go at that stop, by the
+    // engine's timer (freezer.ts, detachWhenStopped): soon, not before the
+    // command returns.
+    await waitFor(() => tracerOf(child.pid) === 0 && !threadStates(child.pid).includes('t'), 5_000, 'the vfork child to be let go');
     // The parent, seized but never stopped, can only be let go once the
     // vfork ends: at once by a snapshot that exits, and by the resident
     // engine (which took this snapshot unless APPSHOT_ENGINE=off) at the
