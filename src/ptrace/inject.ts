@@ -98,6 +98,9 @@ export class Injector {
 
 export const NR = {
   close: 3,
+  mmap: 9,
+  munmap: 11,
+  madvise: 28,
   brk: 12,
   ioctl: 16,
   getitimer: 36,

@@ -46,9 +46,6 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
-const NR_mmap = 9;
-const NR_munmap = 11;
-const NR_madvise = 28;
 const MADV_DONTNEED = 4;
 const PAGE = 4096;
 const PROT_READ = 1;
@@ -170,8 +167,8 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
 }
 
 function askLockProbe(calls: CallQueue): AttributesAsked['lockProbe'] {
-  const mapped = calls.ask(NR_mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]);
-  return { mapped, dontneed: calls.ask(NR_madvise, [mapped, PAGE, MADV_DONTNEED]), unmapped: calls.ask(NR_munmap, [mapped, PAGE]) };
+  const mapped = calls.ask(NR.mmap, [0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0]);
+  return { mapped, dontneed: calls.ask(NR.madvise, [mapped, PAGE, MADV_DONTNEED]), unmapped: calls.ask(NR.munmap, [mapped, PAGE]) };
 }
 
 /** Fills `p`'s attributes and each of its threads'; `asked`: answered.
