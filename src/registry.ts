@@ -713,13 +713,17 @@ export class LocalRegistry implements Registry {
    * registration that looks alive. */
   isStale(record: AppRecord): boolean {
     if (isEnded(record)) return true;
+    // Its supervisor, as app.json names it, alive: nothing else to look at.
+    // Checked before the tables are read (~1.6 ms each: `ps` of 64
+    // applications read them all).
+    if (record.initPid !== undefined && isSameProcess(record.initPid, record.initStartTime)) return false;
     const t = this.readTables(record);
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
       // No supervisor yet: alive while the command that registered it is.
       return !holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
     }
-    if (isSameProcess(initPid, record.initPid === initPid ? record.initStartTime : undefined)) return false;
+    if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
     // A live process of its table counts only if it really is one of the
     // application's (its environment or descriptors name these tables):
     // anyone holding the table file may have written any PID there.
