@@ -300,6 +300,13 @@ uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind ki
   return slot < capacity ? slot : capacity;
 }
 
+uint32_t appshot_entries_to_find(const struct appshot_header *h, enum appshot_kind kind) {
+  /* glibc's mutex word: 0 while nobody holds it; a holder's TID (with the
+   * robust mutex's waiter and owner-died bits) otherwise. */
+  if (__atomic_load_n(&h->lock.__data.__lock, __ATOMIC_ACQUIRE) != 0) return UINT32_MAX;
+  return __atomic_load_n(&h->tables[kind].live, __ATOMIC_ACQUIRE);
+}
+
 /* --- Locking and repair -------------------------------------------------- */
 
 /* Fills generation `gen` of both indexes of a table from its entries. */

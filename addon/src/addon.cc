@@ -278,7 +278,10 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     auto kind = static_cast<appshot_kind>(k);
     Napi::Array rows = Napi::Array::New(env);
     uint32_t n = 0;
-    for (uint32_t s = appshot_next_entry(h, kind, 0); s < h->tables[k].capacity; s = appshot_next_entry(h, kind, s + 1)) {
+    const uint32_t findable = appshot_entries_to_find(h, kind);
+    // Counted before each search for the next entry: a search that finds
+    // none runs to the capacity.
+    for (uint32_t s = 0; n < findable && (s = appshot_next_entry(h, kind, s)) < h->tables[k].capacity; s++) {
       int32_t vid, sid, owner;
       uint32_t flags;
       if (!appshot_entry_at(h, kind, s, &vid, &sid, &flags, &owner)) continue;
