@@ -130,7 +130,12 @@ const ourTables = () => {
   return readdirSync('/dev/shm').filter((f) => f.startsWith(`appshot-${tag}-db-`));
 };
 
-describe('appshot serve: a suspended service\'s next instance prepared, held stopped', () => {
+// A serve's start (it prepares its held instance before it says `ready`)
+// took over 20 s once on a machine loaded by other test files: limits for
+// a hang, not durations.
+const READY_MS = 60_000;
+
+describe('appshot serve: a suspended service\'s next instance prepared, held stopped', { timeout: 120_000 }, () => {
   it('resumes the held instance with its data, prepares again after each suspend, and leaves nothing when stopped', async () => {
     expect(existsSync(REDIS), `${REDIS} is missing: apt-get install redis-server`).toBe(true);
     const image = join(out, 'redis.img');
@@ -138,7 +143,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
 
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
@@ -207,7 +212,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const held = pids('db');
     expect(held.length).toBeGreaterThan(0);
@@ -225,7 +230,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(await bindable(APP)).toBe(true);
     // The next serve resumes the service from the same image.
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
     // (the instance it resumed keeps running across serves: ended here)
     await endServeAndService({ rmChecked: true });
@@ -235,7 +240,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     // One resume and one idle suspend: the service's state is in its own
     // suspend image, which the snapshot's record (ps -a) names; the
     // instance prepared from it has taken that record over.
@@ -265,7 +270,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     expect(sb.run(['service', 'add', 'db2', '--from', image, '--port', `127.0.0.1:${PUBLIC2}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     // One is held; the other's prepare found the port bound.
     await waitFor(() => prepared('db') || prepared('db2'), 15_000, 'one of them to be prepared');
     await waitFor(() => events().some((e) => e.event === 'prepare-failed'), 15_000, "the other's prepare to fail");
@@ -291,7 +296,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     // Every restore of this serve fails at the step after its commit.
     serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'restore: committed' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const held = appPids('db');
     // Answered by the instance the failed step left running: not a
@@ -310,7 +315,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // Every suspend of this serve fails at the last step of its snapshot,
     // past its point of no return: the instance ended, its image whole.
     serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'snapshot: ended' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
     await waitFor(() => events().some((e) => e.event === 'suspend'), 15_000, 'the suspend to be logged');
     expect(events().filter((e) => e.event.startsWith('suspend')).map((e) => e.event)).toEqual(['suspend-incomplete', 'suspend']);
@@ -332,7 +337,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // older images), after the snapshot returned: the instance ended into
     // its image, which is now the only copy of what it had.
     serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'serve: suspend pruning' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
     const failed = () => events().filter((e) => ['suspend-bookkeeping-failed', 'suspend-failed'].includes(e.event));
     await waitFor(() => failed().length > 0, 15_000, 'the failure to be logged');
@@ -355,14 +360,14 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // Killed right after its first suspend's snapshot returned: the
     // instance ended into the new image, the state after it not written.
     serve = sb.start(['serve'], { APPSHOT_TEST_KILL_AT: 'serve: suspend state' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
     expect((await serve.exited).signal).toBe('SIGKILL');
     expect(sb.aids()).not.toContain('db');
     // The next serve resumes from that image (not from the one before it,
     // without the write), and its own next suspend builds on it.
     serve = sb.start(['serve']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['GET during', 'DBSIZE'])).toEqual(['written', String(KEYS + 1)]);
     expect(events().filter((e) => e.event === 'suspend-recovered')).toHaveLength(1);
     const recovered = show().lastImage;
@@ -377,7 +382,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve'], { APPSHOT_TEST_FAIL_AT: 'serve: state write' });
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['SET during written', 'DBSIZE'])).toEqual(['OK', String(KEYS + 1)]);
     const running = appPids('db');
     await waitFor(() => events().some((e) => e.event === 'suspend-failed'), 15_000, 'the suspend to fail');
@@ -391,7 +396,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const image = join(out, 'redis.img');
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
     serve = sb.start(['serve', '--prepared', '0']);
-    await serve.line(/^ready$/);
+    await serve.line(/^ready$/, READY_MS);
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
     await suspended(1, 'the service to be suspended');
     // A prepare would have followed the suspend within ~50 ms: half a

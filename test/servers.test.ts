@@ -372,7 +372,10 @@ function treeDigest(path: string): Record<string, string> {
   return out;
 }
 
-describe('PostgreSQL 15', () => {
+// initdb, a cluster's start and its round trips take a few seconds alone,
+// and several times as long on a machine loaded by other test files (one
+// psql session test took 50 s so): a limit for a hang, not a duration.
+describe('PostgreSQL 15', { timeout: 180_000 }, () => {
   const shmBefore = new Set(readdirSync('/dev/shm'));
   // A PostgreSQL killed with SIGKILL (as a snapshot ends it) leaves its
   // dynamic shared memory files: they are its state, restored from them.
