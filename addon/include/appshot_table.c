@@ -67,17 +67,53 @@ static inline int32_t pair_sid(uint64_t p) { return (int32_t)(uint32_t)p; }
 static inline uint64_t entry_pair(const struct appshot_entry *e) { return ~LOAD(&e->stored); }
 static inline void set_entry_pair(struct appshot_entry *e, uint64_t p) { STORE(&e->stored, ~p); }
 
+/* Where each table's arrays are and how large, from the layout (layout()
+ * below computes the same): never from the file's own copy of them (kind,
+ * capacity, index_size, the offsets), which the application can overwrite
+ * at any moment, and which the engine, init and the CLI would then follow
+ * too: an offset of its choosing had the engine read anywhere (SIGSEGV at
+ * entries_off = 2^40), a capacity of 0 divide by zero. The copy is written
+ * when the file is made, for whoever inspects it. `t` is always
+ * &h->tables[kind]. */
+static inline uint32_t kind_of(const struct appshot_header *h, const struct appshot_table *t) {
+  return (uint32_t)(t - h->tables);
+}
+static inline uint32_t cap_of(const struct appshot_header *h, const struct appshot_table *t) {
+  return kind_of(h, t) == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
+}
+/* Cells in each hash index: twice the capacity (a power of two). */
+static inline uint32_t cells_of(const struct appshot_header *h, const struct appshot_table *t) {
+  return 2 * cap_of(h, t);
+}
+/* Bytes of one table per entry of capacity: the entry and its four index
+ * cells (two generations of the two indexes). */
+#define TABLE_BYTES_PER_ENTRY (sizeof(struct appshot_entry) + 4 * 2 * sizeof(uint32_t))
+static inline uint64_t entries_offset(uint32_t kind) {
+  uint64_t off = (sizeof(struct appshot_header) + 63) & ~63ull;
+  if (kind > APPSHOT_PID)
+    off += (uint64_t)APPSHOT_PID_CAPACITY * TABLE_BYTES_PER_ENTRY +
+           (uint64_t)(kind - 1) * APPSHOT_IPC_CAPACITY * TABLE_BYTES_PER_ENTRY;
+  return off;
+}
 static inline struct appshot_entry *entries_of(const struct appshot_header *h,
                                                const struct appshot_table *t) {
-  return (struct appshot_entry *)((char *)h + t->entries_off);
+  return (struct appshot_entry *)((char *)h + entries_offset(kind_of(h, t)));
+}
+/* Generation `gen` of an index: the vindex of gen 0, its sindex, then gen 1's. */
+static inline uint32_t *index_of(const struct appshot_header *h,
+                                 const struct appshot_table *t, uint32_t gen, int by_sid) {
+  uint64_t cap = cap_of(h, t), cells = 2 * cap;
+  uint64_t off = entries_offset(kind_of(h, t)) + cap * sizeof(struct appshot_entry) +
+                 ((gen & 1u) * 2 + (by_sid ? 1 : 0)) * cells * sizeof(uint32_t);
+  return (uint32_t *)((char *)h + off);
 }
 static inline uint32_t *vindex_of(const struct appshot_header *h,
                                   const struct appshot_table *t, uint32_t gen) {
-  return (uint32_t *)((char *)h + t->vindex_off[gen]);
+  return index_of(h, t, gen, 0);
 }
 static inline uint32_t *sindex_of(const struct appshot_header *h,
                                   const struct appshot_table *t, uint32_t gen) {
-  return (uint32_t *)((char *)h + t->sindex_off[gen]);
+  return index_of(h, t, gen, 1);
 }
 
 /* --- Layout -------------------------------------------------------------- */
@@ -85,6 +121,9 @@ static inline uint32_t *sindex_of(const struct appshot_header *h,
 static uint32_t capacity_of(enum appshot_kind kind) {
   return kind == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
 }
+
+uint32_t appshot_capacity(enum appshot_kind kind) { return capacity_of(kind); }
+uint64_t appshot_entries_offset(enum appshot_kind kind) { return entries_offset(kind); }
 
 /* Where struct appshot_waits starts: after the last table's arrays. */
 static uint64_t waits_offset(void) {
@@ -138,8 +177,34 @@ static void virtual_range(enum appshot_kind kind, int32_t *vmin, int32_t *vmax) 
   }
 }
 
+/* Whether the places readers compute (entries_of, index_of, cap_of) are
+ * the ones layout() writes into a new file: checked as each file is made,
+ * so that the two can never drift apart unseen. */
+static int layout_agrees(void) {
+  static struct appshot_header x;
+  layout(&x);
+  for (int k = 0; k < APPSHOT_KINDS; k++) {
+    const struct appshot_table *t = &x.tables[k];
+    if (t->capacity != cap_of(&x, t) || t->index_size != cells_of(&x, t) ||
+        t->entries_off != (uint64_t)((char *)entries_of(&x, t) - (char *)&x))
+      return 0;
+    for (uint32_t gen = 0; gen < 2; gen++)
+      if (t->vindex_off[gen] != (uint64_t)((char *)vindex_of(&x, t, gen) - (char *)&x) ||
+          t->sindex_off[gen] != (uint64_t)((char *)sindex_of(&x, t, gen) - (char *)&x))
+        return 0;
+  }
+  /* The last table's arrays end where the waits begin, or before. */
+  const struct appshot_table *last = &x.tables[APPSHOT_KINDS - 1];
+  return (uint64_t)((char *)sindex_of(&x, last, 1) - (char *)&x) +
+             (uint64_t)cells_of(&x, last) * sizeof(uint32_t) <= waits_offset();
+}
+
 struct appshot_header *appshot_table_create(const char *path, const char *aid,
                                             uint64_t key_salt) {
+  if (!layout_agrees()) {
+    errno = EPROTO;
+    return NULL;
+  }
   size_t aid_len = strlen(aid);
   if (aid_len == 0 || aid_len > APPSHOT_AID_MAX) {
     errno = ENAMETOOLONG;
@@ -236,16 +301,16 @@ static uint64_t probe(const struct appshot_header *h,
                       const struct appshot_table *t, int by_sid, int32_t id,
                       uint32_t *slot_out) {
   const struct appshot_entry *e = entries_of(h, t);
-  uint32_t mask = t->index_size - 1;
+  const uint32_t cells = cells_of(h, t), capacity = cap_of(h, t), mask = cells - 1;
   for (int attempt = 0; attempt < 8; attempt++) {
     uint32_t flips = LOAD(&t->flips);
     const uint32_t *idx = by_sid ? sindex_of(h, t, flips & 1u)
                                  : vindex_of(h, t, flips & 1u);
     uint32_t i = mix32((uint32_t)id) & mask;
-    for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
+    for (uint32_t n = 0; n < cells; n++, i = (i + 1) & mask) {
       uint32_t c = LOAD(&idx[i]);
       if (c == APPSHOT_CELL_EMPTY) break;
-      if (c == APPSHOT_CELL_TOMB || c > t->capacity) continue;
+      if (c == APPSHOT_CELL_TOMB || c > capacity) continue;
       uint64_t p = entry_pair(&e[c - 1]);
       if (p == APPSHOT_PAIR_FREE) continue;
       if ((by_sid ? pair_sid(p) : pair_vid(p)) == id) {
@@ -278,7 +343,7 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
                      uint32_t slot, int32_t *vid, int32_t *sid,
                      uint32_t *flags, int32_t *owner) {
   const struct appshot_table *t = &h->tables[kind];
-  if (slot >= t->capacity) return 0;
+  if (slot >= cap_of(h, t)) return 0;
   const struct appshot_entry *e = &entries_of(h, t)[slot];
   uint64_t p = entry_pair(e);
   if (p == APPSHOT_PAIR_FREE) return 0;
@@ -293,18 +358,38 @@ uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind ki
                             uint32_t slot) {
   const struct appshot_table *t = &h->tables[kind];
   const struct appshot_entry *e = entries_of(h, t);
-  uint32_t capacity = t->capacity;
+  uint32_t capacity = cap_of(h, t);
   /* A free entry's word is all zeros (entry_pair); what a used one holds
    * is read again, ordered, by appshot_entry_at. */
   while (slot < capacity && __atomic_load_n(&e[slot].stored, __ATOMIC_RELAXED) == 0) slot++;
   return slot < capacity ? slot : capacity;
 }
 
-uint32_t appshot_entries_to_find(const struct appshot_header *h, enum appshot_kind kind) {
-  /* glibc's mutex word: 0 while nobody holds it; a holder's TID (with the
-   * robust mutex's waiter and owner-died bits) otherwise. */
-  if (__atomic_load_n(&h->lock.__data.__lock, __ATOMIC_ACQUIRE) != 0) return UINT32_MAX;
-  return __atomic_load_n(&h->tables[kind].live, __ATOMIC_ACQUIRE);
+/* glibc's mutex word: 0 while nobody holds it; a holder's TID (with the
+ * robust mutex's waiter and owner-died bits) otherwise. */
+static int lock_free(const struct appshot_header *h) {
+  return __atomic_load_n(&h->lock.__data.__lock, __ATOMIC_ACQUIRE) == 0;
+}
+
+void appshot_scan_begin(const struct appshot_header *h, enum appshot_kind kind,
+                        struct appshot_scan *sc) {
+  const struct appshot_table *t = &h->tables[kind];
+  sc->left = UINT32_MAX;
+  if (!lock_free(h)) return;
+  sc->live = __atomic_load_n(&t->live, __ATOMIC_RELAXED);
+  sc->hint = __atomic_load_n(&t->slot_hint, __ATOMIC_RELAXED);
+  sc->left = sc->live;
+}
+
+int appshot_scan_over(const struct appshot_header *h, enum appshot_kind kind,
+                      struct appshot_scan *sc) {
+  if (sc->left != 0) return 0;
+  const struct appshot_table *t = &h->tables[kind];
+  if (lock_free(h) && __atomic_load_n(&t->live, __ATOMIC_RELAXED) == sc->live &&
+      __atomic_load_n(&t->slot_hint, __ATOMIC_RELAXED) == sc->hint)
+    return 1;
+  sc->left = UINT32_MAX;
+  return 0;
 }
 
 /* --- Locking and repair -------------------------------------------------- */
@@ -313,19 +398,22 @@ uint32_t appshot_entries_to_find(const struct appshot_header *h, enum appshot_ki
 static void fill_indexes(struct appshot_header *h, struct appshot_table *t,
                          uint32_t gen) {
   uint32_t *vi = vindex_of(h, t, gen), *si = sindex_of(h, t, gen);
-  memset(vi, 0, t->index_size * sizeof(uint32_t));
-  memset(si, 0, t->index_size * sizeof(uint32_t));
+  const uint32_t cells = cells_of(h, t), capacity = cap_of(h, t);
+  memset(vi, 0, cells * sizeof(uint32_t));
+  memset(si, 0, cells * sizeof(uint32_t));
   struct appshot_entry *e = entries_of(h, t);
-  uint32_t mask = t->index_size - 1, live = 0;
-  for (uint32_t s = 0; s < t->capacity; s++) {
+  uint32_t mask = cells - 1, live = 0;
+  /* Each walk bounded by the index's size: the application writes the
+   * same file, and may fill cells while this runs. */
+  for (uint32_t s = 0; s < capacity; s++) {
     uint64_t p = entry_pair(&e[s]);
     if (p == APPSHOT_PAIR_FREE) continue;
     live++;
-    uint32_t i = mix32((uint32_t)pair_vid(p)) & mask;
-    while (vi[i] != APPSHOT_CELL_EMPTY) i = (i + 1) & mask;
+    uint32_t i = mix32((uint32_t)pair_vid(p)) & mask, n = 0;
+    while (vi[i] != APPSHOT_CELL_EMPTY && ++n < cells) i = (i + 1) & mask;
     vi[i] = s + 1;
-    i = mix32((uint32_t)pair_sid(p)) & mask;
-    while (si[i] != APPSHOT_CELL_EMPTY) i = (i + 1) & mask;
+    i = mix32((uint32_t)pair_sid(p)) & mask, n = 0;
+    while (si[i] != APPSHOT_CELL_EMPTY && ++n < cells) i = (i + 1) & mask;
     si[i] = s + 1;
   }
   t->live = live;
@@ -369,22 +457,24 @@ void appshot_unlock(struct appshot_header *h, const sigset_t *saved) {
 
 /* --- Writes (lock held) -------------------------------------------------- */
 
-static void index_insert(struct appshot_table *t, uint32_t *idx, int32_t id,
-                         uint32_t slot) {
-  uint32_t mask = t->index_size - 1;
-  uint32_t i = mix32((uint32_t)id) & mask;
-  while (idx[i] != APPSHOT_CELL_EMPTY && idx[i] != APPSHOT_CELL_TOMB)
+static void index_insert(const struct appshot_header *h, struct appshot_table *t,
+                         uint32_t *idx, int32_t id, uint32_t slot) {
+  const uint32_t cells = cells_of(h, t), mask = cells - 1;
+  uint32_t i = mix32((uint32_t)id) & mask, n = 0;
+  /* Bounded: live entries fill at most half the cells, but the file is the
+   * application's to fill. */
+  while (idx[i] != APPSHOT_CELL_EMPTY && idx[i] != APPSHOT_CELL_TOMB && ++n < cells)
     i = (i + 1) & mask;
   if (idx[i] == APPSHOT_CELL_TOMB) t->tombs--;
   STORE(&idx[i], slot + 1);
 }
 
 /* Finds the cell of `slot` in an index by walking from id's hash. */
-static void index_remove(struct appshot_table *t, uint32_t *idx, int32_t id,
-                         uint32_t slot) {
-  uint32_t mask = t->index_size - 1;
+static void index_remove(const struct appshot_header *h, struct appshot_table *t,
+                         uint32_t *idx, int32_t id, uint32_t slot) {
+  const uint32_t cells = cells_of(h, t), mask = cells - 1;
   uint32_t i = mix32((uint32_t)id) & mask;
-  for (uint32_t n = 0; n < t->index_size; n++, i = (i + 1) & mask) {
+  for (uint32_t n = 0; n < cells; n++, i = (i + 1) & mask) {
     if (idx[i] == APPSHOT_CELL_EMPTY) return;
     if (idx[i] == slot + 1) {
       if (idx[(i + 1) & mask] != APPSHOT_CELL_EMPTY) {
@@ -411,18 +501,27 @@ static void index_remove(struct appshot_table *t, uint32_t *idx, int32_t id,
 static int insert_locked(struct appshot_header *h, struct appshot_table *t,
                          int32_t vid, int32_t sid, uint32_t flags,
                          int32_t owner) {
-  if (t->live >= t->capacity) {
+  const uint32_t capacity = cap_of(h, t);
+  if (t->live >= capacity) {
     errno = ENOSPC;
     return -1;
   }
   /* Tombstones make misses walk further; clear them out well before the
    * index fills up. The indexes are twice the capacity, so live entries
    * alone never load them past one half. */
-  if (t->tombs > t->index_size / 4) rebuild(h, t);
+  if (t->tombs > cells_of(h, t) / 4) rebuild(h, t);
 
   struct appshot_entry *e = entries_of(h, t);
-  uint32_t slot = t->slot_hint % t->capacity;
-  while (entry_pair(&e[slot]) != APPSHOT_PAIR_FREE) slot = (slot + 1) % t->capacity;
+  uint32_t slot = t->slot_hint % capacity, n = 0;
+  while (entry_pair(&e[slot]) != APPSHOT_PAIR_FREE) {
+    /* Every slot taken though the count said otherwise (the file is the
+     * application's to write): full. */
+    if (++n >= capacity) {
+      errno = ENOSPC;
+      return -1;
+    }
+    slot = (slot + 1) % capacity;
+  }
   t->slot_hint = slot + 1;
 
   /* Entry first, then the indexes: a writer that dies in between leaves an
@@ -431,8 +530,8 @@ static int insert_locked(struct appshot_header *h, struct appshot_table *t,
   STORE(&e[slot].owner, owner);
   set_entry_pair(&e[slot], make_pair(vid, sid));
   uint32_t gen = t->flips & 1u;
-  index_insert(t, vindex_of(h, t, gen), vid, slot);
-  index_insert(t, sindex_of(h, t, gen), sid, slot);
+  index_insert(h, t, vindex_of(h, t, gen), vid, slot);
+  index_insert(h, t, sindex_of(h, t, gen), sid, slot);
   t->live++;
   return 0;
 }
@@ -443,8 +542,8 @@ static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t
   uint64_t p = entry_pair(e);
   if (p == APPSHOT_PAIR_FREE) return;
   uint32_t gen = t->flips & 1u;
-  index_remove(t, vindex_of(h, t, gen), pair_vid(p), slot);
-  index_remove(t, sindex_of(h, t, gen), pair_sid(p), slot);
+  index_remove(h, t, vindex_of(h, t, gen), pair_vid(p), slot);
+  index_remove(h, t, sindex_of(h, t, gen), pair_sid(p), slot);
   set_entry_pair(e, APPSHOT_PAIR_FREE);
   t->live--;
 }
@@ -462,10 +561,10 @@ static int unmap_locked(struct appshot_header *h, struct appshot_table *t,
   struct appshot_entry *e = entries_of(h, t);
   uint32_t flags = e[slot].flags;
   remove_slot_locked(h, t, slot);
-  if (t->kind == APPSHOT_PID && (flags & APPSHOT_F_THREADS)) {
+  if (kind_of(h, t) == APPSHOT_PID && (flags & APPSHOT_F_THREADS)) {
     /* The process is gone, so are its threads: their TIDs are free in the
      * system again and must not stay reachable through old virtual ids. */
-    for (uint32_t s = 0; s < t->capacity; s++)
+    for (uint32_t s = 0; s < cap_of(h, t); s++)
       if (entry_pair(&e[s]) != APPSHOT_PAIR_FREE && (e[s].flags & APPSHOT_F_THREAD) &&
           e[s].owner == sid)
         remove_slot_locked(h, t, s);

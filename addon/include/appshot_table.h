@@ -411,16 +411,50 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
  * snapshot's frozen window. */
 uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind kind,
                             uint32_t slot);
-/* How many entries a reader of every entry of `kind` can stop after: the
- * table's live count while no writer holds the lock, else UINT32_MAX (a
- * writer in the middle of a change, or one that died or was stopped in it,
- * may have stored an entry before counting it). Stopping there, not at the
- * capacity, leaves the file's free tail untouched: read through a shared
- * mapping, each page of a tmpfs hole is allocated (`ps` grew every
- * application's table file from 36 KiB to 460 KiB of memory) and faulted
- * in (~1.4 ms a read of a file not mapped yet). A writer that changes the
- * table meanwhile races the reader as it would a whole scan. */
-uint32_t appshot_entries_to_find(const struct appshot_header *h, enum appshot_kind kind);
+/* The number of entries of `kind`'s table, from the layout: what a reader
+ * outside the application walks to, never the file's own `capacity`
+ * field, which the application can overwrite. */
+uint32_t appshot_capacity(enum appshot_kind kind);
+/* Where `kind`'s struct appshot_entry[capacity] starts in the file. */
+uint64_t appshot_entries_offset(enum appshot_kind kind);
+/* A lock-free walk of every entry of `kind` that stops once it has found
+ * as many as the table holds, rather than at the capacity: read through a
+ * shared mapping, each page of a tmpfs hole touched is allocated and
+ * faulted in, and init's sweep, every 2 s, made a table file of a few live
+ * entries take ~280 KiB of memory instead of ~40. It stops there only if,
+ * when it gets there, no writer holds the lock (a writer inside its
+ * change, or one stopped or dead there, may have stored an entry before
+ * counting it), the count is the same (less what the walker removed
+ * itself) and no entry was added since (slot_hint unchanged: an insert
+ * moves it before it stores its entry); otherwise it walks on to the
+ * capacity. It can still miss an entry that was there throughout when
+ * inserts wrap slot_hint all the way round during one walk (a walker
+ * preempted that long): fit for init's sweep, whose next round finds what
+ * this one missed, not for a reader that must see every entry (the
+ * engine's readTables finds the used slots with pread of the file, which
+ * reads holes as zeros without allocating them).
+ *
+ *   struct appshot_scan sc;
+ *   appshot_scan_begin(h, kind, &sc);
+ *   for (uint32_t s = 0; s < capacity && !appshot_scan_over(h, kind, &sc); s++)
+ *     if (appshot_entry_at(h, kind, s, ...)) appshot_scan_found(&sc);
+ */
+struct appshot_scan {
+  uint32_t left; /* entries still to find; UINT32_MAX: read to the capacity */
+  uint32_t live; /* the count the stop is checked against */
+  uint32_t hint; /* slot_hint at the start */
+};
+void appshot_scan_begin(const struct appshot_header *h, enum appshot_kind kind,
+                        struct appshot_scan *sc);
+int appshot_scan_over(const struct appshot_header *h, enum appshot_kind kind,
+                      struct appshot_scan *sc);
+static inline void appshot_scan_found(struct appshot_scan *sc) {
+  if (sc->left != UINT32_MAX && sc->left) sc->left--;
+}
+/* The reader removed an entry it found: the count goes down by it. */
+static inline void appshot_scan_removed(struct appshot_scan *sc) {
+  if (sc->live) sc->live--;
+}
 
 /* --- Writes: take the robust mutex ------------------------------------- */
 

@@ -433,7 +433,7 @@ static int read_standby_arguments(void) {
 static void signal_application(int sig) {
   int32_t vid, sid;
   uint32_t flags;
-  for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
+  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
     if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)))
       appshot_signal_member(sid, sig, getpid(), tables_path);
@@ -513,27 +513,36 @@ static int pid_entry_dead(uint32_t slot, int32_t vid, int32_t sid,
 
 /* Drops entries whose object no longer exists: processes reaped by a parent
  * that does not run our library (or that ignores SIGCHLD), threads that died
- * with their process, IPC objects removed from outside. */
+ * with their process, IPC objects removed from outside. Each table read up
+ * to its last entry, not its capacity (appshot_scan_begin: every 2 s, a
+ * read of every slot allocated the file's free pages). A slot past the
+ * last entry keeps whatever found_dead said of it: the same pair found
+ * there again, gone both times, is gone. */
 static void sweep(void) {
   int32_t vid, sid;
   uint32_t flags;
   for (int k = 0; k <= APPSHOT_MSGID; k++) {
-    uint32_t capacity = tables->tables[k].capacity;
-    /* The application can write its tables: found_dead's size holds. */
-    if (k == APPSHOT_PID && capacity > APPSHOT_PID_CAPACITY) capacity = APPSHOT_PID_CAPACITY;
-    for (uint32_t s = 0; s < capacity; s++) {
+    /* The layout's, not the file's (which the application can write):
+     * found_dead's size holds. */
+    uint32_t capacity = appshot_capacity((enum appshot_kind)k);
+    struct appshot_scan sc;
+    appshot_scan_begin(tables, (enum appshot_kind)k, &sc);
+    for (uint32_t s = 0; s < capacity && !appshot_scan_over(tables, (enum appshot_kind)k, &sc); s++) {
       if (!appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid,
                             &flags, NULL)) {
         if (k == APPSHOT_PID) found_dead[s] = 0;
         continue;
       }
+      appshot_scan_found(&sc);
       if (k == APPSHOT_PID) {
         /* Only this pair: the PID may have been reaped, forgotten and
          * handed to a new process of the application since. */
-        if (pid_entry_dead(s, vid, sid, flags) && appshot_forget_pair(tables, vid, sid))
+        if (pid_entry_dead(s, vid, sid, flags) && appshot_forget_pair(tables, vid, sid)) {
           found_dead[s] = 0;
+          appshot_scan_removed(&sc);
+        }
       } else if (ipc_gone((enum appshot_kind)k, sid)) {
-        appshot_unmap_system(tables, (enum appshot_kind)k, sid);
+        if (appshot_unmap_system(tables, (enum appshot_kind)k, sid)) appshot_scan_removed(&sc);
       }
     }
   }
@@ -544,7 +553,7 @@ static void sweep(void) {
 static int others_alive(void) {
   int32_t vid, sid;
   uint32_t flags;
-  for (uint32_t s = 0; s < tables->tables[APPSHOT_PID].capacity; s++)
+  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
     if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0 &&
         appshot_pid_belongs(sid, getpid(), tables_path))
@@ -560,7 +569,7 @@ static int others_alive(void) {
 static void remove_ipc_objects(void) {
   int32_t vid, sid;
   for (int k = APPSHOT_SEMID; k <= APPSHOT_MSGID; k++)
-    for (uint32_t s = 0; s < tables->tables[k].capacity; s++)
+    for (uint32_t s = 0; s < appshot_capacity((enum appshot_kind)k); s++)
       if (appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid, NULL, NULL))
         appshot_ipc_remove_owned(tables, (enum appshot_kind)k, sid, trusted_salt,
                                  trusted_created, getpid(), tables_path);

@@ -107,7 +107,7 @@ static struct dir_of classify(int fd) {
  * each only while it is still the same pair. A scan of the table, only
  * when a thread is first seen this way. */
 static void forget_ended_threads(int32_t owner) {
-  uint32_t capacity = g_h->tables[APPSHOT_PID].capacity;
+  uint32_t capacity = appshot_capacity(APPSHOT_PID);
   for (uint32_t slot = 0; slot < capacity; slot++) {
     int32_t vid, sid, of;
     uint32_t flags;

@@ -552,7 +552,7 @@ static long kill_application(int sig) {
   int32_t vid, sid;
   uint32_t flags;
   int sent = 0;
-  for (uint32_t s = 0; s < g_h->tables[APPSHOT_PID].capacity; s++)
+  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
     if (appshot_entry_at(g_h, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_THREAD | APPSHOT_F_INIT)) && sid != self &&
         SYS2(kill, sid, sig) == 0)
