@@ -630,7 +630,11 @@ Napi::Value WritePageRuns(const Napi::CallbackInfo& info) {
   };
   for (size_t at = 0; at + 4 <= runs.ElementLength(); at += 4) {
     double fileIndex = runs[at], off = runs[at + 1], addr = runs[at + 2], len = runs[at + 3];
-    if (fileIndex < 0 || fileIndex >= files.size() || off < 0 || len < 0 || addr < 0) {
+    // Written so that NaN fails each test too (every comparison with it is
+    // false), and nothing converts out of a 64-bit range.
+    constexpr double k2to64 = 18446744073709551616.0;
+    if (!(fileIndex >= 0 && fileIndex < files.size()) || !(off >= 0 && off < k2to64) || !(len >= 0 && len < k2to64) ||
+        !(addr >= 0 && addr < k2to64)) {
       unmapAll();
       ThrowErrno(env, "page data run out of range", EINVAL);
       return env.Undefined();
