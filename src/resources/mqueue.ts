@@ -292,10 +292,10 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
   if (fd.pos) addon().lseek(got, Number(fd.pos));
   if (q.notifySigno && q.notifyVpid === p.vpid) {
     // Noted again in the new tables, as the preload library noted the
-    // original's registration, by the inode of the queue made now (a
-    // clone's is its own): a later snapshot carries it too. Once every
-    // process is as it will run, the registration made
-    // (restoreQueueNotifications).
+    // original's registration, by the inode of the queue as restored (a
+    // clone's is its own): a later snapshot carries it too. Written once
+    // every process is as it will run, its registration made again by
+    // then (restoreQueueNotifications).
     const ino = fstatSync(got, { bigint: true }).ino;
     const [signo, value] = [q.notifySigno, q.notifyValue ?? 0n];
     h.once(`mqueue note ${i}`, () =>
