@@ -567,6 +567,9 @@ function mqueueCases(): [string, (image: Image) => void, string][] {
     ['a message larger than its queue\'s msgsize', queue((q) => (q.messages = [{ priority: 0, data: Buffer.alloc(17) }])), 'message queue 0 holds a message of 17 bytes'],
     ['a message of priority 40000', queue((q) => (q.messages = [{ priority: 40000, data: Buffer.alloc(1) }])), 'or of priority 40000'],
     ['a message queue notifying a process that does not hold it', queue((q) => (q.notifyVpid = 777)), 'message queue 0 notifies process 777, which holds no descriptor of it'],
+    ['a message queue notifying with signal 65', queue((q) => Object.assign(q, { messages: [], notifySigno: 65, notifyValue: 1n })), 'message queue 0 notifies with signal 65, which is no signal'],
+    ['a message queue notifying with a signal and no process', queue((q) => Object.assign(q, { messages: [], notifySigno: 10, notifyValue: 1n })), 'message queue 0 notifies with signal 10, but no process'],
+    ['a message queue with a sigev_value and no signal', queue((q) => Object.assign(q, { messages: [], notifyValue: 7n })), 'message queue 0 has a sigev_value without a signal'],
   ];
 }
 

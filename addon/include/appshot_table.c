@@ -1097,6 +1097,41 @@ void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
   note(h, ino, APPSHOT_NOTE_DNOTIFY, F_NOTIFY, mask, 0, 0, maker);
 }
 
+void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    struct appshot_socket_note *e = &h->sockets.note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino ||
+        __atomic_load_n(&e->level, __ATOMIC_RELAXED) != APPSHOT_NOTE_MQ_NOTIFY)
+      continue;
+    __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
+  }
+}
+
+void appshot_note_mq_notify(struct appshot_header *h, uint64_t ino,
+                            int32_t signo, uint64_t value) {
+  /* The value's low half is the note's name, which note() matches on: a
+   * note of another value would stay beside this one. */
+  appshot_unnote_mq_notify(h, ino);
+  note(h, ino, APPSHOT_NOTE_MQ_NOTIFY, (int32_t)(uint32_t)value,
+       (int32_t)(uint32_t)(value >> 32), (uint16_t)signo, 0, 0);
+}
+
+int appshot_mq_notify_noted(const struct appshot_header *h, uint64_t ino,
+                            int32_t *signo, uint64_t *value) {
+  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+    const struct appshot_socket_note *e = &h->sockets.note[i];
+    if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino ||
+        !__atomic_load_n(&e->ready, __ATOMIC_ACQUIRE) ||
+        e->level != APPSHOT_NOTE_MQ_NOTIFY)
+      continue;
+    *signo = e->port;
+    *value = (uint64_t)(uint32_t)e->name | (uint64_t)(uint32_t)e->value << 32;
+    return 1;
+  }
+  return 0;
+}
+
 void appshot_unnote_socket(struct appshot_header *h, uint64_t ino,
                            int32_t level, int32_t name, uint16_t port,
                            uint8_t type) {

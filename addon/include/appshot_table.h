@@ -204,6 +204,23 @@ struct appshot_instance {
  * a DN_MULTISHOT watch of a directory held through one descriptor, and
  * refuses the rest (fdowner.ts). */
 #define APPSHOT_NOTE_DNOTIFY (-1)
+/* A note's level for a POSIX message queue registered for notification
+ * with SIGEV_SIGNAL (mq_notify), whose sigev_value the queue's text
+ * ("QSIZE NOTIFY SIGNO NOTIFY_PID") does not show. At most one a queue
+ * (the kernel allows one registration a queue). Its fields:
+ *   ino    the queue's inode (of the mqueue file system; no socket level
+ *          is negative, so a socket of the same number is never taken
+ *          for it)
+ *   name   bits 0-31 of sigev_value (sival_int, or sival_ptr's low half)
+ *   value  bits 32-63 of sigev_value
+ *   port   sigev_signo
+ *   maker, type  0
+ * Noted by the preload library's mq_notify (preload_ipc.c) once the call
+ * succeeded; dropped by mq_notify(NULL) or a registration of another kind.
+ * A snapshot carries a SIGEV_SIGNAL registration the queue's text shows
+ * only with the note of its inode whose signal is the one shown, and
+ * refuses it otherwise (src/resources/mqueue.ts). */
+#define APPSHOT_NOTE_MQ_NOTIFY (-2)
 #define APPSHOT_LOST_SEEN_BITS 65536
 
 struct appshot_socket_note {
@@ -351,6 +368,17 @@ void appshot_note_socket(struct appshot_header *h, uint64_t ino, int32_t level,
  * note. Lock-free and async-signal-safe. */
 void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
                           int32_t maker);
+/* Notes the SIGEV_SIGNAL registration of message queue `ino` with signal
+ * `signo` and `value` (APPSHOT_NOTE_MQ_NOTIFY), replacing any note of that
+ * queue. Lock-free and async-signal-safe. */
+void appshot_note_mq_notify(struct appshot_header *h, uint64_t ino,
+                            int32_t signo, uint64_t value);
+/* Drops the note of message queue `ino`'s registration. */
+void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino);
+/* The note of message queue `ino`'s registration: 1 with its signal and
+ * value, or 0 if there is none. */
+int appshot_mq_notify_noted(const struct appshot_header *h, uint64_t ino,
+                            int32_t *signo, uint64_t *value);
 /* Drops the notes of (level, name) of socket `ino`, and with `port` set,
  * of every socket of `type` noted on that port (a reuseport group's
  * program goes for the whole group). */

@@ -396,6 +396,42 @@ API mqd_t __mq_open_2(const char *name, int oflag) {
   return mq_opened(name, oflag, 0, NULL);
 }
 
+/* --- POSIX message queues: a signal registration's sigev_value ----------
+ *
+ * A queue's text shows a SIGEV_SIGNAL registration's signal but not its
+ * sigev_value, which the handler receives as si_value: noted in the
+ * application's tables by the queue's inode (APPSHOT_NOTE_MQ_NOTIFY,
+ * appshot_table.h), for a snapshot to carry (src/resources/mqueue.ts).
+ * The call is glibc's (SIGEV_THREAD is its helper thread's work). The note
+ * is dropped before the call and written after it, never ahead of what
+ * the kernel holds: a snapshot in between finds the registration without
+ * its note and refuses it, where a note of an earlier registration (one
+ * the kernel had ended by notifying) would carry the wrong value. A call
+ * that fails changed nothing in the kernel: the note it dropped (another
+ * registration of the queue's, which the call found busy) is put back. */
+API int mq_notify(mqd_t q, const struct sigevent *ev) {
+  ensure_init();
+  struct stat st;
+  int32_t was_signo = 0;
+  uint64_t was_value = 0;
+  int noted = 0, had = 0;
+  if (g_h && SYS2(fstat, q, &st) == 0) {
+    noted = 1;
+    had = appshot_mq_notify_noted(g_h, (uint64_t)st.st_ino, &was_signo, &was_value);
+    appshot_unnote_mq_notify(g_h, (uint64_t)st.st_ino);
+  }
+  int r = REAL(mq_notify)(q, ev);
+  if (!noted) return r;
+  int saved = errno;
+  if (r == 0 && ev && ev->sigev_notify == SIGEV_SIGNAL)
+    appshot_note_mq_notify(g_h, (uint64_t)st.st_ino, ev->sigev_signo,
+                           (uint64_t)(uintptr_t)ev->sigev_value.sival_ptr);
+  else if (r != 0 && had)
+    appshot_note_mq_notify(g_h, (uint64_t)st.st_ino, was_signo, was_value);
+  errno = saved;
+  return r;
+}
+
 void mqueue_translate_read(int fd, char *buf, long n) {
   struct statfs sf;
   if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != MQUEUE_MAGIC) return;

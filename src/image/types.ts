@@ -549,8 +549,12 @@ export interface PosixQueue {
   gid: number;
   /** In the order mq_receive gives them. */
   messages: { priority: number; data: Buffer }[];
-  /** The virtual PID registered with mq_notify (SIGEV_NONE); 0: none. */
+  /** The virtual PID registered with mq_notify; 0: none. */
   notifyVpid: number;
+  /** Its signal (SIGEV_SIGNAL), or 0 (SIGEV_NONE). Older images have none. */
+  notifySigno?: number;
+  /** A SIGEV_SIGNAL registration's sigev_value, all 64 bits. */
+  notifyValue?: bigint;
 }
 
 export interface FdOwner {

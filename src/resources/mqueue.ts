@@ -31,12 +31,20 @@
  *
  * Notification: the queue's text ("QSIZE:.. NOTIFY:.. SIGNO:..
  * NOTIFY_PID:..") names the registered process and how it is notified,
- * but not a signal's sigev_value nor SIGEV_THREAD's cookie, so only a
- * SIGEV_NONE registration can be made again exactly: inside the restored
- * owner, through its own descriptor. A signal or thread registration is
- * refused by name, and so is a registration on a queue that holds
- * messages (refilling an empty queue would fire it and so end it), and a
- * registration by a process outside the application.
+ * but not a signal's sigev_value nor SIGEV_THREAD's cookie. A SIGEV_NONE
+ * registration is made again inside the restored owner, through its own
+ * descriptor. So is a SIGEV_SIGNAL one, with the sigev_value the preload
+ * library noted when the application's mq_notify succeeded (a note by the
+ * queue's inode, APPSHOT_NOTE_MQ_NOTIFY in appshot_table.h), which is
+ * noted again for the queue made at restore. A signal registration
+ * without that note (made by a raw system call, or the notes full), or
+ * whose note is of another signal, is refused by name. (One case is not
+ * seen: a registration the kernel ended by notifying, made again by a raw
+ * system call with the same signal, would be carried with the earlier
+ * call's value.) A thread registration is refused by name, and so is a
+ * registration on a queue that holds messages (refilling an empty queue
+ * would fire it and so end it), and a registration by a process outside
+ * the application.
  *
  * Restore (each queue made once, in appshot's process, each description
  * then opened from it and handed over):
@@ -61,7 +69,7 @@
  * (The preload library translates the notifier's PID a queue's text
  * shows: addon/preload/preload_ipc.c.)
  */
-import { type BigIntStats, closeSync, fchmodSync, fchownSync, constants as fs, openSync, readSync, statfsSync } from 'node:fs';
+import { type BigIntStats, closeSync, fchmodSync, fchownSync, constants as fs, fstatSync, openSync, readSync, statfsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { AppshotError } from '../errors.js';
 import { killPoint } from '../killpoint.js';
@@ -69,6 +77,7 @@ import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PosixQueue, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { heldQueue, NOTE_MQ_NOTIFY, type Notes } from './sockopts.js';
 
 /** statfs's f_type of the mqueue file system (linux/magic.h). */
 const MQUEUE_MAGIC = 0x19800202;
@@ -76,6 +85,8 @@ const O_ACCMODE = 3;
 const DELETED = ' (deleted)';
 const SIGEV_SIGNAL = 0;
 const SIGEV_NONE = 1;
+/** The highest signal number (the kernel's _NSIG). */
+const SIGRTMAX = 64;
 /** The kernel's hard ceilings (ipc/mqueue.c, HARD_MSGMAX etc.) and
  * MQ_PRIO_MAX: what an image may ask for. */
 export const MQ_LIMITS = { maxmsg: 65536, msgsize: 16 << 20, priority: 32768, nameBytes: 255 };
@@ -129,14 +140,20 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
     const [notify, signo, notifyPid] = [field('NOTIFY'), field('SIGNO'), field('NOTIFY_PID')];
     if (![notify, signo, notifyPid].every(Number.isInteger)) throw new Error(`${where}: ${named} reads "${status.trim()}", not what this kernel usually shows`);
     const attrs = addon().mqAttributes(own);
+    const notes = ctx.tables.sockets;
+    if (notes) heldQueue(notes, st.ino); // its note, if any, is kept (sockopts.ts forgetClosed)
     let notifyVpid = 0;
+    let notifySigno = 0;
+    let notifyValue = 0n;
     if (notifyPid) {
       notifyVpid = ctx.virtual('pid', notifyPid);
       if (!notifyVpid) throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by system process ${notifyPid}, outside the application, which cannot be captured`);
-      if (notify !== SIGEV_NONE)
-        throw new Unsupported(
-          `${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} ${notify === SIGEV_SIGNAL ? `with signal ${signo} (SIGEV_SIGNAL)` : 'with a thread (SIGEV_THREAD)'}, whose sigev_value the kernel does not show, which cannot be captured yet`,
-        );
+      if (notify === SIGEV_SIGNAL) {
+        const registered = `${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} with signal ${signo} (SIGEV_SIGNAL)`;
+        notifyValue = signalValue(notes, st.ino, signo, registered);
+        notifySigno = signo;
+      } else if (notify !== SIGEV_NONE)
+        throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} with a thread (SIGEV_THREAD), whose sigev_value the kernel does not show, which cannot be captured yet`);
       if (attrs.curmsgs)
         throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} and holds ${attrs.curmsgs} messages, which cannot be read without firing it (receiving them and sending them back would), which cannot be captured yet`);
     }
@@ -157,6 +174,8 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
       gid: Number(st.gid),
       messages,
       notifyVpid,
+      notifySigno,
+      notifyValue,
     };
     const all = (ctx.image.posixQueues ??= []);
     all.push(queue);
@@ -165,6 +184,29 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
   } finally {
     closeSync(own);
   }
+}
+
+/** The sigev_value of the SIGEV_SIGNAL registration (signal `signo`) of
+ * queue `ino`, as the preload library noted it (preload_ipc.c mq_notify).
+ * Without a note, or with one of another signal (registered again where
+ * the preload library did not see), it is not known: refused by name. */
+function signalValue(seen: Notes | undefined, ino: bigint, signo: number, registered: string): bigint {
+  const note = seen?.notes.find((n) => n.level === NOTE_MQ_NOTIFY && n.ino === ino);
+  if (!note) {
+    const lost = seen?.lost && (seen.lostSeen === undefined || addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp'));
+    throw new Unsupported(
+      `${registered}, whose sigev_value the kernel does not show and ${
+        lost
+          ? `the preload library could not note (the room for ${seen!.lost} such notes was full)`
+          : 'the preload library did not see given (registered by a raw mq_notify system call, or by a program it is not loaded in)'
+      }, which cannot be captured`,
+    );
+  }
+  if (note.port !== signo)
+    throw new Unsupported(
+      `${registered}, but the preload library noted a registration with signal ${note.port}: it was registered again where the preload library did not see (a raw mq_notify system call), so its sigev_value is not known, which cannot be captured`,
+    );
+  return BigInt.asUintN(64, (BigInt(note.value >>> 0) << 32n) | BigInt(note.name >>> 0));
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -248,12 +290,26 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
       );
   }
   if (fd.pos) addon().lseek(got, Number(fd.pos));
+  if (q.notifySigno && q.notifyVpid === p.vpid) {
+    // Noted again in the new tables, as the preload library noted the
+    // original's registration, by the inode of the queue as restored (a
+    // clone's is its own): a later snapshot carries it too. Written once
+    // every process is as it will run, its registration made again by
+    // then (restoreQueueNotifications).
+    const ino = fstatSync(got, { bigint: true }).ino;
+    const [signo, value] = [q.notifySigno, q.notifyValue ?? 0n];
+    h.once(`mqueue note ${i}`, () =>
+      h.whenProcessesAreFinal(() =>
+        addon().noteSocket(h.tablesPath, { ino, level: NOTE_MQ_NOTIFY, name: Number(BigInt.asIntN(32, value)), value: Number(BigInt.asIntN(32, value >> 32n)), port: signo, kind: '' }),
+      ),
+    );
+  }
   return got;
 }
 
-/** The notification registrations (SIGEV_NONE) of process `p`, made again
- * inside it through its own descriptor of each queue, once its
- * descriptors are in place. */
+/** The notification registrations (SIGEV_NONE, or SIGEV_SIGNAL with its
+ * signal and sigev_value) of process `p`, made again inside it through its
+ * own descriptor of each queue, once its descriptors are in place. */
 export function restoreQueueNotifications(r: RemoteProcess, p: Process, image: Image): void {
   (image.posixQueues ?? []).forEach((q, i) => {
     if (q.notifyVpid !== p.vpid) return;
@@ -262,8 +318,13 @@ export function restoreQueueNotifications(r: RemoteProcess, p: Process, image: I
     r.reset();
     // struct sigevent: sigev_value (8 bytes), sigev_signo, sigev_notify.
     const sigevent = Buffer.alloc(64);
-    sigevent.writeInt32LE(SIGEV_NONE, 12);
-    r.call(`registering process ${p.vpid} for notification by the message queue ${q.name} (mq_notify)`, SYS.mq_notify, [fd.fd, r.put(sigevent)]);
+    if (q.notifySigno) {
+      sigevent.writeBigUInt64LE(q.notifyValue ?? 0n, 0);
+      sigevent.writeInt32LE(q.notifySigno, 8);
+      sigevent.writeInt32LE(SIGEV_SIGNAL, 12);
+    } else sigevent.writeInt32LE(SIGEV_NONE, 12);
+    const how = q.notifySigno ? ` with signal ${q.notifySigno}` : '';
+    r.call(`registering process ${p.vpid} for notification by the message queue ${q.name}${how} (mq_notify)`, SYS.mq_notify, [fd.fd, r.put(sigevent)]);
   });
 }
 
@@ -272,7 +333,7 @@ export function describeMessageQueue(image: Image, fd: Fd): string {
   const q = image.posixQueues?.[fd.mqueue ?? -1];
   if (!q) return 'POSIX message queue';
   const bytes = q.messages.reduce((n, m) => n + m.data.length, 0);
-  return `POSIX message queue ${q.name}${q.deleted ? ' (unlinked)' : ''}, ${q.messages.length} of ${q.maxmsg} messages (${bytes} bytes, at most ${q.msgsize} each)${q.notifyVpid ? `, notifies process ${q.notifyVpid}` : ''}`;
+  return `POSIX message queue ${q.name}${q.deleted ? ' (unlinked)' : ''}, ${q.messages.length} of ${q.maxmsg} messages (${bytes} bytes, at most ${q.msgsize} each)${q.notifyVpid ? `, notifies process ${q.notifyVpid}${q.notifySigno ? ` with signal ${q.notifySigno} (sigev_value ${q.notifyValue ?? 0n})` : ''}` : ''}`;
 }
 
 /** Templates: whether clones can each have it. */
@@ -308,5 +369,10 @@ export function checkPosixQueues(image: Image, corrupt: (what: string) => never)
       if (BigInt(m.data.length) > q.msgsize || !(m.priority >= 0 && m.priority < MQ_LIMITS.priority))
         corrupt(`${where} holds a message of ${m.data.length} bytes (at most ${q.msgsize}) or of priority ${m.priority} (below ${MQ_LIMITS.priority})`);
     if (q.notifyVpid && !held.get(i)?.has(q.notifyVpid)) corrupt(`${where} notifies process ${q.notifyVpid}, which holds no descriptor of it`);
+    const signo = q.notifySigno ?? 0;
+    if (!(Number.isInteger(signo) && signo >= 0 && signo <= SIGRTMAX)) corrupt(`${where} notifies with signal ${signo}, which is no signal (1 to ${SIGRTMAX})`);
+    if (signo && !q.notifyVpid) corrupt(`${where} notifies with signal ${signo}, but no process`);
+    if (!signo && (q.notifyValue ?? 0n) !== 0n) corrupt(`${where} has a sigev_value without a signal`);
+    if (signo && q.messages.length) corrupt(`${where} notifies with a signal and holds messages, which would have fired it`);
   });
 }

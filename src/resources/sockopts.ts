@@ -83,6 +83,10 @@ const NOTED = 0x10000;
 /** The level of a note that is a directory's dnotify watch, not a socket
  * option (APPSHOT_NOTE_DNOTIFY, appshot_table.h; fdowner.ts reads it). */
 export const NOTE_DNOTIFY = -1;
+/** The level of a note that is a message queue's SIGEV_SIGNAL registration
+ * (APPSHOT_NOTE_MQ_NOTIFY, appshot_table.h; mqueue.ts reads and writes
+ * it), keyed by the queue's inode. */
+export const NOTE_MQ_NOTIFY = -2;
 
 const ALL: readonly SockKind[] = ['tcp', 'listen', 'udp', 'unix-stream', 'unix-listen', 'unix-dgram'];
 const INET: readonly SockKind[] = ['tcp', 'listen', 'udp'];
@@ -675,7 +679,9 @@ export function noted(seen: Notes, ino: bigint, kind: SockKind, port: number, re
   if (maybeLost(seen, ino, port, kind, false))
     throw new Unsupported(`${where} may have an option set that appshot cannot read back and could not note (the room for ${seen.lost} such notes was full): whether it has is not known`);
   for (const n of seen.notes) {
-    if (n.level === NOTE_DNOTIFY) continue; // a directory's (fdowner.ts), whatever its number
+    // A directory's (fdowner.ts) or a message queue's (mqueue.ts),
+    // whatever its number.
+    if (n.level === NOTE_DNOTIFY || n.level === NOTE_MQ_NOTIFY) continue;
     const reuseportProgram = n.level === SOL_SOCKET && (n.name === SO_ATTACH_REUSEPORT_CBPF || n.name === SO_ATTACH_REUSEPORT_EBPF);
     const mine = n.ino === ino;
     const group = reuseportProgram && reuseport && port !== 0 && n.port === port && n.kind === (kind === 'udp' ? 'udp' : 'tcp');
@@ -730,6 +736,18 @@ export interface HeldSocket {
   reuseport: boolean;
 }
 
+/** The inodes of the message queues a snapshot found held, by the notes
+ * it read (heldQueue): their notes are kept by forgetClosed. */
+const queuesHeld = new WeakMap<Notes, Set<bigint>>();
+
+/** Message queue `ino` is held by a process of the application whose
+ * snapshot read `seen`: forgetClosed keeps its note. */
+export function heldQueue(seen: Notes, ino: bigint): void {
+  let held = queuesHeld.get(seen);
+  if (!held) queuesHeld.set(seen, (held = new Set()));
+  held.add(ino);
+}
+
 /** Once every process of the application is seen, all stopped: notes of
  * sockets none of them holds any more go, so that the room in the tables
  * is not used up by sockets long closed (nor by directories no longer
@@ -742,7 +760,11 @@ export function forgetClosed(tablesPath: string, seen: Notes, held: readonly Hel
   // The notes of directories' dnotify watches the image carries stay too
   // (fdowner.ts), keyed by the directory's inode.
   const inImage = new Set([...held.map((h) => h.ino), ...watchedDirs]);
-  const closed = seen.notes.filter((n) => !inImage.has(n.ino));
+  // Those of message queues held (mqueue.ts) stay too; a queue's note is
+  // weighed by the queues alone, so a socket of the same number does not
+  // keep it.
+  const queues = queuesHeld.get(seen) ?? new Set<bigint>();
+  const closed = seen.notes.filter((n) => (n.level === NOTE_MQ_NOTIFY ? !queues.has(n.ino) : !inImage.has(n.ino)));
   if (closed.length) addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
   if (!seen.lost || !seen.lostSeen) return;
   // Seen after the count, so holding every mark the count stands for.
