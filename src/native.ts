@@ -74,7 +74,9 @@ export interface SocketNote {
   port: number;
   kind: 'tcp' | 'udp' | '';
   /** A dnotify watch's (NOTE_DNOTIFY): the virtual PID of the process that
-   * made it, whose descriptor table owns it (0 for the others). */
+   * made it, whose descriptor table owns it; a message queue's
+   * registration (NOTE_MQ_NOTIFY): the process that registered (0 for the
+   * others). */
   maker?: number;
 }
 

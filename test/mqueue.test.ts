@@ -291,6 +291,18 @@ describe('POSIX message queues: a SIGEV_SIGNAL registration with its sigev_value
     await stopped('mqs7');
   });
 
+  it("another process's mq_notify(NULL), which ends no registration of its own, leaves the owner's note: snapshot → restore delivers", async () => {
+    await started('mqs8', ['-', '--notify-foreign-null']);
+    sb.ok(['snapshot', 'mqs8', '-o', join(out, 'mqs8')]);
+    // Format 4: an appshot of format 3 would restore the registration as
+    // one for nothing (it ignores the signal fields), and refuses it.
+    expect(sb.run(['inspect', join(out, 'mqs8')]).stdout).toMatch(/\(format 4\)/);
+    sb.ok(['restore', join(out, 'mqs8')]);
+    await sb.checksPass('mqs8');
+    await sb.exercised('mqs8', 'to take its notification');
+    await stopped('mqs8');
+  });
+
   it('snapshot (ends it) → restore: the notification delivered; clones of a template each get their own', async () => {
     await started('mqs5', ['-', '--notify-signal']);
     sb.ok(['snapshot', 'mqs5', '-o', join(out, 'mqs5')]);

@@ -375,6 +375,7 @@ void appshot_scan_begin(const struct appshot_header *h, enum appshot_kind kind,
                         struct appshot_scan *sc) {
   const struct appshot_table *t = &h->tables[kind];
   sc->left = UINT32_MAX;
+  sc->live = sc->hint = 0;
   if (!lock_free(h)) return;
   sc->live = __atomic_load_n(&t->live, __ATOMIC_RELAXED);
   sc->hint = __atomic_load_n(&t->slot_hint, __ATOMIC_RELAXED);
@@ -1097,11 +1098,12 @@ void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
   note(h, ino, APPSHOT_NOTE_DNOTIFY, F_NOTIFY, mask, 0, 0, maker);
 }
 
-void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino) {
+void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino, int32_t owner) {
   for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
     struct appshot_socket_note *e = &h->sockets.note[i];
     if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino ||
-        __atomic_load_n(&e->level, __ATOMIC_RELAXED) != APPSHOT_NOTE_MQ_NOTIFY)
+        __atomic_load_n(&e->level, __ATOMIC_RELAXED) != APPSHOT_NOTE_MQ_NOTIFY ||
+        (owner && __atomic_load_n(&e->maker, __ATOMIC_RELAXED) != owner))
       continue;
     __atomic_store_n(&e->ready, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&e->ino, 0, __ATOMIC_RELEASE);
@@ -1109,16 +1111,16 @@ void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino) {
 }
 
 void appshot_note_mq_notify(struct appshot_header *h, uint64_t ino,
-                            int32_t signo, uint64_t value) {
+                            int32_t signo, uint64_t value, int32_t owner) {
   /* The value's low half is the note's name, which note() matches on: a
-   * note of another value would stay beside this one. */
-  appshot_unnote_mq_notify(h, ino);
+   * note of another value (or owner) would stay beside this one. */
+  appshot_unnote_mq_notify(h, ino, 0);
   note(h, ino, APPSHOT_NOTE_MQ_NOTIFY, (int32_t)(uint32_t)value,
-       (int32_t)(uint32_t)(value >> 32), (uint16_t)signo, 0, 0);
+       (int32_t)(uint32_t)(value >> 32), (uint16_t)signo, 0, owner);
 }
 
 int appshot_mq_notify_noted(const struct appshot_header *h, uint64_t ino,
-                            int32_t *signo, uint64_t *value) {
+                            int32_t *signo, uint64_t *value, int32_t *owner) {
   for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
     const struct appshot_socket_note *e = &h->sockets.note[i];
     if (__atomic_load_n(&e->ino, __ATOMIC_ACQUIRE) != ino ||
@@ -1127,6 +1129,7 @@ int appshot_mq_notify_noted(const struct appshot_header *h, uint64_t ino,
       continue;
     *signo = e->port;
     *value = (uint64_t)(uint32_t)e->name | (uint64_t)(uint32_t)e->value << 32;
+    if (owner) *owner = e->maker;
     return 1;
   }
   return 0;

@@ -214,7 +214,10 @@ struct appshot_instance {
  *   name   bits 0-31 of sigev_value (sival_int, or sival_ptr's low half)
  *   value  bits 32-63 of sigev_value
  *   port   sigev_signo
- *   maker, type  0
+ *   maker  the virtual PID of the process that registered (the kernel's
+ *          registration is that process's: only its own mq_notify(NULL)
+ *          ends it, and a snapshot matches it with the queue's NOTIFY_PID)
+ *   type   0
  * Noted by the preload library's mq_notify (preload_ipc.c) once the call
  * succeeded; dropped by mq_notify(NULL) or a registration of another kind.
  * A snapshot carries a SIGEV_SIGNAL registration the queue's text shows
@@ -372,13 +375,14 @@ void appshot_note_dnotify(struct appshot_header *h, uint64_t ino, int32_t mask,
  * `signo` and `value` (APPSHOT_NOTE_MQ_NOTIFY), replacing any note of that
  * queue. Lock-free and async-signal-safe. */
 void appshot_note_mq_notify(struct appshot_header *h, uint64_t ino,
-                            int32_t signo, uint64_t value);
-/* Drops the note of message queue `ino`'s registration. */
-void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino);
-/* The note of message queue `ino`'s registration: 1 with its signal and
- * value, or 0 if there is none. */
+                            int32_t signo, uint64_t value, int32_t owner);
+/* Drops the note of message queue `ino`'s registration: only if process
+ * `owner` (virtual PID) made it, or whoever did with `owner` 0. */
+void appshot_unnote_mq_notify(struct appshot_header *h, uint64_t ino, int32_t owner);
+/* The note of message queue `ino`'s registration: 1 with its signal,
+ * value and owner (`owner` may be NULL), or 0 if there is none. */
 int appshot_mq_notify_noted(const struct appshot_header *h, uint64_t ino,
-                            int32_t *signo, uint64_t *value);
+                            int32_t *signo, uint64_t *value, int32_t *owner);
 /* Drops the notes of (level, name) of socket `ino`, and with `port` set,
  * of every socket of `type` noted on that port (a reuseport group's
  * program goes for the whole group). */

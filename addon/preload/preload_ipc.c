@@ -398,36 +398,49 @@ API mqd_t __mq_open_2(const char *name, int oflag) {
 
 /* --- POSIX message queues: a signal registration's sigev_value ----------
  *
- * A queue's text shows a SIGEV_SIGNAL registration's signal but not its
- * sigev_value, which the handler receives as si_value: noted in the
- * application's tables by the queue's inode (APPSHOT_NOTE_MQ_NOTIFY,
- * appshot_table.h), for a snapshot to carry (src/resources/mqueue.ts).
- * The call is glibc's (SIGEV_THREAD is its helper thread's work). The note
- * is dropped before the call and written after it, never ahead of what
- * the kernel holds: a snapshot in between finds the registration without
- * its note and refuses it, where a note of an earlier registration (one
- * the kernel had ended by notifying) would carry the wrong value. A call
- * that fails changed nothing in the kernel: the note it dropped (another
- * registration of the queue's, which the call found busy) is put back. */
+ * A queue's text shows a SIGEV_SIGNAL registration's signal and owner but
+ * not its sigev_value, which the handler receives as si_value: noted in
+ * the application's tables by the queue's inode, with the registering
+ * process (APPSHOT_NOTE_MQ_NOTIFY, appshot_table.h), for a snapshot to
+ * carry (src/resources/mqueue.ts). The call is glibc's (SIGEV_THREAD is
+ * its helper thread's work). The kernel's registration is its owner's:
+ *  - a process registering drops its own earlier note first (one the
+ *    kernel ended by notifying), so that a snapshot before the new note is
+ *    written finds none and refuses, never the old value; if the call
+ *    fails (the queue busy, with this process's registration still there
+ *    or someone else's), the note is put back unless the queue has one
+ *    now (the other registration's);
+ *  - a registration made replaces whatever note the queue had (stale);
+ *  - mq_notify(NULL) ends only the caller's own registration: only its own
+ *    note goes (another process's call returns 0 and changes nothing). */
 API int mq_notify(mqd_t q, const struct sigevent *ev) {
   ensure_init();
+  int (*real)(mqd_t, const struct sigevent *) = REAL(mq_notify);
+  if (!real) return (int)fail(ENOSYS);
   struct stat st;
-  int32_t was_signo = 0;
+  if (!g_h || SYS2(fstat, q, &st) != 0) return real(q, ev);
+  const uint64_t ino = (uint64_t)st.st_ino;
+  const int32_t me = self_vpid();
+  int32_t was_signo = 0, was_owner = 0;
   uint64_t was_value = 0;
-  int noted = 0, had = 0;
-  if (g_h && SYS2(fstat, q, &st) == 0) {
-    noted = 1;
-    had = appshot_mq_notify_noted(g_h, (uint64_t)st.st_ino, &was_signo, &was_value);
-    appshot_unnote_mq_notify(g_h, (uint64_t)st.st_ino);
+  int had = 0;
+  if (ev) {
+    had = appshot_mq_notify_noted(g_h, ino, &was_signo, &was_value, &was_owner) && was_owner == me;
+    appshot_unnote_mq_notify(g_h, ino, me);
   }
-  int r = REAL(mq_notify)(q, ev);
-  if (!noted) return r;
+  int r = real(q, ev);
   int saved = errno;
-  if (r == 0 && ev && ev->sigev_notify == SIGEV_SIGNAL)
-    appshot_note_mq_notify(g_h, (uint64_t)st.st_ino, ev->sigev_signo,
-                           (uint64_t)(uintptr_t)ev->sigev_value.sival_ptr);
-  else if (r != 0 && had)
-    appshot_note_mq_notify(g_h, (uint64_t)st.st_ino, was_signo, was_value);
+  int32_t s_;
+  uint64_t v_;
+  if (r == 0 && !ev)
+    appshot_unnote_mq_notify(g_h, ino, me);
+  else if (r == 0 && ev->sigev_notify == SIGEV_SIGNAL)
+    appshot_note_mq_notify(g_h, ino, ev->sigev_signo,
+                           (uint64_t)(uintptr_t)ev->sigev_value.sival_ptr, me);
+  else if (r == 0)
+    appshot_unnote_mq_notify(g_h, ino, 0);
+  else if (had && !appshot_mq_notify_noted(g_h, ino, &s_, &v_, NULL))
+    appshot_note_mq_notify(g_h, ino, was_signo, was_value, me);
   errno = saved;
   return r;
 }

@@ -259,6 +259,12 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// A string field of the table file, which the application can fill to its
+// last byte: read up to its size, never past it for a NUL.
+static Napi::String FileString(Napi::Env env, const char* field, size_t size) {
+  return Napi::String::New(env, field, strnlen(field, size));
+}
+
 // readTables(path) -> { aid, initPid, repairs, tables: { kind: [entry] } }
 Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -270,7 +276,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   Napi::Object out = Napi::Object::New(env);
-  out.Set("aid", Napi::String::New(env, h->aid));
+  out.Set("aid", FileString(env, h->aid, sizeof h->aid));
   out.Set("initPid", Napi::Number::New(env, h->init_pid));
   out.Set("repairs", Napi::Number::New(env, h->repairs));
   Napi::Object tables = Napi::Object::New(env);
@@ -295,16 +301,18 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     copy.resize(capacity);
     const size_t want = capacity * sizeof(appshot_entry);
     size_t got = 0;
+    int readErr = 0;
     while (got < want) {
       ssize_t r = pread(fd, reinterpret_cast<char*>(copy.data()) + got, want - got, static_cast<off_t>(appshot_entries_offset(kind) + got));
       if (r < 0 && errno == EINTR) continue;
+      if (r < 0) readErr = errno;
       if (r <= 0) break;
       got += static_cast<size_t>(r);
     }
     if (got < want) {
-      // Truncated since it was mapped: no table file any more.
+      // Truncated since it was mapped (EPROTO: no table file any more).
       close(fd);
-      ThrowErrno(env, "reading tables " + path, EPROTO);
+      ThrowErrno(env, "reading tables " + path, readErr ? readErr : EPROTO);
       return env.Undefined();
     }
     for (uint32_t s = 0; s < capacity; s++) {
@@ -325,18 +333,18 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   out.Set("tables", tables);
   const appshot_instance& in = h->instance;
   Napi::Object inst = Napi::Object::New(env);
-  inst.Set("tablesPath", Napi::String::New(env, in.tables_path));
+  inst.Set("tablesPath", FileString(env, in.tables_path, sizeof in.tables_path));
   Napi::Array redirs = Napi::Array::New(env);
   for (uint32_t i = 0; i < in.redirs && i < APPSHOT_REDIRS; i++) {
     Napi::Object r = Napi::Object::New(env);
     r.Set("kind", in.redir[i].kind == APPSHOT_REDIR_COW ? "cow" : "path");
-    r.Set("from", in.redir[i].from);
-    r.Set("to", in.redir[i].to);
+    r.Set("from", FileString(env, in.redir[i].from, sizeof in.redir[i].from));
+    r.Set("to", FileString(env, in.redir[i].to, sizeof in.redir[i].to));
     redirs.Set(i, r);
   }
   inst.Set("redirs", redirs);
   Napi::Array envs = Napi::Array::New(env);
-  for (uint32_t i = 0; i < in.envs && i < APPSHOT_ENVS; i++) envs.Set(i, in.env[i]);
+  for (uint32_t i = 0; i < in.envs && i < APPSHOT_ENVS; i++) envs.Set(i, FileString(env, in.env[i], sizeof in.env[i]));
   inst.Set("env", envs);
   Napi::Object identity = Napi::Object::New(env);
   char id[33];
@@ -506,9 +514,16 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   }
   std::string kind = o.Get("kind").As<Napi::String>().Utf8Value();
   int32_t level = o.Get("level").As<Napi::Number>().Int32Value();
+  int32_t maker = o.Has("maker") && o.Get("maker").IsNumber() ? o.Get("maker").As<Napi::Number>().Int32Value() : 0;
   if (level == APPSHOT_NOTE_DNOTIFY) {
-    int32_t maker = o.Has("maker") && o.Get("maker").IsNumber() ? o.Get("maker").As<Napi::Number>().Int32Value() : 0;
     appshot_note_dnotify(t.get(), ino, o.Get("value").As<Napi::Number>().Int32Value(), maker);
+    return env.Undefined();
+  }
+  if (level == APPSHOT_NOTE_MQ_NOTIFY) {
+    // name: the value's low half, value: its high half, port: the signal.
+    uint64_t value = static_cast<uint32_t>(o.Get("name").As<Napi::Number>().Int32Value()) |
+                     static_cast<uint64_t>(static_cast<uint32_t>(o.Get("value").As<Napi::Number>().Int32Value())) << 32;
+    appshot_note_mq_notify(t.get(), ino, o.Get("port").As<Napi::Number>().Int32Value(), value, maker);
     return env.Undefined();
   }
   appshot_note_socket(t.get(), ino, o.Get("level").As<Napi::Number>().Int32Value(), o.Get("name").As<Napi::Number>().Int32Value(),

@@ -55,10 +55,19 @@ export const MAGIC = 'appshot-image';
  * them instead, by their version. 3: pages.img is vouched for by a SHA-256
  * per chunk (Part.chunkSha256), not one of the whole file, which an older
  * appshot would find missing. A manifest re-signed for parts whose page
- * file has no chunk table (a template of a format 2 image) stays 2. */
-export const FORMAT_VERSION = 3;
+ * file has no chunk table (a template of a format 2 image) stays 2. 4: a
+ * message queue registered for a signal (chunkedFormatOf). */
+export const FORMAT_VERSION = 4;
 /** Formats this appshot reads: every change since 1 only added fields. */
-export const READABLE_FORMATS: readonly number[] = [1, 2, 3];
+export const READABLE_FORMATS: readonly number[] = [1, 2, 3, 4];
+/** The format an image with chunk digests is written as: 4 where it holds
+ * a message queue registered for a signal (PosixQueue.notifySigno and
+ * notifyValue), which an older appshot would restore registered for
+ * nothing, without a word; 3 otherwise, which every appshot since format 3
+ * reads right. */
+export function chunkedFormatOf(image: Image): number {
+  return image.posixQueues?.some((q) => q.notifySigno) ? 4 : 3;
+}
 /** The first format whose page file is checked by chunks. */
 const CHUNKED_FORMAT = 3;
 export const PARTS = { manifest: 'manifest.pb', image: 'image.pb', pages: 'pages.img' } as const;
@@ -189,7 +198,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     const written = writtenIdentity(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image));
     syncDir(tmp);
     killPoint('image: committing');
     beforePlacing?.(tmp);
@@ -219,7 +228,7 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   let outputFailure: unknown;
   done.catch((e) => (outputFailure = e));
   try {
-    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart)));
+    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image));
     pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
     const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
     await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
@@ -644,13 +653,16 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
 }
 
 /** The manifest of an image whose parts are as given, signed with this
- * node's key, encoded: format 3, the page file vouched for by its chunk
- * table, if its digest has one; else format 2, by its whole SHA-256. */
-export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>): Buffer {
+ * node's key, encoded: format 3 or 4 (chunkedFormatOf), the page file
+ * vouched for by its chunk table, if its digest has one; else format 2, by
+ * its whole SHA-256. */
+export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image): Buffer {
   const chunked = digests.get(PARTS.pages)?.chunks !== undefined;
   return encodeSignedManifestOf({
     magic: MAGIC,
-    formatVersion: chunked ? FORMAT_VERSION : 2,
+    // Not knowing what the image holds (its bytes written as they are):
+    // the newest format, which no older appshot reads wrong.
+    formatVersion: chunked ? (image ? chunkedFormatOf(image) : FORMAT_VERSION) : 2,
     imageId,
     parts: LISTED_PARTS.map((name) => {
       const d = digests.get(name)!;

@@ -150,7 +150,8 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
       if (!notifyVpid) throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by system process ${notifyPid}, outside the application, which cannot be captured`);
       if (notify === SIGEV_SIGNAL) {
         const registered = `${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} with signal ${signo} (SIGEV_SIGNAL)`;
-        notifyValue = signalValue(notes, st.ino, signo, registered);
+        if (signo === 0) throw new Unsupported(`${registered.replace(' with signal 0 (SIGEV_SIGNAL)', ' with signal 0 (SIGEV_SIGNAL: a registration that sends nothing)')}, which cannot be captured`);
+        notifyValue = signalValue(notes, st.ino, signo, notifyVpid, registered);
         notifySigno = signo;
       } else if (notify !== SIGEV_NONE)
         throw new Unsupported(`${where}: ${named} is registered for notification (mq_notify) by process ${notifyVpid} with a thread (SIGEV_THREAD), whose sigev_value the kernel does not show, which cannot be captured yet`);
@@ -190,7 +191,7 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
  * queue `ino`, as the preload library noted it (preload_ipc.c mq_notify).
  * Without a note, or with one of another signal (registered again where
  * the preload library did not see), it is not known: refused by name. */
-function signalValue(seen: Notes | undefined, ino: bigint, signo: number, registered: string): bigint {
+function signalValue(seen: Notes | undefined, ino: bigint, signo: number, owner: number, registered: string): bigint {
   const note = seen?.notes.find((n) => n.level === NOTE_MQ_NOTIFY && n.ino === ino);
   if (!note) {
     const lost = seen?.lost && (seen.lostSeen === undefined || addon().socketNoteLost(seen.lostSeen, ino, 0, 'tcp'));
@@ -202,9 +203,9 @@ function signalValue(seen: Notes | undefined, ino: bigint, signo: number, regist
       }, which cannot be captured`,
     );
   }
-  if (note.port !== signo)
+  if (note.port !== signo || note.maker !== owner)
     throw new Unsupported(
-      `${registered}, but the preload library noted a registration with signal ${note.port}: it was registered again where the preload library did not see (a raw mq_notify system call), so its sigev_value is not known, which cannot be captured`,
+      `${registered}, but the preload library noted a registration ${note.port !== signo ? `with signal ${note.port}` : `by process ${note.maker}`}: it was registered again where the preload library did not see (a raw mq_notify system call), so its sigev_value is not known, which cannot be captured`,
     );
   return BigInt.asUintN(64, (BigInt(note.value >>> 0) << 32n) | BigInt(note.name >>> 0));
 }
@@ -300,7 +301,7 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
     const [signo, value] = [q.notifySigno, q.notifyValue ?? 0n];
     h.once(`mqueue note ${i}`, () =>
       h.whenProcessesAreFinal(() =>
-        addon().noteSocket(h.tablesPath, { ino, level: NOTE_MQ_NOTIFY, name: Number(BigInt.asIntN(32, value)), value: Number(BigInt.asIntN(32, value >> 32n)), port: signo, kind: '' }),
+        addon().noteSocket(h.tablesPath, { ino, level: NOTE_MQ_NOTIFY, name: Number(BigInt.asIntN(32, value)), value: Number(BigInt.asIntN(32, value >> 32n)), port: signo, kind: '', maker: p.vpid }),
       ),
     );
   }

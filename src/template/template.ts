@@ -155,7 +155,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     try {
       linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
       linkOrCopyChecked(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages), loaded.pagesFd!);
-      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests), { mode: 0o600 });
+      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests, loaded.image), { mode: 0o600 });
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
