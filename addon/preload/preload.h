@@ -300,7 +300,7 @@ static inline void ensure_init(void) {
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
-  X(epoll_wait) X(epoll_pwait) X(mq_notify)
+  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise)
 
 /* glibc's compatibility versions that the library's own compatibility
  * versions (COMPAT_VERSION) hand on to, where theirs differ from the

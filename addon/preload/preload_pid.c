@@ -598,6 +598,47 @@ API int tgkill(pid_t tgid, pid_t tid, int sig) {
   return (int)do_tgkill(SYS_tgkill, tgid, tid, sig);
 }
 
+/* pthread_kill, pthread_sigqueue and raise send to a thread by its system
+ * TID, which glibc reads from the thread's descriptor (or asks gettid for)
+ * and holds in a register up to its own tgkill or rt_tgsigqueueinfo,
+ * which no wrapper of ours sees: a snapshot that stopped the thread in
+ * between had it resume on the new node sending to the old TID (ESRCH
+ * from pthread_sigqueue in rtorder, once in a fresh-clone run; another
+ * process's thread, had the number been taken). Inside an id window, a
+ * snapshot lets the thread run on until the call has returned
+ * (src/ptrace/windows.ts): the descriptor holds the new TID from then on.
+ * Not for a stop signal: a program stopping itself (raise(SIGTSTP) in its
+ * SIGTSTP handler, as shells' children do) stops as the call returns, and
+ * a thread stopped by job control inside a window cannot be let run on:
+ * the snapshot would be refused. Once stopped there, its call is done. */
+static int stops(int sig) {
+  return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+API int pthread_kill(pthread_t thread, int sig) {
+  ensure_init();
+  int (*real)(pthread_t, int) = REAL(pthread_kill);
+  if (!real) return ENOSYS;
+  ID_WINDOW_IF(!stops(sig));
+  return real(thread, sig);
+}
+
+API int pthread_sigqueue(pthread_t thread, int sig, const union sigval value) {
+  ensure_init();
+  int (*real)(pthread_t, int, const union sigval) = REAL(pthread_sigqueue);
+  if (!real) return ENOSYS;
+  ID_WINDOW_IF(!stops(sig));
+  return real(thread, sig, value);
+}
+
+API int raise(int sig) {
+  ensure_init();
+  int (*real)(int) = REAL(raise);
+  if (!real) return (int)fail(ENOSYS);
+  ID_WINDOW_IF(!stops(sig));
+  return real(sig);
+}
+
 API int sigqueue(pid_t pid, int sig, const union sigval val) {
   ID_WINDOW();
   ensure_init();
