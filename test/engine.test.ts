@@ -73,7 +73,10 @@ async function checksPass(aid: string, n = 5): Promise<void> {
 async function startApp(aid: string): Promise<void> {
   const r = inProcess(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']);
   expect(r.code, r.stderr).toBe(0);
-  await waitFor(() => lastCheck(aid) >= 3, 10_000, `${aid} to start`);
+  // A limit for a hang: in-process commands and the fixture's set-up
+  // (a child, pipes, SysV objects, 4 MiB touched) took over 10 s once on
+  // a machine loaded by other test files.
+  await waitFor(() => lastCheck(aid) >= 3, 30_000, `${aid} to start`);
 }
 
 afterAll(async () => {
@@ -415,7 +418,7 @@ describe('the resident engine', () => {
     copyFileSync(fixture('snapfix'), exe);
     const r = inProcess(['run', '-d', '--aid', 'lib', '--', exe, '-1', '4']);
     expect(r.code, r.stderr).toBe(0);
-    await waitFor(() => lastCheck('lib') >= 3, 10_000, 'lib to start');
+    await waitFor(() => lastCheck('lib') >= 3, 30_000, 'lib to start');
     expect(inProcess(['snapshot', 'lib', '-o', 'lib.appshot']).code).toBe(0);
     const before = await served();
     const first = run(['restore', 'lib.appshot']);
