@@ -24,7 +24,9 @@ ${body}`;
     const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000 });
     return { stdout: r.stdout, signal: r.signal, status: r.status };
   } finally {
-    rmSync(p, { force: true });
+    // And what a body made beside it (a writer's script, its stop file),
+    // whatever became of the body.
+    for (const f of [p, `${p}.writer.js`, `${p}.stop`]) rmSync(f, { force: true });
   }
 }
 
