@@ -38,7 +38,9 @@
  * queue's inode, APPSHOT_NOTE_MQ_NOTIFY in appshot_table.h), which is
  * noted again for the queue made at restore. A signal registration
  * without that note (made by a raw system call, or the notes full), or
- * whose note is of another signal, is refused by name. (One case is not
+ * whose note is of another signal or another process (the note carries
+ * the registering process, as the kernel's registration is its owner's),
+ * is refused by name. (One case is not
  * seen: a registration the kernel ended by notifying, made again by a raw
  * system call with the same signal, would be carried with the earlier
  * call's value.) A thread registration is refused by name, and so is a
@@ -187,10 +189,11 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
   }
 }
 
-/** The sigev_value of the SIGEV_SIGNAL registration (signal `signo`) of
- * queue `ino`, as the preload library noted it (preload_ipc.c mq_notify).
- * Without a note, or with one of another signal (registered again where
- * the preload library did not see), it is not known: refused by name. */
+/** The sigev_value of the SIGEV_SIGNAL registration (signal `signo`, by
+ * process `owner`) of queue `ino`, as the preload library noted it
+ * (preload_ipc.c mq_notify). Without a note, or with one of another signal
+ * or process (registered again where the preload library did not see), it
+ * is not known: refused by name. */
 function signalValue(seen: Notes | undefined, ino: bigint, signo: number, owner: number, registered: string): bigint {
   const note = seen?.notes.find((n) => n.level === NOTE_MQ_NOTIFY && n.ino === ino);
   if (!note) {
