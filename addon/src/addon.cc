@@ -32,6 +32,7 @@
 
 extern "C" {
 #include "appshot_table.h"
+#include "pages.h"
 }
 
 namespace appshot {
@@ -299,20 +300,10 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     uint32_t n = 0;
     const uint32_t capacity = appshot_capacity(kind);
     copy.resize(capacity);
-    const size_t want = capacity * sizeof(appshot_entry);
-    size_t got = 0;
-    int readErr = 0;
-    while (got < want) {
-      ssize_t r = pread(fd, reinterpret_cast<char*>(copy.data()) + got, want - got, static_cast<off_t>(appshot_entries_offset(kind) + got));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) readErr = errno;
-      if (r <= 0) break;
-      got += static_cast<size_t>(r);
-    }
-    if (got < want) {
+    if (int rc = pages_pread_whole(fd, appshot_entries_offset(kind), copy.data(), capacity * sizeof(appshot_entry))) {
       // Truncated since it was mapped (EPROTO: no table file any more).
       close(fd);
-      ThrowErrno(env, "reading tables " + path, readErr ? readErr : EPROTO);
+      ThrowErrno(env, "reading tables " + path, rc == -ENODATA ? EPROTO : -rc);
       return env.Undefined();
     }
     for (uint32_t s = 0; s < capacity; s++) {

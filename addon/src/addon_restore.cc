@@ -684,17 +684,11 @@ Napi::Value WritePageRuns(const Napi::CallbackInfo& info) {
     char* from;
     if (readThem) {
       from = g_read_buffer.data() + used;
-      for (uint64_t got = 0; got < l;) {
-        ssize_t r = pread(f.fd, from + got, l - got, static_cast<off_t>(o + got));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) {
-          // Shorter than its size said (truncated meanwhile): as beyond the end.
-          int e = r < 0 ? errno : EINVAL;
-          unmapAll();
-          ThrowErrno(env, r < 0 ? "reading a page file" : "page data beyond the end of its page file", e);
-          return env.Undefined();
-        }
-        got += static_cast<uint64_t>(r);
+      if (int rc = pages_pread_whole(f.fd, o, from, l)) {
+        // Shorter than its size said (truncated meanwhile): as beyond the end.
+        unmapAll();
+        ThrowErrno(env, rc == -ENODATA ? "page data beyond the end of its page file" : "reading a page file", rc == -ENODATA ? EINVAL : -rc);
+        return env.Undefined();
       }
       used += l;
     } else {

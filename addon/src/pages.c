@@ -728,6 +728,17 @@ static int push_pair(uint32_t** arr, size_t* n, size_t* cap, uint32_t first, uin
   return 0;
 }
 
+int pages_pread_whole(int fd, uint64_t off, void* dst, size_t len) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = pread(fd, (uint8_t*)dst + done, len - done, (off_t)(off + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return r < 0 ? -errno : -ENODATA;
+    done += (size_t)r;
+  }
+  return 0;
+}
+
 /* Reads `len` bytes at `addr` of `pid` into `dst`, through /proc/PID/mem:
  * never process_vm_readv, which pins the pages it reads (FOLL_PIN), and
  * the kernel (5.19 on) gives a process its own copy of every shared
@@ -736,13 +747,8 @@ static int push_pair(uint32_t** arr, size_t* n, size_t* cap, uint32_t first, uin
  * plain references, which leave the sharing alone, and reads mappings the
  * process itself cannot (PROT_NONE) as well. */
 static int read_mem(int fd, uint64_t addr, void* dst, size_t len) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t r = pread(fd, (uint8_t*)dst + done, len - done, (off_t)(addr + done));
-    if (r <= 0) return r < 0 ? -errno : -EIO;
-    done += (size_t)r;
-  }
-  return 0;
+  int rc = pages_pread_whole(fd, addr, dst, len);
+  return rc == -ENODATA ? -EIO : rc;
 }
 
 static int open_mem(pid_t pid) {

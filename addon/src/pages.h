@@ -133,6 +133,9 @@ uint32_t pages_crc32c(uint32_t crc, const void* data, size_t len);
 /* CRC-32C and size of what is left to read of `fd`, read through one of
  * the buffers this process keeps warm (pages.c); 0 or -errno. */
 int pages_crc32c_fd(int fd, uint32_t* crc, uint64_t* size);
+/* Reads `len` bytes at offset `off` of `fd` into `dst`, pread after pread
+ * (EINTR retried): 0, -ENODATA if the file ends first, or -errno. */
+int pages_pread_whole(int fd, uint64_t off, void* dst, size_t len);
 /* Unmaps the buffers kept warm (pages.c) that lay unused for at least
  * `unused_seconds`; how many. */
 int pages_release_kept(int unused_seconds);
