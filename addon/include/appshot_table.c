@@ -78,8 +78,11 @@ static inline void set_entry_pair(struct appshot_entry *e, uint64_t p) { STORE(&
 static inline uint32_t kind_of(const struct appshot_header *h, const struct appshot_table *t) {
   return (uint32_t)(t - h->tables);
 }
+static inline uint32_t capacity_of(enum appshot_kind kind) {
+  return kind == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
+}
 static inline uint32_t cap_of(const struct appshot_header *h, const struct appshot_table *t) {
-  return kind_of(h, t) == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
+  return capacity_of((enum appshot_kind)kind_of(h, t));
 }
 /* Cells in each hash index: twice the capacity (a power of two). */
 static inline uint32_t cells_of(const struct appshot_header *h, const struct appshot_table *t) {
@@ -118,21 +121,13 @@ static inline uint32_t *sindex_of(const struct appshot_header *h,
 
 /* --- Layout -------------------------------------------------------------- */
 
-static uint32_t capacity_of(enum appshot_kind kind) {
-  return kind == APPSHOT_PID ? APPSHOT_PID_CAPACITY : APPSHOT_IPC_CAPACITY;
-}
-
 uint32_t appshot_capacity(enum appshot_kind kind) { return capacity_of(kind); }
 uint64_t appshot_entries_offset(enum appshot_kind kind) { return entries_offset(kind); }
 
-/* Where struct appshot_waits starts: after the last table's arrays. */
+/* Where struct appshot_waits starts: after the last table's arrays (where
+ * a table after the last would start). */
 static uint64_t waits_offset(void) {
-  uint64_t off = (sizeof(struct appshot_header) + 63) & ~63ull;
-  for (int k = 0; k < APPSHOT_KINDS; k++) {
-    uint64_t cap = capacity_of((enum appshot_kind)k);
-    off += cap * sizeof(struct appshot_entry) + 4 * (2 * cap) * sizeof(uint32_t);
-  }
-  return (off + 63) & ~63ull;
+  return (entries_offset(APPSHOT_KINDS) + 63) & ~63ull;
 }
 
 static uint64_t layout(struct appshot_header *h) {
@@ -352,17 +347,6 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
   if (flags) *flags = LOAD(&e->flags);
   if (owner) *owner = LOAD(&e->owner);
   return 1;
-}
-
-uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind kind,
-                            uint32_t slot) {
-  const struct appshot_table *t = &h->tables[kind];
-  const struct appshot_entry *e = entries_of(h, t);
-  uint32_t capacity = cap_of(h, t);
-  /* A free entry's word is all zeros (entry_pair); what a used one holds
-   * is read again, ordered, by appshot_entry_at. */
-  while (slot < capacity && __atomic_load_n(&e[slot].stored, __ATOMIC_RELAXED) == 0) slot++;
-  return slot < capacity ? slot : capacity;
 }
 
 /* glibc's mutex word: 0 while nobody holds it; a holder's TID (with the

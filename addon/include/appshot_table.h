@@ -436,13 +436,6 @@ int appshot_s2v(const struct appshot_header *h, enum appshot_kind kind,
 int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
                      uint32_t slot, int32_t *vid, int32_t *sid,
                      uint32_t *flags, int32_t *owner);
-/* The first slot at or after `slot` that holds an entry, or the table's
- * capacity if none does. A reader of every entry (readTables) skips the
- * free ones with it: trying each slot with appshot_entry_at cost ~9 ns a
- * slot, 0.2 ms for the 22,528 slots of a mostly empty file, read in every
- * snapshot's frozen window. */
-uint32_t appshot_next_entry(const struct appshot_header *h, enum appshot_kind kind,
-                            uint32_t slot);
 /* The number of entries of `kind`'s table, from the layout: what a reader
  * outside the application walks to, never the file's own `capacity`
  * field, which the application can overwrite. */
