@@ -291,25 +291,26 @@ describe('POSIX message queues: a SIGEV_SIGNAL registration with its sigev_value
     await stopped('mqs7');
   });
 
+  /** Started in `mode`, snapshotted (which ends it) and restored: its
+   * checks pass, it takes its notification, it is stopped. */
+  async function endsAndComesBack(aid: string, mode: string): Promise<void> {
+    await started(aid, ['-', mode]);
+    sb.ok(['snapshot', aid, '-o', join(out, aid)]);
+    sb.ok(['restore', join(out, aid)]);
+    await sb.checksPass(aid);
+    await sb.exercised(aid, 'to take its notification');
+    await stopped(aid);
+  }
+
   it("another process's mq_notify(NULL), which ends no registration of its own, leaves the owner's note: snapshot → restore delivers", async () => {
-    await started('mqs8', ['-', '--notify-foreign-null']);
-    sb.ok(['snapshot', 'mqs8', '-o', join(out, 'mqs8')]);
+    await endsAndComesBack('mqs8', '--notify-foreign-null');
     // Format 4: an appshot of format 3 would restore the registration as
     // one for nothing (it ignores the signal fields), and refuses it.
     expect(sb.run(['inspect', join(out, 'mqs8')]).stdout).toMatch(/\(format 4\)/);
-    sb.ok(['restore', join(out, 'mqs8')]);
-    await sb.checksPass('mqs8');
-    await sb.exercised('mqs8', 'to take its notification');
-    await stopped('mqs8');
   });
 
   it('snapshot (ends it) → restore: the notification delivered; clones of a template each get their own', async () => {
-    await started('mqs5', ['-', '--notify-signal']);
-    sb.ok(['snapshot', 'mqs5', '-o', join(out, 'mqs5')]);
-    sb.ok(['restore', join(out, 'mqs5')]);
-    await sb.checksPass('mqs5');
-    await sb.exercised('mqs5', 'to take its notification');
-    await stopped('mqs5');
+    await endsAndComesBack('mqs5', '--notify-signal');
 
     sb.ok(['template', 'create', join(out, 'mqs5'), '-o', join(out, 'mqs5.template')]);
     sb.ok(['clone', join(out, 'mqs5.template'), '--aid', 'mqsc', '--count', '2']);

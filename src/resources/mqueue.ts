@@ -79,7 +79,7 @@ import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PosixQueue, type Process } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
-import { heldQueue, NOTE_MQ_NOTIFY, type Notes } from './sockopts.js';
+import { NOTE_MQ_NOTIFY, type Notes } from './sockopts.js';
 
 /** statfs's f_type of the mqueue file system (linux/magic.h). */
 const MQUEUE_MAGIC = 0x19800202;
@@ -119,6 +119,13 @@ export function isMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: stri
   return mqueue;
 }
 
+/** The inodes of the queues this snapshot read, each held by a process of
+ * the application: their notes stay in the tables (sockopts.ts
+ * forgetClosed), as the directories' of dnotify watches do. */
+export function heldQueueInos(ctx: DumpContext): bigint[] {
+  return [...seenBy(ctx).queues.keys()].map((key) => BigInt(key.slice(key.indexOf(':') + 1)));
+}
+
 /** The queue that descriptor `procPath` (/proc/PID/fd/N, whose link reads
  * `target`) is of: its index in image.posixQueues, read once. */
 export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: string, target: string, where: string): number {
@@ -143,7 +150,6 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
     if (![notify, signo, notifyPid].every(Number.isInteger)) throw new Error(`${where}: ${named} reads "${status.trim()}", not what this kernel usually shows`);
     const attrs = addon().mqAttributes(own);
     const notes = ctx.tables.sockets;
-    if (notes) heldQueue(notes, st.ino); // its note, if any, is kept (sockopts.ts forgetClosed)
     let notifyVpid = 0;
     let notifySigno = 0;
     let notifyValue = 0n;

@@ -37,6 +37,7 @@ import { dumpUdp, type SeenUdp } from './udp.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
+import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
 import type { TablesSnapshot } from '../native.js';
 
@@ -313,7 +314,7 @@ export function forgetClosedSockets(ctx: DumpContext): void {
       return [{ ino: s.ino, kind: s.type === SOCK_DGRAM ? 'udp' : 'listen', port: s.port, reuseport: !!s.reuseport }];
     }),
   );
-  forgetClosed(ctx.tablesPath, ctx.tables.sockets ?? NOTHING_NOTED, held, dnotifyInos(ctx.image));
+  forgetClosed(ctx.tablesPath, ctx.tables.sockets ?? NOTHING_NOTED, held, dnotifyInos(ctx.image), heldQueueInos(ctx));
 }
 
 /** Before anything is made: every socket the image says a keeper held is

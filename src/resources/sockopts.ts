@@ -736,18 +736,6 @@ export interface HeldSocket {
   reuseport: boolean;
 }
 
-/** The inodes of the message queues a snapshot found held, by the notes
- * it read (heldQueue): their notes are kept by forgetClosed. */
-const queuesHeld = new WeakMap<Notes, Set<bigint>>();
-
-/** Message queue `ino` is held by a process of the application whose
- * snapshot read `seen`: forgetClosed keeps its note. */
-export function heldQueue(seen: Notes, ino: bigint): void {
-  let held = queuesHeld.get(seen);
-  if (!held) queuesHeld.set(seen, (held = new Set()));
-  held.add(ino);
-}
-
 /** Once every process of the application is seen, all stopped: notes of
  * sockets none of them holds any more go, so that the room in the tables
  * is not used up by sockets long closed (nor by directories no longer
@@ -756,14 +744,14 @@ export function heldQueue(seen: Notes, ino: bigint): void {
  * (nor a reuseport group it is in), so that a full table once is not a
  * reuseport socket refused for good. (The application is stopped: nothing
  * notes meanwhile.) */
-export function forgetClosed(tablesPath: string, seen: Notes, held: readonly HeldSocket[], watchedDirs: readonly bigint[] = []): void {
+export function forgetClosed(tablesPath: string, seen: Notes, held: readonly HeldSocket[], watchedDirs: readonly bigint[] = [], heldQueues: readonly bigint[] = []): void {
   // The notes of directories' dnotify watches the image carries stay too
   // (fdowner.ts), keyed by the directory's inode.
   const inImage = new Set([...held.map((h) => h.ino), ...watchedDirs]);
   // Those of message queues held (mqueue.ts) stay too; a queue's note is
   // weighed by the queues alone, so a socket of the same number does not
   // keep it.
-  const queues = queuesHeld.get(seen) ?? new Set<bigint>();
+  const queues = new Set(heldQueues);
   const closed = seen.notes.filter((n) => (n.level === NOTE_MQ_NOTIFY ? !queues.has(n.ino) : !inImage.has(n.ino)));
   if (closed.length) addon().forgetSocketNotes(tablesPath, closed.map((n) => n.ino));
   if (!seen.lost || !seen.lostSeen) return;
