@@ -151,6 +151,26 @@ console.log(a.mapSystem(p, 'pid', 205) > 0, JSON.stringify(a.readTables(p).table
     expect(r.stdout).toBe('true [202,203,204,205] [50]\n');
   });
 
+  it('gives up on a lock the application holds for ever, in one clear error, and takes it again once free', () => {
+    // The lock lives in the file, which the application can write: a lock
+    // word naming a thread that never lets go hung the engine (a snapshot
+    // maps the threads it finds under this lock, with the application
+    // frozen) and appshot-init for ever.
+    const r = withTables(`const word = Buffer.alloc(4);
+word.writeInt32LE(1);
+const fd = fs.openSync(p, 'r+');
+fs.writeSync(fd, word, 0, 4, a.tablesLockOffset);
+let err = '';
+try { a.mapSystem(p, 'pid', 4242); } catch (e) { err = e.code + ' ' + e.message; }
+console.log(err);
+fs.writeSync(fd, Buffer.alloc(4), 0, 4, a.tablesLockOffset);
+console.log(a.mapSystem(p, 'pid', 4242) > 0, a.readTables(p).tables.pid.map((e) => e.system).join());`);
+    expect(r.signal).toBeNull();
+    const [err, after] = r.stdout.split('\n');
+    expect(err).toMatch(/^ETIMEDOUT mapping 4242: the table file \/dev\/shm\/\S+ stayed locked for 2 s by a thread that does not let go/);
+    expect(after).toBe('true 4242');
+  });
+
   it('reads the new file when the path is another file now (same AID, new tables)', () => {
     const r = withTables(`console.log(a.readTables(p).aid);
 fs.unlinkSync(p);

@@ -412,11 +412,29 @@ static void rebuild(struct appshot_header *h, struct appshot_table *t) {
   STORE(&t->flips, t->flips + 1u);
 }
 
+/* How long appshot_lock waits for the lock, in ms; 0: for ever. */
+static unsigned lock_patience_ms;
+
+void appshot_set_lock_patience(unsigned ms) { lock_patience_ms = ms; }
+
 int appshot_lock(struct appshot_header *h, sigset_t *saved) {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, saved);
-  int rc = pthread_mutex_lock(&h->lock);
+  int rc;
+  if (lock_patience_ms) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += lock_patience_ms / 1000;
+    until.tv_nsec += (long)(lock_patience_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+      until.tv_sec++;
+      until.tv_nsec -= 1000000000L;
+    }
+    rc = pthread_mutex_clocklock(&h->lock, CLOCK_MONOTONIC, &until);
+  } else {
+    rc = pthread_mutex_lock(&h->lock);
+  }
   if (rc == EOWNERDEAD) {
     /* A writer died inside its critical section. The entry arrays are
      * written before the indexes, so they are the truth: rebuild every
@@ -427,7 +445,8 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved) {
     rc = 0;
   }
   if (rc != 0) {
-    /* ENOTRECOVERABLE or EDEADLK: not ours to write under. */
+    /* ENOTRECOVERABLE or EDEADLK: not ours to write under; ETIMEDOUT: held
+     * past the patience (appshot_set_lock_patience). */
     pthread_sigmask(SIG_SETMASK, saved, NULL);
     errno = rc;
     return -1;

@@ -519,8 +519,18 @@ void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
  * (semget of a key the application has not used yet). Signals stay blocked
  * from lock to unlock; `saved` receives the old mask. The _locked variants
  * of the writers are for use between these two calls. Returns 0, or -1 with
- * errno (ENOTRECOVERABLE) and nothing held. */
+ * errno (ENOTRECOVERABLE, EDEADLK, ETIMEDOUT) and nothing held. */
 int appshot_lock(struct appshot_header *h, sigset_t *saved);
+/* How long appshot_lock (and every writer that takes the lock) waits before
+ * giving up with ETIMEDOUT, in ms; 0, the default, waits for ever. The
+ * preload library keeps the default: the lock is its own application's, and
+ * its holder (a thread of that application) lets go within microseconds.
+ * The engine, the CLI and appshot-init set a limit: the file is the
+ * application's to write, and a lock word it wrote itself (a thread id that
+ * never lets go) must not hang them, least of all in a snapshot's frozen
+ * window. A holder stopped by a snapshot is let run on until it lets go
+ * (src/ptrace/freezer.ts), so an honest application never meets the limit. */
+void appshot_set_lock_patience(unsigned ms);
 void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
 int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);

@@ -1003,6 +1003,9 @@ int main(int argc, char **argv) {
   trusted_created = registered_created();
   if (trusted_created < 0) trusted_created = appshot_ipc_clock();
   if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) die("PR_SET_CHILD_SUBREAPER");
+  /* The file is the application's to write: a lock word it wrote must not
+   * hang its supervisor, which must still reap, forward and clean up. */
+  appshot_set_lock_patience(2000);
   tables->init_pid = getpid();
   if (appshot_bind(tables, APPSHOT_PID, 1, getpid(), APPSHOT_F_INIT, 0) != 0)
     die("binding virtual PID 1");

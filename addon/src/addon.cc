@@ -523,6 +523,21 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// How long the engine and the CLI wait for an application's table lock
+// (appshot_set_lock_patience): its holder lets go within microseconds, or
+// is a thread a snapshot stopped, which the freezer lets run on until it
+// has; only a lock word the application wrote itself waits this long.
+constexpr unsigned kTableLockPatienceMs = 2000;
+
+// A table writer's failure: ETIMEDOUT said as what it is.
+void ThrowTableWrite(const Napi::Env& env, const std::string& what, const std::string& path, int err) {
+  if (err != ETIMEDOUT) return ThrowErrno(env, what, err);
+  ThrowErrno(env, what + ": the table file " + path + " stayed locked for " +
+                      std::to_string(kTableLockPatienceMs / 1000) +
+                      " s by a thread that does not let go (its lock word written by the application?)",
+             err);
+}
+
 // bind(path, kind, virtual, system, flags?, owner?)
 Napi::Value Bind(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -534,7 +549,8 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
   uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
   int32_t owner = info.Length() > 5 ? info[5].As<Napi::Number>().Int32Value() : 0;
   if (appshot_bind(t->get(), kind, vid, sid, flags, owner) != 0)
-    ThrowErrno(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid), errno);
+    ThrowTableWrite(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid),
+                    info[0].As<Napi::String>().Utf8Value(), errno);
   return env.Undefined();
 }
 
@@ -550,7 +566,7 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   int32_t owner = info.Length() > 4 ? info[4].As<Napi::Number>().Int32Value() : 0;
   int32_t vid = appshot_map_system(t->get(), kind, sid, flags, owner);
   if (vid < 0) {
-    ThrowErrno(env, "mapping " + std::to_string(sid), errno);
+    ThrowTableWrite(env, "mapping " + std::to_string(sid), info[0].As<Napi::String>().Utf8Value(), errno);
     return env.Undefined();
   }
   return Napi::Number::New(env, vid);
@@ -773,6 +789,7 @@ Napi::Value TrimMemory(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  appshot_set_lock_patience(kTableLockPatienceMs);
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
   exports.Set("ipcClock", Napi::Function::New(env, IpcClock));
