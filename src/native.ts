@@ -302,7 +302,8 @@ interface Addon {
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
-  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }[];
+  /** vfsIno/vfsDev: a named socket's file (st_ino, st_dev), wherever it is now. */
+  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number; vfsIno?: number; vfsDev?: number }[];
   /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
   tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
   peekSocket(fd: number, max: number): Buffer;

@@ -760,6 +760,23 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 908, kind: 5, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('serve:6379'), address: '127.0.0.1 ' } });
       i.processes[0].fds.push(fd);
     }, "fd 908 is a TCP listener of family 2 at '127\\.0\\.0\\.1 ', not an IPv4"],
+    // A listener's file is moved within its directory: a name with a
+    // slash or .. would move (and chmod) it anywhere the restorer may.
+    ...(
+      [
+        ['a unix listener whose file went to another directory', { renamed: '../../etc/x', removed: false, mode: 0o600, uid: 0, gid: 0 }, '"\\.\\./\\.\\./etc/x"'],
+        ['a unix listener whose file went to ..', { renamed: '..', removed: false, mode: 0o600, uid: 0, gid: 0 }, '"\\.\\."'],
+        ['a unix listener whose file has a mode beyond 07777', { renamed: '', removed: false, mode: 0o170777, uid: 0, gid: 0 }, '"" .*mode 61951'],
+      ] as const
+    ).map(([what, file, named]): [string, (i: Image) => void, string] => [
+      what,
+      (i) => {
+        const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+        Object.assign(fd, { fd: 909, kind: 4, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('x'), inherited: undefined, family: 1, address: '/tmp/appshot-hostile.sock', port: 0, file } });
+        i.processes[0].fds.push(fd);
+      },
+      `fd 909 has a socket file record that is not of a unix listener bound to a path, or names ${named}`,
+    ]),
     ...mqueueCases(),
     ...aioCases(),
     ...dnotifyCases(),

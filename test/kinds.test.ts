@@ -185,6 +185,32 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
   roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
 });
 
+describe('unix listeners whose files were renamed into place, given a mode, or unlinked after the bind', () => {
+  const dir = mkdtempSync(join(out, 'sockfiles-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('come back with the names they were bound to, the file where it went with its mode, and no file where there was none', async () => {
+    // Before, the restore bound each name again: a file at the temporary
+    // name, a stale one at the name clients use, one where the
+    // application had removed it, and the mode of appshot's umask.
+    await comesBackFromEndingSnapshot('sfil1', [fixture('sockfiles'), dir]);
+    await run(['stop', 'sfil1']);
+    await waitFor(() => !sb.aids().includes('sfil1'), 10_000, 'sfil1 to stop');
+  });
+
+  it('are refused by name where a live socket listens at the name the file went to, and nothing is left', async () => {
+    const here = mkdtempSync(join(dir, 'live-'));
+    await start('sfil2', [fixture('sockfiles'), here]);
+    await checksPass('sfil2');
+    await run(['snapshot', 'sfil2', '-o', join(out, 'sfil2'), '--leave-running']);
+    const r = await attempt(['restore', join(out, 'sfil2'), '--aid', 'sfil3']);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/served\.sock: a live socket listens there/);
+    expect(readdirSync(here)).toEqual(['served.sock']);
+    await checksPass('sfil2');
+  });
+});
+
 describe('POSIX timers: ids, clocks, targets, intervals and time left', () => {
   // Five CHECK lines: the fifth after a restore is the first whose look
   // back (both periodic timers fired within the last four rounds) sees

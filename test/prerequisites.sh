@@ -20,6 +20,7 @@ declare -A needs=(
   [/usr/bin/redis-cli]=redis-tools
   [/usr/sbin/nginx]=nginx-light
   [/usr/bin/memcached]=memcached
+  [/usr/sbin/haproxy]=haproxy
   [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
   [/usr/bin/psql]=postgresql-client-15
   [/usr/bin/etcd]=etcd-server

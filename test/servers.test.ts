@@ -1,6 +1,7 @@
 /**
  * Debian's servers in their ordinary configurations, which run as several
- * users: nginx (master as root, workers as nobody), memcached -u nobody and
+ * users: nginx (master as root, workers as nobody), memcached -u nobody,
+ * haproxy (a chrooted worker as haproxy, unix sockets renamed into place) and
  * PostgreSQL 15 started as the packaging starts it (runuser from root) or by
  * its own user. Each goes through snapshot and restore (and nginx and
  * memcached through templates and clones) and must come back serving, with
@@ -19,6 +20,8 @@ import { cli, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 
 const NGINX = '/usr/sbin/nginx';
 const MEMCACHED = '/usr/bin/memcached';
+const HAPROXY = '/usr/sbin/haproxy';
+const HAPROXY_CFG = '/etc/haproxy/haproxy.cfg';
 const PG_BIN = '/usr/lib/postgresql/15/bin';
 const PSQL = '/usr/bin/psql';
 const NOBODY = 65534;
@@ -176,9 +179,9 @@ http {
 }
 
 describe('servers that run as several users', () => {
-  it('are installed (the CI installs Debian\'s nginx-light, memcached and postgresql-15)', () => {
-    for (const bin of [NGINX, MEMCACHED, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
-      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached postgresql-15)`).toBe(true);
+  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy and postgresql-15)', () => {
+    for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
+      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postgresql-15)`).toBe(true);
   });
 
   it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {
@@ -266,7 +269,72 @@ describe('servers that run as several users', () => {
       run(['stop', c.aid, '-s', 'KILL']);
     }
   });
+
+  it.runIf(isRoot)('haproxy in Debian\'s configuration (chroot, a worker as haproxy, stats and master sockets): a keep-alive client and both sockets carry on', async () => {
+    // The packaged global section as it is but for the stats socket's
+    // directory. The master binds each unix socket to NAME.PID.tmp, gives
+    // it its mode and renames it to NAME; the worker then chroots to
+    // /var/lib/haproxy. A restore that bound the kept name left clients a
+    // stale NAME and a NAME.PID.tmp nobody uses; the chroot was refused.
+    const port = base + 2;
+    const hap = join(dir, 'haproxy');
+    mkdirSync(hap);
+    const conf = join(hap, 'haproxy.cfg');
+    const packaged = readFileSync(HAPROXY_CFG, 'utf8');
+    expect(packaged).toMatch(/^\s*chroot \/var\/lib\/haproxy$/m);
+    writeFileSync(
+      conf,
+      `${packaged.replace(/^(\s*stats socket )\/run\/haproxy\/admin.sock/m, `$1${hap}/admin.sock`)}
+frontend web
+\tbind 127.0.0.1:${port}
+\thttp-request return status 200 content-type text/plain lf-string "haproxy %[path]\\n"
+`,
+    );
+    run(['run', '-d', '--aid', 'hap', '--', HAPROXY, '-Ws', '-f', conf, '-S', join(hap, 'master.sock')]);
+    await waitForHttp(port);
+    await waitFor(() => processes('hap').length === 2, 10_000, 'the master and its worker');
+    const before = identities('hap');
+    const admin = join(hap, 'admin.sock');
+    await waitFor(() => existsSync(admin), 10_000, 'the stats socket');
+    const file = lstatSync(admin);
+    expect(file.mode & 0o777).toBe(0o660);
+    const client = await KeepAlive.open(port);
+    expect(await client.get('/before')).toBe('haproxy /before\n');
+    expect(await unixExchange(admin, 'show info\n', /^Name: HAProxy$/m)).toBe(true);
+
+    run(['snapshot', 'hap', '-o', join(dir, 'hap.snap')]);
+    run(['restore', join(dir, 'hap.snap')]);
+    expect(await client.get('/after')).toBe('haproxy /after\n');
+    expect(client.connects).toBe(1);
+    client.socket.destroy();
+    expect(await unixExchange(admin, 'show info\n', /^Name: HAProxy$/m)).toBe(true);
+    expect(await unixExchange(join(hap, 'master.sock'), 'show proc\n', /^\d+\s+master\s/m)).toBe(true);
+    const after = lstatSync(admin);
+    expect([after.mode & 0o7777, after.uid, after.gid]).toEqual([file.mode & 0o7777, file.uid, file.gid]);
+    expect(readdirSync(hap).sort()).toEqual(['admin.sock', 'haproxy.cfg', 'master.sock']);
+    expect(identities('hap')).toEqual(before);
+    run(['stop', 'hap', '-s', 'KILL']);
+  });
 });
+
+/** Sends `text` on a new connection to the unix socket at `path`; true
+ * once what came back matches `until`. */
+function unixExchange(path: string, text: string, until: RegExp): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    const s = connect(path);
+    let got = '';
+    s.setTimeout(5000, () => s.destroy(new Error(`no answer from ${path}: ${JSON.stringify(got.slice(0, 200))}`)));
+    s.on('data', (d) => {
+      got += d.toString();
+      if (until.test(got)) {
+        s.destroy();
+        resolve(true);
+      }
+    });
+    s.on('error', reject);
+    s.write(text);
+  });
+}
 
 /** A new PostgreSQL cluster owned by postgres; its directory. */
 /** One HTTP/1.1 connection kept open between requests. */

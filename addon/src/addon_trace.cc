@@ -14,6 +14,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/sysmacros.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -513,8 +514,9 @@ Napi::Value WriteMemory(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// unixSockets() -> [{ ino, peer, type, state, rqueue, wqueue }]: every unix
-// socket of this network namespace (sock_diag), for peers and backlogs.
+// unixSockets() -> [{ ino, peer, type, state, rqueue, wqueue, shutdown,
+// vfsIno?, vfsDev? }]: every unix socket of this network namespace
+// (sock_diag), for peers, backlogs and the files of named ones.
 Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   sockdiag_unix* all = nullptr;
@@ -533,6 +535,12 @@ Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
     o.Set("rqueue", Napi::Number::New(env, all[i].rqueue));
     o.Set("wqueue", Napi::Number::New(env, all[i].wqueue));
     o.Set("shutdown", all[i].shutdown);
+    if (all[i].vfs_ino) {
+      // As stat(2) gives st_dev (the kernel's is MAJOR << 20 | MINOR).
+      uint32_t major = all[i].vfs_dev >> 20, minor = all[i].vfs_dev & 0xfffff;
+      o.Set("vfsIno", Napi::Number::New(env, all[i].vfs_ino));
+      o.Set("vfsDev", Napi::Number::New(env, static_cast<double>(makedev(major, minor))));
+    }
     out.Set(static_cast<uint32_t>(i), o);
   }
   free(all);

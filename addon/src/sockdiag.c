@@ -143,6 +143,10 @@ static int each_unix(struct nlmsghdr* h, void* ctx) {
       u->wqueue = q->udiag_wqueue;
     } else if (a->rta_type == UNIX_DIAG_SHUTDOWN) {
       u->shutdown = *(uint8_t*)RTA_DATA(a);
+    } else if (a->rta_type == UNIX_DIAG_VFS) {
+      struct unix_diag_vfs* v = RTA_DATA(a);
+      u->vfs_ino = v->udiag_vfs_ino;
+      u->vfs_dev = v->udiag_vfs_dev;
     }
   }
   return 0;
@@ -158,7 +162,7 @@ long sockdiag_unix_all(sockdiag_unix** out) {
   req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
   req.r.sdiag_family = AF_UNIX;
   req.r.udiag_states = ~0u;
-  req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN;
+  req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS;
   return collect(&req, sizeof req, each_unix, &(struct grow){NULL, 0, 0, sizeof(sockdiag_unix)}, (void**)out);
 }
 

@@ -14,6 +14,12 @@ typedef struct {
   uint32_t rqueue; /* bytes waiting (connected) or queued connections (listening) */
   uint32_t wqueue; /* bytes unsent (connected) or the backlog (listening) */
   uint8_t shutdown; /* sk_shutdown: 1 receive side, 2 send side */
+  /* A named socket's file (bound to a path): its inode and the kernel's
+   * device number of its filesystem (MAJOR << 20 | MINOR, not st_dev's
+   * encoding); 0 and 0 for an abstract or unnamed socket. The file may
+   * have been renamed or removed since the bind. */
+  uint32_t vfs_ino;
+  uint32_t vfs_dev;
 } sockdiag_unix;
 
 long sockdiag_unix_all(sockdiag_unix** out);

@@ -699,6 +699,20 @@ export interface Socket {
    * the key its restore is handed a descriptor under (the other fields:
    * the application's own listener it replaced); absent or "": not. */
   inherited?: string;
+  /** A unix listener bound to a path: its file at the snapshot (absent in
+   * older images). */
+  file?: SocketFile;
+}
+
+/** The file of a unix listener's bind (proto SocketFile). */
+export interface SocketFile {
+  /** Its name now, in the bound name's directory; "": not renamed. */
+  renamed: string;
+  /** Unlinked, or moved out of that directory. */
+  removed: boolean;
+  mode: number;
+  uid: number;
+  gid: number;
 }
 
 export interface MulticastMembership {

@@ -325,6 +325,11 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     // bind the wildcard (every interface) or, as IPv6, dual-stack.
     if (fd.kind === FdKind.TCP_LISTEN && fd.socket && !((fd.socket.family === 2 && isIPv4(fd.socket.address)) || (fd.socket.family === 10 && isIPv6(fd.socket.address) && !fd.socket.address.includes('%'))))
       corrupt(`${where} is a TCP listener of family ${fd.socket.family} at '${String(fd.socket.address).slice(0, 64)}', not an IPv4 (2) or IPv6 (10) address of its family`);
+    // A listener's file is moved within its directory and given a mode:
+    // a name with a slash (or . and ..) would move it anywhere.
+    const file = fd.socket?.file;
+    if (file && (fd.kind !== FdKind.UNIX_SOCKET || !fd.socket!.listening || !fd.socket!.address.startsWith('/') || !(file.mode >= 0 && file.mode <= 0o7777) || (file.renamed !== '' && !FILE_NAME.test(file.renamed)) || (file.removed && file.renamed !== '')))
+      corrupt(`${where} has a socket file record that is not of a unix listener bound to a path, or names ${JSON.stringify(String(file.renamed).slice(0, 64))} (not one name in its directory) or mode ${file.mode}`);
     if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
       corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {
@@ -344,6 +349,9 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     checkLocks(fd, where);
   }
 }
+
+/** One name in a directory: no slash or NUL, not . or .., at most 255 bytes. */
+const FILE_NAME = /^(?!\.\.?$)[^/\0]{1,255}$/;
 
 /** What an inherited socket's key may be (serve's are "serve:PORT"). */
 export const INHERITED_KEY = /^[A-Za-z0-9:._-]{1,64}$/;

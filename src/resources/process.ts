@@ -183,7 +183,9 @@ export function forkingTid(parent: Process, parentVtid: number | undefined, tids
  * directory: in a chrooted process, /s.sock is ROOT/s.sock to everyone
  * else. The restore binds and connects names as appshot's process sees
  * them, so it would bind the host's /s.sock (removing a stale socket file
- * there first). Refused by name until names are resolved under the root.
+ * there first). Refused by name until names are resolved under the root,
+ * but for a listener whose file was found as appshot sees its name (bound
+ * before the chroot, as servers that chroot themselves do: socketfile.ts).
  */
 export function refuseChrootedSocketPaths(p: Process, what: string): void {
   if (!p.root || p.root === '/') return;
@@ -191,6 +193,7 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   for (const fd of p.fds) {
     const s = fd.socket;
     if (!s || s.family !== 1) continue; // AF_UNIX
+    if (s.listening && s.file && !s.file.removed) continue;
     const name = [s.address, s.peerAddress, ...(s.datagrams ?? []).map((d) => d.from)].find(named);
     if (name)
       throw new Unsupported(`${what} fd ${fd.fd}: a unix socket that names ${name} in a process whose root directory is ${p.root} (chroot): the name is resolved in that root, which the restore does not do`);

@@ -34,6 +34,7 @@ import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from 
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
+import { dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -87,7 +88,7 @@ export function socketKind(s: Socket): number {
 export class SocketTable {
   private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
-  private diag = new Map<bigint, { peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number }>();
+  private diag = new Map<bigint, ReturnType<ReturnType<typeof addon>["unixSockets"]>[number]>();
   private udp = new Map<bigint, SeenUdp>();
   private unixLoaded = false;
   private udpLoaded = false;
@@ -220,7 +221,11 @@ export class SocketTable {
       this.loadUnix();
       const u = this.unix.get(ino);
       const d = this.diag.get(ino);
-      if (u && u.flags & SO_ACCEPTCON) return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`) };
+      if (u && u.flags & SO_ACCEPTCON) {
+        const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
+        const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
+        return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}) };
+      }
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
       if (!d?.peer && !opts.listening && unixUnconnected(u?.state)) {
@@ -529,6 +534,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
       const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
+    if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;
