@@ -30,7 +30,7 @@ static inline long used_sys(long nr, long a, long b, long c, long d) {
 }
 
 /* `len` bytes at `off`, all of them: 0, or -1 (an error, or the file ended
- * first: truncated, it is not the file mapped). */
+ * first). */
 static int read_whole(int fd, void *buf, size_t len, uint64_t off) {
   char *p = buf;
   while (len) {
@@ -60,58 +60,33 @@ void appshot_used_begin(struct appshot_used *u, const struct appshot_header *h,
   u->fd = fd;
   u->kind = (uint32_t)kind;
   u->capacity = appshot_capacity(kind);
-  u->next = u->base = u->have = u->at = 0;
+  u->next = u->run_end = 0;
   u->checked = 0;
-  u->data_end = 0;
   if (u->fd >= 0 && !fd_is_mapped_file(u)) u->fd = -1;
 }
 
-/* The descriptor failed: the mapping from `next` on. */
-static void through_mapping(struct appshot_used *u) {
-  u->fd = -1;
-  u->have = u->at = 0;
-}
-
-/* Copies the next chunk of slots that holds data into u->copy. 0, or -1
- * at the end of the array (no data left in it), or with u->fd -1. */
-static int copy_chunk(struct appshot_used *u) {
+/* Finds the next run of slots in data pages, from `next` on: 0 with
+ * [next, run_end) set, or -1 at the end of the array (no data left in it),
+ * or with u->fd -1 (lseek failed: the rest through the mapping). */
+static int next_run(struct appshot_used *u) {
+  const uint64_t size = sizeof(struct appshot_entry);
   const uint64_t start = appshot_entries_offset((enum appshot_kind)u->kind);
-  const uint64_t end = start + (uint64_t)u->capacity * sizeof(struct appshot_entry);
+  const uint64_t end = start + (uint64_t)u->capacity * size;
   if (u->next >= u->capacity) return -1;
-  uint64_t off = start + (uint64_t)u->next * sizeof(struct appshot_entry);
-  if (off >= u->data_end) {
-    long data = used_sys(SYS_lseek, u->fd, (long)off, SEEK_DATA, 0);
-    if (data == -ENXIO) return -1; /* no data from `off` to the file's end */
-    if (data < 0) {
-      through_mapping(u);
-      return -1;
-    }
-    if ((uint64_t)data >= end) return -1;
-    long hole = used_sys(SYS_lseek, u->fd, data, SEEK_HOLE, 0);
-    if (hole <= data) {
-      through_mapping(u);
-      return -1;
-    }
-    u->data_end = (uint64_t)hole;
-    /* Slots wholly in the hole skipped hold nothing. data is a page
-     * boundary or `off`, and `start` a multiple of the entry's size. */
-    if ((uint64_t)data > off) {
-      u->next = (uint32_t)(((uint64_t)data - start) / sizeof(struct appshot_entry));
-      off = start + (uint64_t)u->next * sizeof(struct appshot_entry);
-    }
-  }
-  uint64_t run = (u->data_end < end ? u->data_end : end) - off;
-  uint32_t n = (uint32_t)((run + sizeof(struct appshot_entry) - 1) / sizeof(struct appshot_entry));
-  if (n > APPSHOT_USED_CHUNK) n = APPSHOT_USED_CHUNK;
-  if (n > u->capacity - u->next) n = u->capacity - u->next;
-  if (read_whole(u->fd, u->copy, n * sizeof(struct appshot_entry), off) != 0) {
-    through_mapping(u);
+  uint64_t off = start + (uint64_t)u->next * size;
+  long data = used_sys(SYS_lseek, u->fd, (long)off, SEEK_DATA, 0);
+  if (data == -ENXIO) return -1; /* no data from `off` to the file's end */
+  if (data >= 0 && (uint64_t)data >= end) return -1;
+  long hole = data < 0 ? data : used_sys(SYS_lseek, u->fd, data, SEEK_HOLE, 0);
+  if (data < 0 || hole <= data) {
+    u->fd = -1;
     return -1;
   }
-  u->base = u->next;
-  u->have = n;
-  u->at = 0;
-  u->next += n;
+  /* Pages are whole multiples of an entry (16 bytes, the array 64-byte
+   * aligned): no entry straddles a run's edge. */
+  u->next = (uint32_t)(((uint64_t)data - start) / size);
+  uint64_t stop = (uint64_t)hole < end ? (uint64_t)hole : end;
+  u->run_end = (uint32_t)((stop - start + size - 1) / size);
   return 0;
 }
 
@@ -119,23 +94,20 @@ int64_t appshot_used_next(struct appshot_used *u) {
   for (;;) {
     if (u->fd < 0) /* every slot, for the caller to read in the mapping */
       return u->next < u->capacity ? (int64_t)u->next++ : -1;
-    while (u->at < u->have) {
-      uint32_t i = u->at++;
-      if (u->copy[i].stored != 0) return (int64_t)(u->base + i);
-    }
-    if (copy_chunk(u) == 0) continue;
+    if (u->next < u->run_end) return (int64_t)u->next++;
+    if (next_run(u) == 0) continue;
     if (u->fd < 0) continue; /* failed: the rest through the mapping */
     /* The end. Still the mapped file? A dup2 onto the descriptor may have
-     * put another file there while it was read: then what it said is
-     * worth nothing, and the mapping is walked from the start. */
+     * put another file there meanwhile: then where it said the data was
+     * is worth nothing, and the mapping is walked from the start. */
     if (!u->checked) {
       u->checked = 1;
       if (!fd_is_mapped_file(u)) {
         u->next = 0;
-        through_mapping(u);
+        u->fd = -1;
         continue;
       }
-      u->next = u->capacity; /* and stays at the end */
+      u->next = u->run_end = u->capacity; /* and stays at the end */
     }
     return -1;
   }
