@@ -208,6 +208,12 @@ describe('walks of every entry leave the holes of the table file alone', () => {
     return { app, other, tables };
   }
 
+  it('the walk of the used slots finds an entry that stays put while another process stores and removes entries (usedwalk, on tables of its own)', () => {
+    const r = spawnSync(fixture('usedwalk'), [], { encoding: 'utf8', timeout: 120_000 });
+    expect(r.stdout + r.stderr).toMatch(/^PASS walks \d+ missed 0\n$/);
+    expect(r.status).toBe(0);
+  });
+
   it("init's look for `appshot exec` processes: the application lives on while one does, and ends with it", async () => {
     const { app, other, tables } = await outlivedByExec('walkalive', ['sh', '-c', 'echo UP; exec sleep 1000']);
     try {
