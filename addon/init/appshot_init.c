@@ -94,9 +94,11 @@
 
 static struct appshot_header *tables;
 /* The descriptor `tables` was mapped from, kept (close-on-exec) for the
- * walks that must see every entry: they find the used slots with pread
- * and lseek(SEEK_DATA) on it, which leave the file's holes alone, where a
- * read of every slot through the mapping allocated them (appshot_used.h). */
+ * walks that must see every entry: lseek(SEEK_DATA) on it says which pages
+ * hold entries, and only those are read through the mapping, where a read
+ * of every slot allocated the file's holes (appshot_used.h). Our own, not
+ * the one the application's processes share: nothing of theirs can put
+ * another file at its number. */
 static int tables_fd = -1;
 static const char *tables_path, *state_dir, *preload_lib, *aid;
 static int status_fd = -1;

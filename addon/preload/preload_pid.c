@@ -547,11 +547,13 @@ API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
 static int init_refuses(pid_t vid, int sig) { return vid == VINIT && sig != 0; }
 
 /* kill(-1): every process of the application, not every one of the user.
- * The used slots are found through our descriptor of the table file
- * (appshot_used.h: pread and lseek, raw and async-signal-safe, a 1 KiB
- * copy on the stack), not by reading all 8192 through the mapping, which
- * allocated the file's holes; and not with the scan API, which stops at
- * the count and may miss a process while others come and go. */
+ * Only the slots in the pages that hold entries are read, found with
+ * lseek(SEEK_DATA) on our descriptor of the table file (appshot_used.h:
+ * raw system calls, async-signal-safe, a few words of stack); a read of
+ * all 8192 through the mapping allocated the file's holes. Not the scan
+ * API, which stops at the count and may miss a process while others come
+ * and go. Without the descriptor (no free number for it, preload_fd.c),
+ * every slot, as before. */
 static long kill_application(int sig) {
   pid_t self = self_spid();
   int32_t vid, sid;
