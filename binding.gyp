@@ -32,7 +32,7 @@
       "target_name": "appshot_preload",
       "type": "shared_library",
       "product_name": "appshot_preload",
-      "sources": ["<!@(ls -1 addon/preload/*.c)", "addon/include/appshot_table.c"],
+      "sources": ["<!@(ls -1 addon/preload/*.c)", "addon/include/appshot_table.c", "addon/include/appshot_used.c"],
       # Node's common.gypi asks for 64-bit file offsets, which renames open,
       # stat, prlimit... to their *64 twins. The preload library defines both
       # names of each itself, so it is compiled without that renaming.
@@ -68,7 +68,7 @@
     {
       "target_name": "appshot-init",
       "type": "executable",
-      "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c"],
+      "sources": ["addon/init/appshot_init.c", "addon/include/appshot_table.c", "addon/include/appshot_used.c"],
       # Static: no dynamic loader on the start of every supervisor (a
       # quarter of its spawn-to-exit time); position-independent, so it
       # keeps address randomisation. Needs libc.a (libc6-dev, which the

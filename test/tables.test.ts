@@ -5,10 +5,10 @@
  * them) must answer with an error, never die of it.
  */
 import { spawnSync } from 'node:child_process';
-import { rmSync } from 'node:fs';
+import { closeSync, openSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
-import { root } from './helpers.js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, fixture, root, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 /** Runs `body` (CommonJS, with `a` the addon and `p` a table file's path
  * in /dev/shm, made first) in a process of its own: a fault there is seen
@@ -178,5 +178,143 @@ a.createTables(p, 'other', 2n);
 console.log(a.readTables(p).aid);`);
     expect(r.signal).toBeNull();
     expect(r.stdout).toBe('victim\nother\n');
+  });
+});
+
+/**
+ * The walks that must reach every entry (a process not signalled, an IPC
+ * object not removed, is a bug) find the used slots without reading the
+ * file's holes through the shared mapping, which allocated them: 128 KiB
+ * of memory per application for the PID table, 32 KiB per IPC kind, for
+ * as long as it runs. Each test looks at the entry arrays' allocated bytes
+ * (tableholes: lseek SEEK_DATA, which allocates nothing) through a
+ * descriptor it holds, which outlives the file's unlink at the end.
+ */
+describe('walks of every entry leave the holes of the table file alone', () => {
+  const sb = new Sandbox();
+  afterAll(() => sb.dispose());
+  // A few live entries fill at most the page or two the array starts in.
+  const SMALL = 8192;
+
+  /** The application's table file, held open: what tableholes reads. */
+  function holdTables(aid: string): { holes(): Record<string, number>; close(): void } {
+    const name = sb.shmFiles().find((f) => f.includes(`-${aid}-`));
+    if (!name) throw new Error(`no table file of ${aid} among ${sb.shmFiles().join(' ')}`);
+    const fd = openSync(`/dev/shm/${name}`, 'r');
+    return {
+      holes() {
+        const r = spawnSync(fixture('tableholes'), [`/proc/${process.pid}/fd/${fd}`], { encoding: 'utf8' });
+        if (r.status !== 0) throw new Error(`tableholes: ${r.stdout}${r.stderr}`);
+        const out: Record<string, number> = {};
+        for (const [, k, v] of r.stdout.matchAll(/(\w+) (\d+)/g)) out[k] = Number(v);
+        return out;
+      },
+      close: () => closeSync(fd),
+    };
+  }
+
+  /** An application whose first process (`sh -c 'read x'`) has ended while
+   * an `appshot exec` process (`execArgs`) remains: init then looks for
+   * the latter every 2 s (others_alive) and passes signals to it. */
+  async function outlivedByExec(aid: string, execArgs: string[]) {
+    const app = sb.start(['run', '--aid', aid, '--', 'sh', '-c', 'echo UP; read x; true']);
+    await app.line(/^UP$/);
+    const tables = holdTables(aid);
+    const first = sb.systemPid(aid);
+    const other = sb.start(['exec', aid, '--', ...execArgs]);
+    await other.line(/^UP$/);
+    app.child.stdin.end();
+    await waitFor(() => !alive(first), 10_000, 'the first process to end');
+    return { app, other, tables };
+  }
+
+  it('the walk of the used slots finds an entry that stays put while another process stores and removes entries (usedwalk, on tables of its own)', () => {
+    const r = spawnSync(fixture('usedwalk'), [], { encoding: 'utf8', timeout: 120_000 });
+    expect(r.stdout + r.stderr).toMatch(/^PASS walks \d+ missed 0\n$/);
+    expect(r.status).toBe(0);
+  });
+
+  it("init's look for `appshot exec` processes: the application lives on while one does, and ends with it", async () => {
+    const { app, other, tables } = await outlivedByExec('walkalive', ['sh', '-c', 'echo UP; exec sleep 1000']);
+    try {
+      const sleeper = sb.systemPid('walkalive', 3);
+      expect(sb.aids()).toContain('walkalive');
+      process.kill(sleeper, 'SIGKILL');
+      await other.exited;
+      // Its last look (nothing left) reads the whole table: the end.
+      await waitFor(() => !sb.aids().includes('walkalive'), 20_000, 'the application to end');
+      await app.exited;
+      expect(tables.holes().pid).toBeLessThanOrEqual(SMALL);
+    } finally {
+      tables.close();
+    }
+  });
+
+  it('a signal init passes on reaches the `appshot exec` process, twice', async () => {
+    const script = 'trap "echo GOT" USR1; echo UP; while :; do sleep 0.1; done';
+    const { other, tables } = await outlivedByExec('walksig', ['sh', '-c', script]);
+    try {
+      sb.ok(['kill', '-s', 'USR1', 'walksig']);
+      await other.line(/^GOT$/);
+      // The second passing starts after the first walk ended.
+      sb.ok(['kill', '-s', 'USR1', 'walksig']);
+      await waitFor(() => other.output().filter((l) => l === 'GOT').length >= 2, 10_000, 'the second USR1');
+      expect(tables.holes().pid).toBeLessThanOrEqual(SMALL);
+      sb.ok(['kill', '-s', 'TERM', 'walksig']);
+      expect((await other.exited).code).not.toBe(0);
+    } finally {
+      tables.close();
+    }
+  });
+
+  it("the application's SysV objects go at its end", async () => {
+    const before = systemIpcIds();
+    const app = sb.start(['run', '--aid', 'walkipc', '--', fixture('ipc'), 'hold', 'keep']);
+    await app.line(/^READY$/);
+    const tables = holdTables('walkipc');
+    try {
+      const held = systemIpcIds();
+      const made = [...held.sem.filter((i) => !before.sem.includes(i)), ...held.shm.filter((i) => !before.shm.includes(i)), ...held.msg.filter((i) => !before.msg.includes(i))];
+      expect(made.length).toBeGreaterThanOrEqual(3);
+      app.child.stdin.end();
+      expect((await app.exited).code).toBe(0);
+      const after = systemIpcIds();
+      const left = [...after.sem, ...after.shm, ...after.msg].filter((i) => made.includes(i));
+      expect(left).toEqual([]);
+      const holes = tables.holes();
+      for (const kind of ['semid', 'shmid', 'msgid']) expect(holes[kind], kind).toBeLessThanOrEqual(SMALL);
+    } finally {
+      tables.close();
+    }
+  });
+
+  it('kill(-1) through the preload library reaches every process of the application', async () => {
+    const app = sb.start(['run', '--aid', 'walkkill', '--', fixture('walks'), 'kill', '5']);
+    await app.line(/^REACHED 5$/);
+    await app.line(/^READY$/);
+    const tables = holdTables('walkkill');
+    try {
+      expect(tables.holes().pid).toBeLessThanOrEqual(SMALL);
+      app.child.stdin.end();
+      expect((await app.exited).code).toBe(0);
+    } finally {
+      tables.close();
+    }
+  });
+
+  it('a listing of /proc/self/task maps a quiet thread after dropping the ended ones', async () => {
+    const app = sb.start(['run', '--aid', 'walktasks', '--', fixture('walks'), 'tasks']);
+    const [, a] = await app.line(/^LISTED (\d+) (\d+)$/);
+    await app.line(/^READY$/);
+    const tables = holdTables('walktasks');
+    try {
+      const pids = sb.json<{ tables: { pid: { virtual: number }[] } }>(['table', 'walktasks']).tables.pid.map((e) => e.virtual);
+      expect(pids).not.toContain(Number(a));
+      expect(tables.holes().pid).toBeLessThanOrEqual(SMALL);
+      app.child.stdin.end();
+      expect((await app.exited).code).toBe(0);
+    } finally {
+      tables.close();
+    }
   });
 });

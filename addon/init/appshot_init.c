@@ -85,6 +85,7 @@
 #include <unistd.h>
 
 #include "appshot_table.h"
+#include "appshot_used.h"
 
 /* How often stale entries are swept out of the tables. The kernel hands out
  * PIDs cyclically, so a dead process's PID is not reused for a long while;
@@ -92,6 +93,13 @@
 #define SWEEP_SECONDS 2
 
 static struct appshot_header *tables;
+/* The descriptor `tables` was mapped from, kept (close-on-exec) for the
+ * walks that must see every entry: lseek(SEEK_DATA) on it says which pages
+ * hold entries, and only those are read through the mapping, where a read
+ * of every slot allocated the file's holes (appshot_used.h). Our own, not
+ * the one the application's processes share: nothing of theirs can put
+ * another file at its number. */
+static int tables_fd = -1;
 static const char *tables_path, *state_dir, *preload_lib, *aid;
 static int status_fd = -1;
 /* The restore driver's lifeline and commit file (see above); -1 / NULL
@@ -433,8 +441,10 @@ static int read_standby_arguments(void) {
 static void signal_application(int sig) {
   int32_t vid, sid;
   uint32_t flags;
-  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
-    if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+  struct appshot_used u;
+  appshot_used_begin(&u, tables, tables_fd, APPSHOT_PID);
+  for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
+    if (appshot_entry_at(tables, APPSHOT_PID, (uint32_t)s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)))
       appshot_signal_member(sid, sig, getpid(), tables_path);
 }
@@ -549,12 +559,16 @@ static void sweep(void) {
 }
 
 /* Whether a process of the application lives that is not our descendant:
- * one started with `appshot exec`, whose parent is the CLI. */
+ * one started with `appshot exec`, whose parent is the CLI. Every entry,
+ * not the scan API's walk to the last one (which may miss an entry while
+ * others come and go): a "no" here ends the application. */
 static int others_alive(void) {
   int32_t vid, sid;
   uint32_t flags;
-  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
-    if (appshot_entry_at(tables, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+  struct appshot_used u;
+  appshot_used_begin(&u, tables, tables_fd, APPSHOT_PID);
+  for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
+    if (appshot_entry_at(tables, APPSHOT_PID, (uint32_t)s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0 &&
         appshot_pid_belongs(sid, getpid(), tables_path))
       return 1;
@@ -568,11 +582,14 @@ static int others_alive(void) {
  * someone else's object. */
 static void remove_ipc_objects(void) {
   int32_t vid, sid;
-  for (int k = APPSHOT_SEMID; k <= APPSHOT_MSGID; k++)
-    for (uint32_t s = 0; s < appshot_capacity((enum appshot_kind)k); s++)
-      if (appshot_entry_at(tables, (enum appshot_kind)k, s, &vid, &sid, NULL, NULL))
+  for (int k = APPSHOT_SEMID; k <= APPSHOT_MSGID; k++) {
+    struct appshot_used u;
+    appshot_used_begin(&u, tables, tables_fd, (enum appshot_kind)k);
+    for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
+      if (appshot_entry_at(tables, (enum appshot_kind)k, (uint32_t)s, &vid, &sid, NULL, NULL))
         appshot_ipc_remove_owned(tables, (enum appshot_kind)k, sid, trusted_salt,
                                  trusted_created, getpid(), tables_path);
+  }
 }
 
 /* Renamed first, then emptied and removed: a registration is either whole
@@ -995,7 +1012,9 @@ int main(int argc, char **argv) {
     }
   }
 
-  tables = appshot_table_open(tables_path);
+  tables_fd = open(tables_path, O_RDWR | O_CLOEXEC);
+  if (tables_fd < 0) die(tables_path);
+  tables = appshot_table_map_fd(tables_fd);
   if (!tables) die(tables_path);
   trusted_salt = tables->key_salt;
   /* Without it (a registration of an older appshot), our own start: later

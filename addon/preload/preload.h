@@ -52,6 +52,7 @@ union semun {
 };
 
 #include "appshot_table.h"
+#include "appshot_used.h"
 
 #define API __attribute__((visibility("default")))
 #define HIDDEN __attribute__((visibility("hidden")))

@@ -107,11 +107,15 @@ static struct dir_of classify(int fd) {
  * each only while it is still the same pair. A scan of the table, only
  * when a thread is first seen this way. */
 static void forget_ended_threads(int32_t owner) {
-  uint32_t capacity = appshot_capacity(APPSHOT_PID);
-  for (uint32_t slot = 0; slot < capacity; slot++) {
+  /* The used slots only, found through our descriptor of the table file
+   * (appshot_used.h): a read of every slot through the mapping allocated
+   * the file's holes. */
+  struct appshot_used u;
+  appshot_used_begin(&u, g_h, __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED), APPSHOT_PID);
+  for (int64_t slot; (slot = appshot_used_next(&u)) >= 0;) {
     int32_t vid, sid, of;
     uint32_t flags;
-    if (!appshot_entry_at(g_h, APPSHOT_PID, slot, &vid, &sid, &flags, &of) ||
+    if (!appshot_entry_at(g_h, APPSHOT_PID, (uint32_t)slot, &vid, &sid, &flags, &of) ||
         !(flags & APPSHOT_F_THREAD) || of != owner)
       continue;
     if (SYS3(tgkill, owner, sid, 0) == -ESRCH)

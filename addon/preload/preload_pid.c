@@ -546,14 +546,23 @@ API int sigwaitinfo(const sigset_t *set, siginfo_t *info) {
  * there, not told what to do. */
 static int init_refuses(pid_t vid, int sig) { return vid == VINIT && sig != 0; }
 
-/* kill(-1): every process of the application, not every one of the user. */
+/* kill(-1): every process of the application, not every one of the user.
+ * Only the slots in the pages that hold entries are read, found with
+ * lseek(SEEK_DATA) on our descriptor of the table file (appshot_used.h:
+ * raw system calls, async-signal-safe, a few words of stack); a read of
+ * all 8192 through the mapping allocated the file's holes. Not the scan
+ * API, which stops at the count and may miss a process while others come
+ * and go. Without the descriptor (no free number for it, preload_fd.c),
+ * every slot, as before. */
 static long kill_application(int sig) {
   pid_t self = self_spid();
   int32_t vid, sid;
   uint32_t flags;
   int sent = 0;
-  for (uint32_t s = 0; s < appshot_capacity(APPSHOT_PID); s++)
-    if (appshot_entry_at(g_h, APPSHOT_PID, s, &vid, &sid, &flags, NULL) &&
+  struct appshot_used u;
+  appshot_used_begin(&u, g_h, __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED), APPSHOT_PID);
+  for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
+    if (appshot_entry_at(g_h, APPSHOT_PID, (uint32_t)s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_THREAD | APPSHOT_F_INIT)) && sid != self &&
         SYS2(kill, sid, sig) == 0)
       sent = 1;
