@@ -492,7 +492,10 @@ static void index_remove(const struct appshot_header *h, struct appshot_table *t
        * Without this, each fork and reap leaves tombstones that every
        * lookup of an id not in the table (a new child) must walk. */
       STORE(&idx[i], APPSHOT_CELL_EMPTY);
-      for (uint32_t j = (i - 1) & mask; idx[j] == APPSHOT_CELL_TOMB;
+      /* Bounded: it ends at cell i, emptied above, unless the application
+       * writes tombstones into its file as fast as they go. */
+      uint32_t k = 0;
+      for (uint32_t j = (i - 1) & mask; idx[j] == APPSHOT_CELL_TOMB && ++k < cells;
            j = (j - 1) & mask) {
         STORE(&idx[j], APPSHOT_CELL_EMPTY);
         t->tombs--;
