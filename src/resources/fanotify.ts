@@ -35,7 +35,7 @@
  * descriptors (dup, fork) comes back as two groups, as inotify's does.
  * The PIDs events carry are system PIDs, before and after.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fanotify, type FanotifyMark, FanotifyMarkKind, type Fd, FdKind, type Image } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -120,12 +120,14 @@ function needsAdmin(flags: number, marks: Pick<FanotifyMark, 'kind'>[]): boolean
   return (flags & ADMIN_INIT_BITS) !== 0 || (flags & FID_BITS) === 0 || marks.some((m) => m.kind !== FanotifyMarkKind.INODE);
 }
 
-/** The mountinfo lines of a process, split into fields. */
+/** The mountinfo lines of a process, split into fields (a mount point's
+ * space, tab, newline and backslash unescaped from the kernel's \\ooo). */
 function mounts(pid: number): string[][] {
   return readFileSync(`/proc/${pid}/mountinfo`, 'utf8')
     .split('\n')
     .filter(Boolean)
-    .map((l) => l.split(' '));
+    .map((l) => l.split(' '))
+    .map((f) => Object.assign(f, { 4: f[4].replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))) }));
 }
 
 /** Whether mount `at` (an index into `all`) is what its mount point shows:
@@ -144,6 +146,11 @@ export function dumpFanotify(pid: number, fdinfo: string, where: string): Fanoti
   if (flags & ~INIT_BITS || (flags & CLASS_BITS) === CLASS_BITS) throw new Unsupported(`${where}: a fanotify group with flags ${hex(flags)} (bits ${hex(flags & ~INIT_BITS)} unknown here) cannot be captured yet`);
   if (eventFlags & ~EVENT_F_BITS) throw new Unsupported(`${where}: a fanotify group with event flags 0o${eventFlags.toString(8)} cannot be captured yet`);
   const all = mounts(pid);
+  // Mount points are shown under the process's root; the marks are made
+  // before a restore changes its root (process.ts restoreRoot), so under
+  // the root all processes have, as inode marks' paths are.
+  const root = readlinkSync(`/proc/${pid}/root`);
+  const underRoot = (at: string) => (root === '/' ? at : at === '/' ? root : `${root}${at}`);
   const marks: FanotifyMark[] = [];
   for (const line of lines.slice(1)) {
     let m: RegExpExecArray | null;
@@ -164,7 +171,7 @@ export function dumpFanotify(pid: number, fdinfo: string, where: string): Fanoti
       checkMask(state, where, `mount ${id}`);
       if (at < 0) throw new Unsupported(`${where}: a fanotify mark is on mount ${id}, which the process does not see`);
       if (!onTop(all, at)) throw new Unsupported(`${where}: a fanotify mark is on mount ${id} at ${all[at][4]}, hidden under another mount there: it cannot be marked again by path`);
-      path = all[at][4];
+      path = underRoot(all[at][4]);
     } else if ((m = FILESYSTEM_MARK.exec(line))) {
       kind = FanotifyMarkKind.FILESYSTEM;
       state = m.slice(2, 5);
@@ -175,7 +182,7 @@ export function dumpFanotify(pid: number, fdinfo: string, where: string): Fanoti
       const shown = all.map((f, i) => ({ f, i })).filter(({ f, i }) => f[2] === dev && onTop(all, i));
       const pick = shown.find(({ f }) => f[3] === '/') ?? shown[0];
       if (!pick) throw new Unsupported(`${where}: a fanotify mark is on filesystem ${dev}, which the process has no visible mount of`);
-      path = pick.f[4];
+      path = underRoot(pick.f[4]);
     } else {
       throw new Unsupported(`${where}: a fanotify mark this kernel shows as '${line.trim()}' cannot be captured yet`);
     }

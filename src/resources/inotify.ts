@@ -69,7 +69,7 @@ export function markedInodePath(pid: number, fields: { ino: string; sdev: string
   } catch {
     /* no longer at that path */
   }
-  if (!same) throw new Unsupported(`${where}: ${what} is on an inode with no name (${path}): it cannot be watched again by path`);
+  if (!same) throw new Unsupported(`${where}: ${what} is on an inode with no name (${path}): it cannot be found again by path`);
   return path;
 }
 
