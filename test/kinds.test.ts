@@ -185,15 +185,16 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
   roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
 });
 
-describe('fanotify: each group with its flags, and each mark on its inode or mount with its flags and masks', () => {
+describe('fanotify: each group with its flags, and each mark on its inode, mount or filesystem with its flags and masks', () => {
   const dir = mkdtempSync(join(out, 'fanotify-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
-  // As root: the fd group too (inode, evictable and mount marks), made
-  // before the process leaves CAP_SYS_ADMIN out of its effective set; the
-  // fid group after, unprivileged. The fixture checks both groups' fdinfo
+  // As root: the fd group too (inode, evictable and mount marks) and the
+  // fs group (a filesystem mark), made before the process leaves
+  // CAP_SYS_ADMIN out of its effective set; the fid group after,
+  // unprivileged. The fixture checks both groups' fdinfo
   // lines every round, their events on SIGHUP.
   const root = process.getuid?.() === 0;
-  const fdGroup = root ? /FANOTIFY\s+fanotify notif flags 0x3 marking inode \S+\/a 0xa, inode \S+\/d 0x48000020 ignoring 0x2, inode \S+\/e 0x1, mount \/\S* 0x8[\s\S]*/ : /(?:)/;
+  const fdGroup = root ? /FANOTIFY\s+fanotify notif flags 0x3 marking inode \S+\/a 0xa, inode \S+\/d 0x48000020 ignoring 0x2, inode \S+\/e 0x1, mount \/\S* 0x8[\s\S]*FANOTIFY\s+fanotify notif flags 0x203 marking filesystem \/\S* 0x4[\s\S]*/ : /(?:)/;
   const fidGroup = /^40\s+FANOTIFY\s+fanotify notif flags 0xc00 unprivileged marking inode \S+\/d 0x40000300 ignoring 0x200, inode \S+\/link 0x8000004$/m;
   roundTrips('fan', [fixture('fanotify'), dir], new RegExp(fdGroup.source + fidGroup.source, 'm'), true);
 
