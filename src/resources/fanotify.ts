@@ -205,7 +205,14 @@ function checkMask([mflags, mask, ignored]: string[], where: string, on: string)
   if (f & MARK.IGNORED_SURV_MODIFY && !i) throw new Unsupported(`${where}: the fanotify mark on ${on} keeps its ignored mask on modification (FAN_MARK_IGNORED_SURV_MODIFY) with none set, which cannot be made again`);
 }
 
+/** The initial user namespace's inode number (PROC_USER_INIT_INO). */
+const INIT_USER_NS = 'user:[4026531837]';
+
+/** Whether process `pid` has CAP_SYS_ADMIN as fanotify_init asks it: in
+ * its effective set, in the initial user namespace (a process in another
+ * holds none there, whatever its status shows). */
 function hasSysAdmin(pid: number): boolean {
+  if (readlinkSync(`/proc/${pid}/ns/user`) !== INIT_USER_NS) return false;
   const eff = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return eff ? ((BigInt(`0x${eff[1]}`) >> BigInt(CAP_SYS_ADMIN)) & 1n) === 1n : false;
 }
@@ -237,7 +244,8 @@ export function fanotifyRecordFault(fd: Fd): string | undefined {
  * CAP_SYS_ADMIN makes is refused where the restoring user lacks it (made
  * without, it would be a lesser group: or fail half-way). */
 export function checkFanotifyPrivileges(image: Image, capEff: bigint): void {
-  if ((capEff >> BigInt(CAP_SYS_ADMIN)) & 1n) return;
+  // The capability counts in the initial user namespace only.
+  if ((capEff >> BigInt(CAP_SYS_ADMIN)) & 1n && readlinkSync('/proc/self/ns/user') === INIT_USER_NS) return;
   for (const p of image.processes)
     for (const fd of p.fds) {
       const g = fd.fanotify;
