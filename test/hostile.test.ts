@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
-import { type Image, type Manifest, VmaKind } from '../src/image/types.js';
+import { type Fd, type Image, type Manifest, VmaKind } from '../src/image/types.js';
 import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
@@ -573,6 +573,34 @@ function mqueueCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** fanotify groups (resources/fanotify.ts): a group at fd 910 of process
+ * 0 with one inode mark, changed by `change`. Each would otherwise reach
+ * fanotify_init or fanotify_mark with what no snapshot takes. */
+function fanotifyCases(): [string, (image: Image) => void, string][] {
+  const group = (change: (fd: Image['processes'][number]['fds'][number], g: NonNullable<Fd['fanotify']>) => void) => (i: Image) => {
+    const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+    const g = { flags: 0x3, eventFlags: 0o100000, unprivileged: false, marks: [{ kind: 0, path: '/tmp', flags: 0, mask: 0x8, ignoredMask: 0 }] };
+    Object.assign(fd, { fd: 910, kind: 18, flags: 0o4002, path: 'anon_inode:[fanotify]', file: -1, description: 0, fanotify: g });
+    change(fd, g);
+    i.processes[0].fds.push(fd);
+  };
+  return [
+    ['a fanotify group with a flag no kernel knows', group((_, g) => (g.flags |= 0x80000000)), 'fd 910 is a fanotify group with flags 0x80000003'],
+    ['a fanotify group of two classes at once', group((_, g) => (g.flags |= 0xc)), 'fd 910 is a fanotify group with flags 0xf'],
+    ['a fanotify group opening event files write-only and read-write at once', group((_, g) => (g.eventFlags = 3)), 'fd 910 is a fanotify group with event flags 0o3'],
+    ['a fanotify mark asking permission events', group((_, g) => (g.marks[0].mask = 0x10000)), 'fd 910 has a fanotify mark on /tmp with flags 0x0, mask 0x10000 and ignored mask 0x0, not one a snapshot takes'],
+    ['a fanotify mark with a mark flag fanotify_mark would take as another command', group((_, g) => (g.marks[0].flags = 0x80)), 'fd 910 has a fanotify mark on /tmp with flags 0x80'],
+    ['a fanotify mark asking nothing', group((_, g) => (g.marks[0].mask = 0)), 'fd 910 has a fanotify mark on /tmp with flags 0x0, mask 0x0 and ignored mask 0x0'],
+    ['a fanotify mark of unknown kind', group((_, g) => (g.marks[0].kind = 7)), 'fd 910 has a fanotify mark of unknown kind 7'],
+    ['a fanotify mark on a relative path', group((_, g) => (g.marks[0].path = 'etc')), 'fd 910 has a fanotify mark on "etc", not an absolute path'],
+    ['a fanotify mark on a path that climbs out with ..', group((_, g) => (g.marks[0].path = '/tmp/../etc')), "fd 910's fanotify mark names .* not a plain absolute path"],
+    ['an unprivileged fanotify group marking a mount', group((_, g) => Object.assign(g, { flags: 0x200, unprivileged: true, marks: [{ ...g.marks[0], kind: 1 }] })), 'fd 910 is a fanotify group said to be unprivileged that only CAP_SYS_ADMIN can make'],
+    ['a fanotify group with more marks than a restore makes', group((_, g) => (g.marks = Array.from({ length: 70_000 }, () => g.marks[0]))), 'fd 910 has 70000 fanotify marks \\(at most 65536\\)'],
+    ['a fanotify descriptor without its group', group((fd) => (fd.fanotify = undefined)), 'fd 910 is a fanotify descriptor with no group'],
+    ['a fanotify group on a descriptor of another kind', group((fd) => (fd.kind = 6)), 'fd 910 has a fanotify group but is not a fanotify descriptor'],
+  ];
+}
+
 /** AIO rings (resources/aio.ts): one idle ring of one page at a free
  * address of process 0, changed by `change`. */
 function aioCases(): [string, (image: Image) => void, string][] {
@@ -780,6 +808,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ...mqueueCases(),
     ...aioCases(),
     ...dnotifyCases(),
+    ...fanotifyCases(),
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

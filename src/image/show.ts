@@ -4,6 +4,7 @@ import { describeAttributes } from '../resources/attributes.js';
 import { describeUnconnected } from '../resources/unconnected.js';
 import { describePidfd } from '../resources/pidfd.js';
 import { describeInotify } from '../resources/inotify.js';
+import { describeFanotify } from '../resources/fanotify.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
@@ -118,6 +119,8 @@ function describeFd(image: Image, fd: Fd): string {
       return describeTimerfd(fd.timerfd);
     case 'INOTIFY':
       return describeInotify(fd.inotifyWatches);
+    case 'FANOTIFY':
+      return describeFanotify(fd.fanotify);
     case 'MQUEUE':
       return describeMessageQueue(image, fd);
     case 'PTY': {

@@ -460,6 +460,7 @@ export const FdKind = {
   UNCONNECTED_STREAM: 15,
   PIDFD: 16,
   MQUEUE: 17,
+  FANOTIFY: 18,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -505,6 +506,30 @@ export interface Fd {
   /** Another /proc text read part way or to its end: where its reader is,
    * by line (resources/proctext.ts); absent otherwise and in older images. */
   textPosition?: TextPosition;
+  /** FANOTIFY: the group and its marks; absent otherwise. */
+  fanotify?: Fanotify;
+}
+
+/** A fanotify group (resources/fanotify.ts). */
+export interface Fanotify {
+  /** fanotify_init's flags as fdinfo shows them. */
+  flags: number;
+  /** fanotify_init's event_f_flags. */
+  eventFlags: number;
+  /** Made without CAP_SYS_ADMIN: other processes' PIDs not reported. */
+  unprivileged: boolean;
+  marks: FanotifyMark[];
+}
+
+export const FanotifyMarkKind = { INODE: 0, MOUNT: 1, FILESYSTEM: 2 } as const;
+
+export interface FanotifyMark {
+  kind: number;
+  path: string;
+  /** FAN_MARK_IGNORED_SURV_MODIFY, FAN_MARK_EVICTABLE, FAN_MARK_IGNORE. */
+  flags: number;
+  mask: number;
+  ignoredMask: number;
 }
 
 /** A place in a /proc text: its line `line` (from 0), byte `column` of

@@ -18,6 +18,7 @@ import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
 import { dnotifyRecordFault } from '../resources/fdowner.js';
 import { checkPosixQueues } from '../resources/mqueue.js';
+import { fanotifyRecordFault } from '../resources/fanotify.js';
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
@@ -344,6 +345,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
     if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
+    const fanotify = fanotifyRecordFault(fd);
+    if (fanotify) corrupt(`${where} ${fanotify}`);
     const dnotify = dnotifyRecordFault(image, fd);
     if (dnotify) corrupt(`${where} ${dnotify}`);
     checkLocks(fd, where);
@@ -434,6 +437,7 @@ function checkPaths(image: Image): void {
       check(fd.socket?.peerAddress, where);
       for (const d of fd.socket?.datagrams ?? []) check(d.from, `${where}'s queued datagram`);
       for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);
+      for (const m of fd.fanotify?.marks ?? []) check(m.path, `${where}'s fanotify mark`);
     }
   }
 }

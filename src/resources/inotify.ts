@@ -34,7 +34,7 @@ const WATCH = /^inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]
 
 /** Where the filesystem with kernel device number `sdev` is mounted, as
  * the process sees it (a mount of its root preferred). */
-function mountOf(pid: number, sdev: number): string | undefined {
+export function mountOf(pid: number, sdev: number): string | undefined {
   const dev = `${sdev >>> 20}:${sdev & 0xfffff}`;
   let best: string | undefined;
   for (const line of readFileSync(`/proc/${pid}/mountinfo`, 'utf8').split('\n')) {
@@ -47,6 +47,32 @@ function mountOf(pid: number, sdev: number): string | undefined {
   return best;
 }
 
+/** The path of the inode a mark or watch of process `pid` is on, from
+ * the fields its fdinfo line gives (hex, as the kernel prints them);
+ * `what` names it ("inotify watch 3") in the refusal, prefixed by
+ * `where`. The inode at that path now must be the one marked: a deleted
+ * one (or one whose name went elsewhere) cannot be marked again by name. */
+export function markedInodePath(pid: number, fields: { ino: string; sdev: string; type?: string; handle?: string }, where: string, what: string): string {
+  const { ino, sdev, type, handle } = fields;
+  if (!handle || !type) throw new Unsupported(`${where}: ${what} is on a filesystem that gives no file handles: its path cannot be found`);
+  const mount = mountOf(pid, parseInt(sdev, 16));
+  if (!mount) throw new Unsupported(`${where}: ${what} is on a filesystem the process has no mount of`);
+  let path: string;
+  try {
+    path = addon().fileHandlePath(mount, parseInt(type, 16), handle);
+  } catch (e) {
+    throw new Unsupported(`${where}: the path of ${what} cannot be found (${(e as Error).message})`);
+  }
+  let same = false;
+  try {
+    same = !path.endsWith(' (deleted)') && lstatSync(path).ino === parseInt(ino, 16);
+  } catch {
+    /* no longer at that path */
+  }
+  if (!same) throw new Unsupported(`${where}: ${what} is on an inode with no name (${path}): it cannot be found again by path`);
+  return path;
+}
+
 /** Each watch of inotify descriptor `where` ("process 2 (app) fd 5"), in
  * wd order, from its fdinfo text. */
 export function dumpInotify(pid: number, fdinfo: string, where: string): InotifyWatch[] {
@@ -56,24 +82,7 @@ export function dumpInotify(pid: number, fdinfo: string, where: string): Inotify
     const m = WATCH.exec(line);
     if (!m) throw new Unsupported(`${where}: an inotify watch this kernel shows as '${line}' cannot be captured yet`);
     const [, wd, ino, sdev, mask, , type, handle] = m;
-    if (!handle) throw new Unsupported(`${where}: inotify watch ${wd} is on a filesystem that gives no file handles: its path cannot be found`);
-    const mount = mountOf(pid, parseInt(sdev, 16));
-    if (!mount) throw new Unsupported(`${where}: inotify watch ${wd} is on a filesystem the process has no mount of`);
-    let path: string;
-    try {
-      path = addon().fileHandlePath(mount, parseInt(type, 16), handle);
-    } catch (e) {
-      throw new Unsupported(`${where}: the path of inotify watch ${wd} cannot be found (${(e as Error).message})`);
-    }
-    // The inode at that path now must be the one watched: a deleted one
-    // (or one whose name went elsewhere) cannot be watched again by name.
-    let same = false;
-    try {
-      same = !path.endsWith(' (deleted)') && lstatSync(path).ino === parseInt(ino, 16);
-    } catch {
-      /* no longer at that path */
-    }
-    if (!same) throw new Unsupported(`${where}: inotify watch ${wd} is on an inode with no name (${path}): it cannot be watched again by path`);
+    const path = markedInodePath(pid, { ino, sdev, type, handle }, where, `inotify watch ${wd}`);
     watches.push({ wd: Number(wd), path, mask: parseInt(mask, 16) });
   }
   return watches.sort((a, b) => a.wd - b.wd);

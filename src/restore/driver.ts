@@ -30,6 +30,7 @@ import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js'
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreAioRings } from '../resources/aio.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
@@ -152,6 +153,7 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   checkCredentials(image, own);
   checkLimits(image, readLimits('self'), own);
   checkSchedulingPrivileges(image, own.capEff);
+  checkFanotifyPrivileges(image, own.capEff);
   timeNamespaceFor(image, own);
 }
 

@@ -219,6 +219,9 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       // The watches follow paths by name: a clone's REDIR PATH rules do
       // not move them (README: not covered yet).
       return { kind: 'inotify', name: `inotify on ${(fd.inotifyWatches ?? []).map((w) => w.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.FANOTIFY:
+      // Marks follow paths by name, as inotify's watches do.
+      return { kind: 'fanotify', name: `fanotify on ${(fd.fanotify?.marks ?? []).map((m) => m.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.MQUEUE:
       return { kind: 'mqueue', name: describeMessageQueue(image, fd), ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
