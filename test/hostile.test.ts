@@ -795,6 +795,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
         ['a unix listener whose file went to another directory', { renamed: '../../etc/x', removed: false, mode: 0o600, uid: 0, gid: 0 }, '"\\.\\./\\.\\./etc/x"'],
         ['a unix listener whose file went to ..', { renamed: '..', removed: false, mode: 0o600, uid: 0, gid: 0 }, '"\\.\\."'],
         ['a unix listener whose file has a mode beyond 07777', { renamed: '', removed: false, mode: 0o170777, uid: 0, gid: 0 }, '"" .*mode 61951'],
+        ['a unix listener bound by an absolute name with a directory it was bound in', { renamed: '', removed: false, mode: 0o600, uid: 0, gid: 0, base: '/etc' }, '"" .*a directory it was bound in that its name does not need'],
       ] as const
     ).map(([what, file, named]): [string, (i: Image) => void, string] => [
       what,
@@ -803,7 +804,26 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
         Object.assign(fd, { fd: 909, kind: 4, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('x'), inherited: undefined, family: 1, address: '/tmp/appshot-hostile.sock', port: 0, file } });
         i.processes[0].fds.push(fd);
       },
-      `fd 909 has a socket file record that is not of a unix listener bound to a path, or names ${named}`,
+      `fd 909 has a socket file record that is not of a unix socket bound to a path, or names ${named}`,
+    ]),
+    // A relative name is bound in the directory the image names: without
+    // one it would be bound wherever the restore runs; with .. anywhere.
+    ...(
+      [
+        ['a unix listener bound by a relative name with no directory', 'x.sock', undefined, 'is a unix socket bound to the relative name "x\\.sock", with no directory it was bound in'],
+        ['a unix listener bound by a relative name in a relative directory', 'x.sock', 'tmp', 'has a socket file record .* a directory it was bound in that its name does not need'],
+        ['a unix listener bound by a relative name with ..', '../x.sock', '/tmp', 'is a unix socket bound to "\\.\\./x\\.sock", which is not a plain relative path'],
+        ['a unix listener bound by a relative name in a directory with ..', 'x.sock', '/tmp/../etc', "fd 911's socket directory names \"/tmp/\\.\\./etc\", which is not a plain absolute path"],
+      ] as const
+    ).map(([what, address, base, message]): [string, (i: Image) => void, string] => [
+      what,
+      (i) => {
+        const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+        const file = base === undefined ? undefined : { renamed: '', removed: false, mode: 0o600, uid: 0, gid: 0, base };
+        Object.assign(fd, { fd: 911, kind: 4, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('x'), inherited: undefined, family: 1, address, port: 0, ...(file ? { file } : {}) } });
+        i.processes[0].fds.push(fd);
+      },
+      message,
     ]),
     ...mqueueCases(),
     ...aioCases(),
@@ -816,6 +836,23 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['inspect', dir], corrupt(message));
       refuses(['restore', dir], corrupt(message));
     });
+
+  it('never removes a file that is not a socket where an image binds a unix listener', () => {
+    // connect() answers ECONNREFUSED for any file: taken for a stale
+    // socket, the file was removed and a socket bound in its place.
+    const victim = join(out, 'victim.txt');
+    writeFileSync(victim, 'kept\n');
+    const dir = crafted('listener-on-a-file', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 910, kind: 4, flags: 0o4002, path: '', file: -1, description: 0, socket: { ...inheritedListener('x'), inherited: undefined, family: 1, address: victim, port: 0 } });
+      i.processes[0].fds.push(fd);
+    });
+    const r = sb.run(['restore', dir, '--aid', 'onfile']);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/victim\.txt: Address already in use/);
+    expect(readFileSync(victim, 'utf8')).toBe('kept\n');
+    expect(sb.aids()).not.toContain('onfile');
+  });
 
   it("restores an image naming a listener inherited from serve's public listener, not handed one, with the application's own listener made again", () => {
     const dir = crafted('inherited-listener', (i) => {

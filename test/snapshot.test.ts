@@ -395,13 +395,13 @@ describe('the registration of an application whose processes come and go', () =>
 
 describe('snapshot failures leave the application running and no image', () => {
   it('refuses a resource it cannot capture, naming the process, fd and kind', async () => {
-    startApp('inot', [fixture('holder'), 'fanotify']);
+    startApp('inot', [fixture('holder'), 'io_uring']);
     await waitFor(() => /READY fd=(\d+)/.test(logOf('inot')));
     const fd = /READY fd=(\d+)/.exec(logOf('inot'))![1];
     const r = sb.run(['snapshot', 'inot', '-o', join(out, 'inot')]);
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
-    expect(r.stderr).toContain(`process 2 (holder) fd ${fd}: fanotify cannot be captured yet`);
+    expect(r.stderr).toContain(`process 2 (holder) fd ${fd}: io_uring cannot be captured yet`);
     expect(existsSync(join(out, 'inot'))).toBe(false);
     const [p] = sb.json<Json>(['ps', 'inot'])[0].processes.filter((x: Json) => x.vpid === 2);
     expect(tracerOf(p.pid)).toBe(0);

@@ -34,6 +34,7 @@
 extern "C" {
 #include "appshot_table.h"
 #include "pages.h"
+#include "dgram.h"
 }
 
 namespace {
@@ -281,22 +282,18 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     what = address;
     // "@name" is an abstract address, as /proc/net/unix shows it.
     std::string path = address;
-    if (!path.empty() && path[0] == '@') {
-      path[0] = '\0';
-    } else {
-      // The image's process left its socket file behind; a live socket
-      // there (the original still running) is not ours to take.
-      int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      sockaddr_un p{};
-      p.sun_family = AF_UNIX;
-      std::memcpy(p.sun_path, path.data(), std::min(path.size(), sizeof p.sun_path - 1));
-      if (probe >= 0 && connect(probe, reinterpret_cast<sockaddr*>(&p), sizeof p) != 0 && errno == ECONNREFUSED)
-        unlink(path.c_str());
-      if (probe >= 0) close(probe);
-    }
+    // A socket file the ended original left there is the caller's to
+    // remove first (sockets.ts: only a socket file, through its
+    // directory). Not here: connect() answers ECONNREFUSED for any file,
+    // and the name is the image's, which may be anyone's file.
+    if (!path.empty() && path[0] == '@') path[0] = '\0';
     std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
-    rc = bind(fd, reinterpret_cast<sockaddr*>(&a),
-              static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
+    // A relative name is resolved where the application bound it.
+    std::string dir = o.Has("dir") && o.Get("dir").IsString() ? o.Get("dir").As<Napi::String>().Utf8Value() : "";
+    int b = bind_in(fd, reinterpret_cast<sockaddr*>(&a),
+                    static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()), dir.c_str());
+    if (b) errno = -b;
+    rc = b ? -1 : 0;
   }
   // listen: false binds only (a clone held by the engine on a multiplexed
   // port: listening, it would take its share of the port's connections
