@@ -340,7 +340,8 @@ interface Addon {
   /** F_ADD_SEALS. */
   addSeals(fd: number, seals: number): void;
   /** `early`: options set between socket() and bind(). */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean }): number;
+  /** `dir`: where a relative unix name is resolved. */
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string }): number;
   /** A socket listenSocket bound with `listen: false` listens now. */
   listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
@@ -387,7 +388,8 @@ interface Addon {
   pidfdSendSignal(pidfd: number, signal: number): void;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
   sockOpen(family: number, type: number): number;
-  sockBind(fd: number, addr: Buffer): void;
+  /** `dir`: where a relative unix name is resolved (the process's working directory if absent). */
+  sockBind(fd: number, addr: Buffer, dir?: string): void;
   sockConnect(fd: number, addr: Buffer): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;

@@ -185,14 +185,16 @@ describe('inotify: every watch at its number, with its mask, on its inode', () =
   roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
 });
 
-describe('unix listeners whose files were renamed into place, given a mode, or unlinked after the bind', () => {
+describe('unix sockets whose files were renamed into place, given a mode or unlinked after the bind, or bound by relative names', () => {
   const dir = mkdtempSync(join(out, 'sockfiles-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   it('come back with the names they were bound to, the file where it went with its mode, and no file where there was none', async () => {
     // Before, the restore bound each name again: a file at the temporary
     // name, a stale one at the name clients use, one where the
-    // application had removed it, and the mode of appshot's umask.
+    // application had removed it, and the mode of appshot's umask; the
+    // relative names were refused at snapshot (datagram) or bound where
+    // the restore ran (listener).
     await comesBackFromEndingSnapshot('sfil1', [fixture('sockfiles'), dir]);
     await run(['stop', 'sfil1']);
     await waitFor(() => !sb.aids().includes('sfil1'), 10_000, 'sfil1 to stop');
@@ -206,8 +208,18 @@ describe('unix listeners whose files were renamed into place, given a mode, or u
     const r = await attempt(['restore', join(out, 'sfil2'), '--aid', 'sfil3']);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/served\.sock: a live socket listens there/);
-    expect(readdirSync(here)).toEqual(['served.sock']);
+    expect(readdirSync(here).sort()).toEqual(['rel.sock', 'reldg.sock', 'served.sock']);
     await checksPass('sfil2');
+  });
+
+  it('bound by a relative name in a directory the process has left, are refused by name at snapshot, and the application goes on', async () => {
+    const here = mkdtempSync(join(dir, 'moved-'));
+    await start('sfil4', [fixture('sockfiles'), here, 'moved']);
+    await checksPass('sfil4');
+    const r = await attempt(['snapshot', 'sfil4', '-o', join(out, 'sfil4')]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/it is bound to the relative path rel\.sock, whose file is not under the working directory \/ of its process: where it was bound cannot be found; the application was left running/);
+    await checksPass('sfil4');
   });
 });
 

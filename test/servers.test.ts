@@ -1,7 +1,9 @@
 /**
  * Debian's servers in their ordinary configurations, which run as several
  * users: nginx (master as root, workers as nobody), memcached -u nobody,
- * haproxy (a chrooted worker as haproxy, unix sockets renamed into place) and
+ * haproxy (a chrooted worker as haproxy, unix sockets renamed into place),
+ * Postfix (daemons chrooted to its queue directory, sockets bound by
+ * relative names) and
  * PostgreSQL 15 started as the packaging starts it (runuser from root) or by
  * its own user. Each goes through snapshot and restore (and nginx and
  * memcached through templates and clones) and must come back serving, with
@@ -22,6 +24,7 @@ const NGINX = '/usr/sbin/nginx';
 const MEMCACHED = '/usr/bin/memcached';
 const HAPROXY = '/usr/sbin/haproxy';
 const HAPROXY_CFG = '/etc/haproxy/haproxy.cfg';
+const POSTFIX = '/usr/sbin/postfix';
 const PG_BIN = '/usr/lib/postgresql/15/bin';
 const PSQL = '/usr/bin/psql';
 const NOBODY = 65534;
@@ -179,9 +182,9 @@ http {
 }
 
 describe('servers that run as several users', () => {
-  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy and postgresql-15)', () => {
-    for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
-      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postgresql-15)`).toBe(true);
+  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy, postfix and postgresql-15)', () => {
+    for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, POSTFIX, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
+      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postfix postgresql-15)`).toBe(true);
   });
 
   it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {
@@ -315,7 +318,86 @@ frontend web
     expect(identities('hap')).toEqual(before);
     run(['stop', 'hap', '-s', 'KILL']);
   });
+
+  it.runIf(isRoot)('Postfix, its daemons chrooted to the queue directory and its sockets bound by relative names: mail is accepted and delivered after a round trip', async () => {
+    // An instance of its own (postfix -c): the packaged master.cf with its
+    // chroot column as shipped, SMTP on a test port, every message
+    // discarded once delivered. Postfix binds every unix socket by a
+    // relative name from its queue directory (private/cleanup,
+    // public/postlog), which the snapshot refused (datagram) or the
+    // restore bound where appshot ran (listeners); its chrooted daemons'
+    // sockets were refused.
+    const port = base + 3;
+    const pf = join(dir, 'postfix');
+    const conf = join(pf, 'conf');
+    mkdirSync(conf, { recursive: true });
+    mkdirSync(join(pf, 'queue'));
+    mkdirSync(join(pf, 'data'));
+    chownSync(join(pf, 'data'), Number(spawnSync('id', ['-u', 'postfix'], { encoding: 'utf8' }).stdout), 0);
+    const master = readFileSync('/etc/postfix/master.cf', 'utf8');
+    expect(master).toMatch(/^smtp\s+inet\s+n\s+-\s+y\s/m);
+    writeFileSync(join(conf, 'master.cf'), master.replace(/^smtp(\s+inet)/m, `127.0.0.1:${port}$1`));
+    writeFileSync(
+      join(conf, 'main.cf'),
+      [
+        'compatibility_level = 3.6',
+        `queue_directory = ${join(pf, 'queue')}`,
+        `data_directory = ${join(pf, 'data')}`,
+        'inet_interfaces = loopback-only',
+        'inet_protocols = ipv4',
+        'myhostname = appshot.test',
+        'mydestination = localhost',
+        'alias_maps =',
+        'alias_database =',
+        'local_recipient_maps =',
+        'local_transport = discard:',
+        'default_transport = discard:',
+        'maillog_file = /dev/stdout',
+        '',
+      ].join('\n'),
+    );
+    const check = spawnSync(POSTFIX, ['-c', conf, 'check'], { encoding: 'utf8' });
+    expect(check.status, check.stderr).toBe(0);
+    run(['run', '-d', '--aid', 'pfx', '--', POSTFIX, '-c', conf, 'start-fg']);
+    await waitFor(() => /daemon started/.test(sb.log('pfx')), 30_000, 'postfix to start');
+    const delivered = async (to: string) => {
+      const id = await smtpSend(port, to);
+      await waitFor(() => new RegExp(`${id}: to=<${to}>.*status=sent`).test(sb.log('pfx')), 30_000, `the message to ${to} delivered`);
+    };
+    await delivered('before@localhost');
+    // The chrooted daemons (pickup, qmgr) and the ones started for the
+    // message: the snapshot takes them all.
+    await waitFor(() => processes('pfx').some((p) => /^qmgr/.test(p.command)), 10_000, 'qmgr');
+    run(['snapshot', 'pfx', '-o', join(dir, 'pfx.snap')]);
+    run(['restore', join(dir, 'pfx.snap')]);
+    await delivered('after@localhost');
+    expect(readdirSync(join(pf, 'queue', 'public')).sort()).toEqual(['cleanup', 'flush', 'pickup', 'postlog', 'qmgr', 'showq']);
+    run(['stop', 'pfx', '-s', 'KILL']);
+  });
 });
+
+/** One message through SMTP on `port` to `to`; the queue id it was given. */
+function smtpSend(port: number, to: string): Promise<string> {
+  const steps = ['EHLO appshot.test', 'MAIL FROM:<test@localhost>', `RCPT TO:<${to}>`, 'DATA', `Subject: ${to}\r\n\r\nhello\r\n.`, 'QUIT'];
+  return new Promise((resolve, reject) => {
+    const s = connect(port, '127.0.0.1');
+    let got = '';
+    let sent = 0;
+    s.setTimeout(20_000, () => s.destroy(new Error(`no answer from SMTP: ${JSON.stringify(got.slice(-300))}`)));
+    s.on('data', (d) => {
+      got += d.toString();
+      // Each reply's last line is "NNN text" (a dash after NNN: more follow).
+      const replies = got.split('\r\n').filter((l) => /^\d{3} /.test(l)).length;
+      if (replies > sent && sent < steps.length) s.write(`${steps[sent++]}\r\n`);
+    });
+    s.on('close', () => {
+      const id = /^250 2\.0\.0 Ok: queued as (\w+)/m.exec(got)?.[1];
+      if (id) resolve(id);
+      else reject(new Error(`SMTP did not queue the message: ${JSON.stringify(got.slice(-400))}`));
+    });
+    s.on('error', reject);
+  });
+}
 
 /** Sends `text` on a new connection to the unix socket at `path`; true
  * once what came back matches `until`. */

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 #include <arpa/inet.h>
 #include <net/if.h>
@@ -65,9 +66,12 @@ Napi::Value SockOpen(const Napi::CallbackInfo& info) {
 }
 
 // sockBind(fd, addr), sockConnect(fd, addr)
+// sockBind(fd, addr, dir?): a relative unix name is resolved in `dir`.
 Napi::Value SockBind(const Napi::CallbackInfo& info) {
   auto a = info[1].As<Napi::Buffer<uint8_t>>();
-  if (bind(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), a.Length())) ThrowErrno(info.Env(), "bind", errno);
+  std::string dir = info.Length() > 2 && info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
+  int rc = bind_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str());
+  if (rc) ThrowErrno(info.Env(), "bind", -rc);
   return info.Env().Undefined();
 }
 

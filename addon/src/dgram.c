@@ -2,6 +2,8 @@
 #include "dgram.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <netinet/in.h>
 #include <netinet/ip.h>
 #include <netinet/udp.h>
@@ -159,4 +161,30 @@ out:
   if (fd >= 0) close(fd);
   free(pkt);
   return rc;
+}
+
+struct bind_in_call {
+  int fd;
+  const struct sockaddr* addr;
+  socklen_t len;
+  const char* dir;
+  int err;
+};
+
+static void* bind_in_thread(void* arg) {
+  struct bind_in_call* c = arg;
+  /* This thread's working directory only: the process's (the engine's,
+   * shared by every thread) stays where it is. */
+  if (unshare(CLONE_FS) != 0 || chdir(c->dir) != 0 || bind(c->fd, c->addr, c->len) != 0) c->err = errno;
+  return NULL;
+}
+
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
+  if (!dir || !*dir) return bind(fd, addr, len) == 0 ? 0 : -errno;
+  struct bind_in_call c = {fd, addr, len, dir, 0};
+  pthread_t t;
+  int rc = pthread_create(&t, NULL, bind_in_thread, &c);
+  if (rc != 0) return -rc;
+  pthread_join(t, NULL);
+  return -c.err;
 }

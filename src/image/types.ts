@@ -724,8 +724,8 @@ export interface Socket {
    * the key its restore is handed a descriptor under (the other fields:
    * the application's own listener it replaced); absent or "": not. */
   inherited?: string;
-  /** A unix listener bound to a path: its file at the snapshot (absent in
-   * older images). */
+  /** A unix listener or datagram socket bound to a path: its file at the
+   * snapshot (absent in older images). */
   file?: SocketFile;
 }
 
@@ -738,6 +738,9 @@ export interface SocketFile {
   mode: number;
   uid: number;
   gid: number;
+  /** A relative name: the directory it was bound in; "" (or absent, in
+   * older images) for an absolute one. */
+  base?: string;
 }
 
 export interface MulticastMembership {

@@ -328,9 +328,16 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       corrupt(`${where} is a TCP listener of family ${fd.socket.family} at '${String(fd.socket.address).slice(0, 64)}', not an IPv4 (2) or IPv6 (10) address of its family`);
     // A listener's file is moved within its directory and given a mode:
     // a name with a slash (or . and ..) would move it anywhere.
-    const file = fd.socket?.file;
-    if (file && (fd.kind !== FdKind.UNIX_SOCKET || !fd.socket!.listening || !fd.socket!.address.startsWith('/') || !(file.mode >= 0 && file.mode <= 0o7777) || (file.renamed !== '' && !FILE_NAME.test(file.renamed)) || (file.removed && file.renamed !== '')))
-      corrupt(`${where} has a socket file record that is not of a unix listener bound to a path, or names ${JSON.stringify(String(file.renamed).slice(0, 64))} (not one name in its directory) or mode ${file.mode}`);
+    // A relative name is bound where the image says it was (base), never
+    // where the restore happens to run.
+    const s = fd.socket;
+    const boundByName = !!s && s.family === 1 && ((fd.kind === FdKind.UNIX_SOCKET && s.listening) || fd.kind === FdKind.UNIX_DGRAM || fd.kind === FdKind.UNCONNECTED_STREAM) && s.address !== '' && !s.address.startsWith('@');
+    const relative = boundByName && !s!.address.startsWith('/');
+    const file = s?.file;
+    if (file && (!boundByName || !(file.mode >= 0 && file.mode <= 0o7777) || (file.renamed !== '' && !FILE_NAME.test(file.renamed)) || (file.removed && file.renamed !== '') || (relative ? !file.base?.startsWith('/') : !!file.base)))
+      corrupt(`${where} has a socket file record that is not of a unix socket bound to a path, or names ${JSON.stringify(String(file.renamed).slice(0, 64))} (not one name in its directory) or mode ${file.mode}, or a directory it was bound in that its name does not need`);
+    if (relative && !file?.base) corrupt(`${where} is a unix socket bound to the relative name ${JSON.stringify(s!.address.slice(0, 64))}, with no directory it was bound in`);
+    if (relative && s!.address.split('/').some((part) => part === '.' || part === '..')) corrupt(`${where} is a unix socket bound to ${JSON.stringify(s!.address.slice(0, 64))}, which is not a plain relative path`);
     if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
       corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {
@@ -434,6 +441,7 @@ function checkPaths(image: Image): void {
       const where = `${who} fd ${fd.fd}`;
       check(fd.path, where);
       check(fd.socket?.address, where);
+      check(fd.socket?.file?.base, `${where}'s socket directory`);
       check(fd.socket?.peerAddress, where);
       for (const d of fd.socket?.datagrams ?? []) check(d.from, `${where}'s queued datagram`);
       for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);

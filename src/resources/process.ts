@@ -5,7 +5,7 @@
  * (limits.ts) are resource kinds of their own.
  */
 import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
-import type { ITimer, MmFields, Process } from '../image/types.js';
+import { FdKind, type ITimer, type MmFields, type Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
 import { dumpTimeOffsets } from './timens.js';
@@ -184,8 +184,12 @@ export function forkingTid(parent: Process, parentVtid: number | undefined, tids
  * else. The restore binds and connects names as appshot's process sees
  * them, so it would bind the host's /s.sock (removing a stale socket file
  * there first). Refused by name until names are resolved under the root,
- * but for a listener whose file was found as appshot sees its name (bound
+ * but for a socket whose file was found as appshot sees its name (bound
  * before the chroot, as servers that chroot themselves do: socketfile.ts).
+ * Only the names the restore binds or sends from count here: an end of a
+ * connection is made as a pair (the name it shows is its listener's), and
+ * a datagram socket's peer is connected to through the peer socket when it
+ * is the application's (one outside it: checkUnixPeers).
  */
 export function refuseChrootedSocketPaths(p: Process, what: string): void {
   if (!p.root || p.root === '/') return;
@@ -193,8 +197,9 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   for (const fd of p.fds) {
     const s = fd.socket;
     if (!s || s.family !== 1) continue; // AF_UNIX
-    if (s.listening && s.file && !s.file.removed) continue;
-    const name = [s.address, s.peerAddress, ...(s.datagrams ?? []).map((d) => d.from)].find(named);
+    const bound = (fd.kind === FdKind.UNIX_SOCKET && s.listening) || fd.kind === FdKind.UNIX_DGRAM || fd.kind === FdKind.UNCONNECTED_STREAM;
+    const own = bound && !(s.file && !s.file.removed) ? s.address : undefined;
+    const name = [own, ...(s.datagrams ?? []).map((d) => d.from)].find(named);
     if (name)
       throw new Unsupported(`${what} fd ${fd.fd}: a unix socket that names ${name} in a process whose root directory is ${p.root} (chroot): the name is resolved in that root, which the restore does not do`);
   }

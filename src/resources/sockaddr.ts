@@ -16,14 +16,16 @@ export interface SockName {
   port: number;
 }
 
-/** Why a unix name cannot be recorded as a string, or undefined. */
-export function unixNameProblem(raw: Buffer): string | undefined {
+/** Why a unix name cannot be recorded as a string, or undefined.
+ * `relativeOk`: a relative path is recorded (with where it was bound:
+ * socketfile.ts). */
+export function unixNameProblem(raw: Buffer, relativeOk = false): string | undefined {
   const path = raw.subarray(2);
   if (!path.length) return undefined;
   const body = path[0] === 0 ? path.subarray(1) : path.subarray(0, path.indexOf(0) < 0 ? path.length : path.indexOf(0));
   if (body.includes(0)) return 'its abstract name holds a NUL byte';
   if (!Buffer.from(body.toString('utf8'), 'utf8').equals(body)) return 'its name is not UTF-8';
-  if (path[0] !== 0 && body[0] !== 0x2f) return `it is bound to the relative path ${body.toString('utf8')}`;
+  if (path[0] !== 0 && body[0] !== 0x2f && !relativeOk) return `it is bound to the relative path ${body.toString('utf8')}`;
   return undefined;
 }
 

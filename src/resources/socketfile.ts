@@ -19,18 +19,28 @@
  * appshot sees it: the restore binds it right) from one bound inside it
  * (found under the root: refused by name, the restore does not resolve
  * names under a root).
+ *
+ * A relative name (Postfix binds every socket of its queue directory so:
+ * `private/smtp`, `public/postlog`) is what getsockname answers too, and
+ * was resolved in the working directory of the process at its bind. The
+ * snapshot looks for its file under the process's working directory now
+ * (`base`); the restore binds the same relative name there (addon bind_in,
+ * in a thread of its own working directory). Found nowhere there, it is
+ * refused by name: where it was bound cannot be known.
  */
-import { closeSync, chmodSync, chownSync, fstatSync, linkSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
+import { closeSync, chmodSync, chownSync, fstatSync, linkSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats, unlinkSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { SocketFile } from '../image/types.js';
+import { addon } from '../native.js';
 import { Unsupported } from './context.js';
-import { removeStale, unlinkSocketFile } from './unixdgram.js';
+import { AF_UNIX, makeSockaddr } from './sockaddr.js';
 
 const O_PATH = 0o10000000;
 const O_NOFOLLOW = 0o400000;
 const O_CLOEXEC = 0o2000000;
 const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
 
 /** The socket file `st` is the one the kernel names by `ino` and `dev`. */
 function isFileOf(st: Stats | undefined, ino: number, dev: number): boolean {
@@ -62,16 +72,25 @@ function renamedIn(dir: string, ino: number, dev: number): string | undefined {
  * `vfs` look at it, or undefined for an abstract or unnamed socket.
  * `where` names the descriptor in a refusal.
  */
-export function dumpSocketFile(pid: number, path: string, vfs: { vfsIno?: number; vfsDev?: number } | undefined, where: string): SocketFile | undefined {
-  if (!path.startsWith('/') || !vfs?.vfsIno || vfs.vfsDev === undefined) return undefined;
+export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number; vfsDev?: number } | undefined, where: string): SocketFile | undefined {
+  if (!name || name.startsWith('@')) return undefined;
+  const relative = !name.startsWith('/');
+  if (!vfs?.vfsIno || vfs.vfsDev === undefined) {
+    if (relative) throw new Unsupported(`${where}: it is bound to the relative path ${name}, whose file the kernel does not show: where it was bound cannot be found`);
+    return undefined;
+  }
   const { vfsIno: ino, vfsDev: dev } = vfs;
-  const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid });
   let root = '/';
+  let base = '';
   try {
     root = readlinkSync(`/proc/${pid}/root`);
+    if (relative) base = readlinkSync(`/proc/${pid}/cwd`);
   } catch {
     /* gone: the snapshot finds out */
   }
+  if (relative && !base.startsWith('/')) throw new Unsupported(`${where}: it is bound to the relative path ${name}, and the working directory of its process cannot be read`);
+  const path = relative ? join(base, name) : name;
+  const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, ...(relative ? { base } : {}) });
   try {
     const here = lstatOrNone(path);
     if (isFileOf(here, ino, dev)) return found(here!);
@@ -81,13 +100,34 @@ export function dumpSocketFile(pid: number, path: string, vfs: { vfsIno?: number
     const renamed = renamedIn(dirname(path), ino, dev);
     if (renamed) return found(lstatSync(join(dirname(path), renamed)), renamed);
     // Gone from its directory. In a chrooted process the name may have
-    // been the root's, its file since removed: which, nothing tells.
+    // been the root's, its file since removed: which, nothing tells; a
+    // relative one may have been bound in another directory.
     if (rootView) throw insideRoot();
+    if (relative) throw new Unsupported(`${where}: it is bound to the relative path ${name}, whose file is not under the working directory ${base} of its process: where it was bound cannot be found`);
     return { renamed: '', removed: true, mode: 0, uid: 0, gid: 0 };
   } catch (e) {
     if (e instanceof Unsupported) throw e;
     throw new Unsupported(`${where}: the file of the unix socket bound to ${path} cannot be looked at (${(e as Error).message})`);
   }
+}
+
+/** Where the file of a socket bound to `name` is, as appshot sees it: a
+ * relative name joined to the directory it was bound in; undefined for an
+ * abstract or unnamed socket, or a relative name with no directory (an
+ * image validation refuses). */
+export function socketFilePath(name: string, file: SocketFile | undefined): string | undefined {
+  if (!name || name.startsWith('@')) return undefined;
+  if (name.startsWith('/')) return name;
+  return file?.base ? join(file.base, name) : undefined;
+}
+
+/** Where the file of a socket bound to `name` is once restoreSocketFile
+ * is done: moved where it went; undefined where there is none (removed,
+ * abstract, unnamed). */
+export function socketFileNow(name: string, file: SocketFile | undefined): string | undefined {
+  const path = socketFilePath(name, file);
+  if (!path || file?.removed) return undefined;
+  return file?.renamed ? join(dirname(path), file.renamed) : path;
 }
 
 /**
@@ -141,5 +181,47 @@ export function restoreSocketFile(path: string, file: SocketFile | undefined, wh
     // Moved, or the restore fails: the file at the bound name goes either
     // way (nothing of a failed restore is left).
     unlinkSocketFile(path);
+  }
+}
+
+/** A socket file the ended original left behind (nothing answers there)
+ * goes; one a live socket holds stays, and the bind says so. Returns
+ * whether a live socket of `type` answered there. */
+export function removeStale(path: string, type = SOCK_DGRAM): boolean {
+  const probe = addon().sockOpen(AF_UNIX, type);
+  try {
+    addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
+    return true;
+  } catch (e) {
+    // ECONNREFUSED is also what a file that is no socket answers: only a
+    // socket file goes (the bind then says the name is taken).
+    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED') unlinkSocketFile(path);
+    return false;
+  } finally {
+    closeSync(probe);
+  }
+}
+
+const O_DIRECTORY = 0o200000;
+
+/** Removes `path` if it is a socket file, and nothing else: a name from
+ * an image may be any file of the restoring node. Looked at and removed
+ * through one descriptor of its directory, so that a directory swapped
+ * for a symlink in between cannot send the removal elsewhere. */
+export function unlinkSocketFile(path: string): void {
+  if (path.endsWith('/')) return;
+  let dir: number;
+  try {
+    dir = openSync(dirname(path), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  } catch {
+    return;
+  }
+  try {
+    const at = `/proc/self/fd/${dir}/${basename(path)}`;
+    if (lstatSync(at).isSocket()) unlinkSync(at);
+  } catch {
+    /* gone already, or not ours to remove: the bind tells */
+  } finally {
+    closeSync(dir);
   }
 }

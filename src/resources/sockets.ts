@@ -34,8 +34,8 @@ import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from 
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { dumpSocketFile, restoreSocketFile } from './socketfile.js';
-import { dumpUnixDgram, queuedMessages, refuseOwnFilter, removeStale, shut } from './unixdgram.js';
+import { dumpSocketFile, removeStale, restoreSocketFile, socketFilePath } from './socketfile.js';
+import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
@@ -229,7 +229,8 @@ export class SocketTable {
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
       if (!d?.peer && !opts.listening && unixUnconnected(u?.state)) {
-        const own = { ...base, address: u?.path ?? '' };
+        const file = dumpSocketFile(pid, u?.path ?? '', d, `${what} fd ${fd}`);
+        const own = { ...base, address: u?.path ?? '', ...(file ? { file } : {}) };
         return { ...own, options: extras(optionKind(AF_UNIX), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
       }
       // Connected, and its peer closed since: what it has not read, then
@@ -294,6 +295,11 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
   const inImage = new Set(sockets.map((s) => s.socket.ino));
   for (const s of sockets) {
     if (!s.socket.peerIno || inImage.has(s.socket.peerIno)) continue;
+    const peerName = s.socket.peerAddress ?? '';
+    if (s.dgram && peerName && !peerName.startsWith('/') && !peerName.startsWith('@'))
+      throw new Unsupported(`${s.where}: a unix datagram socket connected to ${peerName}, a relative name outside the application: where it was bound cannot be known`);
+    if (s.dgram && peerName && !peerName.startsWith('@') && s.p.root && s.p.root !== '/')
+      throw new Unsupported(`${s.where}: a unix socket that names ${peerName} in a process whose root directory is ${s.p.root} (chroot): the name is resolved in that root, which the restore does not do`);
     if (s.dgram && s.socket.peerAddress) s.socket.peerIno = 0n;
     else if (s.dgram) throw new Unsupported(`${s.where}: a unix datagram socket connected to an unnamed socket outside the application cannot be captured (nothing to connect to again by name)`);
     else if (!ctx.keeper.keeping)
@@ -517,15 +523,16 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.
-    if (fd.kind === FdKind.UNIX_SOCKET && s.address.startsWith('/') && isSocketFile(s.address) && removeStale(s.address, SOCK_STREAM))
-      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${s.address}: a live socket listens there`, ExitCode.conflict);
+    const file = fd.kind === FdKind.UNIX_SOCKET ? socketFilePath(s.address, s.file) : undefined;
+    if (file && isSocketFile(file) && removeStale(file, SOCK_STREAM))
+      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${file}: a live socket listens there`, ExitCode.conflict);
     const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
     check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
     // A held clone's listener on the shared port listens once it is let go.
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}) }));
+      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
@@ -534,7 +541,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
       const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
-    if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
+    if (file) restoreSocketFile(file, s.file, `process ${p.vpid} fd ${fd.fd}`);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;

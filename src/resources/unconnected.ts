@@ -27,7 +27,7 @@ import { addon } from '../native.js';
 import { type RestoreContext } from './context.js';
 import { AF_INET, AF_INET6, AF_UNIX, makeSockaddr } from './sockaddr.js';
 import { applyExtras, isCarriedExtra, type SockKind } from './sockopts.js';
-import { unlinkSocketFile } from './unixdgram.js';
+import { restoreSocketFile, socketFilePath, unlinkSocketFile } from './socketfile.js';
 
 const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
@@ -127,16 +127,18 @@ function make(s: Socket, where: string): number {
 }
 
 function bind(sock: number, s: Socket, where: string): void {
-  if (s.family === AF_UNIX && s.address.startsWith('/')) {
-    if (unixNameHeld(s.address)) throw new AppshotError(`${where}: a live socket holds ${s.address}`, ExitCode.conflict);
-    unlinkSocketFile(s.address);
+  const file = s.family === AF_UNIX ? socketFilePath(s.address, s.file) : undefined;
+  if (file) {
+    if (unixNameHeld(file)) throw new AppshotError(`${where}: a live socket holds ${file}`, ExitCode.conflict);
+    unlinkSocketFile(file);
   }
   try {
-    addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }));
+    addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     throw new AppshotError(`${where}: cannot be bound again: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
+  if (file) restoreSocketFile(file, s.file, where);
 }
 
 /** Whether a socket of this network namespace is bound to `path` now. */

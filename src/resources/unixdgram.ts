@@ -30,13 +30,13 @@
  *    peer has now, or to its outside peer by name; an outside peer that
  *    cannot be reached fails the restore, naming it.
  */
-import { closeSync, lstatSync, openSync, unlinkSync } from 'node:fs';
-import { basename, dirname } from 'node:path';
+import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
+import { dumpSocketFile, removeStale, restoreSocketFile, socketFileNow, socketFilePath, unlinkSocketFile } from './socketfile.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
@@ -108,17 +108,24 @@ export function refuseOwnFilter(dup: number, where: string): void {
  * sock_diag says of it. Whether its peer is in the application is known
  * only once every process is seen (sockets.ts, checkUnixPeers). */
 
-export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number } | undefined, what: string): Socket {
+export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number; vfsIno?: number; vfsDev?: number } | undefined, what: string): Socket {
   const where = `${what} fd ${fd}: a unix datagram socket`;
   const dup = addon().getFd(pid, fd);
   try {
     refuseOwnFilter(dup, where);
     const raw = addon().sockName(dup);
-    const problem = unixNameProblem(raw);
+    // A relative name is carried with the directory it was bound in
+    // (socketfile.ts), a peer's is not: connected to by name, it was
+    // resolved where the process was then, which nothing tells.
+    const problem = unixNameProblem(raw, true);
     if (problem) throw new Unsupported(`${where}: ${problem}`);
     const name = parseSockaddr(raw).address;
     const peerRaw = addon().peerName(dup);
-    if (peerRaw && unixNameProblem(peerRaw)) throw new Unsupported(`${where} connected to a peer whose name cannot be recorded: ${unixNameProblem(peerRaw)}`);
+    // A peer's relative name: connected to again through the peer socket
+    // itself when it is the application's (checkUnixPeers refuses one
+    // outside it).
+    if (peerRaw && unixNameProblem(peerRaw, true)) throw new Unsupported(`${where} connected to a peer whose name cannot be recorded: ${unixNameProblem(peerRaw, true)}`);
+    const file = dumpSocketFile(pid, name, diag, `${what} fd ${fd}`);
     return {
       ino,
       family: AF_UNIX,
@@ -137,6 +144,7 @@ export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer
       datagrams: queuedMessages(dup, where),
       shutdown: diag?.shutdown ?? 0,
       options: [...readOptions(dup, UNIX_OPTIONS), ...readExtras(dup, 'unix-dgram', AF_UNIX, SOCK_DGRAM, UNIX_OPTIONS, where)],
+      ...(file ? { file } : {}),
     };
   } finally {
     closeSync(dup);
@@ -173,7 +181,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
     setOptions(sock, ownOptions(s), false);
-    if (s.address) bindName(sock, s.address, what);
+    if (s.address) bindName(sock, s, what);
     for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
     setOptions(sock, ownOptions(s), true);
     applyExtras(sock, s.options ?? [], UNIX_OPTIONS, false, `${what}: a unix datagram socket`);
@@ -206,61 +214,22 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
   return a;
 }
 
-function bindName(sock: number, address: string, what: string): void {
+/** Bound to its name (a relative one where it was bound, socketfile.ts),
+ * its file then given its place, mode and owner. */
+function bindName(sock: number, s: Socket, what: string): void {
+  const address = s.address;
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
-  if (!address.startsWith('@')) removeStale(address);
+  const file = socketFilePath(address, s.file);
+  if (file) removeStale(file);
   try {
-    addon().sockBind(sock, name);
+    addon().sockBind(sock, name, s.file?.base || undefined);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     // The kernel chose this name; a new one is what a new socket gets.
     if (err.code === 'EADDRINUSE' && AUTOBIND.test(address)) return addon().sockBind(sock, Buffer.from([AF_UNIX, 0]));
     throw new AppshotError(`${what}: a unix datagram socket cannot be bound to ${address}: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
-}
-
-/** A socket file the ended original left behind (nothing answers there)
- * goes; one a live socket holds stays, and the bind says so. Returns
- * whether a live socket of `type` answered there. */
-export function removeStale(path: string, type = SOCK_DGRAM): boolean {
-  const probe = addon().sockOpen(AF_UNIX, type);
-  try {
-    addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
-    return true;
-  } catch (e) {
-    // ECONNREFUSED is also what a file that is no socket answers: only a
-    // socket file goes (the bind then says the name is taken).
-    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED') unlinkSocketFile(path);
-    return false;
-  } finally {
-    closeSync(probe);
-  }
-}
-
-const O_PATH = 0o10000000;
-const O_DIRECTORY = 0o200000;
-const O_CLOEXEC = 0o2000000;
-
-/** Removes `path` if it is a socket file, and nothing else: a name from
- * an image may be any file of the restoring node. Looked at and removed
- * through one descriptor of its directory, so that a directory swapped
- * for a symlink in between cannot send the removal elsewhere. */
-export function unlinkSocketFile(path: string): void {
-  if (path.endsWith('/')) return;
-  let dir: number;
-  try {
-    dir = openSync(dirname(path), O_PATH | O_DIRECTORY | O_CLOEXEC);
-  } catch {
-    return;
-  }
-  try {
-    const at = `/proc/self/fd/${dir}/${basename(path)}`;
-    if (lstatSync(at).isSocket()) unlinkSync(at);
-  } catch {
-    /* gone already, or not ours to remove: the bind tells */
-  } finally {
-    closeSync(dir);
-  }
+  if (file) restoreSocketFile(file, s.file, what);
 }
 
 /** One queued datagram sent to `sock` again, from its sender if possible. */
@@ -285,7 +254,9 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
   }
   const temp = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
   try {
-    if (d.from && unixNameFits(d.from)) {
+    // A relative sender's name would be resolved here, not where it was:
+    // sent from an unnamed socket instead.
+    if (d.from && unixNameFits(d.from) && (d.from.startsWith('/') || d.from.startsWith('@'))) {
       const stalePath = !d.from.startsWith('@');
       try {
         if (stalePath) removeStale(d.from);
@@ -314,9 +285,16 @@ function connect(h: RestoreContext, s: Socket, sock: number, what: string): bool
   if (s.peerIno) {
     const peer = socketOf(h, s.peerIno)!;
     const peerFd = made(h, peer, what);
-    const name = addon().sockName(peerFd);
+    // Where its file is now (a relative name where it was bound, a file
+    // moved where it went); its own name for an abstract one.
+    const file = socketFileNow(peer.address, peer.file);
+    const name = file ? makeSockaddr({ family: AF_UNIX, address: file, port: 0 }) : addon().sockName(peerFd);
     if (name.length <= 2) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket connected to an unnamed socket that is not its pair`);
-    addon().sockConnect(sock, name);
+    try {
+      addon().sockConnect(sock, name);
+    } catch (e) {
+      throw new AppshotError(`${what}: a unix datagram socket cannot be connected again to the application's socket ${peer.address}${peer.file?.removed ? ', whose file the application removed' : ''}: ${(e as Error).message}`);
+    }
   } else if (s.peerAddress) {
     try {
       addon().sockConnect(sock, makeSockaddr({ family: AF_UNIX, address: s.peerAddress, port: 0 }));
@@ -368,8 +346,12 @@ function ownOptions(s: Socket): SocketOption[] {
 function check(s: Socket, what: string): void {
   const bad = (why: string) => new AppshotError(`corrupt image: ${what}: a unix datagram socket ${why}`);
   if (s.family !== AF_UNIX || s.type !== SOCK_DGRAM) throw bad(`of family ${s.family} and type ${s.type}`);
-  for (const name of [s.address, s.peerAddress ?? ''])
-    if (name && (!unixNameFits(name) || (!name.startsWith('@') && !name.startsWith('/')))) throw bad(`names ${JSON.stringify(name)}`);
+  // Its own name may be relative, bound where the image says (socketfile.ts).
+  for (const [name, relativeOk] of [
+    [s.address, !!s.file?.base],
+    [s.peerAddress ?? '', !!s.peerIno],
+  ] as const)
+    if (name && (!unixNameFits(name) || (!name.startsWith('@') && !name.startsWith('/') && !relativeOk))) throw bad(`names ${JSON.stringify(name)}`);
   for (const o of s.options ?? [])
     if (!UNIX_OPTIONS.some(([l, n]) => l === o.level && n === o.name) && !isCarriedExtra('unix-dgram', AF_UNIX, UNIX_OPTIONS, o))
       throw bad(`carries socket option ${o.level}/${o.name}, which appshot does not set`);
