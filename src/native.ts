@@ -74,9 +74,7 @@ export interface SocketNote {
   port: number;
   kind: 'tcp' | 'udp' | '';
   /** A dnotify watch's (NOTE_DNOTIFY): the virtual PID of the process that
-   * made it, whose descriptor table owns it; a message queue's
-   * registration (NOTE_MQ_NOTIFY): the process that registered (0 for the
-   * others). */
+   * made it, whose descriptor table owns it (0 for the others). */
   maker?: number;
 }
 
@@ -454,6 +452,8 @@ interface Addon {
    * previous node's PIDs into new tables (appshot_table.h). */
   carryWaits(path: string, waits: WaitSlot[], prior: { virtual: number; system: number }[]): void;
   noteSocket(path: string, note: SocketNote): void;
+  /** A message queue's notification registration, as the preload library notes it. */
+  noteQueueNotify(path: string, note: { ino: bigint; signo: number; value: bigint; owner: number }): void;
   /** Drops every note of these socket inodes. */
   forgetSocketNotes(path: string, inos: bigint[]): void;
   /** Whether a lost note may have been of socket `ino` (port 0), or of the

@@ -510,13 +510,6 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
     appshot_note_dnotify(t.get(), ino, o.Get("value").As<Napi::Number>().Int32Value(), maker);
     return env.Undefined();
   }
-  if (level == APPSHOT_NOTE_MQ_NOTIFY) {
-    // name: the value's low half, value: its high half, port: the signal.
-    uint64_t value = static_cast<uint32_t>(o.Get("name").As<Napi::Number>().Int32Value()) |
-                     static_cast<uint64_t>(static_cast<uint32_t>(o.Get("value").As<Napi::Number>().Int32Value())) << 32;
-    appshot_note_mq_notify(t.get(), ino, o.Get("port").As<Napi::Number>().Int32Value(), value, maker);
-    return env.Undefined();
-  }
   appshot_note_socket(t.get(), ino, o.Get("level").As<Napi::Number>().Int32Value(), o.Get("name").As<Napi::Number>().Int32Value(),
                       o.Get("value").As<Napi::Number>().Int32Value(), static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value()),
                       kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0);
@@ -536,6 +529,27 @@ void ThrowTableWrite(const Napi::Env& env, const std::string& what, const std::s
                       std::to_string(kTableLockPatienceMs / 1000) +
                       " s by a thread that does not let go (its lock word written by the application?)",
              err);
+}
+
+// noteQueueNotify(path, { ino, signo, value: bigint, owner }): what the
+// preload library would have noted of a message queue's notification
+// registration the restore made (appshot_note_mq_notify keeps the value in
+// the note's two 32-bit fields).
+Napi::Value NoteQueueNotify(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  auto o = info[1].As<Napi::Object>();
+  bool lossless;
+  uint64_t ino = o.Get("ino").As<Napi::BigInt>().Uint64Value(&lossless);
+  uint64_t value = o.Get("value").As<Napi::BigInt>().Uint64Value(&lossless);
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables " + path, t.err());
+    return env.Undefined();
+  }
+  appshot_note_mq_notify(t.get(), ino, o.Get("signo").As<Napi::Number>().Int32Value(), value,
+                         o.Get("owner").As<Napi::Number>().Int32Value());
+  return env.Undefined();
 }
 
 // bind(path, kind, virtual, system, flags?, owner?)
@@ -803,6 +817,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("tablesLockOffset", Napi::Number::New(env, static_cast<double>(offsetof(struct appshot_header, lock))));
   exports.Set("carryWaits", Napi::Function::New(env, CarryWaits));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
+  exports.Set("noteQueueNotify", Napi::Function::New(env, NoteQueueNotify));
   exports.Set("forgetSocketNotes", Napi::Function::New(env, ForgetSocketNotes));
   exports.Set("socketNoteLost", Napi::Function::New(env, SocketNoteLost));
   exports.Set("forgetLostNotes", Napi::Function::New(env, ForgetLostNotes));

@@ -310,7 +310,7 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
     const [signo, value] = [q.notifySigno, q.notifyValue ?? 0n];
     h.once(`mqueue note ${i}`, () =>
       h.whenProcessesAreFinal(() =>
-        addon().noteSocket(h.tablesPath, { ino, level: NOTE_MQ_NOTIFY, name: Number(BigInt.asIntN(32, value)), value: Number(BigInt.asIntN(32, value >> 32n)), port: signo, kind: '', maker: p.vpid }),
+        addon().noteQueueNotify(h.tablesPath, { ino, signo, value: BigInt.asUintN(64, value), owner: p.vpid }),
       ),
     );
   }
