@@ -382,6 +382,8 @@ static void sums_free(struct pw_sums* s) {
 
 struct chunk {
   struct chunk* next;
+  struct chunk* hnext; /* in the hashing thread's list (direct) */
+  int refs;            /* stages still to see it: writing, hashing */
   uint8_t* buf;
   size_t len;
 };
@@ -405,6 +407,13 @@ struct pw_queue {
   uint64_t offset;
   EVP_MD_CTX* chunk;
   size_t chunk_fill;
+  /* A thread of its own hashing the buffers while the writer thread
+   * writes them (both only read a buffer; the last one done gives it
+   * back): the disk's time and the hashing's overlap. Without it, the
+   * writer thread hashes before writing. */
+  struct chunk *hhead, *htail;
+  pthread_t hasher;
+  int hashing;
 };
 
 static int write_all(int fd, const uint8_t* p, size_t len) {
@@ -490,7 +499,7 @@ static int direct_hash(struct pw_queue* q, const uint8_t* p, size_t len) {
  * file system that refuses it here (EINVAL) gets this and the rest
  * through the page cache, at the same offsets. */
 static int direct_write(struct pw_queue* q, const uint8_t* p, size_t len) {
-  int rc = direct_hash(q, p, len);
+  int rc = q->hashing ? 0 : direct_hash(q, p, len);
   if (rc) return rc;
   size_t done = 0;
   while (done < len) {
@@ -520,6 +529,17 @@ static int direct_open(int file_fd) {
   return open(self, O_WRONLY | O_DIRECT | O_CLOEXEC);
 }
 
+/* A stage is done with chunk `c` (under q->mu): the last one gives its
+ * buffer back. */
+static void chunk_release(struct pw_queue* q, struct chunk* c) {
+  if (--c->refs) return;
+  q->queued -= c->len;
+  if (q->nspare < q->spare_cap) q->spare[q->nspare++] = c->buf;
+  else chunk_buffer_free(c->buf, WRITE_BUFFER);
+  free(c);
+  pthread_cond_broadcast(&q->space);
+}
+
 static void* writer_main(void* arg) {
   struct pw_queue* q = arg;
   pthread_mutex_lock(&q->mu);
@@ -531,18 +551,40 @@ static void* writer_main(void* arg) {
     if (!q->head) q->tail = NULL;
     int failed = q->err;
     pthread_mutex_unlock(&q->mu);
-    int rc = failed ? 0 : q->direct_fd >= 0 ? direct_write(q, c->buf, c->len) : write_all(q->fd, c->buf, c->len);
-    if (!failed && !rc && q->direct_fd < 0) sums_published(q->sums, c->len);
+    int rc = failed ? 0 : q->chunk ? direct_write(q, c->buf, c->len) : write_all(q->fd, c->buf, c->len);
+    if (!failed && !rc && !q->chunk) sums_published(q->sums, c->len);
     pthread_mutex_lock(&q->mu);
     if (rc && !q->err) q->err = rc;
-    q->queued -= c->len;
-    if (q->nspare < q->spare_cap) q->spare[q->nspare++] = c->buf;
-    else chunk_buffer_free(c->buf, WRITE_BUFFER);
-    free(c);
-    pthread_cond_broadcast(&q->space);
+    chunk_release(q, c);
   }
   /* The last chunk, short, once everything is written. */
-  if (q->direct_fd >= 0 && !q->err && q->chunk_fill) {
+  if (q->chunk && !q->hashing && !q->err && q->chunk_fill) {
+    pthread_mutex_unlock(&q->mu);
+    int rc = direct_chunk_done(q);
+    pthread_mutex_lock(&q->mu);
+    if (rc && !q->err) q->err = rc;
+  }
+  pthread_mutex_unlock(&q->mu);
+  return NULL;
+}
+
+static void* hasher_main(void* arg) {
+  struct pw_queue* q = arg;
+  pthread_mutex_lock(&q->mu);
+  for (;;) {
+    while (!q->hhead && !q->done) pthread_cond_wait(&q->work, &q->mu);
+    struct chunk* c = q->hhead;
+    if (!c) break;
+    q->hhead = c->hnext;
+    if (!q->hhead) q->htail = NULL;
+    int failed = q->err;
+    pthread_mutex_unlock(&q->mu);
+    int rc = failed ? 0 : direct_hash(q, c->buf, c->len);
+    pthread_mutex_lock(&q->mu);
+    if (rc && !q->err) q->err = rc;
+    chunk_release(q, c);
+  }
+  if (!q->err && q->chunk_fill) {
     pthread_mutex_unlock(&q->mu);
     int rc = direct_chunk_done(q);
     pthread_mutex_lock(&q->mu);
@@ -580,6 +622,7 @@ static int queue_stop(page_writer* w, int discard) {
   pthread_cond_broadcast(&q->work);
   pthread_mutex_unlock(&q->mu);
   pthread_join(q->thread, NULL);
+  if (q->hashing) pthread_join(q->hasher, NULL);
   int rc = discard ? 0 : q->err;
   queue_free(q);
   w->queue = NULL;
@@ -712,8 +755,13 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
       /* No thread (EAGAIN under a pids limit): queue_free gives back the
        * pool made above and its array (emptied first, it read a NULL
        * array's entries). */
-      if (q->spare && pthread_create(&q->thread, NULL, writer_main, q) == 0) w->queue = q;
-      else queue_free(q);
+      if (q->spare && pthread_create(&q->thread, NULL, writer_main, q) == 0) {
+        w->queue = q;
+        /* No hashing thread: the writer thread hashes. */
+        if (q->chunk && pthread_create(&q->hasher, NULL, hasher_main, q) == 0) q->hashing = 1;
+      } else {
+        queue_free(q);
+      }
     }
     /* Without a thread, writing is synchronous: slower, not wrong. */
   }
@@ -802,6 +850,8 @@ static int flush(page_writer* w) {
     struct chunk* c = malloc(sizeof *c);
     if (!c) return -ENOMEM;
     c->next = NULL;
+    c->hnext = NULL;
+    c->refs = q->hashing ? 2 : 1;
     c->buf = w->buf;
     c->len = w->buf_used;
     pthread_mutex_lock(&q->mu);
@@ -811,8 +861,13 @@ static int flush(page_writer* w) {
       if (q->tail) q->tail->next = c;
       else q->head = c;
       q->tail = c;
+      if (q->hashing) {
+        if (q->htail) q->htail->hnext = c;
+        else q->hhead = c;
+        q->htail = c;
+      }
       q->queued += c->len;
-      pthread_cond_signal(&q->work);
+      pthread_cond_broadcast(&q->work);
     }
     if (err) {
       pthread_mutex_unlock(&q->mu);
