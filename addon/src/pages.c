@@ -287,7 +287,7 @@ static void* sums_main(void* arg) {
      * make it read-only in this process, whose threads run on every core:
      * a TLB shootdown per page, which on a VM made the fsync of a 64 MiB
      * page file take ~800 ms instead of ~50. */
-    if (!rc && s->map) madvise(s->map + from, len, MADV_DONTNEED);
+    if (!rc && s->map) madvise((void*)(uintptr_t)(s->map + from), len, MADV_DONTNEED);
     /* Its writing to the disk starts now, so that the fsync before the
      * commit finds little left to do; a chunk is never written again. */
     if (!rc) sync_file_range(s->fd, (off64_t)from, (off64_t)len, SYNC_FILE_RANGE_WRITE);
