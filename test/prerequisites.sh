@@ -21,6 +21,7 @@ declare -A needs=(
   [/usr/sbin/nginx]=nginx-light
   [/usr/bin/memcached]=memcached
   [/usr/sbin/haproxy]=haproxy
+  [/usr/sbin/dnsmasq]=dnsmasq-base
   [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
   [/usr/bin/psql]=postgresql-client-15
   [/usr/bin/etcd]=etcd-server
