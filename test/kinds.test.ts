@@ -568,6 +568,20 @@ describe('netlink sockets: an autobound one in groups beyond 32, one at a port i
     expect(sb.aids()).not.toContain('nlbusy2');
     await checksPass(aid);
   });
+
+  it('is refused by template create, naming each socket bound to a port id (every clone cannot have it)', async () => {
+    const aid = 'nltpl';
+    await start(aid, [fixture('netlinks')]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    const r = await attempt(['template', 'create', join(out, aid), '-o', join(out, `${aid}.template`)]);
+    expect(r.code, r.stderr).toBe(1);
+    for (const fd of [3, 4, 5])
+      expect(r.stderr).toMatch(new RegExp(`process 2 \\(netlinks\\) fd ${fd}: a netlink socket bound to port id \\d+ cannot be bound by every clone`));
+    // The unbound one is a clone's to make.
+    expect(r.stderr).not.toMatch(/fd 6:/);
+    expect(existsSync(join(out, `${aid}.template`))).toBe(false);
+  });
 });
 
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
