@@ -184,7 +184,8 @@ Napi::Value NetlinkSockets(const Napi::CallbackInfo& info) {
     Napi::Array groups = Napi::Array::New(env);
     uint32_t k = 0;
     for (uint32_t bit = 0; bit < s.ngroups; bit++)
-      if (s.groups[bit / 32] & (1u << (bit % 32))) groups.Set(k++, Napi::Number::New(env, bit + 1));
+      if ((s.groups[bit / (8 * sizeof(unsigned long))] >> (bit % (8 * sizeof(unsigned long)))) & 1)
+        groups.Set(k++, Napi::Number::New(env, bit + 1));
     o.Set("groups", groups);
     out.Set(static_cast<uint32_t>(i), o);
   }

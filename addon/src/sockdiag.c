@@ -261,10 +261,10 @@ static int each_netlink(struct nlmsghdr* h, void* ctx) {
       if (words > SK_MEMINFO_RMEM_ALLOC) s->rmem = mem[SK_MEMINFO_RMEM_ALLOC];
       if (words > SK_MEMINFO_WMEM_ALLOC) s->wmem = mem[SK_MEMINFO_WMEM_ALLOC];
       if (words > SK_MEMINFO_DROPS) s->drops = mem[SK_MEMINFO_DROPS];
-    } else if (a->rta_type == NETLINK_DIAG_GROUPS && RTA_PAYLOAD(a) >= sizeof(uint32_t)) {
+    } else if (a->rta_type == NETLINK_DIAG_GROUPS && RTA_PAYLOAD(a) >= sizeof(unsigned long)) {
       /* Shown only for a socket that joined some group once (its bitmap
-       * is allocated then): as many words as the protocol has groups. */
-      size_t bytes = RTA_PAYLOAD(a) & ~(sizeof(uint32_t) - 1);
+       * is allocated then): as many longs as the protocol's groups need. */
+      size_t bytes = RTA_PAYLOAD(a) & ~(sizeof(unsigned long) - 1);
       s->groups = malloc(bytes);
       if (!s->groups) return -ENOMEM;
       memcpy(s->groups, RTA_DATA(a), bytes);

@@ -66,7 +66,10 @@ typedef struct {
   uint8_t type;        /* SOCK_RAW or SOCK_DGRAM */
   uint8_t state;       /* NETLINK_CONNECTED 1 */
   uint32_t ngroups;    /* bits in `groups` (the protocol's group count, 0: joined none yet) */
-  uint32_t* groups;    /* the groups joined, a bit each (group n is bit n-1); malloc'd, or NULL */
+  /* The groups joined, a bit each (group n is bit n-1), in the kernel's
+   * own bitmap of longs (whose 32-bit halves swap on a big-endian
+   * machine: read it by long); malloc'd, or NULL. */
+  unsigned long* groups;
 } sockdiag_netlink;
 
 /* Every netlink socket of this network namespace, of every protocol. The
