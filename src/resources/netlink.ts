@@ -11,8 +11,8 @@
  * NETLINK_GET_STRICT_CHK) and the generic socket options the catalogue
  * carries for it (sockopts.ts: buffer sizes the program fixed,
  * SO_PASSCRED, timeouts, ...). Read through netlink_diag (port id,
- * destination, groups, the flags it shows, queued bytes, a dump running)
- * and getsockopt (the two options it does not show).
+ * destination, queued bytes, a dump running) and getsockopt (the options,
+ * and every group: NETLINK_LIST_MEMBERSHIPS).
  *
  * Protocols: only those whose whole state is the socket itself.
  * NETLINK_ROUTE (its only per-socket state is GET_STRICT_CHK, an option),
@@ -68,6 +68,7 @@
  * sender and the socket's opener (netlink_net_capable), so a restored
  * socket gives its process no privilege it did not have.
  */
+import { endianness } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Fd, NetlinkSocket, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type NetlinkSeen } from '../native.js';
@@ -82,6 +83,7 @@ const SOL_SOCKET = 1;
 const SO_PROTOCOL = 38;
 export const SOL_NETLINK = 270;
 const NETLINK_ADD_MEMBERSHIP = 1;
+const NETLINK_LIST_MEMBERSHIPS = 9;
 /** NETLINK_CONNECTED, the state connect() leaves it in. */
 const CONNECTED = 1;
 const NDIAG_FLAG_CB_RUNNING = 0x1;
@@ -161,6 +163,12 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
     throw new Unsupported(`${what} fd ${fd}: a ${name} socket cannot be captured${refused ? `: ${refused[1]}` : ' (only NETLINK_ROUTE, NETLINK_SOCK_DIAG and NETLINK_KOBJECT_UEVENT are)'}`);
   const portId = seen?.portid ?? new DataView(addon().sockName(dup).buffer).getUint32(4, true);
   const where = `${what} fd ${fd}: the ${name} socket${portId ? ` of port id ${portId}` : ' (unbound)'}`;
+  const groups = memberships(dup);
+  // netlink_diag lists the sockets of appshot's network namespace: one
+  // bound or in a group that it does not list is another namespace's,
+  // whose port id and table appshot would not see.
+  if (!seen && (portId || groups.length))
+    throw new Unsupported(`${where} is not among the netlink sockets of appshot's network namespace (it belongs to another one), which cannot be captured yet`);
   if (seen && seen.flags & NDIAG_FLAG_CB_RUNNING)
     throw new Unsupported(`${where} is in the middle of a dump (the kernel holds where in its tables the dump is, which cannot be captured): snapshot again once the program has read it`);
   if (seen && seen.rmem > 0)
@@ -181,7 +189,7 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
     connected: seen?.state === CONNECTED,
     dstPortId: seen?.dstPortid ?? 0,
     dstGroup: seen?.dstGroup ?? 0,
-    groups: seen?.groups ?? [],
+    groups,
   };
   return {
     ino,
@@ -199,6 +207,19 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
     options,
     netlink,
   };
+}
+
+/** Every group `dup` joined, by number (NETLINK_LIST_MEMBERSHIPS: words of
+ * 32 groups in host order, as many as the protocol's groups need). */
+function memberships(dup: number): number[] {
+  const words = addon().getSockOptBytes(dup, SOL_NETLINK, NETLINK_LIST_MEMBERSHIPS, MAX_GROUP / 8);
+  const read = endianness() === 'LE' ? (at: number) => words.readUInt32LE(at) : (at: number) => words.readUInt32BE(at);
+  const out: number[] = [];
+  for (let w = 0; w + 4 <= words.length; w += 4) {
+    const bits = read(w);
+    for (let b = 0; b < 32; b++) if ((bits >>> b) & 1) out.push(w * 8 + b + 1);
+  }
+  return out;
 }
 
 /* ---- restore ------------------------------------------------------------ */
