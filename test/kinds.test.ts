@@ -606,7 +606,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['sysv-foreign', () => /process 2 \(holder\): maps SysV segment \d+, which belongs to no application/],
     ['netlink', (fd) => `process 2 (holder) fd ${fd}: a NETLINK_GENERIC socket cannot be captured: its families and their group numbers are given out at run time, and some families own objects by socket`],
     ['netlink-queued', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket of port id \\d+ has \\d+ bytes of messages queued for reading \\(answers or notifications\\), which cannot be put back as the kernel sent them`)],
-    ['netlink-netns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket of port id \\d+ is not among the netlink sockets of appshot's network namespace \\(it belongs to another one\\), which cannot be captured yet`)],
+    ['netlink-netns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket \\(unbound\\) is not among the netlink sockets of appshot's network namespace \\(it belongs to another one\\), which cannot be captured yet`)],
     ['netlink-dump', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_SOCK_DIAG socket of port id \\d+ is in the middle of a dump \\(the kernel holds where in its tables the dump is, which cannot be captured\\)`)],
     ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],

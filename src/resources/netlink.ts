@@ -68,6 +68,7 @@
  * sender and the socket's opener (netlink_net_capable), so a restored
  * socket gives its process no privilege it did not have.
  */
+import { closeSync } from 'node:fs';
 import { endianness } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Fd, NetlinkSocket, Process, Socket, SocketOption } from '../image/types.js';
@@ -164,10 +165,12 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
   const portId = seen?.portid ?? new DataView(addon().sockName(dup).buffer).getUint32(4, true);
   const where = `${what} fd ${fd}: the ${name} socket${portId ? ` of port id ${portId}` : ' (unbound)'}`;
   const groups = memberships(dup);
-  // netlink_diag lists the sockets of appshot's network namespace: one
-  // bound or in a group that it does not list is another namespace's,
-  // whose port id and table appshot would not see.
-  if (!seen && (portId || groups.length))
+  // Made again in appshot's network namespace, and asked of in it
+  // (netlink_diag lists that namespace's sockets): one of another namespace
+  // would talk to the wrong kernel tables. Told by its namespace's cookie
+  // (Linux 5.14); on an older kernel, one bound or in a group that
+  // netlink_diag does not list is another namespace's.
+  if (!sameNetns(dup) || (!seen && (portId || groups.length)))
     throw new Unsupported(`${where} is not among the netlink sockets of appshot's network namespace (it belongs to another one), which cannot be captured yet`);
   if (seen && seen.flags & NDIAG_FLAG_CB_RUNNING)
     throw new Unsupported(`${where} is in the middle of a dump (the kernel holds where in its tables the dump is, which cannot be captured): snapshot again once the program has read it`);
@@ -207,6 +210,31 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
     options,
     netlink,
   };
+}
+
+const SO_NETNS_COOKIE = 71;
+let ownCookie: Buffer | null | undefined;
+
+/** Whether socket `dup` belongs to appshot's network namespace (true if
+ * the kernel does not say: SO_NETNS_COOKIE is Linux 5.14's). */
+function sameNetns(dup: number): boolean {
+  const cookie = (fd: number): Buffer | null => {
+    try {
+      return addon().getSockOptBytes(fd, SOL_SOCKET, SO_NETNS_COOKIE, 8);
+    } catch {
+      return null;
+    }
+  };
+  if (ownCookie === undefined) {
+    const mine = addon().sockOpen(AF_NETLINK, SOCK_RAW, 0);
+    try {
+      ownCookie = cookie(mine);
+    } finally {
+      closeSync(mine);
+    }
+  }
+  const theirs = cookie(dup);
+  return !ownCookie || !theirs || ownCookie.equals(theirs);
 }
 
 /** Every group `dup` joined, by number (NETLINK_LIST_MEMBERSHIPS: words of
