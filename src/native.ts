@@ -59,6 +59,26 @@ export interface TablesSnapshot {
 /** What the preload library noted of sockets, and what it could not
  * (`lost` notes, which may have been of the sockets and reuseport groups
  * `lostSeen` holds, a filter socketNoteLost reads; there when `lost`). */
+/** A netlink socket as netlink_diag shows it (addon netlinkSockets). */
+export interface NetlinkSeen {
+  ino: number;
+  protocol: number;
+  type: number;
+  /** NETLINK_CONNECTED (1): connect() gave it a destination. */
+  state: number;
+  portid: number;
+  dstPortid: number;
+  dstGroup: number;
+  /** NDIAG_FLAG_*: a dump running, and the options the kernel shows. */
+  flags: number;
+  /** Bytes queued for reading, and being sent. */
+  rmem: number;
+  wmem: number;
+  drops: number;
+  /** The group numbers joined (1-based), every one, beyond 32 too. */
+  groups: number[];
+}
+
 export interface SocketNotes {
   notes: SocketNote[];
   lost: number;
@@ -385,7 +405,7 @@ interface Addon {
    * process it names has ended. */
   pidfdSendSignal(pidfd: number, signal: number): void;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
-  sockOpen(family: number, type: number): number;
+  sockOpen(family: number, type: number, protocol?: number): number;
   /** `dir`: where a relative unix name is resolved (the process's working directory if absent). */
   sockBind(fd: number, addr: Buffer, dir?: string): void;
   sockConnect(fd: number, addr: Buffer): void;
@@ -399,6 +419,9 @@ interface Addon {
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */
   udpSockets(family: number): { ino: number; shutdown: number }[];
+  /** Every netlink socket of this network namespace (netlink_diag):
+   * flags are NDIAG_FLAG_*, groups the group numbers joined. */
+  netlinkSockets(): NetlinkSeen[];
   /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
    * listening on `port` in this network namespace (sock_diag). */
   tcpListeningInodes(family: number, port: number): number[];

@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
-import { type Fd, type Image, type Manifest, VmaKind } from '../src/image/types.js';
+import { type Fd, FdKind, type Image, type Manifest, VmaKind } from '../src/image/types.js';
 import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
@@ -651,6 +651,40 @@ function dnotifyCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** A netlink socket (resources/netlink.ts): fd 910 of process 0, a
+ * NETLINK_ROUTE socket as a snapshot records it, changed by `change`; on
+ * a UDP descriptor (kind 12) with `kind`. */
+function netlinkCases(): [string, (image: Image) => void, string][] {
+  const crafted = (change: (s: NonNullable<Image['processes'][number]['fds'][number]['socket']>) => void, kind: number = FdKind.NETLINK) => (i: Image) => {
+    const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+    const socket = {
+      ino: 4345n, family: 16, type: 3, address: '', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false,
+      options: [{ level: 270, name: 3, value: 1 }],
+      netlink: { protocol: 0, portId: 4242, connected: false, dstPortId: 0, dstGroup: 0, groups: [1, 5, 33] },
+    };
+    change(socket);
+    Object.assign(fd, { fd: 910, kind, path: '', file: -1, description: 0, socket });
+    i.processes[0].fds.push(fd);
+  };
+  return [
+    ['a netlink socket of NETLINK_AUDIT', crafted((s) => (s.netlink!.protocol = 9)), 'fd 910 is a netlink socket of NETLINK_AUDIT, which appshot does not restore'],
+    ['a netlink socket of an unknown protocol', crafted((s) => (s.netlink!.protocol = 200)), 'fd 910 is a netlink socket of netlink protocol 200, which appshot does not restore'],
+    ['a netlink socket of SOCK_STREAM', crafted((s) => (s.type = 1)), 'fd 910 is a netlink socket of type 1'],
+    // (A port id is a uint32 on the wire: any is one the kernel takes.)
+    ['a netlink group beyond any protocol\'s', crafted((s) => (s.netlink!.groups = [70000])), 'fd 910 is a netlink socket with 1 groups, or a group outside 1..1024'],
+    ['a netlink group 0', crafted((s) => (s.netlink!.groups = [0])), 'fd 910 is a netlink socket with 1 groups, or a group outside 1..1024'],
+    ['more netlink groups than any protocol has', crafted((s) => (s.netlink!.groups = Array.from({ length: 5000 }, (_, k) => k + 1))), 'fd 910 is a netlink socket with 5000 groups'],
+    ['a netlink group joined twice', crafted((s) => (s.netlink!.groups = [5, 5])), 'fd 910 is a netlink socket joining a group twice'],
+    ['a netlink socket connected to a group connect cannot name', crafted((s) => Object.assign(s.netlink!, { connected: true, dstGroup: 40 })), 'fd 910 is a netlink socket connected to group 40'],
+    ['a netlink socket connected but never bound', crafted((s) => Object.assign(s.netlink!, { connected: true, portId: 0 })), 'fd 910 is a netlink socket connected but not bound'],
+    ['a netlink destination without a connect', crafted((s) => (s.netlink!.dstPortId = 7)), 'fd 910 is a netlink socket with a destination but not connected'],
+    ['a netlink option appshot does not set (NETLINK_ADD_MEMBERSHIP)', crafted((s) => (s.options = [{ level: 270, name: 1, value: 33 }])), 'fd 910 is a netlink socket carrying netlink option 1 = 33'],
+    ['a socket option of another kind on a netlink socket', crafted((s) => (s.options = [{ level: 6, name: 1, value: 1 }])), 'fd 910 is a netlink socket carrying socket option 6/1'],
+    ['a netlink socket with a unix peer and queued bytes', crafted((s) => Object.assign(s, { peerIno: 99n, queued: Buffer.from('x') })), "fd 910 is a netlink socket carrying another kind's state"],
+    ['netlink state on a UDP descriptor', crafted((s) => (s.family = 2), 12), 'fd 910 has netlink state but is not a netlink socket'],
+  ];
+}
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
@@ -829,6 +863,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ...aioCases(),
     ...dnotifyCases(),
     ...fanotifyCases(),
+    ...netlinkCases(),
   ];
   for (const [what, change, message] of cases)
     it(`refuses ${what}`, () => {

@@ -593,6 +593,43 @@ describe('UDP sockets with multicast group memberships (IPv4 and IPv6, source fi
   roundTrips('mcast', [fixture('mcast')], /udp 0\.0\.0\.0:\d+, 0 datagrams queued \(0 bytes\), member of (?=.*239\.1\.2\.3%lo)(?=.*232\.1\.1\.1%lo)[\s\S]*udp \(unbound\), 0 datagrams queued \(0 bytes\), member of (?=.*ff15::1234%lo)(?=.*239\.1\.2\.5%lo)/);
 });
 
+describe('netlink sockets: an autobound one in groups beyond 32, one at a port id of its own, one with every option, connected, one unbound', () => {
+  // 'apart': the copy binds the original's very port ids, which the
+  // original holds while it runs (netlink.ts).
+  roundTrips(
+    'netlinks',
+    [fixture('netlinks')],
+    /NETLINK\s+netlink NETLINK_ROUTE socket, port id \d+, groups 1,5,33\n[\s\S]*NETLINK\s+netlink NETLINK_ROUTE socket, port id \d+\n[\s\S]*NETLINK\s+netlink NETLINK_ROUTE socket, port id \d+, connected to port id 0\n[\s\S]*NETLINK\s+netlink NETLINK_SOCK_DIAG socket, port id none \(unbound\)/,
+    'apart',
+  );
+
+  it('refuses to restore beside an original that still holds the port ids, naming the socket, and leaves nothing behind', async () => {
+    const aid = 'nlbusy';
+    await start(aid, [fixture('netlinks')]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = await attempt(['restore', join(out, aid), '--aid', 'nlbusy2']);
+    expect(r.code, r.stderr).toBe(4);
+    expect(r.stderr).toMatch(/process 2 fd 3: the NETLINK_ROUTE socket of port id (\d+): port id \1 is taken by another netlink socket of this network namespace \(the original still running\?\)/);
+    expect(sb.aids()).not.toContain('nlbusy2');
+    await checksPass(aid);
+  });
+
+  it('is refused by template create, naming each socket bound to a port id (every clone cannot have it)', async () => {
+    const aid = 'nltpl';
+    await start(aid, [fixture('netlinks')]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    const r = await attempt(['template', 'create', join(out, aid), '-o', join(out, `${aid}.template`)]);
+    expect(r.code, r.stderr).toBe(1);
+    for (const fd of [3, 4, 5])
+      expect(r.stderr).toMatch(new RegExp(`process 2 \\(netlinks\\) fd ${fd}: a netlink socket bound to port id \\d+ cannot be bound by every clone`));
+    // The unbound one is a clone's to make.
+    expect(r.stderr).not.toMatch(/fd 6:/);
+    expect(existsSync(join(out, `${aid}.template`))).toBe(false);
+  });
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   // chroot-unix's jail (mkdtemp under /tmp; empty once the holder is gone).
   const jailsBefore = new Set(readdirSync('/tmp').filter((f) => f.startsWith('holder-jail-')));
@@ -614,7 +651,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
     ['deleted-truncated-mapping', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(\/tmp\/holder-truncated-\d+ \(deleted\)\) cannot be read, past the end of the file \(truncated under the mapping before it was deleted\), which cannot be captured/],
     ['sysv-foreign', () => /process 2 \(holder\): maps SysV segment \d+, which belongs to no application/],
-    ['netlink', (fd) => `process 2 (holder) fd ${fd}: a socket of address family 16 cannot be captured yet`],
+    ['netlink', (fd) => `process 2 (holder) fd ${fd}: a NETLINK_GENERIC socket cannot be captured: its families and their group numbers are given out at run time, and some families own objects by socket`],
+    ['netlink-queued', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket of port id \\d+ has \\d+ bytes of messages queued for reading \\(answers or notifications\\), which cannot be put back as the kernel sent them`)],
+    ['netlink-netns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket \\(unbound\\) is not among the netlink sockets of appshot's network namespace \\(it belongs to another one\\), which cannot be captured yet`)],
+    ['netlink-dump', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_SOCK_DIAG socket of port id \\d+ is in the middle of a dump \\(the kernel holds where in its tables the dump is, which cannot be captured\\)`)],
     ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
     ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],

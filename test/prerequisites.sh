@@ -22,6 +22,7 @@ declare -A needs=(
   [/usr/bin/memcached]=memcached
   [/usr/sbin/haproxy]=haproxy
   [/usr/sbin/postfix]=postfix
+  [/usr/sbin/dnsmasq]=dnsmasq-base
   [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
   [/usr/bin/psql]=postgresql-client-15
   [/usr/bin/etcd]=etcd-server

@@ -8,17 +8,20 @@
  * its own user. Each goes through snapshot and restore (and nginx and
  * memcached through templates and clones) and must come back serving, with
  * every process exactly the user it was: same uids, gids, groups,
- * capability sets, no_new_privs and seccomp mode.
+ * capability sets, no_new_privs and seccomp mode. And dnsmasq, started as
+ * root and running as nobody, which keeps a NETLINK_ROUTE socket to hear
+ * of interfaces and addresses (resources/netlink.ts).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { connect } from 'node:net';
+import { createSocket } from 'node:dgram';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+import { cli, Sandbox, TEST_PORTS, waitFor, waitForAsync } from './helpers.js';
 
 const NGINX = '/usr/sbin/nginx';
 const MEMCACHED = '/usr/bin/memcached';
@@ -27,6 +30,7 @@ const HAPROXY_CFG = '/etc/haproxy/haproxy.cfg';
 const POSTFIX = '/usr/sbin/postfix';
 const PG_BIN = '/usr/lib/postgresql/15/bin';
 const PSQL = '/usr/bin/psql';
+const DNSMASQ = '/usr/sbin/dnsmasq';
 const NOBODY = 65534;
 const isRoot = process.getuid!() === 0;
 
@@ -154,6 +158,44 @@ function memcached(port: number, text: string, until = /(END|STORED|ERROR)\r\n$/
   });
 }
 
+/** The IPv4 address a DNS server on 127.0.0.1:`port` answers for `name`
+ * (type A), asked over UDP or TCP; undefined if it does not answer. */
+function dnsA(port: number, name: string, tcp: boolean, timeoutMs = 5000): Promise<string | undefined> {
+  const question = Buffer.concat([
+    Buffer.from([0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]),
+    ...name.split('.').map((label) => Buffer.concat([Buffer.from([label.length]), Buffer.from(label)])),
+    Buffer.from([0, 0, 1, 0, 1]),
+  ]);
+  // The answer's last record is the A record: its last 4 bytes the address.
+  const address = (reply: Buffer) => (reply.readUInt16BE(6) > 0 ? [...reply.subarray(reply.length - 4)].join('.') : undefined);
+  return new Promise((resolve) => {
+    if (tcp) {
+      const s = connect(port, '127.0.0.1');
+      let got = Buffer.alloc(0);
+      s.setTimeout(timeoutMs, () => (s.destroy(), resolve(undefined)));
+      s.on('data', (d) => {
+        got = Buffer.concat([got, d]);
+        if (got.length >= 2 && got.length >= 2 + got.readUInt16BE(0)) {
+          s.end();
+          resolve(address(got.subarray(2, 2 + got.readUInt16BE(0))));
+        }
+      });
+      s.on('error', () => resolve(undefined));
+      s.write(Buffer.concat([Buffer.from([question.length >> 8, question.length & 0xff]), question]));
+      return;
+    }
+    const s = createSocket('udp4');
+    const timer = setTimeout(() => (s.close(), resolve(undefined)), timeoutMs);
+    s.on('error', () => (clearTimeout(timer), s.close(), resolve(undefined)));
+    s.on('message', (reply) => {
+      clearTimeout(timer);
+      s.close();
+      resolve(address(reply));
+    });
+    s.send(question, port, '127.0.0.1');
+  });
+}
+
 /** An nginx configuration in its own directory `ngx` (made here), for
  * nginx run in the foreground by appshot: master as root, 2 workers as
  * nobody, every temporary path inside `ngx`, one server on 127.0.0.1:port
@@ -232,6 +274,32 @@ describe('servers that run as several users', () => {
       c.socket.destroy();
     }
     run(['stop', 'ngka', '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('dnsmasq (root, then nobody) answers over UDP and TCP after a round trip, its NETLINK_ROUTE socket carried', async () => {
+    expect(existsSync(DNSMASQ), `${DNSMASQ} is missing: run test/prerequisites.sh (or apt-get install dnsmasq-base)`).toBe(true);
+    const port = base + 3;
+    run(['run', '-d', '--aid', 'dm', '--', DNSMASQ, '-k', '-p', String(port), '--listen-address=127.0.0.1', '--bind-interfaces', '--no-resolv', '--no-hosts', '--address=/test.local/1.2.3.4']);
+    try {
+      await waitForAsync(async () => (await dnsA(port, 'test.local', false, 500)) === '1.2.3.4', 10_000, 'dnsmasq to answer');
+      expect(await dnsA(port, 'test.local', true)).toBe('1.2.3.4');
+      // dnsmasq forks a child for each TCP client, which ends with it.
+      await waitFor(() => established(port) === 0 && processes('dm').length === 1, 10_000, 'dnsmasq to close its TCP client connection');
+      const before = identities('dm');
+      expect([...before.values()][0].Uid).toBe(`${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+
+      run(['snapshot', 'dm', '-o', join(dir, 'dm.snap')]);
+      const shown = sb.run(['inspect', join(dir, 'dm.snap')]);
+      expect(shown.stdout).toMatch(/NETLINK\s+netlink NETLINK_ROUTE socket, port id \d+, groups \d/);
+      run(['restore', join(dir, 'dm.snap')]);
+      expect(identities('dm')).toEqual(before);
+      expect(await dnsA(port, 'test.local', false)).toBe('1.2.3.4');
+      expect(await dnsA(port, 'test.local', true)).toBe('1.2.3.4');
+      await waitFor(() => processes('dm').length === 1, 10_000, 'dnsmasq\'s TCP child to end');
+      expect(identities('dm')).toEqual(before);
+    } finally {
+      sb.run(['stop', 'dm', '-s', 'KILL']);
+    }
   });
 
   it.runIf(isRoot)('memcached -u nobody keeps its items and its user through a round trip and in clones', async () => {

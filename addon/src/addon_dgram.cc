@@ -55,9 +55,10 @@ Napi::Value PeerName(const Napi::CallbackInfo& info) {
   return Addr(info.Env(), &a, len);
 }
 
-// sockOpen(family, type) -> fd, close-on-exec.
+// sockOpen(family, type, protocol = 0) -> fd, close-on-exec.
 Napi::Value SockOpen(const Napi::CallbackInfo& info) {
-  int fd = socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, 0);
+  int protocol = info.Length() > 2 && info[2].IsNumber() ? Int(info[2]) : 0;
+  int fd = socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol);
   if (fd < 0) {
     ThrowErrno(info.Env(), "socket", errno);
     return info.Env().Undefined();
@@ -155,6 +156,44 @@ Napi::Value UdpSockets(const Napi::CallbackInfo& info) {
     out.Set(static_cast<uint32_t>(i), o);
   }
   free(all);
+  return out;
+}
+
+// netlinkSockets() -> [{ ino, protocol, type, state, portid, dstPortid,
+// dstGroup, flags, rmem, wmem, drops, groups: [group number] }]: every
+// netlink socket of this network namespace (netlink_diag).
+Napi::Value NetlinkSockets(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  sockdiag_netlink* all = nullptr;
+  long n = sockdiag_netlink_all(&all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (netlink)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) {
+    const sockdiag_netlink& s = all[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ino", Napi::Number::New(env, s.ino));
+    o.Set("protocol", s.protocol);
+    o.Set("type", s.type);
+    o.Set("state", s.state);
+    o.Set("portid", Napi::Number::New(env, s.portid));
+    o.Set("dstPortid", Napi::Number::New(env, s.dst_portid));
+    o.Set("dstGroup", Napi::Number::New(env, s.dst_group));
+    o.Set("flags", Napi::Number::New(env, s.flags));
+    o.Set("rmem", Napi::Number::New(env, s.rmem));
+    o.Set("wmem", Napi::Number::New(env, s.wmem));
+    o.Set("drops", Napi::Number::New(env, s.drops));
+    Napi::Array groups = Napi::Array::New(env);
+    uint32_t k = 0;
+    for (uint32_t bit = 0; bit < s.ngroups; bit++)
+      if ((s.groups[bit / (8 * sizeof(unsigned long))] >> (bit % (8 * sizeof(unsigned long)))) & 1)
+        groups.Set(k++, Napi::Number::New(env, bit + 1));
+    o.Set("groups", groups);
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  sockdiag_netlink_free(all, n);
   return out;
 }
 
@@ -388,6 +427,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("datagramQueue", DatagramQueue);
   fn("udpInject", UdpInject);
   fn("udpSockets", UdpSockets);
+  fn("netlinkSockets", NetlinkSockets);
   fn("tcpListeningInodes", TcpListeningInodes);
   fn("tcpEstablished", TcpEstablished);
   fn("multicastFilter", MulticastFilter);

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <linux/inet_diag.h>
 #include <linux/netlink.h>
+#include <linux/netlink_diag.h>
 #include <linux/rtnetlink.h>
 #include <linux/sock_diag.h>
 #include <linux/unix_diag.h>
@@ -236,4 +237,62 @@ static int each_established(struct nlmsghdr* h, void* ctx) {
 long sockdiag_tcp_established(int family, uint16_t port, const uint8_t* local, sockdiag_tcp_conn** out) {
   /* TCP_ESTABLISHED alone (1 << 1). */
   return tcp_on_port(family, 1u << 1, port, local, each_established, sizeof(sockdiag_tcp_conn), (void**)out);
+}
+
+static int each_netlink(struct nlmsghdr* h, void* ctx) {
+  struct netlink_diag_msg* m = NLMSG_DATA(h);
+  sockdiag_netlink* s = push(ctx);
+  if (!s) return -ENOMEM;
+  memset(s, 0, sizeof *s);
+  s->ino = m->ndiag_ino;
+  s->portid = m->ndiag_portid;
+  s->dst_portid = m->ndiag_dst_portid;
+  s->dst_group = m->ndiag_dst_group;
+  s->protocol = m->ndiag_protocol;
+  s->type = m->ndiag_type;
+  s->state = m->ndiag_state;
+  int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+  for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+    if (a->rta_type == NETLINK_DIAG_FLAGS) {
+      s->flags = *(uint32_t*)RTA_DATA(a);
+    } else if (a->rta_type == NETLINK_DIAG_MEMINFO) {
+      uint32_t* mem = RTA_DATA(a);
+      size_t words = RTA_PAYLOAD(a) / sizeof(uint32_t);
+      if (words > SK_MEMINFO_RMEM_ALLOC) s->rmem = mem[SK_MEMINFO_RMEM_ALLOC];
+      if (words > SK_MEMINFO_WMEM_ALLOC) s->wmem = mem[SK_MEMINFO_WMEM_ALLOC];
+      if (words > SK_MEMINFO_DROPS) s->drops = mem[SK_MEMINFO_DROPS];
+    } else if (a->rta_type == NETLINK_DIAG_GROUPS && RTA_PAYLOAD(a) >= sizeof(unsigned long)) {
+      /* Shown only for a socket that joined some group once (its bitmap
+       * is allocated then): as many longs as the protocol's groups need. */
+      size_t bytes = RTA_PAYLOAD(a) & ~(sizeof(unsigned long) - 1);
+      s->groups = malloc(bytes);
+      if (!s->groups) return -ENOMEM;
+      memcpy(s->groups, RTA_DATA(a), bytes);
+      s->ngroups = (uint32_t)(bytes * 8);
+    }
+  }
+  return 0;
+}
+
+void sockdiag_netlink_free(sockdiag_netlink* all, long n) {
+  for (long i = 0; i < n; i++) free(all[i].groups);
+  free(all);
+}
+
+long sockdiag_netlink_all(sockdiag_netlink** out) {
+  struct {
+    struct nlmsghdr h;
+    struct netlink_diag_req r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.r.sdiag_family = AF_NETLINK;
+  req.r.sdiag_protocol = NDIAG_PROTO_ALL;
+  req.r.ndiag_show = NDIAG_SHOW_GROUPS | NDIAG_SHOW_FLAGS | NDIAG_SHOW_MEMINFO;
+  struct grow g = {NULL, 0, 0, sizeof(sockdiag_netlink)};
+  /* (collect asks again after an inconsistent dump: netlink_diag does not
+   * say so either, it walks the hash under its lock once per answer.) */
+  long n = collect(&req, sizeof req, each_netlink, &g, (void**)out);
+  return n;
 }

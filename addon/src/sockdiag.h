@@ -52,4 +52,29 @@ typedef struct {
  * again (-EAGAIN if it keeps changing). */
 long sockdiag_tcp_established(int family, uint16_t port, const uint8_t* local, sockdiag_tcp_conn** out);
 
+/* A netlink socket as netlink_diag shows it (net/netlink/diag.c). */
+typedef struct {
+  uint32_t ino;
+  uint32_t portid;     /* its own port id (0: never bound) */
+  uint32_t dst_portid; /* connected to this port id (0: the kernel, or none) */
+  uint32_t dst_group;  /* connected to this group number (0: none) */
+  uint32_t flags;      /* NDIAG_FLAG_*: a dump running, and its options */
+  uint32_t rmem;       /* bytes queued for reading (SK_MEMINFO_RMEM_ALLOC) */
+  uint32_t wmem;       /* bytes being sent (SK_MEMINFO_WMEM_ALLOC) */
+  uint32_t drops;      /* messages the socket dropped (SK_MEMINFO_DROPS) */
+  uint8_t protocol;    /* NETLINK_ROUTE, ... */
+  uint8_t type;        /* SOCK_RAW or SOCK_DGRAM */
+  uint8_t state;       /* NETLINK_CONNECTED 1 */
+  uint32_t ngroups;    /* bits in `groups` (the protocol's group count, 0: joined none yet) */
+  /* The groups joined, a bit each (group n is bit n-1), in the kernel's
+   * own bitmap of longs (whose 32-bit halves swap on a big-endian
+   * machine: read it by long); malloc'd, or NULL. */
+  unsigned long* groups;
+} sockdiag_netlink;
+
+/* Every netlink socket of this network namespace, of every protocol. The
+ * caller frees each `groups`, then the array (sockdiag_netlink_free). */
+long sockdiag_netlink_all(sockdiag_netlink** out);
+void sockdiag_netlink_free(sockdiag_netlink* all, long n);
+
 #endif

@@ -10,6 +10,7 @@ import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
 import { describeMessageQueue } from '../resources/mqueue.js';
 import { describeAioRings } from '../resources/aio.js';
+import { protocolName } from '../resources/netlink.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
 import { flagNames } from '../commands/json.js';
@@ -109,6 +110,12 @@ function describeFd(image: Image, fd: Fd): string {
       return describeDatagramSocket(fd);
     case 'PIDFD':
       return describePidfd(fd);
+    case 'NETLINK': {
+      const n = fd.socket?.netlink;
+      if (!n) return 'netlink socket';
+      const to = n.connected ? `, connected to ${n.dstGroup ? `group ${n.dstGroup}` : `port id ${n.dstPortId}`}` : '';
+      return `netlink ${protocolName(n.protocol)} socket, port id ${n.portId || 'none (unbound)'}${n.groups.length ? `, groups ${n.groups.join(',')}` : ''}${to}`;
+    }
     case 'UNCONNECTED_STREAM':
       return fd.socket ? describeUnconnected(fd.socket) : 'unconnected socket';
     case 'EVENTFD':

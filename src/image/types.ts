@@ -461,6 +461,7 @@ export const FdKind = {
   PIDFD: 16,
   MQUEUE: 17,
   FANOTIFY: 18,
+  NETLINK: 19,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -727,6 +728,20 @@ export interface Socket {
   /** A unix listener or datagram socket bound to a path: its file at the
    * snapshot (absent in older images). */
   file?: SocketFile;
+  /** A netlink socket's own state (absent for every other family). */
+  netlink?: NetlinkSocket;
+}
+
+/** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */
+export interface NetlinkSocket {
+  protocol: number;
+  /** The nl_pid it is bound to (0: never bound). */
+  portId: number;
+  connected: boolean;
+  dstPortId: number;
+  dstGroup: number;
+  /** Every multicast group joined, by number (1-based). */
+  groups: number[];
 }
 
 /** The file of a unix listener's bind (proto SocketFile). */

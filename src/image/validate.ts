@@ -22,6 +22,7 @@ import { fanotifyRecordFault } from '../resources/fanotify.js';
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
+import { netlinkProblem } from '../resources/netlink.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -314,8 +315,13 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
-    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM];
+    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM, FdKind.NETLINK];
     if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
+    // A netlink socket's protocol, port id, groups and options, each in
+    // range (resources/netlink.ts); its state on no other kind.
+    if ((fd.kind === FdKind.NETLINK) !== !!fd.socket?.netlink) corrupt(`${where} has netlink state but is not a netlink socket, or is one without it`);
+    const netlink = fd.kind === FdKind.NETLINK && fd.socket ? netlinkProblem(fd.socket) : undefined;
+    if (netlink) corrupt(`${where} is a netlink socket ${netlink}`);
     if (fd.socket) checkDatagrams(fd.socket, where);
     if (fd.tcp) checkOptions(fd.tcp.socketOptions ?? [], where);
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);

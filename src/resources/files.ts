@@ -5,7 +5,7 @@
  * what those made at its number. Regular files are its own; a deleted
  * file's contents are deleted.ts's, character devices devices.ts's, pipes
  * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
- * datagram sockets unixdgram.ts's, UDP udp.ts's),
+ * datagram sockets unixdgram.ts's, UDP udp.ts's, netlink netlink.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
  * timerfd, inotify and fanotify each their own module's, POSIX message queues
  * mqueue.ts's, pseudoterminals ptys.ts's
@@ -32,6 +32,7 @@ import { openConnection } from './tcp.js';
 import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
 import { inheritedSocket, openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
+import { openNetlink } from './netlink.js';
 import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
 import { openUnconnected } from './unconnected.js';
@@ -214,6 +215,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.UNIX_SOCKET]: openSocket,
   [FdKind.TCP_ESTABLISHED]: openConnection,
   [FdKind.UDP]: openUdp,
+  [FdKind.NETLINK]: openNetlink,
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
   [FdKind.PTY]: openPtyEnd,

@@ -4,7 +4,8 @@
  * peer is in the application too (socketpair, or a connection between two
  * of its processes) with the data queued in them, read with MSG_PEEK.
  * Established TCP connections are tcp.ts's, unix datagram sockets
- * unixdgram.ts's, UDP sockets udp.ts's (this module sends them there). A
+ * unixdgram.ts's, UDP sockets udp.ts's, netlink sockets netlink.ts's
+ * (this module sends them there). A
  * unix SOCK_SEQPACKET pair's queued records are read whole (unixdgram.ts).
  * Each end keeps its shutdown state (UNIX_DIAG_SHUTDOWN). A unix stream
  * or seqpacket socket whose other end is outside the application (a local
@@ -34,6 +35,7 @@ import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from 
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
+import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { dumpSocketFile, removeStale, restoreSocketFile, socketFilePath } from './socketfile.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
@@ -73,6 +75,7 @@ const BASE_OPTIONS: [number, number][] = [
 
 /** The descriptor kind of a socket describe() returned. */
 export function socketKind(s: Socket): number {
+  if (s.family === AF_NETLINK) return FdKind.NETLINK;
   if (isUnconnected(s)) return FdKind.UNCONNECTED_STREAM;
   if (s.family === AF_UNIX) return s.type === SOCK_DGRAM ? FdKind.UNIX_DGRAM : FdKind.UNIX_SOCKET;
   return s.type === SOCK_DGRAM ? FdKind.UDP : FdKind.TCP_LISTEN;
@@ -92,6 +95,8 @@ export class SocketTable {
   private udp = new Map<bigint, SeenUdp>();
   private unixLoaded = false;
   private udpLoaded = false;
+  /** netlink_diag's table, read when the first netlink socket is. */
+  private netlink?: ReturnType<typeof netlinkTable>;
 
   constructor(private readonly pid: number) {}
 
@@ -275,6 +280,10 @@ export class SocketTable {
         return { ...own, options: extras(optionKind(opts.family), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
       }
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
+    }
+    if (opts.family === AF_NETLINK) {
+      this.netlink ??= netlinkTable();
+      return dumpNetlink(fd, dup, ino, opts.type, this.netlink.get(ino), what);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
   }

@@ -29,7 +29,7 @@ import { addon, type SocketNotes } from '../native.js';
 import { Unsupported } from './context.js';
 import { AF_INET, AF_INET6 } from './sockaddr.js';
 
-export type SockKind = 'tcp' | 'listen' | 'udp' | 'unix-stream' | 'unix-listen' | 'unix-dgram';
+export type SockKind = 'tcp' | 'listen' | 'udp' | 'unix-stream' | 'unix-listen' | 'unix-dgram' | 'netlink';
 
 const SOL_SOCKET = 1;
 const IPPROTO_IP = 0;
@@ -88,13 +88,16 @@ export const NOTE_DNOTIFY = -1;
  * it), keyed by the queue's inode. */
 export const NOTE_MQ_NOTIFY = -2;
 
-const ALL: readonly SockKind[] = ['tcp', 'listen', 'udp', 'unix-stream', 'unix-listen', 'unix-dgram'];
+const ALL: readonly SockKind[] = ['tcp', 'listen', 'udp', 'unix-stream', 'unix-listen', 'unix-dgram', 'netlink'];
 const INET: readonly SockKind[] = ['tcp', 'listen', 'udp'];
 const TCP: readonly SockKind[] = ['tcp', 'listen'];
 const LISTEN: readonly SockKind[] = ['listen'];
 const UDP: readonly SockKind[] = ['udp'];
 const UNIX: readonly SockKind[] = ['unix-stream', 'unix-listen', 'unix-dgram'];
 const STREAMS: readonly SockKind[] = ['tcp', 'listen', 'unix-stream', 'unix-listen'];
+/** A netlink socket's buffer sizes, fixed by the program (a listener to
+ * busy groups raises its receive buffer), carried as a stream's are. */
+const SIZED: readonly SockKind[] = [...STREAMS, 'netlink'];
 
 const spec = (level: number, name: number, label: string, kinds: readonly SockKind[], more: Partial<Spec> = {}): Spec => ({
   level,
@@ -115,14 +118,16 @@ export const CATALOGUE: readonly Spec[] = [
   spec(SOL_SOCKET, 1, 'SO_DEBUG', ALL),
   spec(SOL_SOCKET, 5, 'SO_DONTROUTE', INET),
   spec(SOL_SOCKET, 6, 'SO_BROADCAST', INET),
-  spec(SOL_SOCKET, SO_SNDBUF, 'SO_SNDBUF', STREAMS, { lockBit: 1 }),
-  spec(SOL_SOCKET, SO_RCVBUF, 'SO_RCVBUF', STREAMS, { lockBit: 2 }),
+  spec(SOL_SOCKET, SO_SNDBUF, 'SO_SNDBUF', SIZED, { lockBit: 1 }),
+  spec(SOL_SOCKET, SO_RCVBUF, 'SO_RCVBUF', SIZED, { lockBit: 2 }),
   spec(SOL_SOCKET, 9, 'SO_KEEPALIVE', TCP),
   spec(SOL_SOCKET, 10, 'SO_OOBINLINE', STREAMS),
   spec(SOL_SOCKET, 11, 'SO_NO_CHECK', UDP),
   spec(SOL_SOCKET, 12, 'SO_PRIORITY', ALL),
   spec(SOL_SOCKET, 13, 'SO_LINGER', STREAMS, { form: { bytes: 8 } }),
-  spec(SOL_SOCKET, 16, 'SO_PASSCRED', UNIX),
+  // A netlink socket's too: udev's clients check that a uevent's sender
+  // is root by it.
+  spec(SOL_SOCKET, 16, 'SO_PASSCRED', [...UNIX, 'netlink']),
   spec(SOL_SOCKET, 18, 'SO_RCVLOWAT', STREAMS),
   spec(SOL_SOCKET, 20, 'SO_RCVTIMEO', ALL, { form: { bytes: 16 } }),
   spec(SOL_SOCKET, 21, 'SO_SNDTIMEO', ALL, { form: { bytes: 16 } }),

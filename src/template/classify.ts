@@ -205,6 +205,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       return { kind: 'socket', name: fd.socket ? unconnectedName(fd.socket) : 'unconnected socket', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UDP:
       return { kind: 'socket', name: `udp ${fd.socket?.address || '(unbound)'}:${fd.socket?.port ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.NETLINK:
+      return { kind: 'socket', name: `netlink port id ${fd.socket?.netlink?.portId || '(unbound)'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UNIX_DGRAM:
       return { kind: 'socket', name: `unix dgram ${fd.socket?.address || '(unnamed)'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.TCP_ESTABLISHED:
@@ -253,6 +255,11 @@ function fdRefusal(fd: Fd): string | undefined {
   // Ports and names are system-wide: every clone cannot bind the same one
   // (port rules cover TCP listeners only, so far).
   if (fd.kind === FdKind.UDP && fd.socket?.port) return `a UDP socket bound to port ${fd.socket.port} cannot be bound by every clone (PORT rules apply to TCP listeners only, so far)`;
+  // A port id is unique in the network namespace, and a clone given
+  // another would have its program ignore the kernel's answers, which come
+  // to the port id it read once (resources/netlink.ts).
+  if (fd.kind === FdKind.NETLINK && fd.socket?.netlink?.portId)
+    return `a netlink socket bound to port id ${fd.socket.netlink.portId} cannot be bound by every clone (a port id is unique in its network namespace, and the program expects the kernel's answers at the one it has)`;
   if (fd.kind === FdKind.UNIX_DGRAM && fd.socket?.address && !/^@[0-9a-f]{5}$/.test(fd.socket.address))
     return `a unix datagram socket bound to ${fd.socket.address} is system-wide unique and cannot be shared by clones`;
   if (fd.kind === FdKind.UNCONNECTED_STREAM && fd.socket) {
