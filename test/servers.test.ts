@@ -3,7 +3,7 @@
  * users: nginx (master as root, workers as nobody), memcached -u nobody,
  * haproxy (a chrooted worker as haproxy, unix sockets renamed into place),
  * Postfix (daemons chrooted to its queue directory, sockets bound by
- * relative names) and
+ * relative names), OpenSSH (a login session on a pseudo-terminal) and
  * PostgreSQL 15 started as the packaging starts it (runuser from root) or by
  * its own user. Each goes through snapshot and restore (and nginx and
  * memcached through templates and clones) and must come back serving, with
@@ -28,6 +28,7 @@ const MEMCACHED = '/usr/bin/memcached';
 const HAPROXY = '/usr/sbin/haproxy';
 const HAPROXY_CFG = '/etc/haproxy/haproxy.cfg';
 const POSTFIX = '/usr/sbin/postfix';
+const SSHD = '/usr/sbin/sshd';
 const PG_BIN = '/usr/lib/postgresql/15/bin';
 const PSQL = '/usr/bin/psql';
 const DNSMASQ = '/usr/sbin/dnsmasq';
@@ -128,6 +129,18 @@ async function waitForHttp(port: number): Promise<void> {
 
 /** Established TCP connections whose local port is `port`, from
  * /proc/net/tcp (state 01). */
+/** Whether a TCP socket listens on 127.0.0.1 or any address at `port`. */
+function listening(port: number): boolean {
+  const hex = port.toString(16).toUpperCase().padStart(4, '0');
+  return readFileSync('/proc/net/tcp', 'utf8')
+    .split('\n')
+    .slice(1)
+    .some((l) => {
+      const f = l.trim().split(/\s+/);
+      return f[1]?.endsWith(`:${hex}`) && f[3] === '0A';
+    });
+}
+
 function established(port: number): number {
   const hex = port.toString(16).toUpperCase().padStart(4, '0');
   return readFileSync('/proc/net/tcp', 'utf8')
@@ -224,9 +237,9 @@ http {
 }
 
 describe('servers that run as several users', () => {
-  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy, postfix and postgresql-15)', () => {
-    for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, POSTFIX, `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
-      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postfix postgresql-15)`).toBe(true);
+  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy, postfix, openssh-server and postgresql-15)', () => {
+    for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, POSTFIX, SSHD, '/usr/bin/ssh', `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
+      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postfix openssh-server postgresql-15)`).toBe(true);
   });
 
   it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {
@@ -441,6 +454,45 @@ frontend web
     await delivered('after@localhost');
     expect(readdirSync(join(pf, 'queue', 'public')).sort()).toEqual(['cleanup', 'flush', 'pickup', 'postlog', 'qmgr', 'showq']);
     run(['stop', 'pfx', '-s', 'KILL']);
+  });
+
+  it.runIf(isRoot)('OpenSSH: a login session on its terminal carries on through a round trip, and a new login works after', async () => {
+    // sshd as Debian ships it but for its files: privilege separation (a
+    // monitor and the session's process), a pseudo-terminal, the shell.
+    const port = base + 4;
+    const d = join(dir, 'sshd');
+    mkdirSync(d);
+    mkdirSync('/run/sshd', { recursive: true });
+    for (const key of ['host', 'user']) {
+      const r = spawnSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(d, key)], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+    }
+    writeFileSync(join(d, 'authorized_keys'), readFileSync(join(d, 'user.pub')), { mode: 0o600 });
+    writeFileSync(
+      join(d, 'sshd_config'),
+      [`Port ${port}`, 'ListenAddress 127.0.0.1', `HostKey ${join(d, 'host')}`, `AuthorizedKeysFile ${join(d, 'authorized_keys')}`, 'PermitRootLogin prohibit-password', 'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'UsePAM no', 'StrictModes no', `PidFile ${join(d, 'sshd.pid')}`, ''].join('\n'),
+    );
+    const ssh = (command: string[]) => ['-tt', '-i', join(d, 'user'), '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'BatchMode=yes', '-o', 'LogLevel=ERROR', '-p', String(port), 'root@127.0.0.1', ...command];
+    run(['run', '-d', '--aid', 'sshd', '--', SSHD, '-D', '-e', '-f', join(d, 'sshd_config')]);
+    await waitFor(() => listening(port), 10_000, 'sshd to listen');
+    const session = spawn('ssh', ssh(['while read line; do echo "got $line on $(tty)"; done']), { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    session.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    try {
+      session.stdin.write('one\n');
+      await waitFor(() => /got one on \/dev\/pts\/\d+/.test(out), 30_000, 'the session to answer');
+      const tty = /got one on (\/dev\/pts\/\d+)/.exec(out)![1];
+      await waitFor(() => processes('sshd').some((p) => /^bash|^-bash|while read/.test(p.command)), 10_000, "the session's shell");
+      run(['snapshot', 'sshd', '-o', join(dir, 'sshd.snap')]);
+      run(['restore', join(dir, 'sshd.snap')]);
+      session.stdin.write('two\n');
+      await waitFor(() => out.includes(`got two on ${tty}`), 30_000, 'the same session, on the same terminal, to answer after the restore');
+      const fresh = spawnSync('ssh', ssh(['echo fresh login']), { encoding: 'utf8', timeout: 30_000 });
+      expect(fresh.stdout).toContain('fresh login');
+    } finally {
+      session.kill();
+    }
+    run(['stop', 'sshd', '-s', 'KILL']);
   });
 });
 
