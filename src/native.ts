@@ -86,6 +86,12 @@ export interface SocketNotes {
 }
 
 /** A socket option the kernel does not show, noted when it was set. */
+/** A file as stat(2) names it. */
+export interface FileId {
+  ino: number;
+  dev: number;
+}
+
 export interface SocketNote {
   ino: bigint;
   level: number;
@@ -408,7 +414,16 @@ interface Addon {
   sockOpen(family: number, type: number, protocol?: number): number;
   /** `dir`: where a relative unix name is resolved (the process's working directory if absent). */
   sockBind(fd: number, addr: Buffer, dir?: string): void;
-  sockConnect(fd: number, addr: Buffer): void;
+  /** The file a unix socket's bind made (st_ino, st_dev); undefined for an abstract or unnamed one. */
+  socketFileOf(fd: number): FileId | undefined;
+  /** A socket file at `name` in `dir` no live socket holds is removed; true if a live one holds it. */
+  socketFileClear(dir: string, name: string): boolean;
+  /** The file `id` at `name` in `dir` given its owner and mode, then moved to `renamed` beside it. */
+  socketFileFinish(dir: string, name: string, id: FileId, file: { uid: number; gid: number; mode: number; renamed?: string }): void;
+  /** Removes `name` from `dir` if it is the file `id`; whether it did. */
+  socketFileRemove(dir: string, name: string, id: FileId): boolean;
+  /** `dir`: where a relative unix name is resolved. */
+  sockConnect(fd: number, addr: Buffer, dir?: string): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
   sockShutdown(fd: number, how: number): void;

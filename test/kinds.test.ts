@@ -207,9 +207,29 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
     await run(['snapshot', 'sfil2', '-o', join(out, 'sfil2'), '--leave-running']);
     const r = await attempt(['restore', join(out, 'sfil2'), '--aid', 'sfil3']);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/served\.sock: a live socket listens there/);
-    expect(readdirSync(here).sort()).toEqual(['rel.sock', 'reldg.sock', 'served.sock']);
+    expect(r.stderr).toMatch(/a live socket holds \S+\/served\.sock$/m);
+    expect(readdirSync(here).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
     await checksPass('sfil2');
+  });
+
+  it('bound by relative names in a directory longer than a socket address holds, come back there; beside the running original they are refused by name, nothing left', async () => {
+    // Why programs bind relative names. The restore's own look at such a
+    // file (a stale one to remove, a live one to refuse) went by the whole
+    // path, which no sockaddr holds; and a bound, unconnected one was
+    // compared with /proc/net/unix's relative name, which never matched:
+    // the original's file was taken.
+    let long = mkdtempSync(join(dir, 'long-'));
+    while (long.length < 160) long = join(long, 'a-rather-long-directory-name');
+    mkdirSync(long, { recursive: true });
+    await comesBackFromEndingSnapshot('sfil5', [fixture('sockfiles'), long, 'relative']);
+    await run(['snapshot', 'sfil5', '-o', join(out, 'sfil5b'), '--leave-running']);
+    const r = await attempt(['restore', join(out, 'sfil5b'), '--aid', 'sfil6']);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/a live socket holds \S+\/rel(dg|ub)?\.sock$/m);
+    expect(readdirSync(long).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock']);
+    await checksPass('sfil5');
+    await run(['stop', 'sfil5']);
+    await waitFor(() => !sb.aids().includes('sfil5'), 10_000, 'sfil5 to stop');
   });
 
   it('bound by a relative name in a directory the process has left, are refused by name at snapshot, and the application goes on', async () => {
@@ -462,7 +482,7 @@ describe('what outlives its name: a deleted working directory, a deleted FIFO, a
     await run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
     const r = await attempt(['restore', join(out, aid), '--aid', 'leftbusy2']);
     expect(r.code).toBe(4);
-    expect(r.stderr).toMatch(new RegExp(`fd \\d+: ${busy}/sock: a live socket listens there`));
+    expect(r.stderr).toMatch(new RegExp(`fd \\d+: a live socket holds ${busy}/sock`));
     expect(sb.aids()).not.toContain('leftbusy2');
     await checksPass(aid);
   });

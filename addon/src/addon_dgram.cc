@@ -21,6 +21,7 @@
 extern "C" {
 #include "dgram.h"
 #include "sockdiag.h"
+#include "sockfile.h"
 }
 
 namespace appshot {
@@ -76,10 +77,75 @@ Napi::Value SockBind(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// sockConnect(fd, addr, dir?): a relative unix name is resolved in `dir`.
 Napi::Value SockConnect(const Napi::CallbackInfo& info) {
   auto a = info[1].As<Napi::Buffer<uint8_t>>();
-  if (connect(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), a.Length())) ThrowErrno(info.Env(), "connect", errno);
+  std::string dir = info.Length() > 2 && info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
+  int rc = connect_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str());
+  if (rc) ThrowErrno(info.Env(), "connect", -rc);
   return info.Env().Undefined();
+}
+
+// --- A unix socket's file (sockfile.c)
+
+Napi::Value FileId(const Napi::Env& env, const sockfile_id& id) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ino", Napi::Number::New(env, static_cast<double>(id.ino)));
+  o.Set("dev", Napi::Number::New(env, static_cast<double>(id.dev)));
+  return o;
+}
+
+sockfile_id ToFileId(const Napi::Value& v) {
+  auto o = v.As<Napi::Object>();
+  return {static_cast<uint64_t>(o.Get("ino").As<Napi::Number>().DoubleValue()),
+          static_cast<dev_t>(o.Get("dev").As<Napi::Number>().DoubleValue())};
+}
+
+std::string Str(const Napi::Value& v) { return v.As<Napi::String>().Utf8Value(); }
+
+// socketFileOf(fd) -> { ino, dev } | undefined: the file its bind made.
+Napi::Value SocketFileOf(const Napi::CallbackInfo& info) {
+  sockfile_id id{};
+  int rc = sockfile_of(Int(info[0]), &id);
+  if (rc == -ENODATA) return info.Env().Undefined();
+  if (rc) {
+    ThrowErrno(info.Env(), "sock_diag (the socket's file)", -rc);
+    return info.Env().Undefined();
+  }
+  return FileId(info.Env(), id);
+}
+
+// socketFileClear(dir, name) -> boolean: a live socket holds it.
+Napi::Value SocketFileClear(const Napi::CallbackInfo& info) {
+  int rc = sockfile_clear(Str(info[0]).c_str(), Str(info[1]).c_str());
+  if (rc < 0) {
+    ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+    return info.Env().Undefined();
+  }
+  return Napi::Boolean::New(info.Env(), rc > 0);
+}
+
+// socketFileFinish(dir, name, id, { uid, gid, mode, renamed })
+Napi::Value SocketFileFinish(const Napi::CallbackInfo& info) {
+  auto o = info[3].As<Napi::Object>();
+  sockfile_id id = ToFileId(info[2]);
+  std::string renamed = o.Has("renamed") && o.Get("renamed").IsString() ? Str(o.Get("renamed")) : "";
+  int rc = sockfile_finish(Str(info[0]).c_str(), Str(info[1]).c_str(), &id, o.Get("uid").As<Napi::Number>().Uint32Value(),
+                           o.Get("gid").As<Napi::Number>().Uint32Value(), o.Get("mode").As<Napi::Number>().Uint32Value(),
+                           renamed.c_str());
+  if (rc) ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+  return info.Env().Undefined();
+}
+
+// socketFileRemove(dir, name, id) -> boolean: removed (it was that file).
+Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
+  sockfile_id id = ToFileId(info[2]);
+  int rc = sockfile_remove(Str(info[0]).c_str(), Str(info[1]).c_str(), &id);
+  if (rc < 0) {
+    ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+    return info.Env().Undefined();
+  }
+  return Napi::Boolean::New(info.Env(), rc > 0);
 }
 
 // sockSend(fd, data, addr | null): one message, whole.
@@ -422,6 +488,10 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("sockOpen", SockOpen);
   fn("sockBind", SockBind);
   fn("sockConnect", SockConnect);
+  fn("socketFileOf", SocketFileOf);
+  fn("socketFileClear", SocketFileClear);
+  fn("socketFileFinish", SocketFileFinish);
+  fn("socketFileRemove", SocketFileRemove);
   fn("sockSend", SockSend);
   fn("sockShutdown", SockShutdown);
   fn("datagramQueue", DatagramQueue);

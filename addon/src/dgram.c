@@ -163,7 +163,8 @@ out:
   return rc;
 }
 
-struct bind_in_call {
+struct in_dir_call {
+  int (*op)(int, const struct sockaddr*, socklen_t);
   int fd;
   const struct sockaddr* addr;
   socklen_t len;
@@ -171,20 +172,30 @@ struct bind_in_call {
   int err;
 };
 
-static void* bind_in_thread(void* arg) {
-  struct bind_in_call* c = arg;
+static void* in_dir_thread(void* arg) {
+  struct in_dir_call* c = arg;
   /* This thread's working directory only: the process's (the engine's,
    * shared by every thread) stays where it is. */
-  if (unshare(CLONE_FS) != 0 || chdir(c->dir) != 0 || bind(c->fd, c->addr, c->len) != 0) c->err = errno;
+  if (unshare(CLONE_FS) != 0 || chdir(c->dir) != 0 || c->op(c->fd, c->addr, c->len) != 0) c->err = errno;
   return NULL;
 }
 
-int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
-  if (!dir || !*dir) return bind(fd, addr, len) == 0 ? 0 : -errno;
-  struct bind_in_call c = {fd, addr, len, dir, 0};
+/* `op` (bind or connect) with a relative unix name resolved in `dir`. */
+static int in_dir(int (*op)(int, const struct sockaddr*, socklen_t), int fd, const struct sockaddr* addr,
+                  socklen_t len, const char* dir) {
+  if (!dir || !*dir) return op(fd, addr, len) == 0 ? 0 : -errno;
+  struct in_dir_call c = {op, fd, addr, len, dir, 0};
   pthread_t t;
-  int rc = pthread_create(&t, NULL, bind_in_thread, &c);
+  int rc = pthread_create(&t, NULL, in_dir_thread, &c);
   if (rc != 0) return -rc;
   pthread_join(t, NULL);
   return -c.err;
+}
+
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
+  return in_dir(bind, fd, addr, len, dir);
+}
+
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
+  return in_dir(connect, fd, addr, len, dir);
 }

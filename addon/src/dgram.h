@@ -33,6 +33,9 @@ void dgram_free(dgram_msg* msgs, long n);
  * there: done in a thread of its own that leaves the process's working
  * directory as it was (unshare(CLONE_FS), then chdir). 0 or -errno. */
 int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir);
+/* connect(2), likewise: a relative name (or a long one, given relative to
+ * its directory) resolved in `dir`. */
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir);
 
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
  * built whole and sent through a raw socket (CAP_NET_RAW), so that its

@@ -28,18 +28,16 @@
  * in a thread of its own working directory). Found nowhere there, it is
  * refused by name: where it was bound cannot be known.
  */
-import { closeSync, chmodSync, chownSync, fstatSync, linkSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats, unlinkSync } from 'node:fs';
+import { closeSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats, unlinkSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { SocketFile } from '../image/types.js';
 import { addon } from '../native.js';
-import { Unsupported } from './context.js';
+import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr } from './sockaddr.js';
 
 const O_PATH = 0o10000000;
-const O_NOFOLLOW = 0o400000;
 const O_CLOEXEC = 0o2000000;
-const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
 
 /** The socket file `st` is the one the kernel names by `ino` and `dev`. */
@@ -121,66 +119,72 @@ export function socketFilePath(name: string, file: SocketFile | undefined): stri
   return file?.base ? join(file.base, name) : undefined;
 }
 
-/** Where the file of a socket bound to `name` is once restoreSocketFile
- * is done: moved where it went; undefined where there is none (removed,
- * abstract, unnamed). */
-export function socketFileNow(name: string, file: SocketFile | undefined): string | undefined {
+/** The directory of the file of a socket bound to `name`, and its name
+ * there (undefined: abstract, unnamed). Every step of a restore on the
+ * file goes through that directory (addon sockfile.c). */
+export function socketFilePlace(name: string, file: SocketFile | undefined): { dir: string; name: string } | undefined {
   const path = socketFilePath(name, file);
-  if (!path || file?.removed) return undefined;
-  return file?.renamed ? join(dirname(path), file.renamed) : path;
+  return path ? { dir: dirname(path), name: basename(path) } : undefined;
+}
+
+/** Where the file of a socket bound to `name` is while the restore makes
+ * connections to it: moved where it went (one the application removed is
+ * removed only once every process is final, so that its peers can
+ * connect to it first). */
+export function socketFileForPeers(name: string, file: SocketFile | undefined): { dir: string; name: string } | undefined {
+  const place = socketFilePlace(name, file);
+  return place && file?.renamed ? { ...place, name: file.renamed } : place;
+}
+
+/** Before the bind of `name`: a socket file there that no live socket
+ * holds (the ended original's) is removed; one a live socket holds (the
+ * original, still running) is a conflict. Told by the kernel's list of
+ * the sockets' files, whatever their kind, and looked at through the
+ * directory (a name too long for a sockaddr too). */
+export function clearSocketFile(name: string, file: SocketFile | undefined, where: string): void {
+  const place = socketFilePlace(name, file);
+  if (!place) return;
+  let live: boolean;
+  try {
+    live = addon().socketFileClear(place.dir, place.name);
+  } catch (e) {
+    throw new AppshotError(`${where}: ${(e as Error).message}`);
+  }
+  if (live) throw new AppshotError(`${where}: a live socket holds ${join(place.dir, place.name)}`, ExitCode.conflict);
 }
 
 /**
- * After the bind of `path` made the listener's file: the recorded mode and
- * owner, then its place (renamed beside it, or removed). Everything is done
- * through a descriptor of the file itself (O_PATH, not following a link),
- * so that a name swapped for a symlink cannot send the change to another
- * file; a rename never replaces anything but a stale socket file. `where`
- * names the descriptor in an error.
+ * After the bind of `name` made socket `sock`'s file: its owner and mode,
+ * then its place (renamed beside it; one the application removed, once
+ * every process is final). Each step acts on the file the kernel says the
+ * bind made (its inode, through a descriptor of its directory, sockfile.c):
+ * a directory on the way swapped for a symlink makes the step fail, never
+ * land on another file; a rename replaces nothing but a stale socket file.
+ * A failed restore removes the file, wherever it went. `where` names the
+ * descriptor in an error.
  */
-export function restoreSocketFile(path: string, file: SocketFile | undefined, where: string): void {
-  if (!file || !path.startsWith('/')) return;
+export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string): void {
+  const place = socketFilePlace(name, file);
+  if (!place) return;
+  const id = addon().socketFileOf(sock);
+  if (!id) return;
+  h.undoOnFailure(() => {
+    for (const at of new Set([place.name, file?.renamed || place.name])) addon().socketFileRemove(place.dir, at, id);
+  });
+  if (!file) return;
   if (file.removed) {
-    unlinkSocketFile(path);
+    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, place.name, id));
     return;
   }
-  let fd: number;
   try {
-    fd = openSync(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed });
   } catch (e) {
-    throw new AppshotError(`${where}: the file its bind made at ${path}: ${(e as Error).message}`);
-  }
-  try {
-    const st = fstatSync(fd);
-    if (!st.isSocket()) throw new AppshotError(`${where}: ${path} is no longer the socket file its bind made`);
-    // The owner first: a chown drops set-id bits, which the mode then sets.
-    // An owner the restoring user may not give is refused, not dropped
-    // (EPERM names it).
-    if (st.uid !== file.uid || st.gid !== file.gid) chownSync(`/proc/self/fd/${fd}`, file.uid, file.gid);
-    if ((st.mode & 0o7777) !== file.mode) chmodSync(`/proc/self/fd/${fd}`, file.mode);
-  } catch (e) {
-    if (e instanceof AppshotError) throw e;
-    throw new AppshotError(`${where}: giving ${path} its mode ${file.mode.toString(8)} and owner ${file.uid}:${file.gid}: ${(e as Error).message}`);
-  } finally {
-    closeSync(fd);
-  }
-  if (!file.renamed) return;
-  const to = join(dirname(path), file.renamed);
-  try {
-    // A stale socket file there (the ended original's) goes; a live one
-    // is a conflict; anything else stays, and the link below says so.
-    if (removeStale(to, SOCK_STREAM)) throw new AppshotError(`${where}: ${to}: a live socket listens there`, ExitCode.conflict);
-    try {
-      // link + unlink: a rename that replaces nothing (rename(2) would
-      // replace any file at `to`).
-      linkSync(path, to);
-    } catch (e) {
-      throw new AppshotError(`${where}: moving the socket file ${basename(path)} to ${to}, where it was: ${(e as Error).message}`, ExitCode.conflict);
-    }
-  } finally {
-    // Moved, or the restore fails: the file at the bound name goes either
-    // way (nothing of a failed restore is left).
-    unlinkSocketFile(path);
+    const err = e as NodeJS.ErrnoException;
+    const to = join(place.dir, file.renamed || place.name);
+    if (err.code === 'EADDRINUSE') throw new AppshotError(`${where}: a live socket holds ${to}`, ExitCode.conflict);
+    if (err.code === 'EEXIST') throw new AppshotError(`${where}: moving the socket file ${place.name} to ${to}, where it was: another file is there`, ExitCode.conflict);
+    if (err.code === 'ESTALE') throw new AppshotError(`${where}: ${join(place.dir, place.name)} is not the file its bind made (its directory changed meanwhile?)`);
+    throw new AppshotError(`${where}: giving ${join(place.dir, place.name)} its owner ${file.uid}:${file.gid} and mode ${file.mode.toString(8)}${file.renamed ? ` and its name ${file.renamed}` : ''}: ${err.message}`);
   }
 }
 

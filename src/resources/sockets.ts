@@ -27,7 +27,7 @@
  * `appshot restore`) makes the application's own listener again from the
  * record. The connections waiting in its accept queue stay there meanwhile.
  */
-import { closeSync, lstatSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
@@ -36,7 +36,7 @@ import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
-import { dumpSocketFile, removeStale, restoreSocketFile, socketFilePath } from './socketfile.js';
+import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -532,9 +532,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.
-    const file = fd.kind === FdKind.UNIX_SOCKET ? socketFilePath(s.address, s.file) : undefined;
-    if (file && isSocketFile(file) && removeStale(file, SOCK_STREAM))
-      throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${file}: a live socket listens there`, ExitCode.conflict);
+    if (fd.kind === FdKind.UNIX_SOCKET) clearSocketFile(s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
     const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
     check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
     // A held clone's listener on the shared port listens once it is let go.
@@ -550,19 +548,11 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
       const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
-    if (file) restoreSocketFile(file, s.file, `process ${p.vpid} fd ${fd.fd}`);
+    if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(h, sock, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
-}
-
-function isSocketFile(path: string): boolean {
-  try {
-    return lstatSync(path).isSocket();
-  } catch {
-    return false;
-  }
 }
 
 /** A TCP listener of a clone: on its own allocated port, or on the

@@ -20,14 +20,14 @@
  * now is a conflict (the original, after --leave-running); a socket file
  * no socket holds is the ended original's, removed before the bind.
  */
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type Process, type Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext } from './context.js';
 import { AF_INET, AF_INET6, AF_UNIX, makeSockaddr } from './sockaddr.js';
 import { applyExtras, isCarriedExtra, type SockKind } from './sockopts.js';
-import { restoreSocketFile, socketFilePath, unlinkSocketFile } from './socketfile.js';
+import { clearSocketFile, restoreSocketFile } from './socketfile.js';
 
 const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
@@ -99,13 +99,13 @@ export function openUnconnected(h: RestoreContext, p: Process, fd: Fd): number {
   const what = `process ${p.vpid} fd ${fd.fd}`;
   if (!s || fd.kind !== FdKind.UNCONNECTED_STREAM) throw new AppshotError(`corrupt image: ${what}: an unconnected socket without its state`);
   return h.once(`socket ${s.ino}`, () => {
-    const sock = h.keep(make(s, `${what}: the ${unconnectedName(s)}`));
+    const sock = h.keep(make(h, s, `${what}: the ${unconnectedName(s)}`));
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
 }
 
-function make(s: Socket, where: string): number {
+function make(h: RestoreContext, s: Socket, where: string): number {
   const kind = optionKind(s.family);
   const options = s.options ?? [];
   for (const o of options)
@@ -117,7 +117,7 @@ function make(s: Socket, where: string): number {
     if (s.reuseport) addon().setSockOpt(sock, SOL_SOCKET, SO_REUSEPORT, 1);
     if (s.family === AF_INET6) addon().setSockOpt(sock, IPPROTO_IPV6, IPV6_V6ONLY, s.v6only ? 1 : 0);
     applyExtras(sock, options, OWN_FIELDS, true, where);
-    if (s.family === AF_UNIX ? s.address !== '' : s.port !== 0) bind(sock, s, where);
+    if (s.family === AF_UNIX ? s.address !== '' : s.port !== 0) bind(h, sock, s, where);
     applyExtras(sock, options, OWN_FIELDS, false, where);
     return sock;
   } catch (e) {
@@ -126,28 +126,13 @@ function make(s: Socket, where: string): number {
   }
 }
 
-function bind(sock: number, s: Socket, where: string): void {
-  const file = s.family === AF_UNIX ? socketFilePath(s.address, s.file) : undefined;
-  if (file) {
-    if (unixNameHeld(file)) throw new AppshotError(`${where}: a live socket holds ${file}`, ExitCode.conflict);
-    unlinkSocketFile(file);
-  }
+function bind(h: RestoreContext, sock: number, s: Socket, where: string): void {
+  if (s.family === AF_UNIX) clearSocketFile(s.address, s.file, where);
   try {
     addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     throw new AppshotError(`${where}: cannot be bound again: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
-  if (file) restoreSocketFile(file, s.file, where);
-}
-
-/** Whether a socket of this network namespace is bound to `path` now. */
-function unixNameHeld(path: string): boolean {
-  let text = '';
-  try {
-    text = readFileSync('/proc/self/net/unix', 'utf8');
-  } catch {
-    return false;
-  }
-  return text.split('\n').some((line) => line.trim().split(/\s+/)[7] === path);
+  if (s.family === AF_UNIX) restoreSocketFile(h, sock, s.address, s.file, where);
 }

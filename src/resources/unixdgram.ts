@@ -36,7 +36,7 @@ import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
-import { dumpSocketFile, removeStale, restoreSocketFile, socketFileNow, socketFilePath, unlinkSocketFile } from './socketfile.js';
+import { clearSocketFile, dumpSocketFile, removeStale, restoreSocketFile, socketFileForPeers, unlinkSocketFile } from './socketfile.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
@@ -181,7 +181,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
     setOptions(sock, ownOptions(s), false);
-    if (s.address) bindName(sock, s, what);
+    if (s.address) bindName(h, sock, s, what);
     for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
     setOptions(sock, ownOptions(s), true);
     applyExtras(sock, s.options ?? [], UNIX_OPTIONS, false, `${what}: a unix datagram socket`);
@@ -216,11 +216,10 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
 
 /** Bound to its name (a relative one where it was bound, socketfile.ts),
  * its file then given its place, mode and owner. */
-function bindName(sock: number, s: Socket, what: string): void {
+function bindName(h: RestoreContext, sock: number, s: Socket, what: string): void {
   const address = s.address;
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
-  const file = socketFilePath(address, s.file);
-  if (file) removeStale(file);
+  clearSocketFile(address, s.file, what);
   try {
     addon().sockBind(sock, name, s.file?.base || undefined);
   } catch (e) {
@@ -229,7 +228,7 @@ function bindName(sock: number, s: Socket, what: string): void {
     if (err.code === 'EADDRINUSE' && AUTOBIND.test(address)) return addon().sockBind(sock, Buffer.from([AF_UNIX, 0]));
     throw new AppshotError(`${what}: a unix datagram socket cannot be bound to ${address}: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
-  if (file) restoreSocketFile(file, s.file, what);
+  restoreSocketFile(h, sock, address, s.file, what);
 }
 
 /** One queued datagram sent to `sock` again, from its sender if possible. */
@@ -285,13 +284,14 @@ function connect(h: RestoreContext, s: Socket, sock: number, what: string): bool
   if (s.peerIno) {
     const peer = socketOf(h, s.peerIno)!;
     const peerFd = made(h, peer, what);
-    // Where its file is now (a relative name where it was bound, a file
-    // moved where it went); its own name for an abstract one.
-    const file = socketFileNow(peer.address, peer.file);
-    const name = file ? makeSockaddr({ family: AF_UNIX, address: file, port: 0 }) : addon().sockName(peerFd);
+    // Through its file's directory (a relative name where it was bound, a
+    // file moved where it went, a path too long for a sockaddr); by its
+    // own name for an abstract one.
+    const file = socketFileForPeers(peer.address, peer.file);
+    const name = file ? makeSockaddr({ family: AF_UNIX, address: file.name, port: 0 }) : addon().sockName(peerFd);
     if (name.length <= 2) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket connected to an unnamed socket that is not its pair`);
     try {
-      addon().sockConnect(sock, name);
+      addon().sockConnect(sock, name, file?.dir);
     } catch (e) {
       throw new AppshotError(`${what}: a unix datagram socket cannot be connected again to the application's socket ${peer.address}${peer.file?.removed ? ', whose file the application removed' : ''}: ${(e as Error).message}`);
     }

@@ -1,0 +1,167 @@
+/* The file of a unix socket's bind, handled by what it is, not by its name
+ * (src/resources/socketfile.ts). Every step goes through a descriptor of
+ * the file's directory and checks the inode it acts on against the one
+ * the kernel says the socket's bind made (sock_diag's UNIX_DIAG_VFS): the
+ * directories on the way are not ours, and a path looked up twice may name
+ * two files (a directory swapped for a symlink in between). */
+#define _GNU_SOURCE
+#include "sockfile.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "sockdiag.h"
+
+/* A unix socket's sk_state, as sock_diag gives it (the TCP numbers). */
+#define TCP_LISTEN_STATE 10
+#define TCP_CLOSE_STATE 7
+
+int sockfile_of(int sock, struct sockfile_id* id) {
+  struct stat st;
+  if (fstat(sock, &st) != 0) return -errno;
+  struct {
+    struct nlmsghdr h;
+    struct unix_diag_req r;
+  } req = {0};
+  req.h.nlmsg_len = sizeof req;
+  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  req.h.nlmsg_flags = NLM_F_REQUEST;
+  req.r.sdiag_family = AF_UNIX;
+  req.r.udiag_ino = (uint32_t)st.st_ino;
+  req.r.udiag_show = UDIAG_SHOW_VFS;
+  req.r.udiag_cookie[0] = req.r.udiag_cookie[1] = ~0u; /* INET_DIAG_NOCOOKIE */
+  int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+  if (fd < 0) return -errno;
+  struct sockaddr_nl nl = {.nl_family = AF_NETLINK};
+  int rc = -ENOENT;
+  if (sendto(fd, &req, sizeof req, 0, (struct sockaddr*)&nl, sizeof nl) < 0) {
+    rc = -errno;
+  } else {
+    char buf[4096] __attribute__((aligned(8)));
+    ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n < 0) rc = -errno;
+    for (struct nlmsghdr* h = (struct nlmsghdr*)buf; n > 0 && NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+      if (h->nlmsg_type == NLMSG_ERROR) {
+        struct nlmsgerr* e = NLMSG_DATA(h);
+        rc = e->error ? e->error : -ENOENT;
+        break;
+      }
+      if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
+      struct unix_diag_msg* m = NLMSG_DATA(h);
+      int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+      for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len))
+        if (a->rta_type == UNIX_DIAG_VFS) {
+          struct unix_diag_vfs* v = RTA_DATA(a);
+          id->ino = v->udiag_vfs_ino;
+          id->dev = makedev(v->udiag_vfs_dev >> 20, v->udiag_vfs_dev & 0xfffff);
+          rc = 0;
+        }
+      if (rc == -ENOENT) rc = -ENODATA; /* no file: abstract or unnamed */
+      break;
+    }
+  }
+  close(fd);
+  return rc;
+}
+
+static int same(const struct stat* st, const struct sockfile_id* id) {
+  return S_ISSOCK(st->st_mode) && st->st_ino == id->ino && st->st_dev == id->dev;
+}
+
+/* Whether a live socket holds the file (st_ino, st_dev): one of the unix
+ * sockets of this network namespace was bound there and still answers to
+ * it (a listener, a datagram socket) or keeps it (a stream socket bound,
+ * neither listening nor connected). Not a connection: an accepted one
+ * shows its listener's file (held by the keeper after the listener ended,
+ * as PostgreSQL's are across a snapshot), and nothing connects to a
+ * connected stream socket's. 1, 0 or -errno. */
+static int held(const struct stat* st) {
+  sockdiag_unix* all = NULL;
+  long n = sockdiag_unix_all(&all);
+  if (n < 0) return (int)n;
+  int found = 0;
+  for (long i = 0; i < n && !found; i++)
+    found = all[i].vfs_ino && all[i].vfs_ino == (uint32_t)st->st_ino &&
+            makedev(all[i].vfs_dev >> 20, all[i].vfs_dev & 0xfffff) == st->st_dev &&
+            (all[i].type == SOCK_DGRAM || all[i].state == TCP_LISTEN_STATE || (!all[i].peer && all[i].state == TCP_CLOSE_STATE));
+  free(all);
+  return found;
+}
+
+static int open_dir(const char* dir) {
+  int d = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  return d < 0 ? -errno : d;
+}
+
+/* clear, in an open directory. */
+static int clear_at(int d, const char* name) {
+  struct stat st;
+  if (fstatat(d, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return errno == ENOENT ? 0 : -errno;
+  if (!S_ISSOCK(st.st_mode)) return 0; /* not ours to remove: the bind says the name is taken */
+  int h = held(&st);
+  if (h) return h < 0 ? h : 1;
+  if (unlinkat(d, name, 0) != 0 && errno != ENOENT) return -errno;
+  return 0;
+}
+
+int sockfile_clear(const char* dir, const char* name) {
+  int d = open_dir(dir);
+  if (d < 0) return d == -ENOENT ? 0 : d;
+  int rc = clear_at(d, name);
+  close(d);
+  return rc;
+}
+
+int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
+                    uint32_t gid, uint32_t mode, const char* renamed) {
+  int d = open_dir(dir);
+  if (d < 0) return d;
+  int f = openat(d, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  int rc = 0;
+  struct stat st;
+  if (f < 0) rc = -errno;
+  else if (fstat(f, &st) != 0) rc = -errno;
+  else if (!same(&st, id)) rc = -ESTALE; /* not the file the bind made */
+  /* The owner first: a chown drops set-id bits, which the mode then sets. */
+  if (!rc && (st.st_uid != uid || st.st_gid != gid) && fchownat(f, "", uid, gid, AT_EMPTY_PATH) != 0) rc = -errno;
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", f);
+  /* chmod through the descriptor's magic link: that very inode. */
+  if (!rc && (st.st_mode & 07777) != mode && chmod(self, mode) != 0) rc = -errno;
+  if (!rc && renamed && *renamed) {
+    int c = clear_at(d, renamed);
+    if (c > 0) rc = -EADDRINUSE;
+    else if (c < 0) rc = c;
+    /* Linked by the descriptor (never replacing anything), then the bound
+     * name removed if it is still that file. */
+    else if (linkat(AT_FDCWD, self, d, renamed, AT_SYMLINK_FOLLOW) != 0) rc = -errno;
+    else {
+      struct stat now;
+      if (fstatat(d, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && same(&now, id)) unlinkat(d, name, 0);
+    }
+  }
+  if (f >= 0) close(f);
+  close(d);
+  return rc;
+}
+
+int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id) {
+  int d = open_dir(dir);
+  if (d < 0) return d == -ENOENT ? 0 : d;
+  struct stat st;
+  int rc = 0;
+  if (fstatat(d, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && same(&st, id)) rc = unlinkat(d, name, 0) == 0 ? 1 : -errno;
+  close(d);
+  return rc;
+}
