@@ -27,6 +27,19 @@
  * (`base`); the restore binds the same relative name there (addon bind_in,
  * in a thread of its own working directory). Found nowhere there, it is
  * refused by name: where it was bound cannot be known.
+ *
+ * The directories on the way are not appshot's, and a root restore must
+ * not be led to another file: after the bind, every step (owner, mode,
+ * rename, removal, and a failed restore's clean-up) acts on the inode the
+ * kernel says the bind made, through one descriptor of its directory
+ * (addon sockfile.c). Whether a file there is stale or held is asked of
+ * the kernel too (the sockets' files, sock_diag), not of a connect() by
+ * path, which a file that is no socket answers like a stale one and a
+ * long path cannot be given to.
+ *
+ * Not done: a socket whose file went away and another one the
+ * application bound to the same name since are made in descriptor order;
+ * when the live one comes first, the other's bind finds the name taken.
  */
 import { closeSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats, unlinkSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
