@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -210,6 +210,37 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
     expect(r.stderr).toMatch(/a live socket holds \S+\/served\.sock$/m);
     expect(readdirSync(here).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
     await checksPass('sfil2');
+  });
+
+  describeIf(process.getuid?.() === 0)('where a socket of another network namespace listens at the name', () => {
+    it('are refused by name, its file kept', async () => {
+      // The kernel's list of sockets (sock_diag) shows this namespace's only;
+      // a connection through the directory tells the others'.
+      const here = mkdtempSync(join(dir, 'netns-'));
+      await start('sfil7', [fixture('sockfiles'), here]);
+      await checksPass('sfil7');
+      await run(['snapshot', 'sfil7', '-o', join(out, 'sfil7')]);
+      const served = join(here, 'served.sock');
+      rmSync(served);
+      const other = spawn('unshare', ['-n', 'python3', '-c', `import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.bind(${JSON.stringify(served)})\ns.listen(1)\nprint('up',flush=True)\ntime.sleep(60)`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      try {
+        let up = '';
+        other.stdout!.on('data', (b: Buffer) => (up += b.toString()));
+        await waitFor(() => up.includes('up'), 10_000, 'the listener in another network namespace');
+        const ino = statSync(served).ino;
+        const r = await attempt(['restore', join(out, 'sfil7')]);
+        expect(r.code).toBe(4);
+        expect(r.stderr).toMatch(/a live socket holds \S+\/served\.sock$/m);
+        expect(statSync(served).ino).toBe(ino);
+      } finally {
+        other.kill('SIGKILL');
+      }
+      await waitFor(() => other.exitCode !== null || other.signalCode !== null, 10_000, 'the other listener to end');
+      await run(['restore', join(out, 'sfil7')]);
+      await checksPass('sfil7');
+      await run(['stop', 'sfil7']);
+      await waitFor(() => !sb.aids().includes('sfil7'), 10_000, 'sfil7 to stop');
+    });
   });
 
   it('bound by relative names in a directory longer than a socket address holds, come back there; beside the running original they are refused by name, nothing left', async () => {

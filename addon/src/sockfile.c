@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -104,12 +105,30 @@ static int open_dir(const char* dir) {
   return d < 0 ? -errno : d;
 }
 
+/* Whether something answers a connection to `name` in open directory `d`
+ * (through the directory's /proc/self/fd link: any length of path): a
+ * listener (accepted, or its backlog full) or a datagram socket (a stream
+ * socket's connect says EPROTOTYPE). What sock_diag cannot see: a socket
+ * of another network namespace bound to a file here (a container's, a
+ * program started under `ip netns exec`). */
+static int answers(int d, const char* name) {
+  struct sockaddr_un a = {.sun_family = AF_UNIX};
+  if (snprintf(a.sun_path, sizeof a.sun_path, "/proc/self/fd/%d/%s", d, name) >= (int)sizeof a.sun_path) return 0;
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (probe < 0) return 0;
+  int rc = connect(probe, (struct sockaddr*)&a, sizeof a);
+  int live = rc == 0 || errno == EPROTOTYPE || errno == EAGAIN || errno == EINPROGRESS;
+  close(probe);
+  return live;
+}
+
 /* clear, in an open directory. */
 static int clear_at(int d, const char* name) {
   struct stat st;
   if (fstatat(d, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return errno == ENOENT ? 0 : -errno;
   if (!S_ISSOCK(st.st_mode)) return 0; /* not ours to remove: the bind says the name is taken */
   int h = held(&st);
+  if (!h) h = answers(d, name);
   if (h) return h < 0 ? h : 1;
   if (unlinkat(d, name, 0) != 0 && errno != ENOENT) return -errno;
   return 0;

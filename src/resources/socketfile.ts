@@ -33,25 +33,31 @@
  * rename, removal, and a failed restore's clean-up) acts on the inode the
  * kernel says the bind made, through one descriptor of its directory
  * (addon sockfile.c). Whether a file there is stale or held is asked of
- * the kernel too (the sockets' files, sock_diag), not of a connect() by
- * path, which a file that is no socket answers like a stale one and a
- * long path cannot be given to.
+ * the kernel too (the sockets' files, sock_diag), then, for a socket of
+ * another network namespace, which sock_diag does not list, of a connect()
+ * through the directory's descriptor (a connect() by path alone takes any
+ * file that is no socket for a stale one, and cannot be given a long
+ * path).
  *
- * Not done: a socket whose file went away and another one the
- * application bound to the same name since are made in descriptor order;
- * when the live one comes first, the other's bind finds the name taken.
+ * Not done (review27 L1, review28 R3, R4):
+ * - a socket whose file went away and another one the application bound
+ *   to the same name since are made in descriptor order; when the live one
+ *   comes first, the other's bind finds the name taken;
+ * - the bind, and every step after it, runs with the restorer's
+ *   credentials, not the application's: a root restore of an image whose
+ *   directory is a symlink planted beforehand binds where it points (as it
+ *   would open any path of the image);
+ * - on an overlay whose layers are on other file systems (without xino),
+ *   sock_diag's device is the overlay's and stat's the layer's: the file is
+ *   not recognised (recorded as removed at snapshot, not seen as held at
+ *   restore).
  */
-import { closeSync, lstatSync, openSync, readdirSync, readlinkSync, type Stats, unlinkSync } from 'node:fs';
+import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { SocketFile } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
-import { AF_UNIX, makeSockaddr } from './sockaddr.js';
-
-const O_PATH = 0o10000000;
-const O_CLOEXEC = 0o2000000;
-const SOCK_DGRAM = 2;
 
 /** The socket file `st` is the one the kernel names by `ino` and `dev`. */
 function isFileOf(st: Stats | undefined, ino: number, dev: number): boolean {
@@ -198,47 +204,5 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     if (err.code === 'EEXIST') throw new AppshotError(`${where}: moving the socket file ${place.name} to ${to}, where it was: another file is there`, ExitCode.conflict);
     if (err.code === 'ESTALE') throw new AppshotError(`${where}: ${join(place.dir, place.name)} is not the file its bind made (its directory changed meanwhile?)`);
     throw new AppshotError(`${where}: giving ${join(place.dir, place.name)} its owner ${file.uid}:${file.gid} and mode ${file.mode.toString(8)}${file.renamed ? ` and its name ${file.renamed}` : ''}: ${err.message}`);
-  }
-}
-
-/** A socket file the ended original left behind (nothing answers there)
- * goes; one a live socket holds stays, and the bind says so. Returns
- * whether a live socket of `type` answered there. */
-export function removeStale(path: string, type = SOCK_DGRAM): boolean {
-  const probe = addon().sockOpen(AF_UNIX, type);
-  try {
-    addon().sockConnect(probe, makeSockaddr({ family: AF_UNIX, address: path, port: 0 }));
-    return true;
-  } catch (e) {
-    // ECONNREFUSED is also what a file that is no socket answers: only a
-    // socket file goes (the bind then says the name is taken).
-    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED') unlinkSocketFile(path);
-    return false;
-  } finally {
-    closeSync(probe);
-  }
-}
-
-const O_DIRECTORY = 0o200000;
-
-/** Removes `path` if it is a socket file, and nothing else: a name from
- * an image may be any file of the restoring node. Looked at and removed
- * through one descriptor of its directory, so that a directory swapped
- * for a symlink in between cannot send the removal elsewhere. */
-export function unlinkSocketFile(path: string): void {
-  if (path.endsWith('/')) return;
-  let dir: number;
-  try {
-    dir = openSync(dirname(path), O_PATH | O_DIRECTORY | O_CLOEXEC);
-  } catch {
-    return;
-  }
-  try {
-    const at = `/proc/self/fd/${dir}/${basename(path)}`;
-    if (lstatSync(at).isSocket()) unlinkSync(at);
-  } catch {
-    /* gone already, or not ours to remove: the bind tells */
-  } finally {
-    closeSync(dir);
   }
 }

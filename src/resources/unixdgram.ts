@@ -33,10 +33,10 @@
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
-import { addon } from '../native.js';
+import { addon, type FileId } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
-import { clearSocketFile, dumpSocketFile, removeStale, restoreSocketFile, socketFileForPeers, unlinkSocketFile } from './socketfile.js';
+import { clearSocketFile, dumpSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
@@ -256,15 +256,22 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
     // A relative sender's name would be resolved here, not where it was:
     // sent from an unnamed socket instead.
     if (d.from && unixNameFits(d.from) && (d.from.startsWith('/') || d.from.startsWith('@'))) {
-      const stalePath = !d.from.startsWith('@');
+      // The name is the image's: a file there is removed only if it is a
+      // socket file no live socket holds, and the temporary socket's own
+      // file goes by its inode (a directory on the way may change under
+      // us: socketfile.ts).
+      const place = d.from.startsWith('@') ? undefined : socketFilePlace(d.from, undefined);
+      let made: FileId | undefined;
       try {
-        if (stalePath) removeStale(d.from);
+        if (place && addon().socketFileClear(place.dir, place.name)) throw new Error('held');
         addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }));
+        if (place) made = addon().socketFileOf(temp);
         addon().sockSend(temp, d.data, to);
-        if (stalePath) unlinkSocketFile(d.from);
         return;
       } catch {
         /* the name is taken: from an unnamed socket instead */
+      } finally {
+        if (place && made) addon().socketFileRemove(place.dir, place.name, made);
       }
     }
     const unnamed = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
