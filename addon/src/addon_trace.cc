@@ -14,7 +14,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <sys/sysmacros.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -536,10 +535,8 @@ Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
     o.Set("wqueue", Napi::Number::New(env, all[i].wqueue));
     o.Set("shutdown", all[i].shutdown);
     if (all[i].vfs_ino) {
-      // As stat(2) gives st_dev (the kernel's is MAJOR << 20 | MINOR).
-      uint32_t major = all[i].vfs_dev >> 20, minor = all[i].vfs_dev & 0xfffff;
       o.Set("vfsIno", Napi::Number::New(env, all[i].vfs_ino));
-      o.Set("vfsDev", Napi::Number::New(env, static_cast<double>(makedev(major, minor))));
+      o.Set("vfsDev", Napi::Number::New(env, static_cast<double>(all[i].vfs_dev)));
     }
     out.Set(static_cast<uint32_t>(i), o);
   }

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 /* The dump changed while it was read (NLM_F_DUMP_INTR on a reply): its
@@ -56,6 +57,9 @@ static int dump(const void* req, size_t len, int (*each)(struct nlmsghdr*, void*
         goto out;
       }
       if ((rc = each(h, ctx))) goto out;
+      /* The answer to a request for one socket (not a dump) is a single
+       * message, with no NLMSG_DONE after it. */
+      if (!(h->nlmsg_flags & NLM_F_MULTI)) goto out;
     }
   }
 out:
@@ -147,24 +151,44 @@ static int each_unix(struct nlmsghdr* h, void* ctx) {
     } else if (a->rta_type == UNIX_DIAG_VFS) {
       struct unix_diag_vfs* v = RTA_DATA(a);
       u->vfs_ino = v->udiag_vfs_ino;
-      u->vfs_dev = v->udiag_vfs_dev;
+      u->vfs_dev = makedev(v->udiag_vfs_dev >> 20, v->udiag_vfs_dev & 0xfffff);
     }
   }
   return 0;
 }
 
-long sockdiag_unix_all(sockdiag_unix** out) {
-  struct {
-    struct nlmsghdr h;
-    struct unix_diag_req r;
-  } req = {0};
+/* A request for every unix socket, or (ino != 0) for that one alone. */
+struct unix_request {
+  struct nlmsghdr h;
+  struct unix_diag_req r;
+};
+
+static struct unix_request unix_request_of(uint32_t ino) {
+  struct unix_request req = {0};
   req.h.nlmsg_len = sizeof req;
   req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  req.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.h.nlmsg_flags = NLM_F_REQUEST | (ino ? 0 : NLM_F_DUMP);
   req.r.sdiag_family = AF_UNIX;
   req.r.udiag_states = ~0u;
+  req.r.udiag_ino = ino;
+  req.r.udiag_cookie[0] = req.r.udiag_cookie[1] = ~0u; /* INET_DIAG_NOCOOKIE: not checked */
   req.r.udiag_show = UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS;
+  return req;
+}
+
+long sockdiag_unix_all(sockdiag_unix** out) {
+  struct unix_request req = unix_request_of(0);
   return collect(&req, sizeof req, each_unix, &(struct grow){NULL, 0, 0, sizeof(sockdiag_unix)}, (void**)out);
+}
+
+int sockdiag_unix_one(uint32_t ino, sockdiag_unix* out) {
+  struct unix_request req = unix_request_of(ino);
+  sockdiag_unix* got = NULL;
+  long n = collect(&req, sizeof req, each_unix, &(struct grow){NULL, 0, 0, sizeof(sockdiag_unix)}, (void**)&got);
+  if (n < 0) return (int)n;
+  if (n > 0) *out = got[0];
+  free(got);
+  return n > 0 ? 0 : -ENOENT;
 }
 
 static int each_udp(struct nlmsghdr* h, void* ctx) {

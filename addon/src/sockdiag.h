@@ -14,15 +14,19 @@ typedef struct {
   uint32_t rqueue; /* bytes waiting (connected) or queued connections (listening) */
   uint32_t wqueue; /* bytes unsent (connected) or the backlog (listening) */
   uint8_t shutdown; /* sk_shutdown: 1 receive side, 2 send side */
-  /* A named socket's file (bound to a path): its inode and the kernel's
-   * device number of its filesystem (MAJOR << 20 | MINOR, not st_dev's
-   * encoding); 0 and 0 for an abstract or unnamed socket. The file may
-   * have been renamed or removed since the bind. */
+  /* A named socket's file (bound to a path): its inode and its file
+   * system's device, as stat(2) gives them (st_ino, st_dev; the kernel's
+   * MAJOR << 20 | MINOR converted); 0 and 0 for an abstract or unnamed
+   * socket. The file may have been renamed or removed since the bind. */
   uint32_t vfs_ino;
-  uint32_t vfs_dev;
+  uint64_t vfs_dev;
 } sockdiag_unix;
 
 long sockdiag_unix_all(sockdiag_unix** out);
+
+/* The unix socket of inode `ino` alone (the kernel looks it up): 0, or
+ * -ENOENT if this network namespace has none, or -errno. */
+int sockdiag_unix_one(uint32_t ino, sockdiag_unix* out);
 
 typedef struct {
   uint32_t ino;

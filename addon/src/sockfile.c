@@ -9,17 +9,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/netlink.h>
-#include <linux/rtnetlink.h>
-#include <linux/sock_diag.h>
-#include <linux/unix_diag.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "sockdiag.h"
@@ -31,49 +26,13 @@
 int sockfile_of(int sock, struct sockfile_id* id) {
   struct stat st;
   if (fstat(sock, &st) != 0) return -errno;
-  struct {
-    struct nlmsghdr h;
-    struct unix_diag_req r;
-  } req = {0};
-  req.h.nlmsg_len = sizeof req;
-  req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  req.h.nlmsg_flags = NLM_F_REQUEST;
-  req.r.sdiag_family = AF_UNIX;
-  req.r.udiag_ino = (uint32_t)st.st_ino;
-  req.r.udiag_show = UDIAG_SHOW_VFS;
-  req.r.udiag_cookie[0] = req.r.udiag_cookie[1] = ~0u; /* INET_DIAG_NOCOOKIE */
-  int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  if (fd < 0) return -errno;
-  struct sockaddr_nl nl = {.nl_family = AF_NETLINK};
-  int rc = -ENOENT;
-  if (sendto(fd, &req, sizeof req, 0, (struct sockaddr*)&nl, sizeof nl) < 0) {
-    rc = -errno;
-  } else {
-    char buf[4096] __attribute__((aligned(8)));
-    ssize_t n = recv(fd, buf, sizeof buf, 0);
-    if (n < 0) rc = -errno;
-    for (struct nlmsghdr* h = (struct nlmsghdr*)buf; n > 0 && NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
-      if (h->nlmsg_type == NLMSG_ERROR) {
-        struct nlmsgerr* e = NLMSG_DATA(h);
-        rc = e->error ? e->error : -ENOENT;
-        break;
-      }
-      if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
-      struct unix_diag_msg* m = NLMSG_DATA(h);
-      int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
-      for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len))
-        if (a->rta_type == UNIX_DIAG_VFS) {
-          struct unix_diag_vfs* v = RTA_DATA(a);
-          id->ino = v->udiag_vfs_ino;
-          id->dev = makedev(v->udiag_vfs_dev >> 20, v->udiag_vfs_dev & 0xfffff);
-          rc = 0;
-        }
-      if (rc == -ENOENT) rc = -ENODATA; /* no file: abstract or unnamed */
-      break;
-    }
-  }
-  close(fd);
-  return rc;
+  sockdiag_unix u;
+  int rc = sockdiag_unix_one((uint32_t)st.st_ino, &u);
+  if (rc) return rc;
+  if (!u.vfs_ino) return -ENODATA; /* no file: abstract or unnamed */
+  id->ino = u.vfs_ino;
+  id->dev = (dev_t)u.vfs_dev;
+  return 0;
 }
 
 static int same(const struct stat* st, const struct sockfile_id* id) {
@@ -93,8 +52,7 @@ static int held(const struct stat* st) {
   if (n < 0) return (int)n;
   int found = 0;
   for (long i = 0; i < n && !found; i++)
-    found = all[i].vfs_ino && all[i].vfs_ino == (uint32_t)st->st_ino &&
-            makedev(all[i].vfs_dev >> 20, all[i].vfs_dev & 0xfffff) == st->st_dev &&
+    found = all[i].vfs_ino && all[i].vfs_ino == (uint32_t)st->st_ino && all[i].vfs_dev == st->st_dev &&
             (all[i].type == SOCK_DGRAM || all[i].state == TCP_LISTEN_STATE || (!all[i].peer && all[i].state == TCP_CLOSE_STATE));
   free(all);
   return found;

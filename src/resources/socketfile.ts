@@ -132,7 +132,7 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
  * relative name joined to the directory it was bound in; undefined for an
  * abstract or unnamed socket, or a relative name with no directory (an
  * image validation refuses). */
-export function socketFilePath(name: string, file: SocketFile | undefined): string | undefined {
+function socketFilePath(name: string, file: SocketFile | undefined): string | undefined {
   if (!name || name.startsWith('@')) return undefined;
   if (name.startsWith('/')) return name;
   return file?.base ? join(file.base, name) : undefined;
