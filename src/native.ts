@@ -86,6 +86,20 @@ export interface SocketNotes {
 }
 
 /** A socket option the kernel does not show, noted when it was set. */
+/** A unix socket as sock_diag shows it; vfsIno/vfsDev: a named socket's
+ * file (st_ino, st_dev), wherever it is now. */
+export interface UnixSocketInfo {
+  ino: number;
+  peer: number;
+  type: number;
+  state: number;
+  rqueue: number;
+  wqueue: number;
+  shutdown: number;
+  vfsIno?: number;
+  vfsDev?: number;
+}
+
 /** A file as stat(2) names it. */
 export interface FileId {
   ino: number;
@@ -326,8 +340,7 @@ interface Addon {
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
-  /** vfsIno/vfsDev: a named socket's file (st_ino, st_dev), wherever it is now. */
-  unixSockets(): { ino: number; peer: number; type: number; state: number; rqueue: number; wqueue: number; shutdown: number; vfsIno?: number; vfsDev?: number }[];
+  unixSockets(): UnixSocketInfo[];
   /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
   tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
   peekSocket(fd: number, max: number): Buffer;

@@ -23,6 +23,7 @@ import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { netlinkProblem } from '../resources/netlink.js';
+import { socketFileRecordFault } from '../resources/socketfile.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 
@@ -332,18 +333,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     // bind the wildcard (every interface) or, as IPv6, dual-stack.
     if (fd.kind === FdKind.TCP_LISTEN && fd.socket && !((fd.socket.family === 2 && isIPv4(fd.socket.address)) || (fd.socket.family === 10 && isIPv6(fd.socket.address) && !fd.socket.address.includes('%'))))
       corrupt(`${where} is a TCP listener of family ${fd.socket.family} at '${String(fd.socket.address).slice(0, 64)}', not an IPv4 (2) or IPv6 (10) address of its family`);
-    // A listener's file is moved within its directory and given a mode:
-    // a name with a slash (or . and ..) would move it anywhere.
-    // A relative name is bound where the image says it was (base), never
-    // where the restore happens to run.
-    const s = fd.socket;
-    const boundByName = !!s && s.family === 1 && ((fd.kind === FdKind.UNIX_SOCKET && s.listening) || fd.kind === FdKind.UNIX_DGRAM || fd.kind === FdKind.UNCONNECTED_STREAM) && s.address !== '' && !s.address.startsWith('@');
-    const relative = boundByName && !s!.address.startsWith('/');
-    const file = s?.file;
-    if (file && (!boundByName || !(file.mode >= 0 && file.mode <= 0o7777) || (file.renamed !== '' && !FILE_NAME.test(file.renamed)) || (file.removed && file.renamed !== '') || (relative ? !file.base?.startsWith('/') : !!file.base)))
-      corrupt(`${where} has a socket file record that is not of a unix socket bound to a path, or names ${JSON.stringify(String(file.renamed).slice(0, 64))} (not one name in its directory) or mode ${file.mode}, or a directory it was bound in that its name does not need`);
-    if (relative && !file?.base) corrupt(`${where} is a unix socket bound to the relative name ${JSON.stringify(s!.address.slice(0, 64))}, with no directory it was bound in`);
-    if (relative && s!.address.split('/').some((part) => part === '.' || part === '..')) corrupt(`${where} is a unix socket bound to ${JSON.stringify(s!.address.slice(0, 64))}, which is not a plain relative path`);
+    const socketFile = socketFileRecordFault(fd);
+    if (socketFile) corrupt(`${where} ${socketFile}`);
     if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
       corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {
@@ -365,9 +356,6 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     checkLocks(fd, where);
   }
 }
-
-/** One name in a directory: no slash or NUL, not . or .., at most 255 bytes. */
-const FILE_NAME = /^(?!\.\.?$)[^/\0]{1,255}$/;
 
 /** What an inherited socket's key may be (serve's are "serve:PORT"). */
 export const INHERITED_KEY = /^[A-Za-z0-9:._-]{1,64}$/;

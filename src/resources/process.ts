@@ -5,9 +5,10 @@
  * (limits.ts) are resource kinds of their own.
  */
 import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
-import { FdKind, type ITimer, type MmFields, type Process } from '../image/types.js';
+import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
+import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
@@ -197,8 +198,7 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   for (const fd of p.fds) {
     const s = fd.socket;
     if (!s || s.family !== 1) continue; // AF_UNIX
-    const bound = (fd.kind === FdKind.UNIX_SOCKET && s.listening) || fd.kind === FdKind.UNIX_DGRAM || fd.kind === FdKind.UNCONNECTED_STREAM;
-    const own = bound && !(s.file && !s.file.removed) ? s.address : undefined;
+    const own = bindsByName(fd) && !(s.file && !s.file.removed) ? s.address : undefined;
     const name = [own, ...(s.datagrams ?? []).map((d) => d.from)].find(named);
     if (name)
       throw new Unsupported(`${what} fd ${fd.fd}: a unix socket that names ${name} in a process whose root directory is ${p.root} (chroot): the name is resolved in that root, which the restore does not do`);

@@ -55,9 +55,37 @@
 import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { SocketFile } from '../image/types.js';
+import { type Fd, FdKind, type SocketFile } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
+
+/** A unix socket the restore binds by its path name (a listener, a
+ * datagram socket, a stream socket neither listening nor connected): the
+ * kinds whose file this module makes and places. */
+export function bindsByName(fd: Fd): boolean {
+  const s = fd.socket;
+  return !!s && s.family === 1 && ((fd.kind === FdKind.UNIX_SOCKET && s.listening) || fd.kind === FdKind.UNIX_DGRAM || fd.kind === FdKind.UNCONNECTED_STREAM) && s.address !== '' && !s.address.startsWith('@');
+}
+
+/** One name in a directory: no slash or NUL, not . or .., at most 255 bytes. */
+const FILE_NAME = /^(?!\.\.?$)[^/\0]{1,255}$/;
+
+/** What is wrong with descriptor `fd`'s socket file record and name, from
+ * an image (validate.ts), or undefined. The file is moved within its
+ * directory and given a mode: a name with a slash (or . and ..) would move
+ * it anywhere. A relative name is bound where the image says it was
+ * (base), never where the restore happens to run. */
+export function socketFileRecordFault(fd: Fd): string | undefined {
+  const s = fd.socket;
+  const byName = bindsByName(fd);
+  const relative = byName && !s!.address.startsWith('/');
+  const file = s?.file;
+  if (file && (!byName || !(file.mode >= 0 && file.mode <= 0o7777) || (file.renamed !== '' && !FILE_NAME.test(file.renamed)) || (file.removed && file.renamed !== '') || (relative ? !file.base?.startsWith('/') : !!file.base)))
+    return `has a socket file record that is not of a unix socket bound to a path, or names ${JSON.stringify(String(file.renamed).slice(0, 64))} (not one name in its directory) or mode ${file.mode}, or a directory it was bound in that its name does not need`;
+  if (relative && !file?.base) return `is a unix socket bound to the relative name ${JSON.stringify(s!.address.slice(0, 64))}, with no directory it was bound in`;
+  if (relative && s!.address.split('/').some((part) => part === '.' || part === '..')) return `is a unix socket bound to ${JSON.stringify(s!.address.slice(0, 64))}, which is not a plain relative path`;
+  return undefined;
+}
 
 /** The socket file `st` is the one the kernel names by `ino` and `dev`. */
 function isFileOf(st: Stats | undefined, ino: number, dev: number): boolean {

@@ -42,7 +42,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import type { TablesSnapshot } from '../native.js';
+import type { TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
 type InetEntry = SeenConnection;
@@ -91,7 +91,7 @@ export function socketKind(s: Socket): number {
 export class SocketTable {
   private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
-  private diag = new Map<bigint, ReturnType<ReturnType<typeof addon>["unixSockets"]>[number]>();
+  private diag = new Map<bigint, UnixSocketInfo>();
   private udp = new Map<bigint, SeenUdp>();
   private unixLoaded = false;
   private udpLoaded = false;

@@ -33,7 +33,7 @@
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
-import { addon, type FileId } from '../native.js';
+import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
@@ -108,7 +108,7 @@ export function refuseOwnFilter(dup: number, where: string): void {
  * sock_diag says of it. Whether its peer is in the application is known
  * only once every process is seen (sockets.ts, checkUnixPeers). */
 
-export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: { peer: number; shutdown: number; vfsIno?: number; vfsDev?: number } | undefined, what: string): Socket {
+export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: UnixSocketInfo | undefined, what: string): Socket {
   const where = `${what} fd ${fd}: a unix datagram socket`;
   const dup = addon().getFd(pid, fd);
   try {
