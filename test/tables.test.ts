@@ -6,6 +6,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alive, fixture, root, Sandbox, systemIpcIds, waitFor } from './helpers.js';
@@ -197,11 +198,20 @@ describe('walks of every entry leave the holes of the table file alone', () => {
   const SMALL = 8192;
 
   /** The application's table file, held open: what tableholes reads. */
-  function holdTables(aid: string): { holes(): Record<string, number>; close(): void } {
+  function holdTables(aid: string): { holes(): Record<string, number>; systemIpcIds(): number[]; close(): void } {
     const name = sb.shmFiles().find((f) => f.includes(`-${aid}-`));
     if (!name) throw new Error(`no table file of ${aid} among ${sb.shmFiles().join(' ')}`);
     const fd = openSync(`/dev/shm/${name}`, 'r');
     return {
+      /** The system SysV ids the application's tables bind (its own:
+       * test files run in parallel and make objects of theirs meanwhile). */
+      systemIpcIds() {
+        const addon = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node')) as {
+          readTables(path: string): { tables: Record<string, { system: number }[]> };
+        };
+        const t = addon.readTables(`/dev/shm/${name}`).tables;
+        return ['semid', 'shmid', 'msgid'].flatMap((k) => t[k].map((e) => e.system));
+      },
       holes() {
         const r = spawnSync(fixture('tableholes'), [`/proc/${process.pid}/fd/${fd}`], { encoding: 'utf8' });
         if (r.status !== 0) throw new Error(`tableholes: ${r.stdout}${r.stderr}`);
@@ -268,14 +278,14 @@ describe('walks of every entry leave the holes of the table file alone', () => {
   });
 
   it("the application's SysV objects go at its end", async () => {
-    const before = systemIpcIds();
     const app = sb.start(['run', '--aid', 'walkipc', '--', fixture('ipc'), 'hold', 'keep']);
     await app.line(/^READY$/);
     const tables = holdTables('walkipc');
     try {
+      const made = tables.systemIpcIds();
+      expect(made.length).toBe(3);
       const held = systemIpcIds();
-      const made = [...held.sem.filter((i) => !before.sem.includes(i)), ...held.shm.filter((i) => !before.shm.includes(i)), ...held.msg.filter((i) => !before.msg.includes(i))];
-      expect(made.length).toBeGreaterThanOrEqual(3);
+      expect([...held.sem, ...held.shm, ...held.msg].filter((i) => made.includes(i)).sort()).toEqual([...made].sort());
       app.child.stdin.end();
       expect((await app.exited).code).toBe(0);
       const after = systemIpcIds();
