@@ -515,6 +515,7 @@ export function buildProgram(): Command {
           timeoutMs: timeout * 1000,
           progress: display,
           signal: interrupt.signal,
+          onRetry: (reason, pauseMs) => process.stderr.write(`appshot: ${reason}: trying again in ${pauseMs} ms\n`),
         });
       } finally {
         uninstall();

@@ -322,6 +322,45 @@ describe('snapshot of a program with one of each resource', () => {
   });
 });
 
+describe("a snapshot refused for a moment's state is tried again", () => {
+  it('a netlink answer the program has not read yet: refused, tried again once it is read, and the image restores with the socket working', async () => {
+    startApp('nlq', [fixture('nlqueued')]);
+    await waitFor(() => /^QUEUED$/m.test(logOf('nlq')), 10_000, 'the answer to be queued');
+    const vpid2 = () => sb.json<Json>(['ps', 'nlq'])[0].processes.find((x: Json) => x.vpid === 2).pid as number;
+    const pid = vpid2();
+    const snap = sb.start(['snapshot', 'nlq', '-o', join(out, 'nlq')]);
+    // At the first refusal, and not before: the program reads its answer.
+    let told = false;
+    snap.child.stderr.on('data', () => {
+      if (told || !/trying again in \d+ ms/.test(snap.stderr)) return;
+      told = true;
+      process.kill(pid, 'SIGUSR1');
+    });
+    const r = await snap.exited;
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/cannot snapshot 'nlq': process 2 \(nlqueued\) fd 3: the NETLINK_ROUTE socket of port id \d+ has \d+ bytes of messages queued for reading .*: trying again in \d+ ms/);
+    expect(sb.run(['restore', join(out, 'nlq')]).code).toBe(0);
+    // Read before the image was taken: its log, carried in the image, says so.
+    expect(logOf('nlq')).toMatch(/^READ$/m);
+    process.kill(vpid2(), 'SIGUSR2');
+    await waitFor(() => /^PASS$/m.test(logOf('nlq')) || /FAIL/.test(logOf('nlq')), 10_000, 'an answer through the restored socket');
+    expect(logOf('nlq')).not.toMatch(/FAIL/);
+  });
+
+  it('gives up after a few tries when the state lasts, leaving the application running and no image', async () => {
+    startApp('nlq2', [fixture('nlqueued')]);
+    await waitFor(() => /^QUEUED$/m.test(logOf('nlq2')), 10_000, 'the answer to be queued');
+    const r = sb.run(['snapshot', 'nlq2', '-o', join(out, 'nlq2')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/trying again in \d+ ms\n[\s\S]*\(tried 4 times, over 1\.3 s\)$/m);
+    expect(existsSync(join(out, 'nlq2'))).toBe(false);
+    const p = sb.json<Json>(['ps', 'nlq2'])[0].processes.find((x: Json) => x.vpid === 2).pid;
+    expect(tracerOf(p)).toBe(0);
+    process.kill(p, 'SIGUSR1');
+    await waitFor(() => /^READ$/m.test(logOf('nlq2')), 10_000, 'the program to read its answer');
+  });
+});
+
 describe('an incremental snapshot of processes whose writes are not tracked', () => {
   // A soft RLIMIT_NOFILE of 10 leaves no descriptor for dirty tracking:
   // every page is compared with the parent's bytes.

@@ -44,7 +44,7 @@ import { addon } from '../native.js';
 import type { AioRing, Process } from '../image/types.js';
 import type { Injector } from '../ptrace/inject.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { Unsupported } from './context.js';
+import { Transient, Unsupported } from './context.js';
 
 const HEADER = 32;
 const EVENT = 32;
@@ -177,7 +177,7 @@ export function dumpAioRings(pid: number, inj: Injector, maps: { start: bigint; 
     const unreaped = (ring.tail - ring.head + ring.nr) % ring.nr;
     const { taken, completed } = probe(pid, inj, ring, unreaped);
     if (completed)
-      throw new Unsupported(`${where(ring)} had requests in flight: ${completed} completed while it was looked at, which cannot be captured`);
+      throw new Transient(`${where(ring)} had requests in flight: ${completed} completed while it was looked at, which cannot be captured`);
     // The kernel hands slots from the context's shared count to a CPU's
     // only `req_batch` at a time, and gives them back so: what is left
     // there below one batch can never be taken, and is the same amount

@@ -48,6 +48,13 @@ export interface InheritedListener {
  * rather than an image written that would not restore. */
 export class Unsupported extends Error {}
 
+/** A refusal of a moment's state, not of a kind of resource: a message
+ * the kernel holds for the program to read, a connection changing state
+ * while looked at, a request completing meanwhile. The snapshot, which
+ * leaves the application running as it was when refused, is tried again
+ * a moment later (snapshot/driver.ts, snapshot) before it gives up. */
+export class Transient extends Unsupported {}
+
 export class DumpContext {
   private readonly toVirtual = new Map<Kind, Map<number, number>>();
   private readonly fileIndex = new Map<string, number>();

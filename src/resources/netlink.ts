@@ -73,7 +73,7 @@ import { endianness } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Fd, NetlinkSocket, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type NetlinkSeen } from '../native.js';
-import { type RestoreContext, Unsupported } from './context.js';
+import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { refuseOwnFilter } from './unixdgram.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
@@ -173,12 +173,12 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
   if (!sameNetns(dup) || (!seen && (portId || groups.length)))
     throw new Unsupported(`${where} is not among the netlink sockets of appshot's network namespace (it belongs to another one), which cannot be captured yet`);
   if (seen && seen.flags & NDIAG_FLAG_CB_RUNNING)
-    throw new Unsupported(`${where} is in the middle of a dump (the kernel holds where in its tables the dump is, which cannot be captured): snapshot again once the program has read it`);
+    throw new Transient(`${where} is in the middle of a dump (the kernel holds where in its tables the dump is, which cannot be captured): snapshot again once the program has read it`);
   if (seen && seen.rmem > 0)
-    throw new Unsupported(
+    throw new Transient(
       `${where} has ${seen.rmem} bytes of messages queued for reading (answers or notifications), which cannot be put back as the kernel sent them (nothing can send as port 0): snapshot again once the program has read them`,
     );
-  if (seen && seen.wmem > 0) throw new Unsupported(`${where} is sending a message (${seen.wmem} bytes): snapshot again`);
+  if (seen && seen.wmem > 0) throw new Transient(`${where} is sending a message (${seen.wmem} bytes): snapshot again`);
   refuseOwnFilter(dup, where);
   const options: SocketOption[] = [];
   for (const [n] of OPTIONS) {

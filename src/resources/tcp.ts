@@ -59,7 +59,7 @@ import { timed } from '../snapshot/profile.js';
 import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, paths, type RepairedConnection } from '../native.js';
 import { descriptorLinks } from '../procfs.js';
-import { type RestoreContext, Unsupported } from './context.js';
+import { type RestoreContext, Transient, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
 
@@ -260,7 +260,7 @@ export class HeldConnections {
         throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
-    if (c.state !== seen.state) throw new Unsupported(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
+    if (c.state !== seen.state) throw new Transient(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
     return this.remember(ino, { ...c, ino, closed: false, socketOptions: [...options, ...extras] });
   }
 

@@ -55,7 +55,7 @@ import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
 import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal, timeLeftOfWaits } from '../resources/threads.js';
-import { DumpContext, type InheritedListener, nameProcess, Unsupported } from '../resources/context.js';
+import { DumpContext, type InheritedListener, nameProcess, Transient, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
@@ -100,6 +100,9 @@ export interface SnapshotOptions {
    * by key, not dumped (`appshot serve`'s public listener, installed in
    * the instance; resources/sockets.ts). */
   inherited?: ReadonlyMap<bigint, InheritedListener>;
+  /** Told each time a snapshot refused for a moment's state (Transient)
+   * is about to be tried again, after `pauseMs`. */
+  onRetry?: (reason: string, pauseMs: number) => void;
 }
 
 /** A snapshot that ended its application, then failed at a step after
@@ -155,6 +158,33 @@ export interface SnapshotResult {
   /** Connections appshot-keeper holds for a restore on this host, for
    * holdSeconds; `needed`: those the image cannot restore without it. */
   keptConnections?: { held: number; needed: number; holdSeconds: number };
+  /** Attempts refused for a moment's state before this one (Transient). */
+  retries?: number;
+}
+
+/** A snapshot refused for a moment's state (a Transient resource), which
+ * left the application running as it was: worth another try. */
+class MomentRefused extends AppshotError {}
+
+/** The pauses before each new try of a snapshot refused for a moment's
+ * state: a message the program has not read yet, a connection changing
+ * state. A second or two in all: a program reads what it asked for
+ * within that, or it is not a moment's state. */
+const MOMENT_PAUSES_MS = [50, 250, 1000];
+
+export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
+  for (let retries = 0; ; retries++) {
+    try {
+      const result = await snapshotOnce(reg, aid, opts);
+      return retries ? { ...result, retries } : result;
+    } catch (e) {
+      if (!(e instanceof MomentRefused) || opts.signal?.aborted) throw e;
+      const pause = MOMENT_PAUSES_MS[retries];
+      if (pause === undefined) throw new AppshotError(`${e.message} (tried ${retries + 1} times, over ${MOMENT_PAUSES_MS.reduce((a, b) => a + b, 0) / 1000} s)`, e.exitCode);
+      opts.onRetry?.(e.message, pause);
+      await sleep(pause);
+    }
+  }
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n);
@@ -783,7 +813,7 @@ async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
   }
 }
 
-export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
+async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   const started = now();
   const injectedBefore = injected.calls;
   const record = reg.require(aid);
@@ -1215,7 +1245,10 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
     // Whoever read the stream has the whole image, of an application that
     // runs on: said, as what it is.
     const sent = committed && toStream ? ' (the image it had sent on standard output is whole: a copy, as with --leave-running)' : '';
-    if (e instanceof Unsupported) throw new AppshotError(`cannot snapshot '${aid}': ${e.message}; the application was left running${sent}`, ExitCode.failure);
+    if (e instanceof Unsupported) {
+      const message = `cannot snapshot '${aid}': ${e.message}; the application was left running${sent}`;
+      throw e instanceof Transient && !sent ? new MomentRefused(message, ExitCode.failure) : new AppshotError(message, ExitCode.failure);
+    }
     if (e instanceof AppshotError) throw sent ? new AppshotError(e.message + sent, e.exitCode) : e;
     throw new AppshotError(`cannot snapshot '${aid}': ${(e as Error).message}; the application was left running${sent}`);
   } finally {
