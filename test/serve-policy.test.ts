@@ -125,4 +125,28 @@ describe('serve policy', () => {
     expect(p.route([run('w1', 1, 0.9), run('w2', 1, 0.2)])).toEqual({ forward: 'w2' });
     expect(p.route([run('w1', 0, 0.9), run('w2', 1, 0.2)])).toEqual({ forward: 'w1' });
   });
+
+  it('clone mode with a maximum wait: a connection waiting that long for a start that crawls starts one more, one per wait, up to max', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy({ ...cloneKnobs, min: 0, concurrency: 1, maxWaitMs: 2000 }, clock);
+    const starting = (aid: string): InstanceView => ({ aid, state: 'starting', active: 0, lastActive: 0 });
+    // One held, one starting to take it: nothing more, until it has waited 2 s.
+    const since = clock.now();
+    expect(p.decide([starting('w1')], 1, since)).toEqual([]);
+    clock.advance(1999);
+    expect(p.decide([starting('w1')], 1, since)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([starting('w1')], 1, since)).toEqual([{ kind: 'start', reason: 'wait' }]);
+    // Asked again at once (every tick asks): not another for the same wait.
+    expect(p.decide([starting('w1'), starting('w2')], 1, since)).toEqual([]);
+    clock.advance(2000);
+    expect(p.decide([starting('w1'), starting('w2')], 1, since)).toEqual([{ kind: 'start', reason: 'wait' }]);
+    // Never beyond max (4).
+    clock.advance(2000);
+    expect(p.decide([starting('w1'), starting('w2'), starting('w3'), starting('w4')], 1, since)).toEqual([]);
+    // Without the knob, the wait decides nothing; a fresh wait neither.
+    const plain = new Policy({ ...cloneKnobs, min: 0, concurrency: 1 }, clock);
+    expect(plain.decide([starting('w1')], 1, 0)).toEqual([]);
+    expect(new Policy({ ...cloneKnobs, min: 0, concurrency: 1, maxWaitMs: 2000 }, clock).decide([starting('w1')], 1, clock.now() - 100)).toEqual([]);
+  });
 });

@@ -106,16 +106,30 @@ export function registerServe(program: Command): void {
     .option('--concurrency <n>', 'connections one instance takes before another is started or connections wait', '100')
     .option('--max-held <n>', 'connections the front door holds while they wait; beyond, they wait unaccepted in the listen backlog', '1024')
     .option('--cpu-target <share>', 'clone mode: start another instance when every one serving uses this much of a core (0.8 or 80%; default: CPU not looked at)')
+    .option('--max-wait <duration>', 'clone mode: a connection waiting this long for instances being started starts one more (2s; default: the number waiting alone decides)')
     .option('--busy-cpu <share>', 'an instance using this much of a core is not idle, connections or not: its idle time starts once it uses less (0.1 or 10%; default: idle means without connections)')
     .option('--json', 'print the service as JSON', false)
     .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add db --from ./pg.img --port 5433:5432 --idle 1m --busy-cpu 10%\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4 --cpu-target 80%')
     .action(
       async (
         name: string,
-        opts: { from: string; port: string[]; mode: string; min: string; max?: string; idle: string; concurrency: string; maxHeld: string; cpuTarget?: string; busyCpu?: string; json: boolean },
+        opts: {
+          from: string;
+          port: string[];
+          mode: string;
+          min: string;
+          max?: string;
+          idle: string;
+          concurrency: string;
+          maxHeld: string;
+          cpuTarget?: string;
+          busyCpu?: string;
+          maxWait?: string;
+          json: boolean;
+        },
       ) => {
         const { makeSpec, ServiceStore, formatPortMap } = await import('../serve/spec.js');
-        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency, maxHeld: opts.maxHeld, cpuTarget: opts.cpuTarget, busyCpu: opts.busyCpu });
+        const spec = makeSpec({ name, from: opts.from, mode: opts.mode, ports: opts.port, min: opts.min, max: opts.max, idle: opts.idle, concurrency: opts.concurrency, maxHeld: opts.maxHeld, cpuTarget: opts.cpuTarget, busyCpu: opts.busyCpu, maxWait: opts.maxWait });
         new ServiceStore().add(spec);
         if (opts.json) printJson('service add', spec);
         else process.stdout.write(`${spec.name}: ${spec.mode} ${spec.from} on ${spec.ports.map(formatPortMap).join(', ')}\n`);
@@ -162,7 +176,7 @@ export function registerServe(program: Command): void {
       w(`from         ${v.from}\n`);
       if (v.lastImage) w(`next restore ${v.lastImage}\n`);
       w(`ports        ${v.ports.map(formatPortMap).join(', ')}\n`);
-      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}${v.cpuTarget ? `, cpu target ${Math.round(v.cpuTarget * 100)}%` : ''}${v.busyCpu ? `, busy at ${Math.round(v.busyCpu * 100)}% cpu` : ''}\n`);
+      w(`policy       idle ${formatDuration(v.idleMs)}, min ${v.min}, max ${v.max}, concurrency ${v.concurrency}, max held ${v.maxHeld ?? DEFAULT_MAX_HELD}${v.cpuTarget ? `, cpu target ${Math.round(v.cpuTarget * 100)}%` : ''}${v.busyCpu ? `, busy at ${Math.round(v.busyCpu * 100)}% cpu` : ''}${v.maxWaitMs ? `, max wait ${formatDuration(v.maxWaitMs)}` : ''}\n`);
       w(`counts       ${plural(v.restores, 'restore')}, ${plural(v.snapshots, 'snapshot')}, ${plural(v.crashes, 'crash')}\n`);
       if (v.instances.length) {
         w('\n');

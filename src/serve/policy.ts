@@ -16,6 +16,12 @@
  *   serves connections and uses at least `cpuTarget` of a core, and none is
  *   starting, one more is started, up to `max`: connections below
  *   `concurrency` can still saturate an instance that computes.
+ * - wait (clone mode, with `maxWaitMs`): when the connection held longest
+ *   has waited that long although instances being started were counted
+ *   to take it, one more is started, up to `max`, and no other for that
+ *   reason until another `maxWaitMs` has passed: a start that hangs or
+ *   crawls (a slow disk, a clone failing and tried again) does not keep
+ *   its waiters waiting on it alone.
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first. With
@@ -65,13 +71,16 @@ export interface InstanceView {
 export type Route = { forward: string } | { hold: true };
 
 export type Action =
-  | { kind: 'start'; reason: 'held' | 'min' | 'cpu' }
+  | { kind: 'start'; reason: 'held' | 'min' | 'cpu' | 'wait' }
   | { kind: 'suspend'; aid: string; idleMs: number }
   | { kind: 'drop'; aid: string; idleMs: number };
 
-type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number; busyCpu?: number };
+type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number; busyCpu?: number; maxWaitMs?: number };
 
 export class Policy {
+  /** Clock time of the last start for a connection's wait (maxWaitMs). */
+  private lastWaitStart = -Infinity;
+
   constructor(
     readonly spec: Knobs,
     readonly clock: Clock,
@@ -87,8 +96,9 @@ export class Policy {
   }
 
   /** What to start, suspend or drop now, given `held` connections
-   * waiting at the front door. */
-  decide(instances: InstanceView[], held: number): Action[] {
+   * waiting at the front door, the oldest of them held since clock time
+   * `heldSince`. */
+  decide(instances: InstanceView[], held: number, heldSince?: number): Action[] {
     const now = this.clock.now();
     const actions: Action[] = [];
     const count = (...states: InstanceStateName[]) => instances.filter((i) => states.includes(i.state)).length;
@@ -114,6 +124,13 @@ export class Policy {
       const target = this.spec.cpuTarget ?? 0;
       if (target > 0 && !actions.length && starting === 0 && room > 0 && running.length && running.every((i) => i.active > 0 && (i.cpu ?? 0) >= target)) {
         actions.push({ kind: 'start', reason: 'cpu' });
+        room--;
+      }
+      // Waited too long for instances that were to take it: one more.
+      const wait = this.spec.maxWaitMs ?? 0;
+      if (wait > 0 && held > 0 && heldSince !== undefined && !actions.length && room > 0 && now - heldSince >= wait && now - this.lastWaitStart >= wait) {
+        actions.push({ kind: 'start', reason: 'wait' });
+        this.lastWaitStart = now;
         room--;
       }
       let warm = count('running', 'starting') + actions.length;

@@ -92,6 +92,8 @@ interface Held {
   socket: Socket;
   port: PortMap;
   since: bigint;
+  /** The same instant on the policy's clock (maxWaitMs). */
+  at: number;
   /** Forward attempts that found the instance refusing. */
   tries: number;
 }
@@ -625,7 +627,7 @@ class Service {
 
   private accept(socket: Socket, port: PortMap): void {
     socket.on('error', () => undefined); // a client that resets while held
-    this.held.push({ socket, port, since: process.hrtime.bigint(), tries: 0 });
+    this.held.push({ socket, port, since: process.hrtime.bigint(), at: this.host.clock.now(), tries: 0 });
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     this.pump();
   }
@@ -644,7 +646,8 @@ class Service {
     const waiting = this.held.length + queued;
     this.host.metrics?.held.set({ service: this.name }, waiting);
     const asking = performance.now() < this.watchAfter ? this.held.length : waiting;
-    const actions = this.policy.decide([...this.instances.values()], asking);
+    const heldSince = this.held.reduce<number | undefined>((oldest, h) => (oldest === undefined || h.at < oldest ? h.at : oldest), undefined);
+    const actions = this.policy.decide([...this.instances.values()], asking, heldSince);
     const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,

@@ -60,6 +60,11 @@ export interface ServiceSpec {
    * finishing a job is not suspended or dropped in the middle of it. 0 or
    * absent: idle means without connections alone. */
   busyCpu?: number;
+  /** Clone mode: milliseconds a connection may wait at the front door for
+   * instances being started before one more is started for it (policy.ts:
+   * a start that hangs or crawls does not keep its waiters waiting), one
+   * per such wait, up to max. 0 or absent: the number held alone decides. */
+  maxWaitMs?: number;
 }
 
 /** The front door's hold per service unless `--max-held` says otherwise;
@@ -154,6 +159,7 @@ export interface ServiceInput {
   maxHeld?: number | string;
   cpuTarget?: number | string;
   busyCpu?: number | string;
+  maxWait?: number | string;
 }
 
 /** Checks and completes a service; `base` resolves a relative `from`. */
@@ -198,7 +204,23 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
   const cpuTarget = share(input.cpuTarget ?? 0, '--cpu-target');
   if (cpuTarget && mode !== 'clone') throw new AppshotError(`service '${input.name}': --cpu-target starts clones, and restore mode runs one instance`, ExitCode.usage);
   const busyCpu = share(input.busyCpu ?? 0, '--busy-cpu');
-  return { name: input.name, from, mode, ports, min, max, idleMs, concurrency, maxHeld, ...(cpuTarget ? { cpuTarget } : {}), ...(busyCpu ? { busyCpu } : {}) };
+  const maxWaitMs = typeof input.maxWait === 'number' ? input.maxWait : parseDuration(input.maxWait ?? '0', '--max-wait');
+  if (!(maxWaitMs >= 0) || !Number.isFinite(maxWaitMs)) throw new AppshotError(`service '${input.name}': --max-wait ${input.maxWait}: expected a duration`, ExitCode.usage);
+  if (maxWaitMs && mode !== 'clone') throw new AppshotError(`service '${input.name}': --max-wait starts clones, and restore mode runs one instance`, ExitCode.usage);
+  return {
+    name: input.name,
+    from,
+    mode,
+    ports,
+    min,
+    max,
+    idleMs,
+    concurrency,
+    maxHeld,
+    ...(cpuTarget ? { cpuTarget } : {}),
+    ...(busyCpu ? { busyCpu } : {}),
+    ...(maxWaitMs ? { maxWaitMs } : {}),
+  };
 }
 
 /** Where services and their runtime state live. */
