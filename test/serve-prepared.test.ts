@@ -205,6 +205,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(show().instances[0]?.prepared).toBeUndefined();
     const rm = sb.run(['service', 'rm', 'db']);
     expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stdout).toBe('db\n');
     expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
   });
 

@@ -217,7 +217,9 @@ export function registerServe(program: Command): void {
       const api = await import('../api.js');
       for (const i of state?.instances ?? []) await api.rm(i.aid, { force: true }).catch(() => undefined);
       store.remove(name);
+      // As `appshot rm` says each AID it removed.
       if (opts.json) printJson('service rm', { removed: name });
+      else process.stdout.write(`${name}\n`);
     });
 
   const serve = program
