@@ -14,7 +14,9 @@
  */
 import {
   chmodSync,
+  chownSync,
   existsSync,
+  lchownSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
@@ -120,4 +122,21 @@ it('a clone\'s calls through a middle-component symlink change its own copies, n
   // The other clone still sees the originals, and has no copies.
   await checksPass('clc-2');
   expect(existsSync(join(clones[1].privateRoot, real))).toBe(false);
+});
+
+it("a clone's private copy of a file reached through a symlink has the owner and mode of the file copied, not the symlink's (a root-only file is not handed to the symlink's owner)", async () => {
+  const { privateCopy } = await import('../src/resources/paths.js');
+  const secret = join(dir, 'secret');
+  writeFileSync(secret, 'only root reads this\n', { mode: 0o600 });
+  chmodSync(secret, 0o600);
+  const mine = mkdtempSync(join(dir, 'nobody-'));
+  chownSync(mine, 65534, 65534);
+  const link = join(mine, 'conf');
+  symlinkSync(secret, link);
+  lchownSync(link, 65534, 65534);
+  const copy = privateCopy(link, join(dir, 'private', 'conf'));
+  const st = lstatSync(copy);
+  expect(st.isFile()).toBe(true);
+  expect(readFileSync(copy, 'utf8')).toBe('only root reads this\n');
+  expect({ uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 }).toEqual({ uid: 0, gid: 0, mode: 0o600 });
 });

@@ -5,7 +5,7 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { chmodSync, copyFileSync, cpSync, existsSync, lchownSync, lstatSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, cpSync, existsSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
@@ -44,9 +44,20 @@ export function privateCopy(original: string, copy: string): string {
   }
   const tmp = `${copy}.appshot-${uniqueTag()}`;
   if (existsSync(original)) {
-    copyFileSync(original, tmp);
-    chmodSync(tmp, statSync(original).mode & 0o7777);
-    sameOwners(original, tmp);
+    // The mode and owner of the very file whose bytes are copied: the
+    // path may be a symlink, owned by whoever made it, to a file only
+    // root may read, which a copy owned by the symlink's owner would
+    // hand to them (the path is opened once, and everything read from
+    // that descriptor).
+    const fd = openSync(original, 'r');
+    try {
+      const st = fstatSync(fd);
+      copyFileSync(`/proc/self/fd/${fd}`, tmp);
+      chmodSync(tmp, st.mode & 0o7777);
+      if (process.geteuid?.() === 0) chownSync(tmp, st.uid, st.gid);
+    } finally {
+      closeSync(fd);
+    }
   } else {
     writeFileSync(tmp, '');
   }
