@@ -3,7 +3,9 @@
  * the file's directory and checks the inode it acts on against the one
  * the kernel says the socket's bind made (sock_diag's UNIX_DIAG_VFS): the
  * directories on the way are not ours, and a path looked up twice may name
- * two files (a directory swapped for a symlink in between). */
+ * two files (a directory swapped for a symlink in between). And every step
+ * is done as the application's process (fsident.c): whatever the
+ * directories hold, it can reach nothing that process could not. */
 #define _GNU_SOURCE
 #include "sockfile.h"
 
@@ -92,16 +94,38 @@ static int clear_at(int d, const char* name) {
   return 0;
 }
 
-int sockfile_clear(const char* dir, const char* name) {
-  int d = open_dir(dir);
+struct clear_call {
+  const char* dir;
+  const char* name;
+};
+
+static int clear_op(void* arg) {
+  struct clear_call* c = arg;
+  int d = open_dir(c->dir);
   if (d < 0) return d == -ENOENT ? 0 : d;
-  int rc = clear_at(d, name);
+  int rc = clear_at(d, c->name);
   close(d);
   return rc;
 }
 
-int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
-                    uint32_t gid, uint32_t mode, const char* renamed) {
+int sockfile_clear(const char* dir, const char* name, const struct fsident* who) {
+  struct clear_call c = {dir, name};
+  return fsident_run(who, NULL, clear_op, &c);
+}
+
+struct finish_call {
+  const char* dir;
+  const char* name;
+  const struct sockfile_id* id;
+  uint32_t uid, gid, mode;
+  const char* renamed;
+};
+
+static int finish_op(void* arg) {
+  const struct finish_call* c = arg;
+  const char *dir = c->dir, *name = c->name, *renamed = c->renamed;
+  const struct sockfile_id* id = c->id;
+  uint32_t uid = c->uid, gid = c->gid, mode = c->mode;
   int d = open_dir(dir);
   if (d < 0) return d;
   int f = openat(d, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -133,12 +157,30 @@ int sockfile_finish(const char* dir, const char* name, const struct sockfile_id*
   return rc;
 }
 
-int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id) {
-  int d = open_dir(dir);
+int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
+                    uint32_t gid, uint32_t mode, const char* renamed, const struct fsident* who) {
+  struct finish_call c = {dir, name, id, uid, gid, mode, renamed};
+  return fsident_run(who, NULL, finish_op, &c);
+}
+
+struct remove_call {
+  const char* dir;
+  const char* name;
+  const struct sockfile_id* id;
+};
+
+static int remove_op(void* arg) {
+  const struct remove_call* c = arg;
+  int d = open_dir(c->dir);
   if (d < 0) return d == -ENOENT ? 0 : d;
   struct stat st;
   int rc = 0;
-  if (fstatat(d, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && same(&st, id)) rc = unlinkat(d, name, 0) == 0 ? 1 : -errno;
+  if (fstatat(d, c->name, &st, AT_SYMLINK_NOFOLLOW) == 0 && same(&st, c->id)) rc = unlinkat(d, c->name, 0) == 0 ? 1 : -errno;
   close(d);
   return rc;
+}
+
+int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident* who) {
+  struct remove_call c = {dir, name, id};
+  return fsident_run(who, NULL, remove_op, &c);
 }

@@ -56,7 +56,7 @@ import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
-import { addon } from '../native.js';
+import { addon, type FsIdentity } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
 /** A unix socket the restore binds by its path name (a listener, a
@@ -188,12 +188,12 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
  * original, still running) is a conflict. Told by the kernel's list of
  * the sockets' files, whatever their kind, and looked at through the
  * directory (a name too long for a sockaddr too). */
-export function clearSocketFile(name: string, file: SocketFile | undefined, where: string): void {
+export function clearSocketFile(name: string, file: SocketFile | undefined, where: string, who: FsIdentity | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
   let live: boolean;
   try {
-    live = addon().socketFileClear(place.dir, place.name);
+    live = addon().socketFileClear(place.dir, place.name, who);
   } catch (e) {
     throw new AppshotError(`${where}: ${(e as Error).message}`);
   }
@@ -210,21 +210,21 @@ export function clearSocketFile(name: string, file: SocketFile | undefined, wher
  * A failed restore removes the file, wherever it went. `where` names the
  * descriptor in an error.
  */
-export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string): void {
+export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string, who: FsIdentity | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
   const id = addon().socketFileOf(sock);
   if (!id) return;
   h.undoOnFailure(() => {
-    for (const at of new Set([place.name, file?.renamed || place.name])) addon().socketFileRemove(place.dir, at, id);
+    for (const at of new Set([place.name, file?.renamed || place.name])) addon().socketFileRemove(place.dir, at, id, who);
   });
   if (!file) return;
   if (file.removed) {
-    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, place.name, id));
+    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, place.name, id, who));
     return;
   }
   try {
-    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed });
+    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed }, who);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     const to = join(place.dir, file.renamed || place.name);
