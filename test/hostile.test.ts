@@ -1336,3 +1336,24 @@ describe('time namespace offsets the kernel would not take are refused before an
     refuses(['restore', dir], { code: 5, stderr: new RegExp(`^appshot: cannot restore \\S+: process 2 \\(\\S+\\) ran in a time namespace whose clocks differ from this restore's .*${message.source}.*, outside what the kernel allows \\(0 to 4611686018 s\\)$`) });
   });
 });
+
+describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process names a socket file where only root may write (review28 R3)', () => {
+  // The image says a process of nobody, without a capability, listens at
+  // a unix name in /etc: a root restore binds as that process would
+  // (resources/fsident.ts), so the kernel's EACCES refuses it and nothing
+  // is made there. Before, root made the file.
+  const name = `/etc/appshot-hostile-${process.pid}.sock`;
+  afterAll(() => rmSync(name, { force: true }));
+  it('is refused (EACCES) in one line, no file made', () => {
+    const dir = crafted('rootonly-sock', (i) => {
+      for (const p of i.processes)
+        for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
+          if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 906, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0, socket: { ino: 4346n, family: 1, type: 1, address: name, port: 0, listening: true, backlog: 4, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false } });
+      i.processes[0].fds.push(fd);
+    });
+    refuses(['restore', dir], { code: 4, stderr: new RegExp(`: process \\d+ fd 906: listening on ${name.replace(/\./g, '\\.')}: Permission denied$`) });
+    expect(existsSync(name)).toBe(false);
+  });
+});
