@@ -33,6 +33,14 @@ export function fsIdentity(p: Process): FsIdentity {
   return fsIdentityOfCreds(main ?? p.creds);
 }
 
+/** The identity of the first process of `image` that holds `holds`
+ * (a descriptor or mapping of a file, a pipe): the one whose open it was,
+ * as far as an image can tell; its first process if none does. */
+export function firstHolderIdentity(image: Image, holds: (p: Process) => boolean): FsIdentity | undefined {
+  const p = image.processes.find(holds) ?? image.processes[0];
+  return p && fsIdentity(p);
+}
+
 /** Per image: each socket's first holder (by inode). */
 const holders = new WeakMap<Image, Map<bigint, Process>>();
 

@@ -39,14 +39,17 @@
  * file that is no socket for a stale one, and cannot be given a long
  * path).
  *
- * Not done (review27 L1, review28 R3, R4):
+ * The bind, and every step after it, runs as the socket's process would
+ * (the first process of the image that holds it: its fsuid, fsgid, groups
+ * and effective capabilities, fsident.ts): a root restore of an
+ * application that ran as nobody, whose directory was swapped for a
+ * symlink to one only root may write, gets the kernel's EACCES, as the
+ * application would have.
+ *
+ * Not done (review27 L1, review28 R4):
  * - a socket whose file went away and another one the application bound
  *   to the same name since are made in descriptor order; when the live one
  *   comes first, the other's bind finds the name taken;
- * - the bind, and every step after it, runs with the restorer's
- *   credentials, not the application's: a root restore of an image whose
- *   directory is a symlink planted beforehand binds where it points (as it
- *   would open any path of the image);
  * - on an overlay whose layers are on other file systems (without xino),
  *   sock_diag's device is the overlay's and stat's the layer's: the file is
  *   not recognised (recorded as removed at snapshot, not seen as held at
