@@ -1372,6 +1372,6 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
       Object.assign(fd, { fd: 907, kind: 0, path: secret, file: i.files.length - 1, flags: 0, pos: 0n, description: 0 });
       i.processes[0].fds.push(fd);
     });
-    refuses(['restore', dir], { code: 5, stderr: new RegExp(`: process \\d+ fd 907: ${secret.replace(/\./g, '\\.')} cannot be opened with the process's credentials \\(fsuid 65534, fsgid 65534\\): EACCES$`) });
+    refuses(['restore', dir], { code: 5, stderr: new RegExp(`: process \\d+ fd 907: ${secret.replace(/\./g, '\\.')} cannot be opened with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`) });
   });
 });

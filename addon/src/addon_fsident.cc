@@ -21,39 +21,53 @@ bool U32(const Napi::Value& v, uint32_t* out) {
 
 }  // namespace
 
-FsIdentArg::FsIdentArg(const Napi::Env& env, const Napi::Value& v) {
-  if (v.IsUndefined() || v.IsNull()) return;
-  failed_ = true;
+bool FsIdentArg::One(const Napi::Env& env, const Napi::Value& v, size_t at) {
   if (!v.IsObject()) {
     Napi::TypeError::New(env, "a filesystem identity must be an object").ThrowAsJavaScriptException();
-    return;
+    return false;
   }
   auto o = v.As<Napi::Object>();
+  fsident& id = ids_[at];
   Napi::Value groups = o.Get("groups"), cap = o.Get("capEff");
-  if (!U32(o.Get("fsuid"), &id_.fsuid) || !U32(o.Get("fsgid"), &id_.fsgid) || !groups.IsArray() || !cap.IsBigInt()) {
+  if (!U32(o.Get("fsuid"), &id.fsuid) || !U32(o.Get("fsgid"), &id.fsgid) || !groups.IsArray() || !cap.IsBigInt()) {
     Napi::TypeError::New(env, "a filesystem identity is { fsuid, fsgid, groups, capEff: bigint }").ThrowAsJavaScriptException();
-    return;
+    return false;
   }
   auto list = groups.As<Napi::Array>();
   if (list.Length() > FSIDENT_MAX_GROUPS) {
     Napi::TypeError::New(env, "a filesystem identity has too many groups").ThrowAsJavaScriptException();
-    return;
+    return false;
   }
-  groups_.resize(list.Length());
+  groups_[at].resize(list.Length());
   for (uint32_t i = 0; i < list.Length(); i++)
-    if (!U32(list.Get(i), &groups_[i])) {
+    if (!U32(list.Get(i), &groups_[at][i])) {
       Napi::TypeError::New(env, "a filesystem identity's groups are numbers").ThrowAsJavaScriptException();
-      return;
+      return false;
     }
   bool lossless = false;
-  id_.cap_eff = cap.As<Napi::BigInt>().Uint64Value(&lossless);
+  id.cap_eff = cap.As<Napi::BigInt>().Uint64Value(&lossless);
   if (!lossless) {
     Napi::TypeError::New(env, "a filesystem identity's capEff is a 64-bit set").ThrowAsJavaScriptException();
+    return false;
+  }
+  id.ngroups = static_cast<uint32_t>(groups_[at].size());
+  id.groups = groups_[at].data();
+  return true;
+}
+
+FsIdentArg::FsIdentArg(const Napi::Env& env, const Napi::Value& v) {
+  if (v.IsUndefined() || v.IsNull()) return;
+  failed_ = true;
+  size_t n = v.IsArray() ? v.As<Napi::Array>().Length() : 1;
+  if (n > FSIDENT_MAX_IDENTITIES) {
+    Napi::TypeError::New(env, "too many filesystem identities").ThrowAsJavaScriptException();
     return;
   }
-  id_.ngroups = static_cast<uint32_t>(groups_.size());
-  id_.groups = groups_.data();
-  set_ = true;
+  ids_.resize(n);
+  groups_.resize(n);
+  for (size_t i = 0; i < n; i++)
+    if (!One(env, v.IsArray() ? v.As<Napi::Array>().Get(static_cast<uint32_t>(i)) : v, i)) return;
+  list_ = {ids_.data(), static_cast<uint32_t>(n)};
   failed_ = false;
 }
 

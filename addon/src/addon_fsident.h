@@ -14,16 +14,18 @@ extern "C" {
 
 class FsIdentArg {
  public:
-  // `v` undefined or null: none (the restorer's own credentials). A value
-  // that is not such an object throws a TypeError (and get() is null).
+  // `v` undefined or null: none (the restorer's own credentials); one
+  // identity, or an array of them to try in order (fsident_run). A value
+  // that is neither throws a TypeError, and failed() says so.
   FsIdentArg(const Napi::Env& env, const Napi::Value& v);
-  const fsident* get() const { return set_ ? &id_ : nullptr; }
+  const fsident_list* get() const { return list_.n ? &list_ : nullptr; }
   bool failed() const { return failed_; }
 
  private:
-  std::vector<uint32_t> groups_;
-  fsident id_{};
-  bool set_ = false;
+  bool One(const Napi::Env& env, const Napi::Value& v, size_t at);
+  std::vector<std::vector<uint32_t>> groups_;
+  std::vector<fsident> ids_;
+  fsident_list list_{};
   bool failed_ = false;
 };
 

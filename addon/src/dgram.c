@@ -176,15 +176,15 @@ static int in_dir_op(void* arg) {
 /* `op` (bind or connect) as `who` (fsident.c), a relative unix name
  * resolved in `dir`. */
 static int in_dir(int (*op)(int, const struct sockaddr*, socklen_t), int fd, const struct sockaddr* addr,
-                  socklen_t len, const char* dir, const struct fsident* who) {
+                  socklen_t len, const char* dir, const struct fsident_list* who) {
   struct in_dir_call c = {op, fd, addr, len};
   return fsident_run(who, dir, in_dir_op, &c);
 }
 
-int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident* who) {
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who) {
   return in_dir(bind, fd, addr, len, dir, who);
 }
 
-int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident* who) {
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who) {
   return in_dir(connect, fd, addr, len, dir, who);
 }

@@ -36,10 +36,10 @@ void dgram_free(dgram_msg* msgs, long n);
  * directory), where that process bound it: done in a thread of its own
  * that leaves the process's working directory and credentials as they
  * were. 0 or -errno. */
-int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident* who);
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who);
 /* connect(2), likewise: a relative name (or a long one, given relative to
  * its directory) resolved in `dir`. */
-int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident* who);
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who);
 
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
  * built whole and sent through a raw socket (CAP_NET_RAW), so that its

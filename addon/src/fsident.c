@@ -105,7 +105,7 @@ static void* run(void* arg) {
   return NULL;
 }
 
-int fsident_run(const struct fsident* who, const char* dir, int (*op)(void*), void* arg) {
+static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), void* arg) {
   /* Nothing to change: in this thread, as before. */
   if (!who && !(dir && *dir)) return op(arg);
   struct call c = {who, dir, op, arg, 0};
@@ -114,4 +114,16 @@ int fsident_run(const struct fsident* who, const char* dir, int (*op)(void*), vo
   if (rc != 0) return -rc;
   pthread_join(t, NULL);
   return c.rc;
+}
+
+int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg) {
+  if (!who || who->n == 0) return run_as(NULL, dir, op, arg);
+  if (who->n > FSIDENT_MAX_IDENTITIES) return -EINVAL;
+  int first = 0;
+  for (uint32_t i = 0; i < who->n; i++) {
+    int rc = run_as(&who->ids[i], dir, op, arg);
+    if (rc != -EACCES && rc != -EPERM) return rc;
+    if (!first) first = rc;
+  }
+  return first;
 }

@@ -14,6 +14,7 @@ extern "C" {
  * made, and the DAC checks), supplementary groups, and the effective
  * capabilities (CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_CHOWN, ...). */
 #define FSIDENT_MAX_GROUPS 65536
+#define FSIDENT_MAX_IDENTITIES 64
 struct fsident {
   uint32_t fsuid;
   uint32_t fsgid;
@@ -22,14 +23,24 @@ struct fsident {
   uint64_t cap_eff;
 };
 
-/* Runs `op(arg)` on a thread of its own whose credentials are `who`'s
- * (NULL: the restorer's own, unchanged) and, unless `dir` is NULL or "",
+/* Identities to try in order (fsident_run); NULL or none: the restorer's. */
+struct fsident_list {
+  const struct fsident* ids;
+  uint32_t n;
+};
+
+/* Runs `op(arg)` on a thread of its own whose credentials are the first
+ * identity's of `who` (NULL or empty: the restorer's own, unchanged) and, unless `dir` is NULL or "",
  * whose working directory is `dir` (entered as `who`; the process's own
  * stays where it is). The thread ends with the call: nothing else in the
  * process ever runs with those credentials, nor this thread with any
- * other. -EPERM if the credentials cannot be taken exactly; otherwise
- * what `op` returns. */
-int fsident_run(const struct fsident* who, const char* dir, int (*op)(void*), void* arg);
+ * other. Refused (-EACCES, -EPERM), it is tried again as the next one,
+ * and so on: the identities of the application's other processes, any of which
+ * could have done it and handed the result over (a server's root master
+ * binds, its unprivileged worker holds). Returns what `op` returned for
+ * the first identity it was not refused for, or the first refusal; -EPERM
+ * if credentials cannot be taken exactly. */
+int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg);
 
 #ifdef __cplusplus
 }

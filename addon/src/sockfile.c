@@ -108,7 +108,7 @@ static int clear_op(void* arg) {
   return rc;
 }
 
-int sockfile_clear(const char* dir, const char* name, const struct fsident* who) {
+int sockfile_clear(const char* dir, const char* name, const struct fsident_list* who) {
   struct clear_call c = {dir, name};
   return fsident_run(who, NULL, clear_op, &c);
 }
@@ -158,7 +158,7 @@ static int finish_op(void* arg) {
 }
 
 int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
-                    uint32_t gid, uint32_t mode, const char* renamed, const struct fsident* who) {
+                    uint32_t gid, uint32_t mode, const char* renamed, const struct fsident_list* who) {
   struct finish_call c = {dir, name, id, uid, gid, mode, renamed};
   return fsident_run(who, NULL, finish_op, &c);
 }
@@ -180,7 +180,7 @@ static int remove_op(void* arg) {
   return rc;
 }
 
-int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident* who) {
+int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident_list* who) {
   struct remove_call c = {dir, name, id};
   return fsident_run(who, NULL, remove_op, &c);
 }

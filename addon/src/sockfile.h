@@ -24,16 +24,16 @@ int sockfile_of(int sock, struct sockfile_id* id);
  * that no live socket holds (an ended process's) is removed. 1 if a live
  * socket holds it, 0 otherwise (also when something else is there, which
  * the bind then reports), or -errno. */
-int sockfile_clear(const char* dir, const char* name, const struct fsident* who);
+int sockfile_clear(const char* dir, const char* name, const struct fsident_list* who);
 
 /* The file `id` at `name` in `dir` given owner `uid`:`gid` and `mode`, then,
  * unless `renamed` is NULL or "", linked as `renamed` there (a stale socket
  * file there removed first; -EADDRINUSE if a live one holds it; anything
  * else there: -EEXIST) and `name` removed. -ESTALE if `name` is not `id`. */
 int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
-                    uint32_t gid, uint32_t mode, const char* renamed, const struct fsident* who);
+                    uint32_t gid, uint32_t mode, const char* renamed, const struct fsident_list* who);
 
 /* Removes `name` from `dir` if it is the file `id`: 1 if it did. */
-int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident* who);
+int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident_list* who);
 
 #endif

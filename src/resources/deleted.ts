@@ -15,7 +15,7 @@ import { AppshotError } from '../errors.js';
 import type { Fd, FileIdentity } from '../image/types.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
-import { firstHolderIdentity } from './fsident.js';
+import { firstHolderIdentities } from './fsident.js';
 
 const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
@@ -101,7 +101,7 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   try {
     // Made in the image's directory as the file's process would make it
     // (fsident.ts): nowhere it could not write, and its owner.
-    const who = firstHolderIdentity(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    const who = firstHolderIdentities(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
     f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
   } catch {
     path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);

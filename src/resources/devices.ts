@@ -10,7 +10,7 @@ import { constants as fs } from 'node:fs';
 import type { Fd, Process } from '../image/types.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { isPtyMaster } from './ptys.js';
-import { fsIdentity } from './fsident.js';
+import { identitiesFor } from './fsident.js';
 import { addon } from '../native.js';
 
 const O_ACCMODE = 3;
@@ -33,5 +33,5 @@ export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // A terminal does not travel: output goes to the log.
   if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? h.devNull(fd.flags) : h.log();
   // As its process would (fsident.ts).
-  return h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, fsIdentity(p)));
+  return h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
 }

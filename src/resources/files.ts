@@ -20,7 +20,7 @@ import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { fsIdentity } from './fsident.js';
+import { fsIdentity, identitiesFor } from './fsident.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
@@ -419,7 +419,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     // The image's name is opened as its process would (fsident.ts): a
     // symlink planted on the way, or a file the process could not open,
     // gets the kernel's EACCES. A clone's own copy is appshot's to open.
-    got = h.keep(path === fd.path ? openAsProcess(p, fd, path, plain) : openSync(path, plain));
+    got = h.keep(path === fd.path ? openAsProcess(h, p, fd, path, plain) : openSync(path, plain));
   }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
@@ -438,16 +438,17 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
 /** Where a clone's file descriptor points: a REDIR PATH target, the
  * instance's private copy of a file it may write (copy-on-write,
  * duplicate), or the template's file itself (share). */
-/** `path` opened as process `p` would (fsident.ts); what its credentials
- * do not allow is refused naming the descriptor and the process's uid. */
-function openAsProcess(p: Process, fd: Fd, path: string, flags: number): number {
+/** `path` opened as process `p` would (or, refused, another process of
+ * the application: fsident.ts); what none of their credentials allow is
+ * refused naming the descriptor and the process's fsuid. */
+function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
   const who = fsIdentity(p);
   try {
-    return addon().openAs(path, flags, 0, who);
+    return addon().openAs(path, flags, 0, identitiesFor(h.image, p));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code !== 'EACCES' && code !== 'EPERM') throw e;
-    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${path} cannot be opened with the process's credentials (fsuid ${who.fsuid}, fsgid ${who.fsgid}): ${code}`, ExitCode.denied);
+    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${path} cannot be opened with the credentials of the process or the application's others (fsuid ${who.fsuid}, fsgid ${who.fsgid}): ${code}`, ExitCode.denied);
   }
 }
 

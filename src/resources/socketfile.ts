@@ -41,10 +41,11 @@
  *
  * The bind, and every step after it, runs as the socket's process would
  * (the first process of the image that holds it: its fsuid, fsgid, groups
- * and effective capabilities, fsident.ts): a root restore of an
- * application that ran as nobody, whose directory was swapped for a
- * symlink to one only root may write, gets the kernel's EACCES, as the
- * application would have.
+ * and effective capabilities; refused, as the application's other
+ * processes in turn, as a root master binds for its workers: fsident.ts):
+ * a root restore of an application that ran as nobody, whose directory
+ * was swapped for a symlink to one only root may write, gets the kernel's
+ * EACCES, as the application would have.
  *
  * Not done (review27 L1, review28 R4):
  * - a socket whose file went away and another one the application bound
@@ -59,7 +60,7 @@ import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
-import { addon, type FsIdentity } from '../native.js';
+import { addon, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
 /** A unix socket the restore binds by its path name (a listener, a
@@ -191,7 +192,7 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
  * original, still running) is a conflict. Told by the kernel's list of
  * the sockets' files, whatever their kind, and looked at through the
  * directory (a name too long for a sockaddr too). */
-export function clearSocketFile(name: string, file: SocketFile | undefined, where: string, who: FsIdentity | undefined): void {
+export function clearSocketFile(name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
   let live: boolean;
@@ -213,7 +214,7 @@ export function clearSocketFile(name: string, file: SocketFile | undefined, wher
  * A failed restore removes the file, wherever it went. `where` names the
  * descriptor in an error.
  */
-export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string, who: FsIdentity | undefined): void {
+export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
   const id = addon().socketFileOf(sock);

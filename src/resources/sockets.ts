@@ -37,7 +37,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
-import { socketHolderIdentity } from './fsident.js';
+import { socketHolderIdentities } from './fsident.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -531,7 +531,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
     // A unix listener's file is made as its process would (fsident.ts).
-    const as = socketHolderIdentity(h.image, s.ino);
+    const as = socketHolderIdentities(h.image, s.ino);
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.

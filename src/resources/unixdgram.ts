@@ -37,7 +37,7 @@ import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
-import { socketHolderIdentity } from './fsident.js';
+import { socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
@@ -221,7 +221,7 @@ function bindName(h: RestoreContext, sock: number, s: Socket, what: string): voi
   const address = s.address;
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
   // As its process would (fsident.ts).
-  const who = socketHolderIdentity(h.image, s.ino);
+  const who = socketHolderIdentities(h.image, s.ino);
   clearSocketFile(address, s.file, what, who);
   try {
     addon().sockBind(sock, name, s.file?.base || undefined, who);
@@ -266,7 +266,7 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
       const place = d.from.startsWith('@') ? undefined : socketFilePlace(d.from, undefined);
       // As the receiving socket's process (fsident.ts): the name is the
       // image's, its directory anyone's.
-      const who = socketHolderIdentity(h.image, s.ino);
+      const who = socketHolderIdentities(h.image, s.ino);
       let made: FileId | undefined;
       try {
         if (place && addon().socketFileClear(place.dir, place.name, who)) throw new Error('held');
@@ -296,7 +296,7 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
 function connect(h: RestoreContext, s: Socket, sock: number, what: string): boolean {
   // A connect by path as its process would (fsident.ts): write permission
   // on the file, search on the directories.
-  const who = socketHolderIdentity(h.image, s.ino);
+  const who = socketHolderIdentities(h.image, s.ino);
   if (s.peerIno) {
     const peer = socketOf(h, s.peerIno)!;
     const peerFd = made(h, peer, what);
