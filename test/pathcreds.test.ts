@@ -10,11 +10,12 @@
  * The application: sockfiles (test/fixtures/sockfiles.c), whose sockets
  * are bound by absolute and relative names in its directory.
  */
-import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -104,5 +105,55 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     await checksPass('pcr2');
     expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
     await stopped('pcr2');
+  });
+});
+
+describe('an unprivileged user restoring its own application', () => {
+  // Its own identity is the application's: setfsuid and setfsgid to ids
+  // it holds, its own groups, an effective set lowered or kept, none of
+  // which asks for a privilege (fsident.c). As root (CI) it is nobody,
+  // through setpriv, with no capability at all.
+  const root = process.getuid?.() === 0;
+  const home = join(out, 'user');
+  mkdirSync(home, { mode: 0o755 });
+  if (root) chownSync(home, NOBODY, NOBODY);
+  const appshot = (...args: string[]) => {
+    const env = { ...process.env, CI: '', APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
+    const argv = [process.execPath, cli, ...args];
+    const r = root
+      ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
+      : spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: home });
+    return { code: r.status, stderr: r.stderr };
+  };
+  const log = () => {
+    try {
+      return readFileSync(join(home, 'state', 'apps', 'own', 'log'), 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+  afterAll(async () => {
+    appshot('stop', 'own', '-s', 'KILL');
+    await waitFor(() => appshot('ps', 'own').code !== 0, 10_000).catch(() => undefined);
+  });
+
+  it('gets its socket files back where they were, made by itself', async () => {
+    const app = join(home, 'app');
+    mkdirSync(app, { mode: 0o755 });
+    if (root) chownSync(app, NOBODY, NOBODY);
+    const started = appshot('run', '-d', '--aid', 'own', '--', fixture('sockfiles'), app);
+    expect(started.code, started.stderr).toBe(0);
+    await waitFor(() => checks() >= 3 || /FAIL/.test(log()), 10_000, 'the app to check itself');
+    const snap = appshot('snapshot', 'own', '-o', join(home, 'own.img'));
+    expect(snap.code, snap.stderr).toBe(0);
+    await waitFor(() => appshot('ps', 'own').code !== 0, 10_000, 'own to end');
+    const restored = appshot('restore', join(home, 'own.img'));
+    expect(restored.code, restored.stderr).toBe(0);
+    const before = checks();
+    await waitFor(() => checks() >= before + 3 || /FAIL/.test(log()), 10_000, 'the restored app to check itself');
+    expect(log()).not.toMatch(/FAIL/);
+    expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
+    for (const f of readdirSync(app)) expect(lstatSync(join(app, f)).uid, f).toBe(root ? NOBODY : process.getuid!());
   });
 });
