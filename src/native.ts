@@ -447,6 +447,8 @@ interface Addon {
   socketFileFinish(dir: string, name: string, id: FileId, file: { uid: number; gid: number; mode: number; renamed?: string }, who?: FsIdentities): void;
   /** Removes `name` from `dir` if it is the file `id`; whether it did. */
   socketFileRemove(dir: string, name: string, id: FileId, who?: FsIdentities): boolean;
+  /** The file `id` at `from` in `dir` moved to `to` there (nothing replaced). */
+  socketFileMove(dir: string, from: string, to: string, id: FileId, who?: FsIdentities): void;
   /** `dir`: where a relative unix name is resolved. */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */

@@ -148,6 +148,16 @@ Napi::Value SocketFileFinish(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// socketFileMove(dir, from, to, id, who?)
+Napi::Value SocketFileMove(const Napi::CallbackInfo& info) {
+  sockfile_id id = ToFileId(info[3]);
+  FsIdentArg who(info.Env(), info[4]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = sockfile_move(Str(info[0]).c_str(), Str(info[1]).c_str(), Str(info[2]).c_str(), &id, who.get());
+  if (rc) ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]) + " -> " + Str(info[2]), -rc);
+  return info.Env().Undefined();
+}
+
 // socketFileRemove(dir, name, id, who?) -> boolean: removed (it was that file).
 Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   sockfile_id id = ToFileId(info[2]);
@@ -505,6 +515,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("socketFileClear", SocketFileClear);
   fn("socketFileFinish", SocketFileFinish);
   fn("socketFileRemove", SocketFileRemove);
+  fn("socketFileMove", SocketFileMove);
   RegisterFsIdent(env, exports);
   fn("sockSend", SockSend);
   fn("sockShutdown", SockShutdown);

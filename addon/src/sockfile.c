@@ -163,6 +163,42 @@ int sockfile_finish(const char* dir, const char* name, const struct sockfile_id*
   return fsident_run(who, NULL, finish_op, &c);
 }
 
+struct move_call {
+  const char* dir;
+  const char* from;
+  const char* to;
+  const struct sockfile_id* id;
+};
+
+static int move_op(void* arg) {
+  const struct move_call* c = arg;
+  int d = open_dir(c->dir);
+  if (d < 0) return d;
+  int f = openat(d, c->from, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  int rc = 0;
+  struct stat st;
+  if (f < 0) rc = -errno;
+  else if (fstat(f, &st) != 0) rc = -errno;
+  else if (!same(&st, c->id)) rc = -ESTALE;
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", f);
+  /* Linked by the descriptor (never replacing anything), then `from`
+   * removed if it is still that file. */
+  if (!rc && linkat(AT_FDCWD, self, d, c->to, AT_SYMLINK_FOLLOW) != 0) rc = -errno;
+  if (!rc) {
+    struct stat now;
+    if (fstatat(d, c->from, &now, AT_SYMLINK_NOFOLLOW) == 0 && same(&now, c->id)) unlinkat(d, c->from, 0);
+  }
+  if (f >= 0) close(f);
+  close(d);
+  return rc;
+}
+
+int sockfile_move(const char* dir, const char* from, const char* to, const struct sockfile_id* id, const struct fsident_list* who) {
+  struct move_call c = {dir, from, to, id};
+  return fsident_run(who, NULL, move_op, &c);
+}
+
 struct remove_call {
   const char* dir;
   const char* name;

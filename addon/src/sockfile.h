@@ -33,6 +33,10 @@ int sockfile_clear(const char* dir, const char* name, const struct fsident_list*
 int sockfile_finish(const char* dir, const char* name, const struct sockfile_id* id, uint32_t uid,
                     uint32_t gid, uint32_t mode, const char* renamed, const struct fsident_list* who);
 
+/* The file `id` at `from` in `dir` moved to `to` there (which must not
+ * exist: -EEXIST). -ESTALE if `from` is not `id`. */
+int sockfile_move(const char* dir, const char* from, const char* to, const struct sockfile_id* id, const struct fsident_list* who);
+
 /* Removes `name` from `dir` if it is the file `id`: 1 if it did. */
 int sockfile_remove(const char* dir, const char* name, const struct sockfile_id* id, const struct fsident_list* who);
 

@@ -47,10 +47,14 @@
  * was swapped for a symlink to one only root may write, gets the kernel's
  * EACCES, as the application would have.
  *
- * Not done (review27 L1, review28 R4):
- * - a socket whose file went away and another one the application bound
- *   to the same name since are made in descriptor order; when the live one
- *   comes first, the other's bind finds the name taken;
+ * A socket whose file went away and another one the application bound
+ * to the same name since (review27 L1) are made in descriptor order,
+ * whichever comes first: the file of the one bound first in the restore is
+ * moved aside to a name of its own for the other's bind (a removed one's
+ * stays there for its peers to connect, until every process is final; a
+ * live one's comes back to its name as soon as the removed one is bound).
+ *
+ * Not done (review28 R4):
  * - on an overlay whose layers are on other file systems (without xino),
  *   sock_diag's device is the overlay's and stat's the layer's: the file is
  *   not recognised (recorded as removed at snapshot, not seen as held at
@@ -60,7 +64,8 @@ import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
-import { addon, type FsIdentities } from '../native.js';
+import { uniqueTag } from '../holder.js';
+import { addon, type FileId, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
 /** A unix socket the restore binds by its path name (a listener, a
@@ -192,9 +197,10 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
  * original, still running) is a conflict. Told by the kernel's list of
  * the sockets' files, whatever their kind, and looked at through the
  * directory (a name too long for a sockaddr too). */
-export function clearSocketFile(name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
+export function clearSocketFile(h: RestoreContext, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
+  makeRoomAmongOurs(h, place, !!file?.removed, where);
   let live: boolean;
   try {
     live = addon().socketFileClear(place.dir, place.name, who);
@@ -219,16 +225,28 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
   if (!place) return;
   const id = addon().socketFileOf(sock);
   if (!id) return;
+  const ours: OurFile = { sock, dir: place.dir, at: place.name, id, who, removed: !!file?.removed };
+  ourFiles(h).push(ours);
   h.undoOnFailure(() => {
-    for (const at of new Set([place.name, file?.renamed || place.name])) addon().socketFileRemove(place.dir, at, id, who);
+    for (const at of new Set([place.name, file?.renamed || place.name, ours.at])) addon().socketFileRemove(place.dir, at, id, who);
   });
   if (!file) return;
   if (file.removed) {
-    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, place.name, id, who));
+    // A live socket of the application's, made before this one, was
+    // moved aside for its bind (makeRoomAmongOurs): this file goes aside
+    // now, that one back.
+    const back = stashed(h).get(join(place.dir, place.name));
+    if (back) {
+      stashed(h).delete(join(place.dir, place.name));
+      moveAside(ours, where);
+      move(back, place.name, where);
+    }
+    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, ours.at, id, who));
     return;
   }
   try {
     addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed }, who);
+    if (file.renamed) ours.at = file.renamed;
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     const to = join(place.dir, file.renamed || place.name);
@@ -237,4 +255,63 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     if (err.code === 'ESTALE') throw new AppshotError(`${where}: ${join(place.dir, place.name)} is not the file its bind made (its directory changed meanwhile?)`);
     throw new AppshotError(`${where}: giving ${join(place.dir, place.name)} its owner ${file.uid}:${file.gid} and mode ${file.mode.toString(8)}${file.renamed ? ` and its name ${file.renamed}` : ''}: ${err.message}`);
   }
+}
+
+/* ---- sockets of the application bound to one name (review27 L1) ---- */
+
+/** A socket file this restore made, and where it is now. */
+interface OurFile {
+  sock: number;
+  dir: string;
+  at: string;
+  id: FileId;
+  who: FsIdentities | undefined;
+  /** The application had removed it: it goes once every process is final. */
+  removed: boolean;
+}
+
+const made = new WeakMap<RestoreContext, OurFile[]>();
+const ourFiles = (h: RestoreContext) => made.get(h) ?? (made.set(h, []), made.get(h)!);
+/** Live files moved aside for the bind of a removed one, by their path. */
+const stashes = new WeakMap<RestoreContext, Map<string, OurFile>>();
+const stashed = (h: RestoreContext) => stashes.get(h) ?? (stashes.set(h, new Map()), stashes.get(h)!);
+
+function move(f: OurFile, to: string, where: string): void {
+  try {
+    addon().socketFileMove(f.dir, f.at, to, f.id, f.who);
+  } catch (e) {
+    throw new AppshotError(`${where}: moving the socket file ${join(f.dir, f.at)} to ${to}: ${(e as Error).message}`);
+  }
+  f.at = to;
+}
+
+/** To a name of its own beside it, which no one uses. */
+function moveAside(f: OurFile, where: string): void {
+  move(f, `.appshot-bound-${uniqueTag()}`, where);
+}
+
+/**
+ * A socket whose file the application removed and another it bound to the
+ * same name since (a server restarted its listener in place) are made in
+ * descriptor order; the name is free for only one bind at a time. Before
+ * a bind of `place`: a file there that this restore made is moved aside
+ * (a removed one's: its peers connect to it where it went,
+ * socketFileForPeers; a live one's, when the removed one comes after it:
+ * back at its name as soon as the removed one is bound, restoreSocketFile).
+ */
+function makeRoomAmongOurs(h: RestoreContext, place: { dir: string; name: string }, removed: boolean, where: string): void {
+  const there = ourFiles(h).find((f) => f.dir === place.dir && f.at === place.name);
+  if (!there) return;
+  if (there.removed) moveAside(there, where);
+  else if (removed) {
+    moveAside(there, where);
+    stashed(h).set(join(place.dir, place.name), there);
+  }
+}
+
+/** Where the file of the application's socket `sock` is now, if this
+ * restore made it and moved it aside. */
+export function movedSocketFile(h: RestoreContext, sock: number): { dir: string; name: string } | undefined {
+  const f = ourFiles(h).find((x) => x.sock === sock);
+  return f && f.at.startsWith('.appshot-bound-') ? { dir: f.dir, name: f.at } : undefined;
 }

@@ -535,7 +535,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.
-    if (fd.kind === FdKind.UNIX_SOCKET) clearSocketFile(s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
+    if (fd.kind === FdKind.UNIX_SOCKET) clearSocketFile(h, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
     const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
     check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
     // A held clone's listener on the shared port listens once it is let go.

@@ -130,7 +130,7 @@ function make(h: RestoreContext, s: Socket, where: string): number {
 function bind(h: RestoreContext, sock: number, s: Socket, where: string): void {
   // A unix name is bound as its process would (fsident.ts).
   const who = s.family === AF_UNIX ? socketHolderIdentities(h.image, s.ino) : undefined;
-  if (s.family === AF_UNIX) clearSocketFile(s.address, s.file, where, who);
+  if (s.family === AF_UNIX) clearSocketFile(h, s.address, s.file, where, who);
   try {
     addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined, who);
   } catch (e) {

@@ -36,7 +36,7 @@ import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types
 import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
-import { clearSocketFile, dumpSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
+import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
@@ -222,7 +222,7 @@ function bindName(h: RestoreContext, sock: number, s: Socket, what: string): voi
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
   // As its process would (fsident.ts).
   const who = socketHolderIdentities(h.image, s.ino);
-  clearSocketFile(address, s.file, what, who);
+  clearSocketFile(h, address, s.file, what, who);
   try {
     addon().sockBind(sock, name, s.file?.base || undefined, who);
   } catch (e) {
@@ -303,7 +303,7 @@ function connect(h: RestoreContext, s: Socket, sock: number, what: string): bool
     // Through its file's directory (a relative name where it was bound, a
     // file moved where it went, a path too long for a sockaddr); by its
     // own name for an abstract one.
-    const file = socketFileForPeers(peer.address, peer.file);
+    const file = movedSocketFile(h, peerFd) ?? socketFileForPeers(peer.address, peer.file);
     const name = file ? makeSockaddr({ family: AF_UNIX, address: file.name, port: 0 }) : addon().sockName(peerFd);
     if (name.length <= 2) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket connected to an unnamed socket that is not its pair`);
     try {
