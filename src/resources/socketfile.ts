@@ -54,13 +54,12 @@
  * stays there for its peers to connect, until every process is final; a
  * live one's comes back to its name as soon as the removed one is bound).
  *
- * Not done (review28 R4):
- * - on an overlay whose layers are on other file systems (without xino),
- *   sock_diag's device is the overlay's and stat's the layer's: the file is
- *   not recognised (recorded as removed at snapshot, not seen as held at
- *   restore).
+ * On an overlay whose layers are on other file systems (without xino),
+ * sock_diag's device is the overlay's and stat's the layer's (review28
+ * R4): the file is told by its inode number and its directory's device,
+ * which is the overlay's (isFileOf; sockfile.c is_file).
  */
-import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
+import { lstatSync, readdirSync, readlinkSync, type Stats, statfsSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
@@ -96,9 +95,23 @@ export function socketFileRecordFault(fd: Fd): string | undefined {
   return undefined;
 }
 
-/** The socket file `st` is the one the kernel names by `ino` and `dev`. */
-function isFileOf(st: Stats | undefined, ino: number, dev: number): boolean {
-  return !!st && st.isSocket() && st.ino === ino && st.dev === dev;
+/** statfs(2)'s type of an overlay (linux/magic.h). */
+const OVERLAYFS_MAGIC = 0x794c7630;
+
+/** The socket file `st`, an entry of directory `dir`, is the one the
+ * kernel names by `ino` and `dev`. On an overlay whose layers are on other
+ * file systems (without xino), stat gives the file its layer's device and
+ * sock_diag the overlay's, which the overlay's directories show: told by
+ * its inode and its directory's device then (review28 R4; sockfile.c the
+ * same). */
+function isFileOf(st: Stats | undefined, ino: number, dev: number, dir: string): boolean {
+  if (!st || !st.isSocket() || st.ino % 2 ** 32 !== ino % 2 ** 32) return false;
+  if (st.dev === dev) return true;
+  try {
+    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir).dev === dev;
+  } catch {
+    return false;
+  }
 }
 
 function lstatOrNone(path: string): Stats | undefined {
@@ -118,7 +131,7 @@ function renamedIn(dir: string, ino: number, dev: number): string | undefined {
   } catch {
     return undefined;
   }
-  return names.find((n) => isFileOf(lstatOrNone(join(dir, n)), ino, dev));
+  return names.find((n) => isFileOf(lstatOrNone(join(dir, n)), ino, dev, dir));
 }
 
 /**
@@ -147,10 +160,10 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
   const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, ...(relative ? { base } : {}) });
   try {
     const here = lstatOrNone(path);
-    if (isFileOf(here, ino, dev)) return found(here!);
+    if (isFileOf(here, ino, dev, dirname(path))) return found(here!);
     const rootView = root === '/' ? undefined : `/proc/${pid}/root${path}`;
     const insideRoot = () => new Unsupported(`${where}: a unix socket that names ${path} in a process whose root directory is ${root} (chroot): the name is resolved in that root, which the restore does not do`);
-    if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
+    if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev, dirname(rootView)) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
     const renamed = renamedIn(dirname(path), ino, dev);
     if (renamed) return found(lstatSync(join(dirname(path), renamed)), renamed);
     // Gone from its directory. In a chrooted process the name may have
