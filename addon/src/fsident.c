@@ -105,9 +105,21 @@ static void* run(void* arg) {
   return NULL;
 }
 
+/* Whether the calling thread has `who`'s filesystem identity already (a
+ * root restore of an application that ran as root with every capability,
+ * a user's of their own): then no thread is needed (one costs some 0.2 ms,
+ * a restore may open thousands of files). */
+static int is_current(const struct fsident* who) {
+  if ((uint32_t)syscall(SYS_setfsuid, -1) != who->fsuid || (uint32_t)syscall(SYS_setfsgid, -1) != who->fsgid) return 0;
+  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct d[2];
+  if (syscall(SYS_capget, &h, d) != 0) return 0;
+  return ((uint64_t)d[1].effective << 32 | d[0].effective) == who->cap_eff && groups_are(who);
+}
+
 static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), void* arg) {
   /* Nothing to change: in this thread, as before. */
-  if (!who && !(dir && *dir)) return op(arg);
+  if (!(dir && *dir) && (!who || is_current(who))) return op(arg);
   struct call c = {who, dir, op, arg, 0};
   pthread_t t;
   int rc = pthread_create(&t, NULL, run, &c);
