@@ -21,6 +21,7 @@
                   "addon/src/trace.c", "addon/src/sockdiag.c",
                   "addon/src/addon_tcp.cc", "addon/src/tcp_repair.c", "addon/src/keeper.c",
                   "addon/src/addon_dgram.cc", "addon/src/dgram.c", "addon/src/sockfile.c",
+                  "addon/src/addon_fsident.cc", "addon/src/fsident.c",
                   "addon/src/addon_probe.cc", "addon/src/probe.c",
                   "addon/src/addon_forward.cc", "addon/src/forward.c",
                   "addon/src/pages.c", "addon/include/appshot_table.c"],

@@ -101,6 +101,18 @@ export interface UnixSocketInfo {
 }
 
 /** A file as stat(2) names it. */
+/** What the kernel consults on a path (fsident.c, src/resources/fsident.ts). */
+export interface FsIdentity {
+  fsuid: number;
+  fsgid: number;
+  groups: number[];
+  capEff: bigint;
+}
+
+/** Identities tried in order: refused as one (EACCES, EPERM), an
+ * operation is tried as the next (fsident.c). */
+export type FsIdentities = FsIdentity | FsIdentity[];
+
 export interface FileId {
   ino: number;
   dev: number;
@@ -378,7 +390,7 @@ interface Addon {
   addSeals(fd: number, seals: number): void;
   /** `early`: options set between socket() and bind(). */
   /** `dir`: where a relative unix name is resolved. */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string }): number;
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities }): number;
   /** A socket listenSocket bound with `listen: false` listens now. */
   listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
@@ -426,17 +438,21 @@ interface Addon {
   /** socket(family, type | SOCK_CLOEXEC, 0) */
   sockOpen(family: number, type: number, protocol?: number): number;
   /** `dir`: where a relative unix name is resolved (the process's working directory if absent). */
-  sockBind(fd: number, addr: Buffer, dir?: string): void;
+  sockBind(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** The file a unix socket's bind made (st_ino, st_dev); undefined for an abstract or unnamed one. */
   socketFileOf(fd: number): FileId | undefined;
   /** A socket file at `name` in `dir` no live socket holds is removed; true if a live one holds it. */
-  socketFileClear(dir: string, name: string): boolean;
+  socketFileClear(dir: string, name: string, who?: FsIdentities): boolean;
   /** The file `id` at `name` in `dir` given its owner and mode, then moved to `renamed` beside it. */
-  socketFileFinish(dir: string, name: string, id: FileId, file: { uid: number; gid: number; mode: number; renamed?: string }): void;
+  socketFileFinish(dir: string, name: string, id: FileId, file: { uid: number; gid: number; mode: number; renamed?: string }, who?: FsIdentities): void;
   /** Removes `name` from `dir` if it is the file `id`; whether it did. */
-  socketFileRemove(dir: string, name: string, id: FileId): boolean;
+  socketFileRemove(dir: string, name: string, id: FileId, who?: FsIdentities): boolean;
+  /** The file `id` at `from` in `dir` moved to `to` there (nothing replaced). */
+  socketFileMove(dir: string, from: string, to: string, id: FileId, who?: FsIdentities): void;
   /** `dir`: where a relative unix name is resolved. */
-  sockConnect(fd: number, addr: Buffer, dir?: string): void;
+  sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
+  /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */
+  openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;
   /** One message, whole, to `addr` or to the connected peer (null). */
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
   sockShutdown(fd: number, how: number): void;

@@ -1336,3 +1336,42 @@ describe('time namespace offsets the kernel would not take are refused before an
     refuses(['restore', dir], { code: 5, stderr: new RegExp(`^appshot: cannot restore \\S+: process 2 \\(\\S+\\) ran in a time namespace whose clocks differ from this restore's .*${message.source}.*, outside what the kernel allows \\(0 to 4611686018 s\\)$`) });
   });
 });
+
+describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process names a path only root may use (review28 R3)', () => {
+  // The image says a process of nobody, without a capability, listens at
+  // a unix name in /etc: a root restore binds as that process would
+  // (resources/fsident.ts), so the kernel's EACCES refuses it and nothing
+  // is made there. Before, root made the file.
+  const name = `/etc/appshot-hostile-${process.pid}.sock`;
+  afterAll(() => rmSync(name, { force: true }));
+  it('binding a socket file in /etc is refused (EACCES) in one line, no file made', () => {
+    const dir = crafted('rootonly-sock', (i) => {
+      for (const p of i.processes)
+        for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
+          if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 906, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0, socket: { ino: 4346n, family: 1, type: 1, address: name, port: 0, listening: true, backlog: 4, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false } });
+      i.processes[0].fds.push(fd);
+    });
+    refuses(['restore', dir], { code: 4, stderr: new RegExp(`: process \\d+ fd 906: listening on ${name.replace(/\./g, '\\.')}: Permission denied$`) });
+    expect(existsSync(name)).toBe(false);
+  });
+
+  it('naming a file only root may read is refused (EACCES) in one line', () => {
+    // Before, root opened it and handed the descriptor to nobody.
+    const secret = join(out, 'root-only-secret');
+    writeFileSync(secret, 'not for nobody\n', { mode: 0o600 });
+    chmodSync(out, 0o755);
+    const st = statSync(secret, { bigint: true });
+    const dir = crafted('rootonly-file', (i) => {
+      for (const p of i.processes)
+        for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
+          if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+      i.files.push({ path: secret, dev: st.dev, ino: st.ino, size: st.size, mtimeNs: st.mtimeNs, mode: Number(st.mode), deleted: false, crc32c: 0 });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 907, kind: 0, path: secret, file: i.files.length - 1, flags: 0, pos: 0n, description: 0 });
+      i.processes[0].fds.push(fd);
+    });
+    refuses(['restore', dir], { code: 5, stderr: new RegExp(`: process \\d+ fd 907: ${secret.replace(/\./g, '\\.')} cannot be opened with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`) });
+  });
+});

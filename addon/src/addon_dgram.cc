@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "addon.h"
+#include "addon_fsident.h"
 
 extern "C" {
 #include "dgram.h"
@@ -68,20 +69,26 @@ Napi::Value SockOpen(const Napi::CallbackInfo& info) {
 }
 
 // sockBind(fd, addr), sockConnect(fd, addr)
-// sockBind(fd, addr, dir?): a relative unix name is resolved in `dir`.
+// sockBind(fd, addr, dir?, who?): a relative unix name is resolved in
+// `dir`; a path name as `who` (fsident.c).
 Napi::Value SockBind(const Napi::CallbackInfo& info) {
   auto a = info[1].As<Napi::Buffer<uint8_t>>();
   std::string dir = info.Length() > 2 && info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
-  int rc = bind_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str());
+  FsIdentArg who(info.Env(), info[3]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = bind_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str(), who.get());
   if (rc) ThrowErrno(info.Env(), "bind", -rc);
   return info.Env().Undefined();
 }
 
-// sockConnect(fd, addr, dir?): a relative unix name is resolved in `dir`.
+// sockConnect(fd, addr, dir?, who?): a relative unix name is resolved in
+// `dir`; a path name as `who` (fsident.c).
 Napi::Value SockConnect(const Napi::CallbackInfo& info) {
   auto a = info[1].As<Napi::Buffer<uint8_t>>();
   std::string dir = info.Length() > 2 && info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : "";
-  int rc = connect_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str());
+  FsIdentArg who(info.Env(), info[3]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = connect_in(Int(info[0]), reinterpret_cast<sockaddr*>(a.Data()), static_cast<socklen_t>(a.Length()), dir.c_str(), who.get());
   if (rc) ThrowErrno(info.Env(), "connect", -rc);
   return info.Env().Undefined();
 }
@@ -115,9 +122,11 @@ Napi::Value SocketFileOf(const Napi::CallbackInfo& info) {
   return FileId(info.Env(), id);
 }
 
-// socketFileClear(dir, name) -> boolean: a live socket holds it.
+// socketFileClear(dir, name, who?) -> boolean: a live socket holds it.
 Napi::Value SocketFileClear(const Napi::CallbackInfo& info) {
-  int rc = sockfile_clear(Str(info[0]).c_str(), Str(info[1]).c_str());
+  FsIdentArg who(info.Env(), info[2]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = sockfile_clear(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get());
   if (rc < 0) {
     ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
     return info.Env().Undefined();
@@ -125,22 +134,36 @@ Napi::Value SocketFileClear(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), rc > 0);
 }
 
-// socketFileFinish(dir, name, id, { uid, gid, mode, renamed })
+// socketFileFinish(dir, name, id, { uid, gid, mode, renamed }, who?)
 Napi::Value SocketFileFinish(const Napi::CallbackInfo& info) {
   auto o = info[3].As<Napi::Object>();
+  FsIdentArg who(info.Env(), info[4]);
+  if (who.failed()) return info.Env().Undefined();
   sockfile_id id = ToFileId(info[2]);
   std::string renamed = o.Has("renamed") && o.Get("renamed").IsString() ? Str(o.Get("renamed")) : "";
   int rc = sockfile_finish(Str(info[0]).c_str(), Str(info[1]).c_str(), &id, o.Get("uid").As<Napi::Number>().Uint32Value(),
                            o.Get("gid").As<Napi::Number>().Uint32Value(), o.Get("mode").As<Napi::Number>().Uint32Value(),
-                           renamed.c_str());
+                           renamed.c_str(), who.get());
   if (rc) ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
   return info.Env().Undefined();
 }
 
-// socketFileRemove(dir, name, id) -> boolean: removed (it was that file).
+// socketFileMove(dir, from, to, id, who?)
+Napi::Value SocketFileMove(const Napi::CallbackInfo& info) {
+  sockfile_id id = ToFileId(info[3]);
+  FsIdentArg who(info.Env(), info[4]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = sockfile_move(Str(info[0]).c_str(), Str(info[1]).c_str(), Str(info[2]).c_str(), &id, who.get());
+  if (rc) ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]) + " -> " + Str(info[2]), -rc);
+  return info.Env().Undefined();
+}
+
+// socketFileRemove(dir, name, id, who?) -> boolean: removed (it was that file).
 Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   sockfile_id id = ToFileId(info[2]);
-  int rc = sockfile_remove(Str(info[0]).c_str(), Str(info[1]).c_str(), &id);
+  FsIdentArg who(info.Env(), info[3]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = sockfile_remove(Str(info[0]).c_str(), Str(info[1]).c_str(), &id, who.get());
   if (rc < 0) {
     ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
     return info.Env().Undefined();
@@ -492,6 +515,8 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("socketFileClear", SocketFileClear);
   fn("socketFileFinish", SocketFileFinish);
   fn("socketFileRemove", SocketFileRemove);
+  fn("socketFileMove", SocketFileMove);
+  RegisterFsIdent(env, exports);
   fn("sockSend", SockSend);
   fn("sockShutdown", SockShutdown);
   fn("datagramQueue", DatagramQueue);

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "addon.h"
+#include "addon_fsident.h"
 
 extern "C" {
 #include "appshot_table.h"
@@ -290,8 +291,14 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
     // A relative name is resolved where the application bound it.
     std::string dir = o.Has("dir") && o.Get("dir").IsString() ? o.Get("dir").As<Napi::String>().Utf8Value() : "";
+    // As the application's process (`as`, fsident.c): its name, its rights.
+    FsIdentArg who(env, o.Has("as") ? o.Get("as") : env.Undefined());
+    if (who.failed()) {
+      close(fd);
+      return env.Undefined();
+    }
     int b = bind_in(fd, reinterpret_cast<sockaddr*>(&a),
-                    static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()), dir.c_str());
+                    static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()), dir.c_str(), who.get());
     if (b) errno = -b;
     rc = b ? -1 : 0;
   }

@@ -2,8 +2,6 @@
 #include "dgram.h"
 
 #include <errno.h>
-#include <pthread.h>
-#include <sched.h>
 #include <netinet/in.h>
 #include <netinet/ip.h>
 #include <netinet/udp.h>
@@ -168,34 +166,25 @@ struct in_dir_call {
   int fd;
   const struct sockaddr* addr;
   socklen_t len;
-  const char* dir;
-  int err;
 };
 
-static void* in_dir_thread(void* arg) {
+static int in_dir_op(void* arg) {
   struct in_dir_call* c = arg;
-  /* This thread's working directory only: the process's (the engine's,
-   * shared by every thread) stays where it is. */
-  if (unshare(CLONE_FS) != 0 || chdir(c->dir) != 0 || c->op(c->fd, c->addr, c->len) != 0) c->err = errno;
-  return NULL;
+  return c->op(c->fd, c->addr, c->len) == 0 ? 0 : -errno;
 }
 
-/* `op` (bind or connect) with a relative unix name resolved in `dir`. */
+/* `op` (bind or connect) as `who` (fsident.c), a relative unix name
+ * resolved in `dir`. */
 static int in_dir(int (*op)(int, const struct sockaddr*, socklen_t), int fd, const struct sockaddr* addr,
-                  socklen_t len, const char* dir) {
-  if (!dir || !*dir) return op(fd, addr, len) == 0 ? 0 : -errno;
-  struct in_dir_call c = {op, fd, addr, len, dir, 0};
-  pthread_t t;
-  int rc = pthread_create(&t, NULL, in_dir_thread, &c);
-  if (rc != 0) return -rc;
-  pthread_join(t, NULL);
-  return -c.err;
+                  socklen_t len, const char* dir, const struct fsident_list* who) {
+  struct in_dir_call c = {op, fd, addr, len};
+  return fsident_run(who, dir, in_dir_op, &c);
 }
 
-int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
-  return in_dir(bind, fd, addr, len, dir);
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who) {
+  return in_dir(bind, fd, addr, len, dir, who);
 }
 
-int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir) {
-  return in_dir(connect, fd, addr, len, dir);
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who) {
+  return in_dir(connect, fd, addr, len, dir, who);
 }

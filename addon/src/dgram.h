@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "fsident.h"
+
 typedef struct {
   unsigned char* data; /* malloc'd, len bytes */
   size_t len;
@@ -28,14 +30,16 @@ typedef struct {
 long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out);
 void dgram_free(dgram_msg* msgs, long n);
 
-/* bind(2), a relative unix name resolved in directory `dir` (NULL or "":
- * the process's working directory), as the application's process bound it
- * there: done in a thread of its own that leaves the process's working
- * directory as it was (unshare(CLONE_FS), then chdir). 0 or -errno. */
-int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir);
+/* bind(2) as the application's process `who` would (its filesystem
+ * identity, fsident.c; NULL: the restorer's own), a relative unix name
+ * resolved in directory `dir` (NULL or "": the process's working
+ * directory), where that process bound it: done in a thread of its own
+ * that leaves the process's working directory and credentials as they
+ * were. 0 or -errno. */
+int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who);
 /* connect(2), likewise: a relative name (or a long one, given relative to
  * its directory) resolved in `dir`. */
-int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir);
+int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who);
 
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
  * built whole and sent through a raw socket (CAP_NET_RAW), so that its

@@ -15,6 +15,7 @@ import { AppshotError } from '../errors.js';
 import type { Fd, FileIdentity } from '../image/types.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
+import { firstHolderIdentities } from './fsident.js';
 
 const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
@@ -98,7 +99,10 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   let path = join(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`);
   let f: number;
   try {
-    f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
+    // Made in the image's directory as the file's process would make it
+    // (fsident.ts): nowhere it could not write, and its owner.
+    const who = firstHolderIdentities(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
   } catch {
     path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
     f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);

@@ -6,10 +6,12 @@
  * whose master the application holds is ptys.ts's (a master alone is
  * passed through here to it). Any other device is refused by name.
  */
-import { constants as fs, openSync } from 'node:fs';
+import { constants as fs } from 'node:fs';
 import type { Fd, Process } from '../image/types.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { isPtyMaster } from './ptys.js';
+import { identitiesFor } from './fsident.js';
+import { addon } from '../native.js';
 
 const O_ACCMODE = 3;
 
@@ -27,8 +29,9 @@ export function dumpDevice(path: string, where: string): { tty: boolean } {
   return { tty };
 }
 
-export function openDevice(h: RestoreContext, _p: Process, fd: Fd): number {
+export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // A terminal does not travel: output goes to the log.
   if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? h.devNull(fd.flags) : h.log();
-  return h.keep(openSync(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+  // As its process would (fsident.ts).
+  return h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
 }

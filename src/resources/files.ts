@@ -13,13 +13,14 @@
  * by name.
  */
 import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
+import { fsIdentity, identitiesFor } from './fsident.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
@@ -413,7 +414,13 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
       h.whenProcessesAreFinal(() => positionInListing(listing, at));
       return got;
     }
-  } else got = h.keep(openSync((path = filePath(h, p, fd)), plain));
+  } else {
+    path = filePath(h, p, fd);
+    // The image's name is opened as its process would (fsident.ts): a
+    // symlink planted on the way, or a file the process could not open,
+    // gets the kernel's EACCES. A clone's own copy is appshot's to open.
+    got = h.keep(path === fd.path ? openAsProcess(h, p, fd, path, plain) : openSync(path, plain));
+  }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
   if (fd.pos) addon().lseek(got, Number(fd.pos));
@@ -431,6 +438,20 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
 /** Where a clone's file descriptor points: a REDIR PATH target, the
  * instance's private copy of a file it may write (copy-on-write,
  * duplicate), or the template's file itself (share). */
+/** `path` opened as process `p` would (or, refused, another process of
+ * the application: fsident.ts); what none of their credentials allow is
+ * refused naming the descriptor and the process's fsuid. */
+function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
+  const who = fsIdentity(p);
+  try {
+    return addon().openAs(path, flags, 0, identitiesFor(h.image, p));
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'EACCES' && code !== 'EPERM') throw e;
+    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${path} cannot be opened with the credentials of the process or the application's others (fsuid ${who.fsuid}, fsgid ${who.fsgid}): ${code}`, ExitCode.denied);
+  }
+}
+
 function filePath(h: RestoreContext, p: Process, fd: Fd): string {
   const action = h.plan?.action(verdictRef.fd(p.vpid, fd));
   const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;

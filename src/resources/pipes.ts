@@ -13,6 +13,7 @@ import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
+import { firstHolderIdentities } from './fsident.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
@@ -125,7 +126,9 @@ function removedFifo(path: string): number {
 function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
   let made: MadePipe;
   if (pipe.fifoPath) {
-    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openSync(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK));
+    // A named FIFO is opened as its first process would (fsident.ts).
+    const who = () => firstHolderIdentities(h.image, (p) => p.fds.some((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
+    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : addon().openAs(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK, 0, who()));
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
   } else {
     const [r, w] = addon().pipe();

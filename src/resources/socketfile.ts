@@ -39,24 +39,32 @@
  * file that is no socket for a stale one, and cannot be given a long
  * path).
  *
- * Not done (review27 L1, review28 R3, R4):
- * - a socket whose file went away and another one the application bound
- *   to the same name since are made in descriptor order; when the live one
- *   comes first, the other's bind finds the name taken;
- * - the bind, and every step after it, runs with the restorer's
- *   credentials, not the application's: a root restore of an image whose
- *   directory is a symlink planted beforehand binds where it points (as it
- *   would open any path of the image);
- * - on an overlay whose layers are on other file systems (without xino),
- *   sock_diag's device is the overlay's and stat's the layer's: the file is
- *   not recognised (recorded as removed at snapshot, not seen as held at
- *   restore).
+ * The bind, and every step after it, runs as the socket's process would
+ * (the first process of the image that holds it: its fsuid, fsgid, groups
+ * and effective capabilities; refused, as the application's other
+ * processes in turn, as a root master binds for its workers: fsident.ts):
+ * a root restore of an application that ran as nobody, whose directory
+ * was swapped for a symlink to one only root may write, gets the kernel's
+ * EACCES, as the application would have.
+ *
+ * A socket whose file went away and another one the application bound
+ * to the same name since (review27 L1) are made in descriptor order,
+ * whichever comes first: the file of the one bound first in the restore is
+ * moved aside to a name of its own for the other's bind (a removed one's
+ * stays there for its peers to connect, until every process is final; a
+ * live one's comes back to its name as soon as the removed one is bound).
+ *
+ * On an overlay whose layers are on other file systems (without xino),
+ * sock_diag's device is the overlay's and stat's the layer's (review28
+ * R4): the file is told by its inode number and its directory's device,
+ * which is the overlay's (isFileOf; sockfile.c is_file).
  */
-import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
+import { lstatSync, readdirSync, readlinkSync, type Stats, statfsSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
-import { addon } from '../native.js';
+import { uniqueTag } from '../holder.js';
+import { addon, type FileId, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
 /** A unix socket the restore binds by its path name (a listener, a
@@ -87,9 +95,23 @@ export function socketFileRecordFault(fd: Fd): string | undefined {
   return undefined;
 }
 
-/** The socket file `st` is the one the kernel names by `ino` and `dev`. */
-function isFileOf(st: Stats | undefined, ino: number, dev: number): boolean {
-  return !!st && st.isSocket() && st.ino === ino && st.dev === dev;
+/** statfs(2)'s type of an overlay (linux/magic.h). */
+const OVERLAYFS_MAGIC = 0x794c7630;
+
+/** The socket file `st`, an entry of directory `dir`, is the one the
+ * kernel names by `ino` and `dev`. On an overlay whose layers are on other
+ * file systems (without xino), stat gives the file its layer's device and
+ * sock_diag the overlay's, which the overlay's directories show: told by
+ * its inode and its directory's device then (review28 R4; sockfile.c the
+ * same). */
+function isFileOf(st: Stats | undefined, ino: number, dev: number, dir: string): boolean {
+  if (!st || !st.isSocket() || st.ino % 2 ** 32 !== ino % 2 ** 32) return false;
+  if (st.dev === dev) return true;
+  try {
+    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir).dev === dev;
+  } catch {
+    return false;
+  }
 }
 
 function lstatOrNone(path: string): Stats | undefined {
@@ -109,7 +131,7 @@ function renamedIn(dir: string, ino: number, dev: number): string | undefined {
   } catch {
     return undefined;
   }
-  return names.find((n) => isFileOf(lstatOrNone(join(dir, n)), ino, dev));
+  return names.find((n) => isFileOf(lstatOrNone(join(dir, n)), ino, dev, dir));
 }
 
 /**
@@ -138,10 +160,10 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
   const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, ...(relative ? { base } : {}) });
   try {
     const here = lstatOrNone(path);
-    if (isFileOf(here, ino, dev)) return found(here!);
+    if (isFileOf(here, ino, dev, dirname(path))) return found(here!);
     const rootView = root === '/' ? undefined : `/proc/${pid}/root${path}`;
     const insideRoot = () => new Unsupported(`${where}: a unix socket that names ${path} in a process whose root directory is ${root} (chroot): the name is resolved in that root, which the restore does not do`);
-    if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
+    if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev, dirname(rootView)) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
     const renamed = renamedIn(dirname(path), ino, dev);
     if (renamed) return found(lstatSync(join(dirname(path), renamed)), renamed);
     // Gone from its directory. In a chrooted process the name may have
@@ -188,12 +210,13 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
  * original, still running) is a conflict. Told by the kernel's list of
  * the sockets' files, whatever their kind, and looked at through the
  * directory (a name too long for a sockaddr too). */
-export function clearSocketFile(name: string, file: SocketFile | undefined, where: string): void {
+export function clearSocketFile(h: RestoreContext, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
+  makeRoomAmongOurs(h, place, !!file?.removed, where);
   let live: boolean;
   try {
-    live = addon().socketFileClear(place.dir, place.name);
+    live = addon().socketFileClear(place.dir, place.name, who);
   } catch (e) {
     throw new AppshotError(`${where}: ${(e as Error).message}`);
   }
@@ -210,21 +233,33 @@ export function clearSocketFile(name: string, file: SocketFile | undefined, wher
  * A failed restore removes the file, wherever it went. `where` names the
  * descriptor in an error.
  */
-export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string): void {
+export function restoreSocketFile(h: RestoreContext, sock: number, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
   const id = addon().socketFileOf(sock);
   if (!id) return;
+  const ours: OurFile = { sock, dir: place.dir, at: place.name, id, who, removed: !!file?.removed };
+  ourFiles(h).push(ours);
   h.undoOnFailure(() => {
-    for (const at of new Set([place.name, file?.renamed || place.name])) addon().socketFileRemove(place.dir, at, id);
+    for (const at of new Set([place.name, file?.renamed || place.name, ours.at])) addon().socketFileRemove(place.dir, at, id, who);
   });
   if (!file) return;
   if (file.removed) {
-    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, place.name, id));
+    // A live socket of the application's, made before this one, was
+    // moved aside for its bind (makeRoomAmongOurs): this file goes aside
+    // now, that one back.
+    const back = stashed(h).get(join(place.dir, place.name));
+    if (back) {
+      stashed(h).delete(join(place.dir, place.name));
+      moveAside(ours, where);
+      move(back, place.name, where);
+    }
+    h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, ours.at, id, who));
     return;
   }
   try {
-    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed });
+    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed }, who);
+    if (file.renamed) ours.at = file.renamed;
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     const to = join(place.dir, file.renamed || place.name);
@@ -233,4 +268,63 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     if (err.code === 'ESTALE') throw new AppshotError(`${where}: ${join(place.dir, place.name)} is not the file its bind made (its directory changed meanwhile?)`);
     throw new AppshotError(`${where}: giving ${join(place.dir, place.name)} its owner ${file.uid}:${file.gid} and mode ${file.mode.toString(8)}${file.renamed ? ` and its name ${file.renamed}` : ''}: ${err.message}`);
   }
+}
+
+/* ---- sockets of the application bound to one name (review27 L1) ---- */
+
+/** A socket file this restore made, and where it is now. */
+interface OurFile {
+  sock: number;
+  dir: string;
+  at: string;
+  id: FileId;
+  who: FsIdentities | undefined;
+  /** The application had removed it: it goes once every process is final. */
+  removed: boolean;
+}
+
+const made = new WeakMap<RestoreContext, OurFile[]>();
+const ourFiles = (h: RestoreContext) => made.get(h) ?? (made.set(h, []), made.get(h)!);
+/** Live files moved aside for the bind of a removed one, by their path. */
+const stashes = new WeakMap<RestoreContext, Map<string, OurFile>>();
+const stashed = (h: RestoreContext) => stashes.get(h) ?? (stashes.set(h, new Map()), stashes.get(h)!);
+
+function move(f: OurFile, to: string, where: string): void {
+  try {
+    addon().socketFileMove(f.dir, f.at, to, f.id, f.who);
+  } catch (e) {
+    throw new AppshotError(`${where}: moving the socket file ${join(f.dir, f.at)} to ${to}: ${(e as Error).message}`);
+  }
+  f.at = to;
+}
+
+/** To a name of its own beside it, which no one uses. */
+function moveAside(f: OurFile, where: string): void {
+  move(f, `.appshot-bound-${uniqueTag()}`, where);
+}
+
+/**
+ * A socket whose file the application removed and another it bound to the
+ * same name since (a server restarted its listener in place) are made in
+ * descriptor order; the name is free for only one bind at a time. Before
+ * a bind of `place`: a file there that this restore made is moved aside
+ * (a removed one's: its peers connect to it where it went,
+ * socketFileForPeers; a live one's, when the removed one comes after it:
+ * back at its name as soon as the removed one is bound, restoreSocketFile).
+ */
+function makeRoomAmongOurs(h: RestoreContext, place: { dir: string; name: string }, removed: boolean, where: string): void {
+  const there = ourFiles(h).find((f) => f.dir === place.dir && f.at === place.name);
+  if (!there) return;
+  if (there.removed) moveAside(there, where);
+  else if (removed) {
+    moveAside(there, where);
+    stashed(h).set(join(place.dir, place.name), there);
+  }
+}
+
+/** Where the file of the application's socket `sock` is now, if this
+ * restore made it and moved it aside. */
+export function movedSocketFile(h: RestoreContext, sock: number): { dir: string; name: string } | undefined {
+  const f = ourFiles(h).find((x) => x.sock === sock);
+  return f && f.at.startsWith('.appshot-bound-') ? { dir: f.dir, name: f.at } : undefined;
 }

@@ -37,6 +37,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
+import { socketHolderIdentities } from './fsident.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -529,17 +530,19 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   if (inherited !== undefined) return inherited;
   return h.once(`socket ${s.ino}`, () => {
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
+    // A unix listener's file is made as its process would (fsident.ts).
+    const as = socketHolderIdentities(h.image, s.ino);
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.
-    if (fd.kind === FdKind.UNIX_SOCKET) clearSocketFile(s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
+    if (fd.kind === FdKind.UNIX_SOCKET) clearSocketFile(h, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
     const where = `process ${p.vpid} fd ${fd.fd}: the socket listening at ${s.address}${fd.kind === FdKind.TCP_LISTEN ? `:${address.port}` : ''}`;
     check(s, fd.kind === FdKind.TCP_LISTEN ? 'listen' : 'unix-listen', where);
     // A held clone's listener on the shared port listens once it is let go.
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}) }));
+      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
@@ -548,7 +551,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
       const hint = h.plan && address.reuseport && address !== s ? " (a multiplexed port is shared only with instances of a template: something else holds it, the template's own application still running?)" : '';
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
-    if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(h, sock, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`);
+    if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(h, sock, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;

@@ -28,6 +28,7 @@ import { type RestoreContext } from './context.js';
 import { AF_INET, AF_INET6, AF_UNIX, makeSockaddr } from './sockaddr.js';
 import { applyExtras, isCarriedExtra, type SockKind } from './sockopts.js';
 import { clearSocketFile, restoreSocketFile } from './socketfile.js';
+import { socketHolderIdentities } from './fsident.js';
 
 const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
@@ -127,12 +128,14 @@ function make(h: RestoreContext, s: Socket, where: string): number {
 }
 
 function bind(h: RestoreContext, sock: number, s: Socket, where: string): void {
-  if (s.family === AF_UNIX) clearSocketFile(s.address, s.file, where);
+  // A unix name is bound as its process would (fsident.ts).
+  const who = s.family === AF_UNIX ? socketHolderIdentities(h.image, s.ino) : undefined;
+  if (s.family === AF_UNIX) clearSocketFile(h, s.address, s.file, where, who);
   try {
-    addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined);
+    addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined, who);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     throw new AppshotError(`${where}: cannot be bound again: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
-  if (s.family === AF_UNIX) restoreSocketFile(h, sock, s.address, s.file, where);
+  if (s.family === AF_UNIX) restoreSocketFile(h, sock, s.address, s.file, where, who);
 }

@@ -36,7 +36,8 @@ import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types
 import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
-import { clearSocketFile, dumpSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
+import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
+import { socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 
 const SOCK_DGRAM = 2;
@@ -219,16 +220,18 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
 function bindName(h: RestoreContext, sock: number, s: Socket, what: string): void {
   const address = s.address;
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
-  clearSocketFile(address, s.file, what);
+  // As its process would (fsident.ts).
+  const who = socketHolderIdentities(h.image, s.ino);
+  clearSocketFile(h, address, s.file, what, who);
   try {
-    addon().sockBind(sock, name, s.file?.base || undefined);
+    addon().sockBind(sock, name, s.file?.base || undefined, who);
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     // The kernel chose this name; a new one is what a new socket gets.
     if (err.code === 'EADDRINUSE' && AUTOBIND.test(address)) return addon().sockBind(sock, Buffer.from([AF_UNIX, 0]));
     throw new AppshotError(`${what}: a unix datagram socket cannot be bound to ${address}: ${err.message}`, err.code === 'EADDRINUSE' ? ExitCode.conflict : undefined);
   }
-  restoreSocketFile(h, sock, address, s.file, what);
+  restoreSocketFile(h, sock, address, s.file, what, who);
 }
 
 /** One queued datagram sent to `sock` again, from its sender if possible. */
@@ -261,17 +264,20 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
       // file goes by its inode (a directory on the way may change under
       // us: socketfile.ts).
       const place = d.from.startsWith('@') ? undefined : socketFilePlace(d.from, undefined);
+      // As the receiving socket's process (fsident.ts): the name is the
+      // image's, its directory anyone's.
+      const who = socketHolderIdentities(h.image, s.ino);
       let made: FileId | undefined;
       try {
-        if (place && addon().socketFileClear(place.dir, place.name)) throw new Error('held');
-        addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }));
+        if (place && addon().socketFileClear(place.dir, place.name, who)) throw new Error('held');
+        addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }), undefined, who);
         if (place) made = addon().socketFileOf(temp);
         addon().sockSend(temp, d.data, to);
         return;
       } catch {
         /* the name is taken: from an unnamed socket instead */
       } finally {
-        if (place && made) addon().socketFileRemove(place.dir, place.name, made);
+        if (place && made) addon().socketFileRemove(place.dir, place.name, made, who);
       }
     }
     const unnamed = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
@@ -288,23 +294,26 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
 }
 
 function connect(h: RestoreContext, s: Socket, sock: number, what: string): boolean {
+  // A connect by path as its process would (fsident.ts): write permission
+  // on the file, search on the directories.
+  const who = socketHolderIdentities(h.image, s.ino);
   if (s.peerIno) {
     const peer = socketOf(h, s.peerIno)!;
     const peerFd = made(h, peer, what);
     // Through its file's directory (a relative name where it was bound, a
     // file moved where it went, a path too long for a sockaddr); by its
     // own name for an abstract one.
-    const file = socketFileForPeers(peer.address, peer.file);
+    const file = movedSocketFile(h, peerFd) ?? socketFileForPeers(peer.address, peer.file);
     const name = file ? makeSockaddr({ family: AF_UNIX, address: file.name, port: 0 }) : addon().sockName(peerFd);
     if (name.length <= 2) throw new AppshotError(`corrupt image: ${what}: a unix datagram socket connected to an unnamed socket that is not its pair`);
     try {
-      addon().sockConnect(sock, name, file?.dir);
+      addon().sockConnect(sock, name, file?.dir, who);
     } catch (e) {
       throw new AppshotError(`${what}: a unix datagram socket cannot be connected again to the application's socket ${peer.address}${peer.file?.removed ? ', whose file the application removed' : ''}: ${(e as Error).message}`);
     }
   } else if (s.peerAddress) {
     try {
-      addon().sockConnect(sock, makeSockaddr({ family: AF_UNIX, address: s.peerAddress, port: 0 }));
+      addon().sockConnect(sock, makeSockaddr({ family: AF_UNIX, address: s.peerAddress, port: 0 }), undefined, s.peerAddress.startsWith('@') ? undefined : who);
     } catch (e) {
       throw new AppshotError(`${what}: the unix datagram socket's peer ${s.peerAddress} cannot be reached: ${(e as Error).message}`, ExitCode.conflict);
     }

@@ -1,0 +1,141 @@
+/* A path operation with the filesystem identity of a process of the image.
+ *
+ * A restore acts on names an image gives (a socket's file, a directory it
+ * was bound in); a root restorer doing so with its own credentials would
+ * follow a symlink planted in a directory the application could write to
+ * a place only root may write, and make or change files there that the
+ * application never could have. The kernel decides a path operation by
+ * the calling *thread's* fsuid, fsgid, supplementary groups and effective
+ * capabilities, so a thread of our own takes the image process's ones and
+ * does the operation: the kernel then grants exactly what it granted the
+ * application, and the same errors (EACCES) say no.
+ *
+ * Raw system calls, never glibc's setgroups/setfsuid wrappers: glibc runs
+ * setgroups (like setuid) on every thread of the process (its SETXID
+ * broadcast), which would change the credentials of the engine itself. The
+ * thread ends with its call, so nothing is to be put back.
+ *
+ * An unprivileged restorer needs nothing it lacks: the restore refuses an
+ * image whose uids, gids or groups it does not hold (creds.ts,
+ * credentialRefusal), so fsuid and fsgid are ids it holds (setfsuid and
+ * setfsgid take those without a capability), the groups are its own (left
+ * as they are), and lowering the effective set needs no capability. */
+#define _GNU_SOURCE
+#include "fsident.h"
+
+#include <errno.h>
+#include <linux/capability.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct call {
+  const struct fsident* who;
+  const char* dir;
+  int (*op)(void*);
+  void* arg;
+  int rc;
+};
+
+static int cmp_u32(const void* a, const void* b) {
+  uint32_t x = *(const uint32_t*)a, y = *(const uint32_t*)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Whether this thread's supplementary groups are `want` (as a set). */
+static int groups_are(const struct fsident* who) {
+  long n = syscall(SYS_getgroups, 0, NULL);
+  if (n < 0 || (uint32_t)n != who->ngroups) return 0;
+  uint32_t* have = malloc(((size_t)n + 1) * sizeof *have);
+  uint32_t* want = malloc(((size_t)n + 1) * sizeof *want);
+  int same = 0;
+  if (have && want && syscall(SYS_getgroups, n, have) == n) {
+    memcpy(want, who->groups, (size_t)n * sizeof *want);
+    qsort(have, (size_t)n, sizeof *have, cmp_u32);
+    qsort(want, (size_t)n, sizeof *want, cmp_u32);
+    same = memcmp(have, want, (size_t)n * sizeof *have) == 0;
+  }
+  free(have);
+  free(want);
+  return same;
+}
+
+/* This thread takes `who`'s filesystem identity, exactly, or -errno. */
+static int take(const struct fsident* who) {
+  if (who->ngroups > FSIDENT_MAX_GROUPS) return -EINVAL;
+  /* Groups first: setgroups needs CAP_SETGID, which the capset below may
+   * drop. The thread's own only (the raw call). */
+  if (!groups_are(who) && syscall(SYS_setgroups, (size_t)who->ngroups, who->groups) != 0) return -errno;
+  /* setfsuid/setfsgid answer the previous value, never an error: asked
+   * again (an id no one has, -1, changes nothing), they tell. */
+  syscall(SYS_setfsgid, who->fsgid);
+  if ((uint32_t)syscall(SYS_setfsgid, -1) != who->fsgid) return -EPERM;
+  /* From fsuid 0 to another, the kernel drops the file capabilities
+   * from the effective set (and gives them back on the way to 0): the
+   * capset after this says the last word. */
+  syscall(SYS_setfsuid, who->fsuid);
+  if ((uint32_t)syscall(SYS_setfsuid, -1) != who->fsuid) return -EPERM;
+  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct d[2];
+  if (syscall(SYS_capget, &h, d) != 0) return -errno;
+  uint64_t prm = (uint64_t)d[1].permitted << 32 | d[0].permitted;
+  /* The effective set must lie in the permitted one; the image's effective
+   * set is within the restorer's permitted one (credentialRefusal). */
+  if (who->cap_eff & ~prm) return -EPERM;
+  d[0].effective = (uint32_t)who->cap_eff;
+  d[1].effective = (uint32_t)(who->cap_eff >> 32);
+  if (syscall(SYS_capset, &h, d) != 0) return -errno;
+  return 0;
+}
+
+static void* run(void* arg) {
+  struct call* c = arg;
+  int rc = 0;
+  /* A working directory of this thread only: the process's (the engine's,
+   * shared by every thread) stays where it is. */
+  if (c->dir && *c->dir && unshare(CLONE_FS) != 0) rc = -errno;
+  if (!rc && c->who) rc = take(c->who);
+  /* Entered as the application would have: a directory it cannot search
+   * is not entered. */
+  if (!rc && c->dir && *c->dir && chdir(c->dir) != 0) rc = -errno;
+  c->rc = rc ? rc : c->op(c->arg);
+  return NULL;
+}
+
+/* Whether the calling thread has `who`'s filesystem identity already (a
+ * root restore of an application that ran as root with every capability,
+ * a user's of their own): then no thread is needed (one costs some 0.2 ms,
+ * a restore may open thousands of files). */
+static int is_current(const struct fsident* who) {
+  if ((uint32_t)syscall(SYS_setfsuid, -1) != who->fsuid || (uint32_t)syscall(SYS_setfsgid, -1) != who->fsgid) return 0;
+  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct d[2];
+  if (syscall(SYS_capget, &h, d) != 0) return 0;
+  return ((uint64_t)d[1].effective << 32 | d[0].effective) == who->cap_eff && groups_are(who);
+}
+
+static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), void* arg) {
+  /* Nothing to change: in this thread, as before. */
+  if (!(dir && *dir) && (!who || is_current(who))) return op(arg);
+  struct call c = {who, dir, op, arg, 0};
+  pthread_t t;
+  int rc = pthread_create(&t, NULL, run, &c);
+  if (rc != 0) return -rc;
+  pthread_join(t, NULL);
+  return c.rc;
+}
+
+int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg) {
+  if (!who || who->n == 0) return run_as(NULL, dir, op, arg);
+  if (who->n > FSIDENT_MAX_IDENTITIES) return -EINVAL;
+  int first = 0;
+  for (uint32_t i = 0; i < who->n; i++) {
+    int rc = run_as(&who->ids[i], dir, op, arg);
+    if (rc != -EACCES && rc != -EPERM) return rc;
+    if (!first) first = rc;
+  }
+  return first;
+}

@@ -1,0 +1,49 @@
+/* A path operation done with the filesystem identity of a process of the
+ * image, not the restorer's (fsident.c; src/resources/fsident.ts).
+ * Plain C; functions return 0 (or what the operation returns) or -errno. */
+#ifndef APPSHOT_FSIDENT_H
+#define APPSHOT_FSIDENT_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What the kernel consults on a path: fsuid and fsgid (owner of what is
+ * made, and the DAC checks), supplementary groups, and the effective
+ * capabilities (CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_CHOWN, ...). */
+#define FSIDENT_MAX_GROUPS 65536
+#define FSIDENT_MAX_IDENTITIES 64
+struct fsident {
+  uint32_t fsuid;
+  uint32_t fsgid;
+  uint32_t ngroups;
+  const uint32_t* groups;
+  uint64_t cap_eff;
+};
+
+/* Identities to try in order (fsident_run); NULL or none: the restorer's. */
+struct fsident_list {
+  const struct fsident* ids;
+  uint32_t n;
+};
+
+/* Runs `op(arg)` on a thread of its own whose credentials are the first
+ * identity's of `who` (NULL or empty: the restorer's own, unchanged) and, unless `dir` is NULL or "",
+ * whose working directory is `dir` (entered as `who`; the process's own
+ * stays where it is). The thread ends with the call: nothing else in the
+ * process ever runs with those credentials, nor this thread with any
+ * other. Refused (-EACCES, -EPERM), it is tried again as the next one,
+ * and so on: the identities of the application's other processes, any of which
+ * could have done it and handed the result over (a server's root master
+ * binds, its unprivileged worker holds). Returns what `op` returned for
+ * the first identity it was not refused for, or the first refusal; -EPERM
+ * if credentials cannot be taken exactly. */
+int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

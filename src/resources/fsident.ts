@@ -1,0 +1,96 @@
+/**
+ * Filesystem identity: a restore does every path operation on a name an
+ * image gives (a socket's file, a file to open again) as the image's
+ * processes would, never as the restorer.
+ *
+ * A root restore of an application that ran as uid 1000 would otherwise
+ * follow a symlink planted in the application's directory to a place
+ * only root may write, bind or open there, and hand the application what
+ * it never could reach (review28 R3). The kernel decides a path operation
+ * by the calling thread's fsuid, fsgid, supplementary groups and effective
+ * capabilities: the addon takes those of an image's process on a thread
+ * of its own for the one operation (addon fsident.c), and the kernel's
+ * EACCES is the answer, as it would have been the application's.
+ *
+ * Whose: the process the restore makes the descriptor for (for a socket,
+ * a pipe, a deleted file: the first process of the image that holds it),
+ * and, refused as that one, each other identity among the application's
+ * processes in turn. A server binds its sockets and opens its files as
+ * root, then its workers run as another user and hold them (haproxy's
+ * worker, the only holder of the stats socket its root master bound): the
+ * worker alone could not make them again, the application could, and a
+ * restore grants no more than the application's processes together hold
+ * (a process the image says is root may do anything once restored). An
+ * application whose every process is unprivileged gets nothing more.
+ *
+ * Each identity is a thread's credentials as the image recorded them
+ * (the main thread's; an older image: the process's). An unprivileged
+ * restorer holds those already or is refused before anything is made
+ * (creds.ts, credentialRefusal): the calls on its thread need no
+ * privilege.
+ */
+import { type Creds, type Image, type Process } from '../image/types.js';
+import type { FsIdentity } from '../native.js';
+
+/** The filesystem identity of credentials `c` (uid[3], gid[3]: fsuid, fsgid). */
+function fsIdentityOfCreds(c: Creds): FsIdentity {
+  return { fsuid: c.uid[3], fsgid: c.gid[3], groups: c.groups, capEff: c.capEff };
+}
+
+/** The filesystem identity of process `p` of an image. */
+export function fsIdentity(p: Process): FsIdentity {
+  const main = p.threads.find((t) => t.vtid === p.vpid)?.creds;
+  return fsIdentityOfCreds(main ?? p.creds);
+}
+
+const key = (i: FsIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}`;
+
+/** Per image: every distinct identity of its processes' threads, in
+ * process order. */
+const everyone = new WeakMap<Image, FsIdentity[]>();
+
+function identitiesOf(image: Image): FsIdentity[] {
+  let all = everyone.get(image);
+  if (!all) {
+    const seen = new Map<string, FsIdentity>();
+    for (const p of image.processes)
+      for (const c of [p.threads.find((t) => t.vtid === p.vpid)?.creds ?? p.creds, ...p.threads.map((t) => t.creds)]) {
+        if (!c) continue;
+        const id = fsIdentityOfCreds(c);
+        if (!seen.has(key(id))) seen.set(key(id), id);
+      }
+    all = [...seen.values()];
+    everyone.set(image, all);
+  }
+  return all;
+}
+
+/** The identities an operation for process `p` of `image` is tried as:
+ * `p`'s, then the application's others. */
+export function identitiesFor(image: Image, p: Process | undefined): FsIdentity[] {
+  const all = identitiesOf(image);
+  if (!p) return all;
+  const own = fsIdentity(p);
+  return [own, ...all.filter((i) => key(i) !== key(own))];
+}
+
+/** Those for what the first process of `image` that `holds` holds (a
+ * descriptor or mapping of a file, a pipe). */
+export function firstHolderIdentities(image: Image, holds: (p: Process) => boolean): FsIdentity[] {
+  return identitiesFor(image, image.processes.find(holds));
+}
+
+/** Per image: each socket's first holder (by inode). */
+const holders = new WeakMap<Image, Map<bigint, Process>>();
+
+/** Those for socket `ino` of `image`: its first holder's first, whose
+ * bind it was as far as an image can tell. */
+export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] {
+  let byIno = holders.get(image);
+  if (!byIno) {
+    byIno = new Map();
+    for (const p of image.processes) for (const fd of p.fds) if (fd.socket && !byIno.has(fd.socket.ino)) byIno.set(fd.socket.ino, p);
+    holders.set(image, byIno);
+  }
+  return identitiesFor(image, byIno.get(ino));
+}

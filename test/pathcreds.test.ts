@@ -1,0 +1,159 @@
+/**
+ * A restore acts on the image's names as the image's process would
+ * (resources/fsident.ts, addon fsident.c; review28 R3): a root restore of
+ * an application that ran as nobody, or as root without CAP_DAC_OVERRIDE,
+ * must not make a socket file anywhere that process could not. Before, the
+ * bind (and every step after it) ran with the restorer's credentials: a
+ * directory of the application swapped for a symlink to a directory only
+ * root may write got the application's socket files.
+ *
+ * The application: sockfiles (test/fixtures/sockfiles.c), whose sockets
+ * are bound by absolute and relative names in its directory.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect } from 'vitest';
+import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+import { ownedTests } from './parallel.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-pathcreds-'));
+// nobody walks to its own directory under here.
+chmodSync(out, 0o755);
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+const { test: it, ok: run, start, attempt } = ownedTests(sb);
+const checksPass = (aid: string) => sb.checksPass(aid, 3);
+
+const NOBODY = 65534;
+const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--'];
+// Root, without the capabilities that let root past a directory's mode.
+const FILE_CAPS = '-dac_override,-dac_read_search,-fowner';
+const asBoundRoot = ['setpriv', `--bounding-set=${FILE_CAPS}`, `--inh-caps=${FILE_CAPS}`, '--'];
+
+/** The one line a refused restore printed (no stack, no second line). */
+function refusal(stderr: string): string {
+  const lines = stderr.trim().split('\n').filter((l) => l.trim() !== '');
+  expect(lines, stderr).toHaveLength(1);
+  return lines[0];
+}
+
+async function stopped(aid: string): Promise<void> {
+  await run(['stop', aid]);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+}
+
+describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'s socket files as the application would', () => {
+  it('of an application run as nobody: its directory swapped for a symlink to a directory only root may write is refused (EACCES), nothing made there; put back, it comes back', async () => {
+    const app = join(out, 'app1');
+    mkdirSync(app, { mode: 0o755 });
+    chownSync(app, NOBODY, NOBODY);
+    await start('pcr1', [...asNobody, fixture('sockfiles'), app]);
+    await checksPass('pcr1');
+    const image = join(out, 'pcr1.img');
+    await run(['snapshot', 'pcr1', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcr1'), 10_000, 'pcr1 to end');
+
+    // Planted before the restore: the application's directory is now a
+    // symlink to one that only root may write.
+    const rootOnly = join(out, 'rootonly1');
+    mkdirSync(rootOnly, { mode: 0o755 });
+    renameSync(app, `${app}.real`);
+    symlinkSync(rootOnly, app);
+    const r = await attempt(['restore', image]);
+    expect(r.code).not.toBe(0);
+    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: listening on \S+\/served\.sock\.tmp: Permission denied$/);
+    expect(readdirSync(rootOnly)).toEqual([]);
+    expect(sb.aids()).not.toContain('pcr1');
+
+    // Put back: the same image comes back, its files the application's.
+    unlinkSync(app);
+    renameSync(`${app}.real`, app);
+    for (const f of readdirSync(app)) rmSync(join(app, f));
+    await run(['restore', image]);
+    await checksPass('pcr1');
+    expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
+    for (const f of readdirSync(app)) expect(lstatSync(join(app, f)).uid, f).toBe(NOBODY);
+    await stopped('pcr1');
+  });
+
+  it('of an application run as root without CAP_DAC_OVERRIDE: its directory given to another user is refused (EACCES), nothing made; given back, it comes back', async () => {
+    const app = join(out, 'app2');
+    mkdirSync(app, { mode: 0o755 });
+    await start('pcr2', [...asBoundRoot, fixture('sockfiles'), app]);
+    await checksPass('pcr2');
+    const image = join(out, 'pcr2.img');
+    await run(['snapshot', 'pcr2', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcr2'), 10_000, 'pcr2 to end');
+    for (const f of readdirSync(app)) rmSync(join(app, f));
+
+    // The directory is nobody's now: root without CAP_DAC_OVERRIDE may not
+    // write it (the restorer, with it, could).
+    chownSync(app, NOBODY, NOBODY);
+    const r = await attempt(['restore', image]);
+    expect(r.code).not.toBe(0);
+    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: listening on \S+\/served\.sock\.tmp: Permission denied$/);
+    expect(readdirSync(app)).toEqual([]);
+    expect(sb.aids()).not.toContain('pcr2');
+
+    chownSync(app, 0, 0);
+    await run(['restore', image]);
+    await checksPass('pcr2');
+    expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
+    await stopped('pcr2');
+  });
+});
+
+describe('an unprivileged user restoring its own application', () => {
+  // Its own identity is the application's: setfsuid and setfsgid to ids
+  // it holds, its own groups, an effective set lowered or kept, none of
+  // which asks for a privilege (fsident.c). As root (CI) it is nobody,
+  // through setpriv, with no capability at all.
+  const root = process.getuid?.() === 0;
+  const home = join(out, 'user');
+  mkdirSync(home, { mode: 0o755 });
+  if (root) chownSync(home, NOBODY, NOBODY);
+  const appshot = (...args: string[]) => {
+    const env = { ...process.env, CI: '', APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
+    const argv = [process.execPath, cli, ...args];
+    const r = root
+      ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
+      : spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: home });
+    return { code: r.status, stderr: r.stderr };
+  };
+  const log = () => {
+    try {
+      return readFileSync(join(home, 'state', 'apps', 'own', 'log'), 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+  afterAll(async () => {
+    appshot('stop', 'own', '-s', 'KILL');
+    await waitFor(() => appshot('ps', 'own').code !== 0, 10_000).catch(() => undefined);
+  });
+
+  it('gets its socket files back where they were, made by itself', async () => {
+    const app = join(home, 'app');
+    mkdirSync(app, { mode: 0o755 });
+    if (root) chownSync(app, NOBODY, NOBODY);
+    const started = appshot('run', '-d', '--aid', 'own', '--', fixture('sockfiles'), app);
+    expect(started.code, started.stderr).toBe(0);
+    await waitFor(() => checks() >= 3 || /FAIL/.test(log()), 10_000, 'the app to check itself');
+    const snap = appshot('snapshot', 'own', '-o', join(home, 'own.img'));
+    expect(snap.code, snap.stderr).toBe(0);
+    await waitFor(() => appshot('ps', 'own').code !== 0, 10_000, 'own to end');
+    const restored = appshot('restore', join(home, 'own.img'));
+    expect(restored.code, restored.stderr).toBe(0);
+    const before = checks();
+    await waitFor(() => checks() >= before + 3 || /FAIL/.test(log()), 10_000, 'the restored app to check itself');
+    expect(log()).not.toMatch(/FAIL/);
+    expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
+    for (const f of readdirSync(app)) expect(lstatSync(join(app, f)).uid, f).toBe(root ? NOBODY : process.getuid!());
+  });
+});
