@@ -51,7 +51,13 @@ export function memfdSeals(path: string, fd: number): number | undefined {
  * again with the description's flags. Its offset is the caller's. */
 export function openDeletedFile(h: RestoreContext, fd: Fd): number {
   const anchor = deletedFileAnchor(h, fd.file);
-  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+  // O_NOFOLLOW, which the kernel keeps in the description's flags, is what
+  // every mkstemp-style temporary file is opened with (Python's tempfile:
+  // gunicorn's worker heartbeat files); given to the open of the magic link
+  // /proc/self/fd/N it fails with ELOOP. It only ruled the lookup of the
+  // name the file no longer has, so it is left out: the one trace is
+  // F_GETFL without that bit.
+  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | fs.O_NOFOLLOW)));
 }
 
 /** Our read-write descriptor for deleted file `index` of the image, made
