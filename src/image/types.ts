@@ -429,6 +429,12 @@ export interface FileIdentity {
   /** A memfd's seals (F_GET_SEALS): F_SEAL_SEAL alone for one made
    * without MFD_ALLOW_SEALING. */
   seals?: number;
+  /** Owner of a deleted file or memfd (absent: an older image), which a
+   * restore gives the file it makes again: a server that hands a
+   * temporary file to a worker of another user (gunicorn's heartbeat
+   * files, fchown'ed to the worker, which then fchmods them) needs it. */
+  uid?: number;
+  gid?: number;
 }
 
 export interface SharedMemory {

@@ -548,6 +548,11 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const [i, f] of [...image.files, ...image.sharedMemory].entries())
     if (f.path.startsWith('/memfd:') && Buffer.byteLength(f.path.slice(7).replace(/ \(deleted\)$/, '')) > 249) corrupt(`memfd ${i}'s name is longer than memfd_create takes`);
   for (const [i, f] of image.files.entries()) if ((f.seals ?? 0) & ~sealsKnown || (f.seals && !f.deleted)) corrupt(`file ${i} carries seals 0x${(f.seals ?? 0).toString(16)}`);
+  // An owner is a deleted file's only, and never (uid_t)-1, which fchown
+  // reads as "leave it".
+  for (const [i, f] of image.files.entries())
+    for (const [what, v] of [['uid', f.uid], ['gid', f.gid]] as const)
+      if (v !== undefined && (!f.deleted || v >= 0xffffffff)) corrupt(`file ${i} carries ${what} ${v}`);
   for (const [i, s] of image.sharedMemory.entries()) if ((s.seals ?? 0) & ~sealsKnown) corrupt(`shared memory ${i} carries seals 0x${(s.seals ?? 0).toString(16)}`);
   for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {
