@@ -143,6 +143,49 @@ API pid_t fork(void) { return do_fork(); }
  * A program cannot tell the difference, except that it is a little slower. */
 API pid_t vfork(void) { return do_fork(); }
 
+/* --- New namespaces ------------------------------------------------------ *
+ *
+ * A process in a PID namespace of its own sees ids the tables do not hold
+ * (it is PID 1 there; its getpid() would be mapped as the system's PID 1),
+ * and neither it nor one in a network or IPC namespace of its own could be
+ * snapshotted: its ids, sockets and SysV objects live where appshot does
+ * not look and a restore could not make them again. So such a namespace is
+ * refused with EPERM, as a container without CAP_SYS_ADMIN refuses it, and
+ * programs written for containers go on without it: vsftpd's isolate=YES
+ * (the default) clones each session with CLONE_NEWPID|CLONE_NEWNET|
+ * CLONE_NEWIPC through syscall(), and forks instead on EPERM; before this,
+ * its listener found the session under a PID it never stored and crashed. */
+#define REFUSED_NS (CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+
+long ns_refused(unsigned long flags) {
+  if (!g_h || !(flags & REFUSED_NS)) return 0;
+  errno = EPERM;
+  return -1;
+}
+
+API int unshare(int flags) {
+  ensure_init();
+  if (ns_refused((unsigned long)flags)) return -1;
+  return (int)libc_ret(SYS1(unshare, flags));
+}
+
+/* clone as a system call (syscall(SYS_clone, ...)): a fork's flags and no
+ * stack are a fork, which the child's and parent's tables must agree on;
+ * other uses (a stack of their own, CLONE_VM) go to the kernel as given. */
+long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
+  if (ns_refused((unsigned long)flags)) return -1;
+  if (stack == 0 && (flags & ~0xffL) == 0 && (flags & 0xff) == SIGCHLD)
+    return do_fork();
+  return libc_ret(sys6(SYS_clone, flags, stack, ptid, ctid, tls, 0));
+}
+
+/* clone3: only its namespaces are looked at (glibc's own use, posix_spawn
+ * and pthread_create, never asks for one). */
+long do_clone3_syscall(long args, long size) {
+  if (args && size >= 8 && ns_refused(*(const unsigned long *)args)) return -1;
+  return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+}
+
 /* --- clone ---------------------------------------------------------------- */
 
 /* Lives at the top of the child's stack, so the child can read it with or
@@ -174,6 +217,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   pid_t *ctid = va_arg(ap, pid_t *);
   va_end(ap);
   ensure_init();
+  if (ns_refused((unsigned long)flags)) return -1;
   if (!g_h || !fn || !stack)
     return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
   ID_WINDOW();
