@@ -143,19 +143,21 @@ API pid_t fork(void) { return do_fork(); }
  * A program cannot tell the difference, except that it is a little slower. */
 API pid_t vfork(void) { return do_fork(); }
 
-/* --- New namespaces ------------------------------------------------------ *
+/* --- New PID namespaces -------------------------------------------------- *
  *
- * A process in a PID namespace of its own sees ids the tables do not hold
- * (it is PID 1 there; its getpid() would be mapped as the system's PID 1),
- * and neither it nor one in a network or IPC namespace of its own could be
- * snapshotted: its ids, sockets and SysV objects live where appshot does
- * not look and a restore could not make them again. So such a namespace is
- * refused with EPERM, as a container without CAP_SYS_ADMIN refuses it, and
- * programs written for containers go on without it: vsftpd's isolate=YES
- * (the default) clones each session with CLONE_NEWPID|CLONE_NEWNET|
- * CLONE_NEWIPC through syscall(), and forks instead on EPERM; before this,
- * its listener found the session under a PID it never stored and crashed. */
-#define REFUSED_NS (CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+ * A process in a PID namespace of its own sees ids the tables do not hold:
+ * it is PID 1 there, its getpid() would be mapped as the system's PID 1,
+ * its parent is told another PID by the kernel than the one the wait
+ * reports, and a restore could not make the namespace again. So a new PID
+ * namespace is refused with EPERM, as a container without CAP_SYS_ADMIN
+ * refuses it, and programs written for containers go on without it:
+ * vsftpd's isolate=YES (the default) clones each session with
+ * CLONE_NEWPID|CLONE_NEWNET|CLONE_NEWIPC through syscall(), then with
+ * CLONE_NEWPID|CLONE_NEWIPC, and forks on EPERM; before this its listener
+ * looked the ended session up under a PID it never stored and crashed.
+ * Other namespaces are left to the kernel: a socket of another network
+ * namespace is refused by name at snapshot (netlink.ts, sockets.ts). */
+#define REFUSED_NS CLONE_NEWPID
 
 long ns_refused(unsigned long flags) {
   if (!g_h || !(flags & REFUSED_NS)) return 0;
