@@ -707,6 +707,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['netlink-netns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket \\(unbound\\) is not among the netlink sockets of appshot's network namespace \\(it belongs to another one\\), which cannot be captured yet`)],
     ['netlink-dump', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_SOCK_DIAG socket of port id \\d+ is in the middle of a dump \\(the kernel holds where in its tables the dump is, which cannot be captured\\)`)],
     ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
+    ['netns-own', () => /process 2 \(holder\) is in a network namespace of its own \(net:\[\d+\]\), which cannot be captured yet/],
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
     ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
     ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],
