@@ -721,6 +721,9 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
+    // fchown reads (uid_t)-1 as "leave it"; only a deleted file is remade.
+    ['a deleted file owned by uid 4294967295', (i) => Object.assign(i.files[0], { deleted: true, uid: 4294967295, gid: 0 }), 'file 0 carries uid 4294967295'],
+    ['an owner on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, uid: 0, gid: 5 }), 'file 0 carries uid 0'],
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
     ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
     ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],
