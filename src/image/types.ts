@@ -468,6 +468,7 @@ export const FdKind = {
   MQUEUE: 17,
   FANOTIFY: 18,
   NETLINK: 19,
+  RAW: 21,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -736,6 +737,10 @@ export interface Socket {
   file?: SocketFile;
   /** A netlink socket's own state (absent for every other family). */
   netlink?: NetlinkSocket;
+  /** A raw IP socket's protocol (resources/raw.ts); 0 for every other kind. */
+  protocol?: number;
+  /** A raw ICMP or ICMPv6 socket's type filter, as getsockopt gave it. */
+  rawFilter?: Buffer;
 }
 
 /** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */
