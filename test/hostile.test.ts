@@ -682,6 +682,11 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
     ['a socket option of another kind on a netlink socket', crafted((s) => (s.options = [{ level: 6, name: 1, value: 1 }])), 'fd 910 is a netlink socket carrying socket option 6/1'],
     ['a netlink socket with a unix peer and queued bytes', crafted((s) => Object.assign(s, { peerIno: 99n, queued: Buffer.from('x') })), "fd 910 is a netlink socket carrying another kind's state"],
     ['netlink state on a UDP descriptor', crafted((s) => (s.family = 2), 12), 'fd 910 has netlink state but is not a netlink socket'],
+    // Raw IP sockets (resources/raw.ts), made from the same record.
+    ['a raw socket of protocol 0', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 0 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 0'],
+    ['a raw ICMP socket with a 7-byte filter', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 1, rawFilter: Buffer.alloc(7) }), FdKind.RAW), 'fd 910 is a raw socket carrying a 7-byte filter'],
+    ['a raw socket of the unix family', crafted((s) => Object.assign(s, { family: 1, options: [], netlink: undefined, protocol: 1 }), FdKind.RAW), 'fd 910 is a raw socket record of another family or type'],
+    ['a raw protocol on a UDP descriptor', crafted((s) => Object.assign(s, { family: 2, type: 2, options: [], netlink: undefined, protocol: 1 }), FdKind.UDP), "fd 910 carries a raw socket's protocol or filter but is not a raw socket"],
   ];
 }
 
