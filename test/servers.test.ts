@@ -891,7 +891,9 @@ def app(env, start):
     run(['run', '-d', '--aid', 'gu', '--', GUNICORN, '--chdir', d, '-w', '2', '-k', 'gthread', '--threads', '2', '--keep-alive', '300', '-b', `127.0.0.1:${port}`, '--user', 'nobody', '--group', 'nogroup', 'app:app']);
     try {
       await waitForHttp(port);
-      await waitFor(() => processes('gu').length === 3, 10_000, 'the master and its 2 workers');
+      // A worker is root from its fork until it has set itself up.
+      const settled = () => [...identities('gu').values()].filter((i) => i.Uid === `${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`).length === 2 && processes('gu').length === 3;
+      await waitFor(settled, 10_000, 'the master and its 2 workers, as nobody');
       const before = identities('gu');
       const client = await KeepAlive.open(port);
       const [, worker, count] = /^gunicorn \/before (\d+) (\d+)\n$/.exec(await client.get('/before'))!;
