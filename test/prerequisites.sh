@@ -43,6 +43,7 @@ declare -A needs=(
   [/usr/bin/javac]=default-jdk-headless
   [/usr/bin/gunicorn]=gunicorn
   [/usr/sbin/vsftpd]=vsftpd
+  [/usr/sbin/squid]=squid
 )
 
 missing=()

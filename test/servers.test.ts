@@ -11,13 +11,13 @@
  * capability sets, no_new_privs and seccomp mode. And dnsmasq, started as
  * root and running as nobody, which keeps a NETLINK_ROUTE socket to hear
  * of interfaces and addresses (resources/netlink.ts). And a Java HTTP
- * server, gunicorn and vsftpd, each with a client session kept open across
+ * server, gunicorn, squid and vsftpd, each with a client session kept open across
  * the round trip (they skip where the package is not installed).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
+import { createServer, request } from 'node:http';
 import { connect } from 'node:net';
 import { createSocket } from 'node:dgram';
 import { tmpdir } from 'node:os';
@@ -793,6 +793,7 @@ const more = 32100 + (process.pid % 100) * 5;
 const JAVAC = '/usr/bin/javac';
 const GUNICORN = '/usr/bin/gunicorn';
 const VSFTPD = '/usr/sbin/vsftpd';
+const SQUID = '/usr/sbin/squid';
 
 /** A client in Python outside the application, on stdin and stdout: it
  * prints what it did, waits for a line on stdin, goes on on the same
@@ -907,6 +908,47 @@ def app(env, start):
       expect(sb.log('gu')).not.toMatch(/Operation not permitted|Worker exiting/);
     } finally {
       sb.run(['stop', 'gu', '-s', 'KILL']);
+    }
+  });
+
+  it.runIf(isRoot && existsSync(SQUID))('squid as Debian runs it (workers as proxy, its pinger holding raw ICMP and ICMPv6 sockets): a keep-alive client of the proxy carries on', async () => {
+    // The pinger, on by default, made every snapshot of squid fail on its
+    // raw sockets (resources/raw.ts).
+    const port = more + 3;
+    const d = join(dir, 'squid');
+    mkdirSync(d);
+    chownSync(d, Number(spawnSync('id', ['-u', 'proxy'], { encoding: 'utf8' }).stdout), 0);
+    // The origin: a server of the test's own, outside the application.
+    let served = 0;
+    const origin = createServer((req, res) => {
+      const body = `origin ${req.url} ${++served}\n`;
+      res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': body.length, 'Cache-Control': 'no-store' });
+      res.end(body);
+    });
+    // squid keeps its connection to the origin for the next request: it
+    // goes through the round trip too, so the origin must not time it out.
+    origin.keepAliveTimeout = 300_000;
+    await new Promise<void>((resolve) => origin.listen(0, '127.0.0.1', resolve));
+    const originPort = (origin.address() as import('node:net').AddressInfo).port;
+    writeFileSync(
+      join(d, 'squid.conf'),
+      [`http_port 127.0.0.1:${port}`, 'http_access allow localhost', 'http_access deny all', 'cache_effective_user proxy', `pid_filename ${d}/squid.pid`, `access_log none`, `cache_log ${d}/cache.log`, 'cache_store_log none', `coredump_dir ${d}`, 'cache_mem 8 MB', 'client_idle_pconn_timeout 300 seconds', ''].join('\n'),
+    );
+    run(['run', '-d', '--aid', 'sq', '--', SQUID, '-N', '-f', join(d, 'squid.conf')]);
+    try {
+      await waitFor(() => processes('sq').some((p) => /pinger/.test(p.command)) && listening(port), 20_000, 'squid and its pinger');
+      const client = await KeepAlive.open(port);
+      expect(await client.get(`http://127.0.0.1:${originPort}/before`)).toBe('origin /before 1\n');
+      run(['snapshot', 'sq', '-o', join(dir, 'sq.snap')]);
+      expect(sb.run(['inspect', join(dir, 'sq.snap')]).stdout).toMatch(/RAW\s+raw IPv4 ICMP socket[\s\S]*RAW\s+raw IPv6 ICMPv6 socket/);
+      run(['restore', join(dir, 'sq.snap')]);
+      expect(await client.get(`http://127.0.0.1:${originPort}/after`)).toBe('origin /after 2\n');
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      expect(processes('sq').some((p) => /pinger/.test(p.command))).toBe(true);
+    } finally {
+      sb.run(['stop', 'sq', '-s', 'KILL']);
+      origin.close();
     }
   });
 
