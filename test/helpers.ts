@@ -71,7 +71,8 @@ export class Sandbox {
    *   26600-26699 tcp, unprivileged (fixed)
    *   26700-26999 uniqueness       27100-27899 web
    *   27000-27099 engine-pool      27900-27999 serve-listenreset
-   *   28000-29998 template */
+   *   28000-29998 template         32100-32599 servers (more)
+   */
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;
   // test/output.test.ts sets it where it tests that.

@@ -682,6 +682,11 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
     ['a socket option of another kind on a netlink socket', crafted((s) => (s.options = [{ level: 6, name: 1, value: 1 }])), 'fd 910 is a netlink socket carrying socket option 6/1'],
     ['a netlink socket with a unix peer and queued bytes', crafted((s) => Object.assign(s, { peerIno: 99n, queued: Buffer.from('x') })), "fd 910 is a netlink socket carrying another kind's state"],
     ['netlink state on a UDP descriptor', crafted((s) => (s.family = 2), 12), 'fd 910 has netlink state but is not a netlink socket'],
+    // Raw IP sockets (resources/raw.ts), made from the same record.
+    ['a raw socket of protocol 0', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 0 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 0'],
+    ['a raw ICMP socket with a 7-byte filter', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 1, rawFilter: Buffer.alloc(7) }), FdKind.RAW), 'fd 910 is a raw socket carrying a 7-byte filter'],
+    ['a raw socket of the unix family', crafted((s) => Object.assign(s, { family: 1, options: [], netlink: undefined, protocol: 1 }), FdKind.RAW), 'fd 910 is a raw socket record of another family or type'],
+    ['a raw protocol on a UDP descriptor', crafted((s) => Object.assign(s, { family: 2, type: 2, options: [], netlink: undefined, protocol: 1 }), FdKind.UDP), "fd 910 carries a raw socket's protocol or filter but is not a raw socket"],
   ];
 }
 
@@ -721,6 +726,9 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],
     ['a path with a NUL in it', (i) => (i.files[0].path = '/etc/passwd\0/lib/libc.so.6'), 'path holds a NUL character'],
+    // fchown reads (uid_t)-1 as "leave it"; only a deleted file is remade.
+    ['a deleted file owned by uid 4294967295', (i) => Object.assign(i.files[0], { deleted: true, uid: 4294967295, gid: 0 }), 'file 0 carries uid 4294967295'],
+    ['an owner on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, uid: 0, gid: 5 }), 'file 0 carries uid 0'],
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
     ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
     ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],

@@ -156,6 +156,16 @@ describe('calls that carry a PID', () => {
   });
 });
 
+describe('namespaces of its own', () => {
+  it('a new PID, network or IPC namespace is refused with EPERM by every way of asking, and the fork a program falls back to (vsftpd\'s) is one the tables know', () => {
+    for (const prefix of [[], asNobody]) {
+      const r = sb.run(['run', '--', ...prefix, fixture('newns')]);
+      expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+      expect(r.code).toBe(0);
+    }
+  });
+});
+
 describe('a process the tables do not know', () => {
   it('makes the snapshot refuse, naming it by system PID and command, and leaves the application running', async () => {
     const r = sb.run(['run', '-d', '--aid', 'raw', '--', fixture('rawfork')]);

@@ -469,6 +469,10 @@ describe('FIFOs: each open description with its own flags (also O_RDWR), every b
   roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
 });
 
+describe.runIf(process.getuid?.() === 0)('raw IP sockets (squid\'s pinger): ICMP bound to 127.0.0.1 and ICMPv6, their type filters, an echo answered after', () => {
+  roundTrips('rawsk', [fixture('rawsock')], /RAW\s+raw IPv4 ICMP socket bound to 127\.0\.0\.1/);
+});
+
 describe('deleted files still open: exact size, holes, contents, positions, flags, one file however often opened, also mapped', () => {
   const dir = mkdtempSync(join(out, 'deleted-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -706,7 +710,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['netlink-queued', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket of port id \\d+ has \\d+ bytes of messages queued for reading \\(answers or notifications\\), which cannot be put back as the kernel sent them`)],
     ['netlink-netns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_ROUTE socket \\(unbound\\) is not among the netlink sockets of appshot's network namespace \\(it belongs to another one\\), which cannot be captured yet`)],
     ['netlink-dump', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_SOCK_DIAG socket of port id \\d+ is in the middle of a dump \\(the kernel holds where in its tables the dump is, which cannot be captured\\)`)],
-    ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: a type 3 IP socket cannot be captured yet`],
+    ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: the raw IPv4 ICMP socket has IP_HDRINCL set, which cannot be captured yet`],
+    ['netns-own', () => /process 2 \(holder\) is in a network namespace of its own \(net:\[\d+\]\), which cannot be captured yet/],
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
     ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
     ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],

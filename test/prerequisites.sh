@@ -40,6 +40,10 @@ declare -A needs=(
   [/usr/bin/flock]=util-linux
   [/usr/bin/pgrep]=procps
   [/usr/bin/ss]=iproute2
+  [/usr/bin/javac]=default-jdk-headless
+  [/usr/bin/gunicorn]=gunicorn
+  [/usr/sbin/vsftpd]=vsftpd
+  [/usr/sbin/squid]=squid
 )
 
 missing=()

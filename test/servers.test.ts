@@ -10,12 +10,14 @@
  * every process exactly the user it was: same uids, gids, groups,
  * capability sets, no_new_privs and seccomp mode. And dnsmasq, started as
  * root and running as nobody, which keeps a NETLINK_ROUTE socket to hear
- * of interfaces and addresses (resources/netlink.ts).
+ * of interfaces and addresses (resources/netlink.ts). And a Java HTTP
+ * server, gunicorn, squid and vsftpd, each with a client session kept open across
+ * the round trip (they skip where the package is not installed).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
+import { createServer, request } from 'node:http';
 import { connect } from 'node:net';
 import { createSocket } from 'node:dgram';
 import { tmpdir } from 'node:os';
@@ -782,6 +784,216 @@ describe('PostgreSQL 15', { timeout: 180_000 }, () => {
     } finally {
       asUser(['stop', 'pgu', '-s', 'KILL']);
       await waitFor(() => asUser(['ps', 'pgu']).code !== 0, 10_000, 'pgu to end').catch(() => undefined);
+    }
+  });
+});
+
+// Ports of their own for the servers below (helpers.ts lists every file's).
+const more = 32100 + (process.pid % 100) * 5;
+const JAVAC = '/usr/bin/javac';
+const GUNICORN = '/usr/bin/gunicorn';
+const VSFTPD = '/usr/sbin/vsftpd';
+const SQUID = '/usr/sbin/squid';
+
+/** A client in Python outside the application, on stdin and stdout: it
+ * prints what it did, waits for a line on stdin, goes on on the same
+ * session and prints the rest. */
+class PyClient {
+  said = '';
+  private readonly child: import('node:child_process').ChildProcessWithoutNullStreams;
+  constructor(script: string) {
+    this.child = spawn('python3', ['-c', script], { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.child.stdout.on('data', (d: Buffer) => (this.said += d.toString()));
+    this.child.stderr.on('data', (d: Buffer) => (this.said += d.toString()));
+  }
+  go(): void {
+    this.child.stdin.write('go\n');
+  }
+  kill(): void {
+    this.child.kill();
+  }
+}
+
+describe('more servers as Debian ships them', () => {
+  it.runIf(isRoot && existsSync(JAVAC))('a Java HTTP server (com.sun.net.httpserver, 4 worker threads, run as nobody): a keep-alive client and the heap carry on', async () => {
+    // The JVM: some twenty threads (GC, JIT compilers, ...), its heap and
+    // code cache, a perf-data file mapped shared in /tmp.
+    const port = more;
+    const d = join(dir, 'java');
+    mkdirSync(d);
+    writeFileSync(
+      join(d, 'Hello.java'),
+      `import com.sun.net.httpserver.HttpServer;
+import java.net.InetSocketAddress;
+import java.util.ArrayList;
+import java.util.concurrent.Executors;
+import java.util.concurrent.atomic.AtomicLong;
+public class Hello {
+  static final ArrayList<byte[]> kept = new ArrayList<>();
+  public static void main(String[] a) throws Exception {
+    AtomicLong n = new AtomicLong();
+    HttpServer s = HttpServer.create(new InetSocketAddress("127.0.0.1", Integer.parseInt(a[0])), 0);
+    s.createContext("/", ex -> {
+      // Garbage and a little kept, so that the collector runs.
+      for (int i = 0; i < 200; i++) { byte[] b = new byte[10000]; if (i == 0) synchronized (kept) { kept.add(b); } }
+      if (ex.getRequestURI().getPath().equals("/gc")) System.gc();
+      byte[] b = ("java " + ex.getRequestURI().getPath() + " " + n.incrementAndGet() + "\\n").getBytes();
+      ex.sendResponseHeaders(200, b.length);
+      try (var o = ex.getResponseBody()) { o.write(b); }
+    });
+    s.setExecutor(Executors.newFixedThreadPool(4));
+    s.start();
+  }
+}
+`,
+    );
+    const javac = spawnSync(JAVAC, ['-d', d, join(d, 'Hello.java')], { encoding: 'utf8' });
+    expect(javac.status, javac.stderr).toBe(0);
+    run(['run', '-d', '--aid', 'jv', '--', 'runuser', '-u', 'nobody', '--', 'java', '-Xmx64m', '-cp', d, 'Hello', String(port)]);
+    try {
+      await waitForHttp(port);
+      const before = identities('jv');
+      const client = await KeepAlive.open(port);
+      for (let i = 0; i < 6; i++) await client.get(`/warm/${i}`);
+      const served = Number(/ (\d+)\n$/.exec(await client.get('/before'))![1]);
+      run(['snapshot', 'jv', '-o', join(dir, 'jv.snap')]);
+      run(['restore', join(dir, 'jv.snap')]);
+      expect(await client.get('/after')).toBe(`java /after ${served + 1}\n`);
+      expect(await client.get('/gc')).toBe(`java /gc ${served + 2}\n`);
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      expect((await httpGet(port)).body).toBe(`java / ${served + 3}\n`);
+      expect(identities('jv')).toEqual(before);
+    } finally {
+      sb.run(['stop', 'jv', '-s', 'KILL']);
+    }
+  });
+
+  it.runIf(isRoot && existsSync(GUNICORN))('gunicorn (a master as root, 2 gthread workers as nobody, each with a deleted heartbeat file it was given): a keep-alive client carries on and no worker dies', async () => {
+    // Each worker's heartbeat is a temporary file made O_NOFOLLOW by its
+    // master, given to nobody, deleted, and fchmod'ed by the worker: the
+    // restore failed (ELOOP), then remade it as root and every worker died
+    // of EPERM and was replaced.
+    const port = more + 1;
+    const d = join(dir, 'gunicorn');
+    mkdirSync(d);
+    writeFileSync(
+      join(d, 'app.py'),
+      `import os
+n = 0
+def app(env, start):
+    global n
+    n += 1
+    b = ("gunicorn %s %d %d\\n" % (env["PATH_INFO"], os.getpid(), n)).encode()
+    start("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(b)))])
+    return [b]
+`,
+    );
+    run(['run', '-d', '--aid', 'gu', '--', GUNICORN, '--chdir', d, '-w', '2', '-k', 'gthread', '--threads', '2', '--keep-alive', '300', '-b', `127.0.0.1:${port}`, '--user', 'nobody', '--group', 'nogroup', 'app:app']);
+    try {
+      await waitForHttp(port);
+      // A worker is root from its fork until it has set itself up.
+      const settled = () => [...identities('gu').values()].filter((i) => i.Uid === `${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`).length === 2 && processes('gu').length === 3;
+      await waitFor(settled, 10_000, 'the master and its 2 workers, as nobody');
+      const before = identities('gu');
+      const client = await KeepAlive.open(port);
+      const [, worker, count] = /^gunicorn \/before (\d+) (\d+)\n$/.exec(await client.get('/before'))!;
+      run(['snapshot', 'gu', '-o', join(dir, 'gu.snap')]);
+      run(['restore', join(dir, 'gu.snap')]);
+      expect(await client.get('/after')).toBe(`gunicorn /after ${worker} ${Number(count) + 1}\n`);
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      for (let i = 0; i < 6; i++) expect((await httpGet(port)).status).toBe(200);
+      expect(identities('gu')).toEqual(before);
+      expect(sb.log('gu')).not.toMatch(/Operation not permitted|Worker exiting/);
+    } finally {
+      sb.run(['stop', 'gu', '-s', 'KILL']);
+    }
+  });
+
+  it.runIf(isRoot && existsSync(SQUID))('squid as Debian runs it (workers as proxy, its pinger holding raw ICMP and ICMPv6 sockets): a keep-alive client of the proxy carries on', async () => {
+    // The pinger, on by default, made every snapshot of squid fail on its
+    // raw sockets (resources/raw.ts).
+    const port = more + 3;
+    const d = join(dir, 'squid');
+    mkdirSync(d);
+    chownSync(d, Number(spawnSync('id', ['-u', 'proxy'], { encoding: 'utf8' }).stdout), 0);
+    // The origin: a server of the test's own, outside the application.
+    let served = 0;
+    const origin = createServer((req, res) => {
+      const body = `origin ${req.url} ${++served}\n`;
+      res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': body.length, 'Cache-Control': 'no-store' });
+      res.end(body);
+    });
+    // squid keeps its connection to the origin for the next request: it
+    // goes through the round trip too, so the origin must not time it out.
+    origin.keepAliveTimeout = 300_000;
+    await new Promise<void>((resolve) => origin.listen(0, '127.0.0.1', resolve));
+    const originPort = (origin.address() as import('node:net').AddressInfo).port;
+    writeFileSync(
+      join(d, 'squid.conf'),
+      [`http_port 127.0.0.1:${port}`, 'http_access allow localhost', 'http_access deny all', 'cache_effective_user proxy', `pid_filename ${d}/squid.pid`, `access_log none`, `cache_log ${d}/cache.log`, 'cache_store_log none', `coredump_dir ${d}`, 'cache_mem 8 MB', 'client_idle_pconn_timeout 300 seconds', ''].join('\n'),
+    );
+    run(['run', '-d', '--aid', 'sq', '--', SQUID, '-N', '-f', join(d, 'squid.conf')]);
+    try {
+      await waitFor(() => processes('sq').some((p) => /pinger/.test(p.command)) && listening(port), 20_000, 'squid and its pinger');
+      const client = await KeepAlive.open(port);
+      expect(await client.get(`http://127.0.0.1:${originPort}/before`)).toBe('origin /before 1\n');
+      run(['snapshot', 'sq', '-o', join(dir, 'sq.snap')]);
+      expect(sb.run(['inspect', join(dir, 'sq.snap')]).stdout).toMatch(/RAW\s+raw IPv4 ICMP socket[\s\S]*RAW\s+raw IPv6 ICMPv6 socket/);
+      run(['restore', join(dir, 'sq.snap')]);
+      expect(await client.get(`http://127.0.0.1:${originPort}/after`)).toBe('origin /after 2\n');
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      expect(processes('sq').some((p) => /pinger/.test(p.command))).toBe(true);
+    } finally {
+      sb.run(['stop', 'sq', '-s', 'KILL']);
+      origin.close();
+    }
+  });
+
+  it.runIf(isRoot && existsSync(VSFTPD))('vsftpd (isolate=YES, its default): an anonymous FTP session carries on through a round trip, a passive transfer after it', async () => {
+    // vsftpd clones each session into new PID and IPC namespaces, and its
+    // unprivileged half into a new network namespace, through syscall();
+    // the preload library refuses them (EPERM) and vsftpd forks instead.
+    // Before, the listener crashed on its first session's end.
+    const port = more + 2;
+    const d = join(dir, 'vsftpd');
+    mkdirSync(join(d, 'root', 'pub'), { recursive: true });
+    writeFileSync(join(d, 'root', 'pub', 'file.txt'), 'hello over ftp\n');
+    chmodSync(join(d, 'root'), 0o555);
+    mkdirSync('/var/run/vsftpd/empty', { recursive: true });
+    writeFileSync(
+      join(d, 'vsftpd.conf'),
+      ['listen=YES', 'listen_ipv6=NO', 'listen_address=127.0.0.1', `listen_port=${port}`, 'background=NO', 'anonymous_enable=YES', `anon_root=${join(d, 'root')}`, 'no_anon_password=YES', 'local_enable=NO', 'write_enable=NO', 'secure_chroot_dir=/var/run/vsftpd/empty', `pasv_min_port=${more + 3}`, `pasv_max_port=${more + 4}`, 'xferlog_enable=NO', ''].join('\n'),
+    );
+    run(['run', '-d', '--aid', 'ftp', '--', VSFTPD, join(d, 'vsftpd.conf')]);
+    const client = new PyClient(`import ftplib, io, sys
+f = ftplib.FTP()
+f.connect("127.0.0.1", ${port}, timeout=20)
+print(f.login().split()[0], f.cwd("pub").split()[0], f.nlst(), flush=True)
+sys.stdin.readline()
+b = io.BytesIO()
+f.retrbinary("RETR file.txt", b.write)
+print(f.pwd(), b.getvalue().decode(), end="", flush=True)
+print(f.quit().split()[0], flush=True)
+`);
+    try {
+      await waitFor(() => client.said.includes('\n'), 10_000, 'the FTP session to log in');
+      expect(client.said).toBe("230 250 ['file.txt']\n");
+      await waitFor(() => processes('ftp').length === 3, 10_000, 'the listener and the session\'s two processes');
+      run(['snapshot', 'ftp', '-o', join(dir, 'ftp.snap')]);
+      run(['restore', join(dir, 'ftp.snap')]);
+      client.go();
+      await waitFor(() => /221\n$/.test(client.said), 20_000, 'the session to go on');
+      expect(client.said).toBe("230 250 ['file.txt']\n/pub hello over ftp\n221\n");
+      // The session ended; the listener, which looks it up by PID, serves.
+      await waitFor(() => processes('ftp').length === 1, 10_000, 'the session to end');
+      const again = spawnSync('python3', ['-c', `import ftplib; f = ftplib.FTP(); f.connect("127.0.0.1", ${port}, timeout=20); f.login(); print(f.nlst("pub"))`], { encoding: 'utf8' });
+      expect(again.stdout + again.stderr).toBe("['pub/file.txt']\n");
+    } finally {
+      client.kill();
+      sb.run(['stop', 'ftp', '-s', 'KILL']);
     }
   });
 });

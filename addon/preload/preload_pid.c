@@ -143,6 +143,95 @@ API pid_t fork(void) { return do_fork(); }
  * A program cannot tell the difference, except that it is a little slower. */
 API pid_t vfork(void) { return do_fork(); }
 
+/* --- New PID, network and IPC namespaces --------------------------------- *
+ *
+ * A process in a PID namespace of its own sees ids the tables do not hold
+ * (it is PID 1 there; its getpid() would be mapped as the system's PID 1),
+ * and one in a network or IPC namespace of its own has sockets and SysV
+ * objects where a snapshot does not look; none of them a restore could
+ * make again (a snapshot refuses such a process by name: process.ts). So
+ * such a namespace is refused with EPERM, as a container without
+ * CAP_SYS_ADMIN refuses it, and programs written for containers go on
+ * without: vsftpd's isolate=YES (the default) clones each session with
+ * CLONE_NEWPID|CLONE_NEWIPC, and its unprivileged half with CLONE_NEWNET,
+ * through syscall(), and forks instead on EPERM; before, its listener
+ * looked an ended session up under a PID it never stored and crashed.
+ * Mount, UTS, user, cgroup and time namespaces are the program's to make. */
+#define REFUSED_NS (CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+
+long ns_refused(unsigned long flags) {
+  if (!g_h || !(flags & REFUSED_NS)) return 0;
+  errno = EPERM;
+  return -1;
+}
+
+API int unshare(int flags) {
+  ensure_init();
+  if (ns_refused((unsigned long)flags)) return -1;
+  return (int)libc_ret(SYS1(unshare, flags));
+}
+
+/* A fork made by the clone system call itself with `flags` (no stack, no
+ * shared memory: syscall(SYS_clone, CLONE_NEWNET | SIGCHLD, NULL), as
+ * vsftpd makes each session's unprivileged half): glibc's fork handling,
+ * and so our atfork handler, does not run, so the child's ids are reset
+ * here; the parent maps the child as do_fork does. Before, the child kept
+ * its parent's cached virtual PID (vsftpd then saw getpid() != getpgrp()
+ * after setsid and died "not session leader"). */
+static pid_t do_raw_fork(long flags) {
+  ID_WINDOW();
+  self_vpid();
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  long pid = sys6(SYS_clone, flags, 0, 0, 0, 0, 0);
+  if (pid == 0) {
+    tid_moves_forget();
+    __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+    child_reset_ids(map_self_now());
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return 0;
+  }
+  int err = pid < 0 ? (int)-pid : 0;
+  pid_t ret = pid < 0 ? -1 : (pid_t)pid;
+  if (pid > 0) {
+    ret = appshot_map_system(g_h, APPSHOT_PID, (pid_t)pid, 0, 0);
+    if (ret < 0) {
+      SYS2(kill, pid, SIGKILL);
+      SYS4(wait4, pid, NULL, __WALL, NULL);
+      appshot_unmap_system(g_h, APPSHOT_PID, (pid_t)pid);
+      err = EAGAIN;
+      ret = -1;
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  if (err) errno = err;
+  return ret;
+}
+
+/* Flags that make a clone something else than a fork: shared memory or
+ * files, a thread, ids written or descriptors handed back, another parent. */
+#define NOT_A_FORK                                                       \
+  (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD |    \
+   CLONE_VFORK | CLONE_SETTLS | CLONE_PARENT_SETTID | CLONE_CHILD_SETTID | \
+   CLONE_CHILD_CLEARTID | CLONE_PIDFD | CLONE_PARENT | CLONE_PTRACE)
+
+/* clone as a system call (syscall(SYS_clone, ...)): no stack and none of
+ * NOT_A_FORK is a fork (into new namespaces, maybe), which the child's and
+ * parent's tables must agree on; other uses go to the kernel as given. */
+long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
+  if (ns_refused((unsigned long)flags)) return -1;
+  if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(flags);
+  return libc_ret(sys6(SYS_clone, flags, stack, ptid, ctid, tls, 0));
+}
+
+/* clone3: only its namespaces are looked at (glibc's own use, posix_spawn
+ * and pthread_create, never asks for one). */
+long do_clone3_syscall(long args, long size) {
+  if (args && size >= 8 && ns_refused(*(const unsigned long *)args)) return -1;
+  return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+}
+
 /* --- clone ---------------------------------------------------------------- */
 
 /* Lives at the top of the child's stack, so the child can read it with or
@@ -174,6 +263,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   pid_t *ctid = va_arg(ap, pid_t *);
   va_end(ap);
   ensure_init();
+  if (ns_refused((unsigned long)flags)) return -1;
   if (!g_h || !fn || !stack)
     return REAL(clone)(fn, stack, flags, arg, ptid, tls, ctid);
   ID_WINDOW();

@@ -49,6 +49,11 @@ API long syscall(long nr, ...) {
     case SYS_getsid: return do_getsid((pid_t)a);
     case SYS_setpgid: return do_setpgid((pid_t)a, (pid_t)b);
     case SYS_setsid: return do_setsid();
+    case SYS_clone: return do_clone_syscall(a, b, c, d, e);
+    case SYS_clone3: return do_clone3_syscall(a, b);
+    case SYS_unshare:
+      if (ns_refused((unsigned long)a)) return -1;
+      break;
     case SYS_getpriority:
     case SYS_setpriority: return do_prio(nr, a, b, c);
     case SYS_pidfd_open:

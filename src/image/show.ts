@@ -1,5 +1,6 @@
 /** `appshot inspect`: what an image holds, for people (like `crit show`)
  * and, with --json, for scripts. */
+import { rawName } from '../resources/raw.js';
 import { describeAttributes } from '../resources/attributes.js';
 import { describeUnconnected } from '../resources/unconnected.js';
 import { describePidfd } from '../resources/pidfd.js';
@@ -110,6 +111,8 @@ function describeFd(image: Image, fd: Fd): string {
       return describeDatagramSocket(fd);
     case 'PIDFD':
       return describePidfd(fd);
+    case 'RAW':
+      return fd.socket ? rawName(fd.socket) : 'raw socket';
     case 'NETLINK': {
       const n = fd.socket?.netlink;
       if (!n) return 'netlink socket';

@@ -429,6 +429,12 @@ export interface FileIdentity {
   /** A memfd's seals (F_GET_SEALS): F_SEAL_SEAL alone for one made
    * without MFD_ALLOW_SEALING. */
   seals?: number;
+  /** Owner of a deleted file or memfd (absent: an older image), which a
+   * restore gives the file it makes again: a server that hands a
+   * temporary file to a worker of another user (gunicorn's heartbeat
+   * files, fchown'ed to the worker, which then fchmods them) needs it. */
+  uid?: number;
+  gid?: number;
 }
 
 export interface SharedMemory {
@@ -462,6 +468,7 @@ export const FdKind = {
   MQUEUE: 17,
   FANOTIFY: 18,
   NETLINK: 19,
+  RAW: 21,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
 
@@ -730,6 +737,10 @@ export interface Socket {
   file?: SocketFile;
   /** A netlink socket's own state (absent for every other family). */
   netlink?: NetlinkSocket;
+  /** A raw IP socket's protocol (resources/raw.ts); 0 for every other kind. */
+  protocol?: number;
+  /** A raw ICMP or ICMPv6 socket's type filter, as getsockopt gave it. */
+  rawFilter?: Buffer;
 }
 
 /** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */

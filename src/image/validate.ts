@@ -11,6 +11,7 @@
  * generated code (schema.ts) decodes them (a few bytes on the wire can stand for a large object: an
  * empty message is two bytes), `validateImage` on the decoded image.
  */
+import { rawProblem } from '../resources/raw.js';
 import { readFileSync } from 'node:fs';
 import { isIPv4, isIPv6 } from 'node:net';
 import { totalmem } from 'node:os';
@@ -316,10 +317,13 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
-    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM, FdKind.NETLINK];
+    const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM, FdKind.NETLINK, FdKind.RAW];
     if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
     // A netlink socket's protocol, port id, groups and options, each in
     // range (resources/netlink.ts); its state on no other kind.
+    if (fd.kind !== FdKind.RAW && (fd.socket?.protocol || fd.socket?.rawFilter?.length)) corrupt(`${where} carries a raw socket's protocol or filter but is not a raw socket`);
+    const raw = fd.kind === FdKind.RAW && fd.socket ? rawProblem(fd.socket) : undefined;
+    if (raw) corrupt(`${where} ${raw}`);
     if ((fd.kind === FdKind.NETLINK) !== !!fd.socket?.netlink) corrupt(`${where} has netlink state but is not a netlink socket, or is one without it`);
     const netlink = fd.kind === FdKind.NETLINK && fd.socket ? netlinkProblem(fd.socket) : undefined;
     if (netlink) corrupt(`${where} is a netlink socket ${netlink}`);
@@ -548,6 +552,11 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const [i, f] of [...image.files, ...image.sharedMemory].entries())
     if (f.path.startsWith('/memfd:') && Buffer.byteLength(f.path.slice(7).replace(/ \(deleted\)$/, '')) > 249) corrupt(`memfd ${i}'s name is longer than memfd_create takes`);
   for (const [i, f] of image.files.entries()) if ((f.seals ?? 0) & ~sealsKnown || (f.seals && !f.deleted)) corrupt(`file ${i} carries seals 0x${(f.seals ?? 0).toString(16)}`);
+  // An owner is a deleted file's only, and never (uid_t)-1, which fchown
+  // reads as "leave it".
+  for (const [i, f] of image.files.entries())
+    for (const [what, v] of [['uid', f.uid], ['gid', f.gid]] as const)
+      if (v !== undefined && (!f.deleted || v >= 0xffffffff)) corrupt(`file ${i} carries ${what} ${v}`);
   for (const [i, s] of image.sharedMemory.entries()) if ((s.seals ?? 0) & ~sealsKnown) corrupt(`shared memory ${i} carries seals 0x${(s.seals ?? 0).toString(16)}`);
   for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {

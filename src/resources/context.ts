@@ -129,6 +129,7 @@ export class DumpContext {
       mode: Number(st.mode),
       deleted,
       crc32c: 0,
+      ...(deleted ? { uid: Number(st.uid), gid: Number(st.gid) } : {}),
     };
     this.image.files.push(id);
     this.fileIndex.set(key, this.image.files.length - 1);

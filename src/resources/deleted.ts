@@ -9,7 +9,7 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fs, fchmodSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
+import { closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import type { Fd, FileIdentity } from '../image/types.js';
@@ -52,7 +52,13 @@ export function memfdSeals(path: string, fd: number): number | undefined {
  * again with the description's flags. Its offset is the caller's. */
 export function openDeletedFile(h: RestoreContext, fd: Fd): number {
   const anchor = deletedFileAnchor(h, fd.file);
-  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+  // O_NOFOLLOW, which the kernel keeps in the description's flags, is what
+  // every mkstemp-style temporary file is opened with (Python's tempfile:
+  // gunicorn's worker heartbeat files); given to the open of the magic link
+  // /proc/self/fd/N it fails with ELOOP. It only ruled the lookup of the
+  // name the file no longer has, so it is left out: the one trace is
+  // F_GETFL without that bit.
+  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | fs.O_NOFOLLOW)));
 }
 
 /** Our read-write descriptor for deleted file `index` of the image, made
@@ -65,10 +71,26 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
+    giveOwner(f, id, index);
     fchmodSync(f, id.mode & 0o7777);
     if (id.seals) addon().addSeals(f, id.seals);
     return f;
   });
+}
+
+/** The file's owner as the image says (before its mode: a chown clears
+ * set-id bits). Made by us, it is ours; one of another user (a server that
+ * handed the file to a worker of its own user) is given away, which needs
+ * the privilege such an application needs to be restored at all. */
+function giveOwner(f: number, id: FileIdentity, index: number): void {
+  if (id.uid === undefined || id.gid === undefined) return;
+  const st = fstatSync(f);
+  if (st.uid === id.uid && st.gid === id.gid) return;
+  try {
+    fchownSync(f, id.uid, id.gid);
+  } catch (e) {
+    throw new AppshotError(`deleted file ${index} (${id.path}) was owned by ${id.uid}:${id.gid}, which this restore cannot give it: ${(e as Error).message}`);
+  }
 }
 
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one

@@ -12,6 +12,7 @@
  * (after every process is read). Anything else is refused
  * by name.
  */
+import { openRaw } from './raw.js';
 import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
@@ -217,6 +218,7 @@ const MADE_HERE: Partial<Record<number, (h: RestoreContext, p: Process, fd: Fd) 
   [FdKind.TCP_ESTABLISHED]: openConnection,
   [FdKind.UDP]: openUdp,
   [FdKind.NETLINK]: openNetlink,
+  [FdKind.RAW]: openRaw,
   [FdKind.UNIX_DGRAM]: openUnixDgram,
   [FdKind.EVENTFD]: restoreEventfd,
   [FdKind.PTY]: openPtyEnd,

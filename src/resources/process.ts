@@ -96,6 +96,7 @@ export function askProcess(calls: CallQueue): ProcessAsked {
 export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, groupStopped: boolean, creds: DumpedCreds): Process {
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
+  refuseOwnNamespaces(ctx, pid, nameProcess(ctx.virtual('pid', pid), st.comm));
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
@@ -131,6 +132,45 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     glibcTidOffset: 0,
     itimers: dumpItimers(asked.itimers),
   };
+}
+
+/** The namespaces whose contents no image holds: a process in one of its
+ * own (made by a raw system call: the preload library refuses them)
+ * would come back in the restore's, its ids, sockets or SysV objects
+ * those of another place, or its isolation lost. Time namespaces are
+ * carried (timens.ts); mount, UTS, user and cgroup ones change no id. */
+const OWN_NAMESPACES: [string, string][] = [
+  ['pid', 'PID'],
+  ['pid_for_children', 'PID (for its children)'],
+  ['net', 'network'],
+  ['ipc', 'IPC'],
+];
+const initNamespaces = new WeakMap<DumpContext, Map<string, string | undefined>>();
+
+/** Refuses, by name, a process in a PID, network or IPC namespace other
+ * than the application's init's. */
+function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void {
+  let init = initNamespaces.get(ctx);
+  if (!init) {
+    const initPid = ctx.tables.initPid;
+    init = new Map(OWN_NAMESPACES.map(([ns]) => [ns, initPid > 0 ? nsLink(initPid, ns) : undefined]));
+    initNamespaces.set(ctx, init);
+  }
+  for (const [ns, label] of OWN_NAMESPACES) {
+    const theirs = init.get(ns);
+    const own = theirs === undefined ? undefined : nsLink(pid, ns);
+    if (own !== undefined && own !== theirs) throw new Unsupported(`${what} is in a ${label} namespace of its own (${own}), which cannot be captured yet`);
+  }
+}
+
+/** /proc/PID/ns/NS's link (net:[4026531840]); undefined where it cannot
+ * be read (a kernel without the namespace). */
+function nsLink(pid: number, ns: string): string | undefined {
+  try {
+    return procLink(`/proc/${pid}/ns/${ns}`);
+  } catch {
+    return undefined;
+  }
 }
 
 /**

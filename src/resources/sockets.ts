@@ -27,6 +27,7 @@
  * `appshot restore`) makes the application's own listener again from the
  * record. The connections waiting in its accept queue stay there meanwhile.
  */
+import { dumpRaw, SOCK_RAW } from './raw.js';
 import { closeSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
@@ -77,6 +78,7 @@ const BASE_OPTIONS: [number, number][] = [
 /** The descriptor kind of a socket describe() returned. */
 export function socketKind(s: Socket): number {
   if (s.family === AF_NETLINK) return FdKind.NETLINK;
+  if (s.type === SOCK_RAW) return FdKind.RAW;
   if (isUnconnected(s)) return FdKind.UNCONNECTED_STREAM;
   if (s.family === AF_UNIX) return s.type === SOCK_DGRAM ? FdKind.UNIX_DGRAM : FdKind.UNIX_SOCKET;
   return s.type === SOCK_DGRAM ? FdKind.UDP : FdKind.TCP_LISTEN;
@@ -268,6 +270,7 @@ export class SocketTable {
       this.loadUdp();
       return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what, seen);
     }
+    if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_RAW) return dumpRaw(dup, base, `${what} fd ${fd}`);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
       const e = opts.type === SOCK_STREAM ? this.tcpSocket(pid, fd, ino) : undefined;
       if (e && e.state === TCP_LISTEN) {

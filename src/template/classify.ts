@@ -16,6 +16,7 @@
  * system and that clones cannot each have): classify gives them 'recreate',
  * which is what a plain restore does, and refusals() names them.
  */
+import { rawName } from '../resources/raw.js';
 import { type Action, type Fd, FdKind, type Image, type Process, type Verdict, verdictRef, virtualPort, type Vma, VmaKind } from '../image/types.js';
 import { lockRefusal } from '../resources/locks.js';
 import { forkTreatment } from '../resources/memory.js';
@@ -205,6 +206,8 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
       return { kind: 'socket', name: fd.socket ? unconnectedName(fd.socket) : 'unconnected socket', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UDP:
       return { kind: 'socket', name: `udp ${fd.socket?.address || '(unbound)'}:${fd.socket?.port ?? 0}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.RAW:
+      return { kind: 'socket', name: fd.socket ? rawName(fd.socket) : 'raw socket', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.NETLINK:
       return { kind: 'socket', name: `netlink port id ${fd.socket?.netlink?.portId || '(unbound)'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.UNIX_DGRAM:
