@@ -299,6 +299,9 @@ interface Addon {
   releaseGuard(guard: { fd: number; pid: number }): void;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
+  /** A new io_uring's SQ head and CQ tail brought to `sqHead`, `cqTail`
+   * by NOPs (addon/src/iouring.c): the io_uring_enter calls it made. */
+  ioUringAdvance(a: { pid: number; fd: number; sqEntries: number; cqEntries: number; ringBytes: number; sqeBytes: number; arrayOffset: number; sqeSize: number; sqHead: number; cqTail: number }): number;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
   crc32c(data: Buffer, seed?: number): number;
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
