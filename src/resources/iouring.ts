@@ -216,7 +216,7 @@ export function dumpIoUring(snapshot: object, pid: number, fdinfo: string, where
   const rings = maps.filter((m) => m.pgoff === IORING_OFF.SQ_RING || m.pgoff === IORING_OFF.CQ_RING);
   const sqeMaps = maps.filter((m) => m.pgoff === IORING_OFF.SQES);
   if (!rings.length || !sqeMaps.length)
-    throw new Unsupported(`${ringName} is not mapped (its ${!rings.length ? 'rings' : 'SQEs'}): a ring in the application's own memory (IORING_SETUP_NO_MMAP) cannot be captured yet`);
+    throw new Unsupported(`${ringName} has its ${!rings.length ? 'rings' : 'SQEs'} not mapped (not yet, or in the application's own memory: IORING_SETUP_NO_MMAP), which cannot be captured yet`);
   if (maps.some((m) => !rings.includes(m) && !sqeMaps.includes(m))) throw new Unsupported(`${ringName} is mapped at an offset this module does not know, which cannot be captured yet`);
   const longest = (ms: RingMapping[]) => ms.reduce((a, b) => (b.end - b.start > a.end - a.start ? b : a));
   const ringMap = longest(rings);
