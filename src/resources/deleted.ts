@@ -20,6 +20,8 @@ const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
 const EINVAL = 22;
+/** O_TMPFILE: __O_TMPFILE | O_DIRECTORY. */
+const O_TMPFILE_BITS = 0o20000000 | 0o200000;
 
 /* ---- dump ------------------------------------------------------------- */
 
@@ -51,7 +53,10 @@ export function memfdSeals(path: string, fd: number): number | undefined {
  * again with the description's flags. Its offset is the caller's. */
 export function openDeletedFile(h: RestoreContext, fd: Fd): number {
   const anchor = deletedFileAnchor(h, fd.file);
-  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC)));
+  // A file opened with O_TMPFILE keeps its bits (__O_TMPFILE | O_DIRECTORY)
+  // in its flags (MariaDB's temporary files): reopened as a directory, the
+  // anchor (a regular file) would give ENOTDIR.
+  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | O_TMPFILE_BITS)));
 }
 
 /** Our read-write descriptor for deleted file `index` of the image, made
