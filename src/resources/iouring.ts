@@ -309,6 +309,12 @@ export function checkIoUringMappings(p: Process, corrupt: (what: string) => neve
 
 /* ---- restore --------------------------------------------------------- */
 
+/** Where a process's rings are mapped: kept free by the restore until
+ * then (its scratch area goes elsewhere). */
+export function ioUringRanges(p: Process): { start: bigint; end: bigint }[] {
+  return p.fds.flatMap((fd) => (fd.kind === FdKind.IO_URING ? (fd.ioUring?.mappings ?? []).map((m) => ({ start: m.start, end: m.start + m.length })) : []));
+}
+
 /** The ring made again inside the restored process, its counters and
  * memory as they were, mapped where they were; its number there (the
  * kernel makes io_uring descriptors close-on-exec, as restoreFds
