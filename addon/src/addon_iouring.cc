@@ -35,10 +35,16 @@ Napi::Value IoUringAdvance(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, a.calls);
 }
 
+// ioUringHasEventfd(pid, fd) -> 1 (an eventfd registered), 0, or -errno.
+Napi::Value IoUringHasEventfd(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), iouring_has_eventfd(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value()));
+}
+
 }  // namespace
 
 void RegisterIoUring(Napi::Env env, Napi::Object exports) {
   exports.Set("ioUringAdvance", Napi::Function::New(env, IoUringAdvance));
+  exports.Set("ioUringHasEventfd", Napi::Function::New(env, IoUringHasEventfd));
 }
 
 }  // namespace appshot

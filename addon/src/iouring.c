@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -125,4 +126,28 @@ int iouring_advance(struct iouring_advance* a) {
   }
   pthread_join(t, NULL);
   return a->error[0] ? -1 : 0;
+}
+
+int iouring_has_eventfd(int pid, int fd) {
+  int rc, pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+  if (pidfd < 0) return -errno;
+  int ring = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+  rc = -errno;
+  close(pidfd);
+  if (ring < 0) return rc;
+  int probe = eventfd(0, EFD_CLOEXEC);
+  if (probe < 0) {
+    rc = -errno;
+    close(ring);
+    return rc;
+  }
+  if (syscall(SYS_io_uring_register, ring, IORING_REGISTER_EVENTFD, &probe, 1) == 0) {
+    /* None was there: ours out again, the ring as it was. */
+    rc = syscall(SYS_io_uring_register, ring, IORING_UNREGISTER_EVENTFD, NULL, 0) == 0 ? 0 : -errno;
+  } else {
+    rc = errno == EBUSY ? 1 : -errno;
+  }
+  close(probe);
+  close(ring);
+  return rc;
 }

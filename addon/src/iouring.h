@@ -25,6 +25,13 @@ struct iouring_advance {
  * a->error set. */
 int iouring_advance(struct iouring_advance* a);
 
+/* Whether the ring at descriptor fd of process pid has an eventfd
+ * registered (IORING_REGISTER_EVENTFD), which fdinfo does not show: 1 if
+ * so, 0 if not, -errno if it cannot be told. Asked without changing it:
+ * registering one of ours is refused (EBUSY) while one is there; taken,
+ * it is unregistered at once. */
+int iouring_has_eventfd(int pid, int fd);
+
 #ifdef __cplusplus
 }
 #endif

@@ -166,7 +166,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.fanotify = dumpFanotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[io_uring]') {
       fd.kind = FdKind.IO_URING;
-      fd.ioUring = dumpIoUring(ctx, pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
+      fd.ioUring = dumpIoUring(ctx, pid, n, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[pidfd]' || bracket?.[1] === 'pidfd') {
       fd.kind = FdKind.PIDFD;
       fd.procVpid = dumpPidfd(ctx, info, flags, `${what} fd ${n}`);

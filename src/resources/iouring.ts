@@ -55,19 +55,25 @@
  *
  * Refused by name at snapshot: an SQPOLL ring (SqThread, a kernel thread
  * of its own polling the SQ), registered files or buffers (UserFiles,
- * UserBufs), registered personalities, NAPI busy polling, a ring not
+ * UserBufs), registered personalities, a registered eventfd (which
+ * fdinfo does not show: asked of the ring through a copy of its
+ * descriptor, by registering one of appshot's, refused with EBUSY while
+ * one is there, and unregistered at once if taken), NAPI busy polling, a ring not
  * mapped (IORING_SETUP_NO_MMAP: its memory is the application's, which
  * the kernel pins; or a ring simply not mapped yet), a ring held by two
  * descriptors or by two processes (one ring would come back as two), a
  * counter past the bound.
  *
+ * A ring only its maker may use (IORING_SETUP_SINGLE_ISSUER, which
+ * DEFER_TASKRUN requires) answers io_uring_register from another task
+ * with EEXIST: refused by name, the eventfd question above telling it.
+ *
  * Not seen, so not carried (the kernel shows no setup flags in fdinfo):
- * IORING_SETUP_SINGLE_ISSUER, DEFER_TASKRUN, COOP_TASKRUN, TASKRUN_FLAG,
+ * COOP_TASKRUN, TASKRUN_FLAG,
  * SUBMIT_ALL, IOPOLL, HYBRID_IOPOLL, ATTACH_WQ, CQE_MIXED: the ring comes
  * back without them (each only restricts when or where completions are
  * posted, or where a request runs, but IOPOLL and CQE_MIXED change what
- * the ring serves: such a ring is misrestored). A registered eventfd
- * (IORING_REGISTER_EVENTFD), a registered ring descriptor
+ * the ring serves: such a ring is misrestored). A registered ring descriptor
  * (IORING_REGISTER_RING_FDS) and provided-buffer rings are not shown
  * either: lost. IORING_SETUP_SQE128 and CQE32 are told by the size of the
  * mappings (a ring of SQEs larger than 64-byte ones need, a ring region
@@ -97,6 +103,7 @@ export const ADVANCE_LIMIT = 1 << 24;
 const IORING_FEAT_SINGLE_MMAP = 1;
 /** sq_flags / cq_flags bits. */
 const CQ_EVENTFD_DISABLED = 1;
+const EEXIST = 17;
 
 /** struct io_rings' fixed part (io_uring/io_uring.h; the offsets
  * io_uring_setup reports in sq_off/cq_off, checked at restore). */
@@ -159,7 +166,7 @@ const seenRings = new WeakMap<object, Map<bigint, string>>();
 /** The ring of io_uring descriptor `where` ("process 2 (app) fd 5"), from
  * its fdinfo and mappings, read while the process is frozen. `snapshot`
  * is the snapshot's context (one per snapshot: rings seen in it). */
-export function dumpIoUring(snapshot: object, pid: number, fdinfo: string, where: string): IoUring {
+export function dumpIoUring(snapshot: object, pid: number, fdNumber: number, fdinfo: string, where: string): IoUring {
   const field = (k: string) => new RegExp(`^${k}:\\s*(\\S*)\\s*$`, 'm').exec(fdinfo)?.[1];
   const num = (k: string) => {
     const v = field(k);
@@ -206,6 +213,12 @@ export function dumpIoUring(snapshot: object, pid: number, fdinfo: string, where
   if (((sqTail - sqHead) >>> 0) > sqEntries || ((cqTail - cqHead) >>> 0) > cqEntries)
     throw new Unsupported(`${ringName} has SQ head ${sqHead} and tail ${sqTail}, CQ head ${cqHead} and tail ${cqTail}, which do not fit its ${sqEntries} and ${cqEntries} entries`);
 
+  // Not in fdinfo: asked of the ring itself, which it leaves as it was.
+  const eventfd = addon().ioUringHasEventfd(pid, fdNumber);
+  if (eventfd === 1) throw new Unsupported(`${ringName} signals an eventfd of its completions (IORING_REGISTER_EVENTFD), which cannot be captured yet`);
+  if (eventfd === -EEXIST)
+    throw new Unsupported(`${ringName} takes calls only from the thread that made it (IORING_SETUP_SINGLE_ISSUER), which cannot be captured yet (a restore brings its counters back from a thread of its own)`);
+  if (eventfd < 0) throw new Unsupported(`${ringName} cannot be asked whether it signals an eventfd (errno ${-eventfd}), which a capture must know`);
   const taken = seenRings.get(snapshot) ?? new Map<bigint, string>();
   seenRings.set(snapshot, taken);
   const before = taken.get(ino);
