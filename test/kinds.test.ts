@@ -694,6 +694,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['io_uring-sqpoll', (fd) => `process 2 (holder) fd ${fd}: its io_uring polls its SQ from a kernel thread (IORING_SETUP_SQPOLL), which cannot be captured yet`],
     ['io_uring-files', (fd) => `process 2 (holder) fd ${fd}: its io_uring has 1 registered files, which cannot be captured yet`],
     ['io_uring-eventfd', (fd) => `process 2 (holder) fd ${fd}: its io_uring signals an eventfd of its completions (IORING_REGISTER_EVENTFD), which cannot be captured yet`],
+    ['io_uring-dup', (fd) => new RegExp(`process 2 \\(holder\\) fd \\d+: its io_uring is also process 2 \\(holder\\) fd ${fd}'s: one ring held by two descriptors or processes cannot be captured yet`)],
     ['io_uring-single', (fd) => `process 2 (holder) fd ${fd}: its io_uring takes calls only from the thread that made it (IORING_SETUP_SINGLE_ISSUER), which cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
