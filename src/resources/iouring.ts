@@ -385,27 +385,45 @@ const TASK_TOP = 0x7ffffffff000n;
  * Maps `m` of ring descriptor `fd` at its address. The kernel maps an
  * io_uring only where it chooses: an address given is refused, with
  * MAP_FIXED too, and so is moving it there (mremap asks the same hook:
- * io_uring_get_unmapped_area). So every hole of the address space but
- * the one wanted is held meanwhile by an inaccessible placeholder
+ * io_uring_get_unmapped_area). So the holes of the address space it
+ * would choose instead are held meanwhile by inaccessible placeholders
  * (PROT_NONE, MAP_NORESERVE: an entry in the mapping list, no memory),
- * the ring mapped where it may (the only place left, whichever way the
- * kernel searches), and the placeholders unmapped. The hole is free: the
- * image maps nothing there (checkIoUringMappings).
+ * the ring mapped where it may, and the placeholders unmapped. The
+ * kernel searches from the top of the mapping area down: first only the
+ * holes above the address are held (few, near the libraries and the
+ * stack); if the kernel still chose another place (the address lies
+ * above this process's mapping base, which is randomized anew), every
+ * hole but the one wanted is held and it is mapped again. The hole is
+ * free: the image maps nothing there (checkIoUringMappings), nor does the
+ * restore (ioUringRanges).
  */
 function placeMapping(r: RemoteProcess, m: IoUringMapping, fd: number, what: string): void {
   const low = pageUp(BigInt(Number(readFileSync('/proc/sys/vm/mmap_min_addr', 'utf8').trim()) || 65536));
   const end = m.start + m.length;
-  const holes: [bigint, bigint][] = [];
-  let at = low;
-  const maps = readMaps(r.pid).sort((a, b) => (a.start < b.start ? -1 : 1));
-  for (const v of [...maps, { start: TASK_TOP, end: TASK_TOP }]) {
-    if (v.start > at) holes.push([at, v.start < TASK_TOP ? v.start : TASK_TOP]);
-    if (v.end > at) at = v.end;
-    if (at >= TASK_TOP) break;
+  for (const everywhere of [false, true]) {
+    const holes: [bigint, bigint][] = [];
+    let at = low;
+    const maps = readMaps(r.pid).sort((a, b) => (a.start < b.start ? -1 : 1));
+    for (const v of [...maps, { start: TASK_TOP, end: TASK_TOP }]) {
+      if (v.start > at) holes.push([at, v.start < TASK_TOP ? v.start : TASK_TOP]);
+      if (v.end > at) at = v.end;
+      if (at >= TASK_TOP) break;
+    }
+    const home = holes.find(([a, b]) => a <= m.start && end <= b);
+    if (!home) throw new AppshotError(`${what}: the addresses are taken in the restored process`);
+    const fill = holes
+      .flatMap(([a, b]): [bigint, bigint][] => (a === home[0] ? [[a, m.start], [end, b]] : [[a, b]]))
+      .filter(([a, b]) => b > a && (everywhere || a >= end));
+    const mapped = withPlaceholders(r, fill, what, () => r.call(what, SYS.mmap, [0, m.length, m.prot, MAP_SHARED | MAP_POPULATE, fd, m.offset]));
+    if (mapped === m.start) return;
+    r.call(`${what}: unmapping it from ${hex(mapped)}`, SYS.munmap, [mapped, m.length]);
+    if (everywhere) throw new AppshotError(`${what}: the kernel mapped it at ${hex(mapped)}`);
   }
-  const home = holes.find(([a, b]) => a <= m.start && end <= b);
-  if (!home) throw new AppshotError(`${what}: the addresses are taken in the restored process`);
-  const fill = holes.flatMap(([a, b]): [bigint, bigint][] => (a === home[0] ? [[a, m.start], [end, b]] : [[a, b]])).filter(([a, b]) => b > a);
+}
+
+/** `run` with every range of `fill` held by a placeholder; they are
+ * released after, whatever happens. */
+function withPlaceholders(r: RemoteProcess, fill: [bigint, bigint][], what: string, run: () => bigint): bigint {
   const placed: [bigint, bigint][] = [];
   const PER = 200;
   try {
@@ -419,11 +437,7 @@ function placeMapping(r: RemoteProcess, m: IoUringMapping, fd: number, what: str
       });
       if (placed.length !== i + part.length) throw new AppshotError(`${what}: a placeholder landed elsewhere`);
     }
-    const mapped = r.call(what, SYS.mmap, [0, m.length, m.prot, MAP_SHARED | MAP_POPULATE, fd, m.offset]);
-    if (mapped !== m.start) {
-      r.call(`${what}: unmapping it`, SYS.munmap, [mapped, m.length]);
-      throw new AppshotError(`${what}: the kernel mapped it at ${hex(mapped)}`);
-    }
+    return run();
   } finally {
     for (let i = 0; i < placed.length; i += PER) {
       const batch = r.batch();
