@@ -27,10 +27,11 @@
  *
  * Cost and bound. Advancing is one io_uring_enter per batch of as many
  * NOPs as the ring takes at once (its SQ entries; its CQ entries too while
- * they post CQEs). Measured on this machine (Linux 6.18, 2 CPUs): about
- * 0.6-0.9 s per million NOPs for an 8-entry ring, 0.1-0.3 s for 64 to
- * 4096 entries. A ring whose SQ head is past 2^24 (ADVANCE_LIMIT: at
- * most about 15 s for the smallest rings, 3 s for usual ones) is refused
+ * they post CQEs). Measured on this machine (Linux 6.18, 2 CPUs shared
+ * with other work, load 8-10): about 0.5-1.2 s per million NOPs for an
+ * 8-entry ring, 0.1-0.3 s for 64 to 4096 entries (MariaDB's has 2048).
+ * A ring whose SQ head is past 2^24 (ADVANCE_LIMIT: at most about 15 s
+ * for the smallest rings, 2-5 s for usual ones) is refused
  * by name at snapshot: a long-lived server's ring will be (the counters
  * are 32-bit and wrap; nothing short of 2^32 NOPs reproduces an arbitrary
  * value).
@@ -58,9 +59,9 @@
  * UserBufs), registered personalities, a registered eventfd (which
  * fdinfo does not show: asked of the ring through a copy of its
  * descriptor, by registering one of appshot's, refused with EBUSY while
- * one is there, and unregistered at once if taken), NAPI busy polling, a ring not
- * mapped (IORING_SETUP_NO_MMAP: its memory is the application's, which
- * the kernel pins; or a ring simply not mapped yet), a ring held by two
+ * one is there, and unregistered at once if taken), NAPI busy polling, a
+ * ring not mapped (IORING_SETUP_NO_MMAP: its memory is the application's,
+ * which the kernel pins; or a ring simply not mapped yet), a ring held by two
  * descriptors or by two processes (one ring would come back as two), a
  * counter past the bound.
  *
@@ -69,13 +70,12 @@
  * with EEXIST: refused by name, the eventfd question above telling it.
  *
  * Not seen, so not carried (the kernel shows no setup flags in fdinfo):
- * COOP_TASKRUN, TASKRUN_FLAG,
- * SUBMIT_ALL, IOPOLL, HYBRID_IOPOLL, ATTACH_WQ, CQE_MIXED: the ring comes
- * back without them (each only restricts when or where completions are
- * posted, or where a request runs, but IOPOLL and CQE_MIXED change what
- * the ring serves: such a ring is misrestored). A registered ring descriptor
- * (IORING_REGISTER_RING_FDS) and provided-buffer rings are not shown
- * either: lost. IORING_SETUP_SQE128 and CQE32 are told by the size of the
+ * COOP_TASKRUN, TASKRUN_FLAG, SUBMIT_ALL, IOPOLL, HYBRID_IOPOLL,
+ * ATTACH_WQ, CQE_MIXED: the ring comes back without them (each only
+ * restricts when or where completions are posted, or where a request
+ * runs, but IOPOLL and CQE_MIXED change what the ring serves: such a ring
+ * is misrestored). A registered ring descriptor (IORING_REGISTER_RING_FDS)
+ * and provided-buffer rings are not shown either: lost. IORING_SETUP_SQE128 and CQE32 are told by the size of the
  * mappings (a ring of SQEs larger than 64-byte ones need, a ring region
  * larger than 16-byte CQEs need), which a ring of at most 32 entries
  * cannot show (one page holds either): such a ring is taken as the usual
