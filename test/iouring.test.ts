@@ -6,7 +6,7 @@
  * with the same counters in the kernel and the mapping, the queued SQE
  * submitted and the CQEs reaped, new writes and reads served. A ring with
  * a request in flight (a read of an empty pipe) is refused by name, and
- * left working.
+ * left working; so is one past the bound on what a restore replays.
  */
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -64,6 +64,18 @@ describe('io_uring: idle rings restored at their descriptors and addresses with 
     await sb.checksPass('iouc-2');
     await sb.exercised('iouc-2', 'to use its rings');
     for (const aid of ['iouc-1', 'iouc-2']) await stopped(aid);
+  });
+
+  it('a ring past the bound (more than 2^24 SQEs consumed, as many NOPs to restore): refused by name, left working', async () => {
+    sb.ok(['run', '-d', '--aid', 'iou5', '--', fixture('iourings'), '--nops', String(2 ** 24 + 4)]);
+    await sb.checksPass('iou5');
+    const r = sb.run(['snapshot', 'iou5', '-o', join(out, 'iou5')]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(`process 2 (iourings) fd 7: its io_uring has consumed ${2 ** 24 + 8} SQEs, more than the ${2 ** 24} a restore brings a new ring's counters to (by as many NOPs); the application was left running`);
+    expect(existsSync(join(out, 'iou5'))).toBe(false);
+    await sb.exercised('iou5', 'to use its rings');
+    await stopped('iou5');
   });
 
   it('a ring with a request in flight: refused by name, the application and its rings left working', async () => {
