@@ -311,6 +311,12 @@ interface Addon {
   releaseGuard(guard: { fd: number; pid: number }): void;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
+  /** A new io_uring's SQ head and CQ tail brought to `sqHead`, `cqTail`
+   * by NOPs (addon/src/iouring.c): the io_uring_enter calls it made. */
+  /** Whether ring `fd` of `pid` has an eventfd registered: 1, 0, or -errno
+   * (addon/src/iouring.c; the ring left as it was). */
+  ioUringHasEventfd(pid: number, fd: number): number;
+  ioUringAdvance(a: { pid: number; fd: number; sqEntries: number; cqEntries: number; ringBytes: number; sqeBytes: number; arrayOffset: number; sqeSize: number; sqHead: number; cqTail: number }): number;
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
   crc32c(data: Buffer, seed?: number): number;
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;

@@ -573,6 +573,65 @@ function mqueueCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** io_uring rings (resources/iouring.ts): an idle ring of 8 SQ and 16
+ * CQ entries at fd 912 of process 0, 1000 SQEs consumed, its rings and
+ * SQEs mapped at 0x200000000000, changed by `change`. Each would otherwise
+ * reach io_uring_setup, the NOPs that advance its counters or the
+ * mappings with what no snapshot takes. */
+export function ioUringRing(head = 1000): NonNullable<Fd['ioUring']> {
+  const rings = Buffer.alloc(4096);
+  for (const [at, v] of [[0, head], [4, head], [8, head], [12, head], [16, 7], [20, 15], [24, 8], [28, 16]]) rings.writeUInt32LE(v, at);
+  return {
+    sqEntries: 8,
+    cqEntries: 16,
+    flags: 0,
+    sqHead: head,
+    cqTail: head,
+    rings,
+    sqes: Buffer.alloc(4096),
+    mappings: [
+      { start: 0x200000000000n, length: 4096n, offset: 0x10000000n, prot: 3, dontfork: false },
+      { start: 0x200000001000n, length: 4096n, offset: 0n, prot: 3, dontfork: true },
+    ],
+  };
+}
+function ioUringCases(): [string, (image: Image) => void, string][] {
+  const ring = (change: (fd: Image['processes'][number]['fds'][number], g: NonNullable<Fd['ioUring']>, i: Image) => void) => (i: Image) => {
+    const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+    const g = ioUringRing();
+    Object.assign(fd, { fd: 912, kind: 20, flags: 0o2, path: 'anon_inode:[io_uring]', file: -1, description: 0, ioUring: g });
+    change(fd, g, i);
+    i.processes[0].fds.push(fd);
+  };
+  return [
+    ['an io_uring of 6 SQ entries (not a power of two)', ring((_, g) => (g.sqEntries = 6)), 'fd 912 is an io_uring that has 6 SQ entries \\(a power of two up to 32768\\)'],
+    ['an io_uring of 65536 SQ entries', ring((_, g) => (g.sqEntries = 65536)), 'fd 912 is an io_uring that has 65536 SQ entries'],
+    ['an io_uring of fewer CQ entries than SQ entries', ring((_, g) => (g.cqEntries = 4)), 'fd 912 is an io_uring that has 4 CQ entries'],
+    ['an io_uring of 2^17 CQ entries', ring((_, g) => (g.cqEntries = 1 << 17)), 'fd 912 is an io_uring that has 131072 CQ entries'],
+    ['an io_uring asking IORING_SETUP_SQPOLL', ring((_, g) => (g.flags = 2)), 'fd 912 is an io_uring that has setup flags 0x2'],
+    ['an io_uring asking CQSIZE with the default CQ size', ring((_, g) => (g.flags = 8)), 'fd 912 is an io_uring that has setup flags 0x8'],
+    ['an io_uring whose counters are past the bound (2^32 - 1 NOPs)', ring((_, g) => Object.assign(g, ioUringRing(0xffffffff))), 'fd 912 is an io_uring that has SQ head 4294967295 and CQ tail 4294967295 \\(equal, at most 16777216\\)'],
+    ['an io_uring with a request in flight (CQ tail behind the SQ head)', ring((_, g) => (g.cqTail = 999)), 'fd 912 is an io_uring that has SQ head 1000 and CQ tail 999'],
+    ['an io_uring with an SQ head of -1 (stored unsigned: 2^32 - 1)', ring((_, g) => (g.sqHead = -1)), 'fd 912 is an io_uring that has SQ head 4294967295 and CQ tail 1000'],
+    ['an io_uring whose ring memory names other counters', ring((_, g) => g.rings.writeUInt32LE(5, 12)), 'fd 912 is an io_uring that has rings whose SQ head 1000 and CQ tail 5 are not its 1000 and 1000'],
+    ['an io_uring whose ring memory names other sizes', ring((_, g) => g.rings.writeUInt32LE(31, 16)), 'fd 912 is an io_uring that has rings whose masks and sizes \\(31, 15, 8, 16\\)'],
+    ['an io_uring with more SQEs queued than it has entries', ring((_, g) => g.rings.writeUInt32LE(1009, 4)), 'fd 912 is an io_uring that has SQ tail 1009 and CQ head 1000 beyond its entries'],
+    ['an io_uring with SQ flags the kernel raised (a CQ overflow)', ring((_, g) => g.rings.writeUInt32LE(1, 36)), 'fd 912 is an io_uring that has SQ flags 0x1 and CQ flags 0x0'],
+    ['an io_uring with more ring memory than its layout has', ring((_, g) => (g.rings = Buffer.concat([g.rings, Buffer.alloc(4096)]))), 'fd 912 is an io_uring that has 8192 bytes of rings \\(whole pages, at most 4096\\)'],
+    ['an io_uring with ring memory not in whole pages', ring((_, g) => (g.sqes = g.sqes.subarray(0, 100))), 'fd 912 is an io_uring that has 100 bytes of SQEs'],
+    ['an io_uring mapped at an unaligned address', ring((_, g) => (g.mappings[0].start += 8n)), 'fd 912 is an io_uring that has a mapping of 4096 bytes at 0x200000000008'],
+    ['an io_uring mapped at an offset the kernel does not serve', ring((_, g) => (g.mappings[0].offset = 0x4000n)), 'fd 912 is an io_uring that has a mapping of 4096 bytes at 0x200000000000, offset 0x4000'],
+    ['an io_uring mapped longer than its memory', ring((_, g) => (g.mappings[1].length = 8192n)), 'fd 912 is an io_uring that has a mapping of 8192 bytes'],
+    ['an io_uring mapped beyond user space', ring((_, g) => (g.mappings[0].start = 0x7ffffffff000n)), 'fd 912 is an io_uring that has a mapping of 4096 bytes at 0x7ffffffff000'],
+    ['an io_uring mapped executable', ring((_, g) => (g.mappings[0].prot = 7)), 'fd 912 is an io_uring that has a mapping of 4096 bytes at 0x200000000000, offset 0x10000000, protection 7'],
+    ['an io_uring with 5 mappings', ring((_, g) => (g.mappings = [...g.mappings, ...g.mappings, g.mappings[0]])), 'fd 912 is an io_uring that has 5 mappings'],
+    ['an io_uring mapped over the process\'s memory', ring((_, g, i) => (g.mappings[0].start = i.processes[0].vmas[0].start)), 'fd 912\'s io_uring mapping at 0x[0-9a-f]+ overlaps a mapping'],
+    ['an io_uring whose two mappings overlap', ring((_, g) => (g.mappings[1].start = g.mappings[0].start)), 'fd 912\'s io_uring mapping at 0x200000000000 overlaps another io_uring mapping'],
+    ['an io_uring descriptor without its ring', ring((fd) => (fd.ioUring = undefined)), 'fd 912 is an io_uring descriptor with no ring'],
+    ['an io_uring ring on a descriptor of another kind', ring((fd) => (fd.kind = 6)), 'fd 912 has an io_uring but is not an io_uring descriptor'],
+  ];
+}
+
 /** fanotify groups (resources/fanotify.ts): a group at fd 910 of process
  * 0 with one inode mark, changed by `change`. Each would otherwise reach
  * fanotify_init or fanotify_mark with what no snapshot takes. */
@@ -871,6 +930,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ...aioCases(),
     ...dnotifyCases(),
     ...fanotifyCases(),
+    ...ioUringCases(),
     ...netlinkCases(),
   ];
   for (const [what, change, message] of cases)
@@ -879,6 +939,17 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['inspect', dir], corrupt(message));
       refuses(['restore', dir], corrupt(message));
     });
+
+  it('takes a well-formed io_uring record as what it is (the cases above differ from it by one field)', () => {
+    const dir = crafted('iouring-well-formed', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 912, kind: 20, flags: 0o2, path: 'anon_inode:[io_uring]', file: -1, description: 0, ioUring: ioUringRing() });
+      i.processes[0].fds.push(fd);
+    });
+    const shown = sb.run(['inspect', dir]);
+    expect(shown.code, shown.stderr).toBe(0);
+    expect(shown.stdout).toMatch(/912\s+IO_URING\s+io_uring 8\/16 entries, 1000 SQEs consumed, 0 queued, 0 CQEs not reaped, mapped at 0x200000000000, 0x200000001000/);
+  });
 
   it('never removes a file that is not a socket where an image binds a unix listener', () => {
     // connect() answers ECONNREFUSED for any file: taken for a stale

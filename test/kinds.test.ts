@@ -694,7 +694,12 @@ describe('what cannot be captured yet is refused by name, and the application go
   const refusals: [string, (fd: string) => string | RegExp][] = [
     ['fanotify-perm', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the fanotify mark on inode \\d+ asks permission events \\(mask 0x20000, ignored 0x0\\): an answer owed to a process waiting on one cannot be seen, so it cannot be captured`)],
     ['fanotify-mntns', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a fanotify mark this kernel shows as 'fanotify mnt_ns(?:_id)?:\\d+ mflags:0 mask:3000000 ignored_mask:0' cannot be captured yet`)],
-    ['io_uring', (fd) => `process 2 (holder) fd ${fd}: io_uring cannot be captured yet`],
+    ['io_uring', (fd) => `process 2 (holder) fd ${fd}: its io_uring has its rings not mapped (not yet, or in the application's own memory: IORING_SETUP_NO_MMAP), which cannot be captured yet`],
+    ['io_uring-sqpoll', (fd) => `process 2 (holder) fd ${fd}: its io_uring polls its SQ from a kernel thread (IORING_SETUP_SQPOLL), which cannot be captured yet`],
+    ['io_uring-files', (fd) => `process 2 (holder) fd ${fd}: its io_uring has 1 registered files, which cannot be captured yet`],
+    ['io_uring-eventfd', (fd) => `process 2 (holder) fd ${fd}: its io_uring signals an eventfd of its completions (IORING_REGISTER_EVENTFD), which cannot be captured yet`],
+    ['io_uring-dup', (fd) => new RegExp(`process 2 \\(holder\\) fd \\d+: its io_uring is also process 2 \\(holder\\) fd ${fd}'s: one ring held by two descriptors or processes cannot be captured yet`)],
+    ['io_uring-single', (fd) => `process 2 (holder) fd ${fd}: its io_uring takes calls only from the thread that made it (IORING_SETUP_SINGLE_ISSUER), which cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],

@@ -16,7 +16,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, request } from 'node:http';
 import { connect } from 'node:net';
 import { createSocket } from 'node:dgram';
@@ -995,5 +995,66 @@ print(f.quit().split()[0], flush=True)
       client.kill();
       sb.run(['stop', 'ftp', '-s', 'KILL']);
     }
+  });
+});
+
+// MariaDB 10.11 from Debian: InnoDB's asynchronous I/O through an io_uring
+// (liburing), which a snapshot once refused (resources/iouring.ts). A
+// private server (its own data directory and socket, no network), a client
+// connected across the snapshot and restore (its connection held by the
+// keeper), and the restored ring seen serving InnoDB's writes after.
+const MARIADBD = '/usr/sbin/mariadbd';
+describe('MariaDB 10.11 (InnoDB on io_uring)', { timeout: 180_000 }, () => {
+  it.runIf(existsSync(MARIADBD) && isRoot)('a client connected across a snapshot and restore; the ring at its counters, serving InnoDB after', async () => {
+    const data = join(dir, 'mariadb');
+    const sock = join(data, 'sock');
+    const install = spawnSync('mariadb-install-db', ['--no-defaults', '--user=root', `--datadir=${join(data, 'db')}`, '--auth-root-authentication-method=normal', '--skip-test-db'], { encoding: 'utf8', timeout: 120_000 });
+    expect(install.status, install.stderr).toBe(0);
+    run(['run', '-d', '--aid', 'mdb', '--', MARIADBD, '--no-defaults', '--user=root', `--datadir=${join(data, 'db')}`, `--socket=${sock}`, '--skip-networking', `--pid-file=${join(data, 'pid')}`, `--log-error=${join(data, 'err.log')}`, '--innodb-buffer-pool-size=32M']);
+    const sql = (q: string) => spawnSync('mariadb', ['--no-defaults', '-uroot', '-S', sock, '-N', '-e', q], { encoding: 'utf8', timeout: 30_000 });
+    await waitFor(() => sql('select 1').status === 0, 60_000, 'MariaDB to answer');
+    expect(readFileSync(join(data, 'err.log'), 'utf8')).toMatch(/InnoDB: Using io_uring/);
+    const server = () => processes('mdb').find((p) => p.command.includes('mariadbd'))!.pid;
+    /** The server's ring: its fdinfo counters (SqHead, CqTail, ...). */
+    const ring = () => {
+      const pid = server();
+      const fd = readdirSync(`/proc/${pid}/fd`).find((n) => readlinkSync(`/proc/${pid}/fd/${n}`) === 'anon_inode:[io_uring]');
+      expect(fd, 'an io_uring descriptor').toBeDefined();
+      const info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+      const get = (k: string) => Number(new RegExp(`^${k}:\\s*(\\d+)`, 'm').exec(info)![1]);
+      return { fd, sqHead: get('SqHead'), cqTail: get('CqTail'), cached: get('CachedSqHead') };
+    };
+    expect(sql("create database t; create table t.k (id int primary key, v varchar(64)) engine=innodb; insert into t.k values (1, 'before')").status).toBe(0);
+    // A client session kept open: its answers are read as they come.
+    const client = spawn('mariadb', ['--no-defaults', '-uroot', '-S', sock, '-N', '-n', 't']);
+    let answers = '';
+    client.stdout.on('data', (b: Buffer) => (answers += b.toString()));
+    client.stdin.write("select 'c1', v from k where id = 1;\n");
+    await waitFor(() => /c1\tbefore/.test(answers), 20_000, 'the client\'s first answer');
+    const before = ring();
+    run(['snapshot', 'mdb', '-o', join(data, 'snap')]);
+    // The ring as the image holds it: InnoDB may have written meanwhile.
+    const held = /(\d+)\s+IO_URING\s+io_uring (\d+)\/(\d+) entries, (\d+) SQEs consumed, 0 queued, 0 CQEs not reaped/.exec(sb.run(['inspect', join(data, 'snap')]).stdout);
+    expect(held, 'the ring in the image').not.toBeNull();
+    expect(held![1]).toBe(before.fd);
+    const consumed = Number(held![4]);
+    expect(consumed).toBeGreaterThanOrEqual(before.sqHead);
+    run(['restore', join(data, 'snap')]);
+    // Its counters where they were (or moved on by InnoDB since), the
+    // kernel's and the mapping's one.
+    const after = ring();
+    expect(after.fd).toBe(before.fd);
+    expect(after.sqHead).toBeGreaterThanOrEqual(consumed);
+    expect(after.cached).toBeGreaterThanOrEqual(consumed);
+    client.stdin.write("insert into k values (2, 'across'); select 'c2', count(*), max(v) from k;\n");
+    await waitFor(() => /c2\t2\tbefore/.test(answers), 20_000, 'the client\'s answer after the restore');
+    // Writes enough pages that InnoDB flushes them through the ring.
+    expect(sql("use t; create table big (id int primary key auto_increment, pad char(200)) engine=innodb; insert into big (pad) select repeat('x', 200) from seq_1_to_20000; set global innodb_max_dirty_pages_pct = 0; set global innodb_max_dirty_pages_pct_lwm = 0").status).toBe(0);
+    await waitFor(() => ring().sqHead > after.sqHead + 50, 60_000, 'InnoDB to write through the restored ring');
+    expect(sql('select count(*) from t.big').stdout.trim()).toBe('20000');
+    client.stdin.end();
+    run(['stop', 'mdb', '-t', '30']);
+    expect(readFileSync(join(data, 'err.log'), 'utf8')).not.toMatch(/\[ERROR\]/);
+    run(['rm', '-f', 'mdb']);
   });
 });

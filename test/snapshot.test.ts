@@ -440,7 +440,7 @@ describe('snapshot failures leave the application running and no image', () => {
     const r = sb.run(['snapshot', 'inot', '-o', join(out, 'inot')]);
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
-    expect(r.stderr).toContain(`process 2 (holder) fd ${fd}: io_uring cannot be captured yet`);
+    expect(r.stderr).toContain(`process 2 (holder) fd ${fd}: its io_uring has its rings not mapped`);
     expect(existsSync(join(out, 'inot'))).toBe(false);
     const [p] = sb.json<Json>(['ps', 'inot'])[0].processes.filter((x: Json) => x.vpid === 2);
     expect(tracerOf(p.pid)).toBe(0);

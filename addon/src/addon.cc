@@ -842,6 +842,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot::RegisterDgram(env, exports);
   appshot::RegisterProbe(env, exports);
   appshot::RegisterForward(env, exports);
+  appshot::RegisterIoUring(env, exports);
   return exports;
 }
 

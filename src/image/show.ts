@@ -6,6 +6,7 @@ import { describeUnconnected } from '../resources/unconnected.js';
 import { describePidfd } from '../resources/pidfd.js';
 import { describeInotify } from '../resources/inotify.js';
 import { describeFanotify } from '../resources/fanotify.js';
+import { describeIoUring } from '../resources/iouring.js';
 import { describeLocks } from '../resources/locks.js';
 import { countPages } from '../resources/memory.js';
 import { describeTimerfd } from '../resources/timerfd.js';
@@ -131,6 +132,8 @@ function describeFd(image: Image, fd: Fd): string {
       return describeInotify(fd.inotifyWatches);
     case 'FANOTIFY':
       return describeFanotify(fd.fanotify);
+    case 'IO_URING':
+      return describeIoUring(fd.ioUring);
     case 'MQUEUE':
       return describeMessageQueue(image, fd);
     case 'PTY': {

@@ -468,6 +468,7 @@ export const FdKind = {
   MQUEUE: 17,
   FANOTIFY: 18,
   NETLINK: 19,
+  IO_URING: 20,
   RAW: 21,
 } as const;
 export const fdKindName = Object.fromEntries(Object.entries(FdKind).map(([k, v]) => [v, k]));
@@ -516,6 +517,32 @@ export interface Fd {
   textPosition?: TextPosition;
   /** FANOTIFY: the group and its marks; absent otherwise. */
   fanotify?: Fanotify;
+  /** IO_URING: the ring; absent otherwise. */
+  ioUring?: IoUring;
+}
+
+/** An idle io_uring instance (resources/iouring.ts). */
+export interface IoUring {
+  sqEntries: number;
+  cqEntries: number;
+  /** io_uring_setup flags: IORING_SETUP_CQSIZE, SQE128, CQE32. */
+  flags: number;
+  /** The kernel's SQ head and CQ tail. */
+  sqHead: number;
+  cqTail: number;
+  mappings: IoUringMapping[];
+  /** The ring region from its start, as far as the process mapped it. */
+  rings: Buffer;
+  /** The SQE array, as far as mapped. */
+  sqes: Buffer;
+}
+
+export interface IoUringMapping {
+  start: bigint;
+  length: bigint;
+  offset: bigint;
+  prot: number;
+  dontfork: boolean;
 }
 
 /** A fanotify group (resources/fanotify.ts). */

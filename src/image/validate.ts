@@ -20,6 +20,7 @@ import { checkWaits } from '../resources/waits.js';
 import { dnotifyRecordFault } from '../resources/fdowner.js';
 import { checkPosixQueues } from '../resources/mqueue.js';
 import { fanotifyRecordFault } from '../resources/fanotify.js';
+import { checkIoUringMappings, ioUringRecordFault } from '../resources/iouring.js';
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
@@ -210,6 +211,7 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
   if (!memoryOnly) checkAioRings(p, corrupt);
+  if (!memoryOnly) checkIoUringMappings(p, corrupt);
   if (!memoryOnly) checkTidMoves(p, corrupt);
   if (!memoryOnly) checkGlibcTidWrites(p, corrupt);
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
@@ -355,6 +357,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
     const fanotify = fanotifyRecordFault(fd);
     if (fanotify) corrupt(`${where} ${fanotify}`);
+    const ioUring = ioUringRecordFault(fd);
+    if (ioUring) corrupt(`${where} ${ioUring}`);
     const dnotify = dnotifyRecordFault(image, fd);
     if (dnotify) corrupt(`${where} ${dnotify}`);
     checkLocks(fd, where);

@@ -53,9 +53,28 @@ function tracerOf(tid: number): number {
 }
 const PTRACE_EVENT = { fork: 1, vfork: 2, clone: 3, exec: 4, vforkDone: 5 };
 
+/** PF_IO_WORKER (include/linux/sched.h): a kernel thread of an io_uring
+ * (io-wq's iou-wrk-N, SQPOLL's iou-sqp-N) that /proc lists among the
+ * process's threads. It runs no user code: it is neither frozen nor
+ * dumped, and a restored ring makes its own as it needs them
+ * (resources/iouring.ts). */
+const PF_IO_WORKER = 0x10;
+
+/** Whether task `tid` of `pid` is an io_uring worker (PF_IO_WORKER). */
+export function isIoWorker(pid: number, tid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    return (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[6]) & PF_IO_WORKER) !== 0;
+  } catch {
+    return false;
+  }
+}
+
 function tasksOf(pid: number): number[] {
   try {
-    return readdirSync(`/proc/${pid}/task`).map(Number);
+    return readdirSync(`/proc/${pid}/task`)
+      .map(Number)
+      .filter((tid) => !isIoWorker(pid, tid));
   } catch {
     return [];
   }

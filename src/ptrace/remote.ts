@@ -71,6 +71,7 @@ export const SYS = {
   rseq: 334,
   mq_notify: 244,
   io_setup: 206,
+  io_uring_setup: 425,
   io_submit: 209,
   pidfd_open: 434,
   close_range: 436,

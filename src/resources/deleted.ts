@@ -21,6 +21,8 @@ const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
 const EINVAL = 22;
+/** O_TMPFILE: __O_TMPFILE | O_DIRECTORY. */
+const O_TMPFILE_BITS = 0o20000000 | 0o200000;
 
 /* ---- dump ------------------------------------------------------------- */
 
@@ -52,13 +54,14 @@ export function memfdSeals(path: string, fd: number): number | undefined {
  * again with the description's flags. Its offset is the caller's. */
 export function openDeletedFile(h: RestoreContext, fd: Fd): number {
   const anchor = deletedFileAnchor(h, fd.file);
-  // O_NOFOLLOW, which the kernel keeps in the description's flags, is what
-  // every mkstemp-style temporary file is opened with (Python's tempfile:
-  // gunicorn's worker heartbeat files); given to the open of the magic link
-  // /proc/self/fd/N it fails with ELOOP. It only ruled the lookup of the
-  // name the file no longer has, so it is left out: the one trace is
-  // F_GETFL without that bit.
-  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | fs.O_NOFOLLOW)));
+  // Flags that ruled how the name was looked up, which the kernel keeps
+  // in the description's flags, and which the open of the magic link
+  // /proc/self/fd/N cannot take: O_NOFOLLOW, which every mkstemp-style
+  // temporary file is opened with (Python's tempfile: gunicorn's worker
+  // heartbeat files), fails with ELOOP; O_TMPFILE's bits (__O_TMPFILE |
+  // O_DIRECTORY: MariaDB's temporary files) with ENOTDIR on the anchor, a
+  // regular file. The one trace of leaving them out is F_GETFL without them.
+  return h.keep(openSync(`/proc/self/fd/${anchor}`, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | fs.O_NOFOLLOW | O_TMPFILE_BITS)));
 }
 
 /** Our read-write descriptor for deleted file `index` of the image, made

@@ -7,7 +7,7 @@
  * and FIFOs pipes.ts's, listening and unix sockets sockets.ts's (unix
  * datagram sockets unixdgram.ts's, UDP udp.ts's, netlink netlink.ts's),
  * established TCP connections tcp.ts's, and eventfd, epoll, signalfd,
- * timerfd, inotify and fanotify each their own module's, POSIX message queues
+ * timerfd, inotify, fanotify and io_uring each their own module's, POSIX message queues
  * mqueue.ts's, pseudoterminals ptys.ts's
  * (after every process is read). Anything else is refused
  * by name.
@@ -28,6 +28,7 @@ import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
 import { dumpInotify, restoreInotify } from './inotify.js';
 import { dumpFanotify, restoreFanotify } from './fanotify.js';
+import { dumpIoUring, restoreIoUring } from './iouring.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
 import { dumpSignalfd, restoreSignalfd } from './signalfd.js';
 import { openConnection } from './tcp.js';
@@ -165,6 +166,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else if (target === 'anon_inode:[fanotify]') {
       fd.kind = FdKind.FANOTIFY;
       fd.fanotify = dumpFanotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
+    } else if (target === 'anon_inode:[io_uring]') {
+      fd.kind = FdKind.IO_URING;
+      fd.ioUring = dumpIoUring(ctx, pid, n, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[pidfd]' || bracket?.[1] === 'pidfd') {
       fd.kind = FdKind.PIDFD;
       fd.procVpid = dumpPidfd(ctx, info, flags, `${what} fd ${n}`);
@@ -235,6 +239,7 @@ const MADE_INSIDE: Partial<Record<number, (r: RemoteProcess, fd: Fd) => number>>
   [FdKind.TIMERFD]: restoreTimerfd,
   [FdKind.INOTIFY]: restoreInotify,
   [FdKind.FANOTIFY]: restoreFanotify,
+  [FdKind.IO_URING]: restoreIoUring,
 };
 
 const F_DUPFD_CLOEXEC = 1030;

@@ -421,6 +421,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         vma.shmVid = ctx.virtual('shmid', Number(l.ino));
         if (!vma.shmVid && !ctx.tables.tables.shmid.some((e) => e.system === Number(l.ino)))
           throw new Unsupported(`${what}: maps SysV segment ${l.ino}, which belongs to no application`);
+      } else if (l.path === 'anon_inode:[io_uring]') {
+        // An io_uring's rings and SQEs: iouring.ts's (Fd.ioUring).
+        continue;
       } else if (l.path.startsWith('/[aio]')) {
         // The ring of an AIO context (io_setup): aio.ts's (Process.aioRings).
         continue;

@@ -33,6 +33,7 @@ import { restoreFds } from '../resources/files.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreAioRings } from '../resources/aio.js';
+import { ioUringRanges } from '../resources/iouring.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
@@ -771,8 +772,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const seedMaps = readMaps(m.pid);
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
-      // AIO rings are moved to their addresses later: kept free.
-      const rings = (m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length }));
+      // AIO rings are moved to their addresses later, io_uring rings
+      // mapped there later: kept free.
+      const rings = [...(m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length })), ...ioUringRanges(m.proc)];
       const used = [...m.proc.vmas, ...seedMaps, ...rings];
       // The scratch area it has already, if the image leaves it where it
       // is (one stop fewer); else one mapped where the image has nothing.

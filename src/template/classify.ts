@@ -227,6 +227,9 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
     case FdKind.FANOTIFY:
       // Marks follow paths by name, as inotify's watches do.
       return { kind: 'fanotify', name: `fanotify on ${(fd.fanotify?.marks ?? []).map((m) => m.path).join(', ') || 'nothing'}`, ...decide('duplicate', CRITERIA.privateToInstance) };
+    case FdKind.IO_URING:
+      // Each clone makes its own ring, as a restore does.
+      return { kind: 'io_uring', name: 'io_uring', ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.MQUEUE:
       return { kind: 'mqueue', name: describeMessageQueue(image, fd), ...decide('duplicate', CRITERIA.privateToInstance) };
     case FdKind.EPOLL:
