@@ -30,7 +30,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
-import { fixture, Sandbox, twoClones } from './helpers.js';
+import { fixture, Sandbox, twoClones, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const dir = mkdtempSync(join(tmpdir(), 'appshot-clonesymlink-'));
@@ -139,4 +139,35 @@ it("a clone's private copy of a file reached through a symlink has the owner and
   expect(st.isFile()).toBe(true);
   expect(readFileSync(copy, 'utf8')).toBe('only root reads this\n');
   expect({ uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 }).toEqual({ uid: 0, gid: 0, mode: 0o600 });
+});
+
+it('a clone of an application run as nobody is refused a root-only file put, through a symlink, where the template\'s copy-on-write file was, and leaves nothing', async () => {
+  // Reached by nobody: the scratch directories are mkdtemp's 0700.
+  chmodSync(dir, 0o755);
+  const own = mkdtempSync(join(dir, 'leak-'));
+  chmodSync(own, 0o755);
+  const data = join(own, 'data');
+  mkdirSync(data);
+  chownSync(data, 65534, 65534);
+  const f = join(data, 'f');
+  writeFileSync(f, 'mine\n');
+  chownSync(f, 65534, 65534);
+  const secret = join(own, 'secret');
+  writeFileSync(secret, 'only root reads this\n', { mode: 0o600 });
+  chmodSync(secret, 0o600);
+  const r = sb.run(['run', '-d', '--aid', 'leak', '--', 'setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', 'sh', '-c', `exec 3<>${f}; echo READY; exec sleep 100000`]);
+  expect(r.code, r.stderr).toBe(0);
+  await waitFor(() => /READY/.test(sb.log('leak')), 10_000, 'the holder to open its file');
+  sb.ok(['snapshot', 'leak', '-o', join(own, 'snap')]);
+  sb.ok(['template', 'create', join(own, 'snap'), '-o', join(own, 'tpl')]);
+  // The template's own file, opened for writing: copy-on-write.
+  expect(sb.run(['template', 'show', join(own, 'tpl')]).stdout).toMatch(new RegExp(`copy-on-write\\s+file\\s+${f}`));
+  rmSync(f);
+  symlinkSync(secret, f);
+  lchownSync(f, 65534, 65534);
+  const clone = sb.run(['clone', join(own, 'tpl'), '--aid', 'leakc']);
+  expect(clone.code, clone.stderr).toBe(5);
+  expect(clone.stderr).toMatch(/process 2 fd 3: \S+\/data\/f cannot be opened with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
+  expect(sb.allAids()).not.toContain('leakc');
+  expect(existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')).filter((n) => n.startsWith('leakc')) : []).toEqual([]);
 });

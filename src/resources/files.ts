@@ -425,8 +425,11 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     path = filePath(h, p, fd);
     // The image's name is opened as its process would (fsident.ts): a
     // symlink planted on the way, or a file the process could not open,
-    // gets the kernel's EACCES. A clone's own copy is appshot's to open.
-    got = h.keep(path === fd.path ? openAsProcess(h, p, fd, path, plain) : openSync(path, plain));
+    // gets the kernel's EACCES. So is a clone's own copy, which has the
+    // owner and mode of what it copied (paths.ts privateCopy): a copy of
+    // a root-only file reached through a symlink planted where the
+    // template's file was is not handed to a process that could not read it.
+    got = h.keep(openAsProcess(h, p, fd, path, plain));
   }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
