@@ -447,6 +447,16 @@ describe('snapshot failures leave the application running and no image', () => {
     expect(threadStates(p.pid)).not.toContain('t');
   });
 
+  it('refuses a process in a user namespace of its own, whose capabilities there a restore would give it outside', async () => {
+    startApp('userns', ['unshare', '--user', '--', 'sh', '-c', 'echo READY; exec sleep 100000']);
+    await waitFor(() => /READY/.test(logOf('userns')), 10_000, 'the program to start');
+    const r = sb.run(['snapshot', 'userns', '-o', join(out, 'userns')]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/process 2 \(sleep\) is in a user namespace of its own \(user:\[\d+\]\), which cannot be captured yet; the application was left running/);
+    expect(existsSync(join(out, 'userns'))).toBe(false);
+    sb.run(['stop', 'userns', '-s', 'KILL']);
+  });
+
   it('gives up on a process that never settles (a vfork in progress) after --timeout, resuming all', async () => {
     startApp('vfork', [fixture('vforker'), '60']);
     await waitFor(() => /CHILD/.test(logOf('vfork')));

@@ -137,9 +137,14 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 /** The namespaces whose contents no image holds: a process in one of its
  * own (made by a raw system call: the preload library refuses them)
  * would come back in the restore's, its ids, sockets or SysV objects
- * those of another place, or its isolation lost. Time namespaces are
- * carried (timens.ts); mount, UTS, user and cgroup ones change no id. */
+ * those of another place, or its isolation lost. A user namespace of its
+ * own (unshare --user, which the library lets through) is worse: the
+ * capabilities the process holds inside it, all of them as its root,
+ * would be given to it in the restore's, a root restore's being the
+ * host's. Time namespaces are carried (timens.ts); mount, UTS and cgroup
+ * ones change no id. */
 const OWN_NAMESPACES: [string, string][] = [
+  ['user', 'user'],
   ['pid', 'PID'],
   ['pid_for_children', 'PID (for its children)'],
   ['net', 'network'],
