@@ -951,6 +951,32 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     expect(shown.stdout).toMatch(/912\s+IO_URING\s+io_uring 8\/16 entries, 1000 SQEs consumed, 0 queued, 0 CQEs not reaped, mapped at 0x200000000000, 0x200000001000/);
   });
 
+  it('restores or refuses in one line an io_uring carried shorter than its entries, never writing past what appshot mapped (review29 H1)', () => {
+    // 32768 SQ and 65536 CQ entries, one page of rings carried (as a
+    // program that maps part of its ring would give): the counters'
+    // NOPs write the index array, a megabyte past that page.
+    const dir = crafted('iouring-carried-short', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      const g = ioUringRing();
+      Object.assign(g, { sqEntries: 32768, cqEntries: 65536, sqes: Buffer.alloc(32768 * 64) });
+      for (const [at, v] of [[16, 32767], [20, 65535], [24, 32768], [28, 65536]]) g.rings.writeUInt32LE(v, at);
+      g.mappings = [
+        { start: 0x200000000000n, length: BigInt(32768 * 64), offset: 0x10000000n, prot: 3, dontfork: false },
+        { start: 0x200010000000n, length: 4096n, offset: 0n, prot: 3, dontfork: false },
+      ];
+      Object.assign(fd, { fd: 912, kind: 20, flags: 0o2, path: 'anon_inode:[io_uring]', file: -1, description: 0, ioUring: g });
+      i.processes[0].fds.push(fd);
+    });
+    const r = sb.run(['restore', dir, '--aid', 'iou-short']);
+    // Before the fix the engine died on its own writes: "the engine went
+    // away during the command" (exit 70).
+    expect(r.stderr).not.toMatch(/went away/);
+    if (r.code === 0) {
+      expect(sb.aids()).toContain('iou-short');
+      sb.run(['stop', 'iou-short', '-s', 'KILL']);
+    } else expect(r.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
   it('never removes a file that is not a socket where an image binds a unix listener', () => {
     // connect() answers ECONNREFUSED for any file: taken for a stale
     // socket, the file was removed and a socket bound in its place.

@@ -59,6 +59,13 @@ static void* advance(void* arg) {
     snprintf(a->error, sizeof a->error, "taking its descriptor (pidfd_getfd): %s", strerror(errno));
     goto out;
   }
+  /* What the NOPs write must lie in what is mapped: the index array and
+   * every SQE slot (the caller gives the ring's whole sizes). */
+  if (a->ring_bytes < 64 || (unsigned long)a->sq_entries * a->sqe_size > a->sqe_bytes ||
+      (a->array_offset >= 0 && ((unsigned long)a->array_offset < 64 || (unsigned long)a->array_offset + 4UL * a->sq_entries > a->ring_bytes))) {
+    snprintf(a->error, sizeof a->error, "a ring of %lu and %lu bytes cannot hold %u entries with their index array at %ld", a->ring_bytes, a->sqe_bytes, a->sq_entries, a->array_offset);
+    goto out;
+  }
   ring = mmap(NULL, a->ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, IORING_OFF_SQ_RING);
   sqes = mmap(NULL, a->sqe_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, IORING_OFF_SQES);
   if (ring == MAP_FAILED || sqes == MAP_FAILED) {

@@ -352,11 +352,15 @@ export function restoreIoUring(r: RemoteProcess, fd: Fd): number {
     throw new AppshotError(`${where}: io_uring_setup made a ring of ${got.readUInt32LE(0)} and ${got.readUInt32LE(4)} entries here (features 0x${got.readUInt32LE(20).toString(16)}), the image's has ${g.sqEntries} and ${g.cqEntries}`);
   if (sqOff.head !== RING.sqHead || sqOff.tail !== RING.sqTail || cqOff.head !== RING.cqHead || cqOff.tail !== RING.cqTail || cqOff.cqes !== RING.cqes || sqOff.array !== l.array)
     throw new AppshotError(`${where}: this kernel lays out io_uring rings otherwise (SQ array at ${sqOff.array}, CQEs at ${cqOff.cqes})`);
+  // The image's lengths: how much of the ring its mappings show.
   const ringBytes = g.rings.length;
   const sqeBytes = g.sqes.length;
   if (g.sqHead) {
     try {
-      addon().ioUringAdvance({ pid: r.pid, fd: made, sqEntries: g.sqEntries, cqEntries: g.cqEntries, ringBytes, sqeBytes, arrayOffset: l.array, sqeSize: g.flags & SETUP.SQE128 ? 128 : 64, sqHead: g.sqHead, cqTail: g.cqTail });
+      // The new ring's whole sizes, from its entries (the kernel made it
+      // so): never the image's lengths, which may be shorter than what
+      // the NOPs write (the index array, every SQE slot).
+      addon().ioUringAdvance({ pid: r.pid, fd: made, sqEntries: g.sqEntries, cqEntries: g.cqEntries, ringBytes: Number(pageUp(l.bytes)), sqeBytes: Number(pageUp(l.sqeBytes)), arrayOffset: l.array, sqeSize: g.flags & SETUP.SQE128 ? 128 : 64, sqHead: g.sqHead, cqTail: g.cqTail });
     } catch (e) {
       throw new AppshotError(`${where}: bringing its counters to SQ head ${g.sqHead}, CQ tail ${g.cqTail}: ${(e as Error).message}`);
     }
