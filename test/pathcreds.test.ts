@@ -11,7 +11,7 @@
  * are bound by absolute and relative names in its directory.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
@@ -105,6 +105,28 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     await checksPass('pcr2');
     expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
     await stopped('pcr2');
+  });
+
+  it("a file only a worker run as nobody holds, swapped for a symlink to a root-only file, is not opened as the application's root process either (review29 H2)", async () => {
+    const d = join(out, 'h2');
+    mkdirSync(d, { mode: 0o755 });
+    chownSync(d, NOBODY, NOBODY);
+    const f = join(d, 'f');
+    writeFileSync(f, 'public\n', { mode: 0o644 });
+    const secret = join(out, 'h2-secret');
+    writeFileSync(secret, 'only root reads this\n', { mode: 0o600 });
+    // A root parent; its child, run as nobody, alone holds fd 3 on d/f.
+    await start('pch2', ['sh', '-c', `${asNobody.join(' ')} sh -c 'exec 3<${f}; echo READY; exec sleep 100002' & exec sleep 100003`]);
+    await waitFor(() => /READY/.test(sb.log('pch2')), 10_000, 'the worker to open its file');
+    const image = join(out, 'pch2.img');
+    await run(['snapshot', 'pch2', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pch2'), 10_000, 'pch2 to end');
+    unlinkSync(f);
+    symlinkSync(secret, f);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(/fd 3: \S+\/h2\/f cannot be opened with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
+    expect(sb.aids()).not.toContain('pch2');
   });
 });
 

@@ -81,8 +81,7 @@ struct OpenCall {
 
 int OpenOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
-  int fd = open(c->path, c->flags | O_CLOEXEC, c->mode);
-  return fd < 0 ? -errno : fd;
+  return fsident_open(c->path, c->flags | O_CLOEXEC, c->mode);
 }
 
 // openAs(path, flags, mode, who?) -> fd: open(2) as `who` (fsident.c), so

@@ -2,6 +2,8 @@
 #include "dgram.h"
 
 #include <errno.h>
+#include <stddef.h>
+#include <sys/un.h>
 #include <netinet/in.h>
 #include <netinet/ip.h>
 #include <netinet/udp.h>
@@ -170,6 +172,18 @@ struct in_dir_call {
 
 static int in_dir_op(void* arg) {
   struct in_dir_call* c = arg;
+  /* A unix name, in a retry as another identity than the holder's: not
+   * reached through a symlink (fsident.c). */
+  const struct sockaddr_un* u = (const struct sockaddr_un*)c->addr;
+  size_t off = offsetof(struct sockaddr_un, sun_path);
+  if (fsident_strict() && u->sun_family == AF_UNIX && c->len > off && u->sun_path[0]) {
+    char path[sizeof u->sun_path + 1];
+    size_t n = c->len - off < sizeof u->sun_path ? c->len - off : sizeof u->sun_path;
+    memcpy(path, u->sun_path, n);
+    path[n] = 0;
+    int rc = fsident_plain_path(path, c->op == connect);
+    if (rc) return rc;
+  }
   return c->op(c->fd, c->addr, c->len) == 0 ? 0 : -errno;
 }
 

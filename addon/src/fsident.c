@@ -24,7 +24,10 @@
 #include "fsident.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/capability.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -38,7 +41,55 @@ struct call {
   int (*op)(void*);
   void* arg;
   int rc;
+  int strict;      /* names resolved without following symlinks */
+  int not_taken;   /* the identity itself could not be taken */
 };
+
+/* Whether the operation running on this thread is a retry as another
+ * identity than its holder's: its names are then resolved without
+ * following a symlink (fsident_open, fsident_plain_path). A symlink the
+ * holder's user planted (in a directory of theirs, after the snapshot)
+ * is followed with that user's rights only, never with a root master's
+ * (review29 H2). */
+static __thread int strict_names;
+
+int fsident_strict(void) { return strict_names; }
+
+int fsident_open(const char* path, int flags, unsigned mode) {
+  if (!strict_names) {
+    int fd = open(path, flags, mode);
+    return fd < 0 ? -errno : fd;
+  }
+  struct open_how how = {.flags = (uint64_t)flags, .mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0, .resolve = RESOLVE_NO_SYMLINKS};
+  int fd = (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+  /* A symlink on the way: refused as this identity, as the holder's was. */
+  if (fd < 0) return errno == ELOOP ? -EACCES : -errno;
+  return fd;
+}
+
+int fsident_plain_path(const char* path, int final_too) {
+  if (!strict_names) return 0;
+  char dir[4096];
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof dir) return -ENAMETOOLONG;
+  memcpy(dir, path, n + 1);
+  char* slash = strrchr(dir, '/');
+  const char* name = path;
+  if (slash == dir) dir[1] = 0, name = path + 1;
+  else if (slash) *slash = 0, name = path + (slash - dir) + 1;
+  else dir[0] = '.', dir[1] = 0;
+  int d = fsident_open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+  if (d < 0) return d;
+  int followed = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  struct stat a, b;
+  int rc = 0;
+  if (followed < 0 || fstat(d, &a) != 0 || fstat(followed, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) rc = -EACCES;
+  /* The name itself: a symlink there is followed by connect(2). */
+  if (!rc && final_too && fstatat(d, name, &a, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(a.st_mode)) rc = -EACCES;
+  if (followed >= 0) close(followed);
+  close(d);
+  return rc;
+}
 
 static int cmp_u32(const void* a, const void* b) {
   uint32_t x = *(const uint32_t*)a, y = *(const uint32_t*)b;
@@ -98,10 +149,24 @@ static void* run(void* arg) {
    * shared by every thread) stays where it is. */
   if (c->dir && *c->dir && unshare(CLONE_FS) != 0) rc = -errno;
   if (!rc && c->who) rc = take(c->who);
+  if (rc) {
+    c->not_taken = 1;
+    c->rc = rc;
+    return NULL;
+  }
+  strict_names = c->strict;
   /* Entered as the application would have: a directory it cannot search
    * is not entered. */
-  if (!rc && c->dir && *c->dir && chdir(c->dir) != 0) rc = -errno;
+  if (c->dir && *c->dir) {
+    int d = fsident_open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+    if (d < 0) rc = d;
+    else {
+      if (fchdir(d) != 0) rc = -errno;
+      close(d);
+    }
+  }
   c->rc = rc ? rc : c->op(c->arg);
+  strict_names = 0;
   return NULL;
 }
 
@@ -117,23 +182,34 @@ static int is_current(const struct fsident* who) {
   return ((uint64_t)d[1].effective << 32 | d[0].effective) == who->cap_eff && groups_are(who);
 }
 
-static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), void* arg) {
+static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), void* arg, int strict, int* not_taken) {
   /* Nothing to change: in this thread, as before. */
-  if (!(dir && *dir) && (!who || is_current(who))) return op(arg);
-  struct call c = {who, dir, op, arg, 0};
+  if (!(dir && *dir) && (!who || is_current(who))) {
+    strict_names = strict;
+    int rc = op(arg);
+    strict_names = 0;
+    return rc;
+  }
+  struct call c = {who, dir, op, arg, 0, strict, 0};
   pthread_t t;
   int rc = pthread_create(&t, NULL, run, &c);
   if (rc != 0) return -rc;
   pthread_join(t, NULL);
+  *not_taken = c.not_taken;
   return c.rc;
 }
 
 int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg) {
-  if (!who || who->n == 0) return run_as(NULL, dir, op, arg);
+  int not_taken = 0;
+  if (!who || who->n == 0) return run_as(NULL, dir, op, arg, 0, &not_taken);
   if (who->n > FSIDENT_MAX_IDENTITIES) return -EINVAL;
   int first = 0;
   for (uint32_t i = 0; i < who->n; i++) {
-    int rc = run_as(&who->ids[i], dir, op, arg);
+    /* Every identity after the holder's resolves names strictly. */
+    int rc = run_as(&who->ids[i], dir, op, arg, i > 0, &not_taken);
+    /* Credentials that cannot be taken exactly are no answer of the
+     * kernel's to the operation: given up, not tried as another. */
+    if (not_taken) return rc;
     if (rc != -EACCES && rc != -EPERM) return rc;
     if (!first) first = rc;
   }

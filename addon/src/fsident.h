@@ -42,6 +42,17 @@ struct fsident_list {
  * if credentials cannot be taken exactly. */
 int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg);
 
+/* For operations run by fsident_run. open(2), or -errno; in a retry as
+ * another identity than the first, without following any symlink on the
+ * way (openat2 RESOLVE_NO_SYMLINKS; one met is -EACCES). */
+int fsident_open(const char* path, int flags, unsigned mode);
+/* 0, or -EACCES if in such a retry `path`'s directory is reached through a
+ * symlink (or, `final_too`, its last component is one): for bind(2) and
+ * connect(2), which take a path and not a descriptor. */
+int fsident_plain_path(const char* path, int final_too);
+/* Whether the operation running on this thread is such a retry. */
+int fsident_strict(void);
+
 #ifdef __cplusplus
 }
 #endif

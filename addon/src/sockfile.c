@@ -79,8 +79,7 @@ static int held(int d, const struct stat* st) {
 }
 
 static int open_dir(const char* dir) {
-  int d = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-  return d < 0 ? -errno : d;
+  return fsident_open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
 }
 
 /* Whether something answers a connection to `name` in open directory `d`
