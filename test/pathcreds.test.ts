@@ -107,6 +107,35 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     await stopped('pcr2');
   });
 
+  it('a file mapped shared by a process run as nobody, swapped for a symlink to a root-only file, is not mapped (review29 H3)', async () => {
+    const d = join(out, 'h3');
+    mkdirSync(d, { mode: 0o755 });
+    chownSync(d, NOBODY, NOBODY);
+    const f = join(d, 'm');
+    writeFileSync(f, Buffer.alloc(4096, 'p'), { mode: 0o644 });
+    chownSync(f, NOBODY, NOBODY);
+    const secret = join(out, 'h3-secret');
+    writeFileSync(secret, Buffer.alloc(4096, 's'), { mode: 0o600 });
+    await start('pch3', [...asNobody, fixture('sharedmap'), f]);
+    await waitFor(() => /READY/.test(sb.log('pch3')), 10_000, 'the file to be mapped');
+    const image = join(out, 'pch3.img');
+    await run(['snapshot', 'pch3', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pch3'), 10_000, 'pch3 to end');
+    unlinkSync(f);
+    symlinkSync(secret, f);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(/process 2: mapping \S+\/h3\/m at 0x[0-9a-f]+: cannot be opened with the credentials of the process or the application's others: EACCES/);
+    expect(sb.aids()).not.toContain('pch3');
+    // Put back, it comes back.
+    unlinkSync(f);
+    writeFileSync(f, Buffer.alloc(4096, 'p'), { mode: 0o644 });
+    chownSync(f, NOBODY, NOBODY);
+    const again = await attempt(['restore', image]);
+    expect(again.code, again.stderr).toBe(0);
+    await run(['stop', 'pch3', '-s', 'KILL']);
+  });
+
   it("a file only a worker run as nobody holds, swapped for a symlink to a root-only file, is not opened as the application's root process either (review29 H2)", async () => {
     const d = join(out, 'h2');
     mkdirSync(d, { mode: 0o755 });

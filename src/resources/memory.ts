@@ -16,6 +16,7 @@ import { type Injector, NR } from '../ptrace/inject.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 import { killPoint } from '../killpoint.js';
+import { AppshotError, ExitCode } from '../errors.js';
 
 const PAGE = 4096n;
 
@@ -640,6 +641,12 @@ export interface MemorySources {
   /** The file to map for a file mapping (a clone's own copy), by default
    * the image's. */
   mappedPath?: (vpid: number, v: Vma) => string;
+  /** A root restore: `path` opened here with `flags` as process `vpid`
+   * would open it (fsident.ts), and the file it names then. The restored
+   * process opens its mapped files itself, with the restorer's rights
+   * (its own come last): what it mapped must be this file, which its
+   * credentials allow (review29 H3). Throws what they do not allow. */
+  mayMap?: (vpid: number, path: string, flags: number) => { dev: bigint; ino: bigint };
   /** Per SharedMemory index: a memfd in this process holding it. */
   sharedFd(index: number): number;
   /** The new system shmid of a virtual one. */
@@ -915,6 +922,21 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   };
   const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
+  // Each file the process is to map, as its credentials find it now (not
+  // appshot's own: the new tables, the page files of a lazy restore).
+  const allowed = new Map<number, { dev: bigint; ino: bigint }>();
+  if (src.mayMap)
+    for (const p of plans) {
+      const i = p.file;
+      if (i === undefined || allowed.has(i) || opens[i].path === src.tables.new) continue;
+      try {
+        allowed.set(i, src.mayMap(vpid, opens[i].path, opens[i].flags));
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code !== 'EACCES' && code !== 'EPERM') throw e;
+        throw new AppshotError(`process ${vpid}: ${p.what}: cannot be opened with the credentials of the process or the application's others: ${code}`, ExitCode.denied);
+      }
+    }
   /** The mapping calls; `fd`: the descriptor argument (4) is that of open
    * `fd.open`, or the shared memory handed over for plan `fd.shared`. */
   type MapCall = { what: string; nr: number; args: (bigint | number)[]; fd?: { open: number } | { shared: number } };
@@ -1002,6 +1024,25 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       mapping.add(c.what, c.nr, fd === undefined ? c.args : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
     }
     mapping.run();
+  }
+
+  // What the process mapped is what its credentials found: a name
+  // changed in between (a symlink planted) is another file.
+  if (allowed.size) {
+    // By the mapping that holds each start: the kernel merges neighbours
+    // of one file into one mapping, named by its whole range.
+    const ranges = readFileSync(`/proc/${r.pid}/maps`, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.slice(0, l.indexOf(' ')).split('-').map((x) => BigInt(`0x${x}`)));
+    for (const p of plans) {
+      const want = p.file === undefined ? undefined : allowed.get(p.file);
+      if (!want) continue;
+      const range = ranges.find(([a, b]) => a <= p.v.start && p.v.start < b);
+      if (!range) throw new AppshotError(`process ${vpid}: ${p.what}: not mapped`);
+      const got = statSync(`/proc/${r.pid}/map_files/${range[0].toString(16)}-${range[1].toString(16)}`, { bigint: true });
+      if (got.dev !== want.dev || got.ino !== want.ino) throw new AppshotError(`process ${vpid}: ${p.what}: ${opens[p.file!].path} changed while the restore ran (another file than its process may open)`, ExitCode.denied);
+    }
   }
 
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;

@@ -30,6 +30,7 @@ import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js'
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { mayMapAs } from '../resources/fsident.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreAioRings } from '../resources/aio.js';
@@ -744,6 +745,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // whose rule says it is duplicated.
       eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
+      // Unprivileged, the restorer's rights are the process's own.
+      ...(process.geteuid?.() === 0 ? { mayMap: (vpid: number, path: string, flags: number) => mayMapAs(image, vpid, path, flags) } : {}),
       sharedFd: (i: number) => sharedMemoryFd(handed, i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
