@@ -743,6 +743,10 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
     ['netlink state on a UDP descriptor', crafted((s) => (s.family = 2), 12), 'fd 910 has netlink state but is not a netlink socket'],
     // Raw IP sockets (resources/raw.ts), made from the same record.
     ['a raw socket of protocol 0', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 0 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 0'],
+    // What a process never held by name: every TCP packet of the host, or
+    // the writing of whole packets.
+    ['a raw TCP socket', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 6 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 6 \\(only ICMP and ICMPv6 ones are restored\\)'],
+    ['a raw IPPROTO_RAW socket', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 255 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 255'],
     ['a raw ICMP socket with a 7-byte filter', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 1, rawFilter: Buffer.alloc(7) }), FdKind.RAW), 'fd 910 is a raw socket carrying a 7-byte filter'],
     ['a raw socket of the unix family', crafted((s) => Object.assign(s, { family: 1, options: [], netlink: undefined, protocol: 1 }), FdKind.RAW), 'fd 910 is a raw socket record of another family or type'],
     ['a raw protocol on a UDP descriptor', crafted((s) => Object.assign(s, { family: 2, type: 2, options: [], netlink: undefined, protocol: 1 }), FdKind.UDP), "fd 910 carries a raw socket's protocol or filter but is not a raw socket"],

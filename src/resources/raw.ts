@@ -8,7 +8,11 @@
  * it after it opened the socket, as pinger does), gives it the filter and
  * binds it.
  *
- * Refused by name: a connected one, IP_HDRINCL or IPV6_CHECKSUM set by the
+ * Only ICMP and ICMPv6 ones: one of another protocol, made again with the
+ * restorer's CAP_NET_RAW, would see every packet of it on the host, or
+ * write whole packets (IPPROTO_RAW), which is more than a process that
+ * dropped its capability ever held of it by name. Refused by name too: a
+ * connected one, IP_HDRINCL or IPV6_CHECKSUM set by the
  * program (headers it writes itself, which a new socket would not expect),
  * and bytes queued for reading (a reply read by nobody: take the snapshot
  * again). The options of the catalogue that other sockets carry
@@ -60,6 +64,11 @@ export function rawName(s: Pick<Socket, 'family' | 'protocol' | 'address'>): str
 export function dumpRaw(dup: number, base: Socket, where: string): Socket {
   const protocol = addon().getSockOpt(dup, SOL_SOCKET, SO_PROTOCOL);
   const what = `${where}: the ${rawName({ family: base.family, protocol, address: '' })}`;
+  // Made again with appshot's CAP_NET_RAW, a raw socket of another
+  // protocol would hand the process every packet of it on the host (TCP,
+  // UDP) or the writing of whole packets (IPPROTO_RAW): only the ICMP
+  // ones, which ping-like programs hold, are carried (review29 M2).
+  if (!filterOf(base.family, protocol)) throw new Unsupported(`${what} cannot be captured (only ICMP and ICMPv6 raw sockets are)`);
   if (addon().peerName(dup)) throw new Unsupported(`${what} is connected, which cannot be captured yet`);
   if (base.family === AF_INET && protocol !== IPPROTO_RAW && addon().getSockOpt(dup, IPPROTO_IP, IP_HDRINCL))
     throw new Unsupported(`${what} has IP_HDRINCL set, which cannot be captured yet`);
@@ -81,8 +90,8 @@ export function dumpRaw(dup: number, base: Socket, where: string): Socket {
 export function rawProblem(s: Socket): string | undefined {
   if (s.type !== SOCK_RAW || (s.family !== AF_INET && s.family !== AF_INET6)) return 'is a raw socket record of another family or type';
   const protocol = s.protocol ?? 0;
-  if (!Number.isInteger(protocol) || protocol < 1 || protocol > 255) return `is a raw socket of protocol ${protocol}`;
   const f = filterOf(s.family, protocol);
+  if (!f) return `is a raw socket of protocol ${protocol} (only ICMP and ICMPv6 ones are restored)`;
   const filter = s.rawFilter?.length ?? 0;
   if (filter !== 0 && filter !== f?.size) return `is a raw socket carrying a ${filter}-byte filter`;
   if (s.port || s.listening || s.peerIno || s.queued?.length || s.datagrams?.length || s.netlink || s.options?.length) return "is a raw socket carrying another kind's state";
