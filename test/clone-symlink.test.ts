@@ -27,6 +27,7 @@ import {
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
@@ -170,4 +171,19 @@ it('a clone of an application run as nobody is refused a root-only file put, thr
   expect(clone.stderr).toMatch(/process 2 fd 3: \S+\/data\/f cannot be opened with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
   expect(sb.allAids()).not.toContain('leakc');
   expect(existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')).filter((n) => n.startsWith('leakc')) : []).toEqual([]);
+});
+
+it("a clone's private copy of a set-user-ID file keeps its owner and every mode bit, and a FIFO put in a file's place is refused, not waited on", async () => {
+  const { privateCopy } = await import('../src/resources/paths.js');
+  const suid = join(dir, 'suid-prog');
+  writeFileSync(suid, '#!/bin/sh\n');
+  chownSync(suid, 65534, 65534);
+  chmodSync(suid, 0o4755);
+  const copy = privateCopy(suid, join(dir, 'private', 'suid-prog'));
+  const st = lstatSync(copy);
+  expect({ uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 }).toEqual({ uid: 65534, gid: 65534, mode: 0o4755 });
+  const fifo = join(dir, 'fifo');
+  spawnSync('mkfifo', [fifo]);
+  expect(() => privateCopy(fifo, join(dir, 'private', 'fifo'))).toThrow(/is not a regular file/);
+  expect(readdirSync(join(dir, 'private')).filter((n) => n.startsWith('fifo'))).toEqual([]);
 });

@@ -5,7 +5,8 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { chmodSync, chownSync, closeSync, copyFileSync, cpSync, existsSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, constants as fsConstants, cpSync, existsSync, fchmodSync, fchownSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
 import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
@@ -49,12 +50,27 @@ export function privateCopy(original: string, copy: string): string {
     // root may read, which a copy owned by the symlink's owner would
     // hand to them (the path is opened once, and everything read from
     // that descriptor).
-    const fd = openSync(original, 'r');
+    // Not blocking on a FIFO put there: refused below, as any file that
+    // is not a regular one.
+    const fd = openSync(original, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
     try {
       const st = fstatSync(fd);
-      copyFileSync(`/proc/self/fd/${fd}`, tmp);
-      chmodSync(tmp, st.mode & 0o7777);
-      if (process.geteuid?.() === 0) chownSync(tmp, st.uid, st.gid);
+      if (!st.isFile()) throw new AppshotError(`${original} is not a regular file: no private copy of it is made`);
+      // Made 0600, filled, given its owner, then its mode: never for a
+      // moment a root-owned set-user-ID file of another's bytes (chown
+      // after chmod would also clear the set-ID bits the original has).
+      const out = openSync(tmp, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o600);
+      try {
+        const buf = Buffer.allocUnsafe(1 << 20);
+        for (let n; (n = readSync(fd, buf, 0, buf.length, null)) > 0; ) writeSync(out, buf, 0, n);
+        if (process.geteuid?.() === 0) fchownSync(out, st.uid, st.gid);
+        fchmodSync(out, st.mode & 0o7777);
+      } finally {
+        closeSync(out);
+      }
+    } catch (e) {
+      rmSync(tmp, { force: true });
+      throw e;
     } finally {
       closeSync(fd);
     }
