@@ -320,6 +320,10 @@ interface Addon {
   sockInfo(fd: number): { family: number; type: number; listening: boolean; reuseaddr: boolean; reuseport: boolean; v6only: boolean };
   crc32c(data: Buffer, seed?: number): number;
   scanWritten(pagemapFd: number, start: bigint, end: bigint, reset: boolean): Uint32Array | null;
+  /** Whether [start, end) holds any page present or swapped (the zero
+   * page and guard or uffd-wp markers count), in one PAGEMAP_SCAN that
+   * stops at the first; null where the kernel has none. */
+  scanAny(pagemapFd: number, start: bigint, end: bigint): boolean | null;
   crc32cFile(path: string): { size: number; crc: number };
   /** Unmaps the buffers kept warm between page files that lay unused
    * `unusedSeconds` or more (all of them with 0); how many. */

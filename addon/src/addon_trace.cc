@@ -927,6 +927,20 @@ Napi::Value ScanWritten(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// scanAny(pagemapFd, start, end) -> whether [start, end) holds a page
+// present or swapped (one PAGEMAP_SCAN, stopping at the first), or null
+// where the kernel has no PAGEMAP_SCAN.
+Napi::Value ScanAny(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  long n = pages_scan_any(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]));
+  if (n < 0) {
+    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
+    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, n > 0);
+}
+
 // crc32c(buffer, seed = 0) -> number
 Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   auto b = info[0].As<Napi::Buffer<uint8_t>>();
@@ -1574,6 +1588,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("peekSocket", PeekSocket);
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);
+  fn("scanAny", ScanAny);
   fn("crc32cFile", Crc32cFile);
   fn("releaseKeptBuffers", ReleaseKeptBuffers);
   fn("getFd", GetFd);

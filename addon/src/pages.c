@@ -1242,6 +1242,26 @@ long pages_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
   return (long)n;
 }
 
+long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end) {
+  /* One region is enough: the walk stops at the first page found, and a
+   * range whose page tables were never filled in is passed over a table
+   * (up to 512 GiB) at a time, where a pagemap read writes 8 bytes for
+   * each of its pages. */
+  struct appshot_page_region one;
+  struct appshot_pm_scan_arg arg = {0};
+  arg.size = sizeof arg;
+  arg.start = start;
+  arg.end = end;
+  arg.vec = (uint64_t)(uintptr_t)&one;
+  arg.vec_len = 1;
+  arg.max_pages = 1;
+  arg.category_anyof_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
+  arg.return_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
+  long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
+  if (got < 0) return -errno;
+  return got > 0;
+}
+
 /* What pw_dump's wanted() says of a page, from its scan categories. */
 static int wanted_scanned(uint64_t c, pages_mode mode) {
   if (mode == PAGES_ANON)

@@ -176,6 +176,11 @@ int pw_reserve(page_writer* w, uint64_t bytes);
 int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t end,
             pages_mode mode, const pages_parent* parent, const pages_forked_from* forked_from,
             pages_result* out);
+/* Whether [start, end) holds any page present or swapped (pagemap's own
+ * sense: the zero page, a guard or uffd-wp marker count), in one
+ * PAGEMAP_SCAN that stops at the first: 1 or 0, or -errno (-ENOTTY,
+ * -EINVAL: a kernel without it). */
+long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end);
 /* PAGEMAP_SCAN (Linux 6.7): every run of pages of [start, end) that is
  * present or swapped, with its categories (APPSHOT_PAGE_IS_PRESENT,
  * _SWAPPED, _FILE: not anonymous, _PFNZERO: the shared zero page), in
