@@ -717,6 +717,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['netlink-dump', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the NETLINK_SOCK_DIAG socket of port id \\d+ is in the middle of a dump \\(the kernel holds where in its tables the dump is, which cannot be captured\\)`)],
     ['raw-ip', (fd) => `process 2 (holder) fd ${fd}: the raw IPv4 ICMP socket has IP_HDRINCL set, which cannot be captured yet`],
     ['netns-own', () => /process 2 \(holder\) is in a network namespace of its own \(net:\[\d+\]\), which cannot be captured yet/],
+    ['netns-thread', () => /process 2 \(holder\): thread \d+ is in a network namespace of its own \(net:\[\d+\]\), which cannot be captured yet/],
     ['namespace', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: net:\\d+ cannot be captured yet`)],
     ['opath-symlink', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\S+ \\(deleted\\) \\(a special file\\) cannot be captured yet`)],
     ['kmsg', (fd) => `process 2 (holder) fd ${fd}: device /dev/kmsg cannot be captured yet`],

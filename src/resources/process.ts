@@ -4,6 +4,7 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
+import { readdirSync } from 'node:fs';
 import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, MmFields, Process } from '../image/types.js';
 import type { DumpedCreds } from './creds.js';
@@ -166,13 +167,32 @@ function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void 
     const own = theirs === undefined ? undefined : nsLink(pid, ns);
     if (own !== undefined && own !== theirs) throw new Unsupported(`${what} is in a ${label} namespace of its own (${own}), which cannot be captured yet`);
   }
+  // A thread may enter another network, IPC or children's PID namespace
+  // by itself (setns or unshare by a raw system call: Go's netns idiom),
+  // its sockets then of that namespace (/proc/PID/ns/ shows the leader's).
+  let tids: string[] = [];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`).filter((t) => t !== String(pid));
+  } catch {
+    /* gone: the snapshot finds it so elsewhere */
+  }
+  for (const tid of tids)
+    for (const [ns, label] of OWN_NAMESPACES) {
+      if (!PER_THREAD_NAMESPACES.has(ns)) continue;
+      const theirs = init.get(ns);
+      const own = theirs === undefined ? undefined : nsLink(pid, ns, tid);
+      if (own !== undefined && own !== theirs) throw new Unsupported(`${what}: thread ${tid} is in a ${label} namespace of its own (${own}), which cannot be captured yet`);
+    }
 }
+
+/** Those a thread can be in apart from its process's others. */
+const PER_THREAD_NAMESPACES = new Set(['net', 'ipc', 'pid_for_children']);
 
 /** /proc/PID/ns/NS's link (net:[4026531840]); undefined where it cannot
  * be read (a kernel without the namespace). */
-function nsLink(pid: number, ns: string): string | undefined {
+function nsLink(pid: number, ns: string, tid?: string): string | undefined {
   try {
-    return procLink(`/proc/${pid}/ns/${ns}`);
+    return procLink(tid ? `/proc/${pid}/task/${tid}/ns/${ns}` : `/proc/${pid}/ns/${ns}`);
   } catch {
     return undefined;
   }
