@@ -136,6 +136,24 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     await run(['stop', 'pch3', '-s', 'KILL']);
   });
 
+  it('a named FIFO whose name is a regular file by the restore is refused, not opened as the pipe (review29 M4)', async () => {
+    const d = join(out, 'm4');
+    mkdirSync(d, { mode: 0o755 });
+    const fifo = join(d, 'fifo');
+    await start('pcm4', ['sh', '-c', `mkfifo ${fifo} && exec 3<>${fifo} && echo READY && exec sleep 100004`]);
+    await waitFor(() => /READY/.test(sb.log('pcm4')), 10_000, 'the FIFO to be opened');
+    const image = join(out, 'pcm4.img');
+    await run(['snapshot', 'pcm4', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcm4'), 10_000, 'pcm4 to end');
+    unlinkSync(fifo);
+    writeFileSync(fifo, 'not a pipe\n');
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(refusal(r.stderr)).toMatch(/the named FIFO \S+\/m4\/fifo is not a FIFO here/);
+    expect(sb.aids()).not.toContain('pcm4');
+    expect(readFileSync(fifo, 'utf8')).toBe('not a pipe\n');
+  });
+
   it("a file only a worker run as nobody holds, swapped for a symlink to a root-only file, is not opened as the application's root process either (review29 H2)", async () => {
     const d = join(out, 'h2');
     mkdirSync(d, { mode: 0o755 });

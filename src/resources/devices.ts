@@ -6,7 +6,8 @@
  * whose master the application holds is ptys.ts's (a master alone is
  * passed through here to it). Any other device is refused by name.
  */
-import { constants as fs } from 'node:fs';
+import { constants as fs, fstatSync } from 'node:fs';
+import { AppshotError } from '../errors.js';
 import type { Fd, Process } from '../image/types.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { isPtyMaster } from './ptys.js';
@@ -32,6 +33,11 @@ export function dumpDevice(path: string, where: string): { tty: boolean } {
 export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // A terminal does not travel: output goes to the log.
   if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? h.devNull(fd.flags) : h.log();
-  // As its process would (fsident.ts).
-  return h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
+  // Only the devices a snapshot takes (an image may name any path), as
+  // its process would open them (fsident.ts), and what opened must be a
+  // character device: not a file or a block device put at that name.
+  if (!PLAIN_DEVICES.has(fd.path) && !isPtyMaster(fd.path)) throw new AppshotError(`corrupt image: process ${p.vpid} fd ${fd.fd}: device ${fd.path} is not one a snapshot takes`);
+  const got = h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
+  if (!fstatSync(got).isCharacterDevice()) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${fd.path} is not a character device here`);
+  return got;
 }

@@ -6,7 +6,7 @@
  * mode, a FIFO opened O_RDWR too. A write end whose reader was outside the
  * application writes to the application's log (see openPipeEnd).
  */
-import { closeSync, constants as fs, existsSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, existsSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -129,6 +129,8 @@ function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
     // A named FIFO is opened as its first process would (fsident.ts).
     const who = () => firstHolderIdentities(h.image, (p) => p.fds.some((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
     const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : addon().openAs(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK, 0, who()));
+    // A FIFO, not whatever else was put at its name since (a file, a device).
+    if (!fstatSync(rw).isFIFO()) throw new AppshotError(`the named FIFO ${pipe.fifoPath} is not a FIFO here`);
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
   } else {
     const [r, w] = addon().pipe();
