@@ -606,6 +606,7 @@ function ioUringCases(): [string, (image: Image) => void, string][] {
   return [
     ['an io_uring of 6 SQ entries (not a power of two)', ring((_, g) => (g.sqEntries = 6)), 'fd 912 is an io_uring that has 6 SQ entries \\(a power of two up to 32768\\)'],
     ['an io_uring of 65536 SQ entries', ring((_, g) => (g.sqEntries = 65536)), 'fd 912 is an io_uring that has 65536 SQ entries'],
+    ['an io_uring of one entry far along (2^21 io_uring_enter calls to bring back)', ring((_, g) => Object.assign(g, { sqEntries: 1, cqEntries: 2, sqHead: 1 << 21, cqTail: 1 << 21 })), 'fd 912 is an io_uring that has SQ head 2097152 in batches of 1 \\(more than 1048576 calls to bring back\\)'],
     ['an io_uring of fewer CQ entries than SQ entries', ring((_, g) => (g.cqEntries = 4)), 'fd 912 is an io_uring that has 4 CQ entries'],
     ['an io_uring of 2^17 CQ entries', ring((_, g) => (g.cqEntries = 1 << 17)), 'fd 912 is an io_uring that has 131072 CQ entries'],
     ['an io_uring asking IORING_SETUP_SQPOLL', ring((_, g) => (g.flags = 2)), 'fd 912 is an io_uring that has setup flags 0x2'],

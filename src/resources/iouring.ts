@@ -100,6 +100,11 @@ const MAX_ENTRIES = 32768;
 const MAX_CQ_ENTRIES = 2 * MAX_ENTRIES;
 /** The highest SQ head a restore reaches by NOPs (see the header). */
 export const ADVANCE_LIMIT = 1 << 24;
+/** And at most this many io_uring_enter calls, one per batch of a ring's
+ * SQ entries: a ring of one entry would otherwise take 2^24 of them
+ * (review29 L1). */
+export const ADVANCE_CALLS = 1 << 20;
+const advanceCalls = (head: number, sqEntries: number) => Math.ceil(head / sqEntries);
 const IORING_FEAT_SINGLE_MMAP = 1;
 /** sq_flags / cq_flags bits. */
 const CQ_EVENTFD_DISABLED = 1;
@@ -210,6 +215,8 @@ export function dumpIoUring(snapshot: object, pid: number, fdNumber: number, fdi
     );
   if (cachedSqHead > ADVANCE_LIMIT)
     throw new Unsupported(`${ringName} has consumed ${cachedSqHead} SQEs, more than the ${ADVANCE_LIMIT} a restore brings a new ring's counters to (by as many NOPs)`);
+  if (advanceCalls(cachedSqHead, sqEntries) > ADVANCE_CALLS)
+    throw new Unsupported(`${ringName} has consumed ${cachedSqHead} SQEs in batches of at most ${sqEntries}, more than the ${ADVANCE_CALLS} calls a restore makes to bring a new ring's counters there`);
   if (((sqTail - sqHead) >>> 0) > sqEntries || ((cqTail - cqHead) >>> 0) > cqEntries)
     throw new Unsupported(`${ringName} has SQ head ${sqHead} and tail ${sqTail}, CQ head ${cqHead} and tail ${cqTail}, which do not fit its ${sqEntries} and ${cqEntries} entries`);
 
@@ -268,6 +275,7 @@ function ringFault(g: IoUring): string | undefined {
   if (!isPow2(g.cqEntries) || g.cqEntries > MAX_CQ_ENTRIES || g.cqEntries < g.sqEntries) return `has ${g.cqEntries} CQ entries (a power of two from its ${g.sqEntries} SQ entries up to ${MAX_CQ_ENTRIES})`;
   if (g.flags & ~SETUP_BITS || Boolean(g.flags & SETUP.CQSIZE) !== (g.cqEntries !== 2 * g.sqEntries)) return `has setup flags 0x${g.flags.toString(16)}`;
   if (!(Number.isInteger(g.sqHead) && g.sqHead >= 0 && g.sqHead <= ADVANCE_LIMIT) || g.cqTail !== g.sqHead) return `has SQ head ${g.sqHead} and CQ tail ${g.cqTail} (equal, at most ${ADVANCE_LIMIT})`;
+  if (advanceCalls(g.sqHead, g.sqEntries) > ADVANCE_CALLS) return `has SQ head ${g.sqHead} in batches of ${g.sqEntries} (more than ${ADVANCE_CALLS} calls to bring back)`;
   const l = layout(g.sqEntries, g.cqEntries, g.flags);
   const ringLength = BigInt(g.rings.length);
   const sqeLength = BigInt(g.sqes.length);
