@@ -182,7 +182,12 @@ export async function snapshot(reg: LocalRegistry, aid: string, opts: SnapshotOp
       const pause = MOMENT_PAUSES_MS[retries];
       if (pause === undefined) throw new AppshotError(`${e.message} (tried ${retries + 1} times, over ${MOMENT_PAUSES_MS.reduce((a, b) => a + b, 0) / 1000} s)`, e.exitCode);
       opts.onRetry?.(e.message, pause);
-      await sleep(pause);
+      try {
+        await sleep(pause, undefined, opts.signal ? { signal: opts.signal } : undefined);
+      } catch {
+        // Interrupted while waiting to try again: the refusal stands.
+        throw e;
+      }
     }
   }
 }
