@@ -228,7 +228,11 @@ long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
 /* clone3: only its namespaces are looked at (glibc's own use, posix_spawn
  * and pthread_create, never asks for one). */
 long do_clone3_syscall(long args, long size) {
-  if (args && size >= 8 && ns_refused(*(const unsigned long *)args)) return -1;
+  /* Read as the kernel would, not dereferenced: a bad pointer is the
+   * kernel's EFAULT to give, not a fault in the application. */
+  unsigned long flags = 0;
+  struct iovec here = {&flags, sizeof flags}, there = {(void *)args, sizeof flags};
+  if (args && size >= 8 && SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) == (long)sizeof flags && ns_refused(flags)) return -1;
   return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
 }
 
