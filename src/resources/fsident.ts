@@ -31,7 +31,7 @@
  */
 import { type Creds, type Image, type Process } from '../image/types.js';
 import { addon, type FsIdentity } from '../native.js';
-import { closeSync, fstatSync } from 'node:fs';
+import { closeSync } from 'node:fs';
 
 /** The filesystem identity of credentials `c` (uid[3], gid[3]: fsuid, fsgid). */
 function fsIdentityOfCreds(c: Creds): FsIdentity {
@@ -96,27 +96,15 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
   return identitiesFor(image, byIno.get(ino));
 }
 
-/** The file `path` names when opened with `flags` as process `vpid` of
- * `image` would open it (memory.ts MemorySources.mayMap): a root restore's
- * process opens its mapped files itself, before its own credentials are
- * given back. Throws the kernel's refusal. */
-export function mayMapAs(image: Image, vpid: number, path: string, flags: number): { dev: bigint; ino: bigint } {
+/** Throws unless `path` opens with `flags` as process `vpid` of `image`
+ * would open it (memory.ts MemorySources.mayMap): a root restore's process
+ * opens its mapped files itself, before its own credentials are given
+ * back. `seen`: what this restore asked already (a server's processes map
+ * the same libraries, and each open as another costs a thread, ~0.15 ms). */
+export function mayMapAs(image: Image, vpid: number, path: string, flags: number, seen: Set<string>): void {
   const p = image.processes.find((q) => q.vpid === vpid);
-  // Once per identity and file in a restore: a server's processes map the
-  // same libraries, and each open as another costs a thread (~0.15 ms).
-  let seen = mapped.get(image);
-  if (!seen) mapped.set(image, (seen = new Map()));
   const k = `${p ? key(fsIdentity(p)) : ''}|${flags}|${path}`;
-  const known = seen.get(k);
-  if (known) return known;
-  const fd = addon().openAs(path, flags, 0, identitiesFor(image, p));
-  try {
-    const st = fstatSync(fd, { bigint: true });
-    const found = { dev: st.dev, ino: st.ino };
-    seen.set(k, found);
-    return found;
-  } finally {
-    closeSync(fd);
-  }
+  if (seen.has(k)) return;
+  closeSync(addon().openAs(path, flags, 0, identitiesFor(image, p)));
+  seen.add(k);
 }
-const mapped = new WeakMap<Image, Map<string, { dev: bigint; ino: bigint }>>();

@@ -654,11 +654,11 @@ export interface MemorySources {
    * the image's. */
   mappedPath?: (vpid: number, v: Vma) => string;
   /** A root restore: `path` opened here with `flags` as process `vpid`
-   * would open it (fsident.ts), and the file it names then. The restored
-   * process opens its mapped files itself, with the restorer's rights
-   * (its own come last): what it mapped must be this file, which its
-   * credentials allow (review29 H3). Throws what they do not allow. */
-  mayMap?: (vpid: number, path: string, flags: number) => { dev: bigint; ino: bigint };
+   * would open it (fsident.ts). The restored process opens its mapped
+   * files itself, with the restorer's rights (its own come last): none
+   * its credentials do not allow (review29 H3). Throws what they do not
+   * allow. */
+  mayMap?: (vpid: number, path: string, flags: number) => void;
   /** Per SharedMemory index: a memfd in this process holding it. */
   sharedFd(index: number): number;
   /** The new system shmid of a virtual one. */
@@ -936,13 +936,14 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
   // Each file the process is to map, as its credentials find it now (not
   // appshot's own: the new tables, the page files of a lazy restore).
-  const allowed = new Map<number, { dev: bigint; ino: bigint }>();
+  const allowed = new Set<number>();
   if (src.mayMap)
     for (const p of plans) {
       const i = p.file;
       if (i === undefined || allowed.has(i) || opens[i].path === src.tables.new) continue;
       try {
-        allowed.set(i, src.mayMap(vpid, opens[i].path, opens[i].flags));
+        src.mayMap(vpid, opens[i].path, opens[i].flags);
+        allowed.add(i);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
         if (code !== 'EACCES' && code !== 'EPERM') throw e;
@@ -1036,25 +1037,6 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       mapping.add(c.what, c.nr, fd === undefined ? c.args : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
     }
     mapping.run();
-  }
-
-  // What the process mapped is what its credentials found: a name
-  // changed in between (a symlink planted) is another file.
-  if (allowed.size) {
-    // By the mapping that holds each start: the kernel merges neighbours
-    // of one file into one mapping, named by its whole range.
-    const ranges = readFileSync(`/proc/${r.pid}/maps`, 'utf8')
-      .split('\n')
-      .filter(Boolean)
-      .map((l) => l.slice(0, l.indexOf(' ')).split('-').map((x) => BigInt(`0x${x}`)));
-    for (const p of plans) {
-      const want = p.file === undefined ? undefined : allowed.get(p.file);
-      if (!want) continue;
-      const range = ranges.find(([a, b]) => a <= p.v.start && p.v.start < b);
-      if (!range) throw new AppshotError(`process ${vpid}: ${p.what}: not mapped`);
-      const got = statSync(`/proc/${r.pid}/map_files/${range[0].toString(16)}-${range[1].toString(16)}`, { bigint: true });
-      if (got.dev !== want.dev || got.ino !== want.ino) throw new AppshotError(`process ${vpid}: ${p.what}: ${opens[p.file!].path} changed while the restore ran (another file than its process may open)`, ExitCode.denied);
-    }
   }
 
   let inherited: Map<bigint, { file: number; offset: bigint }> | undefined;

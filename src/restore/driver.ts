@@ -731,6 +731,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // What will be copied (a lazy restore maps it instead).
     if (!lazyRestore)
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
+    // The files this restore found its processes may map (fsident.ts).
+    const mapAsked = new Set<string>();
     const memory = {
       pageFds,
       pageChecks,
@@ -746,7 +748,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
       // Unprivileged, the restorer's rights are the process's own.
-      ...(process.geteuid?.() === 0 ? { mayMap: (vpid: number, path: string, flags: number) => mayMapAs(image, vpid, path, flags) } : {}),
+      ...(process.geteuid?.() === 0 ? { mayMap: (vpid: number, path: string, flags: number) => mayMapAs(image, vpid, path, flags, mapAsked) } : {}),
       sharedFd: (i: number) => sharedMemoryFd(handed, i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);
