@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, command, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, command, describeIpc, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -85,7 +85,8 @@ async function nothingLeftOf(aid: string, imageAid: string): Promise<void> {
   // Other tests' applications may be between making an object and binding
   // it in their tables: only what stays is ours.
   await waitFor(() => strayIpcIds(ipcBefore).length === 0, 10_000, 'no SysV object outside every application').catch(() => undefined);
-  expect(strayIpcIds(ipcBefore)).toEqual([]);
+  const strays = strayIpcIds(ipcBefore);
+  expect(strays, describeIpc(strays)).toEqual([]);
   const claims = existsSync(join(sb.home, 'ports')) ? readdirSync(join(sb.home, 'ports')).map((p) => readFileSync(join(sb.home, 'ports', p), 'utf8')) : [];
   expect(claims.filter((c) => c.includes(`"${aid}"`))).toEqual([]);
   const instances = existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')) : [];

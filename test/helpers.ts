@@ -401,6 +401,18 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
   return first.filter((id) => second.has(id));
 }
 
+/** The kernel's lines (/proc/sysvipc) of SysV ids `ids`, with their kind:
+ * what a failed check of strays shows of them (key, mode, creator, times). */
+export function describeIpc(ids: number[]): string {
+  const lines: string[] = [];
+  for (const kind of ['sem', 'shm', 'msg'])
+    for (const l of readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1)) {
+      const cols = l.trim().split(/\s+/);
+      if (cols.length > 2 && ids.includes(Number(cols[1]))) lines.push(`${kind}: ${l.trim().replace(/\s+/g, ' ')}`);
+    }
+  return lines.join('\n');
+}
+
 /** Connects to 127.0.0.1:port, sends `text` if given, and resolves with
  * all the server says until it closes the connection. */
 export function tcpExchange(port: number, text?: string, timeoutMs = 5000): Promise<string> {
