@@ -14,14 +14,14 @@
  */
 import { openRaw } from './raw.js';
 import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { fsIdentity, identitiesFor } from './fsident.js';
+import { fsIdentity, identitiesFor, refusedAsProcess } from './fsident.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
@@ -452,13 +452,10 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
  * the application: fsident.ts); what none of their credentials allow is
  * refused naming the descriptor and the process's fsuid. */
 function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
-  const who = fsIdentity(p);
   try {
     return addon().openAs(path, flags, 0, identitiesFor(h.image, p));
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code !== 'EACCES' && code !== 'EPERM') throw e;
-    throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${path} cannot be opened with the credentials of the process or the application's others (fsuid ${who.fsuid}, fsgid ${who.fsgid}): ${code}`, ExitCode.denied);
+    refusedAsProcess(e, `process ${p.vpid} fd ${fd.fd}: ${path}`, fsIdentity(p));
   }
 }
 

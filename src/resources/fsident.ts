@@ -32,6 +32,7 @@
 import { type Creds, type Image, type Process } from '../image/types.js';
 import { addon, type FsIdentity } from '../native.js';
 import { closeSync } from 'node:fs';
+import { AppshotError, ExitCode } from '../errors.js';
 
 /** The filesystem identity of credentials `c` (uid[3], gid[3]: fsuid, fsgid). */
 function fsIdentityOfCreds(c: Creds): FsIdentity {
@@ -107,4 +108,13 @@ export function mayMapAs(image: Image, vpid: number, path: string, flags: number
   if (seen.has(k)) return;
   closeSync(addon().openAs(path, flags, 0, identitiesFor(image, p)));
   seen.add(k);
+}
+
+/** `e`, the kernel's refusal of an open made as a process (EACCES,
+ * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid): exit 5.
+ * Any other error is thrown as it is. */
+export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity): never {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code !== 'EACCES' && code !== 'EPERM') throw e;
+  throw new AppshotError(`${what} cannot be opened with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
 }

@@ -16,7 +16,7 @@ import { type Injector, NR } from '../ptrace/inject.js';
 import { RemoteProcess, SYS } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 import { killPoint } from '../killpoint.js';
-import { AppshotError, ExitCode } from '../errors.js';
+import { refusedAsProcess } from './fsident.js';
 
 const PAGE = 4096n;
 
@@ -935,19 +935,16 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
   // Each file the process is to map, as its credentials find it now (not
-  // appshot's own: the new tables, the page files of a lazy restore).
-  const allowed = new Set<number>();
+  // appshot's own: the new tables, the page files of a lazy restore; each
+  // asked once a restore: mayMap remembers).
   if (src.mayMap)
     for (const p of plans) {
-      const i = p.file;
-      if (i === undefined || allowed.has(i) || opens[i].path === src.tables.new) continue;
+      const o = p.file === undefined ? undefined : opens[p.file];
+      if (!o || o.path === src.tables.new) continue;
       try {
-        src.mayMap(vpid, opens[i].path, opens[i].flags);
-        allowed.add(i);
+        src.mayMap(vpid, o.path, o.flags);
       } catch (e) {
-        const code = (e as NodeJS.ErrnoException).code;
-        if (code !== 'EACCES' && code !== 'EPERM') throw e;
-        throw new AppshotError(`process ${vpid}: ${p.what}: cannot be opened with the credentials of the process or the application's others: ${code}`, ExitCode.denied);
+        refusedAsProcess(e, `process ${vpid}: ${p.what}:`);
       }
     }
   /** The mapping calls; `fd`: the descriptor argument (4) is that of open
