@@ -784,6 +784,11 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
       fd.file = 99999;
     }, 'file 99999, which the image does not have'],
+    ['a device descriptor of a disk', (i) => {
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 913, kind: FdKind.DEVICE, flags: 0o2, path: '/dev/sda', file: -1, tty: false });
+      i.processes[0].fds.push(fd);
+    }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
     ['no processes', (i) => (i.processes = []), 'holds no process'],

@@ -12,6 +12,7 @@
  * empty message is two bytes), `validateImage` on the decoded image.
  */
 import { rawProblem } from '../resources/raw.js';
+import { deviceFault } from '../resources/devices.js';
 import { readFileSync } from 'node:fs';
 import { isIPv4, isIPv6 } from 'node:net';
 import { totalmem } from 'node:os';
@@ -319,6 +320,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (!Object.values(FdKind).includes(fd.kind as never)) corrupt(`${where} is of unknown kind ${fd.kind}`);
     if (fd.kind === FdKind.FILE && !inRange(fd.file, image.files)) corrupt(`${where} is file ${fd.file}, which the image does not have`);
     if ((fd.kind === FdKind.PIPE || fd.kind === FdKind.FIFO) && !inRange(fd.pipe, image.pipes)) corrupt(`${where} is pipe ${fd.pipe}, which the image does not have`);
+    const device = fd.kind === FdKind.DEVICE ? deviceFault(fd) : undefined;
+    if (device) corrupt(`${where} ${device}`);
     const socketKinds: number[] = [FdKind.UNIX_SOCKET, FdKind.TCP_LISTEN, FdKind.UDP, FdKind.UNIX_DGRAM, FdKind.UNCONNECTED_STREAM, FdKind.NETLINK, FdKind.RAW];
     if (socketKinds.includes(fd.kind) && !fd.socket) corrupt(`${where} is a socket with no socket state`);
     // A netlink socket's protocol, port id, groups and options, each in

@@ -30,13 +30,20 @@ export function dumpDevice(path: string, where: string): { tty: boolean } {
   return { tty };
 }
 
+/** What is wrong with a device descriptor's record, if anything: an image
+ * may name any path, and only the devices a snapshot takes are opened
+ * again (a terminal's output goes to the log). */
+export function deviceFault(fd: Fd): string | undefined {
+  if (fd.tty || PLAIN_DEVICES.has(fd.path) || isPtyMaster(fd.path)) return undefined;
+  return `is device ${fd.path}, not one a snapshot takes`;
+}
+
 export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // A terminal does not travel: output goes to the log.
   if (fd.tty) return (fd.flags & O_ACCMODE) === fs.O_RDONLY ? h.devNull(fd.flags) : h.log();
-  // Only the devices a snapshot takes (an image may name any path), as
-  // its process would open them (fsident.ts), and what opened must be a
-  // character device: not a file or a block device put at that name.
-  if (!PLAIN_DEVICES.has(fd.path) && !isPtyMaster(fd.path)) throw new AppshotError(`corrupt image: process ${p.vpid} fd ${fd.fd}: device ${fd.path} is not one a snapshot takes`);
+  // As its process would open it (fsident.ts; which devices: deviceFault,
+  // checked with the image), and what opened must be a character device:
+  // not a file or a block device put at that name.
   const got = h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
   if (!fstatSync(got).isCharacterDevice()) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${fd.path} is not a character device here`);
   return got;
