@@ -324,6 +324,12 @@ interface Addon {
    * page and guard or uffd-wp markers count), in one PAGEMAP_SCAN that
    * stops at the first; null where the kernel has none. */
   scanAny(pagemapFd: number, start: bigint, end: bigint): boolean | null;
+  /** The address of the first page in [start, end) present or swapped,
+   * false where there is none; null where the kernel has no PAGEMAP_SCAN. */
+  scanFirst(pagemapFd: number, start: bigint, end: bigint): bigint | false | null;
+  /** How many pages of [start, end) are present or swapped, counted up to
+   * `limit`; null where the kernel has no PAGEMAP_SCAN. */
+  scanCount(pagemapFd: number, start: bigint, end: bigint, limit: bigint): number | null;
   crc32cFile(path: string): { size: number; crc: number };
   /** Unmaps the buffers kept warm between page files that lay unused
    * `unusedSeconds` or more (all of them with 0); how many. */

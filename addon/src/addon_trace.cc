@@ -941,6 +941,36 @@ Napi::Value ScanAny(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, n > 0);
 }
 
+// scanFirst(pagemapFd, start, end) -> the address of the first page in
+// [start, end) present or swapped, false where there is none, or null
+// where the kernel has no PAGEMAP_SCAN.
+Napi::Value ScanFirst(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t first = 0;
+  long n = pages_scan_first(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), &first);
+  if (n < 0) {
+    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
+    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  if (n == 0) return Napi::Boolean::New(env, false);
+  return Napi::BigInt::New(env, first);
+}
+
+// scanCount(pagemapFd, start, end, limit) -> how many pages of [start, end)
+// are present or swapped, up to limit; null where the kernel has no
+// PAGEMAP_SCAN.
+Napi::Value ScanCount(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  long n = pages_scan_count(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), U64(info[3]));
+  if (n < 0) {
+    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
+    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
 // crc32c(buffer, seed = 0) -> number
 Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   auto b = info[0].As<Napi::Buffer<uint8_t>>();
@@ -1589,6 +1619,8 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);
   fn("scanAny", ScanAny);
+  fn("scanFirst", ScanFirst);
+  fn("scanCount", ScanCount);
   fn("crc32cFile", Crc32cFile);
   fn("releaseKeptBuffers", ReleaseKeptBuffers);
   fn("getFd", GetFd);

@@ -1117,8 +1117,23 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
   uint32_t npages = (uint32_t)((end - start) / PAGE);
   size_t cursor = 0;
   int rc = 0;
-  for (uint32_t base = 0; base < npages && !rc; base += PM_CHUNK) {
-    uint32_t n = npages - base < PM_CHUNK ? npages - base : PM_CHUNK;
+  /* Every mode but PAGES_ALL stores only pages present or swapped (uffd-wp
+   * markers count as swapped, as pagemap shows them): a chunk starts at
+   * the next such page, found with one PAGEMAP_SCAN that passes over page
+   * tables never filled in, so that a 1 TiB reservation with a few pages
+   * written is not 2 GiB of pagemap read. Without PAGEMAP_SCAN, every
+   * chunk is read. */
+  int skip = mode != PAGES_ALL;
+  uint32_t n = 0;
+  for (uint32_t base = 0; base < npages && !rc; base += n) {
+    if (skip) {
+      uint64_t next = 0;
+      long found = pages_scan_first(pagemap_fd, start + (uint64_t)base * PAGE, end, &next);
+      if (found == 0) break;
+      if (found < 0) skip = 0;
+      else if (next > start + (uint64_t)base * PAGE) base = (uint32_t)((next - start) / PAGE);
+    }
+    n = npages - base < PM_CHUNK ? npages - base : PM_CHUNK;
     off_t off = (off_t)((start / PAGE + base) * sizeof *pm);
     ssize_t got = pread(pagemap_fd, pm, n * sizeof *pm, off);
     if (got != (ssize_t)(n * sizeof *pm)) {
@@ -1242,7 +1257,7 @@ long pages_scan_present(int pagemap_fd, uint64_t start, uint64_t end,
   return (long)n;
 }
 
-long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end) {
+long pages_scan_first(int pagemap_fd, uint64_t start, uint64_t end, uint64_t* first) {
   /* One region is enough: the walk stops at the first page found, and a
    * range whose page tables were never filled in is passed over a table
    * (up to 512 GiB) at a time, where a pagemap read writes 8 bytes for
@@ -1259,7 +1274,35 @@ long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end) {
   arg.return_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
   long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
   if (got < 0) return -errno;
+  if (got > 0 && first) *first = one.start;
   return got > 0;
+}
+
+long pages_scan_count(int pagemap_fd, uint64_t start, uint64_t end, uint64_t limit) {
+  enum { VEC = 256 };
+  struct appshot_page_region vec[VEC];
+  uint64_t count = 0, at = start;
+  while (at < end && count < limit) {
+    struct appshot_pm_scan_arg arg = {0};
+    arg.size = sizeof arg;
+    arg.start = at;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = VEC;
+    arg.max_pages = limit - count;
+    arg.category_anyof_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
+    arg.return_mask = APPSHOT_PAGE_IS_PRESENT | APPSHOT_PAGE_IS_SWAPPED;
+    long got = ioctl(pagemap_fd, APPSHOT_PAGEMAP_SCAN, &arg);
+    if (got < 0) return -errno;
+    for (long i = 0; i < got; i++) count += (vec[i].end - vec[i].start) / PAGE;
+    if (arg.walk_end <= at) break;
+    at = arg.walk_end;
+  }
+  return (long)(count < limit ? count : limit);
+}
+
+long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end) {
+  return pages_scan_first(pagemap_fd, start, end, NULL);
 }
 
 /* What pw_dump's wanted() says of a page, from its scan categories. */

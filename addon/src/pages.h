@@ -181,6 +181,12 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
  * PAGEMAP_SCAN that stops at the first: 1 or 0, or -errno (-ENOTTY,
  * -EINVAL: a kernel without it). */
 long pages_scan_any(int pagemap_fd, uint64_t start, uint64_t end);
+/* The address of the first page in [start, end) present or swapped, in
+ * *first: 1 found, 0 none, -errno (-EINVAL/-ENOTTY: no PAGEMAP_SCAN). */
+long pages_scan_first(int pagemap_fd, uint64_t start, uint64_t end, uint64_t* first);
+/* How many pages of [start, end) are present or swapped, counted up to
+ * `limit` (the walk stops there), or -errno. */
+long pages_scan_count(int pagemap_fd, uint64_t start, uint64_t end, uint64_t limit);
 /* PAGEMAP_SCAN (Linux 6.7): every run of pages of [start, end) that is
  * present or swapped, with its categories (APPSHOT_PAGE_IS_PRESENT,
  * _SWAPPED, _FILE: not anonymous, _PFNZERO: the shared zero page), in

@@ -5,13 +5,17 @@
  * accounting.
  */
 import { readFileSync } from 'node:fs';
-import type { PageWriter } from '../native.js';
+import { addon, type PageWriter } from '../native.js';
 import type { ByteProgress } from '../progress.js';
 
 const PAGE = 4096;
 /** A mapping is read this many pages at a time (32 MiB), so that the
  * display moves while a large one is copied. */
 const SLICE_PAGES = 8192;
+/** pages_mode (addon pages.h) of the mappings whose stored pages are those
+ * present or swapped. */
+const PAGES_ANON = 0;
+const PAGES_PRIVATE_FILE = 1;
 
 /** What the processes hold that a snapshot stores: private anonymous memory
  * (written file pages count there), what of it is in swap, and shared
@@ -91,7 +95,19 @@ export class ReportingPageWriter {
         let offset = -1;
         const runs: number[] = [];
         let stored = 0;
+        // A slice starts at the next page the process has (one
+        // PAGEMAP_SCAN, which passes over page tables never filled in a
+        // table at a time): a 1 TiB reservation with a few pages written
+        // is a few slices, not 32,768 reads of its empty pagemap. Only
+        // where the kernel's categories decide what is stored.
+        let scan = mode === PAGES_ANON || mode === PAGES_PRIVATE_FILE;
         for (let first = 0; first < npages; first += SLICE_PAGES) {
+          if (scan) {
+            const next = addon().scanFirst(pagemapFd, start + BigInt(first * PAGE), end);
+            if (next === false) break;
+            if (next === null) scan = false;
+            else first = Math.max(first, Number((next - start) / BigInt(PAGE)));
+          }
           const from = start + BigInt(first * PAGE);
           const to = start + BigInt(Math.min(npages, first + SLICE_PAGES) * PAGE);
           const d = pages.dump(pid, pagemapFd, from, to, mode);
@@ -100,6 +116,14 @@ export class ReportingPageWriter {
           stored += d.pages;
           self.taken += d.pages * PAGE;
           self.report();
+        }
+        // Nothing there at all: the writer's position, from a one-page
+        // dump, as a mapping of one slice would have it.
+        if (offset < 0) {
+          const d = pages.dump(pid, pagemapFd, start, start + BigInt(PAGE), mode);
+          offset = d.offset;
+          appendRuns(runs, d.runs, 0);
+          stored += d.pages;
         }
         return { offset, runs: Uint32Array.from(runs), same: new Uint32Array(0), shared: new Uint32Array(0), pages: stored };
       },
