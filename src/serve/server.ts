@@ -648,7 +648,8 @@ class Service {
     const asking = performance.now() < this.watchAfter ? this.held.length : waiting;
     const heldSince = this.held.reduce<number | undefined>((oldest, h) => (oldest === undefined || h.at < oldest ? h.at : oldest), undefined);
     const actions = this.policy.decide([...this.instances.values()], asking, heldSince);
-    const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
+    const ending = (a: Action) => a.kind === 'suspend' || a.kind === 'drop';
+    const applied = this.grant(actions.some(ending)) ? actions : actions.filter((a) => !ending(a));
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,
     // and rewriting each one's state file five times a second was most
@@ -964,8 +965,15 @@ class Service {
     // outlived serve.
     if (this.closing) return;
     for (const a of actions) {
-      if (a.kind === 'start') void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
-      else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
+      if (a.kind === 'start') {
+        if (a.reason === 'wait') this.host.metrics?.waits.inc({ service: this.name, decision: 'start' });
+        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
+      } else if (a.kind === 'report') {
+        // Nothing more can be started for them (restore mode, or at --max):
+        // said, for whoever watches the log or the metrics.
+        this.host.metrics?.waits.inc({ service: this.name, decision: 'report' });
+        this.log('waiting', { waitedMs: Math.round(a.waitedMs), waiting: a.waiting, held: this.held.length, instances: [...this.instances.values()].map((i) => `${i.aid} ${i.state}`) });
+      } else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
       else void this.drop(this.instances.get(a.aid)!, a.idleMs);
     }
   }
