@@ -3,8 +3,9 @@
  * on so that it can be tested with a clock that tests advance.
  *
  * The whole policy, from measurements the front door makes itself
- * (connections open per instance, connections held, time since the last
- * connection of each instance, and each instance's CPU):
+ * (connections open per instance, connections waiting and how long the
+ * oldest of them has, time since the last connection of each instance,
+ * and each instance's CPU):
  *
  * - route: a new connection goes to the running instance with the fewest
  *   open connections (of two with as many, the one using less CPU), if it
@@ -17,19 +18,21 @@
  *   starting, one more is started, up to `max`: connections below
  *   `concurrency` can still saturate an instance that computes.
  * - wait (with `maxWaitMs`): when the connection waiting longest at the
- *   front door has waited that long, clone mode starts one more instance
- *   (a start that hangs or crawls, a slow disk, a clone failing and tried
- *   again, does not keep its waiters waiting on it alone) unless this
- *   decision started some already or `max` are live; then, and always in
- *   restore mode (its one instance cannot be doubled), the wait is
- *   reported instead (a log line and a metric: the operator's signal that
- *   restores are slower than the service can bear). Either at most once
- *   per `maxWaitMs`. "Waiting" counts both the connections serve holds and
- *   those still in a listen backlog, unaccepted (beyond --max-held, or on
- *   the shared listener while no instance accepts): the kernel counts the
- *   latter but does not date them, so BacklogAge dates each when it is
- *   first seen there (at most one pump late: the wait is never
- *   overstated) and takes them out oldest first as they are accepted.
+ *   front door has waited that long, clone mode starts one more instance,
+ *   up to `max` (a start that hangs or crawls, a slow disk, a clone
+ *   failing and tried again, does not keep its waiters waiting on it
+ *   alone). With `max` live, and always in restore mode (its one instance
+ *   cannot be doubled), the wait is reported instead (a log line and a
+ *   metric: the operator's sign that restores or clones are slower than
+ *   the service can bear). Neither when this decision starts instances
+ *   for the number held anyway; either at most once per `maxWaitMs`.
+ *   "Waiting" counts both the connections serve holds and those still
+ *   in a listen backlog, unaccepted (beyond --max-held, or on the shared
+ *   listener while no instance accepts): the kernel counts the latter but
+ *   does not date them, so BacklogAge dates each when a pump first sees
+ *   it there (a wait is understated by up to the time between two pumps,
+ *   never overstated) and takes them out oldest first as they are
+ *   accepted.
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first. With
