@@ -5,7 +5,7 @@
  * decision table; test/serve.test.ts runs it for real.
  */
 import { describe, expect, it } from 'vitest';
-import { FakeClock, type InstanceView, Policy } from '../src/serve/policy.js';
+import { BacklogAge, FakeClock, type InstanceView, Policy } from '../src/serve/policy.js';
 
 const restoreKnobs = { mode: 'restore' as const, min: 0, max: 1, idleMs: 1000, concurrency: 2 };
 const cloneKnobs = { mode: 'clone' as const, min: 1, max: 4, idleMs: 1000, concurrency: 2 };
@@ -141,12 +141,95 @@ describe('serve policy', () => {
     expect(p.decide([starting('w1'), starting('w2')], 1, since)).toEqual([]);
     clock.advance(2000);
     expect(p.decide([starting('w1'), starting('w2')], 1, since)).toEqual([{ kind: 'start', reason: 'wait' }]);
-    // Never beyond max (4).
+    // Never beyond max (4): said instead.
     clock.advance(2000);
-    expect(p.decide([starting('w1'), starting('w2'), starting('w3'), starting('w4')], 1, since)).toEqual([]);
+    expect(p.decide([starting('w1'), starting('w2'), starting('w3'), starting('w4')], 1, since)).toEqual([{ kind: 'report', reason: 'wait', waitedMs: 6000, waiting: 1 }]);
     // Without the knob, the wait decides nothing; a fresh wait neither.
     const plain = new Policy({ ...cloneKnobs, min: 0, concurrency: 1 }, clock);
     expect(plain.decide([starting('w1')], 1, 0)).toEqual([]);
     expect(new Policy({ ...cloneKnobs, min: 0, concurrency: 1, maxWaitMs: 2000 }, clock).decide([starting('w1')], 1, clock.now() - 100)).toEqual([]);
+  });
+
+  it('clone mode with a maximum wait at max: the wait is reported instead, once per wait; not when this decision starts some', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy({ ...cloneKnobs, min: 0, max: 2, concurrency: 1, maxWaitMs: 1000 }, clock);
+    const run = (aid: string): InstanceView => ({ aid, state: 'running', active: 1, lastActive: 0 });
+    const since = clock.now();
+    clock.advance(999);
+    expect(p.decide([run('w1'), run('w2')], 3, since)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([run('w1'), run('w2')], 3, since)).toEqual([{ kind: 'report', reason: 'wait', waitedMs: 1000, waiting: 3 }]);
+    clock.advance(999);
+    expect(p.decide([run('w1'), run('w2')], 3, since)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([run('w1'), run('w2')], 3, since)).toEqual([{ kind: 'report', reason: 'wait', waitedMs: 2000, waiting: 3 }]);
+    // Below max, 2 held for one full instance: started for the number
+    // held, and that answers the wait too.
+    clock.advance(1000);
+    expect(p.decide([run('w1')], 2, since)).toEqual([{ kind: 'start', reason: 'held' }]);
+  });
+
+  it('restore mode with a maximum wait: a restore that keeps its connections waiting that long is reported, once per wait', () => {
+    const clock = new FakeClock(0);
+    const p = new Policy({ ...restoreKnobs, maxWaitMs: 500 }, clock);
+    const db: InstanceView = { aid: 'db', state: 'suspended', active: 0, lastActive: 0 };
+    const since = clock.now();
+    expect(p.decide([db], 4, since)).toEqual([{ kind: 'start', reason: 'held' }]);
+    clock.advance(499);
+    expect(p.decide([{ ...db, state: 'starting' }], 4, since)).toEqual([]);
+    clock.advance(1);
+    expect(p.decide([{ ...db, state: 'starting' }], 4, since)).toEqual([{ kind: 'report', reason: 'wait', waitedMs: 500, waiting: 4 }]);
+    expect(p.decide([{ ...db, state: 'starting' }], 4, since)).toEqual([]);
+    // Nothing waiting, or not yet for long: nothing reported.
+    clock.advance(500);
+    expect(p.decide([{ ...db, state: 'starting' }], 0, since)).toEqual([]);
+    expect(p.decide([{ ...db, state: 'starting' }], 4, clock.now() - 100)).toEqual([]);
+    // Without the knob, never.
+    expect(new Policy(restoreKnobs, clock).decide([{ ...db, state: 'starting' }], 4, 0)).toEqual([]);
+  });
+
+  it('a listen backlog: each connection dated when first seen there, taken out oldest first as accepted, so its wait starts a clone too', () => {
+    const clock = new FakeClock(0);
+    const b = new BacklogAge();
+    expect(b.oldest()).toBeUndefined();
+    b.sample(3, clock.now()); // t 0: 3 wait
+    clock.advance(200);
+    b.sample(5, clock.now()); // t 200: 2 more
+    expect([b.count, b.oldest()]).toEqual([5, 0]);
+    // Three accepted: the three of t 0 (first in, first out).
+    expect([b.accepted(), b.accepted(), b.accepted()]).toEqual([0, 0, 0]);
+    expect([b.count, b.oldest()]).toEqual([2, 200]);
+    // The kernel says 1: one was accepted unheard of (the oldest).
+    clock.advance(200);
+    b.sample(1, clock.now());
+    expect([b.count, b.oldest()]).toEqual([1, 200]);
+    // Accepts beyond those dated (came and went between samples): nothing
+    // older is claimed.
+    expect([b.accepted(), b.accepted()]).toEqual([200, undefined]);
+    expect([b.count, b.oldest()]).toEqual([0, undefined]);
+    clock.advance(200);
+    b.sample(0, clock.now());
+    b.sample(2, clock.now());
+    expect(b.oldest()).toBe(600);
+
+    // The policy, a clone crawling, one connection held since t 2000 (just
+    // accepted, the --max-held room) and the backlog since t 600: the
+    // backlog's age is the wait.
+    const p = new Policy({ ...cloneKnobs, min: 0, concurrency: 1, maxWaitMs: 2000 }, clock);
+    clock.advance(2000 - clock.now());
+    const heldSince = Math.min(clock.now(), b.oldest()!);
+    const starting: InstanceView = { aid: 'w1', state: 'starting', active: 0, lastActive: 0 };
+    // 3 waiting, 1 starting to take one: the held rule starts 2 more.
+    expect(p.decide([starting], 1 + b.count, heldSince)).toEqual([
+      { kind: 'start', reason: 'held' },
+      { kind: 'start', reason: 'held' },
+    ]);
+    const three = ['w1', 'w2', 'w3'].map((aid) => ({ ...starting, aid }));
+    clock.advance(599);
+    expect(p.decide(three, 1 + b.count, heldSince)).toEqual([]);
+    clock.advance(1); // t 2600: the backlog's oldest has waited 2 s
+    expect(p.decide(three, 1 + b.count, heldSince)).toEqual([{ kind: 'start', reason: 'wait' }]);
+    // Held alone (the backlog not counted) it would have waited on.
+    expect(new Policy({ ...cloneKnobs, min: 0, concurrency: 1, maxWaitMs: 2000 }, clock).decide(three, 1, 2000)).toEqual([]);
   });
 });

@@ -141,7 +141,6 @@ describe('appshot serve, restore mode: redis with 10,000 keys', () => {
     bad(['x', '--from', out, '--port', '7000:7001', '--cpu-target', 'lots'], /--cpu-target 'lots': expected a share of a core/);
     bad(['x', '--from', out, '--port', '7000:7001', '--cpu-target', '80%'], /--cpu-target starts clones, and restore mode runs one instance/);
     bad(['x', '--from', out, '--port', '7000:7001', '--max-wait', 'later'], /--max-wait 'later': expected a duration/);
-    bad(['x', '--from', out, '--port', '7000:7001', '--max-wait', '2s'], /--max-wait starts clones, and restore mode runs one instance/);
     expect(sb.json<unknown[]>(['service', 'ls'])).toEqual([]);
   });
 
@@ -420,7 +419,7 @@ describe('appshot serve, restore mode with the public listener shared with the i
 });
 
 describe('appshot serve, clone mode: python3 -m http.server', () => {
-  it('clones up to max under a burst of 500 requests, every one answered, then back to min after idle', async () => {
+  it('clones from 0 to max under one burst of 500 requests, every one answered, the backlog beyond --max-held counted, then back to 0 after idle', async () => {
     expect(existsSync(PYTHON), `${PYTHON} is missing: apt-get install python3`).toBe(true);
     const www = join(out, 'www');
     mkdirSync(www, { recursive: true });
@@ -433,42 +432,65 @@ describe('appshot serve, clone mode: python3 -m http.server', () => {
     expect(sb.run(['snapshot', 'webtpl', '-o', join(out, 'web.img')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(out, 'web.img'), '-o', join(out, 'web.template')]);
     expect(t.code, t.stderr).toBe(0);
-    const config = join(out, 'services.json');
-    writeFileSync(
-      config,
-      JSON.stringify({
-        services: [{ name: 'web', mode: 'clone', from: 'web.template', ports: [`127.0.0.1:${WEB_PUBLIC}:${WEB_APP}`], min: 1, max: 4, idle: '1s', concurrency: 2 }],
-      }),
-    );
-    webServe = sb.start(['serve', '--config', config]);
+    const web = { name: 'web', mode: 'clone', from: 'web.template', ports: [`127.0.0.1:${WEB_PUBLIC}:${WEB_APP}`], max: 4, idle: '1s', concurrency: 2 };
+    // (the next test's service: one clone kept warm)
+    writeFileSync(join(out, 'services.json'), JSON.stringify({ services: [{ ...web, min: 1 }] }));
+    // min 0: nothing runs until the burst. At most 100 held: the other
+    // 400 wait unaccepted in the listen backlog, and count (and are dated)
+    // as waiting all the same. --max-wait 50ms: once 4 clones are live
+    // (starting or running), connections still waiting that long are
+    // reported (nothing more can be started).
+    const config = join(out, 'services-zero.json');
+    writeFileSync(config, JSON.stringify({ services: [{ ...web, min: 0, maxHeld: 100, maxWait: '50ms' }] }));
+    // (the metrics port of the restore-mode serve above, which has ended)
+    webServe = sb.start(['serve', '--config', config, '--metrics', String(METRICS)]);
     await webServe.line(/^ready$/);
-    // min 1: one clone is made at once.
-    await waitFor(() => show('web').instances.filter((i) => i.state === 'running').length === 1, 15_000, 'the warm clone');
+    expect(show('web').instances).toEqual([]);
 
-    const answers: string[] = [];
-    for (let wave = 0; wave < 5; wave++) answers.push(...(await Promise.all(Array.from({ length: 100 }, () => get(WEB_PUBLIC)))));
+    // 500 requests at once, each one answered.
+    const answers = await Promise.all(Array.from({ length: 500 }, () => get(WEB_PUBLIC)));
     expect(answers.filter((a) => a !== '200 hello from a clone\n')).toEqual([]);
     const events = () =>
       webServe!.stderr
         .trim()
         .split('\n')
-        .map((l) => JSON.parse(l) as { event: string; instance?: string });
+        .map((l) => JSON.parse(l) as { event: string; instance?: string; reason?: string; backlog?: number; waitedMs?: number });
     await waitFor(() => events().filter((e) => e.event === 'clone').length >= 4, 5000, 'four clones to be logged');
-    expect(events().filter((e) => e.event === 'clone').length, webServe.stderr).toBe(4);
+    const clones = events().filter((e) => e.event === 'clone');
+    expect(clones.length, webServe.stderr).toBe(4);
+    // Waiters in the backlog were seen by the policy (a clone came up with
+    // some there), and, 4 live, a wait of 50 ms or more was reported.
+    expect(Math.max(...clones.map((c) => c.backlog ?? 0)), webServe.stderr).toBeGreaterThan(0);
+    const waits = events().filter((e) => e.event === 'waiting');
+    expect(waits.length, webServe.stderr).toBeGreaterThan(0);
+    expect(waits.every((w) => (w.waitedMs ?? 0) >= 50)).toBe(true);
     // Each clone has its own port, and connections went to more than one.
     const s = show('web');
     expect(new Set(s.connections.map((c) => c.instance)).size).toBeGreaterThan(1);
     expect(new Set(s.instances.flatMap((i) => i.ports.map((p) => p.system))).size).toBe(s.instances.length);
-
     expect(s.instances.length, JSON.stringify(s)).toBe(4);
-    // Idle: back to min.
-    await waitFor(() => show('web').instances.length === 1, 20_000, 'the clones above min to be dropped');
+
+    // /metrics: the clone latency histogram has the 4 clones, the reports are counted.
+    const metrics = await new Promise<string>((resolve, reject) => {
+      request({ host: '127.0.0.1', port: METRICS, path: '/metrics' }, (res) => {
+        let body = '';
+        res.on('data', (d) => (body += d));
+        res.on('end', () => resolve(body));
+      })
+        .on('error', reject)
+        .end();
+    });
+    expect(metrics).toMatch(/^appshot_serve_clone_seconds_count\{service="web"\} 4$/m);
+    expect(metrics).toMatch(/^appshot_serve_clone_seconds_bucket\{le="\+Inf",service="web"\} 4$/m);
+    expect(metrics).toMatch(new RegExp(`^appshot_serve_long_waits_total\\{service="web",decision="report"\\} ${waits.length}$`, 'm'));
+
+    // Idle: back to min, 0.
+    await waitFor(() => show('web').instances.length === 0, 20_000, 'every clone to be dropped');
     // (stderr reaches this process a moment after state.json is written)
-    await waitFor(() => events().filter((e) => e.event === 'drop').length === 3, 5000, 'three drops to be logged');
-    expect(sb.aids().filter((a) => a.startsWith('web-'))).toHaveLength(1);
+    await waitFor(() => events().filter((e) => e.event === 'drop').length === 4, 5000, 'four drops to be logged');
+    expect(sb.aids().filter((a) => a.startsWith('web-'))).toEqual([]);
     webServe.child.kill('SIGTERM');
     expect((await webServe.exited).code).toBe(0);
-    await waitFor(() => sb.aids().every((a) => !a.startsWith('web-')), 10_000, 'the last clone to stop with serve');
   });
 
   it('a clone that fails after its commit is served (it runs) and said so, not made again', async () => {

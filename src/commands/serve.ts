@@ -106,7 +106,7 @@ export function registerServe(program: Command): void {
     .option('--concurrency <n>', 'connections one instance takes before another is started or connections wait', '100')
     .option('--max-held <n>', 'connections the front door holds while they wait; beyond, they wait unaccepted in the listen backlog', '1024')
     .option('--cpu-target <share>', 'clone mode: start another instance when every one serving uses this much of a core (0.8 or 80%; default: CPU not looked at)')
-    .option('--max-wait <duration>', 'clone mode: a connection waiting this long for instances being started starts one more (2s; default: the number waiting alone decides)')
+    .option('--max-wait <duration>', 'a connection waiting this long at the front door starts one more clone (clone mode, up to --max), or is reported (restore mode, or at --max) (2s; default: the number waiting alone decides)')
     .option('--busy-cpu <share>', 'an instance using this much of a core is not idle, connections or not: its idle time starts once it uses less (0.1 or 10%; default: idle means without connections)')
     .option('--json', 'print the service as JSON', false)
     .addHelpText('after', '\nExamples:\n  appshot service add db --from ./redis.img --port 6380:6379 --idle 30s\n  appshot service add db --from ./pg.img --port 5433:5432 --idle 1m --busy-cpu 10%\n  appshot service add web --mode clone --from ./web.template --port 0.0.0.0:8080 --max 4 --cpu-target 80%')

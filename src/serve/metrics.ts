@@ -42,9 +42,15 @@ export class ServeMetrics {
     buckets: [0.0001, 0.0005, ...LATENCY_BUCKETS],
     registers: [this.registry],
   });
+  readonly waits = new Counter({
+    name: 'appshot_serve_long_waits_total',
+    help: 'Connections found waiting --max-wait at the front door, by decision (start: one more instance; report: none could be started)',
+    labelNames: ['service', 'decision'],
+    registers: [this.registry],
+  });
   readonly held = new Gauge({
     name: 'appshot_serve_connections_held',
-    help: 'Connections accepted and waiting for an instance',
+    help: 'Connections waiting for an instance: held by the front door or in its listen backlog',
     labelNames: ['service'],
     registers: [this.registry],
   });

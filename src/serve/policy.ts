@@ -3,8 +3,9 @@
  * on so that it can be tested with a clock that tests advance.
  *
  * The whole policy, from measurements the front door makes itself
- * (connections open per instance, connections held, time since the last
- * connection of each instance, and each instance's CPU):
+ * (connections open per instance, connections waiting and how long the
+ * oldest of them has, time since the last connection of each instance,
+ * and each instance's CPU):
  *
  * - route: a new connection goes to the running instance with the fewest
  *   open connections (of two with as many, the one using less CPU), if it
@@ -16,12 +17,22 @@
  *   serves connections and uses at least `cpuTarget` of a core, and none is
  *   starting, one more is started, up to `max`: connections below
  *   `concurrency` can still saturate an instance that computes.
- * - wait (clone mode, with `maxWaitMs`): when the connection held longest
- *   has waited that long although instances being started were counted
- *   to take it, one more is started, up to `max`, and no other for that
- *   reason until another `maxWaitMs` has passed: a start that hangs or
- *   crawls (a slow disk, a clone failing and tried again) does not keep
- *   its waiters waiting on it alone.
+ * - wait (with `maxWaitMs`): when the connection waiting longest at the
+ *   front door has waited that long, clone mode starts one more instance,
+ *   up to `max` (a start that hangs or crawls, a slow disk, a clone
+ *   failing and tried again, does not keep its waiters waiting on it
+ *   alone). With `max` live, and always in restore mode (its one instance
+ *   cannot be doubled), the wait is reported instead (a log line and a
+ *   metric: the operator's sign that restores or clones are slower than
+ *   the service can bear). Neither when this decision starts instances
+ *   for the number held anyway; either at most once per `maxWaitMs`.
+ *   "Waiting" counts both the connections serve holds and those still
+ *   in a listen backlog, unaccepted (beyond --max-held, or on the shared
+ *   listener while no instance accepts): the kernel counts the latter but
+ *   does not date them, so BacklogAge dates each when a pump first sees
+ *   it there (a wait is understated by up to the time between two pumps,
+ *   never overstated) and takes them out oldest first as they are
+ *   accepted.
  * - idle: an instance with no open connection for `idleMs` is suspended
  *   (restore mode: snapshotted, which ends it) or dropped (clone mode),
  *   never below `min` running; the one idle longest goes first. With
@@ -72,14 +83,17 @@ export type Route = { forward: string } | { hold: true };
 
 export type Action =
   | { kind: 'start'; reason: 'held' | 'min' | 'cpu' | 'wait' }
+  /** Nothing to start: a connection has waited `waitedMs` (maxWaitMs). */
+  | { kind: 'report'; reason: 'wait'; waitedMs: number; waiting: number }
   | { kind: 'suspend'; aid: string; idleMs: number }
   | { kind: 'drop'; aid: string; idleMs: number };
 
 type Knobs = Pick<ServiceSpec, 'mode' | 'min' | 'max' | 'idleMs' | 'concurrency'> & { cpuTarget?: number; busyCpu?: number; maxWaitMs?: number };
 
 export class Policy {
-  /** Clock time of the last start for a connection's wait (maxWaitMs). */
-  private lastWaitStart = -Infinity;
+  /** Clock time of the last start or report for a connection's wait
+   * (maxWaitMs). */
+  private lastWait = -Infinity;
 
   constructor(
     readonly spec: Knobs,
@@ -95,9 +109,9 @@ export class Policy {
     return best ? { forward: best.aid } : { hold: true };
   }
 
-  /** What to start, suspend or drop now, given `held` connections
-   * waiting at the front door, the oldest of them held since clock time
-   * `heldSince`. */
+  /** What to start, suspend, drop or report now, given `held` connections
+   * waiting at the front door (held by serve or in a listen backlog), the
+   * oldest of them waiting since clock time `heldSince`. */
   decide(instances: InstanceView[], held: number, heldSince?: number): Action[] {
     const now = this.clock.now();
     const actions: Action[] = [];
@@ -105,10 +119,17 @@ export class Policy {
     const starting = count('starting');
     // Instances that will exist once those starting have started.
     const live = count('running', 'starting', 'suspending', 'stopping');
+    const wait = this.spec.maxWaitMs ?? 0;
+    const waitedMs = heldSince === undefined ? 0 : now - heldSince;
+    const overdue = wait > 0 && held > 0 && heldSince !== undefined && waitedMs >= wait && now - this.lastWait >= wait;
     if (this.spec.mode === 'restore') {
       // One instance: restored when someone waits for it. While it is being
       // suspended, the waiters wait for the suspend to end, then restore.
       if (held > 0 && live === 0) actions.push({ kind: 'start', reason: 'held' });
+      if (overdue) {
+        actions.push({ kind: 'report', reason: 'wait', waitedMs, waiting: held });
+        this.lastWait = now;
+      }
     } else {
       // Held connections beyond what starting instances will take: start
       // as many more as they need, up to max.
@@ -126,14 +147,14 @@ export class Policy {
         actions.push({ kind: 'start', reason: 'cpu' });
         room--;
       }
-      // Waited too long for instances that were to take it: one more.
-      const wait = this.spec.maxWaitMs ?? 0;
-      if (wait > 0 && held > 0 && heldSince !== undefined && !actions.length && room > 0 && now - heldSince >= wait && now - this.lastWaitStart >= wait) {
-        actions.push({ kind: 'start', reason: 'wait' });
-        this.lastWaitStart = now;
-        room--;
+      // Waited too long for instances that were to take it: one more, or
+      // if none can be started, said so.
+      if (overdue && !actions.length) {
+        actions.push(room > 0 ? { kind: 'start', reason: 'wait' } : { kind: 'report', reason: 'wait', waitedMs, waiting: held });
+        this.lastWait = now;
+        if (room > 0) room--;
       }
-      let warm = count('running', 'starting') + actions.length;
+      let warm = count('running', 'starting') + actions.filter((a) => a.kind === 'start').length;
       while (warm < this.spec.min && room > 0) {
         actions.push({ kind: 'start', reason: 'min' });
         warm++;
@@ -165,5 +186,64 @@ export class Policy {
     const busy = this.spec.busyCpu ?? 0;
     if (busy <= 0) return false;
     return (i.cpu ?? 0) >= busy || i.cpuFrom === undefined || i.cpuFrom < i.lastActive;
+  }
+}
+
+/**
+ * How long the connections in a listen backlog have waited. The kernel
+ * counts them (a listening socket's accept queue, TCP_INFO) but does not
+ * date them; its queue is first in, first out. So each connection is
+ * dated when a sample (every pump: each accept and each tick) first
+ * finds it there, and taken out, oldest first, as each accept is heard
+ * of. After a sample the count is the kernel's; between samples a
+ * connection that came and was accepted takes out nothing dated (none
+ * dated is older than it). The dates are never earlier than the
+ * connections came: a wait is understated by at most one pump, never
+ * overstated.
+ */
+export class BacklogAge {
+  /** Oldest first: when first seen, and how many of those still wait. */
+  private cohorts: { at: number; n: number }[] = [];
+  private dated = 0;
+
+  /** The backlog holds `count` now. */
+  sample(count: number, now: number): void {
+    // Fewer than dated: accepted unheard of (the instance's own accept on
+    // a shared listener), the oldest first.
+    if (count < this.dated) this.take(this.dated - count);
+    if (count > this.dated) {
+      this.cohorts.push({ at: now, n: count - this.dated });
+      this.dated = count;
+    }
+  }
+
+  /** One connection accepted from it: when the oldest one waiting was
+   * first seen (the one accepted, or one that came before it), or
+   * undefined if none was dated. */
+  accepted(): number | undefined {
+    const at = this.cohorts[0]?.at;
+    this.take(1);
+    return at;
+  }
+
+  /** When the oldest still waiting was first seen; undefined: none. */
+  oldest(): number | undefined {
+    return this.cohorts[0]?.at;
+  }
+
+  /** How many wait, as of the last sample and the accepts since. */
+  get count(): number {
+    return this.dated;
+  }
+
+  private take(n: number): void {
+    while (n > 0 && this.cohorts.length) {
+      const c = this.cohorts[0];
+      const k = Math.min(n, c.n);
+      c.n -= k;
+      n -= k;
+      this.dated -= k;
+      if (!c.n) this.cohorts.shift();
+    }
   }
 }

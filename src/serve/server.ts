@@ -40,7 +40,7 @@ import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from
 import { SharedListener } from './shared.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
-import { type Clock, Policy, systemClock, type Action } from './policy.js';
+import { type Action, BacklogAge, type Clock, Policy, systemClock } from './policy.js';
 import { DEFAULT_MAX_HELD, DEFAULT_PREPARED, type InstanceStateName, type PortMap, type ServiceSpec, ServiceStore, type ServiceState, type Translation } from './spec.js';
 
 /** One structured log line per decision. */
@@ -189,6 +189,15 @@ class Service {
   readonly translations: Translation[] = [];
   /** public port → the forwarding thread's listener (forwarder.ts). */
   private readonly grants = new Map<number, number>();
+  /** public port → a descriptor of its forwarded listener (a duplicate of
+   * the thread's) and the age of what waits in its backlog (policy.ts
+   * BacklogAge): connections beyond --max-held wait there unaccepted,
+   * and count as waiting. */
+  private readonly backlogs = new Map<number, { fd: number; age: BacklogAge }>();
+  /** The same for the shared listener while no instance accepts on it. */
+  private readonly sharedAge = new BacklogAge();
+  /** Connections in the listen backlogs at the last pump. */
+  private backlog = 0;
   /** restore mode, one public port: the listener shared with the instance
    * (shared.ts) instead of forwarding, until fallBack. */
   private shared: SharedListener | undefined;
@@ -441,6 +450,7 @@ class Service {
         continue;
       }
       this.listeners.push(server);
+      this.watchBacklog(p, (server as unknown as { _handle: { fd: number } })._handle.fd);
       const lid = this.host.forwarder.takeOver(server, this.listenerEnds(p), this.group, this.maxHeld);
       if (lid !== undefined) this.grants.set(p.public, lid);
       this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode });
@@ -480,6 +490,46 @@ class Service {
     }
   }
 
+  /** Its backlog looked at from now on (a duplicate of `fd`: the thread's
+   * own is its, and Node's server closes its own); without one, the
+   * backlog's waiters are not counted, as before. */
+  private watchBacklog(p: PortMap, fd: number): void {
+    try {
+      this.backlogs.set(p.public, { fd: addon().dupFd(fd), age: new BacklogAge() });
+    } catch (e) {
+      this.log('backlog-unknown', { port: p.public, error: (e as Error).message });
+    }
+  }
+
+  /** Samples the listen backlogs (each pump): how many wait there (the
+   * shared listener's apart), and since when the oldest of them (clock
+   * time; undefined: none). */
+  private sampleBacklogs(now: number): { count: number; shared: number; since: number | undefined } {
+    let count = 0;
+    let since: number | undefined;
+    const look = (n: number, age: BacklogAge) => {
+      age.sample(n, now);
+      count += n;
+      const at = age.oldest();
+      if (at !== undefined && (since === undefined || at < since)) since = at;
+    };
+    for (const b of this.backlogs.values()) {
+      let n = 0;
+      try {
+        n = addon().listenQueue(b.fd);
+      } catch {
+        // (not a TCP listener any more: nothing counted)
+      }
+      look(n, b.age);
+    }
+    const forwarded = count;
+    // Shared: the instance accepts on it while it runs, unheard of here;
+    // only while none does is what waits there dated.
+    const shared = this.shared?.queued() ?? 0;
+    if (this.shared) look(this.instances.get(this.name)?.state === 'running' ? 0 : shared, this.sharedAge);
+    return { count: forwarded, shared, since };
+  }
+
   /** A SharedListener of our descriptor `fd`, closed if it cannot be made. */
   private sharedListener(fd: number, p: PortMap): SharedListener {
     try {
@@ -514,6 +564,7 @@ class Service {
     } catch (e) {
       this.log('listener-backlog-failed', { port: p.public, error: (e as Error).message });
     }
+    this.watchBacklog(p, s.fd);
     const lid = this.host.forwarder.takeOverFd(s.fd, this.listenerEnds(p), this.group, this.maxHeld);
     if (lid !== undefined) {
       this.grants.set(p.public, lid);
@@ -627,7 +678,9 @@ class Service {
 
   private accept(socket: Socket, port: PortMap): void {
     socket.on('error', () => undefined); // a client that resets while held
-    this.held.push({ socket, port, since: process.hrtime.bigint(), at: this.host.clock.now(), tries: 0 });
+    // Dated from when it was first seen in the backlog, if it was.
+    const at = this.backlogs.get(port.public)?.age.accepted() ?? this.host.clock.now();
+    this.held.push({ socket, port, since: process.hrtime.bigint(), at, tries: 0 });
     this.host.metrics?.held.set({ service: this.name }, this.held.length);
     this.pump();
   }
@@ -642,13 +695,23 @@ class Service {
     // this pump (every tick's, the failure's own) would start the next
     // try at once: SHARED_FAILURES in a few milliseconds, the front door
     // given up on a passing failure.
-    const queued = this.shared?.queued() ?? 0;
+    // Forwarded: those beyond --max-held wait in the listen backlog,
+    // unaccepted, and count (and are dated) as waiting too, less those
+    // a running instance's room will take as the thread accepts them.
+    const now = this.host.clock.now();
+    const backlog = this.sampleBacklogs(now);
+    this.backlog = backlog.count + backlog.shared;
+    let room = 0;
+    for (const i of this.instances.values()) if (i.state === 'running') room += Math.max(0, this.spec.concurrency - i.active);
+    const queued = backlog.shared + Math.max(0, backlog.count - room);
     const waiting = this.held.length + queued;
     this.host.metrics?.held.set({ service: this.name }, waiting);
     const asking = performance.now() < this.watchAfter ? this.held.length : waiting;
-    const heldSince = this.held.reduce<number | undefined>((oldest, h) => (oldest === undefined || h.at < oldest ? h.at : oldest), undefined);
+    let heldSince = this.held.reduce<number | undefined>((oldest, h) => (oldest === undefined || h.at < oldest ? h.at : oldest), undefined);
+    if (queued && backlog.since !== undefined && (heldSince === undefined || backlog.since < heldSince)) heldSince = backlog.since;
     const actions = this.policy.decide([...this.instances.values()], asking, heldSince);
-    const applied = this.grant(actions.some((a) => a.kind !== 'start')) ? actions : actions.filter((a) => a.kind === 'start');
+    const ending = (a: Action) => a.kind === 'suspend' || a.kind === 'drop';
+    const applied = this.grant(actions.some(ending)) ? actions : actions.filter((a) => !ending(a));
     this.apply(applied);
     // Written only if something changed: every tick pumps every service,
     // and rewriting each one's state file five times a second was most
@@ -744,6 +807,7 @@ class Service {
 
   /** A connection the thread forwarded under the grant, to `port`. */
   private forwardedAtOnce(p: PortMap, port: number, client: string, at: bigint): ForwardEnds {
+    this.backlogs.get(p.public)?.age.accepted();
     const inst = [...this.instances.values()].find((i) => i.ports.get(p.public)?.system === port);
     if (inst) {
       inst.active++;
@@ -964,8 +1028,15 @@ class Service {
     // outlived serve.
     if (this.closing) return;
     for (const a of actions) {
-      if (a.kind === 'start') void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
-      else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
+      if (a.kind === 'start') {
+        if (a.reason === 'wait') this.host.metrics?.waits.inc({ service: this.name, decision: 'start' });
+        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
+      } else if (a.kind === 'report') {
+        // Nothing more can be started for them (restore mode, or at --max):
+        // said, for whoever watches the log or the metrics.
+        this.host.metrics?.waits.inc({ service: this.name, decision: 'report' });
+        this.log('waiting', { waitedMs: Math.round(a.waitedMs), waiting: a.waiting, held: this.held.length, backlog: this.backlog, instances: [...this.instances.values()].map((i) => `${i.aid} ${i.state}`) });
+      } else if (a.kind === 'suspend') void this.suspend(this.instances.get(a.aid)!, a.idleMs);
       else void this.drop(this.instances.get(a.aid)!, a.idleMs);
     }
   }
@@ -1520,7 +1591,7 @@ class Service {
       this.pump();
       inst.pid = this.listenerPid(inst);
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held });
+      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
@@ -1610,6 +1681,8 @@ class Service {
     this.shared?.close(true);
     for (const lid of this.grants.values()) this.host.forwarder.release(lid);
     this.grants.clear();
+    for (const b of this.backlogs.values()) closeSync(b.fd);
+    this.backlogs.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
     await this.dropPrepared('serve stops');
     this.forgetPreload();

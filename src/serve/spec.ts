@@ -60,10 +60,12 @@ export interface ServiceSpec {
    * finishing a job is not suspended or dropped in the middle of it. 0 or
    * absent: idle means without connections alone. */
   busyCpu?: number;
-  /** Clone mode: milliseconds a connection may wait at the front door for
-   * instances being started before one more is started for it (policy.ts:
-   * a start that hangs or crawls does not keep its waiters waiting), one
-   * per such wait, up to max. 0 or absent: the number held alone decides. */
+  /** Milliseconds a connection may wait at the front door (held, or in a
+   * listen backlog) before that wait decides (policy.ts): clone mode
+   * starts one more instance for it, up to max (a start that hangs or
+   * crawls does not keep its waiters waiting); restore mode, or clone mode
+   * at max, reports it (a `waiting` log line, a metric). At most once per
+   * such wait. 0 or absent: the number waiting alone decides. */
   maxWaitMs?: number;
 }
 
@@ -206,7 +208,6 @@ export function makeSpec(input: ServiceInput, base = process.cwd()): ServiceSpec
   const busyCpu = share(input.busyCpu ?? 0, '--busy-cpu');
   const maxWaitMs = typeof input.maxWait === 'number' ? input.maxWait : parseDuration(input.maxWait ?? '0', '--max-wait');
   if (!(maxWaitMs >= 0) || !Number.isFinite(maxWaitMs)) throw new AppshotError(`service '${input.name}': --max-wait ${input.maxWait}: expected a duration`, ExitCode.usage);
-  if (maxWaitMs && mode !== 'clone') throw new AppshotError(`service '${input.name}': --max-wait starts clones, and restore mode runs one instance`, ExitCode.usage);
   return {
     name: input.name,
     from,
