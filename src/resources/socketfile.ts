@@ -64,6 +64,7 @@ import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
 import { uniqueTag } from '../holder.js';
+import { killPoint } from '../killpoint.js';
 import { addon, type FileId, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
@@ -213,6 +214,10 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
 export function clearSocketFile(h: RestoreContext, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
+  // A name the application no longer has (it renamed its file, or
+  // removed it): known before the bind, so that a restore killed before
+  // its commit has the file there removed (registry.ts release).
+  if (file?.removed || file?.renamed) h.recordSocketFileMade?.(place.dir, place.name, who);
   makeRoomAmongOurs(h, place, !!file?.removed, where);
   let live: boolean;
   try {
@@ -251,7 +256,7 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     const back = stashed(h).get(join(place.dir, place.name));
     if (back) {
       stashed(h).delete(join(place.dir, place.name));
-      moveAside(ours, where);
+      moveAside(h, ours, where);
       move(back, place.name, where);
     }
     h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, ours.at, id, who));
@@ -298,9 +303,15 @@ function move(f: OurFile, to: string, where: string): void {
   f.at = to;
 }
 
-/** To a name of its own beside it, which no one uses. */
-function moveAside(f: OurFile, where: string): void {
-  move(f, `.appshot-bound-${uniqueTag()}`, where);
+/** To a name of its own beside it, which no one uses. The name is known
+ * (written into the registration) before the file is there: a restore
+ * killed from here to its commit would leave it in the application's
+ * directory for good; the next command removes it (registry.ts release). */
+function moveAside(h: RestoreContext, f: OurFile, where: string): void {
+  const aside = `.appshot-bound-${uniqueTag()}`;
+  h.recordSocketFileMade?.(f.dir, aside, f.who);
+  move(f, aside, where);
+  killPoint('restore: socket file moved aside');
 }
 
 /**
@@ -315,9 +326,9 @@ function moveAside(f: OurFile, where: string): void {
 function makeRoomAmongOurs(h: RestoreContext, place: { dir: string; name: string }, removed: boolean, where: string): void {
   const there = ourFiles(h).find((f) => f.dir === place.dir && f.at === place.name);
   if (!there) return;
-  if (there.removed) moveAside(there, where);
+  if (there.removed) moveAside(h, there, where);
   else if (removed) {
-    moveAside(there, where);
+    moveAside(h, there, where);
     stashed(h).set(join(place.dir, place.name), there);
   }
 }
