@@ -235,7 +235,13 @@ export class Engine {
    * no client can reach it any more, so waiting for the idle time would
    * only keep a process and its cache for nothing. */
   private watchSocket(): void {
-    const bound = lstatSync(this.paths.socket).ino;
+    // Told by its whole inode number and device (bigint): a Number rounds
+    // one above 2^53, and another file there could pass for it.
+    const socketId = () => {
+      const st = lstatSync(this.paths.socket, { bigint: true });
+      return `${st.dev}:${st.ino}`;
+    };
+    const bound = socketId();
     const timer = setInterval(() => {
       // The appshot-init processes its restores started, once ended, are
       // its zombies until waited for.
@@ -243,13 +249,13 @@ export class Engine {
       // The page files' buffers kept warm between commands (pages.c): not
       // held through a quiet half minute.
       addon().releaseKeptBuffers(30);
-      let ino: number | undefined;
+      let now: string | undefined;
       try {
-        ino = lstatSync(this.paths.socket).ino;
+        now = socketId();
       } catch {
         /* gone */
       }
-      if (ino === bound && !this.leaving) return;
+      if (now === bound && !this.leaving) return;
       clearInterval(timer);
       if (!this.leaving) {
         this.log('its socket is gone: leaving');

@@ -59,7 +59,7 @@
  * R4): the file is told by its inode number and its directory's device,
  * which is the overlay's (isFileOf; sockfile.c is_file).
  */
-import { lstatSync, readdirSync, readlinkSync, type Stats, statfsSync } from 'node:fs';
+import { type BigIntStats, lstatSync, readdirSync, readlinkSync, statfsSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
@@ -105,19 +105,22 @@ const OVERLAYFS_MAGIC = 0x794c7630;
  * sock_diag the overlay's, which the overlay's directories show: told by
  * its inode and its directory's device then (review28 R4; sockfile.c the
  * same). */
-function isFileOf(st: Stats | undefined, ino: number, dev: number, dir: string): boolean {
-  if (!st || !st.isSocket() || st.ino % 2 ** 32 !== ino % 2 ** 32) return false;
-  if (st.dev === dev) return true;
+function isFileOf(st: BigIntStats | undefined, ino: number, dev: number, dir: string): boolean {
+  // sock_diag's inode number is the low 32 bits of the file's. The file's
+  // is read whole (bigint): as a Number, one above 2^53 (an overlay's with
+  // xino, a large XFS's) is rounded, and its low 32 bits are not its own.
+  if (!st || !st.isSocket() || BigInt.asUintN(32, st.ino) !== BigInt(ino % 2 ** 32)) return false;
+  if (st.dev === BigInt(dev)) return true;
   try {
-    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir).dev === dev;
+    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir, { bigint: true }).dev === BigInt(dev);
   } catch {
     return false;
   }
 }
 
-function lstatOrNone(path: string): Stats | undefined {
+function lstatOrNone(path: string): BigIntStats | undefined {
   try {
-    return lstatSync(path);
+    return lstatSync(path, { bigint: true });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT' || (e as NodeJS.ErrnoException).code === 'ENOTDIR') return undefined;
     throw e;
@@ -158,7 +161,7 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
   }
   if (relative && !base.startsWith('/')) throw new Unsupported(`${where}: it is bound to the relative path ${name}, and the working directory of its process cannot be read`);
   const path = relative ? join(base, name) : name;
-  const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, ...(relative ? { base } : {}) });
+  const found = (st: BigIntStats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), ...(relative ? { base } : {}) });
   try {
     const here = lstatOrNone(path);
     if (isFileOf(here, ino, dev, dirname(path))) return found(here!);
@@ -166,7 +169,7 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
     const insideRoot = () => new Unsupported(`${where}: a unix socket that names ${path} in a process whose root directory is ${root} (chroot): the name is resolved in that root, which the restore does not do`);
     if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev, dirname(rootView)) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
     const renamed = renamedIn(dirname(path), ino, dev);
-    if (renamed) return found(lstatSync(join(dirname(path), renamed)), renamed);
+    if (renamed) return found(lstatSync(join(dirname(path), renamed), { bigint: true }), renamed);
     // Gone from its directory. In a chrooted process the name may have
     // been the root's, its file since removed: which, nothing tells; a
     // relative one may have been bound in another directory.
