@@ -24,6 +24,15 @@ import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
 import type { LogTimes } from './logtimes.js';
 
+/** template create and show --json: the template's directory as `path`,
+ * and as `template`, the name appshot.template-create/1 and -show/1 gave it
+ * before the naming rules (docs/json.md), where `template` means
+ * {path, instance}: deprecated, kept one more release. */
+function templateJson<T extends { template: string }>(summary: T): { template: string; path: string } & Omit<T, 'template'> {
+  const { template, ...rest } = summary;
+  return { template, path: template, ...rest };
+}
+
 const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
@@ -696,7 +705,7 @@ export function buildProgram(): Command {
         uninstall();
         display.end();
       }
-      if (opts.json) json('template create', summary);
+      if (opts.json) json('template create', templateJson(summary));
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
@@ -719,7 +728,7 @@ export function buildProgram(): Command {
       try {
         const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
         if (opts.json) {
-          json('template show', summary);
+          json('template show', templateJson(summary));
           return;
         }
         process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);

@@ -30,6 +30,7 @@ import { writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
+import { ms as roundMs } from '../commands/json.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { buildId, Frame, frame, type Control, type Request } from './protocol.js';
@@ -127,6 +128,9 @@ export class Engine {
   private leaving = false;
   private served = 0;
   private readonly started = Date.now();
+  /** The same, on the monotonic clock: uptimeMs is not moved by a change
+   * of the wall clock. */
+  private readonly startedMonotonic = performance.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
   /** The engine's own APPSHOT_* settings, as it was started: what the
@@ -324,6 +328,10 @@ export class Engine {
       pid: process.pid,
       home: this.opts.home,
       socket: this.paths.socket,
+      uptimeMs: roundMs(performance.now() - this.startedMonotonic),
+      idleTimeoutMs: this.opts.idleSeconds * 1000,
+      // Deprecated (docs/json.md): whole seconds, not …Ms; idleSeconds is
+      // the timeout, not the time idle so far. Kept one more release.
       uptimeSeconds: Math.round((Date.now() - this.started) / 1000),
       idleSeconds: this.opts.idleSeconds,
       commandsServed: this.served,
