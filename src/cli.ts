@@ -2,7 +2,7 @@
  * appshot's command line. Each command is a thin layer over a module; this
  * file owns only argument parsing, output format and exit codes.
  */
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, Option } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -582,7 +582,10 @@ export function buildProgram(): Command {
     .description('bring an image back as a running application, here or on another node')
     .argument('<image>', "an image directory, a .tar, .tar.gz or .tar.zst file, or '-' for a tar stream on stdin")
     .option('--aid <name>', "the AID to run it as (default: the image's own)")
-    .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
+    // A restore always runs in the background and prints the AID, as
+    // docker's -d does; -d is accepted, so that a script that gives it
+    // (as to run) works, and not shown: a flag that changes nothing.
+    .addOption(new Option('-d, --detach', 'the default, and the only way: a restore runs in the background').default(true).hideHelp())
     .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
     .option('--verify', "checksum the page data even if this node's snapshot wrote it and it is unchanged since", false)
     .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)

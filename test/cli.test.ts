@@ -156,6 +156,18 @@ describe('help and errors', () => {
     }
   });
 
+  it('restore -d is accepted (a restore always runs in the background, as docker -d does) and not shown as a flag that changes nothing', () => {
+    const help = sb.run(['restore', '--help']);
+    expect(help.code).toBe(0);
+    expect(help.stdout).not.toMatch(/--detach|-d,/);
+    expect(sb.run(['completion', 'bash']).stdout).toMatch(/^ {4}'restore'\) subs=''; opts='(?!.*--detach)[^']*'/m);
+    const missing = join(out, 'no-such.appshot');
+    for (const args of [['restore', missing], ['restore', '-d', missing], ['restore', '--detach', missing]]) {
+      const r = sb.run(args);
+      expect([r.code, r.stderr], args.join(' ')).toEqual([3, `appshot: no such image: ${missing}\n`]);
+    }
+  });
+
   it('key import of a missing file names it, exit code 3', () => {
     const r = sb.run(['key', 'import', join(out, 'missing.pub')]);
     expect([r.code, r.stderr]).toEqual([3, `appshot: no such file: ${join(out, 'missing.pub')}\n`]);
