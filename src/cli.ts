@@ -2,7 +2,7 @@
  * appshot's command line. Each command is a thin layer over a module; this
  * file owns only argument parsing, output format and exit codes.
  */
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, Option } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -23,6 +23,15 @@ import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
 import type { LogTimes } from './logtimes.js';
+
+/** template create and show --json: the template's directory as `path`,
+ * and as `template`, the name appshot.template-create/1 and -show/1 gave it
+ * before the naming rules (docs/json.md), where `template` means
+ * {path, instance}: deprecated, kept one more release. */
+function templateJson<T extends { template: string }>(summary: T): { template: string; path: string } & Omit<T, 'template'> {
+  const { template, ...rest } = summary;
+  return { template, path: template, ...rest };
+}
 
 const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
@@ -573,7 +582,10 @@ export function buildProgram(): Command {
     .description('bring an image back as a running application, here or on another node')
     .argument('<image>', "an image directory, a .tar, .tar.gz or .tar.zst file, or '-' for a tar stream on stdin")
     .option('--aid <name>', "the AID to run it as (default: the image's own)")
-    .option('-d, --detach', 'run in the background (the default: see appshot logs AID)', true)
+    // A restore always runs in the background and prints the AID, as
+    // docker's -d does; -d is accepted, so that a script that gives it
+    // (as to run) works, and not shown: a flag that changes nothing.
+    .addOption(new Option('-d, --detach', 'the default, and the only way: a restore runs in the background').default(true).hideHelp())
     .option('--lazy', "map memory copy-on-write from the image's page file instead of copying it", false)
     .option('--verify', "checksum the page data even if this node's snapshot wrote it and it is unchanged since", false)
     .option('--json', 'print {aid, processes, threads, restoreMs, ...} as JSON', false)
@@ -696,7 +708,7 @@ export function buildProgram(): Command {
         uninstall();
         display.end();
       }
-      if (opts.json) json('template create', summary);
+      if (opts.json) json('template create', templateJson(summary));
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
@@ -719,7 +731,7 @@ export function buildProgram(): Command {
       try {
         const summary = summarize(t.path, t.template, sharedState(t.loaded.image, t.rules));
         if (opts.json) {
-          json('template show', summary);
+          json('template show', templateJson(summary));
           return;
         }
         process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);

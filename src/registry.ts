@@ -119,6 +119,12 @@ export interface AppRecord {
      * leave it on the node, and the next restore would take it for the
      * application's. */
     madeQueues?: string[];
+    /** Names it gave socket files that the application does not have
+     * (resources/socketfile.ts: `.appshot-bound-*`, a name the
+     * application renamed or removed its file from), written before the
+     * file is there, with the identities it was made as: a restore killed
+     * before its commit would leave a stale socket file there. */
+    madeSocketFiles?: MadeSocketFile[];
     /** It took over the log its image's application left (see
      * adoptCarriedLog): given back if the restore never commits. */
     adoptedLog?: boolean;
@@ -795,6 +801,7 @@ export class LocalRegistry implements Registry {
         } catch {
           /* removed already (the failed restore undid it) */
         }
+      for (const f of r.madeSocketFiles ?? []) removeStaleSocketFile(f);
       if (r.adoptedLog) this.carryLog(record);
       if (r.adoptedSnapshot) this.giveBackSnapshot(record);
       // And the commit file made ahead for it (a held clone of an engine
@@ -1096,5 +1103,27 @@ export class LocalRegistry implements Registry {
     } catch {
       /* already gone */
     }
+  }
+}
+
+/** A socket file's name a restore wrote into its registration
+ * (restore.madeSocketFiles); `who` as fsident.ts gives it, capEff in text. */
+export interface MadeSocketFile {
+  dir: string;
+  name: string;
+  who?: { fsuid: number; fsgid: number; groups: number[]; capEff: string }[];
+}
+
+/** The socket file a killed restore made at `f`, removed if it is still
+ * there and stale: through its directory, as the identities it was made
+ * as, never through a symlink at its name, only a socket, only one no
+ * live socket holds (addon socketFileClear, sockfile.c clear_at). A
+ * record it cannot read is left alone. */
+function removeStaleSocketFile(f: MadeSocketFile): void {
+  try {
+    const who = f.who?.map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: BigInt(i.capEff) }));
+    addon().socketFileClear(f.dir, f.name, who);
+  } catch {
+    /* gone meanwhile, or not ours to reach */
   }
 }

@@ -139,6 +139,45 @@ describe('progress', () => {
   }, 120_000);
 });
 
+/** The field each deprecated one stands beside (docs/json.md): read that. */
+const CONSISTENT: Record<string, string> = { command: 'argv', template: 'path', uptimeSeconds: 'uptimeMs', idleSeconds: 'idleTimeoutMs', since: 'startedAt' };
+
+/** Where `value` (an output, or a part of one at `at`) breaks docs/json.md's
+ * naming rules: a time not in milliseconds named …Ms, an instant not named
+ * …At, an argv that is not an argument vector, a template that is not
+ * {path, instance}, a command that is one (argv's meaning). A field that
+ * breaks them passes only where `text` (the schema's section) marks it
+ * *deprecated* and the consistent field is beside it. */
+function namingFaults(value: unknown, text: string, at = ''): string[] {
+  if (Array.isArray(value)) return value.flatMap((v, i) => namingFaults(v, text, `${at}[${i}]`));
+  if (typeof value !== 'object' || value === null) return [];
+  const o = value as Record<string, unknown>;
+  const faults: string[] = [];
+  for (const [k, v] of Object.entries(o)) {
+    const where = `${at}.${k}`;
+    const broken = /(Seconds|Secs|Sec|Us|Ns)$/.test(k)
+      ? 'a time not in milliseconds named …Ms'
+      : typeof v === 'string' && /^\d{4}-\d\d-\d\dT\d\d:\d\d/.test(v) && !k.endsWith('At')
+        ? 'an instant not named …At'
+        : k.endsWith('Ms') && (typeof v !== 'number' || Math.abs(Math.round(v * 1000) - v * 1000) > 1e-6)
+          ? '…Ms that is not milliseconds to the microsecond'
+          : k === 'argv' && !(Array.isArray(v) && v.every((a) => typeof a === 'string'))
+            ? 'argv that is not an argument vector'
+            : k === 'template' && !(typeof v === 'object' && v !== null && typeof (v as { path?: unknown }).path === 'string')
+              ? 'template that is not {path, instance}'
+              : k === 'command' && Array.isArray(v)
+                ? 'command that is an argument vector (argv)'
+                : undefined;
+    if (broken) {
+      const deprecated = new RegExp(`\\b${k}\\b[^\\n]*\\*deprecated\\*`).test(text);
+      const beside = CONSISTENT[k] !== undefined && CONSISTENT[k] in o;
+      if (!deprecated || !beside) faults.push(`${where}: ${broken}${deprecated ? `, with no consistent ${CONSISTENT[k] ?? 'field'} beside it` : ', not marked *deprecated*'}`);
+    }
+    faults.push(...namingFaults(v, text, where));
+  }
+  return faults;
+}
+
 describe('--json', () => {
   it('every command gives its schema', async () => {
     const schema = async (args: string[]) => {
@@ -216,10 +255,27 @@ describe('--json', () => {
       await sb.jsonAsync(['images', d]),
       await sb.jsonAsync(['version']),
       await sb.jsonAsync(['check']),
-      await sb.jsonAsync(['engine', 'status']),
+      // One runs (started by the snapshot, APPSHOT_ENGINE=auto, or now):
+      // its status has every field.
+      await sb.runAsync(['engine', 'start']).then(() => sb.jsonAsync(['engine', 'status'])),
       await sb.jsonAsync(['wait', 'doc-ended']),
     ];
     for (const o of outputs) expect(undocumented(o), (Array.isArray(o) ? o[0] : o).schema).toEqual([]);
+    // And each follows the naming rules, or marks where it does not
+    // (*deprecated*) and gives the consistent field beside it.
+    expect(outputs[10]).toMatchObject({ running: true, uptimeMs: expect.any(Number), idleTimeoutMs: expect.any(Number) });
+    for (const o of outputs) {
+      const schema = (Array.isArray(o) ? o[0] : o).schema;
+      expect(namingFaults(o, section(schema)), schema).toEqual([]);
+    }
+    // The rule checker itself: what it is to catch, it catches.
+    expect(namingFaults({ template: '/t', path: '/t', waitSeconds: 1, since: '2026-01-01T00:00:00.000Z', argv: 'x', tookMs: 1.0001 }, '| template | string | *deprecated*')).toEqual([
+      '.waitSeconds: a time not in milliseconds named …Ms, not marked *deprecated*',
+      '.since: an instant not named …At, not marked *deprecated*',
+      '.argv: argv that is not an argument vector, not marked *deprecated*',
+      '.tookMs: …Ms that is not milliseconds to the microsecond, not marked *deprecated*',
+    ]);
+    expect(namingFaults({ template: '/t' }, '| template | string | *deprecated*')).toEqual(['.template: template that is not {path, instance}, with no consistent path beside it']);
     // The README's own quotes of images --json and check --json.
     const readme = readFileSync(join(root, 'README.md'), 'utf8').replace(/\s+/g, ' ');
     const quotes = [

@@ -59,6 +59,14 @@ static int same(int d, const struct stat* st, const struct sockfile_id* id) {
   return S_ISSOCK(st->st_mode) && is_file(d, st, id->ino, id->dev);
 }
 
+/* Whether two stats of entries of one directory are one file: by the whole
+ * 64-bit inode number and the device, both known here (sock_diag's 32 bits
+ * are for what it alone names: a file whose inode differs above them is
+ * another one). */
+static int same_stat(const struct stat* a, const struct stat* b) {
+  return S_ISSOCK(a->st_mode) && a->st_ino == b->st_ino && a->st_dev == b->st_dev;
+}
+
 /* Whether a live socket holds the file (st_ino, st_dev): one of the unix
  * sockets of this network namespace was bound there and still answers to
  * it (a listener, a datagram socket) or keeps it (a stream socket bound,
@@ -166,7 +174,7 @@ static int finish_op(void* arg) {
     else if (linkat(AT_FDCWD, self, d, renamed, AT_SYMLINK_FOLLOW) != 0) rc = -errno;
     else {
       struct stat now;
-      if (fstatat(d, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && same(d, &now, id)) unlinkat(d, name, 0);
+      if (fstatat(d, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && same_stat(&now, &st)) unlinkat(d, name, 0);
     }
   }
   if (f >= 0) close(f);
@@ -204,7 +212,7 @@ static int move_op(void* arg) {
   if (!rc && linkat(AT_FDCWD, self, d, c->to, AT_SYMLINK_FOLLOW) != 0) rc = -errno;
   if (!rc) {
     struct stat now;
-    if (fstatat(d, c->from, &now, AT_SYMLINK_NOFOLLOW) == 0 && same(d, &now, c->id)) unlinkat(d, c->from, 0);
+    if (fstatat(d, c->from, &now, AT_SYMLINK_NOFOLLOW) == 0 && same_stat(&now, &st)) unlinkat(d, c->from, 0);
   }
   if (f >= 0) close(f);
   close(d);

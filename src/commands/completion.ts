@@ -15,7 +15,8 @@ interface Node {
 
 /** Every command of the tree, with its subcommands and option flags. */
 function walk(cmd: Command, prefix: string, out: Node[]): Node[] {
-  const options = cmd.options.flatMap((o) => [o.short, o.long].filter((f): f is string => !!f));
+  // A hidden option (restore -d: accepted, changes nothing) is not offered.
+  const options = cmd.options.filter((o) => !o.hidden).flatMap((o) => [o.short, o.long].filter((f): f is string => !!f));
   options.push('--help');
   // `help` (commands/style.ts) is left out, as commander's own was.
   const subs = cmd.commands.filter((c) => !(c as unknown as { _hidden?: boolean })._hidden && c.name() !== 'help');

@@ -51,6 +51,8 @@ export function hostedStatus(): Record<string, unknown> | null {
   if (!hosted) return null;
   return {
     services: hosted.services,
+    startedAt: new Date(hosted.since).toISOString(),
+    // Deprecated (docs/json.md): an instant not named …At. Kept one more release.
     since: new Date(hosted.since).toISOString(),
     attached: hosted.attached(),
     ...(hosted.starting() ? { starting: true } : {}),

@@ -30,6 +30,7 @@ import { writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
+import { ms as roundMs } from '../commands/json.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { buildId, Frame, frame, type Control, type Request } from './protocol.js';
@@ -127,6 +128,9 @@ export class Engine {
   private leaving = false;
   private served = 0;
   private readonly started = Date.now();
+  /** The same, on the monotonic clock: uptimeMs is not moved by a change
+   * of the wall clock. */
+  private readonly startedMonotonic = performance.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
   /** The engine's own APPSHOT_* settings, as it was started: what the
@@ -235,7 +239,13 @@ export class Engine {
    * no client can reach it any more, so waiting for the idle time would
    * only keep a process and its cache for nothing. */
   private watchSocket(): void {
-    const bound = lstatSync(this.paths.socket).ino;
+    // Told by its whole inode number and device (bigint): a Number rounds
+    // one above 2^53, and another file there could pass for it.
+    const socketId = () => {
+      const st = lstatSync(this.paths.socket, { bigint: true });
+      return `${st.dev}:${st.ino}`;
+    };
+    const bound = socketId();
     const timer = setInterval(() => {
       // The appshot-init processes its restores started, once ended, are
       // its zombies until waited for.
@@ -243,13 +253,13 @@ export class Engine {
       // The page files' buffers kept warm between commands (pages.c): not
       // held through a quiet half minute.
       addon().releaseKeptBuffers(30);
-      let ino: number | undefined;
+      let now: string | undefined;
       try {
-        ino = lstatSync(this.paths.socket).ino;
+        now = socketId();
       } catch {
         /* gone */
       }
-      if (ino === bound && !this.leaving) return;
+      if (now === bound && !this.leaving) return;
       clearInterval(timer);
       if (!this.leaving) {
         this.log('its socket is gone: leaving');
@@ -318,6 +328,10 @@ export class Engine {
       pid: process.pid,
       home: this.opts.home,
       socket: this.paths.socket,
+      uptimeMs: roundMs(performance.now() - this.startedMonotonic),
+      idleTimeoutMs: this.opts.idleSeconds * 1000,
+      // Deprecated (docs/json.md): whole seconds, not …Ms; idleSeconds is
+      // the timeout, not the time idle so far. Kept one more release.
       uptimeSeconds: Math.round((Date.now() - this.started) / 1000),
       idleSeconds: this.opts.idleSeconds,
       commandsServed: this.served,

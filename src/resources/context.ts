@@ -10,7 +10,7 @@ import { type BigIntStats, closeSync, constants as fs, existsSync, mkdtempSync, 
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import { addon, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, type FsIdentities, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, type SocketOption, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -364,6 +364,14 @@ export class RestoreContext {
    * killed (kill -9) before its commit has it removed by the next command,
    * as its SysV objects are. */
   recordQueueMade?: (name: string) => void;
+
+  /** Told, before it is made, each name a socket file of this restore
+   * takes that the application does not have (resources/socketfile.ts:
+   * `.appshot-bound-*`, a name the application renamed or removed its
+   * file from), with the identities it is made as: written into the
+   * registration, so that a restore killed before its commit has a stale
+   * socket file there removed by the next command. */
+  recordSocketFileMade?: (dir: string, name: string, who: FsIdentities | undefined) => void;
 
   /** The restore failed: what it made in the system is removed. */
   undo(): void {

@@ -59,11 +59,12 @@
  * R4): the file is told by its inode number and its directory's device,
  * which is the overlay's (isFileOf; sockfile.c is_file).
  */
-import { lstatSync, readdirSync, readlinkSync, type Stats, statfsSync } from 'node:fs';
+import { type BigIntStats, lstatSync, readdirSync, readlinkSync, statfsSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fd, FdKind, type SocketFile } from '../image/types.js';
 import { uniqueTag } from '../holder.js';
+import { killPoint } from '../killpoint.js';
 import { addon, type FileId, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 
@@ -104,19 +105,22 @@ const OVERLAYFS_MAGIC = 0x794c7630;
  * sock_diag the overlay's, which the overlay's directories show: told by
  * its inode and its directory's device then (review28 R4; sockfile.c the
  * same). */
-function isFileOf(st: Stats | undefined, ino: number, dev: number, dir: string): boolean {
-  if (!st || !st.isSocket() || st.ino % 2 ** 32 !== ino % 2 ** 32) return false;
-  if (st.dev === dev) return true;
+function isFileOf(st: BigIntStats | undefined, ino: number, dev: number, dir: string): boolean {
+  // sock_diag's inode number is the low 32 bits of the file's. The file's
+  // is read whole (bigint): as a Number, one above 2^53 (an overlay's with
+  // xino, a large XFS's) is rounded, and its low 32 bits are not its own.
+  if (!st || !st.isSocket() || BigInt.asUintN(32, st.ino) !== BigInt(ino % 2 ** 32)) return false;
+  if (st.dev === BigInt(dev)) return true;
   try {
-    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir).dev === dev;
+    return statfsSync(dir).type === OVERLAYFS_MAGIC && lstatSync(dir, { bigint: true }).dev === BigInt(dev);
   } catch {
     return false;
   }
 }
 
-function lstatOrNone(path: string): Stats | undefined {
+function lstatOrNone(path: string): BigIntStats | undefined {
   try {
-    return lstatSync(path);
+    return lstatSync(path, { bigint: true });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT' || (e as NodeJS.ErrnoException).code === 'ENOTDIR') return undefined;
     throw e;
@@ -157,7 +161,7 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
   }
   if (relative && !base.startsWith('/')) throw new Unsupported(`${where}: it is bound to the relative path ${name}, and the working directory of its process cannot be read`);
   const path = relative ? join(base, name) : name;
-  const found = (st: Stats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, ...(relative ? { base } : {}) });
+  const found = (st: BigIntStats, renamed = ''): SocketFile => ({ renamed, removed: false, mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), ...(relative ? { base } : {}) });
   try {
     const here = lstatOrNone(path);
     if (isFileOf(here, ino, dev, dirname(path))) return found(here!);
@@ -165,7 +169,7 @@ export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number
     const insideRoot = () => new Unsupported(`${where}: a unix socket that names ${path} in a process whose root directory is ${root} (chroot): the name is resolved in that root, which the restore does not do`);
     if (rootView && (isFileOf(lstatOrNone(rootView), ino, dev, dirname(rootView)) || renamedIn(dirname(rootView), ino, dev))) throw insideRoot();
     const renamed = renamedIn(dirname(path), ino, dev);
-    if (renamed) return found(lstatSync(join(dirname(path), renamed)), renamed);
+    if (renamed) return found(lstatSync(join(dirname(path), renamed), { bigint: true }), renamed);
     // Gone from its directory. In a chrooted process the name may have
     // been the root's, its file since removed: which, nothing tells; a
     // relative one may have been bound in another directory.
@@ -213,6 +217,10 @@ export function socketFileForPeers(name: string, file: SocketFile | undefined): 
 export function clearSocketFile(h: RestoreContext, name: string, file: SocketFile | undefined, where: string, who: FsIdentities | undefined): void {
   const place = socketFilePlace(name, file);
   if (!place) return;
+  // A name the application no longer has (it renamed its file, or
+  // removed it): known before the bind, so that a restore killed before
+  // its commit has the file there removed (registry.ts release).
+  if (file?.removed || file?.renamed) h.recordSocketFileMade?.(place.dir, place.name, who);
   makeRoomAmongOurs(h, place, !!file?.removed, where);
   let live: boolean;
   try {
@@ -251,7 +259,7 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     const back = stashed(h).get(join(place.dir, place.name));
     if (back) {
       stashed(h).delete(join(place.dir, place.name));
-      moveAside(ours, where);
+      moveAside(h, ours, where);
       move(back, place.name, where);
     }
     h.whenProcessesAreFinal(() => addon().socketFileRemove(place.dir, ours.at, id, who));
@@ -298,9 +306,15 @@ function move(f: OurFile, to: string, where: string): void {
   f.at = to;
 }
 
-/** To a name of its own beside it, which no one uses. */
-function moveAside(f: OurFile, where: string): void {
-  move(f, `.appshot-bound-${uniqueTag()}`, where);
+/** To a name of its own beside it, which no one uses. The name is known
+ * (written into the registration) before the file is there: a restore
+ * killed from here to its commit would leave it in the application's
+ * directory for good; the next command removes it (registry.ts release). */
+function moveAside(h: RestoreContext, f: OurFile, where: string): void {
+  const aside = `.appshot-bound-${uniqueTag()}`;
+  h.recordSocketFileMade?.(f.dir, aside, f.who);
+  move(f, aside, where);
+  killPoint('restore: socket file moved aside');
 }
 
 /**
@@ -315,9 +329,9 @@ function moveAside(f: OurFile, where: string): void {
 function makeRoomAmongOurs(h: RestoreContext, place: { dir: string; name: string }, removed: boolean, where: string): void {
   const there = ourFiles(h).find((f) => f.dir === place.dir && f.at === place.name);
   if (!there) return;
-  if (there.removed) moveAside(there, where);
+  if (there.removed) moveAside(h, there, where);
   else if (removed) {
-    moveAside(there, where);
+    moveAside(h, there, where);
     stashed(h).set(join(place.dir, place.name), there);
   }
 }

@@ -689,6 +689,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       (registered.restore!.madeQueues ??= []).push(name);
       reg.update(registered);
     };
+    // A socket file's name likewise (JSON has no bigint: capEff as text).
+    handed.recordSocketFileMade = (dir, name, who) => {
+      const as = who === undefined ? undefined : (Array.isArray(who) ? who : [who]).map((i) => ({ ...i, capEff: i.capEff.toString() }));
+      (registered.restore!.madeSocketFiles ??= []).push({ dir, name, ...(as ? { who: as } : {}) });
+      reg.update(registered);
+    };
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
