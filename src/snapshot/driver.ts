@@ -966,6 +966,10 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     const keys = new Map<number, string>();
     const planned = becomesParent ? timed('tracking prepared', () => prepareTracking(reg, aid, roots, keys)) : {};
     clock.outside(collectBeforeFreeze);
+    // freezeMs is the stopping of the threads alone: what came before (the
+    // estimate, the page file prepared while the application runs,
+    // tracking prepared) is totalMs's, not the freeze's.
+    clock.startingNow();
     const freezeBegan = process.hrtime.bigint();
     timed('freeze', () => freezer.freeze(opts.timeoutMs));
     clock.end('freezeMs');

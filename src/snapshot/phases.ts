@@ -68,6 +68,12 @@ export class PhaseClock {
     if (phase === 'freezeMs') this.frozenAt = t;
   }
 
+  /** The next phase begins now: what ran since the last is no phase's
+   * (the preparation before the freeze). */
+  startingNow(): void {
+    this.last = now();
+  }
+
   /** Runs `step`, whose time is no phase's (the collection before the
    * freeze: totalMs has it, freezeMs does not). */
   outside<T>(step: () => T): T {
