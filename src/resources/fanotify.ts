@@ -35,7 +35,9 @@
  * descriptors (dup, fork) comes back as two groups, as inotify's does.
  * The PIDs events carry are system PIDs, before and after.
  */
-import { readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, readFileSync, readlinkSync } from 'node:fs';
+import { addon } from '../native.js';
+import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fanotify, type FanotifyMark, FanotifyMarkKind, type Fd, FdKind, type Image } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -93,7 +95,6 @@ const EVENT_BITS = 0x1fff | 0x8000 | 0x1000000 | 0x2000000 | 0x8000000 | 0x10000
 const PERM_BITS = 0x10000 | 0x20000 | 0x40000 | 0x100000;
 
 const O_NONBLOCK = 0o4000;
-const AT_FDCWD = -100;
 const F_SETFD = 2;
 const F_SETFL = 4;
 const FD_CLOEXEC = 1;
@@ -265,16 +266,34 @@ export function restoreFanotify(r: RemoteProcess, fd: Fd): number {
   if (!g) throw new Error(`fanotify fd ${fd.fd} has no group in the image`);
   r.reset();
   const made = Number(withoutSysAdmin(r, g.unprivileged, () => r.call(`making fanotify group fd ${fd.fd}`, SYS.fanotify_init, [g.flags, g.eventFlags])));
-  for (const m of g.marks) {
-    const base = MARK.ADD | MARK_TYPE[m.kind] | (m.kind === FanotifyMarkKind.INODE ? MARK.DONT_FOLLOW : 0) | (m.flags & MARK.EVICTABLE);
-    r.reset();
-    const path = r.str(m.path);
-    const what = `marking ${m.path} (fanotify fd ${fd.fd})`;
-    if (m.mask) r.call(what, SYS.fanotify_mark, [made, base, m.mask, AT_FDCWD, path]);
-    if (m.ignoredMask) {
-      const ignore = (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY);
-      r.call(`${what}: its ignored mask`, SYS.fanotify_mark, [made, base | ignore, m.ignoredMask, AT_FDCWD, path]);
+  // The marks are added by the restorer, to the group taken from the
+  // process, on a thread with the process's filesystem identity and
+  // effective capabilities (fsident.ts): the kernel walks to the name and
+  // checks read permission as the caller, and for a mount or filesystem
+  // mark CAP_SYS_ADMIN of the caller, which must be the process's, not a
+  // root restorer's before its credentials are back (issue 12).
+  // Its permitted capabilities count: a process that made a mount mark
+  // with CAP_SYS_ADMIN and then lowered it from its effective set only
+  // may raise it and make the mark again by itself; one that dropped it
+  // from every set may not, and is refused.
+  const as = identitiesOfRestored(r, true);
+  const ours = g.marks.length ? addon().getFd(r.pid, made) : -1;
+  const kinds = ['', 'mount ', 'filesystem '];
+  try {
+    for (const m of g.marks) {
+      const base = MARK.ADD | MARK_TYPE[m.kind] | (m.kind === FanotifyMarkKind.INODE ? MARK.DONT_FOLLOW : 0) | (m.flags & MARK.EVICTABLE);
+      const mark = (flags: number, mask: number) => {
+        try {
+          addon().fanotifyMarkAs(ours, flags, BigInt(mask), m.path, as.who);
+        } catch (e) {
+          refusedAsProcess(e, `process ${as.p.vpid} fd ${fd.fd}: its fanotify ${kinds[m.kind] ?? ''}mark on ${m.path}`, fsIdentity(as.p), 'made');
+        }
+      };
+      if (m.mask) mark(base, m.mask);
+      if (m.ignoredMask) mark(base | (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY), m.ignoredMask);
     }
+  } finally {
+    if (ours >= 0) closeSync(ours);
   }
   // Made with the flags it was made with (fdinfo shows them); the
   // descriptor's own bits as they were at the snapshot.
