@@ -466,6 +466,8 @@ interface Addon {
   /** An O_PATH descriptor of the regular file `path` if `who` reaches it
    * and may execute it (fsident's ExecOp): a process's executable. */
   openExecAs(path: string, who?: FsIdentities): number;
+  /** mq_open(name, flags) of an existing queue as `who` (no O_CREAT). */
+  mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
   /** inotify_add_watch(fd, path, mask) as `who`: its wd. */
   inotifyAddWatchAs(fd: number, path: string, mask: number, who?: FsIdentities): number;
   /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */

@@ -11,10 +11,11 @@
  * are bound by absolute and relative names in its directory.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
+import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
@@ -302,6 +303,40 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['restore', image]);
     expect(readlinkSync(`/proc/${sb.systemPid('pcexe')}/exe`)).toBe(exe);
     await run(['stop', 'pcexe', '-s', 'KILL']);
+  });
+
+  it('a POSIX message queue of a process run as nobody, given to root (mode 0640) after the snapshot, is refused (EACCES), nothing left; given back, it comes back', async () => {
+    const name = `/appshot-pcmq-${process.pid}`;
+    try {
+      await start('pcmq', [...asNobody, fixture('mqueues'), name]);
+      await checksPass('pcmq');
+      const image = join(out, 'pcmq.img');
+      await run(['snapshot', 'pcmq', '-o', image]);
+      await waitFor(() => !sb.aids().includes('pcmq'), 10_000, 'pcmq to end');
+      await run(['rm', 'pcmq']);
+
+      // The queue outlives the application: root's now, nobody may not open it.
+      const q = addon().mqOpen(name, 0, 0, 0, 0);
+      try {
+        fchownSync(q, 0, 0);
+        const r = await attempt(['restore', image]);
+        expect(r.code, r.stderr).toBe(5);
+        expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2 fd \d+: the POSIX message queue ${name}, which exists on this node, cannot be opened ` + REFUSED_AS_NOBODY));
+        leftNothing('pcmq');
+        fchownSync(q, NOBODY, NOBODY);
+      } finally {
+        closeSync(q);
+      }
+      await run(['restore', image]);
+      await checksPass('pcmq');
+      await run(['stop', 'pcmq', '-s', 'KILL']);
+    } finally {
+      try {
+        addon().mqUnlink(name);
+      } catch {
+        /* not made */
+      }
+    }
   });
 });
 

@@ -24,6 +24,43 @@ bool U32(const Napi::Value& v, uint32_t* out) {
   return true;
 }
 
+struct MqCall {
+  const char* name;  // without its leading '/', as the system call takes it
+  int flags;
+};
+
+int MqOp(void* arg) {
+  auto* c = static_cast<MqCall*>(arg);
+  int fd = static_cast<int>(syscall(SYS_mq_open, c->name, c->flags | O_CLOEXEC, 0, nullptr));
+  return fd < 0 ? -errno : fd;
+}
+
+// mqOpenAs(name, flags, who?) -> fd: an existing POSIX message queue
+// opened as `who`: mq_open checks the queue's mode against the caller's
+// fsuid, fsgid and groups (and CAP_DAC_OVERRIDE), as for a file.
+Napi::Value MqOpenAs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString() || !info[1].IsNumber()) {
+    Napi::TypeError::New(env, "mqOpenAs(name, flags, who?)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  FsIdentArg who(env, info[2]);
+  if (who.failed()) return env.Undefined();
+  int flags = info[1].As<Napi::Number>().Int32Value();
+  if (flags & O_CREAT) {
+    appshot::ThrowErrno(env, "mq_open " + name + " (only an existing queue is opened as another)", EINVAL);
+    return env.Undefined();
+  }
+  MqCall c{name.c_str() + (name.size() && name[0] == '/' ? 1 : 0), flags};
+  int rc = fsident_run(who.get(), nullptr, MqOp, &c);
+  if (rc < 0) {
+    appshot::ThrowErrno(env, "mq_open " + name, -rc);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, rc);
+}
+
 }  // namespace
 
 bool FsIdentArg::One(const Napi::Env& env, const Napi::Value& v, size_t at) {
@@ -235,5 +272,6 @@ void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
   exports.Set("openAs", Napi::Function::New(env, OpenAs, "openAs"));
   exports.Set("openExecAs", Napi::Function::New(env, OpenExecAs, "openExecAs"));
   exports.Set("inotifyAddWatchAs", Napi::Function::New(env, InotifyAddWatchAs, "inotifyAddWatchAs"));
+  exports.Set("mqOpenAs", Napi::Function::New(env, MqOpenAs, "mqOpenAs"));
   exports.Set("fanotifyMarkAs", Napi::Function::New(env, FanotifyMarkAs, "fanotifyMarkAs"));
 }
