@@ -305,6 +305,20 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['stop', 'pcexe', '-s', 'KILL']);
   });
 
+  it('a fanotify group made with CAP_SYS_ADMIN by a process that then dropped it from every set is refused before anything is made', async () => {
+    const d = mkdtempSync(join(out, 'fan-'));
+    await start('pcfan', [fixture('fanotify'), d, 'drop-admin']);
+    await checksPass('pcfan');
+    const image = join(out, 'pcfan.img');
+    await run(['snapshot', 'pcfan', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcfan'), 10_000, 'pcfan to end');
+    await run(['rm', 'pcfan']);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(/process 2 \(fanotify\) fd 3: its fanotify group takes CAP_SYS_ADMIN, which neither the process nor the application's others hold: made with it, it would give the application more than it holds$/);
+    leftNothing('pcfan');
+  });
+
   it('a POSIX message queue of a process run as nobody, given to root (mode 0640) after the snapshot, is refused (EACCES), nothing left; given back, it comes back', async () => {
     const name = `/appshot-pcmq-${process.pid}`;
     try {

@@ -146,8 +146,13 @@ export function restoringProcess(r: object, image: Image, p: Process): void {
 export function identitiesOfRestored(r: object, raisable = false): { who: FsIdentity[]; p: Process } {
   const known = restoring.get(r);
   if (!known) throw new Error('a path operation of a process whose image process is not known yet');
-  const who = identitiesFor(known.image, known.p);
-  return { who: raisable ? who.map((i) => ({ ...i, capEff: i.capEff | (permittedOf.get(i) ?? 0n) })) : who, p: known.p };
+  return { who: raisable ? raisableIdentitiesFor(known.image, known.p) : identitiesFor(known.image, known.p), p: known.p };
+}
+
+/** identitiesFor, each with its permitted capabilities in its effective
+ * set (identitiesOfRestored's `raisable`). */
+export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
+  return identitiesFor(image, p).map((i) => ({ ...i, capEff: i.capEff | (permittedOf.get(i) ?? 0n) }));
 }
 
 const O_PATH = 0o10000000;
