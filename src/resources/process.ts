@@ -281,12 +281,20 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * image. Where it cannot be (no such directory, no CAP_SYS_CHROOT here)
  * the restore fails naming it.
  */
-export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image; keep(fd: number): number }): void {
+export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
   if (!p.root || p.root === '/') return;
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
   // to the working directory, held meanwhile. One stop.
-  const rootFd = h.keep(openDirectoryAs(h.image, p, p.root, 'root directory'));
+  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory');
+  try {
+    enterRoot(r, p, rootFd);
+  } finally {
+    closeSync(rootFd);
+  }
+}
+
+function enterRoot(r: RemoteProcess, p: Process, rootFd: number): void {
   r.reset();
   const dot = r.str('.');
   const b = r.batch();
@@ -354,13 +362,23 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * credentials, may enter its own /proc directory where its identity
  * could not yet.
  */
-export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image; keep(fd: number): number }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
+  // Ours, closed once the process holds its copies.
+  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory');
+  let exeFd = -1;
+  try {
+    exeFd = openExecutable(h, p);
+    return stateByDescriptors(r, p, cwd, more, cwdFd, exeFd);
+  } finally {
+    for (const fd of [cwdFd, exeFd]) if (fd >= 0) closeSync(fd);
+  }
+}
+
+function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: NamedCall[], cwdFd: number, exeFd: number): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
-  const cwdFd = p.cwdProcVpid ? -1 : h.keep(openDirectoryAs(h.image, p, cwd, 'working directory'));
-  const exeFd = openExecutable(h, p);
   // Everything in one stop: the calls name earlier results (argFrom).
   const calls: NamedCall[] = [{ what: 'pidfd_open', nr: SYS.pidfd_open, args: [process.pid, 0] }];
   const fromPidfd = { call: 0, arg: 0 };
@@ -433,22 +451,25 @@ const O_RDONLY = 0;
  * The image's executable as the process reaches it and may execute it,
  * reopened for reading (PR_SET_MM_MAP's exe_fd goes through fdget, which
  * takes no O_PATH descriptor; the reopen walks no name): a descriptor of
- * ours, or -1 where it cannot be set and the seed's is kept as before (a
+ * ours for the caller to close, or -1 where it cannot be set and the seed's is kept as before (a
  * deleted executable; one the restorer itself may not read). Refused by
  * name where the process's identity cannot reach it.
  */
-function openExecutable(h: { image: Image; keep(fd: number): number }, p: Process): number {
+function openExecutable(h: { image: Image }, p: Process): number {
+  const deleted = p.exe.endsWith(' (deleted)');
   const exe = p.exe.replace(/ \(deleted\)$/, '');
   let path: number;
   try {
     path = addon().openExecAs(exe, identitiesFor(h.image, p));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'EACCES' || code === 'EPERM') refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
+    // A deleted one's name is another file's now, if any: not the
+    // process's, nothing to refuse it for.
+    if (!deleted && (code === 'EACCES' || code === 'EPERM')) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
     return -1;
   }
   try {
-    return h.keep(openSync(`/proc/self/fd/${path}`, O_RDONLY | O_CLOEXEC));
+    return openSync(`/proc/self/fd/${path}`, O_RDONLY | O_CLOEXEC);
   } catch {
     return -1;
   } finally {
