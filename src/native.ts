@@ -469,6 +469,15 @@ interface Addon {
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */
   openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;
+  /** An O_PATH descriptor of the regular file `path` if `who` reaches it
+   * and may execute it (fsident's ExecOp): a process's executable. */
+  openExecAs(path: string, who?: FsIdentities): number;
+  /** mq_open(name, flags) of an existing queue as `who` (no O_CREAT). */
+  mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
+  /** inotify_add_watch(fd, path, mask) as `who`: its wd. */
+  inotifyAddWatchAs(fd: number, path: string, mask: number, who?: FsIdentities): number;
+  /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */
+  fanotifyMarkAs(fd: number, flags: number, mask: bigint, path: string, who?: FsIdentities): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
   sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
   sockShutdown(fd: number, how: number): void;

@@ -11,10 +11,11 @@
  * are bound by absolute and relative names in its directory.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
+import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
@@ -174,6 +175,182 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     expect(r.code, r.stderr).toBe(5);
     expect(refusal(r.stderr)).toMatch(/fd 3: \S+\/h2\/f cannot be opened with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
     expect(sb.aids()).not.toContain('pch2');
+  });
+});
+
+
+/**
+ * Moves directory `d` into a new one only root may enter and leaves a
+ * symlink to it in its place (planted after a snapshot); returns what puts
+ * it back.
+ */
+function hideUnderRootOnly(d: string): () => void {
+  const vault = mkdtempSync(join(out, 'vault-')); // 0700, root's
+  renameSync(d, join(vault, 'in'));
+  symlinkSync(join(vault, 'in'), d);
+  return () => {
+    unlinkSync(d);
+    renameSync(join(vault, 'in'), d);
+    rmSync(vault, { recursive: true });
+  };
+}
+
+/** A refused restore left nothing: no process, no registration. */
+function leftNothing(aid: string): void {
+  expect(sb.aids()).not.toContain(aid);
+  expect(sb.allAids()).not.toContain(aid);
+}
+
+const REFUSED_AS_NOBODY = String.raw`with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES$`;
+
+// What the restored process itself did by name before its credentials
+// came back (issue 12): its working and root directories, its executable,
+// its inotify watches. Each is walked by the restorer as the process now.
+describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own names as the process (issue 12)', () => {
+  it('the working directory of a process run as nobody, its directory moved under one only root may enter and a symlink left in its place, is refused (EACCES), nothing left; put back, it comes back there', async () => {
+    const d = join(out, 'cwd');
+    mkdirSync(join(d, 'w'), { recursive: true, mode: 0o755 });
+    chownSync(d, NOBODY, NOBODY);
+    chownSync(join(d, 'w'), NOBODY, NOBODY);
+    await start('pccwd', ['sh', '-c', `cd ${d}/w && echo READY && exec ${asNobody.join(' ')} sleep 100005`]);
+    await waitFor(() => /READY/.test(sb.log('pccwd')) && readlinkSync(`/proc/${sb.systemPid('pccwd')}/exe`).endsWith('/sleep'), 10_000, 'sleep to run in its directory');
+    const image = join(out, 'pccwd.img');
+    await run(['snapshot', 'pccwd', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pccwd'), 10_000, 'pccwd to end');
+    await run(['rm', 'pccwd']);
+
+    const putBack = hideUnderRootOnly(d);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2: working directory \S+/cwd/w cannot be reached ` + REFUSED_AS_NOBODY));
+    leftNothing('pccwd');
+
+    putBack();
+    await run(['restore', image]);
+    expect(readlinkSync(`/proc/${sb.systemPid('pccwd')}/cwd`)).toBe(join(d, 'w'));
+    await run(['stop', 'pccwd', '-s', 'KILL']);
+  });
+
+  it('the inotify watches of a process run as nobody, their directory moved under one only root may enter, are refused (EACCES), nothing left; put back, they come back at their numbers', async () => {
+    const d = join(out, 'inot');
+    mkdirSync(d, { mode: 0o755 });
+    chownSync(d, NOBODY, NOBODY);
+    await start('pcinot', [...asNobody, fixture('inotifies'), d]);
+    await checksPass('pcinot');
+    const image = join(out, 'pcinot.img');
+    await run(['snapshot', 'pcinot', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcinot'), 10_000, 'pcinot to end');
+    await run(['rm', 'pcinot']);
+
+    const putBack = hideUnderRootOnly(d);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2 fd \d+: its inotify watch 1 on \S+/inot/a cannot be made ` + REFUSED_AS_NOBODY));
+    leftNothing('pcinot');
+
+    putBack();
+    await run(['restore', image]);
+    await checksPass('pcinot');
+    await sb.exercised('pcinot', 'to use its watches');
+    await run(['stop', 'pcinot', '-s', 'KILL']);
+  });
+
+  it('the root directory of a process that chrooted and became nobody, made unreachable to nobody, is refused (EACCES), nothing left; reachable again, it comes back chrooted', async () => {
+    const d = join(out, 'croot');
+    const root = join(d, 'root');
+    mkdirSync(root, { recursive: true, mode: 0o755 });
+    chmodSync(d, 0o755);
+    await start('pcroot', [fixture('chrootnobody'), root]);
+    await checksPass('pcroot');
+    const image = join(out, 'pcroot.img');
+    await run(['snapshot', 'pcroot', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcroot'), 10_000, 'pcroot to end');
+    await run(['rm', 'pcroot']);
+
+    chmodSync(d, 0o700);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2: root directory \S+/croot/root cannot be reached ` + REFUSED_AS_NOBODY));
+    leftNothing('pcroot');
+
+    chmodSync(d, 0o755);
+    await run(['restore', image]);
+    await checksPass('pcroot');
+    await run(['stop', 'pcroot', '-s', 'KILL']);
+  });
+
+  it('the executable of a process run as nobody, no longer one nobody may execute, is refused (EACCES), nothing left; executable again, it is the process\'s again', async () => {
+    const d = join(out, 'exe');
+    mkdirSync(d, { mode: 0o755 });
+    const exe = join(d, 'sleep');
+    copyFileSync('/bin/sleep', exe);
+    chmodSync(exe, 0o755);
+    await start('pcexe', [...asNobody, exe, '100006']);
+    await waitFor(() => readlinkSync(`/proc/${sb.systemPid('pcexe')}/exe`) === exe, 10_000, 'the copy of sleep to run');
+    const image = join(out, 'pcexe.img');
+    await run(['snapshot', 'pcexe', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcexe'), 10_000, 'pcexe to end');
+    await run(['rm', 'pcexe']);
+
+    // Readable still (its text is mapped from it), executable by root only.
+    chmodSync(exe, 0o744);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2: its executable \S+/exe/sleep cannot be reached and run ` + REFUSED_AS_NOBODY));
+    leftNothing('pcexe');
+
+    chmodSync(exe, 0o755);
+    await run(['restore', image]);
+    expect(readlinkSync(`/proc/${sb.systemPid('pcexe')}/exe`)).toBe(exe);
+    await run(['stop', 'pcexe', '-s', 'KILL']);
+  });
+
+  it('a fanotify group made with CAP_SYS_ADMIN by a process that then dropped it from every set is refused before anything is made', async () => {
+    const d = mkdtempSync(join(out, 'fan-'));
+    await start('pcfan', [fixture('fanotify'), d, 'drop-admin']);
+    await checksPass('pcfan');
+    const image = join(out, 'pcfan.img');
+    await run(['snapshot', 'pcfan', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcfan'), 10_000, 'pcfan to end');
+    await run(['rm', 'pcfan']);
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(/process 2 \(fanotify\) fd 3: its fanotify group takes CAP_SYS_ADMIN, which neither the process nor the application's others hold: made with it, it would give the application more than it holds$/);
+    leftNothing('pcfan');
+  });
+
+  it('a POSIX message queue of a process run as nobody, given to root (mode 0640) after the snapshot, is refused (EACCES), nothing left; given back, it comes back', async () => {
+    const name = `/appshot-pcmq-${process.pid}`;
+    try {
+      await start('pcmq', [...asNobody, fixture('mqueues'), name]);
+      await checksPass('pcmq');
+      const image = join(out, 'pcmq.img');
+      await run(['snapshot', 'pcmq', '-o', image]);
+      await waitFor(() => !sb.aids().includes('pcmq'), 10_000, 'pcmq to end');
+      await run(['rm', 'pcmq']);
+
+      // The queue outlives the application: root's now, nobody may not open it.
+      const q = addon().mqOpen(name, 0, 0, 0, 0);
+      try {
+        fchownSync(q, 0, 0);
+        const r = await attempt(['restore', image]);
+        expect(r.code, r.stderr).toBe(5);
+        expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2 fd \d+: the POSIX message queue ${name}, which exists on this node, cannot be opened ` + REFUSED_AS_NOBODY));
+        leftNothing('pcmq');
+        fchownSync(q, NOBODY, NOBODY);
+      } finally {
+        closeSync(q);
+      }
+      await run(['restore', image]);
+      await checksPass('pcmq');
+      await run(['stop', 'pcmq', '-s', 'KILL']);
+    } finally {
+      try {
+        addon().mqUnlink(name);
+      } catch {
+        /* not made */
+      }
+    }
   });
 });
 

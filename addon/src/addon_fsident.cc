@@ -2,6 +2,11 @@
 #include "addon_fsident.h"
 
 #include <fcntl.h>
+#include <sys/fanotify.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -17,6 +22,43 @@ bool U32(const Napi::Value& v, uint32_t* out) {
   if (!(d >= 0 && d <= 4294967295.0) || std::floor(d) != d) return false;
   *out = static_cast<uint32_t>(d);
   return true;
+}
+
+struct MqCall {
+  const char* name;  // without its leading '/', as the system call takes it
+  int flags;
+};
+
+int MqOp(void* arg) {
+  auto* c = static_cast<MqCall*>(arg);
+  int fd = static_cast<int>(syscall(SYS_mq_open, c->name, c->flags | O_CLOEXEC, 0, nullptr));
+  return fd < 0 ? -errno : fd;
+}
+
+// mqOpenAs(name, flags, who?) -> fd: an existing POSIX message queue
+// opened as `who`: mq_open checks the queue's mode against the caller's
+// fsuid, fsgid and groups (and CAP_DAC_OVERRIDE), as for a file.
+Napi::Value MqOpenAs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString() || !info[1].IsNumber()) {
+    Napi::TypeError::New(env, "mqOpenAs(name, flags, who?)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  FsIdentArg who(env, info[2]);
+  if (who.failed()) return env.Undefined();
+  int flags = info[1].As<Napi::Number>().Int32Value();
+  if (flags & O_CREAT) {
+    appshot::ThrowErrno(env, "mq_open " + name + " (only an existing queue is opened as another)", EINVAL);
+    return env.Undefined();
+  }
+  MqCall c{name.c_str() + (name.size() && name[0] == '/' ? 1 : 0), flags};
+  int rc = fsident_run(who.get(), nullptr, MqOp, &c);
+  if (rc < 0) {
+    appshot::ThrowErrno(env, "mq_open " + name, -rc);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, rc);
 }
 
 }  // namespace
@@ -104,8 +146,132 @@ Napi::Value OpenAs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, rc);
 }
 
+// The executable of a process as that process reaches it: the name walked
+// with its identity (a retry as another without following symlinks), a
+// regular file it may execute (what PR_SET_MM_MAP asks of the caller,
+// MAY_EXEC; a program run as nobody may be 0711, which it cannot read).
+// The answer is an O_PATH descriptor: the caller reopens it for the
+// descriptor prctl takes (fdget refuses O_PATH), which walks no name.
+int ExecOp(void* arg) {
+  auto* c = static_cast<OpenCall*>(arg);
+  int fd = fsident_open(c->path, O_PATH | O_CLOEXEC, 0);
+  if (fd < 0) return fd;
+  struct stat st;
+  int rc = 0;
+  if (fstat(fd, &st) != 0) rc = -errno;
+  else if (!S_ISREG(st.st_mode)) rc = -EACCES;
+  // AT_EACCESS: the check by the thread's fsuid, fsgid and capabilities,
+  // not by its real ids.
+  else if (syscall(SYS_faccessat2, fd, "", X_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) rc = -errno;
+  if (rc) {
+    close(fd);
+    return rc;
+  }
+  return fd;
+}
+
+// openExecAs(path, who?) -> an O_PATH fd of the executable (ExecOp).
+Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) {
+    Napi::TypeError::New(env, "openExecAs(path, who?)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  FsIdentArg who(env, info[1]);
+  if (who.failed()) return env.Undefined();
+  OpenCall c{path.c_str(), 0, 0};
+  int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
+  if (rc < 0) {
+    appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, rc);
+}
+
+struct WatchCall {
+  int fd;
+  const char* name;
+  bool fanotify;
+  uint32_t flags;  // fanotify_mark's
+  uint64_t mask;
+};
+
+// Run in the watched name's directory, entered as the identity
+// (fsident_run's `dir`): the kernel walks to the last component and
+// checks read permission on it (inotify_find_inode, fanotify_find_path) as
+// this thread. In a retry as another identity, not even that component
+// is followed if a symlink.
+int WatchOp(void* arg) {
+  auto* c = static_cast<WatchCall*>(arg);
+  if (c->fanotify) {
+    unsigned flags = c->flags | (fsident_strict() ? FAN_MARK_DONT_FOLLOW : 0);
+    return fanotify_mark(c->fd, flags, c->mask, AT_FDCWD, c->name) == 0 ? 0 : -errno;
+  }
+  uint32_t mask = static_cast<uint32_t>(c->mask) | (fsident_strict() ? IN_DONT_FOLLOW : 0);
+  int wd = inotify_add_watch(c->fd, c->name, mask);
+  return wd < 0 ? -errno : wd;
+}
+
+// An absolute path's directory and last component ("/" is "/" and ".").
+bool SplitPath(const std::string& path, std::string* dir, std::string* name) {
+  if (path.empty() || path[0] != '/') return false;
+  size_t end = path.find_last_not_of('/');
+  if (end == std::string::npos) {
+    *dir = "/";
+    *name = ".";
+    return true;
+  }
+  size_t slash = path.rfind('/', end);
+  *dir = slash == 0 ? "/" : path.substr(0, slash);
+  *name = path.substr(slash + 1, end - slash);
+  return true;
+}
+
+// inotifyAddWatchAs(fd, path, mask, who?) -> wd;
+// fanotifyMarkAs(fd, flags, mask: bigint, path, who?): a watch or mark
+// added to our descriptor of the process's instance or group, as the
+// process would have added it.
+Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
+  Napi::Env env = info.Env();
+  size_t at = fanotify ? 3 : 1;
+  bool ok = info[0].IsNumber() && info[at].IsString() && (fanotify ? info[1].IsNumber() && info[2].IsBigInt() : info[2].IsNumber());
+  if (!ok) {
+    Napi::TypeError::New(env, fanotify ? "fanotifyMarkAs(fd, flags, mask: bigint, path, who?)" : "inotifyAddWatchAs(fd, path, mask, who?)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[at].As<Napi::String>().Utf8Value(), dir, name;
+  if (!SplitPath(path, &dir, &name)) {
+    appshot::ThrowErrno(env, "watching '" + path + "' (not an absolute path)", EINVAL);
+    return env.Undefined();
+  }
+  FsIdentArg who(env, info[fanotify ? 4 : 3]);
+  if (who.failed()) return env.Undefined();
+  WatchCall c{info[0].As<Napi::Number>().Int32Value(), name.c_str(), fanotify, 0, 0};
+  if (fanotify) {
+    bool lossless = false;
+    c.flags = info[1].As<Napi::Number>().Uint32Value();
+    c.mask = info[2].As<Napi::BigInt>().Uint64Value(&lossless);
+  } else {
+    c.mask = info[2].As<Napi::Number>().Uint32Value();
+  }
+  int rc = fsident_run(who.get(), dir.c_str(), WatchOp, &c);
+  if (rc < 0) {
+    appshot::ThrowErrno(env, (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + path + "'", -rc);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, rc);
+}
+
+Napi::Value InotifyAddWatchAs(const Napi::CallbackInfo& info) { return Watch(info, false); }
+Napi::Value FanotifyMarkAs(const Napi::CallbackInfo& info) { return Watch(info, true); }
+
 }  // namespace
 
 void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
   exports.Set("openAs", Napi::Function::New(env, OpenAs, "openAs"));
+  exports.Set("openExecAs", Napi::Function::New(env, OpenExecAs, "openExecAs"));
+  exports.Set("inotifyAddWatchAs", Napi::Function::New(env, InotifyAddWatchAs, "inotifyAddWatchAs"));
+  exports.Set("mqOpenAs", Napi::Function::New(env, MqOpenAs, "mqOpenAs"));
+  exports.Set("fanotifyMarkAs", Napi::Function::New(env, FanotifyMarkAs, "fanotifyMarkAs"));
 }

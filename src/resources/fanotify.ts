@@ -35,7 +35,9 @@
  * descriptors (dup, fork) comes back as two groups, as inotify's does.
  * The PIDs events carry are system PIDs, before and after.
  */
-import { readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, readFileSync, readlinkSync } from 'node:fs';
+import { addon } from '../native.js';
+import { fsIdentity, identitiesOfRestored, raisableIdentitiesFor, refusedAsProcess } from './fsident.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fanotify, type FanotifyMark, FanotifyMarkKind, type Fd, FdKind, type Image } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -93,7 +95,6 @@ const EVENT_BITS = 0x1fff | 0x8000 | 0x1000000 | 0x2000000 | 0x8000000 | 0x10000
 const PERM_BITS = 0x10000 | 0x20000 | 0x40000 | 0x100000;
 
 const O_NONBLOCK = 0o4000;
-const AT_FDCWD = -100;
 const F_SETFD = 2;
 const F_SETFL = 4;
 const FD_CLOEXEC = 1;
@@ -242,16 +243,28 @@ export function fanotifyRecordFault(fd: Fd): string | undefined {
 
 /** The privilege rule, before anything is made: a group only
  * CAP_SYS_ADMIN makes is refused where the restoring user lacks it (made
- * without, it would be a lesser group: or fail half-way). */
+ * without, it would be a lesser group: or fail half-way), and where no
+ * process of the application holds it. */
 export function checkFanotifyPrivileges(image: Image, capEff: bigint): void {
   // The capability counts in the initial user namespace only.
-  if ((capEff >> BigInt(CAP_SYS_ADMIN)) & 1n && readlinkSync('/proc/self/ns/user') === INIT_USER_NS) return;
+  const restorerHas = (capEff >> BigInt(CAP_SYS_ADMIN)) & 1n && readlinkSync('/proc/self/ns/user') === INIT_USER_NS;
   for (const p of image.processes)
     for (const fd of p.fds) {
       const g = fd.fanotify;
       if (fd.kind !== FdKind.FANOTIFY || !g || g.unprivileged) continue;
-      const why = g.marks.some((m) => m.kind !== FanotifyMarkKind.INODE) ? 'marks a mount or filesystem' : needsAdmin(g.flags, []) ? `has flags ${hex(g.flags)}` : 'was made by a process with it (its events carry other processes\' PIDs)';
-      throw new AppshotError(`${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: its fanotify group ${why}, which takes CAP_SYS_ADMIN, which this restore does not have`, ExitCode.denied);
+      if (!restorerHas) {
+        const why = g.marks.some((m) => m.kind !== FanotifyMarkKind.INODE) ? 'marks a mount or filesystem' : needsAdmin(g.flags, []) ? `has flags ${hex(g.flags)}` : 'was made by a process with it (its events carry other processes\' PIDs)';
+        throw new AppshotError(`${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: its fanotify group ${why}, which takes CAP_SYS_ADMIN, which this restore does not have`, ExitCode.denied);
+      }
+      // Made inside the process while it is still root: only for a
+      // process that, or another of the application that could have
+      // handed the group over, holds CAP_SYS_ADMIN (in its permitted set:
+      // it may raise it). Else a nobody process would get a group whose
+      // events carry descriptors of files it may not open (an event on a
+      // child of a watched directory is opened for it without a
+      // permission check).
+      if (!raisableIdentitiesFor(image, p).some((i) => (i.capEff >> BigInt(CAP_SYS_ADMIN)) & 1n))
+        throw new AppshotError(`${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: its fanotify group takes CAP_SYS_ADMIN, which neither the process nor the application's others hold: made with it, it would give the application more than it holds`, ExitCode.denied);
     }
 }
 
@@ -263,18 +276,37 @@ export function checkFanotifyPrivileges(image: Image, capEff: bigint): void {
 export function restoreFanotify(r: RemoteProcess, fd: Fd): number {
   const g = fd.fanotify;
   if (!g) throw new Error(`fanotify fd ${fd.fd} has no group in the image`);
+  // Who the marks are made as (issue 12). Each identity's permitted
+  // capabilities count: a process that made a mount mark with
+  // CAP_SYS_ADMIN and then lowered it from its effective set only may
+  // raise it and make the mark again by itself; one that dropped it from
+  // every set may not, nor may any other process of the application.
+  const as = identitiesOfRestored(r, true);
   r.reset();
   const made = Number(withoutSysAdmin(r, g.unprivileged, () => r.call(`making fanotify group fd ${fd.fd}`, SYS.fanotify_init, [g.flags, g.eventFlags])));
-  for (const m of g.marks) {
-    const base = MARK.ADD | MARK_TYPE[m.kind] | (m.kind === FanotifyMarkKind.INODE ? MARK.DONT_FOLLOW : 0) | (m.flags & MARK.EVICTABLE);
-    r.reset();
-    const path = r.str(m.path);
-    const what = `marking ${m.path} (fanotify fd ${fd.fd})`;
-    if (m.mask) r.call(what, SYS.fanotify_mark, [made, base, m.mask, AT_FDCWD, path]);
-    if (m.ignoredMask) {
-      const ignore = (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY);
-      r.call(`${what}: its ignored mask`, SYS.fanotify_mark, [made, base | ignore, m.ignoredMask, AT_FDCWD, path]);
+  // The marks are added by the restorer, to the group taken from the
+  // process, on a thread with the process's filesystem identity and
+  // capabilities (fsident.ts): the kernel walks to the name and checks
+  // read permission as the caller, and for a mount or filesystem mark
+  // CAP_SYS_ADMIN of the caller, which must be the process's, not a root
+  // restorer's before its credentials are back.
+  const ours = g.marks.length ? addon().getFd(r.pid, made) : -1;
+  const kinds = ['', 'mount ', 'filesystem '];
+  try {
+    for (const m of g.marks) {
+      const base = MARK.ADD | MARK_TYPE[m.kind] | (m.kind === FanotifyMarkKind.INODE ? MARK.DONT_FOLLOW : 0) | (m.flags & MARK.EVICTABLE);
+      const mark = (flags: number, mask: number) => {
+        try {
+          addon().fanotifyMarkAs(ours, flags, BigInt(mask), m.path, as.who);
+        } catch (e) {
+          refusedAsProcess(e, `process ${as.p.vpid} fd ${fd.fd}: its fanotify ${kinds[m.kind] ?? ''}mark on ${m.path}`, fsIdentity(as.p), 'made');
+        }
+      };
+      if (m.mask) mark(base, m.mask);
+      if (m.ignoredMask) mark(base | (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY), m.ignoredMask);
     }
+  } finally {
+    if (ours >= 0) closeSync(ours);
   }
   // Made with the flags it was made with (fdinfo shows them); the
   // descriptor's own bits as they were at the snapshot.

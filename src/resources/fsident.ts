@@ -36,8 +36,14 @@ import { AppshotError, ExitCode } from '../errors.js';
 
 /** The filesystem identity of credentials `c` (uid[3], gid[3]: fsuid, fsgid). */
 function fsIdentityOfCreds(c: Creds): FsIdentity {
-  return { fsuid: c.uid[3], fsgid: c.gid[3], groups: c.groups, capEff: c.capEff };
+  const id = { fsuid: c.uid[3], fsgid: c.gid[3], groups: c.groups, capEff: c.capEff };
+  permittedOf.set(id, c.capPrm);
+  return id;
 }
+
+/** Each identity's permitted set: the capabilities its process may raise
+ * into its effective set at will (identitiesOfRestored's `raisable`). */
+const permittedOf = new WeakMap<FsIdentity, bigint>();
 
 /** The filesystem identity of process `p` of an image. */
 export function fsIdentity(p: Process): FsIdentity {
@@ -111,10 +117,55 @@ export function mayMapAs(image: Image, vpid: number, path: string, flags: number
 }
 
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
- * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid): exit 5.
+ * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
+ * cannot be `verb` (opened, made, reached): exit 5.
  * Any other error is thrown as it is. */
-export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity): never {
+export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
   const code = (e as NodeJS.ErrnoException).code;
   if (code !== 'EACCES' && code !== 'EPERM') throw e;
-  throw new AppshotError(`${what} cannot be opened with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
+  throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
+}
+
+/** Per restored process (its RemoteProcess): which process of which image
+ * it is, told by restoreProcessState (process.ts), its first step by
+ * name, for the kinds whose calls come after it with only the remote in
+ * hand (inotify.ts, fanotify.ts: a watch or mark added as that process). */
+const restoring = new WeakMap<object, { image: Image; p: Process }>();
+
+export function restoringProcess(r: object, image: Image, p: Process): void {
+  restoring.set(r, { image, p });
+}
+
+/** The identities a path operation for the process `r` restores is tried
+ * as (identitiesFor), with the process (for the refusal's line).
+ * `raisable`: each with its permitted capabilities in its effective set,
+ * for state whose making asks a capability the process holds but may have
+ * lowered since (a fanotify mount mark made with CAP_SYS_ADMIN, which it
+ * then left out of its effective set only: it may raise it again and
+ * make the mark itself). */
+export function identitiesOfRestored(r: object, raisable = false): { who: FsIdentity[]; p: Process } {
+  const known = restoring.get(r);
+  if (!known) throw new Error('a path operation of a process whose image process is not known yet');
+  return { who: raisable ? raisableIdentitiesFor(known.image, known.p) : identitiesFor(known.image, known.p), p: known.p };
+}
+
+/** identitiesFor, each with its permitted capabilities in its effective
+ * set (identitiesOfRestored's `raisable`). */
+export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
+  return identitiesFor(image, p).map((i) => ({ ...i, capEff: i.capEff | (permittedOf.get(i) ?? 0n) }));
+}
+
+const O_PATH = 0o10000000;
+const O_DIRECTORY = 0o200000;
+
+/** `path`, a directory, opened O_PATH as process `p` of `image` would
+ * reach it (the walk to it with its rights; the directory itself need not
+ * be searchable, as a working directory inherited from a parent of other
+ * credentials need not be): refused in one line naming `what`. */
+export function openDirectoryAs(image: Image, p: Process, path: string, what: string): number {
+  try {
+    return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
+  } catch (e) {
+    refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
+  }
 }

@@ -3,7 +3,8 @@
  * by its watch descriptor (wd), the watched inode's file handle and the
  * event mask; the path is found from the handle at snapshot
  * (open_by_handle_at, which needs CAP_DAC_READ_SEARCH) and each watch is
- * added again by path inside the restored process.
+ * added again by path to the instance made inside the restored process,
+ * by the restorer with the process's filesystem identity (fsident.ts).
  *
  * The application knows its watches by their wd, so they must come back
  * with the same numbers. The kernel hands them out in increasing order
@@ -15,11 +16,12 @@
  * numbering goes on after the highest wd if the application had removed
  * watches above it.
  */
-import { lstatSync, readFileSync } from 'node:fs';
+import { closeSync, lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type Fd, type InotifyWatch } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
+import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
 
 const IN_NONBLOCK = 0o4000; // = O_NONBLOCK
 const IN_CLOEXEC = 0o2000000;
@@ -106,21 +108,38 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
   };
   const watched = new Set(watches.map((w) => inode(w.path)));
   const spare = SPARE.find((p) => inode(p) >= 0 && !watched.has(inode(p)));
+  // The watches are added by the restorer, on the instance taken from the
+  // process (one watch list: the numbers are the same), on a thread with
+  // the process's filesystem identity (fsident.ts): the kernel walks to the
+  // name and checks read permission as the caller, which must be the
+  // process, not a root restorer before the process's credentials are
+  // back (issue 12). The spare directories' skips stay in the process:
+  // fixed names, not the image's.
+  const as = identitiesOfRestored(r);
+  const ours = watches.length ? addon().getFd(r.pid, made) : -1;
   let next = 1;
   let spent = false;
-  for (const w of watches) {
-    while (next < w.wd) {
-      if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
-      r.reset();
-      const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
-      r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
-      next = Number(skip) + 1;
-      spent = true;
+  try {
+    for (const w of watches) {
+      while (next < w.wd) {
+        if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
+        r.reset();
+        const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
+        r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
+        next = Number(skip) + 1;
+        spent = true;
+      }
+      let got: number;
+      try {
+        got = addon().inotifyAddWatchAs(ours, w.path, w.mask | IN_DONT_FOLLOW, as.who);
+      } catch (e) {
+        refusedAsProcess(e, `process ${as.p.vpid} fd ${fd.fd}: its inotify watch ${w.wd} on ${w.path}`, fsIdentity(as.p), 'made');
+      }
+      if (got !== w.wd) throw new Error(`inotify fd ${fd.fd}: ${w.path} came back as watch ${got}, not ${w.wd}`);
+      next = got + 1;
     }
-    r.reset();
-    const got = Number(r.call(`watching ${w.path} (inotify fd ${fd.fd})`, SYS.inotify_add_watch, [made, r.str(w.path), w.mask | IN_DONT_FOLLOW]));
-    if (got !== w.wd) throw new Error(`inotify fd ${fd.fd}: ${w.path} came back as watch ${got}, not ${w.wd}`);
-    next = got + 1;
+  } finally {
+    if (ours >= 0) closeSync(ours);
   }
   // Each skipped descriptor queued an IN_IGNORED event: read them out.
   if (spent) {

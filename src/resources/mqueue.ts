@@ -80,6 +80,7 @@ import { type Fd, FdKind, type Image, type PosixQueue, type Process } from '../i
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { NOTE_MQ_NOTIFY, type Notes } from './sockopts.js';
+import { fsIdentity, identitiesFor, refusedAsProcess } from './fsident.js';
 
 /** statfs's f_type of the mqueue file system (linux/magic.h). */
 const MQUEUE_MAGIC = 0x19800202;
@@ -288,9 +289,14 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
   if (made !== undefined) {
     got = h.keep(openSync(`/proc/self/fd/${made}`, flags));
   } else {
+    // Opened as the process (fsident.ts): the queue's owner and mode
+    // decide, as they did for the process's own mq_open, not a root
+    // restorer's rights (issue 12).
     try {
-      got = h.keep(addon().mqOpen(q.name, flags, 0, 0, 0));
+      got = h.keep(addon().mqOpenAs(q.name, flags, identitiesFor(h.image, p)));
     } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EACCES' || code === 'EPERM') refusedAsProcess(e, `process ${p.vpid} fd ${fd.fd}: the POSIX message queue ${q.name}, which exists on this node,`, fsIdentity(p));
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot open the POSIX message queue ${q.name}, which exists on this node: ${(e as Error).message}`);
     }
     const a = addon().mqAttributes(got);

@@ -4,9 +4,11 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { readdirSync } from 'node:fs';
+import { closeSync, openSync, readdirSync } from 'node:fs';
 import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
-import type { ITimer, MmFields, Process } from '../image/types.js';
+import type { ITimer, Image, MmFields, Process } from '../image/types.js';
+import { addon } from '../native.js';
+import { fsIdentity, identitiesFor, openDirectoryAs, refusedAsProcess, restoringProcess } from './fsident.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
 import { bindsByName } from './socketfile.js';
@@ -16,7 +18,7 @@ import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type BatchCall, type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
+import { type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -279,11 +281,37 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * image. Where it cannot be (no such directory, no CAP_SYS_CHROOT here)
  * the restore fails naming it.
  */
-export function restoreRoot(r: RemoteProcess, p: Process): void {
+export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
   if (!p.root || p.root === '/') return;
-  r.reset();
-  r.call(`changing the root directory to ${p.root}`, SYS.chroot, [r.str(p.root)]);
+  // Walked as the process (as its working directory is, restoreProcessState),
+  // handed over, and entered by descriptor: fchdir, chroot("."), and back
+  // to the working directory, held meanwhile. One stop.
+  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory');
+  try {
+    enterRoot(r, p, rootFd);
+  } finally {
+    closeSync(rootFd);
+  }
 }
+
+function enterRoot(r: RemoteProcess, p: Process, rootFd: number): void {
+  r.reset();
+  const dot = r.str('.');
+  const b = r.batch();
+  const pidfd = b.add('pidfd_open', SYS.pidfd_open, [process.pid, 0]);
+  const root = b.add(`taking the root directory ${p.root}`, SYS.pidfd_getfd, [0, rootFd, 0], { call: pidfd, arg: 0 });
+  b.add('closing the pidfd', SYS.close, [0], { call: pidfd, arg: 0 });
+  const here = b.add('holding the working directory', SYS.open, [dot, O_PATH | O_DIRECTORY | O_CLOEXEC, 0]);
+  b.add(`entering the root directory ${p.root}`, FCHDIR, [0], { call: root, arg: 0 });
+  b.add(`changing the root directory to ${p.root}`, SYS.chroot, [dot]);
+  b.add('going back to the working directory', FCHDIR, [0], { call: here, arg: 0 });
+  b.add('closing the working directory', SYS.close, [0], { call: here, arg: 0 });
+  b.add('closing the root directory', SYS.close, [0], { call: root, arg: 0 });
+  b.run();
+}
+
+const O_PATH = 0o10000000;
+const O_DIRECTORY = 0o200000;
 
 const PR_SET_MM = 35;
 const PR_SET_MM_MAP = 14;
@@ -315,47 +343,136 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
   return { what: 'moving the environment strings (PR_SET_MM_MAP)', nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, map, 104, 0] };
 }
 
-export function restoreProcessState(r: RemoteProcess, p: Process, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+/**
+ * The process's names, its working directory and executable, are walked
+ * by the restorer as the process (fsident.ts: its filesystem identity, the
+ * application's others as fallbacks), never by the process itself before
+ * its credentials come back: a root restore of an application run as
+ * nobody would otherwise follow a symlink planted in place of its
+ * directory into one only root may enter (issue 12). What was opened is
+ * handed over (pidfd_getfd run inside it) and used by descriptor: fchdir,
+ * and PR_SET_MM_MAP's exe_fd. One stop, as before.
+ *
+ * The working directory is opened O_PATH: the walk to it is checked, not
+ * whether the process may search it, as a directory inherited from a
+ * parent of other credentials (su from root's home) need not be; holding
+ * it grants nothing, every lookup from it being checked. One in a /proc
+ * directory of a restored process (cwdProcVpid) is entered by name still:
+ * nothing can be planted there, and the process, root until its
+ * credentials, may enter its own /proc directory where its identity
+ * could not yet.
+ */
+export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+  restoringProcess(r, h.image, p);
+  // Ours, closed once the process holds its copies.
+  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory');
+  let exeFd = -1;
+  try {
+    exeFd = openExecutable(h, p);
+    return stateByDescriptors(r, p, cwd, more, cwdFd, exeFd);
+  } finally {
+    for (const fd of [cwdFd, exeFd]) if (fd >= 0) closeSync(fd);
+  }
+}
+
+function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: NamedCall[], cwdFd: number, exeFd: number): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
-  const exe = r.str(p.exe.replace(/ \(deleted\)$/, ''));
-  const tail: { what: string; nr: number; args: (bigint | number)[] }[] = [
-    { what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] },
+  // Everything in one stop: the calls name earlier results (argFrom).
+  const calls: NamedCall[] = [{ what: 'pidfd_open', nr: SYS.pidfd_open, args: [process.pid, 0] }];
+  const fromPidfd = { call: 0, arg: 0 };
+  const cwdAt = cwdFd < 0 ? -1 : calls.push({ what: `taking the working directory ${cwd}`, nr: SYS.pidfd_getfd, args: [0, cwdFd, 0], argFrom: fromPidfd }) - 1;
+  const exeAt = exeFd < 0 ? -1 : calls.push({ what: 'taking the executable', nr: SYS.pidfd_getfd, args: [0, exeFd, 0], argFrom: fromPidfd }) - 1;
+  calls.push({ what: 'closing the pidfd', nr: SYS.close, args: [0], argFrom: fromPidfd });
+  const pre = calls.length;
+  // The executable moved to descriptor EXE_FD, so that the PR_SET_MM_MAP
+  // record, written ahead, can name it. The seed's 0 (appshot-init's
+  // /dev/null) is surely open, so nothing this batch opens lands there,
+  // and it is replaced anyway with the process's own descriptors
+  // (restoreFds, after this).
+  const EXE_FD = 0;
+  const exeCalls: NamedCall[] =
+    exeAt < 0
+      ? [{ what: 'restoring the mm fields (PR_SET_MM_MAP)', nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0] }]
+      : [
+          { what: 'placing the executable', nr: SYS.dup3, args: [0, EXE_FD, O_CLOEXEC], argFrom: { call: exeAt, arg: 0 } },
+          { what: 'closing the executable', nr: SYS.close, args: [0], argFrom: { call: exeAt, arg: 0 } },
+          { what: 'restoring the mm fields (PR_SET_MM_MAP)', nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, mmMap(EXE_FD), 104, 0] },
+          { what: 'closing the executable', nr: SYS.close, args: [EXE_FD] },
+        ];
+  // `dirFd`: the working directory's descriptor in the process, or a link
+  // to the call that took it.
+  const tail = (dirFd: number | { call: number; arg: number }): NamedCall[] => [
+    ...(cwdAt < 0
+      ? [{ what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] }]
+      : typeof dirFd === 'number'
+        ? [
+            { what: `changing directory to ${cwd}`, nr: FCHDIR, args: [dirFd] },
+            { what: 'closing the working directory', nr: SYS.close, args: [dirFd] },
+          ]
+        : [
+            { what: `changing directory to ${cwd}`, nr: FCHDIR, args: [0], argFrom: dirFd },
+            { what: 'closing the working directory', nr: SYS.close, args: [0], argFrom: dirFd },
+          ]),
     { what: 'setting umask', nr: SYS.umask, args: [p.umask] },
     ...more,
   ];
-  // All in one stop: the executable is opened and moved to descriptor
-  // EXE_FD, so that the PR_SET_MM_MAP record, written ahead, can name it.
-  // The seed's 0 (appshot-init's /dev/null) is surely open, so the open
-  // cannot return it, and it is replaced anyway with the process's own
-  // descriptors (restoreFds, after this).
-  const EXE_FD = 0;
-  const calls: BatchCall[] = [
-    { nr: SYS.open, args: [exe, O_CLOEXEC, 0] },
-    { nr: SYS.dup3, args: [0, EXE_FD, O_CLOEXEC], firstArgOf: 0 },
-    { nr: SYS.close, args: [0], firstArgOf: 0 },
-    { nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, mmMap(EXE_FD), 104, 0] },
-    { nr: SYS.close, args: [EXE_FD] },
-    ...tail,
-  ];
-  const results = r.runCalls(calls);
+  const all = [...calls, ...exeCalls, ...tail({ call: cwdAt, arg: 0 })];
+  const results = r.runCalls(all);
   const last = results.length - 1;
   const failed = results[last] < 0n && results[last] > -4096n;
-  if (!failed && results.length === calls.length) return results.slice(calls.length - more.length);
-  if (last >= calls.length - tail.length) {
-    if (failed) throw new SyscallError(tail[last - (calls.length - tail.length)].what, Number(-results[last]));
-    throw new Error(`a batch of system calls stopped after ${results.length} of ${calls.length}`);
+  if (!failed && results.length === all.length) return results.slice(all.length - more.length);
+  // The executable could not be placed, or PR_SET_MM_MAP refused it
+  // (replacing the executable needs CAP_CHECKPOINT_RESTORE or
+  // CAP_SYS_ADMIN): what the batch opened is closed, and everything else
+  // restored without it. Any other failure is the restore's.
+  const inExe = exeAt >= 0 && last >= pre && last < pre + exeCalls.length;
+  if (!inExe) {
+    if (failed) throw new SyscallError(all[last].what, Number(-results[last]));
+    throw new Error(`a batch of system calls stopped after ${results.length} of ${all.length}`);
   }
-  // The executable could not be opened (deleted: /proc/PID/exe keeps
-  // pointing at the seed) or moved, or PR_SET_MM_MAP refused it (replacing
-  // the executable needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN): what the
-  // batch opened is closed, and everything else restored without it.
-  const opened = results[0] >= 0n;
-  if (opened && last <= 2) r.raw(SYS.close, [results[0]]);
-  if (opened && last >= 1 && results[1] >= 0n) r.raw(SYS.close, [EXE_FD]);
   const again = r.batch();
+  const step = last - pre;
+  if (step === 0) again.add('closing the executable', SYS.close, [results[exeAt]]);
+  if (step >= 1) again.add('closing the executable', SYS.close, [EXE_FD]);
   again.add('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0]);
-  for (const c of tail) again.add(c.what, c.nr, c.args);
-  return again.run().slice(1 + tail.length - more.length);
+  const rest = tail(cwdAt < 0 ? -1 : Number(results[cwdAt]));
+  for (const c of rest) again.add(c.what, c.nr, c.args);
+  const got = again.run();
+  return got.slice(got.length - more.length);
+}
+
+/** fchdir(2) (x86-64). */
+const FCHDIR = 81;
+const O_RDONLY = 0;
+
+/**
+ * The image's executable as the process reaches it and may execute it,
+ * reopened for reading (PR_SET_MM_MAP's exe_fd goes through fdget, which
+ * takes no O_PATH descriptor; the reopen walks no name): a descriptor of
+ * ours for the caller to close, or -1 where it cannot be set and the seed's is kept as before (a
+ * deleted executable; one the restorer itself may not read). Refused by
+ * name where the process's identity cannot reach it.
+ */
+function openExecutable(h: { image: Image }, p: Process): number {
+  const deleted = p.exe.endsWith(' (deleted)');
+  const exe = p.exe.replace(/ \(deleted\)$/, '');
+  let path: number;
+  try {
+    path = addon().openExecAs(exe, identitiesFor(h.image, p));
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    // A deleted one's name is another file's now, if any: not the
+    // process's, nothing to refuse it for.
+    if (!deleted && (code === 'EACCES' || code === 'EPERM')) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
+    return -1;
+  }
+  try {
+    return openSync(`/proc/self/fd/${path}`, O_RDONLY | O_CLOEXEC);
+  } catch {
+    return -1;
+  } finally {
+    closeSync(path);
+  }
 }

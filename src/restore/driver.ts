@@ -927,7 +927,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
-      const results = restoreProcessState(r, p, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
+      const results = restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
       const environStrings = environ?.fill(environ.call ? results[0] : undefined);
       phase('state and signals');
       restoreFds(r, p, handed);
@@ -991,7 +991,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
       phase('main thread\'s batch');
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
-      restoreRoot(r, p);
+      restoreRoot(r, p, handed);
       sealMemory(r, p.vmas);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
