@@ -12,6 +12,11 @@
  * - APPSHOT_TEST_FAIL_AT=NAME makes the step there fail (an Error thrown),
  *   as a write that fails or a hook that throws would, so that tests can
  *   prove what an error at that point leaves.
+ *
+ * One kill point is inside the addon, where no JavaScript runs between the
+ * two steps it separates: 'restore: sysv object made' (addon_restore.cc,
+ * CreateBound), once the kernel has made a keyed SysV object and before
+ * its id is in the tables.
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');

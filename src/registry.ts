@@ -784,7 +784,10 @@ export class LocalRegistry implements Registry {
       const salt = record.keySalt ? BigInt(`0x${record.keySalt}`) : 0n;
       const created = record.tablesCreated ?? Math.floor(Date.parse(record.createdAt) / 1000);
       const initPid = this.trustedInitPid(record);
-      for (const kind of ['semid', 'shmid', 'msgid'] as const)
+      // The id tables, then the key tables: a keyed object whose restore
+      // was killed between making it and binding its id is found by its
+      // key, bound first (CreateBound), under the same rule.
+      for (const kind of ['semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey'] as const)
         for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, Number.isFinite(created) ? created : 2 ** 40, initPid);
     }
     rmSync(record.tables, { force: true });

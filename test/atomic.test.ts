@@ -21,6 +21,9 @@ const ROOT = join(dir, 'srv');
 // Ports of their own (the map: helpers.ts, Sandbox).
 const base = 22000 + ((process.pid * 3) % 800);
 let ipcBefore = systemIpcIds();
+/** The PID of the appshot last killed at a point, and the point: a stray
+ * SysV object it made or last set is named as its. */
+let killed: Record<number, string> = {};
 
 afterAll(() => sb.dispose());
 
@@ -51,6 +54,7 @@ async function runDetached(aid: string, argv: string[]): Promise<void> {
 function killedAt(point: string, args: string[]): void {
   ipcBefore = systemIpcIds();
   const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: point }, encoding: 'utf8', timeout: 50_000 });
+  killed = r.pid ? { [r.pid]: `the appshot killed at '${point}'` } : {};
   expect(r.signal, `appshot ${args.join(' ')} was to be killed at '${point}': ${r.stderr}`).toBe('SIGKILL');
 }
 
@@ -86,7 +90,7 @@ async function nothingLeftOf(aid: string, imageAid: string): Promise<void> {
   // it in their tables: only what stays is ours.
   await waitFor(() => strayIpcIds(ipcBefore).length === 0, 10_000, 'no SysV object outside every application').catch(() => undefined);
   const strays = strayIpcIds(ipcBefore);
-  expect(strays, describeIpc(strays)).toEqual([]);
+  expect(strays, describeIpc(strays, killed)).toEqual([]);
   const claims = existsSync(join(sb.home, 'ports')) ? readdirSync(join(sb.home, 'ports')).map((p) => readFileSync(join(sb.home, 'ports', p), 'utf8')) : [];
   expect(claims.filter((c) => c.includes(`"${aid}"`))).toEqual([]);
   const instances = existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')) : [];
@@ -107,7 +111,10 @@ describe('a restore killed at any instant', () => {
     before = digest(image);
   });
 
-  const phases = ['registered', 'global state', 'init started', 'tree made', 'process 2', 'process 3', 'memory', 'fds', 'threads'];
+  // 'sysv object made': inside the making of the first SysV object, once
+  // the kernel has made it and before its id is in the tables (a point in
+  // the addon's CreateBound): found by its key, which is bound first.
+  const phases = ['registered', 'sysv object made', 'global state', 'init started', 'tree made', 'process 2', 'process 3', 'memory', 'fds', 'threads'];
   for (const phase of phases) {
     it(`leaves nothing when killed at '${phase}', and the AID is free at once`, async () => {
       killedAt(`restore: ${phase}`, ['restore', image, '--aid', 'atom']);

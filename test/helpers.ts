@@ -370,17 +370,42 @@ export function systemIpcIds(foreignToo = false): { sem: number[]; shm: number[]
   return { sem: read('sem'), shm: read('shm'), msg: read('msg') };
 }
 
-/** SysV ids that exist now, were not there `before`, and belong to no
+/** The kernel's lines of the SysV objects (/proc/sysvipc), by kind and id:
+ * their columns. */
+function ipcColumns(): Record<'sem' | 'shm' | 'msg', Map<number, string[]>> {
+  const read = (kind: string) =>
+    new Map(
+      readFileSync(`/proc/sysvipc/${kind}`, 'utf8')
+        .split('\n')
+        .slice(1)
+        .map((l) => l.trim().split(/\s+/))
+        .filter((cols) => cols.length > 2)
+        .map((cols) => [Number(cols[1]), cols] as [number, string[]]),
+    );
+  return { sem: read('sem'), shm: read('shm'), msg: read('msg') };
+}
+
+/** Where /proc/sysvipc puts an object's creator's uid (cuid). */
+const CUID_COLUMN = { sem: 6, shm: 9, msg: 9 } as const;
+
+/** SysV ids that exist now, were not there `before`, belong to no
  * running application's tables (in any sandbox: test files run in
- * parallel and create objects of their own meanwhile). */
+ * parallel and create objects of their own meanwhile), and were made by
+ * this process's user: appshot, run by these tests, makes every object
+ * of an application as that user (an object it gives to another, as a
+ * restore does PostgreSQL's segment, keeps its creator's uid), while
+ * PostgreSQL's initdb in servers.test.ts makes its own, for seconds, as
+ * postgres, under no application. */
 export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[] }): number[] {
   const addon = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node')) as {
     readTables(path: string): { tables: Record<string, Entry[]> };
   };
+  const uid = String(process.geteuid?.() ?? 0);
   const once = (): number[] => {
     // The ids first, then the tables: an object another test's application
     // makes meanwhile is bound in its tables a moment after it is made.
     const now = systemIpcIds();
+    const columns = ipcColumns();
     const owned = new Set<number>();
     for (const f of readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-'))) {
       try {
@@ -390,7 +415,9 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
         /* removed meanwhile */
       }
     }
-    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id)));
+    // Gone between the two looks: not a stray.
+    const ours = (k: 'sem' | 'shm' | 'msg', id: number) => columns[k].get(id)?.[CUID_COLUMN[k]] === uid;
+    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id)));
   };
   // Strays are what stays: one that another test's application was making
   // or removing at the first look is gone, or bound, at the second.
@@ -402,13 +429,41 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
 }
 
 /** The kernel's lines (/proc/sysvipc) of SysV ids `ids`, with their kind:
- * what a failed check of strays shows of them (key, mode, creator, times). */
-export function describeIpc(ids: number[]): string {
+ * what a failed check of strays shows of them (key, mode, creator, times),
+ * and who made or last used each, as far as the kernel says: a segment's
+ * creator, a queue's last sender, each semaphore's last operator (a
+ * restore sets them all), with its command line if it lives, or the name
+ * `known` gives its PID (the killed appshot's, say). */
+export function describeIpc(ids: number[], known: Record<number, string> = {}): string {
+  const addon = createRequire(import.meta.url)(join(root, 'build', 'Release', 'appshot.node')) as {
+    semRead(semid: number): { pids: number[] };
+  };
+  const who = (pid: number) => {
+    if (known[pid]) return `${pid} (${known[pid]})`;
+    try {
+      return `${pid} (${readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').trim().slice(0, 160)})`;
+    } catch {
+      return `${pid} (gone)`;
+    }
+  };
   const lines: string[] = [];
-  for (const kind of ['sem', 'shm', 'msg'])
-    for (const l of readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1)) {
-      const cols = l.trim().split(/\s+/);
-      if (cols.length > 2 && ids.includes(Number(cols[1]))) lines.push(`${kind}: ${l.trim().replace(/\s+/g, ' ')}`);
+  const columns = ipcColumns();
+  for (const kind of ['sem', 'shm', 'msg'] as const)
+    for (const [id, cols] of columns[kind]) {
+      if (!ids.includes(id)) continue;
+      let pids: number[] = [];
+      let role = '';
+      if (kind === 'shm') [pids, role] = [[Number(cols[4])], 'made by'];
+      else if (kind === 'msg') [pids, role] = [[Number(cols[5])], 'last sent to by'];
+      else {
+        try {
+          [pids, role] = [[...new Set(addon.semRead(id).pids)], 'last set by'];
+        } catch {
+          /* gone meanwhile */
+        }
+      }
+      const makers = pids.filter((p) => p > 0).map(who);
+      lines.push(`${kind}: ${cols.join(' ')}${makers.length ? `; ${role} ${makers.join(', ')}` : ''}`);
     }
   return lines.join('\n');
 }

@@ -683,6 +683,11 @@ int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
   return unmap_sid(h, kind, sid, 1, vid);
 }
 
+int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind,
+                                int32_t sid) {
+  return unmap_locked(h, &h->tables[kind], sid);
+}
+
 /* kill(2) straight to the kernel. Inside the preload library, kill() and
  * syscall() are its own wrappers, which take a virtual id. */
 static long raw_kill(long pid, long sig) {
@@ -985,10 +990,33 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   return 1;
 }
 
+/* The id of the object whose key is `skey` (kind APPSHOT_SEMKEY, _SHMKEY or
+ * _MSGKEY), or -1: a get without IPC_CREAT, which asks for no permission,
+ * so it finds another user's object as well. Raw system calls: never a
+ * preload library's translation. */
+static int32_t ipc_id_of_key(enum appshot_kind key_kind, int32_t skey) {
+  if (skey == IPC_PRIVATE) return -1;
+  long id;
+  switch (key_kind) {
+    case APPSHOT_SEMKEY: id = syscall(SYS_semget, (long)skey, 0L, 0L); break;
+    case APPSHOT_SHMKEY: id = syscall(SYS_shmget, (long)skey, 0L, 0L); break;
+    case APPSHOT_MSGKEY: id = syscall(SYS_msgget, (long)skey, 0L); break;
+    default: return -1;
+  }
+  return id < 0 || id > INT32_MAX ? -1 : (int32_t)id;
+}
+
 int appshot_ipc_remove_owned(const struct appshot_header *h,
                              enum appshot_kind kind, int32_t sid,
                              uint64_t salt, int64_t created, pid_t init_pid,
                              const char *tables_path) {
+  /* A key of the key tables: the object made under it, if one was, whether
+   * or not its id made it into the id tables (see the header). */
+  if (kind == APPSHOT_SEMKEY || kind == APPSHOT_SHMKEY || kind == APPSHOT_MSGKEY) {
+    sid = ipc_id_of_key(kind, sid);
+    if (sid < 0) return 0;
+    kind = (enum appshot_kind)(kind - (APPSHOT_SEMKEY - APPSHOT_SEMID));
+  }
   if (!appshot_ipc_owned(h, kind, sid, salt, created, init_pid, tables_path))
     return 0;
   int rc = -1;

@@ -537,6 +537,10 @@ int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
 int32_t appshot_map_system_locked(struct appshot_header *h,
                                   enum appshot_kind kind, int32_t sid,
                                   uint32_t flags, int32_t owner);
+/* appshot_unmap_system, the lock held: a key bound ahead of the object it
+ * was for, taken back when the object could not be made under it. */
+int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind,
+                                int32_t sid);
 
 /* A system IPC key for this AID's virtual key, try number `attempt`.
  * Never IPC_PRIVATE and never -1. */
@@ -587,7 +591,13 @@ int64_t appshot_ipc_clock(void);
 int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
                       int32_t sid, uint64_t salt, int64_t created,
                       pid_t init_pid, const char *tables_path);
-/* IPC_RMID on `sid` if appshot_ipc_owned; returns 1 if it was removed. */
+/* IPC_RMID on `sid` if appshot_ipc_owned; returns 1 if it was removed.
+ * `kind` may also be a key table's (APPSHOT_SEMKEY, _SHMKEY, _MSGKEY), `sid`
+ * then a system key: the object made under that key, found by it, under
+ * the same rule. A keyed object's key is bound before the object is made
+ * (the restore's CreateBound), so an object whose maker was killed before
+ * its id was bound is found this way; callers walk the id tables, then the
+ * key tables. */
 int appshot_ipc_remove_owned(const struct appshot_header *h,
                              enum appshot_kind kind, int32_t sid,
                              uint64_t salt, int64_t created, pid_t init_pid,

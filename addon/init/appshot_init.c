@@ -582,7 +582,13 @@ static int others_alive(void) {
  * someone else's object. */
 static void remove_ipc_objects(void) {
   int32_t vid, sid;
-  for (int k = APPSHOT_SEMID; k <= APPSHOT_MSGID; k++) {
+  /* The id tables, then the key tables: a keyed object whose restore was
+   * killed after making it and before binding its id is found by its key,
+   * which the restore binds first (CreateBound, addon_restore.cc). */
+  static const enum appshot_kind kinds[] = {APPSHOT_SEMID,  APPSHOT_SHMID,  APPSHOT_MSGID,
+                                            APPSHOT_SEMKEY, APPSHOT_SHMKEY, APPSHOT_MSGKEY};
+  for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+    enum appshot_kind k = kinds[i];
     struct appshot_used u;
     appshot_used_begin(&u, tables, tables_fd, (enum appshot_kind)k);
     for (int64_t s; (s = appshot_used_next(&u)) >= 0;)

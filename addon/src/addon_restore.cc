@@ -343,9 +343,26 @@ class Tables {
   appshot_header* h_;
 };
 
+// APPSHOT_TEST_KILL_AT (src/killpoint.ts) inside a native call: the restore
+// kills itself there with SIGKILL, for the tests of what it leaves
+// (test/atomic.test.ts).
+static void NativeKillPoint(const char* name) {
+  const char* at = getenv("APPSHOT_TEST_KILL_AT");
+  if (at && strcmp(at, name) == 0) kill(getpid(), SIGKILL);
+}
+
 // Creates an object for a virtual key: a fresh system key of this AID's
 // (as the preload library would make), or IPC_PRIVATE. `get` is semget,
 // shmget or msgget with its size argument bound. Binds the key and the id.
+//
+// The key is bound before the object is made under it: a restore killed
+// (kill -9) once the kernel has made the object and before its id is bound
+// leaves an object no id table names, which the release (init's, or the
+// next command's) finds by its key (appshot_ipc_remove_owned with a key
+// kind). Made first and bound after, such an object had no record
+// anywhere, and stayed until reboot. A private object has no key to be
+// found by: the window between its making and its id's binding (a few
+// instructions, the lock held) remains.
 template <typename Get>
 int CreateBound(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, int32_t vid,
                 int32_t vkey, Get get) {
@@ -357,17 +374,26 @@ int CreateBound(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, 
   } else {
     for (uint32_t attempt = 0; attempt < 64; attempt++) {
       int32_t skey = appshot_system_key(h, vkey, attempt);
-      sid = get(skey);
-      if (sid < 0 && errno == EEXIST) continue;
-      if (sid >= 0 && appshot_bind_locked(h, key_kind, vkey, skey, 0, 0)) {
+      if (appshot_bind_locked(h, key_kind, vkey, skey, 0, 0)) {
+        int32_t bound;
+        // The system key is another virtual key's: the next one, as an
+        // object made under it (EEXIST) would have meant.
+        if (errno == EEXIST && !appshot_v2s(h, key_kind, vkey, &bound)) continue;
         int e = errno;
         appshot_unlock(h, &saved);
         errno = e;
-        return -2 - sid;  // caller removes it
+        return -1;
       }
-      break;
+      sid = get(skey);
+      if (sid >= 0) break;
+      // Nothing made under it: the key names nothing of ours.
+      int e = errno;
+      appshot_unmap_system_locked(h, key_kind, skey);
+      errno = e;
+      if (e != EEXIST) break;
     }
   }
+  if (sid >= 0) NativeKillPoint("restore: sysv object made");
   if (sid >= 0 && appshot_bind_locked(h, id_kind, vid, sid, 0, 0)) {
     int e = errno;
     appshot_unlock(h, &saved);
