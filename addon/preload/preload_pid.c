@@ -11,6 +11,7 @@
 
 #include <linux/capability.h>
 #include <linux/futex.h>
+#include <linux/nsfs.h>
 #include <linux/perf_event.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -21,6 +22,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <termios.h>
 
 #define VINIT 1 /* the application's init */
@@ -169,6 +171,58 @@ API int unshare(int flags) {
   ensure_init();
   if (ns_refused((unsigned long)flags)) return -1;
   return (int)libc_ret(SYS1(unshare, flags));
+}
+
+/* setns(fd, nstype) is the same escape into a namespace that exists
+ * already (another process's, by /proc/PID/ns/net or its pidfd; one bound
+ * to a file: ip netns). Refused alike, with one exception: the namespace
+ * of the application itself, its init's (what a snapshot compares each
+ * thread's with: process.ts), which a program that left it by a raw
+ * system call goes back to (holder.c's netlink-netns; Go's netns idiom
+ * saves its own and returns). The descriptor's own kind decides for a
+ * namespace descriptor (with nstype 0 or its own kind: another kind is
+ * the kernel's EINVAL); for a pidfd (anything else: EINVAL again) the
+ * kinds asked for, as there is no one namespace to compare. */
+#define NSFS_MAGIC 0x6e736673 /* statfs's f_type of a namespace descriptor */
+
+/* Whether namespace descriptor `fd`, of kind `type`, is the application's
+ * init's namespace of that kind: the same nsfs inode as
+ * /proc/<init>/ns/<name> (PID: the namespace its children go to, as the
+ * snapshot compares them). Not found (init gone, its links closed to us):
+ * no. A translation window: the init's system PID goes into a path. */
+static int ns_is_home(int fd, long type) {
+  ID_WINDOW();
+  pid_t init;
+  if (!v2s_pid(VINIT, &init)) return 0;
+  const char *name = type == CLONE_NEWNET ? "net" : type == CLONE_NEWIPC ? "ipc" : "pid_for_children";
+  char path[64] = "/proc/";
+  char *p = put_decimal(path + 6, (unsigned long)init);
+  memcpy(p, "/ns/", 4);
+  p += 4;
+  size_t n = strlen(name);
+  memcpy(p, name, n + 1);
+  struct stat ours, home;
+  return SYS2(fstat, fd, &ours) == 0 && SYS4(newfstatat, AT_FDCWD, path, &home, 0) == 0 &&
+         ours.st_dev == home.st_dev && ours.st_ino == home.st_ino;
+}
+
+long do_setns(int fd, int nstype) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == NSFS_MAGIC) {
+    /* Exact and cheap (Linux 4.11): the descriptor's kind. */
+    long type = SYS2(ioctl, fd, NS_GET_NSTYPE);
+    if (type > 0 && (type & REFUSED_NS) && (nstype == 0 || nstype == type) && !ns_is_home(fd, type))
+      return fail(EPERM);
+  } else if (ns_refused((unsigned long)(unsigned int)nstype)) {
+    return -1;
+  }
+  return libc_ret(SYS2(setns, fd, nstype));
+}
+
+API int setns(int fd, int nstype) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(setns, fd, nstype));
+  return (int)do_setns(fd, nstype);
 }
 
 /* A fork made by the clone system call itself with `flags` (no stack, no
