@@ -210,9 +210,11 @@ static int ns_is_home(int fd, long type) {
 long do_setns(int fd, int nstype) {
   struct statfs sf;
   if (SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == NSFS_MAGIC) {
-    /* Exact and cheap (Linux 4.11): the descriptor's kind. */
+    /* Exact and cheap (Linux 4.11): the descriptor's kind. Before it,
+     * the kinds asked for (nstype 0 then passes: the kernel's to say). */
     long type = SYS2(ioctl, fd, NS_GET_NSTYPE);
-    if (type > 0 && (type & REFUSED_NS) && (nstype == 0 || nstype == type) && !ns_is_home(fd, type))
+    if (type <= 0) type = nstype & REFUSED_NS;
+    if ((type & REFUSED_NS) && (nstype == 0 || nstype == type) && !ns_is_home(fd, type))
       return fail(EPERM);
   } else if (ns_refused((unsigned long)(unsigned int)nstype)) {
     return -1;
