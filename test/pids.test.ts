@@ -946,3 +946,28 @@ function needsPidNamespace(ctx: TestContext): void {
   const r = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'sh', '-c', 'echo 4000 > /proc/sys/kernel/pid_max'], { encoding: 'utf8' });
   expect(r.status, `a PID namespace with a pid_max of its own on Linux ${release()}: ${(r.stderr || String(r.error)).trim()}`).toBe(0);
 }
+
+describe('children forked by a raw clone3 (syscall(SYS_clone3), which glibc\'s fork handling never sees)', () => {
+  // The fixture forks with clone3 (exit_signal SIGCHLD, CLONE_PARENT_SETTID)
+  // and vforks with it (CLONE_VM | CLONE_VFORK, no stack); each check asks
+  // the forked child, by kill, for its getpid() and getppid(), which must
+  // be the virtual PIDs clone3 gave its parent; the exercise kills and
+  // reaps it by that PID and forks both kinds again.
+  const images = scratchDir('appshot-clone3fork-');
+
+  it('are given the virtual PID the child sees as its own, are reached by kill and waitpid, and stay so after a snapshot and restore', async () => {
+    const aid = 'clone3fork';
+    await start(aid, [fixture('clone3fork')]);
+    await sb.checksPass(aid, STATE_CHECKS);
+    await exercised(aid, 'to end its child and fork again');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    // Both back, the child under the virtual PID it was forked with.
+    const ps = (await sb.jsonAsync<{ processes: { vpid: number; vppid: number }[] }[]>(['ps', aid]))[0].processes;
+    expect(ps.filter((p) => p.vppid === 2)).toHaveLength(1);
+    await sb.checksPass(aid, STATE_CHECKS);
+    await exercised(aid, 'to end its restored child and fork again');
+    await sb.checksPass(aid, STATE_CHECKS);
+  });
+});

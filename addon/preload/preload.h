@@ -529,6 +529,7 @@ HIDDEN long do_getsid(pid_t pid);
 HIDDEN long do_setpgid(pid_t pid, pid_t pgid);
 HIDDEN long do_setsid(void);
 HIDDEN long ns_refused(unsigned long flags);
+HIDDEN long do_setns(int fd, int nstype);
 HIDDEN long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls);
 HIDDEN long do_clone3_syscall(long args, long size);
 HIDDEN long do_pid_first(long nr, long pid, long b, long c, long d, long e,

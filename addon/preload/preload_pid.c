@@ -11,7 +11,9 @@
 
 #include <linux/capability.h>
 #include <linux/futex.h>
+#include <linux/nsfs.h>
 #include <linux/perf_event.h>
+#include <linux/sched.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <string.h>
@@ -21,6 +23,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <termios.h>
 
 #define VINIT 1 /* the application's init */
@@ -171,20 +174,76 @@ API int unshare(int flags) {
   return (int)libc_ret(SYS1(unshare, flags));
 }
 
-/* A fork made by the clone system call itself with `flags` (no stack, no
- * shared memory: syscall(SYS_clone, CLONE_NEWNET | SIGCHLD, NULL), as
- * vsftpd makes each session's unprivileged half): glibc's fork handling,
- * and so our atfork handler, does not run, so the child's ids are reset
- * here; the parent maps the child as do_fork does. Before, the child kept
- * its parent's cached virtual PID (vsftpd then saw getpid() != getpgrp()
- * after setsid and died "not session leader"). */
-static pid_t do_raw_fork(long flags) {
+/* setns(fd, nstype) is the same escape into a namespace that exists
+ * already (another process's, by /proc/PID/ns/net or its pidfd; one bound
+ * to a file: ip netns). Refused alike, with one exception: the namespace
+ * of the application itself, its init's (what a snapshot compares each
+ * thread's with: process.ts), which a program that left it by a raw
+ * system call goes back to (holder.c's netlink-netns; Go's netns idiom
+ * saves its own and returns). The descriptor's own kind decides for a
+ * namespace descriptor (with nstype 0 or its own kind: another kind is
+ * the kernel's EINVAL); for a pidfd (anything else: EINVAL again) the
+ * kinds asked for, as there is no one namespace to compare. */
+#define NSFS_MAGIC 0x6e736673 /* statfs's f_type of a namespace descriptor */
+
+/* Whether namespace descriptor `fd`, of kind `type`, is the application's
+ * init's namespace of that kind: the same nsfs inode as
+ * /proc/<init>/ns/<name> (PID: the namespace its children go to, as the
+ * snapshot compares them). Not found (init gone, its links closed to us):
+ * no. A translation window: the init's system PID goes into a path. */
+static int ns_is_home(int fd, long type) {
+  ID_WINDOW();
+  pid_t init;
+  if (!v2s_pid(VINIT, &init)) return 0;
+  const char *name = type == CLONE_NEWNET ? "net" : type == CLONE_NEWIPC ? "ipc" : "pid_for_children";
+  char path[64] = "/proc/";
+  char *p = put_decimal(path + 6, (unsigned long)init);
+  memcpy(p, "/ns/", 4);
+  p += 4;
+  size_t n = strlen(name);
+  memcpy(p, name, n + 1);
+  struct stat ours, home;
+  return SYS2(fstat, fd, &ours) == 0 && SYS4(newfstatat, AT_FDCWD, path, &home, 0) == 0 &&
+         ours.st_dev == home.st_dev && ours.st_ino == home.st_ino;
+}
+
+long do_setns(int fd, int nstype) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == NSFS_MAGIC) {
+    /* Exact and cheap (Linux 4.11): the descriptor's kind. Before it,
+     * the kinds asked for (nstype 0 then passes: the kernel's to say). */
+    long type = SYS2(ioctl, fd, NS_GET_NSTYPE);
+    if (type <= 0) type = nstype & REFUSED_NS;
+    if ((type & REFUSED_NS) && (nstype == 0 || nstype == type) && !ns_is_home(fd, type))
+      return fail(EPERM);
+  } else if (ns_refused((unsigned long)(unsigned int)nstype)) {
+    return -1;
+  }
+  return libc_ret(SYS2(setns, fd, nstype));
+}
+
+API int setns(int fd, int nstype) {
+  ensure_init();
+  if (!g_h) return (int)libc_ret(SYS2(setns, fd, nstype));
+  return (int)do_setns(fd, nstype);
+}
+
+/* A fork made by the clone system call itself (syscall(SYS_clone, flags,
+ * 0): no stack, no shared memory, as vsftpd makes each session's
+ * unprivileged half with CLONE_NEWNET | SIGCHLD), or by clone3 (`nr`, its
+ * arguments a and b): glibc's fork handling, and so our atfork handler,
+ * does not run, so the child's ids are reset here; the parent maps the
+ * child as do_fork does. Before, the child kept its parent's cached
+ * virtual PID (vsftpd then saw getpid() != getpgrp() after setsid and died
+ * "not session leader"). `ptid`: where the kernel stored the child's
+ * system PID in the parent (clone3's CLONE_PARENT_SETTID), 0 for none. */
+static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) {
   ID_WINDOW();
   self_vpid();
   sigset_t all, saved;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &saved);
-  long pid = sys6(SYS_clone, flags, 0, 0, 0, 0, 0);
+  long pid = sys6(nr, a, b, 0, 0, 0, 0);
   if (pid == 0) {
     tid_moves_forget();
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
@@ -202,6 +261,12 @@ static pid_t do_raw_fork(long flags) {
       appshot_unmap_system(g_h, APPSHOT_PID, (pid_t)pid);
       err = EAGAIN;
       ret = -1;
+    } else if (ptid) {
+      /* The virtual PID where the kernel put the system one (as clone()
+       * does below), written as the kernel did: a bad address, which the
+       * kernel let pass, is no fault here either. */
+      struct iovec here = {&ret, sizeof ret}, there = {(void *)(uintptr_t)ptid, sizeof ret};
+      SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
     }
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -221,19 +286,54 @@ static pid_t do_raw_fork(long flags) {
  * parent's tables must agree on; other uses go to the kernel as given. */
 long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
-  if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(flags);
+  if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
   return libc_ret(sys6(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
 
-/* clone3: only its namespaces are looked at (glibc's own use, posix_spawn
- * and pthread_create, never asks for one). */
+/* clone3 as a system call (syscall(SYS_clone3, &args, size): runtimes and
+ * programs that fork with it themselves; glibc's own uses, pthread_create
+ * and posix_spawn, are its inline system calls, which never come here).
+ *
+ * A new process whose child side returns here, on the stack it called
+ * from (no stack given: with one, the child would return into this
+ * function on a stack it has no frame on, with or without us), and on our
+ * thread pointer (no CLONE_SETTLS) is a fork, made known to the tables as
+ * the SYS_clone one is. Unlike clone's, its other flags may stay:
+ * clone3 has a field of its own for each thing they hand back (pidfd,
+ * parent_tid, child_tid), so none is read as another. Left to the kernel
+ * as given: threads (CLONE_THREAD; CLONE_SIGHAND goes with CLONE_VM),
+ * another thread pointer, a stack, and shared memory without CLONE_VFORK
+ * (two processes on one stack from here on).
+ *
+ * CLONE_VM | CLONE_VFORK without a stack is a vfork (the parent waits
+ * until the child execs or exits), which our vfork() makes a fork (our
+ * code running in the child would write the parent's caches and TLS): so
+ * here, CLONE_VM is dropped and CLONE_VFORK kept (the parent still waits).
+ *
+ * The arguments are read as the kernel would, not dereferenced (a bad
+ * pointer is the kernel's EFAULT to give), into our own copy, which is
+ * what the kernel is handed: read once, another thread cannot change
+ * them between our look and the kernel's. A size larger than the copy
+ * (fields after cgroup, of a kernel newer than our headers) goes to the
+ * kernel as given, looked at for its namespaces only. */
+#define CLONE3_NOT_A_FORK (CLONE_THREAD | CLONE_SIGHAND | CLONE_SETTLS)
+
 long do_clone3_syscall(long args, long size) {
-  /* Read as the kernel would, not dereferenced: a bad pointer is the
-   * kernel's EFAULT to give, not a fault in the application. */
-  unsigned long flags = 0;
-  struct iovec here = {&flags, sizeof flags}, there = {(void *)args, sizeof flags};
-  if (args && size >= 8 && SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) == (long)sizeof flags && ns_refused(flags)) return -1;
-  return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+  struct clone_args ca;
+  memset(&ca, 0, sizeof ca);
+  /* CLONE_ARGS_SIZE_VER0: anything shorter is the kernel's EINVAL. */
+  if (!args || size < 64) return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+  size_t n = (unsigned long)size < sizeof ca ? (size_t)size : sizeof ca;
+  struct iovec here = {&ca, n}, there = {(void *)args, n};
+  if (SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) != (long)n)
+    return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+  if (ns_refused(ca.flags)) return -1;
+  if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
+      (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM)
+    return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+  ca.flags &= ~(uint64_t)CLONE_VM;
+  return do_raw_fork(SYS_clone3, (long)&ca, (long)n,
+                     (ca.flags & CLONE_PARENT_SETTID) ? ca.parent_tid : 0);
 }
 
 /* --- clone ---------------------------------------------------------------- */

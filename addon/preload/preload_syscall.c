@@ -54,6 +54,7 @@ API long syscall(long nr, ...) {
     case SYS_unshare:
       if (ns_refused((unsigned long)a)) return -1;
       break;
+    case SYS_setns: return do_setns((int)a, (int)b);
     case SYS_getpriority:
     case SYS_setpriority: return do_prio(nr, a, b, c);
     case SYS_pidfd_open:
