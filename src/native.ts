@@ -234,7 +234,9 @@ export interface PagesCheck {
   stop(): void;
 }
 
-export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2, all: 3 } as const;
+/** pages_mode (addon pages.h); noScan is or'ed into one: every page map
+ * entry read, none skipped by PAGEMAP_SCAN (a VM_PFNMAP mapping). */
+export const PAGES_MODE = { anon: 0, privateFile: 1, allPresent: 2, all: 3, noScan: 8 } as const;
 
 interface IpcPerm {
   key: number;

@@ -1102,6 +1102,11 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
             pages_result* out) {
   memset(out, 0, sizeof *out);
   out->data_offset = position(w);
+  /* Pages are numbered on 32 bits in an image: a mapping past 16 TiB is
+   * refused (memory.ts names it first where it can). */
+  if ((end - start) / PAGE > UINT32_MAX) return -EOVERFLOW;
+  int no_scan = (mode & PAGES_NO_SCAN) != 0;
+  mode = (pages_mode)(mode & ~PAGES_NO_SCAN);
   if (mode != PAGES_ANON) forked_from = NULL;
   uint64_t* pm = malloc(PM_CHUNK * sizeof *pm);
   /* With forked_from: the other process's entries, then per page whether
@@ -1122,8 +1127,9 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
    * the next such page, found with one PAGEMAP_SCAN that passes over page
    * tables never filled in, so that a 1 TiB reservation with a few pages
    * written is not 2 GiB of pagemap read. Without PAGEMAP_SCAN, every
-   * chunk is read. */
-  int skip = mode != PAGES_ALL;
+   * chunk is read; so is every chunk of a VM_PFNMAP mapping (PAGES_NO_SCAN),
+   * which PAGEMAP_SCAN skips whole while pagemap shows its pages. */
+  int skip = mode != PAGES_ALL && !no_scan;
   uint32_t n = 0;
   for (uint32_t base = 0; base < npages && !rc; base += n) {
     if (skip) {
@@ -1356,6 +1362,8 @@ int pw_append_fd(page_writer* w, int fd, uint64_t length, uint32_t** runs, size_
   *offset = position(w);
   *runs = NULL;
   *nruns = 0;
+  /* Pages are numbered on 32 bits in an image: past 16 TiB, refused. */
+  if (length / PAGE > UINT32_MAX) return -EOVERFLOW;
   size_t cap = 0;
   off_t pos = 0;
   while ((uint64_t)pos < length) {

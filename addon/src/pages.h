@@ -34,6 +34,10 @@ typedef enum {
   PAGES_ALL_PRESENT = 2,  /* any present page (shared memory read through the process) */
   PAGES_ALL = 3,          /* every page, present or not (a file that may not outlive us) */
 } pages_mode;
+/* Or'ed into a pw_dump mode: every chunk's page map read, none skipped by
+ * PAGEMAP_SCAN, which passes over a VM_PFNMAP mapping as if it had no
+ * page (a private mapping of a device: its written pages are anonymous). */
+#define PAGES_NO_SCAN 8
 
 /* Where a page of an incremental snapshot's parent keeps its bytes. */
 typedef struct {

@@ -480,10 +480,11 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         vma.pages = { offset: 0n, runs: [], fromParent: [] };
       } else if (vma.kind === VmaKind.ANON || vma.kind === VmaKind.FILE_PRIVATE) {
         refuseBeyondPageNumbers(what, l);
-        const mode = vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile;
+        // Raw frames (pf) are one by one, their page map read whole
+        // (noScan): PAGEMAP_SCAN passes over a VM_PFNMAP mapping as if it
+        // had no page, where pagemap shows them.
+        const mode = (vma.kind === VmaKind.ANON ? PAGES_MODE.anon : PAGES_MODE.privateFile) | (l.pfnmap ? PAGES_MODE.noScan : 0);
         const forked = sharesWith(forkParent, vma) ? forkParent : undefined;
-        // Raw frames (pf) are one by one: PAGEMAP_SCAN passes over a
-        // VM_PFNMAP mapping as if it had no page, where pagemap shows them.
         const inCopy = copy !== undefined && sameInCopy(l);
         if (!ctx.parent && !forked && !l.pfnmap) {
           (inCopy ? scannedInCopy : scanned).push({ vma, l, mode });
