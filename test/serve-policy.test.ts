@@ -188,6 +188,19 @@ describe('serve policy', () => {
     expect(new Policy(restoreKnobs, clock).decide([{ ...db, state: 'starting' }], 4, 0)).toEqual([]);
   });
 
+  it('a forwarded listen backlog: accepts a sample saw first are not taken out again when heard of', () => {
+    const b = new BacklogAge(true);
+    b.sample(10, 0);
+    b.sample(7, 100); // three accepted, not heard of yet
+    expect([b.accepted(), b.accepted(), b.accepted()]).toEqual([0, 0, 0]);
+    expect([b.count, b.oldest()]).toEqual([7, 0]);
+    b.sample(7, 200);
+    expect(b.count).toBe(7);
+    // Then one accepted and heard of before any sample: taken out here.
+    expect(b.accepted()).toBe(0);
+    expect(b.count).toBe(6);
+  });
+
   it('a listen backlog: each connection dated when first seen there, taken out oldest first as accepted, so its wait starts a clone too', () => {
     const clock = new FakeClock(0);
     const b = new BacklogAge();

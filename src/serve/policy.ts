@@ -200,17 +200,32 @@ export class Policy {
  * dated is older than it). The dates are never earlier than the
  * connections came: a wait is understated by at most one pump, never
  * overstated.
+ *
+ * `acceptsHeard`: every accept from this backlog is heard of (a forwarded
+ * listener: serve's own accept, or the forwarding thread's, reported after
+ * the fact). A sample that finds fewer than dated takes them out then, and
+ * the accepts heard of later are those same connections, not more (review30
+ * L2: they were taken out twice, and waits understated). Without it (the
+ * shared listener, where the instance accepts), what a sample finds gone
+ * is gone.
  */
 export class BacklogAge {
   /** Oldest first: when first seen, and how many of those still wait. */
   private cohorts: { at: number; n: number }[] = [];
   private dated = 0;
+  /** Taken out by a sample, their accepts not heard of yet, oldest first. */
+  private ahead: { at: number; n: number }[] = [];
+
+  constructor(private readonly acceptsHeard = false) {}
 
   /** The backlog holds `count` now. */
   sample(count: number, now: number): void {
-    // Fewer than dated: accepted unheard of (the instance's own accept on
-    // a shared listener), the oldest first.
-    if (count < this.dated) this.take(this.dated - count);
+    // Fewer than dated: accepted, the oldest first, before it was heard of
+    // (or never to be: the instance's own accept on a shared listener).
+    if (count < this.dated) {
+      const taken = this.take(this.dated - count);
+      if (this.acceptsHeard) this.ahead.push(...taken);
+    }
     if (count > this.dated) {
       this.cohorts.push({ at: now, n: count - this.dated });
       this.dated = count;
@@ -221,6 +236,11 @@ export class BacklogAge {
    * first seen (the one accepted, or one that came before it), or
    * undefined if none was dated. */
   accepted(): number | undefined {
+    const early = this.ahead[0];
+    if (early) {
+      if (!--early.n) this.ahead.shift();
+      return early.at;
+    }
     const at = this.cohorts[0]?.at;
     this.take(1);
     return at;
@@ -236,14 +256,18 @@ export class BacklogAge {
     return this.dated;
   }
 
-  private take(n: number): void {
+  /** Takes out the `n` oldest; returns them by date. */
+  private take(n: number): { at: number; n: number }[] {
+    const taken: { at: number; n: number }[] = [];
     while (n > 0 && this.cohorts.length) {
       const c = this.cohorts[0];
       const k = Math.min(n, c.n);
       c.n -= k;
       n -= k;
       this.dated -= k;
+      taken.push({ at: c.at, n: k });
       if (!c.n) this.cohorts.shift();
     }
+    return taken;
   }
 }

@@ -495,7 +495,7 @@ class Service {
    * backlog's waiters are not counted, as before. */
   private watchBacklog(p: PortMap, fd: number): void {
     try {
-      this.backlogs.set(p.public, { fd: addon().dupFd(fd), age: new BacklogAge() });
+      this.backlogs.set(p.public, { fd: addon().dupFd(fd), age: new BacklogAge(true) });
     } catch (e) {
       this.log('backlog-unknown', { port: p.public, error: (e as Error).message });
     }
