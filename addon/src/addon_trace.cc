@@ -927,17 +927,21 @@ Napi::Value ScanWritten(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// What a PAGEMAP_SCAN that failed with `n` (-errno) answers: null where
+// the kernel has none, else an exception.
+static Napi::Value ScanFailed(Napi::Env env, long n) {
+  if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
+  ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
+  return env.Undefined();
+}
+
 // scanAny(pagemapFd, start, end) -> whether [start, end) holds a page
 // present or swapped (one PAGEMAP_SCAN, stopping at the first), or null
 // where the kernel has no PAGEMAP_SCAN.
 Napi::Value ScanAny(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   long n = pages_scan_any(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]));
-  if (n < 0) {
-    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
-    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
-    return env.Undefined();
-  }
+  if (n < 0) return ScanFailed(env, n);
   return Napi::Boolean::New(env, n > 0);
 }
 
@@ -948,11 +952,7 @@ Napi::Value ScanFirst(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t first = 0;
   long n = pages_scan_first(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), &first);
-  if (n < 0) {
-    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
-    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
-    return env.Undefined();
-  }
+  if (n < 0) return ScanFailed(env, n);
   if (n == 0) return Napi::Boolean::New(env, false);
   return Napi::BigInt::New(env, first);
 }
@@ -963,11 +963,7 @@ Napi::Value ScanFirst(const Napi::CallbackInfo& info) {
 Napi::Value ScanCount(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   long n = pages_scan_count(info[0].As<Napi::Number>().Int32Value(), U64(info[1]), U64(info[2]), U64(info[3]));
-  if (n < 0) {
-    if (n == -EINVAL || n == -ENOTTY || n == -EOPNOTSUPP) return env.Null();
-    ThrowErrno(env, "PAGEMAP_SCAN", static_cast<int>(-n));
-    return env.Undefined();
-  }
+  if (n < 0) return ScanFailed(env, n);
   return Napi::Number::New(env, static_cast<double>(n));
 }
 

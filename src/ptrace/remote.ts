@@ -29,6 +29,7 @@ export const SYS = {
   clone: 56,
   fcntl: 72,
   chdir: 80,
+  fchdir: 81,
   umask: 95,
   setpgid: 109,
   setsid: 112,

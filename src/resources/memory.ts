@@ -537,7 +537,7 @@ const MAX_MAPPING_PAGES = 0xffffffffn;
  * Refused, naming it. One never touched is stored as nothing, before this.
  */
 function refuseBeyondPageNumbers(what: string, l: MapsLine): void {
-  if ((l.end - l.start) / 4096n <= MAX_MAPPING_PAGES) return;
+  if ((l.end - l.start) / PAGE <= MAX_MAPPING_PAGES) return;
   const tib = Number((l.end - l.start) >> 30n) / 1024;
   throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} (${l.path || 'anonymous'}) is ${tib.toFixed(1)} TiB with pages in it; an image numbers a mapping's pages on 32 bits (16 TiB)`);
 }

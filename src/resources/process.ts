@@ -302,9 +302,9 @@ function enterRoot(r: RemoteProcess, p: Process, rootFd: number): void {
   const root = b.add(`taking the root directory ${p.root}`, SYS.pidfd_getfd, [0, rootFd, 0], { call: pidfd, arg: 0 });
   b.add('closing the pidfd', SYS.close, [0], { call: pidfd, arg: 0 });
   const here = b.add('holding the working directory', SYS.open, [dot, O_PATH | O_DIRECTORY | O_CLOEXEC, 0]);
-  b.add(`entering the root directory ${p.root}`, FCHDIR, [0], { call: root, arg: 0 });
+  b.add(`entering the root directory ${p.root}`, SYS.fchdir, [0], { call: root, arg: 0 });
   b.add(`changing the root directory to ${p.root}`, SYS.chroot, [dot]);
-  b.add('going back to the working directory', FCHDIR, [0], { call: here, arg: 0 });
+  b.add('going back to the working directory', SYS.fchdir, [0], { call: here, arg: 0 });
   b.add('closing the working directory', SYS.close, [0], { call: here, arg: 0 });
   b.add('closing the root directory', SYS.close, [0], { call: root, arg: 0 });
   b.run();
@@ -408,11 +408,11 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
       ? [{ what: `changing directory to ${cwd}`, nr: SYS.chdir, args: [r.str(cwd)] }]
       : typeof dirFd === 'number'
         ? [
-            { what: `changing directory to ${cwd}`, nr: FCHDIR, args: [dirFd] },
+            { what: `changing directory to ${cwd}`, nr: SYS.fchdir, args: [dirFd] },
             { what: 'closing the working directory', nr: SYS.close, args: [dirFd] },
           ]
         : [
-            { what: `changing directory to ${cwd}`, nr: FCHDIR, args: [0], argFrom: dirFd },
+            { what: `changing directory to ${cwd}`, nr: SYS.fchdir, args: [0], argFrom: dirFd },
             { what: 'closing the working directory', nr: SYS.close, args: [0], argFrom: dirFd },
           ]),
     { what: 'setting umask', nr: SYS.umask, args: [p.umask] },
@@ -443,8 +443,6 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
   return got.slice(got.length - more.length);
 }
 
-/** fchdir(2) (x86-64). */
-const FCHDIR = 81;
 const O_RDONLY = 0;
 
 /**

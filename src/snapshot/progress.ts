@@ -5,17 +5,13 @@
  * accounting.
  */
 import { readFileSync } from 'node:fs';
-import { addon, type PageWriter } from '../native.js';
+import { addon, PAGES_MODE, type PageWriter } from '../native.js';
 import type { ByteProgress } from '../progress.js';
 
 const PAGE = 4096;
 /** A mapping is read this many pages at a time (32 MiB), so that the
  * display moves while a large one is copied. */
 const SLICE_PAGES = 8192;
-/** pages_mode (addon pages.h) of the mappings whose stored pages are those
- * present or swapped. */
-const PAGES_ANON = 0;
-const PAGES_PRIVATE_FILE = 1;
 
 /** What the processes hold that a snapshot stores: private anonymous memory
  * (written file pages count there), what of it is in swap, and shared
@@ -100,7 +96,7 @@ export class ReportingPageWriter {
         // table at a time): a 1 TiB reservation with a few pages written
         // is a few slices, not 32,768 reads of its empty pagemap. Only
         // where the kernel's categories decide what is stored.
-        let scan = mode === PAGES_ANON || mode === PAGES_PRIVATE_FILE;
+        let scan = mode === PAGES_MODE.anon || mode === PAGES_MODE.privateFile;
         for (let first = 0; first < npages; first += SLICE_PAGES) {
           if (scan) {
             const next = addon().scanFirst(pagemapFd, start + BigInt(first * PAGE), end);
