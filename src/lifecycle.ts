@@ -16,6 +16,7 @@ import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, checkAid, isEnded } from './registry.js';
+import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
 const POLL_MS = 50;
@@ -141,9 +142,5 @@ export function pruneEnded(reg: LocalRegistry): string[] {
 
 /** "4s", "12m", "3h", "2d": how long ago `iso` was. */
 export function age(iso: string, now = Date.now()): string {
-  const s = Math.max(0, Math.floor((now - Date.parse(iso)) / 1000));
-  if (s < 120) return `${s}s`;
-  if (s < 7200) return `${Math.floor(s / 60)}m`;
-  if (s < 172800) return `${Math.floor(s / 3600)}h`;
-  return `${Math.floor(s / 86400)}d`;
+  return duration(now - Date.parse(iso));
 }

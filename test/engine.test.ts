@@ -576,6 +576,11 @@ describe('the resident engine', () => {
     expect(again.code).toBe(0);
     expect(JSON.parse(again.stdout).pid).toBe(first);
     expect((await status()).pid).toBe(first);
+    // What a person reads: its age and idle timeout in one unit each, from
+    // uptimeMs and idleTimeoutMs (not the deprecated whole seconds).
+    const human = inProcess(['engine', 'status']);
+    expect(human.code).toBe(0);
+    expect(human.stdout).toMatch(new RegExp(`^engine ${first} serving ${sb.home}: up \\d+[smhd], \\d+ commands? served, \\d+ running; leaves after \\d+[smhd] idle\n$`));
   });
 
   it('leaves when idle, removing its socket', async () => {

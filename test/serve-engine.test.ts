@@ -132,7 +132,7 @@ describe('appshot serve hosted by the resident engine', () => {
     expect(show()).toMatchObject({ served: true, servePid: engine });
     expect(engineStatus().serving).toMatchObject({ services: ['db'], attached: true, metrics: `http://127.0.0.1:${METRICS}/metrics` });
     expect(sb.ok(['service', 'show', 'db'])).toMatch(new RegExp(`^served +by appshot serve in the resident engine, pid ${engine}$`, 'm'));
-    expect(sb.ok(['engine', 'status'])).toMatch(/^serving db since .* \(appshot serve, its client attached\); log .*serve\.log; metrics http:/m);
+    expect(sb.ok(['engine', 'status'])).toMatch(/^serving db for \d+[smhd], since .* \(appshot serve, its client attached\); log .*serve\.log; metrics http:/m);
 
     expect(await tcpExchange(PUBLIC, 'ping\n', 30_000)).toMatch(/^pong \d+\n$/);
     // Suspended after 500 ms idle, resumed again, all well past the

@@ -16,6 +16,7 @@ import { basename, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { printJson } from './json.js';
+import { duration } from '../words.js';
 
 export interface ImageEntry {
   path: string;
@@ -229,12 +230,8 @@ function human(bytes: number): string {
 
 function age(iso: string | null): string {
   if (!iso) return '-';
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  if (!Number.isFinite(s)) return '-';
-  if (s < 60) return `${Math.floor(s)}s ago`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
-  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
-  return `${Math.floor(s / 86400)}d ago`;
+  const d = duration(Date.now() - Date.parse(iso));
+  return d === '-' ? d : `${d} ago`;
 }
 
 export function registerImages(program: Command): void {

@@ -5,16 +5,16 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome, enginePaths } from '../home.js';
 import { setExitCode } from './request.js';
 import { printJson } from '../commands/json.js';
-import { plural } from '../words.js';
+import { duration, plural } from '../words.js';
 
 
 
 /** `engine status`: the serve it hosts, if any. */
 function servingLine(serving: unknown): string {
-  const s = serving as { services: string[]; since: string; attached: boolean; log: string; metrics?: string } | null | undefined;
+  const s = serving as { services: string[]; startedAt: string; attached: boolean; log: string; metrics?: string } | null | undefined;
   if (!s) return '';
   return (
-    ` and not while it serves\nserving ${s.services.join(', ')} since ${s.since} (appshot serve${s.attached ? ', its client attached' : ' -d'}); log ${s.log}` +
+    ` and not while it serves\nserving ${s.services.join(', ')} for ${duration(Date.now() - Date.parse(s.startedAt))}, since ${s.startedAt} (appshot serve${s.attached ? ', its client attached' : ' -d'}); log ${s.log}` +
     (s.metrics ? `; metrics ${s.metrics}` : '')
   );
 }
@@ -94,8 +94,8 @@ export function registerEngine(program: Command): void {
       else if (!status) process.stdout.write(`no engine runs for ${home}\n`);
       else
         process.stdout.write(
-          `engine ${status.pid} serving ${home}: up ${status.uptimeSeconds} s, ${plural(Number(status.commandsServed), 'command')} served, ${status.commandsRunning} running` +
-            `${status.leaving ? ', leaving' : ''}; leaves after ${status.idleSeconds} s idle${servingLine(status.serving)}\n`,
+          `engine ${status.pid} serving ${home}: up ${duration(Number(status.uptimeMs))}, ${plural(Number(status.commandsServed), 'command')} served, ${status.commandsRunning} running` +
+            `${status.leaving ? ', leaving' : ''}; leaves after ${duration(Number(status.idleTimeoutMs))} idle${servingLine(status.serving)}\n`,
         );
     });
 }
