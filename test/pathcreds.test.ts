@@ -319,6 +319,19 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     leftNothing('pcfan');
   });
 
+  it('a fanotify group whose maker dropped CAP_SYS_ADMIN from every set comes back where another process of the application may still raise it (an identity differing only in its permitted set is its own)', async () => {
+    const d = mkdtempSync(join(out, 'fansib-'));
+    await start('pcfansib', [fixture('fanotify'), d, 'drop-admin-sibling']);
+    await checksPass('pcfansib');
+    const image = join(out, 'pcfansib.img');
+    await run(['snapshot', 'pcfansib', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcfansib'), 10_000, 'pcfansib to end');
+    await run(['rm', 'pcfansib']);
+    await run(['restore', image]);
+    await checksPass('pcfansib');
+    await run(['stop', 'pcfansib', '-s', 'KILL']);
+  });
+
   it('a POSIX message queue of a process run as nobody, given to root (mode 0640) after the snapshot, is refused (EACCES), nothing left; given back, it comes back', async () => {
     const name = `/appshot-pcmq-${process.pid}`;
     try {

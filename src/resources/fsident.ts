@@ -34,33 +34,34 @@ import { addon, type FsIdentity } from '../native.js';
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 
+/** A filesystem identity with the permitted set of the credentials it
+ * was taken from: the capabilities its process may raise into its
+ * effective set at will (identitiesOfRestored's `raisable`). Two threads
+ * that differ only there are two identities: one that may raise
+ * CAP_SYS_ADMIN is not the same as one that may not. */
+type AppIdentity = FsIdentity & { capPrm: bigint };
+
 /** The filesystem identity of credentials `c` (uid[3], gid[3]: fsuid, fsgid). */
-function fsIdentityOfCreds(c: Creds): FsIdentity {
-  const id = { fsuid: c.uid[3], fsgid: c.gid[3], groups: c.groups, capEff: c.capEff };
-  permittedOf.set(id, c.capPrm);
-  return id;
+function fsIdentityOfCreds(c: Creds): AppIdentity {
+  return { fsuid: c.uid[3], fsgid: c.gid[3], groups: c.groups, capEff: c.capEff, capPrm: c.capPrm };
 }
 
-/** Each identity's permitted set: the capabilities its process may raise
- * into its effective set at will (identitiesOfRestored's `raisable`). */
-const permittedOf = new WeakMap<FsIdentity, bigint>();
-
 /** The filesystem identity of process `p` of an image. */
-export function fsIdentity(p: Process): FsIdentity {
+export function fsIdentity(p: Process): AppIdentity {
   const main = p.threads.find((t) => t.vtid === p.vpid)?.creds;
   return fsIdentityOfCreds(main ?? p.creds);
 }
 
-const key = (i: FsIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}`;
+const key = (i: AppIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}:${i.capPrm}`;
 
 /** Per image: every distinct identity of its processes' threads, in
  * process order. */
-const everyone = new WeakMap<Image, FsIdentity[]>();
+const everyone = new WeakMap<Image, AppIdentity[]>();
 
-function identitiesOf(image: Image): FsIdentity[] {
+function identitiesOf(image: Image): AppIdentity[] {
   let all = everyone.get(image);
   if (!all) {
-    const seen = new Map<string, FsIdentity>();
+    const seen = new Map<string, AppIdentity>();
     for (const p of image.processes)
       for (const c of [p.threads.find((t) => t.vtid === p.vpid)?.creds ?? p.creds, ...p.threads.map((t) => t.creds)]) {
         if (!c) continue;
@@ -75,7 +76,7 @@ function identitiesOf(image: Image): FsIdentity[] {
 
 /** The identities an operation for process `p` of `image` is tried as:
  * `p`'s, then the application's others. */
-export function identitiesFor(image: Image, p: Process | undefined): FsIdentity[] {
+export function identitiesFor(image: Image, p: Process | undefined): AppIdentity[] {
   const all = identitiesOf(image);
   if (!p) return all;
   const own = fsIdentity(p);
@@ -152,7 +153,7 @@ export function identitiesOfRestored(r: object, raisable = false): { who: FsIden
 /** identitiesFor, each with its permitted capabilities in its effective
  * set (identitiesOfRestored's `raisable`). */
 export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
-  return identitiesFor(image, p).map((i) => ({ ...i, capEff: i.capEff | (permittedOf.get(i) ?? 0n) }));
+  return identitiesFor(image, p).map((i) => ({ ...i, capEff: i.capEff | i.capPrm }));
 }
 
 const O_PATH = 0o10000000;

@@ -691,7 +691,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
     // A socket file's name likewise (JSON has no bigint: capEff as text).
     handed.recordSocketFileMade = (dir, name, who) => {
-      const as = who === undefined ? undefined : (Array.isArray(who) ? who : [who]).map((i) => ({ ...i, capEff: i.capEff.toString() }));
+      const as = who === undefined ? undefined : (Array.isArray(who) ? who : [who]).map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: i.capEff.toString() }));
       (registered.restore!.madeSocketFiles ??= []).push({ dir, name, ...(as ? { who: as } : {}) });
       reg.update(registered);
     };
