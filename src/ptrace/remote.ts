@@ -735,3 +735,20 @@ export class CallBatch {
     return results;
   }
 }
+
+/**
+ * Adds to `into` the calls that give descriptors of ours to the remote
+ * process in the stop they run in: pidfd_open of appshot, pidfd_getfd of
+ * each of `ours`, the pidfd closed. Returns, per descriptor, the index of
+ * its pidfd_getfd, whose result is the process's copy (close-on-exec, as
+ * pidfd_getfd makes it). One place for a hand-over four kinds make: the
+ * pidfd is never left open where the batch succeeds, and a failed one
+ * fails a restore whose processes die with it.
+ */
+export function takeDescriptors(into: CallBatch | NamedCall[], ours: { what: string; fd: number }[]): number[] {
+  const add = (c: NamedCall): number => (Array.isArray(into) ? into.push(c) - 1 : into.add(c.what, c.nr, c.args, c.argFrom));
+  const pidfd = { call: add({ what: 'pidfd_open of appshot', nr: SYS.pidfd_open, args: [process.pid, 0] }), arg: 0 };
+  const taken = ours.map((o) => add({ what: o.what, nr: SYS.pidfd_getfd, args: [-1, o.fd, 0], argFrom: pidfd }));
+  add({ what: 'closing the pidfd of appshot', nr: SYS.close, args: [-1], argFrom: pidfd });
+  return taken;
+}

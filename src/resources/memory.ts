@@ -13,7 +13,7 @@ import { pagesCheckFailure } from '../image/format.js';
 import { type Vma, VmaKind } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
-import { RemoteProcess, SYS } from '../ptrace/remote.js';
+import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
@@ -1014,12 +1014,14 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     const making = unmapping;
     const opened = opens.map((o) => making.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]));
     // Shared anonymous memory: our descriptor of it taken by pidfd_getfd
-    // (as RestoreContext.transfer does), mapped, then closed there.
+    // (takeDescriptors, as RestoreContext.transfer), mapped, then closed there.
     const taken = new Map<number, number>();
     if (shared.length) {
-      const pidfd = making.add('pidfd_open', SYS.pidfd_open, [process.pid, 0]);
-      for (const i of shared) taken.set(i, making.add('pidfd_getfd', SYS.pidfd_getfd, [-1, src.sharedFd(plans[i].v.sharedMemory), 0], { call: pidfd, arg: 0 }));
-      making.add('closing', SYS.close, [-1], { call: pidfd, arg: 0 });
+      const got = takeDescriptors(
+        making,
+        shared.map((i) => ({ what: 'taking shared memory (pidfd_getfd)', fd: src.sharedFd(plans[i].v.sharedMemory) })),
+      );
+      shared.forEach((i, n) => taken.set(i, got[n]));
     }
     for (const c of mapCalls) {
       if (!c.fd) making.add(c.what, c.nr, c.args);

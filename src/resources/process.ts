@@ -18,7 +18,7 @@ import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError } from '../ptrace/remote.js';
+import { type CallBatch, type NamedCall, type RemoteProcess, SYS, SyscallError, takeDescriptors } from '../ptrace/remote.js';
 
 function statusFields(pid: number): Map<string, string> {
   const out = new Map<string, string>();
@@ -298,9 +298,7 @@ function enterRoot(r: RemoteProcess, p: Process, rootFd: number): void {
   r.reset();
   const dot = r.str('.');
   const b = r.batch();
-  const pidfd = b.add('pidfd_open', SYS.pidfd_open, [process.pid, 0]);
-  const root = b.add(`taking the root directory ${p.root}`, SYS.pidfd_getfd, [0, rootFd, 0], { call: pidfd, arg: 0 });
-  b.add('closing the pidfd', SYS.close, [0], { call: pidfd, arg: 0 });
+  const [root] = takeDescriptors(b, [{ what: `taking the root directory ${p.root}`, fd: rootFd }]);
   const here = b.add('holding the working directory', SYS.open, [dot, O_PATH | O_DIRECTORY | O_CLOEXEC, 0]);
   b.add(`entering the root directory ${p.root}`, SYS.fchdir, [0], { call: root, arg: 0 });
   b.add(`changing the root directory to ${p.root}`, SYS.chroot, [dot]);
@@ -380,11 +378,14 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
   // Everything in one stop: the calls name earlier results (argFrom).
-  const calls: NamedCall[] = [{ what: 'pidfd_open', nr: SYS.pidfd_open, args: [process.pid, 0] }];
-  const fromPidfd = { call: 0, arg: 0 };
-  const cwdAt = cwdFd < 0 ? -1 : calls.push({ what: `taking the working directory ${cwd}`, nr: SYS.pidfd_getfd, args: [0, cwdFd, 0], argFrom: fromPidfd }) - 1;
-  const exeAt = exeFd < 0 ? -1 : calls.push({ what: 'taking the executable', nr: SYS.pidfd_getfd, args: [0, exeFd, 0], argFrom: fromPidfd }) - 1;
-  calls.push({ what: 'closing the pidfd', nr: SYS.close, args: [0], argFrom: fromPidfd });
+  const calls: NamedCall[] = [];
+  const ours = [
+    ...(cwdFd < 0 ? [] : [{ what: `taking the working directory ${cwd}`, fd: cwdFd }]),
+    ...(exeFd < 0 ? [] : [{ what: 'taking the executable', fd: exeFd }]),
+  ];
+  const taken = ours.length ? takeDescriptors(calls, ours) : [];
+  const cwdAt = cwdFd < 0 ? -1 : taken[0];
+  const exeAt = exeFd < 0 ? -1 : taken[taken.length - 1];
   const pre = calls.length;
   // The executable moved to descriptor EXE_FD, so that the PR_SET_MM_MAP
   // record, written ahead, can name it. The seed's 0 (appshot-init's
