@@ -74,6 +74,12 @@ const PAGE = 4096n;
  * compared with the parent instead (memory.ts), which reads only its few
  * pages. One in 64 pages present bounds the markers at an eighth of what
  * the mapping holds.
+ *
+ * The choice is made when a mapping is registered. One that was dense
+ * then and is sparse now (most of it dropped with MADV_DONTNEED) keeps its
+ * registration and its markers: nothing is lost or stored wrong, and a
+ * page written before the last snapshot may be stored again, extra bytes
+ * in the image only (review30 L4).
  */
 function denseEnough(pid: number, maps: MapsLine[]): MapsLine[] {
   if (!maps.some((m) => m.end - m.start > SPARSE_CHECKED_BYTES)) return maps;
