@@ -26,9 +26,13 @@ export interface ProcessRow {
 
 const INIT_FLAG = 0x1;
 const THREAD_FLAG = 0x2;
+/** A key reserved by a create in progress, or by one killed inside it that
+ * no writer has settled yet (APPSHOT_F_RESERVED): nothing translates
+ * through it. */
+const RESERVED_FLAG = 0x8;
 /** A table entry's flags by name (appshot_table.h, APPSHOT_F_*): what
  * `table --json` and `inspect --json` print, never the bits. */
-export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads' };
+export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads', [RESERVED_FLAG]: 'reserved' };
 
 export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
   const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));
@@ -358,7 +362,7 @@ export function tableRows(tables: TablesSnapshot): { kind: Kind; virtual: number
         kind,
         virtual: e.virtual,
         system: e.system,
-        note: e.flags & INIT_FLAG ? 'init' : e.flags & THREAD_FLAG ? `thread of ${e.owner}` : '',
+        note: e.flags & INIT_FLAG ? 'init' : e.flags & THREAD_FLAG ? `thread of ${e.owner}` : e.flags & RESERVED_FLAG ? 'reserved' : '',
       })),
   );
 }

@@ -394,6 +394,10 @@ static void fill_indexes(struct appshot_header *h, struct appshot_table *t,
     uint64_t p = entry_pair(&e[s]);
     if (p == APPSHOT_PAIR_FREE) continue;
     live++;
+    /* A key reserved for a create is in the array, holding its slot, but
+     * in no index: nobody translates through a key whose object may not
+     * exist (settle_reservations commits or drops it). */
+    if (e[s].flags & APPSHOT_F_RESERVED) continue;
     uint32_t i = mix32((uint32_t)pair_vid(p)) & mask, n = 0;
     while (vi[i] != APPSHOT_CELL_EMPTY && ++n < cells) i = (i + 1) & mask;
     vi[i] = s + 1;
@@ -411,6 +415,8 @@ static void rebuild(struct appshot_header *h, struct appshot_table *t) {
   t->tombs = 0;
   STORE(&t->flips, t->flips + 1u);
 }
+
+static void settle_reservations(struct appshot_header *h);
 
 /* How long appshot_lock waits for the lock, in ms; 0: for ever. */
 static unsigned lock_patience_ms;
@@ -440,6 +446,7 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved) {
      * written before the indexes, so they are the truth: rebuild every
      * index from them. */
     for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
+    settle_reservations(h);
     h->repairs++;
     pthread_mutex_consistent(&h->lock);
     rc = 0;
@@ -505,9 +512,12 @@ static void index_remove(const struct appshot_header *h, struct appshot_table *t
   }
 }
 
-static int insert_locked(struct appshot_header *h, struct appshot_table *t,
-                         int32_t vid, int32_t sid, uint32_t flags,
-                         int32_t owner) {
+/* Stores (vid, sid) in a free slot of the entry array, which *slot_out
+ * receives, and counts it; the caller indexes it (or, for a reservation,
+ * does not yet). */
+static int store_entry_locked(struct appshot_header *h, struct appshot_table *t,
+                              int32_t vid, int32_t sid, uint32_t flags,
+                              int32_t owner, uint32_t *slot_out) {
   const uint32_t capacity = cap_of(h, t);
   if (t->live >= capacity) {
     errno = ENOSPC;
@@ -536,10 +546,24 @@ static int insert_locked(struct appshot_header *h, struct appshot_table *t,
   STORE(&e[slot].flags, flags);
   STORE(&e[slot].owner, owner);
   set_entry_pair(&e[slot], make_pair(vid, sid));
+  t->live++;
+  *slot_out = slot;
+  return 0;
+}
+
+static void index_slot_locked(struct appshot_header *h, struct appshot_table *t,
+                              int32_t vid, int32_t sid, uint32_t slot) {
   uint32_t gen = t->flips & 1u;
   index_insert(h, t, vindex_of(h, t, gen), vid, slot);
   index_insert(h, t, sindex_of(h, t, gen), sid, slot);
-  t->live++;
+}
+
+static int insert_locked(struct appshot_header *h, struct appshot_table *t,
+                         int32_t vid, int32_t sid, uint32_t flags,
+                         int32_t owner) {
+  uint32_t slot;
+  if (store_entry_locked(h, t, vid, sid, flags, owner, &slot) != 0) return -1;
+  index_slot_locked(h, t, vid, sid, slot);
   return 0;
 }
 
@@ -548,9 +572,11 @@ static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t
   struct appshot_entry *e = &entries_of(h, t)[slot];
   uint64_t p = entry_pair(e);
   if (p == APPSHOT_PAIR_FREE) return;
-  uint32_t gen = t->flips & 1u;
-  index_remove(h, t, vindex_of(h, t, gen), pair_vid(p), slot);
-  index_remove(h, t, sindex_of(h, t, gen), pair_sid(p), slot);
+  if (!(e->flags & APPSHOT_F_RESERVED)) {
+    uint32_t gen = t->flips & 1u;
+    index_remove(h, t, vindex_of(h, t, gen), pair_vid(p), slot);
+    index_remove(h, t, sindex_of(h, t, gen), pair_sid(p), slot);
+  }
   set_entry_pair(e, APPSHOT_PAIR_FREE);
   t->live--;
 }
@@ -688,19 +714,118 @@ int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind
   return unmap_locked(h, &h->tables[kind], sid);
 }
 
-/* kill(2) straight to the kernel. Inside the preload library, kill() and
- * syscall() are its own wrappers, which take a virtual id. */
-static long raw_kill(long pid, long sig) {
+/* A system call straight to the kernel: -errno on failure. Inside the
+ * preload library, kill(), semget() and syscall() are its own wrappers,
+ * which take virtual ids and keys. */
+static long raw_syscall3(long nr, long a, long b, long c) {
 #if defined(__x86_64__)
   long ret;
   __asm__ volatile("syscall"
                    : "=a"(ret)
-                   : "a"((long)SYS_kill), "D"(pid), "S"(sig)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c)
                    : "rcx", "r11", "memory");
   return ret;
 #else
-#error "raw_kill: only x86-64 is supported"
+#error "raw_syscall3: only x86-64 is supported"
 #endif
+}
+
+static long raw_kill(long pid, long sig) { return raw_syscall3(SYS_kill, pid, sig, 0); }
+
+/* --- Keys reserved for a create (see appshot_table.h) --------------------- */
+
+int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
+                               int32_t vkey, uint32_t *slot) {
+  /* No system key yet (IPC_PRIVATE, which is never one): aimed before
+   * each attempt. */
+  return store_entry_locked(h, &h->tables[kind], vkey, IPC_PRIVATE,
+                            APPSHOT_F_RESERVED, 0, slot);
+}
+
+void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
+                                    uint32_t slot, int32_t skey) {
+  struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
+  set_entry_pair(e, make_pair(pair_vid(entry_pair(e)), skey));
+}
+
+int appshot_commit_key_locked(struct appshot_header *h, enum appshot_kind kind,
+                              uint32_t slot) {
+  struct appshot_table *t = &h->tables[kind];
+  struct appshot_entry *e = &entries_of(h, t)[slot];
+  uint64_t p = entry_pair(e);
+  /* Either key bound already: only a file written from outside does that
+   * (every bind of a key holds the lock, and none found this one). */
+  if (probe(h, t, 0, pair_vid(p), NULL) != APPSHOT_PAIR_FREE ||
+      probe(h, t, 1, pair_sid(p), NULL) != APPSHOT_PAIR_FREE) {
+    errno = EEXIST;
+    return -1;
+  }
+  /* The flag first, then the indexes: a committer that dies in between
+   * leaves a bound entry that the repair indexes. */
+  STORE(&e->flags, e->flags & ~APPSHOT_F_RESERVED);
+  index_slot_locked(h, t, pair_vid(p), pair_sid(p), slot);
+  return 0;
+}
+
+void appshot_drop_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
+                                     uint32_t slot) {
+  remove_slot_locked(h, &h->tables[kind], slot);
+}
+
+/* The id of the object whose system key is `skey`, of key kind `kind`, or
+ * -errno. A get without IPC_CREAT asks for no permission. */
+static long raw_id_of_key(enum appshot_kind kind, int32_t skey) {
+  switch (kind) {
+    case APPSHOT_SEMKEY: return raw_syscall3(SYS_semget, skey, 0, 0);
+    case APPSHOT_SHMKEY: return raw_syscall3(SYS_shmget, skey, 0, 0);
+    case APPSHOT_MSGKEY: return raw_syscall3(SYS_msgget, skey, 0, 0);
+    default: return -EINVAL;
+  }
+}
+
+/*
+ * A creator holds the lock from its reservation to its commit or drop, so
+ * a reservation that a locker finds is a dead creator's: it died inside
+ * its create, and the lock came with EOWNERDEAD. Where it died decides:
+ *  - before its object was made (its system key names nothing): the key
+ *    was never the application's; the reservation goes;
+ *  - after (an object under the reserved system key): the create did
+ *    happen, as far as the kernel knows; the object is adopted, its id
+ *    mapped and its key bound, as the creator would have, so that the
+ *    application finds it by its key and appshot removes it with the
+ *    application. Removing it instead would be the same to the creator,
+ *    which never saw the id, but not to a racer of the same key that
+ *    waited for the lock and will now find what the creator made.
+ * The object found is taken to be the creator's: its system key is one
+ * the application's salt derives, which appshot_ipc_owned already counts
+ * as the application's. (An object of another's under that key, made
+ * before and met as EEXIST by the creator, is adopted only if the creator
+ * died in the instant between that answer and aiming at the next key.)
+ * Nothing here removes an object: a privileged locker (the engine, init)
+ * must never act on a system key written into the file from outside.
+ */
+static void settle_reservations(struct appshot_header *h) {
+  for (int k = APPSHOT_SEMKEY; k <= APPSHOT_MSGKEY; k++) {
+    struct appshot_table *t = &h->tables[k];
+    struct appshot_entry *e = entries_of(h, t);
+    const uint32_t capacity = cap_of(h, t), live = t->live;
+    const enum appshot_kind id_kind = (enum appshot_kind)(k - (APPSHOT_SEMKEY - APPSHOT_SEMID));
+    /* Up to the last live entry: only the pages entries were written to. */
+    for (uint32_t s = 0, seen = 0; s < capacity && seen < live; s++) {
+      uint64_t p = entry_pair(&e[s]);
+      if (p == APPSHOT_PAIR_FREE) continue;
+      seen++;
+      if (!(e[s].flags & APPSHOT_F_RESERVED)) continue;
+      long id = pair_sid(p) == IPC_PRIVATE ? -ENOENT : raw_id_of_key((enum appshot_kind)k, pair_sid(p));
+      if (id >= 0 && id <= INT32_MAX) {
+        /* The id best-effort (a full id table): the bound key finds the
+         * object all the same, for the application and for appshot. */
+        appshot_map_system_locked(h, id_kind, (int32_t)id, 0, 0);
+        if (appshot_commit_key_locked(h, (enum appshot_kind)k, s) == 0) continue;
+      }
+      remove_slot_locked(h, t, s);
+    }
+  }
 }
 
 /* Whether no process is left in the group `sid` names: kill(-pgid, 0)
@@ -950,15 +1075,38 @@ static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {
   return appshot_system_key(&h, vkey, attempt);
 }
 
+/* The virtual key a reservation (APPSHOT_F_RESERVED) aims at system key
+ * `skey` for: 1 if there is one. Found in the entry array, as a
+ * reservation is in no index: the object of a creator killed inside its
+ * create, which no locker has settled yet, is the application's too. */
+static int reserved_vkey(const struct appshot_header *h, enum appshot_kind key_kind,
+                         int32_t skey, int32_t *vkey) {
+  const uint32_t capacity = appshot_capacity(key_kind);
+  struct appshot_scan sc;
+  appshot_scan_begin(h, key_kind, &sc);
+  for (uint32_t s = 0; s < capacity && !appshot_scan_over(h, key_kind, &sc); s++) {
+    int32_t v, sid;
+    uint32_t flags;
+    if (!appshot_entry_at(h, key_kind, s, &v, &sid, &flags, NULL)) continue;
+    appshot_scan_found(&sc);
+    if ((flags & APPSHOT_F_RESERVED) && sid == skey && skey != IPC_PRIVATE) {
+      *vkey = v;
+      return 1;
+    }
+  }
+  return 0;
+}
+
 /*
  * The rule for removing a SysV object named in the tables:
  *  - it exists and the kernel says it was created (or last set) no earlier
  *    than the tables were: an object that existed before the application
  *    is never its own;
  *  - a keyed object: its key is one of the application's system keys, a
- *    key its key table maps a virtual key to AND that the application's
- *    salt derives from that virtual key (appshot_system_key, attempts
- *    0..63): the kind of key no one outside the application uses;
+ *    key its key table maps a virtual key to (or a reservation of a
+ *    virtual key aims at: a creator killed inside its create) AND that the
+ *    application's salt derives from that virtual key (appshot_system_key,
+ *    attempts 0..63): the kind of key no one outside the application uses;
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
  *    lives: the creator is a process of the application, or the parent of
  *    its init (the restore driver, which recreates segments before init
@@ -977,7 +1125,8 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   if (f.key != IPC_PRIVATE) {
     enum appshot_kind key_kind = (enum appshot_kind)(kind + (APPSHOT_SEMKEY - APPSHOT_SEMID));
     int32_t vkey;
-    if (!h || !appshot_s2v(h, key_kind, f.key, &vkey)) return 0;
+    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || reserved_vkey(h, key_kind, f.key, &vkey)))
+      return 0;
     for (uint32_t attempt = 0; attempt < 64; attempt++)
       if (salted_key(salt, vkey, attempt) == f.key) return 1;
     return 0;

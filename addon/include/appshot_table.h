@@ -14,7 +14,8 @@
  *  - Inserts and removals take one process-shared *robust* mutex per file.
  *    If a process dies while holding it, the kernel hands the next locker
  *    EOWNERDEAD; that locker rebuilds the hash indexes from the entry arrays
- *    (the arrays are the truth, the indexes are derived), marks the mutex
+ *    (the arrays are the truth, the indexes are derived), settles the keys
+ *    a dead creator had reserved (APPSHOT_F_RESERVED), marks the mutex
  *    consistent and goes on. No lock can stay held by a dead process.
  *  - Each table has two generations of hash indexes. A rebuild (after a
  *    dead writer, or when tombstones pile up) fills the idle generation from
@@ -47,7 +48,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 9u
+#define APPSHOT_TABLE_VERSION 10u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -74,6 +75,14 @@ enum appshot_kind {
 #define APPSHOT_F_INIT 0x1u    /* PID: the application's init (virtual PID 1) */
 #define APPSHOT_F_THREAD 0x2u  /* PID: a thread that is not a group leader */
 #define APPSHOT_F_THREADS 0x4u /* PID: this process has thread entries */
+/* Key tables: a virtual key reserved by a create in progress, its system
+ * key the one being tried (IPC_PRIVATE: none yet). In the entry array, so
+ * that whoever walks it (stop, rm, init's end) finds an object made under
+ * it, but in no index, so that nobody translates through a key whose
+ * object may not exist yet. Its creator holds the lock until it commits
+ * or drops it; one a locker finds is a dead creator's, and is settled as
+ * the lock is repaired (settle_reservations in appshot_table.c). */
+#define APPSHOT_F_RESERVED 0x8u
 
 /* An unused entry's pair. Neither ids nor keys we hand out are ever -1. */
 #define APPSHOT_PAIR_FREE UINT64_MAX
@@ -542,6 +551,31 @@ int32_t appshot_map_system_locked(struct appshot_header *h,
 int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind,
                                 int32_t sid);
 
+/* A keyed create (semget... of a key the application has not bound, with
+ * IPC_CREAT), all under one hold of the lock, so that a racer of the same
+ * key waits for it and then finds the key bound:
+ *   appshot_reserve_key_locked      the virtual key in the entry array,
+ *                                   APPSHOT_F_RESERVED, in no index;
+ *   appshot_aim_reservation_locked  before each attempt, the system key
+ *                                   about to be made (an object under it
+ *                                   found later is this create's);
+ *   the object made, its id mapped, then
+ *   appshot_commit_key_locked       the key bound: indexed, flag cleared;
+ *   or appshot_drop_reservation_locked if nothing was made.
+ * Whatever instant the creator dies at, the key is reserved (settled by
+ * the next locker: the object adopted, or the reservation dropped) or
+ * bound: never an object that no entry names. Reserve returns 0 with the
+ * entry's slot, or -1 with ENOSPC; commit returns -1 with EEXIST if either
+ * key is bound already (only a file written from outside has that). */
+int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
+                               int32_t vkey, uint32_t *slot);
+void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
+                                    uint32_t slot, int32_t skey);
+int appshot_commit_key_locked(struct appshot_header *h, enum appshot_kind kind,
+                              uint32_t slot);
+void appshot_drop_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
+                                     uint32_t slot);
+
 /* A system IPC key for this AID's virtual key, try number `attempt`.
  * Never IPC_PRIVATE and never -1. */
 int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
@@ -595,9 +629,10 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
  * `kind` may also be a key table's (APPSHOT_SEMKEY, _SHMKEY, _MSGKEY), `sid`
  * then a system key: the object made under that key, found by it, under
  * the same rule. A keyed object's key is bound before the object is made
- * (the restore's CreateBound), so an object whose maker was killed before
+ * (the restore's CreateBound), or reserved (the preload library's create:
+ * appshot_reserve_key_locked), so an object whose maker was killed before
  * its id was bound is found this way; callers walk the id tables, then the
- * key tables. */
+ * key tables, reserved entries included. */
 int appshot_ipc_remove_owned(const struct appshot_header *h,
                              enum appshot_kind kind, int32_t sid,
                              uint64_t salt, int64_t created, pid_t init_pid,

@@ -38,7 +38,15 @@ static void raw_rmid(const struct ipc_kind *k, int sid) {
 
 /* First use of a virtual key with IPC_CREAT: find a system key of ours
  * that no one outside uses and bind it, atomically with respect to the
- * application's other processes (they may race for the same key). */
+ * application's other processes (they may race for the same key: the
+ * lock makes them wait, and the loser finds the key bound).
+ *
+ * The key is reserved in the tables before the object is made and bound
+ * once it exists (appshot_reserve_key_locked, appshot_table.h): a process
+ * killed at any instant in here leaves either nothing, a reservation the
+ * next locker settles (adopting the object if it was made), or the key
+ * bound. Made first and recorded after, a kill in between left an object
+ * that no table named and that nothing would ever remove. */
 static long create_keyed(const struct ipc_kind *k, key_t key, long size,
                          int flags, int32_t *vid) {
   sigset_t saved;
@@ -46,26 +54,38 @@ static long create_keyed(const struct ipc_kind *k, key_t key, long size,
   if (appshot_lock(g_h, &saved) != 0) return -errno;
   test_pause("table-locked");
   int32_t skey;
+  uint32_t reserved;
   long r;
   if (appshot_v2s(g_h, k->key, key, &skey)) {
     r = raw_get(k, skey, size, flags); /* another process won the race */
+    if (r >= 0) {
+      *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
+      if (*vid < 0) r = -errno;
+    }
+  } else if (appshot_reserve_key_locked(g_h, k->key, key, &reserved) != 0) {
+    r = -errno;
   } else {
     r = -ENOSPC; /* 64 taken keys in a row: the key space is crowded */
     for (uint32_t attempt = 0; attempt < 64; attempt++) {
       skey = appshot_system_key(g_h, key, attempt);
+      appshot_aim_reservation_locked(g_h, k->key, reserved, skey);
+      test_pause("keyed-key-reserved");
       r = raw_get(k, skey, size, flags | IPC_CREAT | IPC_EXCL);
-      if (r == -EEXIST) continue; /* someone outside the application's */
-      if (r >= 0 && appshot_bind_locked(g_h, k->key, key, skey, 0, 0) != 0) {
-        raw_rmid(k, (int)r);
-        r = -errno;
-      }
-      break;
+      if (r != -EEXIST) break; /* EEXIST: someone outside the application's */
     }
-  }
-  *vid = -1;
-  if (r >= 0) {
-    *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
-    if (*vid < 0) r = -errno;
+    if (r >= 0) {
+      test_pause("keyed-object-made");
+      /* The id, then the key, as a settling locker adopts them. */
+      *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
+      if (*vid < 0 || appshot_commit_key_locked(g_h, k->key, reserved) != 0) {
+        long err = -errno;
+        if (*vid >= 0) appshot_unmap_system_locked(g_h, k->id, (int32_t)r);
+        raw_rmid(k, (int)r); /* nobody could name it */
+        *vid = -1;
+        r = err;
+      }
+    }
+    if (r < 0) appshot_drop_reservation_locked(g_h, k->key, reserved);
   }
   appshot_unlock(g_h, &saved);
   return r;

@@ -1,0 +1,198 @@
+// A keyed SysV create (semget, shmget, msgget of a key with IPC_CREAT)
+// reserves its key in the application's tables before the object is made
+// and binds it once the object exists (create_keyed, preload_ipc.c). A
+// creator killed at any instant leaves an object its tables know or none,
+// and processes racing for one key end with one object. Driven by
+// test/fixtures/keyedkill.c and keyedrace.c, which kill for real (SIGKILL)
+// and check what they can see from inside; from outside, the tables and
+// the kernel's list of objects.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { addon } from '../src/native.js';
+import { LocalRegistry } from '../src/registry.js';
+import { type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-keyedkill-'));
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+type IpcKind = 'semid' | 'shmid' | 'msgid' | 'semkey' | 'shmkey' | 'msgkey';
+type Tables = Record<IpcKind, Entry[]>;
+type KeyKind = 'semkey' | 'shmkey' | 'msgkey';
+const KEY_KINDS = ['semkey', 'shmkey', 'msgkey'] as const;
+const ID_OF = { semkey: 'semid', shmkey: 'shmid', msgkey: 'msgid' } as const;
+const SYSVIPC = { semkey: 'sem', shmkey: 'shm', msgkey: 'msg' } as const;
+
+const tables = (aid: string) => sb.json<{ tables: Tables }>(['table', aid]).tables;
+
+/** The kernel's objects of one kind: system key -> ids. */
+function objectsByKey(kind: 'sem' | 'shm' | 'msg'): Map<number, number[]> {
+  const byKey = new Map<number, number[]>();
+  for (const line of readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1)) {
+    const cols = line.trim().split(/\s+/);
+    if (cols.length < 3) continue;
+    const key = Number(cols[0]) | 0; // printed as a signed int
+    byKey.set(key, [...(byKey.get(key) ?? []), Number(cols[1])]);
+  }
+  return byKey;
+}
+
+/** appshot_system_key (appshot_table.c): the system key of virtual key
+ * `vkey` at try `attempt`, for an application's salt. Written again here
+ * so that the test finds the application's objects by the keys only it
+ * uses, whether or not its tables name them, and nobody else's (other
+ * test files make objects meanwhile). */
+function systemKey(salt: bigint, vkey: number, attempt: number): number {
+  const M = (1n << 64n) - 1n;
+  let x = (salt ^ (BigInt(vkey >>> 0) << 20n) ^ ((BigInt(attempt) * 0x9e3779b97f4a7c15n) & M)) & M;
+  x ^= x >> 30n;
+  x = (x * 0xbf58476d1ce4e5b9n) & M;
+  x ^= x >> 27n;
+  x = (x * 0x94d049bb133111ebn) & M;
+  x ^= x >> 31n;
+  const k = Number(BigInt.asIntN(32, x));
+  return k === 0 || k === -1 ? 0x41505053 : k;
+}
+
+interface AppObject {
+  keyKind: KeyKind;
+  vkey: number;
+  key: number;
+  id: number;
+}
+
+/** The kernel's objects under an application's system keys of the virtual
+ * keys `vkeys` (any attempt): what it made, its tables or not. */
+function objectsOf(salt: bigint, vkeys: number[]): AppObject[] {
+  const found: AppObject[] = [];
+  for (const keyKind of KEY_KINDS) {
+    const objects = objectsByKey(SYSVIPC[keyKind]);
+    for (const vkey of vkeys)
+      for (let attempt = 0; attempt < 64; attempt++) {
+        const key = systemKey(salt, vkey, attempt);
+        for (const id of objects.get(key) ?? []) found.push({ keyKind, vkey, key, id });
+      }
+  }
+  return found;
+}
+
+const saltOf = (aid: string) => BigInt(`0x${new LocalRegistry(sb.home).require(aid).keySalt}`);
+const named = (o: AppObject) => `${SYSVIPC[o.keyKind]} ${o.id} (key 0x${o.vkey.toString(16)}, system key ${o.key})`;
+const range = (from: number, n: number) => Array.from({ length: n }, (_, i) => from + i);
+
+/** Nothing half-done in an application's tables: no key still reserved;
+ * each bound key names at most one object of the kernel, whose id the id
+ * table maps; and each object under the application's keys is one of
+ * those. (A bound key may name none: a creator killed in IPC_RMID after
+ * the kernel removed the object and before the key was unbound. The key
+ * then finds nothing, as the kernel would answer, and a create under it
+ * makes the object again.) */
+function expectWhole(t: Tables, objects: AppObject[]): void {
+  for (const keyKind of KEY_KINDS) {
+    const byKey = objectsByKey(SYSVIPC[keyKind]);
+    for (const e of t[keyKind]) {
+      expect(e.flags, `${keyKind} 0x${e.virtual.toString(16)}`).not.toContain('reserved');
+      const ids = byKey.get(e.system) ?? [];
+      expect(ids.length, `objects of ${keyKind} 0x${e.virtual.toString(16)} (system key ${e.system})`).toBeLessThanOrEqual(1);
+      if (ids.length) expect(t[ID_OF[keyKind]].map((i) => i.system)).toContain(ids[0]);
+    }
+  }
+  const unknown = objects.filter((o) => !t[o.keyKind].some((e) => e.system === o.key) || !t[ID_OF[o.keyKind]].some((e) => e.system === o.id));
+  expect(unknown.map(named), 'objects of the application its tables do not name').toEqual([]);
+}
+
+/** `rm -f` of the application, then no object under its keys left. */
+async function removedWithNothingLeft(aid: string, salt: bigint, vkeys: number[]): Promise<void> {
+  sb.ok(['rm', '-f', aid]);
+  await waitFor(() => !sb.allAids().includes(aid), 10_000, `${aid} to be removed`);
+  expect(objectsOf(salt, vkeys).map(named), `objects of ${aid} left after rm -f`).toEqual([]);
+}
+
+describe('a keyed create killed part-way', () => {
+  it('killed at 200 varied instants of creating and removing: every object of it named by its tables, none left after rm -f', async () => {
+    const app = sb.start(['run', '--aid', 'kk-loop', '--', fixture('keyedkill'), 'loop', '200']);
+    await app.line(/^(DONE|FAIL)/, 60_000);
+    expect(app.output().filter((l) => l.startsWith('FAIL'))).toEqual([]);
+    const salt = saltOf('kk-loop');
+    const vkeys = [...range(0x6b000, 8), 0x6bfff];
+    expectWhole(tables('kk-loop'), objectsOf(salt, vkeys));
+    await removedWithNothingLeft('kk-loop', salt, vkeys);
+  });
+
+  it('killed at each step, for each kind: the next writer adopts an object made, drops a key only reserved; the adopted ones snapshot and restore', async () => {
+    sb.ok(['run', '-d', '--aid', 'kk-points', '--', fixture('keyedkill'), 'points']);
+    await sb.checksPass('kk-points', 2);
+    const vkeys = [...range(0x7e000, 2), ...range(0x7e010, 2), ...range(0x7e020, 2), 0x7efff];
+    const ranSalt = saltOf('kk-points');
+    expectWhole(tables('kk-points'), objectsOf(ranSalt, vkeys));
+    sb.ok(['snapshot', 'kk-points', '-o', join(out, 'points')]);
+    // The snapshot ended it: its objects went with it, the adopted ones too.
+    await waitFor(() => objectsOf(ranSalt, vkeys).length === 0, 10_000, 'the objects of the snapshotted kk-points to go');
+    sb.ok(['restore', join(out, 'points')]);
+    await sb.checksPass('kk-points', 2);
+    await sb.exercised('kk-points', 'to use the adopted objects');
+    const salt = saltOf('kk-points');
+    expectWhole(tables('kk-points'), objectsOf(salt, vkeys));
+    await removedWithNothingLeft('kk-points', salt, vkeys);
+  });
+
+  for (const kind of ['sem', 'shm', 'msg'] as const)
+    it(`${kind}: killed after making the object, before binding it, and removed at once: the reserved key finds the object`, async () => {
+      const aid = `kk-pause-${kind}`;
+      const app = sb.start(['run', '--aid', aid, '--', fixture('keyedkill'), 'pause', kind]);
+      const pid = Number((await app.line(/^(?:PAUSED (\d+)|CREATED WITHOUT PAUSING.*|FAIL.*)$/))[1]);
+      expect(app.output().filter((l) => /^(FAIL|CREATED)/.test(l))).toEqual([]);
+      // Held between the two: the key reserved (in no index: nobody
+      // translates through it), the object in no id table yet.
+      const keyKind = `${kind}key` as const;
+      const t = tables(aid);
+      const reserved = t[keyKind].find((e) => e.virtual === 0x7e57)!;
+      expect(reserved.flags).toEqual(['reserved']);
+      const reg = new LocalRegistry(sb.home);
+      const record = reg.require(aid);
+      const salt = BigInt(`0x${record.keySalt}`);
+      const made = objectsOf(salt, [0x7e57]);
+      expect(made.map((o) => [o.keyKind, o.key])).toEqual([[keyKind, reserved.system]]);
+      expect(t[ID_OF[keyKind]].map((e) => e.system)).not.toContain(made[0].id);
+      process.kill(pid, 'SIGKILL');
+      if (kind === 'sem') {
+        // What stop, rm and init's end walk find it by, straight (no
+        // writer has settled the reservation): the reserved key, under
+        // the ownership rule, with the registry's salt and time.
+        expect(addon().removeIpcOwned(record.tables, keyKind, reserved.system, salt, record.tablesCreated!, reg.trustedInitPid(record))).toBe(true);
+      }
+      await removedWithNothingLeft(aid, salt, [0x7e57]);
+    });
+});
+
+describe('processes racing to create one key', () => {
+  it('all get the same object, by the same virtual id, also when the one making it is killed in between', async () => {
+    const app = sb.start(['run', '--aid', 'kk-race', '--', fixture('keyedrace'), '6', '6']);
+    await app.line(/^(DONE|FAIL)/, 60_000);
+    expect(app.output().filter((l) => l.startsWith('FAIL'))).toEqual([]);
+    const salt = saltOf('kk-race');
+    const vkeys = range(0x4ace0, 6);
+    const t = tables('kk-race');
+    const objects = objectsOf(salt, vkeys);
+    expectWhole(t, objects);
+    // One key and one object per round and kind.
+    for (const keyKind of KEY_KINDS) {
+      expect(t[keyKind]).toHaveLength(6);
+      expect(objects.filter((o) => o.keyKind === keyKind)).toHaveLength(6);
+    }
+    // The virtual id each round's racers agreed on is the one the tables
+    // map that round's key's object to.
+    const rounds = [...app.output().join('\n').matchAll(/^ROUND \d+ semkey=(\d+) vid=(\d+)$/gm)];
+    expect(rounds).toHaveLength(6);
+    for (const m of rounds) {
+      const sid = objects.find((o) => o.keyKind === 'semkey' && o.vkey === Number(m[1]))!.id;
+      expect(t.semid.find((e) => e.system === sid)?.virtual).toBe(Number(m[2]));
+    }
+    await removedWithNothingLeft('kk-race', salt, vkeys);
+  });
+});
