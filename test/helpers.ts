@@ -27,7 +27,7 @@ export const fixture = (name: string) => join(root, 'test', 'fixtures', 'bin', n
 export interface Entry {
   virtual: number;
   system: number;
-  /** By name: init, thread, has-threads. */
+  /** By name: init, thread, has-threads, reserved (a keyed create under way). */
   flags: string[];
   owner: number;
 }
