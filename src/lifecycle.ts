@@ -152,10 +152,10 @@ export interface Removal {
 export async function removeApps(reg: LocalRegistry, aids: string[], force: boolean): Promise<Removal> {
   const failed: Removal['failed'] = [];
   const removed = new Set<string>();
-  const fail = (aid: string, e: unknown) => {
-    if (!(e instanceof AppshotError)) throw e;
-    failed.push({ aid, error: e });
-  };
+  // Whatever goes wrong with one is said of it, and the others go on:
+  // thrown, it would leave those killed so far unremoved.
+  const fail = (aid: string, e: unknown) =>
+    failed.push({ aid, error: e instanceof AppshotError ? e : new AppshotError(`cannot remove '${aid}': ${(e as Error)?.message ?? String(e)}`) });
   const ended: AppRecord[] = [];
   const killed: { record: AppRecord; initPid: number; initStart?: number }[] = [];
   const asked = new Set<string>();
@@ -221,19 +221,18 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   try {
     reg.removeMany(ended);
     for (const r of ended) removed.add(r.aid);
-  } catch (e) {
+  } catch {
     // One that cannot be removed whole: each on its own, so that the
     // others go and the error names the one it is about.
-    if (!(e instanceof Error)) throw e;
     for (const r of ended)
       try {
         reg.remove(r);
         removed.add(r.aid);
-      } catch (e2) {
-        fail(r.aid, e2 instanceof AppshotError ? e2 : new AppshotError(`cannot remove '${r.aid}': ${(e2 as Error).message}`));
+      } catch (e) {
+        fail(r.aid, e);
       }
   }
-  return { removed: aids.filter((aid) => removed.has(aid)).filter((aid, i, all) => all.indexOf(aid) === i), failed };
+  return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed };
 }
 
 /** `appshot prune`: removes every ended application, and the records of
