@@ -8,7 +8,7 @@ import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode } from './errors.js';
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
-import { age, pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { age, pruneEnded, removeApps, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
@@ -439,20 +439,15 @@ export function buildProgram(): Command {
         'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
     )
     .action(async (aids: string[], opts: { force: boolean; json: boolean; jsonObject: boolean }) => {
-      const reg = registry();
-      const removed: { aid: string }[] = [];
-      for (const aid of aids) {
-        try {
-          await removeApp(reg, aid, opts.force);
-          removed.push({ aid });
-          if (!wantsJson(opts)) process.stdout.write(`${aid}\n`);
-        } catch (e) {
-          if (!(e instanceof AppshotError)) throw e;
-          process.stderr.write(`appshot: ${e.message}\n`);
-          setExitCode(e.exitCode);
-        }
+      // All of them together (lifecycle.ts removeApps): killed at once,
+      // waited for at once, removed in one pass.
+      const { removed, failed } = await removeApps(registry(), aids, opts.force);
+      for (const { error } of failed) {
+        process.stderr.write(`appshot: ${error.message}\n`);
+        setExitCode(error.exitCode);
       }
-      if (wantsJson(opts)) json('rm', removed, opts);
+      if (wantsJson(opts)) json('rm', removed.map((aid) => ({ aid })), opts);
+      else if (removed.length) process.stdout.write(removed.map((aid) => `${aid}\n`).join(''));
     });
 
   program

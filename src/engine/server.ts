@@ -45,6 +45,10 @@ import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareS
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
 
+/** How long the clone pool's refill waits for the requests being served
+ * to end before it makes its next instance anyway (requestsQuiet). */
+const QUIET_WAIT_MOST_MS = 250;
+
 /** APPSHOT_* variables that say which engine, not how a command works. */
 const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
 const settings = (env: Record<string, string | undefined>): Map<string, string> =>
@@ -207,6 +211,7 @@ export class Engine {
           this.ownEnvWhenIdle();
         }
       },
+      () => this.requestsQuiet(),
     );
     enableSpareStateDirs(this.opts.home);
     onHostedChange(() => {
@@ -486,7 +491,21 @@ export class Engine {
       this.requests.delete(ctx);
       const code = Buffer.alloc(4);
       code.writeInt32BE(ctx.exitCode ?? 0);
-      if (!ctx.disconnected) socket.end(frame(Frame.EXIT, code));
+      // The clones this request took from the pool are made again once
+      // its answer is out (flushed to the socket, or the client gone),
+      // not while it waits behind them: the answer of a batch that
+      // emptied a large pool came ~40 s late, after the refill.
+      let refilled = false;
+      const refillPools = () => {
+        if (refilled) return;
+        refilled = true;
+        if (!this.leaving) refillClonePools();
+        this.noteQuiet();
+      };
+      if (!ctx.disconnected) {
+        socket.end(frame(Frame.EXIT, code), refillPools);
+        socket.once('close', refillPools);
+      } else setImmediate(refillPools);
       // The request has ended, however (done, failed, its client gone):
       // what it claimed and did not hand to an application goes now.
       rmSync(leaseFile, { force: true });
@@ -497,10 +516,9 @@ export class Engine {
       }
       this.checkDone();
       // The next request's lease, state directories and command line,
-      // made now that this one has its answer; and the clones it took
-      // from the pool (template/pool.ts).
+      // made now that this one has its answer (the clones it took from
+      // the pool once the answer is flushed: refillPools above).
       this.prepareLease();
-      if (!this.leaving) refillClonePools();
       if (!this.leaving) {
         try {
           refillSpareStateDirs(this.opts.home);
@@ -523,6 +541,32 @@ export class Engine {
         );
       });
     }
+  }
+
+  /** Those waiting for no request to run (requestsQuiet). */
+  private quietWaiters: (() => void)[] = [];
+
+  /** Resolves once no request runs, or after QUIET_WAIT_MOST_MS: the
+   * clone pool's refill makes its next instance then, so that a command
+   * sent meanwhile is not answered after hundreds of them; bounded, so
+   * that a long one (wait, a hosted serve's client) does not stop it. */
+  private requestsQuiet(): Promise<void> {
+    if (this.requests.size === 0) return Promise.resolve();
+    return new Promise<void>((ok) => {
+      const go = () => {
+        clearTimeout(timer);
+        this.quietWaiters = this.quietWaiters.filter((w) => w !== go);
+        ok();
+      };
+      const timer = setTimeout(go, QUIET_WAIT_MOST_MS);
+      this.quietWaiters.push(go);
+    });
+  }
+
+  /** A request ended: those waiting for quiet go if it is. */
+  private noteQuiet(): void {
+    if (this.requests.size > 0) return;
+    for (const go of [...this.quietWaiters]) go();
   }
 
   /** Between commands, the engine's own APPSHOT_* settings again, not

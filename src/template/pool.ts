@@ -251,11 +251,16 @@ function cap(): number {
 
 /** In the engine: clones without --aid take held instances, and
  * refillClonePools makes them. */
-export function enableClonePool(logLine: (line: string) => void, inContext: InContext): void {
+export function enableClonePool(logLine: (line: string) => void, inContext: InContext, quiet?: () => Promise<void>): void {
   enabled = true;
   log = logLine;
   runInContext = inContext;
+  requestsQuiet = quiet;
 }
+
+/** Resolves once the engine serves no request (or has waited long
+ * enough): what a refill waits for before each instance it makes. */
+let requestsQuiet: (() => Promise<void>) | undefined;
 
 /** Runs `make` once the engine has set `setting` (its context gate),
  * which stays set until it resolves. */
@@ -317,6 +322,13 @@ async function refill(p: Pool): Promise<void> {
         noRoom(p, n);
         break;
       }
+      // Each instance takes this thread for a while (its processes made
+      // by injected calls): a refill of hundreds would answer nobody else
+      // for as long. So each waits for the requests being served to end,
+      // and for the event loop to turn (their I/O first).
+      await new Promise<void>((r) => setImmediate(r));
+      if (requestsQuiet) await requestsQuiet();
+      if (!enabled || pools.get(p.t.path) !== p) break;
       const setting = p.setting;
       if (!setting || !runInContext) break;
       let held = false;
