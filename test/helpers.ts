@@ -66,6 +66,7 @@ export class Sandbox {
    *   18000-18999 serve-standby
    *   19000-19999 serve-hold       20000-20999 serve (its busy server 20000-20979 too)
    *   21000-21999 redis            22000-23702 atomic
+   *   23710-23799 clone-many
    *   23800-23999 lifecycle2       24000-25999 etcd
    *   26000-26504 servers          26505-26599 serve-listenopts
    *   26600-26699 tcp, unprivileged (fixed)
