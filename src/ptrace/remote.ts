@@ -6,6 +6,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { constants } from 'node:os';
+import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 
 export const SYS = {
@@ -617,18 +618,24 @@ export class RemoteProcess {
         const addr = this.scratch + BigInt(base);
         addon().writeMemory(this.pid, addr, whole);
         this.used = base + bytes;
+        // Where a test has the process die (APPSHOT_TEST_STOP_AT) with
+        // everything in place, just before its threads are let go.
+        if (at === 0) killPoint('restore: threads at once');
         injected.calls++;
         const errors = addon().injectBatches(
           this.batchCode,
           round.map(({ job, offset }) => [job.tid, addr + BigInt(offset)]),
         );
+        // A thread that could not run its batch is said first: its
+        // process may be gone, and its memory with it.
+        round.forEach(({ job }, k) => {
+          if (!errors[k]) return;
+          const name = errnoName.get(-errors[k]) ?? `errno ${-errors[k]}`;
+          throw Object.assign(new Error(`running a batch of system calls in thread ${job.tid}: ${-errors[k] === constants.errno.ESRCH ? 'the thread is gone' : name}`), { errno: -errors[k], code: name });
+        });
         const back = addon().readMemory(this.pid, addr, bytes);
         this.used = mark;
-        round.forEach(({ job, offset }, k) => {
-          if (errors[k]) {
-            const name = errnoName.get(-errors[k]) ?? `errno ${-errors[k]}`;
-            throw Object.assign(new Error(`running a batch of system calls in thread ${job.tid}: ${-errors[k] === constants.errno.ESRCH ? 'the thread is gone' : name}`), { errno: -errors[k], code: name });
-          }
+        round.forEach(({ job, offset }) => {
           const got: bigint[] = [];
           for (let i = 0; i < job.calls.length; i++) {
             const r = BigInt.asIntN(64, back.readBigUInt64LE(offset + BATCH_HEADER + i * BATCH_ENTRY + 56));

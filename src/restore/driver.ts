@@ -944,6 +944,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // They inherit the main thread's mask: every signal blocked. Made
       // already where a child was forked by one of them.
       makeThreads(m, r);
+      phase('threads made');
       // Each thread's own state in a batch of its own, all the threads'
       // at once (their stops overlapping), but the main thread's: its
       // calls go in one batch with the descriptors' owners, the
@@ -958,6 +959,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       });
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
       for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory)) notKept.push(`process ${p.vpid}: ${note}`);
+      phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
