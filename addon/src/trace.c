@@ -721,8 +721,9 @@ typedef struct {
 } batch_run;
 
 /* Points the stopped thread at the batch code, its signals blocked but the
- * end signal; 0, or -errno with the thread as it was. */
-static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
+ * end signal (`end`, if not NULL: chosen already, for another thread of
+ * the same process); 0, or -errno with the thread as it was. */
+static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uint64_t frame, const batch_end* end) {
   memset(b, 0, sizeof *b);
   b->tid = tid;
   b->code = code;
@@ -734,7 +735,7 @@ static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uin
   size_t size;
   trace_batch_code(&size, &b->stopped_at);
   b->trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
-  b->end = choose_batch_end(tid);
+  b->end = end ? *end : choose_batch_end(tid);
   if ((rc = set_end_signal(tid, table, b->end.sig))) return rc;
   if ((rc = trace_get_sigmask(tid, &b->mask))) return rc;
   b->back = saved;
@@ -850,7 +851,7 @@ static int batch_disarm(batch_run* b) {
 
 int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
   batch_run b;
-  int rc = batch_arm(&b, tid, code, table, frame);
+  int rc = batch_arm(&b, tid, code, table, frame, NULL);
   if (rc) return rc;
   while (b.tries < 16) {
     if ((b.rc = batch_resume(&b))) break;
@@ -880,9 +881,16 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
    * for: the threads run their batches side by side, and the stops come
    * in whatever order they come. */
   size_t pending = 0;
+  /* The end signal is chosen by what the process catches and has pending
+   * (its /proc status, read once), and kept for each thread that has not
+   * got it pending itself (the thread's own queue, peeked at). */
+  batch_end shared = {0, 0};
   for (size_t i = 0; i < n; i++) {
     batch_run* b = &runs[i];
-    if ((b->rc = batch_arm(b, jobs[i].tid, jobs[i].code, jobs[i].table, 0))) continue;
+    const batch_end* end = NULL;
+    if (shared.sig && pending_for_thread(jobs[i].tid, shared.sig) == 0) end = &shared;
+    if ((b->rc = batch_arm(b, jobs[i].tid, jobs[i].code, jobs[i].table, 0, end))) continue;
+    if (!shared.sig) shared = b->end;
     if ((b->rc = batch_resume(b))) continue;
     waiting[pending++] = b->tid;
   }

@@ -145,7 +145,9 @@ typedef struct {
  * go into their batches before any is waited for, so that their stops
  * overlap (one scheduler round trip for all, not one each). Each thread
  * is put back as trace_inject_batch leaves it, whatever became of the
- * others; a thread that died has rc -ESRCH. Without the frame of
+ * others; a thread that died has rc -ESRCH. All threads of one process
+ * (the signal that ends each batch is chosen once, by the process's
+ * dispositions and pending signals). Without the frame of
  * trace_inject_batch_framed: for threads that die with the tracer (a
  * restore's, seized with exit-kill), where it serves nothing, and
  * which would need one of its own each. Returns 0, or the first job's
