@@ -293,6 +293,9 @@ interface Addon {
    * frame: frameRoom bytes where the batch's signal frame goes, that takes the thread back
    * to where it was on its own if appshot dies while it runs the batch (trace_inject_batch_framed). */
   injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean, frame?: bigint): void;
+  /** Each [tid, table] job's batch, all from `code`, run at once (their
+   * stops overlapping); each job's 0 or -errno, every thread put back. */
+  injectBatches(code: bigint, jobs: [number, bigint][]): number[];
   /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is

@@ -320,6 +320,25 @@ Napi::Value InjectBatch(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// injectBatches(code, jobs: [tid, tableAddress][]) -> number[]: each thread's batch run
+// at once (trace_inject_batches), all from the code at `code`; for each job, 0 or the
+// -errno its batch failed with. Never throws for a job: every thread is put back first,
+// and the caller says which failed.
+Napi::Value InjectBatches(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t code = U64(info[0]);
+  auto list = info[1].As<Napi::Array>();
+  std::vector<trace_batch_job> jobs(list.Length());
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    auto job = list.Get(i).As<Napi::Array>();
+    jobs[i] = trace_batch_job{static_cast<pid_t>(job.Get(0u).As<Napi::Number>().Int32Value()), code, U64(job.Get(1u)), 0};
+  }
+  trace_inject_batches(jobs.data(), jobs.size());
+  Napi::Array out = Napi::Array::New(env, jobs.size());
+  for (uint32_t i = 0; i < jobs.size(); i++) out.Set(i, Napi::Number::New(env, jobs[i].rc));
+  return out;
+}
+
 // seccompFilters(tid) -> [{ program: Buffer, flags: bigint }], oldest
 // first (the order to install them in): each program as struct sock_filter
 // instructions, 8 bytes each. PTRACE_SECCOMP_GET_FILTER's index 0 is the
@@ -1600,6 +1619,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("waitAny", WaitAny);
   fn("batchCode", BatchCode);
   fn("injectBatch", InjectBatch);
+  fn("injectBatches", InjectBatches);
   fn("seccompFilters", SeccompFilters);
   fn("suspendSeccomp", SuspendSeccomp);
   fn("securebits", Securebits);

@@ -693,133 +693,240 @@ static void stop_running_batch(pid_t tid, unsigned* stops) {
   }
 }
 
-int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
-  struct user_regs_struct saved, r;
-  int rc = trace_get_regs(tid, &saved);
-  if (rc) return rc;
-  size_t size, stopped_at;
-  trace_batch_code(&size, &stopped_at);
-  size_t trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
-  batch_end end = choose_batch_end(tid);
-  if ((rc = set_end_signal(tid, table, end.sig))) return rc;
-  uint64_t mask;
-  if ((rc = trace_get_sigmask(tid, &mask))) return rc;
+/* One thread's batch, from its start to its end: what the tracer keeps of
+ * it meanwhile. trace_inject_batch_framed runs one; trace_inject_batches
+ * runs several at once, their stops overlapping. */
+typedef struct {
+  pid_t tid;
+  uint64_t code, table;
+  size_t stopped_at, trapped_at;
+  batch_end end;
   /* Where the thread goes back to, by itself or by us: an interrupted
    * call made to run again. */
-  struct user_regs_struct back = saved;
-  trace_rewind(&back);
-  r = saved;
-  r.rip = code;
-  r.rbx = table;
-  r.r14 = 0;
-  if (frame && end.frame_ok && batch_frame(tid, frame, &back, mask) == 0) r.r14 = frame;
-  r.orig_rax = (unsigned long)-1;
-  /* Every signal blocked, as for a single call (trace_inject), but the
-   * one that ends the batch. */
-  uint64_t all_but_end = ~0ull & ~(1ull << (end.sig - 1));
-  if ((rc = trace_set_sigmask(tid, all_but_end))) return rc;
-  if ((rc = trace_set_regs(tid, &r))) {
-    trace_set_sigmask(tid, mask);
-    return rc;
-  }
-  unsigned stops = 0;
+  struct user_regs_struct back;
+  uint64_t mask;
+  unsigned stops;
   /* An end signal of the process's own that was pending (or came
    * meanwhile), taken instead of ours: set aside and queued again after. */
-  int foreign = 0;
+  int foreign;
   siginfo_t foreign_info[2]; /* the thread's queue's and the process's */
   int foreign_to_process[2];
   /* One pending before the batch is taken at its start, the thread's own
    * first: whether it has one says which queue the first came from. */
-  int own_pending = pending_for_thread(tid, end.sig);
-  int running = 0; /* the thread runs the batch code, not stopped */
-  rc = -EINTR;
-  for (int tries = 0; tries < 16; tries++) {
-    if (ptrace(PTRACE_CONT, tid, 0, 0)) {
-      rc = fail();
-      break;
-    }
-    /* The thread runs the batch, its registers and mask the batch's. */
-    if (tries == 0) kill_point("batch: running");
-    trace_report rep;
-    if ((rc = trace_wait(tid, 10000, &rep))) {
-      running = 1;
-      break;
-    }
-    if (rep.kind == TRACE_NONE) {
-      running = 1;
-      rc = -ETIMEDOUT;
-      break;
-    }
-    if (rep.kind == TRACE_EXITED) {
-      rc = -ESRCH;
-      break;
-    }
-    if (rep.kind == TRACE_SIGNAL && (rep.sig == end.sig || rep.sig == SIGTRAP)) {
-      struct user_regs_struct at;
-      siginfo_t si;
-      if ((rc = trace_get_regs(tid, &at)) || (rc = trace_get_siginfo(tid, &si))) break;
-      /* Ours, at the end of the code: sent by the thread to itself, or
-       * the int3's trap that stands in for a tgkill that failed (a
-       * seccomp filter). Done. */
-      if ((rep.sig == end.sig && at.rip == code + stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(tid, table)) ||
-          (rep.sig == SIGTRAP && at.rip == code + trapped_at + 1 && si.si_code == SI_KERNEL)) {
-        rc = 0;
-        break;
-      }
-      if (rep.sig != end.sig) {
-        /* A trap elsewhere in the code (SIGTRAP is blocked but for the
-         * end): a fault, as below. */
-        rc = -EFAULT;
-        break;
-      }
-      if (foreign < 2) {
-        /* Taken at the start (nothing of the code run yet): the thread's
-         * own if it had one, else the process's. Come meanwhile (or not
-         * told): by its si_code. */
-        int to_process;
-        if (at.rip == code && own_pending >= 0) {
-          to_process = !own_pending;
-          own_pending = 0;
-        } else {
-          to_process = sent_to_process(&si);
-        }
-        foreign_to_process[foreign] = to_process;
-        foreign_info[foreign++] = si;
-      }
-      rc = -EINTR;
-      continue;
-    }
-    /* A stop signal that was pending before (job control), set aside and
-     * queued again after, as in trace_inject. */
-    if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
-      stops |= 1u << rep.sig;
-      rc = -EINTR;
-      continue;
-    }
-    /* A fault in the code (SIGSEGV, SIGBUS...): said as such, and never
-     * resumed past (the kernel has made its disposition the default). */
-    if (rep.kind == TRACE_SIGNAL) {
-      rc = -EFAULT;
-      break;
-    }
-    /* An interrupt's trap, a job-control stop reported again, a fork's
-     * event: resume once more. Anything else is an error. */
-    if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP && rep.kind != TRACE_EVENT) {
-      rc = -EINTR;
-      break;
-    }
-    rc = -EINTR;
+  int own_pending;
+  int armed;   /* its registers and mask are the batch's: to be put back */
+  int running; /* the thread runs the batch code, not stopped */
+  int tries;   /* resumes so far */
+  int rc;
+} batch_run;
+
+/* Points the stopped thread at the batch code, its signals blocked but the
+ * end signal (`end`, if not NULL: chosen already, for another thread of
+ * the same process); 0, or -errno with the thread as it was. */
+static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uint64_t frame, const batch_end* end) {
+  memset(b, 0, sizeof *b);
+  b->tid = tid;
+  b->code = code;
+  b->table = table;
+  b->rc = -EINTR;
+  struct user_regs_struct saved, r;
+  int rc = trace_get_regs(tid, &saved);
+  if (rc) return rc;
+  size_t size;
+  trace_batch_code(&size, &b->stopped_at);
+  b->trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
+  b->end = end ? *end : choose_batch_end(tid);
+  if ((rc = set_end_signal(tid, table, b->end.sig))) return rc;
+  if ((rc = trace_get_sigmask(tid, &b->mask))) return rc;
+  b->back = saved;
+  trace_rewind(&b->back);
+  r = saved;
+  r.rip = code;
+  r.rbx = table;
+  r.r14 = 0;
+  if (frame && b->end.frame_ok && batch_frame(tid, frame, &b->back, b->mask) == 0) r.r14 = frame;
+  r.orig_rax = (unsigned long)-1;
+  /* Every signal blocked, as for a single call (trace_inject), but the
+   * one that ends the batch. */
+  uint64_t all_but_end = ~0ull & ~(1ull << (b->end.sig - 1));
+  if ((rc = trace_set_sigmask(tid, all_but_end))) return rc;
+  if ((rc = trace_set_regs(tid, &r))) {
+    trace_set_sigmask(tid, b->mask);
+    return rc;
   }
+  b->own_pending = pending_for_thread(tid, b->end.sig);
+  b->armed = 1;
+  return 0;
+}
+
+/* Lets the armed thread run (on) in the batch code: 0, or -errno. */
+static int batch_resume(batch_run* b) {
+  if (ptrace(PTRACE_CONT, b->tid, 0, 0)) return fail();
+  b->tries++;
+  b->running = 1;
+  return 0;
+}
+
+/* What a report of the thread says of its batch: 1 when it is over (b->rc
+ * 0, or why it failed), 0 when the thread is to be resumed again (a signal
+ * set aside, an interrupt's trap). */
+static int batch_heard(batch_run* b, const trace_report* rep) {
+  b->running = 0;
+  if (rep->kind == TRACE_EXITED) {
+    b->rc = -ESRCH;
+    b->armed = 0; /* nothing left to put back */
+    return 1;
+  }
+  if (rep->kind == TRACE_SIGNAL && (rep->sig == b->end.sig || rep->sig == SIGTRAP)) {
+    struct user_regs_struct at;
+    siginfo_t si;
+    if ((b->rc = trace_get_regs(b->tid, &at)) || (b->rc = trace_get_siginfo(b->tid, &si))) return 1;
+    /* Ours, at the end of the code: sent by the thread to itself, or
+     * the int3's trap that stands in for a tgkill that failed (a
+     * seccomp filter). Done. */
+    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)) ||
+        (rep->sig == SIGTRAP && at.rip == b->code + b->trapped_at + 1 && si.si_code == SI_KERNEL)) {
+      b->rc = 0;
+      return 1;
+    }
+    if (rep->sig != b->end.sig) {
+      /* A trap elsewhere in the code (SIGTRAP is blocked but for the
+       * end): a fault, as below. */
+      b->rc = -EFAULT;
+      return 1;
+    }
+    if (b->foreign < 2) {
+      /* Taken at the start (nothing of the code run yet): the thread's
+       * own if it had one, else the process's. Come meanwhile (or not
+       * told): by its si_code. */
+      int to_process;
+      if (at.rip == b->code && b->own_pending >= 0) {
+        to_process = !b->own_pending;
+        b->own_pending = 0;
+      } else {
+        to_process = sent_to_process(&si);
+      }
+      b->foreign_to_process[b->foreign] = to_process;
+      b->foreign_info[b->foreign++] = si;
+    }
+    b->rc = -EINTR;
+    return 0;
+  }
+  /* A stop signal that was pending before (job control), set aside and
+   * queued again after, as in trace_inject. */
+  if (rep->kind == TRACE_SIGNAL && is_stop_signal(rep->sig)) {
+    b->stops |= 1u << rep->sig;
+    b->rc = -EINTR;
+    return 0;
+  }
+  /* A fault in the code (SIGSEGV, SIGBUS...): said as such, and never
+   * resumed past (the kernel has made its disposition the default). */
+  if (rep->kind == TRACE_SIGNAL) {
+    b->rc = -EFAULT;
+    return 1;
+  }
+  /* An interrupt's trap, a job-control stop reported again, a fork's
+   * event: resume once more. Anything else is an error. */
+  b->rc = -EINTR;
+  return rep->kind != TRACE_STOP && rep->kind != TRACE_GROUP_STOP && rep->kind != TRACE_EVENT;
+}
+
+/* Puts the thread back as it was before batch_arm (the batch's results
+ * are in its table); returns the batch's rc, or the first error of that. */
+static int batch_disarm(batch_run* b) {
+  if (!b->armed) return b->rc;
   /* Still in the batch code (it did not end in time): stopped first, or
    * its registers and mask could not be put back, and it would go on to
    * its end, unwatched. */
-  if (running) stop_running_batch(tid, &stops);
-  take_back_stops(tid, stops);
-  for (int i = 0; i < foreign; i++) take_back_signal(tid, &foreign_info[i], foreign_to_process[i]);
-  int rc3 = trace_set_sigmask(tid, mask);
+  if (b->running) stop_running_batch(b->tid, &b->stops);
+  take_back_stops(b->tid, b->stops);
+  for (int i = 0; i < b->foreign; i++) take_back_signal(b->tid, &b->foreign_info[i], b->foreign_to_process[i]);
+  int rc = b->rc;
+  int rc3 = trace_set_sigmask(b->tid, b->mask);
   if (!rc) rc = rc3;
-  int rc2 = trace_set_regs(tid, &back);
+  int rc2 = trace_set_regs(b->tid, &b->back);
+  b->armed = 0;
   return rc ? rc : rc2;
+}
+
+int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
+  batch_run b;
+  int rc = batch_arm(&b, tid, code, table, frame, NULL);
+  if (rc) return rc;
+  while (b.tries < 16) {
+    if ((b.rc = batch_resume(&b))) break;
+    /* The thread runs the batch, its registers and mask the batch's. */
+    if (b.tries == 1) kill_point("batch: running");
+    trace_report rep;
+    if ((b.rc = trace_wait(tid, 10000, &rep))) break;
+    if (rep.kind == TRACE_NONE) {
+      b.rc = -ETIMEDOUT;
+      break;
+    }
+    if (batch_heard(&b, &rep)) break;
+  }
+  return batch_disarm(&b);
+}
+
+int trace_inject_batches(trace_batch_job* jobs, size_t n) {
+  if (n == 0) return 0;
+  batch_run* runs = calloc(n, sizeof *runs);
+  pid_t* waiting = calloc(n, sizeof *waiting);
+  if (!runs || !waiting) {
+    free(runs);
+    free(waiting);
+    return -ENOMEM;
+  }
+  /* Every thread pointed at its batch and let go before any is waited
+   * for: the threads run their batches side by side, and the stops come
+   * in whatever order they come. */
+  size_t pending = 0;
+  /* The end signal is chosen by what the process catches and has pending
+   * (its /proc status, read once), and kept for each thread that has not
+   * got it pending itself (the thread's own queue, peeked at). */
+  batch_end shared = {0, 0};
+  for (size_t i = 0; i < n; i++) {
+    batch_run* b = &runs[i];
+    const batch_end* end = NULL;
+    if (shared.sig && pending_for_thread(jobs[i].tid, shared.sig) == 0) end = &shared;
+    if ((b->rc = batch_arm(b, jobs[i].tid, jobs[i].code, jobs[i].table, 0, end))) continue;
+    if (!shared.sig) shared = b->end;
+    if ((b->rc = batch_resume(b))) continue;
+    waiting[pending++] = b->tid;
+  }
+  if (pending) kill_point("batch: running");
+  while (pending) {
+    trace_report rep;
+    /* 10 s without a stop from any of them: the ones still running are
+     * given up (stopped by batch_disarm, their batches failed). */
+    trace_wait_any(waiting, pending, 10000, &rep);
+    if (rep.kind == TRACE_NONE) {
+      for (size_t i = 0; i < n; i++)
+        if (runs[i].running) runs[i].rc = -ETIMEDOUT;
+      break;
+    }
+    batch_run* b = NULL;
+    for (size_t i = 0; i < n && !b; i++)
+      if (runs[i].tid == rep.tid && runs[i].running) b = &runs[i];
+    if (!b) continue; /* not a report trace_wait_any gives: only ours are waited for */
+    int over = batch_heard(b, &rep);
+    if (!over && b->tries >= 16) over = 1;
+    if (!over && (b->rc = batch_resume(b))) over = 1;
+    if (over)
+      for (size_t k = 0; k < pending; k++)
+        if (waiting[k] == b->tid) {
+          waiting[k] = waiting[--pending];
+          break;
+        }
+  }
+  int first = 0;
+  for (size_t i = 0; i < n; i++) {
+    jobs[i].rc = batch_disarm(&runs[i]);
+    if (jobs[i].rc && !first) first = jobs[i].rc;
+  }
+  free(runs);
+  free(waiting);
+  return first;
 }
 
 int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) { return trace_inject_batch_framed(tid, code, table, 0); }

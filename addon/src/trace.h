@@ -132,6 +132,28 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table);
  * its own should the tracer die while it runs the batch. */
 int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame);
 
+/* One thread's batch of trace_inject_batches: its code and table as for
+ * trace_inject_batch; rc, set by the call, as that function returns. */
+typedef struct {
+  pid_t tid;
+  uint64_t code;
+  uint64_t table;
+  int rc;
+} trace_batch_job;
+
+/* trace_inject_batch in each of `n` stopped threads at once: all are let
+ * go into their batches before any is waited for, so that their stops
+ * overlap (one scheduler round trip for all, not one each). Each thread
+ * is put back as trace_inject_batch leaves it, whatever became of the
+ * others; a thread that died has rc -ESRCH. All threads of one process
+ * (the signal that ends each batch is chosen once, by the process's
+ * dispositions and pending signals). Without the frame of
+ * trace_inject_batch_framed: for threads that die with the tracer (a
+ * restore's, seized with exit-kill), where it serves nothing, and
+ * which would need one of its own each. Returns 0, or the first job's
+ * error. */
+int trace_inject_batches(trace_batch_job* jobs, size_t n);
+
 /* The same for a batch of clone(CLONE_THREAD | CLONE_PTRACE) calls run in
  * a restore's thread (seized with exit-kill, seccomp not suspended): for
  * the batch, the thread's PTRACE_O_TRACECLONE is off, so that a clone

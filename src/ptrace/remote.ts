@@ -6,6 +6,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { constants } from 'node:os';
+import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 
 export const SYS = {
@@ -556,6 +557,100 @@ export class RemoteProcess {
       }
     }
     return results;
+  }
+
+  /** The most threads runAtOnce lets go together: a round's tables (and
+   * what its calls point to) fit the scratch area many times over, and
+   * its waits scan no longer a list of threads than is worth it. */
+  static readonly threadsAtOnce = 64;
+
+  /**
+   * Runs each job's calls in its own thread (as runCalls would, one
+   * batch each), every thread's at once: all are let go into their
+   * batches before any is waited for (trace_inject_batches), so that
+   * their stops overlap, where one after the other each thread's cost a
+   * scheduler round trip of its own. In rounds of at most threadsAtOnce
+   * threads, each counted as one injected call (one round trip). For a
+   * process that dies with appshot (a restore's, before its commit):
+   * the batches have no frame to go back on should appshot die.
+   *
+   * Returns each job's results. The first job (in order) whose thread
+   * could not run its batch, or one of whose calls failed (a SyscallError
+   * naming it), is thrown, once every thread of its round is put back;
+   * no round after it runs. Arguments that point into the scratch area
+   * must have been put there before, as for runCalls.
+   *
+   * APPSHOT_THREADS_AT_ONCE=0: one thread after the other (for comparison).
+   */
+  runAtOnce(jobs: { tid: number; calls: NamedCall[] }[]): bigint[][] {
+    const work = jobs.filter((j) => j.calls.length);
+    if (process.env.APPSHOT_THREADS_AT_ONCE === '0' || !this.batchCode || work.length < 2) return jobs.map((j) => (j.calls.length ? this.runNamed(j.calls, j.tid) : []));
+    this.runDeferred();
+    const results = new Map<{ tid: number; calls: NamedCall[] }, bigint[]>();
+    const mark = this.used;
+    try {
+      for (let at = 0; at < work.length; ) {
+        // As many threads' tables as fit, side by side, written in one
+        // piece and read back in one.
+        const base = (this.used + 15) & ~15;
+        const round: { job: { tid: number; calls: NamedCall[] }; offset: number }[] = [];
+        let bytes = 0;
+        while (at + round.length < work.length && round.length < RemoteProcess.threadsAtOnce) {
+          const job = work[at + round.length];
+          const size = BATCH_HEADER + job.calls.length * BATCH_ENTRY;
+          if (base + bytes + size > this.usable) break;
+          round.push({ job, offset: bytes });
+          bytes += size;
+        }
+        if (!round.length) throw new Error('scratch memory exhausted');
+        const whole = Buffer.alloc(bytes);
+        for (const { job, offset } of round) {
+          whole.writeBigUInt64LE(BigInt(job.calls.length), offset);
+          whole.writeBigUInt64LE(BigInt(this.pid), offset + 8);
+          whole.writeBigUInt64LE(BigInt(job.tid), offset + 16);
+          job.calls.forEach((c, i) => {
+            const e = offset + BATCH_HEADER + i * BATCH_ENTRY;
+            whole.writeBigUInt64LE(BigInt(c.nr) | linkOf(c), e);
+            c.args.forEach((a, j) => whole.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
+            whole.writeBigUInt64LE(NOT_RUN, e + 56);
+          });
+        }
+        const addr = this.scratch + BigInt(base);
+        addon().writeMemory(this.pid, addr, whole);
+        this.used = base + bytes;
+        // Where a test has the process die (APPSHOT_TEST_STOP_AT) with
+        // everything in place, just before its threads are let go.
+        if (at === 0) killPoint('restore: threads at once');
+        injected.calls++;
+        const errors = addon().injectBatches(
+          this.batchCode,
+          round.map(({ job, offset }) => [job.tid, addr + BigInt(offset)]),
+        );
+        // A thread that could not run its batch is said first: its
+        // process may be gone, and its memory with it.
+        round.forEach(({ job }, k) => {
+          if (!errors[k]) return;
+          const name = errnoName.get(-errors[k]) ?? `errno ${-errors[k]}`;
+          throw Object.assign(new Error(`running a batch of system calls in thread ${job.tid}: ${-errors[k] === constants.errno.ESRCH ? 'the thread is gone' : name}`), { errno: -errors[k], code: name });
+        });
+        const back = addon().readMemory(this.pid, addr, bytes);
+        this.used = mark;
+        round.forEach(({ job, offset }) => {
+          const got: bigint[] = [];
+          for (let i = 0; i < job.calls.length; i++) {
+            const r = BigInt.asIntN(64, back.readBigUInt64LE(offset + BATCH_HEADER + i * BATCH_ENTRY + 56));
+            if (r === BigInt.asIntN(64, NOT_RUN)) throw new Error(`a batch of system calls stopped after ${i} of ${job.calls.length}`);
+            if (r < 0n && r > -4096n) throw new SyscallError(job.calls[i].what, Number(-r));
+            got.push(r);
+          }
+          results.set(job, got);
+        });
+        at += round.length;
+      }
+    } finally {
+      this.used = mark;
+    }
+    return jobs.map((j) => results.get(j) ?? []);
   }
 
   /**

@@ -12,7 +12,7 @@ import type { DumpContext } from './context.js';
 import type { FrozenThread } from '../ptrace/freezer.js';
 import { NR, PR_GET_TID_ADDRESS } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
-import { type BatchCall, type CallBatch, type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
+import { type BatchCall, type CallBatch, type NamedCall, RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
 import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js';
 import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
@@ -586,9 +586,9 @@ export function forgetTimedWaits(pid: number, p: Process, maps: () => MapsLine[]
  * stack, name, FPU state, and glibc's cached TID made true again. Each
  * call acts on the calling thread: one batch run in that thread, or, with
  * `calls` (a batch of that thread's, the main thread's, that goes on with
- * other kinds' calls), added to it for its caller to run, with scratch
- * memory not reset until it has. */
-export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, memory: ImageMemory, calls?: CallBatch): string | undefined {
+ * other kinds' calls, or restoreThreadStates' gathering), added to it for
+ * its caller to run, with scratch memory not reset until it has. */
+export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, glibcTidOffset: number, memory: ImageMemory, calls?: Pick<CallBatch, 'add'>): string | undefined {
   // Neither is touched by the batch code, which uses no FPU and writes no
   // memory of the thread's: set from here, before it runs.
   addon().setXstate(tid, t.xstate);
@@ -608,7 +608,8 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     notKept = `thread ${t.vtid}: glibc's cached TID at 0x${tidAt.toString(16)} ${where}: glibc's calls that name the thread by it (pthread_kill) name its old TID`;
   }
   if (!calls) r.reset();
-  const batch = calls ?? r.batch(tid);
+  const own = calls ? undefined : r.batch(tid);
+  const batch = calls ?? own!;
   if (t.tidAddress) batch.add('set_tid_address', SYS.set_tid_address, [t.tidAddress]);
   if (t.robustList) batch.add('set_robust_list', SYS.set_robust_list, [t.robustList, t.robustListLen]);
   if (t.rseq) batch.add('registering rseq', SYS.rseq, [t.rseq.pointer, t.rseq.size, 0, t.rseq.signature]);
@@ -624,8 +625,34 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
     const PR_SET_NAME = 15;
     batch.add('naming the thread', SYS.prctl, [PR_SET_NAME, r.str(t.comm.slice(0, 15))]);
   }
-  if (!calls) batch.run();
+  own?.run();
   return notKept;
+}
+
+/**
+ * restoreThreadState for each of `threads` (none the main thread, whose
+ * calls go with its own batch), in rounds of RemoteProcess.threadsAtOnce:
+ * each round's threads run their calls at once (RemoteProcess.runAtOnce),
+ * one scheduler round trip for all where each took one of its own. Their
+ * arguments are put in the scratch area round by round, so that no count
+ * of threads outgrows it. Returns the notes of what was not kept; the
+ * first call that fails throws, naming it.
+ */
+export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory): string[] {
+  const notes: string[] = [];
+  for (let at = 0; at < threads.length; at += RemoteProcess.threadsAtOnce) {
+    r.reset();
+    const round = threads.slice(at, at + RemoteProcess.threadsAtOnce).map(({ t, tid }) => {
+      const calls: NamedCall[] = [];
+      const note = restoreThreadState(r, t, tid, glibcTidOffset, memory, {
+        add: (what, nr, args, argFrom) => calls.push(argFrom ? { what, nr, args, argFrom } : { what, nr, args }) - 1,
+      });
+      if (note) notes.push(note);
+      return { tid, calls };
+    });
+    r.runAtOnce(round);
+  }
+  return notes;
 }
 
 /** AT_BASE in the auxiliary vector: where the program's interpreter (the

@@ -55,7 +55,7 @@ import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { restoreTidMoves } from '../resources/mutexes.js';
-import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, resumeRegisters, unregisterRseq } from '../resources/threads.js';
+import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, restoreThreadStates, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
 import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -944,20 +944,22 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // They inherit the main thread's mask: every signal blocked. Made
       // already where a child was forked by one of them.
       makeThreads(m, r);
-      // Each thread's own state in a stop of its own, but the main
-      // thread's: its calls go in one batch with the descriptors' owners,
-      // the credentials' first questions, the attributes and the interval
+      phase('threads made');
+      // Each thread's own state in a batch of its own, all the threads'
+      // at once (their stops overlapping), but the main thread's: its
+      // calls go in one batch with the descriptors' owners, the
+      // credentials' first questions, the attributes and the interval
       // timers (one stop where there were three or more).
       // Signals queued again after every thread's state (the order in
       // which the threads' queues are filled is no matter: each is its own).
       const mapsNow = readMaps(m.pid);
       const threadMemory = new ImageMemory(p.vmas, mapsNow);
       p.threads.forEach((t, i) => {
-        if (i === 0) return;
-        addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
-        const note = restoreThreadState(r, t, m.tids[i], p.glibcTidOffset, threadMemory);
-        if (note) notKept.push(`process ${p.vpid}: ${note}`);
+        if (i > 0) addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
       });
+      const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
+      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory)) notKept.push(`process ${p.vpid}: ${note}`);
+      phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
