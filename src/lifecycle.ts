@@ -218,20 +218,17 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     inits = inits.filter((k) => isSameProcess(k.initPid, k.initStart));
     if (inits.length) await sleep(POLL_MS);
   }
-  try {
-    reg.removeMany(ended);
-    for (const r of ended) removed.add(r.aid);
-  } catch {
-    // One that cannot be removed whole: each on its own, so that the
-    // others go and the error names the one it is about.
-    for (const r of ended)
-      try {
-        reg.remove(r);
-        removed.add(r.aid);
-      } catch (e) {
-        fail(r.aid, e);
-      }
+  // One that cannot be removed whole is said of it; the others go.
+  const unremoved = new Set<string>();
+  for (const { record, error } of reg.removeMany(ended)) {
+    unremoved.add(record.aid);
+    fail(record.aid, error);
   }
+  for (const r of ended) if (!unremoved.has(r.aid)) removed.add(r.aid);
+  // Said in the order they were named, as one by one (the last one's exit
+  // code is the command's).
+  const position = (aid: string) => aids.indexOf(aid);
+  failed.sort((a, b) => position(a.aid) - position(b.aid));
   return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed };
 }
 
@@ -239,8 +236,13 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
  * those a snapshot ended (their images stay); returns their AIDs. */
 export function pruneEnded(reg: LocalRegistry): string[] {
   const ended = reg.list().filter(isEnded);
-  reg.removeMany(ended);
+  const failures = reg.removeMany(ended);
   const snapshotted = reg.listSnapshotted().filter((r) => reg.removeSnapshotted(r.aid));
+  // The others went; the first that could not is the command's error.
+  if (failures.length) {
+    const { record, error } = failures[0];
+    throw error instanceof AppshotError ? error : new AppshotError(`cannot remove '${record.aid}': ${(error as Error)?.message ?? String(error)}`);
+  }
   return [...ended, ...snapshotted].map((r) => r.aid).sort();
 }
 

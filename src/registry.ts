@@ -774,9 +774,9 @@ export class LocalRegistry implements Registry {
   /** Removes what an application holds on the node: its SysV objects,
    * tables and port claims (and what an uncommitted restore made for it),
    * then its registration, unless `keepRecord` (settle keeps a lost one's
-   * for `rm`). `portsLater`: its port claims are added there instead, for
-   * the caller to let go. */
-  release(record: AppRecord, opts: { keepRecord?: boolean; portsLater?: { port: number; aid: string }[] } = {}): void {
+   * for `rm`). `portsReleased`: the caller let its port claims go
+   * already (removeMany). */
+  release(record: AppRecord, opts: { keepRecord?: boolean; portsReleased?: boolean } = {}): void {
     const t = this.readTables(record);
     if (t) {
       // Only objects the kernel confirms are the application's: the ids in
@@ -792,12 +792,9 @@ export class LocalRegistry implements Registry {
         for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, Number.isFinite(created) ? created : 2 ** 40, initPid);
     }
     rmSync(record.tables, { force: true });
-    for (const p of record.ports ?? []) {
-      if (p.mode !== 'allocate') continue;
-      // Or by the caller, with others', under one lock (removeMany).
-      if (opts.portsLater) opts.portsLater.push({ port: p.system, aid: record.aid });
-      else this.releasePort(p.system, record.aid);
-    }
+    // Unless the caller let them go already, with others', under one lock
+    // (removeMany).
+    if (!opts.portsReleased) for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
     // A restore that never committed (its appshot was killed): what it made
     // for the instance goes with it, and the log it took over goes back.
     const r = record.restore;
@@ -838,37 +835,53 @@ export class LocalRegistry implements Registry {
    * for 1,000 clones of one batch that was a million record reads and a
    * thousand lock round trips. Here: the port claims are let go under one
    * lock, and the registrations left are read once to know which of the
-   * removed ones' commit files nobody needs any more.
+   * removed ones' commit files nobody needs any more. Returns those that
+   * could not be removed whole, with why.
    */
-  removeMany(records: AppRecord[]): void {
-    const ports: { port: number; aid: string }[] = [];
-    const commitPaths = new Set<string>();
-    const commits = join(this.home, 'commits');
-    for (const record of records) {
-      this.release(record, { portsLater: ports });
-      if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
-      removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
-      const commitPath = record.restore?.commitPath;
-      if (commitPath && dirname(commitPath) === commits) commitPaths.add(commitPath);
-    }
+  removeMany(records: AppRecord[]): { record: AppRecord; error: unknown }[] {
+    // The port claims first, all under one lock. A claim outlives its
+    // registration only while its claimer lives, and the claimer of a
+    // clone of the engine's pool or of serve goes on living: let go after
+    // the registrations, an rm killed halfway (or one record that cannot
+    // be removed) would leave ports taken that no AID names any more.
+    const ports = records.flatMap((r) => (r.ports ?? []).filter((p) => p.mode === 'allocate').map((p) => ({ port: p.system, aid: r.aid })));
     if (ports.length)
       this.withPortsLocked(() => {
         for (const { port, aid } of ports) if (this.portOwner(port) === aid) rmSync(join(this.portsDir, String(port)), { force: true });
       });
-    if (!commitPaths.size) return;
+    // Each record on its own: one that cannot be removed whole is
+    // reported, and the others still go.
+    const failures: { record: AppRecord; error: unknown }[] = [];
+    const commitPaths = new Set<string>();
+    const commits = join(this.home, 'commits');
+    const removed = new Set<string>();
+    for (const record of records) {
+      try {
+        this.release(record, { portsReleased: true });
+        if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
+        removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
+        removed.add(record.aid);
+        const commitPath = record.restore?.commitPath;
+        if (commitPath && dirname(commitPath) === commits) commitPaths.add(commitPath);
+      } catch (error) {
+        failures.push({ record, error });
+      }
+    }
+    if (!commitPaths.size) return failures;
     // As dropCommitFile, for all of them: a commit file goes once no
-    // registration left names it (those removed are gone from apps/ now).
-    const removed = new Set(records.map((r) => r.aid));
+    // registration left names it (those removed are gone from apps/ now;
+    // one that failed is read as any other).
     for (const aid of readdirSync(this.appsDir)) {
       if (removed.has(aid) || aid.startsWith('.')) continue;
       const still = this.readRecordFile(aid)?.restore?.commitPath;
       if (still) commitPaths.delete(still);
-      if (!commitPaths.size) return;
+      if (!commitPaths.size) return failures;
     }
     for (const commitPath of commitPaths) {
       rmSync(commitPath, { force: true });
       rmSync(commitPath + PENDING, { force: true });
     }
+    return failures;
   }
 
   /** The commit file of the restore or clone batch `record` came from,
