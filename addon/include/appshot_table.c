@@ -289,6 +289,18 @@ void appshot_table_close(struct appshot_header *h) {
 
 /* --- Lookups ------------------------------------------------------------- */
 
+/* Whether entry `e` of table `t` is a key reserved for a create: in the
+ * array, in no index, translated through by nobody. Only the key tables
+ * have such entries: the bit means nothing in the others (the file is the
+ * application's to write). */
+static int reserved_entry(const struct appshot_header *h,
+                          const struct appshot_table *t,
+                          const struct appshot_entry *e) {
+  const enum appshot_kind k = (enum appshot_kind)kind_of(h, t);
+  return k >= APPSHOT_SEMKEY && k <= APPSHOT_MSGKEY &&
+         (LOAD(&e->flags) & APPSHOT_F_RESERVED);
+}
+
 /* Walks one index for `id`; `by_sid` says which half of the pair to compare.
  * Returns the entry's pair, or FREE; *slot_out gets the entry's slot. A
  * miss is only believed if no rebuild happened during the walk. */
@@ -308,6 +320,10 @@ static uint64_t probe(const struct appshot_header *h,
       if (c == APPSHOT_CELL_TOMB || c > capacity) continue;
       uint64_t p = entry_pair(&e[c - 1]);
       if (p == APPSHOT_PAIR_FREE) continue;
+      /* A cell left over from the slot's last entry may lead to a key
+       * reserved there since (its flag stored before its pair): no
+       * answer, as if the cell were gone. */
+      if (reserved_entry(h, t, &e[c - 1])) continue;
       if ((by_sid ? pair_sid(p) : pair_vid(p)) == id) {
         if (slot_out) *slot_out = c - 1;
         return p;
@@ -397,7 +413,7 @@ static void fill_indexes(struct appshot_header *h, struct appshot_table *t,
     /* A key reserved for a create is in the array, holding its slot, but
      * in no index: nobody translates through a key whose object may not
      * exist (settle_reservations commits or drops it). */
-    if (e[s].flags & APPSHOT_F_RESERVED) continue;
+    if (reserved_entry(h, t, &e[s])) continue;
     uint32_t i = mix32((uint32_t)pair_vid(p)) & mask, n = 0;
     while (vi[i] != APPSHOT_CELL_EMPTY && ++n < cells) i = (i + 1) & mask;
     vi[i] = s + 1;
@@ -572,7 +588,7 @@ static void remove_slot_locked(struct appshot_header *h, struct appshot_table *t
   struct appshot_entry *e = &entries_of(h, t)[slot];
   uint64_t p = entry_pair(e);
   if (p == APPSHOT_PAIR_FREE) return;
-  if (!(e->flags & APPSHOT_F_RESERVED)) {
+  if (!reserved_entry(h, t, e)) {
     uint32_t gen = t->flips & 1u;
     index_remove(h, t, vindex_of(h, t, gen), pair_vid(p), slot);
     index_remove(h, t, sindex_of(h, t, gen), pair_sid(p), slot);
