@@ -586,6 +586,9 @@ interface Addon {
    * it is the application's (appshot_ipc_owned in appshot_table.c); salt
    * and created (seconds) are the registry's trusted copies. */
   removeIpcOwned(tables: string, kind: Kind, systemId: number, salt: bigint, created: number, initPid: number): boolean;
+  /** Whether the kernel confirms system id `systemId` of the tables is the
+   * application's (appshot_ipc_owned: removeIpcOwned's rule). */
+  ipcOwned(tables: string, kind: Kind, systemId: number, salt: bigint, created: number, initPid: number): boolean;
   /** Now, in whole seconds, on the clock the kernel stamps a SysV object's
    * ctime with (the last tick's time: it lags Date.now() by up to a tick,
    * tens of ms under load). `created` above is read from it. */

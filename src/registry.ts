@@ -771,6 +771,19 @@ export class LocalRegistry implements Registry {
     return lost;
   }
 
+  /** What tells the application's SysV objects from anyone else's
+   * (appshot_ipc_owned): the salt of its keys, when its tables were made
+   * (no object of its is older), its supervisor. The registry's copies:
+   * the tables are the application's to write. */
+  ipcOwnership(record: AppRecord): { salt: bigint; created: number; initPid: number } {
+    const created = record.tablesCreated ?? Math.floor(Date.parse(record.createdAt) / 1000);
+    return {
+      salt: record.keySalt ? BigInt(`0x${record.keySalt}`) : 0n,
+      created: Number.isFinite(created) ? created : 2 ** 40,
+      initPid: this.trustedInitPid(record),
+    };
+  }
+
   /** Removes what an application holds on the node: its SysV objects,
    * tables and port claims (and what an uncommitted restore made for it),
    * then its registration, unless `keepRecord` (settle keeps a lost one's
@@ -782,14 +795,12 @@ export class LocalRegistry implements Registry {
       // Only objects the kernel confirms are the application's: the ids in
       // the tables may have been written by anyone of any of its uids.
       const native = addon();
-      const salt = record.keySalt ? BigInt(`0x${record.keySalt}`) : 0n;
-      const created = record.tablesCreated ?? Math.floor(Date.parse(record.createdAt) / 1000);
-      const initPid = this.trustedInitPid(record);
+      const { salt, created, initPid } = this.ipcOwnership(record);
       // The id tables, then the key tables: a keyed object whose restore
       // was killed between making it and binding its id is found by its
       // key, bound first (CreateBound), under the same rule.
       for (const kind of ['semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey'] as const)
-        for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, Number.isFinite(created) ? created : 2 ** 40, initPid);
+        for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, created, initPid);
     }
     rmSync(record.tables, { force: true });
     // Unless the caller let them go already, with others', under one lock

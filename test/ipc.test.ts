@@ -1,10 +1,14 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
-import { readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
-import { type Entry, fixture, Sandbox, systemIpcIds } from './helpers.js';
+import { type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -85,6 +89,46 @@ describe('the ownership rule against the kernel\'s clock', () => {
       if (semCtime(semid)! < registered) straddled++;
       reg.release(record);
       expect(semCtime(semid), `semaphore set ${semid}, made in the application's tables right after it was registered`).toBeUndefined();
+    }
+  });
+});
+
+// Another process's private segment (IPC_CREAT | 0600), made before the
+// application and held while standard input is open; removed after.
+const FOREIGN_SEGMENT = `
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+i = libc.shmget(0, 4096, 0o1600)
+print(i, flush=True)
+sys.stdin.read()
+libc.shmctl(i, 0, None)
+`;
+
+describe('a snapshot reads only the application\'s own SysV objects', () => {
+  it('refuses, naming it, a segment of another process that the application wrote into its own tables (read with appshot\'s rights, it would go into the image), and takes its own', async () => {
+    const holder = spawn('python3', ['-c', FOREIGN_SEGMENT], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const out = mkdtempSync(join(tmpdir(), 'appshot-sysvown-'));
+    try {
+      const [first] = await new Promise<string[]>((resolve) => createInterface({ input: holder.stdout! }).once('line', (l) => resolve([l])));
+      const foreign = Number(first);
+      expect(foreign, first).toBeGreaterThanOrEqual(0);
+      // Its standard input a pipe of its own: nothing outside it held.
+      sb.ok(['run', '-d', '--aid', 'sysvown', '--', 'sh', '-c', `sleep 1000 | ${fixture('ipc')} hold`]);
+      await waitFor(() => /^READY$/m.test(sb.log('sysvown')), 10_000, 'sysvown to be ready');
+      // Its own set, segment and queue pass the rule.
+      sb.ok(['snapshot', 'sysvown', '--leave-running', '-o', join(out, 'own.img')]);
+      const record = new LocalRegistry(sb.home).require('sysvown');
+      addon().mapSystem(record.tables, 'shmid', foreign);
+      const r = sb.run(['snapshot', 'sysvown', '--leave-running', '-o', join(out, 'taken.img')]);
+      expect(r.code, r.stderr).toBe(5);
+      expect(r.stderr.trim()).toMatch(new RegExp(`the application's tables name shared memory segment ${foreign} \\(virtual id \\d+\\), which is not the application's: refused$`));
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      // Refused before anything was written, and the application runs on.
+      expect(() => readFileSync(join(out, 'taken.img', 'image.pb'))).toThrow();
+      sb.ok(['rm', '-f', 'sysvown']);
+    } finally {
+      holder.stdin!.end();
+      rmSync(out, { recursive: true, force: true });
     }
   });
 });

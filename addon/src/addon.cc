@@ -686,6 +686,27 @@ Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, removed == 1);
 }
 
+// ipcOwned(tables, kind, system, salt, created, initPid) -> boolean: whether
+// the kernel confirms a system id found in the tables is the application's
+// (appshot_ipc_owned), as removeIpcOwned asks before removing it: what a
+// snapshot reads of an object, it reads with appshot's rights, which may be
+// more than the application's.
+Napi::Value IpcOwned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  appshot_kind kind;
+  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
+  int32_t sid = info[2].As<Napi::Number>().Int32Value();
+  bool lossless;
+  uint64_t salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  int64_t created = info[4].As<Napi::Number>().Int64Value();
+  pid_t init_pid = info[5].As<Napi::Number>().Int32Value();
+  appshot_header* h = appshot_table_open(path.c_str());
+  int owned = appshot_ipc_owned(h, kind, sid, salt, created, init_pid, path.c_str());
+  if (h) appshot_table_close(h);
+  return Napi::Boolean::New(env, owned == 1);
+}
+
 // signalMember(pid, signal, initPid, tables) -> boolean: sends the signal
 // only if pid is a process of the application (appshot_signal_member).
 Napi::Value SignalMember(const Napi::CallbackInfo& info) {
@@ -806,6 +827,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot_set_lock_patience(kTableLockPatienceMs);
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
+  exports.Set("ipcOwned", Napi::Function::New(env, IpcOwned));
   exports.Set("ipcClock", Napi::Function::New(env, IpcClock));
   exports.Set("setIpcOwner", Napi::Function::New(env, SetIpcOwner));
   exports.Set("signalMember", Napi::Function::New(env, SignalMember));

@@ -84,6 +84,10 @@ export class DumpContext {
   /** Sockets that are not the application's, by inode: recorded by key,
    * not dumped (SnapshotOptions.inherited, sockets.ts inheritedSocket). */
   inherited: ReadonlyMap<bigint, InheritedListener> = new Map();
+  /** What tells the application's SysV objects from others' (registry
+   * ipcOwnership): an object its tables name is dumped only if the kernel
+   * says it is the application's. */
+  ipcOwnership?: { salt: bigint; created: number; initPid: number };
   /** --leave-running: each process's private memory read from a
    * copy-on-write copy of it once the application goes on, where it can
    * be (snapshot/cowcapture.ts). */

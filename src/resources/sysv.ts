@@ -17,11 +17,23 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const vkey = (kind: 'semkey' | 'shmkey' | 'msgkey', key: number) => (key === 0 ? 0 : ctx.virtual(kind, key));
   const vpid = (pid: number) => (pid ? ctx.virtual('pid', pid) : 0);
   const gone = (e: unknown) => ['EINVAL', 'EIDRM'].includes((e as NodeJS.ErrnoException).code ?? '');
+  // Read with appshot's rights, which may be more than the application's
+  // (a root snapshot): an id its tables name (the tables are its to
+  // write) must be an object the kernel says is the application's, or
+  // another user's segment would go into an image its owner restores.
+  // Asked once it was read (one removed meanwhile is passed over, as
+  // before), before anything of it goes into the image.
+  const own = ctx.ipcOwnership;
+  const mustBeOwn = (kind: 'semid' | 'shmid' | 'msgid', what: string, e: { system: number; virtual: number }) => {
+    if (own && !a.ipcOwned(ctx.tablesPath, kind, e.system, own.salt, own.created, own.initPid))
+      throw new AppshotError(`the application's tables name ${what} ${e.system} (virtual id ${e.virtual}), which is not the application's: refused`, ExitCode.denied);
+  };
 
   const semaphores: SemSet[] = [];
   for (const e of ctx.tables.tables.semid) {
     try {
       const s = a.semRead(e.system);
+      mustBeOwn('semid', 'semaphore set', e);
       semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map(vpid) });
     } catch (err) {
       if (!gone(err)) throw err; // removed, its entry not yet forgotten
@@ -31,6 +43,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   for (const e of ctx.tables.tables.shmid) {
     try {
       const s = a.shmRead(e.system);
+      mustBeOwn('shmid', 'shared memory segment', e);
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
       shmSegments.push({
@@ -52,6 +65,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   for (const e of ctx.tables.tables.msgid) {
     try {
       const q = a.msgRead(e.system);
+      mustBeOwn('msgid', 'message queue', e);
       msgQueues.push({
         vid: e.virtual,
         vkey: vkey('msgkey', q.perm.key),

@@ -987,6 +987,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // Processes created while we were stopping the others mapped themselves.
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     ctx.freezeBegan = freezeBegan;
+    ctx.ipcOwnership = reg.ipcOwnership(record);
     if (cow) ctx.cow = cow;
     if (opts.inherited) ctx.inherited = opts.inherited;
     connections = ctx.tcp;
