@@ -438,14 +438,18 @@ describe('logs across a snapshot and its restore', () => {
     expect(waiting.stdout).toBe(before);
     expect(waiting.stderr).toMatch(/'counter' was snapshotted and ended; its log waits for the restore/);
     const last = Number(/line (\d+)\n$/.exec(before)![1]);
-    // A restore killed before its commit gives the log back.
-    const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: fds' } });
-    expect(killed.signal).toBe('SIGKILL');
-    expect(sb.run(['ps', '-a']).code).toBe(0);
-    await waitFor(() => !sb.allAids().includes('counter'), 30_000, 'the abandoned restore to go');
-    expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8')).toBe(before);
-    // And the record of the snapshot, which it had taken over.
-    expect(app('counter')).toMatchObject({ state: 'snapshotted', image });
+    // A restore killed before its commit gives the log back: killed once
+    // it has taken them over (fds), and just after its registration said
+    // it takes them, before it moved them (registered).
+    for (const at of ['restore: registered', 'restore: fds']) {
+      const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: at } });
+      expect(killed.signal, at).toBe('SIGKILL');
+      expect(sb.run(['ps', '-a']).code).toBe(0);
+      await waitFor(() => !sb.allAids().includes('counter'), 30_000, 'the abandoned restore to go');
+      expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8'), at).toBe(before);
+      // And the record of the snapshot, which it had taken over.
+      expect(app('counter'), at).toMatchObject({ state: 'snapshotted', image });
+    }
     const r = sb.run(['restore', image]);
     expect(r.code, r.stderr).toBe(0);
     await waitFor(() => sb.run(['logs', 'counter']).stdout.includes(`line ${last + 3}\n`), 30_000, 'the restored counter to go on');

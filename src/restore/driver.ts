@@ -646,7 +646,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
       ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
-      restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [] },
+      // What it takes over of the snapshot that ended its AID, said in
+      // this first write (adoptCarriedLog below moves them).
+      restore: { commitPath, madePaths: opts.instance ? [opts.instance.privateRoot] : [], madeDirs: [], ...(opts.instance ? {} : reg.carriedOver(aid, join(stateDir, 'log'))) },
       ...(standby && standbyStart !== undefined ? { initPid: standby.init.pid, initStartTime: standbyStart } : {}),
     }), { restoring: !opts.instance });
     phase('registered');
