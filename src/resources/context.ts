@@ -348,7 +348,9 @@ export class RestoreContext {
   }
 
   /** Gives our `fd` to the remote process: pidfd_getfd run inside it,
-   * in one stop (takeDescriptors). */
+   * in one stop (takeDescriptors). A failure fails the restore: appshot's
+   * pidfd is then left open in the process, which dies with the restore
+   * (a caller that went on would find a descriptor it did not place). */
   transfer(r: RemoteProcess, fd: number): number {
     const b = r.batch();
     const [taken] = takeDescriptors(b, [{ what: 'taking a descriptor of appshot (pidfd_getfd)', fd }]);

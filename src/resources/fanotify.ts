@@ -280,7 +280,9 @@ export function restoreFanotify(r: RemoteProcess, fd: Fd): number {
   // capabilities count: a process that made a mount mark with
   // CAP_SYS_ADMIN and then lowered it from its effective set only may
   // raise it and make the mark again by itself; one that dropped it from
-  // every set may not, nor may any other process of the application.
+  // every set may not by itself, but another process of the application
+  // that may raise it may (the application holds what the mark takes:
+  // checkFanotifyPrivileges asks the same).
   const as = identitiesOfRestored(r, true);
   r.reset();
   const made = Number(withoutSysAdmin(r, g.unprivileged, () => r.call(`making fanotify group fd ${fd.fd}`, SYS.fanotify_init, [g.flags, g.eventFlags])));

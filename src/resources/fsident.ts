@@ -78,9 +78,18 @@ function identitiesOf(image: Image): AppIdentity[] {
  * `p`'s, then the application's others. */
 export function identitiesFor(image: Image, p: Process | undefined): AppIdentity[] {
   const all = identitiesOf(image);
-  if (!p) return all;
-  const own = fsIdentity(p);
-  return [own, ...all.filter((i) => key(i) !== key(own))];
+  return distinct(p ? [fsIdentity(p), ...all] : all, effectiveKey);
+}
+
+/** An identity as the kernel sees an operation made as it: its permitted
+ * set plays no part until raised (raisableIdentitiesFor). */
+const effectiveKey = (i: FsIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}`;
+
+/** The first of each `keyOf` in `ids`: each one tried once (a try costs
+ * a thread of the restorer's, and there are at most 64). */
+function distinct<T extends FsIdentity>(ids: T[], keyOf: (i: FsIdentity) => string): T[] {
+  const seen = new Set<string>();
+  return ids.filter((i) => !seen.has(keyOf(i)) && !!seen.add(keyOf(i)));
 }
 
 /** Those for what the first process of `image` that `holds` holds (a
@@ -153,7 +162,9 @@ export function identitiesOfRestored(r: object, raisable = false): { who: FsIden
 /** identitiesFor, each with its permitted capabilities in its effective
  * set (identitiesOfRestored's `raisable`). */
 export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
-  return identitiesFor(image, p).map((i) => ({ ...i, capEff: i.capEff | i.capPrm }));
+  const own = fsIdentity(p);
+  const raised = [own, ...identitiesOf(image)].map((i) => ({ ...i, capEff: i.capEff | i.capPrm }));
+  return distinct(raised, effectiveKey);
 }
 
 const O_PATH = 0o10000000;
