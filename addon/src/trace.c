@@ -679,11 +679,11 @@ static void kill_point(const char* name) {
  * did not end in time), to stop: interrupted, so that its registers and
  * mask can be put back. Signals it takes meanwhile are set aside as the
  * batch's loop does (stops), the others left to the batch's error. */
-static void stop_running_batch(pid_t tid, unsigned* stops) {
-  if (ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+static void stop_running_batch(pid_t tid, unsigned* stops, int wait_ms, int interrupted) {
+  if (!interrupted && ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
   for (int tries = 0; tries < 16; tries++) {
     trace_report rep;
-    if (trace_wait(tid, 10000, &rep) || rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED) return;
+    if (trace_wait(tid, wait_ms, &rep) || rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED) return;
     if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
       *stops |= 1u << rep.sig;
       if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
@@ -716,6 +716,10 @@ typedef struct {
   int own_pending;
   int armed;   /* its registers and mask are the batch's: to be put back */
   int running; /* the thread runs the batch code, not stopped */
+  /* Given up while running: interrupted already, and how long its stop is
+   * waited for (0: 10 s), from one deadline for all of a round's. */
+  int interrupted;
+  int stop_wait_ms;
   int tries;   /* resumes so far */
   int rc;
 } batch_run;
@@ -838,7 +842,7 @@ static int batch_disarm(batch_run* b) {
   /* Still in the batch code (it did not end in time): stopped first, or
    * its registers and mask could not be put back, and it would go on to
    * its end, unwatched. */
-  if (b->running) stop_running_batch(b->tid, &b->stops);
+  if (b->running) stop_running_batch(b->tid, &b->stops, b->stop_wait_ms > 0 ? b->stop_wait_ms : 10000, b->interrupted);
   take_back_stops(b->tid, b->stops);
   for (int i = 0; i < b->foreign; i++) take_back_signal(b->tid, &b->foreign_info[i], b->foreign_to_process[i]);
   int rc = b->rc;
@@ -901,8 +905,14 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
      * given up (stopped by batch_disarm, their batches failed). */
     trace_wait_any(waiting, pending, 10000, &rep);
     if (rep.kind == TRACE_NONE) {
+      /* All interrupted at once, their stops waited for against one
+       * deadline below: one by one, 10 s each, a round of 64 threads that
+       * cannot stop (a frozen cgroup) would hold the tracer for minutes. */
       for (size_t i = 0; i < n; i++)
-        if (runs[i].running) runs[i].rc = -ETIMEDOUT;
+        if (runs[i].running) {
+          runs[i].rc = -ETIMEDOUT;
+          runs[i].interrupted = ptrace(PTRACE_INTERRUPT, runs[i].tid, 0, 0) == 0;
+        }
       break;
     }
     batch_run* b = NULL;
@@ -920,7 +930,15 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
         }
   }
   int first = 0;
+  struct timespec given_up;
+  clock_gettime(CLOCK_MONOTONIC, &given_up);
   for (size_t i = 0; i < n; i++) {
+    if (runs[i].running) {
+      struct timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      long spent = (now.tv_sec - given_up.tv_sec) * 1000 + (now.tv_nsec - given_up.tv_nsec) / 1000000;
+      runs[i].stop_wait_ms = spent < 10000 ? (int)(10000 - spent) : 1;
+    }
     jobs[i].rc = batch_disarm(&runs[i]);
     if (jobs[i].rc && !first) first = jobs[i].rc;
   }
