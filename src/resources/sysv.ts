@@ -19,21 +19,23 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const gone = (e: unknown) => ['EINVAL', 'EIDRM'].includes((e as NodeJS.ErrnoException).code ?? '');
   // Read with appshot's rights, which may be more than the application's
   // (a root snapshot): an id its tables name (the tables are its to
-  // write) must be an object the kernel says is the application's, or
-  // another user's segment would go into an image its owner restores.
-  // Asked once it was read (one removed meanwhile is passed over, as
-  // before), before anything of it goes into the image.
+  // write) goes into the image only if the kernel says the object is the
+  // application's, or another user's segment would reach whoever restores
+  // the image. One that is not is left out and said, as the PIDs written
+  // into the tables are passed over. Asked once it was read (one removed
+  // meanwhile is passed over, as before), before anything of it is kept.
   const own = ctx.ipcOwnership;
-  const mustBeOwn = (kind: 'semid' | 'shmid' | 'msgid', what: string, e: { system: number; virtual: number }) => {
-    if (own && !a.ipcOwned(ctx.tablesPath, kind, e.system, own.salt, own.created, own.initPid))
-      throw new AppshotError(`the application's tables name ${what} ${e.system} (virtual id ${e.virtual}), which is not the application's: refused`, ExitCode.denied);
+  const isOwn = (kind: 'semid' | 'shmid' | 'msgid', what: string, e: { system: number; virtual: number }): boolean => {
+    if (!own || a.ipcOwned(ctx.tablesPath, kind, e.system, own.salt, own.created, own.initPid)) return true;
+    process.stderr.write(`appshot: left out ${what} ${e.system} (virtual id ${e.virtual}): the application's tables name it, but it is not the application's\n`);
+    return false;
   };
 
   const semaphores: SemSet[] = [];
   for (const e of ctx.tables.tables.semid) {
     try {
       const s = a.semRead(e.system);
-      mustBeOwn('semid', 'semaphore set', e);
+      if (!isOwn('semid', 'semaphore set', e)) continue;
       semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map(vpid) });
     } catch (err) {
       if (!gone(err)) throw err; // removed, its entry not yet forgotten
@@ -43,7 +45,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   for (const e of ctx.tables.tables.shmid) {
     try {
       const s = a.shmRead(e.system);
-      mustBeOwn('shmid', 'shared memory segment', e);
+      if (!isOwn('shmid', 'shared memory segment', e)) continue;
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
       shmSegments.push({
@@ -65,7 +67,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   for (const e of ctx.tables.tables.msgid) {
     try {
       const q = a.msgRead(e.system);
-      mustBeOwn('msgid', 'message queue', e);
+      if (!isOwn('msgid', 'message queue', e)) continue;
       msgQueues.push({
         vid: e.virtual,
         vkey: vkey('msgkey', q.perm.key),
