@@ -670,18 +670,34 @@ Napi::Value IpcClock(const Napi::CallbackInfo& info) {
 // the object is the application's (appshot_ipc_owned): the tables are
 // writable by every process of the application, whatever its uid. `salt`
 // and `created` are the registry's copies, not the file's.
+// The arguments removeIpcOwned and ipcOwned share: (tables, kind, system,
+// salt, created, initPid).
+struct IpcOwnershipQuestion {
+  std::string path;
+  appshot_kind kind;
+  int32_t sid;
+  uint64_t salt;
+  int64_t created;
+  pid_t init_pid;
+};
+
+static bool ParseIpcOwnershipQuestion(const Napi::CallbackInfo& info, IpcOwnershipQuestion* q) {
+  q->path = info[0].As<Napi::String>().Utf8Value();
+  if (!ParseKind(info.Env(), info[1], &q->kind)) return false;
+  q->sid = info[2].As<Napi::Number>().Int32Value();
+  bool lossless;
+  q->salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
+  q->created = info[4].As<Napi::Number>().Int64Value();
+  q->init_pid = info[5].As<Napi::Number>().Int32Value();
+  return true;
+}
+
 Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::string path = info[0].As<Napi::String>().Utf8Value();
-  appshot_kind kind;
-  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
-  int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  bool lossless;
-  uint64_t salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
-  int64_t created = info[4].As<Napi::Number>().Int64Value();
-  pid_t init_pid = info[5].As<Napi::Number>().Int32Value();
-  appshot_header* h = appshot_table_open(path.c_str());
-  int removed = appshot_ipc_remove_owned(h, kind, sid, salt, created, init_pid, path.c_str());
+  IpcOwnershipQuestion q;
+  if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
+  appshot_header* h = appshot_table_open(q.path.c_str());
+  int removed = appshot_ipc_remove_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
   if (h) appshot_table_close(h);
   return Napi::Boolean::New(env, removed == 1);
 }
@@ -693,16 +709,10 @@ Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
 // more than the application's.
 Napi::Value IpcOwned(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::string path = info[0].As<Napi::String>().Utf8Value();
-  appshot_kind kind;
-  if (!ParseKind(env, info[1], &kind)) return env.Undefined();
-  int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  bool lossless;
-  uint64_t salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
-  int64_t created = info[4].As<Napi::Number>().Int64Value();
-  pid_t init_pid = info[5].As<Napi::Number>().Int32Value();
-  appshot_header* h = appshot_table_open(path.c_str());
-  int owned = appshot_ipc_owned(h, kind, sid, salt, created, init_pid, path.c_str());
+  IpcOwnershipQuestion q;
+  if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
+  appshot_header* h = appshot_table_open(q.path.c_str());
+  int owned = appshot_ipc_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
   if (h) appshot_table_close(h);
   return Napi::Boolean::New(env, owned == 1);
 }
