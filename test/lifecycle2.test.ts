@@ -444,8 +444,10 @@ describe('logs across a snapshot and its restore', () => {
     for (const at of ['restore: registered', 'restore: fds']) {
       const killed = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: at } });
       expect(killed.signal, at).toBe('SIGKILL');
-      expect(sb.run(['ps', '-a']).code).toBe(0);
-      await waitFor(() => !sb.allAids().includes('counter'), 30_000, 'the abandoned restore to go');
+      // The next command settles it, once the restore's supervisor (a
+      // standby taken before the kill) has seen its lifeline go: each poll
+      // is such a command, as a person's next `ps` would be.
+      await waitFor(() => sb.run(['ps', '-a']).code === 0 && !sb.allAids().includes('counter'), 30_000, `the restore abandoned at '${at}' to go`);
       expect(readFileSync(join(sb.home, 'logs', 'counter'), 'utf8'), at).toBe(before);
       // And the record of the snapshot, which it had taken over.
       expect(app('counter'), at).toMatchObject({ state: 'snapshotted', image });
