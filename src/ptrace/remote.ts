@@ -836,9 +836,10 @@ export class CallBatch {
  * process in the stop they run in: pidfd_open of appshot, pidfd_getfd of
  * each of `ours`, the pidfd closed. Returns, per descriptor, the index of
  * its pidfd_getfd, whose result is the process's copy (close-on-exec, as
- * pidfd_getfd makes it). One place for a hand-over four kinds make: the
- * pidfd is never left open where the batch succeeds, and a failed one
- * fails a restore whose processes die with it.
+ * pidfd_getfd makes it). One place for the hand-over that the batches of
+ * the root directory, the working directory and executable, and shared
+ * memory make: the pidfd is never left open where the batch succeeds,
+ * and a failed one fails a restore whose processes die with it.
  */
 export function takeDescriptors(into: CallBatch | NamedCall[], ours: { what: string; fd: number }[]): number[] {
   const add = (c: NamedCall): number => (Array.isArray(into) ? into.push(c) - 1 : into.add(c.what, c.nr, c.args, c.argFrom));

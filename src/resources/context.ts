@@ -13,7 +13,7 @@ import { AppshotError } from '../errors.js';
 import { addon, type FsIdentities, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, type SocketOption, verdictRef, type Vma, VmaKind } from '../image/types.js';
-import { type RemoteProcess, takeDescriptors } from '../ptrace/remote.js';
+import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
 import { privateCopy, redirected, unredirected } from './paths.js';
 import { restoredProcPath } from './procpaths.js';
@@ -347,14 +347,18 @@ export class RestoreContext {
     return this.keep(openSync('/dev/null', flags & O_ACCMODE));
   }
 
-  /** Gives our `fd` to the remote process: pidfd_getfd run inside it,
-   * in one stop (takeDescriptors). A failure fails the restore: appshot's
-   * pidfd is then left open in the process, which dies with the restore
-   * (a caller that went on would find a descriptor it did not place). */
+  /** Gives our `fd` to the remote process: pidfd_getfd run inside it.
+   * Three calls of their own, not a batch (takeDescriptors): a batch of
+   * the main thread takes the calls deferred to its next stop along
+   * (memory's closes and protections, the descriptor table's), and where
+   * they run among a restore's steps is theirs to say, not a hand-over's. */
   transfer(r: RemoteProcess, fd: number): number {
-    const b = r.batch();
-    const [taken] = takeDescriptors(b, [{ what: 'taking a descriptor of appshot (pidfd_getfd)', fd }]);
-    return Number(b.run()[taken]);
+    const pidfd = Number(r.call('pidfd_open', SYS.pidfd_open, [process.pid, 0]));
+    try {
+      return Number(r.call('pidfd_getfd', SYS.pidfd_getfd, [pidfd, fd, 0]));
+    } finally {
+      r.call('closing', SYS.close, [pidfd]);
+    }
   }
 
   /** Registers what removes an object this restore made in the system

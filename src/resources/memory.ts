@@ -1014,7 +1014,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     const making = unmapping;
     const opened = opens.map((o) => making.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]));
     // Shared anonymous memory: our descriptor of it taken by pidfd_getfd
-    // (takeDescriptors, as RestoreContext.transfer), mapped, then closed there.
+    // (takeDescriptors), mapped, then closed there.
     const taken = new Map<number, number>();
     if (shared.length) {
       const got = takeDescriptors(
