@@ -154,8 +154,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   const removed = new Set<string>();
   // Whatever goes wrong with one is said of it, and the others go on:
   // thrown, it would leave those killed so far unremoved.
-  const fail = (aid: string, e: unknown) =>
-    failed.push({ aid, error: e instanceof AppshotError ? e : new AppshotError(`cannot remove '${aid}': ${(e as Error)?.message ?? String(e)}`) });
+  const fail = (aid: string, e: unknown) => failed.push({ aid, error: removalError(aid, e) });
   const ended: AppRecord[] = [];
   const killed: { record: AppRecord; initPid: number; initStart?: number }[] = [];
   const asked = new Set<string>();
@@ -232,6 +231,11 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed };
 }
 
+/** Why `aid` could not be removed, as one line an AppshotError carries. */
+function removalError(aid: string, e: unknown): AppshotError {
+  return e instanceof AppshotError ? e : new AppshotError(`cannot remove '${aid}': ${(e as Error)?.message ?? String(e)}`);
+}
+
 /** `appshot prune`: removes every ended application, and the records of
  * those a snapshot ended (their images stay); returns their AIDs. */
 export function pruneEnded(reg: LocalRegistry): string[] {
@@ -239,10 +243,7 @@ export function pruneEnded(reg: LocalRegistry): string[] {
   const failures = reg.removeMany(ended);
   const snapshotted = reg.listSnapshotted().filter((r) => reg.removeSnapshotted(r.aid));
   // The others went; the first that could not is the command's error.
-  if (failures.length) {
-    const { record, error } = failures[0];
-    throw error instanceof AppshotError ? error : new AppshotError(`cannot remove '${record.aid}': ${(error as Error)?.message ?? String(error)}`);
-  }
+  if (failures.length) throw removalError(failures[0].record.aid, failures[0].error);
   return [...ended, ...snapshotted].map((r) => r.aid).sort();
 }
 

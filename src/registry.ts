@@ -831,10 +831,8 @@ export class LocalRegistry implements Registry {
   }
 
   remove(record: AppRecord): void {
-    this.release(record);
-    if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
-    removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
-    this.dropCommitFile(record);
+    const [failure] = this.removeMany([record]);
+    if (failure) throw failure.error;
   }
 
   /**
@@ -855,11 +853,7 @@ export class LocalRegistry implements Registry {
     // clone of the engine's pool or of serve goes on living: let go after
     // the registrations, an rm killed halfway (or one record that cannot
     // be removed) would leave ports taken that no AID names any more.
-    const ports = records.flatMap((r) => (r.ports ?? []).filter((p) => p.mode === 'allocate').map((p) => ({ port: p.system, aid: r.aid })));
-    if (ports.length)
-      this.withPortsLocked(() => {
-        for (const { port, aid } of ports) if (this.portOwner(port) === aid) rmSync(join(this.portsDir, String(port)), { force: true });
-      });
+    this.releasePorts(records.flatMap((r) => (r.ports ?? []).filter((p) => p.mode === 'allocate').map((p) => ({ port: p.system, aid: r.aid }))));
     // Each record on its own: one that cannot be removed whole is
     // reported, and the others still go.
     const failures: { record: AppRecord; error: unknown }[] = [];
@@ -879,9 +873,13 @@ export class LocalRegistry implements Registry {
       }
     }
     if (!commitPaths.size) return failures;
-    // As dropCommitFile, for all of them: a commit file goes once no
-    // registration left names it (those removed are gone from apps/ now;
-    // one that failed is read as any other).
+    // The commit file of the restore or clone batch each came from goes
+    // once no registration left names it: only an init whose lifeline is
+    // still open looks at it (restore_committed), and each of those is
+    // registered (those removed are gone from apps/ now; one that failed,
+    // or one not written yet, is read as any other). With it, the file
+    // made ahead for it, if it never committed (a held clone of the
+    // engine's pool whose engine was killed).
     for (const aid of readdirSync(this.appsDir)) {
       if (removed.has(aid) || aid.startsWith('.')) continue;
       const still = this.readRecordFile(aid)?.restore?.commitPath;
@@ -893,27 +891,6 @@ export class LocalRegistry implements Registry {
       rmSync(commitPath + PENDING, { force: true });
     }
     return failures;
-  }
-
-  /** The commit file of the restore or clone batch `record` came from,
-   * once no registered application came from it: only an init whose
-   * lifeline is still open looks at it (restore_committed), and each of
-   * those is registered. Else it stayed until a later restore or clone
-   * swept it (newCommitPath), after every instance was gone. A record
-   * being written this instant is of a restore that has not committed:
-   * not one of a batch whose instance is removed. */
-  private dropCommitFile(record: AppRecord): void {
-    const commitPath = record.restore?.commitPath;
-    if (!commitPath || dirname(commitPath) !== join(this.home, 'commits')) return;
-    for (const aid of readdirSync(this.appsDir)) {
-      if (aid === record.aid || aid.startsWith('.')) continue;
-      // One not written yet, or being removed, has no say.
-      if (this.readRecordFile(aid)?.restore?.commitPath === commitPath) return;
-    }
-    rmSync(commitPath, { force: true });
-    // Or the file made ahead for it, if it never committed (a held clone
-    // of the engine's pool whose engine was killed).
-    rmSync(commitPath + PENDING, { force: true });
   }
 
   /** Where the log of an application a snapshot ended waits for the
@@ -1165,8 +1142,14 @@ export class LocalRegistry implements Registry {
 
   /** Lets a port go, if `aid` holds it. */
   releasePort(port: number, aid: string): void {
+    this.releasePorts([{ port, aid }]);
+  }
+
+  /** releasePort of each, under one lock (removeMany: a thousand clones'). */
+  releasePorts(claims: { port: number; aid: string }[]): void {
+    if (!claims.length) return;
     this.withPortsLocked(() => {
-      if (this.portOwner(port) === aid) rmSync(join(this.portsDir, String(port)), { force: true });
+      for (const { port, aid } of claims) if (this.portOwner(port) === aid) rmSync(join(this.portsDir, String(port)), { force: true });
     });
   }
 
