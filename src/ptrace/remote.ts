@@ -128,6 +128,22 @@ function linkOf(c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>, base = 0): bigint 
 }
 
 /** The call an argument of `c` is taken from, if one is. */
+/** The batch code's table for `calls` run in thread `tid` of process
+ * `pid`, written into `into` at `offset` (BATCH_HEADER + a BATCH_ENTRY
+ * each): its header, and each call's number with its link, arguments and
+ * result slot marked not run. */
+function writeBatchTable(into: Buffer, offset: number, calls: BatchCall[], pid: number, tid: number): void {
+  into.writeBigUInt64LE(BigInt(calls.length), offset);
+  into.writeBigUInt64LE(BigInt(pid), offset + 8);
+  into.writeBigUInt64LE(BigInt(tid), offset + 16);
+  calls.forEach((c, i) => {
+    const e = offset + BATCH_HEADER + i * BATCH_ENTRY;
+    into.writeBigUInt64LE(BigInt(c.nr) | linkOf(c), e);
+    c.args.forEach((a, j) => into.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
+    into.writeBigUInt64LE(NOT_RUN, e + 56);
+  });
+}
+
 const linkedCall = (c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>): number | undefined => c.argFrom?.call ?? c.firstArgOf;
 
 /** APPSHOT_NO_BATCH=1: one injected call at a time (for comparison). */
@@ -535,15 +551,7 @@ export class RemoteProcess {
     for (let at = 0; at < calls.length; at += room) {
       const chunk = calls.slice(at, at + room);
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
-      table.writeBigUInt64LE(BigInt(chunk.length), 0);
-      table.writeBigUInt64LE(BigInt(this.pid), 8);
-      table.writeBigUInt64LE(BigInt(tid), 16);
-      chunk.forEach((c, i) => {
-        const e = BATCH_HEADER + i * BATCH_ENTRY;
-        table.writeBigUInt64LE(BigInt(c.nr) | linkOf(c), e);
-        c.args.forEach((a, j) => table.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
-        table.writeBigUInt64LE(NOT_RUN, e + 56);
-      });
+      writeBatchTable(table, 0, chunk, this.pid, tid);
       const addr = this.put(table);
       injected.calls++;
       addon().injectBatch(tid, this.batchCode, addr, clones, this.frame);
@@ -604,17 +612,7 @@ export class RemoteProcess {
         }
         if (!round.length) throw new Error('scratch memory exhausted');
         const whole = Buffer.alloc(bytes);
-        for (const { job, offset } of round) {
-          whole.writeBigUInt64LE(BigInt(job.calls.length), offset);
-          whole.writeBigUInt64LE(BigInt(this.pid), offset + 8);
-          whole.writeBigUInt64LE(BigInt(job.tid), offset + 16);
-          job.calls.forEach((c, i) => {
-            const e = offset + BATCH_HEADER + i * BATCH_ENTRY;
-            whole.writeBigUInt64LE(BigInt(c.nr) | linkOf(c), e);
-            c.args.forEach((a, j) => whole.writeBigUInt64LE(BigInt.asUintN(64, BigInt(a)), e + 8 + j * 8));
-            whole.writeBigUInt64LE(NOT_RUN, e + 56);
-          });
-        }
+        for (const { job, offset } of round) writeBatchTable(whole, offset, job.calls, this.pid, job.tid);
         const addr = this.scratch + BigInt(base);
         addon().writeMemory(this.pid, addr, whole);
         this.used = base + bytes;
