@@ -52,7 +52,12 @@ export function fsIdentity(p: Process): AppIdentity {
   return fsIdentityOfCreds(main ?? p.creds);
 }
 
-const key = (i: AppIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}:${i.capPrm}`;
+/** An identity as the kernel sees an operation made as it: its permitted
+ * set plays no part until raised (raisableIdentitiesFor). */
+const effectiveKey = (i: FsIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}`;
+
+/** An identity whole: two that may raise different capabilities differ. */
+const key = (i: AppIdentity) => `${effectiveKey(i)}:${i.capPrm}`;
 
 /** Per image: every distinct identity of its processes' threads, in
  * process order. */
@@ -81,9 +86,6 @@ export function identitiesFor(image: Image, p: Process | undefined): AppIdentity
   return distinct(p ? [fsIdentity(p), ...all] : all, effectiveKey);
 }
 
-/** An identity as the kernel sees an operation made as it: its permitted
- * set plays no part until raised (raisableIdentitiesFor). */
-const effectiveKey = (i: FsIdentity) => `${i.fsuid}:${i.fsgid}:${[...i.groups].sort((a, b) => a - b).join(',')}:${i.capEff}`;
 
 /** The first of each `keyOf` in `ids`: each one tried once (a try costs
  * a thread of the restorer's, and there are at most 64). */
