@@ -110,25 +110,14 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
 }
 
 /**
- * `appshot rm`: removes an ended application's record, log, private
- * copies, REDIR PATH directories and port claims. A running one is
- * refused unless `force`, which kills it first.
+ * `appshot rm` of one application (the API's rm): removeApps of one, so
+ * that one AID and many go the same way (port claims first, then the
+ * registration). A running one is refused unless `force`, which kills it
+ * first; what stops it from going is thrown.
  */
 export async function removeApp(reg: LocalRegistry, aid: string, force: boolean): Promise<void> {
-  checkAid(aid);
-  // Snapshotted and not restored since: its record and waiting log go.
-  if (!reg.get(aid) && reg.removeSnapshotted(aid)) return;
-  let record = reg.requireAny(aid);
-  if (!isEnded(record)) {
-    if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
-    const ended = await stopApp(reg, record, 'SIGKILL', 0);
-    // Its registration went as it ended: a restore that never committed
-    // (released with all it made), or a snapshot that ended it meanwhile
-    // (its image may need its private copies).
-    if (ended === 'released') return;
-    record = ended;
-  }
-  reg.remove(record);
+  const { failed } = await removeApps(reg, [aid], force);
+  if (failed.length) throw failed[0].error;
 }
 
 /** What `removeApps` did: the AIDs removed, in the order asked, and why
@@ -139,15 +128,16 @@ export interface Removal {
 }
 
 /**
- * `appshot rm` of several applications: what removeApp does to each, done
- * to all of them together. One by one, each running one cost a SIGKILL, a
- * wait polled every POLL_MS for its end and for its supervisor's exit, and
- * a removal that read every other registration: ~54 s for 1,000 clones.
+ * `appshot rm`: removes ended applications' records, logs, private
+ * copies, REDIR PATH directories and port claims, all together. One by
+ * one, each running one cost a SIGKILL, a wait polled every POLL_MS for
+ * its end and for its supervisor's exit, and a removal that read every
+ * other registration: ~54 s for 1,000 clones.
  * Here every running one is killed first, all are waited for in the same
  * polls, and the ended ones are removed in one pass (registry removeMany).
- * What goes for each is what removeApp removes; an AID that cannot be
- * removed (unknown, running without `force`, did not end) is in `failed`
- * with the error removeApp would have thrown, and the others still go.
+ * A running one is refused unless `force`, which kills it first; an AID
+ * that cannot be removed (unknown, running without `force`, did not end)
+ * is in `failed` with why, and the others still go.
  */
 export async function removeApps(reg: LocalRegistry, aids: string[], force: boolean): Promise<Removal> {
   const failed: Removal['failed'] = [];
