@@ -11,7 +11,7 @@
  * are bound by absolute and relative names in its directory.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
@@ -229,6 +229,39 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['restore', image]);
     expect(readlinkSync(`/proc/${sb.systemPid('pccwd')}/cwd`)).toBe(join(d, 'w'));
     await run(['stop', 'pccwd', '-s', 'KILL']);
+  });
+
+  it("a file a process opened as root before it became nobody (lighttpd's PID file) comes back as that very file from this node's own snapshot; another file put at its name is refused", async () => {
+    // A directory only root may enter: nobody can never open d/pid itself.
+    const d = mkdtempSync(join(out, 'held-'));
+    const f = join(d, 'pid');
+    writeFileSync(f, '', { mode: 0o644 });
+    // Opened by the root shell, which then becomes nobody and writes through it.
+    await start('pcheld', ['sh', '-c', `exec 3>>${f}; exec ${asNobody.join(' ')} sh -c 'echo READY; while sleep 0.05; do echo tick >&3; done'`]);
+    await waitFor(() => /READY/.test(sb.log('pcheld')) && statSync(f).size > 0, 10_000, 'the process to write through its descriptor');
+    const image = join(out, 'pcheld.img');
+    await run(['snapshot', 'pcheld', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcheld'), 10_000, 'pcheld to end');
+
+    await run(['restore', image]);
+    // The shell (exec'd as one process: its sleeps come and go).
+    const writer = () => sb.systemPid('pcheld');
+    const held = statSync(`/proc/${writer()}/fd/3`, { bigint: true });
+    const file = statSync(f, { bigint: true });
+    expect([held.dev, held.ino]).toEqual([file.dev, file.ino]);
+    expect(readFileSync(`/proc/${writer()}/status`, 'utf8')).toMatch(new RegExp(`^Uid:\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}$`, 'm'));
+    const size = statSync(f).size;
+    await waitFor(() => statSync(f).size > size, 10_000, 'the restored process to write through it again');
+    await run(['snapshot', 'pcheld', '-o', image + '2']);
+    await waitFor(() => !sb.aids().includes('pcheld'), 10_000, 'pcheld to end');
+
+    // Another file at the name (a new inode): not the one the process held.
+    writeFileSync(f + '.new', 'another file\n', { mode: 0o644 });
+    renameSync(f + '.new', f);
+    const r = await attempt(['restore', image + '2']);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process \d+ fd 3: \S+/held-\w+/pid cannot be opened ` + REFUSED_AS_NOBODY));
+    leftNothing('pcheld');
   });
 
   it('the inotify watches of a process run as nobody, their directory moved under one only root may enter, are refused (EACCES), nothing left; put back, they come back at their numbers', async () => {

@@ -45,7 +45,7 @@ import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
-import { recordWritten, writtenHere, writtenIdentity } from './written.js';
+import { imageWrittenHere, recordWritten, writtenHere, writtenIdentity } from './written.js';
 import { onInterrupt } from '../engine/request.js';
 
 export const MAGIC = 'appshot-image';
@@ -183,6 +183,13 @@ function partDigests(imageBytes: Buffer, pagesPart: PageFileDigest): Map<string,
 
 export const newImageId = () => randomBytes(8).toString('hex');
 
+/** Images loaded whose image.pb this state directory's own snapshot wrote
+ * (written.ts imageWrittenHere), in a directory only its owner can change:
+ * what they say of the application's descriptors is what the kernel told
+ * that snapshot. */
+const ownSnapshots = new WeakSet<Image>();
+export const isOwnSnapshot = (image: Image): boolean => ownSnapshots.has(image);
+
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */
@@ -197,15 +204,16 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     // unchanged (written.ts), recorded once the image is in place.
     const written = writtenIdentity(join(tmp, PARTS.pages));
     const imageBytes = encodeImage(image);
+    const digests = partDigests(imageBytes, pagesPart);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image));
     syncDir(tmp);
     killPoint('image: committing');
     beforePlacing?.(tmp);
     renameSync(tmp, dest);
     partial.done();
     syncDir(parent);
-    recordWritten(written, imageId, pagesPart.chunks);
+    recordWritten(written, imageId, pagesPart.chunks, digests.get(PARTS.image)!.sha256);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
     partial.done();
@@ -1081,6 +1089,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
+    if (mustBeOwned && signer.trusted && isOwnKey(signer.trusted) && imageWrittenHere(manifest.imageId, digests.get(PARTS.image)!.sha256)) ownSnapshots.add(image);
     const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' '), ...(pagesAsWritten ? { pagesAsWritten } : {}) };
     // (getters: dispose closes and stops them)
     Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });

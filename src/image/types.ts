@@ -435,6 +435,9 @@ export interface FileIdentity {
    * files, fchown'ed to the worker, which then fchmods them) needs it. */
   uid?: number;
   gid?: number;
+  /** Its birth time (statx btime), where the file system keeps one: with
+   * dev and ino, the very file, not one later given its inode number. */
+  btimeNs?: bigint;
 }
 
 export interface SharedMemory {

@@ -134,6 +134,7 @@ export class DumpContext {
       deleted,
       crc32c: 0,
       ...(deleted ? { uid: Number(st.uid), gid: Number(st.gid) } : {}),
+      ...(st.birthtimeNs > 0n ? { btimeNs: st.birthtimeNs } : {}),
     };
     this.image.files.push(id);
     this.fileIndex.set(key, this.image.files.length - 1);

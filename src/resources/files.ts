@@ -21,7 +21,8 @@ import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { fsIdentity, identitiesFor, refusedAsProcess } from './fsident.js';
+import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeldFile } from './fsident.js';
+import { isOwnSnapshot } from '../image/format.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
@@ -450,11 +451,17 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
  * duplicate), or the template's file itself (share). */
 /** `path` opened as process `p` would (or, refused, another process of
  * the application: fsident.ts); what none of their credentials allow is
- * refused naming the descriptor and the process's fsuid. */
+ * refused naming the descriptor and the process's fsuid, unless it is the
+ * very file an image of our own snapshot says the process held
+ * (reopenHeldFile: opened before it dropped its privileges). */
 function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
   try {
     return addon().openAs(path, flags, 0, identitiesFor(h.image, p));
   } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const held = code === 'EACCES' || code === 'EPERM' ? h.image.files[fd.file] : undefined;
+    const got = held && reopenHeldFile(held, isOwnSnapshot(h.image), path, flags);
+    if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid} fd ${fd.fd}: ${path}`, fsIdentity(p));
   }
 }

@@ -29,9 +29,9 @@
  * (creds.ts, credentialRefusal): the calls on its thread need no
  * privilege.
  */
-import { type Creds, type Image, type Process } from '../image/types.js';
+import { type Creds, type FileIdentity, type Image, type Process } from '../image/types.js';
 import { addon, type FsIdentity } from '../native.js';
-import { closeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 
 /** A filesystem identity with the permitted set of the credentials it
@@ -181,5 +181,57 @@ export function openDirectoryAs(image: Image, p: Process, path: string, what: st
     return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
   } catch (e) {
     refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
+  }
+}
+
+const O_NOFOLLOW = 0o400000;
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+const S_IFDIR = 0o040000;
+
+/**
+ * A descriptor that its process held on a file its credentials no longer
+ * open, given back as the very file: one opened before the process gave
+ * up its privileges. lighttpd, as Debian starts it, opens its PID file in
+ * /run as root, becomes www-data and keeps the descriptor; no identity of
+ * the application may open that file again, yet the application held it.
+ *
+ * Only on the word of an image this state directory's own snapshot wrote
+ * (`ownSnapshot`: format.ts isOwnSnapshot), whose descriptors are what the
+ * kernel showed that snapshot: an image that someone wrote and had signed
+ * (hostile.test's root-only file) names files as it likes, and gets only
+ * what its credentials open. And only the very file: the name is walked
+ * O_PATH as the restorer (which opens nothing and runs no driver), and the
+ * file found must be the one the image recorded, by device, inode and
+ * birth time (a later file given its inode number has another), a regular
+ * file or a directory of the same type. A symlink or another file planted
+ * at the name since is not that file, and the restore is refused as
+ * before. The descriptor is then opened again from the O_PATH one, with
+ * the access it had (no name walked again), as the restorer: a restorer
+ * that may not open it either is refused by the kernel.
+ *
+ * Returns the descriptor, or undefined where this cannot be shown.
+ */
+export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: string, flags: number): number | undefined {
+  if (!ownSnapshot || held.deleted || !held.btimeNs) return undefined;
+  const type = held.mode & S_IFMT;
+  if (type !== S_IFREG && type !== S_IFDIR) return undefined;
+  let at: number;
+  try {
+    // As the process walked it: a name it opened O_NOFOLLOW is not
+    // followed now either (the link itself is then not the file).
+    at = addon().openAs(path, O_PATH | (flags & O_NOFOLLOW), 0);
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = fstatSync(at, { bigint: true });
+    if (st.dev !== held.dev || st.ino !== held.ino || st.birthtimeNs !== held.btimeNs || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
+    // (O_NOFOLLOW would refuse the /proc link itself.)
+    return openSync(`/proc/self/fd/${at}`, flags & ~O_NOFOLLOW);
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(at);
   }
 }
