@@ -46,6 +46,7 @@ declare -A needs=(
   [/usr/bin/gunicorn]=gunicorn
   [/usr/sbin/vsftpd]=vsftpd
   [/usr/sbin/squid]=squid
+  [/usr/sbin/lighttpd]=lighttpd
 )
 
 missing=()

@@ -16,7 +16,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, request } from 'node:http';
 import { connect } from 'node:net';
 import { createSocket } from 'node:dgram';
@@ -794,6 +794,7 @@ const JAVAC = '/usr/bin/javac';
 const GUNICORN = '/usr/bin/gunicorn';
 const VSFTPD = '/usr/sbin/vsftpd';
 const SQUID = '/usr/sbin/squid';
+const LIGHTTPD = '/usr/sbin/lighttpd';
 
 /** A client in Python outside the application, on stdin and stdout: it
  * prints what it did, waits for a line on stdin, goes on on the same
@@ -994,6 +995,60 @@ print(f.quit().split()[0], flush=True)
     } finally {
       client.kill();
       sb.run(['stop', 'ftp', '-s', 'KILL']);
+    }
+  });
+
+  it.runIf(isRoot && existsSync(LIGHTTPD))('lighttpd as Debian configures it (started as root, then www-data, holding the PID file it opened as root): a keep-alive client carries on', async () => {
+    // Its PID file is in a directory only root may enter, as
+    // /run/lighttpd.pid is a file only root may write: no identity of the
+    // application may open it again, and every restore was refused. (Its
+    // error log it opens as www-data, in a directory of www-data's.)
+    const port = more;
+    const d = join(dir, 'lighttpd');
+    const www = Number(spawnSync('id', ['-u', 'www-data'], { encoding: 'utf8' }).stdout);
+    mkdirSync(join(d, 'www'), { recursive: true });
+    mkdirSync(join(d, 'root'), { mode: 0o700 });
+    mkdirSync(join(d, 'log'));
+    chownSync(join(d, 'log'), www, 0);
+    writeFileSync(join(d, 'www', 'index.html'), 'lighttpd page\n');
+    writeFileSync(
+      join(d, 'lighttpd.conf'),
+      [
+        `server.document-root = "${join(d, 'www')}"`,
+        `server.port = ${port}`,
+        'server.bind = "127.0.0.1"',
+        'server.username = "www-data"',
+        'server.groupname = "www-data"',
+        `server.pid-file = "${join(d, 'root', 'lighttpd.pid')}"`,
+        `server.errorlog = "${join(d, 'log', 'error.log')}"`,
+        'server.max-keep-alive-idle = 300',
+        'server.modules = ( "mod_staticfile" )',
+        'index-file.names = ( "index.html" )',
+        '',
+      ].join('\n'),
+    );
+    run(['run', '-d', '--aid', 'lt', '--', LIGHTTPD, '-D', '-f', join(d, 'lighttpd.conf')]);
+    try {
+      await waitForHttp(port);
+      await waitFor(() => identities('lt').get(2)?.Uid === `${www}\t${www}\t${www}\t${www}`, 10_000, 'lighttpd to become www-data');
+      const before = identities('lt');
+      const client = await KeepAlive.open(port);
+      expect(await client.get('/')).toBe('lighttpd page\n');
+      run(['snapshot', 'lt', '-o', join(dir, 'lt.snap')]);
+      run(['restore', join(dir, 'lt.snap')]);
+      expect(await client.get('/')).toBe('lighttpd page\n');
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      expect((await httpGet(port)).body).toBe('lighttpd page\n');
+      expect(identities('lt')).toEqual(before);
+      // Its PID file is the very file it held (its inode), not another.
+      const pid = processes('lt')[0].pid;
+      const pidFile = join(d, 'root', 'lighttpd.pid');
+      const fd = readdirSync(`/proc/${pid}/fd`).find((n) => readlinkSync(`/proc/${pid}/fd/${n}`) === pidFile);
+      expect(fd, 'a descriptor of its PID file').toBeDefined();
+      expect(statSync(`/proc/${pid}/fd/${fd}`).ino).toBe(statSync(pidFile).ino);
+    } finally {
+      sb.run(['stop', 'lt', '-s', 'KILL']);
     }
   });
 });
