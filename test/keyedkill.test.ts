@@ -170,6 +170,27 @@ describe('a keyed create killed part-way', () => {
     });
 });
 
+describe('the edges of a keyed create', () => {
+  it('killed binding the key, after its flag was cleared and before it was indexed, and removed at once: the key entry finds the object', async () => {
+    const aid = 'kk-indexing';
+    const app = sb.start(['run', '--aid', aid, '--', fixture('keyedkill'), 'pause', 'sem', 'keyed-commit-indexing']);
+    const pid = Number((await app.line(/^(?:PAUSED (\d+)|CREATED WITHOUT PAUSING.*|FAIL.*)$/))[1]);
+    expect(app.output().filter((l) => /^(FAIL|CREATED)/.test(l))).toEqual([]);
+    const entry = tables(aid).semkey.find((e) => e.virtual === 0x7e57)!;
+    expect(entry.flags).toEqual([]); // bound, in no index yet
+    const reg = new LocalRegistry(sb.home);
+    const record = reg.require(aid);
+    const salt = BigInt(`0x${record.keySalt}`);
+    const [made] = objectsOf(salt, [0x7e57]);
+    expect(tables(aid).semid.map((e) => e.system)).toContain(made.id);
+    process.kill(pid, 'SIGKILL');
+    // No writer has repaired the index: what stop, rm and init's end walk
+    // find it by (its id, its key) must prove it the application's.
+    expect(addon().removeIpcOwned(record.tables, 'semid', made.id, salt, record.tablesCreated!, reg.trustedInitPid(record))).toBe(true);
+    await removedWithNothingLeft(aid, salt, [0x7e57]);
+  });
+});
+
 describe('processes racing to create one key', () => {
   it('all get the same object, by the same virtual id, also when the one making it is killed in between', async () => {
     const app = sb.start(['run', '--aid', 'kk-race', '--', fixture('keyedrace'), '6', '6']);

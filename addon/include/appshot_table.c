@@ -746,6 +746,16 @@ static long raw_syscall3(long nr, long a, long b, long c) {
 #endif
 }
 
+/* Test-only pause points, as the preload library's (test_pause in
+ * addon/preload/preload.h): a test program that exports appshot_test_pause
+ * is called at each; in any other program (and in init and the addon) the
+ * weak reference is null and the point costs a not-taken branch. */
+extern void appshot_test_pause(const char *where)
+    __attribute__((weak, visibility("default")));
+static inline void table_test_pause(const char *where) {
+  if (__builtin_expect(appshot_test_pause != NULL, 0)) appshot_test_pause(where);
+}
+
 static long raw_kill(long pid, long sig) { return raw_syscall3(SYS_kill, pid, sig, 0); }
 
 /* --- Keys reserved for a create (see appshot_table.h) --------------------- */
@@ -779,6 +789,7 @@ int appshot_commit_key_locked(struct appshot_header *h, enum appshot_kind kind,
   /* The flag first, then the indexes: a committer that dies in between
    * leaves a bound entry that the repair indexes. */
   STORE(&e->flags, e->flags & ~APPSHOT_F_RESERVED);
+  table_test_pause("keyed-commit-indexing");
   index_slot_locked(h, t, pair_vid(p), pair_sid(p), slot);
   return 0;
 }
@@ -1091,21 +1102,25 @@ static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {
   return appshot_system_key(&h, vkey, attempt);
 }
 
-/* The virtual key a reservation (APPSHOT_F_RESERVED) aims at system key
- * `skey` for: 1 if there is one. Found in the entry array, as a
- * reservation is in no index: the object of a creator killed inside its
- * create, which no locker has settled yet, is the application's too. */
-static int reserved_vkey(const struct appshot_header *h, enum appshot_kind key_kind,
+/* The virtual key an entry of the key table maps system key `skey` to,
+ * bound or reserved (APPSHOT_F_RESERVED: its create in progress, aimed at
+ * `skey`): 1 if there is one. Found in the entry array, the truth, not
+ * through the index (appshot_s2v), which can lack a bound entry: a writer
+ * killed inside its change (between a commit's clearing of the flag and
+ * its indexing, say) leaves the repair to the next locker, and after the
+ * application's end there may be none. A reservation is in no index at
+ * all: the object of a creator killed inside its create, which no locker
+ * has settled yet, is the application's too. */
+static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_kind,
                          int32_t skey, int32_t *vkey) {
   const uint32_t capacity = appshot_capacity(key_kind);
   struct appshot_scan sc;
   appshot_scan_begin(h, key_kind, &sc);
   for (uint32_t s = 0; s < capacity && !appshot_scan_over(h, key_kind, &sc); s++) {
     int32_t v, sid;
-    uint32_t flags;
-    if (!appshot_entry_at(h, key_kind, s, &v, &sid, &flags, NULL)) continue;
+    if (!appshot_entry_at(h, key_kind, s, &v, &sid, NULL, NULL)) continue;
     appshot_scan_found(&sc);
-    if ((flags & APPSHOT_F_RESERVED) && sid == skey && skey != IPC_PRIVATE) {
+    if (sid == skey && skey != IPC_PRIVATE) {
       *vkey = v;
       return 1;
     }
@@ -1119,8 +1134,9 @@ static int reserved_vkey(const struct appshot_header *h, enum appshot_kind key_k
  *    than the tables were: an object that existed before the application
  *    is never its own;
  *  - a keyed object: its key is one of the application's system keys, a
- *    key its key table maps a virtual key to (or a reservation of a
- *    virtual key aims at: a creator killed inside its create) AND that the
+ *    key an entry of its key table maps a virtual key to, bound (indexed
+ *    or not: a writer killed before indexing it) or reserved (a creator
+ *    killed inside its create), AND that the
  *    application's salt derives from that virtual key (appshot_system_key,
  *    attempts 0..63): the kind of key no one outside the application uses;
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
@@ -1141,7 +1157,7 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   if (f.key != IPC_PRIVATE) {
     enum appshot_kind key_kind = (enum appshot_kind)(kind + (APPSHOT_SEMKEY - APPSHOT_SEMID));
     int32_t vkey;
-    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || reserved_vkey(h, key_kind, f.key, &vkey)))
+    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || vkey_of_entry(h, key_kind, f.key, &vkey)))
       return 0;
     for (uint32_t attempt = 0; attempt < 64; attempt++)
       if (salted_key(salt, vkey, attempt) == f.key) return 1;
