@@ -756,6 +756,20 @@ static inline void table_test_pause(const char *where) {
   if (__builtin_expect(appshot_test_pause != NULL, 0)) appshot_test_pause(where);
 }
 
+static long raw_syscall4(long nr, long a, long b, long c, long d) {
+#if defined(__x86_64__)
+  long ret;
+  register long r10 __asm__("r10") = d;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "raw_syscall4: only x86-64 is supported"
+#endif
+}
+
 static long raw_kill(long pid, long sig) { return raw_syscall3(SYS_kill, pid, sig, 0); }
 
 /* --- Keys reserved for a create (see appshot_table.h) --------------------- */
@@ -764,12 +778,23 @@ int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
                                int32_t vkey, uint32_t *slot) {
   /* No system key yet (IPC_PRIVATE, which is never one): aimed before
    * each attempt. */
-  return store_entry_locked(h, &h->tables[kind], vkey, IPC_PRIVATE,
-                            APPSHOT_F_RESERVED, 0, slot);
+  if (store_entry_locked(h, &h->tables[kind], vkey, IPC_PRIVATE,
+                         APPSHOT_F_RESERVED, 0, slot) != 0)
+    return -1;
+  struct appshot_creating *c = &h->creating;
+  c->kind = (uint32_t)kind;
+  c->slot = *slot;
+  c->pid = (int32_t)raw_syscall3(SYS_getpid, 0, 0, 0);
+  c->euid = (uint32_t)raw_syscall3(SYS_geteuid, 0, 0, 0);
+  c->aimed = INT64_MAX; /* nothing aimed at: nothing to adopt */
+  return 0;
 }
 
 void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
                                     uint32_t slot, int32_t skey) {
+  /* The time first: killed in between, the entry still aims at the key
+   * before, with a later time, which adopts less, never more. */
+  h->creating.aimed = appshot_ipc_clock();
   struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
   set_entry_pair(e, make_pair(pair_vid(entry_pair(e)), skey));
 }
@@ -810,24 +835,27 @@ static long raw_id_of_key(enum appshot_kind kind, int32_t skey) {
   }
 }
 
+static int made_by_creator(const struct appshot_header *h, enum appshot_kind key_kind,
+                           uint32_t slot, int32_t skey, int32_t id);
+
 /*
  * A creator holds the lock from its reservation to its commit or drop, so
  * a reservation that a locker finds is a dead creator's: it died inside
  * its create, and the lock came with EOWNERDEAD. Where it died decides:
  *  - before its object was made (its system key names nothing): the key
  *    was never the application's; the reservation goes;
- *  - after (an object under the reserved system key): the create did
+ *  - after (an object under the reserved system key, which the kernel's
+ *    record shows the creator made: made_by_creator): the create did
  *    happen, as far as the kernel knows; the object is adopted, its id
  *    mapped and its key bound, as the creator would have, so that the
  *    application finds it by its key and appshot removes it with the
  *    application. Removing it instead would be the same to the creator,
  *    which never saw the id, but not to a racer of the same key that
  *    waited for the lock and will now find what the creator made.
- * The object found is taken to be the creator's: its system key is one
- * the application's salt derives, which appshot_ipc_owned already counts
- * as the application's. (An object of another's under that key, made
- * before and met as EEXIST by the creator, is adopted only if the creator
- * died in the instant between that answer and aiming at the next key.)
+ *  - an object there that the creator did not make (another's, met as
+ *    EEXIST by a creator killed before it aimed at the next key, or made
+ *    there between its aim and its get): the application never had it.
+ *    The reservation goes and the object stays, as it is, its owner's.
  * Nothing here removes an object: a privileged locker (the engine, init)
  * must never act on a system key written into the file from outside.
  */
@@ -844,7 +872,8 @@ static void settle_reservations(struct appshot_header *h) {
       seen++;
       if (!(e[s].flags & APPSHOT_F_RESERVED)) continue;
       long id = pair_sid(p) == IPC_PRIVATE ? -ENOENT : raw_id_of_key((enum appshot_kind)k, pair_sid(p));
-      if (id >= 0 && id <= INT32_MAX) {
+      if (id >= 0 && id <= INT32_MAX &&
+          made_by_creator(h, (enum appshot_kind)k, s, pair_sid(p), (int32_t)id)) {
         /* The id best-effort (a full id table): the bound key finds the
          * object all the same, for the application and for appshot. */
         appshot_map_system_locked(h, id_kind, (int32_t)id, 0, 0);
@@ -1053,38 +1082,87 @@ int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
 /* What the kernel records about a SysV object. */
 struct ipc_facts {
   int32_t key;
+  uint32_t cuid; /* its creator's effective uid */
   time_t ctime;  /* creation, or a later IPC_SET/SETVAL/SETALL: never earlier */
   pid_t cpid;    /* shared memory only: its creator; 0 otherwise */
 };
+
+#ifndef SEM_STAT_ANY
+#define SEM_STAT_ANY 20
+#endif
+#ifndef SHM_STAT_ANY
+#define SHM_STAT_ANY 15
+#endif
+#ifndef MSG_STAT_ANY
+#define MSG_STAT_ANY 13
+#endif
+
+/* IPC_STAT of object `sid` into `ds`, by raw system calls (inside the
+ * preload library, semctl() and the rest are its own wrappers, which take
+ * virtual ids); without read permission on it, *_STAT_ANY (Linux 4.17),
+ * which takes an index, and of an id finds the object at that id's index:
+ * what it answers is `sid` only if that object is the one. 0 or -1. */
+static int raw_ipc_stat(long nr, long stat_any, int32_t sid, void *ds) {
+  long r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, IPC_STAT, (long)ds)
+                            : raw_syscall3(nr, sid, IPC_STAT, (long)ds);
+  if (r == 0) return 0;
+  r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, stat_any, (long)ds)
+                       : raw_syscall3(nr, sid, stat_any, (long)ds);
+  return r == sid ? 0 : -1;
+}
 
 static int ipc_facts(enum appshot_kind kind, int32_t sid, struct ipc_facts *f) {
   f->cpid = 0;
   switch (kind) {
     case APPSHOT_SEMID: {
       struct semid_ds ds;
-      union { int val; struct semid_ds *buf; } arg = {.buf = &ds};
-      if (semctl(sid, 0, IPC_STAT, arg) != 0) return -1;
+      if (raw_ipc_stat(SYS_semctl, SEM_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.sem_perm.__key;
+      f->cuid = ds.sem_perm.cuid;
       f->ctime = ds.sem_ctime;
       return 0;
     }
     case APPSHOT_SHMID: {
       struct shmid_ds ds;
-      if (shmctl(sid, IPC_STAT, &ds) != 0) return -1;
+      if (raw_ipc_stat(SYS_shmctl, SHM_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.shm_perm.__key;
+      f->cuid = ds.shm_perm.cuid;
       f->ctime = ds.shm_ctime;
       f->cpid = ds.shm_cpid;
       return 0;
     }
     case APPSHOT_MSGID: {
       struct msqid_ds ds;
-      if (msgctl(sid, IPC_STAT, &ds) != 0) return -1;
+      if (raw_ipc_stat(SYS_msgctl, MSG_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.msg_perm.__key;
+      f->cuid = ds.msg_perm.cuid;
       f->ctime = ds.msg_ctime;
       return 0;
     }
     default: return -1;
   }
+}
+
+/* Whether object `id`, found under system key `skey` that the reservation
+ * in `slot` of `key_kind` aims at, is the one its dead creator made there
+ * (struct appshot_creating): the reservation is the one the witness is
+ * about; the object was made by the creator's uid, with a ctime no earlier
+ * than the aim; a segment, by the creator's process itself (shm_cpid). A
+ * set or a queue records no creating process, and ctime counts seconds
+ * (and moves on IPC_SET, SETVAL, SETALL): another process of the
+ * creator's uid that made one there in the second of the aim, or changed
+ * one there since, is the case taken for the creator's. Unproven (no
+ * witness, the object unreadable), an object is not adopted: never one
+ * the application did not make. */
+static int made_by_creator(const struct appshot_header *h, enum appshot_kind key_kind,
+                           uint32_t slot, int32_t skey, int32_t id) {
+  const struct appshot_creating *c = &h->creating;
+  const enum appshot_kind id_kind = (enum appshot_kind)(key_kind - (APPSHOT_SEMKEY - APPSHOT_SEMID));
+  struct ipc_facts f;
+  if (c->kind != (uint32_t)key_kind || c->slot != slot) return 0;
+  if (ipc_facts(id_kind, id, &f) != 0 || f.key != skey) return 0;
+  if ((int64_t)f.ctime < c->aimed || f.cuid != c->euid) return 0;
+  return id_kind != APPSHOT_SHMID || f.cpid == c->pid;
 }
 
 int64_t appshot_ipc_clock(void) {

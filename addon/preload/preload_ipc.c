@@ -55,7 +55,7 @@ static long get_bound(const struct ipc_kind *k, int32_t skey, long size, int fla
  * tables before the object is made and bound once it exists
  * (appshot_reserve_key_locked, appshot_table.h): a process killed at any
  * instant in here leaves either nothing, a reservation the next locker
- * settles (adopting the object if it was made), or the key bound.
+ * settles (adopting the object if its creator made it), or the key bound.
  * Made first and recorded after, a kill in between left an object that
  * no table named and that nothing would ever remove. */
 static long create_reserved(const struct ipc_kind *k, key_t key, long size,
@@ -69,6 +69,7 @@ static long create_reserved(const struct ipc_kind *k, key_t key, long size,
     test_pause("keyed-key-reserved");
     r = raw_get(k, skey, size, flags | IPC_CREAT | IPC_EXCL);
     if (r != -EEXIST) break; /* EEXIST: someone outside the application's */
+    test_pause("keyed-key-taken");
   }
   if (r >= 0) {
     test_pause("keyed-object-made");
