@@ -1,11 +1,13 @@
 // A keyed SysV create (semget, shmget, msgget of a key with IPC_CREAT)
 // reserves its key in the application's tables before the object is made
 // and binds it once the object exists (create_keyed, preload_ipc.c). A
-// creator killed at any instant leaves an object its tables know or none,
-// and processes racing for one key end with one object. Driven by
+// creator killed at any instant leaves an object its tables know or none
+// (and never adopts another's found under its key), and processes racing
+// for one key end with one object. Driven by
 // test/fixtures/keyedkill.c and keyedrace.c, which kill for real (SIGKILL)
 // and check what they can see from inside; from outside, the tables and
 // the kernel's list of objects.
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,9 +18,12 @@ import { type Entry, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-keyedkill-'));
+/** Objects the test made outside any application (keyedkill outsider-make). */
+const outsiders: { kind: 'sem' | 'shm' | 'msg'; id: number }[] = [];
 afterAll(async () => {
   await sb.dispose();
   rmSync(out, { recursive: true, force: true });
+  for (const o of outsiders.splice(0)) spawnSync('ipcrm', [{ sem: '-s', shm: '-m', msg: '-q' }[o.kind], String(o.id)]);
 });
 
 type IpcKind = 'semid' | 'shmid' | 'msgid' | 'semkey' | 'shmkey' | 'msgkey';
@@ -40,6 +45,25 @@ function objectsByKey(kind: 'sem' | 'shm' | 'msg'): Map<number, number[]> {
     byKey.set(key, [...(byKey.get(key) ?? []), Number(cols[1])]);
   }
   return byKey;
+}
+
+/** A semaphore set's ctime (seconds): the last column of /proc/sysvipc/sem. */
+function semCtime(id: number): number {
+  for (const line of readFileSync('/proc/sysvipc/sem', 'utf8').split('\n').slice(1)) {
+    const cols = line.trim().split(/\s+/);
+    if (Number(cols[1]) === id) return Number(cols[cols.length - 1]);
+  }
+  throw new Error(`no semaphore set ${id}`);
+}
+
+/** Makes an object under system key `key` from outside any application,
+ * as the fixture's creates do; its id. */
+function outsiderObject(kind: 'sem' | 'shm', key: number): number {
+  const r = spawnSync(fixture('keyedkill'), ['outsider-make', kind, String(key)], { encoding: 'utf8' });
+  expect(r.status, r.stderr + r.stdout).toBe(0);
+  const id = Number(r.stdout.trim());
+  outsiders.push({ kind, id });
+  return id;
 }
 
 /** appshot_system_key (appshot_table.c): the system key of virtual key
@@ -168,6 +192,81 @@ describe('a keyed create killed part-way', () => {
       }
       await removedWithNothingLeft(aid, salt, [0x7e57]);
     });
+});
+
+describe('the edges of a keyed create', () => {
+  it('a key left bound to a removed object, then its create killed before the id was mapped: the next writer maps the object, which a snapshot would otherwise miss', async () => {
+    const app = sb.start(['run', '--aid', 'kk-rebind', '--', fixture('keyedkill'), 'rebind']);
+    await app.line(/^(REBOUND|FAIL|CREATED|REMOVED)/);
+    expect(app.output().filter((l) => /^(FAIL|CREATED|REMOVED)/.test(l))).toEqual([]);
+    const salt = saltOf('kk-rebind');
+    const vkeys = range(0x7e100, 3);
+    // Before anything gets the keys again: the tables name every object
+    // the killed creates made (the id tables are what a snapshot dumps).
+    const objects = objectsOf(salt, vkeys);
+    expect(objects.map((o) => o.keyKind).sort()).toEqual([...KEY_KINDS].sort());
+    expectWhole(tables('kk-rebind'), objects);
+    app.send('go\n');
+    await app.line(/^(DONE|FAIL)/);
+    expect(app.output().filter((l) => l.startsWith('FAIL'))).toEqual([]);
+    await removedWithNothingLeft('kk-rebind', salt, vkeys);
+  });
+
+  it("a creator killed with someone else's object under its reserved key (met as EEXIST, or made there after it aimed): the object is not adopted, and outlives the application", async () => {
+    const aid = 'kk-outsider';
+    const app = sb.start(['run', '--aid', aid, '--', fixture('keyedkill'), 'outsider']);
+    await app.line(/^(READY|FAIL)/);
+    const salt = saltOf(aid);
+    const semKey = systemKey(salt, 0x7e200, 0);
+    const sem = outsiderObject('sem', semKey);
+    // A set made in an earlier second than the creator's aim: its ctime
+    // alone tells it from one the creator made (a set records no creator).
+    // The kernel stamps ctime from the coarse clock, up to a tick behind.
+    const made = semCtime(sem);
+    await waitFor(() => Date.now() >= (made + 1) * 1000 + 50, 5_000, 'the next second');
+    app.send('go\n');
+    await app.line(/^(AIMED|FAIL)/);
+    expect(app.output().filter((l) => /^(FAIL|CREATED)/.test(l))).toEqual([]);
+    const reserved = tables(aid).shmkey.find((e) => e.virtual === 0x7e201)!;
+    expect(reserved.flags).toEqual(['reserved']);
+    expect(reserved.system).toBe(systemKey(salt, 0x7e201, 0));
+    const shm = outsiderObject('shm', reserved.system);
+    app.send('go\n');
+    await app.line(/^(DONE|FAIL)/);
+    expect(app.output().filter((l) => /^(FAIL|CREATED)/.test(l))).toEqual([]);
+    // The application's tables name its own objects, not the outsiders'.
+    const t = tables(aid);
+    expect(t.semid.map((e) => e.system)).not.toContain(sem);
+    expect(t.shmid.map((e) => e.system)).not.toContain(shm);
+    expect(t.semkey.find((e) => e.virtual === 0x7e200)?.system).not.toBe(semKey);
+    expect(t.shmkey.find((e) => e.virtual === 0x7e201)?.system).not.toBe(reserved.system);
+    const vkeys = [0x7e200, 0x7e201];
+    const own = objectsOf(salt, vkeys).filter((o) => o.id !== (o.keyKind === 'semkey' ? sem : o.keyKind === 'shmkey' ? shm : -1));
+    expect(own).toHaveLength(2);
+    expectWhole(t, own);
+    sb.ok(['rm', '-f', aid]);
+    await waitFor(() => !sb.allAids().includes(aid), 10_000, `${aid} to be removed`);
+    expect(objectsOf(salt, vkeys).map((o) => o.id).sort()).toEqual([sem, shm].sort());
+  });
+
+  it('killed binding the key, after its flag was cleared and before it was indexed, and removed at once: the key entry finds the object', async () => {
+    const aid = 'kk-indexing';
+    const app = sb.start(['run', '--aid', aid, '--', fixture('keyedkill'), 'pause', 'sem', 'keyed-commit-indexing']);
+    const pid = Number((await app.line(/^(?:PAUSED (\d+)|CREATED WITHOUT PAUSING.*|FAIL.*)$/))[1]);
+    expect(app.output().filter((l) => /^(FAIL|CREATED)/.test(l))).toEqual([]);
+    const entry = tables(aid).semkey.find((e) => e.virtual === 0x7e57)!;
+    expect(entry.flags).toEqual([]); // bound, in no index yet
+    const reg = new LocalRegistry(sb.home);
+    const record = reg.require(aid);
+    const salt = BigInt(`0x${record.keySalt}`);
+    const [made] = objectsOf(salt, [0x7e57]);
+    expect(tables(aid).semid.map((e) => e.system)).toContain(made.id);
+    process.kill(pid, 'SIGKILL');
+    // No writer has repaired the index: what stop, rm and init's end walk
+    // find it by (its id, its key) must prove it the application's.
+    expect(addon().removeIpcOwned(record.tables, 'semid', made.id, salt, record.tablesCreated!, reg.trustedInitPid(record))).toBe(true);
+    await removedWithNothingLeft(aid, salt, [0x7e57]);
+  });
 });
 
 describe('processes racing to create one key', () => {

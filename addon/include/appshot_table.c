@@ -746,6 +746,30 @@ static long raw_syscall3(long nr, long a, long b, long c) {
 #endif
 }
 
+/* Test-only pause points, as the preload library's (test_pause in
+ * addon/preload/preload.h): a test program that exports appshot_test_pause
+ * is called at each; in any other program (and in init and the addon) the
+ * weak reference is null and the point costs a not-taken branch. */
+extern void appshot_test_pause(const char *where)
+    __attribute__((weak, visibility("default")));
+static inline void table_test_pause(const char *where) {
+  if (__builtin_expect(appshot_test_pause != NULL, 0)) appshot_test_pause(where);
+}
+
+static long raw_syscall4(long nr, long a, long b, long c, long d) {
+#if defined(__x86_64__)
+  long ret;
+  register long r10 __asm__("r10") = d;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "raw_syscall4: only x86-64 is supported"
+#endif
+}
+
 static long raw_kill(long pid, long sig) { return raw_syscall3(SYS_kill, pid, sig, 0); }
 
 /* --- Keys reserved for a create (see appshot_table.h) --------------------- */
@@ -754,12 +778,23 @@ int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
                                int32_t vkey, uint32_t *slot) {
   /* No system key yet (IPC_PRIVATE, which is never one): aimed before
    * each attempt. */
-  return store_entry_locked(h, &h->tables[kind], vkey, IPC_PRIVATE,
-                            APPSHOT_F_RESERVED, 0, slot);
+  if (store_entry_locked(h, &h->tables[kind], vkey, IPC_PRIVATE,
+                         APPSHOT_F_RESERVED, 0, slot) != 0)
+    return -1;
+  struct appshot_creating *c = &h->creating;
+  c->kind = (uint32_t)kind;
+  c->slot = *slot;
+  c->pid = (int32_t)raw_syscall3(SYS_getpid, 0, 0, 0);
+  c->euid = (uint32_t)raw_syscall3(SYS_geteuid, 0, 0, 0);
+  c->aimed = INT64_MAX; /* nothing aimed at: nothing to adopt */
+  return 0;
 }
 
 void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
                                     uint32_t slot, int32_t skey) {
+  /* The time first: killed in between, the entry still aims at the key
+   * before, with a later time, which adopts less, never more. */
+  h->creating.aimed = appshot_ipc_clock();
   struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
   set_entry_pair(e, make_pair(pair_vid(entry_pair(e)), skey));
 }
@@ -779,6 +814,7 @@ int appshot_commit_key_locked(struct appshot_header *h, enum appshot_kind kind,
   /* The flag first, then the indexes: a committer that dies in between
    * leaves a bound entry that the repair indexes. */
   STORE(&e->flags, e->flags & ~APPSHOT_F_RESERVED);
+  table_test_pause("keyed-commit-indexing");
   index_slot_locked(h, t, pair_vid(p), pair_sid(p), slot);
   return 0;
 }
@@ -799,24 +835,27 @@ static long raw_id_of_key(enum appshot_kind kind, int32_t skey) {
   }
 }
 
+static int made_by_creator(const struct appshot_header *h, enum appshot_kind key_kind,
+                           uint32_t slot, int32_t skey, int32_t id);
+
 /*
  * A creator holds the lock from its reservation to its commit or drop, so
  * a reservation that a locker finds is a dead creator's: it died inside
  * its create, and the lock came with EOWNERDEAD. Where it died decides:
  *  - before its object was made (its system key names nothing): the key
  *    was never the application's; the reservation goes;
- *  - after (an object under the reserved system key): the create did
+ *  - after (an object under the reserved system key, which the kernel's
+ *    record shows the creator made: made_by_creator): the create did
  *    happen, as far as the kernel knows; the object is adopted, its id
  *    mapped and its key bound, as the creator would have, so that the
  *    application finds it by its key and appshot removes it with the
  *    application. Removing it instead would be the same to the creator,
  *    which never saw the id, but not to a racer of the same key that
  *    waited for the lock and will now find what the creator made.
- * The object found is taken to be the creator's: its system key is one
- * the application's salt derives, which appshot_ipc_owned already counts
- * as the application's. (An object of another's under that key, made
- * before and met as EEXIST by the creator, is adopted only if the creator
- * died in the instant between that answer and aiming at the next key.)
+ *  - an object there that the creator did not make (another's, met as
+ *    EEXIST by a creator killed before it aimed at the next key, or made
+ *    there between its aim and its get): the application never had it.
+ *    The reservation goes and the object stays, as it is, its owner's.
  * Nothing here removes an object: a privileged locker (the engine, init)
  * must never act on a system key written into the file from outside.
  */
@@ -833,7 +872,8 @@ static void settle_reservations(struct appshot_header *h) {
       seen++;
       if (!(e[s].flags & APPSHOT_F_RESERVED)) continue;
       long id = pair_sid(p) == IPC_PRIVATE ? -ENOENT : raw_id_of_key((enum appshot_kind)k, pair_sid(p));
-      if (id >= 0 && id <= INT32_MAX) {
+      if (id >= 0 && id <= INT32_MAX &&
+          made_by_creator(h, (enum appshot_kind)k, s, pair_sid(p), (int32_t)id)) {
         /* The id best-effort (a full id table): the bound key finds the
          * object all the same, for the application and for appshot. */
         appshot_map_system_locked(h, id_kind, (int32_t)id, 0, 0);
@@ -1042,38 +1082,87 @@ int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
 /* What the kernel records about a SysV object. */
 struct ipc_facts {
   int32_t key;
+  uint32_t cuid; /* its creator's effective uid */
   time_t ctime;  /* creation, or a later IPC_SET/SETVAL/SETALL: never earlier */
   pid_t cpid;    /* shared memory only: its creator; 0 otherwise */
 };
+
+#ifndef SEM_STAT_ANY
+#define SEM_STAT_ANY 20
+#endif
+#ifndef SHM_STAT_ANY
+#define SHM_STAT_ANY 15
+#endif
+#ifndef MSG_STAT_ANY
+#define MSG_STAT_ANY 13
+#endif
+
+/* IPC_STAT of object `sid` into `ds`, by raw system calls (inside the
+ * preload library, semctl() and the rest are its own wrappers, which take
+ * virtual ids); without read permission on it, *_STAT_ANY (Linux 4.17),
+ * which takes an index, and of an id finds the object at that id's index:
+ * what it answers is `sid` only if that object is the one. 0 or -1. */
+static int raw_ipc_stat(long nr, long stat_any, int32_t sid, void *ds) {
+  long r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, IPC_STAT, (long)ds)
+                            : raw_syscall3(nr, sid, IPC_STAT, (long)ds);
+  if (r == 0) return 0;
+  r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, stat_any, (long)ds)
+                       : raw_syscall3(nr, sid, stat_any, (long)ds);
+  return r == sid ? 0 : -1;
+}
 
 static int ipc_facts(enum appshot_kind kind, int32_t sid, struct ipc_facts *f) {
   f->cpid = 0;
   switch (kind) {
     case APPSHOT_SEMID: {
       struct semid_ds ds;
-      union { int val; struct semid_ds *buf; } arg = {.buf = &ds};
-      if (semctl(sid, 0, IPC_STAT, arg) != 0) return -1;
+      if (raw_ipc_stat(SYS_semctl, SEM_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.sem_perm.__key;
+      f->cuid = ds.sem_perm.cuid;
       f->ctime = ds.sem_ctime;
       return 0;
     }
     case APPSHOT_SHMID: {
       struct shmid_ds ds;
-      if (shmctl(sid, IPC_STAT, &ds) != 0) return -1;
+      if (raw_ipc_stat(SYS_shmctl, SHM_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.shm_perm.__key;
+      f->cuid = ds.shm_perm.cuid;
       f->ctime = ds.shm_ctime;
       f->cpid = ds.shm_cpid;
       return 0;
     }
     case APPSHOT_MSGID: {
       struct msqid_ds ds;
-      if (msgctl(sid, IPC_STAT, &ds) != 0) return -1;
+      if (raw_ipc_stat(SYS_msgctl, MSG_STAT_ANY, sid, &ds) != 0) return -1;
       f->key = ds.msg_perm.__key;
+      f->cuid = ds.msg_perm.cuid;
       f->ctime = ds.msg_ctime;
       return 0;
     }
     default: return -1;
   }
+}
+
+/* Whether object `id`, found under system key `skey` that the reservation
+ * in `slot` of `key_kind` aims at, is the one its dead creator made there
+ * (struct appshot_creating): the reservation is the one the witness is
+ * about; the object was made by the creator's uid, with a ctime no earlier
+ * than the aim; a segment, by the creator's process itself (shm_cpid). A
+ * set or a queue records no creating process, and ctime counts seconds
+ * (and moves on IPC_SET, SETVAL, SETALL): another process of the
+ * creator's uid that made one there in the second of the aim, or changed
+ * one there since, is the case taken for the creator's. Unproven (no
+ * witness, the object unreadable), an object is not adopted: never one
+ * the application did not make. */
+static int made_by_creator(const struct appshot_header *h, enum appshot_kind key_kind,
+                           uint32_t slot, int32_t skey, int32_t id) {
+  const struct appshot_creating *c = &h->creating;
+  const enum appshot_kind id_kind = (enum appshot_kind)(key_kind - (APPSHOT_SEMKEY - APPSHOT_SEMID));
+  struct ipc_facts f;
+  if (c->kind != (uint32_t)key_kind || c->slot != slot) return 0;
+  if (ipc_facts(id_kind, id, &f) != 0 || f.key != skey) return 0;
+  if ((int64_t)f.ctime < c->aimed || f.cuid != c->euid) return 0;
+  return id_kind != APPSHOT_SHMID || f.cpid == c->pid;
 }
 
 int64_t appshot_ipc_clock(void) {
@@ -1091,21 +1180,25 @@ static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {
   return appshot_system_key(&h, vkey, attempt);
 }
 
-/* The virtual key a reservation (APPSHOT_F_RESERVED) aims at system key
- * `skey` for: 1 if there is one. Found in the entry array, as a
- * reservation is in no index: the object of a creator killed inside its
- * create, which no locker has settled yet, is the application's too. */
-static int reserved_vkey(const struct appshot_header *h, enum appshot_kind key_kind,
+/* The virtual key an entry of the key table maps system key `skey` to,
+ * bound or reserved (APPSHOT_F_RESERVED: its create in progress, aimed at
+ * `skey`): 1 if there is one. Found in the entry array, the truth, not
+ * through the index (appshot_s2v), which can lack a bound entry: a writer
+ * killed inside its change (between a commit's clearing of the flag and
+ * its indexing, say) leaves the repair to the next locker, and after the
+ * application's end there may be none. A reservation is in no index at
+ * all: the object of a creator killed inside its create, which no locker
+ * has settled yet, is the application's too. */
+static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_kind,
                          int32_t skey, int32_t *vkey) {
   const uint32_t capacity = appshot_capacity(key_kind);
   struct appshot_scan sc;
   appshot_scan_begin(h, key_kind, &sc);
   for (uint32_t s = 0; s < capacity && !appshot_scan_over(h, key_kind, &sc); s++) {
     int32_t v, sid;
-    uint32_t flags;
-    if (!appshot_entry_at(h, key_kind, s, &v, &sid, &flags, NULL)) continue;
+    if (!appshot_entry_at(h, key_kind, s, &v, &sid, NULL, NULL)) continue;
     appshot_scan_found(&sc);
-    if ((flags & APPSHOT_F_RESERVED) && sid == skey && skey != IPC_PRIVATE) {
+    if (sid == skey && skey != IPC_PRIVATE) {
       *vkey = v;
       return 1;
     }
@@ -1119,8 +1212,9 @@ static int reserved_vkey(const struct appshot_header *h, enum appshot_kind key_k
  *    than the tables were: an object that existed before the application
  *    is never its own;
  *  - a keyed object: its key is one of the application's system keys, a
- *    key its key table maps a virtual key to (or a reservation of a
- *    virtual key aims at: a creator killed inside its create) AND that the
+ *    key an entry of its key table maps a virtual key to, bound (indexed
+ *    or not: a writer killed before indexing it) or reserved (a creator
+ *    killed inside its create), AND that the
  *    application's salt derives from that virtual key (appshot_system_key,
  *    attempts 0..63): the kind of key no one outside the application uses;
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
@@ -1141,7 +1235,7 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   if (f.key != IPC_PRIVATE) {
     enum appshot_kind key_kind = (enum appshot_kind)(kind + (APPSHOT_SEMKEY - APPSHOT_SEMID));
     int32_t vkey;
-    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || reserved_vkey(h, key_kind, f.key, &vkey)))
+    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || vkey_of_entry(h, key_kind, f.key, &vkey)))
       return 0;
     for (uint32_t attempt = 0; attempt < 64; attempt++)
       if (salted_key(salt, vkey, attempt) == f.key) return 1;

@@ -48,7 +48,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 10u
+#define APPSHOT_TABLE_VERSION 11u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -253,6 +253,21 @@ struct appshot_socket_notes {
   uint64_t lost_seen[APPSHOT_LOST_SEEN_BITS / 64];
 };
 
+/* The keyed create in progress (appshot_reserve_key_locked): at most one,
+ * as its creator holds the lock from its reservation to its commit or
+ * drop. Who makes it and since when: the witness a settling locker checks
+ * an object found under the reserved system key against, to adopt only an
+ * object that creator made, never one it met there (settle_reservations in
+ * appshot_table.c). */
+struct appshot_creating {
+  uint32_t kind;  /* the key table of the reservation */
+  uint32_t slot;  /* its entry */
+  int32_t pid;    /* the creator's system PID: a segment's shm_cpid */
+  uint32_t euid;  /* its effective uid: an object's cuid */
+  int64_t aimed;  /* appshot_ipc_clock() as it aimed at the system key it
+                     tries: the object it makes there has no earlier ctime */
+};
+
 struct appshot_header {
   uint64_t magic;
   uint32_t version;
@@ -266,6 +281,7 @@ struct appshot_header {
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
   struct appshot_socket_notes sockets;
+  struct appshot_creating creating; /* written under the lock */
 };
 
 /* --- Wait calls across a restore -----------------------------------------
@@ -551,8 +567,8 @@ int32_t appshot_map_system_locked(struct appshot_header *h,
 int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind,
                                 int32_t sid);
 
-/* A keyed create (semget... of a key the application has not bound, with
- * IPC_CREAT), all under one hold of the lock, so that a racer of the same
+/* A keyed create (semget... with IPC_CREAT of a key the application has
+ * not bound, or whose object is gone), all under one hold of the lock, so that a racer of the same
  * key waits for it and then finds the key bound:
  *   appshot_reserve_key_locked      the virtual key in the entry array,
  *                                   APPSHOT_F_RESERVED, in no index;
@@ -564,7 +580,12 @@ int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind
  *   or appshot_drop_reservation_locked if nothing was made.
  * Whatever instant the creator dies at, the key is reserved (settled by
  * the next locker: the object adopted, or the reservation dropped) or
- * bound: never an object that no entry names. Reserve returns 0 with the
+ * bound: never an object of its making that no entry names. Reserve and
+ * aim note the creator and the time in the header (struct
+ * appshot_creating): an object under the aimed key is adopted only if the
+ * kernel's record of it shows that creator made it there after it aimed;
+ * another's (met as EEXIST, or made there between the aim and the get) is
+ * left alone and the reservation dropped. Reserve returns 0 with the
  * entry's slot, or -1 with ENOSPC; commit returns -1 with EEXIST if either
  * key is bound already (only a file written from outside has that). */
 int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,

@@ -36,17 +36,69 @@ static void raw_rmid(const struct ipc_kind *k, int sid) {
   else SYS3(msgctl, sid, IPC_RMID, 0);
 }
 
-/* First use of a virtual key with IPC_CREAT: find a system key of ours
- * that no one outside uses and bind it, atomically with respect to the
- * application's other processes (they may race for the same key: the
- * lock makes them wait, and the loser finds the key bound).
+/* The object under a bound system key: the kernel's answer to the get of
+ * an existing key (EEXIST for IPC_CREAT | IPC_EXCL, before any check of
+ * permissions or size, as the kernel answers), or -ENOENT if there is
+ * none. Never makes one: only a reserved key's create does, under the
+ * lock (create_keyed). */
+static long get_bound(const struct ipc_kind *k, int32_t skey, long size, int flags) {
+  if ((flags & (IPC_CREAT | IPC_EXCL)) == (IPC_CREAT | IPC_EXCL)) {
+    long r = raw_get(k, skey, 0, 0); /* asks for no permission */
+    return r >= 0 ? -EEXIST : r;
+  }
+  return raw_get(k, skey, size, flags & ~IPC_CREAT);
+}
+
+/* A get with IPC_CREAT of a virtual key that names no object (its first
+ * use, or its object gone), under the lock: finds a system key of ours
+ * that no one outside uses and binds it. The key is reserved in the
+ * tables before the object is made and bound once it exists
+ * (appshot_reserve_key_locked, appshot_table.h): a process killed at any
+ * instant in here leaves either nothing, a reservation the next locker
+ * settles (adopting the object if its creator made it), or the key bound.
+ * Made first and recorded after, a kill in between left an object that
+ * no table named and that nothing would ever remove. */
+static long create_reserved(const struct ipc_kind *k, key_t key, long size,
+                            int flags, int32_t *vid) {
+  uint32_t reserved;
+  if (appshot_reserve_key_locked(g_h, k->key, key, &reserved) != 0) return -errno;
+  long r = -ENOSPC; /* 64 taken keys in a row: the key space is crowded */
+  for (uint32_t attempt = 0; attempt < 64; attempt++) {
+    int32_t skey = appshot_system_key(g_h, key, attempt);
+    appshot_aim_reservation_locked(g_h, k->key, reserved, skey);
+    test_pause("keyed-key-reserved");
+    r = raw_get(k, skey, size, flags | IPC_CREAT | IPC_EXCL);
+    if (r != -EEXIST) break; /* EEXIST: someone outside the application's */
+    test_pause("keyed-key-taken");
+  }
+  if (r >= 0) {
+    test_pause("keyed-object-made");
+    /* The id, then the key, as a settling locker adopts them. */
+    *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
+    if (*vid < 0 || appshot_commit_key_locked(g_h, k->key, reserved) != 0) {
+      long err = -errno;
+      if (*vid >= 0) appshot_unmap_system_locked(g_h, k->id, (int32_t)r);
+      raw_rmid(k, (int)r); /* nobody could name it */
+      *vid = -1;
+      r = err;
+    }
+  }
+  if (r < 0) appshot_drop_reservation_locked(g_h, k->key, reserved);
+  return r;
+}
+
+/* A get with IPC_CREAT of a virtual key that named no object, atomic with
+ * respect to the application's other processes: they may race for the
+ * same key, and the lock makes them wait; the loser finds the key bound
+ * and its object there.
  *
- * The key is reserved in the tables before the object is made and bound
- * once it exists (appshot_reserve_key_locked, appshot_table.h): a process
- * killed at any instant in here leaves either nothing, a reservation the
- * next locker settles (adopting the object if it was made), or the key
- * bound. Made first and recorded after, a kill in between left an object
- * that no table named and that nothing would ever remove. */
+ * A key still bound to a system key that names nothing (a process killed
+ * in IPC_RMID after the kernel removed the object and before it unbound
+ * the key) is unbound and created afresh as a new one is. Made through
+ * the binding instead, without the lock, an object whose maker was killed
+ * before it mapped the id had a key but no id entry, and no repair gave
+ * it one (the maker held no lock to die with): a snapshot, which dumps
+ * the objects the id tables name, missed it. */
 static long create_keyed(const struct ipc_kind *k, key_t key, long size,
                          int flags, int32_t *vid) {
   sigset_t saved;
@@ -54,56 +106,37 @@ static long create_keyed(const struct ipc_kind *k, key_t key, long size,
   if (appshot_lock(g_h, &saved) != 0) return -errno;
   test_pause("table-locked");
   int32_t skey;
-  uint32_t reserved;
-  long r;
+  long r = -ENOENT;
   if (appshot_v2s(g_h, k->key, key, &skey)) {
-    r = raw_get(k, skey, size, flags); /* another process won the race */
-    if (r >= 0) {
-      *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
-      if (*vid < 0) r = -errno;
-    }
-  } else if (appshot_reserve_key_locked(g_h, k->key, key, &reserved) != 0) {
-    r = -errno;
-  } else {
-    r = -ENOSPC; /* 64 taken keys in a row: the key space is crowded */
-    for (uint32_t attempt = 0; attempt < 64; attempt++) {
-      skey = appshot_system_key(g_h, key, attempt);
-      appshot_aim_reservation_locked(g_h, k->key, reserved, skey);
-      test_pause("keyed-key-reserved");
-      r = raw_get(k, skey, size, flags | IPC_CREAT | IPC_EXCL);
-      if (r != -EEXIST) break; /* EEXIST: someone outside the application's */
-    }
-    if (r >= 0) {
-      test_pause("keyed-object-made");
-      /* The id, then the key, as a settling locker adopts them. */
-      *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
-      if (*vid < 0 || appshot_commit_key_locked(g_h, k->key, reserved) != 0) {
-        long err = -errno;
-        if (*vid >= 0) appshot_unmap_system_locked(g_h, k->id, (int32_t)r);
-        raw_rmid(k, (int)r); /* nobody could name it */
-        *vid = -1;
-        r = err;
-      }
-    }
-    if (r < 0) appshot_drop_reservation_locked(g_h, k->key, reserved);
+    r = get_bound(k, skey, size, flags); /* another process won the race */
+    if (r == -ENOENT)
+      appshot_unmap_system_locked(g_h, k->key, skey); /* its object gone */
+    else if (r >= 0 && (*vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0)) < 0)
+      r = -errno;
   }
+  if (r == -ENOENT) r = create_reserved(k, key, size, flags, vid);
   appshot_unlock(g_h, &saved);
   return r;
 }
 
 /* A translation window (preload.h): the system id the kernel returns is on
- * its way into the tables, and a keyed creation holds the table lock. */
+ * its way into the tables, and a keyed creation holds the table lock. A
+ * bound key's object is found without the lock, never made there: a get
+ * that would make one takes the lock (create_keyed). */
 static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
   ID_WINDOW();
-  int32_t skey = key, vid;
+  int32_t skey, vid;
   long r;
-  if (key != IPC_PRIVATE && !appshot_v2s(g_h, k->key, key, &skey)) {
-    if (!(flags & IPC_CREAT)) return fail(ENOENT);
+  if (key == IPC_PRIVATE)
+    r = raw_get(k, IPC_PRIVATE, size, flags);
+  else
+    r = appshot_v2s(g_h, k->key, key, &skey) ? get_bound(k, skey, size, flags) : -ENOENT;
+  if (r == -ENOENT && key != IPC_PRIVATE && (flags & IPC_CREAT)) {
     r = create_keyed(k, key, size, flags, &vid);
     return r < 0 ? libc_ret(r) : vid;
   }
-  r = raw_get(k, skey, size, flags);
   if (r < 0) return libc_ret(r);
+  test_pause("ipc-get-answered");
   vid = appshot_map_system(g_h, k->id, (int32_t)r, 0, 0);
   if (vid < 0) {
     /* A private object nobody could name would only leak. */
@@ -216,6 +249,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     key_t skey = REAL(semctl)(sid, 0, IPC_STAT, &ds) == 0 ? ds.sem_perm.__key
                                                           : IPC_PRIVATE;
     r = REAL(semctl)(sid, num, cmd, arg);
+    if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
       appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
       unmap_key(APPSHOT_SEMKEY, skey);
@@ -284,6 +318,7 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     key_t skey = REAL(shmctl)(sid, IPC_STAT, &ds) == 0 ? ds.shm_perm.__key
                                                        : IPC_PRIVATE;
     r = REAL(shmctl)(sid, cmd, buf);
+    if (r == 0) test_pause("ipc-removed");
     /* The id mapping stays: Linux keeps a removed segment alive, and
      * usable by id, while it is attached. Init drops it once it is gone. */
     if (r == 0) unmap_key(APPSHOT_SHMKEY, skey);
@@ -350,6 +385,7 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     key_t skey = REAL(msgctl)(sid, IPC_STAT, &ds) == 0 ? ds.msg_perm.__key
                                                        : IPC_PRIVATE;
     r = REAL(msgctl)(sid, cmd, buf);
+    if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
       appshot_unmap_system(g_h, APPSHOT_MSGID, sid);
       unmap_key(APPSHOT_MSGKEY, skey);
