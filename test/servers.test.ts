@@ -998,7 +998,7 @@ print(f.quit().split()[0], flush=True)
     }
   });
 
-  it.runIf(isRoot && existsSync(LIGHTTPD))('lighttpd as Debian configures it (started as root, then www-data, holding the PID file it opened as root): a keep-alive client carries on', async () => {
+  it.runIf(isRoot && existsSync(LIGHTTPD))('lighttpd as Debian configures it (started as root, then www-data, holding the PID file it opened as root): a keep-alive client carries on, and a clone holds its own copy', async () => {
     // Its PID file is in a directory only root may enter, as
     // /run/lighttpd.pid is a file only root may write: no identity of the
     // application may open it again, and every restore was refused. (Its
@@ -1047,6 +1047,25 @@ print(f.quit().split()[0], flush=True)
       const fd = readdirSync(`/proc/${pid}/fd`).find((n) => readlinkSync(`/proc/${pid}/fd/${n}`) === pidFile);
       expect(fd, 'a descriptor of its PID file').toBeDefined();
       expect(statSync(`/proc/${pid}/fd/${fd}`).ino).toBe(statSync(pidFile).ino);
+
+      // A clone on a port of its own, holding its own copy of the PID file.
+      // (Its connections closed: the last client's may not be yet.)
+      run(['snapshot', 'lt', '--tcp-close', '-o', join(dir, 'lt.snap2')]);
+      const rules = join(dir, 'lt.rules');
+      writeFileSync(rules, `PORT ${port} ALLOCATE\n`);
+      run(['template', 'create', join(dir, 'lt.snap2'), '-o', join(dir, 'lt.template'), '--rules', rules]);
+      const [clone] = sb.json<Json[]>(['clone', join(dir, 'lt.template'), '--aid', 'ltc']);
+      try {
+        const own = clone.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
+        expect((await httpGet(own)).body).toBe('lighttpd page\n');
+        expect(identities('ltc')).toEqual(before);
+        const clonePid = processes('ltc')[0].pid;
+        const copy = readlinkSync(`/proc/${clonePid}/fd/${fd}`);
+        expect(copy).not.toBe(pidFile);
+        expect(statSync(copy).ino).not.toBe(statSync(pidFile).ino);
+      } finally {
+        sb.run(['rm', '-f', 'ltc']);
+      }
     } finally {
       sb.run(['stop', 'lt', '-s', 'KILL']);
     }

@@ -15,7 +15,7 @@ import { waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, type SocketOption, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
-import { privateCopy, redirected, unredirected } from './paths.js';
+import { type CopiedFile, privateCopy, redirected, unredirected } from './paths.js';
 import { restoredProcPath } from './procpaths.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
@@ -254,8 +254,15 @@ export class RestoreContext {
     const named = unredirected(this.image.instance?.redirs ?? [], path);
     const target = redirected(this.redirs, named);
     if (target !== undefined) return privateCopy(path, target);
-    return copy ? privateCopy(path, join(this.plan.privateRoot, named)) : path;
+    if (!copy) return path;
+    const own = join(this.plan.privateRoot, named);
+    return privateCopy(path, own, (c) => this.copiesMade.set(own, c));
   }
+
+  /** The private copies clonePath made in this restore (not REDIR PATH
+   * targets, which are the user's places), by path: what each was copied
+   * from (files.ts: a file held past a drop of privileges). */
+  readonly copiesMade = new Map<string, CopiedFile>();
 
   /** A clone's working directory: redirected, or in a copy-on-write
    * directory the instance's own copy of it (relative writes must not

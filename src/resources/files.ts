@@ -452,15 +452,16 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
 /** `path` opened as process `p` would (or, refused, another process of
  * the application: fsident.ts); what none of their credentials allow is
  * refused naming the descriptor and the process's fsuid, unless it is the
- * very file an image of our own snapshot says the process held
- * (reopenHeldFile: opened before it dropped its privileges). */
+ * very file an image of our own snapshot says the process held, or a
+ * clone's copy made now of that very file (reopenHeldFile: opened before
+ * it dropped its privileges). */
 function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
   try {
     return addon().openAs(path, flags, 0, identitiesFor(h.image, p));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     const held = code === 'EACCES' || code === 'EPERM' ? h.image.files[fd.file] : undefined;
-    const got = held && reopenHeldFile(held, isOwnSnapshot(h.image), path, flags);
+    const got = held && reopenHeldFile(held, isOwnSnapshot(h.image), path, flags, h.copiesMade.get(path));
     if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid} fd ${fd.fd}: ${path}`, fsIdentity(p));
   }

@@ -31,6 +31,7 @@
  */
 import { type Creds, type FileIdentity, type Image, type Process } from '../image/types.js';
 import { addon, type FsIdentity } from '../native.js';
+import { type CopiedFile } from './paths.js';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 
@@ -210,23 +211,36 @@ const S_IFDIR = 0o040000;
  * the access it had (no name walked again), as the restorer: a restorer
  * that may not open it either is refused by the kernel.
  *
+ * A clone whose rules give it its own copy of such a file (`copy`: made by
+ * this restore, paths.ts privateCopy) gets the copy only if what was
+ * copied was that very file, and the copy at the name is still the one
+ * made (its directories may be the application user's). A template is an
+ * image of our own snapshot for as long as written/ keeps its record (the
+ * last 512 snapshots').
+ *
  * Returns the descriptor, or undefined where this cannot be shown.
  */
-export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: string, flags: number): number | undefined {
+export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: string, flags: number, copy?: CopiedFile): number | undefined {
   if (!ownSnapshot || held.deleted || !held.btimeNs) return undefined;
   const type = held.mode & S_IFMT;
   if (type !== S_IFREG && type !== S_IFDIR) return undefined;
+  const isHeld = (st: { dev: bigint; ino: bigint; birthtimeNs: bigint }) => st.dev === held.dev && st.ino === held.ino && st.birthtimeNs === held.btimeNs;
+  // A clone's own copy (`path`) of what its template held: made by this
+  // restore from that very file, and still the copy it made.
+  if (copy && (type !== S_IFREG || !isHeld(copy.source))) return undefined;
   let at: number;
   try {
     // As the process walked it: a name it opened O_NOFOLLOW is not
-    // followed now either (the link itself is then not the file).
-    at = addon().openAs(path, O_PATH | (flags & O_NOFOLLOW), 0);
+    // followed now either (the link itself is then not the file). A copy
+    // is appshot's own file, never reached through a link.
+    at = addon().openAs(path, O_PATH | (copy ? O_NOFOLLOW : flags & O_NOFOLLOW), 0);
   } catch {
     return undefined;
   }
   try {
     const st = fstatSync(at, { bigint: true });
-    if (st.dev !== held.dev || st.ino !== held.ino || st.birthtimeNs !== held.btimeNs || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
+    const very = copy ? st.dev === copy.copy.dev && st.ino === copy.copy.ino : isHeld(st);
+    if (!very || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
     // (O_NOFOLLOW would refuse the /proc link itself.)
     return openSync(`/proc/self/fd/${at}`, flags & ~O_NOFOLLOW);
   } catch {

@@ -30,10 +30,18 @@ export function unredirected(redirs: InstanceConfig['redirs'], path: string): st
   return best ? best.from + path.slice(best.to.length) : path;
 }
 
+/** A regular file privateCopy copied: the identity of the file it read
+ * (fstat of the descriptor it read from) and of the copy it wrote. */
+export interface CopiedFile {
+  source: { dev: bigint; ino: bigint; birthtimeNs: bigint };
+  copy: { dev: bigint; ino: bigint };
+}
+
 /** Makes `copy` the instance's own copy of `original`, unless it has one
  * already; returns `copy`. Written under a temporary name and renamed, so
- * that a copy is never seen half-made. */
-export function privateCopy(original: string, copy: string): string {
+ * that a copy is never seen half-made. `made`: told what a regular file's
+ * copy was made from, when one is made now. */
+export function privateCopy(original: string, copy: string, made?: (c: CopiedFile) => void): string {
   if (existsSync(copy)) return copy;
   makeParents(original, copy);
   // A directory (a working directory, a descriptor on one): the whole of
@@ -53,8 +61,9 @@ export function privateCopy(original: string, copy: string): string {
     // Not blocking on a FIFO put there: refused below, as any file that
     // is not a regular one.
     const fd = openSync(original, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+    let copied: CopiedFile | undefined;
     try {
-      const st = fstatSync(fd);
+      const st = fstatSync(fd, { bigint: true });
       if (!st.isFile()) throw new AppshotError(`${original} is not a regular file: no private copy of it is made`);
       // Made 0600, filled, given its owner, then its mode: never for a
       // moment a root-owned set-user-ID file of another's bytes (chown
@@ -63,8 +72,10 @@ export function privateCopy(original: string, copy: string): string {
       try {
         const buf = Buffer.allocUnsafe(1 << 20);
         for (let n; (n = readSync(fd, buf, 0, buf.length, null)) > 0; ) writeSync(out, buf, 0, n);
-        if (process.geteuid?.() === 0) fchownSync(out, st.uid, st.gid);
-        fchmodSync(out, st.mode & 0o7777);
+        if (process.geteuid?.() === 0) fchownSync(out, Number(st.uid), Number(st.gid));
+        fchmodSync(out, Number(st.mode) & 0o7777);
+        const written = fstatSync(out, { bigint: true });
+        copied = { source: { dev: st.dev, ino: st.ino, birthtimeNs: st.birthtimeNs }, copy: { dev: written.dev, ino: written.ino } };
       } finally {
         closeSync(out);
       }
@@ -74,9 +85,11 @@ export function privateCopy(original: string, copy: string): string {
     } finally {
       closeSync(fd);
     }
-  } else {
-    writeFileSync(tmp, '');
+    renameSync(tmp, copy);
+    if (copied) made?.(copied);
+    return copy;
   }
+  writeFileSync(tmp, '');
   renameSync(tmp, copy);
   return copy;
 }
