@@ -190,6 +190,15 @@ export const newImageId = () => randomBytes(8).toString('hex');
 const ownSnapshots = new WeakSet<Image>();
 export const isOwnSnapshot = (image: Image): boolean => ownSnapshots.has(image);
 
+/** A template's word, in a template.pb signed by this node's own key, that
+ * its image (whose image.pb has the SHA-256 it names, as read now) was one
+ * of our own snapshot's when the template was made (template.ts). */
+export function ownSnapshotByTemplate(loaded: LoadedImage, template: Template, signer: Signer): void {
+  const now = loaded.digests.get(PARTS.image)?.sha256;
+  const said = template.ownSnapshotImage;
+  if (signer.trusted && isOwnKey(signer.trusted) && said?.length === 32 && now?.length === 32 && said.equals(now)) ownSnapshots.add(loaded.image);
+}
+
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
  * pre-copy image carries its base this way. */

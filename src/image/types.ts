@@ -91,6 +91,9 @@ export interface Template {
   verdicts: Verdict[];
   signature: Buffer;
   keyId: string;
+  /** image.pb's SHA-256, when template create found the image one of our
+   * own snapshot's (image.proto). */
+  ownSnapshotImage?: Buffer;
 }
 
 export interface Rules {

@@ -214,9 +214,9 @@ const S_IFDIR = 0o040000;
  * A clone whose rules give it its own copy of such a file (`copy`: made by
  * this restore, paths.ts privateCopy) gets the copy only if what was
  * copied was that very file, and the copy at the name is still the one
- * made (its directories may be the application user's). A template is an
- * image of our own snapshot for as long as written/ keeps its record (the
- * last 512 snapshots').
+ * made (its directories may be the application user's). A template made
+ * of our own snapshot's image says so in its signed template.pb
+ * (format.ts ownSnapshotByTemplate).
  *
  * Returns the descriptor, or undefined where this cannot be shown.
  */

@@ -12,7 +12,7 @@ import { uniqueTag } from '../holder.js';
 import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, encodeSignedManifest, encodeTemplate, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
+import { decodeTemplate, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, ownSnapshotByTemplate, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
 import { makePartialDir } from '../image/partial.js';
 import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
@@ -147,7 +147,10 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     // Signed with this node's key, as is a new manifest for the parts: the
     // image was verified (and trusted) just now, and the template vouches
     // for what it verified, whoever signed the snapshot.
-    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '' });
+    // What our own snapshot wrote stays vouched for by the template
+    // (isOwnSnapshot: a file its processes held past a drop of privileges).
+    const ownSnapshotImage = isOwnSnapshot(loaded.image) ? loaded.digests.get(PARTS.image)!.sha256 : undefined;
+    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '', ...(ownSnapshotImage ? { ownSnapshotImage } : {}) });
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
     const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${uniqueTag()}`));
@@ -226,6 +229,7 @@ async function openTemplateNow(path: string, verify: boolean, trust: 'require' |
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
     checkVerdicts(template.verdicts);
+    ownSnapshotByTemplate(loaded, template, signer);
     const rules = template.rules?.text ? parseRules(template.rules.text, template.rules.source) : undefined;
     return { path: resolve(path), template, loaded, rules };
   } catch (e) {
