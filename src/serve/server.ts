@@ -26,7 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
-import { prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
+import { type HotPages, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
 import { killPoint } from '../killpoint.js';
@@ -1082,7 +1082,9 @@ class Service {
     const held = new Promise<boolean>((r) => (heldNow = r));
     const t0 = process.hrtime.bigint();
     const lazy = process.env.APPSHOT_PREPARED_EAGER !== '1';
-    const prefault = lazy ? prefaultPages(chain, prefaultCap()) : undefined;
+    const prefault = lazy ? prefaultPages(chain, prefaultCap(), this.prefaulted) : undefined;
+    // What a full image (no parent to compare with) goes by next.
+    if (prefault) this.prefaulted = prefault.addresses;
     // Held with the public listener installed: connections wait in its
     // accept queue, and its release lets the instance accept them.
     const done = restoreImage(this.reg, this.lastImage, {
@@ -1122,6 +1124,11 @@ class Service {
       this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
     });
   }
+
+  /** The pages the last prepare copied in ahead, by process and address
+   * (prepared.ts prefaultPages): the next prepare of a full image, which
+   * has no parent to tell what its run wrote, copies in those it stores. */
+  private prefaulted: HotPages | undefined;
 
   /** When the preloaded image (ready) was last checked in full: loaded,
    * or checkReady, or a resume's check. */
