@@ -17,13 +17,18 @@
 // is their max).
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
-// BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e).
+// BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e);
+// BENCH_E_ENV=NAME=VALUE measures (e) also with that variable set.
+// BENCH_FAULTS=1: each resume of a held (prepared) instance also counts
+// its processes' page faults from the connection to the first byte.
 //
 // BENCH_AB=NAME=VALUE (e.g. APPSHOT_STANDBYS=0): (c) again with serve
 // restarted alternately with and without that variable in its
 // environment, BENCH_AB_ROUNDS (3) rounds of BENCH_RUNS resumes each: a
 // same-run comparison of a change that a variable turns off ((f) too). Reported:
-// each round's p50 and the median of them, with the load average.
+// each round's p50 and p99 and the medians of them, with the load average,
+// and the PSS of the instance held after each round (BENCH_SMAPS=1: each
+// of its processes broken down).
 // BENCH_AB_CLI=PATH (another build's bin/appshot.js, e.g. main's): the same
 // rounds with serve run alternately by that build and by this one (the
 // images are this build's); with BENCH_AB too, that variable is set for
@@ -555,10 +560,12 @@ try {
     // (--prepared 0); each in its own process and hosted by the engine,
     // in the same run (BENCH_E_MODES=own,hosted).
     const modes = (process.env.BENCH_E_MODES ?? 'own,hosted').split(',');
-    for (const [label, args] of [['default', []], ['--prepared 0', ['--prepared', '0']]])
+    // BENCH_E_ENV=NAME=VALUE: also as by default with that variable set.
+    const eEnv = process.env.BENCH_E_ENV ? Object.fromEntries([process.env.BENCH_E_ENV.split('=')]) : undefined;
+    for (const [label, args, extra] of [['default', [], {}], ...(eEnv ? [[process.env.BENCH_E_ENV, [], eEnv]] : []), ['--prepared 0', ['--prepared', '0'], {}]])
     for (const mode of modes) {
       await stopServe();
-      serve = await startServe({}, cli, mode, args);
+      serve = await startServe(extra, cli, mode, args);
       // Settled: every service's state written, whatever serve does ahead
       // of a resume done (its log quiet for a second).
       for (let quiet = 0, seen = -1; quiet < 5; ) {
