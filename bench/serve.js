@@ -17,13 +17,18 @@
 // is their max).
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
-// BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e).
+// BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e);
+// BENCH_E_ENV=NAME=VALUE measures (e) also with that variable set.
+// BENCH_FAULTS=1: each resume of a held (prepared) instance also counts
+// its processes' page faults from the connection to the first byte.
 //
 // BENCH_AB=NAME=VALUE (e.g. APPSHOT_STANDBYS=0): (c) again with serve
 // restarted alternately with and without that variable in its
 // environment, BENCH_AB_ROUNDS (3) rounds of BENCH_RUNS resumes each: a
 // same-run comparison of a change that a variable turns off ((f) too). Reported:
-// each round's p50 and the median of them, with the load average.
+// each round's p50 and p99 and the medians of them, with the load average,
+// and the PSS of the instance held after each round (BENCH_SMAPS=1: each
+// of its processes broken down).
 // BENCH_AB_CLI=PATH (another build's bin/appshot.js, e.g. main's): the same
 // rounds with serve run alternately by that build and by this one (the
 // images are this build's); with BENCH_AB too, that variable is set for
@@ -156,10 +161,41 @@ async function whenIdle(service, port, runs, atFirst = () => {}) {
     }
     await sleep(50);
     if (i === 0) atFirst();
+    const held = FAULTS ? heldFaults(service) : undefined;
     out.push(await firstByte(port));
+    if (held) faultsSeen.push(held());
     since = Date.now();
   }
   return out;
+}
+
+/** BENCH_FAULTS=1: the page faults (minor) of a held instance's
+ * application processes from just before the connection to the first
+ * byte of the reply (its release, its first pages touched, the reply),
+ * one number per resume of a held instance, into faultsSeen. */
+const FAULTS = process.env.BENCH_FAULTS === '1';
+let faultsSeen = [];
+function heldFaults(service) {
+  let init;
+  try {
+    const s = JSON.parse(readFileSync(join(home, 'services', service, 'state.json'), 'utf8'));
+    if (!s.instances[0]?.prepared) return undefined;
+    init = JSON.parse(readFileSync(join(home, 'apps', service, 'app.json'), 'utf8')).initPid;
+  } catch {
+    return undefined;
+  }
+  const pids = childrenOf(init);
+  const minflt = () =>
+    pids.reduce((n, p) => {
+      try {
+        const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+        return n + Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[7]);
+      } catch {
+        return n;
+      }
+    }, 0);
+  const before = minflt();
+  return () => minflt() - before;
 }
 
 function pssKiB(pid) {
@@ -209,6 +245,50 @@ function keptProcesses(pid) {
     for (const [p, pp] of parentOf) if (kept.has(pp) && !kept.has(p)) kept.add(p), (grew = true);
   }
   return [...kept];
+}
+
+/** The PIDs whose parent is `pid`. */
+function childrenOf(pid) {
+  const out = [];
+  for (const n of readdirSync('/proc').filter((x) => /^\d+$/.test(x)))
+    try {
+      const stat = readFileSync(`/proc/${n}/stat`, 'utf8');
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) out.push(Number(n));
+    } catch {
+      /* gone */
+    }
+  return out;
+}
+
+/** Once `service` is suspended with its next instance prepared (held
+ * stopped): the PSS of that instance's processes (everything appshot keeps
+ * for the state directory but the serve process), and how many pages its
+ * prepare copied in ahead (the serve log's last `prepared`); undefined if
+ * none is prepared within 10 s (a prepare that failed, --prepared 0). */
+async function heldInstancePss(service) {
+  for (const deadline = Date.now() + 10_000; Date.now() < deadline; await sleep(50)) {
+    let s;
+    try {
+      s = JSON.parse(readFileSync(join(home, 'services', service, 'state.json'), 'utf8'));
+    } catch {
+      continue;
+    }
+    if (s.servePid !== serve.hostPid || s.instances[0]?.state !== 'suspended' || !s.instances[0]?.prepared) continue;
+    // (its state file is written up to 100 ms after the prepare is held)
+    await sleep(200);
+    let init;
+    try {
+      init = JSON.parse(readFileSync(join(home, 'apps', service, 'app.json'), 'utf8')).initPid;
+    } catch {
+      continue;
+    }
+    const pids = [init, ...childrenOf(init)];
+    if (process.env.BENCH_SMAPS) for (const p of pids) smapsDetail(p);
+    const last = [...serveErr.matchAll(/^\{.*"event":"prepared".*\}$/gm)].at(-1);
+    const prefaulted = last ? (JSON.parse(last[0]).prefaulted ?? '?') : '?';
+    return { kib: pids.reduce((n, p) => n + (pssKiB(p) || 0), 0), processes: pids.length, prefaulted };
+  }
+  return undefined;
 }
 
 const report = [];
@@ -369,6 +449,8 @@ try {
       const [name, value] = process.env.BENCH_AB.split('=');
       const rounds = Number(process.env.BENCH_AB_ROUNDS ?? 3);
       const p50s = { with: [], without: [] };
+      const p99s = { with: [], without: [] };
+      const heldPss = { with: [], without: [] };
       const f50s = { with: [], without: [] };
       const added = { with: [], without: [] };
       const v4v6 = [];
@@ -406,22 +488,37 @@ try {
           }
           // The instance keeps running across serves: the first resume waits
           // for its idle suspend.
+          faultsSeen = [];
           const xs = await resumes(RUNS);
           p50s[variant].push(pct(xs, 50));
+          p99s[variant].push(pct(xs, 99));
+          const faults = faultsSeen.length ? `; faults to first byte p50 ${pct(faultsSeen, 50)} (${faultsSeen.length} held)` : '';
+          // The instance held for the next resume (its init and redis):
+          // what a prepared service costs while suspended.
+          const held = await heldInstancePss('db');
+          if (held) heldPss[variant].push(held.kib);
           const fs = CLONES ? await clonings(RUNS) : [];
           if (CLONES) f50s[variant].push(pct(fs, 50));
           loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
-          console.log(`    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}${CLONES ? `; (f) p50 ${ms(pct(fs, 50))}, p99 ${ms(pct(fs, 99))}` : ''}`);
+          console.log(
+            `    round ${r + 1}, ${variant === 'with' ? `${name}=${value}` : `${name} unset`}: (c) p50 ${ms(pct(xs, 50))}, p99 ${ms(pct(xs, 99))}` +
+              faults +
+              (held ? `; held instance PSS ${(held.kib / 1024).toFixed(2)} MiB (${held.processes} processes, ${held.prefaulted} pages prefaulted)` : '') +
+              (CLONES ? `; (f) p50 ${ms(pct(fs, 50))}, p99 ${ms(pct(fs, 99))}` : ''),
+          );
         }
       const median = (xs) => pct(xs, 50);
       console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
+      console.log(`(c) median of ${rounds} rounds' p99: ${name} unset ${ms(median(p99s.without))}, ${name}=${value} ${ms(median(p99s.with))}`);
+      if (heldPss.with.length || heldPss.without.length)
+        console.log(`held instance PSS, median of rounds: ${name} unset ${(median(heldPss.without) / 1024).toFixed(2)} MiB, ${name}=${value} ${(median(heldPss.with) / 1024).toFixed(2)} MiB`);
       if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
       console.log('');
       if (AB_HOT > 0) {
         console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${name} unset ${ms(median(added.without))}, ${name}=${value} ${ms(median(added.with))}; (a4) - (a) ${v4v6.length ? ms(median(v4v6)) : '-'}`);
         report.push({ what: `(b) - (a) A/B ${name}=${value}`, without: added.without, with: added.with, v4MinusV6: v4v6, loads });
       }
-      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, loads });
+      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, p99without: p99s.without, p99with: p99s.with, heldPssWithout: heldPss.without, heldPssWith: heldPss.with, loads });
       if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
     }
     console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
@@ -463,10 +560,12 @@ try {
     // (--prepared 0); each in its own process and hosted by the engine,
     // in the same run (BENCH_E_MODES=own,hosted).
     const modes = (process.env.BENCH_E_MODES ?? 'own,hosted').split(',');
-    for (const [label, args] of [['default', []], ['--prepared 0', ['--prepared', '0']]])
+    // BENCH_E_ENV=NAME=VALUE: also as by default with that variable set.
+    const eEnv = process.env.BENCH_E_ENV ? Object.fromEntries([process.env.BENCH_E_ENV.split('=')]) : undefined;
+    for (const [label, args, extra] of [['default', [], {}], ...(eEnv ? [[process.env.BENCH_E_ENV, [], eEnv]] : []), ['--prepared 0', ['--prepared', '0'], {}]])
     for (const mode of modes) {
       await stopServe();
-      serve = await startServe({}, cli, mode, args);
+      serve = await startServe(extra, cli, mode, args);
       // Settled: every service's state written, whatever serve does ahead
       // of a resume done (its log quiet for a second).
       for (let quiet = 0, seen = -1; quiet < 5; ) {

@@ -27,15 +27,24 @@
  *   bound); resuming the other gives up the held one and restores;
  * - `--prepared 0`: none is prepared, the suspended service has no
  *   process at all, and it resumes as before.
+ * - the held instance has the pages its previous run wrote (those of its
+ *   image with bytes other than the parent image's, up to 256) resident,
+ *   copied in, and every other page of its lazily mapped memory still
+ *   mapped from the page file; the suspend after a prepared resume
+ *   stores such a page again only if the application changed it.
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, utimesSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, realpathSync, rmSync, utimesSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { alive, type Running, Sandbox, waitFor, redisCli as redis, redisImage } from './helpers.js';
+import type { LoadedImage } from '../src/image/format.js';
+import { lazyMappable, readMaps } from '../src/resources/memory.js';
+import { loadImageChain } from '../src/restore/driver.js';
+import { resolveProcess } from '../src/snapshot/parent.js';
 
 const REDIS = '/usr/bin/redis-server';
 const sb = new Sandbox();
@@ -113,7 +122,69 @@ const stateOf = (pid: number) => {
   return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
 };
 
-const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string }>();
+const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string; prefaulted?: number }>();
+
+const PAGE = 4096;
+/** What a prepared resume copies in ahead at most by default (prepared.ts). */
+const PREFAULT_CAP = 256;
+
+/** The chain of image `path` read as serve reads it (this process, the
+ * sandbox's keys). */
+async function chainOf(path: string): Promise<LoadedImage[]> {
+  const home = process.env.APPSHOT_HOME;
+  process.env.APPSHOT_HOME = sb.home;
+  try {
+    return await loadImageChain(path);
+  } finally {
+    if (home === undefined) delete process.env.APPSHOT_HOME;
+    else process.env.APPSHOT_HOME = home;
+  }
+}
+
+/** The 4 KiB page at `offset` of a chain link's page file. */
+function pageOf(l: LoadedImage, offset: bigint): Buffer {
+  const b = Buffer.alloc(PAGE);
+  expect(readSync(l.pagesFd!, b, 0, PAGE, Number(offset))).toBe(PAGE);
+  return b;
+}
+
+/** Each page stored in `chain`'s newest image in a mapping a lazy restore
+ * maps from its page file (`all`: in any mapping), with its address and
+ * whether its bytes differ from the parent's at that address or the
+ * parent had none there (written in the run before that image), for
+ * process `vpid`, in address order. */
+function storedLazily(chain: LoadedImage[], vpid: number, all = false): { addr: bigint; written: boolean }[] {
+  const before = resolveProcess(chain.map((l) => l.image), vpid, 1);
+  const out: { addr: bigint; written: boolean }[] = [];
+  for (const v of chain[0].image.processes.find((p) => p.vpid === vpid)!.vmas) {
+    if (!v.pages?.runs.length || !(all || lazyMappable(v))) continue;
+    let offset = v.pages.offset;
+    for (let i = 0; i < v.pages.runs.length; i += 2)
+      for (let pg = v.pages.runs[i]; pg < v.pages.runs[i] + v.pages.runs[i + 1]; pg++, offset += BigInt(PAGE)) {
+        const addr = v.start + BigInt(pg * PAGE);
+        const was = before.get(addr);
+        out.push({ addr, written: !was || !pageOf(chain[0], offset).equals(pageOf(chain[was.file], was.offset)) });
+      }
+  }
+  return out;
+}
+
+/** pagemap's bits: the page is present, and it is a file's (page cache)
+ * rather than anonymous memory of the process. */
+const PM_PRESENT = 1n << 63n;
+const PM_FILE = 1n << 61n;
+function pagemapOf(pid: number, addrs: bigint[]): bigint[] {
+  const fd = openSync(`/proc/${pid}/pagemap`, 'r');
+  try {
+    const b = Buffer.alloc(8);
+    return addrs.map((a) => {
+      expect(readSync(fd, b, 0, 8, Number((a / BigInt(PAGE)) * 8n))).toBe(8);
+      return b.readBigUInt64LE(0);
+    });
+  } finally {
+    closeSync(fd);
+  }
+}
 
 /** Whether `port` can be bound on 127.0.0.1 (nobody holds it). */
 const bindable = (port: number) =>
@@ -183,6 +254,43 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await suspended(2, 'the second suspend');
     await waitFor(() => prepared(), 15_000, 'the third prepare');
     const held3 = appPids('db');
+    {
+      // Held from an image with a parent: the pages its previous run
+      // wrote are copied in (resident, anonymous), the rest still mapped
+      // from the page file, untouched.
+      const chain = await chainOf(show().lastImage);
+      try {
+        expect(chain.length).toBeGreaterThan(1);
+        expect(chain[0].image.processes).toHaveLength(1);
+        expect(held3).toHaveLength(1);
+        const stored = storedLazily(chain, chain[0].image.processes[0].vpid);
+        const hot = stored.filter((p) => p.written).slice(0, PREFAULT_CAP).map((p) => p.addr);
+        const cold = stored.filter((p) => !hot.includes(p.addr)).map((p) => p.addr);
+        expect(hot.length).toBeGreaterThan(0);
+        expect(cold.length).toBeGreaterThan(hot.length);
+        for (const [i, e] of pagemapOf(held3[0], hot).entries()) expect({ page: hot[i], present: !!(e & PM_PRESENT), file: !!(e & PM_FILE) }).toEqual({ page: hot[i], present: true, file: false });
+        const maps = readMaps(held3[0]);
+        const fromPageFile = (a: bigint) => /\/pages\.img$/.test(maps.find((l) => l.start <= a && a < l.end)?.path ?? '');
+        expect(hot.filter(fromPageFile)).toEqual([]);
+        expect(cold.filter((a) => !fromPageFile(a))).toEqual([]);
+        expect(pagemapOf(held3[0], cold).filter((e) => e & PM_PRESENT && !(e & PM_FILE))).toEqual([]);
+        // (its log says how many)
+        await waitFor(() => events().filter((e) => e.event === 'prepared').length >= 3, 5000, 'the third prepare to be logged');
+        expect(events().filter((e) => e.event === 'prepared').at(-1)!.prefaulted).toBe(hot.length);
+        // The suspend after the second (prepared) resume compared what
+        // that prepare copied in with its image: such a page is stored
+        // again only with other bytes (written since), as an eager
+        // restore's memory; one mapped from the page file is stored whole.
+        const prev = chain.slice(1);
+        const copiedBefore = storedLazily(prev, prev[0].image.processes[0].vpid).filter((p) => p.written).slice(0, PREFAULT_CAP);
+        expect(copiedBefore.length).toBeGreaterThan(0);
+        const now = new Map(storedLazily(chain, chain[0].image.processes[0].vpid, true).map((p) => [p.addr, p.written]));
+        const storedSame = copiedBefore.filter((p) => now.get(p.addr) === false).map((p) => p.addr);
+        expect(storedSame).toEqual([]);
+      } finally {
+        for (const l of chain) l.dispose();
+      }
+    }
     utimesSync(join(show().lastImage, 'image.pb'), new Date(), new Date());
     expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
     await waitFor(() => events().filter((e) => e.event === 'restore').length === 3, 5000, 'the third restore to be logged');

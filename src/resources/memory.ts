@@ -668,6 +668,12 @@ export interface MemorySources {
   lazy: boolean;
   /** With lazy: mappings that are copied all the same. */
   eager?: (vpid: number, v: Vma) => boolean;
+  /** With lazy: the stored pages of a mapping mapped lazily that are
+   * copied in all the same (page indexes in `v`, ascending): those the
+   * application is likely to write as soon as it runs (serve's prepared
+   * resume, prepared.ts prefaultPages), which would each cost it a
+   * copy-on-write fault. */
+  prefault?: (vpid: number, v: Vma) => readonly number[] | undefined;
   /** The file to map for a file mapping (a clone's own copy), by default
    * the image's. */
   mappedPath?: (vpid: number, v: Vma) => string;
@@ -768,6 +774,12 @@ class PageCopy {
 /** Whether a mapping's stored pages are mapped from the page file
  * (copy-on-write, read when touched) rather than copied in. */
 function mappedLazily(src: MemorySources, vpid: number, v: Vma): boolean {
+  return src.lazy && !src.eager?.(vpid, v) && lazyMappable(v);
+}
+
+/** Whether a lazy restore maps a mapping's stored pages from the page file
+ * (what it copies whatever the restore: mappedLazily). */
+export function lazyMappable(v: Vma): boolean {
   // The stack stays anonymous even when lazy: /proc/PID/cmdline and
   // environ are read only from anonymous memory (FOLL_ANON).
   // Memory marked MADV_WIPEONFORK or made MAP_DROPPABLE is copied: the
@@ -776,8 +788,6 @@ function mappedLazily(src: MemorySources, vpid: number, v: Vma): boolean {
   // one once pages of a file are mapped over it (VmFlags "gd" goes). Pages
   // from a parent image are copied too.
   return (
-    src.lazy &&
-    !src.eager?.(vpid, v) &&
     v.kind === VmaKind.ANON &&
     v.special !== '[stack]' &&
     !(v.pages?.fromParent.length) &&
@@ -1061,6 +1071,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   for (const p of plans) {
     const { v } = p;
     if (!p.lazy) for (const [addr, off, n] of p.own) copy.add(0, off, addr, n);
+    for (const [addr, off, n] of p.prefaulted) copy.add(0, off, addr, n);
     if (p.hasInherited) {
       const runs = src.inheritedRuns?.(vpid, v) ?? inheritedCopyRuns(v, (inherited ??= src.inherited(vpid)));
       for (const run of runs) copy.add(run.file, run.offset, run.addr, run.len);
@@ -1153,7 +1164,11 @@ interface VmaPlan {
   len: bigint;
   prot: number;
   what: string;
+  /** Stored runs: copied in, or mapped from the page file (lazy). */
   own: [bigint, bigint, bigint][];
+  /** With lazy: the stored runs copied in all the same (prefault), not
+   * in `own`. */
+  prefaulted: [bigint, bigint, bigint][];
   hasInherited: boolean;
   droppable: boolean;
   growsdown: number;
@@ -1166,16 +1181,19 @@ interface VmaPlan {
 function planVma(v: Vma, vpid: number, src: MemorySources, inheritedFrom: Map<Vma, Vma>, open: (path: string, flags: number) => number): VmaPlan {
   const fork = src.asFork ? forkTreatment(v) : undefined;
   // Wiped: mapped anonymous and left as it comes, zero.
-  const own = fork === 'wipe' ? [] : storedRuns(v);
+  const stored = fork === 'wipe' ? [] : storedRuns(v);
   const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
   const lazy = mappedLazily(src, vpid, v);
-  const needsWrite = (own.length > 0 && !lazy) || hasInherited;
+  const hot = lazy ? src.prefault?.(vpid, v) : undefined;
+  const { own, prefaulted } = hot?.length ? splitRuns(v, stored, hot) : { own: stored, prefaulted: [] };
+  const needsWrite = (own.length > 0 && !lazy) || prefaulted.length > 0 || hasInherited;
   const plan: VmaPlan = {
     v,
     len: v.end - v.start,
     prot: v.prot | (needsWrite ? PROT_WRITE : 0),
     what: `mapping ${v.path || 'anonymous memory'} at 0x${v.start.toString(16)}`,
     own,
+    prefaulted,
     hasInherited,
     droppable: v.vmFlags.includes('dp'),
     growsdown: v.vmFlags.includes('gd') ? MAP.GROWSDOWN : 0,
@@ -1193,4 +1211,34 @@ function planVma(v: Vma, vpid: number, src: MemorySources, inheritedFrom: Map<Vm
   }
   if (lazy && own.length) plan.pageFile = open(src.pagePaths[0], O_RDONLY);
   return plan;
+}
+
+/** Stored runs ([address, file offset, length]) of `v` split into those
+ * of the pages `hot` (page indexes in `v`, ascending) and the rest. */
+function splitRuns(v: Vma, runs: [bigint, bigint, bigint][], hot: readonly number[]): { own: [bigint, bigint, bigint][]; prefaulted: [bigint, bigint, bigint][] } {
+  const own: [bigint, bigint, bigint][] = [];
+  const prefaulted: [bigint, bigint, bigint][] = [];
+  let h = 0;
+  for (const [addr, off, len] of runs) {
+    const first = Number((addr - v.start) / PAGE);
+    const end = first + Number(len / PAGE);
+    let at = first;
+    while (h < hot.length && hot[h] < first) h++;
+    // Alternately a stretch not hot, then one hot, to the run's end.
+    while (at < end) {
+      let next = h < hot.length && hot[h] < end ? hot[h] : end;
+      const into = (list: typeof own, from: number, to: number) => {
+        if (to > from) list.push([v.start + BigInt(from) * PAGE, off + BigInt(from - first) * PAGE, BigInt(to - from) * PAGE]);
+      };
+      into(own, at, next);
+      at = next;
+      while (h < hot.length && hot[h] === next && next < end) {
+        h++;
+        next++;
+      }
+      into(prefaulted, at, next);
+      at = next;
+    }
+  }
+  return { own, prefaulted };
 }

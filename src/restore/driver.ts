@@ -107,6 +107,10 @@ export interface RestoreOptions {
    * it made removed. Meanwhile nothing of the application runs; should
    * this process die, init sees its lifeline end and removes it all. */
   hold?: () => Promise<boolean>;
+  /** With lazy: stored pages copied in all the same, by mapping (page
+   * indexes, ascending; MemorySources.prefault): serve's prepared resume
+   * copies in those the application is likely to write first. */
+  prefault?: (vpid: number, v: Vma) => readonly number[] | undefined;
   /** Called once the restore is committed (init keeps the application
    * from here on, whatever becomes of this process), just before its
    * processes are let go, with its registration: what it is bound to is
@@ -754,6 +758,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // A clone maps the template's pages copy-on-write, but for memory
       // whose rule says it is duplicated.
       eager: (vpid: number, v: Vma) => opts.instance?.action(verdictRef.vma(vpid, v)) === 'duplicate',
+      prefault: opts.prefault,
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
       // Unprivileged, the restorer's rights are the process's own.
       ...(process.geteuid?.() === 0 ? { mayMap: (vpid: number, path: string, flags: number) => mayMapAs(image, vpid, path, flags, mapAsked) } : {}),

@@ -26,7 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
-import { prepareChain } from '../restore/prepared.js';
+import { type HotPages, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon } from '../native.js';
 import { killPoint } from '../killpoint.js';
@@ -1081,6 +1081,10 @@ class Service {
     let heldNow!: (held: boolean) => void;
     const held = new Promise<boolean>((r) => (heldNow = r));
     const t0 = process.hrtime.bigint();
+    const lazy = process.env.APPSHOT_PREPARED_EAGER !== '1';
+    const prefault = lazy ? prefaultPages(chain, prefaultCap(), this.prefaulted) : undefined;
+    // What a full image (no parent to compare with) goes by next.
+    if (prefault) this.prefaulted = prefault.addresses;
     // Held with the public listener installed: connections wait in its
     // accept queue, and its release lets the instance accept them.
     const done = restoreImage(this.reg, this.lastImage, {
@@ -1091,7 +1095,11 @@ class Service {
       // APPSHOT_PREPARED_EAGER=1 copies it in (3.5 MiB), which spares the
       // resumed application the copy-on-write faults of its first pages
       // (~0.7 ms of (c), README) and the next suspend storing it whole.
-      lazy: process.env.APPSHOT_PREPARED_EAGER !== '1',
+      lazy,
+      // But for the pages its previous run wrote (up to 1 MiB), which it
+      // is likely to write again at once: each a copy-on-write fault
+      // after the release otherwise (prepared.ts prefaultPages).
+      ...(prefault ? { prefault: prefault.pages } : {}),
       preloaded: chain,
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
@@ -1099,7 +1107,7 @@ class Service {
       hold: () => {
         heldNow(true);
         this.host.worked();
-        if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100 });
+        if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0 });
         return decision;
       },
     });
@@ -1116,6 +1124,11 @@ class Service {
       this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
     });
   }
+
+  /** The pages the last prepare copied in ahead, by process and address
+   * (prepared.ts prefaultPages): the next prepare of a full image, which
+   * has no parent to tell what its run wrote, copies in those it stores. */
+  private prefaulted: HotPages | undefined;
 
   /** When the preloaded image (ready) was last checked in full: loaded,
    * or checkReady, or a resume's check. */
