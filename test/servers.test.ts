@@ -1054,9 +1054,8 @@ print(f.quit().split()[0], flush=True)
       const rules = join(dir, 'lt.rules');
       writeFileSync(rules, `PORT ${port} ALLOCATE\n`);
       run(['template', 'create', join(dir, 'lt.snap2'), '-o', join(dir, 'lt.template'), '--rules', rules]);
-      // The template vouches for its image itself: with the snapshots'
-      // records gone from written/ (it keeps the last 512), the clone
-      // still gets its copy.
+      // The word that its image is our snapshot's is in its signed
+      // manifest, not in written/'s records (which keeps the last 512).
       for (const n of readdirSync(join(sb.home, 'written'))) rmSync(join(sb.home, 'written', n), { force: true });
       const [clone] = sb.json<Json[]>(['clone', join(dir, 'lt.template'), '--aid', 'ltc']);
       try {

@@ -45,7 +45,7 @@ import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
 import { checkWireCounts, validateImage } from './validate.js';
-import { imageWrittenHere, recordWritten, writtenHere, writtenIdentity } from './written.js';
+import { recordWritten, writtenHere, writtenIdentity } from './written.js';
 import { onInterrupt } from '../engine/request.js';
 
 export const MAGIC = 'appshot-image';
@@ -183,21 +183,15 @@ function partDigests(imageBytes: Buffer, pagesPart: PageFileDigest): Map<string,
 
 export const newImageId = () => randomBytes(8).toString('hex');
 
-/** Images loaded whose image.pb this state directory's own snapshot wrote
- * (written.ts imageWrittenHere), in a directory only its owner can change:
- * what they say of the application's descriptors is what the kernel told
- * that snapshot. */
+/** Images loaded that a snapshot of this node's wrote (a manifest signed
+ * by this node's own key that says `fromSnapshot`): what they say of the
+ * application's descriptors is what the kernel showed that snapshot, not
+ * what someone wrote into an image and had signed. Only a snapshot sets
+ * the flag (commitImageDir, streamImageTar); template create keeps it only
+ * for an image that had it (template.ts), and signs whatever else it is
+ * given (--trust-image) without it. */
 const ownSnapshots = new WeakSet<Image>();
 export const isOwnSnapshot = (image: Image): boolean => ownSnapshots.has(image);
-
-/** A template's word, in a template.pb signed by this node's own key, that
- * its image (whose image.pb has the SHA-256 it names, as read now) was one
- * of our own snapshot's when the template was made (template.ts). */
-export function ownSnapshotByTemplate(loaded: LoadedImage, template: Template, signer: Signer): void {
-  const now = loaded.digests.get(PARTS.image)?.sha256;
-  const said = template.ownSnapshotImage;
-  if (signer.trusted && isOwnKey(signer.trusted) && said?.length === 32 && now?.length === 32 && said.equals(now)) ownSnapshots.add(loaded.image);
-}
 
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
@@ -215,14 +209,14 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     const imageBytes = encodeImage(image);
     const digests = partDigests(imageBytes, pagesPart);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image, true));
     syncDir(tmp);
     killPoint('image: committing');
     beforePlacing?.(tmp);
     renameSync(tmp, dest);
     partial.done();
     syncDir(parent);
-    recordWritten(written, imageId, pagesPart.chunks, digests.get(PARTS.image)!.sha256);
+    recordWritten(written, imageId, pagesPart.chunks);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
     partial.done();
@@ -245,7 +239,7 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   let outputFailure: unknown;
   done.catch((e) => (outputFailure = e));
   try {
-    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image));
+    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image, true));
     pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
     const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
     await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
@@ -673,7 +667,7 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
  * node's key, encoded: format 3 or 4 (chunkedFormatOf), the page file
  * vouched for by its chunk table, if its digest has one; else format 2, by
  * its whole SHA-256. */
-export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image): Buffer {
+export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image, fromSnapshot = false): Buffer {
   const chunked = digests.get(PARTS.pages)?.chunks !== undefined;
   return encodeSignedManifestOf({
     magic: MAGIC,
@@ -689,6 +683,7 @@ export function encodeSignedManifest(imageId: string, digests: Map<string, PartD
     }),
     signature: Buffer.alloc(0),
     keyId: '',
+    ...(fromSnapshot ? { fromSnapshot } : {}),
   });
 }
 
@@ -1098,7 +1093,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
-    if (mustBeOwned && signer.trusted && isOwnKey(signer.trusted) && imageWrittenHere(manifest.imageId, digests.get(PARTS.image)!.sha256)) ownSnapshots.add(image);
+    if (signer.trusted && isOwnKey(signer.trusted) && manifest.fromSnapshot) ownSnapshots.add(image);
     const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' '), ...(pagesAsWritten ? { pagesAsWritten } : {}) };
     // (getters: dispose closes and stops them)
     Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });

@@ -13,6 +13,8 @@ export interface Manifest {
   signature: Buffer;
   /** Which key signed it: the first 16 hex digits of its public key's SHA-256. */
   keyId: string;
+  /** Written by a snapshot (image.proto): its descriptors are the kernel's. */
+  fromSnapshot?: boolean;
 }
 
 export interface Part {
@@ -91,9 +93,6 @@ export interface Template {
   verdicts: Verdict[];
   signature: Buffer;
   keyId: string;
-  /** image.pb's SHA-256, when template create found the image one of our
-   * own snapshot's (image.proto). */
-  ownSnapshotImage?: Buffer;
 }
 
 export interface Rules {

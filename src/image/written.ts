@@ -28,15 +28,7 @@
  * every chunk all the same. Only on file systems whose timestamps the
  * local kernel keeps (LOCAL_TIMES).
  *
- * The record also holds the SHA-256 of the image's image.pb: an image
- * whose image.pb has that digest is one this state directory's own
- * snapshot wrote (imageWrittenHere), so what it says of the application's
- * descriptors is what the kernel told that snapshot, not what someone
- * wrote into an image and had signed (`template create --trust-image`
- * signs what it is given). files.ts gives a descriptor back by its file's
- * identity only on that word.
- *
- *   $APPSHOT_HOME/written/<image id>   {"dev","ino","size","mtimeNs","ctimeNs","chunks","image"}
+ *   $APPSHOT_HOME/written/<image id>   {"dev","ino","size","mtimeNs","ctimeNs","chunks"}
  *
  * The directory is the owner's only (0700); records are written whole
  * (temporary name, rename) and at most KEEP are kept, the oldest going
@@ -71,11 +63,6 @@ interface Record {
   chunks: string;
 }
 
-/** What a record says of its image.pb: the hex SHA-256. */
-interface RecordedImage {
-  image?: string;
-}
-
 const chunkTableDigest = (chunks: Buffer) => createHash('sha256').update(chunks).digest('hex');
 
 function identityOf(st: BigIntStats, chunks: Buffer): Record {
@@ -100,15 +87,14 @@ export function writtenIdentity(path: string): BigIntStats | undefined {
  * written by this state directory for image `imageId`. Best effort: a
  * record that cannot be written only means the next restore checks it.
  */
-export function recordWritten(st: BigIntStats | undefined, imageId: string, chunks: Buffer, imageSha256: Buffer, home = defaultHome()): void {
+export function recordWritten(st: BigIntStats | undefined, imageId: string, chunks: Buffer, home = defaultHome()): void {
   if (!st || !IMAGE_ID.test(imageId)) return;
   try {
     const dir = writtenDir(home);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     if (!privateDir(dir)) return;
     const tmp = join(dir, `.${imageId}.${uniqueTag()}`);
-    const record: Record & RecordedImage = { ...identityOf(st, chunks), image: imageSha256.toString('hex') };
-    writeFileSync(tmp, JSON.stringify(record), { mode: 0o600, flag: 'wx' });
+    writeFileSync(tmp, JSON.stringify(identityOf(st, chunks)), { mode: 0o600, flag: 'wx' });
     renameSync(tmp, join(dir, imageId));
     prune(dir);
   } catch {
@@ -122,46 +108,24 @@ export function recordWritten(st: BigIntStats | undefined, imageId: string, chun
  * caller has checked that the manifest is signed by this node's own key.
  */
 export function writtenHere(fd: number, imageId: string, chunks: Buffer, home = defaultHome()): boolean {
+  if (!IMAGE_ID.test(imageId)) return false;
+  const dir = writtenDir(home);
+  let rfd: number | undefined;
   try {
-    const recorded = readRecord(imageId, home);
-    if (!recorded || !LOCAL_TIMES.has(statfsSync(`/proc/self/fd/${fd}`).type)) return false;
+    if (!privateDir(dir)) return false;
+    rfd = openSync(join(dir, imageId), fsc.O_RDONLY | fsc.O_NOFOLLOW);
+    const st = fstatSync(rfd);
+    if (!st.isFile() || st.uid !== process.geteuid?.() || st.size > MAX_RECORD) return false;
+    const buf = Buffer.alloc(st.size);
+    if (readSync(rfd, buf, 0, st.size, 0) !== st.size) return false;
+    if (!LOCAL_TIMES.has(statfsSync(`/proc/self/fd/${fd}`).type)) return false;
+    const recorded = JSON.parse(buf.toString('utf8')) as Partial<Record>;
     const now = identityOf(fstatSync(fd, { bigint: true }), chunks);
     return (Object.keys(now) as (keyof Record)[]).every((k) => recorded[k] === now[k]);
   } catch {
     return false;
-  }
-}
-
-/**
- * Whether image `imageId`, whose image.pb has SHA-256 `imageSha256` (as
- * read and checked against its signed manifest), is one this state
- * directory's own snapshot wrote. The caller has checked that the
- * manifest is signed by this node's own key.
- */
-export function imageWrittenHere(imageId: string, imageSha256: Buffer, home = defaultHome()): boolean {
-  try {
-    const recorded = readRecord(imageId, home);
-    return imageSha256.length === 32 && !!recorded && recorded.image === imageSha256.toString('hex');
-  } catch {
-    return false;
-  }
-}
-
-/** The record of image `imageId`, if there is one this user wrote, in a
- * directory only this user may change. */
-function readRecord(imageId: string, home: string): (Partial<Record> & RecordedImage) | undefined {
-  if (!IMAGE_ID.test(imageId)) return undefined;
-  const dir = writtenDir(home);
-  if (!privateDir(dir)) return undefined;
-  const rfd = openSync(join(dir, imageId), fsc.O_RDONLY | fsc.O_NOFOLLOW);
-  try {
-    const st = fstatSync(rfd);
-    if (!st.isFile() || st.uid !== process.geteuid?.() || st.size > MAX_RECORD) return undefined;
-    const buf = Buffer.alloc(st.size);
-    if (readSync(rfd, buf, 0, st.size, 0) !== st.size) return undefined;
-    return JSON.parse(buf.toString('utf8')) as Partial<Record> & RecordedImage;
   } finally {
-    closeSync(rfd);
+    if (rfd !== undefined) closeSync(rfd);
   }
 }
 

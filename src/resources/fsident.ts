@@ -197,15 +197,19 @@ const S_IFDIR = 0o040000;
  * /run as root, becomes www-data and keeps the descriptor; no identity of
  * the application may open that file again, yet the application held it.
  *
- * Only on the word of an image this state directory's own snapshot wrote
- * (`ownSnapshot`: format.ts isOwnSnapshot), whose descriptors are what the
- * kernel showed that snapshot: an image that someone wrote and had signed
- * (hostile.test's root-only file) names files as it likes, and gets only
- * what its credentials open. And only the very file: the name is walked
- * O_PATH as the restorer (which opens nothing and runs no driver), and the
- * file found must be the one the image recorded, by device, inode and
- * birth time (a later file given its inode number has another), a regular
- * file or a directory of the same type. A symlink or another file planted
+ * Only on the word of an image a snapshot of this node wrote (`ownSnapshot`:
+ * format.ts isOwnSnapshot, its manifest signed by this node's own key and
+ * saying from_snapshot), whose descriptors are what the kernel showed that
+ * snapshot: an image that someone wrote and had signed (hostile.test's
+ * root-only file, also made a template) names files as it likes, and gets
+ * only what its credentials open. And only the very file: the name is
+ * walked O_PATH as the restorer (which opens nothing and runs no driver;
+ * links followed, unless the process opened it O_NOFOLLOW), and only the
+ * identity of what is found makes it safe: it must be the file the image
+ * recorded, by device, inode and birth time (a later file given its inode
+ * number has another; where statx gives no birth time, Node reports the
+ * ctime in its place, which a file's every change moves), a regular file
+ * or a directory of the same type. A symlink or another file planted
  * at the name since is not that file, and the restore is refused as
  * before. The descriptor is then opened again from the O_PATH one, with
  * the access it had (no name walked again), as the restorer: a restorer
@@ -214,9 +218,8 @@ const S_IFDIR = 0o040000;
  * A clone whose rules give it its own copy of such a file (`copy`: made by
  * this restore, paths.ts privateCopy) gets the copy only if what was
  * copied was that very file, and the copy at the name is still the one
- * made (its directories may be the application user's). A template made
- * of our own snapshot's image says so in its signed template.pb
- * (format.ts ownSnapshotByTemplate).
+ * made (its directories may be the application user's). A template keeps
+ * the word of the snapshot it was made of (its manifest, template.ts).
  *
  * Returns the descriptor, or undefined where this cannot be shown.
  */
@@ -230,9 +233,9 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
   if (copy && (type !== S_IFREG || !isHeld(copy.source))) return undefined;
   let at: number;
   try {
-    // As the process walked it: a name it opened O_NOFOLLOW is not
-    // followed now either (the link itself is then not the file). A copy
-    // is appshot's own file, never reached through a link.
+    // A name the process opened O_NOFOLLOW is not followed now either
+    // (the link itself is then not the file). A copy is appshot's own
+    // file, never reached through a link.
     at = addon().openAs(path, O_PATH | (copy ? O_NOFOLLOW : flags & O_NOFOLLOW), 0);
   } catch {
     return undefined;
@@ -241,7 +244,9 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
     const st = fstatSync(at, { bigint: true });
     const very = copy ? st.dev === copy.copy.dev && st.ino === copy.copy.ino : isHeld(st);
     if (!very || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
-    // (O_NOFOLLOW would refuse the /proc link itself.)
+    // O_NOFOLLOW would refuse the /proc link itself: the descriptor's
+    // status flags (F_GETFL, the next snapshot) lack it, which changes
+    // nothing for a descriptor already open.
     return openSync(`/proc/self/fd/${at}`, flags & ~O_NOFOLLOW);
   } catch {
     return undefined;

@@ -12,7 +12,6 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { createHash } from 'node:crypto';
 import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, statfsSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -575,7 +574,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     for (const f of Object.values(PARTS)) renameSync(join(final, f), join(dir, f));
     // The rename moved the page file's ctime: recorded again as it is now
     // (written.ts), or every restore would check the base, most of the data.
-    recordWritten(writtenIdentity(join(dir, PARTS.pages)), id, part.chunks, createHash('sha256').update(readFileSync(join(dir, PARTS.image))).digest());
+    recordWritten(writtenIdentity(join(dir, PARTS.pages)), id, part.chunks);
     rmSync(final, { recursive: true });
     pages.close();
     return { dir, id, frozenMs, tracked, journal: base };

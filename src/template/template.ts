@@ -12,7 +12,7 @@ import { uniqueTag } from '../holder.js';
 import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, ownSnapshotByTemplate, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
+import { decodeTemplate, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
 import { makePartialDir } from '../image/partial.js';
 import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
@@ -147,10 +147,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     // Signed with this node's key, as is a new manifest for the parts: the
     // image was verified (and trusted) just now, and the template vouches
     // for what it verified, whoever signed the snapshot.
-    // What our own snapshot wrote stays vouched for by the template
-    // (isOwnSnapshot: a file its processes held past a drop of privileges).
-    const ownSnapshotImage = isOwnSnapshot(loaded.image) ? loaded.digests.get(PARTS.image)!.sha256 : undefined;
-    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '', ...(ownSnapshotImage ? { ownSnapshotImage } : {}) });
+    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '' });
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
     const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${uniqueTag()}`));
@@ -158,7 +155,10 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     try {
       linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
       linkOrCopyChecked(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages), loaded.pagesFd!);
-      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests, loaded.image), { mode: 0o600 });
+      // An image our own snapshot wrote stays one (isOwnSnapshot: a file its
+      // processes held past a drop of privileges); any other is signed
+      // without the word, whoever vouched for it.
+      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests, loaded.image, isOwnSnapshot(loaded.image)), { mode: 0o600 });
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
@@ -229,7 +229,6 @@ async function openTemplateNow(path: string, verify: boolean, trust: 'require' |
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
     checkVerdicts(template.verdicts);
-    ownSnapshotByTemplate(loaded, template, signer);
     const rules = template.rules?.text ? parseRules(template.rules.text, template.rules.source) : undefined;
     return { path: resolve(path), template, loaded, rules };
   } catch (e) {
