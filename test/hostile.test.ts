@@ -1478,7 +1478,8 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
     writeFileSync(secret, 'not for nobody\n', { mode: 0o600 });
     chmodSync(out, 0o755);
     const st = statSync(secret, { bigint: true });
-    const dir = crafted('rootonly-file', (i) => {
+    const image = structuredClone(goodImage);
+    const craft = (i: Image) => {
       for (const p of i.processes)
         for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
           if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
@@ -1488,15 +1489,19 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
       Object.assign(fd, { fd: 907, kind: 0, path: secret, file: i.files.length - 1, flags: 0, pos: 0n, description: 0 });
       i.processes[0].fds.push(fd);
-    });
-    // Signed with this node's key, but not by a snapshot (its manifest does
-    // not say from_snapshot): its word on descriptors is not taken.
+    };
+    craft(image);
+    // It says it was written by a snapshot (as the good image it was made
+    // of did), but under another node's key, vouched for here with
+    // --trust-image: its word on descriptors is not taken.
+    expect(image.fromSnapshot).toBe(true);
+    const dir = writeImage('rootonly-file', encodeImage(image), other.home);
     const refused = new RegExp(`: process \\d+ fd 907: ${secret.replace(/\./g, '\\.')} cannot be opened with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`);
-    refuses(['restore', dir], { code: 5, stderr: refused });
-    // Nor once template create (which signs what it is given) made it a
-    // template: its clones are refused the same.
+    refuses(['restore', dir, '--trust-image'], { code: 5, stderr: refused });
+    // Nor once template create (which signs what it is given with this
+    // node's key) made it a template: its clones are refused the same.
     const template = join(out, 'rootonly-template');
-    expect(sb.run(['template', 'create', dir, '-o', template]).code).toBe(0);
+    expect(sb.run(['template', 'create', dir, '-o', template, '--trust-image']).code).toBe(0);
     refuses(['clone', template, '--aid', 'rootonly-clone'], { code: 5, stderr: refused });
   });
 });

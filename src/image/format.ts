@@ -183,13 +183,16 @@ function partDigests(imageBytes: Buffer, pagesPart: PageFileDigest): Map<string,
 
 export const newImageId = () => randomBytes(8).toString('hex');
 
-/** Images loaded that a snapshot of this node's wrote (a manifest signed
- * by this node's own key that says `fromSnapshot`): what they say of the
- * application's descriptors is what the kernel showed that snapshot, not
- * what someone wrote into an image and had signed. Only a snapshot sets
- * the flag (commitImageDir, streamImageTar); template create keeps it only
- * for an image that had it (template.ts), and signs whatever else it is
- * given (--trust-image) without it. */
+/** Images loaded that a snapshot of this node wrote (image.pb says
+ * `fromSnapshot`, under a manifest signed by this node's own key): what
+ * they say of the application's descriptors is what the kernel showed that
+ * snapshot, not what someone wrote into an image and had signed. Only a
+ * snapshot sets the flag (commitImageDir, streamImageTar), and only this
+ * node's key signs the manifests it trusts so; template create, which
+ * signs whatever it is given (--trust-image), clears it in an image that
+ * is not so (template.ts). In image.pb, not the manifest: an older
+ * appshot reads the image as ever (it ignores a field it does not know in
+ * image.pb, where one in the manifest would fail its signature). */
 const ownSnapshots = new WeakSet<Image>();
 export const isOwnSnapshot = (image: Image): boolean => ownSnapshots.has(image);
 
@@ -206,10 +209,10 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     // As named, in our staging directory: what a restore may find again
     // unchanged (written.ts), recorded once the image is in place.
     const written = writtenIdentity(join(tmp, PARTS.pages));
-    const imageBytes = encodeImage(image);
+    const imageBytes = encodeImage({ ...image, fromSnapshot: true });
     const digests = partDigests(imageBytes, pagesPart);
     writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image, true));
+    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image));
     syncDir(tmp);
     killPoint('image: committing');
     beforePlacing?.(tmp);
@@ -230,7 +233,7 @@ const loadTar = async () => (await import('tar-stream')).default;
 
 /** Writes the image as a tar stream (manifest first) to `out`. */
 export async function streamImageTar(out: NodeJS.WritableStream, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string): Promise<void> {
-  const imageBytes = encodeImage(image);
+  const imageBytes = encodeImage({ ...image, fromSnapshot: true });
   const pack = (await loadTar()).pack();
   const done = pipeline(pack, out as NodeJS.WritableStream);
   // The output may fail first (a full disk, a file size limit, a reader
@@ -239,7 +242,7 @@ export async function streamImageTar(out: NodeJS.WritableStream, image: Image, p
   let outputFailure: unknown;
   done.catch((e) => (outputFailure = e));
   try {
-    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image, true));
+    pack.entry({ name: PARTS.manifest, mode: 0o600 }, encodeSignedManifest(imageId, partDigests(imageBytes, pagesPart), image));
     pack.entry({ name: PARTS.image, mode: 0o600 }, imageBytes);
     const entry = pack.entry({ name: PARTS.pages, mode: 0o600, size: pagesPart.size });
     await pipeline(createReadStream(`/proc/self/fd/${pages.fd()}`), entry);
@@ -619,7 +622,7 @@ async function digestFdInterruptibly(fd: number, limit: number, onBytes: ((n: nu
   return hasher.result();
 }
 
-function digestBuffer(data: Buffer): PartDigest {
+export function digestBuffer(data: Buffer): PartDigest {
   return { size: data.length, crc: addon().crc32c(data), sha256: createHash('sha256').update(data).digest() };
 }
 
@@ -667,7 +670,7 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
  * node's key, encoded: format 3 or 4 (chunkedFormatOf), the page file
  * vouched for by its chunk table, if its digest has one; else format 2, by
  * its whole SHA-256. */
-export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image, fromSnapshot = false): Buffer {
+export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image): Buffer {
   const chunked = digests.get(PARTS.pages)?.chunks !== undefined;
   return encodeSignedManifestOf({
     magic: MAGIC,
@@ -683,7 +686,6 @@ export function encodeSignedManifest(imageId: string, digests: Map<string, PartD
     }),
     signature: Buffer.alloc(0),
     keyId: '',
-    ...(fromSnapshot ? { fromSnapshot } : {}),
   });
 }
 
@@ -1093,7 +1095,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     checkWireCounts(ImageType, imageBytes);
     const image = decode<Image>(ImageType, imageBytes, PARTS.image);
     validateImage(image, BigInt(digests.get(PARTS.pages)!.size), opts.asParent);
-    if (signer.trusted && isOwnKey(signer.trusted) && manifest.fromSnapshot) ownSnapshots.add(image);
+    if (signer.trusted && isOwnKey(signer.trusted) && image.fromSnapshot) ownSnapshots.add(image);
     const loaded: LoadedImage = { dir, manifest, image, signer, digests, dispose, identity: identity.join(' '), ...(pagesAsWritten ? { pagesAsWritten } : {}) };
     // (getters: dispose closes and stops them)
     Object.defineProperty(loaded, 'pagesFd', { get: () => pagesFd, enumerable: true });

@@ -13,8 +13,6 @@ export interface Manifest {
   signature: Buffer;
   /** Which key signed it: the first 16 hex digits of its public key's SHA-256. */
   keyId: string;
-  /** Written by a snapshot (image.proto): its descriptors are the kernel's. */
-  fromSnapshot?: boolean;
 }
 
 export interface Part {
@@ -61,6 +59,8 @@ export interface Image {
   /** POSIX message queues (resources/mqueue.ts); absent in older images. */
   posixQueues?: PosixQueue[];
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
+  /** Written by a snapshot (image.proto): its descriptors are the kernel's. */
+  fromSnapshot?: boolean;
 }
 
 /** A wait slot of the tables (appshot_table.h, struct appshot_wait_slot). */

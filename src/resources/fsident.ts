@@ -198,8 +198,8 @@ const S_IFDIR = 0o040000;
  * the application may open that file again, yet the application held it.
  *
  * Only on the word of an image a snapshot of this node wrote (`ownSnapshot`:
- * format.ts isOwnSnapshot, its manifest signed by this node's own key and
- * saying from_snapshot), whose descriptors are what the kernel showed that
+ * format.ts isOwnSnapshot: its image.pb says from_snapshot, under a
+ * manifest signed by this node's own key), whose descriptors are what the kernel showed that
  * snapshot: an image that someone wrote and had signed (hostile.test's
  * root-only file, also made a template) names files as it likes, and gets
  * only what its credentials open. And only the very file: the name is
@@ -219,7 +219,8 @@ const S_IFDIR = 0o040000;
  * this restore, paths.ts privateCopy) gets the copy only if what was
  * copied was that very file, and the copy at the name is still the one
  * made (its directories may be the application user's). A template keeps
- * the word of the snapshot it was made of (its manifest, template.ts).
+ * the word of the snapshot it was made of, and only of one of ours
+ * (template.ts).
  *
  * Returns the descriptor, or undefined where this cannot be shown.
  */

@@ -12,7 +12,7 @@ import { uniqueTag } from '../holder.js';
 import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
+import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
 import { makePartialDir } from '../image/partial.js';
 import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
@@ -153,12 +153,18 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${uniqueTag()}`));
     const partial = journal.path;
     try {
-      linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
+      // This node's key signs the template's manifest whoever signed the
+      // image: an image.pb that says a snapshot wrote it (fromSnapshot), and
+      // whose word is not this node's own (isOwnSnapshot: a file its
+      // processes held past a drop of privileges), loses that word here.
+      let digests = loaded.digests;
+      if (loaded.image.fromSnapshot && !isOwnSnapshot(loaded.image)) {
+        const unsaid = encodeImage({ ...loaded.image, fromSnapshot: undefined });
+        writeFileSync(join(partial, PARTS.image), unsaid, { mode: 0o600 });
+        digests = new Map(digests).set(PARTS.image, digestBuffer(unsaid));
+      } else linkOrCopy(join(loaded.dir, PARTS.image), join(partial, PARTS.image));
       linkOrCopyChecked(join(loaded.dir, PARTS.pages), join(partial, PARTS.pages), loaded.pagesFd!);
-      // An image our own snapshot wrote stays one (isOwnSnapshot: a file its
-      // processes held past a drop of privileges); any other is signed
-      // without the word, whoever vouched for it.
-      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, loaded.digests, loaded.image, isOwnSnapshot(loaded.image)), { mode: 0o600 });
+      writeFileSync(join(partial, PARTS.manifest), encodeSignedManifest(manifest.imageId, digests, loaded.image), { mode: 0o600 });
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
