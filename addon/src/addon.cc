@@ -604,10 +604,11 @@ Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
     // glibc's mutex word: the holder's TID under the robust bits.
     holder = __atomic_load_n(&t.get()->lock.__data.__lock, __ATOMIC_ACQUIRE) & 0x3fffffff;
     if (holder == 0) holder = -1;  // let go meanwhile, or a word that names nobody
-  } else if (rc < 0) {
-    ThrowErrno(env, "repairing the tables " + path, errno);
-    return env.Undefined();
   }
+  // Any other failure (ENOTRECOVERABLE, or a lock word the application
+  // wrote into its file): no locker can repair it either, so the tables
+  // as they are are what the application will ever find: no repair, and
+  // no holder.
   Napi::Object out = Napi::Object::New(env);
   out.Set("repaired", Napi::Boolean::New(env, rc == 1));
   out.Set("holder", Napi::Number::New(env, holder));
