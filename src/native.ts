@@ -542,6 +542,13 @@ interface Addon {
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;
+  /** If the last holder of the tables' lock died holding it, the repair
+   * its next locker would make, made now without waiting for the lock
+   * (appshot_repair_if_dead): a dead creator's SysV object adopted.
+   * `holder`: the system TID of a live holder (the lock was busy; -1 if
+   * the word names none), else 0 (a lock no locker can recover counts as
+   * free: the tables as they are stay so). */
+  repairTablesIfDead(path: string): { repaired: boolean; holder: number };
   /** Offset in a tables file of its lock's futex word (a robust mutex's:
    * its holder's TID). */
   readonly tablesLockOffset: number;

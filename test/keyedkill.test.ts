@@ -194,6 +194,45 @@ describe('a keyed create killed part-way', () => {
     });
 });
 
+describe('a snapshot after a keyed create was killed part-way', () => {
+  for (const kind of ['sem', 'shm', 'msg'] as const)
+    it(`${kind}: killed after making the object, before binding it, then snapshotted before the application took the lock again: the object is in the image, and comes back by its key with its contents`, async () => {
+      const aid = `kk-snap-${kind}`;
+      const keyKind = `${kind}key` as const;
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('keyedkill'), 'snapped', kind]);
+      await waitFor(() => /^(PAUSED \d+|CREATED|FAIL)/m.test(sb.log(aid)), 10_000, `the creator of ${aid} to stop`);
+      const pid = Number(/^PAUSED (\d+)$/m.exec(sb.log(aid))?.[1]);
+      expect(sb.log(aid)).not.toMatch(/^(FAIL|CREATED)/m);
+      const ranSalt = saltOf(aid);
+      const [made] = objectsOf(ranSalt, [0x7e59]);
+      expect(made?.keyKind).toBe(keyKind);
+      process.kill(pid, 'SIGKILL');
+      // Dead and reaped, with nobody of the application to settle (the
+      // reap keeps its PID entry, which names a live group: no lock): the
+      // object is in no id entry, its key only reserved.
+      await waitFor(() => /^(REAPED|FAIL)/m.test(sb.log(aid)), 10_000, 'the creator to be reaped');
+      expect(sb.log(aid)).not.toMatch(/^FAIL/m);
+      let t = tables(aid);
+      expect(t[keyKind].find((e) => e.virtual === 0x7e59)?.flags).toEqual(['reserved']);
+      expect(t[ID_OF[keyKind]].map((e) => e.system)).not.toContain(made.id);
+      // Contents only the image can carry: put there by its id, from outside.
+      const poked = spawnSync(fixture('keyedkill'), ['poke', kind, String(made.id)], { encoding: 'utf8' });
+      expect(poked.status, poked.stderr + poked.stdout).toBe(0);
+      sb.ok(['snapshot', aid, '-o', join(out, aid)]);
+      await waitFor(() => objectsOf(ranSalt, [0x7e59]).length === 0, 10_000, `the objects of the snapshotted ${aid} to go`);
+      sb.ok(['restore', join(out, aid)]);
+      await sb.exercised(aid, 'to find the object its killed creator made');
+      const salt = saltOf(aid);
+      t = tables(aid);
+      const key = t[keyKind].find((e) => e.virtual === 0x7e59);
+      expect(key?.flags).toEqual([]);
+      const restored = objectsOf(salt, [0x7e59]);
+      expect(restored.map((o) => [o.keyKind, o.key])).toEqual([[keyKind, key!.system]]);
+      expect(t[ID_OF[keyKind]].map((e) => e.system)).toContain(restored[0].id);
+      await removedWithNothingLeft(aid, salt, [0x7e59]);
+    });
+});
+
 describe('the edges of a keyed create', () => {
   it('a key left bound to a removed object, then its create killed before the id was mapped: the next writer maps the object, which a snapshot would otherwise miss', async () => {
     const app = sb.start(['run', '--aid', 'kk-rebind', '--', fixture('keyedkill'), 'rebind']);

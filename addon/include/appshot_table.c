@@ -434,6 +434,43 @@ static void rebuild(struct appshot_header *h, struct appshot_table *t) {
 
 static void settle_reservations(struct appshot_header *h);
 
+/* The lock came with EOWNERDEAD: a writer died inside its critical
+ * section. The entry arrays are written before the indexes, so they are
+ * the truth: every index is rebuilt from them, a dead creator's
+ * reservation settled, and the lock marked consistent. */
+static void repair_locked(struct appshot_header *h) {
+  for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
+  settle_reservations(h);
+  h->repairs++;
+  pthread_mutex_consistent(&h->lock);
+}
+
+int appshot_repair_if_dead(struct appshot_header *h) {
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  /* Never waits: see the header. Settled here as in any of the
+   * application's processes: the witness is the creator the header
+   * records (struct appshot_creating), never the caller, and the object's
+   * record is read by raw calls that root or the creator's user may make
+   * (IPC_STAT, else *_STAT_ANY: made_by_creator); the adoption maps and
+   * binds as the creator would have. */
+  int rc = pthread_mutex_trylock(&h->lock), repaired = 0;
+  if (rc == EOWNERDEAD) {
+    repair_locked(h);
+    repaired = 1;
+    rc = 0;
+  }
+  if (rc != 0) {
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    errno = rc;
+    return -1;
+  }
+  pthread_mutex_unlock(&h->lock);
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return repaired;
+}
+
 /* How long appshot_lock waits for the lock, in ms; 0: for ever. */
 static unsigned lock_patience_ms;
 
@@ -458,13 +495,7 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved) {
     rc = pthread_mutex_lock(&h->lock);
   }
   if (rc == EOWNERDEAD) {
-    /* A writer died inside its critical section. The entry arrays are
-     * written before the indexes, so they are the truth: rebuild every
-     * index from them. */
-    for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
-    settle_reservations(h);
-    h->repairs++;
-    pthread_mutex_consistent(&h->lock);
+    repair_locked(h);
     rc = 0;
   }
   if (rc != 0) {

@@ -557,6 +557,15 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved);
  * (src/ptrace/freezer.ts), so an honest application never meets the limit. */
 void appshot_set_lock_patience(unsigned ms);
 void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
+/* For a reader that must see every object the application has, a
+ * snapshot's: if the last holder of the lock died holding it, the repair
+ * its next locker would make (indexes rebuilt, a dead creator's
+ * reservation settled: its object adopted if it made one) is made now,
+ * and the lock let go. Tries the lock without waiting: the application
+ * is stopped, and a stopped thread that holds it would never let go.
+ * Returns 1 if it repaired, 0 if the lock was free (nothing to repair),
+ * or -1 with errno: EBUSY (a live holder), ENOTRECOVERABLE. */
+int appshot_repair_if_dead(struct appshot_header *h);
 int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);
 int32_t appshot_map_system_locked(struct appshot_header *h,

@@ -586,6 +586,35 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, vid);
 }
 
+// repairTablesIfDead(path) -> { repaired, holder }: appshot_repair_if_dead.
+// repaired: the last holder of the lock had died holding it, and the
+// repair (a dead creator's object adopted) is made; holder: the system TID
+// in the lock word of a live holder (the lock was busy), else 0.
+Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  OpenTables t(path);
+  if (!t.get()) {
+    ThrowErrno(env, "opening tables", t.err());
+    return env.Undefined();
+  }
+  int rc = appshot_repair_if_dead(t.get());
+  int holder = 0;
+  if (rc < 0 && errno == EBUSY) {
+    // glibc's mutex word: the holder's TID under the robust bits.
+    holder = __atomic_load_n(&t.get()->lock.__data.__lock, __ATOMIC_ACQUIRE) & 0x3fffffff;
+    if (holder == 0) holder = -1;  // let go meanwhile, or a word that names nobody
+  }
+  // Any other failure (ENOTRECOVERABLE, or a lock word the application
+  // wrote into its file): no locker can repair it either, so the tables
+  // as they are are what the application will ever find: no repair, and
+  // no holder.
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("repaired", Napi::Boolean::New(env, rc == 1));
+  out.Set("holder", Napi::Number::New(env, holder));
+  return out;
+}
+
 // unmapSystem(path, kind, system) -> boolean
 Napi::Value UnmapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -844,6 +873,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pidBelongs", Napi::Function::New(env, PidBelongs));
   exports.Set("createTables", Napi::Function::New(env, CreateTables));
   exports.Set("readTables", Napi::Function::New(env, ReadTables));
+  exports.Set("repairTablesIfDead", Napi::Function::New(env, RepairTablesIfDead));
   // Where a tables file keeps its lock's futex word (the mutex's first
   // field): a snapshot checks that no thread it stopped holds it.
   exports.Set("tablesLockOffset", Napi::Number::New(env, static_cast<double>(offsetof(struct appshot_header, lock))));

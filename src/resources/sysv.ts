@@ -10,11 +10,61 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { addon, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
-import type { DumpContext } from './context.js';
+import type { Kind, TablesSnapshot } from '../native.js';
+import { type DumpContext, Transient } from './context.js';
+
+/** APPSHOT_F_RESERVED (appshot_table.h): a key reserved by a keyed create
+ * in progress, or by a creator killed inside it that no locker has
+ * settled yet. */
+const RESERVED = 0x8;
+const KEY_KINDS = ['semkey', 'shmkey', 'msgkey'] as const;
+
+/**
+ * The tables whose ids dumpSysv walks, with a dead creator's object in
+ * them. A creator killed between making a keyed object and binding it
+ * leaves the lock owner-dead and its key reserved: the object is in no id
+ * entry until the next locker settles the reservation (adopts it), and
+ * the application may not have taken the lock since (it is stopped now).
+ * So the settling is done here, as that locker would, without waiting for
+ * the lock (appshot_repair_if_dead): the image then holds the object and
+ * tables that name it, as the application would have found them at its
+ * next create. When the dump itself wrote the tables (a thread mapped:
+ * threads.ts, whose lock may have been the one that settled), they are
+ * read again too; the driver reads them again for the image then
+ * (ctx.tablesWritten), so the image's tables and objects agree.
+ */
+function settledTables(ctx: DumpContext): TablesSnapshot {
+  const a = addon();
+  const { repaired, holder } = a.repairTablesIfDead(ctx.tablesPath);
+  if (repaired) ctx.tablesWritten = true;
+  if (!holder) return ctx.tablesWritten ? a.readTables(ctx.tablesPath) : ctx.tables;
+  // Busy: a live thread holds the lock. Never one of the application's
+  // stopped threads (the freezer lets a stopped holder run on until it
+  // lets go: freezer.ts), so one the snapshot did not stop: appshot-init
+  // or an appshot command writing PIDs (which make no SysV object), or a
+  // process outside the application holding its file. Whoever took the
+  // lock after a creator died took it with EOWNERDEAD and settles before
+  // anything else, so a reservation seen now is that holder's create, or
+  // one it is settling this instant: its object, made or about to be
+  // adopted, may be the application's a moment later, and an image read
+  // now would lose it. Refused as a moment's state (tried again).
+  const now = a.readTables(ctx.tablesPath);
+  const reserved = KEY_KINDS.flatMap((kind) => now.tables[kind].filter((e) => e.flags & RESERVED).map((e) => `${kind} 0x${(e.virtual >>> 0).toString(16)}`));
+  if (reserved.length)
+    throw new Transient(`a keyed SysV create of the application (${reserved.join(', ')}) is in progress or being settled by ${holder > 0 ? `system TID ${holder}` : 'a thread'}, which holds its tables' lock and is not stopped by the snapshot; try again`);
+  // None reserved as of that read: every settling finished before it, so
+  // a read after it has the adopted ids (one read could have walked the
+  // id tables before an adoption and the key tables after it). What the
+  // holder writes meanwhile is its own (PIDs), not an object.
+  ctx.tablesWritten = true;
+  return a.readTables(ctx.tablesPath);
+}
 
 export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[] } {
   const a = addon();
-  const vkey = (kind: 'semkey' | 'shmkey' | 'msgkey', key: number) => (key === 0 ? 0 : ctx.virtual(kind, key));
+  const tables = settledTables(ctx);
+  const toVirtual = new Map<Kind, Map<number, number>>(KEY_KINDS.map((kind) => [kind, new Map(tables.tables[kind].map((e) => [e.system, e.virtual]))]));
+  const vkey = (kind: 'semkey' | 'shmkey' | 'msgkey', key: number) => (key === 0 ? 0 : (toVirtual.get(kind)!.get(key) ?? 0));
   const vpid = (pid: number) => (pid ? ctx.virtual('pid', pid) : 0);
   const gone = (e: unknown) => ['EINVAL', 'EIDRM'].includes((e as NodeJS.ErrnoException).code ?? '');
   // Read with appshot's rights, which may be more than the application's
@@ -32,7 +82,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   };
 
   const semaphores: SemSet[] = [];
-  for (const e of ctx.tables.tables.semid) {
+  for (const e of tables.tables.semid) {
     try {
       const s = a.semRead(e.system);
       if (!isOwn('semid', 'semaphore set', e)) continue;
@@ -42,7 +92,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     }
   }
   const shmSegments: ShmSegment[] = [];
-  for (const e of ctx.tables.tables.shmid) {
+  for (const e of tables.tables.shmid) {
     try {
       const s = a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
@@ -64,7 +114,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     }
   }
   const msgQueues: MsgQueue[] = [];
-  for (const e of ctx.tables.tables.msgid) {
+  for (const e of tables.tables.msgid) {
     try {
       const q = a.msgRead(e.system);
       if (!isOwn('msgid', 'message queue', e)) continue;
