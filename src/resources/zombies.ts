@@ -19,6 +19,8 @@ import { freeAddress, readMaps } from './memory.js';
 import type { DumpContext } from './context.js';
 
 const SIGCHLD = 17;
+const SIGKILL = 9;
+const SIGSTOP = 19;
 const SIG_DFL = 0n;
 const RLIMIT_CORE = 4;
 const PR_SET_NAME = 15;
@@ -69,14 +71,22 @@ export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefi
     seed.call(`naming zombie ${z.vpid}`, SYS.prctl, [PR_SET_NAME, seed.str(z.comm.slice(0, 15))]);
     if (signal) {
       // Killed by a signal: its default action, unblocked, without a core.
+      // SIGKILL's and SIGSTOP's action is the default always (setting it
+      // is EINVAL).
       seed.reset();
-      const action = seed.put(seed.u64s([SIG_DFL, 0n, 0n, 0n]));
-      seed.call(`resetting signal ${signal} in zombie ${z.vpid}`, SYS.rt_sigaction, [signal, action, 0, 8]);
+      if (signal !== SIGKILL && signal !== SIGSTOP) {
+        const action = seed.put(seed.u64s([SIG_DFL, 0n, 0n, 0n]));
+        seed.call(`resetting signal ${signal} in zombie ${z.vpid}`, SYS.rt_sigaction, [signal, action, 0, 8]);
+      }
       seed.call(`setting RLIMIT_CORE in zombie ${z.vpid}`, SYS.prlimit64, [0, RLIMIT_CORE, seed.put(seed.u64s([0n, 0n])), 0]);
       seed.unmapScratch();
       addon().setSigmask(pid, 0n);
       process.kill(pid, signal);
-      addon().detach(pid, 0);
+      // SIGKILL ends it at once, traced or not: its exit is ours to wait
+      // for, which hands it on to its real parent as a zombie (as the
+      // exit_group below); any other signal is let go with it.
+      if (signal === SIGKILL) addon().wait(pid, 10_000);
+      else addon().detach(pid, 0);
     } else {
       // Exited: the tracer's wait for its exit (inside the injection)
       // hands it on to its real parent as a zombie.
