@@ -85,17 +85,20 @@ describe(`a process of ${WORKERS} threads, each with state of its own`, () => {
     expect(names.filter((n) => n.startsWith('crowd-')).sort()).toEqual(Array.from({ length: WORKERS }, (_, i) => `crowd-${i + 1}`).sort());
   }, 120_000);
 
-  it('whose process dies just as its threads are let go at once: the restore fails in one line and leaves nothing', async () => {
-    const image = snapshot(aid, 'dies');
-    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
-    const child = spawn(process.execPath, [cli, 'restore', image, '--aid', 'gone'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'restore: threads at once' } });
+  /**
+   * A restore of `image` as `as`, stopped (APPSHOT_TEST_STOP_AT) at `point`
+   * of its rounds, whose process is killed there as the OOM killer would,
+   * then continued: it fails in one line and leaves nothing.
+   */
+  async function diesAt(point: string, image: string, as: string): Promise<void> {
+    const child = spawn(process.execPath, [cli, 'restore', image, '--aid', as], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-    await waitFor(() => stateOf(child.pid!) === 'T' || child.exitCode !== null, 60_000, 'the restore to reach its threads');
+    await waitFor(() => stateOf(child.pid!) === 'T' || child.exitCode !== null, 60_000, `the restore to reach '${point}'`);
     expect(child.exitCode, stderr).toBeNull();
     // The process being restored (its memory in place: its command line
-    // the fixture's), stopped by its tracer, killed as the OOM killer would.
+    // the fixture's), its main thread stopped by its tracer.
     const restored = running(fixture('threadcrowd')).filter((p) => stateOf(p) === 't');
     expect(restored.length).toBe(1);
     process.kill(restored[0], 'SIGKILL');
@@ -104,7 +107,19 @@ describe(`a process of ${WORKERS} threads, each with state of its own`, () => {
     expect(stderr.trim().split('\n')).toEqual([expect.stringMatching(/^appshot: cannot restore .*: running a batch of system calls in thread \d+: the thread is gone; nothing was left behind$/)]);
     await waitFor(() => running(fixture('threadcrowd')).length === 0, 10_000, 'nothing of the restore to be left');
     expect(sb.run(['ps']).code).toBe(0);
-    expect(sb.allAids()).not.toContain('gone');
-    expect(sb.shmFiles().filter((f) => f.includes('-gone-'))).toEqual([]);
+    expect(sb.allAids()).not.toContain(as);
+    expect(sb.shmFiles().filter((f) => f.includes(`-${as}-`))).toEqual([]);
+  }
+
+  it('whose process dies just as its threads are let go at once: the restore fails in one line and leaves nothing', async () => {
+    const image = snapshot(aid, 'dies');
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    // Stopped before the first round: every thread's arm fails (ESRCH).
+    await diesAt('restore: threads at once', image, 'gone');
+    // Stopped in the addon once the first round's 64 threads are all let
+    // go into their batches: their process killed while they run (or
+    // wait, done, for the tracer), each thread's end is heard among the
+    // others' (trace_wait_any), none is put back, and the round fails.
+    await diesAt('batches: running at once', image, 'gone-running');
   }, 120_000);
 });
