@@ -418,10 +418,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
   if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
   // The other threads' timer slack went with their own state
-  // (ownTimerSlack, restoreThreadStates). Speculation controls one thread
-  // after the other: a refused one is asked about before it fails the
-  // restore, and no node this was written on lets any be set, so none
-  // moved into the rounds untried.
+  // (ownTimerSlack, restoreThreadStates). Speculation controls still one
+  // thread after the other: a refused one is asked about before it fails
+  // the restore, which a round would have to carry, and the node this was
+  // measured on refuses every control, so such a round would go untested.
   p.threads.forEach((t: Thread, i) => restoreSpeculation(r, t, tids[i]));
   return notKept;
 }
@@ -433,9 +433,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
  * threads at once (restoreThreadStates). Only where it differs from the
  * seed's (`seedsSlack`, seedSlack: what a thread made by the restore
  * starts with). Sound before the scheduling policies are set: the kernel
- * keeps a normal thread's slack when its policy is set, and makes a
- * real-time or deadline thread's 0 either way (as it ignores the prctl
- * in one).
+ * keeps a normal thread's slack when its policy is set; since 6.7 it
+ * makes a real-time or deadline thread's 0 and ignores the prctl in one,
+ * so that such a thread ends with 0 in either order (and before 6.7 the
+ * policy leaves the slack alone).
  */
 export function ownTimerSlack(t: Thread, seedsSlack: bigint | undefined): NamedCall[] {
   const slack = t.attributes?.timerSlackNs;
@@ -555,18 +556,15 @@ function restoreLoginuid(r: RemoteProcess, loginuid: number): string | undefined
 /** The parent-death signal, after the credentials: the kernel clears it
  * whenever a thread's uids, gids or capabilities change (commit_creds),
  * and before a seccomp filter may refuse prctl. Each acts on the calling
- * thread: run in that thread, the threads but the main one all at once
- * (RemoteProcess.runAtOnce, which never takes the main thread: its exit
- * is reported only once every other thread is reaped), one round trip
- * for a round where each took its own. */
+ * thread: run in that thread. One plain injected call each, not a round
+ * of batches at once (runAtOnce): measured with this prctl in every
+ * thread (bench/batch.js threads, issue 14), a round cost ~3 ms more
+ * than 15 calls, about as much as 63, and less only at 199. */
 export function restoreParentDeathSignals(r: RemoteProcess, p: Process, tids: number[]): void {
-  const set = (t: Thread): NamedCall[] => {
+  p.threads.forEach((t: Thread, i) => {
     const sig = t.attributes?.pdeathsig;
-    return sig ? [{ what: `setting parent-death signal ${sig} of thread ${t.vtid}`, nr: SYS.prctl, args: [PR_SET_PDEATHSIG, sig, 0, 0, 0] }] : [];
-  };
-  const [main, ...others] = p.threads;
-  for (const c of set(main)) r.call(c.what, c.nr, c.args, tids[0]);
-  r.runAtOnce(others.map((t, i) => ({ tid: tids[i + 1], calls: set(t) })));
+    if (sig) r.call(`setting parent-death signal ${sig} of thread ${t.vtid}`, SYS.prctl, [PR_SET_PDEATHSIG, sig, 0, 0, 0], tids[i]);
+  });
 }
 
 /** For `inspect`. */
