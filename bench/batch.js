@@ -11,7 +11,13 @@
 // once (the default) and one thread after the other
 // (APPSHOT_THREADS_AT_ONCE=0), alternating which goes first: restoreMs,
 // the threads' step alone (APPSHOT_DEBUG's phases "threads made" to
-// "threads' own state") and the round trips, medians of BENCH_RUNS each.
+// "threads' own state"), the main thread's batch (to "main thread's
+// batch": the attributes), the credentials' step (to "limits and
+// credentials", where the parent-death signals are set) and
+// the round trips, medians of BENCH_RUNS each. BENCH_BASE=DIR (a checkout
+// built at another commit) adds its restore, at once, as a third mode
+// alternated with the others: a change measured against its base in the
+// same run.
 // `node bench/batch.js threads` runs only this part, `calls` only the first.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -30,7 +36,8 @@ const apps = {
   '16 MiB': [join(root, 'bench', 'bin', 'memapp'), '16'],
 };
 
-const appshot = (args, extra = {}) => timed(process.execPath, [cli, ...args], { env: { ...env, ...extra } });
+const appshot = (args, extra = {}, via = cli) => timed(process.execPath, [via, ...args], { env: { ...env, ...extra } });
+const baseCli = process.env.BENCH_BASE ? join(process.env.BENCH_BASE, 'bin', 'appshot.js') : undefined;
 
 const part = process.argv[2] ?? 'all';
 const results = {};
@@ -66,11 +73,11 @@ try {
 }
 
 /** The restore's --json and the milliseconds between two of its
- * APPSHOT_DEBUG phases. */
-function restoreTimed(image, aid, extra) {
-  const r = appshot(['restore', image, '--aid', aid, '--json'], { APPSHOT_DEBUG: '1', ...extra });
+ * APPSHOT_DEBUG phases: the threads' step and the credentials'. */
+function restoreTimed(image, aid, extra, via) {
+  const r = appshot(['restore', image, '--aid', aid, '--json'], { APPSHOT_DEBUG: '1', ...extra }, via);
   const at = (what) => Number(new RegExp(`^([\\d.]+) ms, \\d+ calls injected: ${what}$`, 'm').exec(r.err)?.[1]);
-  return { json: JSON.parse(r.out), threadsMs: at("threads' own state") - at('threads made') };
+  return { json: JSON.parse(r.out), threadsMs: at("threads' own state") - at('threads made'), mainMs: at("main thread's batch") - at("threads' own state"), credsMs: at('limits and credentials') - at("main thread's batch") };
 }
 
 async function threadsAtOnce() {
@@ -81,28 +88,34 @@ async function threadsAtOnce() {
     await sleep(500 + 5 * n);
     appshot(['snapshot', 'crowd', '-o', image]);
     appshot(['rm', '-f', 'crowd']);
-    const series = { atOnce: { ms: [], threadsMs: [], calls: [] }, oneByOne: { ms: [], threadsMs: [], calls: [] } };
+    const modes = ['atOnce', 'oneByOne', ...(baseCli ? ['base'] : [])];
+    const series = Object.fromEntries(modes.map((m) => [m, { ms: [], threadsMs: [], mainMs: [], credsMs: [], calls: [] }]));
     for (let i = 0; i < runs; i++) {
-      const order = i % 2 ? ['oneByOne', 'atOnce'] : ['atOnce', 'oneByOne'];
+      // Each mode first in turn.
+      const order = modes.map((_, k) => modes[(i + k) % modes.length]);
       for (const mode of order) {
-        const r = restoreTimed(image, `crowd-${mode}`, mode === 'oneByOne' ? { APPSHOT_THREADS_AT_ONCE: '0' } : {});
+        const r = restoreTimed(image, `crowd-${mode}`, mode === 'oneByOne' ? { APPSHOT_THREADS_AT_ONCE: '0' } : {}, mode === 'base' ? baseCli : cli);
         series[mode].ms.push(r.json.restoreMs);
         series[mode].threadsMs.push(r.threadsMs);
+        series[mode].mainMs.push(r.mainMs);
+        series[mode].credsMs.push(r.credsMs);
         series[mode].calls.push(r.json.injectedCalls);
         appshot(['rm', '-f', `crowd-${mode}`]);
       }
     }
     rmSync(image, { recursive: true, force: true });
-    const sum = (s) => ({ restoreMs: summary(s.ms), threadsMs: summary(s.threadsMs), roundTrips: summary(s.calls) });
+    const sum = (s) => ({ restoreMs: summary(s.ms), threadsMs: summary(s.threadsMs), mainMs: summary(s.mainMs), credsMs: summary(s.credsMs), roundTrips: summary(s.calls) });
+    const ratio = (a, b, key = 'ms') => +(summary(series[a][key]).median / summary(series[b][key]).median).toFixed(2);
     const r = (results[`${n} threads`] = {
-      atOnce: sum(series.atOnce),
-      oneByOne: sum(series.oneByOne),
-      ratio: +(summary(series.atOnce.ms).median / summary(series.oneByOne.ms).median).toFixed(2),
-      threadsRatio: +(summary(series.atOnce.threadsMs).median / summary(series.oneByOne.threadsMs).median).toFixed(2),
+      ...Object.fromEntries(modes.map((m) => [m, sum(series[m])])),
+      ratio: ratio('atOnce', 'oneByOne'),
+      threadsRatio: ratio('atOnce', 'oneByOne', 'threadsMs'),
+      ...(baseCli ? { base: { ...sum(series.base), dir: process.env.BENCH_BASE }, ratioToBase: ratio('atOnce', 'base') } : {}),
     });
+    const line = (m) => `${r[m].restoreMs.median} ms (threads' state ${r[m].threadsMs.median} ms, main batch ${r[m].mainMs.median} ms, credentials ${r[m].credsMs.median} ms, ${r[m].roundTrips.median} round trips)`;
     console.log(
-      `${n} threads: restore ${r.atOnce.restoreMs.median} ms (threads' state ${r.atOnce.threadsMs.median} ms, ${r.atOnce.roundTrips.median} round trips) at once, ` +
-        `${r.oneByOne.restoreMs.median} ms (${r.oneByOne.threadsMs.median} ms, ${r.oneByOne.roundTrips.median}) one by one (ratio ${r.ratio}, threads' state ${r.threadsRatio})`,
+      `${n} threads: restore ${line('atOnce')} at once, ${line('oneByOne')} one by one (ratio ${r.ratio}, threads' state ${r.threadsRatio})` +
+        (baseCli ? `; base at once ${line('base')} (ratio to base ${r.ratioToBase})` : ''),
     );
   }
 }

@@ -13,10 +13,12 @@
  *   as a write that fails or a hook that throws would, so that tests can
  *   prove what an error at that point leaves.
  *
- * One kill point is inside the addon, where no JavaScript runs between the
- * two steps it separates: 'restore: sysv object made' (addon_restore.cc,
+ * Some points are inside the addon, where no JavaScript runs between the
+ * two steps they separate: 'restore: sysv object made' (addon_restore.cc,
  * CreateBound), once the kernel has made a keyed SysV object and before
- * its id is in the tables.
+ * its id is in the tables; 'batch: running' (trace.c, KILL_AT or STOP_AT),
+ * a thread running one injected batch; 'batches: running at once' (the
+ * same), every thread of a round let go into its batch (runAtOnce).
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');

@@ -140,20 +140,27 @@ export interface Removal {
  * is in `failed` with why, and the others still go.
  */
 export async function removeApps(reg: LocalRegistry, aids: string[], force: boolean): Promise<Removal> {
-  const failed: Removal['failed'] = [];
+  // Each failure with where its AID was named (its first time, but for
+  // a repeat's own line): said in that order at the end.
+  const failed: (Removal['failed'][number] & { at: number })[] = [];
   const removed = new Set<string>();
   // Whatever goes wrong with one is said of it, and the others go on:
   // thrown, it would leave those killed so far unremoved.
-  const fail = (aid: string, e: unknown) => failed.push({ aid, error: removalError(aid, e) });
+  const fail = (aid: string, e: unknown, at = aids.indexOf(aid)) => failed.push({ aid, error: removalError(aid, e), at });
+  // AIDs named again, with where: each has its first time's outcome,
+  // known only at the end.
+  const repeats: { aid: string; at: number }[] = [];
   const ended: AppRecord[] = [];
   const killed: { record: AppRecord; initPid: number; initStart?: number }[] = [];
   const asked = new Set<string>();
-  for (const aid of aids) {
+  for (const [at, aid] of aids.entries()) {
+    if (asked.has(aid)) {
+      repeats.push({ aid, at });
+      continue;
+    }
+    asked.add(aid);
     try {
       checkAid(aid);
-      // Named twice: removed once, then not found, as one by one.
-      if (asked.has(aid)) throw new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound);
-      asked.add(aid);
       if (!reg.get(aid) && reg.removeSnapshotted(aid)) {
         removed.add(aid);
         continue;
@@ -214,11 +221,16 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     fail(record.aid, error);
   }
   for (const r of ended) if (!unremoved.has(r.aid)) removed.add(r.aid);
+  // Named again, as one rm after the other would say: not found once
+  // removed, else what its first time failed of again.
+  for (const { aid, at } of repeats) {
+    const first = failed.find((f) => f.aid === aid);
+    fail(aid, first && !removed.has(aid) ? first.error : new AppshotError(`no application with AID '${aid}'`, ExitCode.notFound), at);
+  }
   // Said in the order they were named, as one by one (the last one's exit
   // code is the command's).
-  const position = (aid: string) => aids.indexOf(aid);
-  failed.sort((a, b) => position(a.aid) - position(b.aid));
-  return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed };
+  failed.sort((a, b) => a.at - b.at);
+  return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed: failed.map(({ aid, error }) => ({ aid, error })) };
 }
 
 /** Why `aid` could not be removed, as one line an AppshotError carries. */

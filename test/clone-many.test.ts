@@ -3,10 +3,12 @@
  * (test/fixtures/templfix: an allocated port, a home per AID, a
  * redirected config directory, copy-on-write data, a virtualized
  * semaphore) all run, each its own instance that answers its own verdict;
- * then one `appshot rm -f` of all of them (lifecycle.ts removeApps) kills
- * every one before it removes any, and leaves nothing of any: no process,
- * table file, registration, private copy, REDIR PATH directory, port claim
- * or SysV object.
+ * an `appshot rm` of some ended ones, an unknown AID and a running one
+ * removes the ended ones and says each other in its line; then one
+ * `appshot rm -f` of all the others (lifecycle.ts removeApps) kills every
+ * one before it removes any, and leaves nothing of any: no process, table
+ * file, registration, private copy, REDIR PATH directory, port claim or
+ * SysV object.
  */
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -37,7 +39,7 @@ afterAll(async () => {
 const ask = async (port: number, command: string) => (await tcpExchange(port, command + '\n', 15_000)).trim();
 
 describe('a batch of clones, removed by one rm -f', () => {
-  it('32 clones run, each its own; rm -f of all kills them all before removing any, and leaves nothing', async () => {
+  it('32 clones run, each its own; rm of a few, some not removable, removes the others; rm -f of all the rest kills them all before removing any, and leaves nothing', async () => {
     const ipcBefore = systemIpcIds();
     const clones = sb.json<Json[]>(['clone', tpl, '--count', String(COUNT)]);
     expect(clones).toHaveLength(COUNT);
@@ -67,24 +69,47 @@ describe('a batch of clones, removed by one rm -f', () => {
       }),
     );
 
+    // An rm without -f that names, among three ended ones, an unknown AID
+    // and a running one (twice): each of those two is said in one line in
+    // the order named, the running one as often as it is named (as one rm
+    // after the other would), the last one's exit code is the command's,
+    // and the ended ones are removed all the same.
+    const [stopped, runningOne] = [aids.slice(0, 3), aids[3]];
+    sb.ok(['stop', '-t', '20', ...stopped]);
+    const mixed = sb.run(['rm', stopped[0], runningOne, 'nosuch', stopped[1], runningOne, stopped[2]]);
+    const runningLine = `appshot: '${runningOne}' is running: stop it first (appshot stop ${runningOne}), or 'appshot rm -f ${runningOne}'`;
+    expect(mixed.stderr.trim().split('\n')).toEqual([runningLine, "appshot: no application with AID 'nosuch'", runningLine]);
+    expect(mixed.code).toBe(1);
+    expect(mixed.stdout.trim().split('\n')).toEqual(stopped);
+    expect(sb.allAids().filter((aid) => stopped.includes(aid))).toEqual([]);
+    expect(privateRoots.slice(0, 3).filter(existsSync)).toEqual([]);
+    expect(ports.slice(0, 3).filter((p) => existsSync(join(sb.home, 'ports', String(p))))).toEqual([]);
+    // The running one untouched: still its own instance.
+    expect(await ask(ports[3], 'CHECK')).toBe('OK');
+    // Named last, the unknown AID's code is the command's.
+    const unknownLast = sb.run(['rm', runningOne, 'nosuch']);
+    expect(unknownLast.stderr.trim().split('\n')).toEqual([runningLine, "appshot: no application with AID 'nosuch'"]);
+    expect(unknownLast.code).toBe(3);
+    const others = aids.slice(3);
+
     // One command for all of them; while it runs, the first registration
     // gone must find every process of every one gone already (killed
     // together, waited for together, then removed: one by one, the
     // others would still be running).
-    const removing = sb.runAsync(['rm', '-f', ...aids]);
+    const removing = sb.runAsync(['rm', '-f', ...others]);
     let finished = false;
     void removing.finally(() => (finished = true));
     let stillRunningAtFirstRemoval: number[] | undefined;
     const appsDir = join(sb.home, 'apps');
     while (!finished && stillRunningAtFirstRemoval === undefined) {
       const present = new Set(readdirSync(appsDir));
-      if (aids.some((aid) => !present.has(aid))) stillRunningAtFirstRemoval = pids.filter(alive);
+      if (others.some((aid) => !present.has(aid))) stillRunningAtFirstRemoval = pids.filter(alive);
       else await new Promise((r) => setTimeout(r, 2));
     }
     const r = await removing;
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    expect(r.stdout.trim().split('\n')).toEqual(aids);
+    expect(r.stdout.trim().split('\n')).toEqual(others);
     expect(stillRunningAtFirstRemoval).toEqual([]);
 
     // Nothing left of any of them.

@@ -667,12 +667,17 @@ static int set_end_signal(pid_t tid, uint64_t table, int sig) {
   return ptrace(PTRACE_POKEDATA, tid, (void*)(table + 24), (void*)word) ? fail() : 0;
 }
 
-/* The test-only kill point of src/killpoint.ts in native code:
- * APPSHOT_TEST_KILL_AT=NAME has appshot SIGKILL itself here, at an instant
- * no point of its TypeScript can reach (a thread running injected code). */
+/* The test-only points of src/killpoint.ts in native code, at instants no
+ * point of its TypeScript can reach (threads running injected code):
+ * APPSHOT_TEST_KILL_AT=NAME has appshot SIGKILL itself here, and
+ * APPSHOT_TEST_STOP_AT=NAME stop itself (SIGSTOP), so that a test can do
+ * something to the threads while they run (kill their process) and then
+ * continue it. */
 static void kill_point(const char* name) {
   const char* at = getenv("APPSHOT_TEST_KILL_AT");
   if (at && strcmp(at, name) == 0) kill(getpid(), SIGKILL);
+  at = getenv("APPSHOT_TEST_STOP_AT");
+  if (at && strcmp(at, name) == 0) kill(getpid(), SIGSTOP);
 }
 
 /* Waits for the thread, which runs the batch code still (a batch that
@@ -898,7 +903,9 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
     if ((b->rc = batch_resume(b))) continue;
     waiting[pending++] = b->tid;
   }
-  if (pending) kill_point("batch: running");
+  /* A name of its own: 'batch: running' is reached first by the single
+   * batches a restore runs before its rounds. */
+  if (pending) kill_point("batches: running at once");
   while (pending) {
     trace_report rep;
     /* 10 s without a stop from any of them: the ones still running are
