@@ -1258,8 +1258,9 @@ static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_k
  *    key an entry of its key table maps a virtual key to, bound (indexed
  *    or not: a writer killed before indexing it) or reserved (a creator
  *    killed inside its create, which made this object: made_by_creator),
- *    AND that the application's salt derives from that virtual key (appshot_system_key,
- *    attempts 0..63): the kind of key no one outside the application uses;
+ *    AND that the application's salt derives from that virtual key
+ *    (appshot_system_key, attempts 0..63): the kind of key no one outside
+ *    the application uses;
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
  *    lives: the creator is a process of the application, or the parent of
  *    its init (the restore driver, which recreates segments before init

@@ -205,17 +205,18 @@ static long stat_index_result(enum appshot_kind kind, long sid) {
 
 /* After IPC_RMID of the object under system key `skey`: the key names
  * nothing any more, unless another process has made its object again in
- * between (the kernel removed ours, the other's create_keyed found the
- * binding empty and made a new object at the same system key, its
- * attempt 0 as ours was). Unbound regardless, the key would lose that
- * live object: a get of it would answer ENOENT, the next create would
- * make a second object for the one key, and the first would be in no key
- * entry, so nothing would remove it. Hence under the lock, and only if
- * the system key names nothing now: every create happens under the lock,
- * so none can come between the check and the unbind. (A removed segment
- * that is still attached has key IPC_PRIVATE in the kernel: its system
- * key names nothing, and it is unbound.) Without the lock, the binding
- * stays: create_keyed unbinds a key whose object is gone. */
+ * between (the kernel removed ours; the other's create_keyed found the
+ * binding empty and made a new object at the same system key, the key's
+ * first free one, as ours was). Unbound regardless, the key would lose
+ * that live object: a get of it would answer ENOENT, the next create
+ * would make a second object for the one key, and the one made again
+ * would be in no key entry, so nothing would remove it. Hence under the
+ * lock, and only if the system key names nothing now: every create
+ * happens under the lock, so none can come between the check and the
+ * unbind. (A removed segment that is still attached has key IPC_PRIVATE
+ * in the kernel: its system key names nothing, and it is unbound.)
+ * Without the lock, the binding stays: create_keyed unbinds a key whose
+ * object is gone. */
 static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
   int32_t v;
   if (skey == IPC_PRIVATE || !appshot_s2v(g_h, k->key, skey, &v)) return;
