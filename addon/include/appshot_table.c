@@ -816,7 +816,6 @@ int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
   c->kind = (uint32_t)kind;
   c->slot = *slot;
   c->pid = (int32_t)raw_syscall3(SYS_getpid, 0, 0, 0);
-  c->euid = (uint32_t)raw_syscall3(SYS_geteuid, 0, 0, 0);
   c->aimed = INT64_MAX; /* nothing aimed at: nothing to adopt */
   return 0;
 }
@@ -824,8 +823,14 @@ int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
 void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind kind,
                                     uint32_t slot, int32_t skey) {
   /* The time first: killed in between, the entry still aims at the key
-   * before, with a later time, which adopts less, never more. */
+   * before, with a later time, which adopts less, never more. The euid
+   * here, not at the reservation: the lock blocks every signal but the
+   * ones glibc keeps for itself, so another thread's setuid() runs in
+   * this one mid-create, and the object this attempt makes has the euid
+   * of now as its cuid (a change between this and the get is still
+   * missed: README, Virtual ids). */
   h->creating.aimed = appshot_ipc_clock();
+  h->creating.euid = (uint32_t)raw_syscall3(SYS_geteuid, 0, 0, 0);
   struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
   set_entry_pair(e, make_pair(pair_vid(entry_pair(e)), skey));
 }
@@ -1211,25 +1216,32 @@ static int32_t salted_key(uint64_t salt, int32_t vkey, uint32_t attempt) {
   return appshot_system_key(&h, vkey, attempt);
 }
 
-/* The virtual key an entry of the key table maps system key `skey` to,
- * bound or reserved (APPSHOT_F_RESERVED: its create in progress, aimed at
- * `skey`): 1 if there is one. Found in the entry array, the truth, not
- * through the index (appshot_s2v), which can lack a bound entry: a writer
- * killed inside its change (between a commit's clearing of the flag and
- * its indexing, say) leaves the repair to the next locker, and after the
- * application's end there may be none. A reservation is in no index at
- * all: the object of a creator killed inside its create, which no locker
- * has settled yet, is the application's too. */
+/* The virtual key an entry of the key table maps system key `skey` (the
+ * key of object `id`) to, bound or reserved (APPSHOT_F_RESERVED: its
+ * create in progress, aimed at `skey`): 1 if there is one. Found in the
+ * entry array, the truth, not through the index (appshot_s2v), which can
+ * lack a bound entry: a writer killed inside its change (between a
+ * commit's clearing of the flag and its indexing, say) leaves the repair
+ * to the next locker, and after the application's end there may be none.
+ * A reservation is in no index at all: the object of a creator killed
+ * inside its create, which no locker has settled yet, is the
+ * application's too, but only if the creator made it (made_by_creator,
+ * the test a settling locker adopts it by): another's object that the
+ * creator met there as EEXIST, or that was made there after its aim, is
+ * left alone whether a locker settles first or the application is
+ * removed first. */
 static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_kind,
-                         int32_t skey, int32_t *vkey) {
+                         int32_t skey, int32_t id, int32_t *vkey) {
   const uint32_t capacity = appshot_capacity(key_kind);
   struct appshot_scan sc;
   appshot_scan_begin(h, key_kind, &sc);
   for (uint32_t s = 0; s < capacity && !appshot_scan_over(h, key_kind, &sc); s++) {
     int32_t v, sid;
-    if (!appshot_entry_at(h, key_kind, s, &v, &sid, NULL, NULL)) continue;
+    uint32_t flags;
+    if (!appshot_entry_at(h, key_kind, s, &v, &sid, &flags, NULL)) continue;
     appshot_scan_found(&sc);
-    if (sid == skey && skey != IPC_PRIVATE) {
+    if (sid == skey && skey != IPC_PRIVATE &&
+        (!(flags & APPSHOT_F_RESERVED) || made_by_creator(h, key_kind, s, skey, id))) {
       *vkey = v;
       return 1;
     }
@@ -1245,9 +1257,10 @@ static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_k
  *  - a keyed object: its key is one of the application's system keys, a
  *    key an entry of its key table maps a virtual key to, bound (indexed
  *    or not: a writer killed before indexing it) or reserved (a creator
- *    killed inside its create), AND that the
- *    application's salt derives from that virtual key (appshot_system_key,
- *    attempts 0..63): the kind of key no one outside the application uses;
+ *    killed inside its create, which made this object: made_by_creator),
+ *    AND that the application's salt derives from that virtual key
+ *    (appshot_system_key, attempts 0..63): the kind of key no one outside
+ *    the application uses;
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
  *    lives: the creator is a process of the application, or the parent of
  *    its init (the restore driver, which recreates segments before init
@@ -1266,7 +1279,7 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   if (f.key != IPC_PRIVATE) {
     enum appshot_kind key_kind = (enum appshot_kind)(kind + (APPSHOT_SEMKEY - APPSHOT_SEMID));
     int32_t vkey;
-    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || vkey_of_entry(h, key_kind, f.key, &vkey)))
+    if (!h || !(appshot_s2v(h, key_kind, f.key, &vkey) || vkey_of_entry(h, key_kind, f.key, sid, &vkey)))
       return 0;
     for (uint32_t attempt = 0; attempt < 64; attempt++)
       if (salted_key(salt, vkey, attempt) == f.key) return 1;

@@ -263,7 +263,7 @@ struct appshot_creating {
   uint32_t kind;  /* the key table of the reservation */
   uint32_t slot;  /* its entry */
   int32_t pid;    /* the creator's system PID: a segment's shm_cpid */
-  uint32_t euid;  /* its effective uid: an object's cuid */
+  uint32_t euid;  /* its effective uid as it aimed: an object's cuid */
   int64_t aimed;  /* appshot_ipc_clock() as it aimed at the system key it
                      tries: the object it makes there has no earlier ctime */
 };
@@ -651,7 +651,9 @@ int64_t appshot_ipc_clock(void);
  * (the file's key_salt) and `created` (when the file was made, in seconds
  * since the epoch on appshot_ipc_clock) are trusted copies: the registry's
  * (app.json), or what the file said before any process of the application
- * ran; `h` is read for its key tables only. */
+ * ran; `h` is read for its key tables and its keyed create in progress
+ * (struct appshot_creating, which can only narrow what a reservation
+ * proves) only. */
 int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
                       int32_t sid, uint64_t salt, int64_t created,
                       pid_t init_pid, const char *tables_path);

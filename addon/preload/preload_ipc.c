@@ -203,11 +203,28 @@ static long stat_index_result(enum appshot_kind kind, long sid) {
   return appshot_s2v(g_h, kind, (int32_t)sid, &v) ? v : fail(EINVAL);
 }
 
-/* After IPC_RMID: the key names nothing any more. */
-static void unmap_key(enum appshot_kind kind, key_t skey) {
+/* After IPC_RMID of the object under system key `skey`: the key names
+ * nothing any more, unless another process has made its object again in
+ * between (the kernel removed ours; the other's create_keyed found the
+ * binding empty and made a new object at the same system key, the key's
+ * first free one, as ours was). Unbound regardless, the key would lose
+ * that live object: a get of it would answer ENOENT, the next create
+ * would make a second object for the one key, and the one made again
+ * would be in no key entry, so nothing would remove it. Hence under the
+ * lock, and only if the system key names nothing now: every create
+ * happens under the lock, so none can come between the check and the
+ * unbind. (A removed segment that is still attached has key IPC_PRIVATE
+ * in the kernel: its system key names nothing, and it is unbound.)
+ * Without the lock, the binding stays: create_keyed unbinds a key whose
+ * object is gone. */
+static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
   int32_t v;
-  if (skey != IPC_PRIVATE && appshot_s2v(g_h, kind, skey, &v))
-    appshot_unmap_system(g_h, kind, skey);
+  if (skey == IPC_PRIVATE || !appshot_s2v(g_h, k->key, skey, &v)) return;
+  sigset_t saved;
+  if (appshot_lock(g_h, &saved) != 0) return;
+  if (appshot_s2v(g_h, k->key, skey, &v) && raw_get(k, skey, 0, 0) == -ENOENT)
+    appshot_unmap_system_locked(g_h, k->key, skey);
+  appshot_unlock(g_h, &saved);
 }
 
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
@@ -252,7 +269,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
       appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
-      unmap_key(APPSHOT_SEMKEY, skey);
+      unbind_removed_key(&SEM, skey);
     }
     return r;
   }
@@ -321,7 +338,7 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     if (r == 0) test_pause("ipc-removed");
     /* The id mapping stays: Linux keeps a removed segment alive, and
      * usable by id, while it is attached. Init drops it once it is gone. */
-    if (r == 0) unmap_key(APPSHOT_SHMKEY, skey);
+    if (r == 0) unbind_removed_key(&SHM, skey);
     return r;
   }
   r = REAL(shmctl)(sid, cmd, buf);
@@ -388,7 +405,7 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
       appshot_unmap_system(g_h, APPSHOT_MSGID, sid);
-      unmap_key(APPSHOT_MSGKEY, skey);
+      unbind_removed_key(&MSG, skey);
     }
     return r;
   }
