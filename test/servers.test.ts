@@ -23,6 +23,7 @@ import { createSocket } from 'node:dgram';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { decodeTemplate, encodeTemplate, signTemplate } from '../src/image/format.js';
 import { cli, Sandbox, TEST_PORTS, waitFor, waitForAsync } from './helpers.js';
 
 const NGINX = '/usr/sbin/nginx';
@@ -1066,8 +1067,24 @@ print(f.quit().split()[0], flush=True)
         const copy = readlinkSync(`/proc/${clonePid}/fd/${fd}`);
         expect(copy).not.toBe(pidFile);
         expect(statSync(copy).ino).not.toBe(statSync(pidFile).ino);
+        // As an older appshot made templates (template.pb not saying the
+        // image's word was checked, re-signed here): its clones get only
+        // what their credentials open (review32b L1).
+        const part = join(dir, 'lt.template', 'template.pb');
+        const { snapshotWordChecked, ...older } = decodeTemplate(readFileSync(part));
+        expect(snapshotWordChecked).toBe(true);
+        const home = process.env.APPSHOT_HOME;
+        process.env.APPSHOT_HOME = sb.home;
+        try {
+          writeFileSync(part, encodeTemplate(signTemplate({ ...older, signature: Buffer.alloc(0), keyId: '' })));
+        } finally {
+          process.env.APPSHOT_HOME = home;
+        }
+        const r = sb.run(['clone', join(dir, 'lt.template'), '--aid', 'ltc2']);
+        expect(r.code, r.stderr).toBe(5);
+        expect(r.stderr).toMatch(/fd \d+: \S+\/lighttpd\.pid cannot be opened with the credentials of the process or the application's others \(fsuid \d+, fsgid \d+\): EACCES/);
       } finally {
-        sb.run(['rm', '-f', 'ltc']);
+        sb.run(['rm', '-f', 'ltc', 'ltc2']);
       }
     } finally {
       sb.run(['stop', 'lt', '-s', 'KILL']);

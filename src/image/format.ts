@@ -195,6 +195,10 @@ export const newImageId = () => randomBytes(8).toString('hex');
  * image.pb, where one in the manifest would fail its signature). */
 const ownSnapshots = new WeakSet<Image>();
 export const isOwnSnapshot = (image: Image): boolean => ownSnapshots.has(image);
+/** The image of a template made before template create took fromSnapshot
+ * out of an image.pb whose word was not ours (template.ts): its word is
+ * not taken (review32b L1). */
+export const notOwnSnapshot = (image: Image): void => void ownSnapshots.delete(image);
 
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a

@@ -93,6 +93,8 @@ export interface Template {
   verdicts: Verdict[];
   signature: Buffer;
   keyId: string;
+  /** Made by a template create that checks image.pb's fromSnapshot (image.proto). */
+  snapshotWordChecked?: boolean;
 }
 
 export interface Rules {

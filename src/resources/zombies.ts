@@ -85,7 +85,7 @@ export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefi
       // SIGKILL ends it at once, traced or not: its exit is ours to wait
       // for, which hands it on to its real parent as a zombie (as the
       // exit_group below); any other signal is let go with it.
-      if (signal === SIGKILL) addon().wait(pid, 10_000);
+      if (signal === SIGKILL) waitKilledSeed(pid, z);
       else addon().detach(pid, 0);
     } else {
       // Exited: the tracer's wait for its exit (inside the injection)
@@ -100,6 +100,18 @@ export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefi
   }
   if (made.size) takeBackSigchld(parent);
   return made;
+}
+
+/** The traced seed of zombie `z`, sent SIGKILL: its exit waited for as its
+ * tracer (reports before it, of a stop the kill overtook, passed over). */
+function waitKilledSeed(pid: number, z: Zombie): void {
+  const until = Date.now() + 10_000;
+  for (;;) {
+    const left = until - Date.now();
+    const report = left > 0 ? addon().wait(pid, left) : null;
+    if (report?.kind === 'exited') return;
+    if (!report) throw new Error(`zombie ${z.vpid}: its seed did not end within 10 s of SIGKILL`);
+  }
 }
 
 /** Waits (up to 2 s) for the seed to be a zombie with the child's status. */

@@ -12,9 +12,9 @@ import { uniqueTag } from '../holder.js';
 import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
+import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, notOwnSnapshot, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
 import { makePartialDir } from '../image/partial.js';
-import { imagesTrustedExplicitly, untrustedHint } from '../image/trust.js';
+import { imagesTrustedExplicitly, isOwnKey, untrustedHint } from '../image/trust.js';
 import type { Action, Rules, Template, Verdict } from '../image/types.js';
 import { type SharedState, sharedState } from '../resources/identity.js';
 import { classify, refusals, type UnmatchedRule, unmatchedRules } from './classify.js';
@@ -147,7 +147,7 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     // Signed with this node's key, as is a new manifest for the parts: the
     // image was verified (and trusted) just now, and the template vouches
     // for what it verified, whoever signed the snapshot.
-    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '' });
+    const template = signTemplate({ magic: TEMPLATE_MAGIC, name, created: new Date().toISOString(), imageId: manifest.imageId, rules: kept, verdicts, signature: Buffer.alloc(0), keyId: '', snapshotWordChecked: true });
     // Built under a hidden name and renamed into place: no half-made
     // template is ever seen under the name asked for.
     const journal = makePartialDir(join(dirname(dest), `.${basename(dest)}.partial-${uniqueTag()}`));
@@ -235,6 +235,10 @@ async function openTemplateNow(path: string, verify: boolean, trust: 'require' |
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
     checkVerdicts(template.verdicts);
+    // An older template create linked any image.pb as it was, whatever it
+    // said: its image's word that a snapshot of ours wrote it is taken
+    // only from a template.pb of this node's that says it was checked.
+    if (!template.snapshotWordChecked || !signer.trusted || !isOwnKey(signer.trusted)) notOwnSnapshot(loaded.image);
     const rules = template.rules?.text ? parseRules(template.rules.text, template.rules.source) : undefined;
     return { path: resolve(path), template, loaded, rules };
   } catch (e) {
