@@ -15,6 +15,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { objectsByKey, systemKey } from './sysvkeys.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-keyedkill-'));
@@ -35,18 +36,6 @@ const SYSVIPC = { semkey: 'sem', shmkey: 'shm', msgkey: 'msg' } as const;
 
 const tables = (aid: string) => sb.json<{ tables: Tables }>(['table', aid]).tables;
 
-/** The kernel's objects of one kind: system key -> ids. */
-function objectsByKey(kind: 'sem' | 'shm' | 'msg'): Map<number, number[]> {
-  const byKey = new Map<number, number[]>();
-  for (const line of readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1)) {
-    const cols = line.trim().split(/\s+/);
-    if (cols.length < 3) continue;
-    const key = Number(cols[0]) | 0; // printed as a signed int
-    byKey.set(key, [...(byKey.get(key) ?? []), Number(cols[1])]);
-  }
-  return byKey;
-}
-
 /** A semaphore set's ctime (seconds): the last column of /proc/sysvipc/sem. */
 function semCtime(id: number): number {
   for (const line of readFileSync('/proc/sysvipc/sem', 'utf8').split('\n').slice(1)) {
@@ -64,23 +53,6 @@ function outsiderObject(kind: 'sem' | 'shm', key: number): number {
   const id = Number(r.stdout.trim());
   outsiders.push({ kind, id });
   return id;
-}
-
-/** appshot_system_key (appshot_table.c): the system key of virtual key
- * `vkey` at try `attempt`, for an application's salt. Written again here
- * so that the test finds the application's objects by the keys only it
- * uses, whether or not its tables name them, and nobody else's (other
- * test files make objects meanwhile). */
-function systemKey(salt: bigint, vkey: number, attempt: number): number {
-  const M = (1n << 64n) - 1n;
-  let x = (salt ^ (BigInt(vkey >>> 0) << 20n) ^ ((BigInt(attempt) * 0x9e3779b97f4a7c15n) & M)) & M;
-  x ^= x >> 30n;
-  x = (x * 0xbf58476d1ce4e5b9n) & M;
-  x ^= x >> 27n;
-  x = (x * 0x94d049bb133111ebn) & M;
-  x ^= x >> 31n;
-  const k = Number(BigInt.asIntN(32, x));
-  return k === 0 || k === -1 ? 0x41505053 : k;
 }
 
 interface AppObject {

@@ -5,13 +5,12 @@
 // library's pause points; from outside, the tables and the kernel's list
 // of objects.
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { LocalRegistry } from '../src/registry.js';
 import { alive, type Entry, fixture, Sandbox, waitFor } from './helpers.js';
+import { objectsByKey, systemKey, type SysvKind } from './sysvkeys.js';
 
 const sb = new Sandbox();
-type SysvKind = 'sem' | 'shm' | 'msg';
 /** Every object the test may leave if a check fails: the outside ones it
  * made, and whatever is under the applications' keys. */
 const made: { kind: SysvKind; id: number }[] = [];
@@ -25,32 +24,6 @@ afterAll(async () => {
 type KeyKind = 'semkey' | 'shmkey' | 'msgkey';
 type Tables = Record<'semid' | 'shmid' | 'msgid' | KeyKind, Entry[]>;
 const tables = (aid: string) => sb.json<{ tables: Tables }>(['table', aid]).tables;
-
-/** The kernel's objects of one kind: system key -> ids. */
-function objectsByKey(kind: SysvKind): Map<number, number[]> {
-  const byKey = new Map<number, number[]>();
-  for (const line of readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').slice(1)) {
-    const cols = line.trim().split(/\s+/);
-    if (cols.length < 3) continue;
-    const key = Number(cols[0]) | 0; // printed as a signed int
-    byKey.set(key, [...(byKey.get(key) ?? []), Number(cols[1])]);
-  }
-  return byKey;
-}
-
-/** appshot_system_key (appshot_table.c), as keyedkill.test.ts has it: the
- * system key of virtual key `vkey` at try `attempt`, for a salt. */
-function systemKey(salt: bigint, vkey: number, attempt: number): number {
-  const M = (1n << 64n) - 1n;
-  let x = (salt ^ (BigInt(vkey >>> 0) << 20n) ^ ((BigInt(attempt) * 0x9e3779b97f4a7c15n) & M)) & M;
-  x ^= x >> 30n;
-  x = (x * 0xbf58476d1ce4e5b9n) & M;
-  x ^= x >> 27n;
-  x = (x * 0x94d049bb133111ebn) & M;
-  x ^= x >> 31n;
-  const k = Number(BigInt.asIntN(32, x));
-  return k === 0 || k === -1 ? 0x41505053 : k;
-}
 
 /** The kernel's objects under the system keys of virtual keys `vkeys`
  * (any attempt) for a salt: the application's, its tables or not. */
