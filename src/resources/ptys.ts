@@ -89,6 +89,15 @@ function readQueued(fd: number): Buffer {
   return buf.subarray(0, got);
 }
 
+/** Waits, up to PTY_SETTLE_MS, until `fd` has `n` bytes or more to read. */
+function queuedAtLeast(fd: number, n: number): void {
+  if (n <= 0) return;
+  const until = Date.now() + PTY_SETTLE_MS;
+  while (ioctlInt(fd, FIONREAD) < n && Date.now() < until) Atomics.wait(settleClock, 0, 0, 1);
+}
+const PTY_SETTLE_MS = 500;
+const settleClock = new Int32Array(new SharedArrayBuffer(4));
+
 /** Writes `input` (for the slave's reader) and `output` (for the master's)
  * into a pair whose slave has `termios`, processed as they were already. */
 function refill(master: number, slave: number, termios: Buffer, input: Buffer, output: Buffer): void {
@@ -101,6 +110,14 @@ function refill(master: number, slave: number, termios: Buffer, input: Buffer, o
   try {
     if (output.length) writeSync(slave, output);
     if (input.length) writeSync(master, input);
+    // What one end writes reaches the other's line discipline later, from
+    // a kernel worker (the tty's flip buffer): until it has, the reader
+    // finds nothing queued (a restored reader that looked at once saw 0 of
+    // its 6 bytes), and the bytes would be taken in under the settings put
+    // back below, not the quiet ones. Each end waits for them, a bounded
+    // while (a canonical reader's unfinished line is not counted).
+    queuedAtLeast(master, output.length);
+    queuedAtLeast(slave, input.length);
   } finally {
     addon().ioctl(slave, TCSETS, Buffer.from(termios));
   }
