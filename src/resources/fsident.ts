@@ -32,7 +32,7 @@
 import { type Creds, type FileIdentity, type Image, type Process } from '../image/types.js';
 import { addon, type FsIdentity } from '../native.js';
 import { type CopiedFile } from './paths.js';
-import { closeSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 
 /** A filesystem identity with the permitted set of the credentials it
@@ -185,10 +185,7 @@ export function openDirectoryAs(image: Image, p: Process, path: string, what: st
   }
 }
 
-const O_NOFOLLOW = 0o400000;
-const S_IFMT = 0o170000;
-const S_IFREG = 0o100000;
-const S_IFDIR = 0o040000;
+const { O_NOFOLLOW, S_IFMT, S_IFREG, S_IFDIR } = fsConstants;
 
 /**
  * A descriptor that its process held on a file its credentials no longer
@@ -197,10 +194,10 @@ const S_IFDIR = 0o040000;
  * /run as root, becomes www-data and keeps the descriptor; no identity of
  * the application may open that file again, yet the application held it.
  *
- * Only on the word of an image a snapshot of this node wrote (`ownSnapshot`:
- * format.ts isOwnSnapshot: its image.pb says from_snapshot, under a
- * manifest signed by this node's own key), whose descriptors are what the kernel showed that
- * snapshot: an image that someone wrote and had signed (hostile.test's
+ * Only on the word of an image a snapshot of this node wrote
+ * (`ownSnapshot`: format.ts isOwnSnapshot: its image.pb says
+ * from_snapshot, under a manifest signed by this node's own key), whose
+ * descriptors are what the kernel showed that snapshot: an image that someone wrote and had signed (hostile.test's
  * root-only file, also made a template) names files as it likes, and gets
  * only what its credentials open. And only the very file: the name is
  * walked O_PATH as the restorer (which opens nothing and runs no driver;
