@@ -25,7 +25,8 @@ export interface ProcessRow {
 }
 
 const INIT_FLAG = 0x1;
-const THREAD_FLAG = 0x2;
+/** A thread's entry in the pid table (APPSHOT_F_THREAD), not a process's. */
+export const THREAD_FLAG = 0x2;
 /** A key reserved by a create in progress, or by one killed inside it that
  * no writer has settled yet (APPSHOT_F_RESERVED): nothing translates
  * through it. */

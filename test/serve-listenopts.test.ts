@@ -39,7 +39,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { FdKind } from '../src/image/types.js';
-import { alive, command, fixture, Running, Sandbox, waitFor } from './helpers.js';
+import { alive, command, fixture, processState, Running, Sandbox, waitFor } from './helpers.js';
 
 const IPPROTO_IP = 0;
 const IP_FREEBIND = 15;
@@ -260,7 +260,11 @@ describe("appshot serve: the shared listener is the application's own", () => {
 describe('appshot serve: a shared listener whose instance fails', () => {
   let serve2: Running | undefined;
   afterAll(async () => {
-    if (serve2 && serve2.child.exitCode === null) serve2.child.kill('SIGTERM');
+    if (serve2 && serve2.child.exitCode === null) {
+      serve2.child.kill('SIGTERM');
+      // Stopped at its stop point, it takes the SIGTERM once continued.
+      serve2.child.kill('SIGCONT');
+    }
     await serve2?.exited;
   });
 
@@ -288,7 +292,9 @@ describe('appshot serve: a shared listener whose instance fails', () => {
       const add = sb.run(['service', 'add', name, '--from', join(out, image), '--port', `127.0.0.1:${port}:${app}`, '--idle', '1h']);
       expect(add.code, add.stderr).toBe(0);
     }
-    serve2 = sb.start(['serve'], { APPSHOT_PREPARED: '0' });
+    // It stops itself right after each resume of an instance (its clients
+    // answered, what follows not done yet): see the crash test below.
+    serve2 = sb.start(['serve'], { APPSHOT_PREPARED: '0', APPSHOT_TEST_STOP_AT: 'serve: resumed' });
     await serve2.line(/^ready$/);
     expect(events(serve2, 'failing').find((e) => e.event === 'listen')).toMatchObject({ shared: true });
   });
@@ -335,6 +341,13 @@ describe('appshot serve: a shared listener whose instance fails', () => {
         c.on('close', () => resolve(got));
       });
     expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    // serve stopped itself after the resume, before it looked for the
+    // process to watch: the kill comes in that window (a loaded machine
+    // makes it by chance), and the process it must watch is the one the
+    // image says held the listener, not one of those holding it when it
+    // gets to look (the helper, once the server is gone).
+    const servePid = serve2!.child.pid!;
+    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the resume');
     const pids = sb
       .json<{ aid: string; processes: { vpid: number; pid: number; init: boolean }[] }[]>(['ps'])
       .find((a) => a.aid === 'crashing')!
@@ -346,6 +359,8 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     // Its helper holds the listener too (and would go on holding the
     // queue, nobody accepting).
     process.kill(server, 'SIGKILL');
+    await waitFor(() => !alive(server), 10_000, 'the server to end');
+    process.kill(servePid, 'SIGCONT');
     await waitFor(() => events(serve2!, 'crashing').some((e) => e.event === 'crash'), 10_000, 'the crash to be seen').catch((e: Error) => {
       throw new Error(`${e.message}\n${serve2!.stderr}`);
     });
@@ -354,6 +369,8 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     // Answered by an instance restored from the image (its count as the
     // image had it), not by what was left of the crashed one.
     expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume');
+    process.kill(servePid, 'SIGCONT');
     await waitFor(() => show('crashing').restores === 2, 10_000, 'the second restore in `service show`');
   });
 });

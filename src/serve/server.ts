@@ -34,7 +34,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
-import { listProcesses } from '../inspect.js';
+import { listProcesses, THREAD_FLAG } from '../inspect.js';
 import { descriptorLinks, isSameProcess } from '../procfs.js';
 import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
 import { SharedListener } from './shared.js';
@@ -206,6 +206,9 @@ class Service {
   private watchAfter = 0;
   /** Restores that failed in a row while the listener was shared. */
   private sharedFailures = 0;
+  /** Given the shared listener, the restore's image said which process
+   * held it (SharedListener.holderVpid): that one's end is the crash. */
+  private sharedHolder: number | undefined;
   /** Shared: the removal of a crashed instance's other processes
    * (crashed), awaited by the next restore. */
   private crashRemoval: Promise<void> | undefined;
@@ -669,6 +672,7 @@ class Service {
   private shareWith(image: LoadedImage['image']): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
     const s = this.shared;
     const why = s?.problem(image);
+    this.sharedHolder = s && !why ? s.holderVpid : undefined;
     if (s && !why) return s.restoreOptions();
     if (why) this.fallBack(why);
     // Forwarding: an image taken while the listener was shared names it
@@ -904,6 +908,26 @@ class Service {
     } catch {
       // No /proc, or the application ended meanwhile.
     }
+    return undefined;
+  }
+
+  /**
+   * The system PID of virtual PID `vpid` of a restored instance, the
+   * process its image says held the shared listener, as its tables bind
+   * it: not looked for among the processes that hold the listener now
+   * (listenerPid), since this runs after the clients were answered and a
+   * kill meanwhile would leave a helper's copy to be taken for it. If it
+   * has ended already (its binding gone once reaped), the instance has
+   * crashed; a zombie's PID is returned and the tick sees it.
+   */
+  private restoredHolder(inst: Instance, vpid: number): number | undefined {
+    const rec = this.reg.get(inst.aid);
+    const tables = rec && this.reg.readTables(rec);
+    // The application gone altogether: the tick finds it so (alive).
+    if (!tables) return undefined;
+    const e = tables.tables.pid.find((x) => x.virtual === vpid && !(x.flags & THREAD_FLAG));
+    if (e) return e.system;
+    this.crashed(inst, `virtual process ${vpid} ended`);
     return undefined;
   }
 
@@ -1345,6 +1369,7 @@ class Service {
       // cores this thread's /proc reads and file writes would compete with
       // them for the CPU.
       this.pump();
+      killPoint('serve: resumed');
       await new Promise((r) => setTimeout(r, AFTER_RESUME_MS));
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.sharedFailures = 0;
@@ -1352,8 +1377,9 @@ class Service {
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       // Suspended or crashed meanwhile: neither is its own any more.
+      if ((inst.state as InstanceStateName) === 'running') inst.pid = this.shared && this.sharedHolder !== undefined ? this.restoredHolder(inst, this.sharedHolder) : this.listenerPid(inst);
+      // (restoredHolder may have found it crashed.)
       const still = (inst.state as InstanceStateName) === 'running';
-      if (still) inst.pid = this.listenerPid(inst);
       this.pump();
       if (still && early) rec = this.reg.get(this.name);
       if (still && rec && !isEnded(rec)) await this.trackFrom(rec, ready?.[0]).catch((e: Error) => this.log('track-failed', { instance: this.name, error: e.message }));

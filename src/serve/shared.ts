@@ -65,6 +65,13 @@ export class SharedListener {
    * them: a restore of that very record need not read and give them back
    * again (RestoreOptions.inheritGiven). */
   private given: Socket | undefined;
+  /** The lowest virtual PID holding that listener in the image problem()
+   * last accepted: after a restore of it, the process whose end is the
+   * instance's crash (serve's restoreInstance). Known from the image, so
+   * that it does not depend on which processes are still alive when serve
+   * gets to look (a kill in between would make a helper holding a copy
+   * look like the listener). */
+  holderVpid: number | undefined;
 
   /** The key images name the listener of application port `appPort` by. */
   static keyOf(appPort: number): string {
@@ -149,6 +156,7 @@ export class SharedListener {
   /** Why the image's application cannot be given this listener, or
    * undefined if it can. */
   problem(image: Image): string | undefined {
+    this.holderVpid = undefined;
     const listeners = new Map<bigint, { family: number; port: number; inherited?: string; own: NonNullable<SharedListener['original']>; socket: Socket }>();
     for (const p of image.processes)
       for (const f of p.fds) {
@@ -165,6 +173,7 @@ export class SharedListener {
     if (mine) {
       this.original = mine.own;
       this.own = mine.socket;
+      this.holderVpid = lowestHolder(image, mine.socket.ino);
       return undefined;
     }
     // Of a dual-stack server's two listeners on the port (redis's default:
@@ -176,6 +185,7 @@ export class SharedListener {
     if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
     this.original = same[0].own;
     this.own = same[0].socket;
+    this.holderVpid = lowestHolder(image, same[0].socket.ino);
     return undefined;
   }
 
@@ -237,3 +247,11 @@ export class SharedListener {
 }
 
 const familyName = (f: number) => (f === AF_INET ? 'IPv4' : f === AF_INET6 ? 'IPv6' : `family ${f}`);
+
+/** The lowest virtual PID of the image's processes holding socket `ino`. */
+function lowestHolder(image: Image, ino: bigint): number | undefined {
+  let lowest: number | undefined;
+  for (const p of image.processes)
+    if ((lowest === undefined || p.vpid < lowest) && p.fds.some((f) => f.socket?.ino === ino)) lowest = p.vpid;
+  return lowest;
+}
