@@ -11,10 +11,11 @@
  * are bound by absolute and relative names in its directory.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, fchownSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
+import { digestFd, encodeSignedManifest } from '../src/image/format.js';
 import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
@@ -203,6 +204,83 @@ function leftNothing(aid: string): void {
 
 const REFUSED_AS_NOBODY = String.raw`with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES$`;
 
+/** Directory image `image` as another node would hand it over: its parts
+ * as they are, its manifest signed by that node's key (a fresh one),
+ * which this node does not trust: restored only with --trust-image, and
+ * then not taken at its word on what its processes held. */
+function underAnotherKey(image: string, name: string): string {
+  const dir = join(out, name);
+  mkdirSync(dir);
+  const digests = new Map(
+    ['image.pb', 'pages.img'].map((part) => {
+      copyFileSync(join(image, part), join(dir, part));
+      const fd = openSync(join(dir, part), 'r');
+      try {
+        return [part, digestFd(fd)] as const;
+      } finally {
+        closeSync(fd);
+      }
+    }),
+  );
+  const home = process.env.APPSHOT_HOME;
+  process.env.APPSHOT_HOME = mkdtempSync(join(out, 'another-node-'));
+  try {
+    writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', digests));
+  } finally {
+    if (home === undefined) delete process.env.APPSHOT_HOME;
+    else process.env.APPSHOT_HOME = home;
+  }
+  return dir;
+}
+
+/** What is put at a held name after the snapshot: another of its kind
+ * (a new inode) renamed over it, or a symlink to the original, moved
+ * aside (`aside`) in the same root-only directory. */
+const planted: [string, (name: string, aside: string, make: (at: string) => void) => void][] = [
+  [
+    'another one renamed over it',
+    (name, _aside, make) => {
+      make(`${name}.new`);
+      renameSync(`${name}.new`, name);
+    },
+  ],
+  ['a symlink to it', (name, aside) => symlinkSync(aside, name)],
+];
+
+/** Moves `name` aside, plants something there; returns what puts it back. */
+function plant(name: string, how: (name: string, aside: string, make: (at: string) => void) => void, make: (at: string) => void): () => void {
+  const aside = `${name}.orig`;
+  renameSync(name, aside);
+  how(name, aside, make);
+  return () => {
+    rmSync(name, { recursive: true, force: true });
+    renameSync(aside, name);
+  };
+}
+
+/** Ends `aid` (restored), and its registration. */
+async function ended(aid: string): Promise<void> {
+  await run(['stop', aid, '-s', 'KILL']);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+  await attempt(['rm', '-f', aid]);
+}
+
+/** The one line of a restore of `image` refused (exit 5), nothing left
+ * of `aid`; `what`: the case, named when it fails. */
+async function refusedRestore(what: string, aid: string, image: string, line: RegExp, ...more: string[]): Promise<void> {
+  const r = await attempt(['restore', image, ...more]);
+  expect(r.code, `${what}: ${r.stderr}`).toBe(5);
+  expect(refusal(r.stderr)).toMatch(line);
+  leftNothing(aid);
+}
+
+/** A shell script in `out` (nobody reads and runs it), with `body`. */
+function script(name: string, body: string): string {
+  const path = join(out, name);
+  writeFileSync(path, `set -u\nfail() { echo "FAIL: $*"; exit 1; }\n${body}\n`, { mode: 0o755 });
+  return path;
+}
+
 // What the restored process itself did by name before its credentials
 // came back (issue 12): its working and root directories, its executable,
 // its inotify watches. Each is walked by the restorer as the process now.
@@ -219,6 +297,9 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await waitFor(() => !sb.aids().includes('pccwd'), 10_000, 'pccwd to end');
     await run(['rm', 'pccwd']);
 
+    // The very directory is at the end of the symlink, and the image is
+    // our own snapshot's: refused still, since a directory held past a
+    // drop of privileges is entered only by a name with no link on it.
     const putBack = hideUnderRootOnly(d);
     const r = await attempt(['restore', image]);
     expect(r.code, r.stderr).toBe(5);
@@ -264,6 +345,118 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     leftNothing('pcheld');
   });
 
+  it("a named FIFO a process opened as root in a root-only directory before it became nobody comes back as that very FIFO, each descriptor with its access and the bytes in flight, from this node's own snapshot; another FIFO renamed over it, a symlink to it, or the image under another node's key is refused (EACCES), nothing left", async () => {
+    const d = mkdtempSync(join(out, 'fifo-')); // 0700, root's
+    const fifo = join(d, 'fifo');
+    addon().mkfifo(fifo, 0o666);
+    const go = join(out, 'fifo-go');
+    // As nobody: once `go` is there (after the restore), its three
+    // descriptors must be the FIFO it was given ($1: device:inode), read
+    // and write, read, write, the line in flight still there to read, and
+    // a line written through one end read through the other.
+    const checks = script(
+      'fifo-checks.sh',
+      `echo READY
+while [ ! -e ${go} ]; do sleep 0.05; done
+for fd in 3 4 5; do [ "$(stat -L -c %d:%i /proc/self/fd/$fd)" = "$1" ] || fail "fd $fd is not the FIFO"; done
+mode() { flags=$(sed -n 's/^flags:[[:space:]]*//p' /proc/self/fdinfo/$1); echo $((\${flags#"\${flags%?}"} & 3)); }
+[ "$(mode 3)$(mode 4)$(mode 5)" = 201 ] || fail "access modes $(mode 3)$(mode 4)$(mode 5), not 201"
+read -r line <&4 || fail "nothing in flight"
+[ "$line" = "in flight" ] || fail "in flight: $line"
+echo "round trip" >&5
+read -r line <&4 && [ "$line" = "round trip" ] || fail "round trip: $line"
+echo VERDICT ok
+while sleep 1; do :; done`,
+    );
+    // As root: opens the FIFO three ways, writes a line into it, becomes nobody.
+    const opens = script('fifo-opens.sh', `exec 3<>${fifo} 4<${fifo} 5>${fifo}\necho "in flight" >&5\nexec ${asNobody.join(' ')} sh ${checks} "$(stat -c %d:%i ${fifo})"`);
+    await start('pcfifo', ['sh', opens]);
+    await waitFor(() => /READY/.test(sb.log('pcfifo')), 10_000, 'the FIFO to be opened');
+    const image = join(out, 'pcfifo.img');
+    await run(['snapshot', 'pcfifo', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcfifo'), 10_000, 'pcfifo to end');
+    await attempt(['rm', '-f', 'pcfifo']);
+
+    await run(['restore', image]);
+    writeFileSync(go, '');
+    await waitFor(() => /VERDICT|FAIL/.test(sb.log('pcfifo')), 10_000, 'the restored process to check its FIFO');
+    expect(sb.log('pcfifo')).not.toMatch(/FAIL/);
+    expect(sb.log('pcfifo')).toMatch(/^VERDICT ok$/m);
+    const held = statSync(`/proc/${sb.systemPid('pcfifo')}/fd/3`, { bigint: true });
+    const file = statSync(fifo, { bigint: true });
+    expect([held.dev, held.ino]).toEqual([file.dev, file.ino]);
+    expect(readFileSync(`/proc/${sb.systemPid('pcfifo')}/status`, 'utf8')).toMatch(new RegExp(`^Uid:\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}$`, 'm'));
+    // Restored and snapshotted again: the same FIFO, recorded again.
+    const again = join(out, 'pcfifo2.img');
+    await run(['snapshot', 'pcfifo', '-o', again]);
+    await waitFor(() => !sb.aids().includes('pcfifo'), 10_000, 'pcfifo to end');
+    await attempt(['rm', '-f', 'pcfifo']);
+
+    const refused = new RegExp(String.raw`process \d+: the named FIFO \S+/fifo-\w+/fifo cannot be opened ` + REFUSED_AS_NOBODY);
+    for (const [what, how] of planted) {
+      const putBack = plant(fifo, how, (at) => addon().mkfifo(at, 0o666));
+      await refusedRestore(what, 'pcfifo', again, refused);
+      putBack();
+      expect([what, readdirSync(d)]).toEqual([what, ['fifo']]);
+    }
+    await refusedRestore('under another key', 'pcfifo', underAnotherKey(again, 'pcfifo-other.img'), refused, '--trust-image');
+
+    // The very FIFO at its name again: it comes back.
+    await run(['restore', again]);
+    expect(statSync(`/proc/${sb.systemPid('pcfifo')}/fd/4`, { bigint: true }).ino).toBe(file.ino);
+    await run(['stop', 'pcfifo', '-s', 'KILL']);
+  });
+
+  it("the working directory a process entered as root under a root-only directory before it became nobody comes back from this node's own snapshot; another directory renamed over it, a symlink to it, or the image under another node's key is refused (EACCES), nothing left", async () => {
+    const vault = mkdtempSync(join(out, 'cwdheld-')); // 0700, root's
+    const w = join(vault, 'w');
+    mkdirSync(w, { mode: 0o755 });
+    writeFileSync(join(w, 'marker'), 'here\n', { mode: 0o644 });
+    const go = join(out, 'cwdheld-go');
+    // As nobody: once `go` is there, its working directory must be the
+    // one it was put in ($1: device:inode), its names found from there.
+    const checks = script(
+      'cwdheld-checks.sh',
+      `echo READY
+while [ ! -e ${go} ]; do sleep 0.05; done
+[ "$(stat -c %d:%i .)" = "$1" ] || fail "the working directory is not the one it entered"
+[ "$(cat marker)" = here ] || fail "marker not found from the working directory"
+echo VERDICT ok
+while sleep 1; do :; done`,
+    );
+    const enters = script('cwdheld-enters.sh', `cd ${w} || exit 1\nexec ${asNobody.join(' ')} sh ${checks} "$(stat -c %d:%i .)"`);
+    await start('pccwdheld', ['sh', enters]);
+    await waitFor(() => /READY/.test(sb.log('pccwdheld')), 10_000, 'the process to be in its directory');
+    const image = join(out, 'pccwdheld.img');
+    await run(['snapshot', 'pccwdheld', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pccwdheld'), 10_000, 'pccwdheld to end');
+    await attempt(['rm', '-f', 'pccwdheld']);
+
+    await run(['restore', image]);
+    writeFileSync(go, '');
+    await waitFor(() => /VERDICT|FAIL/.test(sb.log('pccwdheld')), 10_000, 'the restored process to check its working directory');
+    expect(sb.log('pccwdheld')).not.toMatch(/FAIL/);
+    expect(sb.log('pccwdheld')).toMatch(/^VERDICT ok$/m);
+    expect(readlinkSync(`/proc/${sb.systemPid('pccwdheld')}/cwd`)).toBe(w);
+    const again = join(out, 'pccwdheld2.img');
+    await run(['snapshot', 'pccwdheld', '-o', again]);
+    await waitFor(() => !sb.aids().includes('pccwdheld'), 10_000, 'pccwdheld to end');
+    await attempt(['rm', '-f', 'pccwdheld']);
+
+    const refused = new RegExp(String.raw`process \d+: working directory \S+/cwdheld-\w+/w cannot be reached ` + REFUSED_AS_NOBODY);
+    for (const [what, how] of planted) {
+      const putBack = plant(w, how, (at) => mkdirSync(at, { mode: 0o755 }));
+      await refusedRestore(what, 'pccwdheld', again, refused);
+      putBack();
+      expect([what, readdirSync(vault), readdirSync(w)]).toEqual([what, ['w'], ['marker']]);
+    }
+    await refusedRestore('under another key', 'pccwdheld', underAnotherKey(again, 'pccwdheld-other.img'), refused, '--trust-image');
+
+    await run(['restore', again]);
+    expect(readlinkSync(`/proc/${sb.systemPid('pccwdheld')}/cwd`)).toBe(w);
+    await run(['stop', 'pccwdheld', '-s', 'KILL']);
+  });
+
   it('the inotify watches of a process run as nobody, their directory moved under one only root may enter, are refused (EACCES), nothing left; put back, they come back at their numbers', async () => {
     const d = join(out, 'inot');
     mkdirSync(d, { mode: 0o755 });
@@ -288,7 +481,7 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['stop', 'pcinot', '-s', 'KILL']);
   });
 
-  it('the root directory of a process that chrooted and became nobody, made unreachable to nobody, is refused (EACCES), nothing left; reachable again, it comes back chrooted', async () => {
+  it("the root directory of a process that chrooted as root and became nobody, made unreachable to nobody, comes back chrooted from this node's own snapshot; another directory renamed over it, a symlink to it, or the image under another node's key is refused (EACCES), nothing left", async () => {
     const d = join(out, 'croot');
     const root = join(d, 'root');
     mkdirSync(root, { recursive: true, mode: 0o755 });
@@ -300,12 +493,22 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await waitFor(() => !sb.aids().includes('pcroot'), 10_000, 'pcroot to end');
     await run(['rm', 'pcroot']);
 
+    // Nobody no longer reaches it; the process held it all the same.
     chmodSync(d, 0o700);
-    const r = await attempt(['restore', image]);
-    expect(r.code, r.stderr).toBe(5);
-    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process 2: root directory \S+/croot/root cannot be reached ` + REFUSED_AS_NOBODY));
-    leftNothing('pcroot');
+    await run(['restore', image]);
+    await checksPass('pcroot');
+    await ended('pcroot');
 
+    const refused = new RegExp(String.raw`process 2: root directory \S+/croot/root cannot be reached ` + REFUSED_AS_NOBODY);
+    for (const [what, how] of planted) {
+      const putBack = plant(root, how, (at) => mkdirSync(at, { mode: 0o755 }));
+      await refusedRestore(what, 'pcroot', image, refused);
+      putBack();
+      expect([what, readdirSync(d).sort()]).toEqual([what, ['root']]);
+    }
+    await refusedRestore('under another key', 'pcroot', underAnotherKey(image, 'pcroot-other.img'), refused, '--trust-image');
+
+    // Reachable again, it comes back as before (the process's own rights).
     chmodSync(d, 0o755);
     await run(['restore', image]);
     await checksPass('pcroot');

@@ -209,6 +209,11 @@ export interface Process {
   /** cwd under /proc/PID of one of the application's processes: its
    * virtual PID (resources/procpaths.ts); 0 or absent otherwise. */
   cwdProcVpid?: number;
+  /** Its working directory's and root directory's identities: indexes in
+   * Image.files (absent in older images, for a removed directory, one
+   * under /proc, and a root of "/"). */
+  cwdFile?: number;
+  rootFile?: number;
 }
 
 export interface ProcessAttributes {
@@ -732,6 +737,10 @@ export interface Pipe {
   fifoPath: string;
   /** Data written in packet mode (O_DIRECT): each packet's length. */
   packets?: number[];
+  /** A named FIFO's device and birth time (with `ino`: the very FIFO);
+   * absent in older images and for a removed FIFO. */
+  fifoDev?: bigint;
+  fifoBtimeNs?: bigint;
 }
 
 export interface Socket {

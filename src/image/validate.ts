@@ -218,6 +218,8 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
     corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
+  for (const [what, i] of [['working directory', p.cwdFile], ['root directory', p.rootFile]] as const)
+    if (!memoryOnly && i !== undefined && !inRange(i, image.files)) corrupt(`process ${p.vpid}'s ${what} is file ${i}, which the image does not have`);
 }
 
 /** Each pseudoterminal's settings are whole structures, its queues bounded

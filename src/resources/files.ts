@@ -181,7 +181,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       const deleted = target.endsWith(' (deleted)');
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
-        fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`);
+        fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;

@@ -134,8 +134,8 @@ export function mayMapAs(image: Image, vpid: number, path: string, flags: number
  * cannot be `verb` (opened, made, reached): exit 5.
  * Any other error is thrown as it is. */
 export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
+  if (!refusal(e)) throw e;
   const code = (e as NodeJS.ErrnoException).code;
-  if (code !== 'EACCES' && code !== 'EPERM') throw e;
   throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
 }
 
@@ -176,16 +176,33 @@ const O_DIRECTORY = 0o200000;
 /** `path`, a directory, opened O_PATH as process `p` of `image` would
  * reach it (the walk to it with its rights; the directory itself need not
  * be searchable, as a working directory inherited from a parent of other
- * credentials need not be): refused in one line naming `what`. */
-export function openDirectoryAs(image: Image, p: Process, path: string, what: string): number {
+ * credentials need not be): refused in one line naming `what`, unless it
+ * is the very directory `held` an image of our own snapshot (`ownSnapshot`)
+ * says the process is in (reopenHeldName: entered before it dropped its
+ * privileges). */
+export function openDirectoryAs(image: Image, p: Process, path: string, what: string, held?: HeldIdentity, ownSnapshot = false): number {
   try {
     return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
   } catch (e) {
+    const got = refusal(e) ? reopenHeldName(held, ownSnapshot, path, O_PATH | O_DIRECTORY) : undefined;
+    if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
   }
 }
 
-const { O_NOFOLLOW, S_IFMT, S_IFREG, S_IFDIR } = fsConstants;
+/** Whether `e` is the kernel's refusal of an operation made as a process. */
+export function refusal(e: unknown): boolean {
+  const code = (e as NodeJS.ErrnoException).code;
+  return code === 'EACCES' || code === 'EPERM';
+}
+
+const { O_NOFOLLOW, S_IFMT, S_IFREG, S_IFDIR, S_IFIFO } = fsConstants;
+
+/** What the image says a held file is: its FileIdentity, or a named
+ * FIFO's (Pipe: fifoDev, ino, fifoBtimeNs). */
+export type HeldIdentity = Pick<FileIdentity, 'dev' | 'ino' | 'mode' | 'deleted' | 'btimeNs'>;
+
+const isHeld = (st: { dev: bigint; ino: bigint; birthtimeNs: bigint }, held: HeldIdentity) => st.dev === held.dev && st.ino === held.ino && st.birthtimeNs === held.btimeNs;
 
 /**
  * A descriptor that its process held on a file its credentials no longer
@@ -225,10 +242,9 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
   if (!ownSnapshot || held.deleted || !held.btimeNs) return undefined;
   const type = held.mode & S_IFMT;
   if (type !== S_IFREG && type !== S_IFDIR) return undefined;
-  const isHeld = (st: { dev: bigint; ino: bigint; birthtimeNs: bigint }) => st.dev === held.dev && st.ino === held.ino && st.birthtimeNs === held.btimeNs;
   // A clone's own copy (`path`) of what its template held: made by this
   // restore from that very file, and still the copy it made.
-  if (copy && (type !== S_IFREG || !isHeld(copy.source))) return undefined;
+  if (copy && (type !== S_IFREG || !isHeld(copy.source, held))) return undefined;
   let at: number;
   try {
     // A name the process opened O_NOFOLLOW is not followed now either
@@ -240,7 +256,7 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
   }
   try {
     const st = fstatSync(at, { bigint: true });
-    const very = copy ? st.dev === copy.copy.dev && st.ino === copy.copy.ino : isHeld(st);
+    const very = copy ? st.dev === copy.copy.dev && st.ino === copy.copy.ino : isHeld(st, held);
     if (!very || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
     // O_NOFOLLOW would refuse the /proc link itself: the descriptor's
     // status flags (F_GETFL, the next snapshot) lack it, which changes
@@ -250,5 +266,69 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
     return undefined;
   } finally {
     closeSync(at);
+  }
+}
+
+/**
+ * A named FIFO its process held open, or a working or root directory it
+ * was in, past a drop of its privileges (opened or entered as root, in or
+ * under a directory only root may enter, before setuid), given back as the
+ * very one where the process's credentials no longer reach it, on the
+ * same two conditions as a held file (reopenHeldFile): the word of an
+ * image of this node's own snapshot (`ownSnapshot`), and the identity of
+ * what is found at `path` now, by device, inode and birth time, a FIFO or
+ * a directory as `held` was.
+ *
+ * And with no symbolic link anywhere on the way: the image's name is the
+ * kernel's (d_path) at snapshot, which has none, so a link met now was
+ * put there since, and whoever could put it there has no say over what
+ * root reaches. The name is walked one component at a time, each opened
+ * O_PATH|O_NOFOLLOW beneath the one before (through /proc/self/fd: Node
+ * has no openat), as the restorer; a link is refused, not followed. The
+ * very one found is then opened from its O_PATH descriptor with `flags`
+ * (a FIFO's O_RDWR: never blocking; a directory's O_PATH again).
+ *
+ * Returns the descriptor, or undefined where this cannot be shown; the
+ * caller then refuses as before.
+ */
+export function reopenHeldName(held: HeldIdentity | undefined, ownSnapshot: boolean, path: string, flags: number): number | undefined {
+  if (!held || !ownSnapshot || held.deleted || !held.btimeNs) return undefined;
+  const type = held.mode & S_IFMT;
+  if (type !== S_IFIFO && type !== S_IFDIR) return undefined;
+  const at = walkWithoutLinks(path);
+  if (at === undefined) return undefined;
+  try {
+    const st = fstatSync(at, { bigint: true });
+    if (!isHeld(st, held) || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
+    return openSync(`/proc/self/fd/${at}`, flags);
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(at);
+  }
+}
+
+/** An O_PATH descriptor of absolute `path` reached with no symbolic link
+ * on the way, the last component included; undefined otherwise (a link,
+ * a name missing, a "." or ".."). */
+function walkWithoutLinks(path: string): number | undefined {
+  const names = path.split('/').filter((n) => n !== '');
+  if (!path.startsWith('/') || names.some((n) => n === '.' || n === '..')) return undefined;
+  let at: number | undefined;
+  try {
+    at = openSync('/', O_PATH | O_DIRECTORY);
+    for (const name of names) {
+      const next: number = openSync(`/proc/self/fd/${at}/${name}`, O_PATH | O_NOFOLLOW);
+      closeSync(at);
+      at = next;
+      if (fstatSync(at).isSymbolicLink()) throw new Error('a symbolic link on the way');
+    }
+    const found = at;
+    at = undefined;
+    return found;
+  } catch {
+    return undefined;
+  } finally {
+    if (at !== undefined) closeSync(at);
   }
 }

@@ -6,17 +6,19 @@
  * mode, a FIFO opened O_RDWR too. A write end whose reader was outside the
  * application writes to the application's log (see openPipeEnd).
  */
-import { closeSync, constants as fs, existsSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, existsSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
-import { firstHolderIdentities } from './fsident.js';
+import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeldName } from './fsident.js';
+import { isOwnSnapshot } from '../image/format.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
+const DELETED = ' (deleted)';
 
 /* ---- dump ------------------------------------------------------------- */
 
@@ -26,8 +28,13 @@ const O_DIRECT = 0o40000;
  * is recorded with the length of each packet. (Bytes written outside
  * packet mode just before a last packet cannot be told from it, and come
  * back as part of it.) */
-export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string): number {
+export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string, fifo?: BigIntStats): number {
   const writeEnd = (flags & O_ACCMODE) === fs.O_WRONLY;
+  // A named FIFO's identity, with `ino` (fifo: the descriptor's stat): the
+  // very FIFO, for a restore that opens it though its process's
+  // credentials no longer do (fsident.ts reopenHeldName). Not a removed
+  // one's: it is made anew.
+  const held = fifo && fifoPath && !fifoPath.endsWith(DELETED) ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
   return ctx.pipe(ino, () => {
     const dup = addon().getFd(pid, fd);
     try {
@@ -42,13 +49,13 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
           // A pipe someone else made (inherited from outside, another
           // user's): its data is its outside reader's, and a restore sends
           // this end to the log anyway.
-          return { ino, data: Buffer.alloc(0), capacity: addon().pipeCapacity(dup), fifoPath };
+          return { ino, data: Buffer.alloc(0), capacity: addon().pipeCapacity(dup), fifoPath, ...held };
         }
         reader = reopened;
       }
       try {
         const data = addon().peekPipe(reader);
-        return { ino, data, capacity: addon().pipeCapacity(reader), fifoPath, ...(data.packets ? { packets: data.packets } : {}) };
+        return { ino, data, capacity: addon().pipeCapacity(reader), fifoPath, ...held, ...(data.packets ? { packets: data.packets } : {}) };
       } finally {
         if (reopened >= 0) closeSync(reopened);
       }
@@ -107,8 +114,6 @@ export function openPipeEnd(h: RestoreContext, _p: Process, fd: Fd): number {
   return end;
 }
 
-const DELETED = ' (deleted)';
-
 /** A FIFO whose path was removed while open: one made beside where it was
  * (or in the temporary directory), opened, and removed again: a FIFO with
  * no name, as it was (not a pipe, which fstat and /proc tell apart). */
@@ -123,12 +128,32 @@ function removedFifo(path: string): number {
   }
 }
 
+/**
+ * A named FIFO, opened O_RDWR (never blocking) as its first holder would
+ * open it (fsident.ts), or as any other process of the application; a
+ * FIFO it opened as root before it dropped its privileges (in a directory
+ * only root may enter), from an image of our own snapshot, is opened
+ * again though none of them may: the very FIFO, by device, inode and
+ * birth time, reached with no symlink on the way (reopenHeldName).
+ * Anything else refused is refused in one line naming the holder.
+ */
+function openFifo(h: RestoreContext, pipe: Pipe, index: number): number {
+  const holder = h.image.processes.find((p) => p.fds.some((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
+  const flags = fs.O_RDWR | fs.O_NONBLOCK;
+  try {
+    return addon().openAs(pipe.fifoPath, flags, 0, identitiesFor(h.image, holder));
+  } catch (e) {
+    const held = pipe.fifoDev === undefined ? undefined : { dev: pipe.fifoDev, ino: pipe.ino, mode: fs.S_IFIFO, deleted: false, btimeNs: pipe.fifoBtimeNs };
+    const got = refusal(e) ? reopenHeldName(held, isOwnSnapshot(h.image), pipe.fifoPath, flags) : undefined;
+    if (got !== undefined) return got;
+    refusedAsProcess(e, `${holder ? `process ${holder.vpid}: ` : ''}the named FIFO ${pipe.fifoPath}`, holder && fsIdentity(holder));
+  }
+}
+
 function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
   let made: MadePipe;
   if (pipe.fifoPath) {
-    // A named FIFO is opened as its first process would (fsident.ts).
-    const who = () => firstHolderIdentities(h.image, (p) => p.fds.some((f) => (f.kind === FdKind.PIPE || f.kind === FdKind.FIFO) && f.pipe === index));
-    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : addon().openAs(pipe.fifoPath, fs.O_RDWR | fs.O_NONBLOCK, 0, who()));
+    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openFifo(h, pipe, index));
     // A FIFO, not whatever else was put at its name since (a file, a device).
     if (!fstatSync(rw).isFIFO()) throw new AppshotError(`the named FIFO ${pipe.fifoPath} is not a FIFO here`);
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };

@@ -15,6 +15,7 @@ import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
+import { isOwnSnapshot } from '../image/format.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -104,7 +105,9 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
   const cwd = procLink(`/proc/${pid}/cwd`);
+  const root = procLink(`/proc/${pid}/root`);
   const vpid = ctx.virtual('pid', pid);
+  const cwdProcVpid = dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`);
   return {
     vpid,
     vppid: ctx.virtual('pid', st.ppid),
@@ -117,8 +120,9 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     exe,
     cwd,
     // In a process's /proc directory: follows that process.
-    cwdProcVpid: dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`),
-    root: procLink(`/proc/${pid}/root`),
+    cwdProcVpid,
+    root,
+    ...heldDirectories(ctx, pid, cwdProcVpid ? undefined : cwd, root),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
     timeOffsets: dumpTimeOffsets(pid, nameProcess(vpid, st.comm)),
@@ -135,6 +139,26 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     glibcTidOffset: 0,
     itimers: dumpItimers(asked.itimers),
   };
+}
+
+/** The identities of a process's working and root directories (Image.files):
+ * with them a restore from our own snapshot enters the very directories
+ * though the process no longer reaches them by name (fsident.ts
+ * reopenHeldName). Not for one removed (it has no name to walk), nor for
+ * a root of "/" (never entered). One not read is only not recorded: the
+ * restore then takes the process's word alone, as for an older image. */
+function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined, root: string): Pick<Process, 'cwdFile' | 'rootFile'> {
+  const held = (path: string | undefined, link: string) => {
+    if (!path?.startsWith('/') || path.endsWith(' (deleted)')) return undefined;
+    try {
+      return ctx.file(path, `/proc/${pid}/${link}`, false);
+    } catch {
+      return undefined;
+    }
+  };
+  const cwdFile = held(cwd, 'cwd');
+  const rootFile = root === '/' ? undefined : held(root, 'root');
+  return { ...(cwdFile === undefined ? {} : { cwdFile }), ...(rootFile === undefined ? {} : { rootFile }) };
 }
 
 /** The namespaces whose contents no image holds: a process in one of its
@@ -272,6 +296,9 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   }
 }
 
+/** The identity Image.files holds at `index`, if any. */
+const heldFile = (image: Image, index: number | undefined) => (index === undefined ? undefined : image.files[index]);
+
 /**
  * The root directory (chroot): last of what the process does by path,
  * since every path after it resolves inside it (its memory's files, its
@@ -279,14 +306,17 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * done), and before its credentials, which may take CAP_SYS_CHROOT away.
  * `root` is as appshot's process sees it, as is every other path of the
  * image. Where it cannot be (no such directory, no CAP_SYS_CHROOT here)
- * the restore fails naming it.
+ * the restore fails naming it. A process that chrooted as root and then
+ * dropped its privileges may not reach its root by name any more: from
+ * our own snapshot, the very directory is entered (fsident.ts
+ * reopenHeldName), as its working directory is.
  */
 export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
   if (!p.root || p.root === '/') return;
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
   // to the working directory, held meanwhile. One stop.
-  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory');
+  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory', heldFile(h.image, p.rootFile), isOwnSnapshot(h.image));
   try {
     enterRoot(r, p, rootFd);
   } finally {
@@ -359,11 +389,18 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * nothing can be planted there, and the process, root until its
  * credentials, may enter its own /proc directory where its identity
  * could not yet.
+ *
+ * A directory it entered as root before it dropped its privileges (a
+ * daemon that chdirs into its root-only state directory, then becomes
+ * nobody) is no longer reached by its credentials: from an image of our
+ * own snapshot, the very directory it was in is entered all the same
+ * (fsident.ts reopenHeldName: same device, inode and birth time, no
+ * symlink on the way), and nothing else.
  */
 export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
   // Ours, closed once the process holds its copies.
-  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory');
+  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', heldFile(h.image, p.cwdFile), isOwnSnapshot(h.image));
   let exeFd = -1;
   try {
     exeFd = openExecutable(h, p);
