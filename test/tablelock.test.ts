@@ -50,7 +50,7 @@ describe('the tables lock, its area written by the application', () => {
     const fd = Number(/^FD (\d+)$/m.exec(sb.log(aid))![1]);
     const { child } = await accomplice(sb.systemPid(aid), fd);
     const before = repairs(aid);
-    for (let i = 0; i < 3; i++) {
+    for (let i = 0; i < 5; i++) {
       const r = await sb.runAsync(['snapshot', aid, '--leave-running', '-o', join(out, `s${i}`)]);
       expect({ code: r.code, signal: r.signal, stderr: r.stderr }).toMatchObject({ code: 0, signal: null });
       // Its processes fork and reap under the lock, init reaps the
