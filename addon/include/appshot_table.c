@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
@@ -30,6 +31,22 @@
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f) {
+#if defined(__x86_64__)
+  register long r10 __asm__("r10") = d;
+  register long r8 __asm__("r8") = e;
+  register long r9 __asm__("r9") = f;
+  long ret;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "appshot_raw_syscall: only x86-64 is supported"
+#endif
+}
 
 static const char *const kind_names[APPSHOT_KINDS] = {
     "pid", "semid", "shmid", "msgid", "semkey", "shmkey", "msgkey", "port"};
@@ -227,12 +244,7 @@ struct appshot_header *appshot_table_create(const char *path, const char *aid,
     virtual_range((enum appshot_kind)k, &t->vmin, &t->vmax);
     t->vnext = t->vmin;
   }
-  pthread_mutexattr_t attr;
-  pthread_mutexattr_init(&attr);
-  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-  pthread_mutex_init(&h->lock, &attr);
-  pthread_mutexattr_destroy(&attr);
+  /* The lock word is 0, free, as the file was made. */
   h->version = APPSHOT_TABLE_VERSION;
   STORE(&h->magic, APPSHOT_TABLE_MAGIC); /* last: the file is ready */
   return h;
@@ -365,10 +377,10 @@ int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
   return 1;
 }
 
-/* glibc's mutex word: 0 while nobody holds it; a holder's TID (with the
- * robust mutex's waiter and owner-died bits) otherwise. */
+/* The lock word: 0 while nobody holds it; a holder's TID (with the waiter
+ * and owner-died bits) otherwise. */
 static int lock_free(const struct appshot_header *h) {
-  return __atomic_load_n(&h->lock.__data.__lock, __ATOMIC_ACQUIRE) == 0;
+  return __atomic_load_n(&h->lock, __ATOMIC_ACQUIRE) == 0;
 }
 
 void appshot_scan_begin(const struct appshot_header *h, enum appshot_kind kind,
@@ -434,41 +446,205 @@ static void rebuild(struct appshot_header *h, struct appshot_table *t) {
 
 static void settle_reservations(struct appshot_header *h);
 
-/* The lock came with EOWNERDEAD: a writer died inside its critical
+/* --- The writer lock -------------------------------------------------------
+ *
+ * Not glibc's robust mutex (it was, up to layout 11). A robust
+ * pthread_mutex_t links itself into its holder's robust list by pointers
+ * kept inside the mutex (__list.__next and __prev), and glibc's unlock
+ * takes it out again by writing through them (next->prev = prev,
+ * prev->next = next). This file is the application's to write: every
+ * privileged process that took the lock (the engine, the CLI, often as
+ * root, appshot-init) wrote what the application chose where it chose,
+ * and at its thread's exit the kernel walked a list the application had
+ * linked. Here the file holds one 32-bit word, and nothing in the file is
+ * ever followed as an address, by us or by the kernel.
+ *
+ * The word keeps the kernel's robust-futex protocol (its value is what
+ * the kernel reads and writes at a holder's death): 0 free; else the
+ * holder's system TID in FUTEX_TID_MASK, FUTEX_WAITERS while a locker
+ * sleeps on it (FUTEX_WAIT; the unlock then wakes one), FUTEX_OWNER_DIED
+ * and no TID once the kernel saw its holder die. A word with no TID is
+ * taken by a compare-and-swap; one with OWNER_DIED is taken and repaired
+ * (repair_locked), the old EOWNERDEAD.
+ *
+ * The holder's death. The kernel marks a word only if the dying thread's
+ * robust list names it. The lock is not linked into the list (the links
+ * are what put pointers in the file): while it is taken and held, the
+ * thread's robust_list_head.list_op_pending names it. The head is the
+ * thread's own (glibc's, in its thread descriptor; get_robust_list says
+ * where); the entry is &word - head->futex_offset, so that the kernel,
+ * which adds futex_offset to the entry, lands on the word. At the
+ * thread's exit, and at an exec, the kernel (exit_robust_list and
+ * handle_futex_death, kernel/futex/core.c) walks glibc's list as it
+ * always does, then handles the pending entry by reading the 32-bit word
+ * at entry + futex_offset and nothing else: the entry itself is never
+ * read as a list node. If the word names the dying thread it becomes
+ * OWNER_DIED (WAITERS kept) and a waiter is woken; if it is 0 (the thread
+ * died just after letting go, or a woken waiter died before taking it)
+ * one waiter is woken, which takes it. Any other word is left alone. So
+ * the file's bytes never steer a write of ours or the kernel's: the one
+ * word is compare-and-swapped in place. The head's previous pending value
+ * is put back at the unlock: a signal handler that takes this lock may
+ * have interrupted glibc halfway through one of its own robust-mutex
+ * operations, whose pending entry is then there.
+ *
+ * The constraint: glibc sets list_op_pending around each of its own
+ * robust-mutex operations and sets it back to NULL after. A thread that
+ * holds this lock must make no such call (its death while holding would
+ * then go unseen, and the lock stay held). None does: a holder runs this
+ * file's code and raw system calls (and the addon's object creation,
+ * addon_restore.cc), with every signal blocked, so no handler of the
+ * application runs in between.
+ *
+ * A TID is the one the kernel compares, gettid()'s (not a libc's cached
+ * one, nor the preload library's virtual one), asked again at each
+ * attempt: a waiter frozen by a snapshot and restored has a new one. */
+
+/* The calling thread's system TID. */
+static uint32_t own_tid(void) {
+  return (uint32_t)appshot_raw_syscall(SYS_gettid, 0, 0, 0, 0, 0, 0) & FUTEX_TID_MASK;
+}
+
+/* Names the lock word as the calling thread's pending robust operation
+ * (see above), keeping what was there in `held`. A thread without a
+ * robust list (none registered, or get_robust_list refused) holds the
+ * lock without: its death then leaves the lock held, as glibc's robust
+ * mutex did in such a thread. */
+static void pend_lock(struct appshot_header *h, struct appshot_held *held) {
+  struct robust_list_head *head = NULL;
+  size_t len = 0;
+  held->robust_head = NULL;
+  held->pending_was = NULL;
+  if (appshot_raw_syscall(SYS_get_robust_list, 0, (long)&head, (long)&len, 0, 0, 0) != 0 ||
+      !head || len != sizeof *head)
+    return;
+  uintptr_t entry = (uintptr_t)&h->lock - (uintptr_t)head->futex_offset;
+  if (entry & 1u) return; /* bit 0 of an entry says priority-inheritance */
+  held->robust_head = head;
+  held->pending_was = head->list_op_pending;
+  __atomic_store_n(&head->list_op_pending, (struct robust_list *)entry, __ATOMIC_RELAXED);
+  /* Named before the word is taken, in program order: the kernel reads
+   * the head only when this same thread exits. */
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* Puts back the pending entry pend_lock found, once the word is let go. */
+static void unpend_lock(const struct appshot_held *held) {
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  struct robust_list_head *head = held->robust_head;
+  if (head)
+    __atomic_store_n(&head->list_op_pending, (struct robust_list *)held->pending_was,
+                     __ATOMIC_RELAXED);
+}
+
+static long futex_op(uint32_t *word, long op, uint32_t val, const struct timespec *until) {
+  return appshot_raw_syscall(SYS_futex, (long)word, op, (long)val, (long)until, 0,
+                             op == FUTEX_WAIT_BITSET ? (long)FUTEX_BITSET_MATCH_ANY : 0);
+}
+
+/* What taking the word found. */
+#define LOCK_TAKEN 0
+#define LOCK_TAKEN_DEAD 1 /* its last holder died holding it */
+
+/* One try at taking the word, whose value was `seen`: LOCK_TAKEN or
+ * LOCK_TAKEN_DEAD, or -1 (it changed meanwhile, or names a holder).
+ * `waiters` (FUTEX_WAITERS or 0) is kept in the word: a locker that has
+ * slept may have left others asleep, whom its unlock must wake. */
+static int take_word(struct appshot_header *h, uint32_t seen, uint32_t tid, uint32_t waiters) {
+  if (seen & FUTEX_TID_MASK) return -1;
+  uint32_t want = tid | ((seen | waiters) & FUTEX_WAITERS);
+  if (!__atomic_compare_exchange_n(&h->lock, &seen, want, 0, __ATOMIC_ACQUIRE,
+                                   __ATOMIC_RELAXED))
+    return -1;
+  return seen & FUTEX_OWNER_DIED ? LOCK_TAKEN_DEAD : LOCK_TAKEN;
+}
+
+/* Takes the word, sleeping while another holds it, until `until`
+ * (CLOCK_MONOTONIC) if given. LOCK_TAKEN, LOCK_TAKEN_DEAD, or -errno:
+ * EDEADLK (the word names this very thread: nobody would ever let go),
+ * ETIMEDOUT. */
+static int lock_word(struct appshot_header *h, const struct timespec *until) {
+  uint32_t waited = 0;
+  for (;;) {
+    const uint32_t tid = own_tid();
+    uint32_t seen = __atomic_load_n(&h->lock, __ATOMIC_RELAXED);
+    int rc = take_word(h, seen, tid, waited);
+    if (rc >= 0) return rc;
+    if (!(seen & FUTEX_TID_MASK)) continue; /* changed under us: again */
+    if ((seen & FUTEX_TID_MASK) == tid) return -EDEADLK;
+    if (until) {
+      /* Asked here, not only of the wait: a word that changes each time
+       * (the application's to write) never lets the wait begin. */
+      struct timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      if (now.tv_sec > until->tv_sec ||
+          (now.tv_sec == until->tv_sec && now.tv_nsec >= until->tv_nsec)) {
+        /* A wake this locker took and leaves unused goes on to the next
+         * sleeper, who would otherwise sleep through a free lock. */
+        if (waited) futex_op(&h->lock, FUTEX_WAKE, 1, NULL);
+        return -ETIMEDOUT;
+      }
+    }
+    if (!(seen & FUTEX_WAITERS)) {
+      uint32_t expected = seen;
+      if (!__atomic_compare_exchange_n(&h->lock, &expected, seen | FUTEX_WAITERS, 0,
+                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        continue;
+      seen |= FUTEX_WAITERS;
+    }
+    waited = FUTEX_WAITERS;
+    /* Returns when woken, when the word is no longer `seen`, at a signal
+     * (only SIGSTOP and the like get through) or at `until`: each time,
+     * the word is looked at again. */
+    futex_op(&h->lock, until ? FUTEX_WAIT_BITSET : FUTEX_WAIT, seen, until);
+  }
+}
+
+/* Lets the word go; wakes one sleeper if any. */
+static void unlock_word(struct appshot_header *h) {
+  uint32_t was = __atomic_exchange_n(&h->lock, 0, __ATOMIC_RELEASE);
+  if (was & FUTEX_WAITERS) futex_op(&h->lock, FUTEX_WAKE, 1, NULL);
+}
+
+/* The word named a dead holder: a writer died inside its critical
  * section. The entry arrays are written before the indexes, so they are
- * the truth: every index is rebuilt from them, a dead creator's
- * reservation settled, and the lock marked consistent. */
+ * the truth: every index is rebuilt from them and a dead creator's
+ * reservation settled. */
 static void repair_locked(struct appshot_header *h) {
   for (int k = 0; k < APPSHOT_KINDS; k++) rebuild(h, &h->tables[k]);
   settle_reservations(h);
   h->repairs++;
-  pthread_mutex_consistent(&h->lock);
 }
 
 int appshot_repair_if_dead(struct appshot_header *h) {
-  sigset_t all, saved;
+  struct appshot_held held;
+  sigset_t all;
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  pthread_sigmask(SIG_SETMASK, &all, &held.mask);
   /* Never waits: see the header. Settled here as in any of the
    * application's processes: the witness is the creator the header
    * records (struct appshot_creating), never the caller, and the object's
    * record is read by raw calls that root or the creator's user may make
    * (IPC_STAT, else *_STAT_ANY: made_by_creator); the adoption maps and
    * binds as the creator would have. */
-  int rc = pthread_mutex_trylock(&h->lock), repaired = 0;
-  if (rc == EOWNERDEAD) {
-    repair_locked(h);
-    repaired = 1;
-    rc = 0;
+  pend_lock(h, &held);
+  const uint32_t tid = own_tid();
+  int rc = -1;
+  /* Bounded: a word the application keeps changing is busy. */
+  for (int n = 0; n < 64 && rc < 0; n++) {
+    uint32_t seen = __atomic_load_n(&h->lock, __ATOMIC_RELAXED);
+    if (seen & FUTEX_TID_MASK) break;
+    rc = take_word(h, seen, tid, 0);
   }
-  if (rc != 0) {
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    errno = rc;
+  if (rc < 0) {
+    unpend_lock(&held);
+    pthread_sigmask(SIG_SETMASK, &held.mask, NULL);
+    errno = EBUSY;
     return -1;
   }
-  pthread_mutex_unlock(&h->lock);
-  pthread_sigmask(SIG_SETMASK, &saved, NULL);
-  return repaired;
+  if (rc == LOCK_TAKEN_DEAD) repair_locked(h);
+  appshot_unlock(h, &held);
+  return rc == LOCK_TAKEN_DEAD;
 }
 
 /* How long appshot_lock waits for the lock, in ms; 0: for ever. */
@@ -476,13 +652,12 @@ static unsigned lock_patience_ms;
 
 void appshot_set_lock_patience(unsigned ms) { lock_patience_ms = ms; }
 
-int appshot_lock(struct appshot_header *h, sigset_t *saved) {
+int appshot_lock(struct appshot_header *h, struct appshot_held *held) {
   sigset_t all;
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, saved);
-  int rc;
+  pthread_sigmask(SIG_SETMASK, &all, &held->mask);
+  struct timespec until, *deadline = NULL;
   if (lock_patience_ms) {
-    struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
     until.tv_sec += lock_patience_ms / 1000;
     until.tv_nsec += (long)(lock_patience_ms % 1000) * 1000000L;
@@ -490,27 +665,28 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved) {
       until.tv_sec++;
       until.tv_nsec -= 1000000000L;
     }
-    rc = pthread_mutex_clocklock(&h->lock, CLOCK_MONOTONIC, &until);
-  } else {
-    rc = pthread_mutex_lock(&h->lock);
+    deadline = &until;
   }
-  if (rc == EOWNERDEAD) {
-    repair_locked(h);
-    rc = 0;
-  }
-  if (rc != 0) {
-    /* ENOTRECOVERABLE or EDEADLK: not ours to write under; ETIMEDOUT: held
-     * past the patience (appshot_set_lock_patience). */
-    pthread_sigmask(SIG_SETMASK, saved, NULL);
-    errno = rc;
+  /* Named before the word is taken: a death right after the take is seen. */
+  pend_lock(h, held);
+  int rc = lock_word(h, deadline);
+  if (rc < 0) {
+    /* EDEADLK: a word naming this thread, which only a writer of the
+     * file can have put there; ETIMEDOUT: held past the patience
+     * (appshot_set_lock_patience). */
+    unpend_lock(held);
+    pthread_sigmask(SIG_SETMASK, &held->mask, NULL);
+    errno = -rc;
     return -1;
   }
+  if (rc == LOCK_TAKEN_DEAD) repair_locked(h);
   return 0;
 }
 
-void appshot_unlock(struct appshot_header *h, const sigset_t *saved) {
-  pthread_mutex_unlock(&h->lock);
-  pthread_sigmask(SIG_SETMASK, saved, NULL);
+void appshot_unlock(struct appshot_header *h, const struct appshot_held *held) {
+  unlock_word(h);
+  unpend_lock(held);
+  pthread_sigmask(SIG_SETMASK, &held->mask, NULL);
 }
 
 /* --- Writes (lock held) -------------------------------------------------- */
@@ -710,7 +886,7 @@ int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
         !((LOAD(&e->flags) ^ flags) & APPSHOT_F_THREAD))
       return pair_vid(p);
   }
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(h, &saved) != 0) return -1;
   int32_t vid = appshot_map_system_locked(h, kind, sid, flags, owner);
   int err = errno;
@@ -721,7 +897,7 @@ int32_t appshot_map_system(struct appshot_header *h, enum appshot_kind kind,
 
 int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
                  int32_t vid, int32_t sid, uint32_t flags, int32_t owner) {
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(h, &saved) != 0) return -1;
   int rc = appshot_bind_locked(h, kind, vid, sid, flags, owner);
   int err = errno;
@@ -734,7 +910,7 @@ int appshot_bind(struct appshot_header *h, enum appshot_kind kind,
  * still mapped to `vid`. 1 if it went. */
 static int unmap_sid(struct appshot_header *h, enum appshot_kind kind,
                      int32_t sid, int only_vid, int32_t vid) {
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(h, &saved) != 0) return 0;
   struct appshot_table *t = &h->tables[kind];
   uint32_t slot;
@@ -761,22 +937,6 @@ int appshot_unmap_system_locked(struct appshot_header *h, enum appshot_kind kind
   return unmap_locked(h, &h->tables[kind], sid);
 }
 
-/* A system call straight to the kernel: -errno on failure. Inside the
- * preload library, kill(), semget() and syscall() are its own wrappers,
- * which take virtual ids and keys. */
-static long raw_syscall3(long nr, long a, long b, long c) {
-#if defined(__x86_64__)
-  long ret;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "raw_syscall3: only x86-64 is supported"
-#endif
-}
-
 /* Test-only pause points, as the preload library's (test_pause in
  * addon/preload/preload.h): a test program that exports appshot_test_pause
  * is called at each; in any other program (and in init and the addon) the
@@ -787,21 +947,7 @@ static inline void table_test_pause(const char *where) {
   if (__builtin_expect(appshot_test_pause != NULL, 0)) appshot_test_pause(where);
 }
 
-static long raw_syscall4(long nr, long a, long b, long c, long d) {
-#if defined(__x86_64__)
-  long ret;
-  register long r10 __asm__("r10") = d;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "raw_syscall4: only x86-64 is supported"
-#endif
-}
-
-static long raw_kill(long pid, long sig) { return raw_syscall3(SYS_kill, pid, sig, 0); }
+static long raw_kill(long pid, long sig) { return appshot_raw_syscall(SYS_kill, pid, sig, 0, 0, 0, 0); }
 
 /* --- Keys reserved for a create (see appshot_table.h) --------------------- */
 
@@ -815,7 +961,7 @@ int appshot_reserve_key_locked(struct appshot_header *h, enum appshot_kind kind,
   struct appshot_creating *c = &h->creating;
   c->kind = (uint32_t)kind;
   c->slot = *slot;
-  c->pid = (int32_t)raw_syscall3(SYS_getpid, 0, 0, 0);
+  c->pid = (int32_t)appshot_raw_syscall(SYS_getpid, 0, 0, 0, 0, 0, 0);
   c->aimed = INT64_MAX; /* nothing aimed at: nothing to adopt */
   return 0;
 }
@@ -830,7 +976,7 @@ void appshot_aim_reservation_locked(struct appshot_header *h, enum appshot_kind 
    * of now as its cuid (a change between this and the get is still
    * missed: README, Virtual ids). */
   h->creating.aimed = appshot_ipc_clock();
-  h->creating.euid = (uint32_t)raw_syscall3(SYS_geteuid, 0, 0, 0);
+  h->creating.euid = (uint32_t)appshot_raw_syscall(SYS_geteuid, 0, 0, 0, 0, 0, 0);
   struct appshot_entry *e = &entries_of(h, &h->tables[kind])[slot];
   set_entry_pair(e, make_pair(pair_vid(entry_pair(e)), skey));
 }
@@ -864,9 +1010,9 @@ void appshot_drop_reservation_locked(struct appshot_header *h, enum appshot_kind
  * -errno. A get without IPC_CREAT asks for no permission. */
 static long raw_id_of_key(enum appshot_kind kind, int32_t skey) {
   switch (kind) {
-    case APPSHOT_SEMKEY: return raw_syscall3(SYS_semget, skey, 0, 0);
-    case APPSHOT_SHMKEY: return raw_syscall3(SYS_shmget, skey, 0, 0);
-    case APPSHOT_MSGKEY: return raw_syscall3(SYS_msgget, skey, 0, 0);
+    case APPSHOT_SEMKEY: return appshot_raw_syscall(SYS_semget, skey, 0, 0, 0, 0, 0);
+    case APPSHOT_SHMKEY: return appshot_raw_syscall(SYS_shmget, skey, 0, 0, 0, 0, 0);
+    case APPSHOT_MSGKEY: return appshot_raw_syscall(SYS_msgget, skey, 0, 0, 0, 0, 0);
     default: return -EINVAL;
   }
 }
@@ -877,7 +1023,8 @@ static int made_by_creator(const struct appshot_header *h, enum appshot_kind key
 /*
  * A creator holds the lock from its reservation to its commit or drop, so
  * a reservation that a locker finds is a dead creator's: it died inside
- * its create, and the lock came with EOWNERDEAD. Where it died decides:
+ * its create, and the lock word came marked FUTEX_OWNER_DIED. Where it
+ * died decides:
  *  - before its object was made (its system key names nothing): the key
  *    was never the application's; the reservation goes;
  *  - after (an object under the reserved system key, which the kernel's
@@ -937,7 +1084,7 @@ int appshot_forget_pair(struct appshot_header *h, int32_t vid, int32_t sid) {
 
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
                        int32_t sid, uint32_t flags) {
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(h, &saved) != 0) return;
   struct appshot_table *t = &h->tables[kind];
   uint32_t slot;
@@ -1139,11 +1286,11 @@ struct ipc_facts {
  * which takes an index, and of an id finds the object at that id's index:
  * what it answers is `sid` only if that object is the one. 0 or -1. */
 static int raw_ipc_stat(long nr, long stat_any, int32_t sid, void *ds) {
-  long r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, IPC_STAT, (long)ds)
-                            : raw_syscall3(nr, sid, IPC_STAT, (long)ds);
+  long r = nr == SYS_semctl ? appshot_raw_syscall(nr, sid, 0, IPC_STAT, (long)ds, 0, 0)
+                            : appshot_raw_syscall(nr, sid, IPC_STAT, (long)ds, 0, 0, 0);
   if (r == 0) return 0;
-  r = nr == SYS_semctl ? raw_syscall4(nr, sid, 0, stat_any, (long)ds)
-                       : raw_syscall3(nr, sid, stat_any, (long)ds);
+  r = nr == SYS_semctl ? appshot_raw_syscall(nr, sid, 0, stat_any, (long)ds, 0, 0)
+                       : appshot_raw_syscall(nr, sid, stat_any, (long)ds, 0, 0, 0);
   return r == sid ? 0 : -1;
 }
 

@@ -11,19 +11,21 @@
  *  - Lookups (the hot path: getppid, kill, semop...) take no lock. An entry's
  *    (virtual, system) pair lives in one 64-bit word written atomically, so a
  *    reader never sees half of one mapping and half of another.
- *  - Inserts and removals take one process-shared *robust* mutex per file.
- *    If a process dies while holding it, the kernel hands the next locker
- *    EOWNERDEAD; that locker rebuilds the hash indexes from the entry arrays
- *    (the arrays are the truth, the indexes are derived), settles the keys
- *    a dead creator had reserved (APPSHOT_F_RESERVED), marks the mutex
- *    consistent and goes on. No lock can stay held by a dead process.
+ *  - Inserts and removals take one lock per file: a robust futex word of
+ *    our own (appshot_lock; why not glibc's robust mutex: appshot_table.c,
+ *    "The writer lock"). If a thread dies while holding it, the kernel
+ *    marks the word FUTEX_OWNER_DIED; the next locker rebuilds the hash
+ *    indexes from the entry arrays (the arrays are the truth, the indexes
+ *    are derived), settles the keys a dead creator had reserved
+ *    (APPSHOT_F_RESERVED) and goes on. No lock can stay held by a dead
+ *    thread.
  *  - Each table has two generations of hash indexes. A rebuild (after a
  *    dead writer, or when tombstones pile up) fills the idle generation from
  *    the entry array and then publishes it by bumping `flips`. A reader
  *    that misses re-reads `flips` and walks again if a rebuild happened
  *    meanwhile (two rebuilds during one walk would clear the very index it
  *    is walking).
- *  - Writers block signals while they hold the mutex, so a signal handler
+ *  - Writers block signals while they hold the lock, so a signal handler
  *    that forks or creates a semaphore cannot deadlock against its own
  *    thread.
  *
@@ -48,7 +50,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 11u
+#define APPSHOT_TABLE_VERSION 12u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -276,8 +278,13 @@ struct appshot_header {
   uint8_t pad[7];
   uint64_t key_salt;      /* makes this AID's system IPC keys its own */
   int32_t init_pid;       /* system PID of the application's init */
-  uint32_t repairs;       /* times a dead writer's mutex was recovered */
-  pthread_mutex_t lock;   /* robust, process-shared */
+  uint32_t repairs;       /* times a dead writer's lock was recovered */
+  /* The writer lock: a robust futex word (appshot_lock), and nothing else
+   * of it in the file. 0 free; else the holder's system TID
+   * (FUTEX_TID_MASK), with FUTEX_WAITERS while a locker sleeps on it, or
+   * FUTEX_OWNER_DIED (no TID) once the kernel saw its holder die. */
+  uint32_t lock;
+  uint32_t lock_pad;      /* zero; the tables are 8-aligned */
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
   struct appshot_socket_notes sockets;
@@ -429,6 +436,13 @@ void appshot_lost_copy(const struct appshot_header *h, uint8_t *out);
 /* Forgets every lost note: none of them was of a socket still open. */
 void appshot_forget_lost(struct appshot_header *h);
 
+/* A system call straight to the kernel, whatever the process's libc
+ * wraps: the kernel's result, -errno on failure. Inside the preload
+ * library kill(), semget(), pread() and syscall() are its own wrappers,
+ * which take virtual ids and keys; and no libc call here may be a
+ * cancellation point. x86-64 only. */
+long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f);
+
 /* --- Creating and mapping ----------------------------------------------- */
 
 /* Creates the table file at path (O_EXCL) and maps it. Returns NULL and sets
@@ -506,7 +520,7 @@ static inline void appshot_scan_removed(struct appshot_scan *sc) {
   if (sc->live) sc->live--;
 }
 
-/* --- Writes: take the robust mutex ------------------------------------- */
+/* --- Writes: take the lock ---------------------------------------------- */
 
 /* Maps sid to a newly allocated virtual id, or returns the one it already
  * has. An existing PID entry whose APPSHOT_F_THREAD bit differs from
@@ -540,12 +554,25 @@ int appshot_unmap_pair(struct appshot_header *h, enum appshot_kind kind,
 void appshot_set_flags(struct appshot_header *h, enum appshot_kind kind,
                        int32_t sid, uint32_t flags);
 
-/* The robust lock, for callers that must make a check-then-create atomic
- * (semget of a key the application has not used yet). Signals stay blocked
- * from lock to unlock; `saved` receives the old mask. The _locked variants
- * of the writers are for use between these two calls. Returns 0, or -1 with
- * errno (ENOTRECOVERABLE, EDEADLK, ETIMEDOUT) and nothing held. */
-int appshot_lock(struct appshot_header *h, sigset_t *saved);
+/* What a hold of the lock keeps to give back at its end: the caller's
+ * signal mask, and the calling thread's robust-list pending entry as it
+ * was (appshot_table.c, "The writer lock"). On the holder's stack, never
+ * in the file. */
+struct appshot_held {
+  sigset_t mask;
+  void *robust_head;  /* the thread's struct robust_list_head; NULL: none */
+  void *pending_was;  /* its list_op_pending before the lock */
+};
+
+/* The lock, for callers that must make a check-then-create atomic (semget
+ * of a key the application has not used yet). Signals stay blocked from
+ * lock to unlock; `held` receives what the unlock gives back. The _locked
+ * variants of the writers are for use between these two calls. A lock
+ * whose last holder died is repaired before this returns. Returns 0, or -1
+ * with errno (EDEADLK: the word names the caller's own thread; ETIMEDOUT)
+ * and nothing held. The calling thread must make no call of glibc's
+ * robust mutexes while it holds it (see appshot_table.c). */
+int appshot_lock(struct appshot_header *h, struct appshot_held *held);
 /* How long appshot_lock (and every writer that takes the lock) waits before
  * giving up with ETIMEDOUT, in ms; 0, the default, waits for ever. The
  * preload library keeps the default: the lock is its own application's, and
@@ -556,7 +583,7 @@ int appshot_lock(struct appshot_header *h, sigset_t *saved);
  * window. A holder stopped by a snapshot is let run on until it lets go
  * (src/ptrace/freezer.ts), so an honest application never meets the limit. */
 void appshot_set_lock_patience(unsigned ms);
-void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
+void appshot_unlock(struct appshot_header *h, const struct appshot_held *held);
 /* For a reader that must see every object the application has, a
  * snapshot's: if the last holder of the lock died holding it, the repair
  * its next locker would make (indexes rebuilt, a dead creator's
@@ -564,7 +591,7 @@ void appshot_unlock(struct appshot_header *h, const sigset_t *saved);
  * and the lock let go. Tries the lock without waiting: the application
  * is stopped, and a stopped thread that holds it would never let go.
  * Returns 1 if it repaired, 0 if the lock was free (nothing to repair),
- * or -1 with errno: EBUSY (a live holder), ENOTRECOVERABLE. */
+ * or -1 with errno EBUSY (a holder, or a word that names a thread). */
 int appshot_repair_if_dead(struct appshot_header *h);
 int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);

@@ -13,28 +13,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* A raw system call: the kernel's result, -errno on failure (see the header
- * for why not libc's pread and lseek). */
-static inline long used_sys(long nr, long a, long b, long c, long d) {
-#if defined(__x86_64__)
-  register long r10 __asm__("r10") = d;
-  long ret;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "used_sys: only x86-64 is supported"
-#endif
-}
-
 /* `len` bytes at `off`, all of them: 0, or -1 (an error, or the file ended
  * first). */
 static int read_whole(int fd, void *buf, size_t len, uint64_t off) {
   char *p = buf;
   while (len) {
-    long n = used_sys(SYS_pread64, fd, (long)p, (long)len, (long)off);
+    long n = appshot_raw_syscall(SYS_pread64, fd, (long)p, (long)len, (long)off, 0, 0);
     if (n == -EINTR) continue;
     if (n <= 0) return -1;
     p += n;
@@ -74,10 +58,10 @@ static int next_run(struct appshot_used *u) {
   const uint64_t end = start + (uint64_t)u->capacity * size;
   if (u->next >= u->capacity) return -1;
   uint64_t off = start + (uint64_t)u->next * size;
-  long data = used_sys(SYS_lseek, u->fd, (long)off, SEEK_DATA, 0);
+  long data = appshot_raw_syscall(SYS_lseek, u->fd, (long)off, SEEK_DATA, 0, 0, 0);
   if (data == -ENXIO) return -1; /* no data from `off` to the file's end */
   if (data >= 0 && (uint64_t)data >= end) return -1;
-  long hole = data < 0 ? data : used_sys(SYS_lseek, u->fd, data, SEEK_HOLE, 0);
+  long hole = data < 0 ? data : appshot_raw_syscall(SYS_lseek, u->fd, data, SEEK_HOLE, 0, 0, 0);
   if (data < 0 || hole <= data) {
     u->fd = -1;
     return -1;

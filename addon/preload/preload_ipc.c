@@ -101,7 +101,7 @@ static long create_reserved(const struct ipc_kind *k, key_t key, long size,
  * the objects the id tables name, missed it. */
 static long create_keyed(const struct ipc_kind *k, key_t key, long size,
                          int flags, int32_t *vid) {
-  sigset_t saved;
+  struct appshot_held saved;
   *vid = -1;
   if (appshot_lock(g_h, &saved) != 0) return -errno;
   test_pause("table-locked");
@@ -220,7 +220,7 @@ static long stat_index_result(enum appshot_kind kind, long sid) {
 static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
   int32_t v;
   if (skey == IPC_PRIVATE || !appshot_s2v(g_h, k->key, skey, &v)) return;
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(g_h, &saved) != 0) return;
   if (appshot_s2v(g_h, k->key, skey, &v) && raw_get(k, skey, 0, 0) == -ENOENT)
     appshot_unmap_system_locked(g_h, k->key, skey);

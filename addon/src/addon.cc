@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <malloc.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -601,14 +602,10 @@ Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
   int rc = appshot_repair_if_dead(t.get());
   int holder = 0;
   if (rc < 0 && errno == EBUSY) {
-    // glibc's mutex word: the holder's TID under the robust bits.
-    holder = __atomic_load_n(&t.get()->lock.__data.__lock, __ATOMIC_ACQUIRE) & 0x3fffffff;
+    // The lock word: the holder's TID under the robust bits.
+    holder = __atomic_load_n(&t.get()->lock, __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
     if (holder == 0) holder = -1;  // let go meanwhile, or a word that names nobody
   }
-  // Any other failure (ENOTRECOVERABLE, or a lock word the application
-  // wrote into its file): no locker can repair it either, so the tables
-  // as they are are what the application will ever find: no repair, and
-  // no holder.
   Napi::Object out = Napi::Object::New(env);
   out.Set("repaired", Napi::Boolean::New(env, rc == 1));
   out.Set("holder", Napi::Number::New(env, holder));

@@ -366,7 +366,7 @@ static void NativeKillPoint(const char* name) {
 template <typename Get>
 int CreateBound(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, int32_t vid,
                 int32_t vkey, Get get) {
-  sigset_t saved;
+  struct appshot_held saved;
   if (appshot_lock(h, &saved)) return -1;
   int sid = -1;
   if (vkey == IPC_PRIVATE) {
