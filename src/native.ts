@@ -549,8 +549,8 @@ interface Addon {
    * the word names none), else 0 (a lock no locker can recover counts as
    * free: the tables as they are stay so). */
   repairTablesIfDead(path: string): { repaired: boolean; holder: number };
-  /** Offset in a tables file of its lock's futex word (a robust mutex's:
-   * its holder's TID). */
+  /** Offset in a tables file of its lock's futex word (its holder's TID,
+   * with the kernel's waiters and owner-died bits). */
   readonly tablesLockOffset: number;
   /** Before a restored process runs: the image's wait slots and the
    * previous node's PIDs into new tables (appshot_table.h). */

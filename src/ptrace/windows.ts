@@ -332,10 +332,11 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
 /** Whether a thread (registers `regs`) is in a futex wait on a mapping of
  * the tables: the only futex there is their lock. Such a thread must not
  * be taken there, inside a wrapper or not (a thread's exit unmaps its TID
- * under the lock, outside any): glibc keeps the waiter's TID in the lock
- * function's frame across the wait, so restored it would take the lock
- * under its old TID, its unlock be refused, and every later locker (the
- * application's init among them) wait for ever. */
+ * under the lock, outside any): between its gettid and its
+ * compare-and-swap the locker (appshot_table.c lock_word) holds its TID
+ * in a register, so restored it could take the lock under its old TID,
+ * its unlock be refused, and every later locker (the application's init
+ * among them) wait for ever. */
 export function waitsForTableLock(regs: Buffer, windows: Windows): boolean {
   if (regs.readBigInt64LE(REG.origRax) !== SYS_FUTEX) return false;
   const at = regs.readBigUInt64LE(REG.rdi);
