@@ -108,6 +108,17 @@ interface ServiceJson {
 const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
 
 /** The JSON log lines of `name` so far. */
+/** What one client of the crashing server gets for a ping. */
+const asked = (port: number) =>
+  new Promise<string>((resolve, reject) => {
+    const c = connect(port, '127.0.0.1');
+    let got = '';
+    c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
+    c.on('connect', () => c.write('ping\n'));
+    c.on('data', (d) => (got += d));
+    c.on('error', reject);
+    c.on('close', () => resolve(got));
+  });
 const events = (s: Running, name: string) => s.logged<{ event: string; service?: string; shared?: boolean; adopted?: boolean }>().filter((e) => e.service === name);
 
 describe("appshot serve: the shared listener is the application's own", () => {
@@ -330,16 +341,6 @@ describe('appshot serve: a shared listener whose instance fails', () => {
   });
 
   it('a kill -9 of the instance process holding the shared listener ends its other processes at once, and the next client is answered', async () => {
-    const asked = (port: number) =>
-      new Promise<string>((resolve, reject) => {
-        const c = connect(port, '127.0.0.1');
-        let got = '';
-        c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
-        c.on('connect', () => c.write('ping\n'));
-        c.on('data', (d) => (got += d));
-        c.on('error', reject);
-        c.on('close', () => resolve(got));
-      });
     expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
     // serve stopped itself after the resume, before it looked for the
     // process to watch: the kill comes in that window (a loaded machine
@@ -372,5 +373,38 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume');
     process.kill(servePid, 'SIGCONT');
     await waitFor(() => show('crashing').restores === 2, 10_000, 'the second restore in `service show`');
+  });
+
+  it('forwarding instead (APPSHOT_SHARE_LISTENER=0), the same kill in the same window is a crash too, and the next client is answered', async () => {
+    serve2!.child.kill('SIGTERM');
+    serve2!.child.kill('SIGCONT');
+    await serve2!.exited;
+    sb.run(['rm', '--force', 'crashing']);
+    serve2 = sb.start(['serve'], { APPSHOT_PREPARED: '0', APPSHOT_SHARE_LISTENER: '0', APPSHOT_TEST_STOP_AT: 'serve: resumed' });
+    await serve2.line(/^ready$/);
+    expect(events(serve2, 'crashing').find((e) => e.event === 'listen')?.shared).toBeUndefined();
+    const servePid = serve2.child.pid!;
+    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the resume');
+    const [server, ...others] = sb
+      .json<{ aid: string; processes: { vpid: number; pid: number; init: boolean }[] }[]>(['ps'])
+      .find((a) => a.aid === 'crashing')!
+      .processes.filter((p) => !p.init)
+      .sort((a, b) => a.vpid - b.vpid)
+      .map((p) => p.pid);
+    expect(others.length).toBeGreaterThanOrEqual(1);
+    process.kill(server, 'SIGKILL');
+    await waitFor(() => !alive(server), 10_000, 'the server to end');
+    process.kill(servePid, 'SIGCONT');
+    // The helper still holds the application's own listener (a connect
+    // succeeds, nobody accepts): only the watch of the right process
+    // tells.
+    await waitFor(() => events(serve2!, 'crashing').some((e) => e.event === 'crash'), 10_000, 'the crash to be seen').catch((e: Error) => {
+      throw new Error(`${e.message}\n${serve2!.stderr}`);
+    });
+    const next = asked(CRASH_PUBLIC);
+    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume');
+    process.kill(servePid, 'SIGCONT');
+    expect(await next).toBe('pong 1\n');
   });
 });

@@ -37,7 +37,7 @@ import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses, THREAD_FLAG } from '../inspect.js';
 import { descriptorLinks, isSameProcess } from '../procfs.js';
 import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
-import { SharedListener } from './shared.js';
+import { ownListenerHolder, SharedListener } from './shared.js';
 import { CpuMeter } from './cpu.js';
 import type { ServeMetrics } from './metrics.js';
 import { type Action, BacklogAge, type Clock, Policy, systemClock } from './policy.js';
@@ -206,9 +206,11 @@ class Service {
   private watchAfter = 0;
   /** Restores that failed in a row while the listener was shared. */
   private sharedFailures = 0;
-  /** Given the shared listener, the restore's image said which process
-   * held it (SharedListener.holderVpid): that one's end is the crash. */
-  private sharedHolder: number | undefined;
+  /** Which process the restore's image says held the listener on the
+   * first port, the public one given to it (SharedListener.holderVpid) or
+   * its own (ownListenerHolder): its virtual PID. That one's end is the
+   * crash. */
+  private imageHolder: number | undefined;
   /** Shared: the removal of a crashed instance's other processes
    * (crashed), awaited by the next restore. */
   private crashRemoval: Promise<void> | undefined;
@@ -672,7 +674,7 @@ class Service {
   private shareWith(image: LoadedImage['image']): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
     const s = this.shared;
     const why = s?.problem(image);
-    this.sharedHolder = s && !why ? s.holderVpid : undefined;
+    this.imageHolder = s && !why ? s.holderVpid : ownListenerHolder(image, this.spec.ports[0].app);
     if (s && !why) return s.restoreOptions();
     if (why) this.fallBack(why);
     // Forwarding: an image taken while the listener was shared names it
@@ -913,7 +915,7 @@ class Service {
 
   /**
    * The system PID of virtual PID `vpid` of a restored instance, the
-   * process its image says held the shared listener, as its tables bind
+   * process its image says held the listener, as its tables bind
    * it: not looked for among the processes that hold the listener now
    * (listenerPid), since this runs after the clients were answered and a
    * kill meanwhile would leave a helper's copy to be taken for it. If it
@@ -1377,7 +1379,7 @@ class Service {
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       // Suspended or crashed meanwhile: neither is its own any more.
-      if ((inst.state as InstanceStateName) === 'running') inst.pid = this.shared && this.sharedHolder !== undefined ? this.restoredHolder(inst, this.sharedHolder) : this.listenerPid(inst);
+      if ((inst.state as InstanceStateName) === 'running') inst.pid = this.imageHolder !== undefined ? this.restoredHolder(inst, this.imageHolder) : this.listenerPid(inst);
       // (restoredHolder may have found it crashed.)
       const still = (inst.state as InstanceStateName) === 'running';
       this.pump();

@@ -173,7 +173,7 @@ export class SharedListener {
     if (mine) {
       this.original = mine.own;
       this.own = mine.socket;
-      this.holderVpid = lowestHolder(image, mine.socket.ino);
+      this.holderVpid = lowestHolder(image, (s) => s.ino === mine.socket.ino);
       return undefined;
     }
     // Of a dual-stack server's two listeners on the port (redis's default:
@@ -185,7 +185,7 @@ export class SharedListener {
     if (same.length > 1) return `the application listens on port ${this.appPort} with ${same.length} ${familyName(this.family)} sockets`;
     this.original = same[0].own;
     this.own = same[0].socket;
-    this.holderVpid = lowestHolder(image, same[0].socket.ino);
+    this.holderVpid = lowestHolder(image, (s) => s.ino === same[0].socket.ino);
     return undefined;
   }
 
@@ -248,10 +248,20 @@ export class SharedListener {
 
 const familyName = (f: number) => (f === AF_INET ? 'IPv4' : f === AF_INET6 ? 'IPv6' : `family ${f}`);
 
-/** The lowest virtual PID of the image's processes holding socket `ino`. */
-function lowestHolder(image: Image, ino: bigint): number | undefined {
+/** The lowest virtual PID of the image's processes holding a socket
+ * `which` picks. */
+function lowestHolder(image: Image, which: (s: Socket, kind: number) => boolean): number | undefined {
   let lowest: number | undefined;
   for (const p of image.processes)
-    if ((lowest === undefined || p.vpid < lowest) && p.fds.some((f) => f.socket?.ino === ino)) lowest = p.vpid;
+    if ((lowest === undefined || p.vpid < lowest) && p.fds.some((f) => f.socket && which(f.socket, f.kind))) lowest = p.vpid;
   return lowest;
+}
+
+/** Of an image restored with its own listener on `appPort` (forwarded to,
+ * not shared), the lowest virtual PID holding it: that listener as the
+ * application made it, or the shared one an earlier suspend recorded by
+ * key, which the restore gives back as its own (serve's restoreInstance). */
+export function ownListenerHolder(image: Image, appPort: number): number | undefined {
+  const key = SharedListener.keyOf(appPort);
+  return lowestHolder(image, (s, kind) => kind === FdKind.TCP_LISTEN && (s.inherited ? s.inherited === key : virtualPort(image, s.port) === appPort));
 }
