@@ -105,9 +105,9 @@ function run(args: string[], s = sb): void {
   if (r.code !== 0) throw new Error(`appshot ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
 }
 
-function httpGet(port: number): Promise<{ status: number; body: string }> {
+function httpGet(port: number, path = '/'): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
-    const req = request({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
+    const req = request({ host: '127.0.0.1', port, path, agent: false }, (res) => {
       let body = '';
       res.on('data', (d) => (body += d));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
@@ -357,7 +357,7 @@ describe('servers that run as several users', () => {
     }
   });
 
-  it.runIf(isRoot)('haproxy in Debian\'s configuration (chroot, a worker as haproxy, stats and master sockets): a keep-alive client and both sockets carry on', async () => {
+  it.runIf(isRoot)('haproxy in Debian\'s configuration (chroot, a worker as haproxy, stats and master sockets): a keep-alive client and both sockets carry on, and its own reload works after', async () => {
     // The packaged global section as it is but for the stats socket's
     // directory. The master binds each unix socket to NAME.PID.tmp, gives
     // it its mode and renames it to NAME; the worker then chroots to
@@ -400,6 +400,17 @@ frontend web
     expect([after.mode & 0o7777, after.uid, after.gid]).toEqual([file.mode & 0o7777, file.uid, file.gid]);
     expect(readdirSync(hap).sort()).toEqual(['admin.sock', 'haproxy.cfg', 'master.sock']);
     expect(identities('hap')).toEqual(before);
+    // Its own reload after the restore: the master executes itself again
+    // (keeping its listeners, passed to the new worker over a socket
+    // pair), and the old worker leaves.
+    const [, oldWorker] = processes('hap').sort((a, b) => a.vpid - b.vpid);
+    run(['exec', 'hap', '--', 'kill', '-USR2', '2']);
+    await waitFor(() => {
+      const ps = processes('hap');
+      return ps.length === 2 && !ps.some((p) => p.vpid === oldWorker.vpid);
+    }, 30_000, 'a new worker in place of the old one');
+    expect((await httpGet(port, '/reloaded')).body).toBe('haproxy /reloaded\n');
+    expect(await unixExchange(join(hap, 'master.sock'), 'show proc\n', /^\d+\s+master\s/m)).toBe(true);
     run(['stop', 'hap', '-s', 'KILL']);
   });
 
