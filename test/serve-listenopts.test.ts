@@ -384,7 +384,9 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     await serve2.line(/^ready$/);
     expect(events(serve2, 'crashing').find((e) => e.event === 'listen')?.shared).toBeUndefined();
     const servePid = serve2.child.pid!;
-    expect(await asked(CRASH_PUBLIC)).toBe('pong 1\n');
+    // Its forwarding thread stops with serve: the first client may be
+    // answered before the stop or not (its server is killed below).
+    const first = asked(CRASH_PUBLIC).catch(() => '');
     await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the resume');
     const [server, ...others] = sb
       .json<{ aid: string; processes: { vpid: number; pid: number; init: boolean }[] }[]>(['ps'])
@@ -406,5 +408,8 @@ describe('appshot serve: a shared listener whose instance fails', () => {
     await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume');
     process.kill(servePid, 'SIGCONT');
     expect(await next).toBe('pong 1\n');
+    // (Forwarded to the server before its end, or to its helper's copy
+    // of the listener and cut when the crashed instance was removed.)
+    expect(['pong 1\n', '']).toContain(await first);
   });
 });

@@ -35,7 +35,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses, THREAD_FLAG } from '../inspect.js';
-import { descriptorLinks, isSameProcess } from '../procfs.js';
+import { descriptorLinks, isSameProcess, readStat } from '../procfs.js';
 import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
 import { ownListenerHolder, SharedListener } from './shared.js';
 import { CpuMeter } from './cpu.js';
@@ -77,6 +77,9 @@ interface Instance {
    * (listenerPid), whose end is the instance's crash: the forwarding
    * thread watches it while it holds a grant to the instance. */
   pid?: number;
+  /** Its start time, where known (restoredHolder): a PID reused by
+   * another process after it ended is not taken for it. */
+  pidStart?: number;
   /** Cores its processes used over the last second, measured each tick
    * when the service has a CPU target or a busy-CPU share (cpu.ts). */
   cpu?: number;
@@ -128,12 +131,23 @@ interface Held {
  *   removed, as after a failed restore), and should serve die, its
  *   processes die with their tracer and init sees its lifeline end.
  */
+/** Of one restore: the virtual PID its image says held the listener on
+ * the service's first port (shareWith), whose end is the instance's crash
+ * (restoredHolder). One per restore, not the service's: a prepared
+ * restore given up may still be reading its image while the next one
+ * runs. */
+interface ImageHolder {
+  vpid?: number;
+}
+
 interface Prepared {
   image: string;
   /** The preloaded chain it was restored from (its page files open). */
   chain: LoadedImage[];
   /** Resolves true once held, false if the restore failed before. */
   held: Promise<boolean>;
+  /** Which process its image says held the listener (shareWith). */
+  holder: ImageHolder;
   /** Lets the held restore go on (true) or gives it up (false). */
   decide: (go: boolean) => void;
   /** The restore: resolves once resumed; rejects once given up or failed,
@@ -206,11 +220,6 @@ class Service {
   private watchAfter = 0;
   /** Restores that failed in a row while the listener was shared. */
   private sharedFailures = 0;
-  /** Which process the restore's image says held the listener on the
-   * first port, the public one given to it (SharedListener.holderVpid) or
-   * its own (ownListenerHolder): its virtual PID. That one's end is the
-   * crash. */
-  private imageHolder: number | undefined;
   /** Shared: the removal of a crashed instance's other processes
    * (crashed), awaited by the next restore. */
   private crashRemoval: Promise<void> | undefined;
@@ -671,10 +680,10 @@ class Service {
   /** The restore's options for the shared listener, if this image's
    * application can be given it; otherwise the front door falls back to
    * forwarding (fallBack) and there are none. */
-  private shareWith(image: LoadedImage['image']): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
+  private shareWith(image: LoadedImage['image'], holder: ImageHolder): ReturnType<SharedListener['restoreOptions']> | { ownListeners: ReadonlySet<string> } {
     const s = this.shared;
     const why = s?.problem(image);
-    this.imageHolder = s && !why ? s.holderVpid : ownListenerHolder(image, this.spec.ports[0].app);
+    holder.vpid = s && !why ? s.holderVpid : ownListenerHolder(image, this.spec.ports[0].app);
     if (s && !why) return s.restoreOptions();
     if (why) this.fallBack(why);
     // Forwarding: an image taken while the listener was shared names it
@@ -928,7 +937,12 @@ class Service {
     // The application gone altogether: the tick finds it so (alive).
     if (!tables) return undefined;
     const e = tables.tables.pid.find((x) => x.virtual === vpid && !(x.flags & THREAD_FLAG));
-    if (e) return e.system;
+    // A zombie's start time is still there: the tick sees it ended.
+    const start = e && readStat(e.system)?.startTime;
+    if (e && start !== undefined) {
+      inst.pidStart = start;
+      return e.system;
+    }
     this.crashed(inst, `virtual process ${vpid} ended`);
     return undefined;
   }
@@ -997,7 +1011,7 @@ class Service {
     // here, even if a helper of it still holds a copy that nobody accepts
     // on (what waits in the queue then waits for the restore).
     for (const inst of this.instances.values())
-      if (this.shared && inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, undefined)) this.crashed(inst, `process ${inst.pid} ended`);
+      if (this.shared && inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, inst.pidStart)) this.crashed(inst, `process ${inst.pid} ended`);
     if (this.shared && this.instances.get(this.name)?.state === 'running') this.shared.watch();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
@@ -1113,8 +1127,9 @@ class Service {
     if (prefault) this.prefaulted = prefault.addresses;
     // Held with the public listener installed: connections wait in its
     // accept queue, and its release lets the instance accept them.
+    const holder: ImageHolder = {};
     const done = restoreImage(this.reg, this.lastImage, {
-      inheritFor: (image) => this.shareWith(image),
+      inheritFor: (image) => this.shareWith(image, holder),
       aid: this.name,
       // Its memory mapped from the page file, nothing copied (what it
       // holds while suspended: redis with 10,000 keys 1.1 MiB of PSS);
@@ -1137,7 +1152,7 @@ class Service {
         return decision;
       },
     });
-    const p: Prepared = { image: this.lastImage, chain, held, decide, done };
+    const p: Prepared = { image: this.lastImage, chain, held, holder, decide, done };
     this.prepared = p;
     this.changed();
     done.catch((e: Error) => {
@@ -1213,7 +1228,7 @@ class Service {
   /** The held instance let go on, if it is held for the image the service
    * resumes from, unchanged; undefined if there is none or it could not
    * be (given up: the caller restores afresh). */
-  private async releasePrepared(): Promise<{ restored: RestoreResult; chain: LoadedImage[] } | undefined> {
+  private async releasePrepared(): Promise<{ restored: RestoreResult; chain: LoadedImage[]; holder: ImageHolder } | undefined> {
     const p = this.prepared;
     if (!p) return undefined;
     this.prepared = undefined;
@@ -1225,10 +1240,10 @@ class Service {
     const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
     p.decide(current);
     try {
-      return { restored: await p.done, chain: p.chain };
+      return { restored: await p.done, chain: p.chain, holder: p.holder };
     } catch (e) {
       // Committed, then a step failed: it runs, and is the instance.
-      if (e instanceof RestoredWithError) return { restored: this.incomplete(e), chain: p.chain };
+      if (e instanceof RestoredWithError) return { restored: this.incomplete(e), chain: p.chain, holder: p.holder };
       if (current) this.log('prepared-failed', { instance: this.name, error: (e as Error).message });
       return undefined;
     }
@@ -1295,6 +1310,7 @@ class Service {
     const from = inst.state;
     inst.state = 'starting';
     inst.pid = undefined;
+    inst.pidStart = undefined;
     this.changed();
     const t0 = process.hrtime.bigint();
     const home = this.host.home;
@@ -1338,7 +1354,8 @@ class Service {
       // still within the second.
       // Whether the listener can be shared is decided on the image the
       // restore reads (shareWith).
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
+      const holder: ImageHolder = prepared?.holder ?? {};
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image, holder), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
@@ -1379,7 +1396,7 @@ class Service {
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       // Suspended or crashed meanwhile: neither is its own any more.
-      if ((inst.state as InstanceStateName) === 'running') inst.pid = this.imageHolder !== undefined ? this.restoredHolder(inst, this.imageHolder) : this.listenerPid(inst);
+      if ((inst.state as InstanceStateName) === 'running') inst.pid = holder.vpid !== undefined ? this.restoredHolder(inst, holder.vpid) : this.listenerPid(inst);
       // (restoredHolder may have found it crashed.)
       const still = (inst.state as InstanceStateName) === 'running';
       this.pump();
@@ -1560,6 +1577,7 @@ class Service {
     inst.state = 'suspended';
     inst.ports.clear();
     inst.pid = undefined;
+    inst.pidStart = undefined;
     this.counters.snapshots++;
     const step = (name: string, fn: () => void): void => {
       try {
