@@ -58,7 +58,8 @@ export class Transient extends Unsupported {}
 export class DumpContext {
   private readonly toVirtual = new Map<Kind, Map<number, number>>();
   private readonly fileIndex = new Map<string, number>();
-  readonly pipeIndex = new Map<bigint, number>();
+  /** Pipes and FIFOs by `key` (pipe()). */
+  readonly pipeIndex = new Map<string, number>();
   readonly sharedIndex = new Map<string, number>();
   /** Connections that outlive the application until its restore. */
   readonly keeper = new SocketsForKeeper();
@@ -141,12 +142,15 @@ export class DumpContext {
     return this.image.files.length - 1;
   }
 
-  pipe(ino: bigint, make: () => Pipe): number {
-    let i = this.pipeIndex.get(ino);
+  /** The image's pipe `key` names (its device and inode: a FIFO's inode
+   * number may be an anonymous pipe's too, or another file system's
+   * FIFO's), made by `make` the first time. */
+  pipe(key: string, make: () => Pipe): number {
+    let i = this.pipeIndex.get(key);
     if (i === undefined) {
       this.image.pipes.push(make());
       i = this.image.pipes.length - 1;
-      this.pipeIndex.set(ino, i);
+      this.pipeIndex.set(key, i);
     }
     return i;
   }

@@ -35,7 +35,7 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
   // credentials no longer do (fsident.ts reopenHeldName). Not a removed
   // one's: it is made anew.
   const held = fifo && fifoPath && !fifoPath.endsWith(DELETED) ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
-  return ctx.pipe(ino, () => {
+  return ctx.pipe(fifo ? `${fifo.dev}:${ino}` : `pipefs:${ino}`, () => {
     const dup = addon().getFd(pid, fd);
     try {
       // A write end can be read through /proc too, but the duplicate we
