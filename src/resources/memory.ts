@@ -1069,10 +1069,18 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       }
       opening.run().forEach((fd, j) => (fds[batched[j]] = Number(fd)));
     }
-    // Files opened here as the process: handed over one by one.
-    opens.forEach((o, i) => {
-      if (o.ours !== undefined) fds[i] = src.transfer(r, o.ours);
-    });
+    // Files opened here as the process: handed over a thousand a stop
+    // (one pidfd each), well within the scratch area's table, not three
+    // stops a file as transfer() would take.
+    const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
+    for (let n = 0; n < handedOpens.length; n += 1000) {
+      r.reset();
+      const taking = r.batch();
+      const chunk = handedOpens.slice(n, n + 1000);
+      const got = takeDescriptors(taking, chunk.map((i) => ({ what: `taking ${opens[i].path} (pidfd_getfd)`, fd: opens[i].ours! })));
+      const results = taking.run();
+      chunk.forEach((i, j) => (fds[i] = Number(results[got[j]])));
+    }
     // Descriptors of shared anonymous memory, handed over one by one.
     const sharedFds = new Map(shared.map((i) => [i, src.transfer(r, src.sharedFd(plans[i].v.sharedMemory))]));
     const mapping = r.batch();
