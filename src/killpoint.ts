@@ -19,6 +19,11 @@
  * its id is in the tables; 'batch: running' (trace.c, KILL_AT or STOP_AT),
  * a thread running one injected batch; 'batches: running at once' (the
  * same), every thread of a round let go into its batch (runAtOnce).
+ *
+ * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
+ * restore's process is to map opened as that process, before the process
+ * maps any, where a test swaps a directory of a mapped file's path for a
+ * symlink (test/mapcreds.test.ts).
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');

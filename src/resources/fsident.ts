@@ -116,17 +116,26 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
   return identitiesFor(image, byIno.get(ino));
 }
 
-/** Throws unless `path` opens with `flags` as process `vpid` of `image`
- * would open it (memory.ts MemorySources.mayMap): a root restore's process
- * opens its mapped files itself, before its own credentials are given
- * back. `seen`: what this restore asked already (a server's processes map
- * the same libraries, and each open as another costs a thread, ~0.15 ms). */
-export function mayMapAs(image: Image, vpid: number, path: string, flags: number, seen: Set<string>): void {
+/** `path` opened here with `flags` as process `vpid` of `image` would
+ * open it, kept by `keep` until the restore ends: the descriptor a root
+ * restore hands its process to map (memory.ts MemorySources.openToMap).
+ * Opened once, here: were the process to open the path itself, as root
+ * before its own credentials are given back, a directory on it that the
+ * application's user may write could be swapped for a symlink after this
+ * open and before that one, and root would map what the check never saw.
+ * Throws what the process's credentials do not allow. `opened`: what this
+ * restore opened already (a server's processes map the same libraries,
+ * and each open as another costs a thread, ~0.15 ms). */
+export function openToMapAs(image: Image, vpid: number, path: string, flags: number, opened: Map<string, number>, keep: (fd: number) => number): number {
   const p = image.processes.find((q) => q.vpid === vpid);
   const k = `${p ? key(fsIdentity(p)) : ''}|${flags}|${path}`;
-  if (seen.has(k)) return;
-  closeSync(addon().openAs(path, flags, 0, identitiesFor(image, p)));
-  seen.add(k);
+  let fd = opened.get(k);
+  if (fd === undefined) {
+    // Close-on-exec: the seeds this restorer starts later inherit none.
+    fd = keep(addon().openAs(path, flags | O_CLOEXEC, 0, identitiesFor(image, p)));
+    opened.set(k, fd);
+  }
+  return fd;
 }
 
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
@@ -171,6 +180,7 @@ export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
 }
 
 const O_PATH = 0o10000000;
+const O_CLOEXEC = 0o2000000;
 const O_DIRECTORY = 0o200000;
 
 /** `path`, a directory, opened O_PATH as process `p` of `image` would

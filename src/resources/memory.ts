@@ -678,11 +678,14 @@ export interface MemorySources {
    * the image's. */
   mappedPath?: (vpid: number, v: Vma) => string;
   /** A root restore: `path` opened here with `flags` as process `vpid`
-   * would open it (fsident.ts). The restored process opens its mapped
-   * files itself, with the restorer's rights (its own come last): none
-   * its credentials do not allow (review29 H3). Throws what they do not
-   * allow. */
-  mayMap?: (vpid: number, path: string, flags: number) => void;
+   * would open it (fsident.ts openToMapAs), a descriptor of ours kept
+   * until the restore ends. The restored process runs with the
+   * restorer's rights until its own come last: it is handed this
+   * descriptor to map, never the name, which it would open as root
+   * (review29 H3), and which the application's user could point
+   * elsewhere between a check and that open. Throws what the process's
+   * credentials do not allow. */
+  openToMap?: (vpid: number, path: string, flags: number) => number;
   /** Per SharedMemory index: a memfd in this process holding it. */
   sharedFd(index: number): number;
   /** The new system shmid of a virtual one. */
@@ -949,7 +952,9 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   // mmap taking its descriptor from the result of the open before it);
   // else a batch for the seed's memory, as many for the files as their
   // paths take, and one for the mappings.
-  const opens: { path: string; flags: number }[] = [];
+  /** `ours`: opened here as the process (openToMap), handed over; else
+   * opened by the process by name. */
+  const opens: { path: string; flags: number; ours?: number }[] = [];
   const openIndex = new Map<string, number>();
   const openInProcess = (path: string, flags: number): number => {
     const key = `${flags}:${path}`;
@@ -962,19 +967,21 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   };
   const mapped = vmas.filter((v) => v.kind !== VmaKind.VDSO && v.kind !== VmaKind.VVAR && v.kind !== VmaKind.VSYSCALL && (!src.asFork || forkTreatment(v) !== 'absent'));
   const plans = mapped.map((v) => planVma(v, vpid, src, inheritedFrom, openInProcess));
-  // Each file the process is to map, as its credentials find it now (not
-  // appshot's own: the new tables, the page files of a lazy restore; each
-  // asked once a restore: mayMap remembers).
-  if (src.mayMap)
+  // Each file the process is to map, opened here as its credentials find
+  // it now (not appshot's own: the new tables, the page files of a lazy
+  // restore; each opened once a restore: openToMap remembers), and handed
+  // over: what is mapped is the very file so opened.
+  if (src.openToMap)
     for (const p of plans) {
       const o = p.file === undefined ? undefined : opens[p.file];
-      if (!o || o.path === src.tables.new) continue;
+      if (!o || o.path === src.tables.new || o.ours !== undefined) continue;
       try {
-        src.mayMap(vpid, o.path, o.flags);
+        o.ours = src.openToMap(vpid, o.path, o.flags);
       } catch (e) {
         refusedAsProcess(e, `process ${vpid}: ${p.what}:`);
       }
     }
+  killPoint('restore: mappings checked');
   /** The mapping calls; `fd`: the descriptor argument (4) is that of open
    * `fd.open`, or the shared memory handed over for plan `fd.shared`. */
   type MapCall = { what: string; nr: number; args: (bigint | number)[]; fd?: { open: number } | { shared: number } };
@@ -1017,21 +1024,24 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     if (p.lazy) for (const [addr, off, n] of p.own) add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, -1, off], { open: p.pageFile! });
   });
   const shared = plans.flatMap((p, i) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? [i] : []));
-  const pathRoom = opens.reduce((n, o) => n + ((Buffer.byteLength(o.path) + 1 + 15) & ~15), 0);
+  const pathRoom = opens.reduce((n, o) => n + (o.ours === undefined ? (Buffer.byteLength(o.path) + 1 + 15) & ~15 : 0), 0);
   const entries = unmapping.length + opens.length + 2 * shared.length + 2 + mapCalls.length;
   const fds: number[] = [];
   if (r.batched && pathRoom + 64 * (entries + 1) + 4096 < r.room()) {
     const making = unmapping;
-    const opened = opens.map((o) => making.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]));
-    // Shared anonymous memory: our descriptor of it taken by pidfd_getfd
-    // (takeDescriptors), mapped, then closed there.
+    const opened = opens.map((o) => (o.ours === undefined ? making.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]) : -1));
+    // Files opened here as the process, and shared anonymous memory: our
+    // descriptors taken by pidfd_getfd (takeDescriptors) with one pidfd,
+    // mapped, then closed there.
+    const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
     const taken = new Map<number, number>();
-    if (shared.length) {
-      const got = takeDescriptors(
-        making,
-        shared.map((i) => ({ what: 'taking shared memory (pidfd_getfd)', fd: src.sharedFd(plans[i].v.sharedMemory) })),
-      );
-      shared.forEach((i, n) => taken.set(i, got[n]));
+    if (shared.length || handedOpens.length) {
+      const got = takeDescriptors(making, [
+        ...handedOpens.map((i) => ({ what: `taking ${opens[i].path} (pidfd_getfd)`, fd: opens[i].ours! })),
+        ...shared.map((i) => ({ what: 'taking shared memory (pidfd_getfd)', fd: src.sharedFd(plans[i].v.sharedMemory) })),
+      ]);
+      handedOpens.forEach((i, n) => (opened[i] = got[n]));
+      shared.forEach((i, n) => taken.set(i, got[handedOpens.length + n]));
     }
     for (const c of mapCalls) {
       if (!c.fd) making.add(c.what, c.nr, c.args);
@@ -1047,14 +1057,29 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     }
     // As many paths a batch as the scratch area holds with room for the
     // table (a process may map thousands of files).
-    for (let i = 0; i < opens.length; ) {
+    const byName = opens.flatMap((o, i) => (o.ours === undefined ? [i] : []));
+    for (let n = 0; n < byName.length; ) {
       r.reset();
       const opening = r.batch();
-      while (i < opens.length && (opening.length === 0 || r.room() > Buffer.byteLength(opens[i].path) + 1 + 65536)) {
-        opening.add(`opening ${opens[i].path}`, SYS.open, [r.str(opens[i].path), opens[i].flags | 0o2000000, 0]);
-        i++;
+      const batched: number[] = [];
+      while (n < byName.length && (opening.length === 0 || r.room() > Buffer.byteLength(opens[byName[n]].path) + 1 + 65536)) {
+        const o = opens[byName[n]];
+        opening.add(`opening ${o.path}`, SYS.open, [r.str(o.path), o.flags | 0o2000000, 0]);
+        batched.push(byName[n++]);
       }
-      fds.push(...opening.run().map(Number));
+      opening.run().forEach((fd, j) => (fds[batched[j]] = Number(fd)));
+    }
+    // Files opened here as the process: handed over a thousand a stop
+    // (one pidfd each), well within the scratch area's table, not three
+    // stops a file as transfer() would take.
+    const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
+    for (let n = 0; n < handedOpens.length; n += 1000) {
+      r.reset();
+      const taking = r.batch();
+      const chunk = handedOpens.slice(n, n + 1000);
+      const got = takeDescriptors(taking, chunk.map((i) => ({ what: `taking ${opens[i].path} (pidfd_getfd)`, fd: opens[i].ours! })));
+      const results = taking.run();
+      chunk.forEach((i, j) => (fds[i] = Number(results[got[j]])));
     }
     // Descriptors of shared anonymous memory, handed over one by one.
     const sharedFds = new Map(shared.map((i) => [i, src.transfer(r, src.sharedFd(plans[i].v.sharedMemory))]));

@@ -30,7 +30,7 @@ import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js'
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
-import { mayMapAs } from '../resources/fsident.js';
+import { openToMapAs } from '../resources/fsident.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreAioRings } from '../resources/aio.js';
@@ -743,8 +743,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // What will be copied (a lazy restore maps it instead).
     if (!lazyRestore)
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
-    // The files this restore found its processes may map (fsident.ts).
-    const mapAsked = new Set<string>();
+    // The files this restore opened for its processes to map, as them
+    // (fsident.ts openToMapAs), held until it ends.
+    const mapOpened = new Map<string, number>();
     const memory = {
       pageFds,
       pageChecks,
@@ -761,7 +762,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       prefault: opts.prefault,
       mappedPath: (vpid: number, v: Vma) => handed.mappedPath(vpid, v),
       // Unprivileged, the restorer's rights are the process's own.
-      ...(process.geteuid?.() === 0 ? { mayMap: (vpid: number, path: string, flags: number) => mayMapAs(image, vpid, path, flags, mapAsked) } : {}),
+      ...(process.geteuid?.() === 0 ? { openToMap: (vpid: number, path: string, flags: number) => openToMapAs(image, vpid, path, flags, mapOpened, (fd) => handed.keep(fd)) } : {}),
       sharedFd: (i: number) => sharedMemoryFd(handed, i),
       shmSystemId: (vid: number) => {
         const sid = shmIds.get(vid);

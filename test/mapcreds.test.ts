@@ -1,0 +1,137 @@
+/**
+ * A root restore's process maps the files its image maps while it still
+ * runs as root (its own credentials are given back last). Each is opened
+ * by the restorer as the process (fsident.ts openToMapAs) and that
+ * descriptor is handed to the process: the process never opens the name
+ * itself. Before, the restorer only checked the name as the process, then
+ * the process opened the name again as root: the application's user,
+ * owning a directory on the path, could swap it for a symlink between the
+ * two, and root mapped a root-only file into the application's memory.
+ *
+ * The application: privmap (test/fixtures/privmap.c), run as nobody, maps
+ * a file of its own directory private and read-only and checks forever
+ * that the mapping reads as that file.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect } from 'vitest';
+import { fixture, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { ownedTests } from './parallel.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-mapcreds-'));
+// nobody walks to its own directory under here.
+chmodSync(out, 0o755);
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+const { test: it, ok: run, start, attempt, systemPid } = ownedTests(sb);
+
+const NOBODY = 65534;
+const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--'];
+
+/** The one line a refused restore printed (no stack, no second line). */
+function refusal(stderr: string): string {
+  const lines = stderr.trim().split('\n').filter((l) => l.trim() !== '');
+  expect(lines, stderr).toHaveLength(1);
+  return lines[0];
+}
+
+/** Processes running privmap on a file under `dir`, by their command line. */
+function privmapsOf(dir: string): number[] {
+  const found: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+      if (argv[0].endsWith('/privmap') && argv[1]?.startsWith(`${dir}/`)) found.push(Number(e));
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return found;
+}
+
+/** The application's directory `app` (nobody's), holding d/data (4096
+ * bytes of 'p', nobody's), and a root-only directory holding a root-only
+ * file of the same name, `secret`'s 4096 bytes: 's', or the same 'p' for
+ * a swap made before the restore, which the image's checksum of what it
+ * mapped would otherwise refuse first (restore/verify.ts). */
+function makeFiles(name: string, secret = 's'): { app: string; data: string; secretDir: string } {
+  const app = join(out, name);
+  mkdirSync(join(app, 'd'), { recursive: true, mode: 0o755 });
+  chownSync(app, NOBODY, NOBODY);
+  chownSync(join(app, 'd'), NOBODY, NOBODY);
+  const data = join(app, 'd', 'data');
+  writeFileSync(data, Buffer.alloc(4096, 'p'), { mode: 0o644 });
+  chownSync(data, NOBODY, NOBODY);
+  const secretDir = join(out, `${name}-secret`);
+  mkdirSync(secretDir, { mode: 0o700 });
+  writeFileSync(join(secretDir, 'data'), Buffer.alloc(4096, secret), { mode: 0o600 });
+  return { app, data, secretDir };
+}
+
+/** What the application's user may do: its directory d put aside and a
+ * symlink to the secret's directory put in its place. */
+function swapAsNobody(app: string, secretDir: string): void {
+  const r = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'mv d d.real && ln -s "$1" d', 'sh', secretDir], { cwd: app, encoding: 'utf8' });
+  expect(r.status, r.stderr).toBe(0);
+}
+
+describe.skipIf(process.getuid?.() !== 0)('a root restore maps the file it opened as the process, not whatever the name holds later', () => {
+  it('its directory swapped for a symlink to a root-only directory between the open as the process and the mapping: the file opened is mapped, never the root-only one', async () => {
+    const { app, data, secretDir } = makeFiles('swapped');
+    await start('mc1', [...asNobody, fixture('privmap'), data]);
+    await sb.checksPass('mc1', 2);
+    const image = join(out, 'mc1.img');
+    await run(['snapshot', 'mc1', '-o', image]);
+    await waitFor(() => !sb.aids().includes('mc1'), 10_000, 'mc1 to end');
+    const ino = statSync(data).ino;
+
+    const stopped = await stoppedAt(sb, ['restore', image], 'restore: mappings checked', 'the restore to open the mapped files');
+    swapAsNobody(app, secretDir);
+    const { code, stderr } = await stopped.go();
+    expect(code, stderr).toBe(0);
+    // The application reads its own data (privmap fails on any other
+    // byte), from the very file it mapped.
+    await sb.checksPass('mc1', 3);
+    const pid = await systemPid('mc1');
+    const maps = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n');
+    const line = maps.find((l) => l.endsWith('/data'));
+    expect(line, maps.join('\n')).toBeDefined();
+    expect(line).toContain(`${app}/d.real/data`);
+    const range = line!.split(' ')[0];
+    expect(statSync(`/proc/${pid}/map_files/${range}`).ino).toBe(ino);
+    await run(['stop', 'mc1', '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes('mc1'), 10_000, 'mc1 to stop');
+  });
+
+  it('its directory swapped before the restore: refused in one line (exit 5), no process and no record left; put back, it comes back and reads its data', async () => {
+    const { app, data, secretDir } = makeFiles('refused', 'p');
+    await start('mc2', [...asNobody, fixture('privmap'), data]);
+    await sb.checksPass('mc2', 2);
+    const image = join(out, 'mc2.img');
+    await run(['snapshot', 'mc2', '-o', image]);
+    await waitFor(() => !sb.aids().includes('mc2'), 10_000, 'mc2 to end');
+
+    swapAsNobody(app, secretDir);
+    const aidsBefore = sb.aids();
+    const r = await attempt(['restore', image]);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(/process 2: mapping \S+\/refused\/d\/data at 0x[0-9a-f]+: cannot be opened with the credentials of the process or the application's others.*: EACCES$/);
+    expect(sb.aids()).toEqual(aidsBefore);
+    expect(privmapsOf(app)).toEqual([]);
+
+    // Put back, it comes back and reads its own data.
+    rmSync(join(app, 'd'));
+    spawnSync('mv', [join(app, 'd.real'), join(app, 'd')]);
+    await run(['restore', image]);
+    await sb.checksPass('mc2', 3);
+    await run(['stop', 'mc2', '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes('mc2'), 10_000, 'mc2 to stop');
+    expect(privmapsOf(app)).toEqual([]);
+  });
+});
