@@ -330,13 +330,15 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
 }
 
 /** Whether a thread (registers `regs`) is in a futex wait on a mapping of
- * the tables: the only futex there is their lock. Such a thread must not
- * be taken there, inside a wrapper or not (a thread's exit unmaps its TID
- * under the lock, outside any): between its gettid and its
- * compare-and-swap the locker (appshot_table.c lock_word) holds its TID
- * in a register, so restored it could take the lock under its old TID,
- * its unlock be refused, and every later locker (the application's init
- * among them) wait for ever. */
+ * the tables: the only futex there is their lock. Such a thread is let run
+ * on rather than taken there, inside a wrapper or not (a thread's exit
+ * unmaps its TID under the lock, outside any): it is about to take the
+ * lock. A locker taken anyway between its gettid and its compare-and-swap
+ * (appshot_table.c lock_word) takes the word, restored, under its old TID;
+ * it re-tags the word under its new one right after the take (the unlock
+ * does not look at the TID), and only in the instants between could a
+ * waiter's probe of the holder (kill(TID, 0): ESRCH) take the lock as a
+ * dead holder's too. */
 export function waitsForTableLock(regs: Buffer, windows: Windows): boolean {
   if (regs.readBigInt64LE(REG.origRax) !== SYS_FUTEX) return false;
   const at = regs.readBigUInt64LE(REG.rdi);
