@@ -30,6 +30,7 @@ import type { MapsLine } from '../resources/memory.js';
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rdi: 14 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
 const SYS_FUTEX = 202n;
+const SYS_RESTART_SYSCALL = 219n;
 /** The kernel's codes for a call interrupted in its sleep, to be restarted
  * (or to fail with EINTR), and EINTR itself. */
 const BLOCKED = new Set([-512n, -513n, -514n, -516n, -4n]);
@@ -340,7 +341,11 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
  * waiter's probe of the holder (kill(TID, 0): ESRCH) take the lock as a
  * dead holder's too. */
 export function waitsForTableLock(regs: Buffer, windows: Windows): boolean {
-  if (regs.readBigInt64LE(REG.origRax) !== SYS_FUTEX) return false;
+  // The wait is timed (the locker looks at the holder every second), so
+  // one interrupted by a stop and let run on goes on as restart_syscall,
+  // whose registers still hold the futex's: its first argument is the word.
+  const nr = regs.readBigInt64LE(REG.origRax);
+  if (nr !== SYS_FUTEX && nr !== SYS_RESTART_SYSCALL) return false;
   const at = regs.readBigUInt64LE(REG.rdi);
   return windows.tables.some((m) => at >= m.start && at < m.end);
 }
