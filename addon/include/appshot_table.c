@@ -661,21 +661,27 @@ static int lock_word(struct appshot_header *h, const struct timespec *until) {
       seen |= FUTEX_WAITERS;
     }
     waited = FUTEX_WAITERS;
-    /* Never for ever, deadline or not: the holder may be gone unmarked. */
-    if (!until) clock_gettime(CLOCK_MONOTONIC, &now);
-    struct timespec wake = now;
-    wake.tv_sec += HOLDER_CHECK_MS / 1000;
-    wake.tv_nsec += (long)(HOLDER_CHECK_MS % 1000) * 1000000L;
-    if (wake.tv_nsec >= 1000000000L) {
-      wake.tv_sec++;
-      wake.tv_nsec -= 1000000000L;
+    /* Never for ever, deadline or not: the holder may be gone unmarked.
+     * Without a deadline (the preload library's case) the sleep is
+     * relative, and no clock is read. */
+    struct timespec wake = {HOLDER_CHECK_MS / 1000, (long)(HOLDER_CHECK_MS % 1000) * 1000000L};
+    long op = FUTEX_WAIT;
+    if (until) {
+      wake.tv_sec += now.tv_sec;
+      wake.tv_nsec += now.tv_nsec;
+      if (wake.tv_nsec >= 1000000000L) {
+        wake.tv_sec++;
+        wake.tv_nsec -= 1000000000L;
+      }
+      if (before(until, &wake)) wake = *until;
+      op = FUTEX_WAIT_BITSET; /* absolute, CLOCK_MONOTONIC */
     }
-    if (until && before(until, &wake)) wake = *until;
     /* Returns when woken, when the word is no longer `seen`, at a signal
      * (only SIGSTOP and the like get through) or at `wake`: each time,
      * the word is looked at again. Unchanged through a whole sleep, its
-     * holder is looked at too. */
-    if (futex_op(&h->lock, FUTEX_WAIT_BITSET, seen, &wake) == -ETIMEDOUT &&
+     * holder is looked at too. (Timed, an interrupted wait goes on as
+     * restart_syscall: src/ptrace/windows.ts waitsForTableLock.) */
+    if (futex_op(&h->lock, op, seen, &wake) == -ETIMEDOUT &&
         __atomic_load_n(&h->lock, __ATOMIC_RELAXED) == seen && holder_gone(seen))
       mark_gone(h, seen);
   }
