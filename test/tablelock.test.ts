@@ -75,3 +75,19 @@ describe('a holder killed holding the lock', () => {
     expect(line).toMatch(/^REPAIRED (owner-died|repaired-already)$/);
   });
 });
+
+// The kernel marks a dead holder's word only if it gets to the pending
+// entry: it walks the thread's whole robust list first and gives up at an
+// entry it cannot read, and a thread with no list (a vfork child, a raw
+// clone) has nothing for it to walk. The waiters then look at the holder
+// themselves (appshot_table.c lock_word): the reap of the dead holder,
+// which takes the lock, must get through and repair it, not wait for ever.
+describe('a holder whose death the kernel does not mark', () => {
+  for (const how of ['nolist', 'badlist'])
+    it(`(${how}) is found gone by the next locker, which repairs the lock`, async () => {
+      const aid = `tl-unmarked-${how}`;
+      const app = sb.start(['run', '--aid', aid, '--', fixture('tablelock'), 'unmarked', how]);
+      const [line] = await app.line(/^(REPAIRED \S+|FAIL.*)$/, 15_000);
+      expect(line).toBe('REPAIRED probe');
+    });
+});

@@ -491,14 +491,42 @@ static void settle_reservations(struct appshot_header *h);
  * The constraint: glibc sets list_op_pending around each of its own
  * robust-mutex operations and sets it back to NULL after. A thread that
  * holds this lock must make no such call (its death while holding would
- * then go unseen, and the lock stay held). None does: a holder runs this
+ * then go unmarked by the kernel, and be found only by the waiters' look
+ * at the holder, below). None does: a holder runs this
  * file's code and raw system calls (and the addon's object creation,
  * addon_restore.cc), with every signal blocked, so no handler of the
  * application runs in between.
  *
  * A TID is the one the kernel compares, gettid()'s (not a libc's cached
  * one, nor the preload library's virtual one), asked again at each
- * attempt: a waiter frozen by a snapshot and restored has a new one. */
+ * attempt: a waiter frozen by a snapshot and restored has a new one. And
+ * asked once more after the take: a locker stopped between its gettid and
+ * its compare-and-swap, and restored, took the word under its old TID,
+ * which no thread has; the word is then put under the new one (retag).
+ *
+ * Holders the kernel never marks. It handles the pending entry only after
+ * walking the dying thread's whole robust list, and gives up on the first
+ * entry it cannot read or handle: a thread that dies holding a glibc
+ * robust mutex in a page it unmapped, say, leaves our word naming it for
+ * ever. So does a holder with no robust list (a vfork or posix_spawn
+ * child, a raw clone: get_robust_list says NULL, and pend_lock names
+ * nothing). So waiters look for themselves: they sleep at most
+ * HOLDER_CHECK_MS at a time, and a word left unchanged through such a
+ * sleep has its holder probed by a raw kill(TID, 0) (the preload library
+ * wraps kill() and would translate the TID; kill() takes any thread's TID,
+ * not only a process's). Only ESRCH says dead: the word is then marked
+ * FUTEX_OWNER_DIED, as the kernel would have, and taken and repaired as
+ * usual. EPERM (another user's thread, root's) says alive. The limits:
+ * every locker sees the TIDs of the others (one PID namespace: a process
+ * of the application in one of its own is refused, resources/process.ts);
+ * a dead holder's TID taken by a new thread only means waiting until that
+ * one is gone too; a thread-group leader that exited while its other
+ * threads run is a zombie, still there, and so counts as alive. The same
+ * bounded sleep covers a lost wake: an unlock wakes one sleeper, and one
+ * woken and killed before it took the word passes the wake to nobody
+ * (the kernel wakes another only if the word is 0 at its death, and a
+ * fresh locker may have taken the word without FUTEX_WAITERS meanwhile);
+ * the others then look again within HOLDER_CHECK_MS. */
 
 /* The calling thread's system TID. */
 static uint32_t own_tid(void) {
@@ -508,8 +536,8 @@ static uint32_t own_tid(void) {
 /* Names the lock word as the calling thread's pending robust operation
  * (see above), keeping what was there in `held`. A thread without a
  * robust list (none registered, or get_robust_list refused) holds the
- * lock without: its death then leaves the lock held, as glibc's robust
- * mutex did in such a thread. */
+ * lock without: its death is then found by the waiters' own look at the
+ * holder (lock_word), not by the kernel. */
 static void pend_lock(struct appshot_header *h, struct appshot_held *held) {
   struct robust_list_head *head = NULL;
   size_t len = 0;
@@ -546,6 +574,9 @@ static long futex_op(uint32_t *word, long op, uint32_t val, const struct timespe
 #define LOCK_TAKEN 0
 #define LOCK_TAKEN_DEAD 1 /* its last holder died holding it */
 
+/* How long a waiter sleeps before it looks at the word's holder itself. */
+#define HOLDER_CHECK_MS 1000
+
 /* One try at taking the word, whose value was `seen`: LOCK_TAKEN or
  * LOCK_TAKEN_DEAD, or -1 (it changed meanwhile, or names a holder).
  * `waiters` (FUTEX_WAITERS or 0) is kept in the word: a locker that has
@@ -559,6 +590,40 @@ static int take_word(struct appshot_header *h, uint32_t seen, uint32_t tid, uint
   return seen & FUTEX_OWNER_DIED ? LOCK_TAKEN_DEAD : LOCK_TAKEN;
 }
 
+/* The word was just taken under `tid`: if the calling thread's TID is no
+ * longer that (stopped between its gettid and the take, and restored),
+ * puts the word under its TID now, keeping the other bits a waiter may
+ * have added. A word that no longer names `tid` is left alone: only a
+ * writer of the file can have put that there. */
+static void retag(struct appshot_header *h, uint32_t tid) {
+  const uint32_t now = own_tid();
+  if (now == tid) return;
+  uint32_t seen = __atomic_load_n(&h->lock, __ATOMIC_RELAXED);
+  while ((seen & FUTEX_TID_MASK) == tid &&
+         !__atomic_compare_exchange_n(&h->lock, &seen, now | (seen & ~FUTEX_TID_MASK), 0,
+                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+/* Whether the thread the word `seen` names is gone (see above): a raw
+ * kill(TID, 0) says ESRCH. Anything else (0, EPERM) says it is there. */
+static int holder_gone(uint32_t seen) {
+  const long tid = (long)(seen & FUTEX_TID_MASK);
+  return tid && appshot_raw_syscall(SYS_kill, tid, 0, 0, 0, 0, 0) == -ESRCH;
+}
+
+/* The word still `seen`, naming a holder that is gone: marks it as the
+ * kernel would have at the holder's death (FUTEX_OWNER_DIED, FUTEX_WAITERS
+ * kept), for the next take to repair. Nothing if it changed meanwhile. */
+static void mark_gone(struct appshot_header *h, uint32_t seen) {
+  __atomic_compare_exchange_n(&h->lock, &seen, FUTEX_OWNER_DIED | (seen & FUTEX_WAITERS), 0,
+                              __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+static int before(const struct timespec *a, const struct timespec *b) {
+  return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 /* Takes the word, sleeping while another holds it, until `until`
  * (CLOCK_MONOTONIC) if given. LOCK_TAKEN, LOCK_TAKEN_DEAD, or -errno:
  * EDEADLK (the word names this very thread: nobody would ever let go),
@@ -569,22 +634,25 @@ static int lock_word(struct appshot_header *h, const struct timespec *until) {
     const uint32_t tid = own_tid();
     uint32_t seen = __atomic_load_n(&h->lock, __ATOMIC_RELAXED);
     int rc = take_word(h, seen, tid, waited);
-    if (rc >= 0) return rc;
-    if (!(seen & FUTEX_TID_MASK)) continue; /* changed under us: again */
-    if ((seen & FUTEX_TID_MASK) == tid) return -EDEADLK;
+    if (rc >= 0) {
+      retag(h, tid);
+      return rc;
+    }
+    struct timespec now;
     if (until) {
-      /* Asked here, not only of the wait: a word that changes each time
-       * (the application's to write) never lets the wait begin. */
-      struct timespec now;
+      /* Asked at every pass, before anything else: a word that changes
+       * each time (the application's to write) never lets the wait
+       * begin, nor a take succeed. */
       clock_gettime(CLOCK_MONOTONIC, &now);
-      if (now.tv_sec > until->tv_sec ||
-          (now.tv_sec == until->tv_sec && now.tv_nsec >= until->tv_nsec)) {
+      if (!before(&now, until)) {
         /* A wake this locker took and leaves unused goes on to the next
          * sleeper, who would otherwise sleep through a free lock. */
         if (waited) futex_op(&h->lock, FUTEX_WAKE, 1, NULL);
         return -ETIMEDOUT;
       }
     }
+    if (!(seen & FUTEX_TID_MASK)) continue; /* changed under us: again */
+    if ((seen & FUTEX_TID_MASK) == tid) return -EDEADLK;
     if (!(seen & FUTEX_WAITERS)) {
       uint32_t expected = seen;
       if (!__atomic_compare_exchange_n(&h->lock, &expected, seen | FUTEX_WAITERS, 0,
@@ -593,10 +661,29 @@ static int lock_word(struct appshot_header *h, const struct timespec *until) {
       seen |= FUTEX_WAITERS;
     }
     waited = FUTEX_WAITERS;
+    /* Never for ever, deadline or not: the holder may be gone unmarked.
+     * Without a deadline (the preload library's case) the sleep is
+     * relative, and no clock is read. */
+    struct timespec wake = {HOLDER_CHECK_MS / 1000, (long)(HOLDER_CHECK_MS % 1000) * 1000000L};
+    long op = FUTEX_WAIT;
+    if (until) {
+      wake.tv_sec += now.tv_sec;
+      wake.tv_nsec += now.tv_nsec;
+      if (wake.tv_nsec >= 1000000000L) {
+        wake.tv_sec++;
+        wake.tv_nsec -= 1000000000L;
+      }
+      if (before(until, &wake)) wake = *until;
+      op = FUTEX_WAIT_BITSET; /* absolute, CLOCK_MONOTONIC */
+    }
     /* Returns when woken, when the word is no longer `seen`, at a signal
-     * (only SIGSTOP and the like get through) or at `until`: each time,
-     * the word is looked at again. */
-    futex_op(&h->lock, until ? FUTEX_WAIT_BITSET : FUTEX_WAIT, seen, until);
+     * (only SIGSTOP and the like get through) or at `wake`: each time,
+     * the word is looked at again. Unchanged through a whole sleep, its
+     * holder is looked at too. (Timed, an interrupted wait goes on as
+     * restart_syscall: src/ptrace/windows.ts waitsForTableLock.) */
+    if (futex_op(&h->lock, op, seen, &wake) == -ETIMEDOUT &&
+        __atomic_load_n(&h->lock, __ATOMIC_RELAXED) == seen && holder_gone(seen))
+      mark_gone(h, seen);
   }
 }
 
@@ -630,12 +717,21 @@ int appshot_repair_if_dead(struct appshot_header *h) {
   pend_lock(h, &held);
   const uint32_t tid = own_tid();
   int rc = -1;
-  /* Bounded: a word the application keeps changing is busy. */
+  /* Bounded: a word the application keeps changing is busy. A word that
+   * names a thread which is gone (see the lock's comment) is a dead
+   * holder's, the kernel's mark or not: the application could as well
+   * have written FUTEX_OWNER_DIED there itself, so this grants it nothing
+   * (the probe is a kill(TID, 0), which sends nothing). */
   for (int n = 0; n < 64 && rc < 0; n++) {
     uint32_t seen = __atomic_load_n(&h->lock, __ATOMIC_RELAXED);
-    if (seen & FUTEX_TID_MASK) break;
+    if (seen & FUTEX_TID_MASK) {
+      if (!holder_gone(seen)) break;
+      mark_gone(h, seen);
+      continue;
+    }
     rc = take_word(h, seen, tid, 0);
   }
+  if (rc >= 0) retag(h, tid);
   if (rc < 0) {
     unpend_lock(&held);
     pthread_sigmask(SIG_SETMASK, &held.mask, NULL);

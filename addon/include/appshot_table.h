@@ -574,7 +574,9 @@ struct appshot_held {
  * robust mutexes while it holds it (see appshot_table.c). */
 int appshot_lock(struct appshot_header *h, struct appshot_held *held);
 /* How long appshot_lock (and every writer that takes the lock) waits before
- * giving up with ETIMEDOUT, in ms; 0, the default, waits for ever. The
+ * giving up with ETIMEDOUT, in ms; 0, the default, waits as long as the
+ * holder lives (one gone without the kernel's mark is found within about
+ * a second: appshot_table.c, the lock's comment). The
  * preload library keeps the default: the lock is its own application's, and
  * its holder (a thread of that application) lets go within microseconds.
  * The engine, the CLI and appshot-init set a limit: the file is the
@@ -590,8 +592,10 @@ void appshot_unlock(struct appshot_header *h, const struct appshot_held *held);
  * reservation settled: its object adopted if it made one) is made now,
  * and the lock let go. Tries the lock without waiting: the application
  * is stopped, and a stopped thread that holds it would never let go.
+ * A word that names a thread which no longer exists (kill(TID, 0) says
+ * ESRCH) is a dead holder's, marked by the kernel or not.
  * Returns 1 if it repaired, 0 if the lock was free (nothing to repair),
- * or -1 with errno EBUSY (a holder, or a word that names a thread). */
+ * or -1 with errno EBUSY (a holder, or a word that names a live thread). */
 int appshot_repair_if_dead(struct appshot_header *h);
 int appshot_bind_locked(struct appshot_header *h, enum appshot_kind kind,
                         int32_t vid, int32_t sid, uint32_t flags, int32_t owner);

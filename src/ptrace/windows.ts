@@ -30,6 +30,7 @@ import type { MapsLine } from '../resources/memory.js';
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rdi: 14 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
 const SYS_FUTEX = 202n;
+const SYS_RESTART_SYSCALL = 219n;
 /** The kernel's codes for a call interrupted in its sleep, to be restarted
  * (or to fail with EINTR), and EINTR itself. */
 const BLOCKED = new Set([-512n, -513n, -514n, -516n, -4n]);
@@ -330,15 +331,21 @@ export function insideWindow(pid: number, regs: Buffer, windows: Windows, shared
 }
 
 /** Whether a thread (registers `regs`) is in a futex wait on a mapping of
- * the tables: the only futex there is their lock. Such a thread must not
- * be taken there, inside a wrapper or not (a thread's exit unmaps its TID
- * under the lock, outside any): between its gettid and its
- * compare-and-swap the locker (appshot_table.c lock_word) holds its TID
- * in a register, so restored it could take the lock under its old TID,
- * its unlock be refused, and every later locker (the application's init
- * among them) wait for ever. */
+ * the tables: the only futex there is their lock. Such a thread is let run
+ * on rather than taken there, inside a wrapper or not (a thread's exit
+ * unmaps its TID under the lock, outside any): it is about to take the
+ * lock. A locker taken anyway between its gettid and its compare-and-swap
+ * (appshot_table.c lock_word) takes the word, restored, under its old TID;
+ * it re-tags the word under its new one right after the take (the unlock
+ * does not look at the TID), and only in the instants between could a
+ * waiter's probe of the holder (kill(TID, 0): ESRCH) take the lock as a
+ * dead holder's too. */
 export function waitsForTableLock(regs: Buffer, windows: Windows): boolean {
-  if (regs.readBigInt64LE(REG.origRax) !== SYS_FUTEX) return false;
+  // The wait is timed (the locker looks at the holder every second), so
+  // one interrupted by a stop and let run on goes on as restart_syscall,
+  // whose registers still hold the futex's: its first argument is the word.
+  const nr = regs.readBigInt64LE(REG.origRax);
+  if (nr !== SYS_FUTEX && nr !== SYS_RESTART_SYSCALL) return false;
   const at = regs.readBigUInt64LE(REG.rdi);
   return windows.tables.some((m) => at >= m.start && at < m.end);
 }
