@@ -17,6 +17,7 @@ import { chmodSync, chownSync, mkdirSync, mkdtempSync, readdirSync, readFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
+import { fileURLToPath } from 'node:url';
 import { fixture, Sandbox, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
@@ -133,5 +134,38 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore maps the file it opene
     await run(['stop', 'mc2', '-s', 'KILL']);
     await waitFor(() => !sb.aids().includes('mc2'), 10_000, 'mc2 to stop');
     expect(privmapsOf(app)).toEqual([]);
+  });
+});
+
+describe.skipIf(process.getuid?.() !== 0)('what the restorer opens as a process never becomes its terminal', () => {
+  it("a pty of the application's user at a name the image gives, opened by a restorer without a terminal (the engine, serve under a service manager): its terminal stays none", () => {
+    // A pty whose slave nobody owns (nobody made it), held open meanwhile.
+    const ptyHolder = `import os, sys, time
+m, s = os.openpty()
+print(os.ttyname(s), flush=True)
+sys.stdin.read()`;
+    const root = fileURLToPath(new URL('..', import.meta.url));
+    // The restorer's open as nobody, in a session of its own with no
+    // terminal (setsid): O_NOCTTY or the kernel makes the pty its terminal.
+    const script = `
+      import { spawn } from 'node:child_process';
+      import { readFileSync } from 'node:fs';
+      import { addon } from ${JSON.stringify(join(root, 'dist', 'native.js'))};
+      const p = spawn('setpriv', ${JSON.stringify([...asNobody.slice(1), '/usr/bin/python3', '-c'])}.concat([${JSON.stringify(ptyHolder)}]), { stdio: ['pipe', 'pipe', 'inherit'] });
+      p.stdout.once('data', (d) => {
+        const pty = d.toString().trim();
+        const ttyNr = () => Number(readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ')[4]);
+        const before = ttyNr();
+        let opened = false;
+        try { addon().openAs(pty, 2, 0, [{ fsuid: ${NOBODY}, fsgid: ${NOBODY}, groups: [], capEff: 0n }]); opened = true; } catch (e) { opened = e.code; }
+        console.log(JSON.stringify({ pty, before, after: ttyNr(), opened }));
+        p.stdin.end();
+      });`;
+    const r = spawnSync('setsid', ['-w', process.execPath, '--input-type=module', '-e', script], { encoding: 'utf8', timeout: 30_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const got = JSON.parse(r.stdout) as { pty: string; before: number; after: number; opened: boolean | string };
+    expect(got.pty).toMatch(/^\/dev\/pts\/\d+$/);
+    expect(got.opened).toBe(true);
+    expect([got.before, got.after]).toEqual([0, 0]);
   });
 });

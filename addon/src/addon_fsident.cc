@@ -123,7 +123,12 @@ struct OpenCall {
 
 int OpenOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
-  return fsident_open(c->path, c->flags | O_CLOEXEC, c->mode);
+  // Never a controlling terminal for appshot: a name from an image, or one
+  // the application's user replaced with a symlink to a pty of theirs,
+  // would otherwise make it the terminal of a restorer that has none (the
+  // engine, serve under a service manager), whose master could then send
+  // its process group SIGINT or SIGQUIT.
+  return fsident_open(c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
 }
 
 // openAs(path, flags, mode, who?) -> fd: open(2) as `who` (fsident.c), so

@@ -132,7 +132,10 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
   let fd = opened.get(k);
   if (fd === undefined) {
     // Close-on-exec: the seeds this restorer starts later inherit none.
-    fd = keep(addon().openAs(path, flags | O_CLOEXEC, 0, identitiesFor(image, p)));
+    // Non-blocking: a FIFO put at the name since (by the application's
+    // user) would hold the restorer in open() for ever; mmap of what is
+    // opened ignores the flag, and fails on anything it cannot map.
+    fd = keep(addon().openAs(path, flags | O_CLOEXEC | O_NONBLOCK, 0, identitiesFor(image, p)));
     opened.set(k, fd);
   }
   return fd;
@@ -181,6 +184,7 @@ export function raisableIdentitiesFor(image: Image, p: Process): FsIdentity[] {
 
 const O_PATH = 0o10000000;
 const O_CLOEXEC = 0o2000000;
+const O_NONBLOCK = 0o4000;
 const O_DIRECTORY = 0o200000;
 
 /** `path`, a directory, opened O_PATH as process `p` of `image` would
