@@ -318,7 +318,7 @@ class Service {
     if (live) {
       const inst = this.newInstance(this.name, 'running');
       this.fillPorts(inst, live.ports ?? []);
-      inst.pid = this.listenerPid(inst);
+      this.watchListener(inst, this.listenerPid(inst));
       this.log('adopt', { instance: inst.aid });
     } else {
       this.newInstance(this.name, 'suspended');
@@ -425,7 +425,7 @@ class Service {
       if (adopted !== undefined && running) {
         this.shared = this.sharedListener(adopted, p);
         for (const [pub, m] of running.ports) m.system = pub;
-        running.pid = this.listenerPid(running);
+        this.watchListener(running, this.listenerPid(running));
         this.log('listen', { host: p.host, port: p.public, app: p.app, mode: this.spec.mode, shared: true, adopted: true });
         continue;
       }
@@ -947,6 +947,14 @@ class Service {
     return undefined;
   }
 
+  /** The process found holding the instance's listener (listenerPid) is
+   * the one watched, with its start time: a PID reused after it ended is
+   * not taken for it. */
+  private watchListener(inst: Instance, pid: number | undefined): void {
+    inst.pid = pid;
+    inst.pidStart = pid === undefined ? undefined : readStat(pid)?.startTime;
+  }
+
   /** Whether the instance's application still runs. */
   private alive(inst: Instance): boolean {
     try {
@@ -1396,7 +1404,10 @@ class Service {
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       // Suspended or crashed meanwhile: neither is its own any more.
-      if ((inst.state as InstanceStateName) === 'running') inst.pid = holder.vpid !== undefined ? this.restoredHolder(inst, holder.vpid) : this.listenerPid(inst);
+      if ((inst.state as InstanceStateName) === 'running') {
+        if (holder.vpid !== undefined) inst.pid = this.restoredHolder(inst, holder.vpid);
+        else this.watchListener(inst, this.listenerPid(inst));
+      }
       // (restoredHolder may have found it crashed.)
       const still = (inst.state as InstanceStateName) === 'running';
       this.pump();
@@ -1648,7 +1659,7 @@ class Service {
       // gets the process to watch (listenerPid reads /proc: the port's
       // socket table and the processes' descriptors).
       this.pump();
-      inst.pid = this.listenerPid(inst);
+      this.watchListener(inst, this.listenerPid(inst));
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
       this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
     } catch (e) {
