@@ -609,8 +609,8 @@ export async function redisImage(sb: Sandbox, port: number, keys: number, value:
  * test can change what it is about to use; `go()` lets it continue and
  * resolves with its exit code and what it wrote on stderr.
  */
-export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string): Promise<{ go(): Promise<{ code: number | null; stderr: string; stdout: string }> }> {
-  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
+export async function stoppedAt(sb: Sandbox, args: string[], point: string, what: string, env: NodeJS.ProcessEnv = {}): Promise<{ go(): Promise<{ code: number | null; stderr: string; stdout: string }> }> {
+  const child = spawn(process.execPath, [cli, ...args], { env: { ...sb.env, ...env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: point } });
   let stderr = '';
   let stdout = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
