@@ -306,6 +306,16 @@ export class RestoreContext {
     return fd;
   }
 
+  /** Kept descriptors closed now, before the end (and not again then). */
+  release(fds: Iterable<number>): void {
+    for (const fd of fds) {
+      const i = this.mine.indexOf(fd);
+      if (i < 0) continue;
+      this.mine.splice(i, 1);
+      closeSync(fd);
+    }
+  }
+
   /** What `make` makes, made once for the whole restore under `key` (a
    * pipe by its index, a socket by its inode, an open file description by
    * its number): every descriptor that shares it is handed the same. */

@@ -744,7 +744,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (!lazyRestore)
       meter.toCopy(image.processes.reduce((n, p) => n + p.vmas.reduce((m, v) => m + countPages(v.pages?.runs ?? []) + countPages(v.pages?.fromParent ?? []), 0), 0) * PAGE_SIZE);
     // The files this restore opened for its processes to map, as them
-    // (fsident.ts openToMapAs), held until it ends.
+    // (fsident.ts openToMapAs), held until every process has mapped them.
     const mapOpened = new Map<string, number>();
     const memory = {
       pageFds,
@@ -1027,6 +1027,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
       });
     }
+    // Every process has mapped the files opened here for it (openToMap):
+    // not held while the restore may wait (a held instance: serve's
+    // prepared one, the engine's pool of clones), which would take
+    // descriptors from the restorer's limit and keep replaced files on
+    // disk.
+    handed.release(mapOpened.values());
+    mapOpened.clear();
     // Every process as it will run: descriptors reading a /proc text of
     // one (a listing of its mappings, its status, timers...) are put at
     // their place in it (listings.ts, proctext.ts).
