@@ -335,7 +335,8 @@ interface Addon {
   /** How many pages of [start, end) are present or swapped, counted up to
    * `limit`; null where the kernel has no PAGEMAP_SCAN. */
   scanCount(pagemapFd: number, start: bigint, end: bigint, limit: bigint): number | null;
-  crc32cFile(path: string): { size: number; crc: number };
+  /** Of a descriptor: read from its offset, left open. */
+  crc32cFile(pathOrFd: string | number): { size: number; crc: number };
   /** Unmaps the buffers kept warm between page files that lay unused
    * `unusedSeconds` or more (all of them with 0); how many. */
   releaseKeptBuffers(unusedSeconds: number): number;

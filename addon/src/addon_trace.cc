@@ -993,13 +993,16 @@ Napi::Value Crc32c(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), pages_crc32c(seed, b.Data(), b.Length()));
 }
 
-// crc32cFile(path) -> { size, crc }
+// crc32cFile(path | fd) -> { size, crc }: of a descriptor, read from
+// where it stands and left open (restore/verify.ts opens a mapped file as
+// the process that maps it, and checks it is a regular file, first).
 Napi::Value Crc32cFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::string path = info[0].As<Napi::String>().Utf8Value();
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const bool given = info[0].IsNumber();
+  std::string what = given ? "descriptor " + std::to_string(info[0].As<Napi::Number>().Int32Value()) : info[0].As<Napi::String>().Utf8Value();
+  int fd = given ? info[0].As<Napi::Number>().Int32Value() : open(what.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    ThrowErrno(env, "opening " + path, errno);
+    ThrowErrno(env, "opening " + what, given ? EBADF : errno);
     return env.Undefined();
   }
   // Not a buffer of its own: 4 MiB zero-filled per call was memory
@@ -1008,12 +1011,11 @@ Napi::Value Crc32cFile(const Napi::CallbackInfo& info) {
   uint32_t crc = 0;
   uint64_t size = 0;
   int rc = pages_crc32c_fd(fd, &crc, &size);
+  if (!given) close(fd);
   if (rc) {
-    close(fd);
-    ThrowErrno(env, "reading " + path, -rc);
+    ThrowErrno(env, "reading " + what, -rc);
     return env.Undefined();
   }
-  close(fd);
   Napi::Object o = Napi::Object::New(env);
   o.Set("size", Napi::Number::New(env, static_cast<double>(size)));
   o.Set("crc", Napi::Number::New(env, crc));

@@ -3,11 +3,21 @@
  * touched)? The same architecture and vDSO layout, and every file the
  * image maps identical to the one it mapped: a library that differs would
  * run the restored code against the wrong bytes.
+ *
+ * A mapped file is opened, measured and read as the processes that map
+ * it would open it where the restorer is root (fsident.ts): its name is
+ * the application's, and a directory on it that the application's user
+ * may write can have become a symlink to a place only root may read.
+ * Read with root's rights, such a file would be checksummed and its size
+ * printed in the refusal: what its user could not read, told to them one
+ * measure at a time. A FIFO or a device put at the name would have held
+ * the restorer (the resident engine, serve) in open() or read() for ever.
  */
-import { type BigIntStats, existsSync, statSync } from 'node:fs';
+import { closeSync, constants as fsc, existsSync, fstatSync, type BigIntStats } from 'node:fs';
 import { AppshotError } from '../errors.js';
-import { FdKind, type Image, VmaKind } from '../image/types.js';
+import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
+import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { readMaps } from '../resources/memory.js';
 
 /** Checksums of mapped files (libraries, the program) already read, kept
@@ -22,30 +32,55 @@ export function keepChecksums(): void {
   checksums ??= new Map();
 }
 
-function checksumOf(path: string, st: BigIntStats): number {
+/** The checksum of `fd`, file `path` whose status is `st`, read from its
+ * start (just opened). */
+function checksumOf(path: string, fd: number, st: BigIntStats): number {
   const key = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
   const kept = checksums?.get(path);
   if (kept && kept.key === key) return kept.crc;
-  const crc = addon().crc32cFile(path).crc;
+  const crc = addon().crc32cFile(fd).crc;
   if (checksums) {
     if (checksums.size >= CHECKSUMS_LIMIT) checksums.delete(checksums.keys().next().value!);
     // Kept only if nothing changed while it was read.
-    const after = statSync(path, { bigint: true });
+    const after = fstatSync(fd, { bigint: true });
     if (`${after.dev}:${after.ino}:${after.size}:${after.mtimeNs}:${after.ctimeNs}` === key) checksums.set(path, { key, crc });
   }
   return crc;
 }
 
-/** A file's status, or undefined where existsSync would say it is not
- * there (missing, or not reachable): one stat where the two took two (a
- * restore asks it of every library the image maps). */
-function statIfThere(path: string): BigIntStats | undefined {
+/** `path`, which process `p` of `image` maps, opened with `flags` as the
+ * application's processes would open it (identitiesFor: `p`'s identity
+ * first) where we are root, else as ourselves (whose credentials cover
+ * the image's: creds.ts). Non-blocking, so that a FIFO opens at once.
+ * Undefined where it is not there; a refusal is one line, exit 5. */
+function openMapped(image: Image, p: Process | undefined, path: string, flags: number): number | undefined {
   try {
-    return statSync(path, { bigint: true, throwIfNoEntry: false });
-  } catch {
-    return undefined;
+    return addon().openAs(path, flags | fsc.O_NONBLOCK, 0, process.geteuid?.() === 0 ? identitiesFor(image, p) : undefined);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT' || (e as NodeJS.ErrnoException).code === 'ENOTDIR') return undefined;
+    if (refusal(e)) refusedAsProcess(e, `${path}, which the image maps,`, p && fsIdentity(p));
+    throw e;
   }
 }
+
+/** One mapped file checked: there, and for `contents` (not the
+ * application's shared data), a regular file of the very size and bytes
+ * the image saw. */
+function checkMapped(image: Image, p: Process | undefined, f: Image['files'][number], contents: boolean): void {
+  const fd = openMapped(image, p, f.path, contents ? fsc.O_RDONLY : O_PATH);
+  if (fd === undefined) throw new AppshotError(`${f.path}, which the image maps${contents ? '' : ' shared'}, is missing on this node`);
+  try {
+    if (!contents) return;
+    const st = fstatSync(fd, { bigint: true });
+    if ((Number(st.mode) & fsc.S_IFMT) !== fsc.S_IFREG) throw new AppshotError(`${f.path}, which the image maps, is not a regular file on this node`);
+    if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
+    if (f.crc32c && checksumOf(f.path, fd, st) !== f.crc32c) throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+const O_PATH = 0o10000000;
 
 /** The sizes of this process's vDSO and vvar: the kernel's, the same for
  * every process it runs, read once (appshot's own maps are a few hundred
@@ -72,7 +107,8 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
       `this kernel's vDSO layout (vdso ${vdso} bytes, vvar ${vvar}) differs from the image's (${image.node.vdsoSize}, ${image.node.vvarSize}): kernel ${image.node.kernel} is needed`,
     );
 
-  const mapped = new Set<number>();
+  // Each mapped file, with the first process that maps it.
+  const mapped = new Map<number, Process>();
   // A file mapped shared and writable is the application's data (a
   // database's, say): it changes as the application runs, and must only be
   // there. Code and read-only data must be the very bytes the image saw.
@@ -80,21 +116,13 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
   for (const p of image.processes)
     for (const v of p.vmas) {
       if (v.file < 0 || (v.kind !== VmaKind.FILE_PRIVATE && v.kind !== VmaKind.FILE_SHARED)) continue;
-      mapped.add(v.file);
+      if (!mapped.has(v.file)) mapped.set(v.file, p);
       if (v.kind === VmaKind.FILE_SHARED && v.prot & 2) writable.add(v.file);
     }
-  for (const i of mapped) {
+  for (const [i, p] of mapped) {
     const f = image.files[i];
     if (f.path === image.tablesPath || provided(f.path)) continue; // replaced by the new tables, or brought along
-    if (writable.has(i)) {
-      if (!existsSync(f.path)) throw new AppshotError(`${f.path}, which the image maps shared, is missing on this node`);
-      continue;
-    }
-    const st = statIfThere(f.path);
-    if (!st) throw new AppshotError(`${f.path}, which the image maps, is missing on this node`);
-    if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
-    if (f.crc32c && checksumOf(f.path, st) !== f.crc32c)
-      throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
+    checkMapped(image, p, f, !writable.has(i));
   }
   for (const p of image.processes)
     for (const fd of p.fds) {
