@@ -12,7 +12,7 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, statfsSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, fstatSync, openSync, readFileSync, renameSync, rmSync, statfsSync } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -784,13 +784,34 @@ function checksumFiles(image: Image): void {
   for (const i of checked) {
     const f = image.files[i];
     if (f.deleted || (Number(f.mode) & 0o170000) !== 0o100000) continue;
-    try {
-      f.crc32c = addon().crc32cFile(f.path).crc;
-    } catch {
-      f.crc32c = 0;
-    }
+    f.crc32c = checksumOfMapped(f.path, f.dev, f.ino) ?? 0;
   }
 }
+
+/** The checksum of the file at `path` if it is still the one the
+ * application mapped (device `dev`, inode `ino`). The name is the
+ * application's, and since it mapped the file its user may have put a
+ * symlink on the way to one only root may read: a root snapshot would
+ * have read that one into the image. Reached O_PATH first, which opens
+ * nothing (a device put there is not opened, a FIFO does not block), and
+ * read through that descriptor once it is known to be the same file. */
+function checksumOfMapped(path: string, dev: bigint, ino: bigint): number | undefined {
+  let at: number | undefined;
+  let fd: number | undefined;
+  try {
+    at = openSync(path, O_PATH);
+    const st = fstatSync(at, { bigint: true });
+    if (st.dev !== dev || st.ino !== ino || !st.isFile()) return undefined;
+    fd = openSync(`/proc/self/fd/${at}`, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+    return addon().crc32cFile(fd).crc;
+  } catch {
+    return undefined;
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+    if (at !== undefined) closeSync(at);
+  }
+}
+const O_PATH = 0o10000000;
 
 /**
  * Empties the young generation of our heap while the application still
