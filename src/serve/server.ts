@@ -33,6 +33,7 @@ import { killPoint } from '../killpoint.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
+import { openTemplate } from '../template/template.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses, THREAD_FLAG } from '../inspect.js';
 import { descriptorLinks, isSameProcess, readStat } from '../procfs.js';
@@ -923,8 +924,9 @@ class Service {
   }
 
   /**
-   * The system PID of virtual PID `vpid` of a restored instance, the
-   * process its image says held the listener, as its tables bind
+   * The system PID of virtual PID `vpid` of a restored or cloned
+   * instance, the process its image (or its template's) says held the
+   * listener, as its tables bind
    * it: not looked for among the processes that hold the listener now
    * (listenerPid), since this runs after the clients were answered and a
    * kill meanwhile would leave a helper's copy to be taken for it. If it
@@ -1655,11 +1657,17 @@ class Service {
       inst.lastActive = this.host.clock.now();
       this.changed();
       const held = this.held.length;
-      // As after a restore: the held go first; then the thread's grant
-      // gets the process to watch (listenerPid reads /proc: the port's
-      // socket table and the processes' descriptors).
+      // As after a restore: the held go first; then the process to watch
+      // is the one the template's image says held the listener, by its
+      // binding (restoredHolder: a kill of it meanwhile is the crash, not
+      // a forked helper's copy of the listener taken for it).
       this.pump();
-      this.watchListener(inst, this.listenerPid(inst));
+      killPoint('serve: cloned');
+      const holder = await this.templateListenerHolder();
+      if ((inst.state as InstanceStateName) === 'running') {
+        if (holder !== undefined) inst.pid = this.restoredHolder(inst, holder);
+        else this.watchListener(inst, this.listenerPid(inst));
+      }
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
       this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
     } catch (e) {
@@ -1671,6 +1679,23 @@ class Service {
     }
     this.host.worked();
     this.pump();
+  }
+
+  /** Of the template a clone is stamped from: the virtual PID its image
+   * says held the listener on the service's first port (ownListenerHolder),
+   * read as a clone opens it (cached while unchanged: cache.ts, on in
+   * serve). Undefined if unknown: the clone's watch is looked for then. */
+  private async templateListenerHolder(): Promise<number | undefined> {
+    try {
+      const t = await openTemplate(this.spec.from, false);
+      try {
+        return ownListenerHolder(t.loaded.image, this.spec.ports[0].app);
+      } finally {
+        t.loaded.dispose();
+      }
+    } catch {
+      return undefined;
+    }
   }
 
   private async drop(inst: Instance, idleMs: number): Promise<void> {
