@@ -48,6 +48,8 @@ long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f
 #endif
 }
 
+static long raw_kill(long pid, long sig) { return appshot_raw_syscall(SYS_kill, pid, sig, 0, 0, 0, 0); }
+
 static const char *const kind_names[APPSHOT_KINDS] = {
     "pid", "semid", "shmid", "msgid", "semkey", "shmkey", "msgkey", "port"};
 
@@ -609,7 +611,7 @@ static void retag(struct appshot_header *h, uint32_t tid) {
  * kill(TID, 0) says ESRCH. Anything else (0, EPERM) says it is there. */
 static int holder_gone(uint32_t seen) {
   const long tid = (long)(seen & FUTEX_TID_MASK);
-  return tid && appshot_raw_syscall(SYS_kill, tid, 0, 0, 0, 0, 0) == -ESRCH;
+  return tid && raw_kill(tid, 0) == -ESRCH;
 }
 
 /* The word still `seen`, naming a holder that is gone: marks it as the
@@ -622,6 +624,16 @@ static void mark_gone(struct appshot_header *h, uint32_t seen) {
 
 static int before(const struct timespec *a, const struct timespec *b) {
   return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* `t` moved `ms` milliseconds on. */
+static void add_ms(struct timespec *t, unsigned ms) {
+  t->tv_sec += ms / 1000;
+  t->tv_nsec += (long)(ms % 1000) * 1000000L;
+  if (t->tv_nsec >= 1000000000L) {
+    t->tv_sec++;
+    t->tv_nsec -= 1000000000L;
+  }
 }
 
 /* Takes the word, sleeping while another holds it, until `until`
@@ -664,18 +676,14 @@ static int lock_word(struct appshot_header *h, const struct timespec *until) {
     /* Never for ever, deadline or not: the holder may be gone unmarked.
      * Without a deadline (the preload library's case) the sleep is
      * relative, and no clock is read. */
-    struct timespec wake = {HOLDER_CHECK_MS / 1000, (long)(HOLDER_CHECK_MS % 1000) * 1000000L};
+    struct timespec wake = {0, 0};
     long op = FUTEX_WAIT;
     if (until) {
-      wake.tv_sec += now.tv_sec;
-      wake.tv_nsec += now.tv_nsec;
-      if (wake.tv_nsec >= 1000000000L) {
-        wake.tv_sec++;
-        wake.tv_nsec -= 1000000000L;
-      }
-      if (before(until, &wake)) wake = *until;
+      wake = now;
       op = FUTEX_WAIT_BITSET; /* absolute, CLOCK_MONOTONIC */
     }
+    add_ms(&wake, HOLDER_CHECK_MS);
+    if (until && before(until, &wake)) wake = *until;
     /* Returns when woken, when the word is no longer `seen`, at a signal
      * (only SIGSTOP and the like get through) or at `wake`: each time,
      * the word is looked at again. Unchanged through a whole sleep, its
@@ -755,12 +763,7 @@ int appshot_lock(struct appshot_header *h, struct appshot_held *held) {
   struct timespec until, *deadline = NULL;
   if (lock_patience_ms) {
     clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += lock_patience_ms / 1000;
-    until.tv_nsec += (long)(lock_patience_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-      until.tv_sec++;
-      until.tv_nsec -= 1000000000L;
-    }
+    add_ms(&until, lock_patience_ms);
     deadline = &until;
   }
   /* Named before the word is taken: a death right after the take is seen. */
@@ -1043,7 +1046,6 @@ static inline void table_test_pause(const char *where) {
   if (__builtin_expect(appshot_test_pause != NULL, 0)) appshot_test_pause(where);
 }
 
-static long raw_kill(long pid, long sig) { return appshot_raw_syscall(SYS_kill, pid, sig, 0, 0, 0, 0); }
 
 /* --- Keys reserved for a create (see appshot_table.h) --------------------- */
 
