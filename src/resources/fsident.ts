@@ -34,6 +34,7 @@ import { addon, type FsIdentity } from '../native.js';
 import { type CopiedFile } from './paths.js';
 import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
+import { isOwnSnapshot } from '../image/format.js';
 
 /** A filesystem identity with the permitted set of the credentials it
  * was taken from: the capabilities its process may raise into its
@@ -117,7 +118,7 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
 }
 
 /** `path` opened here with `flags` as process `vpid` of `image` would
- * open it, kept by `keep` until the restore ends: the descriptor a root
+ * open it, kept by `keep` until the restore lets it go: the descriptor a root
  * restore hands its process to map (memory.ts MemorySources.openToMap).
  * Opened once, here: were the process to open the path itself, as root
  * before its own credentials are given back, a directory on it that the
@@ -191,14 +192,14 @@ const O_DIRECTORY = 0o200000;
  * reach it (the walk to it with its rights; the directory itself need not
  * be searchable, as a working directory inherited from a parent of other
  * credentials need not be): refused in one line naming `what`, unless it
- * is the very directory `held` an image of our own snapshot (`ownSnapshot`)
- * says the process is in (reopenHeldName: entered before it dropped its
- * privileges). */
-export function openDirectoryAs(image: Image, p: Process, path: string, what: string, held?: HeldIdentity, ownSnapshot = false): number {
+ * is the very directory (Image.files[`held`]) an image of our own
+ * snapshot says the process is in (reopenHeldName: entered before it
+ * dropped its privileges). */
+export function openDirectoryAs(image: Image, p: Process, path: string, what: string, held?: number): number {
   try {
     return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
   } catch (e) {
-    const got = refusal(e) ? reopenHeldName(held, ownSnapshot, path, O_PATH | O_DIRECTORY) : undefined;
+    const got = refusal(e) && held !== undefined ? reopenHeldName(image.files[held], isOwnSnapshot(image), path, O_PATH | O_DIRECTORY) : undefined;
     if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
   }

@@ -15,7 +15,6 @@ import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
-import { isOwnSnapshot } from '../image/format.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -296,9 +295,6 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
   }
 }
 
-/** The identity Image.files holds at `index`, if any. */
-const heldFile = (image: Image, index: number | undefined) => (index === undefined ? undefined : image.files[index]);
-
 /**
  * The root directory (chroot): last of what the process does by path,
  * since every path after it resolves inside it (its memory's files, its
@@ -316,7 +312,7 @@ export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): 
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
   // to the working directory, held meanwhile. One stop.
-  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory', heldFile(h.image, p.rootFile), isOwnSnapshot(h.image));
+  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
   try {
     enterRoot(r, p, rootFd);
   } finally {
@@ -400,7 +396,7 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
 export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
   // Ours, closed once the process holds its copies.
-  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', heldFile(h.image, p.cwdFile), isOwnSnapshot(h.image));
+  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
   let exeFd = -1;
   try {
     exeFd = openExecutable(h, p);
