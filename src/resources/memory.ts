@@ -1024,6 +1024,8 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     if (p.lazy) for (const [addr, off, n] of p.own) add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, -1, off], { open: p.pageFile! });
   });
   const shared = plans.flatMap((p, i) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? [i] : []));
+  /** The opens whose descriptor is ours, handed over (openToMap). */
+  const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
   const pathRoom = opens.reduce((n, o) => n + (o.ours === undefined ? (Buffer.byteLength(o.path) + 1 + 15) & ~15 : 0), 0);
   const entries = unmapping.length + opens.length + 2 * shared.length + 2 + mapCalls.length;
   const fds: number[] = [];
@@ -1033,7 +1035,6 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Files opened here as the process, and shared anonymous memory: our
     // descriptors taken by pidfd_getfd (takeDescriptors) with one pidfd,
     // mapped, then closed there.
-    const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
     const taken = new Map<number, number>();
     if (shared.length || handedOpens.length) {
       const got = takeDescriptors(making, [
@@ -1072,7 +1073,6 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Files opened here as the process: handed over a thousand a stop
     // (one pidfd each), well within the scratch area's table, not three
     // stops a file as transfer() would take.
-    const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
     for (let n = 0; n < handedOpens.length; n += 1000) {
       r.reset();
       const taking = r.batch();
